@@ -1,0 +1,155 @@
+"""Run configuration: TOML files validated by pydantic.
+
+Unknown fields are errors (a typo never silently falls back to a default);
+every error message names the field and the accepted values.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ddmkit.errors import DDMError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Section):
+    name: str = "ring8"
+    n_train: int = Field(20000, ge=1)
+    n_test: int = Field(5000, ge=0)
+    seed: int = 0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PartitionConfig(Section):
+    k: int = Field(8, ge=1)
+    features: str = Field("identity", description="identity | pca | module:function")
+    pca_dim: int | None = Field(None, ge=1)
+    balanced: bool = False
+    seed: int = 0
+
+
+class NetConfig(Section):
+    arch: str = "mlp"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Section):
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: int = Field(100, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(0, ge=0, description="0: no checkpoints")
+
+
+class ExpertConfig(Section):
+    net: NetConfig = Field(default_factory=lambda: NetConfig(arch="mlp", kwargs={"width": 256, "depth": 3}))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    prediction: Literal["velocity", "epsilon", "x0"] = "velocity"
+
+
+class RouterConfig(Section):
+    net: NetConfig = Field(default_factory=lambda: NetConfig(arch="router_mlp", kwargs={"width": 128, "depth": 2}))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class MonolithConfig(Section):
+    enabled: bool = True
+
+
+class SampleConfig(Section):
+    n: int = Field(1000, ge=1)
+    steps: int = Field(50, ge=1)
+    solver: Literal["euler", "heun", "midpoint", "rk4", "adaptive"] = "euler"
+    strategies: list[str] = Field(default_factory=lambda: [
+        "monolith", "full", "top-1", "top-2", "sample-1", "sample-2", "threshold-0.05",
+        "nucleus-0.9", "switch", "oracle"])
+    seed: int = 0
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from ddmkit.routing.strategies import parse_strategy
+
+        for s in v:
+            if s != "monolith":
+                parse_strategy(s)
+        return v
+
+
+class EvalConfig(Section):
+    reference_sets: int = Field(4, ge=1)
+
+
+class RunConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    expert: ExpertConfig = Field(default_factory=ExpertConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    monolith: MonolithConfig = Field(default_factory=MonolithConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    def digest(self) -> str:
+        """Hash of the settings that decide the run's contents."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see docs/config.md for the accepted fields)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(model: type[BaseModel], data: dict, source: str = "config"):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise DDMError(_explain(e, source)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a TOML run configuration."""
+    path = Path(path)
+    if not path.exists():
+        raise DDMError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise DDMError(f"{path}: not valid TOML ({e})") from None
+    return validate(RunConfig, raw, str(path))
+
+
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"
+
+
+def builtin_config(name: str) -> Path:
+    path = BUILTIN_CONFIGS / f"{name}.toml"
+    if not path.exists():
+        names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.toml"))
+        raise DDMError(f"no built-in config {name!r}; accepted: {', '.join(names)}")
+    return path

@@ -1,0 +1,59 @@
+"""Build networks from a JSON-able spec, and save / load them as plain folders.
+
+A model folder holds `config.json` (the spec under "arch"/"kwargs", plus what
+the model is: role, data shape, time convention, prediction type) and
+`model.safetensors`. `from_pretrained(folder)` returns (model, config).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ddmkit import TIME_CONVENTION, __version__
+from ddmkit.errors import DDMError
+from ddmkit.io import load_tensors, read_json, save_tensors, write_json
+from ddmkit.nets.mlp import RouterMLP, VelocityMLP
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "mlp": VelocityMLP,
+    "router_mlp": RouterMLP,
+}
+
+
+def build_model(arch: str, **kwargs) -> nn.Module:
+    if arch not in ARCHITECTURES:
+        raise DDMError(f"arch: unknown architecture {arch!r}; accepted: {', '.join(sorted(ARCHITECTURES))}")
+    try:
+        return ARCHITECTURES[arch](**kwargs)
+    except TypeError as e:
+        raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {e}") from e
+
+
+def save_pretrained(folder: str | Path, model: nn.Module, config: dict) -> None:
+    """Write config.json (with ddmkit version and time convention) and model.safetensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"ddmkit_version": __version__, "time_convention": TIME_CONVENTION, **config}
+    save_tensors(folder / "model.safetensors", model.state_dict())
+    write_json(folder / "config.json", config)
+
+
+def from_pretrained(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    folder = Path(folder)
+    config = read_json(folder / "config.json")
+    for key in ("arch", "kwargs"):
+        if key not in config:
+            raise DDMError(f"{folder / 'config.json'}: missing field {key!r}; this is not a ddmkit model folder")
+    if config.get("time_convention", TIME_CONVENTION) != TIME_CONVENTION:
+        raise DDMError(f"{folder}: time convention {config['time_convention']!r} differs from ddmkit's "
+                       f"{TIME_CONVENTION!r}; convert the model before mixing it")
+    model = build_model(config["arch"], **config["kwargs"])
+    state = load_tensors(folder / "model.safetensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise DDMError(f"{folder / 'model.safetensors'} does not match its config.json ({str(e)[:300]})") from e
+    return model.to(map_location).eval(), config

@@ -1,0 +1,200 @@
+"""Routing strategies: router probabilities (B, K) -> sparse weights (B, K).
+
+Each strategy is a small frozen dataclass with
+`weights(probs, state) -> (B, K)`; rows of the result sum to 1 and most
+entries are zero. `state` (a RoutingState) carries the per-trajectory
+randomness and memory (the oracle's fixed cluster per sample, the previous
+x0_hat for nearest-cluster routing).
+
+Names accepted by `parse_strategy` (what configs and the CLI use):
+
+    full                 w = r                                   (every expert)
+    top-K                the K largest r_k, renormalised
+    threshold-P          every r_k >= P, renormalised (the argmax if none)
+    sample-K[@T]         K distinct experts drawn from r^(1/T) (Gumbel top-K), weights r renormalised over them
+    nucleus-P[@T]        one expert drawn from the smallest set holding mass P of r^(1/T)
+    switch               one expert per sample per step drawn from r, weight 1 (stochastic switching;
+                         the same law as sample-1 at T = 1, kept as its own name for the theory studies)
+    oracle               one cluster per sample drawn once from the cluster proportions and kept for the
+                         whole trajectory (ancestral sampling of the mixture: exact with exact experts)
+    nearest              the cluster whose centroid is nearest to the features of x0_hat = x_t - t v
+                         (v from the previous step; the router's argmax on the first step)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ddmkit.errors import DDMError
+
+
+@dataclass
+class RoutingState:
+    """Per-trajectory state shared by the strategy and the sampler."""
+
+    generator: torch.Generator | None = None
+    prior: torch.Tensor | None = None  # (K,) cluster proportions, for the oracle
+    nearest: Callable[[torch.Tensor], torch.Tensor] | None = None  # x0_hat -> (B,) cluster index
+    oracle: torch.Tensor | None = None  # (B,) fixed cluster per sample
+    x0_hat: torch.Tensor | None = None  # from the previous step
+    extra: dict = field(default_factory=dict)
+
+
+def _renorm(w: torch.Tensor) -> torch.Tensor:
+    return w / w.sum(1, keepdim=True).clamp_min(1e-30)
+
+
+def _one_hot(idx: torch.Tensor, k: int, dtype) -> torch.Tensor:
+    return torch.nn.functional.one_hot(idx, k).to(dtype)
+
+
+def _tempered_log(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    return probs.clamp_min(1e-30).log() / temperature
+
+
+@dataclass(frozen=True)
+class Full:
+    name: str = "full"
+
+    def weights(self, probs, state):
+        return probs
+
+
+@dataclass(frozen=True)
+class TopK:
+    k: int
+
+    @property
+    def name(self):
+        return f"top-{self.k}"
+
+    def weights(self, probs, state):
+        idx = probs.topk(min(self.k, probs.shape[1]), dim=1).indices
+        return _renorm(torch.zeros_like(probs).scatter(1, idx, probs.gather(1, idx)))
+
+
+@dataclass(frozen=True)
+class Threshold:
+    p: float
+
+    @property
+    def name(self):
+        return f"threshold-{self.p:g}"
+
+    def weights(self, probs, state):
+        keep = (probs >= self.p) | (probs == probs.amax(1, keepdim=True))
+        return _renorm(probs * keep)
+
+
+@dataclass(frozen=True)
+class SampleK:
+    k: int
+    temperature: float = 1.0
+
+    @property
+    def name(self):
+        return f"sample-{self.k}" + (f"@{self.temperature:g}" if self.temperature != 1.0 else "")
+
+    def weights(self, probs, state):
+        u = torch.rand(probs.shape, generator=state.generator, device=probs.device, dtype=probs.dtype)
+        gumbel = -(-u.clamp_min(1e-30).log()).log()
+        idx = (_tempered_log(probs, self.temperature) + gumbel).topk(min(self.k, probs.shape[1]), dim=1).indices
+        return _renorm(torch.zeros_like(probs).scatter(1, idx, probs.gather(1, idx).clamp_min(1e-30)))
+
+
+@dataclass(frozen=True)
+class Nucleus:
+    p: float
+    temperature: float = 1.0
+
+    @property
+    def name(self):
+        return f"nucleus-{self.p:g}" + (f"@{self.temperature:g}" if self.temperature != 1.0 else "")
+
+    def weights(self, probs, state):
+        q = torch.softmax(_tempered_log(probs, self.temperature), dim=1)
+        sq, order = q.sort(dim=1, descending=True)
+        before = sq.cumsum(1) - sq  # mass strictly before each entry
+        keep_sorted = before < self.p  # the smallest prefix reaching mass p
+        keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+        q = _renorm(q * keep)
+        idx = torch.multinomial(q, 1, generator=state.generator).squeeze(1)
+        return _one_hot(idx, probs.shape[1], probs.dtype)
+
+
+@dataclass(frozen=True)
+class Switch:
+    name: str = "switch"
+
+    def weights(self, probs, state):
+        idx = torch.multinomial(probs.clamp_min(0), 1, generator=state.generator).squeeze(1)
+        return _one_hot(idx, probs.shape[1], probs.dtype)
+
+
+@dataclass(frozen=True)
+class Oracle:
+    name: str = "oracle"
+
+    def weights(self, probs, state):
+        if state.oracle is None:
+            if state.prior is None:
+                raise DDMError("strategy 'oracle' needs the cluster proportions (a partition manifest)")
+            prior = state.prior.to(probs.device, probs.dtype).expand(probs.shape[0], -1)
+            state.oracle = torch.multinomial(prior, 1, generator=state.generator).squeeze(1)
+        return _one_hot(state.oracle, probs.shape[1], probs.dtype)
+
+
+@dataclass(frozen=True)
+class Nearest:
+    name: str = "nearest"
+
+    def weights(self, probs, state):
+        if state.x0_hat is None or state.nearest is None:
+            idx = probs.argmax(1)
+        else:
+            idx = state.nearest(state.x0_hat).to(probs.device)
+        return _one_hot(idx, probs.shape[1], probs.dtype)
+
+
+_PATTERNS: list[tuple[str, Callable]] = [
+    (r"full", lambda: Full()),
+    (r"top-(\d+)", lambda k: TopK(int(k))),
+    (r"threshold-([0-9.]+)", lambda p: Threshold(float(p))),
+    (r"sample-(\d+)(?:@([0-9.]+))?", lambda k, t=None: SampleK(int(k), float(t or 1.0))),
+    (r"nucleus-([0-9.]+)(?:@([0-9.]+))?", lambda p, t=None: Nucleus(float(p), float(t or 1.0))),
+    (r"switch", lambda: Switch()),
+    (r"oracle", lambda: Oracle()),
+    (r"nearest", lambda: Nearest()),
+]
+STRATEGY_FORMS = "full, top-K, threshold-P, sample-K[@T], nucleus-P[@T], switch, oracle, nearest"
+
+
+def register_strategy(pattern: str, factory: Callable) -> None:
+    """Add a strategy name pattern (a regex whose groups are passed to factory)."""
+    _PATTERNS.append((pattern, factory))
+
+
+def parse_strategy(spec: str):
+    """A strategy object from its name, e.g. 'top-2', 'nucleus-0.9@0.5'."""
+    for pattern, factory in _PATTERNS:
+        m = re.fullmatch(pattern, spec.strip())
+        if m:
+            try:
+                strategy = factory(*[g for g in m.groups() if g is not None])
+            except ValueError as e:
+                raise DDMError(f"strategy {spec!r}: {e}") from None
+            _check(strategy, spec)
+            return strategy
+    raise DDMError(f"unknown routing strategy {spec!r}; accepted forms: {STRATEGY_FORMS}")
+
+
+def _check(s, spec: str) -> None:
+    if isinstance(s, (TopK, SampleK)) and s.k < 1:
+        raise DDMError(f"strategy {spec!r}: K must be >= 1")
+    if isinstance(s, (Threshold, Nucleus)) and not 0 < s.p <= 1:
+        raise DDMError(f"strategy {spec!r}: P must be in (0, 1]")
+    if getattr(s, "temperature", 1.0) <= 0:
+        raise DDMError(f"strategy {spec!r}: temperature T must be > 0")

@@ -1,0 +1,134 @@
+"""ODE solvers for dx/dt = v(x, t), integrated from t = 1 (noise) down to t = 0 (data).
+
+Each solver is one short pure function in the k-diffusion style:
+
+    x0 = sample_euler(velocity, x1, ts, callback=None)
+
+`velocity(x, t)` takes x (B, *shape) and t (B,) and returns v of x's shape;
+`ts` is a decreasing 1-D grid from 1 to 0 (see `time_grid`). The callback gets
+a dict {i, t, t_next, x, v} after every step (v is the first velocity
+evaluation of the step), which is how diagnostics reuse a trajectory.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def time_grid(steps: int, kind: str = "uniform", t_max: float = 1.0, t_min: float = 0.0, dtype=torch.float32) -> torch.Tensor:
+    """A decreasing grid of steps + 1 times from t_max to t_min.
+
+    kind: "uniform", or "cosine" (denser near both ends).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    if kind == "uniform":
+        g = u
+    elif kind == "cosine":
+        g = 0.5 - 0.5 * torch.cos(torch.pi * u)
+    else:
+        raise ValueError(f"time grid kind must be one of 'uniform', 'cosine'; got {kind!r}")
+    return (t_max + (t_min - t_max) * g).to(dtype)
+
+
+def _tb(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.to(x.dtype).expand(x.shape[0])
+
+
+@torch.no_grad()
+def sample_euler(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None) -> torch.Tensor:
+    """x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i)."""
+    for i in range(len(ts) - 1):
+        t, tn = ts[i], ts[i + 1]
+        v = velocity(x, _tb(t, x))
+        if callback is not None:
+            callback({"i": i, "t": t, "t_next": tn, "x": x, "v": v})
+        x = x + (tn - t).to(x.dtype) * v
+    return x
+
+
+@torch.no_grad()
+def sample_heun(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None) -> torch.Tensor:
+    """Heun's method (explicit trapezoid); two velocity evaluations per step."""
+    for i in range(len(ts) - 1):
+        t, tn = ts[i], ts[i + 1]
+        h = (tn - t).to(x.dtype)
+        v = velocity(x, _tb(t, x))
+        if callback is not None:
+            callback({"i": i, "t": t, "t_next": tn, "x": x, "v": v})
+        x_e = x + h * v
+        x = x + h * 0.5 * (v + velocity(x_e, _tb(tn, x)))
+    return x
+
+
+@torch.no_grad()
+def sample_midpoint(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None) -> torch.Tensor:
+    """Explicit midpoint; two velocity evaluations per step."""
+    for i in range(len(ts) - 1):
+        t, tn = ts[i], ts[i + 1]
+        h = (tn - t).to(x.dtype)
+        v = velocity(x, _tb(t, x))
+        if callback is not None:
+            callback({"i": i, "t": t, "t_next": tn, "x": x, "v": v})
+        x = x + h * velocity(x + 0.5 * h * v, _tb(t + 0.5 * (tn - t), x))
+    return x
+
+
+@torch.no_grad()
+def sample_rk4(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None) -> torch.Tensor:
+    """Classical fourth-order Runge-Kutta; four velocity evaluations per step."""
+    for i in range(len(ts) - 1):
+        t, tn = ts[i], ts[i + 1]
+        h = (tn - t).to(x.dtype)
+        tm = t + 0.5 * (tn - t)
+        k1 = velocity(x, _tb(t, x))
+        if callback is not None:
+            callback({"i": i, "t": t, "t_next": tn, "x": x, "v": k1})
+        k2 = velocity(x + 0.5 * h * k1, _tb(tm, x))
+        k3 = velocity(x + 0.5 * h * k2, _tb(tm, x))
+        k4 = velocity(x + h * k3, _tb(tn, x))
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+@torch.no_grad()
+def sample_adaptive(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None,
+                    method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5) -> torch.Tensor:
+    """Adaptive solve through torchdiffeq from ts[0] to ts[-1]; the grid only
+    gives the end points (and the callback's report times)."""
+    from torchdiffeq import odeint
+
+    def f(t, y):
+        return velocity(y, t.to(y.dtype).expand(y.shape[0]))
+
+    times = ts.to(x.dtype)
+    path = odeint(f, x, times, method=method, rtol=rtol, atol=atol)
+    if callback is not None:
+        for i in range(len(ts) - 1):
+            callback({"i": i, "t": ts[i], "t_next": ts[i + 1], "x": path[i], "v": None})
+    return path[-1]
+
+
+SOLVERS = {
+    "euler": (sample_euler, 1),
+    "heun": (sample_heun, 2),
+    "midpoint": (sample_midpoint, 2),
+    "rk4": (sample_rk4, 4),
+    "adaptive": (sample_adaptive, None),
+}
+
+
+def get_solver(name: str):
+    """The solver function for a name in SOLVERS."""
+    if name not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}; got {name!r}")
+    return SOLVERS[name][0]
+
+
+def evaluations_per_step(name: str) -> int | None:
+    """Velocity evaluations a fixed-step solver makes per step (None if adaptive)."""
+    return SOLVERS[name][1]

@@ -1,0 +1,202 @@
+"""Exact Gaussian-mixture fields under ddmkit's linear path.
+
+Convention (one for the whole code base): t in [0, 1], t = 0 is data, t = 1 is
+noise, x_t = (1 - t) x + t eps, eps ~ N(0, I), velocity target v = eps - x.
+Write a = 1 - t, s = t.
+
+For data q = sum_k pi_k N(mu_k, S_k) every noised component is Gaussian:
+
+    x_t | k ~ N(a mu_k, C_k),   C_k = a^2 S_k + s^2 I.
+
+With S_k = U_k diag(l_k) U_k^T (eigendecomposition, done once), C_k shares the
+eigenvectors, so every quantity below is a rotation plus a diagonal scaling.
+For r = x_t - a mu_k:
+
+    score_k(x, t) = -C_k^{-1} r
+    v_k(x, t)     = E[eps - x | x_t, k] = -mu_k + (s I - a S_k) C_k^{-1} r
+    w_k(x, t)     = pi_k N(x; a mu_k, C_k) / sum_j pi_j N(x; a mu_j, C_j)
+    v(x, t)       = sum_k w_k v_k,   score = sum_k w_k score_k
+    dv/dx         = sum_k w_k (s I - a S_k) C_k^{-1} + sum_k w_k v_k (score_k - score)^T
+
+v_k is finite on the whole closed interval [0, 1] (C_k = S_k at t = 0 and I at
+t = 1), and v and the score obey v = -(x + t score) / (1 - t) for t < 1.
+
+Shapes: x is (B, d), t is (B,) or a float; results are (B, K) for per-cluster
+scalars, (B, K, d) for per-cluster vectors. Everything is float64 by default.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+
+def _as_t(t, x: Tensor) -> Tensor:
+    """Time as a (B,) tensor of x's dtype and device."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
+@dataclass(frozen=True)
+class GaussianMixture:
+    """A Gaussian mixture with full covariances, stored by eigendecomposition.
+
+    weights (K,), means (K, d), eigvals (K, d) > 0, eigvecs (K, d, d) with
+    covariance S_k = eigvecs[k] @ diag(eigvals[k]) @ eigvecs[k].T.
+    """
+
+    weights: Tensor
+    means: Tensor
+    eigvals: Tensor
+    eigvecs: Tensor
+
+    # ----- construction -------------------------------------------------
+    @staticmethod
+    def from_covariances(weights, means, covs, dtype=torch.float64) -> "GaussianMixture":
+        """Build from weights (K,), means (K, d) and covariances given as
+        full (K, d, d), diagonal (K, d) or isotropic (K,) arrays."""
+        w = torch.as_tensor(np.asarray(weights), dtype=dtype)
+        mu = torch.as_tensor(np.asarray(means), dtype=dtype)
+        cov = torch.as_tensor(np.asarray(covs), dtype=dtype)
+        k, d = mu.shape
+        if w.shape != (k,):
+            raise ValueError(f"weights must have shape ({k},), got {tuple(w.shape)}")
+        if (w < 0).any() or float(w.sum()) <= 0:
+            raise ValueError("weights must be non-negative with a positive sum")
+        w = w / w.sum()
+        if cov.shape == (k,):
+            lam, vec = cov[:, None].expand(k, d).clone(), torch.eye(d, dtype=dtype).expand(k, d, d).clone()
+        elif cov.shape == (k, d):
+            lam, vec = cov.clone(), torch.eye(d, dtype=dtype).expand(k, d, d).clone()
+        elif cov.shape == (k, d, d):
+            if not torch.allclose(cov, cov.transpose(1, 2), atol=1e-10):
+                raise ValueError("covariances must be symmetric")
+            lam, vec = torch.linalg.eigh(cov)
+        else:
+            raise ValueError(f"covs must have shape ({k},), ({k}, {d}) or ({k}, {d}, {d}); got {tuple(cov.shape)}")
+        if (lam <= 0).any():
+            raise ValueError("covariances must be positive definite")
+        return GaussianMixture(w, mu, lam, vec)
+
+    @property
+    def k(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def covariances(self) -> Tensor:
+        """Full covariances (K, d, d)."""
+        return self.eigvecs @ torch.diag_embed(self.eigvals) @ self.eigvecs.transpose(1, 2)
+
+    def to(self, dtype=None, device=None) -> "GaussianMixture":
+        return GaussianMixture(*(p.to(dtype=dtype, device=device) for p in
+                                 (self.weights, self.means, self.eigvals, self.eigvecs)))
+
+    def subset(self, idx) -> "GaussianMixture":
+        """The mixture of components idx, weights renormalised."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        w = self.weights[idx]
+        return GaussianMixture(w / w.sum(), self.means[idx], self.eigvals[idx], self.eigvecs[idx])
+
+    # ----- sampling -------------------------------------------------------
+    def sample(self, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
+        """n samples of the data distribution (t = 0), optionally with component labels."""
+        labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
+        x = self.means[labels] + torch.einsum("nij,nj->ni", self.eigvecs[labels], z * self.eigvals[labels].sqrt())
+        return (x, labels) if return_labels else x
+
+    # ----- the noised components -----------------------------------------
+    def _parts(self, x: Tensor, t) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Rotated residuals z = U_k^T (x - a mu_k) (B, K, d), the noised
+        eigenvalues c = a^2 l + s^2 (B, K, d), and a, s as (B, 1, 1)."""
+        t = _as_t(t, x)
+        a, s = (1 - t)[:, None, None], t[:, None, None]
+        r = x[:, None, :] - a * self.means[None]
+        z = torch.einsum("kji,bkj->bki", self.eigvecs, r)
+        c = a**2 * self.eigvals[None] + s**2
+        return z, c, a, s
+
+    def _rotate_back(self, y: Tensor) -> Tensor:
+        """U_k y for y (B, K, d)."""
+        return torch.einsum("kij,bkj->bki", self.eigvecs, y)
+
+    def component_log_prob(self, x: Tensor, t=0.0) -> Tensor:
+        """log N(x; a mu_k, C_k) for every component, (B, K)."""
+        z, c, _, _ = self._parts(x, t)
+        return -0.5 * ((z**2 / c).sum(-1) + c.log().sum(-1) + self.dim * math.log(2 * math.pi))
+
+    def log_prob(self, x: Tensor, t=0.0) -> Tensor:
+        """log p_t(x), (B,)."""
+        return torch.logsumexp(self.component_log_prob(x, t) + self.weights.log(), dim=1)
+
+    def posterior(self, x: Tensor, t) -> Tensor:
+        """w_k(x, t) = P(component k | x_t = x), (B, K)."""
+        return torch.softmax(self.component_log_prob(x, t) + self.weights.log(), dim=1)
+
+    def component_velocities(self, x: Tensor, t) -> Tensor:
+        """v_k(x, t) = E[eps - x | x_t = x, k], (B, K, d)."""
+        z, c, a, s = self._parts(x, t)
+        return -self.means[None] + self._rotate_back((s - a * self.eigvals[None]) / c * z)
+
+    def component_scores(self, x: Tensor, t) -> Tensor:
+        """grad log N(x; a mu_k, C_k), (B, K, d)."""
+        z, c, _, _ = self._parts(x, t)
+        return -self._rotate_back(z / c)
+
+    def velocity(self, x: Tensor, t) -> Tensor:
+        """The marginal velocity v(x, t) = sum_k w_k v_k, (B, d)."""
+        return torch.einsum("bk,bkd->bd", self.posterior(x, t), self.component_velocities(x, t))
+
+    def score(self, x: Tensor, t) -> Tensor:
+        """grad_x log p_t(x), (B, d)."""
+        return torch.einsum("bk,bkd->bd", self.posterior(x, t), self.component_scores(x, t))
+
+    def x0_mean(self, x: Tensor, t) -> Tensor:
+        """E[x_0 | x_t = x] = x - t v(x, t), (B, d)."""
+        return x - _as_t(t, x)[:, None] * self.velocity(x, t)
+
+    def velocity_jacobian(self, x: Tensor, t) -> Tensor:
+        """dv/dx in closed form, (B, d, d)."""
+        z, c, a, s = self._parts(x, t)
+        w = self.posterior(x, t)
+        scale = (s - a * self.eigvals[None]) / c  # (B, K, d)
+        jk = torch.einsum("kij,bkj,klj->bkil", self.eigvecs, scale, self.eigvecs)
+        vk = self.component_velocities(x, t)
+        sk = self.component_scores(x, t)
+        sbar = torch.einsum("bk,bkd->bd", w, sk)
+        return torch.einsum("bk,bkij->bij", w, jk) + torch.einsum("bk,bki,bkj->bij", w, vk, sk - sbar[:, None])
+
+    def velocity_lipschitz_bound(self, t) -> Tensor:
+        """Upper bound on the operator norm of dv/dx at time t, uniform in x,
+        for components with one shared isotropic covariance sigma^2 I.
+
+        dv/dx = sum_k w_k J_k + Cov_w(v_k, score_k). With S_k = sigma^2 I,
+        J_k = (s - a sigma^2) / c I, v_j - v_k = -(s / c)(mu_j - mu_k) and
+        score_j - score_k = (a / c)(mu_j - mu_k), so a weighted covariance of
+        two vectors along one direction has norm at most a quarter of their
+        largest product:
+
+            L(t) <= |s - a sigma^2| / c  +  a s D^2 / (4 c^2),   c = a^2 sigma^2 + s^2,
+
+        D the largest distance between means. Near the data end
+        (s ~ sigma) the second term peaks at order D^2 / sigma^3 and dominates
+        when modes are well separated. For other covariances the same formula
+        with sigma^2 replaced by each eigenvalue is used as an estimate
+        (not a proven bound); compare with `velocity_jacobian` norms.
+        """
+        t = torch.as_tensor(t, dtype=self.means.dtype)
+        a, s = (1 - t)[..., None, None], t[..., None, None]
+        c = a**2 * self.eigvals + s**2
+        own = ((s - a * self.eigvals).abs() / c).amax(dim=(-1, -2))
+        cmin = c.amin(dim=(-1, -2))
+        dmax = torch.cdist(self.means, self.means).max()
+        a, s = a[..., 0, 0], s[..., 0, 0]
+        return own + a * s * dmax**2 / (4 * cmin**2)
