@@ -1,0 +1,88 @@
+"""Shared pieces of the theory reports: log-log fits with bootstrap intervals,
+Markdown tables, and writing report.md / results.json / PNG plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ddmkit.io import write_bytes_atomic, write_json
+
+
+def loglog_slope(x, y) -> tuple[float, float]:
+    """Least-squares fit log y = slope log x + intercept; returns (slope, intercept)."""
+    lx, ly = np.log(np.asarray(x, dtype=float)), np.log(np.asarray(y, dtype=float))
+    slope, intercept = np.polyfit(lx, ly, 1)
+    return float(slope), float(intercept)
+
+
+def bootstrap_slope(x, per_sample_sq: np.ndarray, resamples: int = 500, seed: int = 0,
+                    level: float = 0.95) -> dict:
+    """Slope of log RMS error against log x, with a percentile bootstrap interval.
+
+    per_sample_sq is (len(x), n): the squared error of sample j at setting i.
+    The bootstrap redraws the n samples (the same draw for every x, as they
+    share their noise) and refits the slope of log sqrt(mean) on log x."""
+    per_sample_sq = np.asarray(per_sample_sq, dtype=float)
+    rms = np.sqrt(per_sample_sq.mean(1))
+    slope, intercept = loglog_slope(x, rms)
+    rng = np.random.default_rng(seed)
+    n = per_sample_sq.shape[1]
+    lx = np.log(np.asarray(x, dtype=float))
+    slopes = np.empty(resamples)
+    for r in range(resamples):
+        idx = rng.integers(0, n, n)
+        slopes[r] = np.polyfit(lx, 0.5 * np.log(per_sample_sq[:, idx].mean(1)), 1)[0]
+    lo, hi = np.quantile(slopes, [(1 - level) / 2, (1 + level) / 2])
+    return {"slope": slope, "intercept": intercept, "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A number for a table: 3 significant digits, or the text as is."""
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def slope_text(fit: dict) -> str:
+    """'-0.98 [-1.01, -0.95]'."""
+    return f"{fit['slope']:.2f} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]"
+
+
+def new_figure(columns: int = 1, rows: int = 1, size: float = 4.0):
+    """A matplotlib figure on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, columns, figsize=(size * columns + 0.5, size * rows), squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig, path: Path) -> str:
+    """Write fig as PNG atomically; return the file name."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
+    return path.name
+
+
+def write_outputs(out: Path, report: str, results: dict) -> None:
+    """report.md and results.json into out."""
+    write_bytes_atomic(out / "report.md", report.encode())
+    write_json(out / "results.json", results)
