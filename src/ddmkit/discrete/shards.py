@@ -1,0 +1,120 @@
+"""Partition a text corpus into K clusters of documents and write one shard
+per cluster, in the same folder layout as vector data (ddmkit.data.partition):
+
+    manifest.json                  k, counts, shard paths and SHA-256s, data hash, feature spec
+    partition.safetensors          centroids (feature space), assignments of the training documents
+    shards/cluster_XX.safetensors  x: the cluster's training documents as one byte stream (uint8),
+                                   joined by blank lines: all an expert job ever reads
+    test/cluster_XX.safetensors    the same for held-out documents (assigned to the nearest centroid)
+
+Models see fixed-length windows of a stream; `sample_windows` draws them.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ddmkit import TIME_CONVENTION, __version__
+from ddmkit.data.partition import cluster, read_shard, shard_name
+from ddmkit.discrete.corpus import Document
+from ddmkit.discrete.features import tfidf_features
+from ddmkit.errors import DDMError
+from ddmkit.io import read_json, save_tensors, sha256_file, staging_dir, write_json
+
+SEPARATOR = b"\n\n"
+
+
+def test_name(k: int) -> str:
+    return f"test/cluster_{k:02d}.safetensors"
+
+
+def stream(docs: list[Document]) -> torch.Tensor:
+    """The documents joined by blank lines, as a (n_bytes,) uint8 tensor."""
+    data = SEPARATOR.join(d.text for d in docs) + SEPARATOR
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def nearest_centroid(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(features.double(), centroids.double()).argmin(1)
+
+
+def partition_text(train: list[Document], test: list[Document], cfg, out_dir: str | Path,
+                   extra: dict | None = None) -> dict:
+    """Cluster training documents by TF-IDF features (cfg: TextPartitionConfig),
+    assign test documents to the nearest centroid, write the shards; returns the manifest."""
+    if cfg.k > len(train):
+        raise DDMError(f"partition.k = {cfg.k} is larger than the number of training documents ({len(train)}); "
+                       "lower partition.k or raise corpus.max_docs")
+    f_train, f_test, spec = tfidf_features(train, test, cfg)
+    labels_np, centroids_np = cluster(f_train, cfg.k, cfg.balanced, cfg.seed)
+    labels, centroids = torch.as_tensor(labels_np), torch.as_tensor(centroids_np)
+    test_labels = nearest_centroid(f_test, centroids)
+    counts = torch.bincount(labels, minlength=cfg.k)
+    if (counts == 0).any():
+        raise DDMError(f"partition: clusters {(counts == 0).nonzero().flatten().tolist()} are empty; "
+                       "lower partition.k")
+    data_hash = hashlib.sha256(b"".join(hashlib.sha256(d.text).digest() for d in train)).hexdigest()
+    with staging_dir(out_dir) as tmp:
+        shards, tests = [], []
+        for c in range(cfg.k):
+            docs = [d for d, l in zip(train, labels.tolist()) if l == c]
+            held = [d for d, l in zip(test, test_labels.tolist()) if l == c]
+            for rel, part, rows in ((shard_name(c), docs, shards), (test_name(c), held, tests)):
+                x = stream(part)
+                save_tensors(tmp / rel, {"x": x}, metadata={"cluster": str(c), "k": str(cfg.k), "data_hash": data_hash})
+                rows.append({"cluster": c, "path": rel, "count": len(part), "bytes": len(x),
+                             "sha256": sha256_file(tmp / rel), "examples": [d.name for d in part[:5]]})
+        save_tensors(tmp / "partition.safetensors", {"centroids": centroids.float(), "assignments": labels})
+        manifest = {"k": cfg.k, "counts": counts.tolist(), "shards": shards, "test_shards": tests,
+                    "data_hash": data_hash, "data_name": "text", "data_shape": [], "n": len(train),
+                    "n_test": len(test), "features": spec, "balanced": cfg.balanced, "seed": cfg.seed,
+                    "ddmkit_version": __version__, "time_convention": TIME_CONVENTION, **(extra or {})}
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def load_streams(folder: str | Path, split: str = "train") -> tuple[dict, list[torch.Tensor]]:
+    """(manifest, one uint8 stream per cluster) of a text partition folder."""
+    folder = Path(folder)
+    manifest = read_json(folder / "manifest.json")
+    key = "shards" if split == "train" else "test_shards"
+    if key not in manifest:
+        raise DDMError(f"{folder / 'manifest.json'}: no {key!r}; this is not a text partition")
+    return manifest, [read_shard(folder / s["path"])[0] for s in manifest[key]]
+
+
+def sample_windows(x: torch.Tensor, length: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """`batch` windows of `length` bytes at uniform offsets of the stream x: (batch, length) int64."""
+    if len(x) < length:
+        raise DDMError(f"a cluster holds {len(x)} bytes, fewer than model.seq_len = {length}; "
+                       "lower model.seq_len or partition.k, or use more text")
+    start = torch.randint(0, len(x) - length + 1, (batch,), generator=generator)
+    return x[start[:, None] + torch.arange(length)].long()
+
+
+def eval_windows(x: torch.Tensor, length: int, max_windows: int) -> torch.Tensor:
+    """Non-overlapping windows from the start of the stream: (min(max_windows, n // length), length)."""
+    n = min(max_windows, len(x) // length)
+    return x[: n * length].reshape(n, length).long()
+
+
+def mixed_windows(streams: list[torch.Tensor], length: int, batch: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows from the union of the clusters, cluster k drawn with probability
+    pi_k = bytes_k / total (the centralized model's and the router's data); (windows, labels)."""
+    prior = cluster_prior(streams)
+    labels = torch.multinomial(prior, batch, replacement=True, generator=generator)
+    x = torch.empty(batch, length, dtype=torch.long)
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().flatten()
+        x[rows] = sample_windows(streams[c], length, len(rows), generator)
+    return x, labels
+
+
+def cluster_prior(streams: list[torch.Tensor]) -> torch.Tensor:
+    """pi_k proportional to the bytes of cluster k, float64."""
+    sizes = torch.tensor([float(len(s)) for s in streams], dtype=torch.float64)
+    return sizes / sizes.sum()
+
