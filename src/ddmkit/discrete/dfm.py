@@ -64,10 +64,10 @@ def mixture_denoiser(experts: Sequence[Denoiser], router: Callable[[torch.Tensor
     only on the rows that give it non-zero weight."""
     def denoise(xt: torch.Tensor) -> torch.Tensor:
         w = strategy.weights(router(xt), state)
-        out = torch.zeros(*xt.shape, NUM_BYTES, dtype=torch.float32)
+        out = torch.zeros(*xt.shape, NUM_BYTES, dtype=torch.float64)
         for k in (w != 0).any(0).nonzero().flatten().tolist():
             rows = (w[:, k] != 0).nonzero().flatten()
-            out.index_add_(0, rows, w[rows, k, None, None].float() * experts[k](xt[rows]).exp())
+            out.index_add_(0, rows, w[rows, k, None, None].double() * experts[k](xt[rows]).double().exp())
         return out.clamp_min(1e-30).log()
     return denoise
 

@@ -1,0 +1,125 @@
+"""The text pipelines on a tiny synthetic corpus with two obvious clusters
+(letters vs digits): partition recovers them, the Bayes router finds them,
+reports are written, stages are reused, bad configs fail clearly."""
+import json
+import random
+
+import pytest
+from typer.testing import CliRunner
+
+from ddmkit.discrete.cli import app
+from ddmkit.discrete.config import is_text_config, load_text_config
+from ddmkit.discrete.pipeline import run_text
+from ddmkit.errors import DDMError
+
+TINY = """
+kind = "{kind}"
+threads = 1
+[corpus]
+source = "{source}"
+pattern = "*.txt"
+min_doc_bytes = 32
+test_fraction = 0.2
+[partition]
+k = 2
+[model]
+seq_len = 24
+width = 32
+depth = 1
+heads = 2
+[expert.train]
+steps = 60
+batch_size = 16
+lr = 3e-3
+warmup = 5
+ema_decay = 0.5
+device = "cpu"
+[router]
+kinds = {kinds}
+width = 16
+[router.train]
+steps = 30
+batch_size = 16
+warmup = 5
+ema_decay = 0.5
+device = "cpu"
+[evaluate]
+windows_per_cluster = 6
+t_points = 4
+strategies = ["full", "top-1", "switch"]
+[sample]
+n = 2
+steps = 4
+"""
+
+
+def make_corpus(folder):
+    rng = random.Random(0)
+    for i in range(20):
+        words = ["".join(rng.choice("abcde") for _ in range(4)) for _ in range(40)]
+        (folder / f"letters{i}.txt").write_text(" ".join(words))
+        nums = ["".join(rng.choice("01234") for _ in range(4)) for _ in range(40)]
+        (folder / f"digits{i}.txt").write_text(" ".join(nums))
+
+
+def write_config(tmp_path, kind, kinds='["bayes", "learned"]'):
+    make_corpus(tmp_path)
+    path = tmp_path / f"{kind}.toml"
+    path.write_text(TINY.format(kind=kind, source=tmp_path, kinds=kinds))
+    return path
+
+
+def test_ar_pipeline_end_to_end(tmp_path):
+    config = write_config(tmp_path, "text_ar")
+    report = run_text(config, tmp_path / "out")
+    for name in json.loads((tmp_path / "out" / "partition" / "manifest.json").read_text())["shards"]:
+        kinds = {e[:6] for e in name["examples"]}
+        assert len(kinds) == 1  # each cluster is all letters or all digits
+    assert report["k"] == 2 and abs(sum(report["prior"]) - 1) < 1e-12
+    bpb = report["bits_per_byte"]
+    assert {"centralized", "own expert (true cluster)", "bayes / full", "learned / top-1"} <= set(bpb)
+    assert bpb["own expert (true cluster)"]["all"] < 4.0  # 6 symbols in play: far below 8 bits
+    assert report["router_accuracy"]["bayes"][23] == 1.0  # a whole window tells letters from digits
+    assert report["compute"]["decentralized_train_tokens"] == report["compute"]["centralized_train_tokens"]
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# Decentralized text model")
+    for folder in ("experts/cluster_00", "experts/cluster_01", "centralized", "router"):
+        assert {p.name for p in (tmp_path / "out" / folder).iterdir()} == {
+            "config.json", "model.safetensors", "train_log.jsonl"}
+    again = run_text(config, tmp_path / "out")  # every stage reused: the same numbers
+    assert again["bits_per_byte"] == bpb and again["seconds"]["train"] < report["seconds"]["train"]
+
+
+def test_dfm_pipeline_end_to_end(tmp_path):
+    report = run_text(write_config(tmp_path, "text_dfm", '["learned"]'), tmp_path / "out")
+    assert report["kind"] == "text_dfm" and "learned / full" in report["bits_per_byte"]
+    assert report["bits_per_byte"]["own expert (true cluster)"]["all"] < 6.0
+    assert all(len(s) > 0 and "_" not in s for texts in report["samples"].values() for s in texts)
+
+
+def test_config_errors(tmp_path):
+    config = write_config(tmp_path, "text_ar")
+    assert is_text_config(config)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(config.read_text().replace("[model]", "[model]\nwidht = 3"))
+    with pytest.raises(DDMError, match="model.widht: unknown field"):
+        load_text_config(bad)
+    bad.write_text(config.read_text().replace('kind = "text_ar"', 'kind = "text_xx"'))
+    with pytest.raises(DDMError, match="accepted: text_ar, text_dfm"):
+        load_text_config(bad)
+    assert not is_text_config(bad)
+    with pytest.raises(DDMError, match="'bayes' needs exact"):
+        load_text_config(write_config(tmp_path, "text_dfm"))
+    bad.write_text(config.read_text().replace('"switch"]', '"oracle"]'))
+    with pytest.raises(DDMError, match="evaluate.strategies"):
+        load_text_config(bad)
+
+
+def test_cli(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["exactness", "--k", "2", "--vocab", "3", "--length", "5",
+                                 "--out", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert rows[0]["kl_max"] < 1e-6
+    result = runner.invoke(app, ["run", str(tmp_path / "missing.toml")])
+    assert result.exit_code == 2 and "does not exist" in " ".join(result.output.split())
