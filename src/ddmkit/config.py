@@ -28,7 +28,7 @@ class Section(BaseModel):
 class DataConfig(Section):
     name: str = "ring8"
     n_train: int = Field(20000, ge=1)
-    n_test: int = Field(5000, ge=0)
+    n_test: int = Field(16000, ge=0)
     seed: int = 0
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -77,7 +77,7 @@ class MonolithConfig(Section):
 
 
 class SampleConfig(Section):
-    n: int = Field(1000, ge=1)
+    n: int = Field(8000, ge=1)
     steps: int = Field(50, ge=1)
     solver: Literal["euler", "heun", "midpoint", "rk4", "adaptive"] = "euler"
     strategies: list[str] = Field(default_factory=lambda: [
@@ -97,7 +97,7 @@ class SampleConfig(Section):
 
 
 class EvalConfig(Section):
-    reference_sets: int = Field(4, ge=1)
+    chunk: int = Field(1000, ge=10, description="points per W2 set; sample.n / chunk pairs are averaged")
 
 
 class RunConfig(Section):

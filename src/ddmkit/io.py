@@ -61,9 +61,25 @@ def read_json(path: str | Path) -> dict:
         raise DDMError(f"{path} is not valid JSON ({e}); re-create it with the ddmkit command that wrote it") from e
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Write tensors as safetensors. Metadata is stored as one sorted JSON
+    string under the key "ddmkit", so equal inputs give equal bytes (the
+    format's own string map has no fixed order)."""
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    write_bytes_atomic(path, save(data, metadata=metadata))
+    meta = {"ddmkit": json.dumps(metadata, sort_keys=True)} if metadata else None
+    write_bytes_atomic(path, save(data, metadata=meta))
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata written by save_tensors (empty if none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta.get("ddmkit", "{}"))
+    except Exception as e:
+        raise DDMError(f"{path} is corrupt or not a safetensors file ({e}); re-create it") from e
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

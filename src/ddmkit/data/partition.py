@@ -24,7 +24,7 @@ from ddmkit import TIME_CONVENTION, __version__
 from ddmkit.data.datasets import ArrayData, check_finite, content_hash
 from ddmkit.data.features import apply_features, fit_features
 from ddmkit.errors import DDMError
-from ddmkit.io import load_tensors, read_json, save_tensors, sha256_file, staging_dir, write_json
+from ddmkit.io import load_tensors, read_json, read_metadata, save_tensors, sha256_file, staging_dir, write_json
 
 MAX_FULL_COV_DIM = 256
 
@@ -109,8 +109,7 @@ def partition_data(train: ArrayData, k: int, out_dir: str | Path, features: str 
             tensors = {"x": train.x[idx].contiguous()}
             if train.labels is not None:
                 tensors["labels"] = train.labels[idx].contiguous()
-            save_tensors(tmp / shard_name(c), tensors, metadata={"cluster": str(c), "k": str(k),
-                                                                 "data_hash": data_hash})
+            save_tensors(tmp / shard_name(c), tensors, metadata={"cluster": c, "k": k, "data_hash": data_hash})
             shards.append({"cluster": c, "path": shard_name(c), "count": int(counts[c]),
                            "sha256": sha256_file(tmp / shard_name(c))})
         save_tensors(tmp / "partition.safetensors", {
@@ -136,11 +135,8 @@ def load_partition(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """(x, labels or None, metadata) of one shard file."""
-    from safetensors import safe_open
-
     tensors = load_tensors(path)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    meta = read_metadata(path)
     if "x" not in tensors:
         raise DDMError(f"{path}: not a ddmkit shard (no 'x' tensor)")
     return tensors["x"], tensors.get("labels"), meta

@@ -60,10 +60,10 @@ def exactness(k: int = typer.Option(3, help="number of Markov chains (clusters)"
         rows = exactness_rows(MarkovMixture.random(k, vocab, seed), length)
     except DDMError as e:
         _fail(e)
-    table = Table("router eps", "max KL(global||decentralized)", "mean KL", "mean KL(P||r)", "router agreement")
+    table = Table("router eps", "max KL(global||decentralized)", "mean KL", "mean KL(P||r)", "mean TV(P, r)")
     for r in rows:
         table.add_row(f"{r['router_eps']:g}", f"{r['kl_max']:.3g}", f"{r['kl_mean']:.3g}",
-                      f"{r['router_kl_mean']:.3g}", f"{r['router_agreement']:.3f}")
+                      f"{r['router_kl_mean']:.3g}", f"{r['router_tv_mean']:.3g}")
     console.print(table)
     if out:
         write_json(out, {"k": k, "vocab": vocab, "length": length, "seed": seed, "rows": rows})

@@ -116,16 +116,16 @@ def exactness_rows(mix: MarkovMixture, length: int = 6, eps_grid=(0.0, 0.01, 0.0
     truth = global_next_bruteforce(mix, length)
     rows = []
     for eps in eps_grid:
-        kls, weights, router_kls, agree = [], [], [], []
+        kls, weights, router_kls, tvs = [], [], [], []
         for n, (prefixes, p_next) in truth.items():
             post = mix.posterior(prefixes)
             r = corrupt(post, eps)
             kls.append(kl(p_next, decentralized_next(mix, prefixes, r)))
             router_kls.append(kl(post, r))
-            agree.append((r.argmax(1) == post.argmax(1)).double())
+            tvs.append(0.5 * (post - r).abs().sum(1))
             weights.append((mix.prior.log()[:, None] + mix.log_likelihood(prefixes)).exp().sum(0) / length)
-        kls, weights, router_kls, agree = map(torch.cat, (kls, weights, router_kls, agree))
+        kls, weights, router_kls, tvs = map(torch.cat, (kls, weights, router_kls, tvs))
         rows.append({"router_eps": eps, "kl_max": float(kls.max()), "kl_mean": float((weights * kls).sum()),
                      "router_kl_mean": float((weights * router_kls).sum()),
-                     "router_agreement": float((weights * agree).sum())})
+                     "router_tv_mean": float((weights * tvs).sum())})
     return rows

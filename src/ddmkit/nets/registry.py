@@ -32,6 +32,13 @@ def build_model(arch: str, **kwargs) -> nn.Module:
         raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {e}") from e
 
 
+def build_seeded(arch: str, seed: int, **kwargs) -> nn.Module:
+    """build_model with its initial weights fixed by `seed` (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(arch, **kwargs)
+
+
 def save_pretrained(folder: str | Path, model: nn.Module, config: dict) -> None:
     """Write config.json (with ddmkit version and time convention) and model.safetensors."""
     folder = Path(folder)

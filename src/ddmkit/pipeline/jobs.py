@@ -15,7 +15,7 @@ from ddmkit.config import ExpertConfig, RouterConfig, TrainConfig
 from ddmkit.errors import DDMError
 from ddmkit.flow.losses import flow_matching_loss, router_loss
 from ddmkit.io import sha256_file, staging_dir
-from ddmkit.nets import build_model, save_pretrained
+from ddmkit.nets import build_seeded, save_pretrained
 from ddmkit.train.loop import fit, resolve_device
 
 
@@ -36,7 +36,7 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
     device = resolve_device(config.train.device)
     data_shape = list(x.shape[1:])
     kwargs = {"data_shape": data_shape, **config.net.kwargs}
-    model = build_model(config.net.arch, **kwargs)
+    model = build_seeded(config.net.arch, config.train.seed, **kwargs)
     draw = _batches(x.float(), config.train.batch_size, device)
 
     def batch_loss(m, step, gen):
@@ -90,7 +90,7 @@ def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path) 
     y = torch.cat([torch.full((len(p),), k, dtype=torch.long) for k, p in enumerate(parts)]).to(device)
     data_shape = list(x.shape[1:])
     kwargs = {"data_shape": data_shape, "num_experts": len(shards), **config.net.kwargs}
-    model = build_model(config.net.arch, **kwargs)
+    model = build_seeded(config.net.arch, config.train.seed, **kwargs)
 
     def batch_loss(m, step, gen):
         idx = torch.randint(0, len(x), (config.train.batch_size,), generator=gen, device=device)

@@ -25,7 +25,7 @@ import torch
 from ddmkit.config import TrainConfig
 from ddmkit.errors import DDMError
 from ddmkit.theory.paths import FlowPath, get_path
-from ddmkit.theory.report import (loglog_slope, markdown_table, new_figure, save_figure, write_outputs)
+from ddmkit.theory.report import (loglog_slope, markdown_table, new_figure, save_figure, single_thread, write_outputs)
 from ddmkit.theory.stability import (cumulative_lambda, lambda_uniform_grid, measured_lipschitz, report_times,
                                      teacher_solve, uniform_grid)
 from ddmkit.theory.students import compose, relative_mse, train_segment
@@ -173,6 +173,7 @@ def analytic_scaling(path: FlowPath, s: DistillSettings) -> dict:
 
 
 # ----- the study -------------------------------------------------------------
+@single_thread()
 def run_distill(s: DistillSettings, out: Path, log=print) -> dict:
     """Run the study and write report.md, results.json and the plots into out."""
     if not s.segments or min(s.segments) < 1:

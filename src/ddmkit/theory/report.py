@@ -2,9 +2,11 @@
 Markdown tables, and writing report.md / results.json / PNG plots."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ddmkit.io import write_bytes_atomic, write_json
 
@@ -86,3 +88,16 @@ def write_outputs(out: Path, report: str, results: dict) -> None:
     """report.md and results.json into out."""
     write_bytes_atomic(out / "report.md", report.encode())
     write_json(out / "results.json", results)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one thread inside the block (restored after): the studies
+    use many small tensors, where one thread is faster and does not fight
+    other processes for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,95 @@
+"""Plots and the Markdown report of a run."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ddmkit.truth import GaussianMixture  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _project(x: torch.Tensor, basis: torch.Tensor | None, mean: torch.Tensor | None) -> torch.Tensor:
+    flat = x.reshape(len(x), -1).double()
+    if flat.shape[1] == 2 or basis is None:
+        return flat[:, :2]
+    return (flat - mean) @ basis
+
+
+def plot_samples(samples: dict[str, torch.Tensor], reference: torch.Tensor, truth: GaussianMixture | None,
+                 path: Path, title_extra: dict[str, str] | None = None) -> None:
+    """One panel per strategy: samples over the true density (2-D), or over
+    the reference data in its first two principal directions (d > 2)."""
+    ref = reference.reshape(len(reference), -1).double()
+    basis = mean = None
+    if ref.shape[1] > 2:
+        mean = ref.mean(0)
+        basis = torch.linalg.svd(ref - mean, full_matrices=False).Vh[:2].T
+    r = _project(ref, basis, mean)
+    lo, hi = r.min(0).values - 0.5, r.max(0).values + 0.5
+    names = list(samples)
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    density = None
+    if truth is not None and truth.dim == 2:
+        gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 150), torch.linspace(lo[1], hi[1], 150), indexing="xy")
+        grid = torch.stack([gx.flatten(), gy.flatten()], 1).double()
+        density = (gx, gy, truth.log_prob(grid, 0.0).exp().reshape(gx.shape))
+    for ax, name in zip(axes.flat, names):
+        if density is not None:
+            ax.contourf(*density, levels=12, cmap="Greys", alpha=0.6)
+        else:
+            ax.scatter(r[:, 0], r[:, 1], s=1, c="0.75", alpha=0.5)
+        p = _project(samples[name], basis, mean)
+        ax.scatter(p[:, 0], p[:, 1], s=1.5, c="tab:red", alpha=0.6)
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        ax.set_title(name + (f"\n{title_extra[name]}" if title_extra and name in title_extra else ""), fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    _save(fig, path)
+
+
+def plot_router_accuracy(report: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, vals in report.items():
+        if name == "t":
+            continue
+        ax.plot(report["t"], vals["accuracy"], marker="o", label=name)
+    ax.set_xlabel("t (0 = data, 1 = noise)")
+    ax.set_ylabel("routing accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isinf(v) or math.isnan(v):
+            return str(v)
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)

@@ -1,0 +1,45 @@
+"""Metrics against known answers."""
+import math
+
+import torch
+
+from ddmkit.metrics import mmd_rbf, mode_coverage, nll, off_manifold_rate, w2_exact, w2_sliced
+from ddmkit.data.synthetic import grid_mixture
+from ddmkit.truth import GaussianMixture
+
+
+def test_w2_of_a_translation_is_its_length(gen):
+    x = torch.randn(300, 3, generator=gen, dtype=torch.float64)
+    shift = torch.tensor([0.3, -0.4, 1.2], dtype=torch.float64)
+    assert math.isclose(w2_exact(x, x + shift), float(shift.norm()), rel_tol=1e-6)
+    assert w2_exact(x, x) < 1e-6  # sqrt of a round-off-sized cost
+
+
+def test_sliced_w2_is_below_exact_and_exact_for_translation_projections(gen):
+    x = torch.randn(400, 2, generator=gen, dtype=torch.float64)
+    y = torch.randn(400, 2, generator=gen, dtype=torch.float64) * 2
+    assert w2_sliced(x, y) <= w2_exact(x, y) + 1e-9
+
+
+def test_mmd_separates(gen):
+    x = torch.randn(500, 2, generator=gen)
+    y = torch.randn(500, 2, generator=gen)
+    z = torch.randn(500, 2, generator=gen) + 1.0
+    assert abs(mmd_rbf(x, y)) < 0.01 < mmd_rbf(x, z)
+
+
+def test_nll_of_standard_normal_is_its_entropy(gen):
+    g = GaussianMixture.from_covariances([1.0], [[0.0, 0.0]], [1.0])
+    x = g.sample(100_000, gen)
+    assert math.isclose(nll(x, g), 1 + math.log(2 * math.pi), rel_tol=0.01)
+
+
+def test_mode_coverage_and_off_manifold(gen):
+    g = grid_mixture()
+    x = g.sample(20000, gen)
+    cov = mode_coverage(x, g)
+    assert cov["modes_hit"] == 1.0 and cov["mode_kl"] < 0.01
+    assert off_manifold_rate(x, g) < 0.003
+    half = x[x[:, 0] < 0]  # drops the right columns of modes
+    assert mode_coverage(half, g)["modes_hit"] < 0.7
+    assert off_manifold_rate(torch.full((10, 2), 0.5, dtype=torch.float64), g) == 1.0

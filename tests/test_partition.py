@@ -1,0 +1,92 @@
+"""Partition: shards, manifest, balance, bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ddmkit.data import ArrayData, load_dataset
+from ddmkit.data.partition import balanced_assign, load_partition, partition_data, read_shard
+from ddmkit.errors import DDMError
+
+
+def small(n=600):
+    train, _ = load_dataset("ring8", n, 10, seed=3)
+    return train
+
+
+def test_shards_partition_the_data_and_manifest_is_complete(tmp_path):
+    train = small()
+    m = partition_data(train, 8, tmp_path / "p", seed=0)
+    xs = [read_shard(tmp_path / "p" / s["path"])[0] for s in m["shards"]]
+    assert sum(len(x) for x in xs) == len(train) == sum(m["counts"])
+    joined = torch.cat(xs)
+    assert torch.equal(joined[torch.argsort(joined[:, 0])], train.x[torch.argsort(train.x[:, 0])])
+    manifest, tensors = load_partition(tmp_path / "p")
+    assert manifest["seed"] == 0 and len(manifest["data_hash"]) == 64
+    assert tensors["centroids"].shape == (8, 2) and tensors["cluster_covs"].shape == (8, 2, 2)
+    for c, x in enumerate(xs):
+        assert torch.allclose(tensors["cluster_means"][c], x.mean(0), atol=1e-5)
+    # the ring's k-means clusters are its 8 modes: each shard holds one true component
+    for s in m["shards"]:
+        _, labels, _ = read_shard(tmp_path / "p" / s["path"])
+        assert len(set(labels.tolist())) == 1
+
+
+def test_same_seed_same_bytes(tmp_path):
+    train = small()
+    partition_data(train, 4, tmp_path / "a", seed=1)
+    partition_data(train, 4, tmp_path / "b", seed=1)
+    for name in ("shards/cluster_00.safetensors", "partition.safetensors", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_balanced_assignment_caps_cluster_sizes():
+    rng = np.random.default_rng(0)
+    dist = rng.random((103, 4))
+    dist[:80, 0] -= 1  # most rows prefer cluster 0
+    labels = balanced_assign(dist)
+    assert np.bincount(labels, minlength=4).max() == 26
+
+
+def test_balanced_partition(tmp_path):
+    x = torch.cat([torch.randn(300, 2), torch.randn(60, 2) + 8])
+    m = partition_data(ArrayData("skewed", x), 3, tmp_path / "p", balanced=True)
+    assert max(m["counts"]) == 120
+
+
+def test_pca_features(tmp_path):
+    train, _ = load_dataset("gmm32", 800, 10)
+    m = partition_data(train, 8, tmp_path / "p", features="pca", pca_dim=5)
+    assert m["features"]["kind"] == "pca" and m["features"]["dim"] == 5
+
+
+def test_bad_inputs_leave_nothing_behind(tmp_path):
+    train = small(50)
+    with pytest.raises(DDMError, match="larger than the number of samples"):
+        partition_data(train, 51, tmp_path / "p")
+    x = train.x.clone()
+    x[3, 0] = float("nan")
+    with pytest.raises(DDMError, match="NaN"):
+        partition_data(ArrayData("bad", x), 2, tmp_path / "p")
+    dup = ArrayData("dup", torch.zeros(20, 2))
+    with pytest.raises(DDMError, match="empty"):
+        partition_data(dup, 3, tmp_path / "p")
+    with pytest.raises(DDMError, match="returned shape"):
+        partition_data(train, 2, tmp_path / "p", features="tests.test_partition:bad_feature")
+    assert not (tmp_path / "p").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def bad_feature(x):
+    return torch.zeros(3)
+
+
+def test_array_file_loader(tmp_path):
+    x = np.random.default_rng(0).normal(size=(500, 3)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x)
+    train, test = load_dataset(str(tmp_path / "a.npy"), 0, 100)
+    assert len(train) == 400 and len(test) == 100
+    assert not set(map(tuple, train.x.tolist())) & set(map(tuple, test.x.tolist()))
+    with pytest.raises(DDMError, match="unknown data set"):
+        load_dataset("ring9")

@@ -1,0 +1,159 @@
+"""The pipeline end to end on a tiny config, step by step through the CLI, and bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddmkit.config import load_config
+from ddmkit.errors import DDMError
+from ddmkit.pipeline.ddm import exact_ddm, load_ddm
+from ddmkit.pipeline.run import EXACT, run_pipeline
+from ddmkit.truth import GaussianMixture
+
+TINY = Path(__file__).parent / "configs" / "tiny.toml"
+SRC = str(Path(__file__).parents[1] / "src")
+
+
+def cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1"}
+    return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = run_pipeline(load_config(TINY), out, log=lambda m: None)
+    return out, result
+
+
+def test_run_writes_every_artifact(tiny_run):
+    out, result = tiny_run
+    for rel in ("config.json", "data/train.safetensors", "data/truth.safetensors", "partition/manifest.json",
+                "experts/expert_03/model.safetensors", "experts/expert_00/train_log.jsonl", "monolith/config.json",
+                "router/model.safetensors", "samples/info.json", "report.md", "metrics.json",
+                "plots/samples.png", "plots/router_accuracy.png"):
+        assert (out / rel).exists(), rel
+    rows = result["rows"]
+    assert set(rows) == {EXACT, "monolith", "full", "top-2", "switch", "oracle", "nearest"}
+    assert rows["full"]["expert_calls_per_sample"] == pytest.approx(4 * 8)
+    assert rows["top-2"]["expert_calls_per_sample"] == pytest.approx(2 * 8)
+    assert rows["switch"]["expert_calls_per_sample"] == pytest.approx(8)
+    assert rows["monolith"]["expert_calls_per_sample"] == pytest.approx(8)
+    report = (out / "report.md").read_text()
+    assert "noise floor" in report and "| top-2 |" in report
+
+
+def test_exact_ddm_is_the_global_field(tiny_run):
+    """Grouped exact experts mixed by the exact router reproduce the global velocity (the DDM identity)."""
+    out, _ = tiny_run
+    ddm = exact_ddm(out)
+    t = load_tensors_truth(out)
+    x = torch.randn(128, 2, dtype=torch.float64) * 2
+    for tt in (0.1, 0.5, 0.9):
+        tb = torch.full((128,), tt, dtype=torch.float64)
+        p = ddm.router(x, tb)
+        mixed = sum(p[:, k:k + 1] * ddm.experts[k](x, tb) for k in range(ddm.k))
+        assert torch.allclose(mixed, t.velocity(x, tb), atol=1e-10)
+
+
+def load_tensors_truth(out) -> GaussianMixture:
+    from ddmkit.pipeline.ddm import load_truth
+    return load_truth(out)
+
+
+def test_rerun_skips_finished_stages_and_is_deterministic(tiny_run, tmp_path):
+    out, result = tiny_run
+    before = (out / "experts" / "expert_00" / "model.safetensors").stat().st_mtime_ns
+    again = run_pipeline(load_config(TINY), out, log=lambda m: None)
+    assert (out / "experts" / "expert_00" / "model.safetensors").stat().st_mtime_ns == before
+    assert again["rows"]["top-2"]["w2"] == result["rows"]["top-2"]["w2"]
+    fresh = tmp_path / "fresh"
+    run_pipeline(load_config(TINY), fresh, log=lambda m: None)
+    for rel in ("experts/expert_02/model.safetensors", "router/model.safetensors", "samples/top-2.safetensors"):
+        assert (fresh / rel).read_bytes() == (out / rel).read_bytes(), rel
+
+
+def test_cli_step_by_step(tmp_path):
+    run = tmp_path / "r"
+    assert cli("partition", "--config", TINY, "--out", run).returncode == 0
+    manifest = json.loads((run / "partition" / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        r = cli("train-expert", run / "partition" / s["path"], "--config", TINY,
+                "--out", run / "experts" / f"expert_{s['cluster']:02d}")
+        assert r.returncode == 0, r.stderr
+    assert cli("train-router", run).returncode == 0
+    r = cli("sample", run, "--strategy", "top-2", "--strategy", "nearest")
+    assert r.returncode == 0, r.stderr
+    r = cli("evaluate", run)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"top-2", "nearest"} <= set(metrics["rows"])
+
+
+def test_bad_inputs_exit_2_with_a_clear_message(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY.read_text().replace("[partition]\nk = 4", "[partition]\nk = 4\nclusters = 3"))
+    r = cli("run", bad, "--out", tmp_path / "o1")
+    assert r.returncode == 2 and "partition.clusters" in r.stderr and "unknown field" in r.stderr
+    assert not (tmp_path / "o1").exists() or not any((tmp_path / "o1").rglob("*.safetensors"))
+
+    big_k = tmp_path / "k.toml"
+    big_k.write_text(TINY.read_text().replace("n_train = 1600", "n_train = 3").replace("n_test = 1600", "n_test = 3"))
+    r = cli("run", big_k, "--out", tmp_path / "o2")
+    assert r.returncode == 2 and "larger than the number of samples" in r.stderr
+    assert not (tmp_path / "o2" / "partition").exists()
+
+    r = cli("run", TINY.parent / "nope.toml", "--out", tmp_path / "o3")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+    strat = tmp_path / "s.toml"
+    strat.write_text(TINY.read_text().replace('"switch"', '"top-zero"'))
+    r = cli("run", strat, "--out", tmp_path / "o4")
+    assert r.returncode == 2 and "top-K" in r.stderr
+
+
+def test_nan_data_is_refused(tmp_path):
+    import numpy as np
+    x = np.random.default_rng(0).normal(size=(400, 2)).astype("float32")
+    x[7, 1] = np.inf
+    np.save(tmp_path / "d.npy", x)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(TINY.read_text().replace('name = "ring8"', f'name = "{tmp_path / "d.npy"}"'))
+    r = cli("run", cfg, "--out", tmp_path / "o")
+    assert r.returncode == 2 and "NaN or infinite" in r.stderr
+
+
+def test_other_run_in_output_folder_is_refused(tiny_run, tmp_path):
+    out, _ = tiny_run
+    other = tmp_path / "other.toml"
+    other.write_text(TINY.read_text().replace("steps = 8", "steps = 9"))
+    r = cli("run", other, "--out", out)
+    assert r.returncode == 2 and "different run" in r.stderr and "--force" in r.stderr
+
+
+def test_router_expert_mismatch_and_corrupt_weights(tiny_run, tmp_path):
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    cfg_path = copy / "router" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["data_shape"] = [3]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(DDMError):
+        load_ddm(copy)
+    cfg["data_shape"] = [2]
+    cfg["time_convention"] = "vp: t=1 data"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(DDMError, match="time convention"):
+        load_ddm(copy)
+    cfg["time_convention"] = json.loads((out / "router" / "config.json").read_text())["time_convention"]
+    cfg_path.write_text(json.dumps(cfg))
+    (copy / "experts" / "expert_01" / "model.safetensors").write_bytes(b"\x00" * 10)
+    r = cli("sample", copy, "--strategy", "top-1")
+    assert r.returncode == 2 and "expert_01" in r.stderr and "corrupt" in r.stderr

@@ -1,0 +1,102 @@
+"""Routing strategies and the sparse combiner."""
+import pytest
+import torch
+
+from ddmkit.errors import DDMError
+from ddmkit.routing import CallCounter, RoutingState, combine, combine_dense, parse_strategy
+
+ALL = ["full", "top-1", "top-2", "top-3", "threshold-0.1", "sample-1", "sample-2@0.5", "nucleus-0.9",
+       "nucleus-0.5@2", "switch", "oracle", "nearest"]
+
+
+def probs(gen, b=256, k=6):
+    return torch.softmax(torch.randn(b, k, generator=gen) * 2, 1)
+
+
+def state(gen, k=6):
+    return RoutingState(generator=gen, prior=torch.full((k,), 1 / k), nearest=lambda x: (x[:, 0].abs() * 10).long() % k,
+                        x0_hat=torch.randn(256, 3, generator=gen))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_weights_are_a_distribution(name, gen):
+    p = probs(gen)
+    w = parse_strategy(name).weights(p, state(gen))
+    assert w.shape == p.shape and (w >= 0).all()
+    assert torch.allclose(w.sum(1), torch.ones(len(p)), atol=1e-6)
+
+
+def test_top_k_keeps_the_largest_and_renormalises(gen):
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert torch.allclose(parse_strategy("top-2").weights(p, None), torch.tensor([[0.625, 0.375, 0, 0]]))
+    assert torch.allclose(parse_strategy("top-1").weights(p, None), torch.tensor([[1.0, 0, 0, 0]]))
+    assert torch.allclose(parse_strategy("full").weights(p, None), p)
+
+
+def test_threshold_and_nucleus_sets():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert torch.allclose(parse_strategy("threshold-0.1").weights(p, None), torch.tensor([[0.5, 0.3, 0.15, 0]]) / 0.95)
+    assert torch.allclose(parse_strategy("threshold-0.9").weights(p, None), torch.tensor([[1.0, 0, 0, 0]]))
+    # nucleus 0.75 keeps {0, 1} (0.5 + 0.3 >= 0.75): it never picks 2 or 3
+    st = RoutingState(generator=torch.Generator().manual_seed(0))
+    picks = torch.stack([parse_strategy("nucleus-0.75").weights(p, st).argmax(1) for _ in range(400)])
+    assert set(picks.flatten().tolist()) == {0, 1}
+    share0 = (picks == 0).float().mean()
+    assert abs(float(share0) - 0.5 / 0.8) < 0.07
+
+
+def test_switch_draws_experts_with_router_probabilities(gen):
+    p = torch.tensor([[0.6, 0.3, 0.1]]).expand(20000, 3)
+    w = parse_strategy("switch").weights(p, RoutingState(generator=gen))
+    assert torch.allclose(w.mean(0), p[0], atol=0.015)
+    assert ((w == 1).sum(1) == 1).all()
+
+
+def test_sample_2_draws_two_distinct_experts(gen):
+    p = probs(gen)
+    w = parse_strategy("sample-2").weights(p, RoutingState(generator=gen))
+    assert ((w > 0).sum(1) == 2).all()
+
+
+def test_oracle_keeps_its_cluster_and_follows_the_prior(gen):
+    st = RoutingState(generator=gen, prior=torch.tensor([0.7, 0.2, 0.1]))
+    s = parse_strategy("oracle")
+    p = torch.full((5000, 3), 1 / 3)
+    w1 = s.weights(p, st)
+    w2 = s.weights(torch.softmax(torch.randn(5000, 3, generator=gen), 1), st)
+    assert torch.equal(w1, w2)
+    assert torch.allclose(w1.mean(0), torch.tensor([0.7, 0.2, 0.1]), atol=0.02)
+
+
+def test_nearest_uses_x0_hat(gen):
+    st = RoutingState(nearest=lambda x: torch.zeros(len(x), dtype=torch.long) + 2, x0_hat=torch.zeros(4, 2))
+    w = parse_strategy("nearest").weights(torch.full((4, 3), 1 / 3), st)
+    assert (w.argmax(1) == 2).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sparse_combiner_equals_dense_and_skips_zero_rows(name, gen):
+    k, b = 6, 256
+    mats = [torch.randn(3, 3, generator=gen) for _ in range(k)]
+    calls = [0] * k
+
+    def make(i):
+        def f(x, t):
+            calls[i] += len(x)
+            return x @ mats[i] + t[:, None] * (i + 1)
+        return f
+
+    experts = [make(i) for i in range(k)]
+    x, t = torch.randn(b, 3, generator=gen), torch.rand(b, generator=gen)
+    w = parse_strategy(name).weights(probs(gen, b, k), state(gen, k))
+    counter = CallCounter()
+    sparse = combine(experts, w, x, t, counter)
+    dense = combine_dense(experts, w, x, t)
+    assert torch.allclose(sparse, dense, atol=1e-6)
+    assert counter.total_rows == int((w != 0).sum())
+
+
+def test_unknown_strategies_name_the_accepted_forms():
+    for bad in ("top-0", "best-2", "threshold-1.5", "nucleus-0.9@0"):
+        with pytest.raises(DDMError, match="top-K|must"):
+            parse_strategy(bad)

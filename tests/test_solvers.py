@@ -1,0 +1,49 @@
+"""Solvers on an ODE with a known solution: dx/dt = A x, x(1) = x1, so x(0) = exp(-A) x1."""
+import math
+
+import pytest
+import torch
+
+from ddmkit.sample import SOLVERS, get_solver, time_grid
+
+A = torch.tensor([[-0.5, 1.0], [-1.0, -0.3]], dtype=torch.float64)
+
+
+def field(x, t):
+    return x @ A.T
+
+
+def exact(x1):
+    return x1 @ torch.linalg.matrix_exp(-A).T
+
+
+@pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2), ("midpoint", 2), ("rk4", 4)])
+def test_convergence_order(name, order):
+    x1 = torch.tensor([[1.0, -2.0], [0.5, 0.3]], dtype=torch.float64)
+    errs = []
+    for steps in (16, 32, 64):
+        x0 = get_solver(name)(field, x1, time_grid(steps, dtype=torch.float64))
+        errs.append(float((x0 - exact(x1)).norm()))
+    rates = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+    assert all(abs(r - order) < 0.25 for r in rates), rates
+
+
+def test_adaptive_is_accurate():
+    x1 = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    x0 = get_solver("adaptive")(field, x1, time_grid(1, dtype=torch.float64))
+    assert torch.allclose(x0, exact(x1), atol=1e-4)
+
+
+def test_grid_and_callback():
+    ts = time_grid(10, "cosine")
+    assert float(ts[0]) == 1.0 and float(ts[-1]) == 0.0 and bool((ts[1:] < ts[:-1]).all())
+    seen = []
+    get_solver("heun")(field, torch.ones(1, 2, dtype=torch.float64), time_grid(5, dtype=torch.float64),
+                       callback=lambda d: seen.append(float(d["t"])))
+    assert seen == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+
+
+def test_unknown_solver():
+    with pytest.raises(ValueError, match="euler"):
+        get_solver("leapfrog")
+    assert set(SOLVERS) >= {"euler", "heun", "midpoint", "rk4", "adaptive"}

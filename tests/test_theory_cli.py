@@ -1,0 +1,35 @@
+"""The two commands end to end in --quick mode."""
+import json
+
+from typer.testing import CliRunner
+
+from ddmkit.theory.cli import app
+
+
+def test_convergence_quick(tmp_path):
+    result = CliRunner().invoke(app, ["convergence", "--quick", "--out", str(tmp_path), "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert {"report.md", "results.json", "convergence.png", "sweeps.png"} <= {p.name for p in tmp_path.iterdir()}
+    results = json.loads((tmp_path / "results.json").read_text())
+    samplers = results["grid"]["samplers"]
+    assert -1.1 < samplers["euler:full"]["pathwise_fit"]["slope"] < -0.9  # Euler is first order
+    assert samplers["heun:full"]["pathwise_fit"]["slope"] < -1.6  # Heun is second order
+    fit = samplers["euler:switch"]["pathwise_fit"]
+    assert fit["ci_low"] <= fit["slope"] <= fit["ci_high"] and -0.8 < fit["slope"] < -0.2
+    eps_rows = {(r["value"], r["sampler"]): r["pathwise_rms"][-1] for r in results["eps_sweep"]}
+    assert eps_rows[(0.3, "euler:full")] > eps_rows[(0.1, "euler:full")] > eps_rows[(0.0, "euler:full")]
+    assert "pathwise slope" in (tmp_path / "report.md").read_text()
+
+
+def test_distill_quick(tmp_path):
+    result = CliRunner().invoke(app, ["distill", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert {"report.md", "results.json", "lipschitz.png", "segments.png"} <= {p.name for p in tmp_path.iterdir()}
+    results = json.loads((tmp_path / "results.json").read_text())
+    for run in results["runs"]:
+        for kind in ("uniform", "lambda"):
+            errors = [run["errors"][kind][str(n)]["end_to_end"] for n in (1, 2, 4)]
+            assert all(0 < e < 1 for e in errors)
+        assert run["Lambda_total"]["mean"] <= run["Lambda_total"]["max"] <= run["Lambda_total"]["bound"] * (1 + 1e-6)
+    exponents = results["scaling"]["ou"]["exponents"]["L_peak"]
+    assert abs(exponents["sigma"] + 4) < 0.1 and abs(exponents["D"] - 2) < 0.1  # L(0) ~ D^2 / sigma^4

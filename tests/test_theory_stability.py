@@ -1,0 +1,88 @@
+"""L(t), Lambda(t), Lambda grids and the teacher, against known answers."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import quad
+
+from ddmkit.theory.distill import two_modes, union_times
+from ddmkit.theory.paths import get_path
+from ddmkit.theory.stability import (cumulative_lambda, lambda_uniform_grid, measured_lipschitz, report_times,
+                                     teacher_solve, uniform_grid)
+from ddmkit.truth import GaussianMixture
+
+F64 = torch.float64
+
+
+def test_lambda_of_standard_normal_data_is_log_two():
+    """Data N(0, I): dv/dx = (2t - 1) / ((1 - t)^2 + t^2) I, whose |.| integrates to ln 2 on [0, 1]."""
+    gmm = GaussianMixture.from_covariances([1.0], [[0.0, 0.0]], [1.0])
+    t = torch.linspace(1.0, 0.0, 20001, dtype=F64)
+    lam = cumulative_lambda(t, get_path("linear").lipschitz_bound(gmm, t))
+    assert float(lam[0]) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(lam[-1]) == 0.0
+
+
+@pytest.mark.parametrize("name", ["linear", "ou"])
+def test_cumulative_lambda_matches_quadrature(name):
+    gmm = two_modes(2.0, 0.3)
+    path = get_path(name)
+    times = report_times(path, 4001)
+    lam = cumulative_lambda(times, path.lipschitz_bound(gmm, times))
+
+    def bound(u):
+        return float(path.lipschitz_bound(gmm, torch.tensor(u, dtype=F64)))
+
+    for i in (0, 1000, 3000):
+        exact, _ = quad(bound, 0.0, float(times[i]), limit=400, points=[0.09] if name == "linear" else None)
+        assert float(lam[i]) == pytest.approx(exact, rel=2e-4)
+
+
+def test_lambda_of_separated_modes_approaches_d2_over_8_sigma2():
+    """The covariance term integrates to D^2 / (8 sigma^2) when D >> sigma (docs/theory.md)."""
+    d, s = 8.0, 0.1
+    for name in ("linear", "ou"):
+        path = get_path(name)
+        t = report_times(path, 20001)
+        total = float(cumulative_lambda(t, path.lipschitz_bound(two_modes(d, s), t))[0])
+        assert total == pytest.approx(d**2 / (8 * s**2), rel=0.05)
+
+
+def test_lambda_grid_has_equal_lambda_steps():
+    t = torch.linspace(1.0, 0.0, 2001, dtype=F64)
+    lipschitz = 1.0 / (0.01 + t)  # Lambda(t) = log((0.01 + t) / 0.01)
+    lam = cumulative_lambda(t, lipschitz)
+    grid = lambda_uniform_grid(t, lam, 4)
+    exact = np.log((0.01 + grid.numpy()) / 0.01)
+    assert np.allclose(np.diff(exact), -exact[0] / 4, rtol=1e-3)
+    assert grid[0] == 1.0 and grid[-1] == 0.0 and (grid[1:] < grid[:-1]).all()
+
+
+def test_uniform_grid_and_union_of_grids():
+    path = get_path("ou", 4.0)
+    assert torch.allclose(uniform_grid(path, 4), torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0], dtype=F64))
+    union = union_times({"a": {1: uniform_grid(path, 1), 2: uniform_grid(path, 2)}, "b": {2: torch.tensor([4.0, 1.5, 0.0], dtype=F64)}})
+    assert union.tolist() == [4.0, 2.0, 1.5, 0.0]
+
+
+def test_teacher_flow_of_one_gaussian_is_linear(gen):
+    """Data N(m, s2 I): the probability-flow map is x_t = a m + sqrt(a^2 s2 + t^2) x_1."""
+    m, s2 = torch.tensor([1.0, -0.5], dtype=F64), 0.2
+    gmm = GaussianMixture.from_covariances([1.0], m[None], [s2])
+    times = torch.tensor([1.0, 0.6, 0.1, 0.0], dtype=F64)
+    x1 = torch.randn(32, 2, generator=gen, dtype=F64)
+    states = teacher_solve(get_path("linear"), gmm, x1, times, tol=1e-10)
+    for x, t in zip(states, times):
+        a = 1 - t
+        assert torch.allclose(x, a * m + torch.sqrt(a**2 * s2 + t**2) * x1, atol=1e-7)
+
+
+def test_measured_lipschitz_of_one_gaussian_is_the_bound(gen):
+    gmm = GaussianMixture.from_covariances([1.0], [[0.0, 0.0]], [0.3])
+    path = get_path("linear")
+    times = torch.tensor([1.0, 0.5, 0.2, 0.0], dtype=F64)
+    states = teacher_solve(path, gmm, torch.randn(8, 2, generator=gen, dtype=F64), times)
+    measured = measured_lipschitz(path, gmm, states, times)
+    assert torch.allclose(measured["mean"], path.lipschitz_bound(gmm, times))
+    assert torch.allclose(measured["max"], measured["mean"])

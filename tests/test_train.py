@@ -1,0 +1,126 @@
+"""The training loop, expert folders and isolation."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
+from ddmkit.data import load_dataset
+from ddmkit.data.partition import partition_data
+from ddmkit.errors import DDMError
+from ddmkit.flow import flow_matching_loss, to_velocity
+from ddmkit.nets import from_pretrained
+from ddmkit.pipeline.jobs import monolith_config, train_expert
+from ddmkit.train import fit
+
+SMALL = ExpertConfig(net=NetConfig(arch="mlp", kwargs={"width": 32, "depth": 1}),
+                     train=TrainConfig(steps=80, batch_size=64, log_every=20))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("part")
+    train, _ = load_dataset("ring8", 800, 10)
+    partition_data(train, 4, root / "p")
+    return root / "p"
+
+
+def test_fit_learns_a_known_velocity():
+    """A single Gaussian N(m, s^2 I): the trained net approaches the closed-form velocity."""
+    from ddmkit.nets import VelocityMLP
+    from ddmkit.truth import GaussianMixture
+
+    g = GaussianMixture.from_covariances([1.0], [[1.5, -0.5]], [0.09])
+    data = g.sample(4000, torch.Generator().manual_seed(0)).float()
+    model = VelocityMLP([2], width=64, depth=2)
+
+    def batch_loss(m, step, gen):
+        idx = torch.randint(0, len(data), (256,), generator=gen)
+        return flow_matching_loss(m, data[idx], gen), {}
+
+    ema, hist = fit(model, batch_loss, TrainConfig(steps=600, batch_size=256, lr=3e-3, ema_decay=0.99))
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    t = torch.rand(500) * 0.9 + 0.05  # evaluate where the path puts mass
+    x = (1 - t[:, None]) * data[:500] + t[:, None] * torch.randn(500, 2)
+    with torch.no_grad():
+        err = (ema(x, t) - g.velocity(x.double(), t.double()).float()).pow(2).sum(1).mean()
+    scale = g.velocity(x.double(), t.double()).pow(2).sum(1).mean()
+    assert float(err) < 0.01 * float(scale)
+
+
+def test_expert_folder_round_trip_and_determinism(shards, tmp_path):
+    shard = shards / "shards" / "cluster_00.safetensors"
+    train_expert(shard, SMALL, tmp_path / "a")
+    train_expert(shard, SMALL, tmp_path / "b")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [20, 40, 60, 80]
+    model, cfg = from_pretrained(tmp_path / "a")
+    assert cfg["role"] == "expert" and cfg["cluster"] == 0 and cfg["time_convention"].startswith("linear")
+    x, t = torch.randn(5, 2), torch.rand(5)
+    model2, _ = from_pretrained(tmp_path / "b")
+    assert torch.equal(model(x, t), model2(x, t))
+    other = SMALL.model_copy(update={"train": SMALL.train.model_copy(update={"seed": 1})})
+    train_expert(shard, other, tmp_path / "c")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
+
+
+def test_expert_job_reads_only_its_shard(shards, tmp_path):
+    """Run the job in a fresh process with an audit hook that records every
+    file opened under the partition folder: only the given shard may appear."""
+    script = textwrap.dedent(f"""
+        import sys, json
+        opened = []
+        root = {str(shards)!r}
+        def hook(event, args):
+            if event == "open" and isinstance(args[0], str) and args[0].startswith(root):
+                opened.append(args[0])
+        sys.addaudithook(hook)
+        from ddmkit.pipeline.jobs import train_expert
+        from ddmkit.config import ExpertConfig
+        cfg = ExpertConfig.model_validate({json.dumps(SMALL.model_dump())!r} and json.loads({json.dumps(json.dumps(SMALL.model_dump()))}))
+        train_expert(root + "/shards/cluster_02.safetensors", cfg, {str(tmp_path / "e")!r})
+        print(json.dumps(sorted(set(opened))))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={"DDMKIT_QUIET": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    opened = json.loads(out.stdout.strip().splitlines()[-1])
+    assert opened == [str(shards / "shards" / "cluster_02.safetensors")]
+    assert (tmp_path / "e" / "model.safetensors").exists()
+
+
+def test_monolith_is_flop_matched():
+    m = monolith_config(SMALL, 8)
+    assert m.train.steps * m.train.batch_size == 8 * SMALL.train.steps * SMALL.train.batch_size
+    assert m.net == SMALL.net
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0"])
+def test_parameterisations_convert_to_velocity(prediction, gen):
+    x, eps = torch.randn(10, 3, generator=gen), torch.randn(10, 3, generator=gen)
+    t = torch.rand(10, generator=gen) * 0.8 + 0.1
+    xt = (1 - t[:, None]) * x + t[:, None] * eps
+    pred = eps if prediction == "epsilon" else x
+    assert torch.allclose(to_velocity(pred, prediction, xt, t), eps - x, atol=1e-5)
+
+
+def test_missing_and_corrupt_weights(shards, tmp_path):
+    train_expert(shards / "shards" / "cluster_01.safetensors", SMALL, tmp_path / "x")
+    weights = tmp_path / "x" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(DDMError, match="corrupt"):
+        from_pretrained(tmp_path / "x")
+    weights.unlink()
+    with pytest.raises(DDMError, match="missing"):
+        from_pretrained(tmp_path / "x")
+
+
+def test_failed_training_leaves_no_folder(tmp_path):
+    with pytest.raises(DDMError):
+        train_expert(tmp_path / "nope.safetensors", SMALL, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
