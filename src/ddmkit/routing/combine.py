@@ -37,36 +37,42 @@ class CallCounter:
 
 
 def combine(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-            counter: CallCounter | None = None) -> torch.Tensor:
-    """sum_k weights[:, k] * experts[k](x, t), evaluating expert k only where weights[:, k] != 0."""
+            counter: CallCounter | None = None, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """sum_k weights[:, k] * experts[k](x, t), evaluating expert k only where weights[:, k] != 0.
+
+    `cond` holds per-row conditioning (e.g. class labels, (B,)); expert k is
+    then called as experts[k](x[rows], t[rows], **{name: c[rows]})."""
     out = torch.zeros_like(x)
     active = weights != 0
     shape = (-1,) + (1,) * (x.dim() - 1)
     for k in active.any(0).nonzero().flatten().tolist():
         rows = active[:, k].nonzero().flatten()
-        v = experts[k](x.index_select(0, rows), t.index_select(0, rows))
+        extra = {name: c.index_select(0, rows) for name, c in (cond or {}).items()}
+        v = experts[k](x.index_select(0, rows), t.index_select(0, rows), **extra)
         out.index_add_(0, rows, v.to(out.dtype) * weights.index_select(0, rows)[:, k].reshape(shape).to(out.dtype))
         if counter is not None:
             counter.add(k, rows.numel())
     return out
 
 
-def combine_dense(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def combine_dense(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                  cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Reference: every expert on every row, then the weighted sum."""
     shape = (-1,) + (1,) * (x.dim() - 1)
-    return sum(weights[:, k].reshape(shape) * experts[k](x, t) for k in range(len(experts)))
+    return sum(weights[:, k].reshape(shape) * experts[k](x, t, **(cond or {})) for k in range(len(experts)))
 
 
 def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: RoutingState,
-                    counter: CallCounter | None = None) -> Field:
-    """The DDM's velocity field for a solver: route, combine, remember x0_hat."""
+                    counter: CallCounter | None = None, cond: dict[str, torch.Tensor] | None = None) -> Field:
+    """The DDM's velocity field for a solver: route, combine, remember x0_hat.
+    `cond` (per-row conditioning, e.g. class labels) is passed to the experts only."""
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         probs = router(x, t)
         if counter is not None:
             counter.router_calls += 1
         w = strategy.weights(probs, state)
-        v = combine(experts, w, x, t, counter)
+        v = combine(experts, w, x, t, counter, cond)
         state.x0_hat = x0_from_velocity(v, x, t)
         state.extra["last_weights"] = w
         return v
