@@ -7,6 +7,7 @@ the number of velocity evaluations.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -31,15 +32,25 @@ def sample_field(velocity, x1: torch.Tensor, steps: int, solver: str, callback=N
     return get_solver(solver)(velocity, x1, ts, callback=callback)
 
 
+def _autocast(device, dtype: str | None):
+    """bf16 (or fp16) autocast for the network calls when asked; a no-op otherwise."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
+
+
 def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
-               device="cpu", x1: torch.Tensor | None = None, callback=None) -> tuple[torch.Tensor, dict]:
+               device="cpu", x1: torch.Tensor | None = None, callback=None, router_every: int = 1,
+               autocast: str | None = None) -> tuple[torch.Tensor, dict]:
+    """router_every = m reuses the routing for m velocity evaluations (1: route every time);
+    autocast = "bfloat16" runs the networks under autocast (the state stays in float32)."""
     strat = parse_strategy(strategy)
     x1 = start_noise(n, ddm.data_shape, seed, device) if x1 is None else x1
     gen = torch.Generator(device=x1.device).manual_seed(seed + 1)
     state = RoutingState(generator=gen, prior=ddm.prior, nearest=ddm.nearest)
     counter = CallCounter()
     nfe = [0]
-    field = routed_velocity(ddm.experts, ddm.router, strat, state, counter)
+    field = routed_velocity(ddm.experts, ddm.router, strat, state, counter, router_every=router_every)
 
     def counted(x, t):
         nfe[0] += 1
@@ -47,7 +58,8 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
 
     _sync(device)
     start = time.perf_counter()
-    x0 = sample_field(counted, x1, steps, solver, callback)
+    with _autocast(device, autocast):
+        x0 = sample_field(counted, x1, steps, solver, callback)
     _sync(device)
     wall = time.perf_counter() - start
     return x0, {"strategy": strategy, "expert_calls_per_sample": counter.total_rows / len(x1),

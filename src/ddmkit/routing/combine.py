@@ -3,8 +3,19 @@
     v(x, t) = sum_k w_k(x, t) v_k(x, t)
 
 with w = strategy(router(x, t)). Each expert is evaluated only on the rows
-that give it non-zero weight: one gather, one call per active expert, one
-weighted scatter-add. The router is called once per velocity evaluation.
+that give it non-zero weight, grouped by expert:
+
+    1. plan:    the (row, expert) pairs with non-zero weight, sorted by expert,
+                and how many rows each expert gets (the one host sync: the
+                group sizes decide the shapes of the expert calls);
+    2. gather:  one index_select of x, t and the conditioning in that order;
+    3. experts: one call per active expert on its contiguous slice;
+    4. scatter: one weighted index_add_ of all outputs back to their rows.
+
+The router is called once per velocity evaluation, or once every
+`router_every` evaluations (the routing is then reused in between, with no
+router call and no host sync). The strategy "full" takes a dense path with
+no plan and so no host sync at all.
 """
 from __future__ import annotations
 
@@ -17,6 +28,7 @@ from ddmkit.flow.path import x0_from_velocity
 from ddmkit.routing.strategies import RoutingState
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Cond = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -36,43 +48,112 @@ class CallCounter:
         return sum(self.expert_rows)
 
 
+@dataclass(frozen=True)
+class DispatchPlan:
+    """The non-zero (row, expert) pairs of a weight matrix, grouped by expert.
+
+    Pairs experts[j] are the slice of `rows` and `weights` of length counts[j],
+    the slices laid end to end in the order of `experts` (ascending)."""
+
+    rows: torch.Tensor  # (P,) row index of each pair
+    weights: torch.Tensor  # (P,) weight of each pair
+    experts: list[int]  # the active experts
+    counts: list[int]  # rows per active expert, > 0
+
+
+def make_plan(weights: torch.Tensor) -> DispatchPlan:
+    """Group the non-zero entries of weights (B, K) by expert: one host sync."""
+    active = weights != 0
+    per_expert = active.sum(0).tolist()  # the host sync
+    pairs = torch.nonzero_static(active.T, size=sum(per_expert))  # (P, 2) = (expert, row), expert-major
+    rows = pairs[:, 1]
+    return DispatchPlan(rows=rows, weights=weights[rows, pairs[:, 0]],
+                        experts=[k for k, n in enumerate(per_expert) if n], counts=[n for n in per_expert if n])
+
+
+def _column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) to broadcast against `like`, in its dtype."""
+    return v.reshape((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
+
+
+def _split_cond(cond: Cond | None, rows: torch.Tensor, counts: list[int]) -> list[Cond]:
+    """The conditioning gathered once in plan order, then cut into one dict per active expert."""
+    parts = {name: c.index_select(0, rows).split(counts) for name, c in (cond or {}).items()}
+    return [{name: p[j] for name, p in parts.items()} for j in range(len(counts))]
+
+
+def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t: torch.Tensor,
+               counter: CallCounter | None = None, cond: Cond | None = None) -> torch.Tensor:
+    """One gather, one call per active expert, one weighted scatter-add."""
+    if not plan.experts:
+        return torch.zeros_like(x)
+    xs = x.index_select(0, plan.rows).split(plan.counts)
+    ts = t.index_select(0, plan.rows).split(plan.counts)
+    conds = _split_cond(cond, plan.rows, plan.counts)
+    outs = [experts[k](xk, tk, **ck) for k, xk, tk, ck in zip(plan.experts, xs, ts, conds)]
+    if counter is not None:
+        for k, n in zip(plan.experts, plan.counts):
+            counter.add(k, n)
+    v = torch.cat(outs).to(x.dtype) * _column(plan.weights, x)
+    return torch.zeros_like(x).index_add_(0, plan.rows, v)
+
+
 def combine(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-            counter: CallCounter | None = None, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+            counter: CallCounter | None = None, cond: Cond | None = None) -> torch.Tensor:
     """sum_k weights[:, k] * experts[k](x, t), evaluating expert k only where weights[:, k] != 0.
 
     `cond` holds per-row conditioning (e.g. class labels, (B,)); expert k is
     then called as experts[k](x[rows], t[rows], **{name: c[rows]})."""
-    out = torch.zeros_like(x)
-    active = weights != 0
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    for k in active.any(0).nonzero().flatten().tolist():
-        rows = active[:, k].nonzero().flatten()
-        extra = {name: c.index_select(0, rows) for name, c in (cond or {}).items()}
-        v = experts[k](x.index_select(0, rows), t.index_select(0, rows), **extra)
-        out.index_add_(0, rows, v.to(out.dtype) * weights.index_select(0, rows)[:, k].reshape(shape).to(out.dtype))
-        if counter is not None:
-            counter.add(k, rows.numel())
-    return out
+    return apply_plan(experts, make_plan(weights), x, t, counter, cond)
 
 
 def combine_dense(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-                  cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Reference: every expert on every row, then the weighted sum."""
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    return sum(weights[:, k].reshape(shape) * experts[k](x, t, **(cond or {})) for k in range(len(experts)))
+                  cond: Cond | None = None, counter: CallCounter | None = None) -> torch.Tensor:
+    """Every expert on every row, then the weighted sum: the reference, the
+    naive implementation, and the no-sync path of the strategy "full"."""
+    out = torch.zeros_like(x)
+    for k, expert in enumerate(experts):
+        out = out + _column(weights[:, k], x) * expert(x, t, **(cond or {})).to(x.dtype)
+        if counter is not None:
+            counter.add(k, len(x))
+    return out
+
+
+def _is_dense(strategy) -> bool:
+    return getattr(strategy, "name", None) == "full"
 
 
 def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: RoutingState,
-                    counter: CallCounter | None = None, cond: dict[str, torch.Tensor] | None = None) -> Field:
+                    counter: CallCounter | None = None, cond: Cond | None = None,
+                    router_every: int = 1) -> Field:
     """The DDM's velocity field for a solver: route, combine, remember x0_hat.
-    `cond` (per-row conditioning, e.g. class labels) is passed to the experts only."""
 
-    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    `cond` (per-row conditioning, e.g. class labels) is passed to the experts only.
+    `router_every` = m calls the router (and applies the strategy and plans the
+    dispatch) on evaluations 0, m, 2m, ... and reuses that routing in between;
+    m = 1 (the default) routes at every evaluation."""
+    if router_every < 1:
+        raise ValueError(f"router_every must be >= 1, got {router_every}")
+    dense = _is_dense(strategy)
+    memory: dict = {"calls": 0}
+
+    def route(x: torch.Tensor, t: torch.Tensor) -> None:
         probs = router(x, t)
         if counter is not None:
             counter.router_calls += 1
         w = strategy.weights(probs, state)
-        v = combine(experts, w, x, t, counter, cond)
+        memory["weights"] = w
+        memory["plan"] = None if dense else make_plan(w)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if memory["calls"] % router_every == 0:
+            route(x, t)
+        memory["calls"] += 1
+        w, plan = memory["weights"], memory["plan"]
+        if plan is None:
+            v = combine_dense(experts, w, x, t, cond, counter)
+        else:
+            v = apply_plan(experts, plan, x, t, counter, cond)
         state.x0_hat = x0_from_velocity(v, x, t)
         state.extra["last_weights"] = w
         return v

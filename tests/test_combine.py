@@ -1,0 +1,125 @@
+"""The sparse combiner: exact against the dense reference, no work on zero-weight rows, router reuse."""
+import pytest
+import torch
+
+from ddmkit.routing import CallCounter, RoutingState, combine, combine_dense, parse_strategy, routed_velocity
+from ddmkit.routing.combine import make_plan
+from ddmkit.sample import sample_euler, time_grid
+
+ALL = ["full", "top-1", "top-2", "top-3", "threshold-0.1", "sample-1", "sample-2@0.5", "nucleus-0.9",
+       "switch", "oracle", "nearest"]
+K, B, D = 5, 300, 4
+
+
+def linear_experts(gen, calls):
+    """Expert i: x @ M_i + (i + 1) t + label; counts the rows it is called on."""
+    mats = [torch.randn(D, D, generator=gen, dtype=torch.float64) for _ in range(K)]
+
+    def make(i):
+        def f(x, t, label=None):
+            calls[i] += len(x)
+            out = x @ mats[i] + t[:, None] * (i + 1)
+            return out if label is None else out + label[:, None]
+        return f
+
+    return [make(i) for i in range(K)]
+
+
+def router(x, t):
+    return torch.softmax(torch.sin(x[:, :1] * torch.arange(1, K + 1, dtype=x.dtype)) * 3 + t[:, None], dim=1)
+
+
+def routing_state(seed):
+    return RoutingState(generator=torch.Generator().manual_seed(seed), prior=torch.full((K,), 1 / K),
+                        nearest=lambda x: (x[:, 0].abs() * 7).long() % K)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sparse_equals_dense_with_conditioning_and_skips_zero_rows(name):
+    gen = torch.Generator().manual_seed(1)
+    calls = [0] * K
+    experts = linear_experts(gen, calls)
+    x, t = torch.randn(B, D, generator=gen, dtype=torch.float64), torch.rand(B, generator=gen, dtype=torch.float64)
+    label = torch.randint(0, 10, (B,), generator=gen).double()
+    st = routing_state(2)
+    st.x0_hat = x
+    w = parse_strategy(name).weights(router(x, t), st)
+    w[::7] = 0  # rows with no expert at all get zero and cost nothing
+    counter = CallCounter()
+    sparse = combine(experts, w, x, t, counter, cond={"label": label})
+    assert sum(calls) == int((w != 0).sum()) == counter.total_rows
+    dense = combine_dense(experts, w, x, t, cond={"label": label})
+    assert torch.allclose(sparse, dense, atol=1e-6, rtol=0)
+
+
+def test_each_expert_sees_exactly_its_rows():
+    w = torch.tensor([[0.5, 0.5, 0], [0, 0, 1.0], [0, 1.0, 0], [0.2, 0, 0.8]])
+    seen = {}
+
+    def make(i):
+        def f(x, t):
+            seen[i] = x[:, 0].tolist()
+            return x
+        return f
+
+    x = torch.arange(4.0)[:, None]
+    combine([make(i) for i in range(3)], w, x, torch.zeros(4))
+    assert seen == {0: [0.0, 3.0], 1: [0.0, 2.0], 2: [1.0, 3.0]}
+
+
+def test_plan_groups_pairs_by_expert():
+    w = torch.tensor([[0, 0.3, 0.7], [1.0, 0, 0], [0, 0.4, 0.6]])
+    plan = make_plan(w)
+    assert plan.experts == [0, 1, 2] and plan.counts == [1, 2, 2]
+    assert plan.rows.tolist() == [1, 0, 2, 0, 2]
+    assert torch.allclose(plan.weights, torch.tensor([1.0, 0.3, 0.4, 0.7, 0.6]))
+
+
+def test_a_batch_with_no_weight_calls_nothing():
+    calls = [0] * K
+    experts = linear_experts(torch.Generator().manual_seed(0), calls)
+    out = combine(experts, torch.zeros(3, K), torch.ones(3, D, dtype=torch.float64), torch.ones(3))
+    assert sum(calls) == 0 and (out == 0).all()
+
+
+def sample(name, router_every, steps=8):
+    gen = torch.Generator().manual_seed(3)
+    calls = [0] * K
+    experts = [lambda x, t, f=f: 0.1 * f(x, t) for f in linear_experts(gen, calls)]
+    counter = CallCounter()
+    field = routed_velocity(experts, router, parse_strategy(name), routing_state(4), counter, router_every=router_every)
+    x1 = torch.randn(64, D, generator=gen, dtype=torch.float64)
+    return sample_euler(field, x1, time_grid(steps, dtype=torch.float64)), counter
+
+
+@pytest.mark.parametrize("name", ["top-2", "full", "switch"])
+def test_router_reuse_every_1_equals_plain(name):
+    gen = torch.Generator().manual_seed(3)
+    calls = [0] * K
+    experts = [lambda x, t, f=f: 0.1 * f(x, t) for f in linear_experts(gen, calls)]
+    x1 = torch.randn(64, D, generator=gen, dtype=torch.float64)
+    plain = routed_velocity(experts, router, parse_strategy(name), routing_state(4))
+    reuse = routed_velocity(experts, router, parse_strategy(name), routing_state(4), router_every=1)
+    ts = time_grid(8, dtype=torch.float64)
+    assert torch.equal(sample_euler(plain, x1, ts), sample_euler(reuse, x1, ts))
+
+
+def test_router_reuse_every_m_calls_the_router_once_per_m_steps():
+    x_reuse, counter = sample("top-2", router_every=3, steps=8)
+    x_plain, plain = sample("top-2", router_every=1, steps=8)
+    assert counter.router_calls == 3 and plain.router_calls == 8
+    assert counter.total_rows == plain.total_rows == 8 * 64 * 2
+    assert (x_reuse - x_plain).abs().max() < 0.5  # close, not equal: the routing is held for 3 steps
+
+
+def test_full_takes_the_dense_path_and_equals_the_sparse_one():
+    gen = torch.Generator().manual_seed(5)
+    experts = linear_experts(gen, [0] * K)
+    x, t = torch.randn(B, D, generator=gen, dtype=torch.float64), torch.rand(B, generator=gen, dtype=torch.float64)
+    field = routed_velocity(experts, router, parse_strategy("full"), RoutingState())
+    assert torch.allclose(field(x, t), combine(experts, router(x, t), x, t), atol=1e-12)
+
+
+def test_router_every_must_be_positive():
+    with pytest.raises(ValueError, match="router_every"):
+        routed_velocity([], router, parse_strategy("top-1"), RoutingState(), router_every=0)
