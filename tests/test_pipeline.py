@@ -157,3 +157,14 @@ def test_router_expert_mismatch_and_corrupt_weights(tiny_run, tmp_path):
     (copy / "experts" / "expert_01" / "model.safetensors").write_bytes(b"\x00" * 10)
     r = cli("sample", copy, "--strategy", "top-1")
     assert r.returncode == 2 and "expert_01" in r.stderr and "corrupt" in r.stderr
+
+
+def test_data_without_closed_form_truth(tmp_path):
+    """Two moons: no exact experts, no NLL; distances against held-out data still work."""
+    cfg = load_config(TINY)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"name": "moons"}),
+                                 "sample": cfg.sample.model_copy(update={"strategies": ["top-1", "full"]})})
+    result = run_pipeline(cfg, tmp_path / "m", log=lambda m: None)
+    assert set(result["rows"]) == {"top-1", "full"}
+    assert "nll" not in result["rows"]["full"] and result["rows"]["full"]["w2"] > 0
+    assert (tmp_path / "m" / "plots" / "samples.png").exists()
