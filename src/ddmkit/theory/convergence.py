@@ -50,6 +50,7 @@ class ConvergenceSettings:
     samplers: tuple[str, ...] = ("euler:full", "euler:top-2", "euler:switch",
                                  "heun:full", "heun:top-2", "heun:switch")
     samples: int = 2000
+    sweep_samples: int = 1000
     sweep_steps: tuple[int, ...] = (16, 64, 256, 1024)
     eps_values: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3)
     temperatures: tuple[float, ...] = (1.0, 1.1, 1.25, 1.5, 2.0)
@@ -179,7 +180,7 @@ def integrated_disagreement(problem: Problem, noise: torch.Tensor, times: int = 
 def error_sweep(s: ConvergenceSettings, problems: list[tuple[float, Problem]], samplers, steps, log=print) -> list[dict]:
     """Pathwise RMS error for each (value, problem) x sampler x N, from one shared noise."""
     g = torch.Generator().manual_seed(s.seed + 1)
-    noise = torch.randn(s.samples, 2, generator=g, dtype=torch.float64)
+    noise = torch.randn(min(s.samples, s.sweep_samples), 2, generator=g, dtype=torch.float64)
     rows = []
     exact_by_gmm: dict[int, torch.Tensor] = {}
     for value, problem in problems:
@@ -319,12 +320,14 @@ def findings(results: dict) -> list[str]:
         fit = r["pathwise_fit"]
         expected = EXPECTED_SLOPE.get(name)
         if expected is None:
-            notes.append(f"{name}: slope {slope_text(fit)}; a truncated router is biased, so the error levels off "
+            notes.append(f"{name}: pathwise slope {slope_text(fit)}; a truncated router is biased, so the error levels off "
                          f"at {r['pathwise_rms'][-1]:.3g} instead of vanishing.")
             continue
-        agrees = fit["ci_low"] <= expected <= fit["ci_high"]
-        notes.append(f"{name}: slope {slope_text(fit)}, theory {expected:g}: "
-                     + ("the interval contains it." if agrees else "the interval does NOT contain it."))
+        inside, close = fit["ci_low"] <= expected <= fit["ci_high"], abs(fit["slope"] - expected) <= 0.1
+        verdict = ("agrees (the interval contains it)" if inside else
+                   "agrees within 0.1, though the interval excludes it (curvature beyond a pure power)" if close else
+                   "DISAGREES over this range of N")
+        notes.append(f"{name}: pathwise slope {slope_text(fit)}, theory {expected:g}: {verdict}.")
     eps_rows = [r for r in results["eps_sweep"] if r["value"] > 0]
     for sampler in {r["sampler"] for r in eps_rows}:
         mine = sorted((r for r in eps_rows if r["sampler"] == sampler), key=lambda r: r["value"])
@@ -336,4 +339,15 @@ def findings(results: dict) -> list[str]:
     ratios = [r["pathwise_rms"] / r["predicted"] for r in rows]
     notes.append(f"switching error / sqrt(Q/N) ranges {min(ratios):.2f} to {max(ratios):.2f} over radii "
                  f"{sorted({r['radius'] for r in rows})}: the error grows with expert disagreement Q.")
+    for radius in sorted({r["radius"] for r in rows}):
+        mine = [r for r in rows if r["radius"] == radius]
+        slope = loglog_slope([r["steps"] for r in mine], [r["pathwise_rms"] for r in mine])[0]
+        notes.append(f"euler:switch at radius {radius:g} (Q = {mine[0]['Q']:.2f}): error ~ N^{slope:.2f}.")
+    grid = results["grid"]
+    floor = grid["w2_floor"]
+    for name, r in grid["samplers"].items():
+        if max(r["w2"]) < 2 * floor and max(r["pathwise_rms"]) > 2 * floor:
+            notes.append(f"{name}: W2 stays within twice the noise floor ({floor:.3f}) at every N "
+                         f"(max {max(r['w2']):.3f}) while the pathwise error reaches {max(r['pathwise_rms']):.3g}: "
+                         "the law is far more accurate than the coupling, and no W2 rate can be fitted here.")
     return notes

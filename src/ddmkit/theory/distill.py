@@ -45,12 +45,12 @@ class DistillSettings:
     lipschitz_times: int = 121
     n_train: int = 8192
     n_test: int = 2048
-    train_steps: int = 1000
+    train_steps: int = 500
     batch_size: int = 256
     lr: float = 3e-3
     width: int = 64
     depth: int = 2
-    seeds: int = 2  # students trained per grid, errors averaged
+    seeds: int = 1  # students trained per grid, errors averaged
     scaling_separations: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     scaling_widths: tuple[float, ...] = (0.4, 0.2, 0.1, 0.05)
     seed: int = 0
