@@ -1,0 +1,306 @@
+"""Routed sampling speed: sparse strategies against the full ensemble, a monolith,
+the naive combiner and the per-sample loop of the papers' pseudocode, in one run.
+
+    PYTHONPATH=src python benchmarks/sampling.py --quick        # K = 8, CPU, MLP experts, under 2 minutes
+    PYTHONPATH=src python benchmarks/sampling.py                # K = 4, 8, 16; batch 256 .. 8192; CPU
+    PYTHONPATH=src python benchmarks/sampling.py --device cuda --experts unet --bf16 --compile
+
+Every cell is milliseconds per Euler step (router + strategy + experts + update),
+the median of --repeats timed runs of --steps steps. The methods are
+interleaved inside each repeat, so load drift on a shared machine hits all of
+them alike and the ratios stay fair. The networks have random weights: speed
+does not depend on what they learned, only on how rows spread over experts.
+
+Methods:
+    top-1, top-2, full, sample-2, switch   ddmkit.routing.routed_velocity (the sparse combiner)
+    top-2 m=4                              the same, routing reused for 4 steps (router_every=4)
+    monolith                               one network of one expert's size on every row
+    naive top-2                            every expert on every row, then weighted (top-2 weights)
+    loop top-2                             per sample: route, then call each chosen expert on that one
+                                           row (timed on --loop-rows rows, scaled to the batch)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from ddmkit.nets.mlp import RouterMLP, VelocityMLP
+from ddmkit.routing.combine import CallCounter, combine, combine_dense, routed_velocity
+from ddmkit.routing.strategies import RoutingState, parse_strategy
+from ddmkit.sample.solvers import sample_euler, time_grid
+
+ROUTED = ["top-1", "top-2", "full", "sample-2", "switch"]
+
+
+# ---------------------------------------------------------------- networks
+
+def build_nets(kind: str, k: int, args, device) -> tuple[list, torch.nn.Module, tuple[int, ...]]:
+    """K experts, one router, the data shape; random weights, eval mode, on device."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        shape = (args.dim,)
+        experts = [VelocityMLP(list(shape), width=args.width, depth=args.depth) for _ in range(k)]
+        router = RouterMLP(list(shape), k, width=args.router_width, depth=1)
+    else:
+        from convnets import ConvRouter, ConvUNet
+        shape = (3, args.image, args.image)
+        experts = [ConvUNet(3, width=args.width) for _ in range(k)]
+        router = ConvRouter(3, k)
+    return [e.to(device).eval() for e in experts], router.to(device).eval(), shape
+
+
+def as_field(net):
+    return lambda x, t: net(x, t)
+
+
+def as_router(net):
+    return lambda x, t: torch.softmax(net(x, t).float(), dim=1)
+
+
+def flops_per_row(net, shape, device) -> float:
+    """Forward FLOPs for one row, counted by PyTorch's FlopCounterMode on a batch of 8."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, t = torch.randn(8, *shape, device=device), torch.rand(8, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(x, t)
+    return fc.get_total_flops() / 8
+
+
+# ---------------------------------------------------------------- methods
+# Each method runs `steps` Euler steps from x1 and returns the expert rows it evaluated.
+
+def routed_method(experts, router, strategy: str, router_every: int = 1):
+    def run(x1, ts):
+        counter = CallCounter()
+        state = RoutingState(generator=torch.Generator(device=x1.device).manual_seed(1))
+        field = routed_velocity(experts, router, parse_strategy(strategy), state, counter, router_every=router_every)
+        sample_euler(field, x1, ts)
+        return counter.total_rows
+    return run
+
+
+def naive_method(experts, router, strategy: str):
+    strat = parse_strategy(strategy)
+
+    def run(x1, ts):
+        counter = CallCounter()
+        state = RoutingState(generator=torch.Generator(device=x1.device).manual_seed(1))
+        sample_euler(lambda x, t: combine_dense(experts, strat.weights(router(x, t), state), x, t, counter=counter),
+                     x1, ts)
+        return counter.total_rows
+    return run
+
+
+def monolith_method(net):
+    def run(x1, ts):
+        sample_euler(net, x1, ts)
+        return len(x1) * (len(ts) - 1)
+    return run
+
+
+def loop_velocity(experts, router, strat, state, x, t, counter):
+    """The papers' pseudocode: for each sample, route it, then add each chosen expert's velocity."""
+    out = torch.zeros_like(x)
+    for i in range(len(x)):
+        xi, ti = x[i:i + 1], t[i:i + 1]
+        w = strat.weights(router(xi, ti), state)[0]
+        for k, expert in enumerate(experts):
+            if w[k] > 0:
+                out[i] += (w[k] * expert(xi, ti)[0]).to(out.dtype)
+                counter.add(k, 1)
+    return out
+
+
+def loop_method(experts, router, strategy: str):
+    strat = parse_strategy(strategy)
+
+    def run(x1, ts):
+        counter = CallCounter()
+        state = RoutingState(generator=torch.Generator(device=x1.device).manual_seed(1))
+        sample_euler(lambda x, t: loop_velocity(experts, router, strat, state, x, t, counter), x1, ts)
+        return counter.total_rows
+    return run
+
+
+# ---------------------------------------------------------------- timing
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(run, x1, ts, device, precision) -> tuple[float, int]:
+    """(seconds per step, expert rows per step) of one run."""
+    sync(device)
+    start = time.perf_counter()
+    with precision():
+        rows = run(x1, ts)
+    sync(device)
+    steps = len(ts) - 1
+    return (time.perf_counter() - start) / steps, rows / steps
+
+
+def time_methods(methods: dict, x1, ts, repeats: int, device, precision) -> dict[str, tuple[float, float]]:
+    """Median seconds per step and expert evaluations per sample per step, methods interleaved."""
+    for run in methods.values():
+        timed(run, x1, ts, device, precision)  # warm-up
+    seconds = {name: [] for name in methods}
+    rows = {}
+    for _ in range(repeats):
+        for name, run in methods.items():
+            s, rows[name] = timed(run, x1, ts, device, precision)
+            seconds[name].append(s)
+    return {name: (statistics.median(seconds[name]), rows[name] / len(x1)) for name in methods}
+
+
+def time_loop(experts, router, x1, ts, args, device, precision) -> tuple[float, float]:
+    """Per-sample loop on the first --loop-rows rows, one step, scaled to the whole batch."""
+    n = min(len(x1), args.loop_rows)
+    run = loop_method(experts, router, "top-2")
+    one_step = ts[:2]
+    timed(run, x1[:2], one_step, device, precision)  # warm-up
+    s, rows = min(timed(run, x1[:n], one_step, device, precision) for _ in range(2))
+    return s * len(x1) / n, rows / n
+
+
+# ---------------------------------------------------------------- one configuration
+
+def check_sparse_equals_dense(experts, router, shape, device) -> float:
+    """Max |sparse - dense| / max |dense| on the real networks, top-2, float32."""
+    x, t = torch.randn(256, *shape, device=device), torch.rand(256, device=device)
+    with torch.no_grad():
+        w = parse_strategy("top-2").weights(router(x, t), RoutingState())
+        sparse, dense = combine(experts, w, x, t), combine_dense(experts, w, x, t)
+    return float((sparse - dense).abs().max() / dense.abs().max())
+
+
+def measure(k: int, batches: list[int], args, device, precision) -> list[dict]:
+    nets, router_net, shape = build_nets(args.experts, k, args, device)
+    experts, router = [as_field(e) for e in nets], as_router(router_net)
+    monolith = as_field(build_nets(args.experts, 1, args, device)[0][0])
+    err = check_sparse_equals_dense(experts, router, shape, device)
+    ratio = flops_per_row(router_net, shape, device) / flops_per_row(nets[0], shape, device)
+    print(f"\nK = {k}: sparse vs dense max rel. error {err:.1e}; router FLOPs / expert FLOPs = {ratio:.3f}", flush=True)
+    methods = {name: routed_method(experts, router, name) for name in ROUTED}
+    methods["top-2 m=4"] = routed_method(experts, router, "top-2", router_every=4)
+    methods["monolith"] = monolith_method(monolith)
+    methods["naive top-2"] = naive_method(experts, router, "top-2")
+    ts = time_grid(args.steps).to(device)
+    results = []
+    for b in batches:
+        x1 = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b)).to(device)
+        row = {"K": k, "batch": b, **{n: v for n, v in time_methods(methods, x1, ts, args.repeats, device, precision).items()}}
+        row["loop top-2"] = time_loop(experts, router, x1, ts, args, device, precision)
+        results.append(row)
+        print(f"  batch {b}: top-2 {row['top-2'][0] * 1e3:.1f} ms, full {row['full'][0] * 1e3:.1f} ms", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------- tables
+
+COLUMNS = ROUTED + ["top-2 m=4", "monolith", "naive top-2", "loop top-2"]
+
+
+def print_tables(results: list[dict]) -> None:
+    for k in sorted({r["K"] for r in results}):
+        rows = [r for r in results if r["K"] == k]
+        print(f"\n### K = {k}: ms per Euler step (median)\n")
+        print("| batch | " + " | ".join(COLUMNS) + " | top-2/full | top-1/monolith | naive/top-2 | loop/top-2 |")
+        print("|" + "---:|" * (len(COLUMNS) + 5))
+        for r in rows:
+            ms = [f"{r[c][0] * 1e3:.2f}" for c in COLUMNS]
+            sec = {c: r[c][0] for c in COLUMNS}
+            ratios = [sec["top-2"] / sec["full"], sec["top-1"] / sec["monolith"],
+                      sec["naive top-2"] / sec["top-2"], sec["loop top-2"] / sec["top-2"]]
+            print(f"| {r['batch']} | " + " | ".join(ms) + " | " + " | ".join(f"{v:.2f}" for v in ratios) + " |")
+        evals = {c: statistics.mean(r[c][1] for r in rows) for c in COLUMNS}
+        print("\nexpert evaluations per sample per step: " + ", ".join(f"{c} {v:.2f}" for c, v in evals.items()))
+
+
+# ---------------------------------------------------------------- torch.compile (GPU)
+
+def measure_compiled(k: int, batches: list[int], args, device, precision) -> None:
+    """top-2, full and monolith with each network under torch.compile (dynamic shapes)."""
+    nets, router_net, shape = build_nets(args.experts, k, args, device)
+    mono = build_nets(args.experts, 1, args, device)[0][0]
+    start = time.perf_counter()
+    compiled = [torch.compile(n, dynamic=True) for n in nets]
+    router = as_router(torch.compile(router_net, dynamic=True))
+    experts = [as_field(c) for c in compiled]
+    methods = {"top-2": routed_method(experts, router, "top-2"), "full": routed_method(experts, router, "full"),
+               "monolith": monolith_method(as_field(torch.compile(mono, dynamic=True)))}
+    ts = time_grid(args.steps).to(device)
+    print(f"\n### K = {k}, networks under torch.compile(dynamic=True): ms per Euler step\n")
+    print("| batch | top-2 | full | monolith | top-2/full |")
+    print("|---:|---:|---:|---:|---:|")
+    for b in batches:
+        x1 = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b)).to(device)
+        r = time_methods(methods, x1, ts, args.repeats, device, precision)
+        print(f"| {b} | {r['top-2'][0] * 1e3:.2f} | {r['full'][0] * 1e3:.2f} | {r['monolith'][0] * 1e3:.2f} | "
+              f"{r['top-2'][0] / r['full'][0]:.2f} |", flush=True)
+    print(f"(compile and all timings: {time.perf_counter() - start:.0f} s)")
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="K = 8, batch 256..4096, CPU: a check in under 2 minutes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--experts", choices=["mlp", "unet"], default="mlp")
+    p.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096, 8192])
+    p.add_argument("--steps", type=int, default=2, help="Euler steps per timed run")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--loop-rows", type=int, default=48, help="rows the per-sample loop is timed on")
+    p.add_argument("--dim", type=int, default=64, help="MLP data dimension")
+    p.add_argument("--width", type=int, default=None, help="expert width (MLP 128, UNet 64)")
+    p.add_argument("--depth", type=int, default=3, help="MLP residual blocks")
+    p.add_argument("--router-width", type=int, default=32, help="MLP router width (one block)")
+    p.add_argument("--image", type=int, default=32, help="UNet image side")
+    p.add_argument("--bf16", action="store_true", help="networks under bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="also time K = 8 with torch.compile'd networks")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (1: on a loaded machine more threads spin against other jobs)")
+    p.add_argument("--json", help="write the raw results here")
+    args = p.parse_args()
+    if args.quick:
+        args.device, args.ks, args.batches = "cpu", [8], [256, 1024, 4096]
+    args.width = args.width or (128 if args.experts == "mlp" else 64)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    precision = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"# sampling benchmark: {name}; torch {torch.__version__}; experts {args.experts} width {args.width}; "
+          f"bf16 {args.bf16}; {args.steps} steps x {args.repeats} repeats; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    start = time.perf_counter()
+    results = []
+    with torch.no_grad():
+        for k in args.ks:
+            results += measure(k, args.batches, args, device, precision)
+        print_tables(results)
+        if args.compile:
+            try:
+                measure_compiled(8, [b for b in args.batches if b >= 1024], args, device, precision)
+            except Exception as e:  # a compile failure must not lose the tables above
+                print(f"torch.compile failed: {type(e).__name__}: {str(e)[:300]}")
+    print(f"\ntotal {time.perf_counter() - start:.0f} s", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
