@@ -123,3 +123,24 @@ def test_cli(tmp_path):
     assert rows[0]["kl_max"] < 1e-6
     result = runner.invoke(app, ["run", str(tmp_path / "missing.toml")])
     assert result.exit_code == 2 and "does not exist" in " ".join(result.output.split())
+
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["text_ar", "text_dfm"])
+def test_shipped_configs_are_valid(name):
+    assert is_text_config(CONFIGS / f"{name}.toml")
+    assert load_text_config(CONFIGS / f"{name}.toml").kind == name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["text_ar", "text_dfm"])
+def test_shipped_configs_run(name, tmp_path):
+    """The default size on the Python standard library (about 4 minutes on 2 cores)."""
+    report = run_text(CONFIGS / f"{name}.toml", tmp_path / name)
+    bpb = report["bits_per_byte"]
+    assert bpb["centralized"]["all"] < 6.0 and bpb["own expert (true cluster)"]["all"] < 6.0
+    best = max(report["router_accuracy"]["learned"].values())
+    assert best > 1.0 / report["k"]  # better than chance
+    assert report["seconds"]["total"] < 600
