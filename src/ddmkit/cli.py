@@ -44,20 +44,15 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
               seed: Optional[int] = typer.Option(None, help="seed for data and k-means (overrides config)"),
               force: bool = typer.Option(False, help="replace a folder that holds a different run")):
     """Load the data, cluster it into K shards, write shards and a manifest."""
+    from ddmkit.config import RunConfig, validate
     from ddmkit.pipeline.run import prepare_run_dir, stage_data, stage_partition
 
-    cfg = _config(config)
-    upd = {}
+    cfg = _config(config).with_seed(seed).model_dump()
     if data is not None:
-        upd["data"] = cfg.data.model_copy(update={"name": data})
-    if k is not None or seed is not None:
-        upd["partition"] = cfg.partition.model_copy(update={kk: v for kk, v in (("k", k), ("seed", seed)) if v is not None})
-    if seed is not None:
-        upd.setdefault("data", cfg.data).__dict__["seed"] = seed
-    cfg = cfg.model_copy(update=upd)
-    from ddmkit.config import RunConfig, validate
-
-    cfg = validate(RunConfig, cfg.model_dump(), "options")
+        cfg["data"]["name"] = data
+    if k is not None:
+        cfg["partition"]["k"] = k
+    cfg = validate(RunConfig, cfg, "options")
     run = prepare_run_dir(out, cfg, force)
     stage_data(cfg, run, log)
     stage_partition(cfg, run, log)
@@ -66,34 +61,47 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
 @app.command("train-expert")
 def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g. RUN/partition/shards/cluster_03.safetensors"),
                      out: Path = typer.Option(..., "--out", help="expert folder to write"),
-                     config: Optional[Path] = typer.Option(None, help="TOML config whose [expert] section is used"),
-                     seed: Optional[int] = typer.Option(None, help="training seed (overrides config)")):
+                     config: Optional[Path] = typer.Option(None, help="TOML config (or a run's config.json) whose [expert] section is used"),
+                     seed: Optional[int] = typer.Option(None, help="training seed (overrides config)"),
+                     checkpoint_every: Optional[int] = typer.Option(None, help="write a checkpoint every N steps (overrides config)"),
+                     resume: bool = typer.Option(False, help="continue from OUT.checkpoint.safetensors if a killed run left one")):
     """Train one expert on one shard, in isolation: it reads that file and nothing else."""
+    from ddmkit.config import ExpertConfig, validate
     from ddmkit.pipeline.jobs import train_expert
 
     cfg = _config(config).expert
-    if seed is not None:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
-    train_expert(shard, cfg, out)
+    upd = {k: v for k, v in (("seed", seed), ("checkpoint_every", checkpoint_every)) if v is not None}
+    cfg = validate(ExpertConfig, {**cfg.model_dump(), "train": {**cfg.train.model_dump(), **upd}}, "options")
+    train_expert(shard, cfg, out, resume=resume)
     log(f"expert written to {out}")
 
 
 @app.command("train-router")
 def train_router_cmd(run: Path = typer.Argument(..., help="run folder with partition/"),
-                     config: Optional[Path] = typer.Option(None, help="TOML config (default: the run's)")):
+                     config: Optional[Path] = typer.Option(None, help="TOML config (default: the run's)"),
+                     seed: Optional[int] = typer.Option(None, help="training seed (overrides config)")):
     """Train the router p(cluster | x_t, t) on noised shard data."""
     from ddmkit.pipeline.run import stage_router
 
-    stage_router(_config(config, run), run, log)
+    cfg = _config(config, run)
+    if seed is not None:
+        cfg = cfg.model_copy(update={"router": cfg.router.model_copy(
+            update={"train": cfg.router.train.model_copy(update={"seed": seed})})})
+    stage_router(cfg, run, log)
 
 
 @app.command("train-monolith")
 def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with partition/"),
-                       config: Optional[Path] = typer.Option(None, help="TOML config (default: the run's)")):
+                       config: Optional[Path] = typer.Option(None, help="TOML config (default: the run's)"),
+                       seed: Optional[int] = typer.Option(None, help="training seed (overrides config)")):
     """Train the FLOP-matched monolith baseline on all shards."""
     from ddmkit.pipeline.run import stage_monolith
 
-    stage_monolith(_config(config, run), run, log)
+    cfg = _config(config, run)
+    if seed is not None:
+        cfg = cfg.model_copy(update={"expert": cfg.expert.model_copy(
+            update={"train": cfg.expert.train.model_copy(update={"seed": seed})})})
+    stage_monolith(cfg, run, log)
 
 
 @app.command()
@@ -128,21 +136,77 @@ def evaluate(run: Path = typer.Argument(..., help="run folder with samples/")):
 @app.command()
 def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name (demo)"),
         out: Path = typer.Option(Path("runs/run"), "--out", help="run folder"),
-        force: bool = typer.Option(False, help="replace a folder that holds a different run")):
+        seed: Optional[int] = typer.Option(None, help="one seed for every stage (overrides config)"),
+        force: bool = typer.Option(False, help="replace a folder that holds a different run"),
+        backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
+        workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray)"),
+        address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto)")):
     """Every stage: data, partition, experts, monolith, router, sampling, evaluation, report."""
+    from ddmkit.launch import check_backend
     from ddmkit.pipeline.run import run_pipeline
 
-    run_pipeline(_config(config), out, force, log)
+    check_backend(backend)
+    run_pipeline(_config(config).with_seed(seed), out, force, log, backend, workers, address)
+
+
+@app.command()
+def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/"),
+           backend: str = typer.Option("inline", help="inline, processes or ray"),
+           workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray)"),
+           address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto)"),
+           emit: Optional[str] = typer.Option(None, help="write a scheduler script instead of training: slurm"),
+           script: Optional[Path] = typer.Option(None, help="where --emit writes (default RUN/launch/train_experts.slurm)"),
+           time: str = typer.Option("24:00:00", help="slurm --time per expert"),
+           cpus: int = typer.Option(4, help="slurm --cpus-per-task"),
+           gpus: int = typer.Option(1, help="slurm GPUs per expert (0: none)"),
+           mem: str = typer.Option("16G", help="slurm --mem"),
+           partition_name: Optional[str] = typer.Option(None, "--partition", help="slurm partition")):
+    """Train the run's missing experts on a backend, or emit a SLURM job array (one task per expert)."""
+    from ddmkit.pipeline.run import run_config, stage_experts, stage_registry
+
+    if emit is not None:
+        from ddmkit.launch import write_slurm_script
+
+        if emit != "slurm":
+            raise DDMError(f"--emit: unknown scheduler {emit!r}; accepted: slurm")
+        path = write_slurm_script(run_dir, script, time=time, cpus=cpus, gpus=gpus, mem=mem, partition=partition_name)
+        log(f"wrote {path}; submit it with: sbatch {path}")
+        return
+    from ddmkit.launch import check_backend
+
+    check_backend(backend)
+    cfg = run_config(run_dir)
+    stage_experts(cfg, run_dir, log, backend, workers, address)
+    stage_registry(cfg, run_dir, log)
+
+
+@app.command()
+def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/, experts/, router/")):
+    """Write RUN/registry.json: SHA-256 of every model folder, shard hashes, version, time convention."""
+    from ddmkit.registry import write_registry
+
+    reg = write_registry(run_dir)
+    log(f"registry: {len(reg['models'])} model folders recorded in {run_dir / 'registry.json'}")
+
+
+@app.command()
+def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with registry.json")):
+    """Check every model folder against RUN/registry.json; exit 2 on a mismatch."""
+    from ddmkit.registry import verify_registry
+
+    res = verify_registry(run_dir)
+    log(f"verified {len(res['verified'])} model folders" + (f"; missing experts {res['missing']}" if res["missing"] else ""))
 
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="output folder"),
+         seed: Optional[int] = typer.Option(None, help="one seed for every stage (default: the config's)"),
          force: bool = typer.Option(False, help="replace a folder that holds a different run")):
     """The built-in ring-of-8 run, end to end on a CPU in a few minutes; writes report.md."""
     from ddmkit.config import builtin_config, load_config
     from ddmkit.pipeline.run import run_pipeline
 
-    result = run_pipeline(load_config(builtin_config("demo")), out, force, log)
+    result = run_pipeline(load_config(builtin_config("demo")).with_seed(seed), out, force, log)
     _print_summary(result)
     log(f"[bold green]demo finished[/]: open {out / 'report.md'}")
 

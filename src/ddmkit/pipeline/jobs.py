@@ -30,54 +30,100 @@ def _batches(x: torch.Tensor, batch_size: int, device: torch.device):
     return draw
 
 
+def _labelled_batches(x: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device):
+    """A sampler of random (x, label) batches (with replacement) kept on device."""
+    x, labels = x.to(device), labels.to(device)
+
+    def draw(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, x.shape[0], (batch_size,), generator=generator, device=device)
+        return x[idx], labels[idx]
+
+    return draw
+
+
+def drop_labels(y: torch.Tensor, p: float, null: int, generator: torch.Generator) -> torch.Tensor:
+    """Replace a share p of the labels by `null` (the 'no label' class), for classifier-free guidance."""
+    if p <= 0:
+        return y
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p
+    return torch.where(drop, torch.full_like(y, null), y)
+
+
+def checkpoint_path(out_dir: str | Path) -> Path:
+    """Where a job writes its checkpoints: beside its output folder (which only
+    appears, whole, at the end), e.g. experts/expert_03.checkpoint.safetensors."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{out_dir.name}.checkpoint.safetensors"
+
+
 def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | Path, role: str,
-                         extra: dict | None = None, description: str = "expert") -> Path:
-    """Train a velocity network on x with flow matching; write a model folder."""
+                         extra: dict | None = None, description: str = "expert", resume: bool = False,
+                         labels: torch.Tensor | None = None) -> Path:
+    """Train a velocity network on x with flow matching; write a model folder.
+    Checkpoints (config.train.checkpoint_every) go to checkpoint_path(out_dir);
+    resume=True continues from one; it is removed once the folder is written."""
     device = resolve_device(config.train.device)
     data_shape = list(x.shape[1:])
     kwargs = {"data_shape": data_shape, **config.net.kwargs}
     model = build_seeded(config.net.arch, config.train.seed, **kwargs)
     draw = _batches(x.float(), config.train.batch_size, device)
+    num_classes = config.net.kwargs.get("num_classes", 0)
+    if num_classes and labels is None:
+        raise DDMError(f"{description}: the network is class-conditional (num_classes = {num_classes}) "
+                       "but the data have no labels")
+    if num_classes:
+        draw_labelled = _labelled_batches(x.float(), labels.long(), config.train.batch_size, device)
 
     def batch_loss(m, step, gen):
-        return flow_matching_loss(m, draw(gen), gen, config.prediction), {}
+        if not num_classes:
+            return flow_matching_loss(m, draw(gen), gen, config.prediction), {}
+        xb, yb = draw_labelled(gen)
+        yb = drop_labels(yb, config.label_dropout, num_classes, gen)
+        return flow_matching_loss(lambda xt, t: m(xt, t, y=yb), xb, gen, config.prediction), {}
 
     with staging_dir(out_dir) as tmp:
-        ema, history = fit(model, batch_loss, config.train, tmp / "train_log.jsonl", description, device)
+        ema, history = fit(model, batch_loss, config.train, tmp / "train_log.jsonl", description, device,
+                           checkpoint_path(out_dir), resume)
         save_pretrained(tmp, ema, {"role": role, "arch": config.net.arch, "kwargs": kwargs,
                                    "data_shape": data_shape, "prediction": config.prediction,
                                    "train": config.train.model_dump(), "final_loss": history[-1]["loss"],
                                    **(extra or {})})
+    checkpoint_path(out_dir).unlink(missing_ok=True)
     return Path(out_dir)
 
 
-def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path) -> Path:
-    """Train one expert on one shard file, in isolation."""
+def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, resume: bool = False) -> Path:
+    """Train one expert on one shard file, in isolation (resume: continue from its checkpoint)."""
     from ddmkit.data.partition import read_shard
 
     shard = Path(shard)
-    x, _, meta = read_shard(shard)
+    x, labels, meta = read_shard(shard)
     if len(x) == 0:
         raise DDMError(f"{shard}: the shard is empty; re-partition with a smaller k")
     cluster = int(meta.get("cluster", -1))
     extra = {"cluster": cluster, "k": int(meta.get("k", 0)), "shard_sha256": sha256_file(shard),
              "shard_count": len(x), "data_hash": meta.get("data_hash")}
-    return train_velocity_model(x, config, out_dir, "expert", extra, f"expert {cluster}")
+    return train_velocity_model(x, config, out_dir, "expert", extra, f"expert {cluster}", resume, labels)
 
 
-def monolith_config(expert: ExpertConfig, k: int) -> ExpertConfig:
-    """Same network and batch as one expert, k times the steps: the monolith's
-    compute (steps x batch) equals that of all k experts together."""
-    train = expert.train.model_copy(update={"steps": expert.train.steps * k})
+def monolith_config(expert: ExpertConfig, k: int, match: str = "steps") -> ExpertConfig:
+    """Same network as one expert with k times its compute (steps x batch), that
+    of all k experts together: k times the steps (match="steps") or k times the
+    batch for the same steps (match="batch", one GPU-friendly large batch)."""
+    key = "steps" if match == "steps" else "batch_size"
+    train = expert.train.model_copy(update={key: getattr(expert.train, key) * k})
     return expert.model_copy(update={"train": train})
 
 
-def train_monolith(shards: list[Path], config: ExpertConfig, out_dir: str | Path) -> Path:
+def train_monolith(shards: list[Path], config: ExpertConfig, out_dir: str | Path, match: str = "steps") -> Path:
     from ddmkit.data.partition import read_shard
 
-    x = torch.cat([read_shard(s)[0] for s in shards])
-    cfg = monolith_config(config, len(shards))
-    return train_velocity_model(x, cfg, out_dir, "monolith", {"k_matched": len(shards)}, "monolith")
+    parts = [read_shard(s) for s in shards]
+    x = torch.cat([p[0] for p in parts])
+    labels = torch.cat([p[1] for p in parts]) if all(p[1] is not None for p in parts) else None
+    cfg = monolith_config(config, len(shards), match)
+    return train_velocity_model(x, cfg, out_dir, "monolith", {"k_matched": len(shards), "flop_match": match},
+                                "monolith", labels=labels)
 
 
 def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path) -> Path:
@@ -105,5 +151,5 @@ def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path) 
     return Path(out_dir)
 
 
-__all__ = ["TrainConfig", "monolith_config", "train_expert", "train_monolith", "train_router",
+__all__ = ["TrainConfig", "checkpoint_path", "monolith_config", "train_expert", "train_monolith", "train_router",
            "train_velocity_model"]

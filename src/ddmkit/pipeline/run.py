@@ -8,6 +8,7 @@ run resumes after an interruption and single stages can run on other machines.
     RUN/experts/expert_XX/      one folder per expert (trained in isolation)
     RUN/monolith/               the FLOP-matched baseline
     RUN/router/                 the learned router
+    RUN/registry.json           SHA-256 of every model folder (ddmkit.registry), checked on load
     RUN/samples/NAME.safetensors + samples/info.json
     RUN/report.md, metrics.json, plots/
 """
@@ -26,7 +27,7 @@ from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, read_json, save_tensors, write_json
 from ddmkit.pipeline.ddm import exact_ddm, expert_dir, load_ddm, load_monolith, load_truth
 from ddmkit.pipeline.evaluate import FLOOR, evaluate_all
-from ddmkit.pipeline.jobs import train_expert, train_monolith, train_router
+from ddmkit.pipeline.jobs import train_monolith, train_router
 from ddmkit.pipeline.report import markdown_table, plot_router_accuracy, plot_samples
 from ddmkit.pipeline.router_eval import router_report
 from ddmkit.pipeline.sampling import sample_ddm, sample_single, start_noise
@@ -98,18 +99,32 @@ def stage_partition(cfg: RunConfig, run: Path, log: Log = print) -> None:
 
 
 def shard_paths(run: Path) -> list[Path]:
-    manifest, _ = load_partition(run / "partition")
-    return [run / "partition" / s["path"] for s in manifest["shards"]]
+    """Shard files in cluster order (manifest validated, paths kept inside the run)."""
+    from ddmkit.registry import shard_files
+
+    return shard_files(run)
 
 
-def stage_experts(cfg: RunConfig, run: Path, log: Log = print) -> None:
-    for k, shard in enumerate(shard_paths(run)):
-        out = expert_dir(run, k)
-        if (out / "model.safetensors").exists():
-            continue
-        start = time.perf_counter()
-        train_expert(shard, cfg.expert, out)
-        log(f"expert {k}: trained in {time.perf_counter() - start:.1f}s on {shard.name}")
+def stage_experts(cfg: RunConfig, run: Path, log: Log = print, backend: str = "inline", workers: int | None = None,
+                  address: str | None = None) -> None:
+    """Train the experts not yet written, with a launch backend (ddmkit.launch);
+    a job that left a checkpoint continues from it."""
+    from ddmkit.launch import ExpertJob, run_jobs
+
+    jobs = [ExpertJob(k, shard, expert_dir(run, k)) for k, shard in enumerate(shard_paths(run))
+            if not (expert_dir(run, k) / "model.safetensors").exists()]
+    start = time.perf_counter()
+    run_jobs(jobs, cfg.expert, backend, workers, address, resume=True, log=log)
+    if jobs:
+        log(f"experts: {len(jobs)} trained in {time.perf_counter() - start:.1f}s ({backend} backend)")
+
+
+def stage_registry(cfg: RunConfig, run: Path, log: Log = print) -> None:
+    """Write RUN/registry.json for the model folders present."""
+    from ddmkit.registry import write_registry
+
+    reg = write_registry(run)
+    log(f"registry: {len(reg['models'])} model folders hashed into {run / 'registry.json'}")
 
 
 def stage_monolith(cfg: RunConfig, run: Path, log: Log = print) -> None:
@@ -143,8 +158,10 @@ def sample_one(cfg: RunConfig, run: Path, name: str, device="cpu", ddm=None) -> 
         x0, info = sample_ddm(exact_ddm(run), "full", s.n, s.steps, s.solver, s.seed, device)
         info["strategy"] = EXACT
     else:
-        x0, info = sample_ddm(ddm or load_ddm(run, device), name, s.n, s.steps, s.solver, s.seed, device)
-    save_tensors(sample_file(run, name), {"x": x0})
+        ddm = ddm or load_ddm(run, device)
+        x0, info = sample_ddm(ddm, name, s.n, s.steps, s.solver, s.seed, device)
+        info["missing_experts"] = ddm.meta.get("missing_experts", [])
+    save_tensors(sample_file(run, name), {"x": x0}, {"strategy": name, "missing_experts": info.get("missing_experts", [])})
     info_path = run / "samples" / "info.json"
     infos = read_json(info_path) if info_path.exists() else {}
     infos[name] = {k: v for k, v in info.items() if k != "expert_rows"}
@@ -191,6 +208,11 @@ def stage_evaluate(cfg: RunConfig, run: Path, log: Log = print) -> dict:
     xs = test.x[:n_eval]
     labels = nearest_cluster_fn(manifest, ptensors)(xs)
     routers = {"learned router": load_ddm(run).router}
+    if cfg.evaluate.stats_router:
+        from ddmkit.pipeline.resilience import run_island_statistics
+        from ddmkit.routing.stats_router import stats_router
+
+        routers["statistics-only router"] = stats_router(run_island_statistics(run))
     if truth is not None:
         try:
             routers["exact posterior"] = exact_ddm(run).router
@@ -198,6 +220,12 @@ def stage_evaluate(cfg: RunConfig, run: Path, log: Log = print) -> dict:
             pass
     rep = router_report(routers, xs, labels)
     result["router"] = rep
+    from ddmkit.pipeline.resilience import missing_expert_study, stats_router_study
+
+    if cfg.evaluate.missing_experts:
+        result["missing_experts"] = missing_expert_study(cfg, run, test.x, truth)
+    if cfg.evaluate.stats_router:
+        result["stats_router"] = stats_router_study(cfg, run, test.x, truth)
     result["config"] = cfg.model_dump()
 
     plots = run / "plots"
@@ -219,6 +247,43 @@ def render_report(cfg: RunConfig, run: Path, result: dict) -> str:
     rep = result["router"]
     router_rows = [[f"{t:.2f}"] + [f"{rep[n]['accuracy'][i]:.3f} / {rep[n]['ece'][i]:.3f}" for n in rep if n != "t"]
                    for i, t in enumerate(rep["t"])]
+    return _main_report(cfg, result, rows, rep, router_rows) + _fault_sections(result)
+
+
+def _fault_sections(result: dict) -> str:
+    """Report sections for the missing-expert study and the statistics-only router."""
+    from ddmkit.pipeline.resilience import STATS_STRATEGIES
+
+    out = ""
+    cols = [("W2/floor", "w2_over_floor"), ("NLL", "nll"), ("modes hit", "modes_hit"), ("mode KL", "mode_kl"),
+            ("expert calls/sample", "expert_calls_per_sample")]
+    if "missing_experts" in result:
+        rows = [[r["removed"], str(r["experts_removed"])] + [r.get(key) for _, key in cols]
+                for r in result["missing_experts"]]
+        strategy = result["missing_experts"][0]["strategy"]
+        out += f"""
+## Missing experts
+
+Sampling ({strategy}) with 0, 1, 2, ... experts removed in a fixed random order, the router's probabilities
+renormalised over the experts still present (what `load_ddm` does when expert folders are missing).
+
+{markdown_table(["removed", "experts removed"] + [c for c, _ in cols], rows)}
+"""
+    if "stats_router" in result:
+        rows = [[name] + [r.get(key) for _, key in cols] for name, r in result["stats_router"]["rows"].items()]
+        out += f"""
+## Statistics-only router
+
+The router built only from each island's count, mean and covariance (the Gaussian posterior under the noised
+cluster Gaussians, `ddmkit.routing.stats_router`) against the learned router, same experts, strategies
+{", ".join(STATS_STRATEGIES)}. Its accuracy per noise level is in the router table above.
+
+{markdown_table(["strategy (router)"] + [c for c, _ in cols], rows)}
+"""
+    return out
+
+
+def _main_report(cfg: RunConfig, result: dict, rows: list, rep: dict, router_rows: list) -> str:
     d, p, s = cfg.data, cfg.partition, cfg.sample
     return f"""# ddmkit run report
 
@@ -250,16 +315,19 @@ centroid.
 """
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, log: Log = print) -> dict:
-    """All stages in order, each skipped when already done."""
+def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, log: Log = print, backend: str = "inline",
+                 workers: int | None = None, address: str | None = None) -> dict:
+    """All stages in order, each skipped when already done; experts train on
+    the launch `backend` (inline, processes, ray)."""
     run = prepare_run_dir(out, cfg, force)
     device = resolve_device(cfg.expert.train.device)
     start = time.perf_counter()
     stage_data(cfg, run, log)
     stage_partition(cfg, run, log)
-    stage_experts(cfg, run, log)
+    stage_experts(cfg, run, log, backend, workers, address)
     stage_monolith(cfg, run, log)
     stage_router(cfg, run, log)
+    stage_registry(cfg, run, log)
     stage_sample(cfg, run, log, device)
     result = stage_evaluate(cfg, run, log)
     log(f"done in {time.perf_counter() - start:.1f}s")
@@ -267,5 +335,5 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, log: Log 
 
 
 __all__ = ["EXACT", "prepare_run_dir", "run_config", "run_pipeline", "sample_one", "stage_data", "stage_evaluate",
-           "stage_experts", "stage_monolith", "stage_partition", "stage_router", "stage_sample", "start_noise",
+           "stage_experts", "stage_monolith", "stage_partition", "stage_registry", "stage_router", "stage_sample", "start_noise",
            "torch"]

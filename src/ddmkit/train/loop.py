@@ -7,6 +7,11 @@ batch with the generator, so a run is fully determined by cfg.seed. The loop
 does AdamW, linear warm-up then cosine (or constant) learning rate, gradient
 clipping by global norm, and an exponential moving average of the weights
 (torch's AveragedModel); it logs JSON lines every cfg.log_every steps.
+
+With `checkpoint=PATH` and cfg.checkpoint_every = N > 0 it writes the whole
+state (weights, optimizer, EMA, RNG states, step) to PATH atomically every N
+steps; `resume=True` restores PATH if it exists and continues bit-for-bit, so
+a killed job ends with the same weights as one that never stopped.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ddmkit.config import TrainConfig
 from ddmkit.progress import progress_bar
+from ddmkit.train import checkpoint as ckpt
 
 BatchLoss = Callable[[nn.Module, int, torch.Generator], tuple[torch.Tensor, dict]]
 
@@ -43,27 +49,49 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip by global norm, or by the model's own rule when it has one (stacked
+    experts clip each expert by its own norm, so none depends on another)."""
+    if hasattr(model, "clip_grad_norm_"):
+        return model.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str | Path | None = None,
-        description: str = "training", device: torch.device | None = None) -> tuple[nn.Module, list[dict]]:
+        description: str = "training", device: torch.device | None = None,
+        checkpoint: str | Path | None = None, resume: bool = False) -> tuple[nn.Module, list[dict]]:
     """Train `model` in place; return its EMA copy (eval mode) and the log rows."""
     device = device or resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cfg.compile and device.type == "cuda" else model  # same parameters
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     history: list[dict] = []
-    log = open(log_path, "w") if log_path else None
-    start = time.perf_counter()
     running: dict[str, float] = {}
+    first = 0
+    fp = ckpt.fingerprint(cfg.model_dump(), model, description)
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        first, history, running = ckpt.load_checkpoint(checkpoint, model=model, ema=ema, opt=opt, sched=sched,
+                                                       generator=generator, fp=fp, device=device)
+    log = open(log_path, "w") if log_path else None
+    for row in history if log else ():
+        log.write(json.dumps(row) + "\n")
+    start = time.perf_counter()
     try:
         with progress_bar(description, cfg.steps) as advance:
-            for step in range(cfg.steps):
-                loss, metrics = batch_loss(model, step, generator)
+            advance(first)
+            for step in range(first, cfg.steps):
+                with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
+                    loss, metrics = batch_loss(net, step, generator)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                grad_norm = clip_gradients(model, cfg.grad_clip)
                 opt.step()
                 sched.step()
                 ema.update_parameters(model)
@@ -81,6 +109,9 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
                         log.write(json.dumps(row) + "\n")
                     advance(0, loss=row["loss"])
                 advance(1)
+                if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                    ckpt.save_checkpoint(checkpoint, step=step + 1, model=model, ema=ema, opt=opt, sched=sched,
+                                         generator=generator, history=history, running=running, fp=fp)
     finally:
         if log:
             log.close()

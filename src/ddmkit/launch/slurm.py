@@ -1,0 +1,65 @@
+"""Job scripts for schedulers: a SLURM job array with one task per expert.
+
+    ddmkit launch RUN --emit slurm            # writes RUN/launch/train_experts.slurm
+    sbatch RUN/launch/train_experts.slurm
+
+Task i runs `ddmkit train-expert` on shard i with the run's own config.json
+and --resume, so a pre-empted or failed task re-submitted with
+`sbatch --array=i ...` continues from its last checkpoint. The run folder
+must be on a file system the nodes share.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from ddmkit.errors import DDMError
+
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=+/@%-]*")
+
+
+def _directive(name: str, value: str) -> str:
+    """One #SBATCH line; values are restricted to a safe alphabet (a directive is not shell-quoted)."""
+    if not _SAFE_VALUE.fullmatch(value):
+        raise DDMError(f"slurm option {name}={value!r}: only letters, digits and _.:,=+/@%- are accepted")
+    return f"#SBATCH --{name}={value}"
+
+
+def slurm_script(run: Path, k: int, ddmkit_cmd: str = "ddmkit", time: str = "24:00:00", cpus: int = 4,
+                 gpus: int = 1, mem: str = "16G", partition: str | None = None, extra: list[str] = ()) -> str:
+    """The text of a job-array script training experts 0 .. k-1 of `run`."""
+    if k < 1:
+        raise DDMError(f"the run has k = {k} shards; run `ddmkit partition` first")
+    if cpus < 1 or gpus < 0:
+        raise DDMError(f"slurm: cpus must be >= 1 and gpus >= 0 (got cpus={cpus}, gpus={gpus})")
+    run = Path(run).resolve()
+    q = shlex.quote
+    lines = ["#!/bin/bash", _directive("job-name", "ddmkit-experts"), _directive("array", f"0-{k - 1}"),
+             _directive("time", time), _directive("cpus-per-task", str(cpus)), _directive("mem", mem),
+             _directive("output", f"{run}/launch/logs/expert_%a.out")]
+    if gpus:
+        lines.append(_directive("gres", f"gpu:{gpus}"))
+    if partition:
+        lines.append(_directive("partition", partition))
+    lines += [_directive(*e.split("=", 1)) if "=" in e else _directive(e, "") for e in extra]
+    lines += ["", "set -euo pipefail",
+              f"RUN={q(str(run))}",
+              'I=$(printf "%02d" "$SLURM_ARRAY_TASK_ID")',
+              f"{ddmkit_cmd} train-expert \"$RUN/partition/shards/cluster_$I.safetensors\" \\",
+              '    --out "$RUN/experts/expert_$I" --config "$RUN/config.json" --resume', ""]
+    return "\n".join(lines)
+
+
+def write_slurm_script(run: Path, path: Path | None = None, **options) -> Path:
+    """Write the script (default RUN/launch/train_experts.slurm) and the log folder."""
+    from ddmkit.io import write_bytes_atomic
+    from ddmkit.registry import load_partition_checked
+
+    run = Path(run)
+    manifest, _ = load_partition_checked(run / "partition")
+    path = Path(path) if path else run / "launch" / "train_experts.slurm"
+    (run / "launch" / "logs").mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, slurm_script(run, manifest["k"], **options).encode())
+    path.chmod(0o755)
+    return path

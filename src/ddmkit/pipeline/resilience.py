@@ -1,0 +1,70 @@
+"""Two measurements for the report: sampling with experts removed, and the
+statistics-only router against the learned one.
+
+    missing_expert_study(cfg, run)   quality as 0, 1, 2, ... K-1 experts are removed
+                                     (a fixed random order), the router renormalised
+                                     over the rest: the DDM's resilience to lost nodes
+    stats_router_study(cfg, run)     samples routed by the Gaussian posterior of the
+                                     islands' published statistics (no raw data)
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ddmkit.config import RunConfig
+from ddmkit.data.partition import read_shard
+from ddmkit.pipeline.ddm import DDM, load_ddm
+from ddmkit.pipeline.evaluate import evaluate_all
+from ddmkit.pipeline.sampling import sample_ddm
+from ddmkit.registry import shard_files
+from ddmkit.routing.stats_router import island_statistics, stats_router
+
+STATS_STRATEGIES = ("top-1", "top-2", "full")
+
+
+def removal_order(k: int, seed: int) -> list[int]:
+    """The order in which experts are removed: a permutation fixed by seed."""
+    return torch.randperm(k, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def missing_expert_study(cfg: RunConfig, run, test: torch.Tensor, truth, strategy: str = "top-2",
+                         device="cpu") -> list[dict]:
+    """One row per number of removed experts m = 0 .. K-1: which were removed and the sample metrics."""
+    s = cfg.sample
+    k = load_ddm(run, device).k
+    order = removal_order(k, s.seed)
+    samples, infos, removed = {}, {}, {}
+    for m in range(k):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ddm = load_ddm(run, device, exclude=order[:m])
+        name = f"{m} removed"
+        samples[name], infos[name] = sample_ddm(ddm, strategy, s.n, s.steps, s.solver, s.seed, device)
+        removed[name] = sorted(order[:m])
+    result = evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)
+    return [{"removed": m, "experts_removed": removed[name], "strategy": strategy, **result["rows"][name]}
+            for m, name in enumerate(samples)]
+
+
+def run_island_statistics(run, rank: int | None = None) -> list[dict]:
+    """Each shard's published statistics, computed from that shard alone."""
+    return [island_statistics(read_shard(path)[0], rank) for path in shard_files(run)]
+
+
+def with_router(ddm: DDM, router, kind: str) -> DDM:
+    return DDM(ddm.experts, router, ddm.prior, ddm.data_shape, ddm.nearest, {**ddm.meta, "router": kind})
+
+
+def stats_router_study(cfg: RunConfig, run, test: torch.Tensor, truth, device="cpu") -> dict:
+    """Sample metrics of learned vs statistics-only routing for STATS_STRATEGIES."""
+    s = cfg.sample
+    learned = load_ddm(run, device)
+    stats = with_router(learned, stats_router(run_island_statistics(run)), "statistics-only")
+    samples, infos = {}, {}
+    for strategy in STATS_STRATEGIES:
+        for label, ddm in (("learned", learned), ("statistics-only", stats)):
+            name = f"{strategy} ({label} router)"
+            samples[name], infos[name] = sample_ddm(ddm, strategy, s.n, s.steps, s.solver, s.seed, device)
+    return evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)

@@ -1,0 +1,275 @@
+"""The expert registry and the checks on untrusted run folders.
+
+A run folder assembled from pieces trained elsewhere is untrusted input. This
+module is where it is checked, before and after loading:
+
+    write_registry(run)        RUN/registry.json: every model folder with the SHA-256
+                               of its weights and config, the shard it was trained on,
+                               ddmkit version and time convention
+    verify_registry(run)       recompute and compare; a mismatch is a DDMError naming
+                               the file and the field
+    safe_join(run, rel)        a manifest path, refused if it leaves the run folder
+    load_partition_checked     the partition manifest validated by schema, shard paths safe
+    load_model(folder)         config.json validated by schema, the network built on the
+                               meta device and compared with the safetensors header
+                               before any real allocation, then loaded
+
+Weights are only ever read as safetensors and metadata only as JSON.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ddmkit import TIME_CONVENTION, __version__
+from ddmkit.config import _explain
+from ddmkit.errors import DDMError
+from ddmkit.io import read_json, sha256_file, write_json
+
+REGISTRY = "registry.json"
+FORMAT = "ddmkit-registry-1"
+
+
+# ----- paths -------------------------------------------------------------
+def safe_join(root: str | Path, rel: Any, what: str = "path") -> Path:
+    """root / rel, for a relative POSIX path that stays inside root (no '..',
+    no absolute path, no symbolic link leading out)."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        raise DDMError(f"{what}: {rel!r} is not a relative path inside the run folder")
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or rel.startswith("~"):
+        raise DDMError(f"{what}: {rel!r} leaves the run folder; manifest paths must be relative and inside it")
+    root = Path(root)
+    full = root.joinpath(*p.parts)
+    try:
+        full.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise DDMError(f"{what}: {rel!r} resolves outside the run folder (a symbolic link?)") from None
+    return full
+
+
+# ----- schemas -------------------------------------------------------------
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ShardEntry(_Loose):
+    cluster: int = Field(ge=0)
+    path: str
+    count: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class PartitionManifest(_Loose):
+    k: int = Field(ge=1, le=100_000)
+    counts: list[int]
+    shards: list[ShardEntry]
+    features: Any
+    data_shape: list[int] = Field(min_length=1)
+    data_hash: str | None = None
+
+
+class ModelConfig(_Loose):
+    arch: str
+    kwargs: dict[str, Any]
+    data_shape: list[int] | None = None
+    time_convention: str = TIME_CONVENTION
+    ddmkit_version: str | None = None
+
+
+class RegistryEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    role: Literal["expert", "router", "monolith"]
+    path: str
+    cluster: int | None = None
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    config_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    shard_sha256: str | None = None
+
+
+class Registry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["ddmkit-registry-1"]
+    ddmkit_version: str
+    time_convention: str
+    k: int = Field(ge=1)
+    data_hash: str | None = None
+    partition_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    models: list[RegistryEntry]
+
+
+def _validated(schema: type[BaseModel], data: Any, source: str):
+    if not isinstance(data, dict):
+        raise DDMError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise DDMError(_explain(e, str(source))) from None
+
+
+# ----- partition -------------------------------------------------------------
+def load_partition_checked(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(manifest, tensors) of a partition folder, the manifest validated and
+    every shard path checked to stay inside the folder."""
+    from ddmkit.data.partition import load_partition
+
+    folder = Path(folder)
+    source = folder / "manifest.json"
+    m = _validated(PartitionManifest, read_json(source), str(source))
+    if len(m.shards) != m.k or len(m.counts) != m.k or sorted(s.cluster for s in m.shards) != list(range(m.k)):
+        raise DDMError(f"{source}: k = {m.k} but the manifest lists {len(m.shards)} shards and {len(m.counts)} "
+                       "counts (clusters 0 .. k-1 each once are expected); re-run `ddmkit partition`")
+    for s in m.shards:
+        safe_join(folder, s.path, f"{source}: shards[{s.cluster}].path")
+    return load_partition(folder)
+
+
+def shard_files(run: str | Path) -> list[Path]:
+    """The shard files of a run, in cluster order, paths checked."""
+    folder = Path(run) / "partition"
+    manifest, _ = load_partition_checked(folder)
+    by_cluster = sorted(manifest["shards"], key=lambda s: s["cluster"])
+    return [safe_join(folder, s["path"], "shard path") for s in by_cluster]
+
+
+# ----- model folders -----------------------------------------------------------
+def header_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes from a safetensors header (no tensor is read)."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise DDMError(f"{path} is missing; train or copy it again")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); re-train or re-copy it") from e
+
+
+def check_model_folder(folder: str | Path) -> dict:
+    """Validate config.json and check the network it describes has exactly
+    the tensors of model.safetensors (built on the meta device: no memory)."""
+    from ddmkit.nets import build_model
+
+    folder = Path(folder)
+    config = read_json(folder / "config.json")
+    cfg = _validated(ModelConfig, config, str(folder / "config.json"))
+    if cfg.time_convention != TIME_CONVENTION:
+        raise DDMError(f"{folder}: time convention {cfg.time_convention!r} differs from ddmkit's "
+                       f"{TIME_CONVENTION!r}; convert the model before mixing it")
+    shapes = header_shapes(folder / "model.safetensors")
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.arch, **cfg.kwargs)
+    except DDMError:
+        raise
+    except Exception as e:  # a constructor rejecting odd values
+        raise DDMError(f"{folder / 'config.json'}: kwargs {cfg.kwargs} do not build a {cfg.arch!r} ({e})") from None
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if expected != shapes:
+        diff = sorted((set(expected) ^ set(shapes)) | {k for k in expected if shapes.get(k) != expected[k]})
+        raise DDMError(f"{folder / 'model.safetensors'} does not match its config.json (tensors {diff[:5]} differ)")
+    return config
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu"):
+    """(model, config) of a model folder, checked by check_model_folder first."""
+    from ddmkit.nets import from_pretrained
+
+    check_model_folder(folder)
+    return from_pretrained(folder, device)
+
+
+# ----- the registry --------------------------------------------------------------
+def _model_folders(run: Path, k: int) -> list[tuple[str, str, int | None]]:
+    """(name, role, cluster) of every model folder present in a run."""
+    out = [(f"experts/expert_{c:02d}", "expert", c) for c in range(k)
+           if (run / "experts" / f"expert_{c:02d}" / "model.safetensors").exists()]
+    out += [(name, name, None) for name in ("router", "monolith") if (run / name / "model.safetensors").exists()]
+    return out
+
+
+def registry_entry(run: Path, rel: str, role: str, cluster: int | None) -> dict:
+    folder = safe_join(run, rel)
+    config = check_model_folder(folder)
+    return {"name": rel.rsplit("/", 1)[-1], "role": role, "path": rel, "cluster": cluster,
+            "weights_sha256": sha256_file(folder / "model.safetensors"),
+            "config_sha256": sha256_file(folder / "config.json"), "shard_sha256": config.get("shard_sha256")}
+
+
+def write_registry(run: str | Path) -> dict:
+    """Write RUN/registry.json for the model folders present; returns it."""
+    run = Path(run)
+    manifest, _ = load_partition_checked(run / "partition")
+    reg = {"format": FORMAT, "ddmkit_version": __version__, "time_convention": TIME_CONVENTION,
+           "k": manifest["k"], "data_hash": manifest.get("data_hash"),
+           "partition_sha256": sha256_file(run / "partition" / "manifest.json"),
+           "models": [registry_entry(run, rel, role, c) for rel, role, c in _model_folders(run, manifest["k"])]}
+    _validated(Registry, reg, "registry")
+    write_json(run / REGISTRY, reg)
+    return reg
+
+
+def _same_release(a: str, b: str) -> bool:
+    """Same major.minor version (patch releases keep the file formats)."""
+    return a.split(".")[:2] == b.split(".")[:2]
+
+
+def verify_registry(run: str | Path, allow_missing: bool = True) -> dict:
+    """Check every model folder listed in RUN/registry.json against it.
+
+    Refused (DDMError): another time convention or ddmkit release, another
+    partition, a weights or config file whose SHA-256 differs, an expert whose
+    config names a different shard than the partition. A listed expert whose
+    folder is gone is reported in "missing" (or refused if not allow_missing).
+    """
+    run = Path(run)
+    source = run / REGISTRY
+    reg = _validated(Registry, read_json(source), str(source))
+    if reg.time_convention != TIME_CONVENTION:
+        raise DDMError(f"{source}: time convention {reg.time_convention!r} differs from ddmkit's {TIME_CONVENTION!r}")
+    if not _same_release(reg.ddmkit_version, __version__):
+        raise DDMError(f"{source}: written by ddmkit {reg.ddmkit_version}, this is ddmkit {__version__}; "
+                       f"install ddmkit=={reg.ddmkit_version} or re-train and re-register")
+    manifest, _ = load_partition_checked(run / "partition")
+    if sha256_file(run / "partition" / "manifest.json") != reg.partition_sha256:
+        raise DDMError(f"{source}: the partition manifest changed since the registry was written; "
+                       "these experts were trained on another partition")
+    shard_hash = {s["cluster"]: s["sha256"] for s in manifest["shards"]}
+    missing, verified = [], []
+    for e in reg.models:
+        folder = safe_join(run, e.path, f"{source}: {e.name}.path")
+        if not (folder / "model.safetensors").exists():
+            if e.role == "expert" and allow_missing:
+                missing.append(e.cluster)
+                continue
+            raise DDMError(f"{source}: {e.path} is listed but missing; copy it back or re-run `ddmkit register`")
+        for fname, want in (("model.safetensors", e.weights_sha256), ("config.json", e.config_sha256)):
+            if sha256_file(folder / fname) != want:
+                raise DDMError(f"{folder / fname}: SHA-256 differs from {source}; the file was changed or "
+                               "replaced. Re-copy it, or run `ddmkit register` if the change is intended")
+        if e.role == "expert":
+            if e.cluster is None or e.shard_sha256 != shard_hash.get(e.cluster):
+                raise DDMError(f"{e.path}: trained on shard {str(e.shard_sha256)[:12]}... but cluster {e.cluster} "
+                               f"of this partition is shard {str(shard_hash.get(e.cluster))[:12]}...; "
+                               "it belongs to another partition")
+            cfg = read_json(folder / "config.json")
+            if cfg.get("cluster") != e.cluster:
+                raise DDMError(f"{e.path}/config.json: cluster {cfg.get('cluster')!r}, registry says {e.cluster}")
+        verified.append(e.path)
+    listed = {e.cluster for e in reg.models if e.role == "expert"}
+    missing += sorted(set(range(manifest["k"])) - listed)
+    if missing and not allow_missing:
+        raise DDMError(f"{source}: experts {sorted(missing)} are missing")
+    return {"missing": sorted(missing), "verified": verified}
+
+
+def warn_missing(missing: list[int], k: int) -> None:
+    if missing:
+        warnings.warn(f"experts {missing} of {k} are missing: sampling with the other {k - len(missing)}, "
+                      "router weights renormalised over them", stacklevel=3)

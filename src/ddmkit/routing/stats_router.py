@@ -1,0 +1,146 @@
+"""The statistics-only router: no raw data leaves an island.
+
+Each island publishes its cluster's count n_k, mean mu_k and covariance S_k
+(for high-dimensional data a low-rank + diagonal S_k = U L U^T + D, rank r).
+Modelling every cluster as a Gaussian, a noised sample of cluster k is
+
+    x_t | k ~ N((1 - t) mu_k, (1 - t)^2 S_k + t^2 I)
+
+and the router is the posterior under these noised Gaussians,
+
+    r_k(x, t) = pi_k N(x; (1-t) mu_k, C_k(t)) / sum_j pi_j N(x; (1-t) mu_j, C_j(t)),   pi_k = n_k / sum n.
+
+Full covariances reuse GaussianMixture.posterior. For the low-rank + diagonal
+form, write C = Delta + W W^T with Delta = (1-t)^2 D + t^2 (diagonal) and
+W = (1-t) U L^(1/2); with M = I_r + W^T Delta^-1 W (Woodbury, determinant lemma)
+
+    r^T C^-1 r = r^T Delta^-1 r - z^T M^-1 z,   z = W^T Delta^-1 r,
+    log det C  = sum log Delta + log det M,
+
+which costs O(d r^2) per sample and cluster, never a d x d matrix.
+
+    stats = [island_statistics(x_k) for x_k in shards]    # on each island
+    router = stats_router(stats)                          # anywhere: (x, t) -> (B, K)
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ddmkit.errors import DDMError
+from ddmkit.truth import GaussianMixture
+
+MAX_FULL_DIM = 256
+DEFAULT_RANK = 32
+JITTER = 1e-6
+
+
+def island_statistics(x: torch.Tensor, rank: int | None = None, max_full_dim: int = MAX_FULL_DIM) -> dict:
+    """What one island publishes about its data x (N, *shape): count, mean,
+    and the full covariance (dimension <= max_full_dim and rank None), else
+    the top-`rank` eigenpairs of the covariance plus the residual diagonal."""
+    flat = x.reshape(len(x), -1).double()
+    n, d = flat.shape
+    if n < 2:
+        raise DDMError(f"island statistics need at least 2 samples, got {n}")
+    mean = flat.mean(0)
+    centred = flat - mean
+    if rank is None and d <= max_full_dim:
+        return {"count": torch.tensor(float(n)), "mean": mean, "cov": centred.T @ centred / (n - 1)}
+    r = min(rank or DEFAULT_RANK, d, n - 1)
+    _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
+    eigvals = sv[:r] ** 2 / (n - 1)
+    factors = vh[:r].T  # (d, r), orthonormal columns
+    var = (centred**2).sum(0) / (n - 1)
+    diag = (var - (factors**2 * eigvals).sum(1)).clamp_min(JITTER)
+    return {"count": torch.tensor(float(n)), "mean": mean, "factors": factors, "eigvals": eigvals, "diag": diag}
+
+
+def stats_from_partition(tensors: dict[str, torch.Tensor]) -> list[dict]:
+    """Island statistics from a partition's partition.safetensors (full
+    covariances, or variances only: the rank-0 low-rank form)."""
+    means, counts = tensors["cluster_means"].double(), tensors["cluster_counts"].double()
+    if "cluster_covs" in tensors:
+        return [{"count": counts[k], "mean": means[k], "cov": tensors["cluster_covs"][k].double()}
+                for k in range(len(means))]
+    d = means.shape[1]
+    return [{"count": counts[k], "mean": means[k], "factors": torch.zeros(d, 0, dtype=torch.float64),
+             "eigvals": torch.zeros(0, dtype=torch.float64), "diag": tensors["cluster_vars"][k].double().clamp_min(JITTER)}
+            for k in range(len(means))]
+
+
+def full_mixture(stats: list[dict]) -> GaussianMixture:
+    """The cluster Gaussians as one GaussianMixture (full covariances)."""
+    covs = torch.stack([(s["cov"] + s["cov"].T) / 2 for s in stats])
+    d = covs.shape[-1]
+    scale = covs.diagonal(dim1=1, dim2=2).mean().clamp_min(1.0)
+    covs = covs + JITTER * scale * torch.eye(d, dtype=covs.dtype)
+    return GaussianMixture.from_covariances(torch.stack([s["count"] for s in stats]),
+                                            torch.stack([s["mean"] for s in stats]), covs)
+
+
+def lowrank_log_prob(x: torch.Tensor, t: torch.Tensor, means, factors, eigvals, diag) -> torch.Tensor:
+    """log N(x; (1-t) mu_k, (1-t)^2 (U L U^T + D) + t^2 I) for every cluster, (B, K).
+    means (K, d), factors (K, d, r), eigvals (K, r), diag (K, d); x (B, d), t (B,)."""
+    a, s = (1 - t)[:, None, None], t[:, None, None]
+    res = x[:, None, :] - a * means[None]                              # (B, K, d)
+    delta = a**2 * diag[None] + s**2                                   # (B, K, d)
+    w_scale = a * eigvals.clamp_min(0).sqrt()[None]                    # (B, K, r): W = U diag(w_scale)
+    z = torch.einsum("kdr,bkd->bkr", factors, res / delta) * w_scale   # W^T Delta^-1 r
+    m = torch.einsum("kdr,bkd,kds->bkrs", factors, 1 / delta, factors) * w_scale[..., :, None] * w_scale[..., None, :]
+    m = m + torch.eye(m.shape[-1], dtype=m.dtype)
+    chol = torch.linalg.cholesky(m)
+    y = torch.cholesky_solve(z[..., None], chol)[..., 0]
+    quad = (res**2 / delta).sum(-1) - (z * y).sum(-1)
+    logdet = delta.log().sum(-1) + 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return -0.5 * (quad + logdet + x.shape[1] * math.log(2 * math.pi))
+
+
+def stats_router(stats: list[dict]):
+    """The router (x (B, *shape), t (B,)) -> probabilities (B, K) of the published statistics."""
+    if not stats:
+        raise DDMError("the statistics-only router needs the statistics of at least one island")
+    if all("cov" in s for s in stats):
+        gmm = full_mixture(stats)
+
+        def router(x, t):
+            t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(len(x))
+            return gmm.to(device=x.device).posterior(x.reshape(len(x), -1).double(), t).to(torch.float32)
+
+        return router
+    if not all("factors" in s for s in stats):
+        raise DDMError("island statistics mix full covariances and low-rank ones; publish all in one form")
+    rank = max(s["factors"].shape[1] for s in stats)
+    pad = lambda v, n: torch.nn.functional.pad(v, (0, n - v.shape[-1]))  # noqa: E731  (zero eigenvalues)
+    means = torch.stack([s["mean"] for s in stats]).double()
+    factors = torch.stack([pad(s["factors"], rank) for s in stats]).double()
+    eigvals = torch.stack([pad(s["eigvals"], rank) for s in stats]).double()
+    diag = torch.stack([s["diag"] for s in stats]).double()
+    log_pi = torch.stack([s["count"] for s in stats]).double()
+    log_pi = (log_pi / log_pi.sum()).log()
+
+    def router(x, t):
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(len(x))
+        parts = [p.to(x.device) for p in (means, factors, eigvals, diag)]
+        logp = lowrank_log_prob(x.reshape(len(x), -1).double(), t, *parts) + log_pi.to(x.device)
+        return torch.softmax(logp, dim=1).to(torch.float32)
+
+    return router
+
+
+def save_statistics(path: str | Path, stats: dict) -> None:
+    """Write one island's statistics (safetensors; what it sends to the router's builder)."""
+    from ddmkit.io import save_tensors
+
+    save_tensors(path, {k: v.double() for k, v in stats.items()}, {"role": "island_statistics"})
+
+
+def load_statistics(path: str | Path) -> dict:
+    from ddmkit.io import load_tensors
+
+    stats = load_tensors(path)
+    if not ({"count", "mean", "cov"} <= set(stats) or {"count", "mean", "factors", "eigvals", "diag"} <= set(stats)):
+        raise DDMError(f"{path}: not island statistics (needs count, mean and cov, or factors, eigvals, diag)")
+    return stats

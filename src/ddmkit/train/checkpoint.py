@@ -1,0 +1,117 @@
+"""Training checkpoints: everything `fit` needs to continue bit-for-bit.
+
+One file, `checkpoint.safetensors`, written atomically (temporary name, then
+rename), so a job killed at any instant leaves either the previous checkpoint
+or the new one, never half of one. Tensors (model, EMA, optimizer moments,
+RNG states as uint8) are safetensors; everything else (step, history, the
+scheduler and optimizer hyper-parameters, a fingerprint of the run) is one
+JSON string in the file's metadata. No pickle, no torch.save.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ddmkit.errors import DDMError
+from ddmkit.io import load_tensors, read_metadata, save_tensors
+
+FORMAT = "ddmkit-checkpoint-1"
+
+
+def fingerprint(cfg_dump: dict, model: torch.nn.Module, description: str) -> str:
+    """Hash of what decides the trajectory: the training settings (less the
+    checkpoint cadence and device) and the parameter names and shapes."""
+    settings = {k: v for k, v in cfg_dump.items() if k not in ("checkpoint_every", "device")}
+    shapes = {name: list(p.shape) for name, p in model.state_dict().items()}
+    blob = json.dumps({"settings": settings, "shapes": shapes, "description": description}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _flat(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def _unflat(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The torch CPU RNG, the batch generator and (if present) every CUDA RNG."""
+    out = {"rng.cpu": torch.get_rng_state(), "rng.batches": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    generator.set_state(tensors["rng.batches"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+def optimizer_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON) of an optimizer's state_dict: per-parameter tensors as
+    `optim.<param index>.<name>`, the param groups (hyper-parameters) as JSON."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if not torch.is_tensor(value):
+                raise DDMError(f"checkpoint: optimizer state {name!r} is not a tensor; unsupported optimizer")
+            tensors[f"optim.{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in _unflat("optim", tensors).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: str | Path, *, step: int, model, ema, opt, sched, generator: torch.Generator,
+                    history: list[dict], running: dict, fp: str) -> None:
+    """Write the state after `step` completed steps, atomically."""
+    opt_tensors, opt_meta = optimizer_parts(opt)
+    run_tensors = {f"running.{k}": (v.detach().reshape(()) if torch.is_tensor(v) else torch.tensor(float(v),
+                   dtype=torch.float64)) for k, v in running.items()}
+    sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    tensors = {**_flat("model", model.state_dict()), **_flat("ema", ema.state_dict()), **opt_tensors,
+               **rng_tensors(generator), **run_tensors}
+    meta = {"format": FORMAT, "step": step, "fingerprint": fp, "history": history, "optimizer": opt_meta,
+            "scheduler": sched_state, "running_is_tensor": {k: torch.is_tensor(v) for k, v in running.items()}}
+    save_tensors(path, {k: v.detach().cpu().clone() for k, v in tensors.items()}, meta)
+
+
+def load_checkpoint(path: str | Path, *, model, ema, opt, sched, generator: torch.Generator,
+                    fp: str, device: torch.device) -> tuple[int, list[dict], dict]:
+    """Restore everything in place; returns (step, history, running sums)."""
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise DDMError(f"{path}: not a ddmkit checkpoint (format {meta.get('format')!r}); delete it to start over")
+    if meta.get("fingerprint") != fp:
+        raise DDMError(f"{path} belongs to a different training run (other settings or network); "
+                       "delete it to start over, or resume with the settings it was written with")
+    tensors = load_tensors(path)
+    try:
+        model.load_state_dict({k: v.to(device) for k, v in _unflat("model", tensors).items()})
+        ema.load_state_dict({k: v.to(device) for k, v in _unflat("ema", tensors).items()})
+        opt.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
+        sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
+        restore_rng(tensors, generator)
+        step, history = int(meta["step"]), list(meta["history"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise DDMError(f"{path} is incomplete or damaged ({str(e)[:200]}); delete it to start over") from e
+    running = {}
+    for k, is_tensor in meta.get("running_is_tensor", {}).items():
+        v = tensors[f"running.{k}"]
+        running[k] = v.to(device) if is_tensor else float(v)
+    return step, history, running

@@ -1,0 +1,145 @@
+"""Checkpoints and bit-for-bit resume, including a real SIGKILL mid-run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
+from ddmkit.errors import DDMError
+from ddmkit.io import read_metadata, save_tensors
+from ddmkit.pipeline.jobs import checkpoint_path, train_expert
+
+
+def _shard(path: Path, n: int = 300) -> Path:
+    g = torch.Generator().manual_seed(1)
+    save_tensors(path, {"x": torch.randn(n, 2, generator=g) + 3.0}, {"cluster": 0, "k": 1})
+    return path
+
+
+def _cfg(steps=40, every=10, seed=0) -> ExpertConfig:
+    return ExpertConfig(net=NetConfig(arch="mlp", kwargs={"width": 16, "depth": 1}),
+                        train=TrainConfig(steps=steps, batch_size=32, warmup=5, log_every=7, seed=seed,
+                                          checkpoint_every=every, device="cpu"))
+
+
+def _bytes(folder: Path) -> bytes:
+    return (folder / "model.safetensors").read_bytes()
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    shard = _shard(tmp_path / "shard.safetensors")
+    ref = train_expert(shard, _cfg(), tmp_path / "ref")
+    assert not checkpoint_path(tmp_path / "ref").exists()  # removed once the folder is written
+
+    with monkeypatch.context() as m:
+        _crash_after(m, 25)
+        with pytest.raises(KeyboardInterrupt):
+            train_expert(shard, _cfg(), tmp_path / "b")
+    assert not (tmp_path / "b").exists()  # no partial output folder
+    assert read_metadata(checkpoint_path(tmp_path / "b"))["step"] == 20
+    out = train_expert(shard, _cfg(), tmp_path / "b", resume=True)
+    assert _bytes(out) == _bytes(ref)
+    assert (out / "train_log.jsonl").read_text().count("\n") == (ref / "train_log.jsonl").read_text().count("\n")
+
+
+def _crash_after(monkeypatch, n: int) -> None:
+    """Make the (n+1)-th loss evaluation raise, as a crash would."""
+    import ddmkit.pipeline.jobs as jobs
+
+    real, calls = jobs.flow_matching_loss, {"n": 0}
+
+    def loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(jobs, "flow_matching_loss", loss)
+
+
+def test_checkpoint_of_other_settings_or_format_is_refused(tmp_path, monkeypatch):
+    shard = _shard(tmp_path / "shard.safetensors")
+    with monkeypatch.context() as m:
+        _crash_after(m, 15)
+        with pytest.raises(KeyboardInterrupt):
+            train_expert(shard, _cfg(), tmp_path / "a")
+    with pytest.raises(DDMError, match="different training run"):
+        train_expert(shard, _cfg(seed=1), tmp_path / "a", resume=True)
+    save_tensors(checkpoint_path(tmp_path / "c"), {"x": torch.zeros(1)}, {"format": "other"})
+    with pytest.raises(DDMError, match="not a ddmkit checkpoint"):
+        train_expert(shard, _cfg(), tmp_path / "c", resume=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_checkpoint_is_safetensors_with_every_state(tmp_path, monkeypatch):
+    """One safetensors file: model, EMA, optimizer moments, RNG states; the rest JSON."""
+    from safetensors.torch import load_file
+
+    from ddmkit.train.checkpoint import FORMAT
+
+    shard = _shard(tmp_path / "shard.safetensors")
+    _crash_after(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(shard, _cfg(), tmp_path / "e")
+    path = checkpoint_path(tmp_path / "e")
+    meta = read_metadata(path)
+    assert meta["format"] == FORMAT and meta["step"] == 10 and "param_groups" in meta["optimizer"]
+    keys = set(load_file(str(path)))
+    assert {"rng.cpu", "rng.batches"} <= keys
+    assert any(k.startswith("optim.") for k in keys) and any(k.startswith("ema.") for k in keys)
+
+
+SCRIPT = """
+import sys, time, torch
+import ddmkit.pipeline.jobs as jobs
+from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
+from ddmkit.pipeline.jobs import train_expert
+torch.set_num_threads(1)
+real = jobs.flow_matching_loss
+def slow(*a, **k):  # 5 ms a step, so the test can kill it mid-run on any machine
+    time.sleep(0.005)
+    return real(*a, **k)
+jobs.flow_matching_loss = slow
+cfg = ExpertConfig(net=NetConfig(arch="mlp", kwargs={"width": 16, "depth": 1}),
+                   train=TrainConfig(steps=int(sys.argv[3]), batch_size=32, warmup=5, log_every=7,
+                                     checkpoint_every=10, device="cpu"))
+train_expert(sys.argv[1], cfg, sys.argv[2], resume=sys.argv[4] == "1")
+"""
+
+
+def _train_proc(shard, out, steps, resume):
+    env = {**os.environ, "DDMKIT_QUIET": "1"}
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(shard), str(out), str(steps), str(int(resume))],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sigkill_mid_run_then_resume_gives_same_weights(tmp_path):
+    """A real signal: SIGKILL once a checkpoint exists, resume, compare bytes."""
+    shard = _shard(tmp_path / "shard.safetensors")
+    steps = 300
+    out = tmp_path / "killed"
+    proc = _train_proc(shard, out, steps, False)
+    ckpt = checkpoint_path(out)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and read_metadata(ckpt).get("step", 0) >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"training ended before the kill: {proc.stderr.read().decode()[-500:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = read_metadata(ckpt)["step"]
+    assert 0 < killed_at < steps and not out.exists()
+
+    resumed = _train_proc(shard, out, steps, True)
+    reference = _train_proc(shard, tmp_path / "reference", steps, False)
+    for p in (resumed, reference):
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-800:]
+    assert _bytes(out) == _bytes(tmp_path / "reference")
+    assert not ckpt.exists()
