@@ -101,6 +101,21 @@ LOADERS: dict[str, Callable[..., tuple[ArrayData, ArrayData]]] = {
 }
 
 
+def _image_loader(kind: str) -> Callable[..., tuple[ArrayData, ArrayData]]:
+    """A loader from ddmkit.data.images, imported on first use (params: see that module)."""
+    def load(n_train, n_test, seed, **params):
+        from ddmkit.data.images import IMAGE_LOADERS
+
+        try:
+            return IMAGE_LOADERS[kind](n_train, n_test, seed, **params)
+        except TypeError as e:
+            raise DDMError(f"data.params for {kind!r}: {e}") from e
+    return load
+
+
+LOADERS.update({k: _image_loader(k) for k in ("fashion_mnist", "idx", "image_folder", "image_array")})
+
+
 def dataset_names() -> list[str]:
     return sorted(LOADERS)
 

@@ -23,6 +23,17 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def _image_nets() -> dict[str, Callable[..., nn.Module]]:
+    from ddmkit.nets.dit import DiT
+    from ddmkit.nets.router_cnn import RouterCNN
+    from ddmkit.nets.unet import UNet
+
+    return {"unet": UNet, "dit": DiT, "router_cnn": RouterCNN}
+
+
+ARCHITECTURES.update(_image_nets())
+
+
 def build_model(arch: str, **kwargs) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise DDMError(f"arch: unknown architecture {arch!r}; accepted: {', '.join(sorted(ARCHITECTURES))}")

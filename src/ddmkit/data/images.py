@@ -1,0 +1,232 @@
+"""Image data: IDX files (MNIST family), image folders and image arrays.
+
+Every loader returns train and test `ArrayData` of shape (N, C, H, W), float32
+in [-1, 1], kept apart (IDX data sets ship their own test split; a folder or
+array is split once, by a seeded permutation, before anything else sees it).
+
+    train, test = load_dataset("fashion_mnist", 60000, 10000, seed=0, pad_to=32)
+    train, test = load_dataset("image_folder", path="photos/", pad_to=32)
+
+Fashion-MNIST is read from the files of the Debian package
+`dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist/) unless `dir` names
+another folder holding the four `*-ubyte[.gz]` files.
+"""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddmkit.data.datasets import ArrayData
+from ddmkit.errors import DDMError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+INSTALL_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+# ---------------------------------------------------------------- IDX files
+
+def parse_idx(data: bytes, source: str = "IDX data") -> np.ndarray:
+    """The array stored in IDX bytes: magic 0x0000 | dtype code | ndim, then
+    ndim big-endian uint32 sizes, then the values."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DDMError(f"{source}: not an IDX file (bad magic number {data[:4].hex() or 'empty'}); "
+                       "expected MNIST-style *-ubyte files")
+    code, ndim = data[2], data[3]
+    if code not in IDX_DTYPES:
+        raise DDMError(f"{source}: unknown IDX value type 0x{code:02x}; accepted: "
+                       + ", ".join(f"0x{c:02x}" for c in IDX_DTYPES))
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise DDMError(f"{source}: IDX header truncated or with 0 dimensions")
+    shape = tuple(int(s) for s in np.frombuffer(data[4:header], dtype=">u4"))
+    dtype = np.dtype(IDX_DTYPES[code])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DDMError(f"{source}: IDX header says shape {shape} ({expected} bytes of values) but the file holds "
+                       f"{len(data) - header}; the file is corrupt or truncated, download it again")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file, gzipped or not (decided by the gzip magic, not the name)."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DDMError(f"{path}: corrupt gzip data ({e}); download the file again") from e
+    return parse_idx(raw, str(path))
+
+
+def find_idx(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).exists():
+            return folder / name
+    raise DDMError(f"{folder}: missing {stem}[.gz]; for Fashion-MNIST install the files with "
+                   f"`{INSTALL_HINT}`, or set data.params.dir to a folder holding them")
+
+
+def load_idx_split(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, H, W) uint8, labels (N,)) of split 'train' or 't10k'."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DDMError(f"image folder {folder} does not exist; for Fashion-MNIST run `{INSTALL_HINT}` "
+                       "or set data.params.dir to a folder holding the *-ubyte[.gz] files")
+    images = read_idx(find_idx(folder, f"{split}-images-idx3-ubyte"))
+    labels = read_idx(find_idx(folder, f"{split}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DDMError(f"{folder}: {split} images have shape {images.shape} and labels {labels.shape}; "
+                       "expected (N, H, W) and (N,)")
+    return images, labels
+
+
+# ---------------------------------------------------------------- scaling and padding
+
+def to_unit_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.array(images, dtype=np.float32)) / 127.5 - 1.0
+    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+
+
+def pad_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Pad (N, C, H, W) symmetrically with -1 (black) to size x size."""
+    if not size:
+        return x
+    h, w = x.shape[-2:]
+    if h > size or w > size:
+        raise DDMError(f"data.params.pad_to = {size} is smaller than the images ({h}x{w})")
+    top, left = (size - h) // 2, (size - w) // 2
+    return torch.nn.functional.pad(x, (left, size - w - left, top, size - h - top), value=-1.0)
+
+
+def _take(x: torch.Tensor, labels: torch.Tensor | None, n: int, seed: int):
+    """The first n rows of a seeded permutation (all rows when n is 0 or larger)."""
+    if not n or n >= len(x):
+        return x, labels
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return x[idx], (labels[idx] if labels is not None else None)
+
+
+def _pair(name, train, train_labels, test, test_labels, n_train, n_test, seed, meta) -> tuple[ArrayData, ArrayData]:
+    xtr, ytr = _take(train, train_labels, n_train, seed)
+    xte, yte = _take(test, test_labels, n_test, seed + 1)
+    return (ArrayData(name, xtr, ytr, None, {"split": "train", **meta}),
+            ArrayData(name, xte, yte, None, {"split": "test", **meta}))
+
+
+# ---------------------------------------------------------------- loaders (registered in LOADERS)
+
+def load_idx_dataset(n_train: int, n_test: int, seed: int, dir: str = FASHION_MNIST_DIR, pad_to: int | None = None,
+                     name: str = "fashion_mnist") -> tuple[ArrayData, ArrayData]:
+    """An MNIST-family data set: train-* and t10k-* IDX files in `dir`."""
+    tr, ytr = load_idx_split(dir, "train")
+    te, yte = load_idx_split(dir, "t10k")
+    if tr.shape[1:] != te.shape[1:]:
+        raise DDMError(f"{dir}: train images are {tr.shape[1:]} but test images are {te.shape[1:]}")
+    meta = {"source": str(dir), "pad_to": pad_to, "classes": FASHION_MNIST_CLASSES if name == "fashion_mnist" else None}
+    return _pair(name, pad_images(to_unit_range(tr), pad_to), torch.as_tensor(ytr.astype(np.int64)),
+                 pad_images(to_unit_range(te), pad_to), torch.as_tensor(yte.astype(np.int64)), n_train, n_test, seed, meta)
+
+
+def read_image_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """(images (N, H, W[, C]) uint8, labels or None, class names). Sub-folders are
+    classes (labels by sorted name); images directly in `path` are unlabelled."""
+    from PIL import Image
+
+    root = Path(path)
+    if not root.is_dir():
+        raise DDMError(f"image folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DDMError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    classes = sorted({p.parent.relative_to(root).as_posix() for p in files} - {"."})
+    arrays, modes, sizes = [], {}, {}
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB" if im.mode in ("RGB", "P", "RGBA") else im.mode
+                arrays.append(np.asarray(im.convert(mode)))
+        except OSError as e:
+            raise DDMError(f"{p}: not a readable image ({e})") from e
+        modes.setdefault(mode, p)
+        sizes.setdefault(arrays[-1].shape[:2], p)
+    if len(modes) > 1:
+        raise DDMError(f"image folder {root} mixes grayscale and colour images (e.g. {modes.get('L')} is grayscale, "
+                       f"{modes.get('RGB')} is colour); convert them to one mode first")
+    if len(sizes) > 1:
+        (s1, p1), (s2, p2) = list(sizes.items())[:2]
+        raise DDMError(f"image folder {root} holds images of different sizes ({p1}: {s1[0]}x{s1[1]}, "
+                       f"{p2}: {s2[0]}x{s2[1]}); resize them to one size first")
+    labels = None
+    if classes:
+        if any(p.parent == root for p in files):
+            raise DDMError(f"image folder {root} has images both at the top and in class sub-folders; use one layout")
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index[p.parent.relative_to(root).as_posix()] for p in files], dtype=np.int64)
+    return np.stack(arrays), labels, classes
+
+
+def _split(x: torch.Tensor, labels: torch.Tensor | None, test_fraction: float, seed: int):
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, int(round(len(x) * test_fraction))) if len(x) > 1 else 0
+    te, tr = perm[:n_test], perm[n_test:]
+    lab = (lambda idx: labels[idx]) if labels is not None else (lambda idx: None)
+    return x[tr], lab(tr), x[te], lab(te)
+
+
+def load_image_folder(n_train: int, n_test: int, seed: int, path: str = "", pad_to: int | None = None,
+                      test_fraction: float = 0.2) -> tuple[ArrayData, ArrayData]:
+    """Images of one size and mode from a folder (class sub-folders give labels)."""
+    images, labels, classes = read_image_folder(path)
+    x = pad_images(to_unit_range(images), pad_to)
+    y = torch.as_tensor(labels) if labels is not None else None
+    xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
+    return _pair(Path(path).name, xtr, ytr, xte, yte, n_train, n_test, seed, {"source": str(path), "classes": classes})
+
+
+def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_to: int | None = None,
+                     test_fraction: float = 0.2) -> tuple[ArrayData, ArrayData]:
+    """Images from a .npy/.npz file: uint8 (N, H, W[, C]) or float (N, C, H, W)
+    already in [-1, 1]; an .npz may hold `x` (or `images`) and `labels`."""
+    p = Path(path)
+    if not p.exists():
+        raise DDMError(f"image array file {path!r} does not exist")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise DDMError(f"{path}: not readable as .npy/.npz without pickle ({e})") from e
+    labels = None
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        key = next((k for k in ("x", "images") if k in arr.files), arr.files[0])
+        labels = torch.as_tensor(arr["labels"]).long() if "labels" in arr.files else None
+        arr = arr[key]
+    if arr.dtype == np.uint8:
+        if arr.ndim not in (3, 4):
+            raise DDMError(f"{path}: uint8 images must be (N, H, W) or (N, H, W, C); got {arr.shape}")
+        x = to_unit_range(arr)
+    else:
+        if arr.ndim != 4:
+            raise DDMError(f"{path}: float images must be (N, C, H, W) in [-1, 1]; got {arr.shape}")
+        x = torch.as_tensor(arr.astype(np.float32))
+        if x.abs().max() > 1.0 + 1e-4:
+            raise DDMError(f"{path}: float images must lie in [-1, 1]; found values up to {x.abs().max():.3g}")
+    x = pad_images(x, pad_to)
+    xtr, ytr, xte, yte = _split(x, labels, test_fraction, seed)
+    return _pair(p.stem, xtr, ytr, xte, yte, n_train, n_test, seed, {"source": str(path)})
+
+
+IMAGE_LOADERS = {"fashion_mnist": load_idx_dataset, "idx": lambda *a, **kw: load_idx_dataset(*a, **{"name": "idx", **kw}),
+                 "image_folder": load_image_folder, "image_array": load_image_array}
+
+
+def is_image_shape(shape) -> bool:
+    """(C, H, W) with 1 or 3 channels: data the image pipeline handles."""
+    return len(shape) == 3 and shape[0] in (1, 3)
