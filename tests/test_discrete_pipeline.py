@@ -87,6 +87,10 @@ def test_ar_pipeline_end_to_end(tmp_path):
             "config.json", "model.safetensors", "train_log.jsonl"}
     again = run_text(config, tmp_path / "out")  # every stage reused: the same numbers
     assert again["bits_per_byte"] == bpb and again["seconds"]["train"] < report["seconds"]["train"]
+    fresh = run_text(config, tmp_path / "out2")  # same seed, same bytes
+    assert fresh["bits_per_byte"] == bpb and fresh["samples"] == report["samples"]
+    weights = "experts/cluster_01/model.safetensors"
+    assert (tmp_path / "out" / weights).read_bytes() == (tmp_path / "out2" / weights).read_bytes()
 
 
 def test_dfm_pipeline_end_to_end(tmp_path):
@@ -107,6 +111,8 @@ def test_config_errors(tmp_path):
     with pytest.raises(DDMError, match="accepted: text_ar, text_dfm"):
         load_text_config(bad)
     assert not is_text_config(bad)
+    seeded = load_text_config(config).with_seed(7)
+    assert (seeded.seed, seeded.corpus.seed, seeded.expert.train.seed, seeded.router.train.seed) == (7, 7, 7, 8)
     with pytest.raises(DDMError, match="'bayes' needs exact"):
         load_text_config(write_config(tmp_path, "text_dfm"))
     bad.write_text(config.read_text().replace('"switch"]', '"oracle"]'))

@@ -1,6 +1,6 @@
 """Typer commands for text, mounted by the main CLI as `ddmkit text ...`:
 
-    ddmkit text run configs/text_ar.toml [--out DIR] [--force]
+    ddmkit text run configs/text_ar.toml [--out DIR] [--force] [--seed N]
     ddmkit text exactness [--k 3] [--vocab 4] [--length 6] [--seed 0] [--out FILE]
 """
 from __future__ import annotations
@@ -27,12 +27,13 @@ def _fail(e: DDMError):
 @app.command()
 def run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar' or 'text_dfm'"),
         out: Optional[Path] = typer.Option(None, "--out", help="output folder (default runs/<config name>)"),
-        force: bool = typer.Option(False, "--force", help="delete the output folder first")):
+        force: bool = typer.Option(False, "--force", help="delete the output folder first"),
+        seed: Optional[int] = typer.Option(None, "--seed", help="override every seed of the config")):
     """Partition a corpus, train experts, centralized model and router, evaluate, write the report."""
     from ddmkit.discrete.pipeline import run_text
 
     try:
-        report = run_text(config, out, force)
+        report = run_text(config, out, force, seed)
     except DDMError as e:
         _fail(e)
     folder = out or Path("runs") / config.stem

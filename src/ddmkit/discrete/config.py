@@ -131,6 +131,16 @@ class TextRunConfig(Section):
                              "not give; use ['learned'] for kind = 'text_dfm'")
         return self
 
+    def with_seed(self, seed: int | None) -> "TextRunConfig":
+        """Every seed derived from one (corpus sample and split, partition,
+        experts, evaluation, sampling; the router seed + 1). None: unchanged."""
+        if seed is None:
+            return self
+        d = self.model_dump()
+        d["seed"] = d["corpus"]["seed"] = d["partition"]["seed"] = d["sample"]["seed"] = seed
+        d["expert"]["train"]["seed"], d["router"]["train"]["seed"] = seed, seed + 1
+        return TextRunConfig.model_validate(d)
+
     def digest(self, *sections: str) -> str:
         """Hash of the named sections (all when none): decides whether a stage can be reused."""
         dump = self.model_dump()

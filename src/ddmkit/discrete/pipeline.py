@@ -80,6 +80,7 @@ def train_or_load(folder: Path, digest: str, arch: str, kwargs: dict, loss: Call
     if (folder / "config.json").exists() and read_json(folder / "config.json").get("run_digest") == digest:
         return from_pretrained(folder)[0]
     with staging_dir(folder) as tmp:
+        torch.manual_seed(train_cfg.seed)  # the initial weights too: same seed, same bytes
         model = build_model(arch, **kwargs)
         ema, _ = fit(model, lambda m, step, g: (loss(m, g), {}), train_cfg, log_path=tmp / "train_log.jsonl",
                      description=description, device=CPU)
@@ -95,10 +96,12 @@ def partition_stage(cfg: TextRunConfig, out: Path) -> dict:
     return partition_text(train, test, cfg.partition, folder, extra={"run_digest": digest})
 
 
-def run_text(config_path: str | Path, out_dir: str | Path | None = None, force: bool = False) -> dict:
+def run_text(config_path: str | Path, out_dir: str | Path | None = None, force: bool = False,
+             seed: int | None = None) -> dict:
     """Run a text pipeline from its TOML config; returns the report dict
-    (also written to out_dir/report.json and out_dir/report.md)."""
-    cfg = load_text_config(config_path)
+    (also written to out_dir/report.json and out_dir/report.md). `seed`
+    overrides every seed of the config (TextRunConfig.with_seed)."""
+    cfg = load_text_config(config_path).with_seed(seed)
     out = Path(out_dir) if out_dir else Path("runs") / Path(config_path).stem
     if force and out.exists():
         shutil.rmtree(out)
