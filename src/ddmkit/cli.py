@@ -141,10 +141,17 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
         backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
         workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray)"),
         address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto)")):
-    """Every stage: data, partition, experts, monolith, router, sampling, evaluation, report."""
+    """Every stage: data, partition, experts, monolith, router, sampling, evaluation, report.
+
+    A TOML with `kind = "text_ar"` or `"text_dfm"` runs the text pipeline (see `ddmkit text --help`)."""
     from ddmkit.launch import check_backend
     from ddmkit.pipeline.run import run_pipeline
 
+    if _text_kind(config):
+        from ddmkit.discrete.pipeline import run_text
+
+        run_text(config, out, force, seed)
+        return
     check_backend(backend)
     run_pipeline(_config(config).with_seed(seed), out, force, log, backend, workers, address)
 
@@ -222,6 +229,30 @@ def _print_summary(result: dict) -> None:
                       f"{r.get('modes_hit', float('nan')):.2f}", f"{r.get('expert_calls_per_sample', 0):.1f}",
                       f"{r.get('wall_time', 0):.2f}")
     Console().print(table)
+
+
+def _text_kind(config: Path) -> bool:
+    """Whether a config file declares a text pipeline (top-level `kind = "text_..."`)."""
+    from ddmkit.config import tomllib
+
+    if not config.exists():
+        return False
+    try:
+        kind = tomllib.loads(config.read_text()).get("kind", "")
+    except tomllib.TOMLDecodeError:
+        return False  # the vector loader reports the syntax error
+    return isinstance(kind, str) and kind.startswith("text_")
+
+
+def _mount_subcommands() -> None:
+    from ddmkit.discrete.cli import app as text_app
+    from ddmkit.theory.cli import app as theory_app
+
+    app.add_typer(theory_app, name="theory", help="Theory studies: convergence with expert switching, distillation.")
+    app.add_typer(text_app, name="text", help="Decentralized text generation: autoregressive and discrete flow matching.")
+
+
+_mount_subcommands()
 
 
 def main() -> None:
