@@ -40,59 +40,59 @@ def _tb(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_euler(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None) -> torch.Tensor:
-    """x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i)."""
+def _integrate(step, velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None) -> torch.Tensor:
+    """Run a one-step method over the grid: x <- step(velocity, x, t, t_next, v) with
+    v = velocity(x, t) evaluated here once (and reported to the callback)."""
     for i in range(len(ts) - 1):
         t, tn = ts[i], ts[i + 1]
         v = velocity(x, _tb(t, x))
         if callback is not None:
             callback({"i": i, "t": t, "t_next": tn, "x": x, "v": v})
-        x = x + (tn - t).to(x.dtype) * v
+        x = step(velocity, x, t, tn, v)
     return x
 
 
-@torch.no_grad()
+def _euler_step(velocity, x, t, tn, v):
+    return x + (tn - t).to(x.dtype) * v
+
+
+def _heun_step(velocity, x, t, tn, v):
+    h = (tn - t).to(x.dtype)
+    return x + h * 0.5 * (v + velocity(x + h * v, _tb(tn, x)))
+
+
+def _midpoint_step(velocity, x, t, tn, v):
+    h = (tn - t).to(x.dtype)
+    return x + h * velocity(x + 0.5 * h * v, _tb(t + 0.5 * (tn - t), x))
+
+
+def _rk4_step(velocity, x, t, tn, k1):
+    h = (tn - t).to(x.dtype)
+    tm = _tb(t + 0.5 * (tn - t), x)
+    k2 = velocity(x + 0.5 * h * k1, tm)
+    k3 = velocity(x + 0.5 * h * k2, tm)
+    k4 = velocity(x + h * k3, _tb(tn, x))
+    return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def sample_euler(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None) -> torch.Tensor:
+    """x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i); one velocity evaluation per step."""
+    return _integrate(_euler_step, velocity, x, ts, callback)
+
+
 def sample_heun(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None) -> torch.Tensor:
     """Heun's method (explicit trapezoid); two velocity evaluations per step."""
-    for i in range(len(ts) - 1):
-        t, tn = ts[i], ts[i + 1]
-        h = (tn - t).to(x.dtype)
-        v = velocity(x, _tb(t, x))
-        if callback is not None:
-            callback({"i": i, "t": t, "t_next": tn, "x": x, "v": v})
-        x_e = x + h * v
-        x = x + h * 0.5 * (v + velocity(x_e, _tb(tn, x)))
-    return x
+    return _integrate(_heun_step, velocity, x, ts, callback)
 
 
-@torch.no_grad()
 def sample_midpoint(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None) -> torch.Tensor:
     """Explicit midpoint; two velocity evaluations per step."""
-    for i in range(len(ts) - 1):
-        t, tn = ts[i], ts[i + 1]
-        h = (tn - t).to(x.dtype)
-        v = velocity(x, _tb(t, x))
-        if callback is not None:
-            callback({"i": i, "t": t, "t_next": tn, "x": x, "v": v})
-        x = x + h * velocity(x + 0.5 * h * v, _tb(t + 0.5 * (tn - t), x))
-    return x
+    return _integrate(_midpoint_step, velocity, x, ts, callback)
 
 
-@torch.no_grad()
 def sample_rk4(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None) -> torch.Tensor:
     """Classical fourth-order Runge-Kutta; four velocity evaluations per step."""
-    for i in range(len(ts) - 1):
-        t, tn = ts[i], ts[i + 1]
-        h = (tn - t).to(x.dtype)
-        tm = t + 0.5 * (tn - t)
-        k1 = velocity(x, _tb(t, x))
-        if callback is not None:
-            callback({"i": i, "t": t, "t_next": tn, "x": x, "v": k1})
-        k2 = velocity(x + 0.5 * h * k1, _tb(tm, x))
-        k3 = velocity(x + 0.5 * h * k2, _tb(tm, x))
-        k4 = velocity(x + h * k3, _tb(tn, x))
-        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return x
+    return _integrate(_rk4_step, velocity, x, ts, callback)
 
 
 @torch.no_grad()
