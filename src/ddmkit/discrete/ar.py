@@ -65,9 +65,9 @@ def mixture_logprobs(expert_logp: torch.Tensor, weights: torch.Tensor) -> torch.
     return torch.logsumexp(logw + expert_logp, dim=0)
 
 
-def bits_per_byte(logp: torch.Tensor) -> float:
-    """Mean of -log2 p over all entries of a log-probability (nats) tensor."""
-    return float(-logp.double().mean() / math.log(2))
+def total_bits(logp: torch.Tensor) -> float:
+    """-sum log2 p over all entries of a log-probability tensor (nats in)."""
+    return float(-logp.double().sum() / math.log(2))
 
 
 @torch.no_grad()

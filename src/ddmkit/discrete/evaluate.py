@@ -14,14 +14,13 @@ from collections import defaultdict
 import torch
 
 from ddmkit.discrete.ar import (ar_inputs, bayes_posterior, bayes_router, learned_router, mixture_logprobs, route,
-                                sample_ar, token_logprobs)
+                                sample_ar, token_logprobs, total_bits)
 from ddmkit.discrete.dfm import elbo_bits, mask_path, mixture_denoiser, model_denoiser, sample_dfm
 from ddmkit.discrete.shards import eval_windows
 from ddmkit.discrete.tokens import decode, encode
 from ddmkit.errors import DDMError
 from ddmkit.routing.strategies import RoutingState, parse_strategy
 
-LN2 = torch.log(torch.tensor(2.0, dtype=torch.float64)).item()
 DFM_ROUTER_TIMES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
@@ -73,14 +72,14 @@ def evaluate_ar(experts, central, routers: dict, prior: torch.Tensor, test_strea
         n_windows += len(w)
         logq = torch.stack([token_logprobs(m, w) for m in experts]).double()  # (K, B, L)
         if central is not None:
-            tally.add("centralized", c, -float(token_logprobs(central, w).double().sum()) / LN2, w.numel())
-        tally.add("own expert (true cluster)", c, -float(logq[c].sum()) / LN2, w.numel())
+            tally.add("centralized", c, total_bits(token_logprobs(central, w)), w.numel())
+        tally.add("own expert (true cluster)", c, total_bits(logq[c]), w.numel())
         for name, model in routers.items():
             probs = bayes_posterior(logq, prior) if model is None else model(ar_inputs(w)).double().softmax(-1)
             correct[name] += (probs[:, positions].argmax(-1) == c).double().sum(0).float()
             for spec in cfg.evaluate.strategies:
                 weights = route(probs, parse_strategy(spec), _state(cfg.seed))
-                tally.add(f"{name} / {spec}", c, -float(mixture_logprobs(logq, weights).sum()) / LN2, w.numel())
+                tally.add(f"{name} / {spec}", c, total_bits(mixture_logprobs(logq, weights)), w.numel())
     if n_windows == 0:
         raise DDMError("evaluate: no held-out window in any cluster; lower model.seq_len or raise "
                        "corpus.test_fraction")
