@@ -156,7 +156,7 @@ def time_methods(methods: dict, x1, ts, repeats: int, device, precision) -> dict
         for name, run in methods.items():
             s, rows[name] = timed(run, x1, ts, device, precision)
             seconds[name].append(s)
-    return {name: (statistics.median(seconds[name]), rows[name] / len(x1)) for name in methods}
+    return {name: (statistics.median(seconds[name]), rows[name] / len(x1), min(seconds[name])) for name in methods}
 
 
 def time_loop(experts, router, x1, ts, args, device, precision) -> tuple[float, float]:
@@ -166,7 +166,7 @@ def time_loop(experts, router, x1, ts, args, device, precision) -> tuple[float, 
     one_step = ts[:2]
     timed(run, x1[:2], one_step, device, precision)  # warm-up
     s, rows = min(timed(run, x1[:n], one_step, device, precision) for _ in range(2))
-    return s * len(x1) / n, rows / n
+    return s * len(x1) / n, rows / n, s * len(x1) / n
 
 
 # ---------------------------------------------------------------- one configuration
@@ -207,20 +207,28 @@ def measure(k: int, batches: list[int], args, device, precision) -> list[dict]:
 COLUMNS = ROUTED + ["top-2 m=4", "monolith", "naive top-2", "loop top-2"]
 
 
-def print_tables(results: list[dict]) -> None:
-    for k in sorted({r["K"] for r in results}):
-        rows = [r for r in results if r["K"] == k]
+def ratios(r: dict, at: int) -> list[float]:
+    """top-2/full, top-1/monolith, naive/top-2, loop/top-2 from median (at=0) or best (at=2) times."""
+    sec = {c: r[c][at] for c in COLUMNS}
+    return [sec["top-2"] / sec["full"], sec["top-1"] / sec["monolith"], sec["naive top-2"] / sec["top-2"],
+            sec["loop top-2"] / sec["top-2"]]
+
+
+def print_table(rows: list[dict]) -> None:
+    """One K: ms per step of every method, the ratios, evaluations per sample."""
+    if rows:
+        k = rows[0]["K"]
         print(f"\n### K = {k}: ms per Euler step (median)\n")
         print("| batch | " + " | ".join(COLUMNS) + " | top-2/full | top-1/monolith | naive/top-2 | loop/top-2 |")
         print("|" + "---:|" * (len(COLUMNS) + 5))
         for r in rows:
             ms = [f"{r[c][0] * 1e3:.2f}" for c in COLUMNS]
-            sec = {c: r[c][0] for c in COLUMNS}
-            ratios = [sec["top-2"] / sec["full"], sec["top-1"] / sec["monolith"],
-                      sec["naive top-2"] / sec["top-2"], sec["loop top-2"] / sec["top-2"]]
-            print(f"| {r['batch']} | " + " | ".join(ms) + " | " + " | ".join(f"{v:.2f}" for v in ratios) + " |")
+            print(f"| {r['batch']} | " + " | ".join(ms) + " | " + " | ".join(f"{v:.2f}" for v in ratios(r, 0)) + " |")
         evals = {c: statistics.mean(r[c][1] for r in rows) for c in COLUMNS}
         print("\nexpert evaluations per sample per step: " + ", ".join(f"{c} {v:.2f}" for c, v in evals.items()))
+        best = "; ".join(f"batch {r['batch']}: " + ", ".join(f"{v:.2f}" for v in ratios(r, 2)) for r in rows)
+        print(f"same ratios from the best of the repeats (less sensitive to other jobs on the machine): {best}",
+              flush=True)
 
 
 # ---------------------------------------------------------------- torch.compile (GPU)
@@ -289,17 +297,18 @@ def main() -> None:
     results = []
     with torch.no_grad():
         for k in args.ks:
-            results += measure(k, args.batches, args, device, precision)
-        print_tables(results)
+            rows = measure(k, args.batches, args, device, precision)
+            print_table(rows)
+            results += rows
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
         if args.compile:
             try:
                 measure_compiled(8, [b for b in args.batches if b >= 1024], args, device, precision)
             except Exception as e:  # a compile failure must not lose the tables above
                 print(f"torch.compile failed: {type(e).__name__}: {str(e)[:300]}")
     print(f"\ntotal {time.perf_counter() - start:.0f} s", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -61,11 +61,19 @@ class DispatchPlan:
     counts: list[int]  # rows per active expert, > 0
 
 
+def _nonzero(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices of the True entries; the count is known, so no second host sync where nonzero_static runs."""
+    try:
+        return torch.nonzero_static(mask, size=size)
+    except (RuntimeError, NotImplementedError):  # builds without nonzero_static for this device
+        return mask.nonzero()
+
+
 def make_plan(weights: torch.Tensor) -> DispatchPlan:
     """Group the non-zero entries of weights (B, K) by expert: one host sync."""
     active = weights != 0
     per_expert = active.sum(0).tolist()  # the host sync
-    pairs = torch.nonzero_static(active.T, size=sum(per_expert))  # (P, 2) = (expert, row), expert-major
+    pairs = _nonzero(active.T, sum(per_expert))  # (P, 2) = (expert, row), expert-major
     rows = pairs[:, 1]
     return DispatchPlan(rows=rows, weights=weights[rows, pairs[:, 0]],
                         experts=[k for k, n in enumerate(per_expert) if n], counts=[n for n in per_expert if n])
