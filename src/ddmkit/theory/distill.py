@@ -16,7 +16,7 @@ of Lambda(T) in D and sigma, with fitted log-log exponents.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -277,7 +277,3 @@ def findings(results: dict) -> list[str]:
     notes.append(f"largest measured gain: {100 * best[0]:.1f}% ({best[1]['path']}, D/sigma={best[1]['ratio']:g}, "
                  f"S={best[2]}); the paper reports up to 51.9% at S=8.")
     return notes
-
-
-def with_seed(s: DistillSettings, seed: int) -> DistillSettings:
-    return replace(s, seed=seed)
