@@ -75,26 +75,26 @@ def flops_per_row(net, shape, device) -> float:
 # ---------------------------------------------------------------- methods
 # Each method runs `steps` Euler steps from x1 and returns the expert rows it evaluated.
 
-def routed_method(experts, router, strategy: str, router_every: int = 1):
+def euler_method(make_velocity):
+    """A method from a factory (counter, state) -> velocity field: fresh counter and routing state per run."""
     def run(x1, ts):
         counter = CallCounter()
         state = RoutingState(generator=torch.Generator(device=x1.device).manual_seed(1))
-        field = routed_velocity(experts, router, parse_strategy(strategy), state, counter, router_every=router_every)
-        sample_euler(field, x1, ts)
+        sample_euler(make_velocity(counter, state), x1, ts)
         return counter.total_rows
     return run
+
+
+def routed_method(experts, router, strategy: str, router_every: int = 1):
+    strat = parse_strategy(strategy)
+    return euler_method(lambda counter, state: routed_velocity(experts, router, strat, state, counter,
+                                                                router_every=router_every))
 
 
 def naive_method(experts, router, strategy: str):
     strat = parse_strategy(strategy)
-
-    def run(x1, ts):
-        counter = CallCounter()
-        state = RoutingState(generator=torch.Generator(device=x1.device).manual_seed(1))
-        sample_euler(lambda x, t: combine_dense(experts, strat.weights(router(x, t), state), x, t, counter=counter),
-                     x1, ts)
-        return counter.total_rows
-    return run
+    return euler_method(lambda counter, state: lambda x, t: combine_dense(
+        experts, strat.weights(router(x, t), state), x, t, counter=counter))
 
 
 def monolith_method(net):
@@ -119,13 +119,7 @@ def loop_velocity(experts, router, strat, state, x, t, counter):
 
 def loop_method(experts, router, strategy: str):
     strat = parse_strategy(strategy)
-
-    def run(x1, ts):
-        counter = CallCounter()
-        state = RoutingState(generator=torch.Generator(device=x1.device).manual_seed(1))
-        sample_euler(lambda x, t: loop_velocity(experts, router, strat, state, x, t, counter), x1, ts)
-        return counter.total_rows
-    return run
+    return euler_method(lambda counter, state: lambda x, t: loop_velocity(experts, router, strat, state, x, t, counter))
 
 
 # ---------------------------------------------------------------- timing
