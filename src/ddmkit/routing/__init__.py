@@ -4,3 +4,4 @@ from ddmkit.routing.strategies import STRATEGY_FORMS, RoutingState, parse_strate
 
 __all__ = ["STRATEGY_FORMS", "CallCounter", "RoutingState", "combine", "combine_dense", "parse_strategy",
            "register_strategy", "routed_velocity"]
+from ddmkit.analysis import strategies as _alignment_strategies  # noqa: E402,F401  (registers adaptive-P, adaptive-ent-H, gated-K@A)

@@ -1,0 +1,116 @@
+"""Expert-data alignment: where the routed experts' data lies, how well each expert predicts,
+and how much the experts disagree. Definitions are ddmkit's own (the paper's are not public).
+
+Cluster distance, at every step of a trajectory, with phi the partition's feature map and c_k
+its centroids:
+
+    x0_hat = x_t - t v,   d_k = |phi(x0_hat) - c_k|,   rank_k = 1 + #{j : d_j < d_k}
+    hit    = [argmax_k w_k = argmin_k d_k]             (the main routed expert is the nearest cluster)
+    rank   = sum_k w_k rank_k                          (1 = all weight on the nearest cluster)
+
+Disagreement, from all K expert velocities v_k at the state, router probabilities r and
+routed velocity v, with theta(a, b) = arccos(a.b / |a||b|) in degrees:
+
+    D_pair = sum_{j != k} r_j r_k theta(v_j, v_k) / sum_{j != k} r_j r_k
+    D_mean = sum_k r_k theta(v_k, v)
+
+Per-expert error on held-out data x noised to x_t = (1 - t) x + t eps:
+
+    e_k = |v_k(x_t) - (eps - x)|^2 / D,   split by whether the strategy routes x_t to k;
+    e*_k = |v_k(x_t) - v*_k(x_t)|^2 / D   (mixtures: v*_k the exact velocity of cluster k)
+    TV  = 1/2 sum_k |r_k(x_t) - r*_k(x_t)|  (r* the exact posterior of the clusters)
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ddmkit.analysis.trace import strategy_weights
+from ddmkit.pipeline.ddm import DDM
+
+
+def expert_velocities(experts: Sequence, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Every expert on every row, flattened: (B, K, D)."""
+    return torch.stack([e(x, t).reshape(len(x), -1) for e in experts], 1)
+
+
+def angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """theta(a, b) in degrees along the last dimension."""
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)
+    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+
+def disagreement(vk: torch.Tensor, probs: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+    """D_pair and D_mean per row from expert velocities vk (B, K, D), r (B, K), routed v (B, D)."""
+    theta = angle(vk[:, :, None, :], vk[:, None, :, :])  # (B, K, K)
+    pw = probs[:, :, None] * probs[:, None, :] * (1 - torch.eye(probs.shape[1], dtype=probs.dtype))
+    pair = (pw * theta).sum((1, 2)) / pw.sum((1, 2)).clamp_min(1e-30)
+    to_mean = (probs * angle(vk, v.reshape(len(v), 1, -1))).sum(1)
+    return {"pair": pair, "mean": to_mean}
+
+
+def cluster_alignment(x0_hat: torch.Tensor, w: torch.Tensor, features, centroids: torch.Tensor) -> dict:
+    """hit, rank, distance to the nearest centroid and weighted distance to the routed centroids, per row."""
+    d = torch.cdist(features(x0_hat).double(), centroids.double())
+    rank = d.argsort(1).argsort(1).double() + 1
+    w = w.double()
+    return {"hit": (w.argmax(1) == d.argmin(1)).double(), "rank": (w * rank).sum(1),
+            "dist_nearest": d.min(1).values, "dist_routed": (w * d).sum(1)}
+
+
+def trajectory_alignment(ddm: DDM, tr, features, centroids: torch.Tensor, max_steps: int | None = None) -> dict:
+    """Cluster alignment and disagreement at the steps of a trace: (steps, B) tensors + step times."""
+    n = len(tr.t)
+    steps = list(range(n)) if not max_steps or max_steps >= n else \
+        torch.linspace(0, n - 1, max_steps).round().long().unique().tolist()
+    x0_hat = tr.x0_hat
+    keys = ("hit", "rank", "dist_nearest", "dist_routed", "pair", "mean")
+    out: dict[str, list] = {k: [] for k in keys}
+    for i in steps:
+        t = tr.t[i].expand(tr.x.shape[1]).to(tr.x.dtype)
+        al = cluster_alignment(x0_hat[i], tr.w[i], features, centroids)
+        vk = expert_velocities(ddm.experts, tr.x[i], t)
+        dis = disagreement(vk.double(), tr.probs[i].double(), tr.v[i].reshape(len(vk), -1).double())
+        for k in keys:
+            out[k].append((al | dis)[k])
+    res = {k: torch.stack(v) for k, v in out.items()}
+    res["t"] = tr.t[steps].double()
+    return res
+
+
+def heldout_errors(ddm: DDM, x: torch.Tensor, t_grid: Sequence[float], strategies: dict, seed: int = 0,
+                   exact: DDM | None = None) -> dict:
+    """Per t of the grid: every expert's error on held-out data, routed vs not routed per strategy;
+    with an exact DDM also the error against the exact cluster velocity and the router's TV error."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict = {"t": list(t_grid), "expert": [], "routed": {s: [] for s in strategies},
+                 "not_routed": {s: [] for s in strategies}}
+    if exact is not None:
+        out.update(expert_vs_exact=[], routed_vs_exact={s: [] for s in strategies}, router_tv=[])
+    for t0 in t_grid:
+        eps = torch.randn(x.shape, generator=gen).to(x)
+        t = torch.full((len(x),), float(t0), dtype=x.dtype)
+        xt = (1 - t0) * x + t0 * eps
+        vk = expert_velocities(ddm.experts, xt, t)
+        err = ((vk - (eps - x).reshape(len(x), 1, -1)) ** 2).mean(-1)  # (B, K)
+        probs = ddm.router(xt, t)
+        x0_hat = xt - t0 * (probs[:, :, None] * vk).sum(1).reshape(xt.shape)
+        out["expert"].append(err.mean(0).tolist())
+        if exact is not None:
+            err_exact = ((vk - expert_velocities(exact.experts, xt, t)) ** 2).mean(-1)
+            out["expert_vs_exact"].append(err_exact.mean(0).tolist())
+            out["router_tv"].append(float(0.5 * (probs - exact.router(xt, t)).abs().sum(1).mean()))
+        for name, strat in strategies.items():
+            routed = strategy_weights(ddm, strat, probs, xt, t, x0_hat, seed) > 0
+            out["routed"][name].append(masked_mean(err, routed))
+            out["not_routed"][name].append(masked_mean(err, ~routed))
+            if exact is not None:
+                out["routed_vs_exact"][name].append(masked_mean(err_exact, routed))
+    return out
+
+
+def masked_mean(a: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of the entries of a where mask holds (nan when none)."""
+    return float(a[mask].mean()) if mask.any() else math.nan

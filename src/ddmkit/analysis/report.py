@@ -1,0 +1,177 @@
+"""Plots and the Markdown page of `ddmkit analyze`."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ddmkit.pipeline.report import _save, markdown_table  # noqa: E402
+
+
+def _axes(xlabel="t (0 = data, 1 = noise)", ylabel="", log=False):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def plot_lipschitz(per: dict, path: Path) -> None:
+    """L_top (solid) and L_fd (dotted) vs t, one colour per strategy."""
+    fig, ax = _axes(ylabel="L_eff (solid: sigma_max by JVP; dotted: finite differences)", log=True)
+    for name, r in per.items():
+        line, = ax.plot(r["lipschitz"]["t"], r["lipschitz"]["top"], label=name)
+        ax.plot(r["lipschitz"]["t"], r["lipschitz"]["fd"], ":", color=line.get_color())
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def plot_expert_error(held: dict, path: Path) -> None:
+    """Per-expert error on held-out data, routed (solid) vs not routed (dashed), vs t."""
+    fig, ax = _axes(ylabel="expert MSE vs eps - x (solid routed, dashed not)", log=True)
+    for name in held["routed"]:
+        if all(math.isnan(v) for v in held["not_routed"][name]):
+            continue
+        line, = ax.plot(held["t"], held["routed"][name], label=name)
+        ax.plot(held["t"], held["not_routed"][name], "--", color=line.get_color())
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def plot_disagreement(per: dict, path: Path) -> None:
+    fig, ax = _axes(ylabel="D_pair: router-weighted angle between experts (deg)")
+    for name, r in per.items():
+        ax.plot(r["by_step"]["t"], r["by_step"]["pair"], label=name)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def plot_quality_scatter(points: dict, qname: str, path: Path) -> None:
+    """Per-sample quality vs per-sample disagreement, one panel per strategy."""
+    names = list(points)
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        d, q = points[name]
+        ax.scatter(d, q, s=2, alpha=0.4)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("D_pair (deg)", fontsize=8)
+        ax.set_ylabel(qname, fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    _save(fig, path)
+
+
+TABLE = [("expert calls/sample", "calls"), ("quality q", "q"), ("W2", "w2"), ("L_top", "L_top"),
+         ("L_rand", "L_rand"), ("L_fd", "L_fd"), ("amplification (median)", "amp_median"),
+         ("Delta_refine", "delta_refine"), ("nearest hit", "hit"), ("mean rank", "rank"),
+         ("D_pair (deg)", "pair"), ("D_mean (deg)", "mean"), ("err routed", "err_routed"),
+         ("err not routed", "err_not_routed")]
+
+
+def strategy_table(per: dict) -> str:
+    return markdown_table(["strategy"] + [c for c, _ in TABLE],
+                          [[name] + [r["summary"].get(k) for _, k in TABLE] for name, r in per.items()])
+
+
+def band_table(per: dict, key: str) -> str:
+    bands = next(iter(per.values()))["bands"]["t"]
+    return markdown_table(["strategy"] + bands, [[n] + r["bands"][key] for n, r in per.items()])
+
+
+def _ci(c: dict) -> str:
+    return f"{c['rho']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]"
+
+
+def render(res: dict) -> str:
+    per, held, link = res["strategies"], res["heldout"], res["link"]
+    qname = res["quality_name"]
+    corr_rows = [[n, _ci(r["link"]["disagreement"]), _ci(r["link"]["rank"])] for n, r in per.items()]
+    err_rows = [[f"{t:.2f}"] + [f"{held['routed'][n][i]:.3g} / {held['not_routed'][n][i]:.3g}" for n in held["routed"]]
+                for i, t in enumerate(held["t"])]
+    exact = ""
+    if "router_tv" in held:
+        ex_rows = [[f"{t:.2f}", held["router_tv"][i], min(held["expert_vs_exact"][i]), max(held["expert_vs_exact"][i])]
+                   for i, t in enumerate(held["t"])]
+        exact = ("Against the exact mixture (cluster k's exact velocity v*_k; the exact cluster posterior r*):\n\n"
+                 + markdown_table(["t", "router TV", "min_k e*_k", "max_k e*_k"], ex_rows) + "\n")
+    cmp_rows = [[n, c["calls"], c["baseline"], c["calls_baseline"], f"{c['diff']['mean']:+.4g} "
+                 f"[{c['diff']['lo']:+.4g}, {c['diff']['hi']:+.4g}]", c["word"]] for n, c in res["compare"].items()]
+    s = res["settings"]
+    return f"""# ddmkit analysis: stability vs expert-data alignment
+
+Run `{res['run']}`; {s['n']} trajectories per strategy from the same noise (seed {s['seed']}), {s['solver']},
+N = {s['steps']} steps; Jacobians on {s['jvp_rows']} rows at up to {s['max_steps']} steps. Quality q per sample:
+{qname} (lower is better). Definitions: docs/analysis.md (ddmkit's own; the paper's are not public).
+Numbers are measured on this run. Wall time {res['wall_time']:.1f}s.
+
+## Strategies
+
+{strategy_table(per)}
+
+q: mean per-sample {qname}; W2: exact W2 of the {s['n']} samples against {s['n']} held-out points
+(floor, held-out against held-out: {res['w2_floor']:.4g}). L_*: means over steps; err: per-expert MSE on
+held-out data averaged over the t grid.
+
+## Verdict: stability vs quality across strategies
+
+Spearman rho across strategies, bootstrap over samples (95% CI):
+
+- Delta_refine vs q: {_ci(link['refine_vs_q'])}; **{link['verdict']}**
+- amplification vs q: {_ci(link['amp_vs_q'])}
+- mean rank (alignment) vs q: {_ci(link['rank_vs_q'])}
+- D_pair (disagreement) vs q: {_ci(link['pair_vs_q'])}
+- L_top vs q (point estimate over strategies, no CI): {link['ltop_vs_q']:+.2f}
+
+![quality vs disagreement](plots/quality_vs_disagreement.png)
+
+## Stability
+
+![L_eff](plots/lipschitz.png)
+
+L_top per t band:
+
+{band_table(per, 'L_top')}
+
+## Alignment
+
+Share of steps whose main routed expert is the nearest cluster to x0_hat, per t band:
+
+{band_table(per, 'hit')}
+
+Mean rank of the routed experts (1 = nearest), per t band:
+
+{band_table(per, 'rank')}
+
+Per-expert error on held-out data (routed / not routed):
+
+{markdown_table(['t'] + list(held['routed']), err_rows)}
+
+{exact}
+![expert error](plots/expert_error.png)
+
+Disagreement D_pair per t band:
+
+{band_table(per, 'pair')}
+
+![disagreement](plots/disagreement.png)
+
+Within each strategy, Spearman rho (95% CI) of per-sample q with per-sample disagreement D_pair and with
+mean rank:
+
+{markdown_table(['strategy', 'q vs D_pair', 'q vs rank'], corr_rows)}
+
+## Alignment-based routing vs fixed top-k
+
+Paired difference of mean q against the fixed top-k baseline with the nearest expert-call count (same
+noise, bootstrap 95% CI; negative = better than the baseline):
+
+{markdown_table(['strategy', 'calls/sample', 'baseline', 'baseline calls', 'q - q_baseline', 'reading'], cmp_rows)}
+"""

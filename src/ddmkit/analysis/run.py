@@ -1,0 +1,186 @@
+"""`ddmkit analyze RUN_DIR`: every diagnostic over a set of strategies, from one recorded pass each.
+
+Per strategy: one recorded trajectory of n samples (N steps), one with 2N steps (Delta_refine),
+one from perturbed noise (amplification); Jacobians on a row subset at up to max_steps steps;
+all K experts at every recorded step (alignment, disagreement). Once: every expert on held-out
+data at a grid of t. Writes OUT/analysis.md, analysis.json and plots/ (OUT = RUN/analysis).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ddmkit.analysis.alignment import heldout_errors, trajectory_alignment
+from ddmkit.analysis.quality import across_strategies, paired_difference, per_sample_quality, spearman_ci, verdict
+from ddmkit.analysis.report import plot_disagreement, plot_expert_error, plot_lipschitz, plot_quality_scatter, render
+from ddmkit.analysis.stability import amplification, data_scale, local_lipschitz, refinement_gap
+from ddmkit.analysis.trace import trace_strategy
+from ddmkit.data.partition import feature_map, load_partition
+from ddmkit.errors import DDMError
+from ddmkit.io import write_json
+from ddmkit.metrics import w2_exact
+from ddmkit.pipeline.ddm import exact_ddm, load_ddm
+from ddmkit.pipeline.run import load_split, run_config
+from ddmkit.pipeline.sampling import start_noise
+from ddmkit.routing import parse_strategy
+
+BANDS = [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)]
+FIXED = ["full", "top-1", "top-2", "sample-2", "switch", "oracle", "nearest"]
+ALIGNED = ["adaptive-0.9", "adaptive-ent-0.5", "gated-2@30"]
+
+
+def default_strategies(cfg) -> list[str]:
+    """full, top-1, top-2, sample-2, the run's threshold (or threshold-0.05), switch, oracle, nearest,
+    and the alignment-based adaptive-0.9, adaptive-ent-0.5, gated-2@30."""
+    threshold = next((s for s in cfg.sample.strategies if s.startswith("threshold-")), "threshold-0.05")
+    return FIXED[:4] + [threshold] + FIXED[4:] + ALIGNED
+
+
+def check_strategies(names: Sequence[str]) -> dict:
+    out = {}
+    for name in names:
+        try:
+            out[name] = parse_strategy(name)
+        except DDMError as e:
+            raise DDMError(f"--strategy: {e} (or adaptive-P, adaptive-ent-H, gated-K@A)") from None
+    if not out:
+        raise DDMError("--strategy: give at least one routing strategy, e.g. top-2")
+    return out
+
+
+def band_means(t: torch.Tensor, values: torch.Tensor) -> list[float]:
+    """Mean of per-step values (steps, B) in each t band."""
+    out = []
+    for lo, hi in BANDS:
+        sel = (t >= lo) & (t < hi)
+        out.append(float(values[sel].mean()) if sel.any() else math.nan)
+    return out
+
+
+def analyze_strategy(ddm, name: str, x1, steps: int, solver: str, seed: int, ctx: dict, settings: dict) -> dict:
+    """Every per-strategy diagnostic from one recorded pass (+ the 2N and perturbed passes)."""
+    start = time.perf_counter()
+    tr = trace_strategy(ddm, name, x1, steps, solver, seed)
+    rows = torch.arange(min(settings["jvp_rows"], len(x1)))
+    lip = local_lipschitz(ddm, tr, rows, settings["max_steps"], seed=seed)
+    amp = amplification(ddm, tr, steps, solver, seed)
+    x0_2n = trace_strategy(ddm, name, x1, 2 * steps, solver, seed, record=False).x0
+    dref = refinement_gap(tr.x0, x0_2n, ctx["scale"])
+    al = trajectory_alignment(ddm, tr, ctx["features"], ctx["centroids"])
+    q, _ = per_sample_quality(tr.x0, ctx["truth"], ctx["reference"], ctx["features"])
+    per_sample = {"q": q, "pair": al["pair"].mean(0), "rank": al["rank"].mean(0), "delta_refine": dref, "amp": amp}
+    t = al["t"]
+    lt = torch.tensor(lip["t"], dtype=torch.float64)
+    summary = {"calls": tr.expert_calls_per_sample, "q": float(q.mean()),
+               "w2": w2_exact(tr.x0[:ctx["n_w2"]], ctx["reference"][:ctx["n_w2"]]),
+               "L_top": float(np.mean(lip["top"])), "L_rand": float(np.mean(lip["rand"])),
+               "L_fd": float(np.mean(lip["fd"])), "amp_mean": float(amp.mean()), "amp_median": float(amp.median()),
+               "delta_refine": float(dref.mean()), "hit": float(al["hit"].mean()), "rank": float(al["rank"].mean()),
+               "pair": float(al["pair"].mean()), "mean": float(al["mean"].mean())}
+    return {
+        "summary": summary,
+        "lipschitz": lip,
+        "by_step": {"t": t.tolist(), **{k: al[k].mean(1).tolist() for k in ("hit", "rank", "pair", "mean",
+                                                                             "dist_nearest", "dist_routed")}},
+        "bands": {"t": [f"[{lo:.2f}, {min(hi, 1):.2f}]" for lo, hi in BANDS],
+                  "L_top": band_means(lt, torch.tensor(lip["top"])[:, None]),
+                  **{k: band_means(t, al[k]) for k in ("hit", "rank", "pair")}},
+        "link": {"disagreement": spearman_ci(q, per_sample["pair"], settings["n_boot"], seed),
+                 "rank": spearman_ci(q, per_sample["rank"], settings["n_boot"], seed)},
+        "per_sample": per_sample,
+        "wall_time": time.perf_counter() - start,
+    }
+
+
+def compare_to_fixed(per: dict, n_boot: int, seed: int) -> dict:
+    """Each non-top-k strategy against the fixed top-k with the nearest expert-call count."""
+    fixed = {n: r for n, r in per.items() if n.startswith("top-")}
+    out = {}
+    for name, r in per.items():
+        if name in fixed or not fixed:
+            continue
+        calls = r["summary"]["calls"]
+        base = min(fixed, key=lambda n: (abs(fixed[n]["summary"]["calls"] - calls), n))
+        diff = paired_difference(r["per_sample"]["q"], fixed[base]["per_sample"]["q"], n_boot, seed)
+        word = "better" if diff["hi"] < 0 else "worse" if diff["lo"] > 0 else "no clear difference"
+        out[name] = {"calls": calls, "baseline": base, "calls_baseline": fixed[base]["summary"]["calls"],
+                     "diff": diff, "word": word}
+    return out
+
+
+def strategy_links(per: dict, n_boot: int, seed: int) -> dict:
+    stack = {k: np.stack([r["per_sample"][k].numpy() for r in per.values()]) for k in
+             ("q", "delta_refine", "amp", "rank", "pair")}
+    link = {f"{k}_vs_q": across_strategies(stack[key], stack["q"], n_boot, seed)
+            for k, key in (("refine", "delta_refine"), ("amp", "amp"), ("rank", "rank"), ("pair", "pair"))}
+    ltop = [r["summary"]["L_top"] for r in per.values()]
+    qs = [r["summary"]["q"] for r in per.values()]
+    from scipy.stats import spearmanr
+
+    link["ltop_vs_q"] = float(spearmanr(ltop, qs).statistic) if len(per) > 2 else math.nan
+    link["verdict"] = verdict(link["refine_vs_q"]) if len(per) > 2 else "needs at least 3 strategies"
+    return link
+
+
+def analyze_run(run_dir: str | Path, out: str | Path | None = None, strategies: Sequence[str] | None = None,
+                n: int = 1000, seed: int | None = None, max_steps: int = 25, jvp_rows: int = 256,
+                n_boot: int = 200, n_heldout: int = 2000, log: Callable[[str], None] = print) -> dict:
+    """All diagnostics of a trained run; writes OUT/analysis.md, analysis.json, plots/ and returns the result."""
+    start = time.perf_counter()
+    run = Path(run_dir)
+    if not (run / "config.json").exists() or not (run / "router" / "model.safetensors").exists():
+        raise DDMError(f"RUN_DIR {run}: not a trained ddmkit run (needs config.json, experts/ and router/); "
+                       "run `ddmkit run CONFIG --out RUN_DIR` first")
+    if n < 2 or jvp_rows < 1 or max_steps < 1:
+        raise DDMError("--n must be >= 2, --jvp-rows >= 1 and --max-steps >= 1")
+    cfg = run_config(run)
+    names = list(strategies) if strategies else default_strategies(cfg)
+    strats = check_strategies(names)
+    out = Path(out) if out is not None else run / "analysis"
+    ddm = load_ddm(run)
+    test = load_split(run, "test")
+    manifest, ptensors = load_partition(run / "partition")
+    s = cfg.sample
+    seed = s.seed if seed is None else seed
+    x1 = start_noise(max(s.n, n), ddm.data_shape, seed)[:n]
+    settings = {"n": n, "seed": seed, "steps": s.steps, "solver": s.solver, "max_steps": max_steps,
+                "jvp_rows": min(jvp_rows, n), "n_boot": n_boot, "strategies": names}
+    ctx = {"scale": data_scale(test.x), "features": feature_map(manifest, ptensors), "truth": test.truth,
+           "centroids": ptensors["centroids"], "reference": test.x[:max(n, 2000)], "n_w2": min(n, 1000)}
+    per = {}
+    for name in names:
+        per[name] = analyze_strategy(ddm, name, x1, s.steps, s.solver, seed, ctx, settings)
+        log(f"analyze {name}: {per[name]['wall_time']:.1f}s, q {per[name]['summary']['q']:.4g}, "
+            f"Delta_refine {per[name]['summary']['delta_refine']:.4g}")
+    exact = None
+    if test.truth is not None:
+        try:
+            exact = exact_ddm(run)
+        except DDMError:
+            exact = None
+    held = heldout_errors(ddm, test.x[-n_heldout:], [0.05 + 0.1 * i for i in range(10)], strats, seed, exact)
+    for name, r in per.items():
+        r["summary"]["err_routed"] = float(np.nanmean(held["routed"][name]))
+        nr = [v for v in held["not_routed"][name] if not math.isnan(v)]
+        r["summary"]["err_not_routed"] = float(np.mean(nr)) if nr else math.nan
+    m = ctx["n_w2"]
+    result = {"run": str(run), "settings": settings, "quality_name": "NLL" if test.truth is not None else "NN distance",
+              "w2_floor": w2_exact(test.x[:m], test.x[-m:]), "strategies": per, "heldout": held,
+              "link": strategy_links(per, n_boot, seed), "compare": compare_to_fixed(per, n_boot, seed)}
+    plots = out / "plots"
+    plot_lipschitz(per, plots / "lipschitz.png")
+    plot_expert_error(held, plots / "expert_error.png")
+    plot_disagreement(per, plots / "disagreement.png")
+    plot_quality_scatter({nm: (r["per_sample"]["pair"], r["per_sample"]["q"]) for nm, r in per.items()},
+                         result["quality_name"], plots / "quality_vs_disagreement.png")
+    result["wall_time"] = time.perf_counter() - start
+    write_json(out / "analysis.json", {**result, "strategies": {nm: {k: v for k, v in r.items() if k != "per_sample"}
+                                                                 for nm, r in per.items()}})
+    (out / "analysis.md").write_text(render(result))
+    log(f"analysis: {out / 'analysis.md'} ({result['wall_time']:.1f}s)")
+    return result

@@ -1,0 +1,117 @@
+"""Routing strategies built on what the alignment diagnostics measure.
+
+    adaptive-P         the fewest experts (by router probability) whose mass reaches P, weights r renormalised
+    adaptive-ent-H     top-1 while the router entropy H(r) <= H nats; otherwise the top
+                       m = ceil(exp(H(r))) experts (the router's perplexity), weights r renormalised
+    gated-K@A          top-K, but only top-1 where some routed expert's velocity is more than A degrees
+                       from the top expert's (experts that disagree are not averaged)
+
+Nearest-cluster routing by x0_hat (`nearest`) lives with the built-in strategies.
+`gated-K@A` looks at expert velocities, so it needs the state that the analysis sampler
+(ddmkit.analysis.trace) exposes; its probe evaluations are counted as expert calls.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ddmkit.errors import DDMError
+from ddmkit.routing import register_strategy
+
+
+def _renorm(w: torch.Tensor) -> torch.Tensor:
+    return w / w.sum(1, keepdim=True).clamp_min(1e-30)
+
+
+def keep_top(probs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """r restricted to the m_b largest entries of each row b, renormalised."""
+    order = probs.argsort(1, descending=True)
+    keep_sorted = torch.arange(probs.shape[1], device=probs.device)[None] < m[:, None]
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return _renorm(probs * keep)
+
+
+@dataclass(frozen=True)
+class AdaptiveMass:
+    p: float
+
+    @property
+    def name(self):
+        return f"adaptive-{self.p:g}"
+
+    def weights(self, probs, state):
+        sp = probs.sort(1, descending=True).values
+        m = ((sp.cumsum(1) - sp) < self.p).sum(1)  # entries whose preceding mass is still below p
+        return keep_top(probs, m.clamp_min(1))
+
+
+@dataclass(frozen=True)
+class AdaptiveEntropy:
+    h: float
+
+    @property
+    def name(self):
+        return f"adaptive-ent-{self.h:g}"
+
+    def weights(self, probs, state):
+        ent = -(probs * probs.clamp_min(1e-30).log()).sum(1)
+        m = torch.where(ent <= self.h, torch.ones_like(ent), ent.exp().ceil())
+        return keep_top(probs, m.long().clamp(1, probs.shape[1]))
+
+
+@dataclass(frozen=True)
+class GatedTopK:
+    k: int
+    angle: float
+
+    @property
+    def name(self):
+        return f"gated-{self.k}@{self.angle:g}"
+
+    def weights(self, probs, state):
+        if "experts" not in state.extra or "x" not in state.extra:
+            raise DDMError(f"strategy {self.name!r} compares expert velocities and needs the analysis sampler; "
+                           "use `ddmkit analyze --strategy` (or ddmkit.analysis.trace_strategy)")
+        k = min(self.k, probs.shape[1])
+        top = probs.topk(k, dim=1).indices
+        vk = probe(state, top)  # (B, k, D)
+        cos = (vk[:, 1:] * vk[:, :1]).sum(-1) / (vk[:, 1:].norm(dim=-1) * vk[:, :1].norm(dim=-1)).clamp_min(1e-30)
+        split = (cos < math.cos(math.radians(self.angle))).any(1) if k > 1 else torch.zeros(len(probs), dtype=bool)
+        m = torch.where(split, torch.ones_like(top[:, 0]), torch.full_like(top[:, 0], k))
+        return keep_top(probs, m)
+
+
+def probe(state, idx: torch.Tensor) -> torch.Tensor:
+    """Velocities (B, k, D) of experts idx[b, j] at the state's current (x, t), one call per expert used."""
+    x, t, experts, counter = state.extra["x"], state.extra["t"], state.extra["experts"], state.extra.get("counter")
+    out = torch.zeros(*idx.shape, x[0].numel(), dtype=x.dtype, device=x.device)
+    for e in idx.unique().tolist():
+        rows, slot = (idx == e).nonzero(as_tuple=True)
+        out[rows, slot] = experts[e](x[rows], t[rows]).reshape(len(rows), -1).to(x.dtype)
+        if counter is not None:
+            counter.add(e, len(rows))
+    return out
+
+
+def _check_mass(p: str):
+    if not 0 < float(p) <= 1:
+        raise ValueError("P must be in (0, 1]")
+    return AdaptiveMass(float(p))
+
+
+def _check_entropy(h: str):
+    return AdaptiveEntropy(float(h))
+
+
+def _check_gated(k: str, a: str):
+    if int(k) < 1 or not 0 <= float(a) <= 180:
+        raise ValueError("K must be >= 1 and the angle A in [0, 180] degrees")
+    return GatedTopK(int(k), float(a))
+
+
+ALIGNMENT_STRATEGY_FORMS = "adaptive-P, adaptive-ent-H, gated-K@A"
+register_strategy(r"adaptive-ent-([0-9.]+)", _check_entropy)
+register_strategy(r"adaptive-([0-9.]+)", _check_mass)
+register_strategy(r"gated-(\d+)@([0-9.]+)", _check_gated)

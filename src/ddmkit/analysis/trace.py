@@ -1,0 +1,109 @@
+"""Recorded sampling trajectories: one pass of the sampler per strategy, reused by every diagnostic.
+
+    tr = trace_strategy(ddm, "top-2", x1, steps=50, solver="euler", seed=0)
+    tr.x[i], tr.v[i], tr.t[i], tr.probs[i], tr.w[i]     # step i: state, velocity, time, router, weights
+
+The loop is the same as `pipeline.sampling.sample_ddm` (same solver, same
+routing state and seeding, so the same samples), with the routing state kept:
+the router is wrapped so every strategy can see the current (x, t) and the
+experts (`disagreement-gated` routing needs them), and the solver callback
+stores the first velocity evaluation of every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ddmkit.pipeline.ddm import DDM
+from ddmkit.pipeline.sampling import sample_field
+from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
+
+
+@dataclass
+class Trace:
+    """One strategy's recorded trajectories; per-step tensors are stacked on dim 0 (N steps)."""
+
+    strategy: str
+    x1: torch.Tensor  # (B, *shape) starting noise
+    x0: torch.Tensor  # (B, *shape) samples
+    t: torch.Tensor  # (N,)
+    x: torch.Tensor  # (N, B, *shape) state at the start of each step
+    v: torch.Tensor  # (N, B, *shape) routed velocity there
+    probs: torch.Tensor  # (N, B, K) router probabilities
+    w: torch.Tensor  # (N, B, K) routing weights the strategy used
+    x0_prev: list  # per step: the routing state's x0_hat before the step (None on the first)
+    oracle: torch.Tensor | None  # the oracle's fixed clusters, if any
+    expert_calls_per_sample: float
+
+    @property
+    def x0_hat(self) -> torch.Tensor:
+        """x0_hat = x_t - t v at every step, (N, B, *shape)."""
+        tb = self.t.reshape(-1, *([1] * (self.x.dim() - 1))).to(self.x.dtype)
+        return self.x - tb * self.v
+
+
+def new_state(ddm: DDM, seed: int, device="cpu") -> RoutingState:
+    """The routing state sample_ddm starts from (generator seeded with seed + 1)."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    return RoutingState(generator=gen, prior=ddm.prior, nearest=ddm.nearest)
+
+
+def hooked_field(ddm: DDM, strategy, state: RoutingState, counter: CallCounter | None = None):
+    """The routed velocity field, with (x, t, probs, experts, counter) visible to the strategy via state.extra."""
+    state.extra.update(experts=ddm.experts, counter=counter)
+
+    def router(x, t):
+        p = ddm.router(x, t)
+        state.extra.update(x=x, t=t, probs=p, x0_prev=state.x0_hat)
+        return p
+
+    return routed_velocity(ddm.experts, router, strategy, state, counter)
+
+
+def trace_strategy(ddm: DDM, strategy: str, x1: torch.Tensor, steps: int, solver: str = "euler",
+                   seed: int = 0, record: bool = True) -> Trace:
+    """Sample from x1 with one strategy, recording every step (record=False keeps only x0)."""
+    strat = parse_strategy(strategy)
+    state = new_state(ddm, seed, x1.device)
+    counter = CallCounter()
+    field = hooked_field(ddm, strat, state, counter)
+    rec: dict[str, list] = {key: [] for key in ("t", "x", "v", "probs", "w", "x0_prev")}
+
+    def callback(step):
+        if not record:
+            return
+        rec["t"].append(step["t"].reshape(()))
+        rec["x"].append(step["x"])
+        rec["v"].append(step["v"])
+        rec["probs"].append(state.extra["probs"])
+        rec["w"].append(state.extra["last_weights"])
+        rec["x0_prev"].append(state.extra["x0_prev"])
+
+    x0 = sample_field(field, x1, steps, solver, callback)
+    calls = counter.total_rows / len(x1)
+    if not record:
+        empty = torch.empty(0)
+        return Trace(strategy, x1, x0, empty, empty, empty, empty, empty, [], state.oracle, calls)
+    stack = {key: torch.stack(val) for key, val in rec.items() if key != "x0_prev"}
+    return Trace(strategy, x1, x0, stack["t"], stack["x"], stack["v"], stack["probs"], stack["w"],
+                 rec["x0_prev"], state.oracle, calls)
+
+
+def replay_state(ddm: DDM, tr: Trace, i: int, rows: torch.Tensor, seed: int) -> RoutingState:
+    """A routing state as it was at step i for the given rows (x0_hat memory, oracle), with a
+    fixed generator: two copies draw the same random numbers (common random numbers)."""
+    state = new_state(ddm, seed + 1000 + i, tr.x.device)
+    state.x0_hat = None if tr.x0_prev[i] is None else tr.x0_prev[i][rows]
+    state.oracle = None if tr.oracle is None else tr.oracle[rows]
+    return state
+
+
+def strategy_weights(ddm: DDM, strategy, probs: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                     x0_hat: torch.Tensor | None, seed: int = 0) -> torch.Tensor:
+    """The weights a strategy gives at states x (not on a trajectory): x0_hat stands in for the
+    previous step's estimate (nearest-cluster routing), randomness from a fixed seed."""
+    state = new_state(ddm, seed, x.device)
+    state.x0_hat = x0_hat
+    state.extra.update(experts=ddm.experts, counter=None, x=x, t=t, probs=probs)
+    return strategy.weights(probs, state)
