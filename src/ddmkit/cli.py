@@ -134,6 +134,22 @@ def evaluate(run: Path = typer.Argument(..., help="run folder with samples/")):
 
 
 @app.command()
+def analyze(run: Path = typer.Argument(..., help="trained run folder (experts/, router/, partition/)"),
+            out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/analysis)"),
+            strategy: Optional[List[str]] = typer.Option(None, help="routing strategy, repeatable (default: full, "
+                                                         "top-1, top-2, sample-2, threshold-P, switch, oracle, "
+                                                         "nearest, adaptive-0.9, adaptive-ent-0.5, gated-2@30)"),
+            n: int = typer.Option(1000, help="trajectories per strategy"),
+            seed: Optional[int] = typer.Option(None, help="noise seed (default: the run's)"),
+            max_steps: int = typer.Option(25, help="steps at which Jacobians are measured"),
+            jvp_rows: int = typer.Option(256, help="trajectories on which Jacobians are measured")):
+    """Stability vs expert-data alignment diagnostics; writes analysis.md, analysis.json, plots/."""
+    from ddmkit.analysis import analyze_run
+
+    analyze_run(run, out, strategy, n=n, seed=seed, max_steps=max_steps, jvp_rows=jvp_rows, log=log)
+
+
+@app.command()
 def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name (demo)"),
         out: Path = typer.Option(Path("runs/run"), "--out", help="run folder"),
         seed: Optional[int] = typer.Option(None, help="one seed for every stage (overrides config)"),
