@@ -37,7 +37,7 @@ def slurm_script(run: Path, k: int, ddmkit_cmd: str = "ddmkit", time: str = "24:
     q = shlex.quote
     lines = ["#!/bin/bash", _directive("job-name", "ddmkit-experts"), _directive("array", f"0-{k - 1}"),
              _directive("time", time), _directive("cpus-per-task", str(cpus)), _directive("mem", mem),
-             _directive("output", f"{run}/launch/logs/expert_%a.out")]
+             _directive("output", "ddmkit-expert-%A_%a.out")]  # in the submit folder: paths here are not quoted
     if gpus:
         lines.append(_directive("gres", f"gpu:{gpus}"))
     if partition:
@@ -52,14 +52,13 @@ def slurm_script(run: Path, k: int, ddmkit_cmd: str = "ddmkit", time: str = "24:
 
 
 def write_slurm_script(run: Path, path: Path | None = None, **options) -> Path:
-    """Write the script (default RUN/launch/train_experts.slurm) and the log folder."""
+    """Write the script (default RUN/launch/train_experts.slurm)."""
     from ddmkit.io import write_bytes_atomic
     from ddmkit.registry import load_partition_checked
 
     run = Path(run)
     manifest, _ = load_partition_checked(run / "partition")
     path = Path(path) if path else run / "launch" / "train_experts.slurm"
-    (run / "launch" / "logs").mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, slurm_script(run, manifest["k"], **options).encode())
     path.chmod(0o755)
     return path

@@ -98,8 +98,10 @@ def masked_router(router: Field, present: torch.Tensor) -> Field:
 
 
 def _absent(c: int) -> Field:
-    def f(x, t):
-        raise DDMError(f"expert {c} is missing and was given weight; this is a bug in the routing mask")
+    """Stand-in for a missing expert: its router weight is 0, so a dense
+    combiner that still evaluates it adds 0 * 0."""
+    def f(x, t, **cond):
+        return torch.zeros_like(x)
     return f
 
 
@@ -131,6 +133,8 @@ def load_ddm(run_dir: str | Path, device: str | torch.device = "cpu", exclude=()
     absent = [c for c in range(k) if c in set(exclude) or not (expert_dir(run_dir, c) / "model.safetensors").exists()]
     if absent and not allow_missing:
         raise DDMError(f"{run_dir}: experts {absent} are missing (no experts/expert_XX/model.safetensors)")
+    if len(absent) == k:
+        raise DDMError(f"{run_dir}: no expert is present (experts/expert_XX/model.safetensors); train or copy them")
     experts, shapes = [], set()
     for c in range(k):
         if c in absent:

@@ -1,0 +1,138 @@
+"""The expert registry, missing experts at sampling time."""
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddmkit.config import load_config
+from ddmkit.errors import DDMError
+from ddmkit.pipeline.ddm import load_ddm
+from ddmkit.pipeline.run import (prepare_run_dir, stage_data, stage_experts, stage_partition, stage_registry,
+                                 stage_router)
+from ddmkit.pipeline.sampling import sample_ddm
+from ddmkit.registry import safe_join, verify_registry, write_registry
+
+TINY = Path(__file__).parent / "configs" / "tiny.toml"
+
+
+def small_run(root: Path) -> Path:
+    """partition, 4 experts, router and registry of the tiny config, 20 steps each."""
+    cfg = load_config(TINY)
+    short = {"steps": 20, "warmup": 2, "log_every": 10}
+    cfg = cfg.model_copy(update={
+        "expert": cfg.expert.model_copy(update={"train": cfg.expert.train.model_copy(update=short)}),
+        "router": cfg.router.model_copy(update={"train": cfg.router.train.model_copy(update=short)})})
+    run = prepare_run_dir(root, cfg)
+    quiet = lambda m: None  # noqa: E731
+    for stage in (stage_data, stage_partition, stage_experts, stage_router, stage_registry):
+        stage(cfg, run, quiet)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return small_run(tmp_path_factory.mktemp("reg") / "run")
+
+
+@pytest.fixture
+def copy(run, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_registry_lists_every_model_with_hashes(run):
+    reg = json.loads((run / "registry.json").read_text())
+    experts = [m for m in reg["models"] if m["role"] == "expert"]
+    assert len(experts) == 4 and {m["name"] for m in reg["models"]} >= {"expert_00", "router"}
+    manifest = json.loads((run / "partition" / "manifest.json").read_text())
+    assert [m["shard_sha256"] for m in experts] == [s["sha256"] for s in manifest["shards"]]
+    assert reg["time_convention"].startswith("linear") and reg["ddmkit_version"]
+    assert verify_registry(run) == {"missing": [], "verified": [m["path"] for m in reg["models"]]}
+
+
+def test_changed_weights_or_config_are_refused(copy):
+    w = copy / "experts" / "expert_02" / "model.safetensors"
+    other = (copy / "experts" / "expert_03" / "model.safetensors").read_bytes()
+    w.write_bytes(other)  # a valid file, but not the registered one
+    with pytest.raises(DDMError, match="expert_02.*SHA-256 differs"):
+        load_ddm(copy)
+    write_registry(copy)  # `ddmkit register` accepts the change explicitly
+    load_ddm(copy)
+
+
+def test_expert_from_another_partition_is_refused(copy):
+    cfg_path = copy / "experts" / "expert_01" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["shard_sha256"] = "0" * 64
+    cfg_path.write_text(json.dumps(cfg))
+    write_registry(copy)
+    with pytest.raises(DDMError, match="another partition"):
+        verify_registry(copy)
+
+
+def test_other_version_or_time_convention_is_refused(copy):
+    path = copy / "registry.json"
+    reg = json.loads(path.read_text())
+    path.write_text(json.dumps({**reg, "ddmkit_version": "9.0.0"}))
+    with pytest.raises(DDMError, match="ddmkit 9.0.0"):
+        verify_registry(copy)
+    path.write_text(json.dumps({**reg, "time_convention": "vp: t=1 data"}))
+    with pytest.raises(DDMError, match="time convention"):
+        verify_registry(copy)
+
+
+def test_missing_experts_renormalise_warn_and_are_recorded(copy):
+    shutil.rmtree(copy / "experts" / "expert_01")
+    shutil.rmtree(copy / "experts" / "expert_03")
+    with pytest.warns(UserWarning, match=r"experts \[1, 3\] of 4 are missing"):
+        ddm = load_ddm(copy)
+    assert ddm.meta["missing_experts"] == [1, 3]
+    x, t = torch.randn(64, 2), torch.rand(64)
+    p = ddm.router(x, t)
+    assert torch.allclose(p.sum(1), torch.ones(64)) and (p[:, [1, 3]] == 0).all()
+    assert float(ddm.prior[[1, 3]].sum()) == 0 and abs(float(ddm.prior.sum()) - 1) < 1e-6
+    for strategy in ("full", "top-1", "top-2", "switch", "oracle", "nearest"):
+        x0, info = sample_ddm(ddm, strategy, 50, steps=3)
+        assert torch.isfinite(x0).all()
+    with pytest.raises(DDMError, match=r"experts \[1, 3\] are missing"):
+        load_ddm(copy, allow_missing=False)
+
+
+def test_all_experts_missing_is_a_clear_error(copy):
+    shutil.rmtree(copy / "experts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DDMError, match="no expert is present"):
+            load_ddm(copy)
+
+
+def test_sample_metadata_records_missing_experts(copy):
+    from ddmkit.io import read_metadata
+    from ddmkit.pipeline.run import run_config, sample_file, sample_one
+
+    shutil.rmtree(copy / "experts" / "expert_00")
+    cfg = run_config(copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = sample_one(cfg, copy, "top-2")
+    assert info["missing_experts"] == [0]
+    assert read_metadata(sample_file(copy, "top-2"))["missing_experts"] == [0]
+    assert json.loads((copy / "samples" / "info.json").read_text())["top-2"]["missing_experts"] == [0]
+
+
+@pytest.mark.parametrize("bad", ["../outside", "/etc/passwd", "a/../../b", "", "~/x", "a\\..\\b", 5, None])
+def test_manifest_paths_cannot_escape(tmp_path, bad):
+    with pytest.raises(DDMError):
+        safe_join(tmp_path, bad)
+
+
+def test_symlink_out_of_the_run_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "link").symlink_to(tmp_path)
+    with pytest.raises(DDMError, match="outside"):
+        safe_join(tmp_path / "run", "link/secret")
+    assert safe_join(tmp_path / "run", "experts/expert_00") == tmp_path / "run" / "experts" / "expert_00"
