@@ -58,10 +58,15 @@ def vjp(f, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return torch.autograd.grad(f(xg), xg, g)[0]
 
 
-def jacobian_norms(f, x: torch.Tensor, iters: int = 6, generator: torch.Generator | None = None) -> dict:
-    """Per row: L_rand = |J u| for a random unit u, and L_top = sigma_max(J) by `iters`
-    power iterations on J^T J (falls back to the largest |J u| seen if f has no reverse mode)."""
-    u = unit(torch.randn(x.shape, generator=generator).to(x))
+def random_unit(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One random unit direction per row of x."""
+    return unit(torch.randn(x.shape, generator=generator).to(x))
+
+
+def jacobian_norms(f, x: torch.Tensor, iters: int = 6, u: torch.Tensor | None = None) -> dict:
+    """Per row: L_rand = |J u| for the unit direction u (random if None), and L_top = sigma_max(J)
+    by `iters` power iterations on J^T J from u (just |J u| if f has no reverse mode)."""
+    u = random_unit(x) if u is None else u
     ju = jvp(f, x, u)
     rand = row_norm(ju)
     try:
@@ -88,13 +93,13 @@ def frozen_field(ddm: DDM, t: torch.Tensor, probs: torch.Tensor, w: torch.Tensor
     return f
 
 
-def fd_lipschitz(ddm: DDM, tr: Trace, i: int, rows: torch.Tensor, h: float, generator: torch.Generator,
+def fd_lipschitz(ddm: DDM, tr: Trace, i: int, rows: torch.Tensor, u: torch.Tensor, h: float,
                  seed: int = 0) -> torch.Tensor:
-    """L_fd per row at step i: the strategy re-run at x and x + h u with the same random numbers."""
+    """L_fd per row at step i along unit directions u: the strategy re-run at x and x + h u with
+    the same random numbers."""
     strat = parse_strategy(tr.strategy)
     x = tr.x[i][rows]
     t = tr.t[i].expand(len(rows)).to(x.dtype)
-    u = unit(torch.randn(x.shape, generator=generator).to(x))
     v = [hooked_field(ddm, strat, replay_state(ddm, tr, i, rows, seed))(xx, t) for xx in (x, x + h * u)]
     return row_norm(v[1] - v[0]) / h
 
@@ -108,18 +113,19 @@ def local_lipschitz(ddm: DDM, tr: Trace, rows: torch.Tensor, max_steps: int = 25
     for i in steps:
         x = tr.x[i][rows]
         t = tr.t[i].expand(len(rows)).to(x.dtype)
-        norms = jacobian_norms(frozen_field(ddm, t, tr.probs[i][rows], tr.w[i][rows]), x, iters, gen)
+        u = random_unit(x, gen)
+        norms = jacobian_norms(frozen_field(ddm, t, tr.probs[i][rows], tr.w[i][rows]), x, iters, u)
         out["t"].append(float(tr.t[i]))
         out["top"].append(float(norms["top"].mean()))
         out["rand"].append(float(norms["rand"].mean()))
-        out["fd"].append(float(fd_lipschitz(ddm, tr, i, rows, h, gen, seed).mean()))
+        out["fd"].append(float(fd_lipschitz(ddm, tr, i, rows, u, h, seed).mean()))
     return out
 
 
 def amplification(ddm: DDM, tr: Trace, steps: int, solver: str, seed: int, delta: float = 1e-3) -> torch.Tensor:
     """A(x_1) per sample: the sampler re-run from x_1 + d (|d| = delta, same random numbers)."""
     gen = torch.Generator().manual_seed(seed + 7)
-    d = delta * unit(torch.randn(tr.x1.shape, generator=gen).to(tr.x1))
+    d = delta * random_unit(tr.x1, gen)
     moved = trace_strategy(ddm, tr.strategy, tr.x1 + d, steps, solver, seed, record=False).x0
     return row_norm(moved - tr.x0) / delta
 
