@@ -1,0 +1,86 @@
+"""The statistics-only router: the Gaussian posterior of published cluster statistics."""
+import pytest
+import torch
+
+from ddmkit.errors import DDMError
+from ddmkit.routing.stats_router import (island_statistics, load_statistics, lowrank_log_prob, save_statistics,
+                                         stats_from_partition, stats_router)
+from ddmkit.truth import GaussianMixture
+
+
+def _gmm(d=3, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(k, d, d, generator=g, dtype=torch.float64) * 0.3
+    covs = a @ a.transpose(1, 2) + 0.05 * torch.eye(d, dtype=torch.float64)
+    return GaussianMixture.from_covariances(torch.tensor([0.2, 0.3, 0.5])[:k], 3 * torch.randn(k, d, generator=g), covs)
+
+
+def test_exact_statistics_give_the_exact_posterior():
+    """With the true counts, means and covariances the router is the truth's posterior."""
+    gmm = _gmm()
+    stats = [{"count": gmm.weights[k] * 1000, "mean": gmm.means[k], "cov": gmm.covariances[k]} for k in range(gmm.k)]
+    router = stats_router(stats)
+    x, t = torch.randn(200, 3, dtype=torch.float64) * 2, torch.rand(200, dtype=torch.float64)
+    assert torch.allclose(router(x.float(), t.float()), gmm.posterior(x, t).float(), atol=1e-3)
+
+
+def test_lowrank_plus_diagonal_log_density_matches_the_full_one():
+    """log N(x; a mu, a^2 (U L U^T + D) + s^2 I) by Woodbury equals the dense formula, for all t in [0, 1]."""
+    g = torch.Generator().manual_seed(1)
+    k, d, r = 2, 6, 2
+    means = torch.randn(k, d, generator=g, dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(k, d, r, generator=g, dtype=torch.float64)).Q
+    lam = torch.rand(k, r, generator=g, dtype=torch.float64) + 0.5
+    diag = torch.rand(k, d, generator=g, dtype=torch.float64) * 0.2 + 0.01
+    covs = u @ torch.diag_embed(lam) @ u.transpose(1, 2) + torch.diag_embed(diag)
+    gmm = GaussianMixture.from_covariances(torch.ones(k), means, covs)
+    x = torch.randn(50, d, generator=g, dtype=torch.float64)
+    for tv in (0.0, 0.3, 0.99, 1.0):
+        t = torch.full((50,), tv, dtype=torch.float64)
+        assert torch.allclose(lowrank_log_prob(x, t, means, u, lam, diag), gmm.component_log_prob(x, t), atol=1e-8)
+
+
+def test_island_statistics_full_and_lowrank_routers_agree_at_full_rank():
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(400, 4, generator=g) * (0.3 + 0.2 * c) + 2 * c for c in range(3)]
+    full = stats_router([island_statistics(x) for x in xs])
+    low = stats_router([island_statistics(x, rank=4) for x in xs])
+    x, t = torch.randn(100, 4) * 2 + 2, torch.rand(100)
+    assert torch.allclose(full(x, t), low(x, t), atol=1e-3)
+    assert torch.allclose(full(x, t).sum(1), torch.ones(100))
+
+
+def test_high_dimensional_statistics_are_lowrank_and_route_images(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(60, 1, 20, 20, generator=g) * 0.2 + c for c in range(2)]  # 400 dims > 256
+    stats = [island_statistics(x) for x in xs]
+    assert "factors" in stats[0] and stats[0]["factors"].shape == (400, 32) and "cov" not in stats[0]
+    save_statistics(tmp_path / "s.safetensors", stats[0])
+    stats[0] = load_statistics(tmp_path / "s.safetensors")
+    p = stats_router(stats)(xs[1][:10], torch.full((10,), 0.2))
+    assert p.shape == (10, 2) and (p.argmax(1) == 1).all()
+
+
+def test_router_from_partition_tensors():
+    g = torch.Generator().manual_seed(4)
+    t = {"cluster_means": torch.tensor([[0.0, 0.0], [4.0, 0.0]]), "cluster_counts": torch.tensor([10.0, 30.0]),
+         "cluster_covs": torch.eye(2).expand(2, 2, 2).clone()}
+    p = stats_router(stats_from_partition(t))(torch.tensor([[4.0, 0.0], [0.0, 0.0]]), torch.zeros(2))
+    assert p.argmax(1).tolist() == [1, 0]
+    t2 = {k: v for k, v in t.items() if k != "cluster_covs"} | {"cluster_vars": torch.ones(2, 2)}
+    p2 = stats_router(stats_from_partition(t2))(torch.tensor([[4.0, 0.0], [0.0, 0.0]]), torch.zeros(2))
+    assert torch.allclose(p, p2, atol=1e-5)
+    # at t = 1 every cluster is N(0, I): the router returns the cluster proportions
+    p1 = stats_router(stats_from_partition(t))(torch.randn(5, 2, generator=g), torch.ones(5))
+    assert torch.allclose(p1, torch.tensor([[0.25, 0.75]]).expand(5, 2), atol=1e-6)
+
+
+def test_bad_statistics_are_clear_errors(tmp_path):
+    with pytest.raises(DDMError, match="at least 2 samples"):
+        island_statistics(torch.zeros(1, 3))
+    with pytest.raises(DDMError, match="at least one island"):
+        stats_router([])
+    save_tensors = __import__("ddmkit.io", fromlist=["save_tensors"]).save_tensors
+    save_tensors(tmp_path / "bad.safetensors", {"mean": torch.zeros(2)})
+    with pytest.raises(DDMError, match="not island statistics"):
+        load_statistics(tmp_path / "bad.safetensors")
