@@ -123,3 +123,21 @@ def test_full_takes_the_dense_path_and_equals_the_sparse_one():
 def test_router_every_must_be_positive():
     with pytest.raises(ValueError, match="router_every"):
         routed_velocity([], router, parse_strategy("top-1"), RoutingState(), router_every=0)
+
+
+def test_sample_ddm_router_reuse_and_bf16_autocast():
+    from ddmkit.pipeline.ddm import DDM
+    from ddmkit.pipeline.sampling import sample_ddm
+
+    gen = torch.Generator().manual_seed(6)
+    mats = [torch.randn(D, D, generator=gen) * 0.3 for _ in range(K)]
+    experts = [lambda x, t, m=m: x @ m + t[:, None] for m in mats]
+    ddm = DDM(experts=experts, router=router, prior=torch.full((K,), 1 / K), data_shape=(D,))
+    plain, info = sample_ddm(ddm, "top-2", n=32, steps=6)
+    same, _ = sample_ddm(ddm, "top-2", n=32, steps=6, router_every=1)
+    held, held_info = sample_ddm(ddm, "top-2", n=32, steps=6, router_every=3)
+    low, _ = sample_ddm(ddm, "top-2", n=32, steps=6, autocast="bfloat16")
+    assert torch.equal(plain, same)
+    assert info["router_calls"] == 6 and held_info["router_calls"] == 2
+    assert low.dtype == torch.float32
+    assert (low - plain).abs().max() < 0.1 * plain.abs().max()  # bf16: about 3% here
