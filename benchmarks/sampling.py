@@ -47,12 +47,29 @@ def build_nets(kind: str, k: int, args, device) -> tuple[list, torch.nn.Module, 
         shape = (args.dim,)
         experts = [VelocityMLP(list(shape), width=args.width, depth=args.depth) for _ in range(k)]
         router = RouterMLP(list(shape), k, width=args.router_width, depth=1)
-    else:
+    elif kind == "unet":
         from convnets import ConvRouter, ConvUNet
         shape = (3, args.image, args.image)
         experts = [ConvUNet(3, width=args.width) for _ in range(k)]
         router = ConvRouter(3, k)
+    else:  # the library's own image networks
+        from ddmkit.nets.router_cnn import RouterCNN
+        from ddmkit.nets.unet import UNet
+        shape = (3, args.image, args.image)
+        w = args.width
+        experts = [randomise_zero_layers(UNet(list(shape), channels=[w, 2 * w, 2 * w])) for _ in range(k)]
+        router = RouterCNN(list(shape), k)
     return [e.to(device).eval() for e in experts], router.to(device).eval(), shape
+
+
+def randomise_zero_layers(net: torch.nn.Module) -> torch.nn.Module:
+    """Give zero-initialised weights (an output layer that starts at v = 0) small random values,
+    so that the sparse-against-dense check compares non-zero outputs."""
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0, 0.02)
+    return net
 
 
 def as_field(net):
@@ -255,7 +272,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="K = 8, batch 256..4096, CPU: a check in under 2 minutes")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--experts", choices=["mlp", "unet"], default="mlp")
+    p.add_argument("--experts", choices=["mlp", "unet", "ddmkit-unet"], default="mlp",
+                   help="unet: benchmarks/convnets.py (the recorded GPU runs); ddmkit-unet: ddmkit.nets.unet")
     p.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096, 8192])
     p.add_argument("--steps", type=int, default=2, help="Euler steps per timed run")
