@@ -22,6 +22,7 @@ import torch
 
 from ddmkit.config import RunConfig
 from ddmkit.data import load_dataset
+from ddmkit.data.images import is_image_shape
 from ddmkit.data.partition import load_partition, partition_data
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, read_json, save_tensors, write_json
@@ -114,7 +115,13 @@ def stage_experts(cfg: RunConfig, run: Path, log: Log = print, backend: str = "i
     jobs = [ExpertJob(k, shard, expert_dir(run, k)) for k, shard in enumerate(shard_paths(run))
             if not (expert_dir(run, k) / "model.safetensors").exists()]
     start = time.perf_counter()
-    run_jobs(jobs, cfg.expert, backend, workers, address, resume=True, log=log)
+    if jobs and cfg.expert.concurrent:  # all in one stacked network on this device, each on its own shard
+        from ddmkit.pipeline.concurrent import train_experts_concurrently
+
+        train_experts_concurrently([j.shard for j in jobs], cfg.expert, [j.out_dir for j in jobs], log)
+        backend = "concurrent"
+    else:
+        run_jobs(jobs, cfg.expert, backend, workers, address, resume=True, log=log)
     if jobs:
         log(f"experts: {len(jobs)} trained in {time.perf_counter() - start:.1f}s ({backend} backend)")
 
@@ -131,7 +138,7 @@ def stage_monolith(cfg: RunConfig, run: Path, log: Log = print) -> None:
     if not cfg.monolith.enabled or (run / "monolith" / "model.safetensors").exists():
         return
     start = time.perf_counter()
-    train_monolith(shard_paths(run), cfg.expert, run / "monolith")
+    train_monolith(shard_paths(run), cfg.expert, run / "monolith", cfg.monolith.match)
     log(f"monolith: trained in {time.perf_counter() - start:.1f}s (same steps x batch as all experts)")
 
 
@@ -328,6 +335,13 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, log: Log 
     stage_monolith(cfg, run, log)
     stage_router(cfg, run, log)
     stage_registry(cfg, run, log)
+    if is_image_shape(read_json(run / "data" / "data.json")["data_shape"]):
+        from ddmkit.pipeline.images import stage_evaluate_images, stage_sample_images
+
+        stage_sample_images(cfg, run, log, device)
+        result = stage_evaluate_images(cfg, run, log, device)
+        log(f"done in {time.perf_counter() - start:.1f}s")
+        return result
     stage_sample(cfg, run, log, device)
     result = stage_evaluate(cfg, run, log)
     log(f"done in {time.perf_counter() - start:.1f}s")

@@ -41,16 +41,17 @@ def _autocast(device, dtype: str | None):
 
 def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
                device="cpu", x1: torch.Tensor | None = None, callback=None, router_every: int = 1,
-               autocast: str | None = None) -> tuple[torch.Tensor, dict]:
+               autocast: str | None = None, cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """router_every = m reuses the routing for m velocity evaluations (1: route every time);
-    autocast = "bfloat16" runs the networks under autocast (the state stays in float32)."""
+    autocast = "bfloat16" runs the networks under autocast (the state stays in float32);
+    cond = per-sample conditioning passed to the experts, e.g. {"y": class labels (n,)}."""
     strat = parse_strategy(strategy)
     x1 = start_noise(n, ddm.data_shape, seed, device) if x1 is None else x1
     gen = torch.Generator(device=x1.device).manual_seed(seed + 1)
     state = RoutingState(generator=gen, prior=ddm.prior, nearest=ddm.nearest)
     counter = CallCounter()
     nfe = [0]
-    field = routed_velocity(ddm.experts, ddm.router, strat, state, counter, router_every=router_every)
+    field = routed_velocity(ddm.experts, ddm.router, strat, state, counter, cond=cond, router_every=router_every)
 
     def counted(x, t):
         nfe[0] += 1

@@ -42,6 +42,9 @@ class StackedExperts(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         template = self._template[0]
         params, buffers = self._state()
+        if torch.is_autocast_enabled(x.device.type):  # vmap's batched conv mixes dtypes under autocast: run in fp32/TF32
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.float(), t.float(), y)
         if y is None:
             return vmap(lambda p, b, xx, tt: functional_call(template, (p, b), (xx, tt)))(params, buffers, x, t)
         return vmap(lambda p, b, xx, tt, yy: functional_call(template, (p, b), (xx, tt, yy)))(params, buffers, x, t, y)

@@ -1,0 +1,161 @@
+"""Image data, image networks, stacked (concurrent) experts and the image pipeline on a tiny IDX set."""
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddmkit.data import load_dataset
+from ddmkit.data.images import parse_idx, read_image_folder, read_idx
+from ddmkit.errors import DDMError
+from ddmkit.nets import build_model, build_seeded
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    return bytes([0, 0, 8, arr.ndim]) + b"".join(struct.pack(">I", s) for s in arr.shape) + arr.astype(np.uint8).tobytes()
+
+
+def write_idx_set(folder: Path, n_train=120, n_test=40, size=28, gz=True) -> Path:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        for kind, arr in (("images-idx3", rng.integers(0, 256, (n, size, size))), ("labels-idx1", rng.integers(0, 10, n))):
+            data = idx_bytes(arr)
+            name = f"{split}-{kind}-ubyte"
+            (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
+    return folder
+
+
+def test_idx_round_trip_gz_and_plain(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "a").write_bytes(idx_bytes(arr))
+    (tmp_path / "b.gz").write_bytes(gzip.compress(idx_bytes(arr)))
+    assert np.array_equal(read_idx(tmp_path / "a"), arr) and np.array_equal(read_idx(tmp_path / "b.gz"), arr)
+
+
+@pytest.mark.parametrize("data, words", [(b"\x01\x02\x08\x01", "magic"), (b"\x00\x00\x07\x01\x00\x00\x00\x01x", "type"),
+                                         (bytes([0, 0, 8, 3, 0, 0, 0, 9, 0, 0, 0, 28, 0, 0, 0, 28]) + b"\0" * 10, "corrupt")])
+def test_corrupt_idx_header_is_a_clear_error(data, words):
+    with pytest.raises(DDMError, match=words):
+        parse_idx(data, "f")
+
+
+def test_idx_loader_scales_pads_and_keeps_splits_apart(tmp_path):
+    folder = write_idx_set(tmp_path / "fm", gz=False)
+    train, test = load_dataset("fashion_mnist", 100, 30, 0, dir=str(folder), pad_to=32)
+    assert train.x.shape == (100, 1, 32, 32) and test.x.shape == (30, 1, 32, 32)
+    assert train.x.min() >= -1 and train.x.max() <= 1 and (train.x[:, :, :2] == -1).all()
+    assert train.labels.shape == (100,) and train.labels.dtype == torch.int64
+    raw = read_idx(folder / "t10k-images-idx3-ubyte")
+    rows = {r.tobytes() for r in raw}  # no test image in train
+    assert not any(((x[0, 2:30, 2:30] + 1) * 127.5).round().numpy().astype(np.uint8).tobytes() in rows for x in train.x)
+
+
+def test_missing_fashion_mnist_names_the_install_command(tmp_path):
+    with pytest.raises(DDMError, match="apt-get install -y dataset-fashion-mnist"):
+        load_dataset("fashion_mnist", 10, 10, 0, dir=str(tmp_path / "nothing"))
+
+
+def test_image_folder_classes_sizes_and_modes(tmp_path):
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / "ok" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "ok" / c / f"{i}.png")
+    images, labels, classes = read_image_folder(tmp_path / "ok")
+    assert images.shape == (10, 8, 8) and classes == ["cat", "dog"] and labels.tolist() == [0] * 5 + [1] * 5
+    train, test = load_dataset("image_folder", 0, 0, 0, path=str(tmp_path / "ok"))
+    assert len(train) + len(test) == 10 and train.x.shape[1:] == (1, 8, 8)
+
+    (tmp_path / "sizes").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "sizes" / "a.png")
+    Image.fromarray(np.zeros((9, 8), np.uint8)).save(tmp_path / "sizes" / "b.png")
+    with pytest.raises(DDMError, match="different sizes"):
+        read_image_folder(tmp_path / "sizes")
+    (tmp_path / "modes").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "modes" / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "modes" / "b.png")
+    with pytest.raises(DDMError, match="grayscale and colour"):
+        read_image_folder(tmp_path / "modes")
+
+
+def test_image_array_loader(tmp_path):
+    np.savez(tmp_path / "a.npz", x=np.zeros((20, 6, 6, 3), np.uint8), labels=np.arange(20))
+    train, test = load_dataset("image_array", 0, 0, 0, path=str(tmp_path / "a.npz"), pad_to=8)
+    assert train.x.shape[1:] == (3, 8, 8) and len(train) + len(test) == 20 and train.labels is not None
+    np.save(tmp_path / "bad.npy", np.full((4, 1, 4, 4), 3.0, np.float32))
+    with pytest.raises(DDMError, match=r"\[-1, 1\]"):
+        load_dataset("image_array", 0, 0, 0, path=str(tmp_path / "bad.npy"))
+
+
+@pytest.mark.parametrize("arch, kwargs", [("unet", {"channels": [8, 16], "attention_res": [4], "num_classes": 3}),
+                                          ("dit", {"patch": 2, "width": 16, "depth": 1, "heads": 2, "num_classes": 3})])
+def test_velocity_nets_shapes_zero_init_and_labels(arch, kwargs):
+    net = build_model(arch, data_shape=[1, 8, 8], **kwargs)
+    x, t = torch.randn(4, 1, 8, 8), torch.rand(4)
+    assert net(x, t, torch.tensor([0, 1, 2, 3])).shape == x.shape
+    assert net(x, t).abs().max() == 0  # output layer starts at zero
+    with pytest.raises(DDMError, match="built for images"):
+        net(torch.randn(2, 1, 16, 16), torch.rand(2))
+
+
+def test_router_cnn_logits():
+    r = build_model("router_cnn", data_shape=[3, 8, 8], num_experts=5, channels=[8, 8])
+    assert r(torch.randn(2, 3, 8, 8), torch.rand(2)).shape == (2, 5)
+
+
+def test_stacked_experts_match_separate_nets_and_keep_isolation():
+    from ddmkit.config import TrainConfig
+    from ddmkit.pipeline.concurrent import stacked_loss, stacked_sampler
+    from ddmkit.train.loop import fit
+    from ddmkit.train.stacked import StackedExperts
+
+    kw = {"data_shape": [1, 8, 8], "channels": [4, 8], "attention_res": []}
+
+    def train(shards):
+        model = StackedExperts([build_seeded("unet", 0, **kw) for _ in shards])
+        draw = stacked_sampler(shards, None, 8, "cpu")
+        cfg = TrainConfig(steps=3, batch_size=8, warmup=1, log_every=3, device="cpu", grad_clip=0.01)
+        ema, _ = fit(model, lambda m, s, g: (stacked_loss(m, *draw(g)[:1], None, g, "velocity").sum(), {}), cfg)
+        return [dict(e.state_dict()) for e in ema.unstack()]
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, 1, 8, 8, generator=gen), torch.randn(20, 1, 8, 8, generator=gen)
+    first = train([a, b])
+    second = train([a, b * 5 + 3])  # another shard's contents (and gradient norm) change
+    assert all(torch.equal(first[0][n], second[0][n]) for n in first[0])
+    assert any(not torch.equal(first[1][n], second[1][n]) for n in first[1])
+
+
+def test_checkpoint_at_another_resolution_is_refused(tmp_path):
+    from ddmkit.pipeline.images import check_shape
+
+    with pytest.raises(DDMError, match="another|this resolution"):
+        check_shape(tmp_path, {"data_shape": [1, 28, 28]}, (1, 32, 32))
+
+
+@pytest.mark.slow
+def test_tiny_config_runs_the_image_path(tmp_path):
+    """configs/fashion_mnist_tiny.toml end to end on a small IDX folder: train stage, then evaluate stage."""
+    from ddmkit.config import load_config, validate, RunConfig
+    from ddmkit.pipeline.images import run_image_stages
+
+    folder = write_idx_set(tmp_path / "fm", 160, 48)
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
+    raw["data"]["params"] = {"dir": str(folder)}
+    raw["sample"].update(n=16, steps=2, strategies=["monolith", "top-1", "top-2", "oracle"])
+    cfg = validate(RunConfig, raw)
+    assert run_image_stages(cfg, tmp_path / "run", "train") is None
+    result = run_image_stages(cfg, tmp_path / "run", "evaluate")
+    assert {"monolith", "top-1", "top-2", "oracle", "top-2 @ cfg 2", "train images (floor)"} <= set(result["rows"])
+    assert all(np.isfinite(r["fid"]) for r in result["rows"].values())
+    assert (tmp_path / "run" / "plots" / "clusters.png").exists()
+    assert "FID / monolith" in (tmp_path / "run" / "report.md").read_text()
+    assert result["rows"]["top-1"]["expert_calls_per_sample"] == 2.0
