@@ -24,6 +24,16 @@ def test_lipschitz_of_a_linear_field_is_its_matrix_norm():
     assert (norms["rand"] <= norms["top"] + 1e-5).all()
 
 
+def test_power_iteration_in_high_dimension_finds_the_top_singular_value():
+    q = torch.linalg.qr(torch.randn(40, 40, generator=torch.Generator().manual_seed(2)))[0]
+    sv = torch.linspace(2.0, 0.1, 40)
+    sv[0] = 5.0  # singular values 5, 2, ...: power iteration converges like (2/5)^(2 iters)
+    m = q @ torch.diag(sv) @ q.T.roll(1, 0)
+    x = torch.randn(8, 40, generator=torch.Generator().manual_seed(3))
+    norms = jacobian_norms(lambda x: x @ m.T, x, iters=15)  # D = 40 > 2 * 15 + 1: power iteration
+    assert torch.allclose(norms["top"], torch.tensor(5.0).expand(8), rtol=2e-2)
+
+
 def test_lipschitz_along_routed_trajectories_of_a_linear_field():
     ddm = linear_ddm()
     tr = trace_strategy(ddm, "full", start_noise(32, (3,), 0), steps=5)

@@ -141,8 +141,8 @@ def analyze(run: Path = typer.Argument(..., help="trained run folder (experts/, 
                                                          "nearest, adaptive-0.9, adaptive-ent-0.5, gated-2@30)"),
             n: int = typer.Option(1000, help="trajectories per strategy"),
             seed: Optional[int] = typer.Option(None, help="noise seed (default: the run's)"),
-            max_steps: int = typer.Option(25, help="steps at which Jacobians are measured"),
-            jvp_rows: int = typer.Option(256, help="trajectories on which Jacobians are measured")):
+            max_steps: int = typer.Option(20, help="steps at which Jacobians are measured"),
+            jvp_rows: int = typer.Option(128, help="trajectories on which Jacobians are measured")):
     """Stability vs expert-data alignment diagnostics; writes analysis.md, analysis.json, plots/."""
     from ddmkit.analysis import analyze_run
 

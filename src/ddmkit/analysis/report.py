@@ -110,7 +110,7 @@ def render(res: dict) -> str:
 Run `{res['run']}`; {s['n']} trajectories per strategy from the same noise (seed {s['seed']}), {s['solver']},
 N = {s['steps']} steps; Jacobians on {s['jvp_rows']} rows at up to {s['max_steps']} steps. Quality q per sample:
 {qname} (lower is better). Definitions: docs/analysis.md (ddmkit's own; the paper's are not public).
-Numbers are measured on this run. Wall time {res['wall_time']:.1f}s.
+Numbers are measured on this run. Time: {res['wall_time']:.1f}s wall, {res['cpu_time']:.1f}s CPU.
 
 ## Strategies
 
