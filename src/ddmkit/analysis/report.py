@@ -102,8 +102,10 @@ def render(res: dict) -> str:
                    for i, t in enumerate(held["t"])]
         exact = ("Against the exact mixture (cluster k's exact velocity v*_k; the exact cluster posterior r*):\n\n"
                  + markdown_table(["t", "router TV", "min_k e*_k", "max_k e*_k"], ex_rows) + "\n")
-    cmp_rows = [[n, c["calls"], c["baseline"], c["calls_baseline"], f"{c['diff']['mean']:+.4g} "
-                 f"[{c['diff']['lo']:+.4g}, {c['diff']['hi']:+.4g}]", c["word"]] for n, c in res["compare"].items()]
+    bases = sorted({b for c in res["compare"].values() for b in c["vs"]})
+    cmp_rows = [[n, c["calls"]] + [f"{c['vs'][b]['mean']:+.3g} [{c['vs'][b]['lo']:+.3g}, {c['vs'][b]['hi']:+.3g}] "
+                                   f"{c['vs'][b]['word']}; W2 {c['vs'][b]['w2_minus_baseline']:+.3g}" for b in bases]
+                for n, c in res["compare"].items()]
     s = res["settings"]
     return f"""# ddmkit analysis: stability vs expert-data alignment
 
@@ -129,6 +131,7 @@ Spearman rho across strategies, bootstrap over samples (95% CI):
 - mean rank (alignment) vs q: {_ci(link['rank_vs_q'])}
 - D_pair (disagreement) vs q: {_ci(link['pair_vs_q'])}
 - L_top vs q (point estimate over strategies, no CI): {link['ltop_vs_q']:+.2f}
+- Delta_refine vs W2 (point estimate, no CI; W2 is a set distance, not per sample): {link['refine_vs_w2']:+.2f}
 
 ![quality vs disagreement](plots/quality_vs_disagreement.png)
 
@@ -170,8 +173,10 @@ mean rank:
 
 ## Alignment-based routing vs fixed top-k
 
-Paired difference of mean q against the fixed top-k baseline with the nearest expert-call count (same
-noise, bootstrap 95% CI; negative = better than the baseline):
+Against each fixed top-k (expert calls/sample: {', '.join(f"{b} {per[b]['summary']['calls']:.0f}" for b in bases)}):
+paired difference of mean q (same noise, bootstrap 95% CI; negative = better) and the difference of W2
+(negative = closer to the data). Per-sample NLL rewards samples that sit on modes even when the modes
+are unevenly covered; W2 sees the whole distribution, so read both.
 
-{markdown_table(['strategy', 'calls/sample', 'baseline', 'baseline calls', 'q - q_baseline', 'reading'], cmp_rows)}
+{markdown_table(['strategy', 'calls/sample'] + [f'vs {b}' for b in bases], cmp_rows)}
 """

@@ -98,18 +98,18 @@ def analyze_strategy(ddm, name: str, x1, steps: int, solver: str, seed: int, ctx
 
 
 def compare_to_fixed(per: dict, n_boot: int, seed: int) -> dict:
-    """Each non-top-k strategy against the fixed top-k with the nearest expert-call count."""
-    fixed = {n: r for n, r in per.items() if n.startswith("top-")}
+    """Each non-top-k strategy against every fixed top-k: paired mean difference of q with a CI."""
+    fixed = [n for n in per if n.startswith("top-")]
     out = {}
     for name, r in per.items():
-        if name in fixed or not fixed:
+        if name in fixed:
             continue
-        calls = r["summary"]["calls"]
-        base = min(fixed, key=lambda n: (abs(fixed[n]["summary"]["calls"] - calls), n))
-        diff = paired_difference(r["per_sample"]["q"], fixed[base]["per_sample"]["q"], n_boot, seed)
-        word = "better" if diff["hi"] < 0 else "worse" if diff["lo"] > 0 else "no clear difference"
-        out[name] = {"calls": calls, "baseline": base, "calls_baseline": fixed[base]["summary"]["calls"],
-                     "diff": diff, "word": word}
+        out[name] = {"calls": r["summary"]["calls"], "vs": {}}
+        for base in fixed:
+            diff = paired_difference(r["per_sample"]["q"], per[base]["per_sample"]["q"], n_boot, seed)
+            word = "better" if diff["hi"] < 0 else "worse" if diff["lo"] > 0 else "no clear difference"
+            out[name]["vs"][base] = {**diff, "word": word, "calls_baseline": per[base]["summary"]["calls"],
+                                     "w2_minus_baseline": r["summary"]["w2"] - per[base]["summary"]["w2"]}
     return out
 
 
@@ -122,7 +122,10 @@ def strategy_links(per: dict, n_boot: int, seed: int) -> dict:
     qs = [r["summary"]["q"] for r in per.values()]
     from scipy.stats import spearmanr
 
+    w2 = [r["summary"]["w2"] for r in per.values()]
+    refine = [r["summary"]["delta_refine"] for r in per.values()]
     link["ltop_vs_q"] = float(spearmanr(ltop, qs).statistic) if len(per) > 2 else math.nan
+    link["refine_vs_w2"] = float(spearmanr(refine, w2).statistic) if len(per) > 2 else math.nan
     link["verdict"] = verdict(link["refine_vs_q"]) if len(per) > 2 else "needs at least 3 strategies"
     return link
 
