@@ -249,15 +249,9 @@ def _print_summary(result: dict) -> None:
 
 def _text_kind(config: Path) -> bool:
     """Whether a config file declares a text pipeline (top-level `kind = "text_..."`)."""
-    from ddmkit.config import tomllib
+    from ddmkit.discrete.config import is_text_config
 
-    if not config.exists():
-        return False
-    try:
-        kind = tomllib.loads(config.read_text()).get("kind", "")
-    except tomllib.TOMLDecodeError:
-        return False  # the vector loader reports the syntax error
-    return isinstance(kind, str) and kind.startswith("text_")
+    return is_text_config(config)
 
 
 def _mount_subcommands() -> None:

@@ -159,6 +159,17 @@ def validate(model: type[BaseModel], data: dict, source: str = "config"):
         raise DDMError(_explain(e, source)) from None
 
 
+def read_toml(path: str | Path) -> dict:
+    """The table of a TOML file, with a clear error when missing or malformed."""
+    path = Path(path)
+    if not path.exists():
+        raise DDMError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise DDMError(f"{path}: not valid TOML ({e})") from None
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a TOML run configuration, or a run folder's config.json."""
     path = Path(path)
@@ -172,11 +183,7 @@ def load_config(path: str | Path) -> RunConfig:
         if not isinstance(raw, dict):
             raise DDMError(f"{path}: expected a JSON object holding a run configuration")
         return validate(RunConfig, raw, str(path))
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise DDMError(f"{path}: not valid TOML ({e})") from None
-    return validate(RunConfig, raw, str(path))
+    return validate(RunConfig, read_toml(path), str(path))
 
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"

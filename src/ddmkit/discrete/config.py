@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ddmkit.config import Section, TrainConfig, tomllib, validate
+from ddmkit.config import Section, TrainConfig, read_toml, tomllib, validate
 from ddmkit.errors import DDMError
 
 KINDS = ("text_ar", "text_dfm")
@@ -150,13 +150,7 @@ class TextRunConfig(Section):
 
 def load_text_config(path: str | Path) -> TextRunConfig:
     """Read and validate a text TOML config (kind = 'text_ar' or 'text_dfm')."""
-    path = Path(path)
-    if not path.exists():
-        raise DDMError(f"config file {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise DDMError(f"{path}: not valid TOML ({e})") from None
+    raw = read_toml(path)
     if raw.get("kind") not in KINDS:
         raise DDMError(f"{path}: kind: {raw.get('kind')!r} is not a text pipeline; accepted: {', '.join(KINDS)}")
     return validate(TextRunConfig, raw, str(path))
