@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--compile", action="store_true", help="also time torch.compile variants")
+    p.add_argument("--single-only", action="store_true", help="only the single-expert rows")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     small = {"channels": [32, 64, 64], "attention_res": [8]}
@@ -89,6 +90,9 @@ def main() -> None:
         r, w = train_one(big, cfg.model_copy(update={"compile": True}), shards[0])
         add("1 expert, UNet 64/128/128, batch 256, torch.compile", r, w, 256)
 
+    if args.single_only:
+        print(f"\nGPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        return
     cfg = TrainConfig(batch_size=128, **base)
     start = time.perf_counter()
     seq = [train_one(small, cfg, s) for s in shards]

@@ -96,6 +96,8 @@ class SampleConfig(Section):
     guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale inside each class-conditional expert")
     guidance_sweep: list[float] = Field(default_factory=list, description="extra guidance scales (images: FID per scale)")
     sweep_strategy: str = Field("top-2", description="strategy used for the guidance sweep")
+    sweep_n: int | None = Field(None, ge=1, description="samples per guidance-sweep set (None: n); compare "
+                                "sweep rows by KID, which does not depend on n, or with each other")
 
     @field_validator("strategies")
     @classmethod

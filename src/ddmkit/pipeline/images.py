@@ -122,27 +122,36 @@ def planned_samples(cfg: RunConfig) -> list[tuple[str, str, float]]:
     return [p for p in plan if p[1] != "monolith" or cfg.monolith.enabled]
 
 
-def stage_sample_images(cfg: RunConfig, run: Path, log=print, device="cpu") -> None:
+def set_size(cfg: RunConfig, guidance: float) -> int:
+    """Samples in a set: sample.n, or sample.sweep_n for the extra guidance scales of the sweep."""
+    s = cfg.sample
+    return s.n if guidance == s.guidance or not s.sweep_n else min(s.sweep_n, s.n)
+
+
+def stage_sample_images(cfg: RunConfig, run: Path, log=print, device="cpu", on_sample=None) -> None:
+    """on_sample(name) is called after each set is written (e.g. to evaluate it at once)."""
     s = cfg.sample
     shape = data_shape_of(run)
-    x1 = start_noise(s.n, shape, s.seed, device)
-    y = sample_labels(run, s.n, s.seed, device)
-    cond = {"y": y} if y is not None else None
+    x1_all = start_noise(s.n, shape, s.seed, device)
+    y_all = sample_labels(run, s.n, s.seed, device)
     autocast = "bfloat16" if torch.device(device).type == "cuda" else None
     info_path = run / "samples" / "info.json"
     ddms: dict[float, DDM] = {}
     for name, strategy, g in planned_samples(cfg):
         if sample_path(run, name).exists():
             continue
+        n = set_size(cfg, g)  # the first n of the same noise and labels
+        x1, y = x1_all[:n], (y_all[:n] if y_all is not None else None)
+        cond = {"y": y} if y is not None else None
         if strategy == "monolith":
             field = load_image_monolith(run, device, g)
-            f = (lambda x, t: field(x, t, y)) if y is not None else field
+            f = (lambda x, t, y=y: field(x, t, y)) if y is not None else field
             with torch.autocast("cuda", torch.bfloat16, enabled=autocast is not None):
-                x0, info = sample_single(f, shape, s.n, s.steps, s.solver, s.seed, device, name, x1=x1.clone())
+                x0, info = sample_single(f, shape, n, s.steps, s.solver, s.seed, device, name, x1=x1.clone())
             info["expert_calls_per_sample"] = info["velocity_evaluations"]
         else:
             ddm = ddms.get(g) or ddms.setdefault(g, load_image_ddm(run, device, g))
-            x0, info = sample_ddm(ddm, strategy, s.n, s.steps, s.solver, s.seed, device, x1=x1.clone(),
+            x0, info = sample_ddm(ddm, strategy, n, s.steps, s.solver, s.seed, device, x1=x1.clone(),
                                   autocast=autocast, cond=cond)
         info.update(strategy=strategy, guidance=g)
         info.pop("expert_rows", None)
@@ -151,8 +160,10 @@ def stage_sample_images(cfg: RunConfig, run: Path, log=print, device="cpu") -> N
         infos[name] = info
         write_json(info_path, infos)
         log(f"sample {name}: {info['expert_calls_per_sample']:.1f} expert calls/sample, {info['wall_time']:.2f}s")
-    if y is not None:
-        save_tensors(run / "samples" / "labels.safetensors", {"y": y.cpu()})
+        if on_sample is not None:
+            on_sample(name)
+    if y_all is not None:
+        save_tensors(run / "samples" / "labels.safetensors", {"y": y_all.cpu()})
 
 
 # ---------------------------------------------------------------- grids
@@ -205,27 +216,54 @@ def reference_features(run: Path, extractor, kind: str, n: int, log=print) -> tu
     return f_test, f_train, seconds
 
 
-def stage_evaluate_images(cfg: RunConfig, run: Path, log=print, device="cpu") -> dict:
-    from ddmkit.metrics.fid import feature_extractor, fid_kid, gaussian_stats
+class SetEvaluator:
+    """FID/KID of one sample set against the test split, cached in RUN/eval/set_<name>.json
+    (so sets can be scored as soon as they are sampled, and a re-run skips them)."""
 
-    kind = cfg.evaluate.fid_features
-    extractor = feature_extractor(kind, device)
-    f_test, f_train, ref_seconds = reference_features(run, extractor, kind, cfg.sample.n, log)
-    real_stats = gaussian_stats(f_test)
+    def __init__(self, cfg: RunConfig, run: Path, log=print, device="cpu"):
+        from ddmkit.metrics.fid import feature_extractor, gaussian_stats
+
+        self.cfg, self.run, self.log = cfg, run, log
+        self.kind = cfg.evaluate.fid_features
+        self.extractor = feature_extractor(self.kind, device)
+        self.f_test, self.f_train, self.ref_seconds = reference_features(run, self.extractor, self.kind, cfg.sample.n, log)
+        self.real_stats = gaussian_stats(self.f_test)
+
+    def cache(self, name: str) -> Path:
+        return self.run / "eval" / f"set_{sample_path(Path('.'), name).stem}.json"
+
+    def __call__(self, name: str) -> dict:
+        from ddmkit.metrics.fid import fid_kid
+
+        path = sample_path(self.run, name)
+        cache = self.cache(name)
+        if cache.exists() and cache.stat().st_mtime >= path.stat().st_mtime:
+            return read_json(cache)
+        x = load_tensors(path)["x"]
+        start = time.perf_counter()
+        feats = self.extractor(x)
+        metrics = fid_kid(self.f_test, feats, self.cfg.evaluate.kid_subset, self.real_stats)
+        metrics["fid_seconds"] = time.perf_counter() - start
+        metrics = {k: float(v) for k, v in metrics.items()}
+        save_png(image_grid(x, 8, 8), self.run / "plots" / f"samples_{path.stem}.png")
+        write_json(cache, metrics)
+        self.log(f"{name}: FID {metrics['fid']:.2f}, KID {metrics['kid'] * 1e3:.2f}e-3 (n = {len(x)}, "
+                 f"{metrics['fid_seconds']:.1f}s)")
+        return metrics
+
+
+def stage_evaluate_images(cfg: RunConfig, run: Path, log=print, device="cpu", evaluator: SetEvaluator | None = None) -> dict:
+    from ddmkit.metrics.fid import fid_kid
+
+    ev = evaluator or SetEvaluator(cfg, run, log, device)
+    kind, f_test, f_train, ref_seconds = ev.kind, ev.f_test, ev.f_train, ev.ref_seconds
     infos = read_json(run / "samples" / "info.json")
-    rows = {"train images (floor)": {**fid_kid(f_test, f_train, cfg.evaluate.kid_subset, real_stats), "n": len(f_train)}}
+    rows = {"train images (floor)": {**fid_kid(f_test, f_train, cfg.evaluate.kid_subset, ev.real_stats), "n": len(f_train)}}
     plots = run / "plots"
     for name, strategy, g in planned_samples(cfg):
         if not sample_path(run, name).exists():
             continue
-        x = load_tensors(sample_path(run, name))["x"]
-        start = time.perf_counter()
-        feats = extractor(x)
-        metrics = fid_kid(f_test, feats, cfg.evaluate.kid_subset, real_stats)
-        metrics["fid_seconds"] = time.perf_counter() - start
-        rows[name] = {**metrics, **infos.get(name, {}), "n": len(x)}
-        save_png(image_grid(x, 8, 8), plots / f"samples_{sample_path(run, name).stem}.png")
-        log(f"{name}: FID {metrics['fid']:.2f}, KID {metrics['kid'] * 1e3:.2f}e-3 ({metrics['fid_seconds']:.1f}s)")
+        rows[name] = {**ev(name), **infos.get(name, {}), "n": set_size(cfg, g)}
     save_png(cluster_grid(run), plots / "clusters.png")
     manifest, _ = load_partition(run / "partition")
     result = {"rows": rows, "features": kind, "reference_seconds": ref_seconds, "n_test": len(f_test),
@@ -308,8 +346,9 @@ def run_image_stages(cfg: RunConfig, out: str | Path, stages: str = "all", force
         log(f"train stage: {time.perf_counter() - start:.1f}s")
     if stages in ("evaluate", "all"):
         start = time.perf_counter()
-        stage_sample_images(cfg, run, log, device)
-        result = stage_evaluate_images(cfg, run, log, device)
+        evaluator = SetEvaluator(cfg, run, log, device)
+        stage_sample_images(cfg, run, log, device, on_sample=evaluator)
+        result = stage_evaluate_images(cfg, run, log, device, evaluator)
         log(f"evaluate stage: {time.perf_counter() - start:.1f}s")
         return result
     return None
