@@ -224,12 +224,16 @@ def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="output folder"),
          seed: Optional[int] = typer.Option(None, help="one seed for every stage (default: the config's)"),
+         backend: str = typer.Option("processes", help="where experts train: inline, processes or ray"),
+         workers: Optional[int] = typer.Option(None, help="parallel expert jobs (default: one per CPU core)"),
          force: bool = typer.Option(False, help="replace a folder that holds a different run")):
     """The built-in ring-of-8 run, end to end on a CPU in a few minutes; writes report.md."""
     from ddmkit.config import builtin_config, load_config
+    from ddmkit.launch import check_backend
     from ddmkit.pipeline.run import run_pipeline
 
-    result = run_pipeline(load_config(builtin_config("demo")).with_seed(seed), out, force, log)
+    check_backend(backend)
+    result = run_pipeline(load_config(builtin_config("demo")).with_seed(seed), out, force, log, backend, workers)
     _print_summary(result)
     log(f"[bold green]demo finished[/]: open {out / 'report.md'}")
 

