@@ -291,13 +291,16 @@ cluster Gaussians, `ddmkit.routing.stats_router`) against the learned router, sa
 
 
 def _main_report(cfg: RunConfig, result: dict, rows: list, rep: dict, router_rows: list) -> str:
+    from ddmkit.pipeline.jobs import monolith_config
+
     d, p, s = cfg.data, cfg.partition, cfg.sample
+    mono = monolith_config(cfg.expert, p.k, cfg.monolith.match).train
     return f"""# ddmkit run report
 
 Data: `{d.name}` ({d.n_train} train, {d.n_test} test). Partition: k = {p.k}, features = {p.features},
 balanced = {p.balanced}. Experts: {cfg.expert.net.arch} {cfg.expert.net.kwargs}, {cfg.expert.train.steps} steps x
-batch {cfg.expert.train.batch_size} each; monolith: the same network, {cfg.expert.train.steps * p.k} steps x batch
-{cfg.expert.train.batch_size} (FLOP-matched). Sampling: {s.n} samples, {s.solver}, {s.steps} steps, the same noise
+batch {cfg.expert.train.batch_size} each; monolith: the same network, {mono.steps} steps x batch
+{mono.batch_size} (FLOP-matched). Sampling: {s.n} samples, {s.solver}, {s.steps} steps, the same noise
 (seed {s.seed}) for every strategy.
 
 ## Samples per strategy
