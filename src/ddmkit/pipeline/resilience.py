@@ -24,6 +24,11 @@ from ddmkit.routing.stats_router import island_statistics, stats_router
 STATS_STRATEGIES = ("top-1", "top-2", "full")
 
 
+def study_size(cfg: RunConfig) -> int:
+    """Samples per study row: evaluate.study_n, at most the main rows' sample.n."""
+    return min(cfg.evaluate.study_n, cfg.sample.n)
+
+
 def removal_order(k: int, seed: int) -> list[int]:
     """The order in which experts are removed: a permutation fixed by seed."""
     return torch.randperm(k, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -41,7 +46,7 @@ def missing_expert_study(cfg: RunConfig, run, test: torch.Tensor, truth, strateg
             warnings.simplefilter("ignore")
             ddm = load_ddm(run, device, exclude=order[:m])
         name = f"{m} removed"
-        samples[name], infos[name] = sample_ddm(ddm, strategy, cfg.evaluate.study_n, s.steps, s.solver, s.seed,
+        samples[name], infos[name] = sample_ddm(ddm, strategy, study_size(cfg), s.steps, s.solver, s.seed,
                                                  device)
         removed[name] = sorted(order[:m])
     result = evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)
@@ -67,6 +72,6 @@ def stats_router_study(cfg: RunConfig, run, test: torch.Tensor, truth, device="c
     for strategy in STATS_STRATEGIES:
         for label, ddm in (("learned", learned), ("statistics-only", stats)):
             name = f"{strategy} ({label} router)"
-            samples[name], infos[name] = sample_ddm(ddm, strategy, cfg.evaluate.study_n, s.steps, s.solver, s.seed,
+            samples[name], infos[name] = sample_ddm(ddm, strategy, study_size(cfg), s.steps, s.solver, s.seed,
                                                      device)
     return evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)
