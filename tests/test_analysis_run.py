@@ -51,7 +51,6 @@ def test_bad_input_names_the_option(trained, tmp_path):
         analyze_run(tmp_path)
 
 
-@pytest.mark.slow  # a fresh interpreter: ~20 s of imports on a loaded 2-core machine
 def test_cli_exits_2_with_a_message(trained, tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1"}
     r = subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", "analyze", str(trained),

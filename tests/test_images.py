@@ -141,7 +141,6 @@ def test_checkpoint_at_another_resolution_is_refused(tmp_path):
         check_shape(tmp_path, {"data_shape": [1, 28, 28]}, (1, 32, 32))
 
 
-@pytest.mark.slow
 def test_tiny_config_runs_the_image_path(tmp_path):
     """configs/fashion_mnist_tiny.toml end to end on a small IDX folder: train stage, then evaluate stage."""
     from ddmkit.config import load_config, validate, RunConfig
