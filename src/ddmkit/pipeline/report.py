@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ddmkit.truth import GaussianMixture  # noqa: E402
@@ -80,16 +81,17 @@ def plot_router_accuracy(report: dict, path: Path) -> None:
 
 
 def fmt(v, digits: int = 4) -> str:
+    """A table cell: numbers to `digits` significant digits, None as '-', text as is."""
     if v is None:
         return "-"
-    if isinstance(v, float):
+    if isinstance(v, (float, np.floating)):
         if math.isinf(v) or math.isnan(v):
-            return str(v)
+            return str(float(v))
         return f"{v:.{digits}g}"
     return str(v)
 
 
-def markdown_table(headers: list[str], rows: list[list]) -> str:
+def markdown_table(headers: list[str], rows: list[list], digits: int = 4) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    out += ["| " + " | ".join(fmt(c, digits) for c in row) + " |" for row in rows]
     return "\n".join(out)

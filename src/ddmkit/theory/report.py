@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddmkit.pipeline.report import markdown_table as _markdown_table
 from ddmkit.io import write_bytes_atomic, write_json
 
 
@@ -39,19 +40,9 @@ def bootstrap_slope(x, per_sample_sq: np.ndarray, resamples: int = 500, seed: in
     return {"slope": slope, "intercept": intercept, "ci_low": float(lo), "ci_high": float(hi)}
 
 
-def fmt(value, digits: int = 3) -> str:
-    """A number for a table: 3 significant digits, or the text as is."""
-    if isinstance(value, (int, np.integer)):
-        return str(value)
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
 def markdown_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """The project's Markdown table with 3 significant digits."""
+    return _markdown_table(headers, rows, digits=3)
 
 
 def slope_text(fit: dict) -> str:
