@@ -7,13 +7,15 @@
     python3 dev.py setup       # set up only
 
 Torch: on a machine without an NVIDIA driver the setup installs the CPU build
-(`torch==2.13.0`, override with DDMKIT_TORCH="torch==X"); with a driver it lets
-pip pick the default (CUDA) build. Setup is skipped when pyproject.toml has not
+(`torch==2.13.0`, which this project's machines serve as a CPU wheel; elsewhere
+set e.g. DDMKIT_TORCH="torch --index-url https://download.pytorch.org/whl/cpu");
+with a driver it lets pip pick the default (CUDA) build. Setup is skipped when pyproject.toml has not
 changed since the last one.
 """
 from __future__ import annotations
 
 import hashlib
+import shlex
 import os
 import shutil
 import subprocess
@@ -58,7 +60,7 @@ def setup() -> None:
     pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     # Torch first, so the package's own `torch>=` range is already met and pip
     # never reaches for the multi-GB CUDA build on a CPU-only machine.
-    must(pip + [torch_spec()])
+    must(pip + shlex.split(torch_spec()))
     must(pip + ["-e", ".[dev]"])
     STAMP.write_text(want)
 
