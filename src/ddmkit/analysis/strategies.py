@@ -19,10 +19,7 @@ import torch
 
 from ddmkit.errors import DDMError
 from ddmkit.routing import register_strategy
-
-
-def _renorm(w: torch.Tensor) -> torch.Tensor:
-    return w / w.sum(1, keepdim=True).clamp_min(1e-30)
+from ddmkit.routing.strategies import _renorm
 
 
 def keep_top(probs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
