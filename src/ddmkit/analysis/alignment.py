@@ -17,7 +17,9 @@ routed velocity v, with theta(a, b) = arccos(a.b / |a||b|) in degrees:
 Per-expert error on held-out data x noised to x_t = (1 - t) x + t eps:
 
     e_k = |v_k(x_t) - (eps - x)|^2 / D,   split by whether the strategy routes x_t to k;
-    e*_k = |v_k(x_t) - v*_k(x_t)|^2 / D   (mixtures: v*_k the exact velocity of cluster k)
+    e*_k = E[r*_k(x_t) |v_k(x_t) - v*_k(x_t)|^2 / D] / E[r*_k(x_t)]
+           (mixtures: v*_k the exact velocity of cluster k, weighted by the exact posterior
+           r*_k so that it measures expert k where its cluster has mass)
     TV  = 1/2 sum_k |r_k(x_t) - r*_k(x_t)|  (r* the exact posterior of the clusters)
 """
 from __future__ import annotations
@@ -100,8 +102,9 @@ def heldout_errors(ddm: DDM, x: torch.Tensor, t_grid: Sequence[float], strategie
         out["expert"].append(err.mean(0).tolist())
         if exact is not None:
             err_exact = ((vk - expert_velocities(exact.experts, xt, t)) ** 2).mean(-1)
-            out["expert_vs_exact"].append(err_exact.mean(0).tolist())
-            out["router_tv"].append(float(0.5 * (probs - exact.router(xt, t)).abs().sum(1).mean()))
+            post = exact.router(xt, t).to(err_exact.dtype)  # (B, K)
+            out["expert_vs_exact"].append(((post * err_exact).sum(0) / post.sum(0).clamp_min(1e-30)).tolist())
+            out["router_tv"].append(float(0.5 * (probs - post).abs().sum(1).mean()))
         for name, strat in strategies.items():
             routed = strategy_weights(ddm, strat, probs, xt, t, x0_hat, seed) > 0
             out["routed"][name].append(masked_mean(err, routed))

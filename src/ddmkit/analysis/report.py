@@ -100,7 +100,7 @@ def render(res: dict) -> str:
     if "router_tv" in held:
         ex_rows = [[f"{t:.2f}", held["router_tv"][i], min(held["expert_vs_exact"][i]), max(held["expert_vs_exact"][i])]
                    for i, t in enumerate(held["t"])]
-        exact = ("Against the exact mixture (cluster k's exact velocity v*_k; the exact cluster posterior r*):\n\n"
+        exact = ("Against the exact mixture (cluster k's exact velocity v*_k, error weighted by the exact posterior r*_k; router TV against r*):\n\n"
                  + markdown_table(["t", "router TV", "min_k e*_k", "max_k e*_k"], ex_rows) + "\n")
     bases = sorted({b for c in res["compare"].values() for b in c["vs"]})
     cmp_rows = [[n, c["calls"]] + [f"{c['vs'][b]['mean']:+.3g} [{c['vs'][b]['lo']:+.3g}, {c['vs'][b]['hi']:+.3g}] "
