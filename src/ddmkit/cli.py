@@ -58,6 +58,13 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
     stage_partition(cfg, run, log)
 
 
+def _with_train_seed(section, seed: Optional[int]):
+    """An [expert] or [router] section with its training seed replaced (unchanged when seed is None)."""
+    if seed is None:
+        return section
+    return section.model_copy(update={"train": section.train.model_copy(update={"seed": seed})})
+
+
 @app.command("train-expert")
 def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g. RUN/partition/shards/cluster_03.safetensors"),
                      out: Path = typer.Option(..., "--out", help="expert folder to write"),
@@ -84,10 +91,7 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
     from ddmkit.pipeline.run import stage_router
 
     cfg = _config(config, run)
-    if seed is not None:
-        cfg = cfg.model_copy(update={"router": cfg.router.model_copy(
-            update={"train": cfg.router.train.model_copy(update={"seed": seed})})})
-    stage_router(cfg, run, log)
+    stage_router(cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)}), run, log)
 
 
 @app.command("train-monolith")
@@ -98,10 +102,7 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
     from ddmkit.pipeline.run import stage_monolith
 
     cfg = _config(config, run)
-    if seed is not None:
-        cfg = cfg.model_copy(update={"expert": cfg.expert.model_copy(
-            update={"train": cfg.expert.train.model_copy(update={"seed": seed})})})
-    stage_monolith(cfg, run, log)
+    stage_monolith(cfg.model_copy(update={"expert": _with_train_seed(cfg.expert, seed)}), run, log)
 
 
 @app.command()

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from ddmkit.config import RunConfig
 from ddmkit.data import load_dataset
@@ -31,7 +30,7 @@ from ddmkit.pipeline.evaluate import FLOOR, evaluate_all
 from ddmkit.pipeline.jobs import train_monolith, train_router
 from ddmkit.pipeline.report import markdown_table, plot_router_accuracy, plot_samples
 from ddmkit.pipeline.router_eval import router_report
-from ddmkit.pipeline.sampling import sample_ddm, sample_single, start_noise
+from ddmkit.pipeline.sampling import sample_ddm, sample_single
 from ddmkit.train.loop import resolve_device
 
 Log = Callable[[str], None]
@@ -352,5 +351,4 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, log: Log 
 
 
 __all__ = ["EXACT", "prepare_run_dir", "run_config", "run_pipeline", "sample_one", "stage_data", "stage_evaluate",
-           "stage_experts", "stage_monolith", "stage_partition", "stage_registry", "stage_router", "stage_sample", "start_noise",
-           "torch"]
+           "stage_experts", "stage_monolith", "stage_partition", "stage_registry", "stage_router", "stage_sample"]
