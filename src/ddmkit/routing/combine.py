@@ -133,10 +133,11 @@ def _is_dense(strategy) -> bool:
 
 def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: RoutingState,
                     counter: CallCounter | None = None, cond: Cond | None = None,
-                    router_every: int = 1) -> Field:
+                    router_every: int = 1, router_cond: Cond | None = None) -> Field:
     """The DDM's velocity field for a solver: route, combine, remember x0_hat.
 
-    `cond` (per-row conditioning, e.g. class labels) is passed to the experts only.
+    `cond` (per-row conditioning, e.g. class labels) is passed to the experts;
+    `router_cond` to the router (a label-conditional router p(k | x_t, t, y)).
     `router_every` = m calls the router (and applies the strategy and plans the
     dispatch) on evaluations 0, m, 2m, ... and reuses that routing in between;
     m = 1 (the default) routes at every evaluation."""
@@ -146,7 +147,7 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
     memory: dict = {"calls": 0}
 
     def route(x: torch.Tensor, t: torch.Tensor) -> None:
-        probs = router(x, t)
+        probs = router(x, t, **(router_cond or {}))
         if counter is not None:
             counter.router_calls += 1
         w = strategy.weights(probs, state)
