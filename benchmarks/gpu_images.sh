@@ -28,6 +28,7 @@ for name in ["experts/expert_00", "monolith", "router"]:
         print(f"{name}: {b['step']} steps in {b['seconds']:.1f}s, steady {(b['step'] - a['step']) / (b['seconds'] - a['seconds']):.1f} it/s, final loss {b['loss']:.4f}")
 PY
   timeout $(left 575) python3 benchmarks/training_concurrent.py --steps 150 --single-only 2>&1 | tee "$OUT/throughput.log"
+  [ $(left 590) -gt 60 ] && timeout $(left 590) python3 benchmarks/profile_step.py --no-compile --steps 30 2>&1 | tee "$OUT/profile.log"
 else
   cd /root/inc && cat inc.part00 inc.part01 inc.part02 > default_1.pt && sha1sum default_1.pt && cd - >/dev/null
   timeout $(left 585) python3 -m ddmkit.pipeline.images evaluate configs/fashion_mnist.toml --out runs/fmnist 2>&1 | tee "$OUT/evaluate.log"

@@ -111,6 +111,28 @@ def test_router_cnn_logits():
     assert r(torch.randn(2, 3, 8, 8), torch.rand(2)).shape == (2, 5)
 
 
+def test_label_conditional_router_cnn_uses_the_label_and_a_no_label_token():
+    r = build_seeded("router_cnn", 0, data_shape=[1, 8, 8], num_experts=3, channels=[8, 8], num_classes=4)
+    torch.nn.init.normal_(r.label_emb.weight)
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    assert not torch.allclose(r(x, t, torch.tensor([0, 0])), r(x, t, torch.tensor([1, 1])))
+    assert torch.equal(r(x, t), r(x, t, torch.tensor([4, 4])))  # y=None is the 'no label' row
+
+
+def test_label_conditional_router_training_needs_labels(tmp_path):
+    from ddmkit.config import RouterConfig, NetConfig, TrainConfig
+    from ddmkit.io import save_tensors
+    from ddmkit.pipeline.jobs import train_router
+
+    shard = tmp_path / "s.safetensors"
+    save_tensors(shard, {"x": torch.randn(6, 1, 8, 8)})
+    cfg = RouterConfig(net=NetConfig(arch="router_cnn", kwargs={"channels": [4], "num_classes": 3}),
+                       train=TrainConfig(steps=1, batch_size=2, device="cpu"))
+    with pytest.raises(DDMError, match="label-conditional.*no class labels"):
+        train_router([shard, shard], cfg, tmp_path / "router")
+    assert not (tmp_path / "router").exists()
+
+
 def test_stacked_experts_match_separate_nets_and_keep_isolation():
     from ddmkit.config import TrainConfig
     from ddmkit.pipeline.concurrent import stacked_loss, stacked_sampler
@@ -149,11 +171,13 @@ def test_tiny_config_runs_the_image_path(tmp_path):
     folder = write_idx_set(tmp_path / "fm", 160, 48)
     raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
     raw["data"]["params"] = {"dir": str(folder)}
-    raw["sample"].update(n=16, steps=2, strategies=["monolith", "top-1", "top-2", "oracle"])
+    raw["sample"].update(n=16, steps=2, strategies=["monolith", "top-1", "top-2", "oracle"], sweep_n=8)
     cfg = validate(RunConfig, raw)
     assert run_image_stages(cfg, tmp_path / "run", "train") is None
     result = run_image_stages(cfg, tmp_path / "run", "evaluate")
-    assert {"monolith", "top-1", "top-2", "oracle", "top-2 @ cfg 2", "train images (floor)"} <= set(result["rows"])
+    assert {"monolith", "top-1", "top-2", "oracle", "top-2 @ cfg 2", "train images (floor)",
+            "top-2 (statistics-only router)", "top-2 (learned router, first 8)"} <= set(result["rows"])
+    assert result["rows"]["top-2 (statistics-only router)"]["n"] == 8
     assert all(np.isfinite(r["fid"]) for r in result["rows"].values())
     assert (tmp_path / "run" / "plots" / "clusters.png").exists()
     assert "FID / monolith" in (tmp_path / "run" / "report.md").read_text()

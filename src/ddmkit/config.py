@@ -62,6 +62,9 @@ class TrainConfig(Section):
     bf16: bool = Field(False, description="bfloat16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(False, description="channels-last memory format for conv nets")
     compile: bool = Field(False, description="torch.compile the network's forward (CUDA)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode; 'reduce-overhead' replays the step's kernels as CUDA graphs "
+        "(small networks whose step is bound by kernel launches)")
 
 
 class ExpertConfig(Section):
@@ -77,6 +80,8 @@ class ExpertConfig(Section):
 class RouterConfig(Section):
     net: NetConfig = Field(default_factory=lambda: NetConfig(arch="router_mlp", kwargs={"width": 128, "depth": 2}))
     train: TrainConfig = Field(default_factory=TrainConfig)
+    label_dropout: float = Field(0.1, ge=0, le=1, description="label-conditional routers (net kwargs num_classes): "
+                                 "share of training labels replaced by 'no label', so p(cluster | x_t, t) is learned too")
 
 
 class MonolithConfig(Section):
@@ -96,10 +101,13 @@ class SampleConfig(Section):
     guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale inside each class-conditional expert")
     guidance_sweep: list[float] = Field(default_factory=list, description="extra guidance scales (images: FID per scale)")
     sweep_strategy: str = Field("top-2", description="strategy used for the guidance sweep")
-    sweep_n: int | None = Field(None, ge=1, description="samples per guidance-sweep set (None: n); compare "
-                                "sweep rows by KID, which does not depend on n, or with each other")
+    sweep_n: int | None = Field(None, ge=1, description="samples per guidance-sweep set and per statistics-only "
+                                "router set (None: n); compare these rows by KID, which does not depend on n, "
+                                "or with each other")
+    stats_router_strategies: list[str] = Field(default_factory=list, description="images: strategies also sampled "
+                                               "with the statistics-only router (e.g. ['top-2', 'full'])")
 
-    @field_validator("strategies")
+    @field_validator("strategies", "stats_router_strategies")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
         from ddmkit.routing.strategies import parse_strategy

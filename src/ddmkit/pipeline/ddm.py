@@ -38,6 +38,8 @@ class DDM:
     data_shape: tuple[int, ...]
     nearest: Callable[[torch.Tensor], torch.Tensor] | None = None
     meta: dict = field(default_factory=dict)
+    label_prior: torch.Tensor | None = None  # (C, K) p(cluster | class label), for labelled data
+    router_conditional: bool = False  # the router takes the class label: router(x, t, y=...)
 
     @property
     def k(self) -> int:
@@ -55,12 +57,22 @@ def velocity_field(model: torch.nn.Module, config: dict) -> Field:
     return f
 
 
-def router_field(model: torch.nn.Module) -> Field:
+def router_field(model: torch.nn.Module, conditional: bool = False) -> Field:
+    """(x, t) -> probabilities (B, K); a label-conditional router is called as f(x, t, y=labels)."""
     @torch.no_grad()
-    def f(x, t):
-        return torch.softmax(model(x, t).float(), dim=1)
+    def f(x, t, y=None):
+        return torch.softmax((model(x, t, y) if conditional else model(x, t)).float(), dim=1)
 
     return f
+
+
+def label_prior(counts: torch.Tensor) -> torch.Tensor:
+    """p(cluster | class) (C, K) from the count of each class in each cluster, counts (C, K)
+    (a class that no cluster holds gets the uniform row)."""
+    counts = counts.double()
+    k = counts.shape[1]
+    total = counts.sum(1, keepdim=True)
+    return torch.where(total > 0, counts / total.clamp_min(1), torch.full_like(counts, 1.0 / k)).float()
 
 
 def expert_dir(run_dir: Path, k: int) -> Path:
@@ -87,8 +99,8 @@ def masked_router(router: Field, present: torch.Tensor) -> Field:
     """r_k 1[k present] / sum_j r_j 1[j present]; uniform over the present
     experts where the router gives them no mass at all."""
 
-    def f(x, t):
-        p = router(x, t)
+    def f(x, t, **cond):
+        p = router(x, t, **cond)
         m = present.to(p.device, p.dtype)
         p = p * m
         total = p.sum(1, keepdim=True)
@@ -115,8 +127,13 @@ def restrict(ddm: DDM, present: list[int], nearest: Callable | None = None) -> D
     prior = ddm.prior * mask
     experts = [e if mask[c] else _absent(c) for c, e in enumerate(ddm.experts)]
     meta = {**ddm.meta, "missing_experts": missing, "present_experts": sorted(present)}
+    label = ddm.label_prior
+    if label is not None:
+        label = label * mask
+        label = torch.where(label.sum(1, keepdim=True) > 0, label, mask.float())
+        label = label / label.sum(1, keepdim=True)
     return DDM(experts, masked_router(ddm.router, mask), prior / prior.sum(), ddm.data_shape,
-               nearest or ddm.nearest, meta)
+               nearest or ddm.nearest, meta, label, ddm.router_conditional)
 
 
 def load_ddm(run_dir: str | Path, device: str | torch.device = "cpu", exclude=(), allow_missing: bool = True) -> DDM:

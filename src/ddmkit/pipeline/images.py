@@ -28,7 +28,7 @@ from ddmkit.errors import DDMError
 from ddmkit.flow.path import to_velocity
 from ddmkit.io import load_tensors, read_json, save_tensors, write_json
 from ddmkit.nets import from_pretrained
-from ddmkit.pipeline.ddm import DDM, expert_dir, nearest_cluster_fn, router_field
+from ddmkit.pipeline.ddm import DDM, expert_dir, label_prior, nearest_cluster_fn, router_field
 from ddmkit.pipeline.report import markdown_table
 from ddmkit.pipeline.sampling import sample_ddm, sample_single, start_noise
 
@@ -65,7 +65,33 @@ def data_shape_of(run: Path) -> tuple:
     return tuple(read_json(run / "data" / "data.json")["data_shape"])
 
 
-def load_image_ddm(run: Path, device="cpu", guidance: float = 1.0) -> DDM:
+def shard_label_counts(run: Path, classes: int) -> torch.Tensor:
+    """(C, K): how many images of each class each island holds (what the islands publish for
+    p(cluster | label))."""
+    manifest, _ = load_partition(run / "partition")
+    labels = [read_shard(run / "partition" / sh["path"])[1] for sh in manifest["shards"]]
+    return torch.stack([torch.bincount(y.long(), minlength=classes)[:classes] for y in labels], dim=1)
+
+
+def image_stats_router(run: Path, classes: int, rank: int | None = None, device="cpu"):
+    """The statistics-only router of a run's islands: label-conditional when the data have labels
+    (each island's statistics are computed from its shard alone, on `device`)."""
+    from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics, stats_router
+
+    manifest, _ = load_partition(run / "partition")
+    shards = [(x.to(device), y.to(device) if y is not None else None, m)
+              for x, y, m in (read_shard(run / "partition" / sh["path"]) for sh in manifest["shards"])]
+    marginal = [island_statistics(x, rank) for x, _, _ in shards]
+    if not classes:
+        return stats_router(marginal), False
+    per_class = [island_class_statistics(x, y, classes, rank) for x, y, _ in shards]
+    return class_stats_router(per_class, marginal), True
+
+
+def load_image_ddm(run: Path, device="cpu", guidance: float = 1.0, router_kind: str = "learned") -> DDM:
+    """The image DDM of a run: guided experts, the learned router (label-conditional when it was
+    trained with labels) or router_kind="statistics" for the statistics-only router, and
+    p(cluster | label) for the oracle."""
     manifest, ptensors = load_partition(run / "partition")
     shape = data_shape_of(run)
     experts = []
@@ -78,8 +104,16 @@ def load_image_ddm(run: Path, device="cpu", guidance: float = 1.0) -> DDM:
     if rcfg.get("k") != manifest["k"]:
         raise DDMError(f"{run}: the router routes over {rcfg.get('k')} clusters but the partition has {manifest['k']}")
     prior = torch.tensor(manifest["counts"], dtype=torch.float32)
-    return DDM(experts, router_field(router), (prior / prior.sum()).to(device), shape,
-               nearest_cluster_fn(manifest, {k: v.to(device) for k, v in ptensors.items()}), {"kind": "learned"})
+    classes = read_json(expert_dir(run, 0) / "config.json")["kwargs"].get("num_classes", 0)
+    labels = label_prior(shard_label_counts(run, classes)).to(device) if classes else None
+    if router_kind == "statistics":
+        route, conditional = image_stats_router(run, classes, device=device)
+    else:
+        conditional = bool(rcfg["kwargs"].get("num_classes", 0))
+        route = router_field(router, conditional)
+    return DDM(experts, route, (prior / prior.sum()).to(device), shape,
+               nearest_cluster_fn(manifest, {k: v.to(device) for k, v in ptensors.items()}),
+               {"kind": "learned", "router": router_kind}, labels, conditional)
 
 
 def load_image_monolith(run: Path, device="cpu", guidance: float = 1.0):
@@ -111,21 +145,32 @@ def sample_path(run: Path, name: str) -> Path:
     return run / "samples" / f"{safe}.safetensors"
 
 
-def planned_samples(cfg: RunConfig) -> list[tuple[str, str, float]]:
-    """(name, strategy, guidance) for every sample set of the run."""
+STATS = "statistics"
+
+
+def stats_name(strategy: str) -> str:
+    return f"{strategy} (statistics-only router)"
+
+
+def planned_samples(cfg: RunConfig) -> list[tuple[str, str, float, str]]:
+    """(name, strategy, guidance, router) for every sample set of the run; router is
+    "learned" or "statistics" (the statistics-only router)."""
     s = cfg.sample
-    plan = [(sample_name(name, s.guidance, s.guidance), name, s.guidance) for name in s.strategies]
+    plan = [(sample_name(name, s.guidance, s.guidance), name, s.guidance, "learned") for name in s.strategies]
+    plan += [(stats_name(name), name, s.guidance, STATS) for name in s.stats_router_strategies]
     for g in s.guidance_sweep:
         for name in ("monolith", s.sweep_strategy):
             if g != s.guidance and (name != "monolith" or cfg.monolith.enabled):
-                plan.append((sample_name(name, g, s.guidance), name, g))
+                plan.append((sample_name(name, g, s.guidance), name, g, "learned"))
     return [p for p in plan if p[1] != "monolith" or cfg.monolith.enabled]
 
 
-def set_size(cfg: RunConfig, guidance: float) -> int:
-    """Samples in a set: sample.n, or sample.sweep_n for the extra guidance scales of the sweep."""
+def set_size(cfg: RunConfig, guidance: float, router: str = "learned") -> int:
+    """Samples in a set: sample.n, or sample.sweep_n for the extra guidance scales of the sweep
+    and the statistics-only router's sets."""
     s = cfg.sample
-    return s.n if guidance == s.guidance or not s.sweep_n else min(s.sweep_n, s.n)
+    main = guidance == s.guidance and router != STATS
+    return s.n if main or not s.sweep_n else min(s.sweep_n, s.n)
 
 
 def stage_sample_images(cfg: RunConfig, run: Path, log=print, device="cpu", on_sample=None) -> None:
@@ -136,11 +181,11 @@ def stage_sample_images(cfg: RunConfig, run: Path, log=print, device="cpu", on_s
     y_all = sample_labels(run, s.n, s.seed, device)
     autocast = "bfloat16" if torch.device(device).type == "cuda" else None
     info_path = run / "samples" / "info.json"
-    ddms: dict[float, DDM] = {}
-    for name, strategy, g in planned_samples(cfg):
+    ddms: dict[tuple, DDM] = {}
+    for name, strategy, g, router in planned_samples(cfg):
         if sample_path(run, name).exists():
             continue
-        n = set_size(cfg, g)  # the first n of the same noise and labels
+        n = set_size(cfg, g, router)  # the first n of the same noise and labels
         x1, y = x1_all[:n], (y_all[:n] if y_all is not None else None)
         cond = {"y": y} if y is not None else None
         if strategy == "monolith":
@@ -150,10 +195,10 @@ def stage_sample_images(cfg: RunConfig, run: Path, log=print, device="cpu", on_s
                 x0, info = sample_single(f, shape, n, s.steps, s.solver, s.seed, device, name, x1=x1.clone())
             info["expert_calls_per_sample"] = info["velocity_evaluations"]
         else:
-            ddm = ddms.get(g) or ddms.setdefault(g, load_image_ddm(run, device, g))
+            ddm = ddms.get((g, router)) or ddms.setdefault((g, router), load_image_ddm(run, device, g, router))
             x0, info = sample_ddm(ddm, strategy, n, s.steps, s.solver, s.seed, device, x1=x1.clone(),
                                   autocast=autocast, cond=cond)
-        info.update(strategy=strategy, guidance=g)
+        info.update(strategy=strategy, guidance=g, router=router)
         info.pop("expert_rows", None)
         save_tensors(sample_path(run, name), {"x": x0.float().clamp(-1, 1).cpu()})
         infos = read_json(info_path) if info_path.exists() else {}
@@ -232,20 +277,22 @@ class SetEvaluator:
     def cache(self, name: str) -> Path:
         return self.run / "eval" / f"set_{sample_path(Path('.'), name).stem}.json"
 
-    def __call__(self, name: str) -> dict:
+    def __call__(self, name: str, first: int | None = None) -> dict:
+        """Metrics of the set `name` (of its first `first` samples, when given)."""
         from ddmkit.metrics.fid import fid_kid
 
         path = sample_path(self.run, name)
-        cache = self.cache(name)
+        cache = self.cache(name if first is None else f"{name}_first{first}")
         if cache.exists() and cache.stat().st_mtime >= path.stat().st_mtime:
             return read_json(cache)
-        x = load_tensors(path)["x"]
+        x = load_tensors(path)["x"][:first]
         start = time.perf_counter()
         feats = self.extractor(x)
         metrics = fid_kid(self.f_test, feats, self.cfg.evaluate.kid_subset, self.real_stats)
         metrics["fid_seconds"] = time.perf_counter() - start
         metrics = {k: float(v) for k, v in metrics.items()}
-        save_png(image_grid(x, 8, 8), self.run / "plots" / f"samples_{path.stem}.png")
+        if first is None:
+            save_png(image_grid(x, 8, 8), self.run / "plots" / f"samples_{path.stem}.png")
         write_json(cache, metrics)
         self.log(f"{name}: FID {metrics['fid']:.2f}, KID {metrics['kid'] * 1e3:.2f}e-3 (n = {len(x)}, "
                  f"{metrics['fid_seconds']:.1f}s)")
@@ -260,10 +307,14 @@ def stage_evaluate_images(cfg: RunConfig, run: Path, log=print, device="cpu", ev
     infos = read_json(run / "samples" / "info.json")
     rows = {"train images (floor)": {**fid_kid(f_test, f_train, cfg.evaluate.kid_subset, ev.real_stats), "n": len(f_train)}}
     plots = run / "plots"
-    for name, strategy, g in planned_samples(cfg):
+    for name, strategy, g, router in planned_samples(cfg):
         if not sample_path(run, name).exists():
             continue
-        rows[name] = {**ev(name), **infos.get(name, {}), "n": set_size(cfg, g)}
+        n = set_size(cfg, g, router)
+        if router == STATS and n < cfg.sample.n and sample_path(run, strategy).exists():
+            # the learned router's set on the same first n noises and labels, for a like-for-like FID
+            rows[f"{strategy} (learned router, first {n})"] = {**ev(strategy, n), **infos.get(strategy, {}), "n": n}
+        rows[name] = {**ev(name), **infos.get(name, {}), "n": n}
     save_png(cluster_grid(run), plots / "clusters.png")
     manifest, _ = load_partition(run / "partition")
     result = {"rows": rows, "features": kind, "reference_seconds": ref_seconds, "n_test": len(f_test),
@@ -295,7 +346,7 @@ def table_rows(result: dict) -> list[list]:
     mono = result["rows"].get("monolith", {}).get("fid")
     for name, r in result["rows"].items():
         rel = r["fid"] / mono if mono else None
-        rows.append([name, r["fid"], rel, r["kid"] * 1e3, r.get("expert_calls_per_sample", "-"),
+        rows.append([name, r.get("n", "-"), r["fid"], rel, r["kid"] * 1e3, r.get("expert_calls_per_sample", "-"),
                      r.get("wall_time", "-"), r.get("fid_seconds", "-")])
     return rows
 
@@ -303,7 +354,7 @@ def table_rows(result: dict) -> list[list]:
 def render_image_report(cfg: RunConfig, result: dict) -> str:
     d, p, e, s = cfg.data, cfg.partition, cfg.expert, cfg.sample
     mono = "K x the steps" if cfg.monolith.match == "steps" else "K x the batch, the same steps"
-    table = markdown_table(["samples", "FID", "FID / monolith", "KID x 1e3", "expert calls/sample", "sampling (s)",
+    table = markdown_table(["samples", "n", "FID", "FID / monolith", "KID x 1e3", "expert calls/sample", "sampling (s)",
                             "FID time (s)"], table_rows(result))
     grids = "\n".join(f"![{n}](plots/samples_{sample_path(Path('.'), n).stem}.png)" for n in result["rows"]
                       if n != "train images (floor)")

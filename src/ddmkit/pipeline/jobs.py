@@ -127,20 +127,33 @@ def train_monolith(shards: list[Path], config: ExpertConfig, out_dir: str | Path
 
 
 def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path) -> Path:
-    """Train the router p(cluster | x_t, t) with cross-entropy on noised shard data."""
+    """Train the router p(cluster | x_t, t) with cross-entropy on noised shard data.
+
+    A label-conditional router (net kwargs num_classes > 0) learns p(cluster | x_t, t, y)
+    from the shards' class labels, with a share config.label_dropout of them replaced
+    by 'no label' so that p(cluster | x_t, t) is learned as well."""
     from ddmkit.data.partition import read_shard
 
     device = resolve_device(config.train.device)
-    parts = [read_shard(s)[0] for s in shards]
-    x = torch.cat(parts).float().to(device)
-    y = torch.cat([torch.full((len(p),), k, dtype=torch.long) for k, p in enumerate(parts)]).to(device)
+    shard_data = [read_shard(s) for s in shards]
+    x = torch.cat([d[0] for d in shard_data]).float().to(device)
+    y = torch.cat([torch.full((len(d[0]),), k, dtype=torch.long) for k, d in enumerate(shard_data)]).to(device)
+    num_classes = config.net.kwargs.get("num_classes", 0)
+    if num_classes and any(d[1] is None for d in shard_data):
+        raise DDMError(f"router: the network is label-conditional (num_classes = {num_classes}) but the shards "
+                       "have no class labels; remove router.net.kwargs.num_classes")
+    classes = torch.cat([d[1] for d in shard_data]).long().to(device) if num_classes else None
     data_shape = list(x.shape[1:])
     kwargs = {"data_shape": data_shape, "num_experts": len(shards), **config.net.kwargs}
     model = build_seeded(config.net.arch, config.train.seed, **kwargs)
 
     def batch_loss(m, step, gen):
         idx = torch.randint(0, len(x), (config.train.batch_size,), generator=gen, device=device)
-        loss, acc = router_loss(m, x[idx], y[idx], gen)
+        if classes is None:
+            loss, acc = router_loss(m, x[idx], y[idx], gen)
+        else:
+            yb = drop_labels(classes[idx], config.label_dropout, num_classes, gen)
+            loss, acc = router_loss(lambda xt, t: m(xt, t, yb), x[idx], y[idx], gen)
         return loss, {"accuracy": acc}
 
     with staging_dir(out_dir) as tmp:

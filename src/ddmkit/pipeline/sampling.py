@@ -44,14 +44,21 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
                autocast: str | None = None, cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """router_every = m reuses the routing for m velocity evaluations (1: route every time);
     autocast = "bfloat16" runs the networks under autocast (the state stays in float32);
-    cond = per-sample conditioning passed to the experts, e.g. {"y": class labels (n,)}."""
+    cond = per-sample conditioning passed to the experts, e.g. {"y": class labels (n,)}; it reaches
+    the router too when the DDM's router is label-conditional, and with labels the oracle draws
+    each sample's cluster from p(cluster | label) (ddm.label_prior) instead of the cluster sizes."""
     strat = parse_strategy(strategy)
     x1 = start_noise(n, ddm.data_shape, seed, device) if x1 is None else x1
     gen = torch.Generator(device=x1.device).manual_seed(seed + 1)
-    state = RoutingState(generator=gen, prior=ddm.prior, nearest=ddm.nearest)
+    prior = ddm.prior
+    if ddm.label_prior is not None and cond is not None and "y" in cond:
+        prior = ddm.label_prior.to(x1.device)[cond["y"]]  # (n, K) p(cluster | y) per sample
+    state = RoutingState(generator=gen, prior=prior, nearest=ddm.nearest)
     counter = CallCounter()
     nfe = [0]
-    field = routed_velocity(ddm.experts, ddm.router, strat, state, counter, cond=cond, router_every=router_every)
+    router_cond = cond if ddm.router_conditional else None
+    field = routed_velocity(ddm.experts, ddm.router, strat, state, counter, cond=cond, router_every=router_every,
+                            router_cond=router_cond)
 
     def counted(x, t):
         nfe[0] += 1

@@ -130,6 +130,47 @@ def stats_router(stats: list[dict]):
     return router
 
 
+def island_class_statistics(x: torch.Tensor, labels: torch.Tensor, classes: int, rank: int | None = None) -> list:
+    """What an island publishes per class label: island_statistics of its images of class c,
+    or None where it holds fewer than 2 of them (it then claims no mass for that class)."""
+    return [island_statistics(x[labels == c], rank) if int((labels == c).sum()) >= 2 else None
+            for c in range(classes)]
+
+
+def class_stats_router(per_class: list[list[dict | None]], marginal: list[dict]):
+    """The label-conditional statistics-only router p(k | x_t, t, y):
+
+        r_k(x, t, y=c) = n_kc N(x; (1-t) mu_kc, C_kc(t)) / sum_j n_jc N(x; (1-t) mu_jc, C_jc(t))
+
+    from each island k's statistics of its class-c images (per_class[k][c], None: n_kc = 0);
+    y=None gives the marginal router of the islands' whole-shard statistics `marginal`.
+    Rows are grouped by label, one posterior per label present."""
+    k, classes = len(per_class), len(per_class[0]) if per_class else 0
+    if k != len(marginal):
+        raise DDMError(f"class statistics of {k} islands but marginal statistics of {len(marginal)}")
+    marginal_router = stats_router(marginal)
+
+    def absent(j: int) -> dict:  # the island's marginal statistics with count 0: weight 0 for this class
+        return {**marginal[j], "count": torch.zeros((), dtype=torch.float64)}
+
+    routers = []
+    for c in range(classes):
+        stats = [per_class[j][c] if per_class[j][c] is not None else absent(j) for j in range(k)]
+        routers.append(stats_router(stats) if any(per_class[j][c] is not None for j in range(k)) else marginal_router)
+
+    def router(x, t, y=None):
+        if y is None:
+            return marginal_router(x, t)
+        t = torch.as_tensor(t, device=x.device).expand(len(x))
+        out = torch.empty(len(x), k, device=x.device)
+        for c in torch.unique(y).tolist():
+            rows = (y == c).nonzero().squeeze(1)
+            out[rows] = routers[c](x[rows], t[rows])
+        return out
+
+    return router
+
+
 def save_statistics(path: str | Path, stats: dict) -> None:
     """Write one island's statistics (safetensors; what it sends to the router's builder)."""
     from ddmkit.io import save_tensors

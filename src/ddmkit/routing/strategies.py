@@ -15,8 +15,9 @@ Names accepted by `parse_strategy` (what configs and the CLI use):
     nucleus-P[@T]        one expert drawn from the smallest set holding mass P of r^(1/T)
     switch               one expert per sample per step drawn from r, weight 1 (stochastic switching;
                          the same law as sample-1 at T = 1, kept as its own name for the theory studies)
-    oracle               one cluster per sample drawn once from the cluster proportions and kept for the
-                         whole trajectory (ancestral sampling of the mixture: exact with exact experts)
+    oracle               one cluster per sample drawn once from the cluster proportions (from
+                         p(cluster | label) for labelled samples) and kept for the whole trajectory
+                         (ancestral sampling of the mixture: exact with exact experts)
     nearest              the cluster whose centroid is nearest to the features of x0_hat = x_t - t v
                          (v from the previous step; the router's argmax on the first step)
 """
@@ -36,7 +37,7 @@ class RoutingState:
     """Per-trajectory state shared by the strategy and the sampler."""
 
     generator: torch.Generator | None = None
-    prior: torch.Tensor | None = None  # (K,) cluster proportions, for the oracle
+    prior: torch.Tensor | None = None  # (K,) cluster proportions, or (B, K) per sample, for the oracle
     nearest: Callable[[torch.Tensor], torch.Tensor] | None = None  # x0_hat -> (B,) cluster index
     oracle: torch.Tensor | None = None  # (B,) fixed cluster per sample
     x0_hat: torch.Tensor | None = None  # from the previous step

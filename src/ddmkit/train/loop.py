@@ -112,7 +112,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
     model.to(device).train()
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if cfg.compile and device.type == "cuda" else model  # same parameters
+    net = torch.compile(model, mode=cfg.compile_mode) if cfg.compile and device.type == "cuda" else model  # same parameters
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
