@@ -4,6 +4,7 @@ the naive combiner and the per-sample loop of the papers' pseudocode, in one run
     PYTHONPATH=src python benchmarks/sampling.py --quick        # K = 8, CPU, MLP experts, under 2 minutes
     PYTHONPATH=src python benchmarks/sampling.py                # K = 4, 8, 16; batch 256 .. 8192; CPU
     PYTHONPATH=src python benchmarks/sampling.py --device cuda --experts unet --bf16 --compile
+    PYTHONPATH=src python benchmarks/sampling.py --variants --ks 8 --batches 256 1024 4096   # CPU code variants
 
 Every cell is milliseconds per Euler step (router + strategy + experts + update),
 the median of --repeats timed runs of --steps steps. The methods are
@@ -18,20 +19,29 @@ Methods:
     naive top-2                            every expert on every row, then weighted (top-2 weights)
     loop top-2                             per sample: route, then call each chosen expert on that one
                                            row (timed on --loop-rows rows, scaled to the batch)
+
+--variants (MLP experts) instead times top-1, top-2, full and the monolith under four versions of the
+code, interleaved in one run: "before" (the MLP forward as it was until 2026-11-22: one nn.Module call
+per layer), "after" (the current forward), "grouped" (ddmkit.routing.grouped.GroupedMLP: one grouped
+pass over the rows of all active experts) and "compiled" (every network under torch.compile).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
+import math
 import platform
 import statistics
 import time
+import types
 
 import torch
+from torch.nn import functional as F
 
 from ddmkit.nets.mlp import RouterMLP, VelocityMLP
-from ddmkit.routing.combine import CallCounter, combine, combine_dense, routed_velocity
+from ddmkit.routing.combine import CallCounter, combine, combine_dense, make_plan, routed_velocity
 from ddmkit.routing.strategies import RoutingState, parse_strategy
 from ddmkit.sample.solvers import sample_euler, time_grid
 
@@ -266,6 +276,106 @@ def measure_compiled(k: int, batches: list[int], args, device, precision) -> Non
     print(f"(compile and all timings: {time.perf_counter() - start:.0f} s)")
 
 
+# ---------------------------------------------------------------- code variants (CPU, MLP experts)
+
+def legacy_forward(self, x, t):
+    """TimeMLP.forward before 2026-11-22: one nn.Module call per layer, the embedding frequencies
+    recomputed at every call (the same operations as now; tests/test_grouped.py checks it bitwise)."""
+    half = self.time_dim // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    emb = self.time_mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+    h = self.inp(x.reshape(x.shape[0], -1))
+    for b in self.blocks:
+        h = h + b.fc2(F.silu(b.fc1(b.norm(h)) + b.emb(emb)))
+    out = self.out(h)
+    return out.reshape(x.shape) if isinstance(self, VelocityMLP) else out
+
+
+def with_legacy_forward(net):
+    net = copy.deepcopy(net)
+    net.forward = types.MethodType(legacy_forward, net)
+    return net
+
+
+VARIANTS = ["before", "after", "grouped", "grouped_mm", "compiled"]
+SHARED = {"grouped": "after", "grouped_mm": "after"}  # variants that change only the routed experts
+
+
+def grouped_method(grouped, router, strategy: str):
+    from grouped_experts import grouped_velocity
+    strat = parse_strategy(strategy)
+    return euler_method(lambda counter, state: grouped_velocity(grouped, router, strat, state, counter))
+
+
+def check_grouped(nets, groupeds: dict, router, dim: int, device) -> str:
+    """Max |grouped - per-expert| / max |per-expert| on top-2 weights, one evaluation."""
+    x, t = torch.randn(1000, dim, device=device), torch.rand(1000, device=device)
+    w = parse_strategy("top-2").weights(router(x, t), RoutingState())
+    plan = make_plan(w)
+    want = combine([as_field(n) for n in nets], w, x, t)
+    errs = []
+    for name, g in groupeds.items():
+        got = torch.zeros_like(x).index_add_(0, plan.rows, g.run_groups(plan.experts, plan.counts, x[plan.rows],
+                                                                          t[plan.rows]) * plan.weights[:, None])
+        errs.append(f"{name} {float((got - want).abs().max() / want.abs().max()):.1e}")
+    return ", ".join(errs)
+
+
+def variant_methods(k: int, args, device) -> tuple[dict, float, str]:
+    """{(variant, method): run} for top-1, top-2, full and the monolith; the compile time; the
+    grouped variants' difference from the per-expert calls."""
+    from grouped_experts import GroupedMLP
+    nets, router_net, _ = build_nets("mlp", k, args, device)
+    mono = build_nets("mlp", 1, args, device)[0][0]
+    start = time.perf_counter()
+    compiled = [torch.compile(n, dynamic=True) for n in nets + [router_net, mono]]
+    x, t = torch.randn(64, args.dim, device=device), torch.rand(64, device=device)
+    for c in compiled:  # compile now (dynamic shapes: one graph serves every group size)
+        c(x, t)
+    compile_s = time.perf_counter() - start
+    groupeds = {"grouped": GroupedMLP(nets), "grouped_mm": GroupedMLP(nets, mode="grouped_mm")}
+    router = as_router(router_net)
+    versions = {
+        "before": ([as_field(with_legacy_forward(n)) for n in nets], as_router(with_legacy_forward(router_net)),
+                   with_legacy_forward(mono)),
+        "after": ([as_field(n) for n in nets], router, mono),
+        "compiled": ([as_field(c) for c in compiled[:k]], as_router(compiled[k]), compiled[k + 1]),
+    }
+    methods = {}
+    for variant, (experts, vrouter, monolith) in versions.items():
+        for name in ["top-1", "top-2", "full"]:
+            methods[variant, name] = routed_method(experts, vrouter, name)
+        methods[variant, "monolith"] = monolith_method(as_field(monolith))
+    for variant, g in groupeds.items():
+        for name in ["top-1", "top-2"]:
+            methods[variant, name] = grouped_method(g, router, name)
+    return methods, compile_s, check_grouped(nets, groupeds, router, args.dim, device)
+
+
+def measure_variants(k: int, batches: list[int], args, device, precision) -> None:
+    methods, compile_s, errors = variant_methods(k, args, device)
+    ts = time_grid(args.steps).to(device)
+    print(f"\n### K = {k}, MLP width {args.width}: ms per Euler step (median of {args.repeats}) by code variant\n")
+    print(f"grouped against the per-expert calls, top-2, max rel. difference: {errors}; torch.compile of the "
+          f"{k} experts, the router and the monolith (first calls): {compile_s:.1f} s\n")
+    print("| batch | variant | top-1 | top-2 | full | monolith | top-2/full | top-1/monolith |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for b in batches:
+        x1 = torch.randn(b, args.dim, generator=torch.Generator().manual_seed(b)).to(device)
+        start = time.perf_counter()
+        r = time_methods(methods, x1, ts, args.repeats, device, precision)
+        for v in VARIANTS:
+            ms = {m: r[v, m][0] * 1e3 for m in ["top-1", "top-2"]}
+            ms.update({m: r[SHARED.get(v, v), m][0] * 1e3 for m in ["full", "monolith"]})
+            shared = "=" if v in SHARED else ""
+            print(f"| {b} | {v} | {ms['top-1']:.2f} | {ms['top-2']:.2f} | {shared}{ms['full']:.2f} | "
+                  f"{shared}{ms['monolith']:.2f} | {ms['top-2'] / ms['full']:.2f} | {ms['top-1'] / ms['monolith']:.2f} |",
+                  flush=True)
+        print(f"(batch {b}: {time.perf_counter() - start:.0f} s with the warm-up)", flush=True)
+    print("(=: the after row's full and monolith: grouping changes only the sparse expert calls)")
+
+
 # ---------------------------------------------------------------- main
 
 def parse_args():
@@ -286,6 +396,8 @@ def parse_args():
     p.add_argument("--image", type=int, default=32, help="UNet image side")
     p.add_argument("--bf16", action="store_true", help="networks under bf16 autocast")
     p.add_argument("--compile", action="store_true", help="also time K = 8 with torch.compile'd networks")
+    p.add_argument("--variants", action="store_true",
+                   help="MLP experts: only the table of code variants (before, after, grouped, compiled)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1: on a loaded machine more threads spin against other jobs)")
     p.add_argument("--json", help="write the raw results here")
@@ -308,7 +420,9 @@ def main() -> None:
     start = time.perf_counter()
     results = []
     with torch.no_grad():
-        for k in args.ks:
+        for k in args.ks if args.variants else []:
+            measure_variants(k, args.batches, args, device, precision)
+        for k in [] if args.variants else args.ks:
             rows = measure(k, args.batches, args, device, precision)
             print_table(rows)
             results += rows
