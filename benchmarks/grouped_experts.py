@@ -11,7 +11,9 @@ for all rows instead of once per expert. Two ways to do the per-expert layers:
     "loop"        each linear layer and LayerNorm once per group (torch.addmm with expert k's
                   weight and bias into rows s:e of one output; layer_norm with its affine), rows in
                   passes of at most `block_rows` so that a pass's activations stay in the cache.
-                  Bitwise the per-expert calls (the same operations on the same rows).
+                  The same operations on the same rows as the per-expert calls: bitwise, except
+                  where a pass cuts a group (MKL's blocking depends on the row count; 4e-7 at
+                  width 512).
     "grouped_mm"  the weights stacked (K, in, out) and one torch.nn.functional.grouped_mm
                   (segment-wise matrix product) per layer; biases and LayerNorm affines gathered
                   per row. Exact to rounding (the sampling benchmark prints the difference).

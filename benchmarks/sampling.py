@@ -5,6 +5,7 @@ the naive combiner and the per-sample loop of the papers' pseudocode, in one run
     PYTHONPATH=src python benchmarks/sampling.py                # K = 4, 8, 16; batch 256 .. 8192; CPU
     PYTHONPATH=src python benchmarks/sampling.py --device cuda --experts unet --bf16 --compile
     PYTHONPATH=src python benchmarks/sampling.py --variants --ks 8 --batches 256 1024 4096   # CPU code variants
+    PYTHONPATH=src python benchmarks/sampling.py --breakdown --ks 8 --batches 1024           # one step by part
 
 Every cell is milliseconds per Euler step (router + strategy + experts + update),
 the median of --repeats timed runs of --steps steps. The methods are
@@ -24,6 +25,8 @@ Methods:
 code, interleaved in one run: "before" (the MLP forward as it was until 2026-11-22: one nn.Module call
 per layer), "after" (the current forward), "grouped" (ddmkit.routing.grouped.GroupedMLP: one grouped
 pass over the rows of all active experts) and "compiled" (every network under torch.compile).
+--breakdown times one routed evaluation (top-1, top-2) part by part: router, strategy, plan, gather,
+expert calls, scatter, x0_hat, the whole, and one monolith forward.
 """
 from __future__ import annotations
 
@@ -376,6 +379,44 @@ def measure_variants(k: int, batches: list[int], args, device, precision) -> Non
     print("(=: the after row's full and monolith: grouping changes only the sparse expert calls)")
 
 
+# ---------------------------------------------------------------- one evaluation, part by part
+
+def measure_breakdown(k: int, batches: list[int], args, device, precision) -> None:
+    """One routed velocity evaluation (top-1, top-2) cut into its parts, each timed alone on the same
+    inputs, interleaved; against the whole evaluation and one monolith forward. ms, median."""
+    nets, router_net, shape = build_nets(args.experts, k, args, device)
+    experts, router = [as_field(e) for e in nets], as_router(router_net)
+    mono = as_field(build_nets(args.experts, 1, args, device)[0][0])
+    cols = ["router", "strategy", "plan", "gather", "experts", "cat+weigh+scatter", "x0_hat", "whole", "monolith"]
+    print(f"\n### K = {k}: one velocity evaluation by part, ms (median of {args.repeats * 4})\n")
+    print("| batch | strategy | " + " | ".join(cols) + " | rows per expert |\n|---:|---|" + "---:|" * len(cols) + "---|")
+    for b in batches:
+        x, t = torch.randn(b, *shape, device=device), torch.full((b,), 0.5, device=device)
+        for name in ["top-1", "top-2"]:
+            strat = parse_strategy(name)
+            probs = router(x, t)
+            w = strat.weights(probs, RoutingState())
+            plan = make_plan(w)
+            xs, tg = x.index_select(0, plan.rows).split(plan.counts), t.index_select(0, plan.rows).split(plan.counts)
+            outs = [experts[j](xj, tj) for j, xj, tj in zip(plan.experts, xs, tg)]
+            v = torch.cat(outs) * plan.weights.reshape((-1,) + (1,) * len(shape))
+            field = routed_velocity(experts, router, strat, RoutingState())
+            parts = {
+                "router": lambda: router(x, t), "strategy": lambda: strat.weights(probs, RoutingState()),
+                "plan": lambda: make_plan(w),
+                "gather": lambda: (x.index_select(0, plan.rows).split(plan.counts), t.index_select(0, plan.rows)),
+                "experts": lambda: [experts[j](xj, tj) for j, xj, tj in zip(plan.experts, xs, tg)],
+                "cat+weigh+scatter": lambda: torch.zeros_like(x).index_add_(
+                    0, plan.rows, torch.cat(outs) * plan.weights.reshape((-1,) + (1,) * len(shape))),
+                "x0_hat": lambda: x - t.reshape((-1,) + (1,) * len(shape)) * v[:b],
+                "whole": lambda: field(x, t), "monolith": lambda: mono(x, t)}
+            runs = {n: (lambda x1, ts, f=f: [f(), 0][1]) for n, f in parts.items()}
+            r = time_methods(runs, x, torch.zeros(2), args.repeats * 4, device, precision)
+            print(f"| {b} | {name} | " + " | ".join(f"{r[c][0] * 1e3:.2f}" for c in cols) + " | "
+                  + " ".join(str(plan.counts[plan.experts.index(j)] if j in plan.experts else 0) for j in range(k))
+                  + " |", flush=True)
+
+
 # ---------------------------------------------------------------- main
 
 def parse_args():
@@ -396,6 +437,8 @@ def parse_args():
     p.add_argument("--image", type=int, default=32, help="UNet image side")
     p.add_argument("--bf16", action="store_true", help="networks under bf16 autocast")
     p.add_argument("--compile", action="store_true", help="also time K = 8 with torch.compile'd networks")
+    p.add_argument("--breakdown", action="store_true",
+                   help="only the table of one routed evaluation's parts (router, strategy, plan, ...)")
     p.add_argument("--variants", action="store_true",
                    help="MLP experts: only the table of code variants (before, after, grouped, compiled)")
     p.add_argument("--threads", type=int, default=1,
@@ -422,7 +465,9 @@ def main() -> None:
     with torch.no_grad():
         for k in args.ks if args.variants else []:
             measure_variants(k, args.batches, args, device, precision)
-        for k in [] if args.variants else args.ks:
+        for k in args.ks if args.breakdown else []:
+            measure_breakdown(k, args.batches, args, device, precision)
+        for k in [] if args.variants or args.breakdown else args.ks:
             rows = measure(k, args.batches, args, device, precision)
             print_table(rows)
             results += rows
