@@ -2,6 +2,12 @@
 
 Both embed t with sinusoidal features and add the embedding into every
 residual block:  h <- h + W2 silu(W1 norm(h) + E t_emb).
+
+The forwards apply the layers' functions (F.linear, F.layer_norm, F.silu) to
+the layers' parameters instead of calling the submodules: bitwise the same
+operations without nn.Module's per-call overhead, which dominates the small
+expert calls of routed sampling (docs/PERFORMANCE.md). Forward hooks on the
+layers therefore do not fire.
 """
 from __future__ import annotations
 
