@@ -178,6 +178,11 @@ def test_tiny_config_runs_the_image_path(tmp_path):
     assert {"monolith", "top-1", "top-2", "oracle", "top-2 @ cfg 2", "train images (floor)",
             "top-2 (statistics-only router)", "top-2 (learned router, first 8)"} <= set(result["rows"])
     assert result["rows"]["top-2 (statistics-only router)"]["n"] == 8
+    assert result["rows"]["top-2 (learned router, first 8)"].get("wall_time") is None  # not the 16-sample set's time
+    import re
+
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert all((tmp_path / "run" / p).exists() for p in re.findall(r"\]\((plots/[^)]+)\)", report))
     assert all(np.isfinite(r["fid"]) for r in result["rows"].values())
     assert (tmp_path / "run" / "plots" / "clusters.png").exists()
     assert "FID / monolith" in (tmp_path / "run" / "report.md").read_text()

@@ -313,7 +313,9 @@ def stage_evaluate_images(cfg: RunConfig, run: Path, log=print, device="cpu", ev
         n = set_size(cfg, g, router)
         if router == STATS and n < cfg.sample.n and sample_path(run, strategy).exists():
             # the learned router's set on the same first n noises and labels, for a like-for-like FID
-            rows[f"{strategy} (learned router, first {n})"] = {**ev(strategy, n), **infos.get(strategy, {}), "n": n}
+            calls = infos.get(strategy, {}).get("expert_calls_per_sample", "-")
+            rows[f"{strategy} (learned router, first {n})"] = {**ev(strategy, n), "expert_calls_per_sample": calls,
+                                                               "n": n, "subset_of": strategy}
         rows[name] = {**ev(name), **infos.get(name, {}), "n": n}
     save_png(cluster_grid(run), plots / "clusters.png")
     manifest, _ = load_partition(run / "partition")
@@ -356,8 +358,8 @@ def render_image_report(cfg: RunConfig, result: dict) -> str:
     mono = "K x the steps" if cfg.monolith.match == "steps" else "K x the batch, the same steps"
     table = markdown_table(["samples", "n", "FID", "FID / monolith", "KID x 1e3", "expert calls/sample", "sampling (s)",
                             "FID time (s)"], table_rows(result))
-    grids = "\n".join(f"![{n}](plots/samples_{sample_path(Path('.'), n).stem}.png)" for n in result["rows"]
-                      if n != "train images (floor)")
+    grids = "\n".join(f"![{n}](plots/samples_{sample_path(Path('.'), n).stem}.png)" for n, r in result["rows"].items()
+                      if n != "train images (floor)" and "subset_of" not in r)
     return f"""# ddmkit image run report
 
 Data: `{d.name}` {d.params} ({result['n_test']} test images as the FID reference). Partition: k = {p.k},

@@ -90,7 +90,7 @@ def lowrank_log_prob(x: torch.Tensor, t: torch.Tensor, means, factors, eigvals, 
     w_scale = a * eigvals.clamp_min(0).sqrt()[None]                    # (B, K, r): W = U diag(w_scale)
     z = torch.einsum("kdr,bkd->bkr", factors, res / delta) * w_scale   # W^T Delta^-1 r
     m = torch.einsum("kdr,bkd,kds->bkrs", factors, 1 / delta, factors) * w_scale[..., :, None] * w_scale[..., None, :]
-    m = m + torch.eye(m.shape[-1], dtype=m.dtype)
+    m = m + torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
     chol = torch.linalg.cholesky(m)
     y = torch.cholesky_solve(z[..., None], chol)[..., 0]
     quad = (res**2 / delta).sum(-1) - (z * y).sum(-1)
