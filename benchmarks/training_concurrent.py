@@ -88,6 +88,9 @@ def main() -> None:
     add("1 expert, UNet 64/128/128, batch 256, eager, channels-last", r, w, 256, "GroupNorm + channels-last")
     r, w = train_one(big, cfg.model_copy(update={"compile": True, "compile_mode": "reduce-overhead"}), shards[0])
     add("1 expert, UNet 64/128/128, batch 256, compile reduce-overhead", r, w, 256, "CUDA graphs")
+    r, w = train_one(big, cfg.model_copy(update={"compile": True, "compile_mode": "reduce-overhead",
+                                                 "channels_last": True}), shards[0])
+    add("1 expert, UNet 64/128/128, batch 256, reduce-overhead, channels-last", r, w, 256, "CUDA graphs")
     if args.compile:
         r, w = train_one(big, cfg.model_copy(update={"compile": True}), shards[0])
         add("1 expert, UNet 64/128/128, batch 256, torch.compile", r, w, 256)
