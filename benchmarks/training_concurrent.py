@@ -66,8 +66,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--compile", action="store_true", help="also time torch.compile variants")
     p.add_argument("--single-only", action="store_true", help="only the single-expert rows")
-    p.add_argument("--autotune", action="store_true", help="time compile mode max-autotune instead of "
-                   "reduce-overhead + channels-last (compiles for minutes)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     small = {"channels": [32, 64, 64], "attention_res": [8]}
@@ -90,13 +88,9 @@ def main() -> None:
     add("1 expert, UNet 64/128/128, batch 256, eager, channels-last", r, w, 256, "GroupNorm + channels-last")
     r, w = train_one(big, cfg.model_copy(update={"compile": True, "compile_mode": "reduce-overhead"}), shards[0])
     add("1 expert, UNet 64/128/128, batch 256, compile reduce-overhead", r, w, 256, "CUDA graphs")
-    if args.autotune:
-        r, w = train_one(big, cfg.model_copy(update={"compile": True, "compile_mode": "max-autotune"}), shards[0])
-        add("1 expert, UNet 64/128/128, batch 256, compile max-autotune", r, w, 256, "CUDA graphs + autotuned kernels")
-    else:
-        r, w = train_one(big, cfg.model_copy(update={"compile": True, "compile_mode": "reduce-overhead",
-                                                     "channels_last": True}), shards[0])
-        add("1 expert, UNet 64/128/128, batch 256, reduce-overhead, channels-last", r, w, 256, "CUDA graphs")
+    r, w = train_one(big, cfg.model_copy(update={"compile": True, "compile_mode": "reduce-overhead",
+                                                 "channels_last": True}), shards[0])
+    add("1 expert, UNet 64/128/128, batch 256, reduce-overhead, channels-last", r, w, 256, "CUDA graphs")
     if args.compile:
         r, w = train_one(big, cfg.model_copy(update={"compile": True}), shards[0])
         add("1 expert, UNet 64/128/128, batch 256, torch.compile", r, w, 256)
