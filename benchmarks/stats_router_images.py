@@ -1,11 +1,12 @@
 """Statistics-only router vs learned router on the image config, on CPU.
 
 Partitions Fashion-MNIST as configs/fashion_mnist.toml does (PCA-32 of pixels,
-k-means, K = 8), trains the config's CNN router (fewer steps with --steps),
-builds the statistics-only router from each shard's count, mean and low-rank +
-diagonal covariance (no raw data leaves a shard), and prints routing accuracy
-and calibration per noise level for both on held-out test images, labelled by
-their nearest partition centroid.
+k-means, K = 8), trains the config's label-conditional CNN router (fewer steps
+with --steps), builds the statistics-only router from each shard's count, mean
+and low-rank + diagonal covariance (no raw data leaves a shard), overall and per
+class label, and prints routing accuracy and calibration per noise level on
+held-out test images, labelled by their nearest partition centroid, for both
+routers without the class label (p(k | x_t, t)) and with it (p(k | x_t, t, y)).
 
     PYTHONPATH=src python benchmarks/stats_router_images.py --steps 600 --n-train 20000
 """
@@ -25,7 +26,7 @@ from ddmkit.pipeline.ddm import nearest_cluster_fn, router_field
 from ddmkit.pipeline.jobs import train_router
 from ddmkit.pipeline.router_eval import router_report
 from ddmkit.nets import from_pretrained
-from ddmkit.routing.stats_router import island_statistics, stats_router
+from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics, stats_router
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,9 +56,17 @@ def main() -> None:
     learned, _ = from_pretrained(work / "router")
     print(f"learned router: {args.steps} steps in {time.perf_counter() - start:.0f}s")
 
-    stats = [island_statistics(read_shard(s)[0], args.rank) for s in shards]
-    routers = {"learned CNN router": router_field(learned), "statistics-only router": stats_router(stats)}
-    xs = test.x[: args.n_eval]
+    start = time.perf_counter()
+    data = [read_shard(s) for s in shards]
+    stats = [island_statistics(x, args.rank) for x, _, _ in data]
+    per_class = [island_class_statistics(x, y, 10, args.rank) for x, y, _ in data]
+    print(f"island statistics (overall and per class): {time.perf_counter() - start:.0f}s")
+    xs, ys = test.x[: args.n_eval], test.labels[: args.n_eval].long()
+    cnn = router_field(learned, conditional=True)
+    by_class = class_stats_router(per_class, stats)
+    routers = {"learned CNN, no label": cnn, "statistics-only, no label": stats_router(stats),
+               "learned CNN, with label": lambda x, t: cnn(x, t, y=ys),
+               "statistics-only, with label": lambda x, t: by_class(x, t, y=ys)}
     labels = nearest_cluster_fn(manifest, ptensors)(xs)
     rep = router_report(routers, xs, labels)
     names = [n for n in rep if n != "t"]
