@@ -181,3 +181,18 @@ def test_loading_a_run_never_calls_torch_load(tmp_path, monkeypatch, model_dir):
 
     monkeypatch.setattr(torch, "load", refuse)
     load_model(model_dir)
+
+
+def test_load_tensors_reads_only_the_keys_asked_for(tmp_path):
+    import torch
+
+    from ddmkit.errors import DDMError
+    from ddmkit.io import load_tensors, save_tensors
+
+    path = tmp_path / "t.safetensors"
+    save_tensors(path, {"x": torch.arange(6.0).reshape(2, 3), "labels": torch.tensor([4, 7])})
+    got = load_tensors(path, ["labels", "absent"])
+    assert list(got) == ["labels"] and torch.equal(got["labels"], torch.tensor([4, 7]))
+    path.write_bytes(path.read_bytes()[:20])  # truncated
+    with pytest.raises(DDMError, match="corrupt"):
+        load_tensors(path, ["labels"])

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from ddmkit.errors import DDMError
@@ -82,13 +82,17 @@ def read_metadata(path: str | Path) -> dict:
         raise DDMError(f"{path} is corrupt or not a safetensors file ({e}); re-create it") from e
 
 
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file, with a clear error when missing or corrupt."""
+def load_tensors(path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file (only `keys` that it holds, when given, read
+    without loading the rest), with a clear error when missing or corrupt."""
     path = Path(path)
     if not path.exists():
         raise DDMError(f"{path} is missing; train or copy it again")
     try:
-        return load_file(str(path))
+        if keys is None:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in keys if k in f.keys()}
     except (SafetensorError, OSError, ValueError, Exception) as e:
         raise DDMError(f"{path} is corrupt or not a safetensors file ({e}); re-train or re-copy it") from e
 

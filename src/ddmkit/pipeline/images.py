@@ -69,7 +69,7 @@ def shard_label_counts(run: Path, classes: int) -> torch.Tensor:
     """(C, K): how many images of each class each island holds (what the islands publish for
     p(cluster | label))."""
     manifest, _ = load_partition(run / "partition")
-    labels = [read_shard(run / "partition" / sh["path"])[1] for sh in manifest["shards"]]
+    labels = [load_tensors(run / "partition" / sh["path"], ["labels"])["labels"] for sh in manifest["shards"]]
     return torch.stack([torch.bincount(y.long(), minlength=classes)[:classes] for y in labels], dim=1)
 
 

@@ -59,10 +59,10 @@ def run_island_statistics(run, rank: int | None = None) -> list[dict]:
     return [island_statistics(read_shard(path)[0], rank) for path in shard_files(run)]
 
 
-def with_router(ddm: DDM, router, kind: str, conditional: bool = False) -> DDM:
-    """The same DDM routed by another router (conditional: it takes the class label y)."""
+def with_router(ddm: DDM, router, kind: str) -> DDM:
+    """The same DDM routed by another (label-blind) router."""
     return DDM(ddm.experts, router, ddm.prior, ddm.data_shape, ddm.nearest, {**ddm.meta, "router": kind},
-               ddm.label_prior, conditional)
+               ddm.label_prior)
 
 
 def stats_router_study(cfg: RunConfig, run, test: torch.Tensor, truth, device="cpu") -> dict:
