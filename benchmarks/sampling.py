@@ -44,7 +44,8 @@ import torch
 from torch.nn import functional as F
 
 from ddmkit.nets.mlp import RouterMLP, VelocityMLP
-from ddmkit.routing.combine import CallCounter, combine, combine_dense, make_plan, routed_velocity
+from ddmkit.routing.combine import (CallCounter, combine, combine_dense, make_plan, plan_selection, router_probabilities,
+                                    routed_velocity)
 from ddmkit.routing.strategies import RoutingState, parse_strategy
 from ddmkit.sample.solvers import sample_euler, time_grid
 
@@ -90,7 +91,7 @@ def as_field(net):
 
 
 def as_router(net):
-    return lambda x, t: torch.softmax(net(x, t).float(), dim=1)
+    return lambda x, t: router_probabilities(net(x, t))
 
 
 def flops_per_row(net, shape, device) -> float:
@@ -391,23 +392,29 @@ def measure_breakdown(k: int, batches: list[int], args, device, precision) -> No
     print(f"\n### K = {k}: one velocity evaluation by part, ms (median of {args.repeats * 4})\n")
     print("| batch | strategy | " + " | ".join(cols) + " | rows per expert |\n|---:|---|" + "---:|" * len(cols) + "---|")
     for b in batches:
-        x, t = torch.randn(b, *shape, device=device), torch.full((b,), 0.5, device=device)
+        x, t = torch.randn(b, *shape, device=device), torch.tensor(0.5, device=device).expand(b)  # as a solver passes t
         for name in ["top-1", "top-2"]:
             strat = parse_strategy(name)
             probs = router(x, t)
-            w = strat.weights(probs, RoutingState())
-            plan = make_plan(w)
-            xs, tg = x.index_select(0, plan.rows).split(plan.counts), t.index_select(0, plan.rows).split(plan.counts)
+            idx, sw = strat.select(probs, RoutingState())  # the combiner's sparse path (routed_velocity)
+            plan = plan_selection(idx, sw, k, strat.one_expert)
+            xs, tg = x.index_select(0, plan.rows).split(plan.counts), [t[:n] for n in plan.counts]
             outs = [experts[j](xj, tj) for j, xj, tj in zip(plan.experts, xs, tg)]
-            v = torch.cat(outs) * plan.weights.reshape((-1,) + (1,) * len(shape))
+            v = torch.cat(outs)
+
+            def scatter():
+                if plan.unit:
+                    return torch.zeros_like(x).index_copy_(0, plan.rows, torch.cat(outs))
+                return torch.zeros_like(x).index_add_(
+                    0, plan.rows, torch.cat(outs) * plan.weights.reshape((-1,) + (1,) * len(shape)))
+
             field = routed_velocity(experts, router, strat, RoutingState())
             parts = {
-                "router": lambda: router(x, t), "strategy": lambda: strat.weights(probs, RoutingState()),
-                "plan": lambda: make_plan(w),
-                "gather": lambda: (x.index_select(0, plan.rows).split(plan.counts), t.index_select(0, plan.rows)),
+                "router": lambda: router(x, t), "strategy": lambda: strat.select(probs, RoutingState()),
+                "plan": lambda: plan_selection(idx, sw, k, strat.one_expert),
+                "gather": lambda: x.index_select(0, plan.rows).split(plan.counts),
                 "experts": lambda: [experts[j](xj, tj) for j, xj, tj in zip(plan.experts, xs, tg)],
-                "cat+weigh+scatter": lambda: torch.zeros_like(x).index_add_(
-                    0, plan.rows, torch.cat(outs) * plan.weights.reshape((-1,) + (1,) * len(shape))),
+                "cat+weigh+scatter": scatter,
                 "x0_hat": lambda: x - t.reshape((-1,) + (1,) * len(shape)) * v[:b],
                 "whole": lambda: field(x, t), "monolith": lambda: mono(x, t)}
             runs = {n: (lambda x1, ts, f=f: [f(), 0][1]) for n, f in parts.items()}

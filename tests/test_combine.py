@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ddmkit.routing import CallCounter, RoutingState, combine, combine_dense, parse_strategy, routed_velocity
-from ddmkit.routing.combine import make_plan
+from ddmkit.routing.combine import last_weights, make_plan, plan_selection, router_probabilities
 from ddmkit.sample import sample_euler, time_grid
 
 ALL = ["full", "top-1", "top-2", "top-3", "threshold-0.1", "sample-1", "sample-2@0.5", "nucleus-0.9",
@@ -73,6 +73,71 @@ def test_plan_groups_pairs_by_expert():
     assert plan.experts == [0, 1, 2] and plan.counts == [1, 2, 2]
     assert plan.rows.tolist() == [1, 0, 2, 0, 2]
     assert torch.allclose(plan.weights, torch.tensor([1.0, 0.3, 0.4, 0.7, 0.6]))
+
+
+def test_plan_of_a_selection_equals_the_plan_of_its_dense_form():
+    gen = torch.Generator().manual_seed(6)
+    for n in (1, 2, 3):
+        idx = torch.stack([torch.randperm(K, generator=gen)[:n] for _ in range(B)])
+        w = torch.rand(B, n, generator=gen, dtype=torch.float64)
+        w[torch.rand(B, n, generator=gen) < 0.2] = 0  # zero-weight pairs (a masked expert) are left out
+        dense = torch.zeros(B, K, dtype=torch.float64).scatter(1, idx, w)
+        sparse, ref = plan_selection(idx, w, K), make_plan(dense)
+        assert sparse.experts == ref.experts and sparse.counts == ref.counts
+        assert torch.equal(sparse.rows, ref.rows) and torch.equal(sparse.weights, ref.weights)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_routed_field_equals_the_dense_masked_sum_and_calls_no_zero_rows(name):
+    """routed_velocity (sparse selection, or the dense plan) against every expert on every row,
+    weighted by the strategy's dense weights drawn with the same generator; with a router that
+    gives exact zeros (a missing expert), no expert sees a row that gives it zero weight."""
+    gen = torch.Generator().manual_seed(7)
+    calls = [0] * K
+    experts = linear_experts(gen, calls)
+    x, t = torch.randn(B, D, generator=gen, dtype=torch.float64), torch.rand(B, generator=gen, dtype=torch.float64)
+
+    def masked_router(x, t):  # expert 1 is missing: probability exactly 0
+        p = router(x, t) * torch.tensor([1.0, 0, 1, 1, 1], dtype=x.dtype)
+        return p / p.sum(1, keepdim=True)
+
+    strat = parse_strategy(name)
+    st = routing_state(8)
+    st.x0_hat = x
+    counter = CallCounter()
+    v = routed_velocity(experts, masked_router, strat, st, counter)(x, t)
+    routed_calls = sum(calls)
+    ref_state = routing_state(8)
+    ref_state.x0_hat = x
+    w = strat.weights(masked_router(x, t), ref_state)
+    if name not in ("oracle", "nearest", "switch", "sample-1", "nucleus-0.9"):  # these may pick it: they ignore
+        assert (w[:, 1] == 0).all()                                             # or only sample the router
+    assert torch.allclose(v, combine_dense(experts, w, x, t), atol=1e-6, rtol=0)
+    evaluated = K * B if name == "full" else int((w != 0).sum())  # full: the dense path, every expert
+    assert counter.total_rows == evaluated == routed_calls
+    assert torch.equal(last_weights(st, K), w)
+
+
+def test_router_probabilities_equal_softmax_for_every_k():
+    gen = torch.Generator().manual_seed(9)
+    for k in (2, 8, 15, 16, 64):
+        z = torch.randn(300, k, generator=gen) * 4
+        p = router_probabilities(z)
+        assert p.dtype == torch.float32 and p.shape == (300, k)
+        assert torch.allclose(p, torch.softmax(z.double(), 1).float(), atol=1e-6)
+
+
+def test_a_solver_time_reaches_the_experts_without_a_gather():
+    """t.expand(B) (one time for the batch) reaches each expert as a view of its rows' length."""
+    seen = []
+
+    def expert(x, t):
+        seen.append((t.stride(0), len(t), float(t[0])))
+        return x
+
+    w = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 0]])
+    combine([expert, expert], w, torch.ones(3, 2), torch.tensor(0.25).expand(3))
+    assert seen == [(0, 2, 0.25), (0, 1, 0.25)]
 
 
 def test_a_batch_with_no_weight_calls_nothing():

@@ -18,6 +18,7 @@ import torch
 from ddmkit.pipeline.ddm import DDM
 from ddmkit.pipeline.sampling import sample_field
 from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
+from ddmkit.routing.combine import last_weights
 
 
 @dataclass
@@ -77,7 +78,7 @@ def trace_strategy(ddm: DDM, strategy: str, x1: torch.Tensor, steps: int, solver
         rec["x"].append(step["x"])
         rec["v"].append(step["v"])
         rec["probs"].append(state.extra["probs"])
-        rec["w"].append(state.extra["last_weights"])
+        rec["w"].append(last_weights(state, ddm.k))
         rec["x0_prev"].append(state.extra["x0_prev"])
 
     x0 = sample_field(field, x1, steps, solver, callback)

@@ -25,6 +25,7 @@ from ddmkit.data.partition import feature_map, load_partition
 from ddmkit.errors import DDMError
 from ddmkit.flow.path import to_velocity
 from ddmkit.io import load_tensors
+from ddmkit.routing.combine import router_probabilities
 from ddmkit.truth import GaussianMixture
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -61,7 +62,7 @@ def router_field(model: torch.nn.Module, conditional: bool = False) -> Field:
     """(x, t) -> probabilities (B, K); a label-conditional router is called as f(x, t, y=labels)."""
     @torch.no_grad()
     def f(x, t, y=None):
-        return torch.softmax((model(x, t, y) if conditional else model(x, t)).float(), dim=1)
+        return router_probabilities(model(x, t, y) if conditional else model(x, t))
 
     return f
 

@@ -7,10 +7,13 @@ that give it non-zero weight, grouped by expert:
 
     1. plan:    the (row, expert) pairs with non-zero weight, sorted by expert,
                 and how many rows each expert gets (the one host sync: the
-                group sizes decide the shapes of the expert calls);
+                group sizes decide the shapes of the expert calls); from the
+                strategy's sparse selection (B, n) where it has one, else from
+                the dense weights (B, K);
     2. gather:  one index_select of x, t and the conditioning in that order;
     3. experts: one call per active expert on its contiguous slice;
-    4. scatter: one weighted index_add_ of all outputs back to their rows.
+    4. scatter: one weighted index_add_ of all outputs back to their rows
+                (an index_copy_, with no weighting, for one-expert strategies).
 
 The router is called once per velocity evaluation, or once every
 `router_every` evaluations (the routing is then reused in between, with no
@@ -59,6 +62,7 @@ class DispatchPlan:
     weights: torch.Tensor  # (P,) weight of each pair
     experts: list[int]  # the active experts
     counts: list[int]  # rows per active expert, > 0
+    unit: bool = False  # every row has at most one pair, of weight 1: scatter by copying
 
 
 def _nonzero(mask: torch.Tensor, size: int) -> torch.Tensor:
@@ -79,6 +83,22 @@ def make_plan(weights: torch.Tensor) -> DispatchPlan:
                         experts=[k for k, n in enumerate(per_expert) if n], counts=[n for n in per_expert if n])
 
 
+def plan_selection(experts: torch.Tensor, weights: torch.Tensor, num_experts: int,
+                   unit: bool = False) -> DispatchPlan:
+    """The plan of a sparse selection, experts (B, n) and weights (B, n): one host sync.
+
+    The same plan as make_plan on its dense form: a stable sort of the n B
+    pairs by expert, pairs of zero weight sorted last (into a group K) and cut off."""
+    n = experts.shape[1]
+    flat_w = weights.reshape(-1)
+    key = torch.where(flat_w != 0, experts.reshape(-1), num_experts)
+    per_expert = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()  # the host sync
+    order = key.argsort(stable=True)[:sum(per_expert)]
+    return DispatchPlan(rows=order // n if n > 1 else order, weights=flat_w[order],
+                        experts=[k for k, c in enumerate(per_expert) if c],
+                        counts=[c for c in per_expert if c], unit=unit)
+
+
 def _column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, ..., 1) to broadcast against `like`, in its dtype."""
     return v.reshape((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
@@ -96,14 +116,19 @@ def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t:
     if not plan.experts:
         return torch.zeros_like(x)
     xs = x.index_select(0, plan.rows).split(plan.counts)
-    ts = t.index_select(0, plan.rows).split(plan.counts)
+    if t.dim() == 1 and t.stride(0) == 0:  # one time for the whole batch (the solvers' t.expand(B)): no gather
+        ts = [t[:n] for n in plan.counts]
+    else:
+        ts = t.index_select(0, plan.rows).split(plan.counts)
     conds = _split_cond(cond, plan.rows, plan.counts)
     outs = [experts[k](xk, tk, **ck) for k, xk, tk, ck in zip(plan.experts, xs, ts, conds)]
     if counter is not None:
         for k, n in zip(plan.experts, plan.counts):
             counter.add(k, n)
-    v = torch.cat(outs).to(x.dtype) * _column(plan.weights, x)
-    return torch.zeros_like(x).index_add_(0, plan.rows, v)
+    v = torch.cat(outs).to(x.dtype)
+    if plan.unit:
+        return torch.zeros_like(x).index_copy_(0, plan.rows, v)
+    return torch.zeros_like(x).index_add_(0, plan.rows, v * _column(plan.weights, x))
 
 
 def combine(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
@@ -131,6 +156,27 @@ def _is_dense(strategy) -> bool:
     return getattr(strategy, "name", None) == "full"
 
 
+def router_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the K clusters of router logits (B, K), in float32.
+
+    PyTorch's CPU softmax over a last dimension narrower than 16 is 5-9x
+    slower than over the first (measured, docs/PERFORMANCE.md), so for small
+    K on the CPU it is taken over the transpose; the values are the same."""
+    z = logits.float()
+    if z.device.type == "cpu" and z.dim() == 2 and z.shape[1] < 16:
+        return torch.softmax(z.T, dim=0).T
+    return torch.softmax(z, dim=1)
+
+
+def last_weights(state: RoutingState, num_experts: int) -> torch.Tensor:
+    """The dense weights (B, K) of the routed field's last routing."""
+    w = state.extra["last_weights"]
+    if isinstance(w, tuple):  # a sparse selection (experts (B, n), weights (B, n))
+        idx, sw = w
+        return torch.zeros(idx.shape[0], num_experts, dtype=sw.dtype, device=sw.device).scatter(1, idx, sw)
+    return w
+
+
 def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: RoutingState,
                     counter: CallCounter | None = None, cond: Cond | None = None,
                     router_every: int = 1, router_cond: Cond | None = None) -> Field:
@@ -146,13 +192,20 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
     dense = _is_dense(strategy)
     memory: dict = {"calls": 0}
 
+    sparse = hasattr(strategy, "select") and not dense
+    unit = bool(getattr(strategy, "one_expert", False))
+
     def route(x: torch.Tensor, t: torch.Tensor) -> None:
         probs = router(x, t, **(router_cond or {}))
         if counter is not None:
             counter.router_calls += 1
-        w = strategy.weights(probs, state)
-        memory["weights"] = w
-        memory["plan"] = None if dense else make_plan(w)
+        if sparse:  # plan from the strategy's (B, n) selection, never building the (B, K) matrix
+            idx, w = strategy.select(probs, state)
+            memory["weights"] = (idx, w)
+            memory["plan"] = plan_selection(idx, w, probs.shape[1], unit)
+        else:
+            memory["weights"] = w = strategy.weights(probs, state)
+            memory["plan"] = None if dense else make_plan(w)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if memory["calls"] % router_every == 0:
@@ -164,7 +217,7 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
         else:
             v = apply_plan(experts, plan, x, t, counter, cond)
         state.x0_hat = x0_from_velocity(v, x, t)
-        state.extra["last_weights"] = w
+        state.extra["last_weights"] = w  # dense (B, K) or a selection; last_weights() gives (B, K)
         return v
 
     return velocity

@@ -6,6 +6,13 @@ entries are zero. `state` (a RoutingState) carries the per-trajectory
 randomness and memory (the oracle's fixed cluster per sample, the previous
 x0_hat for nearest-cluster routing).
 
+Strategies that pick the same number n of experts for every row also have
+`select(probs, state) -> (experts (B, n) long, weights (B, n))`, the same
+routing in sparse form (`weights` is its dense scatter). The sparse combiner
+plans from it directly, without building and searching the dense (B, K)
+matrix; `one_expert` marks the strategies whose every row has one expert of
+weight 1 (so the combiner copies outputs back instead of weighting them).
+
 Names accepted by `parse_strategy` (what configs and the CLI use):
 
     full                 w = r                                   (every expert)
@@ -48,8 +55,15 @@ def _renorm(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum(1, keepdim=True).clamp_min(1e-30)
 
 
-def _one_hot(idx: torch.Tensor, k: int, dtype) -> torch.Tensor:
-    return torch.nn.functional.one_hot(idx, k).to(dtype)
+def _dense(selection: tuple[torch.Tensor, torch.Tensor], probs: torch.Tensor) -> torch.Tensor:
+    """The (B, K) weight matrix of a selection (experts (B, n), weights (B, n))."""
+    idx, w = selection
+    return torch.zeros_like(probs).scatter(1, idx, w.to(probs.dtype))
+
+
+def _single(idx: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert per row with weight 1: idx (B,) -> ((B, 1), ones (B, 1))."""
+    return idx[:, None], torch.ones(idx.shape[0], 1, dtype=probs.dtype, device=probs.device)
 
 
 def _tempered_log(probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -72,9 +86,19 @@ class TopK:
     def name(self):
         return f"top-{self.k}"
 
+    @property
+    def one_expert(self):
+        return self.k == 1
+
+    def select(self, probs, state):
+        if self.k == 1:  # max is cheaper than topk; the renormalised weight is p / p = 1 (0 for a zero row)
+            p, idx = probs.max(1, keepdim=True)
+            return idx, (p > 0).to(probs.dtype)
+        p, idx = probs.topk(min(self.k, probs.shape[1]), dim=1)
+        return idx, _renorm(p)
+
     def weights(self, probs, state):
-        idx = probs.topk(min(self.k, probs.shape[1]), dim=1).indices
-        return _renorm(torch.zeros_like(probs).scatter(1, idx, probs.gather(1, idx)))
+        return _dense(self.select(probs, state), probs)
 
 
 @dataclass(frozen=True)
@@ -99,11 +123,18 @@ class SampleK:
     def name(self):
         return f"sample-{self.k}" + (f"@{self.temperature:g}" if self.temperature != 1.0 else "")
 
-    def weights(self, probs, state):
+    @property
+    def one_expert(self):
+        return self.k == 1
+
+    def select(self, probs, state):
         u = torch.rand(probs.shape, generator=state.generator, device=probs.device, dtype=probs.dtype)
         gumbel = -(-u.clamp_min(1e-30).log()).log()
         idx = (_tempered_log(probs, self.temperature) + gumbel).topk(min(self.k, probs.shape[1]), dim=1).indices
-        return _renorm(torch.zeros_like(probs).scatter(1, idx, probs.gather(1, idx).clamp_min(1e-30)))
+        return idx, _renorm(probs.gather(1, idx).clamp_min(1e-30))
+
+    def weights(self, probs, state):
+        return _dense(self.select(probs, state), probs)
 
 
 @dataclass(frozen=True)
@@ -115,49 +146,64 @@ class Nucleus:
     def name(self):
         return f"nucleus-{self.p:g}" + (f"@{self.temperature:g}" if self.temperature != 1.0 else "")
 
-    def weights(self, probs, state):
+    one_expert = True
+
+    def select(self, probs, state):
         q = torch.softmax(_tempered_log(probs, self.temperature), dim=1)
         sq, order = q.sort(dim=1, descending=True)
         before = sq.cumsum(1) - sq  # mass strictly before each entry
         keep_sorted = before < self.p  # the smallest prefix reaching mass p
         keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
         q = _renorm(q * keep)
-        idx = torch.multinomial(q, 1, generator=state.generator).squeeze(1)
-        return _one_hot(idx, probs.shape[1], probs.dtype)
+        return _single(torch.multinomial(q, 1, generator=state.generator).squeeze(1), probs)
+
+    def weights(self, probs, state):
+        return _dense(self.select(probs, state), probs)
 
 
 @dataclass(frozen=True)
 class Switch:
     name: str = "switch"
+    one_expert = True
+
+    def select(self, probs, state):
+        return _single(torch.multinomial(probs.clamp_min(0), 1, generator=state.generator).squeeze(1), probs)
 
     def weights(self, probs, state):
-        idx = torch.multinomial(probs.clamp_min(0), 1, generator=state.generator).squeeze(1)
-        return _one_hot(idx, probs.shape[1], probs.dtype)
+        return _dense(self.select(probs, state), probs)
 
 
 @dataclass(frozen=True)
 class Oracle:
     name: str = "oracle"
+    one_expert = True
 
     def weights(self, probs, state):
+        return _dense(self.select(probs, state), probs)
+
+    def select(self, probs, state):
         if state.oracle is None:
             if state.prior is None:
                 raise DDMError("strategy 'oracle' needs the cluster proportions (a partition manifest)")
             prior = state.prior.to(probs.device, probs.dtype).expand(probs.shape[0], -1)
             state.oracle = torch.multinomial(prior, 1, generator=state.generator).squeeze(1)
-        return _one_hot(state.oracle, probs.shape[1], probs.dtype)
+        return _single(state.oracle, probs)
 
 
 @dataclass(frozen=True)
 class Nearest:
     name: str = "nearest"
+    one_expert = True
 
     def weights(self, probs, state):
+        return _dense(self.select(probs, state), probs)
+
+    def select(self, probs, state):
         if state.x0_hat is None or state.nearest is None:
             idx = probs.argmax(1)
         else:
             idx = state.nearest(state.x0_hat).to(probs.device)
-        return _one_hot(idx, probs.shape[1], probs.dtype)
+        return _single(idx, probs)
 
 
 _PATTERNS: list[tuple[str, Callable]] = [
