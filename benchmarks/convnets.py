@@ -60,7 +60,14 @@ class ConvUNet(nn.Module):
 
 
 class ConvRouter(nn.Module):
-    """Logits over K experts from (B, C, H, W) images: two strided convs, pool, linear with t."""
+    """Logits over K experts from (B, C, H, W) images: two strided convs, pool, linear with t, plus a
+    linear map of the 4x4-pooled pixels.
+
+    The pixel term stands in for what training gives a router: logits that differ from image to
+    image. With random weights the conv path alone gives every noise image nearly the same logits
+    (its time and bias terms, equal for all rows, dominate), so every row would go to one expert
+    and there would be no dispatch to measure; with the pixel term the argmax
+    spreads over the experts (weights N(0, 64/d): unit-variance logits from pure noise)."""
 
     def __init__(self, channels: int, num_experts: int, width: int = 32, time_dim: int = 32):
         super().__init__()
@@ -70,7 +77,9 @@ class ConvRouter(nn.Module):
                                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(nn.Linear(2 * width + time_dim, 2 * width), nn.SiLU(),
                                   nn.Linear(2 * width, num_experts))
+        self.pixels = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * channels, num_experts))
+        nn.init.normal_(self.pixels[2].weight, std=8 * (16 * channels) ** -0.5)  # a pooled cell of noise: std 1/8
 
     def forward(self, x, t):
         f = self.features(x)
-        return self.head(torch.cat([f, timestep_embedding(t, self.time_dim).to(f.dtype)], 1))
+        return self.head(torch.cat([f, timestep_embedding(t, self.time_dim).to(f.dtype)], 1)) + self.pixels(x)

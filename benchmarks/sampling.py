@@ -220,6 +220,9 @@ def measure(k: int, batches: list[int], args, device, precision) -> list[dict]:
     results = []
     for b in batches:
         x1 = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b)).to(device)
+        with torch.no_grad():  # the routing the timings see: rows per expert at the first step
+            top1 = torch.bincount(router(x1, ts[0].expand(b)).argmax(1), minlength=k).tolist()
+        print(f"  batch {b}: rows per expert, top-1 at t = 1: {' '.join(map(str, top1))}", flush=True)
         row = {"K": k, "batch": b, **{n: v for n, v in time_methods(methods, x1, ts, args.repeats, device, precision).items()}}
         row["loop top-2"] = time_loop(experts, router, x1, ts, args, device, precision)
         results.append(row)
@@ -403,10 +406,9 @@ def measure_breakdown(k: int, batches: list[int], args, device, precision) -> No
             v = torch.cat(outs)
 
             def scatter():
-                if plan.unit:
-                    return torch.zeros_like(x).index_copy_(0, plan.rows, torch.cat(outs))
-                return torch.zeros_like(x).index_add_(
-                    0, plan.rows, torch.cat(outs) * plan.weights.reshape((-1,) + (1,) * len(shape)))
+                v = torch.cat(outs)
+                v = v if plan.unit else v * plan.weights.reshape((-1,) + (1,) * len(shape))
+                return torch.zeros_like(x).index_add_(0, plan.rows, v)
 
             field = routed_velocity(experts, router, strat, RoutingState())
             parts = {

@@ -89,3 +89,35 @@ def test_compiled_mlp_matches_eager_and_leaves_the_frequency_cache_real():
             x, t = inputs(n)
             assert (compiled(x, t) - net(x, t)).abs().max() <= 1e-5
     assert all(type(f) is torch.Tensor for f in mlp._FREQS.values())
+
+
+def test_cached_parameters_follow_conversion_loading_and_in_place_updates():
+    """The forward reads a cached tuple of the parameters: it must see .to(dtype), load_state_dict
+    (copying or assigning) and optimizer-style in-place updates."""
+    torch.manual_seed(0)
+    net, other = perturbed(VelocityMLP(SHAPE, width=16, depth=2)), perturbed(VelocityMLP(SHAPE, width=16, depth=2))
+    x, t = inputs(5)
+    with torch.no_grad():
+        net(x, t)  # builds the cache
+        net.load_state_dict(other.state_dict())
+        assert torch.equal(net(x, t), other(x, t))
+        net.load_state_dict({k: v + 1 for k, v in other.state_dict().items()}, assign=True)
+        assert torch.equal(net(x, t), before_forward(net, x, t))
+        for p in net.parameters():
+            p.mul_(0.5)
+        assert torch.equal(net(x, t), before_forward(net, x, t))
+    old = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)  # .to() then makes new Parameters
+    try:
+        first = net.inp.weight
+        net.double().float()
+        assert net.inp.weight is not first
+        with torch.no_grad():
+            net.inp.weight.mul_(2)
+            assert torch.equal(net(x, t), before_forward(net, x, t))
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(old)
+
+
+def before_forward(net, x, t):
+    return benchmark_module("sampling").legacy_forward(net, x, t)

@@ -13,7 +13,7 @@ that give it non-zero weight, grouped by expert:
     2. gather:  one index_select of x, t and the conditioning in that order;
     3. experts: one call per active expert on its contiguous slice;
     4. scatter: one weighted index_add_ of all outputs back to their rows
-                (an index_copy_, with no weighting, for one-expert strategies).
+                (unweighted for one-expert strategies, whose weights are all 1).
 
 The router is called once per velocity evaluation, or once every
 `router_every` evaluations (the routing is then reused in between, with no
@@ -62,7 +62,7 @@ class DispatchPlan:
     weights: torch.Tensor  # (P,) weight of each pair
     experts: list[int]  # the active experts
     counts: list[int]  # rows per active expert, > 0
-    unit: bool = False  # every row has at most one pair, of weight 1: scatter by copying
+    unit: bool = False  # every row has at most one pair, of weight 1: scatter without weighting
 
 
 def _nonzero(mask: torch.Tensor, size: int) -> torch.Tensor:
@@ -126,9 +126,9 @@ def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t:
         for k, n in zip(plan.experts, plan.counts):
             counter.add(k, n)
     v = torch.cat(outs).to(x.dtype)
-    if plan.unit:
-        return torch.zeros_like(x).index_copy_(0, plan.rows, v)
-    return torch.zeros_like(x).index_add_(0, plan.rows, v * _column(plan.weights, x))
+    if not plan.unit:  # (one-expert strategies: every weight is 1, and index_add_ is faster than index_copy_)
+        v = v * _column(plan.weights, x)
+    return torch.zeros_like(x).index_add_(0, plan.rows, v)
 
 
 def combine(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
