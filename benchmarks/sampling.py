@@ -6,6 +6,7 @@ the naive combiner and the per-sample loop of the papers' pseudocode, in one run
     PYTHONPATH=src python benchmarks/sampling.py --device cuda --experts unet --bf16 --compile
     PYTHONPATH=src python benchmarks/sampling.py --variants --ks 8 --batches 256 1024 4096   # CPU code variants
     PYTHONPATH=src python benchmarks/sampling.py --breakdown --ks 8 --batches 1024           # one step by part
+    PYTHONPATH=src python benchmarks/sampling.py --device cuda --experts unet --bf16 --graphs --ks 8   # CUDA graphs
 
 Every cell is milliseconds per Euler step (router + strategy + experts + update),
 the median of --repeats timed runs of --steps steps. The methods are
@@ -44,8 +45,8 @@ import torch
 from torch.nn import functional as F
 
 from ddmkit.nets.mlp import RouterMLP, VelocityMLP
-from ddmkit.routing.combine import (CallCounter, combine, combine_dense, make_plan, plan_selection, router_probabilities,
-                                    routed_velocity)
+from ddmkit.routing.combine import (CallCounter, combine, combine_dense, make_plan, plan_selection,
+                                    router_probabilities, routed_velocity)
 from ddmkit.routing.strategies import RoutingState, parse_strategy
 from ddmkit.sample.solvers import sample_euler, time_grid
 
@@ -283,6 +284,48 @@ def measure_compiled(k: int, batches: list[int], args, device, precision) -> Non
     print(f"(compile and all timings: {time.perf_counter() - start:.0f} s)")
 
 
+# ---------------------------------------------------------------- CUDA graphs (GPU)
+
+def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
+    """top-1, top-2, full and the monolith, eager and with every network (experts, router, monolith)
+    replayed from CUDA graphs (ddmkit.sample.graphs: rows padded to 8 buckets per octave, calls of more
+    than --graph-max-rows rows eager; what sample_ddm(cuda_graphs=True) does), interleaved."""
+    from ddmkit.sample.graphs import GraphedCall
+    nets, router_net, shape = build_nets(args.experts, k, args, device)
+    eager = ([as_field(e) for e in nets], as_router(router_net), as_field(build_nets(args.experts, 1, args, device)[0][0]))
+    graphs = tuple(GraphedCall(f, max_rows=args.graph_max_rows) for f in eager[0] + [eager[1], eager[2]])
+    graphs = (list(graphs[:-2]), graphs[-2], graphs[-1])
+    variants = {"eager": eager, "graphs": graphs}
+    names = ["top-1", "top-2", "full", "monolith"]
+    methods = {}
+    for tag, (experts, router, mono) in variants.items():
+        methods.update({f"{tag} {n}": routed_method(experts, router, n) for n in names[:3]})
+        methods[f"{tag} monolith"] = monolith_method(mono)
+    x, t = torch.randn(256, *shape, device=device), torch.rand(256, device=device)
+    with torch.no_grad(), precision():
+        w = parse_strategy("top-2").weights(eager[1](x, t), RoutingState())
+        ref = combine(eager[0], w, x, t)
+        err = float((combine(graphs[0], w, x, t) - ref).abs().max() / ref.abs().max())
+    ts = time_grid(args.steps).to(device)
+    print(f"\n### K = {k}, eager against CUDA graphs (calls of <= {args.graph_max_rows} rows): ms per Euler step "
+          f"(median); graphs against eager, top-2: max rel. error {err:.1e}\n")
+    print("| batch | variant | " + " | ".join(names) + " | top-2/full | top-1/monolith | graphs captured (s) |")
+    print("|---:|---|" + "---:|" * (len(names) + 3))
+    calls = graphs[0] + [graphs[1], graphs[2]]
+    for b in batches:
+        x1 = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b)).to(device)
+        before, start = sum(g.captures for g in calls), time.perf_counter()
+        for run in methods.values():  # warm-up: the graphs of this batch's buckets are captured here
+            timed(run, x1, ts, device, precision)
+        warm, captured = time.perf_counter() - start, sum(g.captures for g in calls) - before
+        r = time_methods(methods, x1, ts, args.repeats, device, precision)
+        for tag in variants:
+            ms = {n: r[f"{tag} {n}"][0] * 1e3 for n in names}
+            print(f"| {b} | {tag} | " + " | ".join(f"{ms[n]:.2f}" for n in names)
+                  + f" | {ms['top-2'] / ms['full']:.2f} | {ms['top-1'] / ms['monolith']:.2f} | "
+                  + (f"{captured} ({warm:.1f}) |" if tag == "graphs" else "|"), flush=True)
+
+
 # ---------------------------------------------------------------- code variants (CPU, MLP experts)
 
 def legacy_forward(self, x, t):
@@ -446,6 +489,10 @@ def parse_args():
     p.add_argument("--image", type=int, default=32, help="UNet image side")
     p.add_argument("--bf16", action="store_true", help="networks under bf16 autocast")
     p.add_argument("--compile", action="store_true", help="also time K = 8 with torch.compile'd networks")
+    p.add_argument("--graphs", action="store_true",
+                   help="GPU: only the table of eager against CUDA-graphed networks (top-1, top-2, full, monolith)")
+    p.add_argument("--graph-max-rows", type=int, default=256,
+                   help="--graphs: calls of more rows run eagerly (ddmkit.sample.graphs.GraphedCall max_rows)")
     p.add_argument("--breakdown", action="store_true",
                    help="only the table of one routed evaluation's parts (router, strategy, plan, ...)")
     p.add_argument("--variants", action="store_true",
@@ -476,7 +523,9 @@ def main() -> None:
             measure_variants(k, args.batches, args, device, precision)
         for k in args.ks if args.breakdown else []:
             measure_breakdown(k, args.batches, args, device, precision)
-        for k in [] if args.variants or args.breakdown else args.ks:
+        for k in args.ks if args.graphs else []:
+            measure_graphs(k, args.batches, args, device, precision)
+        for k in [] if args.variants or args.breakdown or args.graphs else args.ks:
             rows = measure(k, args.batches, args, device, precision)
             print_table(rows)
             results += rows

@@ -15,6 +15,7 @@ import torch
 from ddmkit.pipeline.ddm import DDM
 from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
 from ddmkit.sample import get_solver, time_grid
+from ddmkit.sample.graphs import graphed
 
 
 def start_noise(n: int, data_shape, seed: int, device="cpu") -> torch.Tensor:
@@ -41,9 +42,12 @@ def _autocast(device, dtype: str | None):
 
 def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
                device="cpu", x1: torch.Tensor | None = None, callback=None, router_every: int = 1,
-               autocast: str | None = None, cond: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+               autocast: str | None = None, cond: dict[str, torch.Tensor] | None = None,
+               cuda_graphs: bool = False) -> tuple[torch.Tensor, dict]:
     """router_every = m reuses the routing for m velocity evaluations (1: route every time);
     autocast = "bfloat16" runs the networks under autocast (the state stays in float32);
+    cuda_graphs = True replays the experts and the router from CUDA graphs on a GPU, rows padded
+    to a few bucket sizes (ddmkit.sample.graphs; the graphs are kept for later calls);
     cond = per-sample conditioning passed to the experts, e.g. {"y": class labels (n,)}; it reaches
     the router too when the DDM's router is label-conditional, and with labels the oracle draws
     each sample's cluster from p(cluster | label) (ddm.label_prior) instead of the cluster sizes."""
@@ -57,7 +61,10 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
     counter = CallCounter()
     nfe = [0]
     router_cond = cond if ddm.router_conditional else None
-    field = routed_velocity(ddm.experts, ddm.router, strat, state, counter, cond=cond, router_every=router_every,
+    experts, router = ddm.experts, ddm.router
+    if cuda_graphs:
+        experts, router = [graphed(e) for e in experts], graphed(router)
+    field = routed_velocity(experts, router, strat, state, counter, cond=cond, router_every=router_every,
                             router_cond=router_cond)
 
     def counted(x, t):
@@ -76,9 +83,12 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
 
 
 def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
-                  device="cpu", name: str = "monolith", x1: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Sampling with one velocity field (the monolith): one network call per evaluation."""
+                  device="cpu", name: str = "monolith", x1: torch.Tensor | None = None,
+                  cuda_graphs: bool = False) -> tuple[torch.Tensor, dict]:
+    """Sampling with one velocity field (the monolith): one network call per evaluation
+    (cuda_graphs: replayed from a CUDA graph on a GPU, as in sample_ddm)."""
     x1 = start_noise(n, data_shape, seed, device) if x1 is None else x1
+    field = graphed(field) if cuda_graphs else field
     nfe = [0]
 
     def counted(x, t):

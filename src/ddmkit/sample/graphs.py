@@ -1,0 +1,153 @@
+"""CUDA graphs for network calls whose batch size changes from call to call.
+
+A sparse combiner calls each expert on a different number of rows at every
+step, and on a GPU a small call costs its kernel launches (milliseconds of
+host time for a UNet) more than its arithmetic. A CUDA graph replays all of a
+call's kernels with one launch, but a graph is captured for fixed shapes.
+`GraphedCall` therefore pads the rows up to a bucket size,
+
+    bucket(n) = the smallest multiple of 2^(floor(log2(n - 1)) - log2(g)) that is >= n
+
+(g buckets per octave: at most 1/g of the rows are padding, about 1/(2g) on
+average), captures one graph per bucket the first time it is seen, and then
+copies the rows into the graph's input buffers, replays it and returns a copy
+of the first n output rows. Rows must not interact (true of every velocity
+network and router here: no batch statistics in eval mode), so the padding
+rows, which hold stale finite values, change nothing.
+
+    expert = graphed(ddm.experts[0])      # the same callable, cached per function
+    v = expert(x, t)                       # eager on the CPU or with autograd on
+
+Calls of more than `max_rows` rows (256 by default) run eagerly: they are
+bound by arithmetic, not launches, so a graph (and its padding) does not pay,
+and the graphs' buffers stay small. (On an H100 with the benchmark's UNet,
+graphs made calls of about 128 rows 7% faster and calls of about 512 rows
+3% slower: docs/PERFORMANCE.md.) All graphs of a device share one
+memory pool, so intermediate activations are held once, not once per graph.
+That is safe because the calls run one after another on one stream and every
+call copies its output before returning: no graph's output is read after
+another graph has run. Under autocast the capture turns autocast's weight
+cache off (the cache would outlive the capture); the cast kernels become part
+of the graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+_GRAPHED: "weakref.WeakKeyDictionary[Callable, GraphedCall]" = weakref.WeakKeyDictionary()
+_POOLS: dict = {}  # device -> (the shared graph memory pool, a graph that keeps it alive)
+
+
+def _shared_pool(device: torch.device):
+    """The device's graph memory pool. A pool is released when no graph uses it any more (a later
+    capture into it would fail), so a one-kernel graph captured first holds it for the process."""
+    if device not in _POOLS:
+        pool, anchor, scratch = torch.cuda.graph_pool_handle(), torch.cuda.CUDAGraph(), torch.zeros(1, device=device)
+        with torch.cuda.graph(anchor, pool=pool):
+            scratch.add_(1)
+        _POOLS[device] = (pool, anchor, scratch)
+    return _POOLS[device][0]
+
+
+def bucket_size(n: int, per_octave: int = 8) -> int:
+    """The padded batch size for n rows: n rounded up to a multiple of 2^(floor(log2(n - 1)) - log2(per_octave))
+    (n itself while that step is 1); per_octave must be a power of two."""
+    if n < 1:
+        raise ValueError(f"bucket_size: n must be >= 1, got {n}")
+    if per_octave < 1 or per_octave & (per_octave - 1):
+        raise ValueError(f"bucket_size: per_octave must be a power of two, got {per_octave}")
+    step = max(1, (1 << ((n - 1).bit_length() - 1)) // per_octave) if n > 1 else 1
+    return -(-n // step) * step
+
+
+@dataclass
+class _Entry:
+    graph: "torch.cuda.CUDAGraph | None"  # None: padded eager calls (capture=False)
+    x: torch.Tensor
+    t: torch.Tensor
+    cond: dict
+    out: torch.Tensor
+
+
+def _autocast_key(device_type: str) -> tuple:
+    enabled = torch.is_autocast_enabled(device_type)
+    return (enabled, torch.get_autocast_dtype(device_type) if enabled else None)
+
+
+class GraphedCall:
+    """fn(x, t, **cond) replayed from CUDA graphs, one per (bucket, dtypes, shapes, autocast state).
+
+    Falls back to calling fn when x is not on a CUDA device, autograd is recording or the call
+    has more than max_rows rows. `captures`
+    counts the graphs captured (each costs `warmup` eager calls and one capture). capture=False
+    keeps the padding and buffers but calls fn eagerly on them, on any device: what the graphs
+    compute, checkable on a CPU."""
+
+    def __init__(self, fn: Callable, per_octave: int = 8, warmup: int = 2, capture: bool = True,
+                 max_rows: int = 256):
+        self.fn, self.per_octave, self.warmup, self.capture = fn, per_octave, warmup, capture
+        self.max_rows = max_rows
+        self.entries: dict[tuple, _Entry] = {}
+        self.captures = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        if (self.capture and x.device.type != "cuda") or torch.is_grad_enabled() or x.shape[0] > self.max_rows:
+            return self.fn(x, t, **cond)
+        n = x.shape[0]
+        key = (bucket_size(n, self.per_octave), x.dtype, tuple(x.shape[1:]), t.dtype, _autocast_key("cuda"),
+               tuple(sorted((name, c.dtype, tuple(c.shape[1:])) for name, c in cond.items())))
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = self._capture(key[0], x, t, cond)
+        entry.x[:n].copy_(x)
+        entry.t[:n].copy_(t)
+        for name, c in cond.items():
+            entry.cond[name][:n].copy_(c)
+        if entry.graph is None:
+            entry.out = self.fn(entry.x, entry.t, **entry.cond)
+        else:
+            entry.graph.replay()
+        return entry.out[:n].clone()
+
+    def _capture(self, rows: int, x: torch.Tensor, t: torch.Tensor, cond: dict) -> _Entry:
+        """Static input buffers of `rows` rows (the first n from this call), warm-up on a side
+        stream, then the capture into the shared pool."""
+        def buffer(v):
+            b = torch.zeros((rows, *v.shape[1:]), dtype=v.dtype, device=v.device)
+            b[:len(v)].copy_(v)
+            return b
+
+        sx, st, sc = buffer(x), buffer(t), {name: buffer(c) for name, c in cond.items()}
+        if not self.capture:
+            return _Entry(None, sx, st, sc, x)
+        enabled, dtype = _autocast_key("cuda")
+
+        def no_cache():  # autocast as the caller has it, without the weight cache
+            return torch.autocast("cuda", dtype=dtype, cache_enabled=False) if enabled else contextlib.nullcontext()
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad(), no_cache():
+            for _ in range(self.warmup):
+                self.fn(sx, st, **sc)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=_shared_pool(x.device)), torch.no_grad(), no_cache():
+            out = self.fn(sx, st, **sc)
+        self.captures += 1
+        return _Entry(graph, sx, st, sc, out)
+
+
+def graphed(fn: Callable, per_octave: int = 8) -> GraphedCall:
+    """The GraphedCall of fn, created once per function (its graphs are kept while fn lives)."""
+    if isinstance(fn, GraphedCall):
+        return fn
+    call = _GRAPHED.get(fn)
+    if call is None or call.per_octave != per_octave:
+        call = _GRAPHED[fn] = GraphedCall(fn, per_octave)
+    return call

@@ -1,0 +1,121 @@
+"""CUDA graphs for calls of changing batch size: the buckets, and the padded calls the graphs replay
+(checked on the CPU with capture=False; the captured graphs against eager run in
+benchmarks/sampling.py --graphs on a GPU, docs/PERFORMANCE.md)."""
+import pytest
+import torch
+
+from ddmkit.nets.mlp import VelocityMLP
+from ddmkit.sample.graphs import GraphedCall, bucket_size, graphed
+
+
+def test_bucket_sizes_known_values():
+    assert [bucket_size(n) for n in (1, 2, 8, 9, 17, 100, 1024, 1025)] == [1, 2, 8, 9, 18, 104, 1024, 1152]
+    assert [bucket_size(n, per_octave=2) for n in (3, 5, 100, 129)] == [3, 6, 128, 192]
+
+
+@pytest.mark.parametrize("per_octave", [1, 4, 8, 16])
+def test_buckets_pad_by_at_most_one_part_in_per_octave_and_are_few(per_octave):
+    for octave in range(4, 13):
+        lo, hi = 2 ** octave, 2 ** (octave + 1)
+        sizes = [bucket_size(n, per_octave) for n in range(lo + 1, hi + 1)]
+        assert all(b >= n and (b - n) * per_octave <= n for n, b in zip(range(lo + 1, hi + 1), sizes))
+        assert len(set(sizes)) == per_octave and max(sizes) == hi
+
+
+def test_bucket_size_rejects_bad_input():
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        bucket_size(0)
+    with pytest.raises(ValueError, match="power of two"):
+        bucket_size(10, per_octave=3)
+
+
+def test_padded_calls_equal_direct_calls_and_return_copies():
+    """The graphs' computation (pad the rows into a bucket's buffers, call, keep the first n):
+    equal to calling the network on the n rows, for any n, a solver's expanded t, and labels."""
+    torch.manual_seed(0)
+    net = VelocityMLP([5], width=16, depth=2).eval()
+
+    def expert(x, t, y):  # a class-conditional field: the label shifts the output
+        return net(x, t) + y[:, None].to(x.dtype)
+
+    call = GraphedCall(expert, per_octave=4, capture=False)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in (1, 3, 17, 20, 18, 64, 65, 17):
+            x, y = torch.randn(n, 5, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+            for t in (torch.tensor(0.3).expand(n), torch.rand(n, generator=gen)):
+                got = call(x, t, y=y)
+                assert torch.allclose(got, expert(x, t, y), atol=1e-6, rtol=0)
+                got.add_(1.0)  # a copy: the buffers the next call reads are untouched
+    assert sorted(k[0] for k in call.entries) == [1, 3, 20, 64, 80]  # 17, 18 and 20 share the bucket 20
+
+
+def test_off_the_gpu_and_under_autograd_the_function_runs_as_it_is():
+    calls = []
+
+    def f(x, t):
+        calls.append(len(x))
+        return 2 * x
+
+    call = graphed(f)
+    assert graphed(f) is call and graphed(call) is call  # one GraphedCall per function
+    x = torch.ones(3, 2, requires_grad=True)
+    assert torch.equal(call(x, torch.zeros(3)), 2 * x)  # CPU: no buffers, no capture
+    assert calls == [3] and not call.entries and call.captures == 0
+    padded = GraphedCall(f, capture=False, max_rows=4)
+    padded(x, torch.zeros(3))  # autograd on: called directly even in padded mode
+    with torch.no_grad():
+        padded(torch.ones(5, 2), torch.zeros(5))  # more rows than max_rows: called directly
+        assert not padded.entries
+        padded(torch.ones(4, 2), torch.zeros(4))
+    assert calls == [3, 3, 5, 4] and len(padded.entries) == 1
+
+
+def test_sample_ddm_with_cuda_graphs_on_the_cpu_is_plain_sampling():
+    from ddmkit.pipeline.ddm import DDM
+    from ddmkit.pipeline.sampling import sample_ddm, sample_single
+
+    gen = torch.Generator().manual_seed(6)
+    mats = [torch.randn(4, 4, generator=gen) * 0.3 for _ in range(3)]
+    experts = [lambda x, t, m=m: x @ m + t[:, None] for m in mats]
+
+    def router(x, t):
+        return torch.softmax(x[:, :3] * 2, dim=1)
+
+    ddm = DDM(experts=experts, router=router, prior=torch.full((3,), 1 / 3), data_shape=(4,))
+    plain, _ = sample_ddm(ddm, "top-2", n=16, steps=4)
+    graphs, _ = sample_ddm(ddm, "top-2", n=16, steps=4, cuda_graphs=True)
+    assert torch.equal(plain, graphs)
+    mono, _ = sample_single(experts[0], (4,), n=16, steps=4)
+    mono_graphs, _ = sample_single(experts[0], (4,), n=16, steps=4, cuda_graphs=True)
+    assert torch.equal(mono, mono_graphs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_graphs_equal_eager_calls_on_a_gpu():
+    torch.manual_seed(0)
+    net = VelocityMLP([5], width=32, depth=2).cuda().eval()
+    call = GraphedCall(lambda x, t: net(x, t), max_rows=208)
+    with torch.no_grad():
+        for autocast in (False, True):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                for n in (3, 17, 20, 64, 17, 200, 300):
+                    x, t = torch.randn(n, 5, device="cuda"), torch.rand(n, device="cuda")
+                    got, ref = call(x, t), net(x, t)
+                    assert got.dtype == ref.dtype
+                    assert torch.allclose(got.float(), ref.float(), atol=1e-5 if not autocast else 2e-2, rtol=0)
+    assert call.captures == 2 * 5  # buckets 3, 18 (17 twice), 20, 64, 208 (300 > max_rows: eager); twice
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_shared_pool_outlives_the_graphs_that_used_it():
+    import gc
+
+    net = VelocityMLP([4], width=16, depth=1).cuda().eval()
+    x, t = torch.randn(10, 4, device="cuda"), torch.rand(10, device="cuda")
+    with torch.no_grad():
+        for _ in range(2):  # the second capture goes into the pool after every graph of the first is gone
+            call = GraphedCall(lambda x, t: net(x, t))
+            assert torch.allclose(call(x, t), net(x, t), atol=1e-5) and call.captures == 1
+            del call
+            gc.collect()
