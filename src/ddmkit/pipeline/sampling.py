@@ -63,7 +63,7 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
     router_cond = cond if ddm.router_conditional else None
     experts, router = ddm.experts, ddm.router
     if cuda_graphs:
-        experts, router = [graphed(e) for e in experts], graphed(router)
+        experts, router = [graphed(e) for e in experts], graphed(router, max_rows=None)  # the router: any batch
     field = routed_velocity(experts, router, strat, state, counter, cond=cond, router_every=router_every,
                             router_cond=router_cond)
 

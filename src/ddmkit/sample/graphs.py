@@ -20,15 +20,17 @@ rows, which hold stale finite values, change nothing.
 
 Calls of more than `max_rows` rows (256 by default) run eagerly: they are
 bound by arithmetic, not launches, so a graph (and its padding) does not pay,
-and the graphs' buffers stay small. (On an H100 with the benchmark's UNet,
-graphs made calls of about 128 rows 7% faster and calls of about 512 rows
-3% slower: docs/PERFORMANCE.md.) All graphs of a device share one
-memory pool, so intermediate activations are held once, not once per graph.
-That is safe because the calls run one after another on one stream and every
-call copies its output before returning: no graph's output is read after
-another graph has run. Under autocast the capture turns autocast's weight
-cache off (the cache would outlive the capture); the cast kernels become part
-of the graph.
+and the graphs' buffers stay small (on an H100 with the benchmark's UNet,
+graphs made calls of about 128 rows 7% faster and calls of about 512 rows 3%
+slower: docs/PERFORMANCE.md). A router is small and always called on the
+whole batch: sample_ddm graphs it at any batch (max_rows=None).
+
+All graphs of a device share one memory pool, so intermediate activations are
+held once, not once per graph. That is safe because the calls run one after
+another on one stream and every call copies its output before returning: no
+graph's output is read after another graph has run. Under autocast the
+capture turns autocast's weight cache off (the cache would outlive the
+capture); the cast kernels become part of the graph.
 """
 from __future__ import annotations
 
@@ -89,14 +91,15 @@ class GraphedCall:
     compute, checkable on a CPU."""
 
     def __init__(self, fn: Callable, per_octave: int = 8, warmup: int = 2, capture: bool = True,
-                 max_rows: int = 256):
+                 max_rows: int | None = 256):
         self.fn, self.per_octave, self.warmup, self.capture = fn, per_octave, warmup, capture
         self.max_rows = max_rows
         self.entries: dict[tuple, _Entry] = {}
         self.captures = 0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        if (self.capture and x.device.type != "cuda") or torch.is_grad_enabled() or x.shape[0] > self.max_rows:
+        too_many = self.max_rows is not None and x.shape[0] > self.max_rows
+        if (self.capture and x.device.type != "cuda") or torch.is_grad_enabled() or too_many:
             return self.fn(x, t, **cond)
         n = x.shape[0]
         key = (bucket_size(n, self.per_octave), x.dtype, tuple(x.shape[1:]), t.dtype, _autocast_key("cuda"),
@@ -143,11 +146,11 @@ class GraphedCall:
         return _Entry(graph, sx, st, sc, out)
 
 
-def graphed(fn: Callable, per_octave: int = 8) -> GraphedCall:
-    """The GraphedCall of fn, created once per function (its graphs are kept while fn lives)."""
+def graphed(fn: Callable, per_octave: int = 8, max_rows: int | None = 256) -> GraphedCall:
+    """The GraphedCall of fn, created once per function and settings (its graphs are kept while fn lives)."""
     if isinstance(fn, GraphedCall):
         return fn
     call = _GRAPHED.get(fn)
-    if call is None or call.per_octave != per_octave:
-        call = _GRAPHED[fn] = GraphedCall(fn, per_octave)
+    if call is None or (call.per_octave, call.max_rows) != (per_octave, max_rows):
+        call = _GRAPHED[fn] = GraphedCall(fn, per_octave, max_rows=max_rows)
     return call
