@@ -123,7 +123,7 @@ def test_router_probabilities_equal_softmax_for_every_k():
     for k in (2, 8, 15, 16, 64):
         z = torch.randn(300, k, generator=gen) * 4
         p = router_probabilities(z)
-        assert p.dtype == torch.float32 and p.shape == (300, k)
+        assert p.dtype == torch.float32 and p.shape == (300, k) and p.is_contiguous()
         assert torch.allclose(p, torch.softmax(z.double(), 1).float(), atol=1e-6)
 
 

@@ -164,7 +164,7 @@ def router_probabilities(logits: torch.Tensor) -> torch.Tensor:
     K on the CPU it is taken over the transpose; the values are the same."""
     z = logits.float()
     if z.device.type == "cpu" and z.dim() == 2 and z.shape[1] < 16:
-        return torch.softmax(z.T, dim=0).T
+        return torch.softmax(z.T, dim=0).T.contiguous()
     return torch.softmax(z, dim=1)
 
 
