@@ -312,8 +312,12 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     print("| batch | variant | " + " | ".join(names) + " | top-2/full | top-1/monolith | graphs captured (s) |")
     print("|---:|---|" + "---:|" * (len(names) + 3))
     calls = graphs[0] + [graphs[1], graphs[2]]
+    spread = []
     for b in batches:
         x1 = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b)).to(device)
+        with torch.no_grad(), precision():
+            top1 = torch.bincount(eager[1](x1, ts[0].expand(b)).argmax(1), minlength=k).tolist()
+        spread.append(f"batch {b}: {' '.join(map(str, top1))}")
         before, start = sum(g.captures for g in calls), time.perf_counter()
         for run in methods.values():  # warm-up: the graphs of this batch's buckets are captured here
             timed(run, x1, ts, device, precision)
@@ -324,6 +328,7 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
             print(f"| {b} | {tag} | " + " | ".join(f"{ms[n]:.2f}" for n in names)
                   + f" | {ms['top-2'] / ms['full']:.2f} | {ms['top-1'] / ms['monolith']:.2f} | "
                   + (f"{captured} ({warm:.1f}) |" if tag == "graphs" else "|"), flush=True)
+    print("\nrows per expert, top-1 at t = 1: " + "; ".join(spread))
 
 
 # ---------------------------------------------------------------- code variants (CPU, MLP experts)
