@@ -85,10 +85,9 @@ class GraphedCall:
     """fn(x, t, **cond) replayed from CUDA graphs, one per (bucket, dtypes, shapes, autocast state).
 
     Falls back to calling fn when x is not on a CUDA device, autograd is recording or the call
-    has more than max_rows rows. `captures`
-    counts the graphs captured (each costs `warmup` eager calls and one capture). capture=False
-    keeps the padding and buffers but calls fn eagerly on them, on any device: what the graphs
-    compute, checkable on a CPU."""
+    has more than max_rows rows (None: no limit). `captures` counts the graphs captured (each
+    costs `warmup` eager calls and one capture). capture=False keeps the padding and buffers but
+    calls fn eagerly on them, on any device: what the graphs compute, checkable on a CPU."""
 
     def __init__(self, fn: Callable, per_octave: int = 8, warmup: int = 2, capture: bool = True,
                  max_rows: int | None = 256):
