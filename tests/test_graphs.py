@@ -119,3 +119,34 @@ def test_the_shared_pool_outlives_the_graphs_that_used_it():
             assert torch.allclose(call(x, t), net(x, t), atol=1e-5) and call.captures == 1
             del call
             gc.collect()
+
+
+CANNOT_CAPTURE = """
+import warnings, torch
+from ddmkit.sample.graphs import GraphedCall
+
+def syncing(x, t):  # reads a value on the host: not allowed while a stream is capturing
+    return x * 2 if float(t[0]) >= 0 else x
+
+call = GraphedCall(syncing)
+x, t = torch.randn(10, 3, device="cuda"), torch.rand(10, device="cuda")
+with torch.no_grad():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(call(x, t), 2 * x)
+    assert any("cannot capture" in str(w.message) for w in caught)
+    assert torch.equal(call(x, t), 2 * x) and call.captures == 0
+    other = GraphedCall(lambda x, t: x + 1)  # graphs are off on the device now: eager, and right
+    assert torch.equal(other(x, t), x + 1) and other.captures == 0
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_network_that_cannot_be_captured_runs_eagerly_with_a_warning():
+    """In its own process: a failed capture turns graphs off for the whole device."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CANNOT_CAPTURE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

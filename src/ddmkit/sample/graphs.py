@@ -31,10 +31,16 @@ another on one stream and every call copies its output before returning: no
 graph's output is read after another graph has run. Under autocast the
 capture turns autocast's weight cache off (the cache would outlive the
 capture); the cast kernels become part of the graph.
+
+A network that cannot be captured (its forward reads a value on the host, for
+instance) makes the first capture fail: a warning says why, and from then on
+every call on that device runs eagerly (a failed capture leaves the device's
+graph pool unusable for the process).
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -43,6 +49,7 @@ import torch
 
 _GRAPHED: "weakref.WeakKeyDictionary[Callable, GraphedCall]" = weakref.WeakKeyDictionary()
 _POOLS: dict = {}  # device -> (the shared graph memory pool, a graph that keeps it alive)
+_DISABLED: dict = {}  # device -> why a capture failed there (graphs are then off on that device)
 
 
 def _shared_pool(device: torch.device):
@@ -98,14 +105,23 @@ class GraphedCall:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         too_many = self.max_rows is not None and x.shape[0] > self.max_rows
-        if (self.capture and x.device.type != "cuda") or torch.is_grad_enabled() or too_many:
+        if (self.capture and (x.device.type != "cuda" or x.device in _DISABLED)) or torch.is_grad_enabled() \
+                or too_many:
             return self.fn(x, t, **cond)
         n = x.shape[0]
         key = (bucket_size(n, self.per_octave), x.dtype, tuple(x.shape[1:]), t.dtype, _autocast_key("cuda"),
                tuple(sorted((name, c.dtype, tuple(c.shape[1:])) for name, c in cond.items())))
         entry = self.entries.get(key)
         if entry is None:
-            entry = self.entries[key] = self._capture(key[0], x, t, cond)
+            try:
+                entry = self.entries[key] = self._capture(key[0], x, t, cond)
+            except RuntimeError as e:  # e.g. a forward that reads a value on the host (.item()) mid-capture
+                # a failed capture leaves the device's graph pool unusable: every call there runs eagerly now
+                _DISABLED[x.device] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                warnings.warn(f"cannot capture {getattr(self.fn, '__name__', self.fn)!r} as a CUDA graph "
+                              f"({_DISABLED[x.device]}); CUDA graphs are off on {x.device} for this process, "
+                              "every network there runs eagerly", RuntimeWarning, stacklevel=2)
+                return self.fn(x, t, **cond)
         entry.x[:n].copy_(x)
         entry.t[:n].copy_(t)
         for name, c in cond.items():
