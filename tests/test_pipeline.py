@@ -168,3 +168,38 @@ def test_data_without_closed_form_truth(tmp_path):
     assert set(result["rows"]) == {"top-1", "full"}
     assert "nll" not in result["rows"]["full"] and result["rows"]["full"]["w2"] > 0
     assert (tmp_path / "m" / "plots" / "samples.png").exists()
+
+
+def test_sampling_in_batches_bounds_memory_not_results():
+    """batch_size: deterministic strategies give the same samples to rounding, the info adds up,
+    random ones are reproducible; the oracle's per-row label prior follows its rows into the chunks."""
+    from ddmkit.pipeline.ddm import DDM
+    from ddmkit.pipeline.sampling import sample_ddm, sample_single
+
+    k, d, n = 3, 2, 23
+    experts = [lambda x, t, y=None, j=j: torch.full_like(x, float(j + 1)) for j in range(k)]  # expert j: v = j + 1
+
+    def router(x, t):
+        return torch.softmax(torch.stack([x[:, 0], -x[:, 0], x[:, 1]], 1), 1)
+
+    ddm = DDM(experts=experts, router=router, prior=torch.full((k,), 1 / k), data_shape=(d,),
+              label_prior=torch.eye(k))  # label y -> cluster y
+    whole, info = sample_ddm(ddm, "top-2", n, steps=5, seed=1)
+    parts, pinfo = sample_ddm(ddm, "top-2", n, steps=5, seed=1, batch_size=7)
+    assert torch.allclose(whole, parts, atol=1e-6)
+    assert pinfo["expert_calls_per_sample"] == info["expert_calls_per_sample"] == 10
+    assert pinfo["router_calls"] == 4 * 5 and pinfo["velocity_evaluations"] == info["velocity_evaluations"] == 5
+    again, _ = sample_ddm(ddm, "switch", n, steps=5, seed=1, batch_size=7)
+    assert torch.equal(again, sample_ddm(ddm, "switch", n, steps=5, seed=1, batch_size=7)[0])
+    y = torch.arange(n) % k
+    x1 = torch.zeros(n, d)
+    oracle, _ = sample_ddm(ddm, "oracle", n, steps=4, x1=x1, cond={"y": y}, batch_size=5)
+    assert torch.allclose(oracle, -(y[:, None] + 1.0).expand(n, d))  # x0 = x1 - v: expert y's shift, every row
+    mono, _ = sample_single(lambda x, t, y: x + y[:, None], (d,), n, steps=4, x1=x1, cond={"y": y.float()},
+                            batch_size=6)
+    assert torch.allclose(mono, sample_single(lambda x, t, y: x + y[:, None], (d,), n, steps=4, x1=x1,
+                                              cond={"y": y.float()})[0], atol=1e-6)
+    with pytest.raises(ValueError, match="callback"):
+        sample_ddm(ddm, "top-2", n, steps=2, batch_size=7, callback=lambda step: None)
+    with pytest.raises(ValueError, match="batch_size"):
+        sample_ddm(ddm, "top-2", n, steps=2, batch_size=0)

@@ -94,6 +94,8 @@ class SampleConfig(Section):
     n: int = Field(8000, ge=1)
     steps: int = Field(50, ge=1)
     solver: Literal["euler", "heun", "midpoint", "rk4", "adaptive"] = "euler"
+    batch_size: int | None = Field(None, ge=1, description="rows integrated at once: each set is sampled in "
+                                   "chunks of this many rows to bound memory (None: all at once)")
     strategies: list[str] = Field(default_factory=lambda: [
         "monolith", "full", "top-1", "top-2", "sample-1", "sample-2", "threshold-0.05",
         "nucleus-0.9", "switch", "oracle"])

@@ -190,14 +190,14 @@ def stage_sample_images(cfg: RunConfig, run: Path, log=print, device="cpu", on_s
         cond = {"y": y} if y is not None else None
         if strategy == "monolith":
             field = load_image_monolith(run, device, g)
-            f = (lambda x, t, y=y: field(x, t, y)) if y is not None else field
             with torch.autocast("cuda", torch.bfloat16, enabled=autocast is not None):
-                x0, info = sample_single(f, shape, n, s.steps, s.solver, s.seed, device, name, x1=x1.clone())
+                x0, info = sample_single(field, shape, n, s.steps, s.solver, s.seed, device, name, x1=x1.clone(),
+                                         cond=cond, batch_size=s.batch_size)
             info["expert_calls_per_sample"] = info["velocity_evaluations"]
         else:
             ddm = ddms.get((g, router)) or ddms.setdefault((g, router), load_image_ddm(run, device, g, router))
             x0, info = sample_ddm(ddm, strategy, n, s.steps, s.solver, s.seed, device, x1=x1.clone(),
-                                  autocast=autocast, cond=cond)
+                                  autocast=autocast, cond=cond, batch_size=s.batch_size)
         info.update(strategy=strategy, guidance=g, router=router)
         info.pop("expert_rows", None)
         save_tensors(sample_path(run, name), {"x": x0.float().clamp(-1, 1).cpu()})

@@ -47,7 +47,7 @@ def missing_expert_study(cfg: RunConfig, run, test: torch.Tensor, truth, strateg
             ddm = load_ddm(run, device, exclude=order[:m])
         name = f"{m} removed"
         samples[name], infos[name] = sample_ddm(ddm, strategy, study_size(cfg), s.steps, s.solver, s.seed,
-                                                 device)
+                                                 device, batch_size=s.batch_size)
         removed[name] = sorted(order[:m])
     result = evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)
     return [{"removed": m, "experts_removed": removed[name], "strategy": strategy, **result["rows"][name]}
@@ -75,5 +75,5 @@ def stats_router_study(cfg: RunConfig, run, test: torch.Tensor, truth, device="c
         for label, ddm in (("learned", learned), ("statistics-only", stats)):
             name = f"{strategy} ({label} router)"
             samples[name], infos[name] = sample_ddm(ddm, strategy, study_size(cfg), s.steps, s.solver, s.seed,
-                                                     device)
+                                                     device, batch_size=s.batch_size)
     return evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)

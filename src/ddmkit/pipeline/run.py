@@ -159,13 +159,14 @@ def sample_one(cfg: RunConfig, run: Path, name: str, device="cpu", ddm=None) -> 
     s = cfg.sample
     if name == "monolith":
         shape = tuple(read_json(run / "data" / "data.json")["data_shape"])
-        x0, info = sample_single(load_monolith(run, device), shape, s.n, s.steps, s.solver, s.seed, device)
+        x0, info = sample_single(load_monolith(run, device), shape, s.n, s.steps, s.solver, s.seed, device,
+                                 batch_size=s.batch_size)
     elif name == EXACT:
-        x0, info = sample_ddm(exact_ddm(run), "full", s.n, s.steps, s.solver, s.seed, device)
+        x0, info = sample_ddm(exact_ddm(run), "full", s.n, s.steps, s.solver, s.seed, device, batch_size=s.batch_size)
         info["strategy"] = EXACT
     else:
         ddm = ddm or load_ddm(run, device)
-        x0, info = sample_ddm(ddm, name, s.n, s.steps, s.solver, s.seed, device)
+        x0, info = sample_ddm(ddm, name, s.n, s.steps, s.solver, s.seed, device, batch_size=s.batch_size)
         info["missing_experts"] = ddm.meta.get("missing_experts", [])
     save_tensors(sample_file(run, name), {"x": x0}, {"strategy": name, "missing_experts": info.get("missing_experts", [])})
     info_path = run / "samples" / "info.json"

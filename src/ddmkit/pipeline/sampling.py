@@ -40,64 +40,97 @@ def _autocast(device, dtype: str | None):
     return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
 
 
+def _chunks(n: int, batch_size: int | None) -> list[slice]:
+    """Row ranges of at most batch_size rows covering n (one range when batch_size is None)."""
+    size = n if batch_size is None else batch_size
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1 (or None: all {n} rows at once), got {batch_size}")
+    return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def _rows(cond: dict[str, torch.Tensor] | None, rows: slice) -> dict[str, torch.Tensor] | None:
+    return None if cond is None else {name: c[rows] for name, c in cond.items()}
+
+
 def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
                device="cpu", x1: torch.Tensor | None = None, callback=None, router_every: int = 1,
                autocast: str | None = None, cond: dict[str, torch.Tensor] | None = None,
-               cuda_graphs: bool = False) -> tuple[torch.Tensor, dict]:
+               cuda_graphs: bool = False, batch_size: int | None = None) -> tuple[torch.Tensor, dict]:
     """router_every = m reuses the routing for m velocity evaluations (1: route every time);
     autocast = "bfloat16" runs the networks under autocast (the state stays in float32);
     cuda_graphs = True replays the experts and the router from CUDA graphs on a GPU, rows padded
     to a few bucket sizes (ddmkit.sample.graphs; the graphs are kept for later calls);
     cond = per-sample conditioning passed to the experts, e.g. {"y": class labels (n,)}; it reaches
     the router too when the DDM's router is label-conditional, and with labels the oracle draws
-    each sample's cluster from p(cluster | label) (ddm.label_prior) instead of the cluster sizes."""
+    each sample's cluster from p(cluster | label) (ddm.label_prior) instead of the cluster sizes;
+    batch_size = b integrates the n rows in chunks of at most b rows, one after another, to bound
+    memory: the same noise, the same samples to rounding for the deterministic strategies, and
+    for the random ones the same law with other draws (one generator, used chunk after chunk).
+    A callback sees whole trajectories only, so it needs batch_size None or >= n."""
     strat = parse_strategy(strategy)
     x1 = start_noise(n, ddm.data_shape, seed, device) if x1 is None else x1
+    chunks = _chunks(len(x1), batch_size)
+    if callback is not None and len(chunks) > 1:
+        raise ValueError(f"sample_ddm: a callback needs all {len(x1)} rows in one batch; got batch_size={batch_size}")
     gen = torch.Generator(device=x1.device).manual_seed(seed + 1)
     prior = ddm.prior
     if ddm.label_prior is not None and cond is not None and "y" in cond:
         prior = ddm.label_prior.to(x1.device)[cond["y"]]  # (n, K) p(cluster | y) per sample
-    state = RoutingState(generator=gen, prior=prior, nearest=ddm.nearest)
     counter = CallCounter()
-    nfe = [0]
-    router_cond = cond if ddm.router_conditional else None
     experts, router = ddm.experts, ddm.router
     if cuda_graphs:
         experts, router = [graphed(e) for e in experts], graphed(router, max_rows=None)  # the router: any batch
-    field = routed_velocity(experts, router, strat, state, counter, cond=cond, router_every=router_every,
-                            router_cond=router_cond)
-
-    def counted(x, t):
-        nfe[0] += 1
-        return field(x, t)
-
+    parts, nfe = [], []
     _sync(device)
     start = time.perf_counter()
     with _autocast(device, autocast):
-        x0 = sample_field(counted, x1, steps, solver, callback)
+        for rows in chunks:
+            per_row_prior = prior is not None and prior.dim() == 2
+            state = RoutingState(generator=gen, prior=prior[rows] if per_row_prior else prior, nearest=ddm.nearest)
+            part_cond = _rows(cond, rows)
+            field = routed_velocity(experts, router, strat, state, counter, cond=part_cond,
+                                    router_every=router_every, router_cond=part_cond if ddm.router_conditional else None)
+            parts.append(_integrate_counted(field, x1[rows], steps, solver, callback, nfe))
     _sync(device)
     wall = time.perf_counter() - start
-    return x0, {"strategy": strategy, "expert_calls_per_sample": counter.total_rows / len(x1),
-                "router_calls": counter.router_calls, "velocity_evaluations": nfe[0], "wall_time": wall,
-                "expert_rows": counter.expert_rows}
+    return torch.cat(parts), {"strategy": strategy, "expert_calls_per_sample": counter.total_rows / len(x1),
+                              "router_calls": counter.router_calls, "velocity_evaluations": _per_trajectory(nfe),
+                              "wall_time": wall, "expert_rows": counter.expert_rows}
+
+
+def _integrate_counted(field, x1: torch.Tensor, steps: int, solver: str, callback, nfe: list[int]) -> torch.Tensor:
+    """One trajectory of the field from x1; appends its number of field evaluations to nfe."""
+    calls = [0]
+
+    def counted(x, t):
+        calls[0] += 1
+        return field(x, t)
+
+    x0 = sample_field(counted, x1, steps, solver, callback)
+    nfe.append(calls[0])
+    return x0
+
+
+def _per_trajectory(nfe: list[int]) -> int:
+    """Velocity evaluations of one trajectory (the chunks' mean: they differ only for the adaptive solver)."""
+    return round(sum(nfe) / len(nfe))
 
 
 def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
                   device="cpu", name: str = "monolith", x1: torch.Tensor | None = None,
-                  cuda_graphs: bool = False) -> tuple[torch.Tensor, dict]:
-    """Sampling with one velocity field (the monolith): one network call per evaluation
-    (cuda_graphs: replayed from a CUDA graph on a GPU, as in sample_ddm)."""
+                  cuda_graphs: bool = False, cond: dict[str, torch.Tensor] | None = None,
+                  batch_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Sampling with one velocity field (the monolith): one network call per evaluation, called
+    as field(x, t, **cond) with the rows' conditioning (cuda_graphs and batch_size as in sample_ddm)."""
     x1 = start_noise(n, data_shape, seed, device) if x1 is None else x1
     field = graphed(field) if cuda_graphs else field
-    nfe = [0]
-
-    def counted(x, t):
-        nfe[0] += 1
-        return field(x, t)
-
+    parts, nfe = [], []
     _sync(device)
     start = time.perf_counter()
-    x0 = sample_field(counted, x1, steps, solver)
+    for rows in _chunks(len(x1), batch_size):
+        part_cond = _rows(cond, rows) or {}
+        parts.append(_integrate_counted(lambda x, t, c=part_cond: field(x, t, **c), x1[rows], steps, solver, None, nfe))
     _sync(device)
-    return x0, {"strategy": name, "expert_calls_per_sample": float(nfe[0]), "router_calls": 0,
-                "velocity_evaluations": nfe[0], "wall_time": time.perf_counter() - start}
+    evaluations = _per_trajectory(nfe)
+    return torch.cat(parts), {"strategy": name, "expert_calls_per_sample": float(evaluations), "router_calls": 0,
+                              "velocity_evaluations": evaluations, "wall_time": time.perf_counter() - start}
