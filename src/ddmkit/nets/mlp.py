@@ -44,6 +44,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 1000.0) ->
     return emb if dim % 2 == 0 else torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
 
 
+def residual_block(h: torch.Tensor, emb: torch.Tensor, params: tuple) -> torch.Tensor:
+    """h + W2 silu(W1 norm(h) + E emb), params = ResidualBlock.parameters_tuple()."""
+    shape, nw, nb, eps, w1, b1, we, be, w2, b2 = params
+    n = F.layer_norm(h, shape, nw, nb, eps)
+    return h + F.linear(F.silu(F.linear(n, w1, b1) + F.linear(emb, we, be)), w2, b2)
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, width: int, emb_dim: int):
         super().__init__()
@@ -52,12 +59,14 @@ class ResidualBlock(nn.Module):
         self.emb = nn.Linear(emb_dim, width)
         self.fc2 = nn.Linear(width, width)
 
+    def parameters_tuple(self) -> tuple:
+        """What residual_block needs, in its order (the layers' own functions are called on them
+        directly: the same operations as calling the submodules, without their per-call overhead)."""
+        return (self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps, self.fc1.weight,
+                self.fc1.bias, self.emb.weight, self.emb.bias, self.fc2.weight, self.fc2.bias)
+
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        # the layers' own functions, called directly: the same operations as calling the
-        # submodules, without their per-call overhead (which dominates small batches)
-        n = F.layer_norm(h, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
-        a = F.linear(n, self.fc1.weight, self.fc1.bias) + F.linear(emb, self.emb.weight, self.emb.bias)
-        return h + F.linear(F.silu(a), self.fc2.weight, self.fc2.bias)
+        return residual_block(h, emb, self.parameters_tuple())
 
 
 class TimeMLP(nn.Module):
@@ -77,8 +86,7 @@ class TimeMLP(nn.Module):
         flat = None if torch.compiler.is_compiling() else self._flat
         if flat is None:
             (t1, _, t2), (norm, _, lin) = self.time_mlp, self.out
-            blocks = tuple((b.norm.normalized_shape, b.norm.weight, b.norm.bias, b.norm.eps, b.fc1.weight,
-                            b.fc1.bias, b.emb.weight, b.emb.bias, b.fc2.weight, b.fc2.bias) for b in self.blocks)
+            blocks = tuple(b.parameters_tuple() for b in self.blocks)
             flat = ((t1.weight, t1.bias, t2.weight, t2.bias), (self.inp.weight, self.inp.bias), blocks,
                     (norm.normalized_shape, norm.weight, norm.bias, norm.eps, lin.weight, lin.bias))
             if not torch.compiler.is_compiling():
@@ -97,9 +105,8 @@ class TimeMLP(nn.Module):
         (tw1, tb1, tw2, tb2), (iw, ib), blocks, (shape, nw, nb, eps, ow, ob) = self.flat_parameters()
         emb = F.linear(F.silu(F.linear(timestep_embedding(t, self.time_dim), tw1, tb1)), tw2, tb2)
         h = F.linear(x.reshape(x.shape[0], -1), iw, ib)
-        for bshape, bnw, bnb, beps, w1, b1, we, be, w2, b2 in blocks:  # ResidualBlock.forward, unrolled
-            n = F.layer_norm(h, bshape, bnw, bnb, beps)
-            h = h + F.linear(F.silu(F.linear(n, w1, b1) + F.linear(emb, we, be)), w2, b2)
+        for params in blocks:
+            h = residual_block(h, emb, params)
         return F.linear(F.silu(F.layer_norm(h, shape, nw, nb, eps)), ow, ob)
 
 

@@ -76,6 +76,7 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
     prior = ddm.prior
     if ddm.label_prior is not None and cond is not None and "y" in cond:
         prior = ddm.label_prior.to(x1.device)[cond["y"]]  # (n, K) p(cluster | y) per sample
+    per_row_prior = prior is not None and prior.dim() == 2
     counter = CallCounter()
     experts, router = ddm.experts, ddm.router
     if cuda_graphs:
@@ -85,7 +86,6 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
     start = time.perf_counter()
     with _autocast(device, autocast):
         for rows in chunks:
-            per_row_prior = prior is not None and prior.dim() == 2
             state = RoutingState(generator=gen, prior=prior[rows] if per_row_prior else prior, nearest=ddm.nearest)
             part_cond = _rows(cond, rows)
             field = routed_velocity(experts, router, strat, state, counter, cond=part_cond,

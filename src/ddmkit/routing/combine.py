@@ -65,30 +65,19 @@ class DispatchPlan:
     unit: bool = False  # every row has at most one pair, of weight 1: scatter without weighting
 
 
-def _nonzero(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """Indices of the True entries; the count is known, so no second host sync where nonzero_static runs."""
-    try:
-        return torch.nonzero_static(mask, size=size)
-    except (RuntimeError, NotImplementedError):  # builds without nonzero_static for this device
-        return mask.nonzero()
-
-
 def make_plan(weights: torch.Tensor) -> DispatchPlan:
-    """Group the non-zero entries of weights (B, K) by expert: one host sync."""
-    active = weights != 0
-    per_expert = active.sum(0).tolist()  # the host sync
-    pairs = _nonzero(active.T, sum(per_expert))  # (P, 2) = (expert, row), expert-major
-    rows = pairs[:, 1]
-    return DispatchPlan(rows=rows, weights=weights[rows, pairs[:, 0]],
-                        experts=[k for k, n in enumerate(per_expert) if n], counts=[n for n in per_expert if n])
+    """Group the non-zero entries of weights (B, K) by expert: one host sync (the dense weights
+    as a selection of all K experts per row)."""
+    b, k = weights.shape
+    return plan_selection(torch.arange(k, device=weights.device).expand(b, k), weights, k)
 
 
 def plan_selection(experts: torch.Tensor, weights: torch.Tensor, num_experts: int,
                    unit: bool = False) -> DispatchPlan:
     """The plan of a sparse selection, experts (B, n) and weights (B, n): one host sync.
 
-    The same plan as make_plan on its dense form: a stable sort of the n B
-    pairs by expert, pairs of zero weight sorted last (into a group K) and cut off."""
+    A stable sort of the n B pairs by expert (so rows ascend within each
+    expert), pairs of zero weight sorted last (into a group K) and cut off."""
     n = experts.shape[1]
     flat_w = weights.reshape(-1)
     key = torch.where(flat_w != 0, experts.reshape(-1), num_experts)

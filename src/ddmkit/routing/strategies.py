@@ -11,7 +11,8 @@ Strategies that pick the same number n of experts for every row also have
 routing in sparse form (`weights` is its dense scatter). The sparse combiner
 plans from it directly, without building and searching the dense (B, K)
 matrix; `one_expert` marks the strategies whose every row has one expert of
-weight 1 (so the combiner copies outputs back instead of weighting them).
+weight 1 (so the combiner adds outputs back without weighting them). They
+derive from `Selecting`, which gives them `weights`.
 
 Names accepted by `parse_strategy` (what configs and the CLI use):
 
@@ -66,6 +67,15 @@ def _single(idx: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch
     return idx[:, None], torch.ones(idx.shape[0], 1, dtype=probs.dtype, device=probs.device)
 
 
+class Selecting:
+    """Base of the strategies with `select`: their dense weights are the scatter of the selection."""
+
+    one_expert = False
+
+    def weights(self, probs, state):
+        return _dense(self.select(probs, state), probs)
+
+
 def _tempered_log(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     return probs.clamp_min(1e-30).log() / temperature
 
@@ -79,7 +89,7 @@ class Full:
 
 
 @dataclass(frozen=True)
-class TopK:
+class TopK(Selecting):
     k: int
 
     @property
@@ -97,9 +107,6 @@ class TopK:
         p, idx = probs.topk(min(self.k, probs.shape[1]), dim=1)
         return idx, _renorm(p)
 
-    def weights(self, probs, state):
-        return _dense(self.select(probs, state), probs)
-
 
 @dataclass(frozen=True)
 class Threshold:
@@ -115,7 +122,7 @@ class Threshold:
 
 
 @dataclass(frozen=True)
-class SampleK:
+class SampleK(Selecting):
     k: int
     temperature: float = 1.0
 
@@ -133,12 +140,9 @@ class SampleK:
         idx = (_tempered_log(probs, self.temperature) + gumbel).topk(min(self.k, probs.shape[1]), dim=1).indices
         return idx, _renorm(probs.gather(1, idx).clamp_min(1e-30))
 
-    def weights(self, probs, state):
-        return _dense(self.select(probs, state), probs)
-
 
 @dataclass(frozen=True)
-class Nucleus:
+class Nucleus(Selecting):
     p: float
     temperature: float = 1.0
 
@@ -157,29 +161,20 @@ class Nucleus:
         q = _renorm(q * keep)
         return _single(torch.multinomial(q, 1, generator=state.generator).squeeze(1), probs)
 
-    def weights(self, probs, state):
-        return _dense(self.select(probs, state), probs)
-
 
 @dataclass(frozen=True)
-class Switch:
+class Switch(Selecting):
     name: str = "switch"
     one_expert = True
 
     def select(self, probs, state):
         return _single(torch.multinomial(probs.clamp_min(0), 1, generator=state.generator).squeeze(1), probs)
 
-    def weights(self, probs, state):
-        return _dense(self.select(probs, state), probs)
-
 
 @dataclass(frozen=True)
-class Oracle:
+class Oracle(Selecting):
     name: str = "oracle"
     one_expert = True
-
-    def weights(self, probs, state):
-        return _dense(self.select(probs, state), probs)
 
     def select(self, probs, state):
         if state.oracle is None:
@@ -191,12 +186,9 @@ class Oracle:
 
 
 @dataclass(frozen=True)
-class Nearest:
+class Nearest(Selecting):
     name: str = "nearest"
     one_expert = True
-
-    def weights(self, probs, state):
-        return _dense(self.select(probs, state), probs)
 
     def select(self, probs, state):
         if state.x0_hat is None or state.nearest is None:
