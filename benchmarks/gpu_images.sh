@@ -43,6 +43,8 @@ else
   (cd runs/fmnist/plots 2>/dev/null && tar czf "$OUT/plots.tgz" .)
   if [ $(left 590) -gt 40 ]; then
     timeout $(left 590) python3 benchmarks/image_routing.py --device cuda --run runs/fmnist --repeats 3 2>&1 | tee "$OUT/image_routing_trained.log"
+    timeout $(left 590) python3 benchmarks/image_routing.py --device cuda --run runs/fmnist --fresh --steps 4 --repeats 3 2>&1 | tee -a "$OUT/image_routing_trained.log"
   fi
+  [ $(left 590) -gt 30 ] && timeout $(left 590) python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.log"
 fi
 echo "call seconds: $(( $(date +%s) - T0 ))"

@@ -34,6 +34,7 @@ from ddmkit.pipeline.ddm import router_field
 from ddmkit.pipeline.images import guided_field, load_image_ddm, load_image_monolith
 from ddmkit.routing.combine import plan_selection, routed_velocity
 from ddmkit.routing.strategies import RoutingState, parse_strategy
+from ddmkit.sample.graphs import GraphedCall
 from ddmkit.sample.solvers import sample_euler, time_grid
 from sampling import time_methods
 
@@ -59,15 +60,66 @@ def random_networks(config_path: str, router_channels: list[list[int]], shape: t
     return experts, monolith, routers, k
 
 
-def spread(router, k: int, batch: int, device):
-    """The router with each row's logit of a fixed random cluster raised by 10 (random weights route unevenly)."""
-    cluster = torch.randint(k, (batch,), generator=torch.Generator().manual_seed(batch)).to(device)
-    bias = 10.0 * torch.nn.functional.one_hot(cluster, k).float()
+def spread(router, k: int, batch: int, device, redraw: bool = False):
+    """The router with each row's logit of a random cluster raised by 10 (random weights route unevenly):
+    one draw per row for the run, or (redraw) a new draw at every call, so that the group sizes change
+    from step to step as a trained router's do."""
+    gen = torch.Generator().manual_seed(batch)
+    fixed = torch.randint(k, (batch,), generator=gen).to(device)
 
     def f(x, t, y=None):
+        cluster = torch.randint(k, (len(x),), generator=gen).to(device) if redraw else fixed
+        bias = 10.0 * torch.nn.functional.one_hot(cluster, k).float()
         return torch.softmax(torch.log(router(x, t, y=y).clamp_min(1e-30)) + bias, dim=1)
 
     return f
+
+
+def padded(experts):
+    """The experts with their rows padded up to bucket sizes (8 per octave), called eagerly."""
+    return [GraphedCall(e, capture=False, max_rows=None) for e in experts]
+
+
+def measure_fresh(experts, monolith, routers: dict, k: int, shape, args, device, precision) -> None:
+    """Steps as the pipeline takes them: every run from new noise and labels, so the experts' group sizes
+    are new at every step; eager against rows padded to bucket sizes."""
+    ts = time_grid(args.steps).to(device)
+    print("\n### New group sizes at every step: eager against padded to bucket sizes, ms per step\n")
+    print("| batch | router | monolith | top-1 | top-1 padded | top-2 | top-2 padded | top-1/monolith |"
+          " top-1 padded/monolith |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    with torch.no_grad():
+        for b in args.batches:
+            for rname, (router, _) in routers.items():
+                route = router if args.run else spread(router, k, b, device, redraw=True)
+                draws = iter(range(10 ** 6))
+
+                def fresh_inputs():
+                    gen = torch.Generator().manual_seed(next(draws))
+                    return (torch.randn(b, *shape, generator=gen).to(device),
+                            torch.randint(10, (b,), generator=gen).to(device))
+
+                def routed(strategy, nets):
+                    strat = parse_strategy(strategy)
+
+                    def run():
+                        x1, y = fresh_inputs()
+                        cond = {"y": y}
+                        euler(routed_velocity(nets, route, strat, RoutingState(), cond=cond, router_cond=cond), x1, ts)
+                    return run
+
+                def mono():
+                    x1, y = fresh_inputs()
+                    euler(lambda x, t: monolith(x, t, y), x1, ts)
+
+                pads = padded(experts)
+                parts = {"monolith": mono, "top-1": routed("top-1", experts), "top-1 padded": routed("top-1", pads),
+                         "top-2": routed("top-2", experts), "top-2 padded": routed("top-2", pads)}
+                methods = {n: (lambda x1_, ts_, f=f: [f(), 0][1]) for n, f in parts.items()}
+                x1 = torch.zeros(b, *shape, device=device)  # only its length is read by the timer
+                r = {n: v[0] * 1e3 for n, v in time_methods(methods, x1, ts, args.repeats, device, precision).items()}
+                print(f"| {b} | {rname} | {r['monolith']:.1f} | {r['top-1']:.1f} | {r['top-1 padded']:.1f} | "
+                      f"{r['top-2']:.1f} | {r['top-2 padded']:.1f} | {r['top-1'] / r['monolith']:.2f} | "
+                      f"{r['top-1 padded'] / r['monolith']:.2f} |", flush=True)
 
 
 def euler(field, x1, ts):
@@ -86,6 +138,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1024, 10000])
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--fresh", action="store_true",
+                   help="only the table of steps from new noise at every run (new group sizes), eager against padded")
     args = p.parse_args()
     device = torch.device(args.device)
     precision = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
@@ -113,6 +167,8 @@ def main() -> None:
             with torch.no_grad(), FlopCounterMode(display=False) as fc:
                 model(x, t, y)
             print(f"{rname}: {fc.get_total_flops() / expert_flops:.3f} of an expert's FLOPs", flush=True)
+    if args.fresh:
+        return measure_fresh(experts, monolith, routers, k, shape, args, device, precision)
     ts = time_grid(args.steps).to(device)
     top1 = parse_strategy("top-1")
     print("\n| batch | router | rows per expert (top-1) | monolith | top-1 | top-2 | router alone | experts alone"

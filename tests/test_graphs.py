@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddmkit.nets.mlp import VelocityMLP
-from ddmkit.sample.graphs import GraphedCall, bucket_size, graphed
+from ddmkit.sample.graphs import GraphedCall, bucket_size, graphed, padded
 
 
 def test_bucket_sizes_known_values():
@@ -50,6 +50,57 @@ def test_padded_calls_equal_direct_calls_and_return_copies():
     assert sorted(k[0] for k in call.entries) == [1, 3, 20, 64, 80]  # 17, 18 and 20 share the bucket 20
 
 
+def test_padded_eager_calls_see_only_bucket_sizes_and_equal_direct_calls():
+    """padded(fn): what a GPU runs above max_rows and, without graphs, for every expert call: fn
+    sees the bucket sizes only (so cuDNN plans one convolution per bucket, not per group size),
+    and the first n rows are fn's answer on the n rows, with a solver's t kept stride-0."""
+    torch.manual_seed(0)
+    net = VelocityMLP([5], width=16, depth=2).eval()
+    seen = []
+
+    def expert(x, t, y):
+        seen.append((len(x), len(t), len(y), t.stride(0) if t.dim() else None))
+        return net(x, t) + y[:, None].to(x.dtype)
+
+    call = padded(expert, per_octave=4)
+    gen = torch.Generator().manual_seed(2)
+    sizes = (1, 3, 17, 18, 19, 20, 65, 100, 300)
+    with torch.no_grad():
+        for n in sizes:
+            x, y = torch.randn(n, 5, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+            for t in (torch.tensor(0.7).expand(n), torch.rand(n, generator=gen)):
+                got, want = call(x, t, y=y), net(x, t) + y[:, None].to(x.dtype)
+                assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6, rtol=0)
+    rows = [s[0] for s in seen]
+    assert rows == [bucket_size(n, 4) for n in sizes for _ in (0, 1)]
+    assert all(r == tr == yr for r, tr, yr, _ in seen)
+    assert [s[3] for s in seen[::2]] == [0] * len(sizes)  # the expanded t stays a stride-0 view
+    assert len(set(rows)) < len(sizes)  # 17, 18, 19 and 20 share the bucket 20
+
+
+def test_gpu_dispatch_pads_expert_calls_and_the_cpu_leaves_them_alone():
+    """sample_ddm's networks: on a CUDA device every expert call is padded (without graphs too); on the
+    CPU the experts are the DDM's own. (The wrappers are device-agnostic, so this runs on a CPU.)"""
+    from ddmkit.pipeline.sampling import dispatch_networks
+
+    seen = []
+
+    def expert(x, t):
+        seen.append(len(x))
+        return 3 * x
+
+    def router(x, t):
+        return torch.ones(len(x), 1)
+
+    cpu_experts, cpu_router = dispatch_networks([expert], router, "cpu")
+    assert cpu_experts == [expert] and cpu_router is router
+    gpu_experts, gpu_router = dispatch_networks([expert], router, "cuda")
+    assert gpu_router is router  # one call on the whole batch per step: its size never changes
+    with torch.no_grad():
+        out = gpu_experts[0](torch.ones(17, 2), torch.zeros(17))
+    assert seen == [18] and torch.equal(out, torch.full((17, 2), 3.0))
+
+
 def test_off_the_gpu_and_under_autograd_the_function_runs_as_it_is():
     calls = []
 
@@ -62,13 +113,13 @@ def test_off_the_gpu_and_under_autograd_the_function_runs_as_it_is():
     x = torch.ones(3, 2, requires_grad=True)
     assert torch.equal(call(x, torch.zeros(3)), 2 * x)  # CPU: no buffers, no capture
     assert calls == [3] and not call.entries and call.captures == 0
-    padded = GraphedCall(f, capture=False, max_rows=4)
-    padded(x, torch.zeros(3))  # autograd on: called directly even in padded mode
+    padded_call = GraphedCall(f, capture=False, max_rows=4)
+    padded_call(x, torch.zeros(3))  # autograd on: called directly even in padded mode
     with torch.no_grad():
-        padded(torch.ones(5, 2), torch.zeros(5))  # more rows than max_rows: called directly
-        assert not padded.entries
-        padded(torch.ones(4, 2), torch.zeros(4))
-    assert calls == [3, 3, 5, 4] and len(padded.entries) == 1
+        padded_call(torch.ones(5, 2), torch.zeros(5))  # more rows than max_rows, on the CPU: called directly
+        assert not padded_call.entries
+        padded_call(torch.ones(4, 2), torch.zeros(4))
+    assert calls == [3, 3, 5, 4] and len(padded_call.entries) == 1
 
 
 def test_sample_ddm_with_cuda_graphs_on_the_cpu_is_plain_sampling():

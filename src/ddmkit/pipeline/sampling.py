@@ -15,7 +15,7 @@ import torch
 from ddmkit.pipeline.ddm import DDM
 from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
 from ddmkit.sample import get_solver, time_grid
-from ddmkit.sample.graphs import graphed
+from ddmkit.sample.graphs import graphed, padded
 
 
 def start_noise(n: int, data_shape, seed: int, device="cpu") -> torch.Tensor:
@@ -59,7 +59,8 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
     """router_every = m reuses the routing for m velocity evaluations (1: route every time);
     autocast = "bfloat16" runs the networks under autocast (the state stays in float32);
     cuda_graphs = True replays the experts and the router from CUDA graphs on a GPU, rows padded
-    to a few bucket sizes (ddmkit.sample.graphs; the graphs are kept for later calls);
+    to a few bucket sizes (ddmkit.sample.graphs; the graphs are kept for later calls); on a GPU
+    the expert calls are padded to those sizes in any case (dispatch_networks);
     cond = per-sample conditioning passed to the experts, e.g. {"y": class labels (n,)}; it reaches
     the router too when the DDM's router is label-conditional, and with labels the oracle draws
     each sample's cluster from p(cluster | label) (ddm.label_prior) instead of the cluster sizes;
@@ -78,9 +79,7 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
         prior = ddm.label_prior.to(x1.device)[cond["y"]]  # (n, K) p(cluster | y) per sample
     per_row_prior = prior is not None and prior.dim() == 2
     counter = CallCounter()
-    experts, router = ddm.experts, ddm.router
-    if cuda_graphs:
-        experts, router = [graphed(e) for e in experts], graphed(router, max_rows=None)  # the router: any batch
+    experts, router = dispatch_networks(ddm.experts, ddm.router, device, cuda_graphs)
     parts, nfe = [], []
     _sync(device)
     start = time.perf_counter()
@@ -96,6 +95,19 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
     return torch.cat(parts), {"strategy": strategy, "expert_calls_per_sample": counter.total_rows / len(x1),
                               "router_calls": counter.router_calls, "velocity_evaluations": _per_trajectory(nfe),
                               "wall_time": wall, "expert_rows": counter.expert_rows}
+
+
+def dispatch_networks(experts: list, router, device, cuda_graphs: bool = False) -> tuple[list, object]:
+    """The experts and router as sample_ddm calls them. With cuda_graphs, replayed from CUDA graphs
+    (experts: calls of up to 256 rows, larger ones padded; the router at any batch). Without, on a
+    GPU, every expert call padded to a bucket size (ddmkit.sample.graphs.padded): the combiner's
+    group sizes change at every step, and cuDNN plans each new batch size anew (about 55 ms a
+    call for the image UNet on an H100); on the CPU, as they are."""
+    if cuda_graphs:
+        return [graphed(e) for e in experts], graphed(router, max_rows=None)
+    if torch.device(device).type == "cuda":
+        return [padded(e) for e in experts], router
+    return list(experts), router
 
 
 def _integrate_counted(field, x1: torch.Tensor, steps: int, solver: str, callback, nfe: list[int]) -> torch.Tensor:

@@ -32,6 +32,14 @@ graph's output is read after another graph has run. Under autocast the
 capture turns autocast's weight cache off (the cache would outlive the
 capture); the cast kernels become part of the graph.
 
+Calls above `max_rows` are still padded to their bucket on a GPU (`padded`),
+and `sample_ddm` pads every expert call there even without graphs: cuDNN
+chooses a convolution plan for each new batch size, which costs an H100 about
+55 ms for the image UNet (74 against 19 ms for a call of about 1024 rows), and
+a sparse combiner's group sizes are new at almost every step. With the rows
+padded to 8 buckets per octave the sizes repeat, and a call costs its
+arithmetic plus at most 1/8 more rows (docs/PERFORMANCE.md).
+
 A network that cannot be captured (its forward reads a value on the host, for
 instance) makes the first capture fail: a warning says why, and from then on
 every call on that device runs eagerly (a failed capture leaves the device's
@@ -74,6 +82,28 @@ def bucket_size(n: int, per_octave: int = 8) -> int:
     return -(-n // step) * step
 
 
+def _pad_rows(v: torch.Tensor, rows: int) -> torch.Tensor:
+    """v (n, ...) with copies of its first row appended up to `rows` rows; a stride-0 time
+    (the solvers' t.expand(n)) stays a stride-0 view."""
+    if v.dim() == 1 and v.stride(0) == 0:
+        return v[:1].expand(rows)
+    return torch.cat([v, v[:1].expand(rows - len(v), *v.shape[1:])])
+
+
+def padded(fn: Callable, per_octave: int = 8) -> Callable:
+    """fn(x, t, **cond) with its rows padded up to bucket_size(n) (copies of the first row, whose
+    outputs are dropped): the batch sizes fn sees repeat, so per-size work (cuDNN's plan for each
+    new batch size) is done once per bucket. Rows must not interact, as for the graphs."""
+    def call(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        rows = bucket_size(n, per_octave)
+        if rows == n:
+            return fn(x, t, **cond)
+        return fn(_pad_rows(x, rows), _pad_rows(t, rows), **{k: _pad_rows(c, rows) for k, c in cond.items()})[:n]
+
+    return call
+
+
 @dataclass
 class _Entry:
     graph: "torch.cuda.CUDAGraph | None"  # None: padded eager calls (capture=False)
@@ -91,8 +121,8 @@ def _autocast_key(device_type: str) -> tuple:
 class GraphedCall:
     """fn(x, t, **cond) replayed from CUDA graphs, one per (bucket, dtypes, shapes, autocast state).
 
-    Falls back to calling fn when x is not on a CUDA device, autograd is recording or the call
-    has more than max_rows rows (None: no limit). `captures` counts the graphs captured (each
+    Falls back to calling fn when x is not on a CUDA device or autograd is recording, and to
+    padded(fn) when the call has more than max_rows rows (None: no limit; on the CPU, fn). `captures` counts the graphs captured (each
     costs `warmup` eager calls and one capture). capture=False keeps the padding and buffers but
     calls fn eagerly on them, on any device: what the graphs compute, checkable on a CPU."""
 
@@ -102,11 +132,12 @@ class GraphedCall:
         self.max_rows = max_rows
         self.entries: dict[tuple, _Entry] = {}
         self.captures = 0
+        self.padded = padded(fn, per_octave)  # the calls above max_rows on a GPU
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        too_many = self.max_rows is not None and x.shape[0] > self.max_rows
-        if (self.capture and (x.device.type != "cuda" or x.device in _DISABLED)) or torch.is_grad_enabled() \
-                or too_many:
+        if self.max_rows is not None and x.shape[0] > self.max_rows:
+            return self.padded(x, t, **cond) if x.device.type == "cuda" else self.fn(x, t, **cond)
+        if (self.capture and (x.device.type != "cuda" or x.device in _DISABLED)) or torch.is_grad_enabled():
             return self.fn(x, t, **cond)
         n = x.shape[0]
         key = (bucket_size(n, self.per_octave), x.dtype, tuple(x.shape[1:]), t.dtype, _autocast_key("cuda"),
