@@ -4,6 +4,7 @@ against the monolith, where the time goes, and what a smaller router saves.
     PYTHONPATH=src:benchmarks python benchmarks/image_routing.py --device cuda          # the config's sizes, random weights
     PYTHONPATH=src:benchmarks python benchmarks/image_routing.py --device cuda --router-channels 32,64,128 16,32,64
     PYTHONPATH=src:benchmarks python benchmarks/image_routing.py --device cuda --run runs/fmnist   # a trained run
+    PYTHONPATH=src:benchmarks python benchmarks/image_routing.py --device cuda --fresh   # new group sizes per step
 
 The networks are those the config builds (default configs/fashion_mnist.toml:
 K label-conditional UNet experts, a label-conditional RouterCNN, the monolith
@@ -18,7 +19,14 @@ Every cell is ms per Euler step, the median of --repeats runs of --steps
 steps, the methods interleaved. Per router: top-1 and top-2 steps, and top-1
 cut into its parts, each timed alone on the same inputs: the router alone,
 the K expert calls alone (on the rows top-1 gave them), and the rest of the
-step (strategy, plan, gather, scatter, update) as the difference.
+step (strategy, plan, gather, scatter, update) as the difference. Those runs
+repeat the same noise, so the experts see the same group sizes every time.
+
+--fresh instead starts every run from new noise and labels, as sampling does,
+so the group sizes are new at almost every step, and times top-1 and top-2
+three ways: the networks as they are (eager), as sample_ddm calls them on a
+GPU (every expert call padded to a bucket size: cuDNN plans each new batch
+size anew, benchmarks/new_shapes.py), and with cuda_graphs.
 """
 from __future__ import annotations
 
@@ -32,9 +40,9 @@ from ddmkit.config import load_config
 from ddmkit.nets import build_model
 from ddmkit.pipeline.ddm import router_field
 from ddmkit.pipeline.images import guided_field, load_image_ddm, load_image_monolith
+from ddmkit.pipeline.sampling import dispatch_networks
 from ddmkit.routing.combine import plan_selection, routed_velocity
 from ddmkit.routing.strategies import RoutingState, parse_strategy
-from ddmkit.sample.graphs import GraphedCall
 from ddmkit.sample.solvers import sample_euler, time_grid
 from sampling import time_methods
 
@@ -75,22 +83,23 @@ def spread(router, k: int, batch: int, device, redraw: bool = False):
     return f
 
 
-def padded(experts):
-    """The experts with their rows padded up to bucket sizes (8 per octave), called eagerly."""
-    return [GraphedCall(e, capture=False, max_rows=None) for e in experts]
-
-
 def measure_fresh(experts, monolith, routers: dict, k: int, shape, args, device, precision) -> None:
     """Steps as the pipeline takes them: every run from new noise and labels, so the experts' group sizes
-    are new at every step; eager against rows padded to bucket sizes."""
+    are new at every step. The networks as they are (eager), as sample_ddm calls them on a GPU (every
+    expert call padded to a bucket size), and with cuda_graphs (calls up to 256 rows replayed from
+    graphs, larger ones padded, the router graphed)."""
     ts = time_grid(args.steps).to(device)
-    print("\n### New group sizes at every step: eager against padded to bucket sizes, ms per step\n")
-    print("| batch | router | monolith | top-1 | top-1 padded | top-2 | top-2 padded | top-1/monolith |"
-          " top-1 padded/monolith |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    variants = ["eager", "padded", "graphs"]
+    cols = ["monolith"] + [f"{s} {v}" for s in ("top-1", "top-2") for v in variants]
+    print("\n### New group sizes at every step, ms per step\n")
+    print("| batch | router | " + " | ".join(cols) + " | top-1 eager/monolith | top-1 padded/monolith"
+          " | top-1 graphs/monolith |\n|---:|---|" + "---:|" * (len(cols) + 3))
     with torch.no_grad():
         for b in args.batches:
             for rname, (router, _) in routers.items():
                 route = router if args.run else spread(router, k, b, device, redraw=True)
+                nets = {"eager": (experts, route), "padded": dispatch_networks(experts, route, device),
+                        "graphs": dispatch_networks(experts, route, device, cuda_graphs=True)}
                 draws = iter(range(10 ** 6))
 
                 def fresh_inputs():
@@ -98,28 +107,25 @@ def measure_fresh(experts, monolith, routers: dict, k: int, shape, args, device,
                     return (torch.randn(b, *shape, generator=gen).to(device),
                             torch.randint(10, (b,), generator=gen).to(device))
 
-                def routed(strategy, nets):
-                    strat = parse_strategy(strategy)
+                def routed(strategy, variant):
+                    strat, (ex, ro) = parse_strategy(strategy), nets[variant]
 
                     def run():
                         x1, y = fresh_inputs()
                         cond = {"y": y}
-                        euler(routed_velocity(nets, route, strat, RoutingState(), cond=cond, router_cond=cond), x1, ts)
+                        euler(routed_velocity(ex, ro, strat, RoutingState(), cond=cond, router_cond=cond), x1, ts)
                     return run
 
                 def mono():
                     x1, y = fresh_inputs()
                     euler(lambda x, t: monolith(x, t, y), x1, ts)
 
-                pads = padded(experts)
-                parts = {"monolith": mono, "top-1": routed("top-1", experts), "top-1 padded": routed("top-1", pads),
-                         "top-2": routed("top-2", experts), "top-2 padded": routed("top-2", pads)}
+                parts = {"monolith": mono, **{f"{s} {v}": routed(s, v) for s in ("top-1", "top-2") for v in variants}}
                 methods = {n: (lambda x1_, ts_, f=f: [f(), 0][1]) for n, f in parts.items()}
                 x1 = torch.zeros(b, *shape, device=device)  # only its length is read by the timer
                 r = {n: v[0] * 1e3 for n, v in time_methods(methods, x1, ts, args.repeats, device, precision).items()}
-                print(f"| {b} | {rname} | {r['monolith']:.1f} | {r['top-1']:.1f} | {r['top-1 padded']:.1f} | "
-                      f"{r['top-2']:.1f} | {r['top-2 padded']:.1f} | {r['top-1'] / r['monolith']:.2f} | "
-                      f"{r['top-1 padded'] / r['monolith']:.2f} |", flush=True)
+                print(f"| {b} | {rname} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " | "
+                      + " | ".join(f"{r['top-1 ' + v] / r['monolith']:.2f}" for v in variants) + " |", flush=True)
 
 
 def euler(field, x1, ts):
@@ -139,7 +145,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--fresh", action="store_true",
-                   help="only the table of steps from new noise at every run (new group sizes), eager against padded")
+                   help="only the table of steps from new noise at every run (new group sizes): eager, padded, graphs")
     args = p.parse_args()
     device = torch.device(args.device)
     precision = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
