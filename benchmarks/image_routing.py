@@ -26,7 +26,8 @@ repeat the same noise, so the experts see the same group sizes every time.
 so the group sizes are new at almost every step, and times top-1 and top-2
 three ways: the networks as they are (eager), as sample_ddm calls them on a
 GPU (every expert call padded to a bucket size: cuDNN plans each new batch
-size anew, benchmarks/new_shapes.py), and with cuda_graphs.
+size anew, benchmarks/new_shapes.py), and with cuda_graphs (with random
+weights the router stays eager: the spreading wrapper draws on the host).
 """
 from __future__ import annotations
 
@@ -98,8 +99,11 @@ def measure_fresh(experts, monolith, routers: dict, k: int, shape, args, device,
         for b in args.batches:
             for rname, (router, _) in routers.items():
                 route = router if args.run else spread(router, k, b, device, redraw=True)
+                graphs = dispatch_networks(experts, route, device, cuda_graphs=True)
+                if not args.run:  # the spreading wrapper draws on the host: it cannot be captured
+                    graphs = (graphs[0], route)
                 nets = {"eager": (experts, route), "padded": dispatch_networks(experts, route, device),
-                        "graphs": dispatch_networks(experts, route, device, cuda_graphs=True)}
+                        "graphs": graphs}
                 draws = iter(range(10 ** 6))
 
                 def fresh_inputs():
