@@ -19,7 +19,7 @@ import torch
 
 from ddmkit.errors import DDMError
 from ddmkit.routing import register_strategy
-from ddmkit.routing.strategies import _renorm
+from ddmkit.routing.strategies import renormalise
 
 
 def keep_top(probs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -27,7 +27,7 @@ def keep_top(probs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     order = probs.argsort(1, descending=True)
     keep_sorted = torch.arange(probs.shape[1], device=probs.device)[None] < m[:, None]
     keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-    return _renorm(probs * keep)
+    return renormalise(probs * keep)
 
 
 @dataclass(frozen=True)

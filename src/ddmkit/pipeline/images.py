@@ -31,6 +31,7 @@ from ddmkit.nets import from_pretrained
 from ddmkit.pipeline.ddm import DDM, expert_dir, label_prior, nearest_cluster_fn, router_field
 from ddmkit.pipeline.report import markdown_table
 from ddmkit.pipeline.sampling import sample_ddm, sample_single, start_noise
+from ddmkit.registry import shard_files
 
 
 
@@ -68,8 +69,7 @@ def data_shape_of(run: Path) -> tuple:
 def shard_label_counts(run: Path, classes: int) -> torch.Tensor:
     """(C, K): how many images of each class each island holds (what the islands publish for
     p(cluster | label))."""
-    manifest, _ = load_partition(run / "partition")
-    labels = [load_tensors(run / "partition" / sh["path"], ["labels"])["labels"] for sh in manifest["shards"]]
+    labels = [load_tensors(path, ["labels"])["labels"] for path in shard_files(run)]
     return torch.stack([torch.bincount(y.long(), minlength=classes)[:classes] for y in labels], dim=1)
 
 
@@ -78,13 +78,12 @@ def image_stats_router(run: Path, classes: int, rank: int | None = None, device=
     (each island's statistics are computed from its shard alone, on `device`)."""
     from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics, stats_router
 
-    manifest, _ = load_partition(run / "partition")
-    shards = [(x.to(device), y.to(device) if y is not None else None, m)
-              for x, y, m in (read_shard(run / "partition" / sh["path"]) for sh in manifest["shards"])]
-    marginal = [island_statistics(x, rank) for x, _, _ in shards]
+    shards = [(x.to(device), y.to(device) if y is not None else None)
+              for x, y, _ in (read_shard(path) for path in shard_files(run))]
+    marginal = [island_statistics(x, rank) for x, _ in shards]
     if not classes:
         return stats_router(marginal), False
-    per_class = [island_class_statistics(x, y, classes, rank) for x, y, _ in shards]
+    per_class = [island_class_statistics(x, y, classes, rank) for x, y in shards]
     return class_stats_router(per_class, marginal), True
 
 

@@ -52,7 +52,8 @@ class RoutingState:
     extra: dict = field(default_factory=dict)
 
 
-def _renorm(w: torch.Tensor) -> torch.Tensor:
+def renormalise(w: torch.Tensor) -> torch.Tensor:
+    """Rows of non-negative weights (B, n) scaled to sum to 1 (a row of zeros stays zero)."""
     return w / w.sum(1, keepdim=True).clamp_min(1e-30)
 
 
@@ -105,7 +106,7 @@ class TopK(Selecting):
             p, idx = probs.max(1, keepdim=True)
             return idx, (p > 0).to(probs.dtype)
         p, idx = probs.topk(min(self.k, probs.shape[1]), dim=1)
-        return idx, _renorm(p)
+        return idx, renormalise(p)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class Threshold:
 
     def weights(self, probs, state):
         keep = (probs >= self.p) | (probs == probs.amax(1, keepdim=True))
-        return _renorm(probs * keep)
+        return renormalise(probs * keep)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class SampleK(Selecting):
         u = torch.rand(probs.shape, generator=state.generator, device=probs.device, dtype=probs.dtype)
         gumbel = -(-u.clamp_min(1e-30).log()).log()
         idx = (_tempered_log(probs, self.temperature) + gumbel).topk(min(self.k, probs.shape[1]), dim=1).indices
-        return idx, _renorm(probs.gather(1, idx).clamp_min(1e-30))
+        return idx, renormalise(probs.gather(1, idx).clamp_min(1e-30))
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class Nucleus(Selecting):
         before = sq.cumsum(1) - sq  # mass strictly before each entry
         keep_sorted = before < self.p  # the smallest prefix reaching mass p
         keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-        q = _renorm(q * keep)
+        q = renormalise(q * keep)
         return _single(torch.multinomial(q, 1, generator=state.generator).squeeze(1), probs)
 
 
