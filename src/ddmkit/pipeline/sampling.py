@@ -79,7 +79,7 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
         prior = ddm.label_prior.to(x1.device)[cond["y"]]  # (n, K) p(cluster | y) per sample
     per_row_prior = prior is not None and prior.dim() == 2
     counter = CallCounter()
-    experts, router = dispatch_networks(ddm.experts, ddm.router, device, cuda_graphs)
+    experts, router = dispatch_networks(ddm.experts, ddm.router, x1.device, cuda_graphs)
     parts, nfe = [], []
     _sync(device)
     start = time.perf_counter()
