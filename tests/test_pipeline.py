@@ -79,6 +79,31 @@ def test_rerun_skips_finished_stages_and_is_deterministic(tiny_run, tmp_path):
         assert (fresh / rel).read_bytes() == (out / rel).read_bytes(), rel
 
 
+def test_sample_section_speed_options_reach_the_sampler(tiny_run, tmp_path):
+    """sample.router_every = m calls the router ceil(steps / m) times per trajectory and is refused
+    below 1, naming the field; sample.cuda_graphs on the CPU gives the same samples as without."""
+    from ddmkit.io import load_tensors
+    from ddmkit.pipeline.run import sample_file, sample_one
+
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    cfg = load_config(TINY)
+    cfg.sample.router_every = 3
+    info = sample_one(cfg, run, "top-2")
+    assert info["router_calls"] == 3 and info["velocity_evaluations"] == 8  # evaluations 0, 3, 6 of 8
+    assert info["expert_calls_per_sample"] == pytest.approx(2 * 8)
+    reused = load_tensors(sample_file(run, "top-2"))["x"]
+    assert not torch.equal(reused, load_tensors(sample_file(out, "top-2"))["x"])  # stale routing: other samples
+    cfg.sample.router_every, cfg.sample.cuda_graphs = 1, True
+    assert sample_one(cfg, run, "top-2")["router_calls"] == 8
+    assert torch.equal(load_tensors(sample_file(run, "top-2"))["x"], load_tensors(sample_file(out, "top-2"))["x"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY.read_text().replace("[sample]\n", "[sample]\nrouter_every = 0\n"))
+    with pytest.raises(DDMError, match="router_every"):
+        load_config(bad)
+
+
 def test_cli_step_by_step(tmp_path):
     run = tmp_path / "r"
     assert cli("partition", "--config", TINY, "--out", run).returncode == 0

@@ -96,6 +96,10 @@ class SampleConfig(Section):
     solver: Literal["euler", "heun", "midpoint", "rk4", "adaptive"] = "euler"
     batch_size: int | None = Field(None, ge=1, description="rows integrated at once: each set is sampled in "
                                    "chunks of this many rows to bound memory (None: all at once)")
+    router_every: int = Field(1, ge=1, description="call the router every m velocity evaluations and reuse its "
+                              "routing in between (1: at every evaluation)")
+    cuda_graphs: bool = Field(False, description="on a GPU, replay the expert, router and monolith calls from CUDA "
+                              "graphs (pays where calls are small: batches up to a few thousand rows)")
     strategies: list[str] = Field(default_factory=lambda: [
         "monolith", "full", "top-1", "top-2", "sample-1", "sample-2", "threshold-0.05",
         "nucleus-0.9", "switch", "oracle"])

@@ -30,7 +30,7 @@ from ddmkit.io import load_tensors, read_json, save_tensors, write_json
 from ddmkit.nets import from_pretrained
 from ddmkit.pipeline.ddm import DDM, expert_dir, label_prior, nearest_cluster_fn, router_field
 from ddmkit.pipeline.report import markdown_table
-from ddmkit.pipeline.sampling import sample_ddm, sample_single, start_noise
+from ddmkit.pipeline.sampling import config_options, sample_ddm, sample_single, start_noise
 from ddmkit.registry import shard_files
 
 
@@ -191,12 +191,12 @@ def stage_sample_images(cfg: RunConfig, run: Path, log=print, device="cpu", on_s
             field = load_image_monolith(run, device, g)
             with torch.autocast("cuda", torch.bfloat16, enabled=autocast is not None):
                 x0, info = sample_single(field, shape, n, s.steps, s.solver, s.seed, device, name, x1=x1.clone(),
-                                         cond=cond, batch_size=s.batch_size)
+                                         cond=cond, **config_options(s, routed=False))
             info["expert_calls_per_sample"] = info["velocity_evaluations"]
         else:
             ddm = ddms.get((g, router)) or ddms.setdefault((g, router), load_image_ddm(run, device, g, router))
             x0, info = sample_ddm(ddm, strategy, n, s.steps, s.solver, s.seed, device, x1=x1.clone(),
-                                  autocast=autocast, cond=cond, batch_size=s.batch_size)
+                                  autocast=autocast, cond=cond, **config_options(s))
         info.update(strategy=strategy, guidance=g, router=router)
         info.pop("expert_rows", None)
         save_tensors(sample_path(run, name), {"x": x0.float().clamp(-1, 1).cpu()})

@@ -17,7 +17,7 @@ from ddmkit.config import RunConfig
 from ddmkit.data.partition import read_shard
 from ddmkit.pipeline.ddm import DDM, load_ddm
 from ddmkit.pipeline.evaluate import evaluate_all
-from ddmkit.pipeline.sampling import sample_ddm
+from ddmkit.pipeline.sampling import config_options, sample_ddm
 from ddmkit.registry import shard_files
 from ddmkit.routing.stats_router import island_statistics, stats_router
 
@@ -47,7 +47,7 @@ def missing_expert_study(cfg: RunConfig, run, test: torch.Tensor, truth, strateg
             ddm = load_ddm(run, device, exclude=order[:m])
         name = f"{m} removed"
         samples[name], infos[name] = sample_ddm(ddm, strategy, study_size(cfg), s.steps, s.solver, s.seed,
-                                                 device, batch_size=s.batch_size)
+                                                 device, **config_options(s))
         removed[name] = sorted(order[:m])
     result = evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)
     return [{"removed": m, "experts_removed": removed[name], "strategy": strategy, **result["rows"][name]}
@@ -75,5 +75,5 @@ def stats_router_study(cfg: RunConfig, run, test: torch.Tensor, truth, device="c
         for label, ddm in (("learned", learned), ("statistics-only", stats)):
             name = f"{strategy} ({label} router)"
             samples[name], infos[name] = sample_ddm(ddm, strategy, study_size(cfg), s.steps, s.solver, s.seed,
-                                                     device, batch_size=s.batch_size)
+                                                     device, **config_options(s))
     return evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)

@@ -30,7 +30,7 @@ from ddmkit.pipeline.evaluate import FLOOR, evaluate_all
 from ddmkit.pipeline.jobs import train_monolith, train_router
 from ddmkit.pipeline.report import markdown_table, plot_router_accuracy, plot_samples
 from ddmkit.pipeline.router_eval import router_report
-from ddmkit.pipeline.sampling import sample_ddm, sample_single
+from ddmkit.pipeline.sampling import config_options, sample_ddm, sample_single
 from ddmkit.train.loop import resolve_device
 
 Log = Callable[[str], None]
@@ -160,13 +160,13 @@ def sample_one(cfg: RunConfig, run: Path, name: str, device="cpu", ddm=None) -> 
     if name == "monolith":
         shape = tuple(read_json(run / "data" / "data.json")["data_shape"])
         x0, info = sample_single(load_monolith(run, device), shape, s.n, s.steps, s.solver, s.seed, device,
-                                 batch_size=s.batch_size)
+                                 **config_options(s, routed=False))
     elif name == EXACT:
-        x0, info = sample_ddm(exact_ddm(run), "full", s.n, s.steps, s.solver, s.seed, device, batch_size=s.batch_size)
+        x0, info = sample_ddm(exact_ddm(run), "full", s.n, s.steps, s.solver, s.seed, device, **config_options(s))
         info["strategy"] = EXACT
     else:
         ddm = ddm or load_ddm(run, device)
-        x0, info = sample_ddm(ddm, name, s.n, s.steps, s.solver, s.seed, device, batch_size=s.batch_size)
+        x0, info = sample_ddm(ddm, name, s.n, s.steps, s.solver, s.seed, device, **config_options(s))
         info["missing_experts"] = ddm.meta.get("missing_experts", [])
     save_tensors(sample_file(run, name), {"x": x0}, {"strategy": name, "missing_experts": info.get("missing_experts", [])})
     info_path = run / "samples" / "info.json"

@@ -97,6 +97,13 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
                               "wall_time": wall, "expert_rows": counter.expert_rows}
 
 
+def config_options(sample, routed: bool = True) -> dict:
+    """The keyword arguments of sample_ddm (routed) or sample_single that a run's `sample`
+    config section sets: batch_size, cuda_graphs, and router_every for a DDM."""
+    options = {"batch_size": sample.batch_size, "cuda_graphs": sample.cuda_graphs}
+    return {**options, "router_every": sample.router_every} if routed else options
+
+
 def dispatch_networks(experts: list, router, device, cuda_graphs: bool = False) -> tuple[list, object]:
     """The experts and router as sample_ddm calls them. With cuda_graphs, replayed from CUDA graphs
     (experts: calls of up to 256 rows, larger ones padded; the router at any batch). Without, on a
