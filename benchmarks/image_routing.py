@@ -117,12 +117,12 @@ def measure_fresh(experts, monolith, routers: dict, k: int, shape, args, device,
                     def run():
                         x1, y = fresh_inputs()
                         cond = {"y": y}
-                        euler(routed_velocity(ex, ro, strat, RoutingState(), cond=cond, router_cond=cond), x1, ts)
+                        sample_euler(routed_velocity(ex, ro, strat, RoutingState(), cond=cond, router_cond=cond), x1, ts)
                     return run
 
                 def mono():
                     x1, y = fresh_inputs()
-                    euler(lambda x, t: monolith(x, t, y), x1, ts)
+                    sample_euler(lambda x, t: monolith(x, t, y), x1, ts)
 
                 parts = {"monolith": mono, **{f"{s} {v}": routed(s, v) for s in ("top-1", "top-2") for v in variants}}
                 methods = {n: (lambda x1_, ts_, f=f: [f(), 0][1]) for n, f in parts.items()}
@@ -130,11 +130,6 @@ def measure_fresh(experts, monolith, routers: dict, k: int, shape, args, device,
                 r = {n: v[0] * 1e3 for n, v in time_methods(methods, x1, ts, args.repeats, device, precision).items()}
                 print(f"| {b} | {rname} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " | "
                       + " | ".join(f"{r['top-1 ' + v] / r['monolith']:.2f}" for v in variants) + " |", flush=True)
-
-
-def euler(field, x1, ts):
-    """Euler steps along ts from x1 (one velocity evaluation per step)."""
-    return sample_euler(field, x1, ts)
 
 
 def main() -> None:
@@ -201,13 +196,13 @@ def main() -> None:
 
                 def routed(strategy):
                     strat = parse_strategy(strategy)
-                    return lambda: euler(routed_velocity(experts, route, strat, RoutingState(), cond=cond,
+                    return lambda: sample_euler(routed_velocity(experts, route, strat, RoutingState(), cond=cond,
                                                          router_cond=cond), x1, ts)
 
                 def experts_alone():
                     return [experts[j](xj, t1[:len(xj)], yj) for j, xj, yj in zip(plan.experts, xs, ys)]
 
-                parts = {"monolith": lambda: euler(lambda x, t: monolith(x, t, y), x1, ts),
+                parts = {"monolith": lambda: sample_euler(lambda x, t: monolith(x, t, y), x1, ts),
                          "top-1": routed("top-1"), "top-2": routed("top-2"),
                          "router alone": lambda: [route(x1, t1, y=y) for _ in ts[1:]],
                          "experts alone": lambda: [experts_alone() for _ in ts[1:]]}
