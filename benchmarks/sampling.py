@@ -286,21 +286,38 @@ def measure_compiled(k: int, batches: list[int], args, device, precision) -> Non
 
 # ---------------------------------------------------------------- CUDA graphs (GPU)
 
+def fresh_noise(run, seed: int):
+    """The method started from new noise at every call, so the experts' group sizes are new at every
+    step, as in sampling (a method of the other tables repeats its noise, and so its sizes)."""
+    gens = {}
+
+    def call(x1, ts):
+        gen = gens.setdefault(x1.device, torch.Generator(device=x1.device).manual_seed(seed))
+        return run(torch.randn(x1.shape, generator=gen, device=x1.device, dtype=x1.dtype), ts)
+    return call
+
+
 def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     """top-1, top-2, full and the monolith, eager and with every network (experts, router, monolith)
     replayed from CUDA graphs (ddmkit.sample.graphs: rows padded to 8 buckets per octave, calls of more
-    than --graph-max-rows rows eager; what sample_ddm(cuda_graphs=True) does), interleaved."""
-    from ddmkit.sample.graphs import GraphedCall
+    than --graph-max-rows rows padded and eager; what sample_ddm(cuda_graphs=True) does), interleaved.
+    --fresh: every run from new noise, and a third variant, "padded": every expert call padded to its
+    bucket size, eagerly (what sample_ddm does on a GPU without graphs)."""
+    from ddmkit.sample.graphs import GraphedCall, padded
     nets, router_net, shape = build_nets(args.experts, k, args, device)
     eager = ([as_field(e) for e in nets], as_router(router_net), as_field(build_nets(args.experts, 1, args, device)[0][0]))
     graphs = ([GraphedCall(f, max_rows=args.graph_max_rows) for f in eager[0]], GraphedCall(eager[1], max_rows=None),
               GraphedCall(eager[2], max_rows=args.graph_max_rows))  # the router at any batch, as sample_ddm does
     variants = {"eager": eager, "graphs": graphs}
+    if args.fresh:
+        variants = {"eager": eager, "padded": ([padded(f) for f in eager[0]], eager[1], eager[2]), "graphs": graphs}
     names = ["top-1", "top-2", "full", "monolith"]
     methods = {}
     for tag, (experts, router, mono) in variants.items():
         methods.update({f"{tag} {n}": routed_method(experts, router, n) for n in names[:3]})
         methods[f"{tag} monolith"] = monolith_method(mono)
+    if args.fresh:
+        methods = {name: fresh_noise(run, seed) for seed, (name, run) in enumerate(methods.items())}
     x, t = torch.randn(256, *shape, device=device), torch.rand(256, device=device)
     with torch.no_grad(), precision():
         w = parse_strategy("top-2").weights(eager[1](x, t), RoutingState())
@@ -308,7 +325,8 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
         err = float((combine(graphs[0], w, x, t) - ref).abs().max() / ref.abs().max())
     ts = time_grid(args.steps).to(device)
     print(f"\n### K = {k}, eager against CUDA graphs (expert and monolith calls of <= {args.graph_max_rows} rows, the "
-          f"router at any batch): ms per Euler step (median); graphs against eager, top-2: max rel. error {err:.1e}\n")
+          f"router at any batch){', new noise at every run' if args.fresh else ''}: ms per Euler step (median); "
+          f"graphs against eager, top-2: max rel. error {err:.1e}\n")
     print("| batch | variant | " + " | ".join(names) + " | top-2/full | top-1/monolith | graphs captured (s) |")
     print("|---:|---|" + "---:|" * (len(names) + 3))
     calls = graphs[0] + [graphs[1], graphs[2]]
@@ -496,6 +514,9 @@ def parse_args():
     p.add_argument("--compile", action="store_true", help="also time K = 8 with torch.compile'd networks")
     p.add_argument("--graphs", action="store_true",
                    help="GPU: only the table of eager against CUDA-graphed networks (top-1, top-2, full, monolith)")
+    p.add_argument("--fresh", action="store_true",
+                   help="--graphs: every run from new noise (new group sizes at every step, as in sampling), "
+                        "and the padded eager variant")
     p.add_argument("--graph-max-rows", type=int, default=256,
                    help="--graphs: calls of more rows run eagerly (ddmkit.sample.graphs.GraphedCall max_rows)")
     p.add_argument("--breakdown", action="store_true",
