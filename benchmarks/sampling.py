@@ -492,6 +492,28 @@ def measure_breakdown(k: int, batches: list[int], args, device, precision) -> No
                   + " |", flush=True)
 
 
+# ---------------------------------------------------------------- operator profile
+
+def profile_ops(k: int, batch: int, args, device, precision) -> None:
+    """top-1 and the monolith, --steps Euler steps each after a warm-up run, under torch.profiler:
+    the operators by self time (CPU) or CUDA time (GPU), and ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+    nets, router_net, shape = build_nets(args.experts, k, args, device)
+    methods = {"top-1": routed_method([as_field(e) for e in nets], as_router(router_net), "top-1"),
+               "monolith": monolith_method(as_field(build_nets(args.experts, 1, args, device)[0][0]))}
+    x1, ts = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch)).to(device), time_grid(args.steps).to(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, run in methods.items():
+        timed(run, x1, ts, device, precision)
+        seconds, _ = timed(run, x1, ts, device, precision)
+        with profile(activities=activities) as prof:
+            timed(run, x1, ts, device, precision)
+        print(f"\n### {name}, K = {k}, batch {batch}: {seconds * 1e3:.2f} ms per step unprofiled, "
+              f"{args.steps} steps profiled\n")
+        print(prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
+
+
 # ---------------------------------------------------------------- main
 
 def parse_args():
@@ -523,6 +545,8 @@ def parse_args():
                    help="only the table of one routed evaluation's parts (router, strategy, plan, ...)")
     p.add_argument("--variants", action="store_true",
                    help="MLP experts: only the table of code variants (before, after, grouped, compiled)")
+    p.add_argument("--profile", action="store_true",
+                   help="only torch.profiler's operator tables of top-1 and the monolith (first K, first batch)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1: on a loaded machine more threads spin against other jobs)")
     p.add_argument("--json", help="write the raw results here")
@@ -551,7 +575,9 @@ def main() -> None:
             measure_breakdown(k, args.batches, args, device, precision)
         for k in args.ks if args.graphs else []:
             measure_graphs(k, args.batches, args, device, precision)
-        for k in [] if args.variants or args.breakdown or args.graphs else args.ks:
+        if args.profile:
+            profile_ops(args.ks[0], args.batches[0], args, device, precision)
+        for k in [] if args.variants or args.breakdown or args.graphs or args.profile else args.ks:
             rows = measure(k, args.batches, args, device, precision)
             print_table(rows)
             results += rows
