@@ -7,6 +7,8 @@ the naive combiner and the per-sample loop of the papers' pseudocode, in one run
     PYTHONPATH=src python benchmarks/sampling.py --variants --ks 8 --batches 256 1024 4096   # CPU code variants
     PYTHONPATH=src python benchmarks/sampling.py --breakdown --ks 8 --batches 1024           # one step by part
     PYTHONPATH=src python benchmarks/sampling.py --device cuda --experts unet --bf16 --graphs --ks 8   # CUDA graphs
+    PYTHONPATH=src python benchmarks/sampling.py --device cuda --experts unet --bf16 --graphs --fresh  # new sizes
+    PYTHONPATH=src python benchmarks/sampling.py --profile --ks 8 --batches 1024 --steps 50          # operators
 
 Every cell is milliseconds per Euler step (router + strategy + experts + update),
 the median of --repeats timed runs of --steps steps. The methods are
