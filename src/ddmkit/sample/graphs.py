@@ -18,8 +18,9 @@ rows, which hold stale finite values, change nothing.
     expert = graphed(ddm.experts[0])      # the same callable, cached per function
     v = expert(x, t)                       # eager on the CPU or with autograd on
 
-Calls of more than `max_rows` rows (256 by default) run eagerly: they are
-bound by arithmetic, not launches, so a graph (and its padding) does not pay,
+Calls of more than `max_rows` rows (256 by default) are not graphed (they run
+eagerly, padded to their bucket on a GPU: below): they are bound by
+arithmetic, not launches, so a graph does not pay,
 and the graphs' buffers stay small (on an H100 with the benchmark's UNet,
 graphs made calls of about 128 rows 7% faster and calls of about 512 rows 3%
 slower: docs/PERFORMANCE.md). A router is small and always called on the
@@ -32,9 +33,9 @@ graph's output is read after another graph has run. Under autocast the
 capture turns autocast's weight cache off (the cache would outlive the
 capture); the cast kernels become part of the graph.
 
-Calls above `max_rows` are still padded to their bucket on a GPU (`padded`),
-and `sample_ddm` pads every expert call there even without graphs: cuDNN
-chooses a convolution plan for each new batch size, which costs an H100 about
+Padding without graphs (`padded`): calls above `max_rows` on a GPU, and every
+expert call there when `sample_ddm` runs without graphs. The reason is cuDNN, which
+chooses a convolution plan for each new batch size: that costs an H100 about
 55 ms for the image UNet (74 against 19 ms for a call of about 1024 rows), and
 a sparse combiner's group sizes are new at almost every step. With the rows
 padded to 8 buckets per octave the sizes repeat, and a call costs its
