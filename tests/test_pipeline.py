@@ -102,6 +102,12 @@ def test_sample_section_speed_options_reach_the_sampler(tiny_run, tmp_path):
     bad.write_text(TINY.read_text().replace("[sample]\n", "[sample]\nrouter_every = 0\n"))
     with pytest.raises(DDMError, match="router_every"):
         load_config(bad)
+    done = cli("sample", run, "--strategy", "top-2", "--router-every", "4", "--batch-size", "150", "--n", "300")
+    assert done.returncode == 0, done.stderr
+    info = json.loads((run / "samples" / "info.json").read_text())["top-2"]
+    assert info["router_calls"] == 2 * 2  # evaluations 0 and 4 of 8, in each of 2 chunks of 150 rows
+    refused = cli("sample", run, "--strategy", "top-2", "--router-every", "0")
+    assert refused.returncode == 2 and "router_every" in refused.stderr
 
 
 def test_cli_step_by_step(tmp_path):
