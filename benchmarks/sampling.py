@@ -542,7 +542,7 @@ def parse_args():
                    help="--graphs: every run from new noise (new group sizes at every step, as in sampling), "
                         "and the padded eager variant")
     p.add_argument("--graph-max-rows", type=int, default=256,
-                   help="--graphs: calls of more rows run eagerly (ddmkit.sample.graphs.GraphedCall max_rows)")
+                   help="--graphs: calls of more rows are not graphed (on a GPU padded and eager; GraphedCall max_rows)")
     p.add_argument("--breakdown", action="store_true",
                    help="only the table of one routed evaluation's parts (router, strategy, plan, ...)")
     p.add_argument("--variants", action="store_true",

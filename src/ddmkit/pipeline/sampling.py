@@ -81,7 +81,7 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
     counter = CallCounter()
     experts, router = dispatch_networks(ddm.experts, ddm.router, x1.device, cuda_graphs)
     parts, nfe = [], []
-    _sync(device)
+    _sync(x1.device)
     start = time.perf_counter()
     with _autocast(device, autocast):
         for rows in chunks:
@@ -90,7 +90,7 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
             field = routed_velocity(experts, router, strat, state, counter, cond=part_cond,
                                     router_every=router_every, router_cond=part_cond if ddm.router_conditional else None)
             parts.append(_integrate_counted(field, x1[rows], steps, solver, callback, nfe))
-    _sync(device)
+    _sync(x1.device)
     wall = time.perf_counter() - start
     return torch.cat(parts), {"strategy": strategy, "expert_calls_per_sample": counter.total_rows / len(x1),
                               "router_calls": counter.router_calls, "velocity_evaluations": _per_trajectory(nfe),
@@ -144,12 +144,12 @@ def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "eul
     x1 = start_noise(n, data_shape, seed, device) if x1 is None else x1
     field = graphed(field) if cuda_graphs else field
     parts, nfe = [], []
-    _sync(device)
+    _sync(x1.device)
     start = time.perf_counter()
     for rows in _chunks(len(x1), batch_size):
         part_cond = _rows(cond, rows) or {}
         parts.append(_integrate_counted(lambda x, t, c=part_cond: field(x, t, **c), x1[rows], steps, solver, None, nfe))
-    _sync(device)
+    _sync(x1.device)
     evaluations = _per_trajectory(nfe)
     return torch.cat(parts), {"strategy": name, "expert_calls_per_sample": float(evaluations), "router_calls": 0,
                               "velocity_evaluations": evaluations, "wall_time": time.perf_counter() - start}

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from ddmkit.flow.path import x0_from_velocity
-from ddmkit.routing.strategies import RoutingState
+from ddmkit.routing.strategies import RoutingState, dense_weights
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Cond = dict[str, torch.Tensor]
@@ -160,10 +160,7 @@ def router_probabilities(logits: torch.Tensor) -> torch.Tensor:
 def last_weights(state: RoutingState, num_experts: int) -> torch.Tensor:
     """The dense weights (B, K) of the routed field's last routing."""
     w = state.extra["last_weights"]
-    if isinstance(w, tuple):  # a sparse selection (experts (B, n), weights (B, n))
-        idx, sw = w
-        return torch.zeros(idx.shape[0], num_experts, dtype=sw.dtype, device=sw.device).scatter(1, idx, sw)
-    return w
+    return dense_weights(*w, num_experts) if isinstance(w, tuple) else w  # a tuple: a sparse selection
 
 
 def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: RoutingState,

@@ -57,10 +57,10 @@ def renormalise(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum(1, keepdim=True).clamp_min(1e-30)
 
 
-def _dense(selection: tuple[torch.Tensor, torch.Tensor], probs: torch.Tensor) -> torch.Tensor:
-    """The (B, K) weight matrix of a selection (experts (B, n), weights (B, n))."""
-    idx, w = selection
-    return torch.zeros_like(probs).scatter(1, idx, w.to(probs.dtype))
+def dense_weights(experts: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The (B, K) weight matrix of a selection, experts (B, n) and weights (B, n)."""
+    return torch.zeros(experts.shape[0], num_experts, dtype=weights.dtype, device=weights.device).scatter(
+        1, experts, weights)
 
 
 def _single(idx: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +74,8 @@ class Selecting:
     one_expert = False
 
     def weights(self, probs, state):
-        return _dense(self.select(probs, state), probs)
+        idx, w = self.select(probs, state)
+        return dense_weights(idx, w.to(probs.dtype), probs.shape[1])
 
 
 def _tempered_log(probs: torch.Tensor, temperature: float) -> torch.Tensor:

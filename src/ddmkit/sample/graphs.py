@@ -123,8 +123,8 @@ class GraphedCall:
     """fn(x, t, **cond) replayed from CUDA graphs, one per (bucket, dtypes, shapes, autocast state).
 
     Falls back to calling fn when x is not on a CUDA device or autograd is recording, and to
-    padded(fn) when the call has more than max_rows rows (None: no limit; on the CPU, fn). `captures` counts the graphs captured (each
-    costs `warmup` eager calls and one capture). capture=False keeps the padding and buffers but
+    padded(fn) when the call has more than max_rows rows (None: no limit; on the CPU, fn).
+    `captures` counts the graphs captured (each costs `warmup` eager calls and one capture). capture=False keeps the padding and buffers but
     calls fn eagerly on them, on any device: what the graphs compute, checkable on a CPU."""
 
     def __init__(self, fn: Callable, per_octave: int = 8, warmup: int = 2, capture: bool = True,
