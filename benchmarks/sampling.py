@@ -8,6 +8,8 @@ the naive combiner and the per-sample loop of the papers' pseudocode, in one run
     PYTHONPATH=src python benchmarks/sampling.py --breakdown --ks 8 --batches 1024           # one step by part
     PYTHONPATH=src python benchmarks/sampling.py --device cuda --experts unet --bf16 --graphs --ks 8   # CUDA graphs
     PYTHONPATH=src python benchmarks/sampling.py --device cuda --experts unet --bf16 --graphs --fresh  # new sizes
+    PYTHONPATH=src python benchmarks/sampling.py --device cuda --experts unet --bf16 --graphs --fresh \
+        --warm-runs 8 --buckets 2:8 8:16                                  # bucket sizes side by side
     PYTHONPATH=src python benchmarks/sampling.py --profile --ks 8 --batches 1024 --steps 50          # operators
 
 Every cell is milliseconds per Euler step (router + strategy + experts + update),
@@ -299,12 +301,30 @@ def fresh_noise(run, seed: int):
     return call
 
 
+def bucketed_calls(fn, small: int, large: int, max_rows: int, graphs: bool):
+    """fn with its calls of at most max_rows rows padded to `small` buckets per octave (graphed, or
+    eager) and its larger calls padded eagerly to `large` per octave. Fewer small buckets: fewer
+    cuDNN plans and graph captures, for more padding rows on the small (launch-bound) calls; more
+    large buckets: less padding on the compute-bound calls, for more plans."""
+    from ddmkit.sample.graphs import GraphedCall, padded
+    if graphs:
+        call = GraphedCall(fn, per_octave=small, max_rows=max_rows)
+        call.padded = padded(fn, large)
+        return call
+    small_calls, large_calls = padded(fn, small), padded(fn, large)
+    return lambda x, t, **c: (small_calls if x.shape[0] <= max_rows else large_calls)(x, t, **c)
+
+
 def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     """top-1, top-2, full and the monolith, eager and with every network (experts, router, monolith)
     replayed from CUDA graphs (ddmkit.sample.graphs: rows padded to 8 buckets per octave, calls of more
-    than --graph-max-rows rows padded and eager; what sample_ddm(cuda_graphs=True) does), interleaved.
-    --fresh: every run from new noise, and a third variant, "padded": every expert call padded to its
-    bucket size, eagerly (what sample_ddm does on a GPU without graphs)."""
+    than --graph-max-rows rows padded to 16 and eager; what sample_ddm(cuda_graphs=True) does), interleaved.
+    --fresh: every run from new noise; the variants "padded" (every expert call padded to its bucket
+    size, eagerly: what sample_ddm does on a GPU without graphs) and, for each --buckets S:L,
+    "padded S:L" and "graphs S:L" (calls of at most --graph-max-rows rows padded to S buckets per
+    octave, larger ones to L; graphs: the small calls graphed); full runs only
+    eagerly (it has no sparse calls), and --warm-runs fresh runs of every method come before the
+    timed ones (the one-time cost of new sizes: cuDNN plans and graph captures)."""
     from ddmkit.sample.graphs import GraphedCall, padded
     nets, router_net, shape = build_nets(args.experts, k, args, device)
     eager = ([as_field(e) for e in nets], as_router(router_net), as_field(build_nets(args.experts, 1, args, device)[0][0]))
@@ -312,11 +332,20 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
               GraphedCall(eager[2], max_rows=args.graph_max_rows))  # the router at any batch, as sample_ddm does
     variants = {"eager": eager, "graphs": graphs}
     if args.fresh:
-        variants = {"eager": eager, "padded": ([padded(f) for f in eager[0]], eager[1], eager[2]), "graphs": graphs}
+        variants = {"eager": eager, "padded": ([padded(f) for f in eager[0]], eager[1], eager[2])}
+        specs = [tuple(map(int, spec.split(":"))) for spec in args.buckets]
+        for small, large in specs:
+            variants[f"padded {small}:{large}"] = (
+                [bucketed_calls(f, small, large, args.graph_max_rows, False) for f in eager[0]], eager[1], eager[2])
+        variants["graphs"] = graphs
+        for small, large in specs:
+            variants[f"graphs {small}:{large}"] = (
+                [bucketed_calls(f, small, large, args.graph_max_rows, True) for f in eager[0]], graphs[1], graphs[2])
     names = ["top-1", "top-2", "full", "monolith"]
     methods = {}
     for tag, (experts, router, mono) in variants.items():
-        methods.update({f"{tag} {n}": routed_method(experts, router, n) for n in names[:3]})
+        methods.update({f"{tag} {n}": routed_method(experts, router, n) for n in names[:3]
+                        if not (args.fresh and n == "full" and tag != "eager")})
         methods[f"{tag} monolith"] = monolith_method(mono)
     if args.fresh:
         methods = {name: fresh_noise(run, seed) for seed, (name, run) in enumerate(methods.items())}
@@ -329,25 +358,36 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     print(f"\n### K = {k}, eager against CUDA graphs (expert and monolith calls of <= {args.graph_max_rows} rows, the "
           f"router at any batch){', new noise at every run' if args.fresh else ''}: ms per Euler step (median); "
           f"graphs against eager, top-2: max rel. error {err:.1e}\n")
-    print("| batch | variant | " + " | ".join(names) + " | top-2/full | top-1/monolith | graphs captured (s) |")
-    print("|---:|---|" + "---:|" * (len(names) + 3))
-    calls = graphs[0] + [graphs[1], graphs[2]]
+    print("| batch | variant | " + " | ".join(names) + " | top-2/full | top-1/monolith | graphs captured (s) |"
+          + (" captured while timed |" if args.fresh else ""))
+    print("|---:|---|" + "---:|" * (len(names) + 3 + bool(args.fresh)))
+    graphed_calls = {tag: [c for c in v[0] + ([v[1], v[2]] if tag == "graphs" else []) if isinstance(c, GraphedCall)]
+                     for tag, v in variants.items() if tag.startswith("graphs")}  # graphs S:L: its experts' graphs
+    captures = lambda tag: sum(c.captures for c in graphed_calls[tag])
     spread = []
     for b in batches:
         x1 = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b)).to(device)
         with torch.no_grad(), precision():
             top1 = torch.bincount(eager[1](x1, ts[0].expand(b)).argmax(1), minlength=k).tolist()
         spread.append(f"batch {b}: {' '.join(map(str, top1))}")
-        before, start = sum(g.captures for g in calls), time.perf_counter()
-        for run in methods.values():  # warm-up: the graphs of this batch's buckets are captured here
-            timed(run, x1, ts, device, precision)
-        warm, captured = time.perf_counter() - start, sum(g.captures for g in calls) - before
+        before = {tag: captures(tag) for tag in graphed_calls}
+        warm = {tag: 0.0 for tag in variants}
+        for _ in range(args.warm_runs if args.fresh else 1):  # the graphs of this batch's buckets are captured here
+            for name, run in methods.items():
+                start = time.perf_counter()
+                timed(run, x1, ts, device, precision)
+                warm[name.rsplit(" ", 1)[0]] += time.perf_counter() - start
+        warmed = {tag: captures(tag) for tag in graphed_calls}
         r = time_methods(methods, x1, ts, args.repeats, device, precision)
         for tag in variants:
-            ms = {n: r[f"{tag} {n}"][0] * 1e3 for n in names}
-            print(f"| {b} | {tag} | " + " | ".join(f"{ms[n]:.2f}" for n in names)
-                  + f" | {ms['top-2'] / ms['full']:.2f} | {ms['top-1'] / ms['monolith']:.2f} | "
-                  + (f"{captured} ({warm:.1f}) |" if tag == "graphs" else "|"), flush=True)
+            ms = {n: r[f"{tag} {n}"][0] * 1e3 for n in names if f"{tag} {n}" in r}
+            ms["full"] = ms.get("full", r["eager full"][0] * 1e3)
+            cells = [f"{ms[n]:.2f}" if f"{tag} {n}" in r else f"={ms[n]:.2f}" for n in names]
+            graph_cells = (f"{warmed[tag] - before[tag]} ({warm[tag]:.1f}) |" if tag in graphed_calls else "|")
+            if args.fresh:
+                graph_cells += f" {captures(tag) - warmed[tag]} |" if tag in graphed_calls else " |"
+            print(f"| {b} | {tag} | " + " | ".join(cells)
+                  + f" | {ms['top-2'] / ms['full']:.2f} | {ms['top-1'] / ms['monolith']:.2f} | " + graph_cells, flush=True)
     print("\nrows per expert, top-1 at t = 1: " + "; ".join(spread))
 
 
@@ -541,6 +581,11 @@ def parse_args():
     p.add_argument("--fresh", action="store_true",
                    help="--graphs: every run from new noise (new group sizes at every step, as in sampling), "
                         "and the padded eager variant")
+    p.add_argument("--buckets", nargs="*", default=[], metavar="S:L",
+                   help="--graphs --fresh: also the variants 'padded S:L' and 'graphs S:L': calls of at most "
+                        "--graph-max-rows rows padded to S buckets per octave, larger ones to L (powers of two)")
+    p.add_argument("--warm-runs", type=int, default=1,
+                   help="--graphs --fresh: untimed fresh runs of every method before the timed ones")
     p.add_argument("--graph-max-rows", type=int, default=256,
                    help="--graphs: calls of more rows are not graphed (on a GPU padded and eager; GraphedCall max_rows)")
     p.add_argument("--breakdown", action="store_true",

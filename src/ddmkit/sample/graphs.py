@@ -19,7 +19,7 @@ rows, which hold stale finite values, change nothing.
     v = expert(x, t)                       # eager on the CPU or with autograd on
 
 Calls of more than `max_rows` rows (256 by default) are not graphed (they run
-eagerly, padded to their bucket on a GPU: below): they are bound by
+eagerly, padded to 16 buckets per octave on a GPU: below): they are bound by
 arithmetic, not launches, so a graph does not pay,
 and the graphs' buffers stay small (on an H100 with the benchmark's UNet,
 graphs made calls of about 128 rows 7% faster and calls of about 512 rows 3%
@@ -38,8 +38,11 @@ expert call there when `sample_ddm` runs without graphs. The reason is cuDNN, wh
 chooses a convolution plan for each new batch size: that costs an H100 about
 55 ms for the image UNet (74 against 19 ms for a call of about 1024 rows), and
 a sparse combiner's group sizes are new at almost every step. With the rows
-padded to 8 buckets per octave the sizes repeat, and a call costs its
-arithmetic plus at most 1/8 more rows (docs/PERFORMANCE.md).
+padded to buckets the sizes repeat, and a call costs its arithmetic plus the
+padding rows: 8 buckets per octave up to 256 rows (at most 1/8 more rows, on
+calls bound by launches), 16 above (at most 1/16, on calls bound by
+arithmetic; with new sizes at every step this took top-1 at batch 4096 from
+1.16-1.17 to 1.14x the monolith, docs/PERFORMANCE.md).
 
 A network that cannot be captured (its forward reads a value on the host, for
 instance) makes the first capture fail: a warning says why, and from then on
@@ -91,13 +94,16 @@ def _pad_rows(v: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([v, v[:1].expand(rows - len(v), *v.shape[1:])])
 
 
-def padded(fn: Callable, per_octave: int = 8) -> Callable:
-    """fn(x, t, **cond) with its rows padded up to bucket_size(n) (copies of the first row, whose
+def padded(fn: Callable, per_octave: int = 8, large_per_octave: int = 16, small_rows: int = 256) -> Callable:
+    """fn(x, t, **cond) with its rows padded up to a bucket size (copies of the first row, whose
     outputs are dropped): the batch sizes fn sees repeat, so per-size work (cuDNN's plan for each
-    new batch size) is done once per bucket. Rows must not interact, as for the graphs."""
+    new batch size) is done once per bucket. Calls of at most `small_rows` rows get `per_octave`
+    buckets per octave (on a GPU they are bound by launches: fewer sizes, fewer plans), larger calls
+    `large_per_octave` (bound by arithmetic: at most 1/16 padding rows by default). Rows must not
+    interact, as for the graphs."""
     def call(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        rows = bucket_size(n, per_octave)
+        rows = bucket_size(n, per_octave if n <= small_rows else large_per_octave)
         if rows == n:
             return fn(x, t, **cond)
         return fn(_pad_rows(x, rows), _pad_rows(t, rows), **{k: _pad_rows(c, rows) for k, c in cond.items()})[:n]
@@ -123,17 +129,18 @@ class GraphedCall:
     """fn(x, t, **cond) replayed from CUDA graphs, one per (bucket, dtypes, shapes, autocast state).
 
     Falls back to calling fn when x is not on a CUDA device or autograd is recording, and to
-    padded(fn) when the call has more than max_rows rows (None: no limit; on the CPU, fn).
+    fn padded to `large_per_octave` buckets per octave when the call has more than max_rows rows
+    (None: no limit; on the CPU, fn).
     `captures` counts the graphs captured (each costs `warmup` eager calls and one capture). capture=False keeps the padding and buffers but
     calls fn eagerly on them, on any device: what the graphs compute, checkable on a CPU."""
 
     def __init__(self, fn: Callable, per_octave: int = 8, warmup: int = 2, capture: bool = True,
-                 max_rows: int | None = 256):
+                 max_rows: int | None = 256, large_per_octave: int = 16):
         self.fn, self.per_octave, self.warmup, self.capture = fn, per_octave, warmup, capture
         self.max_rows = max_rows
         self.entries: dict[tuple, _Entry] = {}
         self.captures = 0
-        self.padded = padded(fn, per_octave)  # the calls above max_rows on a GPU
+        self.padded = padded(fn, large_per_octave, large_per_octave)  # the calls above max_rows on a GPU
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         if self.max_rows is not None and x.shape[0] > self.max_rows:
