@@ -318,7 +318,7 @@ def bucketed_calls(fn, small: int, large: int, max_rows: int, graphs: bool):
 def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     """top-1, top-2, full and the monolith, eager and with every network (experts, router, monolith)
     replayed from CUDA graphs (ddmkit.sample.graphs: rows padded to 8 buckets per octave, calls of more
-    than --graph-max-rows rows padded to 16 and eager; what sample_ddm(cuda_graphs=True) does), interleaved.
+    than --graph-max-rows rows padded and eager; what sample_ddm(cuda_graphs=True) does), interleaved.
     --fresh: every run from new noise; the variants "padded" (every expert call padded to its bucket
     size, eagerly: what sample_ddm does on a GPU without graphs) and, for each --buckets S:L,
     "padded S:L" and "graphs S:L" (calls of at most --graph-max-rows rows padded to S buckets per

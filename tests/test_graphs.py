@@ -62,7 +62,7 @@ def test_padded_eager_calls_see_only_bucket_sizes_and_equal_direct_calls():
         seen.append((len(x), len(t), len(y), t.stride(0) if t.dim() else None))
         return net(x, t) + y[:, None].to(x.dtype)
 
-    call = padded(expert, per_octave=4)
+    call = padded(expert, per_octave=4, large_per_octave=16)
     gen = torch.Generator().manual_seed(2)
     sizes = (1, 3, 17, 18, 19, 20, 65, 100, 300)
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_padded_eager_calls_see_only_bucket_sizes_and_equal_direct_calls():
                 assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6, rtol=0)
     rows = [s[0] for s in seen]
     assert rows == [bucket_size(n, 4 if n <= 256 else 16) for n in sizes for _ in (0, 1)]
-    assert rows[-1] == 304  # above 256 rows, 16 buckets per octave: 300 -> 304 (320 at 4 per octave)
+    assert rows[-1] == 304  # above 256 rows, large_per_octave: 300 -> 304 (320 at 4 per octave)
     assert all(r == tr == yr for r, tr, yr, _ in seen)
     assert [s[3] for s in seen[::2]] == [0] * len(sizes)  # the expanded t stays a stride-0 view
     assert len(set(rows)) < len(sizes)  # 17, 18, 19 and 20 share the bucket 20
@@ -101,7 +101,7 @@ def test_gpu_dispatch_pads_expert_calls_and_the_cpu_leaves_them_alone():
         out = gpu_experts[0](torch.ones(17, 2), torch.zeros(17))
         large = gpu_experts[0](torch.ones(300, 2), torch.zeros(300))
     assert torch.equal(out, torch.full((17, 2), 3.0)) and torch.equal(large, torch.full((300, 2), 3.0))
-    assert seen == [18, 304]  # 8 buckets per octave up to 256 rows, 16 above (320 at 8)
+    assert seen == [18, 320]  # 8 buckets per octave
 
 
 def test_off_the_gpu_and_under_autograd_the_function_runs_as_it_is():

@@ -19,7 +19,7 @@ rows, which hold stale finite values, change nothing.
     v = expert(x, t)                       # eager on the CPU or with autograd on
 
 Calls of more than `max_rows` rows (256 by default) are not graphed (they run
-eagerly, padded to 16 buckets per octave on a GPU: below): they are bound by
+eagerly, padded to their bucket on a GPU: below): they are bound by
 arithmetic, not launches, so a graph does not pay,
 and the graphs' buffers stay small (on an H100 with the benchmark's UNet,
 graphs made calls of about 128 rows 7% faster and calls of about 512 rows 3%
@@ -39,10 +39,13 @@ chooses a convolution plan for each new batch size: that costs an H100 about
 55 ms for the image UNet (74 against 19 ms for a call of about 1024 rows), and
 a sparse combiner's group sizes are new at almost every step. With the rows
 padded to buckets the sizes repeat, and a call costs its arithmetic plus the
-padding rows: 8 buckets per octave up to 256 rows (at most 1/8 more rows, on
-calls bound by launches), 16 above (at most 1/16, on calls bound by
-arithmetic; with new sizes at every step this took top-1 at batch 4096 from
-1.16-1.17 to 1.14x the monolith, docs/PERFORMANCE.md).
+padding rows: at most 1/8 more with 8 buckets per octave. Calls above 256
+rows are bound by arithmetic, so finer buckets there (`large_per_octave` =
+16: at most 1/16) save padding, 2-3% of a long run's time (top-1 at batch
+4096 on an H100, 1.16 -> 1.14x the monolith), but need twice as many plans,
+about 55 ms each the first time: in one 10k-image sampling job that costs
+more than it saves, so the default stays 8 (docs/PERFORMANCE.md, "Bucket
+sizes").
 
 A network that cannot be captured (its forward reads a value on the host, for
 instance) makes the first capture fail: a warning says why, and from then on
@@ -94,13 +97,13 @@ def _pad_rows(v: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([v, v[:1].expand(rows - len(v), *v.shape[1:])])
 
 
-def padded(fn: Callable, per_octave: int = 8, large_per_octave: int = 16, small_rows: int = 256) -> Callable:
+def padded(fn: Callable, per_octave: int = 8, large_per_octave: int = 8, small_rows: int = 256) -> Callable:
     """fn(x, t, **cond) with its rows padded up to a bucket size (copies of the first row, whose
     outputs are dropped): the batch sizes fn sees repeat, so per-size work (cuDNN's plan for each
     new batch size) is done once per bucket. Calls of at most `small_rows` rows get `per_octave`
-    buckets per octave (on a GPU they are bound by launches: fewer sizes, fewer plans), larger calls
-    `large_per_octave` (bound by arithmetic: at most 1/16 padding rows by default). Rows must not
-    interact, as for the graphs."""
+    buckets per octave, larger calls `large_per_octave` (bound by arithmetic: 16 pads them by at most
+    1/16 instead of 1/8, for twice as many plans; it pays in long runs). Rows must not interact, as
+    for the graphs."""
     def call(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         rows = bucket_size(n, per_octave if n <= small_rows else large_per_octave)
@@ -135,7 +138,7 @@ class GraphedCall:
     calls fn eagerly on them, on any device: what the graphs compute, checkable on a CPU."""
 
     def __init__(self, fn: Callable, per_octave: int = 8, warmup: int = 2, capture: bool = True,
-                 max_rows: int | None = 256, large_per_octave: int = 16):
+                 max_rows: int | None = 256, large_per_octave: int = 8):
         self.fn, self.per_octave, self.warmup, self.capture = fn, per_octave, warmup, capture
         self.max_rows = max_rows
         self.entries: dict[tuple, _Entry] = {}
