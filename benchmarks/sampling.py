@@ -308,11 +308,8 @@ def bucketed_calls(fn, small: int, large: int, max_rows: int, graphs: bool):
     large buckets: less padding on the compute-bound calls, for more plans."""
     from ddmkit.sample.graphs import GraphedCall, padded
     if graphs:
-        call = GraphedCall(fn, per_octave=small, max_rows=max_rows)
-        call.padded = padded(fn, large)
-        return call
-    small_calls, large_calls = padded(fn, small), padded(fn, large)
-    return lambda x, t, **c: (small_calls if x.shape[0] <= max_rows else large_calls)(x, t, **c)
+        return GraphedCall(fn, per_octave=small, max_rows=max_rows, large_per_octave=large)
+    return padded(fn, small, large, small_rows=max_rows)
 
 
 def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
