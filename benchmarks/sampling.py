@@ -92,7 +92,9 @@ def randomise_zero_layers(net: torch.nn.Module) -> torch.nn.Module:
 
 
 def as_field(net):
-    return lambda x, t: net(x, t)
+    """net as a field, marked so that experts of one architecture can share CUDA graphs (shared_graphs)."""
+    from ddmkit.sample.graphs import with_network
+    return with_network(lambda x, t: net(x, t), net, as_field, "net")
 
 
 def as_router(net):
@@ -315,19 +317,21 @@ def bucketed_calls(fn, small: int, large: int, max_rows: int, graphs: bool):
 def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     """top-1, top-2, full and the monolith, eager and with every network (experts, router, monolith)
     replayed from CUDA graphs (ddmkit.sample.graphs: rows padded to 8 buckets per octave, calls of more
-    than --graph-max-rows rows padded and eager; what sample_ddm(cuda_graphs=True) does), interleaved.
+    than --graph-max-rows rows padded and eager), interleaved: "graphs" with one set of graphs per
+    expert, "shared" with one set for all experts (shared_graphs: what sample_ddm(cuda_graphs=True) does).
     --fresh: every run from new noise; the variants "padded" (every expert call padded to its bucket
     size, eagerly: what sample_ddm does on a GPU without graphs) and, for each --buckets S:L,
     "padded S:L" and "graphs S:L" (calls of at most --graph-max-rows rows padded to S buckets per
     octave, larger ones to L; graphs: the small calls graphed); full runs only
     eagerly (it has no sparse calls), and --warm-runs fresh runs of every method come before the
     timed ones (the one-time cost of new sizes: cuDNN plans and graph captures)."""
-    from ddmkit.sample.graphs import GraphedCall, padded
+    from ddmkit.sample.graphs import GraphedCall, padded, shared_graphs
     nets, router_net, shape = build_nets(args.experts, k, args, device)
     eager = ([as_field(e) for e in nets], as_router(router_net), as_field(build_nets(args.experts, 1, args, device)[0][0]))
     graphs = ([GraphedCall(f, max_rows=args.graph_max_rows) for f in eager[0]], GraphedCall(eager[1], max_rows=None),
               GraphedCall(eager[2], max_rows=args.graph_max_rows))  # the router at any batch, as sample_ddm does
-    variants = {"eager": eager, "graphs": graphs}
+    shared = (shared_graphs(eager[0], max_rows=args.graph_max_rows), graphs[1], graphs[2])
+    variants = {"eager": eager, "graphs": graphs, "shared": shared}
     if args.fresh:
         variants = {"eager": eager, "padded": ([padded(f) for f in eager[0]], eager[1], eager[2])}
         specs = [tuple(map(int, spec.split(":"))) for spec in args.buckets]
@@ -335,6 +339,7 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
             variants[f"padded {small}:{large}"] = (
                 [bucketed_calls(f, small, large, args.graph_max_rows, False) for f in eager[0]], eager[1], eager[2])
         variants["graphs"] = graphs
+        variants["shared"] = shared
         for small, large in specs:
             variants[f"graphs {small}:{large}"] = (
                 [bucketed_calls(f, small, large, args.graph_max_rows, True) for f in eager[0]], graphs[1], graphs[2])
@@ -358,8 +363,11 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     print("| batch | variant | " + " | ".join(names) + " | top-2/full | top-1/monolith | graphs captured (s) |"
           + (" captured while timed |" if args.fresh else ""))
     print("|---:|---|" + "---:|" * (len(names) + 3 + bool(args.fresh)))
-    graphed_calls = {tag: [c for c in v[0] + ([v[1], v[2]] if tag == "graphs" else []) if isinstance(c, GraphedCall)]
-                     for tag, v in variants.items() if tag.startswith("graphs")}  # graphs S:L: its experts' graphs
+    def graph_sets(tag, v):  # the GraphedCalls of a variant (shared experts: their one template); graphs
+        calls = v[0] + ([v[1], v[2]] if tag == "graphs" else [])  # counts the router's and monolith's too
+        found = {id(g): g for g in (getattr(c, "graphs", c) for c in calls) if isinstance(g, GraphedCall)}
+        return list(found.values())
+    graphed_calls = {tag: graph_sets(tag, v) for tag, v in variants.items() if tag.startswith(("graphs", "shared"))}
     captures = lambda tag: sum(c.captures for c in graphed_calls[tag])
     spread = []
     for b in batches:

@@ -204,3 +204,97 @@ def test_a_network_that_cannot_be_captured_runs_eagerly_with_a_warning():
 
     done = subprocess.run([sys.executable, "-c", CANNOT_CAPTURE], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def _marked_experts(k: int, width: int = 16):
+    """k fields of one architecture with different weights, marked for shared graphs."""
+    from ddmkit.sample.graphs import with_network
+
+    def field(net):
+        return with_network(lambda x, t: net(x, t), net, field, "test")
+    torch.manual_seed(3)
+    return [field(VelocityMLP([5], width=width, depth=2).eval()) for _ in range(k)]
+
+
+def test_shared_graphs_give_each_expert_its_own_answer_from_one_set_of_buckets():
+    """Experts of one architecture share one template (their weights copied in before each call):
+    every call equals the expert's own network, and the buckets are shared, not one set per expert."""
+    from ddmkit.sample.graphs import shared_graphs
+
+    experts = _marked_experts(3)
+    calls = shared_graphs(experts, capture=False)  # the graphs' buffers and padding, run eagerly (CPU)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n in (17, 18, 20, 64, 17, 5):
+            for k in (0, 2, 1):
+                x, t = torch.randn(n, 5, generator=gen), torch.rand(n, generator=gen)
+                assert torch.allclose(calls[k](x, t), experts[k](x, t), atol=1e-6, rtol=0)
+    template = calls[0].graphs
+    assert all(c.graphs is template for c in calls)
+    assert sorted(key[0] for key in template.entries) == [5, 18, 20, 64]  # once for all three experts
+    assert not torch.allclose(experts[0](x, t), experts[1](x, t), atol=1e-3)  # the experts do differ
+
+
+def test_shared_graphs_keep_unmarked_and_lone_architectures_apart():
+    from ddmkit.sample.graphs import shared_graphs, with_network
+
+    same = _marked_experts(2)
+    wide = VelocityMLP([5], width=32, depth=2).eval()
+    lone = with_network(lambda x, t: wide(x, t), wide, None, "test")  # another architecture, met once
+    plain = lambda x, t: 2 * x  # noqa: E731  (not marked)
+    calls = shared_graphs(same + [lone, plain], capture=False)
+    assert calls[0].graphs is calls[1].graphs
+    assert isinstance(calls[2], GraphedCall) and isinstance(calls[3], GraphedCall)
+    x, t = torch.randn(7, 5), torch.rand(7)
+    with torch.no_grad():
+        assert torch.allclose(calls[2](x, t), wide(x, t), atol=1e-6) and torch.equal(calls[3](x, t), 2 * x)
+
+
+def test_routed_sampling_with_shared_graphs_equals_sampling_without():
+    """sample_ddm(cuda_graphs=True) on the CPU runs the networks as they are; the dispatch with shared
+    graphs (run eagerly here) gives the same routed field."""
+    from ddmkit.routing.combine import routed_velocity
+    from ddmkit.routing.strategies import RoutingState, parse_strategy
+    from ddmkit.sample.graphs import shared_graphs
+
+    experts = _marked_experts(4)
+    torch.manual_seed(5)
+    router_net = torch.nn.Linear(5, 4)
+
+    def router(x, t):
+        return torch.softmax(router_net(x), dim=1)
+    x, t = torch.randn(300, 5), torch.full((300,), 0.6)
+    with torch.no_grad():
+        for strategy in ("top-1", "top-2", "full"):
+            plain = routed_velocity(experts, router, parse_strategy(strategy), RoutingState())(x, t)
+            shared = routed_velocity(shared_graphs(experts, capture=False), router, parse_strategy(strategy),
+                                     RoutingState())(x, t)
+            assert torch.allclose(shared, plain, atol=1e-6, rtol=0), strategy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_shared_graphs_capture_once_per_bucket_for_all_experts_on_a_gpu():
+    from ddmkit.sample.graphs import shared_graphs
+
+    experts = _marked_experts(3, width=32)
+    for f in experts:
+        f.network.cuda()
+    calls = shared_graphs(experts)
+    with torch.no_grad():
+        for n in (3, 17, 20, 64, 17, 300):
+            for k in (0, 1, 2):
+                x, t = torch.randn(n, 5, device="cuda"), torch.rand(n, device="cuda")
+                assert torch.allclose(calls[k](x, t), experts[k](x, t), atol=1e-5, rtol=0)
+    assert calls[0].graphs.captures == 4  # buckets 3, 18, 20, 64 (300 rows: eager); not 4 per expert
+
+
+def test_shared_graphs_off_the_gpu_call_each_expert_directly():
+    from ddmkit.pipeline.sampling import dispatch_networks
+
+    experts = _marked_experts(2)
+    calls, _ = dispatch_networks(experts, lambda x, t: torch.ones(len(x), 2) / 2, "cpu", cuda_graphs=True)
+    x, t = torch.randn(9, 5), torch.rand(9)
+    with torch.no_grad():
+        for call, expert in zip(calls, experts):
+            assert torch.equal(call(x, t), expert(x, t))
+    assert calls[0].graphs is calls[1].graphs and not calls[0].graphs.entries  # no template call, no copy

@@ -26,6 +26,7 @@ from ddmkit.errors import DDMError
 from ddmkit.flow.path import to_velocity
 from ddmkit.io import load_tensors
 from ddmkit.routing.combine import router_probabilities
+from ddmkit.sample.graphs import with_network
 from ddmkit.truth import GaussianMixture
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,7 +56,7 @@ def velocity_field(model: torch.nn.Module, config: dict) -> Field:
     def f(x, t):
         return to_velocity(model(x, t), prediction, x, t)
 
-    return f
+    return with_network(f, model, lambda other: velocity_field(other, config), ("velocity", prediction))
 
 
 def router_field(model: torch.nn.Module, conditional: bool = False) -> Field:

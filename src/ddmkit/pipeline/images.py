@@ -32,6 +32,7 @@ from ddmkit.pipeline.ddm import DDM, expert_dir, label_prior, nearest_cluster_fn
 from ddmkit.pipeline.report import markdown_table
 from ddmkit.pipeline.sampling import config_options, sample_ddm, sample_single, start_noise
 from ddmkit.registry import shard_files
+from ddmkit.sample.graphs import with_network
 
 
 
@@ -53,7 +54,7 @@ def guided_field(model: torch.nn.Module, config: dict, scale: float = 1.0):
         v_cond, v_none = to_velocity(out.float(), prediction, torch.cat([x, x]), torch.cat([t, t])).chunk(2)
         return v_none + scale * (v_cond - v_none)
 
-    return f
+    return with_network(f, model, lambda other: guided_field(other, config, scale), ("guided", prediction, null, scale))
 
 
 def check_shape(folder: Path, config: dict, data_shape: tuple) -> None:
