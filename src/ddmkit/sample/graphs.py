@@ -47,6 +47,12 @@ about 55 ms each the first time: in one 10k-image sampling job that costs
 more than it saves, so the default stays 8 (docs/PERFORMANCE.md, "Bucket
 sizes").
 
+Experts of one architecture share one set of graphs (`shared_graphs`, what
+sample_ddm uses): a call copies its expert's weights into a template network
+and replays the template's graph for the bucket, so a bucket costs one
+capture, not one per expert (K = 8, batch 1024, new sizes at every step on an
+H100: 24 captures instead of 91, top-1 1.20x the monolith instead of 1.30x).
+
 A network that cannot be captured (its forward reads a value on the host, for
 instance) makes the first capture fail: a warning says why, and from then on
 every call on that device runs eagerly (a failed capture leaves the device's
