@@ -321,8 +321,8 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     expert, "shared" with one set for all experts (shared_graphs: what sample_ddm(cuda_graphs=True) does).
     --fresh: every run from new noise; the variants "padded" (every expert call padded to its bucket
     size, eagerly: what sample_ddm does on a GPU without graphs) and, for each --buckets S:L,
-    "padded S:L" and "graphs S:L" (calls of at most --graph-max-rows rows padded to S buckets per
-    octave, larger ones to L; graphs: the small calls graphed); full runs only
+    "padded S:L", "graphs S:L" and "shared S:L" (calls of at most --graph-max-rows rows padded to S
+    buckets per octave, larger ones to L; graphs, shared: the small calls graphed); full runs only
     eagerly (it has no sparse calls), and --warm-runs fresh runs of every method come before the
     timed ones (the one-time cost of new sizes: cuDNN plans and graph captures)."""
     from ddmkit.sample.graphs import GraphedCall, padded, shared_graphs
@@ -343,6 +343,8 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
         for small, large in specs:
             variants[f"graphs {small}:{large}"] = (
                 [bucketed_calls(f, small, large, args.graph_max_rows, True) for f in eager[0]], graphs[1], graphs[2])
+            variants[f"shared {small}:{large}"] = (shared_graphs(eager[0], max_rows=args.graph_max_rows, per_octave=small,
+                                                                 large_per_octave=large), graphs[1], graphs[2])
     names = ["top-1", "top-2", "full", "monolith"]
     methods = {}
     for tag, (experts, router, mono) in variants.items():
@@ -587,7 +589,7 @@ def parse_args():
                    help="--graphs: every run from new noise (new group sizes at every step, as in sampling), "
                         "and the padded eager variant")
     p.add_argument("--buckets", nargs="*", default=[], metavar="S:L",
-                   help="--graphs --fresh: also the variants 'padded S:L' and 'graphs S:L': calls of at most "
+                   help="--graphs --fresh: also the variants 'padded S:L', 'graphs S:L' and 'shared S:L': calls of at most "
                         "--graph-max-rows rows padded to S buckets per octave, larger ones to L (powers of two)")
     p.add_argument("--warm-runs", type=int, default=1,
                    help="--graphs --fresh: untimed fresh runs of every method before the timed ones")

@@ -246,15 +246,15 @@ def _architecture(field: Callable):
 _TEMPLATES: "weakref.WeakKeyDictionary[Callable, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _template(field: Callable, max_rows: int | None, capture: bool) -> tuple[list[torch.Tensor], GraphedCall]:
+def _template(field: Callable, settings: dict) -> tuple[list[torch.Tensor], GraphedCall]:
     """A copy of field's network, the tensors its weights are copied into, and the GraphedCall of the
-    field rebuilt on it; kept per field (its graphs serve later sampling calls)."""
-    settings = (_architecture(field), max_rows, capture)  # the network may have moved since
+    field rebuilt on it (GraphedCall `settings`); kept per field (its graphs serve later sampling calls)."""
+    key = (_architecture(field), tuple(sorted(settings.items())))  # the network may have moved since
     cached = _TEMPLATES.get(field)
-    if cached is None or cached[0] != settings:
+    if cached is None or cached[0] != key:
         network = copy.deepcopy(field.network)
-        call = GraphedCall(field.rebuild(network), max_rows=max_rows, capture=capture)
-        cached = _TEMPLATES[field] = (settings, _tensors(network), call)
+        call = GraphedCall(field.rebuild(network), **settings)
+        cached = _TEMPLATES[field] = (key, _tensors(network), call)
     return cached[1], cached[2]
 
 
@@ -263,7 +263,8 @@ def _copy_weights(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> N
         torch._foreach_copy_(targets, sources)  # one multi-tensor kernel launch, not one per tensor
 
 
-def shared_graphs(fields: list[Callable], max_rows: int | None = 256, capture: bool = True) -> list[Callable]:
+def shared_graphs(fields: list[Callable], max_rows: int | None = 256, capture: bool = True, per_octave: int = 8,
+                  large_per_octave: int = 8) -> list[Callable]:
     """The fields replayed from CUDA graphs, one set of graphs for all fields of one architecture.
 
     A GraphedCall per expert captures a graph per (expert, bucket): at K = 8 that is 8 captures for
@@ -272,16 +273,18 @@ def shared_graphs(fields: list[Callable], max_rows: int | None = 256, capture: b
     shapes) share one template network: a call of expert k copies k's weights into the template
     (torch._foreach_copy_, a few kernels: 4.4 MB for the image config's 1.1M-parameter UNet), then replays the template's
     graph for the bucket, captured once for all K. Unmarked fields, and an architecture met only
-    once, get their own GraphedCall (graphed). Results are those of each field's own network."""
+    once, get their own GraphedCall (graphed). Results are those of each field's own network.
+    max_rows, capture, per_octave and large_per_octave are GraphedCall's."""
     groups: dict = {}
     for i, f in enumerate(fields):
         groups.setdefault(_architecture(f), []).append(i)
-    out = [graphed(f, max_rows=max_rows) if capture else GraphedCall(f, max_rows=max_rows, capture=False)
+    settings = dict(max_rows=max_rows, capture=capture, per_octave=per_octave, large_per_octave=large_per_octave)
+    out = [graphed(f, per_octave, max_rows) if capture and large_per_octave == 8 else GraphedCall(f, **settings)
            for f in fields]
     for arch, members in groups.items():
         if arch is None or len(members) < 2:
             continue
-        targets, call = _template(fields[members[0]], max_rows, capture)
+        targets, call = _template(fields[members[0]], settings)
         for i in members:
             out[i] = _bound(call, targets, fields[i])
     return out
