@@ -260,7 +260,11 @@ def _template(field: Callable, settings: dict) -> tuple[list[torch.Tensor], Grap
 
 def _copy_weights(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     with torch.no_grad():
-        torch._foreach_copy_(targets, sources)  # one multi-tensor kernel launch, not one per tensor
+        if hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(targets, sources)  # a few multi-tensor kernel launches, not one per tensor
+        else:
+            for target, source in zip(targets, sources):
+                target.copy_(source)
 
 
 def shared_graphs(fields: list[Callable], max_rows: int | None = 256, capture: bool = True, per_octave: int = 8,
