@@ -141,8 +141,9 @@ class GraphedCall:
     Falls back to calling fn when x is not on a CUDA device or autograd is recording, and to
     fn padded to `large_per_octave` buckets per octave when the call has more than max_rows rows
     (None: no limit; on the CPU, fn).
-    `captures` counts the graphs captured (each costs `warmup` eager calls and one capture). capture=False keeps the padding and buffers but
-    calls fn eagerly on them, on any device: what the graphs compute, checkable on a CPU."""
+    `captures` counts the graphs captured (each costs `warmup` eager calls and one capture).
+    capture=False keeps the padding and buffers but calls fn eagerly on them, on any device: what
+    the graphs compute, checkable on a CPU."""
 
     def __init__(self, fn: Callable, per_octave: int = 8, warmup: int = 2, capture: bool = True,
                  max_rows: int | None = 256, large_per_octave: int = 8):
@@ -210,13 +211,14 @@ class GraphedCall:
         return _Entry(graph, sx, st, sc, out)
 
 
-def graphed(fn: Callable, per_octave: int = 8, max_rows: int | None = 256) -> GraphedCall:
+def graphed(fn: Callable, per_octave: int = 8, max_rows: int | None = 256, large_per_octave: int = 8) -> GraphedCall:
     """The GraphedCall of fn, created once per function and settings (its graphs are kept while fn lives)."""
     if isinstance(fn, GraphedCall):
         return fn
     call = _GRAPHED.get(fn)
-    if call is None or (call.per_octave, call.max_rows) != (per_octave, max_rows):
-        call = _GRAPHED[fn] = GraphedCall(fn, per_octave, max_rows=max_rows)
+    settings = (per_octave, max_rows, large_per_octave)
+    if call is None or (call.per_octave, call.max_rows, call.large_per_octave) != settings:
+        call = _GRAPHED[fn] = GraphedCall(fn, per_octave, max_rows=max_rows, large_per_octave=large_per_octave)
     return call
 
 
@@ -275,15 +277,16 @@ def shared_graphs(fields: list[Callable], max_rows: int | None = 256, capture: b
     every new bucket, and sampling meets new buckets for a long time. Experts of one architecture
     differ only in their weights, so fields marked with `with_network` (equal keys, equal weight
     shapes) share one template network: a call of expert k copies k's weights into the template
-    (torch._foreach_copy_, a few kernels: 4.4 MB for the image config's 1.1M-parameter UNet), then replays the template's
-    graph for the bucket, captured once for all K. Unmarked fields, and an architecture met only
-    once, get their own GraphedCall (graphed). Results are those of each field's own network.
+    (torch._foreach_copy_, a few kernels: 4.4 MB for the image config's 1.1M-parameter UNet), then
+    replays the template's graph for the bucket, captured once for all K. Unmarked fields, and an
+    architecture met only once, get their own GraphedCall (graphed). Results are those of each
+    field's own network.
     max_rows, capture, per_octave and large_per_octave are GraphedCall's."""
     groups: dict = {}
     for i, f in enumerate(fields):
         groups.setdefault(_architecture(f), []).append(i)
     settings = dict(max_rows=max_rows, capture=capture, per_octave=per_octave, large_per_octave=large_per_octave)
-    out = [graphed(f, per_octave, max_rows) if capture and large_per_octave == 8 else GraphedCall(f, **settings)
+    out = [graphed(f, per_octave, max_rows, large_per_octave) if capture else GraphedCall(f, **settings)
            for f in fields]
     for arch, members in groups.items():
         if arch is None or len(members) < 2:
