@@ -298,3 +298,29 @@ def test_shared_graphs_off_the_gpu_call_each_expert_directly():
         for call, expert in zip(calls, experts):
             assert torch.equal(call(x, t), expert(x, t))
     assert calls[0].graphs is calls[1].graphs and not calls[0].graphs.entries  # no template call, no copy
+
+
+def test_shared_graphs_of_label_conditional_image_experts_with_guidance():
+    """The image pipeline's experts (guided_field: a class-conditional UNet, guidance 2 doubling the
+    rows inside the field) through one shared template, labels as conditioning: each expert's answer."""
+    from ddmkit.nets import build_seeded
+    from ddmkit.pipeline.images import guided_field
+    from ddmkit.sample.graphs import shared_graphs
+
+    spec = {"arch": "unet", "kwargs": {"channels": [8, 16], "blocks": 1, "attention_res": [], "num_classes": 3}}
+    nets = [build_seeded("unet", seed, data_shape=[1, 8, 8], **spec["kwargs"]).eval() for seed in range(3)]
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for net in nets:  # the output layer starts at zero: perturb every weight so that the experts differ
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    experts = [guided_field(net, spec, 2.0) for net in nets]
+    calls = shared_graphs(experts, capture=False)
+    with torch.no_grad():
+        for n, k in ((5, 0), (7, 2), (5, 1)):
+            x, t = torch.randn(n, 1, 8, 8, generator=gen), torch.rand(n, generator=gen)
+            y = torch.randint(0, 3, (n,), generator=gen)
+            want = experts[k](x, t, y=y)
+            assert torch.allclose(calls[k](x, t, y=y), want, atol=1e-5, rtol=0)
+            assert not torch.allclose(experts[(k + 1) % 3](x, t, y=y), want, atol=1e-3)  # the experts differ
+    assert calls[0].graphs is calls[2].graphs and len(calls[0].graphs.entries) == 2  # buckets 5 and 7
