@@ -108,6 +108,11 @@ def test_sample_section_speed_options_reach_the_sampler(tiny_run, tmp_path):
     assert info["router_calls"] == 2 * 2  # evaluations 0 and 4 of 8, in each of 2 chunks of 150 rows
     refused = cli("sample", run, "--strategy", "top-2", "--router-every", "0")
     assert refused.returncode == 2 and "router_every" in refused.stderr
+    for flag in ("--cuda-graphs", "--no-cuda-graphs"):  # on the CPU the graphs are off: the same samples
+        assert cli("sample", run, "--strategy", "top-1", "--n", "300", flag).returncode == 0
+        drawn = load_tensors(sample_file(run, "top-1"))["x"]
+        assert flag == "--cuda-graphs" or torch.equal(drawn, graphed)
+        graphed = drawn
 
 
 def test_cli_step_by_step(tmp_path):

@@ -115,14 +115,18 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
            seed: Optional[int] = typer.Option(None, help="noise seed"),
            router_every: Optional[int] = typer.Option(None, help="call the router every m steps and reuse its "
                                                       "routing in between (1: every step)"),
-           batch_size: Optional[int] = typer.Option(None, help="integrate the samples in chunks of this many rows")):
+           batch_size: Optional[int] = typer.Option(None, help="integrate the samples in chunks of this many rows"),
+           cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
+                                                      help="on a GPU, replay the networks from CUDA graphs (pays at "
+                                                      "batches up to a few thousand rows; ignored on the CPU)")):
     """Sample with routing strategies; writes RUN/samples/STRATEGY.safetensors."""
     from ddmkit.config import RunConfig, validate
     from ddmkit.pipeline.run import sample_one
 
     cfg = _config(None, run)
     upd = {k: v for k, v in (("n", n), ("steps", steps), ("solver", solver), ("seed", seed),
-                             ("router_every", router_every), ("batch_size", batch_size)) if v is not None}
+                             ("router_every", router_every), ("batch_size", batch_size),
+                             ("cuda_graphs", cuda_graphs)) if v is not None}
     cfg = validate(RunConfig, {**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), **upd,
                                                               "strategies": list(strategy)}}, "options")
     for name in strategy:
