@@ -324,3 +324,18 @@ def test_shared_graphs_of_label_conditional_image_experts_with_guidance():
             assert torch.allclose(calls[k](x, t, y=y), want, atol=1e-5, rtol=0)
             assert not torch.allclose(experts[(k + 1) % 3](x, t, y=y), want, atol=1e-3)  # the experts differ
     assert calls[0].graphs is calls[2].graphs and len(calls[0].graphs.entries) == 2  # buckets 5 and 7
+
+
+def test_a_graphed_function_and_its_graphs_are_freed_together():
+    import gc
+    import weakref
+
+    def make():
+        net = torch.nn.Linear(2, 2)
+        return lambda x, t: net(x)
+    f = make()
+    assert graphed(f) is graphed(f)  # kept while f lives
+    alive = weakref.ref(f)
+    del f
+    gc.collect()
+    assert alive() is None

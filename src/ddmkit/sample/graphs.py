@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ from typing import Callable
 
 import torch
 
-_GRAPHED: "weakref.WeakKeyDictionary[Callable, GraphedCall]" = weakref.WeakKeyDictionary()
+_GRAPHED: "weakref.WeakKeyDictionary[Callable, GraphedCall]" = weakref.WeakKeyDictionary()  # not functions
 _POOLS: dict = {}  # device -> (the shared graph memory pool, a graph that keeps it alive)
 _DISABLED: dict = {}  # device -> why a capture failed there (graphs are then off on that device)
 
@@ -212,13 +213,22 @@ class GraphedCall:
 
 
 def graphed(fn: Callable, per_octave: int = 8, max_rows: int | None = 256, large_per_octave: int = 8) -> GraphedCall:
-    """The GraphedCall of fn, created once per function and settings (its graphs are kept while fn lives)."""
+    """The GraphedCall of fn, created once per function and settings (its graphs are kept while fn lives).
+
+    A plain function keeps its GraphedCall as an attribute, so both are freed together (the call refers
+    to fn: in a weak-keyed table that reference would keep fn, and its graphs, alive for good); other
+    callables (modules, objects) are kept in such a table."""
     if isinstance(fn, GraphedCall):
         return fn
-    call = _GRAPHED.get(fn)
+    function = isinstance(fn, types.FunctionType)
+    call = vars(fn).get("_graphed_call") if function else _GRAPHED.get(fn)
     settings = (per_octave, max_rows, large_per_octave)
     if call is None or (call.per_octave, call.max_rows, call.large_per_octave) != settings:
-        call = _GRAPHED[fn] = GraphedCall(fn, per_octave, max_rows=max_rows, large_per_octave=large_per_octave)
+        call = GraphedCall(fn, per_octave, max_rows=max_rows, large_per_octave=large_per_octave)
+        if function:
+            fn._graphed_call = call
+        else:
+            _GRAPHED[fn] = call
     return call
 
 
