@@ -107,10 +107,10 @@ def config_options(sample, routed: bool = True) -> dict:
 def dispatch_networks(experts: list, router, device, cuda_graphs: bool = False) -> tuple[list, object]:
     """The experts and router as sample_ddm calls them. With cuda_graphs, replayed from CUDA graphs
     (experts: calls of up to 256 rows, larger ones padded, one set of graphs for experts of one
-    architecture (shared_graphs); the router at any batch). Without, on a
-    GPU, every expert call padded to a bucket size (ddmkit.sample.graphs.padded, 8 per octave): the combiner's
-    group sizes change at every step, and cuDNN plans each new batch size anew (about 55 ms a
-    call for the image UNet on an H100); on the CPU, as they are."""
+    architecture, shared_graphs; the router at any batch). Without, on a GPU, every expert call
+    padded to a bucket size (ddmkit.sample.graphs.padded, 8 per octave): the combiner's group
+    sizes change at every step, and cuDNN plans each new batch size anew (about 55 ms a call for
+    the image UNet on an H100); on the CPU, as they are."""
     if cuda_graphs:
         return shared_graphs(experts), graphed(router, max_rows=None)
     if torch.device(device).type == "cuda":

@@ -154,11 +154,20 @@ class GraphedCall:
         self.captures = 0
         self.padded = padded(fn, large_per_octave, large_per_octave)  # the calls above max_rows on a GPU
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+    def route(self, x: torch.Tensor) -> str:
+        """How a call on x runs: "graphs" (through the buckets' buffers), "padded" (more than max_rows
+        rows on a GPU: fn padded, eagerly) or "direct" (fn itself: off the GPU, under autograd, or
+        with graphs off on the device)."""
         if self.max_rows is not None and x.shape[0] > self.max_rows:
-            return self.padded(x, t, **cond) if x.device.type == "cuda" else self.fn(x, t, **cond)
-        if (self.capture and (x.device.type != "cuda" or x.device in _DISABLED)) or torch.is_grad_enabled():
-            return self.fn(x, t, **cond)
+            return "padded" if x.device.type == "cuda" else "direct"
+        if torch.is_grad_enabled() or (self.capture and (x.device.type != "cuda" or x.device in _DISABLED)):
+            return "direct"
+        return "graphs"
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        route = self.route(x)
+        if route != "graphs":
+            return (self.padded if route == "padded" else self.fn)(x, t, **cond)
         n = x.shape[0]
         key = (bucket_size(n, self.per_octave), x.dtype, tuple(x.shape[1:]), t.dtype, _autocast_key("cuda"),
                tuple(sorted((name, c.dtype, tuple(c.shape[1:])) for name, c in cond.items())))
@@ -296,29 +305,29 @@ def shared_graphs(fields: list[Callable], max_rows: int | None = 256, capture: b
     for i, f in enumerate(fields):
         groups.setdefault(_architecture(f), []).append(i)
     settings = dict(max_rows=max_rows, capture=capture, per_octave=per_octave, large_per_octave=large_per_octave)
-    out = [graphed(f, per_octave, max_rows, large_per_octave) if capture else GraphedCall(f, **settings)
-           for f in fields]
+    out = list(fields)
     for arch, members in groups.items():
-        if arch is None or len(members) < 2:
-            continue
-        targets, call = _template(fields[members[0]], settings)
-        for i in members:
-            out[i] = _bound(call, targets, fields[i])
+        if arch is not None and len(members) > 1:
+            targets, call = _template(fields[members[0]], settings)
+            for i in members:
+                out[i] = _bound(call, targets, fields[i])
+        else:  # a set of graphs of its own
+            for i in members:
+                out[i] = graphed(fields[i], per_octave, max_rows, large_per_octave) if capture else \
+                    GraphedCall(fields[i], **settings)
     return out
 
 
 def _bound(call: GraphedCall, targets: list[torch.Tensor], field: Callable) -> Callable:
     """One expert's calls through the shared template: its weights first, then the template's graphs.
-    Calls that would not be replayed (off the GPU, under autograd, graphs off on the device, more than
-    max_rows rows: padded) run the expert's own field, with no copy."""
+    Calls that the template would not replay (GraphedCall.route) run the expert's own field, padded
+    or not as the template would, with no copy."""
     sources, large = _tensors(field.network), padded(field, call.large_per_octave, call.large_per_octave)
 
     def expert(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        if call.capture:
-            if x.device.type != "cuda" or torch.is_grad_enabled() or x.device in _DISABLED:
-                return field(x, t, **cond)
-            if call.max_rows is not None and x.shape[0] > call.max_rows:
-                return large(x, t, **cond)
+        route = call.route(x)
+        if route != "graphs":
+            return (large if route == "padded" else field)(x, t, **cond)
         _copy_weights(targets, sources)
         return call(x, t, **cond)
     expert.graphs = call  # the shared GraphedCall (its captures, its entries)
