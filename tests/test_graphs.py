@@ -339,3 +339,62 @@ def test_a_graphed_function_and_its_graphs_are_freed_together():
     del f
     gc.collect()
     assert alive() is None
+
+
+def _label_stats_ddm(device: str):
+    """A small label-conditional DDM routed by the statistics-only router (which cannot be graphed)."""
+    from ddmkit.pipeline.ddm import DDM
+    from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics
+
+    gen = torch.Generator().manual_seed(8)
+    shards = [(torch.randn(40, 300, generator=gen) + 2 * k, torch.arange(40) % 3) for k in range(2)]
+    per_class = [island_class_statistics(x.to(device), y.to(device), 3, rank=4) for x, y in shards]
+    router = class_stats_router(per_class, [island_statistics(x.to(device), rank=4) for x, _ in shards])
+    torch.manual_seed(9)
+    nets = [VelocityMLP([300], width=16, depth=1).to(device).eval() for _ in range(2)]
+    experts = [lambda x, t, y=None, net=net: net(x, t) for net in nets]
+    return DDM(experts=experts, router=router, prior=torch.full((2,), 0.5), data_shape=(300,),
+               router_conditional=True)
+
+
+def test_eager_only_functions_are_never_graphed_and_never_shared():
+    from ddmkit.routing.stats_router import stats_router
+    from ddmkit.sample.graphs import eager_only, is_eager_only, shared_graphs
+
+    calls = []
+
+    def f(x, t):
+        calls.append(len(x))
+        return 2 * x
+    x = torch.ones(3, 2)
+    with torch.no_grad():
+        assert GraphedCall(f, capture=False).route(x) == "graphs"  # buffers and buckets (the CPU check mode)
+        call = GraphedCall(eager_only(f), capture=False)
+        assert call.route(x) == "direct" and torch.equal(call(x, torch.zeros(3)), 2 * x)
+        assert calls == [3] and not call.entries  # called as it is, on 3 rows, no bucket
+        experts = _marked_experts(3)
+        eager_only(experts[2])
+        shared = shared_graphs(experts, capture=False)
+        assert shared[0].graphs is shared[1].graphs and isinstance(shared[2], GraphedCall)
+        assert shared[2].route(torch.ones(4, 5)) == "direct" and shared[0].graphs.route(torch.ones(4, 5)) == "graphs"
+    assert is_eager_only(_label_stats_ddm("cpu").router)
+    assert is_eager_only(stats_router([{"count": torch.tensor(3.0), "mean": torch.zeros(2), "cov": torch.eye(2)}]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_statistics_router_runs_eagerly_beside_graphed_experts_on_a_gpu():
+    """It groups rows by label on the host, so it cannot be captured: it says so (eager_only), and the
+    experts keep their graphs: no warning, graphs stay on, the samples equal sampling without graphs."""
+    import warnings
+
+    from ddmkit.pipeline.sampling import sample_ddm
+    from ddmkit.sample import graphs
+
+    ddm = _label_stats_ddm("cuda")
+    y = torch.arange(64, device="cuda") % 3
+    plain, _ = sample_ddm(ddm, "top-1", n=64, steps=3, device="cuda", cond={"y": y})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with_graphs, _ = sample_ddm(ddm, "top-1", n=64, steps=3, device="cuda", cond={"y": y}, cuda_graphs=True)
+    assert torch.device("cuda", 0) not in graphs._DISABLED
+    assert torch.allclose(with_graphs, plain, atol=1e-5, rtol=0)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ddmkit.errors import DDMError
+from ddmkit.sample.graphs import eager_only
 from ddmkit.truth import GaussianMixture
 
 MAX_FULL_DIM = 256
@@ -109,7 +110,7 @@ def stats_router(stats: list[dict]):
             t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(len(x))
             return gmm.to(device=x.device).posterior(x.reshape(len(x), -1).double(), t).to(torch.float32)
 
-        return router
+        return eager_only(router)  # cuSOLVER's error checks read the host: no CUDA graphs
     if not all("factors" in s for s in stats):
         raise DDMError("island statistics mix full covariances and low-rank ones; publish all in one form")
     rank = max(s["factors"].shape[1] for s in stats)
@@ -127,7 +128,7 @@ def stats_router(stats: list[dict]):
         logp = lowrank_log_prob(x.reshape(len(x), -1).double(), t, *parts) + log_pi.to(x.device)
         return torch.softmax(logp, dim=1).to(torch.float32)
 
-    return router
+    return eager_only(router)  # cuSOLVER's error checks read the host: no CUDA graphs
 
 
 def island_class_statistics(x: torch.Tensor, labels: torch.Tensor, classes: int, rank: int | None = None) -> list:
@@ -168,7 +169,7 @@ def class_stats_router(per_class: list[list[dict | None]], marginal: list[dict])
             out[rows] = routers[c](x[rows], t[rows])
         return out
 
-    return router
+    return eager_only(router)  # groups rows by label on the host: no CUDA graphs
 
 
 def save_statistics(path: str | Path, stats: dict) -> None:

@@ -56,7 +56,10 @@ H100: 24 captures instead of 91, top-1 1.20x the monolith instead of 1.30x).
 A network that cannot be captured (its forward reads a value on the host, for
 instance) makes the first capture fail: a warning says why, and from then on
 every call on that device runs eagerly (a failed capture leaves the device's
-graph pool unusable for the process).
+graph pool unusable for the process). A function that knows it cannot be
+captured says so with `eager_only(fn)`: it is then always called as it is,
+and the other networks keep their graphs (the statistics-only routers do
+this: they group rows by label on the host and solve with cuSOLVER).
 """
 from __future__ import annotations
 
@@ -156,8 +159,10 @@ class GraphedCall:
 
     def route(self, x: torch.Tensor) -> str:
         """How a call on x runs: "graphs" (through the buckets' buffers), "padded" (more than max_rows
-        rows on a GPU: fn padded, eagerly) or "direct" (fn itself: off the GPU, under autograd, or
-        with graphs off on the device)."""
+        rows on a GPU: fn padded, eagerly) or "direct" (fn itself: off the GPU, under autograd, with
+        graphs off on the device, or fn marked eager_only)."""
+        if is_eager_only(self.fn):
+            return "direct"
         if self.max_rows is not None and x.shape[0] > self.max_rows:
             return "padded" if x.device.type == "cuda" else "direct"
         if torch.is_grad_enabled() or (self.capture and (x.device.type != "cuda" or x.device in _DISABLED)):
@@ -241,6 +246,18 @@ def graphed(fn: Callable, per_octave: int = 8, max_rows: int | None = 256, large
     return call
 
 
+def eager_only(fn: Callable) -> Callable:
+    """Mark fn as one that cannot be captured as a CUDA graph (its forward reads values on the host or
+    has shapes that depend on the data): GraphedCall and shared_graphs then always call it as it is,
+    and a failed capture does not turn graphs off for the other networks on the device."""
+    fn.cuda_graphs = False
+    return fn
+
+
+def is_eager_only(fn: Callable) -> bool:
+    return getattr(fn, "cuda_graphs", True) is False
+
+
 # ---------------------------------------------------------------- one set of graphs for experts of one architecture
 
 def with_network(field: Callable, network: torch.nn.Module, rebuild: Callable, key) -> Callable:
@@ -258,7 +275,7 @@ def _tensors(network: torch.nn.Module) -> list[torch.Tensor]:
 def _architecture(field: Callable):
     """What must match for two fields to share graphs (None: the field is not marked)."""
     network = getattr(field, "network", None)
-    if network is None or not hasattr(field, "rebuild"):
+    if network is None or not hasattr(field, "rebuild") or is_eager_only(field):
         return None
     return (field.network_key, type(network),
             tuple((tuple(v.shape), v.dtype, v.device) for v in _tensors(network)))
