@@ -168,9 +168,32 @@ def test_nan_data_is_refused(tmp_path):
 def test_other_run_in_output_folder_is_refused(tiny_run, tmp_path):
     out, _ = tiny_run
     other = tmp_path / "other.toml"
-    other.write_text(TINY.read_text().replace("steps = 8", "steps = 9"))
+    other.write_text(TINY.read_text().replace("[partition]\nk = 4", "[partition]\nk = 3"))
     r = cli("run", other, "--out", out)
     assert r.returncode == 2 and "different run" in r.stderr and "--force" in r.stderr
+
+
+def test_a_new_sample_section_keeps_the_networks_and_redraws_the_samples(tiny_run, tmp_path):
+    """Only [sample] changed: the trained files stay as they are (same bytes, not rewritten), the old
+    samples and scores are removed and drawn again under the new settings."""
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    model = run / "experts" / "expert_01" / "model.safetensors"
+    stamp, weights = model.stat().st_mtime_ns, model.read_bytes()
+    stale = run / "samples" / "nearest.safetensors"
+    assert stale.exists()
+    other = tmp_path / "other.toml"
+    other.write_text(TINY.read_text().replace("steps = 8", "steps = 9").replace(', "oracle", "nearest"]', "]"))
+    messages = []
+    result = run_pipeline(load_config(other), run, log=messages.append)
+    assert any("[sample] changed" in m and "kept" in m for m in messages)
+    assert model.stat().st_mtime_ns == stamp and model.read_bytes() == weights
+    assert not stale.exists() and "nearest" not in result["rows"]
+    info = json.loads((run / "samples" / "info.json").read_text())
+    assert set(info) == {EXACT, "monolith", "full", "top-2", "switch"}
+    assert info["top-2"]["velocity_evaluations"] == 9
+    assert json.loads((run / "config.json").read_text())["config"]["sample"]["steps"] == 9
 
 
 def test_router_expert_mismatch_and_corrupt_weights(tiny_run, tmp_path):

@@ -53,7 +53,7 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
     if k is not None:
         cfg["partition"]["k"] = k
     cfg = validate(RunConfig, cfg, "options")
-    run = prepare_run_dir(out, cfg, force)
+    run = prepare_run_dir(out, cfg, force, log)
     stage_data(cfg, run, log)
     stage_partition(cfg, run, log)
 

@@ -389,7 +389,7 @@ def run_image_stages(cfg: RunConfig, out: str | Path, stages: str = "all", force
     from ddmkit.pipeline import run as runmod
     from ddmkit.train.loop import resolve_device
 
-    run = runmod.prepare_run_dir(out, cfg, force)
+    run = runmod.prepare_run_dir(out, cfg, force, log)
     device = resolve_device(cfg.expert.train.device)
     start = time.perf_counter()
     if stages in ("train", "all"):

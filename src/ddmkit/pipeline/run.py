@@ -2,7 +2,8 @@
 previous one wrote and skips itself when its output is already there, so a
 run resumes after an interruption and single stages can run on other machines.
 
-    RUN/config.json             the resolved configuration (guards against mixing runs)
+    RUN/config.json             the resolved configuration (guards against mixing runs; a new
+                                [sample] or [evaluate] section keeps the networks, redraws the rest)
     RUN/data/                   train/test splits (+ truth.safetensors for mixtures)
     RUN/partition/              manifest.json, partition.safetensors, shards/
     RUN/experts/expert_XX/      one folder per expert (trained in isolation)
@@ -37,19 +38,44 @@ Log = Callable[[str], None]
 EXACT = "exact (full, exact experts + router)"
 
 
-def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False) -> Path:
-    """Create RUN/ (or reuse it for the same configuration). A folder holding
-    a different run is refused unless force=True, which empties it first."""
+TRAINED = ("data", "partition", "expert", "router", "monolith")  # the config sections the networks depend on
+DERIVED = ("samples", "eval", "analysis", "plots", "report.md", "metrics.json")  # what sampling and scoring write
+
+
+def trained_digest(config: dict) -> str:
+    """Hash of the config sections that decide the data, the partition and the trained networks."""
+    import hashlib
+    import json
+
+    part = {name: config.get(name) for name in TRAINED}
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: Log = print) -> Path:
+    """Create RUN/ (or reuse it for the same configuration). When only [sample] or [evaluate]
+    changed, the data, partition and networks are kept and what sampling and scoring wrote is
+    removed, to be drawn again. A folder holding a different run (other data, partition or
+    training) is refused unless force=True, which empties it first."""
+    import shutil
+
     run = Path(out)
     saved = run / "config.json"
     if saved.exists():
         old = read_json(saved)
         if old.get("digest") != cfg.digest():
-            if not force:
-                raise DDMError(f"{run} already holds a different run (its config.json differs); "
-                               "choose another --out folder or pass --force to replace it")
-            import shutil
-            shutil.rmtree(run)
+            if "config" in old and trained_digest(old["config"]) == trained_digest(cfg.model_dump()):
+                new = cfg.model_dump()
+                changed = [name for name in ("sample", "evaluate") if old["config"].get(name) != new[name]]
+                log(f"{run}: [{'], ['.join(changed)}] changed; the trained networks are kept, "
+                    "samples and scores are drawn again")
+                for name in DERIVED:
+                    path = run / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            elif not force:
+                raise DDMError(f"{run} already holds a different run (its config.json differs in the data, "
+                               "partition or training); choose another --out folder or pass --force to replace it")
+            else:
+                shutil.rmtree(run)
     elif run.exists() and any(run.iterdir()) and not force:
         raise DDMError(f"{run} exists and is not a ddmkit run folder; choose another --out or pass --force")
     run.mkdir(parents=True, exist_ok=True)
@@ -329,7 +355,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, log: Log 
                  workers: int | None = None, address: str | None = None) -> dict:
     """All stages in order, each skipped when already done; experts train on
     the launch `backend` (inline, processes, ray)."""
-    run = prepare_run_dir(out, cfg, force)
+    run = prepare_run_dir(out, cfg, force, log)
     device = resolve_device(cfg.expert.train.device)
     start = time.perf_counter()
     stage_data(cfg, run, log)
