@@ -123,10 +123,10 @@ def euler_method(make_velocity):
     return run
 
 
-def routed_method(experts, router, strategy: str, router_every: int = 1):
+def routed_method(experts, router, strategy: str, router_every: int = 1, concurrent: bool = False):
     strat = parse_strategy(strategy)
     return euler_method(lambda counter, state: routed_velocity(experts, router, strat, state, counter,
-                                                                router_every=router_every))
+                                                                router_every=router_every, concurrent=concurrent))
 
 
 def naive_method(experts, router, strategy: str):
@@ -318,9 +318,12 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     """top-1, top-2, full and the monolith, eager and with every network (experts, router, monolith)
     replayed from CUDA graphs (ddmkit.sample.graphs: rows padded to 8 buckets per octave, calls of more
     than --graph-max-rows rows padded and eager), interleaved: "graphs" with one set of graphs per
-    expert, "shared" with one set for all experts (shared_graphs: what sample_ddm(cuda_graphs=True) does).
+    expert, "shared" with one set for all experts (shared_graphs: what sample_ddm(cuda_graphs=True) does),
+    "streams" eager with the experts of a step on concurrent CUDA streams.
     --fresh: every run from new noise; the variants "padded" (every expert call padded to its bucket
-    size, eagerly: what sample_ddm does on a GPU without graphs) and, for each --buckets S:L,
+    size, eagerly: what sample_ddm did on a GPU without graphs), "streams" (the same on concurrent
+    streams: what sample_ddm does now), "streams, router graph" (and the router replayed from its
+    graphs) and, for each --buckets S:L,
     "padded S:L", "graphs S:L" and "shared S:L" (calls of at most --graph-max-rows rows padded to S
     buckets per octave, larger ones to L; graphs, shared: the small calls graphed); full runs only
     eagerly (it has no sparse calls), and --warm-runs fresh runs of every method come before the
@@ -331,9 +334,11 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     graphs = ([GraphedCall(f, max_rows=args.graph_max_rows) for f in eager[0]], GraphedCall(eager[1], max_rows=None),
               GraphedCall(eager[2], max_rows=args.graph_max_rows))  # the router at any batch, as sample_ddm does
     shared = (shared_graphs(eager[0], max_rows=args.graph_max_rows), graphs[1], graphs[2])
-    variants = {"eager": eager, "graphs": graphs, "shared": shared}
+    variants = {"eager": eager, "streams": eager, "graphs": graphs, "shared": shared}
     if args.fresh:
-        variants = {"eager": eager, "padded": ([padded(f) for f in eager[0]], eager[1], eager[2])}
+        pad = [padded(f) for f in eager[0]]
+        variants = {"eager": eager, "padded": (pad, eager[1], eager[2]), "streams": (pad, eager[1], eager[2]),
+                    "streams, router graph": (pad, graphs[1], eager[2])}
         specs = [tuple(map(int, spec.split(":"))) for spec in args.buckets]
         for small, large in specs:
             variants[f"padded {small}:{large}"] = (
@@ -348,7 +353,8 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     names = ["top-1", "top-2", "full", "monolith"]
     methods = {}
     for tag, (experts, router, mono) in variants.items():
-        methods.update({f"{tag} {n}": routed_method(experts, router, n) for n in names[:3]
+        methods.update({f"{tag} {n}": routed_method(experts, router, n, concurrent=tag.startswith("streams"))
+                        for n in names[:3]
                         if not (args.fresh and n == "full" and tag != "eager")})
         methods[f"{tag} monolith"] = monolith_method(mono)
     if args.fresh:

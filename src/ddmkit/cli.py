@@ -118,7 +118,10 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
            batch_size: Optional[int] = typer.Option(None, help="integrate the samples in chunks of this many rows"),
            cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
                                                       help="on a GPU, replay the networks from CUDA graphs (pays at "
-                                                      "batches up to a few thousand rows; ignored on the CPU)")):
+                                                      "batches up to a few thousand rows; ignored on the CPU)"),
+           cuda_streams: Optional[bool] = typer.Option(None, "--cuda-streams/--no-cuda-streams",
+                                                       help="on a GPU, run a step's experts on concurrent CUDA "
+                                                       "streams (default on; not with --cuda-graphs)")):
     """Sample with routing strategies; writes RUN/samples/STRATEGY.safetensors."""
     from ddmkit.config import RunConfig, validate
     from ddmkit.pipeline.run import sample_one
@@ -126,7 +129,7 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
     cfg = _config(None, run)
     upd = {k: v for k, v in (("n", n), ("steps", steps), ("solver", solver), ("seed", seed),
                              ("router_every", router_every), ("batch_size", batch_size),
-                             ("cuda_graphs", cuda_graphs)) if v is not None}
+                             ("cuda_graphs", cuda_graphs), ("cuda_streams", cuda_streams)) if v is not None}
     cfg = validate(RunConfig, {**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), **upd,
                                                               "strategies": list(strategy)}}, "options")
     for name in strategy:

@@ -100,6 +100,8 @@ class SampleConfig(Section):
                               "routing in between (1: at every evaluation)")
     cuda_graphs: bool = Field(False, description="on a GPU, replay the expert, router and monolith calls from CUDA "
                               "graphs (pays where calls are small: batches up to a few thousand rows)")
+    cuda_streams: bool = Field(True, description="on a GPU, run the experts of a sparse step on concurrent CUDA "
+                               "streams (the same samples; not with cuda_graphs)")
     strategies: list[str] = Field(default_factory=lambda: [
         "monolith", "full", "top-1", "top-2", "sample-1", "sample-2", "threshold-0.05",
         "nucleus-0.9", "switch", "oracle"])

@@ -55,12 +55,16 @@ def _rows(cond: dict[str, torch.Tensor] | None, rows: slice) -> dict[str, torch.
 def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
                device="cpu", x1: torch.Tensor | None = None, callback=None, router_every: int = 1,
                autocast: str | None = None, cond: dict[str, torch.Tensor] | None = None,
-               cuda_graphs: bool = False, batch_size: int | None = None) -> tuple[torch.Tensor, dict]:
+               cuda_graphs: bool = False, batch_size: int | None = None,
+               cuda_streams: bool = True) -> tuple[torch.Tensor, dict]:
     """router_every = m reuses the routing for m velocity evaluations (1: route every time);
     autocast = "bfloat16" runs the networks under autocast (the state stays in float32);
     cuda_graphs = True replays the experts and the router from CUDA graphs on a GPU, rows padded
     to a few bucket sizes (ddmkit.sample.graphs; the graphs are kept for later calls); on a GPU
     the expert calls are padded to those sizes in any case (dispatch_networks);
+    cuda_streams = True runs the experts of a sparse step on concurrent CUDA streams on a GPU
+    (ddmkit.routing.streams; the same samples to the bit), except with cuda_graphs, whose experts
+    share one set of graphs and so run one at a time;
     cond = per-sample conditioning passed to the experts, e.g. {"y": class labels (n,)}; it reaches
     the router too when the DDM's router is label-conditional, and with labels the oracle draws
     each sample's cluster from p(cluster | label) (ddm.label_prior) instead of the cluster sizes;
@@ -88,7 +92,8 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
             state = RoutingState(generator=gen, prior=prior[rows] if per_row_prior else prior, nearest=ddm.nearest)
             part_cond = _rows(cond, rows)
             field = routed_velocity(experts, router, strat, state, counter, cond=part_cond,
-                                    router_every=router_every, router_cond=part_cond if ddm.router_conditional else None)
+                                    router_every=router_every, router_cond=part_cond if ddm.router_conditional else None,
+                                    concurrent=cuda_streams and not cuda_graphs)
             parts.append(_integrate_counted(field, x1[rows], steps, solver, callback, nfe))
     _sync(x1.device)
     wall = time.perf_counter() - start
@@ -99,9 +104,9 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
 
 def config_options(sample, routed: bool = True) -> dict:
     """The keyword arguments of sample_ddm (routed) or sample_single that a run's `sample`
-    config section sets: batch_size, cuda_graphs, and router_every for a DDM."""
+    config section sets: batch_size, cuda_graphs, and router_every and cuda_streams for a DDM."""
     options = {"batch_size": sample.batch_size, "cuda_graphs": sample.cuda_graphs}
-    return {**options, "router_every": sample.router_every} if routed else options
+    return {**options, "router_every": sample.router_every, "cuda_streams": sample.cuda_streams} if routed else options
 
 
 def dispatch_networks(experts: list, router, device, cuda_graphs: bool = False) -> tuple[list, object]:

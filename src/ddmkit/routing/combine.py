@@ -28,10 +28,12 @@ from typing import Callable, Sequence
 import torch
 
 from ddmkit.flow.path import x0_from_velocity
+from ddmkit.routing.streams import call_concurrently
 from ddmkit.routing.strategies import RoutingState, dense_weights
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Cond = dict[str, torch.Tensor]
+CONCURRENT_MIN_ROWS = 256  # smaller calls are bound by their launches, which streams do not overlap
 
 
 @dataclass
@@ -100,8 +102,11 @@ def _split_cond(cond: Cond | None, rows: torch.Tensor, counts: list[int]) -> lis
 
 
 def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t: torch.Tensor,
-               counter: CallCounter | None = None, cond: Cond | None = None) -> torch.Tensor:
-    """One gather, one call per active expert, one weighted scatter-add."""
+               counter: CallCounter | None = None, cond: Cond | None = None,
+               concurrent: bool = False) -> torch.Tensor:
+    """One gather, one call per active expert, one weighted scatter-add. concurrent: on a GPU, each
+    expert on its own CUDA stream when the calls average at least CONCURRENT_MIN_ROWS rows
+    (ddmkit.routing.streams; the same results)."""
     if not plan.experts:
         return torch.zeros_like(x)
     xs = x.index_select(0, plan.rows).split(plan.counts)
@@ -110,7 +115,12 @@ def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t:
     else:
         ts = t.index_select(0, plan.rows).split(plan.counts)
     conds = _split_cond(cond, plan.rows, plan.counts)
-    outs = [experts[k](xk, tk, **ck) for k, xk, tk, ck in zip(plan.experts, xs, ts, conds)]
+    calls = [lambda k=k, xk=xk, tk=tk, ck=ck: experts[k](xk, tk, **ck)
+             for k, xk, tk, ck in zip(plan.experts, xs, ts, conds)]
+    if concurrent and sum(plan.counts) >= CONCURRENT_MIN_ROWS * len(plan.counts):
+        outs = call_concurrently(calls, plan.experts, x.device)
+    else:
+        outs = [call() for call in calls]
     if counter is not None:
         for k, n in zip(plan.experts, plan.counts):
             counter.add(k, n)
@@ -132,7 +142,9 @@ def combine(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t:
 def combine_dense(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                   cond: Cond | None = None, counter: CallCounter | None = None) -> torch.Tensor:
     """Every expert on every row, then the weighted sum: the reference, the
-    naive implementation, and the no-sync path of the strategy "full"."""
+    naive implementation, and the no-sync path of the strategy "full" (one
+    expert after another: on concurrent streams, K calls on every row would
+    hold K times the memory of one)."""
     out = torch.zeros_like(x)
     for k, expert in enumerate(experts):
         out = out + _column(weights[:, k], x) * expert(x, t, **(cond or {})).to(x.dtype)
@@ -165,14 +177,15 @@ def last_weights(state: RoutingState, num_experts: int) -> torch.Tensor:
 
 def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: RoutingState,
                     counter: CallCounter | None = None, cond: Cond | None = None,
-                    router_every: int = 1, router_cond: Cond | None = None) -> Field:
+                    router_every: int = 1, router_cond: Cond | None = None, concurrent: bool = False) -> Field:
     """The DDM's velocity field for a solver: route, combine, remember x0_hat.
 
     `cond` (per-row conditioning, e.g. class labels) is passed to the experts;
     `router_cond` to the router (a label-conditional router p(k | x_t, t, y)).
     `router_every` = m calls the router (and applies the strategy and plans the
     dispatch) on evaluations 0, m, 2m, ... and reuses that routing in between;
-    m = 1 (the default) routes at every evaluation."""
+    m = 1 (the default) routes at every evaluation. `concurrent` runs the
+    sparse experts of a step on concurrent CUDA streams (ddmkit.routing.streams)."""
     if router_every < 1:
         raise ValueError(f"router_every must be >= 1, got {router_every}")
     dense = _is_dense(strategy)
@@ -201,7 +214,7 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
         if plan is None:
             v = combine_dense(experts, w, x, t, cond, counter)
         else:
-            v = apply_plan(experts, plan, x, t, counter, cond)
+            v = apply_plan(experts, plan, x, t, counter, cond, concurrent)
         state.x0_hat = x0_from_velocity(v, x, t)
         state.extra["last_weights"] = w  # dense (B, K) or a selection; last_weights() gives (B, K)
         return v

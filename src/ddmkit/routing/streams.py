@@ -1,0 +1,61 @@
+"""The experts' calls of one step on concurrent CUDA streams.
+
+A sparse step calls K experts on about B/K rows each. One after another on
+one stream, each small call leaves much of the GPU idle, so top-1 costs more
+than the monolith's one call on B rows, with the same arithmetic. Each
+expert on its own stream lets the GPU overlap their kernels. On an H100,
+K = 8 UNet experts on the groups of a batch of 4096 rows: top-1 in sampling
+1.17x the monolith one after another, 1.10x on 8 streams. It pays only
+where the calls are bound by the GPU, not by the host's kernel launches:
+the sparse combiner uses streams when its calls average at least 256 rows
+(`combine.CONCURRENT_MIN_ROWS`); below that they cost more than they save
+(top-1 at batch 1024: 1.53 -> 1.70x; `benchmarks/sampling.py --graphs
+--fresh`, `benchmarks/streams.py`, docs/PERFORMANCE.md).
+
+    outs = call_concurrently([lambda: experts[k](x_k, t_k) for k ...], keys=[k ...], device=x.device)
+
+Expert k always runs on the same stream (its key), so whatever it caches
+(autocast's bf16 weights) stays on one stream. The current stream waits for
+all of them before it reads the outputs, which are then marked as used by
+it (`record_stream`), so the allocator does not hand their memory back to
+the side stream too early. The inputs were made on the current stream and
+are freed after that wait, so no side stream can still be reading them.
+The results are those of the calls one after another, to the bit: the
+same kernels on the same rows.
+
+Off the GPU, for one call, or while the current stream is being captured
+into a CUDA graph, the calls run one after another as usual.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+_STREAMS: dict = {}  # (device, key) -> the side stream of that key
+
+
+def side_stream(device: torch.device, key: int) -> torch.cuda.Stream:
+    """The stream that calls with this key run on (one per device and key, made once)."""
+    stream = _STREAMS.get((device, key))
+    if stream is None:
+        stream = _STREAMS[device, key] = torch.cuda.Stream(device)
+    return stream
+
+
+def call_concurrently(calls: Sequence[Callable[[], torch.Tensor]], keys: Sequence[int],
+                      device: torch.device) -> list[torch.Tensor]:
+    """[call() for call in calls], call i on the side stream of keys[i] when on a GPU."""
+    if device.type != "cuda" or len(calls) < 2 or torch.cuda.is_current_stream_capturing():
+        return [call() for call in calls]
+    main = torch.cuda.current_stream(device)
+    streams = [side_stream(device, key) for key in keys]
+    outs = []
+    for call, stream in zip(calls, streams):
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            outs.append(call())
+    for stream, out in zip(streams, outs):
+        main.wait_stream(stream)
+        out.record_stream(main)
+    return outs
