@@ -81,7 +81,8 @@ def test_rerun_skips_finished_stages_and_is_deterministic(tiny_run, tmp_path):
 
 def test_sample_section_speed_options_reach_the_sampler(tiny_run, tmp_path):
     """sample.router_every = m calls the router ceil(steps / m) times per trajectory and is refused
-    below 1, naming the field; sample.cuda_graphs on the CPU gives the same samples as without."""
+    below 1, naming the field; sample.cuda_graphs and cuda_streams on the CPU give the same samples as
+    without (the CLI flags too)."""
     from ddmkit.io import load_tensors
     from ddmkit.pipeline.run import sample_file, sample_one
 
@@ -108,11 +109,12 @@ def test_sample_section_speed_options_reach_the_sampler(tiny_run, tmp_path):
     assert info["router_calls"] == 2 * 2  # evaluations 0 and 4 of 8, in each of 2 chunks of 150 rows
     refused = cli("sample", run, "--strategy", "top-2", "--router-every", "0")
     assert refused.returncode == 2 and "router_every" in refused.stderr
-    for flag in ("--cuda-graphs", "--no-cuda-graphs"):  # on the CPU the graphs are off: the same samples
+    drawn = {}
+    for flag in ("--cuda-graphs", "--no-cuda-graphs", "--cuda-streams", "--no-cuda-streams"):
         assert cli("sample", run, "--strategy", "top-1", "--n", "300", flag).returncode == 0
-        drawn = load_tensors(sample_file(run, "top-1"))["x"]
-        assert flag == "--cuda-graphs" or torch.equal(drawn, graphed)
-        graphed = drawn
+        drawn[flag] = load_tensors(sample_file(run, "top-1"))["x"]
+    first = drawn.pop("--cuda-graphs")  # on the CPU graphs and streams are off: the same samples every time
+    assert all(torch.equal(first, x) for x in drawn.values())
 
 
 def test_cli_step_by_step(tmp_path):
