@@ -32,6 +32,9 @@ per layer), "after" (the current forward), "grouped" (ddmkit.routing.grouped.Gro
 pass over the rows of all active experts) and "compiled" (every network under torch.compile).
 --breakdown times one routed evaluation (top-1, top-2) part by part: router, strategy, plan, gather,
 expert calls, scatter, x0_hat, the whole, and one monolith forward.
+--graphs times the GPU dispatches side by side: eager, eager with the experts on concurrent CUDA
+streams (as sample_ddm does when the calls average >= 256 rows), padded, and replayed from CUDA graphs
+(measure_graphs says which). The main table calls the experts one after another, unpadded.
 """
 from __future__ import annotations
 
