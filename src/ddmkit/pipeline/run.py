@@ -66,7 +66,7 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
             if "config" in old and trained_digest(old["config"]) == trained_digest(cfg.model_dump()):
                 new = cfg.model_dump()
                 changed = [name for name in ("sample", "evaluate") if old["config"].get(name) != new[name]]
-                log(f"{run}: [{'], ['.join(changed)}] changed; the trained networks are kept, "
+                log(f"{run}: the {' and '.join(changed)} settings changed; the trained networks are kept, "
                     "samples and scores are drawn again")
                 for name in DERIVED:
                     path = run / name
