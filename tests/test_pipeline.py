@@ -264,3 +264,18 @@ def test_sampling_in_batches_bounds_memory_not_results():
         sample_ddm(ddm, "top-2", n, steps=2, batch_size=7, callback=lambda step: None)
     with pytest.raises(ValueError, match="batch_size"):
         sample_ddm(ddm, "top-2", n, steps=2, batch_size=0)
+
+
+def test_cli_messages_print_brackets_as_they_are(capsys, monkeypatch):
+    """rich reads '[word]' as markup: log lines and errors must not lose '[sample]' or 'ddmkit[ray]'."""
+    import ddmkit.cli as cli_module
+
+    cli_module.log("the [sample] settings, sizes [3, 4]")
+    assert "the [sample] settings, sizes [3, 4]" in capsys.readouterr().err
+
+    def failing():
+        raise DDMError("backend 'ray' needs Ray: pip install 'ddmkit[ray]'")
+    monkeypatch.setattr(cli_module, "app", failing)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main()
+    assert exit_info.value.code == 2 and "pip install 'ddmkit[ray]'" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ddmkit.errors import DDMError
 
@@ -20,7 +21,8 @@ console = Console(stderr=True)
 
 
 def log(msg: str) -> None:
-    console.print(msg, highlight=False, soft_wrap=True)
+    """A progress line on stderr, printed as it is (no rich markup: '[sample]' or 'ddmkit[ray]' stay)."""
+    console.print(msg, highlight=False, soft_wrap=True, markup=False)
 
 
 def _config(config: Optional[Path], run: Optional[Path] = None):
@@ -247,7 +249,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="output folder
     check_backend(backend)
     result = run_pipeline(load_config(builtin_config("demo")).with_seed(seed), out, force, log, backend, workers)
     _print_summary(result)
-    log(f"[bold green]demo finished[/]: open {out / 'report.md'}")
+    console.print(f"[bold green]demo finished[/]: open {escape(str(out / 'report.md'))}", highlight=False, soft_wrap=True)
 
 
 def _print_summary(result: dict) -> None:
@@ -285,5 +287,5 @@ def main() -> None:
     try:
         app()
     except DDMError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ddmkit.errors import DDMError
@@ -20,7 +21,7 @@ console = Console()
 
 
 def _fail(e: DDMError):
-    console.print(f"[red]error:[/red] {e}")
+    console.print(f"[red]error:[/red] {escape(str(e))}")
     raise typer.Exit(2)
 
 
@@ -41,7 +42,7 @@ def run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar' or '
     for name, row in report["bits_per_byte"].items():
         table.add_row(name, f"{row['all']:.3f}")
     console.print(table)
-    console.print(f"report: {folder / 'report.md'}")
+    console.print(f"report: {folder / 'report.md'}", markup=False)
 
 
 @app.command()
