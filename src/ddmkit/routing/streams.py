@@ -23,6 +23,10 @@ are freed after that wait, so no side stream can still be reading them.
 The results are those of the calls one after another, to the bit: the
 same kernels on the same rows.
 
+Memory: the calls' activations are alive at the same time, so a top-k
+step holds about k monolith calls' worth on the batch, where one after
+another it held one expert call's (sample_ddm's batch_size bounds it).
+
 Off the GPU, for one call, or while the current stream is being captured
 into a CUDA graph, the calls run one after another as usual.
 """
