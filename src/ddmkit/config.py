@@ -158,7 +158,12 @@ class RunConfig(Section):
 
     def digest(self) -> str:
         """Hash of the settings that decide the run's contents."""
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(self.model_dump())
+
+
+def json_digest(obj) -> str:
+    """A short hash of a JSON-able object (keys sorted): equal settings, equal digest."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _explain(err: ValidationError, source: str) -> str:

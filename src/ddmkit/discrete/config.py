@@ -7,14 +7,12 @@ configs/text_dfm.toml); that key is how `ddmkit run` tells it from a vector run.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ddmkit.config import Section, TrainConfig, read_toml, tomllib, validate
+from ddmkit.config import Section, TrainConfig, json_digest, read_toml, tomllib, validate
 from ddmkit.errors import DDMError
 
 KINDS = ("text_ar", "text_dfm")
@@ -145,7 +143,7 @@ class TextRunConfig(Section):
         """Hash of the named sections (all when none): decides whether a stage can be reused."""
         dump = self.model_dump()
         part = {s: dump[s] for s in sections} if sections else dump
-        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(part)
 
 
 def load_text_config(path: str | Path) -> TextRunConfig:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 
-from ddmkit.config import RunConfig
+from ddmkit.config import RunConfig, json_digest
 from ddmkit.data import load_dataset
 from ddmkit.data.images import is_image_shape
 from ddmkit.data.partition import load_partition, partition_data
@@ -44,11 +44,7 @@ DERIVED = ("samples", "eval", "analysis", "plots", "report.md", "metrics.json") 
 
 def trained_digest(config: dict) -> str:
     """Hash of the config sections that decide the data, the partition and the trained networks."""
-    import hashlib
-    import json
-
-    part = {name: config.get(name) for name in TRAINED}
-    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest({name: config.get(name) for name in TRAINED})
 
 
 def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: Log = print) -> Path:
@@ -62,9 +58,9 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
     saved = run / "config.json"
     if saved.exists():
         old = read_json(saved)
+        new = cfg.model_dump()
         if old.get("digest") != cfg.digest():
-            if "config" in old and trained_digest(old["config"]) == trained_digest(cfg.model_dump()):
-                new = cfg.model_dump()
+            if "config" in old and trained_digest(old["config"]) == trained_digest(new):
                 changed = [name for name in ("sample", "evaluate") if old["config"].get(name) != new[name]]
                 log(f"{run}: the {' and '.join(changed)} settings changed; the trained networks are kept, "
                     "samples and scores are drawn again")

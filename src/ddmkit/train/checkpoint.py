@@ -9,12 +9,11 @@ JSON string in the file's metadata. No pickle, no torch.save.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 
+from ddmkit.config import json_digest
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, read_metadata, save_tensors
 
@@ -26,8 +25,7 @@ def fingerprint(cfg_dump: dict, model: torch.nn.Module, description: str) -> str
     checkpoint cadence and device) and the parameter names and shapes."""
     settings = {k: v for k, v in cfg_dump.items() if k not in ("checkpoint_every", "device")}
     shapes = {name: list(p.shape) for name, p in model.state_dict().items()}
-    blob = json.dumps({"settings": settings, "shapes": shapes, "description": description}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json_digest({"settings": settings, "shapes": shapes, "description": description})
 
 
 def _flat(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
