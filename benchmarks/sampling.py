@@ -302,7 +302,8 @@ def fresh_noise(run, seed: int):
 
     def call(x1, ts):
         gen = gens.setdefault(x1.device, torch.Generator(device=x1.device).manual_seed(seed))
-        return run(torch.randn(x1.shape, generator=gen, device=x1.device, dtype=x1.dtype), ts)
+        noise = torch.randn(x1.shape, generator=gen, device=x1.device, dtype=x1.dtype)
+        return run(noise if x1.is_contiguous() else noise.contiguous(memory_format=torch.channels_last), ts)
     return call
 
 
@@ -321,23 +322,26 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     """top-1, top-2, full and the monolith, eager and with every network (experts, router, monolith)
     replayed from CUDA graphs (ddmkit.sample.graphs: rows padded to 8 buckets per octave, calls of more
     than --graph-max-rows rows padded and eager), interleaved: "graphs" with one set of graphs per
-    expert, "shared" with one set for all experts (shared_graphs: what sample_ddm(cuda_graphs=True) does),
-    "streams" eager with the experts of a step on concurrent CUDA streams.
+    expert, "shared" with one set for all experts (shared_graphs: sample_ddm(cuda_graphs=True,
+    cuda_streams=False)), "streams" eager with the experts of a step on concurrent CUDA streams,
+    "graphs on streams" a set of graphs per expert, each in its own pool, on concurrent streams
+    (graphs_per_expert: what sample_ddm(cuda_graphs=True) does with cuda_streams, the default).
     --fresh: every run from new noise; the variants "padded" (every expert call padded to its bucket
     size, eagerly: what sample_ddm did on a GPU without graphs), "streams" (the same on concurrent
     streams: what sample_ddm does now), "streams, router graph" (and the router replayed from its
     graphs) and, for each --buckets S:L,
-    "padded S:L", "graphs S:L" and "shared S:L" (calls of at most --graph-max-rows rows padded to S
+    "padded S:L", "graphs S:L", "shared S:L" and "graphs on streams S:L" (calls of at most --graph-max-rows rows padded to S
     buckets per octave, larger ones to L; graphs, shared: the small calls graphed); full runs only
     eagerly (it has no sparse calls), and --warm-runs fresh runs of every method come before the
     timed ones (the one-time cost of new sizes: cuDNN plans and graph captures)."""
-    from ddmkit.sample.graphs import GraphedCall, padded, shared_graphs
+    from ddmkit.sample.graphs import GraphedCall, graphs_per_expert, padded, shared_graphs
     nets, router_net, shape = build_nets(args.experts, k, args, device)
     eager = ([as_field(e) for e in nets], as_router(router_net), as_field(build_nets(args.experts, 1, args, device)[0][0]))
     graphs = ([GraphedCall(f, max_rows=args.graph_max_rows) for f in eager[0]], GraphedCall(eager[1], max_rows=None),
               GraphedCall(eager[2], max_rows=args.graph_max_rows))  # the router at any batch, as sample_ddm does
     shared = (shared_graphs(eager[0], max_rows=args.graph_max_rows), graphs[1], graphs[2])
-    variants = {"eager": eager, "streams": eager, "graphs": graphs, "shared": shared}
+    on_streams = (graphs_per_expert(eager[0], max_rows=args.graph_max_rows), graphs[1], graphs[2])
+    variants = {"eager": eager, "streams": eager, "graphs": graphs, "shared": shared, "graphs on streams": on_streams}
     if args.fresh:
         pad = [padded(f) for f in eager[0]]
         variants = {"eager": eager, "padded": (pad, eager[1], eager[2]), "streams": (pad, eager[1], eager[2]),
@@ -348,15 +352,19 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
                 [bucketed_calls(f, small, large, args.graph_max_rows, False) for f in eager[0]], eager[1], eager[2])
         variants["graphs"] = graphs
         variants["shared"] = shared
+        variants["graphs on streams"] = on_streams
         for small, large in specs:
             variants[f"graphs {small}:{large}"] = (
                 [bucketed_calls(f, small, large, args.graph_max_rows, True) for f in eager[0]], graphs[1], graphs[2])
             variants[f"shared {small}:{large}"] = (shared_graphs(eager[0], max_rows=args.graph_max_rows, per_octave=small,
                                                                  large_per_octave=large), graphs[1], graphs[2])
+            variants[f"graphs on streams {small}:{large}"] = (
+                graphs_per_expert(eager[0], max_rows=args.graph_max_rows, per_octave=small, large_per_octave=large),
+                graphs[1], graphs[2])
     names = ["top-1", "top-2", "full", "monolith"]
     methods = {}
     for tag, (experts, router, mono) in variants.items():
-        methods.update({f"{tag} {n}": routed_method(experts, router, n, concurrent=tag.startswith("streams"))
+        methods.update({f"{tag} {n}": routed_method(experts, router, n, concurrent="streams" in tag)
                         for n in names[:3]
                         if not (args.fresh and n == "full" and tag != "eager")})
         methods[f"{tag} monolith"] = monolith_method(mono)

@@ -76,15 +76,20 @@ def test_concurrent_experts_equal_sequential_ones_to_the_bit_each_on_its_own_str
     assert len(set.union(*seen.values())) == 5  # one per expert
 
 
+def _ddm(k: int):
+    """A DDM of k MLP experts on the GPU with a linear router."""
+    from ddmkit.pipeline.ddm import DDM
+
+    router_net = torch.nn.Linear(6, k).cuda()
+    return DDM(experts=_experts(k, "cuda"), router=lambda x, t: torch.softmax(router_net(x) * 4, dim=1),
+               prior=torch.full((k,), 1 / k), data_shape=(6,))
+
+
 @gpu
 def test_sample_ddm_with_and_without_streams_gives_the_same_samples():
-    from ddmkit.pipeline.ddm import DDM
     from ddmkit.pipeline.sampling import sample_ddm
 
-    experts = _experts(4, "cuda")
-    router_net = torch.nn.Linear(6, 4).cuda()
-    ddm = DDM(experts=experts, router=lambda x, t: torch.softmax(router_net(x) * 4, dim=1),
-              prior=torch.full((4,), 0.25), data_shape=(6,))
+    ddm = _ddm(4)
     for strategy in ("top-1", "top-2", "sample-2"):
         a, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda", autocast="bfloat16", cuda_streams=False)
         b, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda", autocast="bfloat16", cuda_streams=True)
@@ -106,3 +111,72 @@ def test_small_calls_stay_on_the_current_stream():
     with torch.no_grad():
         apply_plan([watched(k) for k in range(4)], make_plan(w), x, t, concurrent=True)
     assert set(streams) == {torch.cuda.current_stream().cuda_stream}
+
+
+# ---------------------------------------------------------------- a set of graphs per expert, on streams
+
+def test_graphs_per_expert_keep_a_set_of_graphs_and_a_pool_per_expert_and_off_the_gpu_call_it_directly():
+    from ddmkit.pipeline.sampling import dispatch_networks
+    from ddmkit.sample.graphs import GraphedCall, eager_only
+
+    experts = _experts(3, "cpu")
+    experts[2] = eager_only(experts[2])
+    calls, _ = dispatch_networks(experts, lambda x, t: torch.ones(len(x), 3) / 3, "cpu", cuda_graphs=True,
+                                 cuda_streams=True)
+    assert all(isinstance(c, GraphedCall) and c.own_pool for c in calls[:2]) and calls[0] is not calls[1]
+    assert calls[2] is experts[2]  # never graphed
+    again, _ = dispatch_networks(experts, lambda x, t: x, "cpu", cuda_graphs=True, cuda_streams=True)
+    assert again[:2] == calls[:2]  # kept per expert, for later sampling calls
+    x, t = torch.randn(9, 6), torch.rand(9)
+    with torch.no_grad():
+        assert all(torch.equal(c(x, t), e(x, t)) for c, e in zip(calls, experts))
+
+
+def test_graphed_experts_overlap_at_any_size_and_eager_ones_from_the_threshold():
+    from ddmkit.routing.combine import CONCURRENT_MIN_ROWS, _overlaps
+    from ddmkit.sample.graphs import graphs_per_expert
+
+    experts = _experts(2, "cpu")
+    w = torch.eye(2)[torch.arange(40) % 2]  # 20 rows per expert
+    plan = make_plan(w)
+    assert CONCURRENT_MIN_ROWS > 20 and not _overlaps(experts, plan)
+    assert _overlaps(graphs_per_expert(experts), plan)
+    big = make_plan(torch.eye(2)[torch.arange(2 * CONCURRENT_MIN_ROWS) % 2])
+    assert _overlaps(experts, big)
+
+
+@gpu
+def test_graphs_per_expert_on_streams_equal_them_one_after_another_to_the_bit():
+    from ddmkit.sample.graphs import graphs_per_expert
+
+    experts = _experts(5, "cuda")
+    calls = graphs_per_expert(experts)
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    with torch.no_grad():
+        for autocast in (False, True):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                for b in (7, 300, 300, 2000):  # 2000: calls above 256 rows run eagerly, padded
+                    x, t = torch.randn(b, 6, device="cuda", generator=gen), torch.rand(b, device="cuda", generator=gen)
+                    y = torch.randint(0, 3, (b,), device="cuda", generator=gen)
+                    w = torch.softmax(torch.randn(b, 5, device="cuda", generator=gen) * 3, dim=1)
+                    plan = make_plan(w * (w >= w.topk(2, dim=1).values[:, 1:]))
+                    together = apply_plan(calls, plan, x, t, cond={"y": y}, concurrent=True)
+                    torch.cuda.synchronize()
+                    assert torch.equal(together, apply_plan(calls, plan, x, t, cond={"y": y}))
+                    eager = apply_plan(experts, plan, x, t, cond={"y": y})
+                    assert torch.allclose(together, eager, atol=3e-2 if autocast else 1e-5, rtol=0)
+    assert all(c.captures > 0 for c in calls)
+    assert len({id(c._pool[0]) for c in calls}) == 5  # a memory pool per expert
+
+
+@gpu
+def test_sample_ddm_with_graphs_on_streams_gives_the_samples_of_shared_graphs():
+    from ddmkit.pipeline.sampling import sample_ddm
+
+    ddm = _ddm(4)
+    for strategy in ("top-1", "top-2", "sample-2"):
+        eager, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda")
+        shared, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda", cuda_graphs=True, cuda_streams=False)
+        own, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda", cuda_graphs=True, cuda_streams=True)
+        assert torch.equal(own, shared), strategy
+        assert torch.allclose(own, eager, atol=1e-4, rtol=0), strategy

@@ -101,7 +101,7 @@ class SampleConfig(Section):
     cuda_graphs: bool = Field(False, description="on a GPU, replay the expert, router and monolith calls from CUDA "
                               "graphs (pays where calls are small: batches up to a few thousand rows)")
     cuda_streams: bool = Field(True, description="on a GPU, run the experts of a sparse step on concurrent CUDA "
-                               "streams (the same samples; not with cuda_graphs)")
+                               "streams (the same samples; with cuda_graphs, a set of graphs per expert)")
     strategies: list[str] = Field(default_factory=lambda: [
         "monolith", "full", "top-1", "top-2", "sample-1", "sample-2", "threshold-0.05",
         "nucleus-0.9", "switch", "oracle"])

@@ -15,7 +15,7 @@ import torch
 from ddmkit.pipeline.ddm import DDM
 from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
 from ddmkit.sample import get_solver, time_grid
-from ddmkit.sample.graphs import graphed, padded, shared_graphs
+from ddmkit.sample.graphs import graphed, graphs_per_expert, padded, shared_graphs
 
 
 def start_noise(n: int, data_shape, seed: int, device="cpu") -> torch.Tensor:
@@ -63,8 +63,9 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
     to a few bucket sizes (ddmkit.sample.graphs; the graphs are kept for later calls); on a GPU
     the expert calls are padded to those sizes in any case (dispatch_networks);
     cuda_streams = True runs the experts of a sparse step on concurrent CUDA streams on a GPU
-    (ddmkit.routing.streams; the same samples to the bit), except with cuda_graphs, whose experts
-    share one set of graphs and so run one at a time;
+    (ddmkit.routing.streams; the same samples to the bit); with cuda_graphs too, each expert gets
+    a set of graphs of its own (graphs_per_expert: K captures per bucket), else the experts share
+    one set (shared_graphs) and run one at a time;
     cond = per-sample conditioning passed to the experts, e.g. {"y": class labels (n,)}; it reaches
     the router too when the DDM's router is label-conditional, and with labels the oracle draws
     each sample's cluster from p(cluster | label) (ddm.label_prior) instead of the cluster sizes;
@@ -83,7 +84,7 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
         prior = ddm.label_prior.to(x1.device)[cond["y"]]  # (n, K) p(cluster | y) per sample
     per_row_prior = prior is not None and prior.dim() == 2
     counter = CallCounter()
-    experts, router = dispatch_networks(ddm.experts, ddm.router, x1.device, cuda_graphs)
+    experts, router = dispatch_networks(ddm.experts, ddm.router, x1.device, cuda_graphs, cuda_streams)
     parts, nfe = [], []
     _sync(x1.device)
     start = time.perf_counter()
@@ -93,7 +94,7 @@ def sample_ddm(ddm: DDM, strategy: str, n: int, steps: int = 50, solver: str = "
             part_cond = _rows(cond, rows)
             field = routed_velocity(experts, router, strat, state, counter, cond=part_cond,
                                     router_every=router_every, router_cond=part_cond if ddm.router_conditional else None,
-                                    concurrent=cuda_streams and not cuda_graphs)
+                                    concurrent=cuda_streams)
             parts.append(_integrate_counted(field, x1[rows], steps, solver, callback, nfe))
     _sync(x1.device)
     wall = time.perf_counter() - start
@@ -109,15 +110,18 @@ def config_options(sample, routed: bool = True) -> dict:
     return {**options, "router_every": sample.router_every, "cuda_streams": sample.cuda_streams} if routed else options
 
 
-def dispatch_networks(experts: list, router, device, cuda_graphs: bool = False) -> tuple[list, object]:
+def dispatch_networks(experts: list, router, device, cuda_graphs: bool = False,
+                      cuda_streams: bool = False) -> tuple[list, object]:
     """The experts and router as sample_ddm calls them. With cuda_graphs, replayed from CUDA graphs
-    (experts: calls of up to 256 rows, larger ones padded, one set of graphs for experts of one
-    architecture, shared_graphs; the router at any batch). Without, on a GPU, every expert call
+    (experts: calls of up to 256 rows, larger ones padded; the router at any batch): with
+    cuda_streams a set of graphs per expert, each in its own memory pool, so that the experts can
+    replay at the same time on concurrent streams (graphs_per_expert); without, one set of graphs
+    for experts of one architecture (shared_graphs). Without cuda_graphs, on a GPU, every expert call
     padded to a bucket size (ddmkit.sample.graphs.padded, 8 per octave): the combiner's group
     sizes change at every step, and cuDNN plans each new batch size anew (about 55 ms a call for
     the image UNet on an H100); on the CPU, as they are."""
     if cuda_graphs:
-        return shared_graphs(experts), graphed(router, max_rows=None)
+        return (graphs_per_expert(experts) if cuda_streams else shared_graphs(experts)), graphed(router, max_rows=None)
     if torch.device(device).type == "cuda":
         return [padded(e) for e in experts], router
     return list(experts), router

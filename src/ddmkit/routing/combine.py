@@ -79,12 +79,14 @@ def plan_selection(experts: torch.Tensor, weights: torch.Tensor, num_experts: in
     """The plan of a sparse selection, experts (B, n) and weights (B, n): one host sync.
 
     A stable sort of the n B pairs by expert (so rows ascend within each
-    expert), pairs of zero weight sorted last (into a group K) and cut off."""
+    expert), pairs of zero weight sorted last (into a group K) and cut off.
+    The sort is queued before the sync, so the GPU sorts while the host waits."""
     n = experts.shape[1]
     flat_w = weights.reshape(-1)
     key = torch.where(flat_w != 0, experts.reshape(-1), num_experts)
+    order = key.argsort(stable=True)
     per_expert = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()  # the host sync
-    order = key.argsort(stable=True)[:sum(per_expert)]
+    order = order[:sum(per_expert)]
     return DispatchPlan(rows=order // n if n > 1 else order, weights=flat_w[order],
                         experts=[k for k, c in enumerate(per_expert) if c],
                         counts=[c for c in per_expert if c], unit=unit)
@@ -101,12 +103,20 @@ def _split_cond(cond: Cond | None, rows: torch.Tensor, counts: list[int]) -> lis
     return [{name: p[j] for name, p in parts.items()} for j in range(len(counts))]
 
 
+def _overlaps(experts: Sequence[Field], plan: DispatchPlan) -> bool:
+    """Whether a step's expert calls are worth running on concurrent streams: when they average at
+    least CONCURRENT_MIN_ROWS rows, or the experts' own `concurrent_min_rows` (graph replays, one
+    launch a call, overlap at any size: ddmkit.sample.graphs.graphs_per_expert)."""
+    least = getattr(experts[plan.experts[0]], "concurrent_min_rows", CONCURRENT_MIN_ROWS)
+    return sum(plan.counts) >= least * len(plan.counts)
+
+
 def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t: torch.Tensor,
                counter: CallCounter | None = None, cond: Cond | None = None,
                concurrent: bool = False) -> torch.Tensor:
     """One gather, one call per active expert, one weighted scatter-add. concurrent: on a GPU, each
-    expert on its own CUDA stream when the calls average at least CONCURRENT_MIN_ROWS rows
-    (ddmkit.routing.streams; the same results)."""
+    expert on its own CUDA stream when the calls average at least CONCURRENT_MIN_ROWS rows, or
+    at any size for graphed experts (_overlaps; ddmkit.routing.streams; the same results)."""
     if not plan.experts:
         return torch.zeros_like(x)
     xs = x.index_select(0, plan.rows).split(plan.counts)
@@ -117,7 +127,7 @@ def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t:
     conds = _split_cond(cond, plan.rows, plan.counts)
     calls = [lambda k=k, xk=xk, tk=tk, ck=ck: experts[k](xk, tk, **ck)
              for k, xk, tk, ck in zip(plan.experts, xs, ts, conds)]
-    if concurrent and sum(plan.counts) >= CONCURRENT_MIN_ROWS * len(plan.counts):
+    if concurrent and _overlaps(experts, plan):
         outs = call_concurrently(calls, plan.experts, x.device)
     else:
         outs = [call() for call in calls]

@@ -29,7 +29,8 @@ whole batch: sample_ddm graphs it at any batch (max_rows=None).
 All graphs of a device share one memory pool, so intermediate activations are
 held once, not once per graph. That is safe because the calls run one after
 another on one stream and every call copies its output before returning: no
-graph's output is read after another graph has run. Under autocast the
+graph's output is read after another graph has run. (A GraphedCall with
+own_pool=True has a pool of its own: the same holds among its own calls.) Under autocast the
 capture turns autocast's weight cache off (the cache would outlive the
 capture); the cast kernels become part of the graph.
 
@@ -52,6 +53,13 @@ sample_ddm uses): a call copies its expert's weights into a template network
 and replays the template's graph for the bucket, so a bucket costs one
 capture, not one per expert (K = 8, batch 1024, new sizes at every step on an
 H100: 24 captures instead of 91, top-1 1.20x the monolith instead of 1.30x).
+
+With the experts of a step on concurrent CUDA streams (sample_ddm's cuda_streams, the default),
+each expert gets a set of graphs of its own instead, in a memory pool of its own (`graphs_per_expert`),
+so that replays of different experts may overlap: K captures per bucket again. On an H100 (K = 8 UNet
+experts, new sizes at every step) that made graphed top-1 1.48-1.50x the monolith instead of
+1.75-1.81x at batch 256 and 1.10-1.11x instead of 1.17x at 4096; at 1024 both give 1.18-1.21x
+(docs/PERFORMANCE.md, "A set of graphs per expert, on streams").
 
 A network that cannot be captured (its forward reads a value on the host, for
 instance) makes the first capture fail: a warning says why, and from then on
@@ -78,14 +86,20 @@ _POOLS: dict = {}  # device -> (the shared graph memory pool, a graph that keeps
 _DISABLED: dict = {}  # device -> why a capture failed there (graphs are then off on that device)
 
 
+def _new_pool(device: torch.device) -> tuple:
+    """A graph memory pool, held by a one-kernel graph captured into it: (pool, anchor, scratch). A pool
+    is released when no graph uses it any more (a later capture into it would fail), so whoever keeps
+    this tuple keeps the pool."""
+    pool, anchor, scratch = torch.cuda.graph_pool_handle(), torch.cuda.CUDAGraph(), torch.zeros(1, device=device)
+    with torch.cuda.graph(anchor, pool=pool):
+        scratch.add_(1)
+    return pool, anchor, scratch
+
+
 def _shared_pool(device: torch.device):
-    """The device's graph memory pool. A pool is released when no graph uses it any more (a later
-    capture into it would fail), so a one-kernel graph captured first holds it for the process."""
+    """The device's shared graph memory pool (held for the process)."""
     if device not in _POOLS:
-        pool, anchor, scratch = torch.cuda.graph_pool_handle(), torch.cuda.CUDAGraph(), torch.zeros(1, device=device)
-        with torch.cuda.graph(anchor, pool=pool):
-            scratch.add_(1)
-        _POOLS[device] = (pool, anchor, scratch)
+        _POOLS[device] = _new_pool(device)
     return _POOLS[device][0]
 
 
@@ -147,14 +161,20 @@ class GraphedCall:
     (None: no limit; on the CPU, fn).
     `captures` counts the graphs captured (each costs `warmup` eager calls and one capture).
     capture=False keeps the padding and buffers but calls fn eagerly on them, on any device: what
-    the graphs compute, checkable on a CPU."""
+    the graphs compute, checkable on a CPU.
+    own_pool=True captures into a memory pool of this call's own instead of the device's shared one:
+    its graphs may then replay at the same time as other calls' graphs, on another stream
+    (graphs_per_expert); its calls must still run one at a time."""
 
     def __init__(self, fn: Callable, per_octave: int = 8, warmup: int = 2, capture: bool = True,
-                 max_rows: int | None = 256, large_per_octave: int = 8):
+                 max_rows: int | None = 256, large_per_octave: int = 8, own_pool: bool = False):
         self.fn, self.per_octave, self.warmup, self.capture = fn, per_octave, warmup, capture
-        self.max_rows, self.large_per_octave = max_rows, large_per_octave
+        self.max_rows, self.large_per_octave, self.own_pool = max_rows, large_per_octave, own_pool
         self.entries: dict[tuple, _Entry] = {}
         self.captures = 0
+        self._pool = None  # own_pool: _new_pool(), made at the first capture
+        if own_pool:  # replays may overlap other experts' at any size (ddmkit.routing.combine._overlaps)
+            self.concurrent_min_rows = 1
         self.padded = padded(fn, large_per_octave, large_per_octave)  # the calls above max_rows on a GPU
 
     def route(self, x: torch.Tensor) -> str:
@@ -219,14 +239,18 @@ class GraphedCall:
             for _ in range(self.warmup):
                 self.fn(sx, st, **sc)
         torch.cuda.current_stream().wait_stream(side)
+        if self.own_pool and self._pool is None:
+            self._pool = _new_pool(x.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=_shared_pool(x.device)), torch.no_grad(), no_cache():
+        pool = self._pool[0] if self.own_pool else _shared_pool(x.device)
+        with torch.cuda.graph(graph, pool=pool), torch.no_grad(), no_cache():
             out = self.fn(sx, st, **sc)
         self.captures += 1
         return _Entry(graph, sx, st, sc, out)
 
 
-def graphed(fn: Callable, per_octave: int = 8, max_rows: int | None = 256, large_per_octave: int = 8) -> GraphedCall:
+def graphed(fn: Callable, per_octave: int = 8, max_rows: int | None = 256, large_per_octave: int = 8,
+            own_pool: bool = False) -> GraphedCall:
     """The GraphedCall of fn, created once per function and settings (its graphs are kept while fn lives).
 
     A plain function keeps its GraphedCall as an attribute, so both are freed together (the call refers
@@ -236,9 +260,9 @@ def graphed(fn: Callable, per_octave: int = 8, max_rows: int | None = 256, large
         return fn
     function = isinstance(fn, types.FunctionType)
     call = vars(fn).get("_graphed_call") if function else _GRAPHED.get(fn)
-    settings = (per_octave, max_rows, large_per_octave)
-    if call is None or (call.per_octave, call.max_rows, call.large_per_octave) != settings:
-        call = GraphedCall(fn, per_octave, max_rows=max_rows, large_per_octave=large_per_octave)
+    settings = (per_octave, max_rows, large_per_octave, own_pool)
+    if call is None or (call.per_octave, call.max_rows, call.large_per_octave, call.own_pool) != settings:
+        call = GraphedCall(fn, per_octave, max_rows=max_rows, large_per_octave=large_per_octave, own_pool=own_pool)
         if function:
             fn._graphed_call = call
         else:
@@ -349,3 +373,25 @@ def _bound(call: GraphedCall, targets: list[torch.Tensor], field: Callable) -> C
         return call(x, t, **cond)
     expert.graphs = call  # the shared GraphedCall (its captures, its entries)
     return expert
+
+
+# ---------------------------------------------------------------- a set of graphs per expert, for concurrent streams
+
+def graphs_per_expert(fields: list[Callable], max_rows: int | None = 256, per_octave: int = 8,
+                      large_per_octave: int = 8) -> list[Callable]:
+    """The fields replayed from CUDA graphs, a set of graphs per field, each set in a memory pool of its
+    own, so that the sparse combiner may replay them at the same time on concurrent streams
+    (ddmkit.routing.streams: expert k always on stream k, so a set's calls still run one at a time).
+
+    Against shared_graphs: K captures per bucket instead of one (a long sampling job amortises them),
+    and K pools, each holding its expert's largest graphed call (at most max_rows rows), instead of
+    one; in return the experts' kernels overlap. The GraphedCalls carry `concurrent_min_rows` = 1:
+    a graph replay is one launch, so overlapping pays at any call size, where eager calls of fewer
+    than combine.CONCURRENT_MIN_ROWS rows are bound by their launches. Kept per field (graphed)."""
+    out = []
+    for field in fields:
+        if is_eager_only(field):
+            out.append(field)
+            continue
+        out.append(graphed(field, per_octave, max_rows, large_per_octave, own_pool=True))
+    return out
