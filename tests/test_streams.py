@@ -132,17 +132,19 @@ def test_graphs_per_expert_keep_a_set_of_graphs_and_a_pool_per_expert_and_off_th
         assert all(torch.equal(c(x, t), e(x, t)) for c, e in zip(calls, experts))
 
 
-def test_graphed_experts_overlap_at_any_size_and_eager_ones_from_the_threshold():
-    from ddmkit.routing.combine import CONCURRENT_MIN_ROWS, _overlaps
+def test_graphed_experts_overlap_at_any_size_and_eager_ones_from_the_threshold_to_the_ceiling():
+    from ddmkit.routing.combine import CONCURRENT_MAX_ROWS, CONCURRENT_MIN_ROWS, _overlaps
     from ddmkit.sample.graphs import graphs_per_expert
 
     experts = _experts(2, "cpu")
-    w = torch.eye(2)[torch.arange(40) % 2]  # 20 rows per expert
-    plan = make_plan(w)
-    assert CONCURRENT_MIN_ROWS > 20 and not _overlaps(experts, plan)
-    assert _overlaps(graphs_per_expert(experts), plan)
-    big = make_plan(torch.eye(2)[torch.arange(2 * CONCURRENT_MIN_ROWS) % 2])
-    assert _overlaps(experts, big)
+
+    def plan(rows_per_expert):
+        return make_plan(torch.eye(2)[torch.arange(2 * rows_per_expert) % 2])
+    assert CONCURRENT_MIN_ROWS > 20 and not _overlaps(experts, plan(20))
+    assert _overlaps(graphs_per_expert(experts), plan(20))
+    assert _overlaps(experts, plan(CONCURRENT_MIN_ROWS)) and _overlaps(experts, plan(CONCURRENT_MAX_ROWS))
+    assert not _overlaps(experts, plan(CONCURRENT_MAX_ROWS + 1))  # large calls fill the GPU alone
+    assert not _overlaps(graphs_per_expert(experts), plan(CONCURRENT_MAX_ROWS + 1))
 
 
 @gpu
@@ -180,3 +182,29 @@ def test_sample_ddm_with_graphs_on_streams_gives_the_samples_of_shared_graphs():
         own, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda", cuda_graphs=True, cuda_streams=True)
         assert torch.equal(own, shared), strategy
         assert torch.allclose(own, eager, atol=1e-4, rtol=0), strategy
+
+
+@gpu
+def test_each_experts_graphs_are_captured_on_that_experts_stream(monkeypatch):
+    """A captured matrix product keeps the cuBLAS workspace of the stream it was captured on. Captured on
+    one stream, several experts' graphs share one workspace and race on it when replayed at once: the
+    GPU hung in the sample_ddm test above (4 of 5 runs on an H100) until each expert captured on its own."""
+    from ddmkit.routing.streams import side_stream
+    from ddmkit.sample.graphs import graphs_per_expert
+
+    captured_on = []
+
+    class watched(torch.cuda.graph):
+        def __init__(self, cuda_graph, pool=None, stream=None, **kwargs):
+            captured_on.append(None if stream is None else stream.cuda_stream)
+            super().__init__(cuda_graph, pool=pool, stream=stream, **kwargs)
+    monkeypatch.setattr(torch.cuda, "graph", watched)
+    calls = graphs_per_expert(_experts(3, "cuda"))
+    x, t = torch.randn(20, 6, device="cuda"), torch.rand(20, device="cuda")
+    with torch.no_grad():
+        for call in calls:
+            call(x, t)
+    device = x.device
+    assert sorted(s for s in captured_on if s is not None) == sorted(side_stream(device, k).cuda_stream
+                                                                      for k in range(3))
+    assert captured_on.count(None) == 3  # the one-kernel graphs that hold each expert's pool

@@ -6,11 +6,13 @@ than the monolith's one call on B rows, with the same arithmetic. Each
 expert on its own stream lets the GPU overlap their kernels. On an H100,
 K = 8 UNet experts on the groups of a batch of 4096 rows: top-1 in sampling
 1.17x the monolith one after another, 1.10x on 8 streams. It pays only
-where the calls are bound by the GPU, not by the host's kernel launches:
-the sparse combiner uses streams when its calls average at least 256 rows
-(`combine.CONCURRENT_MIN_ROWS`); below that they cost more than they save
-(top-1 at batch 1024: 1.53 -> 1.70x; `benchmarks/sampling.py --graphs
---fresh`, `benchmarks/streams.py`, docs/PERFORMANCE.md).
+where the calls are bound by the GPU, not by the host's kernel launches,
+and leave it room: the sparse combiner uses streams when its calls average
+256 to 2048 rows (`combine.CONCURRENT_MIN_ROWS`, `CONCURRENT_MAX_ROWS`;
+graph replays from 1 row). Below, they cost more than they save (top-1 at
+batch 1024: 1.53 -> 1.70x); above, one call fills the GPU (the image DDM's
+guided top-2, 2500 rows a call: 9% slower on streams; `benchmarks/sampling.py
+--graphs --fresh`, `benchmarks/streams.py`, docs/PERFORMANCE.md).
 
     outs = call_concurrently([lambda: experts[k](x_k, t_k) for k ...], keys=[k ...], device=x.device)
 

@@ -30,7 +30,7 @@ All graphs of a device share one memory pool, so intermediate activations are
 held once, not once per graph. That is safe because the calls run one after
 another on one stream and every call copies its output before returning: no
 graph's output is read after another graph has run. (A GraphedCall with
-own_pool=True has a pool of its own: the same holds among its own calls.) Under autocast the
+a stream_key has a pool of its own: the same holds among its own calls.) Under autocast the
 capture turns autocast's weight cache off (the cache would outlive the
 capture); the cast kernels become part of the graph.
 
@@ -80,6 +80,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from ddmkit.routing.streams import side_stream
 
 _GRAPHED: "weakref.WeakKeyDictionary[Callable, GraphedCall]" = weakref.WeakKeyDictionary()  # not functions
 _POOLS: dict = {}  # device -> (the shared graph memory pool, a graph that keeps it alive)
@@ -162,18 +164,23 @@ class GraphedCall:
     `captures` counts the graphs captured (each costs `warmup` eager calls and one capture).
     capture=False keeps the padding and buffers but calls fn eagerly on them, on any device: what
     the graphs compute, checkable on a CPU.
-    own_pool=True captures into a memory pool of this call's own instead of the device's shared one:
-    its graphs may then replay at the same time as other calls' graphs, on another stream
-    (graphs_per_expert); its calls must still run one at a time."""
+    stream_key=k captures into a memory pool of this call's own instead of the device's shared one,
+    on the side stream of key k (ddmkit.routing.streams.side_stream: the stream the combiner runs
+    expert k on), instead of PyTorch's one capture stream: its graphs may then replay at the same
+    time as other calls' graphs, on other streams (graphs_per_expert); its calls must still run one
+    at a time. The stream matters: a captured matrix product keeps the cuBLAS workspace of the
+    stream it was captured on, so graphs of several experts captured on one stream share one
+    workspace, and replayed at the same time they race on it (on an H100 the GPU hung)."""
 
     def __init__(self, fn: Callable, per_octave: int = 8, warmup: int = 2, capture: bool = True,
-                 max_rows: int | None = 256, large_per_octave: int = 8, own_pool: bool = False):
+                 max_rows: int | None = 256, large_per_octave: int = 8, stream_key: int | None = None):
         self.fn, self.per_octave, self.warmup, self.capture = fn, per_octave, warmup, capture
-        self.max_rows, self.large_per_octave, self.own_pool = max_rows, large_per_octave, own_pool
+        self.max_rows, self.large_per_octave, self.stream_key = max_rows, large_per_octave, stream_key
+        self.own_pool = stream_key is not None
         self.entries: dict[tuple, _Entry] = {}
         self.captures = 0
         self._pool = None  # own_pool: _new_pool(), made at the first capture
-        if own_pool:  # replays may overlap other experts' at any size (ddmkit.routing.combine._overlaps)
+        if self.own_pool:  # replays may overlap other experts' at any size (ddmkit.routing.combine._overlaps)
             self.concurrent_min_rows = 1
         self.padded = padded(fn, large_per_octave, large_per_octave)  # the calls above max_rows on a GPU
 
@@ -243,14 +250,15 @@ class GraphedCall:
             self._pool = _new_pool(x.device)
         graph = torch.cuda.CUDAGraph()
         pool = self._pool[0] if self.own_pool else _shared_pool(x.device)
-        with torch.cuda.graph(graph, pool=pool), torch.no_grad(), no_cache():
+        stream = side_stream(x.device, self.stream_key) if self.own_pool else None
+        with torch.cuda.graph(graph, pool=pool, stream=stream), torch.no_grad(), no_cache():
             out = self.fn(sx, st, **sc)
         self.captures += 1
         return _Entry(graph, sx, st, sc, out)
 
 
 def graphed(fn: Callable, per_octave: int = 8, max_rows: int | None = 256, large_per_octave: int = 8,
-            own_pool: bool = False) -> GraphedCall:
+            stream_key: int | None = None) -> GraphedCall:
     """The GraphedCall of fn, created once per function and settings (its graphs are kept while fn lives).
 
     A plain function keeps its GraphedCall as an attribute, so both are freed together (the call refers
@@ -260,9 +268,10 @@ def graphed(fn: Callable, per_octave: int = 8, max_rows: int | None = 256, large
         return fn
     function = isinstance(fn, types.FunctionType)
     call = vars(fn).get("_graphed_call") if function else _GRAPHED.get(fn)
-    settings = (per_octave, max_rows, large_per_octave, own_pool)
-    if call is None or (call.per_octave, call.max_rows, call.large_per_octave, call.own_pool) != settings:
-        call = GraphedCall(fn, per_octave, max_rows=max_rows, large_per_octave=large_per_octave, own_pool=own_pool)
+    settings = (per_octave, max_rows, large_per_octave, stream_key)
+    if call is None or (call.per_octave, call.max_rows, call.large_per_octave, call.stream_key) != settings:
+        call = GraphedCall(fn, per_octave, max_rows=max_rows, large_per_octave=large_per_octave,
+                           stream_key=stream_key)
         if function:
             fn._graphed_call = call
         else:
@@ -380,18 +389,14 @@ def _bound(call: GraphedCall, targets: list[torch.Tensor], field: Callable) -> C
 def graphs_per_expert(fields: list[Callable], max_rows: int | None = 256, per_octave: int = 8,
                       large_per_octave: int = 8) -> list[Callable]:
     """The fields replayed from CUDA graphs, a set of graphs per field, each set in a memory pool of its
-    own, so that the sparse combiner may replay them at the same time on concurrent streams
-    (ddmkit.routing.streams: expert k always on stream k, so a set's calls still run one at a time).
+    own and captured on field k's stream, so that the sparse combiner may replay them at the same time
+    on concurrent streams (ddmkit.routing.streams: expert k always on stream k, so a set's calls still
+    run one at a time; GraphedCall's stream_key says why the capture stream matters).
 
     Against shared_graphs: K captures per bucket instead of one (a long sampling job amortises them),
     and K pools, each holding its expert's largest graphed call (at most max_rows rows), instead of
     one; in return the experts' kernels overlap. The GraphedCalls carry `concurrent_min_rows` = 1:
     a graph replay is one launch, so overlapping pays at any call size, where eager calls of fewer
     than combine.CONCURRENT_MIN_ROWS rows are bound by their launches. Kept per field (graphed)."""
-    out = []
-    for field in fields:
-        if is_eager_only(field):
-            out.append(field)
-            continue
-        out.append(graphed(field, per_octave, max_rows, large_per_octave, own_pool=True))
-    return out
+    return [field if is_eager_only(field) else graphed(field, per_octave, max_rows, large_per_octave, stream_key=k)
+            for k, field in enumerate(fields)]
