@@ -123,7 +123,7 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
                                                       "batches up to a few thousand rows; ignored on the CPU)"),
            cuda_streams: Optional[bool] = typer.Option(None, "--cuda-streams/--no-cuda-streams",
                                                        help="on a GPU, run a step's experts on concurrent CUDA "
-                                                       "streams (default on; not with --cuda-graphs)")):
+                                                       "streams (default on; with --cuda-graphs, a set of graphs per expert)")):
     """Sample with routing strategies; writes RUN/samples/STRATEGY.safetensors."""
     from ddmkit.config import RunConfig, validate
     from ddmkit.pipeline.run import sample_one

@@ -120,8 +120,8 @@ def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t:
                counter: CallCounter | None = None, cond: Cond | None = None,
                concurrent: bool = False) -> torch.Tensor:
     """One gather, one call per active expert, one weighted scatter-add. concurrent: on a GPU, each
-    expert on its own CUDA stream when the calls average at least CONCURRENT_MIN_ROWS rows, or
-    at any size for graphed experts (_overlaps; ddmkit.routing.streams; the same results)."""
+    expert on its own CUDA stream when the calls average CONCURRENT_MIN_ROWS (graphed experts: 1)
+    to CONCURRENT_MAX_ROWS rows (_overlaps; ddmkit.routing.streams; the same results)."""
     if not plan.experts:
         return torch.zeros_like(x)
     xs = x.index_select(0, plan.rows).split(plan.counts)
