@@ -50,9 +50,12 @@ def timed(fn, repeats: int, inner: int) -> float:
     return statistics.median(times)
 
 
-def capture(fn, *inputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """fn(*inputs) as a CUDA graph with its own memory pool (warm-up on a side stream first); the
-    caller keeps `inputs` alive for as long as the graph is replayed (it reads them in place)."""
+def capture(fn, *inputs, stream=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """fn(*inputs) as a CUDA graph with its own memory pool (warm-up on a side stream first), captured
+    on `stream` (None: PyTorch's capture stream). Graphs replayed at the same time must be captured on
+    different streams: a captured matrix product keeps its capture stream's cuBLAS workspace
+    (ddmkit.sample.graphs.GraphedCall). The caller keeps `inputs` alive for as long as the graph is
+    replayed (it reads them in place)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -60,7 +63,7 @@ def capture(fn, *inputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
             fn(*inputs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         out = fn(*inputs)
     return graph, out
 
@@ -103,7 +106,8 @@ def main() -> None:
             calls = [lambda e=e, xs=xs, ts=ts: e(xs, ts) for e, (xs, ts) in zip(experts, parts)]
             sequential = lambda: [c() for c in calls]  # noqa: E731
             concurrent = lambda: on_streams(calls, streams)  # noqa: E731
-            graphs = [capture(e, xs, ts)[0] for e, (xs, ts) in zip(experts, parts)]  # parts stay alive
+            graphs = [capture(e, xs, ts, stream=s)[0]  # parts stay alive; each graph captured on its stream
+                      for e, (xs, ts), s in zip(experts, parts, streams)]
             mono_graph = capture(experts[0], x, t)[0]
             seq_graphs = lambda: [g.replay() for g in graphs]  # noqa: E731
             par_graphs = lambda: on_streams([g.replay for g in graphs], streams)  # noqa: E731

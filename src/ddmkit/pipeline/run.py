@@ -15,6 +15,7 @@ run resumes after an interruption and single stages can run on other machines.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -52,8 +53,6 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
     changed, the data, partition and networks are kept and what sampling and scoring wrote is
     removed, to be drawn again. A folder holding a different run (other data, partition or
     training) is refused unless force=True, which empties it first."""
-    import shutil
-
     run = Path(out)
     saved = run / "config.json"
     if saved.exists():

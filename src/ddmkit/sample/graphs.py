@@ -176,13 +176,17 @@ class GraphedCall:
                  max_rows: int | None = 256, large_per_octave: int = 8, stream_key: int | None = None):
         self.fn, self.per_octave, self.warmup, self.capture = fn, per_octave, warmup, capture
         self.max_rows, self.large_per_octave, self.stream_key = max_rows, large_per_octave, stream_key
-        self.own_pool = stream_key is not None
         self.entries: dict[tuple, _Entry] = {}
         self.captures = 0
         self._pool = None  # own_pool: _new_pool(), made at the first capture
         if self.own_pool:  # replays may overlap other experts' at any size (ddmkit.routing.combine._overlaps)
             self.concurrent_min_rows = 1
         self.padded = padded(fn, large_per_octave, large_per_octave)  # the calls above max_rows on a GPU
+
+    @property
+    def own_pool(self) -> bool:
+        """Whether the graphs go into a pool of this call's own (stream_key given), not the shared one."""
+        return self.stream_key is not None
 
     def route(self, x: torch.Tensor) -> str:
         """How a call on x runs: "graphs" (through the buckets' buffers), "padded" (more than max_rows
@@ -226,7 +230,8 @@ class GraphedCall:
 
     def _capture(self, rows: int, x: torch.Tensor, t: torch.Tensor, cond: dict) -> _Entry:
         """Static input buffers of `rows` rows (the first n from this call), warm-up on a side
-        stream, then the capture into the shared pool."""
+        stream, then the capture into the shared pool (or, with a stream_key, into this call's own
+        pool, on that key's stream)."""
         def buffer(v):
             b = torch.zeros((rows, *v.shape[1:]), dtype=v.dtype, device=v.device)
             b[:len(v)].copy_(v)
