@@ -17,7 +17,7 @@ import torch
 
 from ddmkit.config import load_config
 from ddmkit.pipeline.images import data_shape_of, load_image_ddm, load_image_monolith, sample_labels
-from ddmkit.pipeline.sampling import sample_ddm, sample_single, start_noise
+from ddmkit.ddm.sampling import sample_ddm, sample_single, start_noise
 
 
 def main() -> None:

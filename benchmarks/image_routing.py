@@ -41,9 +41,9 @@ from ddmkit.config import load_config
 from ddmkit.nets import build_model
 from ddmkit.pipeline.ddm import router_field
 from ddmkit.pipeline.images import guided_field, load_image_ddm, load_image_monolith
-from ddmkit.pipeline.sampling import dispatch_networks
+from ddmkit.accel import accelerate
 from ddmkit.routing.combine import plan_selection, routed_velocity
-from ddmkit.routing.strategies import RoutingState, parse_strategy
+from ddmkit.routing import RoutingState, parse_strategy
 from ddmkit.sample.solvers import sample_euler, time_grid
 from sampling import time_methods
 

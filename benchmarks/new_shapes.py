@@ -8,7 +8,7 @@ import time
 import torch
 
 from ddmkit.nets.unet import UNet
-from ddmkit.sample.graphs import bucket_size
+from ddmkit.accel.padding import bucket_size
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import torch
 from ddmkit.config import load_config
 from ddmkit.io import save_tensors
 from ddmkit.pipeline.images import SetEvaluator, data_shape_of, load_image_ddm, sample_labels, sample_path
-from ddmkit.pipeline.sampling import sample_ddm, start_noise
+from ddmkit.ddm.sampling import sample_ddm, start_noise
 
 
 def main() -> None:

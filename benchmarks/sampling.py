@@ -54,7 +54,7 @@ from torch.nn import functional as F
 from ddmkit.nets.mlp import RouterMLP, VelocityMLP
 from ddmkit.routing.combine import (CallCounter, combine, combine_dense, make_plan, plan_selection,
                                     router_probabilities, routed_velocity)
-from ddmkit.routing.strategies import RoutingState, parse_strategy
+from ddmkit.routing import RoutingState, parse_strategy
 from ddmkit.sample.solvers import sample_euler, time_grid
 
 ROUTED = ["top-1", "top-2", "full", "sample-2", "switch"]
@@ -96,7 +96,7 @@ def randomise_zero_layers(net: torch.nn.Module) -> torch.nn.Module:
 
 def as_field(net):
     """net as a field, marked so that experts of one architecture can share CUDA graphs (shared_graphs)."""
-    from ddmkit.sample.graphs import with_network
+    from ddmkit.accel.graphs import with_network
     return with_network(lambda x, t: net(x, t), net, as_field, "net")
 
 
@@ -312,7 +312,7 @@ def bucketed_calls(fn, small: int, large: int, max_rows: int, graphs: bool):
     eager) and its larger calls padded eagerly to `large` per octave. Fewer small buckets: fewer
     cuDNN plans and graph captures, for more padding rows on the small (launch-bound) calls; more
     large buckets: less padding on the compute-bound calls, for more plans."""
-    from ddmkit.sample.graphs import GraphedCall, padded
+    from ddmkit.accel.graphs import GraphedCall, padded
     if graphs:
         return GraphedCall(fn, per_octave=small, max_rows=max_rows, large_per_octave=large)
     return padded(fn, small, large, small_rows=max_rows)
@@ -334,7 +334,7 @@ def measure_graphs(k: int, batches: list[int], args, device, precision) -> None:
     buckets per octave, larger ones to L; graphs, shared: the small calls graphed); full runs only
     eagerly (it has no sparse calls), and --warm-runs fresh runs of every method come before the
     timed ones (the one-time cost of new sizes: cuDNN plans and graph captures)."""
-    from ddmkit.sample.graphs import GraphedCall, graphs_per_expert, padded, shared_graphs
+    from ddmkit.accel.graphs import GraphedCall, graphs_per_expert, padded, shared_graphs
     nets, router_net, shape = build_nets(args.experts, k, args, device)
     eager = ([as_field(e) for e in nets], as_router(router_net), as_field(build_nets(args.experts, 1, args, device)[0][0]))
     graphs = ([GraphedCall(f, max_rows=args.graph_max_rows) for f in eager[0]], GraphedCall(eager[1], max_rows=None),

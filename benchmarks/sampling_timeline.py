@@ -29,7 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sampling import as_field, as_router, build_nets, fresh_noise, monolith_method, routed_method
-from ddmkit.sample.graphs import GraphedCall, graphs_per_expert, padded, shared_graphs
+from ddmkit.accel.graphs import GraphedCall, graphs_per_expert, padded, shared_graphs
 from ddmkit.sample.solvers import time_grid
 
 GPU_WORK = {"kernel", "gpu_memcpy", "gpu_memset"}

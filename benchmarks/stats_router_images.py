@@ -23,8 +23,8 @@ from ddmkit.config import load_config
 from ddmkit.data import load_dataset
 from ddmkit.data.partition import load_partition, partition_data, read_shard
 from ddmkit.pipeline.ddm import nearest_cluster_fn, router_field
-from ddmkit.pipeline.jobs import train_router
-from ddmkit.pipeline.router_eval import router_report
+from ddmkit.train.jobs import train_router
+from ddmkit.evaluation.routers import router_report
 from ddmkit.nets import from_pretrained
 from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics, stats_router
 

@@ -21,7 +21,7 @@ import torch
 from ddmkit.config import TrainConfig
 from ddmkit.flow.losses import flow_matching_loss
 from ddmkit.nets import build_seeded
-from ddmkit.pipeline.concurrent import stacked_loss, stacked_sampler
+from ddmkit.train.concurrent import stacked_loss, stacked_sampler
 from ddmkit.train.loop import fit
 from ddmkit.train.stacked import StackedExperts
 

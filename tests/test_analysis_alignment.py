@@ -2,7 +2,7 @@
 import torch
 
 from ddmkit.analysis.alignment import cluster_alignment, disagreement, heldout_errors
-from ddmkit.pipeline.ddm import DDM
+from ddmkit.ddm import DDM
 from ddmkit.routing import parse_strategy
 from ddmkit.truth import GaussianMixture
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from ddmkit.analysis import analyze_run
+from ddmkit.pipeline.analyze import analyze_run
 from ddmkit.config import load_config
 from ddmkit.errors import DDMError
-from ddmkit.pipeline.run import prepare_run_dir, stage_data, stage_experts, stage_partition, stage_router
+from ddmkit.pipeline.prepare import prepare_run_dir
+from ddmkit.pipeline.stages import stage_data, stage_experts, stage_partition, stage_router
 
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
 SRC = str(Path(__file__).parents[1] / "src")

@@ -4,8 +4,8 @@ import torch
 from ddmkit.analysis.stability import (amplification, data_scale, jacobian_norms, local_lipschitz,
                                        refinement_gap)
 from ddmkit.analysis.trace import trace_strategy
-from ddmkit.pipeline.ddm import DDM
-from ddmkit.pipeline.sampling import sample_ddm, start_noise
+from ddmkit.ddm import DDM
+from ddmkit.ddm.sampling import sample_ddm, start_noise
 
 A = torch.tensor([[1.0, 2.0, 0.0], [0.0, -1.0, 0.5], [0.3, 0.0, 0.7]])
 

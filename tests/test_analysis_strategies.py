@@ -4,8 +4,8 @@ import torch
 
 from ddmkit.analysis.trace import new_state, trace_strategy
 from ddmkit.errors import DDMError
-from ddmkit.pipeline.ddm import DDM
-from ddmkit.pipeline.sampling import start_noise
+from ddmkit.ddm import DDM
+from ddmkit.ddm.sampling import start_noise
 from ddmkit.routing import RoutingState, parse_strategy
 
 P = torch.tensor([[0.6, 0.35, 0.05, 0.0], [0.97, 0.01, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]])

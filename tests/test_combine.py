@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ddmkit.routing import CallCounter, RoutingState, combine, combine_dense, parse_strategy, routed_velocity
-from ddmkit.routing.combine import last_weights, make_plan, plan_selection, router_probabilities
+from ddmkit.nets.field import router_probabilities
+from ddmkit.routing.combine import last_weights, make_plan, plan_selection
 from ddmkit.sample import sample_euler, time_grid
 
 ALL = ["full", "top-1", "top-2", "top-3", "threshold-0.1", "sample-1", "sample-2@0.5", "nucleus-0.9",
@@ -191,8 +192,9 @@ def test_router_every_must_be_positive():
 
 
 def test_sample_ddm_router_reuse_and_bf16_autocast():
-    from ddmkit.pipeline.ddm import DDM
-    from ddmkit.pipeline.sampling import sample_ddm
+    from ddmkit.ddm import DDM
+    from ddmkit.accel import SpeedOptions
+    from ddmkit.ddm.sampling import sample_ddm
 
     gen = torch.Generator().manual_seed(6)
     mats = [torch.randn(D, D, generator=gen) * 0.3 for _ in range(K)]
@@ -201,7 +203,7 @@ def test_sample_ddm_router_reuse_and_bf16_autocast():
     plain, info = sample_ddm(ddm, "top-2", n=32, steps=6)
     same, _ = sample_ddm(ddm, "top-2", n=32, steps=6, router_every=1)
     held, held_info = sample_ddm(ddm, "top-2", n=32, steps=6, router_every=3)
-    low, _ = sample_ddm(ddm, "top-2", n=32, steps=6, autocast="bfloat16")
+    low, _ = sample_ddm(ddm, "top-2", n=32, steps=6, speed=SpeedOptions(autocast="bfloat16"))
     assert torch.equal(plain, same)
     assert info["router_calls"] == 6 and held_info["router_calls"] == 2
     assert low.dtype == torch.float32

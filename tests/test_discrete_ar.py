@@ -4,9 +4,9 @@ import torch
 from ddmkit.discrete.ar import (ar_inputs, bayes_posterior, bayes_router, mixture_logprobs, route, sample_ar,
                                 token_logprobs)
 from ddmkit.discrete.tokens import BOS, decode, encode
-from ddmkit.discrete.transformer import BidirectionalTransformer, CausalTransformer
+from ddmkit.nets.transformer import BidirectionalTransformer, CausalTransformer
 from ddmkit.nets import from_pretrained, save_pretrained
-from ddmkit.routing.strategies import RoutingState, parse_strategy
+from ddmkit.routing import RoutingState, parse_strategy
 
 
 def tiny(seed, out_dim=256, **kw):

@@ -7,7 +7,7 @@ import torch
 
 from ddmkit.discrete.dfm import elbo_bits, mask_path, mixture_denoiser, sample_dfm
 from ddmkit.discrete.tokens import MASK
-from ddmkit.routing.strategies import RoutingState, parse_strategy
+from ddmkit.routing import RoutingState, parse_strategy
 
 
 def point_denoiser(seq: torch.Tensor):

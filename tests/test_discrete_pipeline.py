@@ -7,9 +7,9 @@ import random
 import pytest
 from typer.testing import CliRunner
 
-from ddmkit.discrete.cli import app
+from ddmkit.cli import text_app as app
 from ddmkit.discrete.config import is_text_config, load_text_config
-from ddmkit.discrete.pipeline import run_text
+from ddmkit.pipeline.text import run_text
 from ddmkit.errors import DDMError
 
 TINY = """
@@ -127,8 +127,15 @@ def test_cli(tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
     assert rows[0]["kl_max"] < 1e-6
-    result = runner.invoke(app, ["run", str(tmp_path / "missing.toml")])
-    assert result.exit_code == 2 and "does not exist" in " ".join(result.output.split())
+    import os
+    import subprocess
+    import sys
+
+    src = str(__import__("pathlib").Path(__file__).parents[1] / "src")
+    done = subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", "text", "run",
+                           str(tmp_path / "missing.toml")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": src})
+    assert done.returncode == 2 and "does not exist" in " ".join(done.stderr.split())
 
 
 CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"

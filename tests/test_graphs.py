@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from ddmkit.nets.mlp import VelocityMLP
-from ddmkit.sample.graphs import GraphedCall, bucket_size, graphed, padded
+from ddmkit.accel import SpeedOptions
+from ddmkit.accel.graphs import GraphedCall
+from ddmkit.accel.padding import bucket_size, padded
 
 
 def test_bucket_sizes_known_values():
@@ -82,7 +84,7 @@ def test_padded_eager_calls_see_only_bucket_sizes_and_equal_direct_calls():
 def test_gpu_dispatch_pads_expert_calls_and_the_cpu_leaves_them_alone():
     """sample_ddm's networks: on a CUDA device every expert call is padded (without graphs too); on the
     CPU the experts are the DDM's own. (The wrappers are device-agnostic, so this runs on a CPU.)"""
-    from ddmkit.pipeline.sampling import dispatch_networks
+    from ddmkit.accel import accelerate
 
     seen = []
 
@@ -93,9 +95,10 @@ def test_gpu_dispatch_pads_expert_calls_and_the_cpu_leaves_them_alone():
     def router(x, t):
         return torch.ones(len(x), 1)
 
-    cpu_experts, cpu_router = dispatch_networks([expert], router, "cpu")
-    assert cpu_experts == [expert] and cpu_router is router
-    gpu_experts, gpu_router = dispatch_networks([expert], router, "cuda")
+    cpu = accelerate([expert], router, SpeedOptions(), "cpu")
+    assert cpu.experts == [expert] and cpu.router is router
+    gpu = accelerate([expert], router, SpeedOptions(), "cuda")
+    gpu_experts, gpu_router = gpu.experts, gpu.router
     assert gpu_router is router  # one call on the whole batch per step: its size never changes
     with torch.no_grad():
         out = gpu_experts[0](torch.ones(17, 2), torch.zeros(17))
@@ -111,8 +114,7 @@ def test_off_the_gpu_and_under_autograd_the_function_runs_as_it_is():
         calls.append(len(x))
         return 2 * x
 
-    call = graphed(f)
-    assert graphed(f) is call and graphed(call) is call  # one GraphedCall per function
+    call = GraphedCall(f)
     x = torch.ones(3, 2, requires_grad=True)
     assert torch.equal(call(x, torch.zeros(3)), 2 * x)  # CPU: no buffers, no capture
     assert calls == [3] and not call.entries and call.captures == 0
@@ -126,8 +128,8 @@ def test_off_the_gpu_and_under_autograd_the_function_runs_as_it_is():
 
 
 def test_sample_ddm_with_cuda_graphs_on_the_cpu_is_plain_sampling():
-    from ddmkit.pipeline.ddm import DDM
-    from ddmkit.pipeline.sampling import sample_ddm, sample_single
+    from ddmkit.ddm import DDM
+    from ddmkit.ddm.sampling import sample_ddm, sample_single
 
     gen = torch.Generator().manual_seed(6)
     mats = [torch.randn(4, 4, generator=gen) * 0.3 for _ in range(3)]
@@ -138,10 +140,10 @@ def test_sample_ddm_with_cuda_graphs_on_the_cpu_is_plain_sampling():
 
     ddm = DDM(experts=experts, router=router, prior=torch.full((3,), 1 / 3), data_shape=(4,))
     plain, _ = sample_ddm(ddm, "top-2", n=16, steps=4)
-    graphs, _ = sample_ddm(ddm, "top-2", n=16, steps=4, cuda_graphs=True)
+    graphs, _ = sample_ddm(ddm, "top-2", n=16, steps=4, speed=SpeedOptions(cuda_graphs=True))
     assert torch.equal(plain, graphs)
     mono, _ = sample_single(experts[0], (4,), n=16, steps=4)
-    mono_graphs, _ = sample_single(experts[0], (4,), n=16, steps=4, cuda_graphs=True)
+    mono_graphs, _ = sample_single(experts[0], (4,), n=16, steps=4, speed=SpeedOptions(cuda_graphs=True))
     assert torch.equal(mono, mono_graphs)
 
 
@@ -177,7 +179,7 @@ def test_the_shared_pool_outlives_the_graphs_that_used_it():
 
 CANNOT_CAPTURE = """
 import warnings, torch
-from ddmkit.sample.graphs import GraphedCall
+from ddmkit.accel.graphs import GraphedCall
 
 def syncing(x, t):  # reads a value on the host: not allowed while a stream is capturing
     return x * 2 if float(t[0]) >= 0 else x
@@ -206,20 +208,22 @@ def test_a_network_that_cannot_be_captured_runs_eagerly_with_a_warning():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
-def _marked_experts(k: int, width: int = 16):
-    """k fields of one architecture with different weights, marked for shared graphs."""
-    from ddmkit.sample.graphs import with_network
+def _call(network, x, t):
+    return network(x, t)
 
-    def field(net):
-        return with_network(lambda x, t: net(x, t), net, field, "test")
+
+def _marked_experts(k: int, width: int = 16):
+    """k NetworkFields of one architecture with different weights (so they can share graphs)."""
+    from ddmkit.nets.field import NetworkField
+
     torch.manual_seed(3)
-    return [field(VelocityMLP([5], width=width, depth=2).eval()) for _ in range(k)]
+    return [NetworkField(VelocityMLP([5], width=width, depth=2).eval(), _call) for _ in range(k)]
 
 
 def test_shared_graphs_give_each_expert_its_own_answer_from_one_set_of_buckets():
     """Experts of one architecture share one template (their weights copied in before each call):
     every call equals the expert's own network, and the buckets are shared, not one set per expert."""
-    from ddmkit.sample.graphs import shared_graphs
+    from ddmkit.accel.graphs import shared_graphs
 
     experts = _marked_experts(3)
     calls = shared_graphs(experts, capture=False)  # the graphs' buffers and padding, run eagerly (CPU)
@@ -235,13 +239,14 @@ def test_shared_graphs_give_each_expert_its_own_answer_from_one_set_of_buckets()
     assert not torch.allclose(experts[0](x, t), experts[1](x, t), atol=1e-3)  # the experts do differ
 
 
-def test_shared_graphs_keep_unmarked_and_lone_architectures_apart():
-    from ddmkit.sample.graphs import shared_graphs, with_network
+def test_shared_graphs_keep_plain_functions_and_lone_architectures_apart():
+    from ddmkit.accel.graphs import shared_graphs
+    from ddmkit.nets.field import NetworkField
 
     same = _marked_experts(2)
     wide = VelocityMLP([5], width=32, depth=2).eval()
-    lone = with_network(lambda x, t: wide(x, t), wide, None, "test")  # another architecture, met once
-    plain = lambda x, t: 2 * x  # noqa: E731  (not marked)
+    lone = NetworkField(wide, _call)  # another architecture, met once
+    plain = lambda x, t: 2 * x  # noqa: E731  (not a NetworkField)
     calls = shared_graphs(same + [lone, plain], capture=False)
     assert calls[0].graphs is calls[1].graphs
     assert isinstance(calls[2], GraphedCall) and isinstance(calls[3], GraphedCall)
@@ -251,11 +256,11 @@ def test_shared_graphs_keep_unmarked_and_lone_architectures_apart():
 
 
 def test_routed_sampling_with_shared_graphs_equals_sampling_without():
-    """sample_ddm(cuda_graphs=True) on the CPU runs the networks as they are; the dispatch with shared
+    """sample_ddm with cuda_graphs on the CPU runs the networks as they are; the dispatch with shared
     graphs (run eagerly here) gives the same routed field."""
     from ddmkit.routing.combine import routed_velocity
-    from ddmkit.routing.strategies import RoutingState, parse_strategy
-    from ddmkit.sample.graphs import shared_graphs
+    from ddmkit.routing import RoutingState, parse_strategy
+    from ddmkit.accel.graphs import shared_graphs
 
     experts = _marked_experts(4)
     torch.manual_seed(5)
@@ -274,7 +279,7 @@ def test_routed_sampling_with_shared_graphs_equals_sampling_without():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_shared_graphs_capture_once_per_bucket_for_all_experts_on_a_gpu():
-    from ddmkit.sample.graphs import shared_graphs
+    from ddmkit.accel.graphs import shared_graphs
 
     experts = _marked_experts(3, width=32)
     for f in experts:
@@ -289,10 +294,11 @@ def test_shared_graphs_capture_once_per_bucket_for_all_experts_on_a_gpu():
 
 
 def test_shared_graphs_off_the_gpu_call_each_expert_directly():
-    from ddmkit.pipeline.sampling import dispatch_networks
+    from ddmkit.accel import accelerate
 
     experts = _marked_experts(2)
-    calls, _ = dispatch_networks(experts, lambda x, t: torch.ones(len(x), 2) / 2, "cpu", cuda_graphs=True)
+    calls = accelerate(experts, lambda x, t: torch.ones(len(x), 2) / 2, SpeedOptions(cuda_graphs=True, cuda_streams=False),
+                       "cpu").experts
     x, t = torch.randn(9, 5), torch.rand(9)
     with torch.no_grad():
         for call, expert in zip(calls, experts):
@@ -301,11 +307,11 @@ def test_shared_graphs_off_the_gpu_call_each_expert_directly():
 
 
 def test_shared_graphs_of_label_conditional_image_experts_with_guidance():
-    """The image pipeline's experts (guided_field: a class-conditional UNet, guidance 2 doubling the
-    rows inside the field) through one shared template, labels as conditioning: each expert's answer."""
+    """The image pipeline's experts (a class-conditional UNet, guidance 2 doubling the rows inside the
+    field) through one shared template, labels as conditioning: each expert's answer."""
+    from ddmkit.accel.graphs import shared_graphs
+    from ddmkit.ddm.load import velocity_field
     from ddmkit.nets import build_seeded
-    from ddmkit.pipeline.images import guided_field
-    from ddmkit.sample.graphs import shared_graphs
 
     spec = {"arch": "unet", "kwargs": {"channels": [8, 16], "blocks": 1, "attention_res": [], "num_classes": 3}}
     nets = [build_seeded("unet", seed, data_shape=[1, 8, 8], **spec["kwargs"]).eval() for seed in range(3)]
@@ -314,7 +320,7 @@ def test_shared_graphs_of_label_conditional_image_experts_with_guidance():
         for net in nets:  # the output layer starts at zero: perturb every weight so that the experts differ
             for p in net.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    experts = [guided_field(net, spec, 2.0) for net in nets]
+    experts = [velocity_field(net, spec, 2.0) for net in nets]
     calls = shared_graphs(experts, capture=False)
     with torch.no_grad():
         for n, k in ((5, 0), (7, 2), (5, 1)):
@@ -326,24 +332,9 @@ def test_shared_graphs_of_label_conditional_image_experts_with_guidance():
     assert calls[0].graphs is calls[2].graphs and len(calls[0].graphs.entries) == 2  # buckets 5 and 7
 
 
-def test_a_graphed_function_and_its_graphs_are_freed_together():
-    import gc
-    import weakref
-
-    def make():
-        net = torch.nn.Linear(2, 2)
-        return lambda x, t: net(x)
-    f = make()
-    assert graphed(f) is graphed(f)  # kept while f lives
-    alive = weakref.ref(f)
-    del f
-    gc.collect()
-    assert alive() is None
-
-
 def _label_stats_ddm(device: str):
     """A small label-conditional DDM routed by the statistics-only router (which cannot be graphed)."""
-    from ddmkit.pipeline.ddm import DDM
+    from ddmkit.ddm import DDM
     from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics
 
     gen = torch.Generator().manual_seed(8)
@@ -354,47 +345,35 @@ def _label_stats_ddm(device: str):
     nets = [VelocityMLP([300], width=16, depth=1).to(device).eval() for _ in range(2)]
     experts = [lambda x, t, y=None, net=net: net(x, t) for net in nets]
     return DDM(experts=experts, router=router, prior=torch.full((2,), 0.5), data_shape=(300,),
-               router_conditional=True)
+               router_conditional=True, router_capturable=False)
 
 
-def test_eager_only_functions_are_never_graphed_and_never_shared():
-    from ddmkit.routing.stats_router import stats_router
-    from ddmkit.sample.graphs import eager_only, is_eager_only, shared_graphs
+def test_a_router_that_cannot_be_captured_is_never_graphed():
+    """The statistics-only routers read values on the host: a DDM routed by one says so, and the speed
+    code leaves that router as it is while the experts get their graphs."""
+    from ddmkit.accel import accelerate
 
-    calls = []
-
-    def f(x, t):
-        calls.append(len(x))
-        return 2 * x
-    x = torch.ones(3, 2)
-    with torch.no_grad():
-        assert GraphedCall(f, capture=False).route(x) == "graphs"  # buffers and buckets (the CPU check mode)
-        call = GraphedCall(eager_only(f), capture=False)
-        assert call.route(x) == "direct" and torch.equal(call(x, torch.zeros(3)), 2 * x)
-        assert calls == [3] and not call.entries  # called as it is, on 3 rows, no bucket
-        experts = _marked_experts(3)
-        eager_only(experts[2])
-        shared = shared_graphs(experts, capture=False)
-        assert shared[0].graphs is shared[1].graphs and isinstance(shared[2], GraphedCall)
-        assert shared[2].route(torch.ones(4, 5)) == "direct" and shared[0].graphs.route(torch.ones(4, 5)) == "graphs"
-    assert is_eager_only(_label_stats_ddm("cpu").router)
-    assert is_eager_only(stats_router([{"count": torch.tensor(3.0), "mean": torch.zeros(2), "cov": torch.eye(2)}]))
+    ddm = _label_stats_ddm("cpu")
+    nets = accelerate(ddm.experts, ddm.router, SpeedOptions(cuda_graphs=True), "cpu", ddm.router_capturable)
+    assert nets.router is ddm.router and all(isinstance(e, GraphedCall) for e in nets.experts)
+    assert isinstance(accelerate(ddm.experts, ddm.router, SpeedOptions(cuda_graphs=True), "cpu").router, GraphedCall)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_statistics_router_runs_eagerly_beside_graphed_experts_on_a_gpu():
-    """It groups rows by label on the host, so it cannot be captured: it says so (eager_only), and the
+    """It groups rows by label on the host, so it cannot be captured: the DDM says so, and the
     experts keep their graphs: no warning, graphs stay on, the samples equal sampling without graphs."""
     import warnings
 
-    from ddmkit.pipeline.sampling import sample_ddm
-    from ddmkit.sample import graphs
+    from ddmkit.ddm.sampling import sample_ddm
+    from ddmkit.accel import graphs
 
     ddm = _label_stats_ddm("cuda")
     y = torch.arange(64, device="cuda") % 3
     plain, _ = sample_ddm(ddm, "top-1", n=64, steps=3, device="cuda", cond={"y": y})
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        with_graphs, _ = sample_ddm(ddm, "top-1", n=64, steps=3, device="cuda", cond={"y": y}, cuda_graphs=True)
+        with_graphs, _ = sample_ddm(ddm, "top-1", n=64, steps=3, device="cuda", cond={"y": y},
+                                    speed=SpeedOptions(cuda_graphs=True))
     assert torch.device("cuda", 0) not in graphs._DISABLED
     assert torch.allclose(with_graphs, plain, atol=1e-5, rtol=0)

@@ -122,7 +122,7 @@ def test_label_conditional_router_cnn_uses_the_label_and_a_no_label_token():
 def test_label_conditional_router_training_needs_labels(tmp_path):
     from ddmkit.config import RouterConfig, NetConfig, TrainConfig
     from ddmkit.io import save_tensors
-    from ddmkit.pipeline.jobs import train_router
+    from ddmkit.train.jobs import train_router
 
     shard = tmp_path / "s.safetensors"
     save_tensors(shard, {"x": torch.randn(6, 1, 8, 8)})
@@ -135,7 +135,7 @@ def test_label_conditional_router_training_needs_labels(tmp_path):
 
 def test_stacked_experts_match_separate_nets_and_keep_isolation():
     from ddmkit.config import TrainConfig
-    from ddmkit.pipeline.concurrent import stacked_loss, stacked_sampler
+    from ddmkit.train.concurrent import stacked_loss, stacked_sampler
     from ddmkit.train.loop import fit
     from ddmkit.train.stacked import StackedExperts
 
@@ -157,7 +157,7 @@ def test_stacked_experts_match_separate_nets_and_keep_isolation():
 
 
 def test_checkpoint_at_another_resolution_is_refused(tmp_path):
-    from ddmkit.pipeline.images import check_shape
+    from ddmkit.ddm.load import check_shape
 
     with pytest.raises(DDMError, match="another|this resolution"):
         check_shape(tmp_path, {"data_shape": [1, 28, 28]}, (1, 32, 32))
@@ -166,15 +166,15 @@ def test_checkpoint_at_another_resolution_is_refused(tmp_path):
 def test_tiny_config_runs_the_image_path(tmp_path):
     """configs/fashion_mnist_tiny.toml end to end on a small IDX folder: train stage, then evaluate stage."""
     from ddmkit.config import load_config, validate, RunConfig
-    from ddmkit.pipeline.images import run_image_stages
+    from ddmkit.pipeline.run import run_pipeline
 
     folder = write_idx_set(tmp_path / "fm", 160, 48)
     raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
     raw["data"]["params"] = {"dir": str(folder)}
     raw["sample"].update(n=16, steps=2, strategies=["monolith", "top-1", "top-2", "oracle"], sweep_n=8)
     cfg = validate(RunConfig, raw)
-    assert run_image_stages(cfg, tmp_path / "run", "train") is None
-    result = run_image_stages(cfg, tmp_path / "run", "evaluate")
+    assert run_pipeline(cfg, tmp_path / "run", stages="train", log=lambda m: None) is None
+    result = run_pipeline(cfg, tmp_path / "run", stages="evaluate", log=lambda m: None)
     assert {"monolith", "top-1", "top-2", "oracle", "top-2 @ cfg 2", "train images (floor)",
             "top-2 (statistics-only router)", "top-2 (learned router, first 8)"} <= set(result["rows"])
     assert result["rows"]["top-2 (statistics-only router)"]["n"] == 8

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ddmkit.pipeline.ddm import DDM, label_prior, restrict
-from ddmkit.pipeline.sampling import sample_ddm
+from ddmkit.ddm import DDM
+from ddmkit.ddm.load import label_prior
+from ddmkit.ddm.sampling import sample_ddm
 from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics, stats_router
 
 
@@ -49,7 +50,7 @@ def test_the_label_reaches_a_conditional_router_only():
     sample_ddm(plain, "top-1", n, steps=1, x1=x1.clone(), cond={"y": y})
     assert seen[-1] is None
     # with experts missing, the conditional router is masked and renormalised: label 1 -> expert 0 or 2 only
-    part = restrict(cond, [0, 2, 3])
+    part = cond.restrict([0, 2, 3])
     x0, _ = sample_ddm(part, "full", n, steps=2, x1=x1.clone(), cond={"y": y})
     assert set((x1 - x0)[:, 0].round().long()[y == 0].tolist()) == {0}
 

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ddmkit.metrics import mmd_rbf, mode_coverage, nll, off_manifold_rate, w2_exact, w2_sliced
+from ddmkit.evaluation import mmd_rbf, mode_coverage, nll, off_manifold_rate, w2_exact, w2_sliced
 from ddmkit.data.synthetic import grid_mixture
 from ddmkit.truth import GaussianMixture
 

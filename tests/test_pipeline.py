@@ -11,8 +11,10 @@ import torch
 
 from ddmkit.config import load_config
 from ddmkit.errors import DDMError
-from ddmkit.pipeline.ddm import exact_ddm, load_ddm
-from ddmkit.pipeline.run import EXACT, run_pipeline
+from ddmkit.ddm import exact_ddm, load_ddm
+from ddmkit.layout import RunFolder
+from ddmkit.pipeline.run import run_pipeline, sample_run
+from ddmkit.pipeline.samplesets import EXACT
 from ddmkit.truth import GaussianMixture
 
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
@@ -63,7 +65,7 @@ def test_exact_ddm_is_the_global_field(tiny_run):
 
 
 def load_tensors_truth(out) -> GaussianMixture:
-    from ddmkit.pipeline.ddm import load_truth
+    from ddmkit.ddm.load import load_truth
     return load_truth(out)
 
 
@@ -84,21 +86,20 @@ def test_sample_section_speed_options_reach_the_sampler(tiny_run, tmp_path):
     below 1, naming the field; sample.cuda_graphs and cuda_streams on the CPU give the same samples as
     without (the CLI flags too)."""
     from ddmkit.io import load_tensors
-    from ddmkit.pipeline.run import sample_file, sample_one
 
     out, _ = tiny_run
     run = tmp_path / "run"
     shutil.copytree(out, run)
     cfg = load_config(TINY)
     cfg.sample.router_every = 3
-    info = sample_one(cfg, run, "top-2")
+    info = sample_run(run, ["top-2"], cfg)[0]
     assert info["router_calls"] == 3 and info["velocity_evaluations"] == 8  # evaluations 0, 3, 6 of 8
     assert info["expert_calls_per_sample"] == pytest.approx(2 * 8)
-    reused = load_tensors(sample_file(run, "top-2"))["x"]
-    assert not torch.equal(reused, load_tensors(sample_file(out, "top-2"))["x"])  # stale routing: other samples
+    reused = load_tensors(RunFolder(run).sample_set("top-2"))["x"]
+    assert not torch.equal(reused, load_tensors(RunFolder(out).sample_set("top-2"))["x"])  # stale routing: other samples
     cfg.sample.router_every, cfg.sample.cuda_graphs = 1, True
-    assert sample_one(cfg, run, "top-2")["router_calls"] == 8
-    assert torch.equal(load_tensors(sample_file(run, "top-2"))["x"], load_tensors(sample_file(out, "top-2"))["x"])
+    assert sample_run(run, ["top-2"], cfg)[0]["router_calls"] == 8
+    assert torch.equal(load_tensors(RunFolder(run).sample_set("top-2"))["x"], load_tensors(RunFolder(out).sample_set("top-2"))["x"])
     bad = tmp_path / "bad.toml"
     bad.write_text(TINY.read_text().replace("[sample]\n", "[sample]\nrouter_every = 0\n"))
     with pytest.raises(DDMError, match="router_every"):
@@ -112,7 +113,7 @@ def test_sample_section_speed_options_reach_the_sampler(tiny_run, tmp_path):
     drawn = {}
     for flag in ("--cuda-graphs", "--no-cuda-graphs", "--cuda-streams", "--no-cuda-streams"):
         assert cli("sample", run, "--strategy", "top-1", "--n", "300", flag).returncode == 0
-        drawn[flag] = load_tensors(sample_file(run, "top-1"))["x"]
+        drawn[flag] = load_tensors(RunFolder(run).sample_set("top-1"))["x"]
     first = drawn.pop("--cuda-graphs")  # on the CPU graphs and streams are off: the same samples every time
     assert all(torch.equal(first, x) for x in drawn.values())
 
@@ -199,14 +200,20 @@ def test_a_new_sample_section_keeps_the_networks_and_redraws_the_samples(tiny_ru
 
 
 def test_router_expert_mismatch_and_corrupt_weights(tiny_run, tmp_path):
+    """The checks on the model folders themselves (a run without registry.json; with one, any change
+    is refused before by the hashes: test_registry.py)."""
     out, _ = tiny_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
+    with pytest.raises(DDMError, match="SHA-256"):
+        (copy / "router" / "config.json").write_text((copy / "router" / "config.json").read_text() + " ")
+        load_ddm(copy)
+    (copy / "registry.json").unlink()
     cfg_path = copy / "router" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["data_shape"] = [3]
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(DDMError):
+    with pytest.raises(DDMError, match="shape"):
         load_ddm(copy)
     cfg["data_shape"] = [2]
     cfg["time_convention"] = "vp: t=1 data"
@@ -234,8 +241,8 @@ def test_data_without_closed_form_truth(tmp_path):
 def test_sampling_in_batches_bounds_memory_not_results():
     """batch_size: deterministic strategies give the same samples to rounding, the info adds up,
     random ones are reproducible; the oracle's per-row label prior follows its rows into the chunks."""
-    from ddmkit.pipeline.ddm import DDM
-    from ddmkit.pipeline.sampling import sample_ddm, sample_single
+    from ddmkit.ddm import DDM
+    from ddmkit.ddm.sampling import sample_ddm, sample_single
 
     k, d, n = 3, 2, 23
     experts = [lambda x, t, y=None, j=j: torch.full_like(x, float(j + 1)) for j in range(k)]  # expert j: v = j + 1

@@ -9,10 +9,10 @@ import torch
 
 from ddmkit.config import load_config
 from ddmkit.errors import DDMError
-from ddmkit.pipeline.ddm import load_ddm
-from ddmkit.pipeline.run import (prepare_run_dir, stage_data, stage_experts, stage_partition, stage_registry,
-                                 stage_router)
-from ddmkit.pipeline.sampling import sample_ddm
+from ddmkit.ddm import load_ddm
+from ddmkit.pipeline.prepare import prepare_run_dir
+from ddmkit.pipeline.stages import stage_data, stage_experts, stage_partition, stage_registry, stage_router
+from ddmkit.ddm.sampling import sample_ddm
 from ddmkit.registry import safe_join, verify_registry, write_registry
 
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
@@ -112,15 +112,17 @@ def test_all_experts_missing_is_a_clear_error(copy):
 
 def test_sample_metadata_records_missing_experts(copy):
     from ddmkit.io import read_metadata
-    from ddmkit.pipeline.run import run_config, sample_file, sample_one
+    from ddmkit.layout import RunFolder
+    from ddmkit.pipeline.prepare import run_config
+    from ddmkit.pipeline.run import sample_run
 
     shutil.rmtree(copy / "experts" / "expert_00")
     cfg = run_config(copy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        info = sample_one(cfg, copy, "top-2")
+        info = sample_run(copy, ["top-2"], cfg)[0]
     assert info["missing_experts"] == [0]
-    assert read_metadata(sample_file(copy, "top-2"))["missing_experts"] == [0]
+    assert read_metadata(RunFolder(copy).sample_set("top-2"))["missing_experts"] == [0]
     assert json.loads((copy / "samples" / "info.json").read_text())["top-2"]["missing_experts"] == [0]
 
 

@@ -12,7 +12,7 @@ import torch
 from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
 from ddmkit.errors import DDMError
 from ddmkit.io import read_metadata, save_tensors
-from ddmkit.pipeline.jobs import checkpoint_path, train_expert
+from ddmkit.train.jobs import checkpoint_path, train_expert
 
 
 def _shard(path: Path, n: int = 300) -> Path:
@@ -49,7 +49,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
 
 def _crash_after(monkeypatch, n: int) -> None:
     """Make the (n+1)-th loss evaluation raise, as a crash would."""
-    import ddmkit.pipeline.jobs as jobs
+    import ddmkit.train.jobs as jobs
 
     real, calls = jobs.flow_matching_loss, {"n": 0}
 
@@ -96,9 +96,9 @@ def test_checkpoint_is_safetensors_with_every_state(tmp_path, monkeypatch):
 
 SCRIPT = """
 import sys, time, torch
-import ddmkit.pipeline.jobs as jobs
+import ddmkit.train.jobs as jobs
 from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
-from ddmkit.pipeline.jobs import train_expert
+from ddmkit.train.jobs import train_expert
 torch.set_num_threads(1)
 real = jobs.flow_matching_loss
 def slow(*a, **k):  # 5 ms a step, so the test can kill it mid-run on any machine

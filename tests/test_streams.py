@@ -1,11 +1,13 @@
-"""The experts of a sparse step on concurrent CUDA streams (ddmkit.routing.streams): the same results
+"""The experts of a sparse step on concurrent CUDA streams (ddmkit.accel.streams): the same results
 as one call after another, each expert on its own stream; off the GPU, plain calls."""
 import pytest
 import torch
 
+from ddmkit.accel import SpeedOptions
+from ddmkit.accel import streams as streams_module
+from ddmkit.accel.streams import CONCURRENT_MAX_ROWS, CONCURRENT_MIN_ROWS, call_concurrently, concurrent_caller
 from ddmkit.nets.mlp import VelocityMLP
 from ddmkit.routing.combine import apply_plan, make_plan
-from ddmkit.routing.streams import call_concurrently
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -23,12 +25,9 @@ def _experts(k: int, device: str):
     return [lambda x, t, y=None, net=net: net(x, t) + (0 if y is None else y[:, None].to(x.dtype)) for net in nets]
 
 
-def test_the_threshold_the_tests_patch_is_the_one_apply_plan_reads(monkeypatch):
-    import sys
-
-    combine_module = sys.modules[apply_plan.__module__]
-    monkeypatch.setattr(combine_module, "CONCURRENT_MIN_ROWS", 0)
-    assert apply_plan.__globals__["CONCURRENT_MIN_ROWS"] == 0
+def test_the_threshold_the_tests_patch_is_the_one_the_caller_reads(monkeypatch):
+    monkeypatch.setattr(streams_module, "CONCURRENT_MIN_ROWS", 0)
+    assert concurrent_caller().__globals__["CONCURRENT_MIN_ROWS"] == 0
 
 
 def test_concurrent_plan_on_the_cpu_equals_the_plain_plan():
@@ -39,15 +38,13 @@ def test_concurrent_plan_on_the_cpu_equals_the_plain_plan():
     w = w * (w >= w.topk(2, dim=1).values[:, 1:])  # top-2 weights
     with torch.no_grad():
         plan = make_plan(w)
-        assert torch.equal(apply_plan(experts, plan, x, t, concurrent=True), apply_plan(experts, plan, x, t))
+        assert torch.equal(apply_plan(experts, plan, x, t, call_experts=concurrent_caller()),
+                           apply_plan(experts, plan, x, t))
 
 
 @gpu
 def test_concurrent_experts_equal_sequential_ones_to_the_bit_each_on_its_own_stream(monkeypatch):
-    import sys
-
-    combine_module = sys.modules[apply_plan.__module__]  # (ddmkit.routing.combine the name is the function)
-    monkeypatch.setattr(combine_module, "CONCURRENT_MIN_ROWS", 0)  # streams for calls of any size
+    monkeypatch.setattr(streams_module, "CONCURRENT_MIN_ROWS", 0)  # streams for calls of any size
     experts = _experts(5, "cuda")
     seen = {}
 
@@ -68,7 +65,7 @@ def test_concurrent_experts_equal_sequential_ones_to_the_bit_each_on_its_own_str
                     w = torch.softmax(torch.randn(b, 5, device="cuda", generator=gen) * 3, dim=1)
                     w = w * (w >= w.topk(2, dim=1).values[:, 1:])
                     plan = make_plan(w)
-                    got = apply_plan(calls, plan, x, t, cond={"y": y}, concurrent=True)
+                    got = apply_plan(calls, plan, x, t, cond={"y": y}, call_experts=concurrent_caller())
                     torch.cuda.synchronize()
                     assert torch.equal(got, apply_plan(experts, plan, x, t, cond={"y": y}))
     assert sorted(seen) == [0, 1, 2, 3, 4]
@@ -78,7 +75,7 @@ def test_concurrent_experts_equal_sequential_ones_to_the_bit_each_on_its_own_str
 
 def _ddm(k: int):
     """A DDM of k MLP experts on the GPU with a linear router."""
-    from ddmkit.pipeline.ddm import DDM
+    from ddmkit.ddm import DDM
 
     router_net = torch.nn.Linear(6, k).cuda()
     return DDM(experts=_experts(k, "cuda"), router=lambda x, t: torch.softmax(router_net(x) * 4, dim=1),
@@ -87,12 +84,14 @@ def _ddm(k: int):
 
 @gpu
 def test_sample_ddm_with_and_without_streams_gives_the_same_samples():
-    from ddmkit.pipeline.sampling import sample_ddm
+    from ddmkit.ddm.sampling import sample_ddm
 
     ddm = _ddm(4)
     for strategy in ("top-1", "top-2", "sample-2"):
-        a, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda", autocast="bfloat16", cuda_streams=False)
-        b, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda", autocast="bfloat16", cuda_streams=True)
+        a, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda",
+                          speed=SpeedOptions(autocast="bfloat16", cuda_streams=False))
+        b, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda",
+                          speed=SpeedOptions(autocast="bfloat16", cuda_streams=True))
         assert torch.equal(a, b), strategy
 
 
@@ -109,47 +108,51 @@ def test_small_calls_stay_on_the_current_stream():
     x, t = torch.randn(400, 6, device="cuda"), torch.rand(400, device="cuda")
     w = torch.eye(4, device="cuda")[torch.arange(400, device="cuda") % 4]  # top-1, 100 rows per expert
     with torch.no_grad():
-        apply_plan([watched(k) for k in range(4)], make_plan(w), x, t, concurrent=True)
+        apply_plan([watched(k) for k in range(4)], make_plan(w), x, t, call_experts=concurrent_caller())
     assert set(streams) == {torch.cuda.current_stream().cuda_stream}
 
 
 # ---------------------------------------------------------------- a set of graphs per expert, on streams
 
 def test_graphs_per_expert_keep_a_set_of_graphs_and_a_pool_per_expert_and_off_the_gpu_call_it_directly():
-    from ddmkit.pipeline.sampling import dispatch_networks
-    from ddmkit.sample.graphs import GraphedCall, eager_only
+    from ddmkit.accel import accelerate
+    from ddmkit.accel.graphs import GraphedCall
+    from ddmkit.ddm import DDM
 
     experts = _experts(3, "cpu")
-    experts[2] = eager_only(experts[2])
-    calls, _ = dispatch_networks(experts, lambda x, t: torch.ones(len(x), 3) / 3, "cpu", cuda_graphs=True,
-                                 cuda_streams=True)
-    assert all(isinstance(c, GraphedCall) and c.own_pool for c in calls[:2]) and calls[0] is not calls[1]
-    assert calls[2] is experts[2]  # never graphed
-    again, _ = dispatch_networks(experts, lambda x, t: x, "cpu", cuda_graphs=True, cuda_streams=True)
-    assert again[:2] == calls[:2]  # kept per expert, for later sampling calls
+    router = lambda x, t: torch.ones(len(x), 3) / 3  # noqa: E731
+    nets = accelerate(experts, router, SpeedOptions(cuda_graphs=True, cuda_streams=True), "cpu",
+                      router_capturable=False)
+    calls = nets.experts
+    assert all(isinstance(c, GraphedCall) and c.own_pool for c in calls) and calls[0] is not calls[1]
+    assert nets.router is router  # a router that cannot be captured is never graphed
+    ddm = DDM(experts=experts, router=router, prior=torch.full((3,), 1 / 3), data_shape=(6,))
+    speed = SpeedOptions(cuda_graphs=True)
+    assert ddm.networks(speed, "cpu") is ddm.networks(speed, "cpu")  # kept per DDM, for later sampling calls
     x, t = torch.randn(9, 6), torch.rand(9)
     with torch.no_grad():
         assert all(torch.equal(c(x, t), e(x, t)) for c, e in zip(calls, experts))
 
 
-def test_graphed_experts_overlap_at_any_size_and_eager_ones_from_the_threshold_to_the_ceiling():
-    from ddmkit.routing.combine import CONCURRENT_MAX_ROWS, CONCURRENT_MIN_ROWS, _overlaps
-    from ddmkit.sample.graphs import graphs_per_expert
+def test_graphed_experts_overlap_at_any_size_and_eager_ones_from_the_threshold_to_the_ceiling(monkeypatch):
+    seen = []
+    monkeypatch.setattr(streams_module, "call_concurrently", lambda calls, keys, device: seen.append(1) or [])
 
-    experts = _experts(2, "cpu")
-
-    def plan(rows_per_expert):
-        return make_plan(torch.eye(2)[torch.arange(2 * rows_per_expert) % 2])
-    assert CONCURRENT_MIN_ROWS > 20 and not _overlaps(experts, plan(20))
-    assert _overlaps(graphs_per_expert(experts), plan(20))
-    assert _overlaps(experts, plan(CONCURRENT_MIN_ROWS)) and _overlaps(experts, plan(CONCURRENT_MAX_ROWS))
-    assert not _overlaps(experts, plan(CONCURRENT_MAX_ROWS + 1))  # large calls fill the GPU alone
-    assert not _overlaps(graphs_per_expert(experts), plan(CONCURRENT_MAX_ROWS + 1))
+    def overlaps(caller, rows_per_expert):
+        seen.clear()
+        caller([], [0, 1], [rows_per_expert, rows_per_expert], torch.device("cpu"))
+        return bool(seen)
+    eager, graphed = concurrent_caller(), concurrent_caller(graphed=True)
+    assert CONCURRENT_MIN_ROWS > 20 and not overlaps(eager, 20)
+    assert overlaps(graphed, 20)
+    assert overlaps(eager, CONCURRENT_MIN_ROWS) and overlaps(eager, CONCURRENT_MAX_ROWS)
+    assert not overlaps(eager, CONCURRENT_MAX_ROWS + 1)  # large calls fill the GPU alone
+    assert not overlaps(graphed, CONCURRENT_MAX_ROWS + 1)
 
 
 @gpu
 def test_graphs_per_expert_on_streams_equal_them_one_after_another_to_the_bit():
-    from ddmkit.sample.graphs import graphs_per_expert
+    from ddmkit.accel.graphs import graphs_per_expert
 
     experts = _experts(5, "cuda")
     calls = graphs_per_expert(experts)
@@ -162,7 +165,7 @@ def test_graphs_per_expert_on_streams_equal_them_one_after_another_to_the_bit():
                     y = torch.randint(0, 3, (b,), device="cuda", generator=gen)
                     w = torch.softmax(torch.randn(b, 5, device="cuda", generator=gen) * 3, dim=1)
                     plan = make_plan(w * (w >= w.topk(2, dim=1).values[:, 1:]))
-                    together = apply_plan(calls, plan, x, t, cond={"y": y}, concurrent=True)
+                    together = apply_plan(calls, plan, x, t, cond={"y": y}, call_experts=concurrent_caller(graphed=True))
                     torch.cuda.synchronize()
                     assert torch.equal(together, apply_plan(calls, plan, x, t, cond={"y": y}))
                     eager = apply_plan(experts, plan, x, t, cond={"y": y})
@@ -173,13 +176,15 @@ def test_graphs_per_expert_on_streams_equal_them_one_after_another_to_the_bit():
 
 @gpu
 def test_sample_ddm_with_graphs_on_streams_gives_the_samples_of_shared_graphs():
-    from ddmkit.pipeline.sampling import sample_ddm
+    from ddmkit.ddm.sampling import sample_ddm
 
     ddm = _ddm(4)
     for strategy in ("top-1", "top-2", "sample-2"):
         eager, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda")
-        shared, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda", cuda_graphs=True, cuda_streams=False)
-        own, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda", cuda_graphs=True, cuda_streams=True)
+        shared, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda",
+                               speed=SpeedOptions(cuda_graphs=True, cuda_streams=False))
+        own, _ = sample_ddm(ddm, strategy, n=500, steps=5, device="cuda",
+                            speed=SpeedOptions(cuda_graphs=True, cuda_streams=True))
         assert torch.equal(own, shared), strategy
         assert torch.allclose(own, eager, atol=1e-4, rtol=0), strategy
 
@@ -189,8 +194,8 @@ def test_each_experts_graphs_are_captured_on_that_experts_stream(monkeypatch):
     """A captured matrix product keeps the cuBLAS workspace of the stream it was captured on. Captured on
     one stream, several experts' graphs share one workspace and race on it when replayed at once: the
     GPU hung in the sample_ddm test above (4 of 5 runs on an H100) until each expert captured on its own."""
-    from ddmkit.routing.streams import side_stream
-    from ddmkit.sample.graphs import graphs_per_expert
+    from ddmkit.accel.streams import side_stream
+    from ddmkit.accel.graphs import graphs_per_expert
 
     captured_on = []
 

@@ -3,7 +3,7 @@ import json
 
 from typer.testing import CliRunner
 
-from ddmkit.theory.cli import app
+from ddmkit.cli import theory_app as app
 
 
 def test_convergence_quick(tmp_path):

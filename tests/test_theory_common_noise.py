@@ -2,7 +2,7 @@
 deterministic errors (OT keeps the noise pairing)."""
 import torch
 
-from ddmkit.metrics import w2_exact
+from ddmkit.evaluation import w2_exact
 from ddmkit.theory.convergence import ConvergenceSettings, exact_solution, make_problem, routed_sample
 
 

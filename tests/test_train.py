@@ -14,7 +14,7 @@ from ddmkit.data.partition import partition_data
 from ddmkit.errors import DDMError
 from ddmkit.flow import flow_matching_loss, to_velocity
 from ddmkit.nets import from_pretrained
-from ddmkit.pipeline.jobs import monolith_config, train_expert
+from ddmkit.train.jobs import monolith_config, train_expert
 from ddmkit.train import fit
 
 SMALL = ExpertConfig(net=NetConfig(arch="mlp", kwargs={"width": 32, "depth": 1}),
@@ -81,7 +81,7 @@ def test_expert_job_reads_only_its_shard(shards, tmp_path):
             if event == "open" and isinstance(args[0], str) and args[0].startswith(root):
                 opened.append(args[0])
         sys.addaudithook(hook)
-        from ddmkit.pipeline.jobs import train_expert
+        from ddmkit.train.jobs import train_expert
         from ddmkit.config import ExpertConfig
         cfg = ExpertConfig.model_validate({json.dumps(SMALL.model_dump())!r} and json.loads({json.dumps(json.dumps(SMALL.model_dump()))}))
         train_expert(root + "/shards/cluster_02.safetensors", cfg, {str(tmp_path / "e")!r})

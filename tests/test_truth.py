@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddmkit.data.synthetic import anisotropic_mixture, ring_mixture
-from ddmkit.metrics import w2_exact
+from ddmkit.evaluation import w2_exact
 from ddmkit.sample import sample_adaptive, time_grid
 from ddmkit.truth import GaussianMixture
 

@@ -153,7 +153,7 @@ def test_registry_path_escape_is_refused(tmp_path):
 
 def test_bad_shard_leaves_no_partial_output(tmp_path):
     from ddmkit.config import ExpertConfig
-    from ddmkit.pipeline.jobs import train_expert
+    from ddmkit.train.jobs import train_expert
 
     shard = tmp_path / "shard.safetensors"
     shard.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}")

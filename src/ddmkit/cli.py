@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ddmkit.errors import DDMError
+from ddmkit.routing.table import STRATEGY_FORMS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Decentralized Diffusion Models: partition, train experts in isolation, route, sample, evaluate.")
@@ -27,7 +28,7 @@ def log(msg: str) -> None:
 
 def _config(config: Optional[Path], run: Optional[Path] = None):
     from ddmkit.config import RunConfig, builtin_config, load_config
-    from ddmkit.pipeline.run import run_config
+    from ddmkit.pipeline.prepare import run_config
 
     if config is not None:
         if not config.exists() and config.suffix != ".toml":
@@ -47,7 +48,8 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
               force: bool = typer.Option(False, help="replace a folder that holds a different run")):
     """Load the data, cluster it into K shards, write shards and a manifest."""
     from ddmkit.config import RunConfig, validate
-    from ddmkit.pipeline.run import prepare_run_dir, stage_data, stage_partition
+    from ddmkit.pipeline.prepare import prepare_run_dir
+    from ddmkit.pipeline.stages import stage_data, stage_partition
 
     cfg = _config(config).with_seed(seed).model_dump()
     if data is not None:
@@ -76,7 +78,7 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
                      resume: bool = typer.Option(False, help="continue from OUT.checkpoint.safetensors if a killed run left one")):
     """Train one expert on one shard, in isolation: it reads that file and nothing else."""
     from ddmkit.config import ExpertConfig, validate
-    from ddmkit.pipeline.jobs import train_expert
+    from ddmkit.train.jobs import train_expert
 
     cfg = _config(config).expert
     upd = {k: v for k, v in (("seed", seed), ("checkpoint_every", checkpoint_every)) if v is not None}
@@ -90,7 +92,7 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
                      config: Optional[Path] = typer.Option(None, help="TOML config (default: the run's)"),
                      seed: Optional[int] = typer.Option(None, help="training seed (overrides config)")):
     """Train the router p(cluster | x_t, t) on noised shard data."""
-    from ddmkit.pipeline.run import stage_router
+    from ddmkit.pipeline.stages import stage_router
 
     cfg = _config(config, run)
     stage_router(cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)}), run, log)
@@ -101,20 +103,22 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
                        config: Optional[Path] = typer.Option(None, help="TOML config (default: the run's)"),
                        seed: Optional[int] = typer.Option(None, help="training seed (overrides config)")):
     """Train the FLOP-matched monolith baseline on all shards."""
-    from ddmkit.pipeline.run import stage_monolith
+    from ddmkit.pipeline.stages import stage_monolith
 
     cfg = _config(config, run)
     stage_monolith(cfg.model_copy(update={"expert": _with_train_seed(cfg.expert, seed)}), run, log)
 
 
 @app.command()
-def sample(run: Path = typer.Argument(..., help="run folder with experts/ and router/"),
-           strategy: List[str] = typer.Option(["top-2"], help="routing strategy, repeatable: full, top-K, threshold-P, "
-                                              "sample-K[@T], nucleus-P[@T], switch, oracle, nearest, monolith"),
+def sample(run: Path = typer.Argument(..., help="run folder with experts/ and router/ (any kind of data)"),
+           strategy: List[str] = typer.Option(["top-2"], help=f"what to sample, repeatable: a routing strategy "
+                                              f"({STRATEGY_FORMS}), 'monolith', or 'exact' (Gaussian mixtures)"),
            n: Optional[int] = typer.Option(None, help="number of samples"),
            steps: Optional[int] = typer.Option(None, help="solver steps"),
            solver: Optional[str] = typer.Option(None, help="euler, heun, midpoint, rk4 or adaptive"),
            seed: Optional[int] = typer.Option(None, help="noise seed"),
+           guidance: Optional[float] = typer.Option(None, help="classifier-free guidance inside each "
+                                                    "class-conditional expert (images with labels)"),
            router_every: Optional[int] = typer.Option(None, help="call the router every m steps and reuse its "
                                                       "routing in between (1: every step)"),
            batch_size: Optional[int] = typer.Option(None, help="integrate the samples in chunks of this many rows"),
@@ -124,27 +128,39 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
            cuda_streams: Optional[bool] = typer.Option(None, "--cuda-streams/--no-cuda-streams",
                                                        help="on a GPU, run a step's experts on concurrent CUDA "
                                                        "streams (default on; with --cuda-graphs, a set of graphs per expert)")):
-    """Sample with routing strategies; writes RUN/samples/STRATEGY.safetensors."""
+    """Sample with routing strategies; writes RUN/samples/NAME.safetensors (text runs: RUN/samples/text.json)."""
     from ddmkit.config import RunConfig, validate
-    from ddmkit.pipeline.run import sample_one
+    from ddmkit.pipeline.prepare import run_config
 
-    cfg = _config(None, run)
-    upd = {k: v for k, v in (("n", n), ("steps", steps), ("solver", solver), ("seed", seed),
+    if _text_run(run):
+        from ddmkit.pipeline.text import sample_text
+
+        sample_text(run, strategy, n=n, seed=seed, log=log)
+        return
+    from ddmkit.pipeline.run import sample_run
+
+    cfg = run_config(run)
+    upd = {k: v for k, v in (("n", n), ("steps", steps), ("solver", solver), ("seed", seed), ("guidance", guidance),
                              ("router_every", router_every), ("batch_size", batch_size),
                              ("cuda_graphs", cuda_graphs), ("cuda_streams", cuda_streams)) if v is not None}
     cfg = validate(RunConfig, {**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), **upd,
                                                               "strategies": list(strategy)}}, "options")
-    for name in strategy:
-        info = sample_one(cfg, run, name)
+    for name, info in zip(strategy, sample_run(run, list(strategy), cfg, log)):
         log(f"{name}: {info['expert_calls_per_sample']:.1f} expert calls/sample, {info['wall_time']:.2f}s")
 
 
 @app.command()
-def evaluate(run: Path = typer.Argument(..., help="run folder with samples/")):
-    """Metrics for every sampled strategy, router accuracy per t, plots and report.md."""
-    from ddmkit.pipeline.run import stage_evaluate
+def evaluate(run: Path = typer.Argument(..., help="run folder with samples/ (any kind of data)")):
+    """Scores of every sampled set (W2 and the truth's scores, or FID/KID for images, or bits per byte
+    for text), router accuracy, plots and report.md."""
+    if _text_run(run):
+        from ddmkit.pipeline.text import evaluate_text
 
-    stage_evaluate(_config(None, run), run, log)
+        evaluate_text(run, log=log)
+        return
+    from ddmkit.pipeline.run import evaluate_run
+
+    evaluate_run(run, log)
 
 
 @app.command()
@@ -157,8 +173,14 @@ def analyze(run: Path = typer.Argument(..., help="trained run folder (experts/, 
             seed: Optional[int] = typer.Option(None, help="noise seed (default: the run's)"),
             max_steps: int = typer.Option(20, help="steps at which Jacobians are measured"),
             jvp_rows: int = typer.Option(128, help="trajectories on which Jacobians are measured")):
-    """Stability vs expert-data alignment diagnostics; writes analysis.md, analysis.json, plots/."""
-    from ddmkit.analysis import analyze_run
+    """Stability vs expert-data alignment diagnostics; writes analysis.md, analysis.json, plots/
+    (text runs: each expert's bits per byte on every cluster, and the router's weight on the true one)."""
+    if _text_run(run):
+        from ddmkit.pipeline.text import analyze_text
+
+        analyze_text(run, out, log=log)
+        return
+    from ddmkit.pipeline.analyze import analyze_run
 
     analyze_run(run, out, strategy, n=n, seed=seed, max_steps=max_steps, jvp_rows=jvp_rows, log=log)
 
@@ -170,7 +192,9 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
         force: bool = typer.Option(False, help="replace a folder that holds a different run"),
         backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
         workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray)"),
-        address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto)")):
+        address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto)"),
+        stages: str = typer.Option("all", help="train (data, partition, experts, monolith, router, registry), "
+                                   "evaluate (sampling, scores, report: needs the trained networks) or all")):
     """Every stage: data, partition, experts, monolith, router, sampling, evaluation, report.
 
     A TOML with `kind = "text_ar"` or `"text_dfm"` runs the text pipeline (see `ddmkit text --help`)."""
@@ -178,12 +202,12 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
     from ddmkit.pipeline.run import run_pipeline
 
     if _text_kind(config):
-        from ddmkit.discrete.pipeline import run_text
+        from ddmkit.pipeline.text import run_text
 
-        run_text(config, out, force, seed)
+        run_text(config, out, force, seed, log=log)
         return
     check_backend(backend)
-    run_pipeline(_config(config).with_seed(seed), out, force, log, backend, workers, address)
+    run_pipeline(_config(config).with_seed(seed), out, force, log, backend, workers, address, stages)
 
 
 @app.command()
@@ -199,7 +223,8 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
            mem: str = typer.Option("16G", help="slurm --mem"),
            partition_name: Optional[str] = typer.Option(None, "--partition", help="slurm partition")):
     """Train the run's missing experts on a backend, or emit a SLURM job array (one task per expert)."""
-    from ddmkit.pipeline.run import run_config, stage_experts, stage_registry
+    from ddmkit.pipeline.prepare import run_config
+    from ddmkit.pipeline.stages import stage_experts, stage_registry
 
     if emit is not None:
         from ddmkit.launch import write_slurm_script
@@ -272,15 +297,87 @@ def _text_kind(config: Path) -> bool:
     return is_text_config(config)
 
 
-def _mount_subcommands() -> None:
-    from ddmkit.discrete.cli import app as text_app
-    from ddmkit.theory.cli import app as theory_app
+def _text_run(run: Path) -> bool:
+    """Whether a run folder holds a text run."""
+    from ddmkit.pipeline.text import is_text_run
 
-    app.add_typer(theory_app, name="theory", help="Theory studies: convergence with expert switching, distillation.")
-    app.add_typer(text_app, name="text", help="Decentralized text generation: autoregressive and discrete flow matching.")
+    return is_text_run(run)
 
 
-_mount_subcommands()
+theory_app = typer.Typer(help="Theory studies on exact Gaussian-mixture truth: convergence and distillation.",
+                         no_args_is_help=True)
+text_app = typer.Typer(help="Decentralized text generation: autoregressive and discrete flow matching experts.",
+                       no_args_is_help=True)
+app.add_typer(theory_app, name="theory")
+app.add_typer(text_app, name="text")
+QUICK = typer.Option(False, "--quick", help="A small version that runs in under a minute (what the tests run).")
+
+
+@theory_app.command()
+def convergence(quick: bool = QUICK,
+                out: Path = typer.Option(Path("theory-convergence"), "--out", help="Folder for the report."),
+                seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same numbers.")):
+    """W2 and pathwise convergence of routed Euler/Heun samplers with full, top-k and switching routing."""
+    from ddmkit.theory.convergence import ConvergenceSettings, run_convergence
+
+    settings = ConvergenceSettings.quick(seed) if quick else ConvergenceSettings(seed=seed)
+    run_convergence(settings, out, log=log)
+    typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'} and plots")
+
+
+@theory_app.command()
+def distill(quick: bool = QUICK,
+            out: Path = typer.Option(Path("theory-distill"), "--out", help="Folder for the report."),
+            seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same numbers.")):
+    """L(t), Lambda(t) and student flow maps on uniform and Lambda-uniform grids (linear and OU paths)."""
+    from ddmkit.theory.distill import DistillSettings, run_distill
+
+    settings = DistillSettings.quick(seed) if quick else DistillSettings(seed=seed)
+    run_distill(settings, out, log=log)
+    typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'} and plots")
+
+
+@text_app.command("run")
+def text_run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar' or 'text_dfm'"),
+             out: Optional[Path] = typer.Option(None, "--out", help="output folder (default runs/<config name>)"),
+             force: bool = typer.Option(False, "--force", help="delete the output folder first"),
+             seed: Optional[int] = typer.Option(None, "--seed", help="override every seed of the config")):
+    """Partition a corpus, train experts, centralized model and router, evaluate, write the report
+    (the same as `ddmkit run CONFIG`)."""
+    from rich.table import Table
+
+    from ddmkit.pipeline.text import run_text
+
+    report = run_text(config, out, force, seed, log=log)
+    table = Table("model", "held-out bits per byte")
+    for name, row in report["bits_per_byte"].items():
+        table.add_row(name, f"{row['all']:.3f}")
+    Console().print(table)
+
+
+@text_app.command()
+def exactness(k: int = typer.Option(3, help="number of Markov chains (clusters)"),
+              vocab: int = typer.Option(4, help="symbols per chain"),
+              length: int = typer.Option(6, help="sequence length enumerated (vocab**length sequences)"),
+              seed: int = typer.Option(0, help="seed of the random chains"),
+              out: Optional[Path] = typer.Option(None, "--out", help="also write the rows as JSON here")):
+    """Exact experts + exact posterior reproduce the global next-token law; KL against router error."""
+    from rich.table import Table
+
+    from ddmkit.discrete.markov import MarkovMixture, exactness_rows
+    from ddmkit.io import write_json
+
+    if vocab ** length > 2_000_000:
+        raise DDMError(f"--vocab {vocab} --length {length}: {vocab ** length} sequences to enumerate; "
+                       "keep vocab**length <= 2e6")
+    rows = exactness_rows(MarkovMixture.random(k, vocab, seed), length)
+    table = Table("router eps", "max KL(global||decentralized)", "mean KL", "mean KL(P||r)", "mean TV(P, r)")
+    for r in rows:
+        table.add_row(f"{r['router_eps']:g}", f"{r['kl_max']:.3g}", f"{r['kl_mean']:.3g}",
+                      f"{r['router_kl_mean']:.3g}", f"{r['router_tv_mean']:.3g}")
+    Console().print(table)
+    if out:
+        write_json(out, {"k": k, "vocab": vocab, "length": length, "seed": seed, "rows": rows})
 
 
 def main() -> None:

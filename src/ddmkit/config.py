@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ddmkit.errors import DDMError
+from ddmkit.io import read_json
+from ddmkit.routing.table import parse_strategy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -118,8 +120,6 @@ class SampleConfig(Section):
     @field_validator("strategies", "stats_router_strategies")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from ddmkit.routing.strategies import parse_strategy
-
         for s in v:
             if s != "monolith":
                 parse_strategy(s)
@@ -201,8 +201,6 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.exists():
         raise DDMError(f"config file {path} does not exist")
     if path.suffix == ".json":
-        from ddmkit.io import read_json
-
         raw = read_json(path)
         raw = raw.get("config", raw) if isinstance(raw, dict) else raw
         if not isinstance(raw, dict):

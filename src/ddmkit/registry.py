@@ -25,10 +25,12 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ddmkit import TIME_CONVENTION, __version__
+from ddmkit.conventions import TIME_CONVENTION, __version__
 from ddmkit.config import _explain
+from ddmkit.data.partition import load_partition
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, sha256_file, write_json
+from ddmkit.nets import build_model, from_pretrained
 
 REGISTRY = "registry.json"
 FORMAT = "ddmkit-registry-1"
@@ -116,8 +118,6 @@ def _validated(schema: type[BaseModel], data: Any, source: str):
 def load_partition_checked(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(manifest, tensors) of a partition folder, the manifest validated and
     every shard path checked to stay inside the folder."""
-    from ddmkit.data.partition import load_partition
-
     folder = Path(folder)
     source = folder / "manifest.json"
     m = _validated(PartitionManifest, read_json(source), str(source))
@@ -154,8 +154,6 @@ def header_shapes(path: Path) -> dict[str, list[int]]:
 def check_model_folder(folder: str | Path) -> dict:
     """Validate config.json and check the network it describes has exactly
     the tensors of model.safetensors (built on the meta device: no memory)."""
-    from ddmkit.nets import build_model
-
     folder = Path(folder)
     config = read_json(folder / "config.json")
     cfg = _validated(ModelConfig, config, str(folder / "config.json"))
@@ -179,8 +177,6 @@ def check_model_folder(folder: str | Path) -> dict:
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     """(model, config) of a model folder, checked by check_model_folder first."""
-    from ddmkit.nets import from_pretrained
-
     check_model_folder(folder)
     return from_pretrained(folder, device)
 

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from ddmkit.analysis.trace import strategy_weights
-from ddmkit.pipeline.ddm import DDM
+from ddmkit.ddm.model import DDM
 
 
 def expert_velocities(experts: Sequence, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -62,6 +62,7 @@ def cluster_alignment(x0_hat: torch.Tensor, w: torch.Tensor, features, centroids
             "dist_nearest": d.min(1).values, "dist_routed": (w * d).sum(1)}
 
 
+@torch.no_grad()
 def trajectory_alignment(ddm: DDM, tr, features, centroids: torch.Tensor, max_steps: int | None = None) -> dict:
     """Cluster alignment and disagreement at the steps of a trace: (steps, B) tensors + step times."""
     n = len(tr.t)
@@ -82,6 +83,7 @@ def trajectory_alignment(ddm: DDM, tr, features, centroids: torch.Tensor, max_st
     return res
 
 
+@torch.no_grad()
 def heldout_errors(ddm: DDM, x: torch.Tensor, t_grid: Sequence[float], strategies: dict, seed: int = 0,
                    exact: DDM | None = None) -> dict:
     """Per t of the grid: every expert's error on held-out data, routed vs not routed per strategy;

@@ -9,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ddmkit.pipeline.report import _save, markdown_table  # noqa: E402
+from ddmkit.evaluation.plots import save_figure  # noqa: E402
+from ddmkit.tables import markdown_table  # noqa: E402
 
 
 def _axes(xlabel="t (0 = data, 1 = noise)", ylabel="", log=False):
@@ -29,7 +30,7 @@ def plot_lipschitz(per: dict, path: Path) -> None:
         line, = ax.plot(r["lipschitz"]["t"], r["lipschitz"]["top"], label=name)
         ax.plot(r["lipschitz"]["t"], r["lipschitz"]["fd"], ":", color=line.get_color())
     ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_expert_error(held: dict, path: Path) -> None:
@@ -41,7 +42,7 @@ def plot_expert_error(held: dict, path: Path) -> None:
         line, = ax.plot(held["t"], held["routed"][name], label=name)
         ax.plot(held["t"], held["not_routed"][name], "--", color=line.get_color())
     ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_disagreement(per: dict, path: Path) -> None:
@@ -49,7 +50,7 @@ def plot_disagreement(per: dict, path: Path) -> None:
     for name, r in per.items():
         ax.plot(r["by_step"]["t"], r["by_step"]["pair"], label=name)
     ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_quality_scatter(points: dict, qname: str, path: Path) -> None:
@@ -66,7 +67,7 @@ def plot_quality_scatter(points: dict, qname: str, path: Path) -> None:
         ax.set_ylabel(qname, fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 TABLE = [("expert calls/sample", "calls"), ("quality q", "q"), ("W2", "w2"), ("L_top", "L_top"),

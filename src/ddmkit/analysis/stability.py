@@ -15,13 +15,11 @@ threshold, sample-k, ...; one-hot strategies give the chosen expert's Jacobian).
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from ddmkit.analysis.trace import Trace, hooked_field, replay_state, trace_strategy
-from ddmkit.pipeline.ddm import DDM
+from ddmkit.ddm.model import DDM
 from ddmkit.routing import combine, parse_strategy
 
 
@@ -37,11 +35,6 @@ def unit(a: torch.Tensor) -> torch.Tensor:
 
 def renorm(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum(1, keepdim=True).clamp_min(1e-30)
-
-
-def differentiable(f):
-    """The field without its torch.no_grad wrapper (for reverse-mode products)."""
-    return inspect.unwrap(f)
 
 
 def jvp(f, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -96,8 +89,7 @@ def jacobian_norms(f, x: torch.Tensor, iters: int = 6, u: torch.Tensor | None = 
 
 def frozen_field(ddm: DDM, t: torch.Tensor, probs: torch.Tensor, w: torch.Tensor):
     """v~(x) at time t with the routing decision w frozen (see the module docstring)."""
-    experts = [differentiable(e) for e in ddm.experts]
-    router = differentiable(ddm.router)
+    experts, router = ddm.experts, ddm.router  # plain fields: differentiable where the caller enables grad
     mask = (w > 0).to(w.dtype)
     follows_router = (renorm(probs * mask) - w).abs().amax(1, keepdim=True) < 1e-4
 
@@ -108,6 +100,7 @@ def frozen_field(ddm: DDM, t: torch.Tensor, probs: torch.Tensor, w: torch.Tensor
     return f
 
 
+@torch.no_grad()
 def fd_lipschitz(ddm: DDM, tr: Trace, i: int, rows: torch.Tensor, u: torch.Tensor, h: float,
                  seed: int = 0) -> torch.Tensor:
     """L_fd per row at step i along unit directions u: the strategy re-run at x and x + h u with
@@ -119,6 +112,7 @@ def fd_lipschitz(ddm: DDM, tr: Trace, i: int, rows: torch.Tensor, u: torch.Tenso
     return row_norm(v[1] - v[0]) / h
 
 
+@torch.no_grad()  # the Jacobian products enable grad where they need it
 def local_lipschitz(ddm: DDM, tr: Trace, rows: torch.Tensor, max_steps: int = 25, iters: int = 6,
                     h: float = 1e-3, seed: int = 0) -> dict:
     """L_top, L_rand, L_fd averaged over `rows` at up to max_steps evenly spaced steps of the trace."""
@@ -137,6 +131,7 @@ def local_lipschitz(ddm: DDM, tr: Trace, rows: torch.Tensor, max_steps: int = 25
     return out
 
 
+@torch.no_grad()
 def amplification(ddm: DDM, tr: Trace, steps: int, solver: str, seed: int, delta: float = 1e-3) -> torch.Tensor:
     """A(x_1) per sample: the sampler re-run from x_1 + d (|d| = delta, same random numbers)."""
     gen = torch.Generator().manual_seed(seed + 7)

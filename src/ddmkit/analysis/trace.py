@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ddmkit.pipeline.ddm import DDM
-from ddmkit.pipeline.sampling import sample_field
+from ddmkit.ddm.model import DDM
+from ddmkit.ddm.sampling import sample_field
 from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
 from ddmkit.routing.combine import last_weights
 

@@ -9,52 +9,16 @@ LOADERS.
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ddmkit.data import synthetic
+import ddmkit.data.synthetic as synthetic
+from ddmkit.data.arrays import ArrayData, check_finite
+from ddmkit.data.images import IMAGE_LOADERS
 from ddmkit.errors import DDMError
-from ddmkit.truth import GaussianMixture
-
-
-@dataclass
-class ArrayData:
-    """x (N, *data_shape) float32; labels (N,) int64 or None (true component,
-    class or source); truth: the exact mixture when known."""
-
-    name: str
-    x: torch.Tensor
-    labels: torch.Tensor | None = None
-    truth: GaussianMixture | None = None
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[1:])
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-
-def content_hash(x: torch.Tensor) -> str:
-    """SHA-256 of the array's bytes and shape (the data's identity in manifests)."""
-    a = np.ascontiguousarray(x.detach().cpu().numpy())
-    h = hashlib.sha256(str((a.dtype.str, a.shape)).encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def check_finite(x: torch.Tensor, where: str) -> None:
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        rows = bad.reshape(len(x), -1).any(1).nonzero().flatten()[:5].tolist()
-        raise DDMError(f"{where}: data holds NaN or infinite values (first bad rows: {rows}); "
-                       "clean or drop those rows before partitioning")
 
 
 def _synthetic(name: str, n_train: int, n_test: int, seed: int, **params) -> tuple[ArrayData, ArrayData]:
@@ -102,10 +66,8 @@ LOADERS: dict[str, Callable[..., tuple[ArrayData, ArrayData]]] = {
 
 
 def _image_loader(kind: str) -> Callable[..., tuple[ArrayData, ArrayData]]:
-    """A loader from ddmkit.data.images, imported on first use (params: see that module)."""
+    """A loader from ddmkit.data.images (params: see that module), with bad params a clear error."""
     def load(n_train, n_test, seed, **params):
-        from ddmkit.data.images import IMAGE_LOADERS
-
         try:
             return IMAGE_LOADERS[kind](n_train, n_test, seed, **params)
         except TypeError as e:
@@ -113,7 +75,7 @@ def _image_loader(kind: str) -> Callable[..., tuple[ArrayData, ArrayData]]:
     return load
 
 
-LOADERS.update({k: _image_loader(k) for k in ("fashion_mnist", "idx", "image_folder", "image_array")})
+LOADERS.update({k: _image_loader(k) for k in IMAGE_LOADERS})
 
 
 def dataset_names() -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmkit.data.datasets import ArrayData
+from ddmkit.data.arrays import ArrayData
 from ddmkit.errors import DDMError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from ddmkit import TIME_CONVENTION, __version__
-from ddmkit.data.datasets import ArrayData, check_finite, content_hash
+from ddmkit.conventions import TIME_CONVENTION, __version__
+from ddmkit.data.arrays import ArrayData, check_finite, content_hash
 from ddmkit.data.features import apply_features, fit_features
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, read_json, read_metadata, save_tensors, sha256_file, staging_dir, write_json

@@ -1,8 +1,4 @@
-"""Decentralized discrete generation: byte-level text, autoregressive experts
-with a prefix router, masked discrete flow matching, and an exact
-Markov-mixture check (docs/discrete.md).
-
-    from ddmkit.discrete.pipeline import run_text
-    run_text("configs/text_ar.toml", "runs/text_ar")
+"""Decentralized discrete generation: byte-level text, autoregressive experts with a prefix
+router, masked discrete flow matching, an exact Markov-mixture check, and expert-data alignment
+for token experts (docs/discrete.md). The run stages are in ddmkit.pipeline.text.
 """
-from ddmkit.discrete import transformer  # noqa: F401  (registers the transformer architectures)

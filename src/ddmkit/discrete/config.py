@@ -99,7 +99,7 @@ class TextEvalConfig(Section):
     @field_validator("strategies")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from ddmkit.routing.strategies import parse_strategy
+        from ddmkit.routing.table import parse_strategy
 
         for s in v:
             if s in ("oracle", "nearest"):

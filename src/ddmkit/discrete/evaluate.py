@@ -19,7 +19,8 @@ from ddmkit.discrete.dfm import elbo_bits, mask_path, mixture_denoiser, model_de
 from ddmkit.discrete.shards import eval_windows
 from ddmkit.discrete.tokens import decode, encode
 from ddmkit.errors import DDMError
-from ddmkit.routing.strategies import RoutingState, parse_strategy
+from ddmkit.routing.strategies import RoutingState
+from ddmkit.routing.table import parse_strategy
 
 DFM_ROUTER_TIMES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 

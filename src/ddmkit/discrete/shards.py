@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ddmkit import TIME_CONVENTION, __version__
+from ddmkit.conventions import TIME_CONVENTION, __version__
 from ddmkit.data.partition import cluster, read_shard, shard_name
 from ddmkit.discrete.corpus import Document
 from ddmkit.discrete.features import tfidf_features

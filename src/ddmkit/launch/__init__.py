@@ -1,6 +1,6 @@
 """Where expert jobs run: inline, a local process pool, Ray, or a SLURM job array.
 
-All of them call the one pure function `ddmkit.pipeline.jobs.train_expert`.
+All of them call the one pure function `ddmkit.train.jobs.train_expert`.
 """
 from ddmkit.launch.backends import BACKENDS, ExpertJob, check_backend, run_jobs
 from ddmkit.launch.slurm import slurm_script, write_slurm_script

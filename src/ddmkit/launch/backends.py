@@ -1,6 +1,6 @@
 """Where expert jobs run. Every backend calls the same pure function,
 
-    train_expert(shard, config, out_dir)        (ddmkit.pipeline.jobs)
+    train_expert(shard, config, out_dir)        (ddmkit.train.jobs)
 
 so an expert's bytes depend only on its shard, its config and its seed, not
 on where it ran:
@@ -25,6 +25,8 @@ from typing import Callable
 
 from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError
+from ddmkit.launch.ray_backend import run_ray
+from ddmkit.train.jobs import train_expert
 
 BACKENDS = ("inline", "processes", "ray")
 Log = Callable[[str], None]
@@ -62,8 +64,6 @@ def threads_per_worker(workers: int) -> int:
 
 
 def run_inline(jobs: list[ExpertJob], config: ExpertConfig, resume: bool = False, log: Log = print) -> list[Path]:
-    from ddmkit.pipeline.jobs import train_expert
-
     out = []
     for job in jobs:
         out.append(train_expert(job.shard, config, job.out_dir, resume=resume))
@@ -77,8 +77,6 @@ def _process_job(job: ExpertJob, config_dump: dict, resume: bool, gpu: int | Non
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     import torch
-
-    from ddmkit.pipeline.jobs import train_expert
 
     torch.set_num_threads(threads)
     return str(train_expert(job.shard, ExpertConfig.model_validate(config_dump), job.out_dir, resume=resume))
@@ -116,6 +114,4 @@ def run_jobs(jobs: list[ExpertJob], config: ExpertConfig, backend: str = "inline
         return run_inline(jobs, config, resume, log)
     if backend == "processes":
         return run_processes(jobs, config, workers, resume, log)
-    from ddmkit.launch.ray_backend import run_ray
-
     return run_ray(jobs, config, address=address, workers=workers, log=log)

@@ -22,6 +22,7 @@ from pathlib import Path
 from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError
 from ddmkit.io import staging_dir, write_bytes_atomic
+from ddmkit.train.jobs import train_expert
 
 
 def import_ray():
@@ -36,8 +37,6 @@ def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict, thr
     """What a Ray task runs: write the shard to a private temporary folder,
     train the expert there, return {file name: bytes} of the expert folder."""
     import torch
-
-    from ddmkit.pipeline.jobs import train_expert
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="ddmkit-expert-") as tmp:
@@ -65,9 +64,10 @@ def start_ray(ray, address: str | None, workers: int | None):
     if address:
         ray.init(address=address, **kwargs)
     else:
-        from ddmkit.launch.backends import cuda_count
+        import torch
 
-        ray.init(num_cpus=workers or os.cpu_count() or 1, num_gpus=cuda_count(), **kwargs)
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        ray.init(num_cpus=workers or os.cpu_count() or 1, num_gpus=gpus, **kwargs)
     return True
 
 

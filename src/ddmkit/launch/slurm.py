@@ -15,6 +15,8 @@ import shlex
 from pathlib import Path
 
 from ddmkit.errors import DDMError
+from ddmkit.io import write_bytes_atomic
+from ddmkit.registry import load_partition_checked
 
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=+/@%-]*")
 
@@ -53,9 +55,6 @@ def slurm_script(run: Path, k: int, ddmkit_cmd: str = "ddmkit", time: str = "24:
 
 def write_slurm_script(run: Path, path: Path | None = None, **options) -> Path:
     """Write the script (default RUN/launch/train_experts.slurm)."""
-    from ddmkit.io import write_bytes_atomic
-    from ddmkit.registry import load_partition_checked
-
     run = Path(run)
     manifest, _ = load_partition_checked(run / "partition")
     path = Path(path) if path else run / "launch" / "train_experts.slurm"

@@ -12,26 +12,18 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ddmkit import TIME_CONVENTION, __version__
+from ddmkit.conventions import TIME_CONVENTION, __version__
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, read_json, save_tensors, write_json
+from ddmkit.nets.dit import DiT
 from ddmkit.nets.mlp import RouterMLP, VelocityMLP
+from ddmkit.nets.router_cnn import RouterCNN
+from ddmkit.nets.transformer import BidirectionalTransformer, CausalTransformer
+from ddmkit.nets.unet import UNet
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "mlp": VelocityMLP,
-    "router_mlp": RouterMLP,
-}
-
-
-def _image_nets() -> dict[str, Callable[..., nn.Module]]:
-    from ddmkit.nets.dit import DiT
-    from ddmkit.nets.router_cnn import RouterCNN
-    from ddmkit.nets.unet import UNet
-
-    return {"unet": UNet, "dit": DiT, "router_cnn": RouterCNN}
-
-
-ARCHITECTURES.update(_image_nets())
+    "mlp": VelocityMLP, "router_mlp": RouterMLP, "unet": UNet, "dit": DiT, "router_cnn": RouterCNN,
+    "causal_transformer": CausalTransformer, "bidirectional_transformer": BidirectionalTransformer}
 
 
 def build_model(arch: str, **kwargs) -> nn.Module:

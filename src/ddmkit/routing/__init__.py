@@ -1,7 +1,7 @@
-"""Routing strategies and the sparse combiner."""
+"""Routing: strategies (one table), the sparse combiner, the statistics-only router."""
 from ddmkit.routing.combine import CallCounter, combine, combine_dense, routed_velocity
-from ddmkit.routing.strategies import STRATEGY_FORMS, RoutingState, parse_strategy, register_strategy
+from ddmkit.routing.strategies import RoutingState, Strategy
+from ddmkit.routing.table import STRATEGIES, STRATEGY_FORMS, parse_strategy
 
-__all__ = ["STRATEGY_FORMS", "CallCounter", "RoutingState", "combine", "combine_dense", "parse_strategy",
-           "register_strategy", "routed_velocity"]
-from ddmkit.analysis import strategies as _alignment_strategies  # noqa: E402,F401  (registers adaptive-P, adaptive-ent-H, gated-K@A)
+__all__ = ["STRATEGIES", "STRATEGY_FORMS", "CallCounter", "RoutingState", "Strategy", "combine", "combine_dense",
+           "parse_strategy", "routed_velocity"]

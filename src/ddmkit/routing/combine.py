@@ -17,8 +17,11 @@ that give it non-zero weight, grouped by expert:
 
 The router is called once per velocity evaluation, or once every
 `router_every` evaluations (the routing is then reused in between, with no
-router call and no host sync). The strategy "full" takes a dense path with
+router call and no host sync). A dense strategy ("full") takes a dense path with
 no plan and so no host sync at all.
+
+Plain PyTorch: how the active experts' calls run (one after another, or on
+concurrent CUDA streams) is the caller's `call_experts` (ddmkit.accel).
 """
 from __future__ import annotations
 
@@ -28,13 +31,13 @@ from typing import Callable, Sequence
 import torch
 
 from ddmkit.flow.path import x0_from_velocity
-from ddmkit.routing.streams import call_concurrently
 from ddmkit.routing.strategies import RoutingState, dense_weights
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Cond = dict[str, torch.Tensor]
-CONCURRENT_MIN_ROWS = 256  # smaller calls are bound by their launches, which streams do not overlap
-CONCURRENT_MAX_ROWS = 2048  # larger calls fill the GPU alone: overlapping them only adds contention and memory
+# call_experts(calls, experts, counts, device) -> outputs: runs a step's expert calls (ddmkit.accel)
+CallExperts = Callable[[Sequence[Callable[[], torch.Tensor]], Sequence[int], Sequence[int], torch.device],
+                       list[torch.Tensor]]
 
 
 @dataclass
@@ -104,24 +107,12 @@ def _split_cond(cond: Cond | None, rows: torch.Tensor, counts: list[int]) -> lis
     return [{name: p[j] for name, p in parts.items()} for j in range(len(counts))]
 
 
-def _overlaps(experts: Sequence[Field], plan: DispatchPlan) -> bool:
-    """Whether a step's expert calls are worth running on concurrent streams: when they average
-    CONCURRENT_MIN_ROWS to CONCURRENT_MAX_ROWS rows, where the lower bound is the experts' own
-    `concurrent_min_rows` if they have one (graph replays, one launch a call, overlap at any size:
-    ddmkit.sample.graphs.graphs_per_expert). Measured on an H100 (docs/PERFORMANCE.md): streams
-    made calls of 500-1000 rows 4-6% faster, left the image DDM's calls of 1250-2500 rows as they
-    were, and made its guided calls of 2500 rows (5000 inside the network) 9% slower."""
-    least = getattr(experts[plan.experts[0]], "concurrent_min_rows", CONCURRENT_MIN_ROWS)
-    rows = sum(plan.counts)
-    return least * len(plan.counts) <= rows <= CONCURRENT_MAX_ROWS * len(plan.counts)
-
-
 def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t: torch.Tensor,
                counter: CallCounter | None = None, cond: Cond | None = None,
-               concurrent: bool = False) -> torch.Tensor:
-    """One gather, one call per active expert, one weighted scatter-add. concurrent: on a GPU, each
-    expert on its own CUDA stream when the calls average CONCURRENT_MIN_ROWS (graphed experts: 1)
-    to CONCURRENT_MAX_ROWS rows (_overlaps; ddmkit.routing.streams; the same results)."""
+               call_experts: CallExperts | None = None) -> torch.Tensor:
+    """One gather, one call per active expert, one weighted scatter-add. The calls run through
+    call_experts when given (e.g. on concurrent CUDA streams: the same results), else one after
+    another."""
     if not plan.experts:
         return torch.zeros_like(x)
     xs = x.index_select(0, plan.rows).split(plan.counts)
@@ -132,8 +123,8 @@ def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t:
     conds = _split_cond(cond, plan.rows, plan.counts)
     calls = [lambda k=k, xk=xk, tk=tk, ck=ck: experts[k](xk, tk, **ck)
              for k, xk, tk, ck in zip(plan.experts, xs, ts, conds)]
-    if concurrent and _overlaps(experts, plan):
-        outs = call_concurrently(calls, plan.experts, x.device)
+    if call_experts is not None:
+        outs = call_experts(calls, plan.experts, plan.counts, x.device)
     else:
         outs = [call() for call in calls]
     if counter is not None:
@@ -168,22 +159,6 @@ def combine_dense(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tens
     return out
 
 
-def _is_dense(strategy) -> bool:
-    return getattr(strategy, "name", None) == "full"
-
-
-def router_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """softmax over the K clusters of router logits (B, K), in float32.
-
-    PyTorch's CPU softmax over a last dimension narrower than 16 is 5-9x
-    slower than over the first (measured, docs/PERFORMANCE.md), so for small
-    K on the CPU it is taken over the transpose; the values are the same."""
-    z = logits.float()
-    if z.device.type == "cpu" and z.dim() == 2 and z.shape[1] < 16:
-        return torch.softmax(z.T, dim=0).T.contiguous()
-    return torch.softmax(z, dim=1)
-
-
 def last_weights(state: RoutingState, num_experts: int) -> torch.Tensor:
     """The dense weights (B, K) of the routed field's last routing."""
     w = state.extra["last_weights"]
@@ -192,22 +167,22 @@ def last_weights(state: RoutingState, num_experts: int) -> torch.Tensor:
 
 def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: RoutingState,
                     counter: CallCounter | None = None, cond: Cond | None = None,
-                    router_every: int = 1, router_cond: Cond | None = None, concurrent: bool = False) -> Field:
+                    router_every: int = 1, router_cond: Cond | None = None,
+                    call_experts: CallExperts | None = None) -> Field:
     """The DDM's velocity field for a solver: route, combine, remember x0_hat.
 
     `cond` (per-row conditioning, e.g. class labels) is passed to the experts;
     `router_cond` to the router (a label-conditional router p(k | x_t, t, y)).
     `router_every` = m calls the router (and applies the strategy and plans the
     dispatch) on evaluations 0, m, 2m, ... and reuses that routing in between;
-    m = 1 (the default) routes at every evaluation. `concurrent` runs the
-    sparse experts of a step on concurrent CUDA streams (ddmkit.routing.streams)."""
+    m = 1 (the default) routes at every evaluation. `call_experts` runs a sparse
+    step's expert calls (apply_plan)."""
     if router_every < 1:
         raise ValueError(f"router_every must be >= 1, got {router_every}")
-    dense = _is_dense(strategy)
+    dense = strategy.dense
+    sparse = strategy.selects and not dense
+    unit = strategy.one_expert
     memory: dict = {"calls": 0}
-
-    sparse = hasattr(strategy, "select") and not dense
-    unit = bool(getattr(strategy, "one_expert", False))
 
     def route(x: torch.Tensor, t: torch.Tensor) -> None:
         probs = router(x, t, **(router_cond or {}))
@@ -229,7 +204,7 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
         if plan is None:
             v = combine_dense(experts, w, x, t, cond, counter)
         else:
-            v = apply_plan(experts, plan, x, t, counter, cond, concurrent)
+            v = apply_plan(experts, plan, x, t, counter, cond, call_experts)
         state.x0_hat = x0_from_velocity(v, x, t)
         state.extra["last_weights"] = w  # dense (B, K) or a selection; last_weights() gives (B, K)
         return v

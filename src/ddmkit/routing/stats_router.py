@@ -21,6 +21,10 @@ which costs O(d r^2) per sample and cluster, never a d x d matrix.
 
     stats = [island_statistics(x_k) for x_k in shards]    # on each island
     router = stats_router(stats)                          # anywhere: (x, t) -> (B, K)
+
+These routers read values on the host (cuSOLVER's error checks; class_stats_router
+groups rows by label), so they cannot be captured as CUDA graphs: a DDM routed by
+one says so (DDM.router_capturable = False).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ddmkit.errors import DDMError
-from ddmkit.sample.graphs import eager_only
+from ddmkit.io import load_tensors, save_tensors
 from ddmkit.truth import GaussianMixture
 
 MAX_FULL_DIM = 256
@@ -110,7 +114,7 @@ def stats_router(stats: list[dict]):
             t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(len(x))
             return gmm.to(device=x.device).posterior(x.reshape(len(x), -1).double(), t).to(torch.float32)
 
-        return eager_only(router)  # cuSOLVER's error checks read the host: no CUDA graphs
+        return router
     if not all("factors" in s for s in stats):
         raise DDMError("island statistics mix full covariances and low-rank ones; publish all in one form")
     rank = max(s["factors"].shape[1] for s in stats)
@@ -128,7 +132,7 @@ def stats_router(stats: list[dict]):
         logp = lowrank_log_prob(x.reshape(len(x), -1).double(), t, *parts) + log_pi.to(x.device)
         return torch.softmax(logp, dim=1).to(torch.float32)
 
-    return eager_only(router)  # cuSOLVER's error checks read the host: no CUDA graphs
+    return router
 
 
 def island_class_statistics(x: torch.Tensor, labels: torch.Tensor, classes: int, rank: int | None = None) -> list:
@@ -169,19 +173,15 @@ def class_stats_router(per_class: list[list[dict | None]], marginal: list[dict])
             out[rows] = routers[c](x[rows], t[rows])
         return out
 
-    return eager_only(router)  # groups rows by label on the host: no CUDA graphs
+    return router
 
 
 def save_statistics(path: str | Path, stats: dict) -> None:
     """Write one island's statistics (safetensors; what it sends to the router's builder)."""
-    from ddmkit.io import save_tensors
-
     save_tensors(path, {k: v.double() for k, v in stats.items()}, {"role": "island_statistics"})
 
 
 def load_statistics(path: str | Path) -> dict:
-    from ddmkit.io import load_tensors
-
     stats = load_tensors(path)
     if not ({"count", "mean", "cov"} <= set(stats) or {"count", "mean", "factors", "eigvals", "diag"} <= set(stats)):
         raise DDMError(f"{path}: not island statistics (needs count, mean and cov, or factors, eigvals, diag)")

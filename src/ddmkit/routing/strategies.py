@@ -12,26 +12,14 @@ routing in sparse form (`weights` is its dense scatter). The sparse combiner
 plans from it directly, without building and searching the dense (B, K)
 matrix; `one_expert` marks the strategies whose every row has one expert of
 weight 1 (so the combiner adds outputs back without weighting them). They
-derive from `Selecting`, which gives them `weights`.
+derive from `Selecting`, which gives them `weights`. `dense` marks the strategy
+whose weights are the router's probabilities themselves (every expert on every row).
 
-Names accepted by `parse_strategy` (what configs and the CLI use):
-
-    full                 w = r                                   (every expert)
-    top-K                the K largest r_k, renormalised
-    threshold-P          every r_k >= P, renormalised (the argmax if none)
-    sample-K[@T]         K distinct experts drawn from r^(1/T) (Gumbel top-K), weights r renormalised over them
-    nucleus-P[@T]        one expert drawn from the smallest set holding mass P of r^(1/T)
-    switch               one expert per sample per step drawn from r, weight 1 (stochastic switching;
-                         the same law as sample-1 at T = 1, kept as its own name for the theory studies)
-    oracle               one cluster per sample drawn once from the cluster proportions (from
-                         p(cluster | label) for labelled samples) and kept for the whole trajectory
-                         (ancestral sampling of the mixture: exact with exact experts)
-    nearest              the cluster whose centroid is nearest to the features of x0_hat = x_t - t v
-                         (v from the previous step; the router's argmax on the first step)
+Every strategy has a name form (`top-2`, `nucleus-0.9@0.5`) registered in one table,
+ddmkit.routing.table, which parses names and documents them.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -68,10 +56,18 @@ def _single(idx: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch
     return idx[:, None], torch.ones(idx.shape[0], 1, dtype=probs.dtype, device=probs.device)
 
 
-class Selecting:
+class Strategy:
+    """Base of every strategy: what the combiner needs to know of it (class attributes)."""
+
+    dense = False  # weights = the router's probabilities: every expert on every row, no plan
+    selects = False  # has select(probs, state) -> (experts (B, n), weights (B, n))
+    one_expert = False  # every row gets one expert of weight 1
+
+
+class Selecting(Strategy):
     """Base of the strategies with `select`: their dense weights are the scatter of the selection."""
 
-    one_expert = False
+    selects = True
 
     def weights(self, probs, state):
         idx, w = self.select(probs, state)
@@ -83,8 +79,9 @@ def _tempered_log(probs: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Full:
+class Full(Strategy):
     name: str = "full"
+    dense = True
 
     def weights(self, probs, state):
         return probs
@@ -111,7 +108,7 @@ class TopK(Selecting):
 
 
 @dataclass(frozen=True)
-class Threshold:
+class Threshold(Strategy):
     p: float
 
     @property
@@ -198,44 +195,3 @@ class Nearest(Selecting):
         else:
             idx = state.nearest(state.x0_hat).to(probs.device)
         return _single(idx, probs)
-
-
-_PATTERNS: list[tuple[str, Callable]] = [
-    (r"full", lambda: Full()),
-    (r"top-(\d+)", lambda k: TopK(int(k))),
-    (r"threshold-([0-9.]+)", lambda p: Threshold(float(p))),
-    (r"sample-(\d+)(?:@([0-9.]+))?", lambda k, t=None: SampleK(int(k), float(t or 1.0))),
-    (r"nucleus-([0-9.]+)(?:@([0-9.]+))?", lambda p, t=None: Nucleus(float(p), float(t or 1.0))),
-    (r"switch", lambda: Switch()),
-    (r"oracle", lambda: Oracle()),
-    (r"nearest", lambda: Nearest()),
-]
-STRATEGY_FORMS = "full, top-K, threshold-P, sample-K[@T], nucleus-P[@T], switch, oracle, nearest"
-
-
-def register_strategy(pattern: str, factory: Callable) -> None:
-    """Add a strategy name pattern (a regex whose groups are passed to factory)."""
-    _PATTERNS.append((pattern, factory))
-
-
-def parse_strategy(spec: str):
-    """A strategy object from its name, e.g. 'top-2', 'nucleus-0.9@0.5'."""
-    for pattern, factory in _PATTERNS:
-        m = re.fullmatch(pattern, spec.strip())
-        if m:
-            try:
-                strategy = factory(*[g for g in m.groups() if g is not None])
-            except ValueError as e:
-                raise DDMError(f"strategy {spec!r}: {e}") from None
-            _check(strategy, spec)
-            return strategy
-    raise DDMError(f"unknown routing strategy {spec!r}; accepted forms: {STRATEGY_FORMS}")
-
-
-def _check(s, spec: str) -> None:
-    if isinstance(s, (TopK, SampleK)) and s.k < 1:
-        raise DDMError(f"strategy {spec!r}: K must be >= 1")
-    if isinstance(s, (Threshold, Nucleus)) and not 0 < s.p <= 1:
-        raise DDMError(f"strategy {spec!r}: P must be in (0, 1]")
-    if getattr(s, "temperature", 1.0) <= 0:
-        raise DDMError(f"strategy {spec!r}: temperature T must be > 0")

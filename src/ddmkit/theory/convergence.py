@@ -25,7 +25,7 @@ import torch
 
 from ddmkit.data.synthetic import ring_mixture
 from ddmkit.errors import DDMError
-from ddmkit.metrics import w2_exact
+from ddmkit.evaluation.distances import w2_exact
 from ddmkit.routing import RoutingState, parse_strategy, routed_velocity
 from ddmkit.sample import get_solver, time_grid
 from ddmkit.theory.experts import (cluster_groups, cluster_posterior, expert_disagreement, make_experts,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmkit.pipeline.report import markdown_table as _markdown_table
+from ddmkit.tables import markdown_table as _markdown_table
 from ddmkit.io import write_bytes_atomic, write_json
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ddmkit.config import TrainConfig
 from ddmkit.progress import progress_bar
-from ddmkit.train import checkpoint as ckpt
+import ddmkit.train.checkpoint as ckpt
 
 BatchLoss = Callable[[nn.Module, int, torch.Generator], tuple[torch.Tensor, dict]]
 

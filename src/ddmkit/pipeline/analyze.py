@@ -21,12 +21,12 @@ from ddmkit.analysis.report import plot_disagreement, plot_expert_error, plot_li
 from ddmkit.analysis.stability import amplification, data_scale, local_lipschitz, refinement_gap
 from ddmkit.analysis.trace import trace_strategy
 from ddmkit.data.partition import feature_map, load_partition
+from ddmkit.ddm import exact_ddm, load_ddm, start_noise
 from ddmkit.errors import DDMError
+from ddmkit.evaluation.distances import w2_exact
 from ddmkit.io import write_json
-from ddmkit.metrics import w2_exact
-from ddmkit.pipeline.ddm import exact_ddm, load_ddm
-from ddmkit.pipeline.run import load_split, run_config
-from ddmkit.pipeline.sampling import start_noise
+from ddmkit.pipeline.prepare import run_config
+from ddmkit.pipeline.stages import load_split
 from ddmkit.routing import parse_strategy
 
 BANDS = [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)]
@@ -47,7 +47,7 @@ def check_strategies(names: Sequence[str]) -> dict:
         try:
             out[name] = parse_strategy(name)
         except DDMError as e:
-            raise DDMError(f"--strategy: {e} (or adaptive-P, adaptive-ent-H, gated-K@A)") from None
+            raise DDMError(f"--strategy: {e}") from None
     if not out:
         raise DDMError("--strategy: give at least one routing strategy, e.g. top-2")
     return out

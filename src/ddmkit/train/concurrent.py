@@ -23,7 +23,7 @@ from ddmkit.errors import DDMError
 from ddmkit.flow.path import noise, target_for
 from ddmkit.io import sha256_file, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained
-from ddmkit.pipeline.jobs import drop_labels
+from ddmkit.train.jobs import drop_labels
 from ddmkit.train.loop import fit, resolve_device
 from ddmkit.train.stacked import StackedExperts
 

@@ -14,12 +14,10 @@ import warnings
 import torch
 
 from ddmkit.config import RunConfig
-from ddmkit.data.partition import read_shard
-from ddmkit.pipeline.ddm import DDM, load_ddm
-from ddmkit.pipeline.evaluate import evaluate_all
-from ddmkit.pipeline.sampling import config_options, sample_ddm
-from ddmkit.registry import shard_files
-from ddmkit.routing.stats_router import island_statistics, stats_router
+from ddmkit.ddm import load_ddm, sample_ddm
+from ddmkit.ddm.load import island_stats_router
+from ddmkit.ddm.sampling import config_options
+from ddmkit.evaluation.sets import evaluate_all
 
 STATS_STRATEGIES = ("top-1", "top-2", "full")
 
@@ -54,22 +52,11 @@ def missing_expert_study(cfg: RunConfig, run, test: torch.Tensor, truth, strateg
             for m, name in enumerate(samples)]
 
 
-def run_island_statistics(run, rank: int | None = None) -> list[dict]:
-    """Each shard's published statistics, computed from that shard alone."""
-    return [island_statistics(read_shard(path)[0], rank) for path in shard_files(run)]
-
-
-def with_router(ddm: DDM, router, kind: str) -> DDM:
-    """The same DDM routed by another (label-blind) router."""
-    return DDM(ddm.experts, router, ddm.prior, ddm.data_shape, ddm.nearest, {**ddm.meta, "router": kind},
-               ddm.label_prior)
-
-
 def stats_router_study(cfg: RunConfig, run, test: torch.Tensor, truth, device="cpu") -> dict:
     """Sample metrics of learned vs statistics-only routing for STATS_STRATEGIES."""
     s = cfg.sample
     learned = load_ddm(run, device)
-    stats = with_router(learned, stats_router(run_island_statistics(run)), "statistics-only")
+    stats = learned.with_router(island_stats_router(run)[0], "statistics-only", capturable=False)
     samples, infos = {}, {}
     for strategy in STATS_STRATEGIES:
         for label, ddm in (("learned", learned), ("statistics-only", stats)):

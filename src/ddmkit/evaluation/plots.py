@@ -1,4 +1,4 @@
-"""Plots and the Markdown report of a run."""
+"""Plots of a run: samples over the truth or the data, router accuracy per noise level."""
 from __future__ import annotations
 
 import math
@@ -8,13 +8,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
 import torch  # noqa: E402
 
 from ddmkit.truth import GaussianMixture  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write a figure as PNG atomically (temporary name, then rename) and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -63,7 +64,7 @@ def plot_samples(samples: dict[str, torch.Tensor], reference: torch.Tensor, trut
         ax.set_yticks([])
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_router_accuracy(report: dict, path: Path) -> None:
@@ -77,21 +78,4 @@ def plot_router_accuracy(report: dict, path: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
-
-
-def fmt(v, digits: int = 4) -> str:
-    """A table cell: numbers to `digits` significant digits, None as '-', text as is."""
-    if v is None:
-        return "-"
-    if isinstance(v, (float, np.floating)):
-        if math.isinf(v) or math.isnan(v):
-            return str(float(v))
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
-def markdown_table(headers: list[str], rows: list[list], digits: int = 4) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(fmt(c, digits) for c in row) + " |" for row in rows]
-    return "\n".join(out)
+    save_figure(fig, path)

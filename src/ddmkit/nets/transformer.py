@@ -5,7 +5,7 @@
     BidirectionalTransformer(out_dim=256) masked denoiser    (B, L) -> (B, L, 256)   logits of p(x_0^i | x_t)
     BidirectionalTransformer(out_dim=K, pool=True)  router on masked sequences (B, L) -> (B, K)
 
-Registered in ddmkit.nets.ARCHITECTURES as "causal_transformer" and
+Listed in ddmkit.nets.ARCHITECTURES as "causal_transformer" and
 "bidirectional_transformer", so save_pretrained / from_pretrained handle them.
 """
 from __future__ import annotations
@@ -14,8 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ddmkit.discrete.tokens import VOCAB_SIZE
-from ddmkit.nets.registry import ARCHITECTURES
+BYTE_VOCAB = 258  # byte tokens 0-255, BOS = 256, MASK = 257 (ddmkit.discrete.tokens)
 
 
 class Block(nn.Module):
@@ -40,7 +39,7 @@ class Block(nn.Module):
 
 class TokenTransformer(nn.Module):
     def __init__(self, seq_len: int, out_dim: int, width: int = 128, depth: int = 2, heads: int = 4,
-                 causal: bool = True, pool: bool = False, vocab_size: int = VOCAB_SIZE):
+                 causal: bool = True, pool: bool = False, vocab_size: int = BYTE_VOCAB):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
@@ -68,7 +67,3 @@ class BidirectionalTransformer(TokenTransformer):
     def __init__(self, seq_len: int, out_dim: int, width: int = 128, depth: int = 2, heads: int = 4,
                  pool: bool = False):
         super().__init__(seq_len, out_dim, width, depth, heads, causal=False, pool=pool)
-
-
-ARCHITECTURES["causal_transformer"] = CausalTransformer
-ARCHITECTURES["bidirectional_transformer"] = BidirectionalTransformer

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ddmkit.config import ExpertConfig, RouterConfig, TrainConfig
+from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.losses import flow_matching_loss, router_loss
 from ddmkit.io import sha256_file, staging_dir
@@ -94,8 +95,6 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
 
 def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, resume: bool = False) -> Path:
     """Train one expert on one shard file, in isolation (resume: continue from its checkpoint)."""
-    from ddmkit.data.partition import read_shard
-
     shard = Path(shard)
     x, labels, meta = read_shard(shard)
     if len(x) == 0:
@@ -116,8 +115,6 @@ def monolith_config(expert: ExpertConfig, k: int, match: str = "steps") -> Exper
 
 
 def train_monolith(shards: list[Path], config: ExpertConfig, out_dir: str | Path, match: str = "steps") -> Path:
-    from ddmkit.data.partition import read_shard
-
     parts = [read_shard(s) for s in shards]
     x = torch.cat([p[0] for p in parts])
     labels = torch.cat([p[1] for p in parts]) if all(p[1] is not None for p in parts) else None
@@ -132,8 +129,6 @@ def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path) 
     A label-conditional router (net kwargs num_classes > 0) learns p(cluster | x_t, t, y)
     from the shards' class labels, with a share config.label_dropout of them replaced
     by 'no label' so that p(cluster | x_t, t) is learned as well."""
-    from ddmkit.data.partition import read_shard
-
     device = resolve_device(config.train.device)
     shard_data = [read_shard(s) for s in shards]
     x = torch.cat([d[0] for d in shard_data]).float().to(device)

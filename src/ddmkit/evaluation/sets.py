@@ -16,7 +16,8 @@ import math
 import torch
 
 from ddmkit.errors import DDMError
-from ddmkit.metrics import mmd_rbf, mode_coverage, nll, off_manifold_rate, w2_exact, w2_sliced
+from ddmkit.evaluation.distances import mmd_rbf, w2_exact, w2_sliced
+from ddmkit.evaluation.mixture import mode_coverage, nll, off_manifold_rate
 from ddmkit.truth import GaussianMixture
 
 FLOOR = "noise floor (true vs true)"

@@ -8,13 +8,13 @@ K = 8 UNet experts on the groups of a batch of 4096 rows: top-1 in sampling
 1.17x the monolith one after another, 1.10x on 8 streams. It pays only
 where the calls are bound by the GPU, not by the host's kernel launches,
 and leave it room: the sparse combiner uses streams when its calls average
-256 to 2048 rows (`combine.CONCURRENT_MIN_ROWS`, `CONCURRENT_MAX_ROWS`;
+256 to 2048 rows (CONCURRENT_MIN_ROWS, CONCURRENT_MAX_ROWS;
 graph replays from 1 row). Below, they cost more than they save (top-1 at
 batch 1024: 1.53 -> 1.70x); above, one call fills the GPU (the image DDM's
-guided top-2, 2500 rows a call: 9% slower on streams; `benchmarks/sampling.py
---graphs --fresh`, `benchmarks/streams.py`, docs/PERFORMANCE.md).
+guided top-2, 2500 rows a call: 9% slower on streams; docs/performance.md).
 
     outs = call_concurrently([lambda: experts[k](x_k, t_k) for k ...], keys=[k ...], device=x.device)
+    call_experts = concurrent_caller()     # what the sparse combiner takes (call_experts=...)
 
 Expert k always runs on the same stream (its key), so whatever it caches
 (autocast's bf16 weights) stays on one stream. The current stream waits for
@@ -39,6 +39,8 @@ from typing import Callable, Sequence
 import torch
 
 _STREAMS: dict = {}  # (device, key) -> the side stream of that key
+CONCURRENT_MIN_ROWS = 256  # smaller eager calls are bound by their launches, which streams do not overlap
+CONCURRENT_MAX_ROWS = 2048  # larger calls fill the GPU alone: overlapping them only adds contention and memory
 
 
 def side_stream(device: torch.device, key: int) -> torch.cuda.Stream:
@@ -65,3 +67,18 @@ def call_concurrently(calls: Sequence[Callable[[], torch.Tensor]], keys: Sequenc
         main.wait_stream(stream)
         out.record_stream(main)
     return outs
+
+
+def concurrent_caller(graphed: bool = False) -> Callable:
+    """call_experts(calls, experts, counts, device) for the sparse combiner: a step's expert calls on
+    concurrent streams (expert k on the stream of key k) when they average CONCURRENT_MIN_ROWS to
+    CONCURRENT_MAX_ROWS rows, else one after another. Graph replays are one launch each, so for
+    graphed experts the lower bound is 1 row."""
+    def call_experts(calls: Sequence[Callable[[], torch.Tensor]], experts: Sequence[int], counts: Sequence[int],
+                     device: torch.device) -> list[torch.Tensor]:
+        least = 1 if graphed else CONCURRENT_MIN_ROWS
+        if least * len(counts) <= sum(counts) <= CONCURRENT_MAX_ROWS * len(counts):
+            return call_concurrently(calls, experts, device)
+        return [call() for call in calls]
+
+    return call_experts

@@ -1,4 +1,4 @@
-"""Routing strategies built on what the alignment diagnostics measure.
+"""Adaptive routing strategies, built on what the alignment diagnostics measure.
 
     adaptive-P         the fewest experts (by router probability) whose mass reaches P, weights r renormalised
     adaptive-ent-H     top-1 while the router entropy H(r) <= H nats; otherwise the top
@@ -6,7 +6,6 @@
     gated-K@A          top-K, but only top-1 where some routed expert's velocity is more than A degrees
                        from the top expert's (experts that disagree are not averaged)
 
-Nearest-cluster routing by x0_hat (`nearest`) lives with the built-in strategies.
 `gated-K@A` looks at expert velocities, so it needs the state that the analysis sampler
 (ddmkit.analysis.trace) exposes; its probe evaluations are counted as expert calls.
 """
@@ -18,8 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ddmkit.errors import DDMError
-from ddmkit.routing import register_strategy
-from ddmkit.routing.strategies import renormalise
+from ddmkit.routing.strategies import Strategy, renormalise
 
 
 def keep_top(probs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -31,7 +29,7 @@ def keep_top(probs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class AdaptiveMass:
+class AdaptiveMass(Strategy):
     p: float
 
     @property
@@ -45,7 +43,7 @@ class AdaptiveMass:
 
 
 @dataclass(frozen=True)
-class AdaptiveEntropy:
+class AdaptiveEntropy(Strategy):
     h: float
 
     @property
@@ -59,7 +57,7 @@ class AdaptiveEntropy:
 
 
 @dataclass(frozen=True)
-class GatedTopK:
+class GatedTopK(Strategy):
     k: int
     angle: float
 
@@ -90,25 +88,3 @@ def probe(state, idx: torch.Tensor) -> torch.Tensor:
         if counter is not None:
             counter.add(e, len(rows))
     return out
-
-
-def _check_mass(p: str):
-    if not 0 < float(p) <= 1:
-        raise ValueError("P must be in (0, 1]")
-    return AdaptiveMass(float(p))
-
-
-def _check_entropy(h: str):
-    return AdaptiveEntropy(float(h))
-
-
-def _check_gated(k: str, a: str):
-    if int(k) < 1 or not 0 <= float(a) <= 180:
-        raise ValueError("K must be >= 1 and the angle A in [0, 180] degrees")
-    return GatedTopK(int(k), float(a))
-
-
-ALIGNMENT_STRATEGY_FORMS = "adaptive-P, adaptive-ent-H, gated-K@A"
-register_strategy(r"adaptive-ent-([0-9.]+)", _check_entropy)
-register_strategy(r"adaptive-([0-9.]+)", _check_mass)
-register_strategy(r"gated-(\d+)@([0-9.]+)", _check_gated)

@@ -1,0 +1,80 @@
+"""The only GPU-speed code in ddmkit, applied at one point: sampling (ddmkit.ddm.sampling) hands
+its networks to `accelerate` and calls what comes back. Solvers, strategies and the combiner are
+plain PyTorch and know nothing of CUDA.
+
+    speed = SpeedOptions(cuda_graphs=True, cuda_streams=True, autocast="bfloat16")
+    nets = accelerate(experts, router, speed, device)
+    nets.experts, nets.router      # the same callables, replayed from CUDA graphs / padded on a GPU
+    nets.call_experts              # how the sparse combiner runs a step's expert calls (streams or not)
+
+    cuda_graphs   replay expert and router calls from CUDA graphs (ddmkit.accel.graphs), rows padded
+                  to a few bucket sizes; with cuda_streams each expert gets a set of graphs of its
+                  own (graphs_per_expert), else experts of one architecture share one set
+                  (shared_graphs)
+    cuda_streams  run the experts of a sparse step on concurrent CUDA streams (ddmkit.accel.streams)
+    autocast      "bfloat16" (or "float16"): the network calls under autocast; the state stays float32
+    (always)      on a GPU without graphs, expert calls padded to bucket sizes (ddmkit.accel.padding),
+                  so cuDNN plans a few batch sizes instead of one per call
+
+Off the GPU every option leaves the calls as they are: the same samples to the bit. On a GPU too,
+graphs, streams and padding give the samples of plain calls to the bit; autocast changes them.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ddmkit.accel.graphs import GraphedCall, graphs_per_expert, shared_graphs
+from ddmkit.accel.padding import padded
+from ddmkit.accel.streams import concurrent_caller
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How sampling runs its networks on a GPU (see the module docstring); the defaults are plain calls
+    with streams on for sparse steps, which give the same samples as plain calls."""
+
+    cuda_graphs: bool = False
+    cuda_streams: bool = True
+    autocast: str | None = None  # None, "bfloat16" or "float16"
+
+
+@dataclass(frozen=True)
+class Accelerated:
+    """The networks as sampling calls them."""
+
+    experts: list[Callable]
+    router: Callable
+    call_experts: Callable | None  # for the sparse combiner (None: one call after another)
+
+
+def accelerate(experts: list[Callable], router: Callable, options: SpeedOptions, device,
+               router_capturable: bool = True) -> Accelerated:
+    """The experts and router of a DDM as `options` asks (router_capturable=False: the router reads
+    values on the host, so it is never captured)."""
+    on_gpu = torch.device(device).type == "cuda"
+    if options.cuda_graphs:
+        experts = graphs_per_expert(experts) if options.cuda_streams else shared_graphs(experts)
+        router = GraphedCall(router, max_rows=None) if router_capturable else router
+    elif on_gpu:
+        experts = [padded(e) for e in experts]
+    call_experts = concurrent_caller(graphed=options.cuda_graphs) if options.cuda_streams else None
+    return Accelerated(list(experts), router, call_experts)
+
+
+def accelerate_field(field: Callable, options: SpeedOptions) -> Callable:
+    """One velocity field (a monolith) as `options` asks: replayed from CUDA graphs, or as it is."""
+    return GraphedCall(field) if options.cuda_graphs else field
+
+
+def autocast(options: SpeedOptions, device) -> contextlib.AbstractContextManager:
+    """The autocast context of `options` for network calls on `device` (a no-op without autocast)."""
+    if options.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, options.autocast))
+
+
+__all__ = ["Accelerated", "GraphedCall", "SpeedOptions", "accelerate", "accelerate_field", "autocast"]

@@ -1,0 +1,208 @@
+"""The pieces of a DDM, read from a run folder (ddmkit.ddm.model puts them together).
+
+    learned_parts(run)     experts and router from their model folders (checked against the
+                           registry first, when there is one), the cluster prior, p(cluster | label)
+                           for class-conditional experts, the partition's nearest-cluster map
+    exact_parts(run)       the Gaussian-mixture truth's exact cluster velocities and posterior
+    monolith_field(run)    the FLOP-matched baseline's velocity field
+
+Every piece is checked on the way in: shapes against the partition, the router's
+K against the partition's, each folder's config and weights by ddmkit.registry.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ddmkit.data.partition import feature_map, load_partition, read_shard
+from ddmkit.errors import DDMError
+from ddmkit.io import load_tensors
+from ddmkit.layout import RunFolder
+from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
+from ddmkit.registry import load_model, load_partition_checked, shard_files, verify_registry, warn_missing
+from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics, stats_router
+from ddmkit.truth import GaussianMixture
+
+
+def velocity_field(model: torch.nn.Module, config: dict, guidance: float = 1.0) -> NetworkField:
+    """A velocity network (expert or monolith) as a field, converted to velocity by its config's
+    prediction type; class-conditional networks take y and apply guidance (VelocityOutput)."""
+    output = VelocityOutput(config.get("prediction", "velocity"), int(config["kwargs"].get("num_classes", 0)),
+                            float(guidance))
+    return NetworkField(model, output)
+
+
+def router_field(model: torch.nn.Module, config: dict) -> NetworkField:
+    """A router network as a field: (x, t) -> probabilities (B, K); a label-conditional router
+    (config kwargs num_classes > 0) is called as f(x, t, y=labels)."""
+    return NetworkField(model, RouterOutput(bool(config["kwargs"].get("num_classes", 0))))
+
+
+def check_shape(folder, config: dict, data_shape: tuple) -> None:
+    if tuple(config.get("data_shape", ())) != tuple(data_shape):
+        raise DDMError(f"{folder} was trained on data of shape {tuple(config.get('data_shape', ()))} but this "
+                       f"run's data are {tuple(data_shape)}; retrain it on this run's partition (images: at this "
+                       "resolution)")
+
+
+def label_prior(counts: torch.Tensor) -> torch.Tensor:
+    """p(cluster | class) (C, K) from the count of each class in each cluster, counts (C, K)
+    (a class that no cluster holds gets the uniform row)."""
+    counts = counts.double()
+    k = counts.shape[1]
+    total = counts.sum(1, keepdim=True)
+    return torch.where(total > 0, counts / total.clamp_min(1), torch.full_like(counts, 1.0 / k)).float()
+
+
+def shard_label_counts(run, classes: int) -> torch.Tensor:
+    """(C, K): how many samples of each class each island holds (what the islands publish for
+    p(cluster | label))."""
+    labels = [load_tensors(path, ["labels"])["labels"] for path in shard_files(run)]
+    return torch.stack([torch.bincount(y.long(), minlength=classes)[:classes] for y in labels], dim=1)
+
+
+def island_stats_router(run, classes: int = 0, rank: int | None = None, device="cpu") -> tuple[Callable, bool]:
+    """(router, label-conditional) of the statistics-only router of a run's islands: each island's
+    count, mean and covariance, computed from its shard alone (on `device`), per class label too
+    when the experts are class-conditional (ddmkit.routing.stats_router)."""
+    shards = [(x.to(device), y.to(device) if y is not None else None)
+              for x, y, _ in (read_shard(path) for path in shard_files(run))]
+    marginal = [island_statistics(x, rank) for x, _ in shards]
+    if not classes:
+        return stats_router(marginal), False
+    per_class = [island_class_statistics(x, y, classes, rank) for x, y in shards]
+    return class_stats_router(per_class, marginal), True
+
+
+def nearest_cluster_fn(manifest: dict, tensors: dict,
+                       present: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> index of the nearest cluster centroid in the partition's feature space
+    (among the `present` clusters, a (K,) bool mask, when given)."""
+    feats = feature_map(manifest, tensors)
+    centroids = tensors["centroids"]
+
+    def nearest(x: torch.Tensor) -> torch.Tensor:
+        d = torch.cdist(feats(x.float()), centroids.to(x.device))
+        if present is not None:
+            d = d.masked_fill(~present.to(x.device), float("inf"))
+        return d.argmin(1)
+
+    return nearest
+
+
+def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, guidance: float = 1.0,
+                  router_kind: str = "learned") -> tuple[dict, list[int]]:
+    """(the DDM's fields by name, the experts that are absent). Experts whose folder is missing, and
+    those in `exclude`, are absent (allow_missing=False refuses instead). router_kind "statistics"
+    routes by the islands' published statistics instead of the learned router."""
+    folder = RunFolder(run)
+    if router_kind not in ("learned", "statistics"):
+        raise DDMError(f"router: unknown kind {router_kind!r}; accepted: learned, statistics")
+    manifest, ptensors = load_partition_checked(folder.partition)
+    k, shape = manifest["k"], tuple(manifest["data_shape"])
+    absent = [c for c in range(k) if c in set(exclude) or not (folder.expert(c) / "model.safetensors").exists()]
+    if absent and not allow_missing:
+        raise DDMError(f"{folder.root}: experts {absent} are missing (no experts/expert_XX/model.safetensors)")
+    if len(absent) == k:
+        raise DDMError(f"{folder.root}: no expert is present (experts/expert_XX/model.safetensors); train them "
+                       f"with `ddmkit run CONFIG --out {folder.root}` or `ddmkit launch {folder.root}`, or copy them")
+    if not (folder.router / "model.safetensors").exists() and router_kind == "learned":
+        raise DDMError(f"{folder.root}: no router (router/model.safetensors); run `ddmkit train-router {folder.root}` "
+                       "first")
+    if folder.registry.exists():
+        verify_registry(folder.root, allow_missing)
+    experts, configs = [], []
+    for c in range(k):
+        if c in absent:
+            experts.append(None)
+            continue
+        model, cfg = load_model(folder.expert(c), device)
+        check_shape(folder.expert(c), cfg, shape)
+        experts.append(velocity_field(model, cfg, guidance))
+        configs.append(cfg)
+    classes = int(configs[0]["kwargs"].get("num_classes", 0))
+    parts = {"data_shape": shape, "num_classes": classes, "device": torch.device(device),
+             "prior": (torch.tensor(manifest["counts"], dtype=torch.float32) / sum(manifest["counts"])).to(device),
+             "label_prior": label_prior(shard_label_counts(folder.root, classes)).to(device) if classes else None,
+             "nearest": nearest_cluster_fn(manifest, {n: v.to(device) for n, v in ptensors.items()}),
+             "meta": {"kind": "learned", "router": router_kind, "missing_experts": [], "expert_configs": configs}}
+    if router_kind == "statistics":
+        route, conditional = island_stats_router(folder.root, classes, device=device)
+        parts.update(router=route, router_conditional=conditional, router_capturable=False)
+    else:
+        model, rcfg = load_model(folder.router, device)
+        check_shape(folder.router, rcfg, shape)
+        if rcfg.get("k") != k:
+            raise DDMError(f"{folder.root}: the router routes over {rcfg.get('k')} clusters but the partition "
+                           f"has {k}; retrain it with `ddmkit train-router {folder.root}`")
+        parts.update(router=router_field(model, rcfg), router_conditional=bool(rcfg["kwargs"].get("num_classes", 0)))
+        parts["meta"]["router_config"] = rcfg
+    parts["experts"] = experts
+    if absent:
+        warn_missing(absent, k)
+        mask = torch.ones(k, dtype=torch.bool)
+        mask[absent] = False
+        parts["restrict_nearest"] = nearest_cluster_fn(manifest, ptensors, mask)
+    return parts, absent
+
+
+def monolith_field(run, device="cpu", guidance: float = 1.0) -> NetworkField:
+    """The monolith's velocity field (run `ddmkit train-monolith RUN` to make it)."""
+    folder = RunFolder(run)
+    if not (folder.monolith / "model.safetensors").exists():
+        raise DDMError(f"{folder.root}: no monolith (monolith/model.safetensors); run "
+                       f"`ddmkit train-monolith {folder.root}` first")
+    model, cfg = load_model(folder.monolith, device)
+    manifest, _ = load_partition(folder.partition)
+    check_shape(folder.monolith, cfg, tuple(manifest["data_shape"]))
+    return velocity_field(model, cfg, guidance)
+
+
+def load_truth(run) -> GaussianMixture | None:
+    """The exact mixture stored with a run's data, or None."""
+    path = RunFolder(run).truth
+    if not path.exists():
+        return None
+    t = load_tensors(path)
+    return GaussianMixture(t["weights"], t["means"], t["eigvals"], t["eigvecs"])
+
+
+def component_groups(component_labels: torch.Tensor, clusters: torch.Tensor, n_components: int,
+                     k: int) -> list[list[int]]:
+    """Assign every mixture component to the cluster holding most of its samples."""
+    counts = torch.zeros(n_components, k, dtype=torch.long)
+    counts.index_put_((component_labels, clusters), torch.ones_like(clusters), accumulate=True)
+    owner = counts.argmax(1)
+    return [(owner == c).nonzero().flatten().tolist() for c in range(k)]
+
+
+def exact_parts(run) -> dict:
+    """Exact experts and router from the Gaussian-mixture truth, grouped by the partition.
+
+    Each cluster's exact expert is the velocity of the sub-mixture of the components it owns;
+    the exact router is the posterior of those groups."""
+    folder = RunFolder(run)
+    truth = load_truth(folder.root)
+    if truth is None:
+        raise DDMError(f"{folder.root}: the data set has no closed-form truth; exact experts need a Gaussian mixture")
+    manifest, ptensors = load_partition(folder.partition)
+    train = load_tensors(folder.split("train"))
+    groups = component_groups(train["labels"], ptensors["assignments"], truth.k, manifest["k"])
+    if any(len(g) == 0 for g in groups):
+        empty = [c for c, g in enumerate(groups) if not g]
+        raise DDMError(f"{folder.root}: clusters {empty} own no mixture component, so they have no exact expert")
+    subs = [truth.subset(g) for g in groups]
+    member = torch.zeros(truth.k, manifest["k"], dtype=truth.means.dtype)
+    for c, g in enumerate(groups):
+        member[g, c] = 1.0
+
+    def expert(sub):
+        return lambda x, t: sub.velocity(x.double().reshape(len(x), -1), t.double()).to(x.dtype).reshape(x.shape)
+
+    def router(x, t):
+        return (truth.posterior(x.double().reshape(len(x), -1), t.double()) @ member).to(x.dtype)
+
+    return {"experts": [expert(s) for s in subs], "router": router, "prior": (truth.weights @ member).float(),
+            "data_shape": tuple(manifest["data_shape"]), "nearest": nearest_cluster_fn(manifest, ptensors),
+            "meta": {"kind": "exact", "groups": groups}}

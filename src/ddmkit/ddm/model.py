@@ -1,0 +1,167 @@
+"""The DDM: K expert fields, a router, the cluster prior.
+
+    ddm = DDM.from_pretrained("runs/ring")          # a run folder: partition/, experts/, router/
+    ddm = ddm.to("cuda")
+    x0, info = ddm.sample(strategy="top-2", n=1000, steps=50, solver="euler", seed=0)
+    x0, info = ddm.sample(strategy="top-1", n=64, labels=y, guidance=2.0)   # class-conditional experts
+
+Every field is a callable (x (B, *shape), t (B,), **cond) -> tensor: experts
+return velocities in ddmkit's time convention (t = 0 data, t = 1 noise,
+v = eps - x; networks predicting epsilon or x0 are converted at load), the
+router returns probabilities (B, K). Learned fields are NetworkFields
+(ddmkit.nets.field); the exact DDM of a Gaussian mixture has plain functions.
+
+Missing experts: `restrict(present)` keeps only some experts; the router's
+probabilities are masked to them and renormalised,
+w_k = r_k 1[k present] / sum_j r_j 1[j present], the cluster prior likewise.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ddmkit.accel import Accelerated, SpeedOptions, accelerate
+import ddmkit.ddm.load as load
+from ddmkit.ddm.sampling import sample_ddm
+from ddmkit.errors import DDMError
+from ddmkit.nets.field import NetworkField, VelocityOutput
+
+Field = Callable[..., torch.Tensor]
+
+
+@dataclass
+class DDM:
+    experts: list[Field]
+    router: Field
+    prior: torch.Tensor  # (K,) cluster proportions
+    data_shape: tuple[int, ...]
+    nearest: Callable[[torch.Tensor], torch.Tensor] | None = None  # x -> nearest cluster centroid (B,)
+    meta: dict = field(default_factory=dict)
+    label_prior: torch.Tensor | None = None  # (C, K) p(cluster | class label), for labelled data
+    router_conditional: bool = False  # the router takes the class label: router(x, t, y=...)
+    router_capturable: bool = True  # False: the router reads values on the host (no CUDA graphs)
+    num_classes: int = 0  # class-conditional experts: labels 0 .. num_classes - 1
+    device: torch.device = torch.device("cpu")
+    accelerated: dict = field(default_factory=dict, repr=False, compare=False)  # SpeedOptions -> networks
+
+    @property
+    def k(self) -> int:
+        return len(self.experts)
+
+    @classmethod
+    def from_pretrained(cls, run: str | Path, device: str | torch.device = "cpu", **options) -> "DDM":
+        """The learned DDM of a run folder (options: load_ddm's)."""
+        return load_ddm(run, device, **options)
+
+    def to(self, device: str | torch.device) -> "DDM":
+        """Move every network and tensor to `device` (in place) and sample there by default."""
+        device = torch.device(device)
+        for f in [*self.experts, self.router]:
+            if isinstance(f, NetworkField):
+                f.network.to(device)
+        self.prior = self.prior.to(device)
+        if self.label_prior is not None:
+            self.label_prior = self.label_prior.to(device)
+        self.device = device
+        self.accelerated.clear()
+        return self
+
+    def with_guidance(self, guidance: float) -> "DDM":
+        """The same DDM with classifier-free guidance `guidance` inside each class-conditional expert."""
+        def guided(f):
+            if isinstance(f, NetworkField) and isinstance(f.output, VelocityOutput):
+                return dataclasses.replace(f, output=dataclasses.replace(f.output, guidance=float(guidance)))
+            return f
+
+        return dataclasses.replace(self, experts=[guided(f) for f in self.experts], accelerated={})
+
+    def with_router(self, router: Field, kind: str, conditional: bool = False, capturable: bool = True) -> "DDM":
+        """The same experts routed by another router."""
+        return dataclasses.replace(self, router=router, meta={**self.meta, "router": kind},
+                                   router_conditional=conditional, router_capturable=capturable, accelerated={})
+
+    def restrict(self, present: list[int], nearest: Callable | None = None) -> "DDM":
+        """The DDM with only the experts `present`: router and prior masked and renormalised."""
+        if not present:
+            raise DDMError("no expert is present: at least one expert folder is needed to sample")
+        mask = torch.zeros(self.k, dtype=torch.bool)
+        mask[present] = True
+        missing = [c for c in range(self.k) if not mask[c]]
+        prior = self.prior.cpu() * mask
+        experts = [e if mask[c] else absent_expert for c, e in enumerate(self.experts)]
+        label = self.label_prior
+        if label is not None:
+            label = label.cpu() * mask
+            label = torch.where(label.sum(1, keepdim=True) > 0, label, mask.float())
+            label = (label / label.sum(1, keepdim=True)).to(self.device)
+        meta = {**self.meta, "missing_experts": missing, "present_experts": sorted(present)}
+        return dataclasses.replace(self, experts=experts, router=masked_router(self.router, mask),
+                                   prior=(prior / prior.sum()).to(self.device), nearest=nearest or self.nearest,
+                                   meta=meta, label_prior=label, accelerated={})
+
+    def networks(self, speed: SpeedOptions, device) -> Accelerated:
+        """The experts and router as sampling calls them (ddmkit.accel.accelerate), kept per speed
+        options, so CUDA graphs captured in one sampling call serve the next."""
+        key = (speed, str(device))
+        if key not in self.accelerated:
+            self.accelerated[key] = accelerate(self.experts, self.router, speed, device, self.router_capturable)
+        return self.accelerated[key]
+
+    def sample(self, strategy: str = "top-2", n: int = 1000, steps: int = 50, solver: str = "euler", seed: int = 0,
+               labels: torch.Tensor | None = None, guidance: float | None = None, **options):
+        """(samples (n, *data_shape), info): routed sampling from x_1 ~ N(0, I) fixed by `seed`.
+
+        labels (n,): class labels for class-conditional experts (and a label-conditional router);
+        guidance: classifier-free guidance scale inside each expert (None: as loaded).
+        options: ddmkit.ddm.sampling.sample_ddm's (router_every, batch_size, speed, x1, callback)."""
+        ddm = self if guidance is None else self.with_guidance(guidance)
+        cond = None if labels is None else {"y": labels.to(self.device)}
+        return sample_ddm(ddm, strategy, n, steps, solver, seed, self.device, cond=cond, **options)
+
+
+def absent_expert(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    """Stand-in for a missing expert: its router weight is 0, so a dense combiner that still
+    evaluates it adds 0 * 0."""
+    return torch.zeros_like(x)
+
+
+def masked_router(router: Field, present: torch.Tensor) -> Field:
+    """r_k 1[k present] / sum_j r_j 1[j present]; uniform over the present experts where the router
+    gives them no mass at all."""
+
+    def f(x, t, **cond):
+        p = router(x, t, **cond)
+        m = present.to(p.device, p.dtype)
+        p = p * m
+        total = p.sum(1, keepdim=True)
+        return torch.where(total > 0, p / total.clamp_min(1e-30), m / m.sum())
+
+    return f
+
+
+def load_ddm(run: str | Path, device: str | torch.device = "cpu", exclude=(), allow_missing: bool = True,
+             guidance: float = 1.0, router: str = "learned") -> DDM:
+    """The learned DDM of a run folder (partition/, experts/, router/), for vectors, images and any
+    data shape alike.
+
+    Experts whose folder is missing, and those in `exclude`, are left out (see DDM.restrict;
+    allow_missing=False refuses instead). When RUN/registry.json exists every file is checked against
+    it before any network is built. guidance: classifier-free guidance inside class-conditional
+    experts. router="statistics" routes by the islands' published statistics (no raw data)."""
+    parts, absent = load.learned_parts(run, device, exclude, allow_missing, guidance, router)
+    nearest = parts.pop("restrict_nearest", None)
+    parts["experts"] = [absent_expert if e is None else e for e in parts["experts"]]
+    ddm = DDM(**parts)
+    if not absent:
+        return ddm
+    return ddm.restrict([c for c in range(ddm.k) if c not in absent], nearest)
+
+
+def exact_ddm(run: str | Path) -> DDM:
+    """The exact DDM of a run on a Gaussian mixture: exact cluster velocities and the exact posterior
+    (ddmkit.ddm.load.exact_parts)."""
+    return DDM(**load.exact_parts(run))

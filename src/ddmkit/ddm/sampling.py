@@ -1,0 +1,139 @@
+"""Routed sampling: one strategy, one solver, the same starting noise for every strategy.
+
+    x0, info = sample_ddm(ddm, "top-2", n=1000, steps=50, solver="euler", seed=0)
+    x0, info = sample_single(monolith, data_shape, n=1000, steps=50)     # one velocity field
+
+info holds the expert evaluations per sample, router calls, wall time and
+the number of velocity evaluations. GPU speed (CUDA graphs, streams, padding,
+autocast) is applied at one point, through `speed` (ddmkit.accel.SpeedOptions).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ddmkit.accel import SpeedOptions, accelerate_field, autocast
+from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
+from ddmkit.sample import get_solver, time_grid
+
+
+def start_noise(n: int, data_shape, seed: int, device="cpu") -> torch.Tensor:
+    """x_1 ~ N(0, I), the same for a given seed whatever the strategy."""
+    return torch.randn(n, *data_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def sample_field(velocity, x1: torch.Tensor, steps: int, solver: str, callback=None) -> torch.Tensor:
+    ts = time_grid(steps, dtype=torch.float32).to(x1.device)
+    return get_solver(solver)(velocity, x1, ts, callback=callback)
+
+
+def _chunks(n: int, batch_size: int | None) -> list[slice]:
+    """Row ranges of at most batch_size rows covering n (one range when batch_size is None)."""
+    size = n if batch_size is None else batch_size
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1 (or None: all {n} rows at once), got {batch_size}")
+    return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def _rows(cond: dict[str, torch.Tensor] | None, rows: slice) -> dict[str, torch.Tensor] | None:
+    return None if cond is None else {name: c[rows] for name, c in cond.items()}
+
+
+def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
+               device="cpu", x1: torch.Tensor | None = None, callback=None, router_every: int = 1,
+               cond: dict[str, torch.Tensor] | None = None, batch_size: int | None = None,
+               speed: SpeedOptions = SpeedOptions()) -> tuple[torch.Tensor, dict]:
+    """Sample a DDM (ddmkit.ddm.DDM) with one routing strategy from x1 ~ N(0, I) (fixed by seed).
+
+    router_every = m reuses the routing for m velocity evaluations (1: route every time);
+    cond = per-sample conditioning passed to the experts, e.g. {"y": class labels (n,)}; it reaches
+    the router too when the DDM's router is label-conditional, and with labels the oracle draws
+    each sample's cluster from p(cluster | label) (ddm.label_prior) instead of the cluster sizes;
+    batch_size = b integrates the n rows in chunks of at most b rows, one after another, to bound
+    memory: the same noise, the same samples to rounding for the deterministic strategies, and
+    for the random ones the same law with other draws (one generator, used chunk after chunk);
+    speed = how the networks run on a GPU (ddmkit.accel.SpeedOptions: CUDA graphs, streams,
+    autocast); the networks are prepared once per DDM and options (DDM.networks).
+    A callback sees whole trajectories only, so it needs batch_size None or >= n."""
+    strat = parse_strategy(strategy)
+    x1 = start_noise(n, ddm.data_shape, seed, device) if x1 is None else x1
+    chunks = _chunks(len(x1), batch_size)
+    if callback is not None and len(chunks) > 1:
+        raise ValueError(f"sample_ddm: a callback needs all {len(x1)} rows in one batch; got batch_size={batch_size}")
+    gen = torch.Generator(device=x1.device).manual_seed(seed + 1)
+    prior = ddm.prior
+    if ddm.label_prior is not None and cond is not None and "y" in cond:
+        prior = ddm.label_prior.to(x1.device)[cond["y"]]  # (n, K) p(cluster | y) per sample
+    per_row_prior = prior is not None and prior.dim() == 2
+    counter = CallCounter()
+    nets = ddm.networks(speed, x1.device)
+    parts, nfe = [], []
+    _sync(x1.device)
+    start = time.perf_counter()
+    with autocast(speed, device):
+        for rows in chunks:
+            state = RoutingState(generator=gen, prior=prior[rows] if per_row_prior else prior, nearest=ddm.nearest)
+            part_cond = _rows(cond, rows)
+            field = routed_velocity(nets.experts, nets.router, strat, state, counter, cond=part_cond,
+                                    router_every=router_every, router_cond=part_cond if ddm.router_conditional else None,
+                                    call_experts=nets.call_experts)
+            parts.append(_integrate_counted(field, x1[rows], steps, solver, callback, nfe))
+    _sync(x1.device)
+    wall = time.perf_counter() - start
+    return torch.cat(parts), {"strategy": strategy, "expert_calls_per_sample": counter.total_rows / len(x1),
+                              "router_calls": counter.router_calls, "velocity_evaluations": _per_trajectory(nfe),
+                              "wall_time": wall, "expert_rows": counter.expert_rows}
+
+
+def _integrate_counted(field, x1: torch.Tensor, steps: int, solver: str, callback, nfe: list[int]) -> torch.Tensor:
+    """One trajectory of the field from x1; appends its number of field evaluations to nfe."""
+    calls = [0]
+
+    def counted(x, t):
+        calls[0] += 1
+        return field(x, t)
+
+    x0 = sample_field(counted, x1, steps, solver, callback)
+    nfe.append(calls[0])
+    return x0
+
+
+def _per_trajectory(nfe: list[int]) -> int:
+    """Velocity evaluations of one trajectory (the chunks' mean: they differ only for the adaptive solver)."""
+    return round(sum(nfe) / len(nfe))
+
+
+def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
+                  device="cpu", name: str = "monolith", x1: torch.Tensor | None = None,
+                  cond: dict[str, torch.Tensor] | None = None, batch_size: int | None = None,
+                  speed: SpeedOptions = SpeedOptions()) -> tuple[torch.Tensor, dict]:
+    """Sampling with one velocity field (the monolith): one network call per evaluation, called
+    as field(x, t, **cond) with the rows' conditioning (batch_size and speed as in sample_ddm)."""
+    x1 = start_noise(n, data_shape, seed, device) if x1 is None else x1
+    field = accelerate_field(field, speed)
+    parts, nfe = [], []
+    _sync(x1.device)
+    start = time.perf_counter()
+    with autocast(speed, device):
+        for rows in _chunks(len(x1), batch_size):
+            part_cond = _rows(cond, rows) or {}
+            parts.append(_integrate_counted(lambda x, t, c=part_cond: field(x, t, **c), x1[rows], steps, solver,
+                                            None, nfe))
+    _sync(x1.device)
+    evaluations = _per_trajectory(nfe)
+    return torch.cat(parts), {"strategy": name, "expert_calls_per_sample": float(evaluations), "router_calls": 0,
+                              "velocity_evaluations": evaluations, "wall_time": time.perf_counter() - start}
+
+
+def config_options(sample, routed: bool = True, autocast: str | None = None) -> dict:
+    """The keyword arguments of sample_ddm (routed) or sample_single that a run's [sample] section
+    sets: batch_size, speed (cuda_graphs, cuda_streams, and `autocast`), and router_every for a DDM."""
+    speed = SpeedOptions(cuda_graphs=sample.cuda_graphs, cuda_streams=sample.cuda_streams, autocast=autocast)
+    options = {"batch_size": sample.batch_size, "speed": speed}
+    return {**options, "router_every": sample.router_every} if routed else options

@@ -1,0 +1,106 @@
+"""Image evaluation: FID/KID of sample sets against the test split, and PNG grids.
+
+    scorer = SetScorer(run, fid_features="inception", kid_subset=1000, n_train=10000, device="cuda")
+    metrics = scorer("top-2")          # RUN/samples/top-2.safetensors -> {"fid", "kid", ...}, cached in RUN/eval/
+
+Features: "inception" (the standard FID Inception network, ddmkit.evaluation.fid) or
+"pixels" (a cheap stand-in for tests).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddmkit.data.partition import read_shard
+from ddmkit.evaluation.fid import feature_extractor, fid_kid, gaussian_stats
+from ddmkit.io import load_tensors, read_json, save_tensors, write_json
+from ddmkit.layout import RunFolder, safe_name
+from ddmkit.registry import shard_files
+
+
+def image_grid(x: torch.Tensor, rows: int, cols: int, pad: int = 1) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (rows*(H+pad)+pad, cols*(W+pad)+pad[, 3]) grid."""
+    x = x[: rows * cols].float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    n, c, h, w = x.shape
+    grid = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    return arr[..., 0] if c == 1 else arr
+
+
+def save_png(arr: np.ndarray, path: Path, scale: int = 2) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(arr)
+    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
+
+
+def cluster_grid(run, per_cluster: int = 12) -> np.ndarray:
+    """One row of example images per cluster (the first images of each shard)."""
+    rows = [read_shard(path)[0][:per_cluster] for path in shard_files(run)]
+    rows = [torch.cat([r, torch.full((per_cluster - len(r), *r.shape[1:]), 1.0)]) for r in rows]
+    return image_grid(torch.cat(rows), len(rows), per_cluster)
+
+
+def reference_features(run, extractor, kind: str, n: int, log=print) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Features of the test split (cached in RUN/eval/), features of as many
+    training images, and the seconds the test features took."""
+    folder = RunFolder(run)
+    cache = folder.eval / f"reference_{kind}.safetensors"
+    if cache.exists():
+        t = load_tensors(cache)
+        return t["test"], t["train"], float(t["seconds"])
+    test = load_tensors(folder.split("test"))["x"]
+    train = load_tensors(folder.split("train"))["x"]
+    start = time.perf_counter()
+    f_test = extractor(test)
+    seconds = time.perf_counter() - start
+    f_train = extractor(train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:min(n, len(test))]])
+    save_tensors(cache, {"test": f_test, "train": f_train, "seconds": torch.tensor(seconds)})
+    log(f"reference features: {len(f_test)} test images in {seconds:.1f}s")
+    return f_test, f_train, seconds
+
+
+class SetScorer:
+    """FID/KID of one sample set against the test split, cached in RUN/eval/set_<name>.json
+    (so sets can be scored as soon as they are sampled, and a re-run skips them); the test
+    features are computed once. n_train: training images scored as the floor row."""
+
+    def __init__(self, run, fid_features: str, kid_subset: int, n_train: int, log=print, device="cpu"):
+        self.run, self.log, self.kind, self.kid_subset = RunFolder(run), log, fid_features, kid_subset
+        self.extractor = feature_extractor(fid_features, device)
+        self.f_test, self.f_train, self.ref_seconds = reference_features(run, self.extractor, fid_features, n_train,
+                                                                         log)
+        self.real_stats = gaussian_stats(self.f_test)
+
+    def cache(self, name: str) -> Path:
+        return self.run.eval / f"set_{safe_name(name)}.json"
+
+    def floor(self) -> dict:
+        """Training images against the test set: the floor no sampler can beat."""
+        return {**fid_kid(self.f_test, self.f_train, self.kid_subset, self.real_stats), "n": len(self.f_train)}
+
+    def __call__(self, name: str, first: int | None = None) -> dict:
+        """Metrics of the set `name` (of its first `first` samples, when given)."""
+        path = self.run.sample_set(name)
+        cache = self.cache(name if first is None else f"{name}_first{first}")
+        if cache.exists() and cache.stat().st_mtime >= path.stat().st_mtime:
+            return read_json(cache)
+        x = load_tensors(path)["x"][:first]
+        start = time.perf_counter()
+        feats = self.extractor(x)
+        metrics = fid_kid(self.f_test, feats, self.kid_subset, self.real_stats)
+        metrics["fid_seconds"] = time.perf_counter() - start
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if first is None:
+            save_png(image_grid(x, 8, 8), self.run.plots / f"samples_{path.stem}.png")
+        write_json(cache, metrics)
+        self.log(f"{name}: FID {metrics['fid']:.2f}, KID {metrics['kid'] * 1e3:.2f}e-3 (n = {len(x)}, "
+                 f"{metrics['fid_seconds']:.1f}s)")
+        return metrics

@@ -1,0 +1,134 @@
+"""The run folder: every path ddmkit reads or writes in it, named here once.
+
+    RUN/config.json               the resolved configuration and its digest
+    RUN/data/                     train/test splits, data.json (+ truth.safetensors for mixtures)
+    RUN/partition/                manifest.json, partition.safetensors, shards/cluster_XX.safetensors
+    RUN/experts/expert_XX/        one model folder per expert (trained in isolation)
+    RUN/monolith/, RUN/router/    model folders: config.json + model.safetensors + train_log.jsonl
+    RUN/registry.json             SHA-256 of every model folder, checked on load
+    RUN/samples/NAME.safetensors  one sample set per name, samples/info.json (calls, wall time)
+    RUN/eval/                     cached evaluation features and per-set scores
+    RUN/report.md, metrics.json, plots/, analysis/
+
+Text runs (byte-level tokens) keep the same top level with their own model folders:
+experts/cluster_XX/, centralized/, router/, and report.json beside report.md.
+
+    run = RunFolder("runs/ring")
+    run.expert(3)                 # runs/ring/experts/expert_03
+    run.sample_set("top-2 @ cfg 2")   # runs/ring/samples/top-2___cfg_2.safetensors
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def safe_name(name: str) -> str:
+    """A sample set's name as a file stem: letters, digits and '-._' kept, anything else '_'."""
+    return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in name)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The paths of one run folder (nothing is created or read here)."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    # the run
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    # data
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def split(self, name: str) -> Path:
+        """data/train.safetensors or data/test.safetensors."""
+        return self.data / f"{name}.safetensors"
+
+    @property
+    def data_info(self) -> Path:
+        return self.data / "data.json"
+
+    @property
+    def truth(self) -> Path:
+        return self.data / "truth.safetensors"
+
+    # partition
+    @property
+    def partition(self) -> Path:
+        return self.root / "partition"
+
+    @property
+    def manifest(self) -> Path:
+        return self.partition / "manifest.json"
+
+    # model folders
+    def expert(self, k: int) -> Path:
+        return self.root / "experts" / f"expert_{k:02d}"
+
+    @property
+    def experts(self) -> Path:
+        return self.root / "experts"
+
+    @property
+    def router(self) -> Path:
+        return self.root / "router"
+
+    @property
+    def monolith(self) -> Path:
+        return self.root / "monolith"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry.json"
+
+    # samples and scores
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    def sample_set(self, name: str) -> Path:
+        return self.samples / f"{safe_name(name)}.safetensors"
+
+    @property
+    def sample_info(self) -> Path:
+        return self.samples / "info.json"
+
+    @property
+    def sample_labels(self) -> Path:
+        return self.samples / "labels.safetensors"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
+    # what sampling and scoring write: removed when only [sample] or [evaluate] change
+    @property
+    def derived(self) -> list[Path]:
+        return [self.samples, self.eval, self.analysis, self.plots, self.report, self.metrics]

@@ -1,0 +1,64 @@
+"""What a run's networks are, read from each model folder's own config.json.
+
+A run can be assembled from experts trained elsewhere, with other settings than the run's
+config. Reports describe the networks from their folders, one row per model, and flag every
+expert whose architecture or training differs from the run's [expert] section.
+
+    rows, notes = describe_models(run, cfg)
+"""
+from __future__ import annotations
+
+from ddmkit.config import RunConfig
+from ddmkit.io import read_json
+from ddmkit.layout import RunFolder
+from ddmkit.tables import markdown_table
+
+TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "ema_decay")
+
+
+def _summary(config: dict) -> dict:
+    train = config.get("train", {})
+    return {"arch": config.get("arch"), "kwargs": config.get("kwargs", {}),
+            "prediction": config.get("prediction", "velocity"), **{key: train.get(key) for key in TRAIN_KEYS}}
+
+
+def _expected(cfg: RunConfig, data_shape: list) -> dict:
+    e = cfg.expert
+    kwargs = {"data_shape": list(data_shape), **e.net.kwargs}
+    return {"arch": e.net.arch, "kwargs": kwargs, "prediction": e.prediction,
+            **{key: getattr(e.train, key) for key in TRAIN_KEYS}}
+
+
+def describe_models(run, cfg: RunConfig) -> tuple[list[list], list[str]]:
+    """(table rows: model, arch, prediction, steps, batch, lr, seed, differs; notes naming each expert
+    whose folder differs from the run's [expert] section and in what)."""
+    folder = RunFolder(run)
+    manifest = read_json(folder.manifest)
+    expected = _expected(cfg, manifest["data_shape"])
+    rows, notes = [], []
+    folders = [(f"expert {k}", folder.expert(k)) for k in range(manifest["k"])]
+    folders += [("monolith", folder.monolith), ("router", folder.router)]
+    for name, path in folders:
+        if not (path / "config.json").exists():
+            rows.append([name, "missing", "-", "-", "-", "-", "-", "-"])
+            continue
+        got = _summary(read_json(path / "config.json"))
+        differs = ""
+        if name.startswith("expert"):
+            keys = [key for key in expected if got.get(key) != expected[key]]
+            if keys:
+                differs = ", ".join(keys)
+                notes.append(f"{name} differs from the run's [expert] section in "
+                             + ", ".join(f"{key} ({got.get(key)!r}, config {expected[key]!r})" for key in keys))
+        rows.append([name, f"{got['arch']} {got['kwargs']}", got["prediction"], got["steps"], got["batch_size"],
+                     got["lr"], got["seed"], differs or "-"])
+    return rows, notes
+
+
+def models_section(run, cfg: RunConfig) -> str:
+    """The report's section on the networks, from their folders."""
+    rows, notes = describe_models(run, cfg)
+    table = markdown_table(["model", "network", "prediction", "steps", "batch", "lr", "seed",
+                            "differs from the config"], rows)
+    warning = "".join(f"\n**Warning:** {note}.\n" for note in notes)
+    return f"## Networks\n\nAs recorded in each model folder's config.json.\n\n{table}\n{warning}"

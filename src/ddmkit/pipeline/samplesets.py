@@ -1,0 +1,77 @@
+"""The sample sets of a run: which sets a config asks for, and how a name maps to one.
+
+A set is drawn by the DDM with one routing strategy (and a guidance scale and a router), by the
+monolith, or by the exact DDM of a Gaussian mixture. Every set of a run starts from the same
+noise (and, for class-conditional experts, the same labels): a set of n samples takes the first n.
+
+    plan = planned_sets(cfg, has_truth=True)     # [SampleSet(name="exact (...)", ...), SampleSet("monolith"), ...]
+    named_set("top-2", n=1000)                   # a set from a name given on the command line
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ddmkit.config import RunConfig
+from ddmkit.errors import DDMError
+from ddmkit.routing import STRATEGY_FORMS, parse_strategy
+
+
+class SetKind(Enum):
+    DDM = "ddm"  # the learned DDM with a routing strategy
+    MONOLITH = "monolith"  # the FLOP-matched monolith
+    EXACT = "exact"  # exact cluster velocities and the exact posterior (Gaussian-mixture data only)
+
+
+MONOLITH = "monolith"  # the monolith's name in configs and on the command line
+EXACT = "exact (full, exact experts + router)"  # the exact DDM's set (full routing)
+STATISTICS = "statistics"  # the statistics-only router
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    name: str  # the set's name (its file is RunFolder.sample_set(name))
+    kind: SetKind
+    strategy: str  # the routing strategy (DDM and exact sets)
+    n: int
+    guidance: float = 1.0
+    router: str = "learned"  # "learned" or "statistics"
+
+
+def named_set(name: str, n: int, guidance: float = 1.0) -> SampleSet:
+    """The set a name stands for: "monolith", "exact", or a routing strategy (checked)."""
+    if name == MONOLITH:
+        return SampleSet(MONOLITH, SetKind.MONOLITH, "", n, guidance)
+    if name in ("exact", EXACT):
+        return SampleSet(EXACT, SetKind.EXACT, "full", n, guidance)
+    try:
+        parse_strategy(name)
+    except DDMError as e:
+        raise DDMError(f"{e}; or '{MONOLITH}' (the monolith) or 'exact' (mixtures)") from None
+    return SampleSet(name, SetKind.DDM, name, n, guidance)
+
+
+def _guided_name(name: str, guidance: float, default: float) -> str:
+    return name if guidance == default else f"{name} @ cfg {guidance:g}"
+
+
+def planned_sets(cfg: RunConfig, has_truth: bool) -> list[SampleSet]:
+    """Every set the config asks for: the exact DDM's (when the data have a closed-form truth), each of
+    sample.strategies (and the monolith) at sample.guidance, sample.stats_router_strategies with the
+    statistics-only router, and the monolith and sample.sweep_strategy at each extra guidance scale
+    of sample.guidance_sweep. The extra sets hold sample.sweep_n samples (default sample.n)."""
+    s = cfg.sample
+    extra_n = min(s.sweep_n, s.n) if s.sweep_n else s.n
+    plan = [named_set(EXACT, s.n)] if has_truth else []
+    plan += [named_set(name, s.n, s.guidance) for name in s.strategies]
+    plan += [SampleSet(f"{name} (statistics-only router)", SetKind.DDM, name, extra_n, s.guidance, STATISTICS)
+             for name in s.stats_router_strategies]
+    for g in s.guidance_sweep:
+        if g != s.guidance:
+            for name in (MONOLITH, s.sweep_strategy):
+                base = named_set(name, extra_n, g)
+                plan.append(SampleSet(_guided_name(name, g, s.guidance), base.kind, base.strategy, extra_n, g))
+    return [p for p in plan if p.kind != SetKind.MONOLITH or cfg.monolith.enabled]
+
+
+SET_NAMES = f"{STRATEGY_FORMS}, {MONOLITH}, exact"

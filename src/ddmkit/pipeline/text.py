@@ -1,0 +1,319 @@
+"""The stages of a text run (byte-level tokens): corpus -> partition -> K isolated experts ->
+centralized baseline (same total compute) -> routers -> evaluation, samples and report; and the
+sampling, evaluation and analysis stages on a finished run.
+
+    run_text("configs/text_ar.toml", "runs/text_ar")      # kind = "text_ar": autoregressive experts
+    run_text("configs/text_dfm.toml", "runs/text_dfm")    # kind = "text_dfm": masked discrete flow matching
+    sample_text("runs/text_ar", ["top-1"])                # RUN/samples/text.json
+    evaluate_text("runs/text_ar")                         # RUN/report.md, report.json
+    analyze_text("runs/text_ar")                          # RUN/analysis/analysis.md, analysis.json
+
+RUN/config.json holds the text config (its `kind` tells a text run from the others). Every
+model is a ddmkit folder (config.json + model.safetensors + train_log.jsonl). A model whose
+folder exists with the same settings (`run_digest` in its config.json) is reused; `force=True`
+starts afresh. Each expert job reads only its own shard.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ddmkit.config import validate
+from ddmkit.discrete.alignment import expert_cluster_bits, own_cluster_weight
+from ddmkit.discrete.ar import ar_inputs, ar_loss
+from ddmkit.discrete.config import KINDS, TextRunConfig, load_text_config
+from ddmkit.discrete.corpus import load_corpus, split_documents
+from ddmkit.discrete.dfm import dfm_loss, mask_path
+from ddmkit.discrete.evaluate import evaluate_ar, evaluate_dfm, samples_ar, samples_dfm
+from ddmkit.discrete.report import write_report
+from ddmkit.discrete.shards import cluster_prior, load_streams, mixed_windows, partition_text, sample_windows
+from ddmkit.discrete.tokens import NUM_BYTES
+from ddmkit.errors import DDMError
+from ddmkit.io import read_json, staging_dir, write_bytes_atomic, write_json
+from ddmkit.layout import RunFolder
+from ddmkit.nets import build_model, from_pretrained, save_pretrained
+from ddmkit.tables import markdown_table
+from ddmkit.train.loop import fit
+
+Log = Callable[[str], None]
+
+CPU = torch.device("cpu")
+
+
+def router_loss_ar(model, windows: torch.Tensor, labels: torch.Tensor, generator) -> torch.Tensor:
+    """Cross-entropy of P(k | x_<n) against the window's cluster, at every prefix length n."""
+    logits = model(ar_inputs(windows))
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             labels[:, None].expand(-1, windows.shape[1]).reshape(-1))
+
+
+def router_loss_dfm(model, windows: torch.Tensor, labels: torch.Tensor, generator) -> torch.Tensor:
+    """Cross-entropy of P(k | x_t) against the window's cluster, t ~ U(0, 1)."""
+    xt = mask_path(windows, torch.rand(len(windows), generator=generator), generator)
+    return torch.nn.functional.cross_entropy(model(xt), labels)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What differs between the autoregressive and the flow-matching pipeline."""
+
+    expert_arch: str
+    router_arch: str
+    router_kwargs: dict
+    expert_loss: Callable  # (model, windows, generator) -> loss
+    router_loss: Callable  # (model, windows, labels, generator) -> loss
+    evaluate: Callable
+    samples: Callable
+    role: str
+    meta: dict  # written into every model's config.json
+
+
+TASKS = {
+    "text_ar": Task("causal_transformer", "causal_transformer", {}, lambda m, w, g: ar_loss(m, w), router_loss_ar,
+                    evaluate_ar, samples_ar, "autoregressive",
+                    {"tokens": "bytes, BOS=256", "input": "[BOS, x_0 .. x_{L-2}]; output n predicts x_n"}),
+    "text_dfm": Task("bidirectional_transformer", "bidirectional_transformer", {"pool": True}, dfm_loss,
+                     router_loss_dfm, evaluate_dfm, samples_dfm, "masked discrete flow matching",
+                     {"tokens": "bytes, MASK=257", "discrete_time": "t = mask probability: t=0 data, t=1 fully masked"}),
+}
+
+
+def train_or_load(folder: Path, digest: str, arch: str, kwargs: dict, loss: Callable, train_cfg,
+                  meta: dict, description: str, train: bool = True) -> torch.nn.Module:
+    """Load the model folder if it was written with the same settings, else train and write it
+    (train=False: refuse instead)."""
+    if (folder / "config.json").exists() and read_json(folder / "config.json").get("run_digest") == digest:
+        return from_pretrained(folder)[0]
+    if not train:
+        raise DDMError(f"{folder} is missing or was trained with other settings; run `ddmkit run CONFIG --out "
+                       f"{folder.parent if folder.parent.name != 'experts' else folder.parent.parent}` first")
+    with staging_dir(folder) as tmp:
+        torch.manual_seed(train_cfg.seed)  # the initial weights too: same seed, same bytes
+        model = build_model(arch, **kwargs)
+        ema, _ = fit(model, lambda m, step, g: (loss(m, g), {}), train_cfg, log_path=tmp / "train_log.jsonl",
+                     description=description, device=CPU)
+        save_pretrained(tmp, ema, {"arch": arch, "kwargs": kwargs, "run_digest": digest, **meta})
+    return ema
+
+
+def partition_stage(cfg: TextRunConfig, out: Path) -> dict:
+    folder, digest = out / "partition", cfg.digest("corpus", "partition")
+    if (folder / "manifest.json").exists() and read_json(folder / "manifest.json").get("run_digest") == digest:
+        return read_json(folder / "manifest.json")
+    train, test = split_documents(load_corpus(cfg.corpus), cfg.corpus.test_fraction, cfg.corpus.seed)
+    return partition_text(train, test, cfg.partition, folder, extra={"run_digest": digest})
+
+
+def is_text_run(run) -> bool:
+    """Whether a run folder holds a text run (its config.json has kind text_ar or text_dfm)."""
+    path = RunFolder(run).config
+    if not path.exists():
+        return False
+    saved = read_json(path)
+    return isinstance(saved, dict) and isinstance(saved.get("config"), dict) and saved["config"].get("kind") in KINDS
+
+
+def text_config(run) -> TextRunConfig:
+    """The text config a run folder was made with."""
+    folder = RunFolder(run)
+    if not is_text_run(run):
+        raise DDMError(f"{folder.root} is not a text run folder (its config.json has no kind text_ar or text_dfm)")
+    return validate(TextRunConfig, read_json(folder.config)["config"], str(folder.config))
+
+
+def run_text(config_path: str | Path, out_dir: str | Path | None = None, force: bool = False,
+             seed: int | None = None, log: Log = print) -> dict:
+    """Run a text pipeline from its TOML config; returns the report dict
+    (also written to out_dir/report.json and out_dir/report.md). `seed`
+    overrides every seed of the config (TextRunConfig.with_seed)."""
+    cfg = load_text_config(config_path).with_seed(seed)
+    out = Path(out_dir) if out_dir else Path("runs") / Path(config_path).stem
+    folder = RunFolder(out)
+    if force and out.exists():
+        shutil.rmtree(out)
+    if folder.config.exists() and not is_text_run(out):
+        raise DDMError(f"{out} holds a run of another kind; choose another --out or pass --force to replace it")
+    if not folder.config.exists() and out.exists() and any(out.iterdir()):
+        raise DDMError(f"{out} exists and is not a ddmkit run folder; choose another --out or pass --force")
+    write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
+    return run_text_config(cfg, out, log)
+
+
+@dataclass
+class TextModels:
+    """A text run's trained models and data."""
+
+    experts: list
+    central: torch.nn.Module | None
+    routers: dict  # name -> model, or None for the exact Bayes posterior
+    prior: torch.Tensor
+    manifest: dict
+    test_streams: list
+    seconds: float
+
+
+def text_models(cfg: TextRunConfig, out: Path, train: bool = True) -> TextModels:
+    """Partition, experts, centralized model and routers: loaded where written with the same settings,
+    trained otherwise (train=False: a missing one is an error)."""
+    task = TASKS[cfg.kind]
+    torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    if not train and not (out / "partition" / "manifest.json").exists():
+        raise DDMError(f"{out}: no partition yet; run `ddmkit run CONFIG --out {out}` first")
+    manifest = partition_stage(cfg, out)
+    _, streams = load_streams(out / "partition", "train")
+    _, test_streams = load_streams(out / "partition", "test")
+    k, m, tr = manifest["k"], cfg.model, cfg.expert.train
+    prior = cluster_prior(streams)
+    net = {"seq_len": m.seq_len, "out_dim": NUM_BYTES, "width": m.width, "depth": m.depth, "heads": m.heads}
+    base = cfg.digest("corpus", "partition", "model", "expert")
+
+    experts = []
+    for c in range(k):
+        loss = lambda model, g, s=streams[c]: task.expert_loss(model, sample_windows(s, m.seq_len, tr.batch_size, g), g)
+        experts.append(train_or_load(out / "experts" / f"cluster_{c:02d}", f"{base}-{c}", task.expert_arch, net,
+                                     loss, tr.model_copy(update={"seed": tr.seed + c}),
+                                     {"role": f"{task.role} expert", "cluster": c, **task.meta},
+                                     f"expert {c + 1}/{k}", train))
+
+    central = None
+    if cfg.centralized.enabled:
+        steps = cfg.centralized.steps or k * tr.steps
+        loss = lambda model, g: task.expert_loss(model, mixed_windows(streams, m.seq_len, tr.batch_size, g)[0], g)
+        central = train_or_load(out / "centralized", f"{base}-{cfg.digest('centralized')}", task.expert_arch, net,
+                                loss, tr.model_copy(update={"steps": steps}),
+                                {"role": f"{task.role} centralized", **task.meta}, "centralized", train)
+
+    routers: dict[str, torch.nn.Module | None] = {}
+    for kind in cfg.router.kinds:
+        if kind == "bayes":
+            routers["bayes"] = None
+            continue
+        r, rt = cfg.router, cfg.router.train
+        kwargs = {"seq_len": m.seq_len, "out_dim": k, "width": r.width, "depth": r.depth, "heads": r.heads,
+                  **task.router_kwargs}
+        loss = lambda model, g: task.router_loss(model, *mixed_windows(streams, m.seq_len, rt.batch_size, g), g)
+        routers["learned"] = train_or_load(out / "router", cfg.digest("corpus", "partition", "model", "router"),
+                                           task.router_arch, kwargs, loss, rt,
+                                           {"role": f"{task.role} router", "num_experts": k, **task.meta}, "router",
+                                           train)
+    return TextModels(experts, central, routers, prior, manifest, test_streams, time.perf_counter() - start)
+
+
+def run_text_config(cfg: TextRunConfig, out: Path, log: Log = print) -> dict:
+    models = text_models(cfg, out)
+    log(f"text models: {len(models.experts)} experts, centralized and routers ready in {models.seconds:.1f}s")
+    return write_text_report(cfg, out, models, models.seconds, log)
+
+
+def write_text_report(cfg: TextRunConfig, out: Path, models: TextModels, train_seconds: float,
+                      log: Log = print) -> dict:
+    """Held-out bits per byte, router accuracy and samples: RUN/report.md and report.json."""
+    task = TASKS[cfg.kind]
+    start = time.perf_counter()
+    experts, central, routers, prior = models.experts, models.central, models.routers, models.prior
+    k, m, tr, manifest = len(experts), cfg.model, cfg.expert.train, models.manifest
+    results = task.evaluate(experts, central, routers, prior, models.test_streams, cfg)
+    samples = task.samples(experts, central, routers, prior, cfg)
+    tokens_per_step = tr.batch_size * m.seq_len
+    report = {
+        "kind": cfg.kind, "k": k, "prior": prior.tolist(), "manifest": {key: manifest[key] for key in
+                                                                        ("counts", "n", "n_test", "features")},
+        "clusters": [{"cluster": s["cluster"], "documents": s["count"], "train_bytes": s["bytes"],
+                      "test_bytes": t["bytes"], "examples": s["examples"]}
+                     for s, t in zip(manifest["shards"], manifest["test_shards"])],
+        "compute": {"expert_steps_each": tr.steps, "decentralized_train_tokens": k * tr.steps * tokens_per_step,
+                    "centralized_train_tokens": (cfg.centralized.steps or k * tr.steps) * tokens_per_step
+                    if central is not None else None, "parameters_per_model": sum(p.numel() for p in experts[0].parameters())},
+        **results, "samples": samples, "seconds": {"train": round(train_seconds, 1),
+                                                   "total": round(train_seconds + time.perf_counter() - start, 1)},
+        "config": cfg.model_dump(),
+    }
+    write_report(out, report)
+    log(f"report: {out / 'report.md'}")
+    return report
+
+
+def sample_text(run, strategies: list[str], n: int | None = None, seed: int | None = None,
+                log: Log = print) -> dict[str, list[str]]:
+    """Generated text of a finished run for each routing strategy (with every router of the run) and
+    the centralized model, in RUN/samples/text.json."""
+    cfg = text_config(run)
+    update = {"evaluate": {**cfg.evaluate.model_dump(), "strategies": list(strategies)},
+              "sample": {**cfg.sample.model_dump(), **{key: v for key, v in (("n", n), ("seed", seed)) if v is not None}}}
+    cfg = validate(TextRunConfig, {**cfg.model_dump(), **update}, "options")
+    models = text_models(cfg, Path(run), train=False)
+    texts = TASKS[cfg.kind].samples(models.experts, models.central, models.routers, models.prior, cfg)
+    path = RunFolder(run).samples / "text.json"
+    saved = read_json(path) if path.exists() else {}
+    write_json(path, {**saved, **texts})
+    for name, rows in texts.items():
+        log(f"{name}: {rows[0][:60]!r}")
+    return texts
+
+
+def evaluate_text(run, log: Log = print) -> dict:
+    """The report of a finished text run (held-out bits per byte, router accuracy, samples)."""
+    cfg = text_config(run)
+    models = text_models(cfg, Path(run), train=False)
+    return write_text_report(cfg, Path(run), models, 0.0, log)
+
+
+def analyze_text(run, out=None, log: Log = print) -> dict:
+    """Expert-data alignment of a text run (ddmkit.discrete.alignment): every expert's bits per byte on
+    every cluster's held-out text, and the routing weight on each text's own-cluster expert."""
+    cfg = text_config(run)
+    folder = RunFolder(run)
+    out = Path(out) if out is not None else folder.analysis
+    models = text_models(cfg, folder.root, train=False)
+    length, per = cfg.model.seq_len, cfg.evaluate.windows_per_cluster
+    bits = expert_cluster_bits(models.experts, models.test_streams, length, per, cfg.kind, cfg.evaluate.t_points,
+                               cfg.seed)
+    weight = own_cluster_weight(models.experts, models.routers, models.prior, models.test_streams, length, per,
+                                cfg.kind, cfg.evaluate.strategies, cfg.seed)
+    k = len(models.experts)
+    own = [bits[c][c] for c in range(k)]
+    other = [sum(bits[j][c] for j in range(k) if j != c and bits[j][c] is not None) / max(k - 1, 1)
+             if k > 1 else None for c in range(k)]
+    result = {"kind": cfg.kind, "bits_per_byte": bits, "own_expert": own, "other_experts_mean": other,
+              "own_cluster_weight": weight}
+    write_json(out / "analysis.json", result)
+    write_bytes_atomic(out / "analysis.md", render_text_analysis(result).encode())
+    log(f"analysis: {out / 'analysis.md'}")
+    return result
+
+
+def render_text_analysis(result: dict) -> str:
+    k = len(result["bits_per_byte"])
+    bound = " (ELBO, an upper bound)" if result["kind"] == "text_dfm" else ""
+    matrix = markdown_table(["expert \\ cluster"] + [str(c) for c in range(k)],
+                            [[str(j)] + row for j, row in enumerate(result["bits_per_byte"])])
+    summary = markdown_table(["cluster", "own expert", "other experts (mean)"],
+                             [[c, result["own_expert"][c], result["other_experts_mean"][c]] for c in range(k)])
+    axis = "prefix length (bytes)" if result["kind"] == "text_ar" else "masking time t"
+    weights = result["own_cluster_weight"]
+    first = next(iter(weights.values()), {"axis": []})
+    table = markdown_table(["router / strategy"] + [str(a) for a in first["axis"]],
+                           [[name] + row["weight"] for name, row in weights.items()])
+    return f"""# Expert-data alignment of a text run
+
+## Bits per byte of each expert on each cluster's held-out text{bound}
+
+Row j, column c: expert j on cluster c. An expert aligned with its data has the smallest value of
+its column on the diagonal.
+
+{matrix}
+
+{summary}
+
+## Routing weight on the text's own-cluster expert, against {axis}
+
+The mean weight each routing strategy gives the expert of the cluster the held-out text comes from.
+
+{table}
+"""

@@ -1,0 +1,149 @@
+"""The evaluation stage of a vector run: every sample set against held-out data beside the noise
+floor (W2, sliced W2, MMD; NLL, mode coverage and off-manifold rate under a Gaussian-mixture
+truth), router accuracy and calibration per noise level, the missing-expert and statistics-only
+router studies, plots and report.md.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ddmkit.config import RunConfig
+from ddmkit.data.partition import load_partition
+from ddmkit.ddm import exact_ddm, load_ddm
+from ddmkit.ddm.load import island_stats_router, load_truth, nearest_cluster_fn
+from ddmkit.errors import DDMError
+from ddmkit.evaluation.plots import plot_router_accuracy, plot_samples
+from ddmkit.evaluation.routers import router_report
+from ddmkit.evaluation.sets import FLOOR, evaluate_all
+from ddmkit.evaluation.studies import STATS_STRATEGIES, missing_expert_study, stats_router_study
+from ddmkit.io import load_tensors, read_json, write_bytes_atomic, write_json
+from ddmkit.layout import RunFolder
+from ddmkit.pipeline.models import models_section
+from ddmkit.pipeline.samplesets import planned_sets
+from ddmkit.pipeline.stages import load_split
+from ddmkit.tables import markdown_table
+
+Log = Callable[[str], None]
+
+
+COLUMNS = [("W2", "w2"), ("W2/floor", "w2_over_floor"), ("sliced W2", "sliced_w2"), ("MMD", "mmd"),
+           ("NLL", "nll"), ("modes hit", "modes_hit"), ("mode KL", "mode_kl"), ("off-manifold", "off_manifold"),
+           ("expert calls/sample", "expert_calls_per_sample"), ("wall time (s)", "wall_time")]
+
+
+def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
+    """Metrics for every sampled set, router accuracy per t, the studies, plots, report.md."""
+    folder = RunFolder(run)
+    if not folder.sample_info.exists():
+        raise DDMError(f"{folder.root}: no samples yet; run `ddmkit sample {folder.root}` first")
+    infos = read_json(folder.sample_info)
+    names = [s.name for s in planned_sets(cfg, load_truth(run) is not None) if folder.sample_set(s.name).exists()]
+    names += [n for n in infos if n not in names and folder.sample_set(n).exists()]  # sets drawn by `ddmkit sample`
+    samples = {n: load_tensors(folder.sample_set(n))["x"] for n in names}
+    test = load_split(run, "test")
+    truth = test.truth
+    result = evaluate_all(samples, infos, test.x, truth, cfg.evaluate.chunk)
+
+    manifest, ptensors = load_partition(folder.partition)
+    n_eval = min(len(test.x), 4000)
+    xs = test.x[:n_eval]
+    labels = nearest_cluster_fn(manifest, ptensors)(xs)
+    routers = {"learned router": load_ddm(run).router}
+    if cfg.evaluate.stats_router:
+        routers["statistics-only router"] = island_stats_router(run)[0]
+    if truth is not None:
+        try:
+            routers["exact posterior"] = exact_ddm(run).router
+        except DDMError:
+            pass
+    rep = router_report(routers, xs, labels)
+    result["router"] = rep
+
+    if cfg.evaluate.missing_experts:
+        result["missing_experts"] = missing_expert_study(cfg, run, test.x, truth)
+    if cfg.evaluate.stats_router:
+        result["stats_router"] = stats_router_study(cfg, run, test.x, truth)
+    result["config"] = cfg.model_dump()
+
+    plot_samples(samples, test.x, truth, folder.plots / "samples.png",
+                 {n: f"W2/floor {result['rows'][n]['w2_over_floor']:.2f}" for n in names})
+    plot_router_accuracy(rep, folder.plots / "router_accuracy.png")
+    write_json(folder.metrics, result)
+    write_bytes_atomic(folder.report, render_report(cfg, run, result).encode())
+    log(f"report: {folder.report}")
+    return result
+
+
+def render_report(cfg: RunConfig, run, result: dict) -> str:
+    floor = result["floor"]
+    rows = [[FLOOR] + [floor.get(key) for _, key in COLUMNS[:1]] + [1.0] + [floor.get(key) for _, key in COLUMNS[2:8]]
+            + ["-", "-"]]
+    for name, r in result["rows"].items():
+        rows.append([name] + [r.get(key) for _, key in COLUMNS])
+    rep = result["router"]
+    router_rows = [[f"{t:.2f}"] + [f"{rep[n]['accuracy'][i]:.3f} / {rep[n]['ece'][i]:.3f}" for n in rep if n != "t"]
+                   for i, t in enumerate(rep["t"])]
+    return _main_report(cfg, run, result, rows, rep, router_rows) + _fault_sections(result)
+
+
+def _fault_sections(result: dict) -> str:
+    """Report sections for the missing-expert study and the statistics-only router."""
+    out = ""
+    cols = [("W2/floor", "w2_over_floor"), ("NLL", "nll"), ("modes hit", "modes_hit"), ("mode KL", "mode_kl"),
+            ("expert calls/sample", "expert_calls_per_sample")]
+    if "missing_experts" in result:
+        rows = [[r["removed"], str(r["experts_removed"])] + [r.get(key) for _, key in cols]
+                for r in result["missing_experts"]]
+        strategy = result["missing_experts"][0]["strategy"]
+        out += f"""
+## Missing experts
+
+Sampling ({strategy}) with 0, 1, 2, ... experts removed in a fixed random order, the router's probabilities
+renormalised over the experts still present (what `load_ddm` does when expert folders are missing).
+
+{markdown_table(["removed", "experts removed"] + [c for c, _ in cols], rows)}
+"""
+    if "stats_router" in result:
+        rows = [[name] + [r.get(key) for _, key in cols] for name, r in result["stats_router"]["rows"].items()]
+        out += f"""
+## Statistics-only router
+
+The router built only from each island's count, mean and covariance (the Gaussian posterior under the noised
+cluster Gaussians, `ddmkit.routing.stats_router`) against the learned router, same experts, strategies
+{", ".join(STATS_STRATEGIES)}. Its accuracy per noise level is in the router table above.
+
+{markdown_table(["strategy (router)"] + [c for c, _ in cols], rows)}
+"""
+    return out
+
+
+def _main_report(cfg: RunConfig, run, result: dict, rows: list, rep: dict, router_rows: list) -> str:
+    d, p, s = cfg.data, cfg.partition, cfg.sample
+    return f"""# ddmkit run report
+
+Data: `{d.name}` ({d.n_train} train, {d.n_test} test). Partition: k = {p.k}, features = {p.features},
+balanced = {p.balanced}. Sampling: {s.n} samples, {s.solver}, {s.steps} steps, the same noise
+(seed {s.seed}) for every strategy.
+
+{models_section(run, cfg)}
+
+## Samples per strategy
+
+W2 is the exact 2-Wasserstein distance between {result['chunk']}-point sets, averaged over {result['pairs']}
+independent pairs (a chunk of the samples against its own held-out set); the first row is the same measurement
+with held-out data in place of samples: the floor no sampler can beat at this sample size. NLL, mode coverage and off-manifold rate are under the true mixture
+(blank without one). Expert calls count network evaluations of experts per sample over the whole trajectory.
+
+{markdown_table(["strategy"] + [c for c, _ in COLUMNS], rows)}
+
+![samples](plots/samples.png)
+
+## Router
+
+Accuracy / expected calibration error per noise level, on held-out data labelled by its nearest partition
+centroid.
+
+{markdown_table(["t"] + [n for n in rep if n != "t"], router_rows)}
+
+![router accuracy](plots/router_accuracy.png)
+"""

@@ -1,0 +1,111 @@
+"""Every routing strategy, in one table: name forms, parsing, documentation.
+
+    strategy = parse_strategy("top-2")       # a strategy object (ddmkit.routing.strategies / adaptive)
+    STRATEGY_FORMS                           # "full, top-K, ..." for messages and --help
+    markdown_table()                         # the table in docs/routing.md
+
+Configs, the command line and the docs all read this table, so a strategy
+added here is accepted, listed and documented everywhere.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from ddmkit.errors import DDMError
+from ddmkit.routing.adaptive import AdaptiveEntropy, AdaptiveMass, GatedTopK
+from ddmkit.routing.strategies import Full, Nearest, Nucleus, Oracle, SampleK, Strategy, Switch, Threshold, TopK
+
+
+@dataclass(frozen=True)
+class StrategyForm:
+    """One name form: its regex (groups passed to `build`), how it is written, what it does and
+    how many experts it calls per sample per velocity evaluation."""
+
+    form: str
+    pattern: str
+    build: Callable[..., Strategy]  # raises ValueError naming the bad value
+    description: str
+    expert_calls: str
+
+
+def _top_k(k: str) -> TopK:
+    if int(k) < 1:
+        raise ValueError("K must be >= 1")
+    return TopK(int(k))
+
+
+def _probability(p: str) -> float:
+    if not 0 < float(p) <= 1:
+        raise ValueError("P must be in (0, 1]")
+    return float(p)
+
+
+def _temperature(t: str | None) -> float:
+    if t is not None and float(t) <= 0:
+        raise ValueError("temperature T must be > 0")
+    return float(t or 1.0)
+
+
+def _sample_k(k: str, t: str | None = None) -> SampleK:
+    if int(k) < 1:
+        raise ValueError("K must be >= 1")
+    return SampleK(int(k), _temperature(t))
+
+
+def _gated(k: str, a: str) -> GatedTopK:
+    if int(k) < 1 or not 0 <= float(a) <= 180:
+        raise ValueError("K must be >= 1 and the angle A in [0, 180] degrees")
+    return GatedTopK(int(k), float(a))
+
+
+STRATEGIES: list[StrategyForm] = [
+    StrategyForm("full", r"full", lambda: Full(),
+                 "w = r: every expert, weighted by the router (exactly the global velocity with exact experts "
+                 "and router)", "K"),
+    StrategyForm("top-K", r"top-(\d+)", _top_k, "the K largest r_k, renormalised", "K"),
+    StrategyForm("threshold-P", r"threshold-([0-9.]+)", lambda p: Threshold(_probability(p)),
+                 "every r_k >= P, renormalised (the argmax if none)", "varies"),
+    StrategyForm("sample-K[@T]", r"sample-(\d+)(?:@([0-9.]+))?", _sample_k,
+                 "K distinct experts drawn from r^(1/T) (Gumbel top-K), weights r renormalised over them", "K"),
+    StrategyForm("nucleus-P[@T]", r"nucleus-([0-9.]+)(?:@([0-9.]+))?",
+                 lambda p, t=None: Nucleus(_probability(p), _temperature(t)),
+                 "one expert drawn from the smallest set holding mass P of r^(1/T)", "1"),
+    StrategyForm("switch", r"switch", lambda: Switch(),
+                 "one expert per sample per step drawn from r, weight 1 (stochastic switching; the same law as "
+                 "sample-1)", "1"),
+    StrategyForm("oracle", r"oracle", lambda: Oracle(),
+                 "one cluster per sample drawn once from the cluster proportions (from p(cluster | label) for "
+                 "labelled samples) and kept for the whole trajectory", "1"),
+    StrategyForm("nearest", r"nearest", lambda: Nearest(),
+                 "the cluster whose centroid is nearest to the features of x0_hat = x_t - t v (v from the "
+                 "previous step; the router's argmax on the first step)", "1"),
+    StrategyForm("adaptive-P", r"adaptive-([0-9.]+)", lambda p: AdaptiveMass(_probability(p)),
+                 "the fewest experts (by r) whose mass reaches P, renormalised", "varies"),
+    StrategyForm("adaptive-ent-H", r"adaptive-ent-([0-9.]+)", lambda h: AdaptiveEntropy(float(h)),
+                 "top-1 while the router entropy H(r) <= H nats, else the top ceil(exp(H(r))) experts", "varies"),
+    StrategyForm("gated-K@A", r"gated-(\d+)@([0-9.]+)", _gated,
+                 "top-K, but top-1 where a routed expert's velocity is more than A degrees from the top "
+                 "expert's (needs the analysis sampler: `ddmkit analyze`)", "K + probes"),
+]
+STRATEGY_FORMS = ", ".join(s.form for s in STRATEGIES)
+
+
+def parse_strategy(spec: str) -> Strategy:
+    """A strategy object from its name, e.g. 'top-2', 'nucleus-0.9@0.5'."""
+    for entry in STRATEGIES:
+        m = re.fullmatch(entry.pattern, spec.strip())
+        if m:
+            try:
+                return entry.build(*[g for g in m.groups() if g is not None])
+            except ValueError as e:
+                raise DDMError(f"strategy {spec!r}: {e}") from None
+    raise DDMError(f"unknown routing strategy {spec!r}; accepted forms: {STRATEGY_FORMS}")
+
+
+def markdown_table() -> str:
+    """The strategy table of docs/routing.md."""
+    rows = ["| name | weights | expert calls per evaluation |", "|---|---|---|"]
+    rows += [f"| `{s.form}` | {s.description} | {s.expert_calls} |" for s in STRATEGIES]
+    return "\n".join(rows)
