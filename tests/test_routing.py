@@ -100,3 +100,37 @@ def test_unknown_strategies_name_the_accepted_forms():
     for bad in ("top-0", "best-2", "threshold-1.5", "nucleus-0.9@0"):
         with pytest.raises(DDMError, match="top-K|must"):
             parse_strategy(bad)
+
+
+def test_one_table_parses_documents_and_validates_every_strategy():
+    """docs/routing.md holds the table's own rendering; a strategy added to the table is accepted by
+    the parser and by config validation, and listed in messages."""
+    from pathlib import Path
+
+    from ddmkit.config import SampleConfig
+    from ddmkit.errors import DDMError
+    from ddmkit.routing import STRATEGIES, Strategy, StrategyForm, parse_strategy
+    from ddmkit.routing.table import markdown_table
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "routing.md").read_text()
+    assert markdown_table() in docs
+    for entry in STRATEGIES:  # every row's form parses once its placeholders are filled in
+        example = entry.form.replace("K@A", "2@30").replace("[@T]", "").replace("K", "2").replace("P", "0.5")
+        parse_strategy(example.replace("-H", "-0.5"))
+
+    class Greedy(Strategy):
+        name = "greedy"
+
+        def weights(self, probs, state):
+            return (probs == probs.amax(1, keepdim=True)).to(probs.dtype)
+
+    with pytest.raises(DDMError, match="unknown routing strategy 'greedy'"):
+        SampleConfig(strategies=["greedy"])
+    STRATEGIES.append(StrategyForm("greedy", r"greedy", lambda: Greedy(), "the argmax, weight 1", "1"))
+    try:
+        assert isinstance(parse_strategy("greedy"), Greedy) and SampleConfig(strategies=["greedy"])
+        with pytest.raises(DDMError, match="accepted forms: .*greedy"):
+            parse_strategy("nope")
+        assert "`greedy`" in markdown_table()
+    finally:
+        STRATEGIES.pop()

@@ -13,15 +13,22 @@ single-field sampling), SpeedOptions (GPU speed options), load_config and RunCon
 run configuration), run_pipeline (every stage of a run), GaussianMixture (exact truth),
 STRATEGIES and parse_strategy (routing strategies), DDMError (bad input).
 """
-from ddmkit.accel import SpeedOptions
-from ddmkit.config import RunConfig, load_config
 from ddmkit.conventions import TIME_CONVENTION, __version__
-from ddmkit.ddm import DDM, exact_ddm, load_ddm, sample_ddm, sample_single, start_noise
 from ddmkit.errors import DDMError
-from ddmkit.pipeline.run import run_pipeline
-from ddmkit.routing import STRATEGIES, parse_strategy
-from ddmkit.truth import GaussianMixture
 
-__all__ = ["DDM", "DDMError", "GaussianMixture", "RunConfig", "STRATEGIES", "SpeedOptions", "TIME_CONVENTION",
-           "__version__", "exact_ddm", "load_config", "load_ddm", "parse_strategy", "run_pipeline", "sample_ddm",
-           "sample_single", "start_noise"]
+# The rest loads on first use, so `import ddmkit.cli` (and `ddmkit --help`) stays quick.
+_PUBLIC = {
+    "DDM": "ddmkit.ddm", "exact_ddm": "ddmkit.ddm", "load_ddm": "ddmkit.ddm", "sample_ddm": "ddmkit.ddm",
+    "sample_single": "ddmkit.ddm", "start_noise": "ddmkit.ddm", "SpeedOptions": "ddmkit.accel",
+    "RunConfig": "ddmkit.config", "load_config": "ddmkit.config", "run_pipeline": "ddmkit.pipeline.run",
+    "STRATEGIES": "ddmkit.routing", "parse_strategy": "ddmkit.routing", "GaussianMixture": "ddmkit.truth",
+}
+__all__ = ["DDMError", "TIME_CONVENTION", "__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'ddmkit' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

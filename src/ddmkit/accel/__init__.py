@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 
 from ddmkit.accel.graphs import GraphedCall, graphs_per_expert, shared_graphs
-from ddmkit.accel.padding import padded
-from ddmkit.accel.streams import concurrent_caller
+from ddmkit.accel.padding import bucket_size, padded
+from ddmkit.accel.streams import CONCURRENT_MAX_ROWS, CONCURRENT_MIN_ROWS, call_concurrently, concurrent_caller
 
 
 @dataclass(frozen=True)
@@ -77,4 +77,6 @@ def autocast(options: SpeedOptions, device) -> contextlib.AbstractContextManager
     return torch.autocast(torch.device(device).type, dtype=getattr(torch, options.autocast))
 
 
-__all__ = ["Accelerated", "GraphedCall", "SpeedOptions", "accelerate", "accelerate_field", "autocast"]
+__all__ = ["Accelerated", "CONCURRENT_MAX_ROWS", "CONCURRENT_MIN_ROWS", "GraphedCall", "SpeedOptions", "accelerate",
+           "accelerate_field", "autocast", "bucket_size", "call_concurrently", "concurrent_caller", "graphs_per_expert",
+           "padded", "shared_graphs"]

@@ -19,7 +19,7 @@ TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "ema_decay")
 def _summary(config: dict) -> dict:
     train = config.get("train", {})
     return {"arch": config.get("arch"), "kwargs": config.get("kwargs", {}),
-            "prediction": config.get("prediction", "velocity"), **{key: train.get(key) for key in TRAIN_KEYS}}
+            "prediction": config.get("prediction", "-"), **{key: train.get(key) for key in TRAIN_KEYS}}
 
 
 def _expected(cfg: RunConfig, data_shape: list) -> dict:

@@ -1,7 +1,7 @@
 """Every routing strategy, in one table: name forms, parsing, documentation.
 
     strategy = parse_strategy("top-2")       # a strategy object (ddmkit.routing.strategies / adaptive)
-    STRATEGY_FORMS                           # "full, top-K, ..." for messages and --help
+    strategy_forms()                         # "full, top-K, ..." for messages and --help
     markdown_table()                         # the table in docs/routing.md
 
 Configs, the command line and the docs all read this table, so a strategy
@@ -89,7 +89,14 @@ STRATEGIES: list[StrategyForm] = [
                  "top-K, but top-1 where a routed expert's velocity is more than A degrees from the top "
                  "expert's (needs the analysis sampler: `ddmkit analyze`)", "K + probes"),
 ]
-STRATEGY_FORMS = ", ".join(s.form for s in STRATEGIES)
+
+
+def strategy_forms() -> str:
+    """The accepted name forms, for messages: 'full, top-K, ...'."""
+    return ", ".join(s.form for s in STRATEGIES)
+
+
+STRATEGY_FORMS = strategy_forms()  # as the table is shipped (for --help texts)
 
 
 def parse_strategy(spec: str) -> Strategy:
@@ -101,7 +108,7 @@ def parse_strategy(spec: str) -> Strategy:
                 return entry.build(*[g for g in m.groups() if g is not None])
             except ValueError as e:
                 raise DDMError(f"strategy {spec!r}: {e}") from None
-    raise DDMError(f"unknown routing strategy {spec!r}; accepted forms: {STRATEGY_FORMS}")
+    raise DDMError(f"unknown routing strategy {spec!r}; accepted forms: {strategy_forms()}")
 
 
 def markdown_table() -> str:

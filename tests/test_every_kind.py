@@ -1,0 +1,149 @@
+"""`ddmkit sample`, `evaluate` and `analyze` on every kind of run, through the command line: an
+image run (the tiny Fashion-MNIST config on a small IDX folder) and a text run (two obvious
+clusters, letters and digits, so the alignment answer is known)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddmkit.config import RunConfig, load_config, validate
+from ddmkit.io import load_tensors
+from ddmkit.layout import RunFolder
+from ddmkit.pipeline.run import run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DDMKIT_QUIET": "1"}
+    return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    from test_images import write_idx_set
+
+    root = tmp_path_factory.mktemp("images")
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
+    raw["data"]["params"] = {"dir": str(write_idx_set(root / "fm", 160, 48))}
+    raw["sample"].update(n=16, steps=2, strategies=["monolith", "top-1"], guidance_sweep=[], stats_router_strategies=[])
+    run_pipeline(validate(RunConfig, raw), root / "run", stages="train", log=lambda m: None)
+    return root / "run"
+
+
+def test_sample_evaluate_and_analyze_an_image_run(image_run):
+    done = cli("sample", image_run, "--strategy", "top-2", "--strategy", "monolith", "--n", "12", "--guidance", "2")
+    assert done.returncode == 0, done.stderr
+    folder = RunFolder(image_run)
+    infos = json.loads(folder.sample_info.read_text())
+    assert infos["top-2"]["guidance"] == 2.0 and infos["top-2"]["expert_calls_per_sample"] == 2 * 2  # K = 2 experts x 2 steps
+    x = load_tensors(folder.sample_set("top-2"))["x"]
+    assert x.shape == (12, 1, 28, 28) and x.abs().max() <= 1  # images, clamped to [-1, 1]
+    labels = load_tensors(folder.sample_labels)["y"]
+    assert labels.shape == (12,) and int(labels.max()) < 10  # class-conditional experts: labels drawn and kept
+    done = cli("evaluate", image_run)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(folder.metrics.read_text())["rows"]
+    assert {"train images (floor)", "top-2", "monolith"} <= set(rows)
+    assert all(torch.isfinite(torch.tensor(rows[name]["fid"])) for name in ("top-2", "monolith"))
+    assert "## Networks" in folder.report.read_text()
+    done = cli("analyze", image_run, "--strategy", "top-1", "--strategy", "top-2", "--strategy", "full",
+               "--n", "6", "--max-steps", "1", "--jvp-rows", "2")
+    assert done.returncode == 0, done.stderr
+    analysis = json.loads((folder.analysis / "analysis.json").read_text())
+    assert analysis["quality_name"] == "NN distance" and set(analysis["strategies"]) == {"top-1", "top-2", "full"}
+
+
+def test_the_report_flags_an_expert_trained_with_other_settings(image_run, tmp_path):
+    """A run collected from experts trained elsewhere: the report reads each folder's own config."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(image_run, copy)
+    path = RunFolder(copy).expert(1) / "config.json"
+    config = json.loads(path.read_text())
+    config["train"]["steps"] = 99
+    path.write_text(json.dumps(config))
+    (copy / "registry.json").unlink()  # the change is intended: the experts come from elsewhere
+    from ddmkit.pipeline.models import describe_models
+    from ddmkit.pipeline.prepare import run_config
+
+    rows, notes = describe_models(copy, run_config(copy))
+    assert [r[0] for r in rows if r[-1] != "-"] == ["expert 1"] and "steps (99, config 4)" in notes[0]
+    assert rows[0][3] == 4 and rows[1][3] == 99  # steps as each folder recorded them
+
+
+TEXT = """
+kind = "text_ar"
+threads = 1
+[corpus]
+source = "{source}"
+pattern = "*.txt"
+min_doc_bytes = 32
+test_fraction = 0.2
+[partition]
+k = 2
+[model]
+seq_len = 24
+width = 32
+depth = 1
+heads = 2
+[expert.train]
+steps = 60
+batch_size = 16
+lr = 3e-3
+warmup = 5
+ema_decay = 0.5
+device = "cpu"
+[router]
+kinds = ["bayes", "learned"]
+width = 16
+[router.train]
+steps = 30
+batch_size = 16
+warmup = 5
+ema_decay = 0.5
+device = "cpu"
+[centralized]
+enabled = false
+[evaluate]
+windows_per_cluster = 6
+strategies = ["full", "top-1"]
+[sample]
+n = 2
+"""
+
+
+def test_sample_evaluate_and_analyze_a_text_run(tmp_path):
+    from test_discrete_pipeline import make_corpus
+
+    make_corpus(tmp_path)
+    config = tmp_path / "text.toml"
+    config.write_text(TEXT.format(source=tmp_path))
+    run = tmp_path / "run"
+    done = cli("run", config, "--out", run)
+    assert done.returncode == 0, done.stderr
+    done = cli("sample", run, "--strategy", "top-1", "--n", "3", "--seed", "5")
+    assert done.returncode == 0, done.stderr
+    texts = json.loads((run / "samples" / "text.json").read_text())
+    assert set(texts) == {"bayes / top-1", "learned / top-1"} and all(len(v) == 3 for v in texts.values())
+    (run / "report.md").unlink()
+    done = cli("evaluate", run)
+    assert done.returncode == 0, done.stderr
+    assert (run / "report.md").read_text().startswith("# Decentralized text model")
+    done = cli("analyze", run)
+    assert done.returncode == 0, done.stderr
+    analysis = json.loads((run / "analysis" / "analysis.json").read_text())
+    bits = analysis["bits_per_byte"]
+    # letters and digits: each expert knows its own cluster and not the other one's
+    assert bits[0][0] < bits[1][0] and bits[1][1] < bits[0][1]
+    assert all(own < other for own, other in zip(analysis["own_expert"], analysis["other_experts_mean"]))
+    bayes = analysis["own_cluster_weight"]["bayes / top-1"]["weight"]
+    assert bayes[-1] == 1.0  # a whole window tells letters from digits: all weight on the own expert
+    missing = cli("sample", tmp_path / "nothing", "--strategy", "top-1")
+    assert missing.returncode == 2 and "config.json" in missing.stderr
