@@ -82,14 +82,14 @@ def test_ar_pipeline_end_to_end(tmp_path):
     assert report["router_accuracy"]["bayes"][23] == 1.0  # a whole window tells letters from digits
     assert report["compute"]["decentralized_train_tokens"] == report["compute"]["centralized_train_tokens"]
     assert (tmp_path / "out" / "report.md").read_text().startswith("# Decentralized text model")
-    for folder in ("experts/cluster_00", "experts/cluster_01", "centralized", "router"):
+    for folder in ("experts/expert_00", "experts/expert_01", "monolith", "router"):
         assert {p.name for p in (tmp_path / "out" / folder).iterdir()} == {
             "config.json", "model.safetensors", "train_log.jsonl"}
     again = run_text(config, tmp_path / "out")  # every stage reused: the same numbers
     assert again["bits_per_byte"] == bpb and again["seconds"]["train"] < report["seconds"]["train"]
     fresh = run_text(config, tmp_path / "out2")  # same seed, same bytes
     assert fresh["bits_per_byte"] == bpb and fresh["samples"] == report["samples"]
-    weights = "experts/cluster_01/model.safetensors"
+    weights = "experts/expert_01/model.safetensors"
     assert (tmp_path / "out" / weights).read_bytes() == (tmp_path / "out2" / weights).read_bytes()
 
 

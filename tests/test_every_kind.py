@@ -147,3 +147,39 @@ def test_sample_evaluate_and_analyze_a_text_run(tmp_path):
     assert bayes[-1] == 1.0  # a whole window tells letters from digits: all weight on the own expert
     missing = cli("sample", tmp_path / "nothing", "--strategy", "top-1")
     assert missing.returncode == 2 and "config.json" in missing.stderr
+
+
+def test_a_text_run_step_by_step_equals_the_whole_run(tmp_path):
+    """partition, one isolated job per expert shard, router, registry: the same bytes as `ddmkit run`."""
+    from test_discrete_pipeline import make_corpus
+
+    make_corpus(tmp_path)
+    config = tmp_path / "text.toml"
+    config.write_text(TEXT.format(source=tmp_path))
+    whole, steps = tmp_path / "whole", tmp_path / "steps"
+    assert cli("run", config, "--out", whole).returncode == 0
+    assert cli("partition", "--config", config, "--out", steps).returncode == 0
+    for k in (0, 1):
+        done = cli("train-expert", steps / "partition" / "shards" / f"cluster_{k:02d}.safetensors",
+                   "--config", steps / "config.json", "--out", steps / "experts" / f"expert_{k:02d}")
+        assert done.returncode == 0, done.stderr
+    assert cli("train-router", steps).returncode == 0
+    done = cli("train-monolith", steps)
+    assert done.returncode == 2 and "centralized.enabled" in done.stderr
+    assert cli("register", steps).returncode == 0 and cli("verify", steps).returncode == 0
+    for rel in ("experts/expert_00/model.safetensors", "experts/expert_01/model.safetensors",
+                "router/model.safetensors"):
+        assert (steps / rel).read_bytes() == (whole / rel).read_bytes(), rel
+    (steps / "experts" / "expert_01" / "model.safetensors").write_bytes((whole / "router" / "model.safetensors").read_bytes())
+    done = cli("verify", steps)
+    assert done.returncode == 2 and "SHA-256" in done.stderr
+
+
+def test_a_missing_stage_names_the_command_that_makes_it(tmp_path):
+    run = tmp_path / "run"
+    assert cli("partition", "--config", ROOT / "tests" / "configs" / "tiny.toml", "--out", run).returncode == 0
+    for args, command in ((("sample", run), "ddmkit launch"), (("evaluate", run), "ddmkit sample"),
+                          (("train-router", tmp_path / "empty"), "ddmkit partition"),
+                          (("verify", run), "ddmkit register")):
+        done = cli(*args)
+        assert done.returncode == 2 and command in done.stderr, (args, done.stderr)

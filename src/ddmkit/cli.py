@@ -46,11 +46,18 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
               k: Optional[int] = typer.Option(None, help="number of clusters (overrides config)"),
               seed: Optional[int] = typer.Option(None, help="seed for data and k-means (overrides config)"),
               force: bool = typer.Option(False, help="replace a folder that holds a different run")):
-    """Load the data, cluster it into K shards, write shards and a manifest."""
+    """Load the data, cluster it into K shards, write shards and a manifest (text configs: the corpus)."""
     from ddmkit.config import RunConfig, validate
     from ddmkit.pipeline.prepare import prepare_run_dir
     from ddmkit.pipeline.stages import stage_data, stage_partition
 
+    if config is not None and _text_kind(config):
+        from ddmkit.pipeline.text import partition_text_run
+
+        if data is not None or k is not None:
+            raise DDMError("--data and --k: set corpus.source and partition.k in the text config instead")
+        partition_text_run(config, out, force, seed, log)
+        return
     cfg = _config(config).with_seed(seed).model_dump()
     if data is not None:
         cfg["data"]["name"] = data
@@ -80,6 +87,15 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
     from ddmkit.config import ExpertConfig, validate
     from ddmkit.train.jobs import train_expert
 
+    if config is not None and (_text_kind(config) or _text_run(config.parent)):
+        from ddmkit.pipeline.text import read_text_config, train_text_expert
+
+        if seed is not None or checkpoint_every is not None:
+            raise DDMError("--seed and --checkpoint-every: text experts take expert.train.seed from the text config "
+                           "(seed + cluster) and train without checkpoints")
+        train_text_expert(shard, read_text_config(config), out)
+        log(f"expert written to {out}")
+        return
     cfg = _config(config).expert
     upd = {k: v for k, v in (("seed", seed), ("checkpoint_every", checkpoint_every)) if v is not None}
     cfg = validate(ExpertConfig, {**cfg.model_dump(), "train": {**cfg.train.model_dump(), **upd}}, "options")
@@ -91,9 +107,15 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
 def train_router_cmd(run: Path = typer.Argument(..., help="run folder with partition/"),
                      config: Optional[Path] = typer.Option(None, help="TOML config (default: the run's)"),
                      seed: Optional[int] = typer.Option(None, help="training seed (overrides config)")):
-    """Train the router p(cluster | x_t, t) on noised shard data."""
+    """Train the router p(cluster | x_t, t) on noised shard data (text runs: on windows of the shards)."""
     from ddmkit.pipeline.stages import stage_router
 
+    if _text_run(run):
+        from ddmkit.pipeline.text import train_text_router
+
+        _no_text_overrides(config, seed)
+        train_text_router(run, log)
+        return
     cfg = _config(config, run)
     stage_router(cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)}), run, log)
 
@@ -102,9 +124,15 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
 def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with partition/"),
                        config: Optional[Path] = typer.Option(None, help="TOML config (default: the run's)"),
                        seed: Optional[int] = typer.Option(None, help="training seed (overrides config)")):
-    """Train the FLOP-matched monolith baseline on all shards."""
+    """Train the FLOP-matched monolith baseline on all shards (text runs: the centralized model)."""
     from ddmkit.pipeline.stages import stage_monolith
 
+    if _text_run(run):
+        from ddmkit.pipeline.text import train_text_monolith
+
+        _no_text_overrides(config, seed)
+        train_text_monolith(run, log)
+        return
     cfg = _config(config, run)
     stage_monolith(cfg.model_copy(update={"expert": _with_train_seed(cfg.expert, seed)}), run, log)
 
@@ -237,6 +265,16 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
     from ddmkit.launch import check_backend
 
     check_backend(backend)
+    if _text_run(run_dir):
+        from ddmkit.pipeline.text import train_text_experts
+        from ddmkit.registry import write_registry
+
+        if backend != "inline":
+            raise DDMError(f"--backend {backend}: text experts train inline, or one per node with "
+                           "`ddmkit launch RUN --emit slurm`; use --backend inline")
+        train_text_experts(run_dir, log)
+        write_registry(run_dir)
+        return
     cfg = run_config(run_dir)
     stage_experts(cfg, run_dir, log, backend, workers, address)
     stage_registry(cfg, run_dir, log)
@@ -295,6 +333,11 @@ def _text_kind(config: Path) -> bool:
     from ddmkit.discrete.config import is_text_config
 
     return is_text_config(config)
+
+
+def _no_text_overrides(config: Optional[Path], seed: Optional[int]) -> None:
+    if config is not None or seed is not None:
+        raise DDMError("--config and --seed: a text run trains with the config it was made with (RUN/config.json)")
 
 
 def _text_run(run: Path) -> bool:

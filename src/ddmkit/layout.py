@@ -10,8 +10,8 @@
     RUN/eval/                     cached evaluation features and per-set scores
     RUN/report.md, metrics.json, plots/, analysis/
 
-Text runs (byte-level tokens) keep the same top level with their own model folders:
-experts/cluster_XX/, centralized/, router/, and report.json beside report.md.
+Text runs (byte-level tokens) have the same folders (monolith/ is their centralized model, with
+the experts' total compute), byte streams in the shards, no data/, and report.json beside report.md.
 
     run = RunFolder("runs/ring")
     run.expert(3)                 # runs/ring/experts/expert_03

@@ -71,7 +71,7 @@ class PartitionManifest(_Loose):
     counts: list[int]
     shards: list[ShardEntry]
     features: Any
-    data_shape: list[int] = Field(min_length=1)
+    data_shape: list[int]  # [] for text (byte streams)
     data_hash: str | None = None
 
 
@@ -120,6 +120,9 @@ def load_partition_checked(folder: str | Path) -> tuple[dict, dict[str, torch.Te
     every shard path checked to stay inside the folder."""
     folder = Path(folder)
     source = folder / "manifest.json"
+    if not source.exists():
+        raise DDMError(f"{folder.parent}: no partition yet (partition/manifest.json); run `ddmkit partition "
+                       f"--config CONFIG --out {folder.parent}` first")
     m = _validated(PartitionManifest, read_json(source), str(source))
     if len(m.shards) != m.k or len(m.counts) != m.k or sorted(s.cluster for s in m.shards) != list(range(m.k)):
         raise DDMError(f"{source}: k = {m.k} but the manifest lists {len(m.shards)} shards and {len(m.counts)} "
@@ -226,6 +229,8 @@ def verify_registry(run: str | Path, allow_missing: bool = True) -> dict:
     """
     run = Path(run)
     source = run / REGISTRY
+    if not source.exists():
+        raise DDMError(f"{run}: no registry yet ({REGISTRY}); run `ddmkit register {run}` first")
     reg = _validated(Registry, read_json(source), str(source))
     if reg.time_convention != TIME_CONVENTION:
         raise DDMError(f"{source}: time convention {reg.time_convention!r} differs from ddmkit's {TIME_CONVENTION!r}")

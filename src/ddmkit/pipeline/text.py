@@ -31,12 +31,14 @@ from ddmkit.discrete.corpus import load_corpus, split_documents
 from ddmkit.discrete.dfm import dfm_loss, mask_path
 from ddmkit.discrete.evaluate import evaluate_ar, evaluate_dfm, samples_ar, samples_dfm
 from ddmkit.discrete.report import write_report
+from ddmkit.data.partition import read_shard
 from ddmkit.discrete.shards import cluster_prior, load_streams, mixed_windows, partition_text, sample_windows
 from ddmkit.discrete.tokens import NUM_BYTES
 from ddmkit.errors import DDMError
-from ddmkit.io import read_json, staging_dir, write_bytes_atomic, write_json
+from ddmkit.io import read_json, sha256_file, staging_dir, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, from_pretrained, save_pretrained
+from ddmkit.registry import write_registry
 from ddmkit.tables import markdown_table
 from ddmkit.train.loop import fit
 
@@ -90,8 +92,8 @@ def train_or_load(folder: Path, digest: str, arch: str, kwargs: dict, loss: Call
     if (folder / "config.json").exists() and read_json(folder / "config.json").get("run_digest") == digest:
         return from_pretrained(folder)[0]
     if not train:
-        raise DDMError(f"{folder} is missing or was trained with other settings; run `ddmkit run CONFIG --out "
-                       f"{folder.parent if folder.parent.name != 'experts' else folder.parent.parent}` first")
+        raise DDMError(f"{folder} is missing or was trained with other settings; train it with `ddmkit run "
+                       "CONFIG --out RUN` (or the matching `ddmkit train-*` command)")
     with staging_dir(folder) as tmp:
         torch.manual_seed(train_cfg.seed)  # the initial weights too: same seed, same bytes
         model = build_model(arch, **kwargs)
@@ -102,7 +104,9 @@ def train_or_load(folder: Path, digest: str, arch: str, kwargs: dict, loss: Call
 
 
 def partition_stage(cfg: TextRunConfig, out: Path) -> dict:
-    folder, digest = out / "partition", cfg.digest("corpus", "partition")
+    """The corpus split into train and held-out documents and clustered (reused when done with the
+    same settings)."""
+    folder, digest = RunFolder(out).partition, cfg.digest("corpus", "partition")
     if (folder / "manifest.json").exists() and read_json(folder / "manifest.json").get("run_digest") == digest:
         return read_json(folder / "manifest.json")
     train, test = split_documents(load_corpus(cfg.corpus), cfg.corpus.test_fraction, cfg.corpus.seed)
@@ -126,13 +130,18 @@ def text_config(run) -> TextRunConfig:
     return validate(TextRunConfig, read_json(folder.config)["config"], str(folder.config))
 
 
-def run_text(config_path: str | Path, out_dir: str | Path | None = None, force: bool = False,
-             seed: int | None = None, log: Log = print) -> dict:
-    """Run a text pipeline from its TOML config; returns the report dict
-    (also written to out_dir/report.json and out_dir/report.md). `seed`
-    overrides every seed of the config (TextRunConfig.with_seed)."""
-    cfg = load_text_config(config_path).with_seed(seed)
-    out = Path(out_dir) if out_dir else Path("runs") / Path(config_path).stem
+def read_text_config(path: str | Path) -> TextRunConfig:
+    """A text config from a TOML file or from a text run's config.json."""
+    path = Path(path)
+    if path.suffix == ".json":
+        if not is_text_run(path.parent) or path.name != "config.json":
+            raise DDMError(f"{path} is not a text run's config.json")
+        return text_config(path.parent)
+    return load_text_config(path)
+
+
+def prepare_text_run(cfg: TextRunConfig, out: Path, force: bool = False) -> Path:
+    """Create RUN/ for a text config (RUN/config.json), or reuse it."""
     folder = RunFolder(out)
     if force and out.exists():
         shutil.rmtree(out)
@@ -141,7 +150,57 @@ def run_text(config_path: str | Path, out_dir: str | Path | None = None, force: 
     if not folder.config.exists() and out.exists() and any(out.iterdir()):
         raise DDMError(f"{out} exists and is not a ddmkit run folder; choose another --out or pass --force")
     write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
+    return out
+
+
+def run_text(config_path: str | Path, out_dir: str | Path | None = None, force: bool = False,
+             seed: int | None = None, log: Log = print) -> dict:
+    """Run a text pipeline from its TOML config; returns the report dict
+    (also written to out_dir/report.json and out_dir/report.md). `seed`
+    overrides every seed of the config (TextRunConfig.with_seed)."""
+    cfg = load_text_config(config_path).with_seed(seed)
+    out = prepare_text_run(cfg, Path(out_dir) if out_dir else Path("runs") / Path(config_path).stem, force)
     return run_text_config(cfg, out, log)
+
+
+def partition_text_run(config_path: str | Path, out: str | Path, force: bool = False, seed: int | None = None,
+                       log: Log = print) -> dict:
+    """The partition stage alone: RUN/partition with one shard per cluster (`ddmkit partition`)."""
+    cfg = load_text_config(config_path).with_seed(seed)
+    manifest = partition_stage(cfg, prepare_text_run(cfg, Path(out), force))
+    log(f"partition: k={manifest['k']}, cluster sizes {manifest['counts']} documents")
+    return manifest
+
+
+def _train_streams(run) -> list:
+    folder = RunFolder(run)
+    if not folder.manifest.exists():
+        raise DDMError(f"{folder.root}: no partition yet; run `ddmkit partition --config CONFIG --out {folder.root}` first")
+    return load_streams(folder.partition, "train")[1]
+
+
+def train_text_router(run, log: Log = print) -> None:
+    """The learned router of a text run (`ddmkit train-router RUN`)."""
+    cfg = text_config(run)
+    text_routers(cfg, Path(run), _train_streams(run))
+    log(f"router: {RunFolder(run).router}")
+
+
+def train_text_monolith(run, log: Log = print) -> None:
+    """The centralized model of a text run (`ddmkit train-monolith RUN`)."""
+    cfg = text_config(run)
+    if text_monolith(cfg, Path(run), _train_streams(run)) is None:
+        raise DDMError(f"{run}: centralized.enabled is false in this run's config; nothing to train")
+    log(f"monolith: {RunFolder(run).monolith}")
+
+
+def train_text_experts(run, log: Log = print) -> None:
+    """Every expert of a text run not yet trained, one after another, each on its shard alone."""
+    cfg, folder = text_config(run), RunFolder(run)
+    _train_streams(run)
+    for s in sorted(read_json(folder.manifest)["shards"], key=lambda s: s["cluster"]):
+        train_text_expert(folder.partition / s["path"], cfg, folder.expert(s["cluster"]))
+        log(f"expert {s['cluster']}: {folder.expert(s['cluster'])}")
 
 
 @dataclass
@@ -157,56 +216,86 @@ class TextModels:
     seconds: float
 
 
-def text_models(cfg: TextRunConfig, out: Path, train: bool = True) -> TextModels:
-    """Partition, experts, centralized model and routers: loaded where written with the same settings,
-    trained otherwise (train=False: a missing one is an error)."""
-    task = TASKS[cfg.kind]
+def _network(cfg: TextRunConfig) -> dict:
+    m = cfg.model
+    return {"seq_len": m.seq_len, "out_dim": NUM_BYTES, "width": m.width, "depth": m.depth, "heads": m.heads}
+
+
+def train_text_expert(shard: str | Path, cfg: TextRunConfig, out_dir: str | Path, train: bool = True) -> torch.nn.Module:
+    """One expert on one shard file, in isolation: it reads that file and nothing else (the island's
+    job; `ddmkit train-expert SHARD --config TEXT.toml --out FOLDER`). Every text job runs on
+    cfg.threads CPU threads, so its bytes do not depend on where it runs."""
     torch.set_num_threads(cfg.threads)
-    start = time.perf_counter()
-    if not train and not (out / "partition" / "manifest.json").exists():
-        raise DDMError(f"{out}: no partition yet; run `ddmkit run CONFIG --out {out}` first")
-    manifest = partition_stage(cfg, out)
-    _, streams = load_streams(out / "partition", "train")
-    _, test_streams = load_streams(out / "partition", "test")
-    k, m, tr = manifest["k"], cfg.model, cfg.expert.train
-    prior = cluster_prior(streams)
-    net = {"seq_len": m.seq_len, "out_dim": NUM_BYTES, "width": m.width, "depth": m.depth, "heads": m.heads}
+    task, tr, m = TASKS[cfg.kind], cfg.expert.train, cfg.model
+    stream, _, meta = read_shard(shard)
+    c = int(meta.get("cluster", -1))
+    if c < 0:
+        raise DDMError(f"{shard}: not a text shard (no cluster in its metadata); run `ddmkit partition` first")
     base = cfg.digest("corpus", "partition", "model", "expert")
+    loss = lambda model, g: task.expert_loss(model, sample_windows(stream, m.seq_len, tr.batch_size, g), g)
+    meta = {"role": f"{task.role} expert", "cluster": c, "k": int(meta.get("k", 0)), "shard_sha256": sha256_file(shard),
+            "data_hash": meta.get("data_hash"), **task.meta}
+    return train_or_load(Path(out_dir), f"{base}-{c}", task.expert_arch, _network(cfg), loss,
+                         tr.model_copy(update={"seed": tr.seed + c}), meta, f"expert {c + 1}/{meta['k']}", train)
 
-    experts = []
-    for c in range(k):
-        loss = lambda model, g, s=streams[c]: task.expert_loss(model, sample_windows(s, m.seq_len, tr.batch_size, g), g)
-        experts.append(train_or_load(out / "experts" / f"cluster_{c:02d}", f"{base}-{c}", task.expert_arch, net,
-                                     loss, tr.model_copy(update={"seed": tr.seed + c}),
-                                     {"role": f"{task.role} expert", "cluster": c, **task.meta},
-                                     f"expert {c + 1}/{k}", train))
 
-    central = None
-    if cfg.centralized.enabled:
-        steps = cfg.centralized.steps or k * tr.steps
-        loss = lambda model, g: task.expert_loss(model, mixed_windows(streams, m.seq_len, tr.batch_size, g)[0], g)
-        central = train_or_load(out / "centralized", f"{base}-{cfg.digest('centralized')}", task.expert_arch, net,
-                                loss, tr.model_copy(update={"steps": steps}),
-                                {"role": f"{task.role} centralized", **task.meta}, "centralized", train)
+def text_monolith(cfg: TextRunConfig, out: Path, streams: list, train: bool = True) -> torch.nn.Module | None:
+    """The centralized model on all clusters with the experts' total compute (None when disabled)."""
+    if not cfg.centralized.enabled:
+        return None
+    torch.set_num_threads(cfg.threads)
+    task, tr, m = TASKS[cfg.kind], cfg.expert.train, cfg.model
+    steps = cfg.centralized.steps or len(streams) * tr.steps
+    base = cfg.digest("corpus", "partition", "model", "expert")
+    loss = lambda model, g: task.expert_loss(model, mixed_windows(streams, m.seq_len, tr.batch_size, g)[0], g)
+    return train_or_load(RunFolder(out).monolith, f"{base}-{cfg.digest('centralized')}", task.expert_arch,
+                         _network(cfg), loss, tr.model_copy(update={"steps": steps}),
+                         {"role": f"{task.role} centralized", **task.meta}, "centralized", train)
 
+
+def text_routers(cfg: TextRunConfig, out: Path, streams: list, train: bool = True) -> dict:
+    """name -> router: "bayes" (None: the exact posterior from the experts' likelihoods) and the
+    learned one, trained on windows labelled by their cluster."""
+    torch.set_num_threads(cfg.threads)
+    task, m = TASKS[cfg.kind], cfg.model
     routers: dict[str, torch.nn.Module | None] = {}
     for kind in cfg.router.kinds:
         if kind == "bayes":
             routers["bayes"] = None
             continue
         r, rt = cfg.router, cfg.router.train
-        kwargs = {"seq_len": m.seq_len, "out_dim": k, "width": r.width, "depth": r.depth, "heads": r.heads,
-                  **task.router_kwargs}
+        kwargs = {"seq_len": m.seq_len, "out_dim": len(streams), "width": r.width, "depth": r.depth,
+                  "heads": r.heads, **task.router_kwargs}
         loss = lambda model, g: task.router_loss(model, *mixed_windows(streams, m.seq_len, rt.batch_size, g), g)
-        routers["learned"] = train_or_load(out / "router", cfg.digest("corpus", "partition", "model", "router"),
+        routers["learned"] = train_or_load(RunFolder(out).router, cfg.digest("corpus", "partition", "model", "router"),
                                            task.router_arch, kwargs, loss, rt,
-                                           {"role": f"{task.role} router", "num_experts": k, **task.meta}, "router",
-                                           train)
-    return TextModels(experts, central, routers, prior, manifest, test_streams, time.perf_counter() - start)
+                                           {"role": f"{task.role} router", "num_experts": len(streams), "k": len(streams),
+                                            **task.meta}, "router", train)
+    return routers
+
+
+def text_models(cfg: TextRunConfig, out: Path, train: bool = True) -> TextModels:
+    """Partition, experts, centralized model and routers: loaded where written with the same settings,
+    trained otherwise (train=False: a missing one is an error)."""
+    torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    folder = RunFolder(out)
+    if not train and not folder.manifest.exists():
+        raise DDMError(f"{out}: no partition yet; run `ddmkit run CONFIG --out {out}` first")
+    manifest = partition_stage(cfg, out)
+    _, streams = load_streams(folder.partition, "train")
+    _, test_streams = load_streams(folder.partition, "test")
+    experts = [train_text_expert(folder.partition / s["path"], cfg, folder.expert(s["cluster"]), train)
+               for s in sorted(manifest["shards"], key=lambda s: s["cluster"])]
+    central = text_monolith(cfg, out, streams, train)
+    routers = text_routers(cfg, out, streams, train)
+    return TextModels(experts, central, routers, cluster_prior(streams), manifest, test_streams,
+                      time.perf_counter() - start)
 
 
 def run_text_config(cfg: TextRunConfig, out: Path, log: Log = print) -> dict:
     models = text_models(cfg, out)
+    write_registry(out)
     log(f"text models: {len(models.experts)} experts, centralized and routers ready in {models.seconds:.1f}s")
     return write_text_report(cfg, out, models, models.seconds, log)
 
