@@ -78,53 +78,20 @@ def test_the_report_flags_an_expert_trained_with_other_settings(image_run, tmp_p
     assert rows[0][3] == 4 and rows[1][3] == 99  # steps as each folder recorded them
 
 
-TEXT = """
-kind = "text_ar"
-threads = 1
-[corpus]
-source = "{source}"
-pattern = "*.txt"
-min_doc_bytes = 32
-test_fraction = 0.2
-[partition]
-k = 2
-[model]
-seq_len = 24
-width = 32
-depth = 1
-heads = 2
-[expert.train]
-steps = 60
-batch_size = 16
-lr = 3e-3
-warmup = 5
-ema_decay = 0.5
-device = "cpu"
-[router]
-kinds = ["bayes", "learned"]
-width = 16
-[router.train]
-steps = 30
-batch_size = 16
-warmup = 5
-ema_decay = 0.5
-device = "cpu"
-[centralized]
-enabled = false
-[evaluate]
-windows_per_cluster = 6
-strategies = ["full", "top-1"]
-[sample]
-n = 2
-"""
+def text_config(folder: Path) -> Path:
+    """The tiny text config of test_discrete_pipeline on its letters-and-digits corpus, without the
+    centralized model."""
+    from test_discrete_pipeline import TINY, make_corpus
+
+    make_corpus(folder)
+    path = folder / "text.toml"
+    path.write_text(TINY.format(kind="text_ar", source=folder, kinds='["bayes", "learned"]')
+                    + "\n[centralized]\nenabled = false\n")
+    return path
 
 
 def test_sample_evaluate_and_analyze_a_text_run(tmp_path):
-    from test_discrete_pipeline import make_corpus
-
-    make_corpus(tmp_path)
-    config = tmp_path / "text.toml"
-    config.write_text(TEXT.format(source=tmp_path))
+    config = text_config(tmp_path)
     run = tmp_path / "run"
     done = cli("run", config, "--out", run)
     assert done.returncode == 0, done.stderr
@@ -151,11 +118,7 @@ def test_sample_evaluate_and_analyze_a_text_run(tmp_path):
 
 def test_a_text_run_step_by_step_equals_the_whole_run(tmp_path):
     """partition, one isolated job per expert shard, router, registry: the same bytes as `ddmkit run`."""
-    from test_discrete_pipeline import make_corpus
-
-    make_corpus(tmp_path)
-    config = tmp_path / "text.toml"
-    config.write_text(TEXT.format(source=tmp_path))
+    config = text_config(tmp_path)
     whole, steps = tmp_path / "whole", tmp_path / "steps"
     assert cli("run", config, "--out", whole).returncode == 0
     assert cli("partition", "--config", config, "--out", steps).returncode == 0

@@ -23,6 +23,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+MONOLITH = "monolith"  # the monolith's name among sample.strategies
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -121,7 +124,7 @@ class SampleConfig(Section):
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
         for s in v:
-            if s != "monolith":
+            if s != MONOLITH:
                 parse_strategy(s)
         return v
 

@@ -16,12 +16,10 @@ import torch
 
 from ddmkit.discrete.ar import ar_inputs, bayes_posterior, route, token_logprobs, total_bits
 from ddmkit.discrete.dfm import elbo_bits, mask_path, model_denoiser
+from ddmkit.discrete.evaluate import DFM_ROUTER_TIMES, prefix_lengths
 from ddmkit.discrete.shards import eval_windows
 from ddmkit.routing.strategies import RoutingState
 from ddmkit.routing.table import parse_strategy
-
-MASK_TIMES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
-
 
 def _windows(test_streams, length: int, per_cluster: int) -> list[torch.Tensor]:
     return [eval_windows(stream, length, per_cluster) for stream in test_streams]
@@ -50,7 +48,7 @@ def own_cluster_weight(experts, routers: dict, prior: torch.Tensor, test_streams
     """{router / strategy: {"axis": [s ...], "weight": [mean own-cluster weight at s ...]}} over all clusters'
     held-out windows; routers: name -> model, or None for the exact Bayes posterior (autoregressive)."""
     windows = _windows(test_streams, length, per_cluster)
-    axis = _axis(length) if kind == "text_ar" else list(MASK_TIMES)
+    axis = prefix_lengths(length) if kind == "text_ar" else list(DFM_ROUTER_TIMES)
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for c, w in enumerate(windows):
@@ -63,15 +61,6 @@ def own_cluster_weight(experts, routers: dict, prior: torch.Tensor, test_streams
                 key = f"{name} / {spec}"
                 sums[key] = sums.get(key, torch.zeros(len(axis), dtype=torch.float64)) + weights[..., c].sum(0)
     return {key: {"axis": axis, "weight": (v / max(count, 1)).tolist()} for key, v in sums.items()}
-
-
-def _axis(length: int) -> list[int]:
-    """Prefix lengths 0, 1, 2, 4, ... and length - 1."""
-    out, n = [0], 1
-    while n < length - 1:
-        out.append(n)
-        n *= 2
-    return out + [length - 1]
 
 
 def _weights(experts, router, prior, w: torch.Tensor, kind: str, strategy, axis: list, seed: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from ddmkit.analysis.quality import across_strategies, paired_difference, per_sa
 from ddmkit.analysis.report import plot_disagreement, plot_expert_error, plot_lipschitz, plot_quality_scatter, render
 from ddmkit.analysis.stability import amplification, data_scale, local_lipschitz, refinement_gap
 from ddmkit.analysis.trace import trace_strategy
+from ddmkit.config import MONOLITH
 from ddmkit.data.partition import feature_map, load_partition
 from ddmkit.ddm import exact_ddm, load_ddm, start_noise
 from ddmkit.errors import DDMError
@@ -28,6 +29,7 @@ from ddmkit.io import write_json
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.stages import load_split
 from ddmkit.routing import parse_strategy
+from ddmkit.routing.strategies import Threshold, TopK
 
 BANDS = [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)]
 FIXED = ["full", "top-1", "top-2", "sample-2", "switch", "oracle", "nearest"]
@@ -37,7 +39,8 @@ ALIGNED = ["adaptive-0.9", "adaptive-ent-0.5", "gated-2@30"]
 def default_strategies(cfg) -> list[str]:
     """full, top-1, top-2, sample-2, the run's threshold (or threshold-0.05), switch, oracle, nearest,
     and the alignment-based adaptive-0.9, adaptive-ent-0.5, gated-2@30."""
-    threshold = next((s for s in cfg.sample.strategies if s.startswith("threshold-")), "threshold-0.05")
+    threshold = next((s for s in cfg.sample.strategies if s != MONOLITH and isinstance(parse_strategy(s), Threshold)),
+                     "threshold-0.05")
     return FIXED[:4] + [threshold] + FIXED[4:] + ALIGNED
 
 
@@ -99,7 +102,7 @@ def analyze_strategy(ddm, name: str, x1, steps: int, solver: str, seed: int, ctx
 
 def compare_to_fixed(per: dict, n_boot: int, seed: int) -> dict:
     """Each non-top-k strategy against every fixed top-k: paired mean difference of q with a CI."""
-    fixed = [n for n in per if n.startswith("top-")]
+    fixed = [n for n in per if isinstance(parse_strategy(n), TopK)]
     out = {}
     for name, r in per.items():
         if name in fixed:

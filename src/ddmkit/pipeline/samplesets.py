@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from ddmkit.config import RunConfig
+from ddmkit.config import MONOLITH, RunConfig
 from ddmkit.errors import DDMError
 from ddmkit.routing import STRATEGY_FORMS, parse_strategy
 
@@ -23,7 +23,6 @@ class SetKind(Enum):
     EXACT = "exact"  # exact cluster velocities and the exact posterior (Gaussian-mixture data only)
 
 
-MONOLITH = "monolith"  # the monolith's name in configs and on the command line
 EXACT = "exact (full, exact experts + router)"  # the exact DDM's set (full routing)
 STATISTICS = "statistics"  # the statistics-only router
 
