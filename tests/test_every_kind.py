@@ -146,3 +146,21 @@ def test_a_missing_stage_names_the_command_that_makes_it(tmp_path):
                           (("verify", run), "ddmkit register")):
         done = cli(*args)
         assert done.returncode == 2 and command in done.stderr, (args, done.stderr)
+
+
+def test_the_ddm_at_the_top(image_run):
+    """ddmkit.DDM: from_pretrained, to, sample with labels and guidance; the same samples as the
+    function behind it, and guidance reaches the experts."""
+    from ddmkit import DDM, load_ddm, sample_ddm
+
+    ddm = DDM.from_pretrained(image_run).to("cpu")
+    assert ddm.num_classes == 10 and ddm.router_conditional and ddm.k == 2
+    y = torch.tensor([0, 3, 5, 9])
+    x, info = ddm.sample(strategy="top-1", n=4, steps=2, seed=3, labels=y, guidance=2.0)
+    assert x.shape == (4, 1, 28, 28) and info["expert_calls_per_sample"] == 2
+    same, _ = sample_ddm(load_ddm(image_run, guidance=2.0), "top-1", 4, 2, seed=3, cond={"y": y})
+    assert torch.equal(x, same)
+    plain, _ = ddm.sample(strategy="top-1", n=4, steps=2, seed=3, labels=y)
+    assert not torch.allclose(plain, x)  # guidance 1 (as loaded) against 2
+    stats = DDM.from_pretrained(image_run, router="statistics")
+    assert not stats.router_capturable and stats.router_conditional  # label-conditional statistics router
