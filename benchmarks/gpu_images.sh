@@ -44,7 +44,7 @@ elif [ "$1" = evaluate ]; then
   [ $(left 590) -gt 30 ] && timeout $(left 590) python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.log"
 elif [ "$1" = sampling ]; then
   timeout $(left 590) python3 benchmarks/sampling.py --device cuda --experts unet --bf16 --ks 8 --batches 256 1024 4096 \
-    --steps 2 --repeats 5 --warm-runs 4 --speed eager streams graphs graphs+streams --json "$OUT/sampling.json" \
+    --steps 2 --repeats 5 --warm-runs 8 --speed eager streams graphs graphs+streams --json "$OUT/sampling.json" \
     2>&1 | tee "$OUT/sampling.log"
 elif [ "$1" = training ]; then
   timeout $(left 590) python3 benchmarks/training.py --device cuda --bf16 --compile 2>&1 | tee "$OUT/training.log"

@@ -1,6 +1,6 @@
 """CUDA graphs for calls of changing batch size: the buckets, and the padded calls the graphs replay
 (checked on the CPU with capture=False; the captured graphs against eager run in
-benchmarks/sampling.py --graphs on a GPU, docs/PERFORMANCE.md)."""
+benchmarks/sampling.py --speed on a GPU, docs/performance.md)."""
 import pytest
 import torch
 

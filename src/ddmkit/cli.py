@@ -82,14 +82,19 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
                      config: Optional[Path] = typer.Option(None, help="TOML config (or a run's config.json) whose [expert] section is used"),
                      seed: Optional[int] = typer.Option(None, help="training seed (overrides config)"),
                      checkpoint_every: Optional[int] = typer.Option(None, help="write a checkpoint every N steps (overrides config)"),
-                     resume: bool = typer.Option(False, help="continue from OUT.checkpoint.safetensors if a killed run left one")):
+                     resume: bool = typer.Option(False, help="continue from OUT.checkpoint.safetensors if a killed run left one"),
+                     nproc: int = typer.Option(1, "--nproc", min=1, help="processes (one per GPU with CUDA) on this machine "
+                                               "for this one expert, data parallel; the batch size stays the global one. "
+                                               "Under torchrun leave it out")):
     """Train one expert on one shard, in isolation: it reads that file and nothing else."""
     from ddmkit.config import ExpertConfig, validate
-    from ddmkit.train.jobs import train_expert
+    from ddmkit.train.jobs import train_expert_ddp
 
     if config is not None and (_text_kind(config) or _text_run(config.parent)):
         from ddmkit.pipeline.text import read_text_config, train_text_expert
 
+        if nproc != 1:
+            raise DDMError("--nproc: text experts train in one process (on cfg.threads threads)")
         if seed is not None or checkpoint_every is not None:
             raise DDMError("--seed and --checkpoint-every: text experts take expert.train.seed from the text config "
                            "(seed + cluster) and train without checkpoints")
@@ -99,7 +104,7 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
     cfg = _config(config).expert
     upd = {k: v for k, v in (("seed", seed), ("checkpoint_every", checkpoint_every)) if v is not None}
     cfg = validate(ExpertConfig, {**cfg.model_dump(), "train": {**cfg.train.model_dump(), **upd}}, "options")
-    train_expert(shard, cfg, out, resume=resume)
+    train_expert_ddp(shard, cfg, out, nproc, resume=resume)
     log(f"expert written to {out}")
 
 
@@ -429,3 +434,7 @@ def main() -> None:
     except DDMError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # python -m ddmkit.cli, e.g. under torchrun
+    main()

@@ -114,7 +114,9 @@ def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "eul
                   cond: dict[str, torch.Tensor] | None = None, batch_size: int | None = None,
                   speed: SpeedOptions = SpeedOptions()) -> tuple[torch.Tensor, dict]:
     """Sampling with one velocity field (the monolith): one network call per evaluation, called
-    as field(x, t, **cond) with the rows' conditioning (batch_size and speed as in sample_ddm)."""
+    as field(x, t, **cond) with the rows' conditioning (batch_size and speed as in sample_ddm).
+    With speed.cuda_graphs the field's graphs are captured for this call; to keep them from one call
+    to the next, pass accel.accelerate_field(field, speed) once and sample it with the default speed."""
     x1 = start_noise(n, data_shape, seed, device) if x1 is None else x1
     field = accelerate_field(field, speed)
     parts, nfe = [], []

@@ -8,7 +8,7 @@ the layers' parameters instead of calling the submodules, and read those
 parameters from one tuple built at the first call (`flat_parameters`) rather
 than through nn.Module attribute lookups (about 45 per call): bitwise the same
 operations without the Python overhead, which dominates the small expert
-calls of routed sampling (docs/PERFORMANCE.md). Forward hooks on the layers
+calls of routed sampling (docs/performance.md). Forward hooks on the layers
 therefore do not fire. The tuple is rebuilt after .to()/.cuda()/.half() and
 load_state_dict, which may replace parameters; in-place updates (optimizers,
 load_state_dict's copy) need no rebuild.

@@ -4,6 +4,9 @@ FLOP-matched), router (noised samples labelled by cluster).
 `train_expert(shard, config, out_dir)` is the pure function every launch
 backend calls: it reads the one shard file it is given and nothing else,
 and writes an expert folder (config.json, model.safetensors, train_log.jsonl).
+`train_expert_ddp(shard, config, out_dir, nproc)` is the same job on nproc
+processes (or those torchrun started), data parallel; its folder is that of one
+process plus "processes": N in config.json.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from ddmkit.errors import DDMError
 from ddmkit.flow.losses import flow_matching_loss, router_loss
 from ddmkit.io import sha256_file, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained
+import ddmkit.train.distributed as distributed
+from ddmkit.train.distributed import LOCAL, Distributed
 from ddmkit.train.loop import fit, resolve_device
 
 
@@ -59,11 +64,13 @@ def checkpoint_path(out_dir: str | Path) -> Path:
 
 def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | Path, role: str,
                          extra: dict | None = None, description: str = "expert", resume: bool = False,
-                         labels: torch.Tensor | None = None) -> Path:
+                         labels: torch.Tensor | None = None, dist: Distributed = LOCAL) -> Path:
     """Train a velocity network on x with flow matching; write a model folder.
     Checkpoints (config.train.checkpoint_every) go to checkpoint_path(out_dir);
-    resume=True continues from one; it is removed once the folder is written."""
-    device = resolve_device(config.train.device)
+    resume=True continues from one; it is removed once the folder is written.
+    With `dist` of several processes each computes the loss on its rows of the
+    global batch and rank 0 alone writes (folder and checkpoints)."""
+    device = dist.device or resolve_device(config.train.device)
     data_shape = list(x.shape[1:])
     kwargs = {"data_shape": data_shape, **config.net.kwargs}
     model = build_seeded(config.net.arch, config.train.seed, **kwargs)
@@ -74,27 +81,34 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
                        "but the data have no labels")
     if num_classes:
         draw_labelled = _labelled_batches(x.float(), labels.long(), config.train.batch_size, device)
+    rows = dist.rows(config.train.batch_size)  # None: the whole batch
 
     def batch_loss(m, step, gen):
         if not num_classes:
-            return flow_matching_loss(m, draw(gen), gen, config.prediction), {}
+            return flow_matching_loss(m, draw(gen), gen, config.prediction, rows=rows), {}
         xb, yb = draw_labelled(gen)
         yb = drop_labels(yb, config.label_dropout, num_classes, gen)
-        return flow_matching_loss(lambda xt, t: m(xt, t, y=yb), xb, gen, config.prediction), {}
+        yb = yb if rows is None else yb[rows]
+        return flow_matching_loss(lambda xt, t: m(xt, t, y=yb), xb, gen, config.prediction, rows=rows), {}
 
+    if not dist.is_main:  # trains alongside rank 0, which writes
+        fit(model, batch_loss, config.train, None, description, device, checkpoint_path(out_dir), resume, dist)
+        return Path(out_dir)
     with staging_dir(out_dir) as tmp:
         ema, history = fit(model, batch_loss, config.train, tmp / "train_log.jsonl", description, device,
-                           checkpoint_path(out_dir), resume)
+                           checkpoint_path(out_dir), resume, dist)
         save_pretrained(tmp, ema, {"role": role, "arch": config.net.arch, "kwargs": kwargs,
                                    "data_shape": data_shape, "prediction": config.prediction,
                                    "train": config.train.model_dump(), "final_loss": history[-1]["loss"],
-                                   **(extra or {})})
+                                   **(extra or {}), **dist.note()})
     checkpoint_path(out_dir).unlink(missing_ok=True)
     return Path(out_dir)
 
 
-def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, resume: bool = False) -> Path:
-    """Train one expert on one shard file, in isolation (resume: continue from its checkpoint)."""
+def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, resume: bool = False,
+                 dist: Distributed = LOCAL) -> Path:
+    """Train one expert on one shard file, in isolation (resume: continue from its checkpoint;
+    dist: this process's place in a job of several, see train_expert_ddp)."""
     shard = Path(shard)
     x, labels, meta = read_shard(shard)
     if len(x) == 0:
@@ -102,7 +116,18 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
     cluster = int(meta.get("cluster", -1))
     extra = {"cluster": cluster, "k": int(meta.get("k", 0)), "shard_sha256": sha256_file(shard),
              "shard_count": len(x), "data_hash": meta.get("data_hash")}
-    return train_velocity_model(x, config, out_dir, "expert", extra, f"expert {cluster}", resume, labels)
+    return train_velocity_model(x, config, out_dir, "expert", extra, f"expert {cluster}", resume, labels, dist)
+
+
+def train_expert_ddp(shard: str | Path, config: ExpertConfig, out_dir: str | Path, nproc: int = 1,
+                     resume: bool = False) -> Path:
+    """train_expert as one job of nproc processes spawned on this machine (one per GPU with CUDA),
+    or of the processes torchrun started, data parallel: config.train.batch_size is the global
+    batch, split into equal slices. The same loss curve as one process, up to float rounding;
+    nproc = 1 outside torchrun is train_expert itself."""
+    distributed.check_batch(config.train.batch_size, nproc)
+    distributed.run(train_expert, nproc, config.train.device, shard, config, out_dir, resume)
+    return Path(out_dir)
 
 
 def monolith_config(expert: ExpertConfig, k: int, match: str = "steps") -> ExpertConfig:
@@ -159,5 +184,5 @@ def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path) 
     return Path(out_dir)
 
 
-__all__ = ["TrainConfig", "checkpoint_path", "monolith_config", "train_expert", "train_monolith", "train_router",
-           "train_velocity_model"]
+__all__ = ["TrainConfig", "checkpoint_path", "monolith_config", "train_expert", "train_expert_ddp", "train_monolith",
+           "train_router", "train_velocity_model"]

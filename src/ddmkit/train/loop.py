@@ -13,6 +13,11 @@ With `checkpoint=PATH` and cfg.checkpoint_every = N > 0 it writes the whole
 state (weights, optimizer, EMA, RNG states, step) to PATH atomically every N
 steps; `resume=True` restores PATH if it exists and continues bit-for-bit, so
 a killed job ends with the same weights as one that never stopped.
+
+`dist` (ddmkit.train.distributed) makes it one process of a data-parallel job:
+the network is DDP-wrapped, logged values are averaged over the processes at
+each log row and checkpoint, and only rank 0 writes checkpoints; the default,
+LOCAL, changes nothing.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from torch import nn
 from ddmkit.config import TrainConfig
 from ddmkit.progress import progress_bar
 import ddmkit.train.checkpoint as ckpt
+from ddmkit.train.distributed import LOCAL, Distributed
 
 BatchLoss = Callable[[nn.Module, int, torch.Generator], tuple[torch.Tensor, dict]]
 
@@ -105,14 +111,16 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str | Path | None = None,
         description: str = "training", device: torch.device | None = None,
-        checkpoint: str | Path | None = None, resume: bool = False) -> tuple[nn.Module, list[dict]]:
+        checkpoint: str | Path | None = None, resume: bool = False,
+        dist: Distributed = LOCAL) -> tuple[nn.Module, list[dict]]:
     """Train `model` in place; return its EMA copy (eval mode) and the log rows."""
     device = device or resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    net = torch.compile(model, mode=cfg.compile_mode) if cfg.compile and device.type == "cuda" else model  # same parameters
+    net = dist.wrap(model)  # DDP over the job's processes; the model itself for one
+    net = torch.compile(net, mode=cfg.compile_mode) if cfg.compile and device.type == "cuda" else net  # same parameters
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
@@ -145,6 +153,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
                     value = value.detach().float() if torch.is_tensor(value) else value  # no host sync per step
                     running[name] = running.get(name, 0.0) + value
                 if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                    running = dist.mean(running)
                     n = step + 1 - (history[-1]["step"] if history else 0)
                     row = {"step": step + 1, "lr": sched.get_last_lr()[0],
                            "seconds": round(time.perf_counter() - start, 3),
@@ -156,8 +165,10 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
                     advance(0, loss=row["loss"])
                 advance(1)
                 if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                    ckpt.save_checkpoint(checkpoint, step=step + 1, model=model, ema=ema, opt=opt, sched=sched,
-                                         generator=generator, history=history, running=running, fp=fp)
+                    running = dist.mean(running)  # the job's sums: rank 0's checkpoint resumes every process
+                    if dist.is_main:
+                        ckpt.save_checkpoint(checkpoint, step=step + 1, model=model, ema=ema, opt=opt, sched=sched,
+                                             generator=generator, history=history, running=running, fp=fp)
     finally:
         if log:
             log.close()

@@ -1,0 +1,179 @@
+"""One training job on several processes (one per GPU): data parallel with torch.distributed (DDP).
+
+    run(fn, nproc, device, *args)     # fn(*args, dist=...) as one job of nproc processes
+    dist.rows(batch_size)             # this process's rows of the global batch
+    dist.wrap(model)                  # DDP: gradients averaged over the processes in backward()
+    dist.mean(metrics)                # logged values averaged over the processes
+
+Every process draws the same whole batch (data, t, noise) from the same seeded
+generator (cheap) and computes the loss on its own equal slice of rows; DDP
+averages the gradients, and the mean of equal slices' means is the whole
+batch's mean, so a step is the step of one process on the whole batch, up to
+float rounding. Only rank 0 writes files.
+
+The processes come from torchrun (or any launcher that sets RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT and LOCAL_RANK) or are spawned here, nproc on this
+machine. gloo on the CPU, nccl on CUDA (process i on GPU LOCAL_RANK = i).
+`LOCAL` is the plain single process: every method is the identity, so the
+one-process path runs exactly the code it ran without this module.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from torch import nn
+
+from ddmkit.errors import DDMError
+
+ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in its job: rank of world, and its device (None: the job's own setting)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the job's files (rank 0)."""
+        return self.rank == 0
+
+    def rows(self, batch_size: int) -> slice | None:
+        """This process's rows of a global batch (None: all of them, one process)."""
+        if self.world == 1:
+            return None
+        check_batch(batch_size, self.world)
+        n = batch_size // self.world
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model DDP-wrapped (same parameters; backward averages gradients), or itself alone."""
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def mean(self, values: dict) -> dict:
+        """{name: value} averaged over the processes (tensors stay tensors of their dtype, floats floats)."""
+        if self.world == 1 or not values:
+            return values
+        names = list(values)  # the same order everywhere: every process runs the same code
+        buf = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(self.device).reshape(())
+                           for k in names])
+        tdist.all_reduce(buf)
+        buf /= self.world
+        return {k: buf[i].to(values[k].dtype) if torch.is_tensor(values[k]) else float(buf[i])
+                for i, k in enumerate(names)}
+
+    def note(self) -> dict:
+        """What a model folder's config.json records of the job ({} for one process)."""
+        return {} if self.world == 1 else {"processes": self.world}
+
+
+LOCAL = Distributed()
+
+
+def check_batch(batch_size: int, world: int) -> None:
+    if world < 1:
+        raise DDMError(f"nproc: must be at least 1 (got {world})")
+    if batch_size % world:
+        raise DDMError(f"train.batch_size = {batch_size} does not split into {world} equal slices; "
+                       f"use a multiple of {world} (the batch is the global one, over all processes)")
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = name.split(":", 1)[0]
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind != "cuda":
+        raise DDMError(f"train.device = {name!r}: a job of several processes runs on 'cpu' or 'cuda'")
+    if local_rank >= torch.cuda.device_count():
+        raise DDMError(f"process {local_rank} of this machine needs GPU {local_rank}, but "
+                       f"{torch.cuda.device_count()} are visible; start at most that many processes per machine")
+    return torch.device("cuda", local_rank)
+
+
+def _join(rank: int, world: int, local_rank: int, device_name: str, init_method: str) -> Distributed:
+    device = _device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if rank:
+        os.environ["DDMKIT_QUIET"] = "1"  # one progress bar per job: rank 0's
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method,
+                             rank=rank, world_size=world)
+    return Distributed(rank, world, device)
+
+
+def from_env(device_name: str = "auto") -> Distributed | None:
+    """Join the process group of a launcher that set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+    (torchrun does); None outside one or with WORLD_SIZE = 1."""
+    if not all(k in os.environ for k in ENV) or int(os.environ["WORLD_SIZE"]) == 1:
+        return None
+    return _join(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
+                 device_name, "env://")
+
+
+def _worker(local_rank: int, nproc: int, device_name: str, init_method: str, threads: int, errors,
+            fn: Callable, args: tuple) -> None:
+    """Body of a spawned process: join the group, call fn, report a DDMError's message to the parent."""
+    torch.set_num_threads(threads)
+    try:
+        fn(*args, dist=_join(local_rank, nproc, local_rank, device_name, init_method))
+    except DDMError as e:
+        errors.put(str(e))
+        raise
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def spawn(fn: Callable, nproc: int, device_name: str, *args) -> None:
+    """Call fn(*args, dist=...) in nproc new processes of this machine, one job (process i on GPU i with
+    CUDA; the CPU threads split between them). A DDMError in any of them is raised here."""
+    _device(device_name, nproc - 1)  # enough GPUs (with CUDA), checked before starting anything
+    threads = max(1, torch.get_num_threads() // nproc)
+    errors = mp.get_context("spawn").SimpleQueue()
+    with tempfile.TemporaryDirectory(prefix="ddmkit-ddp-") as tmp:
+        init = (Path(tmp) / "store").as_uri()  # a file rendezvous: no port to choose on one machine
+        try:
+            mp.start_processes(_worker, (nproc, device_name, init, threads, errors, fn, args), nprocs=nproc,
+                               join=True, start_method="spawn")
+        except mp.ProcessRaisedException:
+            if not errors.empty():
+                raise DDMError(errors.get()) from None
+            raise
+
+
+def run(fn: Callable, nproc: int, device_name: str, *args) -> None:
+    """fn(*args, dist=...) as one job: in the processes torchrun started (nproc 1 or their number), else in
+    nproc processes spawned on this machine, else (nproc = 1) here, with LOCAL."""
+    if nproc < 1:
+        raise DDMError(f"nproc: must be at least 1 (got {nproc})")
+    dist = from_env(device_name)
+    if dist is not None:
+        if nproc not in (1, dist.world):
+            raise DDMError(f"--nproc {nproc} inside a launcher that started {dist.world} processes; "
+                           "leave --nproc out (the launcher sets the number, e.g. torchrun --nproc-per-node)")
+        try:
+            fn(*args, dist=dist)
+        finally:
+            tdist.destroy_process_group()
+    elif nproc > 1:
+        spawn(fn, nproc, device_name, *args)
+    else:
+        fn(*args, dist=LOCAL)
+
+
+__all__ = ["Distributed", "LOCAL", "check_batch", "from_env", "run", "spawn"]

@@ -1,0 +1,125 @@
+"""One expert on 2 processes (DDP, gloo on the CPU): the loss curve and weights of one process with the
+same global batch, the folder of one process, and bit-exact resume after a crash."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from ddmkit.cli import app
+from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
+from ddmkit.errors import DDMError
+from ddmkit.io import read_metadata, save_tensors
+from ddmkit.train.distributed import spawn
+from ddmkit.train.jobs import checkpoint_path, train_expert, train_expert_ddp
+
+TOML = """
+[expert.net]
+arch = "mlp"
+kwargs = { width = 16, depth = 1 }
+
+[expert.train]
+steps = 30
+batch_size = 32
+warmup = 5
+log_every = 6  # checkpoints (every 10) fall between log rows
+checkpoint_every = 10
+device = "cpu"
+"""
+
+
+def _cfg(seed: int = 0) -> ExpertConfig:
+    return ExpertConfig(net=NetConfig(arch="mlp", kwargs={"width": 16, "depth": 1}),
+                        train=TrainConfig(steps=30, batch_size=32, warmup=5, log_every=6, checkpoint_every=10,
+                                          device="cpu", seed=seed))
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def _shard(folder: Path) -> Path:
+    g = torch.Generator().manual_seed(1)
+    save_tensors(folder / "shard.safetensors", {"x": torch.randn(300, 2, generator=g) + 3.0}, {"cluster": 0, "k": 1})
+    (folder / "c.toml").write_text(TOML)
+    return folder / "shard.safetensors"
+
+
+def assert_same_training(one: Path, two: Path) -> None:
+    """The loss curve and final weights of `one` (1 process) and `two` (2 processes, same global batch)
+    within float rounding, and the same folder but for "processes": 2 in config.json."""
+    a, b = _rows(one), _rows(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [6, 12, 18, 24, 30]
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5, abs=0), key
+    wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-5)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    ca, cb = (json.loads((f / "config.json").read_text()) for f in (one, two))
+    assert cb.pop("processes") == 2 and "processes" not in ca
+    assert cb.pop("final_loss") == pytest.approx(ca.pop("final_loss"), rel=1e-5)
+    assert cb == ca
+
+
+def _train_crashing(shard, cfg, out, crash_after, dist):
+    """train_expert in a process of a job whose every process dies at its (crash_after + 1)-th loss."""
+    import ddmkit.train.jobs as jobs
+
+    real, calls = jobs.flow_matching_loss, {"n": 0}
+
+    def loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > crash_after:
+            raise DDMError("simulated crash")
+        return real(*a, **k)
+
+    jobs.flow_matching_loss = loss
+    train_expert(shard, cfg, out, dist=dist)
+
+
+def test_two_processes_follow_one_and_resume_bit_exactly(tmp_path):
+    """One test, so the 2-process run is made once (spawning processes is the cost here)."""
+    shard = _shard(tmp_path)
+    one = train_expert(shard, _cfg(), tmp_path / "one")
+    res = CliRunner().invoke(app, ["train-expert", str(shard), "--config", str(tmp_path / "c.toml"),
+                                   "--out", str(tmp_path / "two"), "--nproc", "2"])
+    assert res.exit_code == 0, res.output
+    two = tmp_path / "two"
+    assert_same_training(one, two)
+    assert not checkpoint_path(two).exists()
+
+    # killed after its checkpoint at step 20, then resumed: the bytes and log of the uninterrupted job
+    out = tmp_path / "resumed"
+    with pytest.raises(DDMError, match="simulated crash"):  # a process's DDMError reaches the caller
+        spawn(_train_crashing, 2, "cpu", shard, _cfg(), out, 25)
+    assert read_metadata(checkpoint_path(out))["step"] == 20 and not out.exists()
+    train_expert_ddp(shard, _cfg(), out, nproc=2, resume=True)
+    assert (out / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+    assert [r["loss"] for r in _rows(out)] == [r["loss"] for r in _rows(two)]
+    assert not checkpoint_path(out).exists()
+
+
+def test_a_batch_that_does_not_split_is_refused_before_starting(tmp_path):
+    with pytest.raises(DDMError, match="batch_size = 32 does not split into 3"):
+        train_expert_ddp(tmp_path / "none.safetensors", _cfg(), tmp_path / "e", nproc=3)
+
+
+@pytest.mark.slow
+def test_torchrun_starts_the_same_job(tmp_path):
+    """The entry for several machines: processes that torchrun starts join one job (env://). Slow only
+    in that the default suite already trains on 2 processes (spawned); this adds torchrun's start-up."""
+    shard = _shard(tmp_path)
+    one = train_expert(shard, _cfg(), tmp_path / "one")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ddmkit.cli", "train-expert", str(shard), "--config", str(tmp_path / "c.toml"),
+           "--out", str(tmp_path / "two")]
+    res = subprocess.run(cmd, env={**os.environ, "DDMKIT_QUIET": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert_same_training(one, tmp_path / "two")
