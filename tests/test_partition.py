@@ -1,5 +1,4 @@
 """Partition: shards, manifest, balance, bad input."""
-import json
 
 import numpy as np
 import pytest

@@ -16,7 +16,6 @@ the embedding keeps p(cluster | x_t, t) available.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ddmkit.errors import DDMError
