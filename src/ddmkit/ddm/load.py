@@ -17,6 +17,7 @@ import torch
 
 from ddmkit.data.partition import feature_map, load_partition, read_shard
 from ddmkit.errors import DDMError
+from ddmkit.flow.convert import VPSchedule
 from ddmkit.io import load_tensors
 from ddmkit.layout import RunFolder
 from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
@@ -25,11 +26,37 @@ from ddmkit.routing.stats_router import class_stats_router, island_class_statist
 from ddmkit.truth import GaussianMixture
 
 
+PATHS = ("linear", "vp", "edm")
+VP_KEYS = ("schedule", "steps", "beta_start", "beta_end")
+
+
+def path_output(config: dict) -> tuple[str, VPSchedule | None]:
+    """(path kind, VP schedule) of a model folder's config.json "path": absent or {"kind": "linear"} for
+    ddmkit's own experts, {"kind": "vp", "schedule": "linear" | "cosine", "steps": 1000, "beta_start":
+    1e-4, "beta_end": 0.02} for a DDPM network, {"kind": "edm"} for an EDM-style denoiser."""
+    path = dict(config.get("path") or {"kind": "linear"})
+    kind = path.pop("kind", None)
+    extra = set(path) - set(VP_KEYS if kind == "vp" else ())
+    if kind not in PATHS or extra:
+        raise DDMError(f"config.json path: {config.get('path')!r} is not a path ddmkit converts; write "
+                       "{'kind': 'linear'}, {'kind': 'edm'} or {'kind': 'vp', 'schedule': 'linear' or 'cosine', "
+                       "'steps': N, 'beta_start': b0, 'beta_end': b1}")
+    if kind != "vp":
+        return kind, None
+    schedule = path.pop("schedule", "linear")
+    if schedule not in ("linear", "cosine"):
+        raise DDMError(f"config.json path.schedule: {schedule!r}; accepted: linear, cosine")
+    return kind, VPSchedule(schedule, **path)
+
+
 def velocity_field(model: torch.nn.Module, config: dict, guidance: float = 1.0) -> NetworkField:
-    """A velocity network (expert or monolith) as a field, converted to velocity by its config's
-    prediction type; class-conditional networks take y and apply guidance (VelocityOutput)."""
-    output = VelocityOutput(config.get("prediction", "velocity"), int(config["kwargs"].get("num_classes", 0)),
-                            float(guidance))
+    """A velocity network (expert or monolith) as a field, converted to the linear-path velocity by its
+    config's prediction type and, for a network trained on another path, by its config's "path"
+    (path_output, ddmkit.flow.convert); class-conditional networks take y and apply guidance."""
+    kind, schedule = path_output(config)
+    default = {"linear": "velocity", "vp": "epsilon", "edm": "x0"}[kind]
+    output = VelocityOutput(config.get("prediction", default), int(config["kwargs"].get("num_classes", 0)),
+                            float(guidance), kind, schedule)
     return NetworkField(model, output)
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ddmkit.flow.convert import VPSchedule, edm_velocity, vp_velocity
 from ddmkit.flow.path import to_velocity
 
 
@@ -39,25 +40,43 @@ class NetworkField:
 
 @dataclass(frozen=True)
 class VelocityOutput:
-    """A velocity network's output as the linear-path velocity (epsilon and x0 networks converted,
-    ddmkit.flow.path.to_velocity), in float32. With class labels y and guidance g != 1, a
-    class-conditional network evaluates the labelled and the 'no label' branch in one batch and
-    returns classifier-free guidance v = v(x, t, none) + g (v(x, t, y) - v(x, t, none))."""
+    """A velocity network's output as the linear-path velocity, in float32.
+
+    path "linear" (ddmkit's own): prediction "velocity", "epsilon" or "x0", converted by
+    ddmkit.flow.path.to_velocity; path "vp" (DDPM, `schedule` a ddmkit.flow.convert.VPSchedule):
+    prediction "epsilon" or "v"; path "edm": an x0 denoiser of (x_sigma, sigma)
+    (ddmkit.flow.convert). With class labels y and guidance g != 1, a class-conditional network
+    evaluates the labelled and the 'no label' branch in one batch and returns classifier-free
+    guidance v = v(x, t, none) + g (v(x, t, y) - v(x, t, none))."""
 
     prediction: str = "velocity"
     num_classes: int = 0  # 0: the network takes no label; else the 'no label' class index
     guidance: float = 1.0
+    path: str = "linear"
+    schedule: VPSchedule | None = None
 
     def __call__(self, network: nn.Module, x: torch.Tensor, t: torch.Tensor,
                  y: torch.Tensor | None = None) -> torch.Tensor:
         if not self.num_classes or y is None:
-            return to_velocity(network(x, t), self.prediction, x, t).float()
+            return self.velocity(network, x, t).float()
         if self.guidance == 1.0:
-            return to_velocity(network(x, t, y), self.prediction, x, t).float()
+            return self.velocity(network, x, t, y=y).float()
         null = torch.full_like(y, self.num_classes)
-        out = network(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        v_cond, v_none = to_velocity(out.float(), self.prediction, torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+        v_cond, v_none = self.velocity(network, torch.cat([x, x]), torch.cat([t, t]), upcast=True,
+                                       y=torch.cat([y, null])).chunk(2)
         return v_none + self.guidance * (v_cond - v_none)
+
+    def velocity(self, network: nn.Module, x: torch.Tensor, t: torch.Tensor, upcast: bool = False,
+                 **cond: torch.Tensor) -> torch.Tensor:
+        """The network's velocity on its path (upcast: its output to float32 first)."""
+        call = (lambda *a: network(*a, **cond).float()) if upcast else (lambda *a: network(*a, **cond))
+        if self.path == "linear":
+            return to_velocity(call(x, t), self.prediction, x, t)
+        if self.path == "vp":
+            return vp_velocity(call, x, t, self.schedule, self.prediction)
+        if self.path == "edm":
+            return edm_velocity(call, x, t)
+        raise ValueError(f"path must be 'linear', 'vp' or 'edm'; got {self.path!r}")
 
 
 def router_probabilities(logits: torch.Tensor) -> torch.Tensor:

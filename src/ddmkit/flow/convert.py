@@ -1,0 +1,108 @@
+"""Experts trained on other paths, converted at load to ddmkit's linear-path velocity.
+
+ddmkit's path is x_t = (1 - t) x + t eps (t = 0 data), velocity v = eps - x. Two other families
+of diffusion models see the same states up to a scale:
+
+Variance preserving (DDPM, improved DDPM): z = alpha x + sigma eps with alpha^2 + sigma^2 = 1,
+alpha^2 = alpha_bar(n) at the model's timestep n (a linear or cosine beta schedule). A linear state
+x_t is the VP state of equal signal-to-noise ratio, scaled:
+
+    alpha / sigma = (1 - t) / t,   c = sqrt((1 - t)^2 + t^2),   z = x_t / c,
+    n = the timestep where alpha_bar(n) = (1 - t)^2 / c^2  (interpolated on log alpha_bar).
+
+From the network's output at (z, n):
+    epsilon prediction   eps_hat = f,                  x0_hat = (z - sigma eps_hat) / alpha
+    v prediction         (v_vp = alpha eps - sigma x) eps_hat = sigma z + alpha f,  x0_hat = alpha z - sigma f
+and v = eps_hat - x0_hat.
+
+Variance exploding, EDM-style (Karras et al.): x_sigma = x + sigma eps and a denoiser
+D(x_sigma, sigma) = E[x | x_sigma]. A linear state is x_sigma scaled:
+
+    sigma = t / (1 - t),   x_sigma = x_t / (1 - t),   v = (x_t - D) / t.
+
+At the ends, where a path has no counterpart (t = 0 for VP at finite n, t = 1 for EDM), t is
+clamped into [t_min, 1 - t_min]; between, the maps are exact (tests/test_convert.py checks them on
+Gaussian-mixture truth to float precision).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+T_MIN = 1e-4
+
+
+@dataclass(frozen=True)
+class VPSchedule:
+    """A DDPM noise schedule over timesteps n = 0 .. steps - 1: "linear" betas from beta_start to
+    beta_end (DDPM), or "cosine" (improved DDPM: alpha_bar(n) = f(n) / f(0), f(n) =
+    cos^2(((n / steps) + s) / (1 + s) pi / 2), s = 0.008, betas clipped at 0.999)."""
+
+    kind: str = "linear"
+    steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def log_alpha_bar(self) -> torch.Tensor:
+        """log alpha_bar at n = 0 .. steps - 1 (float64), decreasing."""
+        n = torch.arange(self.steps, dtype=torch.float64)
+        if self.kind == "linear":
+            betas = torch.linspace(self.beta_start, self.beta_end, self.steps, dtype=torch.float64)
+        elif self.kind == "cosine":
+            f = lambda u: torch.cos((u / self.steps + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+            betas = (1 - f(n + 1) / f(n)).clamp(max=0.999)
+        else:
+            raise ValueError(f"VP schedule kind must be 'linear' or 'cosine'; got {self.kind!r}")
+        return torch.cumsum(torch.log1p(-betas), 0)
+
+
+def vp_timestep(schedule: VPSchedule, t: torch.Tensor) -> torch.Tensor:
+    """The (fractional) timestep n whose alpha_bar equals (1 - t)^2 / ((1 - t)^2 + t^2), linear in
+    log alpha_bar between integers, clamped to [0, steps - 1]."""
+    table = schedule.log_alpha_bar().to(t.device)
+    tt = t.double().clamp(T_MIN, 1 - T_MIN)
+    target = 2 * torch.log1p(-tt) - torch.log((1 - tt) ** 2 + tt ** 2)
+    # table decreases: search on its negation
+    idx = torch.searchsorted(-table, -target).clamp(1, len(table) - 1)
+    lo, hi = table[idx - 1], table[idx]
+    frac = ((lo - target) / (lo - hi)).clamp(0, 1)
+    n = (idx - 1).double() + frac
+    return torch.where(target >= table[0], torch.zeros_like(n), n).to(t.dtype)
+
+
+def vp_scales(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alpha, sigma, c) of the VP state of equal signal-to-noise ratio to x_t: z = x_t / c."""
+    tt = t.clamp(T_MIN, 1 - T_MIN)
+    c = torch.sqrt((1 - tt) ** 2 + tt ** 2)
+    return (1 - tt) / c, tt / c, c
+
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def vp_velocity(network, x: torch.Tensor, t: torch.Tensor, schedule: VPSchedule, prediction: str,
+                **cond) -> torch.Tensor:
+    """The linear-path velocity of a VP network predicting "epsilon" or "v", called as
+    network(z, n, **cond) with z = x / c and its timestep n."""
+    alpha, sigma, c = (_col(s, x) for s in vp_scales(t))
+    z = x / c
+    out = network(z, vp_timestep(schedule, t), **cond).to(x.dtype)
+    if prediction == "epsilon":
+        eps, x0 = out, (z - sigma * out) / alpha
+    elif prediction == "v":
+        eps, x0 = sigma * z + alpha * out, alpha * z - sigma * out
+    else:
+        raise ValueError(f"VP prediction must be 'epsilon' or 'v'; got {prediction!r}")
+    return eps - x0
+
+
+def edm_velocity(network, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    """The linear-path velocity of an EDM-style denoiser D(x_sigma, sigma) = E[x | x_sigma], called as
+    network(x / (1 - t), t / (1 - t), **cond)."""
+    tt = t.clamp(T_MIN, 1 - T_MIN)
+    a = _col(1 - tt, x)
+    x0 = network(x / a, tt / (1 - tt), **cond).to(x.dtype)
+    return (x - x0) / _col(tt, x)
