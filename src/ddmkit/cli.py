@@ -244,6 +244,32 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
 
 
 @app.command()
+def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in name (demo)"),
+          out: Path = typer.Option(Path("runs/sweep"), "--out", help="folder of the sweep's run folders and report"),
+          k: List[int] = typer.Option(..., "--k", help="number of clusters, repeatable (e.g. --k 2 --k 4 --k 8)"),
+          budget: List[float] = typer.Option(..., "--budget", help="training compute in units of the config's "
+                                             "(K_ref x steps x batch), repeatable (e.g. --budget 0.25 --budget 1)"),
+          seed: List[int] = typer.Option([0], "--seed", help="training seeds, repeatable: each at the smallest and "
+                                         "largest budget, the first elsewhere"),
+          all_seeds: bool = typer.Option(False, help="every seed at every budget"),
+          force: bool = typer.Option(False, help="replace cell folders that hold different runs"),
+          backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
+          workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray)")):
+    """Quality against training compute: a DDM per K and its FLOP-matched monolith at several budgets and
+    seeds, one run folder per cell (resumable), and OUT/sweep.md with a table, a plot and the compute at
+    which the best DDM reaches the monolith's final quality."""
+    from ddmkit.launch import check_backend
+    from ddmkit.pipeline.sweep import sweep as run_sweep
+
+    check_backend(backend)
+    report = run_sweep(_config(config), out, list(k), list(budget), list(seed), all_seeds, force, log, backend,
+                       workers)
+    for kk, ratio in report["compute_ratio"].items():
+        log(f"K={kk}: best {report['best'][kk]} reaches the monolith's final {report['metric']} at "
+            + ("no budget of the grid" if ratio is None else f"{ratio:.3g}x its compute"))
+
+
+@app.command()
 def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/"),
            backend: str = typer.Option("inline", help="inline, processes or ray"),
            workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray)"),

@@ -79,3 +79,25 @@ def plot_router_accuracy(report: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)
+
+
+def plot_sweep(report: dict, path: Path) -> None:
+    """The sweep's metric against training compute: the monolith and each K's best strategy, the mean
+    over seeds with its interval as error bars."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    keys = ["monolith"] + [report["best"][k] for k in report["ks"] if k in report["best"]]
+    for key in keys:
+        per = report["table"].get(key)
+        if not per:
+            continue
+        b = sorted(per, key=float)
+        mean = [per[x]["mean"] for x in b]
+        err = [[per[x]["mean"] - per[x]["lo"] for x in b], [per[x]["hi"] - per[x]["mean"] for x in b]]
+        ax.errorbar([float(x) for x in b], mean, yerr=err, marker="o", capsize=3, label=key,
+                    linestyle="--" if key == "monolith" else "-")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute (x the config's)")
+    ax.set_ylabel(f"{report['metric']} (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -1,0 +1,226 @@
+"""Quality per unit of training compute: a DDM and its FLOP-matched monolith over budgets, K and seeds.
+
+    sweep(cfg, "runs/sweep", ks=[2, 4, 8], budgets=[0.25, 0.5, 1, 2], seeds=[0, 1, 2])
+
+Every cell is an ordinary run folder, OUT/k{K}_b{budget}_s{seed}, made by run_pipeline (so a sweep
+resumes like `ddmkit run`: finished cells and stages are skipped). Budgets are in units of the
+config's total training compute, K_ref x steps x batch with K_ref = partition.k: at budget b every
+K trains each expert for round(b x steps x K_ref / K) steps at the config's batch, so all K and the
+FLOP-matched monolith (K x an expert's steps) see the same number of samples. The data are the
+same in every cell and the partition the same for every K: they are made once and copied (hard
+links), as are the image reference features. Training seeds: each seed at the smallest and the
+largest budget, the first seed elsewhere (all_seeds=True: every seed everywhere).
+
+The report (OUT/sweep.md, sweep.json, plots/sweep.png) gives the quality metric (FID for images,
+W2 / noise floor for vectors: lower is better) of the monolith and of each K's strategies against
+training compute, the mean over seeds with a 95% t-interval, and the compute at which the best DDM
+reaches the monolith's quality at the largest budget.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from scipy import stats
+
+from ddmkit.config import MONOLITH, RunConfig, validate
+from ddmkit.errors import DDMError
+from ddmkit.evaluation.plots import plot_sweep
+from ddmkit.io import write_bytes_atomic, write_json
+from ddmkit.layout import RunFolder
+from ddmkit.pipeline.run import run_pipeline
+from ddmkit.tables import markdown_table
+
+Log = Callable[[str], None]
+
+
+def cell_config(cfg: RunConfig, k: int, budget: float, seed: int) -> RunConfig:
+    """The config of one cell: K clusters, each expert's steps scaled so that the total compute is
+    budget x the config's, every training seed (experts, router) from `seed`."""
+    raw = cfg.model_dump()
+    ref = cfg.partition.k * cfg.expert.train.steps
+    raw["partition"]["k"] = k
+    raw["expert"]["train"]["steps"] = max(1, round(budget * ref / k))
+    raw["expert"]["train"]["seed"] = seed
+    raw["router"]["train"]["seed"] = seed + 1
+    raw["monolith"]["enabled"] = True
+    return validate(RunConfig, raw, f"sweep cell k={k} budget={budget:g} seed={seed}")
+
+
+def cells(ks: list[int], budgets: list[float], seeds: list[int], all_seeds: bool = False) -> list[tuple]:
+    """(k, budget, seed) of every cell: every seed at the smallest and largest budget, the first elsewhere."""
+    ends = {min(budgets), max(budgets)}
+    return [(k, b, s) for k in ks for b in budgets for s in seeds if all_seeds or b in ends or s == seeds[0]]
+
+
+def cell_dir(out: Path, k: int, budget: float, seed: int) -> Path:
+    return out / f"k{k}_b{budget:g}_s{seed}"
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy a finished file or folder as hard links (files are never written in place), atomically."""
+    if dst.exists() or not src.exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.linking")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if src.is_dir():
+        shutil.copytree(src, tmp, copy_function=_link)
+    else:
+        _link(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _link(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
+
+
+def seed_cell(folder: RunFolder, cfg: RunConfig, first: RunFolder, same_k: RunFolder | None) -> None:
+    """A new cell with the data (and image reference features) of the first cell and the partition of a
+    cell of the same K, as hard links, and its config.json (the record prepare_run_dir keeps), so its
+    run resumes after the partition stage."""
+    _link_tree(first.data, folder.data)
+    for ref in first.eval.glob("reference_*.safetensors"):
+        _link_tree(ref, folder.eval / ref.name)
+    if same_k is not None:
+        _link_tree(same_k.partition, folder.partition)
+    write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
+
+
+def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[int]) -> None:
+    """Refuse a grid that cannot run, before any training."""
+    if not ks or not budgets or not seeds:
+        raise DDMError("sweep: give at least one --k, one --budget and one --seed")
+    if any(k < 1 for k in ks) or any(not (b > 0 and math.isfinite(b)) for b in budgets):
+        raise DDMError(f"sweep: every --k must be >= 1 and every --budget a positive number (got k {ks}, "
+                       f"budgets {budgets})")
+    if max(ks) > cfg.data.n_train:
+        raise DDMError(f"sweep: --k {max(ks)} is larger than data.n_train ({cfg.data.n_train}); lower --k")
+
+
+def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], seeds: list[int],
+          all_seeds: bool = False, force: bool = False, log: Log = print, backend: str = "inline",
+          workers: int | None = None) -> dict:
+    """Run every cell (skipping what is done) and write the report; returns the report's data."""
+    check_grid(cfg, ks, budgets, seeds)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
+    cfg = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"strategies": [MONOLITH, *strategies]})})
+    first: RunFolder | None = None  # the cell whose data (and image reference features) the others share
+    partitions: dict[int, RunFolder] = {}  # K -> the cell whose partition the others of that K share
+    results = []
+    todo = cells(ks, budgets, seeds, all_seeds)
+    for i, (k, b, s) in enumerate(todo):
+        cell_cfg = cell_config(cfg, k, b, s)
+        folder = RunFolder(cell_dir(out, k, b, s))
+        log(f"sweep cell {i + 1}/{len(todo)}: k={k}, budget {b:g}, seed {s}")
+        if first is not None and not folder.config.exists():
+            seed_cell(folder, cell_cfg, first, partitions.get(k))
+        result = run_pipeline(cell_cfg, folder.root, force, log, backend, workers)
+        first = first or folder
+        partitions.setdefault(k, folder)
+        results.append({"k": k, "budget": b, "seed": s, "rows": result["rows"]})
+    report = summarize(results, ks, budgets, strategies)
+    write_json(out / "sweep.json", report)
+    plot_sweep(report, out / "plots" / "sweep.png")
+    write_bytes_atomic(out / "sweep.md", render(report).encode())
+    log(f"sweep report: {out / 'sweep.md'}")
+    return report
+
+
+def metric_of(row: dict) -> tuple[str, float]:
+    """The quality metric of a result row (lower is better): FID for images, W2 / floor for vectors."""
+    if "fid" in row:
+        return "FID", float(row["fid"])
+    return "W2 / noise floor", float(row["w2_over_floor"])
+
+
+def interval(values: list[float]) -> dict:
+    """Mean and 95% t-interval over seeds (the mean alone for one seed)."""
+    v = np.asarray(values, dtype=float)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return {"mean": mean, "lo": mean, "hi": mean, "n": len(v)}
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(v)}
+
+
+def summarize(results: list[dict], ks: list[int], budgets: list[float], strategies: list[str]) -> dict:
+    """Per (series, budget): the metric's mean and interval over seeds; the compute ratio."""
+    name = metric_of(next(iter(results[0]["rows"].values())))[0]
+    series: dict[str, dict[float, list[float]]] = {}
+    for r in results:
+        for row_name, row in r["rows"].items():
+            if row_name == MONOLITH:
+                key = MONOLITH
+            elif row_name in strategies:
+                key = f"K={r['k']} {row_name}"
+            else:
+                continue
+            series.setdefault(key, {}).setdefault(r["budget"], []).append(metric_of(row)[1])
+    table = {key: {b: interval(v) for b, v in sorted(per.items())} for key, per in series.items()}
+    best = {}
+    for k in ks:
+        rows = {key: per for key, per in table.items() if key.startswith(f"K={k} ")}
+        if rows:
+            best[k] = min(rows, key=lambda key: min(p["mean"] for p in rows[key].values()))
+    mono = table.get(MONOLITH, {})
+    target = mono[max(mono)]["mean"] if mono else math.nan
+    ratio = {k: reach(table[key], target, max(budgets)) for k, key in best.items()}
+    return {"metric": name, "budgets": sorted(budgets), "ks": ks, "strategies": strategies,
+            "table": {key: {f"{b:g}": v for b, v in per.items()} for key, per in table.items()},
+            "best": best, "monolith_final": target, "compute_ratio": ratio, "cells": results}
+
+
+def reach(per_budget: dict[float, dict], target: float, largest: float) -> float | None:
+    """The compute, as a fraction of the largest budget, at which a series' mean reaches `target`
+    (interpolated linearly in log compute between budgets; None if it never does)."""
+    points = sorted((b, p["mean"]) for b, p in per_budget.items())
+    if not points or math.isnan(target):
+        return None
+    if points[0][1] <= target:
+        return points[0][0] / largest
+    for (b0, m0), (b1, m1) in zip(points, points[1:]):
+        if m1 <= target:
+            frac = (m0 - target) / (m0 - m1) if m0 != m1 else 1.0
+            return math.exp(math.log(b0) + frac * (math.log(b1) - math.log(b0))) / largest
+    return None
+
+
+def render(report: dict) -> str:
+    budgets = [f"{b:g}" for b in report["budgets"]]
+
+    def cell(p: dict | None) -> str:
+        if p is None:
+            return "-"
+        return f"{p['mean']:.4g}" if p["n"] < 2 else f"{p['mean']:.4g} [{p['lo']:.4g}, {p['hi']:.4g}] (n={p['n']})"
+
+    rows = [[key] + [cell(per.get(b)) for b in budgets] for key, per in report["table"].items()]
+    ratios = [[f"K={k}", report["best"][k], "never" if r is None else f"{r:.3g}x"]
+              for k, r in report["compute_ratio"].items()]
+    return f"""# ddmkit sweep: quality against training compute
+
+{report['metric']} (lower is better) of the FLOP-matched monolith and of each K's routing strategies.
+Compute is in units of the config's total training samples (every K and the monolith see the same
+number at one budget). A cell is the mean over training seeds with a 95% t-interval and n, the
+number of seeds, where there is more than one.
+
+{markdown_table(["series"] + [f"budget {b}" for b in budgets], rows)}
+
+![sweep](plots/sweep.png)
+
+## Compute at which the DDM reaches the monolith
+
+The monolith's {report['metric']} at the largest budget is {report['monolith_final']:.4g}; the compute (as a
+fraction of the largest budget) at which each K's best strategy reaches it, interpolated in log compute:
+
+{markdown_table(["K", "best strategy", "compute ratio"], ratios)}
+"""

@@ -1,0 +1,70 @@
+"""`ddmkit sweep`: a tiny grid end to end from the command line (equal compute for every K, data and
+partitions made once, resume), and the report's arithmetic on known answers."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddmkit.config import load_config
+from ddmkit.pipeline.sweep import cell_config, cells, interval, reach
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.toml"
+
+
+def cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DDMKIT_QUIET": "1"}
+    return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
+def test_every_k_and_the_monolith_see_the_same_samples_at_a_budget():
+    cfg = load_config(TINY)  # k = 4, 60 steps x batch 64 per expert
+    for k, budget in ((2, 1.0), (4, 1.0), (8, 0.5), (1, 2.0)):
+        c = cell_config(cfg, k, budget, seed=3)
+        assert c.partition.k == k and c.expert.train.steps * k == budget * 4 * 60
+        assert c.expert.train.seed == 3 and c.router.train.seed == 4 and c.monolith.enabled
+
+
+def test_seeds_go_to_the_ends_of_the_budget_range():
+    grid = cells([2], [0.25, 0.5, 1.0], [0, 1, 2])
+    assert [(b, s) for _, b, s in grid] == [(0.25, 0), (0.25, 1), (0.25, 2), (0.5, 0), (1.0, 0), (1.0, 1), (1.0, 2)]
+    assert len(cells([2, 4], [0.25, 0.5, 1.0], [0, 1, 2], all_seeds=True)) == 18
+
+
+def test_intervals_and_the_compute_to_reach_a_target():
+    p = interval([1.0, 2.0, 3.0])
+    assert p["mean"] == 2.0 and p["hi"] - 2.0 == pytest.approx(4.302652729911275 / math.sqrt(3))  # t_0.975,2
+    assert interval([5.0]) == {"mean": 5.0, "lo": 5.0, "hi": 5.0, "n": 1}
+    series = {0.25: {"mean": 4.0}, 0.5: {"mean": 2.0}, 1.0: {"mean": 1.0}}
+    assert reach(series, 4.0, 1.0) == 0.25
+    assert reach(series, 3.0, 1.0) == pytest.approx(math.sqrt(0.25 * 0.5))  # half way in log compute
+    assert reach(series, 0.5, 1.0) is None
+
+
+def test_a_tiny_sweep_from_the_command_line(tmp_path):
+    out = tmp_path / "sweep"
+    args = ("sweep", TINY, "--out", out, "--k", "2", "--k", "4", "--budget", "0.5", "--budget", "1",
+            "--seed", "0", "--seed", "1")
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["metric"] == "W2 / noise floor" and report["ks"] == [2, 4]
+    assert report["table"]["monolith"]["1"]["n"] == 4  # 2 seeds x 2 values of K (the same monolith compute)
+    assert report["table"]["K=2 top-2"]["0.5"]["n"] == 2 and set(report["best"]) == {"2", "4"}
+    assert (out / "sweep.md").exists() and (out / "plots" / "sweep.png").exists()
+    data = [out / f"k{k}_b{b}_s{s}" / "data" / "train.safetensors" for k in (2, 4) for b in ("0.5", "1") for s in (0, 1)]
+    assert len({p.stat().st_ino for p in data}) == 1  # the data made once, linked into every cell
+    shards = [out / f"k2_b{b}_s{s}" / "partition" / "manifest.json" for b in ("0.5", "1") for s in (0, 1)]
+    assert len({p.stat().st_ino for p in shards}) == 1  # one partition per K
+    steps = json.loads((out / "k2_b0.5_s0" / "experts" / "expert_00" / "config.json").read_text())["train"]["steps"]
+    assert steps == 60  # 0.5 x 4 x 60 / 2
+    weights = out / "k4_b1_s1" / "experts" / "expert_01" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert cli(*args).returncode == 0 and weights.stat().st_mtime_ns == before  # resumed: nothing retrained
+    refused = cli("sweep", TINY, "--out", out, "--k", "0", "--budget", "1")
+    assert refused.returncode == 2 and "--k" in refused.stderr
