@@ -43,6 +43,15 @@ def test_analyze_run_writes_every_section(trained):
     assert top1["calls"] == 8 and top1["L_top"] > 0 and top1["delta_refine"] >= 0
     assert res["compare"]["nearest"]["vs"]["top-1"]["word"] in ("better", "worse", "no clear difference")
     assert "rho" in res["link"]["refine_vs_q"] and res["link"]["verdict"]
+    # a Gaussian-mixture run: alignment of the exact posterior mean beside the strategy's own x0_hat, and
+    # every expert's error on its own cluster and on the others
+    assert 0 <= top1["hit_exact"] <= 1 and 1 <= top1["rank_exact"] <= 4 and 0 <= top1["same"] <= 1
+    assert "hit_exact" in res["strategies"]["full"]["bands"] and "hit* (exact x0)" in md
+    by = saved["heldout"]["by_cluster"]
+    assert len(by) == 10 and len(by[0]["own_by_expert"]) == 4 and "own cluster (vs v*_k)" in md
+    assert saved["heldout"]["cluster_rule"].startswith("the cluster owning")
+    # near the data an expert predicts its own cluster better than the others
+    assert by[0]["own"] < by[0]["other"]
 
 
 def test_bad_input_names_the_option(trained, tmp_path):

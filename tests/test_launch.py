@@ -1,4 +1,5 @@
-"""Launch backends: every backend gives the same bytes as inline; the SLURM script."""
+"""Launch backends: every backend gives the same bytes as inline, whatever this process's own
+torch thread count (each job runs on train.threads threads); the SLURM script."""
 import subprocess
 from pathlib import Path
 
@@ -9,7 +10,6 @@ from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
 from ddmkit.errors import DDMError
 from ddmkit.io import save_tensors
 from ddmkit.launch import ExpertJob, run_jobs, slurm_script
-from ddmkit.launch.backends import threads_per_worker
 
 
 def _jobs(root: Path, name: str, k: int = 2) -> list[ExpertJob]:
@@ -33,9 +33,17 @@ def _weights(jobs):
 
 @pytest.fixture(scope="module")
 def inline(tmp_path_factory):
+    """Inline in a process whose torch uses 2 threads (the default on a 2-core machine, where the
+    process pool's workers used 1 each and gave other weights): the job's own count must win."""
     root = tmp_path_factory.mktemp("launch")
     jobs = _jobs(root, "inline")
-    run_jobs(jobs, CFG, "inline", log=lambda m: None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_jobs(jobs, CFG, "inline", log=lambda m: None)
+        assert torch.get_num_threads() == 2  # restored after the jobs
+    finally:
+        torch.set_num_threads(before)
     return root, _weights(jobs)
 
 
@@ -44,7 +52,15 @@ def test_processes_backend_matches_inline_bytes(inline):
     jobs = _jobs(root, "processes")
     run_jobs(jobs, CFG, "processes", workers=2, log=lambda m: None)
     assert _weights(jobs) == ref
-    assert threads_per_worker(2) >= 1
+
+
+def test_thread_count_is_part_of_the_config_and_changes_the_bytes(inline, tmp_path):
+    """train.threads decides the bytes (so every backend sets it): 2 threads give other weights."""
+    root, ref = inline
+    two = CFG.model_copy(update={"train": CFG.train.model_copy(update={"threads": 2})})
+    jobs = _jobs(root, "two_threads")
+    run_jobs(jobs, two, "inline", log=lambda m: None)
+    assert _weights(jobs) != ref
 
 
 def test_ray_backend_matches_inline_bytes(inline):

@@ -1,6 +1,7 @@
 """The two commands end to end in --quick mode."""
 import json
 
+import numpy as np
 from typer.testing import CliRunner
 
 from ddmkit.cli import theory_app as app
@@ -31,5 +32,13 @@ def test_distill_quick(tmp_path):
             errors = [run["errors"][kind][str(n)]["end_to_end"] for n in (1, 2, 4)]
             assert all(0 < e < 1 for e in errors)
         assert run["Lambda_total"]["mean"] <= run["Lambda_total"]["max"] <= run["Lambda_total"]["bound"] * (1 + 1e-6)
+        # the students of the Lambda grid are trained on a grid with equal steps of the measured mean Lambda
+        # (the times are decreasing, Lambda_mean decreasing with them), not on the uniform grid
+        times, lam = np.asarray(run["times"])[::-1], np.asarray(run["Lambda_mean"])[::-1]
+        for n in ("2", "4"):
+            grid = np.asarray(run["grids"]["lambda"][n])
+            assert np.allclose(np.diff(np.interp(grid, times, lam)), -lam[-1] / int(n), rtol=1e-6)
+            assert not np.allclose(grid, run["grids"]["uniform"][n], atol=1e-3)
+            assert run["errors"]["lambda"][n]["end_to_end"] != run["errors"]["uniform"][n]["end_to_end"]
     exponents = results["scaling"]["ou"]["exponents"]["L_peak"]
     assert abs(exponents["sigma"] + 4) < 0.1 and abs(exponents["D"] - 2) < 0.1  # L(0) ~ D^2 / sigma^4

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from ddmkit.theory.distill import two_modes, union_times
+from ddmkit.theory.distill import DistillSettings, make_grids, stability_profile, two_modes, union_times
 from ddmkit.theory.paths import get_path
 from ddmkit.theory.stability import (cumulative_lambda, lambda_uniform_grid, measured_lipschitz, report_times,
                                      teacher_solve, uniform_grid)
@@ -59,6 +59,11 @@ def test_lambda_grid_has_equal_lambda_steps():
     assert grid[0] == 1.0 and grid[-1] == 0.0 and (grid[1:] < grid[:-1]).all()
 
 
+def test_report_times_are_uniform_in_sqrt_t():
+    assert torch.allclose(report_times(get_path("ou", 4.0), 5), 4.0 * torch.tensor([1.0, 0.5625, 0.25, 0.0625, 0.0],
+                                                                                   dtype=F64))
+
+
 def test_uniform_grid_and_union_of_grids():
     path = get_path("ou", 4.0)
     assert torch.allclose(uniform_grid(path, 4), torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0], dtype=F64))
@@ -78,6 +83,15 @@ def test_teacher_flow_of_one_gaussian_is_linear(gen):
         assert torch.allclose(x, a * m + torch.sqrt(a**2 * s2 + t**2) * x1, atol=1e-7)
 
 
+def test_teacher_default_tolerance_is_tight(gen):
+    """The teacher of the distillation study (default tolerance 1e-8) on the closed-form flow of one Gaussian."""
+    m, s2 = torch.tensor([1.0, -0.5], dtype=F64), 0.05
+    gmm = GaussianMixture.from_covariances([1.0], m[None], [s2])
+    x1 = torch.randn(16, 2, generator=gen, dtype=F64)
+    final = teacher_solve(get_path("linear"), gmm, x1, torch.tensor([1.0, 0.0], dtype=F64))[-1]
+    assert torch.allclose(final, m + s2**0.5 * x1, atol=1e-6)
+
+
 def test_measured_lipschitz_of_one_gaussian_is_the_bound(gen):
     gmm = GaussianMixture.from_covariances([1.0], [[0.0, 0.0]], [0.3])
     path = get_path("linear")
@@ -86,3 +100,38 @@ def test_measured_lipschitz_of_one_gaussian_is_the_bound(gen):
     measured = measured_lipschitz(path, gmm, states, times)
     assert torch.allclose(measured["mean"], path.lipschitz_bound(gmm, times))
     assert torch.allclose(measured["max"], measured["mean"])
+
+
+def test_distillation_grids_are_uniform_in_the_profile_lambda():
+    """make_grids on a profile with a known Lambda (L = 1 / (0.01 + t), Lambda = log((0.01 + t) / 0.01)):
+    the Lambda grid has equal steps of that Lambda and is not the uniform grid (its last segment, at the
+    stiff data end, is about 250 times shorter)."""
+    path = get_path("linear")
+    t = report_times(path, 4001)
+    profile = {"times": t, "lambda_mean": cumulative_lambda(t, 1.0 / (0.01 + t))}
+    grids = make_grids(path, profile, (1, 4))
+    assert torch.allclose(grids["uniform"][4], torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=F64))
+    assert grids["lambda"][1].tolist() == [1.0, 0.0]
+    exact = np.log((0.01 + grids["lambda"][4].numpy()) / 0.01)
+    assert np.allclose(np.diff(exact), -math.log(101) / 4, rtol=1e-4)
+    expect = 0.01 * (101.0 ** (np.arange(4, -1, -1) / 4) - 1)  # the inverse of Lambda at equal steps
+    assert np.allclose(grids["lambda"][4].numpy(), expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear", "ou"])
+def test_distillation_lambda_grid_of_two_stiff_modes_crowds_the_data_end(name):
+    """On two modes with D / sigma = 8 the study's Lambda grid has equal steps of the measured mean
+    Lambda (not of the bound) and is not the uniform grid; on the OU path (uniform in tau in [0, 4])
+    it puts its last segment far closer to the data end."""
+    path = get_path(name, 4.0)
+    s = DistillSettings(lipschitz_trajectories=32, lipschitz_times=41)
+    profile = stability_profile(path, two_modes(2.0, 0.25), s, torch.Generator().manual_seed(0))
+    grids = make_grids(path, profile, (4,))
+    t, lam = profile["times"].numpy()[::-1], profile["lambda_mean"].numpy()[::-1]
+    steps = np.diff(np.interp(grids["lambda"][4].numpy(), t, lam))
+    assert np.allclose(steps, steps[0], rtol=1e-6) and steps[0] < 0
+    bound_steps = np.diff(np.interp(grids["lambda"][4].numpy(), t, profile["lambda_bound"].numpy()[::-1]))
+    assert not np.allclose(bound_steps, bound_steps[0], rtol=0.05)
+    assert float((grids["lambda"][4] - grids["uniform"][4]).abs().max()) > 0.05
+    if name == "ou":
+        assert float(grids["lambda"][4][-2]) < 0.1 * float(grids["uniform"][4][-2])

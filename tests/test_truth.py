@@ -129,3 +129,84 @@ def test_bad_covariances_are_refused():
         GaussianMixture.from_covariances([1], [[0.0, 0.0]], [[0.0, 1.0]])
     with pytest.raises(ValueError, match="shape"):
         GaussianMixture.from_covariances([1, 1], [[0.0, 0.0]], [1.0])
+
+
+# ----- against an independent computation: Bayes' rule on scipy densities ---------------------------
+def scipy_parts(g: GaussianMixture, x: np.ndarray, t: float):
+    """Per-component noised densities N(x; (1-t) mu_k, (1-t)^2 Sigma_k + t^2 I) from scipy, the prior,
+    and the Gaussian-conditioning x0 means E[x0 | x_t, k] = mu_k + (1-t) Sigma_k C_k^{-1} (x - (1-t) mu_k)."""
+    from scipy.stats import multivariate_normal
+
+    a = 1.0 - t
+    weights, means, covs = g.weights.numpy(), g.means.numpy(), g.covariances.numpy()
+    eye = np.eye(g.dim)
+    log_dens = np.stack([multivariate_normal(a * m, a**2 * c + t**2 * eye).logpdf(x) for m, c in zip(means, covs)], 1)
+    x0 = np.stack([m + (a * c @ np.linalg.solve(a**2 * c + t**2 * eye, (x - a * m).T)).T for m, c in zip(means, covs)], 1)
+    return weights, log_dens.reshape(len(x), -1), x0
+
+
+UNEQUAL = GaussianMixture.from_covariances(
+    [0.7, 0.2, 0.1], [[0.0, 0.0, 0.0], [1.0, 0.5, 0.0], [-0.5, 1.0, 0.5]],
+    [[[0.6, 0.2, 0.0], [0.2, 0.4, 0.1], [0.0, 0.1, 0.3]], [[0.3, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.2]],
+     [[0.5, -0.1, 0.0], [-0.1, 0.5, 0.0], [0.0, 0.0, 0.5]]])
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.8])
+def test_posterior_log_prob_and_x0_mean_match_bayes_rule_on_scipy_densities(t, gen):
+    """Unequal weights (0.7, 0.2, 0.1) and overlapping full-covariance components: the posterior is
+    pi_k N_k / sum_j pi_j N_j with scipy's densities, not the code's own log-density. A posterior that
+    ignores the weights is off by up to the prior ratio 7 here."""
+    g = UNEQUAL
+    x = g.sample(200, gen) * (1 - t) + t * torch.randn(200, 3, generator=gen, dtype=D)
+    weights, log_dens, x0k = scipy_parts(g, x.numpy(), t)
+    joint = np.log(weights) + log_dens
+    post = np.exp(joint - joint.max(1, keepdims=True))
+    post /= post.sum(1, keepdims=True)
+    assert np.allclose(g.posterior(x, t).numpy(), post, atol=1e-10)
+    assert np.allclose(g.log_prob(x, t).numpy(), np.logaddexp.reduce(joint, 1), atol=1e-10)
+    assert np.allclose(g.component_log_prob(x, t).numpy(), log_dens, atol=1e-10)
+    x0 = (post[..., None] * x0k).sum(1)  # E[x0 | x_t] = sum_k P(k | x_t) E[x0 | x_t, k]
+    assert np.allclose(g.x0_mean(x, t).numpy(), x0, atol=1e-9)
+    if t > 0:  # v = (x_t - E[x0 | x_t]) / t on the linear path
+        assert np.allclose(g.velocity(x, t).numpy(), (x.numpy() - x0) / t, atol=1e-9)
+    # the weights matter here: the posterior of the equal-weight mixture is far from it
+    flat = np.exp(log_dens - log_dens.max(1, keepdims=True))
+    flat /= flat.sum(1, keepdims=True)
+    assert np.abs(flat - post).max() > 0.2
+
+
+def test_posterior_at_pure_noise_is_the_prior(gen):
+    """At t = 1 every noised component is N(0, I): the posterior is the prior pi, whatever x."""
+    x = torch.randn(16, 3, generator=gen, dtype=D) * 3
+    assert torch.allclose(UNEQUAL.posterior(x, 1.0), UNEQUAL.weights.expand(16, 3), atol=1e-12)
+    assert torch.allclose(UNEQUAL.weights, torch.tensor([0.7, 0.2, 0.1], dtype=D))
+
+
+def test_sample_frequencies_follow_the_weights(gen):
+    _, labels = UNEQUAL.sample(20000, gen, return_labels=True)
+    freq = torch.bincount(labels, minlength=3).double() / 20000
+    assert torch.allclose(freq, UNEQUAL.weights, atol=0.015)
+
+
+def test_log_prob_defaults_to_the_data_end_and_to_changes_dtype(gen):
+    x = torch.randn(8, 3, generator=gen, dtype=D)
+    assert torch.equal(UNEQUAL.log_prob(x), UNEQUAL.log_prob(x, 0.0))
+    single = UNEQUAL.to(dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in (single.weights, single.means, single.eigvals, single.eigvecs))
+    assert UNEQUAL.to().means.dtype == D
+
+
+def test_lipschitz_bound_is_the_closed_form_and_is_attained_between_two_modes():
+    """Two modes N(+-D/2 e1, s2 I): the bound is |t - (1-t) s2| / c + (1-t) t D^2 / (4 c^2), c = (1-t)^2 s2 + t^2,
+    for a vector of times; where t <= (1-t) s2 (near the data) it is the Jacobian's norm on the bisector x = 0."""
+    d, s2 = 3.0, 0.09
+    g = GaussianMixture.from_covariances([1.0, 1.0], [[-d / 2, 0.0], [d / 2, 0.0]], [s2, s2])
+    t = torch.tensor([0.02, 0.05, 0.3, 0.7, 0.95], dtype=D)
+    a = 1 - t
+    c = a**2 * s2 + t**2
+    expect = (t - a * s2).abs() / c + a * t * d**2 / (4 * c**2)
+    assert torch.allclose(g.velocity_lipschitz_bound(t), expect, rtol=1e-12)
+    for ti in (0.02, 0.05):
+        jac = g.velocity_jacobian(torch.zeros(1, 2, dtype=D), ti)
+        assert float(torch.linalg.matrix_norm(jac, ord=2)) == pytest.approx(float(g.velocity_lipschitz_bound(ti)),
+                                                                             rel=1e-10)

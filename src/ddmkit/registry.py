@@ -9,10 +9,12 @@ module is where it is checked, before and after loading:
     verify_registry(run)       recompute and compare; a mismatch is a DDMError naming
                                the file and the field
     safe_join(run, rel)        a manifest path, refused if it leaves the run folder
-    load_partition_checked     the partition manifest validated by schema, shard paths safe
+    load_partition_checked     the partition manifest validated by schema (ddmkit.data.partition),
+                               its tensors checked, shard paths safe
     load_model(folder)         config.json validated by schema, the network built on the
-                               meta device and compared with the safetensors header
-                               before any real allocation, then loaded
+                               meta device and compared with the safetensors header (names,
+                               shapes, dtypes) before any real allocation, then loaded and
+                               its weights checked to be finite
 
 Weights are only ever read as safetensors and metadata only as JSON.
 """
@@ -23,10 +25,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from torch.overrides import TorchFunctionMode
 
 from ddmkit.conventions import TIME_CONVENTION, __version__
-from ddmkit.config import _explain
+from ddmkit.config import validate
 from ddmkit.data.partition import load_partition
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, sha256_file, write_json
@@ -56,23 +59,7 @@ def safe_join(root: str | Path, rel: Any, what: str = "path") -> Path:
 
 # ----- schemas -------------------------------------------------------------
 class _Loose(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ShardEntry(_Loose):
-    cluster: int = Field(ge=0)
-    path: str
-    count: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class PartitionManifest(_Loose):
-    k: int = Field(ge=1, le=100_000)
-    counts: list[int]
-    shards: list[ShardEntry]
-    features: Any
-    data_shape: list[int]  # [] for text (byte streams)
-    data_hash: str | None = None
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class ModelConfig(_Loose):
@@ -88,7 +75,7 @@ class RegistryEntry(BaseModel):
     name: str
     role: Literal["expert", "router", "monolith"]
     path: str
-    cluster: int | None = None
+    cluster: int | None = Field(None, ge=0, le=100_000)
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     config_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     shard_sha256: str | None = None
@@ -99,37 +86,29 @@ class Registry(BaseModel):
     format: Literal["ddmkit-registry-1"]
     ddmkit_version: str
     time_convention: str
-    k: int = Field(ge=1)
+    k: int = Field(ge=1, le=100_000)
     data_hash: str | None = None
     partition_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     models: list[RegistryEntry]
 
 
 def _validated(schema: type[BaseModel], data: Any, source: str):
-    if not isinstance(data, dict):
-        raise DDMError(f"{source}: expected a JSON object, got {type(data).__name__}")
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        raise DDMError(_explain(e, str(source))) from None
+    return validate(schema, data, str(source), "file")
 
 
 # ----- partition -------------------------------------------------------------
 def load_partition_checked(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(manifest, tensors) of a partition folder, the manifest validated and
+    """(manifest, tensors) of a partition folder, the manifest validated (load_partition) and
     every shard path checked to stay inside the folder."""
     folder = Path(folder)
     source = folder / "manifest.json"
     if not source.exists():
         raise DDMError(f"{folder.parent}: no partition yet (partition/manifest.json); run `ddmkit partition "
                        f"--config CONFIG --out {folder.parent}` first")
-    m = _validated(PartitionManifest, read_json(source), str(source))
-    if len(m.shards) != m.k or len(m.counts) != m.k or sorted(s.cluster for s in m.shards) != list(range(m.k)):
-        raise DDMError(f"{source}: k = {m.k} but the manifest lists {len(m.shards)} shards and {len(m.counts)} "
-                       "counts (clusters 0 .. k-1 each once are expected); re-run `ddmkit partition`")
-    for s in m.shards:
-        safe_join(folder, s.path, f"{source}: shards[{s.cluster}].path")
-    return load_partition(folder)
+    manifest, tensors = load_partition(folder)
+    for s in manifest["shards"]:
+        safe_join(folder, s["path"], f"{source}: shards[{s['cluster']}].path")
+    return manifest, tensors
 
 
 def shard_files(run: str | Path) -> list[Path]:
@@ -141,40 +120,72 @@ def shard_files(run: str | Path) -> list[Path]:
 
 
 # ----- model folders -----------------------------------------------------------
-def header_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor names and shapes from a safetensors header (no tensor is read)."""
+DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL"}
+
+
+def header_shapes(path: Path) -> dict[str, tuple[list[int], str]]:
+    """Tensor names, shapes and dtypes ("F32", ...) from a safetensors header (no tensor is read)."""
     from safetensors import safe_open
 
-    if not path.exists():
-        raise DDMError(f"{path} is missing; train or copy it again")
+    if not path.is_file():
+        raise DDMError(f"{path} is missing (or not a file); train or copy it again")
     try:
         with safe_open(str(path), "pt") as f:
-            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except Exception as e:
         raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); re-train or re-copy it") from e
 
 
+class _Budget(TorchFunctionMode):
+    """Stops building a network that makes far more tensors than the weights file holds (a config.json
+    asking for a depth of a billion would otherwise build for ever, even on the meta device)."""
+
+    def __init__(self, limit: int, folder: Path):
+        super().__init__()
+        self.left, self.folder = limit, folder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.left -= 1
+        if self.left < 0:
+            raise DDMError(f"{self.folder / 'config.json'}: its network is far larger than model.safetensors "
+                           "(the config asks for more layers or tensors than the weights hold); re-copy the folder")
+        return func(*args, **(kwargs or {}))
+
+
 def check_model_folder(folder: str | Path) -> dict:
     """Validate config.json and check the network it describes has exactly
-    the tensors of model.safetensors (built on the meta device: no memory)."""
+    the tensors of model.safetensors, of the same shapes and dtypes (built on
+    the meta device: no memory)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise DDMError(f"{folder} is not a model folder (config.json + model.safetensors); train or copy it again")
     config = read_json(folder / "config.json")
     cfg = _validated(ModelConfig, config, str(folder / "config.json"))
     if cfg.time_convention != TIME_CONVENTION:
         raise DDMError(f"{folder}: time convention {cfg.time_convention!r} differs from ddmkit's "
                        f"{TIME_CONVENTION!r}; convert the model before mixing it")
-    shapes = header_shapes(folder / "model.safetensors")
+    header = header_shapes(folder / "model.safetensors")
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _Budget(20 * len(header) + 200, folder):
             model = build_model(cfg.arch, **cfg.kwargs)
     except DDMError:
         raise
     except Exception as e:  # a constructor rejecting odd values
         raise DDMError(f"{folder / 'config.json'}: kwargs {cfg.kwargs} do not build a {cfg.arch!r} ({e})") from None
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: v[0] for k, v in header.items()}
     if expected != shapes:
         diff = sorted((set(expected) ^ set(shapes)) | {k for k in expected if shapes.get(k) != expected[k]})
         raise DDMError(f"{folder / 'model.safetensors'} does not match its config.json (tensors {diff[:5]} differ)")
+    dtypes = {k: DTYPES.get(v.dtype, str(v.dtype)) for k, v in model.state_dict().items()}
+    other = sorted(k for k in dtypes if header[k][1] != dtypes[k])
+    if other:
+        k = other[0]
+        raise DDMError(f"{folder / 'model.safetensors'}: tensor {k!r} is {header[k][1]} but the network's is "
+                       f"{dtypes[k]} ({len(other)} tensors differ); ddmkit loads weights of the network's own "
+                       "dtype only: re-train or re-export them")
     return config
 
 

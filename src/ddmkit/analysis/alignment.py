@@ -8,6 +8,11 @@ its centroids:
     hit    = [argmax_k w_k = argmin_k d_k]             (the main routed expert is the nearest cluster)
     rank   = sum_k w_k rank_k                          (1 = all weight on the nearest cluster)
 
+x0_hat comes from the strategy's own routed velocity, so a one-expert strategy tends to hit by
+construction (expert k pulls x0_hat into cluster k). On Gaussian-mixture data the same measures are
+also taken with the exact posterior mean x0* = E[x0 | x_t] of the truth in place of x0_hat (hit*,
+rank*, independent of the strategy and its experts), with `same` = [argmin_k d_k = argmin_k d*_k].
+
 Disagreement, from all K expert velocities v_k at the state, router probabilities r and
 routed velocity v, with theta(a, b) = arccos(a.b / |a||b|) in degrees:
 
@@ -21,6 +26,12 @@ Per-expert error on held-out data x noised to x_t = (1 - t) x + t eps:
            (mixtures: v*_k the exact velocity of cluster k, weighted by the exact posterior
            r*_k so that it measures expert k where its cluster has mass)
     TV  = 1/2 sum_k |r_k(x_t) - r*_k(x_t)|  (r* the exact posterior of the clusters)
+
+and, independent of any strategy, every expert's error on held-out points of its own cluster
+(c(x) = k) and on points of the other clusters (c(x) != k), reported apart:
+
+    e_own  = mean over (x, k) with c(x) = k  of e_k(x_t)
+    e_other = mean over (x, k) with c(x) != k of e_k(x_t)   (likewise against v*_k on mixtures)
 """
 from __future__ import annotations
 
@@ -31,6 +42,7 @@ import torch
 
 from ddmkit.analysis.trace import strategy_weights
 from ddmkit.ddm.model import DDM
+from ddmkit.truth import GaussianMixture
 
 
 def expert_velocities(experts: Sequence, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -62,18 +74,40 @@ def cluster_alignment(x0_hat: torch.Tensor, w: torch.Tensor, features, centroids
             "dist_nearest": d.min(1).values, "dist_routed": (w * d).sum(1)}
 
 
+def exact_x0(truth: GaussianMixture, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The exact posterior mean E[x0 | x_t = x] of the truth, in x's shape and dtype."""
+    return truth.x0_mean(x.reshape(len(x), -1).double(), t.double()).to(x.dtype).reshape(x.shape)
+
+
+def exact_alignment(x0_hat: torch.Tensor, x0_star: torch.Tensor, w: torch.Tensor, features,
+                    centroids: torch.Tensor) -> dict:
+    """cluster_alignment with the exact x0* in place of x0_hat (keys with a "_exact" suffix), and
+    "same": whether x0_hat and x0* have the same nearest cluster."""
+    al = cluster_alignment(x0_star, w, features, centroids)
+    near = torch.cdist(features(x0_hat).double(), centroids.double()).argmin(1)
+    near_star = torch.cdist(features(x0_star).double(), centroids.double()).argmin(1)
+    return {**{f"{k}_exact": v for k, v in al.items()}, "same": (near == near_star).double()}
+
+
+EXACT_KEYS = ("hit_exact", "rank_exact", "dist_nearest_exact", "dist_routed_exact", "same")
+
+
 @torch.no_grad()
-def trajectory_alignment(ddm: DDM, tr, features, centroids: torch.Tensor, max_steps: int | None = None) -> dict:
-    """Cluster alignment and disagreement at the steps of a trace: (steps, B) tensors + step times."""
+def trajectory_alignment(ddm: DDM, tr, features, centroids: torch.Tensor, max_steps: int | None = None,
+                         truth: GaussianMixture | None = None) -> dict:
+    """Cluster alignment and disagreement at the steps of a trace: (steps, B) tensors + step times.
+    With the truth also the alignment of the exact posterior mean x0* (EXACT_KEYS)."""
     n = len(tr.t)
     steps = list(range(n)) if not max_steps or max_steps >= n else \
         torch.linspace(0, n - 1, max_steps).round().long().unique().tolist()
     x0_hat = tr.x0_hat
-    keys = ("hit", "rank", "dist_nearest", "dist_routed", "pair", "mean")
+    keys = ("hit", "rank", "dist_nearest", "dist_routed", "pair", "mean") + (EXACT_KEYS if truth is not None else ())
     out: dict[str, list] = {k: [] for k in keys}
     for i in steps:
         t = tr.t[i].expand(tr.x.shape[1]).to(tr.x.dtype)
         al = cluster_alignment(x0_hat[i], tr.w[i], features, centroids)
+        if truth is not None:
+            al |= exact_alignment(x0_hat[i], exact_x0(truth, tr.x[i], t), tr.w[i], features, centroids)
         vk = expert_velocities(ddm.experts, tr.x[i], t)
         dis = disagreement(vk.double(), tr.probs[i].double(), tr.v[i].reshape(len(vk), -1).double())
         for k in keys:
@@ -83,16 +117,31 @@ def trajectory_alignment(ddm: DDM, tr, features, centroids: torch.Tensor, max_st
     return res
 
 
+def own_cluster_errors(err: torch.Tensor, clusters: torch.Tensor) -> dict:
+    """Errors err (B, K) of every expert on every point split by the point's cluster (B,): pooled over
+    (point, expert) pairs with the expert's own cluster ("own") and the others ("other"), and per expert."""
+    own = torch.nn.functional.one_hot(clusters.long(), err.shape[1]).bool()
+    return {"own": masked_mean(err, own), "other": masked_mean(err, ~own),
+            "own_by_expert": [masked_mean(err[:, k], own[:, k]) for k in range(err.shape[1])],
+            "other_by_expert": [masked_mean(err[:, k], ~own[:, k]) for k in range(err.shape[1])]}
+
+
 @torch.no_grad()
 def heldout_errors(ddm: DDM, x: torch.Tensor, t_grid: Sequence[float], strategies: dict, seed: int = 0,
-                   exact: DDM | None = None) -> dict:
+                   exact: DDM | None = None, clusters: torch.Tensor | None = None) -> dict:
     """Per t of the grid: every expert's error on held-out data, routed vs not routed per strategy;
-    with an exact DDM also the error against the exact cluster velocity and the router's TV error."""
+    with an exact DDM also the error against the exact cluster velocity and the router's TV error;
+    with the held-out points' clusters (B,) also every expert's error on its own cluster and on the
+    others (independent of any strategy; "by_cluster", and "by_cluster_vs_exact" with an exact DDM)."""
     gen = torch.Generator().manual_seed(seed)
     out: dict = {"t": list(t_grid), "expert": [], "routed": {s: [] for s in strategies},
                  "not_routed": {s: [] for s in strategies}}
     if exact is not None:
         out.update(expert_vs_exact=[], routed_vs_exact={s: [] for s in strategies}, router_tv=[])
+    if clusters is not None:
+        out["by_cluster"] = []
+        if exact is not None:
+            out["by_cluster_vs_exact"] = []
     for t0 in t_grid:
         eps = torch.randn(x.shape, generator=gen).to(x)
         t = torch.full((len(x),), float(t0), dtype=x.dtype)
@@ -107,6 +156,10 @@ def heldout_errors(ddm: DDM, x: torch.Tensor, t_grid: Sequence[float], strategie
             post = exact.router(xt, t).to(err_exact.dtype)  # (B, K)
             out["expert_vs_exact"].append(((post * err_exact).sum(0) / post.sum(0).clamp_min(1e-30)).tolist())
             out["router_tv"].append(float(0.5 * (probs - post).abs().sum(1).mean()))
+        if clusters is not None:
+            out["by_cluster"].append(own_cluster_errors(err, clusters))
+            if exact is not None:
+                out["by_cluster_vs_exact"].append(own_cluster_errors(err_exact, clusters))
         for name, strat in strategies.items():
             routed = strategy_weights(ddm, strat, probs, xt, t, x0_hat, seed) > 0
             out["routed"][name].append(masked_mean(err, routed))

@@ -77,9 +77,44 @@ TABLE = [("expert calls/sample", "calls"), ("quality q", "q"), ("W2", "w2"), ("L
          ("err not routed", "err_not_routed")]
 
 
+EXACT_TABLE = [("hit* (exact x0)", "hit_exact"), ("rank* (exact x0)", "rank_exact"),
+               ("same nearest", "same")]
+
+
 def strategy_table(per: dict) -> str:
-    return markdown_table(["strategy"] + [c for c, _ in TABLE],
-                          [[name] + [r["summary"].get(k) for _, k in TABLE] for name, r in per.items()])
+    cols = TABLE + [c for c in EXACT_TABLE if all(c[1] in r["summary"] for r in per.values())]
+    return markdown_table(["strategy"] + [c for c, _ in cols],
+                          [[name] + [r["summary"].get(k) for _, k in cols] for name, r in per.items()])
+
+
+def exact_alignment_section(per: dict) -> str:
+    """hit* and rank* per t band, from the exact posterior mean (Gaussian-mixture runs only)."""
+    if not all("hit_exact" in r["bands"] for r in per.values()):
+        return ""
+    return ("With the exact posterior mean x0* = E[x0 | x_t] of the truth in place of the strategy's own x0_hat "
+            "(independent of the strategy's experts): share of steps whose main routed expert is x0*'s nearest "
+            "cluster (hit*), per t band:\n\n" + band_table(per, "hit_exact")
+            + "\n\nMean rank of the routed experts among x0*'s nearest clusters (rank*), per t band:\n\n"
+            + band_table(per, "rank_exact") + "\n")
+
+
+def own_cluster_section(held: dict) -> str:
+    """Every expert's held-out error on its own cluster vs on the others, per t (no strategy involved)."""
+    if "by_cluster" not in held:
+        return ""
+    exact = "by_cluster_vs_exact" in held
+    rows = []
+    for i, t in enumerate(held["t"]):
+        row = [f"{t:.2f}", held["by_cluster"][i]["own"], held["by_cluster"][i]["other"]]
+        if exact:
+            row += [held["by_cluster_vs_exact"][i]["own"], held["by_cluster_vs_exact"][i]["other"]]
+        rows.append(row)
+    heads = ["t", "own cluster (vs eps - x)", "other clusters (vs eps - x)"]
+    if exact:
+        heads += ["own cluster (vs v*_k)", "other clusters (vs v*_k)"]
+    return (f"Every expert's error on held-out points of its own cluster and of the other clusters (cluster of a "
+            f"point: {held.get('cluster_rule', 'given')}; no strategy involved):\n\n" + markdown_table(heads, rows)
+            + "\n")
 
 
 def band_table(per: dict, key: str) -> str:
@@ -154,10 +189,13 @@ Mean rank of the routed experts (1 = nearest), per t band:
 
 {band_table(per, 'rank')}
 
+{exact_alignment_section(per)}
+
 Per-expert error on held-out data (routed / not routed):
 
 {markdown_table(['t'] + list(held['routed']), err_rows)}
 
+{own_cluster_section(held)}
 {exact}
 ![expert error](plots/expert_error.png)
 

@@ -6,22 +6,75 @@ Names: the synthetic presets (ring8, grid25, gmm32: Gaussian mixtures with
 exact truth; moons, checkerboard: no closed form), or a path to a `.npy` /
 `.npz` file of shape (N, ...). Later data kinds (images, text) register in
 LOADERS.
+
+`data.params` are checked before anything is loaded: an unknown keyword is a
+DDMError naming the accepted ones, a number must be finite and within PARAM_BOUNDS,
+and the data that come out must be finite and non-empty.
 """
 from __future__ import annotations
 
+import inspect
+import math
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 import ddmkit.data.synthetic as synthetic
 from ddmkit.data.arrays import ArrayData, check_finite
-from ddmkit.data.images import IMAGE_LOADERS
+from ddmkit.data.images import IMAGE_LOADERS, load_idx_dataset
 from ddmkit.errors import DDMError
 
+# the bounds of every numeric keyword a loader takes (data.params); others are strings
+PARAM_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "k": (int, 1, 1024), "side": (int, 1, 32), "dim": (int, 1, 1024), "squares": (int, 1, 256),
+    "seed": (int, 0, 2**32 - 1), "radius": (float, 0, 1e6), "std": (float, 1e-6, 1e6), "spacing": (float, 0, 1e6),
+    "separation": (float, 0, 1e6), "noise": (float, 0, 1e6), "pad_to": (int, 1, 4096),
+    "test_fraction": (float, 1e-3, 0.999)}
+FIXED = ("n", "generator", "n_train", "n_test", "name")  # set by ddmkit, never by data.params
 
-def _synthetic(name: str, n_train: int, n_test: int, seed: int, **params) -> tuple[ArrayData, ArrayData]:
+
+def accepted_params(fn: Callable, skip: tuple[str, ...] = ()) -> list[str]:
+    """The keyword arguments of a loader or preset that data.params may set."""
+    return [p for p in inspect.signature(fn).parameters if p not in (*FIXED, *skip)]
+
+
+def check_params(source: str, params: dict[str, Any], accepted: list[str]) -> None:
+    """data.params against a loader's keywords: unknown names, wrong types, non-finite or out-of-range
+    numbers are a DDMError naming the field and what is accepted."""
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise DDMError(f"data.params.{unknown[0]}: unknown keyword for {source}; accepted: "
+                       f"{', '.join(accepted) or 'none (leave data.params empty)'}")
+    for key, v in params.items():
+        where = f"data.params.{key}"
+        if key not in PARAM_BOUNDS:
+            if v is not None and not isinstance(v, str):
+                raise DDMError(f"{where}: expected a string, got {v!r}")
+            continue
+        kind, low, high = PARAM_BOUNDS[key]
+        if key == "pad_to" and v is None:
+            continue
+        is_int = isinstance(v, int) and not isinstance(v, bool)
+        if kind is int and not is_int:
+            raise DDMError(f"{where}: expected a whole number in {low} .. {high}, got {v!r}")
+        if kind is float and not (is_int or isinstance(v, float)):
+            raise DDMError(f"{where}: expected a number in {low:g} .. {high:g}, got {v!r}")
+        if not (math.isfinite(v) and low <= v <= high):
+            raise DDMError(f"{where}: {v!r} is out of range; accepted: a finite number in {low:g} .. {high:g}")
+
+
+def _check_loaded(name: str, *splits: ArrayData) -> None:
+    for data in splits:
+        if len(data) == 0 and data.meta.get("split") == "train":
+            raise DDMError(f"data set {name!r} gave no training samples; check data.name, data.params and n_train")
+        check_finite(data.x, f"data set {name!r} ({data.meta.get('split', 'data')})")
+
+
+def _synthetic(name: str, n_train: int, n_test: int, seed: int, params: dict) -> tuple[ArrayData, ArrayData]:
+    preset = synthetic.MIXTURES.get(name) or synthetic.SAMPLERS[name]
+    check_params(f"the {name!r} preset", params, accepted_params(preset))
     out = []
     for split, n, offset in (("train", n_train, 0), ("test", n_test, 1)):
         gen = torch.Generator().manual_seed(seed * 2 + offset)
@@ -35,20 +88,31 @@ def _synthetic(name: str, n_train: int, n_test: int, seed: int, **params) -> tup
     return out[0], out[1]
 
 
-def _array_file(path: str, n_train: int, n_test: int, seed: int, **params) -> tuple[ArrayData, ArrayData]:
+def _array_file(path: str, n_train: int, n_test: int, seed: int, params: dict) -> tuple[ArrayData, ArrayData]:
+    check_params(f"the array file {path!r}", params, ["key"])
     p = Path(path)
-    if not p.exists():
-        raise DDMError(f"data file {path!r} does not exist")
+    if not p.is_file():
+        raise DDMError(f"data file {path!r} does not exist (or is not a file)")
     try:
         arr = np.load(p, allow_pickle=False)
     except Exception as e:  # a corrupt or pickled file
         raise DDMError(f"data file {path!r} could not be read as .npy/.npz without pickle: {e}") from e
     labels = None
     if isinstance(arr, np.lib.npyio.NpzFile):
+        if not arr.files:
+            raise DDMError(f"data file {path!r} holds no arrays")
         key = params.get("key", "x" if "x" in arr.files else arr.files[0])
+        if key not in arr.files:
+            raise DDMError(f"data.params.key: {path!r} holds no array {key!r}; accepted: {', '.join(arr.files)}")
         labels = arr["labels"] if "labels" in arr.files else None
         arr = arr[key]
-    x = torch.as_tensor(np.asarray(arr, dtype=np.float32))
+    try:
+        x = torch.as_tensor(np.asarray(arr, dtype=np.float32))
+    except (TypeError, ValueError) as e:
+        raise DDMError(f"data file {path!r}: not a numeric array ({e})") from None
+    if x.ndim < 2 or len(x) == 0:
+        raise DDMError(f"data file {path!r}: expected a non-empty (N, ...) array of samples, "
+                       f"got shape {tuple(x.shape)}")
     check_finite(x, f"data file {path!r}")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_test = min(n_test, len(x) // 5) if n_test else len(x) // 5
@@ -56,22 +120,26 @@ def _array_file(path: str, n_train: int, n_test: int, seed: int, **params) -> tu
     if n_train:
         train_idx = train_idx[:n_train]
     lab = torch.as_tensor(labels).long() if labels is not None else None
+    if lab is not None and lab.shape != (len(x),):
+        raise DDMError(f"data file {path!r}: 'labels' has shape {tuple(lab.shape)}, expected ({len(x)},)")
     mk = lambda idx, split: ArrayData(p.stem, x[idx], lab[idx] if lab is not None else None, None, {"split": split})
     return mk(train_idx, "train"), mk(test_idx, "test")
 
 
 LOADERS: dict[str, Callable[..., tuple[ArrayData, ArrayData]]] = {
-    **{k: (lambda *a, _k=k, **kw: _synthetic(_k, *a, **kw)) for k in (*synthetic.MIXTURES, *synthetic.SAMPLERS)},
+    **{k: (lambda n_train, n_test, seed, params, _k=k: _synthetic(_k, n_train, n_test, seed, params))
+       for k in (*synthetic.MIXTURES, *synthetic.SAMPLERS)},
 }
 
 
 def _image_loader(kind: str) -> Callable[..., tuple[ArrayData, ArrayData]]:
     """A loader from ddmkit.data.images (params: see that module), with bad params a clear error."""
-    def load(n_train, n_test, seed, **params):
-        try:
-            return IMAGE_LOADERS[kind](n_train, n_test, seed, **params)
-        except TypeError as e:
-            raise DDMError(f"data.params for {kind!r}: {e}") from e
+    fn = IMAGE_LOADERS[kind]
+    accepted = accepted_params(load_idx_dataset if kind == "idx" else fn, ("seed",))
+
+    def load(n_train, n_test, seed, params):
+        check_params(f"the {kind!r} loader", params, accepted)
+        return fn(n_train, n_test, seed, **params)
     return load
 
 
@@ -82,11 +150,22 @@ def dataset_names() -> list[str]:
     return sorted(LOADERS)
 
 
-def load_dataset(name: str, n_train: int = 20000, n_test: int = 5000, seed: int = 0, **params) -> tuple[ArrayData, ArrayData]:
-    """Train and test splits of a named data set or an array file."""
+def load_dataset(name: str, n_train: int = 20000, n_test: int = 5000, seed: int = 0, params: dict | None = None,
+                 **more) -> tuple[ArrayData, ArrayData]:
+    """Train and test splits of a named data set or an array file. `params` (data.params, which may
+    hold a preset's own `seed`) and keyword arguments are the loader's; they are checked first, the
+    data checked to be finite and non-empty after."""
+    params = {**(params or {}), **more}
+    if not all(isinstance(k, str) for k in params):
+        raise DDMError("data.params: keys must be names")
     if name in LOADERS:
-        return LOADERS[name](n_train, n_test, seed, **params)
-    if name.endswith((".npy", ".npz")):
-        return _array_file(name, n_train, n_test, seed, **params)
+        out = LOADERS[name](n_train, n_test, seed, params)
+    elif name.endswith((".npy", ".npz")):
+        out = _array_file(name, n_train, n_test, seed, params)
+    else:
+        out = None
+    if out is not None:
+        _check_loaded(name, *out)
+        return out
     raise DDMError(f"data.name: unknown data set {name!r}; accepted: {', '.join(dataset_names())}, "
                    "or a path to a .npy/.npz file")

@@ -1,14 +1,25 @@
-"""Feature maps for partitioning: identity, PCA (scikit-learn), or any
-user function named "package.module:function" that maps a (N, *data_shape)
-tensor to a (N, F) array.
+"""Feature maps for partitioning: identity, PCA (scikit-learn), or a user function.
 
-A fitted map is a small pure description (`spec` dict + `tensors`) so it can
-be stored next to the manifest and applied again later, e.g. to x0_hat
-during routing diagnostics.
+A fitted map is a small pure description (`spec` dict + `tensors`) stored next
+to the manifest and applied again later (nearest-centroid routing, routing
+diagnostics on x0_hat). What a file may describe is a closed set of kinds that
+ddmkit applies itself:
+
+    {"kind": "identity"}
+    {"kind": "pca", "dim": D, ...}         + tensors pca_mean (F0,), pca_components (D, F0)
+    {"kind": "function", "function": "package.module:function"}
+
+The last one is a record, by name only: ddmkit never imports code named in a
+file. A user function ("package.module:function", mapping a (N, *data_shape)
+tensor to (N, F) features) is named only by the config the user runs; it is
+imported, checked and registered in this process by `use_features` (the
+partition stage does so), and applying a "function" spec looks it up there.
+Where it was not registered, applying the map is a DDMError that says so.
 """
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,23 +27,78 @@ from sklearn.decomposition import PCA
 
 from ddmkit.errors import DDMError
 
+KINDS = ("identity", "pca", "function")  # the feature specs a manifest may hold
+_USER: dict[str, Callable] = {}  # user feature functions registered in this process, by name
+
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).float()
 
 
-def _import(path: str):
-    module, _, name = path.partition(":")
-    if not module or not name:
-        raise DDMError(f"partition.features: {path!r} is not 'identity', 'pca' or 'package.module:function'")
+def is_user_function(name: str) -> bool:
+    return name not in ("identity", "pca")
+
+
+def use_features(name: str, fn: Callable | None = None) -> Callable:
+    """Register the user feature function `name` ("package.module:function") for this process:
+    `fn` when given, else imported by name. Call it only with a name from the config the user
+    runs (never one read from a run folder). Returns the function."""
+    if fn is None:
+        module, _, attr = name.partition(":")
+        if not module or not attr:
+            raise DDMError(f"partition.features: {name!r} is not 'identity', 'pca' or 'package.module:function'")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except Exception as e:  # ImportError, AttributeError, or the module failing as it loads
+            raise DDMError(f"partition.features: cannot import {name!r} ({type(e).__name__}: {str(e)[:200]}); "
+                           "install the package that defines it, or fix the name") from None
+    if not callable(fn):
+        raise DDMError(f"partition.features: {name!r} is a {type(fn).__name__}, not a function; name a function "
+                       "mapping a (N, ...) tensor to (N, F) features")
+    _USER[name] = fn
+    return fn
+
+
+def user_features(name: str, what: str = "this") -> Callable:
+    """The registered user function `name`, or a DDMError saying how to provide it."""
+    if name not in _USER:
+        raise DDMError(f"{what} needs the partition's feature function {name!r}, which the run folder names but "
+                       "ddmkit never imports from a run folder. Run with the config that names it "
+                       f"(`ddmkit run CONFIG`, partition.features = {name!r}), or from Python call "
+                       f"ddmkit.data.features.use_features({name!r}) first; or choose another strategy")
+    return _USER[name]
+
+
+def call_user_features(name: str, fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) as a float tensor, checked: a numeric (N, F) array, F >= 1, every value finite."""
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise DDMError(f"partition.features: cannot import {path!r} ({e})") from e
+        with torch.no_grad():
+            out = fn(x)
+    except DDMError:
+        raise
+    except Exception as e:
+        raise DDMError(f"partition.features: {name} raised {type(e).__name__} ({str(e)[:200]}) on a "
+                       f"{tuple(x.shape)} tensor; it must map a (N, ...) tensor to (N, F) features") from None
+    try:
+        arr = out.detach().cpu() if torch.is_tensor(out) else torch.as_tensor(np.asarray(out))
+    except Exception:
+        arr = None
+    if arr is None or not (arr.is_floating_point() or arr.dtype in (torch.int8, torch.int16, torch.int32,
+                                                                    torch.int64, torch.uint8)):
+        raise DDMError(f"partition.features: {name} returned {type(out).__name__}; expected a numeric tensor or "
+                       f"array of shape ({x.shape[0]}, F)")
+    if arr.ndim != 2 or arr.shape[0] != x.shape[0] or arr.shape[1] < 1:
+        raise DDMError(f"partition.features: {name} returned shape {tuple(arr.shape)}; "
+                       f"expected ({x.shape[0]}, F), one feature row per input")
+    arr = arr.float()
+    if not bool(torch.isfinite(arr).all()):
+        raise DDMError(f"partition.features: {name} returned NaN or infinite features; fix the function")
+    return arr
 
 
 def fit_features(kind: str, x: torch.Tensor, pca_dim: int | None = None, seed: int = 0) -> tuple[dict, dict]:
-    """Fit a feature map on x; returns (spec, tensors)."""
+    """Fit a feature map on x; returns (spec, tensors). A user function (named by the config the
+    user runs) is imported and registered here, and checked each time it is applied."""
     if kind == "identity":
         return {"kind": "identity"}, {}
     if kind == "pca":
@@ -42,22 +108,19 @@ def fit_features(kind: str, x: torch.Tensor, pca_dim: int | None = None, seed: i
         return ({"kind": "pca", "dim": dim, "explained_variance": float(pca.explained_variance_ratio_.sum())},
                 {"pca_mean": torch.as_tensor(pca.mean_, dtype=torch.float32),
                  "pca_components": torch.as_tensor(pca.components_, dtype=torch.float32)})
-    _import(kind)
+    use_features(kind)
     return {"kind": "function", "function": kind}, {}
 
 
-def apply_features(spec: dict, tensors: dict, x: torch.Tensor) -> torch.Tensor:
-    """Features (N, F) of x under a fitted map."""
-    if spec["kind"] == "identity":
+def apply_features(spec: dict, tensors: dict, x: torch.Tensor, what: str = "this") -> torch.Tensor:
+    """Features (N, F) of x under a fitted map (a user function only if registered in this process)."""
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "identity":
         return _flat(x)
-    if spec["kind"] == "pca":
+    if kind == "pca":
         mean, comp = tensors["pca_mean"].to(x.device), tensors["pca_components"].to(x.device)
         return (_flat(x) - mean) @ comp.T
-    f = _import(spec["function"])
-    with torch.no_grad():
-        out = f(x)
-    out = torch.as_tensor(np.asarray(out.detach().cpu()) if torch.is_tensor(out) else np.asarray(out)).float()
-    if out.ndim != 2 or out.shape[0] != x.shape[0]:
-        raise DDMError(f"partition.features: {spec['function']} returned shape {tuple(out.shape)}; "
-                       f"expected ({x.shape[0]}, F), one feature row per input")
-    return out
+    if kind == "function":
+        name = spec["function"]
+        return call_user_features(name, user_features(name, what), x).to(x.device)
+    raise DDMError(f"features: unknown kind {kind!r}; accepted: {', '.join(KINDS)}")

@@ -1,30 +1,41 @@
 """Partition a data set into K clusters and write one shard per cluster.
 
     partition_data(train, k, out_dir, features="identity", balanced=False, seed=0)
+    plan = compute_partition(train, k, ...); write_partition(plan, train, out_dir)   # the same, in two steps
 
 k-means (scikit-learn) on the features; `balanced=True` then re-assigns with
 a capacity of ceil(N / K) per cluster (points with the clearest preference
-first), a simple balanced k-means. Output folder:
+first), a simple balanced k-means. Everything that can fail is found by
+compute_partition, in memory, before write_partition writes anything. Output folder:
 
     manifest.json            counts, shard paths and SHA-256s, data hash, seed, feature spec
     partition.safetensors    centroids (feature space), per-cluster mean and covariance (data space),
                              feature-map tensors
     shards/cluster_XX.safetensors   x (and labels) of one cluster: all an expert job ever reads
+
+`load_partition` reads a folder back as untrusted input: the manifest is validated by
+schema (PartitionManifest: counts >= 1, a closed set of feature kinds, consistent k)
+and every tensor is checked (shapes against the manifest, finite values).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from sklearn.cluster import KMeans
 
+from ddmkit.config import FEATURES, validate
 from ddmkit.conventions import TIME_CONVENTION, __version__
 from ddmkit.data.arrays import ArrayData, check_finite, content_hash
 from ddmkit.data.features import apply_features, fit_features
 from ddmkit.errors import DDMError
-from ddmkit.io import load_tensors, read_json, read_metadata, save_tensors, sha256_file, staging_dir, write_json
+from ddmkit.io import (check_finite_tensors, load_tensors, read_json, read_metadata, save_tensors, sha256_file,
+                       staging_dir, write_json)
 
 MAX_FULL_COV_DIM = 256
 
@@ -83,17 +94,33 @@ def cluster_statistics(x: torch.Tensor, labels: torch.Tensor, k: int) -> dict[st
             "cluster_counts": torch.bincount(labels, minlength=k).float()}
 
 
-def partition_data(train: ArrayData, k: int, out_dir: str | Path, features: str = "identity",
-                   pca_dim: int | None = None, balanced: bool = False, seed: int = 0) -> dict:
-    """Cluster `train` into k shards under out_dir; returns the manifest."""
+@dataclass
+class PartitionPlan:
+    """A partition computed in memory (nothing written yet)."""
+
+    k: int
+    labels: torch.Tensor       # (N,) cluster of every training row
+    centroids: np.ndarray      # (K, F) in feature space
+    counts: torch.Tensor       # (K,)
+    spec: dict                 # the feature map's description
+    feat_tensors: dict         # the feature map's tensors
+    balanced: bool
+    seed: int
+
+
+def compute_partition(train: ArrayData, k: int, features: str = "identity", pca_dim: int | None = None,
+                      balanced: bool = False, seed: int = 0) -> PartitionPlan:
+    """Cluster `train` into k clusters in memory; every bad input is a DDMError here."""
     if k < 1:
         raise DDMError(f"partition.k must be >= 1, got {k}")
+    if len(train) == 0:
+        raise DDMError(f"data set {train.name!r} is empty; give it samples")
     if k > len(train):
         raise DDMError(f"partition.k = {k} is larger than the number of samples ({len(train)}); "
                        "lower k or use more data")
     check_finite(train.x, f"data set {train.name!r}")
     spec, feat_tensors = fit_features(features, train.x, pca_dim, seed)
-    feats = apply_features(spec, feat_tensors, train.x)
+    feats = apply_features(spec, feat_tensors, train.x, "partition.features")
     labels_np, centroids = cluster(feats, k, balanced, seed)
     labels = torch.as_tensor(labels_np)
     counts = torch.bincount(labels, minlength=k)
@@ -101,6 +128,14 @@ def partition_data(train: ArrayData, k: int, out_dir: str | Path, features: str 
         empty = (counts == 0).nonzero().flatten().tolist()
         raise DDMError(f"partition: clusters {empty} are empty; lower partition.k or use features that "
                        "separate the data (e.g. partition.features = 'pca')")
+    if not np.isfinite(centroids).all():
+        raise DDMError("partition: k-means gave non-finite centroids; check the features (partition.features)")
+    return PartitionPlan(k, labels, centroids, counts, spec, feat_tensors, balanced, seed)
+
+
+def write_partition(plan: PartitionPlan, train: ArrayData, out_dir: str | Path) -> dict:
+    """Write a computed partition's shards, tensors and manifest (one staged folder); returns the manifest."""
+    k, labels, counts = plan.k, plan.labels, plan.counts
     data_hash = content_hash(train.x)
     with staging_dir(out_dir) as tmp:
         shards = []
@@ -113,24 +148,109 @@ def partition_data(train: ArrayData, k: int, out_dir: str | Path, features: str 
             shards.append({"cluster": c, "path": shard_name(c), "count": int(counts[c]),
                            "sha256": sha256_file(tmp / shard_name(c))})
         save_tensors(tmp / "partition.safetensors", {
-            "centroids": torch.as_tensor(centroids, dtype=torch.float32),
-            "assignments": labels, **cluster_statistics(train.x, labels, k), **feat_tensors})
+            "centroids": torch.as_tensor(plan.centroids, dtype=torch.float32),
+            "assignments": labels, **cluster_statistics(train.x, labels, k), **plan.feat_tensors})
         manifest = {"k": k, "counts": counts.tolist(), "shards": shards, "data_hash": data_hash,
                     "data_name": train.name, "data_shape": list(train.data_shape), "n": len(train),
-                    "features": spec, "balanced": balanced, "seed": seed,
+                    "features": plan.spec, "balanced": plan.balanced, "seed": plan.seed,
                     "ddmkit_version": __version__, "time_convention": TIME_CONVENTION}
         write_json(tmp / "manifest.json", manifest)
     return manifest
 
 
+def partition_data(train: ArrayData, k: int, out_dir: str | Path, features: str = "identity",
+                   pca_dim: int | None = None, balanced: bool = False, seed: int = 0) -> dict:
+    """Cluster `train` into k shards under out_dir; returns the manifest."""
+    return write_partition(compute_partition(train, k, features, pca_dim, balanced, seed), train, out_dir)
+
+
+# ----- reading a partition back (untrusted input) ------------------------------------------
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class IdentityFeatures(_Loose):
+    kind: Literal["identity"]
+
+
+class PcaFeatures(_Loose):
+    kind: Literal["pca"]
+    dim: int = Field(ge=1, le=100_000)
+
+
+class FunctionFeatures(_Loose):
+    """A user function, recorded by name only: never imported from the file."""
+    kind: Literal["function"]
+    function: str = Field(pattern=FEATURES.pattern)
+
+
+class TextFeatures(_Loose):
+    """Text partitions (ddmkit.discrete): the TF-IDF settings, a record."""
+    kind: Literal["tfidf_char_ngrams"]
+
+
+FeatureSpec = Annotated[Union[IdentityFeatures, PcaFeatures, FunctionFeatures, TextFeatures],
+                        Field(discriminator="kind")]
+Count = Annotated[int, Field(ge=1, le=10**12)]
+
+
+class ShardEntry(_Loose):
+    cluster: int = Field(ge=0, le=100_000)
+    path: str = Field(min_length=1, max_length=1000)
+    count: Count
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class PartitionManifest(_Loose):
+    k: int = Field(ge=1, le=100_000)
+    counts: list[Count]
+    shards: list[ShardEntry]
+    features: FeatureSpec
+    data_shape: list[Annotated[int, Field(ge=1, le=10**6)]] = Field(max_length=8)  # [] for text (byte streams)
+    data_hash: str | None = None
+
+
+def check_manifest(raw: Any, source: str | Path) -> dict:
+    """A partition manifest validated by schema and for consistency; returns it as read."""
+    m = validate(PartitionManifest, raw, str(source), "partition manifest")
+    if len(m.shards) != m.k or len(m.counts) != m.k or sorted(s.cluster for s in m.shards) != list(range(m.k)):
+        raise DDMError(f"{source}: k = {m.k} but the manifest lists {len(m.shards)} shards and {len(m.counts)} "
+                       "counts (clusters 0 .. k-1 each once are expected); re-run `ddmkit partition`")
+    for s in m.shards:
+        if s.count != m.counts[s.cluster]:
+            raise DDMError(f"{source}: shards[{s.cluster}].count = {s.count} but counts[{s.cluster}] = "
+                           f"{m.counts[s.cluster]}; re-run `ddmkit partition`")
+    return raw
+
+
+def check_partition_tensors(manifest: dict, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """The partition's tensors against its manifest: centroids (K, F), the feature map's tensors, all finite."""
+    k, spec = manifest["k"], manifest["features"]
+    c = tensors.get("centroids")
+    if c is None or c.ndim != 2 or c.shape[0] != k or not c.is_floating_point() or c.shape[1] < 1:
+        raise DDMError(f"{source}: 'centroids' must be a float (k, F) = ({k}, F) tensor, got "
+                       f"{None if c is None else (str(c.dtype), tuple(c.shape))}; re-run `ddmkit partition`")
+    check_finite_tensors(tensors, source)
+    dim = math.prod(manifest["data_shape"]) if manifest["data_shape"] else None
+    want = {"identity": dim, "pca": spec.get("dim")}.get(spec["kind"])
+    if want is not None and c.shape[1] != want:
+        raise DDMError(f"{source}: centroids have {c.shape[1]} features but the {spec['kind']} map gives {want}; "
+                       "re-run `ddmkit partition`")
+    if spec["kind"] == "pca":
+        mean, comp = tensors.get("pca_mean"), tensors.get("pca_components")
+        if (mean is None or comp is None or mean.ndim != 1 or comp.shape != (spec["dim"], mean.shape[0])
+                or (dim is not None and mean.shape[0] != dim)):
+            raise DDMError(f"{source}: the PCA map's tensors pca_mean (D,) and pca_components (dim, D) are "
+                           "missing or of the wrong shape; re-run `ddmkit partition`")
+
+
 def load_partition(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(manifest, tensors) of a partition folder."""
+    """(manifest, tensors) of a partition folder, both checked (check_manifest, check_partition_tensors)."""
     folder = Path(folder)
-    manifest = read_json(folder / "manifest.json")
-    for key in ("k", "shards", "features", "data_shape"):
-        if key not in manifest:
-            raise DDMError(f"{folder / 'manifest.json'}: missing field {key!r}; re-run `ddmkit partition`")
-    return manifest, load_tensors(folder / "partition.safetensors")
+    manifest = check_manifest(read_json(folder / "manifest.json"), folder / "manifest.json")
+    tensors = load_tensors(folder / "partition.safetensors")
+    check_partition_tensors(manifest, tensors, folder / "partition.safetensors")
+    return manifest, tensors
 
 
 def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
@@ -142,6 +262,9 @@ def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dic
     return tensors["x"], tensors.get("labels"), meta
 
 
-def feature_map(manifest: dict, tensors: dict):
-    """The partition's feature map as a function x -> (N, F)."""
-    return lambda x: apply_features(manifest["features"], tensors, x)
+def feature_map(manifest: dict, tensors: dict, what: str = "nearest-centroid routing"):
+    """The partition's feature map as a function x -> (N, F). A user function's map works only where
+    the user's config registered it in this process (ddmkit.data.features.use_features); otherwise
+    calling the map is a DDMError naming `what` needs it. Nothing is imported here."""
+    spec = manifest["features"]
+    return lambda x: apply_features(spec, tensors, x, what)

@@ -3,7 +3,8 @@
     train_expert(shard, config, out_dir)        (ddmkit.train.jobs)
 
 so an expert's bytes depend only on its shard, its config and its seed, not
-on where it ran:
+on where it ran: every backend runs a job on config.train.threads CPU threads
+(`job_threads`; torch's results change with the thread count):
 
     inline      one after another in this process (the default);
     processes   a local pool, one fresh process per expert, one GPU per process
@@ -23,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError
 from ddmkit.launch.ray_backend import run_ray
+from ddmkit.launch.threads import job_threads
 from ddmkit.train.jobs import train_expert
 
 BACKENDS = ("inline", "processes", "ray")
@@ -48,8 +52,6 @@ def check_backend(name: str) -> str:
 
 
 def cuda_count() -> int:
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -58,40 +60,35 @@ def default_workers(n_jobs: int) -> int:
     return max(1, min(n_jobs, cuda_count() or os.cpu_count() or 1))
 
 
-def threads_per_worker(workers: int) -> int:
-    """Split the CPU cores between workers so they do not oversubscribe them."""
-    return max(1, (os.cpu_count() or 1) // max(workers, 1))
-
-
 def run_inline(jobs: list[ExpertJob], config: ExpertConfig, resume: bool = False, log: Log = print) -> list[Path]:
     out = []
     for job in jobs:
-        out.append(train_expert(job.shard, config, job.out_dir, resume=resume))
+        with job_threads(config.train.threads):
+            out.append(train_expert(job.shard, config, job.out_dir, resume=resume))
         log(f"expert {job.cluster}: written to {job.out_dir}")
     return out
 
 
-def _process_job(job: ExpertJob, config_dump: dict, resume: bool, gpu: int | None, threads: int) -> str:
+def _process_job(job: ExpertJob, config_dump: dict, resume: bool, gpu: int | None) -> str:
     """Body of one pool process (a fresh process per job: CUDA starts after the
     GPU is chosen)."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    import torch
-
-    torch.set_num_threads(threads)
-    return str(train_expert(job.shard, ExpertConfig.model_validate(config_dump), job.out_dir, resume=resume))
+    config = ExpertConfig.model_validate(config_dump)
+    with job_threads(config.train.threads):
+        return str(train_expert(job.shard, config, job.out_dir, resume=resume))
 
 
 def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | None = None, resume: bool = False,
-                  log: Log = print, threads: int | None = None) -> list[Path]:
+                  log: Log = print) -> list[Path]:
+    """A local pool of `workers` fresh processes (each job on config.train.threads threads)."""
     import multiprocessing
 
     workers = workers or default_workers(len(jobs))
-    threads = threads or threads_per_worker(workers)
     gpus = cuda_count()
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_process_job, job, config.model_dump(), resume, i % gpus if gpus else None, threads)
+        futures = [pool.submit(_process_job, job, config.model_dump(), resume, i % gpus if gpus else None)
                    for i, job in enumerate(jobs)]
         out = []
         for job, fut in zip(jobs, futures):

@@ -3,9 +3,9 @@
 A task gets the bytes of its shard and returns the bytes of the expert folder
 it wrote, so it runs on any node of a cluster without a shared file system;
 the driver writes the folder atomically. Inside the task it is the same pure
-`train_expert` as everywhere else, so the result is byte-identical to the
-inline backend for the same seeds (given the same number of CPU threads: a
-task uses `num_cpus`, default 1, threads).
+`train_expert` as everywhere else, on config.train.threads CPU threads (the
+task asks Ray for as many CPUs), so the result is byte-identical to the
+inline backend for the same seeds.
 
     run_ray(jobs, cfg.expert)                          # a local Ray on this machine
     run_ray(jobs, cfg.expert, address="auto")          # the cluster this node belongs to
@@ -22,6 +22,7 @@ from pathlib import Path
 from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError
 from ddmkit.io import staging_dir, write_bytes_atomic
+from ddmkit.launch.threads import job_threads
 from ddmkit.train.jobs import train_expert
 
 
@@ -33,16 +34,15 @@ def import_ray():
     return ray
 
 
-def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict, threads: int = 1) -> dict[str, bytes]:
+def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict) -> dict[str, bytes]:
     """What a Ray task runs: write the shard to a private temporary folder,
-    train the expert there, return {file name: bytes} of the expert folder."""
-    import torch
-
-    torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory(prefix="ddmkit-expert-") as tmp:
+    train the expert there (on config.train.threads threads), return {file name: bytes}
+    of the expert folder."""
+    config = ExpertConfig.model_validate(config_dump)
+    with tempfile.TemporaryDirectory(prefix="ddmkit-expert-") as tmp, job_threads(config.train.threads):
         shard = Path(tmp) / Path(shard_name).name
         shard.write_bytes(shard_bytes)
-        out = train_expert(shard, ExpertConfig.model_validate(config_dump), Path(tmp) / "expert")
+        out = train_expert(shard, config, Path(tmp) / "expert")
         return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
 
@@ -72,14 +72,15 @@ def start_ray(ray, address: str | None, workers: int | None):
 
 
 def run_ray(jobs, config: ExpertConfig, address: str | None = None, workers: int | None = None,
-            num_cpus: int = 1, log=print) -> list[Path]:
-    """Train every job as a Ray task and write the folders here."""
+            log=print) -> list[Path]:
+    """Train every job as a Ray task (config.train.threads CPUs each) and write the folders here."""
     ray = import_ray()
     started = start_ray(ray, address, workers)
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        task = ray.remote(train_from_bytes).options(num_cpus=num_cpus, num_gpus=gpus, max_retries=2)
-        refs = [task.remote(job.shard.name, job.shard.read_bytes(), config.model_dump(), num_cpus) for job in jobs]
+        cpus = min(config.train.threads, max(1, int(ray.cluster_resources().get("CPU", 1))))
+        task = ray.remote(train_from_bytes).options(num_cpus=cpus, num_gpus=gpus, max_retries=2)
+        refs = [task.remote(job.shard.name, job.shard.read_bytes(), config.model_dump()) for job in jobs]
         out = []
         for job, ref in zip(jobs, refs):
             out.append(write_folder(job.out_dir, ray.get(ref)))

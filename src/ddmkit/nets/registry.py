@@ -2,7 +2,8 @@
 
 A model folder holds `config.json` (the spec under "arch"/"kwargs", plus what
 the model is: role, data shape, time convention, prediction type) and
-`model.safetensors`. `from_pretrained(folder)` returns (model, config).
+`model.safetensors`. `from_pretrained(folder)` returns (model, config); it loads
+only weights of the network's own dtypes, every one finite.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from ddmkit.conventions import TIME_CONVENTION, __version__
 from ddmkit.errors import DDMError
-from ddmkit.io import load_tensors, read_json, save_tensors, write_json
+from ddmkit.io import check_finite_tensors, load_tensors, read_json, save_tensors, write_json
 from ddmkit.nets.dit import DiT
 from ddmkit.nets.mlp import RouterMLP, VelocityMLP
 from ddmkit.nets.router_cnn import RouterCNN
@@ -31,8 +32,10 @@ def build_model(arch: str, **kwargs) -> nn.Module:
         raise DDMError(f"arch: unknown architecture {arch!r}; accepted: {', '.join(sorted(ARCHITECTURES))}")
     try:
         return ARCHITECTURES[arch](**kwargs)
-    except TypeError as e:
-        raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {e}") from e
+    except DDMError:
+        raise
+    except (TypeError, ValueError, OverflowError, RuntimeError, ZeroDivisionError, AssertionError) as e:
+        raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {type(e).__name__}: {str(e)[:300]}") from None
 
 
 def build_seeded(arch: str, seed: int, **kwargs) -> nn.Module:
@@ -54,16 +57,27 @@ def save_pretrained(folder: str | Path, model: nn.Module, config: dict) -> None:
 def from_pretrained(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     folder = Path(folder)
     config = read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise DDMError(f"{folder / 'config.json'}: expected a JSON object; this is not a ddmkit model folder")
     for key in ("arch", "kwargs"):
         if key not in config:
             raise DDMError(f"{folder / 'config.json'}: missing field {key!r}; this is not a ddmkit model folder")
     if config.get("time_convention", TIME_CONVENTION) != TIME_CONVENTION:
         raise DDMError(f"{folder}: time convention {config['time_convention']!r} differs from ddmkit's "
                        f"{TIME_CONVENTION!r}; convert the model before mixing it")
+    if not isinstance(config["kwargs"], dict) or not isinstance(config["arch"], str):
+        raise DDMError(f"{folder / 'config.json'}: 'arch' must be a name and 'kwargs' a table")
     model = build_model(config["arch"], **config["kwargs"])
-    state = load_tensors(folder / "model.safetensors")
+    path = folder / "model.safetensors"
+    state = load_tensors(path)
+    own = model.state_dict()
+    for name, t in state.items():
+        if name in own and t.dtype != own[name].dtype:
+            raise DDMError(f"{path}: tensor {name!r} is {t.dtype} but the network's is {own[name].dtype}; ddmkit "
+                           "loads weights of the network's own dtype only: re-train or re-export them")
+    check_finite_tensors(state, path)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise DDMError(f"{folder / 'model.safetensors'} does not match its config.json ({str(e)[:300]})") from e
+        raise DDMError(f"{path} does not match its config.json ({str(e)[:300]})") from None
     return model.to(map_location).eval(), config

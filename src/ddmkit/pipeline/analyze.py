@@ -2,8 +2,10 @@
 
 Per strategy: one recorded trajectory of n samples (N steps), one with 2N steps (Delta_refine),
 one from perturbed noise (amplification); Jacobians on a row subset at up to max_steps steps;
-all K experts at every recorded step (alignment, disagreement). Once: every expert on held-out
-data at a grid of t. Writes OUT/analysis.md, analysis.json and plots/ (OUT = RUN/analysis).
+all K experts at every recorded step (alignment, disagreement; on Gaussian mixtures also the
+alignment of the exact posterior mean E[x0 | x_t]). Once: every expert on held-out data at a grid
+of t, routed vs not routed per strategy and, independent of strategies, on its own cluster vs the
+others. Writes OUT/analysis.md, analysis.json and plots/ (OUT = RUN/analysis).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ddmkit.analysis.alignment import heldout_errors, trajectory_alignment
+from ddmkit.analysis.alignment import EXACT_KEYS, heldout_errors, trajectory_alignment
 from ddmkit.analysis.quality import across_strategies, paired_difference, per_sample_quality, spearman_ci, verdict
 from ddmkit.analysis.report import plot_disagreement, plot_expert_error, plot_lipschitz, plot_quality_scatter, render
 from ddmkit.analysis.stability import amplification, data_scale, local_lipschitz, refinement_gap
@@ -74,7 +76,8 @@ def analyze_strategy(ddm, name: str, x1, steps: int, solver: str, seed: int, ctx
     amp = amplification(ddm, tr, steps, solver, seed)
     x0_2n = trace_strategy(ddm, name, x1, 2 * steps, solver, seed, record=False).x0
     dref = refinement_gap(tr.x0, x0_2n, ctx["scale"])
-    al = trajectory_alignment(ddm, tr, ctx["features"], ctx["centroids"])
+    al = trajectory_alignment(ddm, tr, ctx["features"], ctx["centroids"], truth=ctx["truth"])
+    exact_keys = [k for k in EXACT_KEYS if k in al]
     q, _ = per_sample_quality(tr.x0, ctx["truth"], ctx["reference"], ctx["features"])
     per_sample = {"q": q, "pair": al["pair"].mean(0), "rank": al["rank"].mean(0), "delta_refine": dref, "amp": amp}
     t = al["t"]
@@ -84,15 +87,17 @@ def analyze_strategy(ddm, name: str, x1, steps: int, solver: str, seed: int, ctx
                "L_top": float(np.mean(lip["top"])), "L_rand": float(np.mean(lip["rand"])),
                "L_fd": float(np.mean(lip["fd"])), "amp_mean": float(amp.mean()), "amp_median": float(amp.median()),
                "delta_refine": float(dref.mean()), "hit": float(al["hit"].mean()), "rank": float(al["rank"].mean()),
-               "pair": float(al["pair"].mean()), "mean": float(al["mean"].mean())}
+               "pair": float(al["pair"].mean()), "mean": float(al["mean"].mean()),
+               **{k: float(al[k].mean()) for k in exact_keys}}
     return {
         "summary": summary,
         "lipschitz": lip,
-        "by_step": {"t": t.tolist(), **{k: al[k].mean(1).tolist() for k in ("hit", "rank", "pair", "mean",
-                                                                             "dist_nearest", "dist_routed")}},
+        "by_step": {"t": t.tolist(), **{k: al[k].mean(1).tolist() for k in ["hit", "rank", "pair", "mean",
+                                                                             "dist_nearest", "dist_routed"]
+                                        + exact_keys}},
         "bands": {"t": [f"[{lo:.2f}, {min(hi, 1):.2f}]" for lo, hi in BANDS],
                   "L_top": band_means(lt, torch.tensor(lip["top"])[:, None]),
-                  **{k: band_means(t, al[k]) for k in ("hit", "rank", "pair")}},
+                  **{k: band_means(t, al[k]) for k in ["hit", "rank", "pair"] + exact_keys[:2]}},
         "link": {"disagreement": spearman_ci(q, per_sample["pair"], settings["n_boot"], seed),
                  "rank": spearman_ci(q, per_sample["rank"], settings["n_boot"], seed)},
         "per_sample": per_sample,
@@ -131,6 +136,19 @@ def strategy_links(per: dict, n_boot: int, seed: int) -> dict:
     link["refine_vs_w2"] = float(spearmanr(refine, w2).statistic) if len(per) > 2 else math.nan
     link["verdict"] = verdict(link["refine_vs_q"]) if len(per) > 2 else "needs at least 3 strategies"
     return link
+
+
+def heldout_clusters(x: torch.Tensor, labels: torch.Tensor | None, exact, ctx: dict) -> tuple[torch.Tensor, str]:
+    """The cluster of every held-out point and the rule used: on a Gaussian mixture the cluster that owns
+    the point's true component (the partition's grouping of components, as the exact experts use it),
+    otherwise the nearest centroid in the partition's feature space."""
+    if exact is not None and labels is not None:
+        owner = torch.zeros(sum(len(g) for g in exact.meta["groups"]), dtype=torch.long)
+        for c, g in enumerate(exact.meta["groups"]):
+            owner[g] = c
+        return owner[labels.long()], "the cluster owning the point's mixture component"
+    d = torch.cdist(ctx["features"](x).double(), ctx["centroids"].double())
+    return d.argmin(1), "the nearest partition centroid in feature space"
 
 
 def analyze_run(run_dir: str | Path, out: str | Path | None = None, strategies: Sequence[str] | None = None,
@@ -181,7 +199,10 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
             exact = exact_ddm(run)
         except DDMError:
             exact = None
-    held = heldout_errors(ddm, test.x[-n_heldout:], [0.05 + 0.1 * i for i in range(10)], strats, seed, exact)
+    held_x = test.x[-n_heldout:]
+    clusters, rule = heldout_clusters(held_x, None if test.labels is None else test.labels[-n_heldout:], exact, ctx)
+    held = heldout_errors(ddm, held_x, [0.05 + 0.1 * i for i in range(10)], strats, seed, exact, clusters)
+    held["cluster_rule"] = rule
     for name, r in per.items():
         r["summary"]["err_routed"] = float(np.nanmean(held["routed"][name]))
         nr = [v for v in held["not_routed"][name] if not math.isnan(v)]

@@ -4,6 +4,18 @@ RUN/config.json holds the resolved configuration and its digest. A folder that h
 different run (other data, partition or training) is refused unless force=True; when only
 [sample] or [evaluate] changed, the trained networks are kept and what sampling and scoring
 wrote is removed, to be drawn again.
+
+Nothing is written before the run is checked: for a new run, prepare_run_dir loads the data
+and computes the partition in memory (every check of the data and partition settings: unknown
+data.params, non-finite data, k larger than the data, empty clusters, a user feature function
+that fails, a network that cannot be built) and only then writes config.json, RUN/data and
+RUN/partition. A bad config leaves the folder as it was (a folder this call created is removed
+again).
+
+One process at a time writes a run folder: prepare_run_dir and every training stage hold
+RUN/.lock (run_lock in pipeline.stages, ddmkit.io.folder_lock) and a second writer is refused,
+naming the holder's process id; a lock left by a process that died is taken over. Temporary files
+and folders left by a killed writer are removed here.
 """
 from __future__ import annotations
 
@@ -13,8 +25,10 @@ from typing import Callable
 
 from ddmkit.config import RunConfig, json_digest, validate
 from ddmkit.errors import DDMError
-from ddmkit.io import read_json, write_json
+from ddmkit.io import read_json, remove_stale_staging, write_json
 from ddmkit.layout import RunFolder
+from ddmkit.pipeline.stages import (check_networks, load_data, load_split, plan_partition, register_user_features,
+                                    run_lock, write_data, write_partition)
 
 Log = Callable[[str], None]
 TRAINED = ("data", "partition", "expert", "router", "monolith")  # the config sections the networks depend on
@@ -25,31 +39,96 @@ def trained_digest(config: dict) -> str:
     return json_digest({name: config.get(name) for name in TRAINED})
 
 
-def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: Log = print) -> Path:
-    """Create RUN/ (or reuse it for the same configuration); returns its path."""
-    folder = RunFolder(out)
-    run = folder.root
-    if run.exists() and not run.is_dir():
-        raise DDMError(f"--out {run} is a file, not a folder; choose another --out")
+def _entries(folder: RunFolder) -> list[Path]:
+    return [p for p in folder.root.iterdir() if p != folder.lock] if folder.root.is_dir() else []
+
+
+def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
+    """What to do with the folder: "new", "same" (resume), "derived" (only [sample]/[evaluate]
+    changed) or "replace" (force, another run); refusals are DDMErrors."""
     if folder.config.exists():
-        old = read_json(folder.config)
-        new = cfg.model_dump()
-        if old.get("digest") != cfg.digest():
-            if "config" in old and trained_digest(old["config"]) == trained_digest(new):
-                changed = [name for name in ("sample", "evaluate") if old["config"].get(name) != new[name]]
-                log(f"{run}: the {' and '.join(changed)} settings changed; the trained networks are kept, "
-                    "samples and scores are drawn again")
-                for path in folder.derived:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            elif not force:
-                raise DDMError(f"{run} already holds a different run (its config.json differs in the data, "
-                               "partition or training); choose another --out folder or pass --force to replace it")
+        try:
+            old = validate(RunConfig, read_json(folder.config).get("config"), str(folder.config))
+        except (DDMError, AttributeError) as e:
+            if force:
+                return "replace"
+            raise DDMError(f"{folder.root} holds a config.json that ddmkit cannot read ({str(e)[:300]}); choose "
+                           "another --out folder or pass --force to replace the run") from None
+        if old.digest() == cfg.digest():
+            return "same"
+        if trained_digest(old.model_dump()) == trained_digest(cfg.model_dump()):
+            return "derived"
+        if not force:
+            raise DDMError(f"{folder.root} already holds a different run (its config.json differs in the data, "
+                           "partition or training); choose another --out folder or pass --force to replace it")
+        return "replace"
+    if _entries(folder) and not force:
+        raise DDMError(f"{folder.root} exists and is not a ddmkit run folder; choose another --out or pass --force")
+    return "new"
+
+
+def check_kinds(folder: RunFolder, skip: list[Path] = ()) -> None:
+    """Every path ddmkit writes in the folder is of the right kind where it exists (a folder where a
+    folder goes, a file where a file goes), so a run does not fail at its last stage."""
+    dirs = [folder.data, folder.partition, folder.experts, folder.router, folder.monolith, folder.samples,
+            folder.eval, folder.plots, folder.analysis]
+    files = [folder.config, folder.registry, folder.report, folder.metrics]
+    for path in dirs:
+        if path not in skip and path.exists() and not path.is_dir():
+            raise DDMError(f"{path} is a file, but ddmkit writes a folder there; move it away (or pass --force to "
+                           "replace the run)")
+    for path in files:
+        if path not in skip and path.is_dir():
+            raise DDMError(f"{path} is a folder, but ddmkit writes a file there; move it away")
+
+
+def _clear(folder: RunFolder, paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: Log = print) -> Path:
+    """Create RUN/ with its config, data and partition (or reuse it for the same configuration),
+    every check done before the first write; returns its path."""
+    folder = RunFolder(out)
+    with run_lock(folder.root):
+        run = folder.root
+        stale = remove_stale_staging(run)
+        if stale:
+            log(f"{run}: removed {len(stale)} temporary files or folders left by an interrupted run")
+        action = _action(folder, cfg, force)
+        if action in ("same", "derived"):
+            check_kinds(folder, folder.derived if action == "derived" else [])
+        keep = action in ("same", "derived")
+        # every check of the data and partition settings, in memory, before anything is written
+        data = plan = train = None
+        if not (keep and folder.manifest.exists()):
+            if keep and folder.split("train").exists():
+                train = load_split(run, "train")
             else:
-                shutil.rmtree(run)
-    elif run.exists() and any(run.iterdir()) and not force:
-        raise DDMError(f"{run} exists and is not a ddmkit run folder; choose another --out or pass --force")
-    run.mkdir(parents=True, exist_ok=True)
-    write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
+                data = load_data(cfg)
+                train = data[0]
+            check_networks(cfg, train.data_shape)
+            plan = plan_partition(cfg, train)
+        else:
+            register_user_features(cfg)
+        if action == "replace":
+            _clear(folder, _entries(folder))
+        elif action == "derived":
+            old = read_json(folder.config)["config"]
+            changed = [name for name in ("sample", "evaluate") if old.get(name) != cfg.model_dump()[name]]
+            log(f"{run}: the {' and '.join(changed) or 'sample'} settings changed; the trained networks are kept, "
+                "samples and scores are drawn again")
+            _clear(folder, folder.derived)
+        write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
+        if data is not None:
+            write_data(cfg, run, *data, log)
+        if plan is not None:
+            m = write_partition(plan, train, folder.partition)
+            log(f"partition: k={m['k']}, cluster sizes {m['counts']}")
     return run
 
 
@@ -59,4 +138,5 @@ def run_config(run: str | Path) -> RunConfig:
     if not folder.config.exists():
         raise DDMError(f"{folder.root} is not a ddmkit run folder (no config.json); make one with "
                        f"`ddmkit run CONFIG --out {folder.root}` or `ddmkit partition --out {folder.root}`")
-    return validate(RunConfig, read_json(folder.config).get("config", {}), f"{folder.config}")
+    raw = read_json(folder.config)
+    return validate(RunConfig, raw.get("config", {}) if isinstance(raw, dict) else raw, f"{folder.config}")

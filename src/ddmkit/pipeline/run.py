@@ -23,7 +23,7 @@ from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
 import ddmkit.pipeline.images as images
 import ddmkit.pipeline.vectors as vectors
-from ddmkit.pipeline.prepare import prepare_run_dir, run_config
+from ddmkit.pipeline.prepare import prepare_run_dir, run_config, run_lock
 from ddmkit.pipeline.samplesets import SampleSet, named_set, planned_sets
 from ddmkit.pipeline.sampling import stage_sample
 from ddmkit.pipeline.stages import TRAINING_STAGES, stage_experts
@@ -73,18 +73,19 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, log: Log 
     report: needs the trained networks) or "all"."""
     if stages not in STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STAGES)}")
-    run = prepare_run_dir(out, cfg, force, log)
-    device = resolve_device(cfg.expert.train.device)
-    start = time.perf_counter()
-    result = None
-    if stages in ("train", "all"):
-        train_stages(cfg, run, log, backend, workers, address)
-        log(f"train stages: {time.perf_counter() - start:.1f}s")
-    if stages in ("evaluate", "all"):
-        begin = time.perf_counter()
-        result = sample_and_evaluate(cfg, run, log, device)
-        log(f"evaluate stages: {time.perf_counter() - begin:.1f}s")
-    log(f"done in {time.perf_counter() - start:.1f}s")
+    with run_lock(out):  # one writer per run folder: a second run on it is refused
+        run = prepare_run_dir(out, cfg, force, log)
+        device = resolve_device(cfg.expert.train.device)
+        start = time.perf_counter()
+        result = None
+        if stages in ("train", "all"):
+            train_stages(cfg, run, log, backend, workers, address)
+            log(f"train stages: {time.perf_counter() - start:.1f}s")
+        if stages in ("evaluate", "all"):
+            begin = time.perf_counter()
+            result = sample_and_evaluate(cfg, run, log, device)
+            log(f"evaluate stages: {time.perf_counter() - begin:.1f}s")
+        log(f"done in {time.perf_counter() - start:.1f}s")
     return result
 
 

@@ -74,7 +74,8 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
     ddms: dict = {}
     for sample_set in sets:
         path = folder.sample_set(sample_set.name)
-        if path.exists() and not redraw:
+        recorded = folder.sample_info.exists() and sample_set.name in read_json(folder.sample_info)
+        if path.exists() and recorded and not redraw:  # a set whose info a kill lost is drawn again
             continue
         x0, info = draw_set(cfg, run, sample_set, images, device, ddms)
         save_tensors(path, {"x": x0}, {"strategy": sample_set.name, "missing_experts": info["missing_experts"]})

@@ -5,7 +5,10 @@ rename), so a job killed at any instant leaves either the previous checkpoint
 or the new one, never half of one. Tensors (model, EMA, optimizer moments,
 RNG states as uint8) are safetensors; everything else (step, history, the
 scheduler and optimizer hyper-parameters, a fingerprint of the run) is one
-JSON string in the file's metadata. No pickle, no torch.save.
+JSON string in the file's metadata. No pickle, no torch.save. The log rows
+and the running sums are stored as [key, value] pairs, so a resumed
+train_log.jsonl keeps the key order of an uninterrupted one (the metadata
+JSON is written with sorted keys).
 """
 from __future__ import annotations
 
@@ -84,8 +87,9 @@ def save_checkpoint(path: str | Path, *, step: int, model, ema, opt, sched, gene
     sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
     tensors = {**_flat("model", model.state_dict()), **_flat("ema", ema.state_dict()), **opt_tensors,
                **rng_tensors(generator), **run_tensors}
-    meta = {"format": FORMAT, "step": step, "fingerprint": fp, "history": history, "optimizer": opt_meta,
-            "scheduler": sched_state, "running_is_tensor": {k: torch.is_tensor(v) for k, v in running.items()}}
+    rows = [[[k, v] for k, v in row.items()] for row in history]  # pairs keep each row's key order
+    meta = {"format": FORMAT, "step": step, "fingerprint": fp, "history": rows, "optimizer": opt_meta,
+            "scheduler": sched_state, "running_is_tensor": [[k, torch.is_tensor(v)] for k, v in running.items()]}
     save_tensors(path, {k: v.detach().cpu().clone() for k, v in tensors.items()}, meta)
 
 
@@ -105,11 +109,11 @@ def load_checkpoint(path: str | Path, *, model, ema, opt, sched, generator: torc
         opt.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
         sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
         restore_rng(tensors, generator)
-        step, history = int(meta["step"]), list(meta["history"])
+        step, history = int(meta["step"]), [dict(row) for row in meta["history"]]
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise DDMError(f"{path} is incomplete or damaged ({str(e)[:200]}); delete it to start over") from e
     running = {}
-    for k, is_tensor in meta.get("running_is_tensor", {}).items():
+    for k, is_tensor in dict(meta.get("running_is_tensor", {})).items():  # pairs: the sums' order kept
         v = tensors[f"running.{k}"]
         running[k] = v.to(device) if is_tensor else float(v)
     return step, history, running

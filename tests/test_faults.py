@@ -1,0 +1,170 @@
+"""Fault injection: `ddmkit run` killed with SIGKILL at seeded points (mid-write of a file: data,
+partition, checkpoint, weights, registry, samples; or at a seeded time after a stage starts), then
+run again on the same folder: every file equals an uninterrupted run's byte for byte, wall-clock
+fields aside, and nothing temporary is left. The default suite tries one seeded point; the slow
+target tries every write target and several timed kills (`python3 dev.py test-slow`)."""
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ddmkit.config import load_config
+from ddmkit.pipeline.run import run_pipeline
+
+TESTS = Path(__file__).parent
+SRC = str(TESTS.parent / "src")
+ENV = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1", "OMP_NUM_THREADS": "1"}
+
+# `ddmkit ARGS...` that dies (SIGKILL, as kill -9) in the middle of its nth atomic write of a file
+# named TARGET: half the bytes are in the temporary file, the rename never happens
+KILL_MID_WRITE = r"""
+import os, signal, sys, tempfile
+from pathlib import Path
+import ddmkit.io as io
+target, nth = sys.argv[1], int(sys.argv[2])
+real, seen = io.write_bytes_atomic, [0]
+def write(path, data):
+    path = Path(path)
+    if path.name == target:
+        seen[0] += 1
+        if seen[0] == nth:
+            fd, _ = tempfile.mkstemp(dir=path.parent, prefix=io._tmp_prefix(path.name), suffix=".tmp")
+            os.write(fd, data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, data)
+io.write_bytes_atomic = write
+sys.argv = ["ddmkit", *sys.argv[3:]]
+from ddmkit.cli import main
+main()
+"""
+
+# (file name, which write of it) for a run of the tiny config: every kind of file a run writes
+TRAIN_TARGETS = [("config.json", 1), ("train.safetensors", 1), ("truth.safetensors", 1),
+                 ("cluster_02.safetensors", 1), ("manifest.json", 1), ("expert_00.checkpoint.safetensors", 2),
+                 ("expert_03.checkpoint.safetensors", 1), ("model.safetensors", 2), ("config.json", 3),
+                 ("monolith.checkpoint.safetensors", 3), ("model.safetensors", 5), ("model.safetensors", 6),
+                 ("registry.json", 1)]
+SAMPLE_TARGETS = [("top-2.safetensors", 1), ("info.json", 2), ("metrics.json", 1), ("report.md", 1)]
+
+
+def config(tmp_path: Path) -> Path:
+    """The tiny config with expert checkpoints every 20 steps (so a killed expert resumes)."""
+    text = (TESTS / "configs" / "tiny.toml").read_text()
+    path = tmp_path / "tiny_ckpt.toml"
+    path.write_text(text.replace("[expert.train]\n", "[expert.train]\ncheckpoint_every = 20\n", 1))
+    return path
+
+
+def masked(path: Path, rel: str) -> bytes:
+    """A file's bytes with its wall-clock values (the only values that differ between runs) masked."""
+    data = path.read_bytes()
+    if rel.endswith("train_log.jsonl"):
+        return re.sub(rb'"seconds": [0-9.e+-]+', b'"seconds": 0', data)
+    if rel.endswith(".json"):
+        return re.sub(rb'"(wall_time|[a-z_]*seconds)": [0-9.e+-]+', rb'"\1": 0', data)
+    if rel.endswith("report.md"):
+        return re.sub(rb"\| [0-9.]+ \|\n", b"| - |\n", data)  # the last column of a table row: wall time (s)
+    return data
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): masked(p, str(p.relative_to(run))) for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+def killed_mid_write(cfg: Path, run: Path, target: str, nth: int, stages: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, target, str(nth), "run", str(cfg), "--out", str(run),
+                           "--stages", stages], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, f"not killed at {target} #{nth}: {proc.stderr[-800:]}"
+
+
+def killed_after(cfg: Path, run: Path, line: str, delay: float, stages: str) -> None:
+    """Start `ddmkit run`, wait for a log line containing `line`, wait `delay` seconds, SIGKILL it."""
+    proc = subprocess.Popen([sys.executable, "-c", "from ddmkit.cli import main; main()", "run", str(cfg), "--out",
+                             str(run), "--stages", stages], env=ENV, stderr=subprocess.PIPE, text=True)
+    seen = threading.Event()
+
+    def read():
+        for text in proc.stderr:
+            if line in text:
+                seen.set()
+    threading.Thread(target=read, daemon=True).start()
+    assert seen.wait(120), f"no {line!r} line"
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def resume_and_compare(cfg: Path, run: Path, reference: dict[str, bytes], stages: str, in_process: bool) -> None:
+    if in_process:
+        run_pipeline(load_config(cfg), run, log=lambda m: None, stages=stages)
+    else:
+        done = subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", "run", str(cfg), "--out",
+                               str(run), "--stages", stages], env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-800:]
+    got = snapshot(run)
+    assert sorted(got) == sorted(reference)  # no file missing, none left over (lock, temporary files, checkpoints)
+    differ = [rel for rel in reference if got[rel] != reference[rel]]
+    lines = {rel: [(a, b) for a, b in zip(got[rel].splitlines(), reference[rel].splitlines()) if a != b][:3]
+             for rel in differ}
+    assert differ == [], lines
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    cfg = config(root)
+    run_pipeline(load_config(cfg), root / "reference", log=lambda m: None, stages="train")
+    return cfg, snapshot(root / "reference")
+
+
+def test_a_run_killed_mid_write_at_a_seeded_point_resumes_to_the_same_bytes(trained, tmp_path):
+    cfg, reference = trained
+    target, nth = random.Random(19).choice(TRAIN_TARGETS)
+    killed_mid_write(cfg, tmp_path / "run", target, nth, "train")
+    assert (tmp_path / "run" / ".lock").exists()  # the dead writer's lock, taken over by the next run
+    resume_and_compare(cfg, tmp_path / "run", reference, "train", in_process=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, nth", TRAIN_TARGETS)
+def test_killed_mid_write_of_every_training_file(trained, tmp_path, target, nth):
+    cfg, reference = trained
+    killed_mid_write(cfg, tmp_path / "run", target, nth, "train")
+    resume_and_compare(cfg, tmp_path / "run", reference, "train", in_process=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+def test_killed_at_seeded_times(trained, tmp_path, seed):
+    cfg, reference = trained
+    rng = random.Random(seed)
+    line = rng.choice(["data:", "partition:", "expert 0: written", "expert 2: written", "monolith:"])
+    killed_after(cfg, tmp_path / "run", line, rng.uniform(0.0, 0.5), "train")
+    resume_and_compare(cfg, tmp_path / "run", reference, "train", in_process=True)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A whole uninterrupted run through the CLI (sampling and evaluation use the process's threads)."""
+    root = tmp_path_factory.mktemp("faults_all")
+    cfg = config(root)
+    done = subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", "run", str(cfg), "--out",
+                           str(root / "reference")], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-800:]
+    return cfg, snapshot(root / "reference")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, nth", SAMPLE_TARGETS)
+def test_killed_while_sampling_or_scoring(evaluated, tmp_path, target, nth):
+    cfg, reference = evaluated
+    killed_mid_write(cfg, tmp_path / "run", target, nth, "all")
+    resume_and_compare(cfg, tmp_path / "run", reference, "all", in_process=False)

@@ -1,0 +1,414 @@
+"""Issue 19, hardening: no code runs from a run folder; every bad value is a DDMError (CLI exit 2)
+naming the field; nothing is written before a run is checked; one writer per run folder; stale
+temporary files are removed. docs/reliability.md lists these promises and points here."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ddmkit.data.features as features
+from ddmkit.config import RunConfig, load_config, validate
+from ddmkit.data.arrays import ArrayData
+from ddmkit.data.partition import partition_data
+from ddmkit.ddm import load_ddm
+from ddmkit.errors import DDMError
+from ddmkit.io import HOST, folder_lock, save_tensors, staging_dir, write_json
+from ddmkit.layout import RunFolder
+from ddmkit.nets import build_model, save_pretrained
+from ddmkit.pipeline.prepare import prepare_run_dir
+from ddmkit.pipeline.run import run_pipeline
+from ddmkit.pipeline.stages import stage_experts, stage_registry, stage_router
+from ddmkit.registry import load_model, load_partition_checked, write_registry
+
+TESTS = Path(__file__).parent
+TINY = TESTS / "configs" / "tiny.toml"
+SRC = str(TESTS.parent / "src")
+QUIET = lambda m: None  # noqa: E731
+
+
+def flat_features(x):
+    """A user feature function (named by the test configs as tests.test_hardening:flat_features)."""
+    return x.reshape(len(x), -1) * 2.0
+
+
+def nan_features(x):
+    return torch.full((len(x), 2), float("nan"))
+
+
+def vector_features(x):
+    return x.reshape(len(x), -1)[:, 0]
+
+
+def failing_features(x):
+    raise ValueError("no features today")
+
+
+NOT_CALLABLE = 3
+
+
+def tiny(**sections) -> RunConfig:
+    """The tiny test config, smaller (k = 2, 20 steps), with sections overridden."""
+    raw = load_config(TINY).model_dump()
+    raw["data"].update(n_train=400, n_test=400)
+    raw["partition"]["k"] = 2
+    for net in ("expert", "router"):
+        raw[net]["train"].update(steps=20, warmup=2, log_every=10)
+    for name, values in sections.items():
+        section, _, sub = name.partition("__")
+        (raw[section][sub] if sub else raw[section]).update(values)
+    return validate(RunConfig, raw)
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`ddmkit ARGS` in this process: (exit code, stderr). An exception other than the CLI's own
+    exit would be a traceback for a user, and fails the test."""
+    import ddmkit.cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli_module.main()
+    return info.value.code, capsys.readouterr().err
+
+
+# ----- 1. nothing in a run folder names code ---------------------------------------------------
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory):
+    """A trained run partitioned by a user feature function (the config names it)."""
+    cfg = tiny(partition={"features": "tests.test_hardening:flat_features"})
+    run = prepare_run_dir(tmp_path_factory.mktemp("user") / "run", cfg, log=QUIET)
+    for stage in (stage_experts, stage_router, stage_registry):
+        stage(cfg, run, QUIET)
+    return run
+
+
+def test_user_features_are_recorded_by_name_and_used_where_the_config_named_them(user_run):
+    manifest = json.loads((user_run / "partition" / "manifest.json").read_text())
+    assert manifest["features"] == {"kind": "function", "function": "tests.test_hardening:flat_features"}
+    x, _ = load_ddm(user_run).sample(strategy="nearest", n=16, steps=2)  # registered by this process's config
+    assert torch.isfinite(x).all()
+
+
+def test_nearest_never_imports_the_function_a_run_folder_names(user_run, monkeypatch):
+    monkeypatch.setattr(features, "_USER", {})  # a process that did not run the user's config
+    ddm = load_ddm(user_run)  # loading needs no feature function
+    assert torch.isfinite(ddm.sample(strategy="top-2", n=16, steps=2)[0]).all()
+    with pytest.raises(DDMError, match=r"tests\.test_hardening:flat_features.*never imports from a run folder"):
+        ddm.sample(strategy="nearest", n=16, steps=2)
+
+
+def test_a_manifest_naming_any_module_imports_nothing(user_run, tmp_path, monkeypatch):
+    """A run folder from elsewhere names a module with side effects: neither loading nor sampling
+    with `nearest` imports it."""
+    marker = tmp_path / "imported"
+    (tmp_path / "ddmkit_probe_mod.py").write_text(textwrap.dedent(f"""
+        open({str(marker)!r}, "w").write("imported")
+        def features(x):
+            open({str(marker)!r}, "w").write("called")
+            return x.reshape(len(x), -1)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(features, "_USER", {})
+    run = tmp_path / "run"
+    shutil.copytree(user_run, run)
+    manifest = json.loads((run / "partition" / "manifest.json").read_text())
+    manifest["features"] = {"kind": "function", "function": "ddmkit_probe_mod:features"}
+    (run / "partition" / "manifest.json").write_text(json.dumps(manifest))
+    write_registry(run)
+    ddm = load_ddm(run)
+    with pytest.raises(DDMError, match="ddmkit_probe_mod:features"):
+        ddm.sample(strategy="nearest", n=8, steps=2)
+    assert not marker.exists() and "ddmkit_probe_mod" not in sys.modules
+
+
+@pytest.mark.parametrize("name, message", [
+    ("tests.test_hardening:nan_features", "NaN or infinite"),
+    ("tests.test_hardening:vector_features", r"returned shape \(300,\)"),
+    ("tests.test_hardening:failing_features", "raised ValueError"),
+    ("tests.test_hardening:NOT_CALLABLE", "not a function"),
+    ("tests.no_such_module:f", "cannot import"),
+    ("tests.test_hardening:no_such_function", "cannot import"),
+])
+def test_the_configs_feature_function_is_checked_when_partitioning(tmp_path, name, message):
+    train = ArrayData("x", torch.randn(300, 2))
+    with pytest.raises(DDMError, match=f"partition.features: .*{message}|{message}"):
+        partition_data(train, 2, tmp_path / "p", features=name)
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_feature_name_that_is_not_module_colon_function_is_a_config_error():
+    with pytest.raises(DDMError, match="partition.features"):
+        validate(RunConfig, {"partition": {"features": "os.system('x')"}})
+
+
+# ----- 2. one validation layer ------------------------------------------------------------------
+@pytest.mark.parametrize("toml, field", [
+    ("[expert.train]\nlr = inf", "expert.train.lr"),
+    ("[expert.train]\nlr = nan", "expert.train.lr"),
+    ("[expert.train]\nweight_decay = inf", "expert.train.weight_decay"),
+    ("[router.train]\nema_decay = nan", "router.train.ema_decay"),
+    ("[router.train]\ngrad_clip = inf", "router.train.grad_clip"),
+    ("[expert.train]\nthreads = 0", "expert.train.threads"),
+    ("[sample]\nguidance = inf", "sample.guidance"),
+    ("[sample]\nguidance_sweep = [1.0, nan]", "sample.guidance_sweep"),
+    ("[data]\nseed = -1", "data.seed"),
+    ("[partition]\nseed = 9223372036854775808", "partition.seed"),
+    ("[expert.train]\nsteps = 100000000000", "expert.train.steps"),
+    ("[expert]\nlabel_dropout = nan", "expert.label_dropout"),
+])
+def test_every_number_in_the_config_is_finite_and_bounded(tmp_path, toml, field):
+    path = tmp_path / "c.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(DDMError, match=field.replace(".", r"\.")):
+        load_config(path)
+
+
+def test_a_seed_too_large_for_64_bits_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    with pytest.raises(DDMError, match="seed"):
+        RunConfig().with_seed(2**64)
+    assert RunConfig().with_seed(2**63 - 1).router.train.seed == 0  # seed + 1 wraps within the range
+    code, err = cli(monkeypatch, capsys, "run", TINY, "--seed", 2**64, "--out", tmp_path / "r")
+    assert code == 2 and "seed" in err and not (tmp_path / "r").exists()
+
+
+def test_unknown_or_non_finite_data_params_name_the_field_and_the_accepted_keywords(tmp_path):
+    with pytest.raises(DDMError, match=r"data\.params\.radiuss: unknown keyword .*accepted: k, radius, std"):
+        prepare_run_dir(tmp_path / "a", tiny(data={"params": {"radiuss": 3.0}}), log=QUIET)
+    with pytest.raises(DDMError, match=r"data\.params\.radius: nan is out of range"):
+        prepare_run_dir(tmp_path / "b", tiny(data={"params": {"radius": float("nan")}}), log=QUIET)
+    with pytest.raises(DDMError, match=r"data\.params\.noise"):
+        prepare_run_dir(tmp_path / "c", tiny(data={"name": "moons", "params": {"noise": "lots"}}), log=QUIET)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_presets_own_seed_is_a_data_param(tmp_path):
+    """data.params may set a preset's own `seed` (gmm32's truth), apart from data.seed."""
+    run = prepare_run_dir(tmp_path / "run", tiny(data={"name": "gmm32", "params": {"seed": 3, "dim": 4}}),
+                          log=QUIET)
+    assert json.loads((run / "data" / "data.json").read_text())["data_shape"] == [4]
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "model"
+    model = build_model("mlp", data_shape=[2], width=8, depth=1)
+    save_pretrained(folder, model, {"role": "expert", "arch": "mlp", "data_shape": [2],
+                                    "kwargs": {"data_shape": [2], "width": 8, "depth": 1}})
+    return folder
+
+
+def test_a_config_json_that_is_a_folder_is_a_clear_error(model_dir):
+    (model_dir / "config.json").unlink()
+    (model_dir / "config.json").mkdir()
+    with pytest.raises(DDMError, match=r"config\.json is a folder"):
+        load_model(model_dir)
+
+
+def test_a_config_json_asking_for_a_billion_layers_is_refused_at_once(model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["kwargs"]["depth"] = 10**9  # would build for ever, even on the meta device
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    start = time.perf_counter()
+    with pytest.raises(DDMError, match="far larger than model.safetensors"):
+        load_model(model_dir)
+    assert time.perf_counter() - start < 10
+
+
+def _rewrite_weights(folder: Path, change) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    save_tensors(folder / "model.safetensors", {k: change(k, v) for k, v in state.items()})
+
+
+def test_nan_weights_are_refused_naming_the_file_and_the_tensor(model_dir):
+    first = []
+    _rewrite_weights(model_dir, lambda k, v: v.fill_(float("nan")) if not first and not first.append(k) else v)
+    with pytest.raises(DDMError, match=rf"model\.safetensors: tensor '{first[0]}' holds NaN"):
+        load_model(model_dir)
+
+
+def test_weights_of_another_dtype_are_refused(model_dir):
+    _rewrite_weights(model_dir, lambda k, v: v.to(torch.int8))
+    with pytest.raises(DDMError, match="is I8 but the network's is F32"):
+        load_model(model_dir)
+    from ddmkit.nets import from_pretrained  # the loader behind load_model checks it too
+
+    with pytest.raises(DDMError, match="torch.int8 but the network's is torch.float32"):
+        from_pretrained(model_dir)
+
+
+def _partition_folder(tmp_path) -> Path:
+    train = ArrayData("x", torch.cat([torch.randn(40, 2), torch.randn(40, 2) + 6]))
+    partition_data(train, 2, tmp_path / "partition")
+    return tmp_path / "partition"
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"features": {"kind": "module", "path": "os:system"}}, "features"),
+    ({"features": {"kind": "function", "function": "os.system('rm')"}}, r"features\.function"),
+    ({"counts": [0, 0]}, r"counts\.0: Input should be greater than or equal to 1"),
+    ({"counts": [-5, 85]}, r"counts\.0: Input should be greater than or equal to 1"),
+    ({"counts": [1, 1]}, r"shards\[0\]\.count"),
+])
+def test_bad_manifests_are_refused_naming_the_field(tmp_path, patch, message):
+    folder = _partition_folder(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, **patch}))
+    with pytest.raises(DDMError, match=message):
+        load_partition_checked(folder)
+
+
+def test_nan_centroids_are_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    folder = _partition_folder(tmp_path)
+    tensors = load_file(str(folder / "partition.safetensors"))
+    tensors["centroids"][0, 0] = float("nan")
+    save_tensors(folder / "partition.safetensors", tensors)
+    with pytest.raises(DDMError, match="'centroids' holds NaN"):
+        load_partition_checked(folder)
+
+
+def test_registry_is_checked_before_any_network_is_built(user_run, tmp_path, monkeypatch):
+    import ddmkit.nets.registry as nets
+    import ddmkit.registry as registry
+
+    run = tmp_path / "run"
+    shutil.copytree(user_run, run)
+    w = run / "experts" / "expert_01" / "model.safetensors"
+    w.write_bytes((run / "experts" / "expert_00" / "model.safetensors").read_bytes())
+
+    def refuse(*a, **k):
+        raise AssertionError("a network was built before the registry check")
+    monkeypatch.setattr(nets, "build_model", refuse)
+    monkeypatch.setattr(registry, "build_model", refuse)
+    with pytest.raises(DDMError, match="SHA-256 differs"):
+        load_ddm(run)
+
+
+def test_wrong_kind_paths_are_clear_errors(user_run, tmp_path, monkeypatch, capsys):
+    from ddmkit.pipeline.run import sample_run
+    from ddmkit.train.jobs import train_expert
+
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(DDMError, match="is a file, not a folder"):
+        write_json(file / "out.json", {})
+    shard = user_run / "partition" / "shards" / "cluster_00.safetensors"
+    with pytest.raises(DDMError, match="is a file"):
+        train_expert(shard, tiny().expert, file)
+    code, err = cli(monkeypatch, capsys, "run", TINY, "--out", file)
+    assert code == 2 and "is a file" in err
+    run = tmp_path / "run"
+    shutil.copytree(user_run, run)
+    shutil.rmtree(run / "samples", ignore_errors=True)
+    (run / "samples").write_text("not a folder")
+    with pytest.raises(DDMError, match="samples is a file"):
+        sample_run(run, ["top-2"], log=QUIET)
+    cfg = tiny(partition={"features": "tests.test_hardening:flat_features"})
+    with pytest.raises(DDMError, match="samples is a file"):
+        prepare_run_dir(run, cfg, log=QUIET)  # found before a run resumes, not at its last stage
+
+
+# ----- 3. nothing written before the checks; one writer; stale temporary files ------------------
+@pytest.mark.parametrize("case", ["k_too_large", "nan_param", "empty_array"])
+def test_a_run_that_fails_its_checks_writes_nothing(tmp_path, case):
+    if case == "k_too_large":
+        cfg = tiny(partition={"k": 500})
+    elif case == "nan_param":
+        cfg = tiny(data={"params": {"std": float("nan")}})
+    else:
+        np.save(tmp_path / "empty.npy", np.zeros((0, 2), dtype=np.float32))
+        cfg = tiny(data={"name": str(tmp_path / "empty.npy")})
+    with pytest.raises(DDMError):
+        run_pipeline(cfg, tmp_path / "run", log=QUIET)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_network_that_cannot_be_built_is_found_before_anything_is_written(tmp_path):
+    with pytest.raises(DDMError, match=r"expert\.net: arch: unknown architecture 'mlpp'"):
+        run_pipeline(tiny(expert__net={"arch": "mlpp"}), tmp_path / "a", log=QUIET)
+    with pytest.raises(DDMError, match=r"router\.net: .*widht"):
+        run_pipeline(tiny(router__net={"kwargs": {"widht": 8}}), tmp_path / "b", log=QUIET)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_config_with_force_leaves_the_old_run_as_it_was(tmp_path):
+    run = prepare_run_dir(tmp_path / "run", tiny(), log=QUIET)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(DDMError, match="larger than the number of samples"):
+        run_pipeline(tiny(partition={"k": 500}), run, force=True, log=QUIET)
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+HOLDER = """
+import sys, time
+from ddmkit.io import folder_lock
+with folder_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(RunFolder(run).lock)], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        with pytest.raises(DDMError, match=rf"in use by process {holder.pid}\b"):
+            run_pipeline(tiny(), run, log=QUIET)
+        code, err = cli(monkeypatch, capsys, "run", TINY, "--out", run)
+        assert code == 2 and f"in use by process {holder.pid}" in err
+        with pytest.raises(DDMError, match=f"in use by process {holder.pid}"):  # `ddmkit launch`, train-router...
+            stage_router(tiny(), run, QUIET)
+        assert not RunFolder(run).config.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert RunFolder(run).lock.read_text().split()[0] == str(holder.pid)  # left behind by the killed holder
+    prepare_run_dir(run, tiny(), log=QUIET)  # taken over
+    assert RunFolder(run).config.exists() and not RunFolder(run).lock.exists()
+
+
+def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
+    lock = tmp_path / "run" / ".lock"
+    with folder_lock(lock):
+        with folder_lock(lock):
+            assert lock.read_text().split()[0] == str(os.getpid())
+        assert lock.exists()
+    assert not lock.exists()
+
+
+def test_stale_temporary_files_are_removed_by_the_next_run(tmp_path):
+    run = prepare_run_dir(tmp_path / "run", tiny(), log=QUIET)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [run / "experts" / ".expert_00.k3j2h1g0.tmp",                       # an older ddmkit's (no writer)
+             run / "experts" / f".expert_01.{dead.pid}-{HOST}.a1b2c3d4.tmp",     # a writer that died
+             run / f".config.json.{dead.pid}-{HOST}.zz9y8x7w.tmp"]
+    live = [run / f".report.md.{os.getpid()}-{HOST}.q1w2e3r4.tmp",               # a live writer's
+            run / "experts" / f".expert_02.{dead.pid}-ffffff.a1b2c3d4.tmp"]     # another machine's
+    for p in stale[:2] + live[1:]:
+        (p / "sub").mkdir(parents=True)
+        (p / "sub" / "train_log.jsonl").write_text("{}\n")
+    for p in stale[2:] + live[:1]:
+        p.write_text("half")
+    prepare_run_dir(run, tiny(), log=QUIET)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in live)
+
+
+def test_staging_names_carry_the_writer(tmp_path):
+    with staging_dir(tmp_path / "out") as tmp:
+        assert tmp.name.startswith(f".out.{os.getpid()}-{HOST}.") and tmp.name.endswith(".tmp")
+    assert (tmp_path / "out").is_dir() and not tmp.exists()
