@@ -1,6 +1,8 @@
-"""Issue 19, hardening: no code runs from a run folder; every bad value is a DDMError (CLI exit 2)
+"""Hardening: no code runs from a run folder; every bad value is a DDMError (CLI exit 2)
 naming the field; nothing is written before a run is checked; one writer per run folder; stale
-temporary files are removed. docs/reliability.md lists these promises and points here."""
+temporary files are removed; every training job runs on train.threads threads. docs/reliability.md lists
+these promises and points here."""
+import contextlib
 import json
 import os
 import shutil
@@ -26,7 +28,7 @@ from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, save_pretrained
 from ddmkit.pipeline.prepare import prepare_run_dir
 from ddmkit.pipeline.run import run_pipeline
-from ddmkit.pipeline.stages import stage_experts, stage_registry, stage_router
+from ddmkit.pipeline.stages import stage_experts, stage_monolith, stage_registry, stage_router
 from ddmkit.registry import load_model, load_partition_checked, write_registry
 
 TESTS = Path(__file__).parent
@@ -60,6 +62,7 @@ def tiny(**sections) -> RunConfig:
     raw = load_config(TINY).model_dump()
     raw["data"].update(n_train=400, n_test=400)
     raw["partition"]["k"] = 2
+    raw["sample"]["n"] = 100  # scored against 2 x 100 of the 400 test rows
     for net in ("expert", "router"):
         raw[net]["train"].update(steps=20, warmup=2, log_every=10)
     for name, values in sections.items():
@@ -412,3 +415,167 @@ def test_staging_names_carry_the_writer(tmp_path):
     with staging_dir(tmp_path / "out") as tmp:
         assert tmp.name.startswith(f".out.{os.getpid()}-{HOST}.") and tmp.name.endswith(".tmp")
     assert (tmp_path / "out").is_dir() and not tmp.exists()
+
+
+# ----- 5. every training job runs on train.threads threads -------------------------------------
+@pytest.fixture
+def two_threads():
+    """This process's torch on 2 threads (the default on a 2-core machine; conftest sets 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_train_expert_writes_the_inline_pipelines_bytes_on_any_thread_count(user_run, tmp_path, monkeypatch,
+                                                                               capsys, two_threads):
+    """`ddmkit train-expert` (a job by hand, a SLURM task) runs on train.threads (1) threads like every
+    backend: from a process on 2 threads it writes the pipeline's expert byte for byte."""
+    shard = user_run / "partition" / "shards" / "cluster_01.safetensors"
+    code, err = cli(monkeypatch, capsys, "train-expert", shard, "--config", user_run / "config.json",
+                    "--out", tmp_path / "expert")
+    assert code == 0, err
+    for name in ("model.safetensors", "config.json", "train_log.jsonl"):
+        mine, ref = (tmp_path / "expert" / name).read_bytes(), (RunFolder(user_run).expert(1) / name).read_bytes()
+        if name == "train_log.jsonl":  # the wall-clock seconds differ
+            mine, ref = ([{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in t.splitlines()]
+                         for t in (mine, ref))
+        assert mine == ref, name
+    assert torch.get_num_threads() == 2  # restored after the job
+
+
+def test_every_process_of_a_job_trains_on_train_threads(user_run, tmp_path, monkeypatch, two_threads):
+    """train_expert sets the count itself, so a DDP rank (spawned or started by torchrun, which calls it
+    with its `dist`) trains on train.threads too: here a rank other than 0, in this process."""
+    import ddmkit.train.jobs as jobs
+    from ddmkit.train.distributed import Distributed
+
+    seen = []
+    monkeypatch.setattr(jobs, "fit", lambda *a, **k: seen.append(torch.get_num_threads()))
+    cfg = tiny().expert
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": 3})})
+    shard = user_run / "partition" / "shards" / "cluster_00.safetensors"
+    jobs.train_expert(shard, cfg, tmp_path / "rank1", dist=Distributed(rank=1, world=1))
+    assert seen == [3] and torch.get_num_threads() == 2
+
+
+@pytest.mark.slow
+def test_a_ddp_job_writes_the_same_bytes_whatever_the_callers_thread_count(user_run, tmp_path):
+    """`train-expert --nproc 2` spawned from a process on 4 threads or on 2 (which were split between the
+    processes before): every process trains on train.threads, so the same weights (2 jobs: about 12 s)."""
+    from ddmkit.train.jobs import train_expert_ddp
+
+    shard = user_run / "partition" / "shards" / "cluster_00.safetensors"
+    before = torch.get_num_threads()
+    try:
+        for threads in (4, 2):
+            torch.set_num_threads(threads)
+            train_expert_ddp(shard, tiny().expert, tmp_path / f"from_{threads}", nproc=2)
+    finally:
+        torch.set_num_threads(before)
+    assert (tmp_path / "from_4" / "model.safetensors").read_bytes() == \
+        (tmp_path / "from_2" / "model.safetensors").read_bytes()
+
+
+# ----- 6. every writer holds the run lock -------------------------------------------------------
+@contextlib.contextmanager
+def held_lock(run: Path):
+    """RUN/.lock held by another (live) process for the body; that process is killed after it, which
+    leaves its lock file behind (a dead holder's)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(RunFolder(run).lock)], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        yield holder.pid
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert RunFolder(run).lock.read_text().split()[0] == str(holder.pid)
+
+
+def dead_holders_lock(run: Path) -> None:
+    """RUN/.lock as a writer killed with SIGKILL leaves it: its process id, no process holding it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run.mkdir(parents=True, exist_ok=True)
+    RunFolder(run).lock.write_text(f"{dead.pid} {HOST}\n")
+
+
+def files_but_the_lock(run: Path) -> dict:
+    return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def _analyze(run, **kw):
+    from ddmkit.pipeline.analyze import analyze_run
+
+    return analyze_run(run, log=QUIET, **{"strategies": ["top-2", "full", "switch"], "n": 16, "max_steps": 2,
+                                          "jvp_rows": 4, "n_boot": 10, "n_heldout": 50, **kw})
+
+
+def _sample(run):
+    from ddmkit.pipeline.run import sample_run
+
+    return sample_run(run, ["top-2"], log=QUIET)
+
+
+def _evaluate(run):
+    from ddmkit.pipeline.run import evaluate_run
+
+    return evaluate_run(run, log=QUIET)
+
+
+WRITERS = {  # every library call and command that writes a vector or image run folder
+    "run_pipeline": lambda run: run_pipeline(tiny(), run, log=QUIET),
+    "prepare_run_dir": lambda run: prepare_run_dir(run, tiny(), log=QUIET),
+    "stage_experts": lambda run: stage_experts(tiny(), run, QUIET),
+    "stage_monolith": lambda run: stage_monolith(tiny(), run, QUIET),
+    "stage_router": lambda run: stage_router(tiny(), run, QUIET),
+    "stage_registry": lambda run: stage_registry(tiny(), run, QUIET),
+    "sample_run": _sample,
+    "evaluate_run": _evaluate,
+    "analyze_run": _analyze,
+    "ddmkit run": lambda run: ["run", TINY, "--out", run],
+    "ddmkit partition": lambda run: ["partition", "--config", TINY, "--out", run],
+    "ddmkit launch": lambda run: ["launch", run],
+    "ddmkit train-monolith": lambda run: ["train-monolith", run],
+    "ddmkit train-router": lambda run: ["train-router", run],
+    "ddmkit sample": lambda run: ["sample", run, "--strategy", "top-2"],
+    "ddmkit evaluate": lambda run: ["evaluate", run],
+    "ddmkit analyze": lambda run: ["analyze", run, "--n", "16"],
+    "ddmkit register": lambda run: ["register", run],
+    "ddmkit launch --emit slurm": lambda run: ["launch", run, "--emit", "slurm"],
+}
+
+
+@pytest.fixture(scope="module")
+def locked_run(user_run, tmp_path_factory):
+    """A copy of the trained run whose lock another live process holds: (run, its pid, its files)."""
+    run = Path(shutil.copytree(user_run, tmp_path_factory.mktemp("locked") / "run"))
+    with held_lock(run) as pid:
+        yield run, pid, files_but_the_lock(run)
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_every_writer_is_refused_while_another_process_holds_the_lock(locked_run, writer, monkeypatch, capsys):
+    run, pid, before = locked_run
+    if writer.startswith("ddmkit "):
+        code, err = cli(monkeypatch, capsys, *WRITERS[writer](run))
+        assert code == 2 and f"in use by process {pid}" in err, err
+    else:
+        with pytest.raises(DDMError, match=rf"in use by process {pid}\b"):
+            WRITERS[writer](run)
+    assert files_but_the_lock(run) == before  # nothing written
+
+
+@pytest.mark.parametrize("writer", [_sample, _evaluate, _analyze], ids=["sample", "evaluate", "analyze"])
+def test_sample_evaluate_and_analyze_take_over_a_dead_holders_lock(user_run, tmp_path, writer):
+    run = Path(shutil.copytree(user_run, tmp_path / "run"))
+    saved = json.loads(RunFolder(run).config.read_text())  # small sample and evaluation settings
+    saved["config"]["sample"].update(n=100, steps=2)
+    saved["config"]["evaluate"].update(chunk=50)
+    write_json(RunFolder(run).config, saved)
+    if writer is _evaluate:
+        _sample(run)
+    dead_holders_lock(run)
+    writer(run)
+    assert not RunFolder(run).lock.exists()  # taken over, and released after

@@ -26,39 +26,82 @@ def log(msg: str) -> None:
     console.print(msg, highlight=False, soft_wrap=True, markup=False)
 
 
-def _config(config: Optional[Path], run: Optional[Path] = None):
-    from ddmkit.config import RunConfig, builtin_config, load_config
+def _version(value: bool) -> None:
+    if value:
+        from ddmkit.conventions import __version__
+
+        typer.echo(f"ddmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="print ddmkit's version and exit")):
+    pass
+
+
+DEVICE = typer.Option(None, "--device", help="where networks train and sample: cpu, cuda, cuda:N, mps or auto; "
+                      "sets every train.device of the config (default: the config's)")
+SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one config field, repeatable: --set "
+                   "expert.train.steps=300 --set 'sample.strategies=[\"top-1\",\"full\"]' (VALUE: a TOML "
+                   "value, else text)")
+CONFIG = "TOML config (or a built-in name, e.g. demo); it also names your own network classes"
+
+
+def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optional[List[str]] = None,
+            device: Optional[str] = None):
+    """A command's run configuration: the file `config` (a TOML, a built-in name or a run's config.json),
+    else RUN/config.json, else the defaults; then every --set and --device applied, and validated.
+    The user's network classes it names are imported when the TOML or a --set names them, never
+    because a config.json names them (ddmkit.nets.use_network)."""
+    from ddmkit.config import RunConfig, apply_overrides, builtin_config, load_config, validate
+    from ddmkit.nets import use_network
+    from ddmkit.nets.user import is_user_network
     from ddmkit.pipeline.prepare import run_config
 
+    path = None
     if config is not None:
-        if not config.exists() and config.suffix != ".toml":
-            return load_config(builtin_config(str(config)))
-        return load_config(config)
-    if run is not None and (run / "config.json").exists():
-        return run_config(run)
-    return RunConfig()
+        path = config if config.exists() or config.suffix == ".toml" else builtin_config(str(config))
+        base = load_config(path)
+    elif run is not None and (run / "config.json").exists():
+        base = run_config(run)
+    else:
+        base = RunConfig()
+    items, dump = list(overrides or []), base.model_dump()
+    if device is not None:
+        items += [f"{name}.train.device={device}" for name, section in dump.items()
+                  if isinstance(section, dict) and isinstance(section.get("train"), dict)]
+    cfg = validate(RunConfig, apply_overrides(dump, items), "--set / --device") if items else base
+    own_file = path is not None and path.suffix != ".json"  # the user's TOML, not a run folder's config.json
+    typed = {item.partition("=")[0].strip() for item in overrides or []}
+    for name, net in (("expert", cfg.expert.net), ("router", cfg.router.net)):
+        if is_user_network(net.arch) and (own_file or typed & {f"{name}.net", f"{name}.net.arch"}):
+            use_network(net.arch)
+    return cfg
 
 
 @app.command()
-def partition(out: Path = typer.Option(..., "--out", help="run folder to create (RUN/data, RUN/partition)"),
-              config: Optional[Path] = typer.Option(None, help="TOML config (or a built-in name, e.g. demo)"),
+def partition(out: Path = typer.Option(..., "--out", help="run folder to create (RUN/data, RUN/partition; latent "
+                                       "runs also RUN/autoencoder, RUN/latents)"),
+              config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the built-in defaults)"),
               data: Optional[str] = typer.Option(None, help="data set name or .npy/.npz path (overrides config)"),
               k: Optional[int] = typer.Option(None, help="number of clusters (overrides config)"),
               seed: Optional[int] = typer.Option(None, help="seed for data and k-means (overrides config)"),
-              force: bool = typer.Option(False, help="replace a folder that holds a different run")):
+              force: bool = typer.Option(False, help="replace a folder that holds a different run"),
+              set_: Optional[List[str]] = SET):
     """Load the data, cluster it into K shards, write shards and a manifest (text configs: the corpus)."""
     from ddmkit.config import RunConfig, validate
     from ddmkit.pipeline.prepare import prepare_run_dir
-    from ddmkit.pipeline.stages import stage_data, stage_partition
+    from ddmkit.pipeline.stages import stage_autoencoder, stage_data, stage_partition
 
     if config is not None and _text_kind(config):
         from ddmkit.pipeline.text import partition_text_run
 
-        if data is not None or k is not None:
-            raise DDMError("--data and --k: set corpus.source and partition.k in the text config instead")
+        if data is not None or k is not None or set_:
+            raise DDMError("--data, --k and --set: set corpus.source and partition.k in the text config instead")
         partition_text_run(config, out, force, seed, log)
         return
-    cfg = _config(config).with_seed(seed).model_dump()
+    cfg = _config(config, None, set_).with_seed(seed).model_dump()
     if data is not None:
         cfg["data"]["name"] = data
     if k is not None:
@@ -67,6 +110,7 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
     run = prepare_run_dir(out, cfg, force, log)
     stage_data(cfg, run, log)
     stage_partition(cfg, run, log)
+    stage_autoencoder(cfg, run, log)  # latent runs: the shared autoencoder, and every shard encoded
 
 
 def _with_train_seed(section, seed: Optional[int]):
@@ -79,13 +123,16 @@ def _with_train_seed(section, seed: Optional[int]):
 @app.command("train-expert")
 def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g. RUN/partition/shards/cluster_03.safetensors"),
                      out: Path = typer.Option(..., "--out", help="expert folder to write"),
-                     config: Optional[Path] = typer.Option(None, help="TOML config (or a run's config.json) whose [expert] section is used"),
+                     config: Optional[Path] = typer.Option(None, help="TOML config (or a run's config.json) whose "
+                                                           "[expert] section is used (default: the built-in defaults)"),
                      seed: Optional[int] = typer.Option(None, help="training seed (overrides config)"),
                      checkpoint_every: Optional[int] = typer.Option(None, help="write a checkpoint every N steps (overrides config)"),
                      resume: bool = typer.Option(False, help="continue from OUT.checkpoint.safetensors if a killed run left one"),
                      nproc: int = typer.Option(1, "--nproc", min=1, help="processes (one per GPU with CUDA) on this machine "
                                                "for this one expert, data parallel; the batch size stays the global one. "
-                                               "Under torchrun leave it out")):
+                                               "Under torchrun leave it out"),
+                     device: Optional[str] = DEVICE,
+                     set_: Optional[List[str]] = SET):
     """Train one expert on one shard, in isolation: it reads that file and nothing else."""
     from ddmkit.config import ExpertConfig, validate
     from ddmkit.train.jobs import train_expert_ddp
@@ -95,13 +142,13 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
 
         if nproc != 1:
             raise DDMError("--nproc: text experts train in one process (on cfg.threads threads)")
-        if seed is not None or checkpoint_every is not None:
-            raise DDMError("--seed and --checkpoint-every: text experts take expert.train.seed from the text config "
-                           "(seed + cluster) and train without checkpoints")
+        if seed is not None or checkpoint_every is not None or device is not None or set_:
+            raise DDMError("--seed, --checkpoint-every, --device and --set: text experts take their settings from "
+                           "the text config (seed + cluster) and train without checkpoints")
         train_text_expert(shard, read_text_config(config), out)
         log(f"expert written to {out}")
         return
-    cfg = _config(config).expert
+    cfg = _config(config, None, set_, device).expert
     upd = {k: v for k, v in (("seed", seed), ("checkpoint_every", checkpoint_every)) if v is not None}
     cfg = validate(ExpertConfig, {**cfg.model_dump(), "train": {**cfg.train.model_dump(), **upd}}, "options")
     train_expert_ddp(shard, cfg, out, nproc, resume=resume)
@@ -110,35 +157,39 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
 
 @app.command("train-router")
 def train_router_cmd(run: Path = typer.Argument(..., help="run folder with partition/"),
-                     config: Optional[Path] = typer.Option(None, help="TOML config (default: the run's)"),
-                     seed: Optional[int] = typer.Option(None, help="training seed (overrides config)")):
+                     config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
+                     seed: Optional[int] = typer.Option(None, help="training seed (overrides config)"),
+                     device: Optional[str] = DEVICE,
+                     set_: Optional[List[str]] = SET):
     """Train the router p(cluster | x_t, t) on noised shard data (text runs: on windows of the shards)."""
     from ddmkit.pipeline.stages import stage_router
 
     if _text_run(run):
         from ddmkit.pipeline.text import train_text_router
 
-        _no_text_overrides(config, seed)
+        _no_text_overrides(config, seed, device, set_)
         train_text_router(run, log)
         return
-    cfg = _config(config, run)
+    cfg = _config(config, run, set_, device)
     stage_router(cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)}), run, log)
 
 
 @app.command("train-monolith")
 def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with partition/"),
-                       config: Optional[Path] = typer.Option(None, help="TOML config (default: the run's)"),
-                       seed: Optional[int] = typer.Option(None, help="training seed (overrides config)")):
+                       config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
+                       seed: Optional[int] = typer.Option(None, help="training seed (overrides config)"),
+                       device: Optional[str] = DEVICE,
+                       set_: Optional[List[str]] = SET):
     """Train the FLOP-matched monolith baseline on all shards (text runs: the centralized model)."""
     from ddmkit.pipeline.stages import stage_monolith
 
     if _text_run(run):
         from ddmkit.pipeline.text import train_text_monolith
 
-        _no_text_overrides(config, seed)
+        _no_text_overrides(config, seed, device, set_)
         train_text_monolith(run, log)
         return
-    cfg = _config(config, run)
+    cfg = _config(config, run, set_, device)
     stage_monolith(cfg.model_copy(update={"expert": _with_train_seed(cfg.expert, seed)}), run, log)
 
 
@@ -146,33 +197,40 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
 def sample(run: Path = typer.Argument(..., help="run folder with experts/ and router/ (any kind of data)"),
            strategy: List[str] = typer.Option(["top-2"], help=f"what to sample, repeatable: a routing strategy "
                                               f"({STRATEGY_FORMS}), 'monolith', or 'exact' (Gaussian mixtures)"),
-           n: Optional[int] = typer.Option(None, help="number of samples"),
-           steps: Optional[int] = typer.Option(None, help="solver steps"),
-           solver: Optional[str] = typer.Option(None, help="euler, heun, midpoint, rk4 or adaptive"),
-           seed: Optional[int] = typer.Option(None, help="noise seed"),
+           n: Optional[int] = typer.Option(None, help="number of samples (default: the config's sample.n)"),
+           steps: Optional[int] = typer.Option(None, help="solver steps (default: the config's sample.steps)"),
+           solver: Optional[str] = typer.Option(None, help="euler, heun, midpoint, rk4 or adaptive (default: the "
+                                                "config's sample.solver)"),
+           seed: Optional[int] = typer.Option(None, help="noise seed (default: the config's sample.seed)"),
            guidance: Optional[float] = typer.Option(None, help="classifier-free guidance inside each "
-                                                    "class-conditional expert (images with labels)"),
+                                                    "class-conditional expert (images with labels; default: "
+                                                    "the config's sample.guidance)"),
            router_every: Optional[int] = typer.Option(None, help="call the router every m steps and reuse its "
-                                                      "routing in between (1: every step)"),
-           batch_size: Optional[int] = typer.Option(None, help="integrate the samples in chunks of this many rows"),
+                                                      "routing in between (1: every step; default: the config's)"),
+           batch_size: Optional[int] = typer.Option(None, help="integrate the samples in chunks of this many rows "
+                                                    "(default: the config's sample.batch_size)"),
            cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
                                                       help="on a GPU, replay the networks from CUDA graphs (pays at "
-                                                      "batches up to a few thousand rows; ignored on the CPU)"),
+                                                      "batches up to a few thousand rows; ignored on the CPU; "
+                                                      "default: the config's, off)"),
            cuda_streams: Optional[bool] = typer.Option(None, "--cuda-streams/--no-cuda-streams",
                                                        help="on a GPU, run a step's experts on concurrent CUDA "
-                                                       "streams (default on; with --cuda-graphs, a set of graphs per expert)")):
+                                                       "streams (default on; with --cuda-graphs, a set of graphs per expert)"),
+           config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
+           device: Optional[str] = DEVICE,
+           set_: Optional[List[str]] = SET):
     """Sample with routing strategies; writes RUN/samples/NAME.safetensors (text runs: RUN/samples/text.json)."""
     from ddmkit.config import RunConfig, validate
-    from ddmkit.pipeline.prepare import run_config
 
     if _text_run(run):
         from ddmkit.pipeline.text import sample_text
 
+        _no_text_overrides(config, None, device, set_)
         sample_text(run, strategy, n=n, seed=seed, log=log)
         return
     from ddmkit.pipeline.run import sample_run
 
-    cfg = run_config(run)
+    cfg = _config(config, run, set_, device)
     upd = {k: v for k, v in (("n", n), ("steps", steps), ("solver", solver), ("seed", seed), ("guidance", guidance),
                              ("router_every", router_every), ("batch_size", batch_size),
                              ("cuda_graphs", cuda_graphs), ("cuda_streams", cuda_streams)) if v is not None}
@@ -183,17 +241,23 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
 
 
 @app.command()
-def evaluate(run: Path = typer.Argument(..., help="run folder with samples/ (any kind of data)")):
+def evaluate(run: Path = typer.Argument(..., help="run folder with samples/ (any kind of data)"),
+             config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
+             device: Optional[str] = DEVICE,
+             set_: Optional[List[str]] = SET):
     """Scores of every sampled set (W2 and the truth's scores, or FID/KID for images, or bits per byte
     for text), router accuracy, plots and report.md."""
     if _text_run(run):
         from ddmkit.pipeline.text import evaluate_text
 
+        _no_text_overrides(config, None, device, set_)
         evaluate_text(run, log=log)
         return
-    from ddmkit.pipeline.run import evaluate_run
+    from ddmkit.pipeline.run import evaluate_stage
+    from ddmkit.train.loop import resolve_device
 
-    evaluate_run(run, log)
+    cfg = _config(config, run, set_, device)
+    evaluate_stage(cfg, run, log, resolve_device(cfg.expert.train.device))
 
 
 @app.command()
@@ -205,15 +269,22 @@ def analyze(run: Path = typer.Argument(..., help="trained run folder (experts/, 
             n: int = typer.Option(1000, help="trajectories per strategy"),
             seed: Optional[int] = typer.Option(None, help="noise seed (default: the run's)"),
             max_steps: int = typer.Option(20, help="steps at which Jacobians are measured"),
-            jvp_rows: int = typer.Option(128, help="trajectories on which Jacobians are measured")):
+            jvp_rows: int = typer.Option(128, help="trajectories on which Jacobians are measured"),
+            config: Optional[Path] = typer.Option(None, help="the TOML the run was made with, to import the "
+                                                  "network classes of your own it names (the settings are the "
+                                                  "run's; analyze runs on the CPU)")):
     """Stability vs expert-data alignment diagnostics; writes analysis.md, analysis.json, plots/
     (text runs: each expert's bits per byte on every cluster, and the router's weight on the true one)."""
     if _text_run(run):
         from ddmkit.pipeline.text import analyze_text
 
+        _no_text_overrides(config, None)
         analyze_text(run, out, log=log)
         return
     from ddmkit.pipeline.analyze import analyze_run
+
+    if config is not None:
+        _config(config)  # registers the config's own network classes
 
     analyze_run(run, out, strategy, n=n, seed=seed, max_steps=max_steps, jvp_rows=jvp_rows, log=log)
 
@@ -224,10 +295,12 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
         seed: Optional[int] = typer.Option(None, help="one seed for every stage (overrides config)"),
         force: bool = typer.Option(False, help="replace a folder that holds a different run"),
         backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
-        workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray)"),
-        address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto)"),
+        workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU core without GPUs)"),
+        address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto; default: a local Ray that ddmkit starts)"),
         stages: str = typer.Option("all", help="train (data, partition, experts, monolith, router, registry), "
-                                   "evaluate (sampling, scores, report: needs the trained networks) or all")):
+                                   "evaluate (sampling, scores, report: needs the trained networks) or all"),
+        device: Optional[str] = DEVICE,
+        set_: Optional[List[str]] = SET):
     """Every stage: data, partition, experts, monolith, router, sampling, evaluation, report.
 
     A TOML with `kind = "text_ar"` or `"text_dfm"` runs the text pipeline (see `ddmkit text --help`)."""
@@ -237,10 +310,12 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
     if _text_kind(config):
         from ddmkit.pipeline.text import run_text
 
+        _no_text_overrides(None, None, device, set_)
         run_text(config, out, force, seed, log=log)
         return
     check_backend(backend)
-    run_pipeline(_config(config).with_seed(seed), out, force, log, backend, workers, address, stages)
+    run_pipeline(_config(config, None, set_, device).with_seed(seed), out, force, log, backend, workers, address,
+                 stages)
 
 
 @app.command()
@@ -254,7 +329,9 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
           all_seeds: bool = typer.Option(False, help="every seed at every budget"),
           force: bool = typer.Option(False, help="replace cell folders that hold different runs"),
           backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
-          workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray)")):
+          workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU core without GPUs)"),
+          device: Optional[str] = DEVICE,
+          set_: Optional[List[str]] = SET):
     """Quality against training compute: a DDM per K and its FLOP-matched monolith at several budgets and
     seeds, one run folder per cell (resumable), and OUT/sweep.md with a table, a plot and the compute at
     which the best DDM reaches the monolith's final quality."""
@@ -262,7 +339,7 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
     from ddmkit.pipeline.sweep import sweep as run_sweep
 
     check_backend(backend)
-    report = run_sweep(_config(config), out, list(k), list(budget), list(seed), all_seeds, force, log, backend,
+    report = run_sweep(_config(config, None, set_, device), out, list(k), list(budget), list(seed), all_seeds, force, log, backend,
                        workers)
     for kk, ratio in report["compute_ratio"].items():
         log(f"K={kk}: best {report['best'][kk]} reaches the monolith's final {report['metric']} at "
@@ -272,25 +349,29 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
 @app.command()
 def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/"),
            backend: str = typer.Option("inline", help="inline, processes or ray"),
-           workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray)"),
-           address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto)"),
-           emit: Optional[str] = typer.Option(None, help="write a scheduler script instead of training: slurm"),
+           workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU core without GPUs)"),
+           address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto; default: a local Ray that ddmkit starts)"),
+           emit: Optional[str] = typer.Option(None, help="write a scheduler script instead of training: slurm (default: train here)"),
            script: Optional[Path] = typer.Option(None, help="where --emit writes (default RUN/launch/train_experts.slurm)"),
            time: str = typer.Option("24:00:00", help="slurm --time per expert"),
            cpus: int = typer.Option(4, help="slurm --cpus-per-task"),
            gpus: int = typer.Option(1, help="slurm GPUs per expert (0: none)"),
            mem: str = typer.Option("16G", help="slurm --mem"),
-           partition_name: Optional[str] = typer.Option(None, "--partition", help="slurm partition")):
+           partition_name: Optional[str] = typer.Option(None, "--partition", help="slurm partition (default: the cluster's)"),
+           config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
+           device: Optional[str] = DEVICE,
+           set_: Optional[List[str]] = SET):
     """Train the run's missing experts on a backend, or emit a SLURM job array (one task per expert)."""
-    from ddmkit.pipeline.prepare import run_config
-    from ddmkit.pipeline.stages import stage_experts, stage_registry
+    from ddmkit.pipeline.stages import run_lock, stage_autoencoder, stage_experts, stage_registry
 
     if emit is not None:
         from ddmkit.launch import write_slurm_script
 
         if emit != "slurm":
             raise DDMError(f"--emit: unknown scheduler {emit!r}; accepted: slurm")
-        path = write_slurm_script(run_dir, script, time=time, cpus=cpus, gpus=gpus, mem=mem, partition=partition_name)
+        with run_lock(run_dir):
+            path = write_slurm_script(run_dir, script, time=time, cpus=cpus, gpus=gpus, mem=mem,
+                                      partition=partition_name)
         log(f"wrote {path}; submit it with: sbatch {path}")
         return
     from ddmkit.launch import check_backend
@@ -300,13 +381,16 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
         from ddmkit.pipeline.text import train_text_experts
         from ddmkit.registry import write_registry
 
+        _no_text_overrides(config, None, device, set_)
         if backend != "inline":
             raise DDMError(f"--backend {backend}: text experts train inline, or one per node with "
                            "`ddmkit launch RUN --emit slurm`; use --backend inline")
-        train_text_experts(run_dir, log)
-        write_registry(run_dir)
+        with run_lock(run_dir):
+            train_text_experts(run_dir, log)
+            write_registry(run_dir)
         return
-    cfg = run_config(run_dir)
+    cfg = _config(config, run_dir, set_, device)
+    stage_autoencoder(cfg, run_dir, log)  # latent runs: encode the shards first (once)
     stage_experts(cfg, run_dir, log, backend, workers, address)
     stage_registry(cfg, run_dir, log)
 
@@ -314,9 +398,11 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
 @app.command()
 def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/, experts/, router/")):
     """Write RUN/registry.json: SHA-256 of every model folder, shard hashes, version, time convention."""
+    from ddmkit.pipeline.stages import run_lock
     from ddmkit.registry import write_registry
 
-    reg = write_registry(run_dir)
+    with run_lock(run_dir):
+        reg = write_registry(run_dir)
     log(f"registry: {len(reg['models'])} model folders recorded in {run_dir / 'registry.json'}")
 
 
@@ -334,14 +420,17 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="output folder
          seed: Optional[int] = typer.Option(None, help="one seed for every stage (default: the config's)"),
          backend: str = typer.Option("processes", help="where experts train: inline, processes or ray"),
          workers: Optional[int] = typer.Option(None, help="parallel expert jobs (default: one per CPU core)"),
-         force: bool = typer.Option(False, help="replace a folder that holds a different run")):
+         force: bool = typer.Option(False, help="replace a folder that holds a different run"),
+         device: Optional[str] = DEVICE,
+         set_: Optional[List[str]] = SET):
     """The built-in ring-of-8 run, end to end on a CPU in a few minutes; writes report.md."""
-    from ddmkit.config import builtin_config, load_config
+    from ddmkit.config import builtin_config
     from ddmkit.launch import check_backend
     from ddmkit.pipeline.run import run_pipeline
 
     check_backend(backend)
-    result = run_pipeline(load_config(builtin_config("demo")).with_seed(seed), out, force, log, backend, workers)
+    cfg = _config(builtin_config("demo"), None, set_, device).with_seed(seed)
+    result = run_pipeline(cfg, out, force, log, backend, workers)
     _print_summary(result)
     console.print(f"[bold green]demo finished[/]: open {escape(str(out / 'report.md'))}", highlight=False, soft_wrap=True)
 
@@ -366,9 +455,11 @@ def _text_kind(config: Path) -> bool:
     return is_text_config(config)
 
 
-def _no_text_overrides(config: Optional[Path], seed: Optional[int]) -> None:
-    if config is not None or seed is not None:
-        raise DDMError("--config and --seed: a text run trains with the config it was made with (RUN/config.json)")
+def _no_text_overrides(config: Optional[Path], seed: Optional[int], device: Optional[str] = None,
+                       overrides: Optional[List[str]] = None) -> None:
+    if config is not None or seed is not None or device is not None or overrides:
+        raise DDMError("--config, --seed, --device and --set: a text run runs with the text config it was made "
+                       "with (RUN/config.json); set its fields there")
 
 
 def _text_run(run: Path) -> bool:
@@ -376,6 +467,47 @@ def _text_run(run: Path) -> bool:
     from ddmkit.pipeline.text import is_text_run
 
     return is_text_run(run)
+
+
+# ----- growing a trained run: add-expert, replace-expert (ddmkit.pipeline.grow) -----
+@app.command("add-expert")
+def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trained run folder (vectors or images)"),
+                   data: str = typer.Option(..., "--data", help="the new island's data: a data set name or a "
+                                            ".npy/.npz path, of the run's data shape"),
+                   params: Optional[str] = typer.Option(None, "--params", help="the data set's params as a JSON "
+                                                        "object, as data.params in a config, e.g. '{\"key\": \"x\"}'"),
+                   mode: str = typer.Option("new-cluster", help="new-cluster: the data become cluster K with an "
+                                            "expert of its own; nearest: each row joins its nearest cluster, and "
+                                            "those experts are retrained"),
+                   router: str = typer.Option("retrain", help="retrain: the router over all shards; stats: the "
+                                              "statistics-only router (nothing trained)")):
+    """Add a new island's data to a trained run: its expert trains on them alone, then only the router is
+    retrained (or the statistics-only router is used). Samples and scores are drawn again later."""
+    import json
+
+    from ddmkit.pipeline.grow import add_expert
+
+    try:
+        table = json.loads(params) if params is not None else {}
+    except ValueError as e:
+        raise DDMError(f"--params: not valid JSON ({e}); write an object, e.g. --params '{{\"key\": \"x\"}}'") from None
+    if not isinstance(table, dict):
+        raise DDMError(f"--params: expected a JSON object, got {type(table).__name__}; e.g. --params '{{\"key\": \"x\"}}'")
+    event = add_expert(run_dir, {"name": data, "params": table}, mode, router, log)
+    log(f"add-expert: {event['rows']} rows added to {run_dir} (grow.json entry {event['n']}); sample and score with "
+        f"`ddmkit run {run_dir}/config.json --out {run_dir} --stages evaluate`")
+
+
+@app.command("replace-expert")
+def replace_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trained run folder (vectors or images)"),
+                       k: int = typer.Argument(..., metavar="K", help="the expert to replace, 0 .. K-1"),
+                       folder: Path = typer.Argument(..., metavar="FOLDER", help="a model folder (config.json + "
+                                                     "model.safetensors) of an expert trained elsewhere")):
+    """Replace expert K of a trained run by a copy of another expert's model folder; the registry is rewritten."""
+    from ddmkit.pipeline.grow import replace_expert
+
+    event = replace_expert(run_dir, k, folder, log)
+    log(f"replace-expert: grow.json entry {event['n']}; `ddmkit verify {run_dir}` checks the registry")
 
 
 theory_app = typer.Typer(help="Theory studies on exact Gaussian-mixture truth: convergence and distillation.",
@@ -414,7 +546,8 @@ def distill(quick: bool = QUICK,
 @text_app.command("run")
 def text_run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar' or 'text_dfm'"),
              out: Optional[Path] = typer.Option(None, "--out", help="output folder (default runs/<config name>)"),
-             force: bool = typer.Option(False, "--force", help="delete the output folder first"),
+             force: bool = typer.Option(False, "--force", help="replace what the output folder holds (once the config's "
+                                        "checks pass)"),
              seed: Optional[int] = typer.Option(None, "--seed", help="override every seed of the config")):
     """Partition a corpus, train experts, centralized model and router, evaluate, write the report
     (the same as `ddmkit run CONFIG`)."""

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
@@ -50,23 +50,53 @@ class DataConfig(Section):
 
 class PartitionConfig(Section):
     k: int = Field(8, ge=1, le=100_000)
-    features: str = Field("identity", description="identity | pca | module:function")
+    features: str = Field("identity", description="identity | pca | encoder | module:function")
     pca_dim: int | None = Field(None, ge=1, le=100_000)
     balanced: bool = False
     seed: int = Seed()
+    fine_k: int = Field(0, ge=0, le=10**6, description="two-stage k-means: fine_k centroids merged into k (0: one "
+                        "k-means)")
+    encoder: str | None = Field(None, min_length=1, max_length=4096, description="features = 'encoder': the "
+                                "folder of a saved transformers vision model (DINOv2, CLIP, ...)")
+    encoder_pool: Literal["cls", "mean"] = "cls"
+    encoder_size: int | None = Field(None, ge=1, le=16_384, description="input side; default: the folder's")
+    encoder_batch: int = Field(256, ge=1, le=100_000)
+    encoder_normalize: bool = Field(True, description="L2-normalise the features (cosine geometry)")
 
     @field_validator("features")
     @classmethod
     def _features(cls, v: str) -> str:
-        if not FEATURES.match(v):
-            raise ValueError(f"{v!r} is not 'identity', 'pca' or 'package.module:function' (a function of the "
-                             "user's code, imported when partitioning)")
+        if v != "encoder" and not FEATURES.match(v):
+            raise ValueError(f"{v!r} is not 'identity', 'pca', 'encoder' or 'package.module:function' (a function "
+                             "of the user's code, imported when partitioning)")
         return v
+
+    @model_validator(mode="after")
+    def _encoder(self):
+        if self.features == "encoder" and self.encoder is None:
+            raise ValueError("partition.encoder: features = 'encoder' needs the folder of a saved transformers "
+                             "vision model, e.g. encoder = 'models/dinov2-small'")
+        if self.features != "encoder" and self.encoder is not None:
+            raise ValueError(f"partition.encoder is set but partition.features = {self.features!r}; set features "
+                             "= 'encoder' to use it, or remove encoder")
+        return self
+
+
+ARCH = re.compile(r"^([a-z][a-z0-9_]*|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
 
 
 class NetConfig(Section):
-    arch: str = "mlp"
+    arch: str = Field("mlp", description="a built-in architecture (mlp, router_mlp, unet, dit, router_cnn) or "
+                      "your own torch.nn.Module as 'package.module:Class'")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        if not ARCH.match(v):
+            raise ValueError(f"{v!r} is not a built-in architecture name (mlp, unet, ...) or 'package.module:Class' "
+                             "(a torch.nn.Module of the user's code, imported when the config is run)")
+        return v
 
 
 class TrainConfig(Section):
@@ -90,6 +120,8 @@ class TrainConfig(Section):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode; 'reduce-overhead' replays the step's kernels as CUDA graphs "
         "(small networks whose step is bound by kernel launches)")
+    tensorboard: bool = Field(False, description="also write the logged losses as TensorBoard event files to "
+                              "the model folder's tensorboard/ (needs the tensorboard package)")
 
 
 class ExpertConfig(Section):
@@ -113,6 +145,34 @@ class MonolithConfig(Section):
     enabled: bool = True
     match: Literal["steps", "batch"] = Field("steps", description="FLOP matching: K x the expert's steps, "
                                              "or K x its batch for the same steps")
+
+
+class LatentConfig(Section):
+    """Latent DDMs (images): experts, router and monolith train on autoencoder latents; samples are decoded.
+
+    pretrained = a local diffusers AutoencoderKL folder, or None: ddmkit trains a small AutoencoderKL
+    (widths, channels, layers_per_block) on the run's training images with `train`."""
+
+    enabled: bool = False
+    pretrained: str | None = Field(None, min_length=1, description="a local diffusers AutoencoderKL folder "
+                                   "(config.json + diffusion_pytorch_model.safetensors); None: train one")
+    channels: int = Field(4, ge=1, le=64, description="latent channels of a trained autoencoder")
+    widths: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=1, max_length=6,
+                              description="block widths of a trained autoencoder; the latents are "
+                              "2^(len - 1) times smaller per side")
+    layers_per_block: int = Field(1, ge=1, le=8)
+    kl_weight: float = Field(1e-6, ge=0, le=10, description="weight of the KL term in the trained "
+                             "autoencoder's loss (reconstruction: mean squared error)")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=1e-3,
+                                                                   warmup=100, ema_decay=0.999))
+    encode_batch: int = Field(256, ge=1, le=10**6, description="images encoded or decoded at once")
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= w <= 4096 for w in v):
+            raise ValueError(f"block widths must be in 1 .. 4096; got {v}")
+        return v
 
 
 class SampleConfig(Section):
@@ -187,6 +247,7 @@ class RunConfig(Section):
     monolith: MonolithConfig = Field(default_factory=MonolithConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    latent: LatentConfig = Field(default_factory=LatentConfig)
 
     def with_seed(self, seed: int | None) -> "RunConfig":
         """Every seed of the run derived from one: data, partition, experts and
@@ -195,6 +256,7 @@ class RunConfig(Section):
             return self
         d = self.model_dump()
         d["data"]["seed"] = d["partition"]["seed"] = d["expert"]["train"]["seed"] = d["sample"]["seed"] = seed
+        d["latent"]["train"]["seed"] = seed
         d["router"]["train"]["seed"] = (seed + 1) % (MAX_SEED + 1) if isinstance(seed, int) and seed >= 0 else seed
         return validate(RunConfig, d, "--seed")
 
@@ -265,3 +327,35 @@ def builtin_config(name: str) -> Path:
         names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.toml"))
         raise DDMError(f"no built-in config {name!r}; accepted: {', '.join(names)}")
     return path
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: a TOML literal (300, 1e-3, true, "a", ["top-1", "full"], {width = 64}),
+    else JSON (null), else the text itself as a string (cuda:0, ring8)."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def apply_overrides(raw: dict, items: list[str]) -> dict:
+    """A copy of the raw config table with each "section.field=value" set (e.g. expert.train.steps=300);
+    tables on the way are created. Validate the result (validate(RunConfig, ...)): an unknown field or
+    a bad value is then an error naming it."""
+    out = json.loads(json.dumps(raw))  # a deep copy of plain data
+    for item in items:
+        path, eq, text = item.partition("=")
+        keys = path.strip().split(".")
+        if not eq or not all(k.strip() for k in keys):
+            raise DDMError(f"--set {item!r}: expected FIELD=VALUE with a dotted field, e.g. expert.train.steps=300")
+        table = out
+        for i, key in enumerate(keys[:-1]):
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                raise DDMError(f"--set {item!r}: {'.'.join(keys[:i + 1])} is a value, not a table of fields")
+        table[keys[-1]] = parse_value(text.strip())
+    return out

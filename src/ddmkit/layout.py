@@ -3,11 +3,15 @@
     RUN/config.json               the resolved configuration and its digest
     RUN/data/                     train/test splits, data.json (+ truth.safetensors for mixtures)
     RUN/partition/                manifest.json, partition.safetensors, shards/cluster_XX.safetensors
+    RUN/autoencoder/              latent runs: the autoencoder (diffusers AutoencoderKL folder)
+    RUN/latents/cluster_XX.safetensors   latent runs: each shard encoded; the networks train on these
     RUN/experts/expert_XX/        one model folder per expert (trained in isolation)
     RUN/monolith/, RUN/router/    model folders: config.json + model.safetensors + train_log.jsonl
     RUN/registry.json             SHA-256 of every model folder, checked on load
+    RUN/grow.json                 experts added or replaced later (ddmkit add-expert / replace-expert)
     RUN/samples/NAME.safetensors  one sample set per name, samples/info.json (calls, wall time)
     RUN/eval/                     cached evaluation features and per-set scores
+    RUN/students/                 distilled students (ddmkit distill): dense/, few-step-S-GRID/, report.md + .json
     RUN/report.md, metrics.json, plots/, analysis/
 
 Text runs (byte-level tokens) have the same folders (monolith/ is their centralized model, with
@@ -72,6 +76,27 @@ class RunFolder:
     def manifest(self) -> Path:
         return self.partition / "manifest.json"
 
+    # latent runs
+    @property
+    def autoencoder(self) -> Path:
+        return self.root / "autoencoder"
+
+    @property
+    def latents(self) -> Path:
+        return self.root / "latents"
+
+    def latent_shard(self, k: int) -> Path:
+        return self.latents / f"cluster_{k:02d}.safetensors"
+
+    @property
+    def latent_info(self) -> Path:
+        return self.latents / "latents.json"
+
+    @property
+    def is_latent(self) -> bool:
+        """A latent run: its autoencoder is written (the networks train on its latents)."""
+        return self.latent_info.exists()
+
     # model folders
     def expert(self, k: int) -> Path:
         return self.root / "experts" / f"expert_{k:02d}"
@@ -91,6 +116,11 @@ class RunFolder:
     @property
     def registry(self) -> Path:
         return self.root / "registry.json"
+
+    @property
+    def grow(self) -> Path:
+        """grow.json: the experts added or replaced after training (ddmkit.pipeline.grow) and the router kind."""
+        return self.root / "grow.json"
 
     # samples and scores
     @property
@@ -127,6 +157,28 @@ class RunFolder:
     @property
     def analysis(self) -> Path:
         return self.root / "analysis"
+
+    # students distilled from the trained DDM (ddmkit.pipeline.distill)
+    @property
+    def students(self) -> Path:
+        return self.root / "students"
+
+    @property
+    def dense_student(self) -> Path:
+        """students/dense: one network regressing the DDM's routed velocity."""
+        return self.students / "dense"
+
+    def few_step_student(self, segments: int, grid: str) -> Path:
+        """students/few-step-S-GRID: a student sampling in S steps on the 'uniform' or 'lambda' grid."""
+        return self.students / f"few-step-{segments}-{grid}"
+
+    @property
+    def students_report(self) -> Path:
+        return self.students / "report.md"
+
+    @property
+    def students_metrics(self) -> Path:
+        return self.students / "report.json"
 
     # what sampling and scoring write: removed when only [sample] or [evaluate] change
     @property

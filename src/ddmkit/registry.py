@@ -33,6 +33,7 @@ from ddmkit.config import validate
 from ddmkit.data.partition import load_partition
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, sha256_file, write_json
+from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, from_pretrained
 
 REGISTRY = "registry.json"
@@ -89,7 +90,28 @@ class Registry(BaseModel):
     k: int = Field(ge=1, le=100_000)
     data_hash: str | None = None
     partition_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    latents_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # latent runs: latents/latents.json
     models: list[RegistryEntry]
+
+
+class LatentShard(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cluster: int = Field(ge=0, le=100_000)
+    path: str = Field(min_length=1, max_length=1000)
+    count: int = Field(ge=1, le=10**12)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class LatentInfo(BaseModel):
+    """latents/latents.json of a latent run: the autoencoder's weights and the encoded shards."""
+    model_config = ConfigDict(extra="forbid")
+    latent_shape: list[int] = Field(min_length=3, max_length=3)
+    data_shape: list[int] = Field(min_length=3, max_length=3)
+    source: str
+    autoencoder_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scaling_factor: float
+    shift_factor: float
+    shards: list[LatentShard]
 
 
 def _validated(schema: type[BaseModel], data: Any, source: str):
@@ -117,6 +139,45 @@ def shard_files(run: str | Path) -> list[Path]:
     manifest, _ = load_partition_checked(folder)
     by_cluster = sorted(manifest["shards"], key=lambda s: s["cluster"])
     return [safe_join(folder, s["path"], "shard path") for s in by_cluster]
+
+
+AUTOENCODER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def latent_info(run: str | Path) -> dict:
+    """latents/latents.json of a latent run, checked by schema, one shard per cluster of the partition,
+    and against the autoencoder's weights (SHA-256)."""
+    folder = RunFolder(run)
+    source = folder.latent_info
+    info = _validated(LatentInfo, read_json(source), str(source)).model_dump()
+    manifest, _ = load_partition_checked(folder.partition)
+    if sorted(s["cluster"] for s in info["shards"]) != list(range(manifest["k"])):
+        raise DDMError(f"{source}: lists {len(info['shards'])} latent shards for a partition of k = {manifest['k']}; "
+                       f"remove {folder.latents} and re-run `ddmkit run CONFIG --out {folder.root}` to encode again")
+    weights = folder.autoencoder / AUTOENCODER_WEIGHTS
+    if sha256_file(weights) != info["autoencoder_sha256"]:
+        raise DDMError(f"{weights}: SHA-256 differs from {source}; the autoencoder was changed after the shards were "
+                       f"encoded. Remove {folder.latents} and {folder.autoencoder} and re-run to encode again")
+    return info
+
+
+def model_shards(run: str | Path) -> list[Path]:
+    """The shard files the networks train on, in cluster order: the partition's shards, or in a latent
+    run their latents (latents/cluster_XX.safetensors)."""
+    folder = RunFolder(run)
+    if not folder.is_latent:
+        return shard_files(run)
+    shards = sorted(latent_info(run)["shards"], key=lambda s: s["cluster"])
+    return [safe_join(folder.latents, s["path"], "latent shard path") for s in shards]
+
+
+def model_data_shape(run: str | Path) -> tuple[int, ...]:
+    """The shape of one sample as the networks see it: the data's, or in a latent run the latents'."""
+    folder = RunFolder(run)
+    if folder.is_latent:
+        return tuple(latent_info(run)["latent_shape"])
+    manifest, _ = load_partition_checked(folder.partition)
+    return tuple(manifest["data_shape"])
 
 
 # ----- model folders -----------------------------------------------------------
@@ -219,6 +280,7 @@ def write_registry(run: str | Path) -> dict:
     reg = {"format": FORMAT, "ddmkit_version": __version__, "time_convention": TIME_CONVENTION,
            "k": manifest["k"], "data_hash": manifest.get("data_hash"),
            "partition_sha256": sha256_file(run / "partition" / "manifest.json"),
+           "latents_sha256": sha256_file(RunFolder(run).latent_info) if RunFolder(run).is_latent else None,
            "models": [registry_entry(run, rel, role, c) for rel, role, c in _model_folders(run, manifest["k"])]}
     _validated(Registry, reg, "registry")
     write_json(run / REGISTRY, reg)
@@ -252,7 +314,14 @@ def verify_registry(run: str | Path, allow_missing: bool = True) -> dict:
     if sha256_file(run / "partition" / "manifest.json") != reg.partition_sha256:
         raise DDMError(f"{source}: the partition manifest changed since the registry was written; "
                        "these experts were trained on another partition")
-    shard_hash = {s["cluster"]: s["sha256"] for s in manifest["shards"]}
+    shards = manifest["shards"]
+    if reg.latents_sha256 is not None or RunFolder(run).is_latent:
+        info = RunFolder(run).latent_info
+        if not info.exists() or sha256_file(info) != reg.latents_sha256:
+            raise DDMError(f"{source}: the latent shards ({info}) changed since the registry was written; these "
+                           "networks were trained on other latents")
+        shards = latent_info(run)["shards"]
+    shard_hash = {s["cluster"]: s["sha256"] for s in shards}
     missing, verified = [], []
     for e in reg.models:
         folder = safe_join(run, e.path, f"{source}: {e.name}.path")

@@ -1,4 +1,5 @@
-"""The one in-memory form of a data set: `ArrayData`, with its content hash and a finiteness check."""
+"""The one in-memory form of a data set: `ArrayData`, with its content hash, a seeded row subset and a
+finiteness check."""
 from __future__ import annotations
 
 import hashlib
@@ -36,6 +37,23 @@ def content_hash(x: torch.Tensor) -> str:
     h = hashlib.sha256(str((a.dtype.str, a.shape)).encode())
     h.update(a.tobytes())
     return h.hexdigest()
+
+
+def take_rows(x: torch.Tensor, labels: torch.Tensor | None, n: int, seed: int):
+    """(x, labels) cut to n rows: a seeded subset in the original order (all rows when n is 0 or
+    not smaller than len(x))."""
+    if not n or n >= len(x):
+        return x, labels
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return x[idx], (labels[idx] if labels is not None else None)
+
+
+def split_indices(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(test rows, train rows) of n: round(n x test_fraction) rows of a seeded permutation for the
+    test split (at least one, and at least one row left for training when n > 1), the rest for training."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = min(n - 1, max(1, int(round(n * test_fraction)))) if n > 1 else 0
+    return perm[:n_test], perm[n_test:]
 
 
 def check_finite(x: torch.Tensor, where: str) -> None:

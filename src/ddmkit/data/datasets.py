@@ -3,13 +3,18 @@ train and test `ArrayData` kept apart (drawn with different seeds, or split
 from a file before anything else sees them).
 
 Names: the synthetic presets (ring8, grid25, gmm32: Gaussian mixtures with
-exact truth; moons, checkerboard: no closed form), or a path to a `.npy` /
-`.npz` file of shape (N, ...). Later data kinds (images, text) register in
-LOADERS.
+exact truth; moons, checkerboard: no closed form), "mixture" (a Gaussian mixture
+written in data.params), a path to a `.npy` / `.npz` file of shape (N, ...), or
+"package.module:function" (ddmkit.data.function). Image loaders register in LOADERS.
 
 `data.params` are checked before anything is loaded: an unknown keyword is a
 DDMError naming the accepted ones, a number must be finite and within PARAM_BOUNDS,
-and the data that come out must be finite and non-empty.
+a list is accepted only for LIST_PARAMS (checked by the loader that takes it), and
+the data that come out must be finite and non-empty.
+
+An array file's test split is round(N x test_fraction) rows of a seeded permutation
+(default 0.2), of which data.n_test are kept (0: all); or the whole of the file
+data.params.test_path names.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import numpy as np
 import torch
 
 import ddmkit.data.synthetic as synthetic
-from ddmkit.data.arrays import ArrayData, check_finite
+from ddmkit.data.arrays import ArrayData, check_finite, split_indices, take_rows
+from ddmkit.data.function import is_function_name, load_function_dataset
 from ddmkit.data.images import IMAGE_LOADERS, load_idx_dataset
 from ddmkit.errors import DDMError
 
@@ -31,7 +37,9 @@ PARAM_BOUNDS: dict[str, tuple[type, float, float]] = {
     "k": (int, 1, 1024), "side": (int, 1, 32), "dim": (int, 1, 1024), "squares": (int, 1, 256),
     "seed": (int, 0, 2**32 - 1), "radius": (float, 0, 1e6), "std": (float, 1e-6, 1e6), "spacing": (float, 0, 1e6),
     "separation": (float, 0, 1e6), "noise": (float, 0, 1e6), "pad_to": (int, 1, 4096),
-    "test_fraction": (float, 1e-3, 0.999)}
+    "test_fraction": (float, 1e-3, 0.999), "resize": (int, 1, 4096), "crop": (int, 1, 4096)}
+LIST_PARAMS = ("weights", "means", "covs", "stds")  # lists of numbers ("mixture"), checked by config_mixture
+OPTIONAL = ("pad_to", "resize", "crop")  # numeric keywords that may also be left unset
 FIXED = ("n", "generator", "n_train", "n_test", "name")  # set by ddmkit, never by data.params
 
 
@@ -49,12 +57,16 @@ def check_params(source: str, params: dict[str, Any], accepted: list[str]) -> No
                        f"{', '.join(accepted) or 'none (leave data.params empty)'}")
     for key, v in params.items():
         where = f"data.params.{key}"
+        if key in LIST_PARAMS:
+            if not isinstance(v, list):
+                raise DDMError(f"{where}: expected a list of numbers, got {v!r}")
+            continue
         if key not in PARAM_BOUNDS:
             if v is not None and not isinstance(v, str):
                 raise DDMError(f"{where}: expected a string, got {v!r}")
             continue
         kind, low, high = PARAM_BOUNDS[key]
-        if key == "pad_to" and v is None:
+        if key in OPTIONAL and v is None:
             continue
         is_int = isinstance(v, int) and not isinstance(v, bool)
         if kind is int and not is_int:
@@ -88,20 +100,21 @@ def _synthetic(name: str, n_train: int, n_test: int, seed: int, params: dict) ->
     return out[0], out[1]
 
 
-def _array_file(path: str, n_train: int, n_test: int, seed: int, params: dict) -> tuple[ArrayData, ArrayData]:
-    check_params(f"the array file {path!r}", params, ["key"])
+def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x (N, ...) float32, labels (N,) or None) of a .npy/.npz file, read without pickle and checked;
+    an .npz gives the array `key` (default "x", else its first) and `labels` when it holds one."""
     p = Path(path)
     if not p.is_file():
-        raise DDMError(f"data file {path!r} does not exist (or is not a file)")
+        raise DDMError(f"{field}: data file {path!r} does not exist (or is not a file)")
     try:
         arr = np.load(p, allow_pickle=False)
     except Exception as e:  # a corrupt or pickled file
-        raise DDMError(f"data file {path!r} could not be read as .npy/.npz without pickle: {e}") from e
+        raise DDMError(f"{field}: data file {path!r} could not be read as .npy/.npz without pickle: {e}") from e
     labels = None
     if isinstance(arr, np.lib.npyio.NpzFile):
         if not arr.files:
-            raise DDMError(f"data file {path!r} holds no arrays")
-        key = params.get("key", "x" if "x" in arr.files else arr.files[0])
+            raise DDMError(f"{field}: data file {path!r} holds no arrays")
+        key = key or ("x" if "x" in arr.files else arr.files[0])
         if key not in arr.files:
             raise DDMError(f"data.params.key: {path!r} holds no array {key!r}; accepted: {', '.join(arr.files)}")
         labels = arr["labels"] if "labels" in arr.files else None
@@ -109,21 +122,44 @@ def _array_file(path: str, n_train: int, n_test: int, seed: int, params: dict) -
     try:
         x = torch.as_tensor(np.asarray(arr, dtype=np.float32))
     except (TypeError, ValueError) as e:
-        raise DDMError(f"data file {path!r}: not a numeric array ({e})") from None
+        raise DDMError(f"{field}: data file {path!r}: not a numeric array ({e})") from None
     if x.ndim < 2 or len(x) == 0:
-        raise DDMError(f"data file {path!r}: expected a non-empty (N, ...) array of samples, "
+        raise DDMError(f"{field}: data file {path!r}: expected a non-empty (N, ...) array of samples, "
                        f"got shape {tuple(x.shape)}")
     check_finite(x, f"data file {path!r}")
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_test = min(n_test, len(x) // 5) if n_test else len(x) // 5
-    test_idx, train_idx = perm[:n_test], perm[n_test:]
-    if n_train:
-        train_idx = train_idx[:n_train]
     lab = torch.as_tensor(labels).long() if labels is not None else None
     if lab is not None and lab.shape != (len(x),):
-        raise DDMError(f"data file {path!r}: 'labels' has shape {tuple(lab.shape)}, expected ({len(x)},)")
-    mk = lambda idx, split: ArrayData(p.stem, x[idx], lab[idx] if lab is not None else None, None, {"split": split})
-    return mk(train_idx, "train"), mk(test_idx, "test")
+        raise DDMError(f"{field}: data file {path!r}: 'labels' has shape {tuple(lab.shape)}, expected ({len(x)},)")
+    return x, lab
+
+
+def _array_file(path: str, n_train: int, n_test: int, seed: int, params: dict) -> tuple[ArrayData, ArrayData]:
+    """Train and test splits of an array file: a test_fraction of its rows (seeded), of which n_test
+    are kept (0: all), or the whole file test_path names; then at most n_train training rows."""
+    check_params(f"the array file {path!r}", params, ["key", "test_fraction", "test_path"])
+    x, lab = _read_array(path, params.get("key"), "data.name")
+    test_path = params.get("test_path")
+    if test_path is None:
+        test_idx, train_idx = split_indices(len(x), params.get("test_fraction", 0.2), seed)
+        test_idx = test_idx[:n_test] if n_test else test_idx
+        train_idx = train_idx[:n_train] if n_train else train_idx
+        (xtr, ytr), (xte, yte) = [(x[i], lab[i] if lab is not None else None) for i in (train_idx, test_idx)]
+    else:
+        if "test_fraction" in params:
+            raise DDMError("data.params.test_fraction: not used with data.params.test_path (that file is the whole "
+                           "test split); remove one of them")
+        xt, lt = _read_array(test_path, params.get("key"), "data.params.test_path")
+        if xt.shape[1:] != x.shape[1:]:
+            raise DDMError(f"data.params.test_path: {test_path!r} holds samples of shape {tuple(xt.shape[1:])} but "
+                           f"{path!r} holds {tuple(x.shape[1:])}; both files must hold samples of one shape")
+        if (lab is None) != (lt is None):
+            raise DDMError(f"data.params.test_path: only one of {path!r} and {test_path!r} holds 'labels'; give "
+                           "both files labels or neither")
+        xtr, ytr = take_rows(x, lab, n_train, seed)
+        xte, yte = take_rows(xt, lt, n_test, seed + 1)
+    meta = {"test_path": test_path} if test_path else {}
+    return (ArrayData(Path(path).stem, xtr, ytr, None, {"split": "train", **meta}),
+            ArrayData(Path(path).stem, xte, yte, None, {"split": "test", **meta}))
 
 
 LOADERS: dict[str, Callable[..., tuple[ArrayData, ArrayData]]] = {
@@ -162,10 +198,12 @@ def load_dataset(name: str, n_train: int = 20000, n_test: int = 5000, seed: int 
         out = LOADERS[name](n_train, n_test, seed, params)
     elif name.endswith((".npy", ".npz")):
         out = _array_file(name, n_train, n_test, seed, params)
+    elif is_function_name(name):
+        out = load_function_dataset(name, n_train, n_test, seed, params)
     else:
         out = None
     if out is not None:
         _check_loaded(name, *out)
         return out
     raise DDMError(f"data.name: unknown data set {name!r}; accepted: {', '.join(dataset_names())}, "
-                   "or a path to a .npy/.npz file")
+                   "a path to a .npy/.npz file, or a function of your code as 'package.module:function'")

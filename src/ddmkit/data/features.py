@@ -1,4 +1,4 @@
-"""Feature maps for partitioning: identity, PCA (scikit-learn), or a user function.
+"""Feature maps for partitioning: identity, PCA (scikit-learn), a pretrained image encoder or a user function.
 
 A fitted map is a small pure description (`spec` dict + `tensors`) stored next
 to the manifest and applied again later (nearest-centroid routing, routing
@@ -8,13 +8,16 @@ ddmkit applies itself:
     {"kind": "identity"}
     {"kind": "pca", "dim": D, ...}         + tensors pca_mean (F0,), pca_components (D, F0)
     {"kind": "function", "function": "package.module:function"}
+    {"kind": "encoder", "folder": ABSOLUTE_PATH, "pool": "cls", "size": S, "normalize": true, "model_type": T}
 
-The last one is a record, by name only: ddmkit never imports code named in a
+A "function" spec is a record, by name only: ddmkit never imports code named in a
 file. A user function ("package.module:function", mapping a (N, *data_shape)
 tensor to (N, F) features) is named only by the config the user runs; it is
 imported, checked and registered in this process by `use_features` (the
 partition stage does so), and applying a "function" spec looks it up there.
 Where it was not registered, applying the map is a DDMError that says so.
+An "encoder" spec names a saved transformers vision model (DINOv2, CLIP, ...) that ddmkit loads
+again with transformers' own classes, never running code from the folder (ddmkit.data.encoder).
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
+from ddmkit.data.encoder import check_images, encode, encoder_spec
 from ddmkit.errors import DDMError
 
-KINDS = ("identity", "pca", "function")  # the feature specs a manifest may hold
+KINDS = ("identity", "pca", "function", "encoder")  # the feature specs a manifest may hold
 _USER: dict[str, Callable] = {}  # user feature functions registered in this process, by name
 
 
@@ -36,7 +40,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def is_user_function(name: str) -> bool:
-    return name not in ("identity", "pca")
+    return name not in ("identity", "pca", "encoder")
 
 
 def use_features(name: str, fn: Callable | None = None) -> Callable:
@@ -46,7 +50,8 @@ def use_features(name: str, fn: Callable | None = None) -> Callable:
     if fn is None:
         module, _, attr = name.partition(":")
         if not module or not attr:
-            raise DDMError(f"partition.features: {name!r} is not 'identity', 'pca' or 'package.module:function'")
+            raise DDMError(f"partition.features: {name!r} is not 'identity', 'pca', 'encoder' or "
+                           "'package.module:function'")
         try:
             fn = getattr(importlib.import_module(module), attr)
         except Exception as e:  # ImportError, AttributeError, or the module failing as it loads
@@ -96,11 +101,19 @@ def call_user_features(name: str, fn: Callable, x: torch.Tensor) -> torch.Tensor
     return arr
 
 
-def fit_features(kind: str, x: torch.Tensor, pca_dim: int | None = None, seed: int = 0) -> tuple[dict, dict]:
+def fit_features(kind: str, x: torch.Tensor, pca_dim: int | None = None, seed: int = 0,
+                 encoder: dict | None = None) -> tuple[dict, dict]:
     """Fit a feature map on x; returns (spec, tensors). A user function (named by the config the
-    user runs) is imported and registered here, and checked each time it is applied."""
+    user runs) is imported and registered here, and checked each time it is applied. `encoder`
+    holds the "encoder" kind's settings: {"folder", "pool", "size", "normalize"} (as encoder_spec)."""
     if kind == "identity":
         return {"kind": "identity"}, {}
+    if kind == "encoder":
+        check_images(x)
+        if not encoder or not encoder.get("folder"):
+            raise DDMError("partition.encoder: partition.features = 'encoder' needs the folder of a saved "
+                           "transformers vision model, e.g. partition.encoder = 'models/dinov2-small'")
+        return encoder_spec(**encoder), {}
     if kind == "pca":
         flat = _flat(x).numpy()
         dim = min(pca_dim or min(64, flat.shape[1]), flat.shape[1], flat.shape[0])
@@ -112,8 +125,10 @@ def fit_features(kind: str, x: torch.Tensor, pca_dim: int | None = None, seed: i
     return {"kind": "function", "function": kind}, {}
 
 
-def apply_features(spec: dict, tensors: dict, x: torch.Tensor, what: str = "this") -> torch.Tensor:
-    """Features (N, F) of x under a fitted map (a user function only if registered in this process)."""
+def apply_features(spec: dict, tensors: dict, x: torch.Tensor, what: str = "this",
+                   batch: int = 256) -> torch.Tensor:
+    """Features (N, F) of x under a fitted map (a user function only if registered in this process;
+    an encoder in batches of `batch` images)."""
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "identity":
         return _flat(x)
@@ -123,4 +138,6 @@ def apply_features(spec: dict, tensors: dict, x: torch.Tensor, what: str = "this
     if kind == "function":
         name = spec["function"]
         return call_user_features(name, user_features(name, what), x).to(x.device)
+    if kind == "encoder":
+        return encode(spec, x, batch, what)
     raise DDMError(f"features: unknown kind {kind!r}; accepted: {', '.join(KINDS)}")

@@ -5,7 +5,12 @@ in [-1, 1], kept apart (IDX data sets ship their own test split; a folder or
 array is split once, by a seeded permutation, before anything else sees it).
 
     train, test = load_dataset("fashion_mnist", 60000, 10000, seed=0, pad_to=32)
-    train, test = load_dataset("image_folder", path="photos/", pad_to=32)
+    train, test = load_dataset("image_folder", path="photos/", resize=64, crop=64, mode="rgb")
+
+Images of a folder may have any size: `resize = S` scales each image so that its
+shorter side is S (bicubic, antialiased: PIL), then `crop = S` cuts the centre
+S x S, then `pad_to` pads with black. `mode` converts every image to "rgb" or
+"grey" ("auto": keep each file's own, refusing a folder that mixes them).
 
 Fashion-MNIST is read from the files of the Debian package
 `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist/) unless `dir` names
@@ -19,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmkit.data.arrays import ArrayData
+from ddmkit.data.arrays import ArrayData, split_indices, take_rows
 from ddmkit.errors import DDMError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+MODES = {"auto": None, "rgb": "RGB", "grey": "L"}  # data.params.mode -> the PIL mode every image is converted to
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -107,17 +113,27 @@ def pad_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return torch.nn.functional.pad(x, (left, size - w - left, top, size - h - top), value=-1.0)
 
 
-def _take(x: torch.Tensor, labels: torch.Tensor | None, n: int, seed: int):
-    """The first n rows of a seeded permutation (all rows when n is 0 or larger)."""
-    if not n or n >= len(x):
-        return x, labels
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return x[idx], (labels[idx] if labels is not None else None)
+def resize_crop(x: torch.Tensor, resize: int | None, crop: int | None, source: str) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1]: the shorter side scaled to `resize` (bicubic, antialiased), then the
+    centre crop x crop (image arrays; folders do the same per file with PIL)."""
+    if resize:
+        h, w = x.shape[-2:]
+        size = (max(1, round(h * resize / min(h, w))), max(1, round(w * resize / min(h, w))))
+        x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True,
+                                            align_corners=False).clamp(-1, 1)
+    if crop:
+        h, w = x.shape[-2:]
+        if h < crop or w < crop:
+            raise DDMError(f"{source}: the images are {h}x{w}, smaller than data.params.crop = {crop}; set "
+                           f"data.params.resize = {crop} as well (the shorter side scaled to {crop} first)")
+        top, left = (h - crop) // 2, (w - crop) // 2
+        x = x[..., top:top + crop, left:left + crop].contiguous()
+    return x
 
 
 def _pair(name, train, train_labels, test, test_labels, n_train, n_test, seed, meta) -> tuple[ArrayData, ArrayData]:
-    xtr, ytr = _take(train, train_labels, n_train, seed)
-    xte, yte = _take(test, test_labels, n_test, seed + 1)
+    xtr, ytr = take_rows(train, train_labels, n_train, seed)
+    xte, yte = take_rows(test, test_labels, n_test, seed + 1)
     return (ArrayData(name, xtr, ytr, None, {"split": "train", **meta}),
             ArrayData(name, xte, yte, None, {"split": "test", **meta}))
 
@@ -136,35 +152,63 @@ def load_idx_dataset(n_train: int, n_test: int, seed: int, dir: str = FASHION_MN
                  pad_images(to_unit_range(te), pad_to), torch.as_tensor(yte.astype(np.int64)), n_train, n_test, seed, meta)
 
 
-def read_image_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """(images (N, H, W[, C]) uint8, labels or None, class names). Sub-folders are
-    classes (labels by sorted name); images directly in `path` are unlabelled."""
+def _auto_mode(pil_mode: str) -> str:
+    return "L" if pil_mode in ("L", "1", "I;16", "I") else "RGB" if pil_mode in ("RGB", "P", "RGBA") else pil_mode
+
+
+def read_image(path: Path, mode: str = "auto", resize: int | None = None, crop: int | None = None) -> np.ndarray:
+    """One image file as uint8 (H, W[, C]): converted to `mode` (MODES), its shorter side scaled to
+    `resize` (PIL bicubic, antialiased when shrinking), then its centre crop x crop."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as im:
+            im = im.convert(MODES[mode] or _auto_mode(im.mode))
+            if resize:
+                w, h = im.size
+                im = im.resize((max(1, round(w * resize / min(w, h))), max(1, round(h * resize / min(w, h)))),
+                               Image.Resampling.BICUBIC)
+            if crop:
+                w, h = im.size
+                if w < crop or h < crop:
+                    raise DDMError(f"{path}: {h}x{w} is smaller than data.params.crop = {crop}; set "
+                                   f"data.params.resize = {crop} as well (each shorter side scaled to {crop} first)")
+                left, top = (w - crop) // 2, (h - crop) // 2
+                im = im.crop((left, top, left + crop, top + crop))
+            return np.asarray(im)
+    except OSError as e:
+        raise DDMError(f"{path}: not a readable image ({e})") from e
+
+
+def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None = None,
+                      crop: int | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """(images (N, H, W[, C]) uint8, labels or None, class names). Sub-folders are
+    classes (labels by sorted name); images directly in `path` are unlabelled. Every
+    image is read by read_image (mode, resize, crop); they must then have one size and mode."""
     root = Path(path)
+    if mode not in MODES:
+        raise DDMError(f"data.params.mode: unknown {mode!r}; accepted: {', '.join(MODES)}")
     if not root.is_dir():
         raise DDMError(f"image folder {root} does not exist")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DDMError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     classes = sorted({p.parent.relative_to(root).as_posix() for p in files} - {"."})
-    arrays, modes, sizes = [], {}, {}
+    arrays, channels, sizes = [], {}, {}
     for p in files:
-        try:
-            with Image.open(p) as im:
-                mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB" if im.mode in ("RGB", "P", "RGBA") else im.mode
-                arrays.append(np.asarray(im.convert(mode)))
-        except OSError as e:
-            raise DDMError(f"{p}: not a readable image ({e})") from e
-        modes.setdefault(mode, p)
+        arrays.append(read_image(p, mode, resize, crop))
+        channels.setdefault(arrays[-1].shape[2] if arrays[-1].ndim == 3 else 1, p)
         sizes.setdefault(arrays[-1].shape[:2], p)
-    if len(modes) > 1:
-        raise DDMError(f"image folder {root} mixes grayscale and colour images (e.g. {modes.get('L')} is grayscale, "
-                       f"{modes.get('RGB')} is colour); convert them to one mode first")
+    if len(channels) > 1:
+        (c1, p1), (c2, p2) = list(channels.items())[:2]
+        raise DDMError(f"image folder {root} mixes grayscale and colour images ({p1}: {c1} channels, {p2}: {c2} "
+                       "channels); set data.params.mode = \"rgb\" (or \"grey\") to convert every image")
     if len(sizes) > 1:
         (s1, p1), (s2, p2) = list(sizes.items())[:2]
+        side = resize or min(min(a.shape[:2]) for a in arrays)
         raise DDMError(f"image folder {root} holds images of different sizes ({p1}: {s1[0]}x{s1[1]}, "
-                       f"{p2}: {s2[0]}x{s2[1]}); resize them to one size first")
+                       f"{p2}: {s2[0]}x{s2[1]}); set data.params.resize = {side} and data.params.crop = {side} "
+                       f"(each image's shorter side scaled to {side}, then its centre {side}x{side} kept)")
     labels = None
     if classes:
         if any(p.parent == root for p in files):
@@ -175,27 +219,29 @@ def read_image_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, 
 
 
 def _split(x: torch.Tensor, labels: torch.Tensor | None, test_fraction: float, seed: int):
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_test = max(1, int(round(len(x) * test_fraction))) if len(x) > 1 else 0
-    te, tr = perm[:n_test], perm[n_test:]
+    te, tr = split_indices(len(x), test_fraction, seed)
     lab = (lambda idx: labels[idx]) if labels is not None else (lambda idx: None)
     return x[tr], lab(tr), x[te], lab(te)
 
 
 def load_image_folder(n_train: int, n_test: int, seed: int, path: str = "", pad_to: int | None = None,
-                      test_fraction: float = 0.2) -> tuple[ArrayData, ArrayData]:
-    """Images of one size and mode from a folder (class sub-folders give labels)."""
-    images, labels, classes = read_image_folder(path)
+                      test_fraction: float = 0.2, resize: int | None = None, crop: int | None = None,
+                      mode: str = "auto") -> tuple[ArrayData, ArrayData]:
+    """Images from a folder (class sub-folders give labels), made one size by resize and crop."""
+    images, labels, classes = read_image_folder(path, mode, resize, crop)
     x = pad_images(to_unit_range(images), pad_to)
     y = torch.as_tensor(labels) if labels is not None else None
     xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
-    return _pair(Path(path).name, xtr, ytr, xte, yte, n_train, n_test, seed, {"source": str(path), "classes": classes})
+    return _pair(Path(path).name, xtr, ytr, xte, yte, n_train, n_test, seed,
+                 {"source": str(path), "classes": classes, "resize": resize, "crop": crop, "mode": mode})
 
 
 def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_to: int | None = None,
-                     test_fraction: float = 0.2) -> tuple[ArrayData, ArrayData]:
+                     test_fraction: float = 0.2, resize: int | None = None,
+                     crop: int | None = None) -> tuple[ArrayData, ArrayData]:
     """Images from a .npy/.npz file: uint8 (N, H, W[, C]) or float (N, C, H, W)
-    already in [-1, 1]; an .npz may hold `x` (or `images`) and `labels`."""
+    already in [-1, 1]; an .npz may hold `x` (or `images`) and `labels`. resize and
+    crop as for a folder (torch's antialiased bicubic)."""
     p = Path(path)
     if not p.exists():
         raise DDMError(f"image array file {path!r} does not exist")
@@ -218,7 +264,7 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
         x = torch.as_tensor(arr.astype(np.float32))
         if x.abs().max() > 1.0 + 1e-4:
             raise DDMError(f"{path}: float images must lie in [-1, 1]; found values up to {x.abs().max():.3g}")
-    x = pad_images(x, pad_to)
+    x = pad_images(resize_crop(x, resize, crop, str(path)), pad_to)
     xtr, ytr, xte, yte = _split(x, labels, test_fraction, seed)
     return _pair(p.stem, xtr, ytr, xte, yte, n_train, n_test, seed, {"source": str(path)})
 

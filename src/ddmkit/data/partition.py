@@ -5,7 +5,14 @@
 
 k-means (scikit-learn) on the features; `balanced=True` then re-assigns with
 a capacity of ceil(N / K) per cluster (points with the clearest preference
-first), a simple balanced k-means. Everything that can fail is found by
+first), a simple balanced k-means. With `fine_k = M` (> 0) the clustering has
+two stages, as in the Decentralized Diffusion Models paper: k-means with M
+centroids on the points, then k-means of the M fine centroids into K, each
+weighted by its number of points; every point takes the coarse cluster of its
+fine centroid, and a coarse centroid is the mean of its points (the count-weighted
+mean of its fine centroids' members), so nearest-centroid routing is unchanged.
+With both, the balanced step re-assigns the points to the K coarse centroids.
+Everything that can fail is found by
 compute_partition, in memory, before write_partition writes anything. Output folder:
 
     manifest.json            counts, shard paths and SHA-256s, data hash, seed, feature spec
@@ -26,8 +33,8 @@ from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from sklearn.cluster import KMeans
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from ddmkit.config import FEATURES, validate
 from ddmkit.conventions import TIME_CONVENTION, __version__
@@ -63,11 +70,34 @@ def balanced_assign(dist: np.ndarray) -> np.ndarray:
     return labels
 
 
-def cluster(features: torch.Tensor, k: int, balanced: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (N,), centroids (K, F)) by k-means, optionally balanced."""
+MINIBATCH_WORK = 50_000_000  # fine k-means runs mini-batch when N * M exceeds this
+
+
+def two_stage_kmeans(f: np.ndarray, k: int, fine_k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,), centroids (K, F)): k-means with fine_k centroids, then a count-weighted
+    k-means of those centroids into k; point i takes the coarse cluster of its fine centroid,
+    and a coarse centroid is the mean of its points."""
+    if len(f) * fine_k > MINIBATCH_WORK:
+        fine = MiniBatchKMeans(n_clusters=fine_k, batch_size=4096, n_init=1, random_state=seed).fit(f)
+    else:
+        fine = KMeans(n_clusters=fine_k, n_init=1, random_state=seed).fit(f)
+    counts = np.bincount(fine.labels_, minlength=fine_k).astype(np.float64)
+    coarse = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(fine.cluster_centers_, sample_weight=counts)
+    labels = coarse.labels_[fine.labels_].astype(np.int64)
+    centroids = np.stack([f[labels == c].mean(0) if (labels == c).any() else coarse.cluster_centers_[c]
+                          for c in range(k)])
+    return labels, centroids
+
+
+def cluster(features: torch.Tensor, k: int, balanced: bool, seed: int,
+            fine_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,), centroids (K, F)) by k-means (two-stage when fine_k > 0), optionally balanced."""
     f = features.double().numpy()
-    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(f)
-    labels, centroids = km.labels_.astype(np.int64), km.cluster_centers_
+    if fine_k:
+        labels, centroids = two_stage_kmeans(f, k, fine_k, seed)
+    else:
+        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(f)
+        labels, centroids = km.labels_.astype(np.int64), km.cluster_centers_
     if balanced:
         dist = ((f[:, None, :] - centroids[None]) ** 2).sum(-1)
         labels = balanced_assign(dist)
@@ -106,11 +136,23 @@ class PartitionPlan:
     feat_tensors: dict         # the feature map's tensors
     balanced: bool
     seed: int
+    fine_k: int = 0
+
+
+def check_fine_k(fine_k: int, k: int, n: int) -> None:
+    """Two-stage k-means needs k <= fine_k <= n (0: one k-means)."""
+    if fine_k and not k <= fine_k <= n:
+        hint = max(k, min(n, 16 * k))
+        raise DDMError(f"partition.fine_k = {fine_k} must lie between partition.k = {k} and the number of training "
+                       f"samples ({n}); e.g. partition.fine_k = {hint}, or 0 for one k-means")
 
 
 def compute_partition(train: ArrayData, k: int, features: str = "identity", pca_dim: int | None = None,
-                      balanced: bool = False, seed: int = 0) -> PartitionPlan:
-    """Cluster `train` into k clusters in memory; every bad input is a DDMError here."""
+                      balanced: bool = False, seed: int = 0, fine_k: int = 0, encoder: dict | None = None,
+                      encoder_batch: int = 256) -> PartitionPlan:
+    """Cluster `train` into k clusters in memory; every bad input is a DDMError here. `fine_k` > 0
+    clusters in two stages; `encoder` holds the settings of features = "encoder" ({"folder",
+    "pool", "size", "normalize"}, see ddmkit.data.encoder), run in batches of `encoder_batch`."""
     if k < 1:
         raise DDMError(f"partition.k must be >= 1, got {k}")
     if len(train) == 0:
@@ -118,10 +160,11 @@ def compute_partition(train: ArrayData, k: int, features: str = "identity", pca_
     if k > len(train):
         raise DDMError(f"partition.k = {k} is larger than the number of samples ({len(train)}); "
                        "lower k or use more data")
+    check_fine_k(fine_k, k, len(train))
     check_finite(train.x, f"data set {train.name!r}")
-    spec, feat_tensors = fit_features(features, train.x, pca_dim, seed)
-    feats = apply_features(spec, feat_tensors, train.x, "partition.features")
-    labels_np, centroids = cluster(feats, k, balanced, seed)
+    spec, feat_tensors = fit_features(features, train.x, pca_dim, seed, encoder)
+    feats = apply_features(spec, feat_tensors, train.x, "partition.features", encoder_batch)
+    labels_np, centroids = cluster(feats, k, balanced, seed, fine_k)
     labels = torch.as_tensor(labels_np)
     counts = torch.bincount(labels, minlength=k)
     if (counts == 0).any():
@@ -130,7 +173,7 @@ def compute_partition(train: ArrayData, k: int, features: str = "identity", pca_
                        "separate the data (e.g. partition.features = 'pca')")
     if not np.isfinite(centroids).all():
         raise DDMError("partition: k-means gave non-finite centroids; check the features (partition.features)")
-    return PartitionPlan(k, labels, centroids, counts, spec, feat_tensors, balanced, seed)
+    return PartitionPlan(k, labels, centroids, counts, spec, feat_tensors, balanced, seed, fine_k)
 
 
 def write_partition(plan: PartitionPlan, train: ArrayData, out_dir: str | Path) -> dict:
@@ -152,16 +195,18 @@ def write_partition(plan: PartitionPlan, train: ArrayData, out_dir: str | Path) 
             "assignments": labels, **cluster_statistics(train.x, labels, k), **plan.feat_tensors})
         manifest = {"k": k, "counts": counts.tolist(), "shards": shards, "data_hash": data_hash,
                     "data_name": train.name, "data_shape": list(train.data_shape), "n": len(train),
-                    "features": plan.spec, "balanced": plan.balanced, "seed": plan.seed,
+                    "features": plan.spec, "balanced": plan.balanced, "seed": plan.seed, "fine_k": plan.fine_k,
                     "ddmkit_version": __version__, "time_convention": TIME_CONVENTION}
         write_json(tmp / "manifest.json", manifest)
     return manifest
 
 
 def partition_data(train: ArrayData, k: int, out_dir: str | Path, features: str = "identity",
-                   pca_dim: int | None = None, balanced: bool = False, seed: int = 0) -> dict:
-    """Cluster `train` into k shards under out_dir; returns the manifest."""
-    return write_partition(compute_partition(train, k, features, pca_dim, balanced, seed), train, out_dir)
+                   pca_dim: int | None = None, balanced: bool = False, seed: int = 0, **options) -> dict:
+    """Cluster `train` into k shards under out_dir; returns the manifest. `options`: fine_k, encoder,
+    encoder_batch of compute_partition."""
+    plan = compute_partition(train, k, features, pca_dim, balanced, seed, **options)
+    return write_partition(plan, train, out_dir)
 
 
 # ----- reading a partition back (untrusted input) ------------------------------------------
@@ -184,12 +229,29 @@ class FunctionFeatures(_Loose):
     function: str = Field(pattern=FEATURES.pattern)
 
 
+class EncoderFeatures(_Loose):
+    """A saved transformers vision model, loaded again with transformers' own classes only."""
+    kind: Literal["encoder"]
+    folder: str = Field(min_length=1, max_length=4096)
+    pool: Literal["cls", "mean"]
+    size: int = Field(ge=1, le=16_384)
+    normalize: bool
+    model_type: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+
+    @field_validator("folder")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not Path(v).is_absolute():
+            raise ValueError(f"{v!r} is not an absolute path")
+        return v
+
+
 class TextFeatures(_Loose):
     """Text partitions (ddmkit.discrete): the TF-IDF settings, a record."""
     kind: Literal["tfidf_char_ngrams"]
 
 
-FeatureSpec = Annotated[Union[IdentityFeatures, PcaFeatures, FunctionFeatures, TextFeatures],
+FeatureSpec = Annotated[Union[IdentityFeatures, PcaFeatures, FunctionFeatures, EncoderFeatures, TextFeatures],
                         Field(discriminator="kind")]
 Count = Annotated[int, Field(ge=1, le=10**12)]
 

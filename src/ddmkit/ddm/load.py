@@ -2,7 +2,8 @@
 
     learned_parts(run)     experts and router from their model folders (checked against the
                            registry first, when there is one), the cluster prior, p(cluster | label)
-                           for class-conditional experts, the partition's nearest-cluster map
+                           for class-conditional experts, the partition's nearest-cluster map, and
+                           in a latent run the autoencoder (latent_codec) that decodes samples
     exact_parts(run)       the Gaussian-mixture truth's exact cluster velocities and posterior
     monolith_field(run)    the FLOP-matched baseline's velocity field
 
@@ -18,10 +19,12 @@ import torch
 from ddmkit.data.partition import feature_map, load_partition, read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule
-from ddmkit.io import load_tensors
+from ddmkit.io import load_tensors, read_json
 from ddmkit.layout import RunFolder
 from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
-from ddmkit.registry import load_model, load_partition_checked, shard_files, verify_registry, warn_missing
+from ddmkit.latent.autoencoder import LatentCodec, load_codec
+from ddmkit.registry import (latent_info, load_model, load_partition_checked, model_data_shape, model_shards,
+                             verify_registry, warn_missing)
 from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics, stats_router
 from ddmkit.truth import GaussianMixture
 
@@ -85,7 +88,7 @@ def label_prior(counts: torch.Tensor) -> torch.Tensor:
 def shard_label_counts(run, classes: int) -> torch.Tensor:
     """(C, K): how many samples of each class each island holds (what the islands publish for
     p(cluster | label))."""
-    labels = [load_tensors(path, ["labels"])["labels"] for path in shard_files(run)]
+    labels = [load_tensors(path, ["labels"])["labels"] for path in model_shards(run)]
     return torch.stack([torch.bincount(y.long(), minlength=classes)[:classes] for y in labels], dim=1)
 
 
@@ -94,7 +97,7 @@ def island_stats_router(run, classes: int = 0, rank: int | None = None, device="
     count, mean and covariance, computed from its shard alone (on `device`), per class label too
     when the experts are class-conditional (ddmkit.routing.stats_router)."""
     shards = [(x.to(device), y.to(device) if y is not None else None)
-              for x, y, _ in (read_shard(path) for path in shard_files(run))]
+              for x, y, _ in (read_shard(path) for path in model_shards(run))]
     marginal = [island_statistics(x, rank) for x, _ in shards]
     if not classes:
         return stats_router(marginal), False
@@ -102,14 +105,31 @@ def island_stats_router(run, classes: int = 0, rank: int | None = None, device="
     return class_stats_router(per_class, marginal), True
 
 
-def nearest_cluster_fn(manifest: dict, tensors: dict,
-                       present: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def recorded_router(run) -> str:
+    """The router a run routes by when it has no router folder: "statistics" where `ddmkit add-expert
+    --router stats` recorded it in RUN/grow.json (ddmkit.pipeline.grow), else "learned"."""
+    path = RunFolder(run).grow
+    if not path.exists():
+        return "learned"
+    log = read_json(path)
+    kind = log.get("router", "learned") if isinstance(log, dict) else None
+    if kind not in ("learned", "statistics"):
+        raise DDMError(f"{path}: router {kind!r}; accepted: learned, statistics (train a router with "
+                       f"`ddmkit train-router {RunFolder(run).root}` and remove the file's 'router' field)")
+    return kind
+
+
+def nearest_cluster_fn(manifest: dict, tensors: dict, present: torch.Tensor | None = None,
+                       codec: LatentCodec | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> index of the nearest cluster centroid in the partition's feature space
-    (among the `present` clusters, a (K,) bool mask, when given)."""
+    (among the `present` clusters, a (K,) bool mask, when given). In a latent run x is a latent,
+    decoded by `codec` first: the partition's features are of the images."""
     feats = feature_map(manifest, tensors)
     centroids = tensors["centroids"]
 
     def nearest(x: torch.Tensor) -> torch.Tensor:
+        if codec is not None:
+            x = codec.decode(x)
         d = torch.cdist(feats(x.float()), centroids.to(x.device))
         if present is not None:
             d = d.masked_fill(~present.to(x.device), float("inf"))
@@ -122,18 +142,22 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
                   router_kind: str = "learned") -> tuple[dict, list[int]]:
     """(the DDM's fields by name, the experts that are absent). Experts whose folder is missing, and
     those in `exclude`, are absent (allow_missing=False refuses instead). router_kind "statistics"
-    routes by the islands' published statistics instead of the learned router."""
+    routes by the islands' published statistics instead of the learned router, as does "learned" in a
+    run without a router folder whose RUN/grow.json records "statistics" (recorded_router)."""
     folder = RunFolder(run)
     if router_kind not in ("learned", "statistics"):
         raise DDMError(f"router: unknown kind {router_kind!r}; accepted: learned, statistics")
     manifest, ptensors = load_partition_checked(folder.partition)
-    k, shape = manifest["k"], tuple(manifest["data_shape"])
+    k, shape = manifest["k"], model_data_shape(folder.root)
     absent = [c for c in range(k) if c in set(exclude) or not (folder.expert(c) / "model.safetensors").exists()]
     if absent and not allow_missing:
         raise DDMError(f"{folder.root}: experts {absent} are missing (no experts/expert_XX/model.safetensors)")
     if len(absent) == k:
         raise DDMError(f"{folder.root}: no expert is present (experts/expert_XX/model.safetensors); train them "
                        f"with `ddmkit run CONFIG --out {folder.root}` or `ddmkit launch {folder.root}`, or copy them")
+    if router_kind == "learned" and not (folder.router / "model.safetensors").exists() \
+            and recorded_router(folder.root) == "statistics":
+        router_kind = "statistics"  # grown with `ddmkit add-expert --router stats`: no learned router
     if not (folder.router / "model.safetensors").exists() and router_kind == "learned":
         raise DDMError(f"{folder.root}: no router (router/model.safetensors); run `ddmkit train-router {folder.root}` "
                        "first")
@@ -149,10 +173,11 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
         experts.append(velocity_field(model, cfg, guidance))
         configs.append(cfg)
     classes = int(configs[0]["kwargs"].get("num_classes", 0))
-    parts = {"data_shape": shape, "num_classes": classes, "device": torch.device(device),
+    codec = latent_codec(folder.root, device)
+    parts = {"data_shape": shape, "codec": codec, "num_classes": classes, "device": torch.device(device),
              "prior": (torch.tensor(manifest["counts"], dtype=torch.float32) / sum(manifest["counts"])).to(device),
              "label_prior": label_prior(shard_label_counts(folder.root, classes)).to(device) if classes else None,
-             "nearest": nearest_cluster_fn(manifest, {n: v.to(device) for n, v in ptensors.items()}),
+             "nearest": nearest_cluster_fn(manifest, {n: v.to(device) for n, v in ptensors.items()}, codec=codec),
              "meta": {"kind": "learned", "router": router_kind, "missing_experts": [], "expert_configs": configs}}
     if router_kind == "statistics":
         route, conditional = island_stats_router(folder.root, classes, device=device)
@@ -170,7 +195,7 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
         warn_missing(absent, k)
         mask = torch.ones(k, dtype=torch.bool)
         mask[absent] = False
-        parts["restrict_nearest"] = nearest_cluster_fn(manifest, ptensors, mask)
+        parts["restrict_nearest"] = nearest_cluster_fn(manifest, ptensors, mask, codec)
     return parts, absent
 
 
@@ -181,9 +206,17 @@ def monolith_field(run, device="cpu", guidance: float = 1.0) -> NetworkField:
         raise DDMError(f"{folder.root}: no monolith (monolith/model.safetensors); run "
                        f"`ddmkit train-monolith {folder.root}` first")
     model, cfg = load_model(folder.monolith, device)
-    manifest, _ = load_partition(folder.partition)
-    check_shape(folder.monolith, cfg, tuple(manifest["data_shape"]))
+    check_shape(folder.monolith, cfg, model_data_shape(folder.root))
     return velocity_field(model, cfg, guidance)
+
+
+def latent_codec(run, device="cpu") -> LatentCodec | None:
+    """The autoencoder of a latent run (None for other runs), checked against latents/latents.json."""
+    folder = RunFolder(run)
+    if not folder.is_latent:
+        return None
+    info = latent_info(run)  # checks the autoencoder's SHA-256
+    return load_codec(folder.autoencoder, info["data_shape"][0], device=device)
 
 
 def load_truth(run) -> GaussianMixture | None:

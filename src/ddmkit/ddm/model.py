@@ -5,6 +5,9 @@
     x0, info = ddm.sample(strategy="top-2", n=1000, steps=50, solver="euler", seed=0)
     x0, info = ddm.sample(strategy="top-1", n=64, labels=y, guidance=2.0)   # class-conditional experts
 
+A latent DDM (a run with an autoencoder) routes and integrates in latent space: data_shape is
+the latents' shape, and `sample` decodes the result with `codec` into images.
+
 Every field is a callable (x (B, *shape), t (B,), **cond) -> tensor: experts
 return velocities in ddmkit's time convention (t = 0 data, t = 1 noise,
 v = eps - x; networks predicting epsilon or x0 are converted at load), the
@@ -28,6 +31,7 @@ from ddmkit.accel import Accelerated, SpeedOptions, accelerate
 import ddmkit.ddm.load as load
 from ddmkit.ddm.sampling import sample_ddm
 from ddmkit.errors import DDMError
+from ddmkit.latent.autoencoder import LatentCodec
 from ddmkit.nets.field import NetworkField, VelocityOutput
 
 Field = Callable[..., torch.Tensor]
@@ -46,6 +50,7 @@ class DDM:
     router_capturable: bool = True  # False: the router reads values on the host (no CUDA graphs)
     num_classes: int = 0  # class-conditional experts: labels 0 .. num_classes - 1
     device: torch.device = torch.device("cpu")
+    codec: LatentCodec | None = None  # latent runs: the autoencoder; experts and router act on its latents
     accelerated: dict = field(default_factory=dict, repr=False, compare=False)  # SpeedOptions -> networks
 
     @property
@@ -64,6 +69,8 @@ class DDM:
             if isinstance(f, NetworkField):
                 f.network.to(device)
         self.prior = self.prior.to(device)
+        if self.codec is not None:
+            self.codec.to(device)
         if self.label_prior is not None:
             self.label_prior = self.label_prior.to(device)
         self.device = device
@@ -112,15 +119,19 @@ class DDM:
         return self.accelerated[key]
 
     def sample(self, strategy: str = "top-2", n: int = 1000, steps: int = 50, solver: str = "euler", seed: int = 0,
-               labels: torch.Tensor | None = None, guidance: float | None = None, **options):
+               labels: torch.Tensor | None = None, guidance: float | None = None, decode: bool = True, **options):
         """(samples (n, *data_shape), info): routed sampling from x_1 ~ N(0, I) fixed by `seed`.
 
         labels (n,): class labels for class-conditional experts (and a label-conditional router);
-        guidance: classifier-free guidance scale inside each expert (None: as loaded).
+        guidance: classifier-free guidance scale inside each expert (None: as loaded); a latent DDM
+        returns decoded images (decode=False: the latents, of shape data_shape).
         options: ddmkit.ddm.sampling.sample_ddm's (router_every, batch_size, speed, x1, callback)."""
         ddm = self if guidance is None else self.with_guidance(guidance)
         cond = None if labels is None else {"y": labels.to(self.device)}
-        return sample_ddm(ddm, strategy, n, steps, solver, seed, self.device, cond=cond, **options)
+        x0, info = sample_ddm(ddm, strategy, n, steps, solver, seed, self.device, cond=cond, **options)
+        if decode and self.codec is not None:
+            x0 = self.codec.decode(x0)
+        return x0, info
 
 
 def absent_expert(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:

@@ -48,6 +48,11 @@ def cluster_grid(run, per_cluster: int = 12) -> np.ndarray:
     return image_grid(torch.cat(rows), len(rows), per_cluster)
 
 
+def floor_images(train: torch.Tensor, n: int) -> torch.Tensor:
+    """The training images of the floor row: n of them, drawn by a permutation fixed by seed 0."""
+    return train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]]
+
+
 def reference_features(run, extractor, kind: str, n: int, log=print) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Features of the test split (cached in RUN/eval/), features of as many
     training images, and the seconds the test features took."""
@@ -61,7 +66,7 @@ def reference_features(run, extractor, kind: str, n: int, log=print) -> tuple[to
     start = time.perf_counter()
     f_test = extractor(test)
     seconds = time.perf_counter() - start
-    f_train = extractor(train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:min(n, len(test))]])
+    f_train = extractor(floor_images(train, min(n, len(test))))
     save_tensors(cache, {"test": f_test, "train": f_train, "seconds": torch.tensor(seconds)})
     log(f"reference features: {len(f_test)} test images in {seconds:.1f}s")
     return f_test, f_train, seconds
@@ -85,6 +90,21 @@ class SetScorer:
     def floor(self) -> dict:
         """Training images against the test set: the floor no sampler can beat."""
         return {**fid_kid(self.f_test, self.f_train, self.kid_subset, self.real_stats), "n": len(self.f_train)}
+
+    def reconstruction_floor(self, codec) -> dict:
+        """A latent run's floor: the floor row's training images encoded and decoded by its autoencoder
+        (no latent sampler can beat the autoencoder's own reconstructions)."""
+        cache = self.run.eval / "reconstructions.json"
+        if cache.exists():
+            return read_json(cache)
+        train = floor_images(load_tensors(self.run.split("train"))["x"], len(self.f_train))
+        recon = codec.decode(codec.encode(train)).clamp(-1, 1).cpu()
+        metrics = {k: float(v) for k, v in fid_kid(self.f_test, self.extractor(recon), self.kid_subset,
+                                                   self.real_stats).items()}
+        metrics["n"] = len(recon)
+        save_png(image_grid(recon, 8, 8), self.run.plots / "reconstructions.png")
+        write_json(cache, metrics)
+        return metrics
 
     def __call__(self, name: str, first: int | None = None) -> dict:
         """Metrics of the set `name` (of its first `first` samples, when given)."""

@@ -18,6 +18,7 @@ import torch
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import mmd_rbf, w2_exact, w2_sliced
 from ddmkit.evaluation.mixture import mode_coverage, nll, off_manifold_rate
+from ddmkit.progress import track
 from ddmkit.truth import GaussianMixture
 
 FLOOR = "noise floor (true vs true)"
@@ -56,7 +57,7 @@ def evaluate_all(samples: dict[str, torch.Tensor], infos: dict[str, dict], test:
     floor_sets, refs = reference_sets(test, chunk, r)
     floor = sample_metrics(torch.cat(floor_sets), refs, truth)
     rows = {}
-    for name, x in samples.items():
+    for name, x in track(samples.items(), "scoring", lambda item: item[0]):
         row = sample_metrics(x, refs, truth)
         row["w2_over_floor"] = row["w2"] / floor["w2"]
         for key in ("expert_calls_per_sample", "wall_time", "router_calls", "velocity_evaluations"):

@@ -18,6 +18,7 @@ from ddmkit.ddm import load_ddm, sample_ddm
 from ddmkit.ddm.load import island_stats_router
 from ddmkit.ddm.sampling import config_options
 from ddmkit.evaluation.sets import evaluate_all
+from ddmkit.progress import track
 
 STATS_STRATEGIES = ("top-1", "top-2", "full")
 
@@ -39,7 +40,7 @@ def missing_expert_study(cfg: RunConfig, run, test: torch.Tensor, truth, strateg
     k = load_ddm(run, device).k
     order = removal_order(k, s.seed)
     samples, infos, removed = {}, {}, {}
-    for m in range(k):
+    for m in track(range(k), "missing experts", lambda m: f"{m} removed"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ddm = load_ddm(run, device, exclude=order[:m])
@@ -58,7 +59,7 @@ def stats_router_study(cfg: RunConfig, run, test: torch.Tensor, truth, device="c
     learned = load_ddm(run, device)
     stats = learned.with_router(island_stats_router(run)[0], "statistics-only", capturable=False)
     samples, infos = {}, {}
-    for strategy in STATS_STRATEGIES:
+    for strategy in track(STATS_STRATEGIES, "statistics-only router"):
         for label, ddm in (("learned", learned), ("statistics-only", stats)):
             name = f"{strategy} ({label} router)"
             samples[name], infos[name] = sample_ddm(ddm, strategy, study_size(cfg), s.steps, s.solver, s.seed,

@@ -3,8 +3,9 @@
     train_expert(shard, config, out_dir)        (ddmkit.train.jobs)
 
 so an expert's bytes depend only on its shard, its config and its seed, not
-on where it ran: every backend runs a job on config.train.threads CPU threads
-(`job_threads`; torch's results change with the thread count):
+on where it ran: train_expert runs on config.train.threads CPU threads wherever
+it is called (`ddmkit.train.threads.job_threads`; torch's results change with
+the thread count):
 
     inline      one after another in this process (the default);
     processes   a local pool, one fresh process per expert, one GPU per process
@@ -29,7 +30,7 @@ import torch
 from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError
 from ddmkit.launch.ray_backend import run_ray
-from ddmkit.launch.threads import job_threads
+from ddmkit.nets import use_networks, user_networks
 from ddmkit.train.jobs import train_expert
 
 BACKENDS = ("inline", "processes", "ray")
@@ -63,20 +64,19 @@ def default_workers(n_jobs: int) -> int:
 def run_inline(jobs: list[ExpertJob], config: ExpertConfig, resume: bool = False, log: Log = print) -> list[Path]:
     out = []
     for job in jobs:
-        with job_threads(config.train.threads):
-            out.append(train_expert(job.shard, config, job.out_dir, resume=resume))
+        out.append(train_expert(job.shard, config, job.out_dir, resume=resume))
         log(f"expert {job.cluster}: written to {job.out_dir}")
     return out
 
 
-def _process_job(job: ExpertJob, config_dump: dict, resume: bool, gpu: int | None) -> str:
+def _process_job(job: ExpertJob, config_dump: dict, resume: bool, gpu: int | None, networks: tuple = ()) -> str:
     """Body of one pool process (a fresh process per job: CUDA starts after the
     GPU is chosen)."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    use_networks(networks)  # the user's network classes this process's parent registered
     config = ExpertConfig.model_validate(config_dump)
-    with job_threads(config.train.threads):
-        return str(train_expert(job.shard, config, job.out_dir, resume=resume))
+    return str(train_expert(job.shard, config, job.out_dir, resume=resume))
 
 
 def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | None = None, resume: bool = False,
@@ -88,7 +88,8 @@ def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | No
     gpus = cuda_count()
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_process_job, job, config.model_dump(), resume, i % gpus if gpus else None)
+        futures = [pool.submit(_process_job, job, config.model_dump(), resume, i % gpus if gpus else None,
+                               user_networks())
                    for i, job in enumerate(jobs)]
         out = []
         for job, fut in zip(jobs, futures):

@@ -22,7 +22,7 @@ from pathlib import Path
 from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError
 from ddmkit.io import staging_dir, write_bytes_atomic
-from ddmkit.launch.threads import job_threads
+from ddmkit.nets import use_networks, user_networks
 from ddmkit.train.jobs import train_expert
 
 
@@ -34,12 +34,13 @@ def import_ray():
     return ray
 
 
-def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict) -> dict[str, bytes]:
+def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict, networks: tuple = ()) -> dict[str, bytes]:
     """What a Ray task runs: write the shard to a private temporary folder,
     train the expert there (on config.train.threads threads), return {file name: bytes}
     of the expert folder."""
+    use_networks(networks)  # the user's network classes the driver registered (their package must be installed)
     config = ExpertConfig.model_validate(config_dump)
-    with tempfile.TemporaryDirectory(prefix="ddmkit-expert-") as tmp, job_threads(config.train.threads):
+    with tempfile.TemporaryDirectory(prefix="ddmkit-expert-") as tmp:
         shard = Path(tmp) / Path(shard_name).name
         shard.write_bytes(shard_bytes)
         out = train_expert(shard, config, Path(tmp) / "expert")
@@ -80,7 +81,8 @@ def run_ray(jobs, config: ExpertConfig, address: str | None = None, workers: int
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         cpus = min(config.train.threads, max(1, int(ray.cluster_resources().get("CPU", 1))))
         task = ray.remote(train_from_bytes).options(num_cpus=cpus, num_gpus=gpus, max_retries=2)
-        refs = [task.remote(job.shard.name, job.shard.read_bytes(), config.model_dump()) for job in jobs]
+        refs = [task.remote(job.shard.name, job.shard.read_bytes(), config.model_dump(), user_networks())
+                for job in jobs]
         out = []
         for job, ref in zip(jobs, refs):
             out.append(write_folder(job.out_dir, ray.get(ref)))

@@ -15,7 +15,8 @@ import shlex
 from pathlib import Path
 
 from ddmkit.errors import DDMError
-from ddmkit.io import write_bytes_atomic
+from ddmkit.io import read_json, write_bytes_atomic
+from ddmkit.layout import RunFolder
 from ddmkit.registry import load_partition_checked
 
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=+/@%-]*")
@@ -30,7 +31,9 @@ def _directive(name: str, value: str) -> str:
 
 def slurm_script(run: Path, k: int, ddmkit_cmd: str = "ddmkit", time: str = "24:00:00", cpus: int = 4,
                  gpus: int = 1, mem: str = "16G", partition: str | None = None, extra: list[str] = ()) -> str:
-    """The text of a job-array script training experts 0 .. k-1 of `run`."""
+    """The text of a job-array script training experts 0 .. k-1 of `run` (on the partition's shards, or
+    in a latent run on their latents)."""
+    shards = "latents" if RunFolder(run).is_latent else "partition/shards"
     if k < 1:
         raise DDMError(f"the run has k = {k} shards; run `ddmkit partition` first")
     if cpus < 1 or gpus < 0:
@@ -48,7 +51,7 @@ def slurm_script(run: Path, k: int, ddmkit_cmd: str = "ddmkit", time: str = "24:
     lines += ["", "set -euo pipefail",
               f"RUN={q(str(run))}",
               'I=$(printf "%02d" "$SLURM_ARRAY_TASK_ID")',
-              f"{ddmkit_cmd} train-expert \"$RUN/partition/shards/cluster_$I.safetensors\" \\",
+              f"{ddmkit_cmd} train-expert \"$RUN/{shards}/cluster_$I.safetensors\" \\",
               '    --out "$RUN/experts/expert_$I" --config "$RUN/config.json" --resume', ""]
     return "\n".join(lines)
 
@@ -57,6 +60,11 @@ def write_slurm_script(run: Path, path: Path | None = None, **options) -> Path:
     """Write the script (default RUN/launch/train_experts.slurm)."""
     run = Path(run)
     manifest, _ = load_partition_checked(run / "partition")
+    folder = RunFolder(run)
+    latent = folder.config.exists() and (read_json(folder.config).get("config", {}).get("latent") or {}).get("enabled")
+    if latent and not folder.is_latent:
+        raise DDMError(f"{run} is a latent run whose shards are not encoded yet; encode them first with "
+                       f"`ddmkit partition --config CONFIG --out {run}` (it trains or copies the autoencoder)")
     path = Path(path) if path else run / "launch" / "train_experts.slurm"
     write_bytes_atomic(path, slurm_script(run, manifest["k"], **options).encode())
     path.chmod(0o755)

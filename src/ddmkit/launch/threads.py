@@ -1,23 +1,9 @@
-"""The CPU thread count of a training job, one for every backend.
+"""The CPU thread count of a training job, one for every backend: `job_threads`.
 
-torch's CPU results depend on its intra-op thread count, so every launch backend
-(and the pipeline's monolith and router stages) runs a job inside
-`job_threads(config.train.threads)`: the same bytes inline, in a process pool or on Ray,
-on any number of cores.
+It lives with the training jobs (ddmkit.train.threads), since `train_expert` runs itself on
+config.train.threads threads; it is named here too for the pipeline's stages, which run the
+concurrent, monolith and router jobs inside it.
 """
-from __future__ import annotations
+from ddmkit.train.threads import job_threads
 
-import contextlib
-
-import torch
-
-
-@contextlib.contextmanager
-def job_threads(threads: int):
-    """Run a training job on `threads` torch CPU threads (the previous count restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+__all__ = ["job_threads"]

@@ -4,6 +4,10 @@ A model folder holds `config.json` (the spec under "arch"/"kwargs", plus what
 the model is: role, data shape, time convention, prediction type) and
 `model.safetensors`. `from_pretrained(folder)` returns (model, config); it loads
 only weights of the network's own dtypes, every one finite.
+
+An architecture is a built-in name (ARCHITECTURES) or the user's own class as
+"package.module:Class", registered in this process by ddmkit.nets.user.use_network
+(never imported because a model folder names it).
 """
 from __future__ import annotations
 
@@ -21,20 +25,32 @@ from ddmkit.nets.mlp import RouterMLP, VelocityMLP
 from ddmkit.nets.router_cnn import RouterCNN
 from ddmkit.nets.transformer import BidirectionalTransformer, CausalTransformer
 from ddmkit.nets.unet import UNet
+from ddmkit.nets.user import is_user_network, user_network
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mlp": VelocityMLP, "router_mlp": RouterMLP, "unet": UNet, "dit": DiT, "router_cnn": RouterCNN,
     "causal_transformer": CausalTransformer, "bidirectional_transformer": BidirectionalTransformer}
 
 
-def build_model(arch: str, **kwargs) -> nn.Module:
+def network_class(arch: str) -> Callable[..., nn.Module]:
+    """The class of a built-in architecture, or the registered user class "package.module:Class"."""
+    if is_user_network(arch):
+        return user_network(arch)
     if arch not in ARCHITECTURES:
-        raise DDMError(f"arch: unknown architecture {arch!r}; accepted: {', '.join(sorted(ARCHITECTURES))}")
+        raise DDMError(f"arch: unknown architecture {arch!r}; accepted: {', '.join(sorted(ARCHITECTURES))}, or "
+                       "your own torch.nn.Module as 'package.module:Class'")
+    return ARCHITECTURES[arch]
+
+
+def build_model(arch: str, **kwargs) -> nn.Module:
+    cls = network_class(arch)
+    errors = Exception if is_user_network(arch) else (TypeError, ValueError, OverflowError, RuntimeError,
+                                                      ZeroDivisionError, AssertionError)
     try:
-        return ARCHITECTURES[arch](**kwargs)
+        return cls(**kwargs)
     except DDMError:
         raise
-    except (TypeError, ValueError, OverflowError, RuntimeError, ZeroDivisionError, AssertionError) as e:
+    except errors as e:
         raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {type(e).__name__}: {str(e)[:300]}") from None
 
 

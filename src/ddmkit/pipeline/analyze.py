@@ -5,10 +5,12 @@ one from perturbed noise (amplification); Jacobians on a row subset at up to max
 all K experts at every recorded step (alignment, disagreement; on Gaussian mixtures also the
 alignment of the exact posterior mean E[x0 | x_t]). Once: every expert on held-out data at a grid
 of t, routed vs not routed per strategy and, independent of strategies, on its own cluster vs the
-others. Writes OUT/analysis.md, analysis.json and plots/ (OUT = RUN/analysis).
+others. Writes OUT/analysis.md, analysis.json and plots/ (OUT = RUN/analysis), holding the run's
+lock (a second writer on the run folder is refused).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -27,9 +29,9 @@ from ddmkit.data.partition import feature_map, load_partition
 from ddmkit.ddm import exact_ddm, load_ddm, start_noise
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
-from ddmkit.io import write_json
+from ddmkit.io import write_bytes_atomic, write_json
 from ddmkit.pipeline.prepare import run_config
-from ddmkit.pipeline.stages import load_split
+from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.routing import parse_strategy
 from ddmkit.routing.strategies import Threshold, TopK
 
@@ -138,6 +140,11 @@ def strategy_links(per: dict, n_boot: int, seed: int) -> dict:
     return link
 
 
+def latent_features(features, codec):
+    """The partition's feature map of images, applied to latents by decoding them first."""
+    return lambda z: features(codec.decode(z))
+
+
 def heldout_clusters(x: torch.Tensor, labels: torch.Tensor | None, exact, ctx: dict) -> tuple[torch.Tensor, str]:
     """The cluster of every held-out point and the rule used: on a Gaussian mixture the cluster that owns
     the point's true component (the partition's grouping of components, as the exact experts use it),
@@ -161,7 +168,8 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, strategies: 
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, log)
+        with run_lock(run_dir):
+            return _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, log)
     finally:
         torch.set_num_threads(before)
 
@@ -186,7 +194,11 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     x1 = start_noise(max(s.n, n), ddm.data_shape, seed)[:n]
     settings = {"n": n, "seed": seed, "steps": s.steps, "solver": s.solver, "max_steps": max_steps,
                 "jvp_rows": min(jvp_rows, n), "n_boot": n_boot, "strategies": names}
-    ctx = {"scale": data_scale(test.x), "features": feature_map(manifest, ptensors), "truth": test.truth,
+    features = feature_map(manifest, ptensors)
+    if ddm.codec is not None:  # a latent run: diagnostics on latents; the partition's features are of images
+        test = dataclasses.replace(test, x=ddm.codec.encode(test.x))
+        features = latent_features(features, ddm.codec)
+    ctx = {"scale": data_scale(test.x), "features": features, "truth": test.truth,
            "centroids": ptensors["centroids"], "reference": test.x[:max(n, 2000)], "n_w2": min(n, 1000)}
     per = {}
     for name in names:
@@ -221,6 +233,6 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     result["cpu_time"] = time.process_time() - cpu
     write_json(out / "analysis.json", {**result, "strategies": {nm: {k: v for k, v in r.items() if k != "per_sample"}
                                                                  for nm, r in per.items()}})
-    (out / "analysis.md").write_text(render(result))
+    write_bytes_atomic(out / "analysis.md", render(result).encode())
     log(f"analysis: {out / 'analysis.md'} ({result['wall_time']:.1f}s wall, {result['cpu_time']:.1f}s CPU)")
     return result

@@ -12,15 +12,18 @@ from typing import Callable
 import torch
 
 from ddmkit.config import RunConfig
+from ddmkit.ddm.load import latent_codec
 from ddmkit.evaluation.images import SetScorer, cluster_grid, save_png
 from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.models import models_section
 from ddmkit.pipeline.samplesets import STATISTICS, planned_sets
+from ddmkit.progress import track
 from ddmkit.tables import markdown_table
 
 Log = Callable[[str], None]
 FLOOR = "train images (floor)"
+RECONSTRUCTIONS = "autoencoder reconstructions (latent floor)"
 
 
 def scorer_for(cfg: RunConfig, run, log: Log = print, device="cpu") -> SetScorer:
@@ -34,9 +37,11 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu", scorer: 
     scorer = scorer or scorer_for(cfg, run, log, device)
     infos = read_json(folder.sample_info) if folder.sample_info.exists() else {}
     rows = {FLOOR: scorer.floor()}
+    if folder.is_latent:
+        rows[RECONSTRUCTIONS] = scorer.reconstruction_floor(latent_codec(run, device))
     sets = planned_sets(cfg, has_truth=False)
     planned = {s.name for s in sets}
-    for s in sets:
+    for s in track(sets, "scoring", lambda s: s.name):
         if not folder.sample_set(s.name).exists():
             continue
         if s.router == STATISTICS and s.n < cfg.sample.n and folder.sample_set(s.strategy).exists():
@@ -89,7 +94,12 @@ def render_report(cfg: RunConfig, run, result: dict) -> str:
     table = markdown_table(["samples", "n", "FID", "FID / monolith", "KID x 1e3", "expert calls/sample", "sampling (s)",
                             "FID time (s)"], table_rows(result))
     grids = "\n".join(f"![{n}](plots/samples_{safe_name(n)}.png)" for n, r in result["rows"].items()
-                      if n != FLOOR and "subset_of" not in r)
+                      if n not in (FLOOR, RECONSTRUCTIONS) and "subset_of" not in r)
+    source = cfg.latent.pretrained or "an autoencoder trained by ddmkit"
+    latent = "" if RECONSTRUCTIONS not in result["rows"] else (
+        f"\nLatent DDM: experts, router and monolith work on the latents of {source}; samples are decoded. The "
+        "second row is the same training images encoded and decoded: the floor of any latent sampler.\n\n"
+        "![reconstructions](plots/reconstructions.png)\n")
     return f"""# ddmkit image run report
 
 Data: `{d.name}` {d.params} ({result['n_test']} test images as the FID reference). Partition: k = {p.k},
@@ -103,7 +113,7 @@ Training wall time (s): {result['train_seconds']}.
 ## Samples
 
 The first row is {result['rows'][FLOOR]['n']} training images against the test set: the floor.
-
+{latent}
 {table}
 
 Cluster examples (one row per cluster):

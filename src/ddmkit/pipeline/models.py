@@ -11,6 +11,7 @@ from __future__ import annotations
 from ddmkit.config import RunConfig
 from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
+from ddmkit.registry import model_data_shape
 from ddmkit.tables import markdown_table
 
 TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "ema_decay")
@@ -34,7 +35,7 @@ def describe_models(run, cfg: RunConfig) -> tuple[list[list], list[str]]:
     whose folder differs from the run's [expert] section and in what)."""
     folder = RunFolder(run)
     manifest = read_json(folder.manifest)
-    expected = _expected(cfg, manifest["data_shape"])
+    expected = _expected(cfg, list(model_data_shape(run)))
     rows, notes = [], []
     folders = [(f"expert {k}", folder.expert(k)) for k in range(manifest["k"])]
     folders += [("monolith", folder.monolith), ("router", folder.router)]

@@ -8,8 +8,9 @@ wrote is removed, to be drawn again.
 Nothing is written before the run is checked: for a new run, prepare_run_dir loads the data
 and computes the partition in memory (every check of the data and partition settings: unknown
 data.params, non-finite data, k larger than the data, empty clusters, a user feature function
-that fails, a network that cannot be built) and only then writes config.json, RUN/data and
-RUN/partition. A bad config leaves the folder as it was (a folder this call created is removed
+that fails, a network that cannot be built; and, in pipeline.checks, every size, split and
+sample count the later stages need, for new and resumed runs alike) and only then writes
+config.json, RUN/data and RUN/partition. A bad config leaves the folder as it was (a folder this call created is removed
 again).
 
 One process at a time writes a run folder: prepare_run_dir and every training stage hold
@@ -26,12 +27,15 @@ from typing import Callable
 from ddmkit.config import RunConfig, json_digest, validate
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, remove_stale_staging, write_json
+from ddmkit.latent.autoencoder import network_data_shape
+from ddmkit.ddm.load import component_groups
 from ddmkit.layout import RunFolder
+from ddmkit.pipeline.checks import check_clusters, check_run_plan
 from ddmkit.pipeline.stages import (check_networks, load_data, load_split, plan_partition, register_user_features,
-                                    run_lock, write_data, write_partition)
+                                    register_user_networks, run_lock, write_data, write_partition)
 
 Log = Callable[[str], None]
-TRAINED = ("data", "partition", "expert", "router", "monolith")  # the config sections the networks depend on
+TRAINED = ("data", "partition", "expert", "router", "monolith", "latent")  # the config sections the networks depend on
 
 
 def trained_digest(config: dict) -> str:
@@ -90,6 +94,31 @@ def _clear(folder: RunFolder, paths: list[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
+def _check_sizes(cfg: RunConfig, folder: RunFolder, data: tuple | None) -> None:
+    """pipeline.checks.check_run_plan on the data in memory (a new run), or as RUN/data/data.json
+    records them (a resumed run, maybe with new [sample] or [evaluate] settings), then on the
+    clusters RUN/partition/manifest.json records."""
+    if data is not None:
+        train, test = data
+        check_run_plan(cfg, len(train), len(test), train.data_shape, train.truth is not None)
+        return
+    info = read_json(folder.data_info)
+    check_run_plan(cfg, info["n_train"], info["n_test"], tuple(info["data_shape"]), info["exact_truth"])
+    if folder.manifest.exists():
+        check_clusters(cfg, read_json(folder.manifest)["counts"], tuple(info["data_shape"]))
+
+
+def _check_partition(cfg: RunConfig, train, plan, log: Log) -> None:
+    """pipeline.checks.check_clusters on a new partition (for a Gaussian mixture, with the clusters
+    that own no component); its warnings are logged."""
+    orphans = []
+    if train.truth is not None and train.labels is not None:
+        groups = component_groups(train.labels, plan.labels, train.truth.k, plan.k)
+        orphans = [c for c, g in enumerate(groups) if not g]
+    for warning in check_clusters(cfg, plan.counts.tolist(), train.data_shape, orphans):
+        log(f"warning: {warning}")
+
+
 def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: Log = print) -> Path:
     """Create RUN/ with its config, data and partition (or reuse it for the same configuration),
     every check done before the first write; returns its path."""
@@ -111,10 +140,14 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
             else:
                 data = load_data(cfg)
                 train = data[0]
-            check_networks(cfg, train.data_shape)
+            _check_sizes(cfg, folder, data)
+            check_networks(cfg, network_data_shape(cfg.latent, train.data_shape))
             plan = plan_partition(cfg, train)
+            _check_partition(cfg, train, plan, log)
         else:
             register_user_features(cfg)
+            register_user_networks(cfg)
+            _check_sizes(cfg, folder, None)
         if action == "replace":
             _clear(folder, _entries(folder))
         elif action == "derived":

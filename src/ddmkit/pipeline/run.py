@@ -42,10 +42,11 @@ def is_image_run(run) -> bool:
 
 
 def evaluate_stage(cfg: RunConfig, run, log: Log = print, device="cpu", scorer=None) -> dict:
-    """The evaluation stage of the run's kind of data."""
-    if is_image_run(run):
-        return images.stage_evaluate(cfg, run, log, device, scorer)
-    return vectors.stage_evaluate(cfg, run, log)
+    """The evaluation stage of the run's kind of data (holding the run's lock)."""
+    with run_lock(run):
+        if is_image_run(run):
+            return images.stage_evaluate(cfg, run, log, device, scorer)
+        return vectors.stage_evaluate(cfg, run, log)
 
 
 def train_stages(cfg: RunConfig, run, log: Log = print, backend: str = "inline", workers: int | None = None,
@@ -91,12 +92,14 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, log: Log 
 
 def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = print, device=None) -> list[dict]:
     """Draw the named sets (routing strategies, 'monolith', 'exact') with the run's [sample] settings
-    (or cfg's), again when they were drawn before; returns their infos."""
-    cfg = cfg or run_config(run)
-    device = device or resolve_device(cfg.expert.train.device)
-    sets: list[SampleSet] = [named_set(name, cfg.sample.n, cfg.sample.guidance) for name in names]
-    stage_sample(cfg, run, sets, is_image_run(run), log, device, redraw=True)
-    infos = read_json(RunFolder(run).sample_info)
+    (or cfg's), again when they were drawn before; returns their infos. Holds the run's lock."""
+    with run_lock(run):
+        saved = run_config(run)  # the folder must hold a run, whatever cfg says
+        cfg = cfg or saved
+        device = device or resolve_device(cfg.expert.train.device)
+        sets: list[SampleSet] = [named_set(name, cfg.sample.n, cfg.sample.guidance) for name in names]
+        stage_sample(cfg, run, sets, is_image_run(run), log, device, redraw=True)
+        infos = read_json(RunFolder(run).sample_info)
     return [infos[s.name] for s in sets]
 
 

@@ -4,7 +4,8 @@ expert calls, router calls and wall time in RUN/samples/info.json.
 The same for every kind of continuous data: all sets start from the same noise x_1 (the first n
 rows of one draw fixed by sample.seed) and, for class-conditional experts, the same class labels
 (uniform over the classes, fixed by sample.seed; saved in samples/labels.safetensors). Image sets
-are sampled under bfloat16 autocast on a GPU and stored clamped to [-1, 1].
+are sampled under bfloat16 autocast on a GPU and stored clamped to [-1, 1]. A latent run samples
+latents and stores them decoded (images).
 """
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import torch
 
 from ddmkit.config import RunConfig
 from ddmkit.ddm import DDM, exact_ddm, load_ddm, sample_ddm, sample_single, start_noise
-from ddmkit.ddm.load import monolith_field
+from ddmkit.ddm.load import latent_codec, monolith_field
+from ddmkit.registry import model_data_shape
 from ddmkit.ddm.sampling import config_options
 from ddmkit.io import read_json, save_tensors, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.samplesets import SampleSet, SetKind
+from ddmkit.progress import track
 
 Log = Callable[[str], None]
 
@@ -39,16 +42,24 @@ def _ddm(run, sample_set: SampleSet, device, ddms: dict) -> DDM:
     return ddms[key]
 
 
+def _codec(run, device, ddms: dict):
+    """The autoencoder of a latent run (None for others), loaded once into `ddms`."""
+    if "codec" not in ddms:
+        ddms["codec"] = latent_codec(run, device)
+    return ddms["codec"]
+
+
 def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device, ddms: dict) -> tuple[torch.Tensor, dict]:
     """(samples, info) of one set; `ddms` keeps the DDMs loaded for earlier sets."""
     s = cfg.sample
     autocast = "bfloat16" if images and torch.device(device).type == "cuda" else None
     if sample_set.kind == SetKind.MONOLITH:
         field = monolith_field(run, device, sample_set.guidance)
-        shape, classes, meta = tuple(read_json(RunFolder(run).data_info)["data_shape"]), field.output.num_classes, {}
+        shape, classes, meta = model_data_shape(run), field.output.num_classes, {}
+        codec = _codec(run, device, ddms)
     else:
         ddm = _ddm(run, sample_set, device, ddms)
-        shape, classes, meta = ddm.data_shape, ddm.num_classes, ddm.meta
+        shape, classes, meta, codec = ddm.data_shape, ddm.num_classes, ddm.meta, ddm.codec
     x1 = start_noise(s.n, shape, s.seed, device)[:sample_set.n]
     y = sample_labels(classes, s.n, s.seed, device)
     cond = None if y is None else {"y": y[:sample_set.n]}
@@ -58,6 +69,8 @@ def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device, d
     else:
         x0, info = sample_ddm(ddm, sample_set.strategy, sample_set.n, s.steps, s.solver, s.seed, device, x1=x1,
                               cond=cond, **config_options(s, True, autocast))
+    if codec is not None:  # a latent run: samples are decoded into images
+        x0 = codec.decode(x0)
     info.pop("expert_rows", None)
     info.update(strategy=sample_set.name, guidance=sample_set.guidance, router=sample_set.router,
                 missing_experts=meta.get("missing_experts", []))
@@ -72,7 +85,7 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
     each set is written (e.g. to score it at once)."""
     folder = RunFolder(run)
     ddms: dict = {}
-    for sample_set in sets:
+    for sample_set in track(sets, "sampling", lambda s: s.name):
         path = folder.sample_set(sample_set.name)
         recorded = folder.sample_info.exists() and sample_set.name in read_json(folder.sample_info)
         if path.exists() and recorded and not redraw:  # a set whose info a kill lost is drawn again
@@ -86,6 +99,6 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
             f"{info['wall_time']:.2f}s")
         if on_sample is not None:
             on_sample(sample_set.name)
-    classes = max((d.num_classes for d in ddms.values()), default=0)
+    classes = max((d.num_classes for d in ddms.values() if isinstance(d, DDM)), default=0)
     if classes:
         save_tensors(folder.sample_labels, {"y": sample_labels(classes, cfg.sample.n, cfg.sample.seed, "cpu")})

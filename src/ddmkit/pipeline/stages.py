@@ -23,14 +23,19 @@ from ddmkit.data.features import is_user_function, use_features
 from ddmkit.data.partition import PartitionPlan, compute_partition, write_partition
 from ddmkit.ddm.load import load_truth
 from ddmkit.errors import DDMError
-from ddmkit.io import folder_lock, load_tensors, read_json, save_tensors, staging_dir, write_json
+from ddmkit.data.partition import read_shard
+from ddmkit.io import folder_lock, load_tensors, read_json, save_tensors, sha256_file, staging_dir, write_json
 from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.launch.threads import job_threads
 from ddmkit.layout import RunFolder
-from ddmkit.nets import build_model
-from ddmkit.registry import shard_files, write_registry
+from ddmkit.nets import build_model, build_seeded, use_network
+from ddmkit.nets.user import check_output, is_user_network
+from ddmkit.latent.autoencoder import load_codec, load_autoencoder
+from ddmkit.registry import AUTOENCODER_WEIGHTS, model_shards, shard_files, write_registry
 from ddmkit.train.concurrent import train_experts_concurrently
+from ddmkit.train.autoencoder import train_autoencoder
 from ddmkit.train.jobs import train_monolith, train_router
+from ddmkit.train.loop import resolve_device
 
 Log = Callable[[str], None]
 
@@ -101,7 +106,9 @@ def load_split(run, split: str) -> ArrayData:
 def plan_partition(cfg: RunConfig, train: ArrayData) -> PartitionPlan:
     """The run's partition computed in memory (every check of the partition settings)."""
     p = cfg.partition
-    return compute_partition(train, p.k, p.features, p.pca_dim, p.balanced, p.seed)
+    encoder = {"folder": p.encoder, "pool": p.encoder_pool, "size": p.encoder_size, "normalize": p.encoder_normalize}
+    return compute_partition(train, p.k, p.features, p.pca_dim, p.balanced, p.seed, fine_k=p.fine_k,
+                             encoder=encoder if p.features == "encoder" else None, encoder_batch=p.encoder_batch)
 
 
 def register_user_features(cfg: RunConfig) -> None:
@@ -112,18 +119,37 @@ def register_user_features(cfg: RunConfig) -> None:
         use_features(cfg.partition.features)
 
 
+def register_user_networks(cfg: RunConfig) -> None:
+    """Import and register the network classes the user's config names (expert.net.arch or
+    router.net.arch = "package.module:Class"); nothing for built-in architectures. Call it only
+    with the config the user runs, never with one read from a run folder."""
+    for net in (cfg.expert.net, cfg.router.net):
+        if is_user_network(net.arch):
+            use_network(net.arch)
+
+
 def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
     """Build the run's expert, monolith and router networks on the meta device (no memory): an
-    unknown arch or bad net kwargs is a DDMError before anything is written."""
+    unknown arch or bad net kwargs is a DDMError before anything is written. The user's own
+    classes (registered here, from cfg) are built on the CPU and called once on two rows, as
+    ddmkit calls them: an error or an output of the wrong shape is a DDMError too."""
+    register_user_networks(cfg)
     shape = list(data_shape)
     nets = {"expert.net": (cfg.expert.net, {"data_shape": shape}),
             "router.net": (cfg.router.net, {"data_shape": shape, "num_experts": cfg.partition.k})}
     for where, (net, given) in nets.items():
+        kwargs = {**given, **net.kwargs}
         try:
-            with torch.device("meta"):
-                build_model(net.arch, **{**given, **net.kwargs})
+            with torch.device("meta"):  # as a model folder is checked before loading (ddmkit.registry)
+                build_model(net.arch, **kwargs)
         except DDMError as e:
-            raise DDMError(f"{where}: {e} (data of shape {tuple(shape)})") from None
+            hint = ("; ddmkit builds networks on the meta device to check model folders without allocating, so "
+                    "compute sizes in __init__ with Python (math.prod), not tensors"
+                    if is_user_network(net.arch) else "")
+            raise DDMError(f"{where}: {e} (data of shape {tuple(shape)}){hint}") from None
+        if is_user_network(net.arch):
+            check_output(build_seeded(net.arch, 0, **kwargs), f"{where}.arch = {net.arch!r}", shape,
+                         given.get("num_experts"), int(net.kwargs.get("num_classes", 0)))
 
 
 def stage_partition(cfg: RunConfig, run, log: Log = print) -> None:
@@ -142,7 +168,7 @@ def stage_experts(cfg: RunConfig, run, log: Log = print, backend: str = "inline"
     one stacked network when expert.concurrent is set; a job that left a checkpoint continues from it."""
     with run_lock(run):
         folder = RunFolder(run)
-        jobs = [ExpertJob(k, shard, folder.expert(k)) for k, shard in enumerate(shard_files(run))
+        jobs = [ExpertJob(k, shard, folder.expert(k)) for k, shard in enumerate(model_shards(run))
                 if not (folder.expert(k) / "model.safetensors").exists()]
         start = time.perf_counter()
         if jobs and cfg.expert.concurrent:  # all in one stacked network on this device, each on its own shard
@@ -169,7 +195,7 @@ def stage_monolith(cfg: RunConfig, run, log: Log = print) -> None:
             return
         start = time.perf_counter()
         with job_threads(cfg.expert.train.threads):
-            train_monolith(shard_files(run), cfg.expert, folder.monolith, cfg.monolith.match)
+            train_monolith(model_shards(run), cfg.expert, folder.monolith, cfg.monolith.match)
         log(f"monolith: trained in {time.perf_counter() - start:.1f}s (same steps x batch as all experts)")
 
 
@@ -180,8 +206,59 @@ def stage_router(cfg: RunConfig, run, log: Log = print) -> None:
             return
         start = time.perf_counter()
         with job_threads(cfg.router.train.threads):
-            train_router(shard_files(run), cfg.router, folder.router)
+            train_router(model_shards(run), cfg.router, folder.router)
         log(f"router: trained in {time.perf_counter() - start:.1f}s")
 
 
-TRAINING_STAGES = (stage_data, stage_partition, stage_experts, stage_monolith, stage_router, stage_registry)
+def stage_autoencoder(cfg: RunConfig, run, log: Log = print) -> None:
+    """Latent runs: write RUN/autoencoder (the pretrained one, or one trained on the training images),
+    then encode every shard into RUN/latents/ (each island's data through the same autoencoder).
+    Nothing for other runs."""
+    if not cfg.latent.enabled:
+        return
+    with run_lock(run):
+        folder = RunFolder(run)
+        if folder.is_latent:
+            return
+        if not (folder.autoencoder / AUTOENCODER_WEIGHTS).exists():
+            start = time.perf_counter()
+            if cfg.latent.pretrained:
+                with staging_dir(folder.autoencoder) as tmp:
+                    load_autoencoder(cfg.latent.pretrained).save_pretrained(str(tmp), safe_serialization=True)
+                log(f"autoencoder: {cfg.latent.pretrained} copied into {folder.autoencoder}")
+            else:
+                with job_threads(cfg.latent.train.threads):
+                    train_autoencoder(load_split(run, "train").x, cfg.latent, folder.autoencoder)
+                log(f"autoencoder: trained in {time.perf_counter() - start:.1f}s")
+        encode_shards(cfg, run, log)
+
+
+def encode_shards(cfg: RunConfig, run, log: Log = print) -> None:
+    """Encode each shard with the run's autoencoder into RUN/latents/ (one staged folder), with
+    latents.json: the latent shape, the autoencoder's SHA-256, each latent shard's SHA-256."""
+    folder = RunFolder(run)
+    shards = shard_files(run)
+    pixels, _, _ = read_shard(shards[0])
+    device = resolve_device(cfg.latent.train.device)
+    codec = load_codec(folder.autoencoder, pixels.shape[1], cfg.latent.encode_batch, device)
+    start = time.perf_counter()
+    with staging_dir(folder.latents) as tmp:
+        entries = []
+        for c, path in enumerate(shards):
+            x, labels, meta = read_shard(path)
+            tensors = {"x": codec.encode(x)}
+            if labels is not None:
+                tensors["labels"] = labels
+            name = folder.latent_shard(c).name
+            save_tensors(tmp / name, tensors, metadata={**meta, "pixel_shard_sha256": sha256_file(path)})
+            entries.append({"cluster": c, "path": name, "count": len(x), "sha256": sha256_file(tmp / name)})
+        write_json(tmp / folder.latent_info.name, {
+            "latent_shape": list(tensors["x"].shape[1:]), "data_shape": list(x.shape[1:]),
+            "source": cfg.latent.pretrained or "trained", "shards": entries,
+            "autoencoder_sha256": sha256_file(folder.autoencoder / AUTOENCODER_WEIGHTS),
+            "scaling_factor": codec.scale, "shift_factor": codec.shift})
+    log(f"latents: {len(shards)} shards encoded to shape {tuple(tensors['x'].shape[1:])} in "
+        f"{time.perf_counter() - start:.1f}s")
+
+
+TRAINING_STAGES = (stage_data, stage_partition, stage_autoencoder, stage_experts, stage_monolith, stage_router, stage_registry)

@@ -12,10 +12,17 @@ RUN/config.json holds the text config (its `kind` tells a text run from the othe
 model is a ddmkit folder (config.json + model.safetensors + train_log.jsonl). A model whose
 folder exists with the same settings (`run_digest` in its config.json) is reused; `force=True`
 starts afresh. Each expert job reads only its own shard.
+
+As for vectors and images (ddmkit.pipeline.prepare): prepare_text_run checks a run completely
+before its first write (the corpus loads, the partition is computed in a scratch folder outside
+the run and every cluster holds a window of model.seq_len bytes, the networks build on the meta
+device), so a bad config leaves the folder as it was; every stage that writes holds RUN/.lock
+(one writer per run folder); temporary files left by a killed writer are removed.
 """
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +42,10 @@ from ddmkit.data.partition import read_shard
 from ddmkit.discrete.shards import cluster_prior, load_streams, mixed_windows, partition_text, sample_windows
 from ddmkit.discrete.tokens import NUM_BYTES
 from ddmkit.errors import DDMError
-from ddmkit.io import read_json, sha256_file, staging_dir, write_bytes_atomic, write_json
+from ddmkit.io import read_json, remove_stale_staging, sha256_file, staging_dir, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, from_pretrained, save_pretrained
+from ddmkit.pipeline.stages import run_lock
 from ddmkit.registry import write_registry
 from ddmkit.tables import markdown_table
 from ddmkit.train.loop import fit
@@ -103,14 +111,48 @@ def train_or_load(folder: Path, digest: str, arch: str, kwargs: dict, loss: Call
     return ema
 
 
-def partition_stage(cfg: TextRunConfig, out: Path) -> dict:
-    """The corpus split into train and held-out documents and clustered (reused when done with the
-    same settings)."""
-    folder, digest = RunFolder(out).partition, cfg.digest("corpus", "partition")
-    if (folder / "manifest.json").exists() and read_json(folder / "manifest.json").get("run_digest") == digest:
-        return read_json(folder / "manifest.json")
+def has_partition(cfg: TextRunConfig, out: Path) -> bool:
+    """Whether RUN/partition was made with cfg's corpus and partition settings."""
+    manifest = RunFolder(out).manifest
+    return manifest.exists() and read_json(manifest).get("run_digest") == cfg.digest("corpus", "partition")
+
+
+def run_partition(cfg: TextRunConfig, out: Path) -> dict:
+    """The manifest of the run's partition (made by prepare_text_run with cfg's settings)."""
+    if not has_partition(cfg, out):
+        raise DDMError(f"{out}: no partition for this config yet; run `ddmkit run CONFIG --out {out}` (or "
+                       f"`ddmkit partition --config CONFIG --out {out}`) first")
+    return read_json(RunFolder(out).manifest)
+
+
+def plan_partition(cfg: TextRunConfig, scratch: Path) -> dict:
+    """The corpus split into train and held-out documents and clustered, written to `scratch` (a folder
+    outside the run); returns the manifest. Every corpus and partition check happens here."""
     train, test = split_documents(load_corpus(cfg.corpus), cfg.corpus.test_fraction, cfg.corpus.seed)
-    return partition_text(train, test, cfg.partition, folder, extra={"run_digest": digest})
+    return partition_text(train, test, cfg.partition, scratch, extra={"run_digest": cfg.digest("corpus", "partition")})
+
+
+def check_windows(cfg: TextRunConfig, manifest: dict) -> None:
+    """Every cluster holds at least one training window of model.seq_len bytes."""
+    short = [s["cluster"] for s in manifest["shards"] if s["bytes"] < cfg.model.seq_len]
+    if short:
+        raise DDMError(f"partition: clusters {short} hold fewer bytes of training text than model.seq_len = "
+                       f"{cfg.model.seq_len}; lower model.seq_len or partition.k, or use more text (corpus.max_docs)")
+
+
+def check_networks(cfg: TextRunConfig) -> None:
+    """Build the run's expert network (also the centralized one) and its learned router on the meta
+    device (no memory): sizes that do not fit are a DDMError naming the section."""
+    task = TASKS[cfg.kind]
+    nets = {"model": (task.expert_arch, _network(cfg))}
+    if "learned" in cfg.router.kinds:
+        nets["router"] = (task.router_arch, _router_network(cfg, cfg.partition.k))
+    for where, (arch, kwargs) in nets.items():
+        try:
+            with torch.device("meta"):
+                build_model(arch, **kwargs)
+        except DDMError as e:
+            raise DDMError(f"{where}: {e}") from None
 
 
 def is_text_run(run) -> bool:
@@ -140,16 +182,51 @@ def read_text_config(path: str | Path) -> TextRunConfig:
     return load_text_config(path)
 
 
-def prepare_text_run(cfg: TextRunConfig, out: Path, force: bool = False) -> Path:
-    """Create RUN/ for a text config (RUN/config.json), or reuse it."""
+def _entries(folder: RunFolder) -> list[Path]:
+    return [p for p in folder.root.iterdir() if p != folder.lock] if folder.root.is_dir() else []
+
+
+def _replace(folder: RunFolder, cfg: TextRunConfig, force: bool) -> bool:
+    """Whether what the folder holds is to be replaced (force, and it holds something); a folder of
+    another kind of run, or not a run, is refused without force."""
+    if force:
+        return bool(_entries(folder))
+    if folder.config.exists():
+        if not is_text_run(folder.root):
+            raise DDMError(f"{folder.root} holds a run of another kind; choose another --out or pass --force to "
+                           "replace it")
+        kind = read_json(folder.config)["config"]["kind"]
+        if kind != cfg.kind:
+            raise DDMError(f"{folder.root} holds a {kind} run and the config's kind is {cfg.kind}; choose another "
+                           "--out or pass --force to replace it")
+    elif _entries(folder):
+        raise DDMError(f"{folder.root} exists and is not a ddmkit run folder; choose another --out or pass --force")
+    return False
+
+
+def prepare_text_run(cfg: TextRunConfig, out: Path, force: bool = False, log: Log = print) -> Path:
+    """Create RUN/ for a text config (RUN/config.json and RUN/partition), or reuse it; every check
+    before the first write. force=True replaces what the folder holds, once the checks passed."""
     folder = RunFolder(out)
-    if force and out.exists():
-        shutil.rmtree(out)
-    if folder.config.exists() and not is_text_run(out):
-        raise DDMError(f"{out} holds a run of another kind; choose another --out or pass --force to replace it")
-    if not folder.config.exists() and out.exists() and any(out.iterdir()):
-        raise DDMError(f"{out} exists and is not a ddmkit run folder; choose another --out or pass --force")
-    write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
+    with run_lock(folder.root), tempfile.TemporaryDirectory(prefix="ddmkit-text-") as scratch:
+        stale = remove_stale_staging(folder.root)
+        if stale:
+            log(f"{out}: removed {len(stale)} temporary files or folders left by an interrupted run")
+        replace = _replace(folder, cfg, force)
+        check_networks(cfg)
+        new = None if has_partition(cfg, out) and not replace else Path(scratch) / "partition"
+        manifest = read_json(folder.manifest) if new is None else plan_partition(cfg, new)
+        check_windows(cfg, manifest)
+        # every check passed: now write
+        for path in _entries(folder) if replace else []:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
+        if new is not None:
+            with staging_dir(folder.partition) as tmp:
+                shutil.copytree(new, tmp, dirs_exist_ok=True)
     return out
 
 
@@ -159,15 +236,17 @@ def run_text(config_path: str | Path, out_dir: str | Path | None = None, force: 
     (also written to out_dir/report.json and out_dir/report.md). `seed`
     overrides every seed of the config (TextRunConfig.with_seed)."""
     cfg = load_text_config(config_path).with_seed(seed)
-    out = prepare_text_run(cfg, Path(out_dir) if out_dir else Path("runs") / Path(config_path).stem, force)
-    return run_text_config(cfg, out, log)
+    out = Path(out_dir) if out_dir else Path("runs") / Path(config_path).stem
+    with run_lock(out):
+        prepare_text_run(cfg, out, force, log)
+        return run_text_config(cfg, out, log)
 
 
 def partition_text_run(config_path: str | Path, out: str | Path, force: bool = False, seed: int | None = None,
                        log: Log = print) -> dict:
     """The partition stage alone: RUN/partition with one shard per cluster (`ddmkit partition`)."""
     cfg = load_text_config(config_path).with_seed(seed)
-    manifest = partition_stage(cfg, prepare_text_run(cfg, Path(out), force))
+    manifest = run_partition(cfg, prepare_text_run(cfg, Path(out), force, log))
     log(f"partition: k={manifest['k']}, cluster sizes {manifest['counts']} documents")
     return manifest
 
@@ -181,26 +260,29 @@ def _train_streams(run) -> list:
 
 def train_text_router(run, log: Log = print) -> None:
     """The learned router of a text run (`ddmkit train-router RUN`)."""
-    cfg = text_config(run)
-    text_routers(cfg, Path(run), _train_streams(run))
+    with run_lock(run):
+        cfg = text_config(run)
+        text_routers(cfg, Path(run), _train_streams(run))
     log(f"router: {RunFolder(run).router}")
 
 
 def train_text_monolith(run, log: Log = print) -> None:
     """The centralized model of a text run (`ddmkit train-monolith RUN`)."""
-    cfg = text_config(run)
-    if text_monolith(cfg, Path(run), _train_streams(run)) is None:
-        raise DDMError(f"{run}: centralized.enabled is false in this run's config; nothing to train")
+    with run_lock(run):
+        cfg = text_config(run)
+        if text_monolith(cfg, Path(run), _train_streams(run)) is None:
+            raise DDMError(f"{run}: centralized.enabled is false in this run's config; nothing to train")
     log(f"monolith: {RunFolder(run).monolith}")
 
 
 def train_text_experts(run, log: Log = print) -> None:
     """Every expert of a text run not yet trained, one after another, each on its shard alone."""
-    cfg, folder = text_config(run), RunFolder(run)
-    _train_streams(run)
-    for s in sorted(read_json(folder.manifest)["shards"], key=lambda s: s["cluster"]):
-        train_text_expert(folder.partition / s["path"], cfg, folder.expert(s["cluster"]))
-        log(f"expert {s['cluster']}: {folder.expert(s['cluster'])}")
+    with run_lock(run):
+        cfg, folder = text_config(run), RunFolder(run)
+        _train_streams(run)
+        for s in sorted(read_json(folder.manifest)["shards"], key=lambda s: s["cluster"]):
+            train_text_expert(folder.partition / s["path"], cfg, folder.expert(s["cluster"]))
+            log(f"expert {s['cluster']}: {folder.expert(s['cluster'])}")
 
 
 @dataclass
@@ -219,6 +301,12 @@ class TextModels:
 def _network(cfg: TextRunConfig) -> dict:
     m = cfg.model
     return {"seq_len": m.seq_len, "out_dim": NUM_BYTES, "width": m.width, "depth": m.depth, "heads": m.heads}
+
+
+def _router_network(cfg: TextRunConfig, k: int) -> dict:
+    r = cfg.router
+    return {"seq_len": cfg.model.seq_len, "out_dim": k, "width": r.width, "depth": r.depth, "heads": r.heads,
+            **TASKS[cfg.kind].router_kwargs}
 
 
 def train_text_expert(shard: str | Path, cfg: TextRunConfig, out_dir: str | Path, train: bool = True) -> torch.nn.Module:
@@ -263,9 +351,8 @@ def text_routers(cfg: TextRunConfig, out: Path, streams: list, train: bool = Tru
         if kind == "bayes":
             routers["bayes"] = None
             continue
-        r, rt = cfg.router, cfg.router.train
-        kwargs = {"seq_len": m.seq_len, "out_dim": len(streams), "width": r.width, "depth": r.depth,
-                  "heads": r.heads, **task.router_kwargs}
+        rt = cfg.router.train
+        kwargs = _router_network(cfg, len(streams))
         loss = lambda model, g: task.router_loss(model, *mixed_windows(streams, m.seq_len, rt.batch_size, g), g)
         routers["learned"] = train_or_load(RunFolder(out).router, cfg.digest("corpus", "partition", "model", "router"),
                                            task.router_arch, kwargs, loss, rt,
@@ -280,9 +367,7 @@ def text_models(cfg: TextRunConfig, out: Path, train: bool = True) -> TextModels
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     folder = RunFolder(out)
-    if not train and not folder.manifest.exists():
-        raise DDMError(f"{out}: no partition yet; run `ddmkit run CONFIG --out {out}` first")
-    manifest = partition_stage(cfg, out)
+    manifest = run_partition(cfg, out)
     _, streams = load_streams(folder.partition, "train")
     _, test_streams = load_streams(folder.partition, "test")
     experts = [train_text_expert(folder.partition / s["path"], cfg, folder.expert(s["cluster"]), train)
@@ -332,15 +417,17 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
                 log: Log = print) -> dict[str, list[str]]:
     """Generated text of a finished run for each routing strategy (with every router of the run) and
     the centralized model, in RUN/samples/text.json."""
-    cfg = text_config(run)
-    update = {"evaluate": {**cfg.evaluate.model_dump(), "strategies": list(strategies)},
-              "sample": {**cfg.sample.model_dump(), **{key: v for key, v in (("n", n), ("seed", seed)) if v is not None}}}
-    cfg = validate(TextRunConfig, {**cfg.model_dump(), **update}, "options")
-    models = text_models(cfg, Path(run), train=False)
-    texts = TASKS[cfg.kind].samples(models.experts, models.central, models.routers, models.prior, cfg)
-    path = RunFolder(run).samples / "text.json"
-    saved = read_json(path) if path.exists() else {}
-    write_json(path, {**saved, **texts})
+    with run_lock(run):
+        cfg = text_config(run)
+        update = {"evaluate": {**cfg.evaluate.model_dump(), "strategies": list(strategies)},
+                  "sample": {**cfg.sample.model_dump(), **{key: v for key, v in (("n", n), ("seed", seed))
+                                                          if v is not None}}}
+        cfg = validate(TextRunConfig, {**cfg.model_dump(), **update}, "options")
+        models = text_models(cfg, Path(run), train=False)
+        texts = TASKS[cfg.kind].samples(models.experts, models.central, models.routers, models.prior, cfg)
+        path = RunFolder(run).samples / "text.json"
+        saved = read_json(path) if path.exists() else {}
+        write_json(path, {**saved, **texts})
     for name, rows in texts.items():
         log(f"{name}: {rows[0][:60]!r}")
     return texts
@@ -348,14 +435,20 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
 
 def evaluate_text(run, log: Log = print) -> dict:
     """The report of a finished text run (held-out bits per byte, router accuracy, samples)."""
-    cfg = text_config(run)
-    models = text_models(cfg, Path(run), train=False)
-    return write_text_report(cfg, Path(run), models, 0.0, log)
+    with run_lock(run):
+        cfg = text_config(run)
+        models = text_models(cfg, Path(run), train=False)
+        return write_text_report(cfg, Path(run), models, 0.0, log)
 
 
 def analyze_text(run, out=None, log: Log = print) -> dict:
     """Expert-data alignment of a text run (ddmkit.discrete.alignment): every expert's bits per byte on
     every cluster's held-out text, and the routing weight on each text's own-cluster expert."""
+    with run_lock(run):
+        return _analyze_text(run, out, log)
+
+
+def _analyze_text(run, out, log: Log) -> dict:
     cfg = text_config(run)
     folder = RunFolder(run)
     out = Path(out) if out is not None else folder.analysis

@@ -25,8 +25,8 @@ FORMAT = "ddmkit-checkpoint-1"
 
 def fingerprint(cfg_dump: dict, model: torch.nn.Module, description: str) -> str:
     """Hash of what decides the trajectory: the training settings (less the
-    checkpoint cadence and device) and the parameter names and shapes."""
-    settings = {k: v for k, v in cfg_dump.items() if k not in ("checkpoint_every", "device")}
+    checkpoint cadence, device and TensorBoard logging) and the parameter names and shapes."""
+    settings = {k: v for k, v in cfg_dump.items() if k not in ("checkpoint_every", "device", "tensorboard")}
     shapes = {name: list(p.shape) for name, p in model.state_dict().items()}
     return json_digest({"settings": settings, "shapes": shapes, "description": description})
 

@@ -141,7 +141,8 @@ def _worker(local_rank: int, nproc: int, device_name: str, init_method: str, thr
 
 def spawn(fn: Callable, nproc: int, device_name: str, *args) -> None:
     """Call fn(*args, dist=...) in nproc new processes of this machine, one job (process i on GPU i with
-    CUDA; the CPU threads split between them). A DDMError in any of them is raised here."""
+    CUDA; the CPU threads split between them, until fn sets its own: train_expert trains on
+    train.threads). A DDMError in any of them is raised here."""
     _device(device_name, nproc - 1)  # enough GPUs (with CUDA), checked before starting anything
     threads = max(1, torch.get_num_threads() // nproc)
     errors = mp.get_context("spawn").SimpleQueue()

@@ -4,6 +4,8 @@ FLOP-matched), router (noised samples labelled by cluster).
 `train_expert(shard, config, out_dir)` is the pure function every launch
 backend calls: it reads the one shard file it is given and nothing else,
 and writes an expert folder (config.json, model.safetensors, train_log.jsonl).
+It runs on config.train.threads CPU threads wherever it is called, so its
+bytes do not depend on the caller's thread count.
 `train_expert_ddp(shard, config, out_dir, nproc)` is the same job on nproc
 processes (or those torchrun started), data parallel; its folder is that of one
 process plus "processes": N in config.json.
@@ -19,10 +21,11 @@ from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.losses import flow_matching_loss, router_loss
 from ddmkit.io import sha256_file, staging_dir
-from ddmkit.nets import build_seeded, save_pretrained
+from ddmkit.nets import build_seeded, save_pretrained, use_networks, user_networks
 import ddmkit.train.distributed as distributed
 from ddmkit.train.distributed import LOCAL, Distributed
 from ddmkit.train.loop import fit, resolve_device
+from ddmkit.train.threads import job_threads
 
 
 def _batches(x: torch.Tensor, batch_size: int, device: torch.device):
@@ -107,8 +110,8 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
 
 def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, resume: bool = False,
                  dist: Distributed = LOCAL) -> Path:
-    """Train one expert on one shard file, in isolation (resume: continue from its checkpoint;
-    dist: this process's place in a job of several, see train_expert_ddp)."""
+    """Train one expert on one shard file, in isolation, on config.train.threads CPU threads (resume:
+    continue from its checkpoint; dist: this process's place in a job of several, see train_expert_ddp)."""
     shard = Path(shard)
     x, labels, meta = read_shard(shard)
     if len(x) == 0:
@@ -116,18 +119,27 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
     cluster = int(meta.get("cluster", -1))
     extra = {"cluster": cluster, "k": int(meta.get("k", 0)), "shard_sha256": sha256_file(shard),
              "shard_count": len(x), "data_hash": meta.get("data_hash")}
-    return train_velocity_model(x, config, out_dir, "expert", extra, f"expert {cluster}", resume, labels, dist)
+    with job_threads(config.train.threads):
+        return train_velocity_model(x, config, out_dir, "expert", extra, f"expert {cluster}", resume, labels, dist)
 
 
 def train_expert_ddp(shard: str | Path, config: ExpertConfig, out_dir: str | Path, nproc: int = 1,
                      resume: bool = False) -> Path:
     """train_expert as one job of nproc processes spawned on this machine (one per GPU with CUDA),
     or of the processes torchrun started, data parallel: config.train.batch_size is the global
-    batch, split into equal slices. The same loss curve as one process, up to float rounding;
-    nproc = 1 outside torchrun is train_expert itself."""
+    batch, split into equal slices, and every process trains on config.train.threads CPU threads.
+    The same loss curve as one process, up to float rounding; nproc = 1 outside torchrun is
+    train_expert itself."""
     distributed.check_batch(config.train.batch_size, nproc)
-    distributed.run(train_expert, nproc, config.train.device, shard, config, out_dir, resume)
+    distributed.run(_train_expert_with, nproc, config.train.device, user_networks(), shard, config, out_dir, resume)
     return Path(out_dir)
+
+
+def _train_expert_with(networks: tuple, shard, config: ExpertConfig, out_dir, resume: bool, dist: Distributed = LOCAL):
+    """train_expert after registering the user's network classes that the calling process had registered
+    (a spawned process starts with none)."""
+    use_networks(networks)
+    return train_expert(shard, config, out_dir, resume, dist)
 
 
 def monolith_config(expert: ExpertConfig, k: int, match: str = "steps") -> ExpertConfig:

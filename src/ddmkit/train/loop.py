@@ -14,6 +14,11 @@ state (weights, optimizer, EMA, RNG states, step) to PATH atomically every N
 steps; `resume=True` restores PATH if it exists and continues bit-for-bit, so
 a killed job ends with the same weights as one that never stopped.
 
+With cfg.tensorboard the same log rows also go to TensorBoard event files in
+tensorboard/ beside log_path (in the model folder): one scalar per logged value
+("loss", "lr", "grad_norm", ...) at its step; a resumed job writes the rows
+before its checkpoint again, so the folder holds the whole curve.
+
 `dist` (ddmkit.train.distributed) makes it one process of a data-parallel job:
 the network is DDP-wrapped, logged values are averaged over the processes at
 each log row and checkpoint, and only rank 0 writes checkpoints; the default,
@@ -31,6 +36,7 @@ import torch
 from torch import nn
 
 from ddmkit.config import TrainConfig
+from ddmkit.errors import DDMError
 from ddmkit.progress import progress_bar
 import ddmkit.train.checkpoint as ckpt
 from ddmkit.train.distributed import LOCAL, Distributed
@@ -101,6 +107,26 @@ class EMA(nn.Module):
         return out
 
 
+def tensorboard_writer(folder: Path):
+    """A TensorBoard SummaryWriter writing to `folder` (train.tensorboard = true)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DDMError("train.tensorboard = true needs the tensorboard package: pip install 'ddmkit[tensorboard]' "
+                       "(or pip install tensorboard), or set tensorboard = false") from None
+    return SummaryWriter(log_dir=str(folder))
+
+
+def write_row(log, board, row: dict) -> None:
+    """One log row to the JSON-lines file and to TensorBoard (each when open)."""
+    if log:
+        log.write(json.dumps(row) + "\n")
+    if board is not None:
+        for name, value in row.items():
+            if name != "step":
+                board.add_scalar(name, value, row["step"])
+
+
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip by global norm, or by the model's own rule when it has one (stacked
     experts clip each expert by its own norm, so none depends on another)."""
@@ -133,9 +159,10 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
     if resume and checkpoint is not None and Path(checkpoint).exists():
         first, history, running = ckpt.load_checkpoint(checkpoint, model=model, ema=ema, opt=opt, sched=sched,
                                                        generator=generator, fp=fp, device=device)
+    board = tensorboard_writer(Path(log_path).parent / "tensorboard") if log_path and cfg.tensorboard else None
     log = open(log_path, "w") if log_path else None
     for row in history if log else ():
-        log.write(json.dumps(row) + "\n")
+        write_row(log, board, row)
     start = time.perf_counter()
     try:
         with progress_bar(description, cfg.steps) as advance:
@@ -160,8 +187,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
                            **{k: float(v) / n for k, v in running.items()}}
                     running = {}
                     history.append(row)
-                    if log:
-                        log.write(json.dumps(row) + "\n")
+                    write_row(log, board, row)
                     advance(0, loss=row["loss"])
                 advance(1)
                 if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
@@ -172,6 +198,8 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
     finally:
         if log:
             log.close()
+        if board is not None:
+            board.close()
     ema_model = ema.module
     ema_model.eval()
     return ema_model, history

@@ -1,0 +1,264 @@
+"""Image features from a pretrained vision encoder (DINOv2, CLIP, ...) saved as a transformers folder.
+
+    spec = encoder_spec("dinov2-small/", pool="cls", size=None, normalize=True)   # checks the folder
+    feats = encode(spec, x)                                                        # (N, F) float32
+
+The folder is a `save_pretrained` model (config.json + model.safetensors, optionally the
+preprocessor_config.json of its image processor). It is loaded with transformers' own classes only:
+`from_pretrained(folder, local_files_only=True, trust_remote_code=False, use_safetensors=True)`, so
+loading runs no code from the folder and reads no pickle; a config that asks for remote code
+(`auto_map`) or names a model type that is not a vision encoder is refused. A full dual encoder
+(a CLIPModel folder) contributes its vision tower and projection.
+
+Preprocessing of ddmkit images x (N, C, H, W) in [-1, 1], C = 1 or 3:
+
+    u = (x + 1) / 2                 in [0, 1]; grey repeated to 3 channels
+    u = resize(u, size x size)      bilinear, antialiased (no crop)
+    p = (u - image_mean) / image_std   the folder's preprocessor_config.json, else ImageNet's
+
+Pooling: "cls" is the model's image embedding (`image_embeds` where the model has a projection,
+else `pooler_output`, else the first token); "mean" averages the last hidden state over the patch
+tokens (those after the class and register tokens; over space for convolutional encoders).
+With normalize, each row is divided by its L2 norm, so Euclidean k-means on the features is
+k-means in cosine geometry (spherical k-means, as in the DDM paper).
+
+transformers is an optional extra (`pip install 'ddmkit[latent]'`), imported only here, only when
+an encoder is used. A loaded encoder is kept per process, by folder.
+"""
+from __future__ import annotations
+
+import contextlib
+from inspect import signature
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ddmkit.errors import DDMError
+from ddmkit.io import read_json
+from ddmkit.progress import progress_bar
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+POOLS = ("cls", "mean")
+_LOADED: dict[str, tuple[torch.nn.Module, str]] = {}  # folder -> (model on its device, model type)
+
+
+def _transformers(field: str):
+    try:
+        import transformers
+    except ImportError:
+        raise DDMError(f"{field}: encoder features need transformers; install it with "
+                       "`pip install 'ddmkit[latent]'`") from None
+    return transformers
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """transformers' own load reports and progress bars off while loading (restored after)."""
+    log = transformers.utils.logging
+    level, bars = log.get_verbosity(), log.is_progress_bar_enabled()
+    log.set_verbosity_error()
+    log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        log.set_verbosity(level)
+        if bars:
+            log.enable_progress_bar()
+
+
+def _vision_class(transformers, config, field: str):
+    """(the transformers class that loads the folder's image encoder, by model type (no code from
+    the folder): an image model of AutoModel, a `*_vision_model` tower, or a dual encoder's tower
+    with its projection; the config to build it with)."""
+    auto = transformers.models.auto.modeling_auto
+    model_type = config.model_type
+    vision = getattr(config, "vision_config", None)
+    dual = model_type in auto.MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES and vision is not None
+    tower = vision.model_type if dual else model_type
+    name = auto.MODEL_FOR_IMAGE_MAPPING_NAMES.get(tower)
+    if name is None and tower.endswith("_vision_model"):
+        name = auto.MODEL_MAPPING_NAMES.get(tower)
+    if name is None or not hasattr(transformers, name):
+        raise DDMError(f"{field}: the model type {model_type!r} is not a vision encoder (e.g. dinov2, "
+                       "clip_vision_model, clip, vit, siglip_vision_model); save an image encoder there")
+    archs = getattr(config, "architectures", None) or []
+    projection = f"{name}WithProjection"  # CLIP's image embedding space
+    if hasattr(transformers, projection) and (dual or projection in archs):
+        name = projection
+    if not dual:
+        return getattr(transformers, name), config
+    if getattr(config, "projection_dim", None) is not None:  # the dual model's projection, not the tower default
+        vision.projection_dim = config.projection_dim
+    return getattr(transformers, name), vision
+
+
+def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[torch.nn.Module, str]:
+    """(model in eval mode on CUDA when available, else CPU; its model type), loaded once per process."""
+    path = Path(folder).expanduser().resolve()
+    key = str(path)
+    if key in _LOADED:
+        return _LOADED[key]
+    if not path.is_dir():
+        raise DDMError(f"{field}: encoder folder {str(path)!r} does not exist; give a folder saved with a "
+                       "transformers model's save_pretrained (config.json + model.safetensors)")
+    if not (path / "config.json").is_file():
+        raise DDMError(f"{field}: {path} has no config.json, so it is not a saved transformers model; save one "
+                       "there with model.save_pretrained(folder)")
+    raw = read_json(path / "config.json")
+    if not isinstance(raw, dict):
+        raise DDMError(f"{field}: {path}/config.json is not a JSON object; save the model there again")
+    if "auto_map" in raw:
+        raise DDMError(f"{field}: {path}/config.json asks for code shipped with the model (auto_map); ddmkit "
+                       "loads only transformers' own classes: use a model that transformers supports natively")
+    if not any(path.glob("model*.safetensors")):
+        raise DDMError(f"{field}: {path} holds no model.safetensors (ddmkit reads no pickle weights); convert it "
+                       "with AutoModel.from_pretrained(folder).save_pretrained(folder)")
+    transformers = _transformers(field)
+    try:
+        with _quiet(transformers):
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            cls, build = _vision_class(transformers, config, field)
+            model, info = cls.from_pretrained(path, config=build, local_files_only=True, trust_remote_code=False,
+                                              use_safetensors=True, output_loading_info=True)
+    except DDMError:
+        raise
+    except Exception as e:  # an unknown model type, a corrupt file, weights of another shape
+        raise DDMError(f"{field}: cannot load {path} as a transformers vision model "
+                       f"({type(e).__name__}: {str(e)[:300]})") from None
+    if info.get("missing_keys"):
+        raise DDMError(f"{field}: {path} lacks weights of its encoder ({sorted(info['missing_keys'])[:3]} ...); "
+                       "save the full model there")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _LOADED[key] = (model.float().eval().to(device), config.model_type)
+    return _LOADED[key]
+
+
+def _side(value) -> int | None:
+    """A square side from an image processor's size field: an int, {height, width} or {shortest_edge}."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        if value.get("height") is not None and value.get("height") == value.get("width"):
+            return value["height"]
+        if isinstance(value.get("shortest_edge"), int):
+            return value["shortest_edge"]
+    return None
+
+
+def _preprocessor(path: Path) -> dict:
+    file = path / "preprocessor_config.json"
+    raw = read_json(file) if file.is_file() else {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def default_size(path: Path, model: torch.nn.Module) -> int | None:
+    """The folder's input side: preprocessor crop_size (or size), else the model config's image_size."""
+    pre = _preprocessor(path)
+    side = _side(pre.get("crop_size")) if pre.get("do_center_crop", True) else None
+    side = side or _side(pre.get("size"))
+    if side is None:
+        side = getattr(model.config, "image_size", None)
+    return side if isinstance(side, int) and side >= 1 else None
+
+
+def normalisation(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std), each (1, 3, 1, 1): the folder's image_mean / image_std, else ImageNet's."""
+    pre = _preprocessor(path)
+    stats = []
+    for key, default in (("image_mean", IMAGENET_MEAN), ("image_std", IMAGENET_STD)):
+        v = pre.get(key, default)
+        v = [v] * 3 if isinstance(v, (int, float)) else v
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(a, (int, float)) for a in v)):
+            raise DDMError(f"{path}/preprocessor_config.json: {key} must be 3 numbers, got {v!r}")
+        stats.append(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1))
+    if not bool((stats[1] > 0).all()):
+        raise DDMError(f"{path}/preprocessor_config.json: image_std must be positive")
+    return stats[0], stats[1]
+
+
+def check_images(x: torch.Tensor, field: str = "partition.features") -> None:
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise DDMError(f"{field} = 'encoder' needs images (N, C, H, W) with C = 1 or 3; the data have shape "
+                       f"{tuple(x.shape)}: use 'identity' or 'pca' for other data")
+
+
+def encoder_spec(folder: str | Path, pool: str = "cls", size: int | None = None, normalize: bool = True) -> dict:
+    """The feature map's closed description, after loading (and so checking) the encoder folder:
+    {"kind": "encoder", "folder": absolute path, "pool", "size", "normalize", "model_type"}."""
+    if pool not in POOLS:
+        raise DDMError(f"partition.encoder_pool: {pool!r}; accepted: {', '.join(POOLS)}")
+    path = Path(folder).expanduser().resolve()
+    model, model_type = load_encoder(path)
+    size = size or default_size(path, model)
+    if size is None:
+        raise DDMError(f"partition.encoder_size: {path} gives no input size (no preprocessor_config.json size, no "
+                       "image_size in config.json); set it, e.g. partition.encoder_size = 224")
+    return {"kind": "encoder", "folder": str(path), "pool": pool, "size": int(size), "normalize": bool(normalize),
+            "model_type": model_type}
+
+
+def preprocess(x: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """ddmkit images in [-1, 1] -> the encoder's pixel_values (see the module docstring)."""
+    u = (x.float() + 1) / 2
+    if u.shape[1] == 1:
+        u = u.expand(-1, 3, -1, -1)
+    if tuple(u.shape[-2:]) != (size, size):
+        u = F.interpolate(u, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (u - mean.to(u.device)) / std.to(u.device)
+
+
+def pool_output(out, pool: str, patches: int | None = None) -> torch.Tensor:
+    """(B, F) features from a transformers model output (see the module docstring); `patches` is the
+    number of patch tokens, which come after the class and register tokens (None: all tokens)."""
+    if pool == "cls":
+        for name in ("image_embeds", "pooler_output"):
+            v = getattr(out, name, None)
+            if v is not None:
+                return v.flatten(1)
+        return out.last_hidden_state[:, 0]
+    h = out.last_hidden_state
+    if h.ndim == 4:  # convolutional: (B, C, H, W)
+        return h.mean((2, 3))
+    return h[:, -patches:].mean(1) if patches and h.shape[1] > patches else h.mean(1)
+
+
+def _patch_tokens(model: torch.nn.Module, size: int) -> int | None:
+    """The number of patch tokens at this input size, for ViT-like configs (None when unknown)."""
+    p = getattr(model.config, "patch_size", None)
+    return (size // p) ** 2 if isinstance(p, int) and p >= 1 and size >= p else None
+
+
+@torch.no_grad()
+def encode(spec: dict, x: torch.Tensor, batch: int = 256, what: str = "partition.encoder") -> torch.Tensor:
+    """Features (N, F) float32 of images x under an encoder spec, on x's device. The folder is loaded
+    again (once per process); a missing folder is a DDMError saying what to do."""
+    check_images(x)
+    path = Path(spec["folder"])
+    if not path.is_dir():
+        raise DDMError(f"{what} needs the partition's encoder folder {str(path)!r}, which does not exist here; "
+                       "copy the same saved model to that path (the partition's features come from it), or "
+                       "re-partition with partition.encoder naming where it is now")
+    model, model_type = load_encoder(path, what)
+    if model_type != spec["model_type"]:
+        raise DDMError(f"{what}: the encoder folder {path} now holds a {model_type!r} model, but the partition was "
+                       f"made with a {spec['model_type']!r} one; restore that model or re-partition")
+    mean, std = normalisation(path)
+    size, device = spec["size"], next(model.parameters()).device
+    patches = _patch_tokens(model, size)
+    kwargs = {}  # ViT and CLIP interpolate their position embeddings only when asked
+    if (size != getattr(model.config, "image_size", size)
+            and "interpolate_pos_encoding" in signature(model.forward).parameters):
+        kwargs["interpolate_pos_encoding"] = True
+    feats = []
+    with progress_bar("encoder features", len(x)) as advance:
+        for i in range(0, len(x), batch):
+            chunk = preprocess(x[i:i + batch].to(device), size, mean, std)
+            feats.append(pool_output(model(pixel_values=chunk, **kwargs), spec["pool"], patches).float().cpu())
+            advance(len(chunk))
+    f = torch.cat(feats) if feats else torch.zeros(0, 1)
+    if spec["normalize"]:
+        f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if not bool(torch.isfinite(f).all()):
+        raise DDMError(f"{what}: the encoder gave NaN or infinite features; check the folder {path}")
+    return f.to(x.device)

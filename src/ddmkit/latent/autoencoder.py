@@ -1,0 +1,182 @@
+"""The autoencoder of a latent DDM: diffusers' AutoencoderKL, built from a config or loaded from a
+local folder, and the codec that maps images to latents and back.
+
+    codec = load_codec("runs/fm-latent/autoencoder")     # a folder written by ddmkit (or diffusers)
+    z = codec.encode(x)        # x (N, C, H, W) in [-1, 1]  ->  z (N, c, H/f, W/f)
+    x = codec.decode(z)
+
+Latents are the posterior mean, shifted and scaled as diffusers does:
+
+    z = (mean(E(x)) - shift) * scale,        x = D(z / scale + shift)
+
+with scale = config.scaling_factor and shift = config.shift_factor (0 when absent); an autoencoder
+that ddmkit trains gets scale = 1 / std and shift = mean of its training latents, so the experts see
+latents of unit variance, as they see pixels. A grey data set with an RGB autoencoder is encoded
+with its channel repeated and decoded to the mean of the three channels.
+
+Loading runs no code from the folder: only the AutoencoderKL class is built, and only from
+safetensors weights (local_files_only, use_safetensors), every weight checked finite.
+diffusers is an optional extra (`pip install "ddmkit[latent]"`), imported where it is used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ddmkit.config import LatentConfig
+from ddmkit.errors import DDMError
+from ddmkit.io import read_json
+
+CLASS_NAME = "AutoencoderKL"
+
+
+def require_diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise DDMError("latent: diffusers is not installed; install it with `pip install \"ddmkit[latent]\"` "
+                       "(or `pip install diffusers`)") from None
+    return diffusers
+
+
+def build_autoencoder(cfg: LatentConfig, channels: int, size: int) -> nn.Module:
+    """A small AutoencoderKL for `channels`-channel images of side `size` (latents 2^(len(widths)-1)
+    times smaller per side, cfg.channels deep)."""
+    diffusers = require_diffusers()
+    levels = len(cfg.widths)
+    groups = min(32, *cfg.widths)
+    if any(w % groups for w in cfg.widths):
+        raise DDMError(f"latent.widths: {cfg.widths} must all be multiples of their smallest (group norm); "
+                       "e.g. [32, 64, 64]")
+    return diffusers.AutoencoderKL(
+        in_channels=channels, out_channels=channels, latent_channels=cfg.channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(cfg.widths), layers_per_block=cfg.layers_per_block, norm_num_groups=groups,
+        sample_size=size)
+
+
+def folder_config(folder: str | Path) -> dict:
+    """The config.json of an AutoencoderKL folder, checked to be one (nothing else is read)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DDMError(f"latent.pretrained: {folder} is not a folder; give a local diffusers AutoencoderKL folder "
+                       "(config.json + diffusion_pytorch_model.safetensors), e.g. one written by "
+                       "AutoencoderKL.save_pretrained, or leave it out to let ddmkit train one")
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict) or config.get("_class_name") != CLASS_NAME:
+        found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
+        raise DDMError(f"latent.pretrained: {folder / 'config.json'} describes {found!r}, not an {CLASS_NAME}; "
+                       "give the folder of the VAE itself (for a pipeline, its vae/ sub-folder)")
+    if not any(folder.glob("*.safetensors")):
+        raise DDMError(f"latent.pretrained: {folder} holds no .safetensors weights; ddmkit loads safetensors only "
+                       "(never pickled .bin files): convert the weights with AutoencoderKL.save_pretrained")
+    return config
+
+
+def downsampling(config: dict) -> int:
+    return 2 ** (len(config.get("block_out_channels", [64])) - 1)
+
+
+def latent_shape(config: dict, image_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(latent channels, H / f, W / f) of images (C, H, W) under an AutoencoderKL config; a size that f
+    does not divide is a DDMError."""
+    if len(image_shape) != 3:
+        raise DDMError(f"latent: latent DDMs need images (C, H, W); this data set's samples have shape "
+                       f"{tuple(image_shape)}; set latent.enabled = false")
+    channels, h, w = image_shape
+    f = downsampling(config)
+    if h % f or w % f:
+        raise DDMError(f"latent: the autoencoder makes images {f}x smaller per side, but they are {h}x{w}; pad or "
+                       f"crop them to a multiple of {f} (data.params.pad_to)")
+    if int(config.get("in_channels", 3)) not in (channels, 3):
+        raise DDMError(f"latent.pretrained: the autoencoder takes {config.get('in_channels')}-channel images, the "
+                       f"data have {channels}")
+    return int(config.get("latent_channels", 4)), h // f, w // f
+
+
+def planned_config(cfg: LatentConfig, image_shape: tuple[int, ...]) -> dict:
+    """The autoencoder config a run will use (read from the pretrained folder, or the one ddmkit would
+    build), without loading weights: for checks before anything is trained."""
+    if cfg.pretrained:
+        return folder_config(cfg.pretrained)
+    return {"_class_name": CLASS_NAME, "in_channels": image_shape[0] if image_shape else 1,
+            "latent_channels": cfg.channels, "block_out_channels": list(cfg.widths)}
+
+
+def network_data_shape(cfg: LatentConfig, data_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one sample as the networks will see it: the data's, or its latents' when
+    cfg.enabled (checked before anything is trained: size, channels, a readable pretrained folder)."""
+    if not cfg.enabled:
+        return tuple(data_shape)
+    return latent_shape(planned_config(cfg, data_shape), data_shape)
+
+
+def load_autoencoder(folder: str | Path) -> nn.Module:
+    """An AutoencoderKL from a local folder (safetensors only, no hub, no code from the folder), eval mode."""
+    folder_config(folder)
+    diffusers = require_diffusers()
+    try:
+        model = diffusers.AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                                     low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise DDMError(f"latent: {folder} could not be loaded as an {CLASS_NAME} ({type(e).__name__}: "
+                       f"{str(e)[:300]})") from None
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise DDMError(f"latent: {folder} holds NaN or infinite weights (first: {bad[0]}); re-export the autoencoder")
+    return model.eval()
+
+
+@dataclass
+class LatentCodec:
+    """An autoencoder with its latent shift and scale: encode images, decode latents, in batches."""
+
+    model: nn.Module
+    data_channels: int
+    batch: int = 256
+
+    @property
+    def scale(self) -> float:
+        return float(self.model.config.scaling_factor)
+
+    @property
+    def shift(self) -> float:
+        return float(self.model.config.get("shift_factor") or 0.0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "LatentCodec":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) images in [-1, 1] -> (N, c, h, w) latents (mean of the posterior, shifted and scaled)."""
+        out = []
+        for chunk in x.split(self.batch):
+            chunk = chunk.to(self.device, torch.float32)
+            if chunk.shape[1] != self.model.config.in_channels:
+                chunk = chunk.expand(-1, self.model.config.in_channels, -1, -1)  # grey -> RGB
+            mean = self.model.encode(chunk).latent_dist.mean
+            out.append(((mean - self.shift) * self.scale).float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, c, h, w) latents -> (N, C, H, W) images, on the latents' device."""
+        out = []
+        for chunk in z.split(self.batch):
+            x = self.model.decode(chunk.to(self.device, torch.float32) / self.scale + self.shift).sample
+            if x.shape[1] != self.data_channels:
+                x = x.mean(1, keepdim=True)  # RGB -> grey
+            out.append(x.float().to(z.device))
+        return torch.cat(out)
+
+
+def load_codec(folder: str | Path, data_channels: int, batch: int = 256, device="cpu") -> LatentCodec:
+    return LatentCodec(load_autoencoder(folder).to(device), data_channels, batch)

@@ -1,0 +1,132 @@
+"""Your own network class, named in the config as "package.module:Class".
+
+    [expert.net]
+    arch = "mynets:Velocity"        # any torch.nn.Module subclass
+    kwargs = {width = 64}
+
+ddmkit builds and calls it exactly as its own architectures (VelocityNet, RouterNet below), saves it
+as a model folder (config.json + model.safetensors) and loads it back.
+
+User code is imported only by a name from the config the user runs, never because a file names it:
+`use_network` imports and registers the class in this process (the pipeline and the CLI do so from
+the config they are given), and building an architecture that a model folder's config.json names
+looks it up here. Where it was not registered, that is a DDMError saying how to register it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ddmkit.errors import DDMError
+
+_USER: dict[str, type[nn.Module]] = {}  # user network classes registered in this process, by name
+
+
+class VelocityNet(Protocol):
+    """What ddmkit needs of an expert or monolith network (its own MLP, UNet and DiT are ones).
+
+    Built as Class(data_shape=[...], **net.kwargs) (the data shape as a list, e.g. [2] or [1, 28, 28]).
+    forward(x, t, y=None) -> (B, *data_shape):
+        x (B, *data_shape) float, the noisy sample x_t = (1 - t) x_0 + t eps;
+        t (B,) float in [0, 1], t = 0 data, t = 1 noise (ddmkit.conventions);
+        y (B,) long class labels, passed (as y=...) only when net.kwargs hold num_classes = C;
+            y = C means "no label" (classifier-free guidance).
+    It returns what expert.prediction names: the velocity v = eps - x_0 (default), eps or x_0."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class RouterNet(Protocol):
+    """What ddmkit needs of a router network (its own router_mlp and router_cnn are ones).
+
+    Built as Class(data_shape=[...], num_experts=K, **net.kwargs).
+    forward(x, t, y=None) -> logits (B, K) over the K clusters (ddmkit applies the softmax):
+        x and t as for VelocityNet; y (B,) long class labels, passed (as the third argument) only
+        when net.kwargs hold num_classes = C, y = C meaning "no label"."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def is_user_network(arch: str) -> bool:
+    """Whether an architecture name names user code ("package.module:Class") rather than a built-in."""
+    return ":" in arch
+
+
+def class_name(cls: type) -> str:
+    """The "package.module:Class" name of a class."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def use_network(name: str | type[nn.Module], cls: type[nn.Module] | None = None) -> type[nn.Module]:
+    """Register a network class for this process and return it:
+
+        use_network("mynets:Velocity")               # imported by name
+        use_network("mynets:Velocity", Velocity)     # the class given (nothing imported)
+        use_network(Velocity)                        # the class, under its own "module:Class" name
+
+    Call it only with a name from the config you run, never with one read from a run folder."""
+    if isinstance(name, type):
+        name, cls = class_name(name), name
+    if cls is None:
+        module, _, attr = name.partition(":")
+        if not module or not attr:
+            raise DDMError(f"net.arch: {name!r} is not a built-in architecture or 'package.module:Class'")
+        try:
+            cls = importlib.import_module(module)
+            for part in attr.split("."):
+                cls = getattr(cls, part)
+        except Exception as e:  # ImportError, AttributeError, or the module failing as it loads
+            raise DDMError(f"net.arch: cannot import {name!r} ({type(e).__name__}: {str(e)[:200]}); install the "
+                           "package that defines it (or put its folder on PYTHONPATH), or fix the name") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise DDMError(f"net.arch: {name!r} is a {type(cls).__name__}, not a torch.nn.Module subclass")
+    _USER[name] = cls
+    return cls
+
+
+def user_networks() -> tuple[str, ...]:
+    """The names registered in this process (what a launch backend passes on to its worker processes)."""
+    return tuple(_USER)
+
+
+def use_networks(names: tuple[str, ...] | list[str]) -> None:
+    """use_network for each name: in a worker process, the names its parent process had registered."""
+    for name in names:
+        use_network(name)
+
+
+def user_network(name: str) -> type[nn.Module]:
+    """The registered class `name`, or a DDMError saying how to provide it."""
+    if name not in _USER:
+        raise DDMError(f"the network class {name!r} is not registered in this process: ddmkit imports your code "
+                       "only from the config you run, never because a run or model folder names it. Pass the "
+                       f"config that names it (e.g. `ddmkit sample RUN --config CONFIG`, with expert.net.arch or "
+                       f"router.net.arch = {name!r}), or from Python call ddmkit.nets.use_network({name!r}) first")
+    return _USER[name]
+
+
+def check_output(model: nn.Module, where: str, data_shape: list[int], num_experts: int | None = None,
+                 num_classes: int = 0) -> None:
+    """A forward of two rows on the CPU, called as ddmkit calls the network (num_experts given: a router);
+    a DDMError naming the config field `where` when it fails or returns another shape than
+    (2, *data_shape) for an expert, (2, K) for a router."""
+    x = torch.randn(2, *data_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.25, 0.75])
+    y = torch.tensor([0, num_classes]) if num_classes else None
+    router = num_experts is not None
+    call = f"forward(x, t{', y' if y is not None and router else ', y=y' if y is not None else ''})"
+    try:
+        with torch.no_grad():
+            out = model(x, t) if y is None else model(x, t, y) if router else model(x, t, y=y)
+    except Exception as e:
+        raise DDMError(f"{where}: {call} raised {type(e).__name__} ({str(e)[:300]}) with x of shape "
+                       f"{tuple(x.shape)} and t of shape (2,); see ddmkit.nets.user for the signature") from None
+    expected = (2, num_experts) if router else (2, *data_shape)
+    got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+    if got != expected:
+        what = f"logits (B, K = {num_experts})" if router else "a tensor shaped like x, (B, *data_shape)"
+        raise DDMError(f"{where}: {call} returned {got} for x of shape {tuple(x.shape)}; expected {expected}: "
+                       f"{what}")

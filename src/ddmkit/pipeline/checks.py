@@ -1,0 +1,128 @@
+"""Checks of a whole run plan against its data, before any training: a run that cannot finish
+fails at the data and partition stage, with a fix that works, not after its networks are trained.
+
+    check_run_plan(cfg, n_train, n_test, data_shape, has_truth)   sizes, splits and sample counts
+    check_clusters(cfg, counts, data_shape, orphans)  -> warnings  the partition's clusters
+
+What the later stages need (each need is where that stage would fail or would not honour a setting):
+
+- vectors: every sample set is scored against held-out rows (ddmkit.evaluation.sets.evaluate_all):
+  a set of n samples takes R = n // c disjoint test chunks of c = min(evaluate.chunk, n) rows, and the
+  noise floor R more: held_out_rows(n, chunk) = 2 R c rows. The main sets are scored together at the
+  smallest set's size; the missing-expert and statistics-only router studies at
+  min(evaluate.study_n, sample.n). held_out_rows grows with n, so sample.n = largest_n(...) always fits.
+- images: FID and KID compare every set with the test split's features; KID draws evaluate.kid_subset
+  images of each, so kid_subset must be at most sample.n and the test images; FID needs 2 images a set.
+- sample.sweep_n: the extra sets take the first sweep_n of the sample.n noises, so at most sample.n.
+- clusters: the statistics-only router needs 2 rows in every cluster (a covariance); the exact DDM of
+  a Gaussian mixture needs every cluster to own a mixture component; a cluster with fewer rows than
+  expert.train.batch_size trains on repeated rows (a warning: the run finishes).
+"""
+from __future__ import annotations
+
+from ddmkit.config import RunConfig
+from ddmkit.data.images import is_image_shape
+from ddmkit.errors import DDMError
+from ddmkit.pipeline.samplesets import planned_sets
+
+MORE_TEST_ROWS = ("data.n_test; data.params.test_fraction for a file, image folder or image array; "
+                  "data.params.test_path for a .npy/.npz file")
+
+
+def held_out_rows(n: int, chunk: int) -> int:
+    """Test rows a set of n samples is scored against: 2 R chunks of c = min(chunk, n), R = n // c."""
+    if n < 1:
+        return 0
+    c = min(chunk, n)
+    return 2 * (n // c) * c
+
+
+def largest_n(n_test: int, chunk: int, upper: int) -> int:
+    """The largest n <= upper with held_out_rows(n, chunk) <= n_test (0 when there is none)."""
+    lo, hi = 0, upper
+    while lo < hi:  # held_out_rows is non-decreasing in n: bisect
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if held_out_rows(mid, chunk) <= n_test else (lo, mid - 1)
+    return lo
+
+
+def check_run_plan(cfg: RunConfig, n_train: int, n_test: int, data_shape: tuple, has_truth: bool) -> None:
+    """Every size, split and sample count of the config against the data's (n_train, n_test,
+    data_shape, whether it has an exact truth); a DDMError naming the field and a fix that works."""
+    k = cfg.partition.k
+    if n_train < k:
+        raise DDMError(f"partition.k = {k} is larger than the number of samples ({n_train}); set partition.k = "
+                       f"{n_train} or lower, or use more data (data.n_train)")
+    s = cfg.sample
+    sets = planned_sets(cfg, has_truth)
+    extra = [p.n for p in sets if p.n != s.n]
+    if s.sweep_n is not None and s.sweep_n > s.n and (s.stats_router_strategies or s.guidance_sweep):
+        raise DDMError(f"sample.sweep_n = {s.sweep_n} is larger than sample.n = {s.n} (the extra sets take the first "
+                       f"sweep_n of the sample.n noises); set sample.sweep_n = {s.n} or lower")
+    if is_image_shape(data_shape):
+        _check_images(cfg, n_test, min(extra, default=s.n))
+    else:
+        _check_vectors(cfg, n_test, [p.n for p in sets])
+
+
+def _check_images(cfg: RunConfig, n_test: int, smallest: int) -> None:
+    s, e = cfg.sample, cfg.evaluate
+    if n_test < 2:
+        raise DDMError(f"FID and KID compare samples with the test split, which holds {n_test} images; give it at "
+                       f"least 2 ({MORE_TEST_ROWS})")
+    if s.n < 2:
+        raise DDMError(f"sample.n = {s.n}: FID and KID need at least 2 images per set; set sample.n = 2 or more")
+    if smallest < 2:
+        raise DDMError(f"sample.sweep_n = {smallest}: FID and KID need at least 2 images per set; set "
+                       "sample.sweep_n = 2 or more")
+    limit = min(s.n, n_test)
+    if e.kid_subset > limit:
+        what = f"sample.n = {s.n}" if s.n <= n_test else f"the {n_test} test images"
+        raise DDMError(f"evaluate.kid_subset = {e.kid_subset} is larger than {what}: KID draws kid_subset images "
+                       f"of each set and of the test split; set evaluate.kid_subset = {limit} or lower"
+                       + ("" if s.n <= n_test else f" (or give the test split more images: {MORE_TEST_ROWS})"))
+
+
+def _check_vectors(cfg: RunConfig, n_test: int, sizes: list[int]) -> None:
+    s, e = cfg.sample, cfg.evaluate
+    if not sizes:
+        raise DDMError("sample.strategies: no sample set to draw (the list is empty, or holds only 'monolith' with "
+                       "monolith.enabled = false); name at least one strategy, e.g. strategies = [\"top-2\"]")
+    needs = [(min(sizes), "the sample sets")]
+    if e.missing_experts or e.stats_router:
+        needs.append((min(e.study_n, s.n), "the missing-expert and statistics-only router studies"))
+    n, what = max(needs, key=lambda item: held_out_rows(item[0], e.chunk))
+    need = held_out_rows(n, e.chunk)
+    if n_test >= need:
+        return
+    c = min(e.chunk, n)
+    fix = largest_n(n_test, e.chunk, s.n)
+    first = f"set sample.n = {fix} or lower, or " if fix >= 1 else ""
+    raise DDMError(f"evaluation scores {what} ({n} samples each) against {need} held-out rows (2 x {n // c} sets of "
+                   f"{c}, evaluate.chunk = {e.chunk}), but the test split holds {n_test}; {first}give the test "
+                   f"split at least {need} rows ({MORE_TEST_ROWS})")
+
+
+def check_clusters(cfg: RunConfig, counts: list[int], data_shape: tuple, orphans: list[int] = ()) -> list[str]:
+    """The partition's cluster sizes (and, for a Gaussian mixture, the clusters that own no mixture
+    component) against what training and evaluation need: a DDMError for a run that cannot finish,
+    warnings (returned) for one that finishes with a likely surprise."""
+    k = len(counts)
+    stats_router = bool(cfg.sample.stats_router_strategies) if is_image_shape(data_shape) \
+        else cfg.evaluate.stats_router
+    tiny = [c for c, n in enumerate(counts) if n < 2]
+    if tiny and stats_router:
+        field = "sample.stats_router_strategies = []" if is_image_shape(data_shape) else "evaluate.stats_router = false"
+        raise DDMError(f"partition: clusters {tiny} hold fewer than 2 rows, but the statistics-only router needs each "
+                       f"cluster's covariance (2 rows or more); lower partition.k (now {k}) or set {field}")
+    if orphans:
+        raise DDMError(f"partition: clusters {list(orphans)} own no component of the Gaussian mixture, so the exact "
+                       f"DDM's samples (the report's exact rows) cannot be drawn; set partition.k = "
+                       f"{k - len(orphans)} or lower (now {k}; at most the mixture's number of components)")
+    batch = cfg.expert.train.batch_size
+    small = [c for c, n in enumerate(counts) if n < batch]
+    if small:
+        return [f"clusters {small} hold fewer rows than expert.train.batch_size = {batch} (the smallest holds "
+                f"{min(counts)}): their experts draw every batch with repeated rows; lower expert.train.batch_size or "
+                "partition.k if that is not what you want"]
+    return []

@@ -1,0 +1,450 @@
+"""Change the set of experts of a trained run: a new island's data join it, or one expert is swapped.
+
+    add_expert("runs/ring", "island.npz")                  # cluster K, its expert, the router retrained
+    add_expert("runs/ring", data, router="stats")          # no router training: the statistics-only router
+    add_expert("runs/ring", data, mode="nearest")          # rows join their nearest clusters, whose experts retrain
+    replace_expert("runs/ring", 2, "elsewhere/expert_07")  # expert 2 is now that model folder
+
+add_expert, mode "new-cluster" (the new rows x_1 .. x_m become cluster K of a run with K clusters):
+
+    partition/  shards/cluster_K (the rows), centroid c_K = (1/m) sum_i phi(x_i) under the partition's
+                feature map phi, cluster K's mean and covariance appended, the manifest's k, counts, shards,
+                n and data hash updated; the old shards keep their bytes
+    experts/    expert_K, trained on its shard alone with the run's [expert] section (train_expert, the
+                job every expert runs); experts 0 .. K-1 are untouched
+    router/     retrained over the K + 1 shards with the run's [router] section (router="retrain"), or
+                removed (router="stats": nothing is trained; the run routes by each island's count, mean
+                and covariance, ddmkit.routing.stats_router, and RUN/grow.json records that, so that
+                `ddmkit sample` and `evaluate` use it until a router is trained again)
+
+mode "nearest": each row joins the shard of its nearest centroid (K stays), the centroid c moves to
+(n_c c + sum of the new features) / (n_c + m_c), the cluster's statistics are recomputed, and every
+expert whose shard grew is retrained from scratch on its whole shard (the cost of a new expert per
+grown cluster, against one expert for "new-cluster"); the router is retrained (or statistics-only).
+
+Both modes append the rows to RUN/data/train (and a data set's test split to RUN/data/test), so the
+evaluation scores the grown DDM on old and new data; the exact mixture of a Gaussian-mixture run is
+extended when the new data have one too (weights by training counts), else dropped.
+
+replace_expert copies a model folder (config.json + model.safetensors, checked: same data shape and
+time convention, finite weights, a velocity network) into experts/expert_k; its config.json records
+the slot it serves (cluster, shard SHA-256) and where it came from ("replaced_from").
+
+Both hold the run's lock, make every check before the first write, write staged folders that are
+renamed into place at the end, rewrite RUN/registry.json, remove the old DDM's samples, scores, plots
+and report (RunFolder.derived; `ddmkit run` or `sample` draws them again), and append an entry to
+RUN/grow.json. RUN/config.json and the monolith stay as they were: the monolith remains the baseline
+of the original data (remove RUN/monolith and run `ddmkit train-monolith RUN` to train it on every shard).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ddmkit.config import DataConfig, RunConfig, validate
+from ddmkit.conventions import __version__
+from ddmkit.data import ArrayData, check_finite, content_hash, load_dataset
+from ddmkit.data.partition import cluster_statistics, feature_map, read_shard, shard_name
+from ddmkit.ddm.load import check_shape, velocity_field
+from ddmkit.errors import DDMError
+from ddmkit.io import read_json, remove_stale_staging, save_tensors, sha256_file, staging_dir, write_json
+from ddmkit.launch import ExpertJob, run_jobs
+from ddmkit.launch.threads import job_threads
+from ddmkit.layout import RunFolder
+from ddmkit.nets import build_model
+from ddmkit.pipeline.prepare import run_config
+from ddmkit.pipeline.stages import load_split, run_lock
+from ddmkit.registry import load_model, load_partition_checked, verify_registry, write_registry
+from ddmkit.train.jobs import train_router
+from ddmkit.truth import GaussianMixture
+
+Log = Callable[[str], None]
+MODES = ("new-cluster", "nearest")
+ROUTERS = ("retrain", "stats")
+STATS = ("cluster_means", "cluster_covs", "cluster_vars", "cluster_counts")  # per-cluster rows of partition.safetensors
+GROW_FORMAT = "ddmkit-grow-1"
+
+
+# ----- the run as it is ----------------------------------------------------------------------
+@dataclass
+class TrainedRun:
+    """A trained run read back and checked (nothing written)."""
+
+    folder: RunFolder
+    cfg: RunConfig
+    manifest: dict
+    tensors: dict  # partition.safetensors
+    train: ArrayData  # RUN/data/train (the rows the partition holds, in order)
+    test: ArrayData
+    expert_config: dict  # expert 0's config.json (class labels, ...)
+
+
+def trained_run(run) -> TrainedRun:
+    """The run's config, partition, data and first expert, after checking that it is trained: every
+    expert present and, when there is a registry, every file matching it."""
+    folder = RunFolder(run)
+    cfg = run_config(folder.root)
+    if folder.is_latent:
+        raise DDMError(f"{folder.root} is a latent run (RUN/latents); adding or replacing experts of latent runs is "
+                       "not supported: train a new run with the new data instead")
+    manifest, tensors = load_partition_checked(folder.partition)
+    if not manifest["data_shape"]:
+        raise DDMError(f"{folder.root} is a text run; `ddmkit add-expert` and `replace-expert` work on vector and "
+                       "image runs")
+    missing = [c for c in range(manifest["k"]) if not (folder.expert(c) / "model.safetensors").exists()]
+    if missing:
+        raise DDMError(f"{folder.root} is not trained yet: experts {missing} are missing; train them first with "
+                       f"`ddmkit run CONFIG --out {folder.root} --stages train` or `ddmkit launch {folder.root}`")
+    if folder.registry.exists():
+        verify_registry(folder.root, allow_missing=False)
+    train, test = load_split(folder.root, "train"), load_split(folder.root, "test")
+    if len(train) != len(tensors["assignments"]):
+        raise DDMError(f"{folder.data}: {len(train)} training rows but the partition assigns "
+                       f"{len(tensors['assignments'])}; the data folder does not belong to this partition")
+    return TrainedRun(folder, cfg, manifest, tensors, train, test, read_json(folder.expert(0) / "config.json"))
+
+
+# ----- the new island's data -------------------------------------------------------------------
+def island_data(cfg: RunConfig, data) -> tuple[ArrayData, ArrayData | None]:
+    """(train, test) of the new island. An ArrayData is all training rows (no test rows); a data set
+    name or .npy/.npz path, or a table like [data] ({"name": ..., "params": {...}}, and n_train, n_test,
+    seed: the run's by default), is loaded by ddmkit.data.load_dataset."""
+    if isinstance(data, ArrayData):
+        return data, None
+    if isinstance(data, (str, Path)):
+        data = {"name": str(data)}
+    if not isinstance(data, dict):
+        raise DDMError(f"data: expected an ArrayData, a data set name or .npy/.npz path, or a table like [data] "
+                       f"({{'name': ..., 'params': {{...}}}}), got {type(data).__name__}")
+    spec = validate(DataConfig, {**cfg.data.model_dump(), "params": {}, **data}, "data", "data spec")
+    return load_dataset(spec.name, spec.n_train, spec.n_test, spec.seed, spec.params)
+
+
+def joined_truth(old: GaussianMixture | None, new: GaussianMixture | None, n_old: int,
+                 n_new: int) -> GaussianMixture | None:
+    """The exact mixture of the union: pi = (n_old pi_old, n_new pi_new) / (n_old + n_new) over the
+    components of both (None unless both are known and of one dimension)."""
+    if old is None or new is None or old.dim != new.dim:
+        return None
+    new = new.to(dtype=old.means.dtype)
+    w = torch.cat([old.weights * n_old, new.weights * n_new])
+    return GaussianMixture(w / w.sum(), torch.cat([old.means, new.means]), torch.cat([old.eigvals, new.eigvals]),
+                           torch.cat([old.eigvecs, new.eigvecs]))
+
+
+def check_island(run: TrainedRun, x: ArrayData, what: str) -> None:
+    """The new rows against the run: non-empty, finite, of the run's data shape, labelled where the run's
+    rows are (and within the class range of class-conditional networks)."""
+    if len(x) == 0:
+        raise DDMError(f"data: the new {what} split is empty; give the new island at least one row")
+    shape = tuple(run.manifest["data_shape"])
+    if tuple(x.data_shape) != shape:
+        raise DDMError(f"data: the new data are of shape {tuple(x.data_shape)} but the run's are {shape}; give data "
+                       "of the run's shape (images: at its resolution and channels)")
+    check_finite(x.x, f"data ({what})")
+    if run.train.labels is not None and x.labels is None:
+        raise DDMError("data: the run's rows carry labels but the new data have none; give each new row a label "
+                       "(an .npz 'labels' array, or ArrayData.labels)")
+    classes = max(int(run.expert_config["kwargs"].get("num_classes", 0)),
+                  int(run.cfg.router.net.kwargs.get("num_classes", 0)))
+    if classes and x.labels is not None and not bool(((x.labels >= 0) & (x.labels < classes)).all()):
+        raise DDMError(f"data: labels must lie in 0 .. {classes - 1} (the networks' classes); the new data hold "
+                       f"{int(x.labels.min())} .. {int(x.labels.max())}")
+
+
+def check_grown_networks(run: TrainedRun, k: int) -> None:
+    """The run's expert network and a router over k clusters build (on the meta device: no memory)."""
+    shape = list(run.manifest["data_shape"])
+    nets = {"expert.net": (run.cfg.expert.net, {"data_shape": shape}),
+            "router.net": (run.cfg.router.net, {"data_shape": shape, "num_experts": k})}
+    for where, (net, given) in nets.items():
+        try:
+            with torch.device("meta"):
+                build_model(net.arch, **{**given, **net.kwargs})
+        except DDMError as e:
+            raise DDMError(f"{where}: {e}") from None
+
+
+# ----- the plan: everything add_expert writes, computed in memory ------------------------------
+@dataclass
+class Growth:
+    manifest: dict
+    tensors: dict  # partition.safetensors
+    shards: dict[int, dict]  # cluster -> tensors of the shard files written (new or grown)
+    shard_meta: dict[int, dict]
+    retrain: list[int]  # experts trained (new or again)
+    train: dict  # RUN/data/train.safetensors
+    test: dict
+    truth: GaussianMixture | None
+    data_info: dict
+    event: dict = field(default_factory=dict)
+
+
+def _labels(old: torch.Tensor | None, x: ArrayData, offset: int) -> torch.Tensor | None:
+    """The new rows' labels as the run stores them beside `old` (its labels, or None): none when the
+    run's rows have none; mixture components shifted past the run's own when the mixtures are joined."""
+    if old is None:
+        return None
+    return x.labels.long() + offset
+
+
+def as_new_cluster(run: TrainedRun, x: torch.Tensor, y: torch.Tensor | None, feats: torch.Tensor,
+                   data_hash: str) -> tuple[dict, dict, dict, torch.Tensor]:
+    """(partition tensors, {K: shard}, {K: shard metadata}, assignments) with the rows as cluster K:
+    centroid K = mean of their features, cluster K's mean and covariance appended."""
+    t, k = run.tensors, run.manifest["k"]
+    tensors = {**t, "centroids": torch.cat([t["centroids"], feats.mean(0, keepdim=True)])}
+    for key, value in cluster_statistics(x, torch.zeros(len(x), dtype=torch.long), 1).items():
+        tensors[key] = torch.cat([t[key], value.to(t[key].dtype)])
+    shard = {"x": x.contiguous(), **({} if y is None else {"labels": y})}
+    return tensors, {k: shard}, {k: {"cluster": k, "k": k + 1, "data_hash": data_hash}}, \
+        torch.full((len(x),), k, dtype=torch.long)
+
+
+def into_nearest(run: TrainedRun, x: torch.Tensor, y: torch.Tensor | None, feats: torch.Tensor,
+                 data_hash: str) -> tuple[dict, dict, dict, torch.Tensor]:
+    """(partition tensors, {c: grown shard}, {c: its metadata}, assignments) with each row in the cluster of
+    its nearest centroid: centroid c moves to (n_c c + sum of the new features) / (n_c + m_c), cluster c's
+    statistics are recomputed on its grown shard."""
+    t, m = run.tensors, run.manifest
+    assign = torch.cdist(feats, t["centroids"].float()).argmin(1)
+    tensors = {**t, "centroids": t["centroids"].clone(), **{key: t[key].clone() for key in STATS if key in t}}
+    shards, meta = {}, {}
+    for c in assign.unique().tolist():
+        rows = assign == c
+        old_x, old_y, old_meta = read_shard(run.folder.partition / m["shards"][_entry(m, c)]["path"])
+        shard = {"x": torch.cat([old_x, x[rows].to(old_x.dtype)]).contiguous()}
+        if y is not None:
+            shard["labels"] = torch.cat([old_y.long(), y[rows]])
+        shards[c], meta[c] = shard, {**old_meta, "data_hash": data_hash}
+        n_c = m["counts"][c]
+        tensors["centroids"][c] = (n_c * t["centroids"][c] + feats[rows].sum(0)) / (n_c + int(rows.sum()))
+        for key, value in cluster_statistics(shard["x"], torch.zeros(len(shard["x"]), dtype=torch.long), 1).items():
+            tensors[key][c] = value[0].to(tensors[key].dtype)
+    return tensors, shards, meta, assign
+
+
+def plan_growth(run: TrainedRun, train: ArrayData, test: ArrayData | None, mode: str, router: str) -> Growth:
+    """Every file add_expert writes, in memory; every check is here."""
+    check_island(run, train, "training")
+    if test is not None and len(test):
+        check_island(run, test, "test")
+    if router == "stats" and len(train) < 2:
+        raise DDMError("data: the statistics-only router needs at least 2 new rows (a covariance); give more rows "
+                       "or use --router retrain")
+    m, t = run.manifest, run.tensors
+    k = m["k"]
+    k_new = k + 1 if mode == "new-cluster" else k
+    check_grown_networks(run, k_new)
+    conditional = run.expert_config["kwargs"].get("num_classes") or run.cfg.router.net.kwargs.get("num_classes")
+    truth = None if conditional else joined_truth(run.train.truth, train.truth, len(run.train), len(train))
+    offset = run.train.truth.k if truth is not None else 0  # class labels are never shifted
+    x_new, y_new = train.x.float(), _labels(run.train.labels, train, offset)
+    feats = feature_map(m, t, "add-expert (the partition's features of the new rows)")(x_new).float()
+    union_x = torch.cat([run.train.x, x_new.to(run.train.x.dtype)])
+    data_hash = content_hash(union_x)
+
+    grow = as_new_cluster if mode == "new-cluster" else into_nearest
+    tensors, shards, meta, assign = grow(run, x_new, y_new, feats, data_hash)
+    tensors["assignments"] = torch.cat([t["assignments"], assign.to(t["assignments"].dtype)])
+    added = torch.bincount(assign, minlength=k_new).tolist()
+    counts = [(m["counts"][c] if c < k else 0) + added[c] for c in range(k_new)]
+
+    manifest = {**m, "k": k_new, "counts": counts, "n": len(union_x), "data_hash": data_hash,
+                "shards": [dict(s) for s in m["shards"]]}
+    if mode == "new-cluster":
+        manifest["shards"].append({"cluster": k, "path": shard_name(k), "count": counts[k], "sha256": ""})
+    for c in shards:
+        manifest["shards"][_entry(manifest, c)]["count"] = counts[c]  # sha256: set once the file is written
+
+    new_test = test if test is not None and len(test) else None
+    train_t = {"x": union_x, **({} if y_new is None else {"labels": torch.cat([run.train.labels.long(), y_new])})}
+    test_t = {"x": run.test.x if new_test is None else torch.cat([run.test.x, new_test.x.to(run.test.x.dtype)])}
+    if run.test.labels is not None:
+        test_t["labels"] = run.test.labels if new_test is None else \
+            torch.cat([run.test.labels.long(), _labels(run.test.labels, new_test, offset)])
+    info = {**read_json(run.folder.data_info), "n_train": len(union_x), "n_test": len(test_t["x"]),
+            "exact_truth": truth is not None}
+    retrain = [k] if mode == "new-cluster" else sorted(shards)
+    event = {"action": "add-expert", "mode": mode, "router": router, "data": train.name, "rows": len(x_new),
+             "test_rows": 0 if new_test is None else len(new_test), "k_before": k, "k_after": k_new,
+             "rows_per_cluster": {str(c): added[c] for c in range(k_new) if added[c]},
+             "counts_before": list(m["counts"]), "counts_after": counts, "experts_trained": retrain,
+             "router_trained": router == "retrain", "exact_truth": truth is not None}
+    return Growth(manifest, tensors, shards, meta, retrain, train_t, test_t, truth, info, event)
+
+
+def _entry(manifest: dict, cluster: int) -> int:
+    """The index of a cluster's entry in manifest["shards"]."""
+    return next(i for i, s in enumerate(manifest["shards"]) if s["cluster"] == cluster)
+
+
+# ----- writing ---------------------------------------------------------------------------------
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """dst with src's bytes: a hard link where the file system allows, else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_partition(old: Path, tmp: Path, plan: Growth) -> list[Path]:
+    """The grown partition folder in `tmp`: unchanged files linked from `old`, grown or new shards, the
+    tensors, the manifest; returns the shard files in cluster order."""
+    entries = {c: plan.manifest["shards"][_entry(plan.manifest, c)] for c in plan.shards}
+    rewritten = {e["path"] for e in entries.values()} | {"manifest.json", "partition.safetensors"}
+    for path in old.rglob("*"):
+        rel = path.relative_to(old).as_posix()
+        if path.is_file() and rel not in rewritten:
+            _link_or_copy(path, tmp / rel)
+    for c, tensors in plan.shards.items():
+        save_tensors(tmp / entries[c]["path"], tensors, metadata=plan.shard_meta[c])
+        entries[c]["sha256"] = sha256_file(tmp / entries[c]["path"])
+    save_tensors(tmp / "partition.safetensors", plan.tensors)
+    write_json(tmp / "manifest.json", plan.manifest)
+    return [tmp / s["path"] for s in sorted(plan.manifest["shards"], key=lambda s: s["cluster"])]
+
+
+def _write_data(tmp: Path, folder: RunFolder, plan: Growth) -> None:
+    save_tensors(tmp / folder.split("train").name, plan.train)
+    save_tensors(tmp / folder.split("test").name, plan.test)
+    if plan.truth is not None:
+        t = plan.truth
+        save_tensors(tmp / folder.truth.name, {"weights": t.weights, "means": t.means, "eigvals": t.eigvals,
+                                               "eigvecs": t.eigvecs})
+    write_json(tmp / folder.data_info.name, plan.data_info)
+
+
+def clear_derived(folder: RunFolder) -> None:
+    """Remove what sampling and scoring wrote (RunFolder.derived): the old DDM's samples and scores."""
+    for path in folder.derived:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def read_log(folder: RunFolder) -> dict:
+    """RUN/grow.json: {"format", "router": "learned" | "statistics", "events": [...]} (empty for a new run)."""
+    if not folder.grow.exists():
+        return {"format": GROW_FORMAT, "router": "learned", "events": []}
+    log = read_json(folder.grow)
+    if not isinstance(log, dict) or not isinstance(log.get("events"), list):
+        raise DDMError(f"{folder.grow}: not a grow log (expected 'events', a list); move it away")
+    return log
+
+
+def log_event(folder: RunFolder, event: dict, router: str | None = None) -> dict:
+    """Append an event, numbered 1, 2, ... in order, to RUN/grow.json (and set the run's router kind)."""
+    log = read_log(folder)
+    event = {"n": len(log["events"]) + 1, **event, "ddmkit_version": __version__}
+    log = {**log, "format": GROW_FORMAT, "events": [*log["events"], event]}
+    if router is not None:
+        log["router"] = router
+    write_json(folder.grow, log)
+    return event
+
+
+def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise DDMError(f"--{name}: unknown value {value!r}; accepted: {', '.join(accepted)}")
+
+
+def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", log: Log = print) -> dict:
+    """Add a new island's data to a trained run (see the module docstring); returns the grow.json entry.
+
+    data: an ArrayData (training rows), a data set name or .npy/.npz path, or a table like [data];
+    mode: "new-cluster" (cluster K and its expert) or "nearest" (rows join their nearest clusters,
+    whose experts retrain); router: "retrain" (over all shards) or "stats" (statistics-only, no training)."""
+    _check_choice("mode", mode, MODES)
+    _check_choice("router", router, ROUTERS)
+    folder = RunFolder(run)
+    with run_lock(folder.root):
+        state = trained_run(folder.root)
+        train, test = island_data(state.cfg, data)
+        plan = plan_growth(state, train, test, mode, router)
+        read_log(folder)  # a damaged log is refused before anything is written
+        remove_stale_staging(folder.root)
+        cfg = state.cfg
+        with contextlib.ExitStack() as stack:  # staged folders, renamed into place in reverse order on success
+            shards = _write_partition(folder.partition, stack.enter_context(staging_dir(folder.partition)), plan)
+            _write_data(stack.enter_context(staging_dir(folder.data)), folder, plan)
+            jobs = [ExpertJob(c, shards[c], stack.enter_context(staging_dir(folder.expert(c)))) for c in plan.retrain]
+            run_jobs(jobs, cfg.expert, "inline", log=lambda msg: None)
+            rows = [plan.manifest["counts"][c] for c in plan.retrain]
+            log(f"add-expert: experts {plan.retrain} trained on {rows} rows")
+            if router == "retrain":
+                with job_threads(cfg.router.train.threads):
+                    train_router(shards, cfg.router, stack.enter_context(staging_dir(folder.router)))
+                log(f"add-expert: router retrained over {len(shards)} clusters")
+            clear_derived(folder)
+            event = log_event(folder, plan.event, "learned" if router == "retrain" else "statistics")
+            if router == "stats" and folder.router.exists():
+                shutil.rmtree(folder.router)
+                log("add-expert: router removed; the run routes by the islands' statistics (RUN/grow.json)")
+        write_registry(folder.root)
+    log(f"add-expert: k = {plan.manifest['k']}, cluster sizes {plan.manifest['counts']}")
+    return event
+
+
+# ----- replace_expert ----------------------------------------------------------------------------
+def check_expert_folder(source: Path, run: TrainedRun) -> dict:
+    """A model folder that can stand in for an expert of `run`: config.json and weights agree, its
+    time convention is ddmkit's, its weights are finite, it is a velocity network (not a router) of
+    the run's data shape and class count, and it gives a finite velocity on two rows; returns its config."""
+    model, config = load_model(source)
+    if config.get("role") == "router" or "num_experts" in config.get("kwargs", {}):
+        raise DDMError(f"FOLDER {source} holds a router; give an expert's (or a monolith's) model folder")
+    shape = tuple(run.manifest["data_shape"])
+    check_shape(source, config, shape)
+    classes, want = int(config["kwargs"].get("num_classes", 0)), int(run.expert_config["kwargs"].get("num_classes", 0))
+    if classes != want:
+        raise DDMError(f"FOLDER {source}: its network takes {classes} class labels but the run's experts take "
+                       f"{want}; give an expert trained with kwargs num_classes = {want}")
+    try:
+        with torch.no_grad():
+            v = velocity_field(model, config)(torch.zeros(2, *shape), torch.full((2,), 0.5))
+    except DDMError:
+        raise
+    except Exception as e:  # a network that cannot run on the run's data
+        raise DDMError(f"FOLDER {source}: the network fails on the run's data ({type(e).__name__}: {str(e)[:200]})")
+    if tuple(v.shape) != (2, *shape) or not bool(torch.isfinite(v).all()):
+        raise DDMError(f"FOLDER {source}: the network gives {tuple(v.shape)} (finite: {bool(torch.isfinite(v).all())})"
+                       f" for 2 rows of shape {shape}; it is not a velocity network of this run's data")
+    return config
+
+
+def replace_expert(run, k: int, folder, log: Log = print) -> dict:
+    """Expert k of a trained run becomes a copy of the model folder `folder` (see the module
+    docstring); returns the grow.json entry."""
+    run_folder, source = RunFolder(run), Path(folder)
+    with run_lock(run_folder.root):
+        state = trained_run(run_folder.root)
+        kk = state.manifest["k"]
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < kk:
+            raise DDMError(f"K: there is no expert {k!r}; this run has experts 0 .. {kk - 1}")
+        config = check_expert_folder(source, state)
+        read_log(run_folder)
+        shard = state.manifest["shards"][_entry(state.manifest, k)]
+        weights = sha256_file(source / "model.safetensors")
+        origin = {"source": str(source.resolve()), "cluster": config.get("cluster"), "k": config.get("k"),
+                  "shard_sha256": config.get("shard_sha256"), "shard_count": config.get("shard_count"),
+                  "weights_sha256": weights}
+        with staging_dir(run_folder.expert(k)) as tmp:
+            shutil.copyfile(source / "model.safetensors", tmp / "model.safetensors")
+            if (source / "train_log.jsonl").is_file():
+                shutil.copyfile(source / "train_log.jsonl", tmp / "train_log.jsonl")
+            write_json(tmp / "config.json", {**config, "role": "expert", "cluster": k, "k": kk,
+                                             "shard_sha256": shard["sha256"], "replaced_from": origin})
+            clear_derived(run_folder)
+            event = log_event(run_folder, {"action": "replace-expert", "expert": k, **origin})
+        write_registry(run_folder.root)
+    log(f"replace-expert: expert {k} is now a copy of {source}")
+    return event

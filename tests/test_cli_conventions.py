@@ -1,0 +1,141 @@
+"""Command-line conventions: --version, --set FIELD=VALUE, --device, defaults in --help, TensorBoard
+logs of the training losses, and progress bars (nested ones share one display)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+
+import ddmkit.progress as progress
+from ddmkit.cli import app, main
+from ddmkit.config import TrainConfig, apply_overrides, parse_value
+from ddmkit.conventions import __version__
+from ddmkit.errors import DDMError
+from ddmkit.train.loop import fit
+
+TINY = Path(__file__).parent / "configs" / "tiny.toml"
+
+
+@pytest.fixture
+def ddmkit(monkeypatch, capsys):
+    """`ddmkit ARGS` in this process: (exit code, stdout, stderr on one line)."""
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit:
+            main()
+        out, err = capsys.readouterr()
+        return exit.value.code, out, " ".join(err.split())
+    return run
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    """A shard of a two-cluster partition made with `ddmkit partition --set ...`."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(sys, "argv", ["ddmkit", "partition", "--config", str(TINY), "--out", str(run),
+                                          "--set", "partition.k=2", "--set", "data.n_train=300"])
+        with pytest.raises(SystemExit) as exit:
+            main()
+    assert exit.value.code == 0
+    return run / "partition" / "shards" / "cluster_00.safetensors"
+
+
+def test_version_prints_ddmkits_version(ddmkit):
+    assert ddmkit("--version")[:2] == (0, f"ddmkit {__version__}\n")
+
+
+def test_set_and_device_override_the_config(ddmkit, shard, tmp_path):
+    assert json.loads((shard.parents[1] / "manifest.json").read_text())["k"] == 2  # partition's --set
+    code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "e", "--config", TINY, "--device", "cpu",
+                          "--set", "expert.train.steps=7", "--set", "expert.train.log_every=7",
+                          "--set", "expert.net.kwargs={width = 8, depth = 1}")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert cfg["train"]["steps"] == 7 and cfg["train"]["device"] == "cpu" and cfg["kwargs"]["width"] == 8
+    assert [json.loads(line)["step"] for line in (tmp_path / "e" / "train_log.jsonl").open()] == [7]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "expert.train.stepz=3"], "expert.train.stepz: unknown field"),
+    (["--set", "expert.train.steps=many"], "expert.train.steps: Input should be a valid integer"),
+    (["--set", "expert.train.steps=0"], "expert.train.steps: Input should be greater than or equal to 1"),
+    (["--set", "expert.train.steps"], "expected FIELD=VALUE"),
+    (["--set", "expert.train.steps.every=1"], "expert.train.steps is a value, not a table"),
+    (["--device", "tpu"], "expert.train.device: String should match pattern"),
+])
+def test_a_bad_override_is_exit_2_naming_the_field(ddmkit, shard, tmp_path, args, message):
+    code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "e", "--config", TINY, *args)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "e").exists()
+
+
+def test_override_values_are_toml_then_json_then_text():
+    assert parse_value("300") == 300 and parse_value("1e-3") == 1e-3 and parse_value("true") is True
+    assert parse_value('["top-1", "full"]') == ["top-1", "full"] and parse_value("{width = 8}") == {"width": 8}
+    assert parse_value("null") is None and parse_value("cuda:0") == "cuda:0" and parse_value("ring8") == "ring8"
+    raw = {"expert": {"train": {"steps": 5}}}
+    assert apply_overrides(raw, ["expert.train.steps=6", "sample.n=9"]) == {"expert": {"train": {"steps": 6}},
+                                                                          "sample": {"n": 9}}
+    assert raw == {"expert": {"train": {"steps": 5}}}  # the input is left as it was
+
+
+def commands(group, path=()):
+    """(words, command) of every command of a Typer app, sub-apps included."""
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_every_help_shows_every_default(ddmkit, monkeypatch):
+    """Each option with a default (not None) shows it in --help as [default: ...] (but a lone flag such
+    as --quick, off unless given)."""
+    monkeypatch.setenv("COLUMNS", "400")
+    for path, command in commands(typer.main.get_command(app)):
+        code, out, _ = ddmkit(*path, "--help")
+        shown = [p for p in command.params if p.param_type_name == "option" and p.default is not None
+                 and not p.required and p.name != "help" and not (p.is_flag and not p.secondary_opts)]
+        assert code == 0 and out.count("[default:") == len(shown), (path, [p.name for p in shown])
+    assert "[default: runs/run]" in ddmkit("run", "--help")[1]
+
+
+def test_tensorboard_event_files_hold_the_logged_losses(ddmkit, shard, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "e", "--config", TINY, "--set",
+                          "expert.train.steps=9", "--set", "expert.train.log_every=3", "--set",
+                          "expert.train.tensorboard=true")
+    assert code == 0, err
+    events = EventAccumulator(str(tmp_path / "e" / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in (tmp_path / "e" / "train_log.jsonl").open()]
+    scalars = events.Scalars("loss")  # stored as float32
+    assert [e.step for e in scalars] == [row["step"] for row in logged] == [3, 6, 9]
+    assert [e.value for e in scalars] == pytest.approx([row["loss"] for row in logged], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(DDMError, match=r"train.tensorboard = true needs the tensorboard package: pip install"):
+        fit(model, lambda m, step, g: (m(torch.ones(1, 2)).sum(), {}), TrainConfig(steps=2, tensorboard=True),
+            tmp_path / "train_log.jsonl")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nested_bars_share_one_display_and_keep_their_fields(monkeypatch):
+    """A bar inside another (sampling inside a run) is a line of the same display; the fields given
+    at a log row (the running loss) stay shown until the next."""
+    monkeypatch.setattr(progress, "enabled", lambda: True)
+    with progress.progress_bar("training", 3) as advance:
+        assert list(progress.track(["a", "b"], "sampling")) == ["a", "b"]
+        advance(1, loss=0.5)
+        advance(1)
+        task = progress._live[0].tasks[0]
+        assert task.completed == 2 and task.fields["info"] == "loss=0.5" and len(progress._live[0].tasks) == 1
+    assert progress._live == []

@@ -1,0 +1,494 @@
+"""The user's own data through `ddmkit run`: an image folder of mixed sizes (resize + crop), an array
+with test_fraction and one with test_path, a dataset function of the user's code, a Gaussian
+mixture written in the TOML (exact truth in the report); bad inputs exit 2 with the field named and
+nothing written; and the early checks, whose suggested fix the tests apply before running again."""
+import json
+import re
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from ddmkit.config import RunConfig, validate
+from ddmkit.data import load_dataset
+from ddmkit.errors import DDMError
+from ddmkit.io import load_tensors
+from ddmkit.pipeline.checks import check_clusters, check_run_plan, held_out_rows, largest_n
+
+VECTORS = """
+[data]
+name = "{name}"
+n_train = {n_train}
+n_test = {n_test}
+params = {params}
+
+[partition]
+k = {k}
+
+[expert.net]
+arch = "mlp"
+kwargs = {{ width = 16, depth = 1 }}
+
+[expert.train]
+steps = 10
+batch_size = 32
+warmup = 1
+log_every = 5
+
+[router.net]
+arch = "router_mlp"
+kwargs = {{ width = 16, depth = 1 }}
+
+[router.train]
+steps = 10
+batch_size = 32
+warmup = 1
+log_every = 5
+
+[monolith]
+enabled = false
+
+[sample]
+n = {n}
+steps = 4
+strategies = ["top-1"]
+
+[evaluate]
+chunk = 50
+missing_experts = false
+stats_router = {stats_router}
+"""
+
+IMAGES = """
+[data]
+name = "image_folder"
+n_train = 1000
+n_test = 0
+params = {params}
+
+[partition]
+k = 2
+
+[expert.net]
+arch = "unet"
+kwargs = { channels = [8, 16], blocks = 1, attention_res = [] }
+
+[expert.train]
+steps = 2
+batch_size = 8
+warmup = 1
+log_every = 1
+device = "cpu"
+
+[router.net]
+arch = "router_cnn"
+kwargs = { channels = [8, 16] }
+
+[router.train]
+steps = 2
+batch_size = 8
+warmup = 1
+log_every = 1
+device = "cpu"
+
+[monolith]
+enabled = false
+
+[sample]
+n = 8
+steps = 2
+strategies = ["top-1"]
+
+[evaluate]
+fid_features = "pixels"
+kid_subset = {kid_subset}
+"""
+
+
+def vectors(path, name, params="{}", n_train=400, n_test=200, k=2, n=100, stats_router="false"):
+    path.write_text(VECTORS.format(name=name, params=params, n_train=n_train, n_test=n_test, k=k, n=n,
+                                   stats_router=stats_router))
+    return path
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`ddmkit ARGS` in this process: (exit code, stderr)."""
+    import ddmkit.cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli_module.main()
+    return info.value.code, capsys.readouterr().err
+
+
+def refused(monkeypatch, capsys, config, out, *fields) -> str:
+    """Run CONFIG: exit 2, every field named in the message, no run folder left. Returns the message."""
+    code, err = cli(monkeypatch, capsys, "run", config, "--out", out)
+    message = " ".join(err.split())
+    assert code == 2, err
+    assert all(field in message for field in fields), message
+    assert not out.exists()
+    return message
+
+
+def runs(monkeypatch, capsys, config, out) -> dict:
+    """Run CONFIG: exit 0 and a report; returns metrics.json."""
+    code, err = cli(monkeypatch, capsys, "run", config, "--out", out)
+    assert code == 0, err
+    assert (out / "report.md").exists()
+    return json.loads((out / "metrics.json").read_text())
+
+
+def blobs(n: int, seed: int = 0, dim: int = 2) -> np.ndarray:
+    """Two well separated Gaussian blobs."""
+    rng = np.random.default_rng(seed)
+    centres = np.where(rng.random(n)[:, None] < 0.5, -2.0, 2.0) * np.eye(dim)[0]
+    return (centres + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def data_info(out) -> dict:
+    return json.loads((out / "data" / "data.json").read_text())
+
+
+# ----- a Gaussian mixture written in the TOML -----------------------------------------------------
+
+MIXTURE = "{ weights = [1.0, 3.0], means = [[-2.0, 0.0], [2.0, 0.0]], stds = [[0.3, 0.5], [0.4, 0.2]] }"
+
+
+def test_a_mixture_in_the_toml_gives_the_exact_rows(tmp_path, monkeypatch, capsys):
+    metrics = runs(monkeypatch, capsys, vectors(tmp_path / "m.toml", "mixture", MIXTURE), tmp_path / "run")
+    truth = load_tensors(tmp_path / "run" / "data" / "truth.safetensors")  # the truth written, as given
+    assert torch.equal(truth["weights"], torch.tensor([0.25, 0.75], dtype=torch.float64))
+    assert torch.equal(truth["means"], torch.tensor([[-2.0, 0.0], [2.0, 0.0]], dtype=torch.float64))
+    assert torch.allclose(truth["eigvals"], torch.tensor([[0.09, 0.25], [0.16, 0.04]], dtype=torch.float64))
+    exact = [name for name in metrics["rows"] if name.startswith("exact")]
+    assert exact and all(np.isfinite(metrics["rows"][name]["nll"]) for name in [*exact, "top-1"])
+    assert "| exact (full, exact experts + router) |" in (tmp_path / "run" / "report.md").read_text()
+    # a new [sample] section on the trained run is checked too, before its samples are removed
+    config = tmp_path / "m.toml"
+    config.write_text(config.read_text().replace("\nn = 100\n", "\nn = 1000\n"))
+    code, err = cli(monkeypatch, capsys, "run", config, "--out", tmp_path / "run")
+    assert code == 2 and "set sample.n = 149 or lower" in " ".join(err.split())  # 2 x 2 chunks of 50 <= 200
+    assert (tmp_path / "run" / "samples" / "top-1.safetensors").exists() and (tmp_path / "run" / "report.md").exists()
+
+
+@pytest.mark.parametrize("params, field", [
+    ("{ means = [[0.0, 0.0], [1.0]], std = 0.1 }", "data.params.means"),
+    ("{ means = [[0.0, 0.0]], std = 0.1, stds = [[0.1, 0.1]] }", "exactly one of covs"),
+    ("{ means = [[0.0], [1.0]], weights = [1.0, 0.0], std = 0.1 }", "data.params.weights: component 1"),
+    ("{ means = [[0.0], [1.0]], weights = [1.0], std = 0.1 }", "data.params.weights"),
+    ("{ means = [[0.0, 0.0], [3.0, 0.0]], covs = [[[1.0, 0.0], [0.0, 1.0]], [[1.0, 2.0], [2.0, 1.0]]] }",
+     "data.params.covs[1] (component 1) is not positive definite"),
+    ("{ means = [[0.0, 0.0], [3.0, 0.0]], covs = [[[1.0, 0.5], [0.4, 1.0]], [[1.0, 0.0], [0.0, 1.0]]] }",
+     "data.params.covs[0] (component 0) is not symmetric"),
+    ("{ means = [[0.0, inf]], std = 0.1 }", "data.params.means: every number must be finite"),
+    ("{ means = [[0.0, true]], std = 0.1 }", "data.params.means"),
+    ("{ std = 0.1 }", "data.params.means: required"),
+])
+def test_a_bad_mixture_exits_2_naming_the_field(tmp_path, monkeypatch, capsys, params, field):
+    refused(monkeypatch, capsys, vectors(tmp_path / "m.toml", "mixture", params), tmp_path / "run", field)
+
+
+def test_lists_are_accepted_only_for_the_keys_that_take_them():
+    with pytest.raises(DDMError, match="data.params.radius: expected a number"):
+        load_dataset("ring8", 10, 10, params={"radius": [1.0, 2.0]})
+    with pytest.raises(DDMError, match="data.params.means: unknown keyword for the 'ring8' preset"):
+        load_dataset("ring8", 10, 10, params={"means": [[0.0, 0.0]]})
+    with pytest.raises(DDMError, match="data.params.means: expected a list"):
+        load_dataset("mixture", 10, 10, params={"means": "0 0", "std": 1.0})
+
+
+# ----- arrays: test_fraction and test_path --------------------------------------------------------
+
+def test_an_array_with_a_test_fraction(tmp_path, monkeypatch, capsys):
+    x = blobs(500)
+    np.save(tmp_path / "x.npy", x)
+    config = vectors(tmp_path / "a.toml", tmp_path / "x.npy", "{ test_fraction = 0.4 }", n_train=1000, n_test=0)
+    runs(monkeypatch, capsys, config, tmp_path / "run")
+    assert data_info(tmp_path / "run")["n_test"] == 200 and data_info(tmp_path / "run")["n_train"] == 300
+    split = {s: load_tensors(tmp_path / "run" / "data" / f"{s}.safetensors")["x"].numpy() for s in ("train", "test")}
+    together = np.concatenate([split["train"], split["test"]])  # the two splits are the file's rows, each once
+    assert np.array_equal(together[np.lexsort(together.T)], x[np.lexsort(x.T)])
+    # data.n_test takes at most the split; it never moves rows from the test split into training
+    train, test = load_dataset(str(tmp_path / "x.npy"), 1000, 50, params={"test_fraction": 0.4})
+    assert len(test) == 50 and len(train) == 300
+    assert set(map(bytes, test.x.numpy())) <= set(map(bytes, split["test"]))
+
+
+def test_an_array_with_a_test_file(tmp_path, monkeypatch, capsys):
+    np.save(tmp_path / "x.npy", blobs(300))
+    np.save(tmp_path / "t.npy", blobs(200, seed=1))
+    config = vectors(tmp_path / "a.toml", tmp_path / "x.npy", f'{{ test_path = "{tmp_path / "t.npy"}" }}',
+                     n_train=1000, n_test=0)
+    runs(monkeypatch, capsys, config, tmp_path / "run")
+    test = load_tensors(tmp_path / "run" / "data" / "test.safetensors")["x"].numpy()
+    assert np.array_equal(test, blobs(200, seed=1)) and data_info(tmp_path / "run")["n_train"] == 300
+
+    np.save(tmp_path / "t3.npy", blobs(150, seed=1, dim=3))
+    config = vectors(tmp_path / "b.toml", tmp_path / "x.npy", f'{{ test_path = "{tmp_path / "t3.npy"}" }}')
+    refused(monkeypatch, capsys, config, tmp_path / "bad", "data.params.test_path", "(3,)", "(2,)")
+    config = vectors(tmp_path / "c.toml", tmp_path / "x.npy",
+                     f'{{ test_path = "{tmp_path / "t.npy"}", test_fraction = 0.1 }}')
+    refused(monkeypatch, capsys, config, tmp_path / "bad", "data.params.test_fraction", "test_path")
+
+
+def test_too_few_test_rows_fail_before_training_and_the_suggested_fix_runs(tmp_path, monkeypatch, capsys):
+    """The case that used to fail at evaluation after training: a file's test split smaller than the
+    evaluation needs. Now it fails at once; the sample.n the message suggests then runs."""
+    np.save(tmp_path / "x.npy", blobs(400))
+    config = vectors(tmp_path / "a.toml", tmp_path / "x.npy", "{ test_fraction = 0.2 }", n_test=0, n=200)
+    message = refused(monkeypatch, capsys, config, tmp_path / "run", "sample.n", "test split holds 80",
+                      "data.params.test_fraction")
+    fix = int(re.search(r"set sample\.n = (\d+)", message).group(1))
+    config.write_text(config.read_text().replace("\nn = 200\n", f"\nn = {fix}\n"))
+    metrics = runs(monkeypatch, capsys, config, tmp_path / "run")
+    assert metrics["pairs"] * metrics["chunk"] * 2 <= 80
+
+
+# ----- a dataset function -------------------------------------------------------------------------
+
+USER_MODULE = '''
+import numpy as np
+import torch
+
+
+def arrays(n_train, seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_train + 300, 2)).astype("float32") * scale
+    return x[:n_train], x[n_train:]
+
+
+def tables(n_test=0):
+    x = torch.arange(40, dtype=torch.float32).reshape(20, 2)
+    return {"train": x, "test": x[:10] + 0.5, "train_labels": np.arange(20) % 2, "test_labels": np.zeros(10, int)}
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.full((3,), float(i)), i % 3
+
+
+def datasets():
+    return Pairs(12), Pairs(6)
+
+
+def needs_path(path):
+    return np.zeros((4, 2)), np.zeros((4, 2))
+
+
+def bad_labels():
+    return {"train": np.zeros((8, 2)), "test": np.zeros((4, 2)), "train_labels": np.zeros(7, int),
+            "test_labels": np.zeros(4, int)}
+
+
+def nan_values():
+    return np.zeros((8, 2)), np.full((4, 2), np.nan)
+
+
+def other_shapes():
+    return np.zeros((8, 2)), np.zeros((4, 3))
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch, request):
+    """A module of the user's code in tmp_path, on sys.path; its name is unique to the test."""
+    name = f"user_data_{request.node.name.split('[')[0]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_a_dataset_function_runs_end_to_end(tmp_path, monkeypatch, capsys, user_module):
+    config = vectors(tmp_path / "f.toml", f"{user_module}:arrays", "{ scale = 2.0 }", n_train=400, n_test=0)
+    runs(monkeypatch, capsys, config, tmp_path / "run")
+    x = np.random.default_rng(0).normal(size=(700, 2)).astype("float32") * 2.0  # what the function returned
+    train = load_tensors(tmp_path / "run" / "data" / "train.safetensors")["x"].numpy()
+    test = load_tensors(tmp_path / "run" / "data" / "test.safetensors")["x"].numpy()
+    assert np.array_equal(train, x[:400]) and np.array_equal(test, x[400:])
+    # the run folder names the function only as a label: evaluating it again never imports it
+    monkeypatch.delitem(sys.modules, user_module)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    code, err = cli(monkeypatch, capsys, "evaluate", tmp_path / "run")
+    assert code == 0 and user_module not in sys.modules, err
+
+
+def test_every_form_a_dataset_function_returns(user_module):
+    train, test = load_dataset(f"{user_module}:tables", 100, 0)
+    assert train.x.shape == (20, 2) and train.labels.tolist() == [i % 2 for i in range(20)]
+    assert torch.equal(test.x, torch.arange(20, dtype=torch.float32).reshape(10, 2) + 0.5)
+    train, test = load_dataset(f"{user_module}:datasets", 100, 0)
+    assert torch.equal(train.x[:, 0], torch.arange(12.0)) and train.labels.tolist() == [i % 3 for i in range(12)]
+    assert test.x.shape == (6, 3)
+    train, test = load_dataset(f"{user_module}:datasets", 5, 2)  # at most n_train / n_test rows
+    assert len(train) == 5 and len(test) == 2
+
+
+@pytest.mark.parametrize("function, params, message", [
+    ("nan_values", {}, "test split holds NaN"),
+    ("other_shapes", {}, "train samples have shape (2,) but test samples (3,)"),
+    ("bad_labels", {}, "train_labels has shape (7,)"),
+    ("needs_path", {}, "its argument 'path' has no default"),
+    ("arrays", {"scael": 2.0}, "data.params.scael: "),
+    ("arrays", {"seed": 3}, "data.params.seed: set by ddmkit"),
+    ("missing", {}, "has no 'missing'"),
+])
+def test_a_bad_dataset_function_is_named(user_module, function, params, message):
+    with pytest.raises(DDMError) as info:
+        load_dataset(f"{user_module}:{function}", 100, 0, params=params)
+    assert message in str(info.value) and f"{user_module}" in str(info.value)
+
+
+def test_an_unimportable_function_exits_2_with_the_fix(tmp_path, monkeypatch, capsys):
+    config = vectors(tmp_path / "f.toml", "no_such_package.data:load")
+    refused(monkeypatch, capsys, config, tmp_path / "run", "data.name = 'no_such_package.data:load'",
+            "cannot import module 'no_such_package.data'", "PYTHONPATH")
+
+
+# ----- image folders of any size ------------------------------------------------------------------
+
+def write_folder(root, sizes=((20, 16), (16, 24), (18, 18)), n=60):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        pixels = np.clip((40 if i % 2 else 200) + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "ab"[i % 2] / f"{i:03d}.png")
+
+
+def test_an_image_folder_of_mixed_sizes_runs_after_the_suggested_fixes(tmp_path, monkeypatch, capsys):
+    """A folder of three sizes is refused naming two files and suggesting resize and crop; with them,
+    a KID subset larger than the samples is refused with the value to use; with that, it runs."""
+    write_folder(tmp_path / "imgs")
+    config = tmp_path / "i.toml"
+    config.write_text(IMAGES.replace("{params}", f'{{ path = "{tmp_path / "imgs"}" }}')
+                      .replace("{kid_subset}", "100"))
+    message = refused(monkeypatch, capsys, config, tmp_path / "run", "different sizes", "a/000.png: 20x16", "a/002.png: 18x18",
+                      "data.params.resize", "data.params.crop")
+    resize, crop = re.search(r"set data\.params\.resize = (\d+) and data\.params\.crop = (\d+)", message).groups()
+    config.write_text(config.read_text().replace(f'"{tmp_path / "imgs"}"',
+                                                 f'"{tmp_path / "imgs"}", resize = {resize}, crop = {crop}'))
+    message = refused(monkeypatch, capsys, config, tmp_path / "run", "evaluate.kid_subset = 100", "sample.n = 8")
+    kid = re.search(r"set evaluate\.kid_subset = (\d+)", message).group(1)
+    config.write_text(config.read_text().replace("kid_subset = 100", f"kid_subset = {kid}"))
+    metrics = runs(monkeypatch, capsys, config, tmp_path / "run")
+    assert data_info(tmp_path / "run")["data_shape"] == [3, 16, 16] and np.isfinite(metrics["rows"]["top-1"]["fid"])
+
+
+def test_resize_and_crop_are_the_centre_and_bicubic_of_pil(tmp_path):
+    from PIL import Image
+
+    from ddmkit.data.images import read_image
+
+    pixels = np.arange(40 * 30, dtype=np.uint8).reshape(40, 30)  # every pixel its own value
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    assert np.array_equal(read_image(tmp_path / "a.png", crop=20), pixels[10:30, 5:25])
+    assert np.array_equal(read_image(tmp_path / "a.png", crop=19), pixels[10:29, 5:24])  # odd margins: floor
+    assert np.array_equal(read_image(tmp_path / "a.png", resize=30, crop=30), pixels[5:35])  # 30: no scaling
+    shrunk = np.asarray(Image.fromarray(pixels).resize((15, 20), Image.Resampling.BICUBIC))
+    assert np.array_equal(read_image(tmp_path / "a.png", resize=15), shrunk)
+    assert read_image(tmp_path / "a.png", mode="rgb").shape == (40, 30, 3)
+    with pytest.raises(DDMError, match="smaller than data.params.crop = 32; set data.params.resize = 32"):
+        read_image(tmp_path / "a.png", crop=32)
+
+
+def test_an_image_array_takes_crop_and_resize(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (10, 12, 20, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    train, test = load_dataset("image_array", 100, 0, params={"path": str(tmp_path / "x.npy"), "crop": 8})
+    full, _ = load_dataset("image_array", 100, 0, params={"path": str(tmp_path / "x.npy")})
+    assert torch.equal(train.x, full.x[..., 2:10, 6:14])
+    train, _ = load_dataset("image_array", 100, 0, params={"path": str(tmp_path / "x.npy"), "resize": 6, "crop": 6})
+    assert train.x.shape[1:] == (3, 6, 6) and train.x.abs().max() <= 1
+
+
+def test_a_folder_mixing_grey_and_colour_needs_a_mode(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "g.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "c.png")
+    with pytest.raises(DDMError, match='data.params.mode = "rgb"'):
+        load_dataset("image_folder", 10, 10, params={"path": str(tmp_path)})
+    for mode, channels in (("rgb", 3), ("grey", 1)):
+        train, test = load_dataset("image_folder", 10, 10, params={"path": str(tmp_path), "mode": mode})
+        assert train.x.shape[1] == channels == test.x.shape[1]
+    with pytest.raises(DDMError, match="data.params.mode: unknown 'gray'; accepted: auto, rgb, grey"):
+        load_dataset("image_folder", 10, 10, params={"path": str(tmp_path), "mode": "gray"})
+
+
+# ----- the early checks ---------------------------------------------------------------------------
+
+def config(**sections) -> RunConfig:
+    return validate(RunConfig, sections)
+
+
+@pytest.mark.parametrize("n, chunk", [(100, 50), (99, 50), (30, 50), (1, 10), (1000, 300)])
+def test_held_out_rows_is_what_the_evaluation_takes(n, chunk):
+    """Exactly held_out_rows(n, chunk) test rows let evaluate_all score n samples; one fewer does not."""
+    from ddmkit.evaluation.sets import evaluate_all
+
+    need = held_out_rows(n, chunk)
+    samples = {"a": torch.randn(n, 2, generator=torch.Generator().manual_seed(0))}
+    evaluate_all(samples, {}, torch.randn(need, 2), None, chunk)
+    with pytest.raises(DDMError):
+        evaluate_all(samples, {}, torch.randn(need - 1, 2), None, chunk)
+    fix = largest_n(need - 1, chunk, n)
+    assert held_out_rows(fix, chunk) <= need - 1 < held_out_rows(fix + 1, chunk)
+
+
+def test_the_studies_and_the_sweep_are_checked():
+    """With smaller extra sets (sweep_n) the main rows need fewer test rows than the studies."""
+    sample = {"n": 300, "sweep_n": 100, "stats_router_strategies": ["top-1"], "strategies": ["top-1"]}
+    with pytest.raises(DDMError, match=r"studies \(300 samples each\) against 600 .* set sample.n = 249 or lower"):
+        check_run_plan(config(sample=sample, evaluate={"chunk": 50}), 100, 400, (2,), False)
+    check_run_plan(config(sample={**sample, "n": 249}, evaluate={"chunk": 50}), 100, 400, (2,), False)
+    check_run_plan(config(sample=sample, evaluate={"chunk": 50, "missing_experts": False, "stats_router": False}),
+                   100, 400, (2,), False)
+    sweep = config(sample={"n": 16, "sweep_n": 32, "guidance_sweep": [2.0]})
+    with pytest.raises(DDMError, match="sample.sweep_n = 32 is larger than sample.n = 16 .*set sample.sweep_n = 16"):
+        check_run_plan(sweep, 100, 100, (1, 8, 8), False)
+    with pytest.raises(DDMError, match="sample.strategies: no sample set"):
+        check_run_plan(config(sample={"strategies": ["monolith"]}, monolith={"enabled": False}), 100, 100, (2,), False)
+
+
+def test_small_clusters_warn_and_a_lone_row_needs_no_statistics_router():
+    cfg = config(expert={"train": {"batch_size": 64}})
+    assert check_clusters(cfg, [100, 100], (2,)) == []
+    assert "clusters [1] hold fewer rows than expert.train.batch_size = 64 (the smallest holds 10)" in \
+        check_clusters(cfg, [100, 10], (2,))[0]
+    with pytest.raises(DDMError, match="evaluate.stats_router = false"):
+        check_clusters(cfg, [100, 1], (2,))
+    check_clusters(config(evaluate={"stats_router": False}), [100, 1], (2,))
+
+
+def test_a_lone_outlier_fails_at_once_and_the_suggested_setting_runs(tmp_path, monkeypatch, capsys):
+    x = blobs(500)
+    x[0] = [600.0, 600.0]  # k-means gives it a cluster of its own: no covariance for the statistics router
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", blobs(200, seed=1))
+    cfg = vectors(tmp_path / "o.toml", tmp_path / "x.npy", f'{{ test_path = "{tmp_path / "t.npy"}" }}', n_test=0,
+                  n_train=1000, stats_router="true")
+    message = refused(monkeypatch, capsys, cfg, tmp_path / "run", "fewer than 2 rows", "evaluate.stats_router")
+    setting = re.search(r"set evaluate\.stats_router = (\w+)", message).group(1)
+    cfg.write_text(cfg.read_text().replace("stats_router = true", f"stats_router = {setting}"))
+    runs(monkeypatch, capsys, cfg, tmp_path / "run")
+
+
+def test_clusters_without_a_mixture_component_fail_at_once(tmp_path, monkeypatch, capsys):
+    """Three clusters of a two-component mixture: the exact rows could not be drawn after training."""
+    cfg = vectors(tmp_path / "m.toml", "mixture", "{ means = [[-3.0, 0.0], [3.0, 0.0]], std = 0.3 }", k=3)
+    message = refused(monkeypatch, capsys, cfg, tmp_path / "run", "own no component", "partition.k")
+    k = re.search(r"set partition\.k = (\d+)", message).group(1)
+    cfg.write_text(cfg.read_text().replace("k = 3", f"k = {k}"))
+    assert "exact (full, exact experts + router)" in runs(monkeypatch, capsys, cfg, tmp_path / "run")["rows"]

@@ -1,0 +1,238 @@
+"""Partition on a pretrained image encoder (tiny DINOv2 and CLIP folders) and two-stage k-means."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ddmkit.data import ArrayData
+from ddmkit.data.encoder import encode, encoder_spec
+from ddmkit.data.partition import compute_partition, feature_map, load_partition, partition_data
+from ddmkit.ddm.load import nearest_cluster_fn
+from ddmkit.errors import DDMError
+
+transformers = pytest.importorskip("transformers")
+TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+            patch_size=8)
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny saved encoders: DINOv2 with its image processor's preprocessor_config.json, a full
+    CLIPModel, and a non-vision model (BERT)."""
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    transformers.Dinov2Model(transformers.Dinov2Config(**TINY)).save_pretrained(root / "dino")
+    transformers.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                   image_mean=MEAN, image_std=STD).save_pretrained(root / "dino")
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    clip = transformers.CLIPConfig(vision_config={**TINY, "image_size": 16}, text_config=text, projection_dim=16)
+    transformers.CLIPModel(clip).save_pretrained(root / "clip")
+    transformers.BertModel(transformers.BertConfig(**{k: v for k, v in text.items() if "token" not in k}),
+                           add_pooling_layer=False).save_pretrained(root / "bert")
+    return root
+
+
+def images(n=12, c=3, side=32, seed=0):
+    return torch.rand(n, c, side, side, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_dinov2_features_equal_a_direct_transformers_computation(folders):
+    """Same-size images: the folder's image processor (no resize, no rescale) and the model's
+    pooler_output (cls) or mean patch token (mean), L2-normalised."""
+    x = images()
+    proc = transformers.AutoImageProcessor.from_pretrained(folders / "dino")
+    u = ((x + 1) / 2).permute(0, 2, 3, 1).numpy()
+    pixels = proc(images=list(u), do_resize=False, do_center_crop=False, do_rescale=False,
+                  return_tensors="pt")["pixel_values"]
+    model = transformers.Dinov2Model.from_pretrained(folders / "dino").eval()
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    for pool, ref in (("cls", out.pooler_output), ("mean", out.last_hidden_state[:, 1:].mean(1))):
+        spec = encoder_spec(folders / "dino", pool=pool)
+        assert spec["size"] == 32 and spec["model_type"] == "dinov2"
+        ref = ref / ref.norm(dim=1, keepdim=True)
+        assert torch.allclose(encode(spec, x, batch=5), ref, atol=1e-5)
+    raw = encode(encoder_spec(folders / "dino", normalize=False), x)
+    assert torch.allclose(raw, out.pooler_output, atol=1e-5)
+
+
+def test_full_clip_folder_uses_its_image_embedding_with_imagenet_defaults(folders):
+    """No preprocessor_config.json: ImageNet mean/std, the vision config's image_size (16)."""
+    x = images(side=16)
+    model = transformers.CLIPModel.from_pretrained(folders / "clip").eval()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = model.get_image_features(pixel_values=((x + 1) / 2 - mean) / std)
+    ref = ref if torch.is_tensor(ref) else ref.pooler_output
+    spec = encoder_spec(folders / "clip", normalize=False)
+    assert spec["size"] == 16 and spec["model_type"] == "clip"
+    assert torch.allclose(encode(spec, x), ref, atol=1e-5)
+
+
+def test_grey_images_are_three_equal_channels_and_any_size_is_resized(folders):
+    spec = encoder_spec(folders / "dino")
+    grey = images(c=1, side=8)
+    assert torch.allclose(encode(spec, grey), encode(spec, grey.repeat(1, 3, 1, 1)), atol=1e-6)
+    assert encode(spec, grey).shape == (12, 32)
+
+
+def separable_images(n=24):
+    """Two kinds of images: dark with a bright left half, bright with a dark left half."""
+    x = -0.8 * torch.ones(n, 1, 16, 16)
+    x[: n // 2, :, :, :8] = 0.8
+    x[n // 2:] = 0.8
+    x[n // 2:, :, :, :8] = -0.8
+    return x + 0.05 * torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_manifest_spec_round_trips_and_routes_to_the_nearest_centroid(folders, tmp_path):
+    x = separable_images()
+    settings = {"folder": str(folders / "dino"), "pool": "mean"}
+    m = partition_data(ArrayData("im", x), 2, tmp_path / "p", features="encoder", encoder=settings)
+    manifest, tensors = load_partition(tmp_path / "p")
+    assert manifest["features"] == {"kind": "encoder", "folder": str((folders / "dino").resolve()), "pool": "mean",
+                                    "size": 32, "normalize": True, "model_type": "dinov2"}
+    want = encode(encoder_spec(**settings), x)
+    assert torch.allclose(feature_map(manifest, tensors)(x), want, atol=1e-6)
+    assert torch.equal(nearest_cluster_fn(manifest, tensors)(x), tensors["assignments"])
+    assert sorted(m["counts"]) == [12, 12]
+
+
+def test_refusals_name_the_field(folders, tmp_path):
+    x = images(n=6)
+    with pytest.raises(DDMError, match="partition.encoder.*does not exist"):
+        compute_partition(ArrayData("im", x), 2, "encoder", encoder={"folder": str(tmp_path / "nowhere")})
+    with pytest.raises(DDMError, match="partition.encoder.*not a vision encoder"):
+        compute_partition(ArrayData("im", x), 2, "encoder", encoder={"folder": str(folders / "bert")})
+    with pytest.raises(DDMError, match="partition.features = 'encoder' needs images"):
+        compute_partition(ArrayData("v", torch.randn(6, 5)), 2, "encoder", encoder={"folder": str(folders / "dino")})
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    cfg = json.loads((folders / "dino" / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "modeling_x.XModel"}}))
+    with pytest.raises(DDMError, match="partition.encoder.*auto_map"):
+        encoder_spec(remote)
+
+
+def test_applying_a_partition_whose_encoder_folder_is_gone_says_what_to_do(folders, tmp_path):
+    import shutil
+
+    shutil.copytree(folders / "dino", tmp_path / "enc")
+    x = separable_images()
+    partition_data(ArrayData("im", x), 2, tmp_path / "p", features="encoder", encoder={"folder": str(tmp_path / "enc")})
+    manifest, tensors = load_partition(tmp_path / "p")
+    shutil.rmtree(tmp_path / "enc")
+    with pytest.raises(DDMError, match="nearest-centroid routing needs the partition's encoder folder.*copy"):
+        nearest_cluster_fn(manifest, tensors)(x)
+    manifest["features"]["folder"] = "relative/enc"
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DDMError, match="absolute"):
+        load_partition(tmp_path / "p")
+
+
+def blobs(n_per=50, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    x = np.concatenate([c + rng.normal(size=(n_per, 2)) for c in centres])
+    return torch.as_tensor(x, dtype=torch.float32), np.repeat(np.arange(4), n_per)
+
+
+@pytest.mark.parametrize("minibatch", [False, True])
+def test_two_stage_kmeans_recovers_separated_blobs(minibatch, monkeypatch):
+    from sklearn.metrics import adjusted_rand_score
+
+    import ddmkit.data.partition as partition
+
+    if minibatch:  # the fine stage of a large data set: MiniBatchKMeans, whose centroids are not exact means
+        monkeypatch.setattr(partition, "MINIBATCH_WORK", 0)
+    x, truth = blobs()
+    plan = compute_partition(ArrayData("blobs", x), 4, fine_k=40, seed=0)
+    assert adjusted_rand_score(truth, plan.labels.numpy()) == 1.0
+    for c in range(4):  # stored centroids: the mean of each coarse cluster's points
+        assert np.allclose(plan.centroids[c], x[plan.labels == c].double().mean(0).numpy(), rtol=0, atol=1e-9)
+    balanced = compute_partition(ArrayData("skewed", x[:170]), 4, fine_k=40, balanced=True)
+    assert balanced.counts.max() == 43  # ceil(170 / 4)
+
+
+def test_fine_k_out_of_range_is_refused_with_a_working_value():
+    x, _ = blobs(n_per=5)
+    with pytest.raises(DDMError, match=r"partition.fine_k = 3 .* e.g. partition.fine_k = 20"):
+        compute_partition(ArrayData("blobs", x), 4, fine_k=3)
+    with pytest.raises(DDMError, match=r"partition.fine_k = 21 "):
+        compute_partition(ArrayData("blobs", x), 4, fine_k=21)
+    compute_partition(ArrayData("blobs", x), 4, fine_k=20)
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "DDMKIT_QUIET": "1"})
+
+
+def test_ddmkit_run_on_encoder_features_and_a_missing_encoder(folders, tmp_path, monkeypatch):
+    """`ddmkit run` partitions tiny images on the DINOv2 folder's features in two stages, trains,
+    samples (nearest routing applies the encoder to x0_hat) and evaluates; a missing folder is
+    exit 2 before anything is written."""
+    x = separable_images(40)
+    np.savez(tmp_path / "im.npz", x=x.numpy().clip(-1, 1))
+    config = f"""
+[data]
+name = "image_array"
+n_train = 32
+n_test = 8
+params = {{ path = "im.npz", test_fraction = 0.2 }}
+[partition]
+k = 2
+features = "encoder"
+encoder = "{folders / 'dino'}"
+encoder_size = 16
+fine_k = 6
+[expert.net]
+arch = "unet"
+kwargs = {{ channels = [8, 16], blocks = 1, attention_res = [] }}
+[expert.train]
+steps = 2
+batch_size = 8
+warmup = 1
+log_every = 1
+device = "cpu"
+[monolith]
+enabled = false
+[router.net]
+arch = "router_cnn"
+kwargs = {{ channels = [8, 16] }}
+[router.train]
+steps = 2
+batch_size = 8
+warmup = 1
+log_every = 1
+device = "cpu"
+[sample]
+n = 8
+steps = 2
+strategies = ["top-1", "nearest"]
+[evaluate]
+fid_features = "pixels"
+kid_subset = 4
+missing_experts = false
+stats_router = false
+"""
+    (tmp_path / "c.toml").write_text(config)
+    from typer.testing import CliRunner
+
+    from ddmkit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["run", "c.toml", "--out", "run"])
+    assert r.exit_code == 0, r.output[-2000:]
+    manifest = json.loads((tmp_path / "run" / "partition" / "manifest.json").read_text())
+    assert manifest["features"]["kind"] == "encoder" and manifest["fine_k"] == 6 and manifest["features"]["size"] == 16
+    assert (tmp_path / "run" / "report.md").exists()
+    (tmp_path / "bad.toml").write_text(config.replace(str(folders / "dino"), str(tmp_path / "no_such_model")))
+    r = cli("run", "bad.toml", "--out", "bad_run", cwd=tmp_path)  # a process: DDMError -> exit 2 is main()'s
+    assert r.returncode == 2 and "partition.encoder" in r.stderr and not (tmp_path / "bad_run").exists()

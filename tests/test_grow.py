@@ -1,0 +1,223 @@
+"""Growing a trained run (ddmkit.pipeline.grow): a run on 3 of 4 well-separated Gaussians gets the 4th
+as a new island (add-expert, router retrained or statistics-only), as rows of its nearest cluster
+(mode nearest), or has one expert replaced by a folder from elsewhere; bad input changes no byte."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddmkit.config import ExpertConfig, RunConfig, validate
+from ddmkit.data import ArrayData
+from ddmkit.ddm import load_ddm
+from ddmkit.errors import DDMError
+from ddmkit.io import load_tensors, read_json
+from ddmkit.layout import RunFolder
+from ddmkit.pipeline.grow import add_expert, joined_truth, replace_expert
+from ddmkit.pipeline.models import describe_models
+from ddmkit.pipeline.prepare import run_config
+from ddmkit.pipeline.run import run_pipeline, sample_run
+from ddmkit.registry import verify_registry
+from ddmkit.train.jobs import train_expert
+from ddmkit.truth import GaussianMixture
+
+SRC = str(Path(__file__).parents[1] / "src")
+MEANS = np.array([[-3.0, -3.0], [3.0, -3.0], [-3.0, 3.0], [3.0, 3.0]])
+TRUTH = GaussianMixture.from_covariances(np.ones(4), MEANS, np.full(4, 0.25))
+SMALL = {"net": {"arch": "mlp", "kwargs": {"width": 32, "depth": 1}},
+         "train": {"steps": 60, "batch_size": 64, "log_every": 20}}
+
+
+def cli(*args):
+    return clis([args])[0]
+
+
+def clis(calls: list[tuple]) -> list[tuple[int, str]]:
+    """(exit code, stderr) of `ddmkit ARGS` for each ARGS, run side by side."""
+    env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for args in calls]
+    return [(p.wait(), p.communicate()[1]) for p in procs]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hashes(root: Path) -> dict[str, str]:
+    """Every file of a folder, by relative path, with its SHA-256."""
+    return {p.relative_to(root).as_posix(): sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def component(i: int, n: int, seed: int) -> ArrayData:
+    """n rows of component i of TRUTH, labelled 0, with that component as the exact truth."""
+    sub = TRUTH.subset([i])
+    x, labels = sub.sample(n, torch.Generator().manual_seed(seed), return_labels=True)
+    return ArrayData(f"component{i}", x.float(), labels, sub)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A trained run (train stages only) on components 0, 1, 2 (k = 3), and the 4th component as an .npz."""
+    root = tmp_path_factory.mktemp("grow")
+    x, labels = TRUTH.sample(1000, torch.Generator().manual_seed(0), return_labels=True)
+    old = labels < 3
+    np.savez(root / "old.npz", x=x[old].float().numpy(), labels=labels[old].numpy())
+    np.savez(root / "new.npz", x=x[~old].float().numpy(), labels=labels[~old].numpy())
+    cfg = validate(RunConfig, {"data": {"name": str(root / "old.npz"), "n_train": 10_000, "n_test": 0},
+                               "partition": {"k": 3}, "expert": SMALL,
+                               "router": {**SMALL, "net": {"arch": "router_mlp", "kwargs": {"width": 32, "depth": 1}}},
+                               "sample": {"n": 60, "steps": 8, "strategies": ["top-2"]},
+                               "evaluate": {"chunk": 30, "missing_experts": False}})
+    run_pipeline(cfg, root / "base", log=lambda m: None, stages="train")
+    return root
+
+
+@pytest.fixture
+def run(base, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base / "base", out)
+    return out
+
+
+def test_new_cluster_adds_one_expert_and_a_router_over_k_plus_1(base, run):
+    folder = RunFolder(run)
+    sample_run(run, ["top-2"], log=lambda m: None)  # a sample set of the old DDM, to be cleared
+    before = hashes(run)
+    old_manifest, old_t = read_json(folder.manifest), load_tensors(run / "partition" / "partition.safetensors")
+    new_x = torch.as_tensor(np.load(base / "new.npz")["x"])
+    n_test = len(new_x) // 5  # the .npz loader holds a fifth out
+    event = add_expert(run, str(base / "new.npz"), log=lambda m: None)
+
+    m = read_json(folder.manifest)
+    assert m["k"] == 4 and m["counts"][:3] == old_manifest["counts"] and m["shards"][:3] == old_manifest["shards"]
+    after = hashes(run)
+    kept = [p for p in before if p.startswith(("partition/shards/", "experts/", "monolith/"))]
+    assert kept and all(after[p] == before[p] for p in kept)  # old shards, experts and monolith: same bytes
+    assert before["config.json"] == after["config.json"] and run_config(run).partition.k == 3
+    shard = run / "partition" / m["shards"][3]["path"]
+    x3 = load_tensors(shard)["x"]
+    assert m["counts"][3] == len(x3) == len(new_x) - n_test == event["rows"]
+    t = load_tensors(run / "partition" / "partition.safetensors")
+    assert torch.equal(t["centroids"][:3], old_t["centroids"])
+    assert torch.allclose(t["centroids"][3], x3.mean(0), atol=1e-5)  # identity features: the mean of the rows
+    assert torch.allclose(t["cluster_means"][3], x3.mean(0), atol=1e-5)
+    assert (t["assignments"][-len(x3):] == 3).all() and len(t["assignments"]) == m["n"]
+    cfg3 = read_json(folder.expert(3) / "config.json")
+    assert (cfg3["cluster"], cfg3["shard_sha256"], cfg3["shard_count"]) == (3, sha(shard), len(x3))
+    assert read_json(folder.router / "config.json")["k"] == 4 and after["router/model.safetensors"] != \
+        before["router/model.safetensors"]
+    ddm = load_ddm(run)
+    assert ddm.k == 4 and ddm.router(torch.zeros(5, 2), torch.full((5,), 0.5)).shape == (5, 4)
+    assert not folder.samples.exists()
+    assert len(load_tensors(folder.split("train"))["x"]) == m["n"]
+    log = read_json(folder.grow)
+    assert log["router"] == "learned" and [e["n"] for e in log["events"]] == [1] and event["test_rows"] == n_test
+    assert verify_registry(run)["missing"] == []
+    assert cli("verify", run)[0] == 0
+
+
+def test_stats_router_trains_nothing_and_routes_the_new_island(run):
+    before = hashes(run)
+    add_expert(run, component(3, 200, seed=1), router="stats", log=lambda m: None)
+    weights = sorted(p.parent.relative_to(run).as_posix() for p in run.rglob("model.safetensors"))
+    assert weights == ["experts/expert_00", "experts/expert_01", "experts/expert_02", "experts/expert_03", "monolith"]
+    assert read_json(RunFolder(run).grow)["router"] == "statistics"
+    assert all(hashes(run)[f"experts/expert_0{c}/model.safetensors"] == before[f"experts/expert_0{c}/model.safetensors"]
+               for c in range(3))
+    ddm = load_ddm(run)
+    assert ddm.meta["router"] == "statistics" and ddm.k == 4
+    p = ddm.router(torch.tensor(MEANS, dtype=torch.float32), torch.full((4,), 0.05))
+    assert p[3, 3] > 0.99  # at the new component's mean, nearly all weight on the new island
+    info, = sample_run(run, ["top-2"], log=lambda m: None)  # what `ddmkit sample` does
+    x0 = load_tensors(RunFolder(run).sample_set("top-2"))["x"]
+    assert x0.shape == (60, 2) and torch.isfinite(x0).all() and info["missing_experts"] == []
+    verify_registry(run)
+
+
+def test_exact_mixtures_are_joined_by_training_counts():
+    old, new = TRUTH.subset([0, 1, 2]), TRUTH.subset([3])
+    joined = joined_truth(old, new, 300, 100)
+    x = torch.randn(50, 2, dtype=torch.float64) * 3
+    want = torch.logsumexp(torch.stack([old.log_prob(x) + np.log(0.75), new.log_prob(x) + np.log(0.25)]), 0)
+    assert torch.allclose(joined.log_prob(x), want, atol=1e-10)
+    assert torch.allclose(joined.log_prob(x), TRUTH.log_prob(x), atol=1e-10)  # equal weights: the full mixture
+    assert joined_truth(old, None, 300, 100) is None
+
+
+def test_nearest_mode_grows_the_nearest_shard_and_retrains_its_expert(run):
+    folder = RunFolder(run)
+    before, old_m = hashes(run), read_json(folder.manifest)
+    centroids = load_tensors(run / "partition" / "partition.safetensors")["centroids"]
+    c = int(torch.cdist(torch.tensor(MEANS[:1], dtype=torch.float32), centroids).argmin())
+    rows = component(0, 50, seed=2)
+    old_x = load_tensors(run / "partition" / old_m["shards"][c]["path"])["x"]
+    event = add_expert(run, rows, mode="nearest", log=lambda m: None)
+    m = read_json(folder.manifest)
+    assert m["k"] == 3 and m["counts"][c] == old_m["counts"][c] + 50 and event["experts_trained"] == [c]
+    x = load_tensors(run / "partition" / m["shards"][c]["path"])["x"]
+    assert torch.equal(x[:len(old_x)], old_x) and torch.equal(x[len(old_x):], rows.x)
+    after = hashes(run)
+    for other in {0, 1, 2} - {c}:
+        for rel in (m["shards"][other]["path"], f"../experts/expert_0{other}/model.safetensors"):
+            key = os.path.normpath(f"partition/{rel}")
+            assert after[key] == before[key]
+    assert read_json(folder.expert(c) / "config.json")["shard_sha256"] == m["shards"][c]["sha256"]
+    assert after[f"experts/expert_0{c}/model.safetensors"] != before[f"experts/expert_0{c}/model.safetensors"]
+    assert read_json(folder.router / "config.json")["k"] == 3
+    verify_registry(run)
+
+
+def test_replace_expert_copies_a_foreign_folder_that_verifies_and_is_flagged(run, tmp_path):
+    foreign = tmp_path / "foreign"
+    other = validate(ExpertConfig, {"net": {"arch": "mlp", "kwargs": {"width": 16, "depth": 1}},
+                                    "train": {"steps": 20, "batch_size": 32, "seed": 5}})
+    train_expert(run / "partition" / "shards" / "cluster_00.safetensors", other, foreign)
+    event = replace_expert(run, 1, foreign, log=lambda m: None)
+    folder = RunFolder(run)
+    assert sha(folder.expert(1) / "model.safetensors") == sha(foreign / "model.safetensors")
+    cfg = read_json(folder.expert(1) / "config.json")
+    assert cfg["cluster"] == 1 and cfg["replaced_from"]["cluster"] == 0 and event["expert"] == 1
+    verify_registry(run)
+    _, notes = describe_models(run, run_config(run))
+    assert len(notes) == 1 and notes[0].startswith("expert 1 differs") and "kwargs" in notes[0]
+    assert load_ddm(run).k == 3
+
+
+def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):
+    before = hashes(run)
+    np.save(tmp_path / "cube.npy", np.zeros((20, 3), dtype=np.float32))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "config.json").write_text("{}")
+    calls = [(("add-expert", run, "--data", base / "new.npz", "--params", "{oops"), ("--params", "JSON")),
+             (("replace-expert", run, 3, run / "experts" / "expert_00"), ("K", "0 .. 2"))]
+    for (code, stderr), (_, words) in zip(clis([args for args, _ in calls]), calls):
+        assert code == 2 and all(w in stderr for w in words), stderr
+    nan = component(3, 20, seed=3)
+    nan.x[4, 1] = float("nan")
+    unlabelled = component(3, 20, seed=3)
+    unlabelled.labels = None
+    for call, words in [(lambda: add_expert(run, str(tmp_path / "cube.npy")), "shape (3,)"),
+                        (lambda: add_expert(run, component(3, 20, 3), mode="join"), "--mode"),
+                        (lambda: add_expert(run, component(3, 20, 3), router="none"), "--router"),
+                        (lambda: add_expert(run, nan, log=print), "NaN"),
+                        (lambda: add_expert(run, unlabelled), "labels"),
+                        (lambda: add_expert(run, component(3, 1, 3), router="stats"), "at least 2"),
+                        (lambda: add_expert(run, {"name": "ring8", "nope": 1}), "nope"),
+                        (lambda: replace_expert(run, 0, tmp_path / "junk"), "config.json"),
+                        (lambda: replace_expert(run, 0, run / "router"), "router"),
+                        (lambda: replace_expert(run, -1, run / "experts" / "expert_01"), "0 .. 2")]:
+        with pytest.raises(DDMError, match=words if words.startswith("-") else None) as err:
+            call()
+        assert words in str(err.value)
+    assert hashes(run) == before
+    shutil.rmtree(run / "experts" / "expert_02")  # a run whose training did not finish
+    untrained = hashes(run)
+    with pytest.raises(DDMError, match="not trained"):
+        add_expert(run, component(3, 20, 3))
+    assert hashes(run) == untrained

@@ -1,0 +1,209 @@
+"""Latent DDMs: the autoencoder codec against diffusers itself, a pretrained folder copied into the run,
+an autoencoder trained by ddmkit, and a latent run end to end from the command line."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from ddmkit.config import LatentConfig, RunConfig, load_config, validate  # noqa: E402
+from ddmkit.errors import DDMError  # noqa: E402
+from ddmkit.io import load_tensors, sha256_file  # noqa: E402
+from ddmkit.latent import LatentCodec, build_autoencoder, latent_shape, load_autoencoder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_images import write_idx_set  # noqa: E402
+
+
+def tiny_autoencoder(in_channels: int = 1, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_autoencoder(LatentConfig(channels=2, widths=[8, 8, 8]), in_channels, 32)
+
+
+def test_codec_matches_diffusers_with_shift_and_scale():
+    ae = tiny_autoencoder().eval()
+    ae.register_to_config(scaling_factor=2.5, shift_factor=0.3)
+    x = torch.rand(5, 1, 32, 32) * 2 - 1
+    codec = LatentCodec(ae, 1, batch=2)  # batches of 2: the split must not change the result
+    z = codec.encode(x)
+    with torch.no_grad():
+        want = (ae.encode(x).latent_dist.mean - 0.3) * 2.5
+        back = ae.decode(z / 2.5 + 0.3).sample
+    assert z.shape == (5, 2, 8, 8)
+    torch.testing.assert_close(z, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(codec.decode(z), back, atol=1e-5, rtol=1e-4)
+
+
+def test_grey_images_through_an_rgb_autoencoder():
+    ae = tiny_autoencoder(in_channels=3).eval()
+    codec = LatentCodec(ae, data_channels=1)
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want = ae.encode(x.repeat(1, 3, 1, 1)).latent_dist.mean * ae.config.scaling_factor
+        rgb = ae.decode(want / ae.config.scaling_factor).sample
+    torch.testing.assert_close(codec.encode(x), want, atol=1e-5, rtol=1e-4)
+    out = codec.decode(want)
+    assert out.shape == (3, 1, 32, 32)
+    torch.testing.assert_close(out, rgb.mean(1, keepdim=True), atol=1e-5, rtol=1e-4)
+
+
+def test_latent_shape_and_its_checks():
+    config = {"_class_name": "AutoencoderKL", "in_channels": 3, "latent_channels": 4,
+              "block_out_channels": [128, 256, 512, 512]}
+    assert latent_shape(config, (3, 256, 256)) == (4, 32, 32)
+    assert latent_shape(config, (1, 64, 64)) == (4, 8, 8)  # grey data through an RGB autoencoder
+    with pytest.raises(DDMError, match="pad_to"):
+        latent_shape(config, (3, 28, 28))
+    with pytest.raises(DDMError, match="latent.enabled"):
+        latent_shape(config, (8,))
+
+
+def test_a_pretrained_folder_loads_safetensors_only(tmp_path):
+    ae = tiny_autoencoder()
+    ae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    loaded = load_autoencoder(tmp_path / "vae")
+    assert all(torch.equal(a, b) for a, b in zip(ae.state_dict().values(), loaded.state_dict().values()))
+    ae.save_pretrained(tmp_path / "pickled", safe_serialization=False)  # a .bin file: pickle, never loaded
+    with pytest.raises(DDMError, match="safetensors"):
+        load_autoencoder(tmp_path / "pickled")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(DDMError, match="not an AutoencoderKL"):
+        load_autoencoder(tmp_path / "other")
+    with pytest.raises(DDMError, match="not a folder"):
+        load_autoencoder(tmp_path / "missing")
+
+
+def latent_config(tmp_path: Path, pretrained: Path | None = None) -> Path:
+    """A tiny latent run on a small IDX folder, written as TOML."""
+    folder = write_idx_set(tmp_path / "fm", 96, 32)
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
+    raw["data"]["params"] = {"dir": str(folder), "pad_to": 32}
+    raw["sample"].update(n=16, steps=2, strategies=["monolith", "top-1", "nearest"], guidance_sweep=[],
+                         stats_router_strategies=[], sweep_n=None)
+    raw["evaluate"].update(missing_experts=False)
+    raw["latent"] = {"enabled": True, "channels": 2, "widths": [8, 8, 8], "pretrained": None if pretrained is None
+                     else str(pretrained), "train": {"steps": 6, "batch_size": 8, "warmup": 1, "log_every": 3,
+                                                     "device": "cpu"}}
+    cfg = validate(RunConfig, raw)
+    lines = []
+
+    def table(prefix, d):
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in scalars.items() if v is not None)
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "params" and k != "kwargs":
+                table(f"{prefix}.{k}", v)
+            elif isinstance(v, dict):
+                inner = ", ".join(f"{a} = {json.dumps(b)}" for a, b in v.items())
+                lines.append(f"{k} = {{ {inner} }}")
+
+    for name, section in cfg.model_dump().items():
+        table(name, section)
+    path = tmp_path / "latent.toml"
+    path.write_text("\n".join(lines) + "\n")
+    assert load_config(path) == cfg
+    return path
+
+
+def run_cli(*args):
+    from typer.testing import CliRunner
+
+    from ddmkit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_a_latent_run_end_to_end(tmp_path):
+    """`ddmkit run` with an autoencoder trained by ddmkit: experts on latents, samples decoded, the
+    reconstructions row in the report, the registry covering the latents."""
+    from ddmkit import DDM
+    from ddmkit.pipeline.stages import load_split
+
+    config = latent_config(tmp_path)
+    result = run_cli("run", config, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    info = json.loads((run / "latents" / "latents.json").read_text())
+    assert info["latent_shape"] == [2, 8, 8] and info["data_shape"] == [1, 32, 32] and info["source"] == "trained"
+    # the shards' latents are the autoencoder's encoding of the pixel shards, row for row
+    codec = LatentCodec(load_autoencoder(run / "autoencoder"), 1)
+    pixels = load_tensors(run / "partition" / "shards" / "cluster_00.safetensors")
+    latents = load_tensors(run / "latents" / "cluster_00.safetensors")
+    torch.testing.assert_close(latents["x"], codec.encode(pixels["x"]), atol=1e-5, rtol=1e-4)
+    assert torch.equal(latents["labels"], pixels["labels"])
+    # a trained autoencoder's latents of the training images have mean 0 and variance 1
+    z = codec.encode(load_split(run, "train").x)
+    assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1) < 1e-4
+    for folder in ["experts/expert_00", "experts/expert_01", "monolith", "router"]:
+        assert json.loads((run / folder / "config.json").read_text())["data_shape"] == [2, 8, 8]
+    assert json.loads((run / "experts" / "expert_00" / "config.json").read_text())["shard_sha256"] == \
+        info["shards"][0]["sha256"]
+    samples = load_tensors(run / "samples" / "top-1.safetensors")["x"]
+    assert samples.shape == (16, 1, 32, 32) and samples.abs().max() <= 1
+    report = (run / "report.md").read_text()
+    assert "autoencoder reconstructions (latent floor)" in report and (run / "plots" / "reconstructions.png").exists()
+    # the library call decodes too, or gives the latents
+    ddm = DDM.from_pretrained(run)
+    images, _ = ddm.sample("top-1", n=4, steps=2, labels=torch.zeros(4, dtype=torch.long))
+    latent, _ = ddm.sample("top-1", n=4, steps=2, labels=torch.zeros(4, dtype=torch.long), decode=False)
+    assert images.shape == (4, 1, 32, 32) and latent.shape == (4, 2, 8, 8)
+    torch.testing.assert_close(images, ddm.codec.decode(latent))
+    assert run_cli("verify", run).exit_code == 0
+    assert "latents/cluster_$I" in (run_cli("launch", run, "--emit", "slurm").exit_code == 0
+                                    and (run / "launch" / "train_experts.slurm").read_text())
+    # an autoencoder changed after encoding is refused before anything is built
+    weights = run / "autoencoder" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(DDMError, match="autoencoder was changed"):
+        DDM.from_pretrained(run)
+
+
+def test_a_pretrained_autoencoder_is_copied_and_used(tmp_path):
+    ae = tiny_autoencoder(seed=3)
+    ae.register_to_config(scaling_factor=1.7, shift_factor=0.0)
+    ae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    config = latent_config(tmp_path, pretrained=tmp_path / "vae")
+    result = run_cli("partition", "--config", config, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    copied = load_autoencoder(run / "autoencoder")
+    assert all(torch.equal(a, b) for a, b in zip(ae.state_dict().values(), copied.state_dict().values()))
+    info = json.loads((run / "latents" / "latents.json").read_text())
+    assert info["source"] == str(tmp_path / "vae") and info["scaling_factor"] == pytest.approx(1.7)
+    assert info["autoencoder_sha256"] == sha256_file(run / "autoencoder" / "diffusion_pytorch_model.safetensors")
+    pixels = load_tensors(run / "partition" / "shards" / "cluster_01.safetensors")["x"]
+    torch.testing.assert_close(load_tensors(run / "latents" / "cluster_01.safetensors")["x"],
+                               LatentCodec(ae.eval(), 1).encode(pixels), atol=1e-5, rtol=1e-4)
+
+
+def exit_code(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`ddmkit ARGS` through its entry point, in this process: (exit code, what it printed)."""
+    import ddmkit.cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli_module.main()
+    out = capsys.readouterr()
+    return info.value.code, " ".join((out.out + out.err).split())
+
+
+def test_bad_latent_settings_exit_2_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    config = latent_config(tmp_path, pretrained=tmp_path / "no-such-vae")
+    code, out = exit_code(monkeypatch, capsys, "run", config, "--out", tmp_path / "run")
+    assert code == 2 and "latent.pretrained" in out
+    assert not (tmp_path / "run").exists()
+    text = config.read_text().replace('pretrained = "' + str(tmp_path / "no-such-vae") + '"\n', "")
+    odd = tmp_path / "odd.toml"
+    odd.write_text(text.replace('pad_to = 32', 'pad_to = 30'))  # 30 is not a multiple of 4
+    code, out = exit_code(monkeypatch, capsys, "run", odd, "--out", tmp_path / "run")
+    assert code == 2 and "pad_to" in out, out
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,212 @@
+"""The user's own network classes, named in the config as "package.module:Class": trained, saved,
+loaded and sampled like the built-ins; imported only from the config the user runs, never because
+a run folder names them; a class whose output has the wrong shape is refused before training."""
+import json
+import re
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddmkit.cli import main
+from ddmkit.errors import DDMError
+from ddmkit.nets import build_seeded, from_pretrained, save_pretrained, use_network
+import ddmkit.nets.user as user
+
+
+NETS = '''
+import math
+
+import torch
+from torch import nn
+
+
+class Velocity(nn.Module):
+    def __init__(self, data_shape, width=16):
+        super().__init__()
+        dim = math.prod(data_shape)
+        self.net = nn.Sequential(nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, dim + EXTRA))
+
+    def forward(self, x, t, y=None):
+        return self.net(torch.cat([x.flatten(1), t[:, None]], dim=1)).reshape(len(x), -1)
+
+
+class Router(nn.Module):
+    def __init__(self, data_shape, num_experts, width=16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(math.prod(data_shape) + 1, width), nn.SiLU(),
+                                 nn.Linear(width, num_experts))
+
+    def forward(self, x, t, y=None):
+        return self.net(torch.cat([x.flatten(1), t[:, None]], dim=1))
+'''
+
+CONFIG = """
+[data]
+name = "ring8"
+n_train = 400
+n_test = 200
+
+[partition]
+k = 2
+
+[expert.net]
+arch = "{module}:Velocity"
+kwargs = {{ width = 16 }}
+
+[expert.train]
+steps = 20
+batch_size = 32
+log_every = 10
+
+[router.net]
+arch = "{module}:Router"
+
+[router.train]
+steps = 20
+batch_size = 32
+log_every = 10
+
+[monolith]
+enabled = false
+
+[sample]
+n = 100
+steps = 4
+strategies = ["top-1", "full"]
+
+[evaluate]
+chunk = 50
+missing_experts = false
+stats_router = false
+"""
+
+
+def write_nets(folder: Path, module: str, extra: int = 0) -> Path:
+    """A module of the user's networks (extra > 0: the velocity has `extra` columns too many) and a
+    config naming them; returns the config."""
+    (folder / f"{module}.py").write_text(NETS.replace("EXTRA", str(extra)))
+    config = folder / f"{module}.toml"
+    config.write_text(CONFIG.format(module=module))
+    return config
+
+
+def ddmkit(monkeypatch, capsys, *args, path: Path) -> tuple[int, str]:
+    """`ddmkit ARGS` in this process as in a new one that finds the user's code on its path: no network
+    class registered yet; returns (exit code, stderr on one line, when capsys is given)."""
+    monkeypatch.setattr(user, "_USER", {})
+    monkeypatch.syspath_prepend(str(path))
+    monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
+    if capsys:
+        capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        main()
+    return exit.value.code, " ".join(capsys.readouterr().err.split()) if capsys else ""
+
+
+@pytest.fixture
+def here(monkeypatch, capsys):
+    return lambda *args, path: ddmkit(monkeypatch, capsys, *args, path=path)
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory):
+    """(folder of the user's code, config, run folder) of a finished `ddmkit run`."""
+    home = tmp_path_factory.mktemp("user")
+    config = write_nets(home, "my_nets")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        code, _ = ddmkit(monkeypatch, None, "run", config, "--out", home / "run", path=home)
+    assert code == 0
+    return home, config, home / "run"
+
+
+def test_a_run_with_the_users_networks_finishes_and_records_their_names(user_run):
+    home, config, run = user_run
+    assert (run / "report.md").exists() and (run / "metrics.json").exists()
+    assert json.loads((run / "experts" / "expert_01" / "config.json").read_text())["arch"] == "my_nets:Velocity"
+    assert json.loads((run / "router" / "config.json").read_text())["arch"] == "my_nets:Router"
+
+
+def test_sampling_needs_the_config_that_names_the_classes(user_run, here):
+    home, config, run = user_run
+    assert here("sample", run, "--strategy", "top-1", "--n", "20", "--config", config, path=home)[0] == 0
+    code, message = here("sample", run, "--strategy", "top-1", "--n", "20", path=home)
+    assert code == 2 and "'my_nets:Velocity' is not registered" in message
+    assert "--config CONFIG" in message and "ddmkit.nets.use_network('my_nets:Velocity')" in message
+    assert here("sample", run, "--strategy", "top-1", "--n", "20", "--set", "expert.net.arch=my_nets:Velocity",
+                "--set", "router.net.arch=my_nets:Router", path=home)[0] == 0  # named on the command line
+
+
+def test_a_run_folder_naming_a_class_never_imports_it(user_run, here, tmp_path):
+    """A module with a side effect on import, named by a model folder's config.json and by the run's own
+    config.json: sampling and training the router refuse (exit 2) and the module is never imported."""
+    home, config, run = user_run
+    marker = tmp_path / "imported"
+    (tmp_path / "probe_nets.py").write_text(textwrap.dedent(f"""
+        open({str(marker)!r}, "w").write("imported")
+        from my_nets import Router, Velocity
+    """))
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "registry.json").unlink()
+    expert = copy / "experts" / "expert_00" / "config.json"
+    expert.write_text(expert.read_text().replace("my_nets:Velocity", "probe_nets:Velocity"))
+    code, message = here("sample", copy, "--strategy", "top-1", "--n", "20", "--config", config, path=home)
+    assert code == 2 and "'probe_nets:Velocity' is not registered" in message
+
+    run_config = copy / "config.json"
+    run_config.write_text(run_config.read_text().replace("my_nets:Router", "probe_nets:Router"))
+    shutil.rmtree(copy / "router")
+    code, message = here("train-router", copy, path=tmp_path)
+    assert code == 2 and "'probe_nets:Router' is not registered" in message
+    assert not marker.exists() and "probe_nets" not in sys.modules
+
+
+@pytest.mark.parametrize("extra, where", [(1, r"expert.net.arch = 'bad_nets_1:Velocity'.*returned \(2, 3\)"),
+                                          (0, r"router.net.arch = 'bad_nets_0:Router'.*returned \(2, 3\)")])
+def test_a_wrong_output_shape_is_refused_before_training(tmp_path, here, extra, where):
+    config = write_nets(tmp_path, f"bad_nets_{extra}", extra)
+    if not extra:  # a router of 3 logits for 2 clusters
+        config.write_text(config.read_text().replace('arch = "bad_nets_0:Router"',
+                                                     'arch = "bad_nets_0:Router"\nkwargs = { num_experts = 3 }'))
+    code, message = here("run", config, "--out", tmp_path / "run", path=tmp_path)
+    assert code == 2 and re.search(where, message), message
+    assert not (tmp_path / "run").exists()
+
+
+# ----- in this process ---------------------------------------------------------------------------------
+class Doubler(torch.nn.Module):
+    """x -> 2 x W: a velocity network of one linear map."""
+
+    def __init__(self, data_shape, width=4):
+        super().__init__()
+        self.lin = torch.nn.Linear(data_shape[0], data_shape[0])
+
+    def forward(self, x, t, y=None):
+        return 2 * self.lin(x)
+
+
+def test_a_registered_class_round_trips_through_a_model_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(user, "_USER", {})
+    name = use_network(Doubler)
+    model = build_seeded(user.class_name(Doubler), 3, data_shape=[2])
+    save_pretrained(tmp_path / "m", model, {"arch": user.class_name(Doubler), "kwargs": {"data_shape": [2]}})
+    loaded, cfg = from_pretrained(tmp_path / "m")
+    x, t = torch.randn(5, 2), torch.rand(5)
+    assert isinstance(loaded, name) and torch.equal(loaded(x, t), model(x, t))
+
+    monkeypatch.setattr(user, "_USER", {})  # another process, that did not register it
+    with pytest.raises(DDMError, match=re.escape(f"use_network({user.class_name(Doubler)!r})")):
+        from_pretrained(tmp_path / "m")
+
+
+def test_use_network_refuses_what_is_not_a_module_class(monkeypatch):
+    monkeypatch.setattr(user, "_USER", {})
+    with pytest.raises(DDMError, match="not a torch.nn.Module subclass"):
+        use_network("tests.test_user_network:write_nets")
+    with pytest.raises(DDMError, match="cannot import"):
+        use_network("tests.no_such_module:Net")
+    assert user.user_networks() == ()
