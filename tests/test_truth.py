@@ -210,3 +210,11 @@ def test_lipschitz_bound_is_the_closed_form_and_is_attained_between_two_modes():
         jac = g.velocity_jacobian(torch.zeros(1, 2, dtype=D), ti)
         assert float(torch.linalg.matrix_norm(jac, ord=2)) == pytest.approx(float(g.velocity_lipschitz_bound(ti)),
                                                                              rel=1e-10)
+
+
+def test_zero_samples_are_an_empty_set(gen):
+    """n = 0 (a preset with data.n_test = 0) gives empty (0, D) samples and labels, not an error."""
+    from ddmkit.data import load_dataset
+
+    train, test = load_dataset("ring8", 16, 0, 0)
+    assert len(train) == 16 and test.x.shape == (0, 2) and test.labels.shape == (0,)

@@ -72,7 +72,8 @@ def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device, d
     if codec is not None:  # a latent run: samples are decoded into images
         x0 = codec.decode(x0)
     info.pop("expert_rows", None)
-    info.update(strategy=sample_set.name, guidance=sample_set.guidance, router=sample_set.router,
+    info.update(strategy=sample_set.name, guidance=sample_set.guidance,
+                router=meta.get("router", sample_set.router),  # what the DDM routed by (a grown run: statistics)
                 missing_experts=meta.get("missing_experts", []))
     if images:
         x0 = x0.float().clamp(-1, 1)

@@ -108,7 +108,8 @@ class GaussianMixture:
     # ----- sampling -------------------------------------------------------
     def sample(self, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
         """n samples of the data distribution (t = 0), optionally with component labels."""
-        labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        labels = torch.multinomial(self.weights, n, replacement=True, generator=generator) if n else \
+            torch.zeros(0, dtype=torch.long)
         z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
         x = self.means[labels] + torch.einsum("nij,nj->ni", self.eigvecs[labels], z * self.eigvals[labels].sqrt())
         return (x, labels) if return_labels else x
