@@ -1,14 +1,17 @@
 """How fast does one expert train: samples/s, and achieved FLOP/s as a share of the machine's
-matrix-multiply peak measured in the same run?
+matrix-multiply peak measured in the same run? And (--mode stacked) how long do K experts trained
+stacked on one GPU take against the monolith trained on the same samples?
 
     python benchmarks/training.py --quick                                # CPU, MLP expert: a few seconds
     python benchmarks/training.py --device cuda --bf16 --compile         # GPU, UNet expert (1 x 32 x 32)
     python benchmarks/training.py --device cpu --experts mlp --batches 256 1024 --steps 20
+    python benchmarks/training.py --mode stacked --quick                 # CPU, tiny networks: a check
+    python benchmarks/training.py --mode stacked --device cuda --compile # GPU: K = 8 experts, a few minutes
 
-One training step is what an expert's training does per batch: the flow-matching loss
-(ddmkit.flow.flow_matching_loss) of the expert network (ddmkit.nets.VelocityMLP, or ddmkit.nets.UNet
-with channels WIDTH/2W/2W and attention at 8x8, as the image config's experts), backward, AdamW.
-Variants: eager, channels-last (UNet), and each under torch.compile with --compile.
+--mode single (the default): one training step is what an expert's training does per batch: the
+flow-matching loss (ddmkit.flow.flow_matching_loss) of the expert network (ddmkit.nets.VelocityMLP,
+or ddmkit.nets.UNet with channels WIDTH/2W/2W and attention at 8x8, as the image config's experts),
+backward, AdamW. Variants: eager, channels-last (UNet), and each under torch.compile with --compile.
 FLOPs per step are counted by PyTorch's FlopCounterMode over forward and backward (the optimiser's
 few FLOPs per parameter are left out). The peak is a large square matrix product (bf16 8192^3 on a
 GPU, float32 2048^3 on a CPU), the median of 10 after warm-up: the ceiling the network's matrix
@@ -17,22 +20,48 @@ not depend on it. --warmup untimed steps come first (and torch.compile's compila
 
 Prints a Markdown table: variant, batch, samples/s, ms per step, GFLOP per sample (forward +
 backward), TFLOP/s and its share of the matmul peak. Measured numbers: docs/performance.md.
+
+--mode stacked: the experts of configs/fashion_mnist.toml (K = 8 UNets 32/64/64, attention at 8x8,
+10 classes, on 1 x 32 x 32 images) and of configs/fashion_mnist_latent.toml (K = 8 DiTs, patch 1,
+width 192, depth 6, 6 heads, 10 classes, on 4 x 8 x 8 latents), with their train settings, trained
+as ddmkit's concurrent path trains them (ddmkit.train.StackedExperts, K x batch B, through fit(),
+the one training loop: AdamW, per-expert clipping, EMA), against their monolith (one network,
+batch K * B, ddmkit.train.monolith_config with match = "batch"): the same samples per step, so the
+ratio of the times per step is the ratio of the training times. Variants: the monolith in bf16
+(the configs' train.bf16); the stacked experts in float32 (train.bf16 off: how they trained before
+the stacked forward ran in bf16) and in bf16 (CUDA only: fit() autocasts on CUDA only); with
+--compile, the monolith and the bf16 experts again under train.compile (--compile-mode). Data:
+class means plus noise, drawn on the device (the speed of a step does not depend on it; the loss
+column shows that every variant learns the same). Prints a Markdown table: network, variant,
+compile, ms per step, samples/s, experts / monolith (against the monolith with the same compile
+setting), mean loss per sample over the timed steps, peak GPU memory. Eager rows come first, so a
+run cut short keeps them; progress on stderr.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddmkit import __version__
+from ddmkit import __version__, load_config
 from ddmkit.flow import flow_matching_loss
-from ddmkit.nets import UNet, VelocityMLP
+from ddmkit.nets import UNet, VelocityMLP, build_seeded
+from ddmkit.train import StackedExperts, fit, monolith_config
 
 IMAGE = (1, 32, 32)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STACKED = {  # --mode stacked: the config whose experts are timed, and their data shape
+    "unet": ("fashion_mnist.toml", (1, 32, 32)),        # images padded to 32 x 32
+    "dit": ("fashion_mnist_latent.toml", (4, 8, 8)),    # the autoencoder's latents
+}
+TINY = {"unet": {"channels": [4, 8], "attention_res": [16]}, "dit": {"width": 16, "depth": 1, "heads": 2}}  # --quick
 
 
 def sync(device) -> None:
@@ -106,24 +135,155 @@ def measure(variant: str, batch: int, args, device, precision) -> dict:
             "gflop_per_sample": flops / batch / 1e9, "ms_per_step": seconds * 1e3, "warmup_s": warm}
 
 
+# ---------------------------------------------------------------- --mode stacked: K experts against the monolith
+
+def class_data(shape, n: int, classes: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """n samples of `classes` Gaussian classes (a random mean each, noise 0.5) and their labels."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, max(classes, 1), (n,), generator=gen)
+    means = torch.randn(max(classes, 1), *shape, generator=gen)
+    return (means[labels] + 0.5 * torch.randn(n, *shape, generator=gen)).to(device), labels.to(device)
+
+
+def timed_fit(model, cfg, k: int, stacked: bool, shape, args, device) -> dict:
+    """fit() `model` (stacked: k experts of batch cfg.train.batch_size each; else one network) for
+    warmup + steps steps; the time of the last `steps` (GPU synchronised), the mean loss per sample
+    over them and the peak GPU memory."""
+    x_all, y_all = class_data(shape, 4096, cfg.net.kwargs.get("num_classes", 0), device)
+    num_classes, b = cfg.net.kwargs.get("num_classes", 0), cfg.train.batch_size
+    clock = {"loss": 0.0}
+
+    def draw(gen, size):
+        idx = torch.randint(0, len(x_all), size, generator=gen, device=device)
+        y = y_all[idx]
+        drop = torch.rand(y.shape, generator=gen, device=device) < cfg.label_dropout  # classifier-free guidance
+        return x_all[idx], (torch.where(drop, torch.full_like(y, num_classes), y) if num_classes else None)
+
+    def batch_loss(m, step, gen):
+        if step == args.warmup:
+            sync(device)
+            clock["start"] = time.perf_counter()
+        if stacked:  # sum over experts of each expert's mean loss, as ddmkit's concurrent path
+            x, y = draw(gen, (k, b))
+            per_row = lambda xt, t: m(xt.unflatten(0, (k, b)), t.unflatten(0, (k, b)), y).flatten(0, 1)
+            loss = k * flow_matching_loss(per_row, x.flatten(0, 1), gen, cfg.prediction)
+        else:
+            x, y = draw(gen, (b,))
+            loss = flow_matching_loss(lambda xt, t: m(xt, t, y), x, gen, cfg.prediction)
+        if step >= args.warmup:
+            clock["loss"] = clock["loss"] + loss.detach() / (k if stacked else 1)  # no host sync
+        return loss, {}
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    fit(model, batch_loss, cfg.train, device=device)
+    sync(device)
+    seconds = (time.perf_counter() - clock["start"]) / args.steps
+    return {"ms_per_step": 1e3 * seconds, "samples_per_s": (k if stacked else 1) * b / seconds,
+            "loss": float(clock["loss"]) / args.steps,
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
+
+
+def stacked_variants(args, device) -> list[tuple[str, bool, bool, bool]]:
+    """(label, stacked, bf16, compile): eager first; bf16 and compile only where fit() applies them (CUDA)."""
+    cuda = device.type == "cuda"
+    eager = [("monolith", False, True, False), ("experts, float32 (before)", True, False, False)]
+    eager += [("experts, bf16", True, True, False)] if cuda else []
+    compiled = [("monolith", False, True, True), ("experts, bf16", True, True, True)] if cuda and args.compile else []
+    return eager + compiled
+
+
+def stacked_job(net: str, stacked: bool, bf16: bool, compiled: bool, args, device):
+    """(model, ExpertConfig, K, data shape) of one variant: the config's experts stacked (batch B each), or
+    their monolith (batch K * B), trained steps = warmup + steps with one log row at the end."""
+    run = load_config(CONFIGS / STACKED[net][0])
+    expert, k = run.expert, args.k or run.partition.k
+    kwargs = {**expert.net.kwargs, **(TINY[net] if args.quick else {})}
+    train = expert.train.model_copy(update={
+        "steps": args.warmup + args.steps, "log_every": args.warmup + args.steps, "device": str(device),
+        "bf16": bf16, "compile": compiled, "compile_mode": args.compile_mode, "checkpoint_every": 0,
+        "tensorboard": False, "batch_size": args.expert_batch or expert.train.batch_size})
+    expert = expert.model_copy(update={"net": expert.net.model_copy(update={"kwargs": kwargs}), "train": train})
+    shape = STACKED[net][1]
+    build = lambda: build_seeded(expert.net.arch, train.seed, data_shape=list(shape), **kwargs)
+    if not stacked:
+        return build(), monolith_config(expert, k, "batch"), k, shape
+    train = train.model_copy(update={"channels_last": False})  # as ddmkit's concurrent path
+    return StackedExperts([build() for _ in range(k)]), expert.model_copy(update={"train": train}), k, shape
+
+
+def run_stacked(args, device) -> None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# stacked experts against the monolith: {name}; torch {torch.__version__}; ddmkit {__version__}; "
+          f"{args.steps} timed steps after {args.warmup}", flush=True)
+    if device.type != "cuda":
+        print("(CPU: fit() neither autocasts nor compiles here; the bf16 and compile rows need CUDA)", flush=True)
+    print("\n| network | variant | compile | batch | ms/step | samples/s | experts/monolith | mean loss | peak GiB |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|", flush=True)
+    start, monolith_ms = time.perf_counter(), {}
+    for label, stacked, bf16, compiled in stacked_variants(args, device):
+        for net in args.nets:
+            model, cfg, k, shape = stacked_job(net, stacked, bf16, compiled, args, device)
+            batch = f"{k} x {cfg.train.batch_size}" if stacked else str(cfg.train.batch_size)
+            mode = args.compile_mode if compiled else "no"
+            print(f"[{time.perf_counter() - start:.0f} s] {net}: {label}, compile {mode}, batch {batch} ...",
+                  file=sys.stderr, flush=True)
+            try:
+                r = timed_fit(model, cfg, k, stacked, shape, args, device)
+            except Exception as e:  # one failing variant (say, compile) must not lose the others
+                why = " ".join(str(e).split())[:120].replace("|", "/")
+                print(f"| {net} | {label} | {mode} | {batch} | failed: {type(e).__name__}: {why} | | | | |", flush=True)
+                continue
+            finally:
+                del model
+                torch._dynamo.reset()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if not stacked:
+                monolith_ms[net, compiled] = r["ms_per_step"]
+            base = monolith_ms.get((net, compiled)) if stacked else None
+            ratio = "-" if base is None else f"{r['ms_per_step'] / base:.2f}"
+            peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+            print(f"| {net} | {label} | {mode} | {batch} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.0f} | "
+                  f"{ratio} | {r['loss']:.4f} | {peak} |", flush=True)
+    print(f"[{time.perf_counter() - start:.0f} s] done", file=sys.stderr, flush=True)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["single", "stacked"], default="single",
+                   help="single: one expert's samples/s and share of the matmul peak; stacked: K experts "
+                        "trained stacked against the monolith on the same samples")
     p.add_argument("--quick", action="store_true",
-                   help="CPU, MLP expert, batch 256, 5 steps: a check in a few seconds")
+                   help="CPU, MLP expert, batch 256, 5 steps: a check in a few seconds (--mode stacked: tiny "
+                        "networks, K = 2, batch 4, 3 steps)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--experts", choices=["mlp", "unet"], default="unet", help="the expert network")
     p.add_argument("--width", type=int, default=None, help="UNet channels WIDTH/2W/2W (default 64); MLP width (256)")
     p.add_argument("--dim", type=int, default=64, help="MLP data dimension")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; --mode stacked: 200)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first, torch.compile's compilation among them (default 5; --mode stacked: 20)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (as train.bf16)")
     p.add_argument("--compile", action="store_true", help="also time the variants under torch.compile")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--nets", nargs="+", choices=list(STACKED), default=list(STACKED),
+                   help="--mode stacked: the experts of fashion_mnist.toml (unet), fashion_mnist_latent.toml (dit)")
+    p.add_argument("--k", type=int, default=None, help="--mode stacked: number of experts (default: the config's)")
+    p.add_argument("--expert-batch", type=int, default=None,
+                   help="--mode stacked: batch of each expert (default: the config's); the monolith's is K times it")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
+                   help="--mode stacked: train.compile_mode of the compile rows")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     args = p.parse_args(argv)
-    if args.quick:
+    if args.quick and args.mode == "stacked":
+        args.device, args.steps, args.warmup, args.k, args.expert_batch = "cpu", 3, 1, 2, 4
+    elif args.quick:
         args.device, args.experts, args.batches, args.steps, args.warmup = "cpu", "mlp", [256], 5, 2
     args.width = args.width or (64 if args.experts == "unet" else 256)
+    args.steps = args.steps or (200 if args.mode == "stacked" else 20)
+    args.warmup = args.warmup if args.warmup is not None else (20 if args.mode == "stacked" else 5)
     return args
 
 
@@ -132,6 +292,10 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.mode == "stacked":
+        os.environ.setdefault("DDMKIT_QUIET", "1")  # fit()'s progress bars; this script reports its own
+        return run_stacked(args, device)
     precision = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     peak = matmul_peak(device, 1024 if args.quick else None)

@@ -587,6 +587,76 @@ def exactness(k: int = typer.Option(3, help="number of Markov chains (clusters)"
         write_json(out, {"k": k, "vocab": vocab, "length": length, "seed": seed, "rows": rows})
 
 
+# ----- controlled studies over many trained runs: ddmkit study misalignment (ddmkit.pipeline.misalignment) -----
+study_app = typer.Typer(help="Controlled studies over many trained runs on exact Gaussian mixtures.",
+                        no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("misalignment")
+def study_misalignment_cmd(
+        config: Path = typer.Argument(..., help=f"{CONFIG}; its data must be a Gaussian mixture (ring8, grid25, "
+                                      "gmm32, mixture)"),
+        out: Path = typer.Option(Path("runs/misalignment"), "--out", help="folder of the study's run folders, "
+                                 "measurements and report.md"),
+        seeds: int = typer.Option(3, "--seeds", help="training seeds 0 .. N-1 (experts seed, router seed + 1)"),
+        conditions: Optional[List[str]] = typer.Option(None, "--conditions", "--condition", help="conditions, "
+                                                       "repeatable or comma-separated: disjoint, overlap-S, "
+                                                       "undertrained-F, random, with +exact, +tempered-T, "
+                                                       "+uniform-A, +permuted-A (default: disjoint, overlap-0.25, "
+                                                       "undertrained-0.1, random, tempered-3, uniform-0.5, "
+                                                       "permuted-0.5, exact, exact+tempered-3)"),
+        strategy: Optional[List[str]] = typer.Option(None, "--strategy", help=f"routing strategies, repeatable "
+                                                     f"({STRATEGY_FORMS}; default: full, top-1, top-2, sample-2)"),
+        n: int = typer.Option(1000, "--n", help="trajectories per strategy (and held-out rows for W2)"),
+        n_boot: int = typer.Option(200, "--n-boot", help="bootstrap resamples of the samples"),
+        w2_boot: int = typer.Option(50, "--w2-boot", help="bootstrap resamples for W2 (each an exact W2)"),
+        force: bool = typer.Option(False, help="train again run folders that hold another config"),
+        set_: Optional[List[str]] = SET):
+    """Expert-data misalignment conditions x routing strategies x training seeds: stability (L_eff,
+    amplification, Delta_refine) against quality (W2, NLL) with intervals; writes OUT/report.md."""
+    from ddmkit.pipeline.misalignment import study_misalignment
+
+    if seeds < 1:
+        raise DDMError(f"--seeds {seeds}: give the number of training seeds, at least 1 (e.g. --seeds 3)")
+    report = study_misalignment(_config(config, None, set_), out, list(range(seeds)), conditions, strategy, n=n,
+                                n_boot=n_boot, w2_boot=w2_boot, force=force, log=log)
+    for name, c in report["conditions"].items():
+        log(f"{name}: {c['verdict']}")
+
+
+# ----- distilling a trained DDM into one network and a few-step student (ddmkit.pipeline.distill) -----
+@app.command("distill")
+def distill_run_cmd(
+        run_dir: Path = typer.Argument(..., metavar="RUN", help="trained run folder (vectors or images)"),
+        teacher: str = typer.Option("top-2", "--teacher", help=f"the routing strategy whose field is distilled "
+                                    f"({STRATEGY_FORMS}; not oracle, nearest or gated, which need a trajectory)"),
+        arch: str = typer.Option("expert", "--arch", help="the students' network: expert (an expert's "
+                                 "architecture) or monolith (the monolith's)"),
+        steps: Optional[int] = typer.Option(None, "--steps", help="training steps of each student (default: the "
+                                            "run's expert.train.steps)"),
+        few_step: Optional[int] = typer.Option(None, "--few-step", metavar="S", help="also distill a student that "
+                                               "samples in S steps (1 .. 32)"),
+        grid: str = typer.Option("lambda", "--grid", help="the few-step student's time grid: uniform (t_i = 1 - i/S) "
+                                 "or lambda (equal steps of the integrated Lipschitz constant: short steps where "
+                                 "the flow is stiff)"),
+        trajectories: int = typer.Option(4096, "--trajectories", help="teacher trajectories the few-step student "
+                                         "trains on"),
+        teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="solver steps of each teacher "
+                                                    "trajectory (default: the run's sample.steps)"),
+        seed: Optional[int] = typer.Option(None, "--seed", help="the students' training seed (default: the "
+                                           "expert's)"),
+        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps or auto (default: "
+                                             "the run's expert.train.device)"),
+        force: bool = typer.Option(False, "--force", help="remove RUN/students first (students of another "
+                                   "teacher or training are refused otherwise)")):
+    """Distill a trained DDM into one dense network (RUN/students/dense) and, with --few-step S, a student
+    that samples in S steps; writes RUN/students/report.md beside the teacher and the monolith."""
+    from ddmkit.pipeline.distill import distill_run
+
+    distill_run(run_dir, teacher, arch, steps, few_step, grid, trajectories, teacher_steps, seed, device, force, log)
+
+
 def main() -> None:
     try:
         app()

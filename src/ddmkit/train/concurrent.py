@@ -3,10 +3,11 @@
     train_experts_concurrently(shards, config, out_dirs)
 
 The K networks are stacked (ddmkit.train.stacked) and trained by the one
-training loop, fit(), as a single module. Each step draws a batch for every
-expert from that expert's shard alone (the draw depends on the shard's size,
-never on its contents or on other shards), and the loss is the sum of the
-per-expert flow-matching losses. Each expert folder is the same as
+training loop, fit(), as a single module, under the config's train.bf16 (the
+stacked experts then compute in bfloat16) and train.compile. Each step draws a
+batch for every expert from that expert's shard alone (the draw depends on the
+shard's size, never on its contents or on other shards), and the loss is the
+sum of the per-expert flow-matching losses. Each expert folder is the same as
 train_expert would write, plus "trained_concurrently_with".
 """
 from __future__ import annotations

@@ -10,6 +10,18 @@ Isolation: expert k's output depends only on its own weights, the loss is a
 sum of per-expert losses, and `clip_grad_norm_` clips each expert by its own
 gradient norm; AdamW, weight decay and the EMA act element by element. So
 expert k's gradients and updates depend only on the batches drawn for it.
+
+Precision: under autocast (train.bf16 on CUDA) the forward casts the weights and x to
+the autocast dtype first and runs the K experts in it; t stays float32, so the
+sinusoidal time features are computed as in a single network, and the float32
+master weights get their gradients back through the cast. One dtype is needed
+because under vmap autocast does not cast the arguments of the batched
+convolution: float32 weights would meet bfloat16 activations there (an error).
+The difference from a network under autocast: normalisation layers (GroupNorm,
+LayerNorm) take and give bfloat16 (their statistics are still accumulated in
+float32), and a residual stream that autocast would promote to float32 stays
+bfloat16. Without autocast (train.bf16 off; the CPU, where fit() never autocasts) it
+runs in float32.
 """
 from __future__ import annotations
 
@@ -24,6 +36,12 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
+def _input_like_weight(layer: nn.Module, args: tuple) -> tuple:
+    """A convolution's input in its weight's dtype: autocast keeps normalisation layers in float32,
+    and under vmap the batched convolution then meets a float32 input and bfloat16 weights."""
+    return (args[0].to(layer.weight.dtype), *args[1:])
+
+
 class StackedExperts(nn.Module):
     def __init__(self, models: list[nn.Module]):
         super().__init__()
@@ -33,7 +51,11 @@ class StackedExperts(nn.Module):
         self.stacked = nn.ParameterDict({_key(n): nn.Parameter(p.detach().clone()) for n, p in params.items()})
         for n, b in buffers.items():
             self.register_buffer(_key(n), b.detach().clone())
-        self._template = [copy.deepcopy(models[0]).to("meta")]  # in a list: not a sub-module, holds no weights
+        template = copy.deepcopy(models[0]).to("meta")
+        for layer in template.modules():  # under vmap, autocast does not cast a convolution's input
+            if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
+                layer.register_forward_pre_hook(_input_like_weight)
+        self._template = [template]  # in a list: not a sub-module, holds no weights
 
     def _state(self) -> tuple[dict, dict]:
         return ({n: self.stacked[_key(n)] for n in self.param_names},
@@ -42,26 +64,28 @@ class StackedExperts(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         template = self._template[0]
         params, buffers = self._state()
-        if torch.is_autocast_enabled(x.device.type):  # vmap's batched conv mixes dtypes under autocast: run in fp32/TF32
-            with torch.autocast(x.device.type, enabled=False):
-                return self.forward(x.float(), t.float(), y)
-        if y is None:
-            return vmap(lambda p, b, xx, tt: functional_call(template, (p, b), (xx, tt)))(params, buffers, x, t)
-        return vmap(lambda p, b, xx, tt, yy: functional_call(template, (p, b), (xx, tt, yy)))(params, buffers, x, t, y)
+        if torch.is_autocast_enabled(x.device.type):  # one dtype for vmap (module docstring)
+            dtype = torch.get_autocast_dtype(x.device.type)
+            params, x = {n: p.to(dtype) for n, p in params.items()}, x.to(dtype)
+        args = (x, t) if y is None else (x, t, y)
+        return vmap(lambda p, b, *a: functional_call(template, (p, b), a))(params, buffers, *args)
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.stacked.values() if p.grad is not None]
 
     def grad_norms(self) -> torch.Tensor:
-        """(K,) the gradient norm of each expert."""
-        sq = [p.grad.float().pow(2).reshape(self.k, -1).sum(1) for p in self.stacked.values() if p.grad is not None]
-        return torch.stack(sq).sum(0).sqrt()
+        """(K,) the gradient norm of each expert: |g_k| = sqrt(sum over its tensors of sum g_k^2),
+        over one (K, N) concatenation: a few kernels, not a few per tensor."""
+        return torch.linalg.vector_norm(torch.cat([g.float().reshape(self.k, -1) for g in self._grads()], 1), dim=1)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip each expert's gradient by its own norm; returns the largest norm."""
+        """Clip each expert's gradient by its own norm: g_k <- g_k min(1, max_norm / (|g_k| + 1e-6));
+        returns the largest norm."""
         norms = self.grad_norms()
         coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for p in self.stacked.values():
-            if p.grad is not None:
-                p.grad.mul_(coef.reshape(-1, *([1] * (p.dim() - 1))).to(p.grad.dtype))
+        grads = self._grads()
+        torch._foreach_mul_(grads, [coef.reshape(-1, *([1] * (g.dim() - 1))).to(g.dtype) for g in grads])
         return norms.max()
 
     def unstack(self) -> list[nn.Module]:

@@ -1,0 +1,515 @@
+"""`ddmkit study misalignment CONFIG --out DIR`: the misalignment conditions over training seeds.
+
+    study_misalignment(cfg, "runs/misalignment", seeds=[0, 1, 2],
+                       conditions=["disjoint", "overlap-0.25", "tempered-3"], strategies=["full", "top-2"])
+
+Conditions and measurements are defined in ddmkit.analysis.misalignment. Every training condition of a
+seed is an ordinary run folder, DIR/runs/{condition}_s{seed}, trained by run_pipeline (stages "train",
+so a study resumes like `ddmkit run`: finished runs and stages are skipped); the seed sets the experts'
+training seed and the router's (seed + 1); data, partition and sampling noise are the same in every
+run. Overlapping and random partitions are written into the run folder before training (the
+manifest records the condition); modifiers (exact, tempered, uniform, permuted) are applied to a
+loaded DDM and share the run of their base, which they never write. Exact experts do not depend on
+the training seed: those conditions are measured once.
+
+DIR/measure/{condition}_s{seed}.json holds one measurement (every strategy, with bootstrap replicates
+over samples), skipped when it exists with the same settings. DIR/report.md, study.json and
+plots/quality_vs_stability.png summarise them: per condition and strategy the mean over seeds with a
+95% t-interval across seeds and a 95% bootstrap interval over samples.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from ddmkit.analysis.alignment import heldout_errors
+from ddmkit.analysis.misalignment import (
+    Condition,
+    apply_router,
+    exact_shard_ddm,
+    measure_strategy,
+    overlap_members,
+    parse_condition,
+    random_partition,
+    share_matrix,
+)
+from ddmkit.analysis.stability import data_scale
+from ddmkit.config import RunConfig, json_digest, validate
+from ddmkit.conventions import __version__
+from ddmkit.data.arrays import ArrayData, content_hash
+from ddmkit.data.features import apply_features
+from ddmkit.data.partition import (
+    cluster_statistics,
+    load_partition,
+    read_shard,
+    shard_name,
+)
+from ddmkit.data.synthetic import MIXTURES
+from ddmkit.ddm import load_ddm, start_noise
+from ddmkit.ddm.load import nearest_cluster_fn
+from ddmkit.errors import DDMError
+from ddmkit.evaluation.distances import w2_exact
+from ddmkit.evaluation.plots import plt, save_figure
+from ddmkit.io import (
+    read_json,
+    save_tensors,
+    sha256_file,
+    staging_dir,
+    write_bytes_atomic,
+    write_json,
+)
+from ddmkit.layout import RunFolder, safe_name
+from ddmkit.pipeline.checks import check_run_plan
+from ddmkit.pipeline.prepare import prepare_run_dir
+from ddmkit.pipeline.run import run_pipeline
+from ddmkit.pipeline.stages import (
+    check_networks,
+    load_data,
+    load_split,
+    plan_partition,
+    run_lock,
+    write_data,
+)
+from ddmkit.pipeline.sweep import interval
+from ddmkit.registry import shard_files
+from ddmkit.routing import parse_strategy
+from ddmkit.tables import fmt, markdown_table
+
+Log = Callable[[str], None]
+DEFAULT_CONDITIONS = ("disjoint", "overlap-0.25", "undertrained-0.1", "random", "tempered-3", "uniform-0.5",
+                      "permuted-0.5", "exact", "exact+tempered-3")
+DEFAULT_STRATEGIES = ("full", "top-1", "top-2", "sample-2")
+METRICS = (("NLL", "nll"), ("W2", "w2"), ("L_top", "L_top"), ("amplification", "amp"),
+           ("Delta_refine", "delta_refine"), ("field error", "field_error"))
+T_GRID = [0.05 + 0.1 * i for i in range(10)]
+
+
+# ----- the plan -----------------------------------------------------------------------------------------------------
+def split_names(names: Sequence[str] | None, default: Sequence[str]) -> list[str]:
+    """Names given repeatedly or comma-separated, in order, each once (the default when none)."""
+    out = [n.strip() for item in (names or []) for n in str(item).split(",") if n.strip()]
+    return list(dict.fromkeys(out)) or list(default)
+
+
+def check_study(cfg: RunConfig, conditions: list[str], strategies: list[str], seeds: list[int], n: int,
+                n_boot: int, w2_boot: int) -> dict[str, Condition]:
+    """Every option against the config, before anything is trained or written; returns the parsed conditions."""
+    if cfg.data.name not in MIXTURES:
+        raise DDMError(f"data.name = {cfg.data.name!r}: the misalignment study needs data with an exact Gaussian-"
+                       f"mixture truth; use one of {', '.join(MIXTURES)} (e.g. --set data.name=ring8)")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise DDMError(f"--seeds: give the number of training seeds, at least 1 (got seeds {seeds})")
+    parsed = {name: parse_condition(name) for name in conditions}
+    for name in strategies:
+        try:
+            parse_strategy(name)
+        except DDMError as e:
+            raise DDMError(f"--strategy: {e}") from None
+    if not strategies:
+        raise DDMError("--strategy: give at least one routing strategy, e.g. full")
+    if n < 2 or n_boot < 10 or w2_boot < 2:
+        raise DDMError(f"--n must be >= 2, --n-boot >= 10 and --w2-boot >= 2 (got {n}, {n_boot}, {w2_boot})")
+    if cfg.data.n_test < 2 * n:
+        raise DDMError(f"--n {n}: the study scores n samples against n held-out rows and measures the noise floor "
+                       f"on another n, so data.n_test must be at least {2 * n} (it is {cfg.data.n_test}); lower --n "
+                       f"to {cfg.data.n_test // 2} or raise data.n_test")
+    return parsed
+
+
+def cell_config(cfg: RunConfig, cond: Condition, seed: int, n: int, strategies: list[str]) -> RunConfig:
+    """The config of one training run: the seed's expert (seed) and router (seed + 1) training seeds, the
+    condition's expert steps and warmup, no monolith; sample.n = n (no sets are drawn by the study)."""
+    raw = cfg.model_dump()
+    train = raw["expert"]["train"]
+    train["seed"], raw["router"]["train"]["seed"] = seed, seed + 1
+    train["steps"] = max(1, round(cond.steps_factor * train["steps"]))
+    train["warmup"] = round(cond.steps_factor * train["warmup"])
+    raw["monolith"]["enabled"] = False
+    raw["sample"].update(n=n, strategies=list(strategies), batch_size=None)
+    raw["evaluate"].update(missing_experts=False, stats_router=False, chunk=min(raw["evaluate"]["chunk"], n))
+    return validate(RunConfig, raw, f"misalignment run {cond.run_name} seed {seed}")
+
+
+def run_dir(out: Path, cond: Condition, seed: int) -> Path:
+    return out / "runs" / f"{safe_name(cond.run_name)}_s{seed}"
+
+
+# ----- training runs ------------------------------------------------------------------------------------------------
+def condition_members(cond: Condition, cfg: RunConfig, train: ArrayData, plan) -> tuple[list, torch.Tensor, np.ndarray]:
+    """(row indices of every shard, the base assignment (N,), centroids) of an overlapping or random partition."""
+    if cond.partition == "overlap":
+        centroids = torch.as_tensor(plan.centroids)
+        return overlap_members(plan.labels, centroids, cond.share, cfg.partition.seed), plan.labels, plan.centroids
+    labels = random_partition(len(train), cfg.partition.k, cfg.partition.seed)
+    feats = apply_features(plan.spec, plan.feat_tensors, train.x, "partition.features").double()
+    centroids = torch.stack([feats[labels == c].mean(0) for c in range(cfg.partition.k)]).numpy()
+    return [(labels == c).nonzero().flatten() for c in range(cfg.partition.k)], labels, centroids
+
+
+def write_condition_partition(cond: Condition, cfg: RunConfig, train: ArrayData, out_dir: Path) -> dict:
+    """RUN/partition of an overlapping or random partition (one staged folder): one shard per cluster
+    with its rows (shards overlap for overlap-S), assignments = the base partition's cluster of every
+    row, per-shard statistics, and the condition in the manifest."""
+    plan = plan_partition(cfg, train)
+    members, assignments, centroids = condition_members(cond, cfg, train, plan)
+    k, data_hash = len(members), content_hash(train.x)
+    with staging_dir(out_dir) as tmp:
+        shards = []
+        for c, idx in enumerate(members):
+            tensors = {"x": train.x[idx].contiguous()}
+            if train.labels is not None:
+                tensors["labels"] = train.labels[idx].contiguous()
+            save_tensors(tmp / shard_name(c), tensors, metadata={"cluster": c, "k": k, "data_hash": data_hash})
+            shards.append({"cluster": c, "path": shard_name(c), "count": len(idx),
+                           "sha256": sha256_file(tmp / shard_name(c))})
+        shard_of = torch.cat([torch.full((len(idx),), c) for c, idx in enumerate(members)])
+        save_tensors(tmp / "partition.safetensors", {
+            "centroids": torch.as_tensor(centroids, dtype=torch.float32), "assignments": assignments,
+            **cluster_statistics(train.x[torch.cat(members)], shard_of, k), **plan.feat_tensors})
+        manifest = {"k": k, "counts": [len(i) for i in members], "shards": shards, "data_hash": data_hash,
+                    "data_name": train.name, "data_shape": list(train.data_shape), "n": len(train),
+                    "features": plan.spec, "balanced": plan.balanced, "seed": plan.seed, "fine_k": plan.fine_k,
+                    "condition": cond.run_name, "ddmkit_version": __version__}
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def prepare_cell(cfg: RunConfig, cond: Condition, folder: RunFolder, force: bool, log: Log) -> None:
+    """config.json, data and partition of a run; an overlapping or random partition is written here,
+    every check done first. A folder of another config is refused (force: removed and made again)."""
+    if folder.config.exists() and read_json(folder.config).get("digest") != cfg.digest():
+        if not force:
+            raise DDMError(f"{folder.root} holds a run of another config; use the study's config, another --out, "
+                           "or --force to train it again")
+        shutil.rmtree(folder.root)
+    if cond.partition != "kmeans" and not folder.config.exists():
+        with run_lock(folder.root):
+            train, test = load_data(cfg)
+            check_run_plan(cfg, len(train), len(test), train.data_shape, train.truth is not None)
+            check_networks(cfg, train.data_shape)
+            if not folder.split("train").exists():
+                write_data(cfg, folder.root, train, test, log)
+            if not folder.manifest.exists():
+                m = write_condition_partition(cond, cfg, train, folder.partition)
+                log(f"partition ({cond.run_name}): shard sizes {m['counts']}")
+            write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
+    prepare_run_dir(folder.root, cfg, False, log)
+
+
+def check_condition(cond: Condition, folder: RunFolder) -> None:
+    """The run's partition is of the condition's kind (its manifest records it; k-means: nothing)."""
+    recorded = read_json(folder.manifest).get("condition", "disjoint")
+    wanted = "disjoint" if cond.partition == "kmeans" else cond.run_name
+    if recorded != wanted:
+        raise DDMError(f"{folder.manifest}: the partition is of condition {recorded!r}, not {wanted!r}; remove "
+                       f"{folder.root} (or pass --force) and run the study again")
+
+
+def ready(cfg: RunConfig, cond: Condition, folder: RunFolder) -> bool:
+    """Whether the run holds this config and what the condition needs (the partition; trained networks:
+    the registry, written last), so that nothing in it is touched again."""
+    if not folder.config.exists() or read_json(folder.config).get("digest") != cfg.digest():
+        return False
+    return folder.manifest.exists() and (not cond.trained or folder.registry.exists())
+
+
+# ----- measurements -------------------------------------------------------------------------------------------------
+def shard_shares(folder: RunFolder, truth, train: ArrayData) -> torch.Tensor:
+    """M (C, K) of a run's shards (ddmkit.analysis.misalignment.share_matrix)."""
+    labels = [read_shard(path)[1] for path in shard_files(folder.root)]
+    return share_matrix(labels, train.labels, truth.k)
+
+
+def measure_cell(cond: Condition, folder: RunFolder, seed: int, settings: dict, log: Log) -> dict:
+    """Every strategy under one condition and training seed, and the condition's mechanism: the router's
+    TV distance to the exact shard posterior and the experts' error against their shards' exact
+    velocities (posterior-weighted), averaged over t = 0.05, 0.15, ..., 0.95 on held-out data."""
+    train, test = load_split(folder.root, "train"), load_split(folder.root, "test")
+    truth, n, s = test.truth, settings["n"], settings["sample_seed"]
+    manifest, ptensors = load_partition(folder.partition)
+    exact = exact_shard_ddm(truth, shard_shares(folder, truth, train), tuple(manifest["data_shape"]),
+                            nearest_cluster_fn(manifest, ptensors))
+    ddm = apply_router(exact if cond.exact else load_ddm(folder.root), cond)
+    x1 = start_noise(n, ddm.data_shape, s)
+    reference, scale = test.x[:n], data_scale(test.x)
+    per = {}
+    for name in settings["strategies"]:
+        start = time.perf_counter()
+        per[name] = measure_strategy(ddm, name, x1, truth, reference, scale, settings["steps"], settings["solver"],
+                                     s, settings["jvp_rows"], settings["max_steps"], settings["n_boot"],
+                                     settings["w2_boot"])
+        v = per[name]["value"]
+        log(f"  {cond.name} seed {seed} {name}: NLL {v['nll']:.4g}, W2 {v['w2']:.4g}, Delta_refine "
+            f"{v['delta_refine']:.4g}, field error {v['field_error']:.4g} ({time.perf_counter() - start:.1f}s)")
+    held = heldout_errors(ddm, test.x[-n:], T_GRID, {}, s, exact=exact)
+    mechanism = {"t": T_GRID, "router_tv": held["router_tv"], "expert_error": [float(np.mean(e)) for e in
+                                                                                held["expert_vs_exact"]]}
+    mechanism.update(router_tv_mean=float(np.mean(held["router_tv"])),
+                     expert_error_mean=float(np.mean(mechanism["expert_error"])))
+    return {"condition": cond.name, "seed": seed, "run": str(folder.root), "strategies": per, "mechanism": mechanism}
+
+
+def measure_path(out: Path, cond: Condition, seed: int) -> Path:
+    return out / "measure" / f"{safe_name(cond.name)}_s{seed}.json"
+
+
+# ----- the study ----------------------------------------------------------------------------------------------------
+def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (0, 1, 2),
+                       conditions: Sequence[str] | None = None, strategies: Sequence[str] | None = None,
+                       n: int = 1000, n_boot: int = 200, w2_boot: int = 50, jvp_rows: int = 64, max_steps: int = 10,
+                       force: bool = False, log: Log = print, threads: int | None = 1) -> dict:
+    """Train what is missing, measure what is missing, write DIR/report.md, study.json and the plot."""
+    names, strategies, seeds = split_names(conditions, DEFAULT_CONDITIONS), split_names(strategies, DEFAULT_STRATEGIES), \
+        list(seeds)
+    parsed = check_study(cfg, names, strategies, seeds, n, n_boot, w2_boot)
+    out = Path(out)
+    s = cfg.sample
+    settings = {"n": n, "n_boot": n_boot, "w2_boot": w2_boot, "jvp_rows": jvp_rows, "max_steps": max_steps,
+                "steps": s.steps, "solver": s.solver, "sample_seed": s.seed, "strategies": strategies}
+    before = torch.get_num_threads()
+    start = time.perf_counter()
+    measures: dict[str, list[dict]] = {}
+    try:
+        for name, cond in parsed.items():
+            measures[name] = []
+            for seed in seeds if cond.trained else seeds[:1]:
+                cell_cfg = cell_config(cfg, cond, seed, n, strategies)
+                folder = RunFolder(run_dir(out, cond, seed))
+                path = measure_path(out, cond, seed)
+                key = json_digest({"settings": settings, "run": cell_cfg.digest(), "condition": name, "seed": seed})
+                if path.exists() and read_json(path).get("key") == key:
+                    measures[name].append(read_json(path))
+                    continue
+                log(f"misalignment: {name}, seed {seed} (run {folder.root})")
+                if not ready(cell_cfg, cond, folder):
+                    prepare_cell(cell_cfg, cond, folder, force, log)
+                    if cond.trained:
+                        run_pipeline(cell_cfg, folder.root, False, log, stages="train")
+                check_condition(cond, folder)
+                if threads:
+                    torch.set_num_threads(threads)
+                with run_lock(folder.root):
+                    result = {"key": key, **measure_cell(cond, folder, seed, settings, log)}
+                torch.set_num_threads(before)
+                write_json(path, result)
+                measures[name].append(result)
+    finally:
+        torch.set_num_threads(before)
+    first = RunFolder(run_dir(out, next(iter(parsed.values())), seeds[0]))
+    test = load_split(first.root, "test")
+    report = summarize(measures, parsed, strategies, seeds)
+    report.update(settings=settings, config=cfg.model_dump(), version=__version__,
+                  w2_floor=w2_exact(test.x[:n], test.x[n:2 * n]), wall_time=time.perf_counter() - start)
+    write_json(out / "study.json", report)
+    plot_study(report, out / "plots" / "quality_vs_stability.png")
+    write_bytes_atomic(out / "report.md", render(report).encode())
+    log(f"misalignment study: {out / 'report.md'}")
+    return report
+
+
+# ----- summary ------------------------------------------------------------------------------------------------------
+def cell_summary(values: list[float], boots: list[list[float]] | None, normal: bool = False) -> dict:
+    """Mean over seeds, 95% t-interval across seeds ("seeds") and 95% interval of the seed-mean over
+    bootstrap resamples of the samples ("samples"; replicate i averaged over seeds): percentile, or with
+    normal=True mean +- 1.96 sd of the replicates (for W2, which resampling with replacement biases
+    upwards: duplicated points lie at distance 0 from each other)."""
+    out = {"seeds": interval(values)}
+    out["mean"] = out["seeds"]["mean"]
+    if boots:
+        rep = np.mean(np.asarray(boots, dtype=float), 0)
+        if normal:
+            half = 1.96 * float(rep.std(ddof=1))
+            out["samples"] = {"lo": out["mean"] - half, "hi": out["mean"] + half}
+        else:
+            lo, hi = np.quantile(rep, [0.025, 0.975])
+            out["samples"] = {"lo": float(lo), "hi": float(hi)}
+    return out
+
+
+def full_vs_best(measures: list[dict], strategies: list[str], metric: str, best: str) -> dict:
+    """Paired difference full - best (the other strategy with the lowest mean) of a quality metric: per seed,
+    with the 95% t-interval across seeds and the bootstrap interval over samples (paired resamples)."""
+    diffs = [m["strategies"]["full"]["value"][metric] - m["strategies"][best]["value"][metric] for m in measures]
+    boots = [np.subtract(m["strategies"]["full"]["boot"][metric], m["strategies"][best]["boot"][metric])
+             for m in measures]
+    return {"against": best, **cell_summary(diffs, boots, normal=metric == "w2")}
+
+
+def decided(d: dict) -> str:
+    """'worse' or 'better' where every interval (across seeds when there are several; over samples) lies
+    above or below 0, else 'no clear difference'. Every seed samples from the same noise, so the
+    across-seeds interval holds training variation only and the samples interval the rest."""
+    cis = ([d["seeds"]] if d["seeds"]["n"] > 1 else []) + ([d["samples"]] if "samples" in d else [])
+    if cis and all(ci["lo"] > 0 for ci in cis):
+        return "worse"
+    if cis and all(ci["hi"] < 0 for ci in cis):
+        return "better"
+    return "no clear difference"
+
+
+def condition_verdict(table: dict, strategies: list[str], quality: dict) -> str:
+    """The dissociation in words for one condition: is full the most stable (lowest Delta_refine) and does
+    it generate worse than the best other strategy by W2? (Per-sample NLL is not a distance between
+    distributions: samples piled on the modes score best, so it is reported beside W2, not decided on.)"""
+    stable = {m: min(strategies, key=lambda s: table[s][m]["mean"]) for m in ("delta_refine", "amp")}
+    words = {m: decided(d) for m, d in quality.items()}
+    most_stable, w2 = stable["delta_refine"] == "full", words["w2"]
+    where = (f"most stable by Delta_refine: {stable['delta_refine']}, by amplification: {stable['amp']}; "
+             f"full vs the best other by W2: {w2}, by NLL: {words['nll']}")
+    if most_stable and w2 == "worse":
+        return f"reproduced ({where})"
+    if most_stable and w2 == "better":
+        return f"contradicted: full is the most stable and also generates better ({where})"
+    if most_stable:
+        return f"not reproduced: full is the most stable, its W2 no different ({where})"
+    if w2 == "worse":
+        return f"not reproduced: full generates worse but is not the most stable ({where})"
+    return f"not reproduced ({where})"
+
+
+def summarize(measures: dict[str, list[dict]], parsed: dict[str, Condition], strategies: list[str],
+              seeds: list[int]) -> dict:
+    """Per condition and strategy every metric's mean and intervals; per condition the mechanism, the
+    paired full-vs-best quality differences and the verdict; across all cells the rank correlations of
+    NLL with the field error and with Delta_refine."""
+    out: dict = {"conditions": {}, "condition_names": list(measures), "strategies": strategies, "seeds": seeds}
+    cells = []
+    for name, ms in measures.items():
+        table = {}
+        for strat in strategies:
+            table[strat] = {}
+            for _, key in METRICS:
+                values = [m["strategies"][strat]["value"][key] for m in ms]
+                boots = [m["strategies"][strat]["boot"][key] for m in ms] if key in ms[0]["strategies"][strat]["boot"] \
+                    else None
+                table[strat][key] = cell_summary(values, boots, normal=key == "w2")
+            cells.append({k: table[strat][k]["mean"] for _, k in METRICS})
+        mech = {k: interval([m["mechanism"][k] for m in ms]) for k in ("router_tv_mean", "expert_error_mean")}
+        quality = {}
+        if "full" in strategies and len(strategies) > 1:
+            for metric in ("nll", "w2"):
+                best = min((s for s in strategies if s != "full"), key=lambda s: table[s][metric]["mean"])
+                quality[metric] = full_vs_best(ms, strategies, metric, best)
+        out["conditions"][name] = {"trained": parsed[name].trained, "seeds": [m["seed"] for m in ms],
+                                   "table": table, "mechanism": mech, "full_vs_best": quality,
+                                   "verdict": condition_verdict(table, strategies, quality) if quality else
+                                   "needs full and another strategy"}
+    out["links"] = {f"{q}_vs_{x}": _rho([c[x] for c in cells], [c[q] for c in cells])
+                    for q in ("nll", "w2") for x in ("field_error", "delta_refine", "amp", "L_top")}
+    return out
+
+
+def _rho(a: list[float], b: list[float]) -> float:
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(spearmanr(a, b).statistic)
+
+
+# ----- report -------------------------------------------------------------------------------------------------------
+def cell_text(c: dict) -> str:
+    """'mean [seeds lo, hi] (samples lo, hi)'; either interval left out where there is none."""
+    text = fmt(c["mean"])
+    if c["seeds"]["n"] > 1:
+        text += f" [{fmt(c['seeds']['lo'], 3)}, {fmt(c['seeds']['hi'], 3)}]"
+    if "samples" in c:
+        text += f" ({fmt(c['samples']['lo'], 3)}, {fmt(c['samples']['hi'], 3)})"
+    return text
+
+
+def render(report: dict) -> str:
+    st = report["settings"]
+    rows = []
+    for name, c in report["conditions"].items():
+        for strat in report["strategies"]:
+            rows.append([name, strat, len(c["seeds"])] + [cell_text(c["table"][strat][k]) for _, k in METRICS])
+    mech = [[name, len(c["seeds"]), cell_text({"mean": c["mechanism"]["router_tv_mean"]["mean"],
+                                               "seeds": c["mechanism"]["router_tv_mean"]}),
+             cell_text({"mean": c["mechanism"]["expert_error_mean"]["mean"],
+                        "seeds": c["mechanism"]["expert_error_mean"]})]
+            for name, c in report["conditions"].items()]
+    diffs = [[name] + [f"{cell_text(d)} vs {d['against']}: {decided(d)}" for d in c["full_vs_best"].values()]
+             + [c["verdict"].split(" (")[0]] for name, c in report["conditions"].items() if c["full_vs_best"]]
+    links = report["links"]
+    return f"""# ddmkit misalignment study
+
+Data `{report['config']['data']['name']}` ({report['config']['data']['n_train']} training rows), \
+K = {report['config']['partition']['k']} experts; training seeds {report['seeds']}; ddmkit {report['version']}.
+Every strategy samples the same {st['n']} trajectories ({st['solver']}, {st['steps']} steps, noise seed \
+{st['sample_seed']}). Conditions are defined in `ddmkit.analysis.misalignment`.
+
+A cell is the mean over training seeds, then in brackets the 95% t-interval across seeds and in parentheses
+the 95% bootstrap interval over samples ({st['n_boot']} resamples; W2 {st['w2_boot']}), replicate by
+replicate averaged over seeds. Conditions with exact experts do not depend on the training seed and are
+measured once. NLL: mean -log p_0 under the exact mixture; W2: exact W2 of the samples to {st['n']}
+held-out points (noise floor {report['w2_floor']:.4g}); L_top: local Lipschitz constant of the frozen-routing
+field (mean over {st['max_steps']} steps and {st['jvp_rows']} trajectories, no sample interval);
+amplification: median end-to-end |Phi(x_1 + d) - Phi(x_1)| / |d|; Delta_refine: |x_0(N) - x_0(2N)| /
+data scale; field error: |v - v*|^2 / D along the strategy's own trajectory (v* the exact velocity).
+Lower is better for quality; lower is more stable for L_top, amplification and Delta_refine.
+
+{markdown_table(["condition", "strategy", "seeds"] + [m for m, _ in METRICS], rows)}
+
+![quality vs stability](plots/quality_vs_stability.png)
+
+## Mechanism per condition
+
+The router's total-variation distance to the exact posterior of the shards, and the experts' error against
+their shards' exact velocities (mean squared error per dimension, weighted by the exact posterior of the
+shard), on held-out data at t = 0.05, 0.15, ..., 0.95.
+
+{markdown_table(["condition", "seeds", "router TV", "expert error"], mech)}
+
+## Full routing against the best other strategy
+
+Paired difference full - (the other strategy with the lowest mean), per seed; "worse" ("better") where both
+the interval across seeds and the interval over samples lie above (below) 0: every seed samples from the same
+noise, so the first holds the training variation and the second the sampling variation. The dissociation is "reproduced" in a condition when
+full has the lowest Delta_refine of the strategies and a W2 worse than the best other strategy's (per-sample
+NLL is not a distance between distributions: samples piled on the modes score best; it is shown, not decided
+on).
+
+{markdown_table(["condition", "NLL: full - best", "W2: full - best", "dissociation"], diffs)}
+
+Across all (condition, strategy) cells, Spearman rho of the means: NLL with the field error
+{links['nll_vs_field_error']:+.2f}, with Delta_refine {links['nll_vs_delta_refine']:+.2f}, with amplification
+{links['nll_vs_amp']:+.2f}, with L_top {links['nll_vs_L_top']:+.2f}; W2 with the field error
+{links['w2_vs_field_error']:+.2f}, with Delta_refine {links['w2_vs_delta_refine']:+.2f}, with amplification
+{links['w2_vs_amp']:+.2f}, with L_top {links['w2_vs_L_top']:+.2f}.
+
+Verdicts:
+
+""" + "\n".join(f"- {name}: {c['verdict']}" for name, c in report["conditions"].items()) + "\n"
+
+
+def plot_study(report: dict, path: Path) -> None:
+    """Quality against stability: NLL vs Delta_refine and W2 vs amplification, one colour per condition, one
+    marker per strategy, error bars the 95% interval across seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    markers = "os^Dv<>pP*X"
+    colours = plt.get_cmap("tab10")
+    for ci, (name, c) in enumerate(report["conditions"].items()):
+        for si, strat in enumerate(report["strategies"]):
+            row = c["table"][strat]
+            for ax, (x, y) in zip(axes, (("delta_refine", "nll"), ("amp", "w2"))):
+                err = [[[row[k]["mean"] - row[k]["seeds"]["lo"]], [row[k]["seeds"]["hi"] - row[k]["mean"]]]
+                       for k in (x, y)]
+                ax.errorbar(row[x]["mean"], row[y]["mean"], xerr=err[0], yerr=err[1], color=colours(ci % 10),
+                            marker=markers[si % len(markers)], linestyle="none", capsize=2,
+                            label=f"{name} {strat}")
+    for ax, (xl, yl) in zip(axes, (("Delta_refine (lower: more stable)", "NLL (lower: better)"),
+                                   ("amplification, median (lower: more stable)", "W2 to held-out data"))):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[1].axhline(report["w2_floor"], color="grey", linestyle=":", label="W2 noise floor")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=2)
+    save_figure(fig, path)

@@ -1,0 +1,207 @@
+"""`ddmkit distill RUN` (ddmkit.pipeline.distill, ddmkit.train.distill) on a tiny ring-of-Gaussians run:
+the dense student's target is the routed velocity, a student of the exact DDM approaches the exact field,
+the few-step student's grid is the one --grid names (and the Lambda grid has known answers), the CLI
+writes the report, and bad options exit 2 with nothing written."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddmkit.config import TrainConfig, load_config
+from ddmkit.ddm import exact_ddm, load_ddm, start_noise
+from ddmkit.errors import DDMError
+from ddmkit.io import read_json
+from ddmkit.layout import RunFolder
+from ddmkit.pipeline.distill import (TRAJECTORY_SEED, distill_run, field_distances, lambda_grid, make_dense,
+                                     make_few_step, plan_distill, student_field, uniform_grid)
+from ddmkit.pipeline.run import run_pipeline
+from ddmkit.pipeline.stages import load_split
+from ddmkit.train.distill import teacher_velocity, train_dense_student
+
+TINY = Path(__file__).parent / "configs" / "tiny.toml"
+SRC = str(Path(__file__).parents[1] / "src")
+SMALL = {"steps": 40, "trajectories": 128}  # students trained in a second
+
+
+def clis(calls: list[tuple]) -> list[tuple[int, str]]:
+    """(exit code, stderr) of `ddmkit ARGS` for each ARGS, run side by side on one thread each."""
+    env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for args in calls]
+    return [(p.wait(), p.communicate()[1]) for p in procs]
+
+
+def hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The tiny config's train stages: 4 experts, router and monolith on ring8 (exact truth)."""
+    run = tmp_path_factory.mktemp("distill") / "tiny"
+    run_pipeline(load_config(TINY), run, log=lambda m: None, stages="train")
+    return run
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_target_is_the_routed_velocity(trained):
+    """full: sum_k r_k v_k from the experts and router called directly; top-2: the two largest r_k,
+    renormalised."""
+    ddm = load_ddm(trained)
+    x, t = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) * 2, torch.rand(64)
+    with torch.no_grad():
+        r = ddm.router(x, t)
+        v = torch.stack([e(x, t) for e in ddm.experts], 1)  # (B, K, 2)
+        full = (r[:, :, None] * v).sum(1)
+        top = torch.zeros_like(r).scatter(1, r.topk(2, 1).indices, r.topk(2, 1).values)
+        top2 = (top[:, :, None] * v).sum(1) / top.sum(1, keepdim=True)
+        assert torch.allclose(teacher_velocity(ddm, "full")(x, t), full, atol=1e-6)
+        assert torch.allclose(teacher_velocity(ddm, "top-2")(x, t), top2, atol=1e-6)
+        assert not torch.allclose(full, top2, atol=1e-3)  # the two strategies differ here
+
+
+def test_student_of_the_exact_ddm_approaches_the_exact_velocity(trained, tmp_path):
+    """A dense student regressing the exact DDM's full field: its mean squared distance to that field
+    falls with training and ends far below the field's own size."""
+    exact = teacher_velocity(exact_ddm(trained), "full")
+    data, test = load_split(trained, "train").x, load_split(trained, "test").x[:1000]
+    net = {"arch": "mlp", "kwargs": {"data_shape": [2], "width": 64, "depth": 2}}
+    errors = []
+    for steps in (20, 400):
+        cfg = TrainConfig(steps=steps, batch_size=128, lr=3e-3, warmup=10, ema_decay=0.9, device="cpu", log_every=10**6)
+        train_dense_student(data, None, exact, net, cfg, tmp_path / f"s{steps}")
+        field, _ = student_field(tmp_path / f"s{steps}")
+        errors.append(field_distances({"s": lambda xt, t, y, g, f=field: f(xt, t)}, exact, test, None)["s"]["mean"])
+    scale = field_distances({"0": lambda xt, t, y, g: torch.zeros_like(xt)}, exact, test, None)["0"]["mean"]
+    assert errors[1] < 0.5 * errors[0] and errors[1] < 0.1 * scale, (errors, scale)
+
+
+def test_lambda_grid_known_answers():
+    """L(t) constant: Lambda is linear in t, the grid uniform. v = x / (t + a): L = 1 / (t + a),
+    Lambda(t) = log((t + a) / a), so t_i = a ((1 + a) / a)^((S - i) / S) - a."""
+    x1 = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(lambda_grid(lambda x, t: 2.0 * x, x1, 4), uniform_grid(4), atol=1e-6)
+    a, s = 0.05, 4
+    grid = lambda_grid(lambda x, t: x / (t[:, None] + a), x1, s, points=401)
+    i = torch.arange(s + 1, dtype=torch.float64)
+    expected = a * ((1 + a) / a) ** ((s - i) / s) - a
+    assert torch.allclose(grid.double(), expected, atol=2e-3), (grid, expected)
+
+
+def test_few_step_grid_is_what_grid_says(trained, tmp_path):
+    """uniform: t_i = 1 - i / S exactly; lambda: the Lambda grid of the dense student from the trajectories'
+    first 256 noises, not uniform; both students start from the dense one and record their settings."""
+    run = copy_of(trained, tmp_path)
+    grids = {}
+    for grid in ("uniform", "lambda"):
+        plan = plan_distill(run, "top-2", few_step=3, grid=grid, **SMALL)
+        make_dense(plan, log=lambda m: None)
+        make_few_step(plan, log=lambda m: None)
+        config = read_json(RunFolder(run).few_step_student(3, grid) / "config.json")
+        assert config["segments"] == 3 and config["distill"]["grid"] == grid and config["distill"]["segments"] == 3
+        grids[grid] = torch.tensor(config["grid"])
+    assert torch.equal(grids["uniform"], uniform_grid(3))
+    dense, _ = student_field(RunFolder(run).dense_student)
+    x1 = start_noise(SMALL["trajectories"], (2,), plan.train.seed + TRAJECTORY_SEED)
+    assert torch.allclose(grids["lambda"], lambda_grid(lambda x, t: dense(x, t), x1, 3), atol=1e-6)
+    assert (grids["lambda"] - uniform_grid(3)).abs().max() > 0.02
+
+
+def test_cli_writes_students_and_report(trained, tmp_path):
+    """`ddmkit distill` exits 0 and writes the students and a report with every row; `ddmkit theory
+    distill` is still there."""
+    run = copy_of(trained, tmp_path)
+    (code, err), (theory, _) = clis([("distill", run, "--teacher", "top-2", "--steps", 40, "--few-step", 2,
+                                      "--grid", "uniform", "--trajectories", 128),
+                                     ("theory", "distill", "--help")])
+    assert code == 0, err
+    assert theory == 0
+    folder = RunFolder(run)
+    dense, few = (read_json(p / "config.json")["distill"] for p in (folder.dense_student,
+                                                                     folder.few_step_student(2, "uniform")))
+    assert dense["teacher"] == "top-2" and few["dense"] == dense and few["segments"] == 2
+    report, result = folder.students_report.read_text(), read_json(folder.students_metrics)
+    rows = result["scores"]["rows"]
+    for name, calls in (("exact DDM (full), 8 euler steps", 32), ("teacher top-2, 8 euler steps", 16),
+                        ("dense student, 8 euler steps", 8), ("monolith, 8 euler steps", 8),
+                        ("few-step student, S = 2, uniform grid", 2), ("teacher top-2, 2 euler steps", 4),
+                        ("dense student, 2 euler steps", 2), ("monolith, 2 euler steps", 2)):
+        assert rows[name]["expert_calls_per_sample"] == calls, name
+        assert f"| {name} |" in report
+        assert rows[name]["w2"] > 0 and rows[name]["nll"] is not None
+    assert set(result["field"]["to_exact"]) == {"teacher top-2", "dense student", "monolith"}
+    assert "## Distance to the exact field" in report
+    # the dense student is closer to its teacher's field than the monolith is
+    assert result["field"]["to_teacher"]["dense student"]["mean"] < result["field"]["to_teacher"]["monolith"]["mean"]
+
+
+def test_bad_options_exit_2_and_write_nothing(trained, tmp_path):
+    run = copy_of(trained, tmp_path)
+    before = hashes(run)
+    calls = [("--teacher", "oracle"), ("--teacher", "top-0"), ("--few-step", 0), ("--few-step", 33),
+             ("--grid", "cosine"), ("--arch", "unet"), ("--steps", 0)]
+    results = clis([("distill", run, *c) for c in calls[:3]])
+    for c, (code, err) in zip(calls, results):
+        assert code == 2, (c, err)
+        assert c[0] in err, (c, err)  # the message names the option
+    for c in calls[3:]:
+        with pytest.raises(DDMError, match=c[0]):
+            distill_run(run, **{c[0][2:].replace("-", "_"): c[1]}, log=lambda m: None)
+    assert hashes(run) == before and not RunFolder(run).students.exists()
+
+
+def test_untrained_run_and_other_students_are_refused(trained, tmp_path):
+    """A run without an expert is refused with the command that trains it; a second distillation of
+    another teacher is refused (before any training) until --force."""
+    run = copy_of(trained, tmp_path)
+    shutil.rmtree(RunFolder(run).expert(1))
+    with pytest.raises(DDMError, match=r"not trained yet.*--stages train"):
+        distill_run(run, log=lambda m: None)
+    assert not RunFolder(run).students.exists()
+    shutil.copytree(RunFolder(trained).expert(1), RunFolder(run).expert(1))
+    plan = plan_distill(run, "top-2", **SMALL)
+    make_dense(plan, log=lambda m: None)
+    before = hashes(run)
+    with pytest.raises(DDMError, match=r"teacher \('top-2', asked 'top-1'\).*--force"):
+        distill_run(run, teacher="top-1", **SMALL, log=lambda m: None)
+    assert hashes(run) == before
+    plan = plan_distill(run, "top-1", force=True, **SMALL)  # --force: the checks pass, RUN/students is replaced
+    assert plan.dense_spec["teacher"] == "top-1"
+
+
+def test_image_run_on_cpu_with_pixel_features(tmp_path):
+    """A tiny class-conditional image run (UNet experts, label-conditional router) sampled at guidance 2:
+    the students take the labels, the few-step student learns from guided trajectories, and the report
+    scores every row by FID / KID on pixel features, on the CPU."""
+    from test_images import write_idx_set
+
+    from ddmkit.config import RunConfig, validate
+
+    raw = load_config(Path(__file__).parents[1] / "configs" / "fashion_mnist_tiny.toml").model_dump()
+    raw["data"]["params"] = {"dir": str(write_idx_set(tmp_path / "fm", 160, 48))}
+    raw["sample"].update(n=16, steps=2, guidance=2.0)
+    run = tmp_path / "run"
+    run_pipeline(validate(RunConfig, raw), run, stages="train", log=lambda m: None)
+    result = distill_run(run, teacher="top-1", steps=4, few_step=2, grid="uniform", trajectories=16, log=lambda m: None)
+    folder = RunFolder(run)
+    config = read_json(folder.dense_student / "config.json")
+    assert config["arch"] == "unet" and config["kwargs"]["num_classes"] == 10
+    assert read_json(folder.few_step_student(2, "uniform") / "config.json")["distill"]["guidance"] == 2.0
+    rows = result["scores"]["rows"]
+    assert {"teacher top-1, 2 euler steps", "dense student, 2 euler steps", "monolith, 2 euler steps",
+            "few-step student, S = 2, uniform grid"} <= set(rows)
+    assert all(torch.isfinite(torch.tensor(r["fid"])) for r in rows.values())
+    assert result["scores"]["features"] == "pixels"
+    report = folder.students_report.read_text()
+    assert "to_exact" not in result["field"] and "| few-step student, S = 2, uniform grid |" in report
+    assert "guidance 2" in report

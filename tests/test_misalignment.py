@@ -1,0 +1,246 @@
+"""Controlled misalignment studies: the conditions on known answers (exact experts and router give the true
+field under full routing, router modifiers, overlapping shares), and a tiny study from the command line."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddmkit.analysis.misalignment import (
+    apply_router,
+    exact_shard_ddm,
+    field_error,
+    measure_strategy,
+    mixed_uniform,
+    nearest_clusters,
+    overlap_members,
+    parse_condition,
+    permuted,
+    random_partition,
+    share_matrix,
+    tempered,
+)
+from ddmkit.analysis.trace import trace_strategy
+from ddmkit.data.synthetic import ring_mixture
+from ddmkit.errors import DDMError
+from ddmkit.pipeline.misalignment import cell_summary, condition_verdict
+from ddmkit.routing import combine, parse_strategy
+from ddmkit.routing.strategies import RoutingState
+from ddmkit.truth import GaussianMixture
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.toml"
+RING = GaussianMixture.from_covariances(torch.arange(1.0, 9.0), ring_mixture(8).means, torch.full((8,), 0.04))
+# 8 components on a circle (component j is next to j - 1 and j + 1) with unequal weights 1 : 2 : ... : 8
+
+
+def cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DDMKIT_QUIET": "1"}
+    return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
+def states(n=400, seed=0):
+    """Noised mixture samples at times spread over (0, 1), float64."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = RING.sample(n, gen)
+    t = torch.rand(n, generator=gen, dtype=torch.float64) * 0.98 + 0.01
+    return (1 - t[:, None]) * x0 + t[:, None] * torch.randn(n, 2, generator=gen, dtype=torch.float64), t
+
+
+def field(ddm, strategy, x, t):
+    """The routed velocity of a strategy at states x (not on a trajectory)."""
+    probs = ddm.router(x, t)
+    w = parse_strategy(strategy).weights(probs, RoutingState(generator=torch.Generator().manual_seed(0)))
+    return combine(ddm.experts, w, x, t)
+
+
+def pairs_partition():
+    """Components {0, 1}, {2, 3}, ... in 4 shards, the 4 pair centroids, and 800 component labels."""
+    labels = torch.arange(800) % 8
+    clusters = labels // 2
+    centroids = torch.stack([RING.means[2 * k:2 * k + 2].mean(0) for k in range(4)])
+    return labels, clusters, centroids
+
+
+def test_exact_experts_and_router_give_the_true_field_under_full_routing():
+    labels, clusters, _ = pairs_partition()
+    x, t = states()
+    truth = RING.velocity(x, t)
+    disjoint = [(clusters == k).nonzero().flatten() for k in range(4)]  # two components per shard
+    overlap = overlap_members(labels, RING.means, 0.25)  # one per shard, and 25 of the 100 rows of each neighbour:
+    # every component is held 1 + 2 x 0.25 times, so the pooled shards are the mixture itself
+    for members in (disjoint, overlap):
+        ddm = exact_shard_ddm(RING, share_matrix([labels[i] for i in members], labels, 8), (2,))
+        assert torch.allclose(field(ddm, "full", x, t), truth, atol=1e-10)
+        assert torch.allclose(field(apply_router(ddm, parse_condition("tempered-1")), "full", x, t), truth, atol=1e-10)
+        assert (field(ddm, "top-1", x, t) - truth).abs().max() > 0.1  # sparse routing is not exact here
+        flat = apply_router(ddm, parse_condition("tempered-3"))
+        assert (field(flat, "full", x, t) - truth).abs().max() > 0.1  # the mechanism: wrong experts mixed in
+        assert torch.equal(field(flat, "top-1", x, t), field(ddm, "top-1", x, t))  # the argmax is unchanged
+    # experts that all hold the same data (a random partition's expectation): every strategy is exact
+    same = exact_shard_ddm(RING, torch.full((8, 4), 0.25, dtype=torch.float64), (2,))
+    for strategy in ("full", "top-1", "top-2", "sample-2", "switch"):
+        assert torch.allclose(field(same, strategy, x, t), truth, atol=1e-10), strategy
+
+
+def test_measure_strategy_sees_no_field_error_for_exact_full_routing():
+    labels, clusters, _ = pairs_partition()
+    ddm = exact_shard_ddm(RING, share_matrix([labels[clusters == k] for k in range(4)], labels, 8), (2,))
+    x1 = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    ref = RING.sample(64, torch.Generator().manual_seed(2)).float()
+    kw = {"steps": 8, "jvp_rows": 8, "max_steps": 2, "n_boot": 20, "w2_boot": 3}
+    full = measure_strategy(ddm, "full", x1, RING, ref, 2.0, **kw)
+    top1 = measure_strategy(ddm, "top-1", x1, RING, ref, 2.0, **kw)
+    hot = measure_strategy(apply_router(ddm, parse_condition("tempered-3")), "full", x1, RING, ref, 2.0, **kw)
+    assert full["value"]["field_error"] < 1e-10 and max(full["boot"]["field_error"]) < 1e-10
+    assert top1["value"]["field_error"] > 1e-2 and hot["value"]["field_error"] > 1e-2
+    assert len(full["boot"]["nll"]) == 20 and len(full["boot"]["w2"]) == 3
+    assert full["value"]["nll"] == pytest.approx(float(-RING.log_prob(ddm_samples(ddm, x1), 0.0).mean()), rel=1e-5)
+
+
+def ddm_samples(ddm, x1):
+    return trace_strategy(ddm, "full", x1, 8, record=False).x0.double()
+
+
+def test_the_field_error_of_each_sample_against_a_loop():
+    labels, clusters, _ = pairs_partition()
+    ddm = exact_shard_ddm(RING, share_matrix([labels[clusters == k] for k in range(4)], labels, 8), (2,))
+    tr = trace_strategy(ddm, "top-1", torch.randn(16, 2, generator=torch.Generator().manual_seed(3)), 6)
+    got = field_error(tr, RING)
+    for b in (0, 7, 15):
+        steps = [((tr.v[i, b].double() - RING.velocity(tr.x[i, b:b + 1].double(), float(tr.t[i]))[0]) ** 2).mean()
+                 for i in range(6)]
+        assert float(got[b]) == pytest.approx(float(sum(steps) / 6), rel=1e-9)
+
+
+def test_router_modifiers_on_known_answers():
+    r = torch.tensor([[0.8, 0.2, 0.0], [0.5, 0.25, 0.25]], dtype=torch.float64)
+    router = lambda x, t: r
+    x, t = torch.zeros(2, 2), torch.zeros(2)
+    assert torch.allclose(tempered(router, 1.0)(x, t), r, atol=1e-12)  # T = 1 is the identity
+    assert torch.allclose(tempered(router, 2.0)(x, t)[0], torch.tensor([2 / 3, 1 / 3, 0.0], dtype=torch.float64))
+    assert torch.allclose(tempered(router, 1e6)(x, t)[1], torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(mixed_uniform(router, 1.0)(x, t), torch.full((2, 3), 1 / 3, dtype=torch.float64))
+    assert torch.equal(mixed_uniform(router, 0.0)(x, t), r)
+    assert torch.equal(permuted(router, 1.0)(x, t)[0], torch.tensor([0.0, 0.8, 0.2], dtype=torch.float64))
+    assert torch.allclose(permuted(router, 0.5)(x, t)[0], torch.tensor([0.4, 0.5, 0.1], dtype=torch.float64))
+
+
+def test_a_permuted_router_routes_to_the_permuted_experts():
+    labels, clusters, _ = pairs_partition()
+    ddm = exact_shard_ddm(RING, share_matrix([labels[clusters == k] for k in range(4)], labels, 8), (2,))
+    x = RING.means.clone()  # component j's mean at t = 0.01: the exact posterior picks cluster j // 2
+    t = torch.full((8,), 0.01, dtype=torch.float64)
+    own = ddm.router(x, t).argmax(1)
+    assert own.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    moved = apply_router(ddm, parse_condition("permuted-1"))
+    w = parse_strategy("top-1").weights(moved.router(x, t), RoutingState())
+    assert w.argmax(1).tolist() == ((own + 1) % 4).tolist()
+    assert moved.meta["router"] == "exact+permuted-1" and ddm.meta["router"] == "exact"  # the original is kept
+    assert torch.equal(ddm.router(x, t).argmax(1), own)
+
+
+def test_overlapping_shards_hold_the_stated_share_of_their_neighbours_rows():
+    labels = torch.cat([torch.full((100 + 10 * j,), j) for j in range(8)])  # clusters = components, of unequal sizes
+    sizes = torch.bincount(labels)
+    members = overlap_members(labels, RING.means, 0.25, seed=3)
+    near = nearest_clusters(RING.means)
+    assert [sorted(near[k]) for k in (0, 3)] == [[1, 7], [2, 4]]  # the two ring neighbours
+    for k, idx in enumerate(members):
+        held = torch.bincount(labels[idx], minlength=8)
+        want = torch.zeros(8, dtype=torch.long)
+        want[k] = sizes[k]
+        want[near[k]] = torch.tensor([round(0.25 * int(sizes[j])) for j in near[k]])
+        assert torch.equal(held, want), k
+        assert len(idx.unique()) == len(idx)
+    m = share_matrix([labels[i] for i in members], labels, 8)
+    assert m[2, 2] == 1 and m[2, 1] == round(0.25 * 120) / 120 and m[2, 5] == 0
+    assert torch.equal(overlap_members(labels, RING.means, 0.25, seed=3)[2], members[2])  # fixed by the seed
+
+
+def test_random_partitions_are_balanced_and_fixed_by_the_seed():
+    a = random_partition(1003, 4, seed=5)
+    assert sorted(torch.bincount(a).tolist()) == [250, 251, 251, 251]
+    assert torch.equal(a, random_partition(1003, 4, seed=5)) and not torch.equal(a, random_partition(1003, 4, seed=6))
+
+
+def test_condition_names():
+    c = parse_condition("overlap-0.25+tempered-3+permuted-0.5")
+    assert (c.partition, c.share, c.router, c.run_name) == ("overlap", 0.25, (("tempered", 3.0), ("permuted", 0.5)),
+                                                             "overlap-0.25")
+    assert parse_condition("tempered-2").run_name == "disjoint" and parse_condition("exact").trained is False
+    assert parse_condition("undertrained-0.1").run_name == "undertrained-0.1"
+    assert parse_condition("random+exact").exact and parse_condition("random").partition == "random"
+    for bad in ("wobble", "overlap-2", "tempered-0", "uniform-1.5", "exact+random", "disjoint+", "undertrained-x"):
+        with pytest.raises(DDMError, match="--conditions"):
+            parse_condition(bad)
+
+
+def test_intervals_and_verdicts():
+    c = cell_summary([1.0, 2.0, 3.0], [[0.0, 1.0, 2.0], [2.0, 3.0, 4.0], [4.0, 5.0, 6.0]])
+    assert c["mean"] == 2.0 and c["seeds"]["hi"] - 2.0 == pytest.approx(4.302652729911275 / math.sqrt(3))
+    assert c["samples"] == {"lo": pytest.approx(2.05), "hi": pytest.approx(3.95)}  # replicate means over seeds: 2, 3, 4
+    normal = cell_summary([2.0], [[1.0, 3.0]], normal=True)
+    assert normal["samples"]["lo"] == pytest.approx(2.0 - 1.96 * math.sqrt(2))
+    table = {"full": {"delta_refine": {"mean": 0.1}, "amp": {"mean": 2.0}},
+             "top-2": {"delta_refine": {"mean": 0.2}, "amp": {"mean": 1.0}}}
+    worse = {"seeds": {"n": 3, "lo": 0.1, "hi": 0.3}}
+    better = {"seeds": {"n": 3, "lo": -0.3, "hi": -0.1}}
+    unclear = {"seeds": {"n": 1}, "samples": {"lo": -0.1, "hi": 0.1}}
+    noisy = {"seeds": {"n": 3, "lo": 0.1, "hi": 0.3}, "samples": {"lo": -0.1, "hi": 0.4}}  # training says worse only
+    assert condition_verdict(table, ["full", "top-2"], {"w2": noisy, "nll": worse}).startswith("not reproduced")
+    assert condition_verdict(table, ["full", "top-2"], {"w2": worse, "nll": better}).startswith("reproduced")
+    assert condition_verdict(table, ["full", "top-2"], {"w2": better, "nll": worse}).startswith("contradicted")
+    assert condition_verdict(table, ["full", "top-2"], {"w2": unclear, "nll": worse}).startswith("not reproduced")
+    table["full"]["delta_refine"]["mean"] = 0.3
+    assert condition_verdict(table, ["full", "top-2"], {"w2": worse, "nll": worse}).startswith("not reproduced")
+
+
+def tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_a_tiny_study_from_the_command_line(tmp_path):
+    out = tmp_path / "study"
+    base = ("study", "misalignment", TINY, "--out", out, "--seeds", "2", "--strategy", "full", "--strategy", "top-2",
+            "--n", "100", "--n-boot", "20", "--w2-boot", "3")
+    done = cli(*base, "--conditions", "disjoint,overlap-0.5,exact")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "study.json").read_text())
+    assert report["condition_names"] == ["disjoint", "overlap-0.5", "exact"]  # in the order given
+    assert report["conditions"]["disjoint"]["seeds"] == [0, 1] and report["conditions"]["exact"]["seeds"] == [0]
+    assert report["conditions"]["exact"]["table"]["full"]["field_error"]["mean"] < 1e-8  # exact: the true field
+    assert (out / "report.md").read_text().startswith("# ddmkit misalignment study")
+    assert (out / "plots" / "quality_vs_stability.png").exists()
+    manifest = json.loads((out / "runs" / "overlap-0.5_s1" / "partition" / "manifest.json").read_text())
+    assert manifest["condition"] == "overlap-0.5" and sum(manifest["counts"]) > 1600  # shards overlap
+    seeds = [json.loads((out / "runs" / f"disjoint_s{s}" / "experts" / "expert_00" / "config.json").read_text())
+             ["train"]["seed"] for s in (0, 1)]
+    assert seeds == [0, 1]
+    run = tree(out / "runs" / "disjoint_s0")  # bytes and modification times of every file
+    measured = (out / "measure" / "disjoint_s0.json").stat().st_mtime_ns
+    again = cli(*base, "--conditions", "disjoint", "--conditions", "tempered-3+permuted-0.5")
+    assert again.returncode == 0, again.stderr
+    assert tree(out / "runs" / "disjoint_s0") == run  # resumed, and the router modifiers wrote nothing into it
+    assert (out / "measure" / "disjoint_s0.json").stat().st_mtime_ns == measured  # not measured again
+    assert json.loads((out / "study.json").read_text())["condition_names"] == ["disjoint", "tempered-3+permuted-0.5"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--conditions", "wobble"), "--conditions"),
+    (("--seeds", "0"), "--seeds"),
+    (("--strategy", "top-0"), "--strategy"),
+    (("--n", "5000"), "data.n_test"),
+    (("--set", "data.name=moons"), "data.name"),
+])
+def test_bad_options_exit_2_before_anything_is_written(tmp_path, args, words):
+    out = tmp_path / "study"
+    done = cli("study", "misalignment", TINY, "--out", out, *args)
+    assert done.returncode == 2 and words in done.stderr, done.stderr
+    assert not out.exists()
