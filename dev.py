@@ -48,11 +48,14 @@ def torch_spec() -> str:
     return "torch>=2.3" if has_gpu else "torch==2.13.0"
 
 
-def setup() -> None:
+def setup(extras: str = "dev") -> None:
+    """Create ./.venv and install ddmkit (with `extras`, e.g. "dev" for the tests; "" for the demo,
+    which needs none of them). A setup that already holds what is asked for is kept."""
     if not (sys.version_info[:2] >= (3, 10) and sys.version_info[:2] <= (3, 12)):
         sys.exit(f"dev.py: ddmkit needs Python 3.10 to 3.12, this is {sys.version.split()[0]}")
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + torch_spec().encode()).hexdigest()
-    if STAMP.exists() and STAMP.read_text() == want and PY.exists():
+    have = STAMP.read_text().split() if STAMP.exists() else []
+    if PY.exists() and have[:1] == [want] and (not extras or extras in have[1:]):
         return
     if not PY.exists():
         print(f"creating virtual environment in {VENV}", flush=True)
@@ -61,8 +64,8 @@ def setup() -> None:
     # Torch first, so the package's own `torch>=` range is already met and pip
     # never reaches for the multi-GB CUDA build on a CPU-only machine.
     must(pip + shlex.split(torch_spec()))
-    must(pip + ["-e", ".[dev]"])
-    STAMP.write_text(want)
+    must(pip + ["-e", f".[{extras}]" if extras else "."])
+    STAMP.write_text(" ".join([want, *([extras] if extras else [])]))
 
 
 def main(argv: list[str]) -> int:
@@ -71,7 +74,7 @@ def main(argv: list[str]) -> int:
     if target in ("help", "-h", "--help"):
         print(__doc__)
         return 0
-    setup()
+    setup("" if target == "demo" else "dev")
     env = dict(os.environ)
     if target == "setup":
         return 0
