@@ -38,11 +38,11 @@ def cli(*args):
 
 
 def clis(calls: list[tuple]) -> list[tuple[int, str]]:
-    """(exit code, stderr) of `ddmkit ARGS` for each ARGS, run side by side."""
+    """(exit code, stderr) of `ddmkit ARGS` for each ARGS, one after another (each takes the run's lock)."""
     env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for args in calls]
-    return [(p.wait(), p.communicate()[1]) for p in procs]
+    done = [subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
+                           capture_output=True, text=True, env=env) for args in calls]
+    return [(d.returncode, d.stderr) for d in done]
 
 
 def sha(path: Path) -> str:
