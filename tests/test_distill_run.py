@@ -18,8 +18,9 @@ from ddmkit.errors import DDMError
 from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.distill import (TRAJECTORY_SEED, distill_run, field_distances, lambda_grid, make_dense,
-                                     make_few_step, plan_distill, student_field, uniform_grid)
+                                     make_few_step, plan_distill, student_field)
 from ddmkit.pipeline.run import run_pipeline
+from ddmkit.sample import time_grid
 from ddmkit.pipeline.stages import load_split
 from ddmkit.train.distill import teacher_velocity, train_dense_student
 
@@ -90,7 +91,7 @@ def test_lambda_grid_known_answers():
     """L(t) constant: Lambda is linear in t, the grid uniform. v = x / (t + a): L = 1 / (t + a),
     Lambda(t) = log((t + a) / a), so t_i = a ((1 + a) / a)^((S - i) / S) - a."""
     x1 = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(lambda_grid(lambda x, t: 2.0 * x, x1, 4), uniform_grid(4), atol=1e-6)
+    assert torch.allclose(lambda_grid(lambda x, t: 2.0 * x, x1, 4), time_grid(4), atol=1e-6)
     a, s = 0.05, 4
     grid = lambda_grid(lambda x, t: x / (t[:, None] + a), x1, s, points=401)
     i = torch.arange(s + 1, dtype=torch.float64)
@@ -110,11 +111,11 @@ def test_few_step_grid_is_what_grid_says(trained, tmp_path):
         config = read_json(RunFolder(run).few_step_student(3, grid) / "config.json")
         assert config["segments"] == 3 and config["distill"]["grid"] == grid and config["distill"]["segments"] == 3
         grids[grid] = torch.tensor(config["grid"])
-    assert torch.equal(grids["uniform"], uniform_grid(3))
+    assert torch.equal(grids["uniform"], time_grid(3))
     dense, _ = student_field(RunFolder(run).dense_student)
     x1 = start_noise(SMALL["trajectories"], (2,), plan.train.seed + TRAJECTORY_SEED)
     assert torch.allclose(grids["lambda"], lambda_grid(lambda x, t: dense(x, t), x1, 3), atol=1e-6)
-    assert (grids["lambda"] - uniform_grid(3)).abs().max() > 0.02
+    assert (grids["lambda"] - time_grid(3)).abs().max() > 0.02
 
 
 def test_cli_writes_students_and_report(trained, tmp_path):

@@ -45,7 +45,7 @@ from ddmkit.evaluation.fid import feature_extractor, fid_kid
 from ddmkit.evaluation.sets import FLOOR, evaluate_all, reference_sets
 from ddmkit.flow.path import noise
 from ddmkit.io import read_json, remove_stale_staging, sha256_file, write_bytes_atomic, write_json
-from ddmkit.launch.threads import job_threads
+from ddmkit.train.threads import job_threads
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model
 from ddmkit.pipeline.images import scorer_for
@@ -58,7 +58,7 @@ from ddmkit.registry import load_model, model_shards
 from ddmkit.routing import parse_strategy
 from ddmkit.routing.adaptive import GatedTopK
 from ddmkit.routing.strategies import Nearest, Oracle
-from ddmkit.sample import sample_euler
+from ddmkit.sample import sample_euler, time_grid
 from ddmkit.tables import markdown_table
 from ddmkit.theory.stability import cumulative_lambda, lambda_uniform_grid
 from ddmkit.train.distill import teacher_states, teacher_velocity, train_dense_student, train_few_step_student
@@ -98,11 +98,6 @@ def _choice(option: str, value: str, accepted: tuple[str, ...]) -> None:
 def _count(option: str, value, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise DDMError(f"--{option}: {value!r} is out of range; give an integer in {lo} .. {hi}")
-
-
-def uniform_grid(segments: int) -> torch.Tensor:
-    """t_i = 1 - i / S, i = 0 .. S."""
-    return torch.linspace(1.0, 0.0, segments + 1)
 
 
 def lambda_grid(field: Callable, x1: torch.Tensor, segments: int, points: int = 41, iters: int = 4) -> torch.Tensor:
@@ -317,7 +312,7 @@ def make_few_step(plan: Plan, log: Log) -> None:
     substeps = max(1, math.ceil(plan.teacher_steps / s))
     with job_threads(plan.train.threads):
         if plan.grid == "uniform":
-            grid = uniform_grid(s)
+            grid = time_grid(s)
         else:
             rows = slice(0, min(256, plan.trajectories))
             grid = lambda_grid(lambda x, t: dense(x, t, **({} if y is None else {"y": y[rows]})), x1[rows], s)

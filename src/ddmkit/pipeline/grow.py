@@ -55,7 +55,7 @@ from ddmkit.ddm.load import check_shape, velocity_field
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, remove_stale_staging, save_tensors, sha256_file, staging_dir, write_json
 from ddmkit.launch import ExpertJob, run_jobs
-from ddmkit.launch.threads import job_threads
+from ddmkit.train.threads import job_threads
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model
 from ddmkit.pipeline.prepare import run_config

@@ -42,13 +42,6 @@ def _ddm(run, sample_set: SampleSet, device, ddms: dict) -> DDM:
     return ddms[key]
 
 
-def _codec(run, device, ddms: dict):
-    """The autoencoder of a latent run (None for others), loaded once into `ddms`."""
-    if "codec" not in ddms:
-        ddms["codec"] = latent_codec(run, device)
-    return ddms["codec"]
-
-
 def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device, ddms: dict) -> tuple[torch.Tensor, dict]:
     """(samples, info) of one set; `ddms` keeps the DDMs loaded for earlier sets."""
     s = cfg.sample
@@ -56,7 +49,7 @@ def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device, d
     if sample_set.kind == SetKind.MONOLITH:
         field = monolith_field(run, device, sample_set.guidance)
         shape, classes, meta = model_data_shape(run), field.output.num_classes, {}
-        codec = _codec(run, device, ddms)
+        codec = latent_codec(run, device)  # loaded with the monolith, as the DDM loads its own
     else:
         ddm = _ddm(run, sample_set, device, ddms)
         shape, classes, meta, codec = ddm.data_shape, ddm.num_classes, ddm.meta, ddm.codec
@@ -100,6 +93,6 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
             f"{info['wall_time']:.2f}s")
         if on_sample is not None:
             on_sample(sample_set.name)
-    classes = max((d.num_classes for d in ddms.values() if isinstance(d, DDM)), default=0)
+    classes = max((d.num_classes for d in ddms.values()), default=0)
     if classes:
         save_tensors(folder.sample_labels, {"y": sample_labels(classes, cfg.sample.n, cfg.sample.seed, "cpu")})

@@ -5,7 +5,7 @@ single stages can run on other machines.
 
 The data and partition stages are also two steps each, so that pipeline.prepare checks a new
 run completely before writing anything: load_data / plan_partition (in memory, every check)
-and write_data / write_partition. Training jobs run on train.threads CPU threads (launch.job_threads).
+and write_data / write_partition. Training jobs run on train.threads CPU threads (ddmkit.train.threads.job_threads).
 """
 from __future__ import annotations
 
@@ -20,22 +20,21 @@ from ddmkit.config import RunConfig
 from ddmkit.data import load_dataset
 from ddmkit.data.arrays import ArrayData
 from ddmkit.data.features import is_user_function, use_features
-from ddmkit.data.partition import PartitionPlan, compute_partition, write_partition
+from ddmkit.data.partition import PartitionPlan, compute_partition, read_shard, write_partition
 from ddmkit.ddm.load import load_truth
 from ddmkit.errors import DDMError
-from ddmkit.data.partition import read_shard
 from ddmkit.io import folder_lock, load_tensors, read_json, save_tensors, sha256_file, staging_dir, write_json
 from ddmkit.launch import ExpertJob, run_jobs
-from ddmkit.launch.threads import job_threads
+from ddmkit.latent.autoencoder import load_autoencoder, load_codec
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, build_seeded, use_network
 from ddmkit.nets.user import check_output, is_user_network
-from ddmkit.latent.autoencoder import load_codec, load_autoencoder
 from ddmkit.registry import AUTOENCODER_WEIGHTS, model_shards, shard_files, write_registry
-from ddmkit.train.concurrent import train_experts_concurrently
 from ddmkit.train.autoencoder import train_autoencoder
+from ddmkit.train.concurrent import train_experts_concurrently
 from ddmkit.train.jobs import train_monolith, train_router
 from ddmkit.train.loop import resolve_device
+from ddmkit.train.threads import job_threads
 
 Log = Callable[[str], None]
 
@@ -238,9 +237,9 @@ def encode_shards(cfg: RunConfig, run, log: Log = print) -> None:
     latents.json: the latent shape, the autoencoder's SHA-256, each latent shard's SHA-256."""
     folder = RunFolder(run)
     shards = shard_files(run)
-    pixels, _, _ = read_shard(shards[0])
+    channels = read_json(folder.data_info)["data_shape"][0]
     device = resolve_device(cfg.latent.train.device)
-    codec = load_codec(folder.autoencoder, pixels.shape[1], cfg.latent.encode_batch, device)
+    codec = load_codec(folder.autoencoder, channels, cfg.latent.encode_batch, device)
     start = time.perf_counter()
     with staging_dir(folder.latents) as tmp:
         entries = []
@@ -261,4 +260,5 @@ def encode_shards(cfg: RunConfig, run, log: Log = print) -> None:
         f"{time.perf_counter() - start:.1f}s")
 
 
-TRAINING_STAGES = (stage_data, stage_partition, stage_autoencoder, stage_experts, stage_monolith, stage_router, stage_registry)
+TRAINING_STAGES = (stage_data, stage_partition, stage_autoencoder, stage_experts, stage_monolith, stage_router,
+                   stage_registry)
