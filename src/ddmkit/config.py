@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddmkit.errors import DDMError
+from ddmkit.flow.convert import VPSchedule
 from ddmkit.io import read_json
 from ddmkit.routing.table import parse_strategy
 
@@ -124,14 +125,57 @@ class TrainConfig(Section):
                               "the model folder's tensorboard/ (needs the tensorboard package)")
 
 
+class PathConfig(Section):
+    """The probability path an expert trains on. "linear" (ddmkit's flow matching, x_t = (1 - t) x + t eps);
+    "vp": DDPM's variance-preserving path z = alpha_n x + sigma_n eps over timesteps n = 0 .. steps - 1 of a
+    linear or cosine beta schedule, converted to the linear-path velocity at load (ddmkit.flow.convert)."""
+
+    kind: Literal["linear", "vp"] = "linear"
+    schedule: Literal["linear", "cosine"] = Field("linear", description="vp: DDPM's linear betas or improved "
+                                                  "DDPM's cosine alpha_bar")
+    steps: int = Field(1000, ge=2, le=100_000, description="vp: number of timesteps")
+    beta_start: float = Field(1e-4, gt=0, lt=1, description="vp, linear schedule: first beta")
+    beta_end: float = Field(0.02, gt=0, lt=1, description="vp, linear schedule: last beta")
+
+    @model_validator(mode="after")
+    def _betas(self):
+        if self.kind == "vp" and self.schedule == "linear" and self.beta_end < self.beta_start:
+            raise ValueError(f"expert.path.beta_end = {self.beta_end} is below beta_start = {self.beta_start}; "
+                             "betas grow with the timestep (DDPM: 0.0001 to 0.02)")
+        return self
+
+    def vp_schedule(self) -> VPSchedule | None:
+        """The VP schedule a network of this path is trained and converted with (None: the linear path).
+        ddmkit's VP networks take the timestep as a fraction n / steps (time_scale 1 / steps), the time
+        input of its networks."""
+        if self.kind == "linear":
+            return None
+        return VPSchedule(self.schedule, self.steps, self.beta_start, self.beta_end, time_scale=1.0 / self.steps)
+
+
+PREDICTIONS_OF_PATH = {"linear": ("velocity", "epsilon", "x0"), "vp": ("epsilon", "v")}
+
+
 class ExpertConfig(Section):
     net: NetConfig = Field(default_factory=lambda: NetConfig(arch="mlp", kwargs={"width": 256, "depth": 3}))
     train: TrainConfig = Field(default_factory=TrainConfig)
-    prediction: Literal["velocity", "epsilon", "x0"] = "velocity"
+    path: PathConfig = Field(default_factory=PathConfig)
+    prediction: Literal["velocity", "epsilon", "x0", "v"] = Field(
+        "velocity", description="what the network predicts: velocity, epsilon or x0 on the linear path; "
+        "epsilon or v on the vp path")
     label_dropout: float = Field(0.0, ge=0, le=1, description="share of training labels replaced by 'no label' "
                                  "(class-conditional nets, for classifier-free guidance)")
     concurrent: bool = Field(False, description="train all K experts in one stacked network (torch.func), "
                              "each on its own shard only")
+
+    @model_validator(mode="after")
+    def _prediction(self):
+        accepted = PREDICTIONS_OF_PATH[self.path.kind]
+        if self.prediction not in accepted:
+            raise ValueError(f"prediction = {self.prediction!r} is not a prediction of the {self.path.kind} path; "
+                             f"accepted there: {', '.join(accepted)}"
+                             + (" (or set [expert.path] kind = 'vp')" if self.prediction == "v" else ""))
+        return self
 
 
 class RouterConfig(Section):

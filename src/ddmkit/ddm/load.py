@@ -30,13 +30,15 @@ from ddmkit.truth import GaussianMixture
 
 
 PATHS = ("linear", "vp", "edm")
-VP_KEYS = ("schedule", "steps", "beta_start", "beta_end")
+VP_KEYS = ("schedule", "steps", "beta_start", "beta_end", "time_scale")
 
 
 def path_output(config: dict) -> tuple[str, VPSchedule | None]:
     """(path kind, VP schedule) of a model folder's config.json "path": absent or {"kind": "linear"} for
     ddmkit's own experts, {"kind": "vp", "schedule": "linear" | "cosine", "steps": 1000, "beta_start":
-    1e-4, "beta_end": 0.02} for a DDPM network, {"kind": "edm"} for an EDM-style denoiser."""
+    1e-4, "beta_end": 0.02} for a DDPM network (and "time_scale": the network is called with n x
+    time_scale; default 1, DDPM's timestep; ddmkit's VP experts write 1 / steps), {"kind": "edm"} for an
+    EDM-style denoiser."""
     path = dict(config.get("path") or {"kind": "linear"})
     kind = path.pop("kind", None)
     extra = set(path) - set(VP_KEYS if kind == "vp" else ())

@@ -44,6 +44,7 @@ class VPSchedule:
     steps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    time_scale: float = 1.0  # the network is called with n x time_scale: 1 (DDPM's timestep), 1 / steps (ddmkit's)
 
     def log_alpha_bar(self) -> torch.Tensor:
         """log alpha_bar at n = 0 .. steps - 1 (float64), decreasing."""
@@ -86,10 +87,10 @@ def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def vp_velocity(network, x: torch.Tensor, t: torch.Tensor, schedule: VPSchedule, prediction: str,
                 **cond) -> torch.Tensor:
     """The linear-path velocity of a VP network predicting "epsilon" or "v", called as
-    network(z, n, **cond) with z = x / c and its timestep n."""
+    network(z, n x schedule.time_scale, **cond) with z = x / c and its timestep n."""
     alpha, sigma, c = (_col(s, x) for s in vp_scales(t))
     z = x / c
-    out = network(z, vp_timestep(schedule, t), **cond).to(x.dtype)
+    out = network(z, vp_timestep(schedule, t) * schedule.time_scale, **cond).to(x.dtype)
     if prediction == "epsilon":
         eps, x0 = out, (z - sigma * out) / alpha
     elif prediction == "v":
@@ -97,6 +98,34 @@ def vp_velocity(network, x: torch.Tensor, t: torch.Tensor, schedule: VPSchedule,
     else:
         raise ValueError(f"VP prediction must be 'epsilon' or 'v'; got {prediction!r}")
     return eps - x0
+
+
+def vp_training_pair(schedule: VPSchedule, prediction: str, x: torch.Tensor, u: torch.Tensor,
+                     eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DDPM's training example at draws u ~ U[0, 1) (B,) and eps ~ N(0, I): the timestep
+    n = floor(u steps), the state z = alpha_n x + sigma_n eps (alpha_n^2 = alpha_bar(n), sigma_n^2 =
+    1 - alpha_bar(n)), and the target, eps ("epsilon") or alpha_n eps - sigma_n x ("v").
+    Returns (z, the network's time input n x time_scale, target)."""
+    n = (u * schedule.steps).long().clamp(0, schedule.steps - 1)
+    log_ab = schedule.log_alpha_bar().to(x.device)[n]
+    alpha, sigma = _col(torch.exp(0.5 * log_ab), x), _col(torch.sqrt(-torch.expm1(log_ab)), x)
+    if prediction == "epsilon":
+        target = eps
+    elif prediction == "v":
+        target = alpha * eps - sigma * x
+    else:
+        raise ValueError(f"VP prediction must be 'epsilon' or 'v'; got {prediction!r}")
+    return alpha * x + sigma * eps, n.to(u.dtype) * schedule.time_scale, target
+
+
+def path_entry(schedule: VPSchedule | None) -> dict:
+    """The "path" entry of the config.json of a network trained with this VP schedule, which the loader
+    reads back (ddmkit.ddm.load.path_output); {} for the linear path, ddmkit's own."""
+    if schedule is None:
+        return {}
+    return {"path": {"kind": "vp", "schedule": schedule.kind, "steps": schedule.steps,
+                     "beta_start": schedule.beta_start, "beta_end": schedule.beta_end,
+                     "time_scale": schedule.time_scale}}
 
 
 def edm_velocity(network, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:

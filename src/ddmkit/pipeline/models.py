@@ -17,16 +17,24 @@ from ddmkit.tables import markdown_table
 TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "ema_decay")
 
 
+def _prediction(prediction: str, path: dict | None) -> str:
+    """The prediction, with the path when it is not the linear one: "v (vp cosine)"."""
+    if not path or path.get("kind", "linear") == "linear":
+        return prediction
+    return f"{prediction} ({path['kind']}{' ' + path['schedule'] if 'schedule' in path else ''})"
+
+
 def _summary(config: dict) -> dict:
     train = config.get("train", {})
     return {"arch": config.get("arch"), "kwargs": config.get("kwargs", {}),
-            "prediction": config.get("prediction", "-"), **{key: train.get(key) for key in TRAIN_KEYS}}
+            "prediction": _prediction(config.get("prediction", "-"), config.get("path")),
+            **{key: train.get(key) for key in TRAIN_KEYS}}
 
 
 def _expected(cfg: RunConfig, data_shape: list) -> dict:
     e = cfg.expert
     kwargs = {"data_shape": list(data_shape), **e.net.kwargs}
-    return {"arch": e.net.arch, "kwargs": kwargs, "prediction": e.prediction,
+    return {"arch": e.net.arch, "kwargs": kwargs, "prediction": _prediction(e.prediction, e.path.model_dump()),
             **{key: getattr(e.train, key) for key in TRAIN_KEYS}}
 
 

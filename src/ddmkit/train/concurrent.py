@@ -21,7 +21,8 @@ import torch
 from ddmkit.config import ExpertConfig
 from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
-from ddmkit.flow.path import noise, target_for
+from ddmkit.flow.convert import VPSchedule, path_entry
+from ddmkit.flow.losses import training_pair
 from ddmkit.io import sha256_file, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained
 from ddmkit.train.jobs import drop_labels
@@ -45,14 +46,14 @@ def stacked_sampler(parts: list[torch.Tensor], labels: list[torch.Tensor] | None
 
 
 def stacked_loss(model: StackedExperts, x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator,
-                 prediction: str) -> torch.Tensor:
-    """(K,) flow-matching loss of each expert on its own batch."""
+                 prediction: str, schedule: VPSchedule | None = None) -> torch.Tensor:
+    """(K,) flow-matching loss (DDPM's with a VP schedule) of each expert on its own batch."""
     k, b = x.shape[:2]
     t = torch.rand(k, b, generator=gen, device=x.device)
     eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    xt = noise(x.flatten(0, 1), t.flatten(), eps.flatten(0, 1)).reshape(x.shape)
-    pred = model(xt, t, y)
-    err = (pred.float() - target_for(prediction, x, eps).float()) ** 2
+    state, time, target = training_pair(x.flatten(0, 1), t.flatten(), eps.flatten(0, 1), prediction, schedule)
+    pred = model(state.reshape(x.shape), time.reshape(k, b), y)
+    err = (pred.float() - target.reshape(x.shape).float()) ** 2
     return err.reshape(k, -1).mean(1)
 
 
@@ -80,7 +81,7 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
         x, y = draw(gen)
         if y is not None:
             y = drop_labels(y, config.label_dropout, num_classes, gen)
-        per_expert = stacked_loss(m, x, y, gen, config.prediction)
+        per_expert = stacked_loss(m, x, y, gen, config.prediction, config.path.vp_schedule())
         return per_expert.sum(), {"mean_expert_loss": per_expert.mean()}
 
     train_cfg = config.train.model_copy(update={"channels_last": False})  # 5-D stacked weights
@@ -95,7 +96,8 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
             (tmp / "train_log.jsonl").write_text(log_text)
             save_pretrained(tmp, net, {
                 "role": "expert", "arch": config.net.arch, "kwargs": kwargs, "data_shape": data_shape,
-                "prediction": config.prediction, "train": config.train.model_dump(),
+                "prediction": config.prediction, **path_entry(config.path.vp_schedule()),
+                "train": config.train.model_dump(),
                 "final_loss": history[-1]["mean_expert_loss"], "cluster": int(meta.get("cluster", -1)),
                 "k": int(meta.get("k", 0)), "shard_sha256": sha256_file(shard), "shard_count": len(x),
                 "data_hash": meta.get("data_hash"), "trained_concurrently_with": len(shards),

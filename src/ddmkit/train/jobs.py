@@ -19,6 +19,7 @@ import torch
 from ddmkit.config import ExpertConfig, RouterConfig, TrainConfig
 from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
+from ddmkit.flow.convert import path_entry
 from ddmkit.flow.losses import flow_matching_loss, router_loss
 from ddmkit.io import sha256_file, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained, use_networks, user_networks
@@ -85,14 +86,15 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
     if num_classes:
         draw_labelled = _labelled_batches(x.float(), labels.long(), config.train.batch_size, device)
     rows = dist.rows(config.train.batch_size)  # None: the whole batch
+    schedule = config.path.vp_schedule()  # None: the linear path
 
     def batch_loss(m, step, gen):
         if not num_classes:
-            return flow_matching_loss(m, draw(gen), gen, config.prediction, rows=rows), {}
+            return flow_matching_loss(m, draw(gen), gen, config.prediction, rows, schedule), {}
         xb, yb = draw_labelled(gen)
         yb = drop_labels(yb, config.label_dropout, num_classes, gen)
         yb = yb if rows is None else yb[rows]
-        return flow_matching_loss(lambda xt, t: m(xt, t, y=yb), xb, gen, config.prediction, rows=rows), {}
+        return flow_matching_loss(lambda xt, t: m(xt, t, y=yb), xb, gen, config.prediction, rows, schedule), {}
 
     if not dist.is_main:  # trains alongside rank 0, which writes
         fit(model, batch_loss, config.train, None, description, device, checkpoint_path(out_dir), resume, dist)
@@ -102,6 +104,7 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
                            checkpoint_path(out_dir), resume, dist)
         save_pretrained(tmp, ema, {"role": role, "arch": config.net.arch, "kwargs": kwargs,
                                    "data_shape": data_shape, "prediction": config.prediction,
+                                   **path_entry(schedule),
                                    "train": config.train.model_dump(), "final_loss": history[-1]["loss"],
                                    **(extra or {}), **dist.note()})
     checkpoint_path(out_dir).unlink(missing_ok=True)
