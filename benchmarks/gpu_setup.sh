@@ -1,0 +1,19 @@
+# Sourced by the GPU drivers (gpu_images.sh, gpu_grow_convert_distill.sh): installs the carried wheels
+# (.inc_whl) once per warm machine, the Fashion-MNIST IDX files (.data) and the FID Inception weights'
+# parts (.inc_a/.inc_b, joined by join_fid_weights), and sets DDMKIT (the ddmkit command) and left N
+# (seconds left of an N-second call).
+set -o pipefail
+T0=$(date +%s)
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# wheels: installed once per warm machine (a later call may leave .inc_whl out to carry more of the rest)
+[ -d .inc_whl ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_whl/*.whl || exit 1; }
+# POT is imported by ddmkit.evaluation (optimal-transport distances) but never used by the image stages
+[ -d /tmp/site/ot ] || { mkdir -p /tmp/site/ot && echo 'raise_on_use = True' > /tmp/site/ot/__init__.py; }
+export PYTHONPATH=/tmp/site:src:. PYTHONUNBUFFERED=1 DDMKIT_QUIET=1 DDMKIT_FID_WEIGHTS=${DDMKIT_FID_WEIGHTS:-/root/inc/default_1.pt}
+mkdir -p /usr/share/datasets/fashion-mnist /root/inc 2>/dev/null
+[ -d .data ] && cp .data/* /usr/share/datasets/fashion-mnist/
+for d in .inc_a .inc_b; do [ -d $d ] && cp $d/* /root/inc/; done
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+left() { echo $(( ${1} - ($(date +%s) - T0) )); }
+join_fid_weights() { (cd /root/inc && cat inc.part0* > default_1.pt && sha1sum default_1.pt); }
+DDMKIT=(python3 -c 'import sys; sys.argv[0] = "ddmkit"; from ddmkit.cli import main; main()')
