@@ -55,7 +55,7 @@ def cumulative_lambda(times: Tensor, lipschitz: Tensor) -> Tensor:
     t, values = t[order], values[order]
     cum = np.concatenate([[0.0], np.cumsum(0.5 * (values[1:] + values[:-1]) * np.diff(t))])
     out = np.empty_like(cum)
-    out[order] = cum - cum[0]
+    out[order] = cum
     return torch.as_tensor(out)
 
 
