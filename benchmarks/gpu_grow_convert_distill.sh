@@ -10,10 +10,10 @@
 #        without: the same config on the nine classes but ankle boot (benchmarks/fashion_mnist_holdout.py),
 #        scored against the whole test set, then `ddmkit add-expert --data ...:only_class` -> grown
 #   bash benchmarks/gpu_grow_convert_distill.sh evaluate
-#        mixed: a copy of fm whose experts 0-3 are replaced by vp's (`ddmkit replace-expert`); scores of
-#        grown (and its statistics-only router), fm, vp and mixed
+#        mixed: a copy of fm whose experts 0-3 are replaced by vp's (`ddmkit replace-expert`); top-1 and top-2
+#        scores of grown, fm (and its monolith), vp and mixed
 #   bash benchmarks/gpu_grow_convert_distill.sh distill
-#        `ddmkit distill runs/gcd/fm --teacher top-1 --few-step 4` (students: 4000 steps)
+#        `ddmkit distill runs/gcd/fm --teacher top-1 --few-step 4` (students: the experts' 2000 steps)
 # Each run's report.md and metrics.json go to $OUT/NAME/. EXTRA="--set ..." is added to every run (a dry
 # run on a CPU: tiny data, steps and samples, evaluate.fid_features = "pixels").
 source benchmarks/gpu_setup.sh
@@ -54,13 +54,14 @@ elif [ "$1" = without ]; then
 elif [ "$1" = evaluate ]; then
   rm -rf $R/mixed && cp -r $R/fm $R/mixed
   for k in 0 1 2 3; do run replace-expert $R/mixed $k $R/vp/experts/expert_0$k 2>&1 | tail -n 2; done | tee "$OUT/evaluate.log"
-  run run $R/grown/config.json --out $R/grown --stages evaluate 2>&1 | tail -n 25 | tee -a "$OUT/evaluate.log"; keep grown
-  for name in fm vp mixed; do
-    run run $R/$name/config.json --out $R/$name --stages evaluate 2>&1 | tail -n 25 | tee -a "$OUT/evaluate.log"
+  SPARSE=(--set 'sample.strategies=["top-1","top-2"]' --set 'sample.stats_router_strategies=[]')
+  for name in grown fm vp mixed; do
+    [ $name = fm ] && S=(--set 'sample.strategies=["monolith","top-1","top-2"]') || S=("${SPARSE[@]}")
+    run run $R/$name/config.json --out $R/$name --stages evaluate "${S[@]}" 2>&1 | tail -n 25 | tee -a "$OUT/evaluate.log"
     keep $name
   done
 elif [ "$1" = distill ]; then
-  run distill $R/fm --teacher top-1 --few-step 4 --steps ${DISTILL_STEPS:-4000} ${DISTILL_EXTRA:-} 2>&1 \
+  run distill $R/fm --teacher top-1 --few-step 4 --steps ${DISTILL_STEPS:-2000} ${DISTILL_EXTRA:-} 2>&1 \
     | tail -n 40 | tee "$OUT/distill.log"
   mkdir -p "$OUT/distill" && cp $R/fm/students/report.md $R/fm/students/report.json "$OUT/distill/" 2>/dev/null
 else
