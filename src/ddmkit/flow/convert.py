@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -59,10 +60,17 @@ class VPSchedule:
         return torch.cumsum(torch.log1p(-betas), 0)
 
 
+@lru_cache(maxsize=32)
+def log_alpha_bar_on(schedule: VPSchedule, device: torch.device) -> torch.Tensor:
+    """schedule.log_alpha_bar() on `device`, computed once per schedule and device (every training step
+    and every sampling step of a VP expert reads it)."""
+    return schedule.log_alpha_bar().to(device)
+
+
 def vp_timestep(schedule: VPSchedule, t: torch.Tensor) -> torch.Tensor:
     """The (fractional) timestep n whose alpha_bar equals (1 - t)^2 / ((1 - t)^2 + t^2), linear in
     log alpha_bar between integers, clamped to [0, steps - 1]."""
-    table = schedule.log_alpha_bar().to(t.device)
+    table = log_alpha_bar_on(schedule, t.device)
     tt = t.double().clamp(T_MIN, 1 - T_MIN)
     target = 2 * torch.log1p(-tt) - torch.log((1 - tt) ** 2 + tt ** 2)
     # table decreases: search on its negation
@@ -107,7 +115,7 @@ def vp_training_pair(schedule: VPSchedule, prediction: str, x: torch.Tensor, u: 
     1 - alpha_bar(n)), and the target, eps ("epsilon") or alpha_n eps - sigma_n x ("v").
     Returns (z, the network's time input n x time_scale, target)."""
     n = (u * schedule.steps).long().clamp(0, schedule.steps - 1)
-    log_ab = schedule.log_alpha_bar().to(x.device)[n]
+    log_ab = log_alpha_bar_on(schedule, x.device)[n]
     alpha, sigma = _col(torch.exp(0.5 * log_ab), x), _col(torch.sqrt(-torch.expm1(log_ab)), x)
     if prediction == "epsilon":
         target = eps

@@ -76,12 +76,13 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
     kwargs = {"data_shape": data_shape, **config.net.kwargs}
     model = StackedExperts([build_seeded(config.net.arch, config.train.seed, **kwargs) for _ in shards])
     draw = stacked_sampler(xs, labels, config.train.batch_size, device)
+    schedule = config.path.vp_schedule()  # None: the linear path
 
     def batch_loss(m, step, gen):
         x, y = draw(gen)
         if y is not None:
             y = drop_labels(y, config.label_dropout, num_classes, gen)
-        per_expert = stacked_loss(m, x, y, gen, config.prediction, config.path.vp_schedule())
+        per_expert = stacked_loss(m, x, y, gen, config.prediction, schedule)
         return per_expert.sum(), {"mean_expert_loss": per_expert.mean()}
 
     train_cfg = config.train.model_copy(update={"channels_last": False})  # 5-D stacked weights
@@ -96,7 +97,7 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
             (tmp / "train_log.jsonl").write_text(log_text)
             save_pretrained(tmp, net, {
                 "role": "expert", "arch": config.net.arch, "kwargs": kwargs, "data_shape": data_shape,
-                "prediction": config.prediction, **path_entry(config.path.vp_schedule()),
+                "prediction": config.prediction, **path_entry(schedule),
                 "train": config.train.model_dump(),
                 "final_loss": history[-1]["mean_expert_loss"], "cluster": int(meta.get("cluster", -1)),
                 "k": int(meta.get("k", 0)), "shard_sha256": sha256_file(shard), "shard_count": len(x),
