@@ -68,3 +68,21 @@ def test_a_tiny_sweep_from_the_command_line(tmp_path):
     assert cli(*args).returncode == 0 and weights.stat().st_mtime_ns == before  # resumed: nothing retrained
     refused = cli("sweep", TINY, "--out", out, "--k", "0", "--budget", "1")
     assert refused.returncode == 2 and "--k" in refused.stderr
+
+
+def test_a_sweep_trained_now_and_scored_later(tmp_path):
+    out = tmp_path / "sweep"
+    grid = ("sweep", TINY, "--out", out, "--k", "2", "--budget", "0.5")
+    trained = cli(*grid, "--stages", "train")
+    assert trained.returncode == 0, trained.stderr
+    cell = out / "k2_b0.5_s0"
+    weights = cell / "experts" / "expert_01" / "model.safetensors"
+    assert weights.exists() and (cell / "monolith" / "model.safetensors").exists()
+    assert not (out / "sweep.md").exists() and not (cell / "report.md").exists()  # trained, not scored
+    before = weights.stat().st_mtime_ns
+    scored = cli(*grid, "--stages", "evaluate")
+    assert scored.returncode == 0, scored.stderr
+    assert (out / "sweep.md").exists() and weights.stat().st_mtime_ns == before  # scored, nothing retrained
+    assert json.loads((out / "sweep.json").read_text())["table"]["monolith"]["0.5"]["n"] == 1
+    bad = cli(*grid, "--stages", "sample")
+    assert bad.returncode == 2 and "--stages" in bad.stderr

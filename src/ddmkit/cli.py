@@ -328,6 +328,8 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
                                          "largest budget, the first elsewhere"),
           all_seeds: bool = typer.Option(False, help="every seed at every budget"),
           force: bool = typer.Option(False, help="replace cell folders that hold different runs"),
+          stages: str = typer.Option("all", help="train (every cell, no report), evaluate (score cells trained "
+                                     "before, write the report) or all"),
           backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
           workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU core without GPUs)"),
           device: Optional[str] = DEVICE,
@@ -340,7 +342,9 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
 
     check_backend(backend)
     report = run_sweep(_config(config, None, set_, device), out, list(k), list(budget), list(seed), all_seeds, force, log, backend,
-                       workers)
+                       workers, stages)
+    if report is None:
+        return
     for kk, ratio in report["compute_ratio"].items():
         log(f"K={kk}: best {report['best'][kk]} reaches the monolith's final {report['metric']} at "
             + ("no budget of the grid" if ratio is None else f"{ratio:.3g}x its compute"))

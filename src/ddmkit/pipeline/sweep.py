@@ -32,7 +32,7 @@ from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
 from ddmkit.io import write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.run import run_pipeline
+from ddmkit.pipeline.run import STAGES, run_pipeline
 from ddmkit.tables import markdown_table
 
 Log = Callable[[str], None]
@@ -107,9 +107,13 @@ def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[
 
 def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], seeds: list[int],
           all_seeds: bool = False, force: bool = False, log: Log = print, backend: str = "inline",
-          workers: int | None = None) -> dict:
-    """Run every cell (skipping what is done) and write the report; returns the report's data."""
+          workers: int | None = None, stages: str = "all") -> dict | None:
+    """Run every cell (skipping what is done) and write the report; returns the report's data.
+    stages = "train" trains every cell and writes no report (None); "evaluate" scores cells trained
+    before (a GPU session can train the grid and a later one score it)."""
     check_grid(cfg, ks, budgets, seeds)
+    if stages not in STAGES:
+        raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STAGES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
@@ -124,10 +128,14 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         log(f"sweep cell {i + 1}/{len(todo)}: k={k}, budget {b:g}, seed {s}")
         if first is not None and not folder.config.exists():
             seed_cell(folder, cell_cfg, first, partitions.get(k))
-        result = run_pipeline(cell_cfg, folder.root, force, log, backend, workers)
+        result = run_pipeline(cell_cfg, folder.root, force, log, backend, workers, stages=stages)
         first = first or folder
         partitions.setdefault(k, folder)
-        results.append({"k": k, "budget": b, "seed": s, "rows": result["rows"]})
+        if result is not None:
+            results.append({"k": k, "budget": b, "seed": s, "rows": result["rows"]})
+    if stages == "train":
+        log(f"sweep: {len(todo)} cells trained; the same command with --stages evaluate (or all) scores them")
+        return None
     report = summarize(results, ks, budgets, strategies)
     write_json(out / "sweep.json", report)
     plot_sweep(report, out / "plots" / "sweep.png")
