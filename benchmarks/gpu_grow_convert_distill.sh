@@ -14,6 +14,7 @@
 #        scores of grown, fm (and its monolith), vp and mixed
 #   bash benchmarks/gpu_grow_convert_distill.sh distill
 #        `ddmkit distill runs/gcd/fm --teacher top-1 --few-step 4` (students: the experts' 2000 steps)
+#        (DISTILL_RUN=FOLDER distills another trained run, e.g. a cell of benchmarks/gpu_sweep.sh)
 # Each run's report.md and metrics.json go to $OUT/NAME/. EXTRA="--set ..." is added to every run (a dry
 # run on a CPU: tiny data, steps and samples, evaluate.fid_features = "pixels").
 source benchmarks/gpu_setup.sh
@@ -61,9 +62,9 @@ elif [ "$1" = evaluate ]; then
     keep $name
   done
 elif [ "$1" = distill ]; then
-  run distill $R/fm --teacher top-1 --few-step 4 --steps ${DISTILL_STEPS:-2000} ${DISTILL_EXTRA:-} 2>&1 \
+  run distill ${DISTILL_RUN:-$R/fm} --teacher top-1 --few-step 4 --steps ${DISTILL_STEPS:-2000} ${DISTILL_EXTRA:-} 2>&1 \
     | tail -n 40 | tee "$OUT/distill.log"
-  mkdir -p "$OUT/distill" && cp $R/fm/students/report.md $R/fm/students/report.json "$OUT/distill/" 2>/dev/null
+  mkdir -p "$OUT/distill" && cp ${DISTILL_RUN:-$R/fm}/students/report.md ${DISTILL_RUN:-$R/fm}/students/report.json "$OUT/distill/" 2>/dev/null
 else
   echo "usage: bash benchmarks/gpu_grow_convert_distill.sh train|without|evaluate|distill"; exit 2
 fi

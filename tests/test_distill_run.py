@@ -99,6 +99,19 @@ def test_lambda_grid_known_answers():
     assert torch.allclose(grid.double(), expected, atol=2e-3), (grid, expected)
 
 
+def test_lambda_grid_calls_the_field_with_times_like_the_states():
+    """The times are tabulated on the CPU in float64; every call of the field (the Euler trajectory and
+    the Jacobians along it) must get t on x's device and in x's dtype (on a GPU: cuda states, CPU times)."""
+    calls = []
+
+    def field(x, t):
+        calls.append((t.device, t.dtype) == (x.device, x.dtype))
+        return -x * (1 + t[:, None])
+
+    lambda_grid(field, torch.randn(8, 3, dtype=torch.float64), 4, points=5)
+    assert len(calls) > 4 and all(calls)
+
+
 def test_few_step_grid_is_what_grid_says(trained, tmp_path):
     """uniform: t_i = 1 - i / S exactly; lambda: the Lambda grid of the dense student from the trajectories'
     first 256 noises, not uniform; both students start from the dense one and record their settings."""

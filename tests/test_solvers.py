@@ -47,3 +47,17 @@ def test_unknown_solver():
     with pytest.raises(ValueError, match="euler"):
         get_solver("leapfrog")
     assert set(SOLVERS) >= {"euler", "heun", "midpoint", "rk4", "adaptive"}
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "midpoint", "rk4"])
+def test_a_grid_on_the_cpu_gives_times_on_the_states_device(name):
+    """A time grid made on the CPU and states on another device (on a GPU: cuda; here the meta device):
+    the field gets t on x's device and in x's dtype at every call."""
+    calls = []
+
+    def on_device(x, t):
+        calls.append((t.device, t.dtype) == (x.device, x.dtype))
+        return -x
+
+    get_solver(name)(on_device, torch.zeros(4, 2, device="meta"), time_grid(3))
+    assert calls and all(calls)

@@ -110,7 +110,7 @@ def lambda_grid(field: Callable, x1: torch.Tensor, segments: int, points: int = 
     states: list[torch.Tensor] = []
     final = sample_euler(field, x1, times.float(), callback=lambda info: states.append(info["x"]))
     states.append(final)
-    lipschitz = torch.tensor([float(jacobian_norms(lambda x, t=t: field(x, t.float().expand(len(x))), s,
+    lipschitz = torch.tensor([float(jacobian_norms(lambda x, t=t: field(x, t.to(x).expand(len(x))), s,
                                                    iters)["top"].mean()) for s, t in zip(states, times)])
     grid = lambda_uniform_grid(times, cumulative_lambda(times, lipschitz), segments).float()
     if not bool((grid[:-1] > grid[1:]).all()):

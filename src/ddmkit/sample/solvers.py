@@ -36,7 +36,7 @@ def time_grid(steps: int, kind: str = "uniform", t_max: float = 1.0, t_min: floa
 
 
 def _tb(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.to(x.dtype).expand(x.shape[0])
+    return t.to(x).expand(x.shape[0])
 
 
 @torch.no_grad()
