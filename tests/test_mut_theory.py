@@ -385,7 +385,8 @@ def test_run_convergence_assembles_its_parts(monkeypatch, tmp_path):
     assert torch.equal(calls["noise"], torch.randn(2, 2, generator=torch.Generator().manual_seed(12), dtype=F64))
     assert res["disagreement"] == ["study"] and res["plots"] == ["convergence.png", "sweeps.png"]
     assert (tmp_path / "out" / "report.md").read_text() == (
-        "REPORT settings,grid,eps_sweep,router_error,temperature_sweep,disagreement,plots")
+        "REPORT settings,grid,eps_sweep,router_error,temperature_sweep,disagreement,common_noise,sample_size,"
+        "exact_law_floor,plots")
     assert json.loads((tmp_path / "out" / "results.json").read_text())["router_error"] == {"1": 10.0, "1.5": 15.0}
     big = tiny_convergence(samples=600)
     C.run_convergence(big, tmp_path / "big", log=quiet)
@@ -910,13 +911,21 @@ def test_render_distill_report_exactly():
         "| linear | Lambda_total | 1 | -1.5 |",
         "| ou | L_peak | 2.1 | -2.9 |",
         "| ou | Lambda_total | 0.9 | -1.25 |", "",
-        "## Students: end-to-end relative MSE", "",
-        "| path | D/sigma | uniform S=1 | uniform S=2 | Lambda S=1 | Lambda S=2 | gain S=1 | gain S=2 |",
-        "|---|---|---|---|---|---|---|---|",
-        "| linear | 4 | 0.01 | 0.02 | 0.01 | 0.015 | 0.0% | 25.0% |",
-        "| linear | 8 | 0.04 | 0.08 | 0.04 | 0.088 | 0.0% | -10.0% |",
-        "| ou | 4 | 0.02 | 0.04 | 0.02 | 0.02 | 0.0% | 50.0% |", "",
-        "gain = 1 - error(Lambda grid) / error(uniform grid); negative means the Lambda grid is worse.", "",
+        "## Students: end-to-end relative MSE, mean over 1 seed(s)", "",
+        "| path | D/sigma | uniform S=1 | uniform S=2 | Lambda S=1 | Lambda S=2 |",
+        "|---|---|---|---|---|---|",
+        "| linear | 4 | 0.01 | 0.02 | 0.01 | 0.015 |",
+        "| linear | 8 | 0.04 | 0.08 | 0.04 | 0.088 |",
+        "| ou | 4 | 0.02 | 0.04 | 0.02 | 0.02 |", "",
+        "## Lambda-grid gain over seeds", "",
+        "gain = 1 - error(Lambda grid) / error(uniform grid), one per seed (seed r trains one student per grid on "
+        "the same teacher data); negative means the Lambda grid is worse. S = 1 is left out: both grids are "
+        "[T, 0]. One seed (n = 1): no interval; run with --seeds 2 or more for one.", "",
+        "| path | D/sigma | gain S=2 |",
+        "|---|---|---|",
+        "| linear | 4 | 25.0% |",
+        "| linear | 8 | -10.0% |",
+        "| ou | 4 | 50.0% |", "",
         "## Reading", ""] + [f"- {n}" for n in D.findings(distill_results())] + [
         "", "Plots: ![lipschitz.png](lipschitz.png), ![segments.png](segments.png)", ""])
 

@@ -19,7 +19,13 @@ def test_convergence_quick(tmp_path):
     assert fit["ci_low"] <= fit["slope"] <= fit["ci_high"] and -0.8 < fit["slope"] < -0.2
     eps_rows = {(r["value"], r["sampler"]): r["pathwise_rms"][-1] for r in results["eps_sweep"]}
     assert eps_rows[(0.3, "euler:full")] > eps_rows[(0.1, "euler:full")] > eps_rows[(0.0, "euler:full")]
-    assert "pathwise slope" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "pathwise slope" in report and "## W2 with common noise against the sample count" in report
+    # the common-noise W2 over 3 independent noise draws: Euler with the full mixture stays first order
+    full = results["common_noise"]["euler:full"]["fit"]
+    assert full["n"] == 3 and full["ci_low"] < full["mean"] < full["ci_high"] and -1.1 < full["mean"] < -0.9
+    sizes = [r["samples"] for r in results["sample_size"] if r["steps"] == 16]
+    assert sizes == [100, 200, 400] and len(results["exact_law_floor"]) == 3
 
 
 def test_distill_quick(tmp_path):

@@ -10,7 +10,12 @@ and N steps, from noise x_1 ~ N(0, I):
 - pathwise error  e_N = sqrt(E |X_N - X(0)|^2), X(0) the exact ODE solution
   from the same x_1 (dopri5, tol 1e-10): the coupling the W2 bound is about;
 - W2(law of X_N, mixture), exact OT (POT) against independent true samples,
-  next to its noise floor W2(exact-ODE samples, the same true samples).
+  next to its noise floor W2(exact-ODE samples, the same true samples);
+- W2 with common noise, exact OT between X_N and X(0) of the same noise, over
+  several independent noise draws: a slope per draw and a 95% t-interval over
+  the draws; for the switching samplers also against the sample count n (the
+  draws pooled, split into disjoint subsets) and next to the exact-law floor,
+  the same W2 of exact mixture samples that sit at the same pathwise distance.
 
 Theory (docs/theory.md): e_N ~ N^(-1/2) for switching, N^(-1) for the full
 mixture with Euler, N^(-2) with Heun, plus a floor proportional to eps.
@@ -32,7 +37,7 @@ from ddmkit.theory.experts import (cluster_groups, cluster_posterior, expert_dis
                                    make_router)
 from ddmkit.theory.paths import get_path
 from ddmkit.theory.report import (bootstrap_slope, loglog_slope, markdown_table, new_figure, save_figure,
-                                  single_thread, slope_text, write_outputs)
+                                  single_thread, slope_text, t_interval, write_outputs)
 from ddmkit.theory.stability import teacher_solve
 from ddmkit.truth import GaussianMixture
 
@@ -58,6 +63,11 @@ class ConvergenceSettings:
     radii: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0)
     disagreement_steps: tuple[int, ...] = (16, 64, 256)
     bootstrap: int = 500
+    common_noise_draws: int = 5  # independent noise draws for the common-noise W2 slope interval (0: none)
+    floor_samplers: tuple[str, ...] = ("euler:switch", "heun:switch")  # the sample-count study (empty: none)
+    floor_steps: tuple[int, ...] | None = None  # None: every other N of the fitted range (16, 64, 256, 1024)
+    size_factors: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # sample counts samples * f: subsets of the largest
+    floor_angles: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)  # noise rotations, exact-law floor
     seed: int = 0
 
     @staticmethod
@@ -65,7 +75,8 @@ class ConvergenceSettings:
         return ConvergenceSettings(steps=(4, 8, 16, 32, 64, 128), samplers=("euler:full", "euler:switch", "heun:full"),
                                    samples=200, sweep_steps=(16, 64), eps_values=(0.0, 0.1, 0.3),
                                    temperatures=(1.0, 2.0), radii=(1.0, 2.0), disagreement_steps=(16, 64),
-                                   bootstrap=200, seed=seed)
+                                   bootstrap=200, common_noise_draws=3, floor_samplers=("euler:switch",),
+                                   size_factors=(0.5, 1.0, 2.0), floor_angles=(0.05, 0.2, 0.8), seed=seed)
 
 
 def parse_sampler(spec: str) -> tuple[str, str]:
@@ -216,14 +227,128 @@ def disagreement_study(s: ConvergenceSettings, log=print) -> list[dict]:
     return rows
 
 
+# ----- common-noise W2: intervals over draws, sample count, exact-law floor -----
+def pathwise_rms(x: torch.Tensor, exact: torch.Tensor) -> float:
+    """sqrt(E |x - exact|^2) over the rows."""
+    return float(((x - exact) ** 2).sum(1).mean().sqrt())
+
+
+def draw_slopes(steps, w2_by_draw, min_steps: int) -> dict:
+    """Log-log slope of W2 on N (N >= min_steps, as fit_range) for each draw (row of w2_by_draw), and their
+    mean with a 95% t-interval over the draws."""
+    mask = fit_range(steps, min_steps)
+    fitted = np.asarray(steps, dtype=float)[mask]
+    slopes = [loglog_slope(fitted, np.maximum(np.asarray(w2, dtype=float)[mask], 1e-12))[0] for w2 in w2_by_draw]
+    return {**t_interval(slopes), "slopes": slopes}
+
+
+def common_noise_draws(s: ConvergenceSettings, log=print) -> tuple[dict, dict]:
+    """The common-noise W2 of every sampler over s.common_noise_draws independent draws (fresh noise and fresh
+    routing seeds each): per sampler the W2 and pathwise RMS of each draw at each N, their means, and the
+    slope of each draw with a 95% t-interval over the draws ({} for no draws). Also returns the floor samplers'
+    outputs at the floor steps, pooled over the draws: {(sampler, N): (X_N, X(0))}."""
+    problem, keep = make_problem(s), floor_steps(s)
+    out = {name: {"w2": [], "pathwise_rms": []} for name in s.samplers} if s.common_noise_draws > 0 else {}
+    pooled: dict = {}
+    for d in range(s.common_noise_draws):
+        g = torch.Generator().manual_seed(s.seed + 100 + d)
+        noise = torch.randn(s.samples, 2, generator=g, dtype=torch.float64)
+        exact = exact_solution(problem.gmm, noise)
+        for j, sampler in enumerate(dict.fromkeys(s.samplers + s.floor_samplers)):
+            log(f"convergence common noise: draw {d + 1}/{s.common_noise_draws} {sampler}")
+            xs = [routed_sample(problem, sampler, noise, n, s.seed + 100_003 * (d + 1) + 1000 * j + 7919 * i)
+                  for i, n in enumerate(s.steps)]
+            if sampler in out:
+                out[sampler]["w2"].append([w2_exact(x, exact) for x in xs])
+                out[sampler]["pathwise_rms"].append([pathwise_rms(x, exact) for x in xs])
+            for n, x in zip(s.steps, xs):
+                if sampler in s.floor_samplers and n in keep:
+                    pooled.setdefault((sampler, n), []).append((x, exact))
+    for r in out.values():
+        r.update(steps=list(s.steps), w2_mean=np.mean(r["w2"], 0).tolist(),
+                 pathwise_rms_mean=np.mean(r["pathwise_rms"], 0).tolist(),
+                 fit=draw_slopes(s.steps, r["w2"], s.fit_min_steps))
+    return out, {key: tuple(torch.cat(part) for part in zip(*pairs)) for key, pairs in pooled.items()}
+
+
+def floor_steps(s: ConvergenceSettings) -> list[int]:
+    """The N of the sample-count study: s.floor_steps, else every other N of the fitted range."""
+    if s.floor_steps is not None:
+        return list(s.floor_steps)
+    return [int(n) for n in np.asarray(s.steps)[fit_range(s.steps, s.fit_min_steps)][::2]]
+
+
+def sample_sizes(s: ConvergenceSettings) -> list[int]:
+    """The sample counts of the sample-count study, round(samples * f), increasing: each divides the largest,
+    and the largest fits in the pooled draws (common_noise_draws * samples)."""
+    sizes = sorted({round(s.samples * f) for f in s.size_factors})
+    if not sizes or sizes[0] < 1 or any(sizes[-1] % n for n in sizes) or sizes[-1] > s.common_noise_draws * s.samples:
+        raise DDMError(f"size_factors must give sample counts samples * f >= 1 that divide the largest, at most "
+                       f"common_noise_draws * samples = {s.common_noise_draws * s.samples}; got {sizes} from "
+                       f"samples={s.samples}, size_factors={s.size_factors}")
+    return sizes
+
+
+def subset_w2(x: torch.Tensor, exact: torch.Tensor, size: int) -> list[float]:
+    """W2 between x and exact on consecutive disjoint blocks of `size` rows (the rows stay paired; a last,
+    shorter block is left out)."""
+    return [w2_exact(x[k:k + size], exact[k:k + size]) for k in range(0, len(x) - size + 1, size)]
+
+
+def sample_size_study(s: ConvergenceSettings, pooled: dict, log=print) -> list[dict]:
+    """The common-noise W2 of the floor samplers at each floor N against the sample count n: the first
+    max(n) of the draws' pooled outputs, split into disjoint subsets of each n (independent replicates); per
+    (sampler, N, n) the mean W2 over the subsets with a 95% t-interval, and the pathwise RMS of those rows."""
+    rows = []
+    sizes = sample_sizes(s) if pooled else []
+    for (sampler, n), (x, exact) in pooled.items():
+        log(f"convergence sample count: {sampler} N={n}")
+        x, exact = x[:sizes[-1]], exact[:sizes[-1]]
+        for size in sizes:
+            w2 = subset_w2(x, exact, size)
+            rows.append({"sampler": sampler, "steps": n, "samples": size, "w2_subsets": w2, "w2": t_interval(w2),
+                         "pathwise_rms": pathwise_rms(x, exact)})
+    return rows
+
+
+def exact_law_floor(s: ConvergenceSettings, log=print) -> list[dict]:
+    """The common-noise W2 that exact mixture samples score from finite samples alone, against their pathwise
+    distance: X(0) from the rotated noise cos(a) z + sin(a) z' (exactly N(0, I), so an exact mixture sample)
+    against X(0) from z, for each angle a in floor_angles; rows (angle, pathwise RMS, W2), s.samples each."""
+    if not s.floor_samplers:
+        return []
+    log("convergence exact-law floor")
+    g = torch.Generator().manual_seed(s.seed + 5)
+    noise, other = (torch.randn(s.samples, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    rotated = [float(np.cos(a)) * noise + float(np.sin(a)) * other for a in s.floor_angles]
+    exact, *moved = exact_solution(make_problem(s).gmm, torch.cat([noise] + rotated)).split(s.samples)
+    return [{"angle": a, "pathwise_rms": pathwise_rms(x, exact), "w2": w2_exact(x, exact)}
+            for a, x in zip(s.floor_angles, moved)]
+
+
+def floor_at(floor: list[dict], rms: float) -> float:
+    """The exact-law floor at pathwise RMS `rms`: log-log interpolation in the measured rows (held at the end
+    values outside them)."""
+    rows = sorted(floor, key=lambda r: r["pathwise_rms"])
+    return float(np.exp(np.interp(np.log(rms), np.log([r["pathwise_rms"] for r in rows]),
+                                  np.log([r["w2"] for r in rows]))))
+
+
 # ----- the study -------------------------------------------------------------
 @single_thread()
 def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
     """Run the study and write report.md, results.json and the plots into out."""
-    for spec in s.samplers + s.sweep_samplers:
+    for spec in s.samplers + s.sweep_samplers + s.floor_samplers:
         parse_sampler(spec)
     if min(s.steps) < 1 or s.samples < 2:
         raise DDMError("steps must be >= 1 and samples >= 2")
+    if s.common_noise_draws < 0 or (s.floor_samplers and (not floor_steps(s) or min(floor_steps(s)) < 1)):
+        raise DDMError(f"common_noise_draws must be >= 0 and floor_steps >= 1; got {s.common_noise_draws}, "
+                       f"{floor_steps(s)}")
+    if s.floor_samplers:
+        sample_sizes(s)
+        if not set(floor_steps(s)) <= set(s.steps):
+            raise DDMError(f"floor_steps must be among steps {s.steps}; got {floor_steps(s)}")
     torch.manual_seed(s.seed)
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": asdict(s), "grid": convergence_grid(s, log)}
@@ -234,6 +359,9 @@ def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
     results["router_error"] = {f"{tau:g}": mean_router_error(p, noise) for tau, p in temps}
     results["temperature_sweep"] = error_sweep(s, temps, s.sweep_samplers, s.sweep_steps, log)
     results["disagreement"] = disagreement_study(s, log)
+    results["common_noise"], pooled = common_noise_draws(s, log)
+    results["sample_size"] = sample_size_study(s, pooled, log)
+    results["exact_law_floor"] = exact_law_floor(s, log)
     results["plots"] = [plot_grid(results, out), plot_sweeps(results, out)]
     write_outputs(out, render_report(results), results)
     return results
@@ -308,6 +436,7 @@ def render_report(results: dict) -> str:
              markdown_table(["sampler", "slope"] + [f"N={n}" for n in s["steps"]],
                             [[name, f"{r['w2_common_fit']['slope']:.2f}"] + r["w2_common_noise"]
                              for name, r in grid["samplers"].items()]), "",
+             *common_noise_lines(results), *sample_size_lines(results),
              "## Expert error eps (pathwise RMS)", "", sweep_table(results["eps_sweep"], "eps"), "",
              "## Router temperature T (pathwise RMS)", "",
              "Router error = time-averaged E TV(tempered router, exact posterior) along exact trajectories: "
@@ -322,6 +451,80 @@ def render_report(results: dict) -> str:
              "## Reading", ""] + [f"- {line}" for line in findings(results)] + [
              "", "Plots: " + ", ".join(f"![{p}]({p})" for p in results["plots"]), ""]
     return "\n".join(lines)
+
+
+def interval_text(interval: dict, digits: int = 2) -> str:
+    """'-0.18 [-0.25, -0.11]' for a t_interval with `digits` decimals; the mean alone without an interval."""
+    if interval["ci_low"] is None:
+        return f"{interval['mean']:.{digits}f}"
+    return f"{interval['mean']:.{digits}f} [{interval['ci_low']:.{digits}f}, {interval['ci_high']:.{digits}f}]"
+
+
+def value_text(interval: dict) -> str:
+    """A W2 cell: '0.0912 [0.085, 0.0974]' (3 significant digits), the mean alone without an interval."""
+    if interval["ci_low"] is None:
+        return f"{interval['mean']:.3g}"
+    return f"{interval['mean']:.3g} [{interval['ci_low']:.3g}, {interval['ci_high']:.3g}]"
+
+
+def common_noise_lines(results: dict) -> list[str]:
+    """The report's table of the common-noise W2 over independent draws, with the exact-law floor rows
+    (nothing when the study has no draws)."""
+    draws, floor = results.get("common_noise"), results.get("exact_law_floor") or []
+    if not draws:
+        return []
+    s = results["settings"]
+    rows = []
+    for name, r in draws.items():
+        rows.append([name, interval_text(r["fit"])] + r["w2_mean"])
+        if floor and name in s["floor_samplers"]:
+            rows.append([f"{name}: exact-law floor", "-"] + [floor_at(floor, e) for e in r["pathwise_rms_mean"]])
+    n = s["common_noise_draws"]
+    lines = [f"The same over {n} independent noise draws of {s['samples']} samples (fresh noise and routing draws "
+             f"each): mean W2 at each N; slope fitted per draw on N >= {s['fit_min_steps']}, mean [95% t-interval "
+             f"over the {n} draws, t with {n - 1} degrees of freedom].", ""]
+    if floor:
+        lines += ["Exact-law floor: the common-noise W2 that exact mixture samples score at the sampler's mean "
+                  "pathwise RMS, from finite samples alone (exact ODE from the rotated noise cos(a) z + sin(a) z', "
+                  f"itself N(0, I), against the exact ODE from z; {s['samples']} samples, interpolated log-log in "
+                  "pathwise RMS between the angles below). A sampler at its floor has a law error too small to "
+                  "see at this sample count.", ""]
+    lines += [markdown_table(["sampler", "slope [95% t-CI]"] + [f"N={n}" for n in s["steps"]], rows), ""]
+    if floor:
+        lines += [markdown_table(["angle a", "pathwise RMS", "W2 (common noise)"],
+                                 [[r["angle"], r["pathwise_rms"], r["w2"]] for r in floor]), ""]
+    return lines
+
+
+def size_slope(rows: list[dict]) -> float:
+    """Log-log slope of the mean common-noise W2 on the sample count, over rows of one (sampler, N)."""
+    return loglog_slope([r["samples"] for r in rows], [r["w2"]["mean"] for r in rows])[0]
+
+
+def by_sampler_and_steps(rows: list[dict]) -> dict:
+    """{(sampler, N): rows sorted by sample count}, in the order the rows came."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["sampler"], r["steps"]), []).append(r)
+    return {key: sorted(group, key=lambda r: r["samples"]) for key, group in groups.items()}
+
+
+def sample_size_lines(results: dict) -> list[str]:
+    """The report's table of the common-noise W2 against the sample count (nothing without that study)."""
+    rows = results.get("sample_size")
+    if not rows:
+        return []
+    groups = by_sampler_and_steps(rows)
+    sizes = [r["samples"] for r in next(iter(groups.values()))]
+    return ["## W2 with common noise against the sample count", "",
+            f"The outputs of the noise draws above, pooled ({sizes[-1]} pairs of N-step and exact-ODE samples) and "
+            f"split into disjoint subsets of n pairs ({sizes[-1]} / n independent replicates): mean W2 [95% "
+            "t-interval over the subsets; one subset has none]. A law error stays as n grows, a finite-sample "
+            "floor falls. W2^2 is jointly convex, so W2(law of X_N, mixture)^2 <= E W2_n^2 at every n: each "
+            "column estimates an upper bound on the law error.", "",
+            markdown_table(["sampler", "N", "pathwise RMS"] + [f"n={n}" for n in sizes] + ["slope in n"],
+                           [[name, steps, group[0]["pathwise_rms"]] + [value_text(r["w2"]) for r in group]
+                            + [f"{size_slope(group):.2f}"] for (name, steps), group in groups.items()]), ""]
 
 
 EXPECTED_SLOPE = {"euler:full": -1.0, "heun:full": -2.0, "euler:switch": -0.5, "heun:switch": -0.5}
@@ -364,4 +567,29 @@ def findings(results: dict) -> list[str]:
             notes.append(f"{name}: W2 stays within twice the noise floor ({floor:.3f}) at every N "
                          f"(max {max(r['w2']):.3f}) while the pathwise error reaches {max(r['pathwise_rms']):.3g}: "
                          "the law is far more accurate than the coupling, and no W2 rate can be fitted here.")
+    return notes + common_noise_findings(results)
+
+
+def common_noise_findings(results: dict) -> list[str]:
+    """Statements on the common-noise W2 over draws, against the exact-law floor and the sample count."""
+    notes = []
+    s, draws = results["settings"], results.get("common_noise") or {}
+    floor = results.get("exact_law_floor") or []
+    for name, r in draws.items():
+        notes.append(f"{name}: common-noise W2 slope {interval_text(r['fit'])} over {r['fit']['n']} noise draws "
+                     f"(pathwise slope {results['grid']['samplers'][name]['pathwise_fit']['slope']:.2f}).")
+        if floor and name in s["floor_samplers"]:
+            fitted = fit_range(r["steps"], s["fit_min_steps"])
+            ratios = [w / floor_at(floor, e)
+                      for w, e, keep in zip(r["w2_mean"], r["pathwise_rms_mean"], fitted) if keep]
+            notes.append(f"{name}: common-noise W2 / exact-law floor at the same pathwise RMS = {min(ratios):.2f} to "
+                         f"{max(ratios):.2f} over N >= {s['fit_min_steps']}: "
+                         + ("the W2 is what exact mixture samples score at that pathwise distance, so its slope is "
+                            "the floor's, not the law's." if max(ratios) < 1.5 else
+                            "above the floor, so part of the W2 is law error."))
+    for (name, steps), group in by_sampler_and_steps(results.get("sample_size") or []).items():
+        first, last = group[0], group[-1]
+        notes.append(f"{name} at N={steps}: common-noise W2 {first['w2']['mean']:.3g} at n={first['samples']} -> "
+                     f"{last['w2']['mean']:.3g} at n={last['samples']} (~ n^{size_slope(group):.2f}); the law error "
+                     f"is at most about {last['w2']['mean']:.3g}.")
     return notes

@@ -9,7 +9,10 @@ and on the OU path (theory/paths.py). For each (path, sigma):
 3. grids with S segments, uniform in t and uniform in Lambda (measured mean L);
 4. one residual-MLP student per segment (theory/students.py), trained on
    teacher pairs; end-to-end relative MSE of the composed students against
-   the teacher's final states on held-out noise.
+   the teacher's final states on held-out noise;
+5. with `seeds` > 1, seed r trains one student per grid on the same teacher
+   data, so each seed gives one gain 1 - err(Lambda) / err(uniform); the report
+   gives their mean and a 95% t-interval over the seeds.
 
 A second, training-free table gives the analytic scaling of the peak of L and
 of Lambda(T) in D and sigma, with fitted log-log exponents.
@@ -25,7 +28,8 @@ import torch
 from ddmkit.config import TrainConfig
 from ddmkit.errors import DDMError
 from ddmkit.theory.paths import FlowPath, get_path
-from ddmkit.theory.report import (loglog_slope, markdown_table, new_figure, save_figure, single_thread, write_outputs)
+from ddmkit.theory.report import (excludes_zero, loglog_slope, markdown_table, new_figure, save_figure, single_thread,
+                                  t_interval, write_outputs)
 from ddmkit.theory.stability import (cumulative_lambda, lambda_uniform_grid, measured_lipschitz, report_times,
                                      teacher_solve, uniform_grid)
 from ddmkit.theory.students import compose, relative_mse, train_segment
@@ -50,7 +54,7 @@ class DistillSettings:
     lr: float = 3e-3
     width: int = 64
     depth: int = 2
-    seeds: int = 1  # students trained per grid, errors averaged
+    seeds: int = 1  # students trained per grid (seeds seed, seed + 1, ...): errors averaged, gains get t-intervals
     scaling_separations: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     scaling_widths: tuple[float, ...] = (0.4, 0.2, 0.1, 0.05)
     seed: int = 0
@@ -142,12 +146,38 @@ def distill_setting(path: FlowPath, width: float, s: DistillSettings) -> dict:
             "Lambda_total": {k: float(profile[f"lambda_{k}"][0]) for k in ("bound", "mean", "max")},
             "grids": {kind: {n: g.tolist() for n, g in by_n.items()} for kind, by_n in grids.items()},
             "errors": errors,
-            "lambda_gain": {n: lambda_gain(errors, n) for n in s.segments}}
+            "lambda_gain": {n: lambda_gain(errors, n) for n in s.segments},
+            "gain_over_seeds": {n: gain_over_seeds(errors, n) for n in s.segments}}
 
 
 def lambda_gain(errors: dict, segments: int) -> float:
-    """1 - error(Lambda grid) / error(uniform grid): the share of error the Lambda grid removes."""
+    """1 - error(Lambda grid) / error(uniform grid) of the seed-averaged errors: the share of error the
+    Lambda grid removes."""
     return 1.0 - errors["lambda"][segments]["end_to_end"] / errors["uniform"][segments]["end_to_end"]
+
+
+def seed_gains(errors: dict, segments: int) -> list[float]:
+    """One gain per student seed, 1 - err_r(Lambda grid) / err_r(uniform grid): seed r trains one student per
+    grid on the same teacher data. Errors without per-seed runs count as one seed."""
+    def runs(kind: str) -> list[float]:
+        entry = errors[kind][segments]
+        return entry.get("end_to_end_runs", [entry["end_to_end"]])
+
+    return [1.0 - lam / uni for lam, uni in zip(runs("lambda"), runs("uniform"), strict=True)]
+
+
+def gain_over_seeds(errors: dict, segments: int) -> dict:
+    """Mean of the per-seed gains with a 95% t-interval (none for one seed), and the gains themselves."""
+    gains = seed_gains(errors, segments)
+    return {**t_interval(gains), "runs": gains}
+
+
+def gain_text(interval: dict) -> str:
+    """'48.5% [30.1%, 66.9%]', or '48.5%' without an interval."""
+    text = f"{100 * interval['mean']:.1f}%"
+    if interval["ci_low"] is None:
+        return text
+    return f"{text} [{100 * interval['ci_low']:.1f}%, {100 * interval['ci_high']:.1f}%]"
 
 
 # ----- analytic scaling ------------------------------------------------------
@@ -178,6 +208,8 @@ def run_distill(s: DistillSettings, out: Path, log=print) -> dict:
     """Run the study and write report.md, results.json and the plots into out."""
     if not s.segments or min(s.segments) < 1:
         raise DDMError(f"segments must be positive integers; got {s.segments}")
+    if not isinstance(s.seeds, int) or s.seeds < 1:
+        raise DDMError(f"seeds must be a positive integer (students per grid); got {s.seeds!r}")
     torch.manual_seed(s.seed)
     out.mkdir(parents=True, exist_ok=True)
     paths = [get_path(name, s.ou_end_time) for name in s.paths]
@@ -243,16 +275,41 @@ def render_report(results: dict) -> str:
              markdown_table(["path", "quantity", "exponent in D", "exponent in sigma"],
                             [[name, key, e["D"], e["sigma"]] for name, sc in results["scaling"].items()
                              for key, e in sc["exponents"].items()]), "",
-             "## Students: end-to-end relative MSE", "",
+             f"## Students: end-to-end relative MSE, mean over {s['seeds']} seed(s)", "",
              markdown_table(["path", "D/sigma"] + [f"uniform S={n}" for n in segments]
-                            + [f"Lambda S={n}" for n in segments] + [f"gain S={n}" for n in segments],
+                            + [f"Lambda S={n}" for n in segments],
                             [[r["path"], r["ratio"]] + [r["errors"]["uniform"][n]["end_to_end"] for n in segments]
-                             + [r["errors"]["lambda"][n]["end_to_end"] for n in segments]
-                             + [f"{100 * r['lambda_gain'][n]:.1f}%" for n in segments] for r in runs]), "",
-             "gain = 1 - error(Lambda grid) / error(uniform grid); negative means the Lambda grid is worse.", "",
+                             + [r["errors"]["lambda"][n]["end_to_end"] for n in segments] for r in runs]), "",
+             "## Lambda-grid gain over seeds", "", gain_caption(s["seeds"]), "",
+             markdown_table(["path", "D/sigma"] + [f"gain S={n}" for n in segments if n > 1],
+                            [[r["path"], r["ratio"]] + [gain_text(gain_over_seeds(r["errors"], n))
+                                                        for n in segments if n > 1] for r in runs]), "",
              "## Reading", ""] + [f"- {line}" for line in findings(results)] + ["",
              "Plots: " + ", ".join(f"![{p}]({p})" for p in results["plots"]), ""]
     return "\n".join(lines)
+
+
+def gain_caption(seeds: int) -> str:
+    """What the gain table holds, for `seeds` students per grid."""
+    head = ("gain = 1 - error(Lambda grid) / error(uniform grid), one per seed (seed r trains one student per grid "
+            "on the same teacher data); negative means the Lambda grid is worse. S = 1 is left out: both grids "
+            "are [T, 0].")
+    if seeds < 2:
+        return f"{head} One seed (n = 1): no interval; run with --seeds 2 or more for one."
+    return (f"{head} Mean over n = {seeds} seeds [95% t-interval: mean +- t(0.975, {seeds - 1}) sd / sqrt({seeds})]; "
+            "an interval that excludes 0 marks a gain distinguishable from zero.")
+
+
+def zero_verdicts(runs: list[dict], segments) -> str:
+    """Which gains (S > 1) of these runs have a 95% interval above 0, below 0, or containing 0."""
+    groups: dict[str, list[str]] = {"above 0": [], "below 0": [], "containing 0": []}
+    for r in sorted(runs, key=lambda r: r["ratio"]):
+        for n in (n for n in segments if n > 1):
+            interval = gain_over_seeds(r["errors"], n)
+            key = ("containing 0" if not excludes_zero(interval) else
+                   "above 0" if interval["ci_low"] > 0 else "below 0")
+            groups[key].append(f"D/sigma={r['ratio']:g} S={n}")
+    return "; ".join(f"interval {key} at {', '.join(where)}" for key, where in groups.items() if where)
 
 
 def findings(results: dict) -> list[str]:
@@ -263,17 +320,20 @@ def findings(results: dict) -> list[str]:
         e = sc["exponents"]
         notes.append(f"{name}: peak L bound ~ D^{e['L_peak']['D']:.2f} sigma^{e['L_peak']['sigma']:.2f}, "
                      f"Lambda(T) bound ~ D^{e['Lambda_total']['D']:.2f} sigma^{e['Lambda_total']['sigma']:.2f}.")
-    last = max(segments)
+    last, seeds = max(segments), results["settings"]["seeds"]
+    over = f", mean [95% t-interval] over {seeds} seeds" if seeds > 1 else ""
     for name in sorted({r["path"] for r in runs}):
         mine = sorted((r for r in runs if r["path"] == name), key=lambda r: r["ratio"])
-        gains = ", ".join(f"{100 * r['lambda_gain'][last]:.1f}% at D/sigma={r['ratio']:g}" for r in mine)
-        notes.append(f"{name}: Lambda-grid gain at S={last}: {gains}.")
+        gains = ", ".join(f"{gain_text(gain_over_seeds(r['errors'], last))} at D/sigma={r['ratio']:g}" for r in mine)
+        notes.append(f"{name}: Lambda-grid gain at S={last}{over}: {gains}.")
+        if seeds > 1:
+            notes.append(f"{name}: {zero_verdicts(mine, segments)}.")
         if len(mine) > 1:
             one = [r["errors"]["uniform"][1]["end_to_end"] for r in mine]
             slope = loglog_slope([r["ratio"] for r in mine], one)[0]
             notes.append(f"{name}: one-segment error grows as (D/sigma)^{slope:.2f} "
                          f"({one[0]:.3g} -> {one[-1]:.3g}).")
-    best = max(((r["lambda_gain"][n], r, n) for r in runs for n in segments), key=lambda g: g[0])
-    notes.append(f"largest measured gain: {100 * best[0]:.1f}% ({best[1]['path']}, D/sigma={best[1]['ratio']:g}, "
+    best = max(((gain_over_seeds(r["errors"], n), r, n) for r in runs for n in segments), key=lambda g: g[0]["mean"])
+    notes.append(f"largest measured gain: {gain_text(best[0])} ({best[1]['path']}, D/sigma={best[1]['ratio']:g}, "
                  f"S={best[2]}); the paper reports up to 51.9% at S=8.")
     return notes

@@ -1,5 +1,5 @@
 """Shared pieces of the theory reports: log-log fits with bootstrap intervals,
-Markdown tables, and writing report.md / results.json / PNG plots."""
+t-intervals over seeds, Markdown tables, and writing report.md / results.json / PNG plots."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
+from ddmkit.errors import DDMError
 from ddmkit.tables import markdown_table as _markdown_table
 from ddmkit.io import write_bytes_atomic, write_json
 
@@ -38,6 +40,24 @@ def bootstrap_slope(x, per_sample_sq: np.ndarray, resamples: int = 500, seed: in
         slopes[r] = np.polyfit(lx, 0.5 * np.log(per_sample_sq[:, idx].mean(1)), 1)[0]
     lo, hi = np.quantile(slopes, [(1 - level) / 2, (1 + level) / 2])
     return {"slope": slope, "intercept": intercept, "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def t_interval(values, level: float = 0.95) -> dict:
+    """Mean of independent values with a Student-t interval, mean +- t_{(1+level)/2, n-1} sd / sqrt(n)
+    (sd with n - 1 in the denominator); with one value there is no interval (ci_low = ci_high = None)."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 1 or len(v) == 0:
+        raise DDMError(f"t_interval needs a non-empty list of numbers; got shape {v.shape}")
+    mean = float(v.mean())
+    if len(v) == 1:
+        return {"mean": mean, "ci_low": None, "ci_high": None, "n": 1}
+    half = float(stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": len(v)}
+
+
+def excludes_zero(interval: dict) -> bool:
+    """True when a t_interval lies wholly above or wholly below 0 (False without an interval)."""
+    return interval["ci_low"] is not None and (interval["ci_low"] > 0 or interval["ci_high"] < 0)
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
