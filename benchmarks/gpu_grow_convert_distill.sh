@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_grow_convert_distill.sh distill
 #        `ddmkit distill runs/gcd/fm --teacher top-1 --few-step 4` (students: the experts' 2000 steps)
 #        (DISTILL_RUN=FOLDER distills another trained run, e.g. a cell of benchmarks/gpu_sweep.sh)
+#        (DISTILL_EXTRA=--no-report trains the students in a call that has no FID weights yet)
 # Each run's report.md and metrics.json go to $OUT/NAME/. EXTRA="--set ..." is added to every run (a dry
 # run on a CPU: tiny data, steps and samples, evaluate.fid_features = "pixels").
 source benchmarks/gpu_setup.sh
@@ -62,6 +63,7 @@ elif [ "$1" = evaluate ]; then
     keep $name
   done
 elif [ "$1" = distill ]; then
+  [ -f /root/inc/inc.part01 ] && [ ! -f /root/inc/default_1.pt ] && join_fid_weights
   run distill ${DISTILL_RUN:-$R/fm} --teacher top-1 --few-step 4 --steps ${DISTILL_STEPS:-2000} ${DISTILL_EXTRA:-} 2>&1 \
     | tail -n 40 | tee "$OUT/distill.log"
   mkdir -p "$OUT/distill" && cp ${DISTILL_RUN:-$R/fm}/students/report.md ${DISTILL_RUN:-$R/fm}/students/report.json "$OUT/distill/" 2>/dev/null

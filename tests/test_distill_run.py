@@ -159,6 +159,32 @@ def test_cli_writes_students_and_report(trained, tmp_path):
     assert result["field"]["to_teacher"]["dense student"]["mean"] < result["field"]["to_teacher"]["monolith"]["mean"]
 
 
+def test_students_trained_now_and_scored_later(trained, tmp_path, monkeypatch):
+    """--no-report trains the students without sampling or scoring, and without needing the scorer (on a
+    GPU machine that has no FID weights yet); the same command later writes the report and retrains
+    nothing."""
+    import ddmkit.pipeline.distill as distill
+
+    run = copy_of(trained, tmp_path)
+    (code, err), = clis([("distill", run, "--teacher", "top-2", "--steps", 40, "--no-report")])
+    assert code == 0, err
+    folder = RunFolder(run)
+    weights = folder.dense_student / "model.safetensors"
+    assert weights.exists() and not folder.students_report.exists() and not folder.students_metrics.exists()
+    before = weights.stat().st_mtime_ns
+    (code, err), = clis([("distill", run, "--teacher", "top-2", "--steps", 40)])
+    assert code == 0, err
+    assert folder.students_report.exists() and weights.stat().st_mtime_ns == before
+
+    def no_scorer(plan):
+        raise DDMError("no FID weights here")
+
+    monkeypatch.setattr(distill, "check_evaluation", no_scorer)
+    assert plan_distill(run, "top-2", steps=40, report=False).teacher == "top-2"
+    with pytest.raises(DDMError, match="no FID weights"):
+        plan_distill(run, "top-2", steps=40)
+
+
 def test_bad_options_exit_2_and_write_nothing(trained, tmp_path):
     run = copy_of(trained, tmp_path)
     before = hashes(run)

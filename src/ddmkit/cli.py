@@ -658,12 +658,16 @@ def distill_run_cmd(
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps or auto (default: "
                                              "the run's expert.train.device)"),
         force: bool = typer.Option(False, "--force", help="remove RUN/students first (students of another "
-                                   "teacher or training are refused otherwise)")):
+                                   "teacher or training are refused otherwise)"),
+        report: bool = typer.Option(True, "--report/--no-report", help="--no-report: train the students only "
+                                    "(no sampling or scoring; the same command without it later reuses them "
+                                    "and writes the report)")):
     """Distill a trained DDM into one dense network (RUN/students/dense) and, with --few-step S, a student
     that samples in S steps; writes RUN/students/report.md beside the teacher and the monolith."""
     from ddmkit.pipeline.distill import distill_run
 
-    distill_run(run_dir, teacher, arch, steps, few_step, grid, trajectories, teacher_steps, seed, device, force, log)
+    distill_run(run_dir, teacher, arch, steps, few_step, grid, trajectories, teacher_steps, seed, device, force, log,
+                report)
 
 
 def main() -> None:

@@ -223,8 +223,9 @@ def check_evaluation(plan: Plan) -> None:
 def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int | None = None,
                  few_step: int | None = None, grid: str = "lambda", trajectories: int = 4096,
                  teacher_steps: int | None = None, seed: int | None = None, device: str | None = None,
-                 force: bool = False) -> Plan:
-    """Every check of distill_run (options first, then the run); nothing is written."""
+                 force: bool = False, report: bool = True) -> Plan:
+    """Every check of distill_run (options first, then the run; the scorer only when report); nothing is
+    written."""
     check_teacher(teacher)
     _choice("arch", arch, ARCHS)
     _choice("grid", grid, GRIDS)
@@ -259,7 +260,8 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
                 teacher_steps or cfg.sample.steps, where, is_image_run(folder.root), dense_spec)
     if not force:
         check_existing(plan)
-    check_evaluation(plan)
+    if report:
+        check_evaluation(plan)
     return plan
 
 
@@ -535,8 +537,10 @@ def render_report(result: dict) -> str:
 def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | None = None,
                 few_step: int | None = None, grid: str = "lambda", trajectories: int = 4096,
                 teacher_steps: int | None = None, seed: int | None = None, device: str | None = None,
-                force: bool = False, log: Log = print) -> dict:
-    """Distill a trained run's DDM (see the module docstring); returns the report's JSON.
+                force: bool = False, log: Log = print, report: bool = True) -> dict | None:
+    """Distill a trained run's DDM (see the module docstring); returns the report's JSON (None with
+    report=False: the students are trained and nothing is sampled or scored; a later call with the same
+    options reuses them and writes the report).
 
     teacher: the routing strategy whose field is distilled; arch: "expert" or "monolith" (the students'
     network); steps: training steps of each student (default: the run's expert.train.steps; batch and
@@ -547,7 +551,7 @@ def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | 
     folder = RunFolder(run)
     with run_lock(folder.root):
         plan = plan_distill(folder.root, teacher, arch, steps, few_step, grid, trajectories, teacher_steps, seed,
-                            device, force)
+                            device, force, report)
         if force and folder.students.exists():
             shutil.rmtree(folder.students)
             log(f"distill: removed {folder.students}")
@@ -556,6 +560,9 @@ def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | 
         make_dense(plan, log)
         if few_step is not None:
             make_few_step(plan, log)
+        if not report:
+            log(f"distill: students in {folder.students}; the same command without --no-report writes the report")
+            return None
         students = {("dense" if p.name == "dense" else p.name): student_field(p, plan.device)
                     for p in existing_students(folder)}
         sets = draw_sets(plan, students, log)
