@@ -38,6 +38,18 @@ def test_gated_top_k_falls_back_to_top1_when_experts_disagree():
         parse_strategy("gated-2@30").weights(P, RoutingState())
 
 
+def test_gated_top_1_keeps_the_probabilities_device(monkeypatch):
+    """gated-1@A never compares two experts: its weights are top-1's, on the device of the probabilities
+    (on a GPU: cuda; here the meta device stands in for it, with the expert probe faked)."""
+    import ddmkit.routing.adaptive as adaptive
+
+    monkeypatch.setattr(adaptive, "probe", lambda state, idx: torch.zeros(*idx.shape, 2, device=idx.device))
+    probs = Q.to("meta")
+    state = RoutingState()
+    state.extra.update(x=torch.zeros(3, 2, device="meta"), t=torch.zeros(3, device="meta"), experts=[])
+    assert parse_strategy("gated-1@30").weights(probs, state).device == probs.device
+
+
 def test_bad_parameters_name_the_strategy():
     for bad in ("adaptive-1.5", "gated-0@30", "gated-2@200"):
         with pytest.raises(DDMError, match=bad):

@@ -270,15 +270,18 @@ def analyze(run: Path = typer.Argument(..., help="trained run folder (experts/, 
             seed: Optional[int] = typer.Option(None, help="noise seed (default: the run's)"),
             max_steps: int = typer.Option(20, help="steps at which Jacobians are measured"),
             jvp_rows: int = typer.Option(128, help="trajectories on which Jacobians are measured"),
+            device: Optional[str] = typer.Option(None, "--device", help="where the networks and every tensor of "
+                                                 "the analysis live: cpu, cuda, cuda:N, mps or auto (default: "
+                                                 "the run's expert.train.device)"),
             config: Optional[Path] = typer.Option(None, help="the TOML the run was made with, to import the "
                                                   "network classes of your own it names (the settings are the "
-                                                  "run's; analyze runs on the CPU)")):
+                                                  "run's; --device picks where it runs)")):
     """Stability vs expert-data alignment diagnostics; writes analysis.md, analysis.json, plots/
     (text runs: each expert's bits per byte on every cluster, and the router's weight on the true one)."""
     if _text_run(run):
         from ddmkit.pipeline.text import analyze_text
 
-        _no_text_overrides(config, None)
+        _no_text_overrides(config, None, device)
         analyze_text(run, out, log=log)
         return
     from ddmkit.pipeline.analyze import analyze_run
@@ -286,7 +289,7 @@ def analyze(run: Path = typer.Argument(..., help="trained run folder (experts/, 
     if config is not None:
         _config(config)  # registers the config's own network classes
 
-    analyze_run(run, out, strategy, n=n, seed=seed, max_steps=max_steps, jvp_rows=jvp_rows, log=log)
+    analyze_run(run, out, strategy, n=n, seed=seed, max_steps=max_steps, jvp_rows=jvp_rows, device=device, log=log)
 
 
 @app.command()
@@ -605,31 +608,40 @@ app.add_typer(study_app, name="study")
 @study_app.command("misalignment")
 def study_misalignment_cmd(
         config: Path = typer.Argument(..., help=f"{CONFIG}; its data must be a Gaussian mixture (ring8, grid25, "
-                                      "gmm32, mixture)"),
+                                      "gmm32, mixture) or images (fashion_mnist, idx, image_folder, image_array)"),
         out: Path = typer.Option(Path("runs/misalignment"), "--out", help="folder of the study's run folders, "
                                  "measurements and report.md"),
         seeds: int = typer.Option(3, "--seeds", help="training seeds 0 .. N-1 (experts seed, router seed + 1)"),
         conditions: Optional[List[str]] = typer.Option(None, "--conditions", "--condition", help="conditions, "
                                                        "repeatable or comma-separated: disjoint, overlap-S, "
-                                                       "undertrained-F, random, with +exact, +tempered-T, "
-                                                       "+uniform-A, +permuted-A (default: disjoint, overlap-0.25, "
-                                                       "undertrained-0.1, random, tempered-3, uniform-0.5, "
-                                                       "permuted-0.5, exact, exact+tempered-3)"),
+                                                       "undertrained-F, random, with +exact (mixtures only), "
+                                                       "+tempered-T, +uniform-A, +permuted-A (default: disjoint, "
+                                                       "overlap-0.25, undertrained-0.1, random, tempered-3, "
+                                                       "uniform-0.5, permuted-0.5, and on mixtures exact, "
+                                                       "exact+tempered-3)"),
         strategy: Optional[List[str]] = typer.Option(None, "--strategy", help=f"routing strategies, repeatable "
                                                      f"({STRATEGY_FORMS}; default: full, top-1, top-2, sample-2)"),
-        n: int = typer.Option(1000, "--n", help="trajectories per strategy (and held-out rows for W2)"),
+        n: int = typer.Option(1000, "--n", help="trajectories per strategy (mixtures: and held-out rows for W2; "
+                              "images: the samples scored by FID and KID)"),
         n_boot: int = typer.Option(200, "--n-boot", help="bootstrap resamples of the samples"),
         w2_boot: int = typer.Option(50, "--w2-boot", help="bootstrap resamples for W2 (each an exact W2)"),
+        stability_rows: int = typer.Option(256, "--stability-rows", help="images: the first trajectories on which "
+                                           "amplification and Delta_refine are measured"),
+        device: Optional[str] = typer.Option(None, "--device", help="where the measurements run: cpu, cuda, cuda:N, "
+                                             "mps or auto (default: the config's expert.train.device; training "
+                                             "runs where the config says)"),
         force: bool = typer.Option(False, help="train again run folders that hold another config"),
         set_: Optional[List[str]] = SET):
     """Expert-data misalignment conditions x routing strategies x training seeds: stability (L_eff,
-    amplification, Delta_refine) against quality (W2, NLL) with intervals; writes OUT/report.md."""
+    amplification, Delta_refine) against quality (W2, NLL; images: FID, KID) with intervals; writes
+    OUT/report.md."""
     from ddmkit.pipeline.misalignment import study_misalignment
 
     if seeds < 1:
         raise DDMError(f"--seeds {seeds}: give the number of training seeds, at least 1 (e.g. --seeds 3)")
     report = study_misalignment(_config(config, None, set_), out, list(range(seeds)), conditions, strategy, n=n,
-                                n_boot=n_boot, w2_boot=w2_boot, force=force, log=log)
+                                n_boot=n_boot, w2_boot=w2_boot, force=force, log=log, device=device,
+                                stability_rows=stability_rows)
     for name, c in report["conditions"].items():
         log(f"{name}: {c['verdict']}")
 

@@ -2,6 +2,7 @@
 folder: ddmkit.pipeline.analyze).
 
 Modules: trace (recorded trajectories), stability (L_eff, amplification, Delta_refine), alignment
-(cluster distance of x0_hat, per-expert error, disagreement), quality (per-sample quality, rank
-correlations with intervals), report (plots and analysis.md).
+(cluster distance of x0_hat and of a reference x0*, the exact posterior mean or the monolith's estimate;
+per-expert error, disagreement), quality (per-sample quality, rank correlations with intervals), report
+(plots and analysis.md).
 """

@@ -9,9 +9,11 @@ its centroids:
     rank   = sum_k w_k rank_k                          (1 = all weight on the nearest cluster)
 
 x0_hat comes from the strategy's own routed velocity, so a one-expert strategy tends to hit by
-construction (expert k pulls x0_hat into cluster k). On Gaussian-mixture data the same measures are
-also taken with the exact posterior mean x0* = E[x0 | x_t] of the truth in place of x0_hat (hit*,
-rank*, independent of the strategy and its experts), with `same` = [argmin_k d_k = argmin_k d*_k].
+construction (expert k pulls x0_hat into cluster k). The same measures are also taken with a
+reference estimate x0* in place of x0_hat (hit*, rank*, with `same` = [argmin_k d_k = argmin_k d*_k]),
+one that uses neither the strategy's router nor its experts: on Gaussian-mixture data the exact
+posterior mean E[x0 | x_t] of the truth (exact_reference), otherwise the posterior-mean estimate of a
+velocity field of its own, the monolith's, x0* = x_t - t v_monolith(x_t) (velocity_reference).
 
 Disagreement, from all K expert velocities v_k at the state, router probabilities r and
 routed velocity v, with theta(a, b) = arccos(a.b / |a||b|) in degrees:
@@ -36,13 +38,16 @@ and, independent of any strategy, every expert's error on held-out points of its
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ddmkit.analysis.trace import strategy_weights
 from ddmkit.ddm.model import DDM
+from ddmkit.flow.path import x0_from_velocity
 from ddmkit.truth import GaussianMixture
+
+Reference = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> an estimate of x0 in x_t's shape
 
 
 def expert_velocities(experts: Sequence, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +64,8 @@ def angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def disagreement(vk: torch.Tensor, probs: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
     """D_pair and D_mean per row from expert velocities vk (B, K, D), r (B, K), routed v (B, D)."""
     theta = angle(vk[:, :, None, :], vk[:, None, :, :])  # (B, K, K)
-    pw = probs[:, :, None] * probs[:, None, :] * (1 - torch.eye(probs.shape[1], dtype=probs.dtype))
+    off = 1 - torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
+    pw = probs[:, :, None] * probs[:, None, :] * off
     pair = (pw * theta).sum((1, 2)) / pw.sum((1, 2)).clamp_min(1e-30)
     to_mean = (probs * angle(vk, v.reshape(len(v), 1, -1))).sum(1)
     return {"pair": pair, "mean": to_mean}
@@ -79,10 +85,22 @@ def exact_x0(truth: GaussianMixture, x: torch.Tensor, t: torch.Tensor) -> torch.
     return truth.x0_mean(x.reshape(len(x), -1).double(), t.double()).to(x.dtype).reshape(x.shape)
 
 
+def exact_reference(truth: GaussianMixture) -> Reference:
+    """x0* = E[x0 | x_t], the exact posterior mean of a Gaussian-mixture truth, as a reference."""
+    return lambda x, t: exact_x0(truth, x, t)
+
+
+def velocity_reference(field) -> Reference:
+    """x0* = x_t - t v(x_t) from a velocity field (x, t) -> v: with the monolith's field, its posterior-mean
+    estimate, made with neither the router nor the experts. The field is called as the recorded pass
+    calls the experts (no conditioning), and its output is taken in x_t's shape and dtype."""
+    return lambda x, t: x0_from_velocity(field(x, t).reshape(x.shape).to(x.dtype), x, t)
+
+
 def exact_alignment(x0_hat: torch.Tensor, x0_star: torch.Tensor, w: torch.Tensor, features,
                     centroids: torch.Tensor) -> dict:
-    """cluster_alignment with the exact x0* in place of x0_hat (keys with a "_exact" suffix), and
-    "same": whether x0_hat and x0* have the same nearest cluster."""
+    """cluster_alignment with the reference x0* in place of x0_hat (keys with a "_exact" suffix, whatever
+    the reference), and "same": whether x0_hat and x0* have the same nearest cluster."""
     al = cluster_alignment(x0_star, w, features, centroids)
     near = torch.cdist(features(x0_hat).double(), centroids.double()).argmin(1)
     near_star = torch.cdist(features(x0_star).double(), centroids.double()).argmin(1)
@@ -94,26 +112,31 @@ EXACT_KEYS = ("hit_exact", "rank_exact", "dist_nearest_exact", "dist_routed_exac
 
 @torch.no_grad()
 def trajectory_alignment(ddm: DDM, tr, features, centroids: torch.Tensor, max_steps: int | None = None,
-                         truth: GaussianMixture | None = None) -> dict:
-    """Cluster alignment and disagreement at the steps of a trace: (steps, B) tensors + step times.
-    With the truth also the alignment of the exact posterior mean x0* (EXACT_KEYS)."""
+                         truth: GaussianMixture | None = None, reference: Reference | None = None) -> dict:
+    """Cluster alignment and disagreement at the steps of a trace: (steps, B) tensors + step times, on the
+    CPU. With a reference x0* (`reference`, or the truth's exact posterior mean) also the alignment of x0*
+    (EXACT_KEYS). centroids and the feature map work on the trace's device."""
+    if truth is not None and reference is not None:
+        raise ValueError("trajectory_alignment: give the truth or a reference, not both")
+    reference = exact_reference(truth) if truth is not None else reference
     n = len(tr.t)
     steps = list(range(n)) if not max_steps or max_steps >= n else \
         torch.linspace(0, n - 1, max_steps).round().long().unique().tolist()
     x0_hat = tr.x0_hat
-    keys = ("hit", "rank", "dist_nearest", "dist_routed", "pair", "mean") + (EXACT_KEYS if truth is not None else ())
+    keys = ("hit", "rank", "dist_nearest", "dist_routed", "pair", "mean")
+    keys += EXACT_KEYS if reference is not None else ()
     out: dict[str, list] = {k: [] for k in keys}
     for i in steps:
         t = tr.t[i].expand(tr.x.shape[1]).to(tr.x.dtype)
         al = cluster_alignment(x0_hat[i], tr.w[i], features, centroids)
-        if truth is not None:
-            al |= exact_alignment(x0_hat[i], exact_x0(truth, tr.x[i], t), tr.w[i], features, centroids)
+        if reference is not None:
+            al |= exact_alignment(x0_hat[i], reference(tr.x[i], t), tr.w[i], features, centroids)
         vk = expert_velocities(ddm.experts, tr.x[i], t)
         dis = disagreement(vk.double(), tr.probs[i].double(), tr.v[i].reshape(len(vk), -1).double())
         for k in keys:
             out[k].append((al | dis)[k])
-    res = {k: torch.stack(v) for k, v in out.items()}
-    res["t"] = tr.t[steps].double()
+    res = {k: torch.stack(v).cpu() for k, v in out.items()}
+    res["t"] = tr.t[steps].double().cpu()
     return res
 
 
@@ -132,19 +155,21 @@ def heldout_errors(ddm: DDM, x: torch.Tensor, t_grid: Sequence[float], strategie
     """Per t of the grid: every expert's error on held-out data, routed vs not routed per strategy;
     with an exact DDM also the error against the exact cluster velocity and the router's TV error;
     with the held-out points' clusters (B,) also every expert's error on its own cluster and on the
-    others (independent of any strategy; "by_cluster", and "by_cluster_vs_exact" with an exact DDM)."""
-    gen = torch.Generator().manual_seed(seed)
+    others (independent of any strategy; "by_cluster", and "by_cluster_vs_exact" with an exact DDM).
+    The noise and times are drawn on x's device (a generator there, seeded with seed)."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
     out: dict = {"t": list(t_grid), "expert": [], "routed": {s: [] for s in strategies},
                  "not_routed": {s: [] for s in strategies}}
     if exact is not None:
         out.update(expert_vs_exact=[], routed_vs_exact={s: [] for s in strategies}, router_tv=[])
     if clusters is not None:
+        clusters = clusters.to(x.device)
         out["by_cluster"] = []
         if exact is not None:
             out["by_cluster_vs_exact"] = []
     for t0 in t_grid:
-        eps = torch.randn(x.shape, generator=gen).to(x)
-        t = torch.full((len(x),), float(t0), dtype=x.dtype)
+        eps = torch.randn(x.shape, generator=gen, device=x.device).to(x)
+        t = torch.full((len(x),), float(t0), dtype=x.dtype, device=x.device)
         xt = (1 - t0) * x + t0 * eps
         vk = expert_velocities(ddm.experts, xt, t)
         err = ((vk - (eps - x).reshape(len(x), 1, -1)) ** 2).mean(-1)  # (B, K)

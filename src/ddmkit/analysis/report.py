@@ -77,23 +77,49 @@ TABLE = [("expert calls/sample", "calls"), ("quality q", "q"), ("W2", "w2"), ("L
          ("err not routed", "err_not_routed")]
 
 
-EXACT_TABLE = [("hit* (exact x0)", "hit_exact"), ("rank* (exact x0)", "rank_exact"),
-               ("same nearest", "same")]
+# The reference x0* of hit*, rank* and same (result["x0_reference"]["kind"]): its column label, what it is,
+# its formula, and why it does not depend on the strategy.
+REFERENCES = {
+    "exact": ("exact x0", "the exact posterior mean", "x0* = E[x0 | x_t] of the truth",
+              "independent of the strategy's experts"),
+    "monolith": ("monolith x0", "the monolith's estimate", "x0* = x_t - t v_monolith(x_t)",
+                 "independent of the strategy: it uses neither the router nor the experts"),
+}
 
 
-def strategy_table(per: dict) -> str:
-    cols = TABLE + [c for c in EXACT_TABLE if all(c[1] in r["summary"] for r in per.values())]
+def reference_columns(reference: str | None = "exact") -> list[tuple[str, str]]:
+    """(column, summary key) of the alignment of the reference x0* (none without a reference)."""
+    if reference is None:
+        return []
+    label = REFERENCES[reference][0]
+    return [(f"hit* ({label})", "hit_exact"), (f"rank* ({label})", "rank_exact"), ("same nearest", "same")]
+
+
+def reference_note(info: dict | None) -> str:
+    """The sentence under the strategy table that names the reference x0* (or says there is none)."""
+    if info is None:
+        return ("x0 reference: none (no Gaussian-mixture truth, no trained monolith), so no hit* or rank*: nearest "
+                "hit and mean rank use the strategy's own x0_hat, which one-expert strategies hit by construction "
+                "(`ddmkit train-monolith RUN` adds the monolith's estimate).")
+    _, _, formula, why = REFERENCES[info["kind"]]
+    return (f"x0 reference of hit*, rank* and same nearest: {info['name']} ({formula}) in place of the strategy's "
+            f"own x0_hat; {why}.")
+
+
+def strategy_table(per: dict, reference: str | None = "exact") -> str:
+    cols = TABLE + [c for c in reference_columns(reference) if all(c[1] in r["summary"] for r in per.values())]
     return markdown_table(["strategy"] + [c for c, _ in cols],
                           [[name] + [r["summary"].get(k) for _, k in cols] for name, r in per.items()])
 
 
-def exact_alignment_section(per: dict) -> str:
-    """hit* and rank* per t band, from the exact posterior mean (Gaussian-mixture runs only)."""
+def exact_alignment_section(per: dict, reference: str = "exact") -> str:
+    """hit* and rank* per t band, from the reference x0* (the exact posterior mean on Gaussian-mixture runs,
+    the monolith's estimate on others)."""
     if not all("hit_exact" in r["bands"] for r in per.values()):
         return ""
-    return ("With the exact posterior mean x0* = E[x0 | x_t] of the truth in place of the strategy's own x0_hat "
-            "(independent of the strategy's experts): share of steps whose main routed expert is x0*'s nearest "
-            "cluster (hit*), per t band:\n\n" + band_table(per, "hit_exact")
+    _, what, formula, why = REFERENCES[reference]
+    return (f"With {what} {formula} in place of the strategy's own x0_hat ({why}): share of steps whose main "
+            "routed expert is x0*'s nearest cluster (hit*), per t band:\n\n" + band_table(per, "hit_exact")
             + "\n\nMean rank of the routed experts among x0*'s nearest clusters (rank*), per t band:\n\n"
             + band_table(per, "rank_exact") + "\n")
 
@@ -143,6 +169,7 @@ def render(res: dict) -> str:
                                    f"{c['vs'][b]['word']}; W2 {c['vs'][b]['w2_minus_baseline']:+.3g}" for b in bases]
                 for n, c in res["compare"].items()]
     s = res["settings"]
+    reference = res["x0_reference"]["kind"] if res["x0_reference"] else None
     return f"""# ddmkit analysis: stability vs expert-data alignment
 
 Run `{res['run']}`; {s['n']} trajectories per strategy from the same noise (seed {s['seed']}), {s['solver']},
@@ -152,11 +179,12 @@ Numbers are measured on this run. Time: {res['wall_time']:.1f}s wall, {res['cpu_
 
 ## Strategies
 
-{strategy_table(per)}
+{strategy_table(per, reference)}
 
 q: mean per-sample {qname}; W2: exact W2 of the {s['n']} samples against {s['n']} held-out points
 (floor, held-out against held-out: {res['w2_floor']:.4g}). L_*: means over steps; err: per-expert MSE on
 held-out data averaged over the t grid.
+{reference_note(res['x0_reference'])}
 
 ## Verdict: stability vs quality across strategies
 
@@ -189,7 +217,7 @@ Mean rank of the routed experts (1 = nearest), per t band:
 
 {band_table(per, 'rank')}
 
-{exact_alignment_section(per)}
+{exact_alignment_section(per, reference) if reference else ""}
 
 Per-expert error on held-out data (routed / not routed):
 

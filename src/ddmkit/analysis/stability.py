@@ -52,8 +52,8 @@ def vjp(f, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def random_unit(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One random unit direction per row of x."""
-    return unit(torch.randn(x.shape, generator=generator).to(x))
+    """One random unit direction per row of x, drawn on x's device (the generator must live there)."""
+    return unit(torch.randn(x.shape, generator=generator, device=x.device).to(x))
 
 
 def full_jacobian(f, x: torch.Tensor) -> torch.Tensor:
@@ -115,8 +115,9 @@ def fd_lipschitz(ddm: DDM, tr: Trace, i: int, rows: torch.Tensor, u: torch.Tenso
 @torch.no_grad()  # the Jacobian products enable grad where they need it
 def local_lipschitz(ddm: DDM, tr: Trace, rows: torch.Tensor, max_steps: int = 25, iters: int = 6,
                     h: float = 1e-3, seed: int = 0) -> dict:
-    """L_top, L_rand, L_fd averaged over `rows` at up to max_steps evenly spaced steps of the trace."""
-    gen = torch.Generator().manual_seed(seed)
+    """L_top, L_rand, L_fd averaged over `rows` at up to max_steps evenly spaced steps of the trace
+    (the probes drawn on the trace's device)."""
+    gen = torch.Generator(device=tr.x.device).manual_seed(seed)
     steps = torch.linspace(0, len(tr.t) - 1, min(max_steps, len(tr.t))).round().long().unique().tolist()
     out = {"t": [], "top": [], "rand": [], "fd": []}
     for i in steps:
@@ -133,8 +134,9 @@ def local_lipschitz(ddm: DDM, tr: Trace, rows: torch.Tensor, max_steps: int = 25
 
 @torch.no_grad()
 def amplification(ddm: DDM, tr: Trace, steps: int, solver: str, seed: int, delta: float = 1e-3) -> torch.Tensor:
-    """A(x_1) per sample: the sampler re-run from x_1 + d (|d| = delta, same random numbers)."""
-    gen = torch.Generator().manual_seed(seed + 7)
+    """A(x_1) per sample: the sampler re-run from x_1 + d (|d| = delta, same random numbers; d drawn on
+    x_1's device)."""
+    gen = torch.Generator(device=tr.x1.device).manual_seed(seed + 7)
     d = delta * random_unit(tr.x1, gen)
     moved = trace_strategy(ddm, tr.strategy, tr.x1 + d, steps, solver, seed, record=False).x0
     return row_norm(moved - tr.x0) / delta

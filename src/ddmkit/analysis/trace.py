@@ -84,7 +84,7 @@ def trace_strategy(ddm: DDM, strategy: str, x1: torch.Tensor, steps: int, solver
     x0 = sample_field(field, x1, steps, solver, callback)
     calls = counter.total_rows / len(x1)
     if not record:
-        empty = torch.empty(0)
+        empty = torch.empty(0, device=x1.device)
         return Trace(strategy, x1, x0, empty, empty, empty, empty, empty, [], state.oracle, calls)
     stack = {key: torch.stack(val) for key, val in rec.items() if key != "x0_prev"}
     return Trace(strategy, x1, x0, stack["t"], stack["x"], stack["v"], stack["probs"], stack["w"],

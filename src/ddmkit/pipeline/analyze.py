@@ -2,16 +2,22 @@
 
 Per strategy: one recorded trajectory of n samples (N steps), one with 2N steps (Delta_refine),
 one from perturbed noise (amplification); Jacobians on a row subset at up to max_steps steps;
-all K experts at every recorded step (alignment, disagreement; on Gaussian mixtures also the
-alignment of the exact posterior mean E[x0 | x_t]). Once: every expert on held-out data at a grid
-of t, routed vs not routed per strategy and, independent of strategies, on its own cluster vs the
-others. Writes OUT/analysis.md, analysis.json and plots/ (OUT = RUN/analysis), holding the run's
-lock (a second writer on the run folder is refused).
+all K experts at every recorded step (alignment, disagreement, and the alignment of a reference
+x0* that uses neither the router nor the experts: the exact posterior mean E[x0 | x_t] on Gaussian
+mixtures, else the monolith's x_t - t v_monolith(x_t) when the run has one). Once: every expert on
+held-out data at a grid of t, routed vs not routed per strategy and, independent of strategies, on
+its own cluster vs the others. Writes OUT/analysis.md, analysis.json and plots/ (OUT = RUN/analysis),
+holding the run's lock (a second writer on the run folder is refused).
+
+Everything runs on one device (`device`, default the run's expert.train.device): the networks, the
+noise, the held-out rows, the generators, the Jacobian probes and the partition's centroids; the
+results come back to the CPU for the statistics and the report.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,23 +25,28 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ddmkit.analysis.alignment import EXACT_KEYS, heldout_errors, trajectory_alignment
+from ddmkit.analysis.alignment import (EXACT_KEYS, Reference, exact_reference, heldout_errors, trajectory_alignment,
+                                       velocity_reference)
 from ddmkit.analysis.quality import across_strategies, paired_difference, per_sample_quality, spearman_ci, verdict
 from ddmkit.analysis.report import plot_disagreement, plot_expert_error, plot_lipschitz, plot_quality_scatter, render
 from ddmkit.analysis.stability import amplification, data_scale, local_lipschitz, refinement_gap
 from ddmkit.analysis.trace import trace_strategy
-from ddmkit.config import MONOLITH
+from ddmkit.config import DEVICE, MONOLITH
 from ddmkit.data.partition import feature_map, load_partition
-from ddmkit.ddm import exact_ddm, load_ddm, start_noise
+from ddmkit.ddm import DDM, exact_ddm, load_ddm, start_noise
+from ddmkit.ddm.load import monolith_field
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
 from ddmkit.io import write_bytes_atomic, write_json
+from ddmkit.layout import RunFolder
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.routing import parse_strategy
 from ddmkit.routing.strategies import Threshold, TopK
+from ddmkit.train.loop import resolve_device
 
 BANDS = [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)]
+REFERENCE_NAMES = {"exact": "exact posterior mean", "monolith": "the monolith's estimate"}
 FIXED = ["full", "top-1", "top-2", "sample-2", "switch", "oracle", "nearest"]
 ALIGNED = ["adaptive-0.9", "adaptive-ent-0.5", "gated-2@30"]
 
@@ -60,6 +71,43 @@ def check_strategies(names: Sequence[str]) -> dict:
     return out
 
 
+def analysis_device(name, from_run: bool = False) -> torch.device:
+    """The device named by --device (from_run: by the run's expert.train.device): auto, cpu, cuda, cuda:N
+    or mps, resolved as training resolves it (auto: cuda when there is one) and present on this machine."""
+    name, whose = str(name), " (the run's expert.train.device)" if from_run else ""
+    if not re.fullmatch(DEVICE, name):
+        raise DDMError(f"--device: {name!r}{whose} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
+    device = resolve_device(name)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise DDMError(f"--device: {name!r}{whose}, but this machine has {gpus} CUDA device(s); pass --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DDMError(f"--device: {name!r}{whose}, but MPS is not available on this machine; pass --device cpu")
+    return device
+
+
+def x0_reference(run: Path, truth, device: torch.device) -> tuple[Reference | None, dict | None]:
+    """(reference x0* for hit*, rank*, same; its description for analysis.json): the exact posterior mean
+    on a Gaussian mixture (truth on `device`), else the monolith's x_t - t v_monolith(x_t) when the run
+    has a trained monolith, else (None, None). Neither uses the router or the experts."""
+    if truth is not None:
+        return exact_reference(truth), {"kind": "exact", "name": REFERENCE_NAMES["exact"]}
+    if (RunFolder(run).monolith / "model.safetensors").exists():
+        monolith = monolith_field(run, device)
+        return velocity_reference(monolith), {"kind": "monolith", "name": REFERENCE_NAMES["monolith"]}
+    return None, None
+
+
+def on_cpu(field):
+    """A field evaluated on the CPU (the exact mixture's fields hold CPU tensors), its output on x's device."""
+    return lambda x, t: field(x.cpu(), t.cpu()).to(x.device)
+
+
+def exact_on_cpu(exact: DDM) -> DDM:
+    """The exact DDM with its experts and router evaluated on the CPU, callable with tensors on any device."""
+    return dataclasses.replace(exact, experts=[on_cpu(e) for e in exact.experts], router=on_cpu(exact.router))
+
+
 def band_means(t: torch.Tensor, values: torch.Tensor) -> list[float]:
     """Mean of per-step values (steps, B) in each t band."""
     out = []
@@ -73,14 +121,14 @@ def analyze_strategy(ddm, name: str, x1, steps: int, solver: str, seed: int, ctx
     """Every per-strategy diagnostic from one recorded pass (+ the 2N and perturbed passes)."""
     start = time.perf_counter()
     tr = trace_strategy(ddm, name, x1, steps, solver, seed)
-    rows = torch.arange(min(settings["jvp_rows"], len(x1)))
+    rows = torch.arange(min(settings["jvp_rows"], len(x1)), device=x1.device)
     lip = local_lipschitz(ddm, tr, rows, settings["max_steps"], seed=seed)
-    amp = amplification(ddm, tr, steps, solver, seed)
+    amp = amplification(ddm, tr, steps, solver, seed).cpu()
     x0_2n = trace_strategy(ddm, name, x1, 2 * steps, solver, seed, record=False).x0
-    dref = refinement_gap(tr.x0, x0_2n, ctx["scale"])
-    al = trajectory_alignment(ddm, tr, ctx["features"], ctx["centroids"], truth=ctx["truth"])
+    dref = refinement_gap(tr.x0, x0_2n, ctx["scale"]).cpu()
+    al = trajectory_alignment(ddm, tr, ctx["features"], ctx["centroids"], reference=ctx["x0_reference"])
     exact_keys = [k for k in EXACT_KEYS if k in al]
-    q, _ = per_sample_quality(tr.x0, ctx["truth"], ctx["reference"], ctx["features"])
+    q = per_sample_quality(tr.x0, ctx["truth"], ctx["reference"], ctx["features"])[0].cpu()
     per_sample = {"q": q, "pair": al["pair"].mean(0), "rank": al["rank"].mean(0), "delta_refine": dref, "amp": amp}
     t = al["t"]
     lt = torch.tensor(lip["t"], dtype=torch.float64)
@@ -161,20 +209,22 @@ def heldout_clusters(x: torch.Tensor, labels: torch.Tensor | None, exact, ctx: d
 def analyze_run(run_dir: str | Path, out: str | Path | None = None, strategies: Sequence[str] | None = None,
                 n: int = 1000, seed: int | None = None, max_steps: int = 20, jvp_rows: int = 128,
                 n_boot: int = 200, n_heldout: int = 2000, threads: int | None = 1,
-                log: Callable[[str], None] = print) -> dict:
+                device: str | torch.device | None = None, log: Callable[[str], None] = print) -> dict:
     """All diagnostics of a trained run; writes OUT/analysis.md, analysis.json, plots/ and returns the result.
-    threads: torch intra-op threads while it runs (1: small networks on a shared CPU only lose to spinning)."""
+    threads: torch intra-op threads while it runs (1: small networks on a shared CPU only lose to spinning).
+    device: where the networks and every tensor of the analysis live (auto, cpu, cuda, cuda:N, mps;
+    default: the run's expert.train.device)."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         with run_lock(run_dir):
-            return _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, log)
+            return _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, device, log)
     finally:
         torch.set_num_threads(before)
 
 
-def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, log) -> dict:
+def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, device, log) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     run = Path(run_dir)
     if not (run / "config.json").exists() or not (run / "router" / "model.safetensors").exists():
@@ -183,22 +233,27 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     if n < 2 or jvp_rows < 1 or max_steps < 1:
         raise DDMError("--n must be >= 2, --jvp-rows >= 1 and --max-steps >= 1")
     cfg = run_config(run)
+    device = analysis_device(device) if device is not None else analysis_device(cfg.expert.train.device, True)
     names = list(strategies) if strategies else default_strategies(cfg)
     strats = check_strategies(names)
     out = Path(out) if out is not None else run / "analysis"
-    ddm = load_ddm(run)
+    ddm = load_ddm(run, device)
     test = load_split(run, "test")
+    test = dataclasses.replace(test, x=test.x.to(device))
+    truth = None if test.truth is None else test.truth.to(device=device)
     manifest, ptensors = load_partition(run / "partition")
+    ptensors = {name: v.to(device) for name, v in ptensors.items()}
     s = cfg.sample
     seed = s.seed if seed is None else seed
-    x1 = start_noise(max(s.n, n), ddm.data_shape, seed)[:n]
+    x1 = start_noise(max(s.n, n), ddm.data_shape, seed, device)[:n]
     settings = {"n": n, "seed": seed, "steps": s.steps, "solver": s.solver, "max_steps": max_steps,
-                "jvp_rows": min(jvp_rows, n), "n_boot": n_boot, "strategies": names}
+                "jvp_rows": min(jvp_rows, n), "n_boot": n_boot, "strategies": names, "device": str(device)}
     features = feature_map(manifest, ptensors)
     if ddm.codec is not None:  # a latent run: diagnostics on latents; the partition's features are of images
         test = dataclasses.replace(test, x=ddm.codec.encode(test.x))
         features = latent_features(features, ddm.codec)
-    ctx = {"scale": data_scale(test.x), "features": features, "truth": test.truth,
+    reference, reference_info = x0_reference(run, truth, device)
+    ctx = {"scale": data_scale(test.x), "features": features, "truth": truth, "x0_reference": reference,
            "centroids": ptensors["centroids"], "reference": test.x[:max(n, 2000)], "n_w2": min(n, 1000)}
     per = {}
     for name in names:
@@ -208,7 +263,7 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     exact = None
     if test.truth is not None:
         try:
-            exact = exact_ddm(run)
+            exact = exact_on_cpu(exact_ddm(run))
         except DDMError:
             exact = None
     held_x = test.x[-n_heldout:]
@@ -221,6 +276,7 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
         r["summary"]["err_not_routed"] = float(np.mean(nr)) if nr else math.nan
     m = ctx["n_w2"]
     result = {"run": str(run), "settings": settings, "quality_name": "NLL" if test.truth is not None else "NN distance",
+              "x0_reference": reference_info,
               "w2_floor": w2_exact(test.x[:m], test.x[-m:]), "strategies": per, "heldout": held,
               "link": strategy_links(per, n_boot, seed), "compare": compare_to_fixed(per, n_boot, seed)}
     plots = out / "plots"

@@ -73,7 +73,10 @@ class GatedTopK(Strategy):
         top = probs.topk(k, dim=1).indices
         vk = probe(state, top)  # (B, k, D)
         cos = (vk[:, 1:] * vk[:, :1]).sum(-1) / (vk[:, 1:].norm(dim=-1) * vk[:, :1].norm(dim=-1)).clamp_min(1e-30)
-        split = (cos < math.cos(math.radians(self.angle))).any(1) if k > 1 else torch.zeros(len(probs), dtype=bool)
+        if k > 1:
+            split = (cos < math.cos(math.radians(self.angle))).any(1)
+        else:  # one expert: nothing to compare
+            split = torch.zeros(len(probs), dtype=torch.bool, device=probs.device)
         m = torch.where(split, torch.ones_like(top[:, 0]), torch.full_like(top[:, 0], k))
         return keep_top(probs, m)
 
