@@ -73,6 +73,8 @@ def test_a_tiny_sweep_from_the_command_line(tmp_path):
 def test_a_sweep_trained_now_and_scored_later(tmp_path):
     out = tmp_path / "sweep"
     grid = ("sweep", TINY, "--out", out, "--k", "2", "--budget", "0.5")
+    early = cli(*grid, "--stages", "evaluate")
+    assert early.returncode == 2 and "not trained" in early.stderr and not out.exists()  # refused, nothing written
     trained = cli(*grid, "--stages", "train")
     assert trained.returncode == 0, trained.stderr
     cell = out / "k2_b0.5_s0"

@@ -115,13 +115,19 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     if stages not in STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STAGES)}")
     out = Path(out)
+    todo = cells(ks, budgets, seeds, all_seeds)
+    if stages == "evaluate":
+        untrained = [cell_dir(out, k, b, s).name for k, b, s in todo
+                     if not RunFolder(cell_dir(out, k, b, s)).registry.exists()]
+        if untrained:
+            raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
+                           "first with the same command and --stages train (or --stages all)")
     out.mkdir(parents=True, exist_ok=True)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
     cfg = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"strategies": [MONOLITH, *strategies]})})
     first: RunFolder | None = None  # the cell whose data (and image reference features) the others share
     partitions: dict[int, RunFolder] = {}  # K -> the cell whose partition the others of that K share
     results = []
-    todo = cells(ks, budgets, seeds, all_seeds)
     for i, (k, b, s) in enumerate(todo):
         cell_cfg = cell_config(cfg, k, b, s)
         folder = RunFolder(cell_dir(out, k, b, s))
