@@ -183,6 +183,18 @@ def test_a_seed_too_large_for_64_bits_is_a_clear_error(monkeypatch, capsys, tmp_
     assert code == 2 and "seed" in err and not (tmp_path / "r").exists()
 
 
+def test_evaluating_a_run_that_is_not_trained_writes_nothing(monkeypatch, capsys, tmp_path, user_run):
+    """`ddmkit run --stages evaluate` on a fresh folder, or on a run without its monolith, exits 2 naming
+    what is missing and the command that trains it, before any data or sample is written."""
+    code, err = cli(monkeypatch, capsys, "run", TINY, "--stages", "evaluate", "--out", tmp_path / "fresh")
+    assert code == 2 and "not trained" in err and "--stages train" in err and not (tmp_path / "fresh").exists()
+    run = tmp_path / "partial"
+    shutil.copytree(user_run, run)  # experts and router, no monolith
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    code, err = cli(monkeypatch, capsys, "run", run / "config.json", "--stages", "evaluate", "--out", run)
+    assert code == 2 and "monolith" in err and sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
 def test_unknown_or_non_finite_data_params_name_the_field_and_the_accepted_keywords(tmp_path):
     with pytest.raises(DDMError, match=r"data\.params\.radiuss: unknown keyword .*accepted: k, radius, std"):
         prepare_run_dir(tmp_path / "a", tiny(data={"params": {"radiuss": 3.0}}), log=QUIET)

@@ -67,6 +67,16 @@ def sample_and_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu") -> 
     return evaluate_stage(cfg, run, log, device, scorer)
 
 
+def untrained_parts(cfg: RunConfig, run) -> list[str]:
+    """The networks the evaluation stages need that the run folder lacks (all of them before a partition)."""
+    folder = RunFolder(run)
+    if not folder.manifest.exists():
+        return ["partition", "experts", "router"] + (["monolith"] if cfg.monolith.enabled else [])
+    nets = [folder.expert(c) for c in range(read_json(folder.manifest)["k"])] + [folder.router]
+    nets += [folder.monolith] if cfg.monolith.enabled else []
+    return [str(n.relative_to(folder.root)) for n in nets if not (n / "model.safetensors").exists()]
+
+
 def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, log: Log = print, backend: str = "inline",
                  workers: int | None = None, address: str | None = None, stages: str = "all") -> dict | None:
     """The stages in order, each skipped when already done; experts train on the launch `backend`
@@ -74,6 +84,10 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, log: Log 
     report: needs the trained networks) or "all"."""
     if stages not in STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STAGES)}")
+    missing = untrained_parts(cfg, out) if stages == "evaluate" else []
+    if missing:
+        raise DDMError(f"--stages evaluate: {out} is not trained (no {', '.join(missing)}); train it first with "
+                       f"`ddmkit run CONFIG --out {out} --stages train` (or --stages all)")
     with run_lock(out):  # one writer per run folder: a second run on it is refused
         run = prepare_run_dir(out, cfg, force, log)
         device = resolve_device(cfg.expert.train.device)

@@ -32,7 +32,7 @@ from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
 from ddmkit.io import write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.run import STAGES, run_pipeline
+from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
 from ddmkit.tables import markdown_table
 
 Log = Callable[[str], None]
@@ -118,7 +118,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     todo = cells(ks, budgets, seeds, all_seeds)
     if stages == "evaluate":
         untrained = [cell_dir(out, k, b, s).name for k, b, s in todo
-                     if not RunFolder(cell_dir(out, k, b, s)).registry.exists()]
+                     if untrained_parts(cell_config(cfg, k, b, s), cell_dir(out, k, b, s))]
         if untrained:
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
