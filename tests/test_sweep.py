@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ddmkit.config import load_config
-from ddmkit.pipeline.sweep import cell_config, cells, interval, reach
+from ddmkit.pipeline.sweep import cell_config, cells, interval, monolith_k, reach
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.toml"
@@ -28,6 +28,14 @@ def test_every_k_and_the_monolith_see_the_same_samples_at_a_budget():
         c = cell_config(cfg, k, budget, seed=3)
         assert c.partition.k == k and c.expert.train.steps * k == budget * 4 * 60
         assert c.expert.train.seed == 3 and c.router.train.seed == 4 and c.monolith.enabled
+
+
+def test_the_monolith_is_trained_in_one_k_only():
+    cfg = load_config(TINY)  # k = 4
+    assert monolith_k(cfg, [2, 4, 8]) == 4 and monolith_k(cfg, [8, 2]) == 8
+    without = cell_config(cfg, 2, 1.0, 0, monolith=False)
+    assert not without.monolith.enabled and "monolith" not in without.sample.strategies
+    assert cell_config(cfg, 4, 1.0, 0).sample.strategies[0] == "monolith"
 
 
 def test_seeds_go_to_the_ends_of_the_budget_range():
@@ -54,7 +62,9 @@ def test_a_tiny_sweep_from_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "sweep.json").read_text())
     assert report["metric"] == "W2 / noise floor" and report["ks"] == [2, 4]
-    assert report["table"]["monolith"]["1"]["n"] == 4  # 2 seeds x 2 values of K (the same monolith compute)
+    assert report["table"]["monolith"]["1"]["n"] == 2  # one monolith per seed, trained in the K_ref = 4 cells
+    assert (out / "k4_b1_s0" / "monolith").exists() and not (out / "k2_b1_s0" / "monolith").exists()
+    assert "monolith" not in json.loads((out / "k2_b1_s0" / "config.json").read_text())["config"]["sample"]["strategies"]
     assert report["table"]["K=2 top-2"]["0.5"]["n"] == 2 and set(report["best"]) == {"2", "4"}
     assert (out / "sweep.md").exists() and (out / "plots" / "sweep.png").exists()
     data = [out / f"k{k}_b{b}_s{s}" / "data" / "train.safetensors" for k in (2, 4) for b in ("0.5", "1") for s in (0, 1)]

@@ -6,7 +6,9 @@ Every cell is an ordinary run folder, OUT/k{K}_b{budget}_s{seed}, made by run_pi
 resumes like `ddmkit run`: finished cells and stages are skipped). Budgets are in units of the
 config's total training compute, K_ref x steps x batch with K_ref = partition.k: at budget b every
 K trains each expert for round(b x steps x K_ref / K) steps at the config's batch, so all K and the
-FLOP-matched monolith (K x an expert's steps) see the same number of samples. The data are the
+FLOP-matched monolith (K x an expert's steps) see the same number of samples. The monolith is one
+network per budget and seed, trained in the cells of K_ref (else of the first K) and compared with
+every K: the config's own monolith, trained once instead of once per K. The data are the
 same in every cell and the partition the same for every K: they are made once and copied (hard
 links), as are the image reference features. Training seeds: each seed at the smallest and the
 largest budget, the first seed elsewhere (all_seeds=True: every seed everywhere).
@@ -38,16 +40,25 @@ from ddmkit.tables import markdown_table
 Log = Callable[[str], None]
 
 
-def cell_config(cfg: RunConfig, k: int, budget: float, seed: int) -> RunConfig:
+def monolith_k(cfg: RunConfig, ks: list[int]) -> int:
+    """The K whose cells train the grid's monolith: the config's partition.k if the grid has it (the
+    config's own FLOP-matched monolith), else the first K."""
+    return cfg.partition.k if cfg.partition.k in ks else ks[0]
+
+
+def cell_config(cfg: RunConfig, k: int, budget: float, seed: int, monolith: bool = True) -> RunConfig:
     """The config of one cell: K clusters, each expert's steps scaled so that the total compute is
-    budget x the config's, every training seed (experts, router) from `seed`."""
+    budget x the config's, every training seed (experts, router) from `seed`; the FLOP-matched monolith
+    trained and sampled only when `monolith` (one K's cells train it for the whole grid)."""
     raw = cfg.model_dump()
     ref = cfg.partition.k * cfg.expert.train.steps
     raw["partition"]["k"] = k
     raw["expert"]["train"]["steps"] = max(1, round(budget * ref / k))
     raw["expert"]["train"]["seed"] = seed
     raw["router"]["train"]["seed"] = seed + 1
-    raw["monolith"]["enabled"] = True
+    raw["monolith"]["enabled"] = monolith
+    strategies = [name for name in raw["sample"]["strategies"] if name != MONOLITH]
+    raw["sample"]["strategies"] = [MONOLITH, *strategies] if monolith else strategies
     return validate(RunConfig, raw, f"sweep cell k={k} budget={budget:g} seed={seed}")
 
 
@@ -116,20 +127,20 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STAGES)}")
     out = Path(out)
     todo = cells(ks, budgets, seeds, all_seeds)
+    mono_k = monolith_k(cfg, ks)
     if stages == "evaluate":
         untrained = [cell_dir(out, k, b, s).name for k, b, s in todo
-                     if untrained_parts(cell_config(cfg, k, b, s), cell_dir(out, k, b, s))]
+                     if untrained_parts(cell_config(cfg, k, b, s, k == mono_k), cell_dir(out, k, b, s))]
         if untrained:
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
     out.mkdir(parents=True, exist_ok=True)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
-    cfg = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"strategies": [MONOLITH, *strategies]})})
     first: RunFolder | None = None  # the cell whose data (and image reference features) the others share
     partitions: dict[int, RunFolder] = {}  # K -> the cell whose partition the others of that K share
     results = []
     for i, (k, b, s) in enumerate(todo):
-        cell_cfg = cell_config(cfg, k, b, s)
+        cell_cfg = cell_config(cfg, k, b, s, k == mono_k)
         folder = RunFolder(cell_dir(out, k, b, s))
         log(f"sweep cell {i + 1}/{len(todo)}: k={k}, budget {b:g}, seed {s}")
         if first is not None and not folder.config.exists():
