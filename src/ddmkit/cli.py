@@ -600,7 +600,8 @@ def exactness(k: int = typer.Option(3, help="number of Markov chains (clusters)"
 
 
 # ----- controlled studies over many trained runs: ddmkit study misalignment (ddmkit.pipeline.misalignment) -----
-study_app = typer.Typer(help="Controlled studies over many trained runs on exact Gaussian mixtures.",
+study_app = typer.Typer(help="Controlled studies over many trained runs (Gaussian mixtures with exact truth, "
+                        "or images).",
                         no_args_is_help=True)
 app.add_typer(study_app, name="study")
 

@@ -30,7 +30,8 @@ the exact router is the posterior of the shard over the pooled shards,
 mixture with weights pi_c m_c: the true field when every component is held equally often (m_c equal;
 disjoint partitions: m_c = 1).
 
-Per strategy (same noise x_1 for every strategy and condition, so everything is paired):
+Per strategy on a Gaussian mixture (same noise x_1 for every strategy and condition, so everything is
+paired):
 
     NLL          per sample -log p_0(x_0) under the truth                (quality)
     W2           exact W2 of the samples to held-out data                (quality, a set distance)
@@ -39,6 +40,12 @@ Per strategy (same noise x_1 for every strategy and condition, so everything is 
     field error  e_v = mean over steps of |v(x_i, t_i) - v*(x_i, t_i)|^2 / D along the strategy's own
                  trajectory, v the routed velocity, v* the truth's velocity (the mechanism: 0 for full
                  routing with exact experts and router)
+
+On images (`measure_image_strategy`) there is no truth: `exact` is refused (`image_condition`), and per
+strategy the samples drawn as `ddmkit run` draws them (`routed_samples`: the run's labels reach the
+experts and a label-conditional router, guidance inside the experts) are scored by a given FID / KID
+function, and amplification and Delta_refine (the definitions of ddmkit.analysis.stability) are taken on
+the first `rows` trajectories only (`image_stability`); NLL, W2, L_top and the field error are absent.
 """
 from __future__ import annotations
 
@@ -52,9 +59,10 @@ import numpy as np
 import torch
 
 from ddmkit.analysis.quality import per_sample_quality
-from ddmkit.analysis.stability import amplification, local_lipschitz, refinement_gap
+from ddmkit.analysis.stability import amplification, local_lipschitz, random_unit, refinement_gap, row_norm
 from ddmkit.analysis.trace import trace_strategy
 from ddmkit.ddm.model import DDM
+from ddmkit.ddm.sampling import sample_ddm
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
 from ddmkit.truth import GaussianMixture
@@ -64,6 +72,8 @@ NEIGHBOURS = 2  # overlap-S: the clusters whose rows a shard shares
 
 CONDITION_FORMS = ("disjoint, overlap-S (0 < S <= 1), undertrained-F (0 < F <= 1), random; modifiers +exact, "
                    "+tempered-T (T > 0), +uniform-A and +permuted-A (0 <= A <= 1), e.g. overlap-0.25+tempered-3")
+IMAGE_CONDITION_FORMS = ("disjoint, overlap-S (0 < S <= 1), undertrained-F (0 < F <= 1), random; modifiers "
+                         "+tempered-T (T > 0), +uniform-A and +permuted-A (0 <= A <= 1), e.g. disjoint+tempered-3")
 
 
 # ----- conditions ---------------------------------------------------------------------------------------------------
@@ -131,6 +141,16 @@ def parse_condition(name: str) -> Condition:
     return Condition(**fields, router=tuple(router))
 
 
+def image_condition(name: str) -> Condition:
+    """parse_condition for data without a truth: `exact` (the exact experts of a Gaussian mixture) is refused."""
+    cond = parse_condition(name)
+    if cond.exact:
+        raise DDMError(f"--conditions {name!r}: 'exact' replaces the experts and router by the exact ones of a "
+                       f"Gaussian-mixture truth, which image data have not; accepted on images: "
+                       f"{IMAGE_CONDITION_FORMS}")
+    return cond
+
+
 def random_partition(n: int, k: int, seed: int = 0) -> torch.Tensor:
     """A random balanced partition of n rows into k clusters: labels (n,), cluster sizes differ by at most 1."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -170,8 +190,8 @@ def share_matrix(shard_labels: list[torch.Tensor], all_labels: torch.Tensor, n_c
 def exact_shard_ddm(truth: GaussianMixture, shares: torch.Tensor, data_shape: tuple,
                     nearest: Callable | None = None) -> DDM:
     """The exact DDM of shards with component shares M (C, K): shard k's exact velocity and the exact
-    posterior of the shards (see the module docstring)."""
-    shares = shares.to(truth.means.dtype)
+    posterior of the shards (see the module docstring), on the truth's device."""
+    shares = shares.to(truth.means)
     mass = truth.weights[:, None] * shares  # (C, K): pi_c M[c, k]
     if (mass.sum(0) <= 0).any():
         empty = (mass.sum(0) <= 0).nonzero().flatten().tolist()
@@ -266,11 +286,11 @@ def measure_strategy(ddm: DDM, strategy: str, x1: torch.Tensor, truth: GaussianM
     L_top / L_rand / L_fd (means over up to max_steps steps and jvp_rows trajectories, no replicates)."""
     tr = trace_strategy(ddm, strategy, x1, steps, solver, seed)
     lip = local_lipschitz(ddm, tr, torch.arange(min(jvp_rows, len(x1))), max_steps, seed=seed)
-    amp = amplification(ddm, tr, steps, solver, seed).double().numpy()
+    amp = amplification(ddm, tr, steps, solver, seed).double().cpu().numpy()
     x0_2n = trace_strategy(ddm, strategy, x1, 2 * steps, solver, seed, record=False).x0
-    dref = refinement_gap(tr.x0, x0_2n, scale).double().numpy()
-    nll = per_sample_quality(tr.x0, truth, reference, None)[0].double().numpy()
-    ferr = field_error(tr, truth).numpy()
+    dref = refinement_gap(tr.x0, x0_2n, scale).double().cpu().numpy()
+    nll = per_sample_quality(tr.x0, truth, reference, None)[0].double().cpu().numpy()
+    ferr = field_error(tr, truth).cpu().numpy()
     per_sample = {"nll": (nll, np.mean), "amp": (amp, np.median), "delta_refine": (dref, np.mean),
                   "field_error": (ferr, np.mean)}
     value = {k: float(stat(v)) for k, (v, stat) in per_sample.items()}
@@ -279,4 +299,75 @@ def measure_strategy(ddm: DDM, strategy: str, x1: torch.Tensor, truth: GaussianM
     boot["w2"] = w2_bootstrap(tr.x0, reference, w2_boot, seed).tolist()
     value.update(L_top=float(np.mean(lip["top"])), L_rand=float(np.mean(lip["rand"])), L_fd=float(np.mean(lip["fd"])),
                  calls=tr.expert_calls_per_sample)
+    return {"value": value, "boot": boot}
+
+
+# ----- measurement on images (no truth) ------------------------------------------------------------------------------
+def bind_labels(ddm: DDM, y: torch.Tensor | None) -> DDM:
+    """The DDM with the labels y (B,) of a fixed batch bound into its fields: experts (class-conditional)
+    and a label-conditional router called as f(x, t) get y=y, for diagnostics that call every field on all
+    B rows at once (ddmkit.analysis.alignment.heldout_errors); a call on another number of rows is an error."""
+    if y is None or not (ddm.num_classes or ddm.router_conditional):
+        return ddm
+
+    def bound(f, takes_labels: bool):
+        if not takes_labels:
+            return f
+
+        def g(x, t, **cond):
+            if len(x) != len(y):
+                raise ValueError(f"bind_labels: {len(y)} labels are bound, the field got {len(x)} rows")
+            return f(x, t, y=y, **cond)
+
+        return g
+
+    experts = [bound(e, bool(ddm.num_classes)) for e in ddm.experts]
+    return dataclasses.replace(ddm, experts=experts, router=bound(ddm.router, ddm.router_conditional),
+                               router_conditional=False, accelerated={})
+
+
+def routed_samples(ddm: DDM, strategy: str, x1: torch.Tensor, steps: int, solver: str, seed: int,
+                   y: torch.Tensor | None = None, batch_size: int | None = None) -> torch.Tensor:
+    """x0 of one strategy from x1, drawn as `ddmkit run` draws a sample set (ddmkit.ddm.sampling.sample_ddm:
+    the labels y reach the experts and a label-conditional router, the oracle draws clusters from
+    p(cluster | y); the routing generator seeded with seed + 1), in float32 on x1's device (no autocast)."""
+    cond = None if y is None else {"y": y}
+    return sample_ddm(ddm, strategy, len(x1), steps, solver, seed, x1.device, x1=x1, cond=cond,
+                      batch_size=batch_size)[0]
+
+
+@torch.no_grad()
+def image_stability(ddm: DDM, strategy: str, x1: torch.Tensor, steps: int, solver: str, seed: int, scale: float,
+                    y: torch.Tensor | None = None, batch_size: int | None = None,
+                    delta: float = 1e-3) -> dict[str, torch.Tensor]:
+    """Per trajectory from x1 (with labels y): amplification |Phi(x_1 + d) - Phi(x_1)| / |d| (|d| = delta, d
+    drawn as ddmkit.analysis.stability.amplification draws it, the same random numbers of the routing) and
+    Delta_refine |Phi_N(x_1) - Phi_2N(x_1)| / scale, with Phi the labelled sampler (routed_samples)."""
+    x0 = routed_samples(ddm, strategy, x1, steps, solver, seed, y, batch_size)
+    gen = torch.Generator(device=x1.device).manual_seed(seed + 7)
+    d = delta * random_unit(x1, gen)
+    moved = routed_samples(ddm, strategy, x1 + d, steps, solver, seed, y, batch_size)
+    x0_2n = routed_samples(ddm, strategy, x1, 2 * steps, solver, seed, y, batch_size)
+    return {"amp": row_norm(moved - x0) / delta, "delta_refine": refinement_gap(x0, x0_2n, scale)}
+
+
+def measure_image_strategy(ddm: DDM, strategy: str, x1: torch.Tensor, score: Callable[[torch.Tensor], dict],
+                           scale: float, steps: int = 50, solver: str = "euler", seed: int = 0,
+                           y: torch.Tensor | None = None, rows: int = 256, n_boot: int = 200,
+                           batch_size: int | None = None) -> dict:
+    """One strategy on images from the same noise x1 and labels y: FID, KID and KID's spread over subsets
+    from score(samples clamped to [-1, 1]) (one number per set: no replicates), amplification (median)
+    and Delta_refine (mean) on the first `rows` trajectories with bootstrap replicates over them."""
+    x0 = routed_samples(ddm, strategy, x1, steps, solver, seed, y, batch_size)
+    value = {k: float(v) for k, v in score(x0.float().clamp(-1, 1)).items()}
+    m = min(rows, len(x1))
+    per = image_stability(ddm, strategy, x1[:m], steps, solver, seed, scale, None if y is None else y[:m],
+                          batch_size)
+    stats = {"amp": np.median, "delta_refine": np.mean}
+    boot = {}
+    for key, stat in stats.items():
+        v = per[key].double().cpu().numpy()
+        value[key] = float(stat(v))
+        boot[key] = bootstrap(v, stat, n_boot, seed).tolist()
+    value["stability_rows"] = m
     return {"value": value, "boot": boot}

@@ -16,6 +16,15 @@ DIR/measure/{condition}_s{seed}.json holds one measurement (every strategy, with
 over samples), skipped when it exists with the same settings. DIR/report.md, study.json and
 plots/quality_vs_stability.png summarise them: per condition and strategy the mean over seeds with a
 95% t-interval across seeds and a 95% bootstrap interval over samples.
+
+Image data (data.name one of ddmkit.data.images.IMAGE_LOADERS, pixel space) have no truth: `exact` is
+refused; every strategy draws the same n images from the same noise and class labels as `ddmkit run`
+draws a set (sample_labels, the run's guidance), scored by FID and KID against the test split with the
+run's evaluate.fid_features and kid_subset (intervals across seeds only: no bootstrap over samples for
+FID); amplification and Delta_refine are taken on the first `stability_rows` trajectories; per condition
+every expert's error on held-out images of its own cluster and of the others (clusters: the nearest
+partition centroid in feature space). Measurements run on `device` (default: the config's
+expert.train.device); training runs where the config says.
 """
 from __future__ import annotations
 
@@ -33,7 +42,10 @@ from ddmkit.analysis.alignment import heldout_errors
 from ddmkit.analysis.misalignment import (
     Condition,
     apply_router,
+    bind_labels,
     exact_shard_ddm,
+    image_condition,
+    measure_image_strategy,
     measure_strategy,
     overlap_members,
     parse_condition,
@@ -45,6 +57,7 @@ from ddmkit.config import RunConfig, json_digest, validate
 from ddmkit.conventions import __version__
 from ddmkit.data.arrays import ArrayData, content_hash
 from ddmkit.data.features import apply_features
+from ddmkit.data.images import IMAGE_LOADERS
 from ddmkit.data.partition import (
     cluster_statistics,
     load_partition,
@@ -56,6 +69,8 @@ from ddmkit.ddm import load_ddm, start_noise
 from ddmkit.ddm.load import nearest_cluster_fn
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
+from ddmkit.evaluation.fid import feature_extractor, fid_kid, gaussian_stats
+from ddmkit.evaluation.images import floor_images
 from ddmkit.evaluation.plots import plt, save_figure
 from ddmkit.io import (
     read_json,
@@ -66,9 +81,11 @@ from ddmkit.io import (
     write_json,
 )
 from ddmkit.layout import RunFolder, safe_name
+from ddmkit.pipeline.analyze import analysis_device
 from ddmkit.pipeline.checks import check_run_plan
 from ddmkit.pipeline.prepare import prepare_run_dir
 from ddmkit.pipeline.run import run_pipeline
+from ddmkit.pipeline.sampling import sample_labels
 from ddmkit.pipeline.stages import (
     check_networks,
     load_data,
@@ -86,8 +103,12 @@ Log = Callable[[str], None]
 DEFAULT_CONDITIONS = ("disjoint", "overlap-0.25", "undertrained-0.1", "random", "tempered-3", "uniform-0.5",
                       "permuted-0.5", "exact", "exact+tempered-3")
 DEFAULT_STRATEGIES = ("full", "top-1", "top-2", "sample-2")
+IMAGE_CONDITIONS = tuple(c for c in DEFAULT_CONDITIONS if "exact" not in c)
 METRICS = (("NLL", "nll"), ("W2", "w2"), ("L_top", "L_top"), ("amplification", "amp"),
            ("Delta_refine", "delta_refine"), ("field error", "field_error"))
+IMAGE_METRICS = (("FID", "fid"), ("KID", "kid"), ("amplification", "amp"), ("Delta_refine", "delta_refine"))
+MECHANISM = {False: ("router_tv_mean", "expert_error_mean"), True: ("expert_own_mean", "expert_other_mean")}
+QUALITY = {False: ("nll", "w2"), True: ("fid", "kid")}
 T_GRID = [0.05 + 0.1 * i for i in range(10)]
 
 
@@ -98,15 +119,27 @@ def split_names(names: Sequence[str] | None, default: Sequence[str]) -> list[str
     return list(dict.fromkeys(out)) or list(default)
 
 
+def is_image_study(cfg: RunConfig) -> bool:
+    """Whether the config's data are images (True) or a Gaussian mixture (False); other data are refused."""
+    if cfg.data.name in MIXTURES:
+        return False
+    if cfg.data.name in IMAGE_LOADERS:
+        if cfg.latent.enabled:
+            raise DDMError("latent.enabled = true: the misalignment study on images works in pixel space; set "
+                           "--set latent.enabled=false")
+        return True
+    raise DDMError(f"data.name = {cfg.data.name!r}: the misalignment study needs data with an exact Gaussian-"
+                   f"mixture truth ({', '.join(MIXTURES)}, e.g. --set data.name=ring8) or image data "
+                   f"({', '.join(IMAGE_LOADERS)})")
+
+
 def check_study(cfg: RunConfig, conditions: list[str], strategies: list[str], seeds: list[int], n: int,
-                n_boot: int, w2_boot: int) -> dict[str, Condition]:
+                n_boot: int, w2_boot: int, stability_rows: int = 256) -> dict[str, Condition]:
     """Every option against the config, before anything is trained or written; returns the parsed conditions."""
-    if cfg.data.name not in MIXTURES:
-        raise DDMError(f"data.name = {cfg.data.name!r}: the misalignment study needs data with an exact Gaussian-"
-                       f"mixture truth; use one of {', '.join(MIXTURES)} (e.g. --set data.name=ring8)")
+    images = is_image_study(cfg)
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise DDMError(f"--seeds: give the number of training seeds, at least 1 (got seeds {seeds})")
-    parsed = {name: parse_condition(name) for name in conditions}
+    parsed = {name: (image_condition if images else parse_condition)(name) for name in conditions}
     for name in strategies:
         try:
             parse_strategy(name)
@@ -116,6 +149,10 @@ def check_study(cfg: RunConfig, conditions: list[str], strategies: list[str], se
         raise DDMError("--strategy: give at least one routing strategy, e.g. full")
     if n < 2 or n_boot < 10 or w2_boot < 2:
         raise DDMError(f"--n must be >= 2, --n-boot >= 10 and --w2-boot >= 2 (got {n}, {n_boot}, {w2_boot})")
+    if images:
+        if stability_rows < 1:
+            raise DDMError(f"--stability-rows must be >= 1 (got {stability_rows})")
+        return parsed
     if cfg.data.n_test < 2 * n:
         raise DDMError(f"--n {n}: the study scores n samples against n held-out rows and measures the noise floor "
                        f"on another n, so data.n_test must be at least {2 * n} (it is {cfg.data.n_test}); lower --n "
@@ -227,18 +264,20 @@ def shard_shares(folder: RunFolder, truth, train: ArrayData) -> torch.Tensor:
     return share_matrix(labels, train.labels, truth.k)
 
 
-def measure_cell(cond: Condition, folder: RunFolder, seed: int, settings: dict, log: Log) -> dict:
+def measure_cell(cond: Condition, folder: RunFolder, seed: int, settings: dict, log: Log,
+                 device: torch.device = torch.device("cpu")) -> dict:
     """Every strategy under one condition and training seed, and the condition's mechanism: the router's
     TV distance to the exact shard posterior and the experts' error against their shards' exact
-    velocities (posterior-weighted), averaged over t = 0.05, 0.15, ..., 0.95 on held-out data."""
+    velocities (posterior-weighted), averaged over t = 0.05, 0.15, ..., 0.95 on held-out data. Networks,
+    truth and data on `device` (the noise drawn on the CPU and moved there: the same on every device)."""
     train, test = load_split(folder.root, "train"), load_split(folder.root, "test")
-    truth, n, s = test.truth, settings["n"], settings["sample_seed"]
+    truth, n, s = test.truth.to(device=device), settings["n"], settings["sample_seed"]
     manifest, ptensors = load_partition(folder.partition)
     exact = exact_shard_ddm(truth, shard_shares(folder, truth, train), tuple(manifest["data_shape"]),
                             nearest_cluster_fn(manifest, ptensors))
-    ddm = apply_router(exact if cond.exact else load_ddm(folder.root), cond)
-    x1 = start_noise(n, ddm.data_shape, s)
-    reference, scale = test.x[:n], data_scale(test.x)
+    ddm = apply_router(exact if cond.exact else load_ddm(folder.root, device), cond)
+    x1 = start_noise(n, ddm.data_shape, s, device)
+    reference, scale = test.x[:n].to(device), data_scale(test.x)
     per = {}
     for name in settings["strategies"]:
         start = time.perf_counter()
@@ -248,11 +287,65 @@ def measure_cell(cond: Condition, folder: RunFolder, seed: int, settings: dict, 
         v = per[name]["value"]
         log(f"  {cond.name} seed {seed} {name}: NLL {v['nll']:.4g}, W2 {v['w2']:.4g}, Delta_refine "
             f"{v['delta_refine']:.4g}, field error {v['field_error']:.4g} ({time.perf_counter() - start:.1f}s)")
-    held = heldout_errors(ddm, test.x[-n:], T_GRID, {}, s, exact=exact)
+    held = heldout_errors(ddm, test.x[-n:].to(device), T_GRID, {}, s, exact=exact)
     mechanism = {"t": T_GRID, "router_tv": held["router_tv"], "expert_error": [float(np.mean(e)) for e in
                                                                                 held["expert_vs_exact"]]}
     mechanism.update(router_tv_mean=float(np.mean(held["router_tv"])),
                      expert_error_mean=float(np.mean(mechanism["expert_error"])))
+    return {"condition": cond.name, "seed": seed, "run": str(folder.root), "strategies": per, "mechanism": mechanism}
+
+
+def image_scorer(cfg: RunConfig, folder: RunFolder, n: int, device) -> tuple[Callable, dict]:
+    """(score(images) -> {"fid", "kid", "kid_std"} against the run's test split, the floor: n training images
+    scored so), with the run's evaluate.fid_features and kid_subset: the functions the run's SetScorer uses
+    (ddmkit.pipeline.images.scorer_for), features computed on `device`; nothing is written into the run."""
+    extractor = feature_extractor(cfg.evaluate.fid_features, device)
+    f_test = extractor(load_split(folder.root, "test").x)
+    real = gaussian_stats(f_test)
+
+    def score(images: torch.Tensor) -> dict:
+        return fid_kid(f_test, extractor(images), cfg.evaluate.kid_subset, real)
+
+    train = floor_images(load_split(folder.root, "train").x, n)
+    floor = {**{k: float(v) for k, v in score(train).items()}, "n": len(train), "n_test": len(f_test)}
+    return score, floor
+
+
+def image_mechanism(plain, test, folder: RunFolder, rows: int, seed: int, device) -> dict:
+    """Every expert's error |v_k(x_t) - (eps - x)|^2 / D on the last `rows` held-out images (their class labels
+    given to class-conditional experts, guidance 1) at t = 0.05, ..., 0.95, pooled over (image, expert) pairs
+    of the expert's own cluster and of the others (ddmkit.analysis.alignment.own_cluster_errors; an image's
+    cluster: the nearest partition centroid in feature space)."""
+    x = test.x[-rows:].to(device)
+    y = None if test.labels is None else test.labels[-rows:].long().to(device)
+    manifest, ptensors = load_partition(folder.partition)
+    clusters = nearest_cluster_fn(manifest, ptensors)(x)
+    held = heldout_errors(bind_labels(plain, y), x, T_GRID, {}, seed, clusters=clusters)
+    own, other = ([c[key] for c in held["by_cluster"]] for key in ("own", "other"))
+    return {"t": T_GRID, "expert_own": own, "expert_other": other, "heldout_rows": len(x),
+            "expert_own_mean": float(np.nanmean(own)), "expert_other_mean": float(np.nanmean(other))}
+
+
+def measure_image_cell(cond: Condition, folder: RunFolder, seed: int, settings: dict, score: Callable, log: Log,
+                       device: torch.device = torch.device("cpu")) -> dict:
+    """Every strategy under one condition and training seed on images (measure_image_strategy), from the same
+    noise and class labels as a run's sample sets, and the experts' own- and other-cluster errors."""
+    test = load_split(folder.root, "test")
+    n, s = settings["n"], settings["sample_seed"]
+    plain = load_ddm(folder.root, device)  # guidance 1: the field the experts were trained to predict
+    ddm = apply_router(plain.with_guidance(settings["guidance"]), cond)
+    x1 = start_noise(n, ddm.data_shape, s, device)
+    y = sample_labels(ddm.num_classes, n, s, device)
+    scale = data_scale(test.x)
+    per = {}
+    for name in settings["strategies"]:
+        start = time.perf_counter()
+        per[name] = measure_image_strategy(ddm, name, x1, score, scale, settings["steps"], settings["solver"], s, y,
+                                           settings["stability_rows"], settings["n_boot"], settings["batch_size"])
+        v = per[name]["value"]
+        log(f"  {cond.name} seed {seed} {name}: FID {v['fid']:.4g}, KID {v['kid']:.4g}, Delta_refine "
+            f"{v['delta_refine']:.4g}, amplification {v['amp']:.4g} ({time.perf_counter() - start:.1f}s)")
+    mechanism = image_mechanism(plain, test, folder, min(n, len(test)), s, device)
     return {"condition": cond.name, "seed": seed, "run": str(folder.root), "strategies": per, "mechanism": mechanism}
 
 
@@ -261,18 +354,35 @@ def measure_path(out: Path, cond: Condition, seed: int) -> Path:
 
 
 # ----- the study ----------------------------------------------------------------------------------------------------
+def study_settings(cfg: RunConfig, images: bool, strategies: list[str], n: int, n_boot: int, w2_boot: int,
+                   jvp_rows: int, max_steps: int, stability_rows: int) -> dict:
+    """The settings a measurement depends on (part of its key; the device is not: it changes rounding only)."""
+    s = cfg.sample
+    if not images:
+        return {"n": n, "n_boot": n_boot, "w2_boot": w2_boot, "jvp_rows": jvp_rows, "max_steps": max_steps,
+                "steps": s.steps, "solver": s.solver, "sample_seed": s.seed, "strategies": strategies}
+    return {"kind": "images", "n": n, "n_boot": n_boot, "stability_rows": min(stability_rows, n), "steps": s.steps,
+            "solver": s.solver, "sample_seed": s.seed, "strategies": strategies, "guidance": s.guidance,
+            "batch_size": s.batch_size, "fid_features": cfg.evaluate.fid_features,
+            "kid_subset": cfg.evaluate.kid_subset}
+
+
 def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (0, 1, 2),
                        conditions: Sequence[str] | None = None, strategies: Sequence[str] | None = None,
                        n: int = 1000, n_boot: int = 200, w2_boot: int = 50, jvp_rows: int = 64, max_steps: int = 10,
-                       force: bool = False, log: Log = print, threads: int | None = 1) -> dict:
-    """Train what is missing, measure what is missing, write DIR/report.md, study.json and the plot."""
-    names, strategies, seeds = split_names(conditions, DEFAULT_CONDITIONS), split_names(strategies, DEFAULT_STRATEGIES), \
-        list(seeds)
-    parsed = check_study(cfg, names, strategies, seeds, n, n_boot, w2_boot)
+                       force: bool = False, log: Log = print, threads: int | None = 1,
+                       device: str | torch.device | None = None, stability_rows: int = 256) -> dict:
+    """Train what is missing, measure what is missing, write DIR/report.md, study.json and the plot.
+    device: where the measurements run (auto, cpu, cuda, cuda:N, mps; default: the config's
+    expert.train.device); stability_rows: images only, the trajectories amplification and Delta_refine use."""
+    images = is_image_study(cfg)
+    names = split_names(conditions, IMAGE_CONDITIONS if images else DEFAULT_CONDITIONS)
+    strategies, seeds = split_names(strategies, DEFAULT_STRATEGIES), list(seeds)
+    parsed = check_study(cfg, names, strategies, seeds, n, n_boot, w2_boot, stability_rows)
+    device = analysis_device(device) if device is not None else analysis_device(cfg.expert.train.device, True)
     out = Path(out)
-    s = cfg.sample
-    settings = {"n": n, "n_boot": n_boot, "w2_boot": w2_boot, "jvp_rows": jvp_rows, "max_steps": max_steps,
-                "steps": s.steps, "solver": s.solver, "sample_seed": s.seed, "strategies": strategies}
+    settings = study_settings(cfg, images, strategies, n, n_boot, w2_boot, jvp_rows, max_steps, stability_rows)
+    scoring: dict = {}  # images: the FID / KID scorer and the floor, made once from the first trained run
     before = torch.get_num_threads()
     start = time.perf_counter()
     measures: dict[str, list[dict]] = {}
@@ -296,20 +406,30 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
                 if threads:
                     torch.set_num_threads(threads)
                 with run_lock(folder.root):
-                    result = {"key": key, **measure_cell(cond, folder, seed, settings, log)}
+                    if images:
+                        if not scoring:
+                            scoring.update(zip(("score", "floor"), image_scorer(cfg, folder, n, device)))
+                        cell = measure_image_cell(cond, folder, seed, settings, scoring["score"], log, device)
+                    else:
+                        cell = measure_cell(cond, folder, seed, settings, log, device)
+                    result = {"key": key, **cell, "device": str(device)}
                 torch.set_num_threads(before)
                 write_json(path, result)
                 measures[name].append(result)
     finally:
         torch.set_num_threads(before)
     first = RunFolder(run_dir(out, next(iter(parsed.values())), seeds[0]))
-    test = load_split(first.root, "test")
-    report = summarize(measures, parsed, strategies, seeds)
-    report.update(settings=settings, config=cfg.model_dump(), version=__version__,
-                  w2_floor=w2_exact(test.x[:n], test.x[n:2 * n]), wall_time=time.perf_counter() - start)
+    report = summarize(measures, parsed, strategies, seeds, images)
+    report.update(settings=settings, config=cfg.model_dump(), version=__version__, device=str(device))
+    if images:
+        report.update(kind="images", floor=scoring["floor"] if scoring else image_scorer(cfg, first, n, device)[1])
+    else:
+        test = load_split(first.root, "test")
+        report["w2_floor"] = w2_exact(test.x[:n], test.x[n:2 * n])
+    report["wall_time"] = time.perf_counter() - start
     write_json(out / "study.json", report)
     plot_study(report, out / "plots" / "quality_vs_stability.png")
-    write_bytes_atomic(out / "report.md", render(report).encode())
+    write_bytes_atomic(out / "report.md", (render_images if images else render)(report).encode())
     log(f"misalignment study: {out / 'report.md'}")
     return report
 
@@ -334,12 +454,16 @@ def cell_summary(values: list[float], boots: list[list[float]] | None, normal: b
 
 
 def full_vs_best(measures: list[dict], strategies: list[str], metric: str, best: str) -> dict:
-    """Paired difference full - best (the other strategy with the lowest mean) of a quality metric: per seed,
-    with the 95% t-interval across seeds and the bootstrap interval over samples (paired resamples)."""
+    """Paired difference full - best (the other strategy with the lowest mean) of a quality metric: per seed
+    ("per_seed"), with the 95% t-interval across seeds and, where the metric has bootstrap replicates, the
+    bootstrap interval over samples (paired resamples; FID and KID have none)."""
     diffs = [m["strategies"]["full"]["value"][metric] - m["strategies"][best]["value"][metric] for m in measures]
-    boots = [np.subtract(m["strategies"]["full"]["boot"][metric], m["strategies"][best]["boot"][metric])
-             for m in measures]
-    return {"against": best, **cell_summary(diffs, boots, normal=metric == "w2")}
+    boots = None
+    if all(metric in m["strategies"]["full"]["boot"] for m in measures):
+        boots = [np.subtract(m["strategies"]["full"]["boot"][metric], m["strategies"][best]["boot"][metric])
+                 for m in measures]
+    out = {"against": best, **cell_summary(diffs, boots, normal=metric == "w2")}
+    return out if boots else {**out, "per_seed": diffs}
 
 
 def decided(d: dict) -> str:
@@ -374,35 +498,74 @@ def condition_verdict(table: dict, strategies: list[str], quality: dict) -> str:
     return f"not reproduced ({where})"
 
 
+def fid_word(d: dict) -> str:
+    """full - best by FID on images: 'worse' ('better') where the 95% t-interval across seeds lies above
+    (below) 0, 'no clear difference' where it holds 0, 'one seed: no interval' with one seed (FID is one
+    number per sample set: there is no interval over samples)."""
+    if d["seeds"]["n"] < 2:
+        return "one seed: no interval"
+    if d["seeds"]["lo"] > 0:
+        return "worse"
+    if d["seeds"]["hi"] < 0:
+        return "better"
+    return "no clear difference"
+
+
+def image_verdict(table: dict, strategies: list[str], quality: dict) -> str:
+    """The dissociation on images: "reproduced" when full has the lowest Delta_refine of the strategies and an
+    FID worse than the best other strategy's, the across-seed interval of the paired difference excluding 0."""
+    stable = {m: min(strategies, key=lambda s: table[s][m]["mean"]) for m in ("delta_refine", "amp")}
+    word = fid_word(quality["fid"])
+    where = (f"most stable by Delta_refine: {stable['delta_refine']}, by amplification: {stable['amp']}; "
+             f"full vs the best other by FID: {word}")
+    if stable["delta_refine"] != "full":
+        if word == "worse":
+            return f"not reproduced: full generates worse but is not the most stable ({where})"
+        return f"not reproduced: full is not the most stable ({where})"
+    if word == "worse":
+        return f"reproduced ({where})"
+    if word == "better":
+        return f"contradicted: full is the most stable and also generates better ({where})"
+    if word == "one seed: no interval":
+        return f"one seed: no interval ({where})"
+    return f"not reproduced: full is the most stable, its FID no different ({where})"
+
+
 def summarize(measures: dict[str, list[dict]], parsed: dict[str, Condition], strategies: list[str],
-              seeds: list[int]) -> dict:
-    """Per condition and strategy every metric's mean and intervals; per condition the mechanism, the
-    paired full-vs-best quality differences and the verdict; across all cells the rank correlations of
-    NLL with the field error and with Delta_refine."""
+              seeds: list[int], images: bool = False) -> dict:
+    """Per condition and strategy every metric's mean and intervals (images: also the per-seed values);
+    per condition the mechanism, the paired full-vs-best quality differences and the verdict; across all
+    cells the rank correlations of quality (NLL, W2; images: FID, KID) with the stability measures (and
+    the field error)."""
+    metrics = IMAGE_METRICS if images else METRICS
     out: dict = {"conditions": {}, "condition_names": list(measures), "strategies": strategies, "seeds": seeds}
     cells = []
     for name, ms in measures.items():
         table = {}
         for strat in strategies:
             table[strat] = {}
-            for _, key in METRICS:
+            for _, key in metrics:
                 values = [m["strategies"][strat]["value"][key] for m in ms]
                 boots = [m["strategies"][strat]["boot"][key] for m in ms] if key in ms[0]["strategies"][strat]["boot"] \
                     else None
                 table[strat][key] = cell_summary(values, boots, normal=key == "w2")
-            cells.append({k: table[strat][k]["mean"] for _, k in METRICS})
-        mech = {k: interval([m["mechanism"][k] for m in ms]) for k in ("router_tv_mean", "expert_error_mean")}
+                if images:
+                    table[strat][key]["per_seed"] = values
+            cells.append({k: table[strat][k]["mean"] for _, k in metrics})
+        mech = {k: interval([m["mechanism"][k] for m in ms]) for k in MECHANISM[images]}
         quality = {}
         if "full" in strategies and len(strategies) > 1:
-            for metric in ("nll", "w2"):
+            for metric in QUALITY[images]:
                 best = min((s for s in strategies if s != "full"), key=lambda s: table[s][metric]["mean"])
                 quality[metric] = full_vs_best(ms, strategies, metric, best)
+        judge = image_verdict if images else condition_verdict
         out["conditions"][name] = {"trained": parsed[name].trained, "seeds": [m["seed"] for m in ms],
                                    "table": table, "mechanism": mech, "full_vs_best": quality,
-                                   "verdict": condition_verdict(table, strategies, quality) if quality else
+                                   "verdict": judge(table, strategies, quality) if quality else
                                    "needs full and another strategy"}
+    against = ("delta_refine", "amp") if images else ("field_error", "delta_refine", "amp", "L_top")
     out["links"] = {f"{q}_vs_{x}": _rho([c[x] for c in cells], [c[q] for c in cells])
-                    for q in ("nll", "w2") for x in ("field_error", "delta_refine", "amp", "L_top")}
+                    for q in QUALITY[images] for x in against}
     return out
 
 
@@ -488,28 +651,142 @@ Verdicts:
 """ + "\n".join(f"- {name}: {c['verdict']}" for name, c in report["conditions"].items()) + "\n"
 
 
+def scaled(c: dict, factor: float) -> dict:
+    """A cell with its mean, interval ends and per-seed values multiplied by factor (KID x 1e3)."""
+    def one(key, v):
+        if isinstance(v, dict):
+            return {k: (x * factor if k in ("mean", "lo", "hi") else x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [x * factor for x in v]
+        return v * factor if key == "mean" else v
+
+    return {k: one(k, v) for k, v in c.items()}
+
+
+def seed_values(c: dict, factor: float = 1.0) -> str:
+    """The per-seed values of a cell, comma-separated."""
+    return ", ".join(fmt(v * factor) for v in c["per_seed"])
+
+
+def render_images(report: dict) -> str:
+    """report.md of a study on images: FID / KID per seed and across seeds, stability on a subset of the
+    trajectories, the experts' own- and other-cluster errors, full against the best other strategy."""
+    st, cfg, floor = report["settings"], report["config"], report["floor"]
+    rows, per_seed = [], []
+    for name, c in report["conditions"].items():
+        for strat in report["strategies"]:
+            cell = c["table"][strat]
+            rows.append([name, strat, len(c["seeds"]), cell_text(cell["fid"]), cell_text(scaled(cell["kid"], 1e3)),
+                         cell_text(cell["amp"]), cell_text(cell["delta_refine"])])
+            per_seed.append([name, strat, ", ".join(map(str, c["seeds"])), seed_values(cell["fid"]),
+                             seed_values(cell["kid"], 1e3)])
+    mech = [[name, len(c["seeds"])] + [cell_text({"mean": c["mechanism"][k]["mean"], "seeds": c["mechanism"][k]})
+                                       for k in MECHANISM[True]]
+            + [fmt(c["mechanism"]["expert_other_mean"]["mean"] / c["mechanism"]["expert_own_mean"]["mean"])]
+            for name, c in report["conditions"].items()]
+    diffs = []
+    for name, c in report["conditions"].items():
+        q = c["full_vs_best"]
+        if q:
+            diffs.append([name, f"{cell_text(q['fid'])} vs {q['fid']['against']}: {fid_word(q['fid'])}; "
+                                f"per seed {seed_values(q['fid'])}",
+                          f"{cell_text(scaled(q['kid'], 1e3))} vs {q['kid']['against']}: {fid_word(q['kid'])}",
+                          c["verdict"].split(" (")[0]])
+    links = report["links"]
+    draw = "the same noise"
+    if cfg["expert"]["net"]["kwargs"].get("num_classes"):
+        draw += (f" and class labels (uniform over the classes, fixed by the noise seed; guidance "
+                 f"{st['guidance']:g})")
+    return f"""# ddmkit misalignment study
+
+Data `{cfg['data']['name']}` ({cfg['data']['n_train']} training images), K = {cfg['partition']['k']} experts;
+training seeds {report['seeds']}; ddmkit {report['version']}; measured on {report['device']}.
+Every strategy, condition and seed samples the same {st['n']} images from {draw},
+as `ddmkit run` draws a sample set ({st['solver']}, {st['steps']} steps, noise seed {st['sample_seed']}), in
+float32 (no autocast). Conditions are defined in `ddmkit.analysis.misalignment`.
+
+A cell is the mean over training seeds, then in brackets the 95% t-interval across seeds and, for the
+stability measures, in parentheses the 95% bootstrap interval over trajectories ({st['n_boot']} resamples).
+FID and KID (x 1e3) of the {st['n']} samples against the {floor['n_test']} test images, with features
+`{st['fid_features']}` (the run's evaluate.fid_features; KID subsets of {st['kid_subset']}); the floor,
+{floor['n']} training images against the same test images: FID {fmt(floor['fid'])}, KID x 1e3 \
+{fmt(floor['kid'] * 1e3)}.
+FID and KID have no interval over samples: FID is a distance between two Gaussians fitted to whole sets, and
+resampling with replacement biases it, so their intervals are across training seeds only (per-seed values
+below). Amplification (median |Phi(x_1 + d) - Phi(x_1)| / |d|, |d| = 1e-3) and Delta_refine
+(|x_0(N) - x_0(2N)| / data scale) are measured on the first {st['stability_rows']} trajectories only (the same
+for every strategy). Lower is better for quality; lower is more stable.
+
+Absent on images, which have no exact truth: NLL and W2 against the exact mixture, the field error
+|v - v*|^2 / D (it needs the exact velocity v*), the router's TV distance to the exact posterior of the shards,
+and the `exact` conditions. L_top (Jacobians through every expert along the trajectories) is not measured.
+
+{markdown_table(["condition", "strategy", "seeds", "FID", "KID x 1e3", "amplification", "Delta_refine"], rows)}
+
+Per training seed (in the order of the seeds column):
+
+{markdown_table(["condition", "strategy", "seeds", "FID per seed", "KID x 1e3 per seed"], per_seed)}
+
+![quality vs stability](plots/quality_vs_stability.png)
+
+## Mechanism per condition
+
+Every expert's error |v_k(x_t) - (eps - x)|^2 / D on the last {min(st['n'], floor['n_test'])} test images (their
+class labels given to class-conditional experts, guidance 1) at t = 0.05, 0.15, ..., 0.95, pooled over
+the (image, expert) pairs where the image lies in the expert's own cluster and where it lies in another
+(an image's cluster: the nearest partition centroid in feature space).
+
+{markdown_table(["condition", "seeds", "expert error, own cluster", "expert error, other clusters",
+                 "other / own"], mech)}
+
+## Full routing against the best other strategy
+
+Paired difference full - (the other strategy with the lowest mean), per seed, with the 95% t-interval across
+seeds: "worse" ("better") where it lies above (below) 0. The dissociation is "reproduced" in a condition when
+full has the lowest Delta_refine of the strategies and an FID worse than the best other strategy's; with one
+seed there is no interval ("one seed: no interval").
+
+{markdown_table(["condition", "FID: full - best", "KID x 1e3: full - best", "dissociation"], diffs)}
+
+Across all (condition, strategy) cells, Spearman rho of the means: FID with Delta_refine \
+{links['fid_vs_delta_refine']:+.2f}, with amplification {links['fid_vs_amp']:+.2f}; KID with Delta_refine \
+{links['kid_vs_delta_refine']:+.2f}, with amplification {links['kid_vs_amp']:+.2f}.
+
+Verdicts:
+
+""" + "\n".join(f"- {name}: {c['verdict']}" for name, c in report["conditions"].items()) + "\n"
+
+
 def plot_study(report: dict, path: Path) -> None:
-    """Quality against stability: NLL vs Delta_refine and W2 vs amplification, one colour per condition, one
-    marker per strategy, error bars the 95% interval across seeds."""
+    """Quality against stability: NLL vs Delta_refine and W2 vs amplification (images: FID vs both), one colour
+    per condition, one marker per strategy, error bars the 95% interval across seeds."""
+    images = report.get("kind") == "images"
+    pairs = (("delta_refine", "fid"), ("amp", "fid")) if images else (("delta_refine", "nll"), ("amp", "w2"))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     markers = "os^Dv<>pP*X"
     colours = plt.get_cmap("tab10")
     for ci, (name, c) in enumerate(report["conditions"].items()):
         for si, strat in enumerate(report["strategies"]):
             row = c["table"][strat]
-            for ax, (x, y) in zip(axes, (("delta_refine", "nll"), ("amp", "w2"))):
+            for ax, (x, y) in zip(axes, pairs):
                 err = [[[row[k]["mean"] - row[k]["seeds"]["lo"]], [row[k]["seeds"]["hi"] - row[k]["mean"]]]
                        for k in (x, y)]
                 ax.errorbar(row[x]["mean"], row[y]["mean"], xerr=err[0], yerr=err[1], color=colours(ci % 10),
                             marker=markers[si % len(markers)], linestyle="none", capsize=2,
                             label=f"{name} {strat}")
-    for ax, (xl, yl) in zip(axes, (("Delta_refine (lower: more stable)", "NLL (lower: better)"),
-                                   ("amplification, median (lower: more stable)", "W2 to held-out data"))):
+    quality = ("FID to the test images", "FID to the test images") if images else \
+        ("NLL (lower: better)", "W2 to held-out data")
+    for ax, xl, yl in zip(axes, ("Delta_refine (lower: more stable)", "amplification, median (lower: more stable)"),
+                          quality):
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    axes[1].axhline(report["w2_floor"], color="grey", linestyle=":", label="W2 noise floor")
+    if images:
+        for ax, label in zip(axes, (None, "FID floor (training images)")):
+            ax.axhline(report["floor"]["fid"], color="grey", linestyle=":", label=label)
+    else:
+        axes[1].axhline(report["w2_floor"], color="grey", linestyle=":", label="W2 noise floor")
     handles, labels = axes[1].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=2)
     save_figure(fig, path)
