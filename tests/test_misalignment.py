@@ -27,7 +27,7 @@ from ddmkit.analysis.misalignment import (
 from ddmkit.analysis.trace import trace_strategy
 from ddmkit.data.synthetic import ring_mixture
 from ddmkit.errors import DDMError
-from ddmkit.pipeline.misalignment import cell_summary, condition_verdict
+from ddmkit.pipeline.misalignment_report import cell_summary, condition_verdict
 from ddmkit.routing import combine, parse_strategy
 from ddmkit.routing.strategies import RoutingState
 from ddmkit.truth import GaussianMixture

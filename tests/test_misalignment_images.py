@@ -18,7 +18,7 @@ from ddmkit.analysis.misalignment import bind_labels, image_condition, measure_i
 from ddmkit.ddm.model import DDM
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.fid import feature_extractor, fid_kid
-from ddmkit.pipeline.misalignment import fid_word, full_vs_best, image_verdict
+from ddmkit.pipeline.misalignment_report import fid_word, full_vs_best, image_verdict
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.sampling import draw_set
 from ddmkit.pipeline.samplesets import named_set
