@@ -4,7 +4,7 @@
 # finished cells are never redone, so a grid is spread over calls and sessions (bring each cell's
 # metrics.json back and keep it).
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages train      # carry .inc_whl .data .inc_a
-#   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages evaluate   # carry .inc_b (FID weights)
+#   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages evaluate   # carry .inc_b (FID weights), .inc_pot
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --seed 1            # trains and scores seed 1
 # The arguments go to `ddmkit sweep configs/fashion_mnist.toml --out $R`; the strategies scored are the
 # monolith, full, top-1 and top-2 (no guidance sweep, no statistics-only router). The sweep's report and
