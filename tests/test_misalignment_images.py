@@ -211,6 +211,7 @@ def test_a_tiny_image_study_from_the_command_line(tmp_path):
     (("--conditions", "overlap-0.25+exact"), ["--conditions", "accepted on images"]),
     (("--stability-rows", "0"), ["--stability-rows"]),
     (("--device", "cuda:99"), ["--device"]),
+    (("--n", "4", "--set", "evaluate.kid_subset=8"), ["--n 4", "evaluate.kid_subset"]),
 ])
 def test_exact_and_bad_options_on_images_exit_2_before_anything_is_written(tmp_path, args, words):
     out = tmp_path / "study"

@@ -143,6 +143,10 @@ def check_study(cfg: RunConfig, conditions: list[str], strategies: list[str], se
     if images:
         if stability_rows < 1:
             raise DDMError(f"--stability-rows must be >= 1 (got {stability_rows})")
+        if cfg.evaluate.kid_subset > n:
+            raise DDMError(f"--n {n}: KID draws evaluate.kid_subset = {cfg.evaluate.kid_subset} images of each "
+                           f"set; raise --n to {cfg.evaluate.kid_subset} or lower it with "
+                           f"--set evaluate.kid_subset={n}")
         return parsed
     if cfg.data.n_test < 2 * n:
         raise DDMError(f"--n {n}: the study scores n samples against n held-out rows and measures the noise floor "
