@@ -18,7 +18,8 @@ from ddmkit.data.partition import feature_map, load_partition
 from ddmkit.ddm import DDM, load_ddm, start_noise
 from ddmkit.ddm.load import monolith_field
 from ddmkit.errors import DDMError
-from ddmkit.pipeline.analyze import analysis_device, analyze_run
+from ddmkit.pipeline.analyze import analyze_run
+from ddmkit.pipeline.checks import checked_device
 from ddmkit.pipeline.prepare import prepare_run_dir, run_config
 from ddmkit.pipeline.stages import stage_data, stage_experts, stage_monolith, stage_partition, stage_router
 from ddmkit.truth import GaussianMixture
@@ -78,12 +79,12 @@ def test_the_reference_of_an_exact_velocity_field_is_the_exact_posterior_mean():
 
 
 def test_the_device_option_is_checked_and_resolved():
-    assert analysis_device("cpu") == torch.device("cpu")
-    assert analysis_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert checked_device("cpu") == torch.device("cpu")
+    assert checked_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(DDMError, match=r"--device: 'tpu' is not a device; accepted: auto, cpu, cuda, cuda:N or mps"):
-        analysis_device("tpu")
+        checked_device("tpu")
     with pytest.raises(DDMError, match=r"--device: 'cuda:99' \(the run's expert.train.device\), but this machine"):
-        analysis_device("cuda:99", from_run=True)
+        checked_device("cuda:99", from_run=True)
 
 
 def separable_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

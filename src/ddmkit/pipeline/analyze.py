@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,7 +30,7 @@ from ddmkit.analysis.quality import across_strategies, paired_difference, per_sa
 from ddmkit.analysis.report import plot_disagreement, plot_expert_error, plot_lipschitz, plot_quality_scatter, render
 from ddmkit.analysis.stability import amplification, data_scale, local_lipschitz, refinement_gap
 from ddmkit.analysis.trace import trace_strategy
-from ddmkit.config import DEVICE, MONOLITH
+from ddmkit.config import MONOLITH
 from ddmkit.data.partition import feature_map, load_partition
 from ddmkit.ddm import DDM, exact_ddm, load_ddm, start_noise
 from ddmkit.ddm.load import monolith_field
@@ -39,11 +38,11 @@ from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
 from ddmkit.io import write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
+from ddmkit.pipeline.checks import checked_device
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.routing import parse_strategy
 from ddmkit.routing.strategies import Threshold, TopK
-from ddmkit.train.loop import resolve_device
 
 BANDS = [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)]
 REFERENCE_NAMES = {"exact": "exact posterior mean", "monolith": "the monolith's estimate"}
@@ -69,21 +68,6 @@ def check_strategies(names: Sequence[str]) -> dict:
     if not out:
         raise DDMError("--strategy: give at least one routing strategy, e.g. top-2")
     return out
-
-
-def analysis_device(name, from_run: bool = False) -> torch.device:
-    """The device named by --device (from_run: by the run's expert.train.device): auto, cpu, cuda, cuda:N
-    or mps, resolved as training resolves it (auto: cuda when there is one) and present on this machine."""
-    name, whose = str(name), " (the run's expert.train.device)" if from_run else ""
-    if not re.fullmatch(DEVICE, name):
-        raise DDMError(f"--device: {name!r}{whose} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
-    device = resolve_device(name)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= gpus:
-        raise DDMError(f"--device: {name!r}{whose}, but this machine has {gpus} CUDA device(s); pass --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DDMError(f"--device: {name!r}{whose}, but MPS is not available on this machine; pass --device cpu")
-    return device
 
 
 def x0_reference(run: Path, truth, device: torch.device) -> tuple[Reference | None, dict | None]:
@@ -233,7 +217,7 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     if n < 2 or jvp_rows < 1 or max_steps < 1:
         raise DDMError("--n must be >= 2, --jvp-rows >= 1 and --max-steps >= 1")
     cfg = run_config(run)
-    device = analysis_device(device) if device is not None else analysis_device(cfg.expert.train.device, True)
+    device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     names = list(strategies) if strategies else default_strategies(cfg)
     strats = check_strategies(names)
     out = Path(out) if out is not None else run / "analysis"

@@ -3,6 +3,7 @@ fails at the data and partition stage, with a fix that works, not after its netw
 
     check_run_plan(cfg, n_train, n_test, data_shape, has_truth)   sizes, splits and sample counts
     check_clusters(cfg, counts, data_shape, orphans)  -> warnings  the partition's clusters
+    checked_device(name)                          -> torch.device  a --device value, present here
 
 What the later stages need (each need is where that stage would fail or would not honour a setting):
 
@@ -20,10 +21,15 @@ What the later stages need (each need is where that stage would fail or would no
 """
 from __future__ import annotations
 
-from ddmkit.config import RunConfig
+import re
+
+import torch
+
+from ddmkit.config import DEVICE, RunConfig
 from ddmkit.data.images import is_image_shape
 from ddmkit.errors import DDMError
 from ddmkit.pipeline.samplesets import planned_sets
+from ddmkit.train.loop import resolve_device
 
 MORE_TEST_ROWS = ("data.n_test; data.params.test_fraction for a file, image folder or image array; "
                   "data.params.test_path for a .npy/.npz file")
@@ -126,3 +132,18 @@ def check_clusters(cfg: RunConfig, counts: list[int], data_shape: tuple, orphans
                 f"{min(counts)}): their experts draw every batch with repeated rows; lower expert.train.batch_size or "
                 "partition.k if that is not what you want"]
     return []
+
+
+def checked_device(name, from_run: bool = False) -> torch.device:
+    """The device named by --device (from_run: by the run's expert.train.device): auto, cpu, cuda, cuda:N
+    or mps, resolved as training resolves it (auto: cuda when there is one) and present on this machine."""
+    name, whose = str(name), " (the run's expert.train.device)" if from_run else ""
+    if not re.fullmatch(DEVICE, name):
+        raise DDMError(f"--device: {name!r}{whose} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
+    device = resolve_device(name)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise DDMError(f"--device: {name!r}{whose}, but this machine has {gpus} CUDA device(s); pass --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DDMError(f"--device: {name!r}{whose}, but MPS is not available on this machine; pass --device cpu")
+    return device

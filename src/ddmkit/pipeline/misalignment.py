@@ -78,8 +78,7 @@ from ddmkit.io import (
     write_json,
 )
 from ddmkit.layout import RunFolder, safe_name
-from ddmkit.pipeline.analyze import analysis_device
-from ddmkit.pipeline.checks import check_run_plan
+from ddmkit.pipeline.checks import check_run_plan, checked_device
 from ddmkit.pipeline.prepare import prepare_run_dir
 from ddmkit.pipeline.run import run_pipeline
 from ddmkit.pipeline.sampling import sample_labels
@@ -374,7 +373,7 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     names = split_names(conditions, IMAGE_CONDITIONS if images else DEFAULT_CONDITIONS)
     strategies, seeds = split_names(strategies, DEFAULT_STRATEGIES), list(seeds)
     parsed = check_study(cfg, names, strategies, seeds, n, n_boot, w2_boot, stability_rows)
-    device = analysis_device(device) if device is not None else analysis_device(cfg.expert.train.device, True)
+    device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     out = Path(out)
     settings = study_settings(cfg, images, strategies, n, n_boot, w2_boot, jvp_rows, max_steps, stability_rows)
     scoring: dict = {}  # images: the FID / KID scorer and the floor, made once from the first trained run
