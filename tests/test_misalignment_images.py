@@ -6,6 +6,7 @@ is refused before anything is written)."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,13 @@ def test_a_tiny_image_study_from_the_command_line(tmp_path):
             assert m["run"] == str(out / "runs" / f"disjoint_s{seed}")
     again_report = json.loads((out / "study.json").read_text())
     assert again_report["condition_names"] == ["tempered-3", "uniform-0.5+permuted-0.5"]
+
+    # measurements brought back from another machine: the report needs no run folder (the floor is kept)
+    shutil.rmtree(out / "runs")
+    kept = cli(*base, "--conditions", "disjoint,random")
+    assert kept.returncode == 0, kept.stderr
+    assert not (out / "runs").exists()
+    assert json.loads((out / "study.json").read_text())["floor"] == report["floor"]
 
 
 @pytest.mark.parametrize("args, words", [

@@ -404,6 +404,7 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
                         if not scoring:
                             scoring.update(zip(("score", "floor"), image_scorer(cfg, folder, n, device)))
                         cell = measure_image_cell(cond, folder, seed, settings, scoring["score"], log, device)
+                        cell["floor"] = scoring["floor"]  # the report needs no run folder when all is measured
                     else:
                         cell = measure_cell(cond, folder, seed, settings, log, device)
                     result = {"key": key, **cell, "device": str(device)}
@@ -416,7 +417,9 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     report = summarize(measures, parsed, strategies, seeds, images)
     report.update(settings=settings, config=cfg.model_dump(), version=__version__, device=str(device))
     if images:
-        report.update(kind="images", floor=scoring["floor"] if scoring else image_scorer(cfg, first, n, device)[1])
+        kept = [m["floor"] for ms in measures.values() for m in ms if "floor" in m]
+        floor = scoring["floor"] if scoring else kept[0] if kept else image_scorer(cfg, first, n, device)[1]
+        report.update(kind="images", floor=floor)
     else:
         test = load_split(first.root, "test")
         report["w2_floor"] = w2_exact(test.x[:n], test.x[n:2 * n])
