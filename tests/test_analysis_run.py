@@ -66,3 +66,27 @@ def test_cli_exits_2_with_a_message(trained, tmp_path):
     r = subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", "analyze", str(trained),
                         "--strategy", "bogus", "--out", str(tmp_path)], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "accepted forms" in r.stderr
+
+
+def test_each_strategy_is_kept_and_a_later_call_measures_only_the_new_ones(trained, tmp_path, monkeypatch):
+    import torch
+
+    import ddmkit.pipeline.analyze as analyze
+
+    out, quiet = tmp_path / "analysis", (lambda m: None)
+    first = analyze_run(trained, out=out, strategies=["top-1", "threshold-0.05"], log=quiet, **SMALL)
+    assert sorted(p.name for p in (out / "strategies").iterdir()) == [
+        "threshold-0.05.json", "threshold-0.05.safetensors", "top-1.json", "top-1.safetensors"]
+    measured, measure = [], analyze.analyze_strategy
+    monkeypatch.setattr(analyze, "analyze_strategy", lambda ddm, name, *a: measured.append(name) or measure(ddm, name, *a))
+    again = analyze_run(trained, out=out, strategies=["top-1", "threshold-0.05", "top-2"], log=quiet, **SMALL)
+    assert measured == ["top-2"]  # the others are read back, equal to what was measured
+    for name in ("top-1", "threshold-0.05"):
+        was, now = first["strategies"][name], again["strategies"][name]
+        assert json.dumps(now["summary"], sort_keys=True) == json.dumps(was["summary"], sort_keys=True)
+        assert json.dumps(now["link"], sort_keys=True) == json.dumps(was["link"], sort_keys=True) and now["lipschitz"] == was["lipschitz"]
+        assert all(torch.equal(now["per_sample"][k], was["per_sample"][k]) for k in was["per_sample"])
+    assert json.dumps(again["link"]["refine_vs_q"]) != "null"
+    measured.clear()
+    analyze_run(trained, out=out, strategies=["top-1"], log=quiet, **{**SMALL, "n": 60})  # other settings
+    assert measured == ["top-1"]

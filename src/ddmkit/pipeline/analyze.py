@@ -9,6 +9,10 @@ held-out data at a grid of t, routed vs not routed per strategy and, independent
 its own cluster vs the others. Writes OUT/analysis.md, analysis.json and plots/ (OUT = RUN/analysis),
 holding the run's lock (a second writer on the run folder is refused).
 
+Each strategy's result is kept as soon as it is measured (OUT/strategies/NAME.json and .safetensors,
+keyed by the run's weights, the settings and the reference), so an analysis that is stopped resumes
+with the next strategy, and a later call with other strategies measures only the new ones.
+
 Everything runs on one device (`device`, default the run's expert.train.device): the networks, the
 noise, the held-out rows, the generators, the Jacobian probes and the partition's centroids; the
 results come back to the CPU for the statistics and the report.
@@ -30,14 +34,15 @@ from ddmkit.analysis.quality import across_strategies, paired_difference, per_sa
 from ddmkit.analysis.report import plot_disagreement, plot_expert_error, plot_lipschitz, plot_quality_scatter, render
 from ddmkit.analysis.stability import amplification, data_scale, local_lipschitz, refinement_gap
 from ddmkit.analysis.trace import trace_strategy
-from ddmkit.config import MONOLITH
+from ddmkit.config import MONOLITH, json_digest
+from ddmkit.conventions import __version__
 from ddmkit.data.partition import feature_map, load_partition
 from ddmkit.ddm import DDM, exact_ddm, load_ddm, start_noise
 from ddmkit.ddm.load import monolith_field
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
-from ddmkit.io import write_bytes_atomic, write_json
-from ddmkit.layout import RunFolder
+from ddmkit.io import load_tensors, read_json, save_tensors, sha256_file, write_bytes_atomic, write_json
+from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.checks import checked_device
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.stages import load_split, run_lock
@@ -137,6 +142,37 @@ def analyze_strategy(ddm, name: str, x1, steps: int, solver: str, seed: int, ctx
         "per_sample": per_sample,
         "wall_time": time.perf_counter() - start,
     }
+
+
+def strategy_key(run: Path, name: str, settings: dict, reference_info: dict | None) -> str:
+    """What one strategy's result depends on: the run's weights (its registry), the strategy, the settings
+    (not the list of other strategies, nor the device: it changes rounding only) and the x0 reference."""
+    registry = RunFolder(run).registry
+    same = {k: v for k, v in settings.items() if k not in ("strategies", "device")}
+    return json_digest({"weights": sha256_file(registry) if registry.exists() else None, "strategy": name,
+                        "settings": same, "reference": reference_info, "version": __version__})
+
+
+def strategy_files(out: Path, name: str) -> tuple[Path, Path]:
+    """OUT/strategies/NAME.json and NAME.safetensors (NAME: the strategy with '@' and the like as '_')."""
+    stem = out / "strategies" / safe_name(name)
+    return stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.safetensors"
+
+
+def kept_strategy(out: Path, name: str, key: str) -> dict | None:
+    """The result analyze_strategy returned for this key, if OUT/strategies holds it."""
+    meta, tensors = strategy_files(out, name)
+    if not meta.exists() or not tensors.exists() or read_json(meta).get("key") != key:
+        return None
+    return {**read_json(meta)["result"], "per_sample": load_tensors(tensors)}
+
+
+def keep_strategy(out: Path, name: str, key: str, result: dict) -> None:
+    """Write one strategy's result (the tensors first: the JSON, written last, marks it complete)."""
+    meta, tensors = strategy_files(out, name)
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(tensors, {k: v.contiguous() for k, v in result["per_sample"].items()})
+    write_json(meta, {"key": key, "result": {k: v for k, v in result.items() if k != "per_sample"}})
 
 
 def compare_to_fixed(per: dict, n_boot: int, seed: int) -> dict:
@@ -241,7 +277,13 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
            "centroids": ptensors["centroids"], "reference": test.x[:max(n, 2000)], "n_w2": min(n, 1000)}
     per = {}
     for name in names:
+        key = strategy_key(run, name, settings, reference_info)
+        per[name] = kept_strategy(out, name, key)
+        if per[name] is not None:
+            log(f"analyze {name}: kept from an earlier call ({out / 'strategies'})")
+            continue
         per[name] = analyze_strategy(ddm, name, x1, s.steps, s.solver, seed, ctx, settings)
+        keep_strategy(out, name, key, per[name])
         log(f"analyze {name}: {per[name]['wall_time']:.1f}s, q {per[name]['summary']['q']:.4g}, "
             f"Delta_refine {per[name]['summary']['delta_refine']:.4g}")
     exact = None
