@@ -75,3 +75,18 @@ def test_trace_reproduces_sample_ddm_including_random_strategies():
         assert torch.equal(tr.x0, x0), strategy
         assert tr.expert_calls_per_sample == info["expert_calls_per_sample"]
         assert tr.x.shape == (6, 50, 2) and tr.w.shape == (6, 50, 3)
+
+
+def test_lipschitz_of_several_steps_in_one_call_equals_one_step_at_a_time():
+    """Each row keeps its own t, probes and frozen routing when steps share a network call."""
+    ddm = DDM([lambda x, t, s=s: torch.tanh(s * x) * (1 + 3 * t[:, None]) - x * t[:, None] ** 2
+               for s in (0.5, 2.0, -1.0)],
+              lambda x, t: torch.softmax(torch.stack([x[:, 0] * (1 + t), x[:, 1], -x[:, 0] * t], 1), 1),
+              torch.tensor([0.2, 0.3, 0.5]), (2,))
+    for strategy in ("top-1", "full"):
+        tr = trace_strategy(ddm, strategy, start_noise(24, (2,), 5), steps=8)
+        one = local_lipschitz(ddm, tr, torch.arange(12), max_steps=6, batch_rows=1)  # a call per step
+        many = local_lipschitz(ddm, tr, torch.arange(12), max_steps=6, batch_rows=48)  # 4 steps per call
+        assert one["t"] == many["t"] and len(set(one["top"])) == 6
+        for key in ("top", "rand", "fd"):
+            assert torch.allclose(torch.tensor(many[key]), torch.tensor(one[key]), rtol=1e-5), (strategy, key)
