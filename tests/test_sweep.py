@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ddmkit.config import load_config
-from ddmkit.pipeline.sweep import cell_config, cells, interval, monolith_k, reach
+from ddmkit.pipeline.sweep import cell_config, cells, interval, monolith_k, ratio_text, reach
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.toml"
@@ -52,6 +52,9 @@ def test_intervals_and_the_compute_to_reach_a_target():
     assert reach(series, 4.0, 1.0) == 0.25
     assert reach(series, 3.0, 1.0) == pytest.approx(math.sqrt(0.25 * 0.5))  # half way in log compute
     assert reach(series, 0.5, 1.0) is None
+    grid = {"budgets": [0.25, 0.5, 1.0]}
+    assert ratio_text(0.25, grid) == "<= 0.25x (already at the smallest budget)"  # an upper bound only
+    assert ratio_text(0.354, grid) == "0.354x" and ratio_text(None, grid) == "never"
 
 
 def test_a_tiny_sweep_from_the_command_line(tmp_path):
@@ -98,3 +101,23 @@ def test_a_sweep_trained_now_and_scored_later(tmp_path):
     assert json.loads((out / "sweep.json").read_text())["table"]["monolith"]["0.5"]["n"] == 1
     bad = cli(*grid, "--stages", "sample")
     assert bad.returncode == 2 and "--stages" in bad.stderr
+
+
+def test_the_report_from_cells_scored_elsewhere(tmp_path):
+    """--stages report: only the cells' metrics.json, brought back from the machines that scored them."""
+    out, elsewhere = tmp_path / "sweep", tmp_path / "brought_back"
+    grid = ("--k", "2", "--budget", "0.5", "--budget", "1")
+    assert cli("sweep", TINY, "--out", out, *grid).returncode == 0
+    early = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "report")
+    assert early.returncode == 2 and "k2_b0.5_s0, k2_b1_s0" in early.stderr and not elsewhere.exists()
+    for cell in ("k2_b0.5_s0", "k2_b1_s0"):
+        (elsewhere / cell).mkdir(parents=True)
+        (elsewhere / cell / "metrics.json").write_bytes((out / cell / "metrics.json").read_bytes())
+    done = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "report")
+    assert done.returncode == 0, done.stderr
+    want, got = (json.loads((d / "sweep.json").read_text()) for d in (out, elsewhere))
+    assert got["table"] == want["table"] and got["compute_ratio"] == want["compute_ratio"]
+    assert (elsewhere / "sweep.md").read_text() == (out / "sweep.md").read_text()
+    assert sorted(p.name for p in (elsewhere / "k2_b1_s0").iterdir()) == ["metrics.json"]  # nothing trained
+    other = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "report", "--set", "sample.steps=7")
+    assert other.returncode == 2 and "another config" in other.stderr and "k2_b0.5_s0" in other.stderr

@@ -332,7 +332,8 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
           all_seeds: bool = typer.Option(False, help="every seed at every budget"),
           force: bool = typer.Option(False, help="replace cell folders that hold different runs"),
           stages: str = typer.Option("all", help="train (every cell, no report), evaluate (score cells trained "
-                                     "before, write the report) or all"),
+                                     "before, write the report), all, or report (only the report, from every "
+                                     "cell's metrics.json: cells scored on other machines)"),
           backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
           workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU core without GPUs)"),
           device: Optional[str] = DEVICE,
@@ -341,7 +342,7 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
     seeds, one run folder per cell (resumable), and OUT/sweep.md with a table, a plot and the compute at
     which the best DDM reaches the monolith's final quality."""
     from ddmkit.launch import check_backend
-    from ddmkit.pipeline.sweep import sweep as run_sweep
+    from ddmkit.pipeline.sweep import ratio_text, sweep as run_sweep
 
     check_backend(backend)
     report = run_sweep(_config(config, None, set_, device), out, list(k), list(budget), list(seed), all_seeds, force, log, backend,
@@ -349,8 +350,8 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
     if report is None:
         return
     for kk, ratio in report["compute_ratio"].items():
-        log(f"K={kk}: best {report['best'][kk]} reaches the monolith's final {report['metric']} at "
-            + ("no budget of the grid" if ratio is None else f"{ratio:.3g}x its compute"))
+        log(f"K={kk}: compute at which its best, {report['best'][kk]}, reaches the monolith's final "
+            f"{report['metric']}: {ratio_text(ratio, report)}")
 
 
 @app.command()

@@ -20,6 +20,7 @@ reaches the monolith's quality at the largest budget.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -32,12 +33,13 @@ from scipy import stats
 from ddmkit.config import MONOLITH, RunConfig, validate
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
-from ddmkit.io import write_bytes_atomic, write_json
+from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
 from ddmkit.tables import markdown_table
 
 Log = Callable[[str], None]
+SWEEP_STAGES = (*STAGES, "report")  # report: from the cells' metrics.json alone (cells scored elsewhere)
 
 
 def monolith_k(cfg: RunConfig, ks: list[int]) -> int:
@@ -116,18 +118,56 @@ def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[
         raise DDMError(f"sweep: --k {max(ks)} is larger than data.n_train ({cfg.data.n_train}); lower --k")
 
 
+def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int) -> list[dict]:
+    """The results of cells scored before, read from OUT/CELL/metrics.json alone (e.g. cells scored on other
+    machines, their metrics.json brought back): every cell of the grid must have one, made with its config."""
+    results, missing, other = [], [], []
+    for k, b, s in todo:
+        folder = RunFolder(cell_dir(out, k, b, s))
+        if not folder.metrics.exists():
+            missing.append(folder.root.name)
+            continue
+        metrics = read_json(folder.metrics)
+        if metrics.get("config") != json.loads(json.dumps(cell_config(cfg, k, b, s, k == mono_k).model_dump())):
+            other.append(folder.root.name)
+            continue
+        results.append({"k": k, "budget": b, "seed": s, "rows": metrics["rows"]})
+    if missing:
+        raise DDMError(f"--stages report: cells {', '.join(missing)} have no {out}/CELL/metrics.json; score them "
+                       "with --stages evaluate (or all), or copy each cell's metrics.json there")
+    if other:
+        raise DDMError(f"--stages report: the metrics.json of cells {', '.join(other)} in {out} were made with "
+                       "another config; give the config and the --set options they were made with")
+    return results
+
+
+def write_report(results: list[dict], out: Path, ks: list[int], budgets: list[float], strategies: list[str],
+                 log: Log) -> dict:
+    """OUT/sweep.json, sweep.md and plots/sweep.png from the cells' results; returns the report's data."""
+    report = summarize(results, ks, budgets, strategies)
+    write_json(out / "sweep.json", report)
+    plot_sweep(report, out / "plots" / "sweep.png")
+    write_bytes_atomic(out / "sweep.md", render(report).encode())
+    log(f"sweep report: {out / 'sweep.md'}")
+    return report
+
+
 def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], seeds: list[int],
           all_seeds: bool = False, force: bool = False, log: Log = print, backend: str = "inline",
           workers: int | None = None, stages: str = "all") -> dict | None:
     """Run every cell (skipping what is done) and write the report; returns the report's data.
     stages = "train" trains every cell and writes no report (None); "evaluate" scores cells trained
-    before (a GPU session can train the grid and a later one score it)."""
+    before (a GPU session can train the grid and a later one score it); "report" trains and scores
+    nothing: the report from every cell's metrics.json (cells scored on several machines)."""
     check_grid(cfg, ks, budgets, seeds)
-    if stages not in STAGES:
-        raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STAGES)}")
+    if stages not in SWEEP_STAGES:
+        raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(SWEEP_STAGES)}")
     out = Path(out)
     todo = cells(ks, budgets, seeds, all_seeds)
     mono_k = monolith_k(cfg, ks)
+    strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
+    if stages == "report":
+        return write_report(scored_cells(cfg, out, todo, mono_k), out, ks, budgets, strategies, log)
     if stages == "evaluate":
         untrained = [cell_dir(out, k, b, s).name for k, b, s in todo
                      if untrained_parts(cell_config(cfg, k, b, s, k == mono_k), cell_dir(out, k, b, s))]
@@ -135,7 +175,6 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
     out.mkdir(parents=True, exist_ok=True)
-    strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
     first: RunFolder | None = None  # the cell whose data (and image reference features) the others share
     partitions: dict[int, RunFolder] = {}  # K -> the cell whose partition the others of that K share
     results = []
@@ -153,12 +192,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     if stages == "train":
         log(f"sweep: {len(todo)} cells trained; the same command with --stages evaluate (or all) scores them")
         return None
-    report = summarize(results, ks, budgets, strategies)
-    write_json(out / "sweep.json", report)
-    plot_sweep(report, out / "plots" / "sweep.png")
-    write_bytes_atomic(out / "sweep.md", render(report).encode())
-    log(f"sweep report: {out / 'sweep.md'}")
-    return report
+    return write_report(results, out, ks, budgets, strategies, log)
 
 
 def metric_of(row: dict) -> tuple[str, float]:
@@ -191,7 +225,8 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
             else:
                 continue
             series.setdefault(key, {}).setdefault(r["budget"], []).append(metric_of(row)[1])
-    table = {key: {b: interval(v) for b, v in sorted(per.items())} for key, per in series.items()}
+    order = [MONOLITH] + [f"K={k} {name}" for k in ks for name in strategies]  # the same order from any source
+    table = {key: {b: interval(v) for b, v in sorted(series[key].items())} for key in order if key in series}
     best = {}
     for k in ks:
         rows = {key: per for key, per in table.items() if key.startswith(f"K={k} ")}
@@ -220,6 +255,15 @@ def reach(per_budget: dict[float, dict], target: float, largest: float) -> float
     return None
 
 
+def ratio_text(ratio: float | None, report: dict) -> str:
+    """A compute ratio in words: "never" when no budget reaches the target; "<= r x" when the smallest
+    budget of the grid already reaches it (the ratio is then an upper bound)."""
+    if ratio is None:
+        return "never"
+    smallest = min(report["budgets"]) / max(report["budgets"])
+    return f"<= {ratio:.3g}x (already at the smallest budget)" if ratio == smallest else f"{ratio:.3g}x"
+
+
 def render(report: dict) -> str:
     budgets = [f"{b:g}" for b in report["budgets"]]
 
@@ -229,7 +273,7 @@ def render(report: dict) -> str:
         return f"{p['mean']:.4g}" if p["n"] < 2 else f"{p['mean']:.4g} [{p['lo']:.4g}, {p['hi']:.4g}] (n={p['n']})"
 
     rows = [[key] + [cell(per.get(b)) for b in budgets] for key, per in report["table"].items()]
-    ratios = [[f"K={k}", report["best"][k], "never" if r is None else f"{r:.3g}x"]
+    ratios = [[f"K={k}", report["best"][k], ratio_text(r, report)]
               for k, r in report["compute_ratio"].items()]
     return f"""# ddmkit sweep: quality against training compute
 
