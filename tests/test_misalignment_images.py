@@ -226,3 +226,26 @@ def test_exact_and_bad_options_on_images_exit_2_before_anything_is_written(tmp_p
     done = cli("study", "misalignment", image_config(tmp_path), "--out", out, *args)
     assert done.returncode == 2 and all(w in done.stderr for w in words), done.stderr
     assert not out.exists()
+
+
+def test_train_now_measure_later_and_a_missing_scorer_is_found_before_training(tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    base = ("study", "misalignment", image_config(tmp_path), "--out", out, "--seeds", "1", "--strategy", "top-1",
+            "--n", "16", "--n-boot", "10", "--stability-rows", "8", "--device", "cpu",
+            "--conditions", "disjoint,tempered-3")
+    monkeypatch.setenv("DDMKIT_FID_WEIGHTS", str(tmp_path / "absent.pt"))
+    no_scorer = cli(*base, "--set", 'evaluate.fid_features="inception"')
+    assert no_scorer.returncode == 2 and "absent.pt" in no_scorer.stderr and not out.exists()
+    bad = cli(*base, "--stages", "measure")
+    assert bad.returncode == 2 and "--stages" in bad.stderr and not out.exists()
+
+    trained = cli(*base, "--stages", "train")
+    assert trained.returncode == 0, trained.stderr
+    weights = out / "runs" / "disjoint_s0" / "experts" / "expert_01" / "model.safetensors"
+    assert weights.exists() and not (out / "measure").exists() and not (out / "report.md").exists()
+    before = weights.stat().st_mtime_ns
+    measured = cli(*base)
+    assert measured.returncode == 0, measured.stderr
+    assert weights.stat().st_mtime_ns == before  # measured, nothing trained again
+    assert sorted(p.name for p in (out / "measure").iterdir()) == ["disjoint_s0.json", "tempered-3_s0.json"]
+    assert (out / "report.md").exists()

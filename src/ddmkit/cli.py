@@ -633,6 +633,8 @@ def study_misalignment_cmd(
                                              "mps or auto (default: the config's expert.train.device; training "
                                              "runs where the config says)"),
         force: bool = typer.Option(False, help="train again run folders that hold another config"),
+        stages: str = typer.Option("all", help="all (train what is missing, measure, report) or train (train "
+                                   "every run the conditions need; measure nothing, e.g. without the FID weights)"),
         set_: Optional[List[str]] = SET):
     """Expert-data misalignment conditions x routing strategies x training seeds: stability (L_eff,
     amplification, Delta_refine) against quality (W2, NLL; images: FID, KID) with intervals; writes
@@ -643,7 +645,9 @@ def study_misalignment_cmd(
         raise DDMError(f"--seeds {seeds}: give the number of training seeds, at least 1 (e.g. --seeds 3)")
     report = study_misalignment(_config(config, None, set_), out, list(range(seeds)), conditions, strategy, n=n,
                                 n_boot=n_boot, w2_boot=w2_boot, force=force, log=log, device=device,
-                                stability_rows=stability_rows)
+                                stability_rows=stability_rows, stages=stages)
+    if report is None:
+        return
     for name, c in report["conditions"].items():
         log(f"{name}: {c['verdict']}")
 

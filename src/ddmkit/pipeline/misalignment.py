@@ -100,6 +100,7 @@ DEFAULT_CONDITIONS = ("disjoint", "overlap-0.25", "undertrained-0.1", "random", 
 DEFAULT_STRATEGIES = ("full", "top-1", "top-2", "sample-2")
 IMAGE_CONDITIONS = tuple(c for c in DEFAULT_CONDITIONS if "exact" not in c)
 T_GRID = [0.05 + 0.1 * i for i in range(10)]
+STUDY_STAGES = ("all", "train")
 
 
 # ----- the plan -----------------------------------------------------------------------------------------------------
@@ -365,15 +366,22 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
                        conditions: Sequence[str] | None = None, strategies: Sequence[str] | None = None,
                        n: int = 1000, n_boot: int = 200, w2_boot: int = 50, jvp_rows: int = 64, max_steps: int = 10,
                        force: bool = False, log: Log = print, threads: int | None = 1,
-                       device: str | torch.device | None = None, stability_rows: int = 256) -> dict:
+                       device: str | torch.device | None = None, stability_rows: int = 256,
+                       stages: str = "all") -> dict | None:
     """Train what is missing, measure what is missing, write DIR/report.md, study.json and the plot.
     device: where the measurements run (auto, cpu, cuda, cuda:N, mps; default: the config's
-    expert.train.device); stability_rows: images only, the trajectories amplification and Delta_refine use."""
+    expert.train.device); stability_rows: images only, the trajectories amplification and Delta_refine use;
+    stages = "train": train every run the conditions need, measure nothing and write no report (None), e.g.
+    on a machine without the FID weights; the same call with "all" later measures and reports."""
     images = is_image_study(cfg)
+    if stages not in STUDY_STAGES:
+        raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STUDY_STAGES)}")
     names = split_names(conditions, IMAGE_CONDITIONS if images else DEFAULT_CONDITIONS)
     strategies, seeds = split_names(strategies, DEFAULT_STRATEGIES), list(seeds)
     parsed = check_study(cfg, names, strategies, seeds, n, n_boot, w2_boot, stability_rows)
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
+    if images and stages == "all":
+        feature_extractor(cfg.evaluate.fid_features, device)  # the scorer works, before anything is trained
     out = Path(out)
     settings = study_settings(cfg, images, strategies, n, n_boot, w2_boot, jvp_rows, max_steps, stability_rows)
     scoring: dict = {}  # images: the FID / KID scorer and the floor, made once from the first trained run
@@ -396,6 +404,8 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
                     prepare_cell(cell_cfg, cond, folder, force, log)
                     if cond.trained:
                         run_pipeline(cell_cfg, folder.root, False, log, stages="train")
+                if stages == "train":
+                    continue
                 check_condition(cond, folder)
                 if threads:
                     torch.set_num_threads(threads)
@@ -413,6 +423,10 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
                 measures[name].append(result)
     finally:
         torch.set_num_threads(before)
+    if stages == "train":
+        log(f"misalignment study: every run trained in {out / 'runs'}; the same command with --stages all "
+            "measures and reports")
+        return None
     first = RunFolder(run_dir(out, next(iter(parsed.values())), seeds[0]))
     report = summarize(measures, parsed, strategies, seeds, images)
     report.update(settings=settings, config=cfg.model_dump(), version=__version__, device=str(device))
