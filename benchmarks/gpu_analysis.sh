@@ -4,9 +4,11 @@
 #   bash benchmarks/gpu_analysis.sh analyze RUN          # carry .inc_pot; RUN: a trained run, e.g. a cell of
 #        `ddmkit analyze RUN --device cuda`                # benchmarks/gpu_sweep.sh (runs/sweep/k8_b1_s2)
 #        (strategies full, top-1, top-2, sample-2, oracle; the monolith's x0 as the independent reference)
-#   bash benchmarks/gpu_analysis.sh misalignment SEEDS   # carry .inc_whl .data and the FID weights' parts
+#   STAGES=train bash benchmarks/gpu_analysis.sh misalignment SEEDS   # carry .inc_whl .data .inc_a
+#   bash benchmarks/gpu_analysis.sh misalignment SEEDS                # a later call: carry .inc_b (weights)
 #        `ddmkit study misalignment configs/fashion_mnist.toml --seeds SEEDS --n ${N:-2000}` with the conditions
 #        disjoint, tempered-3 and permuted-0.5 (one trained run per seed) and the strategies full, top-1, top-2
+#        (STAGES=train: train the runs only, the call without FID weights)
 # Measurements kept from earlier calls or sessions (docs/results/misalignment_fashion_mnist/measure/*.json,
 # copied to $R/measure) are not measured again, so the seeds can be spread over sessions; what is new comes
 # back in $OUT. EXTRA="--set ..." is added (a dry run on a CPU).
@@ -26,7 +28,7 @@ elif [ "$1" = misalignment ]; then
   [ -f /root/inc/inc.part01 ] && [ ! -f /root/inc/default_1.pt ] && join_fid_weights
   timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" study misalignment configs/fashion_mnist.toml --out $R \
     --seeds ${2:-1} --n ${N:-2000} --conditions disjoint,tempered-3,permuted-0.5 \
-    --strategy full --strategy top-1 --strategy top-2 --device $DEVICE "${EXTRA[@]}" 2>&1 \
+    --strategy full --strategy top-1 --strategy top-2 --device $DEVICE --stages ${STAGES:-all} "${EXTRA[@]}" 2>&1 \
     | grep -v '^\s*$' | tail -n 40 | tee "$OUT/misalignment.log"
   mkdir -p "$OUT/misalignment" && cp -r $R/measure $R/report.md $R/study.json $R/plots "$OUT/misalignment/" 2>/dev/null
 else
