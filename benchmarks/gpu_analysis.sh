@@ -20,7 +20,8 @@ if [ "$1" = analyze ]; then
   timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" analyze $RUN --device $DEVICE --n ${N:-1000} \
     --strategy full --strategy top-1 --strategy top-2 --strategy sample-2 --strategy oracle 2>&1 \
     | grep -v '^\s*$' | tail -n 30 | tee "$OUT/analyze.log"
-  cp -r $RUN/analysis "$OUT/" 2>/dev/null
+  mkdir -p "$OUT/analysis" && cp $RUN/analysis/analysis.md $RUN/analysis/analysis.json "$OUT/analysis/" 2>/dev/null
+  # (a call brings back a limited number of files: the per-strategy files and plots stay on the machine)
 elif [ "$1" = misalignment ]; then
   R=${R:-runs/misalignment}
   KEPT=docs/results/misalignment_fashion_mnist/measure
@@ -30,7 +31,7 @@ elif [ "$1" = misalignment ]; then
     --seeds ${2:-1} --n ${N:-2000} --conditions disjoint,tempered-3,permuted-0.5 \
     --strategy full --strategy top-1 --strategy top-2 --device $DEVICE --stages ${STAGES:-all} "${EXTRA[@]}" 2>&1 \
     | grep -v '^\s*$' | tail -n 40 | tee "$OUT/misalignment.log"
-  mkdir -p "$OUT/misalignment" && cp -r $R/measure $R/report.md $R/study.json $R/plots "$OUT/misalignment/" 2>/dev/null
+  mkdir -p "$OUT/misalignment" && cp -r $R/measure $R/report.md $R/study.json "$OUT/misalignment/" 2>/dev/null
 else
   echo "usage: bash benchmarks/gpu_analysis.sh analyze RUN | misalignment SEEDS"; exit 2
 fi
