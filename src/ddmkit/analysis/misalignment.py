@@ -72,8 +72,7 @@ NEIGHBOURS = 2  # overlap-S: the clusters whose rows a shard shares
 
 CONDITION_FORMS = ("disjoint, overlap-S (0 < S <= 1), undertrained-F (0 < F <= 1), random; modifiers +exact, "
                    "+tempered-T (T > 0), +uniform-A and +permuted-A (0 <= A <= 1), e.g. overlap-0.25+tempered-3")
-IMAGE_CONDITION_FORMS = ("disjoint, overlap-S (0 < S <= 1), undertrained-F (0 < F <= 1), random; modifiers "
-                         "+tempered-T (T > 0), +uniform-A and +permuted-A (0 <= A <= 1), e.g. disjoint+tempered-3")
+IMAGE_CONDITION_FORMS = CONDITION_FORMS.replace("+exact, ", "")  # data without a truth: no exact experts
 
 
 # ----- conditions ---------------------------------------------------------------------------------------------------

@@ -290,11 +290,10 @@ def measure_cell(cond: Condition, folder: RunFolder, seed: int, settings: dict, 
     return {"condition": cond.name, "seed": seed, "run": str(folder.root), "strategies": per, "mechanism": mechanism}
 
 
-def image_scorer(cfg: RunConfig, folder: RunFolder, n: int, device) -> tuple[Callable, dict]:
+def image_scorer(cfg: RunConfig, folder: RunFolder, n: int, extractor: Callable) -> tuple[Callable, dict]:
     """(score(images) -> {"fid", "kid", "kid_std"} against the run's test split, the floor: n training images
-    scored so), with the run's evaluate.fid_features and kid_subset: the functions the run's SetScorer uses
-    (ddmkit.pipeline.images.scorer_for), features computed on `device`; nothing is written into the run."""
-    extractor = feature_extractor(cfg.evaluate.fid_features, device)
+    scored so), with the features of `extractor` (the run's evaluate.fid_features) and its kid_subset: the
+    functions the run's SetScorer uses (ddmkit.pipeline.images.scorer_for); nothing is written into the run."""
     f_test = extractor(load_split(folder.root, "test").x)
     real = gaussian_stats(f_test)
 
@@ -380,8 +379,8 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     strategies, seeds = split_names(strategies, DEFAULT_STRATEGIES), list(seeds)
     parsed = check_study(cfg, names, strategies, seeds, n, n_boot, w2_boot, stability_rows)
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
-    if images and stages == "all":
-        feature_extractor(cfg.evaluate.fid_features, device)  # the scorer works, before anything is trained
+    # images: the scorer's features, made (so checked) before anything is trained
+    extractor = feature_extractor(cfg.evaluate.fid_features, device) if images and stages == "all" else None
     out = Path(out)
     settings = study_settings(cfg, images, strategies, n, n_boot, w2_boot, jvp_rows, max_steps, stability_rows)
     scoring: dict = {}  # images: the FID / KID scorer and the floor, made once from the first trained run
@@ -412,7 +411,7 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
                 with run_lock(folder.root):
                     if images:
                         if not scoring:
-                            scoring.update(zip(("score", "floor"), image_scorer(cfg, folder, n, device)))
+                            scoring.update(zip(("score", "floor"), image_scorer(cfg, folder, n, extractor)))
                         cell = measure_image_cell(cond, folder, seed, settings, scoring["score"], log, device)
                         cell["floor"] = scoring["floor"]  # the report needs no run folder when all is measured
                     else:
@@ -431,9 +430,8 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     report = summarize(measures, parsed, strategies, seeds, images)
     report.update(settings=settings, config=cfg.model_dump(), version=__version__, device=str(device))
     if images:
-        kept = [m["floor"] for ms in measures.values() for m in ms if "floor" in m]
-        floor = scoring["floor"] if scoring else kept[0] if kept else image_scorer(cfg, first, n, device)[1]
-        report.update(kind="images", floor=floor)
+        kept = [m["floor"] for ms in measures.values() for m in ms if "floor" in m]  # made now or brought back
+        report.update(kind="images", floor=kept[0] if kept else image_scorer(cfg, first, n, extractor)[1])
     else:
         test = load_split(first.root, "test")
         report["w2_floor"] = w2_exact(test.x[:n], test.x[n:2 * n])

@@ -20,7 +20,6 @@ reaches the monolith's quality at the largest budget.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -128,7 +127,7 @@ def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int) -> l
             missing.append(folder.root.name)
             continue
         metrics = read_json(folder.metrics)
-        if metrics.get("config") != json.loads(json.dumps(cell_config(cfg, k, b, s, k == mono_k).model_dump())):
+        if metrics.get("config") != cell_config(cfg, k, b, s, k == mono_k).model_dump(mode="json"):
             other.append(folder.root.name)
             continue
         results.append({"k": k, "budget": b, "seed": s, "rows": metrics["rows"]})
