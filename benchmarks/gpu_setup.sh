@@ -1,24 +1,21 @@
-# Sourced by the GPU drivers (gpu_images.sh, gpu_grow_convert_distill.sh, gpu_sweep.sh, gpu_jobs.sh, ...): installs the carried
+# Sourced by the GPU drivers (gpu_images.sh, gpu_grow_convert_distill.sh, gpu_sweep.sh): installs the carried
 # wheels (.inc_whl, .inc_pot) once per warm machine, the Fashion-MNIST IDX files (.data) and the FID Inception weights'
 # parts (.inc_a/.inc_b, joined by join_fid_weights), and sets DDMKIT (the ddmkit command) and left N
 # (seconds left of an N-second call).
 set -o pipefail
 T0=$(date +%s)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-# GPU_SETUP_DONE=1 (set by gpu_jobs.sh for the jobs it starts): the installs and copies below are done already
-if [ -z "${GPU_SETUP_DONE:-}" ]; then
-  # wheels: installed once per warm machine (a later call may leave .inc_whl out to carry more of the rest)
-  [ -d .inc_whl ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_whl/*.whl || exit 1; }
-  # POT (exact optimal transport): `ddmkit analyze` needs it (its W2 floor), the other image stages only import
-  # it. Its wheel (pot==0.9.5, 0.9 MB) travels in .inc_pot, with .inc_b (the first call has no room left);
-  # until then a stand-in module lets ddmkit import
-  [ -d .inc_pot ] && { rm -rf /tmp/site/ot; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_pot/*.whl || exit 1; }
-  [ -d /tmp/site/ot ] || { mkdir -p /tmp/site/ot && echo 'raise_on_use = True' > /tmp/site/ot/__init__.py; }
-  mkdir -p /usr/share/datasets/fashion-mnist /root/inc 2>/dev/null
-  [ -d .data ] && cp .data/* /usr/share/datasets/fashion-mnist/
-  for d in .inc_a .inc_b; do [ -d $d ] && cp $d/* /root/inc/; done
-fi
+# wheels: installed once per warm machine (a later call may leave .inc_whl out to carry more of the rest)
+[ -d .inc_whl ] && [ ! -d /tmp/site/pydantic ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_whl/*.whl || exit 1; }
+# POT (exact optimal transport): `ddmkit analyze` needs it (its W2 floor), the other image stages only import
+# it. Its wheel (pot==0.9.5, 0.9 MB) travels in .inc_pot, with .inc_b (the first call has no room left);
+# until then a stand-in module lets ddmkit import
+[ -d .inc_pot ] && [ ! -d /tmp/site/POT.libs ] && { rm -rf /tmp/site/ot; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_pot/*.whl || exit 1; }
+[ -d /tmp/site/ot ] || { mkdir -p /tmp/site/ot && echo 'raise_on_use = True' > /tmp/site/ot/__init__.py; }
 export PYTHONPATH=/tmp/site:src:. PYTHONUNBUFFERED=1 DDMKIT_QUIET=1 DDMKIT_FID_WEIGHTS=${DDMKIT_FID_WEIGHTS:-/root/inc/default_1.pt}
+mkdir -p /usr/share/datasets/fashion-mnist /root/inc 2>/dev/null
+[ -d .data ] && cp .data/* /usr/share/datasets/fashion-mnist/
+for d in .inc_a .inc_b; do [ -d $d ] && cp $d/* /root/inc/; done
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 left() { echo $(( ${1} - ($(date +%s) - T0) )); }
 join_fid_weights() { (cd /root/inc && cat inc.part0* > default_1.pt && sha1sum default_1.pt); }

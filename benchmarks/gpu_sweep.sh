@@ -2,13 +2,13 @@
 # A driver, not a benchmark: cells of the Fashion-MNIST compute sweep (docs/sweep.md) on a bare GPU machine
 # (the `run` device tool), within one call's 10 minutes; runs/ is kept on a warm machine between calls and
 # finished cells are never redone, so a grid is spread over calls and sessions (bring each cell's
-# metrics.json back and keep it).
+# metrics.json back and keep it: they come back in $OUT/cells.tar.gz).
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages train      # carry .inc_whl .data .inc_a
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages evaluate   # carry .inc_b (FID weights), .inc_pot
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --seed 1            # trains and scores seed 1
 # The arguments go to `ddmkit sweep configs/fashion_mnist.toml --out $R`; the strategies scored are the
-# monolith, full, top-1 and top-2 (no guidance sweep, no statistics-only router). The sweep's report and
-# every cell's report.md and metrics.json go to $OUT. EXTRA="--set ..." is added (a dry run on a CPU).
+# monolith, full, top-1 and top-2 (no guidance sweep, no statistics-only router). The sweep's report goes to $OUT and
+# every scored cell's report.md and metrics.json to $OUT/cells.tar.gz. EXTRA="--set ..." is added (a dry run on a CPU).
 source benchmarks/gpu_setup.sh
 R=${R:-runs/sweep}
 read -r -a EXTRA <<< "${EXTRA:-}"
@@ -17,11 +17,11 @@ timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" sweep configs/fashion_mnist.toml --
   --set 'sample.strategies=["full","top-1","top-2"]' --set 'sample.guidance_sweep=[]' \
   --set 'sample.stats_router_strategies=[]' "${EXTRA[@]}" 2>&1 | grep -v '^\s*$' | tail -n 40 | tee "$OUT/sweep.log"
 for cell in $R/k*_b*_s*; do
-  mkdir -p "$OUT/cells/${cell##*/}"
-  cp $cell/report.md $cell/metrics.json "$OUT/cells/${cell##*/}/" 2>/dev/null
   for log in $cell/experts/expert_00 $cell/monolith $cell/router; do  # training seconds of each network
     [ -f $log/train_log.jsonl ] && echo "${cell##*/}/${log##*/}: $(tail -n 1 $log/train_log.jsonl)"
   done
-done | tee "$OUT/train_seconds.txt"
-cp -r $R/sweep.md $R/sweep.json $R/plots "$OUT/" 2>/dev/null
+done > "$OUT/train_seconds.txt"
+# a call brings back at most 8 files: every scored cell's metrics.json and report.md in one archive
+(cd $R && ls k*_b*_s*/metrics.json k*_b*_s*/report.md 2>/dev/null | tar czf "$OUT/cells.tar.gz" -T -)
+cp $R/sweep.md $R/sweep.json "$OUT/" 2>/dev/null
 echo "call seconds: $(( $(date +%s) - T0 ))"

@@ -121,3 +121,21 @@ def test_the_report_from_cells_scored_elsewhere(tmp_path):
     assert sorted(p.name for p in (elsewhere / "k2_b1_s0").iterdir()) == ["metrics.json"]  # nothing trained
     other = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "report", "--set", "sample.steps=7")
     assert other.returncode == 2 and "another config" in other.stderr and "k2_b0.5_s0" in other.stderr
+
+
+def test_a_grid_run_in_parts_is_the_whole_grid(tmp_path):
+    """--monolith-k: a part without the monolith's K trains the whole grid's cells (no monolith of its
+    own), and the report over every part's cells is the whole grid's."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli("sweep", TINY, "--out", whole, "--k", "2", "--k", "4", "--budget", "1").returncode == 0
+    alone = cli("sweep", TINY, "--out", parts, "--k", "2", "--budget", "1", "--monolith-k", "4")
+    assert alone.returncode == 0, alone.stderr
+    assert not (parts / "k2_b1_s0" / "monolith").exists()  # the K = 4 cells train it
+    assert "no monolith cells" in (parts / "sweep.md").read_text()
+    assert cli("sweep", TINY, "--out", parts, "--k", "4", "--budget", "1").returncode == 0
+    done = cli("sweep", TINY, "--out", parts, "--k", "2", "--k", "4", "--budget", "1", "--stages", "report")
+    assert done.returncode == 0, done.stderr
+    want, got = (json.loads((d / "sweep.json").read_text()) for d in (whole, parts))
+    assert got["table"] == want["table"] and got["compute_ratio"] == want["compute_ratio"]
+    bad = cli("sweep", TINY, "--out", tmp_path / "bad", "--k", "2", "--budget", "1", "--monolith-k", "0")
+    assert bad.returncode == 2 and "--monolith-k" in bad.stderr and not (tmp_path / "bad").exists()

@@ -330,6 +330,10 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
           seed: List[int] = typer.Option([0], "--seed", help="training seeds, repeatable: each at the smallest and "
                                          "largest budget, the first elsewhere"),
           all_seeds: bool = typer.Option(False, help="every seed at every budget"),
+          monolith_k: Optional[int] = typer.Option(None, "--monolith-k", help="the K whose cells train the "
+                                                   "FLOP-matched monolith (default: the config's partition.k if "
+                                                   "in --k, else the first --k); give it when a grid is run in "
+                                                   "parts, e.g. --monolith-k 8 with --k 16 alone"),
           force: bool = typer.Option(False, help="replace cell folders that hold different runs"),
           stages: str = typer.Option("all", help="train (every cell, no report), evaluate (score cells trained "
                                      "before, write the report), all, or report (only the report, from every "
@@ -345,8 +349,8 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
     from ddmkit.pipeline.sweep import ratio_text, sweep as run_sweep
 
     check_backend(backend)
-    report = run_sweep(_config(config, None, set_, device), out, list(k), list(budget), list(seed), all_seeds, force, log, backend,
-                       workers, stages)
+    report = run_sweep(_config(config, None, set_, device), out, list(k), list(budget), list(seed), all_seeds, force,
+                       log, backend, workers, stages, monolith_k)
     if report is None:
         return
     for kk, ratio in report["compute_ratio"].items():

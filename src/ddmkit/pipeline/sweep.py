@@ -7,8 +7,9 @@ resumes like `ddmkit run`: finished cells and stages are skipped). Budgets are i
 config's total training compute, K_ref x steps x batch with K_ref = partition.k: at budget b every
 K trains each expert for round(b x steps x K_ref / K) steps at the config's batch, so all K and the
 FLOP-matched monolith (K x an expert's steps) see the same number of samples. The monolith is one
-network per budget and seed, trained in the cells of K_ref (else of the first K) and compared with
-every K: the config's own monolith, trained once instead of once per K. The data are the
+network per budget and seed, trained in the cells of K_ref (else of the first K; or of the K given as
+`monolith`, for a grid split into parts run one by one) and compared with every K: the config's own
+monolith, trained once instead of once per K. The data are the
 same in every cell and the partition the same for every K: they are made once and copied (hard
 links), as are the image reference features. Training seeds: each seed at the smallest and the
 largest budget, the first seed elsewhere (all_seeds=True: every seed everywhere).
@@ -41,9 +42,15 @@ Log = Callable[[str], None]
 SWEEP_STAGES = (*STAGES, "report")  # report: from the cells' metrics.json alone (cells scored elsewhere)
 
 
-def monolith_k(cfg: RunConfig, ks: list[int]) -> int:
-    """The K whose cells train the grid's monolith: the config's partition.k if the grid has it (the
-    config's own FLOP-matched monolith), else the first K."""
+def monolith_k(cfg: RunConfig, ks: list[int], chosen: int | None = None) -> int:
+    """The K whose cells train the grid's monolith: `chosen` if given (a part of a larger grid run on its
+    own: its cells are then those of the whole grid, with or without the monolith), else the config's
+    partition.k if the grid has it (the config's own FLOP-matched monolith), else the first K."""
+    if chosen is not None:
+        if chosen < 1:
+            raise DDMError(f"--monolith-k {chosen}: give the K of the whole grid whose cells train the monolith "
+                           f"(at least 1; e.g. --monolith-k {cfg.partition.k}, the config's partition.k)")
+        return chosen
     return cfg.partition.k if cfg.partition.k in ks else ks[0]
 
 
@@ -141,9 +148,9 @@ def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int) -> l
 
 
 def write_report(results: list[dict], out: Path, ks: list[int], budgets: list[float], strategies: list[str],
-                 log: Log) -> dict:
+                 mono_k: int, log: Log) -> dict:
     """OUT/sweep.json, sweep.md and plots/sweep.png from the cells' results; returns the report's data."""
-    report = summarize(results, ks, budgets, strategies)
+    report = {**summarize(results, ks, budgets, strategies), "monolith_k": mono_k}
     write_json(out / "sweep.json", report)
     plot_sweep(report, out / "plots" / "sweep.png")
     write_bytes_atomic(out / "sweep.md", render(report).encode())
@@ -153,8 +160,10 @@ def write_report(results: list[dict], out: Path, ks: list[int], budgets: list[fl
 
 def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], seeds: list[int],
           all_seeds: bool = False, force: bool = False, log: Log = print, backend: str = "inline",
-          workers: int | None = None, stages: str = "all") -> dict | None:
+          workers: int | None = None, stages: str = "all", monolith: int | None = None) -> dict | None:
     """Run every cell (skipping what is done) and write the report; returns the report's data.
+    monolith: the K whose cells train the monolith (default: monolith_k's choice), for a grid split
+    into parts run one by one (on several machines or sessions): every part gives the whole grid's K.
     stages = "train" trains every cell and writes no report (None); "evaluate" scores cells trained
     before (a GPU session can train the grid and a later one score it); "report" trains and scores
     nothing: the report from every cell's metrics.json (cells scored on several machines)."""
@@ -163,10 +172,10 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(SWEEP_STAGES)}")
     out = Path(out)
     todo = cells(ks, budgets, seeds, all_seeds)
-    mono_k = monolith_k(cfg, ks)
+    mono_k = monolith_k(cfg, ks, monolith)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
     if stages == "report":
-        return write_report(scored_cells(cfg, out, todo, mono_k), out, ks, budgets, strategies, log)
+        return write_report(scored_cells(cfg, out, todo, mono_k), out, ks, budgets, strategies, mono_k, log)
     if stages == "evaluate":
         untrained = [cell_dir(out, k, b, s).name for k, b, s in todo
                      if untrained_parts(cell_config(cfg, k, b, s, k == mono_k), cell_dir(out, k, b, s))]
@@ -191,7 +200,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     if stages == "train":
         log(f"sweep: {len(todo)} cells trained; the same command with --stages evaluate (or all) scores them")
         return None
-    return write_report(results, out, ks, budgets, strategies, log)
+    return write_report(results, out, ks, budgets, strategies, mono_k, log)
 
 
 def metric_of(row: dict) -> tuple[str, float]:
@@ -233,7 +242,7 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
             best[k] = min(rows, key=lambda key: min(p["mean"] for p in rows[key].values()))
     mono = table.get(MONOLITH, {})
     target = mono[max(mono)]["mean"] if mono else math.nan
-    ratio = {k: reach(table[key], target, max(budgets)) for k, key in best.items()}
+    ratio = {k: reach(table[key], target, max(budgets)) for k, key in best.items()} if mono else {}
     return {"metric": name, "budgets": sorted(budgets), "ks": ks, "strategies": strategies,
             "table": {key: {f"{b:g}": v for b, v in per.items()} for key, per in table.items()},
             "best": best, "monolith_final": target, "compute_ratio": ratio, "cells": results}
@@ -287,8 +296,17 @@ number of seeds, where there is more than one.
 
 ## Compute at which the DDM reaches the monolith
 
-The monolith's {report['metric']} at the largest budget is {report['monolith_final']:.4g}; the compute (as a
+{reach_text(report, ratios)}
+"""
+
+
+def reach_text(report: dict, ratios: list[list[str]]) -> str:
+    """The compute-ratio section's body: the table, or why this grid has none (no monolith cells)."""
+    if not report["compute_ratio"]:
+        return (f"This grid has no monolith cells: the monolith is trained in the cells of K = "
+                f"{report.get('monolith_k', '?')}. Report a grid that includes them (`--stages report` over "
+                "every part's cells) for the compute ratio.")
+    return f"""The monolith's {report['metric']} at the largest budget is {report['monolith_final']:.4g}; the compute (as a
 fraction of the largest budget) at which each K's best strategy reaches it, interpolated in log compute:
 
-{markdown_table(["K", "best strategy", "compute ratio"], ratios)}
-"""
+{markdown_table(["K", "best strategy", "compute ratio"], ratios)}"""
