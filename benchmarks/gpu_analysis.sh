@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_analysis.sh analyze RUN          # carry .inc_pot; RUN: a trained run, e.g. a cell of
 #        `ddmkit analyze RUN --device cuda`                # benchmarks/gpu_sweep.sh (runs/sweep/k8_b1_s2)
 #        (strategies full, top-1, top-2, sample-2, oracle; the monolith's x0 as the independent reference)
+#   bash benchmarks/gpu_analysis.sh reference RUN        # `ddmkit train-monolith RUN`: the monolith analyze needs,
+#        in a run without one (a misalignment run: runs/misalignment/runs/disjoint_s0), trained with the run's config
 #   STAGES=train bash benchmarks/gpu_analysis.sh misalignment SEEDS   # carry .inc_whl .data .inc_a
 #   bash benchmarks/gpu_analysis.sh misalignment SEEDS                # a later call: carry .inc_b (weights)
 #        `ddmkit study misalignment configs/fashion_mnist.toml --seeds SEEDS --n ${N:-2000}` with the conditions
@@ -22,6 +24,9 @@ if [ "$1" = analyze ]; then
     | grep -v '^\s*$' | tail -n 30 | tee "$OUT/analyze.log"
   mkdir -p "$OUT/analysis" && cp $RUN/analysis/analysis.md $RUN/analysis/analysis.json "$OUT/analysis/" 2>/dev/null
   # (a call brings back a limited number of files: the per-strategy files and plots stay on the machine)
+elif [ "$1" = reference ]; then
+  RUN=${2:?give the trained run folder}
+  timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" train-monolith $RUN --device $DEVICE "${EXTRA[@]}" 2>&1 | tail -n 5
 elif [ "$1" = misalignment ]; then
   R=${R:-runs/misalignment}
   KEPT=docs/results/misalignment_fashion_mnist/measure
@@ -33,6 +38,6 @@ elif [ "$1" = misalignment ]; then
     | grep -v '^\s*$' | tail -n 40 | tee "$OUT/misalignment.log"
   mkdir -p "$OUT/misalignment" && cp -r $R/measure $R/report.md $R/study.json "$OUT/misalignment/" 2>/dev/null
 else
-  echo "usage: bash benchmarks/gpu_analysis.sh analyze RUN | misalignment SEEDS"; exit 2
+  echo "usage: bash benchmarks/gpu_analysis.sh analyze RUN | reference RUN | misalignment SEEDS"; exit 2
 fi
 echo "call seconds: $(( $(date +%s) - T0 ))"

@@ -135,6 +135,21 @@ def test_cli_step_by_step(tmp_path):
     assert {"top-2", "nearest"} <= set(metrics["rows"])
 
 
+def test_train_monolith_adds_the_monolith_to_a_run_made_without_one(tiny_run, tmp_path):
+    """monolith.enabled = false is for `ddmkit run`; the explicit command trains it (e.g. as the reference
+    of `ddmkit analyze`), the same network as a run with the monolith, and never trains it twice."""
+    with_monolith = tiny_run[0]
+    run = tmp_path / "without"
+    assert cli("run", TINY, "--out", run, "--stages", "train", "--set", "monolith.enabled=false").returncode == 0
+    assert not (run / "monolith").exists()
+    done = cli("train-monolith", run)
+    assert done.returncode == 0, done.stderr
+    weights = run / "monolith" / "model.safetensors"
+    assert weights.read_bytes() == (with_monolith / "monolith" / "model.safetensors").read_bytes()
+    again = cli("train-monolith", run)
+    assert again.returncode == 0 and "trained already" in again.stdout + again.stderr
+
+
 def test_bad_inputs_exit_2_with_a_clear_message(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(TINY.read_text().replace("[partition]\nk = 4", "[partition]\nk = 4\nclusters = 3"))

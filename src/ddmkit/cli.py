@@ -180,7 +180,8 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
                        seed: Optional[int] = typer.Option(None, help="training seed (overrides config)"),
                        device: Optional[str] = DEVICE,
                        set_: Optional[List[str]] = SET):
-    """Train the FLOP-matched monolith baseline on all shards (text runs: the centralized model)."""
+    """Train the FLOP-matched monolith baseline on all shards (text runs: the centralized model), also in a
+    run whose config has monolith.enabled = false (that setting is for `ddmkit run`)."""
     from ddmkit.pipeline.stages import stage_monolith
 
     if _text_run(run):
@@ -190,7 +191,12 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
         train_text_monolith(run, log)
         return
     cfg = _config(config, run, set_, device)
-    stage_monolith(cfg.model_copy(update={"expert": _with_train_seed(cfg.expert, seed)}), run, log)
+    if (run / "monolith" / "model.safetensors").exists():
+        log(f"monolith: {run / 'monolith'} is trained already; remove that folder to train it again")
+        return
+    asked = {"expert": _with_train_seed(cfg.expert, seed),
+             "monolith": cfg.monolith.model_copy(update={"enabled": True})}
+    stage_monolith(cfg.model_copy(update=asked), run, log)
 
 
 @app.command()
