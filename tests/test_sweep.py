@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ddmkit.config import load_config
-from ddmkit.pipeline.sweep import cell_config, cells, interval, monolith_k, ratio_text, reach
+from ddmkit.pipeline.sweep import cell_config, cells, interval, monolith_k, ratio_text, reach, render, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.toml"
@@ -139,3 +139,18 @@ def test_a_grid_run_in_parts_is_the_whole_grid(tmp_path):
     assert got["table"] == want["table"] and got["compute_ratio"] == want["compute_ratio"]
     bad = cli("sweep", TINY, "--out", tmp_path / "bad", "--k", "2", "--budget", "1", "--monolith-k", "0")
     assert bad.returncode == 2 and "--monolith-k" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_image_cells_report_kid_beside_fid():
+    """Image cells: a KID x 1e3 table of the same cells (mean over seeds); vector cells have none."""
+    def cell(seed, budget, fid, kid):
+        return {"k": 2, "budget": budget, "seed": seed, "rows": {
+            "monolith": {"fid": fid + 5, "kid": kid + 0.004}, "top-1": {"fid": fid, "kid": kid}}}
+    results = [cell(0, 1.0, 10.0, 0.002), cell(1, 1.0, 12.0, 0.004), cell(0, 0.5, 20.0, 0.010)]
+    report = summarize(results, [2], [0.5, 1.0], ["top-1"])
+    assert report["kid_table"]["K=2 top-1"]["1"]["mean"] == pytest.approx(3.0)  # (2 + 4) / 2, x 1e3
+    assert report["kid_table"]["monolith"]["0.5"]["mean"] == pytest.approx(14.0)
+    assert report["table"]["K=2 top-1"]["1"]["mean"] == 11.0 and report["metric"] == "FID"
+    assert "KID x 1e3" in render({**report, "monolith_k": 2})
+    vectors = [{"k": 2, "budget": 1.0, "seed": 0, "rows": {"top-1": {"w2_over_floor": 1.5}}}]
+    assert summarize(vectors, [2], [1.0], ["top-1"])["kid_table"] == {}

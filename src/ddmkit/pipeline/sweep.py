@@ -15,8 +15,8 @@ links), as are the image reference features. Training seeds: each seed at the sm
 largest budget, the first seed elsewhere (all_seeds=True: every seed everywhere).
 
 The report (OUT/sweep.md, sweep.json, plots/sweep.png) gives the quality metric (FID for images,
-W2 / noise floor for vectors: lower is better) of the monolith and of each K's strategies against
-training compute, the mean over seeds with a 95% t-interval, and the compute at which the best DDM
+W2 / noise floor for vectors: lower is better; images also KID) of the monolith and of each K's
+strategies against training compute, the mean over seeds with a 95% t-interval, and the compute at which the best DDM
 reaches the monolith's quality at the largest budget.
 """
 from __future__ import annotations
@@ -210,6 +210,11 @@ def metric_of(row: dict) -> tuple[str, float]:
     return "W2 / noise floor", float(row["w2_over_floor"])
 
 
+def kid_of(row: dict) -> float | None:
+    """An image row's KID x 1e3 (the report's second table); None for vectors."""
+    return 1e3 * float(row["kid"]) if "kid" in row else None
+
+
 def interval(values: list[float]) -> dict:
     """Mean and 95% t-interval over seeds (the mean alone for one seed)."""
     v = np.asarray(values, dtype=float)
@@ -224,6 +229,7 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
     """Per (series, budget): the metric's mean and interval over seeds; the compute ratio."""
     name = metric_of(next(iter(results[0]["rows"].values())))[0]
     series: dict[str, dict[float, list[float]]] = {}
+    kids: dict[str, dict[float, list[float]]] = {}
     for r in results:
         for row_name, row in r["rows"].items():
             if row_name == MONOLITH:
@@ -233,8 +239,14 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
             else:
                 continue
             series.setdefault(key, {}).setdefault(r["budget"], []).append(metric_of(row)[1])
+            if kid_of(row) is not None:
+                kids.setdefault(key, {}).setdefault(r["budget"], []).append(kid_of(row))
     order = [MONOLITH] + [f"K={k} {name}" for k in ks for name in strategies]  # the same order from any source
-    table = {key: {b: interval(v) for b, v in sorted(series[key].items())} for key in order if key in series}
+
+    def summary(values: dict) -> dict:
+        return {key: {b: interval(v) for b, v in sorted(values[key].items())} for key in order if key in values}
+
+    table, kid_table = summary(series), summary(kids)
     best = {}
     for k in ks:
         rows = {key: per for key, per in table.items() if key.startswith(f"K={k} ")}
@@ -245,6 +257,7 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
     ratio = {k: reach(table[key], target, max(budgets)) for k, key in best.items()} if mono else {}
     return {"metric": name, "budgets": sorted(budgets), "ks": ks, "strategies": strategies,
             "table": {key: {f"{b:g}": v for b, v in per.items()} for key, per in table.items()},
+            "kid_table": {key: {f"{b:g}": v for b, v in per.items()} for key, per in kid_table.items()},
             "best": best, "monolith_final": target, "compute_ratio": ratio, "cells": results}
 
 
@@ -280,7 +293,15 @@ def render(report: dict) -> str:
             return "-"
         return f"{p['mean']:.4g}" if p["n"] < 2 else f"{p['mean']:.4g} [{p['lo']:.4g}, {p['hi']:.4g}] (n={p['n']})"
 
-    rows = [[key] + [cell(per.get(b)) for b in budgets] for key, per in report["table"].items()]
+    def table(per_series: dict) -> str:
+        rows = [[key] + [cell(per.get(b)) for b in budgets] for key, per in per_series.items()]
+        return markdown_table(["series"] + [f"budget {b}" for b in budgets], rows)
+
+    kid = "" if not report.get("kid_table") else f"""
+KID x 1e3 (lower is better) of the same samples:
+
+{table(report["kid_table"])}
+"""
     ratios = [[f"K={k}", report["best"][k], ratio_text(r, report)]
               for k, r in report["compute_ratio"].items()]
     return f"""# ddmkit sweep: quality against training compute
@@ -290,8 +311,8 @@ Compute is in units of the config's total training samples (every K and the mono
 number at one budget). A cell is the mean over training seeds with a 95% t-interval and n, the
 number of seeds, where there is more than one.
 
-{markdown_table(["series"] + [f"budget {b}" for b in budgets], rows)}
-
+{table(report["table"])}
+{kid}
 ![sweep](plots/sweep.png)
 
 ## Compute at which the DDM reaches the monolith
