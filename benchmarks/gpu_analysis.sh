@@ -9,11 +9,12 @@
 #   STAGES=train bash benchmarks/gpu_analysis.sh misalignment SEEDS   # carry .inc_whl .data .inc_a
 #   bash benchmarks/gpu_analysis.sh misalignment SEEDS                # a later call: carry .inc_b (weights)
 #        `ddmkit study misalignment configs/fashion_mnist.toml --seeds SEEDS --n ${N:-2000}` with the conditions
-#        disjoint, tempered-3 and permuted-0.5 (one trained run per seed) and the strategies full, top-1, top-2
+#        disjoint, random, undertrained-0.1 (a trained run each per seed), tempered-3 and permuted-0.5 (router
+#        modifiers on the disjoint run; CONDITIONS=... to choose) and the strategies full, top-1, top-2
 #        (STAGES=train: train the runs only, the call without FID weights)
 # Measurements kept from earlier calls or sessions (docs/results/misalignment_fashion_mnist/measure/*.json,
-# copied to $R/measure) are not measured again, so the seeds can be spread over sessions; what is new comes
-# back in $OUT. EXTRA="--set ..." is added (a dry run on a CPU).
+# copied to $R/measure) are not measured again, so the seeds can be spread over sessions; all of them come
+# back in $OUT/misalignment/measure.tar.gz. EXTRA="--set ..." is added (a dry run on a CPU).
 source benchmarks/gpu_setup.sh
 read -r -a EXTRA <<< "${EXTRA:-}"
 DEVICE=${DEVICE:-cuda}
@@ -33,10 +34,12 @@ elif [ "$1" = misalignment ]; then
   mkdir -p $R/measure && [ -d $KEPT ] && cp -n $KEPT/*.json $R/measure/ 2>/dev/null
   [ -f /root/inc/inc.part01 ] && [ ! -f /root/inc/default_1.pt ] && join_fid_weights
   timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" study misalignment configs/fashion_mnist.toml --out $R \
-    --seeds ${2:-1} --n ${N:-2000} --conditions disjoint,tempered-3,permuted-0.5 \
+    --seeds ${2:-1} --n ${N:-2000} --conditions ${CONDITIONS:-disjoint,random,undertrained-0.1,tempered-3,permuted-0.5} \
     --strategy full --strategy top-1 --strategy top-2 --device $DEVICE --stages ${STAGES:-all} "${EXTRA[@]}" 2>&1 \
     | grep -v '^\s*$' | tail -n 40 | tee "$OUT/misalignment.log"
-  mkdir -p "$OUT/misalignment" && cp -r $R/measure $R/report.md $R/study.json "$OUT/misalignment/" 2>/dev/null
+  # a call brings back at most 8 files: the measurements (one per condition and seed) in one archive
+  mkdir -p "$OUT/misalignment" && tar czf "$OUT/misalignment/measure.tar.gz" -C $R measure
+  cp $R/report.md $R/study.json "$OUT/misalignment/" 2>/dev/null
 else
   echo "usage: bash benchmarks/gpu_analysis.sh analyze RUN | reference RUN | misalignment SEEDS"; exit 2
 fi
