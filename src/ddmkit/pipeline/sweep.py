@@ -9,15 +9,14 @@ K trains each expert for round(b x steps x K_ref / K) steps at the config's batc
 FLOP-matched monolith (K x an expert's steps) see the same number of samples. The monolith is one
 network per budget and seed, trained in the cells of K_ref (else of the first K; or of the K given as
 `monolith`, for a grid split into parts run one by one) and compared with every K: the config's own
-monolith, trained once instead of once per K. The data are the
-same in every cell and the partition the same for every K: they are made once and copied (hard
-links), as are the image reference features. Training seeds: each seed at the smallest and the
+monolith, trained once instead of once per K. The data are the same in every cell and the partition
+the same for every K: they are made once and copied (hard links), as are the image reference features. Training seeds: each seed at the smallest and the
 largest budget, the first seed elsewhere (all_seeds=True: every seed everywhere).
 
 The report (OUT/sweep.md, sweep.json, plots/sweep.png) gives the quality metric (FID for images,
 W2 / noise floor for vectors: lower is better; images also KID) of the monolith and of each K's
-strategies against training compute, the mean over seeds with a 95% t-interval, and the compute at which the best DDM
-reaches the monolith's quality at the largest budget.
+strategies against training compute, the mean over seeds with a 95% t-interval, and the compute at
+which the best DDM reaches the monolith's quality at the largest budget.
 """
 from __future__ import annotations
 
