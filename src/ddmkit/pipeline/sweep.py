@@ -10,8 +10,9 @@ FLOP-matched monolith (K x an expert's steps) see the same number of samples. Th
 network per budget and seed, trained in the cells of K_ref (else of the first K; or of the K given as
 `monolith`, for a grid split into parts run one by one) and compared with every K: the config's own
 monolith, trained once instead of once per K. The data are the same in every cell and the partition
-the same for every K: they are made once and copied (hard links), as are the image reference features. Training seeds: each seed at the smallest and the
-largest budget, the first seed elsewhere (all_seeds=True: every seed everywhere).
+the same for every K: they are made once and copied (hard links), as are the image reference features.
+Training seeds: each seed at the smallest and the largest budget, the first seed elsewhere
+(all_seeds=True: every seed everywhere).
 
 The report (OUT/sweep.md, sweep.json, plots/sweep.png) gives the quality metric (FID for images,
 W2 / noise floor for vectors: lower is better; images also KID) of the monolith and of each K's
@@ -326,7 +327,7 @@ def reach_text(report: dict, ratios: list[list[str]]) -> str:
         return (f"This grid has no monolith cells: the monolith is trained in the cells of K = "
                 f"{report.get('monolith_k', '?')}. Report a grid that includes them (`--stages report` over "
                 "every part's cells) for the compute ratio.")
-    return f"""The monolith's {report['metric']} at the largest budget is {report['monolith_final']:.4g}; the compute (as a
-fraction of the largest budget) at which each K's best strategy reaches it, interpolated in log compute:
+    return f"""The monolith's {report['metric']} at the largest budget is {report['monolith_final']:.4g}; the compute
+(as a fraction of the largest budget) at which each K's best strategy reaches it, interpolated in log compute:
 
 {markdown_table(["K", "best strategy", "compute ratio"], ratios)}"""
