@@ -155,8 +155,8 @@ def strategy_key(run: Path, name: str, settings: dict, reference_info: dict | No
 
 def strategy_files(out: Path, name: str) -> tuple[Path, Path]:
     """OUT/strategies/NAME.json and NAME.safetensors (NAME: the strategy with '@' and the like as '_')."""
-    stem = out / "strategies" / safe_name(name)
-    return stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.safetensors"
+    folder, stem = out / "strategies", safe_name(name)
+    return folder / f"{stem}.json", folder / f"{stem}.safetensors"
 
 
 def kept_strategy(out: Path, name: str, key: str) -> dict | None:

@@ -239,12 +239,16 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
             else:
                 continue
             series.setdefault(key, {}).setdefault(r["budget"], []).append(metric_of(row)[1])
-            if kid_of(row) is not None:
-                kids.setdefault(key, {}).setdefault(r["budget"], []).append(kid_of(row))
+            kid = kid_of(row)
+            if kid is not None:
+                kids.setdefault(key, {}).setdefault(r["budget"], []).append(kid)
     order = [MONOLITH] + [f"K={k} {name}" for k in ks for name in strategies]  # the same order from any source
 
     def summary(values: dict) -> dict:
         return {key: {b: interval(v) for b, v in sorted(values[key].items())} for key in order if key in values}
+
+    def as_text(per_series: dict) -> dict:  # JSON keys: the budgets as written
+        return {key: {f"{b:g}": v for b, v in per.items()} for key, per in per_series.items()}
 
     table, kid_table = summary(series), summary(kids)
     best = {}
@@ -256,8 +260,7 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
     target = mono[max(mono)]["mean"] if mono else math.nan
     ratio = {k: reach(table[key], target, max(budgets)) for k, key in best.items()} if mono else {}
     return {"metric": name, "budgets": sorted(budgets), "ks": ks, "strategies": strategies,
-            "table": {key: {f"{b:g}": v for b, v in per.items()} for key, per in table.items()},
-            "kid_table": {key: {f"{b:g}": v for b, v in per.items()} for key, per in kid_table.items()},
+            "table": as_text(table), "kid_table": as_text(kid_table),
             "best": best, "monolith_final": target, "compute_ratio": ratio, "cells": results}
 
 
@@ -325,7 +328,7 @@ def reach_text(report: dict, ratios: list[list[str]]) -> str:
     """The compute-ratio section's body: the table, or why this grid has none (no monolith cells)."""
     if not report["compute_ratio"]:
         return (f"This grid has no monolith cells: the monolith is trained in the cells of K = "
-                f"{report.get('monolith_k', '?')}. Report a grid that includes them (`--stages report` over "
+                f"{report['monolith_k']}. Report a grid that includes them (`--stages report` over "
                 "every part's cells) for the compute ratio.")
     return f"""The monolith's {report['metric']} at the largest budget is {report['monolith_final']:.4g}; the compute
 (as a fraction of the largest budget) at which each K's best strategy reaches it, interpolated in log compute:
