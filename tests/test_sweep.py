@@ -83,6 +83,26 @@ def test_a_tiny_sweep_from_the_command_line(tmp_path):
     assert refused.returncode == 2 and "--k" in refused.stderr
 
 
+def test_a_latent_sweep_trains_one_autoencoder_for_the_grid(tmp_path):
+    """In latent space the autoencoder is trained once and linked into every cell (it is not part of the
+    compared compute), each K's latents are encoded once, and every cell verifies against its registry."""
+    from test_latent import latent_config
+
+    out = tmp_path / "sweep"
+    done = cli("sweep", latent_config(tmp_path), "--out", out, "--k", "2", "--k", "4", "--budget", "0.5",
+               "--budget", "1", "--seed", "0")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("autoencoder: trained") == 1 and done.stderr.count("latents: ") == 2
+    names = [f"k{k}_b{b}_s0" for k in (2, 4) for b in ("0.5", "1")]
+    weights = [out / n / "autoencoder" / "diffusion_pytorch_model.safetensors" for n in names]
+    assert len({p.stat().st_ino for p in weights}) == 1
+    for k in (2, 4):
+        latents = [out / f"k{k}_b{b}_s0" / "latents" / "cluster_01.safetensors" for b in ("0.5", "1")]
+        assert len({p.stat().st_ino for p in latents}) == 1
+    assert all(cli("verify", out / n).returncode == 0 for n in names)
+    assert json.loads((out / "sweep.json").read_text())["metric"] == "FID"
+
+
 def test_a_sweep_trained_now_and_scored_later(tmp_path):
     out = tmp_path / "sweep"
     grid = ("sweep", TINY, "--out", out, "--k", "2", "--budget", "0.5")

@@ -10,7 +10,8 @@ FLOP-matched monolith (K x an expert's steps) see the same number of samples. Th
 network per budget and seed, trained in the cells of K_ref (else of the first K; or of the K given as
 `monolith`, for a grid split into parts run one by one) and compared with every K: the config's own
 monolith, trained once instead of once per K. The data are the same in every cell and the partition
-the same for every K: they are made once and copied (hard links), as are the image reference features.
+the same for every K: they are made once and copied (hard links), as are the image reference features
+and, in latent space, the autoencoder (trained once for the grid; not part of the compared compute).
 Training seeds: each seed at the smallest and the largest budget, the first seed elsewhere
 (all_seeds=True: every seed everywhere).
 
@@ -102,14 +103,17 @@ def _link(src, dst) -> None:
 
 
 def seed_cell(folder: RunFolder, cfg: RunConfig, first: RunFolder, same_k: RunFolder | None) -> None:
-    """A new cell with the data (and image reference features) of the first cell and the partition of a
-    cell of the same K, as hard links, and its config.json (the record prepare_run_dir keeps), so its
-    run resumes after the partition stage."""
+    """A new cell with the data, image reference features and autoencoder (latent runs: one autoencoder
+    for the whole grid, outside the compared compute) of the first cell, and the partition (and its
+    latents) of a cell of the same K, as hard links, and its config.json (the record prepare_run_dir keeps),
+    so its run resumes after the partition stage."""
     _link_tree(first.data, folder.data)
     for ref in first.eval.glob("reference_*.safetensors"):
         _link_tree(ref, folder.eval / ref.name)
+    _link_tree(first.autoencoder, folder.autoencoder)
     if same_k is not None:
         _link_tree(same_k.partition, folder.partition)
+        _link_tree(same_k.latents, folder.latents)
     write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
 
 
