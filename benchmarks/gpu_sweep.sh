@@ -6,14 +6,16 @@
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages train      # carry .inc_whl .data .inc_a
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages evaluate   # carry .inc_b (FID weights), .inc_pot
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --seed 1            # trains and scores seed 1
-# The arguments go to `ddmkit sweep configs/fashion_mnist.toml --out $R`; the strategies scored are the
+# The arguments go to `ddmkit sweep $CONFIG --out $R` (CONFIG=configs/fashion_mnist.toml; the latent grid:
+# CONFIG=configs/fashion_mnist_latent.toml R=runs/sweep_latent, its autoencoder trained once); the strategies scored are the
 # monolith, full, top-1 and top-2 (no guidance sweep, no statistics-only router). The sweep's report goes to $OUT and
 # every scored cell's report.md and metrics.json to $OUT/cells.tar.gz. EXTRA="--set ..." is added (a dry run on a CPU).
 source benchmarks/gpu_setup.sh
 R=${R:-runs/sweep}
+CONFIG=${CONFIG:-configs/fashion_mnist.toml}
 read -r -a EXTRA <<< "${EXTRA:-}"
 [ -f /root/inc/inc.part01 ] && [ ! -f /root/inc/default_1.pt ] && join_fid_weights
-timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" sweep configs/fashion_mnist.toml --out $R "$@" \
+timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" sweep $CONFIG --out $R "$@" \
   --set 'sample.strategies=["full","top-1","top-2"]' --set 'sample.guidance_sweep=[]' \
   --set 'sample.stats_router_strategies=[]' "${EXTRA[@]}" 2>&1 | grep -v '^\s*$' | tail -n 40 | tee "$OUT/sweep.log"
 for cell in $R/k*_b*_s*; do
