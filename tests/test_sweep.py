@@ -48,13 +48,27 @@ def test_intervals_and_the_compute_to_reach_a_target():
     p = interval([1.0, 2.0, 3.0])
     assert p["mean"] == 2.0 and p["hi"] - 2.0 == pytest.approx(4.302652729911275 / math.sqrt(3))  # t_0.975,2
     assert interval([5.0]) == {"mean": 5.0, "lo": 5.0, "hi": 5.0, "n": 1}
-    series = {0.25: {"mean": 4.0}, 0.5: {"mean": 2.0}, 1.0: {"mean": 1.0}}
-    assert reach(series, 4.0, 1.0) == 0.25
-    assert reach(series, 3.0, 1.0) == pytest.approx(math.sqrt(0.25 * 0.5))  # half way in log compute
-    assert reach(series, 0.5, 1.0) is None
-    grid = {"budgets": [0.25, 0.5, 1.0]}
-    assert ratio_text(0.25, grid) == "<= 0.25x (already at the smallest budget)"  # an upper bound only
-    assert ratio_text(0.354, grid) == "0.354x" and ratio_text(None, grid) == "never"
+    series = [(0.5, 2.0), (0.25, 4.0), (1.0, 1.0)]  # (compute, mean), in any order
+    assert reach(series, 4.0) == 0.25
+    assert reach(series, 3.0) == pytest.approx(math.sqrt(0.25 * 0.5))  # half way in log compute
+    assert reach(series, 0.5) is None
+    assert ratio_text(0.25, 0.25) == "<= 0.25x (already at the smallest budget)"  # an upper bound only
+    assert ratio_text(0.354, 0.25) == "0.354x" and ratio_text(None, 0.25) == "never"
+
+
+def test_the_compute_ratio_counts_the_router():
+    """The DDM's compute is experts + router: with a router of 5 FLOPs at every budget, the K = 2 points
+    sit at 55 and 105 against the monolith's 100 at budget 1, and the monolith's final FID (10) is
+    reached half way (in FID) between them, at sqrt(55 x 105) in log compute."""
+    def cell(budget, fid, mono):
+        return {"k": 2, "budget": budget, "seed": 0, "rows": {"monolith": {"fid": mono}, "top-1": {"fid": fid}}}
+    results = [cell(0.5, 12.0, 14.0), cell(1.0, 8.0, 10.0)]
+    compute = {"monolith": {0.5: 50.0, 1.0: 100.0}, "K=2": {0.5: 55.0, 1.0: 105.0}}
+    report = summarize(results, [2], [0.5, 1.0], ["top-1"], compute)
+    assert report["compute_ratio"][2] == pytest.approx(math.sqrt(55 * 105) / 100)
+    assert report["compute_smallest"][2] == pytest.approx(0.55)
+    text = render({**report, "monolith_k": 2, "router_flops": {"K=2": {"0.5": 5.0, "1": 5.0}}})
+    assert "| K=2 (experts + router) | 55 (9.1%) | 105 (4.8%) |" in text and "0.76x" in text
 
 
 def test_a_tiny_sweep_from_the_command_line(tmp_path):
@@ -70,6 +84,9 @@ def test_a_tiny_sweep_from_the_command_line(tmp_path):
     assert "monolith" not in json.loads((out / "k2_b1_s0" / "config.json").read_text())["config"]["sample"]["strategies"]
     assert report["table"]["K=2 top-2"]["0.5"]["n"] == 2 and set(report["best"]) == {"2", "4"}
     assert (out / "sweep.md").exists() and (out / "plots" / "sweep.png").exists()
+    compute, router = report["compute"], report["router_flops"]  # the same samples, plus the router
+    assert compute["K=2"]["1"] == pytest.approx(compute["monolith"]["1"] + router["K=2"]["1"])
+    assert "(experts + router)" in (out / "sweep.md").read_text()
     data = [out / f"k{k}_b{b}_s{s}" / "data" / "train.safetensors" for k in (2, 4) for b in ("0.5", "1") for s in (0, 1)]
     assert len({p.stat().st_ino for p in data}) == 1  # the data made once, linked into every cell
     shards = [out / f"k2_b{b}_s{s}" / "partition" / "manifest.json" for b in ("0.5", "1") for s in (0, 1)]
@@ -167,10 +184,11 @@ def test_image_cells_report_kid_beside_fid():
         return {"k": 2, "budget": budget, "seed": seed, "rows": {
             "monolith": {"fid": fid + 5, "kid": kid + 0.004}, "top-1": {"fid": fid, "kid": kid}}}
     results = [cell(0, 1.0, 10.0, 0.002), cell(1, 1.0, 12.0, 0.004), cell(0, 0.5, 20.0, 0.010)]
-    report = summarize(results, [2], [0.5, 1.0], ["top-1"])
+    compute = {"monolith": {0.5: 1.0, 1.0: 2.0}, "K=2": {0.5: 1.0, 1.0: 2.0}}
+    report = summarize(results, [2], [0.5, 1.0], ["top-1"], compute)
     assert report["kid_table"]["K=2 top-1"]["1"]["mean"] == pytest.approx(3.0)  # (2 + 4) / 2, x 1e3
     assert report["kid_table"]["monolith"]["0.5"]["mean"] == pytest.approx(14.0)
     assert report["table"]["K=2 top-1"]["1"]["mean"] == 11.0 and report["metric"] == "FID"
-    assert "KID x 1e3" in render({**report, "monolith_k": 2})
+    assert "KID x 1e3" in render({**report, "monolith_k": 2, "router_flops": {}})
     vectors = [{"k": 2, "budget": 1.0, "seed": 0, "rows": {"top-1": {"w2_over_floor": 1.5}}}]
-    assert summarize(vectors, [2], [1.0], ["top-1"])["kid_table"] == {}
+    assert summarize(vectors, [2], [1.0], ["top-1"], compute)["kid_table"] == {}

@@ -82,8 +82,8 @@ def plot_router_accuracy(report: dict, path: Path) -> None:
 
 
 def plot_sweep(report: dict, path: Path) -> None:
-    """The sweep's metric against training compute: the monolith and each K's best strategy, the mean
-    over seeds with its interval as error bars."""
+    """The sweep's metric against training FLOPs (report["compute"]: "monolith" or "K=k" -> budget ->
+    FLOPs): the monolith and each K's best strategy, the mean over seeds with its interval as error bars."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     keys = ["monolith"] + [report["best"][k] for k in report["ks"] if k in report["best"]]
     for key in keys:
@@ -91,12 +91,13 @@ def plot_sweep(report: dict, path: Path) -> None:
         if not per:
             continue
         b = sorted(per, key=float)
+        flops = report["compute"][key if key == "monolith" else key.split(" ")[0]]
         mean = [per[x]["mean"] for x in b]
         err = [[per[x]["mean"] - per[x]["lo"] for x in b], [per[x]["hi"] - per[x]["mean"] for x in b]]
-        ax.errorbar([float(x) for x in b], mean, yerr=err, marker="o", capsize=3, label=key,
+        ax.errorbar([flops[x] for x in b], mean, yerr=err, marker="o", capsize=3, label=key,
                     linestyle="--" if key == "monolith" else "-")
     ax.set_xscale("log")
-    ax.set_xlabel("training compute (x the config's)")
+    ax.set_xlabel("training compute (FLOPs; a DDM: experts + router)")
     ax.set_ylabel(f"{report['metric']} (lower is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

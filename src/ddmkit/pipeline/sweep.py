@@ -18,7 +18,9 @@ Training seeds: each seed at the smallest and the largest budget, the first seed
 The report (OUT/sweep.md, sweep.json, plots/sweep.png) gives the quality metric (FID for images,
 W2 / noise floor for vectors: lower is better; images also KID) of the monolith and of each K's
 strategies against training compute, the mean over seeds with a 95% t-interval, and the compute at
-which the best DDM reaches the monolith's quality at the largest budget.
+which the best DDM reaches the monolith's quality at the largest budget. Compute is counted in FLOPs
+(ddmkit.train.flops): a DDM's is its experts' and its router's (the router trains the config's steps
+at every budget), the monolith's its own.
 """
 from __future__ import annotations
 
@@ -37,7 +39,9 @@ from ddmkit.evaluation.plots import plot_sweep
 from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
+from ddmkit.pipeline.stages import load_data, register_user_networks
 from ddmkit.tables import markdown_table
+from ddmkit.train.flops import training_flops
 
 Log = Callable[[str], None]
 SWEEP_STAGES = (*STAGES, "report")  # report: from the cells' metrics.json alone (cells scored elsewhere)
@@ -151,10 +155,37 @@ def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int) -> l
     return results
 
 
-def write_report(results: list[dict], out: Path, ks: list[int], budgets: list[float], strategies: list[str],
-                 mono_k: int, log: Log) -> dict:
+def data_shape(cfg: RunConfig, out: Path, todo: list[tuple]) -> tuple[int, ...]:
+    """One sample's shape: from the data of a cell that has it, else from the data the config names."""
+    for k, b, s in todo:
+        info = RunFolder(cell_dir(out, k, b, s)).data_info
+        if info.exists():
+            return tuple(read_json(info)["data_shape"])
+    return tuple(load_data(cfg)[0].data_shape)
+
+
+def grid_flops(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
+               shape: tuple[int, ...]) -> dict[str, dict[str, dict[float, float]]]:
+    """Training FLOPs per budget: {"compute": {"monolith" | "K=k": {budget: FLOPs}}, "router": {"K=k":
+    {budget: the router's part}}}; the monolith is the one trained in the cells of mono_k."""
+    register_user_networks(cfg)
+    compute: dict[str, dict[float, float]] = {MONOLITH: {}}
+    router: dict[str, dict[float, float]] = {}
+    for b in budgets:
+        compute[MONOLITH][b] = training_flops(cell_config(cfg, mono_k, b, 0), shape)["monolith"]
+        for k in ks:
+            flops = training_flops(cell_config(cfg, k, b, 0), shape)
+            compute.setdefault(f"K={k}", {})[b] = flops["ddm"]
+            router.setdefault(f"K={k}", {})[b] = flops["router"]
+    return {"compute": compute, "router": router}
+
+
+def write_report(cfg: RunConfig, results: list[dict], out: Path, ks: list[int], budgets: list[float],
+                 strategies: list[str], mono_k: int, shape: tuple[int, ...], log: Log) -> dict:
     """OUT/sweep.json, sweep.md and plots/sweep.png from the cells' results; returns the report's data."""
-    report = {**summarize(results, ks, budgets, strategies), "monolith_k": mono_k}
+    flops = grid_flops(cfg, ks, budgets, mono_k, shape)
+    report = {**summarize(results, ks, budgets, strategies, flops["compute"]), "monolith_k": mono_k,
+              "router_flops": {key: {f"{b:g}": v for b, v in per.items()} for key, per in flops["router"].items()}}
     write_json(out / "sweep.json", report)
     plot_sweep(report, out / "plots" / "sweep.png")
     write_bytes_atomic(out / "sweep.md", render(report).encode())
@@ -179,7 +210,8 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     mono_k = monolith_k(cfg, ks, monolith)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
     if stages == "report":
-        return write_report(scored_cells(cfg, out, todo, mono_k), out, ks, budgets, strategies, mono_k, log)
+        return write_report(cfg, scored_cells(cfg, out, todo, mono_k), out, ks, budgets, strategies, mono_k,
+                            data_shape(cfg, out, todo), log)
     if stages == "evaluate":
         untrained = [cell_dir(out, k, b, s).name for k, b, s in todo
                      if untrained_parts(cell_config(cfg, k, b, s, k == mono_k), cell_dir(out, k, b, s))]
@@ -204,7 +236,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     if stages == "train":
         log(f"sweep: {len(todo)} cells trained; the same command with --stages evaluate (or all) scores them")
         return None
-    return write_report(results, out, ks, budgets, strategies, mono_k, log)
+    return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, out, todo), log)
 
 
 def metric_of(row: dict) -> tuple[str, float]:
@@ -229,8 +261,16 @@ def interval(values: list[float]) -> dict:
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(v)}
 
 
-def summarize(results: list[dict], ks: list[int], budgets: list[float], strategies: list[str]) -> dict:
-    """Per (series, budget): the metric's mean and interval over seeds; the compute ratio."""
+def compute_group(series: str) -> str:
+    """The key of a series' training compute: "monolith", or "K=k" for every strategy of a K's DDM."""
+    return series if series == MONOLITH else series.split(" ")[0]
+
+
+def summarize(results: list[dict], ks: list[int], budgets: list[float], strategies: list[str],
+              compute: dict[str, dict[float, float]]) -> dict:
+    """Per (series, budget): the metric's mean and interval over seeds; per K, the compute ratio: the
+    training FLOPs (compute["K=k"][budget]) at which its best series reaches the monolith's final
+    quality, over the monolith's FLOPs at the largest budget (compute["monolith"][largest])."""
     name = metric_of(next(iter(results[0]["rows"].values())))[0]
     series: dict[str, dict[float, list[float]]] = {}
     kids: dict[str, dict[float, list[float]]] = {}
@@ -262,33 +302,40 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
             best[k] = min(rows, key=lambda key: min(p["mean"] for p in rows[key].values()))
     mono = table.get(MONOLITH, {})
     target = mono[max(mono)]["mean"] if mono else math.nan
-    ratio = {k: reach(table[key], target, max(budgets)) for k, key in best.items()} if mono else {}
+    ratio, smallest = {}, {}
+    if mono:
+        unit = compute[MONOLITH][max(mono)]  # the monolith's training FLOPs at the largest budget
+        for k, key in best.items():
+            points = [(compute[compute_group(key)][b], p["mean"]) for b, p in table[key].items()]
+            reached = reach(points, target)
+            ratio[k] = None if reached is None else reached / unit
+            smallest[k] = min(c for c, _ in points) / unit
     return {"metric": name, "budgets": sorted(budgets), "ks": ks, "strategies": strategies,
-            "table": as_text(table), "kid_table": as_text(kid_table),
-            "best": best, "monolith_final": target, "compute_ratio": ratio, "cells": results}
+            "table": as_text(table), "kid_table": as_text(kid_table), "compute": as_text(compute),
+            "best": best, "monolith_final": target, "compute_ratio": ratio, "compute_smallest": smallest,
+            "cells": results}
 
 
-def reach(per_budget: dict[float, dict], target: float, largest: float) -> float | None:
-    """The compute, as a fraction of the largest budget, at which a series' mean reaches `target`
-    (interpolated linearly in log compute between budgets; None if it never does)."""
-    points = sorted((b, p["mean"]) for b, p in per_budget.items())
+def reach(points: list[tuple[float, float]], target: float) -> float | None:
+    """The compute at which a series of (compute, mean) points reaches `target` (interpolated linearly
+    in log compute between points; the first point's compute if it is already there; None if never)."""
+    points = sorted(points)
     if not points or math.isnan(target):
         return None
     if points[0][1] <= target:
-        return points[0][0] / largest
-    for (b0, m0), (b1, m1) in zip(points, points[1:]):
+        return points[0][0]
+    for (c0, m0), (c1, m1) in zip(points, points[1:]):
         if m1 <= target:
             frac = (m0 - target) / (m0 - m1) if m0 != m1 else 1.0
-            return math.exp(math.log(b0) + frac * (math.log(b1) - math.log(b0))) / largest
+            return math.exp(math.log(c0) + frac * (math.log(c1) - math.log(c0)))
     return None
 
 
-def ratio_text(ratio: float | None, report: dict) -> str:
-    """A compute ratio in words: "never" when no budget reaches the target; "<= r x" when the smallest
-    budget of the grid already reaches it (the ratio is then an upper bound)."""
+def ratio_text(ratio: float | None, smallest: float) -> str:
+    """A compute ratio in words: "never" when no budget reaches the target; "<= r x" when the series'
+    smallest budget already reaches it (the ratio is then an upper bound)."""
     if ratio is None:
         return "never"
-    smallest = min(report["budgets"]) / max(report["budgets"])
     return f"<= {ratio:.3g}x (already at the smallest budget)" if ratio == smallest else f"{ratio:.3g}x"
 
 
@@ -309,17 +356,23 @@ KID x 1e3 (lower is better) of the same samples:
 
 {table(report["kid_table"])}
 """
-    ratios = [[f"K={k}", report["best"][k], ratio_text(r, report)]
+    ratios = [[f"K={k}", report["best"][k], ratio_text(r, report["compute_smallest"][k])]
               for k, r in report["compute_ratio"].items()]
     return f"""# ddmkit sweep: quality against training compute
 
 {report['metric']} (lower is better) of the FLOP-matched monolith and of each K's routing strategies.
-Compute is in units of the config's total training samples (every K and the monolith see the same
-number at one budget). A cell is the mean over training seeds with a 95% t-interval and n, the
-number of seeds, where there is more than one.
+Budgets are in units of the config's total training samples: at one budget every K's experts together
+and the monolith see the same number. A cell is the mean over training seeds with a 95% t-interval and
+n, the number of seeds, where there is more than one.
 
 {table(report["table"])}
 {kid}
+Training compute in FLOPs (forward and backward, counted by PyTorch's FlopCounterMode): a DDM's experts
+and router (the router's share in parentheses; it trains the same steps at every budget), the
+monolith's own:
+
+{compute_table(report, budgets)}
+
 ![sweep](plots/sweep.png)
 
 ## Compute at which the DDM reaches the monolith
@@ -328,13 +381,24 @@ number of seeds, where there is more than one.
 """
 
 
+def compute_table(report: dict, budgets: list[str]) -> str:
+    """Training FLOPs per compute group and budget, with the router's share for a DDM."""
+    rows = []
+    for key, per in report["compute"].items():
+        router = report["router_flops"].get(key, {})
+        rows.append([key if key == MONOLITH else f"{key} (experts + router)"] + [
+            f"{per[b]:.3g}" + (f" ({router[b] / per[b]:.1%})" if b in router else "") for b in budgets])
+    return markdown_table(["compute"] + [f"budget {b}" for b in budgets], rows)
+
+
 def reach_text(report: dict, ratios: list[list[str]]) -> str:
     """The compute-ratio section's body: the table, or why this grid has none (no monolith cells)."""
     if not report["compute_ratio"]:
         return (f"This grid has no monolith cells: the monolith is trained in the cells of K = "
                 f"{report['monolith_k']}. Report a grid that includes them (`--stages report` over "
                 "every part's cells) for the compute ratio.")
-    return f"""The monolith's {report['metric']} at the largest budget is {report['monolith_final']:.4g}; the compute
-(as a fraction of the largest budget) at which each K's best strategy reaches it, interpolated in log compute:
+    return f"""The monolith's {report['metric']} at the largest budget is {report['monolith_final']:.4g}; the training
+FLOPs (experts + router) at which each K's best strategy reaches it, interpolated in log compute, as a
+fraction of the monolith's FLOPs at the largest budget:
 
 {markdown_table(["K", "best strategy", "compute ratio"], ratios)}"""
