@@ -117,7 +117,11 @@ def test_a_latent_sweep_trains_one_autoencoder_for_the_grid(tmp_path):
         latents = [out / f"k{k}_b{b}_s0" / "latents" / "cluster_01.safetensors" for b in ("0.5", "1")]
         assert len({p.stat().st_ino for p in latents}) == 1
     assert all(cli("verify", out / n).returncode == 0 for n in names)
-    assert json.loads((out / "sweep.json").read_text())["metric"] == "FID"
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["metric"] == "FID"
+    for k in ("2", "4"):  # the command's summary says when the smallest budget already reaches the monolith
+        line = next(x for x in done.stderr.splitlines() if x.startswith(f"K={k}: compute at which"))
+        assert (report["compute_ratio"][k] == report["compute_smallest"][k]) == ("FID: <= " in line)
 
 
 def test_a_sweep_trained_now_and_scored_later(tmp_path):

@@ -361,7 +361,7 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
         return
     for kk, ratio in report["compute_ratio"].items():
         log(f"K={kk}: compute at which its best, {report['best'][kk]}, reaches the monolith's final "
-            f"{report['metric']}: {ratio_text(ratio, report)}")
+            f"{report['metric']}: {ratio_text(ratio, report['compute_smallest'][kk])}")
 
 
 @app.command()
