@@ -30,6 +30,14 @@ def test_every_k_and_the_monolith_see_the_same_samples_at_a_budget():
         assert c.expert.train.seed == 3 and c.router.train.seed == 4 and c.monolith.enabled
 
 
+def test_top_k_is_sampled_once_where_it_is_full_routing():
+    cfg = load_config(TINY)  # strategies: monolith, full, top-2, switch, oracle, nearest
+    assert cell_config(cfg, 2, 1.0, 0, monolith=False).sample.strategies == ["full", "switch", "oracle", "nearest"]
+    assert "top-2" in cell_config(cfg, 3, 1.0, 0).sample.strategies
+    without_full = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"strategies": ["top-2", "top-1"]})})
+    assert cell_config(without_full, 2, 1.0, 0, monolith=False).sample.strategies == ["top-2", "top-1"]
+
+
 def test_the_monolith_is_trained_in_one_k_only():
     cfg = load_config(TINY)  # k = 4
     assert monolith_k(cfg, [2, 4, 8]) == 4 and monolith_k(cfg, [8, 2]) == 8
@@ -82,7 +90,8 @@ def test_a_tiny_sweep_from_the_command_line(tmp_path):
     assert report["table"]["monolith"]["1"]["n"] == 2  # one monolith per seed, trained in the K_ref = 4 cells
     assert (out / "k4_b1_s0" / "monolith").exists() and not (out / "k2_b1_s0" / "monolith").exists()
     assert "monolith" not in json.loads((out / "k2_b1_s0" / "config.json").read_text())["config"]["sample"]["strategies"]
-    assert report["table"]["K=2 top-2"]["0.5"]["n"] == 2 and set(report["best"]) == {"2", "4"}
+    assert report["table"]["K=4 top-2"]["0.5"]["n"] == 2 and set(report["best"]) == {"2", "4"}
+    assert "K=2 top-2" not in report["table"] and "K=2 top-2: the same as full" in (out / "sweep.md").read_text()
     assert (out / "sweep.md").exists() and (out / "plots" / "sweep.png").exists()
     compute, router = report["compute"], report["router_flops"]  # the same samples, plus the router
     assert compute["K=2"]["1"] == pytest.approx(compute["monolith"]["1"] + router["K=2"]["1"])

@@ -40,6 +40,8 @@ from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
 from ddmkit.pipeline.stages import load_data, register_user_networks
+from ddmkit.routing import parse_strategy
+from ddmkit.routing.strategies import TopK
 from ddmkit.tables import markdown_table
 from ddmkit.train.flops import training_flops
 
@@ -70,9 +72,23 @@ def cell_config(cfg: RunConfig, k: int, budget: float, seed: int, monolith: bool
     raw["expert"]["train"]["seed"] = seed
     raw["router"]["train"]["seed"] = seed + 1
     raw["monolith"]["enabled"] = monolith
-    strategies = [name for name in raw["sample"]["strategies"] if name != MONOLITH]
+    strategies = cell_strategies(cfg.sample.strategies, k)
     raw["sample"]["strategies"] = [MONOLITH, *strategies] if monolith else strategies
     return validate(RunConfig, raw, f"sweep cell k={k} budget={budget:g} seed={seed}")
+
+
+def routes_like_full(name: str, k: int, strategies: list[str]) -> bool:
+    """Whether a strategy of a K = k DDM is full routing under another name, sampled already as "full":
+    top-n with n >= k (every expert, weights r)."""
+    if name == "full" or "full" not in strategies:
+        return False
+    strategy = parse_strategy(name)
+    return isinstance(strategy, TopK) and strategy.k >= k
+
+
+def cell_strategies(strategies: list[str], k: int) -> list[str]:
+    """The sample.strategies a K = k cell samples (the monolith apart): each once (routes_like_full)."""
+    return [name for name in strategies if name != MONOLITH and not routes_like_full(name, k, strategies)]
 
 
 def cells(ks: list[int], budgets: list[float], seeds: list[int], all_seeds: bool = False) -> list[tuple]:
@@ -366,7 +382,7 @@ and the monolith see the same number. A cell is the mean over training seeds wit
 n, the number of seeds, where there is more than one.
 
 {table(report["table"])}
-{kid}
+{full_aliases(report)}{kid}
 Training compute in FLOPs (forward and backward, counted by PyTorch's FlopCounterMode): a DDM's experts
 and router (the router's share in parentheses; it trains the same steps at every budget), the
 monolith's own:
@@ -379,6 +395,14 @@ monolith's own:
 
 {reach_text(report, ratios)}
 """
+
+
+def full_aliases(report: dict) -> str:
+    """A note naming the strategies that route like full at some K (not sampled again), or nothing."""
+    strategies = report["strategies"]
+    same = [f"K={k} {name}" for k in report["ks"] for name in strategies if routes_like_full(name, k, strategies)]
+    return "" if not same else (f"\n{', '.join(same)}: the same as full routing at that K (every expert, weights "
+                                "r); not sampled again, see the full row.\n")
 
 
 def compute_table(report: dict, budgets: list[str]) -> str:
