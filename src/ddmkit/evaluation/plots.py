@@ -81,24 +81,17 @@ def plot_router_accuracy(report: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_sweep(report: dict, path: Path) -> None:
-    """The sweep's metric against training FLOPs (report["compute"]: "monolith" or "K=k" -> budget ->
-    FLOPs): the monolith and each K's best strategy, the mean over seeds with its interval as error bars."""
+def plot_sweep(curves: dict[str, list[tuple[float, float, float, float]]], metric: str, path: Path) -> None:
+    """A sweep's metric against training FLOPs: one curve per series (name -> [(FLOPs, mean, lo, hi)],
+    the mean over seeds with its interval as error bars); the monolith's dashed."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    keys = ["monolith"] + [report["best"][k] for k in report["ks"] if k in report["best"]]
-    for key in keys:
-        per = report["table"].get(key)
-        if not per:
-            continue
-        b = sorted(per, key=float)
-        flops = report["compute"][key if key == "monolith" else key.split(" ")[0]]
-        mean = [per[x]["mean"] for x in b]
-        err = [[per[x]["mean"] - per[x]["lo"] for x in b], [per[x]["hi"] - per[x]["mean"] for x in b]]
-        ax.errorbar([flops[x] for x in b], mean, yerr=err, marker="o", capsize=3, label=key,
-                    linestyle="--" if key == "monolith" else "-")
+    for key, points in curves.items():
+        x, mean, lo, hi = zip(*sorted(points))
+        err = [[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]]
+        ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=key, linestyle="--" if key == "monolith" else "-")
     ax.set_xscale("log")
     ax.set_xlabel("training compute (FLOPs; a DDM: experts + router)")
-    ax.set_ylabel(f"{report['metric']} (lower is better)")
+    ax.set_ylabel(f"{metric} (lower is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)

@@ -203,10 +203,17 @@ def write_report(cfg: RunConfig, results: list[dict], out: Path, ks: list[int], 
     report = {**summarize(results, ks, budgets, strategies, flops["compute"]), "monolith_k": mono_k,
               "router_flops": {key: {f"{b:g}": v for b, v in per.items()} for key, per in flops["router"].items()}}
     write_json(out / "sweep.json", report)
-    plot_sweep(report, out / "plots" / "sweep.png")
+    plot_sweep(curves(report), report["metric"], out / "plots" / "sweep.png")
     write_bytes_atomic(out / "sweep.md", render(report).encode())
     log(f"sweep report: {out / 'sweep.md'}")
     return report
+
+
+def curves(report: dict) -> dict[str, list[tuple[float, float, float, float]]]:
+    """The plot's curves: the monolith and each K's best series, as (training FLOPs, mean, lo, hi)."""
+    keys = [MONOLITH] + [report["best"][k] for k in report["ks"] if k in report["best"]]
+    return {key: [(report["compute"][compute_group(key)][b], p["mean"], p["lo"], p["hi"])
+                  for b, p in report["table"][key].items()] for key in keys if key in report["table"]}
 
 
 def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], seeds: list[int],
