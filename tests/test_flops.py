@@ -7,7 +7,7 @@ from torch import nn
 from ddmkit.config import RunConfig, load_config, validate
 from ddmkit.nets import use_network
 import ddmkit.nets.user as user
-from ddmkit.train.flops import sample_flops, training_flops
+from ddmkit.train.flops import per_sample_flops, sample_flops, training_flops
 from test_sweep import TINY
 
 
@@ -51,7 +51,8 @@ def test_experts_router_and_monolith_of_a_config(match):
     raw["router"]["net"] = {"arch": registered(LinearRouter), "kwargs": {}}
     raw["router"]["train"]["steps"] = 30
     raw["monolith"]["match"] = match
-    flops = training_flops(validate(RunConfig, raw), (2,))
+    cfg = validate(RunConfig, raw)
+    flops = training_flops(cfg, per_sample_flops(cfg, (2,)))
     assert flops["experts"] == 4 * 60 * 64 * (4 * 2 * 2)
     assert flops["router"] == 30 * 64 * (4 * 2 * 4)  # D = 2 -> K = 4 logits
     assert flops["ddm"] == flops["experts"] + flops["router"]

@@ -182,6 +182,7 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
                        set_: Optional[List[str]] = SET):
     """Train the FLOP-matched monolith baseline on all shards (text runs: the centralized model), also in a
     run whose config has monolith.enabled = false (that setting is for `ddmkit run`)."""
+    from ddmkit.layout import RunFolder
     from ddmkit.pipeline.stages import stage_monolith
 
     if _text_run(run):
@@ -191,8 +192,9 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
         train_text_monolith(run, log)
         return
     cfg = _config(config, run, set_, device)
-    if (run / "monolith" / "model.safetensors").exists():
-        log(f"monolith: {run / 'monolith'} is trained already; remove that folder to train it again")
+    monolith = RunFolder(run).monolith
+    if (monolith / "model.safetensors").exists():
+        log(f"monolith: {monolith} is trained already; remove that folder to train it again")
         return
     asked = {"expert": _with_train_seed(cfg.expert, seed),
              "monolith": cfg.monolith.model_copy(update={"enabled": True})}

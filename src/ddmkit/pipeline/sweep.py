@@ -43,7 +43,7 @@ from ddmkit.pipeline.stages import load_data, register_user_networks
 from ddmkit.routing import parse_strategy
 from ddmkit.routing.strategies import TopK
 from ddmkit.tables import markdown_table
-from ddmkit.train.flops import training_flops
+from ddmkit.train.flops import per_sample_flops, training_flops
 
 Log = Callable[[str], None]
 SWEEP_STAGES = (*STAGES, "report")  # report: from the cells' metrics.json alone (cells scored elsewhere)
@@ -185,12 +185,13 @@ def grid_flops(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
     """Training FLOPs per budget: {"compute": {"monolith" | "K=k": {budget: FLOPs}}, "router": {"K=k":
     {budget: the router's part}}}; the monolith is the one trained in the cells of mono_k."""
     register_user_networks(cfg)
+    per_sample = {k: per_sample_flops(cell_config(cfg, k, 1.0, 0), shape) for k in {*ks, mono_k}}  # once per K
     compute: dict[str, dict[float, float]] = {MONOLITH: {}}
     router: dict[str, dict[float, float]] = {}
     for b in budgets:
-        compute[MONOLITH][b] = training_flops(cell_config(cfg, mono_k, b, 0), shape)["monolith"]
+        compute[MONOLITH][b] = training_flops(cell_config(cfg, mono_k, b, 0), per_sample[mono_k])["monolith"]
         for k in ks:
-            flops = training_flops(cell_config(cfg, k, b, 0), shape)
+            flops = training_flops(cell_config(cfg, k, b, 0), per_sample[k])
             compute.setdefault(f"K={k}", {})[b] = flops["ddm"]
             router.setdefault(f"K={k}", {})[b] = flops["router"]
     return {"compute": compute, "router": router}

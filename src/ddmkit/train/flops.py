@@ -39,21 +39,27 @@ def sample_flops(arch: str, kwargs: dict, num_classes: int, by_keyword: bool) ->
     return counter.get_total_flops() / ROWS
 
 
-def training_flops(cfg: RunConfig, data_shape: tuple[int, ...]) -> dict[str, float]:
-    """{"experts", "router", "monolith", "ddm" (= experts + router)}: the training FLOPs of each, for data
-    of `data_shape` (one sample; the networks see its latents in a latent run)."""
+def per_sample_flops(cfg: RunConfig, data_shape: tuple[int, ...]) -> dict[str, float]:
+    """{"expert", "router"}: F of one expert (and of the monolith: the same network) and of the router, for
+    data of `data_shape` (one sample; the networks see its latents in a latent run). It depends on the config's
+    networks and partition.k only, not on steps or batch."""
     shape = list(network_data_shape(cfg.latent, tuple(data_shape)))
-    k = cfg.partition.k
-    expert, router = cfg.expert, cfg.router
-    f_expert = sample_flops(expert.net.arch, {"data_shape": shape, **expert.net.kwargs},
-                            expert.net.kwargs.get("num_classes", 0), by_keyword=True)
-    f_router = sample_flops(router.net.arch, {"data_shape": shape, "num_experts": k, **router.net.kwargs},
-                            router.net.kwargs.get("num_classes", 0), by_keyword=False)
-    mono = monolith_config(expert, k, cfg.monolith.match).train
-    experts = k * expert.train.steps * expert.train.batch_size * f_expert
-    routing = router.train.steps * router.train.batch_size * f_router
+    expert, router = cfg.expert.net, cfg.router.net
+    return {"expert": sample_flops(expert.arch, {"data_shape": shape, **expert.kwargs},
+                                   expert.kwargs.get("num_classes", 0), by_keyword=True),
+            "router": sample_flops(router.arch, {"data_shape": shape, "num_experts": cfg.partition.k, **router.kwargs},
+                                   router.kwargs.get("num_classes", 0), by_keyword=False)}
+
+
+def training_flops(cfg: RunConfig, per_sample: dict[str, float]) -> dict[str, float]:
+    """{"experts", "router", "monolith", "ddm" (= experts + router)}: the training FLOPs of each, from the
+    config's steps and batches and per_sample_flops(cfg, ...)."""
+    expert, router = cfg.expert.train, cfg.router.train
+    mono = monolith_config(cfg.expert, cfg.partition.k, cfg.monolith.match).train
+    experts = cfg.partition.k * expert.steps * expert.batch_size * per_sample["expert"]
+    routing = router.steps * router.batch_size * per_sample["router"]
     return {"experts": experts, "router": routing, "ddm": experts + routing,
-            "monolith": mono.steps * mono.batch_size * f_expert}
+            "monolith": mono.steps * mono.batch_size * per_sample["expert"]}
 
 
-__all__ = ["sample_flops", "training_flops"]
+__all__ = ["per_sample_flops", "sample_flops", "training_flops"]
