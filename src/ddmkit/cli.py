@@ -645,8 +645,10 @@ def study_misalignment_cmd(
                                              "mps or auto (default: the config's expert.train.device; training "
                                              "runs where the config says)"),
         force: bool = typer.Option(False, help="train again run folders that hold another config"),
-        stages: str = typer.Option("all", help="all (train what is missing, measure, report) or train (train "
-                                   "every run the conditions need; measure nothing, e.g. without the FID weights)"),
+        stages: str = typer.Option("all", help="all (train what is missing, measure, report), train (train "
+                                   "every run the conditions need; measure nothing, e.g. without the FID weights) "
+                                   "or report (train and measure nothing: report the kept measurements, naming "
+                                   "the missing ones)"),
         set_: Optional[List[str]] = SET):
     """Expert-data misalignment conditions x routing strategies x training seeds: stability (L_eff,
     amplification, Delta_refine) against quality (W2, NLL; images: FID, KID) with intervals; writes

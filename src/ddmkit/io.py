@@ -46,6 +46,18 @@ def ensure_folder(folder: str | Path) -> Path:
     return folder
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# The permission mask of this process, read once at import: temporary files and folders are made private
+# (0600 / 0700) and are given the permissions of an ordinary file or folder (0666 / 0777 less the mask)
+# before they take their final name, so results stay readable by whoever could read a plain file there.
+UMASK = _process_umask()
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
     ensure_folder(path.parent)
@@ -57,6 +69,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -162,6 +175,7 @@ def staging_dir(final: str | Path):
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_tmp_prefix(final.name), suffix=".tmp"))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~UMASK)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -100,7 +100,7 @@ DEFAULT_CONDITIONS = ("disjoint", "overlap-0.25", "undertrained-0.1", "random", 
 DEFAULT_STRATEGIES = ("full", "top-1", "top-2", "sample-2")
 IMAGE_CONDITIONS = tuple(c for c in DEFAULT_CONDITIONS if "exact" not in c)
 T_GRID = [0.05 + 0.1 * i for i in range(10)]
-STUDY_STAGES = ("all", "train")
+STUDY_STAGES = ("all", "train", "report")
 
 
 # ----- the plan -----------------------------------------------------------------------------------------------------
@@ -361,6 +361,19 @@ def study_settings(cfg: RunConfig, images: bool, strategies: list[str], n: int, 
             "kid_subset": cfg.evaluate.kid_subset}
 
 
+def report_only(measures: dict[str, list[dict]], parsed: dict[str, Condition], missing: list[str], out: Path,
+                log: Log) -> tuple[dict[str, list[dict]], dict[str, Condition]]:
+    """The kept measurements and their conditions (a condition with none left out); the missing ones named.
+    Nothing kept: DDMError."""
+    if missing:
+        log(f"misalignment study: not measured, left out of the report: {', '.join(missing)}")
+    kept = {name: ms for name, ms in measures.items() if ms}
+    if not kept:
+        raise DDMError(f"--stages report: no measurement of these conditions and seeds is kept in {out / 'measure'}"
+                       "; measure them first with --stages all (or bring back their measure/*.json)")
+    return kept, {name: parsed[name] for name in kept}
+
+
 def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (0, 1, 2),
                        conditions: Sequence[str] | None = None, strategies: Sequence[str] | None = None,
                        n: int = 1000, n_boot: int = 200, w2_boot: int = 50, jvp_rows: int = 64, max_steps: int = 10,
@@ -371,7 +384,9 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     device: where the measurements run (auto, cpu, cuda, cuda:N, mps; default: the config's
     expert.train.device); stability_rows: images only, the trajectories amplification and Delta_refine use;
     stages = "train": train every run the conditions need, measure nothing and write no report (None), e.g.
-    on a machine without the FID weights; the same call with "all" later measures and reports."""
+    on a machine without the FID weights; the same call with "all" later measures and reports. stages =
+    "report": train and measure nothing, report the kept measurements (e.g. brought back from several
+    machines) and name the missing ones; a condition with none is left out."""
     images = is_image_study(cfg)
     if stages not in STUDY_STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STUDY_STAGES)}")
@@ -381,6 +396,7 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     # images: the scorer's features, made (so checked) before anything is trained
     extractor = feature_extractor(cfg.evaluate.fid_features, device) if images and stages == "all" else None
+    missing: list[str] = []  # stages "report": the measurements not kept
     out = Path(out)
     settings = study_settings(cfg, images, strategies, n, n_boot, w2_boot, jvp_rows, max_steps, stability_rows)
     scoring: dict = {}  # images: the FID / KID scorer and the floor, made once from the first trained run
@@ -397,6 +413,9 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
                 key = json_digest({"settings": settings, "run": cell_cfg.digest(), "condition": name, "seed": seed})
                 if path.exists() and read_json(path).get("key") == key:
                     measures[name].append(read_json(path))
+                    continue
+                if stages == "report":
+                    missing.append(f"{name} seed {seed}")
                     continue
                 log(f"misalignment: {name}, seed {seed} (run {folder.root})")
                 if not ready(cell_cfg, cond, folder):
@@ -426,14 +445,20 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
         log(f"misalignment study: every run trained in {out / 'runs'}; the same command with --stages all "
             "measures and reports")
         return None
+    if stages == "report":
+        measures, parsed = report_only(measures, parsed, missing, out, log)
     first = RunFolder(run_dir(out, next(iter(parsed.values())), seeds[0]))
     report = summarize(measures, parsed, strategies, seeds, images)
-    report.update(settings=settings, config=cfg.model_dump(), version=__version__, device=str(device))
+    measured_on = sorted({m.get("device", str(device)) for ms in measures.values() for m in ms})
+    report.update(settings=settings, config=cfg.model_dump(), version=__version__, device=", ".join(measured_on))
     if images:
         kept = [m["floor"] for ms in measures.values() for m in ms if "floor" in m]  # made now or brought back
+        if not kept and extractor is None:
+            raise DDMError(f"{out / 'measure'}: the kept measurements hold no FID floor; measure them again "
+                           "with --stages all")
         report.update(kind="images", floor=kept[0] if kept else image_scorer(cfg, first, n, extractor)[1])
     else:
-        test = load_split(first.root, "test")
+        test = load_split(first.root, "test") if first.split("test").exists() else load_data(cfg)[1]
         report["w2_floor"] = w2_exact(test.x[:n], test.x[n:2 * n])
     report["wall_time"] = time.perf_counter() - start
     write_json(out / "study.json", report)
