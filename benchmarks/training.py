@@ -29,8 +29,10 @@ the one training loop: AdamW, per-expert clipping, EMA), against their monolith 
 batch K * B, ddmkit.train.monolith_config with match = "batch"): the same samples per step, so the
 ratio of the times per step is the ratio of the training times. Variants: the monolith in bf16
 (the configs' train.bf16); the stacked experts in float32 (train.bf16 off: how they trained before
-the stacked forward ran in bf16) and in bf16 (CUDA only: fit() autocasts on CUDA only); with
---compile, the monolith and the bf16 experts again under train.compile (--compile-mode). Data:
+the stacked forward ran in bf16) and in bf16 (CUDA only: fit() autocasts on CUDA only); the experts
+one at a time (one expert's step at batch B times K: expert.concurrent = false); with --compile, the
+monolith and the bf16 experts (stacked, one at a time) again under train.compile (--compile-mode;
+reduce-overhead replays each step as a CUDA graph, which is what one small expert's step needs). Data:
 class means plus noise, drawn on the device (the speed of a step does not depend on it; the loss
 column shows that every variant learns the same). Prints a Markdown table: network, variant,
 compile, ms per step, samples/s, experts / monolith (against the monolith with the same compile
@@ -184,18 +186,24 @@ def timed_fit(model, cfg, k: int, stacked: bool, shape, args, device) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
 
 
-def stacked_variants(args, device) -> list[tuple[str, bool, bool, bool]]:
-    """(label, stacked, bf16, compile): eager first; bf16 and compile only where fit() applies them (CUDA)."""
+def stacked_variants(args, device) -> list[tuple[str, str, bool, bool]]:
+    """(label, kind, bf16, compile), kind one of "monolith", "stacked" (the K experts through one vmapped
+    step) and "one at a time" (one expert's step at batch B, timed and multiplied by K: the experts
+    trained one after another, as with expert.concurrent = false); eager first; bf16 and compile only
+    where fit() applies them (CUDA)."""
     cuda = device.type == "cuda"
-    eager = [("monolith", False, True, False), ("experts, float32 (before)", True, False, False)]
-    eager += [("experts, bf16", True, True, False)] if cuda else []
-    compiled = [("monolith", False, True, True), ("experts, bf16", True, True, True)] if cuda and args.compile else []
+    eager = [("monolith", "monolith", True, False), ("experts, float32 (before)", "stacked", False, False)]
+    eager += [("experts, bf16", "stacked", True, False)] if cuda else []
+    eager += [("experts one at a time" + (", bf16" if cuda else ""), "one at a time", True, False)]
+    compiled = [("monolith", "monolith", True, True), ("experts, bf16", "stacked", True, True),
+                ("experts one at a time, bf16", "one at a time", True, True)] if cuda and args.compile else []
     return eager + compiled
 
 
-def stacked_job(net: str, stacked: bool, bf16: bool, compiled: bool, args, device):
-    """(model, ExpertConfig, K, data shape) of one variant: the config's experts stacked (batch B each), or
-    their monolith (batch K * B), trained steps = warmup + steps with one log row at the end."""
+def stacked_job(net: str, kind: str, bf16: bool, compiled: bool, args, device):
+    """(model, ExpertConfig, K, data shape) of one variant: the config's experts stacked (batch B each), one
+    expert (batch B), or their monolith (batch K * B), trained steps = warmup + steps with one log row at the
+    end."""
     run = load_config(CONFIGS / STACKED[net][0])
     expert, k = run.expert, args.k or run.partition.k
     kwargs = {**expert.net.kwargs, **(TINY[net] if args.quick else {})}
@@ -206,8 +214,10 @@ def stacked_job(net: str, stacked: bool, bf16: bool, compiled: bool, args, devic
     expert = expert.model_copy(update={"net": expert.net.model_copy(update={"kwargs": kwargs}), "train": train})
     shape = STACKED[net][1]
     build = lambda: build_seeded(expert.net.arch, train.seed, data_shape=list(shape), **kwargs)
-    if not stacked:
+    if kind == "monolith":
         return build(), monolith_config(expert, k, "batch"), k, shape
+    if kind == "one at a time":
+        return build(), expert, k, shape
     train = train.model_copy(update={"channels_last": False})  # as ddmkit's concurrent path
     return StackedExperts([build() for _ in range(k)]), expert.model_copy(update={"train": train}), k, shape
 
@@ -221,15 +231,17 @@ def run_stacked(args, device) -> None:
     print("\n| network | variant | compile | batch | ms/step | samples/s | experts/monolith | mean loss | peak GiB |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|", flush=True)
     start, monolith_ms = time.perf_counter(), {}
-    for label, stacked, bf16, compiled in stacked_variants(args, device):
+    for label, kind, bf16, compiled in stacked_variants(args, device):
         for net in args.nets:
-            model, cfg, k, shape = stacked_job(net, stacked, bf16, compiled, args, device)
-            batch = f"{k} x {cfg.train.batch_size}" if stacked else str(cfg.train.batch_size)
+            model, cfg, k, shape = stacked_job(net, kind, bf16, compiled, args, device)
+            batch = str(cfg.train.batch_size) if kind == "monolith" else f"{k} x {cfg.train.batch_size}"
             mode = args.compile_mode if compiled else "no"
             print(f"[{time.perf_counter() - start:.0f} s] {net}: {label}, compile {mode}, batch {batch} ...",
                   file=sys.stderr, flush=True)
             try:
-                r = timed_fit(model, cfg, k, stacked, shape, args, device)
+                r = timed_fit(model, cfg, k, kind == "stacked", shape, args, device)
+                if kind == "one at a time":  # K such experts, one after another: K times one's time per step
+                    r["ms_per_step"] *= k  # (samples/s: K B samples in K times the time, as one expert)
             except Exception as e:  # one failing variant (say, compile) must not lose the others
                 why = " ".join(str(e).split())[:120].replace("|", "/")
                 print(f"| {net} | {label} | {mode} | {batch} | failed: {type(e).__name__}: {why} | | | | |", flush=True)
@@ -239,9 +251,9 @@ def run_stacked(args, device) -> None:
                 torch._dynamo.reset()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            if not stacked:
+            if kind == "monolith":
                 monolith_ms[net, compiled] = r["ms_per_step"]
-            base = monolith_ms.get((net, compiled)) if stacked else None
+            base = monolith_ms.get((net, compiled)) if kind != "monolith" else None
             ratio = "-" if base is None else f"{r['ms_per_step'] / base:.2f}"
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
             print(f"| {net} | {label} | {mode} | {batch} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.0f} | "
