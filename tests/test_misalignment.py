@@ -244,3 +244,29 @@ def test_bad_options_exit_2_before_anything_is_written(tmp_path, args, words):
     done = cli("study", "misalignment", TINY, "--out", out, *args)
     assert done.returncode == 2 and words in done.stderr, done.stderr
     assert not out.exists()
+
+
+def test_an_interrupted_measurement_resumes_at_the_next_strategy_with_the_same_numbers(tmp_path, monkeypatch):
+    import ddmkit.pipeline.misalignment as study
+    from ddmkit.config import load_config
+
+    cfg, measured = load_config(TINY), []
+    real = study.measure_strategy
+
+    def counted(ddm, name, *args, **kw):
+        measured.append(name)
+        if name == "top-2" and len(measured) == 2:
+            raise KeyboardInterrupt  # the call's time ran out after full
+        return real(ddm, name, *args, **kw)
+
+    monkeypatch.setattr(study, "measure_strategy", counted)
+    options = dict(seeds=[0], conditions=["exact"], strategies=["full", "top-2"], n=100, n_boot=20, w2_boot=3,
+                   log=lambda line: None)
+    with pytest.raises(KeyboardInterrupt):
+        study.study_misalignment(cfg, tmp_path / "cut", **options)
+    parts = tmp_path / "cut" / "measure" / "exact_s0.parts.json"
+    assert list(json.loads(parts.read_text())["strategies"]) == ["full"]
+    resumed = study.study_misalignment(cfg, tmp_path / "cut", **options)
+    assert measured == ["full", "top-2", "top-2"] and not parts.exists()  # full was not measured again
+    whole = study.study_misalignment(cfg, tmp_path / "whole", **options)
+    assert resumed["conditions"]["exact"]["table"] == whole["conditions"]["exact"]["table"]

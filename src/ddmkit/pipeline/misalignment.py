@@ -13,7 +13,9 @@ loaded DDM and share the run of their base, which they never write. Exact expert
 the training seed: those conditions are measured once.
 
 DIR/measure/{condition}_s{seed}.json holds one measurement (every strategy, with bootstrap replicates
-over samples), skipped when it exists with the same settings. DIR/report.md, study.json and
+over samples), skipped when it exists with the same settings; while it is being measured, the finished
+strategies are kept in {condition}_s{seed}.parts.json, so an interrupted measurement resumes at the next
+strategy (the noise and labels are the same at every start). DIR/report.md, study.json and
 plots/quality_vs_stability.png summarise them (ddmkit.pipeline.misalignment_report): per condition and
 strategy the mean over seeds with a 95% t-interval across seeds and a 95% bootstrap interval over samples.
 
@@ -28,6 +30,7 @@ expert.train.device); training runs where the config says.
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -260,11 +263,13 @@ def shard_shares(folder: RunFolder, truth, train: ArrayData) -> torch.Tensor:
 
 
 def measure_cell(cond: Condition, folder: RunFolder, seed: int, settings: dict, log: Log,
-                 device: torch.device = torch.device("cpu")) -> dict:
+                 device: torch.device = torch.device("cpu"), kept: dict | None = None,
+                 keep: Callable[[dict], None] = lambda per: None) -> dict:
     """Every strategy under one condition and training seed, and the condition's mechanism: the router's
     TV distance to the exact shard posterior and the experts' error against their shards' exact
     velocities (posterior-weighted), averaged over t = 0.05, 0.15, ..., 0.95 on held-out data. Networks,
-    truth and data on `device` (the noise drawn on the CPU and moved there: the same on every device)."""
+    truth and data on `device` (the noise drawn on the CPU and moved there: the same on every device).
+    kept: strategies measured before (not measured again); keep(per) is called after each strategy."""
     train, test = load_split(folder.root, "train"), load_split(folder.root, "test")
     truth, n, s = test.truth.to(device=device), settings["n"], settings["sample_seed"]
     manifest, ptensors = load_partition(folder.partition)
@@ -273,8 +278,11 @@ def measure_cell(cond: Condition, folder: RunFolder, seed: int, settings: dict, 
     ddm = apply_router(exact if cond.exact else load_ddm(folder.root, device), cond)
     x1 = start_noise(n, ddm.data_shape, s, device)
     reference, scale = test.x[:n].to(device), data_scale(test.x)
-    per = {}
+    per = dict(kept or {})
     for name in settings["strategies"]:
+        if name in per:
+            log(f"  {cond.name} seed {seed} {name}: kept from an earlier call")
+            continue
         start = time.perf_counter()
         per[name] = measure_strategy(ddm, name, x1, truth, reference, scale, settings["steps"], settings["solver"],
                                      s, settings["jvp_rows"], settings["max_steps"], settings["n_boot"],
@@ -282,6 +290,7 @@ def measure_cell(cond: Condition, folder: RunFolder, seed: int, settings: dict, 
         v = per[name]["value"]
         log(f"  {cond.name} seed {seed} {name}: NLL {v['nll']:.4g}, W2 {v['w2']:.4g}, Delta_refine "
             f"{v['delta_refine']:.4g}, field error {v['field_error']:.4g} ({time.perf_counter() - start:.1f}s)")
+        keep(per)
     held = heldout_errors(ddm, test.x[-n:].to(device), T_GRID, {}, s, exact=exact)
     mechanism = {"t": T_GRID, "router_tv": held["router_tv"], "expert_error": [float(np.mean(e)) for e in
                                                                                 held["expert_vs_exact"]]}
@@ -321,9 +330,11 @@ def image_mechanism(plain, test, folder: RunFolder, rows: int, seed: int, device
 
 
 def measure_image_cell(cond: Condition, folder: RunFolder, seed: int, settings: dict, score: Callable, log: Log,
-                       device: torch.device = torch.device("cpu")) -> dict:
+                       device: torch.device = torch.device("cpu"), kept: dict | None = None,
+                       keep: Callable[[dict], None] = lambda per: None) -> dict:
     """Every strategy under one condition and training seed on images (measure_image_strategy), from the same
-    noise and class labels as a run's sample sets, and the experts' own- and other-cluster errors."""
+    noise and class labels as a run's sample sets, and the experts' own- and other-cluster errors. kept:
+    strategies measured before (not measured again); keep(per) is called after each strategy."""
     test = load_split(folder.root, "test")
     n, s = settings["n"], settings["sample_seed"]
     plain = load_ddm(folder.root, device)  # guidance 1: the field the experts were trained to predict
@@ -331,20 +342,40 @@ def measure_image_cell(cond: Condition, folder: RunFolder, seed: int, settings: 
     x1 = start_noise(n, ddm.data_shape, s, device)
     y = sample_labels(ddm.num_classes, n, s, device)
     scale = data_scale(test.x)
-    per = {}
+    per = dict(kept or {})
     for name in settings["strategies"]:
+        if name in per:
+            log(f"  {cond.name} seed {seed} {name}: kept from an earlier call")
+            continue
         start = time.perf_counter()
         per[name] = measure_image_strategy(ddm, name, x1, score, scale, settings["steps"], settings["solver"], s, y,
                                            settings["stability_rows"], settings["n_boot"], settings["batch_size"])
         v = per[name]["value"]
         log(f"  {cond.name} seed {seed} {name}: FID {v['fid']:.4g}, KID {v['kid']:.4g}, Delta_refine "
             f"{v['delta_refine']:.4g}, amplification {v['amp']:.4g} ({time.perf_counter() - start:.1f}s)")
+        keep(per)
     mechanism = image_mechanism(plain, test, folder, min(n, len(test)), s, device)
     return {"condition": cond.name, "seed": seed, "run": str(folder.root), "strategies": per, "mechanism": mechanism}
 
 
 def measure_path(out: Path, cond: Condition, seed: int) -> Path:
     return out / "measure" / f"{safe_name(cond.name)}_s{seed}.json"
+
+
+def parts_path(path: Path) -> Path:
+    """Where the strategies of an unfinished measurement are kept (CONDITION_sSEED.parts.json)."""
+    return path.with_name(path.stem + ".parts.json")
+
+
+def keep_parts(path: Path, key: str, per: dict) -> None:
+    """Keep the strategies measured so far."""
+    write_json(parts_path(path), {"key": key, "strategies": per})
+
+
+def kept_parts(path: Path, key: str) -> dict:
+    """The strategies an interrupted measurement with the same key finished; {} when there are none."""
+    parts = parts_path(path)
+    return read_json(parts)["strategies"] if parts.exists() and read_json(parts).get("key") == key else {}
 
 
 # ----- the study ----------------------------------------------------------------------------------------------------
@@ -427,17 +458,21 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
                 check_condition(cond, folder)
                 if threads:
                     torch.set_num_threads(threads)
+                kept = kept_parts(path, key)
+                keep = functools.partial(keep_parts, path, key)
                 with run_lock(folder.root):
                     if images:
                         if not scoring:
                             scoring.update(zip(("score", "floor"), image_scorer(cfg, folder, n, extractor)))
-                        cell = measure_image_cell(cond, folder, seed, settings, scoring["score"], log, device)
+                        cell = measure_image_cell(cond, folder, seed, settings, scoring["score"], log, device,
+                                                  kept, keep)
                         cell["floor"] = scoring["floor"]  # the report needs no run folder when all is measured
                     else:
-                        cell = measure_cell(cond, folder, seed, settings, log, device)
+                        cell = measure_cell(cond, folder, seed, settings, log, device, kept, keep)
                     result = {"key": key, **cell, "device": str(device)}
                 torch.set_num_threads(before)
                 write_json(path, result)
+                parts_path(path).unlink(missing_ok=True)
                 measures[name].append(result)
     finally:
         torch.set_num_threads(before)
