@@ -11,7 +11,8 @@ stacked on one GPU take against the monolith trained on the same samples?
 --mode single (the default): one training step is what an expert's training does per batch: the
 flow-matching loss (ddmkit.flow.flow_matching_loss) of the expert network (ddmkit.nets.VelocityMLP,
 or ddmkit.nets.UNet with channels WIDTH/2W/2W and attention at 8x8, as the image config's experts),
-backward, AdamW. Variants: eager, channels-last (UNet), and each under torch.compile with --compile.
+backward, AdamW (fused on a GPU, as fit()). Variants: eager, channels-last (UNet), and each under
+torch.compile with --compile (in --compile-mode).
 FLOPs per step are counted by PyTorch's FlopCounterMode over forward and backward (the optimiser's
 few FLOPs per parameter are left out). The peak is a large square matrix product (bf16 8192^3 on a
 GPU, float32 2048^3 on a CPU), the median of 10 after warm-up: the ceiling the network's matrix
@@ -116,13 +117,13 @@ def step_flops(model, x, gen, precision) -> float:
 def measure(variant: str, batch: int, args, device, precision) -> dict:
     channels_last = "channels_last" in variant
     model, shape = build(args, device, channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")  # as fit()
     gen = torch.Generator(device=device).manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     data = [torch.randn(batch, *shape, device=device) for _ in range(4)]
     data = [x.contiguous(memory_format=fmt) if x.dim() == 4 else x for x in data]
     flops = step_flops(model, data[0], gen, precision)
-    step_model = torch.compile(model) if "compile" in variant else model
+    step_model = torch.compile(model, mode=args.compile_mode) if "compile" in variant else model
     start = time.perf_counter()
     for i in range(args.warmup):
         train_step(step_model, opt, data[i % 4], gen, precision)
@@ -286,7 +287,8 @@ def parse_args(argv=None):
     p.add_argument("--expert-batch", type=int, default=None,
                    help="--mode stacked: batch of each expert (default: the config's); the monolith's is K times it")
     p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
-                   help="--mode stacked: train.compile_mode of the compile rows")
+                   help="torch.compile mode of the compile rows (train.compile_mode); reduce-overhead replays "
+                        "each step as a CUDA graph")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     args = p.parse_args(argv)
     if args.quick and args.mode == "stacked":
@@ -315,7 +317,8 @@ def main(argv=None) -> None:
           f"{args.width}; bf16 {args.bf16}; {args.steps} timed steps after {args.warmup}\n"
           f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s", flush=True)
     variants = ["eager"] + (["eager channels_last"] if args.experts == "unet" else [])
-    variants += [v.replace("eager", "compile") for v in variants] if args.compile else []
+    compiled = "compile" if args.compile_mode == "default" else f"compile {args.compile_mode}"
+    variants += [v.replace("eager", compiled) for v in variants] if args.compile else []
     print("\n| variant | batch | samples/s | ms/step | GFLOP/sample (fwd+bwd) | TFLOP/s | share of matmul peak |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for variant in variants:
