@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_images.sh evaluate   # carry .inc_whl .inc_b        (ddmkit run --stages evaluate:
 #                                            #  sampling, FID/KID, report; then the CUDA-graph tests)
 #   bash benchmarks/gpu_images.sh sampling   # carry .inc_whl               (benchmarks/sampling.py, UNet experts)
-#   bash benchmarks/gpu_images.sh training   # carry .inc_whl               (benchmarks/training.py, UNet expert)
+#   bash benchmarks/gpu_images.sh training [OPTIONS]  # carry .inc_whl      (benchmarks/training.py, UNet expert;
+#                                            #  OPTIONS: more of its options, e.g. --mode stacked --nets unet)
 # evaluate needs the run folder that train left (runs/ is kept on a warm machine between calls).
 # .inc_whl: pydantic and its needs as cp312 wheels (the machine has the rest); .inc_diff: the diffusers wheel
 # (latent configs only: carry it with them); .data: the
@@ -37,7 +38,8 @@ elif [ "$1" = sampling ]; then
     --steps 2 --repeats 5 --warm-runs 8 --speed eager streams graphs graphs+streams --json "$OUT/sampling.json" \
     2>&1 | tee "$OUT/sampling.log"
 elif [ "$1" = training ]; then
-  timeout $(left 590) python3 benchmarks/training.py --device cuda --bf16 --compile 2>&1 | tee "$OUT/training.log"
+  shift  # further options go to benchmarks/training.py, e.g. --compile-mode reduce-overhead, --mode stacked
+  timeout $(left 590) python3 benchmarks/training.py --device cuda --bf16 --compile "$@" 2>&1 | tee "$OUT/training.log"
 else
   echo "usage: bash benchmarks/gpu_images.sh train|evaluate|sampling|training"; exit 2
 fi
