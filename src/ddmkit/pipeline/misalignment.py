@@ -375,7 +375,8 @@ def keep_parts(path: Path, key: str, per: dict) -> None:
 def kept_parts(path: Path, key: str) -> dict:
     """The strategies an interrupted measurement with the same key finished; {} when there are none."""
     parts = parts_path(path)
-    return read_json(parts)["strategies"] if parts.exists() and read_json(parts).get("key") == key else {}
+    kept = read_json(parts) if parts.exists() else {}
+    return kept["strategies"] if kept.get("key") == key else {}
 
 
 # ----- the study ----------------------------------------------------------------------------------------------------
@@ -442,8 +443,9 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
                 folder = RunFolder(run_dir(out, cond, seed))
                 path = measure_path(out, cond, seed)
                 key = json_digest({"settings": settings, "run": cell_cfg.digest(), "condition": name, "seed": seed})
-                if path.exists() and read_json(path).get("key") == key:
-                    measures[name].append(read_json(path))
+                measured = read_json(path) if path.exists() else {}
+                if measured.get("key") == key:
+                    measures[name].append(measured)
                     continue
                 if stages == "report":
                     missing.append(f"{name} seed {seed}")
