@@ -7,6 +7,8 @@ stacked on one GPU take against the monolith trained on the same samples?
     python benchmarks/training.py --device cpu --experts mlp --batches 256 1024 --steps 20
     python benchmarks/training.py --mode stacked --quick                 # CPU, tiny networks: a check
     python benchmarks/training.py --mode stacked --device cuda --compile # GPU: K = 8 experts, a few minutes
+    python benchmarks/training.py --mode stacked --device cuda --nets unet --profile --steps 20
+                                                     # where the experts' time goes, operator by operator
 
 --mode single (the default): one training step is what an expert's training does per batch: the
 flow-matching loss (ddmkit.flow.flow_matching_loss) of the expert network (ddmkit.nets.VelocityMLP,
@@ -148,10 +150,10 @@ def class_data(shape, n: int, classes: int, device) -> tuple[torch.Tensor, torch
     return (means[labels] + 0.5 * torch.randn(n, *shape, generator=gen)).to(device), labels.to(device)
 
 
-def timed_fit(model, cfg, k: int, stacked: bool, shape, args, device) -> dict:
+def timed_fit(model, cfg, k: int, stacked: bool, shape, args, device, profiler=None) -> dict:
     """fit() `model` (stacked: k experts of batch cfg.train.batch_size each; else one network) for
     warmup + steps steps; the time of the last `steps` (GPU synchronised), the mean loss per sample
-    over them and the peak GPU memory."""
+    over them and the peak GPU memory. A torch.profiler `profiler` is entered with the first timed step."""
     x_all, y_all = class_data(shape, 4096, cfg.net.kwargs.get("num_classes", 0), device)
     num_classes, b = cfg.net.kwargs.get("num_classes", 0), cfg.train.batch_size
     clock = {"loss": 0.0}
@@ -166,6 +168,8 @@ def timed_fit(model, cfg, k: int, stacked: bool, shape, args, device) -> dict:
         if step == args.warmup:
             sync(device)
             clock["start"] = time.perf_counter()
+            if profiler is not None:
+                profiler.__enter__()
         if stacked:  # sum over experts of each expert's mean loss, as ddmkit's concurrent path
             x, y = draw(gen, (k, b))
             per_row = lambda xt, t: m(xt.unflatten(0, (k, b)), t.unflatten(0, (k, b)), y).flatten(0, 1)
@@ -181,6 +185,8 @@ def timed_fit(model, cfg, k: int, stacked: bool, shape, args, device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     fit(model, batch_loss, cfg.train, device=device)
     sync(device)
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
     seconds = (time.perf_counter() - clock["start"]) / args.steps
     return {"ms_per_step": 1e3 * seconds, "samples_per_s": (k if stacked else 1) * b / seconds,
             "loss": float(clock["loss"]) / args.steps,
@@ -262,6 +268,47 @@ def run_stacked(args, device) -> None:
     print(f"[{time.perf_counter() - start:.0f} s] done", file=sys.stderr, flush=True)
 
 
+def op_times(profiler, device, steps: int) -> dict[str, float]:
+    """Self time per step (ms) of each operator in a finished profile: device time on CUDA (the kernels
+    an operator launched, backward included), CPU time on a CPU."""
+    cuda = device.type == "cuda"
+    return {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps
+            for e in profiler.key_averages()}
+
+
+def run_profile(args, device) -> None:
+    """Where the stacked experts' time goes against the monolith's: the same fit() as the table, under
+    torch.profiler for the timed steps, compared operator by operator (per step)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    activities += [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    compiled = args.compile and device.type == "cuda"
+    mode = args.compile_mode if compiled else "no"
+    for net in args.nets:
+        times = {}
+        for kind in ("monolith", "stacked"):
+            model, cfg, k, shape = stacked_job(net, kind, device.type == "cuda", compiled, args, device)
+            profiler = torch.profiler.profile(activities=activities)
+            r = timed_fit(model, cfg, k, kind == "stacked", shape, args, device, profiler)
+            times[kind] = op_times(profiler, device, args.steps)
+            print(f"[{net}: {kind} profiled, {r['ms_per_step']:.1f} ms/step under the profiler]",
+                  file=sys.stderr, flush=True)
+            del model
+            torch._dynamo.reset()
+        total = {kind: sum(t.values()) for kind, t in times.items()}
+        what = "device" if device.type == "cuda" else "CPU"
+        print(f"\n## {net}: self {what} time per step by operator (compile {mode}, {args.steps} profiled steps)\n")
+        print(f"| operator | monolith ms | experts ms | experts - monolith ms | share of the difference |")
+        print("|---|---:|---:|---:|---:|")
+        gap = total["stacked"] - total["monolith"]
+        ops = sorted(set(times["monolith"]) | set(times["stacked"]),
+                     key=lambda o: -abs(times["stacked"].get(o, 0.0) - times["monolith"].get(o, 0.0)))
+        for op in ops[:args.profile_rows]:
+            m, e = times["monolith"].get(op, 0.0), times["stacked"].get(op, 0.0)
+            print(f"| {op[:70]} | {m:.2f} | {e:.2f} | {e - m:+.2f} | {(e - m) / gap:.0%} |" if gap else
+                  f"| {op[:70]} | {m:.2f} | {e:.2f} | {e - m:+.2f} | - |")
+        print(f"| all operators | {total['monolith']:.2f} | {total['stacked']:.2f} | {gap:+.2f} | 100% |", flush=True)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["single", "stacked"], default="single",
@@ -290,6 +337,10 @@ def parse_args(argv=None):
                    help="torch.compile mode of the compile rows (train.compile_mode); reduce-overhead replays "
                         "each step as a CUDA graph")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    p.add_argument("--profile", action="store_true",
+                   help="--mode stacked: instead of the table, profile the monolith and the stacked experts "
+                        "(bf16 on CUDA; compiled with --compile) and compare their time operator by operator")
+    p.add_argument("--profile-rows", type=int, default=25, help="--profile: operators shown (largest differences)")
     args = p.parse_args(argv)
     if args.quick and args.mode == "stacked":
         args.device, args.steps, args.warmup, args.k, args.expert_batch = "cpu", 3, 1, 2, 4
@@ -309,7 +360,7 @@ def main(argv=None) -> None:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.mode == "stacked":
         os.environ.setdefault("DDMKIT_QUIET", "1")  # fit()'s progress bars; this script reports its own
-        return run_stacked(args, device)
+        return run_profile(args, device) if args.profile else run_stacked(args, device)
     precision = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     peak = matmul_peak(device, 1024 if args.quick else None)
