@@ -1,6 +1,7 @@
 """Command-line conventions: --version, --set FIELD=VALUE, --device, defaults in --help, TensorBoard
 logs of the training losses, and progress bars (nested ones share one display)."""
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -102,6 +103,21 @@ def test_every_help_shows_every_default(ddmkit, monkeypatch):
                  and not p.required and p.name != "help" and not (p.is_flag and not p.secondary_opts)]
         assert code == 0 and out.count("[default:") == len(shown), (path, [p.name for p in shown])
     assert "[default: runs/run]" in ddmkit("run", "--help")[1]
+
+
+def test_help_prints_square_brackets_as_written(ddmkit, monkeypatch):
+    """Help texts are plain text, not rich markup: '[expert]' or 'sample-K[@T]' stay in --help instead of
+    being read as style tags and dropped."""
+    monkeypatch.setenv("COLUMNS", "400")
+    checked = 0
+    for path, command in commands(typer.main.get_command(app)):
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        brackets = {b for text in texts for b in re.findall(r"\S*\[[^\]\s]*\]\S*", text)}
+        if brackets:
+            out = ddmkit(*path, "--help")[1]
+            assert all(b in out for b in brackets), (path, [b for b in brackets if b not in out])
+            checked += 1
+    assert checked >= 3  # train-expert's [expert], sample's sample-K[@T], every --set's example
 
 
 def test_tensorboard_event_files_hold_the_logged_losses(ddmkit, shard, tmp_path):

@@ -702,9 +702,22 @@ def distill_run_cmd(
                 report)
 
 
+def plain_help(command) -> None:
+    """Escape the help texts of a click command and its sub-commands for rich, which renders them as markup:
+    '[expert]' or 'sample-K[@T]' would be read as style tags and vanish from --help."""
+    command.help = escape(command.help) if command.help else command.help
+    for param in command.params:
+        if getattr(param, "help", None):
+            param.help = escape(param.help)
+    for sub in getattr(command, "commands", {}).values():
+        plain_help(sub)
+
+
 def main() -> None:
+    command = typer.main.get_command(app)
+    plain_help(command)
     try:
-        app()
+        command()
     except DDMError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
