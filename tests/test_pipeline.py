@@ -297,7 +297,7 @@ def test_cli_messages_print_brackets_as_they_are(capsys, monkeypatch):
 
     def failing():
         raise DDMError("backend 'ray' needs Ray: pip install 'ddmkit[ray]'")
-    monkeypatch.setattr(cli_module, "app", failing)
+    monkeypatch.setattr(cli_module, "run_app", failing)
     with pytest.raises(SystemExit) as exit_info:
         cli_module.main()
     assert exit_info.value.code == 2 and "pip install 'ddmkit[ray]'" in capsys.readouterr().err

@@ -713,11 +713,16 @@ def plain_help(command) -> None:
         plain_help(sub)
 
 
-def main() -> None:
+def run_app() -> None:
+    """The ddmkit command line, its help texts escaped for rich (plain_help)."""
     command = typer.main.get_command(app)
     plain_help(command)
+    command()
+
+
+def main() -> None:
     try:
-        command()
+        run_app()
     except DDMError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
