@@ -348,7 +348,8 @@ def parse_args(argv=None):
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--profile", action="store_true",
                    help="--mode stacked: instead of the table, profile the monolith and the stacked experts "
-                        "(bf16 on CUDA; compiled with --compile) and compare their time operator by operator")
+                        "(bf16 on CUDA; compiled with --compile, in the default --compile-mode: CUDA graphs hide "
+                        "their kernels from the profiler) and compare their time operator by operator")
     p.add_argument("--profile-rows", type=int, default=25, help="--profile: operators shown (largest differences)")
     args = p.parse_args(argv)
     if args.quick and args.mode == "stacked":
