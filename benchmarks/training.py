@@ -300,22 +300,22 @@ def run_profile(args, device) -> None:
                   file=sys.stderr, flush=True)
             del model
             torch._dynamo.reset()
-        total = {kind: sum(t.values()) for kind, t in times.items()}
         what = "device" if device.type == "cuda" else "CPU"
         print(f"\n## {net}: self {what} time per step by operator (compile {mode}, {args.steps} profiled steps)\n")
         plain = "stacked plain" in times
         print("| operator | monolith ms | experts ms | experts - monolith ms | share of the difference |"
               + (" experts, plain GroupNorm ms |" if plain else ""))
         print("|---|---:|---:|---:|---:|" + ("---:|" if plain else ""))
-        gap = total["stacked"] - total["monolith"]
-        ops = sorted(set().union(*times.values()),
-                     key=lambda o: -abs(times["stacked"].get(o, 0.0) - times["monolith"].get(o, 0.0)))
+        time_of = lambda kind, op: times[kind].get(op, 0.0)
+        ops = sorted(set().union(*times.values()), key=lambda op: -abs(time_of("stacked", op) - time_of("monolith", op)))
+        for t in times.values():
+            t["all operators"] = sum(t.values())
+        gap = time_of("stacked", "all operators") - time_of("monolith", "all operators")
         for op in ops[:args.profile_rows] + ["all operators"]:
-            m, e = (total[kind] if op == "all operators" else times[kind].get(op, 0.0) for kind in ("monolith", "stacked"))
+            m, e = time_of("monolith", op), time_of("stacked", op)
             share = f"{(e - m) / gap:.0%}" if gap else "-"
-            extra = (total["stacked plain"] if op == "all operators" else times["stacked plain"].get(op, 0.0)) if plain else None
-            print(f"| {op[:70]} | {m:.2f} | {e:.2f} | {e - m:+.2f} | {share} |" + (f" {extra:.2f} |" if plain else ""),
-                  flush=True)
+            print(f"| {op[:70]} | {m:.2f} | {e:.2f} | {e - m:+.2f} | {share} |"
+                  + (f" {time_of('stacked plain', op):.2f} |" if plain else ""), flush=True)
 
 
 def parse_args(argv=None):
