@@ -62,6 +62,7 @@ def test_intervals_and_the_compute_to_reach_a_target():
     assert reach(series, 0.5) is None
     assert ratio_text(0.25, 0.25) == "<= 0.25x (already at the smallest budget)"  # an upper bound only
     assert ratio_text(0.354, 0.25) == "0.354x" and ratio_text(None, 0.25) == "never"
+    assert ratio_text(None, 0.25, [0.5, 1.0]) == "not yet (budgets 0.5, 1 not scored)"  # a partial report
 
 
 def test_the_compute_ratio_counts_the_router():
@@ -153,6 +154,8 @@ def test_a_sweep_trained_now_and_scored_later(tmp_path):
     assert json.loads((out / "sweep.json").read_text())["table"]["monolith"]["0.5"]["n"] == 1
     bad = cli(*grid, "--stages", "sample")
     assert bad.returncode == 2 and "--stages" in bad.stderr
+    misplaced = cli(*grid, "--partial")
+    assert misplaced.returncode == 2 and "--partial: only with --stages report" in misplaced.stderr
 
 
 def test_the_report_from_cells_scored_elsewhere(tmp_path):
@@ -165,6 +168,12 @@ def test_the_report_from_cells_scored_elsewhere(tmp_path):
     for cell in ("k2_b0.5_s0", "k2_b1_s0"):
         (elsewhere / cell).mkdir(parents=True)
         (elsewhere / cell / "metrics.json").write_bytes((out / cell / "metrics.json").read_bytes())
+        if cell == "k2_b0.5_s0":  # one of two cells brought back: --partial reports it, naming the other
+            half = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "report", "--partial")
+            assert half.returncode == 0, half.stderr
+            partial = json.loads((elsewhere / "sweep.json").read_text())
+            assert partial["missing"] == ["k2_b1_s0"] and list(partial["table"]["monolith"]) == ["0.5"]
+            assert "left out (k2_b1_s0)" in (elsewhere / "sweep.md").read_text()
     done = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "report")
     assert done.returncode == 0, done.stderr
     want, got = (json.loads((d / "sweep.json").read_text()) for d in (out, elsewhere))

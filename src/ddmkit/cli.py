@@ -346,6 +346,8 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
           stages: str = typer.Option("all", help="train (every cell, no report), evaluate (score cells trained "
                                      "before, write the report), all, or report (only the report, from every "
                                      "cell's metrics.json: cells scored on other machines)"),
+          partial: bool = typer.Option(False, help="with --stages report: report the cells scored so far, "
+                                       "naming the others (a grid still being measured)"),
           backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
           workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU core without GPUs)"),
           device: Optional[str] = DEVICE,
@@ -358,12 +360,13 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
 
     check_backend(backend)
     report = run_sweep(_config(config, None, set_, device), out, list(k), list(budget), list(seed), all_seeds, force,
-                       log, backend, workers, stages, monolith_k)
+                       log, backend, workers, stages, monolith_k, partial)
     if report is None:
         return
     for kk, ratio in report["compute_ratio"].items():
         log(f"K={kk}: compute at which its best, {report['best'][kk]}, reaches the monolith's final "
-            f"{report['metric']}: {ratio_text(ratio, report['compute_smallest'][kk])}")
+            f"{report['metric']}: "
+            f"{ratio_text(ratio, report['compute_smallest'][kk], report['unscored'][kk])}")
 
 
 @app.command()

@@ -148,9 +148,11 @@ def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[
         raise DDMError(f"sweep: --k {max(ks)} is larger than data.n_train ({cfg.data.n_train}); lower --k")
 
 
-def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int) -> list[dict]:
+def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int,
+                 partial: bool = False) -> tuple[list[dict], list[str]]:
     """The results of cells scored before, read from OUT/CELL/metrics.json alone (e.g. cells scored on other
-    machines, their metrics.json brought back): every cell of the grid must have one, made with its config."""
+    machines, their metrics.json brought back), and the names of the grid's cells that have none. Every
+    cell must have one, made with its config; with partial, cells without one are left out (named)."""
     results, missing, other = [], [], []
     for k, b, s in todo:
         folder = RunFolder(cell_dir(out, k, b, s))
@@ -162,13 +164,15 @@ def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int) -> l
             other.append(folder.root.name)
             continue
         results.append({"k": k, "budget": b, "seed": s, "rows": metrics["rows"]})
-    if missing:
-        raise DDMError(f"--stages report: cells {', '.join(missing)} have no {out}/CELL/metrics.json; score them "
-                       "with --stages evaluate (or all), or copy each cell's metrics.json there")
     if other:
         raise DDMError(f"--stages report: the metrics.json of cells {', '.join(other)} in {out} were made with "
                        "another config; give the config and the --set options they were made with")
-    return results
+    if missing and (not partial or not results):
+        fix = ("" if partial else "; or add --partial for a report of the scored cells alone (the others "
+               "named in it)")
+        raise DDMError(f"--stages report: cells {', '.join(missing)} have no {out}/CELL/metrics.json; score them "
+                       f"with --stages evaluate (or all), or copy each cell's metrics.json there{fix}")
+    return results, missing
 
 
 def data_shape(cfg: RunConfig, out: Path, todo: list[tuple]) -> tuple[int, ...]:
@@ -198,10 +202,13 @@ def grid_flops(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
 
 
 def write_report(cfg: RunConfig, results: list[dict], out: Path, ks: list[int], budgets: list[float],
-                 strategies: list[str], mono_k: int, shape: tuple[int, ...], log: Log) -> dict:
-    """OUT/sweep.json, sweep.md and plots/sweep.png from the cells' results; returns the report's data."""
+                 strategies: list[str], mono_k: int, shape: tuple[int, ...], log: Log,
+                 missing: list[str] = ()) -> dict:
+    """OUT/sweep.json, sweep.md and plots/sweep.png from the cells' results (missing: the grid's cells
+    left out, named in the report); returns the report's data."""
     flops = grid_flops(cfg, ks, budgets, mono_k, shape)
     report = {**summarize(results, ks, budgets, strategies, flops["compute"]), "monolith_k": mono_k,
+              "missing": list(missing),
               "router_flops": {key: {f"{b:g}": v for b, v in per.items()} for key, per in flops["router"].items()}}
     write_json(out / "sweep.json", report)
     plot_sweep(curves(report), report["metric"], out / "plots" / "sweep.png")
@@ -219,23 +226,29 @@ def curves(report: dict) -> dict[str, list[tuple[float, float, float, float]]]:
 
 def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], seeds: list[int],
           all_seeds: bool = False, force: bool = False, log: Log = print, backend: str = "inline",
-          workers: int | None = None, stages: str = "all", monolith: int | None = None) -> dict | None:
+          workers: int | None = None, stages: str = "all", monolith: int | None = None,
+          partial: bool = False) -> dict | None:
     """Run every cell (skipping what is done) and write the report; returns the report's data.
     monolith: the K whose cells train the monolith (default: monolith_k's choice), for a grid split
     into parts run one by one (on several machines or sessions): every part gives the whole grid's K.
     stages = "train" trains every cell and writes no report (None); "evaluate" scores cells trained
     before (a GPU session can train the grid and a later one score it); "report" trains and scores
-    nothing: the report from every cell's metrics.json (cells scored on several machines)."""
+    nothing: the report from every cell's metrics.json (cells scored on several machines); with partial,
+    from the cells that have one (a grid still being measured), naming the others."""
     check_grid(cfg, ks, budgets, seeds)
     if stages not in SWEEP_STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(SWEEP_STAGES)}")
+    if partial and stages != "report":
+        raise DDMError(f"--partial: only with --stages report (got --stages {stages}); score the missing cells, "
+                       "then report with --stages report --partial")
     out = Path(out)
     todo = cells(ks, budgets, seeds, all_seeds)
     mono_k = monolith_k(cfg, ks, monolith)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
     if stages == "report":
-        return write_report(cfg, scored_cells(cfg, out, todo, mono_k), out, ks, budgets, strategies, mono_k,
-                            data_shape(cfg, out, todo), log)
+        results, missing = scored_cells(cfg, out, todo, mono_k, partial)
+        return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, out, todo), log,
+                            missing)
     if stages == "evaluate":
         untrained = [cell_dir(out, k, b, s).name for k, b, s in todo
                      if untrained_parts(cell_config(cfg, k, b, s, k == mono_k), cell_dir(out, k, b, s))]
@@ -327,6 +340,7 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
     mono = table.get(MONOLITH, {})
     target = mono[max(mono)]["mean"] if mono else math.nan
     ratio, smallest = {}, {}
+    unscored = {k: [b for b in sorted(budgets) if b not in table[key]] for k, key in best.items()}  # partial reports
     if mono:
         unit = compute[MONOLITH][max(mono)]  # the monolith's training FLOPs at the largest budget
         for k, key in best.items():
@@ -336,7 +350,8 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
             smallest[k] = min(c for c, _ in points) / unit
     return {"metric": name, "budgets": sorted(budgets), "ks": ks, "strategies": strategies,
             "table": as_text(table), "kid_table": as_text(kid_table), "compute": as_text(compute),
-            "best": best, "monolith_final": target, "compute_ratio": ratio, "compute_smallest": smallest,
+            "best": best, "monolith_final": target, "monolith_budget": max(mono) if mono else None, "compute_ratio": ratio, "compute_smallest": smallest,
+            "unscored": unscored,
             "cells": results}
 
 
@@ -355,12 +370,14 @@ def reach(points: list[tuple[float, float]], target: float) -> float | None:
     return None
 
 
-def ratio_text(ratio: float | None, smallest: float) -> str:
-    """A compute ratio in words: "never" when no budget reaches the target; "<= r x" when the series'
+def ratio_text(ratio: float | None, smallest: float, unscored: list[float] = ()) -> str:
+    """A compute ratio in words: "never" when no budget reaches the target, or "not by budget b" when
+    some budgets of the series are not scored yet (a partial report); "<= r x" when the series'
     smallest budget already reaches it (the ratio is then an upper bound)."""
     if ratio is None:
-        return "never"
-    return f"<= {ratio:.3g}x (already at the smallest budget)" if ratio == smallest else f"{ratio:.3g}x"
+        return "never" if not unscored else f"not yet (budgets {', '.join(f'{b:g}' for b in unscored)} not scored)"
+    scored = " scored" if unscored else ""
+    return f"<= {ratio:.3g}x (already at the smallest{scored} budget)" if ratio == smallest else f"{ratio:.3g}x"
 
 
 def render(report: dict) -> str:
@@ -380,7 +397,8 @@ KID x 1e3 (lower is better) of the same samples:
 
 {table(report["kid_table"])}
 """
-    ratios = [[f"K={k}", report["best"][k], ratio_text(r, report["compute_smallest"][k])]
+    ratios = [[f"K={k}", report["best"][k], ratio_text(r, report["compute_smallest"][k],
+                                                                  report["unscored"][k])]
               for k, r in report["compute_ratio"].items()]
     return f"""# ddmkit sweep: quality against training compute
 
@@ -388,7 +406,7 @@ KID x 1e3 (lower is better) of the same samples:
 Budgets are in units of the config's total training samples: at one budget every K's experts together
 and the monolith see the same number. A cell is the mean over training seeds with a 95% t-interval and
 n, the number of seeds, where there is more than one.
-
+{missing_text(report)}
 {table(report["table"])}
 {full_aliases(report)}{kid}
 Training compute in FLOPs (forward and backward, counted by PyTorch's FlopCounterMode): a DDM's experts
@@ -403,6 +421,13 @@ monolith's own:
 
 {reach_text(report, ratios)}
 """
+
+
+def missing_text(report: dict) -> str:
+    """A note naming the grid's cells left out of a partial report (not scored yet), or nothing."""
+    missing = report.get("missing") or []
+    return "" if not missing else (f"\nA partial report: {len(missing)} cells of the grid are not scored yet and "
+                                   f"left out ({', '.join(missing)}); a \"-\" marks a budget with none.\n")
 
 
 def full_aliases(report: dict) -> str:
@@ -429,8 +454,8 @@ def reach_text(report: dict, ratios: list[list[str]]) -> str:
         return (f"This grid has no monolith cells: the monolith is trained in the cells of K = "
                 f"{report['monolith_k']}. Report a grid that includes them (`--stages report` over "
                 "every part's cells) for the compute ratio.")
-    return f"""The monolith's {report['metric']} at the largest budget is {report['monolith_final']:.4g}; the training
-FLOPs (experts + router) at which each K's best strategy reaches it, interpolated in log compute, as a
-fraction of the monolith's FLOPs at the largest budget:
+    return f"""The monolith's {report['metric']} at its largest budget ({report['monolith_budget']:g}) is {report['monolith_final']:.4g}; the
+training FLOPs (experts + router) at which each K's best strategy reaches it, interpolated in log compute,
+as a fraction of the monolith's FLOPs at that budget:
 
 {markdown_table(["K", "best strategy", "compute ratio"], ratios)}"""
