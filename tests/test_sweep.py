@@ -30,6 +30,16 @@ def test_every_k_and_the_monolith_see_the_same_samples_at_a_budget():
         assert c.expert.train.seed == 3 and c.router.train.seed == 4 and c.monolith.enabled
 
 
+def test_with_scale_batch_every_k_takes_the_same_steps_and_samples():
+    cfg = load_config(TINY)  # k = 4, 60 steps x batch 64 per expert
+    for k, budget in ((2, 1.0), (4, 0.5), (8, 0.5), (1, 2.0)):
+        c, by_steps = cell_config(cfg, k, budget, seed=3, scale="batch"), cell_config(cfg, k, budget, seed=3)
+        assert c.expert.train.steps == budget * 60 and c.expert.train.batch_size * k == 64 * 4
+        samples = c.expert.train.steps * c.expert.train.batch_size * k
+        assert samples == by_steps.expert.train.steps * by_steps.expert.train.batch_size * k == budget * 4 * 60 * 64
+    assert cell_config(cfg, 4, 0.5, 0, scale="batch") == cell_config(cfg, 4, 0.5, 0)  # K_ref: the same cell
+
+
 def test_top_k_is_sampled_once_where_it_is_full_routing():
     cfg = load_config(TINY)  # strategies: monolith, full, top-2, switch, oracle, nearest
     assert cell_config(cfg, 2, 1.0, 0, monolith=False).sample.strategies == ["full", "switch", "oracle", "nearest"]
@@ -138,12 +148,14 @@ def test_a_latent_sweep_trains_one_autoencoder_for_the_grid(tmp_path):
 
 def test_a_sweep_trained_now_and_scored_later(tmp_path):
     out = tmp_path / "sweep"
-    grid = ("sweep", TINY, "--out", out, "--k", "2", "--budget", "0.5")
+    grid = ("sweep", TINY, "--out", out, "--k", "2", "--budget", "0.5", "--scale", "batch")
     early = cli(*grid, "--stages", "evaluate")
     assert early.returncode == 2 and "not trained" in early.stderr and not out.exists()  # refused, nothing written
     trained = cli(*grid, "--stages", "train")
     assert trained.returncode == 0, trained.stderr
     cell = out / "k2_b0.5_s0"
+    train = json.loads((cell / "config.json").read_text())["config"]["expert"]["train"]
+    assert (train["steps"], train["batch_size"]) == (30, 128)  # --scale batch: K_ref's steps, K_ref / K x its batch
     weights = cell / "experts" / "expert_01" / "model.safetensors"
     assert weights.exists() and (cell / "monolith" / "model.safetensors").exists()
     assert not (out / "sweep.md").exists() and not (cell / "report.md").exists()  # trained, not scored
@@ -156,6 +168,8 @@ def test_a_sweep_trained_now_and_scored_later(tmp_path):
     assert bad.returncode == 2 and "--stages" in bad.stderr
     misplaced = cli(*grid, "--partial")
     assert misplaced.returncode == 2 and "--partial: only with --stages report" in misplaced.stderr
+    unknown = cli(*grid[:-1], "batches")
+    assert unknown.returncode == 2 and "--scale: unknown value 'batches'" in unknown.stderr
 
 
 def test_the_report_from_cells_scored_elsewhere(tmp_path):

@@ -348,6 +348,9 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
                                      "cell's metrics.json: cells scored on other machines)"),
           partial: bool = typer.Option(False, help="with --stages report: report the cells scored so far, "
                                        "naming the others (a grid still being measured)"),
+          scale: str = typer.Option("steps", help="how each K's experts take a budget: steps (round(budget x "
+                                    "steps x K_ref / K) steps at the config's batch) or batch (budget x steps "
+                                    "at batch x K_ref / K: every K trains the same steps)"),
           backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
           workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU core without GPUs)"),
           device: Optional[str] = DEVICE,
@@ -360,7 +363,7 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
 
     check_backend(backend)
     report = run_sweep(_config(config, None, set_, device), out, list(k), list(budget), list(seed), all_seeds, force,
-                       log, backend, workers, stages, monolith_k, partial)
+                       log, backend, workers, stages, monolith_k, partial, scale)
     if report is None:
         return
     for kk, ratio in report["compute_ratio"].items():

@@ -5,8 +5,9 @@
 Every cell is an ordinary run folder, OUT/k{K}_b{budget}_s{seed}, made by run_pipeline (so a sweep
 resumes like `ddmkit run`: finished cells and stages are skipped). Budgets are in units of the
 config's total training compute, K_ref x steps x batch with K_ref = partition.k: at budget b every
-K trains each expert for round(b x steps x K_ref / K) steps at the config's batch, so all K and the
-FLOP-matched monolith (K x an expert's steps) see the same number of samples. The monolith is one
+K trains each expert for round(b x steps x K_ref / K) steps at the config's batch (scale="steps"), or
+round(b x steps) steps at batch round(batch x K_ref / K) (scale="batch": every K takes the same steps),
+so all K and the FLOP-matched monolith (K x an expert's steps) see the same number of samples. The monolith is one
 network per budget and seed, trained in the cells of K_ref (else of the first K; or of the K given as
 `monolith`, for a grid split into parts run one by one) and compared with every K: the config's own
 monolith, trained once instead of once per K. The data are the same in every cell and the partition
@@ -47,6 +48,9 @@ from ddmkit.train.flops import per_sample_flops, training_flops
 
 Log = Callable[[str], None]
 SWEEP_STAGES = (*STAGES, "report")  # report: from the cells' metrics.json alone (cells scored elsewhere)
+SCALES = ("steps", "batch")  # how a K's experts take its share of a budget: more steps, or a larger batch
+SCALE_TEXT = {"steps": "each K's experts take it as steps at the config's batch (fewer experts, more steps)",
+              "batch": "every K's experts train the same steps, at a batch scaled by K_ref / K"}
 
 
 def monolith_k(cfg: RunConfig, ks: list[int], chosen: int | None = None) -> int:
@@ -61,14 +65,20 @@ def monolith_k(cfg: RunConfig, ks: list[int], chosen: int | None = None) -> int:
     return cfg.partition.k if cfg.partition.k in ks else ks[0]
 
 
-def cell_config(cfg: RunConfig, k: int, budget: float, seed: int, monolith: bool = True) -> RunConfig:
-    """The config of one cell: K clusters, each expert's steps scaled so that the total compute is
-    budget x the config's, every training seed (experts, router) from `seed`; the FLOP-matched monolith
-    trained and sampled only when `monolith` (one K's cells train it for the whole grid)."""
+def cell_config(cfg: RunConfig, k: int, budget: float, seed: int, monolith: bool = True,
+                scale: str = "steps") -> RunConfig:
+    """The config of one cell: K clusters, each expert's steps (scale="steps") or steps and batch
+    (scale="batch": budget x the config's steps at K_ref / K x its batch) set so that the total compute
+    is budget x the config's, every training seed (experts, router) from `seed`; the FLOP-matched
+    monolith trained and sampled only when `monolith` (one K's cells train it for the whole grid)."""
     raw = cfg.model_dump()
-    ref = cfg.partition.k * cfg.expert.train.steps
+    train, k_ref = cfg.expert.train, cfg.partition.k
     raw["partition"]["k"] = k
-    raw["expert"]["train"]["steps"] = max(1, round(budget * ref / k))
+    if scale == "batch":
+        raw["expert"]["train"]["steps"] = max(1, round(budget * train.steps))
+        raw["expert"]["train"]["batch_size"] = max(1, round(train.batch_size * k_ref / k))
+    else:
+        raw["expert"]["train"]["steps"] = max(1, round(budget * train.steps * k_ref / k))
     raw["expert"]["train"]["seed"] = seed
     raw["router"]["train"]["seed"] = seed + 1
     raw["monolith"]["enabled"] = monolith
@@ -148,7 +158,7 @@ def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[
         raise DDMError(f"sweep: --k {max(ks)} is larger than data.n_train ({cfg.data.n_train}); lower --k")
 
 
-def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int,
+def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int, scale: str = "steps",
                  partial: bool = False) -> tuple[list[dict], list[str]]:
     """The results of cells scored before, read from OUT/CELL/metrics.json alone (e.g. cells scored on other
     machines, their metrics.json brought back), and the names of the grid's cells that have none. Every
@@ -160,7 +170,7 @@ def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int,
             missing.append(folder.root.name)
             continue
         metrics = read_json(folder.metrics)
-        if metrics.get("config") != cell_config(cfg, k, b, s, k == mono_k).model_dump(mode="json"):
+        if metrics.get("config") != cell_config(cfg, k, b, s, k == mono_k, scale).model_dump(mode="json"):
             other.append(folder.root.name)
             continue
         results.append({"k": k, "budget": b, "seed": s, "rows": metrics["rows"]})
@@ -184,8 +194,8 @@ def data_shape(cfg: RunConfig, out: Path, todo: list[tuple]) -> tuple[int, ...]:
     return tuple(load_data(cfg)[0].data_shape)
 
 
-def grid_flops(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
-               shape: tuple[int, ...]) -> dict[str, dict[str, dict[float, float]]]:
+def grid_flops(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int, shape: tuple[int, ...],
+               scale: str = "steps") -> dict[str, dict[str, dict[float, float]]]:
     """Training FLOPs per budget: {"compute": {"monolith" | "K=k": {budget: FLOPs}}, "router": {"K=k":
     {budget: the router's part}}}; the monolith is the one trained in the cells of mono_k."""
     register_user_networks(cfg)
@@ -193,9 +203,9 @@ def grid_flops(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
     compute: dict[str, dict[float, float]] = {MONOLITH: {}}
     router: dict[str, dict[float, float]] = {}
     for b in budgets:
-        compute[MONOLITH][b] = training_flops(cell_config(cfg, mono_k, b, 0), per_sample[mono_k])["monolith"]
+        compute[MONOLITH][b] = training_flops(cell_config(cfg, mono_k, b, 0, scale=scale), per_sample[mono_k])["monolith"]
         for k in ks:
-            flops = training_flops(cell_config(cfg, k, b, 0), per_sample[k])
+            flops = training_flops(cell_config(cfg, k, b, 0, scale=scale), per_sample[k])
             compute.setdefault(f"K={k}", {})[b] = flops["ddm"]
             router.setdefault(f"K={k}", {})[b] = flops["router"]
     return {"compute": compute, "router": router}
@@ -203,11 +213,11 @@ def grid_flops(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
 
 def write_report(cfg: RunConfig, results: list[dict], out: Path, ks: list[int], budgets: list[float],
                  strategies: list[str], mono_k: int, shape: tuple[int, ...], log: Log,
-                 missing: list[str] = ()) -> dict:
+                 missing: list[str] = (), scale: str = "steps") -> dict:
     """OUT/sweep.json, sweep.md and plots/sweep.png from the cells' results (missing: the grid's cells
     left out, named in the report); returns the report's data."""
-    flops = grid_flops(cfg, ks, budgets, mono_k, shape)
-    report = {**summarize(results, ks, budgets, strategies, flops["compute"]), "monolith_k": mono_k,
+    flops = grid_flops(cfg, ks, budgets, mono_k, shape, scale)
+    report = {**summarize(results, ks, budgets, strategies, flops["compute"]), "monolith_k": mono_k, "scale": scale,
               "missing": list(missing),
               "router_flops": {key: {f"{b:g}": v for b, v in per.items()} for key, per in flops["router"].items()}}
     write_json(out / "sweep.json", report)
@@ -227,17 +237,20 @@ def curves(report: dict) -> dict[str, list[tuple[float, float, float, float]]]:
 def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], seeds: list[int],
           all_seeds: bool = False, force: bool = False, log: Log = print, backend: str = "inline",
           workers: int | None = None, stages: str = "all", monolith: int | None = None,
-          partial: bool = False) -> dict | None:
+          partial: bool = False, scale: str = "steps") -> dict | None:
     """Run every cell (skipping what is done) and write the report; returns the report's data.
     monolith: the K whose cells train the monolith (default: monolith_k's choice), for a grid split
     into parts run one by one (on several machines or sessions): every part gives the whole grid's K.
     stages = "train" trains every cell and writes no report (None); "evaluate" scores cells trained
     before (a GPU session can train the grid and a later one score it); "report" trains and scores
     nothing: the report from every cell's metrics.json (cells scored on several machines); with partial,
-    from the cells that have one (a grid still being measured), naming the others."""
+    from the cells that have one (a grid still being measured), naming the others. scale: how each K's
+    experts take a budget (SCALES; cell_config)."""
     check_grid(cfg, ks, budgets, seeds)
     if stages not in SWEEP_STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(SWEEP_STAGES)}")
+    if scale not in SCALES:
+        raise DDMError(f"--scale: unknown value {scale!r}; accepted: {', '.join(SCALES)}")
     if partial and stages != "report":
         raise DDMError(f"--partial: only with --stages report (got --stages {stages}); score the missing cells, "
                        "then report with --stages report --partial")
@@ -246,12 +259,12 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     mono_k = monolith_k(cfg, ks, monolith)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
     if stages == "report":
-        results, missing = scored_cells(cfg, out, todo, mono_k, partial)
+        results, missing = scored_cells(cfg, out, todo, mono_k, scale, partial)
         return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, out, todo), log,
-                            missing)
+                            missing, scale)
     if stages == "evaluate":
         untrained = [cell_dir(out, k, b, s).name for k, b, s in todo
-                     if untrained_parts(cell_config(cfg, k, b, s, k == mono_k), cell_dir(out, k, b, s))]
+                     if untrained_parts(cell_config(cfg, k, b, s, k == mono_k, scale), cell_dir(out, k, b, s))]
         if untrained:
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
@@ -260,7 +273,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     partitions: dict[int, RunFolder] = {}  # K -> the cell whose partition the others of that K share
     results = []
     for i, (k, b, s) in enumerate(todo):
-        cell_cfg = cell_config(cfg, k, b, s, k == mono_k)
+        cell_cfg = cell_config(cfg, k, b, s, k == mono_k, scale)
         folder = RunFolder(cell_dir(out, k, b, s))
         log(f"sweep cell {i + 1}/{len(todo)}: k={k}, budget {b:g}, seed {s}")
         if first is not None and not folder.config.exists():
@@ -273,7 +286,8 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     if stages == "train":
         log(f"sweep: {len(todo)} cells trained; the same command with --stages evaluate (or all) scores them")
         return None
-    return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, out, todo), log)
+    return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, out, todo), log,
+                        scale=scale)
 
 
 def metric_of(row: dict) -> tuple[str, float]:
@@ -404,7 +418,7 @@ KID x 1e3 (lower is better) of the same samples:
 
 {report['metric']} (lower is better) of the FLOP-matched monolith and of each K's routing strategies.
 Budgets are in units of the config's total training samples: at one budget every K's experts together
-and the monolith see the same number. A cell is the mean over training seeds with a 95% t-interval and
+and the monolith see the same number; {SCALE_TEXT[report.get("scale", "steps")]}. A cell is the mean over training seeds with a 95% t-interval and
 n, the number of seeds, where there is more than one.
 {missing_text(report)}
 {table(report["table"])}
