@@ -94,30 +94,33 @@ def test_the_compute_ratio_counts_the_router():
 
 def test_a_tiny_sweep_from_the_command_line(tmp_path):
     out = tmp_path / "sweep"
-    args = ("sweep", TINY, "--out", out, "--k", "2", "--k", "4", "--budget", "0.5", "--budget", "1",
-            "--seed", "0", "--seed", "1")
+    args = ("sweep", TINY, "--out", out, "--k", "2", "--k", "4", "--budget", "0.5", "--budget", "1")
+    # one seed: where seeds go is tested on cells() and cell_config() above, their intervals on summarize()
     done = cli(*args)
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "sweep.json").read_text())
     assert report["metric"] == "W2 / noise floor" and report["ks"] == [2, 4]
-    assert report["table"]["monolith"]["1"]["n"] == 2  # one monolith per seed, trained in the K_ref = 4 cells
+    assert report["table"]["monolith"]["1"]["n"] == 1  # one monolith, trained in the K_ref = 4 cells
     assert (out / "k4_b1_s0" / "monolith").exists() and not (out / "k2_b1_s0" / "monolith").exists()
     assert "monolith" not in json.loads((out / "k2_b1_s0" / "config.json").read_text())["config"]["sample"]["strategies"]
-    assert report["table"]["K=4 top-2"]["0.5"]["n"] == 2 and set(report["best"]) == {"2", "4"}
+    assert report["table"]["K=4 top-2"]["0.5"]["n"] == 1 and set(report["best"]) == {"2", "4"}
     assert "K=2 top-2" not in report["table"] and "K=2 top-2: the same as full" in (out / "sweep.md").read_text()
     assert (out / "sweep.md").exists() and (out / "plots" / "sweep.png").exists()
     compute, router = report["compute"], report["router_flops"]  # the same samples, plus the router
     assert compute["K=2"]["1"] == pytest.approx(compute["monolith"]["1"] + router["K=2"]["1"])
     assert "(experts + router)" in (out / "sweep.md").read_text()
-    data = [out / f"k{k}_b{b}_s{s}" / "data" / "train.safetensors" for k in (2, 4) for b in ("0.5", "1") for s in (0, 1)]
+    data = [out / f"k{k}_b{b}_s0" / "data" / "train.safetensors" for k in (2, 4) for b in ("0.5", "1")]
     assert len({p.stat().st_ino for p in data}) == 1  # the data made once, linked into every cell
-    shards = [out / f"k2_b{b}_s{s}" / "partition" / "manifest.json" for b in ("0.5", "1") for s in (0, 1)]
+    shards = [out / f"k2_b{b}_s0" / "partition" / "manifest.json" for b in ("0.5", "1")]
     assert len({p.stat().st_ino for p in shards}) == 1  # one partition per K
     steps = json.loads((out / "k2_b0.5_s0" / "experts" / "expert_00" / "config.json").read_text())["train"]["steps"]
     assert steps == 60  # 0.5 x 4 x 60 / 2
-    weights = out / "k4_b1_s1" / "experts" / "expert_01" / "model.safetensors"
-    before = weights.stat().st_mtime_ns
-    assert cli(*args).returncode == 0 and weights.stat().st_mtime_ns == before  # resumed: nothing retrained
+    weights, metrics = (out / "k4_b1_s0" / name for name in ("experts/expert_01/model.safetensors", "metrics.json"))
+    before, report_bytes = (weights.stat().st_mtime_ns, metrics.stat().st_mtime_ns), (out / "sweep.json").read_bytes()
+    again = cli(*args)
+    assert again.returncode == 0 and "scored before" in again.stderr
+    assert (weights.stat().st_mtime_ns, metrics.stat().st_mtime_ns) == before  # resumed: nothing retrained or rescored
+    assert (out / "sweep.json").read_bytes() == report_bytes
     refused = cli("sweep", TINY, "--out", out, "--k", "0", "--budget", "1")
     assert refused.returncode == 2 and "--k" in refused.stderr
 
@@ -194,6 +197,9 @@ def test_the_report_from_cells_scored_elsewhere(tmp_path):
     assert got["table"] == want["table"] and got["compute_ratio"] == want["compute_ratio"]
     assert (elsewhere / "sweep.md").read_text() == (out / "sweep.md").read_text()
     assert sorted(p.name for p in (elsewhere / "k2_b1_s0").iterdir()) == ["metrics.json"]  # nothing trained
+    kept = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "evaluate")  # scored cells need no weights
+    assert kept.returncode == 0 and kept.stderr.count("scored before") == 2, kept.stderr
+    assert sorted(p.name for p in (elsewhere / "k2_b1_s0").iterdir()) == ["metrics.json"]
     other = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "report", "--set", "sample.steps=7")
     assert other.returncode == 2 and "another config" in other.stderr and "k2_b0.5_s0" in other.stderr
 

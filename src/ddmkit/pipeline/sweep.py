@@ -158,6 +158,14 @@ def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[
         raise DDMError(f"sweep: --k {max(ks)} is larger than data.n_train ({cfg.data.n_train}); lower --k")
 
 
+def scored_rows(folder: RunFolder, cell_cfg: RunConfig) -> dict | None:
+    """A cell's result rows from its metrics.json, if it was scored with exactly this config (else None)."""
+    if not folder.metrics.exists():
+        return None
+    metrics = read_json(folder.metrics)
+    return metrics["rows"] if metrics.get("config") == cell_cfg.model_dump(mode="json") else None
+
+
 def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int, scale: str = "steps",
                  partial: bool = False) -> tuple[list[dict], list[str]]:
     """The results of cells scored before, read from OUT/CELL/metrics.json alone (e.g. cells scored on other
@@ -166,14 +174,11 @@ def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int, scal
     results, missing, other = [], [], []
     for k, b, s in todo:
         folder = RunFolder(cell_dir(out, k, b, s))
-        if not folder.metrics.exists():
-            missing.append(folder.root.name)
-            continue
-        metrics = read_json(folder.metrics)
-        if metrics.get("config") != cell_config(cfg, k, b, s, k == mono_k, scale).model_dump(mode="json"):
-            other.append(folder.root.name)
-            continue
-        results.append({"k": k, "budget": b, "seed": s, "rows": metrics["rows"]})
+        rows = scored_rows(folder, cell_config(cfg, k, b, s, k == mono_k, scale))
+        if rows is None:
+            (other if folder.metrics.exists() else missing).append(folder.root.name)
+        else:
+            results.append({"k": k, "budget": b, "seed": s, "rows": rows})
     if other:
         raise DDMError(f"--stages report: the metrics.json of cells {', '.join(other)} in {out} were made with "
                        "another config; give the config and the --set options they were made with")
@@ -263,8 +268,10 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, out, todo), log,
                             missing, scale)
     if stages == "evaluate":
-        untrained = [cell_dir(out, k, b, s).name for k, b, s in todo
-                     if untrained_parts(cell_config(cfg, k, b, s, k == mono_k, scale), cell_dir(out, k, b, s))]
+        configs = {(k, b, s): cell_config(cfg, k, b, s, k == mono_k, scale) for k, b, s in todo}
+        untrained = [cell_dir(out, *cell).name for cell, c in configs.items()  # a cell scored before is done
+                     if (force or scored_rows(RunFolder(cell_dir(out, *cell)), c) is None)
+                     and untrained_parts(c, cell_dir(out, *cell))]
         if untrained:
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
@@ -276,13 +283,18 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         cell_cfg = cell_config(cfg, k, b, s, k == mono_k, scale)
         folder = RunFolder(cell_dir(out, k, b, s))
         log(f"sweep cell {i + 1}/{len(todo)}: k={k}, budget {b:g}, seed {s}")
-        if first is not None and not folder.config.exists():
-            seed_cell(folder, cell_cfg, first, partitions.get(k))
-        result = run_pipeline(cell_cfg, folder.root, force, log, backend, workers, stages=stages)
+        rows = None if force or stages == "train" else scored_rows(folder, cell_cfg)
+        if rows is not None:  # finished: its metrics.json was made with this cell's config
+            log(f"scored before ({folder.metrics}): kept")
+        else:
+            if first is not None and not folder.config.exists():
+                seed_cell(folder, cell_cfg, first, partitions.get(k))
+            result = run_pipeline(cell_cfg, folder.root, force, log, backend, workers, stages=stages)
+            rows = None if result is None else result["rows"]
         first = first or folder
         partitions.setdefault(k, folder)
-        if result is not None:
-            results.append({"k": k, "budget": b, "seed": s, "rows": result["rows"]})
+        if rows is not None:
+            results.append({"k": k, "budget": b, "seed": s, "rows": rows})
     if stages == "train":
         log(f"sweep: {len(todo)} cells trained; the same command with --stages evaluate (or all) scores them")
         return None
