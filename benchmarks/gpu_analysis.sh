@@ -32,7 +32,7 @@ elif [ "$1" = misalignment ]; then
   R=${R:-runs/misalignment}
   KEPT=docs/results/misalignment_fashion_mnist/measure
   mkdir -p $R/measure && [ -d $KEPT ] && cp -n $KEPT/*.json $R/measure/ 2>/dev/null
-  [ -f /root/inc/inc.part01 ] && [ ! -f /root/inc/default_1.pt ] && join_fid_weights
+  join_fid_weights
   timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" study misalignment configs/fashion_mnist.toml --out $R \
     --seeds ${2:-1} --n ${N:-2000} --conditions ${CONDITIONS:-disjoint,random,undertrained-0.1,tempered-3,permuted-0.5} \
     --strategy full --strategy top-1 --strategy top-2 --device $DEVICE --stages ${STAGES:-all} "${EXTRA[@]}" 2>&1 \

@@ -63,7 +63,7 @@ elif [ "$1" = evaluate ]; then
     keep $name
   done
 elif [ "$1" = distill ]; then
-  [ -f /root/inc/inc.part01 ] && [ ! -f /root/inc/default_1.pt ] && join_fid_weights
+  join_fid_weights
   run distill ${DISTILL_RUN:-$R/fm} --teacher top-1 --few-step 4 --steps ${DISTILL_STEPS:-2000} ${DISTILL_EXTRA:-} 2>&1 \
     | tail -n 40 | tee "$OUT/distill.log"
   mkdir -p "$OUT/distill" && cp ${DISTILL_RUN:-$R/fm}/students/report.md ${DISTILL_RUN:-$R/fm}/students/report.json "$OUT/distill/" 2>/dev/null

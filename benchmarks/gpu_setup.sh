@@ -20,5 +20,12 @@ mkdir -p /usr/share/datasets/fashion-mnist /root/inc 2>/dev/null
 for d in .inc_a .inc_b; do [ -d $d ] && cp $d/* /root/inc/; done
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 left() { echo $(( ${1} - ($(date +%s) - T0) )); }
-join_fid_weights() { (cd /root/inc && cat inc.part0* > default_1.pt && sha1sum default_1.pt); }
+# the weights' parts joined once both are on the machine (a call that carries one part alone joins nothing);
+# a file joined from other parts (sha1 not FID_SHA1) is joined again
+FID_SHA1=a16e4d89c0ecbc17a915dd76ea9e41211aa82562
+join_fid_weights() {
+  (cd /root/inc && [ -f inc.part00 ] && [ -f inc.part01 ] || { echo "FID weights: a part is missing (carry .inc_a, .inc_b)"; return 0; }
+   [ -f default_1.pt ] && sha1sum default_1.pt | grep -q $FID_SHA1 && return 0
+   cat inc.part00 inc.part01 > default_1.pt && sha1sum default_1.pt | grep -q $FID_SHA1 && echo "FID weights joined" \
+     || { echo "FID weights: the joined file's sha1 is not $FID_SHA1"; rm -f default_1.pt; }); }
 DDMKIT=(python3 -c 'import sys; sys.argv[0] = "ddmkit"; from ddmkit.cli import main; main()')

@@ -14,7 +14,7 @@ source benchmarks/gpu_setup.sh
 R=${R:-runs/sweep}
 CONFIG=${CONFIG:-configs/fashion_mnist.toml}
 read -r -a EXTRA <<< "${EXTRA:-}"
-[ -f /root/inc/inc.part01 ] && [ ! -f /root/inc/default_1.pt ] && join_fid_weights
+join_fid_weights
 timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" sweep $CONFIG --out $R "$@" \
   --set 'sample.strategies=["full","top-1","top-2"]' --set 'sample.guidance_sweep=[]' \
   --set 'sample.stats_router_strategies=[]' "${EXTRA[@]}" 2>&1 | grep -v '^\s*$' | tail -n 40 | tee "$OUT/sweep.log"
