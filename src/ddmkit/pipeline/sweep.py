@@ -181,7 +181,7 @@ def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int, scal
             results.append({"k": k, "budget": b, "seed": s, "rows": rows})
     if other:
         raise DDMError(f"--stages report: the metrics.json of cells {', '.join(other)} in {out} were made with "
-                       "another config; give the config and the --set options they were made with")
+                       "another config; give the config, the --set options and the --scale they were made with")
     if missing and (not partial or not results):
         fix = ("" if partial else "; or add --partial for a report of the scored cells alone (the others "
                "named in it)")
