@@ -88,6 +88,7 @@ def test_the_compute_ratio_counts_the_router():
     assert report["compute_smallest"][2] == pytest.approx(0.55)
     text = render({**report, "monolith_k": 2, "router_flops": {"K=2": {"0.5": 5.0, "1": 5.0}}})
     assert "| K=2 (experts + router) | 55 (9.1%) | 105 (4.8%) |" in text and "0.76x" in text
+    assert "| K=2 | K=2 top-1 | 0.857 | 0.8 |" in text  # the best strategy over the monolith: 12 / 14, 8 / 10
     assert curves(report) == {"monolith": [(50.0, 14.0, 14.0, 14.0), (100.0, 10.0, 10.0, 10.0)],
                               "K=2 top-1": [(55.0, 12.0, 12.0, 12.0), (105.0, 8.0, 8.0, 8.0)]}  # the plot's x: FLOPs
 

@@ -364,6 +364,8 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
         if rows:
             best[k] = min(rows, key=lambda key: min(p["mean"] for p in rows[key].values()))
     mono = table.get(MONOLITH, {})
+    advantage = {k: {b: p["mean"] / mono[b]["mean"] for b, p in table[key].items() if b in mono and mono[b]["mean"]}
+                 for k, key in best.items()}  # each K's best / the monolith at the same budget
     target = mono[max(mono)]["mean"] if mono else math.nan
     ratio, smallest = {}, {}
     unscored = {k: [b for b in sorted(budgets) if b not in table[key]] for k, key in best.items()}  # partial reports
@@ -377,7 +379,7 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
     return {"metric": name, "budgets": sorted(budgets), "ks": ks, "strategies": strategies,
             "table": as_text(table), "kid_table": as_text(kid_table), "compute": as_text(compute),
             "best": best, "monolith_final": target, "monolith_budget": max(mono) if mono else None, "compute_ratio": ratio, "compute_smallest": smallest,
-            "unscored": unscored,
+            "unscored": unscored, "advantage": {k: {f"{b:g}": v for b, v in per.items()} for k, per in advantage.items()},
             "cells": results}
 
 
@@ -443,6 +445,10 @@ monolith's own:
 
 ![sweep](plots/sweep.png)
 
+## The DDM against the monolith at each budget
+
+{advantage_text(report, budgets)}
+
 ## Compute at which the DDM reaches the monolith
 
 {reach_text(report, ratios)}
@@ -462,6 +468,18 @@ def full_aliases(report: dict) -> str:
     same = [f"K={k} {name}" for k in report["ks"] for name in strategies if routes_like_full(name, k, strategies)]
     return "" if not same else (f"\n{', '.join(same)}: the same as full routing at that K (every expert, weights "
                                 "r); not sampled again, see the full row.\n")
+
+
+def advantage_text(report: dict, budgets: list[str]) -> str:
+    """Each K's best strategy over the monolith at the same budget, per budget (the DDM's advantage and
+    how it moves with budget and K), or why there is none (no monolith cells)."""
+    rows = [[f"K={k}", report["best"][k]] + [f"{per[b]:.3g}" if b in per else "-" for b in budgets]
+            for k, per in report["advantage"].items() if per]
+    if not rows:
+        return "No budget has both the monolith and a DDM scored."
+    return (f"{report['metric']} of each K's best strategy over the monolith's at the same budget (below 1: the "
+            f"DDM is better;\na falling row: its advantage grows with compute):\n\n"
+            + markdown_table(["K", "best strategy"] + [f"budget {b}" for b in budgets], rows))
 
 
 def compute_table(report: dict, budgets: list[str]) -> str:
