@@ -5,12 +5,12 @@
 Every cell is an ordinary run folder, OUT/k{K}_b{budget}_s{seed}, made by run_pipeline (so a sweep
 resumes like `ddmkit run`: finished cells and stages are skipped). Budgets are in units of the
 config's total training compute, K_ref x steps x batch with K_ref = partition.k: at budget b every
-K trains each expert for round(b x steps x K_ref / K) steps at the config's batch (scale="steps"), or
-round(b x steps) steps at batch round(batch x K_ref / K) (scale="batch": every K takes the same steps),
-so all K and the FLOP-matched monolith (K x an expert's steps) see the same number of samples. The monolith is one
-network per budget and seed, trained in the cells of K_ref (else of the first K; or of the K given as
-`monolith`, for a grid split into parts run one by one) and compared with every K: the config's own
-monolith, trained once instead of once per K. The data are the same in every cell and the partition
+K trains each expert for round(b x steps x K_ref / K) steps at the config's batch (scale="steps"),
+or round(b x steps) steps at batch round(batch x K_ref / K) (scale="batch": every K takes the same
+steps), so all K and the FLOP-matched monolith (K x an expert's steps) see the same number of samples.
+The monolith is one network per budget and seed, trained in the cells of K_ref (else of the first K;
+or of the K given as `monolith`, for a grid split into parts run one by one) and compared with every
+K: the config's own monolith, trained once instead of once per K. The data are the same in every cell and the partition
 the same for every K: they are made once and copied (hard links), as are the image reference features
 and, in latent space, the autoencoder (trained once for the grid; not part of the compared compute).
 Training seeds: each seed at the smallest and the largest budget, the first seed elsewhere
@@ -208,7 +208,8 @@ def grid_flops(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
     compute: dict[str, dict[float, float]] = {MONOLITH: {}}
     router: dict[str, dict[float, float]] = {}
     for b in budgets:
-        compute[MONOLITH][b] = training_flops(cell_config(cfg, mono_k, b, 0, scale=scale), per_sample[mono_k])["monolith"]
+        mono_cfg = cell_config(cfg, mono_k, b, 0, scale=scale)
+        compute[MONOLITH][b] = training_flops(mono_cfg, per_sample[mono_k])["monolith"]
         for k in ks:
             flops = training_flops(cell_config(cfg, k, b, 0, scale=scale), per_sample[k])
             compute.setdefault(f"K={k}", {})[b] = flops["ddm"]
@@ -222,8 +223,8 @@ def write_report(cfg: RunConfig, results: list[dict], out: Path, ks: list[int], 
     """OUT/sweep.json, sweep.md and plots/sweep.png from the cells' results (missing: the grid's cells
     left out, named in the report); returns the report's data."""
     flops = grid_flops(cfg, ks, budgets, mono_k, shape, scale)
-    report = {**summarize(results, ks, budgets, strategies, flops["compute"]), "monolith_k": mono_k, "scale": scale,
-              "missing": list(missing),
+    report = {**summarize(results, ks, budgets, strategies, flops["compute"]), "monolith_k": mono_k,
+              "scale": scale, "missing": list(missing),
               "router_flops": {key: {f"{b:g}": v for b, v in per.items()} for key, per in flops["router"].items()}}
     write_json(out / "sweep.json", report)
     plot_sweep(curves(report), report["metric"], out / "plots" / "sweep.png")
@@ -378,8 +379,9 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
             smallest[k] = min(c for c, _ in points) / unit
     return {"metric": name, "budgets": sorted(budgets), "ks": ks, "strategies": strategies,
             "table": as_text(table), "kid_table": as_text(kid_table), "compute": as_text(compute),
-            "best": best, "monolith_final": target, "monolith_budget": max(mono) if mono else None, "compute_ratio": ratio, "compute_smallest": smallest,
-            "unscored": unscored, "advantage": {k: {f"{b:g}": v for b, v in per.items()} for k, per in advantage.items()},
+            "best": best, "monolith_final": target, "monolith_budget": max(mono) if mono else None,
+            "compute_ratio": ratio, "compute_smallest": smallest, "unscored": unscored,
+            "advantage": {k: {f"{b:g}": v for b, v in per.items()} for k, per in advantage.items()},
             "cells": results}
 
 
@@ -425,15 +427,16 @@ KID x 1e3 (lower is better) of the same samples:
 
 {table(report["kid_table"])}
 """
-    ratios = [[f"K={k}", report["best"][k], ratio_text(r, report["compute_smallest"][k],
-                                                                  report["unscored"][k])]
+    ratios = [[f"K={k}", report["best"][k], ratio_text(r, report["compute_smallest"][k], report["unscored"][k])]
               for k, r in report["compute_ratio"].items()]
     return f"""# ddmkit sweep: quality against training compute
 
 {report['metric']} (lower is better) of the FLOP-matched monolith and of each K's routing strategies.
 Budgets are in units of the config's total training samples: at one budget every K's experts together
-and the monolith see the same number; {SCALE_TEXT[report.get("scale", "steps")]}. A cell is the mean over training seeds with a 95% t-interval and
-n, the number of seeds, where there is more than one.
+and the monolith see the same number;
+{SCALE_TEXT[report.get("scale", "steps")]}.
+A cell is the mean over training seeds with a 95% t-interval and n, the number of seeds, where there is
+more than one.
 {missing_text(report)}
 {table(report["table"])}
 {full_aliases(report)}{kid}
@@ -498,8 +501,9 @@ def reach_text(report: dict, ratios: list[list[str]]) -> str:
         return (f"This grid has no monolith cells: the monolith is trained in the cells of K = "
                 f"{report['monolith_k']}. Report a grid that includes them (`--stages report` over "
                 "every part's cells) for the compute ratio.")
-    return f"""The monolith's {report['metric']} at its largest budget ({report['monolith_budget']:g}) is {report['monolith_final']:.4g}; the
-training FLOPs (experts + router) at which each K's best strategy reaches it, interpolated in log compute,
-as a fraction of the monolith's FLOPs at that budget:
+    final, budget = report["monolith_final"], report["monolith_budget"]
+    return f"""The monolith's {report['metric']} at its largest budget ({budget:g}) is {final:.4g}; the training FLOPs
+(experts + router) at which each K's best strategy reaches it, interpolated in log compute, as a
+fraction of the monolith's FLOPs at that budget:
 
 {markdown_table(["K", "best strategy", "compute ratio"], ratios)}"""
