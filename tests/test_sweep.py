@@ -93,6 +93,18 @@ def test_the_compute_ratio_counts_the_router():
                               "K=2 top-1": [(55.0, 12.0, 12.0, 12.0), (105.0, 8.0, 8.0, 8.0)]}  # the plot's x: FLOPs
 
 
+def test_the_plots_show_each_k_best_and_every_strategy_of_one_k():
+    def cell(k, fids):
+        return {"k": k, "budget": 1.0, "seed": 0, "rows": {name: {"fid": v} for name, v in fids.items()}}
+    results = [cell(2, {"monolith": 10.0, "top-1": 8.0, "full": 9.0}), cell(4, {"top-1": 7.0, "full": 6.0})]
+    report = summarize(results, [2, 4], [1.0], ["full", "top-1"], {"monolith": {1.0: 100.0}, "K=2": {1.0: 101.0},
+                                                                  "K=4": {1.0: 102.0}})
+    assert curves(report) == {"monolith": [(100.0, 10.0, 10.0, 10.0)], "K=2 top-1": [(101.0, 8.0, 8.0, 8.0)],
+                              "K=4 full": [(102.0, 6.0, 6.0, 6.0)]}  # sweep.png: each K's best
+    assert curves(report, 4) == {"monolith": [(100.0, 10.0, 10.0, 10.0)], "K=4 full": [(102.0, 6.0, 6.0, 6.0)],
+                                 "K=4 top-1": [(102.0, 7.0, 7.0, 7.0)]}  # sweep_strategies.png's K = 4 panel
+
+
 def test_a_tiny_sweep_from_the_command_line(tmp_path):
     out = tmp_path / "sweep"
     args = ("sweep", TINY, "--out", out, "--k", "2", "--k", "4", "--budget", "0.5", "--budget", "1")
@@ -107,6 +119,7 @@ def test_a_tiny_sweep_from_the_command_line(tmp_path):
     assert report["table"]["K=4 top-2"]["0.5"]["n"] == 1 and set(report["best"]) == {"2", "4"}
     assert "K=2 top-2" not in report["table"] and "K=2 top-2: the same as full" in (out / "sweep.md").read_text()
     assert (out / "sweep.md").exists() and (out / "plots" / "sweep.png").exists()
+    assert (out / "plots" / "sweep_strategies.png").exists()  # a panel per K
     compute, router = report["compute"], report["router_flops"]  # the same samples, plus the router
     assert compute["K=2"]["1"] == pytest.approx(compute["monolith"]["1"] + router["K=2"]["1"])
     assert "(experts + router)" in (out / "sweep.md").read_text()

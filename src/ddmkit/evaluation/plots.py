@@ -81,17 +81,23 @@ def plot_router_accuracy(report: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_sweep(curves: dict[str, list[tuple[float, float, float, float]]], metric: str, path: Path) -> None:
-    """A sweep's metric against training FLOPs: one curve per series (name -> [(FLOPs, mean, lo, hi)],
-    the mean over seeds with its interval as error bars); the monolith's dashed."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for key, points in curves.items():
-        x, mean, lo, hi = zip(*sorted(points))
-        err = [[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]]
-        ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=key, linestyle="--" if key == "monolith" else "-")
-    ax.set_xscale("log")
-    ax.set_xlabel("training compute (FLOPs; a DDM: experts + router)")
-    ax.set_ylabel(f"{metric} (lower is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def plot_sweep(panels: dict[str, dict[str, list[tuple[float, float, float, float]]]], metric: str,
+               path: Path) -> None:
+    """A sweep's metric against training FLOPs, one panel per entry (title -> curves): one curve per
+    series (name -> [(FLOPs, mean, lo, hi)], the mean over seeds with its interval as error bars); the
+    monolith's dashed. The panels share their axes."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        for key, points in curves.items():
+            x, mean, lo, hi = zip(*sorted(points))
+            err = [[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]]
+            ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=key,
+                        linestyle="--" if key == "monolith" else "-")
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training compute (FLOPs; a DDM: experts + router)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(f"{metric} (lower is better)")
     save_figure(fig, path)

@@ -220,22 +220,30 @@ def grid_flops(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
 def write_report(cfg: RunConfig, results: list[dict], out: Path, ks: list[int], budgets: list[float],
                  strategies: list[str], mono_k: int, shape: tuple[int, ...], log: Log,
                  missing: list[str] = (), scale: str = "steps") -> dict:
-    """OUT/sweep.json, sweep.md and plots/sweep.png from the cells' results (missing: the grid's cells
+    """OUT/sweep.json, sweep.md, plots/sweep.png (each K's best strategy) and plots/sweep_strategies.png (a
+    panel per K, every strategy) from the cells' results (missing: the grid's cells
     left out, named in the report); returns the report's data."""
     flops = grid_flops(cfg, ks, budgets, mono_k, shape, scale)
     report = {**summarize(results, ks, budgets, strategies, flops["compute"]), "monolith_k": mono_k,
               "scale": scale, "missing": list(missing),
               "router_flops": {key: {f"{b:g}": v for b, v in per.items()} for key, per in flops["router"].items()}}
     write_json(out / "sweep.json", report)
-    plot_sweep(curves(report), report["metric"], out / "plots" / "sweep.png")
+    plot_sweep({"each K's best strategy": curves(report)}, report["metric"], out / "plots" / "sweep.png")
+    per_k = {f"K={k}": curves(report, k) for k in ks if k in report["best"]}
+    if per_k:
+        plot_sweep(per_k, report["metric"], out / "plots" / "sweep_strategies.png")
     write_bytes_atomic(out / "sweep.md", render(report).encode())
     log(f"sweep report: {out / 'sweep.md'}")
     return report
 
 
-def curves(report: dict) -> dict[str, list[tuple[float, float, float, float]]]:
-    """The plot's curves: the monolith and each K's best series, as (training FLOPs, mean, lo, hi)."""
-    keys = [MONOLITH] + [report["best"][k] for k in report["ks"] if k in report["best"]]
+def curves(report: dict, k: int | None = None) -> dict[str, list[tuple[float, float, float, float]]]:
+    """A plot's curves, as (training FLOPs, mean, lo, hi): the monolith and each K's best series, or
+    (given k) the monolith and every strategy of that K."""
+    if k is None:
+        keys = [MONOLITH] + [report["best"][kk] for kk in report["ks"] if kk in report["best"]]
+    else:
+        keys = [MONOLITH] + [key for key in report["table"] if key.startswith(f"K={k} ")]
     return {key: [(report["compute"][compute_group(key)][b], p["mean"], p["lo"], p["hi"])
                   for b, p in report["table"][key].items()] for key in keys if key in report["table"]}
 
@@ -447,6 +455,8 @@ monolith's own:
 {compute_table(report, budgets)}
 
 ![sweep](plots/sweep.png)
+
+Every strategy of each K: [plots/sweep_strategies.png](plots/sweep_strategies.png).
 
 ## The DDM against the monolith at each budget
 
