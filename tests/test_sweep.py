@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ddmkit.config import load_config
-from ddmkit.pipeline.sweep import cell_config, cells, curves, interval, monolith_k, ratio_text, reach, render, summarize
+from ddmkit.pipeline.sweep import (cell_config, cell_dir, cells, curves, interval, monolith_k, ratio_text, reach, render,
+                                   summarize)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.toml"
@@ -38,6 +39,8 @@ def test_with_scale_batch_every_k_takes_the_same_steps_and_samples():
         samples = c.expert.train.steps * c.expert.train.batch_size * k
         assert samples == by_steps.expert.train.steps * by_steps.expert.train.batch_size * k == budget * 4 * 60 * 64
     assert cell_config(cfg, 4, 0.5, 0, scale="batch") == cell_config(cfg, 4, 0.5, 0)  # K_ref: the same cell
+    names = [cell_dir(Path("out"), k, 0.5, 0, scale, 4).name for k in (2, 4) for scale in ("steps", "batch")]
+    assert names == ["k2_b0.5_s0", "k2_b0.5_s0_batch", "k4_b0.5_s0", "k4_b0.5_s0"]  # K_ref's cell is shared
 
 
 def test_top_k_is_sampled_once_where_it_is_full_routing():
@@ -170,7 +173,7 @@ def test_a_sweep_trained_now_and_scored_later(tmp_path):
     assert early.returncode == 2 and "not trained" in early.stderr and not out.exists()  # refused, nothing written
     trained = cli(*grid, "--stages", "train")
     assert trained.returncode == 0, trained.stderr
-    cell = out / "k2_b0.5_s0"
+    cell = out / "k2_b0.5_s0_batch"  # K_ref = 4 keeps its name; every other K's batch cell is apart
     train = json.loads((cell / "config.json").read_text())["config"]["expert"]["train"]
     assert (train["steps"], train["batch_size"]) == (30, 128)  # --scale batch: K_ref's steps, K_ref / K x its batch
     weights = cell / "experts" / "expert_01" / "model.safetensors"

@@ -107,8 +107,12 @@ def cells(ks: list[int], budgets: list[float], seeds: list[int], all_seeds: bool
     return [(k, b, s) for k in ks for b in budgets for s in seeds if all_seeds or b in ends or s == seeds[0]]
 
 
-def cell_dir(out: Path, k: int, budget: float, seed: int) -> Path:
-    return out / f"k{k}_b{budget:g}_s{seed}"
+def cell_dir(out: Path, k: int, budget: float, seed: int, scale: str = "steps", k_ref: int = 0) -> Path:
+    """OUT/k{K}_b{budget}_s{seed}; with scale="batch", "_batch" is added for every K but K_ref (its cell
+    differs from the "steps" cell of the same K, budget and seed; K_ref's is the same cell in both), so
+    both kinds of cell can live in one OUT and share K_ref's."""
+    suffix = "_batch" if scale == "batch" and k != k_ref else ""
+    return out / f"k{k}_b{budget:g}_s{seed}{suffix}"
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -173,7 +177,7 @@ def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int, scal
     cell must have one, made with its config; with partial, cells without one are left out (named)."""
     results, missing, other = [], [], []
     for k, b, s in todo:
-        folder = RunFolder(cell_dir(out, k, b, s))
+        folder = RunFolder(cell_dir(out, k, b, s, scale, cfg.partition.k))
         rows = scored_rows(folder, cell_config(cfg, k, b, s, k == mono_k, scale))
         if rows is None:
             (other if folder.metrics.exists() else missing).append(folder.root.name)
@@ -190,10 +194,10 @@ def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int, scal
     return results, missing
 
 
-def data_shape(cfg: RunConfig, out: Path, todo: list[tuple]) -> tuple[int, ...]:
+def data_shape(cfg: RunConfig, out: Path, todo: list[tuple], scale: str = "steps") -> tuple[int, ...]:
     """One sample's shape: from the data of a cell that has it, else from the data the config names."""
     for k, b, s in todo:
-        info = RunFolder(cell_dir(out, k, b, s)).data_info
+        info = RunFolder(cell_dir(out, k, b, s, scale, cfg.partition.k)).data_info
         if info.exists():
             return tuple(read_json(info)["data_shape"])
     return tuple(load_data(cfg)[0].data_shape)
@@ -274,13 +278,14 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
     if stages == "report":
         results, missing = scored_cells(cfg, out, todo, mono_k, scale, partial)
-        return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, out, todo), log,
-                            missing, scale)
+        shape = data_shape(cfg, out, todo, scale)
+        return write_report(cfg, results, out, ks, budgets, strategies, mono_k, shape, log, missing, scale)
     if stages == "evaluate":
         configs = {(k, b, s): cell_config(cfg, k, b, s, k == mono_k, scale) for k, b, s in todo}
-        untrained = [cell_dir(out, *cell).name for cell, c in configs.items()  # a cell scored before is done
-                     if (force or scored_rows(RunFolder(cell_dir(out, *cell)), c) is None)
-                     and untrained_parts(c, cell_dir(out, *cell))]
+        folders = {cell: cell_dir(out, *cell, scale, cfg.partition.k) for cell in todo}
+        untrained = [folders[cell].name for cell, c in configs.items()  # a cell scored before is done
+                     if (force or scored_rows(RunFolder(folders[cell]), c) is None)
+                     and untrained_parts(c, folders[cell])]
         if untrained:
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
@@ -290,7 +295,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     results = []
     for i, (k, b, s) in enumerate(todo):
         cell_cfg = cell_config(cfg, k, b, s, k == mono_k, scale)
-        folder = RunFolder(cell_dir(out, k, b, s))
+        folder = RunFolder(cell_dir(out, k, b, s, scale, cfg.partition.k))
         log(f"sweep cell {i + 1}/{len(todo)}: k={k}, budget {b:g}, seed {s}")
         rows = None if force or stages == "train" else scored_rows(folder, cell_cfg)
         if rows is not None:  # finished: its metrics.json was made with this cell's config
@@ -307,8 +312,8 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     if stages == "train":
         log(f"sweep: {len(todo)} cells trained; the same command with --stages evaluate (or all) scores them")
         return None
-    return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, out, todo), log,
-                        scale=scale)
+    shape = data_shape(cfg, out, todo, scale)
+    return write_report(cfg, results, out, ks, budgets, strategies, mono_k, shape, log, scale=scale)
 
 
 def metric_of(row: dict) -> tuple[str, float]:
