@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ddmkit.config import load_config
-from ddmkit.pipeline.sweep import (cell_config, cell_dir, cells, curves, interval, monolith_k, ratio_text, reach, render,
-                                   summarize)
+from ddmkit.pipeline.sweep import (cell_config, cell_dir, cells, curves, interval, monolith_k, ratio_text, reach,
+                                   render, summarize)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.toml"
@@ -106,6 +106,15 @@ def test_the_plots_show_each_k_best_and_every_strategy_of_one_k():
                               "K=4 full": [(102.0, 6.0, 6.0, 6.0)]}  # sweep.png: each K's best
     assert curves(report, 4) == {"monolith": [(100.0, 10.0, 10.0, 10.0)], "K=4 full": [(102.0, 6.0, 6.0, 6.0)],
                                  "K=4 top-1": [(102.0, 7.0, 7.0, 7.0)]}  # sweep_strategies.png's K = 4 panel
+
+
+def test_a_partial_report_without_monolith_cells_says_not_yet():
+    results = [{"k": 2, "budget": 0.5, "seed": 0, "rows": {"top-1": {"fid": 8.0}}}]  # the monolith's cells missing
+    report = summarize(results, [2], [0.5, 1.0], ["top-1"], {"monolith": {0.5: 50.0, 1.0: 100.0},
+                                                             "K=2": {0.5: 55.0, 1.0: 105.0}})
+    extra = {"monolith_k": 2, "router_flops": {}, "missing": ["k2_b1_s0"]}
+    assert "None yet: this partial report" in render({**report, **extra})
+    assert "This grid has no monolith cells" in render({**report, **extra, "missing": []})  # a part of a grid
 
 
 def test_a_tiny_sweep_from_the_command_line(tmp_path):

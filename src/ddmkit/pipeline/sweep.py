@@ -511,7 +511,11 @@ def compute_table(report: dict, budgets: list[str]) -> str:
 
 
 def reach_text(report: dict, ratios: list[list[str]]) -> str:
-    """The compute-ratio section's body: the table, or why this grid has none (no monolith cells)."""
+    """The compute-ratio section's body: the table, or why there is none (cells not scored yet in a
+    partial report, or a grid without monolith cells)."""
+    if not report["compute_ratio"] and report.get("missing"):
+        return ("None yet: this partial report has no monolith cell or no DDM cell scored; the compute ratio "
+                "comes with them.")
     if not report["compute_ratio"]:
         return (f"This grid has no monolith cells: the monolith is trained in the cells of K = "
                 f"{report['monolith_k']}. Report a grid that includes them (`--stages report` over "
