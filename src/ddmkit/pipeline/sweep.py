@@ -48,9 +48,10 @@ from ddmkit.train.flops import per_sample_flops, training_flops
 
 Log = Callable[[str], None]
 SWEEP_STAGES = (*STAGES, "report")  # report: from the cells' metrics.json alone (cells scored elsewhere)
-SCALES = ("steps", "batch")  # how a K's experts take its share of a budget: more steps, or a larger batch
+# how a K's experts take its share of a budget (more steps, or a larger batch), as the report says it
 SCALE_TEXT = {"steps": "each K's experts take it as steps at the config's batch (fewer experts, more steps)",
               "batch": "every K's experts train the same steps, at a batch scaled by K_ref / K"}
+SCALES = tuple(SCALE_TEXT)
 
 
 def monolith_k(cfg: RunConfig, ks: list[int], chosen: int | None = None) -> int:
@@ -170,15 +171,21 @@ def scored_rows(folder: RunFolder, cell_cfg: RunConfig) -> dict | None:
     return metrics["rows"] if metrics.get("config") == cell_cfg.model_dump(mode="json") else None
 
 
-def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int, scale: str = "steps",
-                 partial: bool = False) -> tuple[list[dict], list[str]]:
+def grid_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int,
+               scale: str) -> list[tuple[tuple[int, float, int], RunConfig, RunFolder]]:
+    """Each cell of the grid, ((k, budget, seed), its config, its run folder): every config validated
+    before any work."""
+    return [((k, b, s), cell_config(cfg, k, b, s, k == mono_k, scale),
+             RunFolder(cell_dir(out, k, b, s, scale, cfg.partition.k))) for k, b, s in todo]
+
+
+def scored_cells(grid: list[tuple], out: Path, partial: bool = False) -> tuple[list[dict], list[str]]:
     """The results of cells scored before, read from OUT/CELL/metrics.json alone (e.g. cells scored on other
     machines, their metrics.json brought back), and the names of the grid's cells that have none. Every
     cell must have one, made with its config; with partial, cells without one are left out (named)."""
     results, missing, other = [], [], []
-    for k, b, s in todo:
-        folder = RunFolder(cell_dir(out, k, b, s, scale, cfg.partition.k))
-        rows = scored_rows(folder, cell_config(cfg, k, b, s, k == mono_k, scale))
+    for (k, b, s), cell_cfg, folder in grid:
+        rows = scored_rows(folder, cell_cfg)
         if rows is None:
             (other if folder.metrics.exists() else missing).append(folder.root.name)
         else:
@@ -194,12 +201,11 @@ def scored_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int, scal
     return results, missing
 
 
-def data_shape(cfg: RunConfig, out: Path, todo: list[tuple], scale: str = "steps") -> tuple[int, ...]:
+def data_shape(cfg: RunConfig, grid: list[tuple]) -> tuple[int, ...]:
     """One sample's shape: from the data of a cell that has it, else from the data the config names."""
-    for k, b, s in todo:
-        info = RunFolder(cell_dir(out, k, b, s, scale, cfg.partition.k)).data_info
-        if info.exists():
-            return tuple(read_json(info)["data_shape"])
+    for _, _, folder in grid:
+        if folder.data_info.exists():
+            return tuple(read_json(folder.data_info)["data_shape"])
     return tuple(load_data(cfg)[0].data_shape)
 
 
@@ -275,17 +281,17 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     out = Path(out)
     todo = cells(ks, budgets, seeds, all_seeds)
     mono_k = monolith_k(cfg, ks, monolith)
+    grid = grid_cells(cfg, out, todo, mono_k, scale)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
     if stages == "report":
-        results, missing = scored_cells(cfg, out, todo, mono_k, scale, partial)
-        shape = data_shape(cfg, out, todo, scale)
-        return write_report(cfg, results, out, ks, budgets, strategies, mono_k, shape, log, missing, scale)
+        results, missing = scored_cells(grid, out, partial)
+        return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, grid), log,
+                            missing, scale)
+    # a cell whose metrics.json was made with its config is finished: kept, neither retrained nor rescored
+    kept = [None if force or stages == "train" else scored_rows(folder, c) for _, c, folder in grid]
     if stages == "evaluate":
-        configs = {(k, b, s): cell_config(cfg, k, b, s, k == mono_k, scale) for k, b, s in todo}
-        folders = {cell: cell_dir(out, *cell, scale, cfg.partition.k) for cell in todo}
-        untrained = [folders[cell].name for cell, c in configs.items()  # a cell scored before is done
-                     if (force or scored_rows(RunFolder(folders[cell]), c) is None)
-                     and untrained_parts(c, folders[cell])]
+        untrained = [folder.root.name for (_, c, folder), rows in zip(grid, kept)
+                     if rows is None and untrained_parts(c, folder.root)]
         if untrained:
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
@@ -293,12 +299,9 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     first: RunFolder | None = None  # the cell whose data (and image reference features) the others share
     partitions: dict[int, RunFolder] = {}  # K -> the cell whose partition the others of that K share
     results = []
-    for i, (k, b, s) in enumerate(todo):
-        cell_cfg = cell_config(cfg, k, b, s, k == mono_k, scale)
-        folder = RunFolder(cell_dir(out, k, b, s, scale, cfg.partition.k))
-        log(f"sweep cell {i + 1}/{len(todo)}: k={k}, budget {b:g}, seed {s}")
-        rows = None if force or stages == "train" else scored_rows(folder, cell_cfg)
-        if rows is not None:  # finished: its metrics.json was made with this cell's config
+    for i, (((k, b, s), cell_cfg, folder), rows) in enumerate(zip(grid, kept)):
+        log(f"sweep cell {i + 1}/{len(grid)}: k={k}, budget {b:g}, seed {s}")
+        if rows is not None:
             log(f"scored before ({folder.metrics}): kept")
         else:
             if first is not None and not folder.config.exists():
@@ -310,10 +313,10 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         if rows is not None:
             results.append({"k": k, "budget": b, "seed": s, "rows": rows})
     if stages == "train":
-        log(f"sweep: {len(todo)} cells trained; the same command with --stages evaluate (or all) scores them")
+        log(f"sweep: {len(grid)} cells trained; the same command with --stages evaluate (or all) scores them")
         return None
-    shape = data_shape(cfg, out, todo, scale)
-    return write_report(cfg, results, out, ks, budgets, strategies, mono_k, shape, log, scale=scale)
+    return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, grid), log,
+                        scale=scale)
 
 
 def metric_of(row: dict) -> tuple[str, float]:
