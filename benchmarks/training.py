@@ -201,10 +201,8 @@ def stacked_variants(args, device) -> list[tuple[str, str, bool, bool]]:
     cuda = device.type == "cuda"
     eager = [("monolith", "monolith", True, False), ("experts, float32 (before)", "stacked", False, False)]
     eager += [("experts, bf16", "stacked", True, False)] if cuda else []
-    eager += [("experts, bf16, plain GroupNorm", "stacked plain", True, False)] if cuda and "unet" in args.nets else []
     eager += [("experts one at a time" + (", bf16" if cuda else ""), "one at a time", True, False)]
     compiled = [("monolith", "monolith", True, True), ("experts, bf16", "stacked", True, True)]
-    compiled += [("experts, bf16, plain GroupNorm", "stacked plain", True, True)] if "unet" in args.nets else []
     compiled += [("experts one at a time, bf16", "one at a time", True, True)]
     compiled = compiled if cuda and args.compile else []
     return eager + compiled
@@ -229,8 +227,7 @@ def stacked_job(net: str, kind: str, bf16: bool, compiled: bool, args, device):
     if kind == "one at a time":
         return build(), expert, k, shape
     train = train.model_copy(update={"channels_last": False})  # as ddmkit's concurrent path
-    plain = kind == "stacked plain"  # GroupNorm in plain ops (StackedExperts' plain_group_norm)
-    return (StackedExperts([build() for _ in range(k)], plain_group_norm=plain), expert.model_copy(update={"train": train}),
+    return (StackedExperts([build() for _ in range(k)]), expert.model_copy(update={"train": train}),
             k, shape)
 
 
@@ -251,7 +248,7 @@ def run_stacked(args, device) -> None:
             print(f"[{time.perf_counter() - start:.0f} s] {net}: {label}, compile {mode}, batch {batch} ...",
                   file=sys.stderr, flush=True)
             try:
-                r = timed_fit(model, cfg, k, kind.startswith("stacked"), shape, args, device)
+                r = timed_fit(model, cfg, k, kind == "stacked", shape, args, device)
                 if kind == "one at a time":  # K such experts, one after another: K times one's time per step
                     r["ms_per_step"] *= k  # (samples/s: K B samples in K times the time, as one expert)
             except Exception as e:  # one failing variant (say, compile) must not lose the others
@@ -290,11 +287,10 @@ def run_profile(args, device) -> None:
     mode = args.compile_mode if compiled else "no"
     for net in args.nets:
         times = {}
-        kinds = ("monolith", "stacked") + (("stacked plain",) if net == "unet" else ())
-        for kind in kinds:
+        for kind in ("monolith", "stacked"):
             model, cfg, k, shape = stacked_job(net, kind, device.type == "cuda", compiled, args, device)
             profiler = torch.profiler.profile(activities=activities)
-            r = timed_fit(model, cfg, k, kind.startswith("stacked"), shape, args, device, profiler)
+            r = timed_fit(model, cfg, k, kind == "stacked", shape, args, device, profiler)
             times[kind] = op_times(profiler, device, args.steps)
             print(f"[{net}: {kind} profiled, {r['ms_per_step']:.1f} ms/step under the profiler]",
                   file=sys.stderr, flush=True)
@@ -302,10 +298,8 @@ def run_profile(args, device) -> None:
             torch._dynamo.reset()
         what = "device" if device.type == "cuda" else "CPU"
         print(f"\n## {net}: self {what} time per step by operator (compile {mode}, {args.steps} profiled steps)\n")
-        plain = "stacked plain" in times
-        print("| operator | monolith ms | experts ms | experts - monolith ms | share of the difference |"
-              + (" experts, plain GroupNorm ms |" if plain else ""))
-        print("|---|---:|---:|---:|---:|" + ("---:|" if plain else ""))
+        print("| operator | monolith ms | experts ms | experts - monolith ms | share of the difference |")
+        print("|---|---:|---:|---:|---:|")
         time_of = lambda kind, op: times[kind].get(op, 0.0)
         ops = sorted(set().union(*times.values()), key=lambda op: -abs(time_of("stacked", op) - time_of("monolith", op)))
         for t in times.values():
@@ -314,8 +308,7 @@ def run_profile(args, device) -> None:
         for op in ops[:args.profile_rows] + ["all operators"]:
             m, e = time_of("monolith", op), time_of("stacked", op)
             share = f"{(e - m) / gap:.0%}" if gap else "-"
-            print(f"| {op[:70]} | {m:.2f} | {e:.2f} | {e - m:+.2f} | {share} |"
-                  + (f" {time_of('stacked plain', op):.2f} |" if plain else ""), flush=True)
+            print(f"| {op[:70]} | {m:.2f} | {e:.2f} | {e - m:+.2f} | {share} |", flush=True)
 
 
 def parse_args(argv=None):

@@ -8,7 +8,7 @@ from ddmkit.config import TrainConfig
 from ddmkit.nets import build_seeded
 from ddmkit.train.concurrent import stacked_loss, stacked_sampler
 from ddmkit.train.loop import fit
-from ddmkit.train.stacked import LayoutKeepingGroupNorm, StackedExperts
+from ddmkit.train.stacked import StackedExperts
 
 NETS = {
     "unet": ({"data_shape": [1, 8, 8], "channels": [4, 8], "attention_res": [4], "num_classes": 3}, (1, 8, 8)),
@@ -35,15 +35,12 @@ def batch(arch: str, k: int = 2, b: int = 5):
             torch.randint(0, 3, (k, b), generator=gen))
 
 
-@pytest.mark.parametrize("arch, plain", [("unet", False), ("unet", True), ("dit", False)])
-def test_stacked_forward_gradients_and_clipping_equal_separate_networks(arch, plain, monkeypatch):
+@pytest.mark.parametrize("arch", NETS)
+def test_stacked_forward_gradients_and_clipping_equal_separate_networks(arch):
     separate = nets(arch)
-    stacked = StackedExperts(nets(arch), plain_group_norm=plain)
+    stacked = StackedExperts(nets(arch))
     x, t, y = batch(arch)
-    if plain:  # the stacked forward then never calls torch's group norm
-        monkeypatch.setattr(torch.nn.functional, "group_norm", None)
     out = stacked(x, t, y)
-    monkeypatch.undo()
     out.square().sum().backward()
     for k, net in enumerate(separate):
         expected = net(x[k], t[k], y[k])
@@ -59,20 +56,6 @@ def test_stacked_forward_gradients_and_clipping_equal_separate_networks(arch, pl
     for n in stacked.param_names:
         clipped = torch.stack([dict(net.named_parameters())[n].grad for net in separate])
         torch.testing.assert_close(stacked.stacked[n.replace(".", "__")].grad, clipped, rtol=1e-4, atol=1e-6)
-
-
-def test_plain_group_norm_equals_group_norm():
-    """LayoutKeepingGroupNorm is nn.GroupNorm's function: float32 to rounding, bfloat16 input to bfloat16's."""
-    gen = torch.Generator().manual_seed(3)
-    fused, plain = torch.nn.GroupNorm(4, 8, eps=1e-3), LayoutKeepingGroupNorm(4, 8, eps=1e-3)
-    with torch.no_grad():
-        fused.weight.copy_(torch.randn(8, generator=gen))
-        fused.bias.copy_(torch.randn(8, generator=gen))
-    plain.load_state_dict(fused.state_dict())
-    x = 3 * torch.randn(5, 8, 6, 6, generator=gen) + 2
-    torch.testing.assert_close(plain(x), fused(x), rtol=1e-5, atol=1e-5)
-    x16 = x.bfloat16()
-    torch.testing.assert_close(plain(x16), fused(x16.float()), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("arch", NETS)

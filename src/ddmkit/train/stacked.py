@@ -42,38 +42,8 @@ def _input_like_weight(layer: nn.Module, args: tuple) -> tuple:
     return (args[0].to(layer.weight.dtype), *args[1:])
 
 
-class LayoutKeepingGroupNorm(nn.GroupNorm):
-    """GroupNorm in plain tensor ops, for the stacked forward: the same normalisation
-    (x - mean_g) / sqrt(var_g + eps) * weight + bias, statistics in float32. Under vmap, torch's fused
-    group norm moves the expert axis to the front (a copy of the activations) and the grouped convolution
-    after it moves it back; these ops leave the axis where the convolution put it. Whether that pays
-    depends on the device and on torch.compile: benchmarks/training.py times both."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        groups = x.reshape(x.shape[0], self.num_groups, -1)
-        var, mean = torch.var_mean(groups.float(), dim=-1, keepdim=True, correction=0)
-        y = ((groups - mean) * torch.rsqrt(var + self.eps)).to(x.dtype).reshape(x.shape)
-        if not self.affine:
-            return y
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return y * self.weight.reshape(shape) + self.bias.reshape(shape)
-
-
-def _with_plain_group_norm(template: nn.Module) -> nn.Module:
-    """A copy of the template with its GroupNorm layers replaced by LayoutKeepingGroupNorm (same
-    parameter names)."""
-    template = copy.deepcopy(template)
-    for name, layer in list(template.named_modules()):
-        if type(layer) is nn.GroupNorm:
-            parent, _, child = name.rpartition(".")
-            setattr(template.get_submodule(parent), child, LayoutKeepingGroupNorm(
-                layer.num_groups, layer.num_channels, layer.eps, layer.affine, device="meta"))
-    return template
-
-
 class StackedExperts(nn.Module):
-    def __init__(self, models: list[nn.Module], plain_group_norm: bool = False):
-        """plain_group_norm: GroupNorm layers run as LayoutKeepingGroupNorm (the same function)."""
+    def __init__(self, models: list[nn.Module]):
         super().__init__()
         self.k = len(models)
         params, buffers = stack_module_state(models)
@@ -85,15 +55,14 @@ class StackedExperts(nn.Module):
         for layer in template.modules():  # under vmap, autocast does not cast a convolution's input
             if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
                 layer.register_forward_pre_hook(_input_like_weight)
-        self._template = [template]  # in a list: not a sub-module, holds no weights (unstack copies it)
-        self._forward = [_with_plain_group_norm(template) if plain_group_norm else template]  # what vmap calls
+        self._template = [template]  # in a list: not a sub-module, holds no weights (vmap calls it, unstack copies it)
 
     def _state(self) -> tuple[dict, dict]:
         return ({n: self.stacked[_key(n)] for n in self.param_names},
                 {n: getattr(self, _key(n)) for n in self.buffer_names})
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        template = self._forward[0]
+        template = self._template[0]
         params, buffers = self._state()
         if torch.is_autocast_enabled(x.device.type):  # one dtype for vmap (module docstring)
             dtype = torch.get_autocast_dtype(x.device.type)
