@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ddmkit.config import load_config
+from ddmkit.config import RunConfig, apply_overrides, load_config
+from ddmkit.errors import DDMError
 from ddmkit.pipeline.sweep import (cell_config, cell_dir, cells, curves, interval, monolith_k, ratio_text, reach,
-                                   render, summarize)
+                                   render, short_trainings, summarize, sweep)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.toml"
@@ -57,6 +58,27 @@ def test_the_monolith_is_trained_in_one_k_only():
     without = cell_config(cfg, 2, 1.0, 0, monolith=False)
     assert not without.monolith.enabled and "monolith" not in without.sample.strategies
     assert cell_config(cfg, 4, 1.0, 0).sample.strategies[0] == "monolith"
+
+
+def test_networks_stopped_during_their_warm_up_are_named_before_any_work(tmp_path):
+    raw = apply_overrides(load_config(TINY).model_dump(), ["expert.train.warmup=40", "monolith.match=steps"])
+    cfg = RunConfig.model_validate(raw)  # k = 4, 60 steps per expert
+    # each expert: 60 x budget x 4 / K steps (K=8 b0.5: 15; K=4 b0.5: 30; K=2 b0.5: 60); the monolith (K=4): 4 x 60 x b
+    assert short_trainings(cfg, [2, 4, 8], [0.1, 0.5], mono_k=4) == [
+        "K=2 budget 0.1: each expert trains 12 steps, fewer than its 40-step learning-rate warm-up",
+        "K=4 budget 0.1: each expert trains 6 steps, fewer than its 40-step learning-rate warm-up",
+        "K=4 budget 0.1: the monolith trains 24 steps, fewer than its 40-step learning-rate warm-up",
+        "K=4 budget 0.5: each expert trains 30 steps, fewer than its 40-step learning-rate warm-up",
+        "K=8 budget 0.1: each expert trains 3 steps, fewer than its 40-step learning-rate warm-up",
+        "K=8 budget 0.5: each expert trains 15 steps, fewer than its 40-step learning-rate warm-up"]
+    assert short_trainings(cfg, [2, 8], [1.0], mono_k=4, scale="batch") == []  # 60 steps at every K
+    assert short_trainings(cfg, [6], [1.0], mono_k=4) == []  # 40 steps: the warm-up ends as training does
+    assert short_trainings(cfg, [2, 8], [1.0], mono_k=4) == [  # K=8: 30 steps at the config's batch
+        "K=8 budget 1: each expert trains 30 steps, fewer than its 40-step learning-rate warm-up"]
+    logged = []
+    with pytest.raises(DDMError, match="not trained"):  # the warning comes before the (failing) work
+        sweep(cfg, tmp_path / "out", [8], [0.5], [0], stages="evaluate", log=logged.append)
+    assert "warning: K=8 budget 0.5: each expert trains 15 steps" in logged[0] and "--scale batch" in logged[0]
 
 
 def test_seeds_go_to_the_ends_of_the_budget_range():

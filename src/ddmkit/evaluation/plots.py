@@ -85,7 +85,8 @@ def plot_sweep(panels: dict[str, dict[str, list[tuple[float, float, float, float
                path: Path) -> None:
     """A sweep's metric against training FLOPs, one panel per entry (title -> curves): one curve per
     series (name -> [(FLOPs, mean, lo, hi)], the mean over seeds with its interval as error bars); the
-    monolith's dashed. The panels share their axes."""
+    monolith's dashed. The panels share their axes, both logarithmic (a metric that spans 20x, as FID
+    over a sweep's budgets and K, stays readable at its low end)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharex=True, sharey=True,
                              squeeze=False)
     for ax, (title, curves) in zip(axes[0], panels.items()):
@@ -95,6 +96,7 @@ def plot_sweep(panels: dict[str, dict[str, list[tuple[float, float, float, float
             ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=key,
                         linestyle="--" if key == "monolith" else "-")
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training compute (FLOPs; a DDM: experts + router)")
         ax.grid(alpha=0.3)

@@ -45,6 +45,7 @@ from ddmkit.routing import parse_strategy
 from ddmkit.routing.strategies import TopK
 from ddmkit.tables import markdown_table
 from ddmkit.train.flops import per_sample_flops, training_flops
+from ddmkit.train.jobs import monolith_config
 
 Log = Callable[[str], None]
 SWEEP_STAGES = (*STAGES, "report")  # report: from the cells' metrics.json alone (cells scored elsewhere)
@@ -163,6 +164,24 @@ def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[
         raise DDMError(f"sweep: --k {max(ks)} is larger than data.n_train ({cfg.data.n_train}); lower --k")
 
 
+def short_trainings(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
+                    scale: str = "steps") -> list[str]:
+    """The (K, budget) whose experts, or the monolith, train fewer steps than their learning-rate warm-up
+    (expert.train.warmup): their learning rate never reaches its peak and never decays, so such a
+    point measures a network stopped while warming up. One line per point, in words."""
+    lines = []
+    for k in ks:
+        for b in budgets:
+            cell = cell_config(cfg, k, b, 0, k == mono_k, scale)
+            train = cell.expert.train
+            nets = [("each expert", train.steps)]
+            if k == mono_k and cell.monolith.enabled:
+                nets.append(("the monolith", monolith_config(cell.expert, k, cell.monolith.match).train.steps))
+            lines += [f"K={k} budget {b:g}: {who} trains {steps} steps, fewer than its {train.warmup}-step "
+                      "learning-rate warm-up" for who, steps in nets if steps < train.warmup]
+    return lines
+
+
 def scored_rows(folder: RunFolder, cell_cfg: RunConfig) -> dict | None:
     """A cell's result rows from its metrics.json, if it was scored with exactly this config (else None)."""
     if not folder.metrics.exists():
@@ -236,6 +255,7 @@ def write_report(cfg: RunConfig, results: list[dict], out: Path, ks: list[int], 
     flops = grid_flops(cfg, ks, budgets, mono_k, shape, scale)
     report = {**summarize(results, ks, budgets, strategies, flops["compute"]), "monolith_k": mono_k,
               "scale": scale, "missing": list(missing),
+              "short_trainings": short_trainings(cfg, ks, budgets, mono_k, scale),
               "router_flops": {key: {f"{b:g}": v for b, v in per.items()} for key, per in flops["router"].items()}}
     write_json(out / "sweep.json", report)
     plot_sweep({"each K's best strategy": curves(report)}, report["metric"], out / "plots" / "sweep.png")
@@ -283,6 +303,11 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     mono_k = monolith_k(cfg, ks, monolith)
     grid = grid_cells(cfg, out, todo, mono_k, scale)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
+    short = short_trainings(cfg, ks, budgets, mono_k, scale)
+    if short and stages != "report":
+        log(f"sweep: warning: {'; '.join(short)}. Such points measure networks stopped while warming up; "
+            f"for a fair curve lower the warm-up (--set expert.train.warmup=N), drop the budget, or "
+            f"use --scale batch (every K trains the same steps)")
     if stages == "report":
         results, missing = scored_cells(grid, out, partial)
         return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, grid), log,
@@ -453,7 +478,7 @@ and the monolith see the same number;
 {SCALE_TEXT[report.get("scale", "steps")]}.
 A cell is the mean over training seeds with a 95% t-interval and n, the number of seeds, where there is
 more than one.
-{missing_text(report)}
+{missing_text(report)}{short_text(report)}
 {table(report["table"])}
 {full_aliases(report)}{kid}
 Training compute in FLOPs (forward and backward, counted by PyTorch's FlopCounterMode): a DDM's experts
@@ -481,6 +506,13 @@ def missing_text(report: dict) -> str:
     missing = report.get("missing") or []
     return "" if not missing else (f"\nA partial report: {len(missing)} cells of the grid are not scored yet and "
                                    f"left out ({', '.join(missing)}); a \"-\" marks a budget with none.\n")
+
+
+def short_text(report: dict) -> str:
+    """A note naming the grid's points whose networks stop before their warm-up ends, or nothing."""
+    short = report.get("short_trainings") or []
+    return "" if not short else ("\nStopped while warming up (the learning rate never reached its peak): "
+                                 f"{'; '.join(short)}.\n")
 
 
 def full_aliases(report: dict) -> str:
