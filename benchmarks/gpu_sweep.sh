@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages train      # carry .inc_whl .data .inc_a
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages evaluate   # carry .inc_b (FID weights), .inc_pot
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --seed 1            # trains and scores seed 1
-#   bash benchmarks/gpu_sweep.sh --k 2 --budget 0.125 --scale batch --monolith-k 8   # equal steps: cells k2_..._batch
+#   bash benchmarks/gpu_sweep.sh --k 2 --budget 0.125 --monolith-k 8   # K = 2 at batch 512 (the default --scale batch)
 # The arguments go to `ddmkit sweep $CONFIG --out $R` (CONFIG=configs/fashion_mnist.toml; the latent grid:
 # CONFIG=configs/fashion_mnist_latent.toml R=runs/sweep_latent, its autoencoder trained once); the strategies scored are the
 # monolith, full, top-1 and top-2 (no guidance sweep, no statistics-only router). The sweep's report goes to $OUT and

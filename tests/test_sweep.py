@@ -27,21 +27,21 @@ def cli(*args):
 def test_every_k_and_the_monolith_see_the_same_samples_at_a_budget():
     cfg = load_config(TINY)  # k = 4, 60 steps x batch 64 per expert
     for k, budget in ((2, 1.0), (4, 1.0), (8, 0.5), (1, 2.0)):
-        c = cell_config(cfg, k, budget, seed=3)
+        c = cell_config(cfg, k, budget, seed=3, scale="steps")
         assert c.partition.k == k and c.expert.train.steps * k == budget * 4 * 60
         assert c.expert.train.seed == 3 and c.router.train.seed == 4 and c.monolith.enabled
 
 
-def test_with_scale_batch_every_k_takes_the_same_steps_and_samples():
+def test_by_default_every_k_takes_the_same_steps_and_samples():
     cfg = load_config(TINY)  # k = 4, 60 steps x batch 64 per expert
     for k, budget in ((2, 1.0), (4, 0.5), (8, 0.5), (1, 2.0)):
-        c, by_steps = cell_config(cfg, k, budget, seed=3, scale="batch"), cell_config(cfg, k, budget, seed=3)
+        c, by_steps = cell_config(cfg, k, budget, seed=3), cell_config(cfg, k, budget, seed=3, scale="steps")
         assert c.expert.train.steps == budget * 60 and c.expert.train.batch_size * k == 64 * 4
         samples = c.expert.train.steps * c.expert.train.batch_size * k
         assert samples == by_steps.expert.train.steps * by_steps.expert.train.batch_size * k == budget * 4 * 60 * 64
-    assert cell_config(cfg, 4, 0.5, 0, scale="batch") == cell_config(cfg, 4, 0.5, 0)  # K_ref: the same cell
-    names = [cell_dir(Path("out"), k, 0.5, 0, scale, 4).name for k in (2, 4) for scale in ("steps", "batch")]
-    assert names == ["k2_b0.5_s0", "k2_b0.5_s0_batch", "k4_b0.5_s0", "k4_b0.5_s0"]  # K_ref's cell is shared
+    assert cell_config(cfg, 4, 0.5, 0, scale="steps") == cell_config(cfg, 4, 0.5, 0)  # K_ref: the same cell
+    names = [cell_dir(Path("out"), k, 0.5, 0, scale, 4).name for k in (2, 4) for scale in ("batch", "steps")]
+    assert names == ["k2_b0.5_s0", "k2_b0.5_s0_steps", "k4_b0.5_s0", "k4_b0.5_s0"]  # K_ref's cell is shared
 
 
 def test_top_k_is_sampled_once_where_it_is_full_routing():
@@ -64,20 +64,20 @@ def test_networks_stopped_during_their_warm_up_are_named_before_any_work(tmp_pat
     raw = apply_overrides(load_config(TINY).model_dump(), ["expert.train.warmup=40", "monolith.match=steps"])
     cfg = RunConfig.model_validate(raw)  # k = 4, 60 steps per expert
     # each expert: 60 x budget x 4 / K steps (K=8 b0.5: 15; K=4 b0.5: 30; K=2 b0.5: 60); the monolith (K=4): 4 x 60 x b
-    assert short_trainings(cfg, [2, 4, 8], [0.1, 0.5], mono_k=4) == [
+    assert short_trainings(cfg, [2, 4, 8], [0.1, 0.5], mono_k=4, scale="steps") == [
         "K=2 budget 0.1: each expert trains 12 steps, fewer than its 40-step learning-rate warm-up",
         "K=4 budget 0.1: each expert trains 6 steps, fewer than its 40-step learning-rate warm-up",
         "K=4 budget 0.1: the monolith trains 24 steps, fewer than its 40-step learning-rate warm-up",
         "K=4 budget 0.5: each expert trains 30 steps, fewer than its 40-step learning-rate warm-up",
         "K=8 budget 0.1: each expert trains 3 steps, fewer than its 40-step learning-rate warm-up",
         "K=8 budget 0.5: each expert trains 15 steps, fewer than its 40-step learning-rate warm-up"]
-    assert short_trainings(cfg, [2, 8], [1.0], mono_k=4, scale="batch") == []  # 60 steps at every K
-    assert short_trainings(cfg, [6], [1.0], mono_k=4) == []  # 40 steps: the warm-up ends as training does
-    assert short_trainings(cfg, [2, 8], [1.0], mono_k=4) == [  # K=8: 30 steps at the config's batch
+    assert short_trainings(cfg, [2, 8], [1.0], mono_k=4) == []  # the default scale: 60 steps at every K
+    assert short_trainings(cfg, [6], [1.0], mono_k=4, scale="steps") == []  # 40 steps: the warm-up ends with training
+    assert short_trainings(cfg, [2, 8], [1.0], mono_k=4, scale="steps") == [  # K=8: 30 steps at the config's batch
         "K=8 budget 1: each expert trains 30 steps, fewer than its 40-step learning-rate warm-up"]
     logged = []
     with pytest.raises(DDMError, match="not trained"):  # the warning comes before the (failing) work
-        sweep(cfg, tmp_path / "out", [8], [0.5], [0], stages="evaluate", log=logged.append)
+        sweep(cfg, tmp_path / "out", [8], [0.5], [0], stages="evaluate", log=logged.append, scale="steps")
     assert "warning: K=8 budget 0.5: each expert trains 15 steps" in logged[0] and "--scale batch" in logged[0]
 
 
@@ -161,8 +161,8 @@ def test_a_tiny_sweep_from_the_command_line(tmp_path):
     assert len({p.stat().st_ino for p in data}) == 1  # the data made once, linked into every cell
     shards = [out / f"k2_b{b}_s0" / "partition" / "manifest.json" for b in ("0.5", "1")]
     assert len({p.stat().st_ino for p in shards}) == 1  # one partition per K
-    steps = json.loads((out / "k2_b0.5_s0" / "experts" / "expert_00" / "config.json").read_text())["train"]["steps"]
-    assert steps == 60  # 0.5 x 4 x 60 / 2
+    train = json.loads((out / "k2_b0.5_s0" / "experts" / "expert_00" / "config.json").read_text())["train"]
+    assert (train["steps"], train["batch_size"]) == (30, 128)  # 0.5 x 60 steps at 64 x 4 / 2: the global batch split
     weights, metrics = (out / "k4_b1_s0" / name for name in ("experts/expert_01/model.safetensors", "metrics.json"))
     before, report_bytes = (weights.stat().st_mtime_ns, metrics.stat().st_mtime_ns), (out / "sweep.json").read_bytes()
     again = cli(*args)
@@ -199,14 +199,14 @@ def test_a_latent_sweep_trains_one_autoencoder_for_the_grid(tmp_path):
 
 def test_a_sweep_trained_now_and_scored_later(tmp_path):
     out = tmp_path / "sweep"
-    grid = ("sweep", TINY, "--out", out, "--k", "2", "--budget", "0.5", "--scale", "batch")
+    grid = ("sweep", TINY, "--out", out, "--k", "2", "--budget", "0.5", "--scale", "steps")
     early = cli(*grid, "--stages", "evaluate")
     assert early.returncode == 2 and "not trained" in early.stderr and not out.exists()  # refused, nothing written
     trained = cli(*grid, "--stages", "train")
     assert trained.returncode == 0, trained.stderr
-    cell = out / "k2_b0.5_s0_batch"  # K_ref = 4 keeps its name; every other K's batch cell is apart
+    cell = out / "k2_b0.5_s0_steps"  # K_ref = 4 keeps its name; every other K's steps cell is apart
     train = json.loads((cell / "config.json").read_text())["config"]["expert"]["train"]
-    assert (train["steps"], train["batch_size"]) == (30, 128)  # --scale batch: K_ref's steps, K_ref / K x its batch
+    assert (train["steps"], train["batch_size"]) == (60, 64)  # --scale steps: 0.5 x 60 x 4 / 2 at the config's batch
     weights = cell / "experts" / "expert_01" / "model.safetensors"
     assert weights.exists() and (cell / "monolith" / "model.safetensors").exists()
     assert not (out / "sweep.md").exists() and not (cell / "report.md").exists()  # trained, not scored

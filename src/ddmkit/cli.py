@@ -348,9 +348,10 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
                                      "cell's metrics.json: cells scored on other machines)"),
           partial: bool = typer.Option(False, help="with --stages report: report the cells scored so far, "
                                        "naming the others (a grid still being measured)"),
-          scale: str = typer.Option("steps", help="how each K's experts take a budget: steps (round(budget x "
-                                    "steps x K_ref / K) steps at the config's batch) or batch (budget x steps "
-                                    "at batch x K_ref / K: every K trains the same steps)"),
+          scale: str = typer.Option("batch", help="how each K's experts take a budget: batch (budget x steps "
+                                    "at batch x K_ref / K: every K trains the same steps, the global batch "
+                                    "split over the experts, as in the DDM paper) or steps (round(budget x "
+                                    "steps x K_ref / K) steps at the config's batch)"),
           backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
           workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU core without GPUs)"),
           device: Optional[str] = DEVICE,

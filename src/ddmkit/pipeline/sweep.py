@@ -5,9 +5,10 @@
 Every cell is an ordinary run folder, OUT/k{K}_b{budget}_s{seed}, made by run_pipeline (so a sweep
 resumes like `ddmkit run`: finished cells and stages are skipped). Budgets are in units of the
 config's total training compute, K_ref x steps x batch with K_ref = partition.k: at budget b every
-K trains each expert for round(b x steps x K_ref / K) steps at the config's batch (scale="steps"),
-or round(b x steps) steps at batch round(batch x K_ref / K) (scale="batch": every K takes the same
-steps), so all K and the FLOP-matched monolith (K x an expert's steps) see the same number of samples.
+K trains each expert for round(b x steps) steps at batch round(batch x K_ref / K) (scale="batch", the
+default: the global batch split over the experts, every K the same steps, as in the DDM paper), or
+round(b x steps x K_ref / K) steps at the config's batch (scale="steps"), so all K and the
+FLOP-matched monolith see the same number of samples.
 The monolith is one network per budget and seed, trained in the cells of K_ref (else of the first K;
 or of the K given as `monolith`, for a grid split into parts run one by one) and compared with every
 K: the config's own monolith, trained once instead of once per K. The data are the same in every cell and the partition
@@ -50,8 +51,8 @@ from ddmkit.train.jobs import monolith_config
 Log = Callable[[str], None]
 SWEEP_STAGES = (*STAGES, "report")  # report: from the cells' metrics.json alone (cells scored elsewhere)
 # how a K's experts take its share of a budget (more steps, or a larger batch), as the report says it
-SCALE_TEXT = {"steps": "each K's experts take it as steps at the config's batch (fewer experts, more steps)",
-              "batch": "every K's experts train the same steps, at a batch scaled by K_ref / K"}
+SCALE_TEXT = {"batch": "every K's experts train the same steps, at a batch scaled by K_ref / K",
+              "steps": "each K's experts take it as steps at the config's batch (fewer experts, more steps)"}
 SCALES = tuple(SCALE_TEXT)
 
 
@@ -68,9 +69,9 @@ def monolith_k(cfg: RunConfig, ks: list[int], chosen: int | None = None) -> int:
 
 
 def cell_config(cfg: RunConfig, k: int, budget: float, seed: int, monolith: bool = True,
-                scale: str = "steps") -> RunConfig:
-    """The config of one cell: K clusters, each expert's steps (scale="steps") or steps and batch
-    (scale="batch": budget x the config's steps at K_ref / K x its batch) set so that the total compute
+                scale: str = "batch") -> RunConfig:
+    """The config of one cell: K clusters, each expert's steps and batch (scale="batch": budget x the
+    config's steps at K_ref / K x its batch) or steps (scale="steps") set so that the total compute
     is budget x the config's, every training seed (experts, router) from `seed`; the FLOP-matched
     monolith trained and sampled only when `monolith` (one K's cells train it for the whole grid)."""
     raw = cfg.model_dump()
@@ -109,11 +110,11 @@ def cells(ks: list[int], budgets: list[float], seeds: list[int], all_seeds: bool
     return [(k, b, s) for k in ks for b in budgets for s in seeds if all_seeds or b in ends or s == seeds[0]]
 
 
-def cell_dir(out: Path, k: int, budget: float, seed: int, scale: str = "steps", k_ref: int = 0) -> Path:
-    """OUT/k{K}_b{budget}_s{seed}; with scale="batch", "_batch" is added for every K but K_ref (its cell
-    differs from the "steps" cell of the same K, budget and seed; K_ref's is the same cell in both), so
+def cell_dir(out: Path, k: int, budget: float, seed: int, scale: str = "batch", k_ref: int = 0) -> Path:
+    """OUT/k{K}_b{budget}_s{seed}; with scale="steps", "_steps" is added for every K but K_ref (its cell
+    differs from the "batch" cell of the same K, budget and seed; K_ref's is the same cell in both), so
     both kinds of cell can live in one OUT and share K_ref's."""
-    suffix = "_batch" if scale == "batch" and k != k_ref else ""
+    suffix = "_steps" if scale == "steps" and k != k_ref else ""
     return out / f"k{k}_b{budget:g}_s{seed}{suffix}"
 
 
@@ -165,7 +166,7 @@ def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[
 
 
 def short_trainings(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
-                    scale: str = "steps") -> list[str]:
+                    scale: str = "batch") -> list[str]:
     """The (K, budget) whose experts, or the monolith, train fewer steps than their learning-rate warm-up
     (expert.train.warmup): their learning rate never reaches its peak and never decays, so such a
     point measures a network stopped while warming up. One line per point, in words."""
@@ -229,7 +230,7 @@ def data_shape(cfg: RunConfig, grid: list[tuple]) -> tuple[int, ...]:
 
 
 def grid_flops(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int, shape: tuple[int, ...],
-               scale: str = "steps") -> dict[str, dict[str, dict[float, float]]]:
+               scale: str = "batch") -> dict[str, dict[str, dict[float, float]]]:
     """Training FLOPs per budget: {"compute": {"monolith" | "K=k": {budget: FLOPs}}, "router": {"K=k":
     {budget: the router's part}}}; the monolith is the one trained in the cells of mono_k."""
     register_user_networks(cfg)
@@ -248,7 +249,7 @@ def grid_flops(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
 
 def write_report(cfg: RunConfig, results: list[dict], out: Path, ks: list[int], budgets: list[float],
                  strategies: list[str], mono_k: int, shape: tuple[int, ...], log: Log,
-                 missing: list[str] = (), scale: str = "steps") -> dict:
+                 missing: list[str] = (), scale: str = "batch") -> dict:
     """OUT/sweep.json, sweep.md, plots/sweep.png (each K's best strategy) and plots/sweep_strategies.png (a
     panel per K, every strategy) from the cells' results (missing: the grid's cells
     left out, named in the report); returns the report's data."""
@@ -281,7 +282,7 @@ def curves(report: dict, k: int | None = None) -> dict[str, list[tuple[float, fl
 def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], seeds: list[int],
           all_seeds: bool = False, force: bool = False, log: Log = print, backend: str = "inline",
           workers: int | None = None, stages: str = "all", monolith: int | None = None,
-          partial: bool = False, scale: str = "steps") -> dict | None:
+          partial: bool = False, scale: str = "batch") -> dict | None:
     """Run every cell (skipping what is done) and write the report; returns the report's data.
     monolith: the K whose cells train the monolith (default: monolith_k's choice), for a grid split
     into parts run one by one (on several machines or sessions): every part gives the whole grid's K.
@@ -305,9 +306,9 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
     short = short_trainings(cfg, ks, budgets, mono_k, scale)
     if short and stages != "report":
+        batch = "" if scale == "batch" else ", or use --scale batch (every K trains the config's steps x budget)"
         log(f"sweep: warning: {'; '.join(short)}. Such points measure networks stopped while warming up; "
-            f"for a fair curve lower the warm-up (--set expert.train.warmup=N), drop the budget, or "
-            f"use --scale batch (every K trains the same steps)")
+            f"for a fair curve lower the warm-up (--set expert.train.warmup=N) or drop the budget{batch}")
     if stages == "report":
         results, missing = scored_cells(grid, out, partial)
         return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, grid), log,
