@@ -304,15 +304,15 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     mono_k = monolith_k(cfg, ks, monolith)
     grid = grid_cells(cfg, out, todo, mono_k, scale)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
-    short = short_trainings(cfg, ks, budgets, mono_k, scale)
-    if short and stages != "report":
-        batch = "" if scale == "batch" else ", or use --scale batch (every K trains the config's steps x budget)"
-        log(f"sweep: warning: {'; '.join(short)}. Such points measure networks stopped while warming up; "
-            f"for a fair curve lower the warm-up (--set expert.train.warmup=N) or drop the budget{batch}")
     if stages == "report":
         results, missing = scored_cells(grid, out, partial)
         return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, grid), log,
                             missing, scale)
+    short = short_trainings(cfg, ks, budgets, mono_k, scale)
+    if short:
+        batch = "" if scale == "batch" else ", or use --scale batch (every K trains the config's steps x budget)"
+        log(f"sweep: warning: {'; '.join(short)}. Such points measure networks stopped while warming up; "
+            f"for a fair curve lower the warm-up (--set expert.train.warmup=N) or raise the budget{batch}")
     # a cell whose metrics.json was made with its config is finished: kept, neither retrained nor rescored
     kept = [None if force or stages == "train" else scored_rows(folder, c) for _, c, folder in grid]
     if stages == "evaluate":
