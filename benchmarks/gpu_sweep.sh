@@ -3,6 +3,10 @@
 # (the `run` device tool), within one call's 10 minutes; runs/ is kept on a warm machine between calls and
 # finished cells are never redone, so a grid is spread over calls and sessions (bring each cell's
 # metrics.json back and keep it: they come back in $OUT/cells.tar.gz).
+# Training and scoring in one call (the surest use of a session: a machine lost between calls loses only a short call):
+#   source benchmarks/gpu_setup.sh                                             # call 1, a few seconds: carry .inc_b .inc_pot
+#   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0                     # call 2 at once: carry .inc_whl .data .inc_a
+# or training and scoring in calls of their own:
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages train      # carry .inc_whl .data .inc_a
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages evaluate   # carry .inc_b (FID weights), .inc_pot
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --seed 1            # trains and scores seed 1
@@ -16,6 +20,11 @@ R=${R:-runs/sweep}
 CONFIG=${CONFIG:-configs/fashion_mnist.toml}
 read -r -a EXTRA <<< "${EXTRA:-}"
 join_fid_weights
+# a call that scores needs both parts of the FID weights: stop before any training if one is missing
+# (the machine was given back between the calls)
+if [[ " $* " != *" --stages train "* ]] && [ ! -f /root/inc/default_1.pt ]; then
+  echo "gpu_sweep: no FID weights on this machine; run the call carrying .inc_b again, then this one"; exit 3
+fi
 timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" sweep $CONFIG --out $R "$@" \
   --set 'sample.strategies=["full","top-1","top-2"]' --set 'sample.guidance_sweep=[]' \
   --set 'sample.stats_router_strategies=[]' "${EXTRA[@]}" 2>&1 | grep -v '^\s*$' | tail -n 40 | tee "$OUT/sweep.log"
