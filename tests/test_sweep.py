@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from ddmkit.config import RunConfig, apply_overrides, load_config
 from ddmkit.errors import DDMError
@@ -22,6 +23,30 @@ def cli(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DDMKIT_QUIET": "1"}
     return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
                           capture_output=True, text=True, env=env)
+
+
+GRID = ("--k", "2", "--k", "4", "--budget", "0.5", "--budget", "1")  # the tiny grid the CLI tests share
+
+
+@pytest.fixture(scope="session")
+def tiny_grid(tmp_path_factory, worker_id):
+    """The tiny grid trained and scored once per test session (one seed), under a lock in the folder
+    every xdist worker shares: the CLI tests below read it and never change it."""
+    root = tmp_path_factory.getbasetemp()
+    root = root if worker_id == "master" else root.parent  # the run's folder, above each worker's own
+    out = root / "tiny_grid" / "sweep"
+    with FileLock(str(root / "tiny_grid.lock")):
+        if not (out / "sweep.json").exists():
+            done = cli("sweep", TINY, "--out", out, *GRID)
+            assert done.returncode == 0, done.stderr
+    return out
+
+
+def copy_metrics(grid, into, names):
+    """Only the cells' metrics.json, as brought back from the machines that scored them."""
+    for name in names:
+        (into / name).mkdir(parents=True)
+        (into / name / "metrics.json").write_bytes((grid / name / "metrics.json").read_bytes())
 
 
 def test_every_k_and_the_monolith_see_the_same_samples_at_a_budget():
@@ -139,12 +164,10 @@ def test_a_partial_report_without_monolith_cells_says_not_yet():
     assert "This grid has no monolith cells" in render({**report, **extra, "missing": []})  # a part of a grid
 
 
-def test_a_tiny_sweep_from_the_command_line(tmp_path):
-    out = tmp_path / "sweep"
-    args = ("sweep", TINY, "--out", out, "--k", "2", "--k", "4", "--budget", "0.5", "--budget", "1")
+def test_a_tiny_sweep_from_the_command_line(tiny_grid):
+    out = tiny_grid
+    args = ("sweep", TINY, "--out", out, *GRID)
     # one seed: where seeds go is tested on cells() and cell_config() above, their intervals on summarize()
-    done = cli(*args)
-    assert done.returncode == 0, done.stderr
     report = json.loads((out / "sweep.json").read_text())
     assert report["metric"] == "W2 / noise floor" and report["ks"] == [2, 4]
     assert report["table"]["monolith"]["1"]["n"] == 1  # one monolith, trained in the K_ref = 4 cells
@@ -223,40 +246,38 @@ def test_a_sweep_trained_now_and_scored_later(tmp_path):
     assert unknown.returncode == 2 and "--scale: unknown value 'batches'" in unknown.stderr
 
 
-def test_the_report_from_cells_scored_elsewhere(tmp_path):
+def test_the_report_from_cells_scored_elsewhere(tiny_grid, tmp_path):
     """--stages report: only the cells' metrics.json, brought back from the machines that scored them."""
-    out, elsewhere = tmp_path / "sweep", tmp_path / "brought_back"
-    grid = ("--k", "2", "--budget", "0.5", "--budget", "1")
-    assert cli("sweep", TINY, "--out", out, *grid).returncode == 0
-    early = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "report")
-    assert early.returncode == 2 and "k2_b0.5_s0, k2_b1_s0" in early.stderr and not elsewhere.exists()
-    for cell in ("k2_b0.5_s0", "k2_b1_s0"):
-        (elsewhere / cell).mkdir(parents=True)
-        (elsewhere / cell / "metrics.json").write_bytes((out / cell / "metrics.json").read_bytes())
-        if cell == "k2_b0.5_s0":  # one of two cells brought back: --partial reports it, naming the other
-            half = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "report", "--partial")
-            assert half.returncode == 0, half.stderr
-            partial = json.loads((elsewhere / "sweep.json").read_text())
-            assert partial["missing"] == ["k2_b1_s0"] and list(partial["table"]["monolith"]) == ["0.5"]
-            assert "left out (k2_b1_s0)" in (elsewhere / "sweep.md").read_text()
-    done = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "report")
+    out, elsewhere = tiny_grid, tmp_path / "brought_back"
+    names = ["k2_b0.5_s0", "k2_b1_s0", "k4_b0.5_s0", "k4_b1_s0"]
+    early = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report")
+    assert early.returncode == 2 and ", ".join(names) in early.stderr and not elsewhere.exists()
+    copy_metrics(out, elsewhere, names[:3])  # three of four cells brought back: --partial reports them, naming the other
+    half = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report", "--partial")
+    assert half.returncode == 0, half.stderr
+    partial = json.loads((elsewhere / "sweep.json").read_text())
+    assert partial["missing"] == ["k4_b1_s0"] and list(partial["table"]["monolith"]) == ["0.5"]
+    assert "left out (k4_b1_s0)" in (elsewhere / "sweep.md").read_text()
+    copy_metrics(out, elsewhere, names[3:])
+    done = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report")
     assert done.returncode == 0, done.stderr
     want, got = (json.loads((d / "sweep.json").read_text()) for d in (out, elsewhere))
     assert got["table"] == want["table"] and got["compute_ratio"] == want["compute_ratio"]
     assert (elsewhere / "sweep.md").read_text() == (out / "sweep.md").read_text()
-    assert sorted(p.name for p in (elsewhere / "k2_b1_s0").iterdir()) == ["metrics.json"]  # nothing trained
-    kept = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "evaluate")  # scored cells need no weights
-    assert kept.returncode == 0 and kept.stderr.count("scored before") == 2, kept.stderr
-    assert sorted(p.name for p in (elsewhere / "k2_b1_s0").iterdir()) == ["metrics.json"]
-    other = cli("sweep", TINY, "--out", elsewhere, *grid, "--stages", "report", "--set", "sample.steps=7")
+    assert sorted(p.name for p in (elsewhere / "k4_b1_s0").iterdir()) == ["metrics.json"]  # nothing trained
+    kept = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "evaluate")  # scored cells need no weights
+    assert kept.returncode == 0 and kept.stderr.count("scored before") == 4, kept.stderr
+    assert sorted(p.name for p in (elsewhere / "k4_b1_s0").iterdir()) == ["metrics.json"]
+    other = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report", "--set", "sample.steps=7")
     assert other.returncode == 2 and "another config" in other.stderr and "k2_b0.5_s0" in other.stderr
 
 
-def test_a_grid_run_in_parts_is_the_whole_grid(tmp_path):
+def test_a_grid_run_in_parts_is_the_whole_grid(tiny_grid, tmp_path):
     """--monolith-k: a part without the monolith's K trains the whole grid's cells (no monolith of its
-    own), and the report over every part's cells is the whole grid's."""
+    own), and the report over every part's cells is the whole grid's (its budget-1 cells, reported apart)."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert cli("sweep", TINY, "--out", whole, "--k", "2", "--k", "4", "--budget", "1").returncode == 0
+    copy_metrics(tiny_grid, whole, ["k2_b1_s0", "k4_b1_s0"])
+    assert cli("sweep", TINY, "--out", whole, "--k", "2", "--k", "4", "--budget", "1", "--stages", "report").returncode == 0
     alone = cli("sweep", TINY, "--out", parts, "--k", "2", "--budget", "1", "--monolith-k", "4")
     assert alone.returncode == 0, alone.stderr
     assert not (parts / "k2_b1_s0" / "monolith").exists()  # the K = 4 cells train it
