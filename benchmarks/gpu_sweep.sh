@@ -6,6 +6,9 @@
 # Training and scoring in one call (the surest use of a session: a machine lost between calls loses only a short call):
 #   source benchmarks/gpu_setup.sh                                             # call 1, a few seconds: carry .inc_b .inc_pot
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0                     # call 2 at once: carry .inc_whl .data .inc_a
+# two grids in one call share its 10 minutes (each run's LIMIT counts from its own start):
+#   S=$(date +%s); LIMIT=300 bash benchmarks/gpu_sweep.sh --k 2 --k 4 --budget 0.5 --seed 0 --monolith-k 8; \
+#   LIMIT=$((575 - ($(date +%s) - S))) bash benchmarks/gpu_sweep.sh --k 16 --budget 0.25 --seed 0 --monolith-k 8
 # or training and scoring in calls of their own:
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages train      # carry .inc_whl .data .inc_a
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0 --stages evaluate   # carry .inc_b (FID weights), .inc_pot
