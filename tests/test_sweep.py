@@ -31,7 +31,8 @@ GRID = ("--k", "2", "--k", "4", "--budget", "0.5", "--budget", "1")  # the tiny 
 @pytest.fixture(scope="session")
 def tiny_grid(tmp_path_factory, worker_id):
     """The tiny grid trained and scored once per test session (one seed), under a lock in the folder
-    every xdist worker shares: the CLI tests below read it and never change it."""
+    every xdist worker shares: the CLI tests below read it, and a rerun on it (resume) rewrites only its
+    report, atomically and with the same bytes."""
     root = tmp_path_factory.getbasetemp()
     root = root if worker_id == "master" else root.parent  # the run's folder, above each worker's own
     out = root / "tiny_grid" / "sweep"
