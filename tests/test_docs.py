@@ -1,4 +1,4 @@
-"""The user docs stay true: every relative link resolves, every `ddmkit.x.y` they name exists, and
+"""The user docs stay true: every relative link resolves (its #section too), every `ddmkit.x.y` they name exists, and
 they hold no time of day or commit hash (history lives in git)."""
 import importlib
 import re
@@ -20,6 +20,26 @@ def test_relative_links_resolve(page):
         if "://" in target or target.startswith("mailto:"):
             continue
         assert (page.parent / target).exists(), f"{page.name}: link to {target} does not resolve"
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, each space a hyphen."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", prose(page), flags=re.S)  # a '#' line inside a code block is no heading
+    return {heading_anchor(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_section_links_resolve(page):
+    for target, section in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", prose(page)):
+        if "://" in target:
+            continue
+        linked = page.parent / target if target else page
+        if linked.suffix == ".md":
+            assert section in anchors(linked), f"{page.name}: link to {target}#{section}: no such section"
 
 
 def resolves(dotted: str) -> bool:
@@ -56,5 +76,6 @@ def test_no_times_of_day_or_commit_hashes(page):
 
 
 def test_the_checks_catch_a_stale_name_and_a_hash():
+    assert heading_anchor("Measured: Fashion-MNIST, K = 8 at four budgets") == "measured-fashion-mnist-k--8-at-four-budgets"
     assert resolves("ddmkit.routing.table.parse_strategy") and not resolves("ddmkit.pipeline.images.guided_field")
     assert re.findall(r"\b[0-9a-f]{7,40}\b", "fixed in cf6a9f0") == ["cf6a9f0"]
