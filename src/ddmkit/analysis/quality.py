@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from ddmkit.truth import GaussianMixture
 
@@ -28,8 +27,12 @@ def per_sample_quality(x0: torch.Tensor, truth: GaussianMixture | None, referenc
     return torch.cat(q), "NN distance"
 
 
-def _rho(a: np.ndarray, b: np.ndarray) -> float:
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two equal-length sequences; NaN for fewer than 3 points or a
+    constant sequence (no ranking to correlate)."""
+    from scipy.stats import spearmanr  # scipy.stats takes a second to import: on first use, not at start-up
+
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan
     return float(spearmanr(a, b).statistic)
 
@@ -38,8 +41,8 @@ def spearman_ci(a, b, n_boot: int = 200, seed: int = 0, level: float = 0.95) -> 
     """Spearman rho of paired samples with a percentile bootstrap interval."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     rng = np.random.default_rng(seed)
-    boots = [_rho(a[i], b[i]) for i in (rng.integers(0, len(a), len(a)) for _ in range(n_boot))]
-    return {"rho": _rho(a, b), **_interval(boots, level)}
+    boots = [spearman(a[i], b[i]) for i in (rng.integers(0, len(a), len(a)) for _ in range(n_boot))]
+    return {"rho": spearman(a, b), **_interval(boots, level)}
 
 
 def _interval(boots, level: float) -> dict:
@@ -60,8 +63,8 @@ def across_strategies(stability: np.ndarray, quality: np.ndarray, n_boot: int = 
     boots = []
     for _ in range(n_boot):
         i = rng.integers(0, n, n)
-        boots.append(_rho(stability[:, i].mean(1), quality[:, i].mean(1)))
-    return {"rho": _rho(stability.mean(1), quality.mean(1)), **_interval(boots, level)}
+        boots.append(spearman(stability[:, i].mean(1), quality[:, i].mean(1)))
+    return {"rho": spearman(stability.mean(1), quality.mean(1)), **_interval(boots, level)}
 
 
 def verdict(link: dict) -> str:

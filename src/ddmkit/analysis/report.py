@@ -4,17 +4,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ddmkit.evaluation.plots import save_figure  # noqa: E402
-from ddmkit.tables import markdown_table  # noqa: E402
+from ddmkit.evaluation.plots import pyplot, save_figure
+from ddmkit.tables import markdown_table
 
 
 def _axes(xlabel="t (0 = data, 1 = noise)", ylabel="", log=False):
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log:
@@ -58,7 +53,7 @@ def plot_quality_scatter(points: dict, qname: str, path: Path) -> None:
     names = list(points)
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         d, q = points[name]
         ax.scatter(d, q, s=2, alpha=0.4)

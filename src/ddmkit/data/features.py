@@ -26,7 +26,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from sklearn.decomposition import PCA
 
 from ddmkit.data.encoder import check_images, encode, encoder_spec
 from ddmkit.errors import DDMError
@@ -117,6 +116,8 @@ def fit_features(kind: str, x: torch.Tensor, pca_dim: int | None = None, seed: i
     if kind == "pca":
         flat = _flat(x).numpy()
         dim = min(pca_dim or min(64, flat.shape[1]), flat.shape[1], flat.shape[0])
+        from sklearn.decomposition import PCA  # imported on first use: commands that never fit features start faster
+
         pca = PCA(n_components=dim, random_state=seed).fit(flat)
         return ({"kind": "pca", "dim": dim, "explained_variance": float(pca.explained_variance_ratio_.sum())},
                 {"pca_mean": torch.as_tensor(pca.mean_, dtype=torch.float32),

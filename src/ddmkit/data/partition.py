@@ -34,7 +34,6 @@ from typing import Annotated, Any, Literal, Union
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from ddmkit.config import FEATURES, validate
 from ddmkit.conventions import TIME_CONVENTION, __version__
@@ -77,6 +76,8 @@ def two_stage_kmeans(f: np.ndarray, k: int, fine_k: int, seed: int) -> tuple[np.
     """(labels (N,), centroids (K, F)): k-means with fine_k centroids, then a count-weighted
     k-means of those centroids into k; point i takes the coarse cluster of its fine centroid,
     and a coarse centroid is the mean of its points."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans  # imported on first use: commands that never cluster start faster
+
     if len(f) * fine_k > MINIBATCH_WORK:
         fine = MiniBatchKMeans(n_clusters=fine_k, batch_size=4096, n_init=1, random_state=seed).fit(f)
     else:
@@ -92,6 +93,8 @@ def two_stage_kmeans(f: np.ndarray, k: int, fine_k: int, seed: int) -> tuple[np.
 def cluster(features: torch.Tensor, k: int, balanced: bool, seed: int,
             fine_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N,), centroids (K, F)) by k-means (two-stage when fine_k > 0), optionally balanced."""
+    from sklearn.cluster import KMeans
+
     f = features.double().numpy()
     if fine_k:
         labels, centroids = two_stage_kmeans(f, k, fine_k, seed)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.decomposition import TruncatedSVD
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.preprocessing import normalize
 
 from ddmkit.discrete.corpus import Document
 
@@ -22,6 +19,11 @@ def _texts(docs: list[Document]) -> list[str]:
 def tfidf_features(train: list[Document], other: list[Document], cfg) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Fit on `train` only; return (train features, other features, spec).
     cfg: a TextPartitionConfig (ngram range, vocabulary size, SVD dimension)."""
+    # scikit-learn is imported on first use: commands that never partition text start faster
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import normalize
+
     vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(cfg.ngram_min, cfg.ngram_max),
                           max_features=cfg.max_features, sublinear_tf=True, dtype=np.float64)
     a = vec.fit_transform(_texts(train))

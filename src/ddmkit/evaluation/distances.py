@@ -5,7 +5,6 @@ x, y are (n, d) arrays or tensors; all functions return a Python float.
 from __future__ import annotations
 
 import numpy as np
-import ot
 import torch
 
 
@@ -19,6 +18,8 @@ def _np(a) -> np.ndarray:
 def w2_exact(x, y) -> float:
     """Exact 2-Wasserstein distance between the two empirical measures
     (uniform weights), by linear programming (POT's emd)."""
+    import ot  # POT, imported on first use: commands that never measure W2 start faster
+
     x, y = _np(x), _np(y)
     cost = ot.dist(x, y, metric="sqeuclidean")
     a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
@@ -27,6 +28,8 @@ def w2_exact(x, y) -> float:
 
 def w2_sliced(x, y, projections: int = 256, seed: int = 0) -> float:
     """Sliced 2-Wasserstein distance with `projections` random directions."""
+    import ot
+
     x, y = _np(x), _np(y)
     return float(ot.sliced_wasserstein_distance(x, y, n_projections=projections, seed=seed, p=2))
 

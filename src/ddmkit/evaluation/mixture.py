@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import chi2
 
 from ddmkit.truth import GaussianMixture
 
@@ -39,6 +38,8 @@ def mode_coverage(x, gmm: GaussianMixture) -> dict:
 
 
 def off_manifold_rate(x, gmm: GaussianMixture, quantile: float = 0.999) -> float:
+    from scipy.stats import chi2  # scipy.stats takes a second to import: on first use, not at start-up
+
     x = _t(x, gmm)
     z = torch.einsum("kji,bkj->bki", gmm.eigvecs, x[:, None, :] - gmm.means[None])
     maha = (z**2 / gmm.eigvals[None]).sum(-1)

@@ -4,14 +4,20 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from ddmkit.truth import GaussianMixture
 
-import torch  # noqa: E402
 
-from ddmkit.truth import GaussianMixture  # noqa: E402
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed). Imported on first use, not with this
+    module: it takes about half a second, which a command that draws nothing should not pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: Path) -> None:
@@ -19,7 +25,7 @@ def save_figure(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     tmp.replace(path)
 
 
@@ -44,7 +50,7 @@ def plot_samples(samples: dict[str, torch.Tensor], reference: torch.Tensor, trut
     names = list(samples)
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
     density = None
     if truth is not None and truth.dim == 2:
         gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 150), torch.linspace(lo[1], hi[1], 150), indexing="xy")
@@ -68,7 +74,7 @@ def plot_samples(samples: dict[str, torch.Tensor], reference: torch.Tensor, trut
 
 
 def plot_router_accuracy(report: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     for name, vals in report.items():
         if name == "t":
             continue
@@ -87,7 +93,7 @@ def plot_sweep(panels: dict[str, dict[str, list[tuple[float, float, float, float
     series (name -> [(FLOPs, mean, lo, hi)], the mean over seeds with its interval as error bars); the
     monolith's dashed. The panels share their axes, both logarithmic (a metric that spans 20x, as FID
     over a sweep's budgets and K, stays readable at its low end)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharex=True, sharey=True,
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharex=True, sharey=True,
                              squeeze=False)
     for ax, (title, curves) in zip(axes[0], panels.items()):
         for key, points in curves.items():

@@ -30,7 +30,8 @@ import torch
 
 from ddmkit.analysis.alignment import (EXACT_KEYS, Reference, exact_reference, heldout_errors, trajectory_alignment,
                                        velocity_reference)
-from ddmkit.analysis.quality import across_strategies, paired_difference, per_sample_quality, spearman_ci, verdict
+from ddmkit.analysis.quality import (across_strategies, paired_difference, per_sample_quality, spearman, spearman_ci,
+                                     verdict)
 from ddmkit.analysis.report import plot_disagreement, plot_expert_error, plot_lipschitz, plot_quality_scatter, render
 from ddmkit.analysis.stability import amplification, data_scale, local_lipschitz, refinement_gap
 from ddmkit.analysis.trace import trace_strategy
@@ -198,12 +199,10 @@ def strategy_links(per: dict, n_boot: int, seed: int) -> dict:
             for k, key in (("refine", "delta_refine"), ("amp", "amp"), ("rank", "rank"), ("pair", "pair"))}
     ltop = [r["summary"]["L_top"] for r in per.values()]
     qs = [r["summary"]["q"] for r in per.values()]
-    from scipy.stats import spearmanr
-
     w2 = [r["summary"]["w2"] for r in per.values()]
     refine = [r["summary"]["delta_refine"] for r in per.values()]
-    link["ltop_vs_q"] = float(spearmanr(ltop, qs).statistic) if len(per) > 2 else math.nan
-    link["refine_vs_w2"] = float(spearmanr(refine, w2).statistic) if len(per) > 2 else math.nan
+    link["ltop_vs_q"] = spearman(ltop, qs)
+    link["refine_vs_w2"] = spearman(refine, w2)
     link["verdict"] = verdict(link["refine_vs_q"]) if len(per) > 2 else "needs at least 3 strategies"
     return link
 

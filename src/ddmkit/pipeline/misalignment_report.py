@@ -5,14 +5,13 @@ plot, for Gaussian-mixture studies (NLL, W2, field error) and image studies (FID
 The study itself is ddmkit.pipeline.misalignment."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from ddmkit.analysis.misalignment import Condition
-from ddmkit.evaluation.plots import plt, save_figure
+from ddmkit.analysis.quality import spearman
+from ddmkit.evaluation.plots import pyplot, save_figure
 from ddmkit.pipeline.sweep import interval
 from ddmkit.tables import fmt, markdown_table
 
@@ -153,15 +152,11 @@ def summarize(measures: dict[str, list[dict]], parsed: dict[str, Condition], str
                                    "verdict": judge(table, strategies, quality) if quality else
                                    "needs full and another strategy"}
     against = ("delta_refine", "amp") if images else ("field_error", "delta_refine", "amp", "L_top")
-    out["links"] = {f"{q}_vs_{x}": _rho([c[x] for c in cells], [c[q] for c in cells])
+    out["links"] = {f"{q}_vs_{x}": spearman([c[x] for c in cells], [c[q] for c in cells])
                     for q in QUALITY[images] for x in against}
     return out
 
 
-def _rho(a: list[float], b: list[float]) -> float:
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return math.nan
-    return float(spearmanr(a, b).statistic)
 
 
 # ----- report -------------------------------------------------------------------------------------------------------
@@ -351,6 +346,7 @@ def plot_study(report: dict, path: Path) -> None:
     per condition, one marker per strategy, error bars the 95% interval across seeds."""
     images = report.get("kind") == "images"
     pairs = (("delta_refine", "fid"), ("amp", "fid")) if images else (("delta_refine", "nll"), ("amp", "w2"))
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     markers = "os^Dv<>pP*X"
     colours = plt.get_cmap("tab10")

@@ -32,9 +32,6 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-from scipy import stats
-
 from ddmkit.config import MONOLITH, RunConfig, validate
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
@@ -45,6 +42,7 @@ from ddmkit.pipeline.stages import load_data, register_user_networks
 from ddmkit.routing import parse_strategy
 from ddmkit.routing.strategies import TopK
 from ddmkit.tables import markdown_table
+from ddmkit.theory.report import t_interval
 from ddmkit.train.flops import per_sample_flops, training_flops
 from ddmkit.train.jobs import monolith_config
 
@@ -358,13 +356,10 @@ def kid_of(row: dict) -> float | None:
 
 
 def interval(values: list[float]) -> dict:
-    """Mean and 95% t-interval over seeds (the mean alone for one seed)."""
-    v = np.asarray(values, dtype=float)
-    mean = float(v.mean())
-    if len(v) < 2:
-        return {"mean": mean, "lo": mean, "hi": mean, "n": len(v)}
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(v)}
+    """Mean and 95% t-interval over seeds (lo = hi = the mean for one seed)."""
+    t = t_interval(values)
+    lo, hi = (t["ci_low"], t["ci_high"]) if t["n"] > 1 else (t["mean"], t["mean"])
+    return {"mean": t["mean"], "lo": lo, "hi": hi, "n": t["n"]}
 
 
 def compute_group(series: str) -> str:

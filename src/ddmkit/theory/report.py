@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 from ddmkit.errors import DDMError
 from ddmkit.tables import markdown_table as _markdown_table
@@ -51,6 +50,8 @@ def t_interval(values, level: float = 0.95) -> dict:
     mean = float(v.mean())
     if len(v) == 1:
         return {"mean": mean, "ci_low": None, "ci_high": None, "n": 1}
+    from scipy import stats  # scipy.stats takes a second to import: on first use, not at start-up
+
     half = float(stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": len(v)}
 
