@@ -9,11 +9,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -d .inc_whl ] && [ ! -d /tmp/site/pydantic ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_whl/*.whl || exit 1; }
 # diffusers (the latent configs' autoencoder) travels apart, in .inc_diff: pixel-space calls leave it out
 [ -d .inc_diff ] && [ ! -d /tmp/site/diffusers ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_diff/*.whl || exit 1; }
-# POT (exact optimal transport): `ddmkit analyze` needs it (its W2 floor), the other image stages only import
-# it. Its wheel (pot==0.9.5, 0.9 MB) travels in .inc_pot, with .inc_b (the first call has no room left);
-# until then a stand-in module lets ddmkit import
-[ -d .inc_pot ] && [ ! -d /tmp/site/POT.libs ] && { rm -rf /tmp/site/ot; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_pot/*.whl || exit 1; }
-[ -d /tmp/site/ot ] || { mkdir -p /tmp/site/ot && echo 'raise_on_use = True' > /tmp/site/ot/__init__.py; }
+# POT (exact optimal transport): `ddmkit analyze` needs it (its W2 floor); ddmkit imports it only there. Its
+# wheel (pot==0.9.5, 0.9 MB) travels in .inc_pot, with .inc_b (the first call has no room left)
+[ -d .inc_pot ] && [ ! -d /tmp/site/POT.libs ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_pot/*.whl || exit 1; }
 export PYTHONPATH=/tmp/site:src:. PYTHONUNBUFFERED=1 DDMKIT_QUIET=1 DDMKIT_FID_WEIGHTS=${DDMKIT_FID_WEIGHTS:-/root/inc/default_1.pt}
 mkdir -p /usr/share/datasets/fashion-mnist /root/inc 2>/dev/null
 [ -d .data ] && cp .data/* /usr/share/datasets/fashion-mnist/
