@@ -21,6 +21,20 @@ def test_sliced_w2_is_below_exact_and_exact_for_translation_projections(gen):
     assert w2_sliced(x, y) <= w2_exact(x, y) + 1e-9
 
 
+def test_sliced_w2_of_equal_sizes_is_pots(gen):
+    """The sorted-projection shortcut for sets of one size gives POT's sliced W2 (its quantile functions)."""
+    import ot
+
+    x = torch.randn(300, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(300, 5, generator=gen, dtype=torch.float64) * 1.5 + 0.2
+    pot = ot.sliced_wasserstein_distance(x.numpy(), y.numpy(), n_projections=64, seed=7, p=2)
+    assert math.isclose(w2_sliced(x, y, projections=64, seed=7), pot, rel_tol=1e-12)
+    shift = torch.tensor([0.3, -0.4, 1.2, 0.0, 0.5], dtype=torch.float64)  # a translation projects to <shift, theta>
+    theta = ot.sliced.get_random_projections(5, 64, 7)
+    assert math.isclose(w2_sliced(x, x + shift, projections=64, seed=7),
+                        math.sqrt(float(((shift.numpy() @ theta) ** 2).mean())), rel_tol=1e-12)
+
+
 def test_mmd_separates(gen):
     x = torch.randn(500, 2, generator=gen)
     y = torch.randn(500, 2, generator=gen)

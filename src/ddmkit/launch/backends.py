@@ -70,8 +70,7 @@ def run_inline(jobs: list[ExpertJob], config: ExpertConfig, resume: bool = False
 
 
 def _process_job(job: ExpertJob, config_dump: dict, resume: bool, gpu: int | None, networks: tuple = ()) -> str:
-    """Body of one pool process (a fresh process per job: CUDA starts after the
-    GPU is chosen)."""
+    """Body of one pool job (on GPUs a fresh process per job: CUDA starts after the GPU is chosen)."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     use_networks(networks)  # the user's network classes this process's parent registered
@@ -81,13 +80,15 @@ def _process_job(job: ExpertJob, config_dump: dict, resume: bool, gpu: int | Non
 
 def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | None = None, resume: bool = False,
                   log: Log = print) -> list[Path]:
-    """A local pool of `workers` fresh processes (each job on config.train.threads threads)."""
+    """A local pool of `workers` processes (each job on config.train.threads threads). On GPUs every job
+    gets a fresh process, which sees only its GPU; on CPUs a process runs job after job, so that torch
+    is imported once per worker, not once per expert (seconds per job for small experts)."""
     import multiprocessing
 
     workers = workers or default_workers(len(jobs))
     gpus = cuda_count()
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1 if gpus else None) as pool:
         futures = [pool.submit(_process_job, job, config.model_dump(), resume, i % gpus if gpus else None,
                                user_networks())
                    for i, job in enumerate(jobs)]
