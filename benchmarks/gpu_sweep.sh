@@ -18,6 +18,9 @@
 # CONFIG=configs/fashion_mnist_latent.toml R=runs/sweep_latent, its autoencoder trained once); the strategies scored are the
 # monolith, full, top-1 and top-2 (no guidance sweep, no statistics-only router). The sweep's report goes to $OUT and
 # every scored cell's report.md and metrics.json to $OUT/cells.tar.gz. EXTRA="--set ..." is added (a dry run on a CPU).
+# A latent grid's autoencoder comes back once, in $OUT/autoencoder.tar (a cell's config.json and autoencoder/, 14 MB):
+# keep it (mkdir .inc_ae && tar xf autoencoder.tar -C .inc_ae) and carry .inc_ae (with .inc_diff) in a setup call of
+# its own on later machines: the grid continues with that autoencoder instead of training another.
 source benchmarks/gpu_setup.sh
 R=${R:-runs/sweep}
 CONFIG=${CONFIG:-configs/fashion_mnist.toml}
@@ -28,6 +31,7 @@ join_fid_weights
 if [[ " $* " != *" --stages train "* ]] && [ ! -f /root/inc/default_1.pt ]; then
   echo "gpu_sweep: no FID weights on this machine; run the call carrying .inc_b again, then this one"; exit 3
 fi
+if [ -d .inc_ae ] && ! ls -d $R/k*_b*_s*/autoencoder >/dev/null 2>&1; then mkdir -p $R && cp -r .inc_ae/. $R/; fi
 timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" sweep $CONFIG --out $R "$@" \
   --set 'sample.strategies=["full","top-1","top-2"]' --set 'sample.guidance_sweep=[]' \
   --set 'sample.stats_router_strategies=[]' "${EXTRA[@]}" 2>&1 | grep -v '^\s*$' | tail -n 40 | tee "$OUT/sweep.log"
@@ -39,4 +43,6 @@ done > "$OUT/train_seconds.txt"
 # a call brings back at most 8 files: every scored cell's metrics.json and report.md in one archive
 (cd $R && ls k*_b*_s*/metrics.json k*_b*_s*/report.md 2>/dev/null | tar czf "$OUT/cells.tar.gz" -T -)
 cp $R/sweep.md $R/sweep.json "$OUT/" 2>/dev/null
+ae=$(ls -d $R/k*_b*_s*/autoencoder 2>/dev/null | head -n 1)
+[ -n "$ae" ] && [ ! -d .inc_ae ] && { cell=$(basename "$(dirname "$ae")"); tar cf "$OUT/autoencoder.tar" -C $R "$cell/config.json" "$cell/autoencoder"; }
 echo "call seconds: $(( $(date +%s) - T0 ))"

@@ -3,6 +3,7 @@ partitions made once, resume), and the report's arithmetic on known answers."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -198,26 +199,42 @@ def test_a_tiny_sweep_from_the_command_line(tiny_grid):
 
 
 def test_a_latent_sweep_trains_one_autoencoder_for_the_grid(tmp_path):
-    """In latent space the autoencoder is trained once and linked into every cell (it is not part of the
-    compared compute), each K's latents are encoded once, and every cell verifies against its registry."""
+    """In latent space the autoencoder is trained once per grid folder and linked into every cell (it is
+    not part of the compared compute), also when the grid is run in parts by several commands; each K's
+    latents are encoded once, and every cell verifies against its registry. A cell's config.json and
+    autoencoder brought alone into a new folder (a grid continued on another machine) give that grid
+    the same autoencoder: the same scores."""
     from test_latent import latent_config
 
-    out = tmp_path / "sweep"
-    done = cli("sweep", latent_config(tmp_path), "--out", out, "--k", "2", "--budget", "0.5", "--budget", "1",
-               "--seed", "0")
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.count("autoencoder: trained") == 1 and done.stderr.count("latents: ") == 1
+    config, out = latent_config(tmp_path), tmp_path / "sweep"
+    first = cli("sweep", config, "--out", out, "--k", "2", "--budget", "0.5", "--seed", "0")
+    second = cli("sweep", config, "--out", out, "--k", "2", "--budget", "1", "--seed", "0")  # the grid's other part
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert (first.stderr + second.stderr).count("autoencoder: trained") == 1
+    assert (first.stderr + second.stderr).count("latents: ") == 1
     names = [f"k2_b{b}_s0" for b in ("0.5", "1")]
     weights = [out / n / "autoencoder" / "diffusion_pytorch_model.safetensors" for n in names]
     assert len({p.stat().st_ino for p in weights}) == 1
     latents = [out / n / "latents" / "cluster_01.safetensors" for n in names]
     assert len({p.stat().st_ino for p in latents}) == 1
     assert all(cli("verify", out / n).returncode == 0 for n in names)
-    report = json.loads((out / "sweep.json").read_text())
-    assert report["metric"] == "FID"
+    report = cli("sweep", config, "--out", out, "--k", "2", "--budget", "0.5", "--budget", "1", "--stages", "report")
+    assert report.returncode == 0, report.stderr
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["metric"] == "FID"
     # the command's summary says when the smallest budget already reaches the monolith
-    line = next(x for x in done.stderr.splitlines() if x.startswith("K=2: compute at which"))
-    assert (report["compute_ratio"]["2"] == report["compute_smallest"]["2"]) == ("FID: <= " in line)
+    line = next(x for x in report.stderr.splitlines() if x.startswith("K=2: compute at which"))
+    assert (summary["compute_ratio"]["2"] == summary["compute_smallest"]["2"]) == ("FID: <= " in line)
+
+    elsewhere = tmp_path / "elsewhere" / names[0]
+    elsewhere.mkdir(parents=True)
+    shutil.copy(out / names[0] / "config.json", elsewhere)
+    shutil.copytree(out / names[0] / "autoencoder", elsewhere / "autoencoder")
+    third = cli("sweep", config, "--out", elsewhere.parent, "--k", "2", "--budget", "1", "--seed", "0")
+    assert third.returncode == 0 and "autoencoder: trained" not in third.stderr, third.stderr
+    fid = {name: row["fid"] for name, row in json.loads((out / names[1] / "metrics.json").read_text())["rows"].items()}
+    again = json.loads((elsewhere.parent / names[1] / "metrics.json").read_text())["rows"]
+    assert {name: row["fid"] for name, row in again.items()} == fid
 
 
 def test_a_sweep_trained_now_and_scored_later(tmp_path):

@@ -12,8 +12,9 @@ FLOP-matched monolith see the same number of samples.
 The monolith is one network per budget and seed, trained in the cells of K_ref (else of the first K;
 or of the K given as `monolith`, for a grid split into parts run one by one) and compared with every
 K: the config's own monolith, trained once instead of once per K. The data are the same in every cell and the partition
-the same for every K: they are made once and copied (hard links), as are the image reference features
-and, in latent space, the autoencoder (trained once for the grid; not part of the compared compute).
+the same for every K: they are made once per OUT folder (also for a grid run in parts by several
+commands) and copied (hard links), as are the image reference features and, in latent space, the
+autoencoder (trained once for the grid; not part of the compared compute).
 Training seeds: each seed at the smallest and the largest budget, the first seed elsewhere
 (all_seeds=True: every seed everywhere).
 
@@ -26,6 +27,7 @@ at every budget), the monolith's its own.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -147,9 +149,32 @@ def seed_cell(folder: RunFolder, cfg: RunConfig, first: RunFolder, same_k: RunFo
         _link_tree(ref, folder.eval / ref.name)
     _link_tree(first.autoencoder, folder.autoencoder)
     if same_k is not None:
+        _link_tree(same_k.data, folder.data)  # when the first cell has no data (an autoencoder brought alone)
         _link_tree(same_k.partition, folder.partition)
         _link_tree(same_k.latents, folder.latents)
     write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
+
+
+SHARED = ("data", "latent", "evaluate")  # the config sections whose outputs every cell of a grid shares
+
+
+def same_sections(config: Path, cell_cfg: RunConfig, sections: tuple[str, ...]) -> bool:
+    """Whether a cell's recorded config.json has `sections` of cell_cfg (compared as JSON)."""
+    recorded = read_json(config).get("config", {})
+    mine = json.loads(json.dumps(cell_cfg.model_dump()))
+    return all(recorded.get(key) == mine[key] for key in sections)
+
+
+def cell_in_folder(out: Path, cell_cfg: RunConfig, sections: tuple[str, ...], has: str) -> RunFolder | None:
+    """A cell already in OUT (made by an earlier command, e.g. another part of the grid) whose config has
+    cell_cfg's `sections` and whose folder holds `has` (a RunFolder attribute): the cell whose outputs a
+    new cell shares, so that the grid's data, reference features and autoencoder are made once per
+    OUT folder, whichever command made its first cell."""
+    for config in sorted(out.glob("k*_b*_s*/config.json")):
+        folder = RunFolder(config.parent)
+        if getattr(folder, has).exists() and same_sections(config, cell_cfg, sections):
+            return folder
+    return None
 
 
 def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[int]) -> None:
@@ -320,7 +345,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
     out.mkdir(parents=True, exist_ok=True)
-    first: RunFolder | None = None  # the cell whose data (and image reference features) the others share
+    first: RunFolder | None = None  # the cell whose data (reference features, autoencoder) the others share
     partitions: dict[int, RunFolder] = {}  # K -> the cell whose partition the others of that K share
     results = []
     for i, (((k, b, s), cell_cfg, folder), rows) in enumerate(zip(grid, kept)):
@@ -328,11 +353,16 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         if rows is not None:
             log(f"scored before ({folder.metrics}): kept")
         else:
-            if first is not None and not folder.config.exists():
-                seed_cell(folder, cell_cfg, first, partitions.get(k))
+            if not folder.config.exists():
+                shared = "autoencoder" if cfg.latent.enabled else "data"
+                first = first or cell_in_folder(out, cell_cfg, SHARED, shared)
+                same_k = partitions.get(k) or cell_in_folder(out, cell_cfg, (*SHARED, "partition"), "partition")
+                if first is not None:
+                    seed_cell(folder, cell_cfg, first, same_k)
             result = run_pipeline(cell_cfg, folder.root, force, log, backend, workers, stages=stages)
             rows = None if result is None else result["rows"]
-        first = first or folder
+        if first is None or not first.data.exists():  # a cell that holds the data is the better source
+            first = folder
         partitions.setdefault(k, folder)
         if rows is not None:
             results.append({"k": k, "budget": b, "seed": s, "rows": rows})
