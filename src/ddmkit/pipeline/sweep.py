@@ -158,22 +158,18 @@ def seed_cell(folder: RunFolder, cfg: RunConfig, first: RunFolder, same_k: RunFo
 SHARED = ("data", "latent", "evaluate")  # the config sections whose outputs every cell of a grid shares
 
 
-def same_sections(config: Path, cell_cfg: RunConfig, sections: tuple[str, ...]) -> bool:
-    """Whether a cell's recorded config.json has `sections` of cell_cfg (compared as JSON)."""
-    recorded = read_json(config).get("config", {})
-    mine = json.loads(json.dumps(cell_cfg.model_dump()))
-    return all(recorded.get(key) == mine[key] for key in sections)
-
-
 def cell_in_folder(out: Path, cell_cfg: RunConfig, sections: tuple[str, ...], has: str) -> RunFolder | None:
     """A cell already in OUT (made by an earlier command, e.g. another part of the grid) whose config has
     cell_cfg's `sections` and whose folder holds `has` (a RunFolder attribute): the cell whose outputs a
     new cell shares, so that the grid's data, reference features and autoencoder are made once per
-    OUT folder, whichever command made its first cell."""
+    OUT folder, whichever command made its first cell. Sections are compared as the JSON config.json holds."""
+    mine = json.loads(json.dumps(cell_cfg.model_dump()))
     for config in sorted(out.glob("k*_b*_s*/config.json")):
         folder = RunFolder(config.parent)
-        if getattr(folder, has).exists() and same_sections(config, cell_cfg, sections):
-            return folder
+        if getattr(folder, has).exists():
+            recorded = read_json(config).get("config", {})
+            if all(recorded.get(key) == mine[key] for key in sections):
+                return folder
     return None
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ddmkit.errors import DDMError
+from ddmkit.evaluation.plots import pyplot
 from ddmkit.tables import markdown_table as _markdown_table
 from ddmkit.io import write_bytes_atomic, write_json
 
@@ -73,12 +74,7 @@ def slope_text(fit: dict) -> str:
 
 def new_figure(columns: int = 1, rows: int = 1, size: float = 4.0):
     """A matplotlib figure on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(rows, columns, figsize=(size * columns + 0.5, size * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, columns, figsize=(size * columns + 0.5, size * rows), squeeze=False)
     return fig, axes
 
 
@@ -86,12 +82,10 @@ def save_figure(fig, path: Path) -> str:
     """Write fig as PNG atomically; return the file name."""
     import io
 
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     write_bytes_atomic(path, buffer.getvalue())
     return path.name
 
