@@ -81,6 +81,56 @@ def test_rerun_skips_finished_stages_and_is_deterministic(tiny_run, tmp_path):
         assert (fresh / rel).read_bytes() == (out / rel).read_bytes(), rel
 
 
+def test_on_the_processes_backend_the_monolith_and_router_train_beside_the_pool(tiny_run, tmp_path, monkeypatch):
+    """With a process pool on the CPU, the monolith and the router train in a thread of this process
+    while the pool trains the experts, and every network's bytes are those of the inline run."""
+    import threading
+
+    import ddmkit.pipeline.run as run_module
+
+    trained_in = {}
+
+    def recorded(name, stage):
+        def wrapper(*args, **kwargs):
+            trained_in[name] = threading.current_thread().name
+            return stage(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(run_module, "stage_monolith", recorded("monolith", run_module.stage_monolith))
+    monkeypatch.setattr(run_module, "stage_router", recorded("router", run_module.stage_router))
+    out = tmp_path / "pool"
+    run_pipeline(load_config(TINY), out, log=lambda m: None, backend="processes", workers=1, stages="train")
+    assert trained_in == {"monolith": "ddmkit-beside-pool", "router": "ddmkit-beside-pool"}
+    inline, _ = tiny_run
+    for rel in ("experts/expert_03/model.safetensors", "monolith/model.safetensors", "router/model.safetensors"):
+        assert (out / rel).read_bytes() == (inline / rel).read_bytes(), rel
+
+
+def test_in_thread_runs_its_work_during_the_body_and_raises_its_error():
+    """The work and the body wait for each other: run before the body or after it, one of the waits
+    would time out."""
+    import threading
+
+    from ddmkit.pipeline.run import in_thread
+
+    work_started, body_ran, work_saw_body = threading.Event(), threading.Event(), []
+
+    def work():
+        work_started.set()
+        work_saw_body.append(body_ran.wait(timeout=10))
+    with in_thread(work):
+        assert work_started.wait(timeout=10)
+        body_ran.set()
+    assert work_saw_body == [True]
+
+    def fails():
+        raise ValueError("from the thread")
+    with pytest.raises(ValueError, match="from the thread"):
+        with in_thread(fails):
+            pass
+    with in_thread(fails, enabled=False):  # not enabled: nothing runs
+        pass
+
+
 def test_sample_section_speed_options_reach_the_sampler(tiny_run, tmp_path):
     """sample.router_every = m calls the router ceil(steps / m) times per trajectory and is refused
     below 1, naming the field; sample.cuda_graphs and cuda_streams on the CPU give the same samples as

@@ -11,6 +11,8 @@ their own over the same run folder.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,13 +22,14 @@ from ddmkit.data.images import is_image_shape
 from ddmkit.ddm.load import load_truth
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
+from ddmkit.launch.backends import cuda_count
 from ddmkit.layout import RunFolder
 import ddmkit.pipeline.images as images
 import ddmkit.pipeline.vectors as vectors
 from ddmkit.pipeline.prepare import prepare_run_dir, run_config, run_lock
 from ddmkit.pipeline.samplesets import SampleSet, named_set, planned_sets
 from ddmkit.pipeline.sampling import stage_sample
-from ddmkit.pipeline.stages import TRAINING_STAGES, stage_experts
+from ddmkit.pipeline.stages import TRAINING_STAGES, stage_experts, stage_monolith, stage_router
 from ddmkit.train.loop import resolve_device
 
 Log = Callable[[str], None]
@@ -51,11 +54,40 @@ def evaluate_stage(cfg: RunConfig, run, log: Log = print, device="cpu", scorer=N
 
 def train_stages(cfg: RunConfig, run, log: Log = print, backend: str = "inline", workers: int | None = None,
                  address: str | None = None) -> None:
+    """The training stages in order (run holds the run's lock). With the processes backend on CPU the
+    monolith and the router, which need neither the experts nor each other, train in a thread of this
+    process while the pool trains the experts: the cores are busy throughout, and every network's
+    bytes are the same as in order (each job keeps its own seed and thread count)."""
+    beside_pool = backend == "processes" and not cfg.expert.concurrent and cuda_count() == 0
     for stage in TRAINING_STAGES:
         if stage is stage_experts:
-            stage(cfg, run, log, backend, workers, address)
+            with in_thread(lambda: (stage_monolith(cfg, run, log), stage_router(cfg, run, log)), beside_pool):
+                stage(cfg, run, log, backend, workers, address)
         else:
-            stage(cfg, run, log)
+            stage(cfg, run, log)  # the monolith and the router skip themselves once written
+
+
+@contextlib.contextmanager
+def in_thread(work: Callable[[], object], enabled: bool = True):
+    """Run work() in a thread while the body runs (or nothing when not enabled); on leaving, wait for it
+    and raise its error, if any. A thread left behind by an error in the body is a daemon: it does not
+    keep the process alive, and what it writes is staged (a model folder appears whole or not at all)."""
+    if not enabled:
+        yield
+        return
+    errors: list[BaseException] = []
+
+    def body():
+        try:
+            work()
+        except BaseException as error:  # re-raised in the caller's thread
+            errors.append(error)
+    thread = threading.Thread(target=body, name="ddmkit-beside-pool", daemon=True)
+    thread.start()
+    yield
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 def sample_and_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu") -> dict:
