@@ -2,7 +2,8 @@
 # A driver, not a benchmark: cells of the Fashion-MNIST compute sweep (docs/sweep.md) on a bare GPU machine
 # (the `run` device tool), within one call's 10 minutes; runs/ is kept on a warm machine between calls and
 # finished cells are never redone, so a grid is spread over calls and sessions (bring each cell's
-# metrics.json back and keep it: they come back in $OUT/cells.tar.gz).
+# metrics.json back and keep it in docs/results/sweep_CONFIGNAME/CELL.json: they come back in $OUT/cells.tar.gz,
+# and a later call skips the cells kept there).
 # Training and scoring in one call (the surest use of a session: a machine lost between calls loses only a short call):
 #   source benchmarks/gpu_setup.sh                                             # call 1, a few seconds: carry .inc_b .inc_pot
 #   bash benchmarks/gpu_sweep.sh --k 8 --budget 1 --seed 0                     # call 2 at once: carry .inc_whl .data .inc_a
@@ -32,6 +33,14 @@ if [[ " $* " != *" --stages train "* ]] && [ ! -f /root/inc/default_1.pt ]; then
   echo "gpu_sweep: no FID weights on this machine; run the call carrying .inc_b again, then this one"; exit 3
 fi
 if [ -d .inc_ae ] && ! ls -d $R/k*_b*_s*/autoencoder >/dev/null 2>&1; then mkdir -p $R && cp -r .inc_ae/. $R/; fi
+# the cells measured before (their metrics.json kept in the tree as KEPT/CELL.json) are finished cells here: a grid
+# that names them (--seed 0 --seed 1 --seed 2 with seed 0 kept) trains and scores only the others
+KEPT=${KEPT:-docs/results/sweep_$(basename "$CONFIG" .toml)}
+for kept in "$KEPT"/k*_b*_s*.json; do
+  [ -f "$kept" ] || continue
+  cell=$R/$(basename "$kept" .json)
+  [ -f "$cell/metrics.json" ] || { mkdir -p "$cell" && cp "$kept" "$cell/metrics.json"; }
+done
 timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" sweep $CONFIG --out $R "$@" \
   --set 'sample.strategies=["full","top-1","top-2"]' --set 'sample.guidance_sweep=[]' \
   --set 'sample.stats_router_strategies=[]' "${EXTRA[@]}" 2>&1 | grep -v '^\s*$' | tail -n 40 | tee "$OUT/sweep.log"

@@ -282,9 +282,10 @@ def test_the_report_from_cells_scored_elsewhere(tiny_grid, tmp_path):
     assert got["table"] == want["table"] and got["compute_ratio"] == want["compute_ratio"]
     assert (elsewhere / "sweep.md").read_text() == (out / "sweep.md").read_text()
     assert sorted(p.name for p in (elsewhere / "k4_b1_s0").iterdir()) == ["metrics.json"]  # nothing trained
-    kept = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "evaluate")  # scored cells need no weights
-    assert kept.returncode == 0 and kept.stderr.count("scored before") == 4, kept.stderr
-    assert sorted(p.name for p in (elsewhere / "k4_b1_s0").iterdir()) == ["metrics.json"]
+    for stage in ("evaluate", "train"):  # scored cells need no weights and no training
+        kept = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", stage)
+        assert kept.returncode == 0 and kept.stderr.count("scored before") == 4, (stage, kept.stderr)
+        assert sorted(p.name for p in (elsewhere / "k4_b1_s0").iterdir()) == ["metrics.json"]
     other = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report", "--set", "sample.steps=7")
     assert other.returncode == 2 and "another config" in other.stderr and "k2_b0.5_s0" in other.stderr
 

@@ -333,7 +333,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         log(f"sweep: warning: {'; '.join(short)}. Such points measure networks stopped while warming up; "
             f"for a fair curve lower the warm-up (--set expert.train.warmup=N) or raise the budget{batch}")
     # a cell whose metrics.json was made with its config is finished: kept, neither retrained nor rescored
-    kept = [None if force or stages == "train" else scored_rows(folder, c) for _, c, folder in grid]
+    kept = [None if force else scored_rows(folder, c) for _, c, folder in grid]
     if stages == "evaluate":
         untrained = [folder.root.name for (_, c, folder), rows in zip(grid, kept)
                      if rows is None and untrained_parts(c, folder.root)]
@@ -363,7 +363,9 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         if rows is not None:
             results.append({"k": k, "budget": b, "seed": s, "rows": rows})
     if stages == "train":
-        log(f"sweep: {len(grid)} cells trained; the same command with --stages evaluate (or all) scores them")
+        trained = sum(rows is None for rows in kept)
+        log(f"sweep: {trained} cells trained, {len(grid) - trained} already scored; the same command with "
+            "--stages evaluate (or all) scores them")
         return None
     return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, grid), log,
                         scale=scale)
