@@ -34,8 +34,9 @@ if [[ " $* " != *" --stages train "* ]] && [ ! -f /root/inc/default_1.pt ]; then
 fi
 if [ -d .inc_ae ] && ! ls -d $R/k*_b*_s*/autoencoder >/dev/null 2>&1; then mkdir -p $R && cp -r .inc_ae/. $R/; fi
 # the cells measured before (their metrics.json kept in the tree as KEPT/CELL.json) are finished cells here: a grid
-# that names them (--seed 0 --seed 1 --seed 2 with seed 0 kept) trains and scores only the others
-KEPT=${KEPT:-docs/results/sweep_$(basename "$CONFIG" .toml)}
+# that names them (--seed 0 --seed 1 --seed 2 with seed 0 kept) trains and scores only the others. Not with EXTRA
+# (a dry run's cells have another config, and a kept cell of another config would stop the sweep)
+KEPT=${KEPT-$([ -z "${EXTRA:-}" ] && echo "docs/results/sweep_$(basename "$CONFIG" .toml)")}
 for kept in "$KEPT"/k*_b*_s*.json; do
   [ -f "$kept" ] || continue
   cell=$R/$(basename "$kept" .json)

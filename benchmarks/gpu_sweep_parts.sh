@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A driver, not a benchmark: several parts of a compute-sweep grid at once on one GPU, each a gpu_sweep.sh run
+# in its own run folder ($R.part0, $R.part1, ...). Small experts leave most of an H200 idle (their steps are
+# launch-bound), so parts that run side by side finish more cells per call than one after another; every
+# cell's numbers are those it gets alone (its own seeds and data; only the training seconds grow).
+#   PARTS='--k 4 --budget 1 --seed 1 --monolith-k 8|--k 16 --budget 0.125 --seed 1 --monolith-k 8' \
+#     bash benchmarks/gpu_sweep_parts.sh
+# Parts are separated by '|'; CONFIG, EXTRA and LIMIT reach every part. Each part makes its own data and
+# partition (seconds); a latent grid's autoencoder must be on the machine first (a cell of $R that holds it, from
+# a gpu_sweep.sh call, or a carried .inc_ae): it is copied into every part, so that none trains another. What
+# the parts return (cells.tar.gz, sweep.log, train_seconds.txt each) comes back in one $OUT/parts.tar.gz.
+source benchmarks/gpu_setup.sh
+R=${R:-runs/sweep}
+CONFIG=${CONFIG:-configs/fashion_mnist.toml}
+IFS='|' read -r -a PART_ARGS <<< "${PARTS:?PARTS: the sweep arguments of each part, separated by |}"
+join_fid_weights  # once, before the parts (each would join the same file at once otherwise)
+if grep -q '^enabled = true' <(sed -n '/^\[latent\]/,/^\[/p' "$CONFIG"); then
+  ae=$(ls -d $R/k*_b*_s*/autoencoder .inc_ae/k*_b*_s*/autoencoder 2>/dev/null | head -n 1)
+  [ -n "$ae" ] || { echo "gpu_sweep_parts: a latent grid needs its autoencoder on this machine first (a gpu_sweep.sh call, or carry .inc_ae)"; exit 3; }
+fi
+for i in "${!PART_ARGS[@]}"; do
+  part=$R.part$i
+  if [ -n "${ae:-}" ] && ! ls -d $part/k*_b*_s*/autoencoder >/dev/null 2>&1; then
+    cell=$(dirname "$ae"); mkdir -p "$part/${cell##*/}" && cp -r "$cell/config.json" "$cell/autoencoder" "$part/${cell##*/}/"
+  fi
+  read -r -a args <<< "${PART_ARGS[$i]}"
+  mkdir -p "$OUT/part$i"
+  OUT=$OUT/part$i R=$part LIMIT=$(left ${LIMIT:-585}) bash benchmarks/gpu_sweep.sh "${args[@]}" > "$OUT/part$i/call.log" 2>&1 &
+done
+wait
+for i in "${!PART_ARGS[@]}"; do echo "== part $i: ${PART_ARGS[$i]}"; tail -n 12 "$OUT/part$i/call.log"; done
+rm -f "$OUT"/part*/autoencoder.tar "$OUT"/part*/sweep.md "$OUT"/part*/sweep.json  # the report is made again from the cells
+(cd "$OUT" && tar czf parts.tar.gz part* && rm -rf part*/)
+echo "call seconds: $(( $(date +%s) - T0 ))"
