@@ -157,8 +157,6 @@ def summarize(measures: dict[str, list[dict]], parsed: dict[str, Condition], str
     return out
 
 
-
-
 # ----- report -------------------------------------------------------------------------------------------------------
 def cell_text(c: dict) -> str:
     """'mean [seeds lo, hi] (samples lo, hi)'; either interval left out where there is none."""

@@ -27,7 +27,6 @@ at every budget), the monolith's its own.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -163,7 +162,7 @@ def cell_in_folder(out: Path, cell_cfg: RunConfig, sections: tuple[str, ...], ha
     cell_cfg's `sections` and whose folder holds `has` (a RunFolder attribute): the cell whose outputs a
     new cell shares, so that the grid's data, reference features and autoencoder are made once per
     OUT folder, whichever command made its first cell. Sections are compared as the JSON config.json holds."""
-    mine = json.loads(json.dumps(cell_cfg.model_dump()))
+    mine = cell_cfg.model_dump(mode="json")
     for config in sorted(out.glob("k*_b*_s*/config.json")):
         folder = RunFolder(config.parent)
         if getattr(folder, has).exists():
