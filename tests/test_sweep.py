@@ -13,6 +13,7 @@ from filelock import FileLock
 
 from ddmkit.config import RunConfig, apply_overrides, load_config
 from ddmkit.errors import DDMError
+from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
 from ddmkit.pipeline.sweep import (cell_config, cell_dir, cells, curves, interval, monolith_k, ratio_text, reach,
                                    render, short_trainings, summarize, sweep)
 
@@ -323,3 +324,20 @@ def test_image_cells_report_kid_beside_fid():
     assert "KID x 1e3" in render({**report, "monolith_k": 2, "router_flops": {}})
     vectors = [{"k": 2, "budget": 1.0, "seed": 0, "rows": {"top-1": {"w2_over_floor": 1.5}}}]
     assert summarize(vectors, [2], [1.0], ["top-1"], compute)["kid_table"] == {}
+
+
+def test_image_cells_report_their_floors_apart_from_the_series():
+    """The floor rows of image cells (the training images' FID, the autoencoder reconstructions' in latent
+    space) are no series of the table; the report gives each once, as the range over cells."""
+    def cell(seed, recon):
+        return {"k": 2, "budget": 1.0, "seed": seed, "rows": {
+            FLOOR: {"fid": 2.5, "kid": 0.0}, RECONSTRUCTIONS: {"fid": recon, "kid": 0.001},
+            "monolith": {"fid": 20.0, "kid": 0.01}, "top-1": {"fid": 15.0, "kid": 0.008}}}
+    compute = {"monolith": {1.0: 2.0}, "K=2": {1.0: 2.0}}
+    report = summarize([cell(0, 11.0), cell(1, 11.5)], [2], [1.0], ["top-1"], compute)
+    assert set(report["table"]) == {"monolith", "K=2 top-1"} and set(report["kid_table"]) == {"monolith", "K=2 top-1"}
+    assert report["floors"] == {FLOOR: {"lo": 2.5, "hi": 2.5}, RECONSTRUCTIONS: {"lo": 11.0, "hi": 11.5}}
+    text = render({**report, "monolith_k": 2, "router_flops": {}})
+    assert f"{FLOOR} 2.5; {RECONSTRUCTIONS} 11 to 11.5" in text
+    assert "Floors" not in render({**summarize([cell(0, 11.0)], [2], [1.0], ["top-1"], compute), "floors": {},
+                                   "monolith_k": 2, "router_flops": {}})

@@ -88,11 +88,12 @@ def plot_router_accuracy(report: dict, path: Path) -> None:
 
 
 def plot_sweep(panels: dict[str, dict[str, list[tuple[float, float, float, float]]]], metric: str,
-               path: Path) -> None:
+               path: Path, floors: dict[str, float] | None = None) -> None:
     """A sweep's metric against training FLOPs, one panel per entry (title -> curves): one curve per
     series (name -> [(FLOPs, mean, lo, hi)], the mean over seeds with its interval as error bars); the
-    monolith's dashed. The panels share their axes, both logarithmic (a metric that spans 20x, as FID
-    over a sweep's budgets and K, stays readable at its low end)."""
+    monolith's dashed; floors (name -> value: what no sample set can beat) as grey lines. The panels
+    share their axes, both logarithmic (a metric that spans 20x, as FID over a sweep's budgets and K,
+    stays readable at its low end)."""
     fig, axes = pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharex=True, sharey=True,
                              squeeze=False)
     for ax, (title, curves) in zip(axes[0], panels.items()):
@@ -101,6 +102,8 @@ def plot_sweep(panels: dict[str, dict[str, list[tuple[float, float, float, float
             err = [[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]]
             ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=key,
                         linestyle="--" if key == "monolith" else "-")
+        for (name, value), style in zip((floors or {}).items(), [":", "-.", "--"]):
+            ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)

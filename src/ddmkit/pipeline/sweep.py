@@ -38,6 +38,7 @@ from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
 from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
+from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
 from ddmkit.pipeline.stages import load_data, register_user_networks
 from ddmkit.routing import parse_strategy
@@ -277,10 +278,11 @@ def write_report(cfg: RunConfig, results: list[dict], out: Path, ks: list[int], 
               "short_trainings": short_trainings(cfg, ks, budgets, mono_k, scale),
               "router_flops": {key: {f"{b:g}": v for b, v in per.items()} for key, per in flops["router"].items()}}
     write_json(out / "sweep.json", report)
-    plot_sweep({"each K's best strategy": curves(report)}, report["metric"], out / "plots" / "sweep.png")
+    floors = {name: v["lo"] for name, v in report["floors"].items()}
+    plot_sweep({"each K's best strategy": curves(report)}, report["metric"], out / "plots" / "sweep.png", floors)
     per_k = {f"K={k}": curves(report, k) for k in ks if k in report["best"]}
     if per_k:
-        plot_sweep(per_k, report["metric"], out / "plots" / "sweep_strategies.png")
+        plot_sweep(per_k, report["metric"], out / "plots" / "sweep_strategies.png", floors)
     write_bytes_atomic(out / "sweep.md", render(report).encode())
     log(f"sweep report: {out / 'sweep.md'}")
     return report
@@ -370,6 +372,9 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
                         scale=scale)
 
 
+FLOORS = (FLOOR, RECONSTRUCTIONS)  # image cells' reference rows: no sample set scores below them
+
+
 def metric_of(row: dict) -> tuple[str, float]:
     """The quality metric of a result row (lower is better): FID for images, W2 / floor for vectors."""
     if "fid" in row:
@@ -402,8 +407,12 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
     name = metric_of(next(iter(results[0]["rows"].values())))[0]
     series: dict[str, dict[float, list[float]]] = {}
     kids: dict[str, dict[float, list[float]]] = {}
+    floors: dict[str, list[float]] = {}
     for r in results:
         for row_name, row in r["rows"].items():
+            if row_name in FLOORS:
+                floors.setdefault(row_name, []).append(metric_of(row)[1])
+                continue
             if row_name == MONOLITH:
                 key = MONOLITH
             elif row_name in strategies:
@@ -445,6 +454,7 @@ def summarize(results: list[dict], ks: list[int], budgets: list[float], strategi
             "table": as_text(table), "kid_table": as_text(kid_table), "compute": as_text(compute),
             "best": best, "monolith_final": target, "monolith_budget": max(mono) if mono else None,
             "compute_ratio": ratio, "compute_smallest": smallest, "unscored": unscored,
+            "floors": {name: {"lo": min(floors[name]), "hi": max(floors[name])} for name in FLOORS if name in floors},
             "advantage": {k: {f"{b:g}": v for b, v in per.items()} for k, per in advantage.items()},
             "cells": results}
 
@@ -503,7 +513,7 @@ A cell is the mean over training seeds with a 95% t-interval and n, the number o
 more than one.
 {missing_text(report)}{short_text(report)}
 {table(report["table"])}
-{full_aliases(report)}{kid}
+{full_aliases(report)}{floors_text(report)}{kid}
 Training compute in FLOPs (forward and backward, counted by PyTorch's FlopCounterMode): a DDM's experts
 and router (the router's share in parentheses; it trains the same steps at every budget), the
 monolith's own:
@@ -536,6 +546,21 @@ def short_text(report: dict) -> str:
     short = report.get("short_trainings") or []
     return "" if not short else ("\nStopped while warming up (the learning rate never reached its peak): "
                                  f"{'; '.join(short)}.\n")
+
+
+def floors_text(report: dict) -> str:
+    """A note giving the cells' floors (image cells: the training images' own FID, and in latent space
+    the autoencoder's reconstructions'), which no sample set can beat, or nothing."""
+    floors = report.get("floors") or {}
+    if not floors:
+        return ""
+
+    def value(v: dict) -> str:
+        return f"{v['lo']:.4g}" if v["lo"] == v["hi"] else f"{v['lo']:.4g} to {v['hi']:.4g}"
+    listed = "; ".join(f"{name} {value(v)}" for name, v in floors.items())
+    return (f"\nFloors, which no sample set can beat ({report['metric']} of the training images themselves, and "
+            f"in latent space of their\nautoencoder reconstructions, against the same reference): {listed}. "
+            "Grey lines in the plots.\n")
 
 
 def full_aliases(report: dict) -> str:
