@@ -386,6 +386,25 @@ def test_an_image_folder_of_mixed_sizes_runs_after_the_suggested_fixes(tmp_path,
     assert data_info(tmp_path / "run")["data_shape"] == [3, 16, 16] and np.isfinite(metrics["rows"]["top-1"]["fid"])
 
 
+def test_class_conditional_networks_are_checked_against_the_labels_before_anything_is_written(
+        tmp_path, monkeypatch, capsys):
+    """Two class folders (labels 0, 1): num_classes = 1 leaves label 1 outside the network's table (and 2
+    rows of the other class would be its "no label" token); a folder without classes has no labels."""
+    write_folder(tmp_path / "imgs", sizes=((16, 16),))
+    config = tmp_path / "c.toml"
+    base = IMAGES.replace("{params}", f'{{ path = "{tmp_path / "imgs"}" }}').replace("{kid_subset}", "4")
+    conditional = base.replace("attention_res = [] }", "attention_res = [], num_classes = {c} }")
+    config.write_text(conditional.replace("{c}", "1"))
+    refused(monkeypatch, capsys, config, tmp_path / "run", "expert.net.kwargs.num_classes = 1",
+            "labels run 0 .. 1", "set num_classes = 2")
+    (tmp_path / "flat").mkdir()
+    for png in (tmp_path / "imgs").rglob("*.png"):
+        png.rename(tmp_path / "flat" / png.name)
+    config.write_text(conditional.replace("{c}", "2").replace(str(tmp_path / "imgs"), str(tmp_path / "flat")))
+    refused(monkeypatch, capsys, config, tmp_path / "run", "num_classes = 2 makes the network class-conditional",
+            "no labels", "remove num_classes from expert.net.kwargs")
+
+
 def test_resize_and_crop_are_the_centre_and_bicubic_of_pil(tmp_path):
     from PIL import Image
 

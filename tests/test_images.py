@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddmkit.data import load_dataset
-from ddmkit.data.images import parse_idx, read_image_folder, read_idx
+from ddmkit.data.images import pad_images, parse_idx, read_image_folder, read_idx, to_unit_range
 from ddmkit.errors import DDMError
 from ddmkit.nets import build_model, build_seeded
 
@@ -84,6 +84,25 @@ def test_image_folder_classes_sizes_and_modes(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "modes" / "b.png")
     with pytest.raises(DDMError, match="grayscale and colour"):
         read_image_folder(tmp_path / "modes")
+    with pytest.raises(DDMError, match="or data.params.pad_to = 9"):
+        read_image_folder(tmp_path / "sizes")
+
+
+def test_pad_to_makes_a_folder_of_small_images_one_size(tmp_path):
+    """pad_to pads each image of a mixed folder with black, centred as pad_images pads a batch."""
+    from PIL import Image
+
+    (tmp_path / "sizes").mkdir()
+    a, b = np.full((4, 6), 200, np.uint8), np.full((5, 3), 100, np.uint8)
+    Image.fromarray(a).save(tmp_path / "sizes" / "a.png")
+    Image.fromarray(b).save(tmp_path / "sizes" / "b.png")
+    images, _, _ = read_image_folder(tmp_path / "sizes", pad_to=8)
+    assert images.shape == (2, 8, 8)
+    for got, image in zip(images, (a, b)):
+        padded = pad_images(to_unit_range(image[None]), 8)[0, 0]
+        assert torch.equal(to_unit_range(got[None])[0, 0], padded)  # the same bytes as a batch padded at once
+    with pytest.raises(DDMError, match=r"a.png: 4x6 is larger than data.params.pad_to = 4; set pad_to = 6 or more"):
+        read_image_folder(tmp_path / "sizes", pad_to=4)
 
 
 def test_image_array_loader(tmp_path):
@@ -93,6 +112,24 @@ def test_image_array_loader(tmp_path):
     np.save(tmp_path / "bad.npy", np.full((4, 1, 4, 4), 3.0, np.float32))
     with pytest.raises(DDMError, match=r"\[-1, 1\]"):
         load_dataset("image_array", 0, 0, 0, path=str(tmp_path / "bad.npy"))
+
+
+@pytest.mark.parametrize("x, labels, message", [
+    (np.zeros((20, 6, 6, 3), np.uint8), np.arange(16), r"'labels' has shape \(16,\), expected \(20,\)"),
+    (np.zeros((20, 6, 6, 3), np.uint8), np.arange(20) + 0.5, "expected whole numbers"),
+    (np.zeros((20, 6, 6, 3), np.uint8), np.arange(20) - 1, r"negative values \(first rows: \[0\]\)"),
+    (np.zeros((20, 6, 6, 5), np.uint8), None, "C = 1 or 3 channels"),
+    (np.zeros((20, 3, 6, 6), np.uint8), None, r"channels first\? give x.transpose\(0, 2, 3, 1\)"),
+    (np.zeros((20, 6, 6, 3), np.float32), None, r"channels last\? give x.transpose\(0, 3, 1, 2\)"),
+    (np.where(np.arange(20)[:, None, None, None] == 3, np.nan, 0).astype(np.float32) + np.zeros((20, 1, 4, 4),
+                                                                                                   np.float32),
+     None, r"first bad rows: \[3\]"),  # the file's own rows, before the split
+])
+def test_image_arrays_are_checked_before_the_split(tmp_path, x, labels, message):
+    arrays = {"x": x} if labels is None else {"x": x, "labels": labels}
+    np.savez(tmp_path / "a.npz", **arrays)
+    with pytest.raises(DDMError, match=message):
+        load_dataset("image_array", 0, 0, 0, path=str(tmp_path / "a.npz"))
 
 
 @pytest.mark.parametrize("arch, kwargs", [("unet", {"channels": [8, 16], "attention_res": [4], "num_classes": 3}),

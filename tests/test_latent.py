@@ -78,6 +78,19 @@ def test_a_pretrained_folder_loads_safetensors_only(tmp_path):
         load_autoencoder(tmp_path / "other")
     with pytest.raises(DDMError, match="not a folder"):
         load_autoencoder(tmp_path / "missing")
+    ae.save_pretrained(tmp_path / "pipeline" / "vae", safe_serialization=True)  # a Stable Diffusion-style folder
+    with pytest.raises(DDMError, match="set latent.pretrained to its vae/ sub-folder"):
+        load_autoencoder(tmp_path / "pipeline")
+
+
+def test_latent_settings_that_cannot_work_are_refused_with_the_config():
+    with pytest.raises(DDMError, match=r"latent.widths.*multiples of min\(32, their smallest\) = 8"):
+        validate(RunConfig, {"latent": {"enabled": True, "widths": [8, 12]}})
+    with pytest.raises(DDMError, match=r"= 32 \(group norm\)"):
+        validate(RunConfig, {"latent": {"enabled": True, "widths": [48, 64]}})
+    assert validate(RunConfig, {"latent": {"enabled": True, "widths": [8, 16, 24]}}).latent.widths == [8, 16, 24]
+    with pytest.raises(DDMError, match="latent.enabled = false"):
+        validate(RunConfig, {"latent": {"pretrained": "models/vae"}})
 
 
 def latent_config(tmp_path: Path, pretrained: Path | None = None) -> Path:

@@ -216,7 +216,18 @@ class LatentConfig(Section):
     def _widths(cls, v: list[int]) -> list[int]:
         if any(not 1 <= w <= 4096 for w in v):
             raise ValueError(f"block widths must be in 1 .. 4096; got {v}")
+        groups = min(32, *v)  # the autoencoder's group norm: min(32, smallest width) groups in every block
+        if any(w % groups for w in v):
+            raise ValueError(f"{v} must all be multiples of min(32, their smallest) = {groups} (group norm); "
+                             "e.g. [32, 64, 64]")
         return v
+
+    @model_validator(mode="after")
+    def _pretrained(self):
+        if self.pretrained is not None and not self.enabled:
+            raise ValueError(f"latent.pretrained = {self.pretrained!r} is set but latent.enabled = false; set "
+                             "latent.enabled = true to train on its latents, or remove pretrained")
+        return self
 
 
 class SampleConfig(Section):

@@ -1,5 +1,5 @@
-"""The one in-memory form of a data set: `ArrayData`, with its content hash, a seeded row subset and a
-finiteness check."""
+"""The one in-memory form of a data set: `ArrayData`, with its content hash, a seeded row subset and the
+checks of a file's values (finite) and labels (one whole number 0, 1, ... per row)."""
 from __future__ import annotations
 
 import hashlib
@@ -62,3 +62,21 @@ def check_finite(x: torch.Tensor, where: str) -> None:
         rows = bad.reshape(len(x), -1).any(1).nonzero().flatten()[:5].tolist()
         raise DDMError(f"{where}: data holds NaN or infinite values (first bad rows: {rows}); "
                        "clean or drop those rows before partitioning")
+
+
+def checked_labels(labels, n: int, where: str) -> torch.Tensor | None:
+    """A file's labels as int64 (n,), or None: one whole number 0, 1, 2, ... per row (a class or source
+    index; class-conditional networks look them up in a table), else a DDMError naming the file."""
+    if labels is None:
+        return None
+    lab = np.asarray(labels)
+    if lab.shape != (n,):
+        raise DDMError(f"{where}: 'labels' has shape {lab.shape}, expected ({n},): one label per row")
+    if lab.dtype.kind not in "iub":
+        raise DDMError(f"{where}: 'labels' holds {lab.dtype} values; expected whole numbers 0, 1, 2, ... (an integer "
+                       "array, e.g. labels.astype(np.int64))")
+    if n and lab.min() < 0:
+        rows = np.flatnonzero(lab < 0)[:5].tolist()
+        raise DDMError(f"{where}: 'labels' holds negative values (first rows: {rows}); labels are class indices "
+                       "0, 1, 2, ...")
+    return torch.as_tensor(lab.astype(np.int64))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import ddmkit.data.synthetic as synthetic
-from ddmkit.data.arrays import ArrayData, check_finite, split_indices, take_rows
+from ddmkit.data.arrays import ArrayData, check_finite, checked_labels, split_indices, take_rows
 from ddmkit.data.function import is_function_name, load_function_dataset
 from ddmkit.data.images import IMAGE_LOADERS, load_idx_dataset
 from ddmkit.errors import DDMError
@@ -127,10 +127,7 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
         raise DDMError(f"{field}: data file {path!r}: expected a non-empty (N, ...) array of samples, "
                        f"got shape {tuple(x.shape)}")
     check_finite(x, f"data file {path!r}")
-    lab = torch.as_tensor(labels).long() if labels is not None else None
-    if lab is not None and lab.shape != (len(x),):
-        raise DDMError(f"{field}: data file {path!r}: 'labels' has shape {tuple(lab.shape)}, expected ({len(x)},)")
-    return x, lab
+    return x, checked_labels(labels, len(x), f"{field}: data file {path!r}")
 
 
 def _array_file(path: str, n_train: int, n_test: int, seed: int, params: dict) -> tuple[ArrayData, ArrayData]:

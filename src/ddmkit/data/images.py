@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmkit.data.arrays import ArrayData, split_indices, take_rows
+from ddmkit.data.arrays import ArrayData, check_finite, checked_labels, split_indices, take_rows
 from ddmkit.errors import DDMError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -108,7 +108,8 @@ def pad_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
         return x
     h, w = x.shape[-2:]
     if h > size or w > size:
-        raise DDMError(f"data.params.pad_to = {size} is smaller than the images ({h}x{w})")
+        raise DDMError(f"data.params.pad_to = {size} is smaller than the images ({h}x{w}); set pad_to = {max(h, w)} "
+                       f"or more, or data.params.resize and crop (scale and cut the images first)")
     top, left = (size - h) // 2, (size - w) // 2
     return torch.nn.functional.pad(x, (left, size - w - left, top, size - h - top), value=-1.0)
 
@@ -180,25 +181,42 @@ def read_image(path: Path, mode: str = "auto", resize: int | None = None, crop: 
         raise DDMError(f"{path}: not a readable image ({e})") from e
 
 
-def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None = None,
-                      crop: int | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def pad_array(image: np.ndarray, size: int) -> np.ndarray:
+    """One uint8 image (H, W[, C]), at most size x size, padded symmetrically with black (0, i.e. -1 once
+    scaled) to size x size, as pad_images pads a batch."""
+    h, w = image.shape[:2]
+    top, left = (size - h) // 2, (size - w) // 2
+    return np.pad(image, [(top, size - h - top), (left, size - w - left)] + [(0, 0)] * (image.ndim - 2))
+
+
+def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None = None, crop: int | None = None,
+                      pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """(images (N, H, W[, C]) uint8, labels or None, class names). Sub-folders are
     classes (labels by sorted name); images directly in `path` are unlabelled. Every
-    image is read by read_image (mode, resize, crop); they must then have one size and mode."""
+    image is read by read_image (mode, resize, crop) and padded to pad_to; they must then
+    have one size and mode."""
     root = Path(path)
     if mode not in MODES:
         raise DDMError(f"data.params.mode: unknown {mode!r}; accepted: {', '.join(MODES)}")
     if not root.is_dir():
-        raise DDMError(f"image folder {root} does not exist")
+        raise DDMError(f"data.params.path: image folder {root} does not exist (or is not a folder)")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DDMError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     classes = sorted({p.parent.relative_to(root).as_posix() for p in files} - {"."})
-    arrays, channels, sizes = [], {}, {}
-    for p in files:
-        arrays.append(read_image(p, mode, resize, crop))
-        channels.setdefault(arrays[-1].shape[2] if arrays[-1].ndim == 3 else 1, p)
-        sizes.setdefault(arrays[-1].shape[:2], p)
+    arrays = [read_image(p, mode, resize, crop) for p in files]
+    if pad_to:
+        largest = max(max(a.shape[:2]) for a in arrays)
+        if largest > pad_to:
+            p, a = next((p, a) for p, a in zip(files, arrays) if max(a.shape[:2]) > pad_to)
+            raise DDMError(f"{p}: {a.shape[0]}x{a.shape[1]} is larger than data.params.pad_to = {pad_to}; set pad_to = "
+                           f"{largest} or more (the folder's largest side), or data.params.resize and crop (each "
+                           "image scaled and cut before padding)")
+        arrays = [pad_array(a, pad_to) for a in arrays]
+    channels, sizes = {}, {}
+    for p, a in zip(files, arrays):
+        channels.setdefault(a.shape[2] if a.ndim == 3 else 1, p)
+        sizes.setdefault(a.shape[:2], p)
     if len(channels) > 1:
         (c1, p1), (c2, p2) = list(channels.items())[:2]
         raise DDMError(f"image folder {root} mixes grayscale and colour images ({p1}: {c1} channels, {p2}: {c2} "
@@ -208,7 +226,8 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
         side = resize or min(min(a.shape[:2]) for a in arrays)
         raise DDMError(f"image folder {root} holds images of different sizes ({p1}: {s1[0]}x{s1[1]}, "
                        f"{p2}: {s2[0]}x{s2[1]}); set data.params.resize = {side} and data.params.crop = {side} "
-                       f"(each image's shorter side scaled to {side}, then its centre {side}x{side} kept)")
+                       f"(each image's shorter side scaled to {side}, then its centre {side}x{side} kept), or "
+                       f"data.params.pad_to = {max(max(a.shape[:2]) for a in arrays)} (each padded with black)")
     labels = None
     if classes:
         if any(p.parent == root for p in files):
@@ -228,8 +247,8 @@ def load_image_folder(n_train: int, n_test: int, seed: int, path: str = "", pad_
                       test_fraction: float = 0.2, resize: int | None = None, crop: int | None = None,
                       mode: str = "auto") -> tuple[ArrayData, ArrayData]:
     """Images from a folder (class sub-folders give labels), made one size by resize and crop."""
-    images, labels, classes = read_image_folder(path, mode, resize, crop)
-    x = pad_images(to_unit_range(images), pad_to)
+    images, labels, classes = read_image_folder(path, mode, resize, crop, pad_to)
+    x = to_unit_range(images)
     y = torch.as_tensor(labels) if labels is not None else None
     xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
     return _pair(Path(path).name, xtr, ytr, xte, yte, n_train, n_test, seed,
@@ -243,27 +262,38 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
     already in [-1, 1]; an .npz may hold `x` (or `images`) and `labels`. resize and
     crop as for a folder (torch's antialiased bicubic)."""
     p = Path(path)
-    if not p.exists():
-        raise DDMError(f"image array file {path!r} does not exist")
+    if not p.is_file():
+        raise DDMError(f"data.params.path: image array file {path!r} does not exist (or is not a file)")
     try:
         arr = np.load(p, allow_pickle=False)
     except Exception as e:
         raise DDMError(f"{path}: not readable as .npy/.npz without pickle ({e})") from e
     labels = None
     if isinstance(arr, np.lib.npyio.NpzFile):
+        if not arr.files:
+            raise DDMError(f"{path}: the .npz file holds no arrays")
         key = next((k for k in ("x", "images") if k in arr.files), arr.files[0])
-        labels = torch.as_tensor(arr["labels"]).long() if "labels" in arr.files else None
+        labels = arr["labels"] if "labels" in arr.files else None
         arr = arr[key]
     if arr.dtype == np.uint8:
         if arr.ndim not in (3, 4):
             raise DDMError(f"{path}: uint8 images must be (N, H, W) or (N, H, W, C); got {arr.shape}")
+        if arr.ndim == 4 and arr.shape[3] not in (1, 3):
+            raise DDMError(f"{path}: uint8 images (N, H, W, C) need C = 1 or 3 channels; got {arr.shape}"
+                           + (" (channels first? give x.transpose(0, 2, 3, 1))" if arr.shape[1] in (1, 3) else ""))
         x = to_unit_range(arr)
     else:
-        if arr.ndim != 4:
-            raise DDMError(f"{path}: float images must be (N, C, H, W) in [-1, 1]; got {arr.shape}")
+        if arr.ndim != 4 or arr.dtype.kind != "f":
+            raise DDMError(f"{path}: images must be uint8 (N, H, W[, C]) or float (N, C, H, W) in [-1, 1]; got "
+                           f"{arr.dtype} {arr.shape}")
+        if arr.shape[1] not in (1, 3):
+            raise DDMError(f"{path}: float images (N, C, H, W) need C = 1 or 3 channels; got {arr.shape}"
+                           + (" (channels last? give x.transpose(0, 3, 1, 2))" if arr.shape[3] in (1, 3) else ""))
         x = torch.as_tensor(arr.astype(np.float32))
+        check_finite(x, f"image array file {path!r}")
         if x.abs().max() > 1.0 + 1e-4:
             raise DDMError(f"{path}: float images must lie in [-1, 1]; found values up to {x.abs().max():.3g}")
+    labels = checked_labels(labels, len(x), f"image array file {path!r}")
     x = pad_images(resize_crop(x, resize, crop, str(path)), pad_to)
     xtr, ytr, xte, yte = _split(x, labels, test_fraction, seed)
     return _pair(p.stem, xtr, ytr, xte, yte, n_train, n_test, seed, {"source": str(path)})

@@ -47,10 +47,7 @@ def build_autoencoder(cfg: LatentConfig, channels: int, size: int) -> nn.Module:
     times smaller per side, cfg.channels deep)."""
     diffusers = require_diffusers()
     levels = len(cfg.widths)
-    groups = min(32, *cfg.widths)
-    if any(w % groups for w in cfg.widths):
-        raise DDMError(f"latent.widths: {cfg.widths} must all be multiples of their smallest (group norm); "
-                       "e.g. [32, 64, 64]")
+    groups = min(32, *cfg.widths)  # LatentConfig checked that every width is a multiple
     return diffusers.AutoencoderKL(
         in_channels=channels, out_channels=channels, latent_channels=cfg.channels,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
@@ -65,6 +62,12 @@ def folder_config(folder: str | Path) -> dict:
         raise DDMError(f"latent.pretrained: {folder} is not a folder; give a local diffusers AutoencoderKL folder "
                        "(config.json + diffusion_pytorch_model.safetensors), e.g. one written by "
                        "AutoencoderKL.save_pretrained, or leave it out to let ddmkit train one")
+    if not (folder / "config.json").is_file():
+        inside = " (it holds vae/config.json: a pipeline folder; set latent.pretrained to its vae/ sub-folder)" \
+            if (folder / "vae" / "config.json").is_file() else ""
+        raise DDMError(f"latent.pretrained: {folder} holds no config.json{inside}; give the folder of a diffusers "
+                       "AutoencoderKL (config.json + diffusion_pytorch_model.safetensors), as written by "
+                       "AutoencoderKL.save_pretrained")
     config = read_json(folder / "config.json")
     if not isinstance(config, dict) or config.get("_class_name") != CLASS_NAME:
         found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__

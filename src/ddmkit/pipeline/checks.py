@@ -2,6 +2,7 @@
 fails at the data and partition stage, with a fix that works, not after its networks are trained.
 
     check_run_plan(cfg, n_train, n_test, data_shape, has_truth)   sizes, splits and sample counts
+    check_labels(cfg, labels)                     class-conditional networks against the data's labels
     check_clusters(cfg, counts, data_shape, orphans)  -> warnings  the partition's clusters
     checked_device(name)                          -> torch.device  a --device value, present here
 
@@ -69,6 +70,27 @@ def check_run_plan(cfg: RunConfig, n_train: int, n_test: int, data_shape: tuple,
         _check_images(cfg, n_test, min(extra, default=s.n))
     else:
         _check_vectors(cfg, n_test, [p.n for p in sets])
+
+
+def check_labels(cfg: RunConfig, labels: list[torch.Tensor | None]) -> None:
+    """Class-conditional networks (net kwargs num_classes = C > 0) need every row of every split (labels:
+    one tensor or None per split) labelled with a class index in 0 .. C - 1: index C is the networks'
+    "no label" token (classifier-free guidance), and a larger one is out of their table."""
+    for where, net in (("expert.net", cfg.expert.net), ("router.net", cfg.router.net)):
+        classes = int(net.kwargs.get("num_classes") or 0)
+        if not classes:
+            continue
+        if any(lab is None for lab in labels):
+            raise DDMError(f"{where}.kwargs.num_classes = {classes} makes the network class-conditional, but the data "
+                           f"have no labels; remove num_classes from {where}.kwargs, or give the data labels (an "
+                           "image folder: one sub-folder per class; an .npz: a 'labels' array)")
+        present = [lab for lab in labels if len(lab)]
+        lo = min(int(lab.min()) for lab in present) if present else 0
+        hi = max(int(lab.max()) for lab in present) if present else 0
+        if lo < 0 or hi >= classes:
+            raise DDMError(f"{where}.kwargs.num_classes = {classes}, but the data's labels run {lo} .. {hi}; labels "
+                           f"are class indices 0 .. num_classes - 1: set num_classes = {max(hi + 1, 1)}"
+                           + (" and make every label 0 or more" if lo < 0 else ""))
 
 
 def _check_images(cfg: RunConfig, n_test: int, smallest: int) -> None:

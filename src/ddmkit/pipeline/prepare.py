@@ -9,7 +9,7 @@ Nothing is written before the run is checked: for a new run, prepare_run_dir loa
 and computes the partition in memory (every check of the data and partition settings: unknown
 data.params, non-finite data, k larger than the data, empty clusters, a user feature function
 that fails, a network that cannot be built; and, in pipeline.checks, every size, split and
-sample count the later stages need, for new and resumed runs alike) and only then writes
+sample count the later stages need and the labels class-conditional networks need, for new and resumed runs alike) and only then writes
 config.json, RUN/data and RUN/partition. A bad config leaves the folder as it was (a folder this call created is removed
 again).
 
@@ -30,7 +30,7 @@ from ddmkit.io import read_json, remove_stale_staging, write_json
 from ddmkit.latent.autoencoder import network_data_shape
 from ddmkit.ddm.load import component_groups
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.checks import check_clusters, check_run_plan
+from ddmkit.pipeline.checks import check_clusters, check_labels, check_run_plan
 from ddmkit.pipeline.stages import (check_networks, load_data, load_split, plan_partition, register_user_features,
                                     register_user_networks, run_lock, write_data, write_partition)
 
@@ -101,6 +101,7 @@ def _check_sizes(cfg: RunConfig, folder: RunFolder, data: tuple | None) -> None:
     if data is not None:
         train, test = data
         check_run_plan(cfg, len(train), len(test), train.data_shape, train.truth is not None)
+        check_labels(cfg, [train.labels, test.labels])
         return
     info = read_json(folder.data_info)
     check_run_plan(cfg, info["n_train"], info["n_test"], tuple(info["data_shape"]), info["exact_truth"])
