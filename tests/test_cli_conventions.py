@@ -66,12 +66,21 @@ def test_set_and_device_override_the_config(ddmkit, shard, tmp_path):
     (["--set", "expert.train.steps=0"], "expert.train.steps: Input should be greater than or equal to 1"),
     (["--set", "expert.train.steps"], "expected FIELD=VALUE"),
     (["--set", "expert.train.steps.every=1"], "expert.train.steps is a value, not a table"),
-    (["--device", "tpu"], "expert.train.device: String should match pattern"),
+    (["--device", "tpu"], "--device: 'tpu' is not a device; accepted: auto, cpu, cuda, cuda:N or mps"),
+    (["--device", "cuda:99"], "--device: 'cuda:99': this machine has"),  # no machine has 100 GPUs
 ])
 def test_a_bad_override_is_exit_2_naming_the_field(ddmkit, shard, tmp_path, args, message):
     code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "e", "--config", TINY, *args)
     assert code == 2 and message in err, err
     assert not (tmp_path / "e").exists()
+
+
+def test_a_config_device_this_machine_lacks_is_refused_before_anything_is_written(ddmkit, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(TINY.read_text().replace("[router.train]", '[router.train]\ndevice = "cuda:99"'))
+    code, _, err = ddmkit("run", config, "--out", tmp_path / "run")
+    assert code == 2 and "router.train.device = 'cuda:99': this machine has" in err and "--device cpu" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_override_values_are_toml_then_json_then_text():

@@ -57,6 +57,7 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
     from ddmkit.config import RunConfig, apply_overrides, builtin_config, load_config, validate
     from ddmkit.nets import use_network
     from ddmkit.nets.user import is_user_network
+    from ddmkit.pipeline.checks import checked_device
     from ddmkit.pipeline.prepare import run_config
 
     path = None
@@ -71,7 +72,10 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
     if device is not None:
         items += [f"{name}.train.device={device}" for name, section in dump.items()
                   if isinstance(section, dict) and isinstance(section.get("train"), dict)]
-    cfg = validate(RunConfig, apply_overrides(dump, items), "--set / --device") if items else base
+    if device is not None:
+        checked_device(device)  # before any work: a device this machine lacks is refused here
+    source = "--set / --device" if path is None else f"{path} with --set / --device"
+    cfg = validate(RunConfig, apply_overrides(dump, items), source) if items else base
     own_file = path is not None and path.suffix != ".json"  # the user's TOML, not a run folder's config.json
     typed = {item.partition("=")[0].strip() for item in overrides or []}
     for name, net in (("expert", cfg.expert.net), ("router", cfg.router.net)):

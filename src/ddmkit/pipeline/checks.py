@@ -4,6 +4,7 @@ fails at the data and partition stage, with a fix that works, not after its netw
     check_run_plan(cfg, n_train, n_test, data_shape, has_truth)   sizes, splits and sample counts
     check_labels(cfg, labels)                     class-conditional networks against the data's labels
     check_clusters(cfg, counts, data_shape, orphans)  -> warnings  the partition's clusters
+    check_devices(cfg)                            every train.device of the config, present here
     checked_device(name)                          -> torch.device  a --device value, present here
 
 What the later stages need (each need is where that stage would fail or would not honour a setting):
@@ -156,16 +157,25 @@ def check_clusters(cfg: RunConfig, counts: list[int], data_shape: tuple, orphans
     return []
 
 
+def check_devices(cfg: RunConfig) -> None:
+    """Every train.device of the networks a run trains is on this machine (a DDMError naming the field)."""
+    sections = [("expert", cfg.expert.train), ("router", cfg.router.train)]
+    if cfg.latent.enabled and cfg.latent.pretrained is None:
+        sections.append(("latent", cfg.latent.train))
+    for name, train in sections:
+        try:
+            resolve_device(train.device)
+        except DDMError as e:
+            raise DDMError(f"{name}.train.device = {train.device!r}: {str(e).partition(', but ')[2]}") from None
+
+
 def checked_device(name, from_run: bool = False) -> torch.device:
     """The device named by --device (from_run: by the run's expert.train.device): auto, cpu, cuda, cuda:N
     or mps, resolved as training resolves it (auto: cuda when there is one) and present on this machine."""
     name, whose = str(name), " (the run's expert.train.device)" if from_run else ""
     if not re.fullmatch(DEVICE, name):
         raise DDMError(f"--device: {name!r}{whose} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
-    device = resolve_device(name)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= gpus:
-        raise DDMError(f"--device: {name!r}{whose}, but this machine has {gpus} CUDA device(s); pass --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DDMError(f"--device: {name!r}{whose}, but MPS is not available on this machine; pass --device cpu")
-    return device
+    try:
+        return resolve_device(name)
+    except DDMError as e:
+        raise DDMError(f"--device: {name!r}{whose}: {str(e).partition(', but ')[2]}") from None

@@ -30,7 +30,7 @@ from ddmkit.io import read_json, remove_stale_staging, write_json
 from ddmkit.latent.autoencoder import network_data_shape
 from ddmkit.ddm.load import component_groups
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.checks import check_clusters, check_labels, check_run_plan
+from ddmkit.pipeline.checks import check_clusters, check_devices, check_labels, check_run_plan
 from ddmkit.pipeline.stages import (check_networks, load_data, load_split, plan_partition, register_user_features,
                                     register_user_networks, run_lock, write_data, write_partition)
 
@@ -124,6 +124,7 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
     """Create RUN/ with its config, data and partition (or reuse it for the same configuration),
     every check done before the first write; returns its path."""
     folder = RunFolder(out)
+    check_devices(cfg)
     with run_lock(folder.root):
         run = folder.root
         stale = remove_stale_staging(run)

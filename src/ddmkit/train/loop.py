@@ -45,9 +45,19 @@ BatchLoss = Callable[[nn.Module, int, torch.Generator], tuple[torch.Tensor, dict
 
 
 def resolve_device(name: str) -> torch.device:
+    """A train.device value as a torch.device on this machine ("auto": cuda when there is one, else cpu);
+    a CUDA or MPS device this machine does not have is a DDMError, before any tensor is made."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise DDMError(f"device {name!r}, but this machine has {gpus} CUDA device(s); pass --device cpu (or set the "
+                       "config's train.device = \"auto\")")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DDMError(f"device {name!r}, but MPS is not available on this machine; pass --device cpu (or set the "
+                       "config's train.device = \"auto\")")
+    return device
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
