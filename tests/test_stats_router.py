@@ -84,3 +84,47 @@ def test_bad_statistics_are_clear_errors(tmp_path):
     save_tensors(tmp_path / "bad.safetensors", {"mean": torch.zeros(2)})
     with pytest.raises(DDMError, match="not island statistics"):
         load_statistics(tmp_path / "bad.safetensors")
+
+
+def test_a_run_without_a_trained_router_samples_and_scores_by_the_statistics(tmp_path, monkeypatch, capsys):
+    """`ddmkit sample --router statistics` draws the same bytes as the run's own statistics-only set (same
+    noise), with or without RUN/router; `ddmkit evaluate` then scores it and reports the statistics-only
+    router's accuracy alone."""
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from ddmkit.cli import main
+    from ddmkit.io import load_tensors
+    from ddmkit.layout import RunFolder
+
+    def ddmkit(*args):
+        monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit:
+            main()
+        return exit.value.code, " ".join(capsys.readouterr().err.split())
+
+    tiny = Path(__file__).parent / "configs" / "tiny.toml"
+    run, name = tmp_path / "run", "top-2 (statistics-only router)"
+    code, err = ddmkit("run", tiny, "--out", run, "--set", 'sample.strategies=["top-2"]', "--set",
+                       'sample.stats_router_strategies=["top-2"]', "--set", "sample.sweep_n=400",
+                       "--set", "evaluate.missing_experts=false")
+    assert code == 0, err
+    drawn_in_the_run = load_tensors(RunFolder(run).sample_set(name))["x"]
+    islands = tmp_path / "islands"  # the experts and the partition, no router: a DDM whose router was never trained
+    shutil.copytree(run, islands, ignore=shutil.ignore_patterns("router", "samples", "registry.json", "report.md",
+                                                                "metrics.json"))
+    assert ddmkit("sample", islands, "--strategy", "top-2")[0] == 2  # the learned router is missing
+    code, err = ddmkit("sample", islands, "--strategy", "top-2", "--router", "statistics")
+    assert code == 0, err
+    assert torch.equal(load_tensors(RunFolder(islands).sample_set(name))["x"], drawn_in_the_run)
+    code, err = ddmkit("evaluate", islands)
+    assert code == 0, err
+    metrics = json.loads((islands / "metrics.json").read_text())
+    assert set(metrics["rows"]) >= {name} and "learned router" not in metrics["router"]
+    assert "statistics-only router" in metrics["router"]
+    code, err = ddmkit("sample", islands, "--strategy", "monolith", "--router", "statistics")
+    assert code == 2 and "not a routing strategy" in err
+    assert ddmkit("sample", islands, "--strategy", "top-2", "--router", "stats")[0] == 2

@@ -219,6 +219,9 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
                                                     "the config's sample.guidance)"),
            router_every: Optional[int] = typer.Option(None, help="call the router every m steps and reuse its "
                                                       "routing in between (1: every step; default: the config's)"),
+           router: str = typer.Option("learned", help="learned (RUN/router) or statistics: route by the "
+                                      "islands' published cluster statistics, no router trained (sets named "
+                                      "'NAME (statistics-only router)')"),
            batch_size: Optional[int] = typer.Option(None, help="integrate the samples in chunks of this many rows "
                                                     "(default: the config's sample.batch_size)"),
            cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
@@ -238,6 +241,8 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
         from ddmkit.pipeline.text import sample_text
 
         _no_text_overrides(config, None, device, set_)
+        if router != "learned":
+            raise DDMError("--router: a text run routes with its learned router only; leave --router out")
         sample_text(run, strategy, n=n, seed=seed, log=log)
         return
     from ddmkit.pipeline.run import sample_run
@@ -248,8 +253,7 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
                              ("cuda_graphs", cuda_graphs), ("cuda_streams", cuda_streams)) if v is not None}
     cfg = validate(RunConfig, {**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), **upd,
                                                               "strategies": list(strategy)}}, "options")
-    for name, info in zip(strategy, sample_run(run, list(strategy), cfg, log)):
-        log(f"{name}: {info['expert_calls_per_sample']:.1f} expert calls/sample, {info['wall_time']:.2f}s")
+    sample_run(run, list(strategy), cfg, log, router=router)  # logs each set's calls and seconds
 
 
 @app.command()

@@ -107,6 +107,12 @@ def island_stats_router(run, classes: int = 0, rank: int | None = None, device="
     return class_stats_router(per_class, marginal), True
 
 
+def has_learned_router(run) -> bool:
+    """Whether the run routes by a learned router (RUN/router, or none recorded in RUN/grow.json):
+    False for a run sampled with `--router statistics` before (or instead of) training one."""
+    return (RunFolder(run).router / "model.safetensors").exists() or recorded_router(run) == "statistics"
+
+
 def recorded_router(run) -> str:
     """The router a run routes by when it has no router folder: "statistics" where `ddmkit add-expert
     --router stats` recorded it in RUN/grow.json (ddmkit.pipeline.grow), else "learned"."""

@@ -27,7 +27,7 @@ from ddmkit.layout import RunFolder
 import ddmkit.pipeline.images as images
 import ddmkit.pipeline.vectors as vectors
 from ddmkit.pipeline.prepare import prepare_run_dir, run_config, run_lock
-from ddmkit.pipeline.samplesets import SampleSet, named_set, planned_sets
+from ddmkit.pipeline.samplesets import STATISTICS, SampleSet, named_set, planned_sets, statistics_set
 from ddmkit.pipeline.sampling import stage_sample
 from ddmkit.pipeline.stages import TRAINING_STAGES, stage_experts, stage_monolith, stage_router
 from ddmkit.train.loop import resolve_device
@@ -136,14 +136,20 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, log: Log 
     return result
 
 
-def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = print, device=None) -> list[dict]:
+def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = print, device=None,
+               router: str = "learned") -> list[dict]:
     """Draw the named sets (routing strategies, 'monolith', 'exact') with the run's [sample] settings
-    (or cfg's), again when they were drawn before; returns their infos. Holds the run's lock."""
+    (or cfg's), again when they were drawn before; returns their infos. router = "statistics" routes
+    the strategies by the islands' statistics (sets "NAME (statistics-only router)"; no learned router
+    needed). Holds the run's lock."""
+    if router not in ("learned", STATISTICS):
+        raise DDMError(f"--router: unknown {router!r}; accepted: learned, statistics")
     with run_lock(run):
         saved = run_config(run)  # the folder must hold a run, whatever cfg says
         cfg = cfg or saved
         device = device or resolve_device(cfg.expert.train.device)
-        sets: list[SampleSet] = [named_set(name, cfg.sample.n, cfg.sample.guidance) for name in names]
+        one_set = statistics_set if router == STATISTICS else named_set
+        sets: list[SampleSet] = [one_set(name, cfg.sample.n, cfg.sample.guidance) for name in names]
         stage_sample(cfg, run, sets, is_image_run(run), log, device, redraw=True)
         infos = read_json(RunFolder(run).sample_info)
     return [infos[s.name] for s in sets]

@@ -50,6 +50,14 @@ def named_set(name: str, n: int, guidance: float = 1.0) -> SampleSet:
     return SampleSet(name, SetKind.DDM, name, n, guidance)
 
 
+def statistics_set(name: str, n: int, guidance: float = 1.0) -> SampleSet:
+    """The set of a routing strategy drawn with the statistics-only router (no learned router needed)."""
+    base = named_set(name, n, guidance)
+    if base.kind != SetKind.DDM:
+        raise DDMError(f"the statistics-only router routes the DDM's experts; {name!r} is not a routing strategy")
+    return SampleSet(f"{name} (statistics-only router)", SetKind.DDM, name, n, guidance, STATISTICS)
+
+
 def _guided_name(name: str, guidance: float, default: float) -> str:
     return name if guidance == default else f"{name} @ cfg {guidance:g}"
 
@@ -63,8 +71,7 @@ def planned_sets(cfg: RunConfig, has_truth: bool) -> list[SampleSet]:
     extra_n = min(s.sweep_n, s.n) if s.sweep_n else s.n
     plan = [named_set(EXACT, s.n)] if has_truth else []
     plan += [named_set(name, s.n, s.guidance) for name in s.strategies]
-    plan += [SampleSet(f"{name} (statistics-only router)", SetKind.DDM, name, extra_n, s.guidance, STATISTICS)
-             for name in s.stats_router_strategies]
+    plan += [statistics_set(name, extra_n, s.guidance) for name in s.stats_router_strategies]
     for g in s.guidance_sweep:
         if g != s.guidance:
             for name in (MONOLITH, s.sweep_strategy):
