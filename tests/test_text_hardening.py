@@ -1,6 +1,7 @@
 """Text runs get what vector and image runs have (docs/reliability.md): every check before the
 first write, so a bad config leaves the folder as it was; one writer per run folder (RUN/.lock on
 every stage that writes, a dead holder's lock taken over); stale temporary files removed."""
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,21 @@ def test_a_bad_text_config_with_force_leaves_the_old_run_as_it_was(tmp_path, mon
     code, err = cli(monkeypatch, capsys, "run", bad_config(tmp_path, *BAD[0][:2]), "--out", run, "--force")
     assert code == 2 and "larger than the number of training documents" in err
     assert files(run) == before
+
+
+def test_set_reaches_a_text_config_and_a_bad_one_writes_nothing(tmp_path, monkeypatch, capsys):
+    """`ddmkit partition --config TEXT --set` (as `ddmkit run TEXT --set`) applies each field to the text
+    config; an unknown field or a value that fails the checks exits 2 before the folder is made."""
+    config = write_config(tmp_path, "text_ar")
+    code, err = cli(monkeypatch, capsys, "partition", "--config", config, "--out", tmp_path / "bad",
+                    "--set", "partition.kk=2")
+    assert code == 2 and "partition.kk: unknown field" in err and not (tmp_path / "bad").exists()
+    code, err = cli(monkeypatch, capsys, "run", config, "--out", tmp_path / "bad", "--set", "partition.k=50")
+    assert code == 2 and "partition.k = 50 is larger" in err and not (tmp_path / "bad").exists()
+    code, err = cli(monkeypatch, capsys, "partition", "--config", config, "--out", tmp_path / "run",
+                    "--set", "partition.k=3")
+    assert code == 0, err
+    assert json.loads(RunFolder(tmp_path / "run").manifest.read_text())["k"] == 3
 
 
 def test_a_text_run_over_a_run_of_the_other_kind_is_refused(tmp_path):

@@ -101,9 +101,9 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
     if config is not None and _text_kind(config):
         from ddmkit.pipeline.text import partition_text_run
 
-        if data is not None or k is not None or set_:
-            raise DDMError("--data, --k and --set: set corpus.source and partition.k in the text config instead")
-        partition_text_run(config, out, force, seed, log)
+        if data is not None or k is not None:
+            raise DDMError("--data and --k: set corpus.source and partition.k in the text config (or with --set)")
+        partition_text_run(config, out, force, seed, log, list(set_ or []))
         return
     cfg = _config(config, None, set_).with_seed(seed).model_dump()
     if data is not None:
@@ -329,8 +329,9 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
     if _text_kind(config):
         from ddmkit.pipeline.text import run_text
 
-        _no_text_overrides(None, None, device, set_)
-        run_text(config, out, force, seed, log=log)
+        if device is not None:
+            raise DDMError("--device: text models train on the CPU; leave --device out")
+        run_text(config, out, force, seed, log=log, overrides=list(set_ or []))
         return
     check_backend(backend)
     run_pipeline(_config(config, None, set_, device).with_seed(seed), out, force, log, backend, workers, address,
@@ -493,8 +494,8 @@ def _text_kind(config: Path) -> bool:
 def _no_text_overrides(config: Optional[Path], seed: Optional[int], device: Optional[str] = None,
                        overrides: Optional[List[str]] = None) -> None:
     if config is not None or seed is not None or device is not None or overrides:
-        raise DDMError("--config, --seed, --device and --set: a text run runs with the text config it was made "
-                       "with (RUN/config.json); set its fields there")
+        raise DDMError("--config, --seed, --device and --set: a trained text run keeps the text config it was made "
+                       "with (RUN/config.json); give --set to `ddmkit run TEXT_CONFIG` when making the run")
 
 
 def _text_run(run: Path) -> bool:

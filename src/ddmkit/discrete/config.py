@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ddmkit.config import Section, TrainConfig, json_digest, read_toml, tomllib, validate
+from ddmkit.config import Section, TrainConfig, apply_overrides, json_digest, read_toml, tomllib, validate
 from ddmkit.errors import DDMError
 
 KINDS = ("text_ar", "text_dfm")
@@ -146,11 +146,14 @@ class TextRunConfig(Section):
         return json_digest(part)
 
 
-def load_text_config(path: str | Path) -> TextRunConfig:
-    """Read and validate a text TOML config (kind = 'text_ar' or 'text_dfm')."""
+def load_text_config(path: str | Path, overrides: list[str] = ()) -> TextRunConfig:
+    """Read and validate a text TOML config (kind = 'text_ar' or 'text_dfm'), with each --set
+    "section.field=value" of `overrides` applied."""
     raw = read_toml(path)
     if raw.get("kind") not in KINDS:
         raise DDMError(f"{path}: kind: {raw.get('kind')!r} is not a text pipeline; accepted: {', '.join(KINDS)}")
+    if overrides:
+        return validate(TextRunConfig, apply_overrides(raw, list(overrides)), f"{path} with --set")
     return validate(TextRunConfig, raw, str(path))
 
 

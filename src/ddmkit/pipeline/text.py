@@ -231,11 +231,11 @@ def prepare_text_run(cfg: TextRunConfig, out: Path, force: bool = False, log: Lo
 
 
 def run_text(config_path: str | Path, out_dir: str | Path | None = None, force: bool = False,
-             seed: int | None = None, log: Log = print) -> dict:
-    """Run a text pipeline from its TOML config; returns the report dict
+             seed: int | None = None, log: Log = print, overrides: list[str] = ()) -> dict:
+    """Run a text pipeline from its TOML config (with the --set `overrides`); returns the report dict
     (also written to out_dir/report.json and out_dir/report.md). `seed`
     overrides every seed of the config (TextRunConfig.with_seed)."""
-    cfg = load_text_config(config_path).with_seed(seed)
+    cfg = load_text_config(config_path, overrides).with_seed(seed)
     out = Path(out_dir) if out_dir else Path("runs") / Path(config_path).stem
     with run_lock(out):
         prepare_text_run(cfg, out, force, log)
@@ -243,9 +243,9 @@ def run_text(config_path: str | Path, out_dir: str | Path | None = None, force: 
 
 
 def partition_text_run(config_path: str | Path, out: str | Path, force: bool = False, seed: int | None = None,
-                       log: Log = print) -> dict:
+                       log: Log = print, overrides: list[str] = ()) -> dict:
     """The partition stage alone: RUN/partition with one shard per cluster (`ddmkit partition`)."""
-    cfg = load_text_config(config_path).with_seed(seed)
+    cfg = load_text_config(config_path, overrides).with_seed(seed)
     manifest = run_partition(cfg, prepare_text_run(cfg, Path(out), force, log))
     log(f"partition: k={manifest['k']}, cluster sizes {manifest['counts']} documents")
     return manifest
