@@ -59,6 +59,9 @@ def test_bad_input_names_the_option(trained, tmp_path):
         analyze_run(trained, strategies=["top-two"], out=tmp_path)
     with pytest.raises(DDMError, match="RUN_DIR"):
         analyze_run(tmp_path)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DDMError, match="afile is a file, not a folder"):  # before the measurements, not at the end
+        analyze_run(trained, out=tmp_path / "afile" / "analysis")
 
 
 def test_cli_exits_2_with_a_message(trained, tmp_path):

@@ -40,9 +40,18 @@ def ensure_folder(folder: str | Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
-        raise DDMError(f"{blocker} is a file, not a folder; move it away or choose another output "
-                       "folder (--out)") from None
+        check_folder_target(folder)
+        raise
+    return folder
+
+
+def check_folder_target(folder: str | Path) -> Path:
+    """A DDMError when `folder` or one of its parents is a file (nothing is created): an output folder
+    checked before a long computation that writes it at the end."""
+    folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise DDMError(f"{blocker} is a file, not a folder; move it away or choose another output folder (--out)")
     return folder
 
 

@@ -42,7 +42,8 @@ from ddmkit.ddm import DDM, exact_ddm, load_ddm, start_noise
 from ddmkit.ddm.load import monolith_field
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
-from ddmkit.io import load_tensors, read_json, save_tensors, sha256_file, write_bytes_atomic, write_json
+from ddmkit.io import (check_folder_target, load_tensors, read_json, save_tensors, sha256_file, write_bytes_atomic,
+                       write_json)
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.checks import checked_device
 from ddmkit.pipeline.prepare import run_config
@@ -255,7 +256,7 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     names = list(strategies) if strategies else default_strategies(cfg)
     strats = check_strategies(names)
-    out = Path(out) if out is not None else run / "analysis"
+    out = check_folder_target(out if out is not None else run / "analysis")  # before the long work
     ddm = load_ddm(run, device)
     test = load_split(run, "test")
     test = dataclasses.replace(test, x=test.x.to(device))
