@@ -75,6 +75,19 @@ def test_a_bad_override_is_exit_2_naming_the_field(ddmkit, shard, tmp_path, args
     assert not (tmp_path / "e").exists()
 
 
+def test_train_expert_keeps_a_finished_expert_and_refuses_to_overwrite_another(ddmkit, shard, tmp_path):
+    args = ["train-expert", shard, "--out", tmp_path / "e", "--config", TINY, "--set", "expert.train.steps=5"]
+    assert ddmkit(*args)[0] == 0
+    weights = (tmp_path / "e" / "model.safetensors").read_bytes()
+    code, _, err = ddmkit(*args, "--set", "expert.train.log_every=1", "--device", "cpu")  # how it runs: the same expert
+    assert code == 0 and "trained already" in err, err
+    code, _, err = ddmkit(*args[:-1], "expert.train.steps=6")
+    assert code == 2 and "other settings (train.steps)" in err and "--force" in err, err
+    assert (tmp_path / "e" / "model.safetensors").read_bytes() == weights  # untouched
+    assert ddmkit(*args[:-1], "expert.train.steps=6", "--force")[0] == 0
+    assert (tmp_path / "e" / "model.safetensors").read_bytes() != weights
+
+
 def test_a_config_device_this_machine_lacks_is_refused_before_anything_is_written(ddmkit, tmp_path):
     config = tmp_path / "c.toml"
     config.write_text(TINY.read_text().replace("[router.train]", '[router.train]\ndevice = "cuda:99"'))

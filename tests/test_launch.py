@@ -106,6 +106,29 @@ def test_slurm_script_is_a_job_array_calling_train_expert(tmp_path):
         slurm_script(tmp_path, 0)
 
 
+def test_the_slurm_array_holds_the_experts_not_trained_yet(tmp_path):
+    import sys
+
+    from ddmkit.config import RunConfig, load_config
+    from ddmkit.launch import write_slurm_script
+    from ddmkit.pipeline.prepare import prepare_run_dir
+
+    cfg = load_config(Path(__file__).parent / "configs" / "tiny.toml").model_dump()
+    cfg["partition"]["k"] = 4
+    run = prepare_run_dir(tmp_path / "run", RunConfig.model_validate(cfg), log=lambda m: None)
+    for c in (1, 2):  # trained elsewhere already
+        (run / "experts" / f"expert_{c:02d}").mkdir(parents=True)
+        (run / "experts" / f"expert_{c:02d}" / "model.safetensors").write_bytes(b"")
+    text = write_slurm_script(run).read_text()
+    assert "#SBATCH --array=0,3" in text and f"{sys.executable} -m ddmkit train-expert" in text
+    for c in (0, 3):
+        (run / "experts" / f"expert_{c:02d}").mkdir(parents=True)
+        (run / "experts" / f"expert_{c:02d}" / "model.safetensors").write_bytes(b"")
+    (run / "launch" / "train_experts.slurm").unlink()
+    assert write_slurm_script(run) is None and not (run / "launch" / "train_experts.slurm").exists()
+    assert "#SBATCH --array=1-3,6" in slurm_script(run, 8, experts=[6, 1, 2, 3])
+
+
 def test_slurm_task_runs_the_right_expert(tmp_path):
     """Run the script's body as SLURM would for task 1 (ddmkit replaced by a recorder)."""
     text = slurm_script(tmp_path, 3, ddmkit_cmd="echo")

@@ -132,6 +132,8 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
                      seed: Optional[int] = typer.Option(None, help="training seed (overrides config)"),
                      checkpoint_every: Optional[int] = typer.Option(None, help="write a checkpoint every N steps (overrides config)"),
                      resume: bool = typer.Option(False, help="continue from OUT.checkpoint.safetensors if a killed run left one"),
+                     force: bool = typer.Option(False, help="replace an expert in OUT trained with other settings "
+                                                "(or train the same one again)"),
                      nproc: int = typer.Option(1, "--nproc", min=1, help="processes (one per GPU with CUDA) on this machine "
                                                "for this one expert, data parallel; the batch size stays the global one. "
                                                "Under torchrun leave it out"),
@@ -139,7 +141,7 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
                      set_: Optional[List[str]] = SET):
     """Train one expert on one shard, in isolation: it reads that file and nothing else."""
     from ddmkit.config import ExpertConfig, validate
-    from ddmkit.train.jobs import train_expert_ddp
+    from ddmkit.train.jobs import train_expert_ddp, trained_expert_differences
 
     if config is not None and (_text_kind(config) or _text_run(config.parent)):
         from ddmkit.pipeline.text import read_text_config, train_text_expert
@@ -155,6 +157,14 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
     cfg = _config(config, None, set_, device).expert
     upd = {k: v for k, v in (("seed", seed), ("checkpoint_every", checkpoint_every)) if v is not None}
     cfg = validate(ExpertConfig, {**cfg.model_dump(), "train": {**cfg.train.model_dump(), **upd}}, "options")
+    differences = None if force or not shard.is_file() else trained_expert_differences(out, shard, cfg)
+    if differences == []:
+        log(f"{out}: this expert is trained already (the same settings and shard); nothing to do (--force trains it "
+            "again)")
+        return
+    if differences:
+        raise DDMError(f"{out} holds an expert trained with other settings ({', '.join(differences)}); choose "
+                       "another --out, or pass --force to replace it")
     train_expert_ddp(shard, cfg, out, nproc, resume=resume)
     log(f"expert written to {out}")
 
@@ -408,7 +418,11 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
         with run_lock(run_dir):
             path = write_slurm_script(run_dir, script, time=time, cpus=cpus, gpus=gpus, mem=mem,
                                       partition=partition_name)
-        log(f"wrote {path}; submit it with: sbatch {path}")
+        if path is None:
+            log(f"every expert of {run_dir} is trained; no script written (remove an expert's folder to train "
+                "it again)")
+        else:
+            log(f"wrote {path} (the experts not trained yet); submit it with: sbatch {path}")
         return
     from ddmkit.launch import check_backend
 

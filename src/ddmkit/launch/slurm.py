@@ -5,13 +5,16 @@
 
 Task i runs `ddmkit train-expert` on shard i with the run's own config.json
 and --resume, so a pre-empted or failed task re-submitted with
-`sbatch --array=i ...` continues from its last checkpoint. The run folder
-must be on a file system the nodes share.
+`sbatch --array=i ...` continues from its last checkpoint. The array holds
+the experts not trained yet. The command is this Python's `python -m ddmkit`
+(its absolute path), so the nodes need no ddmkit on their PATH. The run folder
+and that Python must be on a file system the nodes share.
 """
 from __future__ import annotations
 
 import re
 import shlex
+import sys
 from pathlib import Path
 
 from ddmkit.errors import DDMError
@@ -29,18 +32,35 @@ def _directive(name: str, value: str) -> str:
     return f"#SBATCH --{name}={value}"
 
 
-def slurm_script(run: Path, k: int, ddmkit_cmd: str = "ddmkit", time: str = "24:00:00", cpus: int = 4,
-                 gpus: int = 1, mem: str = "16G", partition: str | None = None, extra: list[str] = ()) -> str:
-    """The text of a job-array script training experts 0 .. k-1 of `run` (on the partition's shards, or
-    in a latent run on their latents)."""
+def array_ranges(indices: list[int]) -> str:
+    """SLURM's --array value for sorted task indices: runs of consecutive ones as ranges ("0-2,5,7-8")."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def slurm_script(run: Path, k: int, ddmkit_cmd: str | None = None, time: str = "24:00:00", cpus: int = 4,
+                 gpus: int = 1, mem: str = "16G", partition: str | None = None, extra: list[str] = (),
+                 experts: list[int] | None = None) -> str:
+    """The text of a job-array script training `experts` (default all, 0 .. k-1) of `run` (on the
+    partition's shards, or in a latent run on their latents) with `ddmkit_cmd` (default: this
+    Python's `python -m ddmkit`)."""
     shards = "latents" if RunFolder(run).is_latent else "partition/shards"
     if k < 1:
         raise DDMError(f"the run has k = {k} shards; run `ddmkit partition` first")
+    experts = sorted(experts) if experts is not None else list(range(k))
+    if not experts or not all(0 <= e < k for e in experts):
+        raise DDMError(f"slurm: experts {experts} are not a non-empty list of 0 .. {k - 1}")
+    ddmkit_cmd = ddmkit_cmd or f"{shlex.quote(sys.executable)} -m ddmkit"
     if cpus < 1 or gpus < 0:
         raise DDMError(f"slurm: cpus must be >= 1 and gpus >= 0 (got cpus={cpus}, gpus={gpus})")
     run = Path(run).resolve()
     q = shlex.quote
-    lines = ["#!/bin/bash", _directive("job-name", "ddmkit-experts"), _directive("array", f"0-{k - 1}"),
+    lines = ["#!/bin/bash", _directive("job-name", "ddmkit-experts"), _directive("array", array_ranges(experts)),
              _directive("time", time), _directive("cpus-per-task", str(cpus)), _directive("mem", mem),
              _directive("output", "ddmkit-expert-%A_%a.out")]  # in the submit folder: paths here are not quoted
     if gpus:
@@ -56,8 +76,9 @@ def slurm_script(run: Path, k: int, ddmkit_cmd: str = "ddmkit", time: str = "24:
     return "\n".join(lines)
 
 
-def write_slurm_script(run: Path, path: Path | None = None, **options) -> Path:
-    """Write the script (default RUN/launch/train_experts.slurm)."""
+def write_slurm_script(run: Path, path: Path | None = None, **options) -> Path | None:
+    """Write the script for the experts not trained yet (default RUN/launch/train_experts.slurm); None,
+    and nothing written, when every expert is trained."""
     run = Path(run)
     manifest, _ = load_partition_checked(run / "partition")
     folder = RunFolder(run)
@@ -65,7 +86,10 @@ def write_slurm_script(run: Path, path: Path | None = None, **options) -> Path:
     if latent and not folder.is_latent:
         raise DDMError(f"{run} is a latent run whose shards are not encoded yet; encode them first with "
                        f"`ddmkit partition --config CONFIG --out {run}` (it trains or copies the autoencoder)")
+    missing = [c for c in range(manifest["k"]) if not (folder.expert(c) / "model.safetensors").exists()]
+    if not missing:
+        return None
     path = Path(path) if path else run / "launch" / "train_experts.slurm"
-    write_bytes_atomic(path, slurm_script(run, manifest["k"], **options).encode())
+    write_bytes_atomic(path, slurm_script(run, manifest["k"], experts=missing, **options).encode())
     path.chmod(0o755)
     return path

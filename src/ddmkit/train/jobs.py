@@ -21,7 +21,7 @@ from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import path_entry
 from ddmkit.flow.losses import flow_matching_loss, router_loss
-from ddmkit.io import sha256_file, staging_dir
+from ddmkit.io import read_json, sha256_file, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained, use_networks, user_networks
 import ddmkit.train.distributed as distributed
 from ddmkit.train.distributed import LOCAL, Distributed
@@ -124,6 +124,29 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
              "shard_count": len(x), "data_hash": meta.get("data_hash")}
     with job_threads(config.train.threads):
         return train_velocity_model(x, config, out_dir, "expert", extra, f"expert {cluster}", resume, labels, dist)
+
+
+EXECUTION = ("device", "threads", "checkpoint_every", "log_every", "tensorboard")  # how a job runs, not what it trains
+
+
+def trained_expert_differences(out_dir: str | Path, shard: str | Path, config: ExpertConfig) -> list[str] | None:
+    """None when out_dir holds no finished expert; else what differs between the expert there and one
+    trained with `config` on `shard` (an empty list: the same training; where and how it ran aside)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "model.safetensors").exists() or not (out_dir / "config.json").exists():
+        return None
+    saved = read_json(out_dir / "config.json")
+    saved = saved if isinstance(saved, dict) else {}
+    kwargs = {k: v for k, v in (saved.get("kwargs") or {}).items() if k != "data_shape"}
+    train = {k: v for k, v in (saved.get("train") or {}).items() if k not in EXECUTION}
+    want_train = {k: v for k, v in config.train.model_dump().items() if k not in EXECUTION}
+    differences = [f"train.{k}" for k in sorted(set(train) | set(want_train)) if train.get(k) != want_train.get(k)]
+    differences += [name for name, old, new in (("net.arch", saved.get("arch"), config.net.arch),
+                                                ("net.kwargs", kwargs, dict(config.net.kwargs)),
+                                                ("prediction", saved.get("prediction"), config.prediction),
+                                                ("the shard", saved.get("shard_sha256"), sha256_file(shard)))
+                    if old != new]
+    return differences
 
 
 def train_expert_ddp(shard: str | Path, config: ExpertConfig, out_dir: str | Path, nproc: int = 1,
