@@ -144,6 +144,7 @@ def test_sigkill_mid_run_then_resume_gives_same_weights(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     killed_at = read_metadata(ckpt)["step"]
     assert 0 < killed_at < steps and not out.exists()
+    assert list(tmp_path.glob(".killed.*.tmp"))  # the killed writer's staging folder, left behind
 
     resumed = _train_proc(shard, out, steps, True)
     reference = _train_proc(shard, tmp_path / "reference", steps, False)
@@ -152,3 +153,4 @@ def test_sigkill_mid_run_then_resume_gives_same_weights(tmp_path):
     assert _bytes(out) == _bytes(tmp_path / "reference")
     assert _log(out) == _log(tmp_path / "reference")
     assert not ckpt.exists()
+    assert not list(tmp_path.glob(".*.tmp"))  # removed by the resumed writer

@@ -10,6 +10,7 @@ can remove those of writers that died (kill -9) without touching a live one's.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -181,6 +182,9 @@ def staging_dir(final: str | Path):
     ensure_folder(final.parent)
     if final.exists() and not final.is_dir():
         raise DDMError(f"{final} is a file, but a folder is written there; move it away or choose another --out")
+    for old in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):  # a killed writer's, of this target
+        if _writer_gone(old.name):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_tmp_prefix(final.name), suffix=".tmp"))
     try:
         yield tmp
@@ -204,6 +208,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _writer_gone(name: str) -> bool:
+    """Whether the writer named in a temporary name is gone: a process of this machine that no longer
+    runs, or a name without a writer (older ddmkit). Another machine's writer counts as alive."""
+    owner = _OWNER.search(name)
+    return owner is None or (owner.group(2) == HOST and not _alive(int(owner.group(1))))
+
+
 def stale_staging(root: str | Path) -> list[Path]:
     """Hidden temporary files and folders (`.NAME....tmp`) under root whose writer is gone: a
     process of this machine that no longer runs, or a name without a writer (older ddmkit).
@@ -213,8 +224,7 @@ def stale_staging(root: str | Path) -> list[Path]:
         for name in [*dirnames, *filenames]:
             if not STAGING.match(name):
                 continue
-            owner = _OWNER.search(name)
-            if owner is None or (owner.group(2) == HOST and not _alive(int(owner.group(1)))):
+            if _writer_gone(name):
                 out.append(Path(dirpath) / name)
         dirnames[:] = [d for d in dirnames if not STAGING.match(d)]
     return sorted(out)
