@@ -177,3 +177,13 @@ def test_nested_bars_share_one_display_and_keep_their_fields(monkeypatch):
         task = progress._live[0].tasks[0]
         assert task.completed == 2 and task.fields["info"] == "loss=0.5" and len(progress._live[0].tasks) == 1
     assert progress._live == []
+
+
+def test_help_into_a_pipe_keeps_the_option_names_whole():
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    out = subprocess.run([sys.executable, "-m", "ddmkit", "train-expert", "--help"], capture_output=True, text=True,
+                         env=env).stdout
+    assert "--checkpoint-every" in out and "OUT.checkpoint.safetensors" in out and "…" not in out, out

@@ -5,6 +5,7 @@ Every command exits 0 on success, 2 with one clear message on bad input
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -743,8 +744,15 @@ def plain_help(command) -> None:
         plain_help(sub)
 
 
+HELP_WIDTH = 120  # --help into a pipe or file (rich would take 80 columns and cut the option names short)
+
+
 def run_app() -> None:
     """The ddmkit command line, its help texts escaped for rich (plain_help)."""
+    if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):
+        from typer import rich_utils
+
+        rich_utils.MAX_WIDTH = rich_utils.MAX_WIDTH or HELP_WIDTH
     command = typer.main.get_command(app)
     plain_help(command)
     command()
