@@ -17,8 +17,8 @@ from ddmkit.ddm import exact_ddm, load_ddm, start_noise
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.distill import (TRAJECTORY_SEED, distill_run, field_distances, lambda_grid, make_dense,
-                                     make_few_step, plan_distill, student_field)
+from ddmkit.pipeline.distill import (TRAJECTORY_SEED, differences, distill_run, field_distances, lambda_grid,
+                                     make_dense, make_few_step, plan_distill, student_field)
 from ddmkit.pipeline.run import run_pipeline
 from ddmkit.sample import time_grid
 from ddmkit.pipeline.stages import load_split
@@ -190,10 +190,11 @@ def test_bad_options_exit_2_and_write_nothing(trained, tmp_path):
     before = hashes(run)
     calls = [("--teacher", "oracle"), ("--teacher", "top-0"), ("--few-step", 0), ("--few-step", 33),
              ("--grid", "cosine"), ("--arch", "unet"), ("--steps", 0)]
-    results = clis([("distill", run, *c) for c in calls[:3]])
+    results = clis([("distill", run, *c) for c in calls[:3]] + [("distill", run, "--grid", "uniform")])
     for c, (code, err) in zip(calls, results):
         assert code == 2, (c, err)
         assert c[0] in err, (c, err)  # the message names the option
+    assert results[3][0] == 2 and "--grid: settings of the few-step student; give --few-step S" in results[3][1]
     for c in calls[3:]:
         with pytest.raises(DDMError, match=c[0]):
             distill_run(run, **{c[0][2:].replace("-", "_"): c[1]}, log=lambda m: None)
@@ -214,6 +215,8 @@ def test_untrained_run_and_other_students_are_refused(trained, tmp_path):
     before = hashes(run)
     with pytest.raises(DDMError, match=r"teacher \('top-2', asked 'top-1'\).*--force"):
         distill_run(run, teacher="top-1", **SMALL, log=lambda m: None)
+    assert differences({"teacher": "top-2", "train": {"steps": 20, "lr": 1e-3}},
+                       {"teacher": "top-2", "train": {"steps": 40, "lr": 1e-3}}) == ["train.steps (20, asked 40)"]
     assert hashes(run) == before
     plan = plan_distill(run, "top-1", force=True, **SMALL)  # --force: the checks pass, RUN/students is replaced
     assert plan.dense_spec["teacher"] == "top-1"

@@ -102,6 +102,13 @@ def test_unknown_strategies_name_the_accepted_forms():
             parse_strategy(bad)
 
 
+def test_a_set_name_with_spaces_around_is_the_set_itself():
+    from ddmkit.pipeline.samplesets import named_set, statistics_set
+
+    assert named_set(" top-2 ", 10).name == "top-2" and named_set("monolith ", 10).kind.value == "monolith"
+    assert statistics_set("top-2 ", 10).name == "top-2 (statistics-only router)"
+
+
 def test_one_table_parses_documents_and_validates_every_strategy():
     """docs/routing.md holds the table's own rendering; a strategy added to the table is accepted by
     the parser and by config validation, and listed in messages."""

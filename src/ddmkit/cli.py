@@ -709,11 +709,11 @@ def distill_run_cmd(
                                             "run's expert.train.steps)"),
         few_step: Optional[int] = typer.Option(None, "--few-step", metavar="S", help="also distill a student that "
                                                "samples in S steps (1 .. 32)"),
-        grid: str = typer.Option("lambda", "--grid", help="the few-step student's time grid: uniform (t_i = 1 - i/S) "
-                                 "or lambda (equal steps of the integrated Lipschitz constant: short steps where "
-                                 "the flow is stiff)"),
-        trajectories: int = typer.Option(4096, "--trajectories", help="teacher trajectories the few-step student "
-                                         "trains on"),
+        grid: Optional[str] = typer.Option(None, "--grid", help="the few-step student's time grid: uniform (t_i = "
+                                           "1 - i/S) or lambda (equal steps of the integrated Lipschitz constant: "
+                                           "short steps where the flow is stiff; the default)"),
+        trajectories: Optional[int] = typer.Option(None, "--trajectories", help="teacher trajectories the few-step "
+                                                   "student trains on (default 4096)"),
         teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="solver steps of each teacher "
                                                     "trajectory (default: the run's sample.steps)"),
         seed: Optional[int] = typer.Option(None, "--seed", help="the students' training seed (default: the "
@@ -729,8 +729,13 @@ def distill_run_cmd(
     that samples in S steps; writes RUN/students/report.md beside the teacher and the monolith."""
     from ddmkit.pipeline.distill import distill_run
 
-    distill_run(run_dir, teacher, arch, steps, few_step, grid, trajectories, teacher_steps, seed, device, force, log,
-                report)
+    few_step_only = [name for name, value in (("--grid", grid), ("--trajectories", trajectories),
+                                              ("--teacher-steps", teacher_steps)) if value is not None]
+    if few_step is None and few_step_only:
+        raise DDMError(f"{', '.join(few_step_only)}: settings of the few-step student; give --few-step S too")
+    trajectories = 4096 if trajectories is None else trajectories
+    distill_run(run_dir, teacher, arch, steps, few_step, grid or "lambda", trajectories, teacher_steps, seed, device,
+                force, log, report)
 
 
 def plain_help(command) -> None:

@@ -86,7 +86,7 @@ def check_teacher(strategy: str) -> str:
     if isinstance(strat, (Oracle, Nearest, GatedTopK)):
         raise DDMError(f"--teacher {strategy}: this strategy depends on the whole trajectory (or on the analysis "
                        "sampler), not only on (x_t, t), so there is no field to regress; use full, top-K, "
-                       "threshold-P, sample-K, nucleus-P, switch or adaptive-P (e.g. --teacher top-2)")
+                       "threshold-P, sample-K, nucleus-P, switch, adaptive-P or adaptive-ent-H (e.g. --teacher top-2)")
     return strategy
 
 
@@ -193,18 +193,28 @@ def existing_students(folder: RunFolder) -> list[Path]:
     return [p for p in [folder.dense_student, *few] if (p / "config.json").exists()]
 
 
+def differences(made: dict, asked: dict, prefix: str = "") -> list[str]:
+    """The settings in which a student was made otherwise than asked, down to the field that differs:
+    "train.steps (200, asked 400)"."""
+    out = []
+    for key, value in asked.items():
+        old = made.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            out += differences(old, value, f"{prefix}{key}.")
+        elif old != value:
+            out.append(f"{prefix}{key} ({old!r}, asked {value!r})")
+    return out
+
+
 def check_existing(plan: Plan) -> None:
     """Every student already in RUN/students must come from this teacher and training (else --force)."""
     for path in existing_students(plan.folder):
         made = read_json(path / "config.json").get("distill", {})
         dense = made.get("dense", made)
-        diff = [f"{key} ({dense.get(key)!r}, asked {value!r})" for key, value in plan.dense_spec.items()
-                if dense.get(key) != value]
+        diff = differences(dense, plan.dense_spec)
         if path.name != "dense" and not diff and plan.few_step is not None \
                 and path == plan.folder.few_step_student(plan.few_step, plan.grid):
-            spec = plan.few_step_spec()
-            diff = [f"{key} ({made.get(key)!r}, asked {value!r})" for key, value in spec.items()
-                    if key != "dense" and made.get(key) != value]
+            diff = differences(made, {key: v for key, v in plan.few_step_spec().items() if key != "dense"})
         if diff:
             raise DDMError(f"{path} was distilled differently: {'; '.join(diff)}. Pass --force to remove "
                            f"{plan.folder.students} (every student in it) and distill again")

@@ -38,7 +38,9 @@ class SampleSet:
 
 
 def named_set(name: str, n: int, guidance: float = 1.0) -> SampleSet:
-    """The set a name stands for: "monolith", "exact", or a routing strategy (checked)."""
+    """The set a name stands for: "monolith", "exact", or a routing strategy (checked; spaces around it
+    dropped, so "top-2 " is the set top-2)."""
+    name = name.strip()
     if name == MONOLITH:
         return SampleSet(MONOLITH, SetKind.MONOLITH, "", n, guidance)
     if name in ("exact", EXACT):
@@ -55,7 +57,7 @@ def statistics_set(name: str, n: int, guidance: float = 1.0) -> SampleSet:
     base = named_set(name, n, guidance)
     if base.kind != SetKind.DDM:
         raise DDMError(f"the statistics-only router routes the DDM's experts; {name!r} is not a routing strategy")
-    return SampleSet(f"{name} (statistics-only router)", SetKind.DDM, name, n, guidance, STATISTICS)
+    return SampleSet(f"{base.name} (statistics-only router)", SetKind.DDM, base.name, n, guidance, STATISTICS)
 
 
 def _guided_name(name: str, guidance: float, default: float) -> str:
