@@ -68,6 +68,8 @@ def test_set_and_device_override_the_config(ddmkit, shard, tmp_path):
     (["--set", "expert.train.steps.every=1"], "expert.train.steps is a value, not a table"),
     (["--device", "tpu"], "--device: 'tpu' is not a device; accepted: auto, cpu, cuda, cuda:N or mps"),
     (["--device", "cuda:99"], "--device: 'cuda:99': this machine has"),  # no machine has 100 GPUs
+    (["--set", 'sample.strategies=["topp-1"]'], "sample.strategies: unknown routing strategy 'topp-1'"),
+    (["--set", "expert.net.kwargs={widht = 8}"], "unexpected keyword argument 'widht'; accepted: width, depth"),
 ])
 def test_a_bad_override_is_exit_2_naming_the_field(ddmkit, shard, tmp_path, args, message):
     code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "e", "--config", TINY, *args)

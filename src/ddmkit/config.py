@@ -230,6 +230,14 @@ class LatentConfig(Section):
         return self
 
 
+def _strategy(name: str) -> None:
+    """A routing strategy's name checked inside a validator (a ValueError, so the message names the field)."""
+    try:
+        parse_strategy(name)
+    except DDMError as e:
+        raise ValueError(str(e)) from None
+
+
 class SampleConfig(Section):
     n: int = Field(8000, ge=1, le=ROWS)
     steps: int = Field(50, ge=1, le=10**6)
@@ -264,13 +272,13 @@ class SampleConfig(Section):
     def _known(cls, v: list[str]) -> list[str]:
         for s in v:
             if s != MONOLITH:
-                parse_strategy(s)
+                _strategy(s)
         return v
 
     @field_validator("sweep_strategy")
     @classmethod
     def _sweep(cls, v: str) -> str:
-        parse_strategy(v)
+        _strategy(v)
         return v
 
     @field_validator("guidance_sweep")
@@ -329,7 +337,7 @@ def _explain(err: ValidationError, source: str, what: str = "configuration") -> 
     lines = [f"{source}: invalid {what}"]
     for e in err.errors()[:20]:
         where = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")  # our validators' own messages, as written
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see docs/config.md for the accepted fields)"
         lines.append(f"  {where}: {msg}")

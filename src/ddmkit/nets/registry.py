@@ -11,6 +11,7 @@ An architecture is a built-in name (ARCHITECTURES) or the user's own class as
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Callable
 
@@ -51,7 +52,12 @@ def build_model(arch: str, **kwargs) -> nn.Module:
     except DDMError:
         raise
     except errors as e:
-        raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {type(e).__name__}: {str(e)[:300]}") from None
+        accepted = ""
+        if isinstance(e, TypeError) and "keyword argument" in str(e):  # a misspelt or unknown name
+            names = [p.name for p in inspect.signature(cls).parameters.values()
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "data_shape"]
+            accepted = f"; accepted: {', '.join(names)}"
+        raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {type(e).__name__}: {str(e)[:300]}{accepted}") from None
 
 
 def build_seeded(arch: str, seed: int, **kwargs) -> nn.Module:

@@ -250,8 +250,9 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     if not (run / "config.json").exists() or not (run / "router" / "model.safetensors").exists():
         raise DDMError(f"RUN_DIR {run}: not a trained ddmkit run (needs config.json, experts/ and router/); "
                        "run `ddmkit run CONFIG --out RUN_DIR` first")
-    if n < 2 or jvp_rows < 1 or max_steps < 1:
-        raise DDMError("--n must be >= 2, --jvp-rows >= 1 and --max-steps >= 1")
+    for option, value, least in (("--n", n, 2), ("--jvp-rows", jvp_rows, 1), ("--max-steps", max_steps, 1)):
+        if value < least:
+            raise DDMError(f"{option} = {value}: must be {least} or more")
     cfg = run_config(run)
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     names = list(strategies) if strategies else default_strategies(cfg)
