@@ -3,6 +3,7 @@ image run (the tiny Fashion-MNIST config on a small IDX folder) and a text run (
 clusters, letters and digits, so the alignment answer is known)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,11 @@ def test_a_text_run_step_by_step_equals_the_whole_run(tmp_path):
     for rel in ("experts/expert_00/model.safetensors", "experts/expert_01/model.safetensors",
                 "router/model.safetensors"):
         assert (steps / rel).read_bytes() == (whole / rel).read_bytes(), rel
+    shutil.move(steps / "experts" / "expert_01", tmp_path / "away")  # a lost expert: refused unless accepted
+    done = cli("verify", steps)
+    assert done.returncode == 2 and "experts [1] are missing" in done.stderr and "--allow-missing" in done.stderr
+    assert cli("verify", steps, "--allow-missing").returncode == 0
+    shutil.move(tmp_path / "away", steps / "experts" / "expert_01")
     (steps / "experts" / "expert_01" / "model.safetensors").write_bytes((whole / "router" / "model.safetensors").read_bytes())
     done = cli("verify", steps)
     assert done.returncode == 2 and "SHA-256" in done.stderr

@@ -458,11 +458,16 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
 
 
 @app.command()
-def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with registry.json")):
-    """Check every model folder against RUN/registry.json; exit 2 on a mismatch."""
+def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with registry.json"),
+           allow_missing: bool = typer.Option(False, help="accept experts that are missing (a DDM sampled without "
+                                              "them: docs/distributed.md)")):
+    """Check every model folder against RUN/registry.json; exit 2 on a mismatch or a missing expert."""
     from ddmkit.registry import verify_registry
 
     res = verify_registry(run_dir)
+    if res["missing"] and not allow_missing:
+        raise DDMError(f"{run_dir}: experts {res['missing']} are missing (no experts/expert_XX/model.safetensors); "
+                       "copy them back, or pass --allow-missing to accept the DDM without them")
     log(f"verified {len(res['verified'])} model folders" + (f"; missing experts {res['missing']}" if res["missing"] else ""))
 
 
