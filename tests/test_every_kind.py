@@ -115,6 +115,10 @@ def test_sample_evaluate_and_analyze_a_text_run(tmp_path):
     assert bayes[-1] == 1.0  # a whole window tells letters from digits: all weight on the own expert
     missing = cli("sample", tmp_path / "nothing", "--strategy", "top-1")
     assert missing.returncode == 2 and "config.json" in missing.stderr
+    done = cli("sample", run, "--strategy", "monolith")  # this config trains no centralized model
+    assert done.returncode == 2 and "no centralized model (centralized.enabled = false" in done.stderr
+    done = cli("sample", run, "--strategy", "nearest")
+    assert done.returncode == 2 and "--strategy" in done.stderr and "needs continuous-data state" in done.stderr
 
 
 def test_a_text_run_step_by_step_equals_the_whole_run(tmp_path):

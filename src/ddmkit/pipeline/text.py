@@ -416,13 +416,19 @@ def write_text_report(cfg: TextRunConfig, out: Path, models: TextModels, train_s
 def sample_text(run, strategies: list[str], n: int | None = None, seed: int | None = None,
                 log: Log = print) -> dict[str, list[str]]:
     """Generated text of a finished run for each routing strategy (with every router of the run) and
-    the centralized model, in RUN/samples/text.json."""
+    the centralized model (always; "monolith" among the strategies asks for it alone), in
+    RUN/samples/text.json."""
+    central = [name for name in strategies if name.strip() == "monolith"]
+    strategies = [name for name in strategies if name.strip() != "monolith"]
     with run_lock(run):
         cfg = text_config(run)
-        update = {"evaluate": {**cfg.evaluate.model_dump(), "strategies": list(strategies)},
+        if central and not cfg.centralized.enabled:
+            raise DDMError("--strategy monolith: this text run has no centralized model (centralized.enabled = "
+                           "false in its config)")
+        update = {"evaluate": {**cfg.evaluate.model_dump(), "strategies": strategies},
                   "sample": {**cfg.sample.model_dump(), **{key: v for key, v in (("n", n), ("seed", seed))
                                                           if v is not None}}}
-        cfg = validate(TextRunConfig, {**cfg.model_dump(), **update}, "options")
+        cfg = validate(TextRunConfig, {**cfg.model_dump(), **update}, "--strategy, --n and --seed (a text run)")
         models = text_models(cfg, Path(run), train=False)
         texts = TASKS[cfg.kind].samples(models.experts, models.central, models.routers, models.prior, cfg)
         path = RunFolder(run).samples / "text.json"
