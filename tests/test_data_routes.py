@@ -216,6 +216,11 @@ def test_an_array_with_a_test_fraction(tmp_path, monkeypatch, capsys):
     train, test = load_dataset(str(tmp_path / "x.npy"), 1000, 50, params={"test_fraction": 0.4})
     assert len(test) == 50 and len(train) == 300
     assert set(map(bytes, test.x.numpy())) <= set(map(bytes, split["test"]))
+    with pytest.raises(DDMError, match="data.params.key: .* is a .npy file"):  # key names an array of an .npz
+        load_dataset(str(tmp_path / "x.npy"), 1000, 50, params={"key": "x"})
+    np.savez(tmp_path / "v.npz", x=x[:20], labels=np.arange(20) % 3 - 1)  # labels are class indices 0, 1, 2, ...
+    with pytest.raises(DDMError, match="negative values"):
+        load_dataset(str(tmp_path / "v.npz"), 1000, 5)
 
 
 def test_an_array_with_a_test_file(tmp_path, monkeypatch, capsys):
@@ -253,6 +258,10 @@ def test_too_few_test_rows_fail_before_training_and_the_suggested_fix_runs(tmp_p
 USER_MODULE = '''
 import numpy as np
 import torch
+
+
+def raises(n_train):
+    raise ValueError("boom")
 
 
 def arrays(n_train, seed, scale=1.0):
@@ -341,6 +350,7 @@ def test_every_form_a_dataset_function_returns(user_module):
     ("arrays", {"scael": 2.0}, "data.params.scael: "),
     ("arrays", {"seed": 3}, "data.params.seed: set by ddmkit"),
     ("missing", {}, "has no 'missing'"),
+    ("raises", {}, 'py:7 (raise ValueError("boom")) when called with n_train'),  # the user's line that raised
 ])
 def test_a_bad_dataset_function_is_named(user_module, function, params, message):
     with pytest.raises(DDMError) as info:

@@ -111,6 +111,9 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
     except Exception as e:  # a corrupt or pickled file
         raise DDMError(f"{field}: data file {path!r} could not be read as .npy/.npz without pickle: {e}") from e
     labels = None
+    if key is not None and not isinstance(arr, np.lib.npyio.NpzFile):
+        raise DDMError(f"data.params.key: {path!r} is a .npy file, which holds one array; key names an array of "
+                       "an .npz file: remove it")
     if isinstance(arr, np.lib.npyio.NpzFile):
         if not arr.files:
             raise DDMError(f"{field}: data file {path!r} holds no arrays")

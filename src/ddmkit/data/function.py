@@ -24,6 +24,7 @@ import importlib
 import inspect
 import math
 import re
+import traceback
 from typing import Any, Callable
 
 import numpy as np
@@ -162,8 +163,10 @@ def load_function_dataset(name: str, n_train: int, n_test: int, seed: int,
     except DDMError:
         raise
     except Exception as e:
-        raise DDMError(f"data.name = {name!r}: the function raised {type(e).__name__} ({str(e)[:200]}) when called "
-                       f"with {', '.join(kwargs)}") from None
+        frame = traceback.extract_tb(e.__traceback__)[-1]  # where in the user's code (or below it) it raised
+        raise DDMError(f"data.name = {name!r}: the function raised {type(e).__name__} ({str(e)[:200]}) at "
+                       f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()[:120]}) when called with "
+                       f"{', '.join(kwargs)}") from None
     data, shapes = [], {}
     for i, (split, x, labels) in enumerate(_splits(name, out)):
         x = _tensor(name, f"the {split} split", x, 2).float()

@@ -219,8 +219,8 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
         sizes.setdefault(a.shape[:2], p)
     if len(channels) > 1:
         (c1, p1), (c2, p2) = list(channels.items())[:2]
-        raise DDMError(f"image folder {root} mixes grayscale and colour images ({p1}: {c1} channels, {p2}: {c2} "
-                       "channels); set data.params.mode = \"rgb\" (or \"grey\") to convert every image")
+        raise DDMError(f"image folder {root} mixes grayscale and colour images ({p1}: {c1} channel(s), {p2}: {c2} "
+                       "channel(s)); set data.params.mode = \"rgb\" (or \"grey\") to convert every image")
     if len(sizes) > 1:
         (s1, p1), (s2, p2) = list(sizes.items())[:2]
         side = resize or min(min(a.shape[:2]) for a in arrays)
