@@ -176,7 +176,8 @@ def test_condition_names():
     assert parse_condition("tempered-2").run_name == "disjoint" and parse_condition("exact").trained is False
     assert parse_condition("undertrained-0.1").run_name == "undertrained-0.1"
     assert parse_condition("random+exact").exact and parse_condition("random").partition == "random"
-    for bad in ("wobble", "overlap-2", "tempered-0", "uniform-1.5", "exact+random", "disjoint+", "undertrained-x"):
+    for bad in ("wobble", "overlap-2", "tempered-0", "uniform-1.5", "exact+random", "disjoint+", "undertrained-x",
+                "exact+exact"):
         with pytest.raises(DDMError, match="--conditions"):
             parse_condition(bad)
 

@@ -130,6 +130,8 @@ def parse_condition(name: str) -> Condition:
     router = []
     for mod in mods:
         if mod == "exact":
+            if fields.get("exact"):
+                raise DDMError(f"--conditions {name!r}: 'exact' twice; name it once")
             fields["exact"] = True
         elif m := re.fullmatch(r"tempered-(.+)", mod):
             router.append(("tempered", _number(m.group(1), name, lambda t: t > 0, "T > 0")))

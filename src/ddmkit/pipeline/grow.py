@@ -149,8 +149,9 @@ def check_island(run: TrainedRun, x: ArrayData, what: str) -> None:
                        "of the run's shape (images: at its resolution and channels)")
     check_finite(x.x, f"data ({what})")
     if run.train.labels is not None and x.labels is None:
-        raise DDMError("data: the run's rows carry labels but the new data have none; give each new row a label "
-                       "(an .npz 'labels' array, or ArrayData.labels)")
+        raise DDMError("data: the run's rows carry labels (a class, or for a mixture such as ring8 the component "
+                       "each row was drawn from) but the new data have none; give each new row a label (an .npz "
+                       "'labels' array, or ArrayData.labels)")
     classes = max(int(run.expert_config["kwargs"].get("num_classes", 0)),
                   int(run.cfg.router.net.kwargs.get("num_classes", 0)))
     if classes and x.labels is not None and not bool(((x.labels >= 0) & (x.labels < classes)).all()):
