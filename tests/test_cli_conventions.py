@@ -67,7 +67,7 @@ def test_set_and_device_override_the_config(ddmkit, shard, tmp_path):
     (["--set", "expert.train.steps"], "expected FIELD=VALUE"),
     (["--set", "expert.train.steps.every=1"], "expert.train.steps is a value, not a table"),
     (["--device", "tpu"], "--device: 'tpu' is not a device; accepted: auto, cpu, cuda, cuda:N or mps"),
-    (["--device", "cuda:99"], "--device: 'cuda:99': this machine has"),  # no machine has 100 GPUs
+    (["--device", "cuda:99"], "--device: 'cuda:99', but this machine has"),  # no machine has 100 GPUs
     (["--set", 'sample.strategies=["topp-1"]'], "sample.strategies: unknown routing strategy 'topp-1'"),
     (["--set", "expert.net.kwargs={widht = 8}"], "unexpected keyword argument 'widht'; accepted: width, depth"),
 ])
@@ -94,7 +94,7 @@ def test_a_config_device_this_machine_lacks_is_refused_before_anything_is_writte
     config = tmp_path / "c.toml"
     config.write_text(TINY.read_text().replace("[router.train]", '[router.train]\ndevice = "cuda:99"'))
     code, _, err = ddmkit("run", config, "--out", tmp_path / "run")
-    assert code == 2 and "router.train.device = 'cuda:99': this machine has" in err and "--device cpu" in err, err
+    assert code == 2 and "router.train.device = 'cuda:99', but this machine has" in err and "--device cpu" in err, err
     assert not (tmp_path / "run").exists()
 
 

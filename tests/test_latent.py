@@ -3,6 +3,7 @@ an autoencoder trained by ddmkit, and a latent run end to end from the command l
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -170,8 +171,12 @@ def test_a_latent_run_end_to_end(tmp_path):
     assert images.shape == (4, 1, 32, 32) and latent.shape == (4, 2, 8, 8)
     torch.testing.assert_close(images, ddm.codec.decode(latent))
     assert run_cli("verify", run).exit_code == 0
+    kept = run / "expert_01.kept"  # a job array for the experts not trained yet: here expert 1
+    shutil.move(run / "experts" / "expert_01", kept)
     assert "latents/cluster_$I" in (run_cli("launch", run, "--emit", "slurm").exit_code == 0
                                     and (run / "launch" / "train_experts.slurm").read_text())
+    assert "#SBATCH --array=1\n" in (run / "launch" / "train_experts.slurm").read_text()
+    shutil.move(kept, run / "experts" / "expert_01")
     # an autoencoder changed after encoding is refused before anything is built
     weights = run / "autoencoder" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)

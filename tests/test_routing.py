@@ -114,7 +114,7 @@ def test_one_table_parses_documents_and_validates_every_strategy():
     the parser and by config validation, and listed in messages."""
     from pathlib import Path
 
-    from ddmkit.config import SampleConfig
+    from ddmkit.config import RunConfig, SampleConfig, validate
     from ddmkit.errors import DDMError
     from ddmkit.routing import STRATEGIES, Strategy, StrategyForm, parse_strategy
     from ddmkit.routing.table import markdown_table
@@ -131,8 +131,8 @@ def test_one_table_parses_documents_and_validates_every_strategy():
         def weights(self, probs, state):
             return (probs == probs.amax(1, keepdim=True)).to(probs.dtype)
 
-    with pytest.raises(DDMError, match="unknown routing strategy 'greedy'"):
-        SampleConfig(strategies=["greedy"])
+    with pytest.raises(DDMError, match="sample.strategies: unknown routing strategy 'greedy'"):
+        validate(RunConfig, {"sample": {"strategies": ["greedy"]}})
     STRATEGIES.append(StrategyForm("greedy", r"greedy", lambda: Greedy(), "the argmax, weight 1", "1"))
     try:
         assert isinstance(parse_strategy("greedy"), Greedy) and SampleConfig(strategies=["greedy"])

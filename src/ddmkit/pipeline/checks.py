@@ -166,7 +166,7 @@ def check_devices(cfg: RunConfig) -> None:
         try:
             resolve_device(train.device)
         except DDMError as e:
-            raise DDMError(f"{name}.train.device = {train.device!r}: {str(e).partition(', but ')[2]}") from None
+            raise DDMError(f"{name}.train.device = {train.device!r}, but {str(e).partition(', but ')[2]}") from None
 
 
 def checked_device(name, from_run: bool = False) -> torch.device:
@@ -178,4 +178,4 @@ def checked_device(name, from_run: bool = False) -> torch.device:
     try:
         return resolve_device(name)
     except DDMError as e:
-        raise DDMError(f"--device: {name!r}{whose}: {str(e).partition(', but ')[2]}") from None
+        raise DDMError(f"--device: {name!r}{whose}, but {str(e).partition(', but ')[2]}") from None
