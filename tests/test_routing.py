@@ -109,6 +109,13 @@ def test_a_set_name_with_spaces_around_is_the_set_itself():
     assert statistics_set("top-2 ", 10).name == "top-2 (statistics-only router)"
 
 
+def test_top_n_with_n_at_least_k_calls_every_expert():
+    from ddmkit.pipeline.samplesets import calls_every_expert
+
+    assert calls_every_expert("top-4", 4) and calls_every_expert("top-5", 4)
+    assert not calls_every_expert("top-3", 4) and not calls_every_expert("sample-4", 4)
+
+
 def test_one_table_parses_documents_and_validates_every_strategy():
     """docs/routing.md holds the table's own rendering; a strategy added to the table is accepted by
     the parser and by config validation, and listed in messages."""

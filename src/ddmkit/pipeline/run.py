@@ -27,7 +27,8 @@ from ddmkit.layout import RunFolder
 import ddmkit.pipeline.images as images
 import ddmkit.pipeline.vectors as vectors
 from ddmkit.pipeline.prepare import prepare_run_dir, run_config, run_lock
-from ddmkit.pipeline.samplesets import STATISTICS, SampleSet, named_set, planned_sets, statistics_set
+from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_every_expert, named_set, planned_sets,
+                                        statistics_set)
 from ddmkit.pipeline.sampling import stage_sample
 from ddmkit.pipeline.stages import TRAINING_STAGES, stage_experts, stage_monolith, stage_router
 from ddmkit.train.loop import resolve_device
@@ -150,6 +151,10 @@ def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = p
         device = device or resolve_device(cfg.expert.train.device)
         one_set = statistics_set if router == STATISTICS else named_set
         sets: list[SampleSet] = [one_set(name, cfg.sample.n, cfg.sample.guidance) for name in names]
+        k = read_json(RunFolder(run).manifest)["k"] if RunFolder(run).manifest.exists() else None
+        for s in sets:
+            if k is not None and s.kind == SetKind.DDM and calls_every_expert(s.strategy, k):
+                log(f"note: {s.strategy} on a DDM of K = {k} experts calls every expert: the same routing as full")
         stage_sample(cfg, run, sets, is_image_run(run), log, device, redraw=True)
         infos = read_json(RunFolder(run).sample_info)
     return [infos[s.name] for s in sets]

@@ -15,6 +15,7 @@ from enum import Enum
 from ddmkit.config import MONOLITH, RunConfig
 from ddmkit.errors import DDMError
 from ddmkit.routing import STRATEGY_FORMS, parse_strategy
+from ddmkit.routing.strategies import TopK
 
 
 class SetKind(Enum):
@@ -58,6 +59,13 @@ def statistics_set(name: str, n: int, guidance: float = 1.0) -> SampleSet:
     if base.kind != SetKind.DDM:
         raise DDMError(f"the statistics-only router routes the DDM's experts; {name!r} is not a routing strategy")
     return SampleSet(f"{base.name} (statistics-only router)", SetKind.DDM, base.name, n, guidance, STATISTICS)
+
+
+def calls_every_expert(name: str, k: int) -> bool:
+    """Whether a strategy, on a DDM of k experts, is full routing under another name: top-n with n >= k
+    (every expert, weights r)."""
+    strategy = parse_strategy(name)
+    return isinstance(strategy, TopK) and strategy.k >= k
 
 
 def _guided_name(name: str, guidance: float, default: float) -> str:

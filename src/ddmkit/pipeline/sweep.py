@@ -40,9 +40,8 @@ from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
+from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import load_data, register_user_networks
-from ddmkit.routing import parse_strategy
-from ddmkit.routing.strategies import TopK
 from ddmkit.tables import markdown_table
 from ddmkit.theory.report import t_interval
 from ddmkit.train.flops import per_sample_flops, training_flops
@@ -93,10 +92,7 @@ def cell_config(cfg: RunConfig, k: int, budget: float, seed: int, monolith: bool
 def routes_like_full(name: str, k: int, strategies: list[str]) -> bool:
     """Whether a strategy of a K = k DDM is full routing under another name, sampled already as "full":
     top-n with n >= k (every expert, weights r)."""
-    if name == "full" or "full" not in strategies:
-        return False
-    strategy = parse_strategy(name)
-    return isinstance(strategy, TopK) and strategy.k >= k
+    return name != "full" and "full" in strategies and calls_every_expert(name, k)
 
 
 def cell_strategies(strategies: list[str], k: int) -> list[str]:
