@@ -145,7 +145,7 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
                      set_: Optional[List[str]] = SET):
     """Train one expert on one shard, in isolation: it reads that file and nothing else."""
     from ddmkit.config import ExpertConfig, validate
-    from ddmkit.train.jobs import train_expert_ddp, trained_expert_differences
+    from ddmkit.train.jobs import train_expert_once
 
     if config is not None and (_text_kind(config) or _text_run(config.parent)):
         from ddmkit.pipeline.text import read_text_config, train_text_expert
@@ -161,16 +161,8 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
     cfg = _config(config, None, set_, device).expert
     upd = {k: v for k, v in (("seed", seed), ("checkpoint_every", checkpoint_every)) if v is not None}
     cfg = validate(ExpertConfig, {**cfg.model_dump(), "train": {**cfg.train.model_dump(), **upd}}, "options")
-    differences = None if force or not shard.is_file() else trained_expert_differences(out, shard, cfg)
-    if differences == []:
-        log(f"{out}: this expert is trained already (the same settings and shard); nothing to do (--force trains it "
-            "again)")
-        return
-    if differences:
-        raise DDMError(f"{out} holds an expert trained with other settings ({', '.join(differences)}); choose "
-                       "another --out, or pass --force to replace it")
-    train_expert_ddp(shard, cfg, out, nproc, resume=resume)
-    log(f"expert written to {out}")
+    if train_expert_once(shard, cfg, out, nproc, resume=resume, force=force, log=log):
+        log(f"expert written to {out}")
 
 
 @app.command("train-router")
