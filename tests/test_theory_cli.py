@@ -48,3 +48,16 @@ def test_distill_quick(tmp_path):
             assert run["errors"]["lambda"][n]["end_to_end"] != run["errors"]["uniform"][n]["end_to_end"]
     exponents = results["scaling"]["ou"]["exponents"]["L_peak"]
     assert abs(exponents["sigma"] + 4) < 0.1 and abs(exponents["D"] - 2) < 0.1  # L(0) ~ D^2 / sigma^4
+
+
+def test_a_bad_seed_or_out_is_refused_before_anything_is_written(tmp_path):
+    from ddmkit.errors import DDMError
+
+    for command in ("convergence", "distill"):
+        for seed in ("-1", "99999999999999999999"):
+            result = CliRunner().invoke(app, [command, "--quick", "--out", str(tmp_path / "x"), "--seed", seed])
+            assert result.exit_code == 2 and "--seed" in result.output, result.output
+        (tmp_path / "afile").write_text("")
+        result = CliRunner().invoke(app, [command, "--quick", "--out", str(tmp_path / "afile")])
+        assert isinstance(result.exception, DDMError) and "afile is a file" in str(result.exception)
+    assert not (tmp_path / "x").exists()

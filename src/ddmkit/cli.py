@@ -41,6 +41,7 @@ def _main(version: bool = typer.Option(False, "--version", is_eager=True, callba
     pass
 
 
+THEORY_SEED_MAX = 2**32 - 1 - 64  # numpy's seeds are 32 bits; the studies add small offsets (seed + 1, ...)
 DEVICE = typer.Option(None, "--device", help="where networks train and sample: cpu, cuda, cuda:N, mps or auto; "
                       "sets every train.device of the config (default: the config's)")
 SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one config field, repeatable: --set "
@@ -573,11 +574,15 @@ QUICK = typer.Option(False, "--quick", help="A small version that runs in under 
 @theory_app.command()
 def convergence(quick: bool = QUICK,
                 out: Path = typer.Option(Path("theory-convergence"), "--out", help="Folder for the report."),
-                seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same numbers.")):
+                seed: int = typer.Option(0, "--seed", min=0, max=THEORY_SEED_MAX,
+                                         help="Random seed; the same seed gives the same numbers.")):
     """W2 and pathwise convergence of routed Euler/Heun samplers with full, top-k and switching routing."""
     from ddmkit.theory.convergence import ConvergenceSettings, run_convergence
 
+    from ddmkit.io import check_folder_target
+
     settings = ConvergenceSettings.quick(seed) if quick else ConvergenceSettings(seed=seed)
+    check_folder_target(out)
     run_convergence(settings, out, log=log)
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'} and plots")
 
@@ -585,7 +590,8 @@ def convergence(quick: bool = QUICK,
 @theory_app.command()
 def distill(quick: bool = QUICK,
             out: Path = typer.Option(Path("theory-distill"), "--out", help="Folder for the report."),
-            seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same numbers."),
+            seed: int = typer.Option(0, "--seed", min=0, max=THEORY_SEED_MAX,
+                                         help="Random seed; the same seed gives the same numbers."),
             seeds: int = typer.Option(1, "--seeds", min=1, help="Student seeds (SEED, SEED+1, ...): each trains one "
                                       "student per grid on the same teacher data; with 2 or more the Lambda-grid "
                                       "gains get a 95% t-interval over them. Time grows in proportion.")):
@@ -594,7 +600,10 @@ def distill(quick: bool = QUICK,
 
     from ddmkit.theory.distill import DistillSettings, run_distill
 
+    from ddmkit.io import check_folder_target
+
     settings = replace(DistillSettings.quick(seed) if quick else DistillSettings(seed=seed), seeds=seeds)
+    check_folder_target(out)
     run_distill(settings, out, log=log)
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'} and plots")
 
