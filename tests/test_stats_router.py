@@ -130,3 +130,11 @@ def test_a_run_without_a_trained_router_samples_and_scores_by_the_statistics(tmp
     assert ddmkit("sample", islands, "--strategy", "top-2", "--router", "stats")[0] == 2
     code, err = ddmkit("sample", islands, "--strategy", "top-4", "--router", "statistics", "--n", "50")  # K = 4
     assert code == 0 and "note: top-4 on a DDM of K = 4 experts calls every expert" in err, err
+    from ddmkit.ddm import load_ddm
+
+    with pytest.warns(UserWarning, match="has no registry.json: its weights are loaded unchecked"):
+        load_ddm(islands, router="statistics")
+    router = (run / "router" / "model.safetensors").read_bytes()
+    code, err = ddmkit("train-router", run, "--set", "router.train.steps=5")
+    assert code == 0 and "is trained already; remove that folder" in err
+    assert (run / "router" / "model.safetensors").read_bytes() == router

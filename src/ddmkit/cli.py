@@ -182,6 +182,9 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
         train_text_router(run, log)
         return
     cfg = _config(config, run, set_, device)
+    if (run / "router" / "model.safetensors").exists():
+        log(f"router: {run / 'router'} is trained already; remove that folder to train it again")
+        return
     stage_router(cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)}), run, log)
 
 

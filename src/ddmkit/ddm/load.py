@@ -12,6 +12,7 @@ K against the partition's, each folder's config and weights by ddmkit.registry.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -171,6 +172,9 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
                        "first")
     if folder.registry.exists():
         verify_registry(folder.root, allow_missing)
+    else:
+        warnings.warn(f"{folder.root} has no registry.json: its weights are loaded unchecked; `ddmkit register "
+                      f"{folder.root}` records their SHA-256 (and `ddmkit verify` checks them)", stacklevel=3)
     experts, configs = [], []
     for c in range(k):
         if c in absent:
