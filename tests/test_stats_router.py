@@ -138,3 +138,12 @@ def test_a_run_without_a_trained_router_samples_and_scores_by_the_statistics(tmp
     code, err = ddmkit("train-router", run, "--set", "router.train.steps=5")
     assert code == 0 and "is trained already; remove that folder" in err
     assert (run / "router" / "model.safetensors").read_bytes() == router
+    from ddmkit import DDM
+
+    ddm = DDM.from_pretrained(run)  # the Python call has the command line's bounds, each named
+    for bad, message in ((dict(n=0), "n: Input should be greater than or equal to 1"), (dict(solver="rk5"), "solver"),
+                         (dict(router_every=0), "router_every"), (dict(seed=-1), "seed"),
+                         (dict(guidance=2.0), "need class-conditional experts")):
+        with pytest.raises(DDMError, match=message):
+            ddm.sample("top-2", steps=2, **bad)
+    assert ddm.sample("top-2", n=3, steps=2)[0].shape == (3, 2)

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from ddmkit.accel import Accelerated, SpeedOptions, accelerate
+from ddmkit.config import SampleConfig, validate
 import ddmkit.ddm.load as load
 from ddmkit.ddm.sampling import sample_ddm
 from ddmkit.errors import DDMError
@@ -126,6 +127,12 @@ class DDM:
         guidance: classifier-free guidance scale inside each expert (None: as loaded); a latent DDM
         returns decoded images (decode=False: the latents, of shape data_shape).
         options: ddmkit.ddm.sampling.sample_ddm's (router_every, batch_size, speed, x1, callback)."""
+        checked = {"n": n, "steps": steps, "solver": solver, "seed": seed, "strategies": [strategy],
+                   **{key: options[key] for key in ("batch_size", "router_every") if key in options}}
+        validate(SampleConfig, checked, "DDM.sample", "arguments")  # the bounds `ddmkit sample` has
+        if not self.num_classes and (labels is not None or guidance not in (None, 1.0)):
+            raise DDMError("DDM.sample: labels and guidance need class-conditional experts (num_classes > 0); this "
+                           "DDM's experts are unconditional: leave them out")
         ddm = self if guidance is None else self.with_guidance(guidance)
         cond = None if labels is None else {"y": labels.to(self.device)}
         x0, info = sample_ddm(ddm, strategy, n, steps, solver, seed, self.device, cond=cond, **options)
