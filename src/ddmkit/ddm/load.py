@@ -154,6 +154,8 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     routes by the islands' published statistics instead of the learned router, as does "learned" in a
     run without a router folder whose RUN/grow.json records "statistics" (recorded_router)."""
     folder = RunFolder(run)
+    if not folder.root.is_dir():
+        raise DDMError(f"{folder.root} is not a run folder (no such folder); give the folder a `ddmkit run` wrote")
     if router_kind not in ("learned", "statistics"):
         raise DDMError(f"router: unknown kind {router_kind!r}; accepted: learned, statistics")
     manifest, ptensors = load_partition_checked(folder.partition)
