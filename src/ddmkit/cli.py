@@ -173,7 +173,7 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
                      device: Optional[str] = DEVICE,
                      set_: Optional[List[str]] = SET):
     """Train the router p(cluster | x_t, t) on noised shard data (text runs: on windows of the shards)."""
-    from ddmkit.pipeline.stages import stage_router
+    from ddmkit.pipeline.stages import run_lock, stage_router
 
     if _text_run(run):
         from ddmkit.pipeline.text import train_text_router
@@ -182,10 +182,11 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
         train_text_router(run, log)
         return
     cfg = _config(config, run, set_, device)
-    if (run / "router" / "model.safetensors").exists():
-        log(f"router: {run / 'router'} is trained already; remove that folder to train it again")
-        return
-    stage_router(cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)}), run, log)
+    with run_lock(run):  # a writer holding the run refuses this command first
+        if (run / "router" / "model.safetensors").exists():
+            log(f"router: {run / 'router'} is trained already; remove that folder to train it again")
+            return
+        stage_router(cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)}), run, log)
 
 
 @app.command("train-monolith")
