@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddmkit.config import TrainConfig, load_config
+from ddmkit.config import TrainConfig, config_differences, load_config
 from ddmkit.ddm import exact_ddm, load_ddm, start_noise
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.distill import (TRAJECTORY_SEED, differences, distill_run, field_distances, lambda_grid,
+from ddmkit.pipeline.distill import (TRAJECTORY_SEED, distill_run, field_distances, lambda_grid,
                                      make_dense, make_few_step, plan_distill, student_field)
 from ddmkit.pipeline.run import run_pipeline
 from ddmkit.sample import time_grid
@@ -215,7 +215,7 @@ def test_untrained_run_and_other_students_are_refused(trained, tmp_path):
     before = hashes(run)
     with pytest.raises(DDMError, match=r"teacher \('top-2', asked 'top-1'\).*--force"):
         distill_run(run, teacher="top-1", **SMALL, log=lambda m: None)
-    assert differences({"teacher": "top-2", "train": {"steps": 20, "lr": 1e-3}},
+    assert config_differences({"teacher": "top-2", "train": {"steps": 20, "lr": 1e-3}},
                        {"teacher": "top-2", "train": {"steps": 40, "lr": 1e-3}}) == ["train.steps (20, asked 40)"]
     assert hashes(run) == before
     plan = plan_distill(run, "top-1", force=True, **SMALL)  # --force: the checks pass, RUN/students is replaced

@@ -289,6 +289,11 @@ def test_the_report_from_cells_scored_elsewhere(tiny_grid, tmp_path):
         assert sorted(p.name for p in (elsewhere / "k4_b1_s0").iterdir()) == ["metrics.json"]
     other = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report", "--set", "sample.steps=7")
     assert other.returncode == 2 and "another config" in other.stderr and "k2_b0.5_s0" in other.stderr
+    assert "differs in sample.steps (8, asked 7)" in " ".join(other.stderr.split())  # the field, named
+    parts = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report", "--monolith-k", "2")
+    assert parts.returncode == 2 and "monolith.enabled differs: give --monolith-k" in " ".join(parts.stderr.split())
+    scale = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report", "--scale", "steps")
+    assert scale.returncode == 2 and "Cells of the other --scale are there" in " ".join(scale.stderr.split())
 
 
 def test_a_grid_run_in_parts_is_the_whole_grid(tiny_grid, tmp_path):
@@ -341,3 +346,21 @@ def test_image_cells_report_their_floors_apart_from_the_series():
     assert f"{FLOOR} 2.5; {RECONSTRUCTIONS} 11 to 11.5" in text
     assert "Floors" not in render({**summarize([cell(0, 11.0)], [2], [1.0], ["top-1"], compute), "floors": {},
                                    "monolith_k": 2, "router_flops": {}})
+
+
+def test_a_grid_whose_points_are_not_what_they_are_called_is_refused():
+    """tiny.toml: 60 steps, batch 64, K_ref 4. A budget below one step, two budgets of the same steps, a
+    repeated K, a K that leaves no row of the split batch: each refused, naming the option."""
+    from ddmkit.pipeline.sweep import check_grid
+
+    cfg = load_config(TINY)
+    check_grid(cfg, [2, 4], [0.0167, 1.0], [0])  # one step at the smallest budget: fine
+    for ks, budgets, scale, message in (
+            ([2], [0.008], "batch", r"--budget 0.008: each expert of K=2 would train 0.008 x 60 steps, which rounds "
+                                    r"to 0; give budgets of at least 0.0167"),
+            ([8], [0.008], "steps", r"--budget 0.008: each expert of K=8 would train 0.008 x 30 steps"),
+            ([2], [0.5, 0.505], "batch", r"--budget 0.5 and 0.505: each expert of K=2 trains 30 steps at each"),
+            ([2, 2], [1.0], "batch", r"--k: \[2\] given twice"),
+            ([512], [1.0], "batch", r"--k 512: the batch split .* leaves no row")):
+        with pytest.raises(DDMError, match=message):
+            check_grid(cfg, ks, budgets, [0], scale)

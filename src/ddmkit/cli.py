@@ -362,7 +362,8 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
                                                    "FLOP-matched monolith (default: the config's partition.k if "
                                                    "in --k, else the first --k); give it when a grid is run in "
                                                    "parts, e.g. --monolith-k 8 with --k 16 alone"),
-          force: bool = typer.Option(False, help="replace cell folders that hold different runs"),
+          force: bool = typer.Option(False, help="score finished cells again (their trained networks are kept) and "
+                                     "replace cell folders that hold different runs"),
           stages: str = typer.Option("all", help="train (every cell, no report), evaluate (score cells trained "
                                      "before, write the report), all, or report (only the report, from every "
                                      "cell's metrics.json: cells scored on other machines)"),

@@ -333,6 +333,19 @@ def json_digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def config_differences(made: dict, asked: dict, prefix: str = "") -> list[str]:
+    """The settings in which `made` differs from `asked`, down to the field that differs:
+    "train.steps (200, asked 400)"."""
+    out = []
+    for key, value in asked.items():
+        old = made.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            out += config_differences(old, value, f"{prefix}{key}.")
+        elif old != value:
+            out.append(f"{prefix}{key} ({old!r}, asked {value!r})")
+    return out
+
+
 def _explain(err: ValidationError, source: str, what: str = "configuration") -> str:
     lines = [f"{source}: invalid {what}"]
     for e in err.errors()[:20]:

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from ddmkit.analysis.stability import jacobian_norms
-from ddmkit.config import DEVICE, MAX_SEED, ROWS, RunConfig, TrainConfig
+from ddmkit.config import DEVICE, MAX_SEED, ROWS, RunConfig, TrainConfig, config_differences
 from ddmkit.conventions import __version__
 from ddmkit.data.partition import read_shard
 from ddmkit.ddm import DDM, exact_ddm, load_ddm, sample_ddm, sample_single, start_noise
@@ -193,28 +193,15 @@ def existing_students(folder: RunFolder) -> list[Path]:
     return [p for p in [folder.dense_student, *few] if (p / "config.json").exists()]
 
 
-def differences(made: dict, asked: dict, prefix: str = "") -> list[str]:
-    """The settings in which a student was made otherwise than asked, down to the field that differs:
-    "train.steps (200, asked 400)"."""
-    out = []
-    for key, value in asked.items():
-        old = made.get(key)
-        if isinstance(old, dict) and isinstance(value, dict):
-            out += differences(old, value, f"{prefix}{key}.")
-        elif old != value:
-            out.append(f"{prefix}{key} ({old!r}, asked {value!r})")
-    return out
-
-
 def check_existing(plan: Plan) -> None:
     """Every student already in RUN/students must come from this teacher and training (else --force)."""
     for path in existing_students(plan.folder):
         made = read_json(path / "config.json").get("distill", {})
         dense = made.get("dense", made)
-        diff = differences(dense, plan.dense_spec)
+        diff = config_differences(dense, plan.dense_spec)
         if path.name != "dense" and not diff and plan.few_step is not None \
                 and path == plan.folder.few_step_student(plan.few_step, plan.grid):
-            diff = differences(made, {key: v for key, v in plan.few_step_spec().items() if key != "dense"})
+            diff = config_differences(made, {key: v for key, v in plan.few_step_spec().items() if key != "dense"})
         if diff:
             raise DDMError(f"{path} was distilled differently: {'; '.join(diff)}. Pass --force to remove "
                            f"{plan.folder.students} (every student in it) and distill again")

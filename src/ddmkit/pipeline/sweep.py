@@ -33,7 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ddmkit.config import MONOLITH, RunConfig, validate
+from ddmkit.config import MONOLITH, RunConfig, config_differences, validate
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
 from ddmkit.io import read_json, write_bytes_atomic, write_json
@@ -169,15 +169,37 @@ def cell_in_folder(out: Path, cell_cfg: RunConfig, sections: tuple[str, ...], ha
     return None
 
 
-def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[int]) -> None:
-    """Refuse a grid that cannot run, before any training."""
+def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[int], scale: str = "batch") -> None:
+    """Refuse a grid that cannot run, or whose points are not what they are called, before any training:
+    a repeated value, a budget at which an expert would train no step (or two budgets the same steps),
+    a K at which the batch split would leave no row."""
     if not ks or not budgets or not seeds:
         raise DDMError("sweep: give at least one --k, one --budget and one --seed")
     if any(k < 1 for k in ks) or any(not (b > 0 and math.isfinite(b)) for b in budgets):
         raise DDMError(f"sweep: every --k must be >= 1 and every --budget a positive number (got k {ks}, "
                        f"budgets {budgets})")
+    for option, values in (("--k", ks), ("--budget", budgets), ("--seed", seeds)):
+        if len(set(values)) < len(values):
+            raise DDMError(f"{option}: {sorted(v for v in set(values) if values.count(v) > 1)} given twice; give "
+                           "each value once")
     if max(ks) > cfg.data.n_train:
         raise DDMError(f"sweep: --k {max(ks)} is larger than data.n_train ({cfg.data.n_train}); lower --k")
+    train, k_ref = cfg.expert.train, cfg.partition.k
+    for k in ks:
+        if scale == "batch" and round(train.batch_size * k_ref / k) < 1:
+            raise DDMError(f"--k {k}: the batch split over K experts (expert.train.batch_size {train.batch_size} x "
+                           f"K_ref {k_ref} / K) leaves no row per expert; lower --k or use --scale steps")
+        per_budget = train.steps * (1 if scale == "batch" else k_ref / k)  # an expert's steps at budget 1
+        steps = {b: round(b * per_budget) for b in budgets}
+        if min(steps.values()) < 1:
+            b = min(steps, key=steps.get)
+            raise DDMError(f"--budget {b:g}: each expert of K={k} would train {b:g} x {per_budget:g} steps, which "
+                           f"rounds to 0; give budgets of at least {1 / per_budget:.3g} (one step), or raise "
+                           "expert.train.steps")
+        same = [b for b in budgets if list(steps.values()).count(steps[b]) > 1]
+        if same:
+            raise DDMError(f"--budget {' and '.join(f'{b:g}' for b in same)}: each expert of K={k} trains "
+                           f"{steps[same[0]]} steps at each, the same training; give budgets further apart")
 
 
 def short_trainings(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
@@ -226,11 +248,22 @@ def scored_cells(grid: list[tuple], out: Path, partial: bool = False) -> tuple[l
         else:
             results.append({"k": k, "budget": b, "seed": s, "rows": rows})
     if other:
+        first = next(c for _, c, folder in grid if folder.root.name == other[0])
+        made = read_json(RunFolder(out / other[0]).metrics).get("config") or {}
+        differs = config_differences(made, first.model_dump(mode="json"))
+        hint = (" (monolith.enabled differs: give --monolith-k the K whose cells trained the monolith)"
+                if any(d.startswith("monolith.enabled") for d in differs) else "")
         raise DDMError(f"--stages report: the metrics.json of cells {', '.join(other)} in {out} were made with "
-                       "another config; give the config, the --set options and the --scale they were made with")
+                       f"another config; {other[0]} differs in {'; '.join(differs[:6]) or 'its config'}{hint}; give "
+                       "the config, the --set options, --monolith-k and the --scale they were made with")
     if missing and (not partial or not results):
         fix = ("" if partial else "; or add --partial for a report of the scored cells alone (the others "
                "named in it)")
+        other_scale = [name.removesuffix("_steps") if name.endswith("_steps") else f"{name}_steps" for name in missing]
+        there = [name for name in other_scale if (out / name / "metrics.json").exists()]
+        if there:
+            fix += (f". Cells of the other --scale are there ({', '.join(there[:3])}): give the --scale the grid "
+                    "was made with")
         raise DDMError(f"--stages report: cells {', '.join(missing)} have no {out}/CELL/metrics.json; score them "
                        f"with --stages evaluate (or all), or copy each cell's metrics.json there{fix}")
     return results, missing
@@ -307,7 +340,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     nothing: the report from every cell's metrics.json (cells scored on several machines); with partial,
     from the cells that have one (a grid still being measured), naming the others. scale: how each K's
     experts take a budget (SCALES; cell_config)."""
-    check_grid(cfg, ks, budgets, seeds)
+    check_grid(cfg, ks, budgets, seeds, scale)
     if stages not in SWEEP_STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(SWEEP_STAGES)}")
     if scale not in SCALES:
