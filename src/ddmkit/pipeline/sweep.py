@@ -215,8 +215,8 @@ def short_trainings(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k:
             nets = [("each expert", train.steps)]
             if k == mono_k and cell.monolith.enabled:
                 nets.append(("the monolith", monolith_config(cell.expert, k, cell.monolith.match).train.steps))
-            lines += [f"K={k} budget {b:g}: {who} trains {steps} steps, fewer than its {train.warmup}-step "
-                      "learning-rate warm-up" for who, steps in nets if steps < train.warmup]
+            lines += [f"K={k} budget {b:g}: {who} trains {steps} step{'' if steps == 1 else 's'}, fewer than its "
+                      f"{train.warmup}-step learning-rate warm-up" for who, steps in nets if steps < train.warmup]
     return lines
 
 
