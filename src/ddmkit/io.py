@@ -184,7 +184,7 @@ def staging_dir(final: str | Path):
         raise DDMError(f"{final} is a file, but a folder is written there; move it away or choose another --out")
     for old in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):  # a killed writer's, of this target
         if _writer_gone(old.name):
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
+            _remove(old)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_tmp_prefix(final.name), suffix=".tmp"))
     try:
         yield tmp
@@ -234,8 +234,13 @@ def remove_stale_staging(root: str | Path) -> list[Path]:
     """Remove what stale_staging finds (left by a writer killed mid-write); returns the paths."""
     found = stale_staging(root)
     for p in found:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        _remove(p)
     return found
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a folder tree."""
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 
 # ----- folder locks -----------------------------------------------------------------

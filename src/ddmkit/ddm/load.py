@@ -108,9 +108,10 @@ def island_stats_router(run, classes: int = 0, rank: int | None = None, device="
     return class_stats_router(per_class, marginal), True
 
 
-def has_learned_router(run) -> bool:
-    """Whether the run routes by a learned router (RUN/router, or none recorded in RUN/grow.json):
-    False for a run sampled with `--router statistics` before (or instead of) training one."""
+def has_default_router(run) -> bool:
+    """Whether load_ddm(run) has a router to route by: RUN/router, or the statistics-only router that
+    RUN/grow.json records for a grown run. False for a run sampled with `--router statistics` before (or
+    instead of) training one."""
     return (RunFolder(run).router / "model.safetensors").exists() or recorded_router(run) == "statistics"
 
 

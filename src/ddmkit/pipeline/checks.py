@@ -163,10 +163,7 @@ def check_devices(cfg: RunConfig) -> None:
     if cfg.latent.enabled and cfg.latent.pretrained is None:
         sections.append(("latent", cfg.latent.train))
     for name, train in sections:
-        try:
-            resolve_device(train.device)
-        except DDMError as e:
-            raise DDMError(f"{name}.train.device = {train.device!r}, but {str(e).partition(', but ')[2]}") from None
+        resolve_device(train.device, f"{name}.train.device = {train.device!r}")
 
 
 def checked_device(name, from_run: bool = False) -> torch.device:
@@ -175,7 +172,4 @@ def checked_device(name, from_run: bool = False) -> torch.device:
     name, whose = str(name), " (the run's expert.train.device)" if from_run else ""
     if not re.fullmatch(DEVICE, name):
         raise DDMError(f"--device: {name!r}{whose} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
-    try:
-        return resolve_device(name)
-    except DDMError as e:
-        raise DDMError(f"--device: {name!r}{whose}, but {str(e).partition(', but ')[2]}") from None
+    return resolve_device(name, f"--device: {name!r}{whose}")

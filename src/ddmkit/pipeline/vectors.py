@@ -10,7 +10,7 @@ from typing import Callable
 from ddmkit.config import RunConfig
 from ddmkit.data.partition import load_partition
 from ddmkit.ddm import exact_ddm, load_ddm
-from ddmkit.ddm.load import has_learned_router, island_stats_router, load_truth, nearest_cluster_fn
+from ddmkit.ddm.load import has_default_router, island_stats_router, load_truth, nearest_cluster_fn
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_router_accuracy, plot_samples
 from ddmkit.evaluation.routers import router_report
@@ -48,7 +48,7 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
     n_eval = min(len(test.x), 4000)
     xs = test.x[:n_eval]
     labels = nearest_cluster_fn(manifest, ptensors)(xs)
-    learned = has_learned_router(run)  # no: the sets were routed by the islands' statistics (no router trained)
+    learned = has_default_router(run)  # no: the sets were routed by the islands' statistics (no router trained)
     routers = {"learned router": load_ddm(run).router} if learned else {}
     if cfg.evaluate.stats_router or not learned:
         routers["statistics-only router"] = island_stats_router(run)[0]

@@ -44,18 +44,20 @@ from ddmkit.train.distributed import LOCAL, Distributed
 BatchLoss = Callable[[nn.Module, int, torch.Generator], tuple[torch.Tensor, dict]]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str | None = None) -> torch.device:
     """A train.device value as a torch.device on this machine ("auto": cuda when there is one, else cpu);
-    a CUDA or MPS device this machine does not have is a DDMError, before any tensor is made."""
+    a CUDA or MPS device this machine does not have is a DDMError, before any tensor is made, that opens
+    with `what` (the setting that named it; default "device 'NAME'")."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
+    what = what or f"device {name!r}"
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and (device.index or 0) >= gpus:
-        raise DDMError(f"device {name!r}, but this machine has {gpus} CUDA device(s); pass --device cpu (or set the "
+        raise DDMError(f"{what}, but this machine has {gpus} CUDA device(s); pass --device cpu (or set the "
                        "config's train.device = \"auto\")")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DDMError(f"device {name!r}, but MPS is not available on this machine; pass --device cpu (or set the "
+        raise DDMError(f"{what}, but MPS is not available on this machine; pass --device cpu (or set the "
                        "config's train.device = \"auto\")")
     return device
 
