@@ -64,6 +64,19 @@ def test_changed_weights_or_config_are_refused(copy):
     load_ddm(copy)
 
 
+def test_registering_non_finite_weights_is_refused(copy):
+    from ddmkit.io import load_tensors, save_tensors
+    w = copy / "experts" / "expert_01" / "model.safetensors"
+    state = load_tensors(w)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name].view(-1)[0] = float("nan")
+    save_tensors(w, state)
+    before = (copy / "registry.json").read_bytes()
+    with pytest.raises(DDMError, match=f"expert_01.*{name}.*NaN"):
+        write_registry(copy)
+    assert (copy / "registry.json").read_bytes() == before  # nothing registered
+
+
 def test_expert_from_another_partition_is_refused(copy):
     cfg_path = copy / "experts" / "expert_01" / "config.json"
     cfg = json.loads(cfg_path.read_text())

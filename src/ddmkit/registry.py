@@ -32,7 +32,7 @@ from ddmkit.conventions import TIME_CONVENTION, __version__
 from ddmkit.config import validate
 from ddmkit.data.partition import load_partition
 from ddmkit.errors import DDMError
-from ddmkit.io import read_json, sha256_file, write_json
+from ddmkit.io import check_finite_tensors, load_tensors, read_json, sha256_file, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, from_pretrained
 
@@ -268,6 +268,7 @@ def _model_folders(run: Path, k: int) -> list[tuple[str, str, int | None]]:
 def registry_entry(run: Path, rel: str, role: str, cluster: int | None) -> dict:
     folder = safe_join(run, rel)
     config = check_model_folder(folder)
+    check_finite_tensors(load_tensors(folder / "model.safetensors"), folder / "model.safetensors")  # loading would refuse it
     return {"name": rel.rsplit("/", 1)[-1], "role": role, "path": rel, "cluster": cluster,
             "weights_sha256": sha256_file(folder / "model.safetensors"),
             "config_sha256": sha256_file(folder / "config.json"), "shard_sha256": config.get("shard_sha256")}
