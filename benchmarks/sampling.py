@@ -263,8 +263,9 @@ def main(argv=None) -> None:
     print(f"# sampling benchmark: {where}; torch {torch.__version__}; ddmkit {__version__}; experts {args.experts} "
           f"width {args.width}; bf16 {args.bf16}; {args.steps} Euler steps x {args.repeats} repeats "
           f"(+{args.warm_runs} warm-up)", flush=True)
-    if device.type != "cuda" and len(speeds) > 1:
-        print("(on a CPU the speed options change nothing: the rows differ only by noise)")
+    if device.type != "cuda":  # the speed options are CUDA's: a CPU row is eager whatever --speed names
+        print(f"(on a CPU the speed options change nothing: one row per batch, eager, for --speed {' '.join(speeds)})")
+        speeds = {"eager": dataclasses.replace(SPEEDS["eager"], autocast=autocast)}
     start = time.perf_counter()
     raw = []
     for k in args.ks:
