@@ -17,7 +17,7 @@ Methods:
     monolith                  sample_single on one network of one expert's size
     naive top-2               every expert on every row, then the top-2 weighted sum
 
---speed names the SpeedOptions to time, each with every method (on a CPU they change nothing):
+--speed names the SpeedOptions to time, each with every method (on a CPU they change nothing: one "eager" row):
 
     eager            SpeedOptions(cuda_graphs=False, cuda_streams=False)
     streams          SpeedOptions() (the default: a sparse step's experts on concurrent CUDA streams)
