@@ -296,6 +296,20 @@ def test_the_report_from_cells_scored_elsewhere(tiny_grid, tmp_path):
     assert scale.returncode == 2 and "Cells of the other --scale are there" in " ".join(scale.stderr.split())
 
 
+def test_scored_cells_outside_the_grid_are_named(tiny_grid, tmp_path):
+    """A middle budget's other seeds count only with --all-seeds: a report that leaves such a scored
+    cell out says so."""
+    out = tmp_path / "brought_back"
+    copy_metrics(tiny_grid, out, ["k2_b0.5_s0", "k2_b1_s0"])
+    (out / "k2_b0.75_s1").mkdir()
+    (out / "k2_b0.75_s1" / "metrics.json").write_text("{}")
+    grid = ("--k", "2", "--budget", "0.5", "--budget", "0.75", "--budget", "1", "--seed", "0", "--seed", "1",
+            "--monolith-k", "4")
+    done = cli("sweep", TINY, "--out", out, *grid, "--stages", "report", "--partial")
+    assert done.returncode == 0, done.stderr
+    assert "k2_b0.75_s1 are scored but left out" in " ".join(done.stderr.split()) and "--all-seeds" in done.stderr
+
+
 def test_a_grid_run_in_parts_is_the_whole_grid(tiny_grid, tmp_path):
     """--monolith-k: a part without the monolith's K trains the whole grid's cells (no monolith of its
     own), and the report over every part's cells is the whole grid's (its budget-1 cells, reported apart)."""

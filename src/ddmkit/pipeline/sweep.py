@@ -355,6 +355,12 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
     if stages == "report":
         results, missing = scored_cells(grid, out, partial)
+        beyond = [] if all_seeds else [cell_dir(out, k, b, s, scale, cfg.partition.k).name
+                                       for k, b, s in cells(ks, budgets, seeds, all_seeds=True) if (k, b, s) not in todo]
+        beyond = [name for name in beyond if (out / name / "metrics.json").exists()]
+        if beyond:
+            log(f"sweep: cells {', '.join(beyond)} are scored but left out: a seed other than the first counts "
+                "only at the smallest and largest budget; add --all-seeds to report every seed at every budget")
         return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, grid), log,
                             missing, scale)
     short = short_trainings(cfg, ks, budgets, mono_k, scale)
