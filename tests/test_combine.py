@@ -1,4 +1,6 @@
 """The sparse combiner: exact against the dense reference, no work on zero-weight rows, router reuse."""
+import warnings
+
 import pytest
 import torch
 
@@ -208,3 +210,22 @@ def test_sample_ddm_router_reuse_and_bf16_autocast():
     assert info["router_calls"] == 6 and held_info["router_calls"] == 2
     assert low.dtype == torch.float32
     assert (low - plain).abs().max() < 0.1 * plain.abs().max()  # bf16: about 3% here
+
+
+def test_autocast_follows_the_rows_device_not_the_device_argument():
+    """The rows given as x1 decide where the networks run, so they decide the autocast too: rows on the
+    CPU with device="cuda" (as with rows on a GPU and the default device="cpu") are autocast on the CPU."""
+    from ddmkit.accel import SpeedOptions
+    from ddmkit.ddm.sampling import sample_single
+
+    net = torch.nn.Linear(D, D)
+    x1 = torch.randn(16, D, generator=torch.Generator().manual_seed(0))
+    field = lambda x, t: net(x)  # noqa: E731
+    low = SpeedOptions(autocast="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns of a CUDA autocast asked without CUDA (the old behaviour)
+        other, _ = sample_single(field, (D,), 16, steps=3, x1=x1, device="cuda", speed=low)
+    here, _ = sample_single(field, (D,), 16, steps=3, x1=x1, device="cpu", speed=low)
+    full, _ = sample_single(field, (D,), 16, steps=3, x1=x1)
+    assert not torch.equal(here, full)  # bf16 on the CPU changes the samples
+    assert torch.equal(other, here)

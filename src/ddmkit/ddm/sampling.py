@@ -76,7 +76,7 @@ def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler
     parts, nfe = [], []
     _sync(x1.device)
     start = time.perf_counter()
-    with autocast(speed, device):
+    with autocast(speed, x1.device):
         for rows in chunks:
             state = RoutingState(generator=gen, prior=prior[rows] if per_row_prior else prior, nearest=ddm.nearest)
             part_cond = _rows(cond, rows)
@@ -122,7 +122,7 @@ def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "eul
     parts, nfe = [], []
     _sync(x1.device)
     start = time.perf_counter()
-    with autocast(speed, device):
+    with autocast(speed, x1.device):
         for rows in _chunks(len(x1), batch_size):
             part_cond = _rows(cond, rows) or {}
             parts.append(_integrate_counted(lambda x, t, c=part_cond: field(x, t, **c), x1[rows], steps, solver,
