@@ -6,7 +6,7 @@ from ddmkit.analysis.trace import new_state, trace_strategy
 from ddmkit.errors import DDMError
 from ddmkit.ddm import DDM
 from ddmkit.ddm.sampling import start_noise
-from ddmkit.routing import RoutingState, parse_strategy
+from ddmkit.routing import ExpertProbe, RoutingState, parse_strategy
 
 P = torch.tensor([[0.6, 0.35, 0.05, 0.0], [0.97, 0.01, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]])
 Q = torch.tensor([[0.6, 0.35, 0.05, 0.0], [0.5, 0.4, 0.05, 0.05], [0.4, 0.3, 0.2, 0.1]])  # experts 0, 1 on top
@@ -27,11 +27,10 @@ def test_adaptive_entropy_uses_the_perplexity_above_the_threshold():
 def test_gated_top_k_falls_back_to_top1_when_experts_disagree():
     x = torch.randn(3, 2)
     agree = [lambda x, t: x + 1.0, lambda x, t: 1.01 * (x + 1.0), lambda x, t: -x, lambda x, t: x]
-    state = RoutingState()
-    state.extra.update(x=x, t=torch.zeros(3), experts=agree)
+    state = RoutingState(probe=ExpertProbe(experts=agree, x=x, t=torch.zeros(3)))
     w = parse_strategy("gated-2@30").weights(Q, state)
     assert (w > 0).sum(1).tolist() == [2, 2, 2]
-    state.extra["experts"] = [lambda x, t: x + 1.0, lambda x, t: -(x + 1.0), lambda x, t: x, lambda x, t: x]
+    state.probe.experts = [lambda x, t: x + 1.0, lambda x, t: -(x + 1.0), lambda x, t: x, lambda x, t: x]
     w = parse_strategy("gated-2@30").weights(Q, state)
     assert (w > 0).sum(1).tolist() == [1, 1, 1]
     with pytest.raises(DDMError, match="analysis sampler"):
@@ -45,8 +44,7 @@ def test_gated_top_1_keeps_the_probabilities_device(monkeypatch):
 
     monkeypatch.setattr(adaptive, "probe", lambda state, idx: torch.zeros(*idx.shape, 2, device=idx.device))
     probs = Q.to("meta")
-    state = RoutingState()
-    state.extra.update(x=torch.zeros(3, 2, device="meta"), t=torch.zeros(3, device="meta"), experts=[])
+    state = RoutingState(probe=ExpertProbe(experts=[], x=torch.zeros(3, 2, device="meta"), t=torch.zeros(3, device="meta")))
     assert parse_strategy("gated-1@30").weights(probs, state).device == probs.device
 
 

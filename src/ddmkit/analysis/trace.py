@@ -3,11 +3,11 @@
     tr = trace_strategy(ddm, "top-2", x1, steps=50, solver="euler", seed=0)
     tr.x[i], tr.v[i], tr.t[i], tr.probs[i], tr.w[i]     # step i: state, velocity, time, router, weights
 
-The loop is the same as `pipeline.sampling.sample_ddm` (same solver, same
-routing state and seeding, so the same samples), with the routing state kept:
-the router is wrapped so every strategy can see the current (x, t) and the
-experts (`disagreement-gated` routing needs them), and the solver callback
-stores the first velocity evaluation of every step.
+The loop is the same as `ddmkit.ddm.sampling.sample_ddm` without conditioning
+(same solver, same routing state and seeding, so the same samples), with the
+routing state kept: the router is wrapped so every strategy can see the current
+(x, t) and the experts (the `gated-K@A` strategies need them: state.probe), and
+the solver callback stores the first velocity evaluation of every step.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 from ddmkit.ddm.model import DDM
 from ddmkit.ddm.sampling import sample_field
 from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
+from ddmkit.routing.strategies import ExpertProbe
 from ddmkit.routing.combine import last_weights
 
 
@@ -50,13 +51,18 @@ def new_state(ddm: DDM, seed: int, device="cpu") -> RoutingState:
     return RoutingState(generator=gen, prior=ddm.prior, nearest=ddm.nearest)
 
 
-def hooked_field(ddm: DDM, strategy, state: RoutingState, counter: CallCounter | None = None):
-    """The routed velocity field, with (x, t, probs, experts, counter) visible to the strategy via state.extra."""
-    state.extra.update(experts=ddm.experts, counter=counter)
+def hooked_field(ddm: DDM, strategy, state: RoutingState, counter: CallCounter | None = None,
+                 seen: dict | None = None):
+    """The routed velocity field, with the experts at the routed (x, t) visible to the strategy (state.probe);
+    `seen`, when given, holds the last routing's router probabilities ("probs") and the x0_hat it saw
+    ("x0_prev")."""
+    state.probe = ExpertProbe(experts=ddm.experts, counter=counter)
 
     def router(x, t):
         p = ddm.router(x, t)
-        state.extra.update(x=x, t=t, probs=p, x0_prev=state.x0_hat)
+        state.probe.x, state.probe.t = x, t
+        if seen is not None:
+            seen.update(probs=p, x0_prev=state.x0_hat)
         return p
 
     return routed_velocity(ddm.experts, router, strategy, state, counter)
@@ -68,7 +74,8 @@ def trace_strategy(ddm: DDM, strategy: str, x1: torch.Tensor, steps: int, solver
     strat = parse_strategy(strategy)
     state = new_state(ddm, seed, x1.device)
     counter = CallCounter()
-    field = hooked_field(ddm, strat, state, counter)
+    seen: dict = {}
+    field = hooked_field(ddm, strat, state, counter, seen)
     rec: dict[str, list] = {key: [] for key in ("t", "x", "v", "probs", "w", "x0_prev")}
 
     def callback(step):
@@ -77,9 +84,9 @@ def trace_strategy(ddm: DDM, strategy: str, x1: torch.Tensor, steps: int, solver
         rec["t"].append(step["t"].reshape(()))
         rec["x"].append(step["x"])
         rec["v"].append(step["v"])
-        rec["probs"].append(state.extra["probs"])
+        rec["probs"].append(seen["probs"])
         rec["w"].append(last_weights(state, ddm.k))
-        rec["x0_prev"].append(state.extra["x0_prev"])
+        rec["x0_prev"].append(seen["x0_prev"])
 
     x0 = sample_field(field, x1, steps, solver, callback)
     calls = counter.total_rows / len(x1)
@@ -106,5 +113,5 @@ def strategy_weights(ddm: DDM, strategy, probs: torch.Tensor, x: torch.Tensor, t
     previous step's estimate (nearest-cluster routing), randomness from a fixed seed."""
     state = new_state(ddm, seed, x.device)
     state.x0_hat = x0_hat
-    state.extra.update(experts=ddm.experts, counter=None, x=x, t=t, probs=probs)
+    state.probe = ExpertProbe(experts=ddm.experts, x=x, t=t)
     return strategy.weights(probs, state)

@@ -66,7 +66,7 @@ class GatedTopK(Strategy):
         return f"gated-{self.k}@{self.angle:g}"
 
     def weights(self, probs, state):
-        if "experts" not in state.extra or "x" not in state.extra:
+        if state.probe is None or state.probe.x is None:
             raise DDMError(f"strategy {self.name!r} compares expert velocities and needs the analysis sampler; "
                            "use `ddmkit analyze --strategy` (or ddmkit.analysis.trace_strategy)")
         k = min(self.k, probs.shape[1])
@@ -83,7 +83,7 @@ class GatedTopK(Strategy):
 
 def probe(state, idx: torch.Tensor) -> torch.Tensor:
     """Velocities (B, k, D) of experts idx[b, j] at the state's current (x, t), one call per expert used."""
-    x, t, experts, counter = state.extra["x"], state.extra["t"], state.extra["experts"], state.extra.get("counter")
+    x, t, experts, counter = state.probe.x, state.probe.t, state.probe.experts, state.probe.counter
     out = torch.zeros(*idx.shape, x[0].numel(), dtype=x.dtype, device=x.device)
     for e in idx.unique().tolist():
         rows, slot = (idx == e).nonzero(as_tuple=True)

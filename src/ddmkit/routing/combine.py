@@ -161,7 +161,7 @@ def combine_dense(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tens
 
 def last_weights(state: RoutingState, num_experts: int) -> torch.Tensor:
     """The dense weights (B, K) of the routed field's last routing."""
-    w = state.extra["last_weights"]
+    w = state.last_weights
     return dense_weights(*w, num_experts) if isinstance(w, tuple) else w  # a tuple: a sparse selection
 
 
@@ -206,7 +206,7 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
         else:
             v = apply_plan(experts, plan, x, t, counter, cond, call_experts)
         state.x0_hat = x0_from_velocity(v, x, t)
-        state.extra["last_weights"] = w  # dense (B, K) or a selection; last_weights() gives (B, K)
+        state.last_weights = w  # dense (B, K) or a selection; last_weights() gives (B, K)
         return v
 
     return velocity

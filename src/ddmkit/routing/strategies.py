@@ -20,12 +20,24 @@ ddmkit.routing.table, which parses names and documents them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 from ddmkit.errors import DDMError
+
+
+@dataclass
+class ExpertProbe:
+    """What a strategy that compares the experts' velocities sees (the gated strategies): the state (x, t)
+    being routed and the experts, kept up to date by the analysis sampler (ddmkit.analysis.trace);
+    `counter` (a CallCounter, or None) counts the probe's expert calls."""
+
+    experts: Sequence[Callable]
+    counter: object | None = None
+    x: torch.Tensor | None = None
+    t: torch.Tensor | None = None
 
 
 @dataclass
@@ -37,7 +49,8 @@ class RoutingState:
     nearest: Callable[[torch.Tensor], torch.Tensor] | None = None  # x0_hat -> (B,) cluster index
     oracle: torch.Tensor | None = None  # (B,) fixed cluster per sample
     x0_hat: torch.Tensor | None = None  # from the previous step
-    extra: dict = field(default_factory=dict)
+    last_weights: torch.Tensor | tuple | None = None  # the last routing: dense (B, K), or a selection (idx, w)
+    probe: ExpertProbe | None = None  # the experts at (x, t), for the strategies that compare them
 
 
 def renormalise(w: torch.Tensor) -> torch.Tensor:
