@@ -49,7 +49,7 @@ def test_sparse_equals_dense_with_conditioning_and_skips_zero_rows(name):
     w = parse_strategy(name).weights(router(x, t), st)
     w[::7] = 0  # rows with no expert at all get zero and cost nothing
     counter = CallCounter()
-    sparse = combine(experts, w, x, t, counter, cond={"label": label})
+    sparse = combine(experts, w, x, t, counter=counter, cond={"label": label})
     assert sum(calls) == int((w != 0).sum()) == counter.total_rows
     dense = combine_dense(experts, w, x, t, cond={"label": label})
     assert torch.allclose(sparse, dense, atol=1e-6, rtol=0)

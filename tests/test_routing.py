@@ -90,7 +90,7 @@ def test_sparse_combiner_equals_dense_and_skips_zero_rows(name, gen):
     x, t = torch.randn(b, 3, generator=gen), torch.rand(b, generator=gen)
     w = parse_strategy(name).weights(probs(gen, b, k), state(gen, k))
     counter = CallCounter()
-    sparse = combine(experts, w, x, t, counter)
+    sparse = combine(experts, w, x, t, counter=counter)
     dense = combine_dense(experts, w, x, t)
     assert torch.allclose(sparse, dense, atol=1e-6)
     assert counter.total_rows == int((w != 0).sum())

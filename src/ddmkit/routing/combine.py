@@ -136,7 +136,7 @@ def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t:
     return torch.zeros_like(x).index_add_(0, plan.rows, v)
 
 
-def combine(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+def combine(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor, *,
             counter: CallCounter | None = None, cond: Cond | None = None) -> torch.Tensor:
     """sum_k weights[:, k] * experts[k](x, t), evaluating expert k only where weights[:, k] != 0.
 
@@ -145,8 +145,8 @@ def combine(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t:
     return apply_plan(experts, make_plan(weights), x, t, counter, cond)
 
 
-def combine_dense(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-                  cond: Cond | None = None, counter: CallCounter | None = None) -> torch.Tensor:
+def combine_dense(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor, *,
+                  counter: CallCounter | None = None, cond: Cond | None = None) -> torch.Tensor:
     """Every expert on every row, then the weighted sum: the reference, the
     naive implementation, and the no-sync path of the strategy "full" (one
     expert after another: on concurrent streams, K calls on every row would
@@ -202,7 +202,7 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
         memory["calls"] += 1
         w, plan = memory["weights"], memory["plan"]
         if plan is None:
-            v = combine_dense(experts, w, x, t, cond, counter)
+            v = combine_dense(experts, w, x, t, counter=counter, cond=cond)
         else:
             v = apply_plan(experts, plan, x, t, counter, cond, call_experts)
         state.x0_hat = x0_from_velocity(v, x, t)
