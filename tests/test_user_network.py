@@ -210,3 +210,11 @@ def test_use_network_refuses_what_is_not_a_module_class(monkeypatch):
     with pytest.raises(DDMError, match="cannot import"):
         use_network("tests.no_such_module:Net")
     assert user.user_networks() == ()
+
+
+@pytest.mark.parametrize("name", ["expert", "router"])
+def test_a_class_that_cannot_be_imported_names_its_setting(tmp_path, here, name):
+    code, err = here("partition", "--config", Path(__file__).parent / "configs" / "tiny.toml", "--out", tmp_path / "run",
+                     "--set", f"{name}.net.arch=no_such_module:Net", path=tmp_path)
+    assert code == 2 and f"{name}.net.arch: cannot import 'no_such_module:Net'" in err
+    assert not (tmp_path / "run").exists()

@@ -82,10 +82,7 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
     typed = {item.partition("=")[0].strip() for item in overrides or []}
     for name, net in (("expert", cfg.expert.net), ("router", cfg.router.net)):
         if is_user_network(net.arch) and (own_file or typed & {f"{name}.net", f"{name}.net.arch"}):
-            try:
-                use_network(net.arch)
-            except DDMError as e:  # its messages start "net.arch: ..."; say which network
-                raise DDMError(f"{name}.{e}") from None
+            use_network(net.arch, field=f"{name}.net.arch")
     return cfg
 
 

@@ -43,8 +43,24 @@ def network_class(arch: str) -> Callable[..., nn.Module]:
     return ARCHITECTURES[arch]
 
 
+def check_arguments(arch: str, cls: type, kwargs: dict) -> None:
+    """A DDMError naming the accepted arguments when kwargs do not fit cls's signature (a misspelt,
+    unknown or missing name); nothing when they fit or the signature cannot be read."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # a class without a readable signature: its constructor will say
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as e:
+        names = [p.name for p in signature.parameters.values()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "data_shape"]
+        raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {e}; accepted: {', '.join(names)}") from None
+
+
 def build_model(arch: str, **kwargs) -> nn.Module:
     cls = network_class(arch)
+    check_arguments(arch, cls, kwargs)
     errors = Exception if is_user_network(arch) else (TypeError, ValueError, OverflowError, RuntimeError,
                                                       ZeroDivisionError, AssertionError)
     try:
@@ -52,12 +68,7 @@ def build_model(arch: str, **kwargs) -> nn.Module:
     except DDMError:
         raise
     except errors as e:
-        accepted = ""
-        if isinstance(e, TypeError) and "keyword argument" in str(e):  # a misspelt or unknown name
-            names = [p.name for p in inspect.signature(cls).parameters.values()
-                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "data_shape"]
-            accepted = f"; accepted: {', '.join(names)}"
-        raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {type(e).__name__}: {str(e)[:300]}{accepted}") from None
+        raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {type(e).__name__}: {str(e)[:300]}") from None
 
 
 def build_seeded(arch: str, seed: int, **kwargs) -> nn.Module:

@@ -60,29 +60,31 @@ def class_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def use_network(name: str | type[nn.Module], cls: type[nn.Module] | None = None) -> type[nn.Module]:
+def use_network(name: str | type[nn.Module], cls: type[nn.Module] | None = None,
+                field: str = "net.arch") -> type[nn.Module]:
     """Register a network class for this process and return it:
 
         use_network("mynets:Velocity")               # imported by name
         use_network("mynets:Velocity", Velocity)     # the class given (nothing imported)
         use_network(Velocity)                        # the class, under its own "module:Class" name
 
-    Call it only with a name from the config you run, never with one read from a run folder."""
+    Call it only with a name from the config you run, never with one read from a run folder. `field`
+    names the setting in the errors (e.g. "expert.net.arch")."""
     if isinstance(name, type):
         name, cls = class_name(name), name
     if cls is None:
         module, _, attr = name.partition(":")
         if not module or not attr:
-            raise DDMError(f"net.arch: {name!r} is not a built-in architecture or 'package.module:Class'")
+            raise DDMError(f"{field}: {name!r} is not a built-in architecture or 'package.module:Class'")
         try:
             cls = importlib.import_module(module)
             for part in attr.split("."):
                 cls = getattr(cls, part)
         except Exception as e:  # ImportError, AttributeError, or the module failing as it loads
-            raise DDMError(f"net.arch: cannot import {name!r} ({type(e).__name__}: {str(e)[:200]}); install the "
+            raise DDMError(f"{field}: cannot import {name!r} ({type(e).__name__}: {str(e)[:200]}); install the "
                            "package that defines it (or put its folder on PYTHONPATH), or fix the name") from None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise DDMError(f"net.arch: {name!r} is a {type(cls).__name__}, not a torch.nn.Module subclass")
+        raise DDMError(f"{field}: {name!r} is a {type(cls).__name__}, not a torch.nn.Module subclass")
     _USER[name] = cls
     return cls
 

@@ -122,9 +122,9 @@ def register_user_networks(cfg: RunConfig) -> None:
     """Import and register the network classes the user's config names (expert.net.arch or
     router.net.arch = "package.module:Class"); nothing for built-in architectures. Call it only
     with the config the user runs, never with one read from a run folder."""
-    for net in (cfg.expert.net, cfg.router.net):
+    for name, net in (("expert", cfg.expert.net), ("router", cfg.router.net)):
         if is_user_network(net.arch):
-            use_network(net.arch)
+            use_network(net.arch, field=f"{name}.net.arch")
 
 
 def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
