@@ -147,3 +147,18 @@ def test_stale_temporary_files_of_a_text_run_are_removed_by_the_next_run(tmp_pat
         (p / "sub").mkdir(parents=True)
     partition_text_run(config, run, log=QUIET)
     assert not stale.exists() and live.exists()
+
+
+def test_text_training_leaves_the_callers_thread_count(tmp_path):
+    """Every text job runs on the config's threads and gives the caller's count back after."""
+    import torch
+
+    config, run = write_config(tmp_path, "text_ar"), tmp_path / "run"
+    partition_text_run(config, run, log=QUIET)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        train_text_experts(run, QUIET)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -50,6 +50,7 @@ from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.routing import parse_strategy
 from ddmkit.routing.strategies import Threshold, TopK
+from ddmkit.train.threads import job_threads
 
 BANDS = [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)]
 REFERENCE_NAMES = {"exact": "exact posterior mean", "monolith": "the monolith's estimate"}
@@ -234,14 +235,8 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, strategies: 
     threads: torch intra-op threads while it runs (1: small networks on a shared CPU only lose to spinning).
     device: where the networks and every tensor of the analysis live (auto, cpu, cuda, cuda:N, mps;
     default: the run's expert.train.device)."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        with run_lock(run_dir):
-            return _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, device, log)
-    finally:
-        torch.set_num_threads(before)
+    with job_threads(threads or torch.get_num_threads()), run_lock(run_dir):
+        return _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, device, log)
 
 
 def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, device, log) -> dict:

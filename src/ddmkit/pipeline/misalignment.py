@@ -96,6 +96,7 @@ from ddmkit.pipeline.stages import (
 from ddmkit.pipeline.misalignment_report import plot_study, render, render_images, summarize
 from ddmkit.registry import shard_files
 from ddmkit.routing import parse_strategy
+from ddmkit.train.threads import job_threads
 
 Log = Callable[[str], None]
 DEFAULT_CONDITIONS = ("disjoint", "overlap-0.25", "undertrained-0.1", "random", "tempered-3", "uniform-0.5",
@@ -432,52 +433,45 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     out = Path(out)
     settings = study_settings(cfg, images, strategies, n, n_boot, w2_boot, jvp_rows, max_steps, stability_rows)
     scoring: dict = {}  # images: the FID / KID scorer and the floor, made once from the first trained run
-    before = torch.get_num_threads()
     start = time.perf_counter()
     measures: dict[str, list[dict]] = {}
-    try:
-        for name, cond in parsed.items():
-            measures[name] = []
-            for seed in seeds if cond.trained else seeds[:1]:
-                cell_cfg = cell_config(cfg, cond, seed, n, strategies)
-                folder = RunFolder(run_dir(out, cond, seed))
-                path = measure_path(out, cond, seed)
-                key = json_digest({"settings": settings, "run": cell_cfg.digest(), "condition": name, "seed": seed})
-                measured = read_json(path) if path.exists() else {}
-                if measured.get("key") == key:
-                    measures[name].append(measured)
-                    continue
-                if stages == "report":
-                    missing.append(f"{name} seed {seed}")
-                    continue
-                log(f"misalignment: {name}, seed {seed} (run {folder.root})")
-                if not ready(cell_cfg, cond, folder):
-                    prepare_cell(cell_cfg, cond, folder, force, log)
-                    if cond.trained:
-                        run_pipeline(cell_cfg, folder.root, False, log, stages="train")
-                if stages == "train":
-                    continue
-                check_condition(cond, folder)
-                if threads:
-                    torch.set_num_threads(threads)
-                kept = kept_parts(path, key)
-                keep = functools.partial(keep_parts, path, key)
-                with run_lock(folder.root):
-                    if images:
-                        if not scoring:
-                            scoring.update(zip(("score", "floor"), image_scorer(cfg, folder, n, extractor)))
-                        cell = measure_image_cell(cond, folder, seed, settings, scoring["score"], log, device,
-                                                  kept, keep)
-                        cell["floor"] = scoring["floor"]  # the report needs no run folder when all is measured
-                    else:
-                        cell = measure_cell(cond, folder, seed, settings, log, device, kept, keep)
-                    result = {"key": key, **cell, "device": str(device)}
-                torch.set_num_threads(before)
-                write_json(path, result)
-                parts_path(path).unlink(missing_ok=True)
-                measures[name].append(result)
-    finally:
-        torch.set_num_threads(before)
+    for name, cond in parsed.items():
+        measures[name] = []
+        for seed in seeds if cond.trained else seeds[:1]:
+            cell_cfg = cell_config(cfg, cond, seed, n, strategies)
+            folder = RunFolder(run_dir(out, cond, seed))
+            path = measure_path(out, cond, seed)
+            key = json_digest({"settings": settings, "run": cell_cfg.digest(), "condition": name, "seed": seed})
+            measured = read_json(path) if path.exists() else {}
+            if measured.get("key") == key:
+                measures[name].append(measured)
+                continue
+            if stages == "report":
+                missing.append(f"{name} seed {seed}")
+                continue
+            log(f"misalignment: {name}, seed {seed} (run {folder.root})")
+            if not ready(cell_cfg, cond, folder):
+                prepare_cell(cell_cfg, cond, folder, force, log)
+                if cond.trained:
+                    run_pipeline(cell_cfg, folder.root, False, log, stages="train")
+            if stages == "train":
+                continue
+            check_condition(cond, folder)
+            kept = kept_parts(path, key)
+            keep = functools.partial(keep_parts, path, key)
+            with job_threads(threads or torch.get_num_threads()), run_lock(folder.root):
+                if images:
+                    if not scoring:
+                        scoring.update(zip(("score", "floor"), image_scorer(cfg, folder, n, extractor)))
+                    cell = measure_image_cell(cond, folder, seed, settings, scoring["score"], log, device,
+                                              kept, keep)
+                    cell["floor"] = scoring["floor"]  # the report needs no run folder when all is measured
+                else:
+                    cell = measure_cell(cond, folder, seed, settings, log, device, kept, keep)
+                result = {"key": key, **cell, "device": str(device)}
+            write_json(path, result)
+            parts_path(path).unlink(missing_ok=True)
+            measures[name].append(result)
     if stages == "train":
         log(f"misalignment study: every run trained in {out / 'runs'}; the same command with --stages all "
             "measures and reports")

@@ -49,6 +49,7 @@ from ddmkit.pipeline.stages import run_lock
 from ddmkit.registry import write_registry
 from ddmkit.tables import markdown_table
 from ddmkit.train.loop import fit
+from ddmkit.train.threads import job_threads
 
 Log = Callable[[str], None]
 
@@ -313,69 +314,69 @@ def train_text_expert(shard: str | Path, cfg: TextRunConfig, out_dir: str | Path
     """One expert on one shard file, in isolation: it reads that file and nothing else (the island's
     job; `ddmkit train-expert SHARD --config TEXT.toml --out FOLDER`). Every text job runs on
     cfg.threads CPU threads, so its bytes do not depend on where it runs."""
-    torch.set_num_threads(cfg.threads)
-    task, tr, m = TASKS[cfg.kind], cfg.expert.train, cfg.model
-    stream, _, meta = read_shard(shard)
-    c = int(meta.get("cluster", -1))
-    if c < 0:
-        raise DDMError(f"{shard}: not a text shard (no cluster in its metadata); run `ddmkit partition` first")
-    base = cfg.digest("corpus", "partition", "model", "expert")
-    loss = lambda model, g: task.expert_loss(model, sample_windows(stream, m.seq_len, tr.batch_size, g), g)
-    meta = {"role": f"{task.role} expert", "cluster": c, "k": int(meta.get("k", 0)), "shard_sha256": sha256_file(shard),
-            "data_hash": meta.get("data_hash"), **task.meta}
-    return train_or_load(Path(out_dir), f"{base}-{c}", task.expert_arch, _network(cfg), loss,
-                         tr.model_copy(update={"seed": tr.seed + c}), meta, f"expert {c + 1}/{meta['k']}", train)
+    with job_threads(cfg.threads):
+        task, tr, m = TASKS[cfg.kind], cfg.expert.train, cfg.model
+        stream, _, meta = read_shard(shard)
+        c = int(meta.get("cluster", -1))
+        if c < 0:
+            raise DDMError(f"{shard}: not a text shard (no cluster in its metadata); run `ddmkit partition` first")
+        base = cfg.digest("corpus", "partition", "model", "expert")
+        loss = lambda model, g: task.expert_loss(model, sample_windows(stream, m.seq_len, tr.batch_size, g), g)
+        meta = {"role": f"{task.role} expert", "cluster": c, "k": int(meta.get("k", 0)),
+                "shard_sha256": sha256_file(shard), "data_hash": meta.get("data_hash"), **task.meta}
+        return train_or_load(Path(out_dir), f"{base}-{c}", task.expert_arch, _network(cfg), loss,
+                             tr.model_copy(update={"seed": tr.seed + c}), meta, f"expert {c + 1}/{meta['k']}", train)
 
 
 def text_monolith(cfg: TextRunConfig, out: Path, streams: list, train: bool = True) -> torch.nn.Module | None:
     """The centralized model on all clusters with the experts' total compute (None when disabled)."""
     if not cfg.centralized.enabled:
         return None
-    torch.set_num_threads(cfg.threads)
-    task, tr, m = TASKS[cfg.kind], cfg.expert.train, cfg.model
-    steps = cfg.centralized.steps or len(streams) * tr.steps
-    base = cfg.digest("corpus", "partition", "model", "expert")
-    loss = lambda model, g: task.expert_loss(model, mixed_windows(streams, m.seq_len, tr.batch_size, g)[0], g)
-    return train_or_load(RunFolder(out).monolith, f"{base}-{cfg.digest('centralized')}", task.expert_arch,
-                         _network(cfg), loss, tr.model_copy(update={"steps": steps}),
-                         {"role": f"{task.role} centralized", **task.meta}, "centralized", train)
+    with job_threads(cfg.threads):
+        task, tr, m = TASKS[cfg.kind], cfg.expert.train, cfg.model
+        steps = cfg.centralized.steps or len(streams) * tr.steps
+        base = cfg.digest("corpus", "partition", "model", "expert")
+        loss = lambda model, g: task.expert_loss(model, mixed_windows(streams, m.seq_len, tr.batch_size, g)[0], g)
+        return train_or_load(RunFolder(out).monolith, f"{base}-{cfg.digest('centralized')}", task.expert_arch,
+                             _network(cfg), loss, tr.model_copy(update={"steps": steps}),
+                             {"role": f"{task.role} centralized", **task.meta}, "centralized", train)
 
 
 def text_routers(cfg: TextRunConfig, out: Path, streams: list, train: bool = True) -> dict:
     """name -> router: "bayes" (None: the exact posterior from the experts' likelihoods) and the
     learned one, trained on windows labelled by their cluster."""
-    torch.set_num_threads(cfg.threads)
-    task, m = TASKS[cfg.kind], cfg.model
-    routers: dict[str, torch.nn.Module | None] = {}
-    for kind in cfg.router.kinds:
-        if kind == "bayes":
-            routers["bayes"] = None
-            continue
-        rt = cfg.router.train
-        kwargs = _router_network(cfg, len(streams))
-        loss = lambda model, g: task.router_loss(model, *mixed_windows(streams, m.seq_len, rt.batch_size, g), g)
-        routers["learned"] = train_or_load(RunFolder(out).router, cfg.digest("corpus", "partition", "model", "router"),
-                                           task.router_arch, kwargs, loss, rt,
-                                           {"role": f"{task.role} router", "num_experts": len(streams), "k": len(streams),
-                                            **task.meta}, "router", train)
-    return routers
+    with job_threads(cfg.threads):
+        task, m = TASKS[cfg.kind], cfg.model
+        routers: dict[str, torch.nn.Module | None] = {}
+        for kind in cfg.router.kinds:
+            if kind == "bayes":
+                routers["bayes"] = None
+                continue
+            rt = cfg.router.train
+            kwargs = _router_network(cfg, len(streams))
+            loss = lambda model, g: task.router_loss(model, *mixed_windows(streams, m.seq_len, rt.batch_size, g), g)
+            meta = {"role": f"{task.role} router", "num_experts": len(streams), "k": len(streams), **task.meta}
+            routers["learned"] = train_or_load(RunFolder(out).router,
+                                               cfg.digest("corpus", "partition", "model", "router"),
+                                               task.router_arch, kwargs, loss, rt, meta, "router", train)
+        return routers
 
 
 def text_models(cfg: TextRunConfig, out: Path, train: bool = True) -> TextModels:
     """Partition, experts, centralized model and routers: loaded where written with the same settings,
     trained otherwise (train=False: a missing one is an error)."""
-    torch.set_num_threads(cfg.threads)
-    start = time.perf_counter()
-    folder = RunFolder(out)
-    manifest = run_partition(cfg, out)
-    _, streams = load_streams(folder.partition, "train")
-    _, test_streams = load_streams(folder.partition, "test")
-    experts = [train_text_expert(folder.partition / s["path"], cfg, folder.expert(s["cluster"]), train)
-               for s in sorted(manifest["shards"], key=lambda s: s["cluster"])]
-    central = text_monolith(cfg, out, streams, train)
-    routers = text_routers(cfg, out, streams, train)
-    return TextModels(experts, central, routers, cluster_prior(streams), manifest, test_streams,
-                      time.perf_counter() - start)
+    with job_threads(cfg.threads):
+        start = time.perf_counter()
+        folder = RunFolder(out)
+        manifest = run_partition(cfg, out)
+        _, streams = load_streams(folder.partition, "train")
+        _, test_streams = load_streams(folder.partition, "test")
+        experts = [train_text_expert(folder.partition / s["path"], cfg, folder.expert(s["cluster"]), train)
+                   for s in sorted(manifest["shards"], key=lambda s: s["cluster"])]
+        central = text_monolith(cfg, out, streams, train)
+        routers = text_routers(cfg, out, streams, train)
+        return TextModels(experts, central, routers, cluster_prior(streams), manifest, test_streams,
+                          time.perf_counter() - start)
 
 
 def run_text_config(cfg: TextRunConfig, out: Path, log: Log = print) -> dict:

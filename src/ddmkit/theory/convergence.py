@@ -37,9 +37,10 @@ from ddmkit.theory.experts import (cluster_groups, cluster_posterior, expert_dis
                                    make_router)
 from ddmkit.theory.paths import get_path
 from ddmkit.theory.report import (bootstrap_slope, loglog_slope, markdown_table, new_figure, save_figure,
-                                  single_thread, slope_text, t_interval, write_outputs)
+                                  slope_text, t_interval, write_outputs)
 from ddmkit.theory.stability import teacher_solve
 from ddmkit.truth import GaussianMixture
+from ddmkit.train.threads import job_threads
 
 SOLVER_NAMES = ("euler", "heun")
 
@@ -335,7 +336,7 @@ def floor_at(floor: list[dict], rms: float) -> float:
 
 
 # ----- the study -------------------------------------------------------------
-@single_thread()
+@job_threads(1)  # many small tensors: one thread is faster and leaves the other cores alone
 def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
     """Run the study and write report.md, results.json and the plots into out."""
     for spec in s.samplers + s.sweep_samplers + s.floor_samplers:

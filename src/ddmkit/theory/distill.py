@@ -28,12 +28,13 @@ import torch
 from ddmkit.config import TrainConfig
 from ddmkit.errors import DDMError
 from ddmkit.theory.paths import FlowPath, get_path
-from ddmkit.theory.report import (excludes_zero, loglog_slope, markdown_table, new_figure, save_figure, single_thread,
+from ddmkit.theory.report import (excludes_zero, loglog_slope, markdown_table, new_figure, save_figure,
                                   t_interval, write_outputs)
 from ddmkit.theory.stability import (cumulative_lambda, lambda_uniform_grid, measured_lipschitz, report_times,
                                      teacher_solve, uniform_grid)
 from ddmkit.theory.students import compose, relative_mse, train_segment
 from ddmkit.truth import GaussianMixture
+from ddmkit.train.threads import job_threads
 
 GRID_KINDS = ("uniform", "lambda")
 
@@ -203,7 +204,7 @@ def analytic_scaling(path: FlowPath, s: DistillSettings) -> dict:
 
 
 # ----- the study -------------------------------------------------------------
-@single_thread()
+@job_threads(1)  # many small tensors: one thread is faster and leaves the other cores alone
 def run_distill(s: DistillSettings, out: Path, log=print) -> dict:
     """Run the study and write report.md, results.json and the plots into out."""
     if not s.segments or min(s.segments) < 1:

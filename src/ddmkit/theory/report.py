@@ -2,11 +2,9 @@
 t-intervals over seeds, Markdown tables, and writing report.md / results.json / PNG plots."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import pyplot
@@ -96,14 +94,3 @@ def write_outputs(out: Path, report: str, results: dict) -> None:
     write_json(out / "results.json", results)
 
 
-@contextlib.contextmanager
-def single_thread():
-    """Run torch on one thread inside the block (restored after): the studies
-    use many small tensors, where one thread is faster and does not fight
-    other processes for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -4,7 +4,7 @@ torch's CPU results depend on its intra-op thread count, so every training job r
 `job_threads(config.train.threads)`: `train_expert` itself (so `ddmkit train-expert`, every
 process of a `--nproc` or torchrun job and every launch backend), and the pipeline's concurrent,
 monolith and router stages. The same bytes inline, in a process pool, on Ray or by hand, on any
-number of cores.
+number of cores. The analyses and studies that set a thread count use it too (the count restored after).
 """
 from __future__ import annotations
 
