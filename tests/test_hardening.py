@@ -350,6 +350,24 @@ def test_a_run_that_fails_its_checks_writes_nothing(tmp_path, case):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_config_edited_after_it_was_made_is_checked_before_anything_is_written(tmp_path):
+    cfg = tiny()
+    cfg.sample.n = 0  # pydantic does not check an assignment; run_pipeline checks the config again
+    with pytest.raises(DDMError, match=r"sample\.n: Input should be greater than or equal to 1"):
+        run_pipeline(cfg, tmp_path / "run", log=QUIET)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_by_path_or_built_in_name(tmp_path):
+    from ddmkit.config import BUILTIN_CONFIGS, checked_config, load_config
+
+    assert checked_config("demo") == load_config(BUILTIN_CONFIGS / "demo.toml") == load_config("demo")
+    with pytest.raises(DDMError, match="no built-in config 'dmeo'.*accepted: demo"):
+        checked_config("dmeo")
+    with pytest.raises(DDMError, match="expected a RunConfig or a config file's path, got dict"):
+        checked_config({"data": {}})
+
+
 def test_a_network_that_cannot_be_built_is_found_before_anything_is_written(tmp_path):
     with pytest.raises(DDMError, match=r"expert\.net: arch: unknown architecture 'mlpp'"):
         run_pipeline(tiny(expert__net={"arch": "mlpp"}), tmp_path / "a", log=QUIET)

@@ -64,7 +64,7 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
 
     path = None
     if config is not None:
-        path = config if config.exists() or config.suffix == ".toml" else builtin_config(str(config))
+        path = config if config.exists() or config.suffix else builtin_config(str(config))
         base = load_config(path)
     elif run is not None and (run / "config.json").exists():
         base = run_config(run)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -381,8 +382,11 @@ def read_toml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a TOML run configuration, or a run folder's config.json."""
+    """Read and validate a TOML run configuration, a run folder's config.json, or a built-in config by
+    name ("demo", "fashion_mnist": a name without a suffix that is no file)."""
     path = Path(path)
+    if not path.exists() and not path.suffix and path.name == str(path):
+        path = builtin_config(str(path))
     if not path.exists():
         raise DDMError(f"config file {path} does not exist")
     if path.suffix == ".json":
@@ -394,6 +398,20 @@ def load_config(path: str | Path) -> RunConfig:
     return validate(RunConfig, read_toml(path), str(path))
 
 
+def checked_config(cfg: RunConfig | str | Path) -> RunConfig:
+    """The config a pipeline entry point runs, checked as a config file is: a RunConfig validated again
+    (a field set after it was made, e.g. cfg.sample.n = 0, is not checked by the assignment), or the
+    config at a path or built-in name (load_config)."""
+    if isinstance(cfg, (str, Path)):
+        return load_config(cfg)
+    if not isinstance(cfg, RunConfig):
+        raise DDMError(f"config: expected a RunConfig or a config file's path, got {type(cfg).__name__}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydantic warns as it dumps a field set to another type; validate names it
+        raw = cfg.model_dump()
+    return validate(RunConfig, raw, "config")
+
+
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 
 
@@ -401,7 +419,7 @@ def builtin_config(name: str) -> Path:
     path = BUILTIN_CONFIGS / f"{name}.toml"
     if not path.exists():
         names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.toml"))
-        raise DDMError(f"no built-in config {name!r}; accepted: {', '.join(names)}")
+        raise DDMError(f"no built-in config {name!r} (and no file of that name); accepted: {', '.join(names)}")
     return path
 
 

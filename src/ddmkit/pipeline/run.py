@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ddmkit.config import RunConfig
+from ddmkit.config import RunConfig, checked_config
 from ddmkit.data.images import is_image_shape
 from ddmkit.ddm.load import load_truth
 from ddmkit.errors import DDMError
@@ -110,11 +110,13 @@ def untrained_parts(cfg: RunConfig, run) -> list[str]:
     return [str(n.relative_to(folder.root)) for n in nets if not (n / "model.safetensors").exists()]
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, log: Log = print, backend: str = "inline",
+def run_pipeline(cfg: RunConfig | str | Path, out: str | Path, force: bool = False, log: Log = print, backend: str = "inline",
                  workers: int | None = None, address: str | None = None, stages: str = "all") -> dict | None:
     """The stages in order, each skipped when already done; experts train on the launch `backend`
     (inline, processes, ray). stages: "train" (up to the registry), "evaluate" (sampling, scores,
-    report: needs the trained networks) or "all"."""
+    report: needs the trained networks) or "all". cfg: a RunConfig (checked again here, so fields set
+    after it was made are checked too) or a config file's path or built-in name."""
+    cfg = checked_config(cfg)
     if stages not in STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STAGES)}")
     missing = untrained_parts(cfg, out) if stages == "evaluate" else []
