@@ -218,3 +218,16 @@ def test_a_class_that_cannot_be_imported_names_its_setting(tmp_path, here, name)
                      "--set", f"{name}.net.arch=no_such_module:Net", path=tmp_path)
     assert code == 2 and f"{name}.net.arch: cannot import 'no_such_module:Net'" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_class_registered_under_a_name_of_its_own_is_used_by_that_name(monkeypatch):
+    """use_network("custom:Name", cls) registers a class no import could find; a config naming
+    "custom:Name" then trains it (the pipeline's use_network(name) imports nothing)."""
+    from ddmkit.config import RunConfig
+    from ddmkit.pipeline.stages import register_user_networks
+
+    monkeypatch.setattr(user, "_USER", {})
+    use_network("custom:Doubler", Doubler)
+    cfg = RunConfig.model_validate({"expert": {"net": {"arch": "custom:Doubler"}}})
+    register_user_networks(cfg)
+    assert use_network("custom:Doubler") is Doubler and user.user_networks() == ("custom:Doubler",)

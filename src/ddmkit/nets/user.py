@@ -72,6 +72,8 @@ def use_network(name: str | type[nn.Module], cls: type[nn.Module] | None = None,
     names the setting in the errors (e.g. "expert.net.arch")."""
     if isinstance(name, type):
         name, cls = class_name(name), name
+    if cls is None and name in _USER:  # registered before, e.g. with the class given: nothing imported
+        return _USER[name]
     if cls is None:
         module, _, attr = name.partition(":")
         if not module or not attr:
