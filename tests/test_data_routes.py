@@ -209,6 +209,7 @@ def test_an_array_with_a_test_fraction(tmp_path, monkeypatch, capsys):
     config = vectors(tmp_path / "a.toml", tmp_path / "x.npy", "{ test_fraction = 0.4 }", n_train=1000, n_test=0)
     runs(monkeypatch, capsys, config, tmp_path / "run")
     assert data_info(tmp_path / "run")["n_test"] == 200 and data_info(tmp_path / "run")["n_train"] == 300
+    assert "(300 train, 200 test)" in (tmp_path / "run" / "report.md").read_text()  # the rows, not the config's 1000 / 0
     split = {s: load_tensors(tmp_path / "run" / "data" / f"{s}.safetensors")["x"].numpy() for s in ("train", "test")}
     together = np.concatenate([split["train"], split["test"]])  # the two splits are the file's rows, each once
     assert np.array_equal(together[np.lexsort(together.T)], x[np.lexsort(x.T)])

@@ -120,9 +120,10 @@ cluster Gaussians, `ddmkit.routing.stats_router`) against the learned router, sa
 
 def _main_report(cfg: RunConfig, run, result: dict, rows: list, rep: dict, router_rows: list) -> str:
     d, p, s = cfg.data, cfg.partition, cfg.sample
+    made = read_json(RunFolder(run).data_info)  # the rows the run has (the config's counts can be "all" or at most)
     return f"""# ddmkit run report
 
-Data: `{d.name}` ({d.n_train} train, {d.n_test} test). Partition: k = {p.k}, features = {p.features},
+Data: `{d.name}` ({made['n_train']} train, {made['n_test']} test). Partition: k = {p.k}, features = {p.features},
 balanced = {p.balanced}. Sampling: {s.n} samples, {s.solver}, {s.steps} steps, the same noise
 (seed {s.seed}) for every strategy.
 
