@@ -203,6 +203,20 @@ def test_lists_are_accepted_only_for_the_keys_that_take_them():
 
 # ----- arrays: test_fraction and test_path --------------------------------------------------------
 
+@pytest.mark.parametrize("values, dtype", [(np.ones((20, 2)) + 1j, "complex128"), (np.ones((20, 2)) > 0, "bool")])
+def test_an_array_file_of_complex_or_bool_values_is_refused(tmp_path, values, dtype):
+    np.save(tmp_path / "x.npy", values)  # the same rule as a dataset function's: no silent cast to float32
+    with pytest.raises(DDMError, match=f"data.name: data file .* holds an array of {dtype}; expected numbers"):
+        load_dataset(str(tmp_path / "x.npy"), 10, 5)
+
+
+def test_an_array_file_that_is_not_an_array_says_what_to_save(tmp_path):
+    (tmp_path / "x.npy").write_bytes(b"not an array at all")
+    with pytest.raises(DDMError, match="never pickle: save a numeric array with np.save") as error:
+        load_dataset(str(tmp_path / "x.npy"), 10, 5)
+    assert "allow_pickle" not in str(error.value).split("(", 1)[0]  # no fix ddmkit cannot take
+
+
 def test_an_array_with_a_test_fraction(tmp_path, monkeypatch, capsys):
     x = blobs(500)
     np.save(tmp_path / "x.npy", x)

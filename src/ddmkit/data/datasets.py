@@ -109,7 +109,9 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
     try:
         arr = np.load(p, allow_pickle=False)
     except Exception as e:  # a corrupt or pickled file
-        raise DDMError(f"{field}: data file {path!r} could not be read as .npy/.npz without pickle: {e}") from e
+        raise DDMError(f"{field}: data file {path!r} is not a .npy/.npz array file, or holds Python objects "
+                       f"(ddmkit reads arrays of numbers only, never pickle: save a numeric array with np.save or "
+                       f"np.savez) ({str(e)[:200]})") from None
     labels = None
     if key is not None and not isinstance(arr, np.lib.npyio.NpzFile):
         raise DDMError(f"data.params.key: {path!r} is a .npy file, which holds one array; key names an array of "
@@ -122,6 +124,9 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
             raise DDMError(f"data.params.key: {path!r} holds no array {key!r}; accepted: {', '.join(arr.files)}")
         labels = arr["labels"] if "labels" in arr.files else None
         arr = arr[key]
+    if arr.dtype.kind not in "fiu":  # bool, complex, strings, dates: no silent cast to float32
+        raise DDMError(f"{field}: data file {path!r} holds an array of {arr.dtype}; expected numbers (float or int, "
+                       "not bool or complex): convert it, e.g. np.save(path, x.astype(np.float32))")
     try:
         x = torch.as_tensor(np.asarray(arr, dtype=np.float32))
     except (TypeError, ValueError) as e:
