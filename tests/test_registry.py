@@ -18,13 +18,18 @@ from ddmkit.registry import safe_join, verify_registry, write_registry
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
 
 
-def small_run(root: Path) -> Path:
-    """partition, 4 experts, router and registry of the tiny config, 20 steps each."""
+def small_config():
+    """The tiny config, 20 steps for each network."""
     cfg = load_config(TINY)
     short = {"steps": 20, "warmup": 2, "log_every": 10}
-    cfg = cfg.model_copy(update={
+    return cfg.model_copy(update={
         "expert": cfg.expert.model_copy(update={"train": cfg.expert.train.model_copy(update=short)}),
         "router": cfg.router.model_copy(update={"train": cfg.router.train.model_copy(update=short)})})
+
+
+def small_run(root: Path) -> Path:
+    """partition, 4 experts, router and registry of the tiny config, 20 steps each."""
+    cfg = small_config()
     run = prepare_run_dir(root, cfg)
     quiet = lambda m: None  # noqa: E731
     for stage in (stage_data, stage_partition, stage_experts, stage_router, stage_registry):
@@ -75,6 +80,31 @@ def test_registering_non_finite_weights_is_refused(copy):
     with pytest.raises(DDMError, match=f"expert_01.*{name}.*NaN"):
         write_registry(copy)
     assert (copy / "registry.json").read_bytes() == before  # nothing registered
+
+
+def test_training_again_never_registers_a_changed_file(copy, monkeypatch, capsys):
+    """`ddmkit run` / `launch` train what a run lacks and register it again: a registered file changed since
+    is refused first (not vouched for by the new registry); a listed folder that is gone is trained again."""
+    from ddmkit.pipeline.run import train_stages
+
+    quiet = lambda m: None  # noqa: E731
+    before = (copy / "registry.json").read_bytes()
+    shutil.rmtree(copy / "router")
+    train_stages(small_config(), copy, quiet)  # the router, trained again, and registered
+    assert (copy / "router" / "model.safetensors").exists() and verify_registry(copy)["missing"] == []
+    w = copy / "experts" / "expert_02" / "model.safetensors"
+    w.write_bytes((copy / "experts" / "expert_03" / "model.safetensors").read_bytes())
+    registered = (copy / "registry.json").read_bytes()
+    with pytest.raises(DDMError, match="expert_02.*SHA-256 differs"):
+        train_stages(small_config(), copy, quiet)
+    assert (copy / "registry.json").read_bytes() == registered and registered != before
+    from ddmkit.cli import main
+
+    monkeypatch.setattr("sys.argv", ["ddmkit", "launch", str(copy)])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    assert exit.value.code == 2 and "SHA-256 differs" in capsys.readouterr().err
+    assert (copy / "registry.json").read_bytes() == registered
 
 
 def test_expert_from_another_partition_is_refused(copy):

@@ -278,7 +278,7 @@ def evaluate(run: Path = typer.Argument(..., help="run folder with samples/ (any
         evaluate_text(run, log=log)
         return
     from ddmkit.pipeline.run import evaluate_stage
-    from ddmkit.train.loop import resolve_device
+    from ddmkit.config import resolve_device
 
     cfg = _config(config, run, set_, device)
     evaluate_stage(cfg, run, log, resolve_device(cfg.expert.train.device))
@@ -408,6 +408,7 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
            set_: Optional[List[str]] = SET):
     """Train the run's missing experts on a backend, or emit a SLURM job array (one task per expert)."""
     from ddmkit.pipeline.stages import run_lock, stage_autoencoder, stage_experts, stage_registry
+    from ddmkit.registry import check_registered
 
     if emit is not None:
         from ddmkit.launch import write_slurm_script
@@ -428,17 +429,19 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
     check_backend(backend)
     if _text_run(run_dir):
         from ddmkit.pipeline.text import train_text_experts
-        from ddmkit.registry import write_registry
+        from ddmkit.registry import check_registered, write_registry
 
         _no_text_overrides(config, None, device, set_)
         if backend != "inline":
             raise DDMError(f"--backend {backend}: text experts train inline, or one per node with "
                            "`ddmkit launch RUN --emit slurm`; use --backend inline")
         with run_lock(run_dir):
+            check_registered(run_dir)
             train_text_experts(run_dir, log)
             write_registry(run_dir)
         return
     cfg = _config(config, run_dir, set_, device)
+    check_registered(run_dir)  # a registered file changed since is refused, not registered again
     stage_autoencoder(cfg, run_dir, log)  # latent runs: encode the shards first (once)
     stage_experts(cfg, run_dir, log, backend, workers, address)
     stage_registry(cfg, run_dir, log)

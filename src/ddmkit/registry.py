@@ -293,13 +293,14 @@ def _same_release(a: str, b: str) -> bool:
     return a.split(".")[:2] == b.split(".")[:2]
 
 
-def verify_registry(run: str | Path, allow_missing: bool = True) -> dict:
+def verify_registry(run: str | Path, allow_missing: bool = True, retraining: bool = False) -> dict:
     """Check every model folder listed in RUN/registry.json against it.
 
     Refused (DDMError): another time convention or ddmkit release, another
     partition, a weights or config file whose SHA-256 differs, an expert whose
     config names a different shard than the partition. A listed expert whose
-    folder is gone is reported in "missing" (or refused if not allow_missing).
+    folder is gone is reported in "missing" (or refused if not allow_missing); with retraining, any
+    listed folder may be gone (it is about to be trained again).
     """
     run = Path(run)
     source = run / REGISTRY
@@ -327,6 +328,8 @@ def verify_registry(run: str | Path, allow_missing: bool = True) -> dict:
     for e in reg.models:
         folder = safe_join(run, e.path, f"{source}: {e.name}.path")
         if not (folder / "model.safetensors").exists():
+            if retraining:
+                continue
             if e.role == "expert" and allow_missing:
                 missing.append(e.cluster)
                 continue
@@ -349,6 +352,15 @@ def verify_registry(run: str | Path, allow_missing: bool = True) -> dict:
     if missing and not allow_missing:
         raise DDMError(f"{source}: experts {sorted(missing)} are missing")
     return {"missing": sorted(missing), "verified": verified}
+
+
+def check_registered(run: str | Path) -> None:
+    """Before a command that trains what a run lacks and registers it again (`ddmkit run`, `launch`): the
+    model folders RUN/registry.json lists and that are still there have its hashes, so the new registry
+    never vouches for a file changed since (a DDMError names it; `ddmkit register` accepts a change on
+    purpose). Listed folders that are gone are trained again; a run without a registry has nothing to check."""
+    if (Path(run) / REGISTRY).exists():
+        verify_registry(run, allow_missing=True, retraining=True)
 
 
 def warn_missing(missing: list[int], k: int) -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ddmkit.config import RunConfig, checked_config
+from ddmkit.config import RunConfig, checked_config, resolve_device
 from ddmkit.data.images import is_image_shape
 from ddmkit.ddm.load import load_truth
 from ddmkit.errors import DDMError
@@ -31,7 +31,7 @@ from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_ev
                                         statistics_set)
 from ddmkit.pipeline.sampling import stage_sample
 from ddmkit.pipeline.stages import TRAINING_STAGES, stage_experts, stage_monolith, stage_router
-from ddmkit.train.loop import resolve_device
+from ddmkit.registry import check_registered
 
 Log = Callable[[str], None]
 STAGES = ("all", "train", "evaluate")
@@ -60,6 +60,7 @@ def train_stages(cfg: RunConfig, run, log: Log = print, backend: str = "inline",
     process while the pool trains the experts: the cores are busy throughout, and every network's
     bytes are the same as in order (each job keeps its own seed and thread count)."""
     beside_pool = backend == "processes" and not cfg.expert.concurrent and cuda_count() == 0
+    check_registered(run)  # a registered file changed since is refused, not registered again
     for stage in TRAINING_STAGES:
         if stage is stage_experts:
             with in_thread(lambda: (stage_monolith(cfg, run, log), stage_router(cfg, run, log)), beside_pool):

@@ -46,7 +46,7 @@ from ddmkit.io import read_json, remove_stale_staging, sha256_file, staging_dir,
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, from_pretrained, save_pretrained
 from ddmkit.pipeline.stages import run_lock
-from ddmkit.registry import write_registry
+from ddmkit.registry import check_registered, write_registry
 from ddmkit.tables import markdown_table
 from ddmkit.train.loop import fit
 from ddmkit.train.threads import job_threads
@@ -380,6 +380,7 @@ def text_models(cfg: TextRunConfig, out: Path, train: bool = True) -> TextModels
 
 
 def run_text_config(cfg: TextRunConfig, out: Path, log: Log = print) -> dict:
+    check_registered(out)  # a registered file changed since is refused, not registered again
     models = text_models(cfg, out)
     write_registry(out)
     log(f"text models: {len(models.experts)} experts, centralized and routers ready in {models.seconds:.1f}s")
