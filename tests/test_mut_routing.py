@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddmkit.errors import DDMError
-from ddmkit.routing import RoutingState, parse_strategy, routed_velocity
+from ddmkit.routing import ExpertProbe, RoutingState, parse_strategy, routed_velocity
 from ddmkit.routing import adaptive as AD
 from ddmkit.routing import stats_router as SR
 from ddmkit.routing.strategies import Oracle, SampleK, Threshold, TopK
@@ -87,7 +87,7 @@ class Counter:
 
 
 def gated_state(x, t, experts, counter=None):
-    return RoutingState(extra={"x": x, "t": t, "experts": experts, **({"counter": counter} if counter else {})})
+    return RoutingState(probe=ExpertProbe(experts=experts, counter=counter, x=x, t=t))
 
 
 def test_probe_evaluates_each_expert_once_on_its_rows():
@@ -132,9 +132,9 @@ def test_gated_top_k_angle_zero_and_parallel_experts():
 def test_gated_top_k_needs_the_analysis_sampler():
     want = ("strategy 'gated-2@30' compares expert velocities and needs the analysis sampler; use `ddmkit analyze "
             "--strategy` (or ddmkit.analysis.trace_strategy)")
-    for extra in ({}, {"experts": []}, {"x": torch.zeros(1, 2)}):
+    for probe in (None, ExpertProbe(experts=[])):  # no probe, or one the analysis sampler has not set yet
         with pytest.raises(DDMError) as e:
-            AD.GatedTopK(2, 30.0).weights(torch.ones(1, 2) / 2, RoutingState(extra=extra))
+            AD.GatedTopK(2, 30.0).weights(torch.ones(1, 2) / 2, RoutingState(probe=probe))
         assert str(e.value) == want
 
 
