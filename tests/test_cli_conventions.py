@@ -189,3 +189,25 @@ def test_help_into_a_pipe_keeps_the_option_names_whole():
     out = subprocess.run([sys.executable, "-m", "ddmkit", "train-expert", "--help"], capture_output=True, text=True,
                          env=env).stdout
     assert "--checkpoint-every" in out and "OUT.checkpoint.safetensors" in out and "…" not in out, out
+
+
+def test_the_file_system_refusing_is_an_error_message_not_a_traceback(ddmkit, monkeypatch, tmp_path):
+    """A read-only run folder, a full disk: exit 2 with the path and what to check, no traceback."""
+    import ddmkit.cli as cli
+
+    def refused():
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / ".lock"))
+    monkeypatch.setattr(cli, "run_app", refused)
+    code, _, err = ddmkit("sample", tmp_path / "run")
+    assert code == 2 and f"error: Permission denied: {tmp_path / 'run' / '.lock'}; check that path" in err
+    assert "Traceback" not in err
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_is_named(ddmkit, tmp_path):
+    (tmp_path / "folder.toml").mkdir()
+    code, _, err = ddmkit("partition", "--config", tmp_path / "folder.toml", "--out", tmp_path / "run")
+    assert code == 2 and "is a folder, not a TOML file" in err
+    (tmp_path / "latin1.toml").write_bytes("[data]\nname = 'caf\xe9'\n".encode("latin-1"))
+    code, _, err = ddmkit("partition", "--config", tmp_path / "latin1.toml", "--out", tmp_path / "run")
+    assert code == 2 and "not UTF-8 text" in err and "save the config as UTF-8" in err
+    assert not (tmp_path / "run").exists()

@@ -783,6 +783,12 @@ def main() -> None:
     except DDMError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as e:  # the file system refused: permissions, a full disk, a folder where a file belongs
+        where = f": {e.filename}" if e.filename else ""
+        console.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(where)}; check that path (its "
+                      "permissions, the free space of its disk) and run the command again", highlight=False,
+                      soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # python -m ddmkit.cli, e.g. under torchrun

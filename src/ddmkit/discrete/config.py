@@ -161,5 +161,5 @@ def is_text_config(path: str | Path) -> bool:
     """True when the TOML file has a top-level kind = 'text_ar' or 'text_dfm'."""
     try:
         return tomllib.loads(Path(path).read_text()).get("kind") in KINDS
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # not a text config: read_toml, which reads it next, says what is wrong
