@@ -239,6 +239,9 @@ def test_other_run_in_output_folder_is_refused(tiny_run, tmp_path):
     other.write_text(TINY.read_text().replace("[partition]\nk = 4", "[partition]\nk = 3"))
     r = cli("run", other, "--out", out)
     assert r.returncode == 2 and "different run" in r.stderr and "--force" in r.stderr
+    assert "differs in partition.k (4, asked 3)" in " ".join(r.stderr.split())  # the field, named
+    r = cli("run", TINY, "--out", out, "--device", "cpu")  # made with "auto": only the device differs
+    assert r.returncode == 2 and "only the training device: give --device auto" in " ".join(r.stderr.split())
 
 
 def test_a_new_sample_section_keeps_the_networks_and_redraws_the_samples(tiny_run, tmp_path):

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ddmkit.config import RunConfig, json_digest, validate
+from ddmkit.config import RunConfig, config_differences, json_digest, validate
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, remove_stale_staging, write_json
 from ddmkit.latent.autoencoder import network_data_shape
@@ -47,6 +47,17 @@ def _entries(folder: RunFolder) -> list[Path]:
     return [p for p in folder.root.iterdir() if p != folder.lock] if folder.root.is_dir() else []
 
 
+def differences_text(made: RunConfig, asked: RunConfig) -> str:
+    """What differs between a run's config and the one asked, the fields named (the devices alone: the
+    --device to give)."""
+    differs = [d for d in config_differences(made.model_dump(mode="json"), asked.model_dump(mode="json"))
+               if not d.startswith(("sample.", "evaluate."))]
+    text = f"its config.json differs in {'; '.join(differs[:6])}{' ...' if len(differs) > 6 else ''}"
+    if differs and all(".train.device" in d for d in differs):
+        text += f" (only the training device: give --device {made.expert.train.device}, as the run was made)"
+    return text
+
+
 def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
     """What to do with the folder: "new", "same" (resume), "derived" (only [sample]/[evaluate]
     changed) or "replace" (force, another run); refusals are DDMErrors."""
@@ -63,8 +74,8 @@ def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
         if trained_digest(old.model_dump()) == trained_digest(cfg.model_dump()):
             return "derived"
         if not force:
-            raise DDMError(f"{folder.root} already holds a different run (its config.json differs in the data, "
-                           "partition or training); choose another --out folder or pass --force to replace it")
+            raise DDMError(f"{folder.root} already holds a different run: {differences_text(old, cfg)}; choose "
+                           "another --out folder or pass --force to replace it")
         return "replace"
     if _entries(folder) and not force:
         raise DDMError(f"{folder.root} exists and is not a ddmkit run folder; choose another --out or pass --force")
