@@ -354,3 +354,23 @@ def test_cli_messages_print_brackets_as_they_are(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         cli_module.main()
     assert exit_info.value.code == 2 and "pip install 'ddmkit[ray]'" in capsys.readouterr().err
+
+
+def test_a_set_drawn_with_other_settings_or_networks_is_drawn_again(tiny_run, tmp_path):
+    """`ddmkit run` keeps a set drawn with the run's settings and networks, and draws again one drawn by
+    `ddmkit sample` with other settings (the report would mix them) or before an expert was trained again."""
+    from ddmkit.io import load_tensors
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run[0], out)
+    info = lambda: json.loads((out / "samples" / "info.json").read_text())["top-2"]  # noqa: E731
+    full = (out / "samples" / "full.safetensors").stat().st_mtime_ns
+    assert cli("sample", out, "--strategy", "top-2", "--steps", "2", "--n", "50").returncode == 0
+    assert info()["drawn_with"]["steps"] == 2 and len(load_tensors(out / "samples" / "top-2.safetensors")["x"]) == 50
+    assert cli("run", TINY, "--out", out).returncode == 0
+    assert info()["drawn_with"]["steps"] == 8 and len(load_tensors(out / "samples" / "top-2.safetensors")["x"]) == 400
+    assert (out / "samples" / "full.safetensors").stat().st_mtime_ns == full  # drawn as the run draws: kept
+    experts = out / "experts"  # an intended change of an expert, registered: every set is drawn again
+    shutil.copyfile(experts / "expert_03" / "model.safetensors", experts / "expert_02" / "model.safetensors")
+    assert cli("register", out).returncode == 0 and cli("run", TINY, "--out", out).returncode == 0
+    assert (out / "samples" / "full.safetensors").stat().st_mtime_ns != full

@@ -36,6 +36,7 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu", scorer: 
     folder = RunFolder(run)
     scorer = scorer or scorer_for(cfg, run, log, device)
     infos = read_json(folder.sample_info) if folder.sample_info.exists() else {}
+    infos = {name: {k: v for k, v in info.items() if k != "drawn_with"} for name, info in infos.items()}
     rows = {FLOOR: scorer.floor()}
     if folder.is_latent:
         rows[RECONSTRUCTIONS] = scorer.reconstruction_floor(latent_codec(run, device))

@@ -18,7 +18,7 @@ from ddmkit.ddm import DDM, exact_ddm, load_ddm, sample_ddm, sample_single, star
 from ddmkit.ddm.load import latent_codec, monolith_field
 from ddmkit.registry import model_data_shape
 from ddmkit.ddm.sampling import config_options
-from ddmkit.io import read_json, save_tensors, write_json
+from ddmkit.io import read_json, save_tensors, sha256_file, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.samplesets import SampleSet, SetKind
 from ddmkit.progress import track
@@ -73,18 +73,28 @@ def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device, d
     return x0.cpu(), info
 
 
+def drawn_with(cfg: RunConfig, run, sample_set: SampleSet) -> dict:
+    """What a set's samples depend on besides its name: the sampling settings and the networks (the
+    registry's hash: a retrained or restored expert rewrites it; none before a run is registered)."""
+    s, registry = cfg.sample, RunFolder(run).registry
+    return {"n": sample_set.n, "steps": s.steps, "solver": s.solver, "seed": s.seed, "guidance": sample_set.guidance,
+            "router_every": s.router_every, "registry": sha256_file(registry) if registry.exists() else None}
+
+
 def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: Log = print, device="cpu",
                  on_sample: Callable[[str], object] | None = None, redraw: bool = False) -> None:
-    """Draw every set not yet drawn (all of them with redraw=True); on_sample(name) is called after
-    each set is written (e.g. to score it at once)."""
+    """Draw every set not yet drawn, or drawn with other settings or networks (all of them with
+    redraw=True); on_sample(name) is called after each set is written (e.g. to score it at once)."""
     folder = RunFolder(run)
     ddms: dict = {}
     for sample_set in track(sets, "sampling", lambda s: s.name):
         path = folder.sample_set(sample_set.name)
-        recorded = folder.sample_info.exists() and sample_set.name in read_json(folder.sample_info)
-        if path.exists() and recorded and not redraw:  # a set whose info a kill lost is drawn again
-            continue
+        recorded = read_json(folder.sample_info).get(sample_set.name, {}) if folder.sample_info.exists() else {}
+        made_with = drawn_with(cfg, run, sample_set)
+        if path.exists() and recorded.get("drawn_with") == made_with and not redraw:
+            continue  # a set whose info a kill lost, or drawn by other settings or networks, is drawn again
         x0, info = draw_set(cfg, run, sample_set, images, device, ddms)
+        info["drawn_with"] = made_with
         save_tensors(path, {"x": x0}, {"strategy": sample_set.name, "missing_experts": info["missing_experts"]})
         infos = read_json(folder.sample_info) if folder.sample_info.exists() else {}
         infos[sample_set.name] = info
