@@ -175,6 +175,15 @@ def test_every_number_in_the_config_is_finite_and_bounded(tmp_path, toml, field)
         load_config(path)
 
 
+@pytest.mark.parametrize("toml, words", [("[partition]\nk = true", "partition: k = true is a boolean"),
+                                         ("[expert.train]\nlr = false", "expert.train: lr = false is a boolean")])
+def test_a_boolean_is_not_read_as_a_number(tmp_path, toml, words):
+    path = tmp_path / "c.toml"
+    path.write_text(toml + "\n")  # pydantic alone reads true as 1: one cluster
+    with pytest.raises(DDMError, match=words):
+        load_config(path)
+
+
 def test_a_seed_too_large_for_64_bits_is_a_clear_error(monkeypatch, capsys, tmp_path):
     with pytest.raises(DDMError, match="seed"):
         RunConfig().with_seed(2**64)

@@ -10,10 +10,12 @@ import hashlib
 import json
 import re
 import sys
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddmkit.errors import DDMError
@@ -34,12 +36,46 @@ FEATURES = re.compile(r"^(identity|pca|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 DEVICE = r"^(auto|cpu|mps|cuda(:\d{1,3})?)$"
 
 
+DEVICE_FIX = 'pass --device cpu (or set the config\'s train.device = "auto")'
+
+
+def resolve_device(name: str | torch.device, what: str | None = None, fix: str = DEVICE_FIX) -> torch.device:
+    """A device (auto, cpu, cuda, cuda:N or mps; a string or torch.device) as a torch.device of this machine
+    ("auto": cuda when there is one, else cpu). A name that is no device, or a CUDA or MPS device this
+    machine lacks, is a DDMError before any tensor is made; it opens with `what` (the setting or argument
+    that named it; default "device 'NAME'") and ends with `fix`."""
+    text = str(name) if isinstance(name, (str, torch.device)) else None
+    what = what or f"device {name!r}"
+    if text is None or not re.fullmatch(DEVICE, text):
+        raise DDMError(f"{what} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(text)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise DDMError(f"{what}, but this machine has {gpus} CUDA device(s); {fix}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DDMError(f"{what}, but MPS is not available on this machine; {fix}")
+    return device
+
+
 def Seed(default: int = 0, description: str | None = None):
     return Field(default, ge=0, le=MAX_SEED, description=description)
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, data):
+        """pydantic reads true as 1 for a number field (`k = true` would be one cluster): refused."""
+        if isinstance(data, dict):
+            for name, info in cls.model_fields.items():
+                kinds = typing.get_args(info.annotation) or (info.annotation,)
+                if isinstance(data.get(name), bool) and bool not in kinds and (int in kinds or float in kinds):
+                    raise ValueError(f"{name} = {str(data[name]).lower()} is a boolean; give a number")
+        return data
 
 
 class DataConfig(Section):
@@ -375,9 +411,13 @@ def read_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise DDMError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise DDMError(f"config file {path} is a folder, not a TOML file; give the .toml file's path")
     try:
         return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise DDMError(f"{path}: not UTF-8 text ({e}); save the config as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
         raise DDMError(f"{path}: not valid TOML ({e})") from None
 
 

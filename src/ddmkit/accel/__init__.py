@@ -16,8 +16,9 @@ plain PyTorch and know nothing of CUDA.
     (always)      on a GPU without graphs, expert calls padded to bucket sizes (ddmkit.accel.padding),
                   so cuDNN plans a few batch sizes instead of one per call
 
-Off the GPU every option leaves the calls as they are: the same samples to the bit. On a GPU too,
-graphs, streams and padding give the samples of plain calls to the bit; autocast changes them.
+Graphs, streams and padding give the samples of plain calls to the bit, on a GPU and off it (off
+it they leave the calls as they are). Autocast changes the samples, and it applies on the CPU too
+(torch's CPU autocast, for the rows' device), not only on a GPU.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ import torch
 from ddmkit.accel.graphs import GraphedCall, graphs_per_expert, shared_graphs
 from ddmkit.accel.padding import bucket_size, padded
 from ddmkit.accel.streams import CONCURRENT_MAX_ROWS, CONCURRENT_MIN_ROWS, call_concurrently, concurrent_caller
+from ddmkit.errors import DDMError
+
+AUTOCAST = (None, "bfloat16", "float16")  # SpeedOptions.autocast: no autocast, or the torch dtype's name
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,14 @@ class SpeedOptions:
     cuda_graphs: bool = False
     cuda_streams: bool = True
     autocast: str | None = None  # None, "bfloat16" or "float16"
+
+    def __post_init__(self):
+        if self.autocast not in AUTOCAST:
+            raise DDMError(f"SpeedOptions autocast: {self.autocast!r} is not an autocast dtype; accepted: "
+                           "None (float32), 'bfloat16' or 'float16'")
+        for name in ("cuda_graphs", "cuda_streams"):
+            if not isinstance(getattr(self, name), bool):
+                raise DDMError(f"SpeedOptions {name}: {getattr(self, name)!r}; pass True or False")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ K against the partition's, each folder's config and weights by ddmkit.registry.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Callable
 
@@ -79,6 +80,23 @@ def check_shape(folder, config: dict, data_shape: tuple) -> None:
                        "resolution)")
 
 
+def expert_indices(indices, k: int, argument: str) -> list[int]:
+    """The expert indices `indices` (one int or several) sorted and without repeats, each checked to be
+    one of 0 .. k - 1, or a DDMError naming `argument`."""
+    accepted = f"accepted: expert indices 0 .. {k - 1}, one int or a list of ints"
+    items = [indices] if isinstance(indices, numbers.Integral) else indices
+    try:
+        items = None if isinstance(items, (str, bytes)) else list(items)
+    except TypeError:
+        items = None
+    if items is None:
+        raise DDMError(f"{argument}: {indices!r} is not an expert index or a list of them; {accepted}")
+    bad = [i for i in items if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < k]
+    if bad:
+        raise DDMError(f"{argument}: {bad!r} are not expert indices of these {k} experts; {accepted}")
+    return sorted({int(i) for i in items})
+
+
 def label_prior(counts: torch.Tensor) -> torch.Tensor:
     """p(cluster | class) (C, K) from the count of each class in each cluster, counts (C, K)
     (a class that no cluster holds gets the uniform row)."""
@@ -104,7 +122,8 @@ def island_stats_router(run, classes: int = 0, rank: int | None = None, device="
     marginal = [island_statistics(x, rank) for x, _ in shards]
     if not classes:
         return stats_router(marginal), False
-    per_class = [island_class_statistics(x, y, classes, rank) for x, y in shards]
+    # label C ("no label") has no class statistics, so it is routed by the islands' marginal statistics
+    per_class = [island_class_statistics(x, y, classes, rank) + [None] for x, y in shards]
     return class_stats_router(per_class, marginal), True
 
 
@@ -161,7 +180,8 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
         raise DDMError(f"router: unknown kind {router_kind!r}; accepted: learned, statistics")
     manifest, ptensors = load_partition_checked(folder.partition)
     k, shape = manifest["k"], model_data_shape(folder.root)
-    absent = [c for c in range(k) if c in set(exclude) or not (folder.expert(c) / "model.safetensors").exists()]
+    exclude = expert_indices(exclude, k, "exclude")
+    absent = [c for c in range(k) if c in exclude or not (folder.expert(c) / "model.safetensors").exists()]
     if absent and not allow_missing:
         raise DDMError(f"{folder.root}: experts {absent} are missing (no experts/expert_XX/model.safetensors)")
     if len(absent) == k:

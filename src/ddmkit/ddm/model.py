@@ -21,6 +21,7 @@ w_k = r_k 1[k present] / sum_j r_j 1[j present], the cluster prior likewise.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,9 +29,9 @@ from typing import Callable
 import torch
 
 from ddmkit.accel import Accelerated, SpeedOptions, accelerate
-from ddmkit.config import SampleConfig, validate
+from ddmkit.config import SampleConfig, resolve_device, validate
 import ddmkit.ddm.load as load
-from ddmkit.ddm.sampling import sample_ddm
+from ddmkit.ddm.sampling import sample_ddm, whole
 from ddmkit.errors import DDMError
 from ddmkit.latent.autoencoder import LatentCodec
 from ddmkit.nets.field import NetworkField, VelocityOutput
@@ -64,8 +65,9 @@ class DDM:
         return load_ddm(run, device, **options)
 
     def to(self, device: str | torch.device) -> "DDM":
-        """Move every network and tensor to `device` (in place) and sample there by default."""
-        device = torch.device(device)
+        """Move every network and tensor to `device` (in place: cpu, cuda, cuda:N, mps or auto, see
+        checked_device) and sample there by default."""
+        device = checked_device(device)
         for f in [*self.experts, self.router]:
             if isinstance(f, NetworkField):
                 f.network.to(device)
@@ -92,8 +94,10 @@ class DDM:
         return dataclasses.replace(self, router=router, meta={**self.meta, "router": kind},
                                    router_conditional=conditional, router_capturable=capturable, accelerated={})
 
-    def restrict(self, present: list[int], nearest: Callable | None = None) -> "DDM":
-        """The DDM with only the experts `present`: router and prior masked and renormalised."""
+    def restrict(self, present: int | list[int], nearest: Callable | None = None) -> "DDM":
+        """The DDM with only the experts `present` (indices 0 .. K - 1): router and prior masked and
+        renormalised."""
+        present = load.expert_indices(present, self.k, "restrict: present")
         if not present:
             raise DDMError("no expert is present: at least one expert folder is needed to sample")
         mask = torch.zeros(self.k, dtype=torch.bool)
@@ -106,7 +110,7 @@ class DDM:
             label = label.cpu() * mask
             label = torch.where(label.sum(1, keepdim=True) > 0, label, mask.float())
             label = (label / label.sum(1, keepdim=True)).to(self.device)
-        meta = {**self.meta, "missing_experts": missing, "present_experts": sorted(present)}
+        meta = {**self.meta, "missing_experts": missing, "present_experts": present}
         return dataclasses.replace(self, experts=experts, router=masked_router(self.router, mask),
                                    prior=(prior / prior.sum()).to(self.device), nearest=nearest or self.nearest,
                                    meta=meta, label_prior=label, accelerated={})
@@ -123,22 +127,58 @@ class DDM:
                labels: torch.Tensor | None = None, guidance: float | None = None, decode: bool = True, **options):
         """(samples (n, *data_shape), info): routed sampling from x_1 ~ N(0, I) fixed by `seed`.
 
-        labels (n,): class labels for class-conditional experts (and a label-conditional router);
+        labels (n,): class labels for class-conditional experts (and a label-conditional router), ints
+        0 .. num_classes - 1, or num_classes for "no label" (a tensor, list or numpy array of ints);
         guidance: classifier-free guidance scale inside each expert (None: as loaded); a latent DDM
         returns decoded images (decode=False: the latents, of shape data_shape).
-        options: ddmkit.ddm.sampling.sample_ddm's (router_every, batch_size, speed, x1, callback)."""
-        checked = {"n": n, "steps": steps, "solver": solver, "seed": seed, "strategies": [strategy],
-                   **{key: options[key] for key in ("batch_size", "router_every") if key in options}}
-        validate(SampleConfig, checked, "DDM.sample", "arguments")  # the bounds `ddmkit sample` has
+        options: ddmkit.ddm.sampling.sample_ddm's (router_every, batch_size, speed, x1, callback); x1, the
+        starting noise, is a float32 torch tensor (n, *data_shape)."""
+        counts = {"n": n, "steps": steps, "seed": seed,
+                  **{key: options[key] for key in ("batch_size", "router_every") if options.get(key) is not None}}
+        counts = {key: whole(value, f"DDM.sample: {key}") for key, value in counts.items()}
+        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)):
+            raise DDMError(f"DDM.sample: guidance: {guidance!r} is not a number; pass a float from 0 to 1000, or None")
+        checked = validate(SampleConfig, {**counts, "solver": solver, "strategies": [strategy],
+                                          **({} if guidance is None else {"guidance": guidance})},
+                           "DDM.sample", "arguments")  # the bounds `ddmkit sample` has
+        options.update({key: getattr(checked, key) for key in counts if key in options})
         if not self.num_classes and (labels is not None or guidance not in (None, 1.0)):
             raise DDMError("DDM.sample: labels and guidance need class-conditional experts (num_classes > 0); this "
                            "DDM's experts are unconditional: leave them out")
-        ddm = self if guidance is None else self.with_guidance(guidance)
-        cond = None if labels is None else {"y": labels.to(self.device)}
-        x0, info = sample_ddm(ddm, strategy, n, steps, solver, seed, self.device, cond=cond, **options)
+        ddm = self if guidance is None else self.with_guidance(checked.guidance)
+        cond = None if labels is None else {"y": checked_labels(labels, checked.n, self.num_classes, self.device)}
+        x0, info = sample_ddm(ddm, strategy, checked.n, checked.steps, checked.solver, checked.seed, self.device,
+                              cond=cond, **options)
         if decode and self.codec is not None:
             x0 = self.codec.decode(x0)
         return x0, info
+
+
+def checked_device(device: str | torch.device) -> torch.device:
+    """`device` (cpu, cuda, cuda:N, mps, or auto: cuda when there is one, else cpu) as a torch.device of
+    this machine, or a DDMError naming the argument (config.resolve_device)."""
+    return resolve_device(device, f"device: {device!r}", "pass device='cpu', or 'auto' (cuda when there is one)")
+
+
+def checked_labels(labels, n: int, classes: int, device) -> torch.Tensor:
+    """`labels` as a long tensor (n,) on `device`: ints 0 .. classes - 1, or classes ("no label"); a list
+    or numpy array of ints is converted. Else a DDMError naming labels."""
+    try:
+        y = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        y = None
+    if y is None or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        what = type(labels).__name__ if y is None else f"{type(labels).__name__} of {y.dtype}"
+        raise DDMError(f"DDM.sample: labels: a {what}, not integer class labels; pass ints (a tensor, list or "
+                       "numpy array of ints)")
+    if tuple(y.shape) != (n,):
+        raise DDMError(f"DDM.sample: labels: shape {tuple(y.shape)}, but n = {n}; pass one label per sample, "
+                       f"shape ({n},)")
+    bad = y[(y < 0) | (y > classes)].unique().tolist()
+    if bad:
+        raise DDMError(f"DDM.sample: labels {bad[:10]} are not class labels of these experts; accepted: 0 .. "
+                       f"{classes - 1}, or {classes} for 'no label'")
+    return y.long().to(device)
 
 
 def absent_expert(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -169,7 +209,9 @@ def load_ddm(run: str | Path, device: str | torch.device = "cpu", exclude=(), al
     Experts whose folder is missing, and those in `exclude`, are left out (see DDM.restrict;
     allow_missing=False refuses instead). When RUN/registry.json exists every file is checked against
     it before any network is built. guidance: classifier-free guidance inside class-conditional
-    experts. router="statistics" routes by the islands' published statistics (no raw data)."""
+    experts. router="statistics" routes by the islands' published statistics (no raw data). device: cpu,
+    cuda, cuda:N, mps or auto (checked_device); exclude: one expert index or a list of them, 0 .. K - 1."""
+    device = checked_device(device)
     parts, absent = load.learned_parts(run, device, exclude, allow_missing, guidance, router)
     nearest = parts.pop("restrict_nearest", None)
     parts["experts"] = [absent_expert if e is None else e for e in parts["experts"]]

@@ -9,11 +9,13 @@ autocast) is applied at one point, through `speed` (ddmkit.accel.SpeedOptions).
 """
 from __future__ import annotations
 
+import numbers
 import time
 
 import torch
 
 from ddmkit.accel import SpeedOptions, accelerate_field, autocast
+from ddmkit.errors import DDMError
 from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
 from ddmkit.sample import get_solver, time_grid
 
@@ -21,6 +23,29 @@ from ddmkit.sample import get_solver, time_grid
 def start_noise(n: int, data_shape, seed: int, device="cpu") -> torch.Tensor:
     """x_1 ~ N(0, I), the same for a given seed whatever the strategy."""
     return torch.randn(n, *data_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def whole(value, name: str) -> int:
+    """value as an int, or a DDMError naming `name` (floats, strings and bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise DDMError(f"{name}: {value!r} ({type(value).__name__}) is not an integer; pass an int")
+    return int(value)
+
+
+def start_rows(n: int, data_shape, seed: int, device="cpu", x1: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows sampling starts from: x1 when given, checked (a float32 torch tensor of shape
+    (n, *data_shape)), else start_noise. n is checked first: an int, at least 1."""
+    n = whole(n, "n")
+    if n < 1:
+        raise DDMError(f"n: {n} samples asked; pass n >= 1")
+    if x1 is None:
+        return start_noise(n, data_shape, seed, device)
+    want = (n, *data_shape)
+    if not isinstance(x1, torch.Tensor) or x1.dtype != torch.float32 or tuple(x1.shape) != want:
+        got = f"{x1.dtype} {tuple(x1.shape)}" if isinstance(x1, torch.Tensor) else type(x1).__name__
+        raise DDMError(f"x1: the starting noise must be a float32 torch tensor of shape {want} (n rows of "
+                       f"data_shape); got {got}; pass torch.as_tensor(x1, dtype=torch.float32) with n = len(x1)")
+    return x1
 
 
 def _sync(device) -> None:
@@ -49,12 +74,14 @@ def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler
                device="cpu", x1: torch.Tensor | None = None, callback=None, router_every: int = 1,
                cond: dict[str, torch.Tensor] | None = None, batch_size: int | None = None,
                speed: SpeedOptions = SpeedOptions()) -> tuple[torch.Tensor, dict]:
-    """Sample a DDM (ddmkit.ddm.DDM) with one routing strategy from x1 ~ N(0, I) (fixed by seed).
+    """Sample a DDM (ddmkit.ddm.DDM) with one routing strategy from x1 ~ N(0, I) (fixed by seed), or
+    from the rows x1 given (a float32 tensor (n, *data_shape); see start_rows).
 
     router_every = m reuses the routing for m velocity evaluations (1: route every time);
     cond = per-sample conditioning passed to the experts, e.g. {"y": class labels (n,)}; it reaches
     the router too when the DDM's router is label-conditional, and with labels the oracle draws
-    each sample's cluster from p(cluster | label) (ddm.label_prior) instead of the cluster sizes;
+    each sample's cluster from p(cluster | label) (ddm.label_prior) instead of the cluster sizes
+    (the label C = num_classes, "no label", from the cluster sizes);
     batch_size = b integrates the n rows in chunks of at most b rows, one after another, to bound
     memory: the same noise, the same samples to rounding for the deterministic strategies, and
     for the random ones the same law with other draws (one generator, used chunk after chunk);
@@ -62,14 +89,15 @@ def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler
     autocast); the networks are prepared once per DDM and options (DDM.networks).
     A callback sees whole trajectories only, so it needs batch_size None or >= n."""
     strat = parse_strategy(strategy)
-    x1 = start_noise(n, ddm.data_shape, seed, device) if x1 is None else x1
+    x1 = start_rows(n, ddm.data_shape, seed, device, x1)
     chunks = _chunks(len(x1), batch_size)
     if callback is not None and len(chunks) > 1:
         raise ValueError(f"sample_ddm: a callback needs all {len(x1)} rows in one batch; got batch_size={batch_size}")
     gen = torch.Generator(device=x1.device).manual_seed(seed + 1)
     prior = ddm.prior
     if ddm.label_prior is not None and cond is not None and "y" in cond:
-        prior = ddm.label_prior.to(x1.device)[cond["y"]]  # (n, K) p(cluster | y) per sample
+        no_label = ddm.prior.reshape(1, -1).to(ddm.label_prior)  # label C, "no label": the clusters' sizes
+        prior = torch.cat([ddm.label_prior, no_label]).to(x1.device)[cond["y"]]  # (n, K) p(cluster | y) per sample
     per_row_prior = prior is not None and prior.dim() == 2
     counter = CallCounter()
     nets = ddm.networks(speed, x1.device)
@@ -117,7 +145,7 @@ def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "eul
     as field(x, t, **cond) with the rows' conditioning (batch_size and speed as in sample_ddm).
     With speed.cuda_graphs the field's graphs are captured for this call; to keep them from one call
     to the next, pass accel.accelerate_field(field, speed) once and sample it with the default speed."""
-    x1 = start_noise(n, data_shape, seed, device) if x1 is None else x1
+    x1 = start_rows(n, data_shape, seed, device, x1)
     field = accelerate_field(field, speed)
     parts, nfe = [], []
     _sync(x1.device)

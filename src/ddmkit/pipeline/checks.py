@@ -23,15 +23,13 @@ What the later stages need (each need is where that stage would fail or would no
 """
 from __future__ import annotations
 
-import re
 
 import torch
 
-from ddmkit.config import DEVICE, RunConfig
+from ddmkit.config import RunConfig, resolve_device
 from ddmkit.data.images import is_image_shape
 from ddmkit.errors import DDMError
 from ddmkit.pipeline.samplesets import planned_sets
-from ddmkit.train.loop import resolve_device
 
 MORE_TEST_ROWS = ("data.n_test; data.params.test_fraction for a file, image folder or image array; "
                   "data.params.test_path for a .npy/.npz file")
@@ -169,7 +167,5 @@ def check_devices(cfg: RunConfig) -> None:
 def checked_device(name, from_run: bool = False) -> torch.device:
     """The device named by --device (from_run: by the run's expert.train.device): auto, cpu, cuda, cuda:N
     or mps, resolved as training resolves it (auto: cuda when there is one) and present on this machine."""
-    name, whose = str(name), " (the run's expert.train.device)" if from_run else ""
-    if not re.fullmatch(DEVICE, name):
-        raise DDMError(f"--device: {name!r}{whose} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
-    return resolve_device(name, f"--device: {name!r}{whose}")
+    whose = " (the run's expert.train.device)" if from_run else ""
+    return resolve_device(str(name), f"--device: {str(name)!r}{whose}")

@@ -35,7 +35,8 @@ from typing import Callable
 import torch
 
 from ddmkit.analysis.stability import jacobian_norms
-from ddmkit.config import DEVICE, MAX_SEED, ROWS, RunConfig, TrainConfig, config_differences
+from ddmkit.config import (DEVICE, MAX_SEED, ROWS, RunConfig, TrainConfig, config_differences,
+                           resolve_device)
 from ddmkit.conventions import __version__
 from ddmkit.data.partition import read_shard
 from ddmkit.ddm import DDM, exact_ddm, load_ddm, sample_ddm, sample_single, start_noise
@@ -62,7 +63,6 @@ from ddmkit.sample import sample_euler, time_grid
 from ddmkit.tables import markdown_table
 from ddmkit.theory.stability import cumulative_lambda, lambda_uniform_grid
 from ddmkit.train.distill import teacher_states, teacher_velocity, train_dense_student, train_few_step_student
-from ddmkit.train.loop import resolve_device
 
 Log = Callable[[str], None]
 ARCHS = ("expert", "monolith")

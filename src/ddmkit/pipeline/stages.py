@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ddmkit.config import RunConfig
+from ddmkit.config import RunConfig, resolve_device
 from ddmkit.data import load_dataset
 from ddmkit.data.arrays import ArrayData
 from ddmkit.data.features import is_user_function, use_features
@@ -33,7 +33,6 @@ from ddmkit.registry import AUTOENCODER_WEIGHTS, model_shards, shard_files, writ
 from ddmkit.train.autoencoder import train_autoencoder
 from ddmkit.train.concurrent import train_experts_concurrently
 from ddmkit.train.jobs import train_monolith, train_router
-from ddmkit.train.loop import resolve_device
 from ddmkit.train.threads import job_threads
 
 Log = Callable[[str], None]
@@ -188,13 +187,14 @@ def stage_registry(cfg: RunConfig, run, log: Log = print) -> None:
 
 
 def stage_monolith(cfg: RunConfig, run, log: Log = print) -> None:
+    """Train the monolith unless it is written; a job that left a checkpoint continues from it."""
     with run_lock(run):
         folder = RunFolder(run)
         if not cfg.monolith.enabled or (folder.monolith / "model.safetensors").exists():
             return
         start = time.perf_counter()
         with job_threads(cfg.expert.train.threads):
-            train_monolith(model_shards(run), cfg.expert, folder.monolith, cfg.monolith.match)
+            train_monolith(model_shards(run), cfg.expert, folder.monolith, cfg.monolith.match, resume=True)
         log(f"monolith: trained in {time.perf_counter() - start:.1f}s (same steps x batch as all experts)")
 
 

@@ -1,7 +1,7 @@
 """Training: the one loop (fit) for experts, monolith and routers, and the jobs built on it."""
 from ddmkit.train.jobs import monolith_config, train_expert, train_monolith, train_router
-from ddmkit.train.loop import EMA, fit, resolve_device
+from ddmkit.train.loop import EMA, fit
 from ddmkit.train.stacked import StackedExperts
 
-__all__ = ["EMA", "StackedExperts", "fit", "monolith_config", "resolve_device", "train_expert", "train_monolith",
+__all__ = ["EMA", "StackedExperts", "fit", "monolith_config", "train_expert", "train_monolith",
            "train_router"]

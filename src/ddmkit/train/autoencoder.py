@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ddmkit.config import LatentConfig
+from ddmkit.config import LatentConfig, resolve_device
 from ddmkit.io import staging_dir
 from ddmkit.latent.autoencoder import LatentCodec, build_autoencoder
-from ddmkit.train.loop import fit, resolve_device
+from ddmkit.train.loop import fit
 
 STATS_ROWS = 10_000  # training images that set the latents' shift and scale
 

@@ -4,11 +4,11 @@ One file, `checkpoint.safetensors`, written atomically (temporary name, then
 rename), so a job killed at any instant leaves either the previous checkpoint
 or the new one, never half of one. Tensors (model, EMA, optimizer moments,
 RNG states as uint8) are safetensors; everything else (step, history, the
-scheduler and optimizer hyper-parameters, a fingerprint of the run) is one
-JSON string in the file's metadata. No pickle, no torch.save. The log rows
-and the running sums are stored as [key, value] pairs, so a resumed
-train_log.jsonl keeps the key order of an uninterrupted one (the metadata
-JSON is written with sorted keys).
+scheduler and optimizer hyper-parameters, the fingerprint of the run: settings,
+network, job and training data) is one JSON string in the file's metadata.
+No pickle, no torch.save. The log rows and the running sums are stored as
+[key, value] pairs, so a resumed train_log.jsonl keeps the key order of an
+uninterrupted one (the metadata JSON is written with sorted keys).
 """
 from __future__ import annotations
 
@@ -16,19 +16,40 @@ from pathlib import Path
 
 import torch
 
-from ddmkit.config import json_digest
+from ddmkit.config import config_differences, json_digest
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, read_metadata, save_tensors
 
 FORMAT = "ddmkit-checkpoint-1"
 
 
-def fingerprint(cfg_dump: dict, model: torch.nn.Module, description: str) -> str:
-    """Hash of what decides the trajectory: the training settings (less the
-    checkpoint cadence, device and TensorBoard logging) and the parameter names and shapes."""
+def fingerprint(cfg_dump: dict, model: torch.nn.Module, description: str, data: list[str] | None = None) -> dict:
+    """What decides the trajectory, in parts a refused checkpoint can name: the training settings (less the
+    checkpoint cadence, device and TensorBoard logging), the parameter names and shapes, the job, and the
+    data it trains on (`data`: e.g. the SHA-256 of each shard, in the order they are used)."""
     settings = {k: v for k, v in cfg_dump.items() if k not in ("checkpoint_every", "device", "tensorboard")}
     shapes = {name: list(p.shape) for name, p in model.state_dict().items()}
-    return json_digest({"settings": settings, "shapes": shapes, "description": description})
+    return {"settings": settings, "network": json_digest(shapes), "job": description, "data": data}
+
+
+def _hashes(data: list[str] | None) -> str:
+    return ", ".join(h[:12] for h in data) if data else "none recorded"
+
+
+def fingerprint_differences(old, new: dict) -> list[str]:
+    """What differs between the run that wrote a checkpoint (its fingerprint `old`) and this one (`new`)."""
+    if not isinstance(old, dict) or set(old) != set(new) or not isinstance(old["settings"], dict):
+        return ["it was written by another version of ddmkit"]
+    out = []
+    if old["data"] != new["data"]:
+        out.append(f"other training data (the checkpoint's SHA-256: {_hashes(old['data'])}; this job's: "
+                   f"{_hashes(new['data'])})")
+    if old["settings"] != new["settings"]:
+        changed = config_differences(old["settings"], new["settings"], "train.")
+        out.append(f"other settings: {', '.join(changed) or 'those of another version of ddmkit'}")
+    if (old["network"], old["job"]) != (new["network"], new["job"]):
+        out.append(f"another network or job (it was written by the {old['job']!r} job)")
+    return out
 
 
 def _flat(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,7 +100,7 @@ def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(path: str | Path, *, step: int, model, ema, opt, sched, generator: torch.Generator,
-                    history: list[dict], running: dict, fp: str) -> None:
+                    history: list[dict], running: dict, fp: dict) -> None:
     """Write the state after `step` completed steps, atomically."""
     opt_tensors, opt_meta = optimizer_parts(opt)
     run_tensors = {f"running.{k}": (v.detach().reshape(()) if torch.is_tensor(v) else torch.tensor(float(v),
@@ -94,14 +115,15 @@ def save_checkpoint(path: str | Path, *, step: int, model, ema, opt, sched, gene
 
 
 def load_checkpoint(path: str | Path, *, model, ema, opt, sched, generator: torch.Generator,
-                    fp: str, device: torch.device) -> tuple[int, list[dict], dict]:
+                    fp: dict, device: torch.device) -> tuple[int, list[dict], dict]:
     """Restore everything in place; returns (step, history, running sums)."""
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise DDMError(f"{path}: not a ddmkit checkpoint (format {meta.get('format')!r}); delete it to start over")
-    if meta.get("fingerprint") != fp:
-        raise DDMError(f"{path} belongs to a different training run (other settings or network); "
-                       "delete it to start over, or resume with the settings it was written with")
+    differences = fingerprint_differences(meta.get("fingerprint"), fp)
+    if differences:
+        raise DDMError(f"{path} belongs to a different training run: {'; '.join(differences)}. Delete it to "
+                       "train this job from the start, or train into another folder to keep it")
     tensors = load_tensors(path)
     try:
         model.load_state_dict({k: v.to(device) for k, v in _unflat("model", tensors).items()})

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ddmkit.config import ExpertConfig
+from ddmkit.config import ExpertConfig, resolve_device
 from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule, path_entry
@@ -26,7 +26,7 @@ from ddmkit.flow.losses import training_pair
 from ddmkit.io import sha256_file, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained
 from ddmkit.train.jobs import drop_labels
-from ddmkit.train.loop import fit, resolve_device
+from ddmkit.train.loop import fit
 from ddmkit.train.stacked import StackedExperts
 
 

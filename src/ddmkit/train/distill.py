@@ -33,14 +33,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ddmkit.config import TrainConfig
+from ddmkit.config import TrainConfig, resolve_device
 from ddmkit.flow.path import noise
 from ddmkit.io import staging_dir
 from ddmkit.nets import build_seeded, save_pretrained
 from ddmkit.routing import RoutingState, parse_strategy, routed_velocity
 from ddmkit.sample import get_solver
 from ddmkit.train.jobs import checkpoint_path, drop_labels
-from ddmkit.train.loop import fit, resolve_device
+from ddmkit.train.loop import fit
 
 # target(x_t (B, *shape), t (B,), y (B,) or None, generator) -> the teacher's velocity (B, *shape)
 Target = Callable[..., torch.Tensor]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ddmkit.config import ExpertConfig, RouterConfig, TrainConfig
+from ddmkit.config import ExpertConfig, RouterConfig, TrainConfig, resolve_device
 from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import path_entry
@@ -25,7 +25,7 @@ from ddmkit.io import read_json, sha256_file, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained, use_networks, user_networks
 import ddmkit.train.distributed as distributed
 from ddmkit.train.distributed import LOCAL, Distributed
-from ddmkit.train.loop import fit, resolve_device
+from ddmkit.train.loop import fit
 from ddmkit.train.threads import job_threads
 
 
@@ -66,12 +66,19 @@ def checkpoint_path(out_dir: str | Path) -> Path:
     return out_dir.parent / f"{out_dir.name}.checkpoint.safetensors"
 
 
+def shard_hashes(shards: list[Path]) -> list[str]:
+    """The SHA-256 of each shard file, in order: the identity of a job's training data in its checkpoints."""
+    return [sha256_file(s) for s in shards]
+
+
 def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | Path, role: str,
                          extra: dict | None = None, description: str = "expert", resume: bool = False,
-                         labels: torch.Tensor | None = None, dist: Distributed = LOCAL) -> Path:
+                         labels: torch.Tensor | None = None, dist: Distributed = LOCAL,
+                         data: list[str] | None = None) -> Path:
     """Train a velocity network on x with flow matching; write a model folder.
     Checkpoints (config.train.checkpoint_every) go to checkpoint_path(out_dir);
-    resume=True continues from one; it is removed once the folder is written.
+    resume=True continues from one (refused when it was written with other settings
+    or other data: `data` identifies x, see shard_hashes); it is removed once the folder is written.
     With `dist` of several processes each computes the loss on its rows of the
     global batch and rank 0 alone writes (folder and checkpoints)."""
     device = dist.device or resolve_device(config.train.device)
@@ -97,11 +104,11 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
         return flow_matching_loss(lambda xt, t: m(xt, t, y=yb), xb, gen, config.prediction, rows, schedule), {}
 
     if not dist.is_main:  # trains alongside rank 0, which writes
-        fit(model, batch_loss, config.train, None, description, device, checkpoint_path(out_dir), resume, dist)
+        fit(model, batch_loss, config.train, None, description, device, checkpoint_path(out_dir), resume, dist, data)
         return Path(out_dir)
     with staging_dir(out_dir) as tmp:
         ema, history = fit(model, batch_loss, config.train, tmp / "train_log.jsonl", description, device,
-                           checkpoint_path(out_dir), resume, dist)
+                           checkpoint_path(out_dir), resume, dist, data)
         save_pretrained(tmp, ema, {"role": role, "arch": config.net.arch, "kwargs": kwargs,
                                    "data_shape": data_shape, "prediction": config.prediction,
                                    **path_entry(schedule),
@@ -120,10 +127,12 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
     if len(x) == 0:
         raise DDMError(f"{shard}: the shard is empty; re-partition with a smaller k")
     cluster = int(meta.get("cluster", -1))
-    extra = {"cluster": cluster, "k": int(meta.get("k", 0)), "shard_sha256": sha256_file(shard),
+    data = shard_hashes([shard])
+    extra = {"cluster": cluster, "k": int(meta.get("k", 0)), "shard_sha256": data[0],
              "shard_count": len(x), "data_hash": meta.get("data_hash")}
     with job_threads(config.train.threads):
-        return train_velocity_model(x, config, out_dir, "expert", extra, f"expert {cluster}", resume, labels, dist)
+        return train_velocity_model(x, config, out_dir, "expert", extra, f"expert {cluster}", resume, labels, dist,
+                                    data)
 
 
 EXECUTION = ("device", "threads", "checkpoint_every", "log_every", "tensorboard")  # how a job runs, not what it trains
@@ -193,17 +202,21 @@ def monolith_config(expert: ExpertConfig, k: int, match: str = "steps") -> Exper
     return expert.model_copy(update={"train": train})
 
 
-def train_monolith(shards: list[Path], config: ExpertConfig, out_dir: str | Path, match: str = "steps") -> Path:
+def train_monolith(shards: list[Path], config: ExpertConfig, out_dir: str | Path, match: str = "steps",
+                   resume: bool = True) -> Path:
+    """Train the FLOP-matched monolith (monolith_config) on all shards together; like an expert it
+    checkpoints to checkpoint_path(out_dir) and continues from a checkpoint there (resume=False: starts over)."""
     parts = [read_shard(s) for s in shards]
     x = torch.cat([p[0] for p in parts])
     labels = torch.cat([p[1] for p in parts]) if all(p[1] is not None for p in parts) else None
     cfg = monolith_config(config, len(shards), match)
     return train_velocity_model(x, cfg, out_dir, "monolith", {"k_matched": len(shards), "flop_match": match},
-                                "monolith", labels=labels)
+                                "monolith", resume, labels, data=shard_hashes(shards))
 
 
-def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path) -> Path:
-    """Train the router p(cluster | x_t, t) with cross-entropy on noised shard data.
+def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path, resume: bool = True) -> Path:
+    """Train the router p(cluster | x_t, t) with cross-entropy on noised shard data. Like an expert it
+    checkpoints to checkpoint_path(out_dir) and continues from a checkpoint there (resume=False: starts over).
 
     A label-conditional router (net kwargs num_classes > 0) learns p(cluster | x_t, t, y)
     from the shards' class labels, with a share config.label_dropout of them replaced
@@ -231,12 +244,14 @@ def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path) 
         return loss, {"accuracy": acc}
 
     with staging_dir(out_dir) as tmp:
-        ema, history = fit(model, batch_loss, config.train, tmp / "train_log.jsonl", "router", device)
+        ema, history = fit(model, batch_loss, config.train, tmp / "train_log.jsonl", "router", device,
+                           checkpoint_path(out_dir), resume, data=shard_hashes(shards))
         save_pretrained(tmp, ema, {"role": "router", "arch": config.net.arch, "kwargs": kwargs,
                                    "data_shape": data_shape, "k": len(shards),
                                    "train": config.train.model_dump(), "final_loss": history[-1]["loss"]})
+    checkpoint_path(out_dir).unlink(missing_ok=True)
     return Path(out_dir)
 
 
-__all__ = ["TrainConfig", "checkpoint_path", "monolith_config", "train_expert", "train_expert_ddp", "train_monolith",
-           "train_router", "train_velocity_model"]
+__all__ = ["TrainConfig", "checkpoint_path", "monolith_config", "shard_hashes", "train_expert", "train_expert_ddp",
+           "train_monolith", "train_router", "train_velocity_model"]

@@ -12,7 +12,8 @@ min(decay, (1 + n) / (10 + n)), no host sync per step); it logs JSON lines every
 With `checkpoint=PATH` and cfg.checkpoint_every = N > 0 it writes the whole
 state (weights, optimizer, EMA, RNG states, step) to PATH atomically every N
 steps; `resume=True` restores PATH if it exists and continues bit-for-bit, so
-a killed job ends with the same weights as one that never stopped.
+a killed job ends with the same weights as one that never stopped. A checkpoint
+of other settings, network, job or training data (`data`) is refused (DDMError).
 
 With cfg.tensorboard the same log rows also go to TensorBoard event files in
 tensorboard/ beside log_path (in the model folder): one scalar per logged value
@@ -35,31 +36,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ddmkit.config import TrainConfig
+from ddmkit.config import TrainConfig, resolve_device
 from ddmkit.errors import DDMError
 from ddmkit.progress import progress_bar
 import ddmkit.train.checkpoint as ckpt
 from ddmkit.train.distributed import LOCAL, Distributed
 
 BatchLoss = Callable[[nn.Module, int, torch.Generator], tuple[torch.Tensor, dict]]
-
-
-def resolve_device(name: str, what: str | None = None) -> torch.device:
-    """A train.device value as a torch.device on this machine ("auto": cuda when there is one, else cpu);
-    a CUDA or MPS device this machine does not have is a DDMError, before any tensor is made, that opens
-    with `what` (the setting that named it; default "device 'NAME'")."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    what = what or f"device {name!r}"
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= gpus:
-        raise DDMError(f"{what}, but this machine has {gpus} CUDA device(s); pass --device cpu (or set the "
-                       "config's train.device = \"auto\")")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DDMError(f"{what}, but MPS is not available on this machine; pass --device cpu (or set the "
-                       "config's train.device = \"auto\")")
-    return device
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -150,8 +133,9 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
 def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str | Path | None = None,
         description: str = "training", device: torch.device | None = None,
         checkpoint: str | Path | None = None, resume: bool = False,
-        dist: Distributed = LOCAL) -> tuple[nn.Module, list[dict]]:
-    """Train `model` in place; return its EMA copy (eval mode) and the log rows."""
+        dist: Distributed = LOCAL, data: list[str] | None = None) -> tuple[nn.Module, list[dict]]:
+    """Train `model` in place; return its EMA copy (eval mode) and the log rows. `data` identifies the
+    training data (e.g. each shard's SHA-256) in the checkpoint's fingerprint: resuming on other data is refused."""
     device = device or resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
@@ -167,7 +151,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
     history: list[dict] = []
     running: dict[str, float] = {}
     first = 0
-    fp = ckpt.fingerprint(cfg.model_dump(), model, description)
+    fp = ckpt.fingerprint(cfg.model_dump(), model, description, data)
     if resume and checkpoint is not None and Path(checkpoint).exists():
         first, history, running = ckpt.load_checkpoint(checkpoint, model=model, ema=ema, opt=opt, sched=sched,
                                                        generator=generator, fp=fp, device=device)
