@@ -13,7 +13,6 @@ import torch
 NUM_BYTES = 256
 BOS = 256
 MASK = 257
-VOCAB_SIZE = 258  # input vocabulary: bytes + BOS + MASK
 
 
 def encode(text: str | bytes) -> torch.Tensor:

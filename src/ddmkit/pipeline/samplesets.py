@@ -14,7 +14,7 @@ from enum import Enum
 
 from ddmkit.config import MONOLITH, RunConfig
 from ddmkit.errors import DDMError
-from ddmkit.routing import STRATEGY_FORMS, parse_strategy
+from ddmkit.routing import parse_strategy
 from ddmkit.routing.strategies import TopK
 
 
@@ -88,6 +88,3 @@ def planned_sets(cfg: RunConfig, has_truth: bool) -> list[SampleSet]:
                 base = named_set(name, extra_n, g)
                 plan.append(SampleSet(_guided_name(name, g, s.guidance), base.kind, base.strategy, extra_n, g))
     return [p for p in plan if p.kind != SetKind.MONOLITH or cfg.monolith.enabled]
-
-
-SET_NAMES = f"{STRATEGY_FORMS}, {MONOLITH}, exact"
