@@ -631,3 +631,29 @@ def test_results_get_the_permissions_of_a_plain_file_not_those_of_a_private_temp
         assert (tmp_path / f"r{mask}.json").stat().st_mode & 0o777 == 0o666 & ~mask
         assert (tmp_path / f"d{mask}").stat().st_mode & 0o777 == 0o777 & ~mask
     assert ddmkit.io._process_umask() == ddmkit.io._process_umask()  # reading the mask leaves it as it was
+
+
+class NoWeights(torch.nn.Module):
+    """A velocity with nothing to train."""
+
+    def __init__(self, data_shape):
+        super().__init__()
+
+    def forward(self, x, t, y=None):
+        return -x
+
+
+def test_a_network_with_nothing_to_train_is_refused_before_any_write(tmp_path):
+    with pytest.raises(DDMError, match="builds a network with no trainable parameters"):
+        run_pipeline(tiny(expert__net={"arch": "tests.test_hardening:NoWeights", "kwargs": {}}), tmp_path / "run",
+                     log=QUIET)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kwargs, words", [({"width": 0}, r"expert\.net: 'mlp' with kwargs \{'width': 0\} builds a "
+                                                          r"network with layers with no weights"),
+                                           ({"depth": -3}, r"depth = -3: the number of residual blocks is 0 or more")])
+def test_a_network_with_empty_layers_or_a_negative_depth_is_refused_before_any_write(tmp_path, kwargs, words):
+    with pytest.raises(DDMError, match=words):
+        run_pipeline(tiny(expert__net={"kwargs": kwargs}), tmp_path / "run", log=QUIET)
+    assert not (tmp_path / "run").exists()

@@ -74,6 +74,8 @@ class TimeMLP(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, width: int = 256, depth: int = 3, time_dim: int = 64):
         super().__init__()
+        if depth < 0:
+            raise ValueError(f"depth = {depth}: the number of residual blocks is 0 or more")
         self.time_dim = time_dim
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU(), nn.Linear(width, width))
         self.inp = nn.Linear(in_dim, width)

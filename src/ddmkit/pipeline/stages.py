@@ -139,12 +139,17 @@ def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
         kwargs = {**given, **net.kwargs}
         try:
             with torch.device("meta"):  # as a model folder is checked before loading (ddmkit.registry)
-                build_model(net.arch, **kwargs)
+                model = build_model(net.arch, **kwargs)
         except DDMError as e:
             hint = ("; ddmkit builds networks on the meta device to check model folders without allocating, so "
                     "compute sizes in __init__ with Python (math.prod), not tensors"
                     if is_user_network(net.arch) else "")
             raise DDMError(f"{where}: {e} (data of shape {tuple(shape)}){hint}") from None
+        empty = [name for name, p in model.named_parameters() if p.numel() == 0]
+        if empty or not any(True for _ in model.parameters()):
+            what = f"layers with no weights ({', '.join(empty[:3])})" if empty else "no trainable parameters"
+            raise DDMError(f"{where}: {net.arch!r} with kwargs {net.kwargs} builds a network with {what}; "
+                           "give it widths and depths of at least 1 (see docs/config.md)")
         if is_user_network(net.arch):
             check_output(build_seeded(net.arch, 0, **kwargs), f"{where}.arch = {net.arch!r}", shape,
                          given.get("num_experts"), int(net.kwargs.get("num_classes", 0)))
