@@ -456,6 +456,36 @@ def test_staging_names_carry_the_writer(tmp_path):
     assert (tmp_path / "out").is_dir() and not tmp.exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_a_killed_writer_not_yet_reaped_counts_as_gone(tmp_path):
+    """A writer killed with SIGKILL stays a zombie until its parent reaps it: its staging is stale."""
+    import ddmkit.io as io
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert io._alive(child.pid)
+        child.kill()
+        for _ in range(200):  # until the kernel has made it a zombie (not reaped: no wait() yet)
+            if Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        assert not io._alive(child.pid)
+    finally:
+        child.wait()
+
+
+def test_a_plot_is_written_like_every_other_file(tmp_path, monkeypatch):
+    """Through io.write_bytes_atomic, whose temporary name carries the writer (so a killed writer's is
+    removed by the next run)."""
+    import ddmkit.evaluation.plots as plots
+
+    written = []
+    monkeypatch.setattr(plots, "write_bytes_atomic", lambda path, data: written.append((path, data[:4])))
+    fig = plots.pyplot().figure()
+    plots.save_figure(fig, tmp_path / "plots" / "a.png")
+    assert written == [(tmp_path / "plots" / "a.png", b"\x89PNG")] and not (tmp_path / "plots").exists()
+
+
 # ----- 5. every training job runs on train.threads threads -------------------------------------
 @pytest.fixture
 def two_threads():

@@ -199,13 +199,19 @@ def staging_dir(final: str | Path):
 
 # ----- stale temporary files ---------------------------------------------------------
 def _alive(pid: int) -> bool:
+    """Whether process pid of this machine still runs (a zombie, killed but not yet reaped by its
+    parent, does not: it writes nothing more)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OSError):
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS): the signal's answer stands
+        return True
+    return state != "Z"
 
 
 def _writer_gone(name: str) -> bool:

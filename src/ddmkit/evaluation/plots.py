@@ -1,11 +1,13 @@
 """Plots of a run: samples over the truth or the data, router accuracy per noise level."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import torch
 
+from ddmkit.io import write_bytes_atomic
 from ddmkit.truth import GaussianMixture
 
 
@@ -21,12 +23,12 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> None:
-    """Write a figure as PNG atomically (temporary name, then rename) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    """Write a figure as PNG atomically (io.write_bytes_atomic: a killed writer's temporary file is
+    removed by the next run) and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     pyplot().close(fig)
-    tmp.replace(path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _project(x: torch.Tensor, basis: torch.Tensor | None, mean: torch.Tensor | None) -> torch.Tensor:

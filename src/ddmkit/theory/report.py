@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ddmkit.errors import DDMError
+import ddmkit.evaluation.plots as plots
 from ddmkit.evaluation.plots import pyplot
 from ddmkit.tables import markdown_table as _markdown_table
 from ddmkit.io import write_bytes_atomic, write_json
@@ -77,14 +78,9 @@ def new_figure(columns: int = 1, rows: int = 1, size: float = 4.0):
 
 
 def save_figure(fig, path: Path) -> str:
-    """Write fig as PNG atomically; return the file name."""
-    import io
-
-    buffer = io.BytesIO()
+    """Write fig as PNG atomically (evaluation.plots.save_figure); return the file name."""
     fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    pyplot().close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    plots.save_figure(fig, path)
     return path.name
 
 
