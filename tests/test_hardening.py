@@ -687,3 +687,15 @@ def test_a_network_with_empty_layers_or_a_negative_depth_is_refused_before_any_w
     with pytest.raises(DDMError, match=words):
         run_pipeline(tiny(expert__net={"kwargs": kwargs}), tmp_path / "run", log=QUIET)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_broken_samples_info_says_to_delete_it(tmp_path):
+    """`ddmkit sample` fails on a broken info.json as every command does: the fix is to delete it (the sets
+    are drawn again), not to re-create it with the command that fails."""
+    from ddmkit.pipeline.sampling import read_info
+
+    folder = RunFolder(tmp_path)
+    folder.sample_info.parent.mkdir(parents=True)
+    folder.sample_info.write_text("{not json")
+    with pytest.raises(DDMError, match=r"info\.json is not valid JSON .*; delete it \(the sets are drawn again"):
+        read_info(folder)

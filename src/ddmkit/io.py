@@ -52,7 +52,7 @@ def check_folder_target(folder: str | Path) -> Path:
     folder = Path(folder)
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise DDMError(f"{blocker} is a file, not a folder; move it away or choose another output folder (--out)")
+        raise DDMError(f"{blocker} is a file, not a folder; move it away (or write to another folder)")
     return folder
 
 
@@ -109,13 +109,13 @@ def _existing_file(path: Path, fix: str) -> Path:
     return path
 
 
-def read_json(path: str | Path) -> dict:
-    path = _existing_file(Path(path), "re-create it with the ddmkit command that wrote it")
+def read_json(path: str | Path, fix: str = "re-create it with the ddmkit command that wrote it") -> dict:
+    """A JSON file's content; a missing or broken file is a DDMError that ends with `fix`."""
+    path = _existing_file(Path(path), fix)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise DDMError(f"{path} is not valid JSON ({str(e)[:200]}); re-create it with the ddmkit command that "
-                       "wrote it") from None
+        raise DDMError(f"{path} is not valid JSON ({str(e)[:200]}); {fix}") from None
     except OSError as e:
         raise DDMError(f"{path} cannot be read ({e}); check its permissions") from None
 
@@ -143,18 +143,18 @@ def read_metadata(path: str | Path) -> dict:
     return out
 
 
-def load_tensors(path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | Path, keys: list[str] | None = None,
+                 fix: str = "re-train or re-copy it") -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file (only `keys` that it holds, when given, read
-    without loading the rest), with a clear error when missing or corrupt."""
-    path = _existing_file(Path(path), "train or copy it again")
+    without loading the rest); a missing or corrupt file is a DDMError that ends with `fix`."""
+    path = _existing_file(Path(path), fix)
     try:
         if keys is None:
             return load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in keys if k in f.keys()}
     except (SafetensorError, OSError, ValueError, Exception) as e:
-        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); "
-                       "re-train or re-copy it") from None
+        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); {fix}") from None
 
 
 def check_finite_tensors(tensors: dict[str, torch.Tensor], source: str | Path) -> None:

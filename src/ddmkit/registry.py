@@ -268,7 +268,8 @@ def _model_folders(run: Path, k: int) -> list[tuple[str, str, int | None]]:
 def registry_entry(run: Path, rel: str, role: str, cluster: int | None) -> dict:
     folder = safe_join(run, rel)
     config = check_model_folder(folder)
-    check_finite_tensors(load_tensors(folder / "model.safetensors"), folder / "model.safetensors")  # loading would refuse it
+    weights = folder / "model.safetensors"
+    check_finite_tensors(load_tensors(weights), weights)  # loading refuses NaN weights: so does registering
     return {"name": rel.rsplit("/", 1)[-1], "role": role, "path": rel, "cluster": cluster,
             "weights_sha256": sha256_file(folder / "model.safetensors"),
             "config_sha256": sha256_file(folder / "config.json"), "shard_sha256": config.get("shard_sha256")}

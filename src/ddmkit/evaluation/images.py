@@ -112,7 +112,7 @@ class SetScorer:
         cache = self.cache(name if first is None else f"{name}_first{first}")
         if cache.exists() and cache.stat().st_mtime >= path.stat().st_mtime:
             return read_json(cache)
-        x = load_tensors(path)["x"][:first]
+        x = load_tensors(path, fix="delete it (`ddmkit sample RUN --strategy NAME` draws the set again)")["x"][:first]
         start = time.perf_counter()
         feats = self.extractor(x)
         metrics = fid_kid(self.f_test, feats, self.kid_subset, self.real_stats)

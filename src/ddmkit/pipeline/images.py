@@ -18,6 +18,7 @@ from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.models import models_section
 from ddmkit.pipeline.samplesets import STATISTICS, planned_sets
+from ddmkit.pipeline.sampling import read_info
 from ddmkit.progress import track
 from ddmkit.tables import markdown_table
 
@@ -35,8 +36,7 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu", scorer: 
     """Scores of every drawn set, the report and its plots."""
     folder = RunFolder(run)
     scorer = scorer or scorer_for(cfg, run, log, device)
-    infos = read_json(folder.sample_info) if folder.sample_info.exists() else {}
-    infos = {name: {k: v for k, v in info.items() if k != "drawn_with"} for name, info in infos.items()}
+    infos = {name: {k: v for k, v in info.items() if k != "drawn_with"} for name, info in read_info(folder).items()}
     rows = {FLOOR: scorer.floor()}
     if folder.is_latent:
         rows[RECONSTRUCTIONS] = scorer.reconstruction_floor(latent_codec(run, device))

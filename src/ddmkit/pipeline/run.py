@@ -111,8 +111,9 @@ def untrained_parts(cfg: RunConfig, run) -> list[str]:
     return [str(n.relative_to(folder.root)) for n in nets if not (n / "model.safetensors").exists()]
 
 
-def run_pipeline(cfg: RunConfig | str | Path, out: str | Path, force: bool = False, log: Log = print, backend: str = "inline",
-                 workers: int | None = None, address: str | None = None, stages: str = "all") -> dict | None:
+def run_pipeline(cfg: RunConfig | str | Path, out: str | Path, force: bool = False, log: Log = print,
+                 backend: str = "inline", workers: int | None = None, address: str | None = None,
+                 stages: str = "all") -> dict | None:
     """The stages in order, each skipped when already done; experts train on the launch `backend`
     (inline, processes, ray). stages: "train" (up to the registry), "evaluate" (sampling, scores,
     report: needs the trained networks) or "all". cfg: a RunConfig (checked again here, so fields set

@@ -73,6 +73,14 @@ def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device, d
     return x0.cpu(), info
 
 
+SAMPLES_FIX = "delete it (the sets are drawn again by `ddmkit sample RUN --strategy NAME` or `ddmkit run`)"
+
+
+def read_info(folder: RunFolder) -> dict:
+    """RUN/samples/info.json (what each set was drawn with), {} before the first set."""
+    return read_json(folder.sample_info, SAMPLES_FIX) if folder.sample_info.exists() else {}
+
+
 def drawn_with(cfg: RunConfig, run, sample_set: SampleSet) -> dict:
     """What a set's samples depend on besides its name: the sampling settings and the networks (the
     registry's hash: a retrained or restored expert rewrites it; none before a run is registered)."""
@@ -89,14 +97,14 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
     ddms: dict = {}
     for sample_set in track(sets, "sampling", lambda s: s.name):
         path = folder.sample_set(sample_set.name)
-        recorded = read_json(folder.sample_info).get(sample_set.name, {}) if folder.sample_info.exists() else {}
+        recorded = read_info(folder).get(sample_set.name, {})
         made_with = drawn_with(cfg, run, sample_set)
         if path.exists() and recorded.get("drawn_with") == made_with and not redraw:
             continue  # a set whose info a kill lost, or drawn by other settings or networks, is drawn again
         x0, info = draw_set(cfg, run, sample_set, images, device, ddms)
         info["drawn_with"] = made_with
         save_tensors(path, {"x": x0}, {"strategy": sample_set.name, "missing_experts": info["missing_experts"]})
-        infos = read_json(folder.sample_info) if folder.sample_info.exists() else {}
+        infos = read_info(folder)
         infos[sample_set.name] = info
         write_json(folder.sample_info, infos)
         log(f"sample {sample_set.name}: {info['expert_calls_per_sample']:.1f} expert calls/sample, "

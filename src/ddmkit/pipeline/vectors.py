@@ -20,6 +20,7 @@ from ddmkit.io import load_tensors, read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.models import models_section
 from ddmkit.pipeline.samplesets import planned_sets
+from ddmkit.pipeline.sampling import SAMPLES_FIX, read_info
 from ddmkit.pipeline.stages import load_split
 from ddmkit.tables import markdown_table
 
@@ -36,10 +37,10 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
     folder = RunFolder(run)
     if not folder.sample_info.exists():
         raise DDMError(f"{folder.root}: no samples yet; run `ddmkit sample {folder.root}` first")
-    infos = read_json(folder.sample_info)
+    infos = read_info(folder)
     names = [s.name for s in planned_sets(cfg, load_truth(run) is not None) if folder.sample_set(s.name).exists()]
     names += [n for n in infos if n not in names and folder.sample_set(n).exists()]  # sets drawn by `ddmkit sample`
-    samples = {n: load_tensors(folder.sample_set(n))["x"] for n in names}
+    samples = {n: load_tensors(folder.sample_set(n), fix=SAMPLES_FIX)["x"] for n in names}
     test = load_split(run, "test")
     truth = test.truth
     result = evaluate_all(samples, infos, test.x, truth, cfg.evaluate.chunk)

@@ -4,5 +4,5 @@ from ddmkit.routing.combine import (CallCounter, apply_plan, combine, combine_de
 from ddmkit.routing.strategies import ExpertProbe, RoutingState, Strategy
 from ddmkit.routing.table import STRATEGIES, STRATEGY_FORMS, StrategyForm, parse_strategy
 
-__all__ = ["STRATEGIES", "STRATEGY_FORMS", "CallCounter", "ExpertProbe", "RoutingState", "Strategy", "StrategyForm", "apply_plan", "combine",
-           "combine_dense", "make_plan", "parse_strategy", "plan_selection", "routed_velocity"]
+__all__ = ["STRATEGIES", "STRATEGY_FORMS", "CallCounter", "ExpertProbe", "RoutingState", "Strategy", "StrategyForm",
+           "apply_plan", "combine", "combine_dense", "make_plan", "parse_strategy", "plan_selection", "routed_velocity"]
