@@ -17,6 +17,7 @@ import torch
 
 from ddmkit.ddm.model import DDM
 from ddmkit.ddm.sampling import sample_field
+from ddmkit.flow.path import x0_from_velocity
 from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
 from ddmkit.routing.strategies import ExpertProbe
 from ddmkit.routing.combine import last_weights
@@ -41,8 +42,7 @@ class Trace:
     @property
     def x0_hat(self) -> torch.Tensor:
         """x0_hat = x_t - t v at every step, (N, B, *shape)."""
-        tb = self.t.reshape(-1, *([1] * (self.x.dim() - 1))).to(self.x.dtype)
-        return self.x - tb * self.v
+        return x0_from_velocity(self.v, self.x, self.t)  # t (N,): one time per step, the rows of x
 
 
 def new_state(ddm: DDM, seed: int, device="cpu") -> RoutingState:

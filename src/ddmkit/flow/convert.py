@@ -32,6 +32,8 @@ from functools import lru_cache
 
 import torch
 
+from ddmkit.flow.path import per_row
+
 T_MIN = 1e-4
 
 
@@ -88,15 +90,11 @@ def vp_scales(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return (1 - tt) / c, tt / c, c
 
 
-def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
-
-
 def vp_velocity(network, x: torch.Tensor, t: torch.Tensor, schedule: VPSchedule, prediction: str,
                 **cond) -> torch.Tensor:
     """The linear-path velocity of a VP network predicting "epsilon" or "v", called as
     network(z, n x schedule.time_scale, **cond) with z = x / c and its timestep n."""
-    alpha, sigma, c = (_col(s, x) for s in vp_scales(t))
+    alpha, sigma, c = (per_row(s, x) for s in vp_scales(t))
     z = x / c
     out = network(z, vp_timestep(schedule, t) * schedule.time_scale, **cond).to(x.dtype)
     if prediction == "epsilon":
@@ -116,7 +114,7 @@ def vp_training_pair(schedule: VPSchedule, prediction: str, x: torch.Tensor, u: 
     Returns (z, the network's time input n x time_scale, target)."""
     n = (u * schedule.steps).long().clamp(0, schedule.steps - 1)
     log_ab = log_alpha_bar_on(schedule, x.device)[n]
-    alpha, sigma = _col(torch.exp(0.5 * log_ab), x), _col(torch.sqrt(-torch.expm1(log_ab)), x)
+    alpha, sigma = per_row(torch.exp(0.5 * log_ab), x), per_row(torch.sqrt(-torch.expm1(log_ab)), x)
     if prediction == "epsilon":
         target = eps
     elif prediction == "v":
@@ -140,6 +138,6 @@ def edm_velocity(network, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Ten
     """The linear-path velocity of an EDM-style denoiser D(x_sigma, sigma) = E[x | x_sigma], called as
     network(x / (1 - t), t / (1 - t), **cond)."""
     tt = t.clamp(T_MIN, 1 - T_MIN)
-    a = _col(1 - tt, x)
+    a = per_row(1 - tt, x)
     x0 = network(x / a, tt / (1 - tt), **cond).to(x.dtype)
-    return (x - x0) / _col(tt, x)
+    return (x - x0) / per_row(tt, x)

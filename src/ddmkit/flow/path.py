@@ -18,14 +18,14 @@ import torch
 PREDICTIONS = ("velocity", "epsilon", "x0")
 
 
-def _bt(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """t (B,) broadcast against x (B, *shape)."""
-    return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+def per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """v (B,) as (B, 1, ..., 1) in like's dtype: one value per row of like (B, *shape), broadcast."""
+    return v.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
 def noise(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """x_t = (1 - t) x + t eps."""
-    tb = _bt(t, x)
+    tb = per_row(t, x)
     return (1 - tb) * x + tb * eps
 
 
@@ -44,7 +44,7 @@ def to_velocity(pred: torch.Tensor, prediction: str, x_t: torch.Tensor, t: torch
     """Convert a network output of kind `prediction` to the velocity v = eps - x."""
     if prediction == "velocity":
         return pred
-    tb = _bt(t, x_t)
+    tb = per_row(t, x_t)
     if prediction == "epsilon":
         return (pred - x_t) / (1 - tb).clamp_min(t_eps)
     if prediction == "x0":
@@ -54,4 +54,4 @@ def to_velocity(pred: torch.Tensor, prediction: str, x_t: torch.Tensor, t: torch
 
 def x0_from_velocity(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x0_hat = x_t - t v."""
-    return x_t - _bt(t, x_t) * v
+    return x_t - per_row(t, x_t) * v

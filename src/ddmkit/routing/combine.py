@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ddmkit.flow.path import x0_from_velocity
+from ddmkit.flow.path import per_row, x0_from_velocity
 from ddmkit.routing.strategies import RoutingState, dense_weights
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -96,11 +96,6 @@ def plan_selection(experts: torch.Tensor, weights: torch.Tensor, num_experts: in
                         counts=[c for c in per_expert if c], unit=unit)
 
 
-def _column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) to broadcast against `like`, in its dtype."""
-    return v.reshape((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
-
-
 def _split_cond(cond: Cond | None, rows: torch.Tensor, counts: list[int]) -> list[Cond]:
     """The conditioning gathered once in plan order, then cut into one dict per active expert."""
     parts = {name: c.index_select(0, rows).split(counts) for name, c in (cond or {}).items()}
@@ -132,7 +127,7 @@ def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t:
             counter.add(k, n)
     v = torch.cat(outs).to(x.dtype)
     if not plan.unit:  # (one-expert strategies: every weight is 1, and index_add_ is faster than index_copy_)
-        v = v * _column(plan.weights, x)
+        v = v * per_row(plan.weights, x)
     return torch.zeros_like(x).index_add_(0, plan.rows, v)
 
 
@@ -153,7 +148,7 @@ def combine_dense(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tens
     hold K times the memory of one)."""
     out = torch.zeros_like(x)
     for k, expert in enumerate(experts):
-        out = out + _column(weights[:, k], x) * expert(x, t, **(cond or {})).to(x.dtype)
+        out = out + per_row(weights[:, k], x) * expert(x, t, **(cond or {})).to(x.dtype)
         if counter is not None:
             counter.add(k, len(x))
     return out
