@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ddmkit.errors import DDMError
-from ddmkit.routing.strategies import Strategy, renormalise
+from ddmkit.routing.strategies import Strategy, renormalise, top_mass
 
 
 def keep_top(probs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -37,9 +37,7 @@ class AdaptiveMass(Strategy):
         return f"adaptive-{self.p:g}"
 
     def weights(self, probs, state):
-        sp = probs.sort(1, descending=True).values
-        m = ((sp.cumsum(1) - sp) < self.p).sum(1)  # entries whose preceding mass is still below p
-        return keep_top(probs, m.clamp_min(1))
+        return renormalise(probs * top_mass(probs, self.p))
 
 
 @dataclass(frozen=True)

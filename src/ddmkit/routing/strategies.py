@@ -53,6 +53,14 @@ class RoutingState:
     probe: ExpertProbe | None = None  # the experts at (x, t), for the strategies that compare them
 
 
+def top_mass(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, K) mask of each row's largest entries whose mass first reaches p: those whose preceding mass,
+    in descending order, is below p (at least the largest one, for p > 0)."""
+    ordered, order = probs.sort(dim=1, descending=True)
+    keep_ordered = (ordered.cumsum(1) - ordered) < p
+    return torch.zeros_like(keep_ordered).scatter(1, order, keep_ordered)
+
+
 def renormalise(w: torch.Tensor) -> torch.Tensor:
     """Rows of non-negative weights (B, n) scaled to sum to 1 (a row of zeros stays zero)."""
     return w / w.sum(1, keepdim=True).clamp_min(1e-30)
@@ -166,11 +174,7 @@ class Nucleus(Selecting):
 
     def select(self, probs, state):
         q = torch.softmax(_tempered_log(probs, self.temperature), dim=1)
-        sq, order = q.sort(dim=1, descending=True)
-        before = sq.cumsum(1) - sq  # mass strictly before each entry
-        keep_sorted = before < self.p  # the smallest prefix reaching mass p
-        keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-        q = renormalise(q * keep)
+        q = renormalise(q * top_mass(q, self.p))
         return _single(torch.multinomial(q, 1, generator=state.generator).squeeze(1), probs)
 
 
