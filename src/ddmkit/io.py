@@ -184,7 +184,7 @@ def staging_dir(final: str | Path):
         raise DDMError(f"{final} is a file, but a folder is written there; move it away or choose another --out")
     for old in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):  # a killed writer's, of this target
         if _writer_gone(old.name):
-            _remove(old)
+            remove(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_tmp_prefix(final.name), suffix=".tmp"))
     try:
         yield tmp
@@ -240,13 +240,22 @@ def remove_stale_staging(root: str | Path) -> list[Path]:
     """Remove what stale_staging finds (left by a writer killed mid-write); returns the paths."""
     found = stale_staging(root)
     for p in found:
-        _remove(p)
+        remove(p, ignore_errors=True)
     return found
 
 
-def _remove(path: Path) -> None:
-    """Remove a file, a link or a folder tree."""
-    shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+def remove(path: Path, ignore_errors: bool = False) -> None:
+    """Remove a file, a link or a folder tree (nothing when it is gone; ignore_errors: also what cannot be
+    removed, e.g. a folder another process empties at the same time)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def entries(folder: Path, but: Path | None = None) -> list[Path]:
+    """What a folder holds, `but` aside (e.g. its lock file); nothing when there is no such folder."""
+    return [p for p in folder.iterdir() if p != but] if folder.is_dir() else []
 
 
 # ----- folder locks -----------------------------------------------------------------

@@ -20,13 +20,12 @@ and folders left by a killed writer are removed here.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable
 
 from ddmkit.config import RunConfig, config_differences, json_digest, validate
 from ddmkit.errors import DDMError
-from ddmkit.io import read_json, remove_stale_staging, write_json
+from ddmkit.io import entries, read_json, remove, remove_stale_staging, write_json
 from ddmkit.latent.autoencoder import network_data_shape
 from ddmkit.ddm.load import component_groups
 from ddmkit.layout import RunFolder
@@ -41,10 +40,6 @@ TRAINED = ("data", "partition", "expert", "router", "monolith", "latent")  # the
 def trained_digest(config: dict) -> str:
     """Hash of the config sections that decide the data, the partition and the trained networks."""
     return json_digest({name: config.get(name) for name in TRAINED})
-
-
-def _entries(folder: RunFolder) -> list[Path]:
-    return [p for p in folder.root.iterdir() if p != folder.lock] if folder.root.is_dir() else []
 
 
 def differences_text(made: RunConfig, asked: RunConfig) -> str:
@@ -77,7 +72,7 @@ def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
             raise DDMError(f"{folder.root} already holds a different run: {differences_text(old, cfg)}; choose "
                            "another --out folder or pass --force to replace it")
         return "replace"
-    if _entries(folder) and not force:
+    if entries(folder.root, but=folder.lock) and not force:
         raise DDMError(f"{folder.root} exists and is not a ddmkit run folder; choose another --out or pass --force")
     return "new"
 
@@ -95,14 +90,6 @@ def check_kinds(folder: RunFolder, skip: list[Path] = ()) -> None:
     for path in files:
         if path not in skip and path.is_dir():
             raise DDMError(f"{path} is a folder, but ddmkit writes a file there; move it away")
-
-
-def _clear(folder: RunFolder, paths: list[Path]) -> None:
-    for path in paths:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def _check_sizes(cfg: RunConfig, folder: RunFolder, data: tuple | None) -> None:
@@ -162,13 +149,15 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
             register_user_networks(cfg)
             _check_sizes(cfg, folder, None)
         if action == "replace":
-            _clear(folder, _entries(folder))
+            for path in entries(folder.root, but=folder.lock):
+                remove(path)
         elif action == "derived":
             old = read_json(folder.config)["config"]
             changed = [name for name in ("sample", "evaluate") if old.get(name) != cfg.model_dump()[name]]
             log(f"{run}: the {' and '.join(changed) or 'sample'} settings changed; the trained networks are kept, "
                 "samples and scores are drawn again")
-            _clear(folder, folder.derived)
+            for path in folder.derived:
+                remove(path)
         write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
         if data is not None:
             write_data(cfg, run, *data, log)

@@ -42,7 +42,8 @@ from ddmkit.data.partition import read_shard
 from ddmkit.discrete.shards import cluster_prior, load_streams, mixed_windows, partition_text, sample_windows
 from ddmkit.discrete.tokens import NUM_BYTES
 from ddmkit.errors import DDMError
-from ddmkit.io import read_json, remove_stale_staging, sha256_file, staging_dir, write_bytes_atomic, write_json
+from ddmkit.io import (entries, read_json, remove, remove_stale_staging, sha256_file, staging_dir, write_bytes_atomic,
+                       write_json)
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, from_pretrained, save_pretrained
 from ddmkit.pipeline.stages import run_lock
@@ -183,15 +184,11 @@ def read_text_config(path: str | Path) -> TextRunConfig:
     return load_text_config(path)
 
 
-def _entries(folder: RunFolder) -> list[Path]:
-    return [p for p in folder.root.iterdir() if p != folder.lock] if folder.root.is_dir() else []
-
-
 def _replace(folder: RunFolder, cfg: TextRunConfig, force: bool) -> bool:
     """Whether what the folder holds is to be replaced (force, and it holds something); a folder of
     another kind of run, or not a run, is refused without force."""
     if force:
-        return bool(_entries(folder))
+        return bool(entries(folder.root, but=folder.lock))
     if folder.config.exists():
         if not is_text_run(folder.root):
             raise DDMError(f"{folder.root} holds a run of another kind; choose another --out or pass --force to "
@@ -200,7 +197,7 @@ def _replace(folder: RunFolder, cfg: TextRunConfig, force: bool) -> bool:
         if kind != cfg.kind:
             raise DDMError(f"{folder.root} holds a {kind} run and the config's kind is {cfg.kind}; choose another "
                            "--out or pass --force to replace it")
-    elif _entries(folder):
+    elif entries(folder.root, but=folder.lock):
         raise DDMError(f"{folder.root} exists and is not a ddmkit run folder; choose another --out or pass --force")
     return False
 
@@ -219,11 +216,8 @@ def prepare_text_run(cfg: TextRunConfig, out: Path, force: bool = False, log: Lo
         manifest = read_json(folder.manifest) if new is None else plan_partition(cfg, new)
         check_windows(cfg, manifest)
         # every check passed: now write
-        for path in _entries(folder) if replace else []:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+        for path in entries(folder.root, but=folder.lock) if replace else []:
+            remove(path)
         write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
         if new is not None:
             with staging_dir(folder.partition) as tmp:
