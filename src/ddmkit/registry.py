@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.overrides import TorchFunctionMode
 
-from ddmkit.conventions import TIME_CONVENTION, __version__
+from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_convention
 from ddmkit.config import validate
 from ddmkit.data.partition import load_partition
 from ddmkit.errors import DDMError
@@ -224,9 +224,7 @@ def check_model_folder(folder: str | Path) -> dict:
         raise DDMError(f"{folder} is not a model folder (config.json + model.safetensors); train or copy it again")
     config = read_json(folder / "config.json")
     cfg = _validated(ModelConfig, config, str(folder / "config.json"))
-    if cfg.time_convention != TIME_CONVENTION:
-        raise DDMError(f"{folder}: time convention {cfg.time_convention!r} differs from ddmkit's "
-                       f"{TIME_CONVENTION!r}; convert the model before mixing it")
+    check_time_convention(cfg.time_convention, folder)
     header = header_shapes(folder / "model.safetensors")
     try:
         with torch.device("meta"), _Budget(20 * len(header) + 200, folder):
@@ -308,8 +306,7 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     if not source.exists():
         raise DDMError(f"{run}: no registry yet ({REGISTRY}); run `ddmkit register {run}` first")
     reg = _validated(Registry, read_json(source), str(source))
-    if reg.time_convention != TIME_CONVENTION:
-        raise DDMError(f"{source}: time convention {reg.time_convention!r} differs from ddmkit's {TIME_CONVENTION!r}")
+    check_time_convention(reg.time_convention, source)
     if not _same_release(reg.ddmkit_version, __version__):
         raise DDMError(f"{source}: written by ddmkit {reg.ddmkit_version}, this is ddmkit {__version__}; "
                        f"install ddmkit=={reg.ddmkit_version} or re-train and re-register")

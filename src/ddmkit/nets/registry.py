@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ddmkit.conventions import TIME_CONVENTION, __version__
+from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_convention
 from ddmkit.errors import DDMError
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, save_tensors, write_json
 from ddmkit.nets.dit import DiT
@@ -95,9 +95,7 @@ def from_pretrained(folder: str | Path, map_location: str | torch.device = "cpu"
     for key in ("arch", "kwargs"):
         if key not in config:
             raise DDMError(f"{folder / 'config.json'}: missing field {key!r}; this is not a ddmkit model folder")
-    if config.get("time_convention", TIME_CONVENTION) != TIME_CONVENTION:
-        raise DDMError(f"{folder}: time convention {config['time_convention']!r} differs from ddmkit's "
-                       f"{TIME_CONVENTION!r}; convert the model before mixing it")
+    check_time_convention(config.get("time_convention", TIME_CONVENTION), folder)
     if not isinstance(config["kwargs"], dict) or not isinstance(config["arch"], str):
         raise DDMError(f"{folder / 'config.json'}: 'arch' must be a name and 'kwargs' a table")
     model = build_model(config["arch"], **config["kwargs"])
