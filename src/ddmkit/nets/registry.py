@@ -71,6 +71,16 @@ def build_model(arch: str, **kwargs) -> nn.Module:
         raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {type(e).__name__}: {str(e)[:300]}") from None
 
 
+def check_builds(arch: str, kwargs: dict, where: str) -> nn.Module:
+    """arch(**kwargs) built on the meta device (no memory), as a check before any work: a network that
+    cannot be built is a DDMError that opens with `where` (the setting that names it)."""
+    try:
+        with torch.device("meta"):
+            return build_model(arch, **kwargs)
+    except DDMError as e:
+        raise DDMError(f"{where}: {e}") from None
+
+
 def build_seeded(arch: str, seed: int, **kwargs) -> nn.Module:
     """build_model with its initial weights fixed by `seed` (the global RNG is left as it was)."""
     with torch.random.fork_rng(devices=[]):

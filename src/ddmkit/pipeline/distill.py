@@ -48,7 +48,7 @@ from ddmkit.flow.path import noise
 from ddmkit.io import read_json, remove_stale_staging, sha256_file, write_bytes_atomic, write_json
 from ddmkit.train.threads import job_threads
 from ddmkit.layout import RunFolder
-from ddmkit.nets import build_model
+from ddmkit.nets import check_builds
 from ddmkit.pipeline.images import scorer_for
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.run import is_image_run
@@ -176,11 +176,7 @@ def student_net(folder: RunFolder, source: str) -> dict:
                        f"train-monolith {folder.root}`, or use --arch expert")
     config = read_json(path / "config.json")
     net = {"arch": config["arch"], "kwargs": dict(config["kwargs"])}
-    try:
-        with torch.device("meta"):
-            build_model(net["arch"], **net["kwargs"])
-    except DDMError as e:
-        raise DDMError(f"--arch {source}: {e}") from None
+    check_builds(net["arch"], net["kwargs"], f"--arch {source}")
     return net
 
 

@@ -57,7 +57,7 @@ from ddmkit.io import read_json, remove_stale_staging, save_tensors, sha256_file
 from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.train.threads import job_threads
 from ddmkit.layout import RunFolder
-from ddmkit.nets import build_model
+from ddmkit.nets import check_builds
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.registry import load_model, load_partition_checked, verify_registry, write_registry
@@ -165,11 +165,7 @@ def check_grown_networks(run: TrainedRun, k: int) -> None:
     nets = {"expert.net": (run.cfg.expert.net, {"data_shape": shape}),
             "router.net": (run.cfg.router.net, {"data_shape": shape, "num_experts": k})}
     for where, (net, given) in nets.items():
-        try:
-            with torch.device("meta"):
-                build_model(net.arch, **{**given, **net.kwargs})
-        except DDMError as e:
-            raise DDMError(f"{where}: {e}") from None
+        check_builds(net.arch, {**given, **net.kwargs}, where)
 
 
 # ----- the plan: everything add_expert writes, computed in memory ------------------------------

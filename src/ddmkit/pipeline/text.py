@@ -45,7 +45,7 @@ from ddmkit.errors import DDMError
 from ddmkit.io import (entries, read_json, remove, remove_stale_staging, sha256_file, staging_dir, write_bytes_atomic,
                        write_json)
 from ddmkit.layout import RunFolder
-from ddmkit.nets import build_model, from_pretrained, save_pretrained
+from ddmkit.nets import build_model, check_builds, from_pretrained, save_pretrained
 from ddmkit.pipeline.stages import run_lock
 from ddmkit.registry import check_registered, write_registry
 from ddmkit.tables import markdown_table
@@ -150,11 +150,7 @@ def check_networks(cfg: TextRunConfig) -> None:
     if "learned" in cfg.router.kinds:
         nets["router"] = (task.router_arch, _router_network(cfg, cfg.partition.k))
     for where, (arch, kwargs) in nets.items():
-        try:
-            with torch.device("meta"):
-                build_model(arch, **kwargs)
-        except DDMError as e:
-            raise DDMError(f"{where}: {e}") from None
+        check_builds(arch, kwargs, where)
 
 
 def is_text_run(run) -> bool:
