@@ -124,10 +124,10 @@ def test_one_table_parses_documents_and_validates_every_strategy():
     from ddmkit.config import RunConfig, SampleConfig, validate
     from ddmkit.errors import DDMError
     from ddmkit.routing import STRATEGIES, Strategy, StrategyForm, parse_strategy
-    from ddmkit.routing.table import markdown_table
+    from ddmkit.routing.table import strategies_markdown
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "routing.md").read_text()
-    assert markdown_table() in docs
+    assert strategies_markdown() in docs
     for entry in STRATEGIES:  # every row's form parses once its placeholders are filled in
         example = entry.form.replace("K@A", "2@30").replace("[@T]", "").replace("K", "2").replace("P", "0.5")
         parse_strategy(example.replace("-H", "-0.5"))

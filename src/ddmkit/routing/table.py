@@ -2,7 +2,7 @@
 
     strategy = parse_strategy("top-2")       # a strategy object (ddmkit.routing.strategies / adaptive)
     strategy_forms()                         # "full, top-K, ..." for messages and --help
-    markdown_table()                         # the table in docs/routing.md
+    strategies_markdown()                         # the table in docs/routing.md
 
 Configs, the command line and the docs all read this table, so a strategy
 added here is accepted, listed and documented everywhere.
@@ -111,7 +111,7 @@ def parse_strategy(spec: str) -> Strategy:
     raise DDMError(f"unknown routing strategy {spec!r}; accepted forms: {strategy_forms()}")
 
 
-def markdown_table() -> str:
+def strategies_markdown() -> str:
     """The strategy table of docs/routing.md."""
     rows = ["| name | weights | expert calls per evaluation |", "|---|---|---|"]
     rows += [f"| `{s.form}` | {s.description} | {s.expert_calls} |" for s in STRATEGIES]
