@@ -145,6 +145,6 @@ def test_one_table_parses_documents_and_validates_every_strategy():
         assert isinstance(parse_strategy("greedy"), Greedy) and SampleConfig(strategies=["greedy"])
         with pytest.raises(DDMError, match="accepted forms: .*greedy"):
             parse_strategy("nope")
-        assert "`greedy`" in markdown_table()
+        assert "`greedy`" in strategies_markdown()
     finally:
         STRATEGIES.pop()
