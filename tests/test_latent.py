@@ -177,6 +177,11 @@ def test_a_latent_run_end_to_end(tmp_path):
                                     and (run / "launch" / "train_experts.slurm").read_text())
     assert "#SBATCH --array=1\n" in (run / "launch" / "train_experts.slurm").read_text()
     shutil.move(kept, run / "experts" / "expert_01")
+    info = run / "latents" / "latents.json"  # lost: named as missing, not as changed
+    shutil.move(info, run / "latents.json.kept")
+    with pytest.raises(DDMError, match=r"latents\.json is missing; copy the run's latents/ folder back"):
+        DDM.from_pretrained(run)
+    shutil.move(run / "latents.json.kept", info)
     # an autoencoder changed after encoding is refused before anything is built
     weights = run / "autoencoder" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)

@@ -317,7 +317,10 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     shards = manifest["shards"]
     if reg.latents_sha256 is not None or RunFolder(run).is_latent:
         info = RunFolder(run).latent_info
-        if not info.exists() or sha256_file(info) != reg.latents_sha256:
+        if not info.exists():
+            raise DDMError(f"{source}: the run is a latent run, but {info} is missing; copy the run's latents/ "
+                           "folder back")
+        if sha256_file(info) != reg.latents_sha256:
             raise DDMError(f"{source}: the latent shards ({info}) changed since the registry was written; these "
                            "networks were trained on other latents")
         shards = latent_info(run)["shards"]
