@@ -138,6 +138,10 @@ def test_stats_router_trains_nothing_and_routes_the_new_island(run):
     x0 = load_tensors(RunFolder(run).sample_set("top-2"))["x"]
     assert x0.shape == (60, 2) and torch.isfinite(x0).all() and info["missing_experts"] == []
     verify_registry(run)
+    from ddmkit.pipeline.analyze import analyze_run  # the diagnostics route by the statistics router too
+
+    result = analyze_run(run, run / "analysis", strategies=["top-2"], n=64, n_boot=20, n_heldout=64, log=lambda m: None)
+    assert (run / "analysis" / "analysis.md").exists() and result
 
 
 def test_exact_mixtures_are_joined_by_training_counts():

@@ -39,7 +39,7 @@ from ddmkit.config import MONOLITH, json_digest
 from ddmkit.conventions import __version__
 from ddmkit.data.partition import feature_map, load_partition
 from ddmkit.ddm import DDM, exact_ddm, load_ddm, start_noise
-from ddmkit.ddm.load import monolith_field
+from ddmkit.ddm.load import has_default_router, monolith_field
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
 from ddmkit.io import (check_folder_target, load_tensors, read_json, save_tensors, sha256_file, write_bytes_atomic,
@@ -242,9 +242,9 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, strategies: 
 def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, device, log) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     run = Path(run_dir)
-    if not (run / "config.json").exists() or not (run / "router" / "model.safetensors").exists():
-        raise DDMError(f"RUN_DIR {run}: not a trained ddmkit run (needs config.json, experts/ and router/); "
-                       "run `ddmkit run CONFIG --out RUN_DIR` first")
+    if not (run / "config.json").exists() or not has_default_router(run):
+        raise DDMError(f"RUN_DIR {run}: not a trained ddmkit run (needs config.json, experts/ and router/, or a "
+                       "grown run's statistics router); run `ddmkit run CONFIG --out RUN_DIR` first")
     for option, value, least in (("--n", n, 2), ("--jvp-rows", jvp_rows, 1), ("--max-steps", max_steps, 1)):
         if value < least:
             raise DDMError(f"{option} = {value}: must be {least} or more")
