@@ -22,11 +22,11 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> None:
-    """Write a figure as PNG atomically (io.write_bytes_atomic: a killed writer's temporary file is
-    removed by the next run) and close it."""
+def save_figure(fig, path: Path, crop: bool = True) -> None:
+    """Write a figure as PNG at 110 dpi atomically (io.write_bytes_atomic: a killed writer's temporary
+    file is removed by the next run) and close it; crop: to what is drawn (else the figure's own size)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight" if crop else None)
     pyplot().close(fig)
     write_bytes_atomic(path, buffer.getvalue())
 

@@ -80,7 +80,7 @@ def new_figure(columns: int = 1, rows: int = 1, size: float = 4.0):
 def save_figure(fig, path: Path) -> str:
     """Write fig as PNG atomically (evaluation.plots.save_figure); return the file name."""
     fig.tight_layout()
-    plots.save_figure(fig, path)
+    plots.save_figure(fig, path, crop=False)
     return path.name
 
 
