@@ -4,9 +4,7 @@
     ddm = DDM.from_pretrained("runs/ring")             # a run folder: partition/, experts/, router/
     x0, info = ddm.sample(strategy="top-2", n=1000, steps=50, seed=0)
 
-Time convention (one for the whole code base): t in [0, 1], t = 0 is data,
-t = 1 is noise, x_t = (1 - t) x + t eps, velocity target v = eps - x,
-sampling integrates dx/dt = v from t = 1 down to t = 0.
+Time convention: the one of ddmkit.conventions (t = 0 data, t = 1 noise).
 
 The public API: DDM (from_pretrained, to, sample), sample_ddm and sample_single (routed and
 single-field sampling), SpeedOptions (GPU speed options), load_config and RunConfig (the TOML

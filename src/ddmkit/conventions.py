@@ -1,4 +1,5 @@
-"""The one time convention of ddmkit, and the version every file it writes records.
+"""The one time convention of ddmkit (stated here, referred to everywhere else), and the version
+every file it writes records.
 
 t in [0, 1], t = 0 is data, t = 1 is noise; x_t = (1 - t) x + t eps, eps ~ N(0, I); the velocity
 target is v = eps - x; sampling integrates dx/dt = v from t = 1 down to t = 0; x0_hat = x_t - t v.

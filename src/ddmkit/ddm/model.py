@@ -9,8 +9,8 @@ A latent DDM (a run with an autoencoder) routes and integrates in latent space: 
 the latents' shape, and `sample` decodes the result with `codec` into images.
 
 Every field is a callable (x (B, *shape), t (B,), **cond) -> tensor: experts
-return velocities in ddmkit's time convention (t = 0 data, t = 1 noise,
-v = eps - x; networks predicting epsilon or x0 are converted at load), the
+return velocities in ddmkit's time convention (ddmkit.conventions; networks
+predicting epsilon or x0 are converted at load), the
 router returns probabilities (B, K). Learned fields are NetworkFields
 (ddmkit.nets.field); the exact DDM of a Gaussian mixture has plain functions.
 

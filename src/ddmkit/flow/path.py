@@ -1,6 +1,6 @@
 """The linear probability path and conversions between parameterisations.
 
-Convention: x_t = (1 - t) x + t eps, t = 0 data, t = 1 noise; the network
+The path of ddmkit.conventions, x_t = (1 - t) x + t eps, implemented: the network
 target is v = eps - x, and x0_hat = x_t - t v, eps_hat = x_t + (1 - t) v.
 An expert that predicts eps or x0 is converted to v here, once, at the
 boundary of the code:

@@ -1,7 +1,6 @@
 """Exact Gaussian-mixture fields under ddmkit's linear path.
 
-Convention (one for the whole code base): t in [0, 1], t = 0 is data, t = 1 is
-noise, x_t = (1 - t) x + t eps, eps ~ N(0, I), velocity target v = eps - x.
+Time convention: ddmkit.conventions (x_t = (1 - t) x + t eps, v = eps - x).
 Write a = 1 - t, s = t.
 
 For data q = sum_k pi_k N(mu_k, S_k) every noised component is Gaussian:
