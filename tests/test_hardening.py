@@ -456,6 +456,25 @@ def test_staging_names_carry_the_writer(tmp_path):
     assert (tmp_path / "out").is_dir() and not tmp.exists()
 
 
+def test_a_job_inside_a_staging_folder_checkpoints_under_a_staging_name_of_its_writer(tmp_path):
+    """ddmkit add-expert trains into staging folders: a checkpoint beside one carries the same writer, so a
+    killed writer's checkpoint is removed with its other leftovers (it was left for ever)."""
+    from ddmkit.io import remove_stale_staging, stale_staging
+    from ddmkit.train.jobs import checkpoint_path
+
+    experts = tmp_path / "experts"
+    assert checkpoint_path(experts / "expert_03") == experts / "expert_03.checkpoint.safetensors"
+    with staging_dir(tmp_path / "router") as tmp:
+        ckpt = checkpoint_path(tmp)
+        ckpt.write_bytes(b"state")
+        assert ckpt.parent == tmp.parent and ckpt.name.startswith(".router.checkpoint.safetensors.")
+        assert ckpt.name.endswith(tmp.name.removeprefix(".router"))  # the same writer
+        assert stale_staging(tmp_path) == []  # this writer is alive
+        dead = ckpt.with_name(ckpt.name.replace(f".{os.getpid()}-", ".999999999-"))
+        ckpt.rename(dead)
+    assert stale_staging(tmp_path) == [dead] and remove_stale_staging(tmp_path) and not dead.exists()
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 def test_a_killed_writer_not_yet_reaped_counts_as_gone(tmp_path):
     """A writer killed with SIGKILL stays a zombie until its parent reaps it: its staging is stale."""

@@ -35,6 +35,16 @@ def _tmp_prefix(name: str) -> str:
     return f".{name}.{os.getpid()}-{HOST}."
 
 
+def sibling(path: Path, suffix: str) -> Path:
+    """A file beside `path` named after it, NAME.SUFFIX; beside a staging folder (.NAME.PID-HOST.R.tmp),
+    .NAME.SUFFIX.PID-HOST.R.tmp: a staging name of the same writer, removed with the folder's leftovers
+    once that writer is gone (remove_stale_staging)."""
+    owner = _OWNER.search(path.name)
+    if STAGING.match(path.name) and owner:
+        return path.with_name(f"{path.name[:owner.start()]}.{suffix}{path.name[owner.start():]}")
+    return path.with_name(f"{path.name}.{suffix}")
+
+
 def ensure_folder(folder: str | Path) -> Path:
     """Create `folder` (and its parents); a file where a folder is expected is a DDMError."""
     folder = Path(folder)

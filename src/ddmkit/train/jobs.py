@@ -21,7 +21,7 @@ from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import path_entry
 from ddmkit.flow.losses import flow_matching_loss, router_loss
-from ddmkit.io import read_json, sha256_file, staging_dir
+from ddmkit.io import read_json, sha256_file, sibling, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained, use_networks, user_networks
 import ddmkit.train.distributed as distributed
 from ddmkit.train.distributed import LOCAL, Distributed
@@ -61,9 +61,10 @@ def drop_labels(y: torch.Tensor, p: float, null: int, generator: torch.Generator
 
 def checkpoint_path(out_dir: str | Path) -> Path:
     """Where a job writes its checkpoints: beside its output folder (which only
-    appears, whole, at the end), e.g. experts/expert_03.checkpoint.safetensors."""
-    out_dir = Path(out_dir)
-    return out_dir.parent / f"{out_dir.name}.checkpoint.safetensors"
+    appears, whole, at the end), e.g. experts/expert_03.checkpoint.safetensors; for an
+    output folder that is itself a staging folder (a job inside a larger write, e.g.
+    ddmkit add-expert), a staging name of the same writer, removed with it once it is gone."""
+    return sibling(Path(out_dir), "checkpoint.safetensors")
 
 
 def shard_hashes(shards: list[Path]) -> list[str]:
