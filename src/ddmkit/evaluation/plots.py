@@ -108,6 +108,9 @@ def plot_sweep(panels: dict[str, dict[str, list[tuple[float, float, float, float
             ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        plain = pyplot().FuncFormatter(lambda v, _: f"{v:g}")  # 40, not 4 x 10^1, on the metric's axis
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training compute (FLOPs; a DDM: experts + router)")
         ax.grid(alpha=0.3)
