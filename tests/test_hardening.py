@@ -304,7 +304,7 @@ def test_nan_centroids_are_refused(tmp_path):
 
 
 def test_registry_is_checked_before_any_network_is_built(user_run, tmp_path, monkeypatch):
-    import ddmkit.nets.registry as nets
+    import ddmkit.nets.folders as nets
     import ddmkit.registry as registry
 
     run = tmp_path / "run"

@@ -3,7 +3,7 @@ build from specs, save/load as folders; a network's output as a field."""
 from ddmkit.nets.dit import DiT
 from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput, router_probabilities
 from ddmkit.nets.mlp import RouterMLP, VelocityMLP, timestep_embedding
-from ddmkit.nets.registry import (ARCHITECTURES, build_model, build_seeded, check_builds, from_pretrained,
+from ddmkit.nets.folders import (ARCHITECTURES, build_model, build_seeded, check_builds, from_pretrained,
                                   save_pretrained)
 from ddmkit.nets.router_cnn import RouterCNN
 from ddmkit.nets.unet import UNet
