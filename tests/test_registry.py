@@ -112,7 +112,16 @@ def test_expert_from_another_partition_is_refused(copy):
     cfg = json.loads(cfg_path.read_text())
     cfg["shard_sha256"] = "0" * 64
     cfg_path.write_text(json.dumps(cfg))
-    write_registry(copy)
+    before = (copy / "registry.json").read_bytes()
+    with pytest.raises(DDMError, match=r"expert_01: trained on shard 000000000000\.\.\. .*another partition"):
+        write_registry(copy)  # `ddmkit register` refuses it: nothing could load it
+    assert (copy / "registry.json").read_bytes() == before
+    from ddmkit.io import sha256_file
+
+    reg = json.loads(before)  # a registry that lists it all the same (written by hand) is refused on load
+    entry = next(m for m in reg["models"] if m["name"] == "expert_01")
+    entry.update(shard_sha256="0" * 64, config_sha256=sha256_file(cfg_path))
+    (copy / "registry.json").write_text(json.dumps(reg))
     with pytest.raises(DDMError, match="another partition"):
         verify_registry(copy)
 
@@ -181,3 +190,27 @@ def test_symlink_out_of_the_run_is_refused(tmp_path):
     with pytest.raises(DDMError, match="outside"):
         safe_join(tmp_path / "run", "link/secret")
     assert safe_join(tmp_path / "run", "experts/expert_00") == tmp_path / "run" / "experts" / "expert_00"
+
+
+def test_training_the_router_or_monolith_again_keeps_a_registered_run_registered(copy, monkeypatch, capsys):
+    """train-router / train-monolith on a run with a registry check it first, then record what they trained
+    (a router trained again with another seed was refused on the next load until `ddmkit register`)."""
+    from ddmkit.cli import main
+
+    def ddmkit(*args):
+        monkeypatch.setattr("sys.argv", ["ddmkit", *map(str, args)])
+        with pytest.raises(SystemExit) as exit:
+            main()
+        return exit.value.code
+
+    before = json.loads((copy / "registry.json").read_text())
+    shutil.rmtree(copy / "router")
+    assert ddmkit("train-router", copy, "--seed", "5") == 0
+    after = json.loads((copy / "registry.json").read_text())
+    router = [m["weights_sha256"] for reg in (before, after) for m in reg["models"] if m["role"] == "router"]
+    assert router[0] != router[1] and verify_registry(copy)["missing"] == []
+    load_ddm(copy)
+    w = copy / "experts" / "expert_02" / "model.safetensors"
+    w.write_bytes((copy / "experts" / "expert_03" / "model.safetensors").read_bytes())
+    assert ddmkit("train-monolith", copy) == 2 and "SHA-256 differs" in capsys.readouterr().err
+    assert not (copy / "monolith").exists()

@@ -170,7 +170,8 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
                      device: Optional[str] = DEVICE,
                      set_: Optional[List[str]] = SET):
     """Train the router p(cluster | x_t, t) on noised shard data (text runs: on windows of the shards)."""
-    from ddmkit.pipeline.stages import run_lock, stage_router
+    from ddmkit.pipeline.stages import run_lock, stage_registry, stage_router
+    from ddmkit.registry import check_registered
 
     if _text_run(run):
         from ddmkit.pipeline.text import train_text_router
@@ -183,7 +184,12 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
         if (run / "router" / "model.safetensors").exists():
             log(f"router: {run / 'router'} is trained already; remove that folder to train it again")
             return
+        registered = (run / "registry.json").exists()  # a registered run stays registered: checked, then updated
+        if registered:
+            check_registered(run)
         stage_router(cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)}), run, log)
+        if registered:
+            stage_registry(cfg, run, log)
 
 
 @app.command("train-monolith")
@@ -195,7 +201,8 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
     """Train the FLOP-matched monolith baseline on all shards (text runs: the centralized model), also in a
     run whose config has monolith.enabled = false (that setting is for `ddmkit run`)."""
     from ddmkit.layout import RunFolder
-    from ddmkit.pipeline.stages import stage_monolith
+    from ddmkit.pipeline.stages import run_lock, stage_monolith, stage_registry
+    from ddmkit.registry import check_registered
 
     if _text_run(run):
         from ddmkit.pipeline.text import train_text_monolith
@@ -210,7 +217,13 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
         return
     asked = {"expert": _with_train_seed(cfg.expert, seed),
              "monolith": cfg.monolith.model_copy(update={"enabled": True})}
-    stage_monolith(cfg.model_copy(update=asked), run, log)
+    with run_lock(run):
+        registered = RunFolder(run).registry.exists()  # a registered run stays registered: checked, then updated
+        if registered:
+            check_registered(run)
+        stage_monolith(cfg.model_copy(update=asked), run, log)
+        if registered:
+            stage_registry(cfg, run, log)
 
 
 @app.command()
@@ -429,7 +442,7 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
     check_backend(backend)
     if _text_run(run_dir):
         from ddmkit.pipeline.text import train_text_experts
-        from ddmkit.registry import check_registered, write_registry
+        from ddmkit.registry import write_registry
 
         _no_text_overrides(config, None, device, set_)
         if backend != "inline":

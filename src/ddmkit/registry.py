@@ -273,15 +273,31 @@ def registry_entry(run: Path, rel: str, role: str, cluster: int | None) -> dict:
             "config_sha256": sha256_file(folder / "config.json"), "shard_sha256": config.get("shard_sha256")}
 
 
+def check_shard(path: str, cluster, trained_on, shard_hash: dict) -> None:
+    """An expert trained on the shard its cluster has in this partition (shard_hash: cluster -> SHA-256),
+    else a DDMError: it belongs to another partition."""
+    if cluster is None or trained_on != shard_hash.get(cluster):
+        raise DDMError(f"{path}: trained on shard {str(trained_on)[:12]}... but cluster {cluster} of this "
+                       f"partition is shard {str(shard_hash.get(cluster))[:12]}...; it belongs to another partition: "
+                       "copy the expert trained on this partition's shard, or train it again")
+
+
 def write_registry(run: str | Path) -> dict:
-    """Write RUN/registry.json for the model folders present; returns it."""
+    """Write RUN/registry.json for the model folders present; returns it. Refused (DDMError): weights
+    holding NaN, an expert trained on another partition's shard (nothing could load it)."""
     run = Path(run)
     manifest, _ = load_partition_checked(run / "partition")
+    folder = RunFolder(run)
+    shards = latent_info(run)["shards"] if folder.is_latent else manifest["shards"]
+    shard_hash = {s["cluster"]: s["sha256"] for s in shards}
     reg = {"format": FORMAT, "ddmkit_version": __version__, "time_convention": TIME_CONVENTION,
            "k": manifest["k"], "data_hash": manifest.get("data_hash"),
            "partition_sha256": sha256_file(run / "partition" / "manifest.json"),
            "latents_sha256": sha256_file(RunFolder(run).latent_info) if RunFolder(run).is_latent else None,
            "models": [registry_entry(run, rel, role, c) for rel, role, c in _model_folders(run, manifest["k"])]}
+    for m in reg["models"]:
+        if m["role"] == "expert":
+            check_shard(m["path"], m["cluster"], m["shard_sha256"], shard_hash)
     _validated(Registry, reg, "registry")
     write_json(run / REGISTRY, reg)
     return reg
@@ -340,10 +356,7 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
                 raise DDMError(f"{folder / fname}: SHA-256 differs from {source}; the file was changed or "
                                "replaced. Re-copy it, or run `ddmkit register` if the change is intended")
         if e.role == "expert":
-            if e.cluster is None or e.shard_sha256 != shard_hash.get(e.cluster):
-                raise DDMError(f"{e.path}: trained on shard {str(e.shard_sha256)[:12]}... but cluster {e.cluster} "
-                               f"of this partition is shard {str(shard_hash.get(e.cluster))[:12]}...; "
-                               "it belongs to another partition")
+            check_shard(e.path, e.cluster, e.shard_sha256, shard_hash)
             cfg = read_json(folder / "config.json")
             if cfg.get("cluster") != e.cluster:
                 raise DDMError(f"{e.path}/config.json: cluster {cfg.get('cluster')!r}, registry says {e.cluster}")
