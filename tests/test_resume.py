@@ -78,6 +78,9 @@ def test_checkpoint_of_other_settings_or_format_is_refused(tmp_path, monkeypatch
             train_expert(shard, _cfg(), tmp_path / "a")
     with pytest.raises(DDMError, match="different training run"):
         train_expert(shard, _cfg(seed=1), tmp_path / "a", resume=True)
+    wider = _cfg().model_copy(update={"net": NetConfig(arch="mlp", kwargs={"width": 24, "depth": 1})})
+    with pytest.raises(DDMError, match=r"another network: parameter shapes differ \(.*\[16, .*asked \[24, "):
+        train_expert(shard, wider, tmp_path / "a", resume=True)  # the shapes named, not only "another network"
     save_tensors(checkpoint_path(tmp_path / "c"), {"x": torch.zeros(1)}, {"format": "other"})
     with pytest.raises(DDMError, match="not a ddmkit checkpoint"):
         train_expert(shard, _cfg(), tmp_path / "c", resume=True)

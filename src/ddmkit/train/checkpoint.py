@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ddmkit.config import config_differences, json_digest
+from ddmkit.config import config_differences
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, read_metadata, save_tensors
 
@@ -29,7 +29,16 @@ def fingerprint(cfg_dump: dict, model: torch.nn.Module, description: str, data: 
     data it trains on (`data`: e.g. the SHA-256 of each shard, in the order they are used)."""
     settings = {k: v for k, v in cfg_dump.items() if k not in ("checkpoint_every", "device", "tensorboard")}
     shapes = {name: list(p.shape) for name, p in model.state_dict().items()}
-    return {"settings": settings, "network": json_digest(shapes), "job": description, "data": data}
+    return {"settings": settings, "network": shapes, "job": description, "data": data}
+
+
+def _shape_differences(old: dict, new: dict) -> str:
+    """The parameters whose shapes differ (the first three), or those only one network has."""
+    if not isinstance(old, dict):
+        return "other parameters"
+    names = [n for n in sorted(set(old) | set(new)) if old.get(n) != new.get(n)]
+    shown = "; ".join(f"{n} {old.get(n, 'absent')}, asked {new.get(n, 'absent')}" for n in names[:3])
+    return f"parameter shapes differ ({shown}{' ...' if len(names) > 3 else ''}): other net kwargs"
 
 
 def _hashes(data: list[str] | None) -> str:
@@ -47,8 +56,10 @@ def fingerprint_differences(old, new: dict) -> list[str]:
     if old["settings"] != new["settings"]:
         changed = config_differences(old["settings"], new["settings"], "train.")
         out.append(f"other settings: {', '.join(changed) or 'those of another version of ddmkit'}")
-    if (old["network"], old["job"]) != (new["network"], new["job"]):
-        out.append(f"another network or job (it was written by the {old['job']!r} job)")
+    if old["network"] != new["network"]:
+        out.append(f"another network: {_shape_differences(old['network'], new['network'])}")
+    if old["job"] != new["job"]:
+        out.append(f"another job (it was written by the {old['job']!r} job, this is {new['job']!r})")
     return out
 
 
