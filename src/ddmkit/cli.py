@@ -170,6 +170,7 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
                      device: Optional[str] = DEVICE,
                      set_: Optional[List[str]] = SET):
     """Train the router p(cluster | x_t, t) on noised shard data (text runs: on windows of the shards)."""
+    from ddmkit.layout import RunFolder
     from ddmkit.pipeline.stages import run_lock, stage_registry, stage_router
     from ddmkit.registry import check_registered
 
@@ -181,10 +182,10 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
         return
     cfg = _config(config, run, set_, device)
     with run_lock(run):  # a writer holding the run refuses this command first
-        if (run / "router" / "model.safetensors").exists():
+        if (RunFolder(run).router / "model.safetensors").exists():
             log(f"router: {run / 'router'} is trained already; remove that folder to train it again")
             return
-        registered = (run / "registry.json").exists()  # a registered run stays registered: checked, then updated
+        registered = RunFolder(run).registry.exists()  # a registered run stays registered: checked, then updated
         if registered:
             check_registered(run)
         stage_router(cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)}), run, log)

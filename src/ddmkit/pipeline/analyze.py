@@ -242,7 +242,8 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, strategies: 
 def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, device, log) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     run = Path(run_dir)
-    if not (run / "config.json").exists() or not has_default_router(run):
+    folder = RunFolder(run)
+    if not folder.config.exists() or not has_default_router(run):
         raise DDMError(f"RUN_DIR {run}: not a trained ddmkit run (needs config.json, experts/ and router/, or a "
                        "grown run's statistics router); run `ddmkit run CONFIG --out RUN_DIR` first")
     for option, value, least in (("--n", n, 2), ("--jvp-rows", jvp_rows, 1), ("--max-steps", max_steps, 1)):
@@ -252,12 +253,12 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     names = list(strategies) if strategies else default_strategies(cfg)
     strats = check_strategies(names)
-    out = check_folder_target(out if out is not None else run / "analysis")  # before the long work
+    out = check_folder_target(out if out is not None else folder.analysis)  # before the long work
     ddm = load_ddm(run, device)
     test = load_split(run, "test")
     test = dataclasses.replace(test, x=test.x.to(device))
     truth = None if test.truth is None else test.truth.to(device=device)
-    manifest, ptensors = load_partition(run / "partition")
+    manifest, ptensors = load_partition(folder.partition)
     ptensors = {name: v.to(device) for name, v in ptensors.items()}
     s = cfg.sample
     seed = s.seed if seed is None else seed
