@@ -122,8 +122,7 @@ def island_stats_router(run, classes: int = 0, rank: int | None = None, device="
     marginal = [island_statistics(x, rank) for x, _ in shards]
     if not classes:
         return stats_router(marginal), False
-    # label C ("no label") has no class statistics, so it is routed by the islands' marginal statistics
-    per_class = [island_class_statistics(x, y, classes, rank) + [None] for x, y in shards]
+    per_class = [island_class_statistics(x, y, classes, rank) for x, y in shards]
     return class_stats_router(per_class, marginal), True
 
 

@@ -148,8 +148,8 @@ def class_stats_router(per_class: list[list[dict | None]], marginal: list[dict])
         r_k(x, t, y=c) = n_kc N(x; (1-t) mu_kc, C_kc(t)) / sum_j n_jc N(x; (1-t) mu_jc, C_jc(t))
 
     from each island k's statistics of its class-c images (per_class[k][c], None: n_kc = 0);
-    y=None gives the marginal router of the islands' whole-shard statistics `marginal`.
-    Rows are grouped by label, one posterior per label present."""
+    y=None, and the label C = classes ("no label"), give the marginal router of the islands'
+    whole-shard statistics `marginal`. Rows are grouped by label, one posterior per label present."""
     k, classes = len(per_class), len(per_class[0]) if per_class else 0
     if k != len(marginal):
         raise DDMError(f"class statistics of {k} islands but marginal statistics of {len(marginal)}")
@@ -170,7 +170,7 @@ def class_stats_router(per_class: list[list[dict | None]], marginal: list[dict])
         out = torch.empty(len(x), k, device=x.device)
         for c in torch.unique(y).tolist():
             rows = (y == c).nonzero().squeeze(1)
-            out[rows] = routers[c](x[rows], t[rows])
+            out[rows] = (routers[c] if c < classes else marginal_router)(x[rows], t[rows])
         return out
 
     return router
