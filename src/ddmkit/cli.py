@@ -171,8 +171,7 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
                      set_: Optional[List[str]] = SET):
     """Train the router p(cluster | x_t, t) on noised shard data (text runs: on windows of the shards)."""
     from ddmkit.layout import RunFolder
-    from ddmkit.pipeline.stages import run_lock, stage_registry, stage_router
-    from ddmkit.registry import check_registered
+    from ddmkit.pipeline.stages import run_lock, stage_router
 
     if _text_run(run):
         from ddmkit.pipeline.text import train_text_router
@@ -185,12 +184,23 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
         if (RunFolder(run).router / "model.safetensors").exists():
             log(f"router: {run / 'router'} is trained already; remove that folder to train it again")
             return
-        registered = RunFolder(run).registry.exists()  # a registered run stays registered: checked, then updated
-        if registered:
-            check_registered(run)
-        stage_router(cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)}), run, log)
-        if registered:
-            stage_registry(cfg, run, log)
+        asked = cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)})
+        _keeping_registered(cfg, run, lambda: stage_router(asked, run, log))
+
+
+def _keeping_registered(cfg, run: Path, train) -> None:
+    """train() on a run; a registered run stays registered: its registry checked first (a file changed
+    since is refused), then rewritten with what train() made."""
+    from ddmkit.layout import RunFolder
+    from ddmkit.pipeline.stages import stage_registry
+    from ddmkit.registry import check_registered
+
+    registered = RunFolder(run).registry.exists()
+    if registered:
+        check_registered(run)
+    train()
+    if registered:
+        stage_registry(cfg, run, log)
 
 
 @app.command("train-monolith")
@@ -202,8 +212,7 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
     """Train the FLOP-matched monolith baseline on all shards (text runs: the centralized model), also in a
     run whose config has monolith.enabled = false (that setting is for `ddmkit run`)."""
     from ddmkit.layout import RunFolder
-    from ddmkit.pipeline.stages import run_lock, stage_monolith, stage_registry
-    from ddmkit.registry import check_registered
+    from ddmkit.pipeline.stages import run_lock, stage_monolith
 
     if _text_run(run):
         from ddmkit.pipeline.text import train_text_monolith
@@ -219,12 +228,7 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
     asked = {"expert": _with_train_seed(cfg.expert, seed),
              "monolith": cfg.monolith.model_copy(update={"enabled": True})}
     with run_lock(run):
-        registered = RunFolder(run).registry.exists()  # a registered run stays registered: checked, then updated
-        if registered:
-            check_registered(run)
-        stage_monolith(cfg.model_copy(update=asked), run, log)
-        if registered:
-            stage_registry(cfg, run, log)
+        _keeping_registered(cfg, run, lambda: stage_monolith(cfg.model_copy(update=asked), run, log))
 
 
 @app.command()
@@ -596,9 +600,8 @@ def convergence(quick: bool = QUICK,
                 seed: int = typer.Option(0, "--seed", min=0, max=THEORY_SEED_MAX,
                                          help="Random seed; the same seed gives the same numbers.")):
     """W2 and pathwise convergence of routed Euler/Heun samplers with full, top-k and switching routing."""
-    from ddmkit.theory.convergence import ConvergenceSettings, run_convergence
-
     from ddmkit.io import check_folder_target
+    from ddmkit.theory.convergence import ConvergenceSettings, run_convergence
 
     settings = ConvergenceSettings.quick(seed) if quick else ConvergenceSettings(seed=seed)
     check_folder_target(out)
@@ -617,9 +620,8 @@ def distill(quick: bool = QUICK,
     """L(t), Lambda(t) and student flow maps on uniform and Lambda-uniform grids (linear and OU paths)."""
     from dataclasses import replace
 
-    from ddmkit.theory.distill import DistillSettings, run_distill
-
     from ddmkit.io import check_folder_target
+    from ddmkit.theory.distill import DistillSettings, run_distill
 
     settings = replace(DistillSettings.quick(seed) if quick else DistillSettings(seed=seed), seeds=seeds)
     check_folder_target(out)

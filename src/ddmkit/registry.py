@@ -269,8 +269,15 @@ def registry_entry(run: Path, rel: str, role: str, cluster: int | None) -> dict:
     weights = folder / "model.safetensors"
     check_finite_tensors(load_tensors(weights), weights)  # loading refuses NaN weights: so does registering
     return {"name": rel.rsplit("/", 1)[-1], "role": role, "path": rel, "cluster": cluster,
-            "weights_sha256": sha256_file(folder / "model.safetensors"),
+            "weights_sha256": sha256_file(weights),
             "config_sha256": sha256_file(folder / "config.json"), "shard_sha256": config.get("shard_sha256")}
+
+
+def partition_shard_hashes(run: Path, manifest: dict) -> dict[int, str]:
+    """cluster -> the SHA-256 of the shard its expert trains on: the partition's shard, or in a latent run
+    its encoded latents."""
+    shards = latent_info(run)["shards"] if RunFolder(run).is_latent else manifest["shards"]
+    return {s["cluster"]: s["sha256"] for s in shards}
 
 
 def check_shard(path: str, cluster, trained_on, shard_hash: dict) -> None:
@@ -288,13 +295,12 @@ def write_registry(run: str | Path) -> dict:
     run = Path(run)
     manifest, _ = load_partition_checked(run / "partition")
     folder = RunFolder(run)
-    shards = latent_info(run)["shards"] if folder.is_latent else manifest["shards"]
-    shard_hash = {s["cluster"]: s["sha256"] for s in shards}
     reg = {"format": FORMAT, "ddmkit_version": __version__, "time_convention": TIME_CONVENTION,
            "k": manifest["k"], "data_hash": manifest.get("data_hash"),
-           "partition_sha256": sha256_file(run / "partition" / "manifest.json"),
-           "latents_sha256": sha256_file(RunFolder(run).latent_info) if RunFolder(run).is_latent else None,
+           "partition_sha256": sha256_file(folder.manifest),
+           "latents_sha256": sha256_file(folder.latent_info) if folder.is_latent else None,
            "models": [registry_entry(run, rel, role, c) for rel, role, c in _model_folders(run, manifest["k"])]}
+    shard_hash = partition_shard_hashes(run, manifest)
     for m in reg["models"]:
         if m["role"] == "expert":
             check_shard(m["path"], m["cluster"], m["shard_sha256"], shard_hash)
@@ -330,7 +336,6 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     if sha256_file(run / "partition" / "manifest.json") != reg.partition_sha256:
         raise DDMError(f"{source}: the partition manifest changed since the registry was written; "
                        "these experts were trained on another partition")
-    shards = manifest["shards"]
     if reg.latents_sha256 is not None or RunFolder(run).is_latent:
         info = RunFolder(run).latent_info
         if not info.exists():
@@ -339,8 +344,7 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
         if sha256_file(info) != reg.latents_sha256:
             raise DDMError(f"{source}: the latent shards ({info}) changed since the registry was written; these "
                            "networks were trained on other latents")
-        shards = latent_info(run)["shards"]
-    shard_hash = {s["cluster"]: s["sha256"] for s in shards}
+    shard_hash = partition_shard_hashes(run, manifest)
     missing, verified = [], []
     for e in reg.models:
         folder = safe_join(run, e.path, f"{source}: {e.name}.path")

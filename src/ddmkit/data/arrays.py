@@ -64,6 +64,17 @@ def check_finite(x: torch.Tensor, where: str) -> None:
                        "clean or drop those rows before partitioning")
 
 
+def load_array_file(path, where: str):
+    """np.load of a .npy/.npz file without pickle (an array, or an NpzFile of arrays); a file that is not
+    one, or holds Python objects, is a DDMError opening with `where` that says what to save instead."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:  # a corrupt or pickled file
+        raise DDMError(f"{where} is not a .npy/.npz array file, or holds Python objects (ddmkit reads arrays of "
+                       f"numbers only, never pickle: save a numeric array with np.save or np.savez) "
+                       f"({str(e)[:200]})") from None
+
+
 def checked_labels(labels, n: int, where: str) -> torch.Tensor | None:
     """A file's labels as int64 (n,), or None: one whole number 0, 1, 2, ... per row (a class or source
     index; class-conditional networks look them up in a table), else a DDMError naming the file."""

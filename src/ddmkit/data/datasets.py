@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import ddmkit.data.synthetic as synthetic
-from ddmkit.data.arrays import ArrayData, check_finite, checked_labels, split_indices, take_rows
+from ddmkit.data.arrays import ArrayData, check_finite, checked_labels, load_array_file, split_indices, take_rows
 from ddmkit.data.function import is_function_name, load_function_dataset
 from ddmkit.data.images import IMAGE_LOADERS, load_idx_dataset
 from ddmkit.errors import DDMError
@@ -106,12 +106,7 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
     p = Path(path)
     if not p.is_file():
         raise DDMError(f"{field}: data file {path!r} does not exist (or is not a file)")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except Exception as e:  # a corrupt or pickled file
-        raise DDMError(f"{field}: data file {path!r} is not a .npy/.npz array file, or holds Python objects "
-                       f"(ddmkit reads arrays of numbers only, never pickle: save a numeric array with np.save or "
-                       f"np.savez) ({str(e)[:200]})") from None
+    arr = load_array_file(p, f"{field}: data file {path!r}")
     labels = None
     if key is not None and not isinstance(arr, np.lib.npyio.NpzFile):
         raise DDMError(f"data.params.key: {path!r} is a .npy file, which holds one array; key names an array of "

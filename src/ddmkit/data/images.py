@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmkit.data.arrays import ArrayData, check_finite, checked_labels, split_indices, take_rows
+from ddmkit.data.arrays import ArrayData, check_finite, checked_labels, load_array_file, split_indices, take_rows
 from ddmkit.errors import DDMError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -264,10 +264,7 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
     p = Path(path)
     if not p.is_file():
         raise DDMError(f"data.params.path: image array file {path!r} does not exist (or is not a file)")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except Exception as e:
-        raise DDMError(f"{path}: not readable as .npy/.npz without pickle ({e})") from e
+    arr = load_array_file(p, f"data.params.path: image array file {path!r}")
     labels = None
     if isinstance(arr, np.lib.npyio.NpzFile):
         if not arr.files:

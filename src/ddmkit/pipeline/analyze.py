@@ -235,7 +235,7 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, strategies: 
     threads: torch intra-op threads while it runs (1: small networks on a shared CPU only lose to spinning).
     device: where the networks and every tensor of the analysis live (auto, cpu, cuda, cuda:N, mps;
     default: the run's expert.train.device)."""
-    with job_threads(threads or torch.get_num_threads()), run_lock(run_dir):
+    with job_threads(threads), run_lock(run_dir):
         return _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, device, log)
 
 

@@ -23,7 +23,6 @@ What the later stages need (each need is where that stage would fail or would no
 """
 from __future__ import annotations
 
-
 import torch
 
 from ddmkit.config import RunConfig, resolve_device

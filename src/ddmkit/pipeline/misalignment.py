@@ -459,7 +459,7 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
             check_condition(cond, folder)
             kept = kept_parts(path, key)
             keep = functools.partial(keep_parts, path, key)
-            with job_threads(threads or torch.get_num_threads()), run_lock(folder.root):
+            with job_threads(threads), run_lock(folder.root):
                 if images:
                     if not scoring:
                         scoring.update(zip(("score", "floor"), image_scorer(cfg, folder, n, extractor)))

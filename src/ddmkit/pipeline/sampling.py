@@ -81,12 +81,12 @@ def read_info(folder: RunFolder) -> dict:
     return read_json(folder.sample_info, SAMPLES_FIX) if folder.sample_info.exists() else {}
 
 
-def drawn_with(cfg: RunConfig, run, sample_set: SampleSet) -> dict:
-    """What a set's samples depend on besides its name: the sampling settings and the networks (the
-    registry's hash: a retrained or restored expert rewrites it; none before a run is registered)."""
-    s, registry = cfg.sample, RunFolder(run).registry
+def drawn_with(cfg: RunConfig, sample_set: SampleSet, networks: str | None) -> dict:
+    """What a set's samples depend on besides its name: the sampling settings and the networks (`networks`:
+    the registry's hash, which a retrained or restored expert changes; None before a run is registered)."""
+    s = cfg.sample
     return {"n": sample_set.n, "steps": s.steps, "solver": s.solver, "seed": s.seed, "guidance": sample_set.guidance,
-            "router_every": s.router_every, "registry": sha256_file(registry) if registry.exists() else None}
+            "router_every": s.router_every, "registry": networks}
 
 
 def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: Log = print, device="cpu",
@@ -94,17 +94,17 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
     """Draw every set not yet drawn, or drawn with other settings or networks (all of them with
     redraw=True); on_sample(name) is called after each set is written (e.g. to score it at once)."""
     folder = RunFolder(run)
+    networks = sha256_file(folder.registry) if folder.registry.exists() else None
     ddms: dict = {}
     for sample_set in track(sets, "sampling", lambda s: s.name):
         path = folder.sample_set(sample_set.name)
-        recorded = read_info(folder).get(sample_set.name, {})
-        made_with = drawn_with(cfg, run, sample_set)
-        if path.exists() and recorded.get("drawn_with") == made_with and not redraw:
+        infos = read_info(folder)
+        made_with = drawn_with(cfg, sample_set, networks)
+        if path.exists() and infos.get(sample_set.name, {}).get("drawn_with") == made_with and not redraw:
             continue  # a set whose info a kill lost, or drawn by other settings or networks, is drawn again
         x0, info = draw_set(cfg, run, sample_set, images, device, ddms)
         info["drawn_with"] = made_with
         save_tensors(path, {"x": x0}, {"strategy": sample_set.name, "missing_experts": info["missing_experts"]})
-        infos = read_info(folder)
         infos[sample_set.name] = info
         write_json(folder.sample_info, infos)
         log(f"sample {sample_set.name}: {info['expert_calls_per_sample']:.1f} expert calls/sample, "

@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from ddmkit.config import RunConfig, resolve_device
 from ddmkit.data import load_dataset
 from ddmkit.data.arrays import ArrayData
@@ -27,7 +25,7 @@ from ddmkit.io import folder_lock, load_tensors, read_json, save_tensors, sha256
 from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.latent.autoencoder import load_autoencoder, load_codec
 from ddmkit.layout import RunFolder
-from ddmkit.nets import build_model, build_seeded, use_network
+from ddmkit.nets import build_seeded, check_builds, use_network
 from ddmkit.nets.user import check_output, is_user_network
 from ddmkit.registry import AUTOENCODER_WEIGHTS, model_shards, shard_files, write_registry
 from ddmkit.train.autoencoder import train_autoencoder
@@ -137,16 +135,15 @@ def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
             "router.net": (cfg.router.net, {"data_shape": shape, "num_experts": cfg.partition.k})}
     for where, (net, given) in nets.items():
         kwargs = {**given, **net.kwargs}
-        try:
-            with torch.device("meta"):  # as a model folder is checked before loading (ddmkit.registry)
-                model = build_model(net.arch, **kwargs)
+        try:  # on the meta device, as a model folder is checked before loading (ddmkit.registry)
+            model = check_builds(net.arch, kwargs, where)
         except DDMError as e:
             hint = ("; ddmkit builds networks on the meta device to check model folders without allocating, so "
                     "compute sizes in __init__ with Python (math.prod), not tensors"
                     if is_user_network(net.arch) else "")
-            raise DDMError(f"{where}: {e} (data of shape {tuple(shape)}){hint}") from None
+            raise DDMError(f"{e} (data of shape {tuple(shape)}){hint}") from None
         empty = [name for name, p in model.named_parameters() if p.numel() == 0]
-        if empty or not any(True for _ in model.parameters()):
+        if empty or next(model.parameters(), None) is None:
             what = f"layers with no weights ({', '.join(empty[:3])})" if empty else "no trainable parameters"
             raise DDMError(f"{where}: {net.arch!r} with kwargs {net.kwargs} builds a network with {what}; "
                            "give it widths and depths of at least 1 (see docs/config.md)")

@@ -355,10 +355,9 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
     if stages == "report":
         results, missing = scored_cells(grid, out, partial)
-        every = cells(ks, budgets, seeds, all_seeds=True)
-        beyond = [] if all_seeds else [cell_dir(out, k, b, s, scale, cfg.partition.k).name
-                                       for k, b, s in every if (k, b, s) not in todo]
-        beyond = [name for name in beyond if (out / name / "metrics.json").exists()]
+        others = [] if all_seeds else [c for c in cells(ks, budgets, seeds, all_seeds=True) if c not in todo]
+        beyond = [folder.name for folder in (cell_dir(out, *c, scale, cfg.partition.k) for c in others)
+                  if (folder / "metrics.json").exists()]
         if beyond:
             log(f"sweep: cells {', '.join(beyond)} are scored but left out: a seed other than the first counts "
                 "only at the smallest and largest budget; add --all-seeds to report every seed at every budget")

@@ -14,10 +14,10 @@ import torch
 
 
 @contextlib.contextmanager
-def job_threads(threads: int):
-    """Run a training job on `threads` torch CPU threads (the previous count restored after)."""
+def job_threads(threads: int | None):
+    """Run a job on `threads` torch CPU threads (None: the current count), the previous count restored after."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or before)
     try:
         yield
     finally:
