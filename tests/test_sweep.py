@@ -358,6 +358,8 @@ def test_image_cells_report_their_floors_apart_from_the_series():
     assert report["floors"] == {FLOOR: {"lo": 2.5, "hi": 2.5}, RECONSTRUCTIONS: {"lo": 11.0, "hi": 11.5}}
     text = render({**report, "monolith_k": 2, "router_flops": {}})
     assert f"{FLOOR} 2.5; {RECONSTRUCTIONS} 11 to 11.5" in text
+    close = summarize([cell(0, 11.3271), cell(1, 11.3274)], [2], [1.0], ["top-1"], compute)
+    assert f"{RECONSTRUCTIONS} 11.33." in render({**close, "monolith_k": 2, "router_flops": {}})  # not 11.33 to 11.33
     assert "Floors" not in render({**summarize([cell(0, 11.0)], [2], [1.0], ["top-1"], compute), "floors": {},
                                    "monolith_k": 2, "router_flops": {}})
 

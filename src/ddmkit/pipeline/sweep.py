@@ -590,8 +590,9 @@ def floors_text(report: dict) -> str:
     if not floors:
         return ""
 
-    def value(v: dict) -> str:
-        return f"{v['lo']:.4g}" if v["lo"] == v["hi"] else f"{v['lo']:.4g} to {v['hi']:.4g}"
+    def value(v: dict) -> str:  # one number where the range rounds to one (11.33, not "11.33 to 11.33")
+        lo, hi = f"{v['lo']:.4g}", f"{v['hi']:.4g}"
+        return lo if lo == hi else f"{lo} to {hi}"
     listed = "; ".join(f"{name} {value(v)}" for name, v in floors.items())
     return (f"\nFloors, which no sample set can beat ({report['metric']} of the training images themselves, and "
             f"in latent space of their\nautoencoder reconstructions, against the same reference): {listed}. "
