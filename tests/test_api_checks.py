@@ -92,6 +92,13 @@ def test_bad_labels_are_refused_naming_labels(labels, message):
         tiny().sample("oracle", n=4, steps=2, labels=labels)
 
 
+def test_sample_ddm_called_directly_checks_the_labels_in_cond():
+    with pytest.raises(DDMError, match=r"sample_ddm: labels \[5\] are not class labels.*0 .. 3, or 4 for 'no label'"):
+        sample_ddm(tiny(), "oracle", 4, steps=2, cond={"y": torch.tensor([0, 1, C + 1, 0])})
+    with pytest.raises(DDMError, match=r"sample_ddm: labels: shape \(3,\), but n = 4"):
+        sample_ddm(tiny(), "top-1", 4, steps=2, cond={"y": torch.tensor([0, 1, 2])})
+
+
 def test_the_statistics_router_routes_the_no_label_class_by_the_marginal_statistics(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     shards = {"a": (torch.randn(60, D, generator=gen) + 2, torch.arange(60) % 2, {}),

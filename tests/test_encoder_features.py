@@ -236,3 +236,15 @@ stats_router = false
     (tmp_path / "bad.toml").write_text(config.replace(str(folders / "dino"), str(tmp_path / "no_such_model")))
     r = cli("run", "bad.toml", "--out", "bad_run", cwd=tmp_path)  # a process: DDMError -> exit 2 is main()'s
     assert r.returncode == 2 and "partition.encoder" in r.stderr and not (tmp_path / "bad_run").exists()
+
+
+def test_an_encoder_saved_again_in_the_same_folder_is_loaded_again(tmp_path):
+    """The process keeps loaded encoders, keyed by folder and its files' times: new weights saved over the
+    old ones give the new features, not the cached model's."""
+    folder, x = tmp_path / "enc", images(n=4)
+    features = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        transformers.Dinov2Model(transformers.Dinov2Config(**TINY)).save_pretrained(folder)
+        features.append(encode(encoder_spec(folder), x))
+    assert not torch.allclose(features[0], features[1])

@@ -40,7 +40,7 @@ from ddmkit.progress import progress_bar
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 POOLS = ("cls", "mean")
-_LOADED: dict[str, tuple[torch.nn.Module, str]] = {}  # folder -> (model on its device, model type)
+_LOADED: dict[tuple, tuple[torch.nn.Module, str]] = {}  # (folder, its files' times) -> (model on its device, type)
 
 
 def _transformers(field: str):
@@ -93,10 +93,16 @@ def _vision_class(transformers, config, field: str):
     return getattr(transformers, name), vision
 
 
+def _cache_key(path: Path) -> tuple:
+    """The folder with its files' times and sizes: a model saved there again is loaded again."""
+    files = sorted(path.glob("*")) if path.is_dir() else []
+    return (str(path), *((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()))
+
+
 def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[torch.nn.Module, str]:
     """(model in eval mode on CUDA when available, else CPU; its model type), loaded once per process."""
     path = Path(folder).expanduser().resolve()
-    key = str(path)
+    key = _cache_key(path)
     if key in _LOADED:
         return _LOADED[key]
     if not path.is_dir():

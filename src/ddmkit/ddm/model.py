@@ -31,7 +31,7 @@ import torch
 from ddmkit.accel import Accelerated, SpeedOptions, accelerate
 from ddmkit.config import SampleConfig, resolve_device, validate
 import ddmkit.ddm.load as load
-from ddmkit.ddm.sampling import sample_ddm, whole
+from ddmkit.ddm.sampling import checked_class_labels, sample_ddm, whole
 from ddmkit.errors import DDMError
 from ddmkit.latent.autoencoder import LatentCodec
 from ddmkit.nets.field import NetworkField, VelocityOutput
@@ -146,7 +146,8 @@ class DDM:
             raise DDMError("DDM.sample: labels and guidance need class-conditional experts (num_classes > 0); this "
                            "DDM's experts are unconditional: leave them out")
         ddm = self if guidance is None else self.with_guidance(checked.guidance)
-        cond = None if labels is None else {"y": checked_labels(labels, checked.n, self.num_classes, self.device)}
+        cond = None if labels is None else {"y": checked_class_labels(labels, checked.n, self.num_classes, self.device,
+                                                                              "DDM.sample")}
         x0, info = sample_ddm(ddm, strategy, checked.n, checked.steps, checked.solver, checked.seed, self.device,
                               cond=cond, **options)
         if decode and self.codec is not None:
@@ -158,27 +159,6 @@ def checked_device(device: str | torch.device) -> torch.device:
     """`device` (cpu, cuda, cuda:N, mps, or auto: cuda when there is one, else cpu) as a torch.device of
     this machine, or a DDMError naming the argument (config.resolve_device)."""
     return resolve_device(device, f"device: {device!r}", "pass device='cpu', or 'auto' (cuda when there is one)")
-
-
-def checked_labels(labels, n: int, classes: int, device) -> torch.Tensor:
-    """`labels` as a long tensor (n,) on `device`: ints 0 .. classes - 1, or classes ("no label"); a list
-    or numpy array of ints is converted. Else a DDMError naming labels."""
-    try:
-        y = torch.as_tensor(labels)
-    except (TypeError, ValueError, RuntimeError):
-        y = None
-    if y is None or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        what = type(labels).__name__ if y is None else f"{type(labels).__name__} of {y.dtype}"
-        raise DDMError(f"DDM.sample: labels: a {what}, not integer class labels; pass ints (a tensor, list or "
-                       "numpy array of ints)")
-    if tuple(y.shape) != (n,):
-        raise DDMError(f"DDM.sample: labels: shape {tuple(y.shape)}, but n = {n}; pass one label per sample, "
-                       f"shape ({n},)")
-    bad = y[(y < 0) | (y > classes)].unique().tolist()
-    if bad:
-        raise DDMError(f"DDM.sample: labels {bad[:10]} are not class labels of these experts; accepted: 0 .. "
-                       f"{classes - 1}, or {classes} for 'no label'")
-    return y.long().to(device)
 
 
 def absent_expert(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:

@@ -70,6 +70,27 @@ def _rows(cond: dict[str, torch.Tensor] | None, rows: slice) -> dict[str, torch.
     return None if cond is None else {name: c[rows] for name, c in cond.items()}
 
 
+def checked_class_labels(labels, n: int, classes: int, device, caller: str = "sample_ddm") -> torch.Tensor:
+    """`labels` as a long tensor (n,) on `device`: ints 0 .. classes - 1, or classes ("no label"); a list
+    or numpy array of ints is converted. Else a DDMError naming the caller and labels."""
+    try:
+        y = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        y = None
+    if y is None or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        what = type(labels).__name__ if y is None else f"{type(labels).__name__} of {y.dtype}"
+        raise DDMError(f"{caller}: labels: a {what}, not integer class labels; pass ints (a tensor, list or "
+                       "numpy array of ints)")
+    if tuple(y.shape) != (n,):
+        raise DDMError(f"{caller}: labels: shape {tuple(y.shape)}, but n = {n}; pass one label per sample, "
+                       f"shape ({n},)")
+    bad = y[(y < 0) | (y > classes)].unique().tolist()
+    if bad:
+        raise DDMError(f"{caller}: labels {bad[:10]} are not class labels of these experts; accepted: 0 .. "
+                       f"{classes - 1}, or {classes} for 'no label'")
+    return y.long().to(device)
+
+
 def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
                device="cpu", x1: torch.Tensor | None = None, callback=None, router_every: int = 1,
                cond: dict[str, torch.Tensor] | None = None, batch_size: int | None = None,
@@ -93,6 +114,9 @@ def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler
     chunks = _chunks(len(x1), batch_size)
     if callback is not None and len(chunks) > 1:
         raise ValueError(f"sample_ddm: a callback needs all {len(x1)} rows in one batch; got batch_size={batch_size}")
+    classes = len(ddm.label_prior) if ddm.label_prior is not None else ddm.num_classes
+    if cond is not None and "y" in cond and classes:
+        cond = {**cond, "y": checked_class_labels(cond["y"], len(x1), classes, x1.device)}
     gen = torch.Generator(device=x1.device).manual_seed(seed + 1)
     prior = ddm.prior
     if ddm.label_prior is not None and cond is not None and "y" in cond:
