@@ -1,7 +1,10 @@
-"""One expert on 2 processes (DDP, gloo on the CPU): the loss curve and weights of one process with the
-same global batch, the folder of one process, and bit-exact resume after a crash."""
+"""One expert on 2 processes (DDP and FSDP, gloo on the CPU): the loss curve and weights of one process with
+the same global batch, the folder of one process, bit-exact resume after a crash, and checkpoints that resume
+under either."""
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,14 +36,22 @@ device = "cpu"
 """
 
 
-def _cfg(seed: int = 0) -> ExpertConfig:
-    return ExpertConfig(net=NetConfig(arch="mlp", kwargs={"width": 16, "depth": 1}),
-                        train=TrainConfig(steps=30, batch_size=32, warmup=5, log_every=6, checkpoint_every=10,
-                                          device="cpu", seed=seed))
+MLP = NetConfig(arch="mlp", kwargs={"width": 16, "depth": 1})
+DIT = NetConfig(arch="dit", kwargs={"patch": 2, "width": 8, "depth": 2, "heads": 2})  # blocks in an nn.ModuleList
+
+
+def _cfg(seed: int = 0, net: NetConfig = MLP, parallel: str = "ddp") -> ExpertConfig:
+    return ExpertConfig(net=net, train=TrainConfig(steps=30, batch_size=32, warmup=5, log_every=6, checkpoint_every=10,
+                                                   device="cpu", seed=seed, parallel=parallel))
 
 
 def _rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def _curve(folder: Path) -> list[dict]:
+    """The log rows less their wall-clock seconds."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in _rows(folder)]
 
 
 def _shard(folder: Path) -> Path:
@@ -68,20 +79,30 @@ def assert_same_training(one: Path, two: Path) -> None:
     assert cb == ca
 
 
-def _train_crashing(shard, cfg, out, crash_after, dist):
-    """train_expert in a process of a job whose every process dies at its (crash_after + 1)-th loss."""
+@contextlib.contextmanager
+def _crash_after(n: int):
+    """Training in this process dies (DDMError) at its (n + 1)-th loss."""
     import ddmkit.train.jobs as jobs
 
     real, calls = jobs.flow_matching_loss, {"n": 0}
 
     def loss(*a, **k):
         calls["n"] += 1
-        if calls["n"] > crash_after:
+        if calls["n"] > n:
             raise DDMError("simulated crash")
         return real(*a, **k)
 
     jobs.flow_matching_loss = loss
-    train_expert(shard, cfg, out, dist=dist)
+    try:
+        yield
+    finally:
+        jobs.flow_matching_loss = real
+
+
+def _train_crashing(shard, cfg, out, crash_after, dist):
+    """train_expert in a process of a job whose every process dies at its (crash_after + 1)-th loss."""
+    with _crash_after(crash_after):
+        train_expert(shard, cfg, out, dist=dist)
 
 
 def test_two_processes_follow_one_and_resume_bit_exactly(tmp_path):
@@ -123,3 +144,76 @@ def test_torchrun_starts_the_same_job(tmp_path):
     res = subprocess.run(cmd, env={**os.environ, "DDMKIT_QUIET": "1"}, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert_same_training(one, tmp_path / "two")
+
+
+def _dit_cfg(parallel: str = "fsdp") -> ExpertConfig:
+    return _cfg(net=DIT, parallel=parallel)
+
+
+def _image_shard(folder: Path) -> Path:
+    g = torch.Generator().manual_seed(2)
+    save_tensors(folder / "images.safetensors", {"x": torch.randn(300, 1, 4, 4, generator=g)}, {"cluster": 0, "k": 1})
+    return folder / "images.safetensors"
+
+
+def _fsdp_jobs(shard, vectors, root, dist):
+    """The 2-process FSDP runs, in one job (spawning processes is the cost): uninterrupted (the DiT and the mlp);
+    killed after its checkpoint at step 20 (rank 0 keeps a copy of it) and resumed; resumed from one process's
+    checkpoint."""
+    train_expert(shard, _dit_cfg(), root / "fsdp", dist=dist)
+    train_expert(vectors, _cfg(parallel="fsdp"), root / "mlp_fsdp", dist=dist)
+    with pytest.raises(DDMError, match="simulated crash"), _crash_after(25):
+        train_expert(shard, _dit_cfg(), root / "resumed", dist=dist)
+    if dist.is_main:
+        shutil.copy(checkpoint_path(root / "resumed"), root / "fsdp.step20.safetensors")
+    train_expert(shard, _dit_cfg(), root / "resumed", resume=True, dist=dist)
+    train_expert(shard, _dit_cfg(), root / "from_one", resume=True, dist=dist)
+
+
+def test_fsdp_follows_one_process_resumes_bit_exactly_and_shares_checkpoints(tmp_path):
+    """FSDP on a DiT (blocks sharded one by one) and on the mlp (sharded whole): the loss curve and weights of one
+    process; a killed job resumes to the same bytes; a checkpoint resumes under FSDP, one process or DDP alike."""
+    shard, vectors = _image_shard(tmp_path), _shard(tmp_path)
+    one = train_expert(shard, _dit_cfg(), tmp_path / "one")  # parallel is ignored with one process
+    mlp_one = train_expert(vectors, _cfg(parallel="fsdp"), tmp_path / "mlp_one")
+    with pytest.raises(DDMError, match="simulated crash"), _crash_after(25):  # one process's checkpoint, DDP's settings
+        train_expert(shard, _dit_cfg("ddp"), tmp_path / "from_one")
+    shutil.copy(checkpoint_path(tmp_path / "from_one"), tmp_path / "one.step20.safetensors")
+    spawn(_fsdp_jobs, 2, "cpu", shard, vectors, tmp_path)
+    fsdp = tmp_path / "fsdp"
+    assert_same_training(one, fsdp)
+    assert_same_training(mlp_one, tmp_path / "mlp_fsdp")
+    assert not checkpoint_path(fsdp).exists()
+
+    # killed after its checkpoint at step 20, then resumed: the bytes and log of the uninterrupted job
+    resumed = tmp_path / "resumed"
+    assert (resumed / "model.safetensors").read_bytes() == (fsdp / "model.safetensors").read_bytes()
+    assert _curve(resumed) == _curve(fsdp)
+
+    # the FSDP checkpoint is one process's (DDP settings): the same tensors (names, shapes, dtypes), equal values
+    # up to float rounding, the same metadata but for the log's values
+    a, b = (load_file(str(tmp_path / f"{n}.step20.safetensors")) for n in ("one", "fsdp"))
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5)
+    ma, mb = (read_metadata(tmp_path / f"{n}.step20.safetensors") for n in ("one", "fsdp"))
+    assert ma.keys() == mb.keys() and ma["step"] == mb["step"] == 20
+    assert [ma[k] for k in ("fingerprint", "optimizer", "scheduler", "running_is_tensor")] == \
+        [mb[k] for k in ("fingerprint", "optimizer", "scheduler", "running_is_tensor")]
+
+    # one process's checkpoint (written with parallel = "ddp") continued under FSDP: its rows, then one's curve
+    from_one = tmp_path / "from_one"
+    assert _curve(from_one)[:3] == _curve(one)[:3]
+    assert [r["loss"] for r in _rows(from_one)] == pytest.approx([r["loss"] for r in _rows(one)], rel=1e-5, abs=0)
+    wa, wb = load_file(str(one / "model.safetensors")), load_file(str(from_one / "model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-5)
+    assert json.loads((from_one / "config.json").read_text())["train"]["parallel"] == "fsdp"
+
+    # and back: the FSDP checkpoint continued by one process
+    back = tmp_path / "back"
+    shutil.copy(tmp_path / "fsdp.step20.safetensors", checkpoint_path(back))
+    train_expert(shard, _dit_cfg(), back, resume=True)
+    wb = load_file(str(back / "model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-5)

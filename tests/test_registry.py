@@ -214,3 +214,58 @@ def test_training_the_router_or_monolith_again_keeps_a_registered_run_registered
     w.write_bytes((copy / "experts" / "expert_03" / "model.safetensors").read_bytes())
     assert ddmkit("train-monolith", copy) == 2 and "SHA-256 differs" in capsys.readouterr().err
     assert not (copy / "monolith").exists()
+
+
+def test_an_expert_folder_the_registry_does_not_list_is_refused_until_registered(copy):
+    """An expert copied in after `ddmkit register` was loaded unchecked (even one of another partition)."""
+    reg = json.loads((copy / "registry.json").read_text())
+    reg["models"] = [m for m in reg["models"] if m["name"] != "expert_03"]
+    (copy / "registry.json").write_text(json.dumps(reg))
+    with pytest.raises(DDMError, match=r"does not list experts \[3\], but their folders are there.*ddmkit register"):
+        load_ddm(copy)
+    with pytest.raises(DDMError, match="does not list experts"):
+        verify_registry(copy)
+    write_registry(copy)  # `ddmkit register` checks the folder and records it
+    assert load_ddm(copy).k == 4
+
+
+def test_a_shard_changed_after_partitioning_is_refused_before_training_or_routing_on_it(copy, monkeypatch, capsys):
+    from ddmkit.cli import main
+    from ddmkit.ddm.load import island_stats_router
+
+    shards = copy / "partition" / "shards"
+    (shards / "cluster_03.safetensors").write_bytes((shards / "cluster_00.safetensors").read_bytes())
+    monkeypatch.setattr("sys.argv", ["ddmkit", "verify", str(copy)])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    assert exit.value.code == 2 and "cluster_03.safetensors: SHA-256 differs" in capsys.readouterr().err
+    verify_registry(copy)  # loading checks the model folders, not the data (that reads every shard)
+    with pytest.raises(DDMError, match="cluster_03.safetensors: SHA-256 differs .* for cluster 3"):
+        island_stats_router(copy)
+    shutil.rmtree(copy / "router")
+    with pytest.raises(DDMError, match="cluster_03.safetensors: SHA-256 differs"):
+        stage_router(small_config(), copy, lambda m: None)
+    assert not (copy / "router").exists()
+
+
+def test_a_damaged_shard_or_a_diverging_loss_stops_a_job_before_it_writes(copy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ddmkit.config import ExpertConfig, validate
+    from ddmkit.train.jobs import train_expert, train_velocity_model
+
+    cfg = validate(ExpertConfig, {"net": {"arch": "mlp", "kwargs": {"width": 8, "depth": 1}},
+                                  "train": {"steps": 10, "batch_size": 8, "log_every": 5}})
+    shard = copy / "partition" / "shards" / "cluster_02.safetensors"
+    from ddmkit.io import read_metadata
+
+    tensors, meta = load_file(shard), read_metadata(shard)
+    tensors["x"][3, 0] = float("nan")
+    save_file(tensors, tmp_path / "nan.safetensors", metadata={k: str(v) for k, v in meta.items()})
+    with pytest.raises(DDMError, match=r"nan.safetensors: its rows hold NaN or infinite values \(first bad rows: \[3\]\)"):
+        train_expert(tmp_path / "nan.safetensors", cfg, tmp_path / "e1")
+    with pytest.raises(DDMError, match="train.safetensors is not a cluster's shard"):
+        train_expert(copy / "data" / "train.safetensors", cfg, tmp_path / "e2")
+    with pytest.raises(DDMError, match=r"expert: the loss is (inf|nan) at step 5: training diverged"):
+        train_velocity_model(torch.full((16, 2), 1e30), cfg, tmp_path / "e3", "expert")
+    assert not any((tmp_path / e).exists() for e in ("e1", "e2", "e3"))

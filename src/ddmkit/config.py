@@ -160,6 +160,10 @@ class TrainConfig(Section):
         "(small networks whose step is bound by kernel launches)")
     tensorboard: bool = Field(False, description="also write the logged losses as TensorBoard event files to "
                               "the model folder's tensorboard/ (needs the tensorboard package)")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="a job of several processes: ddp, every process holds a whole copy of the network; "
+        "fsdp, parameters, gradients and optimizer state sharded over the job's processes, for experts too large "
+        "for one GPU (ignored with one process)")
 
 
 class PathConfig(Section):

@@ -171,6 +171,23 @@ def model_shards(run: str | Path) -> list[Path]:
     return [safe_join(folder.latents, s["path"], "latent shard path") for s in shards]
 
 
+def checked_model_shards(run: str | Path) -> list[Path]:
+    """model_shards, each file's SHA-256 checked against the one recorded when it was written (the
+    partition's manifest, or a latent run's latents.json): a shard changed or swapped since is a DDMError
+    naming it, before anything trains or routes on it."""
+    folder = RunFolder(run)
+    manifest, _ = load_partition_checked(folder.partition)
+    recorded = partition_shard_hashes(folder.root, manifest)
+    source = folder.latent_info if folder.is_latent else folder.manifest
+    paths = model_shards(run)
+    for cluster, path in enumerate(paths):
+        if sha256_file(path) != recorded.get(cluster):
+            raise DDMError(f"{path}: SHA-256 differs from the one {source} records for cluster {cluster}; the shard "
+                           "was changed or replaced after it was written. Copy the original back, or partition again "
+                           "in a new run folder")
+    return paths
+
+
 def model_data_shape(run: str | Path) -> tuple[int, ...]:
     """The shape of one sample as the networks see it: the data's, or in a latent run the latents'."""
     folder = RunFolder(run)
@@ -314,14 +331,19 @@ def _same_release(a: str, b: str) -> bool:
     return a.split(".")[:2] == b.split(".")[:2]
 
 
-def verify_registry(run: str | Path, allow_missing: bool = True, retraining: bool = False) -> dict:
+def verify_registry(run: str | Path, allow_missing: bool = True, retraining: bool = False,
+                    shards: bool = False) -> dict:
     """Check every model folder listed in RUN/registry.json against it.
 
     Refused (DDMError): another time convention or ddmkit release, another
     partition, a weights or config file whose SHA-256 differs, an expert whose
-    config names a different shard than the partition. A listed expert whose
+    config names a different shard than the partition, an expert folder present
+    but not listed (added after the registry was written: `ddmkit register` checks
+    and records it), and with shards=True a shard file whose SHA-256 is not the
+    partition's (checked_model_shards; it reads all the data). A listed expert whose
     folder is gone is reported in "missing" (or refused if not allow_missing); with retraining, any
-    listed folder may be gone (it is about to be trained again).
+    listed folder may be gone (it is about to be trained again) and unlisted ones are left to the
+    registry written after training.
     """
     run = Path(run)
     source = run / REGISTRY
@@ -366,7 +388,14 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
                 raise DDMError(f"{e.path}/config.json: cluster {cfg.get('cluster')!r}, registry says {e.cluster}")
         verified.append(e.path)
     listed = {e.cluster for e in reg.models if e.role == "expert"}
-    missing += sorted(set(range(manifest["k"])) - listed)
+    unlisted = sorted(set(range(manifest["k"])) - listed)
+    present = [c for c in unlisted if (RunFolder(run).expert(c) / "model.safetensors").exists()]
+    if present and not retraining:
+        raise DDMError(f"{source} does not list experts {present}, but their folders are there (added after it was "
+                       f"written): run `ddmkit register {run}` to check them and record them, or remove them")
+    missing += unlisted
+    if shards:
+        checked_model_shards(run)
     if missing and not allow_missing:
         raise DDMError(f"{source}: experts {sorted(missing)} are missing")
     return {"missing": sorted(missing), "verified": verified}

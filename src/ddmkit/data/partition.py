@@ -324,7 +324,12 @@ def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dic
     meta = read_metadata(path)
     if "x" not in tensors:
         raise DDMError(f"{path}: not a ddmkit shard (no 'x' tensor)")
-    return tensors["x"], tensors.get("labels"), meta
+    x = tensors["x"]
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        rows = (~torch.isfinite(x)).reshape(len(x), -1).any(1).nonzero().flatten()[:5].tolist()
+        raise DDMError(f"{path}: its rows hold NaN or infinite values (first bad rows: {rows}); the shard was damaged "
+                       "after it was written: copy the original back, or partition again")
+    return x, tensors.get("labels"), meta
 
 
 def feature_map(manifest: dict, tensors: dict, what: str = "nearest-centroid routing"):

@@ -25,8 +25,8 @@ from ddmkit.io import load_tensors, read_json
 from ddmkit.layout import RunFolder
 from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
 from ddmkit.latent.autoencoder import LatentCodec, load_codec
-from ddmkit.registry import (latent_info, load_model, load_partition_checked, model_data_shape, model_shards,
-                             verify_registry, warn_missing)
+from ddmkit.registry import (checked_model_shards, latent_info, load_model, load_partition_checked, model_data_shape,
+                             model_shards, verify_registry, warn_missing)
 from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics, stats_router
 from ddmkit.truth import GaussianMixture
 
@@ -118,7 +118,7 @@ def island_stats_router(run, classes: int = 0, rank: int | None = None, device="
     count, mean and covariance, computed from its shard alone (on `device`), per class label too
     when the experts are class-conditional (ddmkit.routing.stats_router)."""
     shards = [(x.to(device), y.to(device) if y is not None else None)
-              for x, y, _ in (read_shard(path) for path in model_shards(run))]
+              for x, y, _ in (read_shard(path) for path in checked_model_shards(run))]
     marginal = [island_statistics(x, rank) for x, _ in shards]
     if not classes:
         return stats_router(marginal), False

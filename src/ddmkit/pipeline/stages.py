@@ -27,7 +27,7 @@ from ddmkit.latent.autoencoder import load_autoencoder, load_codec
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_seeded, check_builds, use_network
 from ddmkit.nets.user import check_output, is_user_network
-from ddmkit.registry import AUTOENCODER_WEIGHTS, model_shards, shard_files, write_registry
+from ddmkit.registry import AUTOENCODER_WEIGHTS, checked_model_shards, model_shards, shard_files, write_registry
 from ddmkit.train.autoencoder import train_autoencoder
 from ddmkit.train.concurrent import train_experts_concurrently
 from ddmkit.train.jobs import train_monolith, train_router
@@ -170,6 +170,8 @@ def stage_experts(cfg: RunConfig, run, log: Log = print, backend: str = "inline"
         folder = RunFolder(run)
         jobs = [ExpertJob(k, shard, folder.expert(k)) for k, shard in enumerate(model_shards(run))
                 if not (folder.expert(k) / "model.safetensors").exists()]
+        if jobs:
+            checked_model_shards(run)  # no expert trains on a shard changed since it was written
         start = time.perf_counter()
         if jobs and cfg.expert.concurrent:  # all in one stacked network on this device, each on its own shard
             with job_threads(cfg.expert.train.threads):
@@ -196,7 +198,7 @@ def stage_monolith(cfg: RunConfig, run, log: Log = print) -> None:
             return
         start = time.perf_counter()
         with job_threads(cfg.expert.train.threads):
-            train_monolith(model_shards(run), cfg.expert, folder.monolith, cfg.monolith.match, resume=True)
+            train_monolith(checked_model_shards(run), cfg.expert, folder.monolith, cfg.monolith.match, resume=True)
         log(f"monolith: trained in {time.perf_counter() - start:.1f}s (same steps x batch as all experts)")
 
 
@@ -207,7 +209,7 @@ def stage_router(cfg: RunConfig, run, log: Log = print) -> None:
             return
         start = time.perf_counter()
         with job_threads(cfg.router.train.threads):
-            train_router(model_shards(run), cfg.router, folder.router)
+            train_router(checked_model_shards(run), cfg.router, folder.router)
         log(f"router: trained in {time.perf_counter() - start:.1f}s")
 
 

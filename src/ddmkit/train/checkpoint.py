@@ -19,15 +19,17 @@ import torch
 from ddmkit.config import config_differences
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, read_metadata, save_tensors
+import ddmkit.train.distributed as distributed
 
 FORMAT = "ddmkit-checkpoint-1"
 
 
 def fingerprint(cfg_dump: dict, model: torch.nn.Module, description: str, data: list[str] | None = None) -> dict:
     """What decides the trajectory, in parts a refused checkpoint can name: the training settings (less the
-    checkpoint cadence, device and TensorBoard logging), the parameter names and shapes, the job, and the
-    data it trains on (`data`: e.g. the SHA-256 of each shard, in the order they are used)."""
-    settings = {k: v for k, v in cfg_dump.items() if k not in ("checkpoint_every", "device", "tensorboard")}
+    checkpoint cadence, device, TensorBoard logging and DDP or FSDP: a checkpoint holds whole tensors either
+    way), the parameter names and shapes, the job, and the data it trains on (`data`: e.g. the SHA-256 of each
+    shard, in the order they are used)."""
+    settings = {k: v for k, v in cfg_dump.items() if k not in ("checkpoint_every", "device", "tensorboard", "parallel")}
     shapes = {name: list(p.shape) for name, p in model.state_dict().items()}
     return {"settings": settings, "network": shapes, "job": description, "data": data}
 
@@ -89,10 +91,9 @@ def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) ->
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
-def optimizer_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_parts(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, JSON) of an optimizer's state_dict: per-parameter tensors as
     `optim.<param index>.<name>`, the param groups (hyper-parameters) as JSON."""
-    sd = opt.state_dict()
     tensors = {}
     for idx, state in sd["state"].items():
         for name, value in state.items():
@@ -110,14 +111,22 @@ def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: str | Path, *, step: int, model, ema, opt, sched, generator: torch.Generator,
-                    history: list[dict], running: dict, fp: dict) -> None:
-    """Write the state after `step` completed steps, atomically."""
-    opt_tensors, opt_meta = optimizer_parts(opt)
+def training_state(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The state dicts of the model, its EMA and the optimizer, with whole tensors (save_checkpoint's model, ema
+    and optimizer). Under FSDP gathering the shards is a collective: every process of the job calls it."""
+    return {"model": distributed.full_state(model), "ema": distributed.full_state(ema),
+            "optimizer": distributed.full_optimizer_state(opt)}
+
+
+def save_checkpoint(path: str | Path, *, step: int, model: dict, ema: dict, optimizer: dict, sched,
+                    generator: torch.Generator, history: list[dict], running: dict, fp: dict) -> None:
+    """Write the state after `step` completed steps, atomically; model, ema and optimizer are state dicts
+    (training_state)."""
+    opt_tensors, opt_meta = optimizer_parts(optimizer)
     run_tensors = {f"running.{k}": (v.detach().reshape(()) if torch.is_tensor(v) else torch.tensor(float(v),
                    dtype=torch.float64)) for k, v in running.items()}
     sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-    tensors = {**_flat("model", model.state_dict()), **_flat("ema", ema.state_dict()), **opt_tensors,
+    tensors = {**_flat("model", model), **_flat("ema", ema), **opt_tensors,
                **rng_tensors(generator), **run_tensors}
     rows = [[[k, v] for k, v in row.items()] for row in history]  # pairs keep each row's key order
     meta = {"format": FORMAT, "step": step, "fingerprint": fp, "history": rows, "optimizer": opt_meta,
@@ -127,7 +136,8 @@ def save_checkpoint(path: str | Path, *, step: int, model, ema, opt, sched, gene
 
 def load_checkpoint(path: str | Path, *, model, ema, opt, sched, generator: torch.Generator,
                     fp: dict, device: torch.device) -> tuple[int, list[dict], dict]:
-    """Restore everything in place; returns (step, history, running sums)."""
+    """Restore everything in place (a sharded model, EMA and optimizer take their part of each tensor);
+    returns (step, history, running sums)."""
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise DDMError(f"{path}: not a ddmkit checkpoint (format {meta.get('format')!r}); delete it to start over")
@@ -137,9 +147,9 @@ def load_checkpoint(path: str | Path, *, model, ema, opt, sched, generator: torc
                        "train this job from the start, or train into another folder to keep it")
     tensors = load_tensors(path)
     try:
-        model.load_state_dict({k: v.to(device) for k, v in _unflat("model", tensors).items()})
-        ema.load_state_dict({k: v.to(device) for k, v in _unflat("ema", tensors).items()})
-        opt.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
+        distributed.load_full_state(model, {k: v.to(device) for k, v in _unflat("model", tensors).items()})
+        distributed.load_full_state(ema, {k: v.to(device) for k, v in _unflat("ema", tensors).items()})
+        distributed.load_full_optimizer_state(opt, optimizer_state(tensors, meta["optimizer"]))
         sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
         restore_rng(tensors, generator)
         step, history = int(meta["step"]), [dict(row) for row in meta["history"]]

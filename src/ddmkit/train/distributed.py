@@ -1,15 +1,24 @@
-"""One training job on several processes (one per GPU): data parallel with torch.distributed (DDP).
+"""One training job on several processes (one per GPU): data parallel with torch.distributed (DDP or FSDP).
 
     run(fn, nproc, device, *args)     # fn(*args, dist=...) as one job of nproc processes
     dist.rows(batch_size)             # this process's rows of the global batch
-    dist.wrap(model)                  # DDP: gradients averaged over the processes in backward()
+    dist.wrap(model, parallel)        # DDP or FSDP: gradients averaged over the processes in backward()
     dist.mean(metrics)                # logged values averaged over the processes
+    full_state(module), load_full_state(module, state)   # whole tensors, as one process has them
 
 Every process draws the same whole batch (data, t, noise) from the same seeded
 generator (cheap) and computes the loss on its own equal slice of rows; DDP
 averages the gradients, and the mean of equal slices' means is the whole
 batch's mean, so a step is the step of one process on the whole batch, up to
 float rounding. Only rank 0 writes files.
+
+With parallel = "fsdp" (torch's FSDP2, `fully_shard`) each process keeps only
+its shard of every parameter, gradient and optimizer moment (DTensors); a block
+(each element of an nn.ModuleList) is gathered whole for its forward and
+backward, then freed. The state functions here gather the shards into whole
+tensors (a collective: every process calls them) and split whole tensors into
+shards, so checkpoints and model folders hold what one process would; for a
+network that is not sharded they are state_dict() and load_state_dict().
 
 The processes come from torchrun (or any launcher that sets RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT and LOCAL_RANK) or are spawned here, nproc on this
@@ -20,6 +29,7 @@ one-process path runs exactly the code it ran without this module.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +66,19 @@ class Distributed:
         n = batch_size // self.world
         return slice(self.rank * n, (self.rank + 1) * n)
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The model DDP-wrapped (same parameters; backward averages gradients), or itself alone."""
+    def wrap(self, model: nn.Module, parallel: str = "ddp") -> nn.Module:
+        """The model DDP-wrapped (same parameters; backward averages gradients), or sharded in place by FSDP
+        (parallel = "fsdp": its parameters become DTensor shards), or itself alone (one process)."""
         if self.world == 1:
             return model
+        if parallel == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            for block in blocks(model):
+                fully_shard(block, mesh=mesh)
+            return fully_shard(model, mesh=mesh)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -81,6 +100,101 @@ class Distributed:
 
 
 LOCAL = Distributed()
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """What FSDP gathers one at a time, innermost first: each element of an nn.ModuleList that holds parameters
+    (the blocks of a DiT or UNet). FSDP gathers a block when it is called, so a network that reads its blocks'
+    parameters without calling them (ddmkit's mlp: flat_parameters) is sharded as one whole."""
+    if hasattr(model, "flat_parameters"):
+        return []
+    lists = [m for m in reversed(list(model.modules())) if isinstance(m, nn.ModuleList)]
+    return [b for lst in lists for b in lst
+            if not isinstance(b, (nn.ModuleList, nn.ModuleDict)) and next(b.parameters(), None) is not None]
+
+
+def is_shard(value) -> bool:
+    """Whether `value` is a DTensor (FSDP's shard of a tensor). torch.distributed.tensor is slow to import and
+    is not imported for it: where nothing imported it, no DTensor exists."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
+
+
+def _sharded(tensors) -> bool:
+    return any(is_shard(t) for t in tensors)
+
+
+def full_tensor(value):
+    """A DTensor's whole value as a plain tensor (a collective); any other value itself."""
+    return value.full_tensor() if is_shard(value) else value
+
+
+def _shard_like(value: torch.Tensor, ref) -> torch.Tensor:
+    """`value` (a whole tensor) split as the DTensor `ref` is (this process's part, no communication);
+    `value` itself where `ref` is not a DTensor."""
+    if not is_shard(ref):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+def full_state(module: nn.Module) -> dict:
+    """module.state_dict() with every shard gathered into its whole tensor, on the CPU (a collective under FSDP:
+    every process calls it)."""
+    state = module.state_dict()
+    if not _sharded(state.values()):
+        return state
+    return {k: full_tensor(v).cpu() if is_shard(v) else v for k, v in state.items()}
+
+
+def load_full_state(module: nn.Module, state: dict) -> None:
+    """module.load_state_dict(state) of whole tensors (full_state's), each split as the module's own is."""
+    mine = module.state_dict()
+    if not _sharded(mine.values()):
+        module.load_state_dict(state)
+        return
+    module.load_state_dict({k: _shard_like(v, mine.get(k)) for k, v in state.items()})
+
+
+def shard_like(copy: nn.Module, model: nn.Module) -> None:
+    """Shard `copy` (a plain copy of `model`, e.g. its EMA, made before wrap) as FSDP sharded the model: each
+    tensor a DTensor placed as the model's; nothing where the model is not sharded."""
+    theirs = model.state_dict()
+    if _sharded(theirs.values()):
+        copy.load_state_dict({k: _shard_like(v, theirs[k]) for k, v in copy.state_dict().items()}, assign=True)
+
+
+def unshard(module: nn.Module) -> nn.Module:
+    """The module with every DTensor replaced by its whole tensor, in place (a collective): a plain network
+    again, as one process would have it."""
+    state = module.state_dict()
+    if _sharded(state.values()):
+        module.load_state_dict({k: full_tensor(v) for k, v in state.items()}, assign=True)
+    return module
+
+
+def full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """opt.state_dict() (per-parameter state keyed by parameter index) with every shard gathered whole, on the CPU
+    (a collective under FSDP)."""
+    state = opt.state_dict()
+    if not _sharded(p for g in opt.param_groups for p in g["params"]):
+        return state
+    return {"state": {i: {k: full_tensor(v).cpu() if is_shard(v) else v for k, v in s.items()}
+                      for i, s in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
+def load_full_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """opt.load_state_dict(state) of whole tensors: a state tensor shaped as its parameter is split as the
+    parameter is (AdamW's moments; its step count stays whole)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if not _sharded(params):
+        opt.load_state_dict(state)
+        return
+    opt.load_state_dict({**state, "state": {
+        i: {k: _shard_like(v, params[i]) if v.shape == params[i].shape else v for k, v in s.items()}
+        for i, s in state["state"].items()}})
 
 
 def check_batch(batch_size: int, world: int) -> None:
@@ -177,4 +291,6 @@ def run(fn: Callable, nproc: int, device_name: str, *args) -> None:
         fn(*args, dist=LOCAL)
 
 
-__all__ = ["Distributed", "LOCAL", "check_batch", "from_env", "run", "spawn"]
+__all__ = ["Distributed", "LOCAL", "blocks", "check_batch", "from_env", "full_optimizer_state", "full_state",
+           "full_tensor", "is_shard", "load_full_optimizer_state", "load_full_state", "run", "shard_like", "spawn",
+           "unshard"]

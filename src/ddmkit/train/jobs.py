@@ -125,9 +125,12 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
     continue from its checkpoint; dist: this process's place in a job of several, see train_expert_ddp)."""
     shard = Path(shard)
     x, labels, meta = read_shard(shard)
+    if "cluster" not in meta:
+        raise DDMError(f"{shard} is not a cluster's shard (its metadata names no cluster); give a file of "
+                       "RUN/partition/shards/ (`ddmkit partition` writes them)")
     if len(x) == 0:
         raise DDMError(f"{shard}: the shard is empty; re-partition with a smaller k")
-    cluster = int(meta.get("cluster", -1))
+    cluster = int(meta["cluster"])
     data = shard_hashes([shard])
     extra = {"cluster": cluster, "k": int(meta.get("k", 0)), "shard_sha256": data[0],
              "shard_count": len(x), "data_hash": meta.get("data_hash")}
@@ -136,7 +139,7 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
                                     data)
 
 
-EXECUTION = ("device", "threads", "checkpoint_every", "log_every", "tensorboard")  # how a job runs, not what it trains
+EXECUTION = ("device", "threads", "checkpoint_every", "log_every", "tensorboard", "parallel")  # how a job runs
 
 
 def trained_expert_differences(out_dir: str | Path, shard: str | Path, config: ExpertConfig) -> list[str] | None:

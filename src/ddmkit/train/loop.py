@@ -21,9 +21,11 @@ tensorboard/ beside log_path (in the model folder): one scalar per logged value
 before its checkpoint again, so the folder holds the whole curve.
 
 `dist` (ddmkit.train.distributed) makes it one process of a data-parallel job:
-the network is DDP-wrapped, logged values are averaged over the processes at
-each log row and checkpoint, and only rank 0 writes checkpoints; the default,
-LOCAL, changes nothing.
+the network is DDP-wrapped or sharded by FSDP (cfg.parallel), logged values are
+averaged over the processes at each log row and checkpoint, and only rank 0
+writes checkpoints. Under FSDP the EMA is sharded as the model is, every process
+gathers the whole state for a checkpoint (rank 0 writes it), and the returned
+EMA model is whole. The default, LOCAL, changes nothing.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from ddmkit.config import TrainConfig, resolve_device
 from ddmkit.errors import DDMError
 from ddmkit.progress import progress_bar
 import ddmkit.train.checkpoint as ckpt
-from ddmkit.train.distributed import LOCAL, Distributed
+from ddmkit.train.distributed import LOCAL, Distributed, full_tensor, is_shard, shard_like, unshard
 
 BatchLoss = Callable[[nn.Module, int, torch.Generator], tuple[torch.Tensor, dict]]
 
@@ -62,7 +64,8 @@ class EMA(nn.Module):
     decay_n = min(decay, (1 + n) / (10 + n)) at the n-th update (n = 0, 1, ...): the warm-up
     lets the average forget the initial weights; with a fixed 0.999 a 2000-step run keeps
     0.999^2000 = 13.5% of the random initial weights in the EMA, which shows as speckle noise
-    in samples. The update is one foreach lerp with a Python scalar weight: no host sync.
+    in samples. The update is one foreach lerp with a Python scalar weight: no host sync (under FSDP
+    two: the plain tensors, then the shards).
     The state_dict matches torch's AveragedModel ("module.*", "n_averaged"), so checkpoints
     keep their format."""
 
@@ -87,9 +90,10 @@ class EMA(nn.Module):
             theirs = list(model.parameters()) + list(model.buffers())
             floats = [(a.detach(), b.detach()) for a, b in zip(mine, theirs) if a.is_floating_point()]
             others = [(a.detach(), b.detach()) for a, b in zip(mine, theirs) if not a.is_floating_point()]
-            self._lists = (model, [a for a, _ in floats], [b for _, b in floats], others)
-        _, ema_t, model_t, others = self._lists
-        if ema_t:
+            kinds = [[(a, b) for a, b in floats if is_shard(a) == shard] for shard in (False, True)]  # FSDP's apart
+            self._lists = (model, [([a for a, _ in kind], [b for _, b in kind]) for kind in kinds if kind], others)
+        _, groups, others = self._lists
+        for ema_t, model_t in groups:  # plain tensors, then DTensors (one foreach call takes one kind)
             torch._foreach_lerp_(ema_t, model_t, 1.0 - self.decay_at(self._n))
         for a, b in others:
             a.copy_(b)
@@ -124,10 +128,11 @@ def write_row(log, board, row: dict) -> None:
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip by global norm, or by the model's own rule when it has one (stacked
-    experts clip each expert by its own norm, so none depends on another)."""
+    experts clip each expert by its own norm, so none depends on another). The norm
+    returned is a plain tensor (under FSDP the shards' norm is a DTensor: gathered)."""
     if hasattr(model, "clip_grad_norm_"):
         return model.clip_grad_norm_(max_norm)
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
 
 
 def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str | Path | None = None,
@@ -141,13 +146,14 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
     model.to(device).train()
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    net = dist.wrap(model)  # DDP over the job's processes; the model itself for one
+    ema = EMA(model, cfg.ema_decay)  # copied before wrap: a model sharded by FSDP cannot be copied
+    net = dist.wrap(model, cfg.parallel)  # DDP or FSDP over the job's processes; the model itself for one
+    shard_like(ema.module, model)  # FSDP: the EMA sharded as the model (nothing otherwise)
     net = torch.compile(net, mode=cfg.compile_mode) if cfg.compile and device.type == "cuda" else net  # same parameters
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    ema = EMA(model, cfg.ema_decay)
     history: list[dict] = []
     running: dict[str, float] = {}
     first = 0
@@ -182,20 +188,25 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
                            "seconds": round(time.perf_counter() - start, 3),
                            **{k: float(v) / n for k, v in running.items()}}
                     running = {}
+                    if not math.isfinite(row["loss"]):  # every process sees the same mean: all stop
+                        raise DDMError(f"{description}: the loss is {row['loss']} at step {step + 1}: training "
+                                       "diverged (no model folder was written). Lower train.lr, keep train.grad_clip, or check "
+                                       "the data for extreme values")
                     history.append(row)
                     write_row(log, board, row)
                     advance(0, loss=row["loss"])
                 advance(1)
                 if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                     running = dist.mean(running)  # the job's sums: rank 0's checkpoint resumes every process
+                    state = ckpt.training_state(model, ema, opt)  # every process: gathering FSDP's shards
                     if dist.is_main:
-                        ckpt.save_checkpoint(checkpoint, step=step + 1, model=model, ema=ema, opt=opt, sched=sched,
-                                             generator=generator, history=history, running=running, fp=fp)
+                        ckpt.save_checkpoint(checkpoint, step=step + 1, **state, sched=sched, generator=generator,
+                                             history=history, running=running, fp=fp)
     finally:
         if log:
             log.close()
         if board is not None:
             board.close()
-    ema_model = ema.module
+    ema_model = unshard(ema.module)  # FSDP: every process gathers the whole EMA; the module itself otherwise
     ema_model.eval()
     return ema_model, history
