@@ -69,7 +69,8 @@ def base(tmp_path_factory):
     old = labels < 3
     np.savez(root / "old.npz", x=x[old].float().numpy(), labels=labels[old].numpy())
     np.savez(root / "new.npz", x=x[~old].float().numpy(), labels=labels[~old].numpy())
-    cfg = validate(RunConfig, {"data": {"name": str(root / "old.npz"), "n_train": 10_000, "n_test": 0},
+    cfg = validate(RunConfig, {"data": {"name": str(root / "old.npz"), "n_train": 10_000, "n_test": 0,
+                                        "params": {"test_fraction": 0.3}},
                                "partition": {"k": 3}, "expert": SMALL,
                                "router": {**SMALL, "net": {"arch": "router_mlp", "kwargs": {"width": 32, "depth": 1}}},
                                "sample": {"n": 60, "steps": 8, "strategies": ["top-2"]},
@@ -91,7 +92,9 @@ def test_new_cluster_adds_one_expert_and_a_router_over_k_plus_1(base, run):
     before = hashes(run)
     old_manifest, old_t = read_json(folder.manifest), load_tensors(run / "partition" / "partition.safetensors")
     new_x = torch.as_tensor(np.load(base / "new.npz")["x"])
-    n_test = len(new_x) // 5  # the .npz loader holds a fifth out
+    old_test = load_tensors(folder.split("test"))["x"]
+    share = len(old_test) / (len(old_test) + old_manifest["n"])
+    n_test = int(round(len(new_x) * share))  # the island holds out the run's own share of its rows
     event = add_expert(run, str(base / "new.npz"), log=lambda m: None)
 
     m = read_json(folder.manifest)
@@ -116,10 +119,19 @@ def test_new_cluster_adds_one_expert_and_a_router_over_k_plus_1(base, run):
     assert ddm.k == 4 and ddm.router(torch.zeros(5, 2), torch.full((5,), 0.5)).shape == (5, 4)
     assert not folder.samples.exists()
     assert len(load_tensors(folder.split("train"))["x"]) == m["n"]
+    test = load_tensors(folder.split("test"))["x"]
+    is_new = (test - torch.as_tensor(MEANS[3])).norm(dim=1) < 2.5  # rows of the 4th component
+    assert len(test) == len(old_test) + n_test and int(is_new.sum()) == n_test
+    for n in (10, len(test) // 4, len(test) // 2):  # the evaluation takes a prefix: it holds the new rows too
+        assert abs(int(is_new[:n].sum()) - n * n_test / len(test)) <= 1
     log = read_json(folder.grow)
     assert log["router"] == "learned" and [e["n"] for e in log["events"]] == [1] and event["test_rows"] == n_test
     assert verify_registry(run)["missing"] == []
     assert cli("verify", run)[0] == 0
+    grown = hashes(run)
+    with pytest.raises(DDMError, match=r"rows were added to .* before \(grow.json entry 1\)"):
+        add_expert(run, str(base / "new.npz"), log=lambda m: None)  # the same island again
+    assert hashes(run) == grown
 
 
 def test_stats_router_trains_nothing_and_routes_the_new_island(run):
@@ -187,6 +199,7 @@ def test_replace_expert_copies_a_foreign_folder_that_verifies_and_is_flagged(run
     assert sha(folder.expert(1) / "model.safetensors") == sha(foreign / "model.safetensors")
     cfg = read_json(folder.expert(1) / "config.json")
     assert cfg["cluster"] == 1 and cfg["replaced_from"]["cluster"] == 0 and event["expert"] == 1
+    assert cfg["shard_count"] == read_json(folder.manifest)["counts"][1] != cfg["replaced_from"]["shard_count"]
     verify_registry(run)
     _, notes = describe_models(run, run_config(run))
     assert len(notes) == 1 and notes[0].startswith("expert 1 differs") and "kwargs" in notes[0]
@@ -215,6 +228,7 @@ def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):
                         (lambda: add_expert(run, {"name": "ring8", "nope": 1}), "nope"),
                         (lambda: replace_expert(run, 0, tmp_path / "junk"), "config.json"),
                         (lambda: replace_expert(run, 0, run / "router"), "router"),
+                        (lambda: replace_expert(run, 0, run), "is a run folder; give one of its model folders"),
                         (lambda: replace_expert(run, -1, run / "experts" / "expert_01"), "0 .. 2")]:
         with pytest.raises(DDMError, match=words if words.startswith("-") else None) as err:
             call()

@@ -204,6 +204,25 @@ def test_evaluating_a_run_that_is_not_trained_writes_nothing(monkeypatch, capsys
     assert code == 2 and "monolith" in err and sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
+def test_evaluate_refuses_another_runs_settings_and_reports_how_each_set_was_drawn(monkeypatch, capsys, tmp_path,
+                                                                                   user_run):
+    """`ddmkit evaluate --set data.name=...` described another run than it scored; the report's sampling
+    line comes from what each set records, so a set drawn with other steps and seed is named."""
+    run = Path(shutil.copytree(user_run, tmp_path / "run"))
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2")[0] == 0
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "full", "--steps", 3, "--seed", 7)[0] == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "data.name=grid25", "--set", "partition.k=3")
+    assert code == 2 and "data.name ('ring8', asked 'grid25')" in err and "partition.k (2, asked 3)" in err, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    code, err = cli(monkeypatch, capsys, "evaluate", run, "--device", "cpu", "--set", "evaluate.chunk=50")
+    assert code == 0, err
+    report = (run / "report.md").read_text()
+    assert "the sets were drawn with different settings (full: 100 samples, euler, 3 steps, seed 7; top-2: 100 " \
+           "samples, euler, 8 steps, seed 0)" in " ".join(report.split()), report[:600]
+    assert "W2 and MMD over 2 pair(s) of 50 points" in " ".join(report.split())
+
+
 def test_unknown_or_non_finite_data_params_name_the_field_and_the_accepted_keywords(tmp_path):
     with pytest.raises(DDMError, match=r"data\.params\.radiuss: unknown keyword .*accepted: k, radius, std"):
         prepare_run_dir(tmp_path / "a", tiny(data={"params": {"radiuss": 3.0}}), log=QUIET)

@@ -182,6 +182,14 @@ def _image_loader(kind: str) -> Callable[..., tuple[ArrayData, ArrayData]]:
 LOADERS.update({k: _image_loader(k) for k in IMAGE_LOADERS})
 
 
+def takes_test_fraction(name: str) -> bool:
+    """Whether data set `name` splits its rows by data.params.test_fraction (array files, image folders
+    and arrays) rather than by data.n_test alone."""
+    if name.endswith((".npy", ".npz")):
+        return True
+    return name in IMAGE_LOADERS and "test_fraction" in accepted_params(IMAGE_LOADERS[name], ("seed",))
+
+
 def dataset_names() -> list[str]:
     return sorted(LOADERS)
 

@@ -52,6 +52,7 @@ from ddmkit.nets import check_builds
 from ddmkit.pipeline.images import scorer_for
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.run import is_image_run
+from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.sampling import sample_labels
 from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.pipeline.text import is_text_run
@@ -72,7 +73,7 @@ MAX_TRAJECTORIES = 10**7
 TRAJECTORY_SEED = 1_000_003  # added to the training seed: the trajectories' noise is never the report's
 FIELD_TIMES = tuple((j + 0.5) / 10 for j in range(10))  # midpoints of ten equal bins of t ~ U(0, 1)
 FIELD_ROWS = {"vectors": 2000, "images": 256}  # held-out rows of the field distances
-UNSPECIFIED = ("device", "threads", "log_every", "checkpoint_every", "tensorboard")  # not part of a student's recipe
+UNSPECIFIED = ("device", "threads", "log_every", "checkpoint_every", "tensorboard", "parallel")  # not a recipe
 
 
 # ----- the options, checked before anything is trained ----------------------------------------
@@ -147,9 +148,15 @@ class Plan:
     def guided_teacher(self) -> DDM:
         return self.ddm if self.guidance == 1.0 else self.ddm.with_guidance(self.guidance)
 
+    @property
+    def substeps(self) -> int:
+        """Solver steps of the teacher per segment of a few-step student: ceil(teacher_steps / S)."""
+        return max(1, math.ceil(self.teacher_steps / self.few_step))
+
     def few_step_spec(self) -> dict:
         return {"dense": self.dense_spec, "segments": self.few_step, "grid": self.grid,
                 "trajectories": self.trajectories, "teacher_steps": self.teacher_steps,
+                "teacher_steps_used": self.substeps * self.few_step,
                 "solver": self.cfg.sample.solver, "guidance": self.guidance}
 
 
@@ -197,7 +204,10 @@ def check_existing(plan: Plan) -> None:
         diff = config_differences(dense, plan.dense_spec)
         if path.name != "dense" and not diff and plan.few_step is not None \
                 and path == plan.folder.few_step_student(plan.few_step, plan.grid):
-            diff = config_differences(made, {key: v for key, v in plan.few_step_spec().items() if key != "dense"})
+            diff = config_differences(made, {key: v for key, v in plan.few_step_spec().items()
+                                              if key not in ("dense", "teacher_steps_used")})  # derived
+        diff = [("the teacher: its experts or router changed since (add-expert, replace-expert or a job trained "
+                 "again)" if d.startswith("teacher_sha256 ") else d) for d in diff]
         if diff:
             raise DDMError(f"{path} was distilled differently: {'; '.join(diff)}. Pass --force to remove "
                            f"{plan.folder.students} (every student in it) and distill again")
@@ -304,7 +314,7 @@ def make_few_step(plan: Plan, log: Log) -> None:
     x1 = start_noise(plan.trajectories, shape, seed, plan.device)
     y = None if not classes else \
         torch.randint(0, classes, (plan.trajectories,), generator=torch.Generator().manual_seed(seed)).to(plan.device)
-    substeps = max(1, math.ceil(plan.teacher_steps / s))
+    substeps = plan.substeps
     with job_threads(plan.train.threads):
         if plan.grid == "uniform":
             grid = time_grid(s)
@@ -545,6 +555,9 @@ def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | 
     with run_lock(folder.root):
         plan = plan_distill(folder.root, teacher, arch, steps, few_step, grid, trajectories, teacher_steps, seed,
                             device, force, report)
+        if calls_every_expert(teacher, plan.ddm.k):
+            log(f"note: teacher {teacher} on a DDM of K = {plan.ddm.k} experts calls every expert: the same routing "
+                "as full")
         if force and folder.students.exists():
             shutil.rmtree(folder.students)
             log(f"distill: removed {folder.students}")
@@ -554,7 +567,8 @@ def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | 
         if few_step is not None:
             make_few_step(plan, log)
         if not report:
-            log(f"distill: students in {folder.students}; the same command without --no-report writes the report")
+            log(f"distill: students in {folder.students}; the report is written by the same call with the report "
+                "(ddmkit distill without --no-report)")
             return None
         students = {("dense" if p.name == "dense" else p.name): student_field(p, plan.device)
                     for p in existing_students(folder)}

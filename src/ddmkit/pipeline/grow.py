@@ -49,11 +49,11 @@ import torch
 
 from ddmkit.config import DataConfig, RunConfig, validate
 from ddmkit.conventions import __version__
-from ddmkit.data import ArrayData, check_finite, content_hash, load_dataset
+from ddmkit.data import ArrayData, check_finite, content_hash, load_dataset, takes_test_fraction
 from ddmkit.data.partition import cluster_statistics, feature_map, read_shard, shard_name
 from ddmkit.ddm.load import check_shape, velocity_field
 from ddmkit.errors import DDMError
-from ddmkit.io import read_json, remove_stale_staging, save_tensors, sha256_file, staging_dir, write_json
+from ddmkit.io import read_json, read_metadata, remove_stale_staging, save_tensors, sha256_file, staging_dir, write_json
 from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.train.threads import job_threads
 from ddmkit.layout import RunFolder
@@ -111,10 +111,12 @@ def trained_run(run) -> TrainedRun:
 
 
 # ----- the new island's data -------------------------------------------------------------------
-def island_data(cfg: RunConfig, data) -> tuple[ArrayData, ArrayData | None]:
+def island_data(cfg: RunConfig, data, held_out: float = 0.2) -> tuple[ArrayData, ArrayData | None]:
     """(train, test) of the new island. An ArrayData is all training rows (no test rows); a data set
     name or .npy/.npz path, or a table like [data] ({"name": ..., "params": {...}}, and n_train, n_test,
-    seed: the run's by default), is loaded by ddmkit.data.load_dataset."""
+    seed: the run's by default), is loaded by ddmkit.data.load_dataset. A file or image island holds out
+    the share `held_out` of its rows (the run's own share, from add_expert) unless its params set
+    test_fraction or test_path: then the new rows weigh as much among the test rows as among the training rows."""
     if isinstance(data, ArrayData):
         return data, None
     if isinstance(data, (str, Path)):
@@ -123,7 +125,15 @@ def island_data(cfg: RunConfig, data) -> tuple[ArrayData, ArrayData | None]:
         raise DDMError(f"data: expected an ArrayData, a data set name or .npy/.npz path, or a table like [data] "
                        f"({{'name': ..., 'params': {{...}}}}), got {type(data).__name__}")
     spec = validate(DataConfig, {**cfg.data.model_dump(), "params": {}, **data}, "data", "data spec")
-    return load_dataset(spec.name, spec.n_train, spec.n_test, spec.seed, spec.params)
+    params = dict(spec.params)
+    if takes_test_fraction(spec.name) and not {"test_fraction", "test_path"} & set(params):
+        params["test_fraction"] = min(max(held_out, 1e-3), 0.999)
+    return load_dataset(spec.name, spec.n_train, spec.n_test, spec.seed, params)
+
+
+def held_out_share(run: TrainedRun) -> float:
+    """The share of the run's rows held out as test rows."""
+    return len(run.test) / max(len(run.train) + len(run.test), 1)
 
 
 def joined_truth(old: GaussianMixture | None, new: GaussianMixture | None, n_old: int,
@@ -262,19 +272,33 @@ def plan_growth(run: TrainedRun, train: ArrayData, test: ArrayData | None, mode:
 
     new_test = test if test is not None and len(test) else None
     train_t = {"x": union_x, **({} if y_new is None else {"labels": torch.cat([run.train.labels.long(), y_new])})}
-    test_t = {"x": run.test.x if new_test is None else torch.cat([run.test.x, new_test.x.to(run.test.x.dtype)])}
+    test_t = {"x": run.test.x}
     if run.test.labels is not None:
-        test_t["labels"] = run.test.labels if new_test is None else \
-            torch.cat([run.test.labels.long(), _labels(run.test.labels, new_test, offset)])
+        test_t["labels"] = run.test.labels
+    if new_test is not None:  # old and new rows interleaved: the prefix the evaluation takes holds both
+        test_t["x"] = torch.cat([run.test.x, new_test.x.to(run.test.x.dtype)])
+        if run.test.labels is not None:
+            test_t["labels"] = torch.cat([run.test.labels.long(), _labels(run.test.labels, new_test, offset)])
+        order = interleaved(len(run.test.x), len(new_test.x))
+        test_t = {key: value[order] for key, value in test_t.items()}
     info = {**read_json(run.folder.data_info), "n_train": len(union_x), "n_test": len(test_t["x"]),
             "exact_truth": truth is not None}
     retrain = [k] if mode == "new-cluster" else sorted(shards)
-    event = {"action": "add-expert", "mode": mode, "router": router, "data": train.name, "rows": len(x_new),
+    event = {"action": "add-expert", "mode": mode, "router": router, "data": train.name,
+             "data_sha256": content_hash(train.x), "rows": len(x_new),
              "test_rows": 0 if new_test is None else len(new_test), "k_before": k, "k_after": k_new,
              "rows_per_cluster": {str(c): added[c] for c in range(k_new) if added[c]},
              "counts_before": list(m["counts"]), "counts_after": counts, "experts_trained": retrain,
              "router_trained": router == "retrain", "exact_truth": truth is not None}
     return Growth(manifest, tensors, shards, meta, retrain, train_t, test_t, truth, info, event)
+
+
+def interleaved(n_old: int, n_new: int) -> torch.Tensor:
+    """An order of n_old + n_new rows (old first, then new) that spreads the new rows evenly: row i of a
+    part sits at (i + 1/2) / its length, and the rows are merged by that position, so every prefix holds
+    each part in its share to within one row."""
+    position = torch.cat([(torch.arange(n_old) + 0.5) / max(n_old, 1), (torch.arange(n_new) + 0.5) / max(n_new, 1)])
+    return torch.argsort(position, stable=True)
 
 
 def _entry(manifest: dict, cluster: int) -> int:
@@ -338,6 +362,15 @@ def read_log(folder: RunFolder) -> dict:
     return log
 
 
+def check_not_added_before(log: dict, event: dict, folder: RunFolder) -> None:
+    """Refuse an island whose training rows (their content hash) an earlier add-expert added already."""
+    earlier = [e.get("n") for e in log["events"] if e.get("data_sha256") == event["data_sha256"]]
+    if earlier:
+        raise DDMError(f"data: these {event['rows']} rows were added to {folder.root} before ({folder.grow.name} "
+                       f"entry {earlier[0]}); adding them again would give the same rows a second cluster and "
+                       "expert. Give the new island's rows")
+
+
 def log_event(folder: RunFolder, event: dict, router: str | None = None) -> dict:
     """Append an event, numbered 1, 2, ... in order, to RUN/grow.json (and set the run's router kind)."""
     log = read_log(folder)
@@ -365,9 +398,9 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
     folder = RunFolder(run)
     with run_lock(folder.root):
         state = trained_run(folder.root)
-        train, test = island_data(state.cfg, data)
+        train, test = island_data(state.cfg, data, held_out_share(state))
         plan = plan_growth(state, train, test, mode, router)
-        read_log(folder)  # a damaged log is refused before anything is written
+        check_not_added_before(read_log(folder), plan.event, folder)  # a damaged log is refused here too
         remove_stale_staging(folder.root)
         cfg = state.cfg
         with contextlib.ExitStack() as stack:  # staged folders, renamed into place in reverse order on success
@@ -396,6 +429,9 @@ def check_expert_folder(source: Path, run: TrainedRun) -> dict:
     """A model folder that can stand in for an expert of `run`: config.json and weights agree, its
     time convention is ddmkit's, its weights are finite, it is a velocity network (not a router) of
     the run's data shape and class count, and it gives a finite velocity on two rows; returns its config."""
+    if RunFolder(source).experts.is_dir():
+        raise DDMError(f"FOLDER {source} is a run folder; give one of its model folders, e.g. "
+                       f"{RunFolder(source).expert(0)}")
     model, config = load_model(source)
     if config.get("role") == "router" or "num_experts" in config.get("kwargs", {}):
         raise DDMError(f"FOLDER {source} holds a router; give an expert's (or a monolith's) model folder")
@@ -430,16 +466,18 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict:
         config = check_expert_folder(source, state)
         read_log(run_folder)
         shard = state.manifest["shards"][_entry(state.manifest, k)]
+        slot_meta = read_metadata(run_folder.partition / shard["path"])  # what an expert trained there records
         weights = sha256_file(source / "model.safetensors")
         origin = {"source": str(source.resolve()), "cluster": config.get("cluster"), "k": config.get("k"),
                   "shard_sha256": config.get("shard_sha256"), "shard_count": config.get("shard_count"),
-                  "weights_sha256": weights}
+                  "data_hash": config.get("data_hash"), "weights_sha256": weights}
         with staging_dir(run_folder.expert(k)) as tmp:
             shutil.copyfile(source / "model.safetensors", tmp / "model.safetensors")
             if (source / "train_log.jsonl").is_file():
                 shutil.copyfile(source / "train_log.jsonl", tmp / "train_log.jsonl")
             write_json(tmp / "config.json", {**config, "role": "expert", "cluster": k, "k": kk,
-                                             "shard_sha256": shard["sha256"], "replaced_from": origin})
+                                             "shard_sha256": shard["sha256"], "shard_count": shard["count"],
+                                             "data_hash": slot_meta.get("data_hash"), "replaced_from": origin})
             clear_derived(run_folder)
             event = log_event(run_folder, {"action": "replace-expert", "expert": k, **origin})
         write_registry(run_folder.root)

@@ -18,7 +18,7 @@ from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.models import models_section
 from ddmkit.pipeline.samplesets import STATISTICS, planned_sets
-from ddmkit.pipeline.sampling import read_info
+from ddmkit.pipeline.sampling import read_info, sampling_sentence
 from ddmkit.progress import track
 from ddmkit.tables import markdown_table
 
@@ -97,6 +97,7 @@ def render_report(cfg: RunConfig, run, result: dict) -> str:
     grids = "\n".join(f"![{n}](plots/samples_{safe_name(n)}.png)" for n, r in result["rows"].items()
                       if n not in (FLOOR, RECONSTRUCTIONS) and "subset_of" not in r)
     source = cfg.latent.pretrained or "an autoencoder trained by ddmkit"
+    drawn = [n for n, r in result["rows"].items() if n not in (FLOOR, RECONSTRUCTIONS) and "subset_of" not in r]
     latent = "" if RECONSTRUCTIONS not in result["rows"] else (
         f"\nLatent DDM: experts, router and monolith work on the latents of {source}; samples are decoded. The "
         "second row is the same training images encoded and decoded: the floor of any latent sampler.\n\n"
@@ -106,7 +107,8 @@ def render_report(cfg: RunConfig, run, result: dict) -> str:
 Data: `{d.name}` {d.params} ({result['n_test']} test images as the FID reference). Partition: k = {p.k},
 features = {p.features}, cluster sizes {result['cluster_counts']}. Monolith: the experts' network with K x
 {"the steps" if cfg.monolith.match == "steps" else "the batch, the same steps"} (FLOP-matched). Sampling:
-{s.n} images, {s.solver}, {s.steps} steps, the same noise and labels for every row, guidance {s.guidance}.
+{sampling_sentence(cfg, run, drawn, "images")}; the same labels for every row, guidance {s.guidance} unless a
+row names another.
 Features: {result['features']} on {result['device']}; test features took {result['reference_seconds']:.1f}s.
 Training wall time (s): {result['train_seconds']}.
 

@@ -30,6 +30,7 @@ from ddmkit.latent.autoencoder import network_data_shape
 from ddmkit.ddm.load import component_groups
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.checks import check_clusters, check_devices, check_labels, check_run_plan
+from ddmkit.train.jobs import EXECUTION
 from ddmkit.pipeline.stages import (check_networks, load_data, load_split, plan_partition, register_user_features,
                                     register_user_networks, run_lock, write_data, write_partition)
 
@@ -51,6 +52,14 @@ def differences_text(made: RunConfig, asked: RunConfig) -> str:
     if differs and all(".train.device" in d for d in differs):
         text += f" (only the training device: give --device {made.expert.train.device}, as the run was made)"
     return text
+
+
+def trained_differences(made: RunConfig, asked: RunConfig) -> list[str]:
+    """The fields of the sections that made the run's data and networks (TRAINED) in which `asked` differs
+    from `made`, less how jobs run (device, threads, logging: train.jobs.EXECUTION)."""
+    old, new = made.model_dump(mode="json"), asked.model_dump(mode="json")
+    return [d for name in TRAINED for d in config_differences({name: old.get(name)}, {name: new.get(name)})
+            if d.split(" ", 1)[0].rsplit(".", 1)[-1] not in EXECUTION]
 
 
 def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:

@@ -26,7 +26,7 @@ from ddmkit.launch.backends import cuda_count
 from ddmkit.layout import RunFolder
 import ddmkit.pipeline.images as images
 import ddmkit.pipeline.vectors as vectors
-from ddmkit.pipeline.prepare import prepare_run_dir, run_config, run_lock
+from ddmkit.pipeline.prepare import prepare_run_dir, run_config, run_lock, trained_differences
 from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_every_expert, named_set, planned_sets,
                                         statistics_set)
 from ddmkit.pipeline.sampling import stage_sample
@@ -46,8 +46,16 @@ def is_image_run(run) -> bool:
 
 
 def evaluate_stage(cfg: RunConfig, run, log: Log = print, device="cpu", scorer=None) -> dict:
-    """The evaluation stage of the run's kind of data (holding the run's lock)."""
+    """The evaluation stage of the run's kind of data (holding the run's lock). cfg may change how sets are
+    scored ([sample], [evaluate]), not what the run is: other data, partition or networks are refused."""
     with run_lock(run):
+        if RunFolder(run).config.exists():
+            differs = trained_differences(run_config(run), cfg)
+            if differs:
+                raise DDMError(f"{RunFolder(run).root} was made with other settings: its config.json differs in "
+                               f"{'; '.join(differs[:6])}{' ...' if len(differs) > 6 else ''}. Evaluating scores "
+                               "the samples of that run: change only [sample] or [evaluate] settings (or run the "
+                               "other config in another --out folder)")
         if is_image_run(run):
             return images.stage_evaluate(cfg, run, log, device, scorer)
         return vectors.stage_evaluate(cfg, run, log)

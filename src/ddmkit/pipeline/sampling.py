@@ -89,6 +89,32 @@ def drawn_with(cfg: RunConfig, sample_set: SampleSet, networks: str | None) -> d
             "router_every": s.router_every, "registry": networks}
 
 
+SHOWN = ("n", "solver", "steps", "seed")  # the settings a report states for its sample sets
+
+
+def drawn_groups(cfg: RunConfig, run, names: list[str]) -> list[tuple[dict, list[str]]]:
+    """The sets `names` grouped by the settings they were drawn with (RUN/samples/info.json's drawn_with:
+    n, solver, steps, seed; cfg.sample's for a set that records none), in order of first appearance: one
+    group when every set was drawn alike."""
+    infos, groups = read_info(RunFolder(run)), {}
+    for name in names:
+        made = infos.get(name, {}).get("drawn_with") or {**cfg.sample.model_dump(), "n": cfg.sample.n}
+        groups.setdefault(tuple(made.get(k) for k in SHOWN), []).append(name)
+    return [(dict(zip(SHOWN, key)), members) for key, members in groups.items()]
+
+
+def sampling_sentence(cfg: RunConfig, run, names: list[str], unit: str = "samples") -> str:
+    """What a report says of how its sets were drawn, from what each set records (not from cfg, which can
+    have changed since)."""
+    groups = drawn_groups(cfg, run, names)
+    if len(groups) <= 1:
+        g = groups[0][0] if groups else {**cfg.sample.model_dump(), "n": cfg.sample.n}
+        return f"{g['n']} {unit}, {g['solver']}, {g['steps']} steps, the same noise (seed {g['seed']}) for every set"
+    parts = [f"{', '.join(members)}: {g['n']} {unit}, {g['solver']}, {g['steps']} steps, seed {g['seed']}"
+             for g, members in groups]
+    return "the sets were drawn with different settings (" + "; ".join(parts) + ")"
+
+
 def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: Log = print, device="cpu",
                  on_sample: Callable[[str], object] | None = None, redraw: bool = False) -> None:
     """Draw every set not yet drawn, or drawn with other settings or networks (all of them with

@@ -20,7 +20,7 @@ from ddmkit.io import load_tensors, read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.models import models_section
 from ddmkit.pipeline.samplesets import planned_sets
-from ddmkit.pipeline.sampling import SAMPLES_FIX, read_info
+from ddmkit.pipeline.sampling import SAMPLES_FIX, read_info, sampling_sentence
 from ddmkit.pipeline.stages import load_split
 from ddmkit.tables import markdown_table
 
@@ -120,13 +120,13 @@ cluster Gaussians, `ddmkit.routing.stats_router`) against the learned router, sa
 
 
 def _main_report(cfg: RunConfig, run, result: dict, rows: list, rep: dict, router_rows: list) -> str:
-    d, p, s = cfg.data, cfg.partition, cfg.sample
+    d, p = cfg.data, cfg.partition
     made = read_json(RunFolder(run).data_info)  # the rows the run has (the config's counts can be "all" or at most)
     return f"""# ddmkit run report
 
 Data: `{d.name}` ({made['n_train']} train, {made['n_test']} test). Partition: k = {p.k}, features = {p.features},
-balanced = {p.balanced}. Sampling: {s.n} samples, {s.solver}, {s.steps} steps, the same noise
-(seed {s.seed}) for every strategy.
+balanced = {p.balanced}. Sampling: {sampling_sentence(cfg, run, list(result["rows"]))}.
+W2 and MMD over {result["pairs"]} pair(s) of {result["chunk"]} points.
 
 {models_section(run, cfg)}
 
