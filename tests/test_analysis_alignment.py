@@ -209,3 +209,25 @@ def test_own_cluster_errors_split_by_the_points_cluster():
     assert by["other_by_expert"] == [7.5, 2.5, 6.5]
     x = GMM.sample(5, torch.Generator().manual_seed(0)).float()
     assert exact_x0(GMM, x, torch.full((5,), 0.3)).dtype == torch.float32
+
+
+def test_own_cluster_errors_of_some_experts_only():
+    """err columns are experts 0 and 2 (expert 1 missing); points 0, 1 in cluster 0, 2 in cluster 1, 3 in 2."""
+    err = torch.arange(8, dtype=torch.float64).reshape(4, 2)  # [[0, 1], [2, 3], [4, 5], [6, 7]]
+    by = own_cluster_errors(err, torch.tensor([0, 0, 1, 2]), experts=[0, 2])
+    assert by["own_by_expert"] == [1.0, 7.0] and by["other_by_expert"] == [5.0, 3.0]
+    assert by["own"] == (0 + 2 + 7) / 3 and by["other"] == (1 + 3 + 4 + 5 + 6) / 5
+
+
+def test_a_missing_expert_is_left_out_of_the_heldout_errors():
+    """The zero stand-in of a missing expert (1) is in no per-expert number: experts 0 and 2 score as they do
+    in the whole DDM, and full routing leaves no present expert unrouted."""
+    whole = gmm_ddm(GMM)
+    ddm = whole.restrict([0, 2])
+    x, labels = GMM.sample(600, torch.Generator().manual_seed(4), return_labels=True)
+    strategies = {"full": parse_strategy("full"), "top-1": parse_strategy("top-1")}
+    ref, held = [heldout_errors(d, x.float(), [0.5], strategies, clusters=labels) for d in (whole, ddm)]
+    assert held["experts"] == [0, 2] and ref["experts"] == [0, 1, 2]
+    assert held["expert"][0] == pytest.approx(ref["expert"][0][::2])
+    assert held["by_cluster"][0]["own_by_expert"] == pytest.approx(ref["by_cluster"][0]["own_by_expert"][::2])
+    assert math.isnan(held["not_routed"]["full"][0]) and not math.isnan(held["not_routed"]["top-1"][0])

@@ -149,3 +149,16 @@ def test_bootstrap_intervals_are_reproducible():
     s, q = rng.standard_normal((3, 50)), rng.standard_normal((3, 50))
     assert across_strategies(s, q, n_boot=50) == across_strategies(s, q, n_boot=50)
     assert paired_difference(a, b, n_boot=50) == paired_difference(a, b, n_boot=50)
+
+
+def test_an_undefined_rho_says_why():
+    """A constant column or fewer than 3 points has no rank correlation: the result names the reason."""
+    q = np.arange(10.0)
+    assert "why" not in spearman_ci(q, q[::-1], n_boot=5)
+    flat = spearman_ci(q, np.ones(10), n_boot=5, names=("q", "rank"))
+    assert math.isnan(flat["rho"]) and flat["why"] == "constant rank"
+    assert spearman_ci(q[:2], q[:2], n_boot=5)["why"] == "fewer than 3 samples"
+    two = across_strategies(np.ones((2, 6)), np.arange(12.0).reshape(2, 6), n_boot=5, names=("Delta_refine", "q"))
+    assert two["why"] == "fewer than 3 strategies"
+    same = across_strategies(np.ones((3, 6)), np.ones((3, 6)), n_boot=5, names=("Delta_refine", "q"))
+    assert same["why"] == "constant Delta_refine and q"

@@ -1,15 +1,20 @@
 """`analyze_run` and `ddmkit analyze` on a tiny trained run (no sampling stage needed)."""
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ddmkit.pipeline.analyze import analyze_run
 from ddmkit.config import load_config
 from ddmkit.errors import DDMError
+from ddmkit.io import load_tensors, save_tensors
 from ddmkit.pipeline.prepare import prepare_run_dir
 from ddmkit.pipeline.stages import stage_data, stage_experts, stage_partition, stage_router
 
@@ -93,3 +98,93 @@ def test_each_strategy_is_kept_and_a_later_call_measures_only_the_new_ones(train
     measured.clear()
     analyze_run(trained, out=out, strategies=["top-1"], log=quiet, **{**SMALL, "n": 60})  # other settings
     assert measured == ["top-1"]
+
+
+def copy_run(trained, dest: Path) -> Path:
+    """A copy of the trained run (without its analysis) that a test may change."""
+    shutil.copytree(trained, dest, ignore=shutil.ignore_patterns("analysis", ".lock*"))
+    return dest
+
+
+def test_a_retrained_expert_is_measured_again_without_a_registry(trained, tmp_path, monkeypatch):
+    import ddmkit.pipeline.analyze as analyze
+
+    run, quiet = copy_run(trained, tmp_path / "run"), (lambda m: None)
+    assert not (run / "registry.json").exists()
+    first = analyze_run(run, strategies=["top-1"], log=quiet, **SMALL)
+    amp = first["strategies"]["top-1"]["per_sample"]["amp"].numpy()
+    assert len(amp) % 2 == 0 and first["strategies"]["top-1"]["summary"]["amp_median"] == np.median(amp)
+    weights = run / "experts" / "expert_00" / "model.safetensors"
+    save_tensors(weights, {k: 0.5 * v for k, v in load_tensors(weights).items()})  # as if trained again
+    measured, measure = [], analyze.analyze_strategy
+    monkeypatch.setattr(analyze, "analyze_strategy",
+                        lambda ddm, name, *a: measured.append(name) or measure(ddm, name, *a))
+    again = analyze_run(run, strategies=["top-1"], log=quiet, **SMALL)
+    assert measured == ["top-1"] and again["strategies"]["top-1"]["summary"] != first["strategies"]["top-1"]["summary"]
+    analyze_run(run, strategies=["top-1"], log=quiet, **SMALL)
+    assert measured == ["top-1"]  # unchanged weights: kept
+
+
+def test_split_rows_are_disjoint_and_shrink_to_the_test_split():
+    from ddmkit.pipeline.analyze import split_rows
+
+    assert split_rows(16000, 1000, 2000) == {"w2": slice(0, 1000), "floor": slice(1000, 2000),
+                                             "heldout": slice(14000, 16000)}
+    assert split_rows(1600, 5000, 2000) == {"w2": slice(0, 533), "floor": slice(533, 1066),
+                                            "heldout": slice(1066, 1600)}
+    assert split_rows(30, 80, 200) == {"w2": slice(0, 10), "floor": slice(10, 20), "heldout": slice(20, 30)}
+    with pytest.raises(DDMError, match="data.n_test: the run's test split has 29 rows; analyze needs at least 30"):
+        split_rows(29, 80, 200)
+
+
+def test_a_small_test_split_gives_a_w2_floor_on_disjoint_rows(trained, tmp_path):
+    from ddmkit.evaluation.distances import w2_exact
+
+    run = copy_run(trained, tmp_path / "run")
+    split = run / "data" / "test.safetensors"
+    rows = {k: v[:90].contiguous() for k, v in load_tensors(split).items()}
+    save_tensors(split, rows)
+    res = analyze_run(run, strategies=["top-1"], log=lambda m: None, **SMALL)  # n = 80: W2 on 30 points
+    assert res["settings"]["n_w2"] == 30 and res["w2_floor"] == w2_exact(rows["x"][:30], rows["x"][30:60]) > 0
+    assert "exact W2 of 30 samples against 30 held-out points" in (run / "analysis" / "analysis.md").read_text()
+    save_tensors(split, {k: v[:29].contiguous() for k, v in rows.items()})
+    with pytest.raises(DDMError, match="data.n_test"):
+        analyze_run(run, out=tmp_path / "small", strategies=["top-1"], log=lambda m: None, **SMALL)
+    assert not (tmp_path / "small").exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 10**20, 1.5])
+def test_a_seed_out_of_range_is_refused_before_any_work(trained, tmp_path, seed):
+    with pytest.raises(DDMError, match=r"--seed = .*: must be a whole number from 0 to 2\*\*63 - 1"):
+        analyze_run(trained, out=tmp_path / "a", strategies=["top-1"], seed=seed, **SMALL)
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_refuses_a_negative_seed_with_exit_2(trained, tmp_path):
+    env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1"}
+    r = subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", "analyze", str(trained),
+                        "--seed", "-1", "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "--seed = -1" in r.stderr and not (tmp_path / "a").exists()
+
+
+def test_a_missing_expert_is_named_and_left_out(trained, tmp_path):
+    """Expert 3 removed: notes instead of warnings, the top-n note of `ddmkit sample`, expert 3 in no per-expert
+    number, full leaves no present expert unrouted; and the largest seed runs."""
+    run = copy_run(trained, tmp_path / "run")
+    shutil.rmtree(run / "experts" / "expert_03")
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither load_ddm's warnings nor matplotlib's reach the user
+        res = analyze_run(run, strategies=["full", "top-9"], seed=2**63 - 1, log=lines.append, **SMALL)
+    assert ("note: experts [3] of 4 are missing: sampling with the other 3, router weights renormalised over "
+            "them") in lines
+    assert "note: top-9 on a DDM of K = 4 experts calls every expert: the same routing as full" in lines
+    assert not any("note: full" in line for line in lines)
+    held = res["heldout"]
+    assert held["experts"] == [0, 1, 2] and all(len(e) == 3 for e in held["expert"])
+    assert all(len(b["own_by_expert"]) == 3 for b in held["by_cluster"])
+    assert all(len(e) == 3 for e in held["expert_vs_exact"])
+    assert math.isnan(res["strategies"]["full"]["summary"]["err_not_routed"])
+    md = (run / "analysis" / "analysis.md").read_text()
+    assert "Experts [3] of 4 are missing (no model folder)" in md and "experts [0, 1, 2] only" in md
+    assert "undefined (fewer than 3 strategies)" in md and "nan [" not in md

@@ -55,7 +55,8 @@ def result(exact=True):
         "full": {"mean": 0.25, "lo": 0.125, "hi": 0.5, "word": "worse", "w2_minus_baseline": 0.5}}}}
     return {"strategies": per, "heldout": held, "link": link, "quality_name": "NLL", "compare": compare,
             "x0_reference": {"kind": "exact", "name": "exact posterior mean"} if exact else None,
-            "settings": {"n": 256, "seed": 7, "solver": "heun", "steps": 20, "jvp_rows": 16, "max_steps": 5},
+            "settings": {"n": 256, "seed": 7, "solver": "heun", "steps": 20, "jvp_rows": 16, "max_steps": 5,
+                         "n_w2": 200},
             "run": "runs/demo", "wall_time": 12.345, "cpu_time": 30.06, "w2_floor": 0.012345}
 
 
@@ -74,9 +75,9 @@ Numbers are measured on this run. Time: 12.3s wall, 30.1s CPU.
 | top-1 | 1 | 2.5 | 0.5 | 2 | 1 | 1.5 | 1.25 | 0.01 | 0.9 | 1.1 | 12.5 | 3.25 | 0.02 | 0.75 | 1.6 | 1.2 | 0.95 |
 | aligned | 1.6 | 1.25 | 0.5 | 2 | 1 | 1.5 | 1.25 | 0.01 | 0.9 | 1.1 | 12.5 | 3.25 | 0.02 | 0.75 | 2.4 | 1.2 | 0.95 |
 
-q: mean per-sample NLL; W2: exact W2 of the 256 samples against 256 held-out points
-(floor, held-out against held-out: 0.01235). L_*: means over steps; err: per-expert MSE on
-held-out data averaged over the t grid.
+q: mean per-sample NLL; W2: exact W2 of 200 samples against 200 held-out points
+(floor, against 200 other held-out points: 0.01235). L_*: means over steps; err:
+per-expert MSE on held-out data averaged over the t grid.
 x0 reference of hit*, rank* and same nearest: exact posterior mean (x0* = E[x0 | x_t] of the truth) in place of the strategy's own x0_hat; independent of the strategy's experts.
 
 ## Verdict: stability vs quality across strategies
@@ -313,7 +314,7 @@ def test_plot_lipschitz(monkeypatch, tmp_path):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full", "top-1"]
 
 
-def test_plot_expert_error_skips_experts_never_unrouted(monkeypatch, tmp_path):
+def test_plot_expert_error_draws_no_dashed_line_for_experts_never_unrouted(monkeypatch, tmp_path):
     figs = Figures()
     monkeypatch.setattr(A, "save_figure", figs)
     nan = float("nan")
@@ -325,11 +326,12 @@ def test_plot_expert_error_skips_experts_never_unrouted(monkeypatch, tmp_path):
     ax = fig.axes[0]
     got = plotted(ax)
     assert [(g[0], g[2], g[3]) for g in got] == [([0.2, 0.8], "e0", "-"), ([0.2, 0.8], "_child1", "--"),
-                                                 ([0.2, 0.8], "e2", "-"), ([0.2, 0.8], "_child3", "--")]
-    assert got[0][1] == [0.1, 0.2] and got[1][1] == [1.0, 2.0] and got[2][1] == [0.5, 0.6]
-    assert math.isnan(got[3][1][0]) and got[3][1][1] == 3.0
+                                                 ([0.2, 0.8], "e1", "-"), ([0.2, 0.8], "e2", "-"),
+                                                 ([0.2, 0.8], "_child4", "--")]
+    assert got[0][1] == [0.1, 0.2] and got[1][1] == [1.0, 2.0] and got[2][1] == [0.3, 0.4]
+    assert got[3][1] == [0.5, 0.6] and math.isnan(got[4][1][0]) and got[4][1][1] == 3.0
     c = [ln.get_color() for ln in ax.get_lines()]
-    assert c[0] == c[1] != c[2] == c[3]
+    assert c[0] == c[1] != c[2] != c[3] == c[4] != c[0]
     check_axes(ax, "expert MSE vs eps - x (solid routed, dashed not)", True)
 
 

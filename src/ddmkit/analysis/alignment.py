@@ -34,6 +34,8 @@ and, independent of any strategy, every expert's error on held-out points of its
 
     e_own  = mean over (x, k) with c(x) = k  of e_k(x_t)
     e_other = mean over (x, k) with c(x) != k of e_k(x_t)   (likewise against v*_k on mixtures)
+
+k runs over the experts that are present: a missing expert (its zero stand-in) is in none of these.
 """
 from __future__ import annotations
 
@@ -140,25 +142,36 @@ def trajectory_alignment(ddm: DDM, tr, features, centroids: torch.Tensor, max_st
     return res
 
 
-def own_cluster_errors(err: torch.Tensor, clusters: torch.Tensor) -> dict:
-    """Errors err (B, K) of every expert on every point split by the point's cluster (B,): pooled over
-    (point, expert) pairs with the expert's own cluster ("own") and the others ("other"), and per expert."""
-    own = torch.nn.functional.one_hot(clusters.long(), err.shape[1]).bool()
+def own_cluster_errors(err: torch.Tensor, clusters: torch.Tensor, experts: Sequence[int] | None = None) -> dict:
+    """Errors err (B, E) of experts `experts` (default 0 .. E - 1) on every point split by the point's cluster
+    (B,): pooled over (point, expert) pairs with the expert's own cluster ("own") and the others ("other"),
+    and per expert."""
+    experts = list(range(err.shape[1])) if experts is None else list(experts)
+    own = clusters.long()[:, None] == torch.tensor(experts, device=clusters.device)[None, :]
     return {"own": masked_mean(err, own), "other": masked_mean(err, ~own),
             "own_by_expert": [masked_mean(err[:, k], own[:, k]) for k in range(err.shape[1])],
             "other_by_expert": [masked_mean(err[:, k], ~own[:, k]) for k in range(err.shape[1])]}
 
 
+def present_experts(ddm: DDM) -> list[int]:
+    """The experts of a DDM that are not missing (DDM.restrict records the missing ones)."""
+    missing = set(ddm.meta.get("missing_experts", []))
+    return [c for c in range(ddm.k) if c not in missing]
+
+
 @torch.no_grad()
 def heldout_errors(ddm: DDM, x: torch.Tensor, t_grid: Sequence[float], strategies: dict, seed: int = 0,
                    exact: DDM | None = None, clusters: torch.Tensor | None = None) -> dict:
-    """Per t of the grid: every expert's error on held-out data, routed vs not routed per strategy;
+    """Per t of the grid: every present expert's error on held-out data (a missing expert is left out of every
+    number; "experts" lists the present ones, in the order of the per-expert lists), routed vs not routed per
+    strategy;
     with an exact DDM also the error against the exact cluster velocity and the router's TV error;
     with the held-out points' clusters (B,) also every expert's error on its own cluster and on the
     others (independent of any strategy; "by_cluster", and "by_cluster_vs_exact" with an exact DDM).
     The noise and times are drawn on x's device (a generator there, seeded with seed)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    out: dict = {"t": list(t_grid), "expert": [], "routed": {s: [] for s in strategies},
+    present = present_experts(ddm)
+    out: dict = {"t": list(t_grid), "experts": present, "expert": [], "routed": {s: [] for s in strategies},
                  "not_routed": {s: [] for s in strategies}}
     if exact is not None:
         out.update(expert_vs_exact=[], routed_vs_exact={s: [] for s in strategies}, router_tv=[])
@@ -172,21 +185,22 @@ def heldout_errors(ddm: DDM, x: torch.Tensor, t_grid: Sequence[float], strategie
         t = torch.full((len(x),), float(t0), dtype=x.dtype, device=x.device)
         xt = (1 - t0) * x + t0 * eps
         vk = expert_velocities(ddm.experts, xt, t)
-        err = ((vk - (eps - x).reshape(len(x), 1, -1)) ** 2).mean(-1)  # (B, K)
+        err = ((vk - (eps - x).reshape(len(x), 1, -1)) ** 2).mean(-1)[:, present]  # (B, present experts)
         probs = ddm.router(xt, t)
         x0_hat = xt - t0 * (probs[:, :, None] * vk).sum(1).reshape(xt.shape)
         out["expert"].append(err.mean(0).tolist())
         if exact is not None:
-            err_exact = ((vk - expert_velocities(exact.experts, xt, t)) ** 2).mean(-1)
+            err_exact = ((vk - expert_velocities(exact.experts, xt, t)) ** 2).mean(-1)[:, present]
             post = exact.router(xt, t).to(err_exact.dtype)  # (B, K)
-            out["expert_vs_exact"].append(((post * err_exact).sum(0) / post.sum(0).clamp_min(1e-30)).tolist())
+            mass = post[:, present]
+            out["expert_vs_exact"].append(((mass * err_exact).sum(0) / mass.sum(0).clamp_min(1e-30)).tolist())
             out["router_tv"].append(float(0.5 * (probs - post).abs().sum(1).mean()))
         if clusters is not None:
-            out["by_cluster"].append(own_cluster_errors(err, clusters))
+            out["by_cluster"].append(own_cluster_errors(err, clusters, present))
             if exact is not None:
-                out["by_cluster_vs_exact"].append(own_cluster_errors(err_exact, clusters))
+                out["by_cluster_vs_exact"].append(own_cluster_errors(err_exact, clusters, present))
         for name, strat in strategies.items():
-            routed = strategy_weights(ddm, strat, probs, xt, t, x0_hat, seed) > 0
+            routed = (strategy_weights(ddm, strat, probs, xt, t, x0_hat, seed) > 0)[:, present]
             out["routed"][name].append(masked_mean(err, routed))
             out["not_routed"][name].append(masked_mean(err, ~routed))
             if exact is not None:

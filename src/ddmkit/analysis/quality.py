@@ -37,12 +37,26 @@ def spearman(a, b) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def spearman_ci(a, b, n_boot: int = 200, seed: int = 0, level: float = 0.95) -> dict:
-    """Spearman rho of paired samples with a percentile bootstrap interval."""
+def why_undefined(a, b, names: tuple[str, str], unit: str) -> str:
+    """Why Spearman's rho of a and b has no value: fewer than 3 `unit`, or which of them (by name) is constant."""
+    if len(a) < 3:
+        return f"fewer than 3 {unit}"
+    constant = [name for name, v in zip(names, (a, b)) if np.ptp(v) == 0]
+    return f"constant {' and '.join(constant)}" if constant else "not a number"
+
+
+def _with_rho(rho: float, interval: dict, a, b, names: tuple[str, str], unit: str) -> dict:
+    """rho and its interval, and when rho is undefined, why ("why")."""
+    return {"rho": rho, **interval, **({"why": why_undefined(a, b, names, unit)} if math.isnan(rho) else {})}
+
+
+def spearman_ci(a, b, n_boot: int = 200, seed: int = 0, level: float = 0.95,
+                names: tuple[str, str] = ("a", "b")) -> dict:
+    """Spearman rho of paired samples with a percentile bootstrap interval (names: of a and b, for "why")."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     rng = np.random.default_rng(seed)
     boots = [spearman(a[i], b[i]) for i in (rng.integers(0, len(a), len(a)) for _ in range(n_boot))]
-    return {"rho": spearman(a, b), **_interval(boots, level)}
+    return _with_rho(spearman(a, b), _interval(boots, level), a, b, names, "samples")
 
 
 def _interval(boots, level: float) -> dict:
@@ -54,9 +68,9 @@ def _interval(boots, level: float) -> dict:
 
 
 def across_strategies(stability: np.ndarray, quality: np.ndarray, n_boot: int = 500, seed: int = 0,
-                      level: float = 0.95) -> dict:
+                      level: float = 0.95, names: tuple[str, str] = ("stability", "quality")) -> dict:
     """Spearman rho between per-strategy means of two (S, B) per-sample arrays (same samples in
-    every row), with a bootstrap over samples."""
+    every row), with a bootstrap over samples (names: of the two, for "why")."""
     stability, quality = np.asarray(stability, float), np.asarray(quality, float)
     rng = np.random.default_rng(seed)
     n = stability.shape[1]
@@ -64,7 +78,8 @@ def across_strategies(stability: np.ndarray, quality: np.ndarray, n_boot: int = 
     for _ in range(n_boot):
         i = rng.integers(0, n, n)
         boots.append(spearman(stability[:, i].mean(1), quality[:, i].mean(1)))
-    return {"rho": spearman(stability.mean(1), quality.mean(1)), **_interval(boots, level)}
+    means = stability.mean(1), quality.mean(1)
+    return _with_rho(spearman(*means), _interval(boots, level), *means, names, "strategies")
 
 
 def verdict(link: dict) -> str:

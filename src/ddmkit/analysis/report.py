@@ -7,6 +7,16 @@ from pathlib import Path
 from ddmkit.evaluation.plots import pyplot, save_figure
 from ddmkit.tables import markdown_table
 
+# One colour per strategy, distinct for up to 18 strategies (the default list has 11): matplotlib's ten
+# "tab" colours, then eight others unlike them.
+PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+           "tab:olive", "tab:cyan", "black", "gold", "navy", "lime", "magenta", "teal", "maroon", "rosybrown"]
+
+
+def colour(i: int) -> str:
+    """The colour of the i-th strategy of a plot."""
+    return PALETTE[i % len(PALETTE)]
+
 
 def _axes(xlabel="t (0 = data, 1 = noise)", ylabel="", log=False):
     fig, ax = pyplot().subplots(figsize=(6, 4))
@@ -21,29 +31,29 @@ def _axes(xlabel="t (0 = data, 1 = noise)", ylabel="", log=False):
 def plot_lipschitz(per: dict, path: Path) -> None:
     """L_top (solid) and L_fd (dotted) vs t, one colour per strategy."""
     fig, ax = _axes(ylabel="L_eff (solid: sigma_max by JVP; dotted: finite differences)", log=True)
-    for name, r in per.items():
-        line, = ax.plot(r["lipschitz"]["t"], r["lipschitz"]["top"], label=name)
-        ax.plot(r["lipschitz"]["t"], r["lipschitz"]["fd"], ":", color=line.get_color())
+    for i, (name, r) in enumerate(per.items()):
+        ax.plot(r["lipschitz"]["t"], r["lipschitz"]["top"], label=name, color=colour(i))
+        ax.plot(r["lipschitz"]["t"], r["lipschitz"]["fd"], ":", color=colour(i))
     ax.legend(fontsize=7, ncol=2)
     save_figure(fig, path)
 
 
 def plot_expert_error(held: dict, path: Path) -> None:
-    """Per-expert error on held-out data, routed (solid) vs not routed (dashed), vs t."""
+    """Per-expert error on held-out data, routed (solid) vs not routed (dashed), vs t; no dashed line for a
+    strategy that routes every expert (full)."""
     fig, ax = _axes(ylabel="expert MSE vs eps - x (solid routed, dashed not)", log=True)
-    for name in held["routed"]:
-        if all(math.isnan(v) for v in held["not_routed"][name]):
-            continue
-        line, = ax.plot(held["t"], held["routed"][name], label=name)
-        ax.plot(held["t"], held["not_routed"][name], "--", color=line.get_color())
+    for i, name in enumerate(held["routed"]):
+        ax.plot(held["t"], held["routed"][name], label=name, color=colour(i))
+        if not all(math.isnan(v) for v in held["not_routed"][name]):
+            ax.plot(held["t"], held["not_routed"][name], "--", color=colour(i))
     ax.legend(fontsize=7, ncol=2)
     save_figure(fig, path)
 
 
 def plot_disagreement(per: dict, path: Path) -> None:
     fig, ax = _axes(ylabel="D_pair: router-weighted angle between experts (deg)")
-    for name, r in per.items():
-        ax.plot(r["by_step"]["t"], r["by_step"]["pair"], label=name)
+    for i, (name, r) in enumerate(per.items()):
+        ax.plot(r["by_step"]["t"], r["by_step"]["pair"], label=name, color=colour(i))
     ax.legend(fontsize=7, ncol=2)
     save_figure(fig, path)
 
@@ -53,10 +63,10 @@ def plot_quality_scatter(points: dict, qname: str, path: Path) -> None:
     names = list(points)
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = pyplot().subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    fig, axes = pyplot().subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False, layout="constrained")
+    for i, (ax, name) in enumerate(zip(axes.flat, names)):
         d, q = points[name]
-        ax.scatter(d, q, s=2, alpha=0.4)
+        ax.scatter(d, q, s=2, alpha=0.4, color=colour(i))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("D_pair (deg)", fontsize=8)
         ax.set_ylabel(qname, fontsize=8)
@@ -144,12 +154,36 @@ def band_table(per: dict, key: str) -> str:
 
 
 def _ci(c: dict) -> str:
+    """rho [lo, hi], or why rho is undefined (c["why"]: e.g. "constant rank")."""
+    if math.isnan(c["rho"]):
+        return f"undefined ({c.get('why', 'a constant column or fewer than 3 points')})"
+    if math.isnan(c["lo"]):
+        return f"{c['rho']:+.2f} (no interval: every bootstrap draw was constant)"
     return f"{c['rho']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]"
+
+
+def _point(rho: float, strategies: int) -> str:
+    """A rho across strategies without an interval, or why it is undefined."""
+    if not math.isnan(rho):
+        return f"{rho:+.2f}"
+    return "undefined (fewer than 3 strategies)" if strategies < 3 else "undefined (a constant column)"
+
+
+def missing_note(res: dict) -> str:
+    """The note on the experts missing from the run (empty when none is)."""
+    missing = res.get("missing_experts", [])
+    if not missing:
+        return ""
+    present = res["heldout"]["experts"]
+    return (f"\nExperts {missing} of {len(missing) + len(present)} are missing (no model folder): the DDM samples "
+            f"with the other {len(present)}, router weights renormalised over them; the per-expert and held-out "
+            f"numbers cover experts {present} only.")
 
 
 def render(res: dict) -> str:
     per, held, link = res["strategies"], res["heldout"], res["link"]
     qname = res["quality_name"]
+    ltop, refine_w2 = (_point(link[k], len(per)) for k in ("ltop_vs_q", "refine_vs_w2"))
     corr_rows = [[n, _ci(r["link"]["disagreement"]), _ci(r["link"]["rank"])] for n, r in per.items()]
     err_rows = [[f"{t:.2f}"] + [f"{held['routed'][n][i]:.3g} / {held['not_routed'][n][i]:.3g}" for n in held["routed"]]
                 for i, t in enumerate(held["t"])]
@@ -176,10 +210,10 @@ Numbers are measured on this run. Time: {res['wall_time']:.1f}s wall, {res['cpu_
 
 {strategy_table(per, reference)}
 
-q: mean per-sample {qname}; W2: exact W2 of the {s['n']} samples against {s['n']} held-out points
-(floor, held-out against held-out: {res['w2_floor']:.4g}). L_*: means over steps; err: per-expert MSE on
-held-out data averaged over the t grid.
-{reference_note(res['x0_reference'])}
+q: mean per-sample {qname}; W2: exact W2 of {s['n_w2']} samples against {s['n_w2']} held-out points
+(floor, against {s['n_w2']} other held-out points: {res['w2_floor']:.4g}). L_*: means over steps; err:
+per-expert MSE on held-out data averaged over the t grid.
+{reference_note(res['x0_reference'])}{missing_note(res)}
 
 ## Verdict: stability vs quality across strategies
 
@@ -189,8 +223,8 @@ Spearman rho across strategies, bootstrap over samples (95% CI):
 - amplification vs q: {_ci(link['amp_vs_q'])}
 - mean rank (alignment) vs q: {_ci(link['rank_vs_q'])}
 - D_pair (disagreement) vs q: {_ci(link['pair_vs_q'])}
-- L_top vs q (point estimate over strategies, no CI): {link['ltop_vs_q']:+.2f}
-- Delta_refine vs W2 (point estimate, no CI; W2 is a set distance, not per sample): {link['refine_vs_w2']:+.2f}
+- L_top vs q (point estimate over strategies, no CI): {ltop}
+- Delta_refine vs W2 (point estimate, no CI; W2 is a set distance, not per sample): {refine_w2}
 
 ![quality vs disagreement](plots/quality_vs_disagreement.png)
 

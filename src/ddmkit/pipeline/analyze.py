@@ -10,7 +10,7 @@ its own cluster vs the others. Writes OUT/analysis.md, analysis.json and plots/ 
 holding the run's lock (a second writer on the run folder is refused).
 
 Each strategy's result is kept as soon as it is measured (OUT/strategies/NAME.json and .safetensors,
-keyed by the run's weights, the settings and the reference), so an analysis that is stopped resumes
+keyed by the SHA-256 of the networks it loads, the settings and the reference), so an analysis that is stopped resumes
 with the next strategy, and a later call with other strategies measures only the new ones.
 
 Everything runs on one device (`device`, default the run's expert.train.device): the networks, the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,7 +36,7 @@ from ddmkit.analysis.quality import (across_strategies, paired_difference, per_s
 from ddmkit.analysis.report import plot_disagreement, plot_expert_error, plot_lipschitz, plot_quality_scatter, render
 from ddmkit.analysis.stability import amplification, data_scale, local_lipschitz, refinement_gap
 from ddmkit.analysis.trace import trace_strategy
-from ddmkit.config import MONOLITH, json_digest
+from ddmkit.config import MAX_SEED, MONOLITH, json_digest
 from ddmkit.conventions import __version__
 from ddmkit.data.partition import feature_map, load_partition
 from ddmkit.ddm import DDM, exact_ddm, load_ddm, start_noise
@@ -47,6 +48,7 @@ from ddmkit.io import (check_folder_target, load_tensors, read_json, save_tensor
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.checks import checked_device
 from ddmkit.pipeline.prepare import run_config
+from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.routing import parse_strategy
 from ddmkit.routing.strategies import Threshold, TopK
@@ -56,6 +58,8 @@ BANDS = [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)]
 REFERENCE_NAMES = {"exact": "exact posterior mean", "monolith": "the monolith's estimate"}
 FIXED = ["full", "top-1", "top-2", "sample-2", "switch", "oracle", "nearest"]
 ALIGNED = ["adaptive-0.9", "adaptive-ent-0.5", "gated-2@30"]
+MAX_W2 = 1000  # exact W2 on at most this many points
+MIN_ROWS = 10  # the fewest test rows in each of the W2 reference, the W2 floor's partner and the held-out errors
 
 
 def default_strategies(cfg) -> list[str]:
@@ -76,6 +80,59 @@ def check_strategies(names: Sequence[str]) -> dict:
     if not out:
         raise DDMError("--strategy: give at least one routing strategy, e.g. top-2")
     return out
+
+
+def check_seed(seed) -> None:
+    """--seed: None (the run's sample.seed) or a whole number 0 .. 2**63 - 1, as sample.seed."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise DDMError(f"--seed = {seed!r}: must be a whole number from 0 to 2**63 - 1 (as sample.seed); "
+                       "leave it out to use the run's")
+
+
+def note_full_aliases(names: Sequence[str], k: int, log: Callable[[str], None]) -> None:
+    """The note `ddmkit sample` prints for a top-n that calls every expert of the DDM."""
+    for name in names:
+        if calls_every_expert(name, k):
+            log(f"note: {name} on a DDM of K = {k} experts calls every expert: the same routing as full")
+
+
+def split_rows(count: int, n: int, n_heldout: int) -> dict[str, slice]:
+    """Disjoint rows of a test split of `count` rows: the W2 reference ("w2") and the W2 floor's partner
+    ("floor"), the first 2 m rows, m = min(n, MAX_W2, count // 3), and the held-out error rows ("heldout"), the
+    last of the other rows, at most n_heldout. A DDMError naming data.n_test when the split is too small for
+    MIN_ROWS in each."""
+    if count // 3 < MIN_ROWS:
+        raise DDMError(f"data.n_test: the run's test split has {count} rows; analyze needs at least {3 * MIN_ROWS} "
+                       f"({MIN_ROWS} each for the W2 reference, the W2 floor and the held-out errors, all disjoint): "
+                       "make the run again with a larger data.n_test, e.g. `ddmkit run CONFIG --set "
+                       "data.n_test=4000 --out NEW_RUN`")
+    m = min(n, MAX_W2, count // 3)
+    return {"w2": slice(0, m), "floor": slice(m, 2 * m), "heldout": slice(count - min(n_heldout, count - 2 * m), count)}
+
+
+def loaded_ddm(run: Path, device: torch.device, log: Callable[[str], None]) -> DDM:
+    """load_ddm, its own warnings (no registry.json, missing experts) passed to `log` as notes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        ddm = load_ddm(run, device)
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            log(f"note: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ddm
+
+
+def network_hashes(run: Path, k: int, reference_info: dict | None) -> dict:
+    """SHA-256 of the partition manifest and of the weights and config of every network the analysis loads
+    (the K experts, the router, a latent run's autoencoder, the monolith when it is the reference; None for
+    one that is not there): what kept results depend on, with or without registry.json."""
+    folder = RunFolder(run)
+    nets = [folder.expert(c) for c in range(k)] + [folder.router, folder.autoencoder]
+    if reference_info is not None and reference_info["kind"] == "monolith":
+        nets.append(folder.monolith)
+    files = [folder.manifest] + [net / name for net in nets for name in ("model.safetensors", "config.json")]
+    return {p.relative_to(run).as_posix(): sha256_file(p) if p.exists() else None for p in files}
 
 
 def x0_reference(run: Path, truth, device: torch.device) -> tuple[Reference | None, dict | None]:
@@ -125,9 +182,10 @@ def analyze_strategy(ddm, name: str, x1, steps: int, solver: str, seed: int, ctx
     t = al["t"]
     lt = torch.tensor(lip["t"], dtype=torch.float64)
     summary = {"calls": tr.expert_calls_per_sample, "q": float(q.mean()),
-               "w2": w2_exact(tr.x0[:ctx["n_w2"]], ctx["reference"][:ctx["n_w2"]]),
+               "w2": w2_exact(tr.x0[:settings["n_w2"]], ctx["w2_reference"]),
                "L_top": float(np.mean(lip["top"])), "L_rand": float(np.mean(lip["rand"])),
-               "L_fd": float(np.mean(lip["fd"])), "amp_mean": float(amp.mean()), "amp_median": float(amp.median()),
+               "L_fd": float(np.mean(lip["fd"])), "amp_mean": float(amp.mean()),
+               "amp_median": float(np.median(amp.numpy())),
                "delta_refine": float(dref.mean()), "hit": float(al["hit"].mean()), "rank": float(al["rank"].mean()),
                "pair": float(al["pair"].mean()), "mean": float(al["mean"].mean()),
                **{k: float(al[k].mean()) for k in exact_keys}}
@@ -140,20 +198,19 @@ def analyze_strategy(ddm, name: str, x1, steps: int, solver: str, seed: int, ctx
         "bands": {"t": [f"[{lo:.2f}, {min(hi, 1):.2f}]" for lo, hi in BANDS],
                   "L_top": band_means(lt, torch.tensor(lip["top"])[:, None]),
                   **{k: band_means(t, al[k]) for k in ["hit", "rank", "pair"] + exact_keys[:2]}},
-        "link": {"disagreement": spearman_ci(q, per_sample["pair"], settings["n_boot"], seed),
-                 "rank": spearman_ci(q, per_sample["rank"], settings["n_boot"], seed)},
+        "link": {"disagreement": spearman_ci(q, per_sample["pair"], settings["n_boot"], seed, names=("q", "D_pair")),
+                 "rank": spearman_ci(q, per_sample["rank"], settings["n_boot"], seed, names=("q", "rank"))},
         "per_sample": per_sample,
         "wall_time": time.perf_counter() - start,
     }
 
 
-def strategy_key(run: Path, name: str, settings: dict, reference_info: dict | None) -> str:
-    """What one strategy's result depends on: the run's weights (its registry), the strategy, the settings
+def strategy_key(networks: dict, name: str, settings: dict, reference_info: dict | None) -> str:
+    """What one strategy's result depends on: the networks' hashes (network_hashes), the strategy, the settings
     (not the list of other strategies, nor the device: it changes rounding only) and the x0 reference."""
-    registry = RunFolder(run).registry
     same = {k: v for k, v in settings.items() if k not in ("strategies", "device")}
-    return json_digest({"weights": sha256_file(registry) if registry.exists() else None, "strategy": name,
-                        "settings": same, "reference": reference_info, "version": __version__})
+    return json_digest({"weights": networks, "strategy": name, "settings": same, "reference": reference_info,
+                        "version": __version__})
 
 
 def strategy_files(out: Path, name: str) -> tuple[Path, Path]:
@@ -197,8 +254,9 @@ def compare_to_fixed(per: dict, n_boot: int, seed: int) -> dict:
 def strategy_links(per: dict, n_boot: int, seed: int) -> dict:
     stack = {k: np.stack([r["per_sample"][k].numpy() for r in per.values()]) for k in
              ("q", "delta_refine", "amp", "rank", "pair")}
-    link = {f"{k}_vs_q": across_strategies(stack[key], stack["q"], n_boot, seed)
-            for k, key in (("refine", "delta_refine"), ("amp", "amp"), ("rank", "rank"), ("pair", "pair"))}
+    link = {f"{k}_vs_q": across_strategies(stack[key], stack["q"], n_boot, seed, names=(name, "q"))
+            for k, key, name in (("refine", "delta_refine", "Delta_refine"), ("amp", "amp", "amplification"),
+                                 ("rank", "rank", "mean rank"), ("pair", "pair", "D_pair"))}
     ltop = [r["summary"]["L_top"] for r in per.values()]
     qs = [r["summary"]["q"] for r in per.values()]
     w2 = [r["summary"]["w2"] for r in per.values()]
@@ -249,13 +307,16 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     for option, value, least in (("--n", n, 2), ("--jvp-rows", jvp_rows, 1), ("--max-steps", max_steps, 1)):
         if value < least:
             raise DDMError(f"{option} = {value}: must be {least} or more")
+    check_seed(seed)
     cfg = run_config(run)
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     names = list(strategies) if strategies else default_strategies(cfg)
     strats = check_strategies(names)
     out = check_folder_target(out if out is not None else folder.analysis)  # before the long work
-    ddm = load_ddm(run, device)
+    ddm = loaded_ddm(run, device, log)
+    note_full_aliases(names, ddm.k, log)
     test = load_split(run, "test")
+    rows = split_rows(len(test.x), n, n_heldout)
     test = dataclasses.replace(test, x=test.x.to(device))
     truth = None if test.truth is None else test.truth.to(device=device)
     manifest, ptensors = load_partition(folder.partition)
@@ -264,17 +325,19 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     seed = s.seed if seed is None else seed
     x1 = start_noise(max(s.n, n), ddm.data_shape, seed, device)[:n]
     settings = {"n": n, "seed": seed, "steps": s.steps, "solver": s.solver, "max_steps": max_steps,
-                "jvp_rows": min(jvp_rows, n), "n_boot": n_boot, "strategies": names, "device": str(device)}
+                "jvp_rows": min(jvp_rows, n), "n_boot": n_boot, "n_w2": rows["w2"].stop, "strategies": names,
+                "device": str(device)}
     features = feature_map(manifest, ptensors)
     if ddm.codec is not None:  # a latent run: diagnostics on latents; the partition's features are of images
         test = dataclasses.replace(test, x=ddm.codec.encode(test.x))
         features = latent_features(features, ddm.codec)
     reference, reference_info = x0_reference(run, truth, device)
     ctx = {"scale": data_scale(test.x), "features": features, "truth": truth, "x0_reference": reference,
-           "centroids": ptensors["centroids"], "reference": test.x[:max(n, 2000)], "n_w2": min(n, 1000)}
+           "centroids": ptensors["centroids"], "reference": test.x[:max(n, 2000)], "w2_reference": test.x[rows["w2"]]}
+    networks = network_hashes(run, ddm.k, reference_info)
     per = {}
     for name in names:
-        key = strategy_key(run, name, settings, reference_info)
+        key = strategy_key(networks, name, settings, reference_info)
         per[name] = kept_strategy(out, name, key)
         if per[name] is not None:
             log(f"analyze {name}: kept from an earlier call ({out / 'strategies'})")
@@ -289,18 +352,17 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
             exact = exact_on_cpu(exact_ddm(run))
         except DDMError:
             exact = None
-    held_x = test.x[-n_heldout:]
-    clusters, rule = heldout_clusters(held_x, None if test.labels is None else test.labels[-n_heldout:], exact, ctx)
+    held_x = test.x[rows["heldout"]]
+    clusters, rule = heldout_clusters(held_x, None if test.labels is None else test.labels[rows["heldout"]], exact, ctx)
     held = heldout_errors(ddm, held_x, [0.05 + 0.1 * i for i in range(10)], strats, seed, exact, clusters)
     held["cluster_rule"] = rule
     for name, r in per.items():
         r["summary"]["err_routed"] = float(np.nanmean(held["routed"][name]))
         nr = [v for v in held["not_routed"][name] if not math.isnan(v)]
         r["summary"]["err_not_routed"] = float(np.mean(nr)) if nr else math.nan
-    m = ctx["n_w2"]
     result = {"run": str(run), "settings": settings, "quality_name": "NLL" if test.truth is not None else "NN distance",
-              "x0_reference": reference_info,
-              "w2_floor": w2_exact(test.x[:m], test.x[-m:]), "strategies": per, "heldout": held,
+              "x0_reference": reference_info, "missing_experts": ddm.meta.get("missing_experts", []),
+              "w2_floor": w2_exact(ctx["w2_reference"], test.x[rows["floor"]]), "strategies": per, "heldout": held,
               "link": strategy_links(per, n_boot, seed), "compare": compare_to_fixed(per, n_boot, seed)}
     plots = out / "plots"
     plot_lipschitz(per, plots / "lipschitz.png")
