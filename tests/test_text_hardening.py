@@ -3,10 +3,13 @@ first write, so a bad config leaves the folder as it was; one writer per run fol
 every stage that writes, a dead holder's lock taken over); stale temporary files removed."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+
+from ddmkit.registry import verify_registry
 
 from ddmkit.errors import DDMError
 from ddmkit.io import HOST
@@ -162,3 +165,254 @@ def test_text_training_leaves_the_callers_thread_count(tmp_path):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+# ----- a user's error is found when the config loads or the run is checked, before any training -----
+CONFIG_ERRORS = [  # (--set items, words of the message)
+    (["sample.prompt='" + "x" * 24 + "'"], "prompt is 24 bytes, which leaves no room in model.seq_len = 24"),
+    (["sample.prompt='0123456789012'", "sample.length=30"], "set sample.length at most 11"),
+    (["partition.seed=-3"], "partition.seed: Input should be greater than or equal to 0"),
+    (["sample.seed=9223372036854775808"], "sample.seed: Input should be less than or equal to 9223372036854775807"),
+    (["corpus.seed=-1"], "corpus.seed: Input should be greater than or equal to 0"),
+    (["corpus.pattern='/tmp/x/*.txt'"], "corpus.pattern: '/tmp/x/*.txt' is not a glob below corpus.source"),
+    (["corpus.pattern=''"], "corpus.pattern: '' is not a glob"),
+    (["corpus.source=''"], "corpus.source: empty"),
+    (["router.kinds=[]"], "router.kinds: empty"),
+    (["corpus.min_doc_bytes=300", "corpus.max_doc_bytes=200"], "min_doc_bytes (300) is above max_doc_bytes (200)"),
+]
+
+
+@pytest.mark.parametrize("items, message", CONFIG_ERRORS, ids=[c[0][0].split("=")[0] + str(i)
+                                                               for i, c in enumerate(CONFIG_ERRORS)])
+def test_a_bad_text_setting_is_refused_when_the_config_loads(tmp_path, monkeypatch, capsys, items, message):
+    config = write_config(tmp_path, "text_ar")
+    args = [arg for item in items for arg in ("--set", item)]
+    code, err = cli(monkeypatch, capsys, "run", config, "--out", tmp_path / "run", *args)
+    assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("items, message", [
+    (["sample.length=16"], "length (16) must equal model.seq_len (24) for kind = 'text_dfm'"),
+    (["sample.prompt='ab'"], "prompt: kind = 'text_dfm' samples whole windows and takes no prompt"),
+])
+def test_a_flow_matching_config_refuses_a_prompt_and_a_shorter_length(tmp_path, items, message):
+    from ddmkit.discrete.config import load_text_config
+
+    with pytest.raises(DDMError, match=re.escape(message)):
+        load_text_config(write_config(tmp_path, "text_dfm", '["learned"]'), items)
+
+
+@pytest.mark.parametrize("command", [["run"], ["text", "run"]])
+def test_a_seed_out_of_range_is_one_clear_line(tmp_path, monkeypatch, capsys, command):
+    config = write_config(tmp_path, "text_ar")
+    for seed in ("-1", str(2**63)):
+        code, err = cli(monkeypatch, capsys, *command, config, "--out", tmp_path / "run", "--seed", seed)
+        assert code == 2 and f"--seed {seed}: seeds are 0 .. 2**63 - 1" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_large_partition_seed_is_taken_modulo_2_to_the_32(tmp_path):
+    """scikit-learn takes seeds below 2**32: partition.seed = 2**32 + 5 makes the partition of seed 5."""
+    config = write_config(tmp_path, "text_ar")
+    shards = {}
+    for seed in (5, 2**32 + 5):
+        manifest = partition_text_run(config, tmp_path / str(seed), log=QUIET, overrides=[f"partition.seed={seed}"])
+        shards[seed] = [s["sha256"] for s in manifest["shards"]]
+    assert shards[5] == shards[2**32 + 5]
+
+
+def test_no_held_out_window_is_refused_before_training(tmp_path):
+    """Long windows and few held-out documents: every cluster trains, but none could be evaluated."""
+    config = write_config(tmp_path, "text_ar")
+    with pytest.raises(DDMError, match=r"corpus.test_fraction = 0.05: no cluster holds a held-out window"):
+        partition_text_run(config, tmp_path / "run", log=QUIET,
+                           overrides=["corpus.test_fraction=0.05", "model.seq_len=1000"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_binary_files_are_skipped_and_other_encodings_named(tmp_path):
+    from ddmkit.discrete.config import CorpusConfig
+    from ddmkit.discrete.corpus import all_documents
+
+    for i in range(2):
+        (tmp_path / f"ok{i}.txt").write_text("plain text " * 10)
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "latin1.txt").write_bytes("café crème ".encode("latin-1") * 10)
+    lines = []
+    docs = all_documents(CorpusConfig(source=str(tmp_path), pattern="*.txt", min_doc_bytes=16), lines.append)
+    assert sorted(d.name for d in docs) == ["latin1.txt", "ok0.txt", "ok1.txt"]
+    assert lines == ["corpus: skipped 1 binary files (they hold a NUL byte): bin.txt",
+                     "corpus: 1 files are not UTF-8 (another encoding?), used as bytes: latin1.txt"]
+
+
+def test_corpus_hints_name_the_setting_that_helps(tmp_path):
+    from ddmkit.discrete.config import CorpusConfig
+    from ddmkit.discrete.corpus import all_documents
+
+    (tmp_path / "single").mkdir()
+    one = tmp_path / "single" / "one.txt"
+    one.write_text(("a paragraph of text " * 5 + "\n\n") * 4)
+    with pytest.raises(DDMError, match='only 1 documents .* use unit = "block"'):
+        all_documents(CorpusConfig(source=str(one), min_doc_bytes=16))
+    assert len(all_documents(CorpusConfig(source=str(one), unit="block", min_doc_bytes=16))) == 4
+    config = write_config(tmp_path, "text_ar")  # 40 documents
+    with pytest.raises(DDMError, match=r"raise corpus.max_docs \(it keeps 2 of the 40 documents found\)"):
+        partition_text_run(config, tmp_path / "a", log=QUIET, overrides=["corpus.max_docs=2"])
+    with pytest.raises(DDMError, match=r"larger than the number of training documents \(32\); lower partition.k "
+                                       r"or use more text"):
+        partition_text_run(config, tmp_path / "b", log=QUIET, overrides=["partition.k=33"])
+
+
+def test_relative_source_is_read_from_the_current_folder(tmp_path, monkeypatch):
+    from ddmkit.discrete.corpus import resolve_source
+
+    (tmp_path / "corp").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_source("corp") == tmp_path / "corp"
+    with pytest.raises(DDMError, match=rf"'nope' \({tmp_path / 'nope'}\) does not exist"):
+        resolve_source("nope")
+
+
+def test_streams_count_documents_and_separators_and_an_empty_cluster_is_empty():
+    from ddmkit.discrete.corpus import Document
+    from ddmkit.discrete.shards import stream
+
+    assert len(stream([])) == 0
+    assert bytes(stream([Document("a", b"abc"), Document("b", b"de")]).tolist()) == b"abc\n\nde\n\n"
+
+
+def test_report_samples_show_control_characters_as_escapes():
+    from ddmkit.discrete.report import visible
+
+    assert visible("a\x1b[31mb\x1a\x7f\n\tc") == "a\\x1b[31mb\\x1a\\x7f\n\tc"
+
+
+def test_a_misspelt_kind_or_a_text_config_for_a_vector_command_is_one_line(tmp_path, monkeypatch, capsys):
+    from ddmkit.pipeline.text import refuse_text
+
+    config = write_config(tmp_path, "text_ar")
+    typo = tmp_path / "typo.toml"
+    typo.write_text(config.read_text().replace('kind = "text_ar"', 'kind = "text_ra"'))
+    code, err = cli(monkeypatch, capsys, "run", typo, "--out", tmp_path / "run")
+    assert code == 2 and err.strip() == f"error: {typo}: kind: 'text_ra' unknown; accepted: text_ar, text_dfm"
+    with pytest.raises(DDMError, match=r"is a text config; `ddmkit sweep` works on vector and image runs"):
+        refuse_text(config, "sweep")
+    partition_text_run(config, tmp_path / "run", log=QUIET)
+    with pytest.raises(DDMError, match=r"is a text run; `ddmkit add-expert` works on vector and image runs"):
+        refuse_text(tmp_path / "run", "add-expert")
+    for args, command in ((["sweep", config, "--k", 2, "--budget", 1], "sweep"),
+                          (["study", "misalignment", config], "study misalignment"),
+                          (["add-expert", tmp_path / "run", "--data", "ring8"], "add-expert"),
+                          (["replace-expert", tmp_path / "run", 0, tmp_path], "replace-expert")):
+        code, err = cli(monkeypatch, capsys, *args)  # the vector commands say so in one line
+        assert code == 2 and f"`ddmkit {command}` works on vector and image runs" in err and \
+            len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--length", "0"], "Invalid value for '--length'"),
+    (["--length", "-2"], "Invalid value for '--length'"),
+    (["--k", "0"], "Invalid value for '--k'"),
+    (["--vocab", "1"], "Invalid value for '--vocab'"),
+    (["--seed", "-1"], "Invalid value for '--seed'"),
+    (["--out", "."], "--out . is a folder; give the path of a JSON file"),
+])
+def test_exactness_options_are_checked_first(monkeypatch, capsys, args, message):
+    code, err = cli(monkeypatch, capsys, "text", "exactness", *args)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert "router eps" not in capsys.readouterr().out  # refused before the table is computed
+
+
+def test_text_run_takes_set(tmp_path, monkeypatch, capsys):
+    code, err = cli(monkeypatch, capsys, "text", "run", write_config(tmp_path, "text_ar"), "--out", tmp_path / "run",
+                    "--set", "partition.k=50")
+    assert code == 2 and "partition.k = 50 is larger" in err and not (tmp_path / "run").exists()
+
+
+def test_a_bayes_only_router_trains_nothing_and_says_so(tmp_path):
+    run = tmp_path / "run"
+    partition_text_run(write_config(tmp_path, "text_ar"), run, log=QUIET, overrides=['router.kinds=["bayes"]'])
+    lines = []
+    train_text_router(run, lines.append)
+    assert not RunFolder(run).router.exists() and "nothing written" in lines[0]
+
+
+# ----- a trained tiny run: sample, analyze, evaluate and its files -----
+@pytest.fixture(scope="module")
+def text_runs(tmp_path_factory):
+    """Trained tiny runs: {"text_ar": run, "text_dfm": run}."""
+    runs = {}
+    for kind, kinds in (("text_ar", '["bayes", "learned"]'), ("text_dfm", '["learned"]')):
+        folder = tmp_path_factory.mktemp(kind)
+        runs[kind] = folder / "run"
+        run_text(write_config(folder, kind, kinds), runs[kind], log=QUIET)
+    return runs
+
+
+def test_text_models_record_no_gaussian_time_convention(text_runs):
+    for kind, run in text_runs.items():
+        folder = RunFolder(run)
+        for model in (folder.expert(0), folder.expert(1), folder.monolith, folder.router):
+            config = json.loads((model / "config.json").read_text())
+            assert "time_convention" not in config
+            assert ("discrete_time" in config) == (kind == "text_dfm")
+        assert "time_convention" not in json.loads(folder.manifest.read_text())
+        if folder.registry.exists():
+            assert json.loads(folder.registry.read_text())["time_convention"] is None
+            verify_registry(run)
+
+
+def test_sample_honours_steps_for_flow_matching_and_refuses_vector_options(text_runs, monkeypatch, capsys):
+    dfm, ar = text_runs["text_dfm"], text_runs["text_ar"]
+    one = sample_text(dfm, ["top-1"], log=QUIET, steps=1)
+    assert sample_text(dfm, ["top-1"], log=QUIET, steps=1) == one != sample_text(dfm, ["top-1"], log=QUIET, steps=4)
+    code, err = cli(monkeypatch, capsys, "sample", dfm, "--strategy", "top-1", "--solver", "rk4", "--guidance", "3",
+                    "--batch-size", "1")
+    assert code == 2 and "--solver, --guidance, --batch-size: not used by a text run" in err, err
+    code, err = cli(monkeypatch, capsys, "sample", ar, "--strategy", "top-1", "--steps", "3")
+    assert code == 2 and "--steps: autoregressive sampling draws one byte per step" in err, err
+
+
+def test_analyze_honours_strategy_n_and_seed(text_runs, monkeypatch, capsys):
+    run = text_runs["text_ar"]
+    lines = []
+    result = analyze_text(run, run / "a1", lines.append, strategies=["top-1", "top-2"], n=1, seed=9)
+    assert set(result["own_cluster_weight"]) == {"bayes / top-1", "bayes / top-2", "learned / top-1",
+                                                 "learned / top-2"}
+    assert lines[0] == "note: top-2 on a DDM of K = 2 experts calls every expert: the same routing as full"
+    assert analyze_text(run, run / "a2", QUIET, ["top-1", "top-2"], n=2)["bits_per_byte"] != result["bits_per_byte"]
+    code, err = cli(monkeypatch, capsys, "analyze", run, "--out", run / "a3", "--max-steps", "3")
+    assert code == 2 and "--max-steps: not used by a text run" in err, err
+
+
+def test_a_test_shard_is_refused_and_a_leaked_expert_is_not_evaluated(text_runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(text_runs["text_ar"], run)
+    folder = RunFolder(run)
+    from ddmkit.pipeline.text import read_text_config, train_text_expert
+
+    with pytest.raises(DDMError, match=r"is held-out text \(a test shard\)"):
+        train_text_expert(folder.partition / "test" / "cluster_01.safetensors", read_text_config(folder.config),
+                          tmp_path / "leak")
+    assert not (tmp_path / "leak").exists()
+    expert = folder.expert(1) / "config.json"
+    leaked = json.loads(expert.read_text())
+    leaked["shard_sha256"] = json.loads(folder.manifest.read_text())["test_shards"][1]["sha256"]
+    expert.write_text(json.dumps(leaked))
+    with pytest.raises(DDMError, match=r"expert_01 was trained on shard .*, not on cluster 1's training shard"):
+        evaluate_text(run, log=QUIET)
+
+
+def test_a_text_run_is_not_partitioned_again_in_place_without_force(tmp_path):
+    """Its models (and registry) belong to the old partition: the new one was written, then refused."""
+    config, run = write_config(tmp_path, "text_ar"), tmp_path / "run"
+    partition_text_run(config, run, log=QUIET)
+    before = (run / "partition" / "manifest.json").read_bytes()
+    with pytest.raises(DDMError, match="partitioned with other corpus or partition settings.*--force"):
+        partition_text_run(config, run, log=QUIET, overrides=["partition.seed=5"])
+    assert (run / "partition" / "manifest.json").read_bytes() == before
+    partition_text_run(config, run, force=True, log=QUIET, overrides=["partition.seed=5"])
+    assert (run / "partition" / "manifest.json").read_bytes() != before

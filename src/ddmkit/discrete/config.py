@@ -7,26 +7,49 @@ configs/text_dfm.toml); that key is how `ddmkit run` tells it from a vector run.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ddmkit.config import Section, TrainConfig, apply_overrides, json_digest, read_toml, tomllib, validate
+from ddmkit.config import MAX_SEED, Section, Seed, TrainConfig, apply_overrides, json_digest, read_toml, tomllib, validate
 from ddmkit.errors import DDMError
 
 KINDS = ("text_ar", "text_dfm")
 
 
 class CorpusConfig(Section):
-    source: str = Field("stdlib", description="'stdlib' (Python's own source files) or a folder / file of text")
-    pattern: str = "**/*.py"
+    source: str = Field("stdlib", description="'stdlib' (Python's own source files) or a folder / file of text; "
+                        "a relative path is read from the current folder")
+    pattern: str = Field("**/*.py", description="glob below the source folder, e.g. '**/*.txt'")
     unit: Literal["file", "block"] = "file"
     min_doc_bytes: int = Field(256, ge=1)
     max_doc_bytes: int = Field(8192, ge=16)
     max_docs: int = Field(600, ge=2)
     test_fraction: float = Field(0.15, gt=0, lt=1)
-    seed: int = 0
+    seed: int = Seed()
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty; give 'stdlib' or the path of a folder (or a file) of text")
+        return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        if not v.strip() or v.startswith(("/", "~")) or PureWindowsPath(v).is_absolute():
+            raise ValueError(f"{v!r} is not a glob below corpus.source; give a relative glob such as '**/*.txt' "
+                             "and put the folder in corpus.source")
+        return v
+
+    @model_validator(mode="after")
+    def _doc_bytes(self):
+        if self.min_doc_bytes > self.max_doc_bytes:
+            raise ValueError(f"min_doc_bytes ({self.min_doc_bytes}) is above max_doc_bytes ({self.max_doc_bytes}); "
+                             "lower min_doc_bytes or raise max_doc_bytes")
+        return self
 
 
 class TextPartitionConfig(Section):
@@ -36,7 +59,7 @@ class TextPartitionConfig(Section):
     max_features: int = Field(20000, ge=1)
     svd_dim: int = Field(64, ge=1)
     balanced: bool = False
-    seed: int = 0
+    seed: int = Seed(description="scikit-learn's SVD and k-means take it modulo 2**32")
 
     @model_validator(mode="after")
     def _ngrams(self):
@@ -76,6 +99,14 @@ class TextRouterConfig(Section):
     heads: int = Field(4, ge=1)
     train: TrainConfig = Field(default_factory=lambda: _train(200))
 
+    @field_validator("kinds")
+    @classmethod
+    def _some(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("empty: the decentralized model needs a router; give ['learned'] (text_ar: also "
+                             "'bayes', e.g. ['bayes', 'learned'])")
+        return v
+
 
 class CentralizedConfig(Section):
     enabled: bool = True
@@ -87,8 +118,8 @@ class TextSampleConfig(Section):
     length: int | None = Field(None, ge=1, description="default: model.seq_len")
     steps: int = Field(32, ge=1, description="discrete flow matching: unmasking steps")
     temperature: float = Field(1.0, gt=0)
-    prompt: str = ""
-    seed: int = 0
+    prompt: str = Field("", description="autoregressive only: the bytes every sample starts with")
+    seed: int = Seed()
 
 
 class TextEvalConfig(Section):
@@ -111,7 +142,7 @@ class TextEvalConfig(Section):
 
 class TextRunConfig(Section):
     kind: Literal["text_ar", "text_dfm"]
-    seed: int = 0
+    seed: int = Seed()
     threads: int = Field(2, ge=1, description="torch CPU threads")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     partition: TextPartitionConfig = Field(default_factory=TextPartitionConfig)
@@ -122,22 +153,33 @@ class TextRunConfig(Section):
     sample: TextSampleConfig = Field(default_factory=TextSampleConfig)
     evaluate: TextEvalConfig = Field(default_factory=TextEvalConfig)
 
-    @model_validator(mode="after")
-    def _bayes_is_ar_only(self):
-        if self.kind == "text_dfm" and "bayes" in self.router.kinds:
-            raise ValueError("router.kinds: 'bayes' needs exact sequence likelihoods, which masked experts do "
-                             "not give; use ['learned'] for kind = 'text_dfm'")
-        return self
+    @field_validator("router")
+    @classmethod
+    def _bayes_is_ar_only(cls, v: TextRouterConfig, info: ValidationInfo) -> TextRouterConfig:
+        if info.data.get("kind") == "text_dfm" and "bayes" in v.kinds:
+            raise ValueError("kinds: 'bayes' needs exact sequence likelihoods, which masked experts do not give; "
+                             "use ['learned'] for kind = 'text_dfm'")
+        return v
+
+    @field_validator("sample")
+    @classmethod
+    def _sample_fits(cls, v: TextSampleConfig, info: ValidationInfo) -> TextSampleConfig:
+        kind, model = info.data.get("kind"), info.data.get("model")
+        if model is not None and kind in KINDS:
+            (check_ar_sample if kind == "text_ar" else check_dfm_sample)(v, model.seq_len)
+        return v
 
     def with_seed(self, seed: int | None) -> "TextRunConfig":
         """Every seed derived from one (corpus sample and split, partition,
         experts, evaluation, sampling; the router seed + 1). None: unchanged."""
         if seed is None:
             return self
+        if not 0 <= seed <= MAX_SEED:
+            raise DDMError(f"--seed {seed}: seeds are 0 .. 2**63 - 1; give one in that range, e.g. --seed 0")
         d = self.model_dump()
         d["seed"] = d["corpus"]["seed"] = d["partition"]["seed"] = d["sample"]["seed"] = seed
-        d["expert"]["train"]["seed"], d["router"]["train"]["seed"] = seed, seed + 1
-        return TextRunConfig.model_validate(d)
+        d["expert"]["train"]["seed"], d["router"]["train"]["seed"] = seed, (seed + 1) % (MAX_SEED + 1)
+        return validate(TextRunConfig, d, "--seed")
 
     def digest(self, *sections: str) -> str:
         """Hash of the named sections (all when none): decides whether a stage can be reused."""
@@ -146,20 +188,42 @@ class TextRunConfig(Section):
         return json_digest(part)
 
 
+def check_ar_sample(s: TextSampleConfig, seq_len: int) -> None:
+    """The prompt and sample.length fit in one window of model.seq_len bytes."""
+    n = len(s.prompt.encode())
+    if n >= seq_len:
+        raise ValueError(f"prompt is {n} bytes, which leaves no room in model.seq_len = {seq_len}; shorten "
+                         f"sample.prompt below {seq_len} bytes or raise model.seq_len")
+    if s.length is not None and n + s.length > seq_len:
+        raise ValueError(f"length ({s.length}) + prompt ({n} bytes) exceeds model.seq_len = {seq_len}; set "
+                         f"sample.length at most {seq_len - n}, or leave it out (the rest of the window)")
+
+
+def check_dfm_sample(s: TextSampleConfig, seq_len: int) -> None:
+    """A masked model samples whole windows, without a prompt."""
+    if s.length is not None and s.length != seq_len:
+        raise ValueError(f"length ({s.length}) must equal model.seq_len ({seq_len}) for kind = 'text_dfm' "
+                         "(fixed-length windows); leave sample.length out")
+    if s.prompt:
+        raise ValueError("prompt: kind = 'text_dfm' samples whole windows and takes no prompt; leave "
+                         "sample.prompt out (or use kind = 'text_ar')")
+
+
 def load_text_config(path: str | Path, overrides: list[str] = ()) -> TextRunConfig:
     """Read and validate a text TOML config (kind = 'text_ar' or 'text_dfm'), with each --set
     "section.field=value" of `overrides` applied."""
     raw = read_toml(path)
     if raw.get("kind") not in KINDS:
-        raise DDMError(f"{path}: kind: {raw.get('kind')!r} is not a text pipeline; accepted: {', '.join(KINDS)}")
+        raise DDMError(f"{path}: kind: {raw.get('kind')!r} unknown; accepted: {', '.join(KINDS)}")
     if overrides:
         return validate(TextRunConfig, apply_overrides(raw, list(overrides)), f"{path} with --set")
     return validate(TextRunConfig, raw, str(path))
 
 
 def is_text_config(path: str | Path) -> bool:
-    """True when the TOML file has a top-level kind = 'text_ar' or 'text_dfm'."""
+    """True when the TOML file has a top-level `kind` (only text configs have one: load_text_config then
+    names a kind other than 'text_ar' or 'text_dfm')."""
     try:
-        return tomllib.loads(Path(path).read_text()).get("kind") in KINDS
+        return "kind" in tomllib.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False  # not a text config: read_toml, which reads it next, says what is wrong

@@ -7,7 +7,9 @@ blank-line block. Text is kept as bytes (byte-level tokens need no decoding).
 `source = "stdlib"` is the Python standard library's own source folder
 (`sysconfig.get_paths()["stdlib"]`, without site-packages): present on every
 machine with Python, and written by nobody here. Any other value is a folder
-(or a single file) of the user's own text.
+(or a single file) of the user's own text; a relative path is read from the current folder.
+Binary files (holding a NUL byte) are skipped, and files that are not valid UTF-8 kept,
+both named in a log line.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ddmkit.errors import DDMError
 
@@ -30,9 +33,10 @@ class Document:
 
 def resolve_source(source: str) -> Path:
     """The folder or file a `corpus.source` names."""
-    path = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source).expanduser()
-    if not path.exists():
-        raise DDMError(f"corpus.source: {source!r} does not exist; give 'stdlib' or a folder of text files")
+    path = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source).expanduser().absolute()
+    if not source.strip() or not path.exists():
+        raise DDMError(f"corpus.source: {source!r} ({path}) does not exist; give 'stdlib' or a folder (or file) of "
+                       "text, an absolute path or one relative to the current folder")
     return path
 
 
@@ -51,28 +55,66 @@ def split_blocks(text: bytes) -> list[bytes]:
     return [b.strip(b"\n") for b in re.split(rb"\n[ \t\r]*\n", text) if b.strip()]
 
 
-def load_corpus(cfg) -> list[Document]:
-    """Documents of a corpus (cfg: a CorpusConfig), in a seeded order.
+def is_utf8(text: bytes) -> bool:
+    try:
+        text.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
-    Documents shorter than cfg.min_doc_bytes are dropped, longer ones cut to
-    cfg.max_doc_bytes; at most cfg.max_docs are kept (a seeded sample)."""
+
+def _named(paths: list[str]) -> str:
+    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def units(name: str, text: bytes, cfg) -> list[Document]:
+    """The documents of one file: the file or its blocks (cfg.unit), those shorter than
+    cfg.min_doc_bytes dropped, longer ones cut to cfg.max_doc_bytes."""
+    if cfg.unit == "file":
+        return [Document(name, text[:cfg.max_doc_bytes])] if len(text) >= cfg.min_doc_bytes else []
+    return [Document(f"{name}#{i}", unit[:cfg.max_doc_bytes]) for i, unit in enumerate(split_blocks(text))
+            if len(unit) >= cfg.min_doc_bytes]
+
+
+def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
+    """Every document of a corpus (cfg: a CorpusConfig), in file order. Binary files (a NUL byte)
+    are skipped, files that are not UTF-8 kept (bytes are the tokens), both named in a log line."""
     root = resolve_source(cfg.source)
     files = list_files(root, cfg.pattern)
     if not files:
-        raise DDMError(f"corpus: no files match pattern {cfg.pattern!r} under {root}")
-    docs = []
+        raise DDMError(f"corpus: no files match pattern {cfg.pattern!r} (corpus.pattern) under {root}")
+    docs, binary, other = [], [], []
     for path in files:
-        text = path.read_bytes()
-        name = str(path.relative_to(root)) if root.is_dir() else path.name
-        units = [text] if cfg.unit == "file" else split_blocks(text)
-        for i, unit in enumerate(units):
-            if len(unit) >= cfg.min_doc_bytes:
-                docs.append(Document(name if cfg.unit == "file" else f"{name}#{i}", unit[:cfg.max_doc_bytes]))
+        text, name = path.read_bytes(), str(path.relative_to(root)) if root.is_dir() else path.name
+        if b"\0" in text:
+            binary.append(name)
+            continue
+        if not is_utf8(text):
+            other.append(name)
+        docs += units(name, text, cfg)
+    if binary:
+        log(f"corpus: skipped {len(binary)} binary files (they hold a NUL byte): {_named(binary)}")
+    if other:
+        log(f"corpus: {len(other)} files are not UTF-8 (another encoding?), used as bytes: {_named(other)}")
     if len(docs) < 2:
-        raise DDMError(f"corpus: only {len(docs)} documents of at least {cfg.min_doc_bytes} bytes under {root}; "
-                       "lower corpus.min_doc_bytes or use more text")
+        fix = ('use unit = "block" (one document per blank-line-separated block), lower corpus.min_doc_bytes, '
+               "or add files" if cfg.unit == "file" else "lower corpus.min_doc_bytes or use more text")
+        raise DDMError(f"corpus: only {len(docs)} documents of at least {cfg.min_doc_bytes} bytes under {root}, "
+                       f"2 at least are needed; {fix}")
+    return docs
+
+
+def sample_documents(docs: list[Document], cfg) -> list[Document]:
+    """At most cfg.max_docs of the documents, a seeded sample in a seeded order."""
+    docs = list(docs)
     random.Random(cfg.seed).shuffle(docs)
     return docs[:cfg.max_docs]
+
+
+def load_corpus(cfg, log: Callable[[str], None] = print) -> list[Document]:
+    """Documents of a corpus (cfg: a CorpusConfig), in a seeded order: at most cfg.max_docs of
+    all_documents (a seeded sample)."""
+    return sample_documents(all_documents(cfg, log), cfg)
 
 
 def split_documents(docs: list[Document], test_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:

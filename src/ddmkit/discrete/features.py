@@ -16,6 +16,11 @@ def _texts(docs: list[Document]) -> list[str]:
     return [d.text.decode("utf-8", errors="replace") for d in docs]
 
 
+def sklearn_seed(seed: int) -> int:
+    """A seed of 0 .. 2**63 - 1 in scikit-learn's range, 0 .. 2**32 - 1 (taken modulo 2**32)."""
+    return seed % 2**32
+
+
 def tfidf_features(train: list[Document], other: list[Document], cfg) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Fit on `train` only; return (train features, other features, spec).
     cfg: a TextPartitionConfig (ngram range, vocabulary size, SVD dimension)."""
@@ -28,7 +33,7 @@ def tfidf_features(train: list[Document], other: list[Document], cfg) -> tuple[t
                           max_features=cfg.max_features, sublinear_tf=True, dtype=np.float64)
     a = vec.fit_transform(_texts(train))
     dim = max(1, min(cfg.svd_dim, a.shape[1] - 1, a.shape[0] - 1))
-    svd = TruncatedSVD(n_components=dim, random_state=cfg.seed).fit(a)
+    svd = TruncatedSVD(n_components=dim, random_state=sklearn_seed(cfg.seed)).fit(a)
     f_train = normalize(svd.transform(a))
     f_other = normalize(svd.transform(vec.transform(_texts(other)))) if other else np.zeros((0, dim))
     spec = {"kind": "tfidf_char_ngrams", "ngram_range": [cfg.ngram_min, cfg.ngram_max],

@@ -1,6 +1,7 @@
 """The text run's report: report.json (everything) and report.md (tables and samples)."""
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from ddmkit.io import write_bytes_atomic, write_json
@@ -8,6 +9,12 @@ from ddmkit.io import write_bytes_atomic, write_json
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+def visible(text: str) -> str:
+    """The text with control characters other than newline and tab written as \\xNN (ESC: \\x1b),
+    so that a sample in report.md is plain text."""
+    return "".join(ch if ch in "\n\t" or unicodedata.category(ch) != "Cc" else f"\\x{ord(ch):02x}" for ch in text)
 
 
 def bpb_table(bpb: dict, k: int) -> list[str]:
@@ -51,7 +58,7 @@ def markdown(r: dict) -> str:
     for name, texts in r["samples"].items():
         lines += [f"### {name}", ""]
         for text in texts:
-            lines += ["```", text.replace("```", "'''"), "```", ""]
+            lines += ["```", visible(text).replace("```", "'''"), "```", ""]
     lines.append(f"Time: {r['seconds']['train']} s training (or loading), {r['seconds']['total']} s in all.")
     return "\n".join(lines) + "\n"
 

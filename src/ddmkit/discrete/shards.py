@@ -4,8 +4,12 @@ per cluster, in the same folder layout as vector data (ddmkit.data.partition):
     manifest.json                  k, counts, shard paths and SHA-256s, data hash, feature spec
     partition.safetensors          centroids (feature space), assignments of the training documents
     shards/cluster_XX.safetensors  x: the cluster's training documents as one byte stream (uint8),
-                                   joined by blank lines: all an expert job ever reads
+                                   each followed by a blank line ("\n\n"): all an expert job ever reads
     test/cluster_XX.safetensors    the same for held-out documents (assigned to the nearest centroid)
+
+Each shard's metadata names its cluster and its split ("train" or "test"). Byte counts (the
+manifest's "bytes", the cluster prior) count the stream: the documents and their separators;
+a cluster without documents has an empty stream.
 
 Models see fixed-length windows of a stream; `sample_windows` draws them.
 """
@@ -16,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ddmkit.conventions import TIME_CONVENTION, __version__
+from ddmkit.conventions import __version__
 from ddmkit.data.partition import cluster, read_shard, shard_name
 from ddmkit.discrete.corpus import Document
-from ddmkit.discrete.features import tfidf_features
+from ddmkit.discrete.features import sklearn_seed, tfidf_features
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, save_tensors, sha256_file, staging_dir, write_json
 
@@ -31,9 +35,9 @@ def test_name(k: int) -> str:
 
 
 def stream(docs: list[Document]) -> torch.Tensor:
-    """The documents joined by blank lines, as a (n_bytes,) uint8 tensor."""
-    data = SEPARATOR.join(d.text for d in docs) + SEPARATOR
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+    """Each document followed by a blank line, as a (n_bytes,) uint8 tensor (empty without documents)."""
+    data = b"".join(d.text + SEPARATOR for d in docs)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if data else torch.zeros(0, dtype=torch.uint8)
 
 
 def nearest_centroid(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -46,9 +50,9 @@ def partition_text(train: list[Document], test: list[Document], cfg, out_dir: st
     assign test documents to the nearest centroid, write the shards; returns the manifest."""
     if cfg.k > len(train):
         raise DDMError(f"partition.k = {cfg.k} is larger than the number of training documents ({len(train)}); "
-                       "lower partition.k or raise corpus.max_docs")
+                       "lower partition.k or use more documents")
     f_train, f_test, spec = tfidf_features(train, test, cfg)
-    labels_np, centroids_np = cluster(f_train, cfg.k, cfg.balanced, cfg.seed)
+    labels_np, centroids_np = cluster(f_train, cfg.k, cfg.balanced, sklearn_seed(cfg.seed))
     labels, centroids = torch.as_tensor(labels_np), torch.as_tensor(centroids_np)
     test_labels = nearest_centroid(f_test, centroids)
     counts = torch.bincount(labels, minlength=cfg.k)
@@ -61,16 +65,17 @@ def partition_text(train: list[Document], test: list[Document], cfg, out_dir: st
         for c in range(cfg.k):
             docs = [d for d, l in zip(train, labels.tolist()) if l == c]
             held = [d for d, l in zip(test, test_labels.tolist()) if l == c]
-            for rel, part, rows in ((shard_name(c), docs, shards), (test_name(c), held, tests)):
+            for split, rel, part, rows in (("train", shard_name(c), docs, shards), ("test", test_name(c), held, tests)):
                 x = stream(part)
-                save_tensors(tmp / rel, {"x": x}, metadata={"cluster": str(c), "k": str(cfg.k), "data_hash": data_hash})
+                save_tensors(tmp / rel, {"x": x}, metadata={"cluster": str(c), "k": str(cfg.k), "split": split,
+                                                            "data_hash": data_hash})
                 rows.append({"cluster": c, "path": rel, "count": len(part), "bytes": len(x),
                              "sha256": sha256_file(tmp / rel), "examples": [d.name for d in part[:5]]})
         save_tensors(tmp / "partition.safetensors", {"centroids": centroids.float(), "assignments": labels})
         manifest = {"k": cfg.k, "counts": counts.tolist(), "shards": shards, "test_shards": tests,
                     "data_hash": data_hash, "data_name": "text", "data_shape": [], "n": len(train),
                     "n_test": len(test), "features": spec, "balanced": cfg.balanced, "seed": cfg.seed,
-                    "ddmkit_version": __version__, "time_convention": TIME_CONVENTION, **(extra or {})}
+                    "ddmkit_version": __version__, **(extra or {})}
         write_json(tmp / "manifest.json", manifest)
     return manifest
 

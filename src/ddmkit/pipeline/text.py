@@ -33,8 +33,8 @@ import torch
 from ddmkit.config import validate
 from ddmkit.discrete.alignment import expert_cluster_bits, own_cluster_weight
 from ddmkit.discrete.ar import ar_inputs, ar_loss
-from ddmkit.discrete.config import KINDS, TextRunConfig, load_text_config
-from ddmkit.discrete.corpus import load_corpus, split_documents
+from ddmkit.discrete.config import KINDS, TextRunConfig, is_text_config, load_text_config
+from ddmkit.discrete.corpus import all_documents, sample_documents, split_documents
 from ddmkit.discrete.dfm import dfm_loss, mask_path
 from ddmkit.discrete.evaluate import evaluate_ar, evaluate_dfm, samples_ar, samples_dfm
 from ddmkit.discrete.report import write_report
@@ -46,6 +46,7 @@ from ddmkit.io import (entries, read_json, remove, remove_stale_staging, sha256_
                        write_json)
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, check_builds, from_pretrained, save_pretrained
+from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import run_lock
 from ddmkit.registry import check_registered, write_registry
 from ddmkit.tables import markdown_table
@@ -110,7 +111,16 @@ def train_or_load(folder: Path, digest: str, arch: str, kwargs: dict, loss: Call
         ema, _ = fit(model, lambda m, step, g: (loss(m, g), {}), train_cfg, log_path=tmp / "train_log.jsonl",
                      description=description, device=CPU)
         save_pretrained(tmp, ema, {"arch": arch, "kwargs": kwargs, "run_digest": digest, **meta})
+        without_time_convention(tmp / "config.json")
     return ema
+
+
+def without_time_convention(path: Path) -> None:
+    """Drop the Gaussian path's time_convention that save_pretrained records: a text model has none
+    (autoregressive) or its own `discrete_time` (masked flow matching)."""
+    config = read_json(path)
+    config.pop("time_convention", None)
+    write_json(path, config)
 
 
 def has_partition(cfg: TextRunConfig, out: Path) -> bool:
@@ -127,19 +137,38 @@ def run_partition(cfg: TextRunConfig, out: Path) -> dict:
     return read_json(RunFolder(out).manifest)
 
 
-def plan_partition(cfg: TextRunConfig, scratch: Path) -> dict:
+def plan_partition(cfg: TextRunConfig, scratch: Path, log: Log = print) -> dict:
     """The corpus split into train and held-out documents and clustered, written to `scratch` (a folder
     outside the run); returns the manifest. Every corpus and partition check happens here."""
-    train, test = split_documents(load_corpus(cfg.corpus), cfg.corpus.test_fraction, cfg.corpus.seed)
-    return partition_text(train, test, cfg.partition, scratch, extra={"run_digest": cfg.digest("corpus", "partition")})
+    found = all_documents(cfg.corpus, log)
+    docs = sample_documents(found, cfg.corpus)
+    train, test = split_documents(docs, cfg.corpus.test_fraction, cfg.corpus.seed)
+    if cfg.partition.k > len(train):
+        raise DDMError(f"partition.k = {cfg.partition.k} is larger than the number of training documents "
+                       f"({len(train)}); lower partition.k or {more_text(cfg, len(found))}")
+    return partition_text(train, test, cfg.partition, scratch,
+                          extra={"run_digest": cfg.digest("corpus", "partition"), "documents_found": len(found)})
+
+
+def more_text(cfg: TextRunConfig, found: int) -> str:
+    """How to get more text into the run: raise corpus.max_docs where it caps the corpus, else add text."""
+    if found > cfg.corpus.max_docs:
+        return f"raise corpus.max_docs (it keeps {cfg.corpus.max_docs} of the {found} documents found)"
+    return "use more text (or a smaller corpus.min_doc_bytes)"
 
 
 def check_windows(cfg: TextRunConfig, manifest: dict) -> None:
-    """Every cluster holds at least one training window of model.seq_len bytes."""
-    short = [s["cluster"] for s in manifest["shards"] if s["bytes"] < cfg.model.seq_len]
+    """Every cluster holds at least one training window of model.seq_len bytes, and some cluster a
+    held-out one."""
+    length, more = cfg.model.seq_len, more_text(cfg, manifest.get("documents_found", 0))
+    short = [s["cluster"] for s in manifest["shards"] if s["bytes"] < length]
     if short:
         raise DDMError(f"partition: clusters {short} hold fewer bytes of training text than model.seq_len = "
-                       f"{cfg.model.seq_len}; lower model.seq_len or partition.k, or use more text (corpus.max_docs)")
+                       f"{length}; lower model.seq_len or partition.k, or {more}")
+    if all(t["bytes"] < length for t in manifest["test_shards"]):
+        raise DDMError(f"corpus.test_fraction = {cfg.corpus.test_fraction}: no cluster holds a held-out window of "
+                       f"model.seq_len = {length} bytes ({manifest['n_test']} held-out documents), so nothing could "
+                       "be evaluated; raise corpus.test_fraction or lower model.seq_len")
 
 
 def check_networks(cfg: TextRunConfig) -> None:
@@ -168,6 +197,16 @@ def text_config(run) -> TextRunConfig:
     if not is_text_run(run):
         raise DDMError(f"{folder.root} is not a text run folder (its config.json has no kind text_ar or text_dfm)")
     return validate(TextRunConfig, read_json(folder.config)["config"], str(folder.config))
+
+
+def refuse_text(path: str | Path, command: str) -> None:
+    """A DDMError when `path` is a text config or a text run folder: `command` works on vector and
+    image runs only (for the vector commands: sweep, study misalignment, add-expert, replace-expert)."""
+    path = Path(path)
+    what = "run" if path.is_dir() and is_text_run(path) else "config" if path.is_file() and is_text_config(path) else None
+    if what is not None:
+        raise DDMError(f"{path} is a text {what}; `ddmkit {command}` works on vector and image runs (text runs: "
+                       "`ddmkit run`, sample, evaluate, analyze; docs/discrete.md)")
 
 
 def read_text_config(path: str | Path) -> TextRunConfig:
@@ -209,7 +248,10 @@ def prepare_text_run(cfg: TextRunConfig, out: Path, force: bool = False, log: Lo
         replace = _replace(folder, cfg, force)
         check_networks(cfg)
         new = None if has_partition(cfg, out) and not replace else Path(scratch) / "partition"
-        manifest = read_json(folder.manifest) if new is None else plan_partition(cfg, new)
+        if new is not None and folder.manifest.exists() and not replace:  # its models belong to the old partition
+            raise DDMError(f"{folder.root} holds a text run partitioned with other corpus or partition settings; "
+                           "choose another --out, or pass --force to replace it")
+        manifest = read_json(folder.manifest) if new is None else plan_partition(cfg, new, log)
         check_windows(cfg, manifest)
         # every check passed: now write
         for path in entries(folder.root, but=folder.lock) if replace else []:
@@ -253,6 +295,10 @@ def train_text_router(run, log: Log = print) -> None:
     """The learned router of a text run (`ddmkit train-router RUN`)."""
     with run_lock(run):
         cfg = text_config(run)
+        if "learned" not in cfg.router.kinds:
+            log(f"router: router.kinds = {cfg.router.kinds} in this run's config: the Bayes router is exact and "
+                "needs no training; nothing written")
+            return
         text_routers(cfg, Path(run), _train_streams(run))
     log(f"router: {RunFolder(run).router}")
 
@@ -310,6 +356,9 @@ def train_text_expert(shard: str | Path, cfg: TextRunConfig, out_dir: str | Path
         c = int(meta.get("cluster", -1))
         if c < 0:
             raise DDMError(f"{shard}: not a text shard (no cluster in its metadata); run `ddmkit partition` first")
+        if meta.get("split", Path(shard).parent.name) == "test":
+            raise DDMError(f"{shard} is held-out text (a test shard): an expert trained on it would be scored on "
+                           f"its own training text; give the training shard, partition/shards/{Path(shard).name}")
         base = cfg.digest("corpus", "partition", "model", "expert")
         loss = lambda model, g: task.expert_loss(model, sample_windows(stream, m.seq_len, tr.batch_size, g), g)
         meta = {"role": f"{task.role} expert", "cluster": c, "k": int(meta.get("k", 0)),
@@ -361,16 +410,40 @@ def text_models(cfg: TextRunConfig, out: Path, train: bool = True) -> TextModels
         manifest = run_partition(cfg, out)
         _, streams = load_streams(folder.partition, "train")
         _, test_streams = load_streams(folder.partition, "test")
+        shards = sorted(manifest["shards"], key=lambda s: s["cluster"])
         experts = [train_text_expert(folder.partition / s["path"], cfg, folder.expert(s["cluster"]), train)
-                   for s in sorted(manifest["shards"], key=lambda s: s["cluster"])]
+                   for s in shards]
+        for s in shards:
+            check_trained_on(folder, s)
         central = text_monolith(cfg, out, streams, train)
         routers = text_routers(cfg, out, streams, train)
         return TextModels(experts, central, routers, cluster_prior(streams), manifest, test_streams,
                           time.perf_counter() - start)
 
 
+def check_trained_on(folder: RunFolder, shard: dict) -> None:
+    """The expert of a cluster records the SHA-256 of that cluster's training shard (shard: a manifest
+    entry), else a DDMError: it was trained on other text (a held-out shard, another partition)."""
+    expert, c = folder.expert(shard["cluster"]), shard["cluster"]
+    trained_on = read_json(expert / "config.json").get("shard_sha256")
+    if trained_on != shard["sha256"]:
+        raise DDMError(f"{expert} was trained on shard {str(trained_on)[:12]}..., not on cluster {c}'s training "
+                       f"shard {folder.partition / shard['path']} ({shard['sha256'][:12]}...); remove that folder "
+                       f"and train it again: `ddmkit train-expert {folder.partition / shard['path']} --config "
+                       f"{folder.config} --out {expert}`")
+
+
+def note_full_routing(cfg: TextRunConfig, strategies: list[str], log: Log) -> None:
+    """A note for each top-n strategy with n >= K: the same routing as full."""
+    k = cfg.partition.k
+    for name in strategies:
+        if calls_every_expert(name, k):
+            log(f"note: {name} on a DDM of K = {k} experts calls every expert: the same routing as full")
+
+
 def run_text_config(cfg: TextRunConfig, out: Path, log: Log = print) -> dict:
     check_registered(out)  # a registered file changed since is refused, not registered again
+    note_full_routing(cfg, cfg.evaluate.strategies, log)
     models = text_models(cfg, out)
     write_registry(out)
     log(f"text models: {len(models.experts)} experts, centralized and routers ready in {models.seconds:.1f}s")
@@ -405,11 +478,22 @@ def write_text_report(cfg: TextRunConfig, out: Path, models: TextModels, train_s
     return report
 
 
+def with_options(cfg: TextRunConfig, source: str, fields: dict) -> TextRunConfig:
+    """cfg with each field of `fields` ("seed" or "section.field") set where not None, validated."""
+    d = cfg.model_dump()
+    for key, value in fields.items():
+        *section, name = key.split(".")
+        if value is not None:
+            (d[section[0]] if section else d)[name] = value
+    return validate(TextRunConfig, d, source)
+
+
 def sample_text(run, strategies: list[str], n: int | None = None, seed: int | None = None,
-                log: Log = print) -> dict[str, list[str]]:
+                log: Log = print, steps: int | None = None) -> dict[str, list[str]]:
     """Generated text of a finished run for each routing strategy (with every router of the run) and
     the centralized model (always; "monolith" among the strategies asks for it alone), in
-    RUN/samples/text.json."""
+    RUN/samples/text.json. n, seed and steps (unmasking steps, text_dfm only) replace the run's
+    sample.n, sample.seed and sample.steps where given."""
     central = [name for name in strategies if name.strip() == "monolith"]
     strategies = [name for name in strategies if name.strip() != "monolith"]
     with run_lock(run):
@@ -417,10 +501,12 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
         if central and not cfg.centralized.enabled:
             raise DDMError("--strategy monolith: this text run has no centralized model (centralized.enabled = "
                            "false in its config)")
-        update = {"evaluate": {**cfg.evaluate.model_dump(), "strategies": strategies},
-                  "sample": {**cfg.sample.model_dump(), **{key: v for key, v in (("n", n), ("seed", seed))
-                                                          if v is not None}}}
-        cfg = validate(TextRunConfig, {**cfg.model_dump(), **update}, "--strategy, --n and --seed (a text run)")
+        if steps is not None and cfg.kind == "text_ar":
+            raise DDMError("--steps: autoregressive sampling draws one byte per step (sample.length bytes); "
+                           "--steps sets the unmasking steps of kind = 'text_dfm' runs; leave it out")
+        cfg = with_options(cfg, "--strategy, --n, --seed and --steps (a text run)", {"evaluate.strategies": strategies,
+                           "sample.n": n, "sample.seed": seed, "sample.steps": steps})
+        note_full_routing(cfg, strategies, log)
         models = text_models(cfg, Path(run), train=False)
         texts = TASKS[cfg.kind].samples(models.experts, models.central, models.routers, models.prior, cfg)
         path = RunFolder(run).samples / "text.json"
@@ -439,15 +525,20 @@ def evaluate_text(run, log: Log = print) -> dict:
         return write_text_report(cfg, Path(run), models, 0.0, log)
 
 
-def analyze_text(run, out=None, log: Log = print) -> dict:
+def analyze_text(run, out=None, log: Log = print, strategies: list[str] | None = None, n: int | None = None,
+                 seed: int | None = None) -> dict:
     """Expert-data alignment of a text run (ddmkit.discrete.alignment): every expert's bits per byte on
-    every cluster's held-out text, and the routing weight on each text's own-cluster expert."""
+    every cluster's held-out text, and the routing weight on each text's own-cluster expert. strategies,
+    n (held-out windows per cluster) and seed replace the run's evaluate.strategies,
+    evaluate.windows_per_cluster and seed where given."""
     with run_lock(run):
-        return _analyze_text(run, out, log)
+        cfg = with_options(text_config(run), "--strategy, --n and --seed (a text run)",
+                           {"evaluate.strategies": strategies, "evaluate.windows_per_cluster": n, "seed": seed})
+        note_full_routing(cfg, cfg.evaluate.strategies, log)
+        return _analyze_text(cfg, run, out, log)
 
 
-def _analyze_text(run, out, log: Log) -> dict:
-    cfg = text_config(run)
+def _analyze_text(cfg: TextRunConfig, run, out, log: Log) -> dict:
     folder = RunFolder(run)
     out = Path(out) if out is not None else folder.analysis
     models = text_models(cfg, folder.root, train=False)
