@@ -103,7 +103,7 @@ def test_the_statistics_router_routes_the_no_label_class_by_the_marginal_statist
     gen = torch.Generator().manual_seed(0)
     shards = {"a": (torch.randn(60, D, generator=gen) + 2, torch.arange(60) % 2, {}),
               "b": (torch.randn(60, D, generator=gen) - 2, torch.ones(60, dtype=torch.long), {})}
-    monkeypatch.setattr(load, "model_shards", lambda run: list(shards))
+    monkeypatch.setattr(load, "checked_model_shards", lambda run: list(shards))
     monkeypatch.setattr(load, "read_shard", lambda path: shards[path])
     router, conditional = load.island_stats_router("run", classes=2)
     x, t = torch.randn(8, D, generator=gen), torch.rand(8, generator=gen)
@@ -185,6 +185,14 @@ def test_restrict_takes_one_index_or_a_list():
     assert tiny().restrict(1).meta["present_experts"] == [1]
     kept = tiny().restrict(np.array([2, 0, 2]))
     assert kept.meta == {"missing_experts": [1], "present_experts": [0, 2]}
+
+
+def test_absent_experts_calls_are_not_counted():
+    """full calls every expert on the dense path, the absent one's zero stand-in too: only the present count."""
+    ddm = tiny().restrict([0, 2])
+    for strategy, calls in (("full", 2 * 4), ("top-1", 4)):
+        _, info = ddm.sample(strategy, n=6, steps=4)
+        assert info["expert_calls_per_sample"] == calls and sum(info["expert_rows"][1:2]) == 0
 
 
 def test_load_ddm_refuses_a_bad_exclude_and_takes_one_index(run):

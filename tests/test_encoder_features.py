@@ -118,6 +118,9 @@ def test_refusals_name_the_field(folders, tmp_path):
     (remote / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "modeling_x.XModel"}}))
     with pytest.raises(DDMError, match="partition.encoder.*auto_map"):
         encoder_spec(remote)
+    with pytest.raises(DDMError, match=r"partition.encoder_size = 7: .* cannot take images of this size \(its patch "
+                                       r"size is 8\)"):
+        encoder_spec(folders / "dino", size=7)
 
 
 def test_applying_a_partition_whose_encoder_folder_is_gone_says_what_to_do(folders, tmp_path):

@@ -223,6 +223,14 @@ def test_evaluate_refuses_another_runs_settings_and_reports_how_each_set_was_dra
     assert "W2 and MMD over 2 pair(s) of 50 points" in " ".join(report.split())
 
 
+def test_guidance_on_unconditional_experts_is_refused_before_anything_is_written(tmp_path):
+    """A guidance sweep on unconditional experts drew identical sets under other names."""
+    for field, value in (("guidance_sweep", [2.0]), ("guidance", 3.0)):
+        with pytest.raises(DDMError, match=f"sample.{field}: classifier-free guidance needs class-conditional"):
+            prepare_run_dir(tmp_path / "run", tiny(sample={field: value}), log=QUIET)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_or_non_finite_data_params_name_the_field_and_the_accepted_keywords(tmp_path):
     with pytest.raises(DDMError, match=r"data\.params\.radiuss: unknown keyword .*accepted: k, radius, std"):
         prepare_run_dir(tmp_path / "a", tiny(data={"params": {"radiuss": 3.0}}), log=QUIET)

@@ -177,6 +177,13 @@ def test_a_latent_run_end_to_end(tmp_path):
                                     and (run / "launch" / "train_experts.slurm").read_text())
     assert "#SBATCH --array=1\n" in (run / "launch" / "train_experts.slurm").read_text()
     shutil.move(kept, run / "experts" / "expert_01")
+    pixels = run / "partition" / "shards" / "cluster_01.safetensors"  # the shard --help showed, for a latent config
+    done = run_cli("train-expert", pixels, "--config", run / "config.json", "--out", tmp_path / "e")
+    assert isinstance(done.exception, DDMError) and "RUN/latents/cluster_XX.safetensors" in str(done.exception)
+    done = run_cli("train-expert", run / "latents" / "cluster_01.safetensors", "--out", tmp_path / "e")
+    assert isinstance(done.exception, DDMError) and "holds latents, but the config has no [latent]" in \
+        str(done.exception)
+    assert not (tmp_path / "e").exists()
     info = run / "latents" / "latents.json"  # lost: named as missing, not as changed
     shutil.move(info, run / "latents.json.kept")
     with pytest.raises(DDMError, match=r"latents\.json is missing; copy the run's latents/ folder back"):
@@ -230,3 +237,16 @@ def test_bad_latent_settings_exit_2_before_anything_is_written(tmp_path, monkeyp
     code, out = exit_code(monkeypatch, capsys, "run", odd, "--out", tmp_path / "run")
     assert code == 2 and "pad_to" in out, out
     assert not (tmp_path / "run").exists()
+
+
+def test_a_pretrained_autoencoder_with_missing_weights_is_refused_before_the_run_writes(tmp_path, monkeypatch, capsys):
+    """diffusers leaves weights missing from the file as uninitialised memory (with a console warning)."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_autoencoder().save_pretrained(tmp_path / "vae", safe_serialization=True)
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("decoder.conv_out")}, weights)
+    with pytest.raises(DDMError, match=r"lacks weights of its AutoencoderKL \(decoder.conv_out.bias, decoder.conv_out"):
+        load_autoencoder(tmp_path / "vae")
+    code, out = exit_code(monkeypatch, capsys, "run", latent_config(tmp_path, tmp_path / "vae"), "--out", tmp_path / "run")
+    assert code == 2 and "lacks weights" in out and not (tmp_path / "run").exists()

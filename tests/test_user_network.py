@@ -231,3 +231,20 @@ def test_a_class_registered_under_a_name_of_its_own_is_used_by_that_name(monkeyp
     cfg = RunConfig.model_validate({"expert": {"net": {"arch": "custom:Doubler"}}})
     register_user_networks(cfg)
     assert use_network("custom:Doubler") is Doubler and user.user_networks() == ("custom:Doubler",)
+
+
+class NaNOut(torch.nn.Module):
+    """A network of the right shape whose output is NaN: it would train to NaN weights."""
+
+    def __init__(self, data_shape):
+        super().__init__()
+        self.lin = torch.nn.Linear(data_shape[0], data_shape[0])
+
+    def forward(self, x, t, y=None):
+        return self.lin(x) * float("nan")
+
+
+def test_a_network_whose_output_is_not_finite_is_refused_before_training():
+    with pytest.raises(DDMError, match=r"expert.net.arch = 'x': forward\(x, t\) returned NaN or infinite values"):
+        user.check_output(NaNOut([2]), "expert.net.arch = 'x'", [2])
+    user.check_output(Doubler([2]), "expert.net.arch = 'x'", [2])

@@ -32,7 +32,7 @@ from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_conventi
 from ddmkit.config import validate
 from ddmkit.data.partition import load_partition
 from ddmkit.errors import DDMError
-from ddmkit.io import check_finite_tensors, load_tensors, read_json, sha256_file, write_json
+from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, from_pretrained
 
@@ -86,7 +86,7 @@ class Registry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["ddmkit-registry-1"]
     ddmkit_version: str
-    time_convention: str
+    time_convention: str | None  # None: a text run (byte models: no Gaussian path)
     k: int = Field(ge=1, le=100_000)
     data_hash: str | None = None
     partition_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -169,6 +169,19 @@ def model_shards(run: str | Path) -> list[Path]:
         return shard_files(run)
     shards = sorted(latent_info(run)["shards"], key=lambda s: s["cluster"])
     return [safe_join(folder.latents, s["path"], "latent shard path") for s in shards]
+
+
+def check_shard_space(shard: str | Path, latent: bool) -> None:
+    """A shard of the space the config trains in: a latent shard (its metadata names the pixel shard it
+    encodes) for a config with [latent] enabled, a partition shard otherwise; else a DDMError saying which."""
+    path = Path(shard)
+    is_latent = path.is_file() and "pixel_shard_sha256" in read_metadata(path)
+    if latent and path.is_file() and not is_latent:
+        raise DDMError(f"{path} is a shard of images, but the config trains in latent space ([latent] enabled): give "
+                       "the run's latent shard, RUN/latents/cluster_XX.safetensors")
+    if is_latent and not latent:
+        raise DDMError(f"{path} holds latents, but the config has no [latent] enabled: give the run's config "
+                       "(--config RUN/config.json)")
 
 
 def checked_model_shards(run: str | Path) -> list[Path]:
@@ -312,7 +325,8 @@ def write_registry(run: str | Path) -> dict:
     run = Path(run)
     manifest, _ = load_partition_checked(run / "partition")
     folder = RunFolder(run)
-    reg = {"format": FORMAT, "ddmkit_version": __version__, "time_convention": TIME_CONVENTION,
+    text = manifest.get("data_name") == "text"  # byte-level models follow no Gaussian path
+    reg = {"format": FORMAT, "ddmkit_version": __version__, "time_convention": None if text else TIME_CONVENTION,
            "k": manifest["k"], "data_hash": manifest.get("data_hash"),
            "partition_sha256": sha256_file(folder.manifest),
            "latents_sha256": sha256_file(folder.latent_info) if folder.is_latent else None,
@@ -350,7 +364,8 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     if not source.exists():
         raise DDMError(f"{run}: no registry yet ({REGISTRY}); run `ddmkit register {run}` first")
     reg = _validated(Registry, read_json(source), str(source))
-    check_time_convention(reg.time_convention, source)
+    if reg.time_convention is not None or read_json(run / "partition" / "manifest.json").get("data_name") != "text":
+        check_time_convention(reg.time_convention, source)
     if not _same_release(reg.ddmkit_version, __version__):
         raise DDMError(f"{source}: written by ddmkit {reg.ddmkit_version}, this is ddmkit {__version__}; "
                        f"install ddmkit=={reg.ddmkit_version} or re-train and re-register")

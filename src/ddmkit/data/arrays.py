@@ -72,7 +72,7 @@ def load_array_file(path, where: str):
     except Exception as e:  # a corrupt or pickled file
         raise DDMError(f"{where} is not a .npy/.npz array file, or holds Python objects (ddmkit reads arrays of "
                        f"numbers only, never pickle: save a numeric array with np.save or np.savez) "
-                       f"({str(e)[:200]})") from None
+                       f"({type(e).__name__})") from None  # numpy's own text suggests loading pickle
 
 
 def checked_labels(labels, n: int, where: str) -> torch.Tensor | None:

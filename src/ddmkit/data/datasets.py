@@ -127,8 +127,9 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
     except (TypeError, ValueError) as e:
         raise DDMError(f"{field}: data file {path!r}: not a numeric array ({e})") from None
     if x.ndim < 2 or len(x) == 0:
-        raise DDMError(f"{field}: data file {path!r}: expected a non-empty (N, ...) array of samples, "
-                       f"got shape {tuple(x.shape)}")
+        raise DDMError(f"{field}: data file {path!r}: expected a non-empty array of samples with at least 2 "
+                       f"dimensions, (N, D) or (N, C, H, W), got shape {tuple(x.shape)} (one value per sample: "
+                       "save it as (N, 1))")
     check_finite(x, f"data file {path!r}")
     return x, checked_labels(labels, len(x), f"{field}: data file {path!r}")
 

@@ -117,6 +117,9 @@ def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[
     if "auto_map" in raw:
         raise DDMError(f"{field}: {path}/config.json asks for code shipped with the model (auto_map); ddmkit "
                        "loads only transformers' own classes: use a model that transformers supports natively")
+    if (path / "diffusion_pytorch_model.safetensors").is_file():
+        raise DDMError(f"{field}: {path} is a diffusers model folder (e.g. a VAE), not a transformers vision "
+                       "encoder; give a folder saved by a transformers model (DINOv2, CLIP, ViT, ...)")
     if not any(path.glob("model*.safetensors")):
         raise DDMError(f"{field}: {path} holds no model.safetensors (ddmkit reads no pickle weights); convert it "
                        "with AutoModel.from_pretrained(folder).save_pretrained(folder)")
@@ -200,8 +203,19 @@ def encoder_spec(folder: str | Path, pool: str = "cls", size: int | None = None,
     if size is None:
         raise DDMError(f"partition.encoder_size: {path} gives no input size (no preprocessor_config.json size, no "
                        "image_size in config.json); set it, e.g. partition.encoder_size = 224")
-    return {"kind": "encoder", "folder": str(path), "pool": pool, "size": int(size), "normalize": bool(normalize),
+    spec = {"kind": "encoder", "folder": str(path), "pool": pool, "size": int(size), "normalize": bool(normalize),
             "model_type": model_type}
+    try:  # one image through it: a size the encoder cannot take is refused here, not after loading the data
+        encode(spec, torch.zeros(1, 3, int(size), int(size)))
+    except DDMError:
+        raise
+    except Exception as e:
+        patch = getattr(model.config, "patch_size", None)
+        hint = f" (its patch size is {patch})" if isinstance(patch, int) else ""
+        raise DDMError(f"partition.encoder_size = {size}: {path} cannot take images of this size{hint} "
+                       f"({type(e).__name__}: {str(e)[:200]}); set partition.encoder_size to the size it was trained "
+                       "on, e.g. 224") from None
+    return spec
 
 
 def preprocess(x: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -138,9 +138,11 @@ def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler
             parts.append(_integrate_counted(field, x1[rows], steps, solver, callback, nfe))
     _sync(x1.device)
     wall = time.perf_counter() - start
-    return torch.cat(parts), {"strategy": strategy, "expert_calls_per_sample": counter.total_rows / len(x1),
+    missing = set(ddm.meta.get("missing_experts", []))  # the dense path calls their zero stand-in: not counted
+    rows = [0 if k in missing else r for k, r in enumerate(counter.expert_rows)]
+    return torch.cat(parts), {"strategy": strategy, "expert_calls_per_sample": sum(rows) / len(x1),
                               "router_calls": counter.router_calls, "velocity_evaluations": _per_trajectory(nfe),
-                              "wall_time": wall, "expert_rows": counter.expert_rows}
+                              "wall_time": wall, "expert_rows": rows}
 
 
 def _integrate_counted(field, x1: torch.Tensor, steps: int, solver: str, callback, nfe: list[int]) -> torch.Tensor:

@@ -71,8 +71,9 @@ def folder_config(folder: str | Path) -> dict:
     config = read_json(folder / "config.json")
     if not isinstance(config, dict) or config.get("_class_name") != CLASS_NAME:
         found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
-        raise DDMError(f"latent.pretrained: {folder / 'config.json'} describes {found!r}, not an {CLASS_NAME}; "
-                       "give the folder of the VAE itself (for a pipeline, its vae/ sub-folder)")
+        what = f"describes {found!r}" if found else "names no diffusers class (_class_name; a transformers model?)"
+        raise DDMError(f"latent.pretrained: {folder / 'config.json'} {what}, not an {CLASS_NAME}; give the folder "
+                       "of a diffusers VAE itself (for a pipeline, its vae/ sub-folder)")
     if not any(folder.glob("*.safetensors")):
         raise DDMError(f"latent.pretrained: {folder} holds no .safetensors weights; ddmkit loads safetensors only "
                        "(never pickled .bin files): convert the weights with AutoencoderKL.save_pretrained")
@@ -109,6 +110,17 @@ def planned_config(cfg: LatentConfig, image_shape: tuple[int, ...]) -> dict:
             "latent_channels": cfg.channels, "block_out_channels": list(cfg.widths)}
 
 
+def check_pretrained(cfg: LatentConfig, log=print) -> None:
+    """Load cfg.pretrained once before a run writes anything (complete, finite weights: load_autoencoder), and
+    note a latent.channels the folder overrides (channels, widths and [latent.train] are for an autoencoder
+    ddmkit trains)."""
+    channels = int(load_autoencoder(cfg.pretrained).config.latent_channels)
+    if cfg.channels != channels:
+        log(f"note: latent.channels = {cfg.channels} is not used: the pretrained autoencoder {cfg.pretrained} has "
+            f"{channels} latent channels (latent.channels, widths and [latent.train] are for an autoencoder ddmkit "
+            "trains)")
+
+
 def network_data_shape(cfg: LatentConfig, data_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape of one sample as the networks will see it: the data's, or its latents' when
     cfg.enabled (checked before anything is trained: size, channels, a readable pretrained folder)."""
@@ -122,11 +134,15 @@ def load_autoencoder(folder: str | Path) -> nn.Module:
     folder_config(folder)
     diffusers = require_diffusers()
     try:
-        model = diffusers.AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
-                                                     low_cpu_mem_usage=False)
+        model, info = diffusers.AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                                           low_cpu_mem_usage=False, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
         raise DDMError(f"latent: {folder} could not be loaded as an {CLASS_NAME} ({type(e).__name__}: "
                        f"{str(e)[:300]})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # diffusers leaves them as uninitialised memory, with a console warning only
+        raise DDMError(f"latent: {folder} lacks weights of its {CLASS_NAME} ({', '.join(missing[:3])}"
+                       f"{' ...' if len(missing) > 3 else ''}); save the whole model there with save_pretrained")
     bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise DDMError(f"latent: {folder} holds NaN or infinite weights (first: {bad[0]}); re-export the autoencoder")

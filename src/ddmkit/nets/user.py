@@ -134,3 +134,6 @@ def check_output(model: nn.Module, where: str, data_shape: list[int], num_expert
         what = f"logits (B, K = {num_experts})" if router else "a tensor shaped like x, (B, *data_shape)"
         raise DDMError(f"{where}: {call} returned {got} for x of shape {tuple(x.shape)}; expected {expected}: "
                        f"{what}")
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise DDMError(f"{where}: {call} returned NaN or infinite values for finite x (randn) and t in (0, 1); "
+                       "training it would give NaN weights: check its forward")

@@ -64,6 +64,11 @@ def check_run_plan(cfg: RunConfig, n_train: int, n_test: int, data_shape: tuple,
     if s.sweep_n is not None and s.sweep_n > s.n and (s.stats_router_strategies or s.guidance_sweep):
         raise DDMError(f"sample.sweep_n = {s.sweep_n} is larger than sample.n = {s.n} (the extra sets take the first "
                        f"sweep_n of the sample.n noises); set sample.sweep_n = {s.n} or lower")
+    if (s.guidance_sweep or s.guidance != 1.0) and not cfg.expert.net.kwargs.get("num_classes"):
+        field = "sample.guidance_sweep" if s.guidance_sweep else "sample.guidance"
+        raise DDMError(f"{field}: classifier-free guidance needs class-conditional experts (expert.net.kwargs."
+                       "num_classes); these are unconditional, so every scale would draw the same samples: set "
+                       "sample.guidance_sweep = [] and sample.guidance = 1.0")
     if is_image_shape(data_shape):
         _check_images(cfg, n_test, min(extra, default=s.n))
     else:

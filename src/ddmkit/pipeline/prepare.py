@@ -26,7 +26,7 @@ from typing import Callable
 from ddmkit.config import RunConfig, config_differences, json_digest, validate
 from ddmkit.errors import DDMError
 from ddmkit.io import entries, read_json, remove, remove_stale_staging, write_json
-from ddmkit.latent.autoencoder import network_data_shape
+from ddmkit.latent.autoencoder import check_pretrained, network_data_shape
 from ddmkit.ddm.load import component_groups
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.checks import check_clusters, check_devices, check_labels, check_run_plan
@@ -151,6 +151,8 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
                 train = data[0]
             _check_sizes(cfg, folder, data)
             check_networks(cfg, network_data_shape(cfg.latent, train.data_shape))
+            if cfg.latent.enabled and cfg.latent.pretrained and not folder.autoencoder.exists():
+                check_pretrained(cfg.latent, log)  # its weights, loaded once before anything is written
             plan = plan_partition(cfg, train)
             _check_partition(cfg, train, plan, log)
         else:
