@@ -1,6 +1,12 @@
 """Launch backends: every backend gives the same bytes as inline, whatever this process's own
-torch thread count (each job runs on train.threads threads); the SLURM script."""
+torch thread count (each job runs on train.threads threads); resuming under Ray and a Ray task's errors;
+Ctrl-C and a killed driver with the process pool; the SLURM script and the options of --emit."""
+import os
+import shlex
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +16,7 @@ from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
 from ddmkit.errors import DDMError
 from ddmkit.io import save_tensors
 from ddmkit.launch import ExpertJob, run_jobs, slurm_script
+from ddmkit.train.jobs import checkpoint_path
 
 
 def _jobs(root: Path, name: str, k: int = 2) -> list[ExpertJob]:
@@ -47,6 +54,15 @@ def inline(tmp_path_factory):
     return root, _weights(jobs)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray of 2 CPUs for this module's Ray tests (the backend uses a Ray already started)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'ddmkit[ray]' to run the Ray tests")
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
 def test_processes_backend_matches_inline_bytes(inline):
     root, ref = inline
     jobs = _jobs(root, "processes")
@@ -63,8 +79,7 @@ def test_thread_count_is_part_of_the_config_and_changes_the_bytes(inline, tmp_pa
     assert _weights(jobs) != ref
 
 
-def test_ray_backend_matches_inline_bytes(inline):
-    pytest.importorskip("ray", reason="Ray is not installed: pip install 'ddmkit[ray]' to run the Ray backend test")
+def test_ray_backend_matches_inline_bytes(inline, local_ray):
     root, ref = inline
     jobs = _jobs(root, "ray")
     run_jobs(jobs, CFG, "ray", workers=2, log=lambda m: None)
@@ -136,3 +151,248 @@ def test_slurm_task_runs_the_right_expert(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "partition/shards/cluster_01.safetensors" in out.stdout and "experts/expert_01" in out.stdout
+
+
+# ----- resuming and checkpoints under Ray, the errors of a Ray task ------------------------------------------
+
+CKPT = CFG.model_copy(update={"train": CFG.train.model_copy(update={"checkpoint_every": 5})})
+
+
+def _killed_at_step_10(job: ExpertJob, monkeypatch, config=CKPT) -> Path:
+    """Train job inline until a crash after 12 steps: its checkpoint (of step 10) is left beside its folder."""
+    import ddmkit.train.jobs as jobs
+
+    real, calls = jobs.flow_matching_loss, []
+
+    def loss(*a, **k):
+        calls.append(1)
+        if len(calls) > 12:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(jobs, "flow_matching_loss", loss)
+        with pytest.raises(KeyboardInterrupt):
+            run_jobs([job], config, "inline", log=lambda m: None)
+    ckpt = checkpoint_path(job.out_dir)
+    assert ckpt.exists() and not job.out_dir.exists()
+    return ckpt
+
+
+def test_a_ray_task_resumes_from_the_checkpoint_bytes_it_gets_and_streams_its_checkpoints(inline, tmp_path,
+                                                                                            monkeypatch):
+    """train_from_bytes (a Ray task's body, run here) continues from a step-10 checkpoint: it trains the 10
+    steps left, sends back the checkpoint of step 15 as it writes it, and ends with inline's weights."""
+    import ddmkit.train.jobs as jobs
+    from ddmkit.io import read_metadata
+    from ddmkit.launch.ray_backend import train_from_bytes
+
+    root, ref = inline
+    job = _jobs(root, "bytes")[0]
+    ckpt = _killed_at_step_10(job, monkeypatch).read_bytes()
+    real, calls = jobs.flow_matching_loss, []
+
+    def slow_loss(*a, **k):  # slow enough for a poll every 10 ms to see every checkpoint
+        calls.append(1)
+        time.sleep(0.05)
+        return real(*a, **k)
+
+    monkeypatch.setattr(jobs, "flow_matching_loss", slow_loss)
+    items = list(train_from_bytes(str(job.shard), job.shard.read_bytes(), CKPT.model_dump(), str(job.out_dir),
+                                  ckpt, poll=0.01))
+    assert len(calls) == 10  # steps 11 .. 20 only
+    kinds = [kind for kind, _ in items]
+    assert kinds[-1] == "expert" and set(kinds[:-1]) == {"checkpoint"}
+    steps = []
+    for _, data in items[:-1]:
+        (tmp_path / "c.safetensors").write_bytes(data)
+        steps.append(read_metadata(tmp_path / "c.safetensors")["step"])
+    assert steps[0] == 15 and set(steps) <= {15, 20}  # 20's may be removed with the folder written before a look
+    assert items[-1][1]["model.safetensors"] == ref[0]
+
+
+def test_a_ray_tasks_errors_name_the_runs_paths_not_its_temporary_copies(inline, tmp_path, monkeypatch):
+    from ddmkit.launch.ray_backend import train_from_bytes
+
+    root, _ = inline
+    job = _jobs(root, "paths")[0]
+    with pytest.raises(DDMError) as info:
+        list(train_from_bytes(str(job.shard), b"not a shard", CFG.model_dump(), str(job.out_dir)))
+    assert str(job.shard) in str(info.value) and "ddmkit-expert-" not in str(info.value)
+    other = CKPT.model_copy(update={"train": CKPT.train.model_copy(update={"seed": 7})})
+    ckpt = _killed_at_step_10(job, monkeypatch, other).read_bytes()
+    with pytest.raises(DDMError, match="train.seed") as info:
+        list(train_from_bytes(str(job.shard), job.shard.read_bytes(), CKPT.model_dump(), str(job.out_dir), ckpt))
+    assert str(checkpoint_path(job.out_dir)) in str(info.value) and "ddmkit-expert-" not in str(info.value)
+
+
+def test_ray_resumes_the_checkpoint_a_killed_job_left_and_removes_it(inline, local_ray, monkeypatch):
+    """A killed inline launch left expert 0's checkpoint: `ray` continues from it (one of other settings is
+    refused, naming the run's checkpoint, without a remote traceback), writes inline's weights and leaves no
+    checkpoint."""
+    root, ref = inline
+    jobs = _jobs(root, "ray_resume")
+    other = CKPT.model_copy(update={"train": CKPT.train.model_copy(update={"seed": 7})})
+    _killed_at_step_10(jobs[0], monkeypatch, other)
+    with pytest.raises(DDMError) as info:
+        run_jobs(jobs, CKPT, "ray", resume=True, log=lambda m: None)
+    message = str(info.value)
+    assert str(checkpoint_path(jobs[0].out_dir)) in message and "train.seed" in message
+    assert "Traceback" not in message and "\x1b[" not in message and "ddmkit-expert-" not in message
+    checkpoint_path(jobs[0].out_dir).unlink()
+    _killed_at_step_10(jobs[0], monkeypatch)
+    run_jobs(jobs, CKPT, "ray", resume=True, log=lambda m: None)
+    assert _weights(jobs) == ref
+    assert not list((root / "ray_resume").glob("*.checkpoint.safetensors"))
+
+
+# ----- the process pool stops on Ctrl-C, and its workers die with it ------------------------------------------
+
+def _tiny_run(root: Path, *overrides: str) -> Path:
+    from ddmkit.config import RunConfig, apply_overrides, load_config
+    from ddmkit.pipeline.prepare import prepare_run_dir
+
+    raw = apply_overrides(load_config(Path(__file__).parent / "configs" / "tiny.toml").model_dump(), list(overrides))
+    return prepare_run_dir(root / "run", RunConfig.model_validate(raw), log=lambda m: None)
+
+
+def _workers(driver: int) -> list[int]:
+    """The pool workers (spawned processes) whose parent is `driver`."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == driver and b"spawn_main" in cmd:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def launched(tmp_path):
+    """`ddmkit launch RUN --backend processes --workers 2` in its own session (two experts of 10^6 steps),
+    once a job wrote a checkpoint: (driver, its workers' ids, run); any process left is killed after."""
+    run = _tiny_run(tmp_path, "partition.k=2", "expert.train.steps=1000000", "expert.train.checkpoint_every=20")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    log = open(tmp_path / "launch.log", "w+")
+    driver = subprocess.Popen([sys.executable, "-m", "ddmkit", "launch", str(run), "--backend", "processes",
+                               "--workers", "2"], start_new_session=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while not list((run / "experts").glob("*.checkpoint.safetensors")) or len(workers) < 2:
+            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "launch.log").read_text()
+            time.sleep(0.05)
+            workers = _workers(driver.pid)
+        yield driver, workers, run
+    finally:
+        for pid in [driver.pid, *workers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        driver.wait()
+        log.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("to", ["group", "driver"])  # Ctrl-C in a terminal, or kill -INT of the driver
+def test_ctrl_c_stops_the_process_pool_at_once(launched, to):
+    """SIGINT while both workers train: exit 130 within seconds saying so, no worker left, no expert folder or
+    staging folder written, each job's last checkpoint kept."""
+    driver, workers, run = launched
+    (os.killpg if to == "group" else os.kill)(driver.pid, signal.SIGINT)
+    assert driver.wait(timeout=30) == 130
+    out = (run.parent / "launch.log").read_text()
+    assert "interrupted" in out and "Traceback" not in out, out
+    assert not any(_alive(pid) for pid in workers)
+    names = sorted(p.name for p in (run / "experts").iterdir())
+    assert names and all(n.endswith(".checkpoint.safetensors") for n in names), names
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_pool_workers_die_with_a_killed_driver(launched):
+    driver, workers, run = launched
+    driver.kill()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "the workers outlived their driver"
+        time.sleep(0.05)
+
+
+# ----- launch --emit slurm: the options it uses, and those it refuses ---------------------------------------
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`ddmkit ARGS` in this process: (exit code, stderr)."""
+    import ddmkit.cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli_module.main()
+    return info.value.code, " ".join(capsys.readouterr().err.split())
+
+
+def test_emit_slurm_writes_the_set_fields_into_its_tasks_and_refuses_what_it_does_not_use(tmp_path, monkeypatch,
+                                                                                          capsys):
+    run = _tiny_run(tmp_path / "it's here")
+    script = run / "launch" / "train_experts.slurm"
+    for args, named in ((["--set", "expert.train.stepz=5"], "expert.train.stepz"),
+                        (["--set", "router.train.steps=5"], "router.train.steps=5"),
+                        (["--workers", "2", "--device", "cpu"], "--workers, --device"),
+                        (["--backend", "ray"], "--backend"), (["--config", "demo"], "--config")):
+        code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", *args)
+        assert code == 2 and named in err and not script.exists(), err
+    code, err = cli(monkeypatch, capsys, "launch", run, "--time", "1:00:00")
+    assert code == 2 and "--time" in err and "--emit slurm" in err, err
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--set", "expert.train.checkpoint_every=7",
+                    "--set", "expert.train.lr=3e-4", "--time", "01:00:00")
+    assert code in (0, None), err
+    assert f"sbatch {shlex.quote(str(script))}" in err
+    text = script.read_text()
+    assert "#SBATCH --time=01:00:00" in text
+    env = {"SLURM_ARRAY_TASK_ID": "1", "PATH": "/usr/bin:/bin"}
+    echoed = subprocess.run(["bash", "-c", text.replace(f"{sys.executable} -m ddmkit", "echo")], env=env,
+                            capture_output=True, text=True).stdout.split()
+    assert echoed[-4:] == ["--set", "expert.train.checkpoint_every=7", "--set", "expert.train.lr=3e-4"]
+
+
+# ----- a Ray cluster that cannot be reached -------------------------------------------------------------------
+
+def test_a_ray_address_that_cannot_be_reached_is_named_with_the_servers_last_line():
+    """A ray:// client's failure holds the server's whole traceback: only its last line is shown."""
+    from types import SimpleNamespace
+
+    from ddmkit.launch.ray_backend import start_ray
+
+    def init(**kwargs):
+        raise ConnectionError("Initialization failure from server:\nTraceback (most recent call last):\n  File "
+                              "\"proxier.py\", line 772\nRuntimeError: Starting Ray client server failed.")
+
+    fake = SimpleNamespace(is_initialized=lambda: False, init=init)
+    with pytest.raises(DDMError) as info:
+        start_ray(fake, "ray://head:10001", None)
+    assert str(info.value).startswith("--address: cannot connect to Ray at ray://head:10001: RuntimeError: Starting "
+                                      "Ray client server failed;")
+    assert "Traceback" not in str(info.value)
+
+
+def test_a_connection_error_is_not_reported_as_a_file_system_error(tmp_path, monkeypatch, capsys):
+    import ddmkit.pipeline.stages as stages
+
+    run = _tiny_run(tmp_path, "partition.k=2")
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError("Traceback (most recent call last):\n  ...\nthe server said no")
+
+    monkeypatch.setattr(stages, "run_jobs", refused)
+    code, err = cli(monkeypatch, capsys, "launch", run)
+    assert code == 2 and "a connection failed: the server said no; check the server's address" in err, err
+    assert "check that path" not in err and "Traceback" not in err

@@ -50,6 +50,13 @@ SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one config fi
 CONFIG = "TOML config (or a built-in name, e.g. demo); it also names your own network classes"
 
 
+def _refuse_text(path: Path, command: str) -> None:
+    """A text config or run given to a command of vector and image runs: one line saying so."""
+    from ddmkit.pipeline.text import refuse_text
+
+    refuse_text(path, command)
+
+
 def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optional[List[str]] = None,
             device: Optional[str] = None):
     """A command's run configuration: the file `config` (a TOML, a built-in name or a run's config.json),
@@ -58,6 +65,7 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
     because a config.json names them (ddmkit.nets.use_network)."""
     from ddmkit.config import RunConfig, apply_overrides, builtin_config, load_config, validate
     from ddmkit.nets import use_network
+    from ddmkit.data.features import is_user_function, use_features
     from ddmkit.nets.user import is_user_network
     from ddmkit.pipeline.checks import checked_device
     from ddmkit.pipeline.prepare import run_config
@@ -83,6 +91,8 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
     for name, net in (("expert", cfg.expert.net), ("router", cfg.router.net)):
         if is_user_network(net.arch) and (own_file or typed & {f"{name}.net", f"{name}.net.arch"}):
             use_network(net.arch, field=f"{name}.net.arch")
+    if is_user_function(cfg.partition.features) and (own_file or "partition.features" in typed):
+        use_features(cfg.partition.features)  # nearest routing and analyze apply it to x0_hat
     return cfg
 
 
@@ -127,7 +137,8 @@ def _with_train_seed(section, seed: Optional[int]):
 
 
 @app.command("train-expert")
-def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g. RUN/partition/shards/cluster_03.safetensors"),
+def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g. RUN/partition/shards/cluster_03.safetensors "
+                                                 "(a latent run's: RUN/latents/cluster_03.safetensors)"),
                      out: Path = typer.Option(..., "--out", help="expert folder to write"),
                      config: Optional[Path] = typer.Option(None, help="TOML config (or a run's config.json) whose "
                                                            "[expert] section is used (default: the built-in defaults)"),
@@ -156,7 +167,11 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
         train_text_expert(shard, read_text_config(config), out)
         log(f"expert written to {out}")
         return
-    cfg = _config(config, None, set_, device).expert
+    from ddmkit.registry import check_shard_space
+
+    run_cfg = _config(config, None, set_, device)
+    check_shard_space(shard, run_cfg.latent.enabled)
+    cfg = run_cfg.expert
     upd = {k: v for k, v in (("seed", seed), ("checkpoint_every", checkpoint_every)) if v is not None}
     cfg = validate(ExpertConfig, {**cfg.model_dump(), "train": {**cfg.train.model_dump(), **upd}}, "options")
     if train_expert_once(shard, cfg, out, nproc, resume=resume, force=force, log=log):
@@ -269,7 +284,10 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
         _no_text_overrides(config, None, device, set_)
         if router != "learned":
             raise DDMError("--router: a text run routes with its learned router only; leave --router out")
-        sample_text(run, strategy, n=n, seed=seed, log=log)
+        _not_for_text({"--solver": solver, "--guidance": guidance, "--router-every": router_every,
+                       "--batch-size": batch_size, "--cuda-graphs": cuda_graphs, "--cuda-streams": cuda_streams},
+                      "byte-level models sample on the CPU without an ODE solver, guidance or batching")
+        sample_text(run, strategy, n=n, seed=seed, log=log, steps=steps)
         return
     from ddmkit.pipeline.run import sample_run
 
@@ -308,10 +326,12 @@ def analyze(run: Path = typer.Argument(..., help="trained run folder (experts/, 
             strategy: Optional[List[str]] = typer.Option(None, help="routing strategy, repeatable (default: full, "
                                                          "top-1, top-2, sample-2, threshold-P, switch, oracle, "
                                                          "nearest, adaptive-0.9, adaptive-ent-0.5, gated-2@30)"),
-            n: int = typer.Option(1000, help="trajectories per strategy"),
+            n: Optional[int] = typer.Option(None, help="trajectories per strategy (default 1000; text runs: held-out "
+                                            "windows per cluster, default the run's)"),
             seed: Optional[int] = typer.Option(None, help="noise seed (default: the run's)"),
-            max_steps: int = typer.Option(20, help="steps at which Jacobians are measured"),
-            jvp_rows: int = typer.Option(128, help="trajectories on which Jacobians are measured"),
+            max_steps: Optional[int] = typer.Option(None, help="steps at which Jacobians are measured (default 20)"),
+            jvp_rows: Optional[int] = typer.Option(None, help="trajectories on which Jacobians are measured "
+                                                   "(default 128)"),
             device: Optional[str] = typer.Option(None, "--device", help="where the networks and every tensor of "
                                                  "the analysis live: cpu, cuda, cuda:N, mps or auto (default: "
                                                  "the run's expert.train.device)"),
@@ -324,14 +344,19 @@ def analyze(run: Path = typer.Argument(..., help="trained run folder (experts/, 
         from ddmkit.pipeline.text import analyze_text
 
         _no_text_overrides(config, None, device)
-        analyze_text(run, out, log=log)
+        _not_for_text({"--max-steps": max_steps, "--jvp-rows": jvp_rows},
+                      "it measures no Jacobians; it takes --strategy, --n (held-out windows per cluster) and --seed")
+        analyze_text(run, out, log=log, strategies=strategy, n=n, seed=seed)
         return
     from ddmkit.pipeline.analyze import analyze_run
 
     if config is not None:
         _config(config)  # registers the config's own network classes
 
-    analyze_run(run, out, strategy, n=n, seed=seed, max_steps=max_steps, jvp_rows=jvp_rows, device=device, log=log)
+    defaults = {"n": 1000, "max_steps": 20, "jvp_rows": 128}
+    given = {name: value for name, value in (("n", n), ("max_steps", max_steps), ("jvp_rows", jvp_rows))
+             if value is not None}
+    analyze_run(run, out, strategy, seed=seed, device=device, log=log, **{**defaults, **given})
 
 
 @app.command()
@@ -395,6 +420,7 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
     """Quality against training compute: a DDM per K and its FLOP-matched monolith at several budgets and
     seeds, one run folder per cell (resumable), and OUT/sweep.md with a table, a plot and the compute at
     which the best DDM reaches the monolith's final quality."""
+    _refuse_text(config, "sweep")
     from ddmkit.launch import check_backend
     from ddmkit.pipeline.sweep import ratio_text, sweep as run_sweep
 
@@ -416,35 +442,42 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
            address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto; default: a local Ray that ddmkit starts)"),
            emit: Optional[str] = typer.Option(None, help="write a scheduler script instead of training: slurm (default: train here)"),
            script: Optional[Path] = typer.Option(None, help="where --emit writes (default RUN/launch/train_experts.slurm)"),
-           time: str = typer.Option("24:00:00", help="slurm --time per expert"),
-           cpus: int = typer.Option(4, help="slurm --cpus-per-task"),
-           gpus: int = typer.Option(1, help="slurm GPUs per expert (0: none)"),
-           mem: str = typer.Option("16G", help="slurm --mem"),
+           time: Optional[str] = typer.Option(None, help="slurm --time per expert (default 24:00:00)"),
+           cpus: Optional[int] = typer.Option(None, help="slurm --cpus-per-task (default 4)"),
+           gpus: Optional[int] = typer.Option(None, help="slurm GPUs per expert (0: none; default 1)"),
+           mem: Optional[str] = typer.Option(None, help="slurm --mem (default 16G)"),
            partition_name: Optional[str] = typer.Option(None, "--partition", help="slurm partition (default: the cluster's)"),
-           config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
+           config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's; not with --emit)"),
            device: Optional[str] = DEVICE,
            set_: Optional[List[str]] = SET):
-    """Train the run's missing experts on a backend, or emit a SLURM job array (one task per expert)."""
+    """Train the run's missing experts on a backend, or emit a SLURM job array (one task per expert; the
+    --set expert.* fields given are written into its tasks' command lines)."""
+    from ddmkit.launch import check_launch
     from ddmkit.pipeline.stages import run_lock, stage_autoencoder, stage_experts, stage_registry
     from ddmkit.registry import check_registered
 
+    slurm = {"time": time, "cpus": cpus, "gpus": gpus, "mem": mem, "partition": partition_name}
     if emit is not None:
-        from ddmkit.launch import write_slurm_script
+        import shlex
 
-        if emit != "slurm":
-            raise DDMError(f"--emit: unknown scheduler {emit!r}; accepted: slurm")
+        from ddmkit.launch import check_emit, write_slurm_script
+
+        check_emit(emit, {"--backend": None if backend == "inline" else backend, "--workers": workers,
+                          "--address": address, "--config": config, "--device": device})
+        if _text_run(run_dir):
+            _no_text_overrides(None, None, None, set_)
         with run_lock(run_dir):
-            path = write_slurm_script(run_dir, script, time=time, cpus=cpus, gpus=gpus, mem=mem,
-                                      partition=partition_name)
+            path = write_slurm_script(run_dir, script, set_ or [], **{k: v for k, v in slurm.items() if v is not None})
         if path is None:
             log(f"every expert of {run_dir} is trained; no script written (remove an expert's folder to train "
                 "it again)")
         else:
-            log(f"wrote {path} (the experts not trained yet); submit it with: sbatch {path}")
+            log(f"wrote {path} (the experts not trained yet); submit it with: sbatch {shlex.quote(str(path))}")
         return
-    from ddmkit.launch import check_backend
-
-    check_backend(backend)
+    given = [f"--{name}" for name, value in {**slurm, "script": script}.items() if value is not None]
+    if given:
+        raise DDMError(f"{', '.join(given)}: options of the SLURM script; add --emit slurm, or leave them out")
+    check_launch(backend, workers, address)
     if _text_run(run_dir):
         from ddmkit.pipeline.text import train_text_experts
         from ddmkit.registry import write_registry
@@ -460,8 +493,13 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
         return
     cfg = _config(config, run_dir, set_, device)
     check_registered(run_dir)  # a registered file changed since is refused, not registered again
-    stage_autoencoder(cfg, run_dir, log)  # latent runs: encode the shards first (once)
-    stage_experts(cfg, run_dir, log, backend, workers, address)
+    try:
+        stage_autoencoder(cfg, run_dir, log)  # latent runs: encode the shards first (once)
+        stage_experts(cfg, run_dir, log, backend, workers, address)
+    except KeyboardInterrupt:
+        log("interrupted: the finished experts are kept; run the same command to train the others (a job that "
+            "left a checkpoint continues from it)")
+        raise typer.Exit(130) from None
     stage_registry(cfg, run_dir, log)
 
 
@@ -480,10 +518,11 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
 def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with registry.json"),
            allow_missing: bool = typer.Option(False, help="accept experts that are missing (a DDM sampled without "
                                               "them: docs/distributed.md)")):
-    """Check every model folder against RUN/registry.json; exit 2 on a mismatch or a missing expert."""
+    """Check every model folder against RUN/registry.json, and every shard against the partition; exit 2 on a
+    mismatch or a missing expert."""
     from ddmkit.registry import verify_registry
 
-    res = verify_registry(run_dir)
+    res = verify_registry(run_dir, shards=True)
     if res["missing"] and not allow_missing:
         raise DDMError(f"{run_dir}: experts {res['missing']} are missing (no experts/expert_XX/model.safetensors); "
                        "copy them back, or pass --allow-missing to accept the DDM without them")
@@ -537,6 +576,13 @@ def _no_text_overrides(config: Optional[Path], seed: Optional[int], device: Opti
                        "with (RUN/config.json); give --set to `ddmkit run TEXT_CONFIG` when making the run")
 
 
+def _not_for_text(options: dict, why: str) -> None:
+    """Refuse the options given (a value other than None or False) that a text run has no use for."""
+    given = [name for name, value in options.items() if value is not None and value is not False]
+    if given:
+        raise DDMError(f"{', '.join(given)}: not used by a text run ({why}); leave them out")
+
+
 def _text_run(run: Path) -> bool:
     """Whether a run folder holds a text run."""
     from ddmkit.pipeline.text import is_text_run
@@ -562,6 +608,8 @@ def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trai
 
     from ddmkit.pipeline.grow import add_expert
 
+    _refuse_text(run_dir, "add-expert")
+
     try:
         table = json.loads(params) if params is not None else {}
     except ValueError as e:
@@ -580,6 +628,8 @@ def replace_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="
                                                      "model.safetensors) of an expert trained elsewhere")):
     """Replace expert K of a trained run by a copy of another expert's model folder; the registry is rewritten."""
     from ddmkit.pipeline.grow import replace_expert
+
+    _refuse_text(run_dir, "replace-expert")
 
     event = replace_expert(run_dir, k, folder, log)
     log(f"replace-expert: grow.json entry {event['n']}; `ddmkit verify {run_dir}` checks the registry")
@@ -634,14 +684,15 @@ def text_run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar'
              out: Optional[Path] = typer.Option(None, "--out", help="output folder (default runs/<config name>)"),
              force: bool = typer.Option(False, "--force", help="replace what the output folder holds (once the config's "
                                         "checks pass)"),
-             seed: Optional[int] = typer.Option(None, "--seed", help="override every seed of the config")):
+             seed: Optional[int] = typer.Option(None, "--seed", help="override every seed of the config"),
+             set_: Optional[List[str]] = SET):
     """Partition a corpus, train experts, centralized model and router, evaluate, write the report
     (the same as `ddmkit run CONFIG`)."""
     from rich.table import Table
 
     from ddmkit.pipeline.text import run_text
 
-    report = run_text(config, out, force, seed, log=log)
+    report = run_text(config, out, force, seed, log=log, overrides=list(set_ or []))
     table = Table("model", "held-out bits per byte")
     for name, row in report["bits_per_byte"].items():
         table.add_row(name, f"{row['all']:.3f}")
@@ -649,11 +700,11 @@ def text_run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar'
 
 
 @text_app.command()
-def exactness(k: int = typer.Option(3, help="number of Markov chains (clusters)"),
-              vocab: int = typer.Option(4, help="symbols per chain"),
-              length: int = typer.Option(6, help="sequence length enumerated (vocab**length sequences)"),
-              seed: int = typer.Option(0, help="seed of the random chains"),
-              out: Optional[Path] = typer.Option(None, "--out", help="also write the rows as JSON here")):
+def exactness(k: int = typer.Option(3, min=1, help="number of Markov chains (clusters)"),
+              vocab: int = typer.Option(4, min=2, help="symbols per chain"),
+              length: int = typer.Option(6, min=1, help="sequence length enumerated (vocab**length sequences)"),
+              seed: int = typer.Option(0, min=0, max=THEORY_SEED_MAX, help="seed of the random chains"),
+              out: Optional[Path] = typer.Option(None, "--out", help="also write the rows as JSON to this file")):
     """Exact experts + exact posterior reproduce the global next-token law; KL against router error."""
     from rich.table import Table
 
@@ -663,6 +714,8 @@ def exactness(k: int = typer.Option(3, help="number of Markov chains (clusters)"
     if vocab ** length > 2_000_000:
         raise DDMError(f"--vocab {vocab} --length {length}: {vocab ** length} sequences to enumerate; "
                        "keep vocab**length <= 2e6")
+    if out is not None and out.is_dir():
+        raise DDMError(f"--out {out} is a folder; give the path of a JSON file to write, e.g. {out / 'exactness.json'}")
     rows = exactness_rows(MarkovMixture.random(k, vocab, seed), length)
     table = Table("router eps", "max KL(global||decentralized)", "mean KL", "mean KL(P||r)", "mean TV(P, r)")
     for r in rows:
@@ -715,6 +768,8 @@ def study_misalignment_cmd(
     amplification, Delta_refine) against quality (W2, NLL; images: FID, KID) with intervals; writes
     OUT/report.md."""
     from ddmkit.pipeline.misalignment import study_misalignment
+
+    _refuse_text(config, "study misalignment")
 
     if seeds < 1:
         raise DDMError(f"--seeds {seeds}: give the number of training seeds, at least 1 (e.g. --seeds 3)")
@@ -798,6 +853,11 @@ def main() -> None:
         run_app()
     except DDMError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ConnectionError as e:  # a network peer (e.g. a Ray cluster) refused or failed, not the file system
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # a Ray client's holds a whole traceback
+        console.print(f"[bold red]error:[/] a connection failed: {escape(last)}; check the server's address (e.g. "
+                      "--address) and that it runs, then run the command again", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as e:  # the file system refused: permissions, a full disk, a folder where a file belongs
         where = f": {e.filename}" if e.filename else ""

@@ -10,16 +10,26 @@ the thread count):
     inline      one after another in this process (the default);
     processes   a local pool, one fresh process per expert, one GPU per process
                 when there are GPUs (CUDA_VISIBLE_DEVICES = job index mod GPUs);
+                Ctrl-C or a failed job stops every job, and the workers die
+                with this process;
     ray         Ray tasks, on an existing cluster (address="ray://host:10001" or
                 "auto") or on a local Ray that ddmkit starts; a task receives its
-                shard's bytes and returns the expert folder's bytes, so workers
-                need no shared file system (see ddmkit.launch.ray_backend).
+                shard's (and checkpoint's) bytes and sends back its checkpoints'
+                and the expert folder's bytes, so workers need no shared file
+                system (see ddmkit.launch.ray_backend).
+
+With resume=True a job continues from the checkpoint it left, on every backend.
 
     run_jobs(expert_jobs(run), cfg.expert, backend="processes", workers=2)
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +44,8 @@ from ddmkit.nets import use_networks, user_networks
 from ddmkit.train.jobs import train_expert
 
 BACKENDS = ("inline", "processes", "ray")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_STATE = "idle"  # a pool worker's: "idle", "job" (running one) or "stopping" (_stop_job)
 Log = Callable[[str], None]
 
 
@@ -50,6 +62,15 @@ def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise DDMError(f"backend: unknown launch backend {name!r}; accepted: {', '.join(BACKENDS)}")
     return name
+
+
+def check_launch(backend: str, workers: int | None = None, address: str | None = None) -> None:
+    """Refuse an unknown backend, workers < 1, and an address for another backend than ray."""
+    check_backend(backend)
+    if workers is not None and workers < 1:
+        raise DDMError(f"--workers must be >= 1, got {workers}")
+    if address is not None and backend != "ray":
+        raise DDMError(f"--address is for the ray backend only (backend is {backend!r}); add --backend ray")
 
 
 def cuda_count() -> int:
@@ -69,48 +90,100 @@ def run_inline(jobs: list[ExpertJob], config: ExpertConfig, resume: bool = False
     return out
 
 
+def _stop_job(signum, frame) -> None:
+    """A pool worker's SIGINT / SIGTERM handler: a running job ends as interrupted (its staging folder
+    removed, its last checkpoint kept; signals during that cleanup are ignored), then the process exits
+    (_process_job); an idle worker exits at once."""
+    global _STATE
+    if _STATE == "job":
+        _STATE = "stopping"
+        raise KeyboardInterrupt
+    if _STATE == "idle":
+        os._exit(128 + signum)
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit once the parent process is gone (reparented: another parent id)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _start_worker(parent: int) -> None:
+    """A pool worker's initializer: stop on SIGINT / SIGTERM (_stop_job), and die with the parent (on
+    Linux the kernel sends SIGTERM when it dies, elsewhere a thread looks every second)."""
+    signal.signal(signal.SIGINT, _stop_job)
+    signal.signal(signal.SIGTERM, _stop_job)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before prctl
+            os._exit(1)
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
 def _process_job(job: ExpertJob, config_dump: dict, resume: bool, gpu: int | None, networks: tuple = ()) -> str:
     """Body of one pool job (on GPUs a fresh process per job: CUDA starts after the GPU is chosen)."""
+    global _STATE
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     use_networks(networks)  # the user's network classes this process's parent registered
     config = ExpertConfig.model_validate(config_dump)
-    return str(train_expert(job.shard, config, job.out_dir, resume=resume))
+    _STATE = "job"
+    try:
+        return str(train_expert(job.shard, config, job.out_dir, resume=resume))
+    except KeyboardInterrupt:  # stopped: leave the pool (not on to the next job)
+        os._exit(130)
+    finally:
+        _STATE = "idle"
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued jobs, stop the running ones (SIGTERM: _stop_job) and wait for the workers to exit."""
+    processes = list((pool._processes or {}).values())  # noqa: SLF001 (no public API before Python 3.14)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
 
 
 def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | None = None, resume: bool = False,
                   log: Log = print) -> list[Path]:
     """A local pool of `workers` processes (each job on config.train.threads threads). On GPUs every job
     gets a fresh process, which sees only its GPU; on CPUs a process runs job after job, so that torch
-    is imported once per worker, not once per expert (seconds per job for small experts)."""
+    is imported once per worker, not once per expert (seconds per job for small experts). A failed job or
+    Ctrl-C stops the others (finished experts stay, a stopped one leaves only its checkpoint); the
+    workers die with this process."""
     import multiprocessing
 
     workers = workers or default_workers(len(jobs))
     gpus = cuda_count()
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1 if gpus else None) as pool:
-        futures = [pool.submit(_process_job, job, config.model_dump(), resume, i % gpus if gpus else None,
-                               user_networks())
-                   for i, job in enumerate(jobs)]
-        out = []
-        for job, fut in zip(jobs, futures):
-            out.append(Path(fut.result()))
-            log(f"expert {job.cluster}: written to {job.out_dir} (process pool, {workers} workers)")
-    return out
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1 if gpus else None,
+                             initializer=_start_worker, initargs=(os.getpid(),)) as pool:
+        try:
+            futures = [pool.submit(_process_job, job, config.model_dump(), resume, i % gpus if gpus else None,
+                                   user_networks())
+                       for i, job in enumerate(jobs)]
+            out = []
+            for job, fut in zip(jobs, futures):
+                out.append(Path(fut.result()))
+                log(f"expert {job.cluster}: written to {job.out_dir} (process pool, {workers} workers)")
+            return out
+        except BaseException:
+            stop_workers(pool)
+            raise
 
 
 def run_jobs(jobs: list[ExpertJob], config: ExpertConfig, backend: str = "inline", workers: int | None = None,
              address: str | None = None, resume: bool = False, log: Log = print) -> list[Path]:
     """Train every job's expert with the chosen backend; returns the folders."""
-    check_backend(backend)
-    if workers is not None and workers < 1:
-        raise DDMError(f"workers must be >= 1, got {workers}")
-    if address is not None and backend != "ray":
-        raise DDMError(f"--address is for the ray backend only (backend is {backend!r})")
+    check_launch(backend, workers, address)
     if not jobs:
         return []
     if backend == "inline":
         return run_inline(jobs, config, resume, log)
     if backend == "processes":
         return run_processes(jobs, config, workers, resume, log)
-    return run_ray(jobs, config, address=address, workers=workers, log=log)
+    return run_ray(jobs, config, address=address, workers=workers, resume=resume, log=log)

@@ -1,8 +1,12 @@
 """The Ray backend: one Ray task per expert (`pip install ddmkit[ray]`).
 
-A task gets the bytes of its shard and returns the bytes of the expert folder
-it wrote, so it runs on any node of a cluster without a shared file system;
-the driver writes the folder atomically. Inside the task it is the same pure
+A task gets the bytes of its shard (and of the checkpoint a killed job left,
+if any) and streams back the bytes of each checkpoint it writes, then those
+of the expert folder, so it runs on any node of a cluster without a shared
+file system; the driver writes each checkpoint beside the expert folder and
+the folder itself atomically, then removes the checkpoint. A job killed here
+(or a task lost with its node) so continues from its last checkpoint the next
+time it is launched, on any backend. Inside the task it is the same pure
 `train_expert` as everywhere else, on config.train.threads CPU threads (the
 task asks Ray for as many CPUs), so the result is byte-identical to the
 inline backend for the same seeds.
@@ -17,13 +21,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Iterator
 
 from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError
 from ddmkit.io import staging_dir, write_bytes_atomic
 from ddmkit.nets import use_networks, user_networks
-from ddmkit.train.jobs import train_expert
+from ddmkit.train.jobs import checkpoint_path, train_expert
 
 
 def import_ray():
@@ -34,27 +40,71 @@ def import_ray():
     return ray
 
 
-def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict, networks: tuple = ()) -> dict[str, bytes]:
-    """What a Ray task runs: write the shard to a private temporary folder,
-    train the expert there (on config.train.threads threads), return {file name: bytes}
-    of the expert folder."""
+def _stamp(path: Path):
+    """What changes when a checkpoint is replaced (it is renamed into place: a new inode); None: absent."""
+    try:
+        s = path.stat()
+    except FileNotFoundError:
+        return None
+    return s.st_ino, s.st_mtime_ns, s.st_size
+
+
+def new_checkpoints(job: Future, path: Path, poll: float) -> Iterator[bytes]:
+    """The bytes of every new checkpoint at `path`, looked at every `poll` seconds while `job` runs."""
+    seen = _stamp(path)
+    while not job.done():
+        wait([job], timeout=poll)
+        stamp = _stamp(path)
+        if stamp is None or stamp == seen:
+            continue
+        seen = stamp
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # the job ended and removed it meanwhile
+            continue
+        yield data
+
+
+def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict, out_name: str = "expert",
+                     checkpoint: bytes | None = None, networks: tuple = (),
+                     poll: float = 1.0) -> Iterator[tuple[str, object]]:
+    """What a Ray task runs: in a private temporary folder, train the expert on the shard's bytes
+    (continuing from `checkpoint`, a checkpoint's bytes, when given); yield ("checkpoint", bytes) for
+    each checkpoint it writes, then ("expert", {file name: bytes}). Its errors name the driver's
+    paths `shard_name` and `out_name`, not the temporary copies."""
     use_networks(networks)  # the user's network classes the driver registered (their package must be installed)
     config = ExpertConfig.model_validate(config_dump)
     with tempfile.TemporaryDirectory(prefix="ddmkit-expert-") as tmp:
-        shard = Path(tmp) / Path(shard_name).name
+        shard, out = Path(tmp) / Path(shard_name).name, Path(tmp) / "expert"
         shard.write_bytes(shard_bytes)
-        out = train_expert(shard, config, Path(tmp) / "expert")
-        return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+        if checkpoint is not None:
+            checkpoint_path(out).write_bytes(checkpoint)
+        with ThreadPoolExecutor(1) as thread:
+            job = thread.submit(train_expert, shard, config, out, resume=checkpoint is not None)
+            for data in new_checkpoints(job, checkpoint_path(out), poll):
+                yield "checkpoint", data
+            try:
+                job.result()
+            except DDMError as e:
+                raise DDMError(str(e).replace(str(shard), shard_name).replace(str(out), out_name)) from None
+        yield "expert", {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
 
 def write_folder(out_dir: Path, files: dict[str, bytes]) -> Path:
-    """Write a returned expert folder atomically; names must be plain file names."""
+    """Write a returned expert folder atomically, then remove its checkpoint; names must be plain file names."""
     with staging_dir(out_dir) as tmp:
         for name, data in files.items():
             if name != Path(name).name or name in ("", ".", ".."):
                 raise DDMError(f"ray task returned a file name {name!r} that is not a plain name")
             write_bytes_atomic(tmp / name, data)
+    checkpoint_path(out_dir).unlink(missing_ok=True)
     return out_dir
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of an error's message (a Ray client's holds the server's whole traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1].rstrip(".") if lines else type(error).__name__
 
 
 def start_ray(ray, address: str | None, workers: int | None):
@@ -63,7 +113,11 @@ def start_ray(ray, address: str | None, workers: int | None):
         return False
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as e:  # ConnectionError, or the client server's own failure
+            raise DDMError(f"--address: cannot connect to Ray at {address}: {_last_line(e)}; start the cluster "
+                           "(`ray start --head`) or fix --address (ray://HOST:10001, HOST:6379 or auto)") from None
     else:
         import torch
 
@@ -72,22 +126,63 @@ def start_ray(ray, address: str | None, workers: int | None):
     return True
 
 
+def task_error(ray, error: Exception, job) -> Exception:
+    """The error to raise for a failed task: its own DDMError (no remote traceback), a DDMError for a
+    task Ray could not run, and any other error (a bug) as Ray gave it."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, DDMError):
+        return DDMError(str(cause))
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return error
+    return DDMError(f"expert {job.cluster}: Ray could not run its task ({_last_line(error)}); launch again: it "
+                    "continues from the last checkpoint that came back")
+
+
+def _submit(task, job, config: ExpertConfig, resume: bool):
+    """Start one job's task, shipping the checkpoint a killed job left when resuming."""
+    ckpt = checkpoint_path(job.out_dir)
+    checkpoint = ckpt.read_bytes() if resume and ckpt.exists() else None
+    return task.remote(str(job.shard), job.shard.read_bytes(), config.model_dump(), str(job.out_dir), checkpoint,
+                       user_networks())
+
+
+def _receive(ray, ref, job, gpus: int, log) -> None:
+    """Write one item a task streamed back: a checkpoint, or the expert folder."""
+    try:
+        kind, data = ray.get(ref)
+    except ray.exceptions.RayError as e:
+        raise task_error(ray, e, job) from None
+    if kind == "checkpoint":
+        write_bytes_atomic(checkpoint_path(job.out_dir), data)
+        return
+    write_folder(job.out_dir, data)
+    log(f"expert {job.cluster}: written to {job.out_dir} (ray task, {gpus} GPU)")
+
+
 def run_ray(jobs, config: ExpertConfig, address: str | None = None, workers: int | None = None,
-            log=print) -> list[Path]:
-    """Train every job as a Ray task (config.train.threads CPUs each) and write the folders here."""
+            resume: bool = False, log=print) -> list[Path]:
+    """Train every job as a Ray task (config.train.threads CPUs each) and write the folders and their
+    checkpoints here (resume: each task continues from the checkpoint its job left)."""
     ray = import_ray()
     started = start_ray(ray, address, workers)
+    running = {}
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         cpus = min(config.train.threads, max(1, int(ray.cluster_resources().get("CPU", 1))))
-        task = ray.remote(train_from_bytes).options(num_cpus=cpus, num_gpus=gpus, max_retries=2)
-        refs = [task.remote(job.shard.name, job.shard.read_bytes(), config.model_dump(), user_networks())
-                for job in jobs]
-        out = []
-        for job, ref in zip(jobs, refs):
-            out.append(write_folder(job.out_dir, ray.get(ref)))
-            log(f"expert {job.cluster}: written to {job.out_dir} (ray task, {gpus} GPU)")
-        return out
+        task = ray.remote(train_from_bytes).options(num_cpus=cpus, num_gpus=gpus, max_retries=2,
+                                                    num_returns="streaming")
+        running = {_submit(task, job, config, resume): job for job in jobs}
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            try:
+                ref = next(ready[0])
+            except StopIteration:
+                running.pop(ready[0])
+                continue
+            _receive(ray, ref, running[ready[0]], gpus, log)
+        return [job.out_dir for job in jobs]
     finally:
+        for generator in running:  # an error or Ctrl-C: stop the other tasks
+            ray.cancel(generator, force=True)
         if started:
             ray.shutdown()

@@ -4,7 +4,8 @@
     sbatch RUN/launch/train_experts.slurm
 
 Task i runs `ddmkit train-expert` on shard i with the run's own config.json
-and --resume, so a pre-empted or failed task re-submitted with
+(and the `--set` overrides given, written into its command line) and
+--resume, so a pre-empted or failed task re-submitted with
 `sbatch --array=i ...` continues from its last checkpoint. The array holds
 the experts not trained yet. The command is this Python's `python -m ddmkit`
 (its absolute path), so the nodes need no ddmkit on their PATH. The run folder
@@ -17,6 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ddmkit.config import RunConfig, apply_overrides, validate
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, write_bytes_atomic
 from ddmkit.layout import RunFolder
@@ -45,10 +47,11 @@ def array_ranges(indices: list[int]) -> str:
 
 def slurm_script(run: Path, k: int, ddmkit_cmd: str | None = None, time: str = "24:00:00", cpus: int = 4,
                  gpus: int = 1, mem: str = "16G", partition: str | None = None, extra: list[str] = (),
-                 experts: list[int] | None = None) -> str:
+                 experts: list[int] | None = None, overrides: list[str] = ()) -> str:
     """The text of a job-array script training `experts` (default all, 0 .. k-1) of `run` (on the
     partition's shards, or in a latent run on their latents) with `ddmkit_cmd` (default: this
-    Python's `python -m ddmkit`)."""
+    Python's `python -m ddmkit`), each task's config the run's config.json with `overrides`
+    (`--set FIELD=VALUE` items, e.g. expert.train.checkpoint_every=100)."""
     shards = "latents" if RunFolder(run).is_latent else "partition/shards"
     if k < 1:
         raise DDMError(f"the run has k = {k} shards; run `ddmkit partition` first")
@@ -72,14 +75,41 @@ def slurm_script(run: Path, k: int, ddmkit_cmd: str | None = None, time: str = "
               f"RUN={q(str(run))}",
               'I=$(printf "%02d" "$SLURM_ARRAY_TASK_ID")',
               f"{ddmkit_cmd} train-expert \"$RUN/{shards}/cluster_$I.safetensors\" \\",
-              '    --out "$RUN/experts/expert_$I" --config "$RUN/config.json" --resume', ""]
+              '    --out "$RUN/experts/expert_$I" --config "$RUN/config.json" --resume'
+              + "".join(f" --set {q(item)}" for item in overrides), ""]
     return "\n".join(lines)
 
 
-def write_slurm_script(run: Path, path: Path | None = None, **options) -> Path | None:
-    """Write the script for the experts not trained yet (default RUN/launch/train_experts.slurm); None,
-    and nothing written, when every expert is trained."""
+def check_emit(emit: str, unused: dict) -> None:
+    """Refuse a scheduler other than slurm, and the launch options given (a value that is not None,
+    e.g. {"--workers": 2}) that a script does not use."""
+    if emit != "slurm":
+        raise DDMError(f"--emit: unknown scheduler {emit!r}; accepted: slurm")
+    given = [name for name, value in unused.items() if value is not None]
+    if given:
+        raise DDMError(f"{', '.join(given)}: not used with --emit slurm (its tasks train with the run's config.json "
+                       "on the nodes SLURM gives them); leave them out, and give expert settings as --set, e.g. "
+                       "--set expert.train.device=cuda")
+
+
+def check_overrides(run: Path, overrides: list[str]) -> None:
+    """Refuse --set items a task would not use (fields outside expert.*) or that make the run's config invalid."""
+    others = [item for item in overrides if not item.strip().startswith("expert.")]
+    if others:
+        raise DDMError(f"--set {others[0]!r}: a SLURM task trains one expert and reads only expert.* fields (e.g. "
+                       "--set expert.train.checkpoint_every=100); set the others where they are used")
+    if overrides:
+        raw = read_json(RunFolder(run).config)  # the run's resolved config, which the tasks read
+        validate(RunConfig, apply_overrides(raw.get("config", {}) if isinstance(raw, dict) else raw, list(overrides)),
+                 f"{RunFolder(run).config} with --set")
+
+
+def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str] = (), **options) -> Path | None:
+    """Write the script for the experts not trained yet (default RUN/launch/train_experts.slurm), its tasks
+    trained with the run's config and `overrides` (expert.* --set items); None, and nothing written, when
+    every expert is trained."""
     run = Path(run)
+    check_overrides(run, overrides)
     manifest, _ = load_partition_checked(run / "partition")
     folder = RunFolder(run)
     latent = folder.config.exists() and (read_json(folder.config).get("config", {}).get("latent") or {}).get("enabled")
@@ -90,6 +120,6 @@ def write_slurm_script(run: Path, path: Path | None = None, **options) -> Path |
     if not missing:
         return None
     path = Path(path) if path else run / "launch" / "train_experts.slurm"
-    write_bytes_atomic(path, slurm_script(run, manifest["k"], experts=missing, **options).encode())
+    write_bytes_atomic(path, slurm_script(run, manifest["k"], experts=missing, overrides=overrides, **options).encode())
     path.chmod(0o755)
     return path

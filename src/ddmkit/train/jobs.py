@@ -12,6 +12,8 @@ process plus "processes": N in config.json.
 """
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import torch
@@ -165,17 +167,20 @@ def trained_expert_differences(out_dir: str | Path, shard: str | Path, config: E
 def train_expert_once(shard: str | Path, config: ExpertConfig, out_dir: str | Path, nproc: int = 1,
                       resume: bool = False, force: bool = False, log=print) -> bool:
     """train_expert_ddp, unless out_dir holds this expert already (the same settings and shard: nothing
-    to do, False) or one trained otherwise (a DDMError naming what differs; force replaces it)."""
+    to do, False) or one trained otherwise (a DDMError naming what differs; force replaces it). Under a
+    launcher of several processes (torchrun) only rank 0 logs, and only rank 0 returns True."""
+    main = int(os.environ.get("RANK", "0")) == 0
     differences = None if force or not Path(shard).is_file() else trained_expert_differences(out_dir, shard, config)
     if differences == []:
-        log(f"{out_dir}: this expert is trained already (the same settings and shard); nothing to do (--force "
-            "trains it again)")
+        if main:
+            log(f"{out_dir}: this expert is trained already (the same settings and shard); nothing to do (--force "
+                "trains it again)")
         return False
     if differences:
         raise DDMError(f"{out_dir} holds an expert trained with other settings ({', '.join(differences)}); choose "
                        "another --out, or pass --force to replace it")
     train_expert_ddp(shard, config, out_dir, nproc, resume=resume)
-    return True
+    return main
 
 
 def train_expert_ddp(shard: str | Path, config: ExpertConfig, out_dir: str | Path, nproc: int = 1,
