@@ -22,8 +22,8 @@ mode "nearest": each row joins the shard of its nearest centroid (K stays), the 
 expert whose shard grew is retrained from scratch on its whole shard (the cost of a new expert per
 grown cluster, against one expert for "new-cluster"); the router is retrained (or statistics-only).
 
-Both modes append the rows to RUN/data/train (and a data set's test split to RUN/data/test), so the
-evaluation scores the grown DDM on old and new data; the exact mixture of a Gaussian-mixture run is
+Both modes append the rows to RUN/data/train (and a data set's test split to RUN/data/test, spread
+evenly among the old test rows: `interleaved`), so the evaluation scores the grown DDM on old and new data; the exact mixture of a Gaussian-mixture run is
 extended when the new data have one too (weights by training counts), else dropped.
 
 replace_expert copies a model folder (config.json + model.safetensors, checked: same data shape and
