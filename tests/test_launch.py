@@ -111,6 +111,7 @@ def test_slurm_script_is_a_job_array_calling_train_expert(tmp_path):
     text = slurm_script(tmp_path / "my run", 8, partition="gpu", gpus=1)
     assert "#SBATCH --array=0-7" in text and "#SBATCH --gres=gpu:1" in text and "#SBATCH --partition=gpu" in text
     assert "ddmkit train-expert" in text and "--resume" in text and "config.json" in text
+    assert "--nproc" not in text and "--resume --nproc 4" in slurm_script(tmp_path, 8, gpus=4)  # one expert, 4 GPUs
     assert "'" in text.split("RUN=", 1)[1].splitlines()[0]  # the path with a space is shell-quoted
     path = tmp_path / "s.slurm"
     path.write_text(text)

@@ -76,6 +76,7 @@ def slurm_script(run: Path, k: int, ddmkit_cmd: str | None = None, time: str = "
               'I=$(printf "%02d" "$SLURM_ARRAY_TASK_ID")',
               f"{ddmkit_cmd} train-expert \"$RUN/{shards}/cluster_$I.safetensors\" \\",
               '    --out "$RUN/experts/expert_$I" --config "$RUN/config.json" --resume'
+              + (f" --nproc {gpus}" if gpus > 1 else "")  # one task = one expert = its GPUs (DDP or FSDP)
               + "".join(f" --set {q(item)}" for item in overrides), ""]
     return "\n".join(lines)
 
