@@ -310,8 +310,9 @@ def test_ctrl_c_stops_the_process_pool_at_once(launched, to):
     staging folder written, each job's last checkpoint kept."""
     driver, workers, run = launched
     (os.killpg if to == "group" else os.kill)(driver.pid, signal.SIGINT)
-    assert driver.wait(timeout=30) == 130
+    code = driver.wait(timeout=30)
     out = (run.parent / "launch.log").read_text()
+    assert code == 130, out
     assert "interrupted" in out and "Traceback" not in out, out
     assert not any(_alive(pid) for pid in workers)
     names = sorted(p.name for p in (run / "experts").iterdir())
