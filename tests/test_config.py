@@ -32,3 +32,17 @@ def test_bad_compile_mode_names_the_field_and_the_accepted_values(tmp_path):
     path.write_text('[expert.train]\ncompile_mode = "fast"\n')
     with pytest.raises(DDMError, match=r"expert\.train\.compile_mode.*'default', 'reduce-overhead' or 'max-autotune'"):
         load_config(path)
+
+
+def test_a_setting_added_later_leaves_the_digest_of_older_runs_as_it_was():
+    """A run's config.json written before train.parallel existed validates with its default, and keeps its
+    digest (else every run, sweep cell and kept measurement made before would be trained or measured again)."""
+    from ddmkit.config import RunConfig, json_digest, validate
+
+    cfg = validate(RunConfig, {"partition": {"k": 3}})
+    older = cfg.model_dump()
+    for section in ("expert", "router", "latent"):
+        older[section]["train"].pop("parallel")
+    assert json_digest(older) == cfg.digest() == validate(RunConfig, older).digest()
+    fsdp = validate(RunConfig, {"partition": {"k": 3}, "expert": {"train": {"parallel": "fsdp"}}})
+    assert fsdp.digest() != cfg.digest()

@@ -320,6 +320,8 @@ def test_a_grid_run_in_parts_is_the_whole_grid(tiny_grid, tmp_path):
     assert alone.returncode == 0, alone.stderr
     assert not (parts / "k2_b1_s0" / "monolith").exists()  # the K = 4 cells train it
     assert "no monolith cells" in (parts / "sweep.md").read_text()
+    again = cli("sweep", TINY, "--out", parts, "--k", "2", "--budget", "1")  # the part again, --monolith-k forgotten
+    assert again.returncode == 2 and "give --monolith-k the K whose cells train" in " ".join(again.stderr.split())
     assert cli("sweep", TINY, "--out", parts, "--k", "4", "--budget", "1").returncode == 0
     done = cli("sweep", TINY, "--out", parts, "--k", "2", "--k", "4", "--budget", "1", "--stages", "report")
     assert done.returncode == 0, done.stderr
@@ -380,3 +382,38 @@ def test_a_grid_whose_points_are_not_what_they_are_called_is_refused():
             ([512], [1.0], "batch", r"--k 512: the batch split .* leaves no row")):
         with pytest.raises(DDMError, match=message):
             check_grid(cfg, ks, budgets, [0], scale)
+
+
+def test_cells_scored_before_a_setting_was_added_still_count_and_damaged_ones_are_named(tiny_grid, tmp_path):
+    """A metrics.json written before ddmkit had a setting (here train.parallel) counts as made with its default,
+    as a resumed run folder does; a file of another shape is a clear error, not a traceback."""
+    out, older = tiny_grid, tmp_path / "older"
+    names = ["k2_b0.5_s0", "k2_b1_s0", "k4_b0.5_s0", "k4_b1_s0"]
+    copy_metrics(out, older, names)
+    for name in names:
+        path = older / name / "metrics.json"
+        metrics = json.loads(path.read_text())
+        for section in ("expert", "router", "latent"):
+            metrics["config"][section]["train"].pop("parallel")
+        path.write_text(json.dumps(metrics))
+    done = cli("sweep", TINY, "--out", older, *GRID, "--stages", "report")
+    assert done.returncode == 0, done.stderr
+    assert (older / "sweep.md").read_text() == (out / "sweep.md").read_text()
+    cut = (older / "k4_b1_s0" / "metrics.json").read_text()[:50]
+    (older / "k4_b1_s0" / "metrics.json").write_text(cut)
+    refused = cli("sweep", TINY, "--out", older, *GRID, "--stages", "report")
+    assert refused.returncode == 2 and "is not valid JSON (cut short?); delete it" in " ".join(refused.stderr.split())
+    for bad in ("[]", '{"config": 1, "rows": {}}', '{"config": {}, "rows": {"full": {"n": 1}}}'):
+        (older / "k4_b1_s0" / "metrics.json").write_text(bad)
+        refused = cli("sweep", TINY, "--out", older, *GRID, "--stages", "report")
+        assert refused.returncode == 2 and "k4_b1_s0/metrics.json is not the metrics.json of a scored ddmkit run" \
+            in " ".join(refused.stderr.split()) and "Traceback" not in refused.stderr, refused.stderr
+
+
+def test_a_k_above_the_mixtures_components_and_bad_workers_are_refused_before_any_cell(tmp_path):
+    """ring8 has 8 components: K = 16 was refused by its own run, after the K = 2 cells had trained."""
+    for extra, words in ((("--k", "16"), "--k 16: ring8 is a mixture of 8 Gaussians"),
+                         (("--workers", "0"), "--workers must be >= 1")):
+        done = cli("sweep", TINY, "--out", tmp_path / "out", "--k", "2", *extra, "--budget", "1")
+        assert done.returncode == 2 and words in " ".join(done.stderr.split()), done.stderr
+        assert not (tmp_path / "out").exists()

@@ -369,9 +369,23 @@ class RunConfig(Section):
         return json_digest(self.model_dump())
 
 
+ADDED_LATER = {"parallel": "ddp"}  # settings ddmkit gained after runs were made with it, and their defaults
+
+
 def json_digest(obj) -> str:
-    """A short hash of a JSON-able object (keys sorted): equal settings, equal digest."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of a JSON-able object (keys sorted): equal settings, equal digest. A setting of
+    ADDED_LATER at its default is left out, at any depth, so a run (or a kept measurement) made before
+    ddmkit had it keeps its digest."""
+    return hashlib.sha256(json.dumps(_without_added_defaults(obj), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _without_added_defaults(obj):
+    if isinstance(obj, dict):
+        return {k: _without_added_defaults(v) for k, v in obj.items()
+                if not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    if isinstance(obj, list):
+        return [_without_added_defaults(v) for v in obj]
+    return obj
 
 
 def config_differences(made: dict, asked: dict, prefix: str = "") -> list[str]:

@@ -34,9 +34,11 @@ from pathlib import Path
 from typing import Callable
 
 from ddmkit.config import MONOLITH, RunConfig, config_differences, validate
+from ddmkit.data.synthetic import MIXTURES
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
 from ddmkit.io import read_json, write_bytes_atomic, write_json
+from ddmkit.launch import check_launch
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
@@ -220,12 +222,58 @@ def short_trainings(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k:
     return lines
 
 
+def read_metrics(folder: RunFolder) -> dict:
+    """A cell's metrics.json as a sweep reads it: its config validated (a setting added to ddmkit since
+    takes its default, as when a run folder is resumed) and rows that each hold a score (FID or W2 / floor);
+    a file of another shape is a DDMError naming it (cells' files are copied between machines by hand)."""
+    fix = "delete it to score the cell again (the same command), or copy that cell's own metrics.json back"
+    try:
+        metrics = read_json(folder.metrics)
+    except DDMError:  # its own advice names the command that wrote it: this one, which refuses it
+        raise DDMError(f"{folder.metrics} is not valid JSON (cut short?); {fix}") from None
+    rows = metrics.get("rows") if isinstance(metrics, dict) else None
+    if not isinstance(rows, dict) or not isinstance(metrics.get("config"), dict) or \
+            not all(isinstance(r, dict) and ("fid" in r or "w2_over_floor" in r) for r in rows.values()):
+        raise DDMError(f"{folder.metrics} is not the metrics.json of a scored ddmkit run (a JSON object with "
+                       f"'config' and 'rows', each row a score); {fix}")
+    cfg = validate(RunConfig, metrics["config"], str(folder.metrics), "config in metrics.json")
+    return {**metrics, "config": cfg.model_dump(mode="json")}
+
+
 def scored_rows(folder: RunFolder, cell_cfg: RunConfig) -> dict | None:
     """A cell's result rows from its metrics.json, if it was scored with exactly this config (else None)."""
     if not folder.metrics.exists():
         return None
-    metrics = read_json(folder.metrics)
-    return metrics["rows"] if metrics.get("config") == cell_cfg.model_dump(mode="json") else None
+    metrics = read_metrics(folder)
+    return metrics["rows"] if metrics["config"] == cell_cfg.model_dump(mode="json") else None
+
+
+def check_grid_data(cfg: RunConfig, ks: list[int], backend: str, workers: int | None) -> None:
+    """Before any cell writes, what the config alone does not show: the backend's options, and on data of a
+    Gaussian mixture of M components a K above M (a partition into more clusters leaves some owning no
+    component, which the run of that K would refuse after the cells before it had trained)."""
+    check_launch(backend, workers)
+    if not ks or cfg.data.name not in MIXTURES:
+        return
+    components = load_data(cfg)[0].truth.k
+    if max(ks) > components:
+        raise DDMError(f"--k {max(ks)}: {cfg.data.name} is a mixture of {components} Gaussians, so a partition "
+                       f"into more clusters leaves some owning none of them (a run refuses that); give --k "
+                       f"{components} or lower")
+
+
+def check_same_monolith(folder: RunFolder, cell_cfg: RunConfig) -> None:
+    """A cell made by a grid whose monolith trains at another K differs in monolith.enabled alone: name
+    --monolith-k, not --force (which would train the cell again)."""
+    if not folder.config.exists():
+        return
+    made = validate(RunConfig, read_json(folder.config).get("config"), str(folder.config)).model_dump(mode="json")
+    differs = [d for d in config_differences(made, cell_cfg.model_dump(mode="json"))
+               if not d.startswith(("sample.", "evaluate."))]  # a cell scores again with new ones
+    if differs and all(d.startswith("monolith.enabled") for d in differs):
+        raise DDMError(f"{folder.root} was made by a grid whose monolith trains at another K (monolith.enabled "
+                       f"differs): give --monolith-k the K whose cells train the monolith, as the grid's other "
+                       "parts did")
 
 
 def grid_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int,
@@ -249,7 +297,7 @@ def scored_cells(grid: list[tuple], out: Path, partial: bool = False) -> tuple[l
             results.append({"k": k, "budget": b, "seed": s, "rows": rows})
     if other:
         first = next(c for _, c, folder in grid if folder.root.name == other[0])
-        made = read_json(RunFolder(out / other[0]).metrics).get("config") or {}
+        made = read_metrics(RunFolder(out / other[0]))["config"]
         differs = config_differences(made, first.model_dump(mode="json"))
         hint = (" (monolith.enabled differs: give --monolith-k the K whose cells trained the monolith)"
                 if any(d.startswith("monolith.enabled") for d in differs) else "")
@@ -353,14 +401,14 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     mono_k = monolith_k(cfg, ks, monolith)
     grid = grid_cells(cfg, out, todo, mono_k, scale)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
+    others = [] if all_seeds else [c for c in cells(ks, budgets, seeds, all_seeds=True) if c not in todo]
+    beyond = [folder.name for folder in (cell_dir(out, *c, scale, cfg.partition.k) for c in others)
+              if (folder / "metrics.json").exists()]
+    if beyond and stages != "train":
+        log(f"sweep: cells {', '.join(beyond)} are scored but left out: a seed other than the first counts "
+            "only at the smallest and largest budget; add --all-seeds to report every seed at every budget")
     if stages == "report":
         results, missing = scored_cells(grid, out, partial)
-        others = [] if all_seeds else [c for c in cells(ks, budgets, seeds, all_seeds=True) if c not in todo]
-        beyond = [folder.name for folder in (cell_dir(out, *c, scale, cfg.partition.k) for c in others)
-                  if (folder / "metrics.json").exists()]
-        if beyond:
-            log(f"sweep: cells {', '.join(beyond)} are scored but left out: a seed other than the first counts "
-                "only at the smallest and largest budget; add --all-seeds to report every seed at every budget")
         return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, grid), log,
                             missing, scale)
     short = short_trainings(cfg, ks, budgets, mono_k, scale)
@@ -376,6 +424,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         if untrained:
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
+    check_grid_data(cfg, [k for ((k, _, _), _, _), rows in zip(grid, kept) if rows is None], backend, workers)
     out.mkdir(parents=True, exist_ok=True)
     first: RunFolder | None = None  # the cell whose data (reference features, autoencoder) the others share
     partitions: dict[int, RunFolder] = {}  # K -> the cell whose partition the others of that K share
@@ -385,6 +434,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         if rows is not None:
             log(f"scored before ({folder.metrics}): kept")
         else:
+            check_same_monolith(folder, cell_cfg)
             if not folder.config.exists():
                 shared = "autoencoder" if cfg.latent.enabled else "data"
                 first = first or cell_in_folder(out, cell_cfg, SHARED, shared)
