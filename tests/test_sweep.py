@@ -417,3 +417,6 @@ def test_a_k_above_the_mixtures_components_and_bad_workers_are_refused_before_an
         done = cli("sweep", TINY, "--out", tmp_path / "out", "--k", "2", *extra, "--budget", "1")
         assert done.returncode == 2 and words in " ".join(done.stderr.split()), done.stderr
         assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("x")  # --out naming a file
+    done = cli("sweep", TINY, "--out", tmp_path / "file", "--k", "2", "--budget", "1")
+    assert done.returncode == 2 and "file is a file, not a folder" in done.stderr, done.stderr

@@ -37,7 +37,7 @@ from ddmkit.config import MONOLITH, RunConfig, config_differences, validate
 from ddmkit.data.synthetic import MIXTURES
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
-from ddmkit.io import read_json, write_bytes_atomic, write_json
+from ddmkit.io import check_folder_target, read_json, write_bytes_atomic, write_json
 from ddmkit.launch import check_launch
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
@@ -396,7 +396,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     if partial and stages != "report":
         raise DDMError(f"--partial: only with --stages report (got --stages {stages}); score the missing cells, "
                        "then report with --stages report --partial")
-    out = Path(out)
+    out = check_folder_target(Path(out))  # --out FILE: named before any work
     todo = cells(ks, budgets, seeds, all_seeds)
     mono_k = monolith_k(cfg, ks, monolith)
     grid = grid_cells(cfg, out, todo, mono_k, scale)
