@@ -364,12 +364,12 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     if not source.exists():
         raise DDMError(f"{run}: no registry yet ({REGISTRY}); run `ddmkit register {run}` first")
     reg = _validated(Registry, read_json(source), str(source))
-    if reg.time_convention is not None or read_json(run / "partition" / "manifest.json").get("data_name") != "text":
+    manifest, _ = load_partition_checked(run / "partition")
+    if reg.time_convention is not None or manifest.get("data_name") != "text":
         check_time_convention(reg.time_convention, source)
     if not _same_release(reg.ddmkit_version, __version__):
         raise DDMError(f"{source}: written by ddmkit {reg.ddmkit_version}, this is ddmkit {__version__}; "
                        f"install ddmkit=={reg.ddmkit_version} or re-train and re-register")
-    manifest, _ = load_partition_checked(run / "partition")
     if sha256_file(run / "partition" / "manifest.json") != reg.partition_sha256:
         raise DDMError(f"{source}: the partition manifest changed since the registry was written; "
                        "these experts were trained on another partition")

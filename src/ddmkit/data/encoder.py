@@ -95,8 +95,8 @@ def _vision_class(transformers, config, field: str):
 
 def _cache_key(path: Path) -> tuple:
     """The folder with its files' times and sizes: a model saved there again is loaded again."""
-    files = sorted(path.glob("*")) if path.is_dir() else []
-    return (str(path), *((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()))
+    files = sorted(f for f in path.glob("*") if f.is_file()) if path.is_dir() else []
+    return (str(path), *((f.name, st.st_mtime_ns, st.st_size) for f in files for st in [f.stat()]))
 
 
 def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[torch.nn.Module, str]:

@@ -201,13 +201,16 @@ def check_existing(plan: Plan) -> None:
     for path in existing_students(plan.folder):
         made = read_json(path / "config.json").get("distill", {})
         dense = made.get("dense", made)
-        diff = config_differences(dense, plan.dense_spec)
+        teacher = "teacher_sha256"  # named as what it means: the teacher's weights changed
+        diff = config_differences({k: v for k, v in dense.items() if k != teacher},
+                                  {k: v for k, v in plan.dense_spec.items() if k != teacher})
+        if dense.get(teacher) != plan.dense_spec[teacher]:
+            diff.append("the teacher: its experts or router changed since (add-expert, replace-expert or a job "
+                        "trained again)")
         if path.name != "dense" and not diff and plan.few_step is not None \
                 and path == plan.folder.few_step_student(plan.few_step, plan.grid):
             diff = config_differences(made, {key: v for key, v in plan.few_step_spec().items()
                                               if key not in ("dense", "teacher_steps_used")})  # derived
-        diff = [("the teacher: its experts or router changed since (add-expert, replace-expert or a job trained "
-                 "again)" if d.startswith("teacher_sha256 ") else d) for d in diff]
         if diff:
             raise DDMError(f"{path} was distilled differently: {'; '.join(diff)}. Pass --force to remove "
                            f"{plan.folder.students} (every student in it) and distill again")

@@ -41,6 +41,7 @@ from ddmkit.io import check_folder_target, read_json, write_bytes_atomic, write_
 from ddmkit.launch import check_launch
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
+from ddmkit.pipeline.prepare import run_config, trained_differences
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
 from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import load_data, register_user_networks
@@ -267,9 +268,7 @@ def check_same_monolith(folder: RunFolder, cell_cfg: RunConfig) -> None:
     --monolith-k, not --force (which would train the cell again)."""
     if not folder.config.exists():
         return
-    made = validate(RunConfig, read_json(folder.config).get("config"), str(folder.config)).model_dump(mode="json")
-    differs = [d for d in config_differences(made, cell_cfg.model_dump(mode="json"))
-               if not d.startswith(("sample.", "evaluate."))]  # a cell scores again with new ones
+    differs = trained_differences(run_config(folder.root), cell_cfg)  # new [sample] settings: scored again
     if differs and all(d.startswith("monolith.enabled") for d in differs):
         raise DDMError(f"{folder.root} was made by a grid whose monolith trains at another K (monolith.enabled "
                        f"differs): give --monolith-k the K whose cells train the monolith, as the grid's other "
