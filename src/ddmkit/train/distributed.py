@@ -245,6 +245,7 @@ def _worker(local_rank: int, nproc: int, device_name: str, init_method: str, thr
     torch.set_num_threads(threads)
     try:
         fn(*args, dist=_join(local_rank, nproc, local_rank, device_name, init_method))
+        tdist.barrier()  # every process done before any tears the group down (gloo aborts otherwise)
     except DDMError as e:
         errors.put(str(e))
         raise
