@@ -161,13 +161,18 @@ def cell_in_folder(out: Path, cell_cfg: RunConfig, sections: tuple[str, ...], ha
     """A cell already in OUT (made by an earlier command, e.g. another part of the grid) whose config has
     cell_cfg's `sections` and whose folder holds `has` (a RunFolder attribute): the cell whose outputs a
     new cell shares, so that the grid's data, reference features and autoencoder are made once per
-    OUT folder, whichever command made its first cell. Sections are compared as the JSON config.json holds."""
+    OUT folder, whichever command made its first cell. Sections are compared after validating the
+    recorded config (a setting ddmkit gained since takes its default, as when a run resumes), so a cell
+    brought from an earlier ddmkit version is still found; a config.json ddmkit cannot read is passed by."""
     mine = cell_cfg.model_dump(mode="json")
     for config in sorted(out.glob("k*_b*_s*/config.json")):
         folder = RunFolder(config.parent)
         if getattr(folder, has).exists():
-            recorded = read_json(config).get("config", {})
-            if all(recorded.get(key) == mine[key] for key in sections):
+            try:
+                recorded = run_config(folder.root).model_dump(mode="json")
+            except DDMError:
+                continue
+            if all(recorded[key] == mine[key] for key in sections):
                 return folder
     return None
 
