@@ -212,6 +212,8 @@ def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "config.json").write_text("{}")
     calls = [(("add-expert", run, "--data", base / "new.npz", "--params", "{oops"), ("--params", "JSON")),
+             (("add-expert", run, "--data", "nosuchset"), ("--data: unknown data set 'nosuchset'",)),
+             (("add-expert", run, "--data", "ring8", "--params", '{"nope": 1}'), ("--params key 'nope'",)),
              (("replace-expert", run, 3, run / "experts" / "expert_00"), ("K", "0 .. 2"))]
     for (code, stderr), (_, words) in zip(clis([args for args, _ in calls]), calls):
         assert code == 2 and all(w in stderr for w in words), stderr

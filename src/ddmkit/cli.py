@@ -616,9 +616,21 @@ def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trai
         raise DDMError(f"--params: not valid JSON ({e}); write an object, e.g. --params '{{\"key\": \"x\"}}'") from None
     if not isinstance(table, dict):
         raise DDMError(f"--params: expected a JSON object, got {type(table).__name__}; e.g. --params '{{\"key\": \"x\"}}'")
-    event = add_expert(run_dir, {"name": data, "params": table}, mode, router, log)
+    try:
+        event = add_expert(run_dir, {"name": data, "params": table}, mode, router, log)
+    except DDMError as e:  # the library names the [data] table's fields; this command's user gave options
+        raise DDMError(_as_data_options(str(e))) from None
     log(f"add-expert: {event['rows']} rows added to {run_dir} (grow.json entry {event['n']}); sample and score with "
         f"`ddmkit run {run_dir}/config.json --out {run_dir} --stages evaluate`")
+
+
+def _as_data_options(message: str) -> str:
+    """A message about the [data] table in add-expert's words: data.name is --data, data.params.KEY is
+    the key KEY of --params."""
+    import re
+
+    message = re.sub(r"\bdata\.params\.(\w+)", r"--params key '\1'", message)
+    return message.replace("data.name", "--data").replace("data.params", "--params")
 
 
 @app.command("replace-expert")
