@@ -229,3 +229,21 @@ def test_autocast_follows_the_rows_device_not_the_device_argument():
     full, _ = sample_single(field, (D,), 16, steps=3, x1=x1)
     assert not torch.equal(here, full)  # bf16 on the CPU changes the samples
     assert torch.equal(other, here)
+
+
+def test_nearest_routing_keeps_the_mixture_weights_on_an_exact_ddm():
+    """Exact experts of three far-apart components and the exact posterior: at t = 1 the posterior is the
+    prior for every x, so nearest's first step draws an expert from it, and each row stays with its
+    cluster (its x0_hat is that cluster's mean). The samples' component shares are the weights (0.5, 0.3,
+    0.2) within sampling error (n = 3000: standard error <= 0.01), every expert called."""
+    from ddmkit.ddm import DDM
+    from ddmkit.truth import GaussianMixture
+
+    gmm = GaussianMixture.from_covariances([0.5, 0.3, 0.2], [[-6.0, 0.0], [6.0, 0.0], [0.0, 6.0]], [0.1, 0.1, 0.1])
+    experts = [lambda x, t, k=k: gmm.component_velocities(x.double(), t.double())[:, k].float() for k in range(3)]
+    ddm = DDM(experts, lambda x, t: gmm.posterior(x.double(), t.double()).float(), gmm.weights.float(), (2,),
+              lambda x: torch.cdist(x.double(), gmm.means).argmin(1))
+    x, info = ddm.sample("nearest", n=3000, steps=20, seed=0)
+    shares = torch.bincount(torch.cdist(x.double(), gmm.means).argmin(1), minlength=3).double() / 3000
+    assert torch.allclose(shares, gmm.weights, atol=0.04), shares
+    assert min(info["expert_rows"]) > 0

@@ -203,12 +203,14 @@ class Oracle(Selecting):
 
 @dataclass(frozen=True)
 class Nearest(Selecting):
+    """The cluster whose centroid is nearest to x0_hat of the previous step. With no x0_hat yet (the
+    first step) one expert drawn from the router, as sample-1: near t = 1 the posterior is about the
+    prior for every x, and its argmax would send every row to one cluster, which then keeps it (the
+    expert's x0_hat is its own cluster's mean)."""
     name: str = "nearest"
     one_expert = True
 
     def select(self, probs, state):
         if state.x0_hat is None or state.nearest is None:
-            idx = probs.argmax(1)
-        else:
-            idx = state.nearest(state.x0_hat).to(probs.device)
-        return _single(idx, probs)
+            return SampleK(1).select(probs, state)
+        return _single(state.nearest(state.x0_hat).to(probs.device), probs)
