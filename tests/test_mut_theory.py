@@ -1164,4 +1164,4 @@ def test_cumulative_lambda_starts_at_zero_at_the_data_end():
         lam = cumulative_lambda(times, torch.full_like(times, 2.0))
         assert torch.allclose(lam, 2.0 * times)
     lam = cumulative_lambda(torch.tensor([0.75, 0.25], dtype=F64), torch.tensor([1.0, 3.0], dtype=F64))
-    assert lam.tolist() == [1.0, 0.0]  # the integral starts at the smallest time given
+    assert lam.tolist() == [1.75, 0.75]  # from 0, with L held at its smallest time's value (3) on [0, 0.25]

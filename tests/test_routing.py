@@ -148,3 +148,19 @@ def test_one_table_parses_documents_and_validates_every_strategy():
         assert "`greedy`" in strategies_markdown()
     finally:
         STRATEGIES.pop()
+
+
+def test_strategy_names_are_strings_and_numbers_may_use_scientific_notation():
+    from ddmkit.routing.strategies import Nucleus, Threshold, TopK
+
+    for bad, kind in ((5, "int"), (None, "NoneType")):
+        with pytest.raises(DDMError, match=f"a routing strategy is a name \\(a string\\).*got {kind}"):
+            parse_strategy(bad)
+    assert parse_strategy("threshold-1e-9") == Threshold(1e-9)
+    assert parse_strategy("nucleus-5E-1@2e0") == Nucleus(0.5, 2.0)
+    assert parse_strategy("threshold-0.25") == Threshold(0.25)  # the decimal form is unchanged
+    with pytest.raises(DDMError, match=r"^strategy 'adaptive-ent-1e999': 1e999 is not a finite number$"):
+        parse_strategy("adaptive-ent-1e999")
+    assert parse_strategy(" top-2") == TopK(2)
+    with pytest.raises(DDMError, match=r"^strategy 'top-0': K must be >= 1$"):  # the name as stripped
+        parse_strategy(" top-0 ")

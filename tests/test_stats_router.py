@@ -147,3 +147,32 @@ def test_a_run_without_a_trained_router_samples_and_scores_by_the_statistics(tmp
         with pytest.raises(DDMError, match=message):
             ddm.sample("top-2", steps=2, **bad)
     assert ddm.sample("top-2", n=3, steps=2)[0].shape == (3, 2)
+
+
+def test_island_statistics_rank_is_none_or_at_least_one():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    assert island_statistics(x, rank=1)["factors"].shape == (5, 1)
+    assert island_statistics(x, rank=None, max_full_dim=2)["factors"].shape == (5, 5)  # DEFAULT_RANK, cut to d
+    assert island_statistics(x)["cov"].shape == (5, 5)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(DDMError, match=f"rank must be None .* or an integer >= 1; got {bad!r}"):
+            island_statistics(x, rank=bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_island_statistics_refuse_non_finite_data(bad):
+    x = torch.randn(6, 3, dtype=torch.float64)
+    x[2, 1] = bad
+    with pytest.raises(DDMError, match="x: the island's data hold nan or inf"):
+        island_statistics(x)
+    with pytest.raises(DDMError, match="x: the island's data hold nan or inf"):
+        island_statistics(torch.full((5, 3), bad))
+
+
+@pytest.mark.parametrize("rank", [None, 1])
+def test_islands_of_different_dimensions_are_named(rank):
+    g = torch.Generator().manual_seed(6)
+    stats = [island_statistics(torch.randn(8, d, generator=g), rank=rank) for d in (3, 4, 3, 2)]
+    with pytest.raises(DDMError, match=r"island 0 has 3, islands \[1, 3\] have \[4, 2\]"):
+        stats_router(stats)

@@ -75,3 +75,12 @@ def test_sampler_names_are_checked():
         parse_sampler("rk4:full")
     with pytest.raises(DDMError, match="routing strategy"):
         parse_sampler("euler:bogus")
+
+
+def test_expert_error_eps_must_be_finite_and_non_negative(ring):
+    groups = cluster_groups(8, 4)
+    for bad in (float("nan"), float("inf"), -0.1):
+        with pytest.raises(DDMError, match=f"eps must be a finite number >= 0; got {bad}"):
+            make_experts(ring, groups, eps=bad)
+    x, t = torch.zeros(1, 2, dtype=F64), torch.full((1,), 0.5, dtype=F64)
+    assert torch.equal(make_experts(ring, groups, eps=0)[0](x, t), ring.subset(groups[0]).velocity(x, t))

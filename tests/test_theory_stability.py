@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 
+from ddmkit.errors import DDMError
 from ddmkit.theory.distill import DistillSettings, make_grids, stability_profile, two_modes, union_times
 from ddmkit.theory.paths import get_path
 from ddmkit.theory.stability import (cumulative_lambda, lambda_uniform_grid, measured_lipschitz, report_times,
@@ -135,3 +136,22 @@ def test_distillation_lambda_grid_of_two_stiff_modes_crowds_the_data_end(name):
     assert float((grids["lambda"][4] - grids["uniform"][4]).abs().max()) > 0.05
     if name == "ou":
         assert float(grids["lambda"][4][-2]) < 0.1 * float(grids["uniform"][4][-2])
+
+
+def test_cumulative_lambda_on_a_grid_that_stops_short_of_zero():
+    """Lambda(t) = integral_0^t L: with L = 1 it is t itself, whether or not the grid reaches 0 (below
+    the grid L is held at its value at the smallest time)."""
+    assert cumulative_lambda(torch.tensor([1.0, 0.5, 0.2]), torch.ones(3)).tolist() == pytest.approx([1.0, 0.5, 0.2])
+    assert cumulative_lambda(torch.tensor([0.2, 0.5, 1.0]), torch.ones(3)).tolist() == pytest.approx([0.2, 0.5, 1.0])
+    assert cumulative_lambda(torch.tensor([1.0, 0.5, 0.2]), torch.tensor([3.0, 1.0, 2.0])).tolist() == pytest.approx(
+        [1.0 + 0.45 + 0.4, 0.45 + 0.4, 0.4])
+    # a grid that reaches 0 is the plain trapezoid rule, unchanged: trapezoids 1.0 and 0.5
+    assert cumulative_lambda(torch.tensor([1.0, 0.5, 0.0]), torch.tensor([3.0, 1.0, 1.0])).tolist() == [1.5, 0.5, 0.0]
+
+
+def test_lambda_uniform_grid_needs_at_least_one_segment():
+    t = torch.tensor([1.0, 0.5, 0.0], dtype=F64)
+    assert lambda_uniform_grid(t, t, 1).tolist() == [1.0, 0.0]
+    for bad in (0, -1):
+        with pytest.raises(DDMError, match=f"segments must be >= 1.*got {bad}"):
+            lambda_uniform_grid(t, t, bad)

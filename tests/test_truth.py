@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ddmkit.data.synthetic import anisotropic_mixture, ring_mixture
+from ddmkit.errors import DDMError
 from ddmkit.evaluation import w2_exact
 from ddmkit.sample import sample_adaptive, time_grid
 from ddmkit.truth import GaussianMixture
@@ -218,3 +219,73 @@ def test_zero_samples_are_an_empty_set(gen):
 
     train, test = load_dataset("ring8", 16, 0, 0)
     assert len(train) == 16 and test.x.shape == (0, 2) and test.labels.shape == (0,)
+
+
+# ----- input checks ---------------------------------------------------------------------------------
+def standard_pair():
+    """Two components N(0, I_2) with weights 1/4, 3/4 (so log p_0(0) = -log(2 pi))."""
+    return GaussianMixture.from_covariances([1.0, 3.0], np.zeros((2, 2)), [1.0, 1.0])
+
+
+def test_direct_constructor_needs_normalised_weights_and_orthonormal_eigvecs():
+    g = standard_pair()
+    x = torch.zeros(1, 2, dtype=D)
+    direct = GaussianMixture(torch.tensor([0.25, 0.75], dtype=D), g.means, g.eigvals, g.eigvecs)
+    assert float(direct.log_prob(x)) == float(g.log_prob(x)) == pytest.approx(-math.log(2 * math.pi))
+    with pytest.raises(DDMError, match=r"weights must be >= 0 and sum to 1; got sum 4"):
+        GaussianMixture(torch.tensor([1.0, 3.0], dtype=D), g.means, g.eigvals, g.eigvecs)
+    with pytest.raises(DDMError, match="eigvecs must be orthonormal"):
+        GaussianMixture(g.weights, g.means, g.eigvals, 2 * g.eigvecs)
+    c, s = math.cos(0.3), math.sin(0.3)  # a rotation is orthonormal
+    rotation = torch.tensor([[c, -s], [s, c]], dtype=D).expand(2, 2, 2)
+    assert float(GaussianMixture(g.weights, g.means, g.eigvals, rotation).log_prob(x)) == pytest.approx(
+        -math.log(2 * math.pi))
+    with pytest.raises(DDMError, match=r"eigvals must have shape \(2, 2\)"):
+        GaussianMixture(g.weights, g.means, g.eigvals[:, :1], g.eigvecs)
+    with pytest.raises(DDMError, match="means must be finite"):
+        GaussianMixture(g.weights, g.means + math.nan, g.eigvals, g.eigvecs)
+
+
+@pytest.mark.parametrize("field, weights, means, covs", [
+    ("means", [1.0, 1.0], [[math.nan, 0.0], [0.0, 0.0]], [1.0, 1.0]),
+    ("covs", [1.0, 1.0], [[0.0, 0.0], [1.0, 0.0]], [math.nan, 0.2]),
+    ("weights", [math.inf, 0.7], [[0.0, 0.0], [1.0, 0.0]], [1.0, 0.2]),
+])
+def test_from_covariances_refuses_non_finite_numbers(field, weights, means, covs):
+    with pytest.raises(DDMError, match=f"^{field} must be finite"):
+        GaussianMixture.from_covariances(weights, means, covs)
+
+
+def test_wrong_shapes_are_named():
+    g = standard_pair()
+    with pytest.raises(DDMError, match=r"x must have shape \(B, 2\).*got \(3, 3\)"):
+        g.velocity(torch.zeros(3, 3, dtype=D), 0.5)
+    with pytest.raises(DDMError, match=r"x must have shape \(B, 2\).*got \(2,\)"):
+        g.posterior(torch.zeros(2, dtype=D), 0.5)
+    with pytest.raises(DDMError, match=r"t must be a number or of shape \(3,\).*got shape \(3, 1\)"):
+        g.velocity(torch.zeros(3, 2, dtype=D), torch.full((3, 1), 0.5, dtype=D))
+    with pytest.raises(DDMError, match=r"n \(the number of samples\) must be an integer >= 0; got 2.5"):
+        g.sample(2.5)
+    with pytest.raises(DDMError, match=r"idx must be a list of component indices in 0 \.\. 1; got \[5\]"):
+        g.subset([5])
+    assert g.subset([1]).weights.tolist() == [1.0] and g.sample(np.int64(3)).shape == (3, 2)
+
+
+def test_t_must_be_finite_and_at_most_one_and_the_ends_are_exact():
+    g = GaussianMixture.from_covariances([1.0], [[1.0, -2.0]], [1.0])  # N(mu, I): v(x, t) = x - mu at t = 1
+    x = torch.tensor([[0.5, 0.5]], dtype=D)
+    for bad in (1.5, 1 + 1e-12, math.nan, math.inf, -math.inf):
+        with pytest.raises(DDMError, match=r"t must be finite and <= 1"):
+            g.velocity(x, bad)
+    with pytest.raises(DDMError, match=r"t must be finite and <= 1"):
+        g.posterior(x.expand(2, 2), torch.tensor([0.5, 2.0], dtype=D))
+    assert g.velocity(x, 1.0).tolist() == [[-0.5, 2.5]]
+    assert g.velocity(x, 0.0).tolist() == [[-0.5, -0.5]]  # v = E[eps] - x = -x at the data end
+    # t < 0 stays accepted: adaptive solvers step past the data end and interpolate back. For
+    # N(0, I) data, v = (s - a) / (a^2 + s^2) x; at t = -0.1: -1.2 / 1.22 x.
+    z = GaussianMixture.from_covariances([1.0], [[0.0, 0.0]], [1.0])
+    assert torch.allclose(z.velocity(x, -0.1), -1.2 / 1.22 * x)
+    seen = []
+    sample_adaptive(lambda y, t: seen.append(float(t.min())) or g.velocity(y, t), torch.zeros(4, 2, dtype=D),
+                    time_grid(4, dtype=D))
+    assert min(seen) < 0

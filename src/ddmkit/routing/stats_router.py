@@ -45,16 +45,22 @@ JITTER = 1e-6
 def island_statistics(x: torch.Tensor, rank: int | None = None, max_full_dim: int = MAX_FULL_DIM) -> dict:
     """What one island publishes about its data x (N, *shape): count, mean,
     and the full covariance (dimension <= max_full_dim and rank None), else
-    the top-`rank` eigenpairs of the covariance plus the residual diagonal."""
+    the top-`rank` eigenpairs of the covariance plus the residual diagonal
+    (rank None: DEFAULT_RANK; always at most d and N - 1)."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise DDMError(f"rank must be None (full covariance up to max_full_dim dimensions, else {DEFAULT_RANK}) "
+                       f"or an integer >= 1; got {rank!r}")
     flat = x.reshape(len(x), -1).double()
     n, d = flat.shape
     if n < 2:
         raise DDMError(f"island statistics need at least 2 samples, got {n}")
+    if not bool(torch.isfinite(flat).all()):
+        raise DDMError("x: the island's data hold nan or inf; remove or repair those rows first")
     mean = flat.mean(0)
     centred = flat - mean
     if rank is None and d <= max_full_dim:
         return {"count": torch.tensor(float(n)), "mean": mean, "cov": centred.T @ centred / (n - 1)}
-    r = min(rank or DEFAULT_RANK, d, n - 1)
+    r = min(DEFAULT_RANK if rank is None else rank, d, n - 1)
     _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
     eigvals = sv[:r] ** 2 / (n - 1)
     factors = vh[:r].T  # (d, r), orthonormal columns
@@ -103,10 +109,20 @@ def lowrank_log_prob(x: torch.Tensor, t: torch.Tensor, means, factors, eigvals, 
     return -0.5 * (quad + logdet + x.shape[1] * math.log(2 * math.pi))
 
 
+def _check_dimensions(stats: list[dict]) -> None:
+    """A DDMError naming the islands whose mean is not of the first island's dimension."""
+    dims = [s["mean"].numel() for s in stats]
+    other = [k for k, d in enumerate(dims) if d != dims[0]]
+    if other:
+        raise DDMError(f"island statistics of different dimensions: island 0 has {dims[0]}, islands {other} have "
+                       f"{[dims[k] for k in other]}; every island must describe data of one shape")
+
+
 def stats_router(stats: list[dict]):
     """The router (x (B, *shape), t (B,)) -> probabilities (B, K) of the published statistics."""
     if not stats:
         raise DDMError("the statistics-only router needs the statistics of at least one island")
+    _check_dimensions(stats)
     if all("cov" in s for s in stats):
         gmm = full_mixture(stats)
 

@@ -9,6 +9,7 @@ added here is accepted, listed and documented everywhere.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -30,6 +31,16 @@ class StrategyForm:
     expert_calls: str
 
 
+NUMBER = r"[0-9.]+(?:[eE][-+]?[0-9]+)?"  # a decimal number, optionally in scientific notation (1e-9)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
 def _top_k(k: str) -> TopK:
     if int(k) < 1:
         raise ValueError("K must be >= 1")
@@ -37,15 +48,15 @@ def _top_k(k: str) -> TopK:
 
 
 def _probability(p: str) -> float:
-    if not 0 < float(p) <= 1:
+    if not 0 < _float(p) <= 1:
         raise ValueError("P must be in (0, 1]")
-    return float(p)
+    return _float(p)
 
 
 def _temperature(t: str | None) -> float:
-    if t is not None and float(t) <= 0:
+    if t is not None and _float(t) <= 0:
         raise ValueError("temperature T must be > 0")
-    return float(t or 1.0)
+    return _float(t or "1.0")
 
 
 def _sample_k(k: str, t: str | None = None) -> SampleK:
@@ -55,9 +66,9 @@ def _sample_k(k: str, t: str | None = None) -> SampleK:
 
 
 def _gated(k: str, a: str) -> GatedTopK:
-    if int(k) < 1 or not 0 <= float(a) <= 180:
+    if int(k) < 1 or not 0 <= _float(a) <= 180:
         raise ValueError("K must be >= 1 and the angle A in [0, 180] degrees")
-    return GatedTopK(int(k), float(a))
+    return GatedTopK(int(k), _float(a))
 
 
 STRATEGIES: list[StrategyForm] = [
@@ -65,11 +76,11 @@ STRATEGIES: list[StrategyForm] = [
                  "w = r: every expert, weighted by the router (exactly the global velocity with exact experts "
                  "and router)", "K"),
     StrategyForm("top-K", r"top-(\d+)", _top_k, "the K largest r_k, renormalised", "K"),
-    StrategyForm("threshold-P", r"threshold-([0-9.]+)", lambda p: Threshold(_probability(p)),
+    StrategyForm("threshold-P", rf"threshold-({NUMBER})", lambda p: Threshold(_probability(p)),
                  "every r_k >= P, renormalised (the argmax if none)", "varies"),
-    StrategyForm("sample-K[@T]", r"sample-(\d+)(?:@([0-9.]+))?", _sample_k,
+    StrategyForm("sample-K[@T]", rf"sample-(\d+)(?:@({NUMBER}))?", _sample_k,
                  "K distinct experts drawn from r^(1/T) (Gumbel top-K), weights r renormalised over them", "K"),
-    StrategyForm("nucleus-P[@T]", r"nucleus-([0-9.]+)(?:@([0-9.]+))?",
+    StrategyForm("nucleus-P[@T]", rf"nucleus-({NUMBER})(?:@({NUMBER}))?",
                  lambda p, t=None: Nucleus(_probability(p), _temperature(t)),
                  "one expert drawn from the smallest set holding mass P of r^(1/T)", "1"),
     StrategyForm("switch", r"switch", lambda: Switch(),
@@ -80,12 +91,12 @@ STRATEGIES: list[StrategyForm] = [
                  "labelled samples) and kept for the whole trajectory", "1"),
     StrategyForm("nearest", r"nearest", lambda: Nearest(),
                  "the cluster whose centroid is nearest to the features of x0_hat = x_t - t v (v from the "
-                 "previous step; the router's argmax on the first step)", "1"),
-    StrategyForm("adaptive-P", r"adaptive-([0-9.]+)", lambda p: AdaptiveMass(_probability(p)),
+                 "previous step; on the first step one expert drawn from the router, as sample-1)", "1"),
+    StrategyForm("adaptive-P", rf"adaptive-({NUMBER})", lambda p: AdaptiveMass(_probability(p)),
                  "the fewest experts (by r) whose mass reaches P, renormalised", "varies"),
-    StrategyForm("adaptive-ent-H", r"adaptive-ent-([0-9.]+)", lambda h: AdaptiveEntropy(float(h)),
+    StrategyForm("adaptive-ent-H", rf"adaptive-ent-({NUMBER})", lambda h: AdaptiveEntropy(_float(h)),
                  "top-1 while the router entropy H(r) <= H nats, else the top ceil(exp(H(r))) experts", "varies"),
-    StrategyForm("gated-K@A", r"gated-(\d+)@([0-9.]+)", _gated,
+    StrategyForm("gated-K@A", rf"gated-(\d+)@({NUMBER})", _gated,
                  "top-K, but top-1 where a routed expert's velocity is more than A degrees from the top "
                  "expert's (needs the analysis sampler: `ddmkit analyze`)", "K + probes"),
 ]
@@ -100,15 +111,20 @@ STRATEGY_FORMS = strategy_forms()  # as the table is shipped (for --help texts)
 
 
 def parse_strategy(spec: str) -> Strategy:
-    """A strategy object from its name, e.g. 'top-2', 'nucleus-0.9@0.5'."""
+    """A strategy object from its name, e.g. 'top-2', 'nucleus-0.9@0.5', 'threshold-1e-3'
+    (spaces around the name are dropped)."""
+    if not isinstance(spec, str):
+        raise DDMError(f"a routing strategy is a name (a string) such as 'top-2'; got {type(spec).__name__} "
+                       f"{spec!r}; accepted forms: {strategy_forms()}")
+    name = spec.strip()
     for entry in STRATEGIES:
-        m = re.fullmatch(entry.pattern, spec.strip())
+        m = re.fullmatch(entry.pattern, name)
         if m:
             try:
                 return entry.build(*[g for g in m.groups() if g is not None])
             except ValueError as e:
-                raise DDMError(f"strategy {spec!r}: {e}") from None
-    raise DDMError(f"unknown routing strategy {spec!r}; accepted forms: {strategy_forms()}")
+                raise DDMError(f"strategy {name!r}: {e}") from None
+    raise DDMError(f"unknown routing strategy {name!r}; accepted forms: {strategy_forms()}")
 
 
 def strategies_markdown() -> str:

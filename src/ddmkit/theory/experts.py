@@ -58,8 +58,8 @@ def random_waves(count: int, dim: int, seed: int) -> list[Wave]:
 
 def make_experts(gmm: GaussianMixture, groups: list[list[int]], eps: float = 0.0, seed: int = 0) -> list:
     """Expert callables (x, t) -> v: exact cluster velocities plus eps times a wave."""
-    if eps < 0:
-        raise DDMError(f"expert error eps must be >= 0; got {eps}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise DDMError(f"expert error eps must be a finite number >= 0; got {eps}")
     waves = random_waves(len(groups), gmm.dim, seed)
 
     def expert(sub: GaussianMixture, wave: Wave):

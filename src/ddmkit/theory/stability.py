@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ddmkit.errors import DDMError
 from ddmkit.sample import sample_adaptive
 from ddmkit.theory.paths import FlowPath
 from ddmkit.truth import GaussianMixture
@@ -49,11 +50,14 @@ def measured_lipschitz(path: FlowPath, gmm: GaussianMixture, trajectories: Tenso
 
 def cumulative_lambda(times: Tensor, lipschitz: Tensor) -> Tensor:
     """Lambda(t_i) = integral_0^{t_i} L, by the trapezoid rule on any grid
-    (increasing or decreasing); Lambda at the data end (t = 0) is 0."""
+    (increasing or decreasing); Lambda at the data end (t = 0) is 0. On a grid
+    that stops short of 0 at t_min, L is taken as constant on [0, t_min]:
+    Lambda(t_min) = L(t_min) t_min."""
     t, values = np.asarray(times, dtype=np.float64), np.asarray(lipschitz, dtype=np.float64)
     order = np.argsort(t)
     t, values = t[order], values[order]
-    cum = np.concatenate([[0.0], np.cumsum(0.5 * (values[1:] + values[:-1]) * np.diff(t))])
+    start = values[0] * t[0] if t[0] != 0 else 0.0
+    cum = start + np.concatenate([[0.0], np.cumsum(0.5 * (values[1:] + values[:-1]) * np.diff(t))])
     out = np.empty_like(cum)
     out[order] = cum
     return torch.as_tensor(out)
@@ -62,6 +66,8 @@ def cumulative_lambda(times: Tensor, lipschitz: Tensor) -> Tensor:
 def lambda_uniform_grid(times: Tensor, lam: Tensor, segments: int) -> Tensor:
     """Times t_0 = T > t_1 > ... > t_S = 0 with equal steps of Lambda, by
     linear interpolation of the tabulated (times, Lambda); Lambda must increase with t."""
+    if segments < 1:
+        raise DDMError(f"segments must be >= 1 (the number of steps of the grid); got {segments}")
     t, lam = np.asarray(times, dtype=np.float64), np.asarray(lam, dtype=np.float64)
     order = np.argsort(t)
     t, lam = t[order], lam[order]

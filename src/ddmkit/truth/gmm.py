@@ -22,36 +22,87 @@ t = 1), and v and the score obey v = -(x + t score) / (1 - t) for t < 1.
 
 Shapes: x is (B, d), t is (B,) or a float; results are (B, K) for per-cluster
 scalars, (B, K, d) for per-cluster vectors. Everything is float64 by default.
+t must be finite and <= 1; t < 0 is accepted (the formulas hold there and
+adaptive solvers step a little past the data end, then interpolate back).
 """
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ddmkit.errors import DDMError
+
 Tensor = torch.Tensor
 
 
+def _check_x(x: Tensor, dim: int) -> None:
+    """A DDMError unless x is a (B, dim) batch."""
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise DDMError(f"x must have shape (B, {dim}): a batch of points of the mixture's dimension; "
+                       f"got {tuple(x.shape)}")
+
+
 def _as_t(t, x: Tensor) -> Tensor:
-    """Time as a (B,) tensor of x's dtype and device."""
+    """Time as a (B,) tensor of x's dtype and device; a DDMError unless t is a number or (B,),
+    finite and <= 1 (values are not read while a CUDA graph is being captured)."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    return t.expand(x.shape[0]) if t.ndim == 0 else t
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise DDMError(f"t must be a number or of shape ({x.shape[0]},), one time per row of x; "
+                       f"got shape {tuple(t.shape)}")
+    capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
+    bad = ~(torch.isfinite(t) & (t <= 1))
+    if not capturing and bool(bad.any()):
+        raise DDMError(f"t must be finite and <= 1 (t = 0 is data, t = 1 noise); got {t[bad][0].item()}")
+    return t
 
 
 @dataclass(frozen=True)
 class GaussianMixture:
     """A Gaussian mixture with full covariances, stored by eigendecomposition.
 
-    weights (K,), means (K, d), eigvals (K, d) > 0, eigvecs (K, d, d) with
-    covariance S_k = eigvecs[k] @ diag(eigvals[k]) @ eigvecs[k].T.
+    weights (K,) >= 0 summing to 1, means (K, d), eigvals (K, d) > 0, eigvecs
+    (K, d, d) orthonormal, with covariance S_k = eigvecs[k] @ diag(eigvals[k]) @ eigvecs[k].T.
+    The sum of the weights and eigvecs^T eigvecs = I are checked to sqrt(machine epsilon)
+    of the dtype.
     """
 
     weights: Tensor
     means: Tensor
     eigvals: Tensor
     eigvecs: Tensor
+
+    def __post_init__(self):
+        parts = {"weights": self.weights, "means": self.means, "eigvals": self.eigvals, "eigvecs": self.eigvecs}
+        for name, value in parts.items():
+            if not isinstance(value, Tensor):
+                raise DDMError(f"{name} must be a torch tensor; got {type(value).__name__} "
+                               "(GaussianMixture.from_covariances takes arrays)")
+        if self.means.ndim != 2:
+            raise DDMError(f"means must have shape (K, d); got {tuple(self.means.shape)}")
+        k, d = self.means.shape
+        for name, shape in (("weights", (k,)), ("eigvals", (k, d)), ("eigvecs", (k, d, d))):
+            if parts[name].shape != shape:
+                raise DDMError(f"{name} must have shape {shape} for {k} means of dimension {d}; "
+                               f"got {tuple(parts[name].shape)}")
+        for name, value in parts.items():
+            if not bool(torch.isfinite(value).all()):
+                raise DDMError(f"{name} must be finite; got nan or inf")
+        tol = torch.finfo(self.means.dtype).eps ** 0.5
+        if (self.weights < 0).any() or abs(float(self.weights.sum()) - 1) > tol:
+            raise DDMError(f"weights must be >= 0 and sum to 1; got sum {float(self.weights.sum()):.9g} "
+                           "(GaussianMixture.from_covariances normalises them)")
+        if (self.eigvals <= 0).any():
+            raise DDMError("eigvals must be > 0 (covariances positive definite)")
+        eye = torch.eye(d, dtype=self.eigvecs.dtype, device=self.eigvecs.device)
+        if float((self.eigvecs.transpose(1, 2) @ self.eigvecs - eye).abs().max()) > tol:
+            raise DDMError("eigvecs must be orthonormal: eigvecs[k].T @ eigvecs[k] = I for every k "
+                           "(eigenvectors of the covariances, e.g. from torch.linalg.eigh)")
 
     # ----- construction -------------------------------------------------
     @staticmethod
@@ -61,6 +112,11 @@ class GaussianMixture:
         w = torch.as_tensor(np.asarray(weights), dtype=dtype)
         mu = torch.as_tensor(np.asarray(means), dtype=dtype)
         cov = torch.as_tensor(np.asarray(covs), dtype=dtype)
+        for name, value in (("weights", w), ("means", mu), ("covs", cov)):
+            if not bool(torch.isfinite(value).all()):
+                raise DDMError(f"{name} must be finite; got nan or inf")
+        if mu.ndim != 2:
+            raise DDMError(f"means must have shape (K, d); got {tuple(mu.shape)}")
         k, d = mu.shape
         if w.shape != (k,):
             raise ValueError(f"weights must have shape ({k},), got {tuple(w.shape)}")
@@ -101,12 +157,18 @@ class GaussianMixture:
     def subset(self, idx) -> "GaussianMixture":
         """The mixture of components idx, weights renormalised."""
         idx = torch.as_tensor(idx, dtype=torch.long)
+        if idx.ndim != 1 or ((idx < 0) | (idx >= self.k)).any():
+            raise DDMError(f"idx must be a list of component indices in 0 .. {self.k - 1}; got {idx.tolist()}")
         w = self.weights[idx]
+        if not float(w.sum()) > 0:
+            raise DDMError(f"idx: components {idx.tolist()} have total weight 0; name at least one with weight > 0")
         return GaussianMixture(w / w.sum(), self.means[idx], self.eigvals[idx], self.eigvecs[idx])
 
     # ----- sampling -------------------------------------------------------
     def sample(self, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
         """n samples of the data distribution (t = 0), optionally with component labels."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise DDMError(f"n (the number of samples) must be an integer >= 0; got {n!r}")
         labels = torch.multinomial(self.weights, n, replacement=True, generator=generator) if n else \
             torch.zeros(0, dtype=torch.long)
         z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
@@ -117,6 +179,7 @@ class GaussianMixture:
     def _parts(self, x: Tensor, t) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Rotated residuals z = U_k^T (x - a mu_k) (B, K, d), the noised
         eigenvalues c = a^2 l + s^2 (B, K, d), and a, s as (B, 1, 1)."""
+        _check_x(x, self.dim)
         t = _as_t(t, x)
         a, s = (1 - t)[:, None, None], t[:, None, None]
         r = x[:, None, :] - a * self.means[None]
