@@ -1,15 +1,21 @@
 """The Python API refuses a user's mistakes with a DDMError naming the argument: devices, labels,
-counts, x1, expert indices and speed options (DDM, load_ddm, sample_ddm, sample_single, SpeedOptions)."""
+counts, x1, expert indices, speed options, guidance, cond, keywords and folders (DDM, load_ddm, sample_ddm,
+sample_single, start_noise, SpeedOptions); restrict limits nearest routing; info, dir, repr and docstrings."""
 from __future__ import annotations
+
+import dataclasses
+import inspect
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from ddmkit.accel import SpeedOptions
-from ddmkit.ddm import DDM, load_ddm, sample_ddm, sample_single
+from ddmkit.ddm import DDM, exact_ddm, load_ddm, sample_ddm, sample_single, start_noise
 import ddmkit.ddm.load as load
 from ddmkit.errors import DDMError
+from ddmkit.routing import CallCounter
 
 from test_registry import small_run
 
@@ -140,11 +146,11 @@ def test_guidance_has_the_bounds_of_the_config(guidance, message):
 # 4. n first
 
 def test_n_below_one_is_refused_naming_n():
-    with pytest.raises(DDMError, match="n: 0 samples asked; pass n >= 1"):
+    with pytest.raises(DDMError, match="sample_ddm: invalid arguments\n  n: Input should be greater than or equal"):
         sample_ddm(tiny(0), "top-1", n=0)
-    with pytest.raises(DDMError, match="n: 0 samples asked"):
+    with pytest.raises(DDMError, match="sample_single: invalid arguments\n  n: Input should be greater than or equal"):
         sample_single(lambda x, t: x, (2,), n=0)
-    with pytest.raises(DDMError, match="n: 2.0 .* is not an integer"):
+    with pytest.raises(DDMError, match="sample_single: n: 2.0 .* is not an integer"):
         sample_single(lambda x, t: x, (2,), n=2.0)
 
 
@@ -218,3 +224,203 @@ def test_speed_options_switches_are_bools():
         SpeedOptions(cuda_graphs="no")
     for value in (None, "bfloat16", "float16"):
         assert SpeedOptions(autocast=value).autocast == value
+
+
+# 8. restrict limits nearest-cluster routing to the present experts
+
+def test_restrict_sends_nearest_routing_only_to_present_experts():
+    """Centroids at x = -1, 0, 1 and expert j's velocity j: with only expert 1 kept, every row of every step
+    goes to it, so x0 = x1 - 1 exactly (the removed clusters' rows went to a zero stand-in before)."""
+    centroids = torch.tensor([[-1.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    ddm = dataclasses.replace(tiny(0), nearest=load.NearestCluster(lambda x: x, centroids)).restrict([1])
+    x1 = torch.randn(50, D, generator=torch.Generator().manual_seed(0))
+    x0, info = ddm.sample("nearest", n=50, steps=4, x1=x1.clone())
+    assert torch.allclose(x1 - x0, torch.ones(50, D))
+    assert info["expert_rows"] == [0, 200, 0] and info["expert_calls_per_sample"] == 4
+
+
+def test_restrict_limits_a_learned_ddms_nearest_routing(run):
+    with pytest.warns(UserWarning):
+        excluded = load_ddm(run, exclude=[1, 2, 3])
+    for ddm in (DDM.from_pretrained(run).restrict([0]), excluded):
+        _, info = ddm.sample("nearest", n=40, steps=5)
+        assert info["expert_rows"] == [200, 0, 0, 0] and info["expert_calls_per_sample"] == 5
+
+
+def test_restrict_checks_a_nearest_function_of_ones_own():
+    ddm = dataclasses.replace(tiny(0), nearest=lambda x: torch.zeros(len(x), dtype=torch.long)).restrict([1, 2])
+    with pytest.raises(DDMError, match=r"restrict: .*sent rows to removed experts \[0\]; pass restrict\(present, "
+                                       "nearest=f\\)"):
+        ddm.sample("nearest", n=4, steps=3)
+
+
+# 9. guidance: one check in DDM.sample, DDM.with_guidance, load_ddm and DDM.from_pretrained
+
+@pytest.mark.parametrize("guidance, message", [(float("nan"), "guidance: Input should be a finite number"),
+                                               (-1.0, "guidance: Input should be greater than or equal to 0"),
+                                               (1e9, "guidance: Input should be less than or equal to 1000"),
+                                               ("2", "guidance: '2' is not a number")])
+def test_guidance_is_checked_wherever_it_is_given(guidance, message, run):
+    for name, call in (("DDM.with_guidance", lambda: tiny().with_guidance(guidance)),
+                       ("load_ddm", lambda: load_ddm(run, guidance=guidance)),
+                       ("load_ddm", lambda: DDM.from_pretrained(run, guidance=guidance))):
+        with pytest.raises(DDMError, match=f"{name}: (invalid arguments\\n  )?{message}"):
+            call()
+
+
+def test_guidance_on_unconditional_experts_is_refused_and_one_is_accepted(run):
+    need = "guidance: 2; classifier-free guidance would need class-conditional experts"
+    for name, call in (("DDM.with_guidance", lambda: tiny(0).with_guidance(2.0)),
+                       ("load_ddm", lambda: load_ddm(run, guidance=2.0)),
+                       ("DDM.sample", lambda: tiny(0).sample("top-1", n=2, steps=1, guidance=2.0))):
+        with pytest.raises(DDMError, match=f"{name}: {need}"):
+            call()
+    assert load_ddm(run, guidance=1).num_classes == 0 and tiny(0).with_guidance(1.0).k == K
+
+
+# 10. sample_ddm, sample_single and start_noise check their arguments as DDM.sample does
+
+BAD_ARGUMENTS = [(dict(steps=2.5), r"steps: 2.5 \(float\) is not an integer"),
+                 (dict(steps=0), "steps: Input should be greater than or equal to 1"),
+                 (dict(batch_size=0), "batch_size: Input should be greater than or equal to 1"),
+                 (dict(solver="rk5"), "solver: Input should be 'euler', 'heun', 'midpoint', 'rk4' or 'adaptive'"),
+                 (dict(seed=-1), "seed: Input should be greater than or equal to 0"),
+                 (dict(seed=2**64), "seed: Input should be less than or equal to 9223372036854775807")]
+
+
+@pytest.mark.parametrize("bad, message", [*BAD_ARGUMENTS, (dict(router_every=0), "router_every: Input should be")])
+def test_sample_ddm_refuses_what_ddm_sample_refuses(bad, message):
+    for name, call in (("sample_ddm", lambda: sample_ddm(tiny(0), "top-1", 4, **{"steps": 2, **bad})),
+                       ("DDM.sample", lambda: tiny(0).sample("top-1", n=4, **{"steps": 2, **bad}))):
+        with pytest.raises(DDMError, match=f"{name}: (invalid arguments\\n  )?{message}"):
+            call()
+
+
+@pytest.mark.parametrize("bad, message", BAD_ARGUMENTS)
+def test_sample_single_refuses_bad_arguments(bad, message):
+    with pytest.raises(DDMError, match=f"sample_single: (invalid arguments\\n  )?{message}"):
+        sample_single(lambda x, t: x, (D,), 4, **{"steps": 2, **bad})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_sampling_functions_refuse_a_device_as_ddm_to_does():
+    for device, message in (("cuda", "device: 'cuda', but this machine has 0 CUDA device"),
+                            ("gpu", "device: 'gpu' is not a device; accepted: auto, cpu, cuda, cuda:N or mps")):
+        for name, call in (("sample_ddm", lambda: sample_ddm(tiny(0), "top-1", 4, device=device)),
+                           ("sample_single", lambda: sample_single(lambda x, t: x, (D,), 4, device=device)),
+                           ("start_noise", lambda: start_noise(4, (D,), 0, device))):
+            with pytest.raises(DDMError, match=f"{name}: {message}"):
+                call()
+
+
+def test_sample_ddm_checks_cond():
+    y = torch.tensor([0, 1, 2, 0])
+    with pytest.raises(DDMError, match=r"sample_ddm: labels need class-conditional experts .* leave the labels out"):
+        sample_ddm(tiny(0), "top-1", 4, cond={"y": y})
+    with pytest.raises(DDMError, match=r"DDM.sample: labels need class-conditional experts"):
+        tiny(0).sample("top-1", n=4, labels=y)
+    with pytest.raises(DDMError, match=r"sample_ddm: cond: \['label'\]; accepted: None or \{'y': class labels"):
+        sample_ddm(tiny(), "top-1", 4, cond={"label": y})
+    with pytest.raises(DDMError, match=r"sample_ddm: cond: list; accepted"):
+        sample_ddm(tiny(), "top-1", 4, cond=[y])
+    x1 = torch.zeros(4, D)
+    x0, _ = sample_ddm(tiny(), "oracle", 4, steps=2, x1=x1, cond={"y": [0, 1, 2, 4]})  # a list is converted
+    assert (x1 - x0)[:, 0].tolist() == [0.0, 1.0, 2.0, 2.0]  # label 4: "no label", the prior's cluster 2
+
+
+def test_start_noise_and_sample_single_check_shape_and_n():
+    for bad in (2, "2", (2, 0), (2.0,)):
+        with pytest.raises(DDMError, match="start_noise: data_shape: .* is not a shape; pass a tuple of positive"):
+            start_noise(3, bad, 0)
+        with pytest.raises(DDMError, match="sample_single: data_shape: .* is not a shape"):
+            sample_single(lambda x, t: x, bad, 3)
+    with pytest.raises(DDMError, match="start_noise: invalid arguments\n  n: Input should be greater than or equal"):
+        start_noise(-1, (D,), 0)
+    assert start_noise(np.int64(2), [D], np.int64(0)).shape == (2, D)
+
+
+# 11. the starting noise keeps its bytes; a subset is the first rows of a larger draw
+
+def test_start_noise_keeps_its_bytes_and_subsets_are_first_rows():
+    """torch.randn's values for a seed are pinned (the pipeline's samples and the documented numbers depend
+    on them); 3 rows of seed 0 are not the first 3 of 10, so subsets take the first rows of the larger draw."""
+    x = start_noise(3, (D,), 0)
+    assert torch.allclose(x, torch.tensor([[1.5410, -0.2934], [-2.1788, 0.5684], [-1.0845, -1.3986]]), atol=1e-4)
+    assert not torch.equal(x, start_noise(10, (D,), 0)[:3])
+    assert "take the first rows of a larger draw" in " ".join(start_noise.__doc__.split())
+    assert "take the first rows of a larger draw" in " ".join(DDM.sample.__doc__.split())
+
+
+# 12. DDM.sample's keywords
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(device="cpu"), r"DDM.sample: device: a DDM samples on its own device \(cpu\); move the DDM with "
+                         r"\.to\(device\) first"),
+    (dict(cond={}), r"DDM.sample: cond: pass class labels as labels=\.\.\."),
+    (dict(stepz=3), r"DDM.sample: unknown argument 'stepz'; accepted: strategy, n, steps, solver, seed, labels, "
+                    r"guidance, decode, x1, batch_size, router_every, speed, callback"),
+    (dict(batch_size=1, callback=lambda *a: None), r"DDM.sample: callback: a callback sees whole trajectories, so "
+                                                   r"it needs all 3 rows in one batch; got batch_size=1")])
+def test_ddm_sample_names_a_keyword_it_does_not_take(extra, message):
+    with pytest.raises(DDMError, match=message):
+        tiny(0).sample("top-1", n=3, steps=2, **extra)
+
+
+# 13. info["expert_rows"] has one entry per expert
+
+def test_expert_rows_has_one_entry_per_expert():
+    """A router that always picks expert 0: the row counts of the other two are 0, not left out."""
+    first = lambda x, t, **c: torch.tensor([[1.0, 0.0, 0.0]]).expand(len(x), K)  # noqa: E731
+    ddm = dataclasses.replace(tiny(0), router=first)
+    _, info = ddm.sample("top-1", n=5, steps=3)
+    assert info["expert_rows"] == [15, 0, 0]
+    assert CallCounter(4).expert_rows == [0, 0, 0, 0] and CallCounter().expert_rows == []
+
+
+# 14. notebook ergonomics
+
+def test_dir_lists_the_lazy_public_names():
+    import ddmkit
+
+    assert {"DDM", "load_ddm", "sample_ddm", "sample_single", "start_noise", "SpeedOptions", "DDMError"} <= set(
+        dir(ddmkit))
+
+
+def test_the_ddm_has_a_docstring_a_short_repr_and_explicit_loading_options(run):
+    assert DDM.__doc__.startswith("K expert velocity fields")
+    assert repr(tiny()) == "DDM(K=3, data_shape=(2,), router='custom', device='cpu', class-conditional, 4 classes)"
+    assert repr(DDM.from_pretrained(run)) == "DDM(K=4, data_shape=(2,), router='learned', device='cpu', unconditional)"
+    assert repr(DDM.from_pretrained(run).restrict([0, 2])).endswith("unconditional, missing experts [1, 3])")
+    params = inspect.signature(DDM.from_pretrained).parameters
+    assert list(params) == ["run", "device", "exclude", "allow_missing", "guidance", "router"]
+    with pytest.warns(UserWarning):
+        assert DDM.from_pretrained(run, exclude=[2]).meta["missing_experts"] == [2]
+
+
+# 15. messages for the wrong folder
+
+def test_a_wrong_folder_is_named_as_such(run, tmp_path):
+    with pytest.raises(DDMError, match="nope is not a run folder \\(no such folder\\)"):
+        exact_ddm(tmp_path / "nope")
+    expert = run / "experts" / "expert_00"
+    with pytest.raises(DDMError, match=f"{expert} is a model folder \\(config.json \\+ model.safetensors\\), not a "
+                                       f"run folder; pass the run folder that holds it: {run}$"):
+        DDM.from_pretrained(expert)
+    with pytest.raises(DDMError, match=f"{run / 'router'} is a model folder .* holds it: {run}$"):
+        exact_ddm(run / "router")
+    assert exact_ddm(run).k == 4  # the tiny run is a Gaussian mixture
+
+
+def test_a_run_without_a_router_names_the_statistics_router(run, tmp_path):
+    islands = tmp_path / "islands"
+    shutil.copytree(run, islands, ignore=shutil.ignore_patterns("router", "registry.json"))
+    with pytest.raises(DDMError, match="no router .* run `ddmkit train-router .*` first, or route by the islands' "
+                                       "published statistics: router='statistics' in Python"):
+        load_ddm(islands)
+    with pytest.warns(UserWarning, match="no registry.json"):
+        assert DDM.from_pretrained(islands, router="statistics").meta["router"] == "statistics"
+
+
+def test_the_strategy_name_is_reported_without_spaces_around_it():
+    ddm = DDM([lambda x, t: torch.zeros_like(x)] * 2, lambda x, t: torch.full((len(x), 2), 0.5), torch.full((2,), 0.5), (2,))
+    assert sample_ddm(ddm, " top-1 ", 3, steps=1)[1]["strategy"] == "top-1"

@@ -2,11 +2,13 @@
 conditional router, and the label-conditional statistics-only router."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ddmkit.ddm import DDM
 from ddmkit.ddm.load import label_prior
 from ddmkit.ddm.sampling import sample_ddm
+from ddmkit.errors import DDMError
 from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics, stats_router
 
 
@@ -47,8 +49,8 @@ def test_the_label_reaches_a_conditional_router_only():
     assert torch.equal((x1 - x0)[:, 0].round().long(), y)
     assert all(s is not None for s in seen)
     plain = DDM(constant_experts(k), router, torch.full((k,), 0.25), (3,))
-    sample_ddm(plain, "top-1", n, steps=1, x1=x1.clone(), cond={"y": y})
-    assert seen[-1] is None
+    with pytest.raises(DDMError, match="labels need class-conditional experts"):  # nothing would read them
+        sample_ddm(plain, "top-1", n, steps=1, x1=x1.clone(), cond={"y": y})
     # with experts missing, the conditional router is masked and renormalised: label 1 -> expert 0 or 2 only
     part = cond.restrict([0, 2, 3])
     x0, _ = sample_ddm(part, "full", n, steps=2, x1=x1.clone(), cond={"y": y})

@@ -560,12 +560,13 @@ def test_strategy_weights_sees_the_state_the_strategy_needs():
         [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
     assert torch.allclose(T.strategy_weights(ddm, parse_strategy("gated-2@100"), probs[:1], x[:1], t[:1], None),
                           torch.tensor([[5 / 9, 4 / 9, 0.0]]))
-    # nearest routes by x0_hat when it is given, by the router's argmax otherwise
+    # nearest routes by x0_hat when it is given, by a draw from the router otherwise (certain rows: its choice)
     x0_hat = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
     assert T.strategy_weights(ddm, parse_strategy("nearest"), probs, x, t, x0_hat).tolist() == [
         [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
-    assert T.strategy_weights(ddm, parse_strategy("nearest"), probs, x, t, None).tolist() == [
-        [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    certain = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    assert T.strategy_weights(ddm, parse_strategy("nearest"), certain, x, t, None).tolist() == [
+        [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
     # the oracle draws from the DDM's prior with the generator seeded by seed + 1
     w = T.strategy_weights(ddm, parse_strategy("oracle"), torch.full((6, 3), 1 / 3), torch.zeros(6, 2),
                            torch.full((6,), 0.5), None, seed=4)

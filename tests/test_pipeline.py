@@ -335,9 +335,9 @@ def test_sampling_in_batches_bounds_memory_not_results():
                             batch_size=6)
     assert torch.allclose(mono, sample_single(lambda x, t, y: x + y[:, None], (d,), n, steps=4, x1=x1,
                                               cond={"y": y.float()})[0], atol=1e-6)
-    with pytest.raises(ValueError, match="callback"):
+    with pytest.raises(DDMError, match="callback"):
         sample_ddm(ddm, "top-2", n, steps=2, batch_size=7, callback=lambda step: None)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(DDMError, match="batch_size"):
         sample_ddm(ddm, "top-2", n, steps=2, batch_size=0)
 
 

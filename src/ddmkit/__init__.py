@@ -30,3 +30,8 @@ def __getattr__(name: str):
     import importlib
 
     return getattr(importlib.import_module(_PUBLIC[name]), name)
+
+
+def __dir__() -> list[str]:
+    """The module's names and the public ones that load on first use (so dir() and completion list them)."""
+    return sorted({*globals(), *_PUBLIC})

@@ -12,13 +12,15 @@ K against the partition's, each folder's config and weights by ddmkit.registry.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ddmkit.data.partition import feature_map, load_partition, read_shard
+from ddmkit.data.partition import feature_map, read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule
 from ddmkit.io import load_tensors, read_json
@@ -147,23 +149,48 @@ def recorded_router(run) -> str:
     return kind
 
 
-def nearest_cluster_fn(manifest: dict, tensors: dict, present: torch.Tensor | None = None,
-                       codec: LatentCodec | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> index of the nearest cluster centroid in the partition's feature space
-    (among the `present` clusters, a (K,) bool mask, when given). In a latent run x is a latent,
-    decoded by `codec` first: the partition's features are of the images."""
-    feats = feature_map(manifest, tensors)
-    centroids = tensors["centroids"]
+@dataclass(frozen=True, eq=False)
+class NearestCluster:
+    """x -> index (B,) of the nearest cluster centroid in the partition's feature space, among the
+    `present` clusters (a (K,) bool mask) when given. In a latent run x is a latent, decoded by `codec`
+    first: the partition's features are of the images."""
 
-    def nearest(x: torch.Tensor) -> torch.Tensor:
-        if codec is not None:
-            x = codec.decode(x)
-        d = torch.cdist(feats(x.float()), centroids.to(x.device))
-        if present is not None:
-            d = d.masked_fill(~present.to(x.device), float("inf"))
+    features: Callable[[torch.Tensor], torch.Tensor]
+    centroids: torch.Tensor  # (K, F)
+    present: torch.Tensor | None = None
+    codec: LatentCodec | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.codec is not None:
+            x = self.codec.decode(x)
+        d = torch.cdist(self.features(x.float()), self.centroids.to(x.device))
+        if self.present is not None:
+            d = d.masked_fill(~self.present.to(x.device), float("inf"))
         return d.argmin(1)
 
-    return nearest
+    def among(self, present: torch.Tensor) -> "NearestCluster":
+        """The same map, among the clusters `present` (a (K,) bool mask) of those it answers already."""
+        mask = present if self.present is None else present & self.present.to(present.device)
+        return dataclasses.replace(self, present=mask)
+
+
+def nearest_cluster_fn(manifest: dict, tensors: dict, codec: LatentCodec | None = None) -> NearestCluster:
+    """The partition's nearest-cluster map (NearestCluster) over all its clusters."""
+    return NearestCluster(feature_map(manifest, tensors), tensors["centroids"], codec=codec)
+
+
+def run_folder(run) -> RunFolder:
+    """The RunFolder of `run`, or a DDMError when there is no such folder, or when it is one model folder
+    (config.json + model.safetensors, no partition/) rather than the run folder that holds it."""
+    folder = RunFolder(run)
+    root = folder.root
+    if not root.is_dir():
+        raise DDMError(f"{root} is not a run folder (no such folder); give the folder a `ddmkit run` wrote")
+    if (root / "config.json").exists() and (root / "model.safetensors").exists() and not folder.partition.exists():
+        holder = root.parent.parent if root.parent.name == "experts" else root.parent  # RUN/experts/expert_XX
+        raise DDMError(f"{root} is a model folder (config.json + model.safetensors), not a run folder; pass the "
+                       f"run folder that holds it: {holder}")
+    return folder
 
 
 def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, guidance: float = 1.0,
@@ -172,9 +199,7 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     those in `exclude`, are absent (allow_missing=False refuses instead). router_kind "statistics"
     routes by the islands' published statistics instead of the learned router, as does "learned" in a
     run without a router folder whose RUN/grow.json records "statistics" (recorded_router)."""
-    folder = RunFolder(run)
-    if not folder.root.is_dir():
-        raise DDMError(f"{folder.root} is not a run folder (no such folder); give the folder a `ddmkit run` wrote")
+    folder = run_folder(run)
     if router_kind not in ("learned", "statistics"):
         raise DDMError(f"router: unknown kind {router_kind!r}; accepted: learned, statistics")
     manifest, ptensors = load_partition_checked(folder.partition)
@@ -191,7 +216,8 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
         router_kind = "statistics"  # grown with `ddmkit add-expert --router stats`: no learned router
     if not (folder.router / "model.safetensors").exists() and router_kind == "learned":
         raise DDMError(f"{folder.root}: no router (router/model.safetensors); run `ddmkit train-router {folder.root}` "
-                       "first")
+                       "first, or route by the islands' published statistics: router='statistics' in Python "
+                       "(load_ddm, DDM.from_pretrained), `--router statistics` on the command line")
     if folder.registry.exists():
         verify_registry(folder.root, allow_missing)
     else:
@@ -227,9 +253,6 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     parts["experts"] = experts
     if absent:
         warn_missing(absent, k)
-        mask = torch.ones(k, dtype=torch.bool)
-        mask[absent] = False
-        parts["restrict_nearest"] = nearest_cluster_fn(manifest, ptensors, mask, codec)
     return parts, absent
 
 
@@ -239,6 +262,8 @@ def monolith_field(run, device="cpu", guidance: float = 1.0) -> NetworkField:
     if not (folder.monolith / "model.safetensors").exists():
         raise DDMError(f"{folder.root}: no monolith (monolith/model.safetensors); run "
                        f"`ddmkit train-monolith {folder.root}` first")
+    if folder.registry.exists():
+        verify_registry(folder.root)  # as the DDM's folders are: listed, with the recorded hashes
     model, cfg = load_model(folder.monolith, device)
     check_shape(folder.monolith, cfg, model_data_shape(folder.root))
     return velocity_field(model, cfg, guidance)
@@ -254,9 +279,17 @@ def latent_codec(run, device="cpu") -> LatentCodec | None:
 
 
 def load_truth(run) -> GaussianMixture | None:
-    """The exact mixture stored with a run's data, or None."""
-    path = RunFolder(run).truth
+    """The exact mixture stored with a run's data, or None (data without one). A run whose data.json
+    records an exact truth but whose truth.safetensors is gone is a DDMError: its exact-truth scores
+    would be dropped silently."""
+    folder = RunFolder(run)
+    path = folder.truth
     if not path.exists():
+        info = read_json(folder.data_info) if folder.data_info.exists() else {}
+        if isinstance(info, dict) and info.get("exact_truth"):
+            raise DDMError(f"{path} is missing, but {folder.data_info} records an exact truth; make it again with "
+                           f"`ddmkit partition --out {folder.root} --config {folder.config}` (the run's own "
+                           "config: the same data are made again), or copy the run's data/ folder back")
         return None
     t = load_tensors(path)
     return GaussianMixture(t["weights"], t["means"], t["eigvals"], t["eigvecs"])
@@ -276,11 +309,11 @@ def exact_parts(run) -> dict:
 
     Each cluster's exact expert is the velocity of the sub-mixture of the components it owns;
     the exact router is the posterior of those groups."""
-    folder = RunFolder(run)
+    folder = run_folder(run)
+    manifest, ptensors = load_partition_checked(folder.partition)
     truth = load_truth(folder.root)
     if truth is None:
         raise DDMError(f"{folder.root}: the data set has no closed-form truth; exact experts need a Gaussian mixture")
-    manifest, ptensors = load_partition(folder.partition)
     train = load_tensors(folder.split("train"))
     groups = component_groups(train["labels"], ptensors["assignments"], truth.k, manifest["k"])
     if any(len(g) == 0 for g in groups):

@@ -16,12 +16,13 @@ router returns probabilities (B, K). Learned fields are NetworkFields
 
 Missing experts: `restrict(present)` keeps only some experts; the router's
 probabilities are masked to them and renormalised,
-w_k = r_k 1[k present] / sum_j r_j 1[j present], the cluster prior likewise.
+w_k = r_k 1[k present] / sum_j r_j 1[j present], the cluster prior likewise, and
+nearest-cluster routing picks among them only.
 """
 from __future__ import annotations
 
 import dataclasses
-import numbers
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,9 +30,8 @@ from typing import Callable
 import torch
 
 from ddmkit.accel import Accelerated, SpeedOptions, accelerate
-from ddmkit.config import SampleConfig, resolve_device, validate
 import ddmkit.ddm.load as load
-from ddmkit.ddm.sampling import checked_class_labels, sample_ddm, whole
+from ddmkit.ddm.sampling import checked_arguments, checked_cond, checked_device, checked_guidance, sample_ddm
 from ddmkit.errors import DDMError
 from ddmkit.latent.autoencoder import LatentCodec
 from ddmkit.nets.field import NetworkField, VelocityOutput
@@ -41,6 +41,9 @@ Field = Callable[..., torch.Tensor]
 
 @dataclass
 class DDM:
+    """K expert velocity fields, a router over them and the cluster prior: load one with
+    DDM.from_pretrained(run), move it with .to(device), draw samples with .sample(strategy, n, steps)."""
+
     experts: list[Field]
     router: Field
     prior: torch.Tensor  # (K,) cluster proportions
@@ -60,14 +63,27 @@ class DDM:
         return len(self.experts)
 
     @classmethod
-    def from_pretrained(cls, run: str | Path, device: str | torch.device = "cpu", **options) -> "DDM":
-        """The learned DDM of a run folder (options: load_ddm's)."""
-        return load_ddm(run, device, **options)
+    def from_pretrained(cls, run: str | Path, device: str | torch.device = "cpu", exclude=(),
+                        allow_missing: bool = True, guidance: float = 1.0, router: str = "learned") -> "DDM":
+        """The learned DDM of a run folder (partition/, experts/, router/), as load_ddm reads it.
+
+        device: cpu, cuda, cuda:N, mps or auto; exclude: experts to leave out (one index or a list,
+        0 .. K - 1); allow_missing=False refuses a run whose expert folders are not all there;
+        guidance: classifier-free guidance inside class-conditional experts; router: "learned" or
+        "statistics" (the statistics-only router, from the islands' published statistics)."""
+        return load_ddm(run, device, exclude, allow_missing, guidance, router)
+
+    def __repr__(self) -> str:
+        labels = f"class-conditional, {self.num_classes} classes" if self.num_classes else "unconditional"
+        router = self.meta.get("router") or self.meta.get("kind", "custom")
+        missing = f", missing experts {self.meta['missing_experts']}" if self.meta.get("missing_experts") else ""
+        return (f"DDM(K={self.k}, data_shape={tuple(self.data_shape)}, router={router!r}, device={str(self.device)!r}, "
+                f"{labels}{missing})")
 
     def to(self, device: str | torch.device) -> "DDM":
         """Move every network and tensor to `device` (in place: cpu, cuda, cuda:N, mps or auto, see
         checked_device) and sample there by default."""
-        device = checked_device(device)
+        device = checked_device(device, "DDM.to")
         for f in [*self.experts, self.router]:
             if isinstance(f, NetworkField):
                 f.network.to(device)
@@ -81,10 +97,13 @@ class DDM:
         return self
 
     def with_guidance(self, guidance: float) -> "DDM":
-        """The same DDM with classifier-free guidance `guidance` inside each class-conditional expert."""
+        """The same DDM with classifier-free guidance `guidance` (0 .. 1000; 1 for unconditional
+        experts) inside each class-conditional expert."""
+        guidance = checked_guidance(guidance, "DDM.with_guidance", self.num_classes)
+
         def guided(f):
             if isinstance(f, NetworkField) and isinstance(f.output, VelocityOutput):
-                return dataclasses.replace(f, output=dataclasses.replace(f.output, guidance=float(guidance)))
+                return dataclasses.replace(f, output=dataclasses.replace(f.output, guidance=guidance))
             return f
 
         return dataclasses.replace(self, experts=[guided(f) for f in self.experts], accelerated={})
@@ -96,7 +115,8 @@ class DDM:
 
     def restrict(self, present: int | list[int], nearest: Callable | None = None) -> "DDM":
         """The DDM with only the experts `present` (indices 0 .. K - 1): router and prior masked and
-        renormalised."""
+        renormalised, the nearest-cluster map limited to them (present_nearest; or `nearest`, a map
+        x -> (B,) cluster index that answers only present clusters)."""
         present = load.expert_indices(present, self.k, "restrict: present")
         if not present:
             raise DDMError("no expert is present: at least one expert folder is needed to sample")
@@ -112,7 +132,8 @@ class DDM:
             label = (label / label.sum(1, keepdim=True)).to(self.device)
         meta = {**self.meta, "missing_experts": missing, "present_experts": present}
         return dataclasses.replace(self, experts=experts, router=masked_router(self.router, mask),
-                                   prior=(prior / prior.sum()).to(self.device), nearest=nearest or self.nearest,
+                                   prior=(prior / prior.sum()).to(self.device),
+                                   nearest=nearest or present_nearest(self.nearest, mask),
                                    meta=meta, label_prior=label, accelerated={})
 
     def networks(self, speed: SpeedOptions, device) -> Accelerated:
@@ -124,41 +145,62 @@ class DDM:
         return self.accelerated[key]
 
     def sample(self, strategy: str = "top-2", n: int = 1000, steps: int = 50, solver: str = "euler", seed: int = 0,
-               labels: torch.Tensor | None = None, guidance: float | None = None, decode: bool = True, **options):
-        """(samples (n, *data_shape), info): routed sampling from x_1 ~ N(0, I) fixed by `seed`.
+               labels=None, guidance: float | None = None, decode: bool = True, x1: torch.Tensor | None = None,
+               batch_size: int | None = None, router_every: int = 1, speed: SpeedOptions = SpeedOptions(),
+               callback=None, **unknown):
+        """(samples (n, *data_shape), info): routed sampling from x_1 ~ N(0, I) fixed by `seed`, on the
+        DDM's device (move it with .to(device)).
 
-        labels (n,): class labels for class-conditional experts (and a label-conditional router), ints
-        0 .. num_classes - 1, or num_classes for "no label" (a tensor, list or numpy array of ints);
-        guidance: classifier-free guidance scale inside each expert (None: as loaded); a latent DDM
-        returns decoded images (decode=False: the latents, of shape data_shape).
-        options: ddmkit.ddm.sampling.sample_ddm's (router_every, batch_size, speed, x1, callback); x1, the
-        starting noise, is a float32 torch tensor (n, *data_shape)."""
-        counts = {"n": n, "steps": steps, "seed": seed,
-                  **{key: options[key] for key in ("batch_size", "router_every") if options.get(key) is not None}}
-        counts = {key: whole(value, f"DDM.sample: {key}") for key, value in counts.items()}
-        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)):
-            raise DDMError(f"DDM.sample: guidance: {guidance!r} is not a number; pass a float from 0 to 1000, or None")
-        checked = validate(SampleConfig, {**counts, "solver": solver, "strategies": [strategy],
-                                          **({} if guidance is None else {"guidance": guidance})},
-                           "DDM.sample", "arguments")  # the bounds `ddmkit sample` has
-        options.update({key: getattr(checked, key) for key in counts if key in options})
-        if not self.num_classes and (labels is not None or guidance not in (None, 1.0)):
-            raise DDMError("DDM.sample: labels and guidance need class-conditional experts (num_classes > 0); this "
-                           "DDM's experts are unconditional: leave them out")
-        ddm = self if guidance is None else self.with_guidance(checked.guidance)
-        cond = None if labels is None else {"y": checked_class_labels(labels, checked.n, self.num_classes, self.device,
-                                                                              "DDM.sample")}
+        The same seed and n give the same noise; n rows are not always the first rows of a larger draw
+        (start_noise): take the first rows of a larger draw to reproduce a subset, as the pipeline does.
+        labels (n,): class labels for class-conditional experts, p(cluster | label) or a label-conditional
+        router, ints 0 .. num_classes - 1, or num_classes for "no label" (a tensor, list or numpy array of
+        ints); guidance: classifier-free guidance scale inside each expert (None: as loaded); a latent DDM
+        returns decoded images (decode=False: the latents, of shape data_shape). x1: the starting noise,
+        a float32 torch tensor (n, *data_shape); batch_size, router_every, speed and callback as in
+        ddmkit.ddm.sampling.sample_ddm. Bad arguments are DDMErrors naming them."""
+        if unknown:
+            raise DDMError(unknown_argument(next(iter(unknown)), self.device))
+        checked = checked_arguments("DDM.sample", n, seed, steps, solver, batch_size, router_every, callback)
+        ddm = self if guidance is None else self.with_guidance(checked_guidance(guidance, "DDM.sample",
+                                                                                self.num_classes))
+        cond = checked_cond(self, None if labels is None else {"y": labels}, checked.n, self.device, "DDM.sample")
         x0, info = sample_ddm(ddm, strategy, checked.n, checked.steps, checked.solver, checked.seed, self.device,
-                              cond=cond, **options)
+                              x1=x1, callback=callback, router_every=checked.router_every, cond=cond,
+                              batch_size=checked.batch_size, speed=speed)
         if decode and self.codec is not None:
             x0 = self.codec.decode(x0)
         return x0, info
 
 
-def checked_device(device: str | torch.device) -> torch.device:
-    """`device` (cpu, cuda, cuda:N, mps, or auto: cuda when there is one, else cpu) as a torch.device of
-    this machine, or a DDMError naming the argument (config.resolve_device)."""
-    return resolve_device(device, f"device: {device!r}", "pass device='cpu', or 'auto' (cuda when there is one)")
+def unknown_argument(name: str, device) -> str:
+    """What DDM.sample says of a keyword it does not take."""
+    if name == "device":
+        return f"DDM.sample: device: a DDM samples on its own device ({device}); move the DDM with .to(device) first"
+    if name == "cond":
+        return "DDM.sample: cond: pass class labels as labels=... (cond is sample_ddm's)"
+    accepted = [p for p in inspect.signature(DDM.sample).parameters if p not in ("self", "unknown")]
+    return f"DDM.sample: unknown argument {name!r}; accepted: {', '.join(accepted)}"
+
+
+def present_nearest(nearest: Callable | None, present: torch.Tensor) -> Callable | None:
+    """`nearest` limited to the present clusters (a (K,) bool mask): a partition's map
+    (load.NearestCluster) picks among them; a map of your own is checked, and a row it sends to a removed
+    expert is a DDMError (pass restrict(present, nearest=...) instead)."""
+    if nearest is None:
+        return None
+    if isinstance(nearest, load.NearestCluster):
+        return nearest.among(present)
+
+    def checked(x: torch.Tensor) -> torch.Tensor:
+        c = nearest(x)
+        if not bool(present.to(c.device)[c].all()):
+            removed = sorted(set(c[~present.to(c.device)[c]].tolist()))
+            raise DDMError(f"restrict: this DDM's nearest-cluster function sent rows to removed experts {removed}; "
+                           "pass restrict(present, nearest=f) with an f that answers only present clusters")
+        return c
+
+    return checked
 
 
 def absent_expert(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -189,16 +231,18 @@ def load_ddm(run: str | Path, device: str | torch.device = "cpu", exclude=(), al
     Experts whose folder is missing, and those in `exclude`, are left out (see DDM.restrict;
     allow_missing=False refuses instead). When RUN/registry.json exists every file is checked against
     it before any network is built. guidance: classifier-free guidance inside class-conditional
-    experts. router="statistics" routes by the islands' published statistics (no raw data). device: cpu,
-    cuda, cuda:N, mps or auto (checked_device); exclude: one expert index or a list of them, 0 .. K - 1."""
-    device = checked_device(device)
+    experts (0 .. 1000; 1 for unconditional experts). router="statistics" routes by the islands'
+    published statistics (no raw data). device: cpu, cuda, cuda:N, mps or auto (checked_device);
+    exclude: one expert index or a list of them, 0 .. K - 1."""
+    device = checked_device(device, "load_ddm")
+    guidance = checked_guidance(guidance, "load_ddm")  # a number in bounds before the folder is read
     parts, absent = load.learned_parts(run, device, exclude, allow_missing, guidance, router)
-    nearest = parts.pop("restrict_nearest", None)
     parts["experts"] = [absent_expert if e is None else e for e in parts["experts"]]
     ddm = DDM(**parts)
+    checked_guidance(guidance, "load_ddm", ddm.num_classes)
     if not absent:
         return ddm
-    return ddm.restrict([c for c in range(ddm.k) if c not in absent], nearest)
+    return ddm.restrict([c for c in range(ddm.k) if c not in absent])
 
 
 def exact_ddm(run: str | Path) -> DDM:

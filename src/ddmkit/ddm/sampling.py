@@ -15,14 +15,24 @@ import time
 import torch
 
 from ddmkit.accel import SpeedOptions, accelerate_field, autocast
+from ddmkit.config import SampleConfig, resolve_device, validate
 from ddmkit.errors import DDMError
 from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
 from ddmkit.sample import get_solver, time_grid
 
+COUNTS = ("n", "steps", "seed", "batch_size", "router_every")
+
 
 def start_noise(n: int, data_shape, seed: int, device="cpu") -> torch.Tensor:
-    """x_1 ~ N(0, I), the same for a given seed whatever the strategy."""
-    return torch.randn(n, *data_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    """x_1 ~ N(0, I) (n, *data_shape), the same for a given seed whatever the strategy.
+
+    The same seed and n give the same noise, but n rows are not always the first n rows of a larger
+    draw (torch.randn's values depend on its size): take the first rows of a larger draw to reproduce
+    a subset, as the pipeline does (start_noise(N, ...)[:n])."""
+    checked = checked_arguments("start_noise", n=n, seed=seed)
+    shape = checked_shape(data_shape, "start_noise")
+    device = checked_device(device, "start_noise")
+    return torch.randn(checked.n, *shape, generator=torch.Generator().manual_seed(checked.seed)).to(device)
 
 
 def whole(value, name: str) -> int:
@@ -32,14 +42,73 @@ def whole(value, name: str) -> int:
     return int(value)
 
 
-def start_rows(n: int, data_shape, seed: int, device="cpu", x1: torch.Tensor | None = None) -> torch.Tensor:
+def checked_device(device, caller: str) -> torch.device:
+    """`device` (cpu, cuda, cuda:N, mps, or auto: cuda when there is one, else cpu) as a torch.device of
+    this machine, or a DDMError naming the caller and the argument (config.resolve_device)."""
+    return resolve_device(device, f"{caller}: device: {device!r}",
+                          "pass device='cpu', or 'auto' (cuda when there is one)")
+
+
+def checked_arguments(caller: str, n, seed, steps=None, solver=None, batch_size=None, router_every=None,
+                      callback=None) -> SampleConfig:
+    """The sampling arguments given (None: not given) with the bounds `ddmkit sample` has
+    (config.SampleConfig; counts are ints), or a DDMError opening with `caller` and naming the argument.
+    A callback sees whole trajectories, so it needs batch_size None or >= n."""
+    given = {"n": n, "seed": seed, "steps": steps, "solver": solver, "batch_size": batch_size,
+             "router_every": router_every}
+    given = {key: whole(value, f"{caller}: {key}") if key in COUNTS else value
+             for key, value in given.items() if value is not None}
+    checked = validate(SampleConfig, given, caller, "arguments")
+    if callback is not None and checked.batch_size is not None and checked.batch_size < checked.n:
+        raise DDMError(f"{caller}: callback: a callback sees whole trajectories, so it needs all {checked.n} rows "
+                       f"in one batch; got batch_size={checked.batch_size}: pass batch_size=None")
+    return checked
+
+
+def checked_guidance(guidance, caller: str, num_classes: int | None = None) -> float:
+    """`guidance` as a float from 0 to 1000 (the bounds of `ddmkit sample`), and 1 unless the experts are
+    class-conditional (num_classes > 0; None: not known yet), or a DDMError naming the caller."""
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
+        raise DDMError(f"{caller}: guidance: {guidance!r} is not a number; pass a float from 0 to 1000")
+    guidance = validate(SampleConfig, {"guidance": guidance}, caller, "arguments").guidance
+    if num_classes == 0 and guidance != 1.0:
+        raise DDMError(f"{caller}: guidance: {guidance:g}; classifier-free guidance would need class-conditional "
+                       "experts (num_classes > 0), and this DDM's are unconditional: leave guidance at 1")
+    return guidance
+
+
+def checked_shape(data_shape, caller: str) -> tuple[int, ...]:
+    """data_shape (a tuple, list or torch.Size of positive ints) as a tuple, or a DDMError naming the caller."""
+    ok = isinstance(data_shape, (tuple, list, torch.Size)) and all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in data_shape)
+    if not ok:
+        raise DDMError(f"{caller}: data_shape: {data_shape!r} is not a shape; pass a tuple of positive ints, e.g. "
+                       "(2,) for vectors of 2 numbers")
+    return tuple(int(d) for d in data_shape)
+
+
+def checked_cond(ddm, cond, n: int, device, caller: str) -> dict[str, torch.Tensor] | None:
+    """cond as the experts and router get it: None, or {"y": class labels (n,)} for a DDM that reads labels
+    (class-conditional experts, p(cluster | label) or a label-conditional router), checked by
+    checked_class_labels where the DDM knows its classes; else a DDMError naming the caller."""
+    if cond is not None and (not isinstance(cond, dict) or set(cond) - {"y"}):
+        what = sorted(map(str, cond)) if isinstance(cond, dict) else type(cond).__name__
+        raise DDMError(f"{caller}: cond: {what}; accepted: None or {{'y': class labels (n,)}}")
+    if not cond:
+        return None
+    if not (ddm.num_classes or ddm.label_prior is not None or ddm.router_conditional):
+        raise DDMError(f"{caller}: labels need class-conditional experts (num_classes > 0), p(cluster | label) "
+                       "(label_prior) or a label-conditional router; this DDM has none: leave the labels out")
+    classes = len(ddm.label_prior) if ddm.label_prior is not None else ddm.num_classes
+    return {"y": checked_class_labels(cond["y"], n, classes, device, caller) if classes else cond["y"]}
+
+
+def start_rows(n: int, data_shape, seed: int, device="cpu", x1: torch.Tensor | None = None,
+               caller: str = "sample_ddm") -> torch.Tensor:
     """The rows sampling starts from: x1 when given, checked (a float32 torch tensor of shape
-    (n, *data_shape)), else start_noise. n is checked first: an int, at least 1."""
-    n = whole(n, "n")
-    if n < 1:
-        raise DDMError(f"n: {n} samples asked; pass n >= 1")
+    (n, *data_shape)), where they are; else start_noise on `device` (checked_device, naming `caller`)."""
     if x1 is None:
-        return start_noise(n, data_shape, seed, device)
+        return start_noise(n, data_shape, seed, checked_device(device, caller))
     want = (n, *data_shape)
     if not isinstance(x1, torch.Tensor) or x1.dtype != torch.float32 or tuple(x1.shape) != want:
         got = f"{x1.dtype} {tuple(x1.shape)}" if isinstance(x1, torch.Tensor) else type(x1).__name__
@@ -61,8 +130,6 @@ def sample_field(velocity, x1: torch.Tensor, steps: int, solver: str, callback=N
 def _chunks(n: int, batch_size: int | None) -> list[slice]:
     """Row ranges of at most batch_size rows covering n (one range when batch_size is None)."""
     size = n if batch_size is None else batch_size
-    if size < 1:
-        raise ValueError(f"batch_size must be >= 1 (or None: all {n} rows at once), got {batch_size}")
     return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
@@ -96,10 +163,11 @@ def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler
                cond: dict[str, torch.Tensor] | None = None, batch_size: int | None = None,
                speed: SpeedOptions = SpeedOptions()) -> tuple[torch.Tensor, dict]:
     """Sample a DDM (ddmkit.ddm.DDM) with one routing strategy from x1 ~ N(0, I) (fixed by seed), or
-    from the rows x1 given (a float32 tensor (n, *data_shape); see start_rows).
+    from the rows x1 given (a float32 tensor (n, *data_shape); see start_rows). device: where the noise
+    is drawn and sampling runs (cpu, cuda, cuda:N, mps or auto); with x1, where x1's rows are.
 
     router_every = m reuses the routing for m velocity evaluations (1: route every time);
-    cond = per-sample conditioning passed to the experts, e.g. {"y": class labels (n,)}; it reaches
+    cond = {"y": class labels (n,)} (or None), passed to the experts (checked_cond); it reaches
     the router too when the DDM's router is label-conditional, and with labels the oracle draws
     each sample's cluster from p(cluster | label) (ddm.label_prior) instead of the cluster sizes
     (the label C = num_classes, "no label", from the cluster sizes);
@@ -108,34 +176,33 @@ def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler
     for the random ones the same law with other draws (one generator, used chunk after chunk);
     speed = how the networks run on a GPU (ddmkit.accel.SpeedOptions: CUDA graphs, streams,
     autocast); the networks are prepared once per DDM and options (DDM.networks).
-    A callback sees whole trajectories only, so it needs batch_size None or >= n."""
-    strat = parse_strategy(strategy)
-    x1 = start_rows(n, ddm.data_shape, seed, device, x1)
-    chunks = _chunks(len(x1), batch_size)
-    if callback is not None and len(chunks) > 1:
-        raise ValueError(f"sample_ddm: a callback needs all {len(x1)} rows in one batch; got batch_size={batch_size}")
-    classes = len(ddm.label_prior) if ddm.label_prior is not None else ddm.num_classes
-    if cond is not None and "y" in cond and classes:
-        cond = {**cond, "y": checked_class_labels(cond["y"], len(x1), classes, x1.device)}
-    gen = torch.Generator(device=x1.device).manual_seed(seed + 1)
+    A callback sees whole trajectories only, so it needs batch_size None or >= n. Bad arguments are
+    DDMErrors naming them (checked_arguments, checked_cond; the device where it is used: start_rows),
+    as in DDM.sample."""
+    checked = checked_arguments("sample_ddm", n, seed, steps, solver, batch_size, router_every, callback)
+    strat, strategy = parse_strategy(strategy), strategy.strip()  # the name as given, less spaces around it
+    x1 = start_rows(checked.n, ddm.data_shape, checked.seed, device, x1, "sample_ddm")
+    cond = checked_cond(ddm, cond, checked.n, x1.device, "sample_ddm")
+    gen = torch.Generator(device=x1.device).manual_seed(checked.seed + 1)
     prior = ddm.prior
-    if ddm.label_prior is not None and cond is not None and "y" in cond:
+    if ddm.label_prior is not None and cond is not None:
         no_label = ddm.prior.reshape(1, -1).to(ddm.label_prior)  # label C, "no label": the clusters' sizes
         prior = torch.cat([ddm.label_prior, no_label]).to(x1.device)[cond["y"]]  # (n, K) p(cluster | y) per sample
     per_row_prior = prior is not None and prior.dim() == 2
-    counter = CallCounter()
+    counter = CallCounter(ddm.k)
     nets = ddm.networks(speed, x1.device)
     parts, nfe = [], []
     _sync(x1.device)
     start = time.perf_counter()
     with autocast(speed, x1.device):
-        for rows in chunks:
+        for rows in _chunks(len(x1), checked.batch_size):
             state = RoutingState(generator=gen, prior=prior[rows] if per_row_prior else prior, nearest=ddm.nearest)
             part_cond = _rows(cond, rows)
             field = routed_velocity(nets.experts, nets.router, strat, state, counter, cond=part_cond,
-                                    router_every=router_every, router_cond=part_cond if ddm.router_conditional else None,
+                                    router_every=checked.router_every,
+                                    router_cond=part_cond if ddm.router_conditional else None,
                                     call_experts=nets.call_experts)
-            parts.append(_integrate_counted(field, x1[rows], steps, solver, callback, nfe))
+            parts.append(_integrate_counted(field, x1[rows], checked.steps, checked.solver, callback, nfe))
     _sync(x1.device)
     wall = time.perf_counter() - start
     missing = set(ddm.meta.get("missing_experts", []))  # the dense path calls their zero stand-in: not counted
@@ -170,17 +237,20 @@ def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "eul
     """Sampling with one velocity field (the monolith): one network call per evaluation, called
     as field(x, t, **cond) with the rows' conditioning (batch_size and speed as in sample_ddm).
     With speed.cuda_graphs the field's graphs are captured for this call; to keep them from one call
-    to the next, pass accel.accelerate_field(field, speed) once and sample it with the default speed."""
-    x1 = start_rows(n, data_shape, seed, device, x1)
+    to the next, pass accel.accelerate_field(field, speed) once and sample it with the default speed.
+    Bad arguments are DDMErrors naming them, as in sample_ddm."""
+    checked = checked_arguments("sample_single", n, seed, steps, solver, batch_size)
+    data_shape = checked_shape(data_shape, "sample_single")
+    x1 = start_rows(checked.n, data_shape, checked.seed, device, x1, "sample_single")
     field = accelerate_field(field, speed)
     parts, nfe = [], []
     _sync(x1.device)
     start = time.perf_counter()
     with autocast(speed, x1.device):
-        for rows in _chunks(len(x1), batch_size):
+        for rows in _chunks(len(x1), checked.batch_size):
             part_cond = _rows(cond, rows) or {}
-            parts.append(_integrate_counted(lambda x, t, c=part_cond: field(x, t, **c), x1[rows], steps, solver,
-                                            None, nfe))
+            parts.append(_integrate_counted(lambda x, t, c=part_cond: field(x, t, **c), x1[rows], checked.steps,
+                                            checked.solver, None, nfe))
     _sync(x1.device)
     evaluations = _per_trajectory(nfe)
     return torch.cat(parts), {"strategy": name, "expert_calls_per_sample": float(evaluations), "router_calls": 0,

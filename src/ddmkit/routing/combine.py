@@ -42,10 +42,15 @@ CallExperts = Callable[[Sequence[Callable[[], torch.Tensor]], Sequence[int], Seq
 
 @dataclass
 class CallCounter:
-    """Counts expert evaluations (rows) and router calls (batches)."""
+    """Counts expert evaluations (rows, one entry per expert: num_experts entries from the start, more
+    if a higher index is counted) and router calls (batches)."""
 
-    expert_rows: list[int] = field(default_factory=list)
+    num_experts: int = 0
+    expert_rows: list[int] = field(init=False)
     router_calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.expert_rows = [0] * self.num_experts
 
     def add(self, k: int, rows: int) -> None:
         while len(self.expert_rows) <= k:
