@@ -370,6 +370,10 @@ def test_sample_honours_steps_for_flow_matching_and_refuses_vector_options(text_
     code, err = cli(monkeypatch, capsys, "sample", dfm, "--strategy", "top-1", "--solver", "rk4", "--guidance", "3",
                     "--batch-size", "1")
     assert code == 2 and "--solver, --guidance, --batch-size: not used by a text run" in err, err
+    code, err = cli(monkeypatch, capsys, "sample", dfm, "--strategy", "top-1", "--no-cuda-streams")
+    assert code == 2 and "--cuda-streams: not used by a text run" in err, err
+    code, err = cli(monkeypatch, capsys, "sample", dfm, "--strategy", "top-1", "--device", "cpu")
+    assert code == 2 and "error: --device: a trained text run keeps" in " ".join(err.split()), err  # only what was given
     code, err = cli(monkeypatch, capsys, "sample", ar, "--strategy", "top-1", "--steps", "3")
     assert code == 2 and "--steps: autoregressive sampling draws one byte per step" in err, err
 
@@ -416,3 +420,15 @@ def test_a_text_run_is_not_partitioned_again_in_place_without_force(tmp_path):
     assert (run / "partition" / "manifest.json").read_bytes() == before
     partition_text_run(config, run, force=True, log=QUIET, overrides=["partition.seed=5"])
     assert (run / "partition" / "manifest.json").read_bytes() != before
+
+
+@pytest.mark.parametrize("option", [("--stages", "train"), ("--backend", "processes"), ("--workers", "2"),
+                                    ("--address", "auto"), ("--device", "cpu")])
+def test_ddmkit_run_of_a_text_config_refuses_the_vector_runs_options(tmp_path, monkeypatch, capsys, option):
+    """A text run trains inline, every stage in one command: an option that would change that is named
+    (exit 2) before anything is written, not left unread."""
+    config = write_config(tmp_path, "text_ar")
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(monkeypatch, capsys, "run", config, *option)
+    assert code == 2 and option[0] in err and "a text run trains on the CPU" in err, err
+    assert not (tmp_path / "runs").exists()

@@ -161,9 +161,11 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
 
         if nproc != 1:
             raise DDMError("--nproc: text experts train in one process (on cfg.threads threads)")
-        if seed is not None or checkpoint_every is not None or device is not None or set_:
-            raise DDMError("--seed, --checkpoint-every, --device and --set: text experts take their settings from "
-                           "the text config (seed + cluster) and train without checkpoints")
+        given = [name for name, value in (("--seed", seed), ("--checkpoint-every", checkpoint_every),
+                                          ("--device", device), ("--set", set_ or None)) if value is not None]
+        if given:
+            raise DDMError(f"{', '.join(given)}: text experts take their settings from the text config (seed + "
+                           "cluster) and train without checkpoints")
         train_text_expert(shard, read_text_config(config), out)
         log(f"expert written to {out}")
         return
@@ -361,7 +363,8 @@ def analyze(run: Path = typer.Argument(..., help="trained run folder (experts/, 
 
 @app.command()
 def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name (demo)"),
-        out: Path = typer.Option(Path("runs/run"), "--out", help="run folder"),
+        out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/run; a text config: "
+                                           "runs/<config name>, as `ddmkit text run`)"),
         seed: Optional[int] = typer.Option(None, help="one seed for every stage (overrides config)"),
         force: bool = typer.Option(False, help="replace a folder that holds a different run"),
         backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
@@ -380,13 +383,17 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
     if _text_kind(config):
         from ddmkit.pipeline.text import run_text
 
-        if device is not None:
-            raise DDMError("--device: text models train on the CPU; leave --device out")
+        given = [name for name, value, default in (("--device", device, None), ("--backend", backend, "inline"),
+                                                    ("--workers", workers, None), ("--address", address, None),
+                                                    ("--stages", stages, "all")) if value != default]
+        if given:
+            raise DDMError(f"{', '.join(given)}: a text run trains on the CPU, inline, every stage in one command; "
+                           "leave them out (one expert per node: `ddmkit launch RUN --emit slurm`)")
         run_text(config, out, force, seed, log=log, overrides=list(set_ or []))
         return
     check_backend(backend)
-    run_pipeline(_config(config, None, set_, device).with_seed(seed), out, force, log, backend, workers, address,
-                 stages)
+    run_pipeline(_config(config, None, set_, device).with_seed(seed), out or Path("runs/run"), force, log, backend,
+                 workers, address, stages)
 
 
 @app.command()
@@ -571,14 +578,17 @@ def _text_kind(config: Path) -> bool:
 
 def _no_text_overrides(config: Optional[Path], seed: Optional[int], device: Optional[str] = None,
                        overrides: Optional[List[str]] = None) -> None:
-    if config is not None or seed is not None or device is not None or overrides:
-        raise DDMError("--config, --seed, --device and --set: a trained text run keeps the text config it was made "
-                       "with (RUN/config.json); give --set to `ddmkit run TEXT_CONFIG` when making the run")
+    given = [name for name, value in (("--config", config), ("--seed", seed), ("--device", device),
+                                      ("--set", overrides or None)) if value is not None]
+    if given:
+        raise DDMError(f"{', '.join(given)}: a trained text run keeps the text config it was made with "
+                       "(RUN/config.json); give --set to `ddmkit run TEXT_CONFIG` when making the run")
 
 
 def _not_for_text(options: dict, why: str) -> None:
-    """Refuse the options given (a value other than None or False) that a text run has no use for."""
-    given = [name for name, value in options.items() if value is not None and value is not False]
+    """Refuse the options given (a value other than their default None: --no-cuda-streams too) that a
+    text run has no use for."""
+    given = [name for name, value in options.items() if value is not None]
     if given:
         raise DDMError(f"{', '.join(given)}: not used by a text run ({why}); leave them out")
 

@@ -368,7 +368,7 @@ def check_not_added_before(log: dict, event: dict, folder: RunFolder) -> None:
     if earlier:
         raise DDMError(f"data: these {event['rows']} rows were added to {folder.root} before ({folder.grow.name} "
                        f"entry {earlier[0]}); adding them again would give the same rows a second cluster and "
-                       "expert. Give the new island's rows")
+                       "expert; give rows that are not in the run yet")
 
 
 def log_event(folder: RunFolder, event: dict, router: str | None = None) -> dict:
