@@ -168,3 +168,61 @@ def test_killed_while_sampling_or_scoring(evaluated, tmp_path, target, nth):
     cfg, reference = evaluated
     killed_mid_write(cfg, tmp_path / "run", target, nth, "all")
     resume_and_compare(cfg, tmp_path / "run", reference, "all", in_process=False)
+
+
+# ----- Ctrl-C while the monolith trains in a thread beside the process pool -----------------------------------
+
+def test_an_error_in_the_body_stops_the_side_thread_before_it_is_raised():
+    """in_thread: an exception in the body (here Ctrl-C) interrupts work() and waits for it to end, so no
+    thread is left inside torch when the process exits."""
+    import torch
+
+    from ddmkit.pipeline.run import in_thread
+
+    steps, ended = [], threading.Event()
+
+    def work():
+        try:
+            while True:  # a training loop that never ends by itself
+                torch.ones(32, 32) @ torch.ones(32, 32)
+                steps.append(1)
+        finally:
+            ended.set()
+
+    with pytest.raises(KeyboardInterrupt):
+        with in_thread(work):
+            while not steps:
+                time.sleep(0.01)
+            raise KeyboardInterrupt
+    assert ended.is_set()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a process group's Ctrl-C")
+def test_ctrl_c_while_the_monolith_trains_beside_the_pool_exits_130(tmp_path):
+    """`ddmkit run --backend processes` trains the monolith in a thread while the pool trains the experts: Ctrl-C
+    then exits with status 130 (before: SIGABRT, "terminate called without an active exception", the thread
+    still inside torch at exit), keeping the monolith's last checkpoint and leaving no staging folder."""
+    run = tmp_path / "run"
+    log = open(tmp_path / "run.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "ddmkit", "run", str(config(tmp_path)), "--out", str(run),
+                             "--backend", "processes", "--workers", "2", "--set", "expert.train.steps=1000000"],
+                            env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "monolith.checkpoint.safetensors").exists()  # the workers train too: their Ctrl-C
+                   and list((run / "experts").glob("*.checkpoint.safetensors"))):  # handler is set
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    out = (tmp_path / "run.log").read_text()
+    assert code == 130 and "terminate called" not in out and "Traceback" not in out, (code, out)
+    assert "interrupted: what is finished is kept" in out, out
+    assert (run / "monolith.checkpoint.safetensors").exists()
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert not (run / "monolith").exists() and not [p for p in (run / "experts").iterdir() if p.is_dir()]

@@ -475,6 +475,23 @@ def test_stale_temporary_files_are_removed_by_the_next_run(tmp_path):
         p.write_text("half")
     prepare_run_dir(run, tiny(), log=QUIET)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in live)
+    killed = tmp_path / "killed"  # killed while writing its config.json: only that temporary is there
+    (killed / f".config.json.{dead.pid}-{HOST}.zz9y8x7w.tmp").parent.mkdir()
+    (killed / f".config.json.{dead.pid}-{HOST}.zz9y8x7w.tmp").write_text("half")
+    prepare_run_dir(killed, tiny(), log=QUIET)
+    assert not list(killed.glob(".*.tmp")) and (killed / "config.json").exists()
+
+
+def test_a_folder_that_is_not_a_run_keeps_its_hidden_temporary_files(tmp_path):
+    """Temporary names are a run folder's business: `--out` naming another folder is refused, and no file
+    of it (nor of its subfolders) is removed first."""
+    mine = [tmp_path / "notes.txt", tmp_path / ".draft.tmp", tmp_path / "sub" / ".cache.tmp"]
+    for p in mine:
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("mine")
+    with pytest.raises(DDMError, match="is not a ddmkit run folder"):
+        prepare_run_dir(tmp_path, tiny(), log=QUIET)
+    assert all(p.read_text() == "mine" for p in mine)
 
 
 def test_staging_names_carry_the_writer(tmp_path):

@@ -330,6 +330,63 @@ def test_the_pool_workers_die_with_a_killed_driver(launched):
         time.sleep(0.05)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_killed_from_outside_is_a_clear_error(launched):
+    """kill -9 of one pool worker (as the kernel's out-of-memory killer does): exit 2 with one message saying a
+    worker died and that the same command resumes (before: a BrokenProcessPool traceback, exit 1); no worker
+    left, each job's last checkpoint kept (and the killed worker's staging folder, removed by the next run)."""
+    driver, workers, run = launched
+    os.kill(workers[0], signal.SIGKILL)
+    code = driver.wait(timeout=30)
+    out = (run.parent / "launch.log").read_text()
+    assert code == 2, out
+    assert "a worker process of the pool died" in out and "run the same command" in out, out
+    assert "Traceback" not in out, out
+    assert not any(_alive(pid) for pid in workers)
+    names = sorted(p.name for p in (run / "experts").iterdir() if f".{workers[0]}-" not in p.name)
+    assert names and all(n.endswith(".checkpoint.safetensors") for n in names), names
+
+
+def test_a_failed_pool_job_stops_the_others_at_once(tmp_path):
+    """Job 1 fails at once (its shard is not a safetensors file) while job 0 has 20000 steps to go: the error
+    is raised without waiting for job 0, which is stopped before it writes its expert (before: the jobs were
+    awaited in order, so job 0 trained to its end first)."""
+    jobs = _jobs(tmp_path, "experts")
+    jobs[1].shard.write_bytes(b"not a safetensors file")
+    config = CFG.model_copy(update={"train": CFG.train.model_copy(update={"steps": 20000})})
+    with pytest.raises(DDMError, match="cluster_01.safetensors"):
+        run_jobs(jobs, config, "processes", workers=2, log=lambda m: None)
+    assert not jobs[0].out_dir.exists()
+
+
+def test_launch_settings_may_change_how_jobs_run_not_what_they_train(tmp_path):
+    """`ddmkit launch RUN --set expert.train.steps=30` trained 30-step experts in a run whose config.json says 60,
+    and nothing noticed. check_same_training (called by launch) refuses it naming the field; settings of how the
+    jobs run are accepted."""
+    from ddmkit.config import RunConfig, apply_overrides
+    from ddmkit.pipeline.prepare import check_same_training, run_config
+
+    run = _tiny_run(tmp_path)
+    made = run_config(run)
+
+    def asked(*sets):
+        return RunConfig.model_validate(apply_overrides(made.model_dump(), list(sets)))
+
+    for sets, named in ((["expert.train.steps=30"], "expert.train.steps (60, asked 30)"),
+                        (["expert.net.kwargs.width=8"], "expert.net.kwargs.width (32, asked 8)"),
+                        (["router.train.lr=0.1"], "router.train.lr")):
+        with pytest.raises(DDMError) as info:
+            check_same_training(run, asked(*sets))
+        assert named in str(info.value) and "change only how the jobs run" in str(info.value), str(info.value)
+    check_same_training(run, asked("expert.train.checkpoint_every=7", "expert.train.log_every=5",
+                                   "expert.train.device=cpu", "router.train.tensorboard=true"))
+    check_same_training(tmp_path / "no run here", asked("expert.train.steps=30"))  # nothing to compare with
+    refused = subprocess.run([sys.executable, "-m", "ddmkit", "launch", str(run), "--set", "expert.train.steps=30"],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert refused.returncode == 2 and "expert.train.steps (60, asked 30)" in " ".join(refused.stderr.split())
+    assert not (run / "experts").exists()  # the command trained nothing
+
+
 # ----- launch --emit slurm: the options it uses, and those it refuses ---------------------------------------
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str]:

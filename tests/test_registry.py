@@ -229,6 +229,37 @@ def test_an_expert_folder_the_registry_does_not_list_is_refused_until_registered
     assert load_ddm(copy).k == 4
 
 
+@pytest.mark.parametrize("name", ["router", "monolith"])
+def test_a_router_or_monolith_folder_the_registry_does_not_list_is_refused_until_registered(copy, name):
+    """A router or monolith copied in (or trained) after `ddmkit register` was loaded unchecked, and `ddmkit
+    verify` said verified; an unlisted expert was refused. Now they are refused alike, until registered."""
+    from ddmkit.ddm.load import monolith_field
+    from ddmkit.pipeline.stages import stage_monolith
+
+    if name == "monolith":  # trained after the registry was written, which so lists no monolith
+        cfg = small_config()
+        stage_monolith(cfg.model_copy(update={"monolith": cfg.monolith.model_copy(update={"enabled": True})}), copy,
+                       lambda m: None)
+    else:
+        reg = json.loads((copy / "registry.json").read_text())
+        reg["models"] = [m for m in reg["models"] if m["role"] != "router"]
+        (copy / "registry.json").write_text(json.dumps(reg))
+    refused = rf"does not list the {name}, but .*{name} is there .*`ddmkit register"
+    with pytest.raises(DDMError, match=refused):
+        verify_registry(copy)
+    load = load_ddm if name == "router" else monolith_field
+    with pytest.raises(DDMError, match=refused):
+        load(copy)
+    write_registry(copy)  # `ddmkit register` checks the folder and records it
+    assert f"{name}" in verify_registry(copy)["verified"]
+    load(copy)
+
+
+def test_verify_of_a_folder_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(DDMError, match=r"nowhere is not a run folder \(no such folder\)"):
+        verify_registry(tmp_path / "nowhere")
+
+
 def test_a_shard_changed_after_partitioning_is_refused_before_training_or_routing_on_it(copy, monkeypatch, capsys):
     from ddmkit.cli import main
     from ddmkit.ddm.load import island_stats_router

@@ -157,3 +157,111 @@ def test_sigkill_mid_run_then_resume_gives_same_weights(tmp_path):
     assert _log(out) == _log(tmp_path / "reference")
     assert not ckpt.exists()
     assert not list(tmp_path.glob(".*.tmp"))  # removed by the resumed writer
+
+
+# ----- a resumed run whose RUN/data/ lost a file ---------------------------------------------------------------
+
+def _tiny_run(run: Path, *overrides: str) -> tuple[Path, object]:
+    """A tiny run's data and partition (nothing trained): (run folder, its config)."""
+    from ddmkit.config import RunConfig, apply_overrides, load_config
+    from ddmkit.pipeline.prepare import prepare_run_dir
+
+    raw = apply_overrides(load_config(Path(__file__).parent / "configs" / "tiny.toml").model_dump(), list(overrides))
+    cfg = RunConfig.model_validate(raw)
+    return prepare_run_dir(run, cfg, log=lambda m: None), cfg
+
+
+@pytest.mark.parametrize("lost", [["test.safetensors"], ["truth.safetensors"], ["data.json", "train.safetensors"]])
+def test_a_resumed_run_makes_lost_data_files_again_byte_for_byte(tmp_path, lost):
+    """RUN/data/test.safetensors or truth.safetensors deleted (before: `ddmkit run` drew every sample set, then
+    failed for the test split; the exact-truth scores were dropped silently), or data.json and the train split:
+    `ddmkit run` / `ddmkit partition` on the run make the data again, the same bytes as before."""
+    from ddmkit.pipeline.prepare import prepare_run_dir
+
+    run, cfg = _tiny_run(tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (run / "data").iterdir()}
+    assert sorted(before) == ["data.json", "test.safetensors", "train.safetensors", "truth.safetensors"]
+    for name in lost:
+        (run / "data" / name).unlink()
+    said = []
+    prepare_run_dir(run, cfg, log=said.append)
+    assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == before
+    assert any("missing; made again from the config" in line for line in said), said
+
+
+def test_a_lost_truth_is_an_error_naming_the_file_and_the_fix(tmp_path):
+    from ddmkit.ddm.load import load_truth
+
+    run, _ = _tiny_run(tmp_path / "run")
+    assert load_truth(run) is not None
+    (run / "data" / "truth.safetensors").unlink()
+    with pytest.raises(DDMError, match=r"truth\.safetensors is missing, but .*data\.json records an exact truth; "
+                                       r"make it again with `ddmkit partition --out .* --config .*config\.json`"):
+        load_truth(run)
+
+
+def test_data_that_the_config_no_longer_makes_are_not_made_again(tmp_path):
+    """A run of a .npy file that changed since: its lost test split is refused (nothing written), not made
+    from other data than the partition's."""
+    import numpy as np
+
+    from ddmkit.pipeline.prepare import prepare_run_dir
+
+    array = tmp_path / "points.npy"
+    np.save(array, np.random.default_rng(0).normal(size=(1000, 2)).astype(np.float32))
+    run, cfg = _tiny_run(tmp_path / "run", f"data.name={array}", "data.params.test_fraction=0.5", "sample.n=200",
+                         "sample.strategies=['full']")
+    (run / "data" / "test.safetensors").unlink()
+    np.save(array, np.random.default_rng(1).normal(size=(1000, 2)).astype(np.float32))
+    with pytest.raises(DDMError, match=r"data/test\.safetensors missing, and the data the config makes now are not "
+                                       r"those .*manifest\.json was made of"):
+        prepare_run_dir(run, cfg, log=lambda m: None)
+    assert sorted(p.name for p in (run / "data").iterdir()) == ["data.json", "train.safetensors"]
+
+
+def test_a_corrupt_checkpoint_says_delete_it_and_one_not_resumed_is_noted(tmp_path, monkeypatch):
+    """A damaged checkpoint said "re-create it" (a checkpoint cannot be); train-expert without --resume replaced
+    a checkpoint a killed run left without a word."""
+    from ddmkit.train.jobs import train_expert_once
+
+    shard = _shard(tmp_path / "shard.safetensors")
+    checkpoint_path(tmp_path / "a").write_bytes(b"not a checkpoint")
+    with pytest.raises(DDMError, match=r"corrupt or not a safetensors file .*; a checkpoint cannot be made again: "
+                                       r"delete it to train this job from the start"):
+        train_expert(shard, _cfg(), tmp_path / "a", resume=True)
+    with monkeypatch.context() as m:
+        _crash_after(m, 15)
+        with pytest.raises(KeyboardInterrupt):
+            train_expert(shard, _cfg(), tmp_path / "b")
+    said = []
+    assert train_expert_once(shard, _cfg(), tmp_path / "b", log=said.append)
+    assert said == [f"note: {checkpoint_path(tmp_path / 'b')} is not continued (no --resume): this job trains from "
+                    "the start and replaces it"]
+    said.clear()
+    assert train_expert_once(shard, _cfg(), tmp_path / "c", log=said.append) and said == []  # no checkpoint, no note
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_sample_and_evaluate_remove_what_killed_writers_left(tmp_path, command):
+    """A killed `ddmkit sample` leaves RUN/samples/.NAME.PID-HOST.R.tmp; only `ddmkit run` removed such files.
+    sample and evaluate remove them too (here on a run with no networks yet, so the command then stops), and
+    leave a live writer's."""
+    import os
+    import subprocess
+
+    from ddmkit.io import HOST
+    from ddmkit.pipeline.run import evaluate_run, sample_run
+
+    run, _ = _tiny_run(tmp_path / "run")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [run / "samples" / f".top-1.safetensors.{dead.pid}-{HOST}.a1b2c3d4.tmp", run / ".x.k3j2h1g0.tmp"]
+    live = run / "samples" / f".full.safetensors.{os.getpid()}-{HOST}.q1w2e3r4.tmp"
+    for path in [*stale, live]:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("half")
+    said = []
+    with pytest.raises(DDMError, match="no expert is present" if command == "sample" else "no samples yet"):
+        sample_run(run, ["top-1"], log=said.append) if command == "sample" else evaluate_run(run, log=said.append)
+    assert not any(p.exists() for p in stale) and live.exists()
+    assert said == [f"{run}: removed 2 temporary files or folders left by an interrupted run"]

@@ -412,3 +412,25 @@ model_kwargs = st.dictionaries(st.sampled_from(["width", "depth", "data_shape", 
                                odd_values | st.lists(st.integers(-3, 2**40), max_size=3), max_size=3)
 test_fuzz_model_kwargs = FUZZ(given(model_kwargs)(check_model_kwargs))
 test_fuzz_model_kwargs_long = pytest.mark.slow(LONG(given(model_kwargs)(check_model_kwargs)))
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_lock_that_is_a_symbolic_link_is_refused_and_nothing_is_written_where_it_points(tmp_path, dangling):
+    """RUN/.lock a link to a file outside the run (or to no file yet): taking the lock would write this
+    process's id there. Refused naming the link, the file it points to as it was (or still absent)."""
+    from ddmkit.pipeline.stages import run_lock
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    if not dangling:
+        victim.write_text("keep me\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(DDMError, match=r"\.lock is a symbolic link, not a lock file; remove it"):
+        with run_lock(run):
+            pass
+    assert sorted(p.name for p in outside.iterdir()) == ([] if dangling else ["victim.txt"])
+    assert dangling or victim.read_text() == "keep me\n"
+    assert (run / ".lock").is_symlink()  # left for the user to look at and remove

@@ -84,7 +84,7 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
                   if isinstance(section, dict) and isinstance(section.get("train"), dict)]
     if device is not None:
         checked_device(device)  # before any work: a device this machine lacks is refused here
-    source = "--set / --device" if path is None else f"{path} with --set / --device"
+    source = "--set / --device" if path is None else f"{config} with --set / --device"  # as the user named it
     cfg = validate(RunConfig, apply_overrides(dump, items), source) if items else base
     own_file = path is not None and path.suffix != ".json"  # the user's TOML, not a run folder's config.json
     typed = {item.partition("=")[0].strip() for item in overrides or []}
@@ -392,8 +392,13 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
         run_text(config, out, force, seed, log=log, overrides=list(set_ or []))
         return
     check_backend(backend)
-    run_pipeline(_config(config, None, set_, device).with_seed(seed), out or Path("runs/run"), force, log, backend,
-                 workers, address, stages)
+    try:
+        run_pipeline(_config(config, None, set_, device).with_seed(seed), out or Path("runs/run"), force, log,
+                     backend, workers, address, stages)
+    except KeyboardInterrupt:
+        log("interrupted: what is finished is kept; run the same command to continue (a training job that left a "
+            "checkpoint continues from it)")
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -460,6 +465,7 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
     """Train the run's missing experts on a backend, or emit a SLURM job array (one task per expert; the
     --set expert.* fields given are written into its tasks' command lines)."""
     from ddmkit.launch import check_launch
+    from ddmkit.pipeline.prepare import check_same_training
     from ddmkit.pipeline.stages import run_lock, stage_autoencoder, stage_experts, stage_registry
     from ddmkit.registry import check_registered
 
@@ -499,6 +505,7 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
             write_registry(run_dir)
         return
     cfg = _config(config, run_dir, set_, device)
+    check_same_training(run_dir, cfg)  # --set / --config may change how the jobs run, not what they train
     check_registered(run_dir)  # a registered file changed since is refused, not registered again
     try:
         stage_autoencoder(cfg, run_dir, log)  # latent runs: encode the shards first (once)
@@ -827,7 +834,7 @@ def distill_run_cmd(
                                            "expert's)"),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps or auto (default: "
                                              "the run's expert.train.device)"),
-        force: bool = typer.Option(False, "--force", help="remove RUN/students first (students of another "
+        force: bool = typer.Option(False, "--force/--no-force", help="remove RUN/students first (students of another "
                                    "teacher or training are refused otherwise)"),
         report: bool = typer.Option(True, "--report/--no-report", help="--no-report: train the students only "
                                     "(no sampling or scoring; the same command without it later reuses them "

@@ -139,17 +139,18 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     write_bytes_atomic(path, save(data, metadata=meta))
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The metadata written by save_tensors (empty if none)."""
+def read_metadata(path: str | Path, fix: str = "re-create it") -> dict:
+    """The metadata written by save_tensors (empty if none); a missing or corrupt file is a DDMError that
+    ends with `fix`."""
     path = _existing_file(Path(path), "train or copy it again")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         out = json.loads(meta.get("ddmkit", "{}"))
     except Exception as e:
-        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); re-create it") from None
+        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); {fix}") from None
     if not isinstance(out, dict):
-        raise DDMError(f"{path}: its ddmkit metadata is not a JSON object; re-create the file")
+        raise DDMError(f"{path}: its ddmkit metadata is not a JSON object; {fix}")
     return out
 
 
@@ -288,6 +289,9 @@ def _holder(path: Path) -> str:
     return f"process {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
 
 
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a lock path that is a link fails to open, not writes where it points
+
+
 def _acquire(path: Path) -> int:
     """An open descriptor of the lock file holding its lock, or -1 when another process holds it."""
     try:
@@ -303,7 +307,7 @@ def _acquire(path: Path) -> int:
                 path.unlink(missing_ok=True)
         return -1
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -332,6 +336,8 @@ def folder_lock(path: str | Path, what: str = "the folder"):
             _HELD[key][1] -= 1
         return
     ensure_folder(path.parent)
+    if path.is_symlink():  # taking it would write this process's id into the file it points to
+        raise DDMError(f"{path} is a symbolic link, not a lock file; remove it (ddmkit creates the lock itself)")
     fd = _acquire(path)
     if fd < 0:
         raise DDMError(f"{what} is in use by {_holder(path)} (lock {path}); wait for it to finish or stop it. "

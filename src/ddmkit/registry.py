@@ -351,9 +351,9 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
 
     Refused (DDMError): another time convention or ddmkit release, another
     partition, a weights or config file whose SHA-256 differs, an expert whose
-    config names a different shard than the partition, an expert folder present
-    but not listed (added after the registry was written: `ddmkit register` checks
-    and records it), and with shards=True a shard file whose SHA-256 is not the
+    config names a different shard than the partition, an expert, router or monolith
+    folder present but not listed (added after the registry was written: `ddmkit register`
+    checks and records it), and with shards=True a shard file whose SHA-256 is not the
     partition's (checked_model_shards; it reads all the data). A listed expert whose
     folder is gone is reported in "missing" (or refused if not allow_missing); with retraining, any
     listed folder may be gone (it is about to be trained again) and unlisted ones are left to the
@@ -361,6 +361,8 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     """
     run = Path(run)
     source = run / REGISTRY
+    if not run.is_dir():
+        raise DDMError(f"{run} is not a run folder (no such folder); give the folder a `ddmkit run` wrote")
     if not source.exists():
         raise DDMError(f"{run}: no registry yet ({REGISTRY}); run `ddmkit register {run}` first")
     reg = _validated(Registry, read_json(source), str(source))
@@ -408,6 +410,11 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     if present and not retraining:
         raise DDMError(f"{source} does not list experts {present}, but their folders are there (added after it was "
                        f"written): run `ddmkit register {run}` to check them and record them, or remove them")
+    roles = {e.role for e in reg.models}
+    for name in ("router", "monolith"):
+        if name not in roles and (run / name / "model.safetensors").exists() and not retraining:
+            raise DDMError(f"{source} does not list the {name}, but {run / name} is there (added after it was "
+                           f"written): run `ddmkit register {run}` to check it and record it, or remove it")
     missing += unlisted
     if shards:
         checked_model_shards(run)

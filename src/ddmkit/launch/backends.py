@@ -30,7 +30,8 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -163,14 +164,20 @@ def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | No
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1 if gpus else None,
                              initializer=_start_worker, initargs=(os.getpid(),)) as pool:
         try:
-            futures = [pool.submit(_process_job, job, config.model_dump(), resume, i % gpus if gpus else None,
-                                   user_networks())
-                       for i, job in enumerate(jobs)]
-            out = []
-            for job, fut in zip(jobs, futures):
-                out.append(Path(fut.result()))
+            futures = {pool.submit(_process_job, job, config.model_dump(), resume, i % gpus if gpus else None,
+                                   user_networks()): job
+                       for i, job in enumerate(jobs)}
+            for fut in as_completed(futures):  # the first failure raises here, and stops the others at once
+                fut.result()
+                job = futures[fut]
                 log(f"expert {job.cluster}: written to {job.out_dir} (process pool, {workers} workers)")
-            return out
+            return [Path(fut.result()) for fut in futures]
+        except BrokenProcessPool:
+            stop_workers(pool)
+            raise DDMError("a worker process of the pool died while training an expert (killed from outside, or "
+                           "out of memory? see the system log, e.g. `dmesg`); the finished experts are kept: run "
+                           "the same command to train the others (a job that left a checkpoint continues from it)"
+                           ) from None
         except BaseException:
             stop_workers(pool)
             raise

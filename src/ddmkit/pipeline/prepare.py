@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 from ddmkit.config import RunConfig, config_differences, json_digest, validate
+from ddmkit.data.arrays import content_hash
 from ddmkit.errors import DDMError
-from ddmkit.io import entries, read_json, remove, remove_stale_staging, write_json
+from ddmkit.io import STAGING, entries, read_json, remove, remove_stale_staging, write_json
 from ddmkit.latent.autoencoder import check_pretrained, network_data_shape
 from ddmkit.ddm.load import component_groups
 from ddmkit.layout import RunFolder
@@ -60,6 +61,23 @@ def trained_differences(made: RunConfig, asked: RunConfig) -> list[str]:
     old, new = made.model_dump(mode="json"), asked.model_dump(mode="json")
     return [d for name in TRAINED for d in config_differences({name: old.get(name)}, {name: new.get(name)})
             if d.split(" ", 1)[0].rsplit(".", 1)[-1] not in EXECUTION]
+
+
+def check_same_training(run: str | Path, cfg: RunConfig) -> None:
+    """A command that trains the networks a run lacks (`ddmkit launch`) trains them as RUN/config.json says:
+    cfg (its --set, --config and --device applied) may change how the jobs run (train.jobs.EXECUTION: device,
+    threads, checkpoint_every, log_every, tensorboard, parallel), nothing else of the trained sections, or
+    the run's networks would differ from its config.json (a DDMError naming the fields)."""
+    folder = RunFolder(run)
+    if not folder.config.exists():
+        return
+    differs = trained_differences(run_config(run), cfg)
+    if differs:
+        shown = "; ".join(differs[:6]) + (" ..." if len(differs) > 6 else "")
+        raise DDMError(f"--set / --config: {folder.root} was made with other training settings: its config.json "
+                       f"differs in {shown}. Its networks train as config.json says: change only how the jobs run "
+                       f"({', '.join(EXECUTION)}), or make a run with these settings in another folder (`ddmkit run "
+                       "CONFIG --out OTHER --set ...`)")
 
 
 def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
@@ -101,19 +119,44 @@ def check_kinds(folder: RunFolder, skip: list[Path] = ()) -> None:
             raise DDMError(f"{path} is a folder, but ddmkit writes a file there; move it away")
 
 
-def _check_sizes(cfg: RunConfig, folder: RunFolder, data: tuple | None) -> None:
-    """pipeline.checks.check_run_plan on the data in memory (a new run), or as RUN/data/data.json
-    records them (a resumed run, maybe with new [sample] or [evaluate] settings), then on the
-    clusters RUN/partition/manifest.json records."""
+def _check_sizes(cfg: RunConfig, folder: RunFolder, data: tuple | None, kept_partition: bool) -> None:
+    """pipeline.checks.check_run_plan on the data in memory (a new run, or a resumed run's data made
+    again), or as RUN/data/data.json records them (a resumed run, maybe with new [sample] or [evaluate]
+    settings), then, when the run keeps its partition, on the clusters RUN/partition/manifest.json records."""
     if data is not None:
         train, test = data
         check_run_plan(cfg, len(train), len(test), train.data_shape, train.truth is not None)
         check_labels(cfg, [train.labels, test.labels])
-        return
-    info = read_json(folder.data_info)
-    check_run_plan(cfg, info["n_train"], info["n_test"], tuple(info["data_shape"]), info["exact_truth"])
-    if folder.manifest.exists():
-        check_clusters(cfg, read_json(folder.manifest)["counts"], tuple(info["data_shape"]))
+        shape = train.data_shape
+    else:
+        info = read_json(folder.data_info)
+        check_run_plan(cfg, info["n_train"], info["n_test"], tuple(info["data_shape"]), info["exact_truth"])
+        shape = tuple(info["data_shape"])
+    if kept_partition:
+        check_clusters(cfg, read_json(folder.manifest)["counts"], shape)
+
+
+def lost_data(folder: RunFolder) -> list[Path]:
+    """The files of RUN/data/ that a run made before lacks: data.json, the train and test splits, and the
+    exact truth where data.json records one."""
+    files = [folder.data_info, folder.split("train"), folder.split("test")]
+    info = read_json(folder.data_info) if folder.data_info.exists() else {}
+    if isinstance(info, dict) and info.get("exact_truth"):
+        files.append(folder.truth)
+    return [path for path in files if not path.exists()]
+
+
+def _remade_data(cfg: RunConfig, folder: RunFolder, lost: list[Path], log: Log) -> tuple:
+    """A resumed run's data, made again from its config (the same bytes: the data depend on the config
+    alone), checked to be the data its partition was made of."""
+    names = ", ".join(str(p.relative_to(folder.root)) for p in lost)
+    data = load_data(cfg)
+    if folder.manifest.exists() and read_json(folder.manifest).get("data_hash") != content_hash(data[0].x):
+        raise DDMError(f"{folder.root}: {names} missing, and the data the config makes now are not those "
+                       f"{folder.manifest} was made of (its data_hash differs); copy the run's data/ folder back, or "
+                       "make the run again in another --out folder")
+    log(f"{folder.root}: {names} missing; made again from the config")
+    return data
 
 
 def _check_partition(cfg: RunConfig, train, plan, log: Log) -> None:
@@ -127,6 +170,14 @@ def _check_partition(cfg: RunConfig, train, plan, log: Log) -> None:
         log(f"warning: {warning}")
 
 
+def remove_leftovers(run: str | Path, log: Log = print) -> None:
+    """Remove the temporary files and folders that writers killed mid-write left in the run (those of a live
+    writer, or of another machine's, stay: ddmkit.io.remove_stale_staging). Call it holding the run's lock."""
+    stale = remove_stale_staging(run)
+    if stale:
+        log(f"{run}: removed {len(stale)} temporary files or folders left by an interrupted run")
+
+
 def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: Log = print) -> Path:
     """Create RUN/ with its config, data and partition (or reuse it for the same configuration),
     every check done before the first write; returns its path."""
@@ -134,22 +185,23 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
     check_devices(cfg)
     with run_lock(folder.root):
         run = folder.root
-        stale = remove_stale_staging(run)
-        if stale:
-            log(f"{run}: removed {len(stale)} temporary files or folders left by an interrupted run")
+        if folder.config.exists() or all(STAGING.match(p.name) for p in entries(run, but=folder.lock)):
+            remove_leftovers(run, log)  # a run folder's (or one killed before its config.json): not another folder's
         action = _action(folder, cfg, force)
         if action in ("same", "derived"):
             check_kinds(folder, folder.derived if action == "derived" else [])
         keep = action in ("same", "derived")
+        kept_partition = keep and folder.manifest.exists()
         # every check of the data and partition settings, in memory, before anything is written
         data = plan = train = None
-        if not (keep and folder.manifest.exists()):
-            if keep and folder.split("train").exists():
-                train = load_split(run, "train")
-            else:
+        lost = lost_data(folder) if keep else []
+        if lost:  # a file of RUN/data/ deleted since: the data are made again (all of data/ is written again)
+            data = _remade_data(cfg, folder, lost, log)
+        if not kept_partition:
+            if data is None and not keep:
                 data = load_data(cfg)
-                train = data[0]
-            _check_sizes(cfg, folder, data)
+            train = data[0] if data is not None else load_split(run, "train")
+            _check_sizes(cfg, folder, data, kept_partition)
             check_networks(cfg, network_data_shape(cfg.latent, train.data_shape))
             if cfg.latent.enabled and cfg.latent.pretrained and not folder.autoencoder.exists():
                 check_pretrained(cfg.latent, log)  # its weights, loaded once before anything is written
@@ -158,7 +210,7 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
         else:
             register_user_features(cfg)
             register_user_networks(cfg)
-            _check_sizes(cfg, folder, None)
+            _check_sizes(cfg, folder, data, kept_partition)
         if action == "replace":
             for path in entries(folder.root, but=folder.lock):
                 remove(path)

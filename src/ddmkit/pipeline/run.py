@@ -12,6 +12,7 @@ their own over the same run folder.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import threading
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from ddmkit.launch.backends import cuda_count
 from ddmkit.layout import RunFolder
 import ddmkit.pipeline.images as images
 import ddmkit.pipeline.vectors as vectors
-from ddmkit.pipeline.prepare import prepare_run_dir, run_config, run_lock, trained_differences
+from ddmkit.pipeline.prepare import prepare_run_dir, remove_leftovers, run_config, run_lock, trained_differences
 from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_every_expert, named_set, planned_sets,
                                         statistics_set)
 from ddmkit.pipeline.sampling import stage_sample
@@ -56,6 +57,7 @@ def evaluate_stage(cfg: RunConfig, run, log: Log = print, device="cpu", scorer=N
                                f"{'; '.join(differs[:6])}{' ...' if len(differs) > 6 else ''}. Evaluating scores "
                                "the samples of that run: change only [sample] or [evaluate] settings (or run the "
                                "other config in another --out folder)")
+            remove_leftovers(run, log)
         if is_image_run(run):
             return images.stage_evaluate(cfg, run, log, device, scorer)
         return vectors.stage_evaluate(cfg, run, log)
@@ -80,8 +82,10 @@ def train_stages(cfg: RunConfig, run, log: Log = print, backend: str = "inline",
 @contextlib.contextmanager
 def in_thread(work: Callable[[], object], enabled: bool = True):
     """Run work() in a thread while the body runs (or nothing when not enabled); on leaving, wait for it
-    and raise its error, if any. A thread left behind by an error in the body is a daemon: it does not
-    keep the process alive, and what it writes is staged (a model folder appears whole or not at all)."""
+    and raise its error, if any. An error in the body (Ctrl-C, a failed job) stops work() first: a
+    KeyboardInterrupt is raised in the thread, which ends as an interrupted job does (its staging folder
+    removed, its last checkpoint kept), and is waited for, so that no thread is left inside torch when
+    the process exits (that aborts it)."""
     if not enabled:
         yield
         return
@@ -94,10 +98,21 @@ def in_thread(work: Callable[[], object], enabled: bool = True):
             errors.append(error)
     thread = threading.Thread(target=body, name="ddmkit-beside-pool", daemon=True)
     thread.start()
-    yield
+    try:
+        yield
+    except BaseException:
+        interrupt(thread)
+        thread.join()
+        raise
     thread.join()
     if errors:
         raise errors[0]
+
+
+def interrupt(thread: threading.Thread) -> None:
+    """Raise KeyboardInterrupt in `thread` at its next Python instruction (nothing once it has ended)."""
+    if thread.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
 
 
 def sample_and_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu") -> dict:
@@ -159,6 +174,7 @@ def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = p
         raise DDMError(f"--router: unknown {router!r}; accepted: learned, statistics")
     with run_lock(run):
         saved = run_config(run)  # the folder must hold a run, whatever cfg says
+        remove_leftovers(run, log)
         cfg = cfg or saved
         device = device or resolve_device(cfg.expert.train.device)
         one_set = statistics_set if router == STATISTICS else named_set

@@ -22,6 +22,7 @@ from ddmkit.io import load_tensors, read_metadata, save_tensors
 import ddmkit.train.distributed as distributed
 
 FORMAT = "ddmkit-checkpoint-1"
+DAMAGED = "a checkpoint cannot be made again: delete it to train this job from the start"  # a corrupt file's fix
 
 
 def fingerprint(cfg_dump: dict, model: torch.nn.Module, description: str, data: list[str] | None = None) -> dict:
@@ -138,14 +139,14 @@ def load_checkpoint(path: str | Path, *, model, ema, opt, sched, generator: torc
                     fp: dict, device: torch.device) -> tuple[int, list[dict], dict]:
     """Restore everything in place (a sharded model, EMA and optimizer take their part of each tensor);
     returns (step, history, running sums)."""
-    meta = read_metadata(path)
+    meta = read_metadata(path, DAMAGED)
     if meta.get("format") != FORMAT:
         raise DDMError(f"{path}: not a ddmkit checkpoint (format {meta.get('format')!r}); delete it to start over")
     differences = fingerprint_differences(meta.get("fingerprint"), fp)
     if differences:
         raise DDMError(f"{path} belongs to a different training run: {'; '.join(differences)}. Delete it to "
                        "train this job from the start, or train into another folder to keep it")
-    tensors = load_tensors(path)
+    tensors = load_tensors(path, fix=DAMAGED)
     try:
         distributed.load_full_state(model, {k: v.to(device) for k, v in _unflat("model", tensors).items()})
         distributed.load_full_state(ema, {k: v.to(device) for k, v in _unflat("ema", tensors).items()})

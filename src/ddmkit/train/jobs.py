@@ -179,6 +179,9 @@ def train_expert_once(shard: str | Path, config: ExpertConfig, out_dir: str | Pa
     if differences:
         raise DDMError(f"{out_dir} holds an expert trained with other settings ({', '.join(differences)}); choose "
                        "another --out, or pass --force to replace it")
+    if not resume and checkpoint_path(out_dir).exists() and main:
+        log(f"note: {checkpoint_path(out_dir)} is not continued (no --resume): this job trains from the start and "
+            "replaces it")
     train_expert_ddp(shard, config, out_dir, nproc, resume=resume)
     return main
 
