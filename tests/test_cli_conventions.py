@@ -126,7 +126,7 @@ def test_every_help_shows_every_default(ddmkit, monkeypatch):
         shown = [p for p in command.params if p.param_type_name == "option" and p.default is not None
                  and not p.required and p.name != "help" and not (p.is_flag and not p.secondary_opts)]
         assert code == 0 and out.count("[default:") == len(shown), (path, [p.name for p in shown])
-    assert "[default: runs/run]" in ddmkit("run", "--help")[1]
+    assert "run folder (default runs/run; a text config: runs/<config name>" in ddmkit("run", "--help")[1]
 
 
 def test_help_prints_square_brackets_as_written(ddmkit, monkeypatch):

@@ -58,7 +58,7 @@ def test_idx_loader_scales_pads_and_keeps_splits_apart(tmp_path):
 
 
 def test_missing_fashion_mnist_names_the_install_command(tmp_path):
-    with pytest.raises(DDMError, match="apt-get install -y dataset-fashion-mnist"):
+    with pytest.raises(DDMError, match=r"data.params.dir: IDX folder .*nothing does not exist.*apt-get install -y dataset-fashion-mnist"):
         load_dataset("fashion_mnist", 10, 10, 0, dir=str(tmp_path / "nothing"))
 
 

@@ -84,8 +84,8 @@ def load_idx_split(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
     """(images (N, H, W) uint8, labels (N,)) of split 'train' or 't10k'."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DDMError(f"image folder {folder} does not exist; for Fashion-MNIST run `{INSTALL_HINT}` "
-                       "or set data.params.dir to a folder holding the *-ubyte[.gz] files")
+        raise DDMError(f"data.params.dir: IDX folder {folder} does not exist; set data.params.dir to a folder "
+                       f"holding the *-ubyte[.gz] files (Fashion-MNIST's: `{INSTALL_HINT}`)")
     images = read_idx(find_idx(folder, f"{split}-images-idx3-ubyte"))
     labels = read_idx(find_idx(folder, f"{split}-labels-idx1-ubyte"))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
