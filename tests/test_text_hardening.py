@@ -432,3 +432,25 @@ def test_ddmkit_run_of_a_text_config_refuses_the_vector_runs_options(tmp_path, m
     code, err = cli(monkeypatch, capsys, "run", config, *option)
     assert code == 2 and option[0] in err and "a text run trains on the CPU" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_text_sample_and_evaluate_remove_what_killed_writers_left(text_runs, tmp_path):
+    """A killed writer's temporary file in a text run is removed by `ddmkit sample` and `evaluate` (only
+    `ddmkit run` did); a live writer's stays."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(text_runs["text_ar"], run)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for call in (lambda log: sample_text(run, ["top-1"], n=1, log=log), lambda log: evaluate_text(run, log)):
+        stale = run / "samples" / f".text.json.{dead.pid}-{HOST}.a1b2c3d4.tmp"
+        live = run / f".report.md.{os.getpid()}-{HOST}.q1w2e3r4.tmp"
+        for path in (stale, live):
+            path.parent.mkdir(exist_ok=True)
+            path.write_text("half")
+        said = []
+        call(said.append)
+        assert not stale.exists() and live.exists()
+        assert said[0] == f"{run}: removed 1 temporary files or folders left by an interrupted run"
+        live.unlink()

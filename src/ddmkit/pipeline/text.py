@@ -46,6 +46,7 @@ from ddmkit.io import (entries, read_json, remove, remove_stale_staging, sha256_
                        write_json)
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, check_builds, from_pretrained, save_pretrained
+from ddmkit.pipeline.prepare import remove_leftovers
 from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import run_lock
 from ddmkit.registry import check_registered, write_registry
@@ -498,6 +499,7 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
     strategies = [name for name in strategies if name.strip() != "monolith"]
     with run_lock(run):
         cfg = text_config(run)
+        remove_leftovers(run, log)  # what killed writers left
         if central and not cfg.centralized.enabled:
             raise DDMError("--strategy monolith: this text run has no centralized model (centralized.enabled = "
                            "false in its config)")
@@ -521,6 +523,7 @@ def evaluate_text(run, log: Log = print) -> dict:
     """The report of a finished text run (held-out bits per byte, router accuracy, samples)."""
     with run_lock(run):
         cfg = text_config(run)
+        remove_leftovers(run, log)  # what killed writers left
         models = text_models(cfg, Path(run), train=False)
         return write_text_report(cfg, Path(run), models, 0.0, log)
 
