@@ -242,6 +242,19 @@ def test_a_latent_sweep_trains_one_autoencoder_for_the_grid(tmp_path):
     again = json.loads((elsewhere.parent / names[1] / "metrics.json").read_text())["rows"]
     assert {name: row["fid"] for name, row in again.items()} == fid
 
+    # a kept cell that holds only its metrics.json (scored on another machine) comes first in the grid: the
+    # next cell still takes the autoencoder brought in another cell's folder (it took the empty kept cell)
+    third_out = tmp_path / "third"
+    (third_out / names[0]).mkdir(parents=True)
+    shutil.copy(out / names[0] / "metrics.json", third_out / names[0])
+    brought = third_out / "k2_b0.25_s0"  # a cell of the grid's other part
+    brought.mkdir()
+    shutil.copy(out / names[0] / "config.json", brought)
+    shutil.copytree(out / names[0] / "autoencoder", brought / "autoencoder")
+    fourth = cli("sweep", config, "--out", third_out, "--k", "2", "--budget", "0.5", "--budget", "1", "--seed", "0")
+    assert fourth.returncode == 0 and "scored before" in fourth.stderr, fourth.stderr
+    assert "autoencoder: trained" not in fourth.stderr, fourth.stderr
+
 
 def test_a_sweep_trained_now_and_scored_later(tmp_path):
     out = tmp_path / "sweep"

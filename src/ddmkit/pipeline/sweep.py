@@ -430,8 +430,11 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
                            "first with the same command and --stages train (or --stages all)")
     check_grid_data(cfg, [k for ((k, _, _), _, _), rows in zip(grid, kept) if rows is None], backend, workers)
     out.mkdir(parents=True, exist_ok=True)
-    first: RunFolder | None = None  # the cell whose data (reference features, autoencoder) the others share
-    partitions: dict[int, RunFolder] = {}  # K -> the cell whose partition the others of that K share
+    # the cell whose data (reference features, autoencoder) the others share, and K -> the cell whose partition
+    # the others of that K share: cells that hold them (a kept cell may hold only its metrics.json)
+    shared = "autoencoder" if cfg.latent.enabled else "data"
+    first: RunFolder | None = None
+    partitions: dict[int, RunFolder] = {}
     results = []
     for i, (((k, b, s), cell_cfg, folder), rows) in enumerate(zip(grid, kept)):
         log(f"sweep cell {i + 1}/{len(grid)}: k={k}, budget {b:g}, seed {s}")
@@ -440,16 +443,16 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         else:
             check_same_monolith(folder, cell_cfg)
             if not folder.config.exists():
-                shared = "autoencoder" if cfg.latent.enabled else "data"
                 first = first or cell_in_folder(out, cell_cfg, SHARED, shared)
                 same_k = partitions.get(k) or cell_in_folder(out, cell_cfg, (*SHARED, "partition"), "partition")
                 if first is not None:
                     seed_cell(folder, cell_cfg, first, same_k)
             result = run_pipeline(cell_cfg, folder.root, force, log, backend, workers, stages=stages)
             rows = None if result is None else result["rows"]
-        if first is None or not first.data.exists():  # a cell that holds the data is the better source
-            first = folder
-        partitions.setdefault(k, folder)
+        if getattr(folder, shared).exists() and (first is None or not first.data.exists()):
+            first = folder  # a cell that holds the data too is the better source
+        if folder.partition.exists():
+            partitions.setdefault(k, folder)
         if rows is not None:
             results.append({"k": k, "budget": b, "seed": s, "rows": rows})
     if stages == "train":
