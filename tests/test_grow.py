@@ -214,7 +214,8 @@ def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):
     calls = [(("add-expert", run, "--data", base / "new.npz", "--params", "{oops"), ("--params", "JSON")),
              (("add-expert", run, "--data", "nosuchset"), ("--data: unknown data set 'nosuchset'",)),
              (("add-expert", run, "--data", "ring8", "--params", '{"nope": 1}'), ("--params key 'nope'",)),
-             (("replace-expert", run, 3, run / "experts" / "expert_00"), ("K", "0 .. 2"))]
+             (("replace-expert", run, 3, run / "experts" / "expert_00"), ("K", "0 .. 2")),
+             (("replace-expert", run, -1, run / "experts" / "expert_00"), ("K", "0 .. 2"))]
     for (code, stderr), (_, words) in zip(clis([args for args, _ in calls]), calls):
         assert code == 2 and all(w in stderr for w in words), stderr
     nan = component(3, 20, seed=3)

@@ -650,7 +650,7 @@ def _as_data_options(message: str) -> str:
     return message.replace("data.name", "--data").replace("data.params", "--params")
 
 
-@app.command("replace-expert")
+@app.command("replace-expert", context_settings={"ignore_unknown_options": True})  # K = -1 reaches the check
 def replace_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trained run folder (vectors or images)"),
                        k: int = typer.Argument(..., metavar="K", help="the expert to replace, 0 .. K-1"),
                        folder: Path = typer.Argument(..., metavar="FOLDER", help="a model folder (config.json + "
