@@ -278,6 +278,12 @@ def latent_codec(run, device="cpu") -> LatentCodec | None:
     return load_codec(folder.autoencoder, info["data_shape"][0], device=device)
 
 
+def records_truth(folder: RunFolder) -> bool:
+    """Whether RUN/data/data.json records an exact truth (data/truth.safetensors belongs with the data)."""
+    info = read_json(folder.data_info) if folder.data_info.exists() else {}
+    return isinstance(info, dict) and bool(info.get("exact_truth"))
+
+
 def load_truth(run) -> GaussianMixture | None:
     """The exact mixture stored with a run's data, or None (data without one). A run whose data.json
     records an exact truth but whose truth.safetensors is gone is a DDMError: its exact-truth scores
@@ -285,8 +291,7 @@ def load_truth(run) -> GaussianMixture | None:
     folder = RunFolder(run)
     path = folder.truth
     if not path.exists():
-        info = read_json(folder.data_info) if folder.data_info.exists() else {}
-        if isinstance(info, dict) and info.get("exact_truth"):
+        if records_truth(folder):
             raise DDMError(f"{path} is missing, but {folder.data_info} records an exact truth; make it again with "
                            f"`ddmkit partition --out {folder.root} --config {folder.config}` (the run's own "
                            "config: the same data are made again), or copy the run's data/ folder back")

@@ -28,7 +28,7 @@ from ddmkit.data.arrays import content_hash
 from ddmkit.errors import DDMError
 from ddmkit.io import STAGING, entries, read_json, remove, remove_stale_staging, write_json
 from ddmkit.latent.autoencoder import check_pretrained, network_data_shape
-from ddmkit.ddm.load import component_groups
+from ddmkit.ddm.load import component_groups, records_truth
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.checks import check_clusters, check_devices, check_labels, check_run_plan
 from ddmkit.train.jobs import EXECUTION
@@ -44,12 +44,17 @@ def trained_digest(config: dict) -> str:
     return json_digest({name: config.get(name) for name in TRAINED})
 
 
+def listed(differs: list[str]) -> str:
+    """Config differences as a message shows them: the first six, joined by '; ', then ' ...' if more."""
+    return "; ".join(differs[:6]) + (" ..." if len(differs) > 6 else "")
+
+
 def differences_text(made: RunConfig, asked: RunConfig) -> str:
     """What differs between a run's config and the one asked, the fields named (the devices alone: the
     --device to give)."""
     differs = [d for d in config_differences(made.model_dump(mode="json"), asked.model_dump(mode="json"))
                if not d.startswith(("sample.", "evaluate."))]
-    text = f"its config.json differs in {'; '.join(differs[:6])}{' ...' if len(differs) > 6 else ''}"
+    text = f"its config.json differs in {listed(differs)}"
     if differs and all(".train.device" in d for d in differs):
         text += f" (only the training device: give --device {made.expert.train.device}, as the run was made)"
     return text
@@ -73,11 +78,10 @@ def check_same_training(run: str | Path, cfg: RunConfig) -> None:
         return
     differs = trained_differences(run_config(run), cfg)
     if differs:
-        shown = "; ".join(differs[:6]) + (" ..." if len(differs) > 6 else "")
         raise DDMError(f"--set / --config: {folder.root} was made with other training settings: its config.json "
-                       f"differs in {shown}. Its networks train as config.json says: change only how the jobs run "
-                       f"({', '.join(EXECUTION)}), or make a run with these settings in another folder (`ddmkit run "
-                       "CONFIG --out OTHER --set ...`)")
+                       f"differs in {listed(differs)}. Its networks train as config.json says: change only how the "
+                       f"jobs run ({', '.join(EXECUTION)}), or make a run with these settings in another folder "
+                       "(`ddmkit run CONFIG --out OTHER --set ...`)")
 
 
 def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
@@ -140,8 +144,7 @@ def lost_data(folder: RunFolder) -> list[Path]:
     """The files of RUN/data/ that a run made before lacks: data.json, the train and test splits, and the
     exact truth where data.json records one."""
     files = [folder.data_info, folder.split("train"), folder.split("test")]
-    info = read_json(folder.data_info) if folder.data_info.exists() else {}
-    if isinstance(info, dict) and info.get("exact_truth"):
+    if records_truth(folder):
         files.append(folder.truth)
     return [path for path in files if not path.exists()]
 

@@ -27,7 +27,7 @@ from ddmkit.launch.backends import cuda_count
 from ddmkit.layout import RunFolder
 import ddmkit.pipeline.images as images
 import ddmkit.pipeline.vectors as vectors
-from ddmkit.pipeline.prepare import prepare_run_dir, remove_leftovers, run_config, run_lock, trained_differences
+from ddmkit.pipeline.prepare import listed, prepare_run_dir, remove_leftovers, run_config, run_lock, trained_differences
 from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_every_expert, named_set, planned_sets,
                                         statistics_set)
 from ddmkit.pipeline.sampling import stage_sample
@@ -54,7 +54,7 @@ def evaluate_stage(cfg: RunConfig, run, log: Log = print, device="cpu", scorer=N
             differs = trained_differences(run_config(run), cfg)
             if differs:
                 raise DDMError(f"{RunFolder(run).root} was made with other settings: its config.json differs in "
-                               f"{'; '.join(differs[:6])}{' ...' if len(differs) > 6 else ''}. Evaluating scores "
+                               f"{listed(differs)}. Evaluating scores "
                                "the samples of that run: change only [sample] or [evaluate] settings (or run the "
                                "other config in another --out folder)")
             remove_leftovers(run, log)
