@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A driver, not a benchmark: several parts of a compute-sweep grid at once on one GPU, each a gpu_sweep.sh run
-# in its own run folder ($R.part0, $R.part1, ...). Small experts leave most of an H200 idle (their steps are
+# in its own run folder named after its grid ($R.k16_b1_s1_s2 for '--k 16 --budget 1 --seed 1 --seed 2 ...'; a later
+# call that leaves a part out or reorders them finds each part's cells again). Small experts leave most of an H200 idle (their steps are
 # launch-bound), so parts that run side by side finish more cells per call than one after another; every
 # cell's numbers are those it gets alone (its own seeds and data; only the training seconds grow).
 #   PARTS='--k 4 --budget 1 --seed 1 --monolith-k 8|--k 16 --budget 0.125 --seed 1 --monolith-k 8' \
@@ -21,10 +22,16 @@ if grep -q '^enabled = true' <(sed -n '/^\[latent\]/,/^\[/p' "$CONFIG"); then
   ae=$(ls -d $R/k*_b*_s*/autoencoder .inc_ae/k*_b*_s*/autoencoder 2>/dev/null | head -n 1)
   [ -n "$ae" ] || { echo "gpu_sweep_parts: a latent grid needs its autoencoder on this machine first (a gpu_sweep.sh call, or carry .inc_ae)"; exit 3; }
 fi
+# a part's folder name: its --k, --budget and --seed values (k8_b0.5_b1_s0 for '--k 8 --budget 0.5 --budget 1 --seed 0')
+part_name() { local name="" args; read -r -a args <<< "$1"
+  for ((j = 0; j < ${#args[@]}; j++)); do case ${args[j]} in --k) name+="_k${args[j+1]}";; --budget) name+="_b${args[j+1]}";; --seed) name+="_s${args[j+1]}";; esac; done
+  echo "${name#_}"; }
+names=(); for i in "${!PART_ARGS[@]}"; do names+=("$(part_name "${PART_ARGS[$i]}")"); done
+[ "$(printf '%s\n' "${names[@]}" | sort | uniq -d)" = "" ] || { echo "gpu_sweep_parts: two parts have the same --k, --budget and --seed values: ${names[*]}"; exit 3; }
 share=$(( $(nproc) / ${#PART_ARGS[@]} )); share=$(( share > 0 ? share : 1 ))
 export OMP_NUM_THREADS=$share MKL_NUM_THREADS=$share OPENBLAS_NUM_THREADS=$share
 for i in "${!PART_ARGS[@]}"; do
-  part=$R.part$i
+  part=$R.${names[$i]}
   if [ -n "${ae:-}" ] && ! ls -d $part/k*_b*_s*/autoencoder >/dev/null 2>&1; then
     cell=$(dirname "$ae"); mkdir -p "$part/${cell##*/}" && cp -r "$cell/config.json" "$cell/autoencoder" "$part/${cell##*/}/"
   fi
@@ -33,7 +40,7 @@ for i in "${!PART_ARGS[@]}"; do
   OUT=$OUT/part$i R=$part LIMIT=$(left ${LIMIT:-585}) bash benchmarks/gpu_sweep.sh "${args[@]}" > "$OUT/part$i/call.log" 2>&1 &
 done
 wait
-for i in "${!PART_ARGS[@]}"; do echo "== part $i: ${PART_ARGS[$i]}"; tail -n 12 "$OUT/part$i/call.log"; done
+for i in "${!PART_ARGS[@]}"; do echo "== part $i ($R.${names[$i]}): ${PART_ARGS[$i]}"; tail -n 12 "$OUT/part$i/call.log"; done
 rm -f "$OUT"/part*/autoencoder.tar "$OUT"/part*/sweep.md "$OUT"/part*/sweep.json  # the report is made again from the cells
 (cd "$OUT" && tar czf parts.tar.gz part* && rm -rf part*/)
 echo "call seconds: $(( $(date +%s) - T0 ))"
