@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddmkit.errors import DDMError
 from ddmkit.truth import GaussianMixture
 
 F64 = torch.float64
@@ -10,7 +11,7 @@ F64 = torch.float64
 
 def test_weights_must_be_non_negative_with_a_positive_sum():
     for bad in ([-1.0, 2.0], [0.0, 0.0], [-1.0, -1.0]):
-        with pytest.raises(ValueError, match=r"^weights must be non-negative with a positive sum$"):
+        with pytest.raises(DDMError, match=r"^weights must be >= 0 with a positive sum \(they are normalised\); got \["):
             GaussianMixture.from_covariances(bad, [[0.0], [1.0]], [1.0, 1.0])
     ok = GaussianMixture.from_covariances([0.0, 2.0], [[0.0], [1.0]], [1.0, 1.0])
     assert ok.weights.tolist() == [0.0, 1.0]
@@ -20,13 +21,13 @@ def test_covariance_checks():
     means = [[0.0, 0.0]]
     for skew in (5e-9, 0.5):  # 5e-9: above atol 1e-10 where the entry it is compared with is 0
         cov = torch.tensor([[[1.0, 0.0], [skew, 1.0]]], dtype=F64)
-        with pytest.raises(ValueError, match=r"^covariances must be symmetric$"):
+        with pytest.raises(DDMError, match=r"^covs must be symmetric: covs\[k\] == covs\[k\]\.T \(to 1e-10\) for every k$"):
             GaussianMixture.from_covariances([1.0], means, cov)
-    with pytest.raises(ValueError, match=r"^covs must have shape \(1,\), \(1, 2\) or \(1, 2, 2\); got \(3,\)$"):
+    with pytest.raises(DDMError, match=r"^covs must have shape \(1,\) \(isotropic\), \(1, 2\) \(diagonal\) or \(1, 2, 2\) \(full\); got \(3,\)$"):
         GaussianMixture.from_covariances([1.0], means, [1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match=r"^covariances must be positive definite$"):
+    with pytest.raises(DDMError, match=r"^covs must be positive definite; the smallest eigenvalue is -1$"):
         GaussianMixture.from_covariances([1.0], means, [[[1.0, 2.0], [2.0, 1.0]]])
-    with pytest.raises(ValueError, match=r"^weights must have shape \(1,\), got \(2,\)$"):
+    with pytest.raises(DDMError, match=r"^weights must have shape \(1,\), one per mean; got \(2,\)$"):
         GaussianMixture.from_covariances([1.0, 1.0], means, [1.0])
 
 

@@ -126,9 +126,9 @@ def test_subset_and_high_dim_preset(gen):
 
 
 def test_bad_covariances_are_refused():
-    with pytest.raises(ValueError, match="positive definite"):
+    with pytest.raises(DDMError, match="positive definite"):
         GaussianMixture.from_covariances([1], [[0.0, 0.0]], [[0.0, 1.0]])
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(DDMError, match="shape"):
         GaussianMixture.from_covariances([1, 1], [[0.0, 0.0]], [1.0])
 
 

@@ -119,9 +119,9 @@ class GaussianMixture:
             raise DDMError(f"means must have shape (K, d); got {tuple(mu.shape)}")
         k, d = mu.shape
         if w.shape != (k,):
-            raise ValueError(f"weights must have shape ({k},), got {tuple(w.shape)}")
+            raise DDMError(f"weights must have shape ({k},), one per mean; got {tuple(w.shape)}")
         if (w < 0).any() or float(w.sum()) <= 0:
-            raise ValueError("weights must be non-negative with a positive sum")
+            raise DDMError(f"weights must be >= 0 with a positive sum (they are normalised); got {w.tolist()}")
         w = w / w.sum()
         if cov.shape == (k,):
             lam, vec = cov[:, None].expand(k, d).clone(), torch.eye(d, dtype=dtype).expand(k, d, d).clone()
@@ -129,12 +129,13 @@ class GaussianMixture:
             lam, vec = cov.clone(), torch.eye(d, dtype=dtype).expand(k, d, d).clone()
         elif cov.shape == (k, d, d):
             if not torch.allclose(cov, cov.transpose(1, 2), atol=1e-10):
-                raise ValueError("covariances must be symmetric")
+                raise DDMError("covs must be symmetric: covs[k] == covs[k].T (to 1e-10) for every k")
             lam, vec = torch.linalg.eigh(cov)
         else:
-            raise ValueError(f"covs must have shape ({k},), ({k}, {d}) or ({k}, {d}, {d}); got {tuple(cov.shape)}")
+            raise DDMError(f"covs must have shape ({k},) (isotropic), ({k}, {d}) (diagonal) or ({k}, {d}, {d}) (full); "
+                           f"got {tuple(cov.shape)}")
         if (lam <= 0).any():
-            raise ValueError("covariances must be positive definite")
+            raise DDMError(f"covs must be positive definite; the smallest eigenvalue is {float(lam.min()):.3g}")
         return GaussianMixture(w, mu, lam, vec)
 
     @property
