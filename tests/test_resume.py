@@ -241,11 +241,11 @@ def test_a_corrupt_checkpoint_says_delete_it_and_one_not_resumed_is_noted(tmp_pa
     assert train_expert_once(shard, _cfg(), tmp_path / "c", log=said.append) and said == []  # no checkpoint, no note
 
 
-@pytest.mark.parametrize("command", ["sample", "evaluate"])
-def test_sample_and_evaluate_remove_what_killed_writers_left(tmp_path, command):
+@pytest.mark.parametrize("command", ["sample", "evaluate", "analyze"])
+def test_sample_evaluate_and_analyze_remove_what_killed_writers_left(tmp_path, command):
     """A killed `ddmkit sample` leaves RUN/samples/.NAME.PID-HOST.R.tmp; only `ddmkit run` removed such files.
-    sample and evaluate remove them too (here on a run with no networks yet, so the command then stops), and
-    leave a live writer's."""
+    sample, evaluate and analyze remove them too (here on a run with no networks yet, so the command then
+    stops), and leave a live writer's."""
     import os
     import subprocess
 
@@ -261,7 +261,13 @@ def test_sample_and_evaluate_remove_what_killed_writers_left(tmp_path, command):
         path.parent.mkdir(exist_ok=True)
         path.write_text("half")
     said = []
-    with pytest.raises(DDMError, match="no expert is present" if command == "sample" else "no samples yet"):
-        sample_run(run, ["top-1"], log=said.append) if command == "sample" else evaluate_run(run, log=said.append)
+    from ddmkit.pipeline.analyze import analyze_run
+
+    calls = {"sample": (lambda: sample_run(run, ["top-1"], log=said.append), "no expert is present"),
+             "evaluate": (lambda: evaluate_run(run, log=said.append), "no samples yet"),
+             "analyze": (lambda: analyze_run(run, log=said.append), "not a trained ddmkit run")}
+    call, refusal = calls[command]
+    with pytest.raises(DDMError, match=refusal):
+        call()
     assert not any(p.exists() for p in stale) and live.exists()
     assert said == [f"{run}: removed 2 temporary files or folders left by an interrupted run"]

@@ -47,7 +47,7 @@ from ddmkit.io import (check_folder_target, load_tensors, read_json, save_tensor
                        write_json)
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.checks import checked_device
-from ddmkit.pipeline.prepare import run_config
+from ddmkit.pipeline.prepare import remove_leftovers, run_config
 from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.routing import parse_strategy
@@ -301,6 +301,8 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     start, cpu = time.perf_counter(), time.process_time()
     run = Path(run_dir)
     folder = RunFolder(run)
+    if folder.config.exists():
+        remove_leftovers(run, log)  # what killed writers left (this command holds the run's lock)
     if not folder.config.exists() or not has_default_router(run):
         raise DDMError(f"RUN_DIR {run}: not a trained ddmkit run (needs config.json, experts/ and router/, or a "
                        "grown run's statistics router); run `ddmkit run CONFIG --out RUN_DIR` first")
