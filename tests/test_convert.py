@@ -8,7 +8,8 @@ import torch
 
 from ddmkit.ddm.load import path_output, velocity_field
 from ddmkit.errors import DDMError
-from ddmkit.flow.convert import VPSchedule, vp_timestep
+from ddmkit.flow.convert import T_MIN, VPSchedule, vp_timestep
+from ddmkit.flow.path import T_EPS
 from ddmkit.truth import GaussianMixture
 
 T = torch.tensor([0.02, 0.1, 0.3, 0.5, 0.7, 0.9, 0.98], dtype=torch.float64)
@@ -118,3 +119,51 @@ def test_a_wrong_time_map_is_caught():
 def test_a_path_ddmkit_cannot_convert_is_refused(path):
     with pytest.raises(DDMError, match="path"):
         path_output({"kwargs": {}, "path": path})
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_vp_expert_past_its_noisiest_timestep_is_taken_at_that_timestep(schedule):
+    """From t = schedule.noisiest_t() to t = 1 (alpha = 0, beyond the network's last timestep) the exact VP
+    expert gives the exact velocity of the state at noisiest_t, as DDPM's sampler starts there; the map
+    of a t clamped only near 1 (alpha = 1e-4 while the network answers at its last timestep) was off by
+    more than the velocity itself."""
+    g = mixture()
+    vp = VPSchedule(schedule)
+    alpha_bar_last = float(torch.exp(vp.log_alpha_bar()[-1]))
+    assert math.isclose((1 - vp.noisiest_t()) / vp.noisiest_t(), math.sqrt(alpha_bar_last / (1 - alpha_bar_last)),
+                        rel_tol=1e-12)
+    t_hi = min(vp.noisiest_t(), 1 - T_MIN)  # cosine: alpha_bar 2.4e-9 at its last timestep, t = 0.99995
+    config = {"kwargs": {}, "prediction": "epsilon", "path": {"kind": "vp", "schedule": schedule}}
+    field = velocity_field(ExactVP(g, vp, "epsilon"), config)
+    x = points(g, torch.full((4,), 1.0, dtype=torch.float64))
+    for t in (t_hi, (t_hi + 1) / 2, 1.0):
+        got = field.output.velocity(field.network, x, torch.full((4,), t, dtype=torch.float64))
+        assert torch.allclose(got, g.velocity(x, torch.full((4,), t_hi, dtype=torch.float64)), atol=1e-8, rtol=0)
+
+
+class ExactLinear(torch.nn.Module):
+    """The exact eps or x0 prediction of the linear path: eps = x_t + (1 - t) v, x0 = x_t - t v."""
+
+    def __init__(self, g: GaussianMixture, prediction: str):
+        super().__init__()
+        self.g, self.prediction = g, prediction
+
+    def forward(self, x, t):
+        v = self.g.velocity(x, t)
+        tb = t[:, None]
+        return x + (1 - tb) * v if self.prediction == "epsilon" else x - tb * v
+
+
+@pytest.mark.parametrize("prediction, singular, clamped", [("epsilon", 1.0, 1 - T_EPS), ("x0", 0.0, T_EPS)])
+def test_an_eps_or_x0_expert_at_its_singular_end_gives_the_velocity_at_the_clamped_time(prediction, singular, clamped):
+    """An eps network says nothing of the data at t = 1 (x_t = eps), an x0 network nothing of the noise at
+    t = 0: the exact network, asked there, gives the exact velocity of the state at t_eps from that end
+    (the conversion divided 0 by t_eps instead: velocity 0 at t = 1 for eps), and between the ends the
+    exact velocity itself."""
+    g = mixture()
+    field = velocity_field(ExactLinear(g, prediction), {"kwargs": {}, "prediction": prediction})
+    x = points(g, torch.full((4,), 0.5, dtype=torch.float64))
+    at = lambda t: torch.full((4,), t, dtype=torch.float64)  # noqa: E731
+    assert torch.allclose(field.output.velocity(field.network, x, at(singular)), g.velocity(x, at(clamped)),
+                          atol=1e-9, rtol=0)
+    assert torch.allclose(field.output.velocity(field.network, x, T[:4]), g.velocity(x, T[:4]), atol=1e-9, rtol=0)

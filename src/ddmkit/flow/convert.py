@@ -61,6 +61,20 @@ class VPSchedule:
             raise ValueError(f"VP schedule kind must be 'linear' or 'cosine'; got {self.kind!r}")
         return torch.cumsum(torch.log1p(-betas), 0)
 
+    def noisiest_t(self) -> float:
+        """The linear-path time of the schedule's last timestep (its lowest signal-to-noise ratio):
+        t = sigma / (alpha + sigma) at n = steps - 1. The network never saw a noisier state."""
+        alpha_bar = math.exp(float(self.log_alpha_bar()[-1]))
+        alpha, sigma = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+        return sigma / (alpha + sigma)
+
+
+@lru_cache(maxsize=32)
+def noisiest_t(schedule: VPSchedule) -> float:
+    """schedule.noisiest_t(), at most 1 - T_MIN (a cosine schedule's last alpha_bar is ~1e-9), computed once
+    per schedule."""
+    return min(schedule.noisiest_t(), 1 - T_MIN)
+
 
 @lru_cache(maxsize=32)
 def log_alpha_bar_on(schedule: VPSchedule, device: torch.device) -> torch.Tensor:
@@ -93,7 +107,11 @@ def vp_scales(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def vp_velocity(network, x: torch.Tensor, t: torch.Tensor, schedule: VPSchedule, prediction: str,
                 **cond) -> torch.Tensor:
     """The linear-path velocity of a VP network predicting "epsilon" or "v", called as
-    network(z, n x schedule.time_scale, **cond) with z = x / c and its timestep n."""
+    network(z, n x schedule.time_scale, **cond) with z = x / c and its timestep n. A state noisier than
+    the schedule's last timestep (t above schedule.noisiest_t(), up to t = 1 where alpha = 0) is taken
+    as that timestep's, as DDPM's sampler starts there from pure noise: else x0_hat = (z - sigma eps_hat)
+    / alpha would divide the network's error by an alpha the network never saw."""
+    t = t.clamp(max=noisiest_t(schedule))
     alpha, sigma, c = (per_row(s, x) for s in vp_scales(t))
     z = x / c
     out = network(z, vp_timestep(schedule, t) * schedule.time_scale, **cond).to(x.dtype)

@@ -8,8 +8,11 @@ boundary of the code:
     from eps:  x0 = (x_t - t eps) / (1 - t),  v = eps - x0 = (eps - x_t) / (1 - t)
     from x0:   v = (x_t - x0) / t
 
-The divisions are clamped away from the singular end (t = 1 for eps,
-t = 0 for x0) by `t_eps`.
+Each is singular at one end (t = 1 for eps: x_t = eps there, so eps says nothing of x;
+t = 0 for x0), where a network's error is divided by (1 - t) or t. Such a network is
+evaluated and converted at the time clamped `t_eps` away from that end (`conversion_time`):
+the velocity there of the state x_t, which for an exact network is the exact velocity at the
+clamped time, and the network's error is multiplied by at most 1 / t_eps.
 """
 from __future__ import annotations
 
@@ -40,8 +43,22 @@ def target_for(prediction: str, x: torch.Tensor, eps: torch.Tensor) -> torch.Ten
     raise ValueError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}")
 
 
-def to_velocity(pred: torch.Tensor, prediction: str, x_t: torch.Tensor, t: torch.Tensor, t_eps: float = 1e-3) -> torch.Tensor:
-    """Convert a network output of kind `prediction` to the velocity v = eps - x."""
+T_EPS = 1e-2  # how far from its singular end an eps or x0 network is evaluated
+
+
+def conversion_time(prediction: str, t: torch.Tensor, t_eps: float = T_EPS) -> torch.Tensor:
+    """The time at which a network of kind `prediction` is evaluated and converted for the state at t:
+    t itself, but at most 1 - t_eps for "epsilon" and at least t_eps for "x0"."""
+    if prediction == "epsilon":
+        return t.clamp(max=1 - t_eps)
+    if prediction == "x0":
+        return t.clamp(min=t_eps)
+    return t
+
+
+def to_velocity(pred: torch.Tensor, prediction: str, x_t: torch.Tensor, t: torch.Tensor, t_eps: float = T_EPS) -> torch.Tensor:
+    """Convert a network output of kind `prediction`, made at time t, to the velocity v = eps - x (t is
+    clamped as conversion_time does: call the network at conversion_time(prediction, t))."""
     if prediction == "velocity":
         return pred
     tb = per_row(t, x_t)

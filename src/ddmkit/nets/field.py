@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ddmkit.flow.convert import VPSchedule, edm_velocity, vp_velocity
-from ddmkit.flow.path import to_velocity
+from ddmkit.flow.path import conversion_time, to_velocity
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +71,7 @@ class VelocityOutput:
         """The network's velocity on its path (upcast: its output to float32 first)."""
         call = (lambda *a: network(*a, **cond).float()) if upcast else (lambda *a: network(*a, **cond))
         if self.path == "linear":
+            t = conversion_time(self.prediction, t)  # an eps or x0 network away from its singular end
             return to_velocity(call(x, t), self.prediction, x, t)
         if self.path == "vp":
             return vp_velocity(call, x, t, self.schedule, self.prediction)
