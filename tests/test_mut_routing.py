@@ -131,7 +131,7 @@ def test_gated_top_k_angle_zero_and_parallel_experts():
 
 def test_gated_top_k_needs_the_analysis_sampler():
     want = ("strategy 'gated-2@30' compares expert velocities and needs the analysis sampler; use `ddmkit analyze "
-            "--strategy` (or ddmkit.analysis.trace_strategy)")
+            "--strategy` (or ddmkit.analysis.trace.trace_strategy)")
     for probe in (None, ExpertProbe(experts=[])):  # no probe, or one the analysis sampler has not set yet
         with pytest.raises(DDMError) as e:
             AD.GatedTopK(2, 30.0).weights(torch.ones(1, 2) / 2, RoutingState(probe=probe))

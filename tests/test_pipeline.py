@@ -49,6 +49,9 @@ def test_run_writes_every_artifact(tiny_run):
     assert rows["monolith"]["expert_calls_per_sample"] == pytest.approx(8)
     report = (out / "report.md").read_text()
     assert "noise floor" in report and "| top-2 |" in report
+    routers = {name: info["router"] for name, info in json.loads((out / "samples/info.json").read_text()).items()}
+    assert routers == {EXACT: "exact posterior", "monolith": "none", "full": "learned", "top-2": "learned",
+                       "switch": "learned", "oracle": "learned", "nearest": "learned"}
 
 
 def test_exact_ddm_is_the_global_field(tiny_run):

@@ -441,7 +441,7 @@ def read_toml(path: str | Path) -> dict:
 
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a TOML run configuration, a run folder's config.json, or a built-in config by
-    name ("demo", "fashion_mnist": a name without a suffix that is no file)."""
+    name ("demo": a name without a suffix that is no file)."""
     path = Path(path)
     if not path.exists() and not path.suffix and path.name == str(path):
         path = builtin_config(str(path))

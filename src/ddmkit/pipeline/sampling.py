@@ -42,6 +42,16 @@ def _ddm(run, sample_set: SampleSet, device, ddms: dict) -> DDM:
     return ddms[key]
 
 
+def routed_by(sample_set: SampleSet, meta: dict) -> str:
+    """What a set's DDM routed by, as info.json records it: "none" (the monolith), "exact posterior"
+    (the exact DDM of a mixture), else the router the DDM loaded ("learned"; a grown run: "statistics")."""
+    if sample_set.kind == SetKind.MONOLITH:
+        return "none"
+    if sample_set.kind == SetKind.EXACT:
+        return "exact posterior"
+    return meta.get("router", sample_set.router)
+
+
 def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device, ddms: dict) -> tuple[torch.Tensor, dict]:
     """(samples, info) of one set; `ddms` keeps the DDMs loaded for earlier sets."""
     s = cfg.sample
@@ -65,8 +75,7 @@ def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device, d
     if codec is not None:  # a latent run: samples are decoded into images
         x0 = codec.decode(x0)
     info.pop("expert_rows", None)
-    info.update(strategy=sample_set.name, guidance=sample_set.guidance,
-                router=meta.get("router", sample_set.router),  # what the DDM routed by (a grown run: statistics)
+    info.update(strategy=sample_set.name, guidance=sample_set.guidance, router=routed_by(sample_set, meta),
                 missing_experts=meta.get("missing_experts", []))
     if images:
         x0 = x0.float().clamp(-1, 1)

@@ -66,7 +66,7 @@ class GatedTopK(Strategy):
     def weights(self, probs, state):
         if state.probe is None or state.probe.x is None:
             raise DDMError(f"strategy {self.name!r} compares expert velocities and needs the analysis sampler; "
-                           "use `ddmkit analyze --strategy` (or ddmkit.analysis.trace_strategy)")
+                           "use `ddmkit analyze --strategy` (or ddmkit.analysis.trace.trace_strategy)")
         k = min(self.k, probs.shape[1])
         top = probs.topk(k, dim=1).indices
         vk = probe(state, top)  # (B, k, D)

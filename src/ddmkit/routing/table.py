@@ -75,11 +75,12 @@ STRATEGIES: list[StrategyForm] = [
     StrategyForm("full", r"full", lambda: Full(),
                  "w = r: every expert, weighted by the router (exactly the global velocity with exact experts "
                  "and router)", "K"),
-    StrategyForm("top-K", r"top-(\d+)", _top_k, "the K largest r_k, renormalised", "K"),
+    StrategyForm("top-K", r"top-(\d+)", _top_k, "the K largest r_k, renormalised (K at or above the number of experts: full routing)", "K"),
     StrategyForm("threshold-P", rf"threshold-({NUMBER})", lambda p: Threshold(_probability(p)),
                  "every r_k >= P, renormalised (the argmax if none)", "varies"),
     StrategyForm("sample-K[@T]", rf"sample-(\d+)(?:@({NUMBER}))?", _sample_k,
-                 "K distinct experts drawn from r^(1/T) (Gumbel top-K), weights r renormalised over them", "K"),
+                 "K distinct experts drawn from r^(1/T) (Gumbel top-K), weights r renormalised over them (K at or "
+                 "above the number of experts: full routing)", "K"),
     StrategyForm("nucleus-P[@T]", rf"nucleus-({NUMBER})(?:@({NUMBER}))?",
                  lambda p, t=None: Nucleus(_probability(p), _temperature(t)),
                  "one expert drawn from the smallest set holding mass P of r^(1/T)", "1"),
