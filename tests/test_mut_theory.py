@@ -595,9 +595,9 @@ EXPECTED_CONVERGENCE_REPORT = "\n".join([
     "| sampler | W2 slope (points) | N=4 | N=8 |",
     "|---|---|---|---|",
     "| euler:full | -0.74 (3) | 0.5 | 0.3 |",
-    "| euler:top-2 | below floor (1 points above) | 0.01 | 0.01 |",
-    "| euler:switch | below floor (0 points above) | 0.02 | 0.03 |",
-    "| heun:full | below floor (0 points above) | 0.04 | 0.04 |", "",
+    "| euler:top-2 | no fit (1 of 3 points above 2x floor) | 0.01 | 0.01 |",
+    "| euler:switch | no fit (0 of 3 points above 2x floor) | 0.02 | 0.03 |",
+    "| heun:full | no fit (0 of 3 points above 2x floor) | 0.04 | 0.04 |", "",
     "W2 with common noise: the same exact OT between the N-step samples and the exact-ODE samples from the same "
     "noise (a perfect sampler scores 0, so there is no independent-sample floor; it is at most the pathwise RMS, "
     "and lower where the law is closer than the paths). Slope on N >= 4:", "",

@@ -454,3 +454,13 @@ def test_text_sample_and_evaluate_remove_what_killed_writers_left(text_runs, tmp
         assert not stale.exists() and live.exists()
         assert said[0] == f"{run}: removed 1 temporary files or folders left by an interrupted run"
         live.unlink()
+
+
+def test_a_cluster_without_held_out_text_has_no_other_experts_mean():
+    """bits[j][c]: expert j on cluster c's held-out text. A cluster with none has no mean (it was 0.0 bits per
+    byte, a perfect model), and one expert alone has no other experts."""
+    from ddmkit.pipeline.text import other_experts_mean
+
+    bits = [[None, 2.0, 4.0], [None, 1.0, 6.0], [None, 3.0, 1.0]]
+    assert other_experts_mean(bits) == [None, 2.5, 5.0]
+    assert other_experts_mean([[1.5]]) == [None]

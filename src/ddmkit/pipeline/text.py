@@ -552,14 +552,21 @@ def _analyze_text(cfg: TextRunConfig, run, out, log: Log) -> dict:
                                 cfg.kind, cfg.evaluate.strategies, cfg.seed)
     k = len(models.experts)
     own = [bits[c][c] for c in range(k)]
-    other = [sum(bits[j][c] for j in range(k) if j != c and bits[j][c] is not None) / max(k - 1, 1)
-             if k > 1 else None for c in range(k)]
+    other = other_experts_mean(bits)
     result = {"kind": cfg.kind, "bits_per_byte": bits, "own_expert": own, "other_experts_mean": other,
               "own_cluster_weight": weight}
     write_json(out / "analysis.json", result)
     write_bytes_atomic(out / "analysis.md", render_text_analysis(result).encode())
     log(f"analysis: {out / 'analysis.md'}")
     return result
+
+
+def other_experts_mean(bits: list[list[float | None]]) -> list[float | None]:
+    """For each cluster c, the mean bits per byte of the other experts on its held-out text, bits[j][c] over
+    j != c (None where a cluster has no held-out text, or there is no other expert)."""
+    k = len(bits)
+    others = [[bits[j][c] for j in range(k) if j != c and bits[j][c] is not None] for c in range(k)]
+    return [sum(values) / len(values) if values else None for values in others]
 
 
 def render_text_analysis(result: dict) -> str:

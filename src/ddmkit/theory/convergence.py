@@ -428,7 +428,7 @@ def render_report(results: dict) -> str:
              "the floor:", "",
              markdown_table(["sampler", "W2 slope (points)"] + [f"N={n}" for n in s["steps"]],
                             [[name, (f"{r['w2_fit']['slope']:.2f} ({r['w2_fit']['points']})" if "slope" in r["w2_fit"]
-                                     else f"below floor ({r['w2_fit']['points']} points above)")] + r["w2"]
+                                     else f"no fit ({r['w2_fit']['points']} of 3 points above 2x floor)")] + r["w2"]
                              for name, r in grid["samplers"].items()]), "",
              "W2 with common noise: the same exact OT between the N-step samples and the exact-ODE samples "
              "from the same noise (a perfect sampler scores 0, so there is no independent-sample floor; it is at "
