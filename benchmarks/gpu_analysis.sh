@@ -23,11 +23,13 @@ if [ "$1" = analyze ]; then
   timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" analyze $RUN --device $DEVICE --n ${N:-1000} \
     --strategy full --strategy top-1 --strategy top-2 --strategy sample-2 --strategy oracle 2>&1 \
     | grep -v '^\s*$' | tail -n 30 | tee "$OUT/analyze.log"
+  step_status
   mkdir -p "$OUT/analysis" && cp $RUN/analysis/analysis.md $RUN/analysis/analysis.json "$OUT/analysis/" 2>/dev/null
   # (a call brings back a limited number of files: the per-strategy files and plots stay on the machine)
 elif [ "$1" = reference ]; then
   RUN=${2:?give the trained run folder}
   timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" train-monolith $RUN --device $DEVICE "${EXTRA[@]}" 2>&1 | tail -n 5
+  step_status
 elif [ "$1" = misalignment ]; then
   R=${R:-runs/misalignment}
   KEPT=docs/results/misalignment_fashion_mnist/measure
@@ -37,10 +39,11 @@ elif [ "$1" = misalignment ]; then
     --seeds ${2:-1} --n ${N:-2000} --conditions ${CONDITIONS:-disjoint,random,undertrained-0.1,tempered-3,permuted-0.5} \
     --strategy full --strategy top-1 --strategy top-2 --device $DEVICE --stages ${STAGES:-all} "${EXTRA[@]}" 2>&1 \
     | grep -v '^\s*$' | tail -n 40 | tee "$OUT/misalignment.log"
+  step_status
   # a call brings back at most 8 files: the measurements (one per condition and seed) in one archive
   mkdir -p "$OUT/misalignment" && tar czf "$OUT/misalignment/measure.tar.gz" -C $R measure
   cp $R/report.md $R/study.json "$OUT/misalignment/" 2>/dev/null
 else
   echo "usage: bash benchmarks/gpu_analysis.sh analyze RUN | reference RUN | misalignment SEEDS"; exit 2
 fi
-echo "call seconds: $(( $(date +%s) - T0 ))"
+finish

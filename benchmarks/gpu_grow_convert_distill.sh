@@ -44,14 +44,18 @@ PY
 
 if [ "$1" = train ]; then
   run run $CONFIG --out $R/fm --stages train "${FM[@]}" 2>&1 | tail -n 25 | tee "$OUT/train_fm.log"
+  step_status
   run run $CONFIG --out $R/vp --stages train "${VP[@]}" 2>&1 | tail -n 25 | tee "$OUT/train_vp.log"
+  step_status
   seconds fm/experts/expert_00 fm/monolith fm/router vp/experts/expert_00 | tee -a "$OUT/train_fm.log"
 elif [ "$1" = without ]; then
   join_fid_weights
   run run $CONFIG --out $R/without "${WITHOUT[@]}" 2>&1 | tail -n 25 | tee "$OUT/without.log"
+  step_status
   keep without
   rm -rf $R/grown && cp -r $R/without $R/grown
   run add-expert $R/grown --data $ISLAND 2>&1 | tail -n 15 | tee -a "$OUT/without.log"
+  step_status
   seconds without/experts/expert_00 grown/experts/expert_08 grown/router | tee -a "$OUT/without.log"
 elif [ "$1" = evaluate ]; then
   rm -rf $R/mixed && cp -r $R/fm $R/mixed
@@ -60,14 +64,16 @@ elif [ "$1" = evaluate ]; then
   for name in grown fm vp mixed; do
     [ $name = fm ] && S=(--set 'sample.strategies=["monolith","top-1","top-2"]') || S=("${SPARSE[@]}")
     run run $R/$name/config.json --out $R/$name --stages evaluate "${S[@]}" 2>&1 | tail -n 25 | tee -a "$OUT/evaluate.log"
+    step_status
     keep $name
   done
 elif [ "$1" = distill ]; then
   join_fid_weights
   run distill ${DISTILL_RUN:-$R/fm} --teacher top-1 --few-step 4 --steps ${DISTILL_STEPS:-2000} ${DISTILL_EXTRA:-} 2>&1 \
     | tail -n 40 | tee "$OUT/distill.log"
+  step_status
   mkdir -p "$OUT/distill" && cp ${DISTILL_RUN:-$R/fm}/students/report.md ${DISTILL_RUN:-$R/fm}/students/report.json "$OUT/distill/" 2>/dev/null
 else
   echo "usage: bash benchmarks/gpu_grow_convert_distill.sh train|without|evaluate|distill"; exit 2
 fi
-echo "call seconds: $(( $(date +%s) - T0 ))"
+finish

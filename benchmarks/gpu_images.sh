@@ -17,6 +17,7 @@ source benchmarks/gpu_setup.sh
 CONFIG=${CONFIG:-configs/fashion_mnist.toml} RUN=${RUN:-runs/fmnist}   # e.g. CONFIG=configs/fashion_mnist_latent.toml
 if [ "$1" = train ]; then
   timeout $(left 585) "${DDMKIT[@]}" run $CONFIG --out $RUN --stages train 2>&1 | tee "$OUT/train.log"
+  step_status
   RUN=$RUN python3 - <<'PY' 2>&1 | tee -a "$OUT/train.log"
 import json, os, pathlib
 for name in ["autoencoder", "experts/expert_00", "monolith", "router"]:
@@ -29,6 +30,7 @@ PY
 elif [ "$1" = evaluate ]; then
   join_fid_weights
   timeout $(left 585) "${DDMKIT[@]}" run $CONFIG --out $RUN --stages evaluate 2>&1 | tee "$OUT/evaluate.log"
+  step_status
   cp $RUN/report.md $RUN/metrics.json "$OUT/" 2>/dev/null
   (cd $RUN/plots 2>/dev/null && tar czf "$OUT/plots.tgz" .)
   [ $(left 590) -gt 30 ] && timeout $(left 590) python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.log"
@@ -36,10 +38,12 @@ elif [ "$1" = sampling ]; then
   timeout $(left 590) python3 benchmarks/sampling.py --device cuda --experts unet --bf16 --ks 8 --batches 256 1024 4096 \
     --steps 2 --repeats 5 --warm-runs 8 --speed eager streams graphs graphs+streams --json "$OUT/sampling.json" \
     2>&1 | tee "$OUT/sampling.log"
+  step_status
 elif [ "$1" = training ]; then
   shift  # further options go to benchmarks/training.py, e.g. --compile-mode reduce-overhead, --mode stacked
   timeout $(left 590) python3 benchmarks/training.py --device cuda --bf16 --compile "$@" 2>&1 | tee "$OUT/training.log"
+  step_status
 else
   echo "usage: bash benchmarks/gpu_images.sh train|evaluate|sampling|training"; exit 2
 fi
-echo "call seconds: $(( $(date +%s) - T0 ))"
+finish

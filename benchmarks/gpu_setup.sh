@@ -18,6 +18,12 @@ mkdir -p /usr/share/datasets/fashion-mnist /root/inc 2>/dev/null
 for d in .inc_a .inc_b; do [ -d $d ] && cp $d/* /root/inc/; done
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 left() { echo $(( ${1} - ($(date +%s) - T0) )); }
+# a driver exits with the status of its first failed step (step_status after each step; a step stopped by its
+# time limit, status 124, is the planned end of a call that runs until its time is up: said, not failed)
+STATUS=0
+step_status() { local rc=$?; [ $rc -eq 124 ] && { echo "(stopped at the call's time limit)"; return 0; }
+  [ $rc -ne 0 ] && [ $STATUS -eq 0 ] && STATUS=$rc; return 0; }
+finish() { echo "call seconds: $(( $(date +%s) - T0 ))"; exit $STATUS; }
 # the weights' xz-compressed parts (fid.pt.xz.part00 from .inc_a, part01 from .inc_b, carried in two calls of one
 # warm machine) joined and decompressed once both are there; the result must have the sha1 FID_SHA1 (else a part
 # is missing or broken, and nothing is kept); a file with another sha1 is made again

@@ -45,6 +45,7 @@ done
 timeout $(left ${LIMIT:-585}) "${DDMKIT[@]}" sweep $CONFIG --out $R "$@" \
   --set 'sample.strategies=["full","top-1","top-2"]' --set 'sample.guidance_sweep=[]' \
   --set 'sample.stats_router_strategies=[]' "${EXTRA[@]}" 2>&1 | grep -v '^\s*$' | tail -n 40 | tee "$OUT/sweep.log"
+  step_status
 for cell in $R/k*_b*_s*; do
   for log in $cell/experts/expert_00 $cell/monolith $cell/router; do  # training seconds of each network
     [ -f $log/train_log.jsonl ] && echo "${cell##*/}/${log##*/}: $(tail -n 1 $log/train_log.jsonl)"
@@ -55,4 +56,4 @@ done > "$OUT/train_seconds.txt"
 cp $R/sweep.md $R/sweep.json "$OUT/" 2>/dev/null
 ae=$(ls -d $R/k*_b*_s*/autoencoder 2>/dev/null | head -n 1)
 [ -n "$ae" ] && [ ! -d .inc_ae ] && { cell=$(basename "$(dirname "$ae")"); tar cf "$OUT/autoencoder.tar" -C $R "$cell/config.json" "$cell/autoencoder"; }
-echo "call seconds: $(( $(date +%s) - T0 ))"
+finish

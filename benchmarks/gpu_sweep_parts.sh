@@ -28,6 +28,7 @@ part_name() { local name="" args; read -r -a args <<< "$1"
   echo "${name#_}"; }
 names=(); for i in "${!PART_ARGS[@]}"; do names+=("$(part_name "${PART_ARGS[$i]}")"); done
 [ "$(printf '%s\n' "${names[@]}" | sort | uniq -d)" = "" ] || { echo "gpu_sweep_parts: two parts have the same --k, --budget and --seed values: ${names[*]}"; exit 3; }
+pids=()
 share=$(( $(nproc) / ${#PART_ARGS[@]} )); share=$(( share > 0 ? share : 1 ))
 export OMP_NUM_THREADS=$share MKL_NUM_THREADS=$share OPENBLAS_NUM_THREADS=$share
 for i in "${!PART_ARGS[@]}"; do
@@ -38,9 +39,10 @@ for i in "${!PART_ARGS[@]}"; do
   read -r -a args <<< "${PART_ARGS[$i]}"
   mkdir -p "$OUT/part$i"
   OUT=$OUT/part$i R=$part LIMIT=$(left ${LIMIT:-585}) bash benchmarks/gpu_sweep.sh "${args[@]}" > "$OUT/part$i/call.log" 2>&1 &
+  pids+=($!)
 done
-wait
+for pid in "${pids[@]}"; do wait $pid; step_status; done  # the call fails if a part failed
 for i in "${!PART_ARGS[@]}"; do echo "== part $i ($R.${names[$i]}): ${PART_ARGS[$i]}"; tail -n 12 "$OUT/part$i/call.log"; done
 rm -f "$OUT"/part*/autoencoder.tar "$OUT"/part*/sweep.md "$OUT"/part*/sweep.json  # the report is made again from the cells
 (cd "$OUT" && tar czf parts.tar.gz part* && rm -rf part*/)
-echo "call seconds: $(( $(date +%s) - T0 ))"
+finish
