@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmkit import DDM, GaussianMixture, __version__, load_config, run_pipeline
+from ddmkit import DDM, DDMError, GaussianMixture, __version__, load_config, parse_strategy, run_pipeline
 from ddmkit.evaluation import mode_coverage, nll, w2_exact
 
 CONFIG = """
@@ -74,12 +74,13 @@ ema_decay = 0.995
 [monolith]
 enabled = false
 
-[sample]   # the benchmark samples through the API; these keep the run's own plan small
-n = 500
+[sample]   # the benchmark samples through the API; the run's own plan, never drawn, fits any --rows >= MIN_ROWS
+n = 10
 
 [evaluate]
-chunk = 250
+chunk = 10
 """
+MIN_ROWS = 200  # the run's checks: its test split (a fifth of islands 0-2, about 0.15 x --rows) holds 2 x sample.n
 
 
 def truth() -> GaussianMixture:
@@ -106,10 +107,14 @@ def train_run(folder: Path, data: str, k: int, steps: int, seed: int) -> float:
 
 
 def add_expert(run: Path, data: Path, *options: str) -> float:
-    """`ddmkit add-expert RUN --data DATA OPTIONS` (the command line); returns its wall time."""
+    """`ddmkit add-expert RUN --data DATA OPTIONS` (the command line); returns its wall time. If it fails,
+    its messages are shown and the script exits with its status (2: a user error)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ddmkit.cli", "add-expert", str(run), "--data", str(data), *options],
-                   check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "ddmkit.cli", "add-expert", str(run), "--data", str(data), *options],
+                          capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stderr)
+        sys.exit(done.returncode)
     return time.perf_counter() - start
 
 
@@ -130,23 +135,9 @@ def summary(values: list[float]) -> str:
     return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {statistics.stdev(values):.3f}"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 300 training steps, 1000 samples")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=1000, help="training steps of every expert and router")
-    p.add_argument("--rows", type=int, default=8000, help="rows drawn per seed (a fifth held out as test)")
-    p.add_argument("--n", type=int, default=4000, help="samples per setting and strategy")
-    p.add_argument("--chunk", type=int, default=1000, help="points per W2 set (n / chunk sets are averaged)")
-    p.add_argument("--sample-steps", type=int, default=50, help="Euler steps")
-    p.add_argument("--strategies", nargs="+", default=["full", "top-1"])
-    p.add_argument("--out", type=Path, default=None, help="keep the run folders here (default: a temporary folder)")
-    args = p.parse_args()
-    if args.quick:
-        args.seeds, args.steps, args.n = args.seeds[:1], 300, 2000
-    torch.set_num_threads(1)
-    gmm = truth()
-    out = args.out or Path(tempfile.mkdtemp(prefix="ddmkit-grow-"))
+def measure(args, gmm: GaussianMixture, out: Path) -> tuple[dict, dict, list[float]]:
+    """Per seed: train and grow the four settings in OUT/seedN, then score every setting and strategy.
+    Returns the scores per (setting, strategy), the training times per setting and the W2 floors."""
     settings = ["(a) without", "(b) retrain", "(c) stats", "(d) all"]
     rows = {(s, strategy): [] for s in settings for strategy in args.strategies}
     cost = {s: [] for s in settings}
@@ -168,6 +159,81 @@ def main() -> None:
             for strategy in args.strategies:
                 rows[(s, strategy)].append(scores(runs[s], gmm, strategy, args.n, args.sample_steps, seed, refs))
         print(f"seed {seed} done", file=sys.stderr)
+    return rows, cost, floor
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer, 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give 1 or more")
+    return value
+
+
+def nonnegative(text: str) -> int:
+    """An argparse type: an integer, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: give 0 or more")
+    return value
+
+
+def fill(args, values: dict) -> None:
+    """Set each option the user left out (None) to its value in `values`."""
+    for name, value in values.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def parse_args():
+    """The options, checked before anything trains."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="1 seed, 300 training steps, 2000 samples (options given explicitly are kept)")
+    p.add_argument("--seeds", type=nonnegative, nargs="+", default=None, help="the seeds (default 0 1 2)")
+    p.add_argument("--steps", type=positive, default=None,
+                   help="training steps of every expert and router (default 1000)")
+    p.add_argument("--rows", type=positive, default=8000,
+                   help=f"rows drawn per seed (a fifth held out as test), at least {MIN_ROWS}")
+    p.add_argument("--n", type=positive, default=None, help="samples per setting and strategy (default 4000)")
+    p.add_argument("--chunk", type=positive, default=1000,
+                   help="points per W2 set (n / chunk sets are averaged), at most --n")
+    p.add_argument("--sample-steps", type=positive, default=50, help="Euler steps")
+    p.add_argument("--strategies", nargs="+", default=["full", "top-1"], help="routing strategies sampled")
+    p.add_argument("--out", type=Path, default=None,
+                   help="keep the run folders here, a new folder or one without seedN folders yet (default: a "
+                        "temporary folder)")
+    args = p.parse_args()
+    if args.quick:
+        fill(args, {"seeds": [0], "steps": 300, "n": 2000})
+    fill(args, {"seeds": [0, 1, 2], "steps": 1000, "n": 4000})
+    if args.rows < MIN_ROWS:
+        p.error(f"--rows {args.rows}: give {MIN_ROWS} or more (the runs hold out a test split)")
+    if args.chunk > args.n:
+        p.error(f"--chunk {args.chunk} is larger than --n {args.n}: give --chunk {args.n} or lower")
+    for strategy in args.strategies:
+        try:
+            parse_strategy(strategy)
+        except DDMError as e:
+            p.error(f"--strategies: {e}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file; give a folder")
+    done = [args.out / f"seed{seed}" for seed in args.seeds if args.out and (args.out / f"seed{seed}").exists()]
+    if done:
+        p.error(f"--out {args.out} already holds {', '.join(map(str, done))} (an earlier run); give another --out")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    gmm = truth()
+    out = args.out or Path(tempfile.mkdtemp(prefix="ddmkit-grow-"))
+    try:
+        rows, cost, floor = measure(args, gmm, out)
+    finally:
+        if args.out is None:
+            shutil.rmtree(out, ignore_errors=True)
 
     print(f"ddmkit {__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"seeds {args.seeds}, {args.steps} training steps, {args.n} samples (W2 over sets of {args.chunk}), "
@@ -182,8 +248,6 @@ def main() -> None:
         print(f"| {s} | {strategy} | {summary(w2)} | {summary(ratio)} | {summary([r['nll'] for r in results])} | "
               f"{summary([8 * r['modes_hit'] for r in results])} | {summary([r['mode_kl'] for r in results])} | "
               f"{summary(cost[s])} |")
-    if args.out is None:
-        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ The networks have random weights: speed depends on how rows spread over the expe
 they learned (the image router gets a pixel term so that its rows spread, see SpreadRouter).
 
 Prints, per K, a Markdown table: ms per Euler step of every method per batch (and speed), the
-ratios top-2/full, top-1/monolith and naive/top-2, then the expert evaluations per sample per
-step and the rows top-1 gave each expert. Measured numbers: docs/performance.md.
+ratios top-2/full, top-1/monolith and naive/top-2 (those whose methods --strategies times; a note
+names what the others need), then the expert evaluations per sample per step and the rows top-1
+gave each expert. Measured numbers: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -51,12 +52,13 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddmkit import DDM, SpeedOptions, __version__, parse_strategy, sample_ddm, sample_single, start_noise
+from ddmkit import DDM, DDMError, SpeedOptions, __version__, parse_strategy, sample_ddm, sample_single, start_noise
 from ddmkit.accel import accelerate_field
 from ddmkit.nets import NetworkField, RouterCNN, RouterMLP, RouterOutput, UNet, VelocityMLP, VelocityOutput
 from ddmkit.routing import RoutingState, combine_dense
@@ -190,26 +192,35 @@ def time_batch(methods: dict, speeds: dict, shape, b: int, args, device) -> dict
 
 # ---------------------------------------------------------------- tables
 
-def ratios(r: dict, sn: str, at: int) -> list[str]:
-    """top-2/full, top-1/monolith, naive/top-2 from the median (at=0) or best (at=1) times."""
-    def ratio(a, b):
-        return f"{r[sn, a][at] / r[sn, b][at]:.2f}" if (sn, a) in r and (sn, b) in r else ""
-    return [ratio("top-2", "full"), ratio("top-1", "monolith"), ratio("naive top-2", "top-2")]
+RATIOS = {"top-2/full": ("top-2", "full"), "top-1/monolith": ("top-1", "monolith"),
+          "naive/top-2": ("naive top-2", "top-2")}  # column: (numerator, denominator) methods
+
+
+def ratios(r: dict, sn: str, at: int, names: list[str]) -> list[str]:
+    """The ratio columns `names` (keys of RATIOS) from the median (at=0) or best (at=1) times."""
+    return [f"{r[sn, RATIOS[n][0]][at] / r[sn, RATIOS[n][1]][at]:.2f}" for n in names]
 
 
 def print_table(k: int, results: dict, columns: list[str], speeds: list[str]) -> None:
+    names = [n for n, methods in RATIOS.items() if set(methods) <= set(columns)]  # the ratios this run can give
     print(f"\n### K = {k}: ms per Euler step (median)\n")
-    print("| batch | speed | " + " | ".join(columns) + " | top-2/full | top-1/monolith | naive/top-2 |")
-    print("|---:|---|" + "---:|" * (len(columns) + 3))
+    print("| batch | speed | " + " | ".join(columns + names) + " |")
+    print("|---:|---|" + "---:|" * (len(columns) + len(names)))
     for b, r in results.items():
         for sn in speeds:
             ms = [f"{r[sn, c][0] * 1e3:.2f}" for c in columns]
-            print(f"| {b} | {sn} | " + " | ".join(ms + ratios(r, sn, 0)) + " |")
+            print(f"| {b} | {sn} | " + " | ".join(ms + ratios(r, sn, 0, names)) + " |")
+    left_out = [n for n in RATIOS if n not in names]
+    if left_out:
+        needs = sorted({m for n in left_out for m in RATIOS[n] if m not in columns})
+        print(f"\n(left out: the ratios {', '.join(left_out)}, which need {' and '.join(needs)} in --strategies)")
     first = next(iter(results.values()))
     evals = ", ".join(f"{c} {first[speeds[0], c][2]:.2f}" for c in columns)
     print(f"\nexpert evaluations per sample per step: {evals}")
-    best = "; ".join(f"batch {b} {sn}: " + ", ".join(ratios(r, sn, 1)) for b, r in results.items() for sn in speeds)
-    print(f"the same ratios from the best repeat (less sensitive to other jobs): {best}")
+    if names:
+        best = "; ".join(f"batch {b} {sn}: " + ", ".join(ratios(r, sn, 1, names)) for b, r in results.items()
+                         for sn in speeds)
+        print(f"the same ratios from the best repeat (less sensitive to other jobs): {best}")
     if "top-1" in columns:
         spread = "; ".join(f"batch {b}: " + " ".join(map(str, r[speeds[0], "top-1"][3])) for b, r in results.items())
         print(f"rows top-1 gave each expert over a run: {spread}", flush=True)
@@ -217,38 +228,97 @@ def print_table(k: int, results: dict, columns: list[str], speeds: list[str]) ->
 
 # ---------------------------------------------------------------- main
 
+QUICK = {"device": "cpu", "ks": [8], "batches": [256, 1024, 4096], "repeats": 3}  # --quick: where not given
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer, 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give 1 or more")
+    return value
+
+
+def nonnegative(text: str) -> int:
+    """An argparse type: an integer, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: give 0 or more")
+    return value
+
+
+def fill(args, values: dict) -> None:
+    """Set each option the user left out (None) to its value in `values`."""
+    for name, value in values.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def check_device(p: argparse.ArgumentParser, name: str) -> None:
+    """--device names a CPU or a CUDA GPU that this machine has (else an argparse error)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        p.error(f"--device {name}: not a device; give cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {name}: give cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; give --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        p.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="CPU, K = 8, batches 256 1024 4096, 3 repeats: a check in under a minute")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+                   help="CPU, K = 8, batches 256 1024 4096, 3 repeats: a check in under a minute (options given "
+                        "explicitly are kept)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     p.add_argument("--bf16", action="store_true", help="networks under bf16 autocast (SpeedOptions.autocast)")
     p.add_argument("--speed", nargs="+", choices=list(SPEEDS), default=["streams"],
                    help="SpeedOptions to time, side by side (default: streams, the library's default)")
-    p.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16], help="numbers of experts K")
-    p.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096, 8192], help="samples per sampling call")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--ks", type=positive, nargs="+", default=None, help="numbers of experts K (default 4 8 16)")
+    p.add_argument("--batches", type=positive, nargs="+", default=None,
+                   help="samples per sampling call (default 256 1024 4096 8192)")
+    p.add_argument("--batch-size", type=positive, default=None,
                    help="sample_ddm's batch_size: integrate the rows this many at a time (default: all at once)")
-    p.add_argument("--strategies", nargs="+", default=STRATEGIES, help="routing strategies to time")
-    p.add_argument("--steps", type=int, default=2, help="Euler steps per timed run")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per method (the cell is their median)")
-    p.add_argument("--warm-runs", type=int, default=1, help="untimed runs of every method first")
+    p.add_argument("--strategies", nargs="+", default=STRATEGIES,
+                   help=f"routing strategies to time (default {' '.join(STRATEGIES)}); the ratio columns need "
+                        "top-1, top-2 and full")
+    p.add_argument("--steps", type=positive, default=2, help="Euler steps per timed run")
+    p.add_argument("--repeats", type=positive, default=None,
+                   help="timed runs per method, the cell is their median (default 5)")
+    p.add_argument("--warm-runs", type=nonnegative, default=1, help="untimed runs of every method first")
     p.add_argument("--experts", choices=["mlp", "unet"], default="mlp",
                    help="mlp: VelocityMLP experts, RouterMLP; unet: UNet experts (3 x IMAGE x IMAGE, channels "
                         "WIDTH/2W/2W, attention at 8x8), a RouterCNN router with a pixel term")
-    p.add_argument("--width", type=int, default=None, help="expert width (MLP 128, UNet 32: the image config's experts)")
-    p.add_argument("--depth", type=int, default=3, help="MLP residual blocks")
-    p.add_argument("--dim", type=int, default=64, help="MLP data dimension")
-    p.add_argument("--router-width", type=int, default=None,
+    p.add_argument("--width", type=positive, default=None,
+                   help="expert width (MLP 128, UNet 32: the image config's experts)")
+    p.add_argument("--depth", type=nonnegative, default=3, help="MLP residual blocks")
+    p.add_argument("--dim", type=positive, default=64, help="MLP data dimension")
+    p.add_argument("--router-width", type=positive, default=None,
                    help="MLP router width (one block, default 32); RouterCNN channels C/2C/4C (default 16)")
-    p.add_argument("--image", type=int, default=32, help="UNet image side")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads")
-    p.add_argument("--json", help="also write the raw results to this file")
+    p.add_argument("--image", type=positive, default=32, help="UNet image side, a multiple of 4")
+    p.add_argument("--threads", type=positive, default=1, help="CPU threads")
+    p.add_argument("--json", type=Path, help="also write the raw results to this file")
     args = p.parse_args(argv)
     if args.quick:
-        args.device, args.ks, args.batches, args.repeats = "cpu", [8], [256, 1024, 4096], 3
-    args.width = args.width or (128 if args.experts == "mlp" else 32)
-    args.router_width = args.router_width or (32 if args.experts == "mlp" else 16)
+        fill(args, QUICK)
+    mlp = args.experts == "mlp"
+    fill(args, {"device": "cpu", "ks": [4, 8, 16], "batches": [256, 1024, 4096, 8192], "repeats": 5,
+                "width": 128 if mlp else 32, "router_width": 32 if mlp else 16})
+    check_device(p, args.device)
+    for strategy in args.strategies:
+        try:
+            parse_strategy(strategy)
+        except DDMError as e:
+            p.error(f"--strategies: {e}")
+    if args.experts == "unet" and args.image % 4:
+        p.error(f"--image {args.image}: the UNet halves the image twice; give a multiple of 4, e.g. 32")
+    if args.json is not None and not args.json.parent.is_dir():
+        p.error(f"--json {args.json}: there is no folder {args.json.parent}; create it or give another path")
+    if args.json is not None and args.json.is_dir():
+        p.error(f"--json {args.json} is a folder; give the path of a file, e.g. {args.json / 'sampling.json'}")
     return args
 
 

@@ -4,8 +4,10 @@
 
 Runs `ddmkit text run CONFIG --out OUT/sSEED --seed SEED` for every seed whose folder has no report.json
 yet (a seed sets every seed of the text config: the corpus sample, the partition and every network's
-training), then prints one Markdown row per model and routing (the rows of each run's report): the mean
-bits per byte over all clusters, the 95% t-interval half-width, and each seed's value.
+training; an interrupted run resumes), then prints one Markdown row per model and routing (the rows of
+each run's report): the mean bits per byte over all clusters, the 95% t-interval half-width, and each
+seed's value. A seed folder made with another config is refused before anything runs: every setting
+that CONFIG sets must be what the folder's config.json records (seeds aside); give another --out.
 """
 from __future__ import annotations
 
@@ -14,16 +16,52 @@ import json
 import statistics
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from scipy import stats
 
 
+def nonnegative(text: str) -> int:
+    """An argparse type: a seed, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: a seed is 0 or more")
+    return value
+
+
+def differences(given: dict, recorded: dict, where: str = "") -> list[str]:
+    """The settings of the config file (dotted names) that the recorded config holds otherwise; seeds
+    are left out (--seed sets them all)."""
+    found = []
+    for key, value in given.items():
+        name = f"{where}{key}"
+        if isinstance(value, dict) and isinstance(recorded.get(key), dict):
+            found += differences(value, recorded[key], name + ".")
+        elif key != "seed" and recorded.get(key) != value:
+            found.append(name)
+    return found
+
+
+def other_config(config: dict, folder: Path, seed: int) -> list[str]:
+    """What differs between `config` for `seed` and the run in `folder` (nothing when there is no run yet).
+    A text run's config.json records {"digest": ..., "config": the settings it ran with}."""
+    saved = folder / "config.json"
+    if not saved.exists():
+        return []
+    recorded = json.loads(saved.read_text()).get("config", {})
+    return differences(config, recorded) + (["seed"] if recorded.get("seed") != seed else [])
+
+
 def run_seed(config: Path, folder: Path, seed: int) -> dict:
+    """The report of the run of `config` in `folder`, made first if the folder has none; if ddmkit fails,
+    its message stands and the script exits with its status."""
     report = folder / "report.json"
     if not report.exists():
-        subprocess.run([sys.executable, "-m", "ddmkit.cli", "text", "run", str(config), "--out", str(folder),
-                        "--force", "--seed", str(seed)], check=True)
+        done = subprocess.run([sys.executable, "-m", "ddmkit.cli", "text", "run", str(config), "--out", str(folder),
+                               "--seed", str(seed)])
+        if done.returncode:
+            sys.exit(done.returncode)
     return json.loads(report.read_text())
 
 
@@ -35,12 +73,23 @@ def interval(values: list[float]) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("config", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", type=Path, help="a text config (TOML with kind = 'text_ar' or 'text_dfm')")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder of the runs, one per seed (OUT/s0, OUT/s1, ...); finished runs are reused")
+    p.add_argument("--seeds", type=nonnegative, nargs="+", default=[0, 1, 2],
+                   help="the seeds, one run each (default 0 1 2)")
     args = p.parse_args()
-    reports = [run_seed(args.config, args.out / f"s{seed}", seed) for seed in args.seeds]
+    try:
+        config = tomllib.loads(args.config.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        p.error(f"config: cannot read {args.config} as TOML ({e})")
+    for s in args.seeds:
+        changed = other_config(config, args.out / f"s{s}", s)
+        if changed:
+            p.error(f"--out: {args.out / f's{s}'} holds a run of another config ({', '.join(changed)} differ from "
+                    f"{args.config} with --seed {s}); give another --out")
+    reports = [run_seed(args.config, args.out / f"s{s}", s) for s in args.seeds]
     rows = list(reports[0]["bits_per_byte"])
     seeds = ", ".join(f"seed {s}" for s in args.seeds)
     print(f"| model | mean bits per byte | 95% interval | {seeds.replace(', ', ' | ')} |")

@@ -77,7 +77,7 @@ def sync(device) -> None:
 def matmul_peak(device, n: int | None = None) -> float:
     """FLOP/s of a large square matrix product in the dtype training uses."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = n or (8192 if device.type == "cuda" else 2048)
+    n = (8192 if device.type == "cuda" else 2048) if n is None else n
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
@@ -213,12 +213,14 @@ def stacked_job(net: str, kind: str, bf16: bool, compiled: bool, args, device):
     expert (batch B), or their monolith (batch K * B), trained steps = warmup + steps with one log row at the
     end."""
     run = load_config(CONFIGS / STACKED[net][0])
-    expert, k = run.expert, args.k or run.partition.k
+    expert = run.expert
+    k = run.partition.k if args.k is None else args.k
     kwargs = {**expert.net.kwargs, **(TINY[net] if args.quick else {})}
     train = expert.train.model_copy(update={
         "steps": args.warmup + args.steps, "log_every": args.warmup + args.steps, "device": str(device),
         "bf16": bf16, "compile": compiled, "compile_mode": args.compile_mode, "checkpoint_every": 0,
-        "tensorboard": False, "batch_size": args.expert_batch or expert.train.batch_size})
+        "tensorboard": False,
+        "batch_size": expert.train.batch_size if args.expert_batch is None else args.expert_batch})
     expert = expert.model_copy(update={"net": expert.net.model_copy(update={"kwargs": kwargs}), "train": train})
     shape = STACKED[net][1]
     build = lambda: build_seeded(expert.net.arch, train.seed, data_shape=list(shape), **kwargs)
@@ -311,29 +313,74 @@ def run_profile(args, device) -> None:
             print(f"| {op[:70]} | {m:.2f} | {e:.2f} | {e - m:+.2f} | {share} |", flush=True)
 
 
+QUICK = {  # --quick: a check in a few seconds; it sets only the options the user left out
+    "single": {"device": "cpu", "experts": "mlp", "batches": [256], "steps": 5, "warmup": 2},
+    "stacked": {"device": "cpu", "steps": 3, "warmup": 1, "k": 2, "expert_batch": 4},
+}
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer, 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give 1 or more")
+    return value
+
+
+def nonnegative(text: str) -> int:
+    """An argparse type: an integer, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: give 0 or more")
+    return value
+
+
+def fill(args, values: dict) -> None:
+    """Set each option the user left out (None) to its value in `values`."""
+    for name, value in values.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def check_device(p: argparse.ArgumentParser, name: str) -> None:
+    """--device names a CPU or a CUDA GPU that this machine has (else an argparse error)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        p.error(f"--device {name}: not a device; give cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {name}: give cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; give --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        p.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["single", "stacked"], default="single",
                    help="single: one expert's samples/s and share of the matmul peak; stacked: K experts "
                         "trained stacked against the monolith on the same samples")
     p.add_argument("--quick", action="store_true",
-                   help="CPU, MLP expert, batch 256, 5 steps: a check in a few seconds (--mode stacked: tiny "
-                        "networks, K = 2, batch 4, 3 steps)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--experts", choices=["mlp", "unet"], default="unet", help="the expert network")
-    p.add_argument("--width", type=int, default=None, help="UNet channels WIDTH/2W/2W (default 64); MLP width (256)")
-    p.add_argument("--dim", type=int, default=64, help="MLP data dimension")
-    p.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; --mode stacked: 200)")
-    p.add_argument("--warmup", type=int, default=None,
+                   help="CPU, MLP expert, batch 256, 5 steps after 2: a check in a few seconds (--mode stacked: tiny "
+                        "networks, K = 2, batch 4, 3 steps after 1); options given explicitly are kept")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if there is one)")
+    p.add_argument("--experts", choices=["mlp", "unet"], default=None, help="the expert network (default unet)")
+    p.add_argument("--width", type=positive, default=None,
+                   help="UNet channels WIDTH/2W/2W (default 64); MLP width (256)")
+    p.add_argument("--dim", type=positive, default=64, help="MLP data dimension")
+    p.add_argument("--batches", type=positive, nargs="+", default=None, help="batch sizes (default 256 1024)")
+    p.add_argument("--steps", type=positive, default=None, help="timed steps (default 20; --mode stacked: 200)")
+    p.add_argument("--warmup", type=nonnegative, default=None,
                    help="untimed steps first, torch.compile's compilation among them (default 5; --mode stacked: 20)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (as train.bf16)")
     p.add_argument("--compile", action="store_true", help="also time the variants under torch.compile")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--threads", type=positive, default=None, help="CPU threads (default: PyTorch's)")
     p.add_argument("--nets", nargs="+", choices=list(STACKED), default=list(STACKED),
                    help="--mode stacked: the experts of fashion_mnist.toml (unet), fashion_mnist_latent.toml (dit)")
-    p.add_argument("--k", type=int, default=None, help="--mode stacked: number of experts (default: the config's)")
-    p.add_argument("--expert-batch", type=int, default=None,
+    p.add_argument("--k", type=positive, default=None,
+                   help="--mode stacked: number of experts (default: the config's)")
+    p.add_argument("--expert-batch", type=positive, default=None,
                    help="--mode stacked: batch of each expert (default: the config's); the monolith's is K times it")
     p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
                    help="torch.compile mode of the compile rows (train.compile_mode); reduce-overhead replays "
@@ -343,22 +390,23 @@ def parse_args(argv=None):
                    help="--mode stacked: instead of the table, profile the monolith and the stacked experts "
                         "(bf16 on CUDA; compiled with --compile, in the default --compile-mode: CUDA graphs hide "
                         "their kernels from the profiler) and compare their time operator by operator")
-    p.add_argument("--profile-rows", type=int, default=25, help="--profile: operators shown (largest differences)")
+    p.add_argument("--profile-rows", type=positive, default=25,
+                   help="--profile: operators shown (largest differences)")
     args = p.parse_args(argv)
-    if args.quick and args.mode == "stacked":
-        args.device, args.steps, args.warmup, args.k, args.expert_batch = "cpu", 3, 1, 2, 4
-    elif args.quick:
-        args.device, args.experts, args.batches, args.steps, args.warmup = "cpu", "mlp", [256], 5, 2
-    args.width = args.width or (64 if args.experts == "unet" else 256)
-    args.steps = args.steps or (200 if args.mode == "stacked" else 20)
-    args.warmup = args.warmup if args.warmup is not None else (20 if args.mode == "stacked" else 5)
+    if args.quick:
+        fill(args, QUICK[args.mode])
+    stacked = args.mode == "stacked"
+    fill(args, {"device": "cuda" if torch.cuda.is_available() else "cpu", "experts": "unet", "batches": [256, 1024],
+                "steps": 200 if stacked else 20, "warmup": 20 if stacked else 5})
+    fill(args, {"width": 64 if args.experts == "unet" else 256})
+    check_device(p, args.device)
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.mode == "stacked":
