@@ -34,6 +34,8 @@ import torch
 
 from ddmkit import DDMError, __version__, parse_strategy
 
+from arguments import fill, nonnegative, positive
+
 QUICK = ["data.n_train=1600", "data.n_test=1600", "expert.train.steps=200", "router.train.steps=200",
          "sample.n=800", "sample.steps=16", "evaluate.chunk=400"]
 
@@ -71,35 +73,12 @@ def summary(values: list[float]) -> str:
     return f"{mean:.4g}" if len(values) < 2 else f"{mean:.4g} ± {statistics.stdev(values):.2g}"
 
 
-def positive(text: str) -> int:
-    """An argparse type: an integer, 1 or more."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: give 1 or more")
-    return value
-
-
-def nonnegative(text: str) -> int:
-    """An argparse type: an integer, 0 or more."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: give 0 or more")
-    return value
-
-
 def segments(text: str) -> int:
     """An argparse type: a few-step student's segments S, 1 .. 32 (as `ddmkit distill --few-step`)."""
     value = int(text)
     if not 1 <= value <= 32:
         raise argparse.ArgumentTypeError(f"{text}: give 1 .. 32")
     return value
-
-
-def fill(args, values: dict) -> None:
-    """Set each option the user left out (None) to its value in `values`."""
-    for name, value in values.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
 
 
 def parse_args():

@@ -42,6 +42,8 @@ import torch
 from ddmkit import DDM, DDMError, GaussianMixture, __version__, load_config, parse_strategy, run_pipeline
 from ddmkit.evaluation import mode_coverage, nll, w2_exact
 
+from arguments import fill, nonnegative, positive
+
 CONFIG = """
 [data]
 name = "{data}"
@@ -160,29 +162,6 @@ def measure(args, gmm: GaussianMixture, out: Path) -> tuple[dict, dict, list[flo
                 rows[(s, strategy)].append(scores(runs[s], gmm, strategy, args.n, args.sample_steps, seed, refs))
         print(f"seed {seed} done", file=sys.stderr)
     return rows, cost, floor
-
-
-def positive(text: str) -> int:
-    """An argparse type: an integer, 1 or more."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: give 1 or more")
-    return value
-
-
-def nonnegative(text: str) -> int:
-    """An argparse type: an integer, 0 or more."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: give 0 or more")
-    return value
-
-
-def fill(args, values: dict) -> None:
-    """Set each option the user left out (None) to its value in `values`."""
-    for name, value in values.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
 
 
 def parse_args():
