@@ -90,6 +90,29 @@ def test_train_expert_keeps_a_finished_expert_and_refuses_to_overwrite_another(d
     assert (tmp_path / "e" / "model.safetensors").read_bytes() != weights
 
 
+def test_train_expert_never_deletes_a_folder_that_is_not_an_expert(ddmkit, shard, tmp_path):
+    """The expert replaces its --out folder: a folder holding other things (a user's files, a run, RUN/experts)
+    was deleted with them, --force or not; it is refused, as is a file, and an empty folder is used."""
+    args = ["--config", TINY, "--set", "expert.train.steps=3"]
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "thesis.txt").write_text("important")
+    for force in ([], ["--force"]):
+        code, _, err = ddmkit("train-expert", shard, "--out", mine, *args, *force)
+        assert code == 2 and "holds files that are not an expert (sub, thesis.txt)" in err, err
+        assert (mine / "thesis.txt").read_text() == "important" and (mine / "sub").is_dir()
+    for folder in (shard.parents[2], shard.parent):  # the run folder, the shards' folder
+        before = sorted(p.name for p in folder.iterdir())
+        assert ddmkit("train-expert", shard, "--out", folder, *args)[0] == 2
+        assert sorted(p.name for p in folder.iterdir()) == before
+    (tmp_path / "file").write_text("x")
+    code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "file", *args)
+    assert code == 2 and "is a file" in err and (tmp_path / "file").read_text() == "x"
+    (tmp_path / "empty").mkdir()
+    assert ddmkit("train-expert", shard, "--out", tmp_path / "empty", *args)[0] == 0
+    assert (tmp_path / "empty" / "model.safetensors").exists()
+
+
 def test_a_config_device_this_machine_lacks_is_refused_before_anything_is_written(ddmkit, tmp_path):
     config = tmp_path / "c.toml"
     config.write_text(TINY.read_text().replace("[router.train]", '[router.train]\ndevice = "cuda:99"'))

@@ -139,7 +139,8 @@ def _with_train_seed(section, seed: Optional[int]):
 @app.command("train-expert")
 def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g. RUN/partition/shards/cluster_03.safetensors "
                                                  "(a latent run's: RUN/latents/cluster_03.safetensors)"),
-                     out: Path = typer.Option(..., "--out", help="expert folder to write"),
+                     out: Path = typer.Option(..., "--out", help="expert folder to write (new, empty or an expert's: "
+                                              "it is replaced; a folder holding anything else is refused)"),
                      config: Optional[Path] = typer.Option(None, help="TOML config (or a run's config.json) whose "
                                                            "[expert] section is used (default: the built-in defaults)"),
                      seed: Optional[int] = typer.Option(None, help="training seed (overrides config)"),

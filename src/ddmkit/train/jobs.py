@@ -126,6 +126,7 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
     """Train one expert on one shard file, in isolation, on config.train.threads CPU threads (resume:
     continue from its checkpoint; dist: this process's place in a job of several, see train_expert_ddp)."""
     shard = Path(shard)
+    check_expert_folder(out_dir)
     x, labels, meta = read_shard(shard)
     if "cluster" not in meta:
         raise DDMError(f"{shard} is not a cluster's shard (its metadata names no cluster); give a file of "
@@ -139,6 +140,24 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
     with job_threads(config.train.threads):
         return train_velocity_model(x, config, out_dir, "expert", extra, f"expert {cluster}", resume, labels, dist,
                                     data)
+
+
+def check_expert_folder(out_dir: str | Path) -> None:
+    """An expert is written into a folder of its own, which it replaces: out_dir must be new, empty or an
+    expert folder (config.json and model.safetensors), never a folder holding anything else (a run folder,
+    RUN/experts, a user's files), which would be deleted (a DDMError naming what it holds)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DDMError(f"--out {out_dir} is a file; an expert is written into a folder of its own: give a new "
+                       "folder, e.g. RUN/experts/expert_03")
+    if not out_dir.is_dir() or ((out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file()):
+        return
+    held = sorted(p.name for p in out_dir.iterdir())
+    if held:
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        raise DDMError(f"--out {out_dir} holds files that are not an expert ({shown}); an expert is written into a "
+                       "folder of its own, which it replaces: give a new or empty folder, e.g. "
+                       f"{out_dir / 'expert_00'} or RUN/experts/expert_03")
 
 
 EXECUTION = ("device", "threads", "checkpoint_every", "log_every", "tensorboard", "parallel")  # how a job runs
@@ -170,6 +189,7 @@ def train_expert_once(shard: str | Path, config: ExpertConfig, out_dir: str | Pa
     to do, False) or one trained otherwise (a DDMError naming what differs; force replaces it). Under a
     launcher of several processes (torchrun) only rank 0 logs, and only rank 0 returns True."""
     main = int(os.environ.get("RANK", "0")) == 0
+    check_expert_folder(out_dir)  # before anything: --force replaces an expert, never other files
     differences = None if force or not Path(shard).is_file() else trained_expert_differences(out_dir, shard, config)
     if differences == []:
         if main:
