@@ -234,3 +234,17 @@ def test_a_config_that_is_a_folder_or_not_utf8_is_named(ddmkit, tmp_path):
     code, _, err = ddmkit("partition", "--config", tmp_path / "latin1.toml", "--out", tmp_path / "run")
     assert code == 2 and "not UTF-8 text" in err and "save the config as UTF-8" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["train-expert", "train-router", "train-monolith"])
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_a_training_seed_out_of_range_is_exit_2_naming_seed(ddmkit, shard, tmp_path, command, seed):
+    """--seed went into the config unchecked: -1 was written into router/config.json, 2**63 was a torch
+    OverflowError (exit 1)."""
+    from ddmkit.cli import SEED_MAX
+    from ddmkit.config import MAX_SEED
+
+    assert SEED_MAX == MAX_SEED
+    target = [shard, "--out", tmp_path / "e"] if command == "train-expert" else [shard.parents[2]]
+    code, _, err = ddmkit(command, *target, "--seed", seed)
+    assert code == 2 and "--seed" in err, err

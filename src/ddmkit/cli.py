@@ -41,6 +41,7 @@ def _main(version: bool = typer.Option(False, "--version", is_eager=True, callba
     pass
 
 
+SEED_MAX = 2**63 - 1  # ddmkit.config.MAX_SEED (that module is not imported to show --help)
 THEORY_SEED_MAX = 2**32 - 1 - 64  # numpy's seeds are 32 bits; the studies add small offsets (seed + 1, ...)
 DEVICE = typer.Option(None, "--device", help="where networks train and sample: cpu, cuda, cuda:N, mps or auto; "
                       "sets every train.device of the config (default: the config's)")
@@ -143,7 +144,7 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
                                               "it is replaced; a folder holding anything else is refused)"),
                      config: Optional[Path] = typer.Option(None, help="TOML config (or a run's config.json) whose "
                                                            "[expert] section is used (default: the built-in defaults)"),
-                     seed: Optional[int] = typer.Option(None, help="training seed (overrides config)"),
+                     seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed (overrides config)"),
                      checkpoint_every: Optional[int] = typer.Option(None, help="write a checkpoint every N steps (overrides config)"),
                      resume: bool = typer.Option(False, help="continue from OUT.checkpoint.safetensors if a killed run left one"),
                      force: bool = typer.Option(False, help="replace an expert in OUT trained with other settings "
@@ -184,7 +185,7 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
 @app.command("train-router")
 def train_router_cmd(run: Path = typer.Argument(..., help="run folder with partition/"),
                      config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
-                     seed: Optional[int] = typer.Option(None, help="training seed (overrides config)"),
+                     seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed (overrides config)"),
                      device: Optional[str] = DEVICE,
                      set_: Optional[List[str]] = SET):
     """Train the router p(cluster | x_t, t) on noised shard data (text runs: on windows of the shards)."""
@@ -224,7 +225,7 @@ def _keeping_registered(cfg, run: Path, train) -> None:
 @app.command("train-monolith")
 def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with partition/"),
                        config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
-                       seed: Optional[int] = typer.Option(None, help="training seed (overrides config)"),
+                       seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed (overrides config)"),
                        device: Optional[str] = DEVICE,
                        set_: Optional[List[str]] = SET):
     """Train the FLOP-matched monolith baseline on all shards (text runs: the centralized model), also in a
