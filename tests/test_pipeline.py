@@ -377,3 +377,15 @@ def test_a_set_drawn_with_other_settings_or_networks_is_drawn_again(tiny_run, tm
     shutil.copyfile(experts / "expert_03" / "model.safetensors", experts / "expert_02" / "model.safetensors")
     assert cli("register", out).returncode == 0 and cli("run", TINY, "--out", out).returncode == 0
     assert (out / "samples" / "full.safetensors").stat().st_mtime_ns != full
+
+
+def test_sample_draws_the_exact_set_its_help_offers(tiny_run, tmp_path):
+    """`ddmkit sample --strategy exact` (offered by its --help) was refused: the names went into
+    sample.strategies, which holds routing strategies only."""
+    out, _ = tiny_run
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    done = cli("sample", run, "--strategy", "exact", "--strategy", "top-1", "--n", "40")
+    assert done.returncode == 0, done.stderr
+    info = json.loads((run / "samples/info.json").read_text())
+    assert info[EXACT]["drawn_with"]["n"] == 40 and info["top-1"]["drawn_with"]["n"] == 40

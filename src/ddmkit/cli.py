@@ -294,13 +294,16 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
         sample_text(run, strategy, n=n, seed=seed, log=log, steps=steps)
         return
     from ddmkit.pipeline.run import sample_run
+    from ddmkit.pipeline.samplesets import EXACT
 
     cfg = _config(config, run, set_, device)
     upd = {k: v for k, v in (("n", n), ("steps", steps), ("solver", solver), ("seed", seed), ("guidance", guidance),
                              ("router_every", router_every), ("batch_size", batch_size),
                              ("cuda_graphs", cuda_graphs), ("cuda_streams", cuda_streams)) if v is not None}
-    cfg = validate(RunConfig, {**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), **upd,
-                                                              "strategies": list(strategy)}}, "options")
+    routed = [name for name in strategy if name.strip() not in ("exact", EXACT)]  # the names a config checks
+    if routed:
+        upd["strategies"] = routed
+    cfg = validate(RunConfig, {**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), **upd}}, "options")
     sample_run(run, list(strategy), cfg, log, router=router)  # logs each set's calls and seconds
 
 
