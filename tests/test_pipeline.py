@@ -389,3 +389,15 @@ def test_sample_draws_the_exact_set_its_help_offers(tiny_run, tmp_path):
     assert done.returncode == 0, done.stderr
     info = json.loads((run / "samples/info.json").read_text())
     assert info[EXACT]["drawn_with"]["n"] == 40 and info["top-1"]["drawn_with"]["n"] == 40
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("run", ["--workers", "0", "--backend", "processes"], "--workers must be >= 1"),
+    ("run", ["--address", "auto"], "--address is for the ray backend only"),
+    ("demo", ["--workers", "0", "--backend", "processes"], "--workers must be >= 1")])
+def test_launch_options_are_refused_before_the_run_folder_is_made(tmp_path, command, args, message):
+    """--workers 0 and --address without ray were refused only after data and partition were written."""
+    target = [TINY, "--out", tmp_path / "r"] if command == "run" else ["--out", tmp_path / "r"]
+    done = cli(command, *target, *args)
+    assert done.returncode == 2 and message in " ".join(done.stderr.split()), done.stderr
+    assert not (tmp_path / "r").exists()

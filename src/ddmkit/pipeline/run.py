@@ -23,7 +23,7 @@ from ddmkit.data.images import is_image_shape
 from ddmkit.ddm.load import load_truth
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
-from ddmkit.launch.backends import cuda_count
+from ddmkit.launch.backends import check_launch, cuda_count
 from ddmkit.layout import RunFolder
 import ddmkit.pipeline.images as images
 import ddmkit.pipeline.vectors as vectors
@@ -144,6 +144,7 @@ def run_pipeline(cfg: RunConfig | str | Path, out: str | Path, force: bool = Fal
     cfg = checked_config(cfg)
     if stages not in STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STAGES)}")
+    check_launch(backend, workers, address)  # before the run folder is made
     missing = untrained_parts(cfg, out) if stages == "evaluate" else []
     if missing:
         raise DDMError(f"--stages evaluate: {out} is not trained (no {', '.join(missing)}); train it first with "
