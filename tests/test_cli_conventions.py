@@ -248,3 +248,31 @@ def test_a_training_seed_out_of_range_is_exit_2_naming_seed(ddmkit, shard, tmp_p
     target = [shard, "--out", tmp_path / "e"] if command == "train-expert" else [shard.parents[2]]
     code, _, err = ddmkit(command, *target, "--seed", seed)
     assert code == 2 and "--seed" in err, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+def test_ctrl_c_in_train_expert_says_how_to_continue(shard, tmp_path):
+    """Only `run` and `launch` said anything on Ctrl-C; train-expert exited 130 in silence although its
+    checkpoint is continued only with --resume."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "e"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "DDMKIT_QUIET": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ddmkit", "train-expert", str(shard), "--out", str(out),
+                             "--config", str(TINY), "--set", "expert.train.steps=1000000", "--checkpoint-every", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "e.checkpoint.safetensors").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        said, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, said
+    assert "interrupted: what is finished is kept; run the same command with --resume" in " ".join(said.split()), said
+    assert "Traceback" not in said

@@ -22,6 +22,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 
 
+class Interrupted(Exception):
+    """Ctrl-C in a command that says what it kept and how to continue (main prints it and exits 130)."""
+
+
+def interrupted_text(argv: list[str]) -> str:
+    """What a command stopped by Ctrl-C says when it has nothing more specific to say."""
+    resume = " with --resume, from the checkpoint the job left" if argv[1:2] == ["train-expert"] else ""
+    return f"interrupted: what is finished is kept; run the same command{resume} to continue"
+
+
 def log(msg: str) -> None:
     """A progress line on stderr, printed as it is (no rich markup: '[sample]' or 'ddmkit[ray]' stay)."""
     console.print(msg, highlight=False, soft_wrap=True, markup=False)
@@ -401,9 +411,8 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
         run_pipeline(_config(config, None, set_, device).with_seed(seed), out or Path("runs/run"), force, log,
                      backend, workers, address, stages)
     except KeyboardInterrupt:
-        log("interrupted: what is finished is kept; run the same command to continue (a training job that left a "
-            "checkpoint continues from it)")
-        raise typer.Exit(130) from None
+        raise Interrupted("interrupted: what is finished is kept; run the same command to continue (a training job "
+                          "that left a checkpoint continues from it)") from None
 
 
 @app.command()
@@ -516,9 +525,8 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
         stage_autoencoder(cfg, run_dir, log)  # latent runs: encode the shards first (once)
         stage_experts(cfg, run_dir, log, backend, workers, address)
     except KeyboardInterrupt:
-        log("interrupted: the finished experts are kept; run the same command to train the others (a job that "
-            "left a checkpoint continues from it)")
-        raise typer.Exit(130) from None
+        raise Interrupted("interrupted: the finished experts are kept; run the same command to train the others (a "
+                          "job that left a checkpoint continues from it)") from None
     stage_registry(cfg, run_dir, log)
 
 
@@ -888,6 +896,13 @@ def main() -> None:
     except DDMError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Interrupted as e:
+        log(str(e))
+        sys.exit(130)
+    except SystemExit as e:
+        if e.code == 130:  # Ctrl-C in any other command (typer's exit status for it)
+            log(interrupted_text(sys.argv))
+        raise
     except ConnectionError as e:  # a network peer (e.g. a Ray cluster) refused or failed, not the file system
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # a Ray client's holds a whole traceback
         console.print(f"[bold red]error:[/] a connection failed: {escape(last)}; check the server's address (e.g. "
