@@ -317,6 +317,9 @@ def test_a_misspelt_kind_or_a_text_config_for_a_vector_command_is_one_line(tmp_p
     (["--vocab", "1"], "Invalid value for '--vocab'"),
     (["--seed", "-1"], "Invalid value for '--seed'"),
     (["--out", "."], "--out . is a folder; give the path of a JSON file"),
+    (["--out", f"{__file__}/x.json"], "test_text_hardening.py is a file, not a folder"),
+    (["--k", "1000000000000"], "Invalid value for '--k'"),  # a memory error (exit 1) before
+    (["--k", "256", "--vocab", "4", "--length", "10"], "keep k * vocab**length <= 2e7"),
 ])
 def test_exactness_options_are_checked_first(monkeypatch, capsys, args, message):
     code, err = cli(monkeypatch, capsys, "text", "exactness", *args)

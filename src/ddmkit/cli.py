@@ -742,7 +742,7 @@ def text_run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar'
 
 
 @text_app.command()
-def exactness(k: int = typer.Option(3, min=1, help="number of Markov chains (clusters)"),
+def exactness(k: int = typer.Option(3, min=1, max=256, help="number of Markov chains (clusters)"),
               vocab: int = typer.Option(4, min=2, help="symbols per chain"),
               length: int = typer.Option(6, min=1, help="sequence length enumerated (vocab**length sequences)"),
               seed: int = typer.Option(0, min=0, max=THEORY_SEED_MAX, help="seed of the random chains"),
@@ -756,8 +756,14 @@ def exactness(k: int = typer.Option(3, min=1, help="number of Markov chains (clu
     if vocab ** length > 2_000_000:
         raise DDMError(f"--vocab {vocab} --length {length}: {vocab ** length} sequences to enumerate; "
                        "keep vocab**length <= 2e6")
+    if k * vocab ** length > 20_000_000:
+        raise DDMError(f"--k {k} --vocab {vocab} --length {length}: {k * vocab ** length} chain-sequence "
+                       "probabilities to hold; keep k * vocab**length <= 2e7")
     if out is not None and out.is_dir():
         raise DDMError(f"--out {out} is a folder; give the path of a JSON file to write, e.g. {out / 'exactness.json'}")
+    blocking = next((p for p in (out.parents if out is not None else []) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DDMError(f"--out {out}: {blocking} is a file, not a folder; give a path in a folder")
     rows = exactness_rows(MarkovMixture.random(k, vocab, seed), length)
     table = Table("router eps", "max KL(global||decentralized)", "mean KL", "mean KL(P||r)", "mean TV(P, r)")
     for r in rows:
