@@ -2,6 +2,7 @@
 torch thread count (each job runs on train.threads threads); resuming under Ray and a Ray task's errors;
 Ctrl-C and a killed driver with the process pool; the SLURM script and the options of --emit."""
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -120,6 +121,21 @@ def test_slurm_script_is_a_job_array_calling_train_expert(tmp_path):
         slurm_script(tmp_path, 2, partition="gpu\n#SBATCH --uid=0")
     with pytest.raises(DDMError, match="k = 0"):
         slurm_script(tmp_path, 0)
+
+
+@pytest.mark.parametrize("option, message", [({"time": "forever"}, "--time 'forever'"), ({"time": "24h"}, "--time"),
+                                             ({"mem": "lots"}, "--mem 'lots'"), ({"mem": "16GB"}, "--mem"),
+                                             ({"cpus": 10**20}, "--cpus"), ({"cpus": 0}, "--cpus"),
+                                             ({"gpus": -1}, "--gpus"), ({"gpus": 1000}, "--gpus")])
+def test_slurm_resources_sbatch_would_refuse_are_refused(tmp_path, option, message):
+    """--mem lots, --time forever and --cpus 10**20 went into the script as they were."""
+    with pytest.raises(DDMError, match=re.escape(message)):
+        slurm_script(tmp_path, 2, **option)
+
+
+@pytest.mark.parametrize("time", ["90", "90:30", "24:00:00", "2-12", "2-12:30", "2-12:30:00", "UNLIMITED"])
+def test_every_form_of_slurm_time_is_accepted(tmp_path, time):
+    assert f"#SBATCH --time={time}" in slurm_script(tmp_path, 2, time=time, mem="512")
 
 
 def test_the_slurm_array_holds_the_experts_not_trained_yet(tmp_path):

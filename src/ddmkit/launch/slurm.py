@@ -25,6 +25,21 @@ from ddmkit.layout import RunFolder
 from ddmkit.registry import load_partition_checked
 
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=+/@%-]*")
+# sbatch's forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]], or no limit
+_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE")
+_MEM = re.compile(r"\d+[KMGT]?")  # megabytes, or with a unit
+
+
+def check_resources(time: str, cpus: int, gpus: int, mem: str) -> None:
+    """Refuse values sbatch would refuse (a DDMError naming the option and its accepted forms)."""
+    if not _TIME.fullmatch(time):
+        raise DDMError(f"--time {time!r}: give sbatch's forms: minutes, HH:MM:SS, D-HH or D-HH:MM:SS (e.g. 24:00:00)")
+    if not _MEM.fullmatch(mem):
+        raise DDMError(f"--mem {mem!r}: give megabytes or a number with K, M, G or T (e.g. 16G)")
+    if not 1 <= cpus <= 4096:
+        raise DDMError(f"--cpus {cpus}: give 1 .. 4096 CPUs per task")
+    if not 0 <= gpus <= 64:
+        raise DDMError(f"--gpus {gpus}: give 0 .. 64 GPUs per task (one task trains one expert)")
 
 
 def _directive(name: str, value: str) -> str:
@@ -59,8 +74,7 @@ def slurm_script(run: Path, k: int, ddmkit_cmd: str | None = None, time: str = "
     if not experts or not all(0 <= e < k for e in experts):
         raise DDMError(f"slurm: experts {experts} are not a non-empty list of 0 .. {k - 1}")
     ddmkit_cmd = ddmkit_cmd or f"{shlex.quote(sys.executable)} -m ddmkit"
-    if cpus < 1 or gpus < 0:
-        raise DDMError(f"slurm: cpus must be >= 1 and gpus >= 0 (got cpus={cpus}, gpus={gpus})")
+    check_resources(time, cpus, gpus, mem)
     run = Path(run).resolve()
     q = shlex.quote
     lines = ["#!/bin/bash", _directive("job-name", "ddmkit-experts"), _directive("array", array_ranges(experts)),
