@@ -276,3 +276,15 @@ def test_ctrl_c_in_train_expert_says_how_to_continue(shard, tmp_path):
     assert proc.returncode == 130, said
     assert "interrupted: what is finished is kept; run the same command with --resume" in " ".join(said.split()), said
     assert "Traceback" not in said
+
+
+@pytest.mark.parametrize("command, option, value", [("sample", "--n", "0"), ("sample", "--steps", "0"),
+                                                    ("sample", "--batch-size", "0"), ("sample", "--router-every", "0"),
+                                                    ("sample", "--seed", "-1"), ("partition", "--k", "0"),
+                                                    ("train-expert", "--checkpoint-every", "-5")])
+def test_a_count_out_of_range_is_named_by_its_option(ddmkit, shard, tmp_path, command, option, value):
+    """These were refused as config fields ('options: invalid configuration / sample.n: ...')."""
+    target = {"sample": [shard.parents[2]], "partition": ["--out", tmp_path / "p"],
+              "train-expert": [shard, "--out", tmp_path / "e"]}[command]
+    code, _, err = ddmkit(command, *target, option, value)
+    assert code == 2 and f"Invalid value for '{option}'" in err, err

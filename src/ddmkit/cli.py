@@ -112,7 +112,7 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
                                        "runs also RUN/autoencoder, RUN/latents)"),
               config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the built-in defaults)"),
               data: Optional[str] = typer.Option(None, help="data set name or .npy/.npz path (overrides config)"),
-              k: Optional[int] = typer.Option(None, help="number of clusters (overrides config)"),
+              k: Optional[int] = typer.Option(None, min=1, help="number of clusters (overrides config)"),
               seed: Optional[int] = typer.Option(None, help="seed for data and k-means (overrides config)"),
               force: bool = typer.Option(False, help="replace a folder that holds a different run"),
               set_: Optional[List[str]] = SET):
@@ -155,7 +155,7 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
                      config: Optional[Path] = typer.Option(None, help="TOML config (or a run's config.json) whose "
                                                            "[expert] section is used (default: the built-in defaults)"),
                      seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed (overrides config)"),
-                     checkpoint_every: Optional[int] = typer.Option(None, help="write a checkpoint every N steps (overrides config)"),
+                     checkpoint_every: Optional[int] = typer.Option(None, min=0, help="write a checkpoint every N steps (0: none; overrides config)"),
                      resume: bool = typer.Option(False, help="continue from OUT.checkpoint.safetensors if a killed run left one"),
                      force: bool = typer.Option(False, help="replace an expert in OUT trained with other settings "
                                                 "(or train the same one again)"),
@@ -264,20 +264,20 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
 def sample(run: Path = typer.Argument(..., help="run folder with experts/ and router/ (any kind of data)"),
            strategy: List[str] = typer.Option(["top-2"], help=f"what to sample, repeatable: a routing strategy "
                                               f"({STRATEGY_FORMS}), 'monolith', or 'exact' (Gaussian mixtures)"),
-           n: Optional[int] = typer.Option(None, help="number of samples (default: the config's sample.n)"),
-           steps: Optional[int] = typer.Option(None, help="solver steps (default: the config's sample.steps)"),
+           n: Optional[int] = typer.Option(None, min=1, help="number of samples (default: the config's sample.n)"),
+           steps: Optional[int] = typer.Option(None, min=1, help="solver steps (default: the config's sample.steps)"),
            solver: Optional[str] = typer.Option(None, help="euler, heun, midpoint, rk4 or adaptive (default: the "
                                                 "config's sample.solver)"),
-           seed: Optional[int] = typer.Option(None, help="noise seed (default: the config's sample.seed)"),
+           seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="noise seed (default: the config's sample.seed)"),
            guidance: Optional[float] = typer.Option(None, help="classifier-free guidance inside each "
                                                     "class-conditional expert (images with labels; default: "
                                                     "the config's sample.guidance)"),
-           router_every: Optional[int] = typer.Option(None, help="call the router every m steps and reuse its "
+           router_every: Optional[int] = typer.Option(None, min=1, help="call the router every m steps and reuse its "
                                                       "routing in between (1: every step; default: the config's)"),
            router: str = typer.Option("learned", help="learned (RUN/router) or statistics: route by the "
                                       "islands' published cluster statistics, no router trained (sets named "
                                       "'NAME (statistics-only router)')"),
-           batch_size: Optional[int] = typer.Option(None, help="integrate the samples in chunks of this many rows "
+           batch_size: Optional[int] = typer.Option(None, min=1, help="integrate the samples in chunks of this many rows "
                                                     "(default: the config's sample.batch_size)"),
            cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
                                                       help="on a GPU, replay the networks from CUDA graphs (pays at "
