@@ -401,3 +401,15 @@ def test_launch_options_are_refused_before_the_run_folder_is_made(tmp_path, comm
     done = cli(command, *target, *args)
     assert done.returncode == 2 and message in " ".join(done.stderr.split()), done.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_sample_refuses_settings_of_another_run(tiny_run, tmp_path):
+    """`ddmkit sample RUN --set partition.k=5` was accepted and ignored; like evaluate, sample changes only
+    how sets are drawn."""
+    out, _ = tiny_run
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    before = (run / "samples/info.json").read_bytes()
+    done = cli("sample", run, "--strategy", "top-1", "--set", "partition.k=5")
+    assert done.returncode == 2 and "differs in partition.k" in " ".join(done.stderr.split()), done.stderr
+    assert (run / "samples/info.json").read_bytes() == before

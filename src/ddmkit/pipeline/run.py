@@ -175,6 +175,11 @@ def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = p
         raise DDMError(f"--router: unknown {router!r}; accepted: learned, statistics")
     with run_lock(run):
         saved = run_config(run)  # the folder must hold a run, whatever cfg says
+        differs = trained_differences(saved, cfg) if cfg is not None else []
+        if differs:
+            raise DDMError(f"{RunFolder(run).root} was made with other settings: its config.json differs in "
+                           f"{listed(differs)}. Sampling draws from that run's networks: change only [sample] "
+                           "settings (or run the other config in another --out folder)")
         remove_leftovers(run, log)
         cfg = cfg or saved
         device = device or resolve_device(cfg.expert.train.device)
