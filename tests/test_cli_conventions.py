@@ -288,3 +288,11 @@ def test_a_count_out_of_range_is_named_by_its_option(ddmkit, shard, tmp_path, co
               "train-expert": [shard, "--out", tmp_path / "e"]}[command]
     code, _, err = ddmkit(command, *target, option, value)
     assert code == 2 and f"Invalid value for '{option}'" in err, err
+
+
+def test_a_missing_shard_is_named_as_a_wrong_path(ddmkit, shard, tmp_path):
+    """train-expert nosuch.safetensors said the file 'is missing; re-train or re-copy it', as for a lost file."""
+    code, _, err = ddmkit("train-expert", tmp_path / "nosuch.safetensors", "--out", tmp_path / "e", "--config", TINY)
+    assert code == 2 and "nosuch.safetensors does not exist; give a file of RUN/partition/shards/" in err, err
+    code, _, err = ddmkit("train-expert", shard.parent, "--out", tmp_path / "e", "--config", TINY)
+    assert code == 2 and "is a folder; give one shard file in it" in err, err

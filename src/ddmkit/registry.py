@@ -175,6 +175,11 @@ def check_shard_space(shard: str | Path, latent: bool) -> None:
     """A shard of the space the config trains in: a latent shard (its metadata names the pixel shard it
     encodes) for a config with [latent] enabled, a partition shard otherwise; else a DDMError saying which."""
     path = Path(shard)
+    if not path.exists():
+        raise DDMError(f"shard {path} does not exist; give a file of RUN/partition/shards/ (or RUN/latents/ for a "
+                       "latent run), e.g. RUN/partition/shards/cluster_00.safetensors")
+    if path.is_dir():
+        raise DDMError(f"shard {path} is a folder; give one shard file in it, e.g. {path / 'cluster_00.safetensors'}")
     is_latent = path.is_file() and "pixel_shard_sha256" in read_metadata(path)
     if latent and path.is_file() and not is_latent:
         raise DDMError(f"{path} is a shard of images, but the config trains in latent space ([latent] enabled): give "
