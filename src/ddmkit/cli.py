@@ -545,8 +545,9 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
 def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with registry.json"),
            allow_missing: bool = typer.Option(False, help="accept experts that are missing (a DDM sampled without "
                                               "them: docs/distributed.md)")):
-    """Check every model folder against RUN/registry.json, and every shard against the partition; exit 2 on a
-    mismatch or a missing expert."""
+    """Check every model folder against RUN/registry.json and every shard against the partition.
+
+    Exit status 2 on a mismatch or a missing expert."""
     from ddmkit.registry import verify_registry
 
     res = verify_registry(run_dir, shards=True)
