@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import shutil
 
 import numpy as np
@@ -424,3 +425,19 @@ def test_a_run_without_a_router_names_the_statistics_router(run, tmp_path):
 def test_the_strategy_name_is_reported_without_spaces_around_it():
     ddm = DDM([lambda x, t: torch.zeros_like(x)] * 2, lambda x, t: torch.full((len(x), 2), 0.5), torch.full((2,), 0.5), (2,))
     assert sample_ddm(ddm, " top-1 ", 3, steps=1)[1]["strategy"] == "top-1"
+
+
+@pytest.mark.parametrize("strategy", ["sample-1", "sample-2@0.5", "nucleus-0.9", "switch"])
+def test_the_adaptive_solver_refuses_strategies_that_redraw_at_every_evaluation(strategy):
+    """dopri5 with a strategy that draws its experts anew at every evaluation rejected step after step (sample-1
+    on 20 rows: 27,734 evaluations; `ddmkit sample --solver adaptive` seemed to hang). Refused in the config and
+    in sample_ddm; deterministic strategies and the oracle (one draw per sample) are accepted."""
+    from ddmkit.config import SampleConfig, validate
+
+    with pytest.raises(DDMError, match=f"solver = 'adaptive' with {re.escape(strategy)}"):
+        validate(SampleConfig, {"solver": "adaptive", "strategies": ["full", strategy]})
+    validate(SampleConfig, {"solver": "adaptive", "strategies": ["full", "top-2", "oracle", "monolith"]})
+    validate(SampleConfig, {"solver": "euler", "strategies": [strategy]})
+    with pytest.raises(DDMError, match="solver 'adaptive' with strategy"):
+        sample_ddm(tiny(0), strategy, 4, solver="adaptive")
+    assert sample_ddm(tiny(0), "oracle", 4, solver="adaptive")[0].shape == (4, D)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule
 from ddmkit.io import read_json
+from ddmkit.routing.strategies import redraws_each_evaluation
 from ddmkit.routing.table import parse_strategy
 
 if sys.version_info >= (3, 11):
@@ -316,6 +317,15 @@ class SampleConfig(Section):
                 _strategy(s)
         return v
 
+    @model_validator(mode="after")
+    def _adaptive_needs_fixed_routing(self):
+        random = [s for s in self.strategies if s != MONOLITH and redraws_each_evaluation(parse_strategy(s))]
+        if self.solver == "adaptive" and random:
+            raise ValueError(f"solver = 'adaptive' with {', '.join(random)}: these strategies draw their experts anew "
+                             "at every evaluation, which the adaptive step-size control cannot settle (it hangs); "
+                             "use euler, heun, midpoint or rk4, or leave them out of sample.strategies")
+        return self
+
     @field_validator("sweep_strategy")
     @classmethod
     def _sweep(cls, v: str) -> str:
@@ -408,7 +418,7 @@ def _explain(err: ValidationError, source: str, what: str = "configuration") -> 
         msg = e["msg"].removeprefix("Value error, ")  # our validators' own messages, as written
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see docs/config.md for the accepted fields)"
-        lines.append(f"  {where}: {msg}")
+        lines.append(f"  {where}: {msg}" if where else f"  {msg}")  # a check of the whole section names its fields
     return "\n".join(lines)
 
 

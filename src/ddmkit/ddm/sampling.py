@@ -17,7 +17,7 @@ import torch
 from ddmkit.accel import SpeedOptions, accelerate_field, autocast
 from ddmkit.config import SampleConfig, resolve_device, validate
 from ddmkit.errors import DDMError
-from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
+from ddmkit.routing import CallCounter, RoutingState, parse_strategy, redraws_each_evaluation, routed_velocity
 from ddmkit.sample import get_solver, time_grid
 
 COUNTS = ("n", "steps", "seed", "batch_size", "router_every")
@@ -58,7 +58,7 @@ def checked_arguments(caller: str, n, seed, steps=None, solver=None, batch_size=
              "router_every": router_every}
     given = {key: whole(value, f"{caller}: {key}") if key in COUNTS else value
              for key, value in given.items() if value is not None}
-    checked = validate(SampleConfig, given, caller, "arguments")
+    checked = validate(SampleConfig, {**given, "strategies": []}, caller, "arguments")  # the config's list aside
     if callback is not None and checked.batch_size is not None and checked.batch_size < checked.n:
         raise DDMError(f"{caller}: callback: a callback sees whole trajectories, so it needs all {checked.n} rows "
                        f"in one batch; got batch_size={checked.batch_size}: pass batch_size=None")
@@ -181,6 +181,10 @@ def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler
     as in DDM.sample."""
     checked = checked_arguments("sample_ddm", n, seed, steps, solver, batch_size, router_every, callback)
     strat, strategy = parse_strategy(strategy), strategy.strip()  # the name as given, less spaces around it
+    if checked.solver == "adaptive" and redraws_each_evaluation(strat):
+        raise DDMError(f"sample_ddm: solver 'adaptive' with strategy {strategy!r}: it draws its experts anew at every "
+                       "evaluation, which the adaptive step-size control cannot settle; use euler, heun, midpoint "
+                       "or rk4")
     x1 = start_rows(checked.n, ddm.data_shape, checked.seed, device, x1, "sample_ddm")
     cond = checked_cond(ddm, cond, checked.n, x1.device, "sample_ddm")
     gen = torch.Generator(device=x1.device).manual_seed(checked.seed + 1)

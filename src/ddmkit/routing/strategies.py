@@ -214,3 +214,9 @@ class Nearest(Selecting):
         if state.x0_hat is None or state.nearest is None:
             return SampleK(1).select(probs, state)
         return _single(state.nearest(state.x0_hat).to(probs.device), probs)
+
+
+def redraws_each_evaluation(strategy: Strategy) -> bool:
+    """Whether a strategy draws its experts anew at every velocity evaluation (sample-K, nucleus, switch): an
+    adaptive solver's error control, which compares evaluations, then rejects step after step."""
+    return isinstance(strategy, (SampleK, Nucleus, Switch))
