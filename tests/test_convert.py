@@ -2,6 +2,7 @@
 Gaussian-mixture truth: the exact expert of each path, computed from that path's own marginal
 (a mixture of Gaussians again), converted, equals the exact linear-path velocity to float precision."""
 import math
+import re
 
 import pytest
 import torch
@@ -167,3 +168,24 @@ def test_an_eps_or_x0_expert_at_its_singular_end_gives_the_velocity_at_the_clamp
     assert torch.allclose(field.output.velocity(field.network, x, at(singular)), g.velocity(x, at(clamped)),
                           atol=1e-9, rtol=0)
     assert torch.allclose(field.output.velocity(field.network, x, T[:4]), g.velocity(x, T[:4]), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("path, prediction, message", [
+    ({"kind": "vp", "steps": 1_000_000_000}, "v", "path.steps: 1000000000; give an integer in 2 .. 100000"),
+    ({"kind": "vp", "steps": 0}, "v", "path.steps: 0"),
+    ({"kind": "vp", "steps": "1000"}, "v", "path.steps: '1000'"),
+    ({"kind": "vp", "beta_start": -0.5}, "v", "path.beta_start: -0.5"),
+    ({"kind": "vp", "beta_end": 2.0}, "v", "path.beta_end: 2.0"),
+    ({"kind": "vp", "beta_start": 0.02, "beta_end": 0.01}, "v", "below beta_start"),
+    ({"kind": "vp", "time_scale": 0}, "v", "path.time_scale: 0"),
+    ("edm", None, "is not a table"),
+    ({"kind": "edm"}, "epsilon", "prediction: 'epsilon' on the edm path"),
+    ({"kind": "vp"}, "velocity", "prediction: 'velocity' on the vp path"),
+    ({"kind": "linear"}, "banana", "prediction: 'banana' on the linear path"),
+])
+def test_a_model_folders_path_is_checked_before_anything_is_built(path, prediction, message):
+    """A model folder's config.json is untrusted: path.steps = 1e9 allocated until the process was killed,
+    other values failed inside torch, and time_scale 0 or a prediction of another path was accepted."""
+    config = {"kwargs": {}, "path": path, **({"prediction": prediction} if prediction else {})}
+    with pytest.raises(DDMError, match=re.escape(message)):
+        velocity_field(torch.nn.Identity(), config)

@@ -43,7 +43,11 @@ def path_output(config: dict) -> tuple[str, VPSchedule | None]:
     1e-4, "beta_end": 0.02} for a DDPM network (and "time_scale": the network is called with n x
     time_scale; default 1, DDPM's timestep; ddmkit's VP experts write 1 / steps), {"kind": "edm"} for an
     EDM-style denoiser."""
-    path = dict(config.get("path") or {"kind": "linear"})
+    given = config.get("path") or {"kind": "linear"}
+    if not isinstance(given, dict):
+        raise DDMError(f"config.json path: {given!r} is not a table; write {{'kind': 'linear'}}, {{'kind': 'edm'}} or "
+                       "{'kind': 'vp', ...}")
+    path = dict(given)
     kind = path.pop("kind", None)
     extra = set(path) - set(VP_KEYS if kind == "vp" else ())
     if kind not in PATHS or extra:
@@ -55,7 +59,26 @@ def path_output(config: dict) -> tuple[str, VPSchedule | None]:
     schedule = path.pop("schedule", "linear")
     if schedule not in ("linear", "cosine"):
         raise DDMError(f"config.json path.schedule: {schedule!r}; accepted: linear, cosine")
+    checked_vp_numbers(path)
     return kind, VPSchedule(schedule, **path)
+
+
+def checked_vp_numbers(path: dict) -> None:
+    """A model folder's VP steps, betas and time_scale within the bounds a run config has (expert.path), before
+    anything is allocated from them (a DDMError naming the field)."""
+    def number(name, low, high, integer=False):
+        value = path.get(name)
+        ok = not isinstance(value, bool) and isinstance(value, int if integer else numbers.Real)
+        if value is not None and not (ok and low <= value <= high):
+            raise DDMError(f"config.json path.{name}: {value!r}; give {'an integer' if integer else 'a number'} in "
+                           f"{low:g} .. {high:g}")
+    number("steps", 2, 100_000, integer=True)
+    number("beta_start", 1e-12, 0.999)
+    number("beta_end", 1e-12, 0.999)
+    number("time_scale", 1e-12, 1e6)
+    if path.get("beta_end", 0.02) < path.get("beta_start", 1e-4):
+        raise DDMError(f"config.json path.beta_end {path.get('beta_end')} is below beta_start "
+                       f"{path.get('beta_start', 1e-4)}; betas grow with the timestep")
 
 
 def velocity_field(model: torch.nn.Module, config: dict, guidance: float = 1.0) -> NetworkField:
@@ -63,8 +86,12 @@ def velocity_field(model: torch.nn.Module, config: dict, guidance: float = 1.0) 
     config's prediction type and, for a network trained on another path, by its config's "path"
     (path_output, ddmkit.flow.convert); class-conditional networks take y and apply guidance."""
     kind, schedule = path_output(config)
-    default = {"linear": "velocity", "vp": "epsilon", "edm": "x0"}[kind]
-    output = VelocityOutput(config.get("prediction", default), int(config["kwargs"].get("num_classes", 0)),
+    accepted = {"linear": ("velocity", "epsilon", "x0"), "vp": ("epsilon", "v"), "edm": ("x0",)}[kind]
+    prediction = config.get("prediction", accepted[0] if kind != "vp" else "epsilon")
+    if prediction not in accepted:
+        raise DDMError(f"config.json prediction: {prediction!r} on the {kind} path; accepted: {', '.join(accepted)}"
+                       + (" (an EDM network is a denoiser: leave prediction out)" if kind == "edm" else ""))
+    output = VelocityOutput(prediction, int(config["kwargs"].get("num_classes", 0)),
                             float(guidance), kind, schedule)
     return NetworkField(model, output)
 
