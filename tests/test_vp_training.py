@@ -12,6 +12,7 @@ import torch
 
 from ddmkit.config import ExpertConfig
 from ddmkit.ddm.load import path_output, velocity_field
+from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule, path_entry
 from ddmkit.flow.losses import training_pair
 from ddmkit.io import read_json
@@ -164,3 +165,16 @@ def test_a_vp_run_from_the_command_line(tmp_path):
                           str(tmp_path / "bad"), "--set", "expert.path.kind=vp"], capture_output=True, text=True,
                          env=env)
     assert bad.returncode == 2 and "prediction" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("field, value", [("schedule", "cosine"), ("steps", 200), ("beta_end", 0.05)])
+def test_a_vp_setting_on_the_linear_path_is_refused(field, value):
+    """`--set expert.path.schedule=cosine` without kind = 'vp' trained a plain flow-matching expert."""
+    from ddmkit.config import RunConfig, load_config, validate
+
+    raw = load_config("demo").model_dump()
+    raw["expert"]["path"][field] = value
+    with pytest.raises(DDMError, match=f"expert.path {field}: settings of the vp path, but kind = 'linear'"):
+        validate(RunConfig, raw, "config")
+    raw["expert"]["path"]["kind"], raw["expert"]["prediction"] = "vp", "v"
+    assert validate(RunConfig, raw, "config").expert.path.kind == "vp"

@@ -181,6 +181,12 @@ class PathConfig(Section):
 
     @model_validator(mode="after")
     def _betas(self):
+        if self.kind == "linear":
+            vp_only = [name for name in ("schedule", "steps", "beta_start", "beta_end")
+                       if getattr(self, name) != PathConfig.model_fields[name].default]
+            if vp_only:
+                raise ValueError(f"expert.path {', '.join(vp_only)}: settings of the vp path, but kind = 'linear'; "
+                                 "set expert.path.kind = 'vp' or leave them out")
         if self.kind == "vp" and self.schedule == "linear" and self.beta_end < self.beta_start:
             raise ValueError(f"expert.path.beta_end = {self.beta_end} is below beta_start = {self.beta_start}; "
                              "betas grow with the timestep (DDPM: 0.0001 to 0.02)")
