@@ -1,6 +1,7 @@
 """Experts trained on DDPM's variance-preserving path ([expert.path] kind = "vp"): the training example
 is DDPM's, the folder records the path, and the loader converts the network back to the linear-path
 velocity (ddmkit.flow.convert), so a VP expert mixes with flow-matching experts."""
+import json
 import math
 import os
 import subprocess
@@ -160,7 +161,16 @@ def test_a_vp_run_from_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     for folder in (run / "experts" / "expert_00", run / "monolith"):
         assert read_json(folder / "config.json")["path"]["kind"] == "vp"
-    assert "v (vp cosine)" in (run / "report.md").read_text()
+    assert "v (vp cosine, 1000 steps, time x 0.001)" in (run / "report.md").read_text()
+    from ddmkit.pipeline.models import describe_models
+    from ddmkit.pipeline.prepare import run_config
+
+    assert describe_models(run, run_config(run))[1] == []  # every folder as the [expert] section trains it
+    config = read_json(run / "experts" / "expert_01" / "config.json")  # another schedule: flagged
+    config["path"] = {**config["path"], "steps": 200, "time_scale": 1.0}
+    (run / "experts" / "expert_01" / "config.json").write_text(json.dumps(config))
+    notes = describe_models(run, run_config(run))[1]
+    assert len(notes) == 1 and "expert 1" in notes[0] and "prediction" in notes[0], notes
     bad = subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", "run", str(TINY), "--out",
                           str(tmp_path / "bad"), "--set", "expert.path.kind=vp"], capture_output=True, text=True,
                          env=env)

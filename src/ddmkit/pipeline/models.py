@@ -9,6 +9,7 @@ expert whose architecture or training differs from the run's [expert] section.
 from __future__ import annotations
 
 from ddmkit.config import RunConfig
+from ddmkit.flow.convert import path_entry
 from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
 from ddmkit.registry import model_data_shape
@@ -18,10 +19,16 @@ TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "ema_decay")
 
 
 def _prediction(prediction: str, path: dict | None) -> str:
-    """The prediction, with the path when it is not the linear one: "v (vp cosine)"."""
+    """The prediction, with the path when it is not the linear one, a VP path with its schedule (so that a
+    folder trained on another schedule differs): "v (vp cosine, 1000 steps, time x 0.001)"."""
     if not path or path.get("kind", "linear") == "linear":
         return prediction
-    return f"{prediction} ({path['kind']}{' ' + path['schedule'] if 'schedule' in path else ''})"
+    if path["kind"] != "vp":
+        return f"{prediction} ({path['kind']})"
+    schedule = path.get("schedule", "linear")
+    betas = f", betas {path.get('beta_start', 1e-4):g}-{path.get('beta_end', 0.02):g}" if schedule == "linear" else ""
+    return (f"{prediction} (vp {schedule}, {path.get('steps', 1000)} steps{betas}, "
+            f"time x {path.get('time_scale', 1.0):g})")
 
 
 def _summary(config: dict) -> dict:
@@ -34,7 +41,8 @@ def _summary(config: dict) -> dict:
 def _expected(cfg: RunConfig, data_shape: list) -> dict:
     e = cfg.expert
     kwargs = {"data_shape": list(data_shape), **e.net.kwargs}
-    return {"arch": e.net.arch, "kwargs": kwargs, "prediction": _prediction(e.prediction, e.path.model_dump()),
+    path = path_entry(e.path.vp_schedule()).get("path")  # what a folder trained with this section records
+    return {"arch": e.net.arch, "kwargs": kwargs, "prediction": _prediction(e.prediction, path),
             **{key: getattr(e.train, key) for key in TRAIN_KEYS}}
 
 
