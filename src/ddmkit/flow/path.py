@@ -56,7 +56,8 @@ def conversion_time(prediction: str, t: torch.Tensor, t_eps: float = T_EPS) -> t
     return t
 
 
-def to_velocity(pred: torch.Tensor, prediction: str, x_t: torch.Tensor, t: torch.Tensor, t_eps: float = T_EPS) -> torch.Tensor:
+def to_velocity(pred: torch.Tensor, prediction: str, x_t: torch.Tensor, t: torch.Tensor,
+                t_eps: float = T_EPS) -> torch.Tensor:
     """Convert a network output of kind `prediction`, made at time t, to the velocity v = eps - x (t is
     clamped as conversion_time does: call the network at conversion_time(prediction, t))."""
     if prediction == "velocity":

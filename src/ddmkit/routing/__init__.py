@@ -5,5 +5,5 @@ from ddmkit.routing.strategies import ExpertProbe, RoutingState, Strategy, redra
 from ddmkit.routing.table import STRATEGIES, STRATEGY_FORMS, StrategyForm, parse_strategy
 
 __all__ = ["STRATEGIES", "STRATEGY_FORMS", "CallCounter", "ExpertProbe", "RoutingState", "Strategy", "StrategyForm",
-           "apply_plan", "combine", "combine_dense", "make_plan", "parse_strategy", "plan_selection", "redraws_each_evaluation",
-           "routed_velocity"]
+           "apply_plan", "combine", "combine_dense", "make_plan", "parse_strategy", "plan_selection",
+           "redraws_each_evaluation", "routed_velocity"]

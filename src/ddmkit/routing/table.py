@@ -75,7 +75,8 @@ STRATEGIES: list[StrategyForm] = [
     StrategyForm("full", r"full", lambda: Full(),
                  "w = r: every expert, weighted by the router (exactly the global velocity with exact experts "
                  "and router)", "K"),
-    StrategyForm("top-K", r"top-(\d+)", _top_k, "the K largest r_k, renormalised (K at or above the number of experts: full routing)", "K"),
+    StrategyForm("top-K", r"top-(\d+)", _top_k,
+                 "the K largest r_k, renormalised (K at or above the number of experts: full routing)", "K"),
     StrategyForm("threshold-P", rf"threshold-({NUMBER})", lambda p: Threshold(_probability(p)),
                  "every r_k >= P, renormalised (the argmax if none)", "varies"),
     StrategyForm("sample-K[@T]", rf"sample-(\d+)(?:@({NUMBER}))?", _sample_k,

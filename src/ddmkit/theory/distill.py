@@ -84,7 +84,8 @@ def stability_profile(path: FlowPath, gmm: GaussianMixture, s: DistillSettings, 
     bound = path.lipschitz_bound(gmm, times)
     return {"times": times, "bound": bound, "mean": measured["mean"], "max": measured["max"],
             "lambda_bound": lambda_of_bound(path, gmm, s.lipschitz_times),
-            "lambda_mean": cumulative_lambda(times, measured["mean"]), "lambda_max": cumulative_lambda(times, measured["max"])}
+            "lambda_mean": cumulative_lambda(times, measured["mean"]),
+            "lambda_max": cumulative_lambda(times, measured["max"])}
 
 
 def lambda_of_bound(path: FlowPath, gmm: GaussianMixture, points: int, refine: int = 40) -> torch.Tensor:
