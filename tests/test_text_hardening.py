@@ -467,3 +467,9 @@ def test_a_cluster_without_held_out_text_has_no_other_experts_mean():
     bits = [[None, 2.0, 4.0], [None, 1.0, 6.0], [None, 3.0, 1.0]]
     assert other_experts_mean(bits) == [None, 2.5, 5.0]
     assert other_experts_mean([[1.5]]) == [None]
+
+
+def test_text_run_of_a_builtin_name_says_what_a_text_config_is(monkeypatch, capsys):
+    """`ddmkit text run demo` said 'config file demo does not exist' (`ddmkit run demo` takes the name)."""
+    code, err = cli(monkeypatch, capsys, "text", "run", "demo")
+    assert code == 2 and "a text config is a TOML file" in err and "`ddmkit run demo`" in err, err

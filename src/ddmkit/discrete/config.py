@@ -212,6 +212,10 @@ def check_dfm_sample(s: TextSampleConfig, seq_len: int) -> None:
 def load_text_config(path: str | Path, overrides: list[str] = ()) -> TextRunConfig:
     """Read and validate a text TOML config (kind = 'text_ar' or 'text_dfm'), with each --set
     "section.field=value" of `overrides` applied."""
+    path = Path(path)
+    if not path.exists() and not path.suffix and path.name == str(path):  # a name, as `ddmkit run demo` takes
+        raise DDMError(f"config {path}: no such file; a text config is a TOML file (kind = 'text_ar' or 'text_dfm'), "
+                       "e.g. configs/text_ar.toml (the built-in demo is a vector run: `ddmkit run demo`)")
     raw = read_toml(path)
     if raw.get("kind") not in KINDS:
         raise DDMError(f"{path}: kind: {raw.get('kind')!r} unknown; accepted: {', '.join(KINDS)}")
