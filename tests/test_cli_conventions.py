@@ -261,18 +261,23 @@ def test_ctrl_c_in_train_expert_says_how_to_continue(shard, tmp_path):
 
     out = tmp_path / "e"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "DDMKIT_QUIET": "1"}
+    log = open(tmp_path / "log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "ddmkit", "train-expert", str(shard), "--out", str(out),
                              "--config", str(TINY), "--set", "expert.train.steps=1000000", "--checkpoint-every", "5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while not (tmp_path / "e.checkpoint.safetensors").exists() and time.time() < deadline:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "e.checkpoint.safetensors").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        said, _ = proc.communicate(timeout=60)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    said = (tmp_path / "log").read_text()
     assert proc.returncode == 130, said
     assert "interrupted: what is finished is kept; run the same command with --resume" in " ".join(said.split()), said
     assert "Traceback" not in said

@@ -472,3 +472,16 @@ def test_a_connection_error_is_not_reported_as_a_file_system_error(tmp_path, mon
     code, err = cli(monkeypatch, capsys, "launch", run)
     assert code == 2 and "a connection failed: the server said no; check the server's address" in err, err
     assert "check that path" not in err and "Traceback" not in err
+
+
+def test_a_pool_broken_by_ctrl_c_reads_as_ctrl_c():
+    """Ctrl-C to the process group can end a worker (exit 130) before the driver's own KeyboardInterrupt: the
+    broken pool then read as 'a worker process died' (exit 2; seen once in a full suite) instead of Ctrl-C."""
+    from types import SimpleNamespace
+
+    from ddmkit.launch.backends import stopped_by_ctrl_c
+
+    ended = lambda *codes: [SimpleNamespace(exitcode=c) for c in codes]  # noqa: E731
+    assert stopped_by_ctrl_c(ended(130, None)) and stopped_by_ctrl_c(ended(-signal.SIGINT, 0))
+    assert not stopped_by_ctrl_c(ended(-signal.SIGKILL, 130)) and not stopped_by_ctrl_c(ended(None, 0))
+    assert not stopped_by_ctrl_c([])

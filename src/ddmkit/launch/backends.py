@@ -149,6 +149,13 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
         process.join()
 
 
+def stopped_by_ctrl_c(processes: list) -> bool:
+    """Whether the workers that ended before their jobs did all ended by Ctrl-C (exit status 130, see
+    _process_job, or killed by SIGINT)."""
+    ended = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+    return bool(ended) and all(code in (130, -signal.SIGINT) for code in ended)
+
+
 def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | None = None, resume: bool = False,
                   log: Log = print) -> list[Path]:
     """A local pool of `workers` processes (each job on config.train.threads threads). On GPUs every job
@@ -163,16 +170,21 @@ def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | No
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1 if gpus else None,
                              initializer=_start_worker, initargs=(os.getpid(),)) as pool:
+        started = []
         try:
             futures = {pool.submit(_process_job, job, config.model_dump(), resume, i % gpus if gpus else None,
                                    user_networks()): job
                        for i, job in enumerate(jobs)}
+            started = list((pool._processes or {}).values())  # noqa: SLF001 (to read how a dead worker ended)
             for fut in as_completed(futures):  # the first failure raises here, and stops the others at once
                 fut.result()
                 job = futures[fut]
                 log(f"expert {job.cluster}: written to {job.out_dir} (process pool, {workers} workers)")
             return [Path(fut.result()) for fut in futures]
         except BrokenProcessPool:
+            if stopped_by_ctrl_c(started):  # Ctrl-C reached a worker before this process's own KeyboardInterrupt
+                stop_workers(pool)
+                raise KeyboardInterrupt from None
             stop_workers(pool)
             raise DDMError("a worker process of the pool died while training an expert (killed from outside, or "
                            "out of memory? see the system log, e.g. `dmesg`); the finished experts are kept: run "
