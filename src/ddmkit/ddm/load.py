@@ -87,7 +87,7 @@ def velocity_field(model: torch.nn.Module, config: dict, guidance: float = 1.0) 
     (path_output, ddmkit.flow.convert); class-conditional networks take y and apply guidance."""
     kind, schedule = path_output(config)
     accepted = {"linear": ("velocity", "epsilon", "x0"), "vp": ("epsilon", "v"), "edm": ("x0",)}[kind]
-    prediction = config.get("prediction", accepted[0] if kind != "vp" else "epsilon")
+    prediction = config.get("prediction", accepted[0])  # velocity, DDPM's epsilon, EDM's x0
     if prediction not in accepted:
         raise DDMError(f"config.json prediction: {prediction!r} on the {kind} path; accepted: {', '.join(accepted)}"
                        + (" (an EDM network is a denoiser: leave prediction out)" if kind == "edm" else ""))

@@ -62,11 +62,11 @@ def to_velocity(pred: torch.Tensor, prediction: str, x_t: torch.Tensor, t: torch
     clamped as conversion_time does: call the network at conversion_time(prediction, t))."""
     if prediction == "velocity":
         return pred
-    tb = per_row(t, x_t)
+    tb = per_row(conversion_time(prediction, t, t_eps), x_t)
     if prediction == "epsilon":
-        return (pred - x_t) / (1 - tb).clamp_min(t_eps)
+        return (pred - x_t) / (1 - tb)
     if prediction == "x0":
-        return (x_t - pred) / tb.clamp_min(t_eps)
+        return (x_t - pred) / tb
     raise ValueError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}")
 
 

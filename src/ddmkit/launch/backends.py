@@ -182,10 +182,10 @@ def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | No
                 log(f"expert {job.cluster}: written to {job.out_dir} (process pool, {workers} workers)")
             return [Path(fut.result()) for fut in futures]
         except BrokenProcessPool:
-            if stopped_by_ctrl_c(started):  # Ctrl-C reached a worker before this process's own KeyboardInterrupt
-                stop_workers(pool)
-                raise KeyboardInterrupt from None
+            ctrl_c = stopped_by_ctrl_c(started)  # read before stop_workers ends the others (SIGTERM)
             stop_workers(pool)
+            if ctrl_c:  # Ctrl-C reached a worker before this process's own KeyboardInterrupt
+                raise KeyboardInterrupt from None
             raise DDMError("a worker process of the pool died while training an expert (killed from outside, or "
                            "out of memory? see the system log, e.g. `dmesg`); the finished experts are kept: run "
                            "the same command to train the others (a job that left a checkpoint continues from it)"
