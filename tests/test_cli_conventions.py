@@ -261,7 +261,8 @@ def test_ctrl_c_in_train_expert_says_how_to_continue(shard, tmp_path):
     import time
 
     out = tmp_path / "e"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "DDMKIT_QUIET": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "DDMKIT_QUIET": "1",
+           "PYTHONFAULTHANDLER": "1"}  # SIGABRT prints every thread's Python stack into the log
     log = open(tmp_path / "log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "ddmkit", "train-expert", str(shard), "--out", str(out),
                              "--config", str(TINY), "--set", "expert.train.steps=1000000", "--checkpoint-every", "5"],
@@ -272,7 +273,12 @@ def test_ctrl_c_in_train_expert_says_how_to_continue(shard, tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # say where it waits, then fail
+            os.killpg(proc.pid, signal.SIGABRT)
+            proc.wait(timeout=30)
+            raise AssertionError("no exit within 60 s of Ctrl-C:\n" + (tmp_path / "log").read_text()) from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
