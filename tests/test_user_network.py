@@ -248,3 +248,23 @@ def test_a_network_whose_output_is_not_finite_is_refused_before_training():
     with pytest.raises(DDMError, match=r"expert.net.arch = 'x': forward\(x, t\) returned NaN or infinite values"):
         user.check_output(NaNOut([2]), "expert.net.arch = 'x'", [2])
     user.check_output(Doubler([2]), "expert.net.arch = 'x'", [2])
+
+
+def test_growing_a_run_of_the_users_networks_takes_the_config_that_names_them(user_run, here, tmp_path):
+    """add-expert and replace-expert had no --config: a run of the user's own classes could not be grown
+    from the command line (the refusal suggested --config, which they lacked)."""
+    import numpy as np
+
+    home, config, run = user_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    code, message = here("replace-expert", copy, 1, copy / "experts" / "expert_00", path=home)
+    assert code == 2 and "'my_nets:Velocity' is not registered" in message
+    assert here("replace-expert", copy, 1, copy / "experts" / "expert_00", "--config", config, path=home)[0] == 0
+    island = tmp_path / "island.npz"  # ring8's rows carry labels (their component): so do these
+    np.savez(island, x=np.random.default_rng(0).normal(4.0, 0.1, (60, 2)).astype(np.float32),
+             labels=np.zeros(60, dtype=np.int64))
+    code, message = here("add-expert", copy, "--data", island, path=home)
+    assert code == 2 and "'my_nets:Velocity' is not registered" in message
+    assert here("add-expert", copy, "--data", island, "--config", config, path=home)[0] == 0
+    assert json.loads((copy / "experts" / "expert_02" / "config.json").read_text())["arch"] == "my_nets:Velocity"

@@ -622,6 +622,10 @@ def _text_run(run: Path) -> bool:
 
 
 # ----- growing a trained run: add-expert, replace-expert (ddmkit.pipeline.grow) -----
+OWN_NETWORKS = typer.Option(None, "--config", help="the TOML the run was made with, to import the network classes "
+                            "of your own it names (nothing else of it is used)")
+
+
 @app.command("add-expert")
 def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trained run folder (vectors or images)"),
                    data: str = typer.Option(..., "--data", help="the new island's data: a data set name or a "
@@ -632,7 +636,8 @@ def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trai
                                             "expert of its own; nearest: each row joins its nearest cluster, and "
                                             "those experts are retrained"),
                    router: str = typer.Option("retrain", help="retrain: the router over all shards; stats: the "
-                                              "statistics-only router (nothing trained)")):
+                                              "statistics-only router (nothing trained)"),
+                   config: Optional[Path] = OWN_NETWORKS):
     """Add a new island's data to a trained run: its expert trains on them alone, then only the router is
     retrained (or the statistics-only router is used). Samples and scores are drawn again later."""
     import json
@@ -640,6 +645,8 @@ def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trai
     from ddmkit.pipeline.grow import add_expert
 
     _refuse_text(run_dir, "add-expert")
+    if config is not None:
+        _config(config)  # registers the config's own network classes
 
     try:
         table = json.loads(params) if params is not None else {}
@@ -668,12 +675,14 @@ def _as_data_options(message: str) -> str:
 def replace_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trained run folder (vectors or images)"),
                        k: int = typer.Argument(..., metavar="K", help="the expert to replace, 0 .. K-1"),
                        folder: Path = typer.Argument(..., metavar="FOLDER", help="a model folder (config.json + "
-                                                     "model.safetensors) of an expert trained elsewhere")):
+                                                     "model.safetensors) of an expert trained elsewhere"),
+                       config: Optional[Path] = OWN_NETWORKS):
     """Replace expert K of a trained run by a copy of another expert's model folder; the registry is rewritten."""
     from ddmkit.pipeline.grow import replace_expert
 
     _refuse_text(run_dir, "replace-expert")
-
+    if config is not None:
+        _config(config)  # registers the config's own network classes
     event = replace_expert(run_dir, k, folder, log)
     log(f"replace-expert: grow.json entry {event['n']}; `ddmkit verify {run_dir}` checks the registry")
 
