@@ -66,10 +66,14 @@ def check_backend(name: str) -> str:
 
 
 def check_launch(backend: str, workers: int | None = None, address: str | None = None) -> None:
-    """Refuse an unknown backend, workers < 1, and an address for another backend than ray."""
+    """Refuse an unknown backend, workers < 1, workers for the inline backend (it has none), and an
+    address for another backend than ray."""
     check_backend(backend)
     if workers is not None and workers < 1:
         raise DDMError(f"--workers must be >= 1, got {workers}")
+    if workers is not None and backend == "inline":
+        raise DDMError("--workers is for the processes and ray backends (inline trains one job after another in "
+                       "this process); add --backend processes, or leave --workers out")
     if address is not None and backend != "ray":
         raise DDMError(f"--address is for the ray backend only (backend is {backend!r}); add --backend ray")
 
