@@ -7,7 +7,8 @@ yet (a seed sets every seed of the text config: the corpus sample, the partition
 training; an interrupted run resumes), then prints one Markdown row per model and routing (the rows of
 each run's report): the mean bits per byte over all clusters, the 95% t-interval half-width, and each
 seed's value. A seed folder made with another config is refused before anything runs: every setting
-that CONFIG sets must be what the folder's config.json records (seeds aside); give another --out.
+of CONFIG with --seed SEED (its defaults included) must be what the folder's config.json records; give
+another --out.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import json
 import statistics
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 from scipy import stats
+
+from ddmkit import DDMError
+from ddmkit.discrete import TextRunConfig, load_text_config
 
 
 def nonnegative(text: str) -> int:
@@ -31,26 +34,25 @@ def nonnegative(text: str) -> int:
 
 
 def differences(given: dict, recorded: dict, where: str = "") -> list[str]:
-    """The settings of the config file (dotted names) that the recorded config holds otherwise; seeds
-    are left out (--seed sets them all)."""
+    """The settings (dotted names) whose values differ between two config dicts."""
     found = []
-    for key, value in given.items():
-        name = f"{where}{key}"
-        if isinstance(value, dict) and isinstance(recorded.get(key), dict):
-            found += differences(value, recorded[key], name + ".")
-        elif key != "seed" and recorded.get(key) != value:
+    for key in sorted(given.keys() | recorded.keys()):
+        name, mine, theirs = f"{where}{key}", given.get(key), recorded.get(key)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            found += differences(mine, theirs, name + ".")
+        elif mine != theirs:
             found.append(name)
     return found
 
 
-def other_config(config: dict, folder: Path, seed: int) -> list[str]:
-    """What differs between `config` for `seed` and the run in `folder` (nothing when there is no run yet).
-    A text run's config.json records {"digest": ..., "config": the settings it ran with}."""
+def other_config(config: TextRunConfig, folder: Path) -> list[str]:
+    """What differs between `config` (with its seed) and the run in `folder` (nothing when there is no
+    run yet). A text run's config.json records {"digest": ..., "config": the settings it ran with}."""
     saved = folder / "config.json"
     if not saved.exists():
         return []
     recorded = json.loads(saved.read_text()).get("config", {})
-    return differences(config, recorded) + (["seed"] if recorded.get("seed") != seed else [])
+    return differences(json.loads(json.dumps(config.model_dump())), recorded)
 
 
 def run_seed(config: Path, folder: Path, seed: int) -> dict:
@@ -81,11 +83,11 @@ def main() -> None:
                    help="the seeds, one run each (default 0 1 2)")
     args = p.parse_args()
     try:
-        config = tomllib.loads(args.config.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        p.error(f"config: cannot read {args.config} as TOML ({e})")
+        config = load_text_config(args.config)
+    except DDMError as e:
+        p.error(f"config: {e}")
     for s in args.seeds:
-        changed = other_config(config, args.out / f"s{s}", s)
+        changed = other_config(config.with_seed(s), args.out / f"s{s}")
         if changed:
             p.error(f"--out: {args.out / f's{s}'} holds a run of another config ({', '.join(changed)} differ from "
                     f"{args.config} with --seed {s}); give another --out")
