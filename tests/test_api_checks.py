@@ -169,6 +169,17 @@ def test_a_bad_x1_is_refused_naming_x1(x1, got):
         sample_single(lambda x, t: x, (D,), n=5, x1=x1)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_x1_is_refused(bad):
+    """NaN or infinite starting noise was accepted and gave all-NaN samples."""
+    x1 = torch.randn(5, D)
+    x1[3, 1] = bad
+    with pytest.raises(DDMError, match="x1: the starting noise holds NaN or infinite values"):
+        tiny(0).sample("top-1", n=5, steps=2, x1=x1)
+    with pytest.raises(DDMError, match="x1: the starting noise holds NaN"):
+        sample_single(lambda x, t: x, (D,), n=5, x1=x1)
+
+
 def test_a_good_x1_is_where_sampling_starts():
     x1 = torch.randn(5, D)
     x0, _ = tiny(0).sample("oracle", n=5, steps=2, x1=x1.clone())

@@ -202,7 +202,8 @@ def test_replace_expert_copies_a_foreign_folder_that_verifies_and_is_flagged(run
     assert cfg["shard_count"] == read_json(folder.manifest)["counts"][1] != cfg["replaced_from"]["shard_count"]
     verify_registry(run)
     _, notes = describe_models(run, run_config(run))
-    assert len(notes) == 1 and notes[0].startswith("expert 1 differs") and "kwargs" in notes[0]
+    assert len(notes) == 2 and notes[0].startswith("expert 1 differs") and "kwargs" in notes[0]
+    assert "the 3 experts on" in notes[1] and "not their FLOP-matched baseline" in notes[1]  # 20 x 32 steps now
     assert load_ddm(run).k == 3
 
 

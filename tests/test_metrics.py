@@ -57,3 +57,22 @@ def test_mode_coverage_and_off_manifold(gen):
     half = x[x[:, 0] < 0]  # drops the right columns of modes
     assert mode_coverage(half, g)["modes_hit"] < 0.7
     assert off_manifold_rate(torch.full((10, 2), 0.5, dtype=torch.float64), g) == 1.0
+
+
+def test_every_set_is_scored_on_chunks_of_one_size_and_a_short_set_is_refused(gen):
+    """evaluate cut every set's W2 chunks to the smallest set: one leftover `ddmkit sample --n 10` set scored
+    every row on 10-point sets (W2/floor near 1 for poor samplers) and the floor too, with no warning."""
+    import pytest
+
+    from ddmkit.errors import DDMError
+    from ddmkit.evaluation.sets import evaluate_all
+
+    test = torch.randn(4000, 2, generator=gen)
+    good, poor = torch.randn(1000, 2, generator=gen), torch.randn(1000, 2, generator=gen) * 3
+    result = evaluate_all({"good": good, "poor": poor}, {}, test, None, chunk=500)
+    assert result["chunk"] == 500 and result["pairs"] == 2
+    with pytest.raises(DDMError, match=r"sample sets 'tiny' \(10\) hold fewer than the 500 points"):
+        evaluate_all({"good": good, "poor": poor, "tiny": good[:10]}, {}, test, None, chunk=500)
+    small = evaluate_all({"good": good[:300], "poor": poor[:300]}, {}, test, None, chunk=500)
+    assert small["chunk"] == 300 and small["pairs"] == 1  # every set smaller than evaluate.chunk: their size
+    assert small["rows"]["good"]["w2_sem"] is None  # one pair: no standard error (was 0.0)

@@ -49,6 +49,8 @@ def test_run_writes_every_artifact(tiny_run):
     assert rows["monolith"]["expert_calls_per_sample"] == pytest.approx(8)
     report = (out / "report.md").read_text()
     assert "noise floor" in report and "| top-2 |" in report
+    # the studies draw their own rows (the config's [sample] at evaluate.study_n): their sections say how
+    assert report.count("Each row: 400 samples, euler, 8 steps, seed 0") == 2 and "over 2 pair(s) of 200" in report
     routers = {name: info["router"] for name, info in json.loads((out / "samples/info.json").read_text()).items()}
     assert routers == {EXACT: "exact posterior", "monolith": "none", "full": "learned", "top-2": "learned",
                        "switch": "learned", "oracle": "learned", "nearest": "learned"}

@@ -272,8 +272,10 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
            guidance: Optional[float] = typer.Option(None, help="classifier-free guidance inside each "
                                                     "class-conditional expert (images with labels; default: "
                                                     "the config's sample.guidance)"),
-           router_every: Optional[int] = typer.Option(None, min=1, help="call the router every m steps and reuse its "
-                                                      "routing in between (1: every step; default: the config's)"),
+           router_every: Optional[int] = typer.Option(None, min=1, help="call the router every m velocity evaluations "
+                                                      "and reuse its routing in between (a heun or midpoint step is 2 "
+                                                      "evaluations, rk4 4; 1: every evaluation; default: the "
+                                                      "config's)"),
            router: str = typer.Option("learned", help="learned (RUN/router) or statistics: route by the "
                                       "islands' published cluster statistics, no router trained (sets named "
                                       "'NAME (statistics-only router)')"),

@@ -105,7 +105,7 @@ def checked_cond(ddm, cond, n: int, device, caller: str) -> dict[str, torch.Tens
 
 def start_rows(n: int, data_shape, seed: int, device="cpu", x1: torch.Tensor | None = None,
                caller: str = "sample_ddm") -> torch.Tensor:
-    """The rows sampling starts from: x1 when given, checked (a float32 torch tensor of shape
+    """The rows sampling starts from: x1 when given, checked (a finite float32 torch tensor of shape
     (n, *data_shape)), where they are; else start_noise on `device` (checked_device, naming `caller`)."""
     if x1 is None:
         return start_noise(n, data_shape, seed, checked_device(device, caller))
@@ -114,6 +114,9 @@ def start_rows(n: int, data_shape, seed: int, device="cpu", x1: torch.Tensor | N
         got = f"{x1.dtype} {tuple(x1.shape)}" if isinstance(x1, torch.Tensor) else type(x1).__name__
         raise DDMError(f"x1: the starting noise must be a float32 torch tensor of shape {want} (n rows of "
                        f"data_shape); got {got}; pass torch.as_tensor(x1, dtype=torch.float32) with n = len(x1)")
+    if not bool(torch.isfinite(x1).all()):
+        raise DDMError("x1: the starting noise holds NaN or infinite values; every sample would be NaN (draw it "
+                       "with ddmkit.start_noise or torch.randn)")
     return x1
 
 

@@ -37,10 +37,10 @@ def sample_metrics(x: torch.Tensor, refs: list[torch.Tensor], truth: GaussianMix
     """Distances averaged over chunk pairs (x is cut into len(refs) chunks), truth scores over all of x."""
     flat = x.reshape(len(x), -1).double()
     if not torch.isfinite(flat).all():
-        return {"w2": math.inf, "w2_std": 0.0, "sliced_w2": math.inf, "mmd": math.inf, "non_finite": True}
+        return {"w2": math.inf, "w2_sem": None, "sliced_w2": math.inf, "mmd": math.inf, "non_finite": True}
     chunks = flat[: len(refs) * len(refs[0])].reshape(len(refs), len(refs[0]), -1)
     w2s = torch.tensor([w2_exact(c, ref) for c, ref in zip(chunks, refs)])
-    row = {"w2": float(w2s.mean()), "w2_sem": float(w2s.std() / math.sqrt(len(w2s))) if len(w2s) > 1 else 0.0,
+    row = {"w2": float(w2s.mean()), "w2_sem": float(w2s.std() / math.sqrt(len(w2s))) if len(w2s) > 1 else None,
            "sliced_w2": sum(w2_sliced(c, ref) for c, ref in zip(chunks, refs)) / len(refs),
            "mmd": mmd_rbf(chunks[0], refs[0])}
     if truth is not None:
@@ -50,10 +50,18 @@ def sample_metrics(x: torch.Tensor, refs: list[torch.Tensor], truth: GaussianMix
 
 def evaluate_all(samples: dict[str, torch.Tensor], infos: dict[str, dict], test: torch.Tensor,
                  truth: GaussianMixture | None, chunk: int = 1000) -> dict:
-    """{"rows": {name: metrics}, "floor": metrics, "chunk": chunk, "pairs": R}."""
-    n = min(len(x) for x in samples.values())
-    chunk = min(chunk, n)
-    r = n // chunk
+    """{"rows": {name: metrics}, "floor": metrics, "chunk": chunk, "pairs": R}. Every set is scored on the
+    same R pairs of `chunk` points (W2 between n-point sets shrinks as n grows, so rows of other sizes
+    would not compare): chunk is evaluate.chunk, or the largest set's size when that is smaller; a set
+    with fewer points is refused, naming it; R is what the smallest set holds."""
+    chunk = min(chunk, max(len(x) for x in samples.values()))
+    short = {name: len(x) for name, x in samples.items() if len(x) < chunk}
+    if short:
+        listed = ", ".join(f"{name!r} ({size})" for name, size in short.items())
+        raise DDMError(f"sample sets {listed} hold fewer than the {chunk} points every set is scored on (W2 of "
+                       f"smaller sets is larger by itself); draw them again with `ddmkit sample RUN --strategy NAME` "
+                       f"and --n {chunk} or more (or leave --n out), or delete their files from RUN/samples")
+    r = min(len(x) for x in samples.values()) // chunk
     floor_sets, refs = reference_sets(test, chunk, r)
     floor = sample_metrics(torch.cat(floor_sets), refs, truth)
     rows = {}

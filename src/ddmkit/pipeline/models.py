@@ -2,11 +2,14 @@
 
 A run can be assembled from experts trained elsewhere, with other settings than the run's
 config. Reports describe the networks from their folders, one row per model, and flag every
-expert whose architecture or training differs from the run's [expert] section.
+expert whose architecture or training differs from the run's [expert] section, and a monolith that
+did not train on as many samples as the experts together (not their FLOP-matched baseline).
 
     rows, notes = describe_models(run, cfg)
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 from ddmkit.config import RunConfig
 from ddmkit.flow.convert import path_entry
@@ -69,7 +72,31 @@ def describe_models(run, cfg: RunConfig) -> tuple[list[list], list[str]]:
                              + ", ".join(f"{key} ({got.get(key)!r}, config {expected[key]!r})" for key in keys))
         rows.append([name, f"{got['arch']} {got['kwargs']}", got["prediction"], got["steps"], got["batch_size"],
                      got["lr"], got["seed"], differs or "-"])
+    mismatch = compute_mismatch(folder, manifest["k"])
+    if mismatch:
+        notes.append(mismatch)
     return rows, notes
+
+
+def training_samples(model: Path) -> int | None:
+    """steps x batch of a trained model folder (None when it has none)."""
+    if not (model / "config.json").exists():
+        return None
+    train = read_json(model / "config.json").get("train", {})
+    steps, batch = train.get("steps"), train.get("batch_size")
+    return steps * batch if isinstance(steps, int) and isinstance(batch, int) else None
+
+
+def compute_mismatch(folder: RunFolder, k: int) -> str | None:
+    """A note when the monolith did not train on as many samples as the K experts together (experts
+    trained with other settings, the monolith with --set, or experts added since): the monolith is then
+    not the FLOP-matched baseline of these experts."""
+    experts = [training_samples(folder.expert(c)) for c in range(k)]
+    monolith = training_samples(folder.monolith)
+    if monolith is None or None in experts or sum(experts) == monolith:
+        return None
+    return (f"the monolith trained on {monolith:,} samples (steps x batch) and the {k} experts on {sum(experts):,} "
+            f"together: it is not their FLOP-matched baseline ({monolith / sum(experts):.2f}x their compute)")
 
 
 def models_section(run, cfg: RunConfig) -> str:

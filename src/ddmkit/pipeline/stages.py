@@ -197,9 +197,12 @@ def stage_monolith(cfg: RunConfig, run, log: Log = print) -> None:
         if not cfg.monolith.enabled or (folder.monolith / "model.safetensors").exists():
             return
         start = time.perf_counter()
+        shards = checked_model_shards(run)
         with job_threads(cfg.expert.train.threads):
-            train_monolith(checked_model_shards(run), cfg.expert, folder.monolith, cfg.monolith.match, resume=True)
-        log(f"monolith: trained in {time.perf_counter() - start:.1f}s (same steps x batch as all experts)")
+            train_monolith(shards, cfg.expert, folder.monolith, cfg.monolith.match, resume=True)
+        t = cfg.expert.train
+        log(f"monolith: trained in {time.perf_counter() - start:.1f}s (the compute of {len(shards)} experts of "
+            f"{t.steps} steps x batch {t.batch_size}, expert.train)")
 
 
 def stage_router(cfg: RunConfig, run, log: Log = print) -> None:

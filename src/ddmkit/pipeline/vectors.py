@@ -15,7 +15,7 @@ from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_router_accuracy, plot_samples
 from ddmkit.evaluation.routers import router_report
 from ddmkit.evaluation.sets import FLOOR, evaluate_all
-from ddmkit.evaluation.studies import STATS_STRATEGIES, missing_expert_study, stats_router_study
+from ddmkit.evaluation.studies import STATS_STRATEGIES, missing_expert_study, stats_router_study, study_size
 from ddmkit.io import load_tensors, read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.models import models_section
@@ -85,10 +85,21 @@ def render_report(cfg: RunConfig, run, result: dict) -> str:
     rep = result["router"]
     router_rows = [[f"{t:.2f}"] + [f"{rep[n]['accuracy'][i]:.3f} / {rep[n]['ece'][i]:.3f}" for n in rep if n != "t"]
                    for i, t in enumerate(rep["t"])]
-    return _main_report(cfg, run, result, rows, rep, router_rows) + _fault_sections(result)
+    return _main_report(cfg, run, result, rows, rep, router_rows) + _fault_sections(cfg, result)
 
 
-def _fault_sections(result: dict) -> str:
+def study_sentence(cfg: RunConfig) -> str:
+    """How the studies' rows are drawn and scored: the config's [sample] settings at evaluate.study_n
+    samples (at most sample.n), W2/floor against a floor measured at that size; the main sets can
+    have been drawn otherwise (`ddmkit sample --steps ...`)."""
+    s, n = cfg.sample, study_size(cfg)
+    chunk = min(cfg.evaluate.chunk, n)
+    return (f"Each row: {n} samples, {s.solver}, {s.steps} steps, seed {s.seed} (the config's [sample] section; "
+            f"evaluate.study_n sets the count); W2/floor over {n // chunk} pair(s) of {chunk} points, against "
+            "a floor measured at that size.")
+
+
+def _fault_sections(cfg: RunConfig, result: dict) -> str:
     """Report sections for the missing-expert study and the statistics-only router."""
     out = ""
     cols = [("W2/floor", "w2_over_floor"), ("NLL", "nll"), ("modes hit", "modes_hit"), ("mode KL", "mode_kl"),
@@ -102,6 +113,7 @@ def _fault_sections(result: dict) -> str:
 
 Sampling ({strategy}) with 0, 1, 2, ... experts removed in a fixed random order, the router's probabilities
 renormalised over the experts still present (what `load_ddm` does when expert folders are missing).
+{study_sentence(cfg)}
 
 {markdown_table(["removed", "experts removed"] + [c for c, _ in cols], rows)}
 """
@@ -112,7 +124,7 @@ renormalised over the experts still present (what `load_ddm` does when expert fo
 
 The router built only from each island's count, mean and covariance (the Gaussian posterior under the noised
 cluster Gaussians, `ddmkit.routing.stats_router`) against the learned router, same experts, strategies
-{", ".join(STATS_STRATEGIES)}. Its accuracy per noise level is in the router table above.
+{", ".join(STATS_STRATEGIES)}. Its accuracy per noise level is in the router table above. {study_sentence(cfg)}
 
 {markdown_table(["strategy (router)"] + [c for c, _ in cols], rows)}
 """
