@@ -250,3 +250,24 @@ def test_a_pretrained_autoencoder_with_missing_weights_is_refused_before_the_run
         load_autoencoder(tmp_path / "vae")
     code, out = exit_code(monkeypatch, capsys, "run", latent_config(tmp_path, tmp_path / "vae"), "--out", tmp_path / "run")
     assert code == 2 and "lacks weights" in out and not (tmp_path / "run").exists()
+
+
+def test_force_over_a_latent_run_checks_the_new_autoencoder_before_removing_the_old_run(tmp_path, monkeypatch, capsys):
+    """With --force over a latent run the pretrained folder's check was skipped (the old run's autoencoder/
+    was there): the old run was deleted and the new one failed half-written."""
+    tiny_autoencoder(seed=3).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    run = tmp_path / "run"
+    assert run_cli("partition", "--config", latent_config(tmp_path, pretrained=tmp_path / "vae"),
+                   "--out", run).exit_code == 0
+    before = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tmp_path / "vae", tmp_path / "broken")
+    weights = tmp_path / "broken" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("decoder.conv_out")}, weights)
+    other = tmp_path / "other.toml"
+    other.write_text(latent_config(tmp_path, pretrained=tmp_path / "vae").read_text()
+                     .replace(str(tmp_path / "vae"), str(tmp_path / "broken")))
+    code, out = exit_code(monkeypatch, capsys, "run", other, "--out", run, "--force")
+    assert code == 2 and "lacks weights" in out, out
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
