@@ -300,3 +300,23 @@ def test_a_damaged_shard_or_a_diverging_loss_stops_a_job_before_it_writes(copy, 
     with pytest.raises(DDMError, match=r"expert: the loss is (inf|nan) at step 5: training diverged"):
         train_velocity_model(torch.full((16, 2), 1e30), cfg, tmp_path / "e3", "expert")
     assert not any((tmp_path / e).exists() for e in ("e1", "e2", "e3"))
+
+
+def test_the_missing_expert_study_removes_only_experts_the_run_has(copy):
+    """With expert 1 already gone, the study's rows 'removed' it again (a row equal to the one before) and
+    its row 0 was labelled as if every expert were there."""
+    from ddmkit.evaluation.studies import missing_expert_study, removal_order
+    from ddmkit.pipeline.prepare import run_config
+
+    shutil.rmtree(copy / "experts" / "expert_01")
+    cfg = run_config(copy)
+    cfg = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"n": 200, "steps": 2}),
+                                 "evaluate": cfg.evaluate.model_copy(update={"chunk": 200})})
+    test = torch.randn(400, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = missing_expert_study(cfg, copy, test, None)
+    assert len(rows) == 3 and all(r["already_missing"] == [1] for r in rows)
+    assert [1 in r["experts_removed"] for r in rows] == [False] * 3
+    order = [c for c in removal_order(4, cfg.sample.seed) if c != 1]
+    assert [r["experts_removed"] for r in rows] == [sorted(order[:m]) for m in range(3)]

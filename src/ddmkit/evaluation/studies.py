@@ -35,12 +35,17 @@ def removal_order(k: int, seed: int) -> list[int]:
 
 def missing_expert_study(cfg: RunConfig, run, test: torch.Tensor, truth, strategy: str = "top-2",
                          device="cpu") -> list[dict]:
-    """One row per number of removed experts m = 0 .. K-1: which were removed and the sample metrics."""
+    """One row per number of removed experts m = 0 .. P-1 of the P experts the run has (experts whose
+    folders are missing are absent from every row, "already_missing"): which were removed and the
+    sample metrics."""
     s = cfg.sample
-    k = load_ddm(run, device).k
-    order = removal_order(k, s.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the missing experts: named in the rows
+        whole = load_ddm(run, device)
+    absent = list(whole.meta.get("missing_experts", []))
+    order = [c for c in removal_order(whole.k, s.seed) if c not in absent]
     samples, infos, removed = {}, {}, {}
-    for m in track(range(k), "missing experts", lambda m: f"{m} removed"):
+    for m in track(range(len(order)), "missing experts", lambda m: f"{m} removed"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ddm = load_ddm(run, device, exclude=order[:m])
@@ -49,8 +54,8 @@ def missing_expert_study(cfg: RunConfig, run, test: torch.Tensor, truth, strateg
                                                  device, **config_options(s))
         removed[name] = sorted(order[:m])
     result = evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)
-    return [{"removed": m, "experts_removed": removed[name], "strategy": strategy, **result["rows"][name]}
-            for m, name in enumerate(samples)]
+    return [{"removed": m, "experts_removed": removed[name], "already_missing": absent, "strategy": strategy,
+             **result["rows"][name]} for m, name in enumerate(samples)]
 
 
 def stats_router_study(cfg: RunConfig, run, test: torch.Tensor, truth, device="cpu") -> dict:

@@ -108,11 +108,13 @@ def _fault_sections(cfg: RunConfig, result: dict) -> str:
         rows = [[r["removed"], str(r["experts_removed"])] + [r.get(key) for _, key in cols]
                 for r in result["missing_experts"]]
         strategy = result["missing_experts"][0]["strategy"]
+        absent = result["missing_experts"][0].get("already_missing")
+        absent = f" Experts {absent} are missing from this run (no folder): every row lacks them." if absent else ""
         out += f"""
 ## Missing experts
 
 Sampling ({strategy}) with 0, 1, 2, ... experts removed in a fixed random order, the router's probabilities
-renormalised over the experts still present (what `load_ddm` does when expert folders are missing).
+renormalised over the experts still present (what `load_ddm` does when expert folders are missing).{absent}
 {study_sentence(cfg)}
 
 {markdown_table(["removed", "experts removed"] + [c for c, _ in cols], rows)}
