@@ -320,3 +320,32 @@ def test_the_missing_expert_study_removes_only_experts_the_run_has(copy):
     assert [1 in r["experts_removed"] for r in rows] == [False] * 3
     order = [c for c in removal_order(4, cfg.sample.seed) if c != 1]
     assert [r["experts_removed"] for r in rows] == [sorted(order[:m]) for m in range(3)]
+
+
+def test_without_a_registry_each_slot_must_hold_its_own_clusters_expert(copy):
+    """Without registry.json an expert of another cluster (or partition) in a slot was loaded with only the
+    generic 'loaded unchecked' warning; with one, the refusal said 'another partition' for the same
+    partition's other cluster."""
+    shutil.copytree(copy / "experts" / "expert_00", copy / "e0")
+    shutil.rmtree(copy / "experts" / "expert_01")
+    shutil.copytree(copy / "e0", copy / "experts" / "expert_01")  # cluster 0's expert in slot 1
+    shutil.rmtree(copy / "e0")
+    with pytest.raises(DDMError, match=r"expert_01: trained on the shard of cluster 0 of this partition, not of "
+                                       r"cluster 1: it is the expert of cluster 0 \(experts/expert_00\)"):
+        write_registry(copy)
+    (copy / "registry.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no registry.json
+        with pytest.raises(DDMError, match="it is the expert of cluster 0"):
+            load_ddm(copy)
+        cfg_path = copy / "experts" / "expert_01" / "config.json"
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "shard_sha256": "0" * 64}))
+        with pytest.raises(DDMError, match="another partition"):
+            load_ddm(copy)
+
+
+def test_a_registry_entry_of_a_cluster_the_partition_lacks_is_named():
+    from ddmkit.registry import check_shard
+
+    with pytest.raises(DDMError, match=r"cluster 5 is not a cluster of this partition \(0 \.\. 3\)"):
+        check_shard("experts/expert_05", 5, "a" * 64, {c: str(c) * 64 for c in range(4)})

@@ -317,11 +317,19 @@ def partition_shard_hashes(run: Path, manifest: dict) -> dict[int, str]:
 
 def check_shard(path: str, cluster, trained_on, shard_hash: dict) -> None:
     """An expert trained on the shard its cluster has in this partition (shard_hash: cluster -> SHA-256),
-    else a DDMError: it belongs to another partition."""
-    if cluster is None or trained_on != shard_hash.get(cluster):
-        raise DDMError(f"{path}: trained on shard {str(trained_on)[:12]}... but cluster {cluster} of this "
-                       f"partition is shard {str(shard_hash.get(cluster))[:12]}...; it belongs to another partition: "
-                       "copy the expert trained on this partition's shard, or train it again")
+    else a DDMError: it is another cluster's expert, or belongs to another partition."""
+    if cluster is not None and trained_on == shard_hash.get(cluster):
+        return
+    if cluster not in shard_hash:
+        raise DDMError(f"{path}: cluster {cluster!r} is not a cluster of this partition (0 .. {len(shard_hash) - 1})")
+    owner = [c for c, sha in shard_hash.items() if sha == trained_on]
+    if owner:
+        raise DDMError(f"{path}: trained on the shard of cluster {owner[0]} of this partition, not of cluster "
+                       f"{cluster}: it is the expert of cluster {owner[0]} (experts/expert_{owner[0]:02d}); move it "
+                       f"there, and give cluster {cluster} its own expert")
+    raise DDMError(f"{path}: trained on shard {str(trained_on)[:12]}... but cluster {cluster} of this "
+                   f"partition is shard {str(shard_hash.get(cluster))[:12]}...; it belongs to another partition: "
+                   "copy the expert trained on this partition's shard, or train it again")
 
 
 def write_registry(run: str | Path) -> dict:

@@ -27,8 +27,8 @@ from ddmkit.io import load_tensors, read_json
 from ddmkit.layout import RunFolder
 from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
 from ddmkit.latent.autoencoder import LatentCodec, load_codec
-from ddmkit.registry import (checked_model_shards, latent_info, load_model, load_partition_checked, model_data_shape,
-                             model_shards, verify_registry, warn_missing)
+from ddmkit.registry import (check_shard, checked_model_shards, latent_info, load_model, load_partition_checked,
+                             model_data_shape, model_shards, partition_shard_hashes, verify_registry, warn_missing)
 from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics, stats_router
 from ddmkit.truth import GaussianMixture
 
@@ -250,6 +250,11 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     else:
         warnings.warn(f"{folder.root} has no registry.json: its weights are loaded unchecked; `ddmkit register "
                       f"{folder.root}` records their SHA-256 (and `ddmkit verify` checks them)", stacklevel=3)
+        shard_hash = partition_shard_hashes(folder.root, manifest)  # without hashes, still each slot's own expert
+        for c in range(k):
+            if c not in absent and (folder.expert(c) / "config.json").exists():
+                trained_on = read_json(folder.expert(c) / "config.json").get("shard_sha256")
+                check_shard(f"experts/expert_{c:02d}", c, trained_on, shard_hash)
     experts, configs = [], []
     for c in range(k):
         if c in absent:
