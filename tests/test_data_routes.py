@@ -320,6 +320,15 @@ def nan_values():
 
 def other_shapes():
     return np.zeros((8, 2)), np.zeros((4, 3))
+
+
+def images_0_255(vectors=False):
+    x = np.random.default_rng(0).integers(0, 256, (12, 1, 4, 4)).astype("float32")
+    return (x.reshape(12, 16), x[:4].reshape(4, 16)) if vectors else (x, x[:4] / 127.5 - 1)
+
+
+def huge_float64():
+    return np.full((8, 2), 1e39), np.zeros((4, 2))
 '''
 
 
@@ -373,6 +382,55 @@ def test_a_bad_dataset_function_is_named(user_module, function, params, message)
     assert message in str(info.value) and f"{user_module}" in str(info.value)
 
 
+def test_images_from_a_function_outside_minus_1_1_are_refused_and_vectors_are_not(tmp_path, monkeypatch, capsys,
+                                                                                   user_module):
+    """(N, C, H, W) in 0..255 from a function would give FID in the millions: refused at once (exit 2),
+    naming the function, the split and the scaling that fixes it; the same values as vectors pass."""
+    with pytest.raises(DDMError, match=rf"data.name = '{user_module}:images_0_255': the train split: images "
+                                       r"\(N, C, H, W\) must lie in \[-1, 1\]; found values from 0 to 255.*x / 127.5 - 1"):
+        load_dataset(f"{user_module}:images_0_255", 0, 0)
+    train, _ = load_dataset(f"{user_module}:images_0_255", 0, 0, params={"vectors": True})
+    assert train.x.shape == (12, 16) and train.x.max() == 255
+    config = vectors(tmp_path / "f.toml", f"{user_module}:images_0_255")
+    refused(monkeypatch, capsys, config, tmp_path / "run", "images_0_255", "[-1, 1]", "x / 127.5 - 1")
+
+
+def test_an_image_array_file_outside_minus_1_1_is_refused(tmp_path, monkeypatch, capsys):
+    """An .npy of (N, C, H, W) images in 0..255, named as data.name or as test_path: refused naming the file;
+    a 2-D file of the same values is vectors, and passes."""
+    x = np.random.default_rng(0).integers(0, 256, (20, 3, 4, 4)).astype("float32")
+    np.save(tmp_path / "images.npy", x)
+    np.save(tmp_path / "scaled.npy", x / 127.5 - 1)
+    np.save(tmp_path / "vectors.npy", x.reshape(20, -1))
+    with pytest.raises(DDMError, match=r"data.name: data file .*images.npy'?: images \(N, C, H, W\) must lie in "
+                                       r"\[-1, 1\]; found values from 0 to 255 .*np.save\(path, x / 127.5 - 1\)"):
+        load_dataset(str(tmp_path / "images.npy"), 0, 0)
+    with pytest.raises(DDMError, match=r"data.params.test_path: data file .*images.npy"):
+        load_dataset(str(tmp_path / "scaled.npy"), 0, 0, params={"test_path": str(tmp_path / "images.npy")})
+    assert load_dataset(str(tmp_path / "scaled.npy"), 0, 0)[0].x.shape[1:] == (3, 4, 4)
+    assert load_dataset(str(tmp_path / "vectors.npy"), 0, 0)[0].x.max() == 255
+    config = vectors(tmp_path / "a.toml", tmp_path / "images.npy")
+    refused(monkeypatch, capsys, config, tmp_path / "run", "images.npy", "[-1, 1]", "x / 127.5 - 1")
+
+
+def test_finite_values_beyond_float32_are_named_as_such(tmp_path, user_module):
+    """1e39 in a float64 file or function is finite: the message says it exceeds float32's range (not "NaN or
+    infinite"), and numpy's overflow warning never shows."""
+    import warnings
+
+    np.save(tmp_path / "x.npy", np.concatenate([np.zeros((5, 2)), np.full((3, 2), -1e39)]))
+    np.save(tmp_path / "images.npy", np.full((4, 1, 4, 4), 1e39))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DDMError, match=r"data file .*x.npy'?: values exceed float32's range \(up to 1e\+39; .*"
+                                           r"first bad rows: \[5, 6, 7\]\)"):
+            load_dataset(str(tmp_path / "x.npy"), 0, 0)
+        with pytest.raises(DDMError, match="images.npy'?: values exceed float32's range"):
+            load_dataset("image_array", 0, 0, params={"path": str(tmp_path / "images.npy")})
+        with pytest.raises(DDMError, match="huge_float64': the train split: values exceed float32's range"):
+            load_dataset(f"{user_module}:huge_float64", 0, 0)
+
+
 def test_an_unimportable_function_exits_2_with_the_fix(tmp_path, monkeypatch, capsys):
     config = vectors(tmp_path / "f.toml", "no_such_package.data:load")
     refused(monkeypatch, capsys, config, tmp_path / "run", "data.name = 'no_such_package.data:load'",
@@ -409,6 +467,7 @@ def test_an_image_folder_of_mixed_sizes_runs_after_the_suggested_fixes(tmp_path,
     config.write_text(config.read_text().replace("kid_subset = 100", f"kid_subset = {kid}"))
     metrics = runs(monkeypatch, capsys, config, tmp_path / "run")
     assert data_info(tmp_path / "run")["data_shape"] == [3, 16, 16] and np.isfinite(metrics["rows"]["top-1"]["fid"])
+    assert data_info(tmp_path / "run")["classes"] == ["a", "b"]  # label i is folder classes[i]
 
 
 def test_class_conditional_networks_are_checked_against_the_labels_before_anything_is_written(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddmkit.data import load_dataset
-from ddmkit.data.images import pad_images, parse_idx, read_image_folder, read_idx, to_unit_range
+from ddmkit.data.images import pad_images, parse_idx, read_image, read_image_folder, read_idx, to_unit_range
 from ddmkit.errors import DDMError
 from ddmkit.nets import build_model, build_seeded
 
@@ -103,6 +103,106 @@ def test_pad_to_makes_a_folder_of_small_images_one_size(tmp_path):
         assert torch.equal(to_unit_range(got[None])[0, 0], padded)  # the same bytes as a batch padded at once
     with pytest.raises(DDMError, match=r"a.png: 4x6 is larger than data.params.pad_to = 4; set pad_to = 6 or more"):
         read_image_folder(tmp_path / "sizes", pad_to=4)
+
+
+@pytest.mark.parametrize("raw_mode", ["I;16", "I;16B", "I;16L"])
+def test_16_bit_grey_images_are_scaled_by_257_in_every_mode(tmp_path, raw_mode):
+    """Not clipped at 255 by Pillow's 8-bit conversion: value / 257, then [-1, 1]; "rgb" repeats the grey."""
+    from PIL import Image
+
+    values = np.array([[0, 257, 30000, 65535]], np.uint16).repeat(4, 0)
+    dtype = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2"}[raw_mode]
+    image = Image.frombytes(raw_mode, (4, 4), values.astype(dtype).tobytes())
+    image.save(tmp_path / "a.tiff")
+    Image.fromarray(values).save(tmp_path / "b.png")  # a 16-bit PNG
+    expected = (values / 257).astype(np.float32)
+    for file in ("a.tiff", "b.png"):
+        assert np.allclose(read_image(tmp_path / file), expected)
+        assert np.allclose(read_image(tmp_path / file, mode="grey"), expected)
+        assert np.allclose(read_image(tmp_path / file, mode="rgb"), expected[..., None].repeat(3, 2))
+    (tmp_path / "a.tiff").rename(tmp_path / "c.tiff")
+    train, test = load_dataset("image_folder", 0, 0, 0, path=str(tmp_path), test_fraction=0.5)
+    x = torch.cat([train.x, test.x])
+    assert x.shape == (2, 1, 4, 4) and torch.allclose(x[0, 0, 0], torch.tensor([-1.0, -1 + 2 / 255, 30000 / 32767.5 - 1, 1]))
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(tmp_path / "flat.png")  # resized in 16 bits, not clipped
+    assert np.allclose(read_image(tmp_path / "flat.png", resize=4, crop=2), np.full((2, 2), 30000 / 257), atol=1e-3)
+
+
+@pytest.mark.parametrize("values, kind", [(np.full((4, 4), 0.5, np.float32), "32-bit float image"),
+                                          (np.full((4, 4), 70000, np.int32), "32-bit integer image")])
+def test_images_of_unknown_range_are_refused_naming_the_file(tmp_path, monkeypatch, capsys, values, kind):
+    from PIL import Image
+
+    import ddmkit.cli as cli_module
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(values).save(tmp_path / "imgs" / "x.tiff")
+    for mode in ("auto", "grey", "rgb"):
+        with pytest.raises(DDMError, match=rf"x.tiff: a {kind} .* convert it to an 8-bit or 16-bit PNG"):
+            read_image(tmp_path / "imgs" / "x.tiff", mode=mode)
+    config = (ROOT / "configs" / "fashion_mnist_tiny.toml").read_text()
+    config = config.replace('name = "fashion_mnist"', 'name = "image_folder"').replace(
+        "params = {}", f'params = {{ path = "{tmp_path / "imgs"}" }}', 1)
+    assert f'path = "{tmp_path / "imgs"}"' in config
+    (tmp_path / "c.toml").write_text(config)
+    monkeypatch.setattr("sys.argv", ["ddmkit", "run", str(tmp_path / "c.toml"), "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as info:
+        cli_module.main()
+    assert info.value.code == 2 and kind in " ".join(capsys.readouterr().err.split())
+
+
+def an_image(pil_mode: str):
+    """A random 6x6 image in PIL mode pil_mode (grey modes made from grey values)."""
+    from PIL import Image
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    return rgb.convert("L").convert(pil_mode) if pil_mode in ("LA", "1") else rgb.convert(pil_mode)
+
+
+@pytest.mark.parametrize("pil_mode, suffix, channels", [("LA", "png", 1), ("1", "png", 1), ("P", "png", 3),
+                                                        ("RGBA", "png", 3), ("CMYK", "jpg", 3), ("LAB", "tiff", 3)])
+def test_auto_mode_makes_every_image_file_grey_or_colour(tmp_path, pil_mode, suffix, channels):
+    """Grey with alpha and bilevel files become L, palette, CMYK and LAB files RGB (the alpha dropped, as
+    RGBA's is): images, not vectors of 2 or 4 channels."""
+    from PIL import Image
+
+    an_image(pil_mode).save(tmp_path / f"x.{suffix}")
+    with Image.open(tmp_path / f"x.{suffix}") as im:
+        assert im.mode == pil_mode  # the file really is in that mode
+    got = read_image(tmp_path / f"x.{suffix}")
+    assert got.shape == ((6, 6) if channels == 1 else (6, 6, 3)) and got.dtype == np.uint8
+    if pil_mode == "LA":
+        assert np.array_equal(got, np.asarray(an_image("L")))  # the grey values kept, the alpha dropped
+    assert read_image(tmp_path / f"x.{suffix}", mode="grey").shape == (6, 6)
+    (tmp_path / f"x.{suffix}").rename(tmp_path / f"y.{suffix}")
+    an_image(pil_mode).save(tmp_path / f"x.{suffix}")
+    train, _ = load_dataset("image_folder", 0, 0, 0, path=str(tmp_path), test_fraction=0.5)
+    assert train.x.shape == (1, channels, 6, 6)
+
+
+@pytest.mark.parametrize("pil_mode", ["PA", "YCbCr", "HSV", "LAB", "CMYK"])
+def test_auto_mode_makes_other_colour_modes_rgb(pil_mode):
+    """The modes Pillow opens but cannot always write (PA, YCbCr, HSV) become RGB as well; "grey" takes them."""
+    from ddmkit.data.images import image_values
+
+    assert np.array_equal(image_values(an_image(pil_mode)), np.asarray(an_image(pil_mode).convert("RGB")))
+    assert image_values(an_image(pil_mode), mode="grey").shape == (6, 6)
+
+
+def test_hidden_entries_are_skipped_and_each_top_level_folder_is_one_class(tmp_path):
+    """.ipynb_checkpoints/ and macOS ._x.png are not read (the latter is not even an image); cats/sub/
+    belongs to cats; the class names are kept in the data's meta, in label order."""
+    from PIL import Image
+
+    for folder, value in (("cats", 10), ("cats/sub", 20), ("dogs", 30), (".ipynb_checkpoints", 40), ("dogs/.cache", 50)):
+        (tmp_path / "imgs" / folder).mkdir(parents=True)
+        Image.fromarray(np.full((4, 4), value, np.uint8)).save(tmp_path / "imgs" / folder / "x.png")
+    (tmp_path / "imgs" / "dogs" / "._x.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    images, labels, classes = read_image_folder(tmp_path / "imgs")
+    assert classes == ["cats", "dogs"]
+    assert images[:, 0, 0].tolist() == [20, 10, 30] and labels.tolist() == [0, 0, 1]  # files in sorted order
+    train, test = load_dataset("image_folder", 0, 0, 0, path=str(tmp_path / "imgs"))
+    assert train.meta["classes"] == test.meta["classes"] == ["cats", "dogs"]
 
 
 def test_image_array_loader(tmp_path):

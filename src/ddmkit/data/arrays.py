@@ -1,5 +1,5 @@
 """The one in-memory form of a data set: `ArrayData`, with its content hash, a seeded row subset and the
-checks of a file's values (finite) and labels (one whole number 0, 1, ... per row)."""
+checks of a file's values (finite, within float32's range) and labels (one whole number 0, 1, ... per row)."""
 from __future__ import annotations
 
 import hashlib
@@ -62,6 +62,23 @@ def check_finite(x: torch.Tensor, where: str) -> None:
         rows = bad.reshape(len(x), -1).any(1).nonzero().flatten()[:5].tolist()
         raise DDMError(f"{where}: data holds NaN or infinite values (first bad rows: {rows}); "
                        "clean or drop those rows before partitioning")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_float32_range(a: np.ndarray, where: str) -> None:
+    """Finite values too large for float32 (ddmkit computes in float32), e.g. 1e39 in a float64 file, are a
+    DDMError naming the first rows, said before the cast to float32 would turn them into infinities."""
+    if a.dtype.kind != "f" or a.dtype.itemsize <= 4 or a.size == 0:
+        return
+    with np.errstate(invalid="ignore"):
+        big = np.isfinite(a) & (np.abs(a) > FLOAT32_MAX)
+    if big.any():
+        rows = np.flatnonzero(big.reshape(len(a), -1).any(1))[:5].tolist() if a.ndim else [0]
+        raise DDMError(f"{where}: values exceed float32's range (up to {np.abs(a[big]).max():.3g}; float32, which "
+                       f"ddmkit computes in, holds at most {FLOAT32_MAX:.3g}; first bad rows: {rows}); rescale the "
+                       "data, e.g. x / np.abs(x).max(), and save it again")
 
 
 def load_array_file(path, where: str):

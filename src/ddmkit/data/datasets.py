@@ -10,7 +10,9 @@ written in data.params), a path to a `.npy` / `.npz` file of shape (N, ...), or
 `data.params` are checked before anything is loaded: an unknown keyword is a
 DDMError naming the accepted ones, a number must be finite and within PARAM_BOUNDS,
 a list is accepted only for LIST_PARAMS (checked by the loader that takes it), and
-the data that come out must be finite and non-empty.
+the data that come out must be finite and non-empty. A file's values must fit float32
+(ddmkit computes in it), and image-shaped data (N, C, H, W) with C = 1 or 3, which
+the image pipeline takes, must lie in [-1, 1] (images.check_image_range).
 
 An array file's test split is round(N x test_fraction) rows of a seeded permutation
 (default 0.2), of which data.n_test are kept (0: all); or the whole of the file
@@ -27,9 +29,10 @@ import numpy as np
 import torch
 
 import ddmkit.data.synthetic as synthetic
-from ddmkit.data.arrays import ArrayData, check_finite, checked_labels, load_array_file, split_indices, take_rows
+from ddmkit.data.arrays import (ArrayData, check_finite, check_float32_range, checked_labels, load_array_file,
+                                split_indices, take_rows)
 from ddmkit.data.function import is_function_name, load_function_dataset
-from ddmkit.data.images import IMAGE_LOADERS, load_idx_dataset
+from ddmkit.data.images import IMAGE_LOADERS, check_image_range, load_idx_dataset
 from ddmkit.errors import DDMError
 
 # the bounds of every numeric keyword a loader takes (data.params); others are strings
@@ -122,6 +125,7 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
     if arr.dtype.kind not in "fiu":  # bool, complex, strings, dates: no silent cast to float32
         raise DDMError(f"{field}: data file {path!r} holds an array of {arr.dtype}; expected numbers (float or int, "
                        "not bool or complex): convert it, e.g. np.save(path, x.astype(np.float32))")
+    check_float32_range(arr, f"{field}: data file {path!r}")
     try:
         x = torch.as_tensor(np.asarray(arr, dtype=np.float32))
     except (TypeError, ValueError) as e:
@@ -131,6 +135,8 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
                        f"dimensions, (N, D) or (N, C, H, W), got shape {tuple(x.shape)} (one value per sample: "
                        "save it as (N, 1))")
     check_finite(x, f"data file {path!r}")
+    check_image_range(x, f"{field}: data file {path!r}", "scale them before saving, e.g. np.save(path, x / 127.5 - 1) "
+                      "for values in 0 .. 255")
     return x, checked_labels(labels, len(x), f"{field}: data file {path!r}")
 
 

@@ -14,8 +14,9 @@ returns one of
     {"train": ..., "test": ..., "train_labels": ..., "test_labels": ...}     (labels optional)
     (train_dataset, test_dataset)                     torch Datasets of tensors or (tensor, label)
 
-Everything returned is checked (numeric, finite, (N, ...) with the same trailing shape in both
-splits, integer labels one per row) with a message naming data.name. ddmkit then keeps at most
+Everything returned is checked (numeric, finite, within float32's range, (N, ...) with the same
+trailing shape in both splits, image-shaped data (N, C, H, W) with C = 1 or 3 in [-1, 1], integer
+labels one per row) with a message naming data.name. ddmkit then keeps at most
 n_train / n_test rows of each split (a seeded subset).
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ddmkit.data.arrays import ArrayData, take_rows
+from ddmkit.data.arrays import ArrayData, check_float32_range, take_rows
+from ddmkit.data.images import check_image_range
 from ddmkit.errors import DDMError
 
 FUNCTION_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # package.module:function
@@ -136,6 +138,20 @@ def _tensor(name: str, what: str, value, ndim_min: int) -> torch.Tensor:
     return t
 
 
+def _checked_values(name: str, split: str, t: torch.Tensor) -> torch.Tensor:
+    """A split as float32, its values checked: within float32's range, finite, and image-shaped data
+    (N, C, H, W) with C = 1 or 3 in [-1, 1] (as the image pipeline takes them)."""
+    where = f"data.name = {name!r}: the {split} split"
+    if t.dtype == torch.float64:
+        check_float32_range(t.numpy(), where)
+    x = t.float()
+    if not torch.isfinite(x).all():
+        rows = (~torch.isfinite(x)).reshape(len(x), -1).any(1).nonzero().flatten()[:5].tolist()
+        raise DDMError(f"{where} holds NaN or infinite values (first bad rows: {rows}); fix the function")
+    check_image_range(x, where, "scale them in the function, e.g. return x / 127.5 - 1 for values in 0 .. 255")
+    return x
+
+
 def _splits(name: str, out) -> list[tuple[str, Any, Any]]:
     """[(split, x, labels)] of what the function returned, in any of the accepted forms."""
     if isinstance(out, dict):
@@ -169,11 +185,7 @@ def load_function_dataset(name: str, n_train: int, n_test: int, seed: int,
                        f"{', '.join(kwargs)}") from None
     data, shapes = [], {}
     for i, (split, x, labels) in enumerate(_splits(name, out)):
-        x = _tensor(name, f"the {split} split", x, 2).float()
-        if not torch.isfinite(x).all():
-            rows = (~torch.isfinite(x)).reshape(len(x), -1).any(1).nonzero().flatten()[:5].tolist()
-            raise DDMError(f"data.name = {name!r}: the {split} split holds NaN or infinite values (first bad rows: "
-                           f"{rows}); fix the function")
+        x = _checked_values(name, split, _tensor(name, f"the {split} split", x, 2))
         if labels is not None:
             lab = _tensor(name, f"{split}_labels", labels, 1)
             if lab.is_floating_point() or lab.shape != (len(x),):

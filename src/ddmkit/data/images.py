@@ -10,7 +10,11 @@ array is split once, by a seeded permutation, before anything else sees it).
 Images of a folder may have any size: `resize = S` scales each image so that its
 shorter side is S (bicubic, antialiased: PIL), then `crop = S` cuts the centre
 S x S, then `pad_to` pads with black. `mode` converts every image to "rgb" or
-"grey" ("auto": keep each file's own, refusing a folder that mixes them).
+"grey" ("auto": each file grey or colour as it is, refusing a folder that mixes
+them; see AUTO_GREY, AUTO_COLOUR). 16-bit grey images keep their depth (value / 257
+in 0..255); 32-bit integer and float images ("I", "F") are refused, their range
+being unknown. Each top-level sub-folder is a class (images at any depth below
+it belong to it); hidden entries (names starting with ".") are skipped.
 
 Fashion-MNIST is read from the files of the Debian package
 `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist/) unless `dir` names
@@ -24,13 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmkit.data.arrays import ArrayData, check_finite, checked_labels, load_array_file, split_indices, take_rows
+from ddmkit.data.arrays import (ArrayData, check_finite, check_float32_range, checked_labels, load_array_file,
+                                split_indices, take_rows)
 from ddmkit.errors import DDMError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 MODES = {"auto": None, "rgb": "RGB", "grey": "L"}  # data.params.mode -> the PIL mode every image is converted to
+AUTO_GREY = ("1", "L", "LA")  # PIL modes that mode = "auto" makes "L" (the alpha dropped, as RGBA's is)
+AUTO_COLOUR = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")  # ... and "RGB"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -97,7 +104,8 @@ def load_idx_split(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
 # ---------------------------------------------------------------- scaling and padding
 
 def to_unit_range(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
+    """Values in 0..255 (uint8, or float from 16-bit images), (N, H, W) or (N, H, W, C) -> float32
+    (N, C, H, W) in [-1, 1]."""
     x = torch.from_numpy(np.array(images, dtype=np.float32)) / 127.5 - 1.0
     return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
@@ -153,30 +161,81 @@ def load_idx_dataset(n_train: int, n_test: int, seed: int, dir: str = FASHION_MN
                  pad_images(to_unit_range(te), pad_to), torch.as_tensor(yte.astype(np.int64)), n_train, n_test, seed, meta)
 
 
-def _auto_mode(pil_mode: str) -> str:
-    return "L" if pil_mode in ("L", "1", "I;16", "I") else "RGB" if pil_mode in ("RGB", "P", "RGBA") else pil_mode
+def _is_16bit(im) -> bool:
+    """A 16-bit grey image: Pillow's I;16 modes, or an "I" PNG (older Pillow opens 16-bit grey PNGs so)."""
+    return im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+
+
+def _target_mode(im, mode: str, path: Path) -> str:
+    """The PIL mode ("L" or "RGB") that data.params.mode makes of this image; an image whose range of
+    values ddmkit cannot know (32-bit integer or float) is a DDMError naming the file."""
+    if _is_16bit(im):
+        return MODES[mode] or "L"
+    if im.mode in ("I", "F") or im.mode.startswith(("I;", "F;")):
+        kind = "float" if im.mode.startswith("F") else "integer"
+        raise DDMError(f"{path}: a 32-bit {kind} image (PIL mode {im.mode!r}): ddmkit cannot know the range of its "
+                       "values; convert it to an 8-bit or 16-bit PNG (e.g. scale the values to 0 .. 65535 and save "
+                       "Image.fromarray(x.astype(np.uint16)))")
+    if MODES[mode]:
+        return MODES[mode]
+    if im.mode in AUTO_GREY + AUTO_COLOUR:
+        return "L" if im.mode in AUTO_GREY else "RGB"
+    raise DDMError(f"{path}: PIL mode {im.mode!r} has no grey or colour form that data.params.mode = \"auto\" "
+                   "knows; set data.params.mode = \"rgb\" (or \"grey\") to convert every image")
+
+
+def _convert(im, target: str):
+    """im in PIL mode `target`; through RGB where Pillow has no direct conversion (e.g. LAB -> L)."""
+    try:
+        return im.convert(target)
+    except ValueError:
+        return im.convert("RGB").convert(target)
+
+
+def _resize_crop(im, resize: int | None, crop: int | None, path: Path):
+    """A PIL image with its shorter side scaled to `resize` (bicubic, antialiased when shrinking), then its
+    centre crop x crop."""
+    from PIL import Image
+
+    if resize:
+        w, h = im.size
+        im = im.resize((max(1, round(w * resize / min(w, h))), max(1, round(h * resize / min(w, h)))),
+                       Image.Resampling.BICUBIC)
+    if crop:
+        w, h = im.size
+        if w < crop or h < crop:
+            raise DDMError(f"{path}: {h}x{w} is smaller than data.params.crop = {crop}; set "
+                           f"data.params.resize = {crop} as well (each shorter side scaled to {crop} first)")
+        left, top = (w - crop) // 2, (h - crop) // 2
+        im = im.crop((left, top, left + crop, top + crop))
+    return im
+
+
+def _from_16bit(values: np.ndarray, target: str) -> np.ndarray:
+    """A 16-bit grey image's values (0..65535, read as float) as float32 in 0..255 (value / 257), three
+    equal channels when target is "RGB"."""
+    x = (np.clip(values, 0, 65535) / 257).astype(np.float32)  # clip: bicubic overshoots, as uint8 clips it
+    return np.repeat(x[..., None], 3, axis=2) if target == "RGB" else x
+
+
+def image_values(im, mode: str = "auto", resize: int | None = None, crop: int | None = None,
+                 path: Path | str = "image") -> np.ndarray:
+    """A PIL image as (H, W[, C]) values in 0..255, uint8 (float32 for a 16-bit image): converted to
+    `mode` (MODES; "auto": AUTO_GREY to L, AUTO_COLOUR to RGB), its shorter side scaled to `resize`
+    (PIL bicubic, antialiased when shrinking), then its centre crop x crop; `path` names it in errors."""
+    target = _target_mode(im, mode, path)
+    if _is_16bit(im):  # kept 16-bit ("F") until scaled: converting to L would clip it at 255
+        return _from_16bit(np.asarray(_resize_crop(im.convert("F"), resize, crop, path)), target)
+    return np.asarray(_resize_crop(_convert(im, target), resize, crop, path))
 
 
 def read_image(path: Path, mode: str = "auto", resize: int | None = None, crop: int | None = None) -> np.ndarray:
-    """One image file as uint8 (H, W[, C]): converted to `mode` (MODES), its shorter side scaled to
-    `resize` (PIL bicubic, antialiased when shrinking), then its centre crop x crop."""
+    """One image file's values (image_values), or a DDMError naming a file that is not a readable image."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert(MODES[mode] or _auto_mode(im.mode))
-            if resize:
-                w, h = im.size
-                im = im.resize((max(1, round(w * resize / min(w, h))), max(1, round(h * resize / min(w, h)))),
-                               Image.Resampling.BICUBIC)
-            if crop:
-                w, h = im.size
-                if w < crop or h < crop:
-                    raise DDMError(f"{path}: {h}x{w} is smaller than data.params.crop = {crop}; set "
-                                   f"data.params.resize = {crop} as well (each shorter side scaled to {crop} first)")
-                left, top = (w - crop) // 2, (h - crop) // 2
-                im = im.crop((left, top, left + crop, top + crop))
-            return np.asarray(im)
+            return image_values(im, mode, resize, crop, path)
     except OSError as e:
         raise DDMError(f"{path}: not a readable image ({e})") from e
 
@@ -189,21 +248,36 @@ def pad_array(image: np.ndarray, size: int) -> np.ndarray:
     return np.pad(image, [(top, size - h - top), (left, size - w - left)] + [(0, 0)] * (image.ndim - 2))
 
 
+def image_files(root: Path) -> list[Path]:
+    """The image files (IMAGE_SUFFIXES) at any depth below root, sorted; hidden entries (a name starting
+    with ".", e.g. .ipynb_checkpoints/ or macOS's ._x.png) and everything below them are skipped."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def class_of(root: Path, file: Path) -> str | None:
+    """The class of an image file: the top-level sub-folder of root that holds it, at any depth (None for
+    a file directly in root)."""
+    parts = file.relative_to(root).parts
+    return parts[0] if len(parts) > 1 else None
+
+
 def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None = None, crop: int | None = None,
                       pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """(images (N, H, W[, C]) uint8, labels or None, class names). Sub-folders are
-    classes (labels by sorted name); images directly in `path` are unlabelled. Every
-    image is read by read_image (mode, resize, crop) and padded to pad_to; they must then
-    have one size and mode."""
+    """(images (N, H, W[, C]) in 0..255 (uint8, float32 with 16-bit images), labels or None, class names).
+    Each top-level sub-folder is a class (labels by sorted name), with the images at any depth below it;
+    images directly in `path` are unlabelled; hidden entries are skipped (image_files). Every image is
+    read by read_image (mode, resize, crop) and padded to pad_to; they must then have one size and mode."""
     root = Path(path)
     if mode not in MODES:
         raise DDMError(f"data.params.mode: unknown {mode!r}; accepted: {', '.join(MODES)}")
     if not root.is_dir():
         raise DDMError(f"data.params.path: image folder {root} does not exist (or is not a folder)")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root)
     if not files:
-        raise DDMError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    classes = sorted({p.parent.relative_to(root).as_posix() for p in files} - {"."})
+        raise DDMError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
+                       "folders, whose names start with \".\", are skipped)")
+    classes = sorted({class_of(root, p) for p in files} - {None})
     arrays = [read_image(p, mode, resize, crop) for p in files]
     if pad_to:
         largest = max(max(a.shape[:2]) for a in arrays)
@@ -233,7 +307,7 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
         if any(p.parent == root for p in files):
             raise DDMError(f"image folder {root} has images both at the top and in class sub-folders; use one layout")
         index = {c: i for i, c in enumerate(classes)}
-        labels = np.array([index[p.parent.relative_to(root).as_posix()] for p in files], dtype=np.int64)
+        labels = np.array([index[class_of(root, p)] for p in files], dtype=np.int64)
     return np.stack(arrays), labels, classes
 
 
@@ -286,10 +360,11 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
         if arr.shape[1] not in (1, 3):
             raise DDMError(f"{path}: float images (N, C, H, W) need C = 1 or 3 channels; got {arr.shape}"
                            + (" (channels last? give x.transpose(0, 3, 1, 2))" if arr.shape[3] in (1, 3) else ""))
+        check_float32_range(arr, f"image array file {path!r}")
         x = torch.as_tensor(arr.astype(np.float32))
         check_finite(x, f"image array file {path!r}")
-        if x.abs().max() > 1.0 + 1e-4:
-            raise DDMError(f"{path}: float images must lie in [-1, 1]; found values up to {x.abs().max():.3g}")
+        check_image_range(x, f"image array file {path!r}", "scale them before saving, e.g. x / 127.5 - 1 for "
+                          "values in 0 .. 255 (or save uint8 (N, H, W[, C]) images, which ddmkit scales)")
     labels = checked_labels(labels, len(x), f"image array file {path!r}")
     x = pad_images(resize_crop(x, resize, crop, str(path)), pad_to)
     xtr, ytr, xte, yte = _split(x, labels, test_fraction, seed)
@@ -303,3 +378,16 @@ IMAGE_LOADERS = {"fashion_mnist": load_idx_dataset, "idx": lambda *a, **kw: load
 def is_image_shape(shape) -> bool:
     """(C, H, W) with 1 or 3 channels: data the image pipeline handles."""
     return len(shape) == 3 and shape[0] in (1, 3)
+
+
+def check_image_range(x: torch.Tensor, where: str, fix: str) -> None:
+    """Image-shaped data (N, C, H, W), C = 1 or 3 (is_image_shape), must lie in [-1, 1], the range the image
+    networks and FID take; values outside are a DDMError opening with `where`, naming the first rows and
+    ending with `fix`. Other data (vectors) are left alone."""
+    if not is_image_shape(tuple(x.shape[1:])) or len(x) == 0:
+        return
+    bad = x.abs() > 1.0 + 1e-4
+    if bad.any():
+        rows = bad.reshape(len(x), -1).any(1).nonzero().flatten()[:5].tolist()
+        raise DDMError(f"{where}: images (N, C, H, W) must lie in [-1, 1]; found values from {x.min():.4g} to "
+                       f"{x.max():.4g} (first bad rows: {rows}); {fix}")

@@ -78,7 +78,8 @@ def write_data(cfg: RunConfig, run, train: ArrayData, test: ArrayData, log: Log 
                                                    "eigvecs": t.eigvecs})
         write_json(tmp / folder.data_info.name, {"name": cfg.data.name, "n_train": len(train), "n_test": len(test),
                                                  "data_shape": list(train.data_shape),
-                                                 "exact_truth": train.truth is not None})
+                                                 "exact_truth": train.truth is not None,
+                                                 "classes": train.meta.get("classes")})  # label i's name
     log(f"data: {cfg.data.name}, {len(train)} train / {len(test)} test samples of shape {train.data_shape}")
 
 
