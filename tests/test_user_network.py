@@ -268,3 +268,28 @@ def test_growing_a_run_of_the_users_networks_takes_the_config_that_names_them(us
     assert code == 2 and "'my_nets:Velocity' is not registered" in message
     assert here("add-expert", copy, "--data", island, "--config", config, path=home)[0] == 0
     assert json.loads((copy / "experts" / "expert_02" / "config.json").read_text())["arch"] == "my_nets:Velocity"
+
+
+def test_a_slurm_task_of_a_run_of_the_users_networks_imports_them(user_run, here, tmp_path):
+    """`launch --emit slurm` wrote tasks that failed ('not registered'): a task reads the run's config.json,
+    which never imports code; the script now names the class on each task's line."""
+    import os
+    import subprocess
+
+    home, config, run = user_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "experts" / "expert_01")
+    (copy / "registry.json").unlink()
+    assert here("launch", copy, "--emit", "slurm", "--gpus", "0", path=home)[0] == 0
+    script = copy / "launch" / "train_experts.slurm"
+    assert "--set expert.net.arch=my_nets:Velocity" in script.read_text()
+    src = str(Path(__file__).parents[1] / "src")
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "SLURM_ARRAY_TASK_ID": "1", "PYTHONPATH": f"{src}:{home}",
+                               "DDMKIT_QUIET": "1"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads((copy / "experts" / "expert_01" / "config.json").read_text())["arch"] == "my_nets:Velocity"
+    shutil.rmtree(copy / "experts" / "expert_01")
+    code, message = here("launch", copy, "--emit", "slurm", "--gpus", "3", path=home)  # batch 32 over 3 GPUs
+    assert code == 2 and "--gpus 3: expert.train.batch_size = 32 does not split into 3 equal slices" in message

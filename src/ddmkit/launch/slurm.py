@@ -9,7 +9,9 @@ Task i runs `ddmkit train-expert` on shard i with the run's own config.json
 `sbatch --array=i ...` continues from its last checkpoint. The array holds
 the experts not trained yet. The command is this Python's `python -m ddmkit`
 (its absolute path), so the nodes need no ddmkit on their PATH. The run folder
-and that Python must be on a file system the nodes share.
+and that Python must be on a file system the nodes share. An expert of your own
+network class is named on each task's line (--set expert.net.arch=...), so the
+task imports it: its module must be importable on the nodes (PYTHONPATH).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from ddmkit.config import RunConfig, apply_overrides, validate
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, write_bytes_atomic
 from ddmkit.layout import RunFolder
+from ddmkit.nets.user import is_user_network
 from ddmkit.registry import load_partition_checked
 
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=+/@%-]*")
@@ -107,16 +110,35 @@ def check_emit(emit: str, unused: dict) -> None:
                        "--set expert.train.device=cuda")
 
 
-def check_overrides(run: Path, overrides: list[str]) -> None:
-    """Refuse --set items a task would not use (fields outside expert.*) or that make the run's config invalid."""
+def check_overrides(run: Path, overrides: list[str]) -> RunConfig | None:
+    """Refuse --set items a task would not use (fields outside expert.*) or that make the run's config invalid;
+    returns the config the tasks train with (None for a run folder without config.json)."""
     others = [item for item in overrides if not item.strip().startswith("expert.")]
     if others:
         raise DDMError(f"--set {others[0]!r}: a SLURM task trains one expert and reads only expert.* fields (e.g. "
                        "--set expert.train.checkpoint_every=100); set the others where they are used")
-    if overrides:
-        raw = read_json(RunFolder(run).config)  # the run's resolved config, which the tasks read
-        validate(RunConfig, apply_overrides(raw.get("config", {}) if isinstance(raw, dict) else raw, list(overrides)),
-                 f"{RunFolder(run).config} with --set")
+    if not RunFolder(run).config.exists():
+        return None
+    raw = read_json(RunFolder(run).config)  # the run's resolved config, which the tasks read
+    return validate(RunConfig, apply_overrides(raw.get("config", {}) if isinstance(raw, dict) else raw, list(overrides)),
+                    f"{RunFolder(run).config} with --set")
+
+
+def task_overrides(cfg: RunConfig | None, overrides: list[str], gpus: int) -> list[str]:
+    """The --set items of every task: `overrides`, and the expert's own network class named again
+    (expert.net.arch) so that a task imports it, as `ddmkit train-expert` imports user code only from
+    what its command line or TOML names (the nodes must find its module: PYTHONPATH). A batch that
+    does not split over the task's `gpus` processes is refused here, before any task queues."""
+    if cfg is None:
+        return list(overrides)
+    if gpus > 1 and cfg.expert.train.batch_size % gpus:
+        raise DDMError(f"--gpus {gpus}: expert.train.batch_size = {cfg.expert.train.batch_size} does not split into "
+                       f"{gpus} equal slices (one per GPU of a task); give --gpus dividing it, or --set "
+                       f"expert.train.batch_size=... (a multiple of {gpus})")
+    named = any(item.partition("=")[0].strip() in ("expert.net", "expert.net.arch") for item in overrides)
+    if is_user_network(cfg.expert.net.arch) and not named:
+        return [*overrides, f"expert.net.arch={cfg.expert.net.arch}"]
+    return list(overrides)
 
 
 def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str] = (), **options) -> Path | None:
@@ -124,7 +146,7 @@ def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str]
     trained with the run's config and `overrides` (expert.* --set items); None, and nothing written, when
     every expert is trained."""
     run = Path(run)
-    check_overrides(run, overrides)
+    overrides = task_overrides(check_overrides(run, overrides), overrides, options.get("gpus", 1))
     manifest, _ = load_partition_checked(run / "partition")
     folder = RunFolder(run)
     latent = folder.config.exists() and (read_json(folder.config).get("config", {}).get("latent") or {}).get("enabled")
