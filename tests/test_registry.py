@@ -349,3 +349,16 @@ def test_a_registry_entry_of_a_cluster_the_partition_lacks_is_named():
 
     with pytest.raises(DDMError, match=r"cluster 5 is not a cluster of this partition \(0 \.\. 3\)"):
         check_shard("experts/expert_05", 5, "a" * 64, {c: str(c) * 64 for c in range(4)})
+
+
+def test_register_says_which_experts_are_missing(copy, monkeypatch, capsys):
+    """`ddmkit register` with experts absent said only '3 model folders recorded'."""
+    from ddmkit.cli import main
+
+    shutil.rmtree(copy / "experts" / "expert_02")
+    shutil.rmtree(copy / "experts" / "expert_03")
+    monkeypatch.setattr("sys.argv", ["ddmkit", "register", str(copy)])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    said = " ".join(capsys.readouterr().err.split())
+    assert exit.value.code in (0, None) and "experts [2, 3] of 4 are missing" in said, said

@@ -541,6 +541,11 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
     with run_lock(run_dir):
         reg = write_registry(run_dir)
     log(f"registry: {len(reg['models'])} model folders recorded in {run_dir / 'registry.json'}")
+    listed = {m["cluster"] for m in reg["models"] if m["role"] == "expert"}
+    missing = [c for c in range(reg["k"]) if c not in listed]
+    if missing:
+        log(f"registry: experts {missing} of {reg['k']} are missing (no experts/expert_XX/model.safetensors): the DDM "
+            "samples without them; train or copy them, then `ddmkit register` again")
 
 
 @app.command()
