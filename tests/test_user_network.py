@@ -293,3 +293,35 @@ def test_a_slurm_task_of_a_run_of_the_users_networks_imports_them(user_run, here
     shutil.rmtree(copy / "experts" / "expert_01")
     code, message = here("launch", copy, "--emit", "slurm", "--gpus", "3", path=home)  # batch 32 over 3 GPUs
     assert code == 2 and "--gpus 3: expert.train.batch_size = 32 does not split into 3 equal slices" in message
+
+
+class NoShape(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+
+
+class TensorSizes(torch.nn.Module):
+    """Sizes computed with tensors in __init__: fine on the CPU, not on the meta device."""
+
+    def __init__(self, data_shape):
+        super().__init__()
+        self.lin = torch.nn.Linear(int(torch.tensor(data_shape).prod()), 2)
+
+
+@pytest.mark.parametrize("cls, kwargs, said, hinted", [
+    (Doubler, {"widht": 4}, "accepted: width", False),
+    (NoShape, {}, "its __init__ takes no data_shape", False),
+    (TensorSizes, {}, "TensorSizes", True)])
+def test_a_user_network_that_does_not_build_says_why(monkeypatch, cls, kwargs, said, hinted):
+    """Every refusal ended with the meta-device hint, irrelevant to a misspelt argument; a class taking no
+    data_shape read 'accepted:  (data of shape (2,))'."""
+    from ddmkit.config import RunConfig
+    from ddmkit.pipeline.stages import check_networks
+
+    monkeypatch.setattr(user, "_USER", {})
+    use_network(f"custom:{cls.__name__}", cls)
+    cfg = RunConfig.model_validate({"expert": {"net": {"arch": f"custom:{cls.__name__}", "kwargs": kwargs}}})
+    with pytest.raises(DDMError, match=said) as error:
+        check_networks(cfg, (2,))
+    assert ("meta device" in str(error.value)) == hinted, str(error.value)

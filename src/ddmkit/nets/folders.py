@@ -53,9 +53,16 @@ def check_arguments(arch: str, cls: type, kwargs: dict) -> None:
     try:
         signature.bind(**kwargs)
     except TypeError as e:
-        names = [p.name for p in signature.parameters.values()
+        params = signature.parameters
+        if "data_shape" in kwargs and "data_shape" not in params \
+                and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise DDMError(f"arch {arch!r}: its __init__ takes no data_shape; ddmkit builds every network as "
+                           "Class(data_shape=[...], **net.kwargs) (a router with num_experts=K too): add the "
+                           "argument") from None
+        names = [p.name for p in params.values()
                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "data_shape"]
-        raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {e}; accepted: {', '.join(names)}") from None
+        raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {e}; accepted: "
+                       f"{', '.join(names) or 'none besides data_shape'}") from None
 
 
 def build_model(arch: str, **kwargs) -> nn.Module:

@@ -25,7 +25,7 @@ from ddmkit.io import folder_lock, load_tensors, read_json, save_tensors, sha256
 from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.latent.autoencoder import load_autoencoder, load_codec
 from ddmkit.layout import RunFolder
-from ddmkit.nets import build_seeded, check_builds, use_network
+from ddmkit.nets import build_model, build_seeded, check_builds, use_network
 from ddmkit.nets.user import check_output, is_user_network
 from ddmkit.registry import AUTOENCODER_WEIGHTS, checked_model_shards, model_shards, shard_files, write_registry
 from ddmkit.train.autoencoder import train_autoencoder
@@ -125,6 +125,16 @@ def register_user_networks(cfg: RunConfig) -> None:
             use_network(net.arch, field=f"{name}.net.arch")
 
 
+def builds_on_the_cpu(arch: str, kwargs: dict) -> bool:
+    """Whether arch(**kwargs) builds on the CPU (a class that fails only on the meta device computes
+    with tensors in its __init__)."""
+    try:
+        build_model(arch, **kwargs)
+    except Exception:
+        return False
+    return True
+
+
 def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
     """Build the run's expert, monolith and router networks on the meta device (no memory): an
     unknown arch or bad net kwargs is a DDMError before anything is written. The user's own
@@ -141,7 +151,7 @@ def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
         except DDMError as e:
             hint = ("; ddmkit builds networks on the meta device to check model folders without allocating, so "
                     "compute sizes in __init__ with Python (math.prod), not tensors"
-                    if is_user_network(net.arch) else "")
+                    if is_user_network(net.arch) and builds_on_the_cpu(net.arch, kwargs) else "")
             raise DDMError(f"{e} (data of shape {tuple(shape)}){hint}") from None
         empty = [name for name, p in model.named_parameters() if p.numel() == 0]
         if empty or next(model.parameters(), None) is None:
