@@ -119,8 +119,11 @@ def test_refusals_name_the_field(folders, tmp_path):
     with pytest.raises(DDMError, match="partition.encoder.*auto_map"):
         encoder_spec(remote)
     with pytest.raises(DDMError, match=r"partition.encoder_size = 7: .* cannot take images of this size \(its patch "
-                                       r"size is 8\)"):
+                                       r"size is 8\).*e\.g\. 32 \(its config.json's image_size\)"):  # was 224
         encoder_spec(folders / "dino", size=7)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DDMError, match="encoder folder .* is a file, not a folder"):
+        encoder_spec(tmp_path / "file")
 
 
 def test_applying_a_partition_whose_encoder_folder_is_gone_says_what_to_do(folders, tmp_path):

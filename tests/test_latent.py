@@ -271,3 +271,13 @@ def test_force_over_a_latent_run_checks_the_new_autoencoder_before_removing_the_
     code, out = exit_code(monkeypatch, capsys, "run", other, "--out", run, "--force")
     assert code == 2 and "lacks weights" in out, out
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
+
+
+def test_an_autoencoder_whose_config_does_not_fit_its_weights_is_named_so(tmp_path):
+    """The message was diffusers' size-mismatch text cut at 300 characters, mid-word."""
+    tiny_autoencoder().save_pretrained(tmp_path / "vae", safe_serialization=True)
+    config = tmp_path / "vae" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "latent_channels": 8}))
+    with pytest.raises(DDMError, match=r"its weights do not fit its config.json \(encoder.conv_out.weight: "
+                                       r"torch.Size\(\[4, 8, 3, 3\]\) in the weights"):
+        load_autoencoder(tmp_path / "vae")

@@ -106,7 +106,8 @@ def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[
     if key in _LOADED:
         return _LOADED[key]
     if not path.is_dir():
-        raise DDMError(f"{field}: encoder folder {str(path)!r} does not exist; give a folder saved with a "
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DDMError(f"{field}: encoder folder {str(path)!r} {what}; give a folder saved with a "
                        "transformers model's save_pretrained (config.json + model.safetensors)")
     if not (path / "config.json").is_file():
         raise DDMError(f"{field}: {path} has no config.json, so it is not a saved transformers model; save one "
@@ -212,9 +213,11 @@ def encoder_spec(folder: str | Path, pool: str = "cls", size: int | None = None,
     except Exception as e:
         patch = getattr(model.config, "patch_size", None)
         hint = f" (its patch size is {patch})" if isinstance(patch, int) else ""
+        trained = getattr(model.config, "image_size", None)
+        example = trained if isinstance(trained, int) and trained != int(size) else 224
         raise DDMError(f"partition.encoder_size = {size}: {path} cannot take images of this size{hint} "
                        f"({type(e).__name__}: {str(e)[:200]}); set partition.encoder_size to the size it was trained "
-                       "on, e.g. 224") from None
+                       f"on, e.g. {example}" + (" (its config.json's image_size)" if example == trained else "")) from None
     return spec
 
 

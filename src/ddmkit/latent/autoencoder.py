@@ -20,6 +20,8 @@ diffusers is an optional extra (`pip install "ddmkit[latent]"`), imported where 
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +139,13 @@ def load_autoencoder(folder: str | Path) -> nn.Module:
         model, info = diffusers.AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
                                                            low_cpu_mem_usage=False, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        mismatch = re.search(r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[\d, ]*\]\))"
+                             r" from checkpoint, the shape in current model is (torch.Size\(\[[\d, ]*\]\))", str(e))
+        if mismatch:
+            name, saved, built = mismatch.groups()
+            raise DDMError(f"latent: {folder}: its weights do not fit its config.json ({name}: {saved} in the weights, "
+                           f"{built} as config.json builds it); the config.json (latent_channels, block_out_channels, "
+                           "...) must be the one saved with these weights (save_pretrained writes both)") from None
         raise DDMError(f"latent: {folder} could not be loaded as an {CLASS_NAME} ({type(e).__name__}: "
                        f"{str(e)[:300]})") from None
     missing = sorted(info.get("missing_keys") or [])
