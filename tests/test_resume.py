@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
+from ddmkit.config import ExpertConfig, NetConfig, PathConfig, TrainConfig
 from ddmkit.errors import DDMError
 from ddmkit.io import read_metadata, save_tensors
+import ddmkit.train.jobs as jobs
 from ddmkit.train.jobs import checkpoint_path, train_expert
 
 
@@ -57,8 +58,6 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
 
 def _crash_after(monkeypatch, n: int) -> None:
     """Make the (n+1)-th loss evaluation raise, as a crash would."""
-    import ddmkit.train.jobs as jobs
-
     real, calls = jobs.flow_matching_loss, {"n": 0}
 
     def loss(*a, **k):
@@ -85,6 +84,92 @@ def test_checkpoint_of_other_settings_or_format_is_refused(tmp_path, monkeypatch
     with pytest.raises(DDMError, match="not a ddmkit checkpoint"):
         train_expert(shard, _cfg(), tmp_path / "c", resume=True)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+# ----- the fingerprint: what is trained, not how the job runs ----------------------------------------------------
+
+DIT = NetConfig(arch="dit", kwargs={"patch": 1, "width": 16, "depth": 1, "heads": 2, "num_classes": 3})
+VP = PathConfig(kind="vp")
+
+
+def _labelled_shard(path: Path, n: int = 200) -> Path:
+    g = torch.Generator().manual_seed(1)
+    save_tensors(path, {"x": torch.randn(n, 2, 4, 4, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)},
+                 {"cluster": 0, "k": 1})
+    return path
+
+
+def _cut_short(monkeypatch, shard: Path, config: ExpertConfig, out: Path, n: int = 15) -> None:
+    """A job killed after n loss evaluations, leaving its checkpoint (every 10 steps)."""
+    with monkeypatch.context() as m:
+        _crash_after(m, n)
+        with pytest.raises(KeyboardInterrupt):
+            train_expert(shard, config, out)
+    assert checkpoint_path(out).exists()
+
+
+@pytest.mark.parametrize("made, asked, named", [
+    ({}, {"prediction": "x0"}, "prediction ('velocity', asked 'x0')"),
+    ({}, {"path": VP, "prediction": "epsilon"}, "path.kind ('linear', asked 'vp'), prediction ('velocity', asked "
+                                                "'epsilon')"),
+    ({"path": VP, "prediction": "v"}, {"path": PathConfig(kind="vp", schedule="cosine"), "prediction": "v"},
+     "path.schedule ('linear', asked 'cosine')"),
+    ({"path": VP, "prediction": "v"}, {"path": PathConfig(kind="vp", steps=500), "prediction": "v"},
+     "path.steps (1000, asked 500)"),
+    ({"net": DIT, "label_dropout": 0.1}, {"net": DIT, "label_dropout": 0.3}, "label_dropout (0.1, asked 0.3)"),
+])
+def test_a_checkpoint_of_another_path_prediction_or_label_dropout_is_refused_naming_the_field(
+        tmp_path, monkeypatch, made, asked, named):
+    """`train-expert --resume --set expert.prediction=x0` continued a velocity job's checkpoint (the loss jumped;
+    the expert said x0 but had trained most of its steps as velocity): the fingerprint held [expert.train] alone."""
+    shard = (_labelled_shard if "net" in made else _shard)(tmp_path / "shard.safetensors")
+    config = _cfg().model_copy(update=made)
+    _cut_short(monkeypatch, shard, config, tmp_path / "e")
+    with pytest.raises(DDMError, match=rf"different training run: other settings: {re.escape(named)}\. Delete it to "
+                                       "train this job from the start, or train into another folder"):
+        train_expert(shard, config.model_copy(update=asked), tmp_path / "e", resume=True)
+    assert not (tmp_path / "e").exists() and checkpoint_path(tmp_path / "e").exists()  # kept, as it was
+
+
+def test_how_a_job_runs_may_change_when_it_resumes(tmp_path, monkeypatch):
+    """device, threads, log_every, checkpoint_every and parallel (train.jobs.EXECUTION) are not what is trained:
+    a checkpoint continues under others (before, threads and log_every were refused)."""
+    shard = _shard(tmp_path / "shard.safetensors")
+    ref = train_expert(shard, _cfg(), tmp_path / "ref")
+    elsewhere = {"device": "auto", "log_every": 5, "checkpoint_every": 15, "parallel": "fsdp"}
+    for name, runs_otherwise in (("a", elsewhere), ("b", {"threads": 2})):
+        _cut_short(monkeypatch, shard, _cfg(), tmp_path / name, 25)
+        config = _cfg().model_copy(update={"train": _cfg().train.model_copy(update=runs_otherwise)})
+        calls, real = [], jobs.flow_matching_loss
+
+        def counted(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+        with monkeypatch.context() as m:
+            m.setattr(jobs, "flow_matching_loss", counted)
+            out = train_expert(shard, config, tmp_path / name, resume=True)
+        assert len(calls) == 40 - 20  # continued from the checkpoint's step 20
+    assert _bytes(tmp_path / "a") == _bytes(ref)  # threads may change float rounding; the rest changes nothing
+    assert out.is_dir()
+
+
+def test_a_checkpoint_of_an_earlier_ddmkit_is_refused_saying_what_to_do(tmp_path, monkeypatch):
+    """A checkpoint written before the fingerprint recorded the network, path, prediction and label_dropout
+    cannot show which it trained with: refused (not a crash), with the fix."""
+    from ddmkit.io import load_tensors
+
+    shard = _shard(tmp_path / "shard.safetensors")
+    _cut_short(monkeypatch, shard, _cfg(), tmp_path / "e")
+    path = checkpoint_path(tmp_path / "e")
+    meta, tensors = read_metadata(path), load_tensors(path)
+    fp = meta["fingerprint"]
+    meta["fingerprint"] = {"settings": {**fp["config"]["train"], "threads": 1, "log_every": 7}, "network": fp["network"],
+                           "job": fp["job"], "data": fp["data"]}  # as ddmkit wrote it before
+    save_tensors(path, tensors, meta)
+    with pytest.raises(DDMError, match=r"belongs to a different training run: it was written by another version of "
+                                       r"ddmkit\. Delete it to train this job from the start"):
+        train_expert(shard, _cfg(), tmp_path / "e", resume=True)
 
 
 def test_checkpoint_is_safetensors_with_every_state(tmp_path, monkeypatch):

@@ -1,18 +1,21 @@
 """Resume of every training job (expert, monolith, router): bit-exact, and only on the same data."""
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from ddmkit.config import ExpertConfig, NetConfig, RouterConfig, TrainConfig, load_config
+from ddmkit.cli import main
+from ddmkit.config import ExpertConfig, NetConfig, PathConfig, RouterConfig, TrainConfig, load_config
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, read_metadata, save_tensors, sha256_file
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.stages import stage_data, stage_monolith, stage_partition, stage_router
 from ddmkit.train.jobs import checkpoint_path, train_expert, train_monolith, train_router
 
-from test_resume import _bytes, _log
+from test_resume import _bytes, _log, _tiny_run
 
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
 
@@ -70,6 +73,23 @@ def test_a_checkpoint_written_on_other_data_is_refused_naming_the_data(tmp_path,
     assert _bytes(JOBS[job]([b, a], out)) == _bytes(JOBS[job]([b, a], tmp_path / "clean"))
 
 
+@pytest.mark.parametrize("asked, named", [
+    ({"prediction": "x0"}, "prediction ('velocity', asked 'x0')"),
+    ({"path": PathConfig(kind="vp", schedule="cosine"), "prediction": "v"},
+     "path.kind ('linear', asked 'vp'), path.schedule ('linear', asked 'cosine'), prediction ('velocity', asked 'v')"),
+])
+def test_a_checkpoint_of_another_prediction_or_path_is_refused_for_the_monolith(tmp_path, monkeypatch, asked, named):
+    """The monolith trains with the [expert] section as the experts do: its checkpoint records the same settings."""
+    shards, out = [_shard(tmp_path / "a.safetensors", 1), _shard(tmp_path / "b.safetensors", 2)], tmp_path / "monolith"
+    with monkeypatch.context() as m:
+        _crash_after(m, 15)
+        with pytest.raises(KeyboardInterrupt):
+            train_monolith(shards, EXPERT, out)
+    with pytest.raises(DDMError, match=rf"different training run: other settings: {re.escape(named)}\. Delete it"):
+        train_monolith(shards, EXPERT.model_copy(update=asked), out)
+    assert read_metadata(checkpoint_path(out))["step"] == 10 and not out.exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_partition(tmp_path_factory):
     """A run folder with data and partition (k = 4), and its config with checkpoints every 10 steps."""
@@ -105,3 +125,71 @@ def test_a_killed_monolith_or_router_stage_resumes_to_the_same_bytes(tiny_partit
     assert (folder / "config.json").read_bytes() == (reference / "config.json").read_bytes()
     assert _log(folder) == _log(reference)
     assert not checkpoint_path(folder).exists() and not checkpoint_path(reference).exists()
+
+
+@pytest.fixture
+def ddmkit(monkeypatch, capsys):
+    """`ddmkit ARGS` in this process: (exit code, stdout, stderr on one line)."""
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit:
+            main()
+        out, err = capsys.readouterr()
+        return exit.value.code, out, " ".join(err.split())
+    return run
+
+
+def test_an_expert_folder_cut_short_is_trained_again_and_one_with_other_files_is_refused(tmp_path, ddmkit):
+    """experts/expert_03 holding config.json and train_log.jsonl but no weights (an rsync cut short) made `ddmkit
+    launch` and a SLURM task (train-expert --out ... --resume) fail: "--out ... holds files that are not an expert
+    (config.json, train_log.jsonl)". They are an expert's own files: the expert is trained again. A folder
+    holding other files is still refused, by launch without naming an --out it does not have, and nothing in it
+    is deleted."""
+    run, _ = _tiny_run(tmp_path / "run", "expert.train.steps=20")
+    assert ddmkit("launch", run)[0] == 0
+    expert = RunFolder(run).expert(3)
+    weights = _bytes(expert)
+    task = ["train-expert", run / "partition" / "shards" / "cluster_03.safetensors", "--out", expert,
+            "--config", run / "config.json", "--resume"]  # as a SLURM task of `launch --emit slurm` runs
+    for command in (["launch", run], task):
+        (expert / "model.safetensors").unlink()
+        assert sorted(p.name for p in expert.iterdir()) == ["config.json", "train_log.jsonl"]
+        code, _, err = ddmkit(*command)
+        assert code == 0, err
+        assert _bytes(expert) == weights
+
+    (expert / "model.safetensors").unlink()
+    (expert / "notes.txt").write_text("mine")
+    code, _, err = ddmkit("launch", run)
+    assert code == 2 and f"error: {expert} holds files that are not an expert (notes.txt); an expert is written " \
+                         "into a folder of its own, which it replaces: move them elsewhere" in err, err
+    assert "--out" not in err
+    code, _, err = ddmkit(*task)
+    assert code == 2 and f"--out {expert} holds files that are not an expert (notes.txt)" in err, err
+    assert sorted(p.name for p in expert.iterdir()) == ["config.json", "notes.txt", "train_log.jsonl"]
+
+    job = tmp_path / "job"  # a folder holding a run's config.json (docs/distributed.md copies it there) is no expert
+    job.mkdir()
+    shutil.copy(run / "config.json", job / "config.json")
+    code, _, err = ddmkit(*task[:3], job, *task[4:])
+    assert code == 2 and f"--out {job} holds files that are not an expert (config.json)" in err, err
+    assert (job / "config.json").read_bytes() == (run / "config.json").read_bytes()
+
+
+def test_concurrent_experts_replace_a_folder_cut_short_but_not_one_with_other_files(tiny_partition, tmp_path):
+    from ddmkit.train.concurrent import train_experts_concurrently
+
+    cfg, run = tiny_partition
+    shard = run / "partition" / "shards" / "cluster_00.safetensors"
+    cut_short, other = tmp_path / "cut_short", tmp_path / "other"
+    for folder in (cut_short, other):
+        folder.mkdir()
+        (folder / "config.json").write_text('{"role": "expert", "arch": "mlp"}')
+        (folder / "train_log.jsonl").write_text("")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(DDMError, match=rf"{other} holds files that are not an expert \(notes.txt\)"):
+        train_experts_concurrently([shard, shard], cfg.expert, [cut_short, other], log=lambda m: None)
+    assert (other / "notes.txt").read_text() == "mine" and not (cut_short / "model.safetensors").exists()
+    train_experts_concurrently([shard], cfg.expert, [cut_short], log=lambda m: None)
+    assert (cut_short / "model.safetensors").exists()

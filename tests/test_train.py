@@ -1,5 +1,6 @@
 """The training loop, expert folders and isolation."""
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -8,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
+from ddmkit.config import ExpertConfig, NetConfig, PathConfig, TrainConfig
 from ddmkit.data import load_dataset
 from ddmkit.data.partition import partition_data
 from ddmkit.errors import DDMError
 from ddmkit.flow import flow_matching_loss, to_velocity
 from ddmkit.nets import from_pretrained
-from ddmkit.train.jobs import monolith_config, train_expert
+from ddmkit.train.jobs import monolith_config, train_expert, train_expert_once
 from ddmkit.train import fit
 
 SMALL = ExpertConfig(net=NetConfig(arch="mlp", kwargs={"width": 32, "depth": 1}),
@@ -124,3 +125,59 @@ def test_failed_training_leaves_no_folder(tmp_path):
     with pytest.raises(DDMError):
         train_expert(tmp_path / "nope.safetensors", SMALL, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ----- train-expert on a folder holding a finished expert: the same training, or refused naming what differs -----
+
+QUICK = SMALL.model_copy(update={"train": TrainConfig(steps=5, batch_size=16, log_every=5, device="cpu")})
+VP = PathConfig(kind="vp")
+
+
+@pytest.mark.parametrize("made, asked, field", [
+    ({"path": VP, "prediction": "v"}, {"path": PathConfig(kind="vp", schedule="cosine"), "prediction": "v"},
+     "path.schedule"),
+    ({"prediction": "epsilon"}, {"path": VP, "prediction": "epsilon"}, "path.kind"),
+    ({"path": VP, "prediction": "v"}, {"path": PathConfig(kind="vp", beta_start=2e-4), "prediction": "v"},
+     "path.beta_start"),
+    ({"path": VP, "prediction": "epsilon"}, {"path": PathConfig(kind="vp", steps=500), "prediction": "epsilon"},
+     "path.steps"),
+])
+def test_an_expert_trained_on_another_path_is_refused_naming_the_field(shards, tmp_path, made, asked, field):
+    """train-expert over an expert of another path (vp linear betas vs cosine; the linear path vs vp) said
+    "trained already (the same settings and shard); nothing to do"; how the job runs still changes nothing."""
+    shard, out = shards / "shards" / "cluster_00.safetensors", tmp_path / "e"
+    assert train_expert_once(shard, QUICK.model_copy(update=made), out, log=lambda m: None)
+    with pytest.raises(DDMError, match=rf"{re.escape(str(out))} holds an expert trained with other settings "
+                                       rf"\({re.escape(field)}\); choose another --out, or pass --force"):
+        train_expert_once(shard, QUICK.model_copy(update=asked), out)
+    runs_otherwise = QUICK.train.model_copy(update={"threads": 2, "log_every": 1, "device": "auto"})
+    said = []
+    assert not train_expert_once(shard, QUICK.model_copy(update={**made, "train": runs_otherwise}), out,
+                                 log=said.append)
+    assert "trained already (the same settings and shard)" in said[0]
+
+
+def test_a_conditional_expert_of_another_label_dropout_is_refused(shards, tmp_path):
+    """config.json records label_dropout, and train-expert compares it for a class-conditional network (for
+    another there are no labels to drop: the same expert). An expert folder that does not record it (written
+    before) is refused the same way: --force trains it again."""
+    from test_resume import DIT, _labelled_shard
+
+    shard, out = _labelled_shard(tmp_path / "labelled.safetensors"), tmp_path / "e"
+    conditional = QUICK.model_copy(update={"net": DIT, "label_dropout": 0.1})
+    assert train_expert_once(shard, conditional, out, log=lambda m: None)
+    assert json.loads((out / "config.json").read_text())["label_dropout"] == 0.1
+    with pytest.raises(DDMError, match=r"trained with other settings \(label_dropout\)"):
+        train_expert_once(shard, conditional.model_copy(update={"label_dropout": 0.3}), out)
+    saved = json.loads((out / "config.json").read_text())
+    del saved["label_dropout"]
+    (out / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(DDMError, match=r"trained with other settings \(label_dropout\)"):
+        train_expert_once(shard, conditional, out)
+
+    ring = shards / "shards" / "cluster_00.safetensors"
+    assert train_expert_once(ring, QUICK, tmp_path / "u", log=lambda m: None)
+    said = []
+    assert not train_expert_once(ring, QUICK.model_copy(update={"label_dropout": 0.5}), tmp_path / "u",
+                                 log=said.append)
+    assert "trained already" in said[0]

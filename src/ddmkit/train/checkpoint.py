@@ -4,11 +4,12 @@ One file, `checkpoint.safetensors`, written atomically (temporary name, then
 rename), so a job killed at any instant leaves either the previous checkpoint
 or the new one, never half of one. Tensors (model, EMA, optimizer moments,
 RNG states as uint8) are safetensors; everything else (step, history, the
-scheduler and optimizer hyper-parameters, the fingerprint of the run: settings,
-network, job and training data) is one JSON string in the file's metadata.
-No pickle, no torch.save. The log rows and the running sums are stored as
-[key, value] pairs, so a resumed train_log.jsonl keeps the key order of an
-uninterrupted one (the metadata JSON is written with sorted keys).
+scheduler and optimizer hyper-parameters, the fingerprint of the run: the
+settings of what is trained, network, job and training data) is one JSON
+string in the file's metadata. No pickle, no torch.save. The log rows and the
+running sums are stored as [key, value] pairs, so a resumed train_log.jsonl
+keeps the key order of an uninterrupted one (the metadata JSON is written with
+sorted keys).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from ddmkit.config import config_differences
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, read_metadata, save_tensors
 import ddmkit.train.distributed as distributed
@@ -25,14 +25,41 @@ FORMAT = "ddmkit-checkpoint-1"
 DAMAGED = "a checkpoint cannot be made again: delete it to train this job from the start"  # a corrupt file's fix
 
 
-def fingerprint(cfg_dump: dict, model: torch.nn.Module, description: str, data: list[str] | None = None) -> dict:
-    """What decides the trajectory, in parts a refused checkpoint can name: the training settings (less the
-    checkpoint cadence, device, TensorBoard logging and DDP or FSDP: a checkpoint holds whole tensors either
-    way), the parameter names and shapes, the job, and the data it trains on (`data`: e.g. the SHA-256 of each
-    shard, in the order they are used)."""
-    settings = {k: v for k, v in cfg_dump.items() if k not in ("checkpoint_every", "device", "tensorboard", "parallel")}
+EXECUTION = ("device", "threads", "checkpoint_every", "log_every", "tensorboard", "parallel")  # how a job runs
+
+
+def fingerprint(settings: dict, model: torch.nn.Module, description: str, data: list[str] | None = None) -> dict:
+    """What decides the trajectory, in parts a refused checkpoint can name: the job's settings (`settings`, a
+    config section as a table, e.g. an expert's net, path, prediction, label_dropout and train; its
+    train table less how the job runs, EXECUTION: device, threads, logging, checkpoint cadence and DDP or
+    FSDP, as a checkpoint holds whole tensors either way), the parameter names and shapes, the job, and the
+    data it trains on (`data`: e.g. the SHA-256 of each shard, in the order they are used)."""
+    train = {k: v for k, v in settings.get("train", {}).items() if k not in EXECUTION}
     shapes = {name: list(p.shape) for name, p in model.state_dict().items()}
-    return {"settings": settings, "network": shapes, "job": description, "data": data}
+    return {"config": {**settings, "train": train}, "network": shapes, "job": description, "data": data}
+
+
+def _by_field(table: dict, prefix: str = "") -> dict:
+    """A nested table's values by dotted field name: {"net.kwargs.width": 16, "prediction": "x0", ...}."""
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict) and value:
+            out.update(_by_field(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def settings_differences(made: dict, asked: dict) -> list[str]:
+    """The fields in which the settings `made` differ from `asked` (nested tables, fields of either one):
+    ["net.kwargs.num_classes (10, asked absent)", "prediction ('velocity', asked 'x0')"]."""
+    old, new = _by_field(made), _by_field(asked)
+
+    def shown(values: dict, name: str) -> str:
+        return repr(values[name]) if name in values else "absent"
+
+    return [f"{name} ({shown(old, name)}, asked {shown(new, name)})" for name in sorted(set(old) | set(new))
+            if name not in old or name not in new or old[name] != new[name]]
 
 
 def _shape_differences(old: dict, new: dict) -> str:
@@ -50,14 +77,14 @@ def _hashes(data: list[str] | None) -> str:
 
 def fingerprint_differences(old, new: dict) -> list[str]:
     """What differs between the run that wrote a checkpoint (its fingerprint `old`) and this one (`new`)."""
-    if not isinstance(old, dict) or set(old) != set(new) or not isinstance(old["settings"], dict):
-        return ["it was written by another version of ddmkit"]
+    if not isinstance(old, dict) or set(old) != set(new) or not isinstance(old["config"], dict):
+        return ["it was written by another version of ddmkit"]  # e.g. one that recorded the train table alone
     out = []
     if old["data"] != new["data"]:
         out.append(f"other training data (the checkpoint's SHA-256: {_hashes(old['data'])}; this job's: "
                    f"{_hashes(new['data'])})")
-    if old["settings"] != new["settings"]:
-        changed = config_differences(old["settings"], new["settings"], "train.")
+    if old["config"] != new["config"]:
+        changed = settings_differences(old["config"], new["config"])
         out.append(f"other settings: {', '.join(changed) or 'those of another version of ddmkit'}")
     if old["network"] != new["network"]:
         out.append(f"another network: {_shape_differences(old['network'], new['network'])}")

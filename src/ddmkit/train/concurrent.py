@@ -8,7 +8,8 @@ stacked experts then compute in bfloat16) and train.compile. Each step draws a
 batch for every expert from that expert's shard alone (the draw depends on the
 shard's size, never on its contents or on other shards), and the loss is the
 sum of the per-expert flow-matching losses. Each expert folder is the same as
-train_expert would write, plus "trained_concurrently_with".
+train_expert would write, plus "trained_concurrently_with"; like train_expert it
+replaces each output folder, which must be new, empty or an expert's.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ddmkit.flow.convert import VPSchedule, path_entry
 from ddmkit.flow.losses import training_pair
 from ddmkit.io import sha256_file, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained
-from ddmkit.train.jobs import drop_labels
+from ddmkit.train.jobs import check_expert_folder, drop_labels
 from ddmkit.train.loop import fit
 from ddmkit.train.stacked import StackedExperts
 
@@ -61,6 +62,8 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
                                log=print) -> list[Path]:
     if len(shards) != len(out_dirs) or not shards:
         raise DDMError("train_experts_concurrently: give one output folder per shard")
+    for out in out_dirs:  # each replaced at the end: an expert's folder (finished or cut short) or a new one
+        check_expert_folder(out)
     device = resolve_device(config.train.device)
     read = [read_shard(s) for s in shards]
     xs, metas = [r[0] for r in read], [r[2] for r in read]
@@ -97,7 +100,7 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
             (tmp / "train_log.jsonl").write_text(log_text)
             save_pretrained(tmp, net, {
                 "role": "expert", "arch": config.net.arch, "kwargs": kwargs, "data_shape": data_shape,
-                "prediction": config.prediction, **path_entry(schedule),
+                "prediction": config.prediction, **path_entry(schedule), "label_dropout": config.label_dropout,
                 "train": config.train.model_dump(),
                 "final_loss": history[-1]["mean_expert_loss"], "cluster": int(meta.get("cluster", -1)),
                 "k": int(meta.get("k", 0)), "shard_sha256": sha256_file(shard), "shard_count": len(x),

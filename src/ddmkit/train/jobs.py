@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ddmkit.config import ExpertConfig, RouterConfig, TrainConfig, resolve_device
+from ddmkit.config import ExpertConfig, PathConfig, RouterConfig, TrainConfig, resolve_device
 from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import path_entry
 from ddmkit.flow.losses import flow_matching_loss, router_loss
 from ddmkit.io import read_json, sha256_file, sibling, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained, use_networks, user_networks
+from ddmkit.train.checkpoint import EXECUTION, settings_differences
 import ddmkit.train.distributed as distributed
 from ddmkit.train.distributed import LOCAL, Distributed
 from ddmkit.train.loop import fit
@@ -69,6 +70,22 @@ def checkpoint_path(out_dir: str | Path) -> Path:
     return sibling(Path(out_dir), "checkpoint.safetensors")
 
 
+def trained_settings(config: ExpertConfig | RouterConfig) -> dict:
+    """What decides what a job of this config section trains, as its table (the fields a refused checkpoint
+    or expert folder names): the network, an expert's path and prediction, label_dropout (for a
+    class-conditional network; there are no labels to drop otherwise) and the train table less how the
+    job runs (EXECUTION: device, threads, logging, checkpoint cadence, DDP or FSDP). concurrent is how
+    experts run too."""
+    return _what_trains(config.model_dump(exclude={"concurrent"}))
+
+
+def _what_trains(settings: dict) -> dict:
+    """trained_settings of a config section's table (a dict as model_dump writes it)."""
+    conditional = bool(settings["net"]["kwargs"].get("num_classes", 0))
+    settings = {k: v for k, v in settings.items() if conditional or k != "label_dropout"}
+    return {**settings, "train": {k: v for k, v in settings["train"].items() if k not in EXECUTION}}
+
+
 def shard_hashes(shards: list[Path]) -> list[str]:
     """The SHA-256 of each shard file, in order: the identity of a job's training data in its checkpoints."""
     return [sha256_file(s) for s in shards]
@@ -80,8 +97,9 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
                          data: list[str] | None = None) -> Path:
     """Train a velocity network on x with flow matching; write a model folder.
     Checkpoints (config.train.checkpoint_every) go to checkpoint_path(out_dir);
-    resume=True continues from one (refused when it was written with other settings
-    or other data: `data` identifies x, see shard_hashes); it is removed once the folder is written.
+    resume=True continues from one (refused when it was written with other settings,
+    trained_settings, or other data: `data` identifies x, see shard_hashes); it is removed once the
+    folder is written.
     With `dist` of several processes each computes the loss on its rows of the
     global batch and rank 0 alone writes (folder and checkpoints)."""
     device = dist.device or resolve_device(config.train.device)
@@ -107,14 +125,15 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
         return flow_matching_loss(lambda xt, t: m(xt, t, y=yb), xb, gen, config.prediction, rows, schedule), {}
 
     if not dist.is_main:  # trains alongside rank 0, which writes
-        fit(model, batch_loss, config.train, None, description, device, checkpoint_path(out_dir), resume, dist, data)
+        fit(model, batch_loss, config.train, None, description, device, checkpoint_path(out_dir), resume, dist, data,
+            trained_settings(config))
         return Path(out_dir)
     with staging_dir(out_dir) as tmp:
         ema, history = fit(model, batch_loss, config.train, tmp / "train_log.jsonl", description, device,
-                           checkpoint_path(out_dir), resume, dist, data)
+                           checkpoint_path(out_dir), resume, dist, data, trained_settings(config))
         save_pretrained(tmp, ema, {"role": role, "arch": config.net.arch, "kwargs": kwargs,
                                    "data_shape": data_shape, "prediction": config.prediction,
-                                   **path_entry(schedule),
+                                   **path_entry(schedule), "label_dropout": config.label_dropout,
                                    "train": config.train.model_dump(), "final_loss": history[-1]["loss"],
                                    **(extra or {}), **dist.note()})
     checkpoint_path(out_dir).unlink(missing_ok=True)
@@ -142,45 +161,69 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
                                     data)
 
 
-def check_expert_folder(out_dir: str | Path) -> None:
+EXPERT_FILES = ("config.json", "model.safetensors", "train_log.jsonl", "tensorboard")  # an expert folder's own
+
+
+def check_expert_folder(out_dir: str | Path, option: str | None = None) -> None:
     """An expert is written into a folder of its own, which it replaces: out_dir must be new, empty or an
-    expert folder (config.json and model.safetensors), never a folder holding anything else (a run folder,
-    RUN/experts, a user's files), which would be deleted (a DDMError naming what it holds)."""
+    expert's, finished (config.json and model.safetensors) or not (an expert's config.json beside its other
+    files, EXPERT_FILES, but no weights: a copy cut short, trained again), never a folder holding anything
+    else (a run folder, RUN/experts, a user's files), which would be deleted: a DDMError naming what it
+    holds, and the folder by `option`, the command-line option that gave it (e.g. "--out"; None: a job's
+    own folder, e.g. one of ddmkit launch)."""
     out_dir = Path(out_dir)
+    named = f"{option} {out_dir}" if option else str(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise DDMError(f"--out {out_dir} is a file; an expert is written into a folder of its own: give a new "
-                       "folder, e.g. RUN/experts/expert_03")
+        fix = "give a new folder, e.g. RUN/experts/expert_03" if option else "move that file elsewhere"
+        raise DDMError(f"{named} is a file; an expert is written into a folder of its own: {fix}")
     if not out_dir.is_dir() or ((out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file()):
         return
-    held = sorted(p.name for p in out_dir.iterdir())
-    if held:
-        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
-        raise DDMError(f"--out {out_dir} holds files that are not an expert ({shown}); an expert is written into a "
-                       "folder of its own, which it replaces: give a new or empty folder, e.g. "
-                       f"{out_dir / 'expert_00'} or RUN/experts/expert_03")
+    foreign = _foreign_files(out_dir)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        fix = (f"give a new or empty folder, e.g. {out_dir / 'expert_00'} or RUN/experts/expert_03" if option
+               else "move them elsewhere")
+        raise DDMError(f"{named} holds files that are not an expert ({shown}); an expert is written into a folder "
+                       f"of its own, which it replaces: {fix}")
 
 
-EXECUTION = ("device", "threads", "checkpoint_every", "log_every", "tensorboard", "parallel")  # how a job runs
+def _foreign_files(folder: Path) -> list[str]:
+    """What `folder` holds that is not an expert's own: nothing but EXPERT_FILES (or a copy of one cut short,
+    rsync's .model.safetensors.Ab12Cd) beside a config.json an expert's training wrote; all it holds otherwise."""
+    held = sorted(p.name for p in folder.iterdir())
+    try:
+        saved = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    except DDMError:  # not JSON: not an expert's
+        saved = None
+    if not isinstance(saved, dict) or saved.get("role") != "expert":
+        return held
+    return [name for name in held
+            if name not in EXPERT_FILES and not any(name.startswith(f".{own}.") for own in EXPERT_FILES)]
 
 
 def trained_expert_differences(out_dir: str | Path, shard: str | Path, config: ExpertConfig) -> list[str] | None:
-    """None when out_dir holds no finished expert; else what differs between the expert there and one
-    trained with `config` on `shard` (an empty list: the same training; where and how it ran aside)."""
+    """None when out_dir holds no finished expert; else the fields in which the expert there differs from
+    one trained with `config` on `shard` (trained_settings, and "the shard"; an empty list: the same
+    training, where and how it ran aside)."""
     out_dir = Path(out_dir)
     if not (out_dir / "model.safetensors").exists() or not (out_dir / "config.json").exists():
         return None
     saved = read_json(out_dir / "config.json")
     saved = saved if isinstance(saved, dict) else {}
-    kwargs = {k: v for k, v in (saved.get("kwargs") or {}).items() if k != "data_shape"}
-    train = {k: v for k, v in (saved.get("train") or {}).items() if k not in EXECUTION}
-    want_train = {k: v for k, v in config.train.model_dump().items() if k not in EXECUTION}
-    differences = [f"train.{k}" for k in sorted(set(train) | set(want_train)) if train.get(k) != want_train.get(k)]
-    differences += [name for name, old, new in (("net.arch", saved.get("arch"), config.net.arch),
-                                                ("net.kwargs", kwargs, dict(config.net.kwargs)),
-                                                ("prediction", saved.get("prediction"), config.prediction),
-                                                ("the shard", saved.get("shard_sha256"), sha256_file(shard)))
-                    if old != new]
-    return differences
+    made = _what_trains(_expert_table(saved))
+    differences = [d.split(" ", 1)[0] for d in settings_differences(made, trained_settings(config))]
+    return differences + (["the shard"] if saved.get("shard_sha256") != sha256_file(shard) else [])
+
+
+def _expert_table(saved: dict) -> dict:
+    """The [expert] table (as ExpertConfig.model_dump writes it) of the expert whose config.json is `saved`, as
+    far as it records one: its path is the linear one unless a "path" entry (path_entry) says otherwise."""
+    path = saved.get("path")
+    path = {k: path.get(k) for k in PathConfig.model_fields} if isinstance(path, dict) else PathConfig().model_dump()
+    kwargs = saved.get("kwargs") if isinstance(saved.get("kwargs"), dict) else {}
+    return {"net": {"arch": saved.get("arch"), "kwargs": {k: v for k, v in kwargs.items() if k != "data_shape"}},
+            "train": saved.get("train") if isinstance(saved.get("train"), dict) else {},
+            "path": path, "prediction": saved.get("prediction"), "label_dropout": saved.get("label_dropout")}
 
 
 def train_expert_once(shard: str | Path, config: ExpertConfig, out_dir: str | Path, nproc: int = 1,
@@ -189,7 +232,7 @@ def train_expert_once(shard: str | Path, config: ExpertConfig, out_dir: str | Pa
     to do, False) or one trained otherwise (a DDMError naming what differs; force replaces it). Under a
     launcher of several processes (torchrun) only rank 0 logs, and only rank 0 returns True."""
     main = int(os.environ.get("RANK", "0")) == 0
-    check_expert_folder(out_dir)  # before anything: --force replaces an expert, never other files
+    check_expert_folder(out_dir, "--out")  # before anything: --force replaces an expert, never other files
     differences = None if force or not Path(shard).is_file() else trained_expert_differences(out_dir, shard, config)
     if differences == []:
         if main:
@@ -277,7 +320,8 @@ def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path, 
 
     with staging_dir(out_dir) as tmp:
         ema, history = fit(model, batch_loss, config.train, tmp / "train_log.jsonl", "router", device,
-                           checkpoint_path(out_dir), resume, data=shard_hashes(shards))
+                           checkpoint_path(out_dir), resume, data=shard_hashes(shards),
+                           settings=trained_settings(config))
         save_pretrained(tmp, ema, {"role": "router", "arch": config.net.arch, "kwargs": kwargs,
                                    "data_shape": data_shape, "k": len(shards),
                                    "train": config.train.model_dump(), "final_loss": history[-1]["loss"]})

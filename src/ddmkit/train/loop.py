@@ -13,7 +13,10 @@ With `checkpoint=PATH` and cfg.checkpoint_every = N > 0 it writes the whole
 state (weights, optimizer, EMA, RNG states, step) to PATH atomically every N
 steps; `resume=True` restores PATH if it exists and continues bit-for-bit, so
 a killed job ends with the same weights as one that never stopped. A checkpoint
-of other settings, network, job or training data (`data`) is refused (DDMError).
+of other settings (`settings`: cfg, and for an expert its network, path,
+prediction and label dropout), network, job or training data (`data`) is
+refused (DDMError); how the job runs (device, threads, logging, checkpoint
+cadence, DDP or FSDP) may change.
 
 With cfg.tensorboard the same log rows also go to TensorBoard event files in
 tensorboard/ beside log_path (in the model folder): one scalar per logged value
@@ -138,9 +141,12 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
 def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str | Path | None = None,
         description: str = "training", device: torch.device | None = None,
         checkpoint: str | Path | None = None, resume: bool = False,
-        dist: Distributed = LOCAL, data: list[str] | None = None) -> tuple[nn.Module, list[dict]]:
-    """Train `model` in place; return its EMA copy (eval mode) and the log rows. `data` identifies the
-    training data (e.g. each shard's SHA-256) in the checkpoint's fingerprint: resuming on other data is refused."""
+        dist: Distributed = LOCAL, data: list[str] | None = None,
+        settings: dict | None = None) -> tuple[nn.Module, list[dict]]:
+    """Train `model` in place; return its EMA copy (eval mode) and the log rows. The checkpoint's fingerprint
+    holds cfg, `settings`, the rest of what decides what is trained as a config section's table (e.g. an
+    expert's net, path, prediction and label_dropout), and `data`, the training data (e.g. each shard's
+    SHA-256): resuming with other settings or on other data is refused."""
     device = device or resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
@@ -157,7 +163,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
     history: list[dict] = []
     running: dict[str, float] = {}
     first = 0
-    fp = ckpt.fingerprint(cfg.model_dump(), model, description, data)
+    fp = ckpt.fingerprint({**(settings or {}), "train": cfg.model_dump()}, model, description, data)
     if resume and checkpoint is not None and Path(checkpoint).exists():
         first, history, running = ckpt.load_checkpoint(checkpoint, model=model, ema=ema, opt=opt, sched=sched,
                                                        generator=generator, fp=fp, device=device)
