@@ -29,7 +29,7 @@ from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError
 from ddmkit.io import staging_dir, write_bytes_atomic
 from ddmkit.nets import use_networks, user_networks
-from ddmkit.train.jobs import checkpoint_path, train_expert
+from ddmkit.train.jobs import check_expert_folder, checkpoint_path, train_expert
 
 
 def import_ray():
@@ -91,7 +91,9 @@ def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict, out
 
 
 def write_folder(out_dir: Path, files: dict[str, bytes]) -> Path:
-    """Write a returned expert folder atomically, then remove its checkpoint; names must be plain file names."""
+    """Write a returned expert folder atomically (replacing an expert's folder, never one holding other
+    files: check_expert_folder), then remove its checkpoint; names must be plain file names."""
+    check_expert_folder(out_dir)  # again: files can have come while the task trained
     with staging_dir(out_dir) as tmp:
         for name, data in files.items():
             if name != Path(name).name or name in ("", ".", ".."):
@@ -163,6 +165,8 @@ def run_ray(jobs, config: ExpertConfig, address: str | None = None, workers: int
             resume: bool = False, log=print) -> list[Path]:
     """Train every job as a Ray task (config.train.threads CPUs each) and write the folders and their
     checkpoints here (resume: each task continues from the checkpoint its job left)."""
+    for job in jobs:  # each folder is replaced when its task returns: an expert's, or new (nothing trained yet)
+        check_expert_folder(job.out_dir)
     ray = import_ray()
     started = start_ray(ray, address, workers)
     running = {}

@@ -99,7 +99,8 @@ def train_dense_student(x: torch.Tensor, labels: torch.Tensor | None, target: Ta
 
     with staging_dir(out_dir) as tmp:
         ema, history = fit(model, batch_loss, cfg, tmp / "train_log.jsonl", description, device,
-                           checkpoint_path(out_dir), resume=True)
+                           checkpoint_path(out_dir), resume=True,
+                           settings={"net": net, "label_dropout": label_dropout if classes else None})
         _save(tmp, ema, net, history, {"train": cfg.model_dump(), **(extra or {})})
     checkpoint_path(out_dir).unlink(missing_ok=True)
     return Path(out_dir)
