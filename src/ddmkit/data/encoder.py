@@ -215,9 +215,10 @@ def encoder_spec(folder: str | Path, pool: str = "cls", size: int | None = None,
         hint = f" (its patch size is {patch})" if isinstance(patch, int) else ""
         trained = getattr(model.config, "image_size", None)
         example = trained if isinstance(trained, int) and trained != int(size) else 224
+        source = " (its config.json's image_size)" if example == trained else ""
         raise DDMError(f"partition.encoder_size = {size}: {path} cannot take images of this size{hint} "
                        f"({type(e).__name__}: {str(e)[:200]}); set partition.encoder_size to the size it was trained "
-                       f"on, e.g. {example}" + (" (its config.json's image_size)" if example == trained else "")) from None
+                       f"on, e.g. {example}{source}") from None
     return spec
 
 

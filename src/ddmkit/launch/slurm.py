@@ -120,8 +120,8 @@ def check_overrides(run: Path, overrides: list[str]) -> RunConfig | None:
     if not RunFolder(run).config.exists():
         return None
     raw = read_json(RunFolder(run).config)  # the run's resolved config, which the tasks read
-    return validate(RunConfig, apply_overrides(raw.get("config", {}) if isinstance(raw, dict) else raw, list(overrides)),
-                    f"{RunFolder(run).config} with --set")
+    table = raw.get("config", {}) if isinstance(raw, dict) else raw
+    return validate(RunConfig, apply_overrides(table, list(overrides)), f"{RunFolder(run).config} with --set")
 
 
 def task_overrides(cfg: RunConfig | None, overrides: list[str], gpus: int) -> list[str]:
