@@ -428,7 +428,7 @@ def render_report(results: dict) -> str:
              "the floor:", "",
              markdown_table(["sampler", "W2 slope (points)"] + [f"N={n}" for n in s["steps"]],
                             [[name, (f"{r['w2_fit']['slope']:.2f} ({r['w2_fit']['points']})" if "slope" in r["w2_fit"]
-                                     else f"no fit ({r['w2_fit']['points']} of 3 points above 2x floor)")] + r["w2"]
+                                     else f"no fit ({r['w2_fit']['points']} points above 2x floor, 3 needed)")] + r["w2"]
                              for name, r in grid["samplers"].items()]), "",
              "W2 with common noise: the same exact OT between the N-step samples and the exact-ODE samples "
              "from the same noise (a perfect sampler scores 0, so there is no independent-sample floor; it is at "
@@ -547,7 +547,7 @@ def findings(results: dict) -> list[str]:
                    "DISAGREES over this range of N")
         notes.append(f"{name}: pathwise slope {slope_text(fit)}, theory {expected:g}: {verdict}.")
     eps_rows = [r for r in results["eps_sweep"] if r["value"] > 0]
-    for sampler in {r["sampler"] for r in eps_rows}:
+    for sampler in sorted({r["sampler"] for r in eps_rows}):  # sorted: a set's order changes between processes
         mine = sorted((r for r in eps_rows if r["sampler"] == sampler), key=lambda r: r["value"])
         if len(mine) >= 2:
             slope = loglog_slope([r["value"] for r in mine], [r["pathwise_rms"][-1] for r in mine])[0]
