@@ -42,7 +42,8 @@ def test_analyze_run_writes_every_section(trained):
         assert section in md
     for plot in ("lipschitz", "expert_error", "disagreement", "quality_vs_disagreement"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 0
-    saved = json.loads((out / "analysis.json").read_text())
+    saved = json.loads((out / "analysis.json").read_text(),
+                       parse_constant=lambda name: pytest.fail(f"analysis.json holds {name}: not strict JSON"))
     assert set(saved["strategies"]) == {"full", "top-1", "nearest", "adaptive-0.9", "gated-2@30"}
     top1 = res["strategies"]["top-1"]["summary"]
     assert top1["calls"] == 8 and top1["L_top"] > 0 and top1["delta_refine"] >= 0

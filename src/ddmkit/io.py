@@ -13,6 +13,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -99,6 +100,18 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def nan_as_null(obj):
+    """obj with every float NaN replaced by None, in nested dicts, lists and tuples: JSON null (strict JSON
+    has no NaN, and readers other than Python's refuse it)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: nan_as_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_as_null(v) for v in obj]
+    return obj
 
 
 def _json_default(o):

@@ -43,8 +43,8 @@ from ddmkit.ddm import DDM, exact_ddm, load_ddm, start_noise
 from ddmkit.ddm.load import has_default_router, monolith_field
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
-from ddmkit.io import (check_folder_target, load_tensors, read_json, save_tensors, sha256_file, write_bytes_atomic,
-                       write_json)
+from ddmkit.io import (check_folder_target, load_tensors, nan_as_null, read_json, save_tensors, sha256_file,
+                       write_bytes_atomic, write_json)
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.checks import checked_device
 from ddmkit.pipeline.prepare import remove_leftovers, run_config
@@ -374,8 +374,8 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
                          result["quality_name"], plots / "quality_vs_disagreement.png")
     result["wall_time"] = time.perf_counter() - start
     result["cpu_time"] = time.process_time() - cpu
-    write_json(out / "analysis.json", {**result, "strategies": {nm: {k: v for k, v in r.items() if k != "per_sample"}
-                                                                 for nm, r in per.items()}})
+    write_json(out / "analysis.json", nan_as_null({**result, "strategies": {
+        nm: {k: v for k, v in r.items() if k != "per_sample"} for nm, r in per.items()}}))  # undefined rho: null
     write_bytes_atomic(out / "analysis.md", render(result).encode())
     log(f"analysis: {out / 'analysis.md'} ({result['wall_time']:.1f}s wall, {result['cpu_time']:.1f}s CPU)")
     return result

@@ -42,8 +42,8 @@ from ddmkit.data.partition import read_shard
 from ddmkit.discrete.shards import cluster_prior, load_streams, mixed_windows, partition_text, sample_windows
 from ddmkit.discrete.tokens import NUM_BYTES
 from ddmkit.errors import DDMError
-from ddmkit.io import (entries, read_json, remove, remove_stale_staging, sha256_file, staging_dir, write_bytes_atomic,
-                       write_json)
+from ddmkit.io import (entries, nan_as_null, read_json, remove, remove_stale_staging, sha256_file, staging_dir,
+                       write_bytes_atomic, write_json)
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, check_builds, from_pretrained, save_pretrained
 from ddmkit.pipeline.prepare import remove_leftovers
@@ -555,7 +555,7 @@ def _analyze_text(cfg: TextRunConfig, run, out, log: Log) -> dict:
     other = other_experts_mean(bits)
     result = {"kind": cfg.kind, "bits_per_byte": bits, "own_expert": own, "other_experts_mean": other,
               "own_cluster_weight": weight}
-    write_json(out / "analysis.json", result)
+    write_json(out / "analysis.json", nan_as_null(result))
     write_bytes_atomic(out / "analysis.md", render_text_analysis(result).encode())
     log(f"analysis: {out / 'analysis.md'}")
     return result
