@@ -189,3 +189,11 @@ def test_a_missing_expert_is_named_and_left_out(trained, tmp_path):
     md = (run / "analysis" / "analysis.md").read_text()
     assert "Experts [3] of 4 are missing (no model folder)" in md and "experts [0, 1, 2] only" in md
     assert "undefined (fewer than 3 strategies)" in md and "nan [" not in md
+
+
+def test_spellings_of_one_strategy_are_one_strategy():
+    """' top-2' and 'top-02' were measured apart from 'top-2' (two rows, two cache files)."""
+    from ddmkit.pipeline.analyze import check_strategies
+
+    assert list(check_strategies(["top-2", " top-2", "top-02", "nucleus-0.90", "full"])) == ["top-2", "nucleus-0.9",
+                                                                                          "full"]

@@ -387,8 +387,9 @@ def test_sample_draws_the_exact_set_its_help_offers(tiny_run, tmp_path):
     out, _ = tiny_run
     run = tmp_path / "copy"
     shutil.copytree(out, run)
-    done = cli("sample", run, "--strategy", "exact", "--strategy", "top-1", "--n", "40")
+    done = cli("sample", run, "--strategy", "exact", "--strategy", "top-1", "--strategy", "top-1 ", "--n", "40")
     assert done.returncode == 0, done.stderr
+    assert done.stderr.count("sample top-1") == 1, done.stderr  # a name given twice is drawn once
     info = json.loads((run / "samples/info.json").read_text())
     assert info[EXACT]["drawn_with"]["n"] == 40 and info["top-1"]["drawn_with"]["n"] == 40
 

@@ -71,12 +71,15 @@ def default_strategies(cfg) -> list[str]:
 
 
 def check_strategies(names: Sequence[str]) -> dict:
+    """{name: strategy} of the names given, each under the strategy's own name (' top-2' and 'top-02' are
+    'top-2': measured once)."""
     out = {}
     for name in names:
         try:
-            out[name] = parse_strategy(name)
+            strategy = parse_strategy(name)
         except DDMError as e:
             raise DDMError(f"--strategy: {e}") from None
+        out[strategy.name] = strategy
     if not out:
         raise DDMError("--strategy: give at least one routing strategy, e.g. top-2")
     return out

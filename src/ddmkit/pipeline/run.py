@@ -184,7 +184,10 @@ def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = p
         cfg = cfg or saved
         device = device or resolve_device(cfg.expert.train.device)
         one_set = statistics_set if router == STATISTICS else named_set
-        sets: list[SampleSet] = [one_set(name, cfg.sample.n, cfg.sample.guidance) for name in names]
+        sets: list[SampleSet] = []
+        for name in names:  # a name given twice is drawn once
+            one = one_set(name, cfg.sample.n, cfg.sample.guidance)
+            sets += [one] if one.name not in {s.name for s in sets} else []
         k = read_json(RunFolder(run).manifest)["k"] if RunFolder(run).manifest.exists() else None
         for s in sets:
             if k is not None and s.kind == SetKind.DDM and calls_every_expert(s.strategy, k):

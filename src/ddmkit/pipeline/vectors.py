@@ -36,6 +36,11 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
     """Metrics for every sampled set, router accuracy per t, the studies, plots, report.md."""
     folder = RunFolder(run)
     if not folder.sample_info.exists():
+        trained = folder.manifest.exists() and any((folder.expert(c) / "model.safetensors").exists()
+                                                   for c in range(read_json(folder.manifest)["k"]))
+        if not trained:
+            raise DDMError(f"{folder.root}: no samples yet, and no expert is trained: train the networks first "
+                           f"(`ddmkit run CONFIG --out {folder.root}`), then `ddmkit sample {folder.root}`")
         raise DDMError(f"{folder.root}: no samples yet; run `ddmkit sample {folder.root}` first")
     infos = read_info(folder)
     names = [s.name for s in planned_sets(cfg, load_truth(run) is not None) if folder.sample_set(s.name).exists()]
