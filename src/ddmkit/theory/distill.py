@@ -249,8 +249,9 @@ def plot_lipschitz(runs: list[dict], out: Path) -> str:
                                   label=f"bound {label}")
             axes[row][1].semilogx(t[t > 0], np.asarray(r["Lambda_mean"])[t > 0], "--", color=line.get_color(),
                                   label=f"measured mean {label}")
-        axes[row][0].set(title=f"{name} path: L(t)", xlabel="t (0 = data)", ylabel="||dv/dx||")
-        axes[row][1].set(title=f"{name} path: Lambda(t)", xlabel="t (0 = data)", ylabel="integral of L")
+        time = "tau" if name == "ou" else "t"  # the OU path runs over tau in [0, T]
+        axes[row][0].set(title=f"{name} path: L({time})", xlabel=f"{time} (0 = data)", ylabel="||dv/dx||")
+        axes[row][1].set(title=f"{name} path: Lambda({time})", xlabel=f"{time} (0 = data)", ylabel="integral of L")
         axes[row][0].legend(fontsize=6)
         axes[row][1].legend(fontsize=6)
     return save_figure(fig, out / "lipschitz.png")
