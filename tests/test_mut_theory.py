@@ -954,7 +954,8 @@ def test_plot_distill_lipschitz(monkeypatch, tmp_path):
     assert (a.get_title(), a.get_xlabel(), a.get_ylabel()) == ("linear path: L(t)", "t (0 = data)", "||dv/dx||")
     assert (b.get_title(), b.get_xlabel(), b.get_ylabel()) == ("linear path: Lambda(t)", "t (0 = data)",
                                                                "integral of L")
-    assert (c.get_title(), d.get_title()) == ("ou path: L(t)", "ou path: Lambda(t)")
+    assert (c.get_title(), d.get_title()) == ("ou path: L(tau)", "ou path: Lambda(tau)")
+    assert c.get_xlabel() == d.get_xlabel() == "tau (0 = data)"  # the OU path's time (was labelled t)
     assert (a.get_xscale(), a.get_yscale(), b.get_xscale(), b.get_yscale()) == ("log", "log", "log", "linear")
     assert legend_texts(a)[1] == legend_texts(b)[1] == legend_texts(d)[1] == 6
     assert legend_texts(d)[0] == ["bound D/sigma=4", "measured mean D/sigma=4"]
