@@ -308,3 +308,13 @@ def test_a_missing_shard_is_named_as_a_wrong_path(ddmkit, shard, tmp_path):
     assert code == 2 and "nosuch.safetensors does not exist; give a file of RUN/partition/shards/" in err, err
     code, _, err = ddmkit("train-expert", shard.parent, "--out", tmp_path / "e", "--config", TINY)
     assert code == 2 and "is a folder; give one shard file in it" in err, err
+
+
+def test_ctrl_c_in_add_expert_says_nothing_was_added():
+    """add-expert said 'what is finished is kept; run the same command to continue' although it restores the
+    run whole (its changes land together at the end)."""
+    from ddmkit.cli import interrupted_text
+
+    assert "nothing added" in interrupted_text(["ddmkit", "add-expert", "RUN"])
+    assert "--resume" in interrupted_text(["ddmkit", "train-expert", "S"])
+    assert interrupted_text(["ddmkit", "run", "C"]).startswith("interrupted: what is finished is kept")

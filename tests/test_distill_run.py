@@ -210,6 +210,10 @@ def test_untrained_run_and_other_students_are_refused(trained, tmp_path):
         distill_run(run, log=lambda m: None)
     assert not RunFolder(run).students.exists()
     shutil.copytree(RunFolder(trained).expert(1), RunFolder(run).expert(1))
+    shutil.move(RunFolder(run).router, tmp_path / "router")  # the message offered a --router distill lacks
+    with pytest.raises(DDMError, match=r"no router .*distill distills the DDM as it routes: train its router first"):
+        distill_run(run, log=lambda m: None)
+    shutil.move(tmp_path / "router", RunFolder(run).router)
     plan = plan_distill(run, "top-2", **SMALL)
     make_dense(plan, log=lambda m: None)
     before = hashes(run)

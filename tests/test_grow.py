@@ -134,6 +134,29 @@ def test_new_cluster_adds_one_expert_and_a_router_over_k_plus_1(base, run):
     assert hashes(run) == grown
 
 
+def _own_rows(run) -> tuple:
+    """Rows of the run's own data: 30 training rows and 10 test rows, with their labels."""
+    train, test = load_tensors(RunFolder(run).split("train")), load_tensors(RunFolder(run).split("test"))
+    return torch.cat([train["x"][:30], test["x"][:10]]), torch.cat([train["labels"][:30], test["labels"][:10]])
+
+
+def test_rows_of_the_run_are_refused_in_any_split_or_form(run, tmp_path):
+    """grow.json's hash of the island's training split was the only check: the run's own data set, or an added
+    file split otherwise (--params test_fraction), was accepted as a new island (duplicated training rows, test
+    rows trained on)."""
+    from ddmkit.pipeline.grow import rows_in
+
+    x = torch.randn(50, 2)
+    assert rows_in(x[10:20], x) == 10 and rows_in(x[10:20] + 1e-6, x) == 0 and rows_in(x[:0], x) == 0
+    assert rows_in(torch.cat([x[:5], torch.randn(3, 2)]).double(), x) == 5  # compared in the run's dtype
+    before = hashes(run)
+    rows, labels = _own_rows(run)
+    np.savez(tmp_path / "mine.npz", x=rows.numpy(), labels=labels.numpy())
+    code, err = clis([("add-expert", run, "--data", tmp_path / "mine.npz", "--params", '{"test_fraction": 0.5}')])[0]
+    assert code == 2 and "40 of the new rows are in the run already" in err, err
+    assert hashes(run) == before
+
+
 def test_stats_router_trains_nothing_and_routes_the_new_island(run):
     before = hashes(run)
     add_expert(run, component(3, 200, seed=1), router="stats", log=lambda m: None)
@@ -150,6 +173,9 @@ def test_stats_router_trains_nothing_and_routes_the_new_island(run):
     x0 = load_tensors(RunFolder(run).sample_set("top-2"))["x"]
     assert x0.shape == (60, 2) and torch.isfinite(x0).all() and info["missing_experts"] == []
     verify_registry(run)
+    from ddmkit.pipeline.run import untrained_parts  # `ddmkit run ... --stages evaluate` refused it: "no router"
+
+    assert untrained_parts(run_config(run), run) == []
     from ddmkit.pipeline.analyze import analyze_run  # the diagnostics route by the statistics router too
 
     result = analyze_run(run, run / "analysis", strategies=["top-2"], n=64, n_boot=20, n_heldout=64, log=lambda m: None)
@@ -229,11 +255,14 @@ def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):
                         (lambda: add_expert(run, nan, log=print), "NaN"),
                         (lambda: add_expert(run, unlabelled), "labels"),
                         (lambda: add_expert(run, component(3, 1, 3), router="stats"), "at least 2"),
+                        (lambda: add_expert(run, component(3, 1, 3)), "at least 2"),  # retrain: was accepted
+                        (lambda: add_expert(run, ArrayData("own rows", *_own_rows(run))), "in the run already"),
                         (lambda: add_expert(run, {"name": "ring8", "nope": 1}), "nope"),
                         (lambda: replace_expert(run, 0, tmp_path / "junk"), "config.json"),
                         (lambda: replace_expert(run, 0, run / "router"), "router"),
                         (lambda: replace_expert(run, 0, run), "is a run folder; give one of its model folders"),
-                        (lambda: replace_expert(run, -1, run / "experts" / "expert_01"), "0 .. 2")]:
+                        (lambda: replace_expert(run, -1, run / "experts" / "expert_01"), "0 .. 2"),
+                        (lambda: replace_expert(run, 1, run / "experts" / "expert_01"), "is expert 1 of this run")]:
         with pytest.raises(DDMError, match=words if words.startswith("-") else None) as err:
             call()
         assert words in str(err.value)

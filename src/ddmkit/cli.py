@@ -28,6 +28,8 @@ class Interrupted(Exception):
 
 def interrupted_text(argv: list[str]) -> str:
     """What a command stopped by Ctrl-C says when it has nothing more specific to say."""
+    if argv[1:2] == ["add-expert"]:  # its changes land together at the end (ddmkit.pipeline.grow)
+        return "interrupted: the run is as it was before add-expert (nothing added); run the same command to add the data"
     resume = " with --resume, from the checkpoint the job left" if argv[1:2] == ["train-expert"] else ""
     return f"interrupted: what is finished is kept; run the same command{resume} to continue"
 

@@ -40,7 +40,7 @@ from ddmkit.config import (DEVICE, MAX_SEED, ROWS, RunConfig, TrainConfig, confi
 from ddmkit.conventions import __version__
 from ddmkit.data.partition import read_shard
 from ddmkit.ddm import DDM, exact_ddm, load_ddm, sample_ddm, sample_single, start_noise
-from ddmkit.ddm.load import load_truth, monolith_field, velocity_field
+from ddmkit.ddm.load import has_default_router, load_truth, monolith_field, velocity_field
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.fid import feature_extractor, fid_kid
 from ddmkit.evaluation.sets import FLOOR, evaluate_all, reference_sets
@@ -258,6 +258,9 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
     train = cfg.expert.train.model_copy(update={k: v for k, v in (("steps", steps), ("seed", seed),
                                                                    ("device", device)) if v is not None})
     where = resolve_device(train.device)
+    if not has_default_router(folder.root):  # load_ddm's message offers a --router that distill lacks
+        raise DDMError(f"{folder.root}: no router (router/model.safetensors); distill distills the DDM as it "
+                       f"routes: train its router first with `ddmkit train-router {folder.root}`")
     ddm = load_ddm(folder.root, where, allow_missing=False)  # the trained experts and router, checked
     net = student_net(folder, arch)
     dense_spec = {"teacher": teacher, "arch": arch, "net": net, "train": recipe(train),

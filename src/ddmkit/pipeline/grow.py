@@ -242,9 +242,15 @@ def plan_growth(run: TrainedRun, train: ArrayData, test: ArrayData | None, mode:
     check_island(run, train, "training")
     if test is not None and len(test):
         check_island(run, test, "test")
-    if router == "stats" and len(train) < 2:
-        raise DDMError("data: the statistics-only router needs at least 2 new rows (a covariance); give more rows "
-                       "or use --router retrain")
+    if len(train) < 2:  # the statistics-only router (--router stats, and the report's) needs a covariance
+        raise DDMError(f"data: {len(train)} new training row(s); a new cluster needs at least 2 (its statistics "
+                       "hold a covariance): give more rows")
+    repeated = rows_in(torch.cat([train.x, test.x]) if test is not None and len(test) else train.x,
+                       torch.cat([run.train.x, run.test.x]))
+    if repeated:
+        raise DDMError(f"data: {repeated} of the new rows are in the run already (its training or test data, which "
+                       "holds every island added before); they would train a second expert on the same rows, or "
+                       "train on rows the run is scored on: give rows that are not in the run yet")
     m, t = run.manifest, run.tensors
     k = m["k"]
     k_new = k + 1 if mode == "new-cluster" else k
@@ -291,6 +297,20 @@ def plan_growth(run: TrainedRun, train: ArrayData, test: ArrayData | None, mode:
              "counts_before": list(m["counts"]), "counts_after": counts, "experts_trained": retrain,
              "router_trained": router == "retrain", "exact_truth": truth is not None}
     return Growth(manifest, tensors, shards, meta, retrain, train_t, test_t, truth, info, event)
+
+
+def rows_in(new: torch.Tensor, old: torch.Tensor) -> int:
+    """How many rows of `new` equal a row of `old` exactly (in old's dtype): rows are matched by a random
+    projection, then compared whole."""
+    if not len(new) or not len(old):
+        return 0
+    new, old = new.to(old.dtype).reshape(len(new), -1), old.reshape(len(old), -1)
+    probe = torch.randn(old.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    index: dict[float, list[int]] = {}
+    for i, key in enumerate((old.double() @ probe).tolist()):
+        index.setdefault(key, []).append(i)
+    return sum(any(torch.equal(row, old[i]) for i in index.get(key, ()))
+               for row, key in zip(new, (new.double() @ probe).tolist()))
 
 
 def interleaved(n_old: int, n_new: int) -> torch.Tensor:
@@ -399,8 +419,9 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
     with run_lock(folder.root):
         state = trained_run(folder.root)
         train, test = island_data(state.cfg, data, held_out_share(state))
+        check_not_added_before(read_log(folder), {"data_sha256": content_hash(train.x), "rows": len(train)},
+                               folder)  # first: it names the entry that added them (a damaged log is refused too)
         plan = plan_growth(state, train, test, mode, router)
-        check_not_added_before(read_log(folder), plan.event, folder)  # a damaged log is refused here too
         remove_stale_staging(folder.root)
         cfg = state.cfg
         with contextlib.ExitStack() as stack:  # staged folders, renamed into place in reverse order on success
@@ -463,6 +484,9 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict:
         kk = state.manifest["k"]
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < kk:
             raise DDMError(f"K: there is no expert {k!r}; this run has experts 0 .. {kk - 1}")
+        if source.resolve() == run_folder.expert(k).resolve():
+            raise DDMError(f"FOLDER {source} is expert {k} of this run already; give the model folder that is to "
+                           "replace it")
         config = check_expert_folder(source, state)
         read_log(run_folder)
         shard = state.manifest["shards"][_entry(state.manifest, k)]

@@ -20,7 +20,7 @@ from typing import Callable
 
 from ddmkit.config import RunConfig, checked_config, resolve_device
 from ddmkit.data.images import is_image_shape
-from ddmkit.ddm.load import load_truth
+from ddmkit.ddm.load import load_truth, recorded_router
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
 from ddmkit.launch.backends import check_launch, cuda_count
@@ -129,7 +129,8 @@ def untrained_parts(cfg: RunConfig, run) -> list[str]:
     folder = RunFolder(run)
     if not folder.manifest.exists():
         return ["partition", "experts", "router"] + (["monolith"] if cfg.monolith.enabled else [])
-    nets = [folder.expert(c) for c in range(read_json(folder.manifest)["k"])] + [folder.router]
+    nets = [folder.expert(c) for c in range(read_json(folder.manifest)["k"])]
+    nets += [] if recorded_router(run) == "statistics" else [folder.router]  # grown with --router stats: none
     nets += [folder.monolith] if cfg.monolith.enabled else []
     return [str(n.relative_to(folder.root)) for n in nets if not (n / "model.safetensors").exists()]
 
