@@ -501,8 +501,8 @@ def render_report(result: dict) -> str:
                       + [r.get(key) for _, key in cols] + [r.get("to_teacher_samples")]
                       for name, r in scores["rows"].items()]
     out = ["# Distillation report", "",
-           f"Run `{p['run']}`, ddmkit {p['ddmkit_version']}. Teacher: the DDM's {p['k']} experts and router "
-           f"with routing `{p['teacher']}`. Students: one network of the {p['arch']}'s architecture "
+           f"Run `{p['run']}`, ddmkit {p['ddmkit_version']}. Teacher: the DDM's {p['k']} experts and "
+           f"{'statistics-only ' if p.get('router') == 'statistics' else ''}router with routing `{p['teacher']}`. Students: one network of the {p['arch']}'s architecture "
            f"(`{p['net']['arch']}`), dense (RUN/students/dense) and few-step (RUN/students/few-step-S-GRID)."
            + ("" if p["guidance"] == 1.0 else f" Every row samples at classifier-free guidance {p['guidance']:g} "
               "(the run's sample.guidance): the teacher, the dense student and the monolith apply it at each call, "
@@ -582,7 +582,8 @@ def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | 
         result = {"settings": {"run": str(folder.root), "ddmkit_version": __version__, "teacher": teacher,
                                "arch": arch, "net": plan.net, "k": plan.ddm.k, "n": plan.cfg.sample.n,
                                "seed": plan.cfg.sample.seed, "device": str(plan.device),
-                               "teacher_row": teacher_row(plan), "guidance": plan.guidance},
+                               "teacher_row": teacher_row(plan), "guidance": plan.guidance,
+                               "router": plan.ddm.meta.get("router", "learned")},
                   "scores": score_sets(plan, sets, log), "field": field_section(plan, students),
                   "students": students_section(students)}
         write_json(folder.students_metrics, result)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddmkit.config import RunConfig
+from ddmkit.ddm.load import recorded_router
 from ddmkit.flow.convert import path_entry
 from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
@@ -60,7 +61,9 @@ def describe_models(run, cfg: RunConfig) -> tuple[list[list], list[str]]:
     folders += [("monolith", folder.monolith), ("router", folder.router)]
     for name, path in folders:
         if not (path / "config.json").exists():
-            rows.append([name, "missing", "-", "-", "-", "-", "-", "-"])
+            routes_by_statistics = name == "router" and recorded_router(folder.root) == "statistics"
+            rows.append([name, "statistics-only (no network: grow.json)" if routes_by_statistics else "missing",
+                         "-", "-", "-", "-", "-", "-"])
             continue
         got = _summary(read_json(path / "config.json"))
         differs = ""
