@@ -274,3 +274,17 @@ def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):
     with pytest.raises(DDMError, match="not trained"):
         add_expert(run, component(3, 20, 3))
     assert hashes(run) == untrained
+
+
+def test_images_of_an_array_file_of_another_shape_are_pointed_to_image_array():
+    """An .npz of (N, 8, 8) images given to a run of (1, 8, 8) images said only that the shapes differ."""
+    from types import SimpleNamespace
+
+    from ddmkit.pipeline.grow import check_island
+
+    run = SimpleNamespace(manifest={"data_shape": [1, 8, 8]})
+    with pytest.raises(DDMError, match=r"shape \(8, 8\) but the run's are \(1, 8, 8\).*--data image_array"):
+        check_island(run, ArrayData("f.npz", torch.zeros(4, 8, 8)), "training")
+    with pytest.raises(DDMError, match=r"shape \(3,\)") as error:
+        check_island(run, ArrayData("f.npz", torch.zeros(4, 3)), "training")
+    assert "image_array" not in str(error.value)

@@ -155,8 +155,11 @@ def check_island(run: TrainedRun, x: ArrayData, what: str) -> None:
         raise DDMError(f"data: the new {what} split is empty; give the new island at least one row")
     shape = tuple(run.manifest["data_shape"])
     if tuple(x.data_shape) != shape:
+        images = len(shape) == 3 and len(x.data_shape) in (2, 3) and x.data_shape[-2:] == shape[-2:]
+        hint = (" (images in an .npy/.npz file: give --data image_array --params '{\"path\": \"FILE\"}', which "
+                "reads (N, H, W) or (N, H, W, C) images)" if images else "")
         raise DDMError(f"data: the new data are of shape {tuple(x.data_shape)} but the run's are {shape}; give data "
-                       "of the run's shape (images: at its resolution and channels)")
+                       f"of the run's shape (images: at its resolution and channels){hint}")
     check_finite(x.x, f"data ({what})")
     if run.train.labels is not None and x.labels is None:
         raise DDMError("data: the run's rows carry labels (a class, or for a mixture such as ring8 the component "
