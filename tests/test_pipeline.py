@@ -245,8 +245,23 @@ def test_other_run_in_output_folder_is_refused(tiny_run, tmp_path):
     r = cli("run", other, "--out", out)
     assert r.returncode == 2 and "different run" in r.stderr and "--force" in r.stderr
     assert "differs in partition.k (4, asked 3)" in " ".join(r.stderr.split())  # the field, named
-    r = cli("run", TINY, "--out", out, "--device", "cpu")  # made with "auto": only the device differs
-    assert r.returncode == 2 and "only the training device: give --device auto" in " ".join(r.stderr.split())
+
+
+
+def test_a_run_continues_with_other_settings_of_how_its_jobs_run(tiny_run, tmp_path):
+    """`ddmkit run` refused another --device or checkpoint_every on its own folder ('already holds a different
+    run ... pass --force', which deletes the trained networks), though launch allows them and reliability.md
+    says they may change: nothing trained or drawn is changed."""
+    out, _ = tiny_run
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    kept = {p: p.read_bytes() for p in run.rglob("*.safetensors")}
+    r = cli("run", TINY, "--out", run, "--device", "cpu", "--set", "expert.train.checkpoint_every=7",
+            "--set", "router.train.log_every=3", "--set", "expert.train.threads=2")
+    assert r.returncode == 0, r.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*.safetensors")} == kept
+    r = cli("run", TINY, "--out", run, "--set", "expert.train.steps=7")  # what it trains: still refused
+    assert r.returncode == 2 and "differs in expert.train.steps" in " ".join(r.stderr.split()), r.stderr
 
 
 def test_a_new_sample_section_keeps_the_networks_and_redraws_the_samples(tiny_run, tmp_path):

@@ -362,3 +362,12 @@ def test_register_says_which_experts_are_missing(copy, monkeypatch, capsys):
         main()
     said = " ".join(capsys.readouterr().err.split())
     assert exit.value.code in (0, None) and "experts [2, 3] of 4 are missing" in said, said
+
+
+def test_a_lost_partition_file_says_how_to_make_the_partition_again(copy):
+    """'partition.safetensors is missing; re-train or re-copy it': nothing trains a partition, and `ddmkit
+    partition` on the folder did nothing (its manifest is there)."""
+    (copy / "partition" / "partition.safetensors").unlink()
+    with pytest.raises(DDMError, match=r"partition.safetensors is missing; copy the run's partition/ folder back "
+                                       r"whole, or delete .*partition and run `ddmkit run CONFIG --out"):
+        verify_registry(copy)

@@ -313,7 +313,9 @@ def load_partition(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(manifest, tensors) of a partition folder, both checked (check_manifest, check_partition_tensors)."""
     folder = Path(folder)
     manifest = check_manifest(read_json(folder / "manifest.json"), folder / "manifest.json")
-    tensors = load_tensors(folder / "partition.safetensors")
+    tensors = load_tensors(folder / "partition.safetensors", fix=f"copy the run's partition/ folder back whole, or "
+                           f"delete {folder} and run `ddmkit run CONFIG --out {folder.parent}` (it partitions the "
+                           "same data again, to the same bytes; experts trained on other shards are then refused)")
     check_partition_tensors(manifest, tensors, folder / "partition.safetensors")
     return manifest, tensors
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ddmkit.config import RunConfig, config_differences, json_digest, validate
+from ddmkit.config import RunConfig, config_differences, validate
 from ddmkit.data.arrays import content_hash
 from ddmkit.errors import DDMError
 from ddmkit.io import STAGING, entries, read_json, remove, remove_stale_staging, write_json
@@ -39,25 +39,14 @@ Log = Callable[[str], None]
 TRAINED = ("data", "partition", "expert", "router", "monolith", "latent")  # the config sections the networks depend on
 
 
-def trained_digest(config: dict) -> str:
-    """Hash of the config sections that decide the data, the partition and the trained networks."""
-    return json_digest({name: config.get(name) for name in TRAINED})
-
-
 def listed(differs: list[str]) -> str:
     """Config differences as a message shows them: the first six, joined by '; ', then ' ...' if more."""
     return "; ".join(differs[:6]) + (" ..." if len(differs) > 6 else "")
 
 
 def differences_text(made: RunConfig, asked: RunConfig) -> str:
-    """What differs between a run's config and the one asked, the fields named (the devices alone: the
-    --device to give)."""
-    differs = [d for d in config_differences(made.model_dump(mode="json"), asked.model_dump(mode="json"))
-               if not d.startswith(("sample.", "evaluate."))]
-    text = f"its config.json differs in {listed(differs)}"
-    if differs and all(".train.device" in d for d in differs):
-        text += f" (only the training device: give --device {made.expert.train.device}, as the run was made)"
-    return text
+    """What differs between a run's config and the one asked in what it trains, the fields named."""
+    return f"its config.json differs in {listed(trained_differences(made, asked))}"
 
 
 def trained_differences(made: RunConfig, asked: RunConfig) -> list[str]:
@@ -85,8 +74,9 @@ def check_same_training(run: str | Path, cfg: RunConfig) -> None:
 
 
 def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
-    """What to do with the folder: "new", "same" (resume), "derived" (only [sample]/[evaluate]
-    changed) or "replace" (force, another run); refusals are DDMErrors."""
+    """What to do with the folder: "new", "same" (resume; how the jobs run may differ: train.jobs.EXECUTION),
+    "derived" (only [sample]/[evaluate] changed too) or "replace" (force, another run); refusals are
+    DDMErrors."""
     if folder.config.exists():
         try:
             old = validate(RunConfig, read_json(folder.config).get("config"), str(folder.config))
@@ -97,8 +87,9 @@ def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
                            "another --out folder or pass --force to replace the run") from None
         if old.digest() == cfg.digest():
             return "same"
-        if trained_digest(old.model_dump()) == trained_digest(cfg.model_dump()):
-            return "derived"
+        if not trained_differences(old, cfg):  # how jobs run (device, threads, logging, ...) may change
+            made, asked = old.model_dump(), cfg.model_dump()
+            return "same" if all(made[name] == asked[name] for name in ("sample", "evaluate")) else "derived"
         if not force:
             raise DDMError(f"{folder.root} already holds a different run: {differences_text(old, cfg)}; choose "
                            "another --out folder or pass --force to replace it")
@@ -116,8 +107,8 @@ def check_kinds(folder: RunFolder, skip: list[Path] = ()) -> None:
     files = [folder.config, folder.registry, folder.report, folder.metrics]
     for path in dirs:
         if path not in skip and path.exists() and not path.is_dir():
-            raise DDMError(f"{path} is a file, but ddmkit writes a folder there; move it away (or pass --force to "
-                           "replace the run)")
+            raise DDMError(f"{path} is a file, but ddmkit writes a folder there; move it away or delete it (ddmkit "
+                           "makes that folder again)")
     for path in files:
         if path not in skip and path.is_dir():
             raise DDMError(f"{path} is a folder, but ddmkit writes a file there; move it away")
