@@ -318,3 +318,15 @@ def test_ctrl_c_in_add_expert_says_nothing_was_added():
     assert "nothing added" in interrupted_text(["ddmkit", "add-expert", "RUN"])
     assert "--resume" in interrupted_text(["ddmkit", "train-expert", "S"])
     assert interrupted_text(["ddmkit", "run", "C"]).startswith("interrupted: what is finished is kept")
+
+
+def test_a_warning_is_one_line_without_pythons_source_line():
+    """Sampling a run without registry.json printed '.../sampling.py:41: UserWarning: ...' and the source line."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "DDMKIT_QUIET": "1"}
+    code = ("import warnings, ddmkit.cli as c, sys; sys.argv = ['ddmkit', '--version']\n"
+            "try:\n    c.main()\nexcept SystemExit:\n    pass\nwarnings.warn('a run has no registry.json')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stderr.strip() == "warning: a run has no registry.json", done.stderr

@@ -195,3 +195,14 @@ def test_concurrent_experts_replace_a_folder_cut_short_but_not_one_with_other_fi
     assert (other / "notes.txt").read_text() == "mine" and not (cut_short / "model.safetensors").exists()
     train_experts_concurrently([shard], cfg.expert, [cut_short], log=lambda m: None)
     assert (cut_short / "model.safetensors").exists()
+
+
+def test_a_damaged_checkpoint_is_named_before_any_job_trains(tmp_path, ddmkit):
+    """launch found a damaged checkpoint of expert 2 only when that job started: expert 0 (inline: experts 0
+    and 1) trained first, for nothing."""
+    run, _ = _tiny_run(tmp_path / "run", "expert.train.steps=20")
+    (RunFolder(run).experts).mkdir(exist_ok=True)
+    (RunFolder(run).experts / "expert_02.checkpoint.safetensors").write_text("junk")
+    code, _, err = ddmkit("launch", run)
+    assert code == 2 and "expert_02.checkpoint.safetensors is corrupt" in err, err
+    assert not any((RunFolder(run).expert(c) / "model.safetensors").exists() for c in range(4))

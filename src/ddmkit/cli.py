@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -915,7 +916,14 @@ def run_app() -> None:
     command()
 
 
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command line prints it: one 'warning: ...' line, not Python's file, line and
+    source (formatwarning only shapes the printed text: recorded warnings stay as they are)."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:
+    warnings.formatwarning = format_warning
     try:
         run_app()
     except DDMError as e:

@@ -42,7 +42,8 @@ from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError
 from ddmkit.launch.ray_backend import run_ray
 from ddmkit.nets import use_networks, user_networks
-from ddmkit.train.jobs import train_expert
+from ddmkit.train.checkpoint import check_checkpoint_file
+from ddmkit.train.jobs import checkpoint_path, train_expert
 
 BACKENDS = ("inline", "processes", "ray")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -205,6 +206,9 @@ def run_jobs(jobs: list[ExpertJob], config: ExpertConfig, backend: str = "inline
     check_launch(backend, workers, address)
     if not jobs:
         return []
+    for job in jobs if resume else []:  # a damaged checkpoint is named before any job trains
+        if checkpoint_path(job.out_dir).exists():
+            check_checkpoint_file(checkpoint_path(job.out_dir))
     if backend == "inline":
         return run_inline(jobs, config, resume, log)
     if backend == "processes":

@@ -162,13 +162,20 @@ def save_checkpoint(path: str | Path, *, step: int, model: dict, ema: dict, opti
     save_tensors(path, {k: v.detach().cpu().clone() for k, v in tensors.items()}, meta)
 
 
+def check_checkpoint_file(path: str | Path) -> dict:
+    """A checkpoint file's metadata, the file checked to be a readable ddmkit checkpoint (a DDMError saying
+    to delete it otherwise): what a launch checks of every job's checkpoint before any job starts."""
+    meta = read_metadata(path, DAMAGED)
+    if meta.get("format") != FORMAT:
+        raise DDMError(f"{path}: not a ddmkit checkpoint (format {meta.get('format')!r}); delete it to start over")
+    return meta
+
+
 def load_checkpoint(path: str | Path, *, model, ema, opt, sched, generator: torch.Generator,
                     fp: dict, device: torch.device) -> tuple[int, list[dict], dict]:
     """Restore everything in place (a sharded model, EMA and optimizer take their part of each tensor);
     returns (step, history, running sums)."""
-    meta = read_metadata(path, DAMAGED)
-    if meta.get("format") != FORMAT:
-        raise DDMError(f"{path}: not a ddmkit checkpoint (format {meta.get('format')!r}); delete it to start over")
+    meta = check_checkpoint_file(path)
     differences = fingerprint_differences(meta.get("fingerprint"), fp)
     if differences:
         raise DDMError(f"{path} belongs to a different training run: {'; '.join(differences)}. Delete it to "
