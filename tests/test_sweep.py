@@ -435,6 +435,12 @@ def test_a_k_above_the_mixtures_components_and_bad_workers_are_refused_before_an
         done = cli("sweep", TINY, "--out", tmp_path / "out", "--k", "2", *extra, "--budget", "1")
         assert done.returncode == 2 and words in " ".join(done.stderr.split()), done.stderr
         assert not (tmp_path / "out").exists()
+    (tmp_path / "cells" / "k4_b1_s0").parent.mkdir()
+    (tmp_path / "cells" / "k4_b1_s0").write_text("x")  # a cell's folder a file: 'File exists' once reached
+    done = cli("sweep", TINY, "--out", tmp_path / "cells", *GRID)
+    assert done.returncode == 2 and "k4_b1_s0 is a file, but the sweep writes that cell's run folder there" \
+        in " ".join(done.stderr.split()), done.stderr
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == ["k4_b1_s0"]
     (tmp_path / "file").write_text("x")  # --out naming a file
     done = cli("sweep", TINY, "--out", tmp_path / "file", "--k", "2", "--budget", "1")
     assert done.returncode == 2 and "file is a file, not a folder" in done.stderr, done.stderr

@@ -434,3 +434,14 @@ def test_a_lock_that_is_a_symbolic_link_is_refused_and_nothing_is_written_where_
     assert sorted(p.name for p in outside.iterdir()) == ([] if dangling else ["victim.txt"])
     assert dangling or victim.read_text() == "keep me\n"
     assert (run / ".lock").is_symlink()  # left for the user to look at and remove
+
+
+def test_a_folder_where_the_lock_goes_is_named(tmp_path):
+    """RUN/.lock as a folder gave the generic 'Is a directory: ...; check that path (its permissions, the free
+    space of its disk)'."""
+    from ddmkit.pipeline.stages import run_lock
+
+    (tmp_path / "run" / ".lock").mkdir(parents=True)
+    with pytest.raises(DDMError, match=r"\.lock is a folder, not a lock file; remove it"):
+        with run_lock(tmp_path / "run"):
+            pass

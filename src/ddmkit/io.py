@@ -349,8 +349,9 @@ def folder_lock(path: str | Path, what: str = "the folder"):
             _HELD[key][1] -= 1
         return
     ensure_folder(path.parent)
-    if path.is_symlink():  # taking it would write this process's id into the file it points to
-        raise DDMError(f"{path} is a symbolic link, not a lock file; remove it (ddmkit creates the lock itself)")
+    if path.is_symlink() or (path.exists() and not path.is_file()):  # a link: it would write into its target
+        what_it_is = "a symbolic link" if path.is_symlink() else "a folder"
+        raise DDMError(f"{path} is {what_it_is}, not a lock file; remove it (ddmkit creates the lock itself)")
     fd = _acquire(path)
     if fd < 0:
         raise DDMError(f"{what} is in use by {_holder(path)} (lock {path}); wait for it to finish or stop it. "

@@ -282,10 +282,15 @@ def check_same_monolith(folder: RunFolder, cell_cfg: RunConfig) -> None:
 
 def grid_cells(cfg: RunConfig, out: Path, todo: list[tuple], mono_k: int,
                scale: str) -> list[tuple[tuple[int, float, int], RunConfig, RunFolder]]:
-    """Each cell of the grid, ((k, budget, seed), its config, its run folder): every config validated
-    before any work."""
-    return [((k, b, s), cell_config(cfg, k, b, s, k == mono_k, scale),
-             RunFolder(cell_dir(out, k, b, s, scale, cfg.partition.k))) for k, b, s in todo]
+    """Each cell of the grid, ((k, budget, seed), its config, its run folder): every config validated,
+    and every cell's path checked to be a folder where one exists, before any work."""
+    cells = [((k, b, s), cell_config(cfg, k, b, s, k == mono_k, scale),
+              RunFolder(cell_dir(out, k, b, s, scale, cfg.partition.k))) for k, b, s in todo]
+    for _, _, folder in cells:
+        if folder.root.exists() and not folder.root.is_dir():
+            raise DDMError(f"{folder.root} is a file, but the sweep writes that cell's run folder there; move it "
+                           "away or delete it")
+    return cells
 
 
 def scored_cells(grid: list[tuple], out: Path, partial: bool = False) -> tuple[list[dict], list[str]]:
