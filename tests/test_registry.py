@@ -258,6 +258,9 @@ def test_a_router_or_monolith_folder_the_registry_does_not_list_is_refused_until
 def test_verify_of_a_folder_that_does_not_exist_says_so(tmp_path):
     with pytest.raises(DDMError, match=r"nowhere is not a run folder \(no such folder\)"):
         verify_registry(tmp_path / "nowhere")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DDMError, match=r"afile is not a run folder \(a file\)"):  # was "(no such folder)"
+        verify_registry(tmp_path / "afile")
 
 
 def test_a_shard_changed_after_partitioning_is_refused_before_training_or_routing_on_it(copy, monkeypatch, capsys):

@@ -375,7 +375,8 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     run = Path(run)
     source = run / REGISTRY
     if not run.is_dir():
-        raise DDMError(f"{run} is not a run folder (no such folder); give the folder a `ddmkit run` wrote")
+        what = "a file" if run.exists() else "no such folder"
+        raise DDMError(f"{run} is not a run folder ({what}); give the folder a `ddmkit run` wrote")
     if not source.exists():
         raise DDMError(f"{run}: no registry yet ({REGISTRY}); run `ddmkit register {run}` first")
     reg = _validated(Registry, read_json(source), str(source))
