@@ -252,9 +252,11 @@ def test_a_training_seed_out_of_range_is_exit_2_naming_seed(ddmkit, shard, tmp_p
 
 @pytest.mark.slow  # passes alone (also under -n 2); in two full suites the process did not exit within 60 s (not found)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
-def test_ctrl_c_in_train_expert_says_how_to_continue(shard, tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_in_train_expert_says_how_to_continue(shard, tmp_path, stop):
     """Only `run` and `launch` said anything on Ctrl-C; train-expert exited 130 in silence although its
-    checkpoint is continued only with --resume."""
+    checkpoint is continued only with --resume. SIGTERM (a scheduler's time limit or preemption) killed the
+    process where it stood, saying nothing and leaving its staging folder; it now stops as Ctrl-C does."""
     import os
     import signal
     import subprocess
@@ -272,22 +274,25 @@ def test_ctrl_c_in_train_expert_says_how_to_continue(shard, tmp_path):
         while not (tmp_path / "e.checkpoint.safetensors").exists():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+        os.killpg(proc.pid, getattr(signal, stop))  # Ctrl-C in a terminal, or a scheduler: the whole process group
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:  # say where it waits, then fail
             os.killpg(proc.pid, signal.SIGABRT)
             proc.wait(timeout=30)
-            raise AssertionError("no exit within 60 s of Ctrl-C:\n" + (tmp_path / "log").read_text()) from None
+            raise AssertionError(f"no exit within 60 s of {stop}:\n" + (tmp_path / "log").read_text()) from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-    said = (tmp_path / "log").read_text()
-    assert proc.returncode == 130, said
-    assert "interrupted: what is finished is kept; run the same command with --resume" in " ".join(said.split()), said
+    said = " ".join((tmp_path / "log").read_text().split())
+    first = {"SIGINT": "interrupted", "SIGTERM": "stopped by SIGTERM (a scheduler's time limit or preemption, or kill)"}
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[stop], said
+    assert f"{first[stop]}: what is finished is kept; run the same command with --resume" in said, said
     assert "Traceback" not in said
+    assert (tmp_path / "e.checkpoint.safetensors").exists() and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.checkpoint.safetensors", "log"], list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("command, option, value", [("sample", "--n", "0"), ("sample", "--steps", "0"),

@@ -198,10 +198,13 @@ def test_an_error_in_the_body_stops_the_side_thread_before_it_is_raised():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a process group's Ctrl-C")
-def test_ctrl_c_while_the_monolith_trains_beside_the_pool_exits_130(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_while_the_monolith_trains_beside_the_pool_says_so(tmp_path, stop):
     """`ddmkit run --backend processes` trains the monolith in a thread while the pool trains the experts: Ctrl-C
     then exits with status 130 (before: SIGABRT, "terminate called without an active exception", the thread
-    still inside torch at exit), keeping the monolith's last checkpoint and leaving no staging folder."""
+    still inside torch at exit), keeping the monolith's last checkpoint and leaving no staging folder. SIGTERM
+    (a scheduler stopping the job) does the same with status 143 (before: killed where it stood, in silence,
+    leaving the run's lock and staging folders)."""
     run = tmp_path / "run"
     log = open(tmp_path / "run.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "ddmkit", "run", str(config(tmp_path)), "--out", str(run),
@@ -213,7 +216,7 @@ def test_ctrl_c_while_the_monolith_trains_beside_the_pool_exits_130(tmp_path):
                    and list((run / "experts").glob("*.checkpoint.safetensors"))):  # handler is set
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, getattr(signal, stop))
         code = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
@@ -221,8 +224,10 @@ def test_ctrl_c_while_the_monolith_trains_beside_the_pool_exits_130(tmp_path):
             proc.wait()
         log.close()
     out = (tmp_path / "run.log").read_text()
-    assert code == 130 and "terminate called" not in out and "Traceback" not in out, (code, out)
-    assert "interrupted: what is finished is kept" in out, out
-    assert (run / "monolith.checkpoint.safetensors").exists()
+    assert code == {"SIGINT": 130, "SIGTERM": 143}[stop], (code, out)
+    assert "terminate called" not in out and "Traceback" not in out, out
+    first = {"SIGINT": "interrupted", "SIGTERM": "stopped by SIGTERM (a scheduler's time limit or preemption, or kill)"}
+    assert f"{first[stop]}: what is finished is kept" in " ".join(out.split()), out
+    assert (run / "monolith.checkpoint.safetensors").exists() and not (run / ".lock").exists()
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     assert not (run / "monolith").exists() and not [p for p in (run / "experts").iterdir() if p.is_dir()]

@@ -6,6 +6,7 @@ Every command exits 0 on success, 2 with one clear message on bad input
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +26,35 @@ console = Console(stderr=True)
 
 class Interrupted(Exception):
     """Ctrl-C in a command that says what it kept and how to continue (main prints it and exits 130)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit or preemption, `kill`): the command stops as on Ctrl-C (checkpoints
+    kept, staging folders removed, the run's lock released); main says so and exits 143."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+def by_sigterm(exc: BaseException) -> bool:
+    """Whether `exc` was raised on the way out of a SIGTERM (a Terminated among its causes and contexts)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Terminated):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def stopped(text: str, exc: BaseException) -> None:
+    """Say what a stopped command kept and exit: 130 after Ctrl-C, 143 after SIGTERM."""
+    if by_sigterm(exc):
+        log("stopped by SIGTERM (a scheduler's time limit or preemption, or kill)" + text.removeprefix("interrupted"))
+        sys.exit(143)
+    log(text)
+    sys.exit(130)
 
 
 def interrupted_text(argv: list[str]) -> str:
@@ -924,17 +954,18 @@ def format_warning(message, category, filename, lineno, line=None) -> str:
 
 def main() -> None:
     warnings.formatwarning = format_warning
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # not where a caller (a pool worker) set its own
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         run_app()
     except DDMError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except Interrupted as e:
-        log(str(e))
-        sys.exit(130)
+        stopped(str(e), e)
     except SystemExit as e:
-        if e.code == 130:  # Ctrl-C in any other command (typer's exit status for it)
-            log(interrupted_text(sys.argv))
+        if e.code == 130:  # Ctrl-C or SIGTERM in any other command (typer's exit status for KeyboardInterrupt)
+            stopped(interrupted_text(sys.argv), e)
         raise
     except ConnectionError as e:  # a network peer (e.g. a Ray cluster) refused or failed, not the file system
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # a Ray client's holds a whole traceback
