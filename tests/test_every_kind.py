@@ -45,8 +45,9 @@ def test_sample_evaluate_and_analyze_an_image_run(image_run):
     assert infos["top-2"]["guidance"] == 2.0 and infos["top-2"]["expert_calls_per_sample"] == 2 * 2  # K = 2 experts x 2 steps
     x = load_tensors(folder.sample_set("top-2"))["x"]
     assert x.shape == (12, 1, 28, 28) and x.abs().max() <= 1  # images, clamped to [-1, 1]
-    labels = load_tensors(folder.sample_labels)["y"]
+    labels = load_tensors(folder.sample_set("top-2"))["y"]
     assert labels.shape == (12,) and int(labels.max()) < 10  # class-conditional experts: labels drawn and kept
+    assert torch.equal(load_tensors(folder.sample_set("monolith"))["y"], labels)  # the same labels for every set
     done = cli("evaluate", image_run)
     assert done.returncode == 0, done.stderr
     rows = json.loads(folder.metrics.read_text())["rows"]
@@ -77,6 +78,30 @@ def test_the_report_flags_an_expert_trained_with_other_settings(image_run, tmp_p
     rows, notes = describe_models(copy, run_config(copy))
     assert [r[0] for r in rows if r[-1] != "-"] == ["expert 1"] and "steps (99, config 4)" in notes[0]
     assert rows[0][3] == 4 and rows[1][3] == 99  # steps as each folder recorded them
+
+
+def test_an_image_report_states_each_set_s_own_count_guidance_and_labels(image_run, tmp_path):
+    """Sets drawn again by `ddmkit sample` with another --guidance or --n were reported with the config's:
+    the row of a set drawn at guidance 3 was 'top-2' under 'guidance 1.0 unless a row names another', a
+    set of 8 images had n = 16, and samples/labels.safetensors held only the last call's labels."""
+    from ddmkit.pipeline.sampling import sample_labels
+
+    run = tmp_path / "run"
+    shutil.copytree(image_run, run)
+    assert cli("sample", run, "--strategy", "top-1", "--strategy", "monolith").returncode == 0
+    assert cli("sample", run, "--strategy", "top-2", "--guidance", "3").returncode == 0
+    done = cli("sample", run, "--strategy", "top-1", "--n", "8", "--seed", "7")
+    assert done.returncode == 0, done.stderr
+    done = cli("evaluate", run)
+    assert done.returncode == 0, done.stderr
+    folder = RunFolder(run)
+    rows = json.loads(folder.metrics.read_text())["rows"]
+    assert rows["top-1"]["n"] == 8 and rows["monolith"]["n"] == 16 and rows["top-2"]["n"] == 16
+    table = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in folder.report.read_text().splitlines()
+             if line.startswith("| ") and not line.startswith("| samples")}
+    assert table["top-2 @ cfg 3"] == "16" and table["top-1"] == "8" and "top-2" not in table, table
+    assert torch.equal(load_tensors(folder.sample_set("top-1"))["y"], sample_labels(10, 8, 7, "cpu"))
+    assert torch.equal(load_tensors(folder.sample_set("monolith"))["y"], sample_labels(10, 16, 0, "cpu"))
 
 
 def text_config(folder: Path) -> Path:

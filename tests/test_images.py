@@ -205,6 +205,20 @@ def test_hidden_entries_are_skipped_and_each_top_level_folder_is_one_class(tmp_p
     assert train.meta["classes"] == test.meta["classes"] == ["cats", "dogs"]
 
 
+@pytest.mark.parametrize("name", ["image_folder", "image_array"])
+def test_image_data_without_a_path_is_refused(tmp_path, monkeypatch, name):
+    """image_folder without data.params.path read the working folder (and every image below it, run folders'
+    plots too) as one class named after it."""
+    from PIL import Image
+
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((4, 4), i, np.uint8)).save(tmp_path / "photos" / "a" / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DDMError, match=r"data.params.path: no image (folder|array file) given; .*--set data.params.path="):
+        load_dataset(name, 0, 0, 0)
+
+
 def test_image_array_loader(tmp_path):
     np.savez(tmp_path / "a.npz", x=np.zeros((20, 6, 6, 3), np.uint8), labels=np.arange(20))
     train, test = load_dataset("image_array", 0, 0, 0, path=str(tmp_path / "a.npz"), pad_to=8)

@@ -186,7 +186,7 @@ def test_a_tiny_image_study_from_the_command_line(tmp_path):
     # the samples are the ones `ddmkit run` draws: the same noise, labels and guidance (2), so the same FID
     run = out / "runs" / "disjoint_s0"
     cfg = run_config(run)
-    x0, _ = draw_set(cfg, run, named_set("full", cfg.sample.n, cfg.sample.guidance), True, "cpu", {})
+    x0, _, _ = draw_set(cfg, run, named_set("full", cfg.sample.n, cfg.sample.guidance), True, "cpu", {})
     extractor = feature_extractor("pixels")
     want = fid_kid(extractor(load_split(run, "test").x), extractor(x0), cfg.evaluate.kid_subset)
     assert cfg.sample.guidance == 2.0

@@ -9,7 +9,7 @@
     RUN/monolith/, RUN/router/    model folders: config.json + model.safetensors + train_log.jsonl
     RUN/registry.json             SHA-256 of every model folder, checked on load
     RUN/grow.json                 experts added or replaced later (ddmkit add-expert / replace-expert)
-    RUN/samples/NAME.safetensors  one sample set per name, samples/info.json (calls, wall time)
+    RUN/samples/NAME.safetensors  one sample set per name (x, and y: its labels), samples/info.json (calls, wall time)
     RUN/eval/                     cached evaluation features and per-set scores
     RUN/students/                 distilled students (ddmkit distill): dense/, few-step-S-GRID/, report.md + .json
     RUN/report.md, metrics.json, plots/, analysis/
@@ -133,10 +133,6 @@ class RunFolder:
     @property
     def sample_info(self) -> Path:
         return self.samples / "info.json"
-
-    @property
-    def sample_labels(self) -> Path:
-        return self.samples / "labels.safetensors"
 
     @property
     def eval(self) -> Path:

@@ -268,6 +268,9 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
     Each top-level sub-folder is a class (labels by sorted name), with the images at any depth below it;
     images directly in `path` are unlabelled; hidden entries are skipped (image_files). Every image is
     read by read_image (mode, resize, crop) and padded to pad_to; they must then have one size and mode."""
+    if not str(path):  # Path("") is the working folder: every image below it would be read
+        raise DDMError("data.params.path: no image folder given; name it in the config ([data] params = { path = "
+                       "\"FOLDER\" }) or on the command line (--set data.params.path=FOLDER)")
     root = Path(path)
     if mode not in MODES:
         raise DDMError(f"data.params.mode: unknown {mode!r}; accepted: {', '.join(MODES)}")
@@ -335,6 +338,9 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
     """Images from a .npy/.npz file: uint8 (N, H, W[, C]) or float (N, C, H, W)
     already in [-1, 1]; an .npz may hold `x` (or `images`) and `labels`. resize and
     crop as for a folder (torch's antialiased bicubic)."""
+    if not str(path):
+        raise DDMError("data.params.path: no image array file given; name it in the config ([data] params = { path = "
+                       "\"FILE.npy\" }) or on the command line (--set data.params.path=FILE.npy)")
     p = Path(path)
     if not p.is_file():
         raise DDMError(f"data.params.path: image array file {path!r} does not exist (or is not a file)")

@@ -111,13 +111,16 @@ class SetScorer:
         path = self.run.sample_set(name)
         cache = self.cache(name if first is None else f"{name}_first{first}")
         if cache.exists() and cache.stat().st_mtime >= path.stat().st_mtime:
-            return read_json(cache)
+            cached = read_json(cache)
+            if "n" in cached:  # (scores cached before the count was kept are made again)
+                return cached
         x = load_tensors(path, fix="delete it (`ddmkit sample RUN --strategy NAME` draws the set again)")["x"][:first]
         start = time.perf_counter()
         feats = self.extractor(x)
         metrics = fid_kid(self.f_test, feats, self.kid_subset, self.real_stats)
         metrics["fid_seconds"] = time.perf_counter() - start
         metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["n"] = len(x)
         if first is None:
             save_png(image_grid(x, 8, 8), self.run.plots / f"samples_{path.stem}.png")
         write_json(cache, metrics)

@@ -33,10 +33,11 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "causal_transformer": CausalTransformer, "bidirectional_transformer": BidirectionalTransformer}
 
 
-def network_class(arch: str) -> Callable[..., nn.Module]:
-    """The class of a built-in architecture, or the registered user class "package.module:Class"."""
+def network_class(arch: str, field: str = "expert.net.arch") -> Callable[..., nn.Module]:
+    """The class of a built-in architecture, or the registered user class "package.module:Class" (`field`:
+    the config field that names it, for the message when it is not registered)."""
     if is_user_network(arch):
-        return user_network(arch)
+        return user_network(arch, field)
     if arch not in ARCHITECTURES:
         raise DDMError(f"arch: unknown architecture {arch!r}; accepted: {', '.join(sorted(ARCHITECTURES))}, or "
                        "your own torch.nn.Module as 'package.module:Class'")
@@ -66,7 +67,7 @@ def check_arguments(arch: str, cls: type, kwargs: dict) -> None:
 
 
 def build_model(arch: str, **kwargs) -> nn.Module:
-    cls = network_class(arch)
+    cls = network_class(arch, "router.net.arch" if "num_experts" in kwargs else "expert.net.arch")
     check_arguments(arch, cls, kwargs)
     errors = Exception if is_user_network(arch) else (TypeError, ValueError, OverflowError, RuntimeError,
                                                       ZeroDivisionError, AssertionError)

@@ -102,14 +102,15 @@ def use_networks(names: tuple[str, ...] | list[str]) -> None:
         use_network(name)
 
 
-def user_network(name: str) -> type[nn.Module]:
-    """The registered class `name`, or a DDMError saying how to provide it."""
+def user_network(name: str, field: str = "expert.net.arch") -> type[nn.Module]:
+    """The registered class `name`, or a DDMError saying how to provide it (`field`: the config field
+    that names it, for the --set of the message)."""
     if name not in _USER:
         raise DDMError(f"the network class {name!r} is not registered in this process: ddmkit imports your code "
                        "only from the config you run, never because a run or model folder names it. Pass the "
                        f"config that names it (--config CONFIG of sample, evaluate, train-expert, ..., with "
                        f"expert.net.arch or router.net.arch = {name!r}), or name it on the command line (--set "
-                       f"expert.net.arch={name}), or from Python call ddmkit.nets.use_network({name!r}) first")
+                       f"{field}={name}), or from Python call ddmkit.nets.use_network({name!r}) first")
     return _USER[name]
 
 

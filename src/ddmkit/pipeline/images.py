@@ -51,10 +51,12 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu", scorer: 
             rows[f"{s.strategy} (learned router, first {s.n})"] = {**scorer(s.strategy, s.n), "n": s.n,
                                                                    "expert_calls_per_sample": calls,
                                                                    "subset_of": s.strategy}
-        rows[s.name] = {**scorer(s.name), **infos.get(s.name, {}), "n": s.n}
+        scored = scorer(s.name)  # its own count: `ddmkit sample --n` may have drawn it again with another
+        rows[s.name] = {**scored, **infos.get(s.name, {}), "n": scored["n"]}
     for name, info in infos.items():  # sets drawn by `ddmkit sample` beyond the config's
         if name not in planned and folder.sample_set(name).exists():
-            rows[name] = {**scorer(name), **info}
+            scored = scorer(name)
+            rows[name] = {**scored, **info, "n": scored["n"]}
     save_png(cluster_grid(run), folder.plots / "clusters.png")
     manifest = read_json(folder.manifest)
     result = {"rows": rows, "features": scorer.kind, "reference_seconds": scorer.ref_seconds,
@@ -80,11 +82,16 @@ def training_seconds(run) -> dict:
     return out
 
 
-def table_rows(result: dict) -> list[list]:
+def table_rows(result: dict, guidance: float) -> list[list]:
+    """The samples table's rows; a set drawn at a guidance other than `guidance` (the report's) is named
+    with its own ('top-2 @ cfg 3', as the guidance sweep names its sets)."""
     rows = []
     mono = result["rows"].get("monolith", {}).get("fid")
     for name, r in result["rows"].items():
         rel = r["fid"] / mono if mono else None
+        own = r.get("guidance", guidance)
+        if own != guidance and not name.endswith(f" @ cfg {own:g}"):
+            name = f"{name} @ cfg {own:g}"
         rows.append([name, r.get("n", "-"), r["fid"], rel, r["kid"] * 1e3, r.get("expert_calls_per_sample", "-"),
                      r.get("wall_time", "-"), r.get("fid_seconds", "-")])
     return rows
@@ -93,7 +100,7 @@ def table_rows(result: dict) -> list[list]:
 def render_report(cfg: RunConfig, run, result: dict) -> str:
     d, p, s = cfg.data, cfg.partition, cfg.sample
     table = markdown_table(["samples", "n", "FID", "FID / monolith", "KID x 1e3", "expert calls/sample", "sampling (s)",
-                            "FID time (s)"], table_rows(result))
+                            "FID time (s)"], table_rows(result, s.guidance))
     grids = "\n".join(f"![{n}](plots/samples_{safe_name(n)}.png)" for n, r in result["rows"].items()
                       if n not in (FLOOR, RECONSTRUCTIONS) and "subset_of" not in r)
     source = cfg.latent.pretrained or "an autoencoder trained by ddmkit"
@@ -107,8 +114,8 @@ def render_report(cfg: RunConfig, run, result: dict) -> str:
 Data: `{d.name}` {d.params} ({result['n_test']} test images as the FID reference). Partition: k = {p.k},
 features = {p.features}, cluster sizes {result['cluster_counts']}. Monolith: the experts' network with K x
 {"the steps" if cfg.monolith.match == "steps" else "the batch, the same steps"} (FLOP-matched). Sampling:
-{sampling_sentence(cfg, run, drawn, "images")}; the same labels for every row, guidance {s.guidance} unless a
-row names another.
+{sampling_sentence(cfg, run, drawn, "images")}; class labels fixed by each set's seed (the same for sets of one
+seed), guidance {s.guidance} unless a row names another ('@ cfg G').
 Features: {result['features']} on {result['device']}; test features took {result['reference_seconds']:.1f}s.
 Training wall time (s): {result['train_seconds']}.
 

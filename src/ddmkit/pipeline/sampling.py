@@ -3,7 +3,8 @@ expert calls, router calls and wall time in RUN/samples/info.json.
 
 The same for every kind of continuous data: all sets start from the same noise x_1 (the first n
 rows of one draw fixed by sample.seed) and, for class-conditional experts, the same class labels
-(uniform over the classes, fixed by sample.seed; saved in samples/labels.safetensors). Image sets
+(uniform over the classes, fixed by sample.seed; stored as "y" beside the samples "x" in each set's
+file, so a set drawn with another n or seed keeps its own). Image sets
 are sampled under bfloat16 autocast on a GPU and stored clamped to [-1, 1]. A latent run samples
 latents and stores them decoded (images).
 """
@@ -52,8 +53,9 @@ def routed_by(sample_set: SampleSet, meta: dict) -> str:
     return meta.get("router", sample_set.router)
 
 
-def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device, ddms: dict) -> tuple[torch.Tensor, dict]:
-    """(samples, info) of one set; `ddms` keeps the DDMs loaded for earlier sets."""
+def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device,
+             ddms: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(samples, their class labels or None, info) of one set; `ddms` keeps the DDMs loaded for earlier sets."""
     s = cfg.sample
     autocast = "bfloat16" if images and torch.device(device).type == "cuda" else None
     if sample_set.kind == SetKind.MONOLITH:
@@ -65,7 +67,8 @@ def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device, d
         shape, classes, meta, codec = ddm.data_shape, ddm.num_classes, ddm.meta, ddm.codec
     x1 = start_noise(s.n, shape, s.seed, device)[:sample_set.n]
     y = sample_labels(classes, s.n, s.seed, device)
-    cond = None if y is None else {"y": y[:sample_set.n]}
+    y = None if y is None else y[:sample_set.n]
+    cond = None if y is None else {"y": y}
     if sample_set.kind == SetKind.MONOLITH:
         x0, info = sample_single(field, shape, sample_set.n, s.steps, s.solver, s.seed, device, sample_set.name,
                                  x1=x1, cond=cond, **config_options(s, False, autocast))
@@ -79,7 +82,7 @@ def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device, d
                 missing_experts=meta.get("missing_experts", []))
     if images:
         x0 = x0.float().clamp(-1, 1)
-    return x0.cpu(), info
+    return x0.cpu(), None if y is None else y.cpu(), info
 
 
 SAMPLES_FIX = "delete it (the sets are drawn again by `ddmkit sample RUN --strategy NAME` or `ddmkit run`)"
@@ -137,15 +140,13 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
         made_with = drawn_with(cfg, sample_set, networks)
         if path.exists() and infos.get(sample_set.name, {}).get("drawn_with") == made_with and not redraw:
             continue  # a set whose info a kill lost, or drawn by other settings or networks, is drawn again
-        x0, info = draw_set(cfg, run, sample_set, images, device, ddms)
+        x0, y, info = draw_set(cfg, run, sample_set, images, device, ddms)
         info["drawn_with"] = made_with
-        save_tensors(path, {"x": x0}, {"strategy": sample_set.name, "missing_experts": info["missing_experts"]})
+        tensors = {"x": x0} if y is None else {"x": x0, "y": y}
+        save_tensors(path, tensors, {"strategy": sample_set.name, "missing_experts": info["missing_experts"]})
         infos[sample_set.name] = info
         write_json(folder.sample_info, infos)
         log(f"sample {sample_set.name}: {info['expert_calls_per_sample']:.1f} expert calls/sample, "
             f"{info['wall_time']:.2f}s")
         if on_sample is not None:
             on_sample(sample_set.name)
-    classes = max((d.num_classes for d in ddms.values()), default=0)
-    if classes:
-        save_tensors(folder.sample_labels, {"y": sample_labels(classes, cfg.sample.n, cfg.sample.seed, "cpu")})
