@@ -136,6 +136,8 @@ def test_split_rows_are_disjoint_and_shrink_to_the_test_split():
     assert split_rows(30, 80, 200) == {"w2": slice(0, 10), "floor": slice(10, 20), "heldout": slice(20, 30)}
     with pytest.raises(DDMError, match="data.n_test: the run's test split has 29 rows; analyze needs at least 30"):
         split_rows(29, 80, 200)
+    with pytest.raises(DDMError, match=r"image_folder, .* --set data.params.test_fraction=0.3"):
+        split_rows(29, 80, 200)  # data.n_test only caps a split made by test_fraction (it was the only fix named)
 
 
 def test_a_small_test_split_gives_a_w2_floor_on_disjoint_rows(trained, tmp_path):

@@ -142,6 +142,22 @@ def test_applying_a_partition_whose_encoder_folder_is_gone_says_what_to_do(folde
         load_partition(tmp_path / "p")
 
 
+def test_an_encoder_folder_holding_a_model_of_another_width_is_named(folders, tmp_path):
+    """A DINOv2 of another hidden size saved where the partition's encoder was: nearest-centroid routing
+    (sample --strategy nearest, analyze) crashed in torch.cdist (exit 1)."""
+    import shutil
+
+    shutil.copytree(folders / "dino", tmp_path / "enc")
+    x = separable_images()
+    partition_data(ArrayData("im", x), 2, tmp_path / "p", features="encoder", encoder={"folder": str(tmp_path / "enc")})
+    manifest, tensors = load_partition(tmp_path / "p")
+    shutil.rmtree(tmp_path / "enc")
+    transformers.Dinov2Model(transformers.Dinov2Config(**{**TINY, "hidden_size": 48})).save_pretrained(tmp_path / "enc")
+    with pytest.raises(DDMError, match=r"nearest-centroid routing: the encoder folder .*enc now gives features of "
+                                       r"shape \(48,\), but the partition's centroids have 32: .*restore it"):
+        nearest_cluster_fn(manifest, tensors)(x)
+
+
 def blobs(n_per=50, seed=0):
     rng = np.random.default_rng(seed)
     centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])

@@ -202,6 +202,14 @@ def test_evaluating_a_run_that_is_not_trained_writes_nothing(monkeypatch, capsys
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     code, err = cli(monkeypatch, capsys, "run", run / "config.json", "--stages", "evaluate", "--out", run)
     assert code == 2 and "monolith" in err and sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    # the fix it names works: it named only `--stages train`, which trains a monolith (on a grown run's new data too)
+    said = " ".join(err.split())
+    assert f"train it with `ddmkit train-monolith {run}`, or sample and score the DDM alone with `ddmkit sample " \
+           f"{run}`, then `ddmkit evaluate {run}`" in said, said
+    assert cli(monkeypatch, capsys, "sample", run)[0] == 0 and cli(monkeypatch, capsys, "evaluate", run)[0] == 0
+    (run / "grow.json").write_text('{"entries": []}')  # grown: its monolith would not be the original's baseline
+    code, err = cli(monkeypatch, capsys, "run", run / "config.json", "--stages", "evaluate", "--out", run)
+    assert code == 2 and "train-monolith" not in err and "`ddmkit sample" in err, err
 
 
 def test_evaluate_refuses_another_runs_settings_and_reports_how_each_set_was_drawn(monkeypatch, capsys, tmp_path,

@@ -153,11 +153,14 @@ def latent_info(run: str | Path) -> dict:
     manifest, _ = load_partition_checked(folder.partition)
     if sorted(s["cluster"] for s in info["shards"]) != list(range(manifest["k"])):
         raise DDMError(f"{source}: lists {len(info['shards'])} latent shards for a partition of k = {manifest['k']}; "
-                       f"remove {folder.latents} and re-run `ddmkit run CONFIG --out {folder.root}` to encode again")
+                       f"remove {folder.latents} and encode the shards again with `ddmkit partition --config CONFIG "
+                       f"--out {folder.root}`")
     weights = folder.autoencoder / AUTOENCODER_WEIGHTS
     if sha256_file(weights) != info["autoencoder_sha256"]:
         raise DDMError(f"{weights}: SHA-256 differs from {source}; the autoencoder was changed after the shards were "
-                       f"encoded. Remove {folder.latents} and {folder.autoencoder} and re-run to encode again")
+                       f"encoded, and the run's networks learnt the latents of the one recorded there. Put that "
+                       f"autoencoder back into {folder.autoencoder}, or make the run again with this one in a new "
+                       "folder (`ddmkit run CONFIG --out NEW_RUN`)")
     return info
 
 

@@ -129,7 +129,20 @@ def fit_features(kind: str, x: torch.Tensor, pca_dim: int | None = None, seed: i
 def apply_features(spec: dict, tensors: dict, x: torch.Tensor, what: str = "this",
                    batch: int = 256) -> torch.Tensor:
     """Features (N, F) of x under a fitted map (a user function only if registered in this process;
-    an encoder in batches of `batch` images)."""
+    an encoder in batches of `batch` images); F must be the width of the partition's centroids, when
+    `tensors` holds them (an encoder folder or a user function changed since gives another)."""
+    f = _features(spec, tensors, x, what, batch)
+    width = tensors["centroids"].shape[1] if "centroids" in tensors else f.shape[1]
+    if f.ndim != 2 or f.shape[1] != width:
+        source = {"encoder": f"the encoder folder {spec.get('folder')}",
+                  "function": f"the feature function {spec.get('function')!r}"}.get(spec.get("kind"), "the feature map")
+        raise DDMError(f"{what}: {source} now gives features of shape {tuple(f.shape[1:])}, but the partition's "
+                       f"centroids have {width}: it is not the one the partition was made with; restore it, or "
+                       "partition again (`ddmkit partition --config CONFIG --out NEW_RUN`)")
+    return f
+
+
+def _features(spec: dict, tensors: dict, x: torch.Tensor, what: str, batch: int) -> torch.Tensor:
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "identity":
         return _flat(x)

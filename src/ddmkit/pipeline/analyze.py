@@ -107,8 +107,9 @@ def split_rows(count: int, n: int, n_heldout: int) -> dict[str, slice]:
     if count // 3 < MIN_ROWS:
         raise DDMError(f"data.n_test: the run's test split has {count} rows; analyze needs at least {3 * MIN_ROWS} "
                        f"({MIN_ROWS} each for the W2 reference, the W2 floor and the held-out errors, all disjoint): "
-                       "make the run again with a larger data.n_test, e.g. `ddmkit run CONFIG --set "
-                       "data.n_test=4000 --out NEW_RUN`")
+                       "make the run again with more test rows, e.g. `ddmkit run CONFIG --set data.n_test=4000 --out "
+                       "NEW_RUN`; data split from one file or folder (image_folder, image_array, an array file) "
+                       "takes its test rows by data.params.test_fraction: --set data.params.test_fraction=0.3")
     m = min(n, MAX_W2, count // 3)
     return {"w2": slice(0, m), "floor": slice(m, 2 * m), "heldout": slice(count - min(n_heldout, count - 2 * m), count)}
 

@@ -147,6 +147,11 @@ def run_pipeline(cfg: RunConfig | str | Path, out: str | Path, force: bool = Fal
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STAGES)}")
     check_launch(backend, workers, address)  # before the run folder is made
     missing = untrained_parts(cfg, out) if stages == "evaluate" else []
+    if missing == ["monolith"]:  # e.g. experts trained on islands, a router, no baseline
+        grown = RunFolder(out).grow.exists()  # its monolith would train on the grown data, not the original
+        train = "" if grown else f"train it with `ddmkit train-monolith {out}`, or "
+        raise DDMError(f"--stages evaluate: {out} has no monolith (monolith.enabled = true); {train}sample and "
+                       f"score the DDM alone with `ddmkit sample {out}`, then `ddmkit evaluate {out}`")
     if missing:
         raise DDMError(f"--stages evaluate: {out} is not trained (no {', '.join(missing)}); train it first with "
                        f"`ddmkit run CONFIG --out {out} --stages train` (or --stages all)")
