@@ -54,6 +54,24 @@ def test_grey_images_through_an_rgb_autoencoder():
     torch.testing.assert_close(out, rgb.mean(1, keepdim=True), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bad, message", [
+    (lambda: torch.zeros(2, 2, 8, 8), r"images \(N, C, H, W\) with C in \[1\] expected, got shape \(2, 2, 8, 8\) "
+                                      r"\(latents are decoded with decode\)"),
+    (lambda: torch.full((2, 1, 32, 32), 200, dtype=torch.uint8), r"floats in \[-1, 1\] expected, got torch.uint8"),
+    (lambda: torch.full((2, 1, 32, 32), float("nan")), "NaN or infinite"),
+    (lambda: torch.full((2, 1, 32, 32), 0.5) * 255, r"values reach 127.5"),
+    (lambda: torch.zeros(2, 1, 30, 30), r"H and W must be multiples of 4 .* got 30x30"),
+])
+def test_the_codec_refuses_what_it_cannot_encode(bad, message):
+    """ddm.codec.encode took latents, 0..255 images, NaN and sizes it cannot halve twice, silently or with
+    torch's own errors."""
+    codec = LatentCodec(tiny_autoencoder().eval(), 1)
+    with pytest.raises(DDMError, match=message):
+        codec.encode(bad())
+    with pytest.raises(DDMError, match=r"decode: latents \(N, 2, h, w\) expected, got shape \(2, 1, 32, 32\)"):
+        codec.decode(torch.zeros(2, 1, 32, 32))
+
+
 def test_latent_shape_and_its_checks():
     config = {"_class_name": "AutoencoderKL", "in_channels": 3, "latent_channels": 4,
               "block_out_channels": [128, 256, 512, 512]}
@@ -213,6 +231,12 @@ def test_a_pretrained_autoencoder_is_copied_and_used(tmp_path):
     pixels = load_tensors(run / "partition" / "shards" / "cluster_01.safetensors")["x"]
     torch.testing.assert_close(load_tensors(run / "latents" / "cluster_01.safetensors")["x"],
                                LatentCodec(ae.eval(), 1).encode(pixels), atol=1e-5, rtol=1e-4)
+    # the folder retrained in place: the run keeps its copy, and says so (it said nothing, exit 0)
+    before = sha256_file(run / "autoencoder" / "diffusion_pytorch_model.safetensors")
+    tiny_autoencoder(seed=4).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    result = run_cli("partition", "--config", config, "--out", run)
+    assert result.exit_code == 0 and "differs from the run's copy" in " ".join(result.output.split()), result.output
+    assert sha256_file(run / "autoencoder" / "diffusion_pytorch_model.safetensors") == before
 
 
 def exit_code(monkeypatch, capsys, *args) -> tuple[int, str]:

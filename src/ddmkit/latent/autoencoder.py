@@ -178,6 +178,26 @@ class LatentCodec:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def check_images(self, x: torch.Tensor) -> None:
+        """A DDMError unless x is (N, C, H, W) floats in [-1, 1] with C the data's or the autoencoder's
+        channels and H, W multiples of its downsampling factor."""
+        channels = sorted({self.data_channels, self.model.config.in_channels})
+        factor = 2 ** (len(self.model.config.block_out_channels) - 1)
+        if x.ndim != 4 or x.shape[1] not in channels:
+            raise DDMError(f"encode: images (N, C, H, W) with C in {channels} expected, got shape {tuple(x.shape)} "
+                           "(latents are decoded with decode)")
+        if not x.is_floating_point():
+            raise DDMError(f"encode: images as floats in [-1, 1] expected, got {x.dtype} (0..255 images: "
+                           "x.float() / 127.5 - 1)")
+        if not bool(torch.isfinite(x).all()):
+            raise DDMError("encode: the images hold NaN or infinite values")
+        if float(x.abs().max()) > 1 + 1e-3:
+            raise DDMError(f"encode: images in [-1, 1] expected, values reach {float(x.abs().max()):.4g} "
+                           "(0..1 images: 2 * x - 1; 0..255: x / 127.5 - 1)")
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise DDMError(f"encode: H and W must be multiples of {factor} (the autoencoder's downsampling), got "
+                           f"{x.shape[2]}x{x.shape[3]}")
+
     def to(self, device) -> "LatentCodec":
         self.model.to(device)
         return self
@@ -185,6 +205,7 @@ class LatentCodec:
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) images in [-1, 1] -> (N, c, h, w) latents (mean of the posterior, shifted and scaled)."""
+        self.check_images(x)
         out = []
         for chunk in x.split(self.batch):
             chunk = chunk.to(self.device, torch.float32)
@@ -197,6 +218,10 @@ class LatentCodec:
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(N, c, h, w) latents -> (N, C, H, W) images, on the latents' device."""
+        c = self.model.config.latent_channels
+        if z.ndim != 4 or z.shape[1] != c:
+            raise DDMError(f"decode: latents (N, {c}, h, w) expected, got shape {tuple(z.shape)} (images are "
+                           "encoded with encode)")
         out = []
         for chunk in z.split(self.batch):
             x = self.model.decode(chunk.to(self.device, torch.float32) / self.scale + self.shift).sample

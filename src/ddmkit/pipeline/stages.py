@@ -236,6 +236,7 @@ def stage_autoencoder(cfg: RunConfig, run, log: Log = print) -> None:
     with run_lock(run):
         folder = RunFolder(run)
         if folder.is_latent:
+            note_changed_pretrained(cfg, folder, log)
             return
         if not (folder.autoencoder / AUTOENCODER_WEIGHTS).exists():
             start = time.perf_counter()
@@ -248,6 +249,16 @@ def stage_autoencoder(cfg: RunConfig, run, log: Log = print) -> None:
                     train_autoencoder(load_split(run, "train").x, cfg.latent, folder.autoencoder)
                 log(f"autoencoder: trained in {time.perf_counter() - start:.1f}s")
         encode_shards(cfg, run, log)
+
+
+def note_changed_pretrained(cfg: RunConfig, folder: RunFolder, log: Log) -> None:
+    """A note when latent.pretrained's weights are no longer those of the run's copy (RUN/autoencoder, whose
+    latents its networks learnt): the run keeps its copy."""
+    source = Path(cfg.latent.pretrained or "") / AUTOENCODER_WEIGHTS
+    copy = folder.autoencoder / AUTOENCODER_WEIGHTS
+    if cfg.latent.pretrained and source.is_file() and copy.is_file() and sha256_file(source) != sha256_file(copy):
+        log(f"note: {source} differs from the run's copy {copy}, which encoded its latents; the run keeps its copy. "
+            f"To use the new autoencoder, make the run again in a new folder (`--out NEW_RUN`)")
 
 
 def encode_shards(cfg: RunConfig, run, log: Log = print) -> None:
