@@ -374,3 +374,35 @@ def test_a_lost_partition_file_says_how_to_make_the_partition_again(copy):
     with pytest.raises(DDMError, match=r"partition.safetensors is missing; copy the run's partition/ folder back "
                                        r"whole, or delete .*partition and run `ddmkit run CONFIG --out"):
         verify_registry(copy)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(prediction="x1"), r"expert_01: config.json prediction: 'x1' on the linear path"),
+    (lambda c: c.update(path={"kind": "vp", "steps": -3}), r"expert_01: config.json path.steps: -3"),
+    (lambda c: c.update(cluster=3), r"expert_01/config.json: cluster 3, but the folder is the slot of cluster 1.*: "
+                                    r"move the folder to experts/expert_03"),
+    (lambda c: c.pop("data_shape"), r"expert_01/config.json has no data_shape"),
+])
+def test_register_and_verify_refuse_a_folder_the_ddm_cannot_load(copy, monkeypatch, capsys, change, message):
+    """An expert folder whose config.json no sampling could load was registered (exit 0) and verified
+    ('verified 5 model folders'); sampling then failed without naming the folder, and a wrong cluster made
+    verify refuse the registry register had just written."""
+    from ddmkit.cli import main
+
+    def ddmkit(*args):
+        monkeypatch.setattr("sys.argv", ["ddmkit", *map(str, args)])
+        with pytest.raises(SystemExit) as exit:
+            main()
+        return exit.value.code, " ".join(capsys.readouterr().err.split())
+
+    path = copy / "experts" / "expert_01" / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    registry = (copy / "registry.json").read_bytes()
+    code, said = ddmkit("register", copy)
+    assert code == 2 and __import__("re").search(message, said), said
+    assert (copy / "registry.json").read_bytes() == registry  # nothing written
+    write_registry(copy)  # registered from Python past the check: verify still refuses
+    code, said = ddmkit("verify", copy)
+    assert code == 2 and __import__("re").search(message, said), said

@@ -568,10 +568,12 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
 @app.command()
 def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/, experts/, router/")):
     """Write RUN/registry.json: SHA-256 of every model folder, shard hashes, version, time convention."""
+    from ddmkit.ddm.load import check_loadable
     from ddmkit.pipeline.stages import run_lock
     from ddmkit.registry import write_registry
 
     with run_lock(run_dir):
+        check_loadable(run_dir)  # a folder the DDM could not load is refused here, not when it samples
         reg = write_registry(run_dir)
     log(f"registry: {len(reg['models'])} model folders recorded in {run_dir / 'registry.json'}")
     listed = {m["cluster"] for m in reg["models"] if m["role"] == "expert"}
@@ -588,9 +590,11 @@ def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
     """Check every model folder against RUN/registry.json and every shard against the partition.
 
     Exit status 2 on a mismatch or a missing expert."""
+    from ddmkit.ddm.load import check_loadable
     from ddmkit.registry import verify_registry
 
     res = verify_registry(run_dir, shards=True)
+    check_loadable(run_dir)  # verified files, read as the DDM will read them
     if res["missing"] and not allow_missing:
         raise DDMError(f"{run_dir}: experts {res['missing']} are missing (no experts/expert_XX/model.safetensors); "
                        "copy them back, or pass --allow-missing to accept the DDM without them")

@@ -419,7 +419,9 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
             check_shard(e.path, e.cluster, e.shard_sha256, shard_hash)
             cfg = read_json(folder / "config.json")
             if cfg.get("cluster") != e.cluster:
-                raise DDMError(f"{e.path}/config.json: cluster {cfg.get('cluster')!r}, registry says {e.cluster}")
+                raise DDMError(f"{e.path}/config.json: cluster {cfg.get('cluster')!r}, but the folder is the slot of "
+                               f"cluster {e.cluster} (the registry says so too): move the folder to experts/expert_"
+                               f"{cfg.get('cluster')!s:0>2}, or copy the right expert here")
         verified.append(e.path)
     listed = {e.cluster for e in reg.models if e.role == "expert"}
     unlisted = sorted(set(range(manifest["k"])) - listed)

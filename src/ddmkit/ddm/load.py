@@ -85,15 +85,19 @@ def velocity_field(model: torch.nn.Module, config: dict, guidance: float = 1.0) 
     """A velocity network (expert or monolith) as a field, converted to the linear-path velocity by its
     config's prediction type and, for a network trained on another path, by its config's "path"
     (path_output, ddmkit.flow.convert); class-conditional networks take y and apply guidance."""
+    return NetworkField(model, velocity_output(config, guidance))
+
+
+def velocity_output(config: dict, guidance: float = 1.0) -> VelocityOutput:
+    """How a velocity network's output becomes the linear-path velocity, from its config.json (path and
+    prediction checked: a DDMError naming the field)."""
     kind, schedule = path_output(config)
     accepted = {"linear": ("velocity", "epsilon", "x0"), "vp": ("epsilon", "v"), "edm": ("x0",)}[kind]
     prediction = config.get("prediction", accepted[0])  # velocity, DDPM's epsilon, EDM's x0
     if prediction not in accepted:
         raise DDMError(f"config.json prediction: {prediction!r} on the {kind} path; accepted: {', '.join(accepted)}"
                        + (" (an EDM network is a denoiser: leave prediction out)" if kind == "edm" else ""))
-    output = VelocityOutput(prediction, int(config["kwargs"].get("num_classes", 0)),
-                            float(guidance), kind, schedule)
-    return NetworkField(model, output)
+    return VelocityOutput(prediction, int(config["kwargs"].get("num_classes", 0)), float(guidance), kind, schedule)
 
 
 def router_field(model: torch.nn.Module, config: dict) -> NetworkField:
@@ -103,10 +107,37 @@ def router_field(model: torch.nn.Module, config: dict) -> NetworkField:
 
 
 def check_shape(folder, config: dict, data_shape: tuple) -> None:
+    if "data_shape" not in config:
+        raise DDMError(f"{folder}/config.json has no data_shape (the shape of the data it was trained on, a "
+                       "required field); train or copy the folder again")
     if tuple(config.get("data_shape", ())) != tuple(data_shape):
         raise DDMError(f"{folder} was trained on data of shape {tuple(config.get('data_shape', ()))} but this "
                        f"run's data are {tuple(data_shape)}; retrain it on this run's partition (images: at this "
                        "resolution)")
+
+
+def check_loadable(run) -> None:
+    """Every expert and monolith folder present in `run` as loading reads it: its path and prediction, its
+    data shape and an expert's cluster (a DDMError naming the folder). `ddmkit register` and `verify` call
+    it, so that a folder copied in from an island is refused there rather than when the DDM samples."""
+    folder = run_folder(run)
+    manifest, _ = load_partition_checked(folder.partition)
+    if manifest.get("data_name") == "text":  # byte-level models: no Gaussian path (ddmkit.discrete loads them)
+        return
+    shape = model_data_shape(folder.root)
+    for path, cluster in [*((folder.expert(c), c) for c in range(manifest["k"])), (folder.monolith, None)]:
+        if not (path / "config.json").exists():
+            continue
+        config = read_json(path / "config.json")
+        try:
+            velocity_output(config)
+        except DDMError as e:
+            raise DDMError(f"{path}: {e}") from None
+        check_shape(path, config, shape)
+        if cluster is not None and config.get("cluster", cluster) != cluster:
+            raise DDMError(f"{path}/config.json: cluster {config.get('cluster')!r}, but the folder is the slot of "
+                           f"cluster {cluster}: move the folder to experts/expert_{config.get('cluster')!s:0>2}, or "
+                           "copy the right expert here")
 
 
 def expert_indices(indices, k: int, argument: str) -> list[int]:
