@@ -1,12 +1,14 @@
 """One expert on 2 processes (DDP and FSDP, gloo on the CPU): the loss curve and weights of one process with
-the same global batch, the folder of one process, bit-exact resume after a crash, and checkpoints that resume
-under either."""
+the same global batch, the folder of one process, bit-exact resume after a crash, checkpoints that resume
+under either, and processes that stop with the command (SIGTERM, kill -9), leaving only the checkpoint."""
 import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,3 +219,89 @@ def test_fsdp_follows_one_process_resumes_bit_exactly_and_shares_checkpoints(tmp
     wb = load_file(str(back / "model.safetensors"))
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-5)
+
+
+def _ranks(parent: int) -> list[int]:
+    """The spawned processes (multiprocessing's spawn_main) whose parent is `parent`, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in cmd:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Whether process pid runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def training(tmp_path):
+    """`ddmkit train-expert --nproc 2` (10^6 steps, a checkpoint every 5) in its own session, started as a shell
+    script's background job is (`ddmkit ... &`: SIGINT ignored), once it wrote a checkpoint: (the command's process,
+    its two processes' ids, the expert folder); any process of it left is killed after."""
+    shard, out = _shard(tmp_path), tmp_path / "e"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "DDMKIT_QUIET": "1"}
+    log = open(tmp_path / "log", "w+")
+    command = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", sys.executable, "-m", "ddmkit",
+                                "train-expert", str(shard), "--config", str(tmp_path / "c.toml"), "--out", str(out),
+                                "--nproc", "2", "--set", "expert.train.steps=1000000", "--checkpoint-every", "5"],
+                               start_new_session=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    ranks = []
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint_path(out).exists() or len(ranks) < 2:
+            assert command.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.05)
+            ranks = _ranks(command.pid)
+        yield command, ranks, out
+    finally:
+        for pid in [command.pid, *ranks]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        command.wait()
+        log.close()
+
+
+def _left(out: Path) -> list[str]:
+    """What the folder of the expert folder `out` holds, less the test's own files."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name not in ("shard.safetensors", "c.toml", "log"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_processes_die_with_a_killed_command(training):
+    """kill -9 of the command left its two processes training (torch's parent-death signal is SIGINT, which a
+    background job ignores): they wrote the checkpoint on and finished the expert with no command running."""
+    command, ranks, out = training
+    command.kill()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in ranks):
+        assert time.monotonic() < deadline, "the processes outlived the command"
+        time.sleep(0.05)
+    written = checkpoint_path(out).stat().st_mtime_ns
+    time.sleep(1)
+    assert checkpoint_path(out).stat().st_mtime_ns == written
+    assert _left(out) == [checkpoint_path(out).name]  # rank 0 stopped as on Ctrl-C: no staging folder left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals, reads /proc")
+@pytest.mark.parametrize("to", ["group", pytest.param("command", marks=pytest.mark.slow)])  # timeout, or kill
+def test_sigterm_stops_every_process_and_keeps_only_the_checkpoint(training, to):
+    """SIGTERM to the process group killed the two processes where they stood (exit 143 all the same), leaving
+    rank 0's staging folder beside the checkpoint; SIGTERM to the command alone left them training."""
+    command, ranks, out = training
+    (os.killpg if to == "group" else os.kill)(command.pid, signal.SIGTERM)
+    code = command.wait(timeout=60)
+    said = " ".join((out.parent / "log").read_text().split())
+    assert code == 143, said
+    assert "stopped by SIGTERM" in said and "Traceback" not in said, said
+    assert not any(_alive(pid) for pid in ranks)
+    assert _left(out) == [checkpoint_path(out).name]

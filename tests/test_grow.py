@@ -16,7 +16,7 @@ from ddmkit.config import ExpertConfig, RunConfig, validate
 from ddmkit.data import ArrayData
 from ddmkit.ddm import load_ddm
 from ddmkit.errors import DDMError
-from ddmkit.io import load_tensors, read_json
+from ddmkit.io import load_tensors, read_json, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.grow import add_expert, joined_truth, replace_expert
 from ddmkit.pipeline.models import describe_models
@@ -233,6 +233,34 @@ def test_replace_expert_copies_a_foreign_folder_that_verifies_and_is_flagged(run
     assert len(notes) == 2 and notes[0].startswith("expert 1 differs") and "kwargs" in notes[0]
     assert "the 3 experts on" in notes[1] and "not their FLOP-matched baseline" in notes[1]  # 20 x 32 steps now
     assert load_ddm(run).k == 3
+
+
+@pytest.mark.parametrize("stage", ["expert", "router"])
+def test_an_interrupted_add_expert_leaves_nothing_in_the_run(base, run, stage, monkeypatch):
+    """Ctrl-C or SIGTERM (KeyboardInterrupt) while the new expert or the router trained removed the staging
+    folders but left the job's checkpoint (experts/.expert_03.checkpoint.safetensors.PID-HOST.R.tmp) in the run."""
+    import ddmkit.train.jobs as jobs
+
+    config = read_json(run / "config.json")
+    config["config"][stage]["train"]["checkpoint_every"] = 10
+    write_json(run / "config.json", config)
+    before = hashes(run)
+    name = "flow_matching_loss" if stage == "expert" else "router_loss"
+    real, calls, checkpoints = getattr(jobs, name), [], []
+
+    def stopped_at_step_26(*args, **kwargs):  # after the checkpoints of steps 10 and 20
+        calls.append(1)
+        if len(calls) > 25:
+            checkpoints.extend(run.rglob(".*.checkpoint.safetensors.*.tmp"))
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, name, stopped_at_step_26)
+    with pytest.raises(KeyboardInterrupt):
+        add_expert(run, str(base / "new.npz"), log=lambda m: None)
+    assert len(checkpoints) == 1  # the job had written one
+    assert hashes(run) == before
+    assert not [p for p in run.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
 
 
 def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):

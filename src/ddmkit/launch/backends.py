@@ -24,12 +24,8 @@ With resume=True a job continues from the checkpoint it left, on every backend.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
-import threading
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -43,10 +39,10 @@ from ddmkit.errors import DDMError
 from ddmkit.launch.ray_backend import run_ray
 from ddmkit.nets import use_networks, user_networks
 from ddmkit.train.checkpoint import check_checkpoint_file
+from ddmkit.train.distributed import die_with_parent
 from ddmkit.train.jobs import checkpoint_path, train_expert
 
 BACKENDS = ("inline", "processes", "ray")
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _STATE = "idle"  # a pool worker's: "idle", "job" (running one) or "stopping" (_stop_job)
 Log = Callable[[str], None]
 
@@ -108,24 +104,12 @@ def _stop_job(signum, frame) -> None:
         os._exit(128 + signum)
 
 
-def _watch_parent(parent: int) -> None:
-    """Exit once the parent process is gone (reparented: another parent id)."""
-    while os.getppid() == parent:
-        time.sleep(1)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _start_worker(parent: int) -> None:
     """A pool worker's initializer: stop on SIGINT / SIGTERM (_stop_job), and die with the parent (on
     Linux the kernel sends SIGTERM when it dies, elsewhere a thread looks every second)."""
     signal.signal(signal.SIGINT, _stop_job)
     signal.signal(signal.SIGTERM, _stop_job)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # it died before prctl
-            os._exit(1)
-    else:
-        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    die_with_parent(parent)
 
 
 def _process_job(job: ExpertJob, config_dump: dict, resume: bool, gpu: int | None, networks: tuple = ()) -> str:

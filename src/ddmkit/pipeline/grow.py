@@ -61,7 +61,7 @@ from ddmkit.nets import check_builds
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.registry import load_model, load_partition_checked, verify_registry, write_registry
-from ddmkit.train.jobs import train_router
+from ddmkit.train.jobs import checkpoint_path, train_router
 from ddmkit.truth import GaussianMixture
 
 Log = Callable[[str], None]
@@ -410,6 +410,13 @@ def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
         raise DDMError(f"--{name}: unknown value {value!r}; accepted: {', '.join(accepted)}")
 
 
+def _remove_checkpoint_on_exit(stack: contextlib.ExitStack, staged: Path) -> None:
+    """Remove, when `stack` closes, the checkpoint that the job writing the staging folder `staged` keeps beside
+    it: a finished job removed it already; an interrupted one's goes with the staging folder (its name is this
+    process's: no later command could continue from it)."""
+    stack.callback(checkpoint_path(staged).unlink, missing_ok=True)
+
+
 def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", log: Log = print) -> dict:
     """Add a new island's data to a trained run (see the module docstring); returns the grow.json entry.
 
@@ -431,12 +438,16 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
             shards = _write_partition(folder.partition, stack.enter_context(staging_dir(folder.partition)), plan)
             _write_data(stack.enter_context(staging_dir(folder.data)), folder, plan)
             jobs = [ExpertJob(c, shards[c], stack.enter_context(staging_dir(folder.expert(c)))) for c in plan.retrain]
+            for job in jobs:
+                _remove_checkpoint_on_exit(stack, job.out_dir)
             run_jobs(jobs, cfg.expert, "inline", log=lambda msg: None)
             rows = [plan.manifest["counts"][c] for c in plan.retrain]
             log(f"add-expert: experts {plan.retrain} trained on {rows} rows")
             if router == "retrain":
+                router_dir = stack.enter_context(staging_dir(folder.router))
+                _remove_checkpoint_on_exit(stack, router_dir)
                 with job_threads(cfg.router.train.threads):
-                    train_router(shards, cfg.router, stack.enter_context(staging_dir(folder.router)))
+                    train_router(shards, cfg.router, router_dir)
                 log(f"add-expert: router retrained over {len(shards)} clusters")
             clear_derived(folder)
             event = log_event(folder, plan.event, "learned" if router == "retrain" else "statistics")

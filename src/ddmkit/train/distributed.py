@@ -23,14 +23,21 @@ network that is not sharded they are state_dict() and load_state_dict().
 The processes come from torchrun (or any launcher that sets RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT and LOCAL_RANK) or are spawned here, nproc on this
 machine. gloo on the CPU, nccl on CUDA (process i on GPU LOCAL_RANK = i).
+Spawned processes stop on SIGINT or SIGTERM as on Ctrl-C (rank 0 removes its
+staging folder, the last checkpoint stays), and die with the process that
+spawned them (die_with_parent).
 `LOCAL` is the plain single process: every method is the identity, so the
 one-process path runs exactly the code it ran without this module.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,6 +50,8 @@ from torch import nn
 from ddmkit.errors import DDMError
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOPPED = 130  # the exit status of a spawned process stopped by SIGINT or SIGTERM
 
 
 @dataclass(frozen=True)
@@ -239,9 +248,39 @@ def from_env(device_name: str = "auto") -> Distributed | None:
                  device_name, "env://")
 
 
+def _watch_parent(parent: int) -> None:
+    """Send this process SIGTERM once the parent process is gone (reparented: another parent id)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have this process get SIGTERM when `parent` (its parent's id) dies: on Linux the kernel sends it
+    (PR_SET_PDEATHSIG), elsewhere a thread looks every second. A parent gone already ends it at once."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before prctl
+            os._exit(1)
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _stop_rank(signum, frame) -> None:
+    """A spawned process's SIGINT / SIGTERM handler: stop as on Ctrl-C (KeyboardInterrupt: rank 0 removes its
+    staging folder, the last checkpoint stays); signals during that cleanup are ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _worker(local_rank: int, nproc: int, device_name: str, init_method: str, threads: int, errors,
-            fn: Callable, args: tuple) -> None:
-    """Body of a spawned process: join the group, call fn, report a DDMError's message to the parent."""
+            parent: int, fn: Callable, args: tuple) -> None:
+    """Body of a spawned process: stop on SIGINT / SIGTERM and with the parent, join the group, call fn,
+    report a DDMError's message to the parent (exit status STOPPED when stopped)."""
+    signal.signal(signal.SIGINT, _stop_rank)  # SIGINT too: a background job's processes inherit it ignored
+    signal.signal(signal.SIGTERM, _stop_rank)
+    die_with_parent(parent)
     torch.set_num_threads(threads)
     try:
         fn(*args, dist=_join(local_rank, nproc, local_rank, device_name, init_method))
@@ -249,26 +288,50 @@ def _worker(local_rank: int, nproc: int, device_name: str, init_method: str, thr
     except DDMError as e:
         errors.put(str(e))
         raise
+    except KeyboardInterrupt:
+        sys.exit(STOPPED)  # not 0, as torch's wrapper would exit: the parent learns the job did not finish
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()
 
 
+def _stop(processes: list) -> None:
+    """Stop spawned processes as on Ctrl-C (SIGTERM: _stop_rank) and wait for them to exit (30 s, then SIGKILL)."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 def spawn(fn: Callable, nproc: int, device_name: str, *args) -> None:
     """Call fn(*args, dist=...) in nproc new processes of this machine, one job (process i on GPU i with
     CUDA; the CPU threads split between them, until fn sets its own: train_expert trains on
-    train.threads). A DDMError in any of them is raised here."""
+    train.threads). A DDMError in any of them is raised here. Ctrl-C or SIGTERM here (KeyboardInterrupt) stops
+    them and waits for them to clean up; one of them stopped by a signal is a KeyboardInterrupt here."""
     _device(device_name, nproc - 1)  # enough GPUs (with CUDA), checked before starting anything
     threads = max(1, torch.get_num_threads() // nproc)
     errors = mp.get_context("spawn").SimpleQueue()
     with tempfile.TemporaryDirectory(prefix="ddmkit-ddp-") as tmp:
         init = (Path(tmp) / "store").as_uri()  # a file rendezvous: no port to choose on one machine
+        context = mp.start_processes(_worker, (nproc, device_name, init, threads, errors, os.getpid(), fn, args),
+                                     nprocs=nproc, join=False, start_method="spawn")
         try:
-            mp.start_processes(_worker, (nproc, device_name, init, threads, errors, fn, args), nprocs=nproc,
-                               join=True, start_method="spawn")
+            while not context.join():
+                pass
         except mp.ProcessRaisedException:
             if not errors.empty():
                 raise DDMError(errors.get()) from None
+            raise
+        except mp.ProcessExitedException as e:
+            if e.exit_code == STOPPED:  # a signal reached the processes but not this one
+                raise KeyboardInterrupt from None
+            raise
+        except BaseException:  # Ctrl-C, or SIGTERM where the caller raises on it (ddmkit's command line does)
+            _stop(context.processes)
             raise
 
 
@@ -292,6 +355,6 @@ def run(fn: Callable, nproc: int, device_name: str, *args) -> None:
         fn(*args, dist=LOCAL)
 
 
-__all__ = ["Distributed", "LOCAL", "blocks", "check_batch", "from_env", "full_optimizer_state", "full_state",
-           "full_tensor", "is_shard", "load_full_optimizer_state", "load_full_state", "run", "shard_like", "spawn",
-           "unshard"]
+__all__ = ["Distributed", "LOCAL", "blocks", "check_batch", "die_with_parent", "from_env", "full_optimizer_state",
+           "full_state", "full_tensor", "is_shard", "load_full_optimizer_state", "load_full_state", "run", "shard_like",
+           "spawn", "unshard"]
