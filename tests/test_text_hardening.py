@@ -375,8 +375,11 @@ def test_sample_honours_steps_for_flow_matching_and_refuses_vector_options(text_
     assert code == 2 and "--solver, --guidance, --batch-size: not used by a text run" in err, err
     code, err = cli(monkeypatch, capsys, "sample", dfm, "--strategy", "top-1", "--no-cuda-streams")
     assert code == 2 and "--cuda-streams: not used by a text run" in err, err
-    code, err = cli(monkeypatch, capsys, "sample", dfm, "--strategy", "top-1", "--device", "cpu")
-    assert code == 2 and "error: --device: a trained text run keeps" in " ".join(err.split()), err  # only what was given
+    code, err = cli(monkeypatch, capsys, "sample", dfm, "--strategy", "top-1", "--device", "cuda")
+    assert code == 2 and "error: --device cuda: text runs train and sample on the CPU" in " ".join(err.split()), err
+    for command in ("evaluate", "analyze"):  # --device cpu asks for what a text run does: it was refused, naming --set
+        code, err = cli(monkeypatch, capsys, command, ar, "--device", "cpu", *(["--n", "2"] if command == "analyze" else []))
+        assert code == 0, err
     code, err = cli(monkeypatch, capsys, "sample", ar, "--strategy", "top-1", "--steps", "3")
     assert code == 2 and "--steps: autoregressive sampling draws one byte per step" in err, err
 

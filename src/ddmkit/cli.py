@@ -643,8 +643,10 @@ def _text_kind(config: Path) -> bool:
 
 def _no_text_overrides(config: Optional[Path], seed: Optional[int], device: Optional[str] = None,
                        overrides: Optional[List[str]] = None) -> None:
-    given = [name for name, value in (("--config", config), ("--seed", seed), ("--device", device),
-                                      ("--set", overrides or None)) if value is not None]
+    if device not in (None, "cpu", "auto"):
+        raise DDMError(f"--device {device}: text runs train and sample on the CPU; leave --device out (or give cpu)")
+    given = [name for name, value in (("--config", config), ("--seed", seed), ("--set", overrides or None))
+             if value is not None]
     if given:
         raise DDMError(f"{', '.join(given)}: a trained text run keeps the text config it was made with "
                        "(RUN/config.json); give --set to `ddmkit run TEXT_CONFIG` when making the run")
