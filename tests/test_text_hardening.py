@@ -416,6 +416,15 @@ def test_a_test_shard_is_refused_and_a_leaked_expert_is_not_evaluated(text_runs,
         evaluate_text(run, log=QUIET)
 
 
+def test_a_text_shard_without_its_text_config_is_refused(text_runs, monkeypatch, capsys, tmp_path):
+    """train-expert on a text shard without --config trained the default vector MLP on its bytes, as
+    scalars (exit 0, final loss in the thousands)."""
+    shard = RunFolder(text_runs["text_ar"]).partition / "shards" / "cluster_00.safetensors"
+    code, err = cli(monkeypatch, capsys, "train-expert", shard, "--out", tmp_path / "e")
+    assert code == 2 and "is a text shard (a stream of bytes)" in err and "--config RUN/config.json" in err, err
+    assert not (tmp_path / "e").exists()
+
+
 def test_a_text_run_is_not_partitioned_again_in_place_without_force(tmp_path):
     """Its models (and registry) belong to the old partition: the new one was written, then refused."""
     config, run = write_config(tmp_path, "text_ar"), tmp_path / "run"

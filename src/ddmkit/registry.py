@@ -183,6 +183,10 @@ def check_shard_space(shard: str | Path, latent: bool) -> None:
                        "latent run), e.g. RUN/partition/shards/cluster_00.safetensors")
     if path.is_dir():
         raise DDMError(f"shard {path} is a folder; give one shard file in it, e.g. {path / 'cluster_00.safetensors'}")
+    x = header_shapes(path).get("x")
+    if x is not None and len(x[0]) == 1 and x[1] == "U8":  # ddmkit.discrete's shards: one byte stream
+        raise DDMError(f"{path} is a text shard (a stream of bytes), but the config trains continuous experts: give "
+                       "the run's text config, --config RUN/config.json")
     is_latent = path.is_file() and "pixel_shard_sha256" in read_metadata(path)
     if latent and path.is_file() and not is_latent:
         raise DDMError(f"{path} is a shard of images, but the config trains in latent space ([latent] enabled): give "
