@@ -425,6 +425,24 @@ def test_a_text_shard_without_its_text_config_is_refused(text_runs, monkeypatch,
     assert not (tmp_path / "e").exists()
 
 
+def test_a_text_expert_goes_to_its_own_cluster_s_folder(text_runs, tmp_path):
+    """train-expert cluster_01's shard --out RUN/experts/expert_00 replaced expert 0 with cluster 1's expert;
+    evaluate then called it 'missing or trained with other settings'."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(text_runs["text_ar"], run)
+    folder = RunFolder(run)
+    from ddmkit.pipeline.text import read_text_config, train_text_expert
+
+    before = (folder.expert(0) / "model.safetensors").read_bytes()
+    with pytest.raises(DDMError, match=r"expert_00 is the folder of expert 0, but .*cluster_01.safetensors is cluster "
+                                       r"1's shard; give --out .*expert_01, or the shard cluster_00.safetensors"):
+        train_text_expert(folder.partition / "shards" / "cluster_01.safetensors", read_text_config(folder.config),
+                          folder.expert(0))
+    assert (folder.expert(0) / "model.safetensors").read_bytes() == before
+
+
 def test_a_text_run_is_not_partitioned_again_in_place_without_force(tmp_path):
     """Its models (and registry) belong to the old partition: the new one was written, then refused."""
     config, run = write_config(tmp_path, "text_ar"), tmp_path / "run"

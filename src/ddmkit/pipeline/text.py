@@ -21,6 +21,7 @@ device), so a bad config leaves the folder as it was; every stage that writes ho
 """
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -104,8 +105,10 @@ def train_or_load(folder: Path, digest: str, arch: str, kwargs: dict, loss: Call
     if (folder / "config.json").exists() and read_json(folder / "config.json").get("run_digest") == digest:
         return from_pretrained(folder)[0]
     if not train:
-        raise DDMError(f"{folder} is missing or was trained with other settings; train it with `ddmkit run "
-                       "CONFIG --out RUN` (or the matching `ddmkit train-*` command)")
+        why = ("was trained with other settings or on another shard than its cluster's (its config.json's "
+               "run_digest is not this run's)") if (folder / "config.json").exists() else "is missing"
+        raise DDMError(f"{folder} {why}; train it with `ddmkit run CONFIG --out RUN` (or the matching `ddmkit "
+                       "train-*` command)")
     with staging_dir(folder) as tmp:
         torch.manual_seed(train_cfg.seed)  # the initial weights too: same seed, same bytes
         model = build_model(arch, **kwargs)
@@ -360,6 +363,11 @@ def train_text_expert(shard: str | Path, cfg: TextRunConfig, out_dir: str | Path
         if meta.get("split", Path(shard).parent.name) == "test":
             raise DDMError(f"{shard} is held-out text (a test shard): an expert trained on it would be scored on "
                            f"its own training text; give the training shard, partition/shards/{Path(shard).name}")
+        slot = re.fullmatch(r"expert_(\d+)", Path(out_dir).name)
+        if slot and Path(out_dir).parent.name == "experts" and int(slot.group(1)) != c:
+            raise DDMError(f"{out_dir} is the folder of expert {int(slot.group(1))}, but {shard} is cluster {c}'s "
+                           f"shard; give --out {Path(out_dir).parent / f'expert_{c:02d}'}, or the shard "
+                           f"cluster_{int(slot.group(1)):02d}.safetensors")
         base = cfg.digest("corpus", "partition", "model", "expert")
         loss = lambda model, g: task.expert_loss(model, sample_windows(stream, m.seq_len, tr.batch_size, g), g)
         meta = {"role": f"{task.role} expert", "cluster": c, "k": int(meta.get("k", 0)),
