@@ -181,7 +181,9 @@ def test_a_missing_expert_is_named_and_left_out(trained, tmp_path):
         res = analyze_run(run, strategies=["full", "top-9"], seed=2**63 - 1, log=lines.append, **SMALL)
     assert ("note: experts [3] of 4 are missing: sampling with the other 3, router weights renormalised over "
             "them") in lines
-    assert "note: top-9 on a DDM of K = 4 experts calls every expert: the same routing as full" in lines
+    assert ("note: top-9 on a DDM of K = 4 experts calls every expert: the same routing as full; measured once, "
+            "as full") in lines
+    assert set(res["strategies"]) == {"full"}  # top-9 counted twice in the across-strategy correlations
     assert not any("note: full" in line for line in lines)
     held = res["heldout"]
     assert held["experts"] == [0, 1, 2] and all(len(e) == 3 for e in held["expert"])

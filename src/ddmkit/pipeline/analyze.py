@@ -92,11 +92,19 @@ def check_seed(seed) -> None:
                        "leave it out to use the run's")
 
 
-def note_full_aliases(names: Sequence[str], k: int, log: Callable[[str], None]) -> None:
-    """The note `ddmkit sample` prints for a top-n that calls every expert of the DDM."""
+def note_full_aliases(names: Sequence[str], k: int, log: Callable[[str], None]) -> list[str]:
+    """The names measured: a top-n that calls every expert of the DDM is full routing, said in the note
+    `ddmkit sample` prints, and left out when full is measured too (it would count twice in the
+    across-strategy correlations)."""
+    kept = []
     for name in names:
-        if calls_every_expert(name, k):
-            log(f"note: {name} on a DDM of K = {k} experts calls every expert: the same routing as full")
+        alias = calls_every_expert(name, k)
+        if alias:
+            log(f"note: {name} on a DDM of K = {k} experts calls every expert: the same routing as full"
+                + ("; measured once, as full" if "full" in names else ""))
+        if not (alias and "full" in names):
+            kept.append(name)
+    return kept
 
 
 def split_rows(count: int, n: int, n_heldout: int) -> dict[str, slice]:
@@ -320,7 +328,8 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     strats = check_strategies(names)
     out = check_folder_target(out if out is not None else folder.analysis)  # before the long work
     ddm = loaded_ddm(run, device, log)
-    note_full_aliases(names, ddm.k, log)
+    names = note_full_aliases(list(strats), ddm.k, log)
+    strats = {name: strats[name] for name in names}
     test = load_split(run, "test")
     rows = split_rows(len(test.x), n, n_heldout)
     test = dataclasses.replace(test, x=test.x.to(device))
