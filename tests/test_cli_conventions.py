@@ -19,19 +19,6 @@ from ddmkit.train.loop import fit
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
 
 
-@pytest.fixture
-def ddmkit(monkeypatch, capsys):
-    """`ddmkit ARGS` in this process: (exit code, stdout, stderr on one line)."""
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit:
-            main()
-        out, err = capsys.readouterr()
-        return exit.value.code, out, " ".join(err.split())
-    return run
-
-
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
     """A shard of a two-cluster partition made with `ddmkit partition --set ...`."""

@@ -23,6 +23,8 @@ from ddmkit.io import read_metadata, save_tensors
 from ddmkit.train.distributed import spawn
 from ddmkit.train.jobs import checkpoint_path, train_expert, train_expert_ddp
 
+from conftest import alive, spawned_children
+
 TOML = """
 [expert.net]
 arch = "mlp"
@@ -221,28 +223,6 @@ def test_fsdp_follows_one_process_resumes_bit_exactly_and_shares_checkpoints(tmp
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-5)
 
 
-def _ranks(parent: int) -> list[int]:
-    """The spawned processes (multiprocessing's spawn_main) whose parent is `parent`, from /proc."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (stat.parent / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and b"spawn_main" in cmd:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    """Whether process pid runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def training(tmp_path):
     """`ddmkit train-expert --nproc 2` (10^6 steps, a checkpoint every 5) in its own session, started as a shell
@@ -261,11 +241,11 @@ def training(tmp_path):
         while not checkpoint_path(out).exists() or len(ranks) < 2:
             assert command.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
             time.sleep(0.05)
-            ranks = _ranks(command.pid)
+            ranks = spawned_children(command.pid)
         yield command, ranks, out
     finally:
         for pid in [command.pid, *ranks]:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         command.wait()
         log.close()
@@ -283,7 +263,7 @@ def test_the_processes_die_with_a_killed_command(training):
     command, ranks, out = training
     command.kill()
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in ranks):
+    while any(alive(pid) for pid in ranks):
         assert time.monotonic() < deadline, "the processes outlived the command"
         time.sleep(0.05)
     written = checkpoint_path(out).stat().st_mtime_ns
@@ -303,5 +283,5 @@ def test_sigterm_stops_every_process_and_keeps_only_the_checkpoint(training, to)
     said = " ".join((out.parent / "log").read_text().split())
     assert code == 143, said
     assert "stopped by SIGTERM" in said and "Traceback" not in said, said
-    assert not any(_alive(pid) for pid in ranks)
+    assert not any(alive(pid) for pid in ranks)
     assert _left(out) == [checkpoint_path(out).name]

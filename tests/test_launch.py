@@ -19,6 +19,8 @@ from ddmkit.io import save_tensors
 from ddmkit.launch import ExpertJob, run_jobs, slurm_script
 from ddmkit.train.jobs import checkpoint_path
 
+from conftest import alive, spawned_children
+
 
 def _jobs(root: Path, name: str, k: int = 2) -> list[ExpertJob]:
     jobs = []
@@ -273,27 +275,6 @@ def _tiny_run(root: Path, *overrides: str) -> Path:
     return prepare_run_dir(root / "run", RunConfig.model_validate(raw), log=lambda m: None)
 
 
-def _workers(driver: int) -> list[int]:
-    """The pool workers (spawned processes) whose parent is `driver`."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (stat.parent / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == driver and b"spawn_main" in cmd:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def launched(tmp_path):
     """`ddmkit launch RUN --backend processes --workers 2` in its own session (two experts of 10^6 steps),
@@ -309,11 +290,11 @@ def launched(tmp_path):
         while not list((run / "experts").glob("*.checkpoint.safetensors")) or len(workers) < 2:
             assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "launch.log").read_text()
             time.sleep(0.05)
-            workers = _workers(driver.pid)
+            workers = spawned_children(driver.pid)
         yield driver, workers, run
     finally:
         for pid in [driver.pid, *workers]:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         driver.wait()
         log.close()
@@ -331,7 +312,7 @@ def test_ctrl_c_stops_the_process_pool_at_once(launched, to):
     out = (run.parent / "launch.log").read_text()
     assert code == 130, out
     assert "interrupted" in out and "Traceback" not in out, out
-    assert not any(_alive(pid) for pid in workers)
+    assert not any(alive(pid) for pid in workers)
     names = sorted(p.name for p in (run / "experts").iterdir())
     assert names and all(n.endswith(".checkpoint.safetensors") for n in names), names
 
@@ -341,7 +322,7 @@ def test_the_pool_workers_die_with_a_killed_driver(launched):
     driver, workers, run = launched
     driver.kill()
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in workers):
+    while any(alive(pid) for pid in workers):
         assert time.monotonic() < deadline, "the workers outlived their driver"
         time.sleep(0.05)
 
@@ -358,7 +339,7 @@ def test_a_worker_killed_from_outside_is_a_clear_error(launched):
     assert code == 2, out
     assert "a worker process of the pool died" in out and "run the same command" in out, out
     assert "Traceback" not in out, out
-    assert not any(_alive(pid) for pid in workers)
+    assert not any(alive(pid) for pid in workers)
     names = sorted(p.name for p in (run / "experts").iterdir() if f".{workers[0]}-" not in p.name)
     assert names and all(n.endswith(".checkpoint.safetensors") for n in names), names
 

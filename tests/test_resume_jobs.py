@@ -1,13 +1,11 @@
 """Resume of every training job (expert, monolith, router): bit-exact, and only on the same data."""
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from ddmkit.cli import main
 from ddmkit.config import ExpertConfig, NetConfig, PathConfig, RouterConfig, TrainConfig, load_config
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, read_metadata, save_tensors, sha256_file
@@ -125,19 +123,6 @@ def test_a_killed_monolith_or_router_stage_resumes_to_the_same_bytes(tiny_partit
     assert (folder / "config.json").read_bytes() == (reference / "config.json").read_bytes()
     assert _log(folder) == _log(reference)
     assert not checkpoint_path(folder).exists() and not checkpoint_path(reference).exists()
-
-
-@pytest.fixture
-def ddmkit(monkeypatch, capsys):
-    """`ddmkit ARGS` in this process: (exit code, stdout, stderr on one line)."""
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit:
-            main()
-        out, err = capsys.readouterr()
-        return exit.value.code, out, " ".join(err.split())
-    return run
 
 
 def test_an_expert_folder_cut_short_is_trained_again_and_one_with_other_files_is_refused(tmp_path, ddmkit):
