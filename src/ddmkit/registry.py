@@ -339,6 +339,14 @@ def check_shard(path: str, cluster, trained_on, shard_hash: dict) -> None:
                    "copy the expert trained on this partition's shard, or train it again")
 
 
+def check_slot(path, cluster, slot: int) -> None:
+    """An expert folder whose config.json names `cluster` must sit in the slot of that cluster
+    (experts/expert_{slot}), else a DDMError saying where it goes."""
+    if cluster != slot:
+        raise DDMError(f"{path}/config.json: cluster {cluster!r}, but the folder is the slot of cluster {slot}: move "
+                       f"the folder to experts/expert_{cluster!s:0>2}, or copy the right expert here")
+
+
 def write_registry(run: str | Path) -> dict:
     """Write RUN/registry.json for the model folders present; returns it. Refused (DDMError): weights
     holding NaN, an expert trained on another partition's shard (nothing could load it)."""
@@ -421,11 +429,7 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
                                "replaced. Re-copy it, or run `ddmkit register` if the change is intended")
         if e.role == "expert":
             check_shard(e.path, e.cluster, e.shard_sha256, shard_hash)
-            cfg = read_json(folder / "config.json")
-            if cfg.get("cluster") != e.cluster:
-                raise DDMError(f"{e.path}/config.json: cluster {cfg.get('cluster')!r}, but the folder is the slot of "
-                               f"cluster {e.cluster} (the registry says so too): move the folder to experts/expert_"
-                               f"{cfg.get('cluster')!s:0>2}, or copy the right expert here")
+            check_slot(e.path, read_json(folder / "config.json").get("cluster"), e.cluster)
         verified.append(e.path)
     listed = {e.cluster for e in reg.models if e.role == "expert"}
     unlisted = sorted(set(range(manifest["k"])) - listed)

@@ -27,8 +27,9 @@ from ddmkit.io import load_tensors, read_json
 from ddmkit.layout import RunFolder
 from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
 from ddmkit.latent.autoencoder import LatentCodec, load_codec
-from ddmkit.registry import (check_shard, checked_model_shards, latent_info, load_model, load_partition_checked,
-                             model_data_shape, model_shards, partition_shard_hashes, verify_registry, warn_missing)
+from ddmkit.registry import (check_shard, check_slot, checked_model_shards, latent_info, load_model,
+                             load_partition_checked, model_data_shape, model_shards, partition_shard_hashes,
+                             verify_registry, warn_missing)
 from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics, stats_router
 from ddmkit.truth import GaussianMixture
 
@@ -134,10 +135,8 @@ def check_loadable(run) -> None:
         except DDMError as e:
             raise DDMError(f"{path}: {e}") from None
         check_shape(path, config, shape)
-        if cluster is not None and config.get("cluster", cluster) != cluster:
-            raise DDMError(f"{path}/config.json: cluster {config.get('cluster')!r}, but the folder is the slot of "
-                           f"cluster {cluster}: move the folder to experts/expert_{config.get('cluster')!s:0>2}, or "
-                           "copy the right expert here")
+        if cluster is not None:
+            check_slot(path, config.get("cluster", cluster), cluster)
 
 
 def expert_indices(indices, k: int, argument: str) -> list[int]:
