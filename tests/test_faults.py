@@ -25,7 +25,7 @@ ENV = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1", "OMP_NUM_THREADS": 
 # `ddmkit ARGS...` that dies (SIGKILL, as kill -9) in the middle of its nth atomic write of a file
 # named TARGET: half the bytes are in the temporary file, the rename never happens
 KILL_MID_WRITE = r"""
-import os, signal, sys, tempfile
+import os, signal, sys
 from pathlib import Path
 import ddmkit.io as io
 target, nth = sys.argv[1], int(sys.argv[2])
@@ -35,7 +35,7 @@ def write(path, data):
     if path.name == target:
         seen[0] += 1
         if seen[0] == nth:
-            fd, _ = tempfile.mkstemp(dir=path.parent, prefix=io._tmp_prefix(path.name), suffix=".tmp")
+            fd = os.open(io._temp_name(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.write(fd, data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
     return real(path, data)

@@ -734,6 +734,27 @@ def test_results_get_the_permissions_of_a_plain_file_not_those_of_a_private_temp
     assert ddmkit.io._process_umask() == ddmkit.io._process_umask()  # reading the mask leaves it as it was
 
 
+@pytest.mark.parametrize("make", ["open", "mkdir"])
+def test_a_signal_while_the_temporary_is_made_leaves_nothing_behind(tmp_path, monkeypatch, make):
+    """Ctrl-C or SIGTERM (KeyboardInterrupt) landing just after the temporary file or folder was made,
+    before its name was known, left it behind: a rank stopped mid-checkpoint left `.NAME....tmp`."""
+    real = getattr(os, make)
+
+    def made_then_interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, make, made_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        if make == "open":
+            write_json(tmp_path / "r.json", {"a": 1})
+        else:
+            with staging_dir(tmp_path / "d"):
+                pass
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 class NoWeights(torch.nn.Module):
     """A velocity with nothing to train."""
 

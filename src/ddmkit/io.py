@@ -16,9 +16,9 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,8 +32,11 @@ STAGING = re.compile(r"^\..+\.tmp$")
 _OWNER = re.compile(r"\.(\d+)-([0-9a-f]{6})\.[^.]+\.tmp$")
 
 
-def _tmp_prefix(name: str) -> str:
-    return f".{name}.{os.getpid()}-{HOST}."
+def _temp_name(path: Path) -> Path:
+    """A fresh hidden temporary name beside `path`: .NAME.PID-HOST.XXXXXXXX.tmp. It is chosen before the
+    file or folder is made, so a signal (Ctrl-C, SIGTERM) that lands while it is being made still finds
+    the name to remove."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{HOST}.{secrets.token_hex(4)}.tmp")
 
 
 def sibling(path: Path, suffix: str) -> Path:
@@ -84,9 +87,9 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     ensure_folder(path.parent)
     if path.is_dir():
         raise DDMError(f"{path} is a folder, but a file is written there; move it away")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path.name), suffix=".tmp")
+    tmp = _temp_name(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -209,8 +212,9 @@ def staging_dir(final: str | Path):
     for old in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):  # a killed writer's, of this target
         if _writer_gone(old.name):
             remove(old, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_tmp_prefix(final.name), suffix=".tmp"))
+    tmp = _temp_name(final)
     try:
+        os.mkdir(tmp, 0o700)
         yield tmp
         os.chmod(tmp, 0o777 & ~UMASK)
         if final.exists():
