@@ -262,7 +262,7 @@ def test_the_processes_die_with_a_killed_command(training):
     background job ignores): they wrote the checkpoint on and finished the expert with no command running."""
     command, ranks, out = training
     command.kill()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a hang guard: a loaded machine takes seconds to end torch processes
     while any(alive(pid) for pid in ranks):
         assert time.monotonic() < deadline, "the processes outlived the command"
         time.sleep(0.05)

@@ -321,7 +321,7 @@ def test_ctrl_c_stops_the_process_pool_at_once(launched, to):
 def test_the_pool_workers_die_with_a_killed_driver(launched):
     driver, workers, run = launched
     driver.kill()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a hang guard: a loaded machine takes seconds to end torch processes
     while any(alive(pid) for pid in workers):
         assert time.monotonic() < deadline, "the workers outlived their driver"
         time.sleep(0.05)

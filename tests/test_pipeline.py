@@ -121,9 +121,9 @@ def test_in_thread_runs_its_work_during_the_body_and_raises_its_error():
 
     def work():
         work_started.set()
-        work_saw_body.append(body_ran.wait(timeout=10))
+        work_saw_body.append(body_ran.wait(timeout=60))
     with in_thread(work):
-        assert work_started.wait(timeout=10)
+        assert work_started.wait(timeout=60)
         body_ran.set()
     assert work_saw_body == [True]
 
