@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from ddmkit.cli import app
 from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
 from ddmkit.errors import DDMError
-from ddmkit.io import read_metadata, save_tensors
+from ddmkit.io import read_metadata, save_tensors, scratch_dir
 from ddmkit.train.distributed import spawn
 from ddmkit.train.jobs import checkpoint_path, train_expert, train_expert_ddp
 
@@ -229,7 +229,9 @@ def training(tmp_path):
     script's background job is (`ddmkit ... &`: SIGINT ignored), once it wrote a checkpoint: (the command's process,
     its two processes' ids, the expert folder); any process of it left is killed after."""
     shard, out = _shard(tmp_path), tmp_path / "e"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "DDMKIT_QUIET": "1"}
+    (tmp_path / "tmpdir").mkdir()  # where the processes' rendezvous folder goes
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "DDMKIT_QUIET": "1",
+           "TMPDIR": str(tmp_path / "tmpdir")}
     log = open(tmp_path / "log", "w+")
     command = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", sys.executable, "-m", "ddmkit",
                                 "train-expert", str(shard), "--config", str(tmp_path / "c.toml"), "--out", str(out),
@@ -253,7 +255,13 @@ def training(tmp_path):
 
 def _left(out: Path) -> list[str]:
     """What the folder of the expert folder `out` holds, less the test's own files."""
-    return sorted(p.name for p in out.parent.iterdir() if p.name not in ("shard.safetensors", "c.toml", "log"))
+    ours = ("shard.safetensors", "c.toml", "log", "tmpdir")
+    return sorted(p.name for p in out.parent.iterdir() if p.name not in ours)
+
+
+def _rendezvous(tmpdir: Path) -> list[str]:
+    """The rendezvous folders in $TMPDIR (torch may keep its own caches there)."""
+    return sorted(p.name for p in tmpdir.glob("*ddmkit-ddp*"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -270,6 +278,12 @@ def test_the_processes_die_with_a_killed_command(training):
     time.sleep(1)
     assert checkpoint_path(out).stat().st_mtime_ns == written
     assert _left(out) == [checkpoint_path(out).name]  # rank 0 stopped as on Ctrl-C: no staging folder left
+    tmpdir = out.parent / "tmpdir"
+    left = _rendezvous(tmpdir)  # the killed command's rendezvous folder, named after it
+    assert len(left) == 1 and left[0].startswith(f".ddmkit-ddp.{command.pid}-"), left
+    with scratch_dir(tmpdir, "ddmkit-ddp") as mine:  # the next command's removes it
+        assert _rendezvous(tmpdir) == [mine.name]
+    assert _rendezvous(tmpdir) == []
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals, reads /proc")
@@ -285,3 +299,4 @@ def test_sigterm_stops_every_process_and_keeps_only_the_checkpoint(training, to)
     assert "stopped by SIGTERM" in said and "Traceback" not in said, said
     assert not any(alive(pid) for pid in ranks)
     assert _left(out) == [checkpoint_path(out).name]
+    assert _rendezvous(out.parent / "tmpdir") == []  # nor the rendezvous folder

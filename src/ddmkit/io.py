@@ -5,7 +5,8 @@ place, so a crash never leaves a half-written file. `staging_dir` does the
 same for a whole folder. Temporary names are hidden and carry the writer's
 process id and machine (`.NAME.PID-HOST.XXXXXXXX.tmp`), so `remove_stale_staging`
 can remove those of writers that died (kill -9) without touching a live one's.
-`folder_lock` makes one process at a time the writer of a folder.
+`folder_lock` makes one process at a time the writer of a folder; `scratch_dir`
+is a private working folder that the next user removes if its writer was killed.
 """
 from __future__ import annotations
 
@@ -209,9 +210,7 @@ def staging_dir(final: str | Path):
     ensure_folder(final.parent)
     if final.exists() and not final.is_dir():
         raise DDMError(f"{final} is a file, but a folder is written there; move it away or choose another --out")
-    for old in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):  # a killed writer's, of this target
-        if _writer_gone(old.name):
-            remove(old, ignore_errors=True)
+    _remove_dead_writers(final)
     tmp = _temp_name(final)
     try:
         os.mkdir(tmp, 0o700)
@@ -225,7 +224,28 @@ def staging_dir(final: str | Path):
         raise
 
 
+@contextlib.contextmanager
+def scratch_dir(folder: str | Path, name: str):
+    """Yield a new private folder FOLDER/.NAME.PID-HOST.R.tmp, removed on leaving; one of NAME left by a
+    writer that died (kill -9, where nothing of this process runs on) is removed first."""
+    where = Path(folder) / name
+    _remove_dead_writers(where)
+    tmp = _temp_name(where)
+    try:
+        os.mkdir(tmp, 0o700)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ----- stale temporary files ---------------------------------------------------------
+def _remove_dead_writers(path: Path) -> None:
+    """Remove the temporary files and folders of `path` (.NAME.PID-HOST.R.tmp beside it) whose writer is gone."""
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if _writer_gone(old.name):
+            remove(old, ignore_errors=True)
+
+
 def _alive(pid: int) -> bool:
     """Whether process pid of this machine still runs (a zombie, killed but not yet reaped by its
     parent, does not: it writes nothing more)."""

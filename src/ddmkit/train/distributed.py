@@ -23,9 +23,10 @@ network that is not sharded they are state_dict() and load_state_dict().
 The processes come from torchrun (or any launcher that sets RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT and LOCAL_RANK) or are spawned here, nproc on this
 machine. gloo on the CPU, nccl on CUDA (process i on GPU LOCAL_RANK = i).
-Spawned processes stop on SIGINT or SIGTERM as on Ctrl-C (rank 0 removes its
-staging folder, the last checkpoint stays), and die with the process that
-spawned them (die_with_parent).
+Spawned processes meet through a file in a scratch folder of $TMPDIR
+(ddmkit.io.scratch_dir: a killed command's is removed by the next one), stop
+on SIGINT or SIGTERM as on Ctrl-C (rank 0 removes its staging folder, the last
+checkpoint stays), and die with the process that spawned them (die_with_parent).
 `LOCAL` is the plain single process: every method is the identity, so the
 one-process path runs exactly the code it ran without this module.
 """
@@ -39,7 +40,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -48,6 +48,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ddmkit.errors import DDMError
+from ddmkit.io import scratch_dir
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -315,8 +316,8 @@ def spawn(fn: Callable, nproc: int, device_name: str, *args) -> None:
     _device(device_name, nproc - 1)  # enough GPUs (with CUDA), checked before starting anything
     threads = max(1, torch.get_num_threads() // nproc)
     errors = mp.get_context("spawn").SimpleQueue()
-    with tempfile.TemporaryDirectory(prefix="ddmkit-ddp-") as tmp:
-        init = (Path(tmp) / "store").as_uri()  # a file rendezvous: no port to choose on one machine
+    with scratch_dir(tempfile.gettempdir(), "ddmkit-ddp") as tmp:
+        init = (tmp / "store").as_uri()  # a file rendezvous: no port to choose on one machine
         context = mp.start_processes(_worker, (nproc, device_name, init, threads, errors, os.getpid(), fn, args),
                                      nprocs=nproc, join=False, start_method="spawn")
         try:
