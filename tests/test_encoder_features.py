@@ -1,4 +1,5 @@
 """Partition on a pretrained image encoder (tiny DINOv2 and CLIP folders) and two-stage k-means."""
+import hashlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from ddmkit.data.encoder import encode, encoder_spec
 from ddmkit.data.partition import compute_partition, feature_map, load_partition, partition_data
 from ddmkit.ddm.load import nearest_cluster_fn
 from ddmkit.errors import DDMError
+from ddmkit.io import sha256_file
 
 transformers = pytest.importorskip("transformers")
 TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
@@ -96,8 +98,10 @@ def test_manifest_spec_round_trips_and_routes_to_the_nearest_centroid(folders, t
     settings = {"folder": str(folders / "dino"), "pool": "mean"}
     m = partition_data(ArrayData("im", x), 2, tmp_path / "p", features="encoder", encoder=settings)
     manifest, tensors = load_partition(tmp_path / "p")
+    weights = hashlib.sha256(f"model.safetensors {sha256_file(folders / 'dino' / 'model.safetensors')}\n".encode())
     assert manifest["features"] == {"kind": "encoder", "folder": str((folders / "dino").resolve()), "pool": "mean",
-                                    "size": 32, "normalize": True, "model_type": "dinov2"}
+                                    "size": 32, "normalize": True, "model_type": "dinov2",
+                                    "weights_sha256": weights.hexdigest()}
     want = encode(encoder_spec(**settings), x)
     assert torch.allclose(feature_map(manifest, tensors)(x), want, atol=1e-6)
     assert torch.equal(nearest_cluster_fn(manifest, tensors)(x), tensors["assignments"])
@@ -153,8 +157,26 @@ def test_an_encoder_folder_holding_a_model_of_another_width_is_named(folders, tm
     manifest, tensors = load_partition(tmp_path / "p")
     shutil.rmtree(tmp_path / "enc")
     transformers.Dinov2Model(transformers.Dinov2Config(**{**TINY, "hidden_size": 48})).save_pretrained(tmp_path / "enc")
+    del manifest["features"]["weights_sha256"]  # an older ddmkit's partition, which records no weights' hash
     with pytest.raises(DDMError, match=r"nearest-centroid routing: the encoder folder .*enc now gives features of "
                                        r"shape \(48,\), but the partition's centroids have 32: .*restore it"):
+        nearest_cluster_fn(manifest, tensors)(x)
+
+
+def test_an_encoder_folder_holding_other_weights_of_the_same_shape_is_named(folders, tmp_path):
+    """Another DINOv2 of the same shape saved where the partition's encoder was: nearest-centroid routing
+    and analyze used its features, silently other than the partition's."""
+    import shutil
+
+    shutil.copytree(folders / "dino", tmp_path / "enc")
+    x = separable_images()
+    partition_data(ArrayData("im", x), 2, tmp_path / "p", features="encoder", encoder={"folder": str(tmp_path / "enc")})
+    manifest, tensors = load_partition(tmp_path / "p")
+    assert torch.equal(nearest_cluster_fn(manifest, tensors)(x), tensors["assignments"])
+    torch.manual_seed(7)
+    transformers.Dinov2Model(transformers.Dinov2Config(**TINY)).save_pretrained(tmp_path / "enc")
+    with pytest.raises(DDMError, match=r"nearest-centroid routing: the encoder folder .*enc now holds other weights "
+                                       r"than the partition was made with .*restore that model, or partition again"):
         nearest_cluster_fn(manifest, tensors)(x)
 
 

@@ -28,6 +28,7 @@ an encoder is used. A loaded encoder is kept per process, by folder.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from inspect import signature
 from pathlib import Path
 
@@ -35,12 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from ddmkit.errors import DDMError
-from ddmkit.io import read_json
+from ddmkit.io import read_json, sha256_file
 from ddmkit.progress import progress_bar
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 POOLS = ("cls", "mean")
 _LOADED: dict[tuple, tuple[torch.nn.Module, str]] = {}  # (folder, its files' times) -> (model on its device, type)
+_DIGESTS: dict[tuple, str] = {}  # (folder, its files' times) -> weights_sha256
 
 
 def _transformers(field: str):
@@ -97,6 +99,18 @@ def _cache_key(path: Path) -> tuple:
     """The folder with its files' times and sizes: a model saved there again is loaded again."""
     files = sorted(f for f in path.glob("*") if f.is_file()) if path.is_dir() else []
     return (str(path), *((f.name, st.st_mtime_ns, st.st_size) for f in files for st in [f.stat()]))
+
+
+def weights_sha256(folder: Path) -> str:
+    """One SHA-256 of the folder's weight files (model*.safetensors, by name), computed once per process
+    for the same files: the identity of the encoder a partition was made with."""
+    key = _cache_key(folder)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        for file in sorted(folder.glob("model*.safetensors")):
+            h.update(f"{file.name} {sha256_file(file)}\n".encode())
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[torch.nn.Module, str]:
@@ -195,7 +209,7 @@ def check_images(x: torch.Tensor, field: str = "partition.features") -> None:
 
 def encoder_spec(folder: str | Path, pool: str = "cls", size: int | None = None, normalize: bool = True) -> dict:
     """The feature map's closed description, after loading (and so checking) the encoder folder:
-    {"kind": "encoder", "folder": absolute path, "pool", "size", "normalize", "model_type"}."""
+    {"kind": "encoder", "folder": absolute path, "pool", "size", "normalize", "model_type", "weights_sha256"}."""
     if pool not in POOLS:
         raise DDMError(f"partition.encoder_pool: {pool!r}; accepted: {', '.join(POOLS)}")
     path = Path(folder).expanduser().resolve()
@@ -205,7 +219,7 @@ def encoder_spec(folder: str | Path, pool: str = "cls", size: int | None = None,
         raise DDMError(f"partition.encoder_size: {path} gives no input size (no preprocessor_config.json size, no "
                        "image_size in config.json); set it, e.g. partition.encoder_size = 224")
     spec = {"kind": "encoder", "folder": str(path), "pool": pool, "size": int(size), "normalize": bool(normalize),
-            "model_type": model_type}
+            "model_type": model_type, "weights_sha256": weights_sha256(path)}
     try:  # one image through it: a size the encoder cannot take is refused here, not after loading the data
         encode(spec, torch.zeros(1, 3, int(size), int(size)))
     except DDMError:
@@ -267,6 +281,11 @@ def encode(spec: dict, x: torch.Tensor, batch: int = 256, what: str = "partition
     if model_type != spec["model_type"]:
         raise DDMError(f"{what}: the encoder folder {path} now holds a {model_type!r} model, but the partition was "
                        f"made with a {spec['model_type']!r} one; restore that model or re-partition")
+    recorded = spec.get("weights_sha256")  # absent from an older ddmkit's partition
+    if recorded is not None and recorded != weights_sha256(path):
+        raise DDMError(f"{what}: the encoder folder {path} now holds other weights than the partition was made with "
+                       f"(their SHA-256 differs from the manifest's features.weights_sha256); restore that model, or "
+                       "partition again (`ddmkit partition --config CONFIG --out NEW_RUN`)")
     mean, std = normalisation(path)
     size, device = spec["size"], next(model.parameters()).device
     patches = _patch_tokens(model, size)
