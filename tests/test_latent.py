@@ -207,6 +207,18 @@ def test_a_latent_run_end_to_end(tmp_path):
     with pytest.raises(DDMError, match=r"latents\.json is missing; copy the run's latents/ folder back"):
         DDM.from_pretrained(run)
     shutil.move(run / "latents.json.kept", info)
+    # an autoencoder config whose latent scale or shift was edited after encoding (verify passed, samples were
+    # decoded at the wrong scale)
+    settings = run / "autoencoder" / "config.json"
+    kept = settings.read_text()
+    for name in ("scaling_factor", "shift_factor"):
+        settings.write_text(json.dumps({**json.loads(kept), name: 5.0}))
+        with pytest.raises(DDMError, match=rf"config\.json: {name} = 5\.0, but the shards were encoded with .*Set it "
+                                           r"back to"):
+            DDM.from_pretrained(run)
+        assert isinstance(run_cli("verify", run).exception, DDMError)
+    settings.write_text(kept)
+    assert run_cli("verify", run).exit_code == 0
     # an autoencoder changed after encoding is refused before anything is built
     weights = run / "autoencoder" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)

@@ -146,7 +146,7 @@ AUTOENCODER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 def latent_info(run: str | Path) -> dict:
     """latents/latents.json of a latent run, checked by schema, one shard per cluster of the partition,
-    and against the autoencoder's weights (SHA-256)."""
+    and against the autoencoder's weights (SHA-256) and its config's latent scale and shift."""
     folder = RunFolder(run)
     source = folder.latent_info
     info = _validated(LatentInfo, read_json(source), str(source)).model_dump()
@@ -161,6 +161,15 @@ def latent_info(run: str | Path) -> dict:
                        f"encoded, and the run's networks learnt the latents of the one recorded there. Put that "
                        f"autoencoder back into {folder.autoencoder}, or make the run again with this one in a new "
                        "folder (`ddmkit run CONFIG --out NEW_RUN`)")
+    settings = read_json(folder.autoencoder / "config.json")
+    settings = settings if isinstance(settings, dict) else {}
+    for name, default in (("scaling_factor", info["scaling_factor"]), ("shift_factor", 0.0)):
+        value = settings.get(name, default)
+        value = default if value is None else value  # diffusers writes shift_factor null: no shift
+        if value != info[name]:
+            raise DDMError(f"{folder.autoencoder / 'config.json'}: {name} = {value!r}, but the shards were encoded "
+                           f"with {info[name]!r} ({source}); decoded samples would be scaled wrongly. Set it back to "
+                           f"{info[name]!r}, or make the run again in a new folder (`ddmkit run CONFIG --out NEW_RUN`)")
     return info
 
 
