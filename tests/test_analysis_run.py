@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,10 +135,24 @@ def test_split_rows_are_disjoint_and_shrink_to_the_test_split():
     assert split_rows(1600, 5000, 2000) == {"w2": slice(0, 533), "floor": slice(533, 1066),
                                             "heldout": slice(1066, 1600)}
     assert split_rows(30, 80, 200) == {"w2": slice(0, 10), "floor": slice(10, 20), "heldout": slice(20, 30)}
-    with pytest.raises(DDMError, match="data.n_test: the run's test split has 29 rows; analyze needs at least 30"):
-        split_rows(29, 80, 200)
-    with pytest.raises(DDMError, match=r"image_folder, .* --set data.params.test_fraction=0.3"):
-        split_rows(29, 80, 200)  # data.n_test only caps a split made by test_fraction (it was the only fix named)
+    with pytest.raises(DDMError, match="the run's test split has 29 rows; analyze needs at least 30.*: FIX"):
+        split_rows(29, 80, 200, "FIX")
+
+
+def test_the_fix_for_a_small_test_split_gives_rows_that_are_enough():
+    """A 52-image folder split 0.3 has 16 test rows: the message named test_fraction=0.3 (and data.n_test, which
+    only caps such a split), the settings the run was made with. The fraction named now gives 30 rows."""
+    from ddmkit.data.arrays import split_indices
+    from ddmkit.pipeline.analyze import more_test_rows
+
+    fix = more_test_rows({"name": "image_folder", "n_train": 36, "n_test": 16}, 16000, {"test_fraction": 0.3})
+    fraction = float(re.search(r"test_fraction=([0-9.]+) ", fix).group(1))
+    assert "data.n_test" not in fix and len(split_indices(52, fraction, 0)[0]) >= 30
+    assert "--set data.n_test=30" in more_test_rows({"name": "x.npz", "n_train": 90, "n_test": 10}, 10, {})
+    assert "too few" in more_test_rows({"name": "image_folder", "n_train": 20, "n_test": 12}, 16000, {})
+    assert "data.params.test_path" in more_test_rows({"name": "x.npz", "n_train": 90, "n_test": 10}, 16000,
+                                                     {"test_path": "t.npz"})
+    assert "--set data.n_test=4000" in more_test_rows({"name": "ring", "n_train": 90, "n_test": 10}, 10, {})
 
 
 def test_a_small_test_split_gives_a_w2_floor_on_disjoint_rows(trained, tmp_path):

@@ -38,6 +38,7 @@ from ddmkit.analysis.stability import amplification, data_scale, local_lipschitz
 from ddmkit.analysis.trace import trace_strategy
 from ddmkit.config import MAX_SEED, MONOLITH, json_digest
 from ddmkit.conventions import __version__
+from ddmkit.data import takes_test_fraction
 from ddmkit.data.partition import feature_map, load_partition
 from ddmkit.ddm import DDM, exact_ddm, load_ddm, start_noise
 from ddmkit.ddm.load import has_default_router, monolith_field
@@ -107,19 +108,37 @@ def note_full_aliases(names: Sequence[str], k: int, log: Callable[[str], None]) 
     return kept
 
 
-def split_rows(count: int, n: int, n_heldout: int) -> dict[str, slice]:
+def split_rows(count: int, n: int, n_heldout: int,
+               fix: str = "make the run again with more test rows") -> dict[str, slice]:
     """Disjoint rows of a test split of `count` rows: the W2 reference ("w2") and the W2 floor's partner
     ("floor"), the first 2 m rows, m = min(n, MAX_W2, count // 3), and the held-out error rows ("heldout"), the
-    last of the other rows, at most n_heldout. A DDMError naming data.n_test when the split is too small for
-    MIN_ROWS in each."""
+    last of the other rows, at most n_heldout. A DDMError giving `fix` (more_test_rows) when the split is too
+    small for MIN_ROWS in each."""
     if count // 3 < MIN_ROWS:
-        raise DDMError(f"data.n_test: the run's test split has {count} rows; analyze needs at least {3 * MIN_ROWS} "
-                       f"({MIN_ROWS} each for the W2 reference, the W2 floor and the held-out errors, all disjoint): "
-                       "make the run again with more test rows, e.g. `ddmkit run CONFIG --set data.n_test=4000 --out "
-                       "NEW_RUN`; data split from one file or folder (image_folder, image_array, an array file) "
-                       "takes its test rows by data.params.test_fraction: --set data.params.test_fraction=0.3")
+        raise DDMError(f"the run's test split has {count} rows; analyze needs at least {3 * MIN_ROWS} ({MIN_ROWS} each "
+                       f"for the W2 reference, the W2 floor and the held-out errors, all disjoint): {fix}")
     m = min(n, MAX_W2, count // 3)
     return {"w2": slice(0, m), "floor": slice(m, 2 * m), "heldout": slice(count - min(n_heldout, count - 2 * m), count)}
+
+
+def more_test_rows(data: dict, n_test: int, params: dict) -> str:
+    """How to make a run whose test split has 3 MIN_ROWS rows, for its data (data.json: name, n_train, n_test;
+    the config's data.n_test and data.params): data split from one file or folder takes a test_fraction of
+    its rows (data.n_test only caps it), generated data take data.n_test rows."""
+    need, total = 3 * MIN_ROWS, data.get("n_train", 0) + data.get("n_test", 0)
+    cap = f" --set data.n_test={need}" if n_test < need else ""
+    if not takes_test_fraction(str(data.get("name", ""))):
+        return f"make the run again with more test rows, e.g. `ddmkit run CONFIG --set data.n_test={max(need, 4000)} " \
+               "--out NEW_RUN`"
+    if "test_path" in params:
+        return (f"give a test file of at least {need} rows as data.params.test_path{' and' + cap if cap else ''}, and "
+                "make the run again in a new folder")
+    fraction = math.ceil(100 * need / total) / 100
+    if fraction > 0.9:
+        return f"the data have {total} rows in all, too few to hold {need} test rows and train on the rest; give more data"
+    return (f"make the run again with a larger test fraction, `ddmkit run CONFIG --set data.params.test_fraction="
+            f"{fraction:g}{cap} --out NEW_RUN` (about {round(fraction * total)} of the data's {total} rows for the test, "
+            f"{total - round(fraction * total)} to train on)")
 
 
 def loaded_ddm(run: Path, device: torch.device, log: Callable[[str], None]) -> DDM:
@@ -331,7 +350,8 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     names = note_full_aliases(list(strats), ddm.k, log)
     strats = {name: strats[name] for name in names}
     test = load_split(run, "test")
-    rows = split_rows(len(test.x), n, n_heldout)
+    rows = split_rows(len(test.x), n, n_heldout, more_test_rows(read_json(folder.data_info), cfg.data.n_test,
+                                                                 cfg.data.params))
     test = dataclasses.replace(test, x=test.x.to(device))
     truth = None if test.truth is None else test.truth.to(device=device)
     manifest, ptensors = load_partition(folder.partition)
