@@ -376,15 +376,20 @@ def test_a_lost_partition_file_says_how_to_make_the_partition_again(copy):
         verify_registry(copy)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c.update(prediction="x1"), r"expert_01: config.json prediction: 'x1' on the linear path"),
-    (lambda c: c.update(path={"kind": "vp", "steps": -3}), r"expert_01: config.json path.steps: -3"),
-    (lambda c: c.update(cluster=3), r"expert_01/config.json: cluster 3, but the folder is the slot of cluster 1.*: "
-                                    r"move the folder to experts/expert_03"),
-    (lambda c: c.pop("data_shape"), r"expert_01/config.json has no data_shape"),
+@pytest.mark.parametrize("model, change, message", [
+    ("experts/expert_01", lambda c: c.update(prediction="x1"), r"expert_01: config.json prediction: 'x1' on the "
+                                                               r"linear path"),
+    ("experts/expert_01", lambda c: c.update(path={"kind": "vp", "steps": -3}),
+     r"expert_01: config.json path.steps: -3"),
+    ("experts/expert_01", lambda c: c.update(cluster=3),
+     r"expert_01/config.json: cluster 3, but the folder is the slot of cluster 1.*: move the folder to "
+     r"experts/expert_03"),
+    ("experts/expert_01", lambda c: c.pop("data_shape"), r"expert_01/config.json has no data_shape"),
+    ("router", lambda c: c.update(k=5), r"the router routes over 5 clusters but the partition has 4; retrain it with "
+                                        r"`ddmkit train-router"),  # a grown run given back its old router
 ])
-def test_register_and_verify_refuse_a_folder_the_ddm_cannot_load(copy, monkeypatch, capsys, change, message):
-    """An expert folder whose config.json no sampling could load was registered (exit 0) and verified
+def test_register_and_verify_refuse_a_folder_the_ddm_cannot_load(copy, monkeypatch, capsys, model, change, message):
+    """A model folder whose config.json no sampling could load was registered (exit 0) and verified
     ('verified 5 model folders'); sampling then failed without naming the folder, and a wrong cluster made
     verify refuse the registry register had just written."""
     from ddmkit.cli import main
@@ -395,7 +400,7 @@ def test_register_and_verify_refuse_a_folder_the_ddm_cannot_load(copy, monkeypat
             main()
         return exit.value.code, " ".join(capsys.readouterr().err.split())
 
-    path = copy / "experts" / "expert_01" / "config.json"
+    path = copy / model / "config.json"
     config = json.loads(path.read_text())
     change(config)
     path.write_text(json.dumps(config))

@@ -119,8 +119,9 @@ def check_shape(folder, config: dict, data_shape: tuple) -> None:
 
 def check_loadable(run) -> None:
     """Every expert and monolith folder present in `run` as loading reads it: its path and prediction, its
-    data shape and an expert's cluster (a DDMError naming the folder). `ddmkit register` and `verify` call
-    it, so that a folder copied in from an island is refused there rather than when the DDM samples."""
+    data shape and an expert's cluster, and the router's data shape and clusters (a DDMError naming the
+    folder). `ddmkit register` and `verify` call it, so that a folder copied in from an island is refused
+    there rather than when the DDM samples."""
     folder = run_folder(run)
     manifest, _ = load_partition_checked(folder.partition)
     if manifest.get("data_name") == "text":  # byte-level models: no Gaussian path (ddmkit.discrete loads them)
@@ -137,6 +138,16 @@ def check_loadable(run) -> None:
         check_shape(path, config, shape)
         if cluster is not None:
             check_slot(path, config.get("cluster", cluster), cluster)
+    if (folder.router / "config.json").exists():
+        check_router(folder, read_json(folder.router / "config.json"), manifest["k"], shape)
+
+
+def check_router(folder: RunFolder, config: dict, k: int, shape) -> None:
+    """The router folder's config as loading reads it: its data shape, and k, the partition's clusters."""
+    check_shape(folder.router, config, shape)
+    if config.get("k") != k:
+        raise DDMError(f"{folder.root}: the router routes over {config.get('k')} clusters but the partition "
+                       f"has {k}; retrain it with `ddmkit train-router {folder.root}`")
 
 
 def expert_indices(indices, k: int, argument: str) -> list[int]:
@@ -306,10 +317,7 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
         parts.update(router=route, router_conditional=conditional, router_capturable=False)
     else:
         model, rcfg = load_model(folder.router, device)
-        check_shape(folder.router, rcfg, shape)
-        if rcfg.get("k") != k:
-            raise DDMError(f"{folder.root}: the router routes over {rcfg.get('k')} clusters but the partition "
-                           f"has {k}; retrain it with `ddmkit train-router {folder.root}`")
+        check_router(folder, rcfg, k, shape)
         parts.update(router=router_field(model, rcfg), router_conditional=bool(rcfg["kwargs"].get("num_classes", 0)))
         parts["meta"]["router_config"] = rcfg
     parts["experts"] = experts
