@@ -2,6 +2,7 @@
 as a new island (add-expert, router retrained or statistics-only), as rows of its nearest cluster
 (mode nearest), or has one expert replaced by a folder from elsewhere; bad input changes no byte."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from ddmkit.pipeline.grow import add_expert, joined_truth, replace_expert
 from ddmkit.pipeline.models import describe_models
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.run import run_pipeline, sample_run
-from ddmkit.registry import verify_registry
+from ddmkit.registry import load_partition_checked, verify_registry
 from ddmkit.train.jobs import train_expert
 from ddmkit.truth import GaussianMixture
 
@@ -302,6 +303,25 @@ def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):
     with pytest.raises(DDMError, match="not trained"):
         add_expert(run, component(3, 20, 3))
     assert hashes(run) == untrained
+
+
+def test_add_expert_trains_on_the_device_given(base, run):
+    """A run trained on a GPU (its config names cuda:7) grown on a machine without it: the error said to pass
+    --device cpu, an option add-expert did not have."""
+    path = RunFolder(run).config
+    raw = json.loads(path.read_text())["config"]
+    for name in ("expert", "router"):
+        raw[name]["train"]["device"] = "cuda:7"
+    cfg = validate(RunConfig, raw)
+    path.write_text(json.dumps({"digest": cfg.digest(), "config": cfg.model_dump()}))
+    before = hashes(run)
+    code, err = cli("add-expert", run, "--data", base / "new.npz")
+    said = " ".join(err.split())
+    assert code == 2 and "expert.train.device = 'cuda:7'" in said and "--device cpu" in said, said
+    assert hashes(run) == before
+    code, err = cli("add-expert", run, "--data", base / "new.npz", "--device", "cpu")
+    assert code == 0, err
+    assert load_partition_checked(RunFolder(run).partition)[0]["k"] == 4
 
 
 def test_images_of_an_array_file_of_another_shape_are_pointed_to_image_array():

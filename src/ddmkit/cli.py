@@ -107,7 +107,7 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
     else RUN/config.json, else the defaults; then every --set and --device applied, and validated.
     The user's network classes it names are imported when the TOML or a --set names them, never
     because a config.json names them (ddmkit.nets.use_network)."""
-    from ddmkit.config import RunConfig, apply_overrides, builtin_config, load_config, validate
+    from ddmkit.config import RunConfig, apply_overrides, builtin_config, device_overrides, load_config, validate
     from ddmkit.nets import use_network
     from ddmkit.data.features import is_user_function, use_features
     from ddmkit.nets.user import is_user_network
@@ -124,9 +124,7 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
         base = RunConfig()
     items, dump = list(overrides or []), base.model_dump()
     if device is not None:
-        items += [f"{name}.train.device={device}" for name, section in dump.items()
-                  if isinstance(section, dict) and isinstance(section.get("train"), dict)]
-    if device is not None:
+        items += device_overrides(dump, device)
         checked_device(device)  # before any work: a device this machine lacks is refused here
     source = "--set / --device" if path is None else f"{config} with --set / --device"  # as the user named it
     cfg = validate(RunConfig, apply_overrides(dump, items), source) if items else base
@@ -683,6 +681,9 @@ def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trai
                                             "those experts are retrained"),
                    router: str = typer.Option("retrain", help="retrain: the router over all shards; stats: the "
                                               "statistics-only router (nothing trained)"),
+                   device: Optional[str] = typer.Option(None, "--device", help="where the new experts and the "
+                                                        "router train: cpu, cuda, cuda:N, mps or auto (default: the "
+                                                        "run's train.device)"),
                    config: Optional[Path] = OWN_NETWORKS):
     """Add a new island's data to a trained run: its expert trains on them alone, then only the router is
     retrained (or the statistics-only router is used). Samples and scores are drawn again later."""
@@ -701,7 +702,7 @@ def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trai
     if not isinstance(table, dict):
         raise DDMError(f"--params: expected a JSON object, got {type(table).__name__}; e.g. --params '{{\"key\": \"x\"}}'")
     try:
-        event = add_expert(run_dir, {"name": data, "params": table}, mode, router, log)
+        event = add_expert(run_dir, {"name": data, "params": table}, mode, router, log, device)
     except DDMError as e:  # the library names the [data] table's fields; this command's user gave options
         raise DDMError(_as_data_options(str(e))) from None
     log(f"add-expert: {event['rows']} rows added to {run_dir} (grow.json entry {event['n']}); sample and score with "

@@ -510,6 +510,12 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def device_overrides(raw: dict, device: str) -> list[str]:
+    """What --device sets: "NAME.train.device=DEVICE" for every section of the raw config table that trains."""
+    return [f"{name}.train.device={device}" for name, section in raw.items()
+            if isinstance(section, dict) and isinstance(section.get("train"), dict)]
+
+
 def apply_overrides(raw: dict, items: list[str]) -> dict:
     """A copy of the raw config table with each "section.field=value" set (e.g. expert.train.steps=300);
     tables on the way are created. Validate the result (validate(RunConfig, ...)): an unknown field or

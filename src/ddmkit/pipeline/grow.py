@@ -47,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from ddmkit.config import DataConfig, RunConfig, validate
+from ddmkit.config import DataConfig, RunConfig, apply_overrides, device_overrides, validate
 from ddmkit.conventions import __version__
 from ddmkit.data import ArrayData, check_finite, content_hash, load_dataset, takes_test_fraction
 from ddmkit.data.partition import cluster_statistics, feature_map, read_shard, shard_name
@@ -58,6 +58,7 @@ from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.train.threads import job_threads
 from ddmkit.layout import RunFolder
 from ddmkit.nets import check_builds
+from ddmkit.pipeline.checks import check_devices, checked_device
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.registry import load_model, load_partition_checked, verify_registry, write_registry
@@ -417,17 +418,25 @@ def _remove_checkpoint_on_exit(stack: contextlib.ExitStack, staged: Path) -> Non
     stack.callback(checkpoint_path(staged).unlink, missing_ok=True)
 
 
-def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", log: Log = print) -> dict:
+def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", log: Log = print,
+               device: str | None = None) -> dict:
     """Add a new island's data to a trained run (see the module docstring); returns the grow.json entry.
 
     data: an ArrayData (training rows), a data set name or .npy/.npz path, or a table like [data];
     mode: "new-cluster" (cluster K and its expert) or "nearest" (rows join their nearest clusters,
-    whose experts retrain); router: "retrain" (over all shards) or "stats" (statistics-only, no training)."""
+    whose experts retrain); router: "retrain" (over all shards) or "stats" (statistics-only, no training);
+    device: where they train (cpu, cuda, cuda:N, mps, auto; None: the run's train.device)."""
     _check_choice("mode", mode, MODES)
     _check_choice("router", router, ROUTERS)
+    if device is not None:
+        checked_device(device)
     folder = RunFolder(run)
     with run_lock(folder.root):
         state = trained_run(folder.root)
+        if device is not None:
+            raw = state.cfg.model_dump()
+            state.cfg = validate(RunConfig, apply_overrides(raw, device_overrides(raw, device)), "--device")
+        check_devices(state.cfg)
         train, test = island_data(state.cfg, data, held_out_share(state))
         check_not_added_before(read_log(folder), {"data_sha256": content_hash(train.x), "rows": len(train)},
                                folder)  # first: it names the entry that added them (a damaged log is refused too)
