@@ -356,10 +356,11 @@ def test_a_failed_pool_job_stops_the_others_at_once(tmp_path):
     assert not jobs[0].out_dir.exists()
 
 
-def test_launch_settings_may_change_how_jobs_run_not_what_they_train(tmp_path):
+def test_launch_settings_may_change_how_jobs_run_not_what_they_train(tmp_path, monkeypatch, capsys):
     """`ddmkit launch RUN --set expert.train.steps=30` trained 30-step experts in a run whose config.json says 60,
     and nothing noticed. check_same_training (called by launch) refuses it naming the field; settings of how the
-    jobs run are accepted."""
+    jobs run are accepted. So do `launch --emit slurm`, `train-router` and `train-monolith`, which took such
+    --set items (the monolith, FLOP-matched to 60-step experts, then trained for other ones)."""
     from ddmkit.config import RunConfig, apply_overrides
     from ddmkit.pipeline.prepare import check_same_training, run_config
 
@@ -382,6 +383,16 @@ def test_launch_settings_may_change_how_jobs_run_not_what_they_train(tmp_path):
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     assert refused.returncode == 2 and "expert.train.steps (60, asked 30)" in " ".join(refused.stderr.split())
     assert not (run / "experts").exists()  # the command trained nothing
+    for args, named in ((["launch", run, "--emit", "slurm", "--gpus", "0", "--set", "expert.train.steps=30"],
+                         "expert.train.steps (60, asked 30)"),
+                        (["train-router", run, "--set", "router.train.steps=5"], "router.train.steps"),
+                        (["train-monolith", run, "--set", "expert.train.steps=5"], "expert.train.steps (60, asked 5)")):
+        code, said = cli(monkeypatch, capsys, *args)
+        assert code == 2 and named in said and "change only how the jobs run" in said, said
+    assert not (run / "launch").exists() and not (run / "router").exists() and not (run / "monolith").exists()
+    code, said = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "0", "--set",
+                     "expert.train.checkpoint_every=7")
+    assert code in (0, None) and (run / "launch" / "train_experts.slurm").exists(), said
 
 
 # ----- launch --emit slurm: the options it uses, and those it refuses ---------------------------------------

@@ -231,6 +231,7 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
                      set_: Optional[List[str]] = SET):
     """Train the router p(cluster | x_t, t) on noised shard data (text runs: on windows of the shards)."""
     from ddmkit.layout import RunFolder
+    from ddmkit.pipeline.prepare import check_same_training
     from ddmkit.pipeline.stages import run_lock, stage_router
 
     if _text_run(run):
@@ -240,6 +241,7 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
         train_text_router(run, log)
         return
     cfg = _config(config, run, set_, device)
+    check_same_training(run, cfg)  # --set / --config may change how the job runs, not what it trains
     with run_lock(run):  # a writer holding the run refuses this command first
         if (RunFolder(run).router / "model.safetensors").exists():
             log(f"router: {run / 'router'} is trained already; remove that folder to train it again")
@@ -272,6 +274,7 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
     """Train the FLOP-matched monolith baseline on all shards (text runs: the centralized model), also in a
     run whose config has monolith.enabled = false (that setting is for `ddmkit run`)."""
     from ddmkit.layout import RunFolder
+    from ddmkit.pipeline.prepare import check_same_training
     from ddmkit.pipeline.stages import run_lock, stage_monolith
 
     if _text_run(run):
@@ -281,6 +284,7 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
         train_text_monolith(run, log)
         return
     cfg = _config(config, run, set_, device)
+    check_same_training(run, cfg)  # --set / --config may change how the job runs, not what it trains
     monolith = RunFolder(run).monolith
     if (monolith / "model.safetensors").exists():
         log(f"monolith: {monolith} is trained already; remove that folder to train it again")
@@ -526,6 +530,8 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
                           "--address": address, "--config": config, "--device": device})
         if _text_run(run_dir):
             _no_text_overrides(None, None, None, set_)
+        else:
+            check_same_training(run_dir, _config(None, run_dir, set_))  # as launch: how tasks run, not what
         with run_lock(run_dir):
             path = write_slurm_script(run_dir, script, set_ or [], **{k: v for k, v in slurm.items() if v is not None})
         if path is None:
