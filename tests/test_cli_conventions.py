@@ -294,6 +294,16 @@ def test_a_count_out_of_range_is_named_by_its_option(ddmkit, shard, tmp_path, co
     assert code == 2 and f"Invalid value for '{option}'" in err, err
 
 
+@pytest.mark.parametrize("option, value, words", [("--strategy", "threshold-1.5", "P must be in (0, 1]"),
+                                                  ("--guidance", "-3", "greater than or equal to 0")])
+def test_a_bad_sampling_option_is_named_by_its_option(ddmkit, shard, option, value, words):
+    """A value the config refuses was named as a config field ('options: invalid configuration /
+    sample.strategies: ...')."""
+    code, _, err = ddmkit("sample", shard.parents[2], option, value)
+    said = " ".join(err.split())
+    assert code == 2 and f"invalid option {option}: " in said and words in said and "sample." not in said, said
+
+
 def test_a_missing_shard_is_named_as_a_wrong_path(ddmkit, shard, tmp_path):
     """train-expert nosuch.safetensors said the file 'is missing; re-train or re-copy it', as for a lost file."""
     code, _, err = ddmkit("train-expert", tmp_path / "nosuch.safetensors", "--out", tmp_path / "e", "--config", TINY)

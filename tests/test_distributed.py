@@ -132,7 +132,8 @@ def test_two_processes_follow_one_and_resume_bit_exactly(tmp_path):
 
 
 def test_a_batch_that_does_not_split_is_refused_before_starting(tmp_path):
-    with pytest.raises(DDMError, match="batch_size = 32 does not split into 3"):
+    with pytest.raises(DDMError, match=r"expert\.train\.batch_size = 32 does not split into 3 equal slices, one per "
+                                       r"process; use a multiple of 3, e\.g\. --set expert\.train\.batch_size=30"):
         train_expert_ddp(tmp_path / "none.safetensors", _cfg(), tmp_path / "e", nproc=3)
 
 

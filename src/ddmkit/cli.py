@@ -19,6 +19,9 @@ from rich.markup import escape
 from ddmkit.errors import DDMError
 from ddmkit.routing.table import STRATEGY_FORMS
 
+FIELD_STRATEGY_FORMS = ", ".join(form for form in STRATEGY_FORMS.split(", ")
+                                 if form not in ("oracle", "nearest", "gated-K@A"))  # a field of (x_t, t)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Decentralized Diffusion Models: partition, train experts in isolation, route, sample, evaluate.")
 console = Console(stderr=True)
@@ -350,7 +353,13 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
     routed = [name for name in strategy if name.strip() not in ("exact", EXACT)]  # the names a config checks
     if routed:
         upd["strategies"] = routed
-    cfg = validate(RunConfig, {**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), **upd}}, "options")
+    try:
+        cfg = validate(RunConfig, {**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), **upd}}, "options")
+    except DDMError as e:  # the config's sample.* fields, in the words of this command's options
+        said = str(e).replace("options: invalid configuration", "invalid option")
+        for key in upd:
+            said = said.replace(f"sample.{key}:", f"--{'strategy' if key == 'strategies' else key.replace('_', '-')}:")
+        raise DDMError(said) from None
     sample_run(run, list(strategy), cfg, log, router=router)  # logs each set's calls and seconds
 
 
@@ -898,7 +907,8 @@ def study_misalignment_cmd(
 def distill_run_cmd(
         run_dir: Path = typer.Argument(..., metavar="RUN", help="trained run folder (vectors or images)"),
         teacher: str = typer.Option("top-2", "--teacher", help=f"the routing strategy whose field is distilled "
-                                    f"({STRATEGY_FORMS}; not oracle, nearest or gated, which need a trajectory)"),
+                                    f"({FIELD_STRATEGY_FORMS}; oracle, nearest and gated-K@A need a "
+                                    "trajectory or the analysis sampler: no field of (x_t, t))"),
         arch: str = typer.Option("expert", "--arch", help="the students' network: expert (an expert's "
                                  "architecture) or monolith (the monolith's)"),
         steps: Optional[int] = typer.Option(None, "--steps", help="training steps of each student (default: the "

@@ -207,12 +207,14 @@ def load_full_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
         for i, s in state["state"].items()}})
 
 
-def check_batch(batch_size: int, world: int) -> None:
+def check_batch(batch_size: int, world: int, field: str = "train.batch_size") -> None:
+    """A global batch of `batch_size` rows (the config's `field`) splits into `world` equal slices."""
     if world < 1:
         raise DDMError(f"nproc: must be at least 1 (got {world})")
     if batch_size % world:
-        raise DDMError(f"train.batch_size = {batch_size} does not split into {world} equal slices; "
-                       f"use a multiple of {world} (the batch is the global one, over all processes)")
+        raise DDMError(f"{field} = {batch_size} does not split into {world} equal slices, one per process; "
+                       f"use a multiple of {world}, e.g. --set {field}={world * max(1, batch_size // world)} (the "
+                       "batch is the global one, over all processes)")
 
 
 def _device(name: str, local_rank: int) -> torch.device:
