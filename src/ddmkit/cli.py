@@ -147,7 +147,8 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
               config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the built-in defaults)"),
               data: Optional[str] = typer.Option(None, help="data set name or .npy/.npz path (overrides config)"),
               k: Optional[int] = typer.Option(None, min=1, help="number of clusters (overrides config)"),
-              seed: Optional[int] = typer.Option(None, help="seed for data and k-means (overrides config)"),
+              seed: Optional[int] = typer.Option(None, help="one seed for every stage, as `ddmkit run --seed` "
+                                                 "(overrides config; RUN/config.json records it for the jobs)"),
               force: bool = typer.Option(False, help="replace a folder that holds a different run"),
               set_: Optional[List[str]] = SET):
     """Load the data, cluster it into K shards, write shards and a manifest (text configs: the corpus)."""
