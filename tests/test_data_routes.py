@@ -3,6 +3,7 @@ with test_fraction and one with test_path, a dataset function of the user's code
 mixture written in the TOML (exact truth in the report); bad inputs exit 2 with the field named and
 nothing written; and the early checks, whose suggested fix the tests apply before running again."""
 import json
+import os
 import re
 import sys
 import textwrap
@@ -255,6 +256,45 @@ def test_an_array_with_a_test_file(tmp_path, monkeypatch, capsys):
     refused(monkeypatch, capsys, config, tmp_path / "bad", "data.params.test_fraction", "test_path")
 
 
+def test_a_resumed_run_notes_that_its_data_files_changed_since_it_loaded_them(tmp_path):
+    """A run resumed after the user's array file was written again (the same shape and size) kept the data
+    it had loaded, without a word."""
+    from ddmkit.config import load_config
+    from ddmkit.pipeline.prepare import prepare_run_dir
+
+    np.save(tmp_path / "x.npy", blobs(300))
+    cfg, run, said = load_config(vectors(tmp_path / "a.toml", tmp_path / "x.npy", n=30)), tmp_path / "run", []
+    prepare_run_dir(run, cfg, log=said.append)
+    kept = (run / "data" / "train.safetensors").read_bytes()
+    prepare_run_dir(run, cfg, log=said.append)
+    assert not [m for m in said if "have changed" in m], said
+    np.save(tmp_path / "x.npy", blobs(300, seed=5))
+    later = (tmp_path / "x.npy").stat().st_mtime_ns + 10**9  # a clock of coarse resolution sees a change too
+    os.utime(tmp_path / "x.npy", ns=(later, later))
+    prepare_run_dir(run, cfg, log=said.append)
+    notes = [" ".join(m.split()) for m in said if "have changed" in m]
+    assert len(notes) == 1 and f"data files ({tmp_path / 'x.npy'}) have changed since" in notes[0] \
+        and "--out NEW_RUN" in notes[0], said
+    assert (run / "data" / "train.safetensors").read_bytes() == kept
+
+
+def test_an_image_folder_fingerprint_changes_with_its_images_only(tmp_path):
+    from PIL import Image
+
+    from ddmkit.data.source import source_fingerprint
+
+    (tmp_path / "photos" / "cats").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "photos" / "cats" / "a.png")
+    params = {"path": str(tmp_path / "photos")}
+    first = source_fingerprint("image_folder", params)
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    Image.new("RGB", (4, 4)).save(tmp_path / "photos" / "cats" / "._a.png")  # hidden: the loaders skip it
+    assert source_fingerprint("image_folder", params) == first
+    Image.new("RGB", (4, 4)).save(tmp_path / "photos" / "cats" / "b.png")
+    assert source_fingerprint("image_folder", params) != first
+    assert source_fingerprint("ring8", {}) is None and source_fingerprint("image_folder", {"path": "nowhere"}) is None
+
+
 def test_too_few_test_rows_fail_before_training_and_the_suggested_fix_runs(tmp_path, monkeypatch, capsys):
     """The case that used to fail at evaluation after training: a file's test split smaller than the
     evaluation needs. Now it fails at once; the sample.n the message suggests then runs."""
@@ -329,6 +369,11 @@ def images_0_255(vectors=False):
 
 def huge_float64():
     return np.full((8, 2), 1e39), np.zeros((4, 2))
+
+
+def images_0_1():
+    x = np.random.default_rng(0).random((12, 3, 4, 4)).astype("float32")  # torchvision's ToTensor range
+    return x, x[:4]
 '''
 
 
@@ -411,6 +456,33 @@ def test_an_image_array_file_outside_minus_1_1_is_refused(tmp_path, monkeypatch,
     assert load_dataset(str(tmp_path / "vectors.npy"), 0, 0)[0].x.max() == 255
     config = vectors(tmp_path / "a.toml", tmp_path / "images.npy")
     refused(monkeypatch, capsys, config, tmp_path / "run", "images.npy", "[-1, 1]", "x / 127.5 - 1")
+
+
+def test_images_in_0_1_are_warned_of_on_every_route_and_uint8_pixels_are_not(tmp_path, user_module):
+    """Float images in [0, 1] (ToTensor's) were taken as [-1, 1] images without a word: an array file, an
+    image array and a function warn, naming the source and the mapping; [-1, 1] images, uint8 pixels that
+    ddmkit scales itself and vectors do not."""
+    import warnings
+
+    x = np.random.default_rng(0).random((20, 3, 4, 4)).astype("float32")
+    np.save(tmp_path / "unit.npy", x)
+    warning = r"the images' values lie in \[0, 1\] \(from 0.0\d+ to 0.9\d+\); ddmkit images are in \[-1, 1\].*map " \
+              r"them with x \* 2 - 1"
+    with pytest.warns(UserWarning, match=rf"data.name: data file .*unit.npy'?: {warning}"):
+        load_dataset(str(tmp_path / "unit.npy"), 0, 0)
+    with pytest.warns(UserWarning, match=rf"image array file .*unit.npy'?: {warning}"):
+        load_dataset("image_array", 0, 0, params={"path": str(tmp_path / "unit.npy")})
+    with pytest.warns(UserWarning, match=rf"data.name = '{user_module}:images_0_1': the (train|test) split: {warning}"):
+        load_dataset(f"{user_module}:images_0_1", 0, 0)
+    np.save(tmp_path / "mapped.npy", x * 2 - 1)
+    np.save(tmp_path / "pixels.npy", (x * 255).astype(np.uint8).transpose(0, 2, 3, 1))
+    np.save(tmp_path / "vectors.npy", x.reshape(20, -1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset(str(tmp_path / "mapped.npy"), 0, 0)
+        load_dataset("image_array", 0, 0, params={"path": str(tmp_path / "mapped.npy")})
+        load_dataset("image_array", 0, 0, params={"path": str(tmp_path / "pixels.npy")})
+        load_dataset(str(tmp_path / "vectors.npy"), 0, 0)
 
 
 def test_finite_values_beyond_float32_are_named_as_such(tmp_path, user_module):

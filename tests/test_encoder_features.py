@@ -292,3 +292,22 @@ def test_an_encoder_saved_again_in_the_same_folder_is_loaded_again(tmp_path):
         transformers.Dinov2Model(transformers.Dinov2Config(**TINY)).save_pretrained(folder)
         features.append(encode(encoder_spec(folder), x))
     assert not torch.allclose(features[0], features[1])
+
+
+def test_a_pca_dim_above_the_data_is_lowered_with_a_warning():
+    """pca_dim = 100 on 42 rows was fitted with 42 components without a word; the default (min(64, D)),
+    lowered the same way on small data, is no choice of the user's and is not warned of."""
+    import warnings
+
+    from ddmkit.data.features import fit_features
+
+    x = torch.randn(42, 200, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"partition.pca_dim = 100 is lowered to 42: PCA has at most as many "
+                                         r"components as the data have dimensions \(200\) and training rows \(42\); "
+                                         r"set partition.pca_dim = 42"):
+        assert fit_features("pca", x, pca_dim=100)[0]["dim"] == 42
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fit_features("pca", x)[0]["dim"] == 42
+        assert fit_features("pca", x, pca_dim=42)[0]["dim"] == 42
+        assert fit_features("pca", x[:, :10], pca_dim=None)[0]["dim"] == 10

@@ -338,3 +338,89 @@ def test_tiny_config_runs_the_image_path(tmp_path):
     assert (tmp_path / "run" / "plots" / "clusters.png").exists()
     assert "FID / monolith" in (tmp_path / "run" / "report.md").read_text()
     assert result["rows"]["top-1"]["expert_calls_per_sample"] == 2.0
+
+
+def test_a_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view) loads as a viewer
+    shows it, turned before the mode conversion and the resize (the shorter side is the upright one's)."""
+    from PIL import Image
+
+    stored = np.zeros((16, 32), np.uint8)
+    stored[:, :16] = 255  # the left half white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    upright = np.rot90(stored, -1)  # 32 high, 16 wide: the white half on top
+    got = read_image(tmp_path / "phone.jpg")
+    assert got.shape == (32, 16) and np.abs(got.astype(int) - upright).max() < 40
+    assert read_image(tmp_path / "phone.jpg", mode="rgb").shape == (32, 16, 3)
+    assert read_image(tmp_path / "phone.jpg", resize=8).shape == (16, 8)
+    images, _, _ = read_image_folder(tmp_path)
+    assert images.shape == (1, 32, 16)
+
+
+def test_a_class_folder_without_images_is_refused_and_a_flat_folder_keeps_its_other_folders(tmp_path):
+    """photos/aardvarks holding only notes was dropped, giving ants label 0 and bees 1 where the sorted
+    folder names say 1 and 2: refused, naming it; hidden (renamed), it is skipped. A folder of images
+    without classes may still hold a folder of other files."""
+    from PIL import Image
+
+    for name in ("ants", "bees"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "photos" / name / "1.png")
+    (tmp_path / "photos" / "aardvarks").mkdir()
+    (tmp_path / "photos" / "aardvarks" / "notes.txt").write_text("to do")
+    with pytest.raises(DDMError, match=r"photos/aardvarks: class sub-folder\(s\) of image folder .* holding no "
+                                       r"images .*label i is the i-th sub-folder in sorted order.*Add images to it, "
+                                       r"or remove it \(or rename it to start with \"\.\""):
+        read_image_folder(tmp_path / "photos")
+    (tmp_path / "photos" / "aardvarks").rename(tmp_path / "photos" / ".aardvarks")
+    assert read_image_folder(tmp_path / "photos")[2] == ["ants", "bees"]
+
+    (tmp_path / "flat" / "notes").mkdir(parents=True)
+    (tmp_path / "flat" / "notes" / "notes.txt").write_text("to do")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "flat" / "1.png")
+    images, labels, classes = read_image_folder(tmp_path / "flat")
+    assert images.shape == (1, 4, 4) and labels is None and classes == []
+
+
+def test_a_corrupt_image_file_is_named_with_the_fix(tmp_path):
+    (tmp_path / "dogs").mkdir()
+    (tmp_path / "dogs" / "corrupt.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DDMError, match=r"dogs/corrupt.png: not a readable image \(.*\); remove or replace the file"):
+        read_image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("takes, data, fix", [
+    (1, 3, r"set data.params.mode = \"grey\" \(an image folder: every image made grayscale\), or give an "
+           r"autoencoder of 3-channel images, or leave latent.pretrained out"),
+    (4, 1, r"give an autoencoder of 1- or 3-channel images \(grey images go through an RGB one, repeated\), or leave"),
+])
+def test_an_autoencoder_of_other_channels_is_refused_with_the_fix(takes, data, fix):
+    """A 1-channel autoencoder on RGB data said only that the channels differ."""
+    from ddmkit.latent import latent_shape
+
+    config = {"_class_name": "AutoencoderKL", "in_channels": takes, "block_out_channels": [8, 8]}
+    with pytest.raises(DDMError, match=rf"latent.pretrained: the autoencoder takes {takes}-channel images, "
+                                       rf"the data have {data};.* {fix}"):
+        latent_shape(config, (data, 16, 16))
+    assert latent_shape({**config, "in_channels": 3}, (1, 16, 16))[1:] == (8, 8)  # grey through RGB: no error
+
+
+def test_latent_channels_is_noted_only_when_the_user_set_it(tmp_path):
+    """The default latent.channels = 4 is no choice of the user's: no note beside a pretrained autoencoder of
+    2 latent channels, also after the config is dumped and validated again (as the CLI does)."""
+    pytest.importorskip("diffusers")
+    from ddmkit.config import LatentConfig, RunConfig, validate
+    from ddmkit.latent import build_autoencoder
+    from ddmkit.latent.autoencoder import check_pretrained
+
+    build_autoencoder(LatentConfig(channels=2, widths=[8, 8]), 1, 16).save_pretrained(tmp_path / "vae")
+    for latent in ({}, {"channels": 2}, {"channels": 8}):
+        cfg = validate(RunConfig, {"latent": {"enabled": True, "pretrained": str(tmp_path / "vae"), **latent}})
+        for section in (cfg.latent, validate(RunConfig, cfg.model_dump()).latent):
+            notes = []
+            check_pretrained(section, notes.append)
+            assert notes == ([f"note: latent.channels = 8 is not used: the pretrained autoencoder {tmp_path / 'vae'} "
+                              "has 2 latent channels (latent.channels, widths and [latent.train] are for an "
+                              "autoencoder ddmkit trains)"] if latent.get("channels") == 8 else [])

@@ -12,7 +12,8 @@ DDMError naming the accepted ones, a number must be finite and within PARAM_BOUN
 a list is accepted only for LIST_PARAMS (checked by the loader that takes it), and
 the data that come out must be finite and non-empty. A file's values must fit float32
 (ddmkit computes in it), and image-shaped data (N, C, H, W) with C = 1 or 3, which
-the image pipeline takes, must lie in [-1, 1] (images.check_image_range).
+the image pipeline takes, must lie in [-1, 1] (images.check_image_range; values all in [0, 1]
+are taken with a warning).
 
 An array file's test split is round(N x test_fraction) rows of a seeded permutation
 (default 0.2), of which data.n_test are kept (0: all); or the whole of the file

@@ -23,6 +23,7 @@ again with transformers' own classes, never running code from the folder (ddmkit
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -101,6 +102,17 @@ def call_user_features(name: str, fn: Callable, x: torch.Tensor) -> torch.Tensor
     return arr
 
 
+def pca_components(pca_dim: int | None, rows: int, width: int) -> int:
+    """The PCA components fitted: pca_dim (default min(64, width)), at most the data's width and rows (PCA has
+    no more); a pca_dim the user set that is lowered so is warned of."""
+    dim = min(pca_dim or 64, width, rows)
+    if pca_dim is not None and dim < pca_dim:
+        warnings.warn(f"partition.pca_dim = {pca_dim} is lowered to {dim}: PCA has at most as many components as "
+                      f"the data have dimensions ({width}) and training rows ({rows}); set partition.pca_dim = {dim} "
+                      "(or less) to fit the same map without this warning", UserWarning)
+    return dim
+
+
 def fit_features(kind: str, x: torch.Tensor, pca_dim: int | None = None, seed: int = 0,
                  encoder: dict | None = None) -> tuple[dict, dict]:
     """Fit a feature map on x; returns (spec, tensors). A user function (named by the config the
@@ -116,7 +128,7 @@ def fit_features(kind: str, x: torch.Tensor, pca_dim: int | None = None, seed: i
         return encoder_spec(**encoder), {}
     if kind == "pca":
         flat = _flat(x).numpy()
-        dim = min(pca_dim or min(64, flat.shape[1]), flat.shape[1], flat.shape[0])
+        dim = pca_components(pca_dim, *flat.shape)
         from sklearn.decomposition import PCA  # imported on first use: commands that never fit features start faster
 
         pca = PCA(n_components=dim, random_state=seed).fit(flat)

@@ -13,8 +13,10 @@ S x S, then `pad_to` pads with black. `mode` converts every image to "rgb" or
 "grey" ("auto": each file grey or colour as it is, refusing a folder that mixes
 them; see AUTO_GREY, AUTO_COLOUR). 16-bit grey images keep their depth (value / 257
 in 0..255); 32-bit integer and float images ("I", "F") are refused, their range
-being unknown. Each top-level sub-folder is a class (images at any depth below
-it belong to it); hidden entries (names starting with ".") are skipped.
+being unknown. Each image is first turned upright by its EXIF orientation (as a
+viewer shows it). Each top-level sub-folder is a class (images at any depth below
+it belong to it; one holding no image is refused, as it would shift the labels);
+hidden entries (names starting with ".") are skipped.
 
 Fashion-MNIST is read from the files of the Debian package
 `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist/) unless `dir` names
@@ -23,6 +25,7 @@ another folder holding the four `*-ubyte[.gz]` files.
 from __future__ import annotations
 
 import gzip
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -230,14 +233,16 @@ def image_values(im, mode: str = "auto", resize: int | None = None, crop: int | 
 
 
 def read_image(path: Path, mode: str = "auto", resize: int | None = None, crop: int | None = None) -> np.ndarray:
-    """One image file's values (image_values), or a DDMError naming a file that is not a readable image."""
-    from PIL import Image
+    """One image file's values (image_values), turned upright by its EXIF orientation first (a phone photo
+    as a viewer shows it), or a DDMError naming a file that is not a readable image."""
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
+            ImageOps.exif_transpose(im, in_place=True)  # in place: keeps the file's format and mode
             return image_values(im, mode, resize, crop, path)
     except OSError as e:
-        raise DDMError(f"{path}: not a readable image ({e})") from e
+        raise DDMError(f"{path}: not a readable image ({e}); remove or replace the file") from e
 
 
 def pad_array(image: np.ndarray, size: int) -> np.ndarray:
@@ -262,6 +267,21 @@ def class_of(root: Path, file: Path) -> str | None:
     return parts[0] if len(parts) > 1 else None
 
 
+def check_no_empty_class(root: Path, classes: list[str]) -> None:
+    """With class sub-folders, a (non-hidden) top-level sub-folder holding no image is a DDMError: dropping
+    it would shift the label of every class after it (labels are the sorted folder names)."""
+    if not classes:
+        return
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    empty = [root / name for name in folders if name not in classes]
+    if empty:
+        named = ", ".join(map(str, empty[:3])) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise DDMError(f"{named}: class sub-folder(s) of image folder {root} holding no images "
+                       f"({', '.join(IMAGE_SUFFIXES)}); label i is the i-th sub-folder in sorted order, so the classes "
+                       "after it would get other labels. Add images to it, or remove it (or rename it to start with "
+                       "\".\", which skips it)")
+
+
 def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None = None, crop: int | None = None,
                       pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """(images (N, H, W[, C]) in 0..255 (uint8, float32 with 16-bit images), labels or None, class names).
@@ -281,6 +301,7 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
         raise DDMError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
                        "folders, whose names start with \".\", are skipped)")
     classes = sorted({class_of(root, p) for p in files} - {None})
+    check_no_empty_class(root, classes)
     arrays = [read_image(p, mode, resize, crop) for p in files]
     if pad_to:
         largest = max(max(a.shape[:2]) for a in arrays)
@@ -389,7 +410,8 @@ def is_image_shape(shape) -> bool:
 def check_image_range(x: torch.Tensor, where: str, fix: str) -> None:
     """Image-shaped data (N, C, H, W), C = 1 or 3 (is_image_shape), must lie in [-1, 1], the range the image
     networks and FID take; values outside are a DDMError opening with `where`, naming the first rows and
-    ending with `fix`. Other data (vectors) are left alone."""
+    ending with `fix`. Values that all lie in [0, 1] (torchvision's ToTensor images?) are legal but warned
+    of. Other data (vectors) are left alone."""
     if not is_image_shape(tuple(x.shape[1:])) or len(x) == 0:
         return
     bad = x.abs() > 1.0 + 1e-4
@@ -397,3 +419,7 @@ def check_image_range(x: torch.Tensor, where: str, fix: str) -> None:
         rows = bad.reshape(len(x), -1).any(1).nonzero().flatten()[:5].tolist()
         raise DDMError(f"{where}: images (N, C, H, W) must lie in [-1, 1]; found values from {x.min():.4g} to "
                        f"{x.max():.4g} (first bad rows: {rows}); {fix}")
+    if x.min() >= 0:
+        warnings.warn(f"{where}: the images' values lie in [0, 1] (from {x.min():.4g} to {x.max():.4g}); ddmkit "
+                      "images are in [-1, 1] (-1 black, 1 white): if these are [0, 1] images (e.g. torchvision's "
+                      "ToTensor), map them with x * 2 - 1", UserWarning)

@@ -97,9 +97,13 @@ def latent_shape(config: dict, image_shape: tuple[int, ...]) -> tuple[int, int, 
     if h % f or w % f:
         raise DDMError(f"latent: the autoencoder makes images {f}x smaller per side, but they are {h}x{w}; pad or "
                        f"crop them to a multiple of {f} (data.params.pad_to)")
-    if int(config.get("in_channels", 3)) not in (channels, 3):
-        raise DDMError(f"latent.pretrained: the autoencoder takes {config.get('in_channels')}-channel images, the "
-                       f"data have {channels}")
+    takes = int(config.get("in_channels", 3))
+    if takes not in (channels, 3):
+        grey = ' set data.params.mode = "grey" (an image folder: every image made grayscale), or' if takes == 1 else ""
+        fits = "3-channel images" if channels == 3 else \
+            f"{channels}- or 3-channel images (grey images go through an RGB one, repeated)"
+        raise DDMError(f"latent.pretrained: the autoencoder takes {takes}-channel images, the data have {channels};"
+                       f"{grey} give an autoencoder of {fits}, or leave latent.pretrained out to let ddmkit train one")
     return int(config.get("latent_channels", 4)), h // f, w // f
 
 
@@ -114,10 +118,11 @@ def planned_config(cfg: LatentConfig, image_shape: tuple[int, ...]) -> dict:
 
 def check_pretrained(cfg: LatentConfig, log=print) -> None:
     """Load cfg.pretrained once before a run writes anything (complete, finite weights: load_autoencoder), and
-    note a latent.channels the folder overrides (channels, widths and [latent.train] are for an autoencoder
-    ddmkit trains)."""
+    note a latent.channels of the user's that the folder overrides (channels, widths and [latent.train] are for
+    an autoencoder ddmkit trains). The user's is one other than the default: which fields were set does not
+    survive the config's copies (model_dump, validated again)."""
     channels = int(load_autoencoder(cfg.pretrained).config.latent_channels)
-    if cfg.channels != channels:
+    if cfg.channels not in (channels, LatentConfig.model_fields["channels"].default):
         log(f"note: latent.channels = {cfg.channels} is not used: the pretrained autoencoder {cfg.pretrained} has "
             f"{channels} latent channels (latent.channels, widths and [latent.train] are for an autoencoder ddmkit "
             "trains)")

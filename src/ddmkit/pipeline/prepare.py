@@ -25,6 +25,7 @@ from typing import Callable
 
 from ddmkit.config import RunConfig, config_differences, validate
 from ddmkit.data.arrays import content_hash
+from ddmkit.data.source import source_files, source_fingerprint
 from ddmkit.errors import DDMError
 from ddmkit.io import STAGING, entries, read_json, remove, remove_stale_staging, write_json
 from ddmkit.latent.autoencoder import check_pretrained, network_data_shape
@@ -140,6 +141,18 @@ def lost_data(folder: RunFolder) -> list[Path]:
     return [path for path in files if not path.exists()]
 
 
+def note_changed_source(cfg: RunConfig, folder: RunFolder, log: Log) -> None:
+    """A note when the files a resumed run's data were loaded from have changed since (data.json's
+    source_fingerprint): the run keeps the data it loaded, which the user may not expect."""
+    recorded = read_json(folder.data_info).get("source_fingerprint")
+    now = source_fingerprint(cfg.data.name, cfg.data.params)
+    if recorded is not None and now is not None and now != recorded:
+        named = ", ".join(str(p) for p in source_files(cfg.data.name, cfg.data.params))
+        log(f"note: the data files ({named}) have changed since {folder.root} loaded them (files added, removed or "
+            f"written again); the run keeps the data it loaded ({folder.data}). To train on them as they are now, "
+            "make a new run: `ddmkit run CONFIG --out NEW_RUN`")
+
+
 def _remade_data(cfg: RunConfig, folder: RunFolder, lost: list[Path], log: Log) -> tuple:
     """A resumed run's data, made again from its config (the same bytes: the data depend on the config
     alone), checked to be the data its partition was made of."""
@@ -191,6 +204,8 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
         lost = lost_data(folder) if keep else []
         if lost:  # a file of RUN/data/ deleted since: the data are made again (all of data/ is written again)
             data = _remade_data(cfg, folder, lost, log)
+        elif keep:
+            note_changed_source(cfg, folder, log)
         if not kept_partition:
             if data is None and not keep:
                 data = load_data(cfg)

@@ -19,6 +19,7 @@ from ddmkit.data import load_dataset
 from ddmkit.data.arrays import ArrayData
 from ddmkit.data.features import is_user_function, use_features
 from ddmkit.data.partition import PartitionPlan, compute_partition, read_shard, write_partition
+from ddmkit.data.source import source_fingerprint
 from ddmkit.ddm.load import load_truth
 from ddmkit.errors import DDMError
 from ddmkit.io import folder_lock, load_tensors, read_json, save_tensors, sha256_file, staging_dir, write_json
@@ -79,7 +80,9 @@ def write_data(cfg: RunConfig, run, train: ArrayData, test: ArrayData, log: Log 
         write_json(tmp / folder.data_info.name, {"name": cfg.data.name, "n_train": len(train), "n_test": len(test),
                                                  "data_shape": list(train.data_shape),
                                                  "exact_truth": train.truth is not None,
-                                                 "classes": train.meta.get("classes")})  # label i's name
+                                                 "classes": train.meta.get("classes"),  # label i's name
+                                                 "source_fingerprint": source_fingerprint(cfg.data.name,
+                                                                                          cfg.data.params)})
     log(f"data: {cfg.data.name}, {len(train)} train / {len(test)} test samples of shape {train.data_shape}")
 
 
