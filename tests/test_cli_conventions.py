@@ -304,6 +304,14 @@ def test_a_bad_sampling_option_is_named_by_its_option(ddmkit, shard, option, val
     assert code == 2 and f"invalid option {option}: " in said and words in said and "sample." not in said, said
 
 
+def test_partition_on_a_finished_folder_says_there_is_nothing_to_do(ddmkit, tmp_path):
+    """It printed nothing at all (exit 0)."""
+    assert ddmkit("partition", "--config", TINY, "--out", tmp_path / "p")[0] == 0
+    code, out, err = ddmkit("partition", "--config", TINY, "--out", tmp_path / "p")
+    said = " ".join((out + err).split())
+    assert code == 0 and "holds this partition already (k=4, cluster sizes [" in said and "nothing to do" in said, said
+
+
 def test_a_missing_shard_is_named_as_a_wrong_path(ddmkit, shard, tmp_path):
     """train-expert nosuch.safetensors said the file 'is missing; re-train or re-copy it', as for a lost file."""
     code, _, err = ddmkit("train-expert", tmp_path / "nosuch.safetensors", "--out", tmp_path / "e", "--config", TINY)

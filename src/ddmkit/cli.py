@@ -153,6 +153,8 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
               set_: Optional[List[str]] = SET):
     """Load the data, cluster it into K shards, write shards and a manifest (text configs: the corpus)."""
     from ddmkit.config import RunConfig, validate
+    from ddmkit.io import read_json
+    from ddmkit.layout import RunFolder
     from ddmkit.pipeline.prepare import prepare_run_dir
     from ddmkit.pipeline.stages import stage_autoencoder, stage_data, stage_partition
 
@@ -169,10 +171,14 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
     if k is not None:
         cfg["partition"]["k"] = k
     cfg = validate(RunConfig, cfg, "options")
+    made = RunFolder(out).manifest.exists() and (not cfg.latent.enabled or RunFolder(out).latent_info.exists())
     run = prepare_run_dir(out, cfg, force, log)
     stage_data(cfg, run, log)
     stage_partition(cfg, run, log)
     stage_autoencoder(cfg, run, log)  # latent runs: the shared autoencoder, and every shard encoded
+    if made and not force:
+        counts = read_json(RunFolder(run).manifest)["counts"]
+        log(f"partition: {run} holds this partition already (k={len(counts)}, cluster sizes {counts}); nothing to do")
 
 
 def _with_train_seed(section, seed: Optional[int]):
