@@ -4,6 +4,7 @@ as a new island (add-expert, router retrained or statistics-only), as rows of it
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -303,6 +304,16 @@ def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):
     with pytest.raises(DDMError, match="not trained"):
         add_expert(run, component(3, 20, 3))
     assert hashes(run) == untrained
+
+
+def test_replace_expert_names_the_folder_of_a_bad_path(run, tmp_path):
+    """'config.json path.steps: -3 ...' named no folder."""
+    bad = tmp_path / "bad"
+    shutil.copytree(run / "experts" / "expert_01", bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "path": {"kind": "vp", "steps": -3}}))
+    with pytest.raises(DDMError, match=rf"^FOLDER {re.escape(str(bad))}: config.json path.steps: -3"):
+        replace_expert(run, 1, bad)
 
 
 def test_add_expert_trains_on_the_device_given(base, run):

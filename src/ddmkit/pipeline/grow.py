@@ -488,8 +488,8 @@ def check_expert_folder(source: Path, run: TrainedRun) -> dict:
     try:
         with torch.no_grad():
             v = velocity_field(model, config)(torch.zeros(2, *shape), torch.full((2,), 0.5))
-    except DDMError:
-        raise
+    except DDMError as e:  # its config.json's path or prediction
+        raise DDMError(f"FOLDER {source}: {e}") from None
     except Exception as e:  # a network that cannot run on the run's data
         raise DDMError(f"FOLDER {source}: the network fails on the run's data ({type(e).__name__}: {str(e)[:200]})")
     if tuple(v.shape) != (2, *shape) or not bool(torch.isfinite(v).all()):
