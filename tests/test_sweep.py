@@ -14,8 +14,8 @@ from filelock import FileLock
 from ddmkit.config import RunConfig, apply_overrides, load_config
 from ddmkit.errors import DDMError
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
-from ddmkit.pipeline.sweep import (cell_config, cell_dir, cells, curves, interval, monolith_k, ratio_text, reach,
-                                   render, short_trainings, summarize, sweep)
+from ddmkit.pipeline.sweep import (SHARED, cell_config, cell_dir, cell_in_folder, cells, curves, interval, monolith_k,
+                                   ratio_text, reach, render, short_trainings, summarize, sweep)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.toml"
@@ -312,6 +312,48 @@ def test_the_report_from_cells_scored_elsewhere(tiny_grid, tmp_path):
     assert parts.returncode == 2 and "monolith.enabled differs: give --monolith-k" in " ".join(parts.stderr.split())
     scale = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report", "--scale", "steps")
     assert scale.returncode == 2 and "Cells of the other --scale are there" in " ".join(scale.stderr.split())
+
+
+def test_cells_made_with_other_devices_or_threads_are_the_same_cells(tiny_grid, tmp_path):
+    """How the jobs ran (devices, threads, logging) makes no other cell: a grid scored with --device cuda is
+    reported on a CPU machine, and a cell scored before is kept with other threads; a setting of what is
+    trained or sampled still counts, and only it is named."""
+    out, names = tmp_path / "from_gpu", ["k2_b0.5_s0", "k2_b1_s0", "k4_b0.5_s0", "k4_b1_s0"]
+    copy_metrics(tiny_grid, out, names)
+    for name in names:
+        path = out / name / "metrics.json"
+        metrics = json.loads(path.read_text())
+        for section in ("expert", "router", "latent"):
+            metrics["config"][section]["train"].update(device="cuda", threads=8, log_every=7)
+        path.write_text(json.dumps(metrics))
+    report = cli("sweep", TINY, "--out", out, *GRID, "--stages", "report")
+    assert report.returncode == 0, report.stderr
+    assert (out / "sweep.md").read_text() == (tiny_grid / "sweep.md").read_text()
+    kept = cli("sweep", TINY, "--out", out, *GRID, "--stages", "evaluate", "--set", "expert.train.threads=2")
+    assert kept.returncode == 0 and kept.stderr.count("scored before") == 4, kept.stderr
+    other = cli("sweep", TINY, "--out", out, *GRID, "--stages", "report", "--set", "sample.steps=7")
+    assert other.returncode == 2 and "differs in sample.steps (8, asked 7); give" in " ".join(other.stderr.split())
+    raw = apply_overrides(load_config(TINY).model_dump(), ["latent.train.threads=4", "latent.train.device=cpu"])
+    cell = cell_config(RunConfig.model_validate(raw), 2, 1.0, 0, monolith=False)
+    assert cell_in_folder(tiny_grid, cell, SHARED, "data") is not None  # its data shared with a grid part
+
+
+def test_a_k_that_cannot_be_partitioned_fails_the_grid_before_any_cell_trains(tmp_path):
+    """200 rows in 120 clusters leave some with one row: K = 120 is refused before the K = 2 cells train."""
+    out = tmp_path / "out"
+    done = cli("sweep", TINY, "--out", out, "--k", "2", "--k", "120", "--budget", "1", "--stages", "train",
+               "--set", "data.name=moons", "--set", "data.n_train=200")
+    assert done.returncode == 2 and "--k 120" in done.stderr and "hold fewer than 2 rows" in done.stderr, done.stderr
+    assert not out.exists()
+
+
+def test_a_config_error_found_in_the_first_cell_leaves_no_out_folder(tmp_path):
+    out = tmp_path / "sweep"
+    for setting, field in (("router.train.device=cuda:99", "router.train.device"),
+                           ("expert.net.kwargs.width=0", "expert.net")):
+        done = cli("sweep", TINY, "--out", out, "--k", "2", "--budget", "1", "--set", setting)
+        assert done.returncode == 2 and field in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert not out.exists(), setting
 
 
 def test_scored_cells_outside_the_grid_are_named(tiny_grid, tmp_path):

@@ -166,7 +166,7 @@ def _remade_data(cfg: RunConfig, folder: RunFolder, lost: list[Path], log: Log) 
     return data
 
 
-def _check_partition(cfg: RunConfig, train, plan, log: Log) -> None:
+def check_partition(cfg: RunConfig, train, plan, log: Log) -> None:
     """pipeline.checks.check_clusters on a new partition (for a Gaussian mixture, with the clusters
     that own no component); its warnings are logged."""
     orphans = []
@@ -216,7 +216,7 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
             if cfg.latent.enabled and cfg.latent.pretrained and new_autoencoder:
                 check_pretrained(cfg.latent, log)  # its weights, loaded once before anything is written
             plan = plan_partition(cfg, train)
-            _check_partition(cfg, train, plan, log)
+            check_partition(cfg, train, plan, log)
         else:
             register_user_features(cfg)
             register_user_networks(cfg)

@@ -27,6 +27,7 @@ at every budget), the monolith's its own.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -40,11 +41,12 @@ from ddmkit.evaluation.plots import plot_sweep
 from ddmkit.io import check_folder_target, read_json, write_bytes_atomic, write_json
 from ddmkit.launch import check_launch
 from ddmkit.layout import RunFolder
+from ddmkit.pipeline.checks import check_devices
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
-from ddmkit.pipeline.prepare import run_config, trained_differences
+from ddmkit.pipeline.prepare import TRAINED, check_partition, run_config, trained_differences
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
 from ddmkit.pipeline.samplesets import calls_every_expert
-from ddmkit.pipeline.stages import load_data, register_user_networks
+from ddmkit.pipeline.stages import load_data, plan_partition, register_user_networks
 from ddmkit.tables import markdown_table
 from ddmkit.theory.report import t_interval
 from ddmkit.train.flops import per_sample_flops, training_flops
@@ -161,20 +163,30 @@ def cell_in_folder(out: Path, cell_cfg: RunConfig, sections: tuple[str, ...], ha
     """A cell already in OUT (made by an earlier command, e.g. another part of the grid) whose config has
     cell_cfg's `sections` and whose folder holds `has` (a RunFolder attribute): the cell whose outputs a
     new cell shares, so that the grid's data, reference features and autoencoder are made once per
-    OUT folder, whichever command made its first cell. Sections are compared after validating the
-    recorded config (a setting ddmkit gained since takes its default, as when a run resumes), so a cell
-    brought from an earlier ddmkit version is still found; a config.json ddmkit cannot read is passed by."""
-    mine = cell_cfg.model_dump(mode="json")
+    OUT folder, whichever command made its first cell. Sections are compared as result_differences
+    compares them (how jobs ran left out), after validating the recorded config (a setting ddmkit gained
+    since takes its default, as when a run resumes), so a cell brought from an earlier ddmkit version is
+    still found; a config.json ddmkit cannot read is passed by."""
     for config in sorted(out.glob("k*_b*_s*/config.json")):
         folder = RunFolder(config.parent)
         if getattr(folder, has).exists():
             try:
-                recorded = run_config(folder.root).model_dump(mode="json")
+                recorded = run_config(folder.root)
             except DDMError:
                 continue
-            if all(recorded[key] == mine[key] for key in sections):
+            if not any(d.split(".", 1)[0] in sections for d in result_differences(recorded, cell_cfg)):
                 return folder
     return None
+
+
+def result_differences(made: RunConfig, asked: RunConfig) -> list[str]:
+    """The fields in which `asked` differs from `made` in what a cell trains, samples or scores, as `ddmkit
+    run` compares a run folder's config: every section, less how jobs run (device, threads, logging:
+    train.jobs.EXECUTION, as prepare.trained_differences leaves them out)."""
+    old, new = made.model_dump(mode="json"), asked.model_dump(mode="json")
+    scored = [name for name in new if name not in TRAINED]  # [sample] and [evaluate]
+    return trained_differences(made, asked) + config_differences({name: old[name] for name in scored},
+                                                                 {name: new[name] for name in scored})
 
 
 def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[int], scale: str = "batch") -> None:
@@ -229,7 +241,7 @@ def short_trainings(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k:
 
 
 def read_metrics(folder: RunFolder) -> dict:
-    """A cell's metrics.json as a sweep reads it: its config validated (a setting added to ddmkit since
+    """A cell's metrics.json as a sweep reads it: its config as a RunConfig (a setting added to ddmkit since
     takes its default, as when a run folder is resumed) and rows that each hold a score (FID or W2 / floor);
     a file of another shape is a DDMError naming it (cells' files are copied between machines by hand)."""
     fix = "delete it to score the cell again (the same command), or copy that cell's own metrics.json back"
@@ -242,30 +254,47 @@ def read_metrics(folder: RunFolder) -> dict:
             not all(isinstance(r, dict) and ("fid" in r or "w2_over_floor" in r) for r in rows.values()):
         raise DDMError(f"{folder.metrics} is not the metrics.json of a scored ddmkit run (a JSON object with "
                        f"'config' and 'rows', each row a score); {fix}")
-    cfg = validate(RunConfig, metrics["config"], str(folder.metrics), "config in metrics.json")
-    return {**metrics, "config": cfg.model_dump(mode="json")}
+    return {**metrics, "config": validate(RunConfig, metrics["config"], str(folder.metrics), "config in metrics.json")}
 
 
 def scored_rows(folder: RunFolder, cell_cfg: RunConfig) -> dict | None:
-    """A cell's result rows from its metrics.json, if it was scored with exactly this config (else None)."""
+    """A cell's result rows from its metrics.json, if it was scored with this config (else None): the same
+    training, sampling and scoring settings, however the jobs ran (result_differences)."""
     if not folder.metrics.exists():
         return None
     metrics = read_metrics(folder)
-    return metrics["rows"] if metrics["config"] == cell_cfg.model_dump(mode="json") else None
+    return None if result_differences(metrics["config"], cell_cfg) else metrics["rows"]
 
 
-def check_grid_data(cfg: RunConfig, ks: list[int], backend: str, workers: int | None) -> None:
-    """Before any cell writes, what the config alone does not show: the backend's options, and on data of a
-    Gaussian mixture of M components a K above M (a partition into more clusters leaves some owning no
-    component, which the run of that K would refuse after the cells before it had trained)."""
+def new_partitions(out: Path, grid: list[tuple], kept: list[dict | None]) -> dict[int, RunConfig]:
+    """K -> the config of its first cell to run, for every K of the cells to run (kept: None) whose
+    partition no cell in OUT holds yet: the partitions this command makes."""
+    first: dict[int, RunConfig] = {}
+    for ((k, _, _), cell_cfg, _), rows in zip(grid, kept):
+        if rows is None:
+            first.setdefault(k, cell_cfg)
+    return {k: c for k, c in first.items() if cell_in_folder(out, c, (*SHARED, "partition"), "partition") is None}
+
+
+def check_grid_data(cfg: RunConfig, partitions: dict[int, RunConfig], backend: str, workers: int | None) -> None:
+    """Before any cell writes, what the config alone does not show: the backend's options, and every new K's
+    partition (partitions: new_partitions), computed in memory and checked as that K's first cell will check
+    it (on data of a Gaussian mixture of M components, no K above M; clusters that training and scoring can
+    use), so that a K that cannot be partitioned fails the grid before the cells of the other K train. The
+    cells make their partitions again, a small cost next to their training."""
     check_launch(backend, workers)
-    if not ks or cfg.data.name not in MIXTURES:
+    if not partitions:
         return
-    components = load_data(cfg)[0].truth.k
-    if max(ks) > components:
-        raise DDMError(f"--k {max(ks)}: {cfg.data.name} is a mixture of {components} Gaussians, so a partition "
-                       f"into more clusters leaves some owning none of them (a run refuses that); give --k "
-                       f"{components} or lower")
+    train = load_data(next(iter(partitions.values())))[0]
+    if cfg.data.name in MIXTURES and max(partitions) > train.truth.k:
+        raise DDMError(f"--k {max(partitions)}: {cfg.data.name} is a mixture of {train.truth.k} Gaussians, so a "
+                       f"partition into more clusters leaves some owning none of them (a run refuses that); give --k "
+                       f"{train.truth.k} or lower")
+    for k, cell_cfg in partitions.items():
+        try:
+            check_partition(cell_cfg, train, plan_partition(cell_cfg, train), log=lambda _: None)  # warned by the cell
+        except DDMError as e:
+            raise DDMError(f"--k {k} (the partition.k of its cells): {e}") from None
 
 
 def check_same_monolith(folder: RunFolder, cell_cfg: RunConfig) -> None:
@@ -307,7 +336,7 @@ def scored_cells(grid: list[tuple], out: Path, partial: bool = False) -> tuple[l
     if other:
         first = next(c for _, c, folder in grid if folder.root.name == other[0])
         made = read_metrics(RunFolder(out / other[0]))["config"]
-        differs = config_differences(made, first.model_dump(mode="json"))
+        differs = result_differences(made, first)
         hint = (" (monolith.enabled differs: give --monolith-k the K whose cells trained the monolith)"
                 if any(d.startswith("monolith.enabled") for d in differs) else "")
         raise DDMError(f"--stages report: the metrics.json of cells {', '.join(other)} in {out} were made with "
@@ -433,7 +462,29 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         if untrained:
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
-    check_grid_data(cfg, [k for ((k, _, _), _, _), rows in zip(grid, kept) if rows is None], backend, workers)
+    check_devices(cfg)
+    check_grid_data(cfg, new_partitions(out, grid, kept), backend, workers)
+    created = not out.exists()
+    try:
+        results = run_cells(cfg, out, grid, kept, force, log, backend, workers, stages)
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when left empty: a first cell that failed its checks leaves nothing
+    if stages == "train":
+        trained = sum(rows is None for rows in kept)
+        log(f"sweep: {trained} cells trained, {len(grid) - trained} already scored; the same command with "
+            "--stages evaluate (or all) scores them")
+        return None
+    return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, grid), log,
+                        scale=scale)
+
+
+def run_cells(cfg: RunConfig, out: Path, grid: list[tuple], kept: list[dict | None], force: bool, log: Log,
+              backend: str, workers: int | None, stages: str) -> list[dict]:
+    """Run the grid's cells in order (kept: a cell's rows if it was scored before, else None; such cells are
+    kept as they are), a new cell sharing the data, reference features and autoencoder of a cell that holds
+    them and the partition of a cell of its K; returns every scored cell's results."""
     out.mkdir(parents=True, exist_ok=True)
     # the cell whose data (reference features, autoencoder) the others share, and K -> the cell whose partition
     # the others of that K share: cells that hold them (a kept cell may hold only its metrics.json)
@@ -460,13 +511,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
             partitions.setdefault(k, folder)
         if rows is not None:
             results.append({"k": k, "budget": b, "seed": s, "rows": rows})
-    if stages == "train":
-        trained = sum(rows is None for rows in kept)
-        log(f"sweep: {trained} cells trained, {len(grid) - trained} already scored; the same command with "
-            "--stages evaluate (or all) scores them")
-        return None
-    return write_report(cfg, results, out, ks, budgets, strategies, mono_k, data_shape(cfg, grid), log,
-                        scale=scale)
+    return results
 
 
 FLOORS = (FLOOR, RECONSTRUCTIONS)  # image cells' reference rows: no sample set scores below them
