@@ -421,7 +421,7 @@ def test_emit_slurm_writes_the_set_fields_into_its_tasks_and_refuses_what_it_doe
     code, err = cli(monkeypatch, capsys, "launch", run, "--time", "1:00:00")
     assert code == 2 and "--time" in err and "--emit slurm" in err, err
     code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--set", "expert.train.checkpoint_every=7",
-                    "--set", "expert.train.lr=3e-4", "--time", "01:00:00")
+                    "--set", "expert.train.log_every=3", "--time", "01:00:00")
     assert code in (0, None), err
     assert f"sbatch {shlex.quote(str(script))}" in err
     text = script.read_text()
@@ -429,7 +429,7 @@ def test_emit_slurm_writes_the_set_fields_into_its_tasks_and_refuses_what_it_doe
     env = {"SLURM_ARRAY_TASK_ID": "1", "PATH": "/usr/bin:/bin"}
     echoed = subprocess.run(["bash", "-c", text.replace(f"{sys.executable} -m ddmkit", "echo")], env=env,
                             capture_output=True, text=True).stdout.split()
-    assert echoed[-4:] == ["--set", "expert.train.checkpoint_every=7", "--set", "expert.train.lr=3e-4"]
+    assert echoed[-4:] == ["--set", "expert.train.checkpoint_every=7", "--set", "expert.train.log_every=3"]
 
 
 # ----- a Ray cluster that cannot be reached -------------------------------------------------------------------

@@ -530,7 +530,7 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
            device: Optional[str] = DEVICE,
            set_: Optional[List[str]] = SET):
     """Train the run's missing experts on a backend, or emit a SLURM job array (one task per expert; the
-    --set expert.* fields given are written into its tasks' command lines)."""
+    --set expert.* fields given, of how the jobs run, are written into its tasks' command lines)."""
     from ddmkit.launch import check_launch
     from ddmkit.pipeline.prepare import check_same_training
     from ddmkit.pipeline.stages import run_lock, stage_autoencoder, stage_experts, stage_registry
@@ -547,7 +547,8 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
         if _text_run(run_dir):
             _no_text_overrides(None, None, None, set_)
         else:
-            check_same_training(run_dir, _config(None, run_dir, set_))  # as launch: how tasks run, not what
+            experts = [item for item in set_ or [] if item.strip().startswith("expert.")]  # the others: below
+            check_same_training(run_dir, _config(None, run_dir, experts))  # as launch: how tasks run, not what
         with run_lock(run_dir):
             path = write_slurm_script(run_dir, script, set_ or [], **{k: v for k, v in slurm.items() if v is not None})
         if path is None:
