@@ -326,6 +326,8 @@ def test_ctrl_c_in_add_expert_says_nothing_was_added():
     from ddmkit.cli import interrupted_text
 
     assert "nothing added" in interrupted_text(["ddmkit", "add-expert", "RUN"])
+    # the theory studies run in memory and write at the end: there is nothing to continue from
+    assert "nothing was written" in interrupted_text(["ddmkit", "theory", "distill", "--quick"])
     assert "--resume" in interrupted_text(["ddmkit", "train-expert", "S"])
     assert interrupted_text(["ddmkit", "run", "C"]).startswith("interrupted: what is finished is kept")
 

@@ -179,6 +179,13 @@ CONFIG_ERRORS = [  # (--set items, words of the message)
     (["corpus.source=''"], "corpus.source: empty"),
     (["router.kinds=[]"], "router.kinds: empty"),
     (["corpus.min_doc_bytes=300", "corpus.max_doc_bytes=200"], "min_doc_bytes (300) is above max_doc_bytes (200)"),
+    (["evaluate.strategies=['top-1', 'gated-2@30']"], "evaluate.strategies: strategy 'gated-2@30' needs continuous-data "
+     "state (it compares the experts' velocities), which a text run does not have; accepted for text runs: full, "
+     "top-K, threshold-P, sample-K[@T], nucleus-P[@T], switch, adaptive-P, adaptive-ent-H"),
+    (["evaluate.strategies=['top-9x']"], "evaluate.strategies: unknown routing strategy 'top-9x'; accepted for text "
+     "runs: full, top-K,"),
+    (["expert.train.device='cuda:3'"], "expert.train.device: 'cuda:3': text runs train on the CPU; set it to \"cpu\""),
+    (["router.train.device='mps'"], "router.train.device: 'mps': text runs train on the CPU"),
 ]
 
 
@@ -448,7 +455,8 @@ def test_a_text_run_is_not_partitioned_again_in_place_without_force(tmp_path):
     config, run = write_config(tmp_path, "text_ar"), tmp_path / "run"
     partition_text_run(config, run, log=QUIET)
     before = (run / "partition" / "manifest.json").read_bytes()
-    with pytest.raises(DDMError, match="partitioned with other corpus or partition settings.*--force"):
+    with pytest.raises(DDMError, match=r"already holds a different run: its config.json differs in partition.seed "
+                                       r"\(0, asked 5\); choose another --out folder or pass --force"):
         partition_text_run(config, run, log=QUIET, overrides=["partition.seed=5"])
     assert (run / "partition" / "manifest.json").read_bytes() == before
     partition_text_run(config, run, force=True, log=QUIET, overrides=["partition.seed=5"])
@@ -456,7 +464,7 @@ def test_a_text_run_is_not_partitioned_again_in_place_without_force(tmp_path):
 
 
 @pytest.mark.parametrize("option", [("--stages", "train"), ("--backend", "processes"), ("--workers", "2"),
-                                    ("--address", "auto"), ("--device", "cpu")])
+                                    ("--address", "auto")])
 def test_ddmkit_run_of_a_text_config_refuses_the_vector_runs_options(tmp_path, monkeypatch, capsys, option):
     """A text run trains inline, every stage in one command: an option that would change that is named
     (exit 2) before anything is written, not left unread."""
@@ -503,3 +511,86 @@ def test_text_run_of_a_builtin_name_says_what_a_text_config_is(monkeypatch, caps
     """`ddmkit text run demo` said 'config file demo does not exist' (`ddmkit run demo` takes the name)."""
     code, err = cli(monkeypatch, capsys, "text", "run", "demo")
     assert code == 2 and "a text config is a TOML file" in err and "`ddmkit run demo`" in err, err
+
+
+def test_a_text_run_refuses_other_training_settings_without_force(text_runs, tmp_path, monkeypatch, capsys):
+    """`ddmkit run TEXT --out RUN --set expert.train.steps=25` on a finished run trained its models again and
+    overwrote them (exit 0); a changed setting of what the run trains is refused, naming the fields, as for
+    vector runs. Settings of sampling and evaluation only (and the seed of evaluation) keep the models."""
+    import shutil
+
+    run, config = tmp_path / "run", text_runs["text_ar"].parent / "text_ar.toml"
+    shutil.copytree(text_runs["text_ar"], run)
+    before = files(run)
+    code, err = cli(monkeypatch, capsys, "run", config, "--out", run, "--set", "expert.train.steps=25",
+                    "--set", "router.train.lr=0.01")
+    assert code == 2 and f"{run} already holds a different run: its config.json differs in expert.train.steps " \
+        "(60, asked 25); router.train.lr (0.002, asked 0.01); choose another --out folder or pass --force to " \
+        "replace it" in " ".join(err.split()), err
+    for item in ("model.width=16", "centralized.steps=7", "router.kinds=['learned']", "corpus.max_docs=30"):
+        code, err = cli(monkeypatch, capsys, "run", config, "--out", run, "--set", item)
+        assert code == 2 and f"differs in {item.split('=')[0]} (" in err, err
+    assert files(run) == before
+    code, err = cli(monkeypatch, capsys, "run", config, "--out", run, "--set", "sample.n=1", "--set", "seed=4",
+                    "--set", "evaluate.windows_per_cluster=3", "--set", "threads=2")
+    assert code == 0, err
+    after = files(run)
+    models = [p for p in before if p.parts[0] in ("partition", "experts", "monolith", "router")]
+    assert models and all(after[p] == before[p] for p in models)
+    assert after[RunFolder(run).report.relative_to(run)] != before[RunFolder(run).report.relative_to(run)]
+
+
+STRATEGY_EXAMPLES = {"full": "full", "top-K": "top-1", "threshold-P": "threshold-0.3", "sample-K[@T]": "sample-1@0.5",
+                     "nucleus-P[@T]": "nucleus-0.9", "switch": "switch", "oracle": "oracle", "nearest": "nearest",
+                     "adaptive-P": "adaptive-0.9", "adaptive-ent-H": "adaptive-ent-0.3", "gated-K@A": "gated-2@30"}
+
+
+def test_text_runs_take_the_strategies_they_list_and_refuse_the_others(text_runs):
+    """The strategies a text config takes, and lists in its messages, are the strategy table's forms less those
+    that need continuous-data state: every one of them samples and analyzes a text run of each kind; gated-K@A
+    (refused only after training) and the others are refused when the config is validated."""
+    from ddmkit.discrete.config import NOT_FOR_TEXT, TEXT_STRATEGY_FORMS
+    from ddmkit.routing.table import STRATEGIES
+
+    forms = [s.form for s in STRATEGIES]
+    assert sorted(STRATEGY_EXAMPLES) == sorted(forms)  # a new strategy: add an example name here
+    taken = [f for f in forms if f not in NOT_FOR_TEXT]
+    assert TEXT_STRATEGY_FORMS == ", ".join(taken)
+    names = [STRATEGY_EXAMPLES[f] for f in taken]
+    for kind, run in text_runs.items():
+        texts = sample_text(run, names, n=1, log=QUIET)
+        assert {name for name in texts if name.startswith("learned / ")} == {f"learned / {n}" for n in names}, kind
+        weights = analyze_text(run, run / "strategies", QUIET, names, n=1)["own_cluster_weight"]
+        assert {f"learned / {n}" for n in names} <= set(weights), kind
+        for form in NOT_FOR_TEXT:
+            with pytest.raises(DDMError, match=re.escape(f"evaluate.strategies: strategy {STRATEGY_EXAMPLES[form]!r} "
+                                                         "needs continuous-data state")):
+                sample_text(run, [STRATEGY_EXAMPLES[form]], log=QUIET)
+
+
+def test_a_text_run_takes_device_cpu_and_is_named_where_a_vector_run_is_expected(text_runs, tmp_path, monkeypatch,
+                                                                               capsys):
+    """--device cpu (or auto) is what a text run does, as discrete.md says: `run` and `train-expert` refused it.
+    A vector config given a text run's folder said its config.json could not be read (cut mid-word), and
+    DDM.from_pretrained said an expert had no data_shape."""
+    import shutil
+
+    from ddmkit.ddm import DDM
+
+    run = tmp_path / "copy"
+    shutil.copytree(text_runs["text_ar"], run)
+    config = run / "config.json"
+    for args in (["run", text_runs["text_ar"].parent / "text_ar.toml", "--out", run, "--device", "cpu"],
+                 ["train-expert", run / "partition" / "shards" / "cluster_00.safetensors", "--config", config,
+                  "--out", tmp_path / "e", "--device", "auto"]):
+        code, err = cli(monkeypatch, capsys, *args)
+        assert code in (0, None), err
+    code, err = cli(monkeypatch, capsys, "train-expert", run / "partition" / "shards" / "cluster_00.safetensors",
+                    "--config", config, "--out", tmp_path / "e2", "--device", "cuda")
+    assert code == 2 and "--device cuda: text runs train and sample on the CPU" in " ".join(err.split()), err
+    code, err = cli(monkeypatch, capsys, "run", "demo", "--out", run)
+    said = " ".join(err.split())
+    assert code == 2 and "holds a run of another kind ('text_ar': a text run)" in said and "--force" in said, said
+    with pytest.raises(DDMError, match=r"is a text run: its models draw bytes.*ddmkit sample"):
+        DDM.from_pretrained(run)
+

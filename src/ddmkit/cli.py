@@ -64,6 +64,8 @@ def interrupted_text(argv: list[str]) -> str:
     """What a command stopped by Ctrl-C says when it has nothing more specific to say."""
     if argv[1:2] == ["add-expert"]:  # its changes land together at the end (ddmkit.pipeline.grow)
         return "interrupted: the run is as it was before add-expert (nothing added); run the same command to add the data"
+    if argv[1:2] == ["theory"]:  # a study in memory, written at its end (ddmkit.theory.report)
+        return "interrupted: nothing was written; run the same command to start the study again"
     resume = " with --resume, from the checkpoint the job left" if argv[1:2] == ["train-expert"] else ""
     return f"interrupted: what is finished is kept; run the same command{resume} to continue"
 
@@ -93,7 +95,10 @@ DEVICE = typer.Option(None, "--device", help="where networks train and sample: c
                       "sets every train.device of the config (default: the config's)")
 SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one config field, repeatable: --set "
                    "expert.train.steps=300 --set 'sample.strategies=[\"top-1\",\"full\"]' (VALUE: a TOML "
-                   "value, else text)")
+                   "value, else text; a text config's strategies are evaluate.strategies)")
+TEXT_SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one field of the text config, repeatable: "
+                        "--set expert.train.steps=300 --set 'evaluate.strategies=[\"top-1\",\"full\"]' (VALUE: a "
+                        "TOML value, else text)")
 CONFIG = "TOML config (or a built-in name, e.g. demo); it also names your own network classes"
 
 
@@ -214,11 +219,13 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
 
         if nproc != 1:
             raise DDMError("--nproc: text experts train in one process (on cfg.threads threads)")
+        _text_device(device)
         given = [name for name, value in (("--seed", seed), ("--checkpoint-every", checkpoint_every),
-                                          ("--device", device), ("--set", set_ or None)) if value is not None]
+                                          ("--set", set_ or None)) if value is not None]
         if given:
             raise DDMError(f"{', '.join(given)}: text experts take their settings from the text config (seed + "
-                           "cluster) and train without checkpoints")
+                           "cluster) and train without checkpoints; leave them out, and set them in the text config "
+                           "(`ddmkit run TEXT_CONFIG --set ...` when making the run)")
         train_text_expert(shard, read_text_config(config), out)
         log(f"expert written to {out}")
         return
@@ -451,9 +458,10 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
     if _text_kind(config):
         from ddmkit.pipeline.text import run_text
 
-        given = [name for name, value, default in (("--device", device, None), ("--backend", backend, "inline"),
-                                                    ("--workers", workers, None), ("--address", address, None),
-                                                    ("--stages", stages, "all")) if value != default]
+        _text_device(device)
+        given = [name for name, value, default in (("--backend", backend, "inline"), ("--workers", workers, None),
+                                                    ("--address", address, None), ("--stages", stages, "all"))
+                 if value != default]
         if given:
             raise DDMError(f"{', '.join(given)}: a text run trains on the CPU, inline, every stage in one command; "
                            "leave them out (one expert per node: `ddmkit launch RUN --emit slurm`)")
@@ -662,10 +670,15 @@ def _text_kind(config: Path) -> bool:
     return is_text_config(config)
 
 
-def _no_text_overrides(config: Optional[Path], seed: Optional[int], device: Optional[str] = None,
-                       overrides: Optional[List[str]] = None) -> None:
+def _text_device(device: Optional[str]) -> None:
+    """--device for a text run: left out, cpu or auto (text runs train and sample on the CPU)."""
     if device not in (None, "cpu", "auto"):
         raise DDMError(f"--device {device}: text runs train and sample on the CPU; leave --device out (or give cpu)")
+
+
+def _no_text_overrides(config: Optional[Path], seed: Optional[int], device: Optional[str] = None,
+                       overrides: Optional[List[str]] = None) -> None:
+    _text_device(device)
     given = [name for name, value in (("--config", config), ("--seed", seed), ("--set", overrides or None))
              if value is not None]
     if given:
@@ -807,7 +820,7 @@ def text_run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar'
              force: bool = typer.Option(False, "--force", help="replace what the output folder holds (once the config's "
                                         "checks pass)"),
              seed: Optional[int] = typer.Option(None, "--seed", help="override every seed of the config"),
-             set_: Optional[List[str]] = SET):
+             set_: Optional[List[str]] = TEXT_SET):
     """Partition a corpus, train experts, centralized model and router, evaluate, write the report
     (the same as `ddmkit run CONFIG`)."""
     from rich.table import Table

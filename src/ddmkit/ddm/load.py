@@ -271,6 +271,9 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     if router_kind not in ("learned", "statistics"):
         raise DDMError(f"router: unknown kind {router_kind!r}; accepted: learned, statistics")
     manifest, ptensors = load_partition_checked(folder.partition)
+    if manifest.get("data_name") == "text":  # byte-level models, no velocity field
+        raise DDMError(f"{folder.root} is a text run: its models draw bytes, not a DDM of velocity fields; sample it "
+                       f"with `ddmkit sample {folder.root}` (in Python: ddmkit.pipeline.text.sample_text)")
     k, shape = manifest["k"], model_data_shape(folder.root)
     exclude = expert_indices(exclude, k, "exclude")
     absent = [c for c in range(k) if c in exclude or not (folder.expert(c) / "model.safetensors").exists()]

@@ -7,6 +7,7 @@ configs/text_dfm.toml); that key is how `ddmkit run` tells it from a vector run.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path, PureWindowsPath
 from typing import Literal
 
@@ -14,8 +15,18 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ddmkit.config import MAX_SEED, Section, Seed, TrainConfig, apply_overrides, json_digest, read_toml, tomllib, validate
 from ddmkit.errors import DDMError
+from ddmkit.routing.table import STRATEGIES, parse_strategy
 
 KINDS = ("text_ar", "text_dfm")
+
+# The strategy forms that need what only the vector and image sampler keeps; the text sampler routes on the
+# router's probabilities alone (and a random generator).
+NOT_FOR_TEXT = {
+    "oracle": "the cluster the vector sampler draws once per trajectory",
+    "nearest": "the cluster centroids and the vector sampler's x0_hat",
+    "gated-K@A": "it compares the experts' velocities",
+}
+TEXT_STRATEGY_FORMS = ", ".join(s.form for s in STRATEGIES if s.form not in NOT_FOR_TEXT)
 
 
 class CorpusConfig(Section):
@@ -81,13 +92,27 @@ class ModelConfig(Section):
         return self
 
 
-def _train(steps: int, batch_size: int = 32) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=batch_size, lr=2e-3, warmup=30, ema_decay=0.99, log_every=25,
-                       device="cpu", weight_decay=0.01)
+class TextTrainConfig(TrainConfig):
+    """The training settings of a text model: text models train on the CPU."""
+
+    device: str = Field("auto", description="cpu or auto (the CPU too): text runs train on the CPU")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _cpu(cls, v):
+        if v not in ("cpu", "auto"):
+            raise ValueError(f"{v!r}: text runs train on the CPU; set it to \"cpu\" (or \"auto\", which is the CPU "
+                             "too), or leave it out")
+        return v
+
+
+def _train(steps: int, batch_size: int = 32) -> TextTrainConfig:
+    return TextTrainConfig(steps=steps, batch_size=batch_size, lr=2e-3, warmup=30, ema_decay=0.99, log_every=25,
+                           device="cpu", weight_decay=0.01)
 
 
 class TextExpertConfig(Section):
-    train: TrainConfig = Field(default_factory=lambda: _train(300))
+    train: TextTrainConfig = Field(default_factory=lambda: _train(300))
 
 
 class TextRouterConfig(Section):
@@ -97,7 +122,7 @@ class TextRouterConfig(Section):
     width: int = Field(64, ge=8)
     depth: int = Field(1, ge=1)
     heads: int = Field(4, ge=1)
-    train: TrainConfig = Field(default_factory=lambda: _train(200))
+    train: TextTrainConfig = Field(default_factory=lambda: _train(200))
 
     @field_validator("kinds")
     @classmethod
@@ -130,14 +155,25 @@ class TextEvalConfig(Section):
     @field_validator("strategies")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from ddmkit.routing.table import parse_strategy
-
         for s in v:
-            if s in ("oracle", "nearest"):
-                raise ValueError(f"strategy {s!r} needs continuous-data state; accepted here: full, top-K, "
-                                 "threshold-P, sample-K[@T], nucleus-P[@T], switch")
-            parse_strategy(s)
+            form = strategy_form(s)
+            if form is None:
+                raise ValueError(f"unknown routing strategy {s.strip()!r}; accepted for text runs: "
+                                 f"{TEXT_STRATEGY_FORMS}")
+            if form in NOT_FOR_TEXT:
+                raise ValueError(f"strategy {s.strip()!r} needs continuous-data state ({NOT_FOR_TEXT[form]}), which "
+                                 f"a text run does not have; accepted for text runs: {TEXT_STRATEGY_FORMS}")
+            try:
+                parse_strategy(s)
+            except DDMError as e:  # a bad value, e.g. top-0: named with the field
+                raise ValueError(str(e)) from None
         return v
+
+
+def strategy_form(name: str) -> str | None:
+    """The form of the strategy table (ddmkit.routing.table) a strategy name has, e.g. 'top-K' for
+    'top-2'; None for an unknown name."""
+    return next((s.form for s in STRATEGIES if re.fullmatch(s.pattern, name.strip())), None)
 
 
 class TextRunConfig(Section):

@@ -74,6 +74,16 @@ def check_same_training(run: str | Path, cfg: RunConfig) -> None:
                        "(`ddmkit run CONFIG --out OTHER --set ...`)")
 
 
+def recorded_kind(folder: RunFolder):
+    """The `kind` field of a run folder's recorded config (a text run's "text_ar" or "text_dfm"), or None."""
+    try:
+        saved = read_json(folder.config)
+    except DDMError:
+        return None
+    config = saved.get("config") if isinstance(saved, dict) else None
+    return config.get("kind") if isinstance(config, dict) else None
+
+
 def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
     """What to do with the folder: "new", "same" (resume; how the jobs run may differ: train.jobs.EXECUTION),
     "derived" (only [sample]/[evaluate] changed too) or "replace" (force, another run); refusals are
@@ -84,6 +94,10 @@ def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
         except (DDMError, AttributeError) as e:
             if force:
                 return "replace"
+            kind = recorded_kind(folder)
+            if isinstance(kind, str):  # a text run (ddmkit.pipeline.text): another kind of run, not a damaged one
+                raise DDMError(f"{folder.root} holds a run of another kind ({kind!r}: a text run); choose another "
+                               "--out folder or pass --force to replace it") from None
             raise DDMError(f"{folder.root} holds a config.json that ddmkit cannot read ({str(e)[:300]}); choose "
                            "another --out folder or pass --force to replace the run") from None
         if old.digest() == cfg.digest():

@@ -11,7 +11,9 @@ sampling, evaluation and analysis stages on a finished run.
 RUN/config.json holds the text config (its `kind` tells a text run from the others). Every
 model is a ddmkit folder (config.json + model.safetensors + train_log.jsonl). A model whose
 folder exists with the same settings (`run_digest` in its config.json) is reused; `force=True`
-starts afresh. Each expert job reads only its own shard.
+starts afresh. A run folder made with other settings of what it trains (TRAINED: corpus, partition,
+model, expert, router, centralized) is refused without force, naming the fields that differ; the
+sample and evaluate settings, seed and threads may change. Each expert job reads only its own shard.
 
 As for vectors and images (ddmkit.pipeline.prepare): prepare_text_run checks a run completely
 before its first write (the corpus loads, the partition is computed in a scratch folder outside
@@ -31,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from ddmkit.config import validate
+from ddmkit.config import config_differences, validate
 from ddmkit.discrete.alignment import expert_cluster_bits, own_cluster_weight
 from ddmkit.discrete.ar import ar_inputs, ar_loss
 from ddmkit.discrete.config import KINDS, TextRunConfig, is_text_config, load_text_config
@@ -47,7 +49,7 @@ from ddmkit.io import (entries, nan_as_null, read_json, remove, remove_stale_sta
                        write_bytes_atomic, write_json)
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, check_builds, from_pretrained, save_pretrained
-from ddmkit.pipeline.prepare import remove_leftovers
+from ddmkit.pipeline.prepare import listed, remove_leftovers
 from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import run_lock
 from ddmkit.registry import check_registered, write_registry
@@ -58,6 +60,7 @@ from ddmkit.train.threads import job_threads
 Log = Callable[[str], None]
 
 CPU = torch.device("cpu")
+TRAINED = ("corpus", "partition", "model", "expert", "router", "centralized")  # what the models' run_digest hashes
 
 
 def router_loss_ar(model, windows: torch.Tensor, labels: torch.Tensor, generator) -> torch.Tensor:
@@ -223,9 +226,17 @@ def read_text_config(path: str | Path) -> TextRunConfig:
     return load_text_config(path)
 
 
+def trained_differences(made: TextRunConfig, asked: TextRunConfig) -> list[str]:
+    """The fields of the sections a text run's partition and models are made from (TRAINED) in which
+    `asked` differs from `made`, e.g. "expert.train.steps (30, asked 25)"."""
+    old, new = made.model_dump(mode="json"), asked.model_dump(mode="json")
+    return [d for name in TRAINED for d in config_differences({name: old[name]}, {name: new[name]})]
+
+
 def _replace(folder: RunFolder, cfg: TextRunConfig, force: bool) -> bool:
     """Whether what the folder holds is to be replaced (force, and it holds something); a folder of
-    another kind of run, or not a run, is refused without force."""
+    another kind of run, a text run made with other settings of what it trains (TRAINED), or not a run,
+    is refused without force. Other settings (sample, evaluate, seed, threads) may change."""
     if force:
         return bool(entries(folder.root, but=folder.lock))
     if folder.config.exists():
@@ -236,6 +247,15 @@ def _replace(folder: RunFolder, cfg: TextRunConfig, force: bool) -> bool:
         if kind != cfg.kind:
             raise DDMError(f"{folder.root} holds a {kind} run and the config's kind is {cfg.kind}; choose another "
                            "--out or pass --force to replace it")
+        try:
+            made = text_config(folder.root)
+        except DDMError as e:
+            raise DDMError(f"{folder.root} holds a config.json that ddmkit cannot read ({str(e)[:300]}); choose "
+                           "another --out folder or pass --force to replace the run") from None
+        differs = trained_differences(made, cfg)
+        if differs:
+            raise DDMError(f"{folder.root} already holds a different run: its config.json differs in "
+                           f"{listed(differs)}; choose another --out folder or pass --force to replace it")
     elif entries(folder.root, but=folder.lock):
         raise DDMError(f"{folder.root} exists and is not a ddmkit run folder; choose another --out or pass --force")
     return False
