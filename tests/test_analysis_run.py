@@ -125,6 +125,8 @@ def test_a_retrained_expert_is_measured_again_without_a_registry(trained, tmp_pa
     assert measured == ["top-1"] and again["strategies"]["top-1"]["summary"] != first["strategies"]["top-1"]["summary"]
     analyze_run(run, strategies=["top-1"], log=quiet, **SMALL)
     assert measured == ["top-1"]  # unchanged weights: kept
+    analyze_run(run, strategies="top-1", log=quiet, **SMALL)  # one name: it was read as the strategies t, o, p, ...
+    assert measured == ["top-1"]
 
 
 def test_split_rows_are_disjoint_and_shrink_to_the_test_split():

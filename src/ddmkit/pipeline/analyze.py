@@ -135,10 +135,12 @@ def more_test_rows(data: dict, n_test: int, params: dict) -> str:
                 "make the run again in a new folder")
     fraction = math.ceil(100 * need / total) / 100
     if fraction > 0.9:
-        return f"the data have {total} rows in all, too few to hold {need} test rows and train on the rest; give more data"
+        return (f"the data have {total} rows in all, too few to hold {need} test rows and train on the rest; give "
+                "more data")
+    test = round(fraction * total)
     return (f"make the run again with a larger test fraction, `ddmkit run CONFIG --set data.params.test_fraction="
-            f"{fraction:g}{cap} --out NEW_RUN` (about {round(fraction * total)} of the data's {total} rows for the test, "
-            f"{total - round(fraction * total)} to train on)")
+            f"{fraction:g}{cap} --out NEW_RUN` (about {test} of the data's {total} rows for the test, {total - test} "
+            "to train on)")
 
 
 def loaded_ddm(run: Path, device: torch.device, log: Callable[[str], None]) -> DDM:
@@ -316,11 +318,12 @@ def heldout_clusters(x: torch.Tensor, labels: torch.Tensor | None, exact, ctx: d
     return d.argmin(1), "the nearest partition centroid in feature space"
 
 
-def analyze_run(run_dir: str | Path, out: str | Path | None = None, strategies: Sequence[str] | None = None,
+def analyze_run(run_dir: str | Path, out: str | Path | None = None, strategies: str | Sequence[str] | None = None,
                 n: int = 1000, seed: int | None = None, max_steps: int = 20, jvp_rows: int = 128,
                 n_boot: int = 200, n_heldout: int = 2000, threads: int | None = 1,
                 device: str | torch.device | None = None, log: Callable[[str], None] = print) -> dict:
     """All diagnostics of a trained run; writes OUT/analysis.md, analysis.json, plots/ and returns the result.
+    strategies: one name or several (default: default_strategies).
     threads: torch intra-op threads while it runs (1: small networks on a shared CPU only lose to spinning).
     device: where the networks and every tensor of the analysis live (auto, cpu, cuda, cuda:N, mps;
     default: the run's expert.train.device)."""
@@ -343,7 +346,7 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     check_seed(seed)
     cfg = run_config(run)
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
-    names = list(strategies) if strategies else default_strategies(cfg)
+    names = [strategies] if isinstance(strategies, str) else list(strategies or default_strategies(cfg))
     strats = check_strategies(names)
     out = check_folder_target(out if out is not None else folder.analysis)  # before the long work
     ddm = loaded_ddm(run, device, log)
