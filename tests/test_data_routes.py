@@ -417,6 +417,7 @@ def test_every_form_a_dataset_function_returns(user_module):
     ("bad_labels", {}, "train_labels has shape (7,)"),
     ("needs_path", {}, "its argument 'path' has no default"),
     ("arrays", {"scael": 2.0}, "data.params.scael: "),
+    ("arrays", {"scael": 2.0}, "the arguments data.params may set: scale (n_train, n_test, seed come from"),
     ("arrays", {"seed": 3}, "data.params.seed: set by ddmkit"),
     ("missing", {}, "has no 'missing'"),
     ("raises", {}, 'py:7 (raise ValueError("boom")) when called with n_train'),  # the user's line that raised

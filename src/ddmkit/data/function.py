@@ -92,8 +92,10 @@ def call_arguments(name: str, fn: Callable, given: dict[str, Any]) -> dict[str, 
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     unknown = sorted(k for k in given if k not in named and k not in PASSED)
     if unknown:
-        raise DDMError(f"data.params.{unknown[0]}: {name} takes no argument {unknown[0]!r}; its arguments: "
-                       f"{', '.join(sorted(named)) or 'none'}")
+        settable = sorted(named - set(PASSED))
+        raise DDMError(f"data.params.{unknown[0]}: {name} takes no argument {unknown[0]!r}; the arguments data.params "
+                       f"may set: {', '.join(settable) or 'none'} ({', '.join(PASSED)} come from data.n_train, "
+                       "data.n_test and data.seed)")
     missing = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
                and p.name not in given]
     if missing:
