@@ -116,6 +116,20 @@ def test_top_n_with_n_at_least_k_calls_every_expert():
     assert not calls_every_expert("top-3", 4) and not calls_every_expert("sample-4", 4)
 
 
+def test_gated_routing_is_refused_as_a_sampled_strategy_when_the_config_loads():
+    """gated-K@A in sample.strategies passed the config check; the run trained every network, then stopped
+    at sampling (it needs the analysis sampler)."""
+    from ddmkit.config import RunConfig, validate
+    from ddmkit.errors import DDMError
+
+    for field in ("strategies", "stats_router_strategies"):
+        with pytest.raises(DDMError, match=rf"sample.{field}: strategy 'gated-2@30' compares the experts' velocities.*"
+                                           r"`ddmkit analyze RUN --strategy gated-2@30`"):
+            validate(RunConfig, {"sample": {field: ["top-1", "gated-2@30"]}})
+    with pytest.raises(DDMError, match="sample.sweep_strategy: strategy 'gated-1@10'"):
+        validate(RunConfig, {"sample": {"sweep_strategy": "gated-1@10"}})
+
+
 def test_one_table_parses_documents_and_validates_every_strategy():
     """docs/routing.md holds the table's own rendering; a strategy added to the table is accepted by
     the parser and by config validation, and listed in messages."""

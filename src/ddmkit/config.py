@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule
 from ddmkit.io import read_json
+from ddmkit.routing.adaptive import GatedTopK
 from ddmkit.routing.strategies import redraws_each_evaluation
 from ddmkit.routing.table import parse_strategy
 
@@ -279,11 +280,16 @@ class LatentConfig(Section):
 
 
 def _strategy(name: str) -> None:
-    """A routing strategy's name checked inside a validator (a ValueError, so the message names the field)."""
+    """A routing strategy's name checked inside a validator (a ValueError, so the message names the field):
+    one the sampler can run (gated-K@A needs the analysis sampler, which only `ddmkit analyze` has)."""
     try:
-        parse_strategy(name)
+        strategy = parse_strategy(name)
     except DDMError as e:
         raise ValueError(str(e)) from None
+    if isinstance(strategy, GatedTopK):
+        raise ValueError(f"strategy {name.strip()!r} compares the experts' velocities, which only the analysis "
+                         f"sampler gives: measure it with `ddmkit analyze RUN --strategy {name.strip()}`, and leave it "
+                         "out of the sampled strategies")
 
 
 class SampleConfig(Section):
@@ -423,7 +429,8 @@ def _explain(err: ValidationError, source: str, what: str = "configuration") -> 
         where = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")  # our validators' own messages, as written
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see docs/config.md for the accepted fields)"
+            msg = ("unknown field (check the spelling; see docs/config.md for the accepted fields, docs/discrete.md "
+                   "for a text config's)")
         lines.append(f"  {where}: {msg}" if where else f"  {msg}")  # a check of the whole section names its fields
     return "\n".join(lines)
 
