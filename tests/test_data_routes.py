@@ -295,6 +295,21 @@ def test_an_image_folder_fingerprint_changes_with_its_images_only(tmp_path):
     assert source_fingerprint("ring8", {}) is None and source_fingerprint("image_folder", {"path": "nowhere"}) is None
 
 
+def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """A config's relative path is read from the folder ddmkit runs in, not the config's: the message only
+    said the file does not exist."""
+    monkeypatch.chdir(tmp_path)
+    for name, params, field in (("data/x.npy", {}, "data.name"),
+                                ("image_folder", {"path": "photos"}, "data.params.path"),
+                                ("image_array", {"path": "x.npz"}, "data.params.path")):
+        with pytest.raises(DDMError, match=rf"{re.escape(field)}: .*does not exist .*a relative path is read from the "
+                                           rf"folder ddmkit runs in \({re.escape(str(tmp_path))}\)"):
+            load_dataset(name, 10, 10, params=params)
+    with pytest.raises(DDMError) as info:
+        load_dataset(str(tmp_path / "x.npy"), 10, 10)
+    assert "relative path" not in str(info.value)
+
+
 def test_too_few_test_rows_fail_before_training_and_the_suggested_fix_runs(tmp_path, monkeypatch, capsys):
     """The case that used to fail at evaluation after training: a file's test split smaller than the
     evaluation needs. Now it fails at once; the sample.n the message suggests then runs."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +47,14 @@ def take_rows(x: torch.Tensor, labels: torch.Tensor | None, n: int, seed: int):
         return x, labels
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return x[idx], (labels[idx] if labels is not None else None)
+
+
+def relative_hint(path: str | Path) -> str:
+    """What a message about a missing `path` adds when the path is relative: where it was looked for."""
+    if Path(path).expanduser().is_absolute():
+        return ""
+    return (f"; a relative path is read from the folder ddmkit runs in ({Path.cwd()}), not the config's: run ddmkit "
+            "from the folder it is relative to, or give an absolute path")
 
 
 def split_indices(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

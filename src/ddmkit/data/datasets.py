@@ -31,7 +31,7 @@ import torch
 
 import ddmkit.data.synthetic as synthetic
 from ddmkit.data.arrays import (ArrayData, check_finite, check_float32_range, checked_labels, load_array_file,
-                                split_indices, take_rows)
+                                relative_hint, split_indices, take_rows)
 from ddmkit.data.function import is_function_name, load_function_dataset
 from ddmkit.data.images import IMAGE_LOADERS, check_image_range, load_idx_dataset
 from ddmkit.errors import DDMError
@@ -109,7 +109,7 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
     an .npz gives the array `key` (default "x", else its first) and `labels` when it holds one."""
     p = Path(path)
     if not p.is_file():
-        raise DDMError(f"{field}: data file {path!r} does not exist (or is not a file)")
+        raise DDMError(f"{field}: data file {path!r} does not exist (or is not a file){relative_hint(path)}")
     arr = load_array_file(p, f"{field}: data file {path!r}")
     labels = None
     if key is not None and not isinstance(arr, np.lib.npyio.NpzFile):

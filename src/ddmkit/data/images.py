@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ddmkit.data.arrays import (ArrayData, check_finite, check_float32_range, checked_labels, load_array_file,
-                                split_indices, take_rows)
+                                relative_hint, split_indices, take_rows)
 from ddmkit.errors import DDMError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -295,7 +295,8 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
     if mode not in MODES:
         raise DDMError(f"data.params.mode: unknown {mode!r}; accepted: {', '.join(MODES)}")
     if not root.is_dir():
-        raise DDMError(f"data.params.path: image folder {root} does not exist (or is not a folder)")
+        raise DDMError(f"data.params.path: image folder {root} does not exist (or is not a folder)"
+                       f"{relative_hint(root)}")
     files = image_files(root)
     if not files:
         raise DDMError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
@@ -364,7 +365,8 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
                        "\"FILE.npy\" }) or on the command line (--set data.params.path=FILE.npy)")
     p = Path(path)
     if not p.is_file():
-        raise DDMError(f"data.params.path: image array file {path!r} does not exist (or is not a file)")
+        raise DDMError(f"data.params.path: image array file {path!r} does not exist (or is not a file)"
+                       f"{relative_hint(path)}")
     arr = load_array_file(p, f"data.params.path: image array file {path!r}")
     labels = None
     if isinstance(arr, np.lib.npyio.NpzFile):
