@@ -181,7 +181,10 @@ def check_expert_folder(out_dir: str | Path, option: str | None = None) -> None:
     foreign = _foreign_files(out_dir)
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        fix = (f"give a new or empty folder, e.g. {out_dir / 'expert_00'} or RUN/experts/expert_03" if option
+        example = (out_dir / "experts" / "expert_XX" if (out_dir / "partition").is_dir()  # a run folder
+                   else out_dir / "expert_00")
+        fix = (f"give a new or empty folder, e.g. {example}" + (" (XX: the shard's cluster, where the run's other "
+               "commands find it)" if example.name == "expert_XX" else " or RUN/experts/expert_03") if option
                else "move them elsewhere")
         raise DDMError(f"{named} holds files that are not an expert ({shown}); an expert is written into a folder "
                        f"of its own, which it replaces: {fix}")
