@@ -392,6 +392,9 @@ def test_a_run_that_fails_its_checks_writes_nothing(tmp_path, case):
     with pytest.raises(DDMError):
         run_pipeline(cfg, tmp_path / "run", log=QUIET)
     assert not (tmp_path / "run").exists()
+    with pytest.raises(DDMError):  # nor the folders above a run folder it made (--out runs/a/run)
+        run_pipeline(cfg, tmp_path / "runs" / "a" / "run", log=QUIET)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_config_edited_after_it_was_made_is_checked_before_anything_is_written(tmp_path):

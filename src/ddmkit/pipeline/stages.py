@@ -40,17 +40,20 @@ Log = Callable[[str], None]
 @contextlib.contextmanager
 def run_lock(run: str | Path):
     """Hold the run folder's lock (RUN/.lock, created with the folder) while the body writes to it: a
-    second writer is refused, naming the holder. Re-entrant within one process; a folder this call
-    created is removed again if it is left empty (a run that failed its checks leaves nothing)."""
+    second writer is refused, naming the holder. Re-entrant within one process; the folders this call
+    created (the run folder and its missing parents) are removed again if they are left empty (a run
+    that failed its checks leaves nothing)."""
     folder = RunFolder(run)
-    created = not folder.root.exists()
+    created = [path for path in (folder.root, *folder.root.parents) if not path.exists()]  # deepest first
     try:
         with folder_lock(folder.lock, f"run folder {folder.root}"):
             yield folder.root
     finally:
-        if created:
-            with contextlib.suppress(OSError):
-                folder.root.rmdir()  # only when empty
+        for path in created:
+            try:
+                path.rmdir()  # only when empty
+            except OSError:
+                break
 
 
 def load_data(cfg: RunConfig) -> tuple[ArrayData, ArrayData]:
