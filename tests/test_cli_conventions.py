@@ -306,6 +306,15 @@ def test_a_bad_sampling_option_is_named_by_its_option(ddmkit, shard, option, val
     assert code == 2 and f"invalid option {option}: " in said and words in said and "sample." not in said, said
 
 
+def test_a_folder_inside_a_run_names_the_run(ddmkit, shard):
+    """`train-router RUN/partition` said to run `ddmkit partition --out RUN/partition`."""
+    run = shard.parents[2]
+    for command, inside in (("train-router", run / "partition"), ("sample", shard.parent)):
+        code, _, err = ddmkit(command, inside)
+        said = " ".join(err.split())
+        assert code == 2 and f"is a folder inside the run {run.resolve()}; give the run folder itself" in said, said
+
+
 def test_partition_on_a_finished_folder_says_there_is_nothing_to_do(ddmkit, tmp_path):
     """It printed nothing at all (exit 0)."""
     assert ddmkit("partition", "--config", TINY, "--out", tmp_path / "p")[0] == 0

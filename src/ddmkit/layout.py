@@ -32,6 +32,13 @@ def safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in name)
 
 
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run folder `path` lies inside (RUN/partition, RUN/experts/expert_00 -> RUN), or None: the first
+    folder above it holding a config.json and a partition/."""
+    return next((above for above in Path(path).resolve().parents
+                 if (above / "config.json").is_file() and (above / "partition").is_dir()), None)
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """The paths of one run folder (nothing is created or read here)."""

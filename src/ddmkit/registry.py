@@ -33,7 +33,7 @@ from ddmkit.config import validate
 from ddmkit.data.partition import load_partition
 from ddmkit.errors import DDMError
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
-from ddmkit.layout import RunFolder
+from ddmkit.layout import RunFolder, enclosing_run
 from ddmkit.nets import build_model, from_pretrained
 
 REGISTRY = "registry.json"
@@ -125,6 +125,9 @@ def load_partition_checked(folder: str | Path) -> tuple[dict, dict[str, torch.Te
     folder = Path(folder)
     source = folder / "manifest.json"
     if not source.exists():
+        above = enclosing_run(folder.parent)  # RUN/partition given as the run: RUN/partition/partition looked for
+        if above is not None:
+            raise DDMError(f"{folder.parent} is a folder inside the run {above}; give the run folder itself: {above}")
         raise DDMError(f"{folder.parent}: no partition yet (partition/manifest.json); run `ddmkit partition "
                        f"--config CONFIG --out {folder.parent}` first")
     manifest, tensors = load_partition(folder)
