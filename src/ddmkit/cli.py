@@ -401,8 +401,9 @@ def evaluate(run: Path = typer.Argument(..., help="run folder with samples/ (any
 def analyze(run: Path = typer.Argument(..., help="trained run folder (experts/, router/, partition/)"),
             out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/analysis)"),
             strategy: Optional[List[str]] = typer.Option(None, help="routing strategy, repeatable (default: full, "
-                                                         "top-1, top-2, sample-2, threshold-P, switch, oracle, "
-                                                         "nearest, adaptive-0.9, adaptive-ent-0.5, gated-2@30)"),
+                                                         "top-1, top-2, sample-2, the run's threshold-P (else "
+                                                         "threshold-0.05), switch, oracle, nearest, adaptive-0.9, "
+                                                         "adaptive-ent-0.5, gated-2@30)"),
             n: Optional[int] = typer.Option(None, help="trajectories per strategy (default 1000; text runs: held-out "
                                             "windows per cluster, default the run's)"),
             seed: Optional[int] = typer.Option(None, help="noise seed (default: the run's)"),
