@@ -46,3 +46,18 @@ def test_a_setting_added_later_leaves_the_digest_of_older_runs_as_it_was():
     assert json_digest(older) == cfg.digest() == validate(RunConfig, older).digest()
     fsdp = validate(RunConfig, {"partition": {"k": 3}, "expert": {"train": {"parallel": "fsdp"}}})
     assert fsdp.digest() != cfg.digest()
+
+
+def test_a_bad_train_device_names_the_accepted_devices_not_a_pattern():
+    """`--set expert.train.device=gpu` printed pydantic's raw regex ("String should match pattern '^(auto|...")."""
+    import pytest
+
+    from ddmkit.config import RunConfig, validate
+    from ddmkit.errors import DDMError
+
+    with pytest.raises(DDMError) as info:
+        validate(RunConfig, {"router": {"train": {"device": "gpu"}}})
+    said = str(info.value)
+    assert "router.train.device: 'gpu' is not a device; accepted: auto, cpu, cuda, cuda:N or mps" in said, said
+    assert "pattern" not in said
+    assert validate(RunConfig, {"expert": {"train": {"device": "cuda:3"}}}).expert.train.device == "cuda:3"

@@ -151,7 +151,7 @@ class TrainConfig(Section):
     seed: int = Seed()
     threads: int = Field(1, ge=1, le=1024, description="CPU threads of one training job, set by every launch "
                          "backend: the same weights inline, in a process pool or on Ray")
-    device: str = Field("auto", pattern=DEVICE, description="auto, cpu, cuda, cuda:N or mps")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     log_every: int = Field(50, ge=1, le=ROWS)
     checkpoint_every: int = Field(0, ge=0, le=ROWS, description="0: no checkpoints")
     bf16: bool = Field(False, description="bfloat16 autocast on CUDA (ignored on CPU)")
@@ -166,6 +166,13 @@ class TrainConfig(Section):
         "ddp", description="a job of several processes: ddp, every process holds a whole copy of the network; "
         "fsdp, parameters, gradients and optimizer state sharded over the job's processes, for experts too large "
         "for one GPU (ignored with one process)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(DEVICE, v):
+            raise ValueError(f"{v!r} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
+        return v
 
 
 class PathConfig(Section):
