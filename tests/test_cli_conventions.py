@@ -239,6 +239,15 @@ def test_a_training_seed_out_of_range_is_exit_2_naming_seed(ddmkit, shard, tmp_p
     assert code == 2 and "--seed" in err, err
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_one_seed_for_every_stage_out_of_range_is_one_line(ddmkit, tmp_path, seed):
+    """`ddmkit run --seed -1` printed one error per seed field it sets (data, partition, expert, router, ...)."""
+    code, _, err = ddmkit("run", TINY, "--out", tmp_path / "run", "--seed", seed)
+    said = " ".join(err.split())
+    assert code == 2 and f"--seed {seed}: give a whole number from 0 to" in said and said.count("seed") == 1, said
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow  # passes alone (also under -n 2); in two full suites the process did not exit within 60 s (not found)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])

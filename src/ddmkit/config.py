@@ -387,10 +387,12 @@ class RunConfig(Section):
         sampling use `seed`, the router `seed + 1`. None leaves the config as is."""
         if seed is None:
             return self
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise DDMError(f"--seed {seed!r}: give a whole number from 0 to {MAX_SEED} (2^63 - 1)")
         d = self.model_dump()
         d["data"]["seed"] = d["partition"]["seed"] = d["expert"]["train"]["seed"] = d["sample"]["seed"] = seed
         d["latent"]["train"]["seed"] = seed
-        d["router"]["train"]["seed"] = (seed + 1) % (MAX_SEED + 1) if isinstance(seed, int) and seed >= 0 else seed
+        d["router"]["train"]["seed"] = (seed + 1) % (MAX_SEED + 1)
         return validate(RunConfig, d, "--seed")
 
     def digest(self) -> str:
