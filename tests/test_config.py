@@ -61,3 +61,18 @@ def test_a_bad_train_device_names_the_accepted_devices_not_a_pattern():
     assert "router.train.device: 'gpu' is not a device; accepted: auto, cpu, cuda, cuda:N or mps" in said, said
     assert "pattern" not in said
     assert validate(RunConfig, {"expert": {"train": {"device": "cuda:3"}}}).expert.train.device == "cuda:3"
+
+
+def test_text_is_not_read_as_a_number_or_a_boolean():
+    """`balanced = "yes"` was read as true and `k = "4"` as 4 (pydantic's lax mode); a value is what was written."""
+    import pytest
+
+    from ddmkit.config import RunConfig, validate
+    from ddmkit.errors import DDMError
+
+    for section, words in (({"balanced": "yes"}, "balanced = 'yes' is text; give true or false"),
+                                  ({"k": "4"}, "k = '4' is text; give a number"),
+                                  ({"pca_dim": "8"}, "pca_dim = '8' is text; give a number")):
+        with pytest.raises(DDMError, match=words.replace("(", r"\(")):
+            validate(RunConfig, {"partition": section})
+    assert validate(RunConfig, {"partition": {"k": 4, "balanced": True, "features": "pca"}}).partition.k == 4

@@ -71,12 +71,18 @@ class Section(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _numbers_are_not_booleans(cls, data):
-        """pydantic reads true as 1 for a number field (`k = true` would be one cluster): refused."""
+        """pydantic reads true as 1 for a number field (`k = true` would be one cluster), and text as a number
+        or a boolean (`k = "4"`, `balanced = "yes"`): refused, so a value is what the TOML wrote."""
         if isinstance(data, dict):
             for name, info in cls.model_fields.items():
                 kinds = typing.get_args(info.annotation) or (info.annotation,)
-                if isinstance(data.get(name), bool) and bool not in kinds and (int in kinds or float in kinds):
-                    raise ValueError(f"{name} = {str(data[name]).lower()} is a boolean; give a number")
+                value = data.get(name)
+                if isinstance(value, bool) and bool not in kinds and (int in kinds or float in kinds):
+                    raise ValueError(f"{name} = {str(value).lower()} is a boolean; give a number")
+                if isinstance(value, str) and set(kinds) <= {int, float, bool, type(None)} and \
+                        set(kinds) & {int, float, bool}:
+                    wanted = "true or false" if bool in kinds else "a number"
+                    raise ValueError(f"{name} = {value!r} is text; give {wanted} (unquoted in TOML and --set)")
         return data
 
 
