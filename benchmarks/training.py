@@ -8,7 +8,7 @@ stacked on one GPU take against the monolith trained on the same samples?
     python benchmarks/training.py --mode stacked --quick                 # CPU, tiny networks: a check
     python benchmarks/training.py --mode stacked --device cuda --compile # GPU: K = 8 experts, a few minutes
     python benchmarks/training.py --mode stacked --device cuda --nets unet --profile --steps 20
-                                                     # where the experts' time goes, operator by operator
+                                                     # where the experts' time goes, kernel by kernel
 
 --mode single (the default): one training step is what an expert's training does per batch: the
 flow-matching loss (ddmkit.flow.flow_matching_loss) of the expert network (ddmkit.nets.VelocityMLP,
@@ -275,41 +275,53 @@ def run_stacked(args, device) -> None:
 
 
 def op_times(profiler, device, steps: int) -> dict[str, float]:
-    """Self time per step (ms) of each operator in a finished profile: device time on CUDA (the kernels
-    an operator launched, backward included), CPU time on a CPU."""
-    cuda = device.type == "cuda"
-    return {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps
-            for e in profiler.key_averages()}
+    """Time per step (ms) in a finished profile: on CUDA of each kernel (and memory copy or set), the
+    device's own events, so that they add up to the GPU's busy time (an operator's self device time
+    would count its kernels a second time); on a CPU the self CPU time of each operator."""
+    if device.type != "cuda":
+        return {e.key: e.self_cpu_time_total / 1e3 / steps for e in profiler.key_averages()}
+    return {e.key: e.self_device_time_total / 1e3 / steps for e in profiler.key_averages()
+            if e.device_type != torch.autograd.DeviceType.CPU}
+
+
+def is_cudnn_kernel(name: str) -> bool:
+    """A kernel of cuDNN's convolutions (its own, CUTLASS's and the xmma implicit GEMMs it runs, and its
+    layout transforms), by name."""
+    return any(word in name for word in ("cudnn", "xmma", "cutlass", "convolve", "conv2d"))
 
 
 def run_profile(args, device) -> None:
     """Where the stacked experts' time goes against the monolith's: the same fit() as the table, under
-    torch.profiler for the timed steps, compared operator by operator (per step)."""
+    torch.profiler for the timed steps, compared kernel by kernel on CUDA (operator by operator on a CPU),
+    per step."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     activities += [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
     compiled = args.compile and device.type == "cuda"
     mode = args.compile_mode if compiled else "no"
     for net in args.nets:
-        times = {}
+        times, steps_ms = {}, {}
         for kind in ("monolith", "stacked"):
             model, cfg, k, shape = stacked_job(net, kind, device.type == "cuda", compiled, args, device)
             profiler = torch.profiler.profile(activities=activities)
             r = timed_fit(model, cfg, k, kind == "stacked", shape, args, device, profiler)
             times[kind] = op_times(profiler, device, args.steps)
-            print(f"[{net}: {kind} profiled, {r['ms_per_step']:.1f} ms/step under the profiler]",
-                  file=sys.stderr, flush=True)
+            steps_ms[kind] = r["ms_per_step"]
             del model
             torch._dynamo.reset()
-        what = "device" if device.type == "cuda" else "CPU"
-        print(f"\n## {net}: self {what} time per step by operator (compile {mode}, {args.steps} profiled steps)\n")
-        print("| operator | monolith ms | experts ms | experts - monolith ms | share of the difference |")
+        what = "kernel (device time)" if device.type == "cuda" else "operator (self CPU time)"
+        print(f"\n## {net}: time per step by {what} (compile {mode}, {args.steps} profiled steps)\n\n"
+              f"ms per step under the profiler: monolith {steps_ms['monolith']:.1f}, experts {steps_ms['stacked']:.1f}\n")
+        print(f"| {what.split()[0]} | monolith ms | experts ms | experts - monolith ms | share of the difference |")
         print("|---|---:|---:|---:|---:|")
         time_of = lambda kind, op: times[kind].get(op, 0.0)
         ops = sorted(set().union(*times.values()), key=lambda op: -abs(time_of("stacked", op) - time_of("monolith", op)))
+        total = f"all {what.split()[0]}s"
+        sums = [total] + (["cuDNN kernels (convolutions)", "other kernels"] if device.type == "cuda" else [])
         for t in times.values():
-            t["all operators"] = sum(t.values())
-        gap = time_of("stacked", "all operators") - time_of("monolith", "all operators")
-        for op in ops[:args.profile_rows] + ["all operators"]:
+            cudnn = sum(v for op, v in t.items() if is_cudnn_kernel(op))
+            t.update(zip(sums, [sum(t.values()), cudnn, sum(t.values()) - cudnn]))
+        gap = time_of("stacked", total) - time_of("monolith", total)
+        for op in ops[:args.profile_rows] + sums:
             m, e = time_of("monolith", op), time_of("stacked", op)
             share = f"{(e - m) / gap:.0%}" if gap else "-"
             print(f"| {op[:70]} | {m:.2f} | {e:.2f} | {e - m:+.2f} | {share} |", flush=True)
@@ -354,7 +366,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="--mode stacked: instead of the table, profile the monolith and the stacked experts "
                         "(bf16 on CUDA; compiled with --compile, in the default --compile-mode: CUDA graphs hide "
-                        "their kernels from the profiler) and compare their time operator by operator")
+                        "their kernels from the profiler) and compare their time kernel by kernel (CUDA; the "
+                        "cuDNN kernels summed) or operator by operator (CPU)")
     p.add_argument("--profile-rows", type=positive, default=25,
                    help="--profile: operators shown (largest differences)")
     args = p.parse_args(argv)
