@@ -184,6 +184,11 @@ def test_stats_router_trains_nothing_and_routes_the_new_island(run):
 
     result = analyze_run(run, run / "analysis", strategies=["top-2"], n=64, n_boot=20, n_heldout=64, log=lambda m: None)
     assert (run / "analysis" / "analysis.md").exists() and result
+    before = hashes(run)  # an explicit --router learned is refused: the run has none (it routed by statistics)
+    code, err = cli("sample", run, "--strategy", "top-1", "--router", "learned")
+    assert code == 2 and "--router learned" in err and "train-router" in err, err
+    assert hashes(run) == before
+    assert cli("sample", run, "--strategy", "top-1")[0] == 0  # left out: the run's own (statistics) router
 
 
 def test_exact_mixtures_are_joined_by_training_counts():

@@ -328,9 +328,10 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
                                                       "and reuse its routing in between (a heun or midpoint step is 2 "
                                                       "evaluations, rk4 4; 1: every evaluation; default: the "
                                                       "config's)"),
-           router: str = typer.Option("learned", help="learned (RUN/router) or statistics: route by the "
-                                      "islands' published cluster statistics, no router trained (sets named "
-                                      "'NAME (statistics-only router)')"),
+           router: Optional[str] = typer.Option(None, help="learned (RUN/router) or statistics: route by the "
+                                                "islands' published cluster statistics, no router trained (sets "
+                                                "named 'NAME (statistics-only router)'); default: the run's router "
+                                                "(a run grown with `add-expert --router stats`: its statistics)"),
            batch_size: Optional[int] = typer.Option(None, min=1, help="integrate the samples in chunks of this many rows "
                                                     "(default: the config's sample.batch_size)"),
            cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
@@ -350,7 +351,7 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
         from ddmkit.pipeline.text import sample_text
 
         _no_text_overrides(config, None, device, set_)
-        if router != "learned":
+        if router not in (None, "learned"):
             raise DDMError("--router: a text run routes with its learned router only; leave --router out")
         _not_for_text({"--solver": solver, "--guidance": guidance, "--router-every": router_every,
                        "--batch-size": batch_size, "--cuda-graphs": cuda_graphs, "--cuda-streams": cuda_streams},
@@ -360,6 +361,8 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
     from ddmkit.pipeline.run import sample_run
     from ddmkit.pipeline.samplesets import EXACT
 
+    if router == "learned":
+        _check_learned_router(run)
     cfg = _config(config, run, set_, device)
     upd = {k: v for k, v in (("n", n), ("steps", steps), ("solver", solver), ("seed", seed), ("guidance", guidance),
                              ("router_every", router_every), ("batch_size", batch_size),
@@ -374,7 +377,7 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
         for key in upd:
             said = said.replace(f"sample.{key}:", f"--{'strategy' if key == 'strategies' else key.replace('_', '-')}:")
         raise DDMError(said) from None
-    sample_run(run, list(strategy), cfg, log, router=router)  # logs each set's calls and seconds
+    sample_run(run, list(strategy), cfg, log, router=router or "learned")  # logs each set's calls and seconds
 
 
 @app.command()
@@ -700,6 +703,20 @@ def _text_run(run: Path) -> bool:
     from ddmkit.pipeline.text import is_text_run
 
     return is_text_run(run)
+
+
+def _check_learned_router(run: Path) -> None:
+    """`--router learned` given on a run that has no learned router and routes by the islands' statistics
+    (grown with `add-expert --router stats`): refused, rather than routed by the statistics."""
+    from ddmkit.ddm.load import recorded_router
+    from ddmkit.layout import RunFolder
+
+    folder = RunFolder(run)
+    if folder.root.is_dir() and not (folder.router / "model.safetensors").exists() \
+            and recorded_router(run) == "statistics":
+        raise DDMError(f"--router learned: {folder.root} has no learned router (grown with `ddmkit add-expert "
+                       f"--router stats`, it routes by the islands' statistics); train one with `ddmkit train-router "
+                       f"{folder.root}`, or leave --router out")
 
 
 # ----- growing a trained run: add-expert, replace-expert (ddmkit.pipeline.grow) -----
