@@ -1,5 +1,9 @@
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,3 +53,25 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def started_with_children(argv: list, env: dict, log_path: Path, ready, children: int = 2):
+    """Run argv in a session of its own (output to log_path) until ready() holds and it has spawned
+    `children` processes: yields (its process, their ids); any of them still alive after is killed."""
+    log = open(log_path, "w+")
+    process = subprocess.Popen(argv, start_new_session=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    spawned = []
+    try:
+        deadline = time.monotonic() + 120
+        while not ready() or len(spawned) < children:
+            assert process.poll() is None and time.monotonic() < deadline, Path(log_path).read_text()
+            time.sleep(0.05)
+            spawned = spawned_children(process.pid)
+        yield process, spawned
+    finally:
+        for pid in [process.pid, *spawned]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
+        log.close()

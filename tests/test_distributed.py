@@ -23,7 +23,7 @@ from ddmkit.io import read_metadata, save_tensors, scratch_dir
 from ddmkit.train.distributed import spawn
 from ddmkit.train.jobs import checkpoint_path, train_expert, train_expert_ddp
 
-from conftest import alive, spawned_children
+from conftest import alive, started_with_children
 
 TOML = """
 [expert.net]
@@ -233,25 +233,11 @@ def training(tmp_path):
     (tmp_path / "tmpdir").mkdir()  # where the processes' rendezvous folder goes
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "DDMKIT_QUIET": "1",
            "TMPDIR": str(tmp_path / "tmpdir")}
-    log = open(tmp_path / "log", "w+")
-    command = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", sys.executable, "-m", "ddmkit",
-                                "train-expert", str(shard), "--config", str(tmp_path / "c.toml"), "--out", str(out),
-                                "--nproc", "2", "--set", "expert.train.steps=1000000", "--checkpoint-every", "5"],
-                               start_new_session=True, env=env, stdout=log, stderr=subprocess.STDOUT)
-    ranks = []
-    try:
-        deadline = time.monotonic() + 120
-        while not checkpoint_path(out).exists() or len(ranks) < 2:
-            assert command.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
-            time.sleep(0.05)
-            ranks = spawned_children(command.pid)
+    argv = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", sys.executable, "-m", "ddmkit", "train-expert", str(shard),
+            "--config", str(tmp_path / "c.toml"), "--out", str(out), "--nproc", "2",
+            "--set", "expert.train.steps=1000000", "--checkpoint-every", "5"]
+    with started_with_children(argv, env, tmp_path / "log", lambda: checkpoint_path(out).exists()) as (command, ranks):
         yield command, ranks, out
-    finally:
-        for pid in [command.pid, *ranks]:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        command.wait()
-        log.close()
 
 
 def _left(out: Path) -> list[str]:

@@ -19,7 +19,7 @@ from ddmkit.io import save_tensors
 from ddmkit.launch import ExpertJob, run_jobs, slurm_script
 from ddmkit.train.jobs import checkpoint_path
 
-from conftest import alive, spawned_children
+from conftest import alive, started_with_children
 
 
 def _jobs(root: Path, name: str, k: int = 2) -> list[ExpertJob]:
@@ -281,23 +281,10 @@ def launched(tmp_path):
     once a job wrote a checkpoint: (driver, its workers' ids, run); any process left is killed after."""
     run = _tiny_run(tmp_path, "partition.k=2", "expert.train.steps=1000000", "expert.train.checkpoint_every=20")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    log = open(tmp_path / "launch.log", "w+")
-    driver = subprocess.Popen([sys.executable, "-m", "ddmkit", "launch", str(run), "--backend", "processes",
-                               "--workers", "2"], start_new_session=True, env=env, stdout=log, stderr=subprocess.STDOUT)
-    workers = []
-    try:
-        deadline = time.monotonic() + 120
-        while not list((run / "experts").glob("*.checkpoint.safetensors")) or len(workers) < 2:
-            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "launch.log").read_text()
-            time.sleep(0.05)
-            workers = spawned_children(driver.pid)
+    argv = [sys.executable, "-m", "ddmkit", "launch", str(run), "--backend", "processes", "--workers", "2"]
+    ready = lambda: bool(list((run / "experts").glob("*.checkpoint.safetensors")))
+    with started_with_children(argv, env, tmp_path / "launch.log", ready) as (driver, workers):
         yield driver, workers, run
-    finally:
-        for pid in [driver.pid, *workers]:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        driver.wait()
-        log.close()
 
 
 @pytest.mark.slow  # once, in a fresh clone's first suite on 2 busy cores, the launch exited 1 (cause not found)
