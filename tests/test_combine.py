@@ -4,7 +4,9 @@ import warnings
 import pytest
 import torch
 
-from ddmkit.routing import CallCounter, RoutingState, combine, combine_dense, parse_strategy, routed_velocity
+from ddmkit.errors import DDMError
+from ddmkit.routing import (CallCounter, RoutingState, Strategy, combine, combine_dense, parse_strategy,
+                            routed_velocity)
 from ddmkit.nets.field import router_probabilities
 from ddmkit.routing.combine import last_weights, make_plan, plan_selection
 from ddmkit.sample import sample_euler, time_grid
@@ -186,6 +188,60 @@ def test_full_takes_the_dense_path_and_equals_the_sparse_one():
     x, t = torch.randn(B, D, generator=gen, dtype=torch.float64), torch.rand(B, generator=gen, dtype=torch.float64)
     field = routed_velocity(experts, router, parse_strategy("full"), RoutingState())
     assert torch.allclose(field(x, t), combine(experts, router(x, t), x, t), atol=1e-12)
+
+
+class _Weights(Strategy):
+    name = "mine"
+
+    def __init__(self, weights):
+        self.weights = lambda probs, state: weights(probs)
+
+
+class _Select(_Weights):
+    selects = True
+
+    def __init__(self, select):
+        self.select = lambda probs, state: select(probs)
+
+
+@pytest.mark.parametrize("bad, said", [
+    (_Weights(lambda p: p[:, :-1]), r"weights\(probs, state\) returned torch.float64 \(300, 4\); expected float "
+                                     r"weights of the probabilities' shape \(B, K\) = \(300, 5\)"),
+    (_Weights(lambda p: p.T), r"returned torch.float64 \(5, 300\)"),
+    (_Weights(lambda p: p[:, 0]), r"returned torch.float64 \(300,\)"),
+    (_Weights(lambda p: p > 0.3), r"returned torch.bool \(300, 5\)"),
+    (_Weights(lambda p: p.tolist()), r"returned list"),
+    (_Select(lambda p: (p.argmax(1, keepdim=True).double(), torch.ones(len(p), 1))), r"\(torch.float64 \(300, 1\), "
+                                                                                   r"torch.float32 \(300, 1\)\)"),
+    (_Select(lambda p: (p.argmax(1), torch.ones(len(p)))), r"select\(probs, state\) returned \(torch.int64 \(300,\)"),
+    (_Select(lambda p: (p.argmax(1, keepdim=True), torch.ones(len(p), 2))), r"expected experts \(B, n\) as integers"),
+    (_Select(lambda p: (p.argmax(1, keepdim=True) + K, torch.ones(len(p), 1))), r"an expert outside 0 to 4"),
+    (_Select(lambda p: (p.argmax(1, keepdim=True) - K, torch.ones(len(p), 1))), r"an expert outside 0 to 4"),
+])
+def test_a_strategy_that_returns_the_wrong_thing_is_named(bad, said):
+    """A strategy of the user's that returns weights or a selection of the wrong shape, dtype or experts
+    stops with its name, instead of sampling something else (weights of K - 1 columns never called the
+    last expert; experts out of range were dropped, giving zero velocity)."""
+    gen = torch.Generator().manual_seed(6)
+    x, t = torch.randn(B, D, generator=gen, dtype=torch.float64), torch.rand(B, generator=gen, dtype=torch.float64)
+    experts = linear_experts(gen, [0] * K)
+    field = routed_velocity(experts, router, bad, routing_state(0))
+    with pytest.raises(DDMError, match=f"^(routing strategy 'mine': )?.*{said}"):
+        field(x, t)
+    ok = _Select(lambda p: (p.argmax(1, keepdim=True), torch.ones(len(p), 1, dtype=p.dtype)))  # zero weight: any index
+    zero = _Select(lambda p: (torch.cat([p.argmax(1, keepdim=True), torch.full_like(p[:, :1], -1).long()], 1),
+                              torch.cat([torch.ones_like(p[:, :1]), torch.zeros_like(p[:, :1])], 1)))
+    one = routed_velocity(experts, router, ok, routing_state(0))(x, t)
+    assert torch.equal(routed_velocity(experts, router, zero, routing_state(0))(x, t), one)
+
+
+def test_a_strategy_not_derived_from_strategy_is_named():
+    class Mine:
+        def weights(self, probs, state):
+            return probs
+
+    with pytest.raises(DDMError, match="routing strategy 'Mine' is not a ddmkit.routing.Strategy"):
+        routed_velocity([], router, Mine(), RoutingState())
 
 
 def test_router_every_must_be_positive():

@@ -150,7 +150,7 @@ def test_one_table_parses_documents_and_validates_every_strategy():
         name = "greedy"
 
         def weights(self, probs, state):
-            return (probs == probs.amax(1, keepdim=True)).to(probs.dtype)
+            return torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
 
     with pytest.raises(DDMError, match="sample.strategies: unknown routing strategy 'greedy'"):
         validate(RunConfig, {"sample": {"strategies": ["greedy"]}})

@@ -30,8 +30,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from ddmkit.errors import DDMError
 from ddmkit.flow.path import per_row, x0_from_velocity
-from ddmkit.routing.strategies import RoutingState, dense_weights
+from ddmkit.routing.strategies import RoutingState, Strategy, dense_weights
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Cond = dict[str, torch.Tensor]
@@ -91,10 +92,14 @@ def plan_selection(experts: torch.Tensor, weights: torch.Tensor, num_experts: in
     expert), pairs of zero weight sorted last (into a group K) and cut off.
     The sort is queued before the sync, so the GPU sorts while the host waits."""
     n = experts.shape[1]
-    flat_w = weights.reshape(-1)
-    key = torch.where(flat_w != 0, experts.reshape(-1), num_experts)
+    flat_w, flat_e = weights.reshape(-1), experts.reshape(-1)
+    key = torch.where(flat_w != 0, torch.where(flat_e < 0, num_experts + 1, flat_e), num_experts)
     order = key.argsort(stable=True)
-    per_expert = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()  # the host sync
+    counts = torch.bincount(key, minlength=num_experts + 1).tolist()  # the host sync
+    if len(counts) > num_experts + 1:  # a key above K: an expert index out of range, with weight
+        raise DDMError(f"a routing strategy selected an expert outside 0 to {num_experts - 1} with non-zero weight; "
+                       f"its select must return indices of the DDM's {num_experts} experts")
+    per_expert = counts[:num_experts]
     order = order[:sum(per_expert)]
     return DispatchPlan(rows=order // n if n > 1 else order, weights=flat_w[order],
                         experts=[k for k, c in enumerate(per_expert) if c],
@@ -165,6 +170,33 @@ def last_weights(state: RoutingState, num_experts: int) -> torch.Tensor:
     return dense_weights(*w, num_experts) if isinstance(w, tuple) else w  # a tuple: a sparse selection
 
 
+def _strategy_name(strategy) -> str:
+    return str(getattr(strategy, "name", type(strategy).__name__))
+
+
+def check_weights(strategy, w, probs: torch.Tensor) -> None:
+    """A strategy's weights must be a float tensor of the router's probabilities' shape (B, K): checked on
+    the host (shapes and dtypes only, no sync), so a strategy of the user's fails with its name, not in
+    the combiner or with silently wrong samples."""
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(probs.shape) or not w.is_floating_point():
+        got = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise DDMError(f"routing strategy {_strategy_name(strategy)!r}: weights(probs, state) returned {got}; "
+                       f"expected float weights of the probabilities' shape (B, K) = {tuple(probs.shape)}")
+
+
+def check_selection(strategy, idx, w, probs: torch.Tensor) -> None:
+    """A strategy's select must return experts (B, n), integers, and float weights (B, n), B the batch."""
+    ok = isinstance(idx, torch.Tensor) and isinstance(w, torch.Tensor) and idx.dim() == 2 \
+        and tuple(w.shape) == tuple(idx.shape) and idx.shape[0] == probs.shape[0] and w.is_floating_point() \
+        and not idx.is_floating_point() and not idx.is_complex() and idx.dtype != torch.bool
+    if not ok:
+        got = ", ".join(f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                        for v in (idx, w))
+        raise DDMError(f"routing strategy {_strategy_name(strategy)!r}: select(probs, state) returned ({got}); "
+                       f"expected experts (B, n) as integers and weights (B, n) as floats, B = {probs.shape[0]} "
+                       "rows")
+
+
 def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: RoutingState,
                     counter: CallCounter | None = None, cond: Cond | None = None,
                     router_every: int = 1, router_cond: Cond | None = None,
@@ -179,6 +211,9 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
     step's expert calls (apply_plan)."""
     if router_every < 1:
         raise ValueError(f"router_every must be >= 1, got {router_every}")
+    if not isinstance(strategy, Strategy):
+        raise DDMError(f"routing strategy {_strategy_name(strategy)!r} is not a ddmkit.routing.Strategy: derive it "
+                       "from Strategy (or Selecting, for one with select), which say how the combiner calls it")
     dense = strategy.dense
     sparse = strategy.selects and not dense
     unit = strategy.one_expert
@@ -190,10 +225,12 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
             counter.router_calls += 1
         if sparse:  # plan from the strategy's (B, n) selection, never building the (B, K) matrix
             idx, w = strategy.select(probs, state)
+            check_selection(strategy, idx, w, probs)
             memory["weights"] = (idx, w)
             memory["plan"] = plan_selection(idx, w, probs.shape[1], unit)
         else:
             memory["weights"] = w = strategy.weights(probs, state)
+            check_weights(strategy, w, probs)
             memory["plan"] = None if dense else make_plan(w)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

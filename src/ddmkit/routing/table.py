@@ -123,9 +123,14 @@ def parse_strategy(spec: str) -> Strategy:
         m = re.fullmatch(entry.pattern, name)
         if m:
             try:
-                return entry.build(*[g for g in m.groups() if g is not None])
+                strategy = entry.build(*[g for g in m.groups() if g is not None])
             except ValueError as e:
                 raise DDMError(f"strategy {name!r}: {e}") from None
+            if not isinstance(strategy, Strategy):
+                raise DDMError(f"strategy {name!r}: the build of its form {entry.form!r} returned "
+                               f"{type(strategy).__name__}, not a ddmkit.routing.Strategy (subclass Strategy, or "
+                               "Selecting for a strategy with select)")
+            return strategy
     raise DDMError(f"unknown routing strategy {name!r}; accepted forms: {strategy_forms()}")
 
 
