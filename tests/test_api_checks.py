@@ -372,10 +372,25 @@ def test_start_noise_keeps_its_bytes_and_subsets_are_first_rows():
     (dict(stepz=3), r"DDM.sample: unknown argument 'stepz'; accepted: strategy, n, steps, solver, seed, labels, "
                     r"guidance, decode, x1, batch_size, router_every, speed, callback"),
     (dict(batch_size=1, callback=lambda *a: None), r"DDM.sample: callback: a callback sees whole trajectories, so "
-                                                   r"it needs all 3 rows in one batch; got batch_size=1")])
+                                                   r"it needs all 3 rows in one batch; got batch_size=1"),
+    (dict(callback=3), r"DDM.sample: callback: int is not callable; pass a function of one argument"),
+    (dict(speed={"cuda_graphs": True}), r"sample_ddm: speed: dict is not a SpeedOptions; pass ddmkit.SpeedOptions"),
+    (dict(speed=True), r"sample_ddm: speed: bool is not a SpeedOptions"),
+    (dict(strategy="monolith"), r"strategy 'monolith' is not a routing of the DDM's experts: sample the monolith of a "
+                                r"run with ddmkit.ddm.sample_single\(ddmkit.ddm.load.monolith_field\(RUN\)")])
 def test_ddm_sample_names_a_keyword_it_does_not_take(extra, message):
+    """(also: a callback or speed of another type, and the monolith asked of the DDM, failed deep in torch or with
+    'unknown routing strategy')"""
     with pytest.raises(DDMError, match=message):
-        tiny(0).sample("top-1", n=3, steps=2, **extra)
+        tiny(0).sample(**{"strategy": "top-1", "n": 3, "steps": 2, **extra})
+
+
+def test_sample_single_names_what_is_not_a_velocity_field():
+    with pytest.raises(DDMError, match=r"sample_single: field: DDM is not a velocity field field\(x, t\); sample a "
+                                       r"DDM with DDM.sample"):
+        sample_single(tiny(0), (D,), 3, steps=2)
+    with pytest.raises(DDMError, match=r"sample_single: speed: str is not a SpeedOptions"):
+        sample_single(lambda x, t: -x, (D,), 3, steps=2, speed="fast")
 
 
 # 13. info["expert_rows"] has one entry per expert

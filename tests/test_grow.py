@@ -18,13 +18,13 @@ from ddmkit.config import ExpertConfig, RunConfig, validate
 from ddmkit.data import ArrayData
 from ddmkit.ddm import load_ddm
 from ddmkit.errors import DDMError
-from ddmkit.io import load_tensors, read_json, write_json
+from ddmkit.io import load_tensors, read_json, read_metadata, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.grow import add_expert, joined_truth, replace_expert
 from ddmkit.pipeline.models import describe_models
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.run import run_pipeline, sample_run
-from ddmkit.registry import load_partition_checked, verify_registry
+from ddmkit.registry import load_partition_checked, verify_registry, write_registry
 from ddmkit.train.jobs import train_expert
 from ddmkit.truth import GaussianMixture
 
@@ -231,8 +231,12 @@ def test_replace_expert_copies_a_foreign_folder_that_verifies_and_is_flagged(run
     train_expert(run / "partition" / "shards" / "cluster_00.safetensors", other, foreign)
     event = replace_expert(run, 1, foreign, log=lambda m: None)
     folder = RunFolder(run)
-    assert sha(folder.expert(1) / "model.safetensors") == sha(foreign / "model.safetensors")
+    copied, source = folder.expert(1) / "model.safetensors", foreign / "model.safetensors"
+    assert load_tensors(copied).keys() == load_tensors(source).keys()  # the same tensors, written as the slot's own
+    assert all(torch.equal(t, load_tensors(source)[name]) for name, t in load_tensors(copied).items())
     cfg = read_json(folder.expert(1) / "config.json")
+    assert read_metadata(copied) == {"role": "expert", "cluster": 1, "shard_sha256": cfg["shard_sha256"]}
+    assert cfg["replaced_from"]["weights_sha256"] == sha(source)
     assert cfg["cluster"] == 1 and cfg["replaced_from"]["cluster"] == 0 and event["expert"] == 1
     assert cfg["shard_count"] == read_json(folder.manifest)["counts"][1] != cfg["replaced_from"]["shard_count"]
     verify_registry(run)
@@ -240,6 +244,8 @@ def test_replace_expert_copies_a_foreign_folder_that_verifies_and_is_flagged(run
     assert len(notes) == 2 and notes[0].startswith("expert 1 differs") and "kwargs" in notes[0]
     assert "the 3 experts on" in notes[1] and "not their FLOP-matched baseline" in notes[1]  # 20 x 32 steps now
     assert load_ddm(run).k == 3
+    code, err = cli("register", run)  # says what the report's table would: only `evaluate` said it before
+    assert code == 0 and "note: expert 1 differs from the run's [expert] section in kwargs" in " ".join(err.split())
 
 
 @pytest.mark.parametrize("stage", ["expert", "router"])
@@ -338,6 +344,17 @@ def test_add_expert_trains_on_the_device_given(base, run):
     code, err = cli("add-expert", run, "--data", base / "new.npz", "--device", "cpu")
     assert code == 0, err
     assert load_partition_checked(RunFolder(run).partition)[0]["k"] == 4
+    assert f"sample and score with `ddmkit run {run}/config.json --out {run} --stages evaluate`" in " ".join(err.split())
+
+
+def test_add_expert_on_a_run_without_a_monolith_says_how_to_sample_and_score_it(base, run):
+    """The next step printed was `ddmkit run ... --stages evaluate`, which refuses a run without a monolith (the
+    experts of islands, brought together, have none)."""
+    shutil.rmtree(RunFolder(run).monolith)
+    write_registry(run)
+    code, err = cli("add-expert", run, "--data", base / "new.npz", "--router", "stats")
+    assert code == 0 and f"sample and score with `ddmkit sample {run}`, then `ddmkit evaluate {run}`" in \
+        " ".join(err.split()), err
 
 
 def test_images_of_an_array_file_of_another_shape_are_pointed_to_image_array():

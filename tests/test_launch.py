@@ -419,6 +419,30 @@ def test_emit_slurm_writes_the_set_fields_into_its_tasks_and_refuses_what_it_doe
     assert echoed[-4:] == ["--set", "expert.train.checkpoint_every=7", "--set", "expert.train.log_every=3"]
 
 
+def test_emit_slurm_refuses_gpus_its_tasks_would_not_use_and_notes_a_job_without_checkpoints(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """A run made on the CPU (expert.train.device = 'cpu', as `ddmkit run ... --device cpu` makes it) gave tasks
+    that held a GPU each and trained on the CPU; a batch that --gpus does not split was told to change the batch,
+    which the next emit refused (a setting of what the experts train); a script whose tasks never write a
+    checkpoint promised --resume in silence."""
+    run = _tiny_run(tmp_path, "expert.train.device=cpu", "expert.train.batch_size=64")
+    script = run / "launch" / "train_experts.slurm"
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm")  # --gpus 1 by default
+    assert code == 2 and "--gpus 1: the run's expert.train.device is 'cpu'" in err and "--gpus 0" in err, err
+    assert not script.exists()
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "3", "--set",
+                    "expert.train.device=auto")
+    assert code == 2 and "give --gpus dividing it, e.g. --gpus 2" in err and "--set" not in err, err
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "0", "--set",
+                    "expert.train.device=cuda")
+    assert code == 2 and "--gpus 0: the run's expert.train.device is 'cuda'" in err, err
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "0")
+    assert code in (0, None) and script.exists() and "note: expert.train.checkpoint_every is 0" in err, err
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "2", "--set",
+                    "expert.train.device=auto", "--set", "expert.train.checkpoint_every=50")
+    assert code in (0, None) and "note:" not in err and "--nproc 2" in script.read_text(), err
+
+
 # ----- a Ray cluster that cannot be reached -------------------------------------------------------------------
 
 def test_a_ray_address_that_cannot_be_reached_is_named_with_the_servers_last_line():

@@ -379,7 +379,7 @@ def test_cli_messages_print_brackets_as_they_are(capsys, monkeypatch):
 def test_a_set_drawn_with_other_settings_or_networks_is_drawn_again(tiny_run, tmp_path):
     """`ddmkit run` keeps a set drawn with the run's settings and networks, and draws again one drawn by
     `ddmkit sample` with other settings (the report would mix them) or before an expert was trained again."""
-    from ddmkit.io import load_tensors
+    from ddmkit.io import load_tensors, read_metadata, save_tensors
 
     out = tmp_path / "copy"
     shutil.copytree(tiny_run[0], out)
@@ -391,7 +391,8 @@ def test_a_set_drawn_with_other_settings_or_networks_is_drawn_again(tiny_run, tm
     assert info()["drawn_with"]["steps"] == 8 and len(load_tensors(out / "samples" / "top-2.safetensors")["x"]) == 400
     assert (out / "samples" / "full.safetensors").stat().st_mtime_ns == full  # drawn as the run draws: kept
     experts = out / "experts"  # an intended change of an expert, registered: every set is drawn again
-    shutil.copyfile(experts / "expert_03" / "model.safetensors", experts / "expert_02" / "model.safetensors")
+    weights = experts / "expert_02" / "model.safetensors"
+    save_tensors(weights, {name: t + 0.01 for name, t in load_tensors(weights).items()}, read_metadata(weights))
     assert cli("register", out).returncode == 0 and cli("run", TINY, "--out", out).returncode == 0
     assert (out / "samples" / "full.safetensors").stat().st_mtime_ns != full
 

@@ -9,6 +9,7 @@ import torch
 
 from ddmkit.config import load_config
 from ddmkit.errors import DDMError
+from ddmkit.io import load_tensors, read_metadata, save_tensors
 from ddmkit.ddm import load_ddm
 from ddmkit.pipeline.prepare import prepare_run_dir
 from ddmkit.pipeline.stages import stage_data, stage_experts, stage_partition, stage_registry, stage_router
@@ -61,12 +62,31 @@ def test_registry_lists_every_model_with_hashes(run):
 
 def test_changed_weights_or_config_are_refused(copy):
     w = copy / "experts" / "expert_02" / "model.safetensors"
-    other = (copy / "experts" / "expert_03" / "model.safetensors").read_bytes()
-    w.write_bytes(other)  # a valid file, but not the registered one
+    tensors = load_tensors(w)
+    save_tensors(w, {name: t + 0.01 for name, t in tensors.items()}, read_metadata(w))  # retrained, say
     with pytest.raises(DDMError, match="expert_02.*SHA-256 differs"):
         load_ddm(copy)
     write_registry(copy)  # `ddmkit register` accepts the change explicitly
     load_ddm(copy)
+
+
+def test_weights_copied_from_another_expert_folder_are_refused(copy):
+    """model.safetensors of expert 3 copied into expert 2's folder (its config.json kept) passed register,
+    verify and sampling: the checks read config.json only, and the samples were silently worse."""
+    w = copy / "experts" / "expert_02" / "model.safetensors"
+    assert read_metadata(w) == {"role": "expert", "cluster": 2,
+                                "shard_sha256": json.loads((w.parent / "config.json").read_text())["shard_sha256"]}
+    shutil.copyfile(copy / "experts" / "expert_03" / "model.safetensors", w)
+    said = r"expert_02/model.safetensors is not the weights of its config.json: they were written for cluster 3 " \
+           r"\(config.json: 2\), shard_sha256 '[0-9a-f]{64}' \(config.json: '[0-9a-f]{64}'\); one of the two " \
+           r"was copied from another model folder"
+    with pytest.raises(DDMError, match=said):
+        write_registry(copy)
+    (copy / "registry.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no registry.json
+        with pytest.raises(DDMError, match=said):
+            load_ddm(copy)
 
 
 def test_registering_non_finite_weights_is_refused(copy):
@@ -112,6 +132,8 @@ def test_expert_from_another_partition_is_refused(copy):
     cfg = json.loads(cfg_path.read_text())
     cfg["shard_sha256"] = "0" * 64
     cfg_path.write_text(json.dumps(cfg))
+    weights = cfg_path.parent / "model.safetensors"  # the whole folder of an expert of another partition
+    save_tensors(weights, load_tensors(weights), {**read_metadata(weights), "shard_sha256": "0" * 64})
     before = (copy / "registry.json").read_bytes()
     with pytest.raises(DDMError, match=r"expert_01: trained on shard 000000000000\.\.\. .*another partition"):
         write_registry(copy)  # `ddmkit register` refuses it: nothing could load it
@@ -120,7 +142,7 @@ def test_expert_from_another_partition_is_refused(copy):
 
     reg = json.loads(before)  # a registry that lists it all the same (written by hand) is refused on load
     entry = next(m for m in reg["models"] if m["name"] == "expert_01")
-    entry.update(shard_sha256="0" * 64, config_sha256=sha256_file(cfg_path))
+    entry.update(shard_sha256="0" * 64, config_sha256=sha256_file(cfg_path), weights_sha256=sha256_file(weights))
     (copy / "registry.json").write_text(json.dumps(reg))
     with pytest.raises(DDMError, match="another partition"):
         verify_registry(copy)
@@ -404,6 +426,9 @@ def test_register_and_verify_refuse_a_folder_the_ddm_cannot_load(copy, monkeypat
     config = json.loads(path.read_text())
     change(config)
     path.write_text(json.dumps(config))
+    weights, recorded = path.parent / "model.safetensors", read_metadata(path.parent / "model.safetensors")
+    if any(config.get(key) != value for key, value in recorded.items()):  # a whole folder made so, not an edit
+        save_tensors(weights, load_tensors(weights), {key: config[key] for key in recorded})
     registry = (copy / "registry.json").read_bytes()
     code, said = ddmkit("register", copy)
     assert code == 2 and __import__("re").search(message, said), said
@@ -411,3 +436,21 @@ def test_register_and_verify_refuse_a_folder_the_ddm_cannot_load(copy, monkeypat
     write_registry(copy)  # registered from Python past the check: verify still refuses
     code, said = ddmkit("verify", copy)
     assert code == 2 and __import__("re").search(message, said), said
+
+
+def test_a_new_run_inside_a_run_folder_is_refused_and_force_says_what_it_removes(copy):
+    """run_pipeline(cfg, "RUN/experts", force=True) wrote a whole run inside the run's experts/; a folder inside
+    an expert's was refused as holding 'a config.json that ddmkit cannot read'."""
+    import re
+
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    for inside in (copy / "experts", copy / "experts" / "expert_00", copy / "new"):
+        with pytest.raises(DDMError, match=rf"^--out {re.escape(str(inside))} is inside the run folder "
+                                           rf"{re.escape(str(copy.resolve()))}; give a folder outside any run"):
+            prepare_run_dir(inside, small_config(), force=True)
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+    said = []
+    other = small_config().model_copy(update={"partition": small_config().partition.model_copy(update={"k": 3})})
+    prepare_run_dir(copy, other, force=True, log=said.append)
+    assert any("--force: removed what it held (config.json, data, experts, partition, registry.json, router)" in m
+               for m in said), said

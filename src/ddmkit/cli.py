@@ -560,7 +560,8 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
             _no_text_overrides(None, None, None, set_)
         else:
             experts = [item for item in set_ or [] if item.strip().startswith("expert.")]  # the others: below
-            check_same_training(run_dir, _config(None, run_dir, experts))  # as launch: how tasks run, not what
+            task_cfg = _config(None, run_dir, experts)
+            check_same_training(run_dir, task_cfg)  # as launch: how tasks run, not what
         with run_lock(run_dir):
             path = write_slurm_script(run_dir, script, set_ or [], **{k: v for k, v in slurm.items() if v is not None})
         if path is None:
@@ -568,6 +569,10 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
                 "it again)")
         else:
             log(f"wrote {path} (the experts not trained yet); submit it with: sbatch {shlex.quote(str(path))}")
+            if not _text_run(run_dir) and task_cfg.expert.train.checkpoint_every == 0:
+                log("note: expert.train.checkpoint_every is 0, so a task stopped by SLURM (preempted, or past --time) "
+                    "trains again from step 0; to continue from its last checkpoint, emit with --set "
+                    "expert.train.checkpoint_every=N")
         return
     given = [f"--{name}" for name, value in {**slurm, "script": script}.items() if value is not None]
     if given:
@@ -609,6 +614,13 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
         check_loadable(run_dir)  # a folder the DDM could not load is refused here, not when it samples
         reg = write_registry(run_dir)
     log(f"registry: {len(reg['models'])} model folders recorded in {run_dir / 'registry.json'}")
+    if not _text_run(run_dir):  # experts trained otherwise than the run's [expert] section, as the report notes them
+        from ddmkit.pipeline.models import describe_models
+        from ddmkit.pipeline.prepare import run_config
+
+        for note in describe_models(run_dir, run_config(run_dir))[1]:
+            if note.startswith("expert "):
+                log(f"note: {note}")
     listed = {m["cluster"] for m in reg["models"] if m["role"] == "expert"}
     missing = [c for c in range(reg["k"]) if c not in listed]
     if missing:
@@ -759,8 +771,13 @@ def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trai
         event = add_expert(run_dir, {"name": data, "params": table}, mode, router, log, device)
     except DDMError as e:  # the library names the [data] table's fields; this command's user gave options
         raise DDMError(_as_data_options(str(e))) from None
+    from ddmkit.layout import RunFolder
+
+    score = (f"`ddmkit run {run_dir}/config.json --out {run_dir} --stages evaluate`"
+             if (RunFolder(run_dir).monolith / "model.safetensors").exists()
+             else f"`ddmkit sample {run_dir}`, then `ddmkit evaluate {run_dir}`")  # no monolith to compare with
     log(f"add-expert: {event['rows']} rows added to {run_dir} (grow.json entry {event['n']}); sample and score with "
-        f"`ddmkit run {run_dir}/config.json --out {run_dir} --stages evaluate`")
+        f"{score}")
 
 
 def _as_data_options(message: str) -> str:

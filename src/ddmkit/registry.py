@@ -34,7 +34,7 @@ from ddmkit.data.partition import load_partition
 from ddmkit.errors import DDMError
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
 from ddmkit.layout import RunFolder, enclosing_run
-from ddmkit.nets import build_model, from_pretrained
+from ddmkit.nets import build_model, check_identity, from_pretrained
 
 REGISTRY = "registry.json"
 FORMAT = "ddmkit-registry-1"
@@ -280,6 +280,7 @@ def check_model_folder(folder: str | Path) -> dict:
     cfg = _validated(ModelConfig, config, str(folder / "config.json"))
     check_time_convention(cfg.time_convention, folder)
     header = header_shapes(folder / "model.safetensors")
+    check_identity(folder, config)
     try:
         with torch.device("meta"), _Budget(20 * len(header) + 200, folder):
             model = build_model(cfg.arch, **cfg.kwargs)

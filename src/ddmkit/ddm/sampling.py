@@ -59,10 +59,20 @@ def checked_arguments(caller: str, n, seed, steps=None, solver=None, batch_size=
     given = {key: whole(value, f"{caller}: {key}") if key in COUNTS else value
              for key, value in given.items() if value is not None}
     checked = validate(SampleConfig, {**given, "strategies": []}, caller, "arguments")  # the config's list aside
+    if callback is not None and not callable(callback):
+        raise DDMError(f"{caller}: callback: {type(callback).__name__} is not callable; pass a function of one "
+                       "argument, a dict with i, t, t_next, x and v of each step (or None)")
     if callback is not None and checked.batch_size is not None and checked.batch_size < checked.n:
         raise DDMError(f"{caller}: callback: a callback sees whole trajectories, so it needs all {checked.n} rows "
                        f"in one batch; got batch_size={checked.batch_size}: pass batch_size=None")
     return checked
+
+
+def checked_speed(speed, caller: str) -> None:
+    """speed must be a SpeedOptions, or a DDMError naming the caller."""
+    if not isinstance(speed, SpeedOptions):
+        raise DDMError(f"{caller}: speed: {type(speed).__name__} is not a SpeedOptions; pass "
+                       "ddmkit.SpeedOptions(...), e.g. speed=SpeedOptions(cuda_graphs=True)")
 
 
 def checked_guidance(guidance, caller: str, num_classes: int | None = None) -> float:
@@ -183,6 +193,12 @@ def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler
     DDMErrors naming them (checked_arguments, checked_cond; the device where it is used: start_rows),
     as in DDM.sample."""
     checked = checked_arguments("sample_ddm", n, seed, steps, solver, batch_size, router_every, callback)
+    checked_speed(speed, "sample_ddm")
+    if isinstance(strategy, str) and strategy.strip() in ("monolith", "exact"):
+        raise DDMError(f"strategy {strategy.strip()!r} is not a routing of the DDM's experts: sample the monolith of "
+                       "a run with ddmkit.ddm.sample_single(ddmkit.ddm.load.monolith_field(RUN), data_shape, n) (what "
+                       "`ddmkit sample RUN --strategy monolith` does), and a mixture's exact DDM with "
+                       "`ddmkit sample RUN --strategy exact`")
     strat, strategy = parse_strategy(strategy), strategy.strip()  # the name as given, less spaces around it
     if checked.solver == "adaptive" and redraws_each_evaluation(strat):
         raise DDMError(f"sample_ddm: solver 'adaptive' with strategy {strategy!r}: it draws its experts anew at every "
@@ -247,6 +263,10 @@ def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "eul
     to the next, pass accel.accelerate_field(field, speed) once and sample it with the default speed.
     Bad arguments are DDMErrors naming them, as in sample_ddm."""
     checked = checked_arguments("sample_single", n, seed, steps, solver, batch_size)
+    checked_speed(speed, "sample_single")
+    if not callable(field):
+        raise DDMError(f"sample_single: field: {type(field).__name__} is not a velocity field field(x, t); sample a DDM "
+                       "with DDM.sample, and a run's monolith with ddmkit.ddm.load.monolith_field(RUN) as the field")
     data_shape = checked_shape(data_shape, "sample_single")
     x1 = start_rows(checked.n, data_shape, checked.seed, device, x1, "sample_single")
     field = accelerate_field(field, speed)

@@ -131,10 +131,18 @@ def task_overrides(cfg: RunConfig | None, overrides: list[str], gpus: int) -> li
     does not split over the task's `gpus` processes is refused here, before any task queues."""
     if cfg is None:
         return list(overrides)
-    if gpus > 1 and cfg.expert.train.batch_size % gpus:
-        raise DDMError(f"--gpus {gpus}: expert.train.batch_size = {cfg.expert.train.batch_size} does not split into "
-                       f"{gpus} equal slices (one per GPU of a task); give --gpus dividing it, or --set "
-                       f"expert.train.batch_size=... (a multiple of {gpus})")
+    batch, device = cfg.expert.train.batch_size, cfg.expert.train.device
+    if gpus > 1 and batch % gpus:
+        fits = max(d for d in range(1, gpus) if batch % d == 0)
+        raise DDMError(f"--gpus {gpus}: expert.train.batch_size = {batch} does not split into {gpus} equal slices "
+                       f"(one per GPU of a task); give --gpus dividing it, e.g. --gpus {fits} (the batch is a "
+                       "setting of what the experts train, kept as the run has it)")
+    if gpus and device == "cpu":
+        raise DDMError(f"--gpus {gpus}: the run's expert.train.device is 'cpu', so every task would hold {gpus} GPU(s) "
+                       "and train on the CPU; add --set expert.train.device=auto (or cuda), or give --gpus 0")
+    if not gpus and device.startswith("cuda"):
+        raise DDMError(f"--gpus 0: the run's expert.train.device is {device!r}, which a task without a GPU cannot "
+                       "use; add --set expert.train.device=cpu (or auto), or give --gpus 1")
     named = any(item.partition("=")[0].strip() in ("expert.net", "expert.net.arch") for item in overrides)
     if is_user_network(cfg.expert.net.arch) and not named:
         return [*overrides, f"expert.net.arch={cfg.expert.net.arch}"]

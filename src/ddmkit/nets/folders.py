@@ -20,7 +20,7 @@ from torch import nn
 
 from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_convention
 from ddmkit.errors import DDMError
-from ddmkit.io import check_finite_tensors, load_tensors, read_json, save_tensors, write_json
+from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, save_tensors, write_json
 from ddmkit.nets.dit import DiT
 from ddmkit.nets.mlp import RouterMLP, VelocityMLP
 from ddmkit.nets.router_cnn import RouterCNN
@@ -96,13 +96,38 @@ def build_seeded(arch: str, seed: int, **kwargs) -> nn.Module:
         return build_model(arch, **kwargs)
 
 
+# what a model folder's config.json says the weights are (a run's expert: role, cluster and the SHA-256 of
+# the shard it trained on), written into model.safetensors as well, so that weights copied into another
+# folder are told apart from the folder's own (check_identity)
+IDENTITY = ("role", "cluster", "shard_sha256")
+
+
 def save_pretrained(folder: str | Path, model: nn.Module, config: dict) -> None:
-    """Write config.json (with ddmkit version and time convention) and model.safetensors."""
+    """Write config.json (with ddmkit version and time convention) and model.safetensors, whose metadata
+    repeats the config's IDENTITY fields."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"ddmkit_version": __version__, "time_convention": TIME_CONVENTION, **config}
-    save_tensors(folder / "model.safetensors", model.state_dict())
+    save_tensors(folder / "model.safetensors", model.state_dict(), identity(config))
     write_json(folder / "config.json", config)
+
+
+def identity(config: dict) -> dict:
+    """The IDENTITY fields of a model folder's config."""
+    return {key: config[key] for key in IDENTITY if key in config}
+
+
+def check_identity(folder: str | Path, config: dict) -> None:
+    """The IDENTITY fields model.safetensors records (weights written by save_pretrained; older files
+    record none) must be those of its config.json: else the weights of another model folder were copied in."""
+    weights = Path(folder) / "model.safetensors"
+    recorded = read_metadata(weights, "train or copy the model folder again")
+    differ = [f"{key} {recorded[key]!r} (config.json: {config[key]!r})" for key in IDENTITY
+              if key in recorded and key in config and recorded[key] != config[key]]
+    if differ:
+        raise DDMError(f"{weights} is not the weights of its config.json: they were written for {', '.join(differ)}; "
+                       "one of the two was copied from another model folder, or edited. Copy whole model folders "
+                       "(config.json with its model.safetensors)")
 
 
 def from_pretrained(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

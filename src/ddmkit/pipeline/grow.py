@@ -53,11 +53,13 @@ from ddmkit.data import ArrayData, check_finite, content_hash, load_dataset, tak
 from ddmkit.data.partition import cluster_statistics, feature_map, read_shard, shard_name
 from ddmkit.ddm.load import check_shape, velocity_field
 from ddmkit.errors import DDMError
-from ddmkit.io import read_json, read_metadata, remove_stale_staging, save_tensors, sha256_file, staging_dir, write_json
+from ddmkit.io import (load_tensors, read_json, read_metadata, remove_stale_staging, save_tensors, sha256_file,
+                       staging_dir, write_json)
 from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.train.threads import job_threads
 from ddmkit.layout import RunFolder
 from ddmkit.nets import check_builds
+from ddmkit.nets.folders import identity
 from ddmkit.pipeline.checks import check_devices, checked_device
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.stages import load_split, run_lock
@@ -518,15 +520,16 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict:
         origin = {"source": str(source.resolve()), "cluster": config.get("cluster"), "k": config.get("k"),
                   "shard_sha256": config.get("shard_sha256"), "shard_count": config.get("shard_count"),
                   "data_hash": config.get("data_hash"), "weights_sha256": weights}
-        with staging_dir(run_folder.expert(k)) as tmp:
-            shutil.copyfile(source / "model.safetensors", tmp / "model.safetensors")
+        slot_config = {**config, "role": "expert", "cluster": k, "k": kk, "shard_sha256": shard["sha256"],
+                       "shard_count": shard["count"], "data_hash": slot_meta.get("data_hash"), "replaced_from": origin}
+        with staging_dir(run_folder.expert(k)) as tmp:  # the same tensors, written as the slot's own (identity)
+            save_tensors(tmp / "model.safetensors", load_tensors(source / "model.safetensors"), identity(slot_config))
             if (source / "train_log.jsonl").is_file():
                 shutil.copyfile(source / "train_log.jsonl", tmp / "train_log.jsonl")
-            write_json(tmp / "config.json", {**config, "role": "expert", "cluster": k, "k": kk,
-                                             "shard_sha256": shard["sha256"], "shard_count": shard["count"],
-                                             "data_hash": slot_meta.get("data_hash"), "replaced_from": origin})
+            write_json(tmp / "config.json", slot_config)
             clear_derived(run_folder)
             event = log_event(run_folder, {"action": "replace-expert", "expert": k, **origin})
         write_registry(run_folder.root)
-    log(f"replace-expert: expert {k} is now a copy of {source}")
+    log(f"replace-expert: expert {k} is now a copy of {source}; the old DDM's samples and scores were removed "
+        "(sample and evaluate again)")
     return event

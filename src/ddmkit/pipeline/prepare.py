@@ -203,6 +203,10 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
     """Create RUN/ with its config, data and partition (or reuse it for the same configuration),
     every check done before the first write; returns its path."""
     folder = RunFolder(out)
+    holder = enclosing_run(folder.root)
+    if holder is not None:
+        raise DDMError(f"--out {folder.root} is inside the run folder {holder}; give a folder outside any run for a "
+                       f"new run (or {holder} itself, to continue that run)")
     check_devices(cfg)
     with run_lock(folder.root):
         run = folder.root
@@ -236,8 +240,11 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
             register_user_networks(cfg)
             _check_sizes(cfg, folder, data, kept_partition)
         if action == "replace":
-            for path in entries(folder.root, but=folder.lock):
+            removed = entries(folder.root, but=folder.lock)
+            for path in removed:
                 remove(path)
+            if removed:
+                log(f"{run}: --force: removed what it held ({', '.join(sorted(p.name for p in removed))})")
         elif action == "derived":
             old = read_json(folder.config)["config"]
             changed = [name for name in ("sample", "evaluate") if old.get(name) != cfg.model_dump()[name]]
