@@ -237,6 +237,29 @@ def test_a_class_registered_under_a_name_of_its_own_is_used_by_that_name(monkeyp
     assert use_network("custom:Doubler") is Doubler and user.user_networks() == ("custom:Doubler",)
 
 
+def test_a_class_registered_under_a_name_of_no_module_is_refused_for_worker_processes(monkeypatch, tmp_path):
+    """use_network("custom:Vel", Vel) then the processes backend: the run wrote its data and partition and trained
+    its monolith before every worker failed to import 'custom:Vel' (the message said to install a package)."""
+    from ddmkit.config import RunConfig
+    from ddmkit.launch import check_launch
+    from ddmkit.pipeline.run import run_pipeline
+
+    monkeypatch.setattr(user, "_USER", {})
+    use_network("custom:Doubler", Doubler)
+    said = r"backend 'processes': the network class registered as 'custom:Doubler' can be used in this process only"
+    with pytest.raises(DDMError, match=said):
+        check_launch("processes")
+    cfg = RunConfig.model_validate({"expert": {"net": {"arch": "custom:Doubler"}}})
+    with pytest.raises(DDMError, match=said):
+        run_pipeline(cfg, tmp_path / "run", backend="processes", log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+    check_launch("inline")
+    monkeypatch.setattr(user, "_USER", {})
+    use_network(Doubler)  # its own name, a module the workers import
+    use_network("__main__:Net", Doubler)  # a class of the script run (spawned workers run it as their __main__)
+    check_launch("processes")
+
+
 class NaNOut(torch.nn.Module):
     """A network of the right shape whose output is NaN: it would train to NaN weights."""
 

@@ -38,6 +38,7 @@ from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError
 from ddmkit.launch.ray_backend import run_ray
 from ddmkit.nets import use_networks, user_networks
+from ddmkit.nets.user import names_only_here
 from ddmkit.train.checkpoint import check_checkpoint_file
 from ddmkit.train.distributed import die_with_parent
 from ddmkit.train.jobs import checkpoint_path, train_expert
@@ -73,6 +74,13 @@ def check_launch(backend: str, workers: int | None = None, address: str | None =
                        "this process); add --backend processes, or leave --workers out")
     if address is not None and backend != "ray":
         raise DDMError(f"--address is for the ray backend only (backend is {backend!r}); add --backend ray")
+    here = names_only_here() if backend != "inline" else []
+    if here:
+        raise DDMError(f"backend {backend!r}: the network class registered as {here[0]!r} can be used in this process "
+                       f"only (no module {here[0].partition(':')[0]!r} to import), and the {backend} backend's worker "
+                       "processes import the classes by name; register it under its own name, "
+                       "ddmkit.nets.use_network(TheClass), from a module or script the workers can import, or use "
+                       "the inline backend")
 
 
 def cuda_count() -> int:

@@ -15,6 +15,7 @@ looks it up here. Where it was not registered, that is a DDMError saying how to 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Protocol
 
 import torch
@@ -94,6 +95,18 @@ def use_network(name: str | type[nn.Module], cls: type[nn.Module] | None = None,
 def user_networks() -> tuple[str, ...]:
     """The names registered in this process (what a launch backend passes on to its worker processes)."""
     return tuple(_USER)
+
+
+def names_only_here() -> list[str]:
+    """The registered names a worker process could not import by name: their module part is neither a
+    module importlib finds nor the main script (use_network("custom:Name", cls) names no module)."""
+    def importable(module: str) -> bool:
+        try:
+            return module in ("__main__", "__mp_main__") or importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package that does not exist
+            return False
+
+    return [name for name in _USER if not importable(name.partition(":")[0])]
 
 
 def use_networks(names: tuple[str, ...] | list[str]) -> None:
