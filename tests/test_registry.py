@@ -209,7 +209,8 @@ def test_manifest_paths_cannot_escape(tmp_path, bad):
 def test_symlink_out_of_the_run_is_refused(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "link").symlink_to(tmp_path)
-    with pytest.raises(DDMError, match="outside"):
+    with pytest.raises(DDMError, match=rf"'link/secret' resolves outside the run folder \({tmp_path / 'run' / 'link'} "
+                                       rf"is a symbolic link to {tmp_path}: copy that folder in instead\)"):
         safe_join(tmp_path / "run", "link/secret")
     assert safe_join(tmp_path / "run", "experts/expert_00") == tmp_path / "run" / "experts" / "expert_00"
 
@@ -277,7 +278,20 @@ def test_a_router_or_monolith_folder_the_registry_does_not_list_is_refused_until
     load(copy)
 
 
+@pytest.mark.parametrize("command", ["train-router", "train-monolith"])
+def test_training_in_a_run_folder_that_does_not_exist_says_so(tmp_path, ddmkit, command):
+    """A misspelt run folder was told to be partitioned (`ddmkit partition ... --out` the misspelt path)."""
+    code, _, err = ddmkit(command, tmp_path / "nope")
+    assert code == 2 and f"{tmp_path / 'nope'} is not a run folder (no such folder)" in err, err
+    assert not (tmp_path / "nope").exists()
+
+
 def test_verify_of_a_folder_that_does_not_exist_says_so(tmp_path):
+    from ddmkit.registry import load_partition_checked
+
+    with pytest.raises(DDMError, match=rf"^{tmp_path / 'nope'} is not a run folder \(no such folder\)"):
+        load_partition_checked(tmp_path / "nope" / "partition")  # train-router of a misspelt run said 'partition it'
+
     with pytest.raises(DDMError, match=r"nowhere is not a run folder \(no such folder\)"):
         verify_registry(tmp_path / "nowhere")
     (tmp_path / "afile").write_text("x")

@@ -247,6 +247,7 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
                      device: Optional[str] = DEVICE,
                      set_: Optional[List[str]] = SET):
     """Train the router p(cluster | x_t, t) on noised shard data (text runs: on windows of the shards)."""
+    from ddmkit.ddm.load import run_folder
     from ddmkit.layout import RunFolder
     from ddmkit.pipeline.prepare import check_same_training
     from ddmkit.pipeline.stages import run_lock, stage_router
@@ -257,6 +258,7 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
         _no_text_overrides(config, seed, device, set_)
         train_text_router(run, log)
         return
+    run_folder(run)  # a run folder that exists (its lock would make it)
     cfg = _config(config, run, set_, device)
     check_same_training(run, cfg)  # --set / --config may change how the job runs, not what it trains
     with run_lock(run):  # a writer holding the run refuses this command first
@@ -290,6 +292,7 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
                        set_: Optional[List[str]] = SET):
     """Train the FLOP-matched monolith baseline on all shards (text runs: the centralized model), also in a
     run whose config has monolith.enabled = false (that setting is for `ddmkit run`)."""
+    from ddmkit.ddm.load import run_folder
     from ddmkit.layout import RunFolder
     from ddmkit.pipeline.prepare import check_same_training
     from ddmkit.pipeline.stages import run_lock, stage_monolith
@@ -300,6 +303,7 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
         _no_text_overrides(config, seed, device, set_)
         train_text_monolith(run, log)
         return
+    run_folder(run)  # a run folder that exists (its lock would make it)
     cfg = _config(config, run, set_, device)
     check_same_training(run, cfg)  # --set / --config may change how the job runs, not what it trains
     monolith = RunFolder(run).monolith

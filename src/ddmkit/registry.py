@@ -54,7 +54,11 @@ def safe_join(root: str | Path, rel: Any, what: str = "path") -> Path:
     try:
         full.resolve().relative_to(root.resolve())
     except ValueError:
-        raise DDMError(f"{what}: {rel!r} resolves outside the run folder (a symbolic link?)") from None
+        inside = [full, *full.parents][:len(p.parts)]  # full and its folders up to root, not above
+        link = next((q for q in inside if q.is_symlink()), None)
+        how = f"{link} is a symbolic link to {link.resolve()}: copy that folder in instead" if link else \
+            "a symbolic link?"
+        raise DDMError(f"{what}: {rel!r} resolves outside the run folder ({how})") from None
     return full
 
 
@@ -128,6 +132,9 @@ def load_partition_checked(folder: str | Path) -> tuple[dict, dict[str, torch.Te
         above = enclosing_run(folder.parent)  # RUN/partition given as the run: RUN/partition/partition looked for
         if above is not None:
             raise DDMError(f"{folder.parent} is a folder inside the run {above}; give the run folder itself: {above}")
+        if not folder.parent.is_dir():
+            raise DDMError(f"{folder.parent} is not a run folder (no such folder); give the folder a `ddmkit run` or "
+                           "`ddmkit partition` wrote")
         raise DDMError(f"{folder.parent}: no partition yet (partition/manifest.json); run `ddmkit partition "
                        f"--config CONFIG --out {folder.parent}` first")
     manifest, tensors = load_partition(folder)
