@@ -338,6 +338,11 @@ def test_a_missing_shard_is_named_as_a_wrong_path(ddmkit, shard, tmp_path):
     assert code == 2 and "nosuch.safetensors does not exist; give a file of RUN/partition/shards/" in err, err
     code, _, err = ddmkit("train-expert", shard.parent, "--out", tmp_path / "e", "--config", TINY)
     assert code == 2 and "is a folder; give one shard file in it" in err, err
+    config = tmp_path / "config.json"  # the config given as the shard: it was called corrupt, to be re-copied
+    config.write_text("{}")
+    code, _, err = ddmkit("train-expert", config, "--out", tmp_path / "e", "--config", TINY)
+    assert code == 2 and "config.json is not a shard file (a shard is a .safetensors file" in err, err
+    assert "the config goes to --config" in err and not (tmp_path / "e").exists()
 
 
 def test_ctrl_c_in_add_expert_says_nothing_was_added():

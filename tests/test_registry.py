@@ -395,12 +395,15 @@ def test_register_says_which_experts_are_missing(copy, monkeypatch, capsys):
     from ddmkit.cli import main
 
     shutil.rmtree(copy / "experts" / "expert_02")
+    for name in ("model.safetensors", "config.json"):  # expert 3's files copied into experts/ itself (cp -r A/ B)
+        (copy / "experts" / "expert_03" / name).rename(copy / "experts" / name)
     shutil.rmtree(copy / "experts" / "expert_03")
     monkeypatch.setattr("sys.argv", ["ddmkit", "register", str(copy)])
     with pytest.raises(SystemExit) as exit:
         main()
     said = " ".join(capsys.readouterr().err.split())
     assert exit.value.code in (0, None) and "experts [2, 3] of 4 are missing" in said, said
+    assert f"note: {copy / 'experts'} holds a model.safetensors itself: an expert's files go in its own folder" in said
 
 
 def test_a_lost_partition_file_says_how_to_make_the_partition_again(copy):

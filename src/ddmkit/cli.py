@@ -630,6 +630,9 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
     if missing:
         log(f"registry: experts {missing} of {reg['k']} are missing (no experts/expert_XX/model.safetensors): the DDM "
             "samples without them; train or copy them, then `ddmkit register` again")
+        if (run_dir / "experts" / "model.safetensors").exists():  # `cp -r FOLDER/ RUN/experts` copied the files
+            log(f"note: {run_dir / 'experts'} holds a model.safetensors itself: an expert's files go in its own "
+                f"folder, {run_dir / 'experts' / 'expert_XX'} (e.g. cp -r FOLDER {run_dir / 'experts' / 'expert_02'})")
 
 
 @app.command()

@@ -202,6 +202,9 @@ def check_shard_space(shard: str | Path, latent: bool) -> None:
                        "latent run), e.g. RUN/partition/shards/cluster_00.safetensors")
     if path.is_dir():
         raise DDMError(f"shard {path} is a folder; give one shard file in it, e.g. {path / 'cluster_00.safetensors'}")
+    if path.suffix != ".safetensors":
+        raise DDMError(f"shard {path} is not a shard file (a shard is a .safetensors file of RUN/partition/shards/, "
+                       "e.g. RUN/partition/shards/cluster_00.safetensors); the config goes to --config")
     x = header_shapes(path).get("x")
     if x is not None and len(x[0]) == 1 and x[1] == "U8":  # ddmkit.discrete's shards: one byte stream
         raise DDMError(f"{path} is a text shard (a stream of bytes), but the config trains continuous experts: give "
