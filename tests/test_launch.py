@@ -443,6 +443,25 @@ def test_emit_slurm_refuses_gpus_its_tasks_would_not_use_and_notes_a_job_without
     assert code in (0, None) and "note:" not in err and "--nproc 2" in script.read_text(), err
 
 
+def test_emit_slurm_for_some_experts_only(tmp_path, monkeypatch, capsys):
+    """An organisation holding shards 0 and 1 of a run had no way to emit tasks for those alone: the array
+    held every untrained expert (the tasks of the others would fail on shards it does not have)."""
+    run = _tiny_run(tmp_path)
+    script = run / "launch" / "train_experts.slurm"
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--expert", "1", "--expert", "0")
+    assert code in (0, None) and "#SBATCH --array=0-1\n" in script.read_text(), err
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--expert", "4")
+    assert code == 2 and "--expert 4: the run has experts 0 .. 3" in err, err
+    code, err = cli(monkeypatch, capsys, "launch", run, "--expert", "0")
+    assert code == 2 and "--expert: options of the SLURM script; add --emit slurm" in err, err
+    for c in (0, 1):  # trained: nothing to do for those
+        (run / "experts" / f"expert_{c:02d}").mkdir(parents=True)
+        (run / "experts" / f"expert_{c:02d}" / "model.safetensors").write_bytes(b"")
+    script.unlink()
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--expert", "0", "--expert", "1")
+    assert code in (0, None) and "the experts asked (0, 1) of" in err and not script.exists(), err
+
+
 # ----- a Ray cluster that cannot be reached -------------------------------------------------------------------
 
 def test_a_ray_address_that_cannot_be_reached_is_named_with_the_servers_last_line():

@@ -542,6 +542,9 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
            gpus: Optional[int] = typer.Option(None, help="slurm GPUs per expert (0: none; default 1)"),
            mem: Optional[str] = typer.Option(None, help="slurm --mem (default 16G)"),
            partition_name: Optional[str] = typer.Option(None, "--partition", help="slurm partition (default: the cluster's)"),
+           expert: Optional[List[int]] = typer.Option(None, "--expert", help="slurm: a task for this expert only "
+                                                      "(repeat for several: --expert 0 --expert 1, e.g. the shards one "
+                                                      "organisation trains; default: every expert not trained yet)"),
            config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's; not with --emit)"),
            device: Optional[str] = DEVICE,
            set_: Optional[List[str]] = SET):
@@ -567,10 +570,12 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
             task_cfg = _config(None, run_dir, experts)
             check_same_training(run_dir, task_cfg)  # as launch: how tasks run, not what
         with run_lock(run_dir):
-            path = write_slurm_script(run_dir, script, set_ or [], **{k: v for k, v in slurm.items() if v is not None})
+            path = write_slurm_script(run_dir, script, set_ or [], expert or None,
+                                      **{k: v for k, v in slurm.items() if v is not None})
         if path is None:
-            log(f"every expert of {run_dir} is trained; no script written (remove an expert's folder to train "
-                "it again)")
+            which = f"the experts asked ({', '.join(map(str, sorted(set(expert))))})" if expert else "every expert"
+            log(f"{which} of {run_dir} are trained; no script written (remove an expert's folder to train it "
+                "again)")
         else:
             log(f"wrote {path} (the experts not trained yet); submit it with: sbatch {shlex.quote(str(path))}")
             if not _text_run(run_dir) and task_cfg.expert.train.checkpoint_every == 0:
@@ -578,7 +583,7 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
                     "trains again from step 0; to continue from its last checkpoint, emit with --set "
                     "expert.train.checkpoint_every=N")
         return
-    given = [f"--{name}" for name, value in {**slurm, "script": script}.items() if value is not None]
+    given = [f"--{name}" for name, value in {**slurm, "script": script, "expert": expert}.items() if value not in (None, [])]
     if given:
         raise DDMError(f"{', '.join(given)}: options of the SLURM script; add --emit slurm, or leave them out")
     check_launch(backend, workers, address)

@@ -149,10 +149,11 @@ def task_overrides(cfg: RunConfig | None, overrides: list[str], gpus: int) -> li
     return list(overrides)
 
 
-def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str] = (), **options) -> Path | None:
-    """Write the script for the experts not trained yet (default RUN/launch/train_experts.slurm), its tasks
-    trained with the run's config and `overrides` (expert.* --set items); None, and nothing written, when
-    every expert is trained."""
+def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str] = (),
+                       experts: list[int] | None = None, **options) -> Path | None:
+    """Write the script for the experts not trained yet (default RUN/launch/train_experts.slurm), of those in
+    `experts` when given, its tasks trained with the run's config and `overrides` (expert.* --set items);
+    None, and nothing written, when every expert asked for is trained."""
     run = Path(run)
     overrides = task_overrides(check_overrides(run, overrides), overrides, options.get("gpus", 1))
     manifest, _ = load_partition_checked(run / "partition")
@@ -161,7 +162,12 @@ def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str]
     if latent and not folder.is_latent:
         raise DDMError(f"{run} is a latent run whose shards are not encoded yet; encode them first with "
                        f"`ddmkit partition --config CONFIG --out {run}` (it trains or copies the autoencoder)")
-    missing = [c for c in range(manifest["k"]) if not (folder.expert(c) / "model.safetensors").exists()]
+    k = manifest["k"]
+    outside = [e for e in experts or [] if not 0 <= e < k]
+    if outside:
+        raise DDMError(f"--expert {outside[0]}: the run has experts 0 .. {k - 1}")
+    missing = [c for c in range(k) if not (folder.expert(c) / "model.safetensors").exists()
+               and (experts is None or c in experts)]
     if not missing:
         return None
     path = Path(path) if path else run / "launch" / "train_experts.slurm"
