@@ -471,3 +471,14 @@ def test_a_new_run_inside_a_run_folder_is_refused_and_force_says_what_it_removes
     prepare_run_dir(copy, other, force=True, log=said.append)
     assert any("--force: removed what it held (config.json, data, experts, partition, registry.json, router)" in m
                for m in said), said
+
+
+def test_a_registered_run_whose_router_is_gone_samples_by_the_statistics_as_the_error_says(copy):
+    """With router/ removed the error said to route by the statistics (router='statistics'); doing so was then
+    refused because registry.json lists the router."""
+    shutil.rmtree(copy / "router")
+    with pytest.raises(DDMError, match="no router .*router='statistics'"):
+        load_ddm(copy)
+    assert load_ddm(copy, router="statistics").meta["router"] == "statistics"
+    with pytest.raises(DDMError, match="router is listed but missing"):
+        verify_registry(copy)  # what `ddmkit verify` checks: the run as registered

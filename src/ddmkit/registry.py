@@ -397,7 +397,7 @@ def _same_release(a: str, b: str) -> bool:
 
 
 def verify_registry(run: str | Path, allow_missing: bool = True, retraining: bool = False,
-                    shards: bool = False) -> dict:
+                    shards: bool = False, router_needed: bool = True) -> dict:
     """Check every model folder listed in RUN/registry.json against it.
 
     Refused (DDMError): another time convention or ddmkit release, another
@@ -408,7 +408,8 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     partition's (checked_model_shards; it reads all the data). A listed expert whose
     folder is gone is reported in "missing" (or refused if not allow_missing); with retraining, any
     listed folder may be gone (it is about to be trained again) and unlisted ones are left to the
-    registry written after training.
+    registry written after training. router_needed=False (routing by the statistics-only router) lets a
+    listed router be gone.
     """
     run = Path(run)
     source = run / REGISTRY
@@ -444,6 +445,8 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
                 continue
             if e.role == "expert" and allow_missing:
                 missing.append(e.cluster)
+                continue
+            if e.role == "router" and not router_needed:
                 continue
             raise DDMError(f"{source}: {e.path} is listed but missing; copy it back or re-run `ddmkit register`")
         for fname, want in (("model.safetensors", e.weights_sha256), ("config.json", e.config_sha256)):

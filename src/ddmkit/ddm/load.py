@@ -290,7 +290,7 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
                        "first, or route by the islands' published statistics: router='statistics' in Python "
                        "(load_ddm, DDM.from_pretrained), `--router statistics` on the command line")
     if folder.registry.exists():
-        verify_registry(folder.root, allow_missing)
+        verify_registry(folder.root, allow_missing, router_needed=router_kind != "statistics")
     else:
         warnings.warn(f"{folder.root} has no registry.json: its weights are loaded unchecked; `ddmkit register "
                       f"{folder.root}` records their SHA-256 (and `ddmkit verify` checks them)", stacklevel=3)
