@@ -164,6 +164,16 @@ def test_one_table_parses_documents_and_validates_every_strategy():
         STRATEGIES.pop()
 
 
+@pytest.mark.parametrize("typo, meant", [("top2", "top-2"), ("Top-2", "top-2"), ("TOP1", "top-1"),
+                                         ("sample2", "sample-2"), ("threshold0.1", "threshold-0.1")])
+def test_a_strategy_name_without_its_dash_or_in_capitals_is_answered_with_the_name_meant(typo, meant):
+    with pytest.raises(DDMError, match=rf"unknown routing strategy '{typo}'; did you mean '{meant}'\? Accepted forms"):
+        parse_strategy(typo)
+    with pytest.raises(DDMError) as info:
+        parse_strategy("nope")
+    assert "did you mean" not in str(info.value)
+
+
 def test_strategy_names_are_strings_and_numbers_may_use_scientific_notation():
     from ddmkit.routing.strategies import Nucleus, Threshold, TopK
 

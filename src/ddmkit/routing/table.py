@@ -131,6 +131,9 @@ def parse_strategy(spec: str) -> Strategy:
                                f"{type(strategy).__name__}, not a ddmkit.routing.Strategy (subclass Strategy, or "
                                "Selecting for a strategy with select)")
             return strategy
+    guess = re.sub(r"([a-z])(\d)", r"\1-\2", name.lower())  # top2, Top-2 -> top-2
+    if guess != name and any(re.fullmatch(entry.pattern, guess) for entry in STRATEGIES):
+        raise DDMError(f"unknown routing strategy {name!r}; did you mean {guess!r}? Accepted forms: {strategy_forms()}")
     raise DDMError(f"unknown routing strategy {name!r}; accepted forms: {strategy_forms()}")
 
 
