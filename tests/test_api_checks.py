@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,6 +222,12 @@ def test_load_ddm_refuses_a_bad_exclude_and_takes_one_index(run):
     with pytest.warns(UserWarning):
         ddm = load_ddm(run, exclude=1)
     assert ddm.meta["missing_experts"] == [1] and ddm.meta["present_experts"] == [0, 2, 3]
+
+
+def test_a_run_folder_under_the_home_folder_may_be_written_with_a_tilde(run, monkeypatch):
+    """DDM.from_pretrained("~/run") said 'is not a run folder (no such folder)'."""
+    monkeypatch.setenv("HOME", str(run.parent))
+    assert DDM.from_pretrained(f"~/{run.name}").k == 4 and load_ddm(Path("~") / run.name).k == 4
 
 
 # 7. speed options

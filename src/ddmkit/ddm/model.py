@@ -236,6 +236,7 @@ def load_ddm(run: str | Path, device: str | torch.device = "cpu", exclude=(), al
     exclude: one expert index or a list of them, 0 .. K - 1."""
     device = checked_device(device, "load_ddm")
     guidance = checked_guidance(guidance, "load_ddm")  # a number in bounds before the folder is read
+    run = Path(run).expanduser() if isinstance(run, (str, Path)) else run  # "~/runs/fm", as a shell would read it
     parts, absent = load.learned_parts(run, device, exclude, allow_missing, guidance, router)
     parts["experts"] = [absent_expert if e is None else e for e in parts["experts"]]
     ddm = DDM(**parts)
