@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -219,9 +220,14 @@ def test_load_ddm_refuses_a_bad_exclude_and_takes_one_index(run):
                              ([-1], r"\[-1\] are not"), (1.0, "1.0 is not an expert index")):
         with pytest.raises(DDMError, match=f"exclude: {message}"):
             load_ddm(run, exclude=exclude)
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # left out on purpose: not warned about as "missing" (it was)
         ddm = load_ddm(run, exclude=1)
     assert ddm.meta["missing_experts"] == [1] and ddm.meta["present_experts"] == [0, 2, 3]
+    with pytest.raises(DDMError, match=r"^exclude: \[0, 1, 2, 3\] leaves none of the run's experts \[0, 1, 2, 3\]; "
+                                       r"exclude fewer$"):
+        load_ddm(run, exclude=[0, 1, 2, 3])
+    assert load_ddm(run, exclude=[0, 2], allow_missing=False).meta["present_experts"] == [1, 3]
 
 
 def test_a_run_folder_under_the_home_folder_may_be_written_with_a_tilde(run, monkeypatch):
@@ -259,8 +265,7 @@ def test_restrict_sends_nearest_routing_only_to_present_experts():
 
 
 def test_restrict_limits_a_learned_ddms_nearest_routing(run):
-    with pytest.warns(UserWarning):
-        excluded = load_ddm(run, exclude=[1, 2, 3])
+    excluded = load_ddm(run, exclude=[1, 2, 3])
     for ddm in (DDM.from_pretrained(run).restrict([0]), excluded):
         _, info = ddm.sample("nearest", n=40, steps=5)
         assert info["expert_rows"] == [200, 0, 0, 0] and info["expert_calls_per_sample"] == 5
@@ -427,8 +432,7 @@ def test_the_ddm_has_a_docstring_a_short_repr_and_explicit_loading_options(run):
     assert repr(DDM.from_pretrained(run).restrict([0, 2])).endswith("unconditional, missing experts [1, 3])")
     params = inspect.signature(DDM.from_pretrained).parameters
     assert list(params) == ["run", "device", "exclude", "allow_missing", "guidance", "router"]
-    with pytest.warns(UserWarning):
-        assert DDM.from_pretrained(run, exclude=[2]).meta["missing_experts"] == [2]
+    assert DDM.from_pretrained(run, exclude=[2]).meta["missing_experts"] == [2]
 
 
 # 15. messages for the wrong folder

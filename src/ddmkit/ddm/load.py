@@ -276,12 +276,16 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
                        f"with `ddmkit sample {folder.root}` (in Python: ddmkit.pipeline.text.sample_text)")
     k, shape = manifest["k"], model_data_shape(folder.root)
     exclude = expert_indices(exclude, k, "exclude")
-    absent = [c for c in range(k) if c in exclude or not (folder.expert(c) / "model.safetensors").exists()]
-    if absent and not allow_missing:
-        raise DDMError(f"{folder.root}: experts {absent} are missing (no experts/expert_XX/model.safetensors)")
-    if len(absent) == k:
+    gone = [c for c in range(k) if not (folder.expert(c) / "model.safetensors").exists()]
+    absent = sorted(set(gone) | set(exclude))
+    if gone and not allow_missing:
+        raise DDMError(f"{folder.root}: experts {gone} are missing (no experts/expert_XX/model.safetensors)")
+    if len(gone) == k:
         raise DDMError(f"{folder.root}: no expert is present (experts/expert_XX/model.safetensors); train them "
                        f"with `ddmkit run CONFIG --out {folder.root}` or `ddmkit launch {folder.root}`, or copy them")
+    if len(absent) == k:
+        raise DDMError(f"exclude: {sorted(exclude)} leaves none of the run's experts "
+                       f"{[c for c in range(k) if c not in gone]}; exclude fewer")
     if router_kind == "learned" and not (folder.router / "model.safetensors").exists() \
             and recorded_router(folder.root) == "statistics":
         router_kind = "statistics"  # grown with `ddmkit add-expert --router stats`: no learned router
@@ -324,8 +328,9 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
         parts.update(router=router_field(model, rcfg), router_conditional=bool(rcfg["kwargs"].get("num_classes", 0)))
         parts["meta"]["router_config"] = rcfg
     parts["experts"] = experts
-    if absent:
-        warn_missing(absent, k)
+    missing = [c for c in gone if c not in exclude]  # left out on purpose: no warning
+    if missing:
+        warn_missing(missing, k)
     return parts, absent
 
 
