@@ -287,7 +287,8 @@ def test_ctrl_c_or_sigterm_in_train_expert_says_how_to_continue(shard, tmp_path,
     said = " ".join((tmp_path / "log").read_text().split())
     first = {"SIGINT": "interrupted", "SIGTERM": "stopped by SIGTERM (a scheduler's time limit or preemption, or kill)"}
     assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[stop], said
-    assert f"{first[stop]}: what is finished is kept; run the same command with --resume" in said, said
+    assert f"{first[stop]}: its last checkpoint is kept; run the same command with --resume to continue from it" \
+        in said, said
     assert "Traceback" not in said
     assert (tmp_path / "e.checkpoint.safetensors").exists() and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.checkpoint.safetensors", "log"], list(tmp_path.iterdir())

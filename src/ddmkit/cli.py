@@ -66,8 +66,9 @@ def interrupted_text(argv: list[str]) -> str:
         return "interrupted: the run is as it was before add-expert (nothing added); run the same command to add the data"
     if argv[1:2] == ["theory"]:  # a study in memory, written at its end (ddmkit.theory.report)
         return "interrupted: nothing was written; run the same command to start the study again"
-    resume = " with --resume, from the checkpoint the job left" if argv[1:2] == ["train-expert"] else ""
-    return f"interrupted: what is finished is kept; run the same command{resume} to continue"
+    if argv[1:2] == ["train-expert"]:
+        return "interrupted: its last checkpoint is kept; run the same command with --resume to continue from it"
+    return "interrupted: what is finished is kept; run the same command to continue"
 
 
 def log(msg: str) -> None:
