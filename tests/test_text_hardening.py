@@ -377,6 +377,13 @@ def test_sample_honours_steps_for_flow_matching_and_refuses_vector_options(text_
     dfm, ar = text_runs["text_dfm"], text_runs["text_ar"]
     one = sample_text(dfm, ["top-1"], log=QUIET, steps=1)
     assert sample_text(dfm, ["top-1"], log=QUIET, steps=1) == one != sample_text(dfm, ["top-1"], log=QUIET, steps=4)
+    info = json.loads((RunFolder(dfm).samples / "info.json").read_text())  # text.json said not how it was drawn
+    assert len(one) >= 2 and all(info[name]["drawn_with"]["steps"] == 4 for name in one), info
+    drawn = sample_text(ar, ["top-1"], log=QUIET, n=2, seed=7)
+    info = json.loads((RunFolder(ar).samples / "info.json").read_text())
+    for name in drawn:
+        assert {key: info[name]["drawn_with"][key] for key in ("n", "seed")} == {"n": 2, "seed": 7}
+        assert "steps" not in info[name]["drawn_with"]  # one byte per step: no steps setting
     code, err = cli(monkeypatch, capsys, "sample", dfm, "--strategy", "top-1", "--solver", "rk4", "--guidance", "3",
                     "--batch-size", "1")
     assert code == 2 and "--solver, --guidance, --batch-size: not used by a text run" in err, err

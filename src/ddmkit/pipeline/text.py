@@ -539,9 +539,13 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
         note_full_routing(cfg, strategies, log)
         models = text_models(cfg, Path(run), train=False)
         texts = TASKS[cfg.kind].samples(models.experts, models.central, models.routers, models.prior, cfg)
-        path = RunFolder(run).samples / "text.json"
+        path, info_path = RunFolder(run).samples / "text.json", RunFolder(run).samples / "info.json"
         saved = read_json(path) if path.exists() else {}
+        drawn_with = {key: value for key, value in cfg.sample.model_dump().items()
+                      if cfg.kind == "text_dfm" or key != "steps"}  # n, seed, length, ...: what made these texts
+        info = read_json(info_path) if info_path.exists() else {}
         write_json(path, {**saved, **texts})
+        write_json(info_path, {**info, **{name: {"drawn_with": drawn_with} for name in texts}})
     for name, rows in texts.items():
         log(f"{name}: {rows[0][:60]!r}")
     return texts
