@@ -333,6 +333,31 @@ def test_partition_on_a_finished_folder_says_there_is_nothing_to_do(ddmkit, tmp_
     assert code == 0 and "holds this partition already (k=4, cluster sizes [" in said and "nothing to do" in said, said
 
 
+def test_a_second_train_expert_into_the_same_folder_is_refused_while_the_first_runs(ddmkit, shard, tmp_path):
+    """Two train-expert commands with one --out both trained, each writing the other's checkpoint and folder."""
+    import subprocess
+    import time
+
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ddmkit.io import folder_lock\n"
+                               "with folder_lock(sys.argv[1]):\n    open(sys.argv[2], 'w').close(); time.sleep(60)",
+                               str(tmp_path / ".e.lock"), str(ready)])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "e", "--config", TINY)
+        assert code == 2 and f"expert folder {tmp_path / 'e'} is in use by process {holder.pid}" in err, err
+        assert not (tmp_path / "e").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "e", "--config", TINY, "--set",
+                          "expert.train.steps=5")  # the lock its holder left (killed) is taken over
+    assert code == 0 and (tmp_path / "e" / "model.safetensors").exists() and not (tmp_path / ".e.lock").exists(), err
+
+
 def test_a_missing_shard_is_named_as_a_wrong_path(ddmkit, shard, tmp_path):
     """train-expert nosuch.safetensors said the file 'is missing; re-train or re-copy it', as for a lost file."""
     code, _, err = ddmkit("train-expert", tmp_path / "nosuch.safetensors", "--out", tmp_path / "e", "--config", TINY)

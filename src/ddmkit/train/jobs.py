@@ -12,6 +12,7 @@ process plus "processes": N in config.json.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from pathlib import Path
@@ -23,7 +24,7 @@ from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import path_entry
 from ddmkit.flow.losses import flow_matching_loss, router_loss
-from ddmkit.io import read_json, sha256_file, sibling, staging_dir
+from ddmkit.io import folder_lock, read_json, sha256_file, sibling, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained, use_networks, user_networks
 from ddmkit.train.checkpoint import EXECUTION, settings_differences
 import ddmkit.train.distributed as distributed
@@ -236,6 +237,15 @@ def train_expert_once(shard: str | Path, config: ExpertConfig, out_dir: str | Pa
     launcher of several processes (torchrun) only rank 0 logs, and only rank 0 returns True."""
     main = int(os.environ.get("RANK", "0")) == 0
     check_expert_folder(out_dir, "--out")  # before anything: --force replaces an expert, never other files
+    # one job per expert folder: a second train-expert into it is refused while the first runs (rank 0 holds the
+    # lock, .NAME.lock beside the folder, for the job's processes: torchrun starts every rank with this command)
+    lock = Path(out_dir).with_name(f".{Path(out_dir).name}.lock")
+    with folder_lock(lock, f"expert folder {out_dir}") if main else contextlib.nullcontext():
+        return _train_expert_once(shard, config, out_dir, nproc, resume, force, log, main)
+
+
+def _train_expert_once(shard, config: ExpertConfig, out_dir, nproc: int, resume: bool, force: bool, log,
+                       main: bool) -> bool:
     differences = None if force or not Path(shard).is_file() else trained_expert_differences(out_dir, shard, config)
     if differences == []:
         if main:
