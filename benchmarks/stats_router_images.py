@@ -27,7 +27,7 @@ from ddmkit.data import load_dataset, load_partition, partition_data, read_shard
 from ddmkit.ddm import nearest_cluster_fn
 from ddmkit.evaluation import router_report
 from ddmkit.nets import from_pretrained, router_probabilities
-from ddmkit.routing import class_stats_router, island_class_statistics, island_statistics, stats_router
+from ddmkit.routing import class_stats_router, island_class_statistics, island_statistics
 from ddmkit.train import train_router
 
 from arguments import fill, positive
@@ -80,10 +80,10 @@ def main(argv=None) -> None:
     print(f"island statistics (overall and per class): {time.perf_counter() - start:.0f} s", flush=True)
 
     xs, ys = test.x[:args.n_eval], test.labels[:args.n_eval].long()
-    by_class = class_stats_router(per_class, stats)
+    by_class = class_stats_router(per_class, stats)  # y = None: the marginal router of the whole-shard statistics
     cnn = lambda x, t, y=None: router_probabilities(model(x, t, y))  # noqa: E731 (y None: its "no label" token)
     routers = {"learned CNN, no label": cnn,
-               "statistics-only, no label": stats_router(stats),
+               "statistics-only, no label": by_class,
                "learned CNN, with label": lambda x, t: cnn(x, t, y=ys),
                "statistics-only, with label": lambda x, t: by_class(x, t, y=ys)}
     report = router_report(routers, xs, nearest_cluster_fn(manifest, ptensors)(xs))

@@ -191,7 +191,7 @@ def test_a_latent_run_end_to_end(tmp_path):
     assert run_cli("verify", run).exit_code == 0
     kept = run / "expert_01.kept"  # a job array for the experts not trained yet: here expert 1
     shutil.move(run / "experts" / "expert_01", kept)
-    assert "latents/cluster_$I" in (run_cli("launch", run, "--emit", "slurm").exit_code == 0
+    assert "latents/cluster_$I" in (run_cli("launch", run, "--emit", "slurm", "--gpus", "0").exit_code == 0
                                     and (run / "launch" / "train_experts.slurm").read_text())
     assert "#SBATCH --array=1\n" in (run / "launch" / "train_experts.slurm").read_text()
     shutil.move(kept, run / "experts" / "expert_01")

@@ -253,7 +253,8 @@ def run_folder(run) -> RunFolder:
     folder = RunFolder(run)
     root = folder.root
     if not root.is_dir():
-        raise DDMError(f"{root} is not a run folder (no such folder); give the folder a `ddmkit run` wrote")
+        raise DDMError(f"{root} is not a run folder (no such folder); give the folder a `ddmkit run` wrote (or make "
+                       f"one with `ddmkit partition --config CONFIG --out {root}`)")
     if (root / "config.json").exists() and (root / "model.safetensors").exists() and not folder.partition.exists():
         holder = root.parent.parent if root.parent.name == "experts" else root.parent  # RUN/experts/expert_XX
         raise DDMError(f"{root} is a model folder (config.json + model.safetensors), not a run folder; pass the "
