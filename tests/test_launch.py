@@ -438,7 +438,8 @@ def test_emit_slurm_refuses_gpus_its_tasks_would_not_use_and_notes_a_job_without
     assert code == 2 and "--gpus 0: the run's expert.train.device is 'cuda'" in err, err
     code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "0")
     assert code in (0, None) and script.exists() and "note: expert.train.checkpoint_every is 0" in err, err
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "2", "--set",
+    assert "note: each task holds 4 CPU cores (--cpus) and trains on 1 x expert.train.threads = 1; give --cpus 1" in err
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "2", "--cpus", "1", "--set",
                     "expert.train.device=auto", "--set", "expert.train.checkpoint_every=50")
     assert code in (0, None) and "note:" not in err and "--nproc 2" in script.read_text(), err
 

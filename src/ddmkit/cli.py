@@ -561,6 +561,7 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
         import shlex
 
         from ddmkit.launch import check_emit, write_slurm_script
+        from ddmkit.launch.slurm import DEFAULT_CPUS
 
         check_emit(emit, {"--backend": None if backend == "inline" else backend, "--workers": workers,
                           "--address": address, "--config": config, "--device": device})
@@ -583,6 +584,12 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
                 log("note: expert.train.checkpoint_every is 0, so a task stopped by SLURM (preempted, or past --time) "
                     "trains again from step 0; to continue from its last checkpoint, emit with --set "
                     "expert.train.checkpoint_every=N")
+            cores, processes = DEFAULT_CPUS if cpus is None else cpus, max(gpus if gpus is not None else 1, 1)
+            threads = None if _text_run(run_dir) else task_cfg.expert.train.threads
+            if threads is not None and threads * processes < cores:  # --nproc N: N processes of `threads` each
+                log(f"note: each task holds {cores} CPU cores (--cpus) and trains on {processes} x expert.train.threads "
+                    f"= {threads * processes}; give --cpus {threads * processes}, or emit with --set "
+                    f"expert.train.threads={cores // processes} (other thread counts can change the weights' last bits)")
         return
     given = [f"--{name}" for name, value in {**slurm, "script": script, "expert": expert}.items() if value not in (None, [])]
     if given:

@@ -31,6 +31,7 @@ _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=+/@%-]*")
 # sbatch's forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]], or no limit
 _TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE")
 _MEM = re.compile(r"\d+[KMGT]?")  # megabytes, or with a unit
+DEFAULT_CPUS = 4  # --cpus-per-task of a task when --cpus is left out
 
 
 def check_resources(time: str, cpus: int, gpus: int, mem: str) -> None:
@@ -63,7 +64,7 @@ def array_ranges(indices: list[int]) -> str:
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def slurm_script(run: Path, k: int, ddmkit_cmd: str | None = None, time: str = "24:00:00", cpus: int = 4,
+def slurm_script(run: Path, k: int, ddmkit_cmd: str | None = None, time: str = "24:00:00", cpus: int = DEFAULT_CPUS,
                  gpus: int = 1, mem: str = "16G", partition: str | None = None, extra: list[str] = (),
                  experts: list[int] | None = None, overrides: list[str] = ()) -> str:
     """The text of a job-array script training `experts` (default all, 0 .. k-1) of `run` (on the
