@@ -134,9 +134,11 @@ def test_sampling_needs_the_config_that_names_the_classes(user_run, here):
     home, config, run = user_run
     assert here("sample", run, "--strategy", "top-1", "--n", "20", "--config", config, path=home)[0] == 0
     code, message = here("sample", run, "--strategy", "top-1", "--n", "20", path=home)
-    assert code == 2 and "'my_nets:Velocity' is not registered" in message
-    assert "--config CONFIG" in message and "ddmkit.nets.use_network('my_nets:Velocity')" in message
-    assert "--set expert.net.arch=my_nets:Velocity" in " ".join(message.split())
+    message = " ".join(message.split())  # both classes at once (it named the expert's, then, once given, the router's)
+    assert code == 2 and "the network classes 'my_nets:Velocity' (expert.net.arch) and 'my_nets:Router' " \
+        "(router.net.arch) are not registered" in message, message
+    assert "--config CONFIG" in message and "ddmkit.nets.use_network(NAME) for each" in message
+    assert "--set expert.net.arch=my_nets:Velocity --set router.net.arch=my_nets:Router" in message
     code, message = here("sample", run, "--strategy", "top-1", "--n", "20", "--set", "expert.net.arch=my_nets:Velocity",
                          path=home)  # the router's class: its own field (the message named expert.net.arch)
     assert code == 2 and "--set router.net.arch=my_nets:Router)" in " ".join(message.split()), message

@@ -16,6 +16,7 @@ import dataclasses
 import numbers
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,7 +26,9 @@ from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule
 from ddmkit.io import load_tensors, read_json
 from ddmkit.layout import RunFolder
+from ddmkit.nets import user_networks
 from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
+from ddmkit.nets.user import is_user_network
 from ddmkit.latent.autoencoder import LatentCodec, load_codec
 from ddmkit.registry import (check_shard, check_slot, checked_model_shards, latent_info, load_model,
                              load_partition_checked, model_data_shape, model_shards, partition_shard_hashes,
@@ -262,6 +265,24 @@ def run_folder(run) -> RunFolder:
     return folder
 
 
+def unregistered_networks(folders: list[Path]) -> None:
+    """Before any network is built: when the model folders name two or more network classes of the user's
+    that this process has not registered, one DDMError naming them all with their config fields (one alone
+    is named by ddmkit.nets.user_network as the network is built)."""
+    missing = {}
+    for path in folders:
+        arch = read_json(path / "config.json").get("arch") if (path / "config.json").is_file() else None
+        if isinstance(arch, str) and is_user_network(arch) and arch not in user_networks():
+            missing.setdefault(arch, "router.net.arch" if path.name == "router" else "expert.net.arch")
+    if len(missing) > 1:
+        names = " and ".join(f"{arch!r} ({field})" for arch, field in missing.items())
+        sets = " ".join(f"--set {field}={arch}" for arch, field in missing.items())
+        raise DDMError(f"the network classes {names} are not registered in this process: ddmkit imports your code "
+                       "only from the config you run, never because a run or model folder names it. Pass the config "
+                       f"that names them (--config CONFIG), or name them on the command line ({sets}), or from "
+                       "Python call ddmkit.nets.use_network(NAME) for each first")
+
+
 def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, guidance: float = 1.0,
                   router_kind: str = "learned") -> tuple[dict, list[int]]:
     """(the DDM's fields by name, the experts that are absent). Experts whose folder is missing, and
@@ -304,6 +325,8 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
             if c not in absent and (folder.expert(c) / "config.json").exists():
                 trained_on = read_json(folder.expert(c) / "config.json").get("shard_sha256")
                 check_shard(f"experts/expert_{c:02d}", c, trained_on, shard_hash)
+    unregistered_networks([folder.expert(c) for c in range(k) if c not in absent]
+                          + ([folder.router] if router_kind == "learned" else []))
     experts, configs = [], []
     for c in range(k):
         if c in absent:
