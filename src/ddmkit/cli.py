@@ -561,7 +561,7 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
         import shlex
 
         from ddmkit.launch import check_emit, write_slurm_script
-        from ddmkit.launch.slurm import DEFAULT_CPUS
+        from ddmkit.launch.slurm import task_notes
 
         check_emit(emit, {"--backend": None if backend == "inline" else backend, "--workers": workers,
                           "--address": address, "--config": config, "--device": device})
@@ -580,18 +580,11 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
                 "again)")
         else:
             log(f"wrote {path} (the experts not trained yet); submit it with: sbatch {shlex.quote(str(path))}")
-            if not _text_run(run_dir) and task_cfg.expert.train.checkpoint_every == 0:
-                log("note: expert.train.checkpoint_every is 0, so a task stopped by SLURM (preempted, or past --time) "
-                    "trains again from step 0; to continue from its last checkpoint, emit with --set "
-                    "expert.train.checkpoint_every=N")
-            cores, processes = DEFAULT_CPUS if cpus is None else cpus, max(gpus if gpus is not None else 1, 1)
-            threads = None if _text_run(run_dir) else task_cfg.expert.train.threads
-            if threads is not None and threads * processes < cores:  # --nproc N: N processes of `threads` each
-                log(f"note: each task holds {cores} CPU cores (--cpus) and trains on {processes} x expert.train.threads "
-                    f"= {threads * processes}; give --cpus {threads * processes}, or emit with --set "
-                    f"expert.train.threads={cores // processes} (other thread counts can change the weights' last bits)")
+            for note in [] if _text_run(run_dir) else task_notes(task_cfg, cpus, gpus):
+                log(f"note: {note}")
         return
-    given = [f"--{name}" for name, value in {**slurm, "script": script, "expert": expert}.items() if value not in (None, [])]
+    asked = {**slurm, "script": script, "expert": expert}
+    given = [f"--{name}" for name, value in asked.items() if value not in (None, [])]
     if given:
         raise DDMError(f"{', '.join(given)}: options of the SLURM script; add --emit slurm, or leave them out")
     check_launch(backend, workers, address)

@@ -150,6 +150,23 @@ def task_overrides(cfg: RunConfig | None, overrides: list[str], gpus: int) -> li
     return list(overrides)
 
 
+def task_notes(cfg: RunConfig, cpus: int | None = None, gpus: int | None = None) -> list[str]:
+    """What a written script's tasks will do that its writer may not expect: no checkpoint to resume from, or
+    more CPU cores held (--cpus) than their processes' threads use (--nproc N with --gpus N > 1)."""
+    notes = []
+    if cfg.expert.train.checkpoint_every == 0:
+        notes.append("expert.train.checkpoint_every is 0, so a task stopped by SLURM (preempted, or past --time) "
+                     "trains again from step 0; to continue from its last checkpoint, emit with --set "
+                     "expert.train.checkpoint_every=N")
+    cores, processes = DEFAULT_CPUS if cpus is None else cpus, max(1 if gpus is None else gpus, 1)
+    used = cfg.expert.train.threads * processes
+    if used < cores:
+        notes.append(f"each task holds {cores} CPU cores (--cpus) and trains on {processes} x expert.train.threads "
+                     f"= {used}; give --cpus {used}, or emit with --set expert.train.threads={cores // processes} "
+                     "(other thread counts can change the weights' last bits)")
+    return notes
+
+
 def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str] = (),
                        experts: list[int] | None = None, **options) -> Path | None:
     """Write the script for the experts not trained yet (default RUN/launch/train_experts.slurm), of those in
