@@ -26,10 +26,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddmkit.errors import DDMError
+
 
 def safe_name(name: str) -> str:
     """A sample set's name as a file stem: letters, digits and '-._' kept, anything else '_'."""
     return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in name)
+
+
+def check_run_exists(root: str | Path) -> None:
+    """A DDMError when the run folder `root` is not a folder (no such folder, or a file)."""
+    root = Path(root)
+    if not root.is_dir():
+        what = "a file" if root.exists() else "no such folder"
+        raise DDMError(f"{root} is not a run folder ({what}); give the folder a `ddmkit run` wrote (or make one with "
+                       f"`ddmkit partition --config CONFIG --out {root}`)")
 
 
 def enclosing_run(path: str | Path) -> Path | None:

@@ -33,7 +33,7 @@ from ddmkit.config import validate
 from ddmkit.data.partition import load_partition
 from ddmkit.errors import DDMError
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
-from ddmkit.layout import RunFolder, enclosing_run
+from ddmkit.layout import RunFolder, check_run_exists, enclosing_run
 from ddmkit.nets import build_model, check_identity, from_pretrained
 
 REGISTRY = "registry.json"
@@ -132,9 +132,7 @@ def load_partition_checked(folder: str | Path) -> tuple[dict, dict[str, torch.Te
         above = enclosing_run(folder.parent)  # RUN/partition given as the run: RUN/partition/partition looked for
         if above is not None:
             raise DDMError(f"{folder.parent} is a folder inside the run {above}; give the run folder itself: {above}")
-        if not folder.parent.is_dir():
-            raise DDMError(f"{folder.parent} is not a run folder (no such folder); give the folder a `ddmkit run` or "
-                           "`ddmkit partition` wrote")
+        check_run_exists(folder.parent)
         raise DDMError(f"{folder.parent}: no partition yet (partition/manifest.json); run `ddmkit partition "
                        f"--config CONFIG --out {folder.parent}` first")
     manifest, tensors = load_partition(folder)
@@ -413,9 +411,7 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     """
     run = Path(run)
     source = run / REGISTRY
-    if not run.is_dir():
-        what = "a file" if run.exists() else "no such folder"
-        raise DDMError(f"{run} is not a run folder ({what}); give the folder a `ddmkit run` wrote")
+    check_run_exists(run)
     if not source.exists():
         raise DDMError(f"{run}: no registry yet ({REGISTRY}); run `ddmkit register {run}` first")
     reg = _validated(Registry, read_json(source), str(source))

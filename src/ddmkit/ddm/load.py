@@ -25,7 +25,7 @@ from ddmkit.data.partition import feature_map, read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule
 from ddmkit.io import load_tensors, read_json
-from ddmkit.layout import RunFolder
+from ddmkit.layout import RunFolder, check_run_exists
 from ddmkit.nets import user_networks
 from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
 from ddmkit.nets.user import is_user_network
@@ -255,9 +255,7 @@ def run_folder(run) -> RunFolder:
     (config.json + model.safetensors, no partition/) rather than the run folder that holds it."""
     folder = RunFolder(run)
     root = folder.root
-    if not root.is_dir():
-        raise DDMError(f"{root} is not a run folder (no such folder); give the folder a `ddmkit run` wrote (or make "
-                       f"one with `ddmkit partition --config CONFIG --out {root}`)")
+    check_run_exists(root)
     if (root / "config.json").exists() and (root / "model.safetensors").exists() and not folder.partition.exists():
         holder = root.parent.parent if root.parent.name == "experts" else root.parent  # RUN/experts/expert_XX
         raise DDMError(f"{root} is a model folder (config.json + model.safetensors), not a run folder; pass the "

@@ -7,7 +7,6 @@ configs/text_dfm.toml); that key is how `ddmkit run` tells it from a vector run.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path, PureWindowsPath
 from typing import Literal
 
@@ -15,7 +14,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ddmkit.config import MAX_SEED, Section, Seed, TrainConfig, apply_overrides, json_digest, read_toml, tomllib, validate
 from ddmkit.errors import DDMError
-from ddmkit.routing.table import STRATEGIES, parse_strategy
+from ddmkit.routing.table import STRATEGIES, parse_strategy, strategy_form
 
 KINDS = ("text_ar", "text_dfm")
 
@@ -168,12 +167,6 @@ class TextEvalConfig(Section):
             except DDMError as e:  # a bad value, e.g. top-0: named with the field
                 raise ValueError(str(e)) from None
         return v
-
-
-def strategy_form(name: str) -> str | None:
-    """The form of the strategy table (ddmkit.routing.table) a strategy name has, e.g. 'top-K' for
-    'top-2'; None for an unknown name."""
-    return next((s.form for s in STRATEGIES if re.fullmatch(s.pattern, name.strip())), None)
 
 
 class TextRunConfig(Section):

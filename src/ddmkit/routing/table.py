@@ -112,6 +112,17 @@ def strategy_forms() -> str:
 STRATEGY_FORMS = strategy_forms()  # as the table is shipped (for --help texts)
 
 
+def _matched(name: str) -> tuple[StrategyForm, re.Match] | None:
+    """The table's entry whose pattern a strategy name has, with the match; None for an unknown name."""
+    return next(((entry, m) for entry in STRATEGIES if (m := re.fullmatch(entry.pattern, name.strip()))), None)
+
+
+def strategy_form(name: str) -> str | None:
+    """The form of the table a strategy name has, e.g. 'top-K' for 'top-2'; None for an unknown name."""
+    matched = _matched(name)
+    return matched[0].form if matched else None
+
+
 def parse_strategy(spec: str) -> Strategy:
     """A strategy object from its name, e.g. 'top-2', 'nucleus-0.9@0.5', 'threshold-1e-3'
     (spaces around the name are dropped)."""
@@ -119,22 +130,22 @@ def parse_strategy(spec: str) -> Strategy:
         raise DDMError(f"a routing strategy is a name (a string) such as 'top-2'; got {type(spec).__name__} "
                        f"{spec!r}; accepted forms: {strategy_forms()}")
     name = spec.strip()
-    for entry in STRATEGIES:
-        m = re.fullmatch(entry.pattern, name)
-        if m:
-            try:
-                strategy = entry.build(*[g for g in m.groups() if g is not None])
-            except ValueError as e:
-                raise DDMError(f"strategy {name!r}: {e}") from None
-            if not isinstance(strategy, Strategy):
-                raise DDMError(f"strategy {name!r}: the build of its form {entry.form!r} returned "
-                               f"{type(strategy).__name__}, not a ddmkit.routing.Strategy (subclass Strategy, or "
-                               "Selecting for a strategy with select)")
-            return strategy
-    guess = re.sub(r"([a-z])(\d)", r"\1-\2", name.lower())  # top2, Top-2 -> top-2
-    if guess != name and any(re.fullmatch(entry.pattern, guess) for entry in STRATEGIES):
-        raise DDMError(f"unknown routing strategy {name!r}; did you mean {guess!r}? Accepted forms: {strategy_forms()}")
-    raise DDMError(f"unknown routing strategy {name!r}; accepted forms: {strategy_forms()}")
+    matched = _matched(name)
+    if matched is None:
+        guess = re.sub(r"([a-z])(\d)", r"\1-\2", name.lower())  # top2, Top-2 -> top-2
+        if guess != name and strategy_form(guess) is not None:
+            raise DDMError(f"unknown routing strategy {name!r}; did you mean {guess!r}? Accepted forms: "
+                           f"{strategy_forms()}")
+        raise DDMError(f"unknown routing strategy {name!r}; accepted forms: {strategy_forms()}")
+    entry, m = matched
+    try:
+        strategy = entry.build(*[g for g in m.groups() if g is not None])
+    except ValueError as e:
+        raise DDMError(f"strategy {name!r}: {e}") from None
+    if not isinstance(strategy, Strategy):
+        raise DDMError(f"strategy {name!r}: the build of its form {entry.form!r} returned {type(strategy).__name__}, "
+                       "not a ddmkit.routing.Strategy (subclass Strategy, or Selecting for a strategy with select)")
+    return strategy
 
 
 def strategies_markdown() -> str:
