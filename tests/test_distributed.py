@@ -1,6 +1,7 @@
 """One expert on 2 processes (DDP and FSDP, gloo on the CPU): the loss curve and weights of one process with
 the same global batch, the folder of one process, bit-exact resume after a crash, checkpoints that resume
 under either, and processes that stop with the command (SIGTERM, kill -9), leaving only the checkpoint."""
+import atexit
 import contextlib
 import json
 import os
@@ -129,6 +130,17 @@ def test_two_processes_follow_one_and_resume_bit_exactly(tmp_path):
     assert (out / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
     assert [r["loss"] for r in _rows(out)] == [r["loss"] for r in _rows(two)]
     assert not checkpoint_path(out).exists()
+
+
+def _mark_at_exit(marker: Path, dist) -> None:
+    """A job that leaves a file only if its process runs the interpreter's shutdown (atexit)."""
+    atexit.register(marker.touch)
+
+
+def test_a_finished_process_skips_the_interpreters_shutdown(tmp_path):
+    """Where gloo's threads can abort a process whose job has finished (SIGABRT, the job counted failed)."""
+    spawn(_mark_at_exit, 2, "cpu", tmp_path / "shutdown-ran")
+    assert not (tmp_path / "shutdown-ran").exists()
 
 
 def test_a_batch_that_does_not_split_is_refused_before_starting(tmp_path):

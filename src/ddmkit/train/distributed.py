@@ -53,6 +53,7 @@ from ddmkit.io import scratch_dir
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOPPED = 130  # the exit status of a spawned process stopped by SIGINT or SIGTERM
+FAILED = 1  # the exit status of a spawned process whose fn raised a DDMError (its message: the errors queue)
 
 
 @dataclass(frozen=True)
@@ -277,25 +278,38 @@ def _stop_rank(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _exit_now(status: int) -> None:
+    """End a spawned process at once with `status`, after flushing what it printed, skipping the interpreter's
+    shutdown: gloo's threads can outlive destroy_process_group (DDP holds the group), and one that takes the
+    GIL while the interpreter finalizes is unwound by the C++ runtime, which aborts the process ("terminate
+    called without an active exception", exit by SIGABRT) after its job had finished."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def _worker(local_rank: int, nproc: int, device_name: str, init_method: str, threads: int, errors,
             parent: int, fn: Callable, args: tuple) -> None:
     """Body of a spawned process: stop on SIGINT / SIGTERM and with the parent, join the group, call fn,
-    report a DDMError's message to the parent (exit status STOPPED when stopped)."""
+    report a DDMError's message to the parent; exit status 0, FAILED (a DDMError) or STOPPED (a signal).
+    Any other exception reaches torch's wrapper, which sends the parent its traceback."""
     signal.signal(signal.SIGINT, _stop_rank)  # SIGINT too: a background job's processes inherit it ignored
     signal.signal(signal.SIGTERM, _stop_rank)
     die_with_parent(parent)
     torch.set_num_threads(threads)
+    status = 0
     try:
         fn(*args, dist=_join(local_rank, nproc, local_rank, device_name, init_method))
         tdist.barrier()  # every process done before any tears the group down (gloo aborts otherwise)
     except DDMError as e:
         errors.put(str(e))
-        raise
+        status = FAILED
     except KeyboardInterrupt:
-        sys.exit(STOPPED)  # not 0, as torch's wrapper would exit: the parent learns the job did not finish
+        status = STOPPED  # not 0, as torch's wrapper would exit: the parent learns the job did not finish
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()
+    _exit_now(status)
 
 
 def _stop(processes: list) -> None:
@@ -325,12 +339,10 @@ def spawn(fn: Callable, nproc: int, device_name: str, *args) -> None:
         try:
             while not context.join():
                 pass
-        except mp.ProcessRaisedException:
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             if not errors.empty():
                 raise DDMError(errors.get()) from None
-            raise
-        except mp.ProcessExitedException as e:
-            if e.exit_code == STOPPED:  # a signal reached the processes but not this one
+            if getattr(e, "exit_code", None) == STOPPED:  # a signal reached the processes but not this one
                 raise KeyboardInterrupt from None
             raise
         except BaseException:  # Ctrl-C, or SIGTERM where the caller raises on it (ddmkit's command line does)
