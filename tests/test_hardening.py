@@ -461,6 +461,27 @@ def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pa
     assert RunFolder(run).config.exists() and not RunFolder(run).lock.exists()
 
 
+def test_a_run_refuses_an_expert_folder_a_train_expert_job_holds_and_takes_a_dead_ones_over(tmp_path):
+    """`ddmkit train-expert --out RUN/experts/expert_01` running while the run trains its experts: before, both
+    trained into the folder. A killed run's expert locks (all of them) are taken over and removed by the next."""
+    run = prepare_run_dir(tmp_path / "run", tiny(), log=QUIET)
+    lock = RunFolder(run).expert(1).with_name(".expert_01.lock")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        with pytest.raises(DDMError, match=rf"expert folder {RunFolder(run).expert(1)} is in use by process "
+                                           rf"{holder.pid}\b"):
+            stage_experts(tiny(), run, QUIET)
+        assert sorted(p.name for p in RunFolder(run).experts.iterdir()) == [".expert_01.lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    stage_experts(tiny(), run, QUIET)  # the dead holder's lock is taken over
+    left = sorted(p.name for p in RunFolder(run).experts.iterdir())
+    assert "expert_01" in left and not [name for name in left if name.endswith(".lock")], left
+
+
 def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
     lock = tmp_path / "run" / ".lock"
     with folder_lock(lock):

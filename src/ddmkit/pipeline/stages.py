@@ -31,7 +31,7 @@ from ddmkit.nets.user import check_output, is_user_network
 from ddmkit.registry import AUTOENCODER_WEIGHTS, checked_model_shards, model_shards, shard_files, write_registry
 from ddmkit.train.autoencoder import train_autoencoder
 from ddmkit.train.concurrent import train_experts_concurrently
-from ddmkit.train.jobs import train_monolith, train_router
+from ddmkit.train.jobs import expert_folder_lock, train_monolith, train_router
 from ddmkit.train.threads import job_threads
 
 Log = Callable[[str], None]
@@ -182,10 +182,14 @@ def stage_partition(cfg: RunConfig, run, log: Log = print) -> None:
 def stage_experts(cfg: RunConfig, run, log: Log = print, backend: str = "inline", workers: int | None = None,
                   address: str | None = None) -> None:
     """Train the experts not yet written, with a launch backend (ddmkit.launch), or all at once in
-    one stacked network when expert.concurrent is set; a job that left a checkpoint continues from it."""
-    with run_lock(run):
+    one stacked network when expert.concurrent is set; a job that left a checkpoint continues from it.
+    Holds every expert folder's lock too (a train-expert job into one of them is refused meanwhile)."""
+    with run_lock(run), contextlib.ExitStack() as held:
         folder = RunFolder(run)
-        jobs = [ExpertJob(k, shard, folder.expert(k)) for k, shard in enumerate(model_shards(run))
+        shards = model_shards(run)
+        for k in range(len(shards)):  # all of them: a killed run's locks are taken over and removed
+            held.enter_context(expert_folder_lock(folder.expert(k)))
+        jobs = [ExpertJob(k, shard, folder.expert(k)) for k, shard in enumerate(shards)
                 if not (folder.expert(k) / "model.safetensors").exists()]
         if jobs:
             checked_model_shards(run)  # no expert trains on a shard changed since it was written

@@ -230,6 +230,12 @@ def _expert_table(saved: dict) -> dict:
             "path": path, "prediction": saved.get("prediction"), "label_dropout": saved.get("label_dropout")}
 
 
+def expert_folder_lock(out_dir: str | Path):
+    """One job per expert folder: the lock .NAME.lock beside it, held while a job trains into it (a second
+    train-expert, or a run or launch training that expert, is refused meanwhile; ddmkit.io.folder_lock)."""
+    return folder_lock(Path(out_dir).with_name(f".{Path(out_dir).name}.lock"), f"expert folder {out_dir}")
+
+
 def train_expert_once(shard: str | Path, config: ExpertConfig, out_dir: str | Path, nproc: int = 1,
                       resume: bool = False, force: bool = False, log=print) -> bool:
     """train_expert_ddp, unless out_dir holds this expert already (the same settings and shard: nothing
@@ -237,10 +243,8 @@ def train_expert_once(shard: str | Path, config: ExpertConfig, out_dir: str | Pa
     launcher of several processes (torchrun) only rank 0 logs, and only rank 0 returns True."""
     main = int(os.environ.get("RANK", "0")) == 0
     check_expert_folder(out_dir, "--out")  # before anything: --force replaces an expert, never other files
-    # one job per expert folder: a second train-expert into it is refused while the first runs (rank 0 holds the
-    # lock, .NAME.lock beside the folder, for the job's processes: torchrun starts every rank with this command)
-    lock = Path(out_dir).with_name(f".{Path(out_dir).name}.lock")
-    with folder_lock(lock, f"expert folder {out_dir}") if main else contextlib.nullcontext():
+    # rank 0 holds the lock for the job's processes: torchrun starts every rank with this command
+    with expert_folder_lock(out_dir) if main else contextlib.nullcontext():
         return _train_expert_once(shard, config, out_dir, nproc, resume, force, log, main)
 
 
@@ -342,5 +346,5 @@ def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path, 
     return Path(out_dir)
 
 
-__all__ = ["TrainConfig", "checkpoint_path", "monolith_config", "shard_hashes", "train_expert", "train_expert_ddp",
-           "train_monolith", "train_router", "train_velocity_model"]
+__all__ = ["TrainConfig", "checkpoint_path", "expert_folder_lock", "monolith_config", "shard_hashes", "train_expert",
+           "train_expert_ddp", "train_monolith", "train_router", "train_velocity_model"]
