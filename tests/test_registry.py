@@ -406,6 +406,20 @@ def test_register_says_which_experts_are_missing(copy, monkeypatch, capsys):
     assert f"note: {copy / 'experts'} holds a model.safetensors itself: an expert's files go in its own folder" in said
 
 
+def test_register_on_a_run_without_experts_is_refused_and_writes_nothing(copy, monkeypatch, capsys):
+    """It wrote a registry of no model and said "the DDM samples without them" of all K experts."""
+    from ddmkit.cli import main
+
+    shutil.rmtree(copy / "experts")
+    (copy / "registry.json").unlink()
+    monkeypatch.setattr("sys.argv", ["ddmkit", "register", str(copy)])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    said = " ".join(capsys.readouterr().err.split())
+    assert exit.value.code == 2 and f"{copy} holds no trained expert (no experts/expert_XX/model.safetensors)" in said
+    assert f"`ddmkit launch {copy}`" in said and not (copy / "registry.json").exists()
+
+
 def test_a_lost_partition_file_says_how_to_make_the_partition_again(copy):
     """'partition.safetensors is missing; re-train or re-copy it': nothing trains a partition, and `ddmkit
     partition` on the folder did nothing (its manifest is there)."""

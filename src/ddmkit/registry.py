@@ -369,8 +369,8 @@ def check_slot(path, cluster, slot: int) -> None:
 
 
 def write_registry(run: str | Path) -> dict:
-    """Write RUN/registry.json for the model folders present; returns it. Refused (DDMError): weights
-    holding NaN, an expert trained on another partition's shard (nothing could load it)."""
+    """Write RUN/registry.json for the model folders present; returns it. Refused (DDMError): no expert at
+    all, weights holding NaN, an expert trained on another partition's shard (nothing could load it)."""
     run = Path(run)
     manifest, _ = load_partition_checked(run / "partition")
     folder = RunFolder(run)
@@ -380,6 +380,10 @@ def write_registry(run: str | Path) -> dict:
            "partition_sha256": sha256_file(folder.manifest),
            "latents_sha256": sha256_file(folder.latent_info) if folder.is_latent else None,
            "models": [registry_entry(run, rel, role, c) for rel, role, c in _model_folders(run, manifest["k"])]}
+    if not any(m["role"] == "expert" for m in reg["models"]):
+        raise DDMError(f"{run} holds no trained expert (no experts/expert_XX/model.safetensors), so there is no DDM to "
+                       f"register; train the experts first (e.g. `ddmkit launch {run}`, or `ddmkit train-expert` per "
+                       "shard into experts/expert_XX), then register")
     shard_hash = partition_shard_hashes(run, manifest)
     for m in reg["models"]:
         if m["role"] == "expert":
