@@ -109,11 +109,28 @@ def test_a_set_name_with_spaces_around_is_the_set_itself():
     assert statistics_set("top-2 ", 10).name == "top-2 (statistics-only router)"
 
 
-def test_top_n_with_n_at_least_k_calls_every_expert():
+def test_top_n_or_sample_n_with_n_at_least_k_calls_every_expert():
     from ddmkit.pipeline.samplesets import calls_every_expert
 
     assert calls_every_expert("top-4", 4) and calls_every_expert("top-5", 4)
-    assert not calls_every_expert("top-3", 4) and not calls_every_expert("sample-4", 4)
+    assert calls_every_expert("sample-4", 4) and calls_every_expert("sample-6@0.5", 4)
+    assert not calls_every_expert("top-3", 4) and not calls_every_expert("sample-3", 4)
+    assert not calls_every_expert("nucleus-1", 4) and not calls_every_expert("threshold-0.01", 4)
+
+
+def test_sample_n_with_n_at_least_k_gives_the_velocity_of_full():
+    """What makes sample-n (n >= K) full routing under another name: the same combined velocity."""
+    from ddmkit.routing import RoutingState, parse_strategy, routed_velocity
+
+    g = torch.Generator().manual_seed(0)
+    experts = [lambda x, t, s=s: x * s + s for s in (1.0, -2.0, 0.5)]
+    probs = torch.randn(6, 3, generator=g).softmax(1)
+    router = lambda x, t: probs  # noqa: E731
+    x, t = torch.randn(6, 2, generator=g), torch.full((6,), 0.4)
+    full = routed_velocity(experts, router, parse_strategy("full"), RoutingState(generator=g))(x, t)
+    for name in ("sample-3", "sample-5@0.5"):
+        v = routed_velocity(experts, router, parse_strategy(name), RoutingState(generator=g))(x, t)
+        torch.testing.assert_close(v, full)
 
 
 def test_gated_routing_is_refused_as_a_sampled_strategy_when_the_config_loads():

@@ -94,7 +94,7 @@ def check_seed(seed) -> None:
 
 
 def note_full_aliases(names: Sequence[str], k: int, log: Callable[[str], None]) -> list[str]:
-    """The names measured: a top-n that calls every expert of the DDM is full routing, said in the note
+    """The names measured: a top-n or sample-n that calls every expert of the DDM is full routing, said in the note
     `ddmkit sample` prints, and left out when full is measured too (it would count twice in the
     across-strategy correlations)."""
     kept = []

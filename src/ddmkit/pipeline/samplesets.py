@@ -15,7 +15,7 @@ from enum import Enum
 from ddmkit.config import MONOLITH, RunConfig
 from ddmkit.errors import DDMError
 from ddmkit.routing import parse_strategy
-from ddmkit.routing.strategies import TopK
+from ddmkit.routing.strategies import SampleK, TopK
 
 
 class SetKind(Enum):
@@ -62,10 +62,10 @@ def statistics_set(name: str, n: int, guidance: float = 1.0) -> SampleSet:
 
 
 def calls_every_expert(name: str, k: int) -> bool:
-    """Whether a strategy, on a DDM of k experts, is full routing under another name: top-n with n >= k
-    (every expert, weights r)."""
+    """Whether a strategy, on a DDM of k experts, is full routing under another name: top-n or sample-n
+    (at any temperature) with n >= k (every expert, weights r)."""
     strategy = parse_strategy(name)
-    return isinstance(strategy, TopK) and strategy.k >= k
+    return isinstance(strategy, (TopK, SampleK)) and strategy.k >= k
 
 
 def _guided_name(name: str, guidance: float, default: float) -> str:

@@ -96,7 +96,7 @@ def cell_config(cfg: RunConfig, k: int, budget: float, seed: int, monolith: bool
 
 def routes_like_full(name: str, k: int, strategies: list[str]) -> bool:
     """Whether a strategy of a K = k DDM is full routing under another name, sampled already as "full":
-    top-n with n >= k (every expert, weights r)."""
+    top-n or sample-n with n >= k (every expert, weights r)."""
     return name != "full" and "full" in strategies and calls_every_expert(name, k)
 
 

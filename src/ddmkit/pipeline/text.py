@@ -463,7 +463,7 @@ def check_trained_on(folder: RunFolder, shard: dict) -> None:
 
 
 def note_full_routing(cfg: TextRunConfig, strategies: list[str], log: Log) -> None:
-    """A note for each top-n strategy with n >= K: the same routing as full."""
+    """A note for each top-n or sample-n strategy with n >= K: the same routing as full."""
     k = cfg.partition.k
     for name in strategies:
         if calls_every_expert(name, k):
