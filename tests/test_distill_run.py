@@ -175,6 +175,10 @@ def test_students_trained_now_and_scored_later(trained, tmp_path, monkeypatch):
     (code, err), = clis([("distill", run, "--teacher", "top-2", "--steps", 40)])
     assert code == 0, err
     assert folder.students_report.exists() and weights.stat().st_mtime_ns == before
+    messages = []  # a few-step student trained with --no-report: the report lacking it goes (it stayed, silently)
+    distill_run(run, "top-2", steps=40, few_step=2, trajectories=16, report=False, log=messages.append)
+    assert not folder.students_report.exists() and not folder.students_metrics.exists()
+    assert f"distill: removed {folder.students_report} (it lacks few-step-2-lambda)" in messages, messages
 
     def no_scorer(plan):
         raise DDMError("no FID weights here")
@@ -205,6 +209,11 @@ def test_untrained_run_and_other_students_are_refused(trained, tmp_path):
     """A run without an expert is refused with the command that trains it; a second distillation of
     another teacher is refused (before any training) until --force."""
     run = copy_of(trained, tmp_path)
+    for inside in (RunFolder(run).expert(1), RunFolder(run).router):  # it said "no partition" and a failing command
+        with pytest.raises(DDMError, match=rf"{inside} is not a ddmkit run folder \(its config.json is not a run's: "
+                                           rf"no \"config\" section\); it is a folder inside the run {run}: give the "
+                                           rf"run folder itself: {run}$"):
+            distill_run(inside, log=lambda m: None)
     shutil.rmtree(RunFolder(run).expert(1))
     with pytest.raises(DDMError, match=r"not trained yet.*--stages train"):
         distill_run(run, log=lambda m: None)
@@ -224,6 +233,28 @@ def test_untrained_run_and_other_students_are_refused(trained, tmp_path):
     assert hashes(run) == before
     plan = plan_distill(run, "top-1", force=True, **SMALL)  # --force: the checks pass, RUN/students is replaced
     assert plan.dense_spec["teacher"] == "top-1"
+
+
+def test_the_image_report_table_is_the_one_in_the_docs():
+    """The table of docs/distill.md is what render_report writes from the stored scores (KID x 1e3 as in the
+    run's report: it wrote raw KID under "KID", 1000 times smaller than the docs' column)."""
+    from ddmkit.pipeline.distill import render_report
+
+    root = Path(__file__).parents[1]
+    report = render_report(read_json(root / "docs" / "results" / "fashion_mnist_distill_report.json")).splitlines()
+    doc = (root / "docs" / "distill.md").read_text().splitlines()
+    start = doc.index("| samples | network calls/sample | router calls/sample | FID | KID x 1e3 | to teacher's samples |")
+    table = doc[start:doc.index("", start)]
+    assert len(table) == 10 and table[0] in report
+    written = {cells[0]: cells for cells in (line.strip("|").split(" | ") for line in report if line.startswith("| "))}
+    for line in table[2:]:  # each number as the docs round it
+        cells = line.strip("|").split(" | ")
+        for doc_cell, cell in zip(cells, written[cells[0]], strict=True):
+            if doc_cell.strip().lstrip("-").replace(".", "", 1).isdigit():
+                places = len(doc_cell.strip().partition(".")[2])
+                assert round(float(cell), places) == float(doc_cell), (line, cell)
+            else:
+                assert cell.strip() == doc_cell.strip(), line
 
 
 def test_image_run_on_cpu_with_pixel_features(tmp_path):

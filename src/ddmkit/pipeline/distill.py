@@ -486,6 +486,19 @@ def students_section(students: dict) -> list[list]:
     return rows
 
 
+def remove_outdated_report(folder: RunFolder, log: Log) -> None:
+    """Remove RUN/students/report.md and its JSON when they lack a student now in RUN/students (trained with
+    --no-report after the report was written): a report that silently leaves a student out."""
+    if not folder.students_metrics.exists():
+        return
+    reported = {row[0] for row in read_json(folder.students_metrics).get("students", [])}
+    lacking = sorted({"dense" if p.name == "dense" else p.name for p in existing_students(folder)} - reported)
+    if lacking:
+        for path in (folder.students_report, folder.students_metrics):
+            path.unlink(missing_ok=True)
+        log(f"distill: removed {folder.students_report} (it lacks {', '.join(lacking)})")
+
+
 def render_report(result: dict) -> str:
     p, scores = result["settings"], result["scores"]
     vectors = "features" not in scores
@@ -493,12 +506,17 @@ def render_report(result: dict) -> str:
         cols = [("W2", "w2"), ("W2/floor", "w2_over_floor"), ("NLL", "nll"), ("modes hit", "modes_hit"),
                 ("off-manifold", "off_manifold")]
     else:
-        cols = [("FID", "fid"), ("KID", "kid")]
+        cols = [("FID", "fid"), ("KID x 1e3", "kid")]  # KID scaled as in the run's report
+
+    def shown(row: dict, key: str):
+        value = row.get(key)
+        return value * 1e3 if key == "kid" and value is not None else value
+
     floor = [FLOOR if vectors else "train images (floor)", "-", "-"] + \
-        [scores["floor"].get(key) if key != "w2_over_floor" else 1.0 for _, key in cols]
+        [shown(scores["floor"], key) if key != "w2_over_floor" else 1.0 for _, key in cols]
     floor.append("-")
     rows = [floor] + [[name, r.get("expert_calls_per_sample"), r.get("router_calls_per_sample")]
-                      + [r.get(key) for _, key in cols] + [r.get("to_teacher_samples")]
+                      + [shown(r, key) for _, key in cols] + [r.get("to_teacher_samples")]
                       for name, r in scores["rows"].items()]
     out = ["# Distillation report", "",
            f"Run `{p['run']}`, ddmkit {p['ddmkit_version']}. Teacher: the DDM's {p['k']} experts and "
@@ -512,7 +530,7 @@ def render_report(result: dict) -> str:
            "expert-sized network evaluations per sample over the whole trajectory (a student or the monolith: one "
            "per evaluation; the teacher: the experts its strategy calls); router calls are per sample. "
            + ("W2 against held-out data beside the noise floor; NLL, mode coverage and off-manifold rate under the "
-              "true mixture." if vectors else f"FID and KID against the test split ({scores['features']} features).")
+              "true mixture." if vectors else f"FID and KID (x 1e3) against the test split ({scores['features']} features).")
            + f" The last column is E |x0 - x0_teacher|^2 / E |x0_teacher|^2 against the row `{p['teacher_row']}` "
            "from the same noise: how far each sampler's samples lie from the teacher's own.",
            "", markdown_table(["samples", "network calls/sample", "router calls/sample"] + [c for c, _ in cols]
@@ -573,8 +591,9 @@ def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | 
         if few_step is not None:
             make_few_step(plan, log)
         if not report:
-            log(f"distill: students in {folder.students}; the report is written by the same call with the report "
-                "(ddmkit distill without --no-report)")
+            remove_outdated_report(folder, log)
+            log(f"distill: students in {folder.students}; the same command without --no-report reuses them and "
+                "writes the report")
             return None
         students = {("dense" if p.name == "dense" else p.name): student_field(p, plan.device)
                     for p in existing_students(folder)}

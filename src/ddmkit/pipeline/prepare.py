@@ -271,4 +271,9 @@ def run_config(run: str | Path) -> RunConfig:
         raise DDMError(f"{folder.root} is not a ddmkit run folder (no config.json); make one with "
                        f"`ddmkit run CONFIG --out {folder.root}` or `ddmkit partition --out {folder.root}`")
     raw = read_json(folder.config)
-    return validate(RunConfig, raw.get("config", {}) if isinstance(raw, dict) else raw, f"{folder.config}")
+    if not (isinstance(raw, dict) and isinstance(raw.get("config"), dict)):  # e.g. a model folder's config.json
+        above = enclosing_run(folder.root)
+        raise DDMError(f"{folder.root} is not a ddmkit run folder (its config.json is not a run's: no \"config\" "
+                       "section)" + (f"; it is a folder inside the run {above}: give the run folder itself: {above}"
+                                     if above is not None else "; give the folder `ddmkit run` wrote"))
+    return validate(RunConfig, raw["config"], f"{folder.config}")
