@@ -526,6 +526,27 @@ def test_a_folder_that_is_not_a_run_keeps_its_hidden_temporary_files(tmp_path):
     assert all(p.read_text() == "mine" for p in mine)
 
 
+def test_force_never_removes_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys):
+    """`ddmkit run CONFIG --out FOLDER --force` on a folder of the user's removed everything in it (the refusal
+    without --force even offered --force). A config.json that is not a run's is not one either."""
+    mine = tmp_path / "thesis"
+    (mine / "figures").mkdir(parents=True)
+    (mine / "thesis.tex").write_text("precious")
+    (mine / "config.json").write_text('{"lr": 0.1}')  # another program's
+    before = files_but_the_lock(mine)
+    for force in (False, True):
+        with pytest.raises(DDMError, match=rf"{mine} is not a ddmkit run folder and is not empty \(it holds "
+                                           r"config.json, figures, thesis.tex\); .*--force replaces only a run it "
+                                           r"wrote, never other files: choose another --out$"):
+            prepare_run_dir(mine, tiny(), force=force, log=QUIET)
+    for command in (["run", TINY], ["partition", "--config", TINY]):
+        code, err = cli(monkeypatch, capsys, *command, "--out", mine, "--force")
+        assert code == 2 and "is not a ddmkit run folder and is not empty" in err, err
+    assert files_but_the_lock(mine) == before and (mine / "figures").is_dir()
+    prepare_run_dir(tmp_path / "run", tiny(), log=QUIET)  # a run ddmkit wrote is replaced with --force
+    prepare_run_dir(tmp_path / "run", tiny(partition={"k": 3}), force=True, log=QUIET)
+
+
 def test_staging_names_carry_the_writer(tmp_path):
     with staging_dir(tmp_path / "out") as tmp:
         assert tmp.name.startswith(f".out.{os.getpid()}-{HOST}.") and tmp.name.endswith(".tmp")

@@ -63,6 +63,20 @@ def test_a_bad_text_config_with_force_leaves_the_old_run_as_it_was(tmp_path, mon
     assert files(run) == before
 
 
+def test_force_never_removes_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys):
+    """`ddmkit run TEXT_CONFIG --out FOLDER --force` removed every file of a folder that was not a run (the
+    corpus itself, given as --out, too)."""
+    config = write_config(tmp_path, "text_ar")
+    corpus = next(p.parent for p in tmp_path.rglob("*.txt"))
+    before = files(corpus)
+    for command in (["run", config], ["text", "run", config], ["partition", "--config", config]):
+        code, err = cli(monkeypatch, capsys, *command, "--out", corpus, "--force")
+        assert code == 2 and f"{corpus} is not a ddmkit run folder and is not empty" in err, err
+    with pytest.raises(DDMError, match="--force replaces only a run it wrote, never other files"):
+        run_text(config, corpus, force=True, log=QUIET)
+    assert files(corpus) == before
+
+
 def test_set_reaches_a_text_config_and_a_bad_one_writes_nothing(tmp_path, monkeypatch, capsys):
     """`ddmkit partition --config TEXT --set` (as `ddmkit run TEXT --set`) applies each field to the text
     config; an unknown field or a value that fails the checks exits 2 before the folder is made."""

@@ -84,6 +84,38 @@ def recorded_kind(folder: RunFolder):
     return config.get("kind") if isinstance(config, dict) else None
 
 
+def written_by_ddmkit(folder: RunFolder) -> bool:
+    """Whether the folder holds a run ddmkit wrote: a config.json with a run's digest and config (any kind of
+    run), or, beside a config.json that cannot be read (a damaged run), the partition or data ddmkit writes."""
+    if not folder.config.is_file():
+        return False
+    try:
+        saved = read_json(folder.config)
+    except DDMError:
+        saved = None
+    if isinstance(saved, dict) and isinstance(saved.get("config"), dict) and "digest" in saved:
+        return True
+    return folder.manifest.is_file() or folder.data_info.is_file()
+
+
+def check_replaceable(folder: RunFolder) -> None:
+    """A folder a new run may be written into: new, empty (its lock and a killed writer's temporary files
+    aside) or a run ddmkit wrote. --force replaces such a run, never a folder of other files."""
+    held = sorted(p.name for p in entries(folder.root, but=folder.lock) if not STAGING.match(p.name))
+    if held and not written_by_ddmkit(folder):
+        names = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise DDMError(f"{folder.root} is not a ddmkit run folder and is not empty (it holds {names}); ddmkit writes "
+                       "a run into a new or empty folder, and --force replaces only a run it wrote, never other "
+                       "files: choose another --out")
+
+
+def remove_run_leftovers(folder: RunFolder, log: Log = print) -> None:
+    """remove_leftovers in a run folder, or in one that holds nothing else (a run killed before its
+    config.json was written); a folder that is not a run keeps its own hidden .tmp files."""
+    if folder.config.exists() or all(STAGING.match(p.name) for p in entries(folder.root, but=folder.lock)):
+        remove_leftovers(folder.root, log)
+
+
 def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
     """What to do with the folder: "new", "same" (resume; how the jobs run may differ: train.jobs.EXECUTION),
     "derived" (only [sample]/[evaluate] changed too) or "replace" (force, another run); refusals are
@@ -92,6 +124,7 @@ def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
         try:
             old = validate(RunConfig, read_json(folder.config).get("config"), str(folder.config))
         except (DDMError, AttributeError) as e:
+            check_replaceable(folder)  # a config.json of another program's: no run at all
             if force:
                 return "replace"
             kind = recorded_kind(folder)
@@ -109,8 +142,7 @@ def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
             raise DDMError(f"{folder.root} already holds a different run: {differences_text(old, cfg)}; choose "
                            "another --out folder or pass --force to replace it")
         return "replace"
-    if entries(folder.root, but=folder.lock) and not force:
-        raise DDMError(f"{folder.root} exists and is not a ddmkit run folder; choose another --out or pass --force")
+    check_replaceable(folder)
     return "new"
 
 
@@ -210,8 +242,7 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
     check_devices(cfg)
     with run_lock(folder.root):
         run = folder.root
-        if folder.config.exists() or all(STAGING.match(p.name) for p in entries(run, but=folder.lock)):
-            remove_leftovers(run, log)  # a run folder's (or one killed before its config.json): not another folder's
+        remove_run_leftovers(folder, log)
         action = _action(folder, cfg, force)
         if action in ("same", "derived"):
             check_kinds(folder, folder.derived if action == "derived" else [])

@@ -45,11 +45,11 @@ from ddmkit.data.partition import read_shard
 from ddmkit.discrete.shards import cluster_prior, load_streams, mixed_windows, partition_text, sample_windows
 from ddmkit.discrete.tokens import NUM_BYTES
 from ddmkit.errors import DDMError
-from ddmkit.io import (entries, nan_as_null, read_json, remove, remove_stale_staging, sha256_file, staging_dir,
+from ddmkit.io import (entries, nan_as_null, read_json, remove, sha256_file, staging_dir,
                        write_bytes_atomic, write_json)
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, check_builds, from_pretrained, save_pretrained
-from ddmkit.pipeline.prepare import listed, remove_leftovers
+from ddmkit.pipeline.prepare import check_replaceable, listed, remove_leftovers, remove_run_leftovers
 from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import run_lock
 from ddmkit.registry import check_registered, write_registry
@@ -238,6 +238,7 @@ def _replace(folder: RunFolder, cfg: TextRunConfig, force: bool) -> bool:
     another kind of run, a text run made with other settings of what it trains (TRAINED), or not a run,
     is refused without force. Other settings (sample, evaluate, seed, threads) may change."""
     if force:
+        check_replaceable(folder)
         return bool(entries(folder.root, but=folder.lock))
     if folder.config.exists():
         if not is_text_run(folder.root):
@@ -256,8 +257,8 @@ def _replace(folder: RunFolder, cfg: TextRunConfig, force: bool) -> bool:
         if differs:
             raise DDMError(f"{folder.root} already holds a different run: its config.json differs in "
                            f"{listed(differs)}; choose another --out folder or pass --force to replace it")
-    elif entries(folder.root, but=folder.lock):
-        raise DDMError(f"{folder.root} exists and is not a ddmkit run folder; choose another --out or pass --force")
+    else:
+        check_replaceable(folder)
     return False
 
 
@@ -266,9 +267,7 @@ def prepare_text_run(cfg: TextRunConfig, out: Path, force: bool = False, log: Lo
     before the first write. force=True replaces what the folder holds, once the checks passed."""
     folder = RunFolder(out)
     with run_lock(folder.root), tempfile.TemporaryDirectory(prefix="ddmkit-text-") as scratch:
-        stale = remove_stale_staging(folder.root)
-        if stale:
-            log(f"{out}: removed {len(stale)} temporary files or folders left by an interrupted run")
+        remove_run_leftovers(folder, log)
         replace = _replace(folder, cfg, force)
         check_networks(cfg)
         new = None if has_partition(cfg, out) and not replace else Path(scratch) / "partition"
