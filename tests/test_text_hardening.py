@@ -77,6 +77,46 @@ def test_force_never_removes_a_folder_that_is_not_a_run(tmp_path, monkeypatch, c
     assert files(corpus) == before
 
 
+def test_a_stopped_text_expert_job_says_it_starts_again_and_resume_says_so(tmp_path, monkeypatch, capsys):
+    """Ctrl-C said "its last checkpoint is kept; run the same command with --resume", and --resume (which every
+    SLURM task passes) silently trained from the start: text experts write no checkpoints."""
+    import ddmkit.pipeline.text as text
+
+    config = write_config(tmp_path, "text_ar")
+    run = tmp_path / "run"
+    partition_text_run(config, run, log=QUIET)
+    shard = RunFolder(run).partition / "shards" / "cluster_00.safetensors"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(text, "train_text_expert", stopped)
+    code, err = cli(monkeypatch, capsys, "train-expert", shard, "--config", RunFolder(run).config, "--out",
+                    RunFolder(run).expert(0), "--resume")
+    said = " ".join(err.split())
+    assert code == 130 and "note: text experts write no checkpoints, so --resume has nothing to continue" in said
+    assert "interrupted: nothing was written (text experts write no checkpoints); run the same command" in said, said
+    assert "checkpoint is kept" not in said and not RunFolder(run).expert(0).exists()
+
+
+def test_a_text_runs_slurm_script_trains_its_experts_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """`ddmkit launch RUN --emit slurm`, which text runs' messages offer, failed: it read the text config as a
+    vector run's. Its tasks hold no GPU, and one task run as SLURM would run it writes its expert."""
+    config = write_config(tmp_path, "text_ar")
+    run = tmp_path / "run"
+    partition_text_run(config, run, log=QUIET)
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "1")
+    assert code == 2 and "--gpus 1: " in err and "is a text run, whose experts train on the CPU" in err, err
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm")
+    script = run / "launch" / "train_experts.slurm"
+    assert code == 0 and script.exists(), err
+    assert "--gres" not in script.read_text() and "--array=0-1" in script.read_text()
+    done = subprocess.run(["bash", str(script)], env={**os.environ, "SLURM_ARRAY_TASK_ID": "1", "DDMKIT_QUIET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (RunFolder(run).expert(1) / "model.safetensors").exists() and not RunFolder(run).expert(0).exists()
+
+
 def test_set_reaches_a_text_config_and_a_bad_one_writes_nothing(tmp_path, monkeypatch, capsys):
     """`ddmkit partition --config TEXT --set` (as `ddmkit run TEXT --set`) applies each field to the text
     config; an unknown field or a value that fails the checks exits 2 before the folder is made."""
@@ -200,6 +240,8 @@ CONFIG_ERRORS = [  # (--set items, words of the message)
      "runs: full, top-K,"),
     (["expert.train.device='cuda:3'"], "expert.train.device: 'cuda:3': text runs train on the CPU; set it to \"cpu\""),
     (["router.train.device='mps'"], "router.train.device: 'mps': text runs train on the CPU"),
+    (["expert.train.checkpoint_every=10"], "expert.train.checkpoint_every: 10: text models train "
+     "without checkpoints"),  # it was accepted and did nothing
 ]
 
 

@@ -227,7 +227,14 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
             raise DDMError(f"{', '.join(given)}: text experts take their settings from the text config (seed + "
                            "cluster) and train without checkpoints; leave them out, and set them in the text config "
                            "(`ddmkit run TEXT_CONFIG --set ...` when making the run)")
-        train_text_expert(shard, read_text_config(config), out)
+        if resume:  # SLURM scripts pass it to every task
+            log("note: text experts write no checkpoints, so --resume has nothing to continue: this job trains from "
+                "the start")
+        try:
+            train_text_expert(shard, read_text_config(config), out)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted: nothing was written (text experts write no checkpoints); run the same "
+                              "command to train it from the start") from None
         log(f"expert written to {out}")
         return
     from ddmkit.registry import check_shard_space

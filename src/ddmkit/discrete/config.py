@@ -104,6 +104,14 @@ class TextTrainConfig(TrainConfig):
                              "too), or leave it out")
         return v
 
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _no_checkpoints(cls, v):
+        if v:
+            raise ValueError(f"{v}: text models train without checkpoints (a stopped job trains again from the "
+                             "start: they train in minutes on the CPU); leave it out")
+        return v
+
 
 def _train(steps: int, batch_size: int = 32) -> TextTrainConfig:
     return TextTrainConfig(steps=steps, batch_size=batch_size, lr=2e-3, warmup=30, ema_decay=0.99, log_every=25,

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ddmkit.config import RunConfig, apply_overrides, validate
+from ddmkit.discrete.config import KINDS as TEXT_KINDS
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, write_bytes_atomic
 from ddmkit.layout import RunFolder
@@ -120,9 +121,27 @@ def check_overrides(run: Path, overrides: list[str]) -> RunConfig | None:
                        "--set expert.train.checkpoint_every=100); set the others where they are used")
     if not RunFolder(run).config.exists():
         return None
+    if is_text_run(run):  # its tasks read the text config; the command line refused --set on it
+        return None
     raw = read_json(RunFolder(run).config)  # the run's resolved config, which the tasks read
     table = raw.get("config", {}) if isinstance(raw, dict) else raw
     return validate(RunConfig, apply_overrides(table, list(overrides)), f"{RunFolder(run).config} with --set")
+
+
+def is_text_run(run: Path) -> bool:
+    """Whether RUN/config.json records a text run (kind text_ar or text_dfm)."""
+    path = RunFolder(run).config
+    raw = read_json(path) if path.exists() else None
+    return isinstance(raw, dict) and isinstance(raw.get("config"), dict) and raw["config"].get("kind") in TEXT_KINDS
+
+
+def text_run_gpus(run: Path, gpus: int | None) -> int:
+    """The GPUs per task of a text run's script: none (text experts train on the CPU); a request for some is
+    refused."""
+    if gpus:
+        raise DDMError(f"--gpus {gpus}: {run} is a text run, whose experts train on the CPU; leave --gpus out "
+                       "(its tasks hold no GPU) or give --gpus 0")
+    return 0
 
 
 def task_overrides(cfg: RunConfig | None, overrides: list[str], gpus: int) -> list[str]:
@@ -173,6 +192,8 @@ def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str]
     `experts` when given, its tasks trained with the run's config and `overrides` (expert.* --set items);
     None, and nothing written, when every expert asked for is trained."""
     run = Path(run)
+    if is_text_run(run):
+        options["gpus"] = text_run_gpus(run, options.get("gpus"))
     overrides = task_overrides(check_overrides(run, overrides), overrides, options.get("gpus", 1))
     manifest, _ = load_partition_checked(run / "partition")
     folder = RunFolder(run)
