@@ -36,6 +36,30 @@ def test_version_prints_ddmkits_version(ddmkit):
     assert ddmkit("--version")[:2] == (0, f"ddmkit {__version__}\n")
 
 
+STOPPED_WHILE_STARTING = """
+import sys
+class Stop:  # Ctrl-C while the command line's modules load (torch: a second or two)
+    def find_spec(self, name, path=None, target=None):
+        if name == "ddmkit.cli":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Stop())
+from ddmkit.__main__ import main
+main()
+"""
+
+
+def test_ctrl_c_while_ddmkit_starts_is_one_line_not_a_traceback():
+    """The installed `ddmkit` script imported ddmkit.cli itself: a Ctrl-C during the imports printed their
+    traceback."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", STOPPED_WHILE_STARTING], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and done.stderr == "interrupted: nothing was done (ddmkit was still starting)\n", \
+        done.stderr
+    entry = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert 'ddmkit = "ddmkit.__main__:main"' in entry  # the installed script goes through it
+
+
 def test_set_and_device_override_the_config(ddmkit, shard, tmp_path):
     assert json.loads((shard.parents[1] / "manifest.json").read_text())["k"] == 2  # partition's --set
     code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "e", "--config", TINY, "--device", "cpu",
