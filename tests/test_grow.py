@@ -246,6 +246,10 @@ def test_replace_expert_copies_a_foreign_folder_that_verifies_and_is_flagged(run
     assert load_ddm(run).k == 3
     code, err = cli("register", run)  # says what the report's table would: only `evaluate` said it before
     assert code == 0 and "note: expert 1 differs from the run's [expert] section in kwargs" in " ".join(err.split())
+    before = hashes(run)  # the same command again wrote a second grow.json entry
+    code, err = cli("replace-expert", run, 1, foreign)
+    assert code == 0 and f"expert 1 is a copy of these weights already ({foreign}); nothing to do" in err, err
+    assert hashes(run) == before
 
 
 @pytest.mark.parametrize("stage", ["expert", "router"])

@@ -822,7 +822,8 @@ def replace_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="
     if config is not None:
         _config(config)  # registers the config's own network classes
     event = replace_expert(run_dir, k, folder, log)
-    log(f"replace-expert: grow.json entry {event['n']}; `ddmkit verify {run_dir}` checks the registry")
+    if event is not None:
+        log(f"replace-expert: grow.json entry {event['n']}; `ddmkit verify {run_dir}` checks the registry")
 
 
 theory_app = typer.Typer(help="Theory studies on exact Gaussian-mixture truth: convergence and distillation.",

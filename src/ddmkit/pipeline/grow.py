@@ -500,9 +500,10 @@ def check_expert_folder(source: Path, run: TrainedRun) -> dict:
     return config
 
 
-def replace_expert(run, k: int, folder, log: Log = print) -> dict:
+def replace_expert(run, k: int, folder, log: Log = print) -> dict | None:
     """Expert k of a trained run becomes a copy of the model folder `folder` (see the module
-    docstring); returns the grow.json entry."""
+    docstring); returns the grow.json entry (None, and nothing written, when it is a copy of those
+    weights already)."""
     run_folder, source = RunFolder(run), Path(folder)
     with run_lock(run_folder.root):
         state = trained_run(run_folder.root)
@@ -517,6 +518,10 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict:
         shard = state.manifest["shards"][_entry(state.manifest, k)]
         slot_meta = read_metadata(run_folder.partition / shard["path"])  # what an expert trained there records
         weights = sha256_file(source / "model.safetensors")
+        slot = run_folder.expert(k) / "config.json"
+        if slot.is_file() and (read_json(slot).get("replaced_from") or {}).get("weights_sha256") == weights:
+            log(f"replace-expert: expert {k} is a copy of these weights already ({source}); nothing to do")
+            return None
         origin = {"source": str(source.resolve()), "cluster": config.get("cluster"), "k": config.get("k"),
                   "shard_sha256": config.get("shard_sha256"), "shard_count": config.get("shard_count"),
                   "data_hash": config.get("data_hash"), "weights_sha256": weights}
