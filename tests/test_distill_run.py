@@ -202,6 +202,9 @@ def test_bad_options_exit_2_and_write_nothing(trained, tmp_path):
     for c in calls[3:]:
         with pytest.raises(DDMError, match=c[0]):
             distill_run(run, **{c[0][2:].replace("-", "_"): c[1]}, log=lambda m: None)
+    with pytest.raises(DDMError, match=r"^--device cuda:63, but this machine has \d+ CUDA device\(s\); give --device "
+                                       r"cpu"):  # it offered the config's train.device: distill takes no config
+        distill_run(run, device="cuda:63", log=lambda m: None)
     assert hashes(run) == before and not RunFolder(run).students.exists()
 
 

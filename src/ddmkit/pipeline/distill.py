@@ -257,7 +257,9 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
                        f"`ddmkit run {folder.config} --out {folder.root} --stages train`")
     train = cfg.expert.train.model_copy(update={k: v for k, v in (("steps", steps), ("seed", seed),
                                                                    ("device", device)) if v is not None})
-    where = resolve_device(train.device)
+    where = resolve_device(train.device, f"--device {device}" if device is not None else
+                           f"the run's expert.train.device {train.device!r}",
+                           "give --device cpu (or auto: a GPU when there is one)")
     if not has_default_router(folder.root):  # load_ddm's message offers a --router that distill lacks
         raise DDMError(f"{folder.root}: no router (router/model.safetensors); distill distills the DDM as it "
                        f"routes: train its router first with `ddmkit train-router {folder.root}`")
