@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from ddmkit.cli import text_app as app
 from ddmkit.discrete.config import is_text_config, load_text_config
 from ddmkit.pipeline.text import run_text
+from ddmkit.config import load_config
 from ddmkit.errors import DDMError
 
 TINY = """
@@ -105,8 +106,15 @@ def test_config_errors(tmp_path):
     assert is_text_config(config)
     bad = tmp_path / "bad.toml"
     bad.write_text(config.read_text().replace("[model]", "[model]\nwidht = 3"))
-    with pytest.raises(DDMError, match="model.widht: unknown field"):
+    with pytest.raises(DDMError, match="model.widht: unknown field; did you mean 'width'"):
         load_text_config(bad)
+    bad.write_text(config.read_text().replace('kind = "text_ar"', 'kinds = "text_ar"'))  # 15 lines of unknown fields
+    with pytest.raises(DDMError, match=r'^\S+bad.toml: kind: missing; a text config starts with kind = "text_ar"'):
+        load_text_config(bad)
+    with pytest.raises(DDMError, match=r'^\S+bad.toml: invalid configuration\n  kind: missing; a text config \(it has '
+                                       r'\[corpus\], \[model\]\) starts with kind = "text_ar" \(autoregressive\) or '
+                                       r'kind = "text_dfm" \(discrete flow matching\): docs/discrete.md$'):
+        load_config(bad)  # read as a vector or image run's, as `ddmkit run` reads a config without kind
     bad.write_text(config.read_text().replace('kind = "text_ar"', 'kind = "text_xx"'))
     with pytest.raises(DDMError, match="kind: 'text_xx' unknown; accepted: text_ar, text_dfm"):
         load_text_config(bad)

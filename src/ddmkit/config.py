@@ -438,13 +438,38 @@ def config_differences(made: dict, asked: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _explain(err: ValidationError, source: str, what: str = "configuration") -> str:
+TEXT_SECTIONS = ("corpus", "model", "centralized")  # sections only a text config has (ddmkit.discrete.config)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the section of `model` at `loc` (a path of field names), or [] when it is not one."""
+    for name in loc:
+        field = model.model_fields.get(name) if isinstance(name, str) else None
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, source: str, what: str = "configuration", model: type[BaseModel] | None = None,
+             data: dict | None = None) -> str:
+    import difflib
+
     lines = [f"{source}: invalid {what}"]
+    unknown = {e["loc"][0] for e in err.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1}
+    if data is not None and "kind" not in data and unknown & set(TEXT_SECTIONS):  # a text config without its kind:
+        sections = "], [".join(sorted(unknown & set(TEXT_SECTIONS)))
+        return "\n".join([*lines, f"  kind: missing; a text config (it has [{sections}]) starts with kind = "
+                          "\"text_ar\" (autoregressive) or kind = \"text_dfm\" (discrete flow matching): "
+                          "docs/discrete.md"])  # the other errors are of reading it as a vector run's
     for e in err.errors()[:20]:
         where = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")  # our validators' own messages, as written
         if e["type"] == "extra_forbidden":
-            msg = ("unknown field (check the spelling; see docs/config.md for the accepted fields, docs/discrete.md "
+            close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(model, e["loc"][:-1]) if model else [], 1)
+            msg = (f"unknown field; did you mean {close[0]!r}?" if close else
+                   "unknown field (check the spelling; see docs/config.md for the accepted fields, docs/discrete.md "
                    "for a text config's)")
         lines.append(f"  {where}: {msg}" if where else f"  {msg}")  # a check of the whole section names its fields
     return "\n".join(lines)
@@ -457,7 +482,7 @@ def validate(model: type[BaseModel], data: dict, source: str = "config", what: s
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise DDMError(_explain(e, source, what)) from None
+        raise DDMError(_explain(e, source, what, model, data)) from None
     except (RecursionError, OverflowError) as e:
         raise DDMError(f"{source}: invalid {what} ({type(e).__name__})") from None
 

@@ -254,6 +254,9 @@ def load_text_config(path: str | Path, overrides: list[str] = ()) -> TextRunConf
         raise DDMError(f"config {path}: no such file; a text config is a TOML file (kind = 'text_ar' or 'text_dfm'), "
                        "e.g. configs/text_ar.toml (the built-in demo is a vector run: `ddmkit run demo`)")
     raw = read_toml(path)
+    if "kind" not in raw:
+        raise DDMError(f"{path}: kind: missing; a text config starts with kind = \"text_ar\" (autoregressive) or "
+                       "kind = \"text_dfm\" (discrete flow matching)")
     if raw.get("kind") not in KINDS:
         raise DDMError(f"{path}: kind: {raw.get('kind')!r} unknown; accepted: {', '.join(KINDS)}")
     if overrides:
