@@ -547,6 +547,21 @@ def test_force_never_removes_a_folder_that_is_not_a_run(tmp_path, monkeypatch, c
     prepare_run_dir(tmp_path / "run", tiny(partition={"k": 3}), force=True, log=QUIET)
 
 
+@pytest.mark.parametrize("command", ["evaluate", "sample", "register", "train-router", "train-monolith"])
+def test_a_command_on_a_folder_that_is_not_a_run_says_so(tmp_path, monkeypatch, capsys, command):
+    """`ddmkit evaluate CORPUS` said "no data yet; run ddmkit partition --out CORPUS" (writing into it), and
+    `register` of a missing folder "no partition yet": each now names what the folder is."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("text")
+    code, err = cli(monkeypatch, capsys, command, corpus)
+    assert code == 2 and f"{corpus} is not a ddmkit run folder (no config.json); give the folder `ddmkit run` or " \
+        "`ddmkit partition` wrote" in " ".join(err.split()), err
+    code, err = cli(monkeypatch, capsys, command, tmp_path / "nosuch")
+    assert code == 2 and f"{tmp_path / 'nosuch'} is not a run folder (no such folder)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"] and [p.name for p in corpus.iterdir()] == ["a.txt"]
+
+
 def test_staging_names_carry_the_writer(tmp_path):
     with staging_dir(tmp_path / "out") as tmp:
         assert tmp.name.startswith(f".out.{os.getpid()}-{HOST}.") and tmp.name.endswith(".tmp")

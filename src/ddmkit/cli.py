@@ -127,8 +127,8 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
     if config is not None:
         path = config if config.exists() or config.suffix else builtin_config(str(config))
         base = load_config(path)
-    elif run is not None and (run / "config.json").exists():
-        base = run_config(run)
+    elif run is not None and ((run / "config.json").exists() or not (run / "partition").is_dir()):
+        base = run_config(run)  # no such folder, or not a run (a folder of other files, one inside a run): said here
     else:
         base = RunConfig()
     items, dump = list(overrides or []), base.model_dump()
@@ -623,10 +623,14 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
 @app.command()
 def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/, experts/, router/")):
     """Write RUN/registry.json: SHA-256 of every model folder, shard hashes, version, time convention."""
-    from ddmkit.ddm.load import check_loadable
+    from ddmkit.ddm.load import check_loadable, run_folder
+    from ddmkit.pipeline.prepare import run_config
     from ddmkit.pipeline.stages import run_lock
     from ddmkit.registry import write_registry
 
+    run_folder(run_dir)  # a run folder that exists (its lock would make it)
+    if not (run_dir / "partition").is_dir():
+        run_config(run_dir)  # a folder of other files, or one inside a run, is named as such
     with run_lock(run_dir):
         check_loadable(run_dir)  # a folder the DDM could not load is refused here, not when it samples
         reg = write_registry(run_dir)

@@ -30,7 +30,7 @@ from ddmkit.errors import DDMError
 from ddmkit.io import STAGING, entries, read_json, remove, remove_stale_staging, write_json
 from ddmkit.latent.autoencoder import check_pretrained, network_data_shape
 from ddmkit.ddm.load import component_groups, records_truth
-from ddmkit.layout import RunFolder, enclosing_run
+from ddmkit.layout import RunFolder, check_run_exists, enclosing_run
 from ddmkit.pipeline.checks import check_clusters, check_devices, check_labels, check_run_plan
 from ddmkit.train.jobs import EXECUTION
 from ddmkit.pipeline.stages import (check_networks, load_data, load_split, plan_partition, register_user_features,
@@ -295,10 +295,14 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
 def run_config(run: str | Path) -> RunConfig:
     """The configuration a run folder was made with."""
     folder = RunFolder(run)
+    check_run_exists(folder.root)
     if not folder.config.exists():
         above = enclosing_run(folder.root)  # a folder inside a run (RUN/partition, RUN/experts/expert_00)
         if above is not None:
             raise DDMError(f"{folder.root} is a folder inside the run {above}; give the run folder itself: {above}")
+        if entries(folder.root, but=folder.lock):  # a folder of other files (a corpus, a data folder)
+            raise DDMError(f"{folder.root} is not a ddmkit run folder (no config.json); give the folder `ddmkit run` "
+                           "or `ddmkit partition` wrote")
         raise DDMError(f"{folder.root} is not a ddmkit run folder (no config.json); make one with "
                        f"`ddmkit run CONFIG --out {folder.root}` or `ddmkit partition --out {folder.root}`")
     raw = read_json(folder.config)
