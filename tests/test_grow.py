@@ -229,8 +229,13 @@ def test_replace_expert_copies_a_foreign_folder_that_verifies_and_is_flagged(run
     other = validate(ExpertConfig, {"net": {"arch": "mlp", "kwargs": {"width": 16, "depth": 1}},
                                     "train": {"steps": 20, "batch_size": 32, "seed": 5}})
     train_expert(run / "partition" / "shards" / "cluster_00.safetensors", other, foreign)
-    event = replace_expert(run, 1, foreign, log=lambda m: None)
     folder = RunFolder(run)
+    (folder.students / "dense").mkdir(parents=True)  # distilled from the old DDM: distill reused them as up to date
+    (folder.students / "report.md").write_text("the old teacher's")
+    said = []
+    event = replace_expert(run, 1, foreign, log=said.append)
+    assert not folder.students.exists() and f"removed {folder.students}: students distilled from the old DDM " \
+        "(`ddmkit distill` makes them again)" in said, said
     copied, source = folder.expert(1) / "model.safetensors", foreign / "model.safetensors"
     assert load_tensors(copied).keys() == load_tensors(source).keys()  # the same tensors, written as the slot's own
     assert all(torch.equal(t, load_tensors(source)[name]) for name, t in load_tensors(copied).items())

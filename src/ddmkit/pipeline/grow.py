@@ -369,13 +369,17 @@ def _write_data(tmp: Path, folder: RunFolder, plan: Growth) -> None:
     write_json(tmp / folder.data_info.name, plan.data_info)
 
 
-def clear_derived(folder: RunFolder) -> None:
-    """Remove what sampling and scoring wrote (RunFolder.derived): the old DDM's samples and scores."""
+def clear_derived(folder: RunFolder, log: Log) -> None:
+    """Remove what sampling and scoring wrote (RunFolder.derived: the old DDM's samples and scores) and the
+    students distilled from the old DDM (RUN/students: `ddmkit distill` would reuse them as up to date)."""
     for path in folder.derived:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+    if folder.students.exists():
+        shutil.rmtree(folder.students)
+        log(f"removed {folder.students}: students distilled from the old DDM (`ddmkit distill` makes them again)")
 
 
 def read_log(folder: RunFolder) -> dict:
@@ -460,7 +464,7 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
                 with job_threads(cfg.router.train.threads):
                     train_router(shards, cfg.router, router_dir)
                 log(f"add-expert: router retrained over {len(shards)} clusters")
-            clear_derived(folder)
+            clear_derived(folder, log)
             event = log_event(folder, plan.event, "learned" if router == "retrain" else "statistics")
             if router == "stats" and folder.router.exists():
                 shutil.rmtree(folder.router)
@@ -532,7 +536,7 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict | None:
             if (source / "train_log.jsonl").is_file():
                 shutil.copyfile(source / "train_log.jsonl", tmp / "train_log.jsonl")
             write_json(tmp / "config.json", slot_config)
-            clear_derived(run_folder)
+            clear_derived(run_folder, log)
             event = log_event(run_folder, {"action": "replace-expert", "expert": k, **origin})
         write_registry(run_folder.root)
     log(f"replace-expert: expert {k} is now a copy of {source}; the old DDM's samples and scores were removed "
