@@ -180,6 +180,9 @@ def test_stats_router_trains_nothing_and_routes_the_new_island(run):
     assert untrained_parts(run_config(run), run) == []
     rows, _ = describe_models(run, run_config(run))  # the report's networks table said "router | missing"
     assert [r[1] for r in rows if r[0] == "router"] == ["statistics-only (no network: grow.json)"]
+    from ddmkit.pipeline.models import partition_k  # the report said "Partition: k = 3" above 4 experts
+
+    assert partition_k(run, run_config(run)) == "k = 3 when made, 4 now (add-expert: grow.json)"
     from ddmkit.pipeline.analyze import analyze_run  # the diagnostics route by the statistics router too
 
     result = analyze_run(run, run / "analysis", strategies=["top-2"], n=64, n_boot=20, n_heldout=64, log=lambda m: None)

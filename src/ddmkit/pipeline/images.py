@@ -16,7 +16,7 @@ from ddmkit.ddm.load import latent_codec
 from ddmkit.evaluation.images import SetScorer, cluster_grid, save_png
 from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder, safe_name
-from ddmkit.pipeline.models import models_section
+from ddmkit.pipeline.models import models_section, partition_k
 from ddmkit.pipeline.samplesets import STATISTICS, planned_sets
 from ddmkit.pipeline.sampling import read_info, sampling_sentence
 from ddmkit.progress import track
@@ -111,7 +111,7 @@ def render_report(cfg: RunConfig, run, result: dict) -> str:
         "![reconstructions](plots/reconstructions.png)\n")
     return f"""# ddmkit image run report
 
-Data: `{d.name}` {d.params} ({result['n_test']} test images as the FID reference). Partition: k = {p.k},
+Data: `{d.name}` {d.params} ({result['n_test']} test images as the FID reference). Partition: {partition_k(run, cfg)},
 features = {p.features}, cluster sizes {result['cluster_counts']}. Monolith: the experts' network with K x
 {"the steps" if cfg.monolith.match == "steps" else "the batch, the same steps"} (FLOP-matched). Sampling:
 {sampling_sentence(cfg, run, drawn, "images")}; class labels fixed by each set's seed (the same for sets of one

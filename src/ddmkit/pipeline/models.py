@@ -22,6 +22,15 @@ from ddmkit.tables import markdown_table
 TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "ema_decay")
 
 
+def partition_k(run, cfg: RunConfig) -> str:
+    """The report's "k = ..." of the partition: the config's k, and the number of clusters now where
+    add-expert grew the run (RUN/grow.json)."""
+    folder = RunFolder(run)
+    now = read_json(folder.manifest)["k"] if folder.manifest.exists() else cfg.partition.k
+    return f"k = {cfg.partition.k}" if now == cfg.partition.k else \
+        f"k = {cfg.partition.k} when made, {now} now (add-expert: grow.json)"
+
+
 def _prediction(prediction: str, path: dict | None) -> str:
     """The prediction, with the path when it is not the linear one, a VP path with its schedule (so that a
     folder trained on another schedule differs): "v (vp cosine, 1000 steps, time x 0.001)"."""

@@ -18,7 +18,7 @@ from ddmkit.evaluation.sets import FLOOR, evaluate_all
 from ddmkit.evaluation.studies import STATS_STRATEGIES, missing_expert_study, stats_router_study, study_size
 from ddmkit.io import load_tensors, read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.models import models_section
+from ddmkit.pipeline.models import models_section, partition_k
 from ddmkit.pipeline.samplesets import planned_sets
 from ddmkit.pipeline.sampling import SAMPLES_FIX, read_info, sampling_sentence
 from ddmkit.pipeline.stages import load_split
@@ -143,7 +143,7 @@ def _main_report(cfg: RunConfig, run, result: dict, rows: list, rep: dict, route
     made = read_json(RunFolder(run).data_info)  # the rows the run has (the config's counts can be "all" or at most)
     return f"""# ddmkit run report
 
-Data: `{d.name}` ({made['n_train']} train, {made['n_test']} test). Partition: k = {p.k}, features = {p.features},
+Data: `{d.name}` ({made['n_train']} train, {made['n_test']} test). Partition: {partition_k(run, cfg)}, features = {p.features},
 balanced = {p.balanced}. Sampling: {sampling_sentence(cfg, run, list(result["rows"]))}.
 W2 and MMD over {result["pairs"]} pair(s) of {result["chunk"]} points.
 
