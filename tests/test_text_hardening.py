@@ -272,6 +272,8 @@ def test_a_seed_out_of_range_is_one_clear_line(tmp_path, monkeypatch, capsys, co
     for seed in ("-1", str(2**63)):
         code, err = cli(monkeypatch, capsys, *command, config, "--out", tmp_path / "run", "--seed", seed)
         assert code == 2 and f"--seed {seed}: seeds are 0 .. 2**63 - 1" in err, err
+    code, err = cli(monkeypatch, capsys, *command, config, "--out", tmp_path / "run", "--device", "cuda")
+    assert code == 2 and "--device cuda: text runs train and sample on the CPU" in err, err  # text run: no such option
     assert not (tmp_path / "run").exists()
 
 

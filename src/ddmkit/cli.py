@@ -880,6 +880,8 @@ def text_run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar'
              force: bool = typer.Option(False, "--force", help="replace what the output folder holds (once the config's "
                                         "checks pass)"),
              seed: Optional[int] = typer.Option(None, "--seed", help="override every seed of the config"),
+             device: Optional[str] = typer.Option(None, "--device", help="cpu or auto (text runs train and sample "
+                                                  "on the CPU)"),
              set_: Optional[List[str]] = TEXT_SET):
     """Partition a corpus, train experts, centralized model and router, evaluate, write the report
     (the same as `ddmkit run CONFIG`)."""
@@ -887,6 +889,7 @@ def text_run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar'
 
     from ddmkit.pipeline.text import run_text
 
+    _text_device(device)
     report = run_text(config, out, force, seed, log=log, overrides=list(set_ or []))
     table = Table("model", "held-out bits per byte")
     for name, row in report["bits_per_byte"].items():
