@@ -140,7 +140,7 @@ def test_sample_evaluate_and_analyze_a_text_run(tmp_path):
     bayes = analysis["own_cluster_weight"]["bayes / top-1"]["weight"]
     assert bayes[-1] == 1.0  # a whole window tells letters from digits: all weight on the own expert
     missing = cli("sample", tmp_path / "nothing", "--strategy", "top-1")
-    assert missing.returncode == 2 and "config.json" in missing.stderr
+    assert missing.returncode == 2 and "is not a run folder (no such folder)" in missing.stderr
     done = cli("sample", run, "--strategy", "monolith")  # this config trains no centralized model
     assert done.returncode == 2 and "no centralized model (centralized.enabled = false" in done.stderr
     done = cli("sample", run, "--strategy", "nearest")
