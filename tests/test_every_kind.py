@@ -122,6 +122,7 @@ def test_sample_evaluate_and_analyze_a_text_run(tmp_path):
     run = tmp_path / "run"
     done = cli("run", config, "--out", run)
     assert done.returncode == 0, done.stderr
+    assert "text models: 2 experts, routers bayes, learned ready in" in done.stderr  # said "centralized" too
     done = cli("sample", run, "--strategy", "top-1", "--n", "3", "--seed", "5")
     assert done.returncode == 0, done.stderr
     texts = json.loads((run / "samples" / "text.json").read_text())

@@ -307,7 +307,7 @@ def test_binary_files_are_skipped_and_other_encodings_named(tmp_path):
     lines = []
     docs = all_documents(CorpusConfig(source=str(tmp_path), pattern="*.txt", min_doc_bytes=16), lines.append)
     assert sorted(d.name for d in docs) == ["latin1.txt", "ok0.txt", "ok1.txt"]
-    assert lines == ["corpus: skipped 1 binary files (they hold a NUL byte): bin.txt",
+    assert lines == ["corpus: skipped 1 binary file (holding a NUL byte): bin.txt",
                      "corpus: 1 files are not UTF-8 (another encoding?), used as bytes: latin1.txt"]
 
 

@@ -93,7 +93,8 @@ def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
             other.append(name)
         docs += units(name, text, cfg)
     if binary:
-        log(f"corpus: skipped {len(binary)} binary files (they hold a NUL byte): {_named(binary)}")
+        log(f"corpus: skipped {len(binary)} binary file{'s' * (len(binary) != 1)} (holding a NUL byte): "
+            f"{_named(binary)}")
     if other:
         log(f"corpus: {len(other)} files are not UTF-8 (another encoding?), used as bytes: {_named(other)}")
     if len(docs) < 2:

@@ -42,7 +42,7 @@ def markdown(r: dict) -> str:
     lines = [f"# Decentralized text model: {what}", "",
              f"K = {r['k']} clusters; cluster prior (bytes) {', '.join(f'{p:.3f}' for p in r['prior'])}; "
              f"{r['manifest']['n']} training and {r['manifest']['n_test']} held-out documents; "
-             f"{r['eval_windows']} held-out windows.", "",
+             f"{r['eval_windows']} held-out window{'s' * (r['eval_windows'] != 1)}.", "",
              "| cluster | documents | train bytes | test bytes | examples |", "|---|---|---|---|---|"]
     for cl in r["clusters"]:
         lines.append(f"| {cl['cluster']} | {cl['documents']} | {cl['train_bytes']} | {cl['test_bytes']} | "

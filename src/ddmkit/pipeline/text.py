@@ -474,7 +474,9 @@ def run_text_config(cfg: TextRunConfig, out: Path, log: Log = print) -> dict:
     note_full_routing(cfg, cfg.evaluate.strategies, log)
     models = text_models(cfg, out)
     write_registry(out)
-    log(f"text models: {len(models.experts)} experts, centralized and routers ready in {models.seconds:.1f}s")
+    made = [f"{len(models.experts)} experts", *(["the centralized model"] if models.central is not None else []),
+            f"routers {', '.join(models.routers)}"]
+    log(f"text models: {', '.join(made)} ready in {models.seconds:.1f}s")
     return write_text_report(cfg, out, models, models.seconds, log)
 
 
