@@ -291,6 +291,8 @@ def test_an_interrupted_add_expert_leaves_nothing_in_the_run(base, run, stage, m
 def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):
     before = hashes(run)
     np.save(tmp_path / "cube.npy", np.zeros((20, 3), dtype=np.float32))
+    np.savez(tmp_path / "two.npz", x=np.float32(MEANS[[3, 3]] + [[0, 0], [0.1, 0]]),
+             labels=np.array([3, 3]))  # one row held out as the run's test share: "1 new training row" alone puzzled
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "config.json").write_text("{}")
     calls = [(("add-expert", run, "--data", base / "new.npz", "--params", "{oops"), ("--params", "JSON")),
@@ -311,6 +313,8 @@ def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):
                         (lambda: add_expert(run, unlabelled), "labels"),
                         (lambda: add_expert(run, component(3, 1, 3), router="stats"), "at least 2"),
                         (lambda: add_expert(run, component(3, 1, 3)), "at least 2"),  # retrain: was accepted
+                        (lambda: add_expert(run, str(tmp_path / "two.npz")), "data: 1 new training row(s) (1 more "
+                                                                             "held out as test rows, the run's share)"),
                         (lambda: add_expert(run, ArrayData("own rows", *_own_rows(run))), "in the run already"),
                         (lambda: add_expert(run, {"name": "ring8", "nope": 1}), "nope"),
                         (lambda: replace_expert(run, 0, tmp_path / "junk"), "config.json"),

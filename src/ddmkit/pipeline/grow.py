@@ -172,7 +172,8 @@ def check_island(run: TrainedRun, x: ArrayData, what: str) -> None:
                   int(run.cfg.router.net.kwargs.get("num_classes", 0)))
     if classes and x.labels is not None and not bool(((x.labels >= 0) & (x.labels < classes)).all()):
         raise DDMError(f"data: labels must lie in 0 .. {classes - 1} (the networks' classes); the new data hold "
-                       f"{int(x.labels.min())} .. {int(x.labels.max())}")
+                       f"{int(x.labels.min())} .. {int(x.labels.max())}: the networks cannot take another class, so "
+                       "map the new rows' labels onto the run's classes (or train a run with more num_classes)")
 
 
 def check_grown_networks(run: TrainedRun, k: int) -> None:
@@ -249,7 +250,8 @@ def plan_growth(run: TrainedRun, train: ArrayData, test: ArrayData | None, mode:
     if test is not None and len(test):
         check_island(run, test, "test")
     if len(train) < 2:  # the statistics-only router (--router stats, and the report's) needs a covariance
-        raise DDMError(f"data: {len(train)} new training row(s); a new cluster needs at least 2 (its statistics "
+        held = f" ({len(test)} more held out as test rows, the run's share)" if test is not None and len(test) else ""
+        raise DDMError(f"data: {len(train)} new training row(s){held}; a new cluster needs at least 2 (its statistics "
                        "hold a covariance): give more rows")
     repeated = rows_in(torch.cat([train.x, test.x]) if test is not None and len(test) else train.x,
                        torch.cat([run.train.x, run.test.x]))
