@@ -466,6 +466,9 @@ def test_analyze_honours_strategy_n_and_seed(text_runs, monkeypatch, capsys):
     assert analyze_text(run, run / "a2", QUIET, ["top-1", "top-2"], n=2)["bits_per_byte"] != result["bits_per_byte"]
     code, err = cli(monkeypatch, capsys, "analyze", run, "--out", run / "a3", "--max-steps", "3")
     assert code == 2 and "--max-steps: not used by a text run" in err, err
+    code, err = cli(monkeypatch, capsys, "analyze", run, "--out", run / "a3", "--n", "0")  # named only the field
+    assert code == 2 and "error: --n (a text run): invalid configuration\n  --n (evaluate.windows_per_cluster): " \
+        "Input should be greater than or equal to 1" in err, err
 
 
 def test_a_test_shard_is_refused_and_a_leaked_expert_is_not_evaluated(text_runs, tmp_path):
@@ -628,8 +631,8 @@ def test_text_runs_take_the_strategies_they_list_and_refuse_the_others(text_runs
         weights = analyze_text(run, run / "strategies", QUIET, names, n=1)["own_cluster_weight"]
         assert {f"learned / {n}" for n in names} <= set(weights), kind
         for form in NOT_FOR_TEXT:
-            with pytest.raises(DDMError, match=re.escape(f"evaluate.strategies: strategy {STRATEGY_EXAMPLES[form]!r} "
-                                                         "needs continuous-data state")):
+            with pytest.raises(DDMError, match=re.escape(f"--strategy (evaluate.strategies): strategy "
+                                                         f"{STRATEGY_EXAMPLES[form]!r} needs continuous-data state")):
                 sample_text(run, [STRATEGY_EXAMPLES[form]], log=QUIET)
 
 

@@ -508,14 +508,22 @@ def write_text_report(cfg: TextRunConfig, out: Path, models: TextModels, train_s
     return report
 
 
-def with_options(cfg: TextRunConfig, source: str, fields: dict) -> TextRunConfig:
-    """cfg with each field of `fields` ("seed" or "section.field") set where not None, validated."""
-    d = cfg.model_dump()
-    for key, value in fields.items():
+def with_options(cfg: TextRunConfig, options: dict[str, tuple[str, object]]) -> TextRunConfig:
+    """cfg with each field of `options` ("seed" or "section.field" -> (its command-line option, value)) set
+    where the value is not None, validated; an error names the options given, each beside its field."""
+    d, given = cfg.model_dump(), []
+    for key, (option, value) in options.items():
         *section, name = key.split(".")
         if value is not None:
             (d[section[0]] if section else d)[name] = value
-    return validate(TextRunConfig, d, source)
+            given.append((option, key))
+    try:
+        return validate(TextRunConfig, d, f"{', '.join(option for option, _ in given)} (a text run)")
+    except DDMError as e:
+        text = str(e)
+        for option, key in given:
+            text = text.replace(f"\n  {key}:", f"\n  {option} ({key}):")
+        raise DDMError(text) from None
 
 
 def sample_text(run, strategies: list[str], n: int | None = None, seed: int | None = None,
@@ -535,8 +543,8 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
         if steps is not None and cfg.kind == "text_ar":
             raise DDMError("--steps: autoregressive sampling draws one byte per step (sample.length bytes); "
                            "--steps sets the unmasking steps of kind = 'text_dfm' runs; leave it out")
-        cfg = with_options(cfg, "--strategy, --n, --seed and --steps (a text run)", {"evaluate.strategies": strategies,
-                           "sample.n": n, "sample.seed": seed, "sample.steps": steps})
+        cfg = with_options(cfg, {"evaluate.strategies": ("--strategy", strategies), "sample.n": ("--n", n),
+                                 "sample.seed": ("--seed", seed), "sample.steps": ("--steps", steps)})
         note_full_routing(cfg, strategies, log)
         models = text_models(cfg, Path(run), train=False)
         texts = TASKS[cfg.kind].samples(models.experts, models.central, models.routers, models.prior, cfg)
@@ -568,8 +576,8 @@ def analyze_text(run, out=None, log: Log = print, strategies: list[str] | None =
     n (held-out windows per cluster) and seed replace the run's evaluate.strategies,
     evaluate.windows_per_cluster and seed where given."""
     with run_lock(run):
-        cfg = with_options(text_config(run), "--strategy, --n and --seed (a text run)",
-                           {"evaluate.strategies": strategies, "evaluate.windows_per_cluster": n, "seed": seed})
+        cfg = with_options(text_config(run), {"evaluate.strategies": ("--strategy", strategies),
+                                              "evaluate.windows_per_cluster": ("--n", n), "seed": ("--seed", seed)})
         note_full_routing(cfg, cfg.evaluate.strategies, log)
         return _analyze_text(cfg, run, out, log)
 
