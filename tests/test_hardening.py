@@ -562,6 +562,19 @@ def test_a_command_on_a_folder_that_is_not_a_run_says_so(tmp_path, monkeypatch, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"] and [p.name for p in corpus.iterdir()] == ["a.txt"]
 
 
+def test_an_interrupted_staged_write_leaves_no_folder_it_made(tmp_path):
+    """Ctrl-C while `ddmkit distill` trained its first student left an empty RUN/students."""
+    (tmp_path / "run").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with staging_dir(tmp_path / "run" / "students" / "dense") as tmp:
+            (tmp / "model.safetensors").write_text("half")
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.rglob("*")] == ["run"]
+    with staging_dir(tmp_path / "run" / "students" / "dense") as tmp:  # a write that finishes keeps them
+        (tmp / "model.safetensors").write_text("whole")
+    assert (tmp_path / "run" / "students" / "dense" / "model.safetensors").read_text() == "whole"
+
+
 def test_staging_names_carry_the_writer(tmp_path):
     with staging_dir(tmp_path / "out") as tmp:
         assert tmp.name.startswith(f".out.{os.getpid()}-{HOST}.") and tmp.name.endswith(".tmp")

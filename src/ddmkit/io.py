@@ -203,25 +203,42 @@ def sha256_file(path: str | Path) -> str:
 
 
 @contextlib.contextmanager
+def removing_new_empty_folders(folder: str | Path):
+    """For a body that may create `folder` and its missing parents: those of them left empty at its end are
+    removed again (a write that failed or was interrupted leaves no empty folder behind)."""
+    created = [path for path in (Path(folder), *Path(folder).parents) if not path.exists()]  # deepest first
+    try:
+        yield
+    finally:
+        for path in created:
+            try:
+                path.rmdir()  # only when empty
+            except OSError:
+                break
+
+
+@contextlib.contextmanager
 def staging_dir(final: str | Path):
     """Yield a temporary folder next to `final`; on success it replaces
-    `final` (which must not exist or is removed), on error it is deleted."""
+    `final` (which must not exist or is removed), on error it is deleted (with the
+    parent folders it made, when left empty)."""
     final = Path(final)
-    ensure_folder(final.parent)
-    if final.exists() and not final.is_dir():
-        raise DDMError(f"{final} is a file, but a folder is written there; move it away or choose another --out")
-    _remove_dead_writers(final)
-    tmp = _temp_name(final)
-    try:
-        os.mkdir(tmp, 0o700)
-        yield tmp
-        os.chmod(tmp, 0o777 & ~UMASK)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with removing_new_empty_folders(final.parent):
+        ensure_folder(final.parent)
+        if final.exists() and not final.is_dir():
+            raise DDMError(f"{final} is a file, but a folder is written there; move it away or choose another --out")
+        _remove_dead_writers(final)
+        tmp = _temp_name(final)
+        try:
+            os.mkdir(tmp, 0o700)
+            yield tmp
+            os.chmod(tmp, 0o777 & ~UMASK)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 @contextlib.contextmanager
