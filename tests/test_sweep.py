@@ -483,6 +483,14 @@ def test_a_k_above_the_mixtures_components_and_bad_workers_are_refused_before_an
     assert done.returncode == 2 and "k4_b1_s0 is a file, but the sweep writes that cell's run folder there" \
         in " ".join(done.stderr.split()), done.stderr
     assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == ["k4_b1_s0"]
+    (tmp_path / "cells" / "k4_b1_s0").unlink()  # a later cell's folder of the user's files: trained into (the
+    (tmp_path / "cells" / "k4_b1_s0").mkdir()  # data and partition seeded from the first cell), then --force removed
+    (tmp_path / "cells" / "k4_b1_s0" / "thesis.tex").write_text("mine")  # them
+    done = cli("sweep", TINY, "--out", tmp_path / "cells", *GRID, "--force")
+    assert done.returncode == 2 and "k4_b1_s0 is not a ddmkit run folder and is not empty (it holds thesis.tex)" \
+        in " ".join(done.stderr.split()), done.stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "cells").rglob("*")) == \
+        ["cells/k4_b1_s0", "cells/k4_b1_s0/thesis.tex"]
     (tmp_path / "file").write_text("x")  # --out naming a file
     done = cli("sweep", TINY, "--out", tmp_path / "file", "--k", "2", "--budget", "1")
     assert done.returncode == 2 and "file is a file, not a folder" in done.stderr, done.stderr

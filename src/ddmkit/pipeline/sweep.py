@@ -43,7 +43,7 @@ from ddmkit.launch import check_launch
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.checks import check_devices
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
-from ddmkit.pipeline.prepare import TRAINED, check_partition, run_config, trained_differences
+from ddmkit.pipeline.prepare import TRAINED, check_partition, check_replaceable, run_config, trained_differences
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
 from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import load_data, plan_partition, register_user_networks
@@ -462,6 +462,9 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         if untrained:
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
+    for (_, _, folder), rows in zip(grid, kept):  # before any cell trains: a cell folder of other files is refused
+        if rows is None:
+            check_replaceable(folder)
     check_devices(cfg)
     check_grid_data(cfg, new_partitions(out, grid, kept), backend, workers)
     created = not out.exists()
