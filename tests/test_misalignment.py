@@ -231,6 +231,16 @@ def test_a_tiny_study_from_the_command_line(tmp_path):
     assert tree(out / "runs" / "disjoint_s0") == run  # resumed, and the router modifiers wrote nothing into it
     assert (out / "measure" / "disjoint_s0.json").stat().st_mtime_ns == measured  # not measured again
     assert json.loads((out / "study.json").read_text())["condition_names"] == ["disjoint", "tempered-3+permuted-0.5"]
+    weights = {p: p.stat().st_mtime_ns for p in (out / "runs" / "disjoint_s0").rglob("model.safetensors")}
+    other = cli("study", "misalignment", TINY, "--out", out, "--seeds", "1", "--strategy", "top-2", "--strategy",
+                "full", "--n", "80", "--n-boot", "20", "--w2-boot", "3", "--conditions", "disjoint", "--set",
+                "expert.train.threads=1")  # was refused ("holds a run of another config"; --force retrained)
+    assert other.returncode == 0, other.stderr
+    assert {p: p.stat().st_mtime_ns for p in weights} == weights and len(weights) == 5  # measured, not trained
+    bad = cli("study", "misalignment", TINY, "--out", out, "--seeds", "1", "--n", "80", "--conditions", "disjoint",
+              "--set", "expert.train.steps=7")
+    assert bad.returncode == 2 and "disjoint_s0 holds a run trained otherwise (expert.train.steps (" in bad.stderr, \
+        bad.stderr
 
 
 @pytest.mark.parametrize("args, words", [

@@ -82,7 +82,7 @@ from ddmkit.io import (
 )
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.checks import check_run_plan, checked_device
-from ddmkit.pipeline.prepare import prepare_run_dir
+from ddmkit.pipeline.prepare import check_replaceable, listed, prepare_run_dir, run_config, trained_differences
 from ddmkit.pipeline.run import run_pipeline
 from ddmkit.pipeline.sampling import sample_labels
 from ddmkit.pipeline.stages import (
@@ -219,11 +219,14 @@ def write_condition_partition(cond: Condition, cfg: RunConfig, train: ArrayData,
 
 def prepare_cell(cfg: RunConfig, cond: Condition, folder: RunFolder, force: bool, log: Log) -> None:
     """config.json, data and partition of a run; an overlapping or random partition is written here,
-    every check done first. A folder of another config is refused (force: removed and made again)."""
-    if folder.config.exists() and read_json(folder.config).get("digest") != cfg.digest():
+    every check done first. A run trained otherwise is refused, naming what differs (force: removed and made
+    again); one that differs only in how it is sampled, scored or run (threads, device) is kept."""
+    check_replaceable(folder)  # a folder of the user's files is never written into
+    differs = trained_otherwise(cfg, folder)
+    if differs:
         if not force:
-            raise DDMError(f"{folder.root} holds a run of another config; use the study's config, another --out, "
-                           "or --force to train it again")
+            raise DDMError(f"{folder.root} holds a run trained otherwise ({listed(differs)}); use the study's config, "
+                           "another --out, or --force to train it again")
         shutil.rmtree(folder.root)
     if cond.partition != "kmeans" and not folder.config.exists():
         with run_lock(folder.root):
@@ -248,10 +251,18 @@ def check_condition(cond: Condition, folder: RunFolder) -> None:
                        f"{folder.root} (or pass --force) and run the study again")
 
 
+def trained_otherwise(cfg: RunConfig, folder: RunFolder) -> list[str]:
+    """The trained settings (prepare.trained_differences) in which the run in `folder` differs from cfg;
+    [] for no run yet, or a run of the same training (its sampling, scoring, threads or device may differ)."""
+    if not folder.config.exists():
+        return []
+    return trained_differences(run_config(folder.root), cfg)
+
+
 def ready(cfg: RunConfig, cond: Condition, folder: RunFolder) -> bool:
-    """Whether the run holds this config and what the condition needs (the partition; trained networks:
+    """Whether the run holds this training and what the condition needs (the partition; trained networks:
     the registry, written last), so that nothing in it is touched again."""
-    if not folder.config.exists() or read_json(folder.config).get("digest") != cfg.digest():
+    if not folder.config.exists() or trained_otherwise(cfg, folder):
         return False
     return folder.manifest.exists() and (not cond.trained or folder.registry.exists())
 
