@@ -141,9 +141,21 @@ def test_sampling_needs_the_config_that_names_the_classes(user_run, here):
     assert "--set expert.net.arch=my_nets:Velocity --set router.net.arch=my_nets:Router" in message
     code, message = here("sample", run, "--strategy", "top-1", "--n", "20", "--set", "expert.net.arch=my_nets:Velocity",
                          path=home)  # the router's class: its own field (the message named expert.net.arch)
-    assert code == 2 and "--set router.net.arch=my_nets:Router)" in " ".join(message.split()), message
+    assert code == 2 and "--set router.net.arch=my_nets:Router;" in " ".join(message.split()), message
     assert here("sample", run, "--strategy", "top-1", "--n", "20", "--set", "expert.net.arch=my_nets:Velocity",
                 "--set", "router.net.arch=my_nets:Router", path=home)[0] == 0  # named on the command line
+
+
+def test_register_takes_the_config_that_names_the_classes(user_run, here, tmp_path):
+    """register loads the networks and took no --config: a run of the user's classes could not be registered."""
+    home, config, run = user_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "registry.json").unlink()
+    code, message = here("register", copy, path=home)
+    assert code == 2 and "is not registered in this process" in message and "--config CONFIG" in message, message
+    assert not (copy / "registry.json").exists()
+    assert here("register", copy, "--config", config, path=home)[0] == 0 and (copy / "registry.json").exists()
 
 
 def test_a_run_folder_naming_a_class_never_imports_it(user_run, here, tmp_path):

@@ -101,6 +101,8 @@ TEXT_SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one fiel
                         "--set expert.train.steps=300 --set 'evaluate.strategies=[\"top-1\",\"full\"]' (VALUE: a "
                         "TOML value, else text)")
 CONFIG = "TOML config (or a built-in name, e.g. demo); it also names your own network classes"
+OWN_NETWORKS = typer.Option(None, "--config", help="the TOML the run was made with, to import the network classes "
+                            "of your own it names (nothing else of it is used)")
 
 
 def _refuse_text(path: Path, command: str) -> None:
@@ -621,7 +623,8 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
 
 
 @app.command()
-def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/, experts/, router/")):
+def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/, experts/, router/"),
+             config: Optional[Path] = OWN_NETWORKS):
     """Write RUN/registry.json: SHA-256 of every model folder, shard hashes, version, time convention."""
     from ddmkit.ddm.load import check_loadable, run_folder
     from ddmkit.pipeline.prepare import run_config
@@ -631,6 +634,8 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
     run_folder(run_dir)  # a run folder that exists (its lock would make it)
     if not (run_dir / "partition").is_dir():
         run_config(run_dir)  # a folder of other files, or one inside a run, is named as such
+    if config is not None:
+        _config(config)  # registers the config's own network classes
     with run_lock(run_dir):
         check_loadable(run_dir)  # a folder the DDM could not load is refused here, not when it samples
         reg = write_registry(run_dir)
@@ -756,8 +761,6 @@ def _check_learned_router(run: Path) -> None:
 
 
 # ----- growing a trained run: add-expert, replace-expert (ddmkit.pipeline.grow) -----
-OWN_NETWORKS = typer.Option(None, "--config", help="the TOML the run was made with, to import the network classes "
-                            "of your own it names (nothing else of it is used)")
 
 
 @app.command("add-expert")

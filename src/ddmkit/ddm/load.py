@@ -277,8 +277,8 @@ def unregistered_networks(folders: list[Path]) -> None:
         sets = " ".join(f"--set {field}={arch}" for arch, field in missing.items())
         raise DDMError(f"the network classes {names} are not registered in this process: ddmkit imports your code "
                        "only from the config you run, never because a run or model folder names it. Pass the config "
-                       f"that names them (--config CONFIG), or name them on the command line ({sets}), or from "
-                       "Python call ddmkit.nets.use_network(NAME) for each first")
+                       f"that names them (--config CONFIG), or, where the command takes --set (sample, evaluate, "
+                       f"...), name them with {sets}; from Python call ddmkit.nets.use_network(NAME) for each first")
 
 
 def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, guidance: float = 1.0,

@@ -121,9 +121,9 @@ def user_network(name: str, field: str = "expert.net.arch") -> type[nn.Module]:
     if name not in _USER:
         raise DDMError(f"the network class {name!r} is not registered in this process: ddmkit imports your code "
                        "only from the config you run, never because a run or model folder names it. Pass the "
-                       f"config that names it (--config CONFIG of sample, evaluate, train-expert, ..., with "
-                       f"expert.net.arch or router.net.arch = {name!r}), or name it on the command line (--set "
-                       f"{field}={name}), or from Python call ddmkit.nets.use_network({name!r}) first")
+                       f"config that names it (--config CONFIG, with expert.net.arch or router.net.arch = {name!r}), "
+                       f"or, where the command takes --set (sample, evaluate, train-expert, ...), name it with --set "
+                       f"{field}={name}; from Python call ddmkit.nets.use_network({name!r}) first")
     return _USER[name]
 
 
