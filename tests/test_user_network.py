@@ -291,6 +291,32 @@ def test_a_network_whose_output_is_not_finite_is_refused_before_training():
     user.check_output(Doubler([2]), "expert.net.arch = 'x'", [2])
 
 
+class NoGrad(NaNOut):
+    """A forward under torch.no_grad(): the right shape and values, nothing to train."""
+
+    def forward(self, x, t, y=None):
+        with torch.no_grad():
+            return self.lin(x)
+
+
+class TwoRowsOnly(NaNOut):
+    """Right for a batch of 2 (as the check called it), wrong for any other."""
+
+    def forward(self, x, t, y=None):
+        return self.lin(x) if len(x) == 2 else self.lin(x)[:, :1]
+
+
+def test_a_network_that_cannot_train_is_refused_before_training():
+    """Both passed the check of two rows without gradients, then stopped training with a traceback (exit 1)."""
+    with pytest.raises(DDMError, match=r"^expert.net.arch = 'x': forward\(x, t\) returns a tensor that carries no "
+                                       r"gradient \(a forward under torch.no_grad\(\), or a detached output\)"):
+        user.check_output(NoGrad([2]), "expert.net.arch = 'x'", [2])
+    with pytest.raises(DDMError, match=r"^expert.net.arch = 'x': forward\(x, t\) returned \(3, 1\) for x of shape "
+                                       r"\(3, 2\); expected \(3, 2\) \(it is right for 2 rows\): a network must take "
+                                       r"any batch size$"):
+        user.check_output(TwoRowsOnly([2]), "expert.net.arch = 'x'", [2])
+
+
 def test_growing_a_run_of_the_users_networks_takes_the_config_that_names_them(user_run, here, tmp_path):
     """add-expert and replace-expert had no --config: a run of the user's own classes could not be grown
     from the command line (the refusal suggested --config, which they lacked)."""

@@ -152,3 +152,28 @@ def check_output(model: nn.Module, where: str, data_shape: list[int], num_expert
     if out.is_floating_point() and not bool(torch.isfinite(out).all()):
         raise DDMError(f"{where}: {call} returned NaN or infinite values for finite x (randn) and t in (0, 1); "
                        "training it would give NaN weights: check its forward")
+    _check_trainable(model, where, call, data_shape, num_experts, num_classes)
+
+
+def _check_trainable(model: nn.Module, where: str, call: str, data_shape: list[int], num_experts: int | None,
+                     num_classes: int) -> None:
+    """A forward of three rows with gradients on, as training calls it: the output is shaped for three rows
+    (a network that works for two rows only is refused) and carries a gradient to train on."""
+    x = torch.randn(3, *data_shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    y = torch.tensor([0, num_classes - 1, num_classes]) if num_classes else None
+    router = num_experts is not None
+    try:
+        with torch.enable_grad():  # as training calls it, whatever the caller's mode
+            out = model(x, t) if y is None else model(x, t, y) if router else model(x, t, y=y)
+    except Exception as e:
+        raise DDMError(f"{where}: {call} works for 2 rows but raised {type(e).__name__} ({str(e)[:300]}) for 3; "
+                       "a network must take any batch size") from None
+    expected = (3, num_experts) if router else (3, *data_shape)
+    got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+    if got != expected:
+        raise DDMError(f"{where}: {call} returned {got} for x of shape {tuple(x.shape)}; expected {expected} (it is "
+                       "right for 2 rows): a network must take any batch size")
+    if not out.requires_grad:
+        raise DDMError(f"{where}: {call} returns a tensor that carries no gradient (a forward under torch.no_grad(), "
+                       "or a detached output), so there is nothing to train: check its forward")
