@@ -683,3 +683,20 @@ def test_clusters_without_a_mixture_component_fail_at_once(tmp_path, monkeypatch
     k = re.search(r"set partition\.k = (\d+)", message).group(1)
     cfg.write_text(cfg.read_text().replace("k = 3", f"k = {k}"))
     assert "exact (full, exact experts + router)" in runs(monkeypatch, capsys, cfg, tmp_path / "run")["rows"]
+
+
+def test_an_npz_saved_labels_first_gives_its_data_array():
+    """np.savez(F, labels=..., points=...) read the labels as the data (the first array): "got shape (N,)"."""
+    import tempfile
+    from pathlib import Path
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        points, labels = rng.normal(size=(40, 3)).astype(np.float32), np.arange(40) % 2
+        np.savez(Path(tmp) / "v.npz", labels=labels, points=points)
+        train, test = load_dataset(str(Path(tmp) / "v.npz"), 0, 0, params={"test_fraction": 0.25})
+        assert train.data_shape == (3,) and len(train) + len(test) == 40 and train.labels is not None
+        images = rng.integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8)
+        np.savez(Path(tmp) / "i.npz", labels=np.arange(12) % 3, pictures=images)
+        train, test = load_dataset("image_array", 0, 0, 0, path=str(Path(tmp) / "i.npz"))
+        assert train.data_shape == (3, 8, 8) and train.labels is not None

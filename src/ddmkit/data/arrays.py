@@ -90,6 +90,13 @@ def check_float32_range(a: np.ndarray, where: str) -> None:
                        "data, e.g. x / np.abs(x).max(), and save it again")
 
 
+def data_array_name(files: list[str], preferred: tuple[str, ...] = ("x",)) -> str:
+    """The array of an .npz file that holds the data: the first of `preferred` it holds, else its first
+    array other than "labels" (an .npz saved as labels=..., points=... holds its data second)."""
+    return next((name for name in preferred if name in files),
+                next((name for name in files if name != "labels"), files[0]))
+
+
 def load_array_file(path, where: str):
     """np.load of a .npy/.npz file without pickle (an array, or an NpzFile of arrays); a file that is not
     one, or holds Python objects, is a DDMError opening with `where` that says what to save instead."""

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 import ddmkit.data.synthetic as synthetic
-from ddmkit.data.arrays import (ArrayData, check_finite, check_float32_range, checked_labels, load_array_file,
-                                relative_hint, split_indices, take_rows)
+from ddmkit.data.arrays import (ArrayData, check_finite, check_float32_range, checked_labels, data_array_name,
+                                load_array_file, relative_hint, split_indices, take_rows)
 from ddmkit.data.function import is_function_name, load_function_dataset
 from ddmkit.data.images import IMAGE_LOADERS, check_image_range, load_idx_dataset
 from ddmkit.errors import DDMError
@@ -118,7 +118,7 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
     if isinstance(arr, np.lib.npyio.NpzFile):
         if not arr.files:
             raise DDMError(f"{field}: data file {path!r} holds no arrays")
-        key = key or ("x" if "x" in arr.files else arr.files[0])
+        key = key or data_array_name(arr.files)
         if key not in arr.files:
             raise DDMError(f"data.params.key: {path!r} holds no array {key!r}; accepted: {', '.join(arr.files)}")
         labels = arr["labels"] if "labels" in arr.files else None

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmkit.data.arrays import (ArrayData, check_finite, check_float32_range, checked_labels, load_array_file,
-                                relative_hint, split_indices, take_rows)
+from ddmkit.data.arrays import (ArrayData, check_finite, check_float32_range, checked_labels, data_array_name,
+                                load_array_file, relative_hint, split_indices, take_rows)
 from ddmkit.errors import DDMError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -372,7 +372,7 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
     if isinstance(arr, np.lib.npyio.NpzFile):
         if not arr.files:
             raise DDMError(f"{path}: the .npz file holds no arrays")
-        key = next((k for k in ("x", "images") if k in arr.files), arr.files[0])
+        key = data_array_name(arr.files, ("x", "images"))
         labels = arr["labels"] if "labels" in arr.files else None
         arr = arr[key]
     if arr.dtype == np.uint8:
