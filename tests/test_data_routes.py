@@ -522,7 +522,7 @@ def test_finite_values_beyond_float32_are_named_as_such(tmp_path, user_module):
 def test_an_unimportable_function_exits_2_with_the_fix(tmp_path, monkeypatch, capsys):
     config = vectors(tmp_path / "f.toml", "no_such_package.data:load")
     refused(monkeypatch, capsys, config, tmp_path / "run", "data.name = 'no_such_package.data:load'",
-            "cannot import module 'no_such_package.data'", "PYTHONPATH")
+            "there is no module 'no_such_package.data'", "PYTHONPATH")
 
 
 # ----- image folders of any size ------------------------------------------------------------------

@@ -230,6 +230,30 @@ def test_use_network_refuses_what_is_not_a_module_class(monkeypatch):
     assert user.user_networks() == ()
 
 
+def test_an_import_failure_says_which_part_failed(tmp_path, monkeypatch):
+    """Every failure said "install the package that defines it (or put its folder on PYTHONPATH), or fix the
+    name": also for a module that was found but failed as it loaded, or a class name with a typo."""
+    from ddmkit.user_code import import_named
+
+    (tmp_path / "broken_nets.py").write_text("import no_such_dependency_of_it\n")
+    (tmp_path / "typo_nets.py").write_text("class Velocity:\n    pass\n")
+    (tmp_path / "syntax_nets.py").write_text("class A\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    field = "expert.net.arch"
+    with pytest.raises(DDMError, match=r"there is no module 'no_such_nets'; put the folder that holds it on PYTHONPATH"):
+        import_named("no_such_nets:Velocity", field)
+    with pytest.raises(DDMError, match=rf"the module 'broken_nets' was found but failed as it loaded \(ModuleNotFound"
+                                       rf"Error: No module named 'no_such_dependency_of_it' at "
+                                       rf"{re.escape(str(tmp_path / 'broken_nets.py'))}:1\); fix the module$"):
+        import_named("broken_nets:Velocity", field)
+    with pytest.raises(DDMError, match=r"the module 'syntax_nets' was found but failed as it loaded \(SyntaxError: "):
+        import_named("syntax_nets:A", field)
+    with pytest.raises(DDMError, match=r"^expert.net.arch: cannot import 'typo_nets:Velocty': 'typo_nets' has no "
+                                       r"'Velocty'; did you mean 'Velocity'\?$"):
+        import_named("typo_nets:Velocty", field)
+    assert import_named("typo_nets:Velocity", field).__name__ == "Velocity"
+
+
 @pytest.mark.parametrize("name", ["expert", "router"])
 def test_a_class_that_cannot_be_imported_names_its_setting(tmp_path, here, name):
     code, err = here("partition", "--config", Path(__file__).parent / "configs" / "tiny.toml", "--out", tmp_path / "run",

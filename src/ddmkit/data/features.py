@@ -22,7 +22,6 @@ again with transformers' own classes, never running code from the folder (ddmkit
 """
 from __future__ import annotations
 
-import importlib
 import warnings
 from typing import Callable
 
@@ -31,6 +30,7 @@ import torch
 
 from ddmkit.data.encoder import check_images, encode, encoder_spec
 from ddmkit.errors import DDMError
+from ddmkit.user_code import import_named
 
 KINDS = ("identity", "pca", "function", "encoder")  # the feature specs a manifest may hold
 _USER: dict[str, Callable] = {}  # user feature functions registered in this process, by name
@@ -53,11 +53,7 @@ def use_features(name: str, fn: Callable | None = None) -> Callable:
         if not module or not attr:
             raise DDMError(f"partition.features: {name!r} is not 'identity', 'pca', 'encoder' or "
                            "'package.module:function'")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except Exception as e:  # ImportError, AttributeError, or the module failing as it loads
-            raise DDMError(f"partition.features: cannot import {name!r} ({type(e).__name__}: {str(e)[:200]}); "
-                           "install the package that defines it, or fix the name") from None
+        fn = import_named(name, "partition.features")
     if not callable(fn):
         raise DDMError(f"partition.features: {name!r} is a {type(fn).__name__}, not a function; name a function "
                        "mapping a (N, ...) tensor to (N, F) features")

@@ -21,7 +21,6 @@ n_train / n_test rows of each split (a seeded subset).
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import re
@@ -35,6 +34,7 @@ from torch.utils.data import Dataset
 from ddmkit.data.arrays import ArrayData, check_float32_range, take_rows
 from ddmkit.data.images import check_image_range
 from ddmkit.errors import DDMError
+from ddmkit.user_code import import_named
 
 FUNCTION_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # package.module:function
 PASSED = ("n_train", "n_test", "seed")  # what ddmkit passes besides data.params
@@ -46,17 +46,9 @@ def is_function_name(name: str) -> bool:
 
 def import_function(name: str) -> Callable:
     """The function `name` names, or a DDMError saying how to make it importable."""
-    module, _, attr = name.partition(":")
     where = f"data.name = {name!r}"
-    try:
-        mod = importlib.import_module(module)
-    except Exception as e:  # ImportError, or the module failing as it loads
-        raise DDMError(f"{where}: cannot import module {module!r} ({type(e).__name__}: {str(e)[:200]}); put the "
-                       "folder that holds it on PYTHONPATH (e.g. `PYTHONPATH=. ddmkit run ...`) or install its "
-                       "package, or fix the name") from None
-    fn = getattr(mod, attr, None)
-    if fn is None:
-        raise DDMError(f"{where}: module {module!r} has no {attr!r}; name a function defined in it")
+    fn = import_named(name, where)
+    attr = name.partition(":")[2]
     if not callable(fn):
         raise DDMError(f"{where}: {attr!r} is a {type(fn).__name__}, not a function")
     return fn

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ddmkit.errors import DDMError
+from ddmkit.user_code import import_named
 
 _USER: dict[str, type[nn.Module]] = {}  # user network classes registered in this process, by name
 
@@ -79,13 +80,7 @@ def use_network(name: str | type[nn.Module], cls: type[nn.Module] | None = None,
         module, _, attr = name.partition(":")
         if not module or not attr:
             raise DDMError(f"{field}: {name!r} is not a built-in architecture or 'package.module:Class'")
-        try:
-            cls = importlib.import_module(module)
-            for part in attr.split("."):
-                cls = getattr(cls, part)
-        except Exception as e:  # ImportError, AttributeError, or the module failing as it loads
-            raise DDMError(f"{field}: cannot import {name!r} ({type(e).__name__}: {str(e)[:200]}); install the "
-                           "package that defines it (or put its folder on PYTHONPATH), or fix the name") from None
+        cls = import_named(name, field)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise DDMError(f"{field}: {name!r} is a {type(cls).__name__}, not a torch.nn.Module subclass")
     _USER[name] = cls
