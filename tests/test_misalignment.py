@@ -245,6 +245,7 @@ def test_a_tiny_study_from_the_command_line(tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (("--conditions", "wobble"), "--conditions"),
+    (("--conditions", ",,"), "--conditions ',,': names nothing"),  # it ran the whole default study
     (("--seeds", "0"), "--seeds"),
     (("--strategy", "top-0"), "--strategy"),
     (("--n", "5000"), "data.n_test"),

@@ -108,10 +108,16 @@ STUDY_STAGES = ("all", "train", "report")
 
 
 # ----- the plan -----------------------------------------------------------------------------------------------------
-def split_names(names: Sequence[str] | None, default: Sequence[str]) -> list[str]:
-    """Names given repeatedly or comma-separated, in order, each once (the default when none)."""
-    out = [n.strip() for item in (names or []) for n in str(item).split(",") if n.strip()]
-    return list(dict.fromkeys(out)) or list(default)
+def split_names(names: Sequence[str] | None, default: Sequence[str], option: str = "--conditions") -> list[str]:
+    """Names given repeatedly or comma-separated, in order, each once (the default when none is given; a
+    value that names none, such as "" or ",,", is refused: it ran the whole default study)."""
+    if not names:
+        return list(default)
+    out = [n.strip() for item in names for n in str(item).split(",") if n.strip()]
+    if not out:
+        raise DDMError(f"{option} {','.join(map(str, names))!r}: names nothing; give names (e.g. {option} "
+                       f"{','.join(default[:2])}), or leave {option} out for the default ({', '.join(default)})")
+    return list(dict.fromkeys(out))
 
 
 def is_image_study(cfg: RunConfig) -> bool:
@@ -435,7 +441,7 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     if stages not in STUDY_STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STUDY_STAGES)}")
     names = split_names(conditions, IMAGE_CONDITIONS if images else DEFAULT_CONDITIONS)
-    strategies, seeds = split_names(strategies, DEFAULT_STRATEGIES), list(seeds)
+    strategies, seeds = split_names(strategies, DEFAULT_STRATEGIES, "--strategy"), list(seeds)
     parsed = check_study(cfg, names, strategies, seeds, n, n_boot, w2_boot, stability_rows)
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     # images: the scorer's features, made (so checked) before anything is trained

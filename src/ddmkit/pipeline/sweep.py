@@ -34,7 +34,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ddmkit.config import MONOLITH, RunConfig, config_differences, validate
+from ddmkit.config import MONOLITH, ROWS, RunConfig, config_differences, validate
 from ddmkit.data.synthetic import MIXTURES
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
@@ -210,6 +210,10 @@ def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[
             raise DDMError(f"--k {k}: the batch split over K experts (expert.train.batch_size {train.batch_size} x "
                            f"K_ref {k_ref} / K) leaves no row per expert; lower --k or use --scale steps")
         per_budget = train.steps * (1 if scale == "batch" else k_ref / k)  # an expert's steps at budget 1
+        huge = [b for b in budgets if not b * per_budget <= ROWS]  # inf too: round() of it raised OverflowError
+        if huge:
+            raise DDMError(f"--budget {huge[0]:g}: each expert of K={k} would train {huge[0]:g} x {per_budget:g} "
+                           f"steps, more than expert.train.steps takes ({ROWS:,}); give a smaller budget")
         steps = {b: round(b * per_budget) for b in budgets}
         if min(steps.values()) < 1:
             b = min(steps, key=steps.get)
