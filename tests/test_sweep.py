@@ -444,6 +444,15 @@ def test_a_grid_whose_points_are_not_what_they_are_called_is_refused():
                                     r"than expert.train.steps takes")):  # an OverflowError's traceback
         with pytest.raises(DDMError, match=message):
             check_grid(cfg, ks, budgets, [0], scale)
+    from ddmkit.pipeline.sweep import check_sweep_config  # both were taken silently: a monolith was trained anyway,
+
+    check_sweep_config(cfg)  # and a grid of the monolith alone reported "no monolith cells"
+    for update, message in (({"monolith": cfg.monolith.model_copy(update={"enabled": False})},
+                             r"monolith.enabled = false: a sweep trains the FLOP-matched monolith"),
+                            ({"sample": cfg.sample.model_copy(update={"strategies": ["monolith"]})},
+                             r"sample.strategies = \['monolith'\]: a sweep measures the DDM with at least one")):
+        with pytest.raises(DDMError, match=message):
+            check_sweep_config(cfg.model_copy(update=update))
 
 
 def test_cells_scored_before_a_setting_was_added_still_count_and_damaged_ones_are_named(tiny_grid, tmp_path):

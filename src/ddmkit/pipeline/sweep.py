@@ -226,6 +226,18 @@ def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[
                            f"{steps[same[0]]} steps at each, the same training; give budgets further apart")
 
 
+def check_sweep_config(cfg: RunConfig) -> None:
+    """What a sweep sets itself is not taken from the config: the monolith is the curve's baseline (trained
+    whatever monolith.enabled says), and the DDM needs a strategy besides the monolith to be measured."""
+    if not cfg.monolith.enabled:
+        raise DDMError("monolith.enabled = false: a sweep trains the FLOP-matched monolith, the baseline of its "
+                       "curves, in the cells of one K (--monolith-k); leave monolith.enabled out")
+    if not [s for s in cfg.sample.strategies if s != MONOLITH]:
+        raise DDMError(f"sample.strategies = {cfg.sample.strategies}: a sweep measures the DDM with at least one "
+                       "routing strategy besides the monolith; add one, e.g. --set "
+                       "'sample.strategies=[\"monolith\", \"full\", \"top-1\"]'")
+
+
 def short_trainings(cfg: RunConfig, ks: list[int], budgets: list[float], mono_k: int,
                     scale: str = "batch") -> list[str]:
     """The (K, budget) whose experts, or the monolith, train fewer steps than their learning-rate warm-up
@@ -431,6 +443,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     from the cells that have one (a grid still being measured), naming the others. scale: how each K's
     experts take a budget (SCALES; cell_config)."""
     check_grid(cfg, ks, budgets, seeds, scale)
+    check_sweep_config(cfg)
     if stages not in SWEEP_STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(SWEEP_STAGES)}")
     if scale not in SCALES:
