@@ -82,7 +82,8 @@ x0 reference of hit*, rank* and same nearest: exact posterior mean (x0* = E[x0 |
 
 ## Verdict: stability vs quality across strategies
 
-Spearman rho across strategies, bootstrap over samples (95% CI):
+Spearman rho across strategies of each quantity's mean over the samples (amplification too: the table
+above shows its median), bootstrap over samples (95% CI):
 
 - Delta_refine vs q: +0.90 [+0.80, +1.00]; **stability tracks quality**
 - amplification vs q: +0.10 [-0.20, +0.30]

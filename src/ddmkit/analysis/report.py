@@ -217,7 +217,8 @@ per-expert MSE on held-out data averaged over the t grid.
 
 ## Verdict: stability vs quality across strategies
 
-Spearman rho across strategies, bootstrap over samples (95% CI):
+Spearman rho across strategies of each quantity's mean over the samples (amplification too: the table
+above shows its median), bootstrap over samples (95% CI):
 
 - Delta_refine vs q: {_ci(link['refine_vs_q'])}; **{link['verdict']}**
 - amplification vs q: {_ci(link['amp_vs_q'])}
