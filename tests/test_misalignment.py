@@ -282,3 +282,16 @@ def test_an_interrupted_measurement_resumes_at_the_next_strategy_with_the_same_n
     assert measured == ["full", "top-2", "top-2"] and not parts.exists()  # full was not measured again
     whole = study.study_misalignment(cfg, tmp_path / "whole", **options)
     assert resumed["conditions"]["exact"]["table"] == whole["conditions"]["exact"]["table"]
+
+
+def test_a_study_without_verdicts_says_so_before_any_work(tmp_path):
+    """--strategy full alone trained (and measured) everything, then reported "needs full and another strategy"."""
+    from ddmkit.config import load_config
+    from ddmkit.pipeline.misalignment import study_misalignment
+
+    lines = []
+    result = study_misalignment(load_config(TINY), tmp_path / "s", seeds=[0], conditions=["exact"], strategies=["full"],
+                                n=100, n_boot=20, w2_boot=3, log=lines.append)
+    assert lines[0] == ("note: --strategy full: each condition's verdict compares full with the best other strategy, "
+                        "so this study gives the tables without verdicts; add --strategy full and another (e.g. top-1)")
+    assert result["conditions"]["exact"]["verdict"] == "needs full and another strategy"

@@ -443,6 +443,9 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     names = split_names(conditions, IMAGE_CONDITIONS if images else DEFAULT_CONDITIONS)
     strategies, seeds = split_names(strategies, DEFAULT_STRATEGIES, "--strategy"), list(seeds)
     parsed = check_study(cfg, names, strategies, seeds, n, n_boot, w2_boot, stability_rows)
+    if "full" not in strategies or len(strategies) < 2:  # said before the training, not only in the report
+        log(f"note: --strategy {' '.join(strategies)}: each condition's verdict compares full with the best other "
+            "strategy, so this study gives the tables without verdicts; add --strategy full and another (e.g. top-1)")
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     # images: the scorer's features, made (so checked) before anything is trained
     extractor = feature_extractor(cfg.evaluate.fid_features, device) if images and stages == "all" else None
