@@ -334,6 +334,10 @@ def raises(n_train):
     raise ValueError("boom")
 
 
+def raises_bare():
+    raise ValueError("my loader failed")
+
+
 def arrays(n_train, seed, scale=1.0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n_train + 300, 2)).astype("float32") * scale
@@ -436,6 +440,7 @@ def test_every_form_a_dataset_function_returns(user_module):
     ("arrays", {"seed": 3}, "data.params.seed: set by ddmkit"),
     ("missing", {}, "has no 'missing'"),
     ("raises", {}, 'py:7 (raise ValueError("boom")) when called with n_train'),  # the user's line that raised
+    ("raises_bare", {}, 'py:11 (raise ValueError("my loader failed")) when called with no arguments'),  # it ended
 ])
 def test_a_bad_dataset_function_is_named(user_module, function, params, message):
     with pytest.raises(DDMError) as info:

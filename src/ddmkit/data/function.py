@@ -176,7 +176,7 @@ def load_function_dataset(name: str, n_train: int, n_test: int, seed: int,
         frame = traceback.extract_tb(e.__traceback__)[-1]  # where in the user's code (or below it) it raised
         raise DDMError(f"data.name = {name!r}: the function raised {type(e).__name__} ({str(e)[:200]}) at "
                        f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()[:120]}) when called with "
-                       f"{', '.join(kwargs)}") from None
+                       f"{', '.join(kwargs) if kwargs else 'no arguments'}") from None
     data, shapes = [], {}
     for i, (split, x, labels) in enumerate(_splits(name, out)):
         x = _checked_values(name, split, _tensor(name, f"the {split} split", x, 2))
