@@ -6,6 +6,7 @@ names the field and the accepted values.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -454,8 +455,6 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
 def _explain(err: ValidationError, source: str, what: str = "configuration", model: type[BaseModel] | None = None,
              data: dict | None = None) -> str:
-    import difflib
-
     lines = [f"{source}: invalid {what}"]
     unknown = {e["loc"][0] for e in err.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1}
     if data is not None and "kind" not in data and unknown & set(TEXT_SECTIONS):  # a text config without its kind:

@@ -374,16 +374,17 @@ def write_registry(run: str | Path) -> dict:
     run = Path(run)
     manifest, _ = load_partition_checked(run / "partition")
     folder = RunFolder(run)
+    models = _model_folders(run, manifest["k"])
+    if not any(role == "expert" for _, role, _ in models):  # before any file is hashed
+        raise DDMError(f"{run} holds no trained expert (no experts/expert_XX/model.safetensors), so there is no DDM to "
+                       f"register; train the experts first (e.g. `ddmkit launch {run}`, or `ddmkit train-expert` per "
+                       "shard into experts/expert_XX), then register")
     text = manifest.get("data_name") == "text"  # byte-level models follow no Gaussian path
     reg = {"format": FORMAT, "ddmkit_version": __version__, "time_convention": None if text else TIME_CONVENTION,
            "k": manifest["k"], "data_hash": manifest.get("data_hash"),
            "partition_sha256": sha256_file(folder.manifest),
            "latents_sha256": sha256_file(folder.latent_info) if folder.is_latent else None,
-           "models": [registry_entry(run, rel, role, c) for rel, role, c in _model_folders(run, manifest["k"])]}
-    if not any(m["role"] == "expert" for m in reg["models"]):
-        raise DDMError(f"{run} holds no trained expert (no experts/expert_XX/model.safetensors), so there is no DDM to "
-                       f"register; train the experts first (e.g. `ddmkit launch {run}`, or `ddmkit train-expert` per "
-                       "shard into experts/expert_XX), then register")
+           "models": [registry_entry(run, rel, role, c) for rel, role, c in models]}
     shard_hash = partition_shard_hashes(run, manifest)
     for m in reg["models"]:
         if m["role"] == "expert":

@@ -14,6 +14,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ddmkit.config import MAX_SEED, Section, Seed, TrainConfig, apply_overrides, json_digest, read_toml, tomllib, validate
 from ddmkit.errors import DDMError
+from ddmkit.io import read_json
+from ddmkit.layout import RunFolder
 from ddmkit.routing.table import STRATEGIES, parse_strategy, strategy_form
 
 KINDS = ("text_ar", "text_dfm")
@@ -262,6 +264,15 @@ def load_text_config(path: str | Path, overrides: list[str] = ()) -> TextRunConf
     if overrides:
         return validate(TextRunConfig, apply_overrides(raw, list(overrides)), f"{path} with --set")
     return validate(TextRunConfig, raw, str(path))
+
+
+def is_text_run(run) -> bool:
+    """Whether a run folder holds a text run (its config.json has kind text_ar or text_dfm)."""
+    path = RunFolder(run).config
+    if not path.exists():
+        return False
+    saved = read_json(path)
+    return isinstance(saved, dict) and isinstance(saved.get("config"), dict) and saved["config"].get("kind") in KINDS
 
 
 def is_text_config(path: str | Path) -> bool:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ddmkit.config import RunConfig, apply_overrides, validate
-from ddmkit.discrete.config import KINDS as TEXT_KINDS
+from ddmkit.discrete.config import is_text_run
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json, write_bytes_atomic
 from ddmkit.layout import RunFolder
@@ -126,13 +126,6 @@ def check_overrides(run: Path, overrides: list[str]) -> RunConfig | None:
     raw = read_json(RunFolder(run).config)  # the run's resolved config, which the tasks read
     table = raw.get("config", {}) if isinstance(raw, dict) else raw
     return validate(RunConfig, apply_overrides(table, list(overrides)), f"{RunFolder(run).config} with --set")
-
-
-def is_text_run(run: Path) -> bool:
-    """Whether RUN/config.json records a text run (kind text_ar or text_dfm)."""
-    path = RunFolder(run).config
-    raw = read_json(path) if path.exists() else None
-    return isinstance(raw, dict) and isinstance(raw.get("config"), dict) and raw["config"].get("kind") in TEXT_KINDS
 
 
 def text_run_gpus(run: Path, gpus: int | None) -> int:

@@ -122,53 +122,52 @@ def user_network(name: str, field: str = "expert.net.arch") -> type[nn.Module]:
     return _USER[name]
 
 
+def _forward(model: nn.Module, rows: int, data_shape: list[int], num_experts: int | None, num_classes: int,
+             grad: bool) -> torch.Tensor:
+    """The network's output for `rows` rows of randn x, t in (0, 1) and labels (the no-label token among them),
+    called as ddmkit calls it (num_experts given: a router); gradients on as in training, off as in sampling."""
+    x = torch.randn(rows, *data_shape, generator=torch.Generator().manual_seed(rows - 2))
+    t = torch.linspace(0.25, 0.75, rows)
+    y = torch.linspace(0, num_classes, rows).round().long() if num_classes else None
+    with torch.set_grad_enabled(grad):
+        return model(x, t) if y is None else model(x, t, y) if num_experts is not None else model(x, t, y=y)
+
+
 def check_output(model: nn.Module, where: str, data_shape: list[int], num_experts: int | None = None,
                  num_classes: int = 0) -> None:
-    """A forward of two rows on the CPU, called as ddmkit calls the network (num_experts given: a router);
-    a DDMError naming the config field `where` when it fails or returns another shape than
-    (2, *data_shape) for an expert, (2, K) for a router."""
-    x = torch.randn(2, *data_shape, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([0.25, 0.75])
-    y = torch.tensor([0, num_classes]) if num_classes else None
+    """A forward of two rows on the CPU, called as ddmkit calls the network (num_experts given: a router),
+    then one of three rows with gradients on, as training calls it; a DDMError naming the config field
+    `where` when either fails, returns another shape than (B, *data_shape) for an expert, (B, K) for a
+    router, or values that are not finite, or when the output carries no gradient to train on."""
     router = num_experts is not None
-    call = f"forward(x, t{', y' if y is not None and router else ', y=y' if y is not None else ''})"
+    call = f"forward(x, t{', y' if num_classes and router else ', y=y' if num_classes else ''})"
+
+    def shape(rows: int) -> tuple:
+        return (rows, num_experts) if router else (rows, *data_shape)
+
+    def got(out) -> tuple | str:
+        return tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+
     try:
-        with torch.no_grad():
-            out = model(x, t) if y is None else model(x, t, y) if router else model(x, t, y=y)
+        out = _forward(model, 2, data_shape, num_experts, num_classes, grad=False)
     except Exception as e:
         raise DDMError(f"{where}: {call} raised {type(e).__name__} ({str(e)[:300]}) with x of shape "
-                       f"{tuple(x.shape)} and t of shape (2,); see ddmkit.nets.user for the signature") from None
-    expected = (2, num_experts) if router else (2, *data_shape)
-    got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-    if got != expected:
+                       f"{(2, *data_shape)} and t of shape (2,); see ddmkit.nets.user for the signature") from None
+    if got(out) != shape(2):
         what = f"logits (B, K = {num_experts})" if router else "a tensor shaped like x, (B, *data_shape)"
-        raise DDMError(f"{where}: {call} returned {got} for x of shape {tuple(x.shape)}; expected {expected}: "
+        raise DDMError(f"{where}: {call} returned {got(out)} for x of shape {(2, *data_shape)}; expected {shape(2)}: "
                        f"{what}")
     if out.is_floating_point() and not bool(torch.isfinite(out).all()):
         raise DDMError(f"{where}: {call} returned NaN or infinite values for finite x (randn) and t in (0, 1); "
                        "training it would give NaN weights: check its forward")
-    _check_trainable(model, where, call, data_shape, num_experts, num_classes)
-
-
-def _check_trainable(model: nn.Module, where: str, call: str, data_shape: list[int], num_experts: int | None,
-                     num_classes: int) -> None:
-    """A forward of three rows with gradients on, as training calls it: the output is shaped for three rows
-    (a network that works for two rows only is refused) and carries a gradient to train on."""
-    x = torch.randn(3, *data_shape, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([0.1, 0.5, 0.9])
-    y = torch.tensor([0, num_classes - 1, num_classes]) if num_classes else None
-    router = num_experts is not None
-    try:
-        with torch.enable_grad():  # as training calls it, whatever the caller's mode
-            out = model(x, t) if y is None else model(x, t, y) if router else model(x, t, y=y)
+    try:  # a network that works for two rows only, or under no gradient, stopped training with a traceback
+        out = _forward(model, 3, data_shape, num_experts, num_classes, grad=True)
     except Exception as e:
         raise DDMError(f"{where}: {call} works for 2 rows but raised {type(e).__name__} ({str(e)[:300]}) for 3; "
                        "a network must take any batch size") from None
-    expected = (3, num_experts) if router else (3, *data_shape)
-    got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-    if got != expected:
-        raise DDMError(f"{where}: {call} returned {got} for x of shape {tuple(x.shape)}; expected {expected} (it is "
-                       "right for 2 rows): a network must take any batch size")
+    if got(out) != shape(3):
+        raise DDMError(f"{where}: {call} returned {got(out)} for x of shape {(3, *data_shape)}; expected {shape(3)} "
+                       "(it is right for 2 rows): a network must take any batch size")
     if not out.requires_grad:
         raise DDMError(f"{where}: {call} returns a tensor that carries no gradient (a forward under torch.no_grad(), "
                        "or a detached output), so there is nothing to train: check its forward")

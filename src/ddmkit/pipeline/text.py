@@ -36,7 +36,7 @@ import torch
 from ddmkit.config import config_differences, validate
 from ddmkit.discrete.alignment import expert_cluster_bits, own_cluster_weight
 from ddmkit.discrete.ar import ar_inputs, ar_loss
-from ddmkit.discrete.config import KINDS, TextRunConfig, is_text_config, load_text_config
+from ddmkit.discrete.config import TextRunConfig, is_text_config, is_text_run, load_text_config
 from ddmkit.discrete.corpus import all_documents, sample_documents, split_documents
 from ddmkit.discrete.dfm import dfm_loss, mask_path
 from ddmkit.discrete.evaluate import evaluate_ar, evaluate_dfm, samples_ar, samples_dfm
@@ -187,15 +187,6 @@ def check_networks(cfg: TextRunConfig) -> None:
         nets["router"] = (task.router_arch, _router_network(cfg, cfg.partition.k))
     for where, (arch, kwargs) in nets.items():
         check_builds(arch, kwargs, where)
-
-
-def is_text_run(run) -> bool:
-    """Whether a run folder holds a text run (its config.json has kind text_ar or text_dfm)."""
-    path = RunFolder(run).config
-    if not path.exists():
-        return False
-    saved = read_json(path)
-    return isinstance(saved, dict) and isinstance(saved.get("config"), dict) and saved["config"].get("kind") in KINDS
 
 
 def text_config(run) -> TextRunConfig:
