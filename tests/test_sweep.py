@@ -482,8 +482,11 @@ def test_cells_scored_before_a_setting_was_added_still_count_and_damaged_ones_ar
 
 
 def test_a_k_above_the_mixtures_components_and_bad_workers_are_refused_before_any_cell(tmp_path):
-    """ring8 has 8 components: K = 16 was refused by its own run, after the K = 2 cells had trained."""
+    """ring8 has 8 components: K = 16 was refused by its own run, after the K = 2 cells had trained (and
+    --monolith-k 9 was not refused at all)."""
     for extra, words in ((("--k", "16"), "--k 16: ring8 is a mixture of 8 Gaussians"),
+                         (("--monolith-k", "9"), "--monolith-k 9: ring8 is a mixture of 8 Gaussians"),
+                         (("--monolith-k", "1601"), "--monolith-k 1601 is larger than data.n_train (1600)"),
                          (("--workers", "0"), "--workers must be >= 1")):
         done = cli("sweep", TINY, "--out", tmp_path / "out", "--k", "2", *extra, "--budget", "1")
         assert done.returncode == 2 and words in " ".join(done.stderr.split()), done.stderr

@@ -68,6 +68,9 @@ def monolith_k(cfg: RunConfig, ks: list[int], chosen: int | None = None) -> int:
         if chosen < 1:
             raise DDMError(f"--monolith-k {chosen}: give the K of the whole grid whose cells train the monolith "
                            f"(at least 1; e.g. --monolith-k {cfg.partition.k}, the config's partition.k)")
+        if chosen > cfg.data.n_train:
+            raise DDMError(f"--monolith-k {chosen} is larger than data.n_train ({cfg.data.n_train}); give the K of "
+                           "the whole grid whose cells train the monolith")
         return chosen
     return cfg.partition.k if cfg.partition.k in ks else ks[0]
 
@@ -292,20 +295,22 @@ def new_partitions(out: Path, grid: list[tuple], kept: list[dict | None]) -> dic
     return {k: c for k, c in first.items() if cell_in_folder(out, c, (*SHARED, "partition"), "partition") is None}
 
 
-def check_grid_data(cfg: RunConfig, partitions: dict[int, RunConfig], backend: str, workers: int | None) -> None:
+def check_grid_data(cfg: RunConfig, partitions: dict[int, RunConfig], backend: str, workers: int | None,
+                    mono_k: int) -> None:
     """Before any cell writes, what the config alone does not show: the backend's options, and every new K's
     partition (partitions: new_partitions), computed in memory and checked as that K's first cell will check
     it (on data of a Gaussian mixture of M components, no K above M; clusters that training and scoring can
     use), so that a K that cannot be partitioned fails the grid before the cells of the other K train. The
     cells make their partitions again, a small cost next to their training."""
     check_launch(backend, workers)
-    if not partitions:
+    if not partitions and cfg.data.name not in MIXTURES:
         return
-    train = load_data(next(iter(partitions.values())))[0]
-    if cfg.data.name in MIXTURES and max(partitions) > train.truth.k:
-        raise DDMError(f"--k {max(partitions)}: {cfg.data.name} is a mixture of {train.truth.k} Gaussians, so a "
-                       f"partition into more clusters leaves some owning none of them (a run refuses that); give --k "
-                       f"{train.truth.k} or lower")
+    train = load_data(next(iter(partitions.values()), cfg))[0]
+    for option, k in (("--k", max(partitions, default=0)), ("--monolith-k", mono_k)):
+        if cfg.data.name in MIXTURES and k > train.truth.k:
+            raise DDMError(f"{option} {k}: {cfg.data.name} is a mixture of {train.truth.k} Gaussians, so a "
+                           f"partition into more clusters leaves some owning none of them (a run refuses that); give "
+                           f"{option} {train.truth.k} or lower")
     for k, cell_cfg in partitions.items():
         try:
             check_partition(cell_cfg, train, plan_partition(cell_cfg, train), log=lambda _: None)  # warned by the cell
@@ -483,7 +488,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         if rows is None:
             check_replaceable(folder)
     check_devices(cfg)
-    check_grid_data(cfg, new_partitions(out, grid, kept), backend, workers)
+    check_grid_data(cfg, new_partitions(out, grid, kept), backend, workers, mono_k)
     created = not out.exists()
     try:
         results = run_cells(cfg, out, grid, kept, force, log, backend, workers, stages)
