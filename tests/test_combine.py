@@ -245,8 +245,66 @@ def test_a_strategy_not_derived_from_strategy_is_named():
 
 
 def test_router_every_must_be_positive():
-    with pytest.raises(ValueError, match="router_every"):
+    with pytest.raises(DDMError, match="router_every: must be an integer >= 1"):
         routed_velocity([], router, parse_strategy("top-1"), RoutingState(), router_every=0)
+
+
+def _field_call(strategy, experts=None, route=router):
+    gen = torch.Generator().manual_seed(6)
+    x, t = torch.randn(B, D, generator=gen, dtype=torch.float64), torch.rand(B, generator=gen, dtype=torch.float64)
+    experts = linear_experts(gen, [0] * K) if experts is None else experts
+    return routed_velocity(experts, route, strategy, routing_state(0))(x, t)
+
+
+@pytest.mark.parametrize("select, said", [
+    (lambda p: (torch.full((len(p), 1), K), torch.ones(len(p), 1)), "chose an expert outside 0 to 4"),  # index K
+    (lambda p: p.argmax(1, keepdim=True), r"select\(probs, state\) returned Tensor; expected \(experts, weights\)"),
+    (lambda p: (p.argmax(1, keepdim=True),) * 3, "returned a tuple of 3"),
+])
+def test_a_selection_of_index_k_or_not_a_pair_names_the_strategy(select, said):
+    """Expert index K (one past the last) fell into the zero-weight group: no expert called, zero velocity,
+    samples equal to the noise; a select returning one tensor was a bare 'too many values to unpack'."""
+    with pytest.raises(DDMError, match=f"^routing strategy 'mine': .*{said}"):
+        _field_call(_Select(select))
+
+
+@pytest.mark.parametrize("route, said", [
+    (lambda x, t: router(x, t)[:, :1], r"\(300, 1\)"),
+    (lambda x, t: torch.cat([router(x, t), router(x, t)[:, :1]], 1), r"\(300, 6\)"),
+    (lambda x, t: router(x, t)[:7], r"\(7, 5\)"),
+    (lambda x, t: router(x, t).argmax(1, keepdim=True).expand(-1, K), r"torch.int64 \(300, 5\)"),
+])
+@pytest.mark.parametrize("strategy", ["full", "top-1", "switch"])
+def test_a_router_output_of_the_wrong_shape_is_refused(route, said, strategy):
+    """A (B, 6) router for 5 experts dropped a column's mass under full and was an IndexError under switch."""
+    with pytest.raises(DDMError, match=rf"^the router returned .*{said}; expected float probabilities \(B, K\) = "
+                                       r"\(300, 5\)"):
+        _field_call(parse_strategy(strategy), route=route)
+
+
+@pytest.mark.parametrize("strategy", ["full", "top-1", "top-2"])
+def test_an_expert_output_of_the_wrong_shape_names_the_expert(strategy):
+    """An expert returning (B, 1) was broadcast into (B, D) under full (wrong samples, no error)."""
+    gen = torch.Generator().manual_seed(6)
+    experts = linear_experts(gen, [0] * K)
+    experts[2] = lambda x, t: x[:, :1]
+    with pytest.raises(DDMError, match=r"^expert 2 returned \(\d+, 1\) for an input of shape \(\d+, 4\)"):
+        _field_call(parse_strategy(strategy), experts)
+
+
+def test_combine_refuses_weights_that_do_not_match_x_and_the_experts():
+    """Two weight rows for four rows of x left rows 3 and 4 at zero, silently."""
+    experts = [lambda x, t: torch.ones_like(x), lambda x, t: 2 * torch.ones_like(x)]
+    x, t = torch.zeros(4, 2), torch.full((4,), 0.5)
+    for combiner in (combine, combine_dense):
+        with pytest.raises(DDMError, match=r"weights: got \(2, 2\); expected \(B, K\) = \(4, 2\)"):
+            combiner(experts, torch.tensor([[1., 0.], [0., 1.]]), x, t)
+        with pytest.raises(DDMError, match=r"weights: got \(4, 3\)"):
+            combiner(experts, torch.ones(4, 3) / 3, x, t)
+        with pytest.raises(DDMError, match="t: got float; give a tensor"):
+            combiner(experts, torch.ones(4, 2) / 2, x, 0.4)
+    assert torch.equal(combine(experts, torch.tensor([[1., 0.], [0., 1.]] * 2), x, t),
+                       torch.tensor([[1., 1.], [2., 2.]] * 2))
 
 
 def test_sample_ddm_router_reuse_and_bf16_autocast():

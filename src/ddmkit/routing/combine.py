@@ -93,12 +93,13 @@ def plan_selection(experts: torch.Tensor, weights: torch.Tensor, num_experts: in
     The sort is queued before the sync, so the GPU sorts while the host waits."""
     n = experts.shape[1]
     flat_w, flat_e = weights.reshape(-1), experts.reshape(-1)
-    key = torch.where(flat_w != 0, torch.where(flat_e < 0, num_experts + 1, flat_e), num_experts)
+    outside = (flat_e < 0) | (flat_e >= num_experts)
+    key = torch.where(flat_w != 0, torch.where(outside, num_experts + 1, flat_e), num_experts)
     order = key.argsort(stable=True)
     counts = torch.bincount(key, minlength=num_experts + 1).tolist()  # the host sync
     if len(counts) > num_experts + 1:  # a key above K: an expert index out of range, with weight
-        raise DDMError(f"a routing strategy selected an expert outside 0 to {num_experts - 1} with non-zero weight; "
-                       f"its select must return indices of the DDM's {num_experts} experts")
+        raise DDMError(f"select(probs, state) chose an expert outside 0 to {num_experts - 1} with non-zero weight; "
+                       f"it must return indices of the DDM's {num_experts} experts")
     per_expert = counts[:num_experts]
     order = order[:sum(per_expert)]
     return DispatchPlan(rows=order // n if n > 1 else order, weights=flat_w[order],
@@ -132,6 +133,8 @@ def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t:
         outs = call_experts(calls, plan.experts, plan.counts, x.device)
     else:
         outs = [call() for call in calls]
+    for k, xk, out in zip(plan.experts, xs, outs):
+        check_expert_output(k, out, xk)
     if counter is not None:
         for k, n in zip(plan.experts, plan.counts):
             counter.add(k, n)
@@ -141,12 +144,33 @@ def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t:
     return torch.zeros_like(x).index_add_(0, plan.rows, v)
 
 
+def check_expert_output(k: int, out, x: torch.Tensor) -> None:
+    """Expert k's velocity must be a tensor of its input's shape (checked on the host: no sync); a
+    (B, 1) output would otherwise broadcast into (B, D) silently."""
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DDMError(f"expert {k} returned {got} for an input of shape {tuple(x.shape)}; an expert's velocity "
+                       "has its input's shape")
+
+
+def check_weight_matrix(experts: Sequence[Field], weights, x: torch.Tensor, t) -> None:
+    """combine's arguments: weights (B, K) for x's B rows and the K experts, t a tensor."""
+    want = (len(x), len(experts))
+    if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != want:
+        got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise DDMError(f"weights: got {got}; expected (B, K) = {want}, one row per row of x and one column per expert")
+    if not isinstance(t, torch.Tensor):
+        raise DDMError(f"t: got {type(t).__name__}; give a tensor, (B,) or one time expanded: "
+                       "torch.full((len(x),), t)")
+
+
 def combine(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tensor, t: torch.Tensor, *,
             counter: CallCounter | None = None, cond: Cond | None = None) -> torch.Tensor:
     """sum_k weights[:, k] * experts[k](x, t), evaluating expert k only where weights[:, k] != 0.
 
     `cond` holds per-row conditioning (e.g. class labels, (B,)); expert k is
     then called as experts[k](x[rows], t[rows], **{name: c[rows]})."""
+    check_weight_matrix(experts, weights, x, t)
     return apply_plan(experts, make_plan(weights), x, t, counter, cond)
 
 
@@ -156,9 +180,12 @@ def combine_dense(experts: Sequence[Field], weights: torch.Tensor, x: torch.Tens
     naive implementation, and the no-sync path of the strategy "full" (one
     expert after another: on concurrent streams, K calls on every row would
     hold K times the memory of one)."""
+    check_weight_matrix(experts, weights, x, t)
     out = torch.zeros_like(x)
     for k, expert in enumerate(experts):
-        out = out + per_row(weights[:, k], x) * expert(x, t, **(cond or {})).to(x.dtype)
+        v = expert(x, t, **(cond or {}))
+        check_expert_output(k, v, x)
+        out = out + per_row(weights[:, k], x) * v.to(x.dtype)
         if counter is not None:
             counter.add(k, len(x))
     return out
@@ -182,6 +209,16 @@ def check_weights(strategy, w, probs: torch.Tensor) -> None:
         got = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
         raise DDMError(f"routing strategy {_strategy_name(strategy)!r}: weights(probs, state) returned {got}; "
                        f"expected float weights of the probabilities' shape (B, K) = {tuple(probs.shape)}")
+
+
+def check_router_output(probs, x: torch.Tensor, num_experts: int) -> None:
+    """The router's output must be probabilities (B, K) for x's B rows and the K experts: checked on the host
+    (shape and dtype only: their values would cost a sync)."""
+    want = (len(x), num_experts)
+    if not isinstance(probs, torch.Tensor) or tuple(probs.shape) != want or not probs.is_floating_point():
+        got = f"{probs.dtype} {tuple(probs.shape)}" if isinstance(probs, torch.Tensor) else type(probs).__name__
+        raise DDMError(f"the router returned {got}; expected float probabilities (B, K) = {want}, one column per "
+                       "expert")
 
 
 def check_selection(strategy, idx, w, probs: torch.Tensor) -> None:
@@ -209,8 +246,8 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
     dispatch) on evaluations 0, m, 2m, ... and reuses that routing in between;
     m = 1 (the default) routes at every evaluation. `call_experts` runs a sparse
     step's expert calls (apply_plan)."""
-    if router_every < 1:
-        raise ValueError(f"router_every must be >= 1, got {router_every}")
+    if not isinstance(router_every, int) or router_every < 1:
+        raise DDMError(f"router_every: must be an integer >= 1 (got {router_every!r})")
     if not isinstance(strategy, Strategy):
         raise DDMError(f"routing strategy {_strategy_name(strategy)!r} is not a ddmkit.routing.Strategy: derive it "
                        "from Strategy (or Selecting, for one with select), which say how the combiner calls it")
@@ -221,13 +258,22 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
 
     def route(x: torch.Tensor, t: torch.Tensor) -> None:
         probs = router(x, t, **(router_cond or {}))
+        check_router_output(probs, x, len(experts))
         if counter is not None:
             counter.router_calls += 1
         if sparse:  # plan from the strategy's (B, n) selection, never building the (B, K) matrix
-            idx, w = strategy.select(probs, state)
+            selection = strategy.select(probs, state)
+            if not isinstance(selection, tuple) or len(selection) != 2:
+                got = f"a tuple of {len(selection)}" if isinstance(selection, tuple) else type(selection).__name__
+                raise DDMError(f"routing strategy {_strategy_name(strategy)!r}: select(probs, state) returned {got}; "
+                               "expected (experts, weights), both (B, n)")
+            idx, w = selection
             check_selection(strategy, idx, w, probs)
             memory["weights"] = (idx, w)
-            memory["plan"] = plan_selection(idx, w, probs.shape[1], unit)
+            try:
+                memory["plan"] = plan_selection(idx, w, probs.shape[1], unit)
+            except DDMError as e:
+                raise DDMError(f"routing strategy {_strategy_name(strategy)!r}: {e}") from None
         else:
             memory["weights"] = w = strategy.weights(probs, state)
             check_weights(strategy, w, probs)
