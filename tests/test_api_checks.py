@@ -478,3 +478,44 @@ def test_the_adaptive_solver_refuses_strategies_that_redraw_at_every_evaluation(
     with pytest.raises(DDMError, match="solver 'adaptive' with strategy"):
         sample_ddm(tiny(0), strategy, 4, solver="adaptive")
     assert sample_ddm(tiny(0), "oracle", 4, solver="adaptive")[0].shape == (4, D)
+
+
+def test_a_hand_built_ddm_needs_one_prior_entry_per_expert():
+    """A prior of 3 entries for 2 experts let oracle pick expert 2: no expert called, samples = the noise;
+    a prior given as a list failed deep in sampling."""
+    with pytest.raises(DDMError, match=r"prior must hold one proportion per expert, \(2,\) floats .* \(3,\)"):
+        DDM(experts=constant_experts(2), router=flat_router, prior=torch.tensor([0.0, 0.0, 1.0]), data_shape=(D,))
+    with pytest.raises(DDMError, match="experts must be a non-empty list"):
+        DDM(experts=[], router=flat_router, prior=torch.tensor([]), data_shape=(D,))
+    ddm = DDM(experts=constant_experts(), router=flat_router, prior=[0.0, 0.0, 1.0], data_shape=[D])
+    assert ddm.prior.dtype == torch.float32 and ddm.data_shape == (D,)
+    x, _ = ddm.sample("oracle", n=4, steps=2)
+    assert torch.allclose(x, start_noise(4, (D,), 0) - 2)  # expert 2, velocity 2, from t = 1 to 0
+
+
+def test_nearest_routing_without_a_nearest_map_is_refused():
+    """It silently became sample-1 at every step."""
+    with pytest.raises(DDMError, match="strategy 'nearest' needs the nearest-cluster map"):
+        tiny(0).sample("nearest", n=4, steps=2)
+
+
+def test_experts_or_router_replaced_in_place_after_sampling_are_used():
+    """The prepared networks were kept after the first sample, so later changes were ignored."""
+    ddm = tiny(0)
+    before, _ = ddm.sample("full", n=4, steps=2)
+    ddm.experts[:] = [lambda x, t, j=j: torch.full_like(x, 10.0 * j) for j in range(K)]
+    ddm.router = lambda x, t: torch.tensor([[0.0, 1.0, 0.0]]).expand(len(x), -1)
+    after, _ = ddm.sample("full", n=4, steps=2)
+    assert torch.allclose(after, start_noise(4, (D,), 0) - 10.0) and not torch.equal(before, after)
+    assert len(ddm.accelerated) == 1  # the old experts' calls are dropped
+
+
+def test_to_moves_a_plain_module_expert_and_router():
+    """Only networks wrapped in a NetworkField were moved (checked here with the meta device's tensors)."""
+    expert, router = torch.nn.Linear(D, D), torch.nn.Linear(D, K)
+    ddm = DDM(experts=[expert] * K, router=router, prior=torch.full((K,), 1 / K), data_shape=(D,))
+    ddm.to("cpu")  # the same device works; a module's .to is what is called
+    moved = []
+    expert.to = router.to = lambda device: moved.append(device)
+    ddm.to("cpu")
+    assert len(moved) == K + 1

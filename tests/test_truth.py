@@ -289,3 +289,27 @@ def test_t_must_be_finite_and_at_most_one_and_the_ends_are_exact():
     sample_adaptive(lambda y, t: seen.append(float(t.min())) or g.velocity(y, t), torch.zeros(4, 2, dtype=D),
                     time_grid(4, dtype=D))
     assert min(seen) < 0
+
+
+def test_x_of_another_kind_than_the_mixtures_floats_is_refused_naming_x():
+    """An integer x made t an integer (the t = 0 velocity whatever t); a float64 x met a float32 mixture in
+    a raw RuntimeError; a list or numpy array was an AttributeError or TypeError."""
+    g = GaussianMixture.from_covariances([0.5, 0.5], [[0, 0], [3, 0]], [0.2, 0.2]).to(torch.float32)
+    for x, said in ((torch.tensor([[1, 0], [2, 0]]), "x must be floating point; got torch.int64"),
+                    (torch.zeros(2, 2, dtype=torch.float64), r"x is torch.float64 and the mixture torch.float32"),
+                    ([[1.0, 0.5]], "x must be a torch tensor"), (np.zeros((2, 2)), "x must be a torch tensor")):
+        with pytest.raises(DDMError, match=said):
+            g.velocity(x, 0.5)
+    for t in ("0.5", None):
+        with pytest.raises(DDMError, match="t must be a number or a tensor"):
+            g.velocity(torch.zeros(2, 2), t)
+    assert torch.allclose(g.to(torch.float64).velocity(torch.tensor([[1.0, 0.0]], dtype=torch.float64), 0.5),
+                          g.velocity(torch.tensor([[1.0, 0.0]]), 0.5).double(), atol=1e-6)
+
+
+def test_a_mixture_moves_like_a_tensor():
+    """mixture.to("cpu") was a TypeError: the device was taken for the dtype."""
+    g = GaussianMixture.from_covariances([0.5, 0.5], [[0, 0], [3, 0]], [0.2, 0.2])
+    assert g.to("cpu").means.dtype == g.means.dtype
+    assert g.to("cpu", torch.float32).means.dtype == torch.float32 == g.to(torch.float32).means.dtype
+    assert g.to(device="cpu", dtype=torch.float16).means.dtype == torch.float16

@@ -58,6 +58,20 @@ class DDM:
     codec: LatentCodec | None = None  # latent runs: the autoencoder; experts and router act on its latents
     accelerated: dict = field(default_factory=dict, repr=False, compare=False)  # SpeedOptions -> networks
 
+    def __post_init__(self) -> None:
+        """Checks of a DDM built by hand (a run's is built right): one prior entry per expert."""
+        if not isinstance(self.experts, list) or not self.experts:
+            raise DDMError(f"DDM: experts must be a non-empty list of fields (got {type(self.experts).__name__})")
+        if not isinstance(self.prior, torch.Tensor):
+            try:
+                self.prior = torch.as_tensor(self.prior, dtype=torch.get_default_dtype())
+            except (TypeError, ValueError, RuntimeError):
+                raise DDMError(f"DDM: prior must be K cluster proportions (got {type(self.prior).__name__})") from None
+        if tuple(self.prior.shape) != (len(self.experts),) or not self.prior.is_floating_point():
+            raise DDMError(f"DDM: prior must hold one proportion per expert, ({len(self.experts)},) floats (got "
+                           f"{self.prior.dtype} {tuple(self.prior.shape)})")
+        self.data_shape = tuple(self.data_shape)
+
     @property
     def k(self) -> int:
         return len(self.experts)
@@ -87,6 +101,8 @@ class DDM:
         for f in [*self.experts, self.router]:
             if isinstance(f, NetworkField):
                 f.network.to(device)
+            elif isinstance(f, torch.nn.Module):  # a network of the user's, called as a field
+                f.to(device)
         self.prior = self.prior.to(device)
         if self.codec is not None:
             self.codec.to(device)
@@ -138,8 +154,12 @@ class DDM:
 
     def networks(self, speed: SpeedOptions, device) -> Accelerated:
         """The experts and router as sampling calls them (ddmkit.accel.accelerate), kept per speed
-        options, so CUDA graphs captured in one sampling call serve the next."""
-        key = (speed, str(device))
+        options, so CUDA graphs captured in one sampling call serve the next, as long as the DDM holds
+        the same experts and router (ddm.experts[k] = f or ddm.router = g in place prepares them anew)."""
+        members = (tuple(map(id, self.experts)), id(self.router))  # the kept calls hold them: ids not reused
+        for stale in [key for key in self.accelerated if key[2] != members]:
+            del self.accelerated[stale]
+        key = (speed, str(device), members)
         if key not in self.accelerated:
             self.accelerated[key] = accelerate(self.experts, self.router, speed, device, self.router_capturable)
         return self.accelerated[key]

@@ -211,8 +211,12 @@ class Nearest(Selecting):
     one_expert = True
 
     def select(self, probs, state):
-        if state.x0_hat is None or state.nearest is None:
+        if state.x0_hat is None:
             return SampleK(1).select(probs, state)
+        if state.nearest is None:
+            raise DDMError("strategy 'nearest' needs the nearest-cluster map (x -> (B,) cluster index of the "
+                           "nearest centroid): a run's DDM has it from its partition; give one built by hand "
+                           "nearest=...")
         return _single(state.nearest(state.x0_hat).to(probs.device), probs)
 
 

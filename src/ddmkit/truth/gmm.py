@@ -39,8 +39,17 @@ from ddmkit.errors import DDMError
 Tensor = torch.Tensor
 
 
-def _check_x(x: Tensor, dim: int) -> None:
-    """A DDMError unless x is a (B, dim) batch."""
+def _check_x(x: Tensor, dim: int, dtype: torch.dtype) -> None:
+    """A DDMError unless x is a (B, dim) batch of floats the mixture's dtype can take (a float64 x meets
+    a float32 mixture's tensors in products that need one dtype; an integer x would make t an integer)."""
+    if not isinstance(x, Tensor):
+        raise DDMError(f"x must be a torch tensor (B, {dim}); got {type(x).__name__}: torch.as_tensor(x, "
+                       f"dtype={dtype}) makes one")
+    if not x.is_floating_point():
+        raise DDMError(f"x must be floating point; got {x.dtype}: give x.to({dtype})")
+    if torch.finfo(x.dtype).bits > torch.finfo(dtype).bits:
+        raise DDMError(f"x is {x.dtype} and the mixture {dtype}: give x.to({dtype}), or the mixture in x's "
+                       f"dtype: mixture.to({x.dtype})")
     if x.ndim != 2 or x.shape[1] != dim:
         raise DDMError(f"x must have shape (B, {dim}): a batch of points of the mixture's dimension; "
                        f"got {tuple(x.shape)}")
@@ -49,6 +58,8 @@ def _check_x(x: Tensor, dim: int) -> None:
 def _as_t(t, x: Tensor) -> Tensor:
     """Time as a (B,) tensor of x's dtype and device; a DDMError unless t is a number or (B,),
     finite and <= 1 (values are not read while a CUDA graph is being captured)."""
+    if isinstance(t, (str, bytes)) or t is None:
+        raise DDMError(f"t must be a number or a tensor of shape ({x.shape[0]},); got {t!r}")
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
@@ -151,7 +162,14 @@ class GaussianMixture:
         """Full covariances (K, d, d)."""
         return self.eigvecs @ torch.diag_embed(self.eigvals) @ self.eigvecs.transpose(1, 2)
 
-    def to(self, dtype=None, device=None) -> "GaussianMixture":
+    def to(self, *args, dtype=None, device=None) -> "GaussianMixture":
+        """The mixture in another dtype and/or on another device, given in any order, as for a tensor:
+        mixture.to(torch.float32), mixture.to("cuda"), mixture.to("cuda", torch.float64)."""
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
         return GaussianMixture(*(p.to(dtype=dtype, device=device) for p in
                                  (self.weights, self.means, self.eigvals, self.eigvecs)))
 
@@ -180,7 +198,7 @@ class GaussianMixture:
     def _parts(self, x: Tensor, t) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Rotated residuals z = U_k^T (x - a mu_k) (B, K, d), the noised
         eigenvalues c = a^2 l + s^2 (B, K, d), and a, s as (B, 1, 1)."""
-        _check_x(x, self.dim)
+        _check_x(x, self.dim, self.means.dtype)
         t = _as_t(t, x)
         a, s = (1 - t)[:, None, None], t[:, None, None]
         r = x[:, None, :] - a * self.means[None]
