@@ -207,7 +207,11 @@ def stacked_variants(args, device) -> list[tuple[str, str, bool, bool]]:
     compiled = [("monolith", "monolith", True, True), ("experts, bf16", "stacked", True, True)]
     compiled += [("experts one at a time, bf16", "one at a time", True, True)]
     compiled = compiled if cuda and args.compile else []
-    return eager + compiled
+    unknown = sorted(set(args.only or []) - {v[0] for v in eager + compiled})
+    if unknown:
+        sys.exit(f"--only: no variant {unknown[0]!r} here; the variants: {', '.join(v[0] for v in eager + compiled)}")
+    keep = lambda v: args.only is None or v[1] == "monolith" or v[0] in args.only
+    return [v for v in eager + compiled if keep(v)]
 
 
 def stacked_job(net: str, kind: str, bf16: bool, compiled: bool, args, device):
@@ -362,6 +366,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
                    help="torch.compile mode of the compile rows (train.compile_mode); reduce-overhead replays "
                         "each step as a CUDA graph")
+    p.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                   help='--mode stacked: time only these variants (and the monolith), e.g. "experts, bf16"')
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--profile", action="store_true",
                    help="--mode stacked: instead of the table, profile the monolith and the stacked experts "
