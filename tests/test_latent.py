@@ -318,3 +318,42 @@ def test_an_autoencoder_whose_config_does_not_fit_its_weights_is_named_so(tmp_pa
     with pytest.raises(DDMError, match=r"its weights do not fit its config.json \(encoder.conv_out.weight: "
                                        r"torch.Size\(\[4, 8, 3, 3\]\) in the weights"):
         load_autoencoder(tmp_path / "vae")
+
+
+def test_an_interrupted_autoencoder_training_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    """latent.train.checkpoint_every was ignored: Ctrl-C lost the whole autoencoder training. Cut short after
+    its step-4 checkpoint and run again, it continues from step 4 and ends with the uninterrupted training's
+    weights, byte for byte; on other images the checkpoint is refused."""
+    import ddmkit.train.autoencoder as job
+    from ddmkit.config import TrainConfig
+    from ddmkit.train.jobs import checkpoint_path
+    x = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cfg = LatentConfig(enabled=True, channels=2, widths=[8, 8, 8], encode_batch=8,
+                       train=TrainConfig(steps=8, batch_size=4, warmup=2, log_every=4, checkpoint_every=4,
+                                         device="cpu"))
+    weights = lambda folder: (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+    job.train_autoencoder(x, cfg, tmp_path / "whole")
+    assert not checkpoint_path(tmp_path / "whole").exists()  # removed once the folder is written
+    real = job.build_autoencoder
+    with monkeypatch.context() as m:
+        def stopping_after_six_batches(*a, **k):  # a Ctrl-C in the 7th step, after the step-4 checkpoint
+            model, calls = real(*a, **k), {"n": 0}
+            encode = model.encode
+
+            def counted(*b, **c):
+                calls["n"] += 1
+                if calls["n"] > 6:
+                    raise KeyboardInterrupt
+                return encode(*b, **c)
+            model.encode = counted
+            return model
+        m.setattr(job, "build_autoencoder", stopping_after_six_batches)
+        with pytest.raises(KeyboardInterrupt):
+            job.train_autoencoder(x, cfg, tmp_path / "cut")
+    from ddmkit.io import read_metadata
+    assert not (tmp_path / "cut").exists() and read_metadata(checkpoint_path(tmp_path / "cut"))["step"] == 4
+    with pytest.raises(DDMError, match="other training data"):
+        job.train_autoencoder(-x, cfg, tmp_path / "cut")
+    job.train_autoencoder(x, cfg, tmp_path / "cut")
+    assert weights(tmp_path / "cut") == weights(tmp_path / "whole")
+    assert not checkpoint_path(tmp_path / "cut").exists()
