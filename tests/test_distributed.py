@@ -301,3 +301,35 @@ def test_sigterm_stops_every_process_and_keeps_only_the_checkpoint(training, to)
     assert not any(alive(pid) for pid in ranks)
     assert _left(out) == [checkpoint_path(out).name]
     assert _rendezvous(out.parent / "tmpdir") == []  # nor the rendezvous folder
+
+
+def _free_port() -> int:
+    import socket
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_launcher_environment_without_its_other_processes_is_named_and_ctrl_c_stops_the_wait(monkeypatch):
+    """RANK and WORLD_SIZE left set in a shell: train-expert waited 30 minutes for processes that never came,
+    printing nothing, and Ctrl-C or SIGTERM did not stop it (the wait blocks in C++)."""
+    from ddmkit.train.distributed import from_env
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(DDMError, match="process 0 of 2 waited 2 s for the job's other processes .* to train in "
+                                       "this process alone, unset them: env -u RANK"):
+        from_env("cpu", timeout=2)
+    code = "from ddmkit.train.distributed import from_env; from_env('cpu', timeout=120)"
+    env["MASTER_PORT"] = str(_free_port())
+    waiting = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env}, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        time.sleep(4)
+        start = time.monotonic()
+        waiting.send_signal(signal.SIGINT)
+        _, err = waiting.communicate(timeout=60)
+        assert time.monotonic() - start < 10 and waiting.returncode != 0
+        assert "joining a job of 2 processes" in err and "KeyboardInterrupt" in err, err
+    finally:
+        waiting.kill()

@@ -243,11 +243,13 @@ def test_a_pretrained_autoencoder_is_copied_and_used(tmp_path):
     pixels = load_tensors(run / "partition" / "shards" / "cluster_01.safetensors")["x"]
     torch.testing.assert_close(load_tensors(run / "latents" / "cluster_01.safetensors")["x"],
                                LatentCodec(ae.eval(), 1).encode(pixels), atol=1e-5, rtol=1e-4)
+    again = run_cli("partition", "--config", config, "--out", run)  # nothing changed: nothing said
+    assert again.exit_code == 0 and "changed since" not in again.output, again.output
     # the folder retrained in place: the run keeps its copy, and says so (it said nothing, exit 0)
     before = sha256_file(run / "autoencoder" / "diffusion_pytorch_model.safetensors")
     tiny_autoencoder(seed=4).save_pretrained(tmp_path / "vae", safe_serialization=True)
     result = run_cli("partition", "--config", config, "--out", run)
-    assert result.exit_code == 0 and "differs from the run's copy" in " ".join(result.output.split()), result.output
+    assert result.exit_code == 0 and "changed since the run copied the autoencoder" in " ".join(result.output.split()), result.output
     assert sha256_file(run / "autoencoder" / "diffusion_pytorch_model.safetensors") == before
 
 
@@ -357,3 +359,18 @@ def test_an_interrupted_autoencoder_training_continues_from_its_checkpoint(tmp_p
     job.train_autoencoder(x, cfg, tmp_path / "cut")
     assert weights(tmp_path / "cut") == weights(tmp_path / "whole")
     assert not checkpoint_path(tmp_path / "cut").exists()
+
+
+def test_a_half_precision_source_is_not_called_changed_but_a_new_scale_is(tmp_path):
+    """The run's copy is saved anew (float32 bytes), and the note compared the source's bytes with it: a float16
+    folder was called changed at every command; a new scaling_factor in its config.json was never noted."""
+    tiny_autoencoder(seed=3).half().save_pretrained(tmp_path / "vae", safe_serialization=True)
+    config = latent_config(tmp_path, pretrained=tmp_path / "vae")
+    assert run_cli("partition", "--config", config, "--out", tmp_path / "run").exit_code == 0
+    again = run_cli("partition", "--config", config, "--out", tmp_path / "run")
+    assert again.exit_code == 0 and "changed since" not in again.output, again.output
+    settings = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**settings, "scaling_factor": 3.0}))
+    noted = run_cli("partition", "--config", config, "--out", tmp_path / "run")
+    assert noted.exit_code == 0 and f"{tmp_path / 'vae' / 'config.json'} changed since the run copied" in \
+        " ".join(noted.output.split()), noted.output

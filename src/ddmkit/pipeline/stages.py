@@ -32,7 +32,7 @@ from ddmkit.nets.user import check_output, is_user_network
 from ddmkit.registry import AUTOENCODER_WEIGHTS, checked_model_shards, model_shards, shard_files, write_registry
 from ddmkit.train.autoencoder import train_autoencoder
 from ddmkit.train.concurrent import train_experts_concurrently
-from ddmkit.train.jobs import expert_folder_lock, train_monolith, train_router
+from ddmkit.train.jobs import checkpoint_path, expert_folder_lock, train_monolith, train_router
 from ddmkit.train.threads import job_threads
 
 Log = Callable[[str], None]
@@ -246,22 +246,45 @@ def stage_autoencoder(cfg: RunConfig, run, log: Log = print) -> None:
             if cfg.latent.pretrained:
                 with staging_dir(folder.autoencoder) as tmp:
                     load_autoencoder(cfg.latent.pretrained).save_pretrained(str(tmp), safe_serialization=True)
+                    write_json(tmp / PRETRAINED_SOURCE, pretrained_files(cfg.latent.pretrained))
                 log(f"autoencoder: {cfg.latent.pretrained} copied into {folder.autoencoder}")
             else:
+                if checkpoint_path(folder.autoencoder).exists():
+                    log(f"autoencoder: continuing from {checkpoint_path(folder.autoencoder)}")
                 with job_threads(cfg.latent.train.threads):
                     train_autoencoder(load_split(run, "train").x, cfg.latent, folder.autoencoder)
                 log(f"autoencoder: trained in {time.perf_counter() - start:.1f}s")
         encode_shards(cfg, run, log)
 
 
+PRETRAINED_SOURCE = "pretrained_source.json"  # in RUN/autoencoder: the SHA-256 of the files it was copied from
+
+
+def pretrained_files(pretrained: str | Path) -> dict:
+    """The SHA-256 of a pretrained autoencoder folder's weights and config.json (its latent scale and shift)."""
+    files = {name: Path(pretrained) / name for name in (AUTOENCODER_WEIGHTS, "config.json")}
+    return {name: sha256_file(path) for name, path in files.items() if path.is_file()}
+
+
 def note_changed_pretrained(cfg: RunConfig, folder: RunFolder, log: Log) -> None:
-    """A note when latent.pretrained's weights are no longer those of the run's copy (RUN/autoencoder, whose
-    latents its networks learnt): the run keeps its copy."""
-    source = Path(cfg.latent.pretrained or "") / AUTOENCODER_WEIGHTS
-    copy = folder.autoencoder / AUTOENCODER_WEIGHTS
-    if cfg.latent.pretrained and source.is_file() and copy.is_file() and sha256_file(source) != sha256_file(copy):
-        log(f"note: {source} differs from the run's copy {copy}, which encoded its latents; the run keeps its copy. "
-            f"To use the new autoencoder, make the run again in a new folder (`--out NEW_RUN`)")
+    """A note when latent.pretrained's weights or config.json are no longer those the run's copy was made from
+    (RUN/autoencoder, whose latents its networks learnt): the run keeps its copy. The copy is saved anew
+    (other bytes than a half-precision or metadata-less source), so the source's own hashes are compared."""
+    if not cfg.latent.pretrained:
+        return
+    record = folder.autoencoder / PRETRAINED_SOURCE
+    if record.is_file():
+        made, now = read_json(record), pretrained_files(cfg.latent.pretrained)
+        changed = [name for name in now if made.get(name) not in (None, now[name])]
+    else:  # a run of an earlier ddmkit: its copy's weights
+        source, copy = Path(cfg.latent.pretrained) / AUTOENCODER_WEIGHTS, folder.autoencoder / AUTOENCODER_WEIGHTS
+        changed = [AUTOENCODER_WEIGHTS] if source.is_file() and copy.is_file() and \
+            sha256_file(source) != sha256_file(copy) else []
+    if changed:
+        names = " and ".join(str(Path(cfg.latent.pretrained) / name) for name in changed)
+        log(f"note: {names} changed since the run copied the autoencoder into {folder.autoencoder}, which encoded "
+            f"its latents; the run keeps its copy. To use the new autoencoder, make the run again in a new folder "
+            f"(`--out NEW_RUN`)")
 
 
 def encode_shards(cfg: RunConfig, run, log: Log = print) -> None:

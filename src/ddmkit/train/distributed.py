@@ -33,6 +33,7 @@ one-process path runs exactly the code it ran without this module.
 from __future__ import annotations
 
 import ctypes
+import datetime
 import os
 import signal
 import sys
@@ -51,6 +52,7 @@ from ddmkit.errors import DDMError
 from ddmkit.io import scratch_dir
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+JOIN_TIMEOUT = 600.0  # seconds a process started by a launcher waits for the job's other processes
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOPPED = 130  # the exit status of a spawned process stopped by SIGINT or SIGTERM
 FAILED = 1  # the exit status of a spawned process whose fn raised a DDMError (its message: the errors queue)
@@ -232,24 +234,63 @@ def _device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def _join(rank: int, world: int, local_rank: int, device_name: str, init_method: str) -> Distributed:
+def _join(rank: int, world: int, local_rank: int, device_name: str, init_method: str,
+          timeout: float | None = None) -> Distributed:
     device = _device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if rank:
         os.environ["DDMKIT_QUIET"] = "1"  # one progress bar per job: rank 0's
-    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method,
-                             rank=rank, world_size=world)
+    wait = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+
+    def init() -> None:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the current device is the thread's
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method,
+                                 rank=rank, world_size=world, **wait)
+
+    _interruptible(init)
     return Distributed(rank, world, device)
 
 
-def from_env(device_name: str = "auto") -> Distributed | None:
+def _interruptible(fn: Callable[[], None]) -> None:
+    """fn() in a thread while this one waits for it: a wait for the job's other processes blocks in C++, where
+    Ctrl-C and SIGTERM reach Python only when it ends (at its timeout); here they stop the wait at once."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as e:  # raised again in the waiting thread
+            failure.append(e)
+
+    thread = threading.Thread(target=target, name="ddmkit-join", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if failure:
+        raise failure[0]
+
+
+def from_env(device_name: str = "auto", timeout: float = JOIN_TIMEOUT) -> Distributed | None:
     """Join the process group of a launcher that set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
     (torchrun does); None outside one or with WORLD_SIZE = 1."""
     if not all(k in os.environ for k in ENV) or int(os.environ["WORLD_SIZE"]) == 1:
         return None
-    return _join(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
-                 device_name, "env://")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if rank == 0:
+        print(f"joining a job of {world} processes at {where} as process 0, as RANK and WORLD_SIZE say (a launcher's, "
+              f"e.g. torchrun's; waiting up to {timeout:.0f} s for the others)", file=sys.stderr, flush=True)
+    try:
+        return _join(rank, world, int(os.environ.get("LOCAL_RANK", 0)), device_name, "env://", timeout)
+    except (RuntimeError, tdist.DistError) as e:  # DistStoreError: the others never came, or no process 0
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        raise DDMError(f"process {rank} of {world} waited {timeout:.0f} s for the job's other processes at {where} "
+                       "and none came. RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are set, so ddmkit joins the "
+                       "job of a launcher (torchrun, srun); to train in this process alone, unset them: "
+                       "env -u RANK -u WORLD_SIZE -u MASTER_ADDR -u MASTER_PORT ddmkit ...") from None
 
 
 def _watch_parent(parent: int) -> None:
