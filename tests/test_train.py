@@ -157,6 +157,19 @@ def test_an_expert_trained_on_another_path_is_refused_naming_the_field(shards, t
     assert "trained already (the same settings and shard)" in said[0]
 
 
+def test_another_clusters_shard_given_to_an_expert_folder_names_both_clusters(shards, tmp_path):
+    """cluster_01's shard given to expert_00's folder said 'other settings (the shard) ... pass --force', and
+    --force replaced the good expert of cluster 0 with a copy of cluster 1's."""
+    out = tmp_path / "experts" / "expert_00"
+    assert train_expert_once(shards / "shards" / "cluster_00.safetensors", QUICK, out, log=lambda m: None)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(DDMError, match=rf"{re.escape(str(out))} holds the expert of cluster 0, and .*cluster_01"
+                                       rf".safetensors is the shard of cluster 1: train it into cluster 1's expert "
+                                       rf"folder \({re.escape(str(out.with_name('expert_01')))} in a run folder\)"):
+        train_expert_once(shards / "shards" / "cluster_01.safetensors", QUICK, out)
+    assert (out / "model.safetensors").read_bytes() == before
+
+
 def test_a_conditional_expert_of_another_label_dropout_is_refused(shards, tmp_path):
     """config.json records label_dropout, and train-expert compares it for a class-conditional network (for
     another there are no labels to drop: the same expert). An expert folder that does not record it (written

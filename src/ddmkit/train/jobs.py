@@ -24,7 +24,7 @@ from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import path_entry
 from ddmkit.flow.losses import flow_matching_loss, router_loss
-from ddmkit.io import folder_lock, read_json, sha256_file, sibling, staging_dir
+from ddmkit.io import folder_lock, read_json, read_metadata, sha256_file, sibling, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained, use_networks, user_networks
 from ddmkit.train.checkpoint import EXECUTION, settings_differences
 import ddmkit.train.distributed as distributed
@@ -248,6 +248,21 @@ def train_expert_once(shard: str | Path, config: ExpertConfig, out_dir: str | Pa
         return _train_expert_once(shard, config, out_dir, nproc, resume, force, log, main)
 
 
+def _refuse_other_cluster(out_dir: str | Path, shard: str | Path) -> None:
+    """A DDMError when out_dir holds the expert of another cluster than the shard's: the shard was given to the
+    wrong folder, and --force would replace a good expert with a copy of another cluster's."""
+    saved = read_json(Path(out_dir) / "config.json")
+    made = saved.get("cluster") if isinstance(saved, dict) else None
+    meta = read_metadata(shard)
+    given = int(meta["cluster"]) if isinstance(meta, dict) and str(meta.get("cluster", "")).isdigit() else None
+    if isinstance(made, int) and given is not None and made != given:
+        like = Path(out_dir).with_name(f"expert_{given:02d}")  # a run folder's name for it
+        where = f" ({like} in a run folder)" if Path(out_dir).name.startswith("expert_") else ""
+        raise DDMError(f"{out_dir} holds the expert of cluster {made}, and {shard} is the shard of cluster {given}: "
+                       f"train it into cluster {given}'s expert folder{where}; --force would replace cluster {made}'s "
+                       f"expert with cluster {given}'s")
+
+
 def _train_expert_once(shard, config: ExpertConfig, out_dir, nproc: int, resume: bool, force: bool, log,
                        main: bool) -> bool:
     differences = None if force or not Path(shard).is_file() else trained_expert_differences(out_dir, shard, config)
@@ -257,6 +272,7 @@ def _train_expert_once(shard, config: ExpertConfig, out_dir, nproc: int, resume:
                 "trains it again)")
         return False
     if differences:
+        _refuse_other_cluster(out_dir, shard)
         raise DDMError(f"{out_dir} holds an expert trained with other settings ({', '.join(differences)}); choose "
                        "another --out, or pass --force to replace it")
     if not resume and checkpoint_path(out_dir).exists() and main:
