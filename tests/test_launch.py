@@ -463,6 +463,21 @@ def test_emit_slurm_for_some_experts_only(tmp_path, monkeypatch, capsys):
     assert code in (0, None) and "the experts asked (0, 1) of" in err and not script.exists(), err
 
 
+def test_emit_slurm_at_a_site_without_some_shards_names_them(tmp_path, monkeypatch, capsys):
+    """A site holding shards 0 and 1 got an array of every expert, whose other tasks failed on the cluster."""
+    run = _tiny_run(tmp_path)
+    for c in (2, 3):
+        (run / "partition" / "shards" / f"cluster_{c:02d}.safetensors").unlink()
+    script = run / "launch" / "train_experts.slurm"
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm")
+    assert code == 2 and "lacks the shards of clusters 2, 3, whose tasks would fail; give --expert for the shards " \
+        "here (--expert 0 --expert 1)" in " ".join(err.split()) and not script.exists(), err
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--expert", "0", "--expert", "1")
+    assert code in (0, None) and "#SBATCH --array=0-1\n" in script.read_text(), err
+    code, err = cli(monkeypatch, capsys, "launch", run)  # refused: it left an empty experts/ folder
+    assert code == 2 and "cluster_02.safetensors is missing" in err and not (run / "experts").exists(), err
+
+
 # ----- a Ray cluster that cannot be reached -------------------------------------------------------------------
 
 def test_a_ray_address_that_cannot_be_reached_is_named_with_the_servers_last_line():

@@ -379,7 +379,8 @@ def _acquire(path: Path) -> int:
 def folder_lock(path: str | Path, what: str = "the folder"):
     """Hold the lock file `path` (an exclusive flock, with this process's id written in it) for the
     duration. Another holder, live in any process, makes it a DDMError naming that process; a file
-    left by a process that died holds no lock and is taken over. Re-entrant within one process."""
+    left by a process that died holds no lock and is taken over. Re-entrant within one process. The
+    folders made for the lock file are removed again at the end if left empty."""
     path = Path(path)
     key = os.path.abspath(path)
     if key in _HELD:
@@ -389,6 +390,14 @@ def folder_lock(path: str | Path, what: str = "the folder"):
         finally:
             _HELD[key][1] -= 1
         return
+    with removing_new_empty_folders(path.parent), _locked(path, what):  # a refused lock leaves no new folder
+        yield
+
+
+@contextlib.contextmanager
+def _locked(path: Path, what: str):
+    """folder_lock's first hold in this process."""
+    key = os.path.abspath(path)
     ensure_folder(path.parent)
     if path.is_symlink() or (path.exists() and not path.is_file()):  # a link: it would write into its target
         what_it_is = "a symbolic link" if path.is_symlink() else "a folder"

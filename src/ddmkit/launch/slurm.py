@@ -202,6 +202,14 @@ def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str]
                and (experts is None or c in experts)]
     if not missing:
         return None
+    shards = run / ("latents" if folder.is_latent else "partition/shards")
+    absent = [c for c in missing if not (shards / f"cluster_{c:02d}.safetensors").is_file()]
+    if absent:
+        here = [c for c in missing if c not in absent]
+        fix = (f"give --expert for the shards here ({' '.join(f'--expert {c}' for c in here)})" if here else
+               "copy the shards in first")
+        raise DDMError(f"{shards} lacks the shards of clusters {', '.join(map(str, absent))}, whose tasks would fail; "
+                       f"{fix}")
     path = Path(path) if path else run / "launch" / "train_experts.slurm"
     write_bytes_atomic(path, slurm_script(run, manifest["k"], experts=missing, overrides=overrides, **options).encode())
     path.chmod(0o755)

@@ -22,7 +22,7 @@ from ddmkit.data.partition import PartitionPlan, compute_partition, read_shard, 
 from ddmkit.data.source import source_fingerprint
 from ddmkit.ddm.load import load_truth
 from ddmkit.errors import DDMError
-from ddmkit.io import (folder_lock, load_tensors, read_json, removing_new_empty_folders, save_tensors, sha256_file,
+from ddmkit.io import (folder_lock, load_tensors, read_json, save_tensors, sha256_file,
                        staging_dir, write_json)
 from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.latent.autoencoder import load_autoencoder, load_codec
@@ -45,7 +45,7 @@ def run_lock(run: str | Path):
     created (the run folder and its missing parents) are removed again if they are left empty (a run
     that failed its checks leaves nothing)."""
     folder = RunFolder(run)
-    with removing_new_empty_folders(folder.root), folder_lock(folder.lock, f"run folder {folder.root}"):
+    with folder_lock(folder.lock, f"run folder {folder.root}"):  # (it removes the new empty folders)
         yield folder.root
 
 
