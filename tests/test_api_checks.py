@@ -425,6 +425,17 @@ def test_dir_lists_the_lazy_public_names():
         dir(ddmkit))
 
 
+def test_a_subpackage_is_reachable_from_import_ddmkit_alone():
+    """The README's ddmkit.ddm.sample_single(...) was an AttributeError in a fresh interpreter."""
+    import subprocess
+    import sys
+    code = ("import ddmkit; print(ddmkit.ddm.sample_single.__name__, ddmkit.routing.combine.__name__)\n"
+            "try:\n    ddmkit.nope\nexcept AttributeError as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split("\n")[:2] == ["sample_single combine", "module 'ddmkit' has no attribute 'nope'"], \
+        done.stderr
+
+
 def test_the_ddm_has_a_docstring_a_short_repr_and_explicit_loading_options(run):
     assert DDM.__doc__.startswith("K expert velocity fields")
     assert repr(tiny()) == "DDM(K=3, data_shape=(2,), router='custom', device='cpu', class-conditional, 4 classes)"

@@ -147,6 +147,19 @@ def test_a_batch_that_does_not_split_is_refused_before_starting(tmp_path):
     with pytest.raises(DDMError, match=r"expert\.train\.batch_size = 32 does not split into 3 equal slices, one per "
                                        r"process; use a multiple of 3, e\.g\. --set expert\.train\.batch_size=30"):
         train_expert_ddp(tmp_path / "none.safetensors", _cfg(), tmp_path / "e", nproc=3)
+    with pytest.raises(DDMError, match=r"expert\.train\.batch_size = 32 is fewer rows than the 40 processes, one "
+                                       r"slice each; use at most 32 processes"):  # it offered a batch of 40
+        train_expert_ddp(tmp_path / "none.safetensors", _cfg(), tmp_path / "e", nproc=40)
+
+
+def test_nproc_unlike_the_launchers_is_named_first_without_joining(tmp_path, monkeypatch):
+    """--nproc 3 inside a 2-process launcher was told about the batch split first, and named only after
+    joining the launcher's job."""
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(DDMError, match=r"--nproc 3 inside a launcher that started 2 processes \(WORLD_SIZE\); leave "
+                                       "--nproc out"):
+        train_expert_ddp(tmp_path / "none.safetensors", _cfg(), tmp_path / "e", nproc=3)
 
 
 @pytest.mark.slow

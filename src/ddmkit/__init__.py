@@ -25,11 +25,15 @@ __all__ = ["DDMError", "TIME_CONVENTION", "__version__", *_PUBLIC]
 
 
 def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'ddmkit' has no attribute {name!r}")
+    """A public name, or a submodule (ddmkit.ddm, ddmkit.routing, ...), imported on first use."""
     import importlib
+    import importlib.util
 
-    return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'ddmkit' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -214,6 +214,9 @@ def check_batch(batch_size: int, world: int, field: str = "train.batch_size") ->
     """A global batch of `batch_size` rows (the config's `field`) splits into `world` equal slices."""
     if world < 1:
         raise DDMError(f"nproc: must be at least 1 (got {world})")
+    if batch_size < world:
+        raise DDMError(f"{field} = {batch_size} is fewer rows than the {world} processes, one slice each; use at "
+                       f"most {batch_size} processes (the batch is the global one, over all processes)")
     if batch_size % world:
         raise DDMError(f"{field} = {batch_size} does not split into {world} equal slices, one per process; "
                        f"use a multiple of {world}, e.g. --set {field}={world * max(1, batch_size // world)} (the "
@@ -391,16 +394,22 @@ def spawn(fn: Callable, nproc: int, device_name: str, *args) -> None:
             raise
 
 
+def check_nproc(nproc: int) -> None:
+    """nproc processes asked for: at least 1, and inside a launcher's job (RANK, WORLD_SIZE, ... set) 1 or the
+    launcher's number, checked before anything else (before joining its job)."""
+    if nproc < 1:
+        raise DDMError(f"nproc: must be at least 1 (got {nproc})")
+    if all(k in os.environ for k in ENV) and nproc not in (1, int(os.environ["WORLD_SIZE"])):
+        raise DDMError(f"--nproc {nproc} inside a launcher that started {os.environ['WORLD_SIZE']} processes "
+                       "(WORLD_SIZE); leave --nproc out (the launcher sets the number, e.g. torchrun --nproc-per-node)")
+
+
 def run(fn: Callable, nproc: int, device_name: str, *args) -> None:
     """fn(*args, dist=...) as one job: in the processes torchrun started (nproc 1 or their number), else in
     nproc processes spawned on this machine, else (nproc = 1) here, with LOCAL."""
-    if nproc < 1:
-        raise DDMError(f"nproc: must be at least 1 (got {nproc})")
+    check_nproc(nproc)
     dist = from_env(device_name)
     if dist is not None:
-        if nproc not in (1, dist.world):
-            raise DDMError(f"--nproc {nproc} inside a launcher that started {dist.world} processes; "
-                           "leave --nproc out (the launcher sets the number, e.g. torchrun --nproc-per-node)")
         try:
             fn(*args, dist=dist)
         finally:
@@ -411,6 +420,6 @@ def run(fn: Callable, nproc: int, device_name: str, *args) -> None:
         fn(*args, dist=LOCAL)
 
 
-__all__ = ["Distributed", "LOCAL", "blocks", "check_batch", "die_with_parent", "from_env", "full_optimizer_state",
+__all__ = ["Distributed", "LOCAL", "blocks", "check_batch", "check_nproc", "die_with_parent", "from_env", "full_optimizer_state",
            "full_state", "full_tensor", "is_shard", "load_full_optimizer_state", "load_full_state", "run", "shard_like",
            "spawn", "unshard"]

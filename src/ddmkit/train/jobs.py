@@ -289,6 +289,7 @@ def train_expert_ddp(shard: str | Path, config: ExpertConfig, out_dir: str | Pat
     batch, split into equal slices, and every process trains on config.train.threads CPU threads.
     The same loss curve as one process, up to float rounding; nproc = 1 outside torchrun is
     train_expert itself."""
+    distributed.check_nproc(nproc)
     distributed.check_batch(config.train.batch_size, nproc, "expert.train.batch_size")
     distributed.run(_train_expert_with, nproc, config.train.device, user_networks(), shard, config, out_dir, resume)
     return Path(out_dir)
