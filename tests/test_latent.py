@@ -374,3 +374,19 @@ def test_a_half_precision_source_is_not_called_changed_but_a_new_scale_is(tmp_pa
     noted = run_cli("partition", "--config", config, "--out", tmp_path / "run")
     assert noted.exit_code == 0 and f"{tmp_path / 'vae' / 'config.json'} changed since the run copied" in \
         " ".join(noted.output.split()), noted.output
+
+
+def test_a_new_encode_batch_is_how_the_run_runs_not_another_run(tmp_path):
+    """latent.encode_batch (also the decode batch when sampling: what a user out of memory lowers) made a
+    trained run 'a different run', and the suggested --force deleted it."""
+    ae = tiny_autoencoder(seed=3)
+    ae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    config = latent_config(tmp_path, pretrained=tmp_path / "vae")
+    assert run_cli("partition", "--config", config, "--out", tmp_path / "run").exit_code == 0
+    before = sha256_file(tmp_path / "run" / "latents" / "cluster_00.safetensors")
+    again = run_cli("partition", "--config", config, "--out", tmp_path / "run", "--set", "latent.encode_batch=7",
+                    "--set", "partition.encoder_batch=5")
+    assert again.exit_code == 0 and "different run" not in again.output, again.output
+    assert sha256_file(tmp_path / "run" / "latents" / "cluster_00.safetensors") == before
+    other = run_cli("partition", "--config", config, "--out", tmp_path / "run", "--set", "latent.channels=3")
+    assert "already holds a different run: its config.json differs in latent.channels" in str(other.exception)

@@ -38,6 +38,9 @@ from ddmkit.pipeline.stages import (check_networks, load_data, load_split, plan_
 
 Log = Callable[[str], None]
 TRAINED = ("data", "partition", "expert", "router", "monolith", "latent")  # the config sections the networks depend on
+# how a run's jobs run, not what they make: each job's EXECUTION, and how many images the autoencoder encodes
+# or decodes at once (latent.encode_batch) and the feature encoder embeds at once (partition.encoder_batch)
+RUN_EXECUTION = (*EXECUTION, "encode_batch", "encoder_batch")
 
 
 def listed(differs: list[str]) -> str:
@@ -55,7 +58,7 @@ def trained_differences(made: RunConfig, asked: RunConfig) -> list[str]:
     from `made`, less how jobs run (device, threads, logging: train.jobs.EXECUTION)."""
     old, new = made.model_dump(mode="json"), asked.model_dump(mode="json")
     return [d for name in TRAINED for d in config_differences({name: old.get(name)}, {name: new.get(name)})
-            if d.split(" ", 1)[0].rsplit(".", 1)[-1] not in EXECUTION]
+            if d.split(" ", 1)[0].rsplit(".", 1)[-1] not in RUN_EXECUTION]
 
 
 def check_same_training(run: str | Path, cfg: RunConfig) -> None:
@@ -70,7 +73,7 @@ def check_same_training(run: str | Path, cfg: RunConfig) -> None:
     if differs:
         raise DDMError(f"--set / --config: {folder.root} was made with other training settings: its config.json "
                        f"differs in {listed(differs)}. Its networks train as config.json says: change only how the "
-                       f"jobs run ({', '.join(EXECUTION)}), or make a run with these settings in another folder "
+                       f"jobs run ({', '.join(RUN_EXECUTION)}), or make a run with these settings in another folder "
                        "(`ddmkit run CONFIG --out OTHER --set ...`)")
 
 
