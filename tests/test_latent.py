@@ -108,6 +108,8 @@ def test_latent_settings_that_cannot_work_are_refused_with_the_config():
     with pytest.raises(DDMError, match=r"= 32 \(group norm\)"):
         validate(RunConfig, {"latent": {"enabled": True, "widths": [48, 64]}})
     assert validate(RunConfig, {"latent": {"enabled": True, "widths": [8, 16, 24]}}).latent.widths == [8, 16, 24]
+    home = validate(RunConfig, {"latent": {"enabled": True, "pretrained": "~/models/vae"}}).latent.pretrained
+    assert home == str(Path.home() / "models" / "vae")  # '~' was read as a folder named '~'
     with pytest.raises(DDMError, match="latent.enabled = false"):
         validate(RunConfig, {"latent": {"pretrained": "models/vae"}})
 

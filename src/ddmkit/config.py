@@ -285,6 +285,12 @@ class LatentConfig(Section):
                              "e.g. [32, 64, 64]")
         return v
 
+    @field_validator("pretrained")
+    @classmethod
+    def _home(cls, v: str | None) -> str | None:
+        """~ as a shell reads it (partition.encoder takes it too)."""
+        return v if v is None or not v.startswith("~") else str(Path(v).expanduser())
+
     @model_validator(mode="after")
     def _pretrained(self):
         if self.pretrained is not None and not self.enabled:
