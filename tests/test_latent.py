@@ -392,3 +392,16 @@ def test_a_new_encode_batch_is_how_the_run_runs_not_another_run(tmp_path):
     assert sha256_file(tmp_path / "run" / "latents" / "cluster_00.safetensors") == before
     other = run_cli("partition", "--config", config, "--out", tmp_path / "run", "--set", "latent.channels=3")
     assert "already holds a different run: its config.json differs in latent.channels" in str(other.exception)
+
+
+def test_a_dit_that_does_not_fit_the_latents_says_they_are_latents():
+    """'DiT: image 15x15 must be divisible by patch 2, and width 32 by heads 2' named an image the user never
+    made (the latents of 30x30 images) and a heads condition that held."""
+    from ddmkit.pipeline.stages import check_networks
+    cfg = validate(RunConfig, {"latent": {"enabled": True}, "expert": {"net": {"arch": "dit", "kwargs": {
+        "patch": 2, "width": 32, "depth": 1, "heads": 2}}}, "router": {"net": {"arch": "router_cnn"}}})
+    with pytest.raises(DDMError, match=r"DiT: an input of 15x15 does not split into patches of 2x2; give a patch that "
+                                       r"divides both sides \(e.g. patch = 1\), or pad the data to a multiple of 2 "
+                                       r"\(latents \(the autoencoder's, of the images: pad the images with "
+                                       r"data.params.pad_to to change their size\) of shape \(4, 15, 15\)\)"):
+        check_networks(cfg, (4, 15, 15))

@@ -59,8 +59,13 @@ class DiT(nn.Module):
                  num_classes: int = 0):
         super().__init__()
         c, h, w = data_shape
-        if h % patch or w % patch or width % heads:
-            raise DDMError(f"DiT: image {h}x{w} must be divisible by patch {patch}, and width {width} by heads {heads}")
+        if h % patch or w % patch:
+            fits = [p for p in range(patch - 1, 0, -1) if not h % p and not w % p][0]
+            raise DDMError(f"DiT: an input of {h}x{w} does not split into patches of {patch}x{patch}; give a patch that "
+                           f"divides both sides (e.g. patch = {fits}), or pad the data to a multiple of {patch}")
+        if width % heads:
+            raise DDMError(f"DiT: width {width} is not divisible by heads {heads}; give a width that is a multiple "
+                           "of heads")
         self.data_shape, self.patch, self.num_classes, self.width = tuple(data_shape), patch, num_classes, width
         self.embed_patches = nn.Conv2d(c, width, patch, stride=patch)
         self.register_buffer("pos", positions_2d(h // patch, w // patch, width), persistent=False)
