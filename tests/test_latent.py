@@ -405,3 +405,26 @@ def test_a_dit_that_does_not_fit_the_latents_says_they_are_latents():
                                        r"\(latents \(the autoencoder's, of the images: pad the images with "
                                        r"data.params.pad_to to change their size\) of shape \(4, 15, 15\)\)"):
         check_networks(cfg, (4, 15, 15))
+
+
+def test_the_latents_scale_is_reported_and_a_far_one_gets_the_scaling_factor_that_fixes_it(tmp_path):
+    """A pretrained autoencoder of scaling_factor 20 gave latents of std 5.75, and nothing said so; its
+    latents_mean and latents_std were ignored without a word."""
+    ae = tiny_autoencoder(seed=3)
+    ae.register_to_config(scaling_factor=200.0, latents_mean=[0.0, 0.0], latents_std=[1.0, 1.0])
+    ae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    config = latent_config(tmp_path, pretrained=tmp_path / "vae")
+    done = run_cli("partition", "--config", config, "--out", tmp_path / "run")
+    said = " ".join(done.output.split())
+    z = torch.cat([load_tensors(p)["x"] for p in sorted((tmp_path / "run" / "latents").glob("cluster_*"))]).double()
+    assert done.exit_code == 0 and f"their mean {float(z.mean()):.3g}, std {float(z.std(unbiased=False)):.3g}" in said
+    fix = 200.0 / float(z.std(unbiased=False))
+    assert f"the latents' std is {float(z.std(unbiased=False)):.3g}, far from 1" in said and \
+        f"A scaling_factor of {fix:.4g} in {tmp_path / 'vae' / 'config.json'} (now 200)" in said, said
+    assert "sets latents_mean and latents_std, which ddmkit does not apply" in said
+    ae.register_to_config(scaling_factor=fix, latents_mean=None, latents_std=None)
+    ae.save_pretrained(tmp_path / "fixed", safe_serialization=True)
+    done = run_cli("partition", "--config", latent_config(tmp_path, pretrained=tmp_path / "fixed"), "--out",
+                   tmp_path / "run2")
+    said = " ".join(done.output.split())
+    assert done.exit_code == 0 and ", std 1 " in f"{said} " and "far from 1" not in said, said

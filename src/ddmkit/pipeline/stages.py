@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ddmkit.config import RunConfig, resolve_device
 from ddmkit.data import load_dataset
 from ddmkit.data.arrays import ArrayData
@@ -298,11 +300,14 @@ def encode_shards(cfg: RunConfig, run, log: Log = print) -> None:
     device = resolve_device(cfg.latent.train.device)
     codec = load_codec(folder.autoencoder, channels, cfg.latent.encode_batch, device)
     start = time.perf_counter()
+    moments = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares of every latent number
     with staging_dir(folder.latents) as tmp:
         entries = []
         for c, path in enumerate(shards):
             x, labels, meta = read_shard(path)
             tensors = {"x": codec.encode(x)}
+            z = tensors["x"].double()
+            moments += torch.stack([torch.tensor(z.numel(), dtype=torch.float64), z.sum(), z.square().sum()])
             if labels is not None:
                 tensors["labels"] = labels
             name = folder.latent_shard(c).name
@@ -313,8 +318,29 @@ def encode_shards(cfg: RunConfig, run, log: Log = print) -> None:
             "source": cfg.latent.pretrained or "trained", "shards": entries,
             "autoencoder_sha256": sha256_file(folder.autoencoder / AUTOENCODER_WEIGHTS),
             "scaling_factor": codec.scale, "shift_factor": codec.shift})
+    mean = float(moments[1] / moments[0])
+    std = float((moments[2] / moments[0] - mean ** 2).clamp(min=0).sqrt())
     log(f"latents: {len(shards)} shards encoded to shape {tuple(tensors['x'].shape[1:])} in "
-        f"{time.perf_counter() - start:.1f}s")
+        f"{time.perf_counter() - start:.1f}s; their mean {mean:.3g}, std {std:.3g}")
+    for note in latent_scale_notes(cfg, codec, mean, std):
+        log(f"note: {note}")
+
+
+def latent_scale_notes(cfg: RunConfig, codec, mean: float, std: float) -> list[str]:
+    """What to say about the latents' scale: the networks learn best on data of unit variance (the flow's
+    noise has it), which a pretrained autoencoder's scaling_factor is meant to give; and the normalisation
+    fields of a config.json that ddmkit does not apply (it applies shift_factor and scaling_factor)."""
+    notes = []
+    if not 1 / 3 <= std <= 3:
+        where = f" in {Path(cfg.latent.pretrained) / 'config.json'}" if cfg.latent.pretrained else ""
+        notes.append(f"the latents' std is {std:.3g}, far from 1 (the noise's): the networks learn best on latents "
+                     f"of unit variance. A scaling_factor of {codec.scale / std:.4g}{where} (now {codec.scale:.4g}) "
+                     "would give them std 1; set it and make the run again in a new folder")
+    unused = [name for name in ("latents_mean", "latents_std") if codec.model.config.get(name) is not None]
+    if unused:
+        notes.append(f"the autoencoder's config.json sets {' and '.join(unused)}, which ddmkit does not apply: it "
+                     "normalises latents by shift_factor and scaling_factor alone")
+    return notes
 
 
 TRAINING_STAGES = (stage_data, stage_partition, stage_autoencoder, stage_experts, stage_monolith, stage_router,
