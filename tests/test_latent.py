@@ -97,6 +97,10 @@ def test_a_pretrained_folder_loads_safetensors_only(tmp_path):
         load_autoencoder(tmp_path / "other")
     with pytest.raises(DDMError, match="not a folder"):
         load_autoencoder(tmp_path / "missing")
+    ae.save_pretrained(tmp_path / "variant", safe_serialization=True, variant="fp16")  # diffusers' raw OSError
+    with pytest.raises(DDMError, match=r"holds diffusion_pytorch_model.fp16.safetensors, a 'fp16' variant.*"
+                                       r"variant='fp16'\).save_pretrained\(NEW_FOLDER\)"):
+        load_autoencoder(tmp_path / "variant")
     ae.save_pretrained(tmp_path / "pipeline" / "vae", safe_serialization=True)  # a Stable Diffusion-style folder
     with pytest.raises(DDMError, match="set latent.pretrained to its vae/ sub-folder"):
         load_autoencoder(tmp_path / "pipeline")

@@ -79,6 +79,13 @@ def folder_config(folder: str | Path) -> dict:
     if not any(folder.glob("*.safetensors")):
         raise DDMError(f"latent.pretrained: {folder} holds no .safetensors weights; ddmkit loads safetensors only "
                        "(never pickled .bin files): convert the weights with AutoencoderKL.save_pretrained")
+    variants = sorted(p.name for p in folder.glob("diffusion_pytorch_model.*.safetensors")
+                      if p.name.count(".") == 2)  # diffusion_pytorch_model.fp16.safetensors (not a shard's index)
+    if not (folder / "diffusion_pytorch_model.safetensors").exists() and variants:
+        variant = variants[0].split(".")[1]
+        raise DDMError(f"latent.pretrained: {folder} holds {variants[0]}, a '{variant}' variant, and no "
+                       f"diffusion_pytorch_model.safetensors; save it as a plain folder: AutoencoderKL.from_pretrained("
+                       f"'{folder}', variant='{variant}').save_pretrained(NEW_FOLDER), and give NEW_FOLDER")
     return config
 
 
