@@ -176,7 +176,9 @@ class DDM:
         labels (n,): class labels for class-conditional experts, p(cluster | label) or a label-conditional
         router, ints 0 .. num_classes - 1, or num_classes for "no label" (a tensor, list or numpy array of
         ints); guidance: classifier-free guidance scale inside each expert (None: as loaded); a latent DDM
-        returns decoded images (decode=False: the latents, of shape data_shape). x1: the starting noise,
+        returns decoded images (decode=False: the latents, of shape data_shape); images come as integrated
+        (and decoded), not clamped: the pipeline clamps them to [-1, 1] before it saves and scores them
+        (x0.clamp(-1, 1) does the same here). x1: the starting noise,
         a float32 torch tensor (n, *data_shape); batch_size, router_every, speed and callback as in
         ddmkit.ddm.sampling.sample_ddm. Bad arguments are DDMErrors naming them."""
         if unknown:
