@@ -530,3 +530,18 @@ def test_to_moves_a_plain_module_expert_and_router():
     expert.to = router.to = lambda device: moved.append(device)
     ddm.to("cpu")
     assert len(moved) == K + 1
+
+
+def test_none_for_a_sampling_argument_is_refused_not_read_as_the_default():
+    """seed=None gave the seed-0 samples exactly, where a user meant new noise."""
+    for name in ("seed", "n", "steps", "solver"):
+        with pytest.raises(DDMError, match=f"DDM.sample: {name}: None; give a value"):
+            tiny(0).sample("full", **{"n": 4, "steps": 2, name: None})
+
+
+def test_sample_single_checks_its_cond():
+    """cond=[1] was an AttributeError inside sampling."""
+    for cond in ([1], {"y": [1, 2]}, {"y": torch.zeros(3)}):
+        with pytest.raises(DDMError, match="sample_single: cond: .*give None or a dict of tensors of n = 4 rows"):
+            sample_single(lambda x, t, y=None: -x, (D,), n=4, steps=2, cond=cond)
+    sample_single(lambda x, t, y=None: -x, (D,), n=4, steps=2, cond={"y": torch.zeros(4)})

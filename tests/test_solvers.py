@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from ddmkit.errors import DDMError
 from ddmkit.sample import SOLVERS, get_solver, time_grid
 
 A = torch.tensor([[-0.5, 1.0], [-1.0, -0.3]], dtype=torch.float64)
@@ -44,7 +45,7 @@ def test_grid_and_callback():
 
 
 def test_unknown_solver():
-    with pytest.raises(ValueError, match="euler"):
+    with pytest.raises(DDMError, match="euler"):
         get_solver("leapfrog")
     assert set(SOLVERS) >= {"euler", "heun", "midpoint", "rk4", "adaptive"}
 
@@ -61,3 +62,19 @@ def test_a_grid_on_the_cpu_gives_times_on_the_states_device(name):
 
     get_solver(name)(on_device, torch.zeros(4, 2, device="meta"), time_grid(3))
     assert calls and all(calls)
+
+
+def test_a_grid_that_is_not_a_decreasing_tensor_is_refused():
+    """An increasing grid integrated from data to noise, silently; a list was an AttributeError; time_grid(0)
+    and evaluations_per_step('rk5') were a ValueError and a KeyError."""
+    from ddmkit.sample import evaluations_per_step, sample_euler
+    v, x = (lambda x, t: -x), torch.ones(3, 2)
+    for grid, said in ((time_grid(4).flip(0), "the times must decrease"), ([1.0, 0.5, 0.0], "got list"),
+                       (torch.ones(1), r"got shape \(1,\)")):
+        with pytest.raises(DDMError, match=f"ts: .*{said}"):
+            sample_euler(v, x, grid)
+    for call, said in ((lambda: time_grid(0), "steps must be an integer >= 1, got 0"),
+                       (lambda: time_grid(2.5), "got 2.5"), (lambda: evaluations_per_step("rk5"), "got 'rk5'")):
+        with pytest.raises(DDMError, match=said):
+            call()
+    assert torch.allclose(sample_euler(v, x, time_grid(4)), x * 1.25 ** 4)  # x' = -x backwards: x grows

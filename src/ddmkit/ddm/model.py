@@ -183,6 +183,10 @@ class DDM:
         ddmkit.ddm.sampling.sample_ddm. Bad arguments are DDMErrors naming them."""
         if unknown:
             raise DDMError(unknown_argument(next(iter(unknown)), self.device))
+        for name, value in (("n", n), ("steps", steps), ("solver", solver), ("seed", seed)):
+            if value is None:  # None would mean "not given", i.e. the default: seed=None is seed 0, not a new draw
+                raise DDMError(f"DDM.sample: {name}: None; give a value, or leave it out for its default"
+                               + (" (0): other noise needs another seed, e.g. seed=1" if name == "seed" else ""))
         checked = checked_arguments("DDM.sample", n, seed, steps, solver, batch_size, router_every, callback)
         ddm = self if guidance is None else self.with_guidance(checked_guidance(guidance, "DDM.sample",
                                                                                 self.num_classes))

@@ -268,6 +268,11 @@ def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "eul
         raise DDMError(f"sample_single: field: {type(field).__name__} is not a velocity field field(x, t); sample a DDM "
                        "with DDM.sample, and a run's monolith with ddmkit.ddm.load.monolith_field(RUN) as the field")
     data_shape = checked_shape(data_shape, "sample_single")
+    if cond is not None and (not isinstance(cond, dict) or not all(
+            isinstance(c, torch.Tensor) and len(c) == checked.n for c in cond.values())):
+        what = {k: type(c).__name__ for k, c in cond.items()} if isinstance(cond, dict) else type(cond).__name__
+        raise DDMError(f"sample_single: cond: {what}; give None or a dict of tensors of n = {checked.n} rows each, "
+                       "passed to the field as field(x, t, **cond) (e.g. {'y': labels})")
     x1 = start_rows(checked.n, data_shape, checked.seed, device, x1, "sample_single")
     field = accelerate_field(field, speed)
     parts, nfe = [], []

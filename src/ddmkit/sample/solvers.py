@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from ddmkit.errors import DDMError
+
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -23,16 +25,27 @@ def time_grid(steps: int, kind: str = "uniform", t_max: float = 1.0, t_min: floa
 
     kind: "uniform", or "cosine" (denser near both ends).
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise DDMError(f"steps must be an integer >= 1, got {steps!r}")
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     if kind == "uniform":
         g = u
     elif kind == "cosine":
         g = 0.5 - 0.5 * torch.cos(torch.pi * u)
     else:
-        raise ValueError(f"time grid kind must be one of 'uniform', 'cosine'; got {kind!r}")
+        raise DDMError(f"time grid kind must be one of 'uniform', 'cosine'; got {kind!r}")
     return (t_max + (t_min - t_max) * g).to(dtype)
+
+
+def check_grid(ts) -> None:
+    """A time grid is a 1-D tensor from noise to data (decreasing: time_grid makes one); an increasing one would
+    integrate from data to noise. Its values are read only where it lives on the CPU (no GPU sync)."""
+    if not isinstance(ts, torch.Tensor) or ts.dim() != 1 or len(ts) < 2:
+        got = f"shape {tuple(ts.shape)}" if isinstance(ts, torch.Tensor) else type(ts).__name__
+        raise DDMError(f"ts: a time grid is a 1-D tensor of at least 2 times (got {got}); make one with time_grid(steps)")
+    if ts.device.type == "cpu" and not bool((ts[1:] < ts[:-1]).all()):
+        raise DDMError(f"ts: the times must decrease, from noise (t = 1) to data (t = 0); got {ts[:3].tolist()} ...: "
+                       "make the grid with time_grid(steps)")
 
 
 def _tb(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +56,7 @@ def _tb(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _integrate(step, velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None) -> torch.Tensor:
     """Run a one-step method over the grid: x <- step(velocity, x, t, t_next, v) with
     v = velocity(x, t) evaluated here once (and reported to the callback)."""
+    check_grid(ts)
     for i in range(len(ts) - 1):
         t, tn = ts[i], ts[i + 1]
         v = velocity(x, _tb(t, x))
@@ -125,10 +139,11 @@ SOLVERS = {
 def get_solver(name: str):
     """The solver function for a name in SOLVERS."""
     if name not in SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(SOLVERS)}; got {name!r}")
+        raise DDMError(f"solver must be one of {sorted(SOLVERS)}; got {name!r}")
     return SOLVERS[name][0]
 
 
 def evaluations_per_step(name: str) -> int | None:
     """Velocity evaluations a fixed-step solver makes per step (None if adaptive)."""
+    get_solver(name)
     return SOLVERS[name][1]
