@@ -93,3 +93,13 @@ def before_forward(net, x, t):
         h = h + b.fc2(F.silu(b.fc1(b.norm(h)) + b.emb(emb)))
     out = net.out(h)
     return out.reshape(x.shape) if isinstance(net, VelocityMLP) else out
+
+
+def test_the_velocity_of_vector_data_is_not_a_view():
+    """reshape(x.shape) of an output of that shape returned a view of it, and FSDP warned of wrong gradients
+    at every process (the gradients were right)."""
+    from ddmkit.nets import VelocityMLP
+    net = VelocityMLP([3], width=8, depth=1)
+    v = net(torch.randn(4, 3), torch.rand(4))
+    assert v._base is None and v.shape == (4, 3)
+    assert VelocityMLP([1, 2, 2], width=8, depth=1)(torch.randn(4, 1, 2, 2), torch.rand(4)).shape == (4, 1, 2, 2)

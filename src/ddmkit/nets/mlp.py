@@ -121,7 +121,8 @@ class VelocityMLP(TimeMLP):
         self.data_shape = tuple(data_shape)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return super().forward(x, t).reshape(x.shape)
+        out = super().forward(x, t)
+        return out if out.shape == x.shape else out.reshape(x.shape)  # not a view of itself: FSDP warns of views
 
 
 class RouterMLP(TimeMLP):
