@@ -468,6 +468,8 @@ def test_a_run_without_a_router_names_the_statistics_router(run, tmp_path):
         load_ddm(islands)
     with pytest.warns(UserWarning, match="no registry.json"):
         assert DDM.from_pretrained(islands, router="statistics").meta["router"] == "statistics"
+    with pytest.warns(UserWarning, match="no registry.json"):  # add-expert's spelling, refused before
+        assert DDM.from_pretrained(islands, router="stats").meta["router"] == "statistics"
 
 
 def test_the_strategy_name_is_reported_without_spaces_around_it():

@@ -288,8 +288,9 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     routes by the islands' published statistics instead of the learned router, as does "learned" in a
     run without a router folder whose RUN/grow.json records "statistics" (recorded_router)."""
     folder = run_folder(run)
+    router_kind = "statistics" if router_kind == "stats" else router_kind  # add-expert's spelling of it
     if router_kind not in ("learned", "statistics"):
-        raise DDMError(f"router: unknown kind {router_kind!r}; accepted: learned, statistics")
+        raise DDMError(f"router: unknown kind {router_kind!r}; accepted: learned, statistics (or stats)")
     manifest, ptensors = load_partition_checked(folder.partition)
     if manifest.get("data_name") == "text":  # byte-level models, no velocity field
         raise DDMError(f"{folder.root} is a text run: its models draw bytes, not a DDM of velocity fields; sample it "

@@ -435,6 +435,7 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
     whose experts retrain); router: "retrain" (over all shards) or "stats" (statistics-only, no training);
     device: where they train (cpu, cuda, cuda:N, mps, auto; None: the run's train.device)."""
     _check_choice("mode", mode, MODES)
+    router = "stats" if router == "statistics" else router  # sample --router's spelling of it
     _check_choice("router", router, ROUTERS)
     if device is not None:
         checked_device(device)

@@ -177,8 +177,9 @@ def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = p
     (or cfg's), again when they were drawn before; returns their infos. router = "statistics" routes
     the strategies by the islands' statistics (sets "NAME (statistics-only router)"; no learned router
     needed). Holds the run's lock."""
+    router = "statistics" if router == "stats" else router  # add-expert's spelling of it
     if router not in ("learned", STATISTICS):
-        raise DDMError(f"--router: unknown {router!r}; accepted: learned, statistics")
+        raise DDMError(f"--router: unknown {router!r}; accepted: learned, statistics (or stats)")
     with run_lock(run):
         saved = run_config(run)  # the folder must hold a run, whatever cfg says
         differs = trained_differences(saved, cfg) if cfg is not None else []
