@@ -231,3 +231,13 @@ def test_ctrl_c_or_sigterm_while_the_monolith_trains_beside_the_pool_says_so(tmp
     assert (run / "monolith.checkpoint.safetensors").exists() and not (run / ".lock").exists()
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     assert not (run / "monolith").exists() and not [p for p in (run / "experts").iterdir() if p.is_dir()]
+
+
+def test_a_folder_where_a_file_is_read_is_told_to_move_away(tmp_path):
+    """A checkpoint path that was a folder was told 'train or copy it again', which cannot replace a folder."""
+    from ddmkit.errors import DDMError
+    from ddmkit.io import read_metadata
+    (tmp_path / "e.checkpoint.safetensors").mkdir()
+    with pytest.raises(DDMError, match=r"is a folder \(or another non-file\) where ddmkit reads a file; move it away "
+                                       r"\(then, if the file is needed, train or copy it again\)"):
+        read_metadata(tmp_path / "e.checkpoint.safetensors")

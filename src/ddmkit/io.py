@@ -131,8 +131,9 @@ def _json_default(o):
 def _existing_file(path: Path, fix: str) -> Path:
     if not path.exists():
         raise DDMError(f"{path} is missing; {fix}")
-    if not path.is_file():
-        raise DDMError(f"{path} is a folder (or another non-file), not a file; {fix}")
+    if not path.is_file():  # the fix for a missing file (train it, copy it) would not remove this one
+        raise DDMError(f"{path} is a folder (or another non-file) where ddmkit reads a file; move it away (then, "
+                       f"if the file is needed, {fix})")
     return path
 
 
