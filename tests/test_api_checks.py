@@ -547,3 +547,15 @@ def test_sample_single_checks_its_cond():
         with pytest.raises(DDMError, match="sample_single: cond: .*give None or a dict of tensors of n = 4 rows"):
             sample_single(lambda x, t, y=None: -x, (D,), n=4, steps=2, cond=cond)
     sample_single(lambda x, t, y=None: -x, (D,), n=4, steps=2, cond={"y": torch.zeros(4)})
+
+
+def test_a_strategy_object_samples_as_its_name_does():
+    """DDM.sample took names only: a one-off strategy had to be added to the global table first; and
+    routed_velocity given a name said "routing strategy 'str' is not a Strategy"."""
+    from ddmkit.routing import parse_strategy, routed_velocity
+    a, info_a = tiny(0).sample("top-2", n=6, steps=3)
+    b, info_b = tiny(0).sample(parse_strategy("top-2"), n=6, steps=3)
+    assert torch.equal(a, b) and info_b["strategy"] == "top-2" == info_a["strategy"]
+    with pytest.raises(DDMError, match=r"routed_velocity takes a Strategy object; make one from its name with "
+                                       r"ddmkit.routing.parse_strategy\('full'\)"):
+        routed_velocity([], flat_router, "full", None)

@@ -35,6 +35,7 @@ from ddmkit.ddm.sampling import checked_arguments, checked_cond, checked_device,
 from ddmkit.errors import DDMError
 from ddmkit.latent.autoencoder import LatentCodec
 from ddmkit.nets.field import NetworkField, VelocityOutput
+from ddmkit.routing import Strategy
 
 Field = Callable[..., torch.Tensor]
 
@@ -164,12 +165,13 @@ class DDM:
             self.accelerated[key] = accelerate(self.experts, self.router, speed, device, self.router_capturable)
         return self.accelerated[key]
 
-    def sample(self, strategy: str = "top-2", n: int = 1000, steps: int = 50, solver: str = "euler", seed: int = 0,
+    def sample(self, strategy: str | Strategy = "top-2", n: int = 1000, steps: int = 50, solver: str = "euler", seed: int = 0,
                labels=None, guidance: float | None = None, decode: bool = True, x1: torch.Tensor | None = None,
                batch_size: int | None = None, router_every: int = 1, speed: SpeedOptions = SpeedOptions(),
                callback=None, **unknown):
         """(samples (n, *data_shape), info): routed sampling from x_1 ~ N(0, I) fixed by `seed`, on the
-        DDM's device (move it with .to(device)).
+        DDM's device (move it with .to(device)). strategy: a routing strategy's name ('top-2'; the forms
+        of ddmkit.routing.STRATEGIES) or a ddmkit.routing.Strategy object (one of your own, unnamed).
 
         The same seed and n give the same noise; n rows are not always the first rows of a larger draw
         (start_noise): take the first rows of a larger draw to reproduce a subset, as the pipeline does.

@@ -17,7 +17,8 @@ import torch
 from ddmkit.accel import SpeedOptions, accelerate_field, autocast
 from ddmkit.config import SampleConfig, resolve_device, validate
 from ddmkit.errors import DDMError
-from ddmkit.routing import CallCounter, RoutingState, parse_strategy, redraws_each_evaluation, routed_velocity
+from ddmkit.routing import (CallCounter, RoutingState, Strategy, parse_strategy, redraws_each_evaluation,
+                            routed_velocity)
 from ddmkit.sample import get_solver, time_grid
 
 COUNTS = ("n", "steps", "seed", "batch_size", "router_every")
@@ -171,7 +172,7 @@ def checked_class_labels(labels, n: int, classes: int, device, caller: str = "sa
     return y.long().to(device)
 
 
-def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
+def sample_ddm(ddm, strategy: str | Strategy, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
                device="cpu", x1: torch.Tensor | None = None, callback=None, router_every: int = 1,
                cond: dict[str, torch.Tensor] | None = None, batch_size: int | None = None,
                speed: SpeedOptions = SpeedOptions()) -> tuple[torch.Tensor, dict]:
@@ -199,7 +200,10 @@ def sample_ddm(ddm, strategy: str, n: int, steps: int = 50, solver: str = "euler
                        "a run with ddmkit.ddm.sample_single(ddmkit.ddm.load.monolith_field(RUN), data_shape, n) (what "
                        "`ddmkit sample RUN --strategy monolith` does), and a mixture's exact DDM with "
                        "`ddmkit sample RUN --strategy exact`")
-    strat, strategy = parse_strategy(strategy), strategy.strip()  # the name as given, less spaces around it
+    if isinstance(strategy, Strategy):  # an object of the user's, used once without a name in STRATEGIES
+        strat, strategy = strategy, str(getattr(strategy, "name", type(strategy).__name__))
+    else:
+        strat, strategy = parse_strategy(strategy), strategy.strip()  # the name as given, less spaces around it
     if checked.solver == "adaptive" and redraws_each_evaluation(strat):
         raise DDMError(f"sample_ddm: solver 'adaptive' with strategy {strategy!r}: it draws its experts anew at every "
                        "evaluation, which the adaptive step-size control cannot settle; use euler, heun, midpoint "

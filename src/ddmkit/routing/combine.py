@@ -248,6 +248,9 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
     step's expert calls (apply_plan)."""
     if not isinstance(router_every, int) or router_every < 1:
         raise DDMError(f"router_every: must be an integer >= 1 (got {router_every!r})")
+    if isinstance(strategy, str):
+        raise DDMError(f"routing strategy {strategy!r}: routed_velocity takes a Strategy object; make one from its "
+                       f"name with ddmkit.routing.parse_strategy({strategy!r})")
     if not isinstance(strategy, Strategy):
         raise DDMError(f"routing strategy {_strategy_name(strategy)!r} is not a ddmkit.routing.Strategy: derive it "
                        "from Strategy (or Selecting, for one with select), which say how the combiner calls it")
