@@ -3,9 +3,9 @@ from ddmkit.routing.combine import (CallCounter, apply_plan, combine, combine_de
                                     routed_velocity)
 from ddmkit.routing.strategies import ExpertProbe, RoutingState, Strategy, redraws_each_evaluation
 from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics
-from ddmkit.routing.table import STRATEGIES, STRATEGY_FORMS, StrategyForm, parse_strategy
+from ddmkit.routing.table import STRATEGIES, StrategyForm, parse_strategy, strategy_forms
 
-__all__ = ["STRATEGIES", "STRATEGY_FORMS", "CallCounter", "ExpertProbe", "RoutingState", "Strategy", "StrategyForm",
-           "apply_plan", "class_stats_router", "combine", "combine_dense", "island_class_statistics",
-           "island_statistics", "make_plan", "parse_strategy", "plan_selection", "redraws_each_evaluation",
-           "routed_velocity"]
+__all__ = ["STRATEGIES", "CallCounter", "ExpertProbe", "RoutingState", "Strategy", "StrategyForm", "apply_plan",
+           "class_stats_router", "combine", "combine_dense", "island_class_statistics", "island_statistics",
+           "make_plan", "parse_strategy", "plan_selection", "redraws_each_evaluation", "routed_velocity",
+           "strategy_forms"]
