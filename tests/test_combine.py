@@ -268,6 +268,14 @@ def test_a_selection_of_index_k_or_not_a_pair_names_the_strategy(select, said):
         _field_call(_Select(select))
 
 
+def test_a_one_expert_strategy_that_selects_two_is_named():
+    """Its two outputs were added unweighted: twice the velocity, no error."""
+    two = _Select(lambda p: (p.topk(2, dim=1).indices, torch.full((len(p), 2), 0.5, dtype=p.dtype)))
+    two.one_expert = True
+    with pytest.raises(DDMError, match="^routing strategy 'mine': one_expert = True, but select.* returned 2 experts"):
+        _field_call(two)
+
+
 @pytest.mark.parametrize("route, said", [
     (lambda x, t: router(x, t)[:, :1], r"\(300, 1\)"),
     (lambda x, t: torch.cat([router(x, t), router(x, t)[:, :1]], 1), r"\(300, 6\)"),

@@ -272,6 +272,10 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
                                "expected (experts, weights), both (B, n)")
             idx, w = selection
             check_selection(strategy, idx, w, probs)
+            if unit and idx.shape[1] != 1:
+                raise DDMError(f"routing strategy {_strategy_name(strategy)!r}: one_expert = True, but select(probs, "
+                               f"state) returned {idx.shape[1]} experts per row, whose outputs would be added "
+                               "unweighted; return one expert per row, or set one_expert = False")
             memory["weights"] = (idx, w)
             try:
                 memory["plan"] = plan_selection(idx, w, probs.shape[1], unit)
