@@ -99,6 +99,20 @@ def test_a_stopped_text_expert_job_says_it_starts_again_and_resume_says_so(tmp_p
     assert "checkpoint is kept" not in said and not RunFolder(run).expert(0).exists()
 
 
+def test_a_text_expert_trained_already_is_not_said_to_be_written(tmp_path, monkeypatch, capsys):
+    """train-expert on an expert folder of the same settings and shard reused the model and said 'expert written
+    to' anyway."""
+    config = write_config(tmp_path, "text_ar")
+    run = tmp_path / "run"
+    partition_text_run(config, run, log=QUIET)
+    shard, out = RunFolder(run).partition / "shards" / "cluster_00.safetensors", tmp_path / "e"
+    code, err = cli(monkeypatch, capsys, "train-expert", shard, "--config", RunFolder(run).config, "--out", out)
+    assert code in (0, None) and f"expert written to {out}" in err, err
+    code, err = cli(monkeypatch, capsys, "train-expert", shard, "--config", RunFolder(run).config, "--out", out)
+    said = " ".join(err.split())
+    assert code in (0, None) and "this expert is trained already" in said and "written" not in said, said
+
+
 def test_a_text_runs_slurm_script_trains_its_experts_on_the_cpu(tmp_path, monkeypatch, capsys):
     """`ddmkit launch RUN --emit slurm`, which text runs' messages offer, failed: it read the text config as a
     vector run's. Its tasks hold no GPU, and one task run as SLURM would run it writes its expert."""

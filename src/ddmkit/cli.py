@@ -232,12 +232,19 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
         if resume:  # SLURM scripts pass it to every task
             log("note: text experts write no checkpoints, so --resume has nothing to continue: this job trains from "
                 "the start")
+        from ddmkit.io import sha256_file
+
+        weights = out / "model.safetensors"
+        before = sha256_file(weights) if weights.is_file() else None
         try:
             train_text_expert(shard, read_text_config(config), out)
         except KeyboardInterrupt:
             raise Interrupted("interrupted: nothing was written (text experts write no checkpoints); run the same "
                               "command to train it from the start") from None
-        log(f"expert written to {out}")
+        if before is not None and sha256_file(weights) == before:
+            log(f"{out}: this expert is trained already (the same settings and shard); nothing to do")
+        else:
+            log(f"expert written to {out}")
         return
     from ddmkit.registry import check_shard_space
 
