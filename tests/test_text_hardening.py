@@ -447,11 +447,14 @@ def test_text_models_record_no_gaussian_time_convention(text_runs):
 
 def test_sample_honours_steps_for_flow_matching_and_refuses_vector_options(text_runs, monkeypatch, capsys):
     dfm, ar = text_runs["text_dfm"], text_runs["text_ar"]
-    one = sample_text(dfm, ["top-1"], log=QUIET, steps=1)
-    assert sample_text(dfm, ["top-1"], log=QUIET, steps=1) == one != sample_text(dfm, ["top-1"], log=QUIET, steps=4)
+    both = ["top-1", "monolith"]
+    one = sample_text(dfm, both, log=QUIET, steps=1)
+    assert sample_text(dfm, both, log=QUIET, steps=1) == one != sample_text(dfm, both, log=QUIET, steps=4)
     info = json.loads((RunFolder(dfm).samples / "info.json").read_text())  # text.json said not how it was drawn
     assert len(one) >= 2 and all(info[name]["drawn_with"]["steps"] == 4 for name in one), info
     drawn = sample_text(ar, ["top-1"], log=QUIET, n=2, seed=7)
+    assert "centralized" not in drawn  # drawn whatever was asked
+    assert list(sample_text(ar, ["monolith"], log=QUIET, n=2, seed=7)) == ["centralized"]
     info = json.loads((RunFolder(ar).samples / "info.json").read_text())
     for name in drawn:
         assert {key: info[name]["drawn_with"][key] for key in ("n", "seed")} == {"n": 2, "seed": 7}

@@ -519,8 +519,8 @@ def with_options(cfg: TextRunConfig, options: dict[str, tuple[str, object]]) -> 
 
 def sample_text(run, strategies: list[str], n: int | None = None, seed: int | None = None,
                 log: Log = print, steps: int | None = None) -> dict[str, list[str]]:
-    """Generated text of a finished run for each routing strategy (with every router of the run) and
-    the centralized model (always; "monolith" among the strategies asks for it alone), in
+    """Generated text of a finished run for each routing strategy (with every router of the run) and,
+    where "monolith" is among the strategies, the centralized model ("monolith" alone: it alone), in
     RUN/samples/text.json. n, seed and steps (unmasking steps, text_dfm only) replace the run's
     sample.n, sample.seed and sample.steps where given."""
     central = [name for name in strategies if name.strip() == "monolith"]
@@ -538,7 +538,8 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
                                  "sample.seed": ("--seed", seed), "sample.steps": ("--steps", steps)})
         note_full_routing(cfg, strategies, log)
         models = text_models(cfg, Path(run), train=False)
-        texts = TASKS[cfg.kind].samples(models.experts, models.central, models.routers, models.prior, cfg)
+        texts = TASKS[cfg.kind].samples(models.experts, models.central if central else None, models.routers,
+                                        models.prior, cfg)
         path, info_path = RunFolder(run).samples / "text.json", RunFolder(run).samples / "info.json"
         saved = read_json(path) if path.exists() else {}
         drawn_with = {key: value for key, value in cfg.sample.model_dump().items()
