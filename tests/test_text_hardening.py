@@ -12,7 +12,8 @@ import pytest
 from ddmkit.registry import verify_registry
 
 from ddmkit.errors import DDMError
-from ddmkit.io import HOST
+from ddmkit.data.partition import read_shard
+from ddmkit.io import HOST, save_tensors
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.text import (analyze_text, evaluate_text, partition_text_run, run_text, sample_text,
                                   train_text_experts, train_text_monolith, train_text_router)
@@ -111,6 +112,19 @@ def test_a_text_expert_trained_already_is_not_said_to_be_written(tmp_path, monke
     code, err = cli(monkeypatch, capsys, "train-expert", shard, "--config", RunFolder(run).config, "--out", out)
     said = " ".join(err.split())
     assert code in (0, None) and "this expert is trained already" in said and "written" not in said, said
+
+
+def test_evaluate_refuses_a_test_shard_changed_since_partitioning(text_runs, tmp_path):
+    """evaluate scored the run on an edited held-out shard; verify refused it."""
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(text_runs["text_ar"], run)
+    test = RunFolder(run).partition / json.loads(RunFolder(run).manifest.read_text())["test_shards"][0]["path"]
+    stream, _, meta = read_shard(test)
+    save_tensors(test, {"x": stream.flip(0)}, metadata=meta)
+    with pytest.raises(DDMError, match=r"test/cluster_00.safetensors: SHA-256 differs from the one .*manifest.json "
+                                       r"records"):
+        evaluate_text(run, log=QUIET)
 
 
 def test_a_text_runs_slurm_script_trains_its_experts_on_the_cpu(tmp_path, monkeypatch, capsys):

@@ -81,12 +81,18 @@ def partition_text(train: list[Document], test: list[Document], cfg, out_dir: st
 
 
 def load_streams(folder: str | Path, split: str = "train") -> tuple[dict, list[torch.Tensor]]:
-    """(manifest, one uint8 stream per cluster) of a text partition folder."""
+    """(manifest, one uint8 stream per cluster) of a text partition folder, each shard checked against the
+    SHA-256 the manifest records (a shard changed since it was written is a DDMError naming it)."""
     folder = Path(folder)
     manifest = read_json(folder / "manifest.json")
     key = "shards" if split == "train" else "test_shards"
     if key not in manifest:
         raise DDMError(f"{folder / 'manifest.json'}: no {key!r}; this is not a text partition")
+    for s in manifest[key]:
+        if s.get("sha256") is not None and sha256_file(folder / s["path"]) != s["sha256"]:
+            raise DDMError(f"{folder / s['path']}: SHA-256 differs from the one {folder / 'manifest.json'} records; "
+                           "the shard was changed or replaced after it was written. Copy the original back, or "
+                           "partition again in a new run folder")
     return manifest, [read_shard(folder / s["path"])[0] for s in manifest[key]]
 
 
