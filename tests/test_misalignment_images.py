@@ -262,6 +262,9 @@ def test_train_now_measure_later_and_a_missing_scorer_is_found_before_training(t
     study = json.loads((out / "study.json").read_text())
     assert [c["seeds"] for c in study["conditions"].values()] == [[0], [0]]
     assert study["device"] == "cpu, cuda:0" and "measured on cpu, cuda:0" in (out / "report.md").read_text()
+    assert study["not_measured"] == ["disjoint seed 1", "tempered-3 seed 1"]  # said on the console alone
+    assert "**Not measured, left out of this report:** disjoint seed 1, tempered-3 seed 1." in \
+        (out / "report.md").read_text()
     none_kept = cli(*base[:-2], "--conditions", "random", "--stages", "report")
     assert none_kept.returncode == 2 and "--stages report" in none_kept.stderr
     assert not (out / "runs").exists()

@@ -501,7 +501,8 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     first = RunFolder(run_dir(out, next(iter(parsed.values())), seeds[0]))
     report = summarize(measures, parsed, strategies, seeds, images)
     measured_on = sorted({m.get("device", str(device)) for ms in measures.values() for m in ms})
-    report.update(settings=settings, config=cfg.model_dump(), version=__version__, device=", ".join(measured_on))
+    report.update(settings=settings, config=cfg.model_dump(), version=__version__, device=", ".join(measured_on),
+                  not_measured=missing)
     if images:
         kept = [m["floor"] for ms in measures.values() for m in ms if "floor" in m]  # made now or brought back
         if not kept and extractor is None:

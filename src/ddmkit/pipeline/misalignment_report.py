@@ -168,6 +168,13 @@ def cell_text(c: dict) -> str:
     return text
 
 
+def not_measured(report: dict) -> str:
+    """A line naming the condition and seed pairs the report leaves out (a report of the measurements kept,
+    --stages report), or nothing."""
+    missing = report.get("not_measured") or []
+    return f"**Not measured, left out of this report:** {', '.join(missing)}.\n" if missing else ""
+
+
 def render(report: dict) -> str:
     st = report["settings"]
     rows = []
@@ -186,7 +193,7 @@ def render(report: dict) -> str:
 
 Data `{report['config']['data']['name']}` ({report['config']['data']['n_train']} training rows), \
 K = {report['config']['partition']['k']} experts; training seeds {report['seeds']}; ddmkit {report['version']}.
-Every strategy samples the same {st['n']} trajectories ({st['solver']}, {st['steps']} steps, noise seed \
+{not_measured(report)}Every strategy samples the same {st['n']} trajectories ({st['solver']}, {st['steps']} steps, noise seed \
 {st['sample_seed']}). Conditions are defined in `ddmkit.analysis.misalignment`.
 
 A cell is the mean over training seeds, then in brackets the 95% t-interval across seeds and in parentheses
@@ -283,7 +290,7 @@ def render_images(report: dict) -> str:
 
 Data `{cfg['data']['name']}` ({cfg['data']['n_train']} training images), K = {cfg['partition']['k']} experts;
 training seeds {report['seeds']}; ddmkit {report['version']}; measured on {report['device']}.
-Every strategy, condition and seed samples the same {st['n']} images from {draw},
+{not_measured(report)}Every strategy, condition and seed samples the same {st['n']} images from {draw},
 as `ddmkit run` draws a sample set ({st['solver']}, {st['steps']} steps, noise seed {st['sample_seed']}), in
 float32 (no autocast). Conditions are defined in `ddmkit.analysis.misalignment`.
 
