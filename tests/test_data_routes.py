@@ -377,6 +377,16 @@ def nan_values():
     return np.zeros((8, 2)), np.full((4, 2), np.nan)
 
 
+def negative_labels():
+    return {"train": np.zeros((8, 2)), "test": np.zeros((4, 2)), "train_labels": np.arange(8) - 1,
+            "test_labels": np.zeros(4, int)}
+
+
+def bool_labels():
+    return {"train": np.zeros((8, 2)), "test": np.zeros((4, 2)), "train_labels": np.arange(8) % 2 == 1,
+            "test_labels": torch.zeros(4, dtype=torch.bool)}
+
+
 def other_shapes():
     return np.zeros((8, 2)), np.zeros((4, 3))
 
@@ -430,10 +440,17 @@ def test_every_form_a_dataset_function_returns(user_module):
     assert len(train) == 5 and len(test) == 2
 
 
+def test_boolean_labels_from_a_function_are_classes_0_and_1_as_from_a_file(user_module):
+    """A file's boolean labels were accepted, a function's refused."""
+    train, test = load_dataset(f"{user_module}:bool_labels", 100, 100)
+    assert train.labels.tolist() == [0, 1] * 4 and test.labels.tolist() == [0] * 4
+
+
 @pytest.mark.parametrize("function, params, message", [
     ("nan_values", {}, "test split holds NaN"),
     ("other_shapes", {}, "train samples have shape (2,) but test samples (3,)"),
     ("bad_labels", {}, "train_labels has shape (7,)"),
+    ("negative_labels", {}, "train_labels holds negative values (first rows: [0])"),  # accepted, failing later
     ("needs_path", {}, "its argument 'path' has no default"),
     ("arrays", {"scael": 2.0}, "data.params.scael: "),
     ("arrays", {"scael": 2.0}, "the arguments data.params may set: scale (n_train, n_test, seed come from"),

@@ -181,10 +181,15 @@ def load_function_dataset(name: str, n_train: int, n_test: int, seed: int,
     for i, (split, x, labels) in enumerate(_splits(name, out)):
         x = _checked_values(name, split, _tensor(name, f"the {split} split", x, 2))
         if labels is not None:
+            if getattr(labels, "dtype", None) in (torch.bool, np.bool_):  # two classes 0, 1, as a file's labels
+                labels = labels.long() if torch.is_tensor(labels) else labels.astype(np.int64)
             lab = _tensor(name, f"{split}_labels", labels, 1)
             if lab.is_floating_point() or lab.shape != (len(x),):
                 raise DDMError(f"data.name = {name!r}: {split}_labels has shape {tuple(lab.shape)} and type "
                                f"{lab.dtype}; expected ({len(x)},) whole numbers, one label per {split} row")
+            if len(lab) and int(lab.min()) < 0:
+                raise DDMError(f"data.name = {name!r}: {split}_labels holds negative values (first rows: "
+                               f"{(lab < 0).nonzero().flatten()[:5].tolist()}); labels are class indices 0, 1, 2, ...")
             labels = lab.long()
         shapes[split] = tuple(x.shape[1:])
         x, labels = take_rows(x, labels, n_train if split == "train" else n_test, seed + i)
