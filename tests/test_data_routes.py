@@ -211,6 +211,18 @@ def test_an_array_file_of_complex_or_bool_values_is_refused(tmp_path, values, dt
         load_dataset(str(tmp_path / "x.npy"), 10, 5)
 
 
+def test_channels_last_uint8_images_given_as_an_array_file_point_to_image_array(tmp_path):
+    """They trained as vectors of 0 .. 255 with no hint; the fixes offered both work."""
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3)).astype(np.uint8)
+    np.save(tmp_path / "x.npy", pixels)
+    with pytest.raises(DDMError, match=r"holds uint8 arrays of shape \(8, 8, 3\), channels-last images .* give "
+                                       r'data.name = "image_array" with data.params.path'):
+        load_dataset(str(tmp_path / "x.npy"), 10, 5)
+    assert load_dataset("image_array", 10, 5, params={"path": str(tmp_path / "x.npy")})[0].data_shape == (3, 8, 8)
+    np.save(tmp_path / "f.npy", pixels.astype(np.float32))
+    assert load_dataset(str(tmp_path / "f.npy"), 10, 5)[0].data_shape == (8, 8, 3)
+
+
 def test_an_array_file_that_is_not_an_array_says_what_to_save(tmp_path):
     (tmp_path / "x.npy").write_bytes(b"not an array at all")
     with pytest.raises(DDMError, match="never pickle: save a numeric array with np.save") as error:
