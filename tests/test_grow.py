@@ -343,6 +343,16 @@ def test_replace_expert_names_the_folder_of_a_bad_path(run, tmp_path):
         replace_expert(run, 1, bad)
 
 
+def test_replace_expert_into_a_missing_slot_says_an_expert_is_copied_in(run, tmp_path):
+    """It offered training alone, where an island's expert goes in by copying its folder."""
+    shutil.move(run / "experts" / "expert_01", tmp_path / "island")
+    with pytest.raises(DDMError, match=r"experts \[1\] are missing; .* or copy the folders of experts trained "
+                                       r"elsewhere on those shards into .*experts/expert_XX \(then `ddmkit register"):
+        replace_expert(run, 1, tmp_path / "island")
+    shutil.copytree(tmp_path / "island", run / "experts" / "expert_01")  # what the message says
+    assert replace_expert(run, 1, tmp_path / "island") is None  # a copy of those weights already: nothing to do
+
+
 def test_add_expert_trains_on_the_device_given(base, run):
     """A run trained on a GPU (its config names cuda:7) grown on a machine without it: the error said to pass
     --device cpu, an option add-expert did not have."""

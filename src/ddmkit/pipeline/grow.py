@@ -103,7 +103,9 @@ def trained_run(run) -> TrainedRun:
     missing = [c for c in range(manifest["k"]) if not (folder.expert(c) / "model.safetensors").exists()]
     if missing:
         raise DDMError(f"{folder.root} is not trained yet: experts {missing} are missing; train them first with "
-                       f"`ddmkit run CONFIG --out {folder.root} --stages train` or `ddmkit launch {folder.root}`")
+                       f"`ddmkit run CONFIG --out {folder.root} --stages train` or `ddmkit launch {folder.root}`, or "
+                       f"copy the folders of experts trained elsewhere on those shards into "
+                       f"{folder.experts}/expert_XX (then `ddmkit register {folder.root}`)")
     if folder.registry.exists():
         verify_registry(folder.root, allow_missing=False)
     train, test = load_split(folder.root, "train"), load_split(folder.root, "test")
@@ -526,7 +528,8 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict | None:
         slot_meta = read_metadata(run_folder.partition / shard["path"])  # what an expert trained there records
         weights = sha256_file(source / "model.safetensors")
         slot = run_folder.expert(k) / "config.json"
-        if slot.is_file() and (read_json(slot).get("replaced_from") or {}).get("weights_sha256") == weights:
+        if slot.is_file() and weights in ((read_json(slot).get("replaced_from") or {}).get("weights_sha256"),
+                                          sha256_file(run_folder.expert(k) / "model.safetensors")):
             log(f"replace-expert: expert {k} is a copy of these weights already ({source}); nothing to do")
             return None
         origin = {"source": str(source.resolve()), "cluster": config.get("cluster"), "k": config.get("k"),
