@@ -114,9 +114,11 @@ def test_a_killed_monolith_or_router_stage_resumes_to_the_same_bytes(tiny_partit
             stage(cfg, run, log=lambda m: None)
     folder = getattr(RunFolder(run), name)
     assert read_metadata(checkpoint_path(folder))["step"] == 20 and not folder.exists()
+    said = []
     with monkeypatch.context() as m:
         calls = _crash_after(m, 10**9)
-        stage(cfg, run, log=lambda m: None)  # as `ddmkit run` does again: continues from step 20
+        stage(cfg, run, log=said.append)  # as `ddmkit run` does again: continues from step 20
+    assert f"{name}: continuing from {checkpoint_path(folder)}" in said  # it said nothing of it
     reference = getattr(RunFolder(ref), name)
     assert calls["n"] == read_json(folder / "config.json")["train"]["steps"] - 20  # not trained from the start
     assert _bytes(folder) == _bytes(reference)

@@ -85,7 +85,9 @@ class DDM:
         device: cpu, cuda, cuda:N, mps or auto; exclude: experts to leave out (one index or a list,
         0 .. K - 1); allow_missing=False refuses a run whose expert folders are not all there;
         guidance: classifier-free guidance inside class-conditional experts; router: "learned" or
-        "statistics" (the statistics-only router, from the islands' published statistics)."""
+        "statistics" (the statistics-only router, from the islands' published statistics; "stats" too).
+        A run grown with add-expert --router stats has no learned router: "learned" routes it by the
+        statistics too (the DDM's repr says router='statistics')."""
         return load_ddm(run, device, exclude, allow_missing, guidance, router)
 
     def __repr__(self) -> str:

@@ -1,7 +1,7 @@
 """The autoencoder of a latent DDM: diffusers' AutoencoderKL, built from a config or loaded from a
 local folder, and the codec that maps images to latents and back.
 
-    codec = load_codec("runs/fm-latent/autoencoder")     # a folder written by ddmkit (or diffusers)
+    codec = load_codec("runs/fm-latent/autoencoder", 1)  # a folder written by ddmkit (or diffusers); 1: grey data
     z = codec.encode(x)        # x (N, C, H, W) in [-1, 1]  ->  z (N, c, H/f, W/f)
     x = codec.decode(z)
 
@@ -244,4 +244,6 @@ class LatentCodec:
 
 
 def load_codec(folder: str | Path, data_channels: int, batch: int = 256, device="cpu") -> LatentCodec:
+    """The codec of an autoencoder folder for images of data_channels channels (1 or 3; grey images go
+    through an RGB autoencoder as their channel repeated), coding `batch` images at once on `device`."""
     return LatentCodec(load_autoencoder(folder).to(device), data_channels, batch)

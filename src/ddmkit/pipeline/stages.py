@@ -196,9 +196,17 @@ def stage_experts(cfg: RunConfig, run, log: Log = print, backend: str = "inline"
                 train_experts_concurrently([j.shard for j in jobs], cfg.expert, [j.out_dir for j in jobs], log)
             backend = "concurrent"
         else:
+            for job in jobs:
+                _note_checkpoint(f"expert {job.cluster}", job.out_dir, log)
             run_jobs(jobs, cfg.expert, backend, workers, address, resume=True, log=log)
         if jobs:
             log(f"experts: {len(jobs)} trained in {time.perf_counter() - start:.1f}s ({backend} backend)")
+
+
+def _note_checkpoint(job: str, out_dir: Path, log: Log) -> None:
+    """Say that a job continues from the checkpoint a stopped run left (its jobs continue from one)."""
+    if checkpoint_path(out_dir).exists():
+        log(f"{job}: continuing from {checkpoint_path(out_dir)}")
 
 
 def stage_registry(cfg: RunConfig, run, log: Log = print) -> None:
@@ -216,6 +224,7 @@ def stage_monolith(cfg: RunConfig, run, log: Log = print) -> None:
             return
         start = time.perf_counter()
         shards = checked_model_shards(run)
+        _note_checkpoint("monolith", folder.monolith, log)
         with job_threads(cfg.expert.train.threads):
             train_monolith(shards, cfg.expert, folder.monolith, cfg.monolith.match, resume=True)
         t = cfg.expert.train
@@ -229,6 +238,7 @@ def stage_router(cfg: RunConfig, run, log: Log = print) -> None:
         if (folder.router / "model.safetensors").exists():
             return
         start = time.perf_counter()
+        _note_checkpoint("router", folder.router, log)
         with job_threads(cfg.router.train.threads):
             train_router(checked_model_shards(run), cfg.router, folder.router)
         log(f"router: trained in {time.perf_counter() - start:.1f}s")
@@ -253,8 +263,7 @@ def stage_autoencoder(cfg: RunConfig, run, log: Log = print) -> None:
                     write_json(tmp / PRETRAINED_SOURCE, pretrained_files(cfg.latent.pretrained))
                 log(f"autoencoder: {cfg.latent.pretrained} copied into {folder.autoencoder}")
             else:
-                if checkpoint_path(folder.autoencoder).exists():
-                    log(f"autoencoder: continuing from {checkpoint_path(folder.autoencoder)}")
+                _note_checkpoint("autoencoder", folder.autoencoder, log)
                 with job_threads(cfg.latent.train.threads):
                     train_autoencoder(load_split(run, "train").x, cfg.latent, folder.autoencoder)
                 log(f"autoencoder: trained in {time.perf_counter() - start:.1f}s")
