@@ -419,3 +419,15 @@ def test_a_warning_is_one_line_without_pythons_source_line():
             "try:\n    c.main()\nexcept SystemExit:\n    pass\nwarnings.warn('a run has no registry.json')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.stderr.strip() == "warning: a run has no registry.json", done.stderr
+
+
+def test_a_bad_set_is_labelled_with_the_options_given():
+    """--set alone was labelled '--set / --device', naming an option the user did not give."""
+    from ddmkit.cli import _config
+    from ddmkit.errors import DDMError
+    with pytest.raises(DDMError) as error:
+        _config(None, None, ["expert.train.steps=-1"])
+    assert str(error.value).startswith("--set:"), str(error.value)
+    with pytest.raises(DDMError) as error:
+        _config(None, None, ["expert.train.steps=-1"], "cpu")
+    assert str(error.value).startswith("--set / --device:"), str(error.value)

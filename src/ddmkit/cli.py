@@ -137,7 +137,8 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
     if device is not None:
         items += device_overrides(dump, device)
         checked_device(device)  # before any work: a device this machine lacks is refused here
-    source = "--set / --device" if path is None else f"{config} with --set / --device"  # as the user named it
+    given = " / ".join(name for name, value in (("--set", overrides), ("--device", device)) if value)
+    source = given if path is None else f"{config} with {given}"  # as the user named them
     cfg = validate(RunConfig, apply_overrides(dump, items), source) if items else base
     own_file = path is not None and path.suffix != ".json"  # the user's TOML, not a run folder's config.json
     typed = {item.partition("=")[0].strip() for item in overrides or []}
