@@ -424,3 +424,16 @@ def test_latent_channels_is_noted_only_when_the_user_set_it(tmp_path):
             assert notes == ([f"note: latent.channels = 8 is not used: the pretrained autoencoder {tmp_path / 'vae'} "
                               "has 2 latent channels (latent.channels, widths and [latent.train] are for an "
                               "autoencoder ddmkit trains)"] if latent.get("channels") == 8 else [])
+
+
+def test_fid_over_the_monolith_only_between_sets_of_one_sample_count():
+    """A set drawn again with `ddmkit sample --n 8` got an FID / monolith ratio against the monolith's 1000
+    samples, with no word (FID falls as n grows)."""
+    from ddmkit.pipeline.images import FLOOR, other_counts, table_rows
+    result = {"rows": {FLOOR: {"fid": 1.0, "kid": 0.0, "n": 1000}, "monolith": {"fid": 10.0, "kid": 0.0, "n": 1000},
+                       "top-1": {"fid": 12.0, "kid": 0.0, "n": 1000}, "top-2": {"fid": 90.0, "kid": 0.0, "n": 8}}}
+    ratios = {row[0]: row[3] for row in table_rows(result, 1.0)}
+    assert ratios == {FLOOR: 0.1, "monolith": 1.0, "top-1": 1.2, "top-2": None}
+    assert "top-2 (8) hold another count than the monolith's 1000" in other_counts(result)
+    result["rows"]["top-2"]["n"] = 1000
+    assert other_counts(result) == ""

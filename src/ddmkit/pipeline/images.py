@@ -84,17 +84,30 @@ def training_seconds(run) -> dict:
 
 def table_rows(result: dict, guidance: float) -> list[list]:
     """The samples table's rows; a set drawn at a guidance other than `guidance` (the report's) is named
-    with its own ('top-2 @ cfg 3', as the guidance sweep names its sets)."""
+    with its own ('top-2 @ cfg 3', as the guidance sweep names its sets). FID / monolith only for a set of
+    the monolith's sample count (FID depends on it: other_counts)."""
     rows = []
     mono = result["rows"].get("monolith", {}).get("fid")
+    mono_n = result["rows"].get("monolith", {}).get("n")
     for name, r in result["rows"].items():
-        rel = r["fid"] / mono if mono else None
+        rel = r["fid"] / mono if mono and r.get("n") == mono_n else None
         own = r.get("guidance", guidance)
         if own != guidance and not name.endswith(f" @ cfg {own:g}"):
             name = f"{name} @ cfg {own:g}"
         rows.append([name, r.get("n", "-"), r["fid"], rel, r["kid"] * 1e3, r.get("expert_calls_per_sample", "-"),
                      r.get("wall_time", "-"), r.get("fid_seconds", "-")])
     return rows
+
+
+def other_counts(result: dict) -> str:
+    """A sentence naming the sets of another sample count than the monolith's ('' when none): their FID is
+    not comparable with it (FID falls as n grows), so their FID / monolith is left out."""
+    mono_n = result["rows"].get("monolith", {}).get("n")
+    others = [f"{name} ({r['n']})" for name, r in result["rows"].items()
+              if mono_n is not None and r.get("n") not in (None, mono_n) and name not in (FLOOR, RECONSTRUCTIONS)]
+    return ("" if not others else f"\nFID depends on the number of samples (it falls as n grows): {', '.join(others)} "
+            f"hold another count than the monolith's {mono_n}, so their FID / monolith is left out; compare sets of "
+            "one n.\n")
 
 
 def render_report(cfg: RunConfig, run, result: dict) -> str:
@@ -125,7 +138,7 @@ Training wall time (s): {result['train_seconds']}.
 The first row is {result['rows'][FLOOR]['n']} training images against the test set: the floor.
 {latent}
 {table}
-
+{other_counts(result)}
 Cluster examples (one row per cluster):
 
 ![clusters](plots/clusters.png)
