@@ -61,3 +61,36 @@ def test_a_bad_seed_or_out_is_refused_before_anything_is_written(tmp_path):
         result = CliRunner().invoke(app, [command, "--quick", "--out", str(tmp_path / "afile")])
         assert isinstance(result.exception, DDMError) and "afile is a file" in str(result.exception)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_out_holding_a_run_or_another_report_is_refused_before_the_study(tmp_path, monkeypatch):
+    """theory distill --out RUN replaced the run's report.md, and the two studies replaced each other's."""
+    import pytest
+
+    from ddmkit.cli import _check_theory_out
+    from ddmkit.errors import DDMError
+    run = tmp_path / "run"
+    (run / "partition").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "report.md").write_text("the run's report")
+    for out in (run, run / "experts"):
+        with pytest.raises(DDMError, match="a ddmkit run folder or a folder inside one"):
+            _check_theory_out(out, "distill")
+    (tmp_path / "conv").mkdir()
+    (tmp_path / "conv" / "results.json").write_text(json.dumps({"grid": {}}))
+    with pytest.raises(DDMError, match="holds the theory convergence study's report"):
+        _check_theory_out(tmp_path / "conv", "distill")
+    _check_theory_out(tmp_path / "conv", "convergence")  # its own: replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("my notes")
+    with pytest.raises(DDMError, match="holds a report.md or results.json it did not write"):
+        _check_theory_out(tmp_path / "mine", "convergence")
+    _check_theory_out(tmp_path / "new", "convergence")
+    import ddmkit.theory.convergence as convergence
+
+    def stopped(*args, **kwargs):
+        (tmp_path / "new").mkdir(exist_ok=True)  # as the study makes its folder, then Ctrl-C
+        raise KeyboardInterrupt
+    monkeypatch.setattr(convergence, "run_convergence", stopped)
+    CliRunner().invoke(app, ["convergence", "--quick", "--out", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()  # an empty folder was left

@@ -5,6 +5,7 @@ Every command exits 0 on success, 2 with one clear message on bad input
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -850,18 +851,44 @@ app.add_typer(text_app, name="text")
 QUICK = typer.Option(False, "--quick", help="A small version that runs in under a minute (what the tests run).")
 
 
+THEORY_RESULTS = {"convergence": "grid", "distill": "runs"}  # a key of each study's results.json
+
+
+def _check_theory_out(out: Path, study: str) -> None:
+    """--out of a theory study, before it runs: a folder of its own, where it replaces only its own report
+    (not a run folder or one inside a run, not the other study's, not a report.md of someone else's)."""
+    from ddmkit.io import check_folder_target
+    from ddmkit.layout import enclosing_run
+
+    check_folder_target(out)
+    fix = f"give a folder of its own, e.g. --out theory-{study}"
+    if ((out / "config.json").is_file() and (out / "partition").is_dir()) or enclosing_run(out) is not None:
+        raise DDMError(f"--out {out}: a ddmkit run folder or a folder inside one, whose report.md the study would "
+                       f"replace; {fix}")
+    if (out / "report.md").exists() or (out / "results.json").exists():
+        try:
+            made = json.loads((out / "results.json").read_text())
+        except (OSError, ValueError):
+            made = None
+        if not (isinstance(made, dict) and THEORY_RESULTS[study] in made):
+            other = next((name for name, key in THEORY_RESULTS.items() if isinstance(made, dict) and key in made), None)
+            what = f"the theory {other} study's report" if other else "a report.md or results.json it did not write"
+            raise DDMError(f"--out {out} holds {what}, which the study would replace; {fix}")
+
+
 @theory_app.command()
 def convergence(quick: bool = QUICK,
                 out: Path = typer.Option(Path("theory-convergence"), "--out", help="Folder for the report."),
                 seed: int = typer.Option(0, "--seed", min=0, max=THEORY_SEED_MAX,
                                          help="Random seed; the same seed gives the same numbers.")):
     """W2 and pathwise convergence of routed Euler/Heun samplers with full, top-k and switching routing."""
-    from ddmkit.io import check_folder_target
+    from ddmkit.io import removing_new_empty_folders
     from ddmkit.theory.convergence import ConvergenceSettings, run_convergence
 
     settings = ConvergenceSettings.quick(seed) if quick else ConvergenceSettings(seed=seed)
-    check_folder_target(out)
-    run_convergence(settings, out, log=log)
+    _check_theory_out(out, "convergence")
+    with removing_new_empty_folders(out):  # Ctrl-C leaves no empty folder
+        run_convergence(settings, out, log=log)
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'} and plots")
 
 
@@ -876,12 +903,13 @@ def distill(quick: bool = QUICK,
     """L(t), Lambda(t) and student flow maps on uniform and Lambda-uniform grids (linear and OU paths)."""
     from dataclasses import replace
 
-    from ddmkit.io import check_folder_target
+    from ddmkit.io import removing_new_empty_folders
     from ddmkit.theory.distill import DistillSettings, run_distill
 
     settings = replace(DistillSettings.quick(seed) if quick else DistillSettings(seed=seed), seeds=seeds)
-    check_folder_target(out)
-    run_distill(settings, out, log=log)
+    _check_theory_out(out, "distill")
+    with removing_new_empty_folders(out):  # Ctrl-C leaves no empty folder
+        run_distill(settings, out, log=log)
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'} and plots")
 
 
