@@ -36,7 +36,7 @@ from ddmkit.analysis.quality import (across_strategies, paired_difference, per_s
 from ddmkit.analysis.report import plot_disagreement, plot_expert_error, plot_lipschitz, plot_quality_scatter, render
 from ddmkit.analysis.stability import amplification, data_scale, local_lipschitz, refinement_gap
 from ddmkit.analysis.trace import trace_strategy
-from ddmkit.config import MAX_SEED, MONOLITH, json_digest
+from ddmkit.config import MAX_SEED, MONOLITH, ROWS, json_digest
 from ddmkit.conventions import __version__
 from ddmkit.data import takes_test_fraction
 from ddmkit.data.partition import feature_map, load_partition
@@ -343,12 +343,17 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     for option, value, least in (("--n", n, 2), ("--jvp-rows", jvp_rows, 1), ("--max-steps", max_steps, 1)):
         if value < least:
             raise DDMError(f"{option} = {value}: must be {least} or more")
+        if value > ROWS:
+            raise DDMError(f"{option} = {value}: must be at most {ROWS:,}")
     check_seed(seed)
     cfg = run_config(run)
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     names = [strategies] if isinstance(strategies, str) else list(strategies or default_strategies(cfg))
     strats = check_strategies(names)
     out = check_folder_target(out if out is not None else folder.analysis)  # before the long work
+    model = next((p for p in (out, *out.resolve().parents) if (p / "model.safetensors").is_file()), None)
+    if model is not None:  # the folders copied between machines hold a network alone
+        raise DDMError(f"--out {out} is inside the model folder {model}; give another folder (default RUN/analysis)")
     ddm = loaded_ddm(run, device, log)
     names = note_full_aliases(list(strats), ddm.k, log)
     strats = {name: strats[name] for name in names}
