@@ -433,3 +433,13 @@ def test_sample_refuses_settings_of_another_run(tiny_run, tmp_path):
     done = cli("sample", run, "--strategy", "top-1", "--set", "partition.k=5")
     assert done.returncode == 2 and "differs in partition.k" in " ".join(done.stderr.split()), done.stderr
     assert (run / "samples/info.json").read_bytes() == before
+
+
+def test_the_study_caption_names_the_setting_that_set_its_count():
+    """It said 'evaluate.study_n sets the count' where sample.n, smaller, did."""
+    from ddmkit.config import RunConfig, validate
+    from ddmkit.pipeline.vectors import study_sentence
+    small = validate(RunConfig, {"sample": {"n": 100}})
+    assert "Each row: 100 samples" in study_sentence(small) and "(the config's [sample] section; sample.n, below " \
+        "evaluate.study_n = 4000 sets the count)" in study_sentence(small)
+    assert "evaluate.study_n sets the count" in study_sentence(validate(RunConfig, {"sample": {"n": 8000}}))

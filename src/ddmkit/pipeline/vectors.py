@@ -99,8 +99,10 @@ def study_sentence(cfg: RunConfig) -> str:
     have been drawn otherwise (`ddmkit sample --steps ...`)."""
     s, n = cfg.sample, study_size(cfg)
     chunk = min(cfg.evaluate.chunk, n)
+    count = ("evaluate.study_n" if n == cfg.evaluate.study_n else
+             f"sample.n, below evaluate.study_n = {cfg.evaluate.study_n}")
     return (f"Each row: {n} samples, {s.solver}, {s.steps} steps, seed {s.seed} (the config's [sample] section; "
-            f"evaluate.study_n sets the count); W2/floor over {n // chunk} pair(s) of {chunk} points, against "
+            f"{count} sets the count); W2/floor over {n // chunk} pair(s) of {chunk} points, against "
             "a floor measured at that size.")
 
 
