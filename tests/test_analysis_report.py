@@ -64,3 +64,10 @@ def test_undefined_correlations_are_words():
     assert A._ci({"rho": nan, "lo": nan, "hi": nan, "why": "constant rank"}) == "undefined (constant rank)"
     assert A._ci({"rho": 0.5, "lo": nan, "hi": nan}) == "+0.50 (no interval: every bootstrap draw was constant)"
     assert A._point(nan, 1) == "undefined (fewer than 3 strategies)" and A._point(-0.25, 3) == "-0.25"
+
+
+def test_an_undefined_cell_reads_a_dash_not_nan():
+    """A t band without a measured step printed 'nan' in every row."""
+    from ddmkit.analysis.report import band_table
+    per = {"full": {"bands": {"t": ["[0, 0.25)", "[0.25, 0.5)"], "L_top": [1.5, float("nan")]}}}
+    assert band_table(per, "L_top").splitlines()[-1] == "| full | 1.5 | - |"

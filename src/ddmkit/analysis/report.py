@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from ddmkit.evaluation.plots import pyplot, save_figure
-from ddmkit.tables import markdown_table
+from ddmkit.tables import markdown_table as _markdown_table
 
 # One colour per strategy, distinct for up to 18 strategies (the default list has 11): matplotlib's ten
 # "tab" colours, then eight others unlike them.
@@ -75,6 +75,12 @@ def plot_quality_scatter(points: dict, qname: str, path: Path) -> None:
     save_figure(fig, path)
 
 
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table whose undefined cells (NaN: no measured step in a t band, no row of that kind) read '-'."""
+    return _markdown_table(headers, [[None if isinstance(c, float) and math.isnan(c) else c for c in row]
+                                     for row in rows])
+
 TABLE = [("expert calls/sample", "calls"), ("quality q", "q"), ("W2", "w2"), ("L_top", "L_top"),
          ("L_rand", "L_rand"), ("L_fd", "L_fd"), ("amplification (median)", "amp_median"),
          ("Delta_refine", "delta_refine"), ("nearest hit", "hit"), ("mean rank", "rank"),
@@ -113,7 +119,7 @@ def reference_note(info: dict | None) -> str:
 
 def strategy_table(per: dict, reference: str | None = "exact") -> str:
     cols = TABLE + [c for c in reference_columns(reference) if all(c[1] in r["summary"] for r in per.values())]
-    return markdown_table(["strategy"] + [c for c, _ in cols],
+    return table(["strategy"] + [c for c, _ in cols],
                           [[name] + [r["summary"].get(k) for _, k in cols] for name, r in per.items()])
 
 
@@ -144,13 +150,13 @@ def own_cluster_section(held: dict) -> str:
     if exact:
         heads += ["own cluster (vs v*_k)", "other clusters (vs v*_k)"]
     return (f"Every expert's error on held-out points of its own cluster and of the other clusters (cluster of a "
-            f"point: {held.get('cluster_rule', 'given')}; no strategy involved):\n\n" + markdown_table(heads, rows)
+            f"point: {held.get('cluster_rule', 'given')}; no strategy involved):\n\n" + table(heads, rows)
             + "\n")
 
 
 def band_table(per: dict, key: str) -> str:
     bands = next(iter(per.values()))["bands"]["t"]
-    return markdown_table(["strategy"] + bands, [[n] + r["bands"][key] for n, r in per.items()])
+    return table(["strategy"] + bands, [[n] + r["bands"][key] for n, r in per.items()])
 
 
 def _ci(c: dict) -> str:
@@ -192,7 +198,7 @@ def render(res: dict) -> str:
         ex_rows = [[f"{t:.2f}", held["router_tv"][i], min(held["expert_vs_exact"][i]), max(held["expert_vs_exact"][i])]
                    for i, t in enumerate(held["t"])]
         exact = ("Against the exact mixture (cluster k's exact velocity v*_k, error weighted by the exact posterior r*_k; router TV against r*):\n\n"
-                 + markdown_table(["t", "router TV", "min_k e*_k", "max_k e*_k"], ex_rows) + "\n")
+                 + table(["t", "router TV", "min_k e*_k", "max_k e*_k"], ex_rows) + "\n")
     bases = sorted({b for c in res["compare"].values() for b in c["vs"]})
     cmp_rows = [[n, c["calls"]] + [f"{c['vs'][b]['mean']:+.3g} [{c['vs'][b]['lo']:+.3g}, {c['vs'][b]['hi']:+.3g}] "
                                    f"{c['vs'][b]['word']}; W2 {c['vs'][b]['w2_minus_baseline']:+.3g}" for b in bases]
@@ -251,7 +257,7 @@ Mean rank of the routed experts (1 = nearest), per t band:
 
 Per-expert error on held-out data (routed / not routed):
 
-{markdown_table(['t'] + list(held['routed']), err_rows)}
+{table(['t'] + list(held['routed']), err_rows)}
 
 {own_cluster_section(held)}
 {exact}
@@ -266,7 +272,7 @@ Disagreement D_pair per t band:
 Within each strategy, Spearman rho (95% CI) of per-sample q with per-sample disagreement D_pair and with
 mean rank:
 
-{markdown_table(['strategy', 'q vs D_pair', 'q vs rank'], corr_rows)}
+{table(['strategy', 'q vs D_pair', 'q vs rank'], corr_rows)}
 
 ## Alignment-based routing vs fixed top-k
 
@@ -275,5 +281,5 @@ paired difference of mean q (same noise, bootstrap 95% CI; negative = better) an
 (negative = closer to the data). Per-sample NLL rewards samples that sit on modes even when the modes
 are unevenly covered; W2 sees the whole distribution, so read both.
 
-{markdown_table(['strategy', 'calls/sample'] + [f'vs {b}' for b in bases], cmp_rows)}
+{table(['strategy', 'calls/sample'] + [f'vs {b}' for b in bases], cmp_rows)}
 """
