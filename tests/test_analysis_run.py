@@ -69,6 +69,8 @@ def test_bad_input_names_the_option(trained, tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(DDMError, match="afile is a file, not a folder"):  # before the measurements, not at the end
         analyze_run(trained, out=tmp_path / "afile" / "analysis")
+    with pytest.raises(DDMError, match="afile is a file, not a run folder"):  # 'move it away (or write to another'
+        analyze_run(tmp_path / "afile")
     with pytest.raises(DDMError, match="--n = 1000000000000: must be at most 1,000,000,000"):  # named start_noise
         analyze_run(trained, n=10**12, out=tmp_path / "a")
     with pytest.raises(DDMError, match="is inside the model folder .*expert_00; give another folder"):  # written into

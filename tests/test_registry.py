@@ -295,7 +295,7 @@ def test_verify_of_a_folder_that_does_not_exist_says_so(tmp_path):
     with pytest.raises(DDMError, match=r"nowhere is not a run folder \(no such folder\)"):
         verify_registry(tmp_path / "nowhere")
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(DDMError, match=r"afile is not a run folder \(a file\)"):  # was "(no such folder)"
+    with pytest.raises(DDMError, match=r"afile is a file, not a run folder"):  # was "(no such folder)"
         verify_registry(tmp_path / "afile")
 
 

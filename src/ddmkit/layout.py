@@ -37,10 +37,11 @@ def safe_name(name: str) -> str:
 def check_run_exists(root: str | Path) -> None:
     """A DDMError when the run folder `root` is not a folder (no such folder, or a file)."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DDMError(f"{root} is a file, not a run folder; give the folder a `ddmkit run` wrote")
     if not root.is_dir():
-        what = "a file" if root.exists() else "no such folder"
-        raise DDMError(f"{root} is not a run folder ({what}); give the folder a `ddmkit run` wrote (or make one with "
-                       f"`ddmkit partition --config CONFIG --out {root}`)")
+        raise DDMError(f"{root} is not a run folder (no such folder); give the folder a `ddmkit run` wrote (or make "
+                       f"one with `ddmkit partition --config CONFIG --out {root}`)")
 
 
 def enclosing_run(path: str | Path) -> Path | None:

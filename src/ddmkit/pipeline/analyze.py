@@ -46,7 +46,7 @@ from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
 from ddmkit.io import (check_folder_target, load_tensors, nan_as_null, read_json, save_tensors, sha256_file,
                        write_bytes_atomic, write_json)
-from ddmkit.layout import RunFolder, safe_name
+from ddmkit.layout import RunFolder, check_run_exists, safe_name
 from ddmkit.pipeline.checks import checked_device
 from ddmkit.pipeline.prepare import remove_leftovers, run_config
 from ddmkit.pipeline.samplesets import calls_every_expert
@@ -327,6 +327,7 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, strategies: 
     threads: torch intra-op threads while it runs (1: small networks on a shared CPU only lose to spinning).
     device: where the networks and every tensor of the analysis live (auto, cpu, cuda, cuda:N, mps;
     default: the run's expert.train.device)."""
+    check_run_exists(run_dir)  # a file or no folder: said as such, before its lock would make the folder
     with job_threads(threads), run_lock(run_dir):
         return _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, device, log)
 
