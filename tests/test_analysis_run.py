@@ -224,3 +224,12 @@ def test_spellings_of_one_strategy_are_one_strategy():
 
     assert list(check_strategies(["top-2", " top-2", "top-02", "nucleus-0.90", "full"])) == ["top-2", "nucleus-0.9",
                                                                                           "full"]
+
+
+def test_max_steps_beyond_the_runs_steps_is_reported_as_the_runs(trained, tmp_path):
+    """The header said 'at up to 1000 steps' on a run of fewer steps (--jvp-rows was capped to --n, this not)."""
+    res = analyze_run(trained, strategies=["top-1"], out=tmp_path / "a", log=lambda m: None,
+                      **{**SMALL, "max_steps": 1000})
+    steps = res["settings"]["steps"]
+    assert steps < 1000 and res["settings"]["max_steps"] == steps
+    assert f"at up to {steps} steps" in (tmp_path / "a" / "analysis.md").read_text()

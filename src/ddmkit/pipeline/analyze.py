@@ -368,7 +368,7 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     s = cfg.sample
     seed = s.seed if seed is None else seed
     x1 = start_noise(max(s.n, n), ddm.data_shape, seed, device)[:n]
-    settings = {"n": n, "seed": seed, "steps": s.steps, "solver": s.solver, "max_steps": max_steps,
+    settings = {"n": n, "seed": seed, "steps": s.steps, "solver": s.solver, "max_steps": min(max_steps, s.steps),
                 "jvp_rows": min(jvp_rows, n), "n_boot": n_boot, "n_w2": rows["w2"].stop, "strategies": names,
                 "device": str(device)}
     features = feature_map(manifest, ptensors)
