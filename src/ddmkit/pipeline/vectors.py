@@ -156,7 +156,9 @@ W2 and MMD over {result["pairs"]} pair(s) of {result["chunk"]} points.
 W2 is the exact 2-Wasserstein distance between {result['chunk']}-point sets, averaged over {result['pairs']}
 independent pairs (a chunk of the samples against its own held-out set); the first row is the same measurement
 with held-out data in place of samples: the floor no sampler can beat at this sample size. NLL, mode coverage and off-manifold rate are under the true mixture
-(blank without one). Expert calls count network evaluations of experts per sample over the whole trajectory.
+(blank without one): each sample counts for its most probable component however far from it, and a mode is
+hit when it gets a tenth of its expected count, so samples off every mode (off-manifold) still hit modes.
+Expert calls count network evaluations of experts per sample over the whole trajectory.
 
 {markdown_table(["strategy"] + [c for c, _ in COLUMNS], rows)}
 
