@@ -78,3 +78,12 @@ def test_a_grid_that_is_not_a_decreasing_tensor_is_refused():
         with pytest.raises(DDMError, match=said):
             call()
     assert torch.allclose(sample_euler(v, x, time_grid(4)), x * 1.25 ** 4)  # x' = -x backwards: x grows
+
+
+def test_the_path_takes_one_time_for_every_row_and_names_a_bad_prediction():
+    """noise(x, 0.5, eps) was an AttributeError; target_for('v', ...) a ValueError."""
+    from ddmkit.flow import noise, target_for
+    x, eps = torch.ones(3, 2), torch.zeros(3, 2)
+    assert torch.equal(noise(x, 0.5, eps), noise(x, torch.full((3,), 0.5), eps))
+    with pytest.raises(DDMError, match="prediction must be one of"):
+        target_for("v", x, eps)

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import torch
 
+from ddmkit.errors import DDMError
+
 PREDICTIONS = ("velocity", "epsilon", "x0")
 
 
 def per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """v (B,) as (B, 1, ..., 1) in like's dtype: one value per row of like (B, *shape), broadcast."""
+    """v (B,) as (B, 1, ..., 1) in like's dtype: one value per row of like (B, *shape), broadcast (a number:
+    the same for every row)."""
+    if not isinstance(v, torch.Tensor):
+        v = torch.tensor(float(v), device=like.device)
     return v.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
@@ -40,7 +45,7 @@ def target_for(prediction: str, x: torch.Tensor, eps: torch.Tensor) -> torch.Ten
         return eps
     if prediction == "x0":
         return x
-    raise ValueError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}")
+    raise DDMError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}")
 
 
 T_EPS = 1e-2  # how far from its singular end an eps or x0 network is evaluated
@@ -67,7 +72,7 @@ def to_velocity(pred: torch.Tensor, prediction: str, x_t: torch.Tensor, t: torch
         return (pred - x_t) / (1 - tb)
     if prediction == "x0":
         return (x_t - pred) / tb
-    raise ValueError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}")
+    raise DDMError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}")
 
 
 def x0_from_velocity(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
