@@ -234,6 +234,23 @@ def check_selection(strategy, idx, w, probs: torch.Tensor) -> None:
                        "rows")
 
 
+def checked_select(strategy, probs: torch.Tensor, state: RoutingState) -> tuple[torch.Tensor, torch.Tensor]:
+    """strategy.select(probs, state), checked on the host (check_selection; one expert per row for a
+    one_expert strategy, whose outputs are added unweighted); else a DDMError naming the strategy."""
+    selection = strategy.select(probs, state)
+    if not isinstance(selection, tuple) or len(selection) != 2:
+        got = f"a tuple of {len(selection)}" if isinstance(selection, tuple) else type(selection).__name__
+        raise DDMError(f"routing strategy {_strategy_name(strategy)!r}: select(probs, state) returned {got}; "
+                       "expected (experts, weights), both (B, n)")
+    idx, w = selection
+    check_selection(strategy, idx, w, probs)
+    if strategy.one_expert and idx.shape[1] != 1:
+        raise DDMError(f"routing strategy {_strategy_name(strategy)!r}: one_expert = True, but select(probs, "
+                       f"state) returned {idx.shape[1]} experts per row, whose outputs would be added unweighted; "
+                       "return one expert per row, or set one_expert = False")
+    return idx, w
+
+
 def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: RoutingState,
                     counter: CallCounter | None = None, cond: Cond | None = None,
                     router_every: int = 1, router_cond: Cond | None = None,
@@ -265,21 +282,11 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
         if counter is not None:
             counter.router_calls += 1
         if sparse:  # plan from the strategy's (B, n) selection, never building the (B, K) matrix
-            selection = strategy.select(probs, state)
-            if not isinstance(selection, tuple) or len(selection) != 2:
-                got = f"a tuple of {len(selection)}" if isinstance(selection, tuple) else type(selection).__name__
-                raise DDMError(f"routing strategy {_strategy_name(strategy)!r}: select(probs, state) returned {got}; "
-                               "expected (experts, weights), both (B, n)")
-            idx, w = selection
-            check_selection(strategy, idx, w, probs)
-            if unit and idx.shape[1] != 1:
-                raise DDMError(f"routing strategy {_strategy_name(strategy)!r}: one_expert = True, but select(probs, "
-                               f"state) returned {idx.shape[1]} experts per row, whose outputs would be added "
-                               "unweighted; return one expert per row, or set one_expert = False")
+            idx, w = checked_select(strategy, probs, state)
             memory["weights"] = (idx, w)
             try:
                 memory["plan"] = plan_selection(idx, w, probs.shape[1], unit)
-            except DDMError as e:
+            except DDMError as e:  # an expert index out of range, seen with the plan's sync
                 raise DDMError(f"routing strategy {_strategy_name(strategy)!r}: {e}") from None
         else:
             memory["weights"] = w = strategy.weights(probs, state)
