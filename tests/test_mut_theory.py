@@ -290,11 +290,12 @@ def test_error_sweep_shares_one_noise_and_one_exact_solve_per_mixture(monkeypatc
     real = C.exact_solution
     monkeypatch.setattr(C, "exact_solution", lambda gmm, noise: (solves.append(gmm), real(gmm, noise))[1])
     logged = []
-    rows = C.error_sweep(s, [(0.0, p0), (0.2, p1), (2.0, p2)], ["euler:full", "euler:switch"], (2, 4), logged.append)
+    rows = C.error_sweep(s, [(0.0, p0), (0.2, p1), (2.0, p2)], ["euler:full", "euler:switch"], (2, 4), logged.append,
+                         "eps")
     assert len(solves) == 2  # p0 and p2 share their mixture
-    assert logged == ["convergence sweep: 0 euler:full", "convergence sweep: 0 euler:switch",
-                      "convergence sweep: 0.2 euler:full", "convergence sweep: 0.2 euler:switch",
-                      "convergence sweep: 2 euler:full", "convergence sweep: 2 euler:switch"]
+    assert logged == ["convergence sweep: eps = 0, euler:full", "convergence sweep: eps = 0, euler:switch",
+                      "convergence sweep: eps = 0.2, euler:full", "convergence sweep: eps = 0.2, euler:switch",
+                      "convergence sweep: eps = 2, euler:full", "convergence sweep: eps = 2, euler:switch"]
     noise = torch.randn(6, 2, generator=torch.Generator().manual_seed(s.seed + 1), dtype=F64)
     assert [(r["value"], r["sampler"], r["steps"]) for r in rows] == [
         (v, n, [2, 4]) for v in (0.0, 0.2, 2.0) for n in ("euler:full", "euler:switch")]

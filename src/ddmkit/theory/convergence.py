@@ -196,8 +196,10 @@ def integrated_disagreement(problem: Problem, noise: torch.Tensor, times: int = 
     return float(torch.trapezoid(values.flip(0), ts.flip(0)))
 
 
-def error_sweep(s: ConvergenceSettings, problems: list[tuple[float, Problem]], samplers, steps, log=print) -> list[dict]:
-    """Pathwise RMS error for each (value, problem) x sampler x N, from one shared noise."""
+def error_sweep(s: ConvergenceSettings, problems: list[tuple[float, Problem]], samplers, steps, log=print,
+                name: str = "value") -> list[dict]:
+    """Pathwise RMS error for each (value, problem) x sampler x N, from one shared noise; `name` is what the
+    value is (eps, T, radius), for the progress lines."""
     g = torch.Generator().manual_seed(s.seed + 1)
     noise = torch.randn(min(s.samples, s.sweep_samples), 2, generator=g, dtype=torch.float64)
     rows = []
@@ -207,7 +209,7 @@ def error_sweep(s: ConvergenceSettings, problems: list[tuple[float, Problem]], s
         if key not in exact_by_gmm:
             exact_by_gmm[key] = exact_solution(problem.gmm, noise)
         for j, sampler in enumerate(samplers):
-            log(f"convergence sweep: {value:g} {sampler}")
+            log(f"convergence sweep: {name} = {value:g}, {sampler}")
             sq, _ = squared_errors(problem, sampler, noise, exact_by_gmm[key], steps, s.seed + 1000 * j)
             rows.append({"value": value, "sampler": sampler, "steps": list(steps),
                          "pathwise_rms": np.sqrt(sq.mean(1)).tolist()})
@@ -222,7 +224,7 @@ def disagreement_study(s: ConvergenceSettings, log=print) -> list[dict]:
     for radius in s.radii:
         problem = make_problem(s, radius=radius)
         q = integrated_disagreement(problem, noise)
-        sweep = error_sweep(s, [(radius, problem)], ["euler:switch"], s.disagreement_steps, log)[0]
+        sweep = error_sweep(s, [(radius, problem)], ["euler:switch"], s.disagreement_steps, log, "radius")[0]
         for n, err in zip(s.disagreement_steps, sweep["pathwise_rms"]):
             rows.append({"radius": radius, "Q": q, "steps": n, "pathwise_rms": err, "predicted": float(np.sqrt(q / n))})
     return rows
@@ -354,11 +356,11 @@ def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": asdict(s), "grid": convergence_grid(s, log)}
     results["eps_sweep"] = error_sweep(s, [(e, make_problem(s, eps=e)) for e in s.eps_values],
-                                       s.sweep_samplers, s.sweep_steps, log)
+                                       s.sweep_samplers, s.sweep_steps, log, "eps")
     temps = [(tau, make_problem(s, temperature=tau)) for tau in s.temperatures]
     noise = torch.randn(min(s.samples, 500), 2, generator=torch.Generator().manual_seed(s.seed + 3), dtype=torch.float64)
     results["router_error"] = {f"{tau:g}": mean_router_error(p, noise) for tau, p in temps}
-    results["temperature_sweep"] = error_sweep(s, temps, s.sweep_samplers, s.sweep_steps, log)
+    results["temperature_sweep"] = error_sweep(s, temps, s.sweep_samplers, s.sweep_steps, log, "T")
     results["disagreement"] = disagreement_study(s, log)
     results["common_noise"], pooled = common_noise_draws(s, log)
     results["sample_size"] = sample_size_study(s, pooled, log)
