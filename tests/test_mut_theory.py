@@ -318,9 +318,9 @@ def test_disagreement_study_rows(monkeypatch):
                                               dtype=F64))
         return 4.0 * len(seen)
 
-    def fake_sweep(s_, problems, samplers, steps, log):
+    def fake_sweep(s_, problems, samplers, steps, log, name):
         (value, problem), = problems
-        assert samplers == ["euler:switch"] and steps == s_.disagreement_steps
+        assert samplers == ["euler:switch"] and steps == s_.disagreement_steps and name == "radius"
         return [{"pathwise_rms": [value, 2 * value]}]
 
     monkeypatch.setattr(C, "integrated_disagreement", fake_q)
