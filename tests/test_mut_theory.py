@@ -365,7 +365,7 @@ def test_run_convergence_rejects_bad_settings(tmp_path):
 def test_run_convergence_assembles_its_parts(monkeypatch, tmp_path):
     calls = {}
     monkeypatch.setattr(C, "convergence_grid", lambda s, log: {"grid": s.seed})
-    monkeypatch.setattr(C, "error_sweep", lambda s, problems, samplers, steps, log: [
+    monkeypatch.setattr(C, "error_sweep", lambda s, problems, samplers, steps, log, name: [
         {"value": v, "eps": p.eps, "T": p.temperature, "samplers": samplers, "steps": steps} for v, p in problems])
     monkeypatch.setattr(C, "mean_router_error",
                         lambda p, noise: (calls.setdefault("noise", noise), p.temperature * 10)[1])
