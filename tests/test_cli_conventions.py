@@ -431,3 +431,13 @@ def test_a_bad_set_is_labelled_with_the_options_given():
     with pytest.raises(DDMError) as error:
         _config(None, None, ["expert.train.steps=-1"], "cpu")
     assert str(error.value).startswith("--set / --device:"), str(error.value)
+
+
+def test_of_a_launchers_processes_only_process_0_says_it_was_stopped(monkeypatch, capsys):
+    """Under torchrun every process printed 'stopped by SIGTERM ...'."""
+    from ddmkit.cli import Terminated, stopped
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as code:
+            stopped("interrupted: what is finished is kept", Terminated())
+        assert code.value.code == 143 and ("stopped by SIGTERM" in capsys.readouterr().err) == said

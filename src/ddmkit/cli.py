@@ -53,11 +53,16 @@ def by_sigterm(exc: BaseException) -> bool:
 
 
 def stopped(text: str, exc: BaseException) -> None:
-    """Say what a stopped command kept and exit: 130 after Ctrl-C, 143 after SIGTERM."""
+    """Say what a stopped command kept and exit: 130 after Ctrl-C, 143 after SIGTERM. Of the processes a
+    launcher started (torchrun: RANK set), process 0 alone says it."""
+    said = os.environ.get("RANK", "0") == "0"
     if by_sigterm(exc):
-        log("stopped by SIGTERM (a scheduler's time limit or preemption, or kill)" + text.removeprefix("interrupted"))
+        if said:
+            log("stopped by SIGTERM (a scheduler's time limit or preemption, or kill)"
+                + text.removeprefix("interrupted"))
         sys.exit(143)
-    log(text)
+    if said:
+        log(text)
     sys.exit(130)
 
 
