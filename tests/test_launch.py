@@ -441,7 +441,9 @@ def test_emit_slurm_refuses_gpus_its_tasks_would_not_use_and_notes_a_job_without
     assert "note: each task holds 4 CPU cores (--cpus) and trains on 1 x expert.train.threads = 1; give --cpus 1" in err
     code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "2", "--cpus", "1", "--set",
                     "expert.train.device=auto", "--set", "expert.train.checkpoint_every=50")
-    assert code in (0, None) and "note:" not in err and "--nproc 2" in script.read_text(), err
+    said = " ".join(err.split())
+    assert code in (0, None) and "--nproc 2" in script.read_text() and "checkpoint_every" not in said, err
+    assert "note: each task holds 1 CPU cores (--cpus) for 2 x expert.train.threads = 2 threads" in said, err
 
 
 def test_emit_slurm_for_some_experts_only(tmp_path, monkeypatch, capsys):
@@ -523,3 +525,14 @@ def test_a_pool_broken_by_ctrl_c_reads_as_ctrl_c():
     assert stopped_by_ctrl_c(ended(130, None)) and stopped_by_ctrl_c(ended(-signal.SIGINT, 0))
     assert not stopped_by_ctrl_c(ended(-signal.SIGKILL, 130)) and not stopped_by_ctrl_c(ended(None, 0))
     assert not stopped_by_ctrl_c([])
+
+
+def test_task_notes_say_when_a_tasks_threads_outnumber_its_cores():
+    """--gpus 2 --cpus 1 ran two processes on one core without a word."""
+    from ddmkit.config import RunConfig
+    from ddmkit.launch.slurm import task_notes
+    cfg = RunConfig()
+    notes = task_notes(cfg, cpus=1, gpus=2)
+    assert any(f"for 2 x expert.train.threads = {2 * cfg.expert.train.threads} threads, which then share cores" in n
+               for n in notes), notes
+    assert not any("share cores" in n for n in task_notes(cfg, cpus=2 * cfg.expert.train.threads, gpus=2))

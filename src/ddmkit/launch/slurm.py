@@ -176,6 +176,9 @@ def task_notes(cfg: RunConfig, cpus: int | None = None, gpus: int | None = None)
         notes.append(f"each task holds {cores} CPU cores (--cpus) and trains on {processes} x expert.train.threads "
                      f"= {used}; give --cpus {used}, or emit with --set expert.train.threads={cores // processes} "
                      "(other thread counts can change the weights' last bits)")
+    elif used > cores:
+        notes.append(f"each task holds {cores} CPU cores (--cpus) for {processes} x expert.train.threads = {used} "
+                     f"threads, which then share cores and slow each other; give --cpus {used}")
     return notes
 
 
