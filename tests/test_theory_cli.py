@@ -94,3 +94,15 @@ def test_an_out_holding_a_run_or_another_report_is_refused_before_the_study(tmp_
     monkeypatch.setattr(convergence, "run_convergence", stopped)
     CliRunner().invoke(app, ["convergence", "--quick", "--out", str(tmp_path / "new")])
     assert not (tmp_path / "new").exists()  # an empty folder was left
+
+
+def test_the_segments_plot_ticks_are_the_segment_counts(monkeypatch, tmp_path):
+    """Its log-scale tick labels overlapped in the narrow panels."""
+    import ddmkit.theory.distill as distill
+    figures = []
+    monkeypatch.setattr(distill, "save_figure", lambda fig, path: figures.append(fig) or path.name)
+    errors = {k: {str(n): {"end_to_end": 1.0 / n} for n in (1, 2, 4, 8)} for k in ("uniform", "lambda")}
+    distill.plot_segments([{"errors": errors, "path": "linear", "ratio": 8.0}], tmp_path)
+    ax = figures[0].axes[0]
+    assert list(ax.get_xticks()) == [1, 2, 4, 8] and [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8"]
+    assert len(ax.get_xticks(minor=True)) == 0

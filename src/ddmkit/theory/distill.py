@@ -261,8 +261,11 @@ def plot_segments(runs: list[dict], out: Path) -> str:
     fig, axes = new_figure(len(runs), 1, size=3.2)
     for ax, r in zip(axes[0], runs):
         for kind, style in (("uniform", "o-"), ("lambda", "s--")):
-            n = sorted(r["errors"][kind])
-            ax.loglog(n, [r["errors"][kind][k]["end_to_end"] for k in n], style, label=kind)
+            n = sorted(r["errors"][kind], key=int)
+            ax.loglog([int(k) for k in n], [r["errors"][kind][k]["end_to_end"] for k in n], style, label=kind)
+        segments = sorted({int(k) for k in r["errors"]["uniform"]})
+        ax.set_xticks(segments, [str(k) for k in segments])  # S itself, not log ticks that overlap in a narrow panel
+        ax.set_xticks([], minor=True)
         ax.set(title=f"{r['path']}, D/sigma={r['ratio']:g}", xlabel="segments S", ylabel="end-to-end rel. MSE")
         ax.legend(fontsize=7)
     return save_figure(fig, out / "segments.png")
