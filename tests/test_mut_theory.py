@@ -420,7 +420,9 @@ def grid_results():
         "eps_sweep": [{"value": 0.0, "sampler": "euler:full", "steps": [2, 4], "pathwise_rms": [1.0, 0.5]},
                       {"value": 0.1, "sampler": "euler:switch", "steps": [2, 4], "pathwise_rms": [2.0, 1.0]}],
         "temperature_sweep": [{"value": 2.0, "sampler": "euler:full", "steps": [2, 4], "pathwise_rms": [3.0, 1.0]}],
-        "disagreement": [{"predicted": 0.5, "pathwise_rms": 0.6}, {"predicted": 2.0, "pathwise_rms": 1.0}]}
+        "disagreement": [{"radius": 1.0, "steps": 16, "predicted": 0.5, "pathwise_rms": 0.6},
+                         {"radius": 1.0, "steps": 4, "predicted": 2.0, "pathwise_rms": 1.0}],
+        "settings": {"fit_min_steps": 2}}
 
 
 def test_plot_grid(monkeypatch, tmp_path):
@@ -431,11 +433,11 @@ def test_plot_grid(monkeypatch, tmp_path):
     assert path == tmp_path / "convergence.png"
     assert len(fig.axes) == 2 and tuple(fig.get_size_inches()) == pytest.approx((8.5, 4.0))
     left, right = fig.axes
-    got = lines(left)
+    got = lines(left)[:4]  # the fifth, empty, names the lines in the legend
     assert [g[:3] for g in got] == [
-        ([2.0, 4.0], [1.0, 0.5], "euler:full (slope -1.00)", ),
+        ([2.0, 4.0], [1.0, 0.5], "euler:full (fitted slope -1.00)", ),
         ([2.0, 4.0], [1.0, 0.5], "_child1"),
-        ([2.0, 4.0], [2.0, 1.5], "euler:switch (slope -0.50)"),
+        ([2.0, 4.0], [2.0, 1.5], "euler:switch (fitted slope -0.50)"),
         ([2.0, 4.0], pytest.approx([3.0 * 2 ** -0.5, 1.5]), "_child3")]
     assert [(g[3], g[4]) for g in got] == [("None", "o"), ("-", "None"), ("None", "o"), ("-", "None")]
     lw = [ln.get_linewidth() for ln in left.get_lines()]
@@ -452,7 +454,8 @@ def test_plot_grid(monkeypatch, tmp_path):
         "pathwise error vs exact ODE", "steps N", "RMS |X_N - X(0)|")
     assert (right.get_title(), right.get_xlabel(), right.get_ylabel()) == ("W2 to the mixture", "steps N", "W2")
     assert left.get_xscale() == left.get_yscale() == right.get_xscale() == right.get_yscale() == "log"
-    assert legend_texts(left) == (["euler:full (slope -1.00)", "euler:switch (slope -0.50)"], 6)
+    assert legend_texts(left) == (["euler:full (fitted slope -1.00)", "euler:switch (fitted slope -0.50)",
+                                   "lines: log-log fits on N >= 2"], 6)
     assert legend_texts(right) == (["euler:full", "euler:switch", "W2 noise floor"], 6)
 
 
@@ -472,12 +475,12 @@ def test_plot_sweeps(monkeypatch, tmp_path):
     assert b.get_title() == "pathwise error, sweep in T"
     assert legend_texts(a) == (["euler:full eps=0", "euler:switch eps=0.1"], 5)
     assert legend_texts(b)[1] == 5
-    assert lines(c) == [([0.5, 2.0], [0.6, 1.0], "_child0", "None", "o"),
+    assert lines(c) == [([0.5, 2.0], [0.6, 1.0], "radius 1 (N = 16, 4)", "-", "o"),
                         ([0.5, 2.0], [0.5, 2.0], "error = sqrt(Q / N)", ":", "None")]
     assert c.get_lines()[1].get_color() == "k"
     assert (c.get_title(), c.get_xlabel(), c.get_ylabel()) == (
         "switching error vs disagreement", "sqrt(Q / N)", "RMS error (euler:switch)")
-    assert legend_texts(c) == (["error = sqrt(Q / N)"], 6)
+    assert legend_texts(c) == (["radius 1 (N = 16, 4)", "error = sqrt(Q / N)"], 6)
     for ax in (a, b, c):
         assert ax.get_xscale() == ax.get_yscale() == "log"
 

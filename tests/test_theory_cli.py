@@ -106,3 +106,20 @@ def test_the_segments_plot_ticks_are_the_segment_counts(monkeypatch, tmp_path):
     ax = figures[0].axes[0]
     assert list(ax.get_xticks()) == [1, 2, 4, 8] and [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8"]
     assert len(ax.get_xticks(minor=True)) == 0
+
+
+def test_the_convergence_plots_say_what_their_lines_and_points_are(monkeypatch, tmp_path):
+    """The fit lines were not called fits; the disagreement points said neither radius nor N."""
+    import ddmkit.theory.convergence as convergence
+    figures = []
+    monkeypatch.setattr(convergence, "save_figure", lambda fig, path: figures.append(fig) or path.name)
+    fit = {"slope": -1.0, "intercept": 0.0}
+    grid = {"samplers": {"euler:full": {"steps": [16, 32], "pathwise_rms": [0.1, 0.05], "pathwise_fit": fit,
+                                        "w2": [0.5, 0.4]}}, "w2_floor": 0.3}
+    convergence.plot_grid({"grid": grid, "settings": {"fit_min_steps": 16}}, tmp_path)
+    sweep = [{"sampler": "euler:full", "value": 0.0, "steps": [16, 32], "pathwise_rms": [0.1, 0.05]}]
+    rows = [{"radius": r, "steps": n, "predicted": r / n, "pathwise_rms": r / n} for r in (1.0, 2.0) for n in (16, 64)]
+    convergence.plot_sweeps({"eps_sweep": sweep, "temperature_sweep": sweep, "disagreement": rows}, tmp_path)
+    legend = lambda ax: [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "lines: log-log fits on N >= 16" in legend(figures[0].axes[0])
+    assert legend(figures[1].axes[2])[:2] == ["radius 1 (N = 16, 64)", "radius 2 (N = 16, 64)"]

@@ -376,9 +376,10 @@ def plot_grid(results: dict, out: Path) -> str:
     for name, r in grid["samplers"].items():
         n = np.asarray(r["steps"], dtype=float)
         fit = r["pathwise_fit"]
-        line = axes[0][0].loglog(n, r["pathwise_rms"], "o", label=f"{name} (slope {fit['slope']:.2f})")[0]
+        line = axes[0][0].loglog(n, r["pathwise_rms"], "o", label=f"{name} (fitted slope {fit['slope']:.2f})")[0]
         axes[0][0].loglog(n, np.exp(fit["intercept"]) * n ** fit["slope"], "-", color=line.get_color(), lw=0.8)
         axes[0][1].loglog(n, r["w2"], "o-", color=line.get_color(), label=name)
+    axes[0][0].plot([], [], "k-", lw=0.8, label=f"lines: log-log fits on N >= {results['settings']['fit_min_steps']}")
     axes[0][1].axhline(grid["w2_floor"], color="k", ls=":", label="W2 noise floor")
     axes[0][0].set(title="pathwise error vs exact ODE", xlabel="steps N", ylabel="RMS |X_N - X(0)|")
     axes[0][1].set(title="W2 to the mixture", xlabel="steps N", ylabel="W2")
@@ -398,7 +399,10 @@ def plot_sweeps(results: dict, out: Path) -> str:
         ax.legend(fontsize=5)
     rows = results["disagreement"]
     ax = axes[0][2]
-    ax.loglog([r["predicted"] for r in rows], [r["pathwise_rms"] for r in rows], "o")
+    for radius in sorted({r["radius"] for r in rows}):  # one series per ring radius, N along it
+        mine = [r for r in rows if r["radius"] == radius]
+        ax.loglog([r["predicted"] for r in mine], [r["pathwise_rms"] for r in mine], "o-", ms=3, lw=0.6,
+                  label=f"radius {radius:g} (N = {', '.join(str(r['steps']) for r in mine)})")
     lim = [min(r["predicted"] for r in rows), max(r["predicted"] for r in rows)]
     ax.loglog(lim, lim, "k:", label="error = sqrt(Q / N)")
     ax.set(title="switching error vs disagreement", xlabel="sqrt(Q / N)", ylabel="RMS error (euler:switch)")
