@@ -863,11 +863,11 @@ def _check_theory_out(out: Path, study: str) -> None:
     """--out of a theory study, before it runs: a folder of its own, where it replaces only its own report
     (not a run folder or one inside a run, not the other study's, not a report.md of someone else's)."""
     from ddmkit.io import check_folder_target
-    from ddmkit.layout import enclosing_run
+    from ddmkit.layout import enclosing_run, is_run_folder
 
     check_folder_target(out)
     fix = f"give a folder of its own, e.g. --out theory-{study}"
-    if ((out / "config.json").is_file() and (out / "partition").is_dir()) or enclosing_run(out) is not None:
+    if is_run_folder(out) or enclosing_run(out) is not None:
         raise DDMError(f"--out {out}: a ddmkit run folder or a folder inside one, whose report.md the study would "
                        f"replace; {fix}")
     if (out / "report.md").exists() or (out / "results.json").exists():

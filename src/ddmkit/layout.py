@@ -44,11 +44,15 @@ def check_run_exists(root: str | Path) -> None:
                        f"one with `ddmkit partition --config CONFIG --out {root}`)")
 
 
+def is_run_folder(path: str | Path) -> bool:
+    """Whether `path` holds a run: a config.json and a partition/."""
+    return (Path(path) / "config.json").is_file() and (Path(path) / "partition").is_dir()
+
+
 def enclosing_run(path: str | Path) -> Path | None:
     """The run folder `path` lies inside (RUN/partition, RUN/experts/expert_00 -> RUN), or None: the first
-    folder above it holding a config.json and a partition/."""
-    return next((above for above in Path(path).resolve().parents
-                 if (above / "config.json").is_file() and (above / "partition").is_dir()), None)
+    folder above it that is_run_folder."""
+    return next((above for above in Path(path).resolve().parents if is_run_folder(above)), None)
 
 
 @dataclass(frozen=True)
