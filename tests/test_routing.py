@@ -179,6 +179,14 @@ def test_one_table_parses_documents_and_validates_every_strategy():
         assert "`greedy`" in strategies_markdown()
     finally:
         STRATEGIES.pop()
+    # an added form whose pattern overlaps a built-in one would never be reached: named instead
+    STRATEGIES.append(StrategyForm("top-K-greedy", r"top-(\d+)", lambda k: Greedy(), "overlaps top-K", "1"))
+    try:
+        with pytest.raises(DDMError, match="'top-2' matches the patterns of the forms 'top-K' and 'top-K-greedy'"):
+            parse_strategy("top-2")
+        assert parse_strategy("full") is not None  # other names are unaffected
+    finally:
+        STRATEGIES.pop()
 
 
 @pytest.mark.parametrize("typo, meant", [("top2", "top-2"), ("Top-2", "top-2"), ("TOP1", "top-1"),

@@ -113,8 +113,14 @@ STRATEGY_FORMS = strategy_forms()  # as the table is shipped (for --help texts)
 
 
 def _matched(name: str) -> tuple[StrategyForm, re.Match] | None:
-    """The table's entry whose pattern a strategy name has, with the match; None for an unknown name."""
-    return next(((entry, m) for entry in STRATEGIES if (m := re.fullmatch(entry.pattern, name.strip()))), None)
+    """The table's entry whose pattern a strategy name has, with the match; None for an unknown name.
+    A name that two entries' patterns match (an added form overlapping another) is refused."""
+    matches = [(entry, m) for entry in STRATEGIES if (m := re.fullmatch(entry.pattern, name.strip()))]
+    if len(matches) > 1:
+        forms = " and ".join(repr(entry.form) for entry, _ in matches)
+        raise DDMError(f"routing strategy {name.strip()!r} matches the patterns of the forms {forms} of "
+                       "ddmkit.routing.STRATEGIES; give an added form a pattern no other form matches")
+    return matches[0] if matches else None
 
 
 def strategy_form(name: str) -> str | None:
