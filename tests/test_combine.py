@@ -182,6 +182,29 @@ def test_router_reuse_every_m_calls_the_router_once_per_m_steps():
     assert (x_reuse - x_plain).abs().max() < 0.5  # close, not equal: the routing is held for 3 steps
 
 
+def test_oracle_routes_once_per_trajectory_with_the_samples_of_routing_at_every_step():
+    from dataclasses import dataclass
+
+    from ddmkit.routing.strategies import Oracle
+
+    @dataclass(frozen=True)
+    class OracleRoutedEachStep(Oracle):  # the same selection, planned again at every evaluation
+        routes_once = False
+
+    gen = torch.Generator().manual_seed(3)
+    experts = [lambda x, t, f=f: 0.1 * f(x, t) for f in linear_experts(gen, [0] * K)]
+    x1 = torch.randn(64, D, generator=gen, dtype=torch.float64)
+    results = []
+    for strategy in (Oracle(), OracleRoutedEachStep()):
+        counter = CallCounter()
+        field = routed_velocity(experts, router, strategy, routing_state(4), counter)
+        results.append((sample_euler(field, x1, time_grid(8, dtype=torch.float64)), counter))
+    (once, once_calls), (each, each_calls) = results
+    assert torch.equal(once, each)
+    assert once_calls.router_calls == 1 and each_calls.router_calls == 8
+    assert once_calls.expert_rows == each_calls.expert_rows
+
+
 def test_full_takes_the_dense_path_and_equals_the_sparse_one():
     gen = torch.Generator().manual_seed(5)
     experts = linear_experts(gen, [0] * K)

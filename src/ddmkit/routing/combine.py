@@ -17,7 +17,8 @@ that give it non-zero weight, grouped by expert:
 
 The router is called once per velocity evaluation, or once every
 `router_every` evaluations (the routing is then reused in between, with no
-router call and no host sync). A dense strategy ("full") takes a dense path with
+router call and no host sync), or once per trajectory for a strategy whose
+selection is made once (oracle). A dense strategy ("full") takes a dense path with
 no plan and so no host sync at all.
 
 Plain PyTorch: how the active experts' calls run (one after another, or on
@@ -294,7 +295,7 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
             memory["plan"] = None if dense else make_plan(w)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if memory["calls"] % router_every == 0:
+        if memory["calls"] == 0 or (not strategy.routes_once and memory["calls"] % router_every == 0):
             route(x, t)
         memory["calls"] += 1
         w, plan = memory["weights"], memory["plan"]

@@ -83,6 +83,8 @@ class Strategy:
     dense = False  # weights = the router's probabilities: every expert on every row, no plan
     selects = False  # has select(probs, state) -> (experts (B, n), weights (B, n))
     one_expert = False  # every row gets one expert of weight 1
+    routes_once = False  # the selection of the first evaluation is kept for the whole trajectory (oracle):
+    #                      the router is called, and the dispatch planned, once
 
 
 class Selecting(Strategy):
@@ -191,6 +193,7 @@ class Switch(Selecting):
 class Oracle(Selecting):
     name: str = "oracle"
     one_expert = True
+    routes_once = True
 
     def select(self, probs, state):
         if state.oracle is None:
