@@ -185,6 +185,35 @@ def test_a_missing_stage_names_the_command_that_makes_it(tmp_path):
         assert done.returncode == 2 and command in done.stderr, (args, done.stderr)
 
 
+def test_the_statistics_router_is_built_from_the_statistics_the_expert_folders_publish(image_run, tmp_path):
+    """Each expert's training writes what its island publishes (statistics.safetensors in its folder): the
+    label-conditional statistics-only router and the label counts read from them equal those computed from
+    the shards, and a DDM routed by them loads and samples with no shard present at all."""
+    from ddmkit import DDM
+    from ddmkit.ddm.load import island_stats_router, shard_label_counts
+
+    copy = tmp_path / "run"
+    shutil.copytree(image_run, copy)
+    gen = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(11, 1, 28, 28, generator=gen), torch.rand(11, generator=gen), torch.arange(11)  # 10: none
+    published, conditional = island_stats_router(copy, classes=10)
+    counts = shard_label_counts(copy, 10)
+    assert conditional and int(counts.sum()) == 160 and counts.shape == (10, 2)
+    for expert in sorted(RunFolder(copy).experts.glob("expert_*")):
+        (expert / "statistics.safetensors").unlink()
+    from_shards, _ = island_stats_router(copy, classes=10)
+    assert torch.equal(published(x, t, y=y), from_shards(x, t, y=y))
+    assert torch.equal(shard_label_counts(copy, 10), counts)
+
+    islands = tmp_path / "islands"
+    shutil.copytree(image_run, islands, ignore=shutil.ignore_patterns("shards"))
+    assert not (islands / "partition" / "shards").exists()
+    labels = torch.tensor([0, 3, 5, 9])
+    drawn = DDM.from_pretrained(islands, router="statistics").sample("top-1", n=4, steps=2, seed=3, labels=labels)[0]
+    same = DDM.from_pretrained(image_run, router="statistics").sample("top-1", n=4, steps=2, seed=3, labels=labels)[0]
+    assert torch.equal(drawn, same)
+
+
 def test_the_ddm_at_the_top(image_run):
     """ddmkit.DDM: from_pretrained, to, sample with labels and guidance; the same samples as the
     function behind it, and guidance reaches the experts."""

@@ -310,8 +310,10 @@ def test_a_shard_changed_after_partitioning_is_refused_before_training_or_routin
         main()
     assert exit.value.code == 2 and "cluster_03.safetensors: SHA-256 differs" in capsys.readouterr().err
     verify_registry(copy)  # loading checks the model folders, not the data (that reads every shard)
+    island_stats_router(copy)  # routed by the statistics the expert folders publish: no shard is read
+    (copy / "experts" / "expert_03" / "statistics.safetensors").unlink()  # an expert that published none
     with pytest.raises(DDMError, match="cluster_03.safetensors: SHA-256 differs .* for cluster 3"):
-        island_stats_router(copy)
+        island_stats_router(copy)  # its statistics come from its shard, checked first
     shutil.rmtree(copy / "router")
     with pytest.raises(DDMError, match="cluster_03.safetensors: SHA-256 differs"):
         stage_router(small_config(), copy, lambda m: None)

@@ -178,3 +178,20 @@ def test_islands_of_different_dimensions_are_named(rank):
     stats = [island_statistics(torch.randn(8, d, generator=g), rank=rank) for d in (3, 4, 3, 2)]
     with pytest.raises(DDMError, match=r"island 0 has 3, islands \[1, 3\] have \[4, 2\]"):
         stats_router(stats)
+
+
+def test_an_island_publication_round_trips_with_its_class_statistics(tmp_path):
+    from ddmkit.routing.stats_router import island_class_statistics, island_publication, publication_parts
+
+    gen = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(40, 3, generator=gen), torch.tensor([0] * 20 + [2] * 19 + [1])  # class 1: one sample
+    save_statistics(tmp_path / "s.safetensors", island_publication(x, labels, classes=3))
+    stats, per_class, counts = publication_parts(load_statistics(tmp_path / "s.safetensors"), classes=3)
+    assert all(torch.equal(stats[name], value) for name, value in island_statistics(x).items())
+    assert counts.tolist() == [20, 1, 19] and per_class[1] is None  # too few to publish class 1's statistics
+    for mine, direct in zip(per_class, island_class_statistics(x, labels, 3)):
+        assert (mine is None) == (direct is None)
+        assert mine is None or all(torch.equal(mine[name], value) for name, value in direct.items())
+    save_statistics(tmp_path / "plain.safetensors", island_publication(x))  # an unconditional expert's
+    with pytest.raises(DDMError, match="without counts of 3 class labels.*not class-conditional"):
+        publication_parts(load_statistics(tmp_path / "plain.safetensors"), classes=3)

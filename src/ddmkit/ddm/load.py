@@ -33,7 +33,8 @@ from ddmkit.latent.autoencoder import LatentCodec, load_codec
 from ddmkit.registry import (check_shard, check_slot, checked_model_shards, latent_info, load_model,
                              load_partition_checked, model_data_shape, model_shards, partition_shard_hashes,
                              verify_registry, warn_missing)
-from ddmkit.routing.stats_router import class_stats_router, island_class_statistics, island_statistics, stats_router
+from ddmkit.routing.stats_router import (PUBLISHED_STATISTICS, class_stats_router, island_class_statistics,
+                                        island_statistics, load_statistics, publication_parts, stats_router)
 from ddmkit.truth import GaussianMixture
 
 
@@ -181,21 +182,51 @@ def label_prior(counts: torch.Tensor) -> torch.Tensor:
 
 def shard_label_counts(run, classes: int) -> torch.Tensor:
     """(C, K): how many samples of each class each island holds (what the islands publish for
-    p(cluster | label))."""
-    labels = [load_tensors(path, ["labels"])["labels"] for path in model_shards(run)]
-    return torch.stack([torch.bincount(y.long(), minlength=classes)[:classes] for y in labels], dim=1)
+    p(cluster | label)): from each expert folder's published statistics, else from the shard's labels."""
+    counts = []
+    for c, (published, path) in enumerate(island_sources(run)):
+        if published is not None:
+            counts.append(publication_parts(published, classes)[2].round().long())
+        else:
+            labels = load_tensors(path, ["labels"])["labels"]
+            counts.append(torch.bincount(labels.long(), minlength=classes)[:classes])
+    return torch.stack(counts, dim=1)
+
+
+def island_sources(run) -> list[tuple[dict | None, Path]]:
+    """For each cluster of the run's model: (the statistics its expert folder publishes, or None where the
+    folder has none: an expert trained before ddmkit wrote them, or absent; the cluster's shard file)."""
+    folder = RunFolder(run)
+    out = []
+    for c, path in enumerate(model_shards(run)):
+        published = folder.expert(c) / PUBLISHED_STATISTICS
+        out.append((load_statistics(published) if published.is_file() else None, path))
+    return out
 
 
 def island_stats_router(run, classes: int = 0, rank: int | None = None, device="cpu") -> tuple[Callable, bool]:
     """(router, label-conditional) of the statistics-only router of a run's islands: each island's
-    count, mean and covariance, computed from its shard alone (on `device`), per class label too
-    when the experts are class-conditional (ddmkit.routing.stats_router)."""
-    shards = [(x.to(device), y.to(device) if y is not None else None)
-              for x, y, _ in (read_shard(path) for path in checked_model_shards(run))]
-    marginal = [island_statistics(x, rank) for x, _ in shards]
+    count, mean and covariance, per class label too when the experts are class-conditional
+    (ddmkit.routing.stats_router). They are read from the statistics each expert folder publishes
+    (statistics.safetensors, written by its training); only a cluster whose folder has none is computed
+    from its shard (checked against the partition's SHA-256 first, on `device`), as is every cluster for a
+    `rank` other than the default."""
+    sources = island_sources(run)
+    if rank is not None or any(published is None for published, _ in sources):
+        checked = checked_model_shards(run)  # every shard's SHA-256 against the partition's (or latents') record
+    marginal, per_class = [], []
+    for c, (published, path) in enumerate(sources):
+        if published is not None and rank is None:
+            stats, by_class, _ = publication_parts(published, classes)
+        else:
+            x, y, _ = read_shard(checked[c])
+            x, y = x.to(device), (y.to(device) if y is not None else None)
+            stats = island_statistics(x, rank)
+            by_class = island_class_statistics(x, y, classes, rank) if classes else []
+        marginal.append(stats)
+        per_class.append(by_class)
     if not classes:
         return stats_router(marginal), False
-    per_class = [island_class_statistics(x, y, classes, rank) for x, y in shards]
     return class_stats_router(per_class, marginal), True
 
 

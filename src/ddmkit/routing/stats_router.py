@@ -192,8 +192,45 @@ def class_stats_router(per_class: list[list[dict | None]], marginal: list[dict])
     return router
 
 
+PUBLISHED_STATISTICS = "statistics.safetensors"  # in each expert folder: what its island publishes
+
+
+def island_publication(x: torch.Tensor, labels: torch.Tensor | None = None, classes: int = 0) -> dict:
+    """Everything an island publishes for the statistics-only router, as one flat dict of tensors (one
+    file, save_statistics): its island_statistics, and for class-conditional experts (classes > 0) the count
+    of each class ("label_counts", (C,)) and island_class_statistics ("class_3.mean", ...; none for a class
+    it holds fewer than 2 of)."""
+    out = dict(island_statistics(x))
+    if classes:
+        labels = labels.long()
+        out["label_counts"] = torch.bincount(labels, minlength=classes)[:classes].double()
+        for c, stats in enumerate(island_class_statistics(x, labels, classes)):
+            out.update({f"class_{c}.{name}": value for name, value in (stats or {}).items()})
+    return out
+
+
+def publication_parts(published: dict, classes: int) -> tuple[dict, list[dict | None], torch.Tensor | None]:
+    """(statistics, statistics per class, label counts (C,)) of an island_publication; the per-class list
+    and the counts are empty and None for classes = 0. A DDMError when a class-conditional DDM reads a
+    publication without label counts (one of experts without classes)."""
+    marginal = {name: value for name, value in published.items() if "." not in name and name != "label_counts"}
+    if not classes:
+        return marginal, [], None
+    if "label_counts" not in published or published["label_counts"].numel() < classes:
+        raise DDMError(f"island statistics without counts of {classes} class labels: published by an expert that "
+                       "was not class-conditional; train the experts again, or delete the experts' "
+                       f"{PUBLISHED_STATISTICS} to compute them from the shards")
+    per_class = []
+    for c in range(classes):
+        prefix = f"class_{c}."
+        stats = {name[len(prefix):]: value for name, value in published.items() if name.startswith(prefix)}
+        per_class.append(stats or None)
+    return marginal, per_class, published["label_counts"][:classes]
+
+
 def save_statistics(path: str | Path, stats: dict) -> None:
-    """Write one island's statistics (safetensors; what it sends to the router's builder)."""
+    """Write one island's statistics (safetensors; what it sends to the router's builder): island_statistics,
+    or the whole island_publication."""
     save_tensors(path, {k: v.double() for k, v in stats.items()}, {"role": "island_statistics"})
 
 

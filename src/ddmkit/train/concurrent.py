@@ -26,7 +26,7 @@ from ddmkit.flow.convert import VPSchedule, path_entry
 from ddmkit.flow.losses import training_pair
 from ddmkit.io import sha256_file, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained
-from ddmkit.train.jobs import check_expert_folder, drop_labels
+from ddmkit.train.jobs import check_expert_folder, drop_labels, publish_statistics
 from ddmkit.train.loop import fit
 from ddmkit.train.stacked import StackedExperts
 
@@ -95,8 +95,9 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
         ema, history = fit(model, batch_loss, train_cfg, log_path, f"{len(shards)} experts", device)
         log_text = log_path.read_text()
     seconds = time.perf_counter() - start
-    for net, shard, meta, x, out in zip(ema.unstack(), shards, metas, xs, out_dirs):
+    for k, (net, shard, meta, x, out) in enumerate(zip(ema.unstack(), shards, metas, xs, out_dirs)):
         with staging_dir(out) as tmp:
+            publish_statistics(tmp, x, labels[k] if labels else None, num_classes)
             (tmp / "train_log.jsonl").write_text(log_text)
             save_pretrained(tmp, net, {
                 "role": "expert", "arch": config.net.arch, "kwargs": kwargs, "data_shape": data_shape,

@@ -26,6 +26,7 @@ from ddmkit.flow.convert import path_entry
 from ddmkit.flow.losses import flow_matching_loss, router_loss
 from ddmkit.io import folder_lock, read_json, read_metadata, sha256_file, sibling, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained, use_networks, user_networks
+from ddmkit.routing.stats_router import PUBLISHED_STATISTICS, island_publication, save_statistics
 from ddmkit.train.checkpoint import EXECUTION, settings_differences
 import ddmkit.train.distributed as distributed
 from ddmkit.train.distributed import LOCAL, Distributed
@@ -137,8 +138,17 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
                                    **path_entry(schedule), "label_dropout": config.label_dropout,
                                    "train": config.train.model_dump(), "final_loss": history[-1]["loss"],
                                    **(extra or {}), **dist.note()})
+        if role == "expert":
+            publish_statistics(tmp, x, labels, num_classes)
     checkpoint_path(out_dir).unlink(missing_ok=True)
     return Path(out_dir)
+
+
+def publish_statistics(folder: Path, x: torch.Tensor, labels: torch.Tensor | None, classes: int) -> None:
+    """Write what the expert's island publishes for the statistics-only router into its folder
+    (ddmkit.routing.stats_router.island_publication): the router is then built from the expert folders
+    alone, without reading a shard."""
+    save_statistics(folder / PUBLISHED_STATISTICS, island_publication(x.cpu(), labels, classes))
 
 
 def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, resume: bool = False,
@@ -162,7 +172,8 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
                                     data)
 
 
-EXPERT_FILES = ("config.json", "model.safetensors", "train_log.jsonl", "tensorboard")  # an expert folder's own
+EXPERT_FILES = ("config.json", "model.safetensors", "train_log.jsonl", "tensorboard",  # an expert folder's own
+                PUBLISHED_STATISTICS)
 
 
 def check_expert_folder(out_dir: str | Path, option: str | None = None) -> None:
