@@ -660,14 +660,20 @@ def config(**sections) -> RunConfig:
 
 @pytest.mark.parametrize("n, chunk", [(100, 50), (99, 50), (30, 50), (1, 10), (1000, 300)])
 def test_held_out_rows_is_what_the_evaluation_takes(n, chunk):
-    """Exactly held_out_rows(n, chunk) test rows let evaluate_all score n samples; one fewer does not."""
+    """Exactly held_out_rows(n, chunk) test rows let evaluate_all score n samples on all their pairs; with
+    one fewer it scores one pair fewer (samples drawn with `ddmkit sample --n` above the config's sample.n),
+    and with fewer than one pair's worth it refuses, naming a chunk that fits."""
     from ddmkit.evaluation.sets import evaluate_all
 
     need = held_out_rows(n, chunk)
     samples = {"a": torch.randn(n, 2, generator=torch.Generator().manual_seed(0))}
-    evaluate_all(samples, {}, torch.randn(need, 2), None, chunk)
-    with pytest.raises(DDMError):
-        evaluate_all(samples, {}, torch.randn(need - 1, 2), None, chunk)
+    pairs = evaluate_all(samples, {}, torch.randn(need, 2), None, chunk)["pairs"]
+    assert 2 * pairs * min(chunk, n) == need
+    if pairs > 1:
+        assert evaluate_all(samples, {}, torch.randn(need - 1, 2), None, chunk)["pairs"] == pairs - 1
+    c = min(chunk, n)
+    with pytest.raises(DDMError, match=rf"the test split has {2 * c - 1}; lower evaluate.chunk to {c - 1} or less"):
+        evaluate_all(samples, {}, torch.randn(2 * c - 1, 2), None, chunk)
     fix = largest_n(need - 1, chunk, n)
     assert held_out_rows(fix, chunk) <= need - 1 < held_out_rows(fix + 1, chunk)
 

@@ -228,7 +228,19 @@ def test_evaluate_refuses_another_runs_settings_and_reports_how_each_set_was_dra
     report = (run / "report.md").read_text()
     assert "the sets were drawn with different settings (full: 100 samples, euler, 3 steps, seed 7; top-2: 100 " \
            "samples, euler, 8 steps, seed 0)" in " ".join(report.split()), report[:600]
-    assert "W2 and MMD over 2 pair(s) of 50 points" in " ".join(report.split())
+    assert "W2 and sliced W2 averaged over 2 pair(s) of 50 points, MMD on the first pair." in " ".join(report.split())
+    assert "One pair only" not in report
+    assert __import__("re").search(r"\| full \| [0-9.e-]+ ± [0-9.e-]+ \| [0-9.]+ \|", report), report  # W2 ± its error
+    code, err = cli(monkeypatch, capsys, "sample", run, "--strategy", "switch", "--batch-size", 30, "--n", 60)
+    assert code == 0 and f"still score the sets as they were; `ddmkit evaluate {run}` scores these" in err, err
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--router-every", 3)[0] == 0
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-1", "--solver", "adaptive")[0] == 0
+    assert cli(monkeypatch, capsys, "evaluate", run, "--device", "cpu", "--set", "evaluate.chunk=50")[0] == 0
+    said = " ".join((run / "report.md").read_text().split())
+    assert "top-2: 100 samples, euler, 8 steps, seed 0, router every 3 evaluations" in said, said[:900]
+    assert "switch: 60 samples, euler, 8 steps, seed 0, in chunks of 30" in said, said[:900]
+    assert "top-1: 100 samples, adaptive, seed 0)" in said, said[:900]  # it chooses its own steps
+    assert "**One pair only**: W2 has no error bar" in said  # 60 samples: one pair of 50
 
 
 def test_guidance_on_unconditional_experts_is_refused_before_anything_is_written(tmp_path):

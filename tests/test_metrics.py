@@ -73,6 +73,8 @@ def test_every_set_is_scored_on_chunks_of_one_size_and_a_short_set_is_refused(ge
     assert result["chunk"] == 500 and result["pairs"] == 2
     with pytest.raises(DDMError, match=r"sample sets 'tiny' \(10\) hold fewer than the 500 points"):
         evaluate_all({"good": good, "poor": poor, "tiny": good[:10]}, {}, test, None, chunk=500)
+    with pytest.raises(DDMError, match=r"delete their files from RUN/samples/ \(sample-2_1.safetensors\)"):
+        evaluate_all({"good": good, "sample-2@1": good[:10]}, {}, test, None, chunk=500)  # the file's name
     small = evaluate_all({"good": good[:300], "poor": poor[:300]}, {}, test, None, chunk=500)
     assert small["chunk"] == 300 and small["pairs"] == 1  # every set smaller than evaluate.chunk: their size
     assert small["rows"]["good"]["w2_sem"] is None  # one pair: no standard error (was 0.0)

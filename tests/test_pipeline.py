@@ -440,6 +440,6 @@ def test_the_study_caption_names_the_setting_that_set_its_count():
     from ddmkit.config import RunConfig, validate
     from ddmkit.pipeline.vectors import study_sentence
     small = validate(RunConfig, {"sample": {"n": 100}})
-    assert "Each row: 100 samples" in study_sentence(small) and "(the config's [sample] section; sample.n, below " \
-        "evaluate.study_n = 4000 sets the count)" in study_sentence(small)
+    assert "Each row: 100 samples" in study_sentence(small) and "from the config's [sample] section (sample.n, as " \
+        "it is below evaluate.study_n = 4000, sets the count)" in study_sentence(small)
     assert "evaluate.study_n sets the count" in study_sentence(validate(RunConfig, {"sample": {"n": 8000}}))

@@ -345,7 +345,8 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
            strategy: List[str] = typer.Option(["top-2"], help=f"what to sample, repeatable: a routing strategy "
                                               f"({STRATEGY_FORMS}), 'monolith', or 'exact' (Gaussian mixtures)"),
            n: Optional[int] = typer.Option(None, min=1, help="number of samples (default: the config's sample.n)"),
-           steps: Optional[int] = typer.Option(None, min=1, help="solver steps (default: the config's sample.steps)"),
+           steps: Optional[int] = typer.Option(None, min=1, help="solver steps (default: the config's sample.steps; "
+                                               "the adaptive solver chooses its own)"),
            solver: Optional[str] = typer.Option(None, help="euler, heun, midpoint, rk4 or adaptive (default: the "
                                                 "config's sample.solver)"),
            seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="noise seed (default: the config's sample.seed)"),

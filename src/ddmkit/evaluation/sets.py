@@ -18,6 +18,7 @@ import torch
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import mmd_rbf, w2_exact, w2_sliced
 from ddmkit.evaluation.mixture import mode_coverage, nll, off_manifold_rate
+from ddmkit.layout import safe_name
 from ddmkit.progress import track
 from ddmkit.truth import GaussianMixture
 
@@ -53,15 +54,21 @@ def evaluate_all(samples: dict[str, torch.Tensor], infos: dict[str, dict], test:
     """{"rows": {name: metrics}, "floor": metrics, "chunk": chunk, "pairs": R}. Every set is scored on the
     same R pairs of `chunk` points (W2 between n-point sets shrinks as n grows, so rows of other sizes
     would not compare): chunk is evaluate.chunk, or the largest set's size when that is smaller; a set
-    with fewer points is refused, naming it; R is what the smallest set holds."""
+    with fewer points is refused, naming it; R is what the smallest set holds, at most what the test split
+    holds (2 R chunks: R for the floor, R as references)."""
     chunk = min(chunk, max(len(x) for x in samples.values()))
     short = {name: len(x) for name, x in samples.items() if len(x) < chunk}
     if short:
         listed = ", ".join(f"{name!r} ({size})" for name, size in short.items())
         raise DDMError(f"sample sets {listed} hold fewer than the {chunk} points every set is scored on (W2 of "
                        f"smaller sets is larger by itself); draw them again with `ddmkit sample RUN --strategy NAME` "
-                       f"and --n {chunk} or more (or leave --n out), or delete their files from RUN/samples")
-    r = min(len(x) for x in samples.values()) // chunk
+                       f"and --n {chunk} or more (or leave --n out), or delete their files from RUN/samples/ "
+                       f"({', '.join(safe_name(name) + '.safetensors' for name in short)})")
+    r = min(min(len(x) for x in samples.values()) // chunk, len(test) // (2 * chunk))  # as many as both hold
+    if r == 0:
+        raise DDMError(f"evaluation needs 2 held-out sets of {chunk} points (a floor set and a reference set) but "
+                       f"the test split has {len(test)}; lower evaluate.chunk to {len(test) // 2} or less (--set "
+                       f"evaluate.chunk={len(test) // 2}), or make a run with a larger data.n_test")
     floor_sets, refs = reference_sets(test, chunk, r)
     floor = sample_metrics(torch.cat(floor_sets), refs, truth)
     rows = {}

@@ -201,6 +201,9 @@ def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = p
                 log(f"note: {s.strategy} on a DDM of K = {k} experts calls every expert: the same routing as full")
         stage_sample(cfg, run, sets, is_image_run(run), log, device, redraw=True)
         infos = read_json(RunFolder(run).sample_info)
+        if RunFolder(run).report.exists():
+            log(f"note: {RunFolder(run).report} and metrics.json still score the sets as they were; "
+                f"`ddmkit evaluate {RunFolder(run).root}` scores these")
     return [infos[s.name] for s in sets]
 
 

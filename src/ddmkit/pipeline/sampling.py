@@ -22,6 +22,7 @@ from ddmkit.ddm.sampling import config_options
 from ddmkit.io import read_json, save_tensors, sha256_file, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.samplesets import SampleSet, SetKind
+from ddmkit.routing import parse_strategy, redraws_each_evaluation
 from ddmkit.progress import track
 
 Log = Callable[[str], None]
@@ -93,26 +94,49 @@ def read_info(folder: RunFolder) -> dict:
     return read_json(folder.sample_info, SAMPLES_FIX) if folder.sample_info.exists() else {}
 
 
+def chunked_differently(sample_set: SampleSet, solver: str) -> bool:
+    """Whether a set's samples depend on sample.batch_size: the adaptive solver (its step control measures the
+    error of a whole chunk) and strategies that draw experts at every evaluation (sample-K, nucleus, switch:
+    their draws come from one generator, chunk after chunk). Other sets are the same to rounding."""
+    random = sample_set.kind != SetKind.MONOLITH and redraws_each_evaluation(parse_strategy(sample_set.strategy))
+    return solver == "adaptive" or random
+
+
 def drawn_with(cfg: RunConfig, sample_set: SampleSet, networks: str | None) -> dict:
     """What a set's samples depend on besides its name: the sampling settings and the networks (`networks`:
-    the registry's hash, which a retrained or restored expert changes; None before a run is registered)."""
+    the registry's hash, which a retrained or restored expert changes; None before a run is registered).
+    steps is None for the adaptive solver (it chooses its own); batch_size is there where it changes the
+    samples (chunked_differently)."""
     s = cfg.sample
-    return {"n": sample_set.n, "steps": s.steps, "solver": s.solver, "seed": s.seed, "guidance": sample_set.guidance,
-            "router_every": s.router_every, "registry": networks}
+    made = {"n": sample_set.n, "steps": None if s.solver == "adaptive" else s.steps, "solver": s.solver,
+            "seed": s.seed, "guidance": sample_set.guidance, "router_every": s.router_every, "registry": networks}
+    return {**made, "batch_size": s.batch_size} if chunked_differently(sample_set, s.solver) else made
 
 
-SHOWN = ("n", "solver", "steps", "seed")  # the settings a report states for its sample sets
+SHOWN = ("n", "solver", "steps", "seed", "router_every", "guidance", "batch_size")  # what a report states of a set
+DEFAULT_SHOWN = {"router_every": 1, "guidance": 1.0, "batch_size": None}  # said only where a set differs
 
 
 def drawn_groups(cfg: RunConfig, run, names: list[str]) -> list[tuple[dict, list[str]]]:
     """The sets `names` grouped by the settings they were drawn with (RUN/samples/info.json's drawn_with:
-    n, solver, steps, seed; cfg.sample's for a set that records none), in order of first appearance: one
-    group when every set was drawn alike."""
+    SHOWN; cfg.sample's for a set that records none), in order of first appearance: one group when every set
+    was drawn alike."""
     infos, groups = read_info(RunFolder(run)), {}
     for name in names:
-        made = infos.get(name, {}).get("drawn_with") or {**cfg.sample.model_dump(), "n": cfg.sample.n}
-        groups.setdefault(tuple(made.get(k) for k in SHOWN), []).append(name)
+        made = infos.get(name, {}).get("drawn_with") or {**cfg.sample.model_dump(), "n": cfg.sample.n,
+                                                         "batch_size": None}
+        groups.setdefault(tuple(made.get(k, DEFAULT_SHOWN.get(k)) for k in SHOWN), []).append(name)
     return [(dict(zip(SHOWN, key)), members) for key, members in groups.items()]
+
+
+def settings_text(g: dict, unit: str, seed: str = "seed {}") -> str:
+    """One group's settings as the report says them: '2000 samples, euler, 50 steps, seed 0', then those
+    of DEFAULT_SHOWN that differ ('router every 5 evaluations', 'guidance 2', 'in chunks of 64')."""
+    steps = "" if g["solver"] == "adaptive" or g["steps"] is None else f", {g['steps']} steps"
+    extra = [f"router every {g['router_every']} evaluations" if g.get("router_every") not in (None, 1) else "",
+             f"guidance {g['guidance']:g}" if g.get("guidance") not in (None, 1.0) else "",
+             f"in chunks of {g['batch_size']}" if g.get("batch_size") is not None else ""]
+    return f"{g['n']} {unit}, {g['solver']}{steps}, {seed.format(g['seed'])}" + "".join(f", {e}" for e in extra if e)
 
 
 def sampling_sentence(cfg: RunConfig, run, names: list[str], unit: str = "samples") -> str:
@@ -120,10 +144,9 @@ def sampling_sentence(cfg: RunConfig, run, names: list[str], unit: str = "sample
     have changed since)."""
     groups = drawn_groups(cfg, run, names)
     if len(groups) <= 1:
-        g = groups[0][0] if groups else {**cfg.sample.model_dump(), "n": cfg.sample.n}
-        return f"{g['n']} {unit}, {g['solver']}, {g['steps']} steps, the same noise (seed {g['seed']}) for every set"
-    parts = [f"{', '.join(members)}: {g['n']} {unit}, {g['solver']}, {g['steps']} steps, seed {g['seed']}"
-             for g, members in groups]
+        g = groups[0][0] if groups else {**cfg.sample.model_dump(), "n": cfg.sample.n, "batch_size": None}
+        return settings_text(g, unit, "the same noise (seed {}) for every set")
+    parts = [f"{', '.join(members)}: {settings_text(g, unit)}" for g, members in groups]
     return "the sets were drawn with different settings (" + "; ".join(parts) + ")"
 
 

@@ -22,7 +22,7 @@ from ddmkit.pipeline.models import models_section, partition_k
 from ddmkit.pipeline.samplesets import planned_sets
 from ddmkit.pipeline.sampling import SAMPLES_FIX, read_info, sampling_sentence
 from ddmkit.pipeline.stages import load_split
-from ddmkit.tables import markdown_table
+from ddmkit.tables import fmt, markdown_table
 
 Log = Callable[[str], None]
 
@@ -86,11 +86,29 @@ def render_report(cfg: RunConfig, run, result: dict) -> str:
     rows = [[FLOOR] + [floor.get(key) for _, key in COLUMNS[:1]] + [1.0] + [floor.get(key) for _, key in COLUMNS[2:8]]
             + ["-", "-"]]
     for name, r in result["rows"].items():
-        rows.append([name] + [r.get(key) for _, key in COLUMNS])
+        rows.append([name, w2_text(r)] + [r.get(key) for _, key in COLUMNS[1:]])
     rep = result["router"]
     router_rows = [[f"{t:.2f}"] + [f"{rep[n]['accuracy'][i]:.3f} / {rep[n]['ece'][i]:.3f}" for n in rep if n != "t"]
                    for i, t in enumerate(rep["t"])]
     return _main_report(cfg, run, result, rows, rep, router_rows) + _fault_sections(cfg, result)
+
+
+def w2_text(row: dict) -> str | float | None:
+    """A row's W2 as the report shows it: with its standard error over the pairs where there are several."""
+    if row.get("w2_sem") is None or row.get("w2") is None:
+        return row.get("w2")
+    return f"{fmt(row['w2'])} ± {fmt(row['w2_sem'], 2)}"
+
+
+def pairs_sentence(result: dict) -> str:
+    """How W2 was measured, and a warning where one pair leaves it without an error bar."""
+    pairs, chunk = result["pairs"], result["chunk"]
+    said = f"W2 and sliced W2 averaged over {pairs} pair(s) of {chunk} points, MMD on the first pair."
+    if pairs == 1:
+        said += (" **One pair only**: W2 has no error bar, and a W2/floor below 1 is chance (the floor is one "
+                 "draw too); draw more samples per set (sample.n, or `ddmkit sample --n`) or lower evaluate.chunk "
+                 "for several pairs.")
+    return said
 
 
 def study_sentence(cfg: RunConfig) -> str:
@@ -100,10 +118,11 @@ def study_sentence(cfg: RunConfig) -> str:
     s, n = cfg.sample, study_size(cfg)
     chunk = min(cfg.evaluate.chunk, n)
     count = ("evaluate.study_n" if n == cfg.evaluate.study_n else
-             f"sample.n, below evaluate.study_n = {cfg.evaluate.study_n}")
-    return (f"Each row: {n} samples, {s.solver}, {s.steps} steps, seed {s.seed} (the config's [sample] section; "
-            f"{count} sets the count); W2/floor over {n // chunk} pair(s) of {chunk} points, against "
-            "a floor measured at that size.")
+             f"sample.n, as it is below evaluate.study_n = {cfg.evaluate.study_n},")
+    steps = "" if s.solver == "adaptive" else f", {s.steps} steps"
+    return (f"Each row: {n} samples, {s.solver}{steps}, seed {s.seed}, from the config's [sample] section ({count} "
+            f"sets the count); W2/floor over {n // chunk} pair(s) of {chunk} points, against a floor measured at "
+            "that size.")
 
 
 def _fault_sections(cfg: RunConfig, result: dict) -> str:
@@ -147,18 +166,26 @@ def _main_report(cfg: RunConfig, run, result: dict, rows: list, rep: dict, route
 
 Data: `{d.name}` ({made['n_train']} train, {made['n_test']} test). Partition: {partition_k(run, cfg)}, features = {p.features},
 balanced = {p.balanced}. Sampling: {sampling_sentence(cfg, run, list(result["rows"]))}.
-W2 and MMD over {result["pairs"]} pair(s) of {result["chunk"]} points.
+{pairs_sentence(result)}
 
 {models_section(run, cfg)}
 
 ## Samples per strategy
 
 W2 is the exact 2-Wasserstein distance between {result['chunk']}-point sets, averaged over {result['pairs']}
-independent pairs (a chunk of the samples against its own held-out set); the first row is the same measurement
-with held-out data in place of samples: the floor no sampler can beat at this sample size. NLL, mode coverage and off-manifold rate are under the true mixture
-(blank without one): each sample counts for its most probable component however far from it, and a mode is
-hit when it gets a tenth of its expected count, so samples off every mode (off-manifold) still hit modes.
-Expert calls count network evaluations of experts per sample over the whole trajectory.
+independent pairs (a chunk of the samples against its own held-out set), ± its standard error where there are
+several pairs; the first row is the same measurement with held-out data in place of samples: what samples of
+the true distribution score on average at this size, so W2/floor near 1 is as good as a sampler gets (a set
+can fall below 1 by chance, by about its W2 error over the floor). Sliced W2 is the root mean squared 1-D W2
+over 256 random directions, averaged over the same pairs; MMD the unbiased squared maximum mean discrepancy
+with a Gaussian kernel whose width is the median distance within the pair's points (so it is near 0, can be
+slightly negative, and its width differs from row to row), on the first pair only.
+NLL, mode coverage and off-manifold rate are under the true mixture ('-' without one): each sample counts for
+its most probable component however far from it, a mode is hit when it gets a tenth of its expected count,
+mode KL is KL(share of samples per mode, counts + 0.5 | mixture weights), and a sample is off-manifold when it
+is outside the 0.999 quantile of every component (Mahalanobis distance), so samples off every mode still hit
+modes. Expert calls count network evaluations per sample over the whole trajectory (of the monolith for its
+row).
 
 {markdown_table(["strategy"] + [c for c, _ in COLUMNS], rows)}
 
