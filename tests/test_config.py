@@ -76,3 +76,24 @@ def test_text_is_not_read_as_a_number_or_a_boolean():
         with pytest.raises(DDMError, match=words.replace("(", r"\(")):
             validate(RunConfig, {"partition": section})
     assert validate(RunConfig, {"partition": {"k": 4, "balanced": True, "features": "pca"}}).partition.k == 4
+
+
+def test_a_table_given_in_part_keeps_the_defaults_the_section_documents():
+    """`[router.net]` with kwargs only was an mlp (NetConfig's own arch), and `[latent.train]` with steps only
+    lost the autoencoder's batch 64 and lr 1e-3, while --set of the same keys kept them."""
+    from ddmkit.config import LatentConfig, RouterConfig, RunConfig, TrainConfig, validate
+    from ddmkit.discrete.config import TextRouterConfig
+
+    router = validate(RunConfig, {"router": {"net": {"kwargs": {"width": 64}}}}).router.net
+    assert (router.arch, router.kwargs) == ("router_mlp", {"width": 64, "depth": 2})
+    assert validate(RunConfig, {"router": {"net": {"arch": "router_mlp"}}}).router.net.kwargs == {"width": 128,
+                                                                                                 "depth": 2}
+    other = validate(RunConfig, {"router": {"net": {"arch": "router_cnn", "kwargs": {"channels": [8]}}}}).router.net
+    assert other.kwargs == {"channels": [8]}  # another arch: its own kwargs only
+    assert validate(RunConfig, {"expert": {"net": {"kwargs": {"depth": 1}}}}).expert.net.kwargs == {"width": 256,
+                                                                                                   "depth": 1}
+    latent = validate(RunConfig, {"latent": {"train": {"steps": 2}}}).latent.train
+    assert latent == LatentConfig().train.model_copy(update={"steps": 2}) and latent.batch_size == 64
+    assert RouterConfig(train={"steps": 3}).train == TrainConfig(steps=3)  # a plain default: unchanged
+    text = TextRouterConfig(train={"steps": 5}).train
+    assert text == TextRouterConfig().train.model_copy(update={"steps": 5}) and text.weight_decay == 0.01

@@ -86,6 +86,33 @@ class Section(BaseModel):
                     raise ValueError(f"{name} = {value!r} is text; give {wanted} (unquoted in TOML and --set)")
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_tables_keep_their_defaults(cls, data):
+        """A table given in part is read on top of the default this section documents for it, as --set reads
+        it: `[router.net]` with kwargs only is a router_mlp, `[latent.train]` with steps only keeps the
+        autoencoder's batch size and learning rate. Only fields whose default differs from their class's own
+        defaults need it; a network's kwargs merge with the default's only under the default's arch (another
+        arch starts from its own)."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, info in cls.model_fields.items():
+            given = data.get(name)
+            if info.default_factory is None or not isinstance(given, dict):
+                continue
+            default = info.default_factory()
+            if not isinstance(default, BaseModel) or default == type(default)():
+                continue
+            base = default.model_dump()
+            if "arch" in base and "kwargs" in base:  # a network: its kwargs belong to its arch
+                if given.get("arch", base["arch"]) != base["arch"]:
+                    continue
+                kwargs = given.get("kwargs", {})
+                given = {**given, "kwargs": {**base["kwargs"], **kwargs} if isinstance(kwargs, dict) else kwargs}
+            out[name] = {**base, **given}
+        return out
+
 
 class DataConfig(Section):
     name: str = Field("ring8", min_length=1)
