@@ -243,6 +243,32 @@ def test_evaluate_refuses_another_runs_settings_and_reports_how_each_set_was_dra
     assert "**One pair only**: W2 has no error bar" in said  # 60 samples: one pair of 50
 
 
+def test_evaluate_refuses_sets_drawn_by_networks_changed_since_and_a_run_without_its_config(monkeypatch, capsys,
+                                                                                             tmp_path, user_run):
+    """evaluate scored sets drawn before an expert was retrained or a router trained (their registry hash
+    differs from the run's now) as the DDM's; and a run that lost its config.json trained the defaults."""
+    run = Path(shutil.copytree(user_run, tmp_path / "run"))
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--strategy", "full")[0] == 0
+    info_path = run / "samples" / "info.json"
+    infos = json.loads(info_path.read_text())
+    infos["top-2"]["drawn_with"]["registry"] = "0" * 64  # drawn by other networks than the registered ones
+    info_path.write_text(json.dumps(infos))
+    code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")
+    said = " ".join(err.split())
+    assert code == 2 and "sample sets 'top-2' were drawn by networks that have changed since" in said, said
+    assert f"draw them again with `ddmkit sample {run} --strategy top-2`" in said and not (run / "report.md").exists()
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2")[0] == 0
+    assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
+
+    (run / "config.json").unlink()
+    shutil.rmtree(run / "monolith", ignore_errors=True)
+    for command in (["train-monolith", run], ["train-router", run], ["launch", run], ["evaluate", run]):
+        code, err = cli(monkeypatch, capsys, *command)
+        said = " ".join(err.split())
+        assert code == 2 and f"{run} has no config.json, the settings the run was made with" in said, (command, said)
+    assert not (run / "monolith").exists()
+
+
 def test_guidance_on_unconditional_experts_is_refused_before_anything_is_written(tmp_path):
     """A guidance sweep on unconditional experts drew identical sets under other names."""
     for field, value in (("guidance_sweep", [2.0]), ("guidance", 3.0)):

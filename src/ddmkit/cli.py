@@ -135,8 +135,8 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
     if config is not None:
         path = config if config.exists() or config.suffix else builtin_config(str(config))
         base = load_config(path)
-    elif run is not None and ((run / "config.json").exists() or not (run / "partition").is_dir()):
-        base = run_config(run)  # no such folder, or not a run (a folder of other files, one inside a run): said here
+    elif run is not None:
+        base = run_config(run)  # no such folder, not a run, a run without its config.json: said there
     else:
         base = RunConfig()
     items, dump = list(overrides or []), base.model_dump()

@@ -221,7 +221,10 @@ def island_stats_router(run, classes: int = 0, rank: int | None = None, device="
         else:
             x, y, _ = read_shard(checked[c])
             x, y = x.to(device), (y.to(device) if y is not None else None)
-            stats = island_statistics(x, rank)
+            try:
+                stats = island_statistics(x, rank)
+            except DDMError as e:  # e.g. a cluster of one row
+                raise DDMError(f"the statistics-only router: cluster {c} ({checked[c].name}): {e}") from None
             by_class = island_class_statistics(x, y, classes, rank) if classes else []
         marginal.append(stats)
         per_class.append(by_class)

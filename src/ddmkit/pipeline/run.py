@@ -12,6 +12,7 @@ their own over the same run folder.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import ctypes
 import threading
 import time
@@ -30,7 +31,7 @@ import ddmkit.pipeline.vectors as vectors
 from ddmkit.pipeline.prepare import listed, prepare_run_dir, remove_leftovers, run_config, run_lock, trained_differences
 from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_every_expert, named_set, planned_sets,
                                         statistics_set)
-from ddmkit.pipeline.sampling import stage_sample
+from ddmkit.pipeline.sampling import stage_sample, stale_sets
 from ddmkit.pipeline.stages import TRAINING_STAGES, stage_experts, stage_monolith, stage_router
 from ddmkit.registry import check_registered
 
@@ -58,6 +59,15 @@ def evaluate_stage(cfg: RunConfig, run, log: Log = print, device="cpu", scorer=N
                                "the samples of that run: change only [sample] or [evaluate] settings (or run the "
                                "other config in another --out folder)")
             remove_leftovers(run, log)
+        stale = stale_sets(run)
+        if stale:
+            root = RunFolder(run).root
+            again = " ".join(f"--strategy {shlex.quote(name)}" for name in stale)
+            names = ", ".join(repr(name) for name in stale)
+            raise DDMError(f"sample sets {names} were drawn by networks that have changed since (a trained, "
+                           f"replaced or added network: {RunFolder(run).registry.name} differs from the one they "
+                           f"record), so their scores would not be this DDM's; draw them again with `ddmkit sample "
+                           f"{root} {again}`, or delete their files from {RunFolder(run).samples}")
         if is_image_run(run):
             return images.stage_evaluate(cfg, run, log, device, scorer)
         return vectors.stage_evaluate(cfg, run, log)

@@ -150,6 +150,19 @@ def sampling_sentence(cfg: RunConfig, run, names: list[str], unit: str = "sample
     return "the sets were drawn with different settings (" + "; ".join(parts) + ")"
 
 
+def stale_sets(run) -> list[str]:
+    """The drawn sets of a run whose networks have changed since: the registry hash a set records
+    (drawn_with.registry) differs from RUN/registry.json's now (a retrained, replaced or added expert, a
+    router trained after sampling with the statistics-only one). A set drawn before the run was registered
+    records none and is not told apart."""
+    folder = RunFolder(run)
+    if not folder.registry.exists():
+        return []
+    now = sha256_file(folder.registry)
+    return [name for name, info in read_info(folder).items() if folder.sample_set(name).exists()
+            and (made := (info.get("drawn_with") or {}).get("registry")) is not None and made != now]
+
+
 def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: Log = print, device="cpu",
                  on_sample: Callable[[str], object] | None = None, redraw: bool = False) -> None:
     """Draw every set not yet drawn, or drawn with other settings or networks (all of them with

@@ -147,8 +147,10 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
 def publish_statistics(folder: Path, x: torch.Tensor, labels: torch.Tensor | None, classes: int) -> None:
     """Write what the expert's island publishes for the statistics-only router into its folder
     (ddmkit.routing.stats_router.island_publication): the router is then built from the expert folders
-    alone, without reading a shard."""
-    save_statistics(folder / PUBLISHED_STATISTICS, island_publication(x.cpu(), labels, classes))
+    alone, without reading a shard. A shard of one row has no covariance: nothing is published (the
+    statistics-only router then refuses that island, naming it)."""
+    if len(x) >= 2:
+        save_statistics(folder / PUBLISHED_STATISTICS, island_publication(x.cpu(), labels, classes))
 
 
 def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, resume: bool = False,
