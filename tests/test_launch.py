@@ -500,6 +500,34 @@ def test_a_ray_address_that_cannot_be_reached_is_named_with_the_servers_last_lin
     assert "Traceback" not in str(info.value)
 
 
+def test_a_host_port_address_where_nothing_answers_is_refused_before_ray_retries_it_for_ever():
+    """ray.init(address="HOST:6379") with no cluster there retried for ever (12 minutes and more, Ctrl-C slow)."""
+    import socket
+    from types import SimpleNamespace
+
+    from ddmkit.launch.ray_backend import start_ray
+
+    reached = []
+
+    def init(**kwargs):  # a real ray.init would retry the address for ever
+        reached.append(kwargs["address"])
+        raise ConnectionError("ray.init reached")
+
+    with socket.socket() as closed:  # a port of this machine that nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    fake = SimpleNamespace(is_initialized=lambda: False, init=init)
+    with pytest.raises(DDMError, match=rf"--address: cannot connect to Ray at 127.0.0.1:{port}: .*ray start --head"):
+        start_ray(fake, f"127.0.0.1:{port}", None)
+    assert reached == []
+    with socket.socket() as server:  # one that answers: handed on to ray.init
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with pytest.raises(DDMError, match="ray.init reached"):
+            start_ray(fake, f"127.0.0.1:{server.getsockname()[1]}", None)
+    assert len(reached) == 1
+
+
 def test_a_connection_error_is_not_reported_as_a_file_system_error(tmp_path, monkeypatch, capsys):
     import ddmkit.pipeline.stages as stages
 

@@ -20,6 +20,7 @@ Each task asks for one GPU when the cluster has GPUs, none otherwise.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -109,12 +110,28 @@ def _last_line(error: BaseException) -> str:
     return lines[-1].rstrip(".") if lines else type(error).__name__
 
 
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A cluster address HOST:PORT where nothing answers is a DDMError within `timeout` seconds: ray.init
+    retries such an address for ever. ray://HOST:PORT (the client times out by itself) and auto are left
+    to Ray."""
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        reason = "no answer within {:g} s".format(timeout) if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise DDMError(f"--address: cannot connect to Ray at {address}: {reason}; start the cluster (`ray start "
+                       "--head`) or fix --address (ray://HOST:10001, HOST:6379 or auto)") from None
+
+
 def start_ray(ray, address: str | None, workers: int | None):
     """Connect to `address`, or start a local Ray; returns whether we started it."""
     if ray.is_initialized():
         return False
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address:
+        check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except Exception as e:  # ConnectionError, or the client server's own failure
