@@ -249,6 +249,8 @@ def test_evaluate_refuses_sets_drawn_by_networks_changed_since_and_a_run_without
     differs from the run's now) as the DDM's; and a run that lost its config.json trained the defaults."""
     run = Path(shutil.copytree(user_run, tmp_path / "run"))
     assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--strategy", "full")[0] == 0
+    code, err = cli(monkeypatch, capsys, "sample", run, "--guidance", 2)  # was "load_ddm: guidance: 2 ..."
+    assert code == 2 and "--guidance 2: classifier-free guidance needs class-conditional experts" in err, err
     info_path = run / "samples" / "info.json"
     infos = json.loads(info_path.read_text())
     infos["top-2"]["drawn_with"]["registry"] = "0" * 64  # drawn by other networks than the registered ones

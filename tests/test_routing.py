@@ -213,3 +213,18 @@ def test_strategy_names_are_strings_and_numbers_may_use_scientific_notation():
     assert parse_strategy(" top-2") == TopK(2)
     with pytest.raises(DDMError, match=r"^strategy 'top-0': K must be >= 1$"):  # the name as stripped
         parse_strategy(" top-0 ")
+
+
+def test_spellings_of_one_strategy_name_one_sample_set():
+    """top-2 and top-02, threshold-0.5 and threshold-.5, sample-2 and sample-2@1 were stored and reported as
+    separate (identical) sets."""
+    from ddmkit.config import SampleConfig
+    from ddmkit.pipeline.samplesets import named_set
+    from ddmkit.routing.table import canonical_name
+
+    for given, name in (("top-02", "top-2"), ("threshold-.5", "threshold-0.5"), ("sample-2@1", "sample-2"),
+                        ("nucleus-0.90@1.0", "nucleus-0.9"), (" full ", "full"), ("threshold-1e-3", "threshold-0.001")):
+        assert canonical_name(given) == name and parse_strategy(name) == parse_strategy(given)
+    config = SampleConfig(strategies=["monolith", "top-02", "top-2", "sample-2@1"], sweep_strategy="top-02")
+    assert config.strategies == ["monolith", "top-2", "sample-2"] and config.sweep_strategy == "top-2"
+    assert named_set("top-02", 10).name == "top-2"

@@ -406,6 +406,10 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
         for key in upd:
             said = said.replace(f"sample.{key}:", f"--{'strategy' if key == 'strategies' else key.replace('_', '-')}:")
         raise DDMError(said) from None
+    if guidance is not None and guidance != 1.0 and not cfg.expert.net.kwargs.get("num_classes"):
+        raise DDMError(f"--guidance {guidance:g}: classifier-free guidance needs class-conditional experts "
+                       "(expert.net.kwargs.num_classes); this run's are unconditional, so every scale draws the same "
+                       "samples: leave --guidance out (or give 1)")
     sample_run(run, list(strategy), cfg, log, router=router or "learned")  # logs each set's calls and seconds
 
 

@@ -24,7 +24,7 @@ from ddmkit.flow.convert import VPSchedule
 from ddmkit.io import read_json
 from ddmkit.routing.adaptive import GatedTopK
 from ddmkit.routing.strategies import redraws_each_evaluation
-from ddmkit.routing.table import parse_strategy
+from ddmkit.routing.table import canonical_name, parse_strategy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -371,10 +371,12 @@ class SampleConfig(Section):
     @field_validator("strategies", "stats_router_strategies")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
+        """Checked, each written by its one name (top-02 is top-2), a name given twice kept once."""
         for s in v:
             if s != MONOLITH:
                 _strategy(s)
-        return v
+        names = [s if s == MONOLITH else canonical_name(s) for s in v]
+        return list(dict.fromkeys(names))
 
     @model_validator(mode="after")
     def _adaptive_needs_fixed_routing(self):
@@ -389,7 +391,7 @@ class SampleConfig(Section):
     @classmethod
     def _sweep(cls, v: str) -> str:
         _strategy(v)
-        return v
+        return canonical_name(v)
 
     @field_validator("guidance_sweep")
     @classmethod

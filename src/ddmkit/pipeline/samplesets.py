@@ -15,6 +15,7 @@ from enum import Enum
 from ddmkit.config import MONOLITH, RunConfig
 from ddmkit.errors import DDMError
 from ddmkit.routing import parse_strategy
+from ddmkit.routing.table import canonical_name
 from ddmkit.routing.strategies import SampleK, TopK
 
 
@@ -47,7 +48,7 @@ def named_set(name: str, n: int, guidance: float = 1.0) -> SampleSet:
     if name in ("exact", EXACT):
         return SampleSet(EXACT, SetKind.EXACT, "full", n, guidance)
     try:
-        parse_strategy(name)
+        name = canonical_name(name)  # top-02 is the set top-2
     except DDMError as e:
         raise DDMError(f"{e}; or '{MONOLITH}' (the monolith) or 'exact' (mixtures)") from None
     return SampleSet(name, SetKind.DDM, name, n, guidance)

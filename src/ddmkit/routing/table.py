@@ -154,6 +154,18 @@ def parse_strategy(spec: str) -> Strategy:
     return strategy
 
 
+def canonical_name(spec: str) -> str:
+    """The one name a strategy is written by, e.g. 'top-2' for 'top-02', 'sample-2' for 'sample-2@1',
+    'threshold-0.5' for 'threshold-.5': its object's name where that name parses back to an equal strategy
+    (else the name given, stripped), so that spellings of one strategy name one sample set."""
+    strategy = parse_strategy(spec)
+    name = getattr(strategy, "name", None)
+    try:
+        return name if isinstance(name, str) and parse_strategy(name) == strategy else spec.strip()
+    except DDMError:
+        return spec.strip()
+
+
 def strategies_markdown() -> str:
     """The strategy table of docs/routing.md."""
     rows = ["| name | weights | expert calls per evaluation |", "|---|---|---|"]
