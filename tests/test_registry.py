@@ -299,6 +299,25 @@ def test_verify_of_a_folder_that_does_not_exist_says_so(tmp_path):
         verify_registry(tmp_path / "afile")
 
 
+def test_partition_tensors_changed_after_partitioning_are_refused(copy, monkeypatch, capsys):
+    """Centroids rewritten in partition/partition.safetensors passed verify and routed `nearest` (no hash)."""
+    from ddmkit.cli import main
+    from ddmkit.io import load_tensors, read_metadata, save_tensors
+
+    path = copy / "partition" / "partition.safetensors"
+    tensors = load_tensors(path)
+    tensors["centroids"] = torch.full_like(tensors["centroids"], 100.0)
+    save_tensors(path, tensors, read_metadata(path))
+    for command in (["verify", copy], ["sample", copy, "--strategy", "nearest", "--n", 10]):
+        monkeypatch.setattr("sys.argv", ["ddmkit", *map(str, command)])
+        with pytest.raises(SystemExit) as exit:
+            main()
+        err = " ".join(capsys.readouterr().err.split())
+        assert exit.value.code == 2 and "partition.safetensors: SHA-256 differs from the one manifest.json records" \
+            in err, (command, err)
+    assert not (copy / "samples" / "nearest.safetensors").exists()
+
+
 def test_a_shard_changed_after_partitioning_is_refused_before_training_or_routing_on_it(copy, monkeypatch, capsys):
     from ddmkit.cli import main
     from ddmkit.ddm.load import island_stats_router

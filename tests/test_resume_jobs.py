@@ -141,7 +141,7 @@ def test_an_expert_folder_cut_short_is_trained_again_and_one_with_other_files_is
             "--config", run / "config.json", "--resume"]  # as a SLURM task of `launch --emit slurm` runs
     for command in (["launch", run], task):
         (expert / "model.safetensors").unlink()
-        assert sorted(p.name for p in expert.iterdir()) == ["config.json", "train_log.jsonl"]
+        assert sorted(p.name for p in expert.iterdir()) == ["config.json", "statistics.safetensors", "train_log.jsonl"]
         code, _, err = ddmkit(*command)
         assert code == 0, err
         assert _bytes(expert) == weights
@@ -156,7 +156,7 @@ def test_an_expert_folder_cut_short_is_trained_again_and_one_with_other_files_is
     assert code == 2 and f"error: {expert} holds files that are not an expert (notes.txt)" in err, err
     code, _, err = ddmkit(*task)
     assert code == 2 and f"--out {expert} holds files that are not an expert (notes.txt)" in err, err
-    assert sorted(p.name for p in expert.iterdir()) == ["config.json", "notes.txt", "train_log.jsonl"]
+    assert sorted(p.name for p in expert.iterdir()) == ["config.json", "notes.txt", "statistics.safetensors", "train_log.jsonl"]
 
     job = tmp_path / "job"  # a folder holding a run's config.json (docs/distributed.md copies it there) is no expert
     job.mkdir()

@@ -65,7 +65,7 @@ def hooked_field(ddm: DDM, strategy, state: RoutingState, counter: CallCounter |
             seen.update(probs=p, x0_prev=state.x0_hat)
         return p
 
-    return routed_velocity(ddm.experts, router, strategy, state, counter)
+    return routed_velocity(ddm.experts, router, strategy, state, counter, keep_selection=False)  # probs every step
 
 
 def trace_strategy(ddm: DDM, strategy: str, x1: torch.Tensor, steps: int, solver: str = "euler",

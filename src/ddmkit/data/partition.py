@@ -200,8 +200,18 @@ def write_partition(plan: PartitionPlan, train: ArrayData, out_dir: str | Path) 
                     "data_name": train.name, "data_shape": list(train.data_shape), "n": len(train),
                     "features": plan.spec, "balanced": plan.balanced, "seed": plan.seed, "fine_k": plan.fine_k,
                     "ddmkit_version": __version__, "time_convention": TIME_CONVENTION}
-        write_json(tmp / "manifest.json", manifest)
+        write_manifest(tmp, manifest)
     return manifest
+
+
+TENSORS_HASH = "tensors_sha256"  # the manifest's record of partition.safetensors
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write a partition's manifest.json beside its partition.safetensors, recording that file's SHA-256
+    (load_partition checks it: the centroids route `nearest`, the statistics describe the clusters)."""
+    manifest[TENSORS_HASH] = sha256_file(folder / "partition.safetensors")
+    write_json(folder / "manifest.json", manifest)
 
 
 def partition_data(train: ArrayData, k: int, out_dir: str | Path, features: str = "identity",
@@ -313,6 +323,12 @@ def load_partition(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(manifest, tensors) of a partition folder, both checked (check_manifest, check_partition_tensors)."""
     folder = Path(folder)
     manifest = check_manifest(read_json(folder / "manifest.json"), folder / "manifest.json")
+    recorded = manifest.get(TENSORS_HASH)  # manifests of ddmkit before it recorded one: unchecked
+    if recorded is not None and (folder / "partition.safetensors").is_file() and \
+            sha256_file(folder / "partition.safetensors") != recorded:
+        raise DDMError(f"{folder / 'partition.safetensors'}: SHA-256 differs from the one manifest.json records; "
+                       f"the file was changed after partitioning (its centroids route `nearest`). Copy the run's "
+                       f"partition/ folder back whole, or partition again in a new run folder")
     tensors = load_tensors(folder / "partition.safetensors", fix=f"copy the run's partition/ folder back whole, or "
                            f"delete {folder} and run `ddmkit run CONFIG --out {folder.parent}` (it partitions the "
                            "same data again, to the same bytes; experts trained on other shards are then refused)")

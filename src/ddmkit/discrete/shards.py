@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from ddmkit.conventions import __version__
-from ddmkit.data.partition import cluster, read_shard, shard_name
+from ddmkit.data.partition import cluster, read_shard, shard_name, write_manifest
 from ddmkit.discrete.corpus import Document
 from ddmkit.discrete.features import sklearn_seed, tfidf_features
 from ddmkit.errors import DDMError
-from ddmkit.io import read_json, save_tensors, sha256_file, staging_dir, write_json
+from ddmkit.io import read_json, save_tensors, sha256_file, staging_dir
 
 SEPARATOR = b"\n\n"
 
@@ -76,7 +76,7 @@ def partition_text(train: list[Document], test: list[Document], cfg, out_dir: st
                     "data_hash": data_hash, "data_name": "text", "data_shape": [], "n": len(train),
                     "n_test": len(test), "features": spec, "balanced": cfg.balanced, "seed": cfg.seed,
                     "ddmkit_version": __version__, **(extra or {})}
-        write_json(tmp / "manifest.json", manifest)
+        write_manifest(tmp, manifest)
     return manifest
 
 

@@ -50,7 +50,7 @@ import torch
 from ddmkit.config import DataConfig, RunConfig, apply_overrides, device_overrides, validate
 from ddmkit.conventions import __version__
 from ddmkit.data import ArrayData, check_finite, content_hash, load_dataset, takes_test_fraction
-from ddmkit.data.partition import cluster_statistics, feature_map, read_shard, shard_name
+from ddmkit.data.partition import cluster_statistics, feature_map, read_shard, shard_name, write_manifest
 from ddmkit.ddm.load import check_shape, velocity_field
 from ddmkit.errors import DDMError
 from ddmkit.io import (load_tensors, read_json, read_metadata, remove_stale_staging, save_tensors, sha256_file,
@@ -359,7 +359,7 @@ def _write_partition(old: Path, tmp: Path, plan: Growth) -> list[Path]:
         save_tensors(tmp / entries[c]["path"], tensors, metadata=plan.shard_meta[c])
         entries[c]["sha256"] = sha256_file(tmp / entries[c]["path"])
     save_tensors(tmp / "partition.safetensors", plan.tensors)
-    write_json(tmp / "manifest.json", plan.manifest)
+    write_manifest(tmp, plan.manifest)
     return [tmp / s["path"] for s in sorted(plan.manifest["shards"], key=lambda s: s["cluster"])]
 
 

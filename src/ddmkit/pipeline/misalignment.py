@@ -64,6 +64,7 @@ from ddmkit.data.partition import (
     load_partition,
     read_shard,
     shard_name,
+    write_manifest,
 )
 from ddmkit.data.synthetic import MIXTURES
 from ddmkit.ddm import load_ddm, start_noise
@@ -219,7 +220,7 @@ def write_condition_partition(cond: Condition, cfg: RunConfig, train: ArrayData,
                     "data_name": train.name, "data_shape": list(train.data_shape), "n": len(train),
                     "features": plan.spec, "balanced": plan.balanced, "seed": plan.seed, "fine_k": plan.fine_k,
                     "condition": cond.run_name, "ddmkit_version": __version__}
-        write_json(tmp / "manifest.json", manifest)
+        write_manifest(tmp, manifest)
     return manifest
 
 

@@ -255,15 +255,18 @@ def checked_select(strategy, probs: torch.Tensor, state: RoutingState) -> tuple[
 def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: RoutingState,
                     counter: CallCounter | None = None, cond: Cond | None = None,
                     router_every: int = 1, router_cond: Cond | None = None,
-                    call_experts: CallExperts | None = None) -> Field:
+                    call_experts: CallExperts | None = None, keep_selection: bool = True) -> Field:
     """The DDM's velocity field for a solver: route, combine, remember x0_hat.
 
     `cond` (per-row conditioning, e.g. class labels) is passed to the experts;
     `router_cond` to the router (a label-conditional router p(k | x_t, t, y)).
     `router_every` = m calls the router (and applies the strategy and plans the
     dispatch) on evaluations 0, m, 2m, ... and reuses that routing in between;
-    m = 1 (the default) routes at every evaluation. `call_experts` runs a sparse
-    step's expert calls (apply_plan)."""
+    m = 1 (the default) routes at every evaluation. A strategy whose selection is
+    made once (routes_once: oracle) is routed on the first evaluation only, unless
+    keep_selection = False (a caller that records the router's probabilities at every
+    step; the samples are the same). `call_experts` runs a sparse step's expert calls
+    (apply_plan)."""
     if not isinstance(router_every, int) or router_every < 1:
         raise DDMError(f"router_every: must be an integer >= 1 (got {router_every!r})")
     if isinstance(strategy, str):
@@ -295,7 +298,8 @@ def routed_velocity(experts: Sequence[Field], router: Field, strategy, state: Ro
             memory["plan"] = None if dense else make_plan(w)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if memory["calls"] == 0 or (not strategy.routes_once and memory["calls"] % router_every == 0):
+        once = strategy.routes_once and keep_selection
+        if memory["calls"] == 0 or (not once and memory["calls"] % router_every == 0):
             route(x, t)
         memory["calls"] += 1
         w, plan = memory["weights"], memory["plan"]
