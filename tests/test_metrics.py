@@ -78,3 +78,21 @@ def test_every_set_is_scored_on_chunks_of_one_size_and_a_short_set_is_refused(ge
     small = evaluate_all({"good": good[:300], "poor": poor[:300]}, {}, test, None, chunk=500)
     assert small["chunk"] == 300 and small["pairs"] == 1  # every set smaller than evaluate.chunk: their size
     assert small["rows"]["good"]["w2_sem"] is None  # one pair: no standard error (was 0.0)
+
+
+def test_the_samples_plot_counts_the_samples_outside_its_panels_and_says_what_it_draws(tmp_path, monkeypatch):
+    """Axis limits come from the held-out data: samples beyond them were hidden without a word."""
+    import ddmkit.evaluation.plots as plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, crop=True: figures.append(fig))
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(200, 3, generator=gen)
+    inside, wild = torch.randn(50, 3, generator=gen) * 0.1, torch.randn(50, 3, generator=gen) * 0.1
+    wild[:7] += 100.0  # 7 samples far outside the held-out data
+    plots.plot_samples({"good": inside, "wild": wild}, ref, None, tmp_path / "s.png")
+    (fig,) = figures
+    titles = [ax.get_title() for ax in fig.axes[:2]]
+    assert titles == ["good", "wild\n7 of 50 outside the panel"]
+    assert fig._suptitle.get_text() == ("samples (red) over held-out data (grey); axes: the held-out data's first "
+                                        "two principal directions")

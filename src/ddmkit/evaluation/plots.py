@@ -67,11 +67,16 @@ def plot_samples(samples: dict[str, torch.Tensor], reference: torch.Tensor, trut
         ax.scatter(p[:, 0], p[:, 1], s=1.5, c="tab:red", alpha=0.6)
         ax.set_xlim(lo[0], hi[0])
         ax.set_ylim(lo[1], hi[1])
-        ax.set_title(name + (f"\n{title_extra[name]}" if title_extra and name in title_extra else ""), fontsize=9)
+        outside = int(((p < lo) | (p > hi)).any(1).sum())  # drawn beyond the panel: counted, not hidden
+        title = name + (f"\n{title_extra[name]}" if title_extra and name in title_extra else "")
+        ax.set_title(title + (f"\n{outside} of {len(p)} outside the panel" if outside else ""), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
+    truth_drawn = "the true density" if density is not None else "held-out data (grey)"
+    axes_drawn = "" if basis is None else "; axes: the held-out data's first two principal directions"
+    fig.suptitle(f"samples (red) over {truth_drawn}{axes_drawn}", fontsize=9)
     save_figure(fig, path)
 
 
