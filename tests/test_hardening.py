@@ -261,6 +261,9 @@ def test_evaluate_refuses_sets_drawn_by_networks_changed_since_and_a_run_without
     assert f"draw them again with `ddmkit sample {run} --strategy top-2`" in said and not (run / "report.md").exists()
     assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2")[0] == 0
     assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
+    info_path.unlink()  # was "no samples yet" beside the sample files
+    code, err = cli(monkeypatch, capsys, "evaluate", run)
+    assert code == 2 and "info.json is missing, the record of how the sets in" in " ".join(err.split()), err
 
     (run / "config.json").unlink()
     shutil.rmtree(run / "monolith", ignore_errors=True)

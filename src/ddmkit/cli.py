@@ -102,7 +102,10 @@ DEVICE = typer.Option(None, "--device", help="where networks train and sample: c
                       "sets every train.device of the config (default: the config's)")
 SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one config field, repeatable: --set "
                    "expert.train.steps=300 --set 'sample.strategies=[\"top-1\",\"full\"]' (VALUE: a TOML "
-                   "value, else text; a text config's strategies are evaluate.strategies)")
+                   "value, else text)")
+ANY_SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one config field, repeatable: --set "
+                       "expert.train.steps=300 --set 'sample.strategies=[\"top-1\",\"full\"]' (VALUE: a TOML "
+                       "value, else text; a text config's strategies are evaluate.strategies)")
 TEXT_SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one field of the text config, repeatable: "
                         "--set expert.train.steps=300 --set 'evaluate.strategies=[\"top-1\",\"full\"]' (VALUE: a "
                         "TOML value, else text)")
@@ -165,7 +168,7 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
               seed: Optional[int] = typer.Option(None, help="one seed for every stage, as `ddmkit run --seed` "
                                                  "(overrides config; RUN/config.json records it for the jobs)"),
               force: bool = typer.Option(False, help="replace a folder that holds a different run"),
-              set_: Optional[List[str]] = SET):
+              set_: Optional[List[str]] = ANY_SET):
     """Load the data, cluster it into K shards, write shards and a manifest (text configs: the corpus)."""
     from ddmkit.config import RunConfig, validate
     from ddmkit.io import read_json
@@ -485,7 +488,7 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
         stages: str = typer.Option("all", help="train (data, partition, experts, monolith, router, registry), "
                                    "evaluate (sampling, scores, report: needs the trained networks) or all"),
         device: Optional[str] = DEVICE,
-        set_: Optional[List[str]] = SET):
+        set_: Optional[List[str]] = ANY_SET):
     """Every stage: data, partition, experts, monolith, router, sampling, evaluation, report.
 
     A TOML with `kind = "text_ar"` or `"text_dfm"` runs the text pipeline (see `ddmkit text --help`)."""
@@ -603,8 +606,8 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
             path = write_slurm_script(run_dir, script, set_ or [], expert or None,
                                       **{k: v for k, v in slurm.items() if v is not None})
         if path is None:
-            which = f"the experts asked ({', '.join(map(str, sorted(set(expert))))})" if expert else "every expert"
-            log(f"{which} of {run_dir} are trained; no script written (remove an expert's folder to train it "
+            which = f"the experts asked ({', '.join(map(str, sorted(set(expert))))}) of" if expert else "the experts of"
+            log(f"{which} {run_dir} are all trained; no script written (remove an expert's folder to train it "
                 "again)")
         else:
             log(f"wrote {path} (the experts not trained yet); submit it with: sbatch {shlex.quote(str(path))}")

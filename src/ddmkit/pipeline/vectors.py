@@ -41,6 +41,11 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
         if not trained:
             raise DDMError(f"{folder.root}: no samples yet, and no expert is trained: train the networks first "
                            f"(`ddmkit run CONFIG --out {folder.root}`), then `ddmkit sample {folder.root}`")
+        drawn = sorted(p.name for p in folder.samples.glob("*.safetensors")) if folder.samples.is_dir() else []
+        if drawn:  # sets without the record of how they were drawn: scored as what, is unknown
+            raise DDMError(f"{folder.root}: {folder.sample_info} is missing, the record of how the sets in "
+                           f"{folder.samples} ({', '.join(drawn[:4])}{', ...' if len(drawn) > 4 else ''}) were drawn; "
+                           f"draw them again with `ddmkit sample {folder.root} --strategy NAME` (or delete them)")
         raise DDMError(f"{folder.root}: no samples yet; run `ddmkit sample {folder.root}` first")
     infos = read_info(folder)
     names = [s.name for s in planned_sets(cfg, load_truth(run) is not None) if folder.sample_set(s.name).exists()]
