@@ -324,6 +324,12 @@ def test_a_corrupt_checkpoint_says_delete_it_and_one_not_resumed_is_noted(tmp_pa
                     "the start and replaces it"]
     said.clear()
     assert train_expert_once(shard, _cfg(), tmp_path / "c", log=said.append) and said == []  # no checkpoint, no note
+    with monkeypatch.context() as m:  # with --resume it says that it continues, as run and launch do
+        _crash_after(m, 15)
+        with pytest.raises(KeyboardInterrupt):
+            train_expert(shard, _cfg(), tmp_path / "d")
+    assert train_expert_once(shard, _cfg(), tmp_path / "d", resume=True, log=said.append)
+    assert said == [f"{tmp_path / 'd'}: continuing from {checkpoint_path(tmp_path / 'd')}"]
 
 
 @pytest.mark.parametrize("command", ["sample", "evaluate", "analyze"])

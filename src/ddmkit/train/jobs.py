@@ -291,6 +291,8 @@ def _train_expert_once(shard, config: ExpertConfig, out_dir, nproc: int, resume:
     if not resume and checkpoint_path(out_dir).exists() and main:
         log(f"note: {checkpoint_path(out_dir)} is not continued (no --resume): this job trains from the start and "
             "replaces it")
+    if resume and checkpoint_path(out_dir).exists() and main:
+        log(f"{out_dir}: continuing from {checkpoint_path(out_dir)}")  # as run and launch say it
     train_expert_ddp(shard, config, out_dir, nproc, resume=resume)
     return main
 
