@@ -274,6 +274,23 @@ def test_evaluate_refuses_sets_drawn_by_networks_changed_since_and_a_run_without
     assert not (run / "monolith").exists()
 
 
+def test_evaluate_keeps_the_studies_measured_with_the_same_networks_data_and_settings(monkeypatch, capsys, tmp_path,
+                                                                                       user_run):
+    """The missing-expert and statistics-router studies were drawn again at every evaluate (most of its time)."""
+    run = Path(shutil.copytree(user_run, tmp_path / "run"))
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2")[0] == 0
+    code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")
+    assert code == 0 and "kept from" not in err, err
+    first = json.loads((run / "metrics.json").read_text())
+    assert first["missing_experts"] and first["stats_router"]["rows"]
+    code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")
+    assert code == 0 and "studies: missing_experts, stats_router kept from" in " ".join(err.split()), err
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["missing_experts"] == first["missing_experts"] and again["stats_router"] == first["stats_router"]
+    code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=40")  # another setting
+    assert code == 0 and "kept from" not in err, err
+
+
 def test_guidance_on_unconditional_experts_is_refused_before_anything_is_written(tmp_path):
     """A guidance sweep on unconditional experts drew identical sets under other names."""
     for field, value in (("guidance_sweep", [2.0]), ("guidance", 3.0)):

@@ -5,6 +5,7 @@ router studies, plots and report.md.
 """
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 from ddmkit.config import RunConfig
@@ -16,7 +17,8 @@ from ddmkit.evaluation.plots import plot_router_accuracy, plot_samples
 from ddmkit.evaluation.routers import router_report
 from ddmkit.evaluation.sets import FLOOR, evaluate_all
 from ddmkit.evaluation.studies import STATS_STRATEGIES, missing_expert_study, stats_router_study, study_size
-from ddmkit.io import load_tensors, read_json, write_bytes_atomic, write_json
+from ddmkit.conventions import __version__
+from ddmkit.io import load_tensors, read_json, sha256_file, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.models import models_section, partition_k
 from ddmkit.pipeline.samplesets import planned_sets
@@ -71,10 +73,16 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
     rep = router_report(routers, xs, labels)
     result["router"] = rep
 
+    key = studies_key(cfg, run)
+    before = earlier_studies(folder, key)
     if cfg.evaluate.missing_experts and learned:  # the studies compare with the learned router's sets
-        result["missing_experts"] = missing_expert_study(cfg, run, test.x, truth)
+        result["missing_experts"] = before.get("missing_experts") or missing_expert_study(cfg, run, test.x, truth)
     if cfg.evaluate.stats_router and learned:
-        result["stats_router"] = stats_router_study(cfg, run, test.x, truth)
+        result["stats_router"] = before.get("stats_router") or stats_router_study(cfg, run, test.x, truth)
+    if before and set(before) & set(result):
+        log(f"studies: {', '.join(sorted(set(before) & set(result)))} kept from {folder.metrics} (the same networks, "
+            "data and settings)")
+    result["studies_key"] = key
     result["config"] = cfg.model_dump()
 
     plot_samples(samples, test.x, truth, folder.plots / "samples.png",
@@ -84,6 +92,33 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
     write_bytes_atomic(folder.report, render_report(cfg, run, result).encode())
     log(f"report: {folder.report}")
     return result
+
+
+def studies_key(cfg: RunConfig, run) -> dict | None:
+    """What the studies' rows depend on: the networks (the registry's SHA-256), the data, the [sample]
+    settings they draw with, [evaluate] and ddmkit's version; None for a run not registered (its networks
+    are not identified), whose studies are drawn every time."""
+    folder = RunFolder(run)
+    if not folder.registry.exists():
+        return None
+    drawn_by = {"strategies", "stats_router_strategies", "guidance_sweep", "sweep_strategy", "sweep_n"}
+    return {"registry": sha256_file(folder.registry), "data": read_json(folder.data_info),
+            "sample": cfg.sample.model_dump(exclude=drawn_by), "evaluate": cfg.evaluate.model_dump(),
+            "ddmkit_version": __version__}
+
+
+def earlier_studies(folder: RunFolder, key: dict | None) -> dict:
+    """The studies of the last evaluation (RUN/metrics.json) when they were measured with this key: drawing
+    them again would give the same rows (they take most of an evaluation's time)."""
+    if key is None or not folder.metrics.exists():
+        return {}
+    try:
+        earlier = read_json(folder.metrics)
+    except DDMError:  # a damaged metrics.json: measured again, and rewritten
+        return {}
+    if not isinstance(earlier, dict) or earlier.get("studies_key") != json.loads(json.dumps(key)):
+        return {}
+    return {name: earlier[name] for name in ("missing_experts", "stats_router") if name in earlier}
 
 
 def render_report(cfg: RunConfig, run, result: dict) -> str:
