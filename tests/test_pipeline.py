@@ -287,6 +287,23 @@ def test_a_new_sample_section_keeps_the_networks_and_redraws_the_samples(tiny_ru
     assert json.loads((run / "config.json").read_text())["config"]["sample"]["steps"] == 9
 
 
+def test_a_new_evaluate_section_keeps_the_samples_and_scores_them_again(tiny_run, tmp_path):
+    """Only [evaluate] changed: every set was drawn again (the sets depend on [sample] and the networks)."""
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    drawn = {p.name: p.read_bytes() for p in (run / "samples").iterdir()}
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run / "samples").iterdir()}
+    other = tmp_path / "other.toml"
+    other.write_text(TINY.read_text().replace("chunk = 200", "chunk = 100"))
+    messages = []
+    result = run_pipeline(load_config(other), run, log=messages.append)
+    assert any("the evaluate settings changed; the trained networks and the samples are kept" in m for m in messages)
+    assert {p.name: p.read_bytes() for p in (run / "samples").iterdir()} == drawn
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "samples").iterdir()} == stamps  # not drawn again
+    assert result["chunk"] == 100
+
+
 def test_router_expert_mismatch_and_corrupt_weights(tiny_run, tmp_path):
     """The checks on the model folders themselves (a run without registry.json; with one, any change
     is refused before by the hashes: test_registry.py)."""

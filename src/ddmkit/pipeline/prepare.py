@@ -282,10 +282,15 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
         elif action == "derived":
             old = read_json(folder.config)["config"]
             changed = [name for name in ("sample", "evaluate") if old.get(name) != cfg.model_dump()[name]]
-            log(f"{run}: the {' and '.join(changed) or 'sample'} settings changed; the trained networks are kept, "
-                "samples and scores are drawn again")
+            if changed == ["evaluate"]:  # the sets depend on [sample] and the networks only: kept
+                log(f"{run}: the evaluate settings changed; the trained networks and the samples are kept, the "
+                    "scores are computed again")
+            else:
+                log(f"{run}: the {' and '.join(changed) or 'sample'} settings changed; the trained networks are kept, "
+                    "samples and scores are drawn again")
             for path in folder.derived:
-                remove(path)
+                if path != folder.samples or changed != ["evaluate"]:
+                    remove(path)
         write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
         if data is not None:
             write_data(cfg, run, *data, log)
