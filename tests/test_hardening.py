@@ -233,7 +233,8 @@ def test_evaluate_refuses_another_runs_settings_and_reports_how_each_set_was_dra
     assert __import__("re").search(r"\| full \| [0-9.e-]+ ± [0-9.e-]+ \| [0-9.]+ \|", report), report  # W2 ± its error
     code, err = cli(monkeypatch, capsys, "sample", run, "--strategy", "switch", "--batch-size", 30, "--n", 60)
     assert code == 0 and f"still score the sets as they were; `ddmkit evaluate {run}` scores these" in err, err
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--router-every", 3)[0] == 0
+    code, err = cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--router-every", 3)
+    assert code == 0 and "sample top-2: replaces the set drawn before (router_every 1 -> 3)" in err, err
     assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-1", "--solver", "adaptive")[0] == 0
     assert cli(monkeypatch, capsys, "evaluate", run, "--device", "cpu", "--set", "evaluate.chunk=50")[0] == 0
     said = " ".join((run / "report.md").read_text().split())

@@ -163,6 +163,14 @@ def stale_sets(run) -> list[str]:
             and (made := (info.get("drawn_with") or {}).get("registry")) is not None and made != now]
 
 
+def replaced_text(before: dict, now: dict) -> str:
+    """What differs between the settings a set was drawn with and those it is drawn with now, e.g.
+    'n 500 -> 10, steps 50 -> 8' ('other networks' for the registry)."""
+    parts = ["other networks" if key == "registry" else f"{key} {before.get(key)} -> {now.get(key)}"
+             for key in dict.fromkeys([*now, *before]) if before.get(key) != now.get(key)]
+    return ", ".join(parts)
+
+
 def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: Log = print, device="cpu",
                  on_sample: Callable[[str], object] | None = None, redraw: bool = False) -> None:
     """Draw every set not yet drawn, or drawn with other settings or networks (all of them with
@@ -174,8 +182,11 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
         path = folder.sample_set(sample_set.name)
         infos = read_info(folder)
         made_with = drawn_with(cfg, sample_set, networks)
-        if path.exists() and infos.get(sample_set.name, {}).get("drawn_with") == made_with and not redraw:
+        before = infos.get(sample_set.name, {}).get("drawn_with")
+        if path.exists() and before == made_with and not redraw:
             continue  # a set whose info a kill lost, or drawn by other settings or networks, is drawn again
+        if path.exists() and isinstance(before, dict) and before != made_with:
+            log(f"sample {sample_set.name}: replaces the set drawn before ({replaced_text(before, made_with)})")
         x0, y, info = draw_set(cfg, run, sample_set, images, device, ddms)
         info["drawn_with"] = made_with
         tensors = {"x": x0} if y is None else {"x": x0, "y": y}
