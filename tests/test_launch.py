@@ -126,6 +126,8 @@ def test_slurm_script_is_a_job_array_calling_train_expert(tmp_path):
 
 
 @pytest.mark.parametrize("option, message", [({"time": "forever"}, "--time 'forever'"), ({"time": "24h"}, "--time"),
+                                             ({"time": "5-99"}, "--time '5-99'"), ({"time": "1:75"}, "--time"),
+                                             ({"time": "10:00:60"}, "--time"), ({"time": "2-23:60"}, "--time"),
                                              ({"mem": "lots"}, "--mem 'lots'"), ({"mem": "16GB"}, "--mem"),
                                              ({"cpus": 10**20}, "--cpus"), ({"cpus": 0}, "--cpus"),
                                              ({"gpus": -1}, "--gpus"), ({"gpus": 1000}, "--gpus")])
@@ -133,6 +135,20 @@ def test_slurm_resources_sbatch_would_refuse_are_refused(tmp_path, option, messa
     """--mem lots, --time forever and --cpus 10**20 went into the script as they were."""
     with pytest.raises(DDMError, match=re.escape(message)):
         slurm_script(tmp_path, 2, **option)
+
+
+def test_slurm_resources_are_checked_when_every_expert_is_trained_too(tmp_path, monkeypatch, capsys):
+    """With nothing to write, --mem 16Q was accepted (exit 0): the options are checked before anything."""
+    from ddmkit.layout import RunFolder
+
+    run = _tiny_run(tmp_path)
+    for c in range(4):  # every expert's weights there: nothing left to train
+        RunFolder(run).expert(c).mkdir(parents=True)
+        (RunFolder(run).expert(c) / "model.safetensors").write_bytes(b"")
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm")
+    assert code in (0, None) and "are all trained; no script written" in err, err
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--mem", "16Q")
+    assert code == 2 and "--mem '16Q'" in err, err
 
 
 @pytest.mark.parametrize("time", ["90", "90:30", "24:00:00", "2-12", "2-12:30", "2-12:30:00", "UNLIMITED"])
@@ -407,6 +423,8 @@ def test_emit_slurm_writes_the_set_fields_into_its_tasks_and_refuses_what_it_doe
         assert code == 2 and named in err and not script.exists(), err
     code, err = cli(monkeypatch, capsys, "launch", run, "--time", "1:00:00")
     assert code == 2 and "--time" in err and "--emit slurm" in err, err
+    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--mem", "16Q")  # checked first
+    assert code == 2 and "--mem '16Q'" in err and not script.exists(), err
     code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--set", "expert.train.checkpoint_every=7",
                     "--set", "expert.train.log_every=3", "--time", "01:00:00")
     assert code in (0, None), err

@@ -592,10 +592,12 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
         import shlex
 
         from ddmkit.launch import check_emit, write_slurm_script
-        from ddmkit.launch.slurm import task_notes
+        from ddmkit.launch.slurm import DEFAULT_CPUS, check_resources, task_notes
 
         check_emit(emit, {"--backend": None if backend == "inline" else backend, "--workers": workers,
                           "--address": address, "--config": config, "--device": device})
+        check_resources(time or "24:00:00", DEFAULT_CPUS if cpus is None else cpus, 1 if gpus is None else gpus,
+                        mem or "16G")  # before anything, also when every expert is trained
         if _text_run(run_dir):
             _no_text_overrides(None, None, None, set_)
         else:

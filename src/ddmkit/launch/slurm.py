@@ -35,9 +35,20 @@ _MEM = re.compile(r"\d+[KMGT]?")  # megabytes, or with a unit
 DEFAULT_CPUS = 4  # --cpus-per-task of a task when --cpus is left out
 
 
+def _time_in_range(time: str) -> bool:
+    """Hours below 24 after a day count, minutes and seconds below 60 after a larger unit (5-99 is no time)."""
+    if time in ("UNLIMITED", "INFINITE"):
+        return True
+    days, _, clock = time.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:  # D-H, D-H:M, D-H:M:S
+        return parts[0] < 24 and all(p < 60 for p in parts[1:])
+    return all(p < 60 for p in parts[1:])  # M, M:S, H:M:S: the first field may be any size
+
+
 def check_resources(time: str, cpus: int, gpus: int, mem: str) -> None:
     """Refuse values sbatch would refuse (a DDMError naming the option and its accepted forms)."""
-    if not _TIME.fullmatch(time):
+    if not _TIME.fullmatch(time) or not _time_in_range(time):
         raise DDMError(f"--time {time!r}: give sbatch's forms: minutes, HH:MM:SS, D-HH or D-HH:MM:SS (e.g. 24:00:00)")
     if not _MEM.fullmatch(mem):
         raise DDMError(f"--mem {mem!r}: give megabytes or a number with K, M, G or T (e.g. 16G)")
