@@ -382,6 +382,18 @@ def test_the_missing_expert_study_removes_only_experts_the_run_has(copy):
     assert [r["experts_removed"] for r in rows] == [sorted(order[:m]) for m in range(3)]
 
 
+def test_a_registry_naming_the_wrong_cluster_is_called_wrong_not_the_folder(copy):
+    """With the clusters swapped in registry.json, verify said to move expert_00 to experts/expert_00."""
+    reg = json.loads((copy / "registry.json").read_text())
+    for m in reg["models"]:
+        if m["role"] == "expert" and m["cluster"] in (0, 1):
+            m["cluster"] = 1 - m["cluster"]
+    (copy / "registry.json").write_text(json.dumps(reg))
+    with pytest.raises(DDMError, match=r"recorded as the expert of cluster 1, but it sits in the slot of cluster 0, "
+                                       r"whose shard it was trained on: the record is wrong"):
+        verify_registry(copy)
+
+
 def test_without_a_registry_each_slot_must_hold_its_own_clusters_expert(copy):
     """Without registry.json an expert of another cluster (or partition) in a slot was loaded with only the
     generic 'loaded unchecked' warning; with one, the refusal said 'another partition' for the same

@@ -48,7 +48,8 @@ def safe_join(root: str | Path, rel: Any, what: str = "path") -> Path:
         raise DDMError(f"{what}: {rel!r} is not a relative path inside the run folder")
     p = PurePosixPath(rel)
     if p.is_absolute() or ".." in p.parts or rel.startswith("~"):
-        raise DDMError(f"{what}: {rel!r} leaves the run folder; manifest paths must be relative and inside it")
+        raise DDMError(f"{what}: {rel!r} leaves the run folder; the paths a run folder records must be relative "
+                       "and inside it")
     root = Path(root)
     full = root.joinpath(*p.parts)
     try:
@@ -351,6 +352,11 @@ def check_shard(path: str, cluster, trained_on, shard_hash: dict) -> None:
     if cluster not in shard_hash:
         raise DDMError(f"{path}: cluster {cluster!r} is not a cluster of this partition (0 .. {len(shard_hash) - 1})")
     owner = [c for c, sha in shard_hash.items() if sha == trained_on]
+    if owner and Path(path).name == f"expert_{owner[0]:02d}":  # in its own slot: the record of it is wrong
+        raise DDMError(f"{path}: recorded as the expert of cluster {cluster}, but it sits in the slot of cluster "
+                       f"{owner[0]}, whose shard it was trained on: the record is wrong (an edited registry.json?); "
+                       "copy registry.json back from another copy of the run, or delete it and run `ddmkit register "
+                       "RUN`")
     if owner:
         raise DDMError(f"{path}: trained on the shard of cluster {owner[0]} of this partition, not of cluster "
                        f"{cluster}: it is the expert of cluster {owner[0]} (experts/expert_{owner[0]:02d}); move it "
