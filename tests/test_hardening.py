@@ -236,6 +236,8 @@ def test_evaluate_refuses_another_runs_settings_and_reports_how_each_set_was_dra
     code, err = cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--router-every", 3)
     assert code == 0 and "sample top-2: replaces the set drawn before (router_every 1 -> 3)" in err, err
     assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-1", "--solver", "adaptive")[0] == 0
+    code, err = cli(monkeypatch, capsys, "sample", run, "--strategy", "switch", "--solver", "adaptive")
+    assert code == 2 and "or leave them out of --strategy" in " ".join(err.split()), err  # the option, not the field
     assert cli(monkeypatch, capsys, "evaluate", run, "--device", "cpu", "--set", "evaluate.chunk=50")[0] == 0
     said = " ".join((run / "report.md").read_text().split())
     assert "top-2: 100 samples, euler, 8 steps, seed 0, router every 3 evaluations" in said, said[:900]

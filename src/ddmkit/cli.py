@@ -406,8 +406,8 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
         cfg = validate(RunConfig, {**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), **upd}}, "options")
     except DDMError as e:  # the config's sample.* fields, in the words of this command's options
         said = str(e).replace("options: invalid configuration", "invalid option")
-        for key in upd:
-            said = said.replace(f"sample.{key}:", f"--{'strategy' if key == 'strategies' else key.replace('_', '-')}:")
+        for key in upd:  # the fields given as options, named as the options (use euler ... or leave them out of --strategy)
+            said = said.replace(f"sample.{key}", f"--{'strategy' if key == 'strategies' else key.replace('_', '-')}")
         raise DDMError(said) from None
     if guidance is not None and guidance != 1.0 and not cfg.expert.net.kwargs.get("num_classes"):
         raise DDMError(f"--guidance {guidance:g}: classifier-free guidance needs class-conditional experts "
