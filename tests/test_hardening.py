@@ -23,7 +23,7 @@ from ddmkit.data.arrays import ArrayData
 from ddmkit.data.partition import partition_data
 from ddmkit.ddm import load_ddm
 from ddmkit.errors import DDMError
-from ddmkit.io import HOST, folder_lock, save_tensors, staging_dir, write_json
+from ddmkit.io import HOST, folder_lock, save_tensors, sha256_file, staging_dir, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, save_pretrained
 from ddmkit.pipeline.prepare import prepare_run_dir
@@ -397,6 +397,11 @@ def test_nan_centroids_are_refused(tmp_path):
     tensors = load_file(str(folder / "partition.safetensors"))
     tensors["centroids"][0, 0] = float("nan")
     save_tensors(folder / "partition.safetensors", tensors)
+    with pytest.raises(DDMError, match="partition.safetensors: SHA-256 differs from the one manifest.json records"):
+        load_partition_checked(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())  # the record made to agree: the values checked
+    manifest["tensors_sha256"] = sha256_file(folder / "partition.safetensors")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DDMError, match="'centroids' holds NaN"):
         load_partition_checked(folder)
 
