@@ -60,6 +60,22 @@ def test_ctrl_c_while_ddmkit_starts_is_one_line_not_a_traceback():
     assert 'ddmkit = "ddmkit.__main__:main"' in entry  # the installed script goes through it
 
 
+def test_ctrl_c_after_a_finished_command_does_not_fail_it():
+    """A Ctrl-C in the half second of interpreter shutdown after a command had finished (its lines printed, its
+    files written) exited 130: a scheduler counted the finished job as failed. After a failed command it still
+    stops the shutdown."""
+    import subprocess
+
+    probe = ("import signal, sys\nsys.argv = ['ddmkit'] + sys.argv[1:]\nfrom ddmkit.__main__ import main\n"
+             "try:\n    main()\nexcept SystemExit as e:\n"
+             "    print(e.code, signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n")
+    done = subprocess.run([sys.executable, "-c", probe, "--version"], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[-1] in ("0 True", "None True"), done.stdout + done.stderr
+    done = subprocess.run([sys.executable, "-c", probe, "sample", "/nonexistent/run"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.splitlines()[-1] == "2 False", done.stdout + done.stderr
+
+
 def test_set_and_device_override_the_config(ddmkit, shard, tmp_path):
     assert json.loads((shard.parents[1] / "manifest.json").read_text())["k"] == 2  # partition's --set
     code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "e", "--config", TINY, "--device", "cpu",

@@ -86,12 +86,12 @@ def test_a_table_given_in_part_keeps_the_defaults_the_section_documents():
 
     router = validate(RunConfig, {"router": {"net": {"kwargs": {"width": 64}}}}).router.net
     assert (router.arch, router.kwargs) == ("router_mlp", {"width": 64, "depth": 2})
-    assert validate(RunConfig, {"router": {"net": {"arch": "router_mlp"}}}).router.net.kwargs == {"width": 128,
-                                                                                                 "depth": 2}
+    named = validate(RunConfig, {"router": {"net": {"arch": "router_mlp", "kwargs": {"width": 64}}}}).router.net
+    assert named.kwargs == {"width": 64}  # a table naming its arch: its kwargs as given (the class's defaults), as before
     other = validate(RunConfig, {"router": {"net": {"arch": "router_cnn", "kwargs": {"channels": [8]}}}}).router.net
-    assert other.kwargs == {"channels": [8]}  # another arch: its own kwargs only
-    assert validate(RunConfig, {"expert": {"net": {"kwargs": {"depth": 1}}}}).expert.net.kwargs == {"width": 256,
-                                                                                                   "depth": 1}
+    assert other.kwargs == {"channels": [8]}
+    expert = validate(RunConfig, {"expert": {"net": {"kwargs": {"depth": 1}}}}).expert.net  # mlp, read as before
+    assert (expert.arch, expert.kwargs) == ("mlp", {"depth": 1})
     latent = validate(RunConfig, {"latent": {"train": {"steps": 2}}}).latent.train
     assert latent == LatentConfig().train.model_copy(update={"steps": 2}) and latent.batch_size == 64
     assert RouterConfig(train={"steps": 3}).train == TrainConfig(steps=3)  # a plain default: unchanged

@@ -913,7 +913,7 @@ def test_a_network_with_nothing_to_train_is_refused_before_any_write(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("kwargs, words", [({"width": 0}, r"expert\.net: 'mlp' with kwargs \{'width': 0, 'depth': 3\} builds a "
+@pytest.mark.parametrize("kwargs, words", [({"width": 0}, r"expert\.net: 'mlp' with kwargs \{'width': 0\} builds a "
                                                           r"network with layers with no weights"),
                                            ({"depth": -3}, r"depth = -3: the number of residual blocks is 0 or more")])
 def test_a_network_with_empty_layers_or_a_negative_depth_is_refused_before_any_write(tmp_path, kwargs, words):

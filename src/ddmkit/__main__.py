@@ -1,4 +1,5 @@
 """The `ddmkit` command: `python -m ddmkit` and the installed `ddmkit` script (ddmkit.cli, loaded here)."""
+import signal
 import sys
 
 
@@ -10,7 +11,12 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted: nothing was done (ddmkit was still starting)", file=sys.stderr)
         sys.exit(130)
-    run()
+    try:
+        run()
+    except SystemExit as e:
+        if e.code in (0, None):  # the work is done: a Ctrl-C during the interpreter's shutdown is no failure
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise
 
 
 if __name__ == "__main__":

@@ -92,8 +92,8 @@ class Section(BaseModel):
         """A table given in part is read on top of the default this section documents for it, as --set reads
         it: `[router.net]` with kwargs only is a router_mlp, `[latent.train]` with steps only keeps the
         autoencoder's batch size and learning rate. Only fields whose default differs from their class's own
-        defaults need it; a network's kwargs merge with the default's only under the default's arch (another
-        arch starts from its own)."""
+        defaults need it. A network table is read so only where it names no arch and the section's default arch
+        is not NetConfig's own (the router): one naming its arch takes its kwargs as given, as before."""
         if not isinstance(data, dict):
             return data
         out = dict(data)
@@ -106,7 +106,7 @@ class Section(BaseModel):
                 continue
             base = default.model_dump()
             if "arch" in base and "kwargs" in base:  # a network: its kwargs belong to its arch
-                if given.get("arch", base["arch"]) != base["arch"]:
+                if "arch" in given or base["arch"] == type(default)().arch:
                     continue
                 kwargs = given.get("kwargs", {})
                 given = {**given, "kwargs": {**base["kwargs"], **kwargs} if isinstance(kwargs, dict) else kwargs}
