@@ -382,6 +382,23 @@ def test_the_missing_expert_study_removes_only_experts_the_run_has(copy):
     assert [r["experts_removed"] for r in rows] == [sorted(order[:m]) for m in range(3)]
 
 
+def test_an_experts_published_statistics_are_registered_and_verified(copy):
+    """registry.json hashed only the weights and config.json: an edited or deleted statistics.safetensors (what
+    the statistics-only router routes by) passed verify."""
+    entries = [m for m in json.loads((copy / "registry.json").read_text())["models"] if m["role"] == "expert"]
+    assert all(len(m["statistics_sha256"]) == 64 for m in entries)
+    published = copy / "experts" / "expert_02" / "statistics.safetensors"
+    kept = published.read_bytes()
+    published.write_bytes(kept[:-8] + b"\x00" * 8)
+    with pytest.raises(DDMError, match=r"expert_02/statistics.safetensors: SHA-256 differs from .*registry.json"):
+        verify_registry(copy)
+    published.unlink()
+    with pytest.raises(DDMError, match=r"expert_02/statistics.safetensors is missing \(.*registry.json records it\)"):
+        verify_registry(copy)
+    published.write_bytes(kept)
+    verify_registry(copy)
+
+
 def test_a_registry_naming_the_wrong_cluster_is_called_wrong_not_the_folder(copy):
     """With the clusters swapped in registry.json, verify said to move expert_00 to experts/expert_00."""
     reg = json.loads((copy / "registry.json").read_text())

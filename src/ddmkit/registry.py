@@ -35,6 +35,7 @@ from ddmkit.errors import DDMError
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run
 from ddmkit.nets import build_model, check_identity, from_pretrained
+from ddmkit.routing.stats_router import PUBLISHED_STATISTICS
 
 REGISTRY = "registry.json"
 FORMAT = "ddmkit-registry-1"
@@ -85,6 +86,7 @@ class RegistryEntry(BaseModel):
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     config_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     shard_sha256: str | None = None
+    statistics_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # an expert's published statistics
 
 
 class Registry(BaseModel):
@@ -332,9 +334,11 @@ def registry_entry(run: Path, rel: str, role: str, cluster: int | None) -> dict:
     config = check_model_folder(folder)
     weights = folder / "model.safetensors"
     check_finite_tensors(load_tensors(weights), weights)  # loading refuses NaN weights: so does registering
+    statistics = folder / PUBLISHED_STATISTICS  # an expert's island statistics (ddmkit.routing.stats_router)
     return {"name": rel.rsplit("/", 1)[-1], "role": role, "path": rel, "cluster": cluster,
             "weights_sha256": sha256_file(weights),
-            "config_sha256": sha256_file(folder / "config.json"), "shard_sha256": config.get("shard_sha256")}
+            "config_sha256": sha256_file(folder / "config.json"), "shard_sha256": config.get("shard_sha256"),
+            "statistics_sha256": sha256_file(statistics) if statistics.is_file() else None}
 
 
 def partition_shard_hashes(run: Path, manifest: dict) -> dict[int, str]:
@@ -460,6 +464,14 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
             if sha256_file(folder / fname) != want:
                 raise DDMError(f"{folder / fname}: SHA-256 differs from {source}; the file was changed or "
                                "replaced. Re-copy it, or run `ddmkit register` if the change is intended")
+        statistics = folder / PUBLISHED_STATISTICS
+        if e.statistics_sha256 is not None and not statistics.is_file():
+            raise DDMError(f"{statistics} is missing ({source} records it): copy it back, or run `ddmkit register "
+                           f"{run}` if it was removed on purpose (the statistics-only router then reads the shard)")
+        if statistics.is_file() and sha256_file(statistics) != e.statistics_sha256:
+            raise DDMError(f"{statistics}: SHA-256 differs from {source}" + (" (which records none)"
+                           if e.statistics_sha256 is None else "") + "; the file was changed or added after "
+                           f"registering. Re-copy the expert folder, or run `ddmkit register {run}`")
         if e.role == "expert":
             check_shard(e.path, e.cluster, e.shard_sha256, shard_hash)
             check_slot(e.path, read_json(folder / "config.json").get("cluster"), e.cluster)
