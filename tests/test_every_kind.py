@@ -191,6 +191,7 @@ def test_the_statistics_router_is_built_from_the_statistics_the_expert_folders_p
     the shards, and a DDM routed by them loads and samples with no shard present at all."""
     from ddmkit import DDM
     from ddmkit.ddm.load import island_stats_router, shard_label_counts
+    from ddmkit.errors import DDMError
 
     copy = tmp_path / "run"
     shutil.copytree(image_run, copy)
@@ -212,6 +213,9 @@ def test_the_statistics_router_is_built_from_the_statistics_the_expert_folders_p
     drawn = DDM.from_pretrained(islands, router="statistics").sample("top-1", n=4, steps=2, seed=3, labels=labels)[0]
     same = DDM.from_pretrained(image_run, router="statistics").sample("top-1", n=4, steps=2, seed=3, labels=labels)[0]
     assert torch.equal(drawn, same)
+    (islands / "experts" / "expert_01" / "statistics.safetensors").unlink()  # only cluster 1's shard is needed now
+    with pytest.raises(DDMError, match=r"cluster_01.safetensors"):  # (it named cluster_00, whose expert publishes)
+        island_stats_router(islands, classes=10)
 
 
 def test_the_ddm_at_the_top(image_run):

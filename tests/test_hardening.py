@@ -256,7 +256,7 @@ def test_evaluate_refuses_sets_drawn_by_networks_changed_since_and_a_run_without
     assert code == 2 and "--guidance 2: classifier-free guidance needs class-conditional experts" in err, err
     info_path = run / "samples" / "info.json"
     infos = json.loads(info_path.read_text())
-    infos["top-2"]["drawn_with"]["registry"] = "0" * 64  # drawn by other networks than the registered ones
+    infos["top-2"]["drawn_with"]["networks"] = "0" * 64  # drawn by other networks than the registered ones
     info_path.write_text(json.dumps(infos))
     code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")
     said = " ".join(err.split())
@@ -275,6 +275,38 @@ def test_evaluate_refuses_sets_drawn_by_networks_changed_since_and_a_run_without
         said = " ".join(err.split())
         assert code == 2 and f"{run} has no config.json, the settings the run was made with" in said, (command, said)
     assert not (run / "monolith").exists()
+
+
+def test_a_set_is_stale_only_when_the_networks_it_was_drawn_by_change(monkeypatch, capsys, tmp_path, user_run):
+    """Any change of registry.json made every set stale: a monolith trained after sampling refused the DDM's
+    sets, and the suggested command did not draw a statistics-router set."""
+    run = Path(shutil.copytree(user_run, tmp_path / "run"))
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2")[0] == 0
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--router", "statistics")[0] == 0
+    assert cli(monkeypatch, capsys, "train-monolith", run)[0] == 0
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "monolith")[0] == 0
+    assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0  # the DDM's are not stale
+    shutil.rmtree(run / "router")
+    assert cli(monkeypatch, capsys, "train-router", run, "--seed", 5)[0] == 0  # another router: top-2 is stale
+    code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")
+    said = " ".join(err.split())
+    assert code == 2 and "sample sets 'top-2' were drawn by networks that have changed since" in said, said
+    assert f"`ddmkit sample {run} --strategy top-2`" in said  # the statistics-router set only uses the experts
+
+
+def test_a_set_drawn_with_the_same_settings_is_the_same_drawing_whatever_ddmkit_recorded():
+    """Sets recorded before batch_size, adaptive steps or per-set network hashes were drawn again for nothing."""
+    from ddmkit.pipeline.sampling import same_drawing
+
+    now = {"n": 10, "steps": 8, "solver": "euler", "seed": 0, "guidance": 1.0, "router_every": 1,
+           "roles": ["expert", "router"], "networks": "a" * 64, "batch_size": None}
+    old = {k: v for k, v in now.items() if k not in ("roles", "networks", "batch_size")} | {"registry": "r" * 64}
+    assert same_drawing(old, now, "r" * 64) and not same_drawing(old, now, "s" * 64)  # the registry since then
+    assert same_drawing({k: v for k, v in now.items() if k != "batch_size"}, now, None)
+    assert not same_drawing({**now, "batch_size": 64}, now, None) and not same_drawing({**now, "n": 9}, now, None)
+    adaptive = {**now, "solver": "adaptive", "steps": None}
+    assert same_drawing({**adaptive, "steps": 50}, adaptive, None)  # it chooses its own steps
+    assert not same_drawing(None, now, None)
 
 
 def test_evaluate_keeps_the_studies_measured_with_the_same_networks_data_and_settings(monkeypatch, capsys, tmp_path,

@@ -219,16 +219,18 @@ def check_shard_space(shard: str | Path, latent: bool) -> None:
                        "(--config RUN/config.json)")
 
 
-def checked_model_shards(run: str | Path) -> list[Path]:
+def checked_model_shards(run: str | Path, clusters: list[int] | None = None) -> list[Path]:
     """model_shards, each file's SHA-256 checked against the one recorded when it was written (the
     partition's manifest, or a latent run's latents.json): a shard changed or swapped since is a DDMError
-    naming it, before anything trains or routes on it."""
+    naming it, before anything trains or routes on it. clusters: check (and need) only these shards."""
     folder = RunFolder(run)
     manifest, _ = load_partition_checked(folder.partition)
     recorded = partition_shard_hashes(folder.root, manifest)
     source = folder.latent_info if folder.is_latent else folder.manifest
     paths = model_shards(run)
     for cluster, path in enumerate(paths):
+        if clusters is not None and cluster not in clusters:
+            continue
         if sha256_file(path) != recorded.get(cluster):
             raise DDMError(f"{path}: SHA-256 differs from the one {source} records for cluster {cluster}; the shard "
                            "was changed or replaced after it was written. Copy the original back, or partition again "

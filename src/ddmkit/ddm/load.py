@@ -212,8 +212,9 @@ def island_stats_router(run, classes: int = 0, rank: int | None = None, device="
     from its shard (checked against the partition's SHA-256 first, on `device`), as is every cluster for a
     `rank` other than the default."""
     sources = island_sources(run)
-    if rank is not None or any(published is None for published, _ in sources):
-        checked = checked_model_shards(run)  # every shard's SHA-256 against the partition's (or latents') record
+    unpublished = [c for c, (published, _) in enumerate(sources) if published is None or rank is not None]
+    if unpublished:  # the shards read, their SHA-256 against the partition's (or latents') record
+        checked = checked_model_shards(run, unpublished)
     marginal, per_class = [], []
     for c, (published, path) in enumerate(sources):
         if published is not None and rank is None:

@@ -30,7 +30,7 @@ import ddmkit.pipeline.images as images
 import ddmkit.pipeline.vectors as vectors
 from ddmkit.pipeline.prepare import listed, prepare_run_dir, remove_leftovers, run_config, run_lock, trained_differences
 from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_every_expert, named_set, planned_sets,
-                                        statistics_set)
+                                        sample_options, statistics_set)
 from ddmkit.pipeline.sampling import stage_sample, stale_sets
 from ddmkit.pipeline.stages import TRAINING_STAGES, stage_experts, stage_monolith, stage_router
 from ddmkit.registry import check_registered
@@ -62,12 +62,12 @@ def evaluate_stage(cfg: RunConfig, run, log: Log = print, device="cpu", scorer=N
         stale = stale_sets(run)
         if stale:
             root = RunFolder(run).root
-            again = " ".join(f"--strategy {shlex.quote(name)}" for name in stale)
+            again = "; ".join(f"`ddmkit sample {shlex.quote(str(root))} {sample_options(name)}`" for name in stale)
             names = ", ".join(repr(name) for name in stale)
-            raise DDMError(f"sample sets {names} were drawn by networks that have changed since (a trained, "
-                           f"replaced or added network: {RunFolder(run).registry.name} differs from the one they "
-                           f"record), so their scores would not be this DDM's; draw them again with `ddmkit sample "
-                           f"{root} {again}`, or delete their files from {RunFolder(run).samples}")
+            raise DDMError(f"sample sets {names} were drawn by networks that have changed since (retrained, "
+                           f"replaced or added: {RunFolder(run).registry.name} records others now), so their scores "
+                           f"would not be this DDM's; draw them again with {again}, or delete their files from "
+                           f"{RunFolder(run).samples}")
         if is_image_run(run):
             return images.stage_evaluate(cfg, run, log, device, scorer)
         return vectors.stage_evaluate(cfg, run, log)

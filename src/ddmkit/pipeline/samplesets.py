@@ -9,6 +9,7 @@ noise (and, for class-conditional experts, the same labels): a set of n samples 
 """
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from enum import Enum
 
@@ -27,6 +28,7 @@ class SetKind(Enum):
 
 EXACT = "exact (full, exact experts + router)"  # the exact DDM's set (full routing)
 STATISTICS = "statistics"  # the statistics-only router
+STATISTICS_SUFFIX = " (statistics-only router)"  # the name of a set it routed: "top-2 (statistics-only router)"
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def statistics_set(name: str, n: int, guidance: float = 1.0) -> SampleSet:
     base = named_set(name, n, guidance)
     if base.kind != SetKind.DDM:
         raise DDMError(f"the statistics-only router routes the DDM's experts; {name!r} is not a routing strategy")
-    return SampleSet(f"{base.name} (statistics-only router)", SetKind.DDM, base.name, n, guidance, STATISTICS)
+    return SampleSet(f"{base.name}{STATISTICS_SUFFIX}", SetKind.DDM, base.name, n, guidance, STATISTICS)
 
 
 def calls_every_expert(name: str, k: int) -> bool:
@@ -67,6 +69,18 @@ def calls_every_expert(name: str, k: int) -> bool:
     (at any temperature) with n >= k (every expert, weights r)."""
     strategy = parse_strategy(name)
     return isinstance(strategy, (TopK, SampleK)) and strategy.k >= k
+
+
+def sample_options(name: str) -> str:
+    """The `ddmkit sample` options that draw the set `name` again, e.g. "--strategy top-2 --router statistics"
+    for "top-2 (statistics-only router)", "--strategy top-2 --guidance 2" for "top-2 @ cfg 2"."""
+    options = []
+    if name.endswith(STATISTICS_SUFFIX):
+        name, options = name[:-len(STATISTICS_SUFFIX)], ["--router", "statistics"]
+    if " @ cfg " in name:
+        name, scale = name.rsplit(" @ cfg ", 1)
+        options += ["--guidance", scale]
+    return " ".join(["--strategy", shlex.quote("exact" if name == EXACT else name), *options])
 
 
 def _guided_name(name: str, guidance: float, default: float) -> str:

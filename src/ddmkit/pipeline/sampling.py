@@ -10,6 +10,8 @@ latents and stores them decoded (images).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Callable
 
 import torch
@@ -21,7 +23,7 @@ from ddmkit.registry import model_data_shape
 from ddmkit.ddm.sampling import config_options
 from ddmkit.io import read_json, save_tensors, sha256_file, write_json
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.samplesets import SampleSet, SetKind
+from ddmkit.pipeline.samplesets import STATISTICS, SampleSet, SetKind
 from ddmkit.routing import parse_strategy, redraws_each_evaluation
 from ddmkit.progress import track
 
@@ -102,15 +104,55 @@ def chunked_differently(sample_set: SampleSet, solver: str) -> bool:
     return solver == "adaptive" or random
 
 
-def drawn_with(cfg: RunConfig, sample_set: SampleSet, networks: str | None) -> dict:
-    """What a set's samples depend on besides its name: the sampling settings and the networks (`networks`:
-    the registry's hash, which a retrained or restored expert changes; None before a run is registered).
-    steps is None for the adaptive solver (it chooses its own); batch_size is there where it changes the
-    samples (chunked_differently)."""
-    s = cfg.sample
+def network_roles(sample_set: SampleSet) -> list[str]:
+    """The registry roles of the networks a set is drawn by: the monolith's; the experts and the router for a
+    DDM set (the experts alone when routed by the islands' statistics); none for the exact DDM of a mixture."""
+    if sample_set.kind == SetKind.MONOLITH:
+        return ["monolith"]
+    if sample_set.kind == SetKind.EXACT:
+        return []
+    return ["expert"] if sample_set.router == STATISTICS else ["expert", "router"]
+
+
+def networks_hash(folder: RunFolder, roles: list[str]) -> str | None:
+    """SHA-256 over the registry's entries of the networks of these roles (weights, config, published
+    statistics; a router not trained yet is an absent entry), the partition and the latents: what a set's
+    samples depend on of the run. None before the run is registered, and for no roles."""
+    if not roles or not folder.registry.exists():
+        return None
+    reg = read_json(folder.registry)
+    models = sorted((m.get("path"), m.get("weights_sha256"), m.get("config_sha256"), m.get("statistics_sha256"))
+                    for m in reg.get("models", []) if m.get("role") in roles)
+    identity = {"models": models, "partition": reg.get("partition_sha256"), "latents": reg.get("latents_sha256")}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def drawn_with(cfg: RunConfig, sample_set: SampleSet, folder: RunFolder) -> dict:
+    """What a set's samples depend on besides its name: the sampling settings and the networks it is drawn
+    by (networks_hash of its network_roles: a retrained expert changes the DDM's sets, a monolith trained
+    later does not). steps is None for the adaptive solver (it chooses its own); batch_size is there where
+    it changes the samples (chunked_differently)."""
+    s, roles = cfg.sample, network_roles(sample_set)
     made = {"n": sample_set.n, "steps": None if s.solver == "adaptive" else s.steps, "solver": s.solver,
-            "seed": s.seed, "guidance": sample_set.guidance, "router_every": s.router_every, "registry": networks}
+            "seed": s.seed, "guidance": sample_set.guidance, "router_every": s.router_every, "roles": roles,
+            "networks": networks_hash(folder, roles)}
     return {**made, "batch_size": s.batch_size} if chunked_differently(sample_set, s.solver) else made
+
+
+def same_drawing(before, now: dict, registry_hash: str | None) -> bool:
+    """Whether a set recorded as drawn with `before` is the set `now` asks for. A setting one side does not
+    record is None there (batch_size, recorded only where it matters); the adaptive solver's steps are not
+    compared (it chooses its own); a record of ddmkit before it hashed each set's own networks names the
+    registry file's hash, compared with the registry's now."""
+    if not isinstance(before, dict):
+        return False
+    before = dict(before)
+    if "networks" not in before and "registry" in before:
+        if before.pop("registry") != registry_hash:
+            return False
+        before.update(roles=now.get("roles"), networks=now.get("networks"))
+    ignored = {"steps"} if now.get("solver") == "adaptive" == before.get("solver") else set()
+    return all(before.get(key) == now.get(key) for key in set(before) | set(now) if key not in ignored)
 
 
 SHOWN = ("n", "solver", "steps", "seed", "router_every", "guidance", "batch_size")  # what a report states of a set
@@ -151,24 +193,32 @@ def sampling_sentence(cfg: RunConfig, run, names: list[str], unit: str = "sample
 
 
 def stale_sets(run) -> list[str]:
-    """The drawn sets of a run whose networks have changed since: the registry hash a set records
-    (drawn_with.registry) differs from RUN/registry.json's now (a retrained, replaced or added expert, a
-    router trained after sampling with the statistics-only one). A set drawn before the run was registered
-    records none and is not told apart."""
+    """The drawn sets of a run whose networks have changed since: the hash of the networks a set records
+    (drawn_with.networks, of its roles) differs from theirs now (a retrained, replaced or added expert, a
+    router trained after sampling with the statistics-only one; for the monolith's set, the monolith). A set
+    drawn before the run was registered records none and is not told apart."""
     folder = RunFolder(run)
     if not folder.registry.exists():
         return []
-    now = sha256_file(folder.registry)
-    return [name for name, info in read_info(folder).items() if folder.sample_set(name).exists()
-            and (made := (info.get("drawn_with") or {}).get("registry")) is not None and made != now]
+    registry_hash, stale = sha256_file(folder.registry), []
+    for name, info in read_info(folder).items():
+        made = info.get("drawn_with") if isinstance(info, dict) else None
+        if not folder.sample_set(name).exists() or not isinstance(made, dict):
+            continue
+        if "networks" in made:
+            if made["networks"] is not None and made["networks"] != networks_hash(folder, made.get("roles") or []):
+                stale.append(name)
+        elif made.get("registry") is not None and made["registry"] != registry_hash:  # a record of an older ddmkit
+            stale.append(name)
+    return stale
 
 
 def replaced_text(before: dict, now: dict) -> str:
     """What differs between the settings a set was drawn with and those it is drawn with now, e.g.
-    'n 500 -> 10, steps 50 -> 8' ('other networks' for the registry)."""
-    parts = ["other networks" if key == "registry" else f"{key} {before.get(key)} -> {now.get(key)}"
-             for key in dict.fromkeys([*now, *before]) if before.get(key) != now.get(key)]
-    return ", ".join(parts)
+    'n 500 -> 10, steps 50 -> 8' ('other networks' for the networks)."""
+    parts = ["other networks" if key in ("networks", "registry") else f"{key} {before.get(key)} -> {now.get(key)}"
+             for key in dict.fromkeys([*now, *before]) if key != "roles" and before.get(key) != now.get(key)]
+    return ", ".join(dict.fromkeys(parts)) or "drawn again"
 
 
 def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: Log = print, device="cpu",
@@ -176,16 +226,17 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
     """Draw every set not yet drawn, or drawn with other settings or networks (all of them with
     redraw=True); on_sample(name) is called after each set is written (e.g. to score it at once)."""
     folder = RunFolder(run)
-    networks = sha256_file(folder.registry) if folder.registry.exists() else None
+    registry_hash = sha256_file(folder.registry) if folder.registry.exists() else None
     ddms: dict = {}
     for sample_set in track(sets, "sampling", lambda s: s.name):
         path = folder.sample_set(sample_set.name)
         infos = read_info(folder)
-        made_with = drawn_with(cfg, sample_set, networks)
+        made_with = drawn_with(cfg, sample_set, folder)
         before = infos.get(sample_set.name, {}).get("drawn_with")
-        if path.exists() and before == made_with and not redraw:
+        same = same_drawing(before, made_with, registry_hash)
+        if path.exists() and same and not redraw:
             continue  # a set whose info a kill lost, or drawn by other settings or networks, is drawn again
-        if path.exists() and isinstance(before, dict) and before != made_with:
+        if path.exists() and isinstance(before, dict) and not same:
             log(f"sample {sample_set.name}: replaces the set drawn before ({replaced_text(before, made_with)})")
         x0, y, info = draw_set(cfg, run, sample_set, images, device, ddms)
         info["drawn_with"] = made_with

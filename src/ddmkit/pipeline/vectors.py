@@ -102,7 +102,8 @@ def studies_key(cfg: RunConfig, run) -> dict | None:
     if not folder.registry.exists():
         return None
     drawn_by = {"strategies", "stats_router_strategies", "guidance_sweep", "sweep_strategy", "sweep_n"}
-    return {"registry": sha256_file(folder.registry), "data": read_json(folder.data_info),
+    present = [path.parent.name for path in sorted(folder.experts.glob("expert_*/model.safetensors"))]
+    return {"registry": sha256_file(folder.registry), "experts_present": present, "data": read_json(folder.data_info),
             "sample": cfg.sample.model_dump(exclude=drawn_by), "evaluate": cfg.evaluate.model_dump(),
             "ddmkit_version": __version__}
 
