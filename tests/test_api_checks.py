@@ -113,7 +113,7 @@ def test_the_statistics_router_routes_the_no_label_class_by_the_marginal_statist
     shards = {"a": (torch.randn(60, D, generator=gen) + 2, torch.arange(60) % 2, {}),
               "b": (torch.randn(60, D, generator=gen) - 2, torch.ones(60, dtype=torch.long), {})}
     monkeypatch.setattr(load, "island_sources", lambda run: [(None, path) for path in shards])  # nothing published
-    monkeypatch.setattr(load, "checked_model_shards", lambda run: list(shards))
+    monkeypatch.setattr(load, "checked_model_shards", lambda run, clusters=None: list(shards))
     monkeypatch.setattr(load, "read_shard", lambda path: shards[path])
     router, conditional = load.island_stats_router("run", classes=2)
     x, t = torch.randn(8, D, generator=gen), torch.rand(8, generator=gen)
