@@ -184,24 +184,21 @@ def shard_label_counts(run, classes: int) -> torch.Tensor:
     """(C, K): how many samples of each class each island holds (what the islands publish for
     p(cluster | label)): from each expert folder's published statistics, else from the shard's labels."""
     counts = []
-    for c, (published, path) in enumerate(island_sources(run)):
-        if published is not None:
-            counts.append(publication_parts(published, classes)[2].round().long())
+    for published, path in island_sources(run):
+        if published is not None:  # the counts alone, not the statistics beside them
+            counts.append(publication_parts(load_tensors(published, ["label_counts"]), classes)[2].round().long())
         else:
             labels = load_tensors(path, ["labels"])["labels"]
             counts.append(torch.bincount(labels.long(), minlength=classes)[:classes])
     return torch.stack(counts, dim=1)
 
 
-def island_sources(run) -> list[tuple[dict | None, Path]]:
-    """For each cluster of the run's model: (the statistics its expert folder publishes, or None where the
-    folder has none: an expert trained before ddmkit wrote them, or absent; the cluster's shard file)."""
+def island_sources(run) -> list[tuple[Path | None, Path]]:
+    """For each cluster of the run's model: (the statistics file its expert folder publishes, or None where
+    the folder has none: an expert trained before ddmkit wrote them, or absent; the cluster's shard file)."""
     folder = RunFolder(run)
-    out = []
-    for c, path in enumerate(model_shards(run)):
-        published = folder.expert(c) / PUBLISHED_STATISTICS
-        out.append((load_statistics(published) if published.is_file() else None, path))
-    return out
+    published = [(folder.expert(c) / PUBLISHED_STATISTICS, path) for c, path in enumerate(model_shards(run))]
+    return [(p if p.is_file() else None, path) for p, path in published]
 
 
 def island_stats_router(run, classes: int = 0, rank: int | None = None, device="cpu") -> tuple[Callable, bool]:
@@ -218,7 +215,7 @@ def island_stats_router(run, classes: int = 0, rank: int | None = None, device="
     marginal, per_class = [], []
     for c, (published, path) in enumerate(sources):
         if published is not None and rank is None:
-            stats, by_class, _ = publication_parts(published, classes)
+            stats, by_class, _ = publication_parts(load_statistics(published), classes)
         else:
             x, y, _ = read_shard(checked[c])
             x, y = x.to(device), (y.to(device) if y is not None else None)

@@ -12,8 +12,8 @@ their own over the same run folder.
 from __future__ import annotations
 
 import contextlib
-import shlex
 import ctypes
+import shlex
 import threading
 import time
 from pathlib import Path

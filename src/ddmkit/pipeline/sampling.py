@@ -114,20 +114,24 @@ def network_roles(sample_set: SampleSet) -> list[str]:
     return ["expert"] if sample_set.router == STATISTICS else ["expert", "router"]
 
 
-def networks_hash(folder: RunFolder, roles: list[str]) -> str | None:
+def read_registry(folder: RunFolder) -> dict | None:
+    """RUN/registry.json as read for networks_hash (None before the run is registered)."""
+    return read_json(folder.registry) if folder.registry.exists() else None
+
+
+def networks_hash(reg: dict | None, roles: list[str]) -> str | None:
     """SHA-256 over the registry's entries of the networks of these roles (weights, config, published
     statistics; a router not trained yet is an absent entry), the partition and the latents: what a set's
-    samples depend on of the run. None before the run is registered, and for no roles."""
-    if not roles or not folder.registry.exists():
+    samples depend on of the run. None before the run is registered (reg None), and for no roles."""
+    if not roles or reg is None:
         return None
-    reg = read_json(folder.registry)
     models = sorted((m.get("path"), m.get("weights_sha256"), m.get("config_sha256"), m.get("statistics_sha256"))
                     for m in reg.get("models", []) if m.get("role") in roles)
     identity = {"models": models, "partition": reg.get("partition_sha256"), "latents": reg.get("latents_sha256")}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def drawn_with(cfg: RunConfig, sample_set: SampleSet, folder: RunFolder) -> dict:
+def drawn_with(cfg: RunConfig, sample_set: SampleSet, reg: dict | None) -> dict:
     """What a set's samples depend on besides its name: the sampling settings and the networks it is drawn
     by (networks_hash of its network_roles: a retrained expert changes the DDM's sets, a monolith trained
     later does not). steps is None for the adaptive solver (it chooses its own); batch_size is there where
@@ -135,7 +139,7 @@ def drawn_with(cfg: RunConfig, sample_set: SampleSet, folder: RunFolder) -> dict
     s, roles = cfg.sample, network_roles(sample_set)
     made = {"n": sample_set.n, "steps": None if s.solver == "adaptive" else s.steps, "solver": s.solver,
             "seed": s.seed, "guidance": sample_set.guidance, "router_every": s.router_every, "roles": roles,
-            "networks": networks_hash(folder, roles)}
+            "networks": networks_hash(reg, roles)}
     return {**made, "batch_size": s.batch_size} if chunked_differently(sample_set, s.solver) else made
 
 
@@ -200,13 +204,13 @@ def stale_sets(run) -> list[str]:
     folder = RunFolder(run)
     if not folder.registry.exists():
         return []
-    registry_hash, stale = sha256_file(folder.registry), []
+    registry_hash, reg, stale = sha256_file(folder.registry), read_registry(folder), []
     for name, info in read_info(folder).items():
         made = info.get("drawn_with") if isinstance(info, dict) else None
         if not folder.sample_set(name).exists() or not isinstance(made, dict):
             continue
         if "networks" in made:
-            if made["networks"] is not None and made["networks"] != networks_hash(folder, made.get("roles") or []):
+            if made["networks"] is not None and made["networks"] != networks_hash(reg, made.get("roles") or []):
                 stale.append(name)
         elif made.get("registry") is not None and made["registry"] != registry_hash:  # a record of an older ddmkit
             stale.append(name)
@@ -227,11 +231,12 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
     redraw=True); on_sample(name) is called after each set is written (e.g. to score it at once)."""
     folder = RunFolder(run)
     registry_hash = sha256_file(folder.registry) if folder.registry.exists() else None
+    reg = read_registry(folder)
     ddms: dict = {}
     for sample_set in track(sets, "sampling", lambda s: s.name):
         path = folder.sample_set(sample_set.name)
         infos = read_info(folder)
-        made_with = drawn_with(cfg, sample_set, folder)
+        made_with = drawn_with(cfg, sample_set, reg)
         before = infos.get(sample_set.name, {}).get("drawn_with")
         same = same_drawing(before, made_with, registry_hash)
         if path.exists() and same and not redraw:

@@ -18,11 +18,11 @@ from ddmkit.evaluation.routers import router_report
 from ddmkit.evaluation.sets import FLOOR, evaluate_all
 from ddmkit.evaluation.studies import STATS_STRATEGIES, missing_expert_study, stats_router_study, study_size
 from ddmkit.conventions import __version__
-from ddmkit.io import load_tensors, read_json, sha256_file, write_bytes_atomic, write_json
+from ddmkit.io import load_tensors, read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.models import models_section, partition_k
 from ddmkit.pipeline.samplesets import planned_sets
-from ddmkit.pipeline.sampling import SAMPLES_FIX, read_info, sampling_sentence
+from ddmkit.pipeline.sampling import SAMPLES_FIX, networks_hash, read_info, read_registry, sampling_sentence
 from ddmkit.pipeline.stages import load_split
 from ddmkit.tables import fmt, markdown_table
 
@@ -95,7 +95,7 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
 
 
 def studies_key(cfg: RunConfig, run) -> dict | None:
-    """What the studies' rows depend on: the networks (the registry's SHA-256), the data, the [sample]
+    """What the studies' rows depend on: the experts and router (networks_hash), the data, the [sample]
     settings they draw with, [evaluate] and ddmkit's version; None for a run not registered (its networks
     are not identified), whose studies are drawn every time."""
     folder = RunFolder(run)
@@ -103,7 +103,8 @@ def studies_key(cfg: RunConfig, run) -> dict | None:
         return None
     drawn_by = {"strategies", "stats_router_strategies", "guidance_sweep", "sweep_strategy", "sweep_n"}
     present = [path.parent.name for path in sorted(folder.experts.glob("expert_*/model.safetensors"))]
-    return {"registry": sha256_file(folder.registry), "experts_present": present, "data": read_json(folder.data_info),
+    networks = networks_hash(read_registry(folder), ["expert", "router"])
+    return {"networks": networks, "experts_present": present, "data": read_json(folder.data_info),
             "sample": cfg.sample.model_dump(exclude=drawn_by), "evaluate": cfg.evaluate.model_dump(),
             "ddmkit_version": __version__}
 
