@@ -147,6 +147,23 @@ def test_gated_routing_is_refused_as_a_sampled_strategy_when_the_config_loads():
         validate(RunConfig, {"sample": {"sweep_strategy": "gated-1@10"}})
 
 
+def test_the_forms_named_for_sampling_leave_out_the_analysis_only_ones():
+    """An unknown sampled strategy was answered with a list of forms that included gated-K@A, which the
+    sampler then refused; study misalignment --strategy gated-2@30 was refused as sample.strategies (a field
+    the user never wrote) only when its first run was configured."""
+    from ddmkit.config import SampleConfig, validate
+    from ddmkit.pipeline.misalignment import strategy_names
+    from ddmkit.routing.table import SAMPLED_STRATEGY_FORMS, STRATEGY_FORMS
+
+    assert "gated-K@A" in STRATEGY_FORMS and "gated-K@A" not in SAMPLED_STRATEGY_FORMS
+    with pytest.raises(DDMError) as refused:
+        validate(SampleConfig, {"strategies": ["top-1", "bogus"]})
+    assert "unknown routing strategy 'bogus'" in str(refused.value) and "gated" not in str(refused.value)
+    with pytest.raises(DDMError, match="--strategy: strategy 'gated-2@30' compares the experts' velocities"):
+        strategy_names(["full", "gated-2@30"])
+    assert parse_strategy("gated-2@30").name  # the analysis sampler still parses it
+
+
 def test_one_table_parses_documents_and_validates_every_strategy():
     """docs/routing.md holds the table's own rendering; a strategy added to the table is accepted by
     the parser and by config validation, and listed in messages."""
@@ -228,3 +245,17 @@ def test_spellings_of_one_strategy_name_one_sample_set():
     config = SampleConfig(strategies=["monolith", "top-02", "top-2", "sample-2@1"], sweep_strategy="top-02")
     assert config.strategies == ["monolith", "top-2", "sample-2"] and config.sweep_strategy == "top-2"
     assert named_set("top-02", 10).name == "top-2"
+
+
+def test_spellings_of_one_strategy_are_one_name_in_text_configs_distill_and_the_study():
+    """Text configs' evaluate.strategies, distill --teacher and study misalignment --strategy kept the
+    spelling given (top-02 and top-2 were two rows of the study, two teachers of distill)."""
+    from ddmkit.discrete.config import TextEvalConfig
+    from ddmkit.pipeline.distill import check_teacher
+    from ddmkit.pipeline.misalignment import strategy_names
+
+    assert TextEvalConfig(strategies=["top-02", "top-2", " full"]).strategies == ["top-2", "full"]
+    assert check_teacher("sample-2@1") == "sample-2"
+    assert strategy_names(["top-02,full", "top-2", "threshold-.5"]) == ["top-2", "full", "threshold-0.5"]
+    with pytest.raises(DDMError, match="--strategy: unknown routing strategy 'top2'"):
+        strategy_names(["top2"])

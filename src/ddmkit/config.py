@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule
 from ddmkit.io import read_json
-from ddmkit.routing.adaptive import GatedTopK
 from ddmkit.routing.strategies import redraws_each_evaluation
 from ddmkit.routing.table import canonical_name, parse_strategy
 
@@ -330,13 +329,9 @@ def _strategy(name: str) -> None:
     """A routing strategy's name checked inside a validator (a ValueError, so the message names the field):
     one the sampler can run (gated-K@A needs the analysis sampler, which only `ddmkit analyze` has)."""
     try:
-        strategy = parse_strategy(name)
+        parse_strategy(name, sampled=True)
     except DDMError as e:
         raise ValueError(str(e)) from None
-    if isinstance(strategy, GatedTopK):
-        raise ValueError(f"strategy {name.strip()!r} compares the experts' velocities, which only the analysis "
-                         f"sampler gives: measure it with `ddmkit analyze RUN --strategy {name.strip()}`, and leave it "
-                         "out of the sampled strategies")
 
 
 class SampleConfig(Section):

@@ -16,7 +16,7 @@ from ddmkit.config import MAX_SEED, Section, Seed, TrainConfig, apply_overrides,
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
-from ddmkit.routing.table import STRATEGIES, parse_strategy, strategy_form
+from ddmkit.routing.table import STRATEGIES, canonical_name, parse_strategy, strategy_form
 
 KINDS = ("text_ar", "text_dfm")
 
@@ -176,7 +176,7 @@ class TextEvalConfig(Section):
                 parse_strategy(s)
             except DDMError as e:  # a bad value, e.g. top-0: named with the field
                 raise ValueError(str(e)) from None
-        return v
+        return list(dict.fromkeys(canonical_name(s) for s in v))  # top-02 is top-2, given once
 
 
 class TextRunConfig(Section):

@@ -58,6 +58,7 @@ from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.pipeline.text import is_text_run
 from ddmkit.registry import load_model, model_shards
 from ddmkit.routing import parse_strategy
+from ddmkit.routing.table import canonical_name
 from ddmkit.routing.adaptive import GatedTopK
 from ddmkit.routing.strategies import Nearest, Oracle
 from ddmkit.sample import sample_euler, time_grid
@@ -88,7 +89,7 @@ def check_teacher(strategy: str) -> str:
         raise DDMError(f"--teacher {strategy}: this strategy depends on the whole trajectory (or on the analysis "
                        "sampler), not only on (x_t, t), so there is no field to regress; use full, top-K, "
                        "threshold-P, sample-K, nucleus-P, switch, adaptive-P or adaptive-ent-H (e.g. --teacher top-2)")
-    return strategy
+    return canonical_name(strategy)  # top-02 is the teacher top-2
 
 
 def _choice(option: str, value: str, accepted: tuple[str, ...]) -> None:
@@ -232,7 +233,7 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
                  force: bool = False, report: bool = True) -> Plan:
     """Every check of distill_run (options first, then the run; the scorer only when report); nothing is
     written."""
-    check_teacher(teacher)
+    teacher = check_teacher(teacher)
     _choice("arch", arch, ARCHS)
     _choice("grid", grid, GRIDS)
     if few_step is not None:

@@ -97,6 +97,7 @@ from ddmkit.pipeline.stages import (
 from ddmkit.pipeline.misalignment_report import plot_study, render, render_images, summarize
 from ddmkit.registry import shard_files
 from ddmkit.routing import parse_strategy
+from ddmkit.routing.table import canonical_name
 from ddmkit.train.threads import job_threads
 
 Log = Callable[[str], None]
@@ -121,6 +122,18 @@ def split_names(names: Sequence[str] | None, default: Sequence[str], option: str
     return list(dict.fromkeys(out))
 
 
+def strategy_names(strategies: Sequence[str] | None) -> list[str]:
+    """The --strategy values (the default when none is given), checked, each by its one name (top-02 is
+    top-2) and once."""
+    names = split_names(strategies, DEFAULT_STRATEGIES, "--strategy")
+    for name in names:
+        try:
+            parse_strategy(name, sampled=True)
+        except DDMError as e:
+            raise DDMError(f"--strategy: {e}") from None
+    return list(dict.fromkeys(canonical_name(name) for name in names))
+
+
 def is_image_study(cfg: RunConfig) -> bool:
     """Whether the config's data are images (True) or a Gaussian mixture (False); other data are refused."""
     if cfg.data.name in MIXTURES:
@@ -142,11 +155,6 @@ def check_study(cfg: RunConfig, conditions: list[str], strategies: list[str], se
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise DDMError(f"--seeds: give the number of training seeds, at least 1 (got seeds {seeds})")
     parsed = {name: (image_condition if images else parse_condition)(name) for name in conditions}
-    for name in strategies:
-        try:
-            parse_strategy(name)
-        except DDMError as e:
-            raise DDMError(f"--strategy: {e}") from None
     if not strategies:
         raise DDMError("--strategy: give at least one routing strategy, e.g. full")
     if n < 2 or n_boot < 10 or w2_boot < 2:
@@ -442,7 +450,7 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     if stages not in STUDY_STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STUDY_STAGES)}")
     names = split_names(conditions, IMAGE_CONDITIONS if images else DEFAULT_CONDITIONS)
-    strategies, seeds = split_names(strategies, DEFAULT_STRATEGIES, "--strategy"), list(seeds)
+    strategies, seeds = strategy_names(strategies), list(seeds)
     parsed = check_study(cfg, names, strategies, seeds, n, n_boot, w2_boot, stability_rows)
     if "full" not in strategies or len(strategies) < 2:  # said before the training, not only in the report
         log(f"note: --strategy {' '.join(strategies)}: each condition's verdict compares full with the best other "

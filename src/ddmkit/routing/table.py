@@ -29,6 +29,7 @@ class StrategyForm:
     build: Callable[..., Strategy]  # raises ValueError naming the bad value
     description: str
     expert_calls: str
+    sampled: bool = True  # False: only the analysis sampler (`ddmkit analyze`) runs it
 
 
 NUMBER = r"[0-9.]+(?:[eE][-+]?[0-9]+)?"  # a decimal number, optionally in scientific notation (1e-9)
@@ -100,16 +101,17 @@ STRATEGIES: list[StrategyForm] = [
                  "top-1 while the router entropy H(r) <= H nats, else the top ceil(exp(H(r))) experts", "varies"),
     StrategyForm("gated-K@A", rf"gated-(\d+)@({NUMBER})", _gated,
                  "top-K, but top-1 where a routed expert's velocity is more than A degrees from the top "
-                 "expert's (needs the analysis sampler: `ddmkit analyze`)", "K + probes"),
+                 "expert's (needs the analysis sampler: `ddmkit analyze`)", "K + probes", sampled=False),
 ]
 
 
-def strategy_forms() -> str:
-    """The accepted name forms, for messages: 'full, top-K, ...'."""
-    return ", ".join(s.form for s in STRATEGIES)
+def strategy_forms(sampled: bool = False) -> str:
+    """The accepted name forms, for messages: 'full, top-K, ...' (sampled: only those the sampler runs)."""
+    return ", ".join(s.form for s in STRATEGIES if s.sampled or not sampled)
 
 
 STRATEGY_FORMS = strategy_forms()  # as the table is shipped (for --help texts)
+SAMPLED_STRATEGY_FORMS = strategy_forms(sampled=True)
 
 
 def _matched(name: str) -> tuple[StrategyForm, re.Match] | None:
@@ -129,21 +131,26 @@ def strategy_form(name: str) -> str | None:
     return matched[0].form if matched else None
 
 
-def parse_strategy(spec: str) -> Strategy:
+def parse_strategy(spec: str, sampled: bool = False) -> Strategy:
     """A strategy object from its name, e.g. 'top-2', 'nucleus-0.9@0.5', 'threshold-1e-3'
-    (spaces around the name are dropped)."""
+    (spaces around the name are dropped). sampled: refuse the forms only the analysis sampler runs
+    (gated-K@A), naming `ddmkit analyze`."""
+    forms = strategy_forms(sampled)
     if not isinstance(spec, str):
         raise DDMError(f"a routing strategy is a name (a string) such as 'top-2'; got {type(spec).__name__} "
-                       f"{spec!r}; accepted forms: {strategy_forms()}")
+                       f"{spec!r}; accepted forms: {forms}")
     name = spec.strip()
     matched = _matched(name)
     if matched is None:
         guess = re.sub(r"([a-z])(\d)", r"\1-\2", name.lower())  # top2, Top-2 -> top-2
         if guess != name and strategy_form(guess) is not None:
-            raise DDMError(f"unknown routing strategy {name!r}; did you mean {guess!r}? Accepted forms: "
-                           f"{strategy_forms()}")
-        raise DDMError(f"unknown routing strategy {name!r}; accepted forms: {strategy_forms()}")
+            raise DDMError(f"unknown routing strategy {name!r}; did you mean {guess!r}? Accepted forms: {forms}")
+        raise DDMError(f"unknown routing strategy {name!r}; accepted forms: {forms}")
     entry, m = matched
+    if sampled and not entry.sampled:
+        raise DDMError(f"strategy {name!r} compares the experts' velocities, which only the analysis sampler "
+                       f"gives: measure it with `ddmkit analyze RUN --strategy {name}`; the sampler runs "
+                       f"{forms}")
     try:
         strategy = entry.build(*[g for g in m.groups() if g is not None])
     except ValueError as e:
