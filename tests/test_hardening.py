@@ -230,7 +230,8 @@ def test_evaluate_refuses_another_runs_settings_and_reports_how_each_set_was_dra
            "samples, euler, 8 steps, seed 0)" in " ".join(report.split()), report[:600]
     assert "W2 and sliced W2 averaged over 2 pair(s) of 50 points, MMD on the first pair." in " ".join(report.split())
     assert "One pair only" not in report
-    assert __import__("re").search(r"\| full \| [0-9.e-]+ ± [0-9.e-]+ \| [0-9.]+ \|", report), report  # W2 ± its error
+    for row in ("full", "noise floor \\(true vs true\\)"):  # W2 ± its error, the floor's too
+        assert __import__("re").search(rf"\| {row} \| [0-9.e-]+ ± [0-9.e-]+ \| [0-9.]+ \|", report), report
     code, err = cli(monkeypatch, capsys, "sample", run, "--strategy", "switch", "--batch-size", 30, "--n", 60)
     assert code == 0 and f"still score the sets as they were; `ddmkit evaluate {run}` scores these" in err, err
     code, err = cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--router-every", 3)

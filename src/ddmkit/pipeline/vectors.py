@@ -125,7 +125,7 @@ def earlier_studies(folder: RunFolder, key: dict | None) -> dict:
 
 def render_report(cfg: RunConfig, run, result: dict) -> str:
     floor = result["floor"]
-    rows = [[FLOOR] + [floor.get(key) for _, key in COLUMNS[:1]] + [1.0] + [floor.get(key) for _, key in COLUMNS[2:8]]
+    rows = [[FLOOR, w2_text(floor), 1.0] + [floor.get(key) for _, key in COLUMNS[2:8]]
             + ["-", "-"]]
     for name, r in result["rows"].items():
         rows.append([name, w2_text(r)] + [r.get(key) for _, key in COLUMNS[1:]])
