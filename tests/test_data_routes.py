@@ -703,6 +703,26 @@ def test_small_clusters_warn_and_a_lone_row_needs_no_statistics_router():
     check_clusters(config(evaluate={"stats_router": False}), [100, 1], (2,))
 
 
+def test_partition_settings_the_features_ignore_are_warned_of_before_anything_is_written(tmp_path):
+    """partition.pca_dim with features = 'identity' (or encoder_* without the encoder) changed nothing and
+    said nothing."""
+    from ddmkit.pipeline.checks import unused_partition_settings
+    from ddmkit.pipeline.prepare import prepare_run_dir
+
+    assert unused_partition_settings(config()) == []
+    assert unused_partition_settings(config(partition={"features": "pca", "pca_dim": 4})) == []
+    assert unused_partition_settings(config(partition={"pca_dim": 4, "encoder_pool": "mean", "encoder_batch": 8})) == [
+        "partition.pca_dim = 4 only applies with partition.features = 'pca' (it is 'identity'), so it changes "
+        "nothing; set features = 'pca' or remove it",
+        "partition.encoder_pool = 'mean', partition.encoder_batch = 8 only apply with partition.features = "
+        "'encoder' (it is 'identity'), so they change nothing; set features = 'encoder' or remove them"]
+    said = []
+    cfg = config(data={"name": "ring8", "n_train": 400, "n_test": 400}, partition={"k": 2, "pca_dim": 4},
+                 sample={"n": 200})
+    prepare_run_dir(tmp_path / "run", cfg, log=said.append)
+    assert any(line.startswith("warning: partition.pca_dim = 4 only applies") for line in said), said
+
+
 def test_a_lone_outlier_fails_at_once_and_the_suggested_setting_runs(tmp_path, monkeypatch, capsys):
     x = blobs(500)
     x[0] = [600.0, 600.0]  # k-means gives it a cluster of its own: no covariance for the statistics router

@@ -159,6 +159,24 @@ def check_clusters(cfg: RunConfig, counts: list[int], data_shape: tuple, orphans
     return []
 
 
+def unused_partition_settings(cfg: RunConfig) -> list[str]:
+    """Warnings for partition settings the chosen features ignore (pca_dim without features = 'pca',
+    encoder_* without features = 'encoder'): set, they change nothing, which is likely not what was meant."""
+    p = cfg.partition
+    fields = {"pca": ["pca_dim"],
+              "encoder": ["encoder_pool", "encoder_size", "encoder_batch", "encoder_normalize"]}
+    warnings = []
+    for features, names in fields.items():
+        changed = [f"partition.{name} = {getattr(p, name)!r}" for name in names
+                   if p.features != features and getattr(p, name) != type(p).model_fields[name].default]
+        if changed:
+            one = len(changed) == 1
+            warnings.append(f"{', '.join(changed)} only {'applies' if one else 'apply'} with partition.features = "
+                            f"{features!r} (it is {p.features!r}), so {'it changes' if one else 'they change'} "
+                            f"nothing; set features = {features!r} or remove {'it' if one else 'them'}")
+    return warnings
+
+
 def check_devices(cfg: RunConfig) -> None:
     """Every train.device of the networks a run trains is on this machine (a DDMError naming the field)."""
     sections = [("expert", cfg.expert.train), ("router", cfg.router.train)]
