@@ -367,8 +367,12 @@ def parse_args(argv=None):
                    help="torch.compile mode of the compile rows (train.compile_mode); reduce-overhead replays "
                         "each step as a CUDA graph")
     p.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
-                   help='--mode stacked: time only these variants (and the monolith), e.g. "experts, bf16"')
+                   help='time only these variants (--mode stacked: and the monolith), e.g. "experts, bf16" or '
+                        '"compile reduce-overhead"')
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    p.add_argument("--coordinate-descent", action="store_true",
+                   help="torch._inductor.config.coordinate_descent_tuning = True (compiled rows: tunes the "
+                        "generated kernels' block sizes at compile time)")
     p.add_argument("--profile", action="store_true",
                    help="--mode stacked: instead of the table, profile the monolith and the stacked experts "
                         "(bf16 on CUDA; compiled with --compile, in the default --compile-mode: CUDA graphs hide "
@@ -393,6 +397,9 @@ def main(argv=None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor
+        inductor.coordinate_descent_tuning = True
     if args.mode == "stacked":
         os.environ.setdefault("DDMKIT_QUIET", "1")  # fit()'s progress bars; this script reports its own
         return run_profile(args, device) if args.profile else run_stacked(args, device)
@@ -405,6 +412,10 @@ def main(argv=None) -> None:
     variants = ["eager"] + (["eager channels_last"] if args.experts == "unet" else [])
     compiled = "compile" if args.compile_mode == "default" else f"compile {args.compile_mode}"
     variants += [v.replace("eager", compiled) for v in variants] if args.compile else []
+    unknown = sorted(set(args.only or []) - set(variants))
+    if unknown:
+        raise SystemExit(f"--only {', '.join(unknown)}: not a variant of this run ({', '.join(variants)})")
+    variants = [v for v in variants if args.only is None or v in args.only]
     print("\n| variant | batch | samples/s | ms/step | GFLOP/sample (fwd+bwd) | TFLOP/s | share of matmul peak |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for variant in variants:
