@@ -199,6 +199,7 @@ def test_a_tiny_sweep_from_the_command_line(tiny_grid):
     assert refused.returncode == 2 and "--k" in refused.stderr
 
 
+@pytest.mark.slow  # about 45 s on 2 cores: five sweeps of latent cells
 def test_a_latent_sweep_trains_one_autoencoder_for_the_grid(tmp_path):
     """In latent space the autoencoder is trained once per grid folder and linked into every cell (it is
     not part of the compared compute), also when the grid is run in parts by several commands; each K's
