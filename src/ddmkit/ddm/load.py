@@ -35,7 +35,7 @@ from ddmkit.registry import (check_shard, check_slot, checked_model_shards, late
                              verify_registry, warn_missing)
 from ddmkit.routing.stats_router import (PUBLISHED_STATISTICS, class_stats_router, island_class_statistics,
                                         island_statistics, load_statistics, publication_parts, stats_router)
-from ddmkit.truth import GaussianMixture
+from ddmkit.truth import GaussianMixture, follows_device
 
 
 PATHS = ("linear", "vp", "edm")
@@ -462,11 +462,18 @@ def exact_parts(run) -> dict:
     for c, g in enumerate(groups):
         member[g, c] = 1.0
 
-    def expert(sub):
-        return lambda x, t: sub.velocity(x.double().reshape(len(x), -1), t.double()).to(x.dtype).reshape(x.shape)
+    def expert(sub):  # on the device of x, as every field of the DDM
+        on = follows_device(sub)
+        return lambda x, t: on(x.device).velocity(x.double().reshape(len(x), -1), t.double()).to(x.dtype).reshape(
+            x.shape)
+
+    truth_on, members = follows_device(truth), {member.device: member}
 
     def router(x, t):
-        return (truth.posterior(x.double().reshape(len(x), -1), t.double()) @ member).to(x.dtype)
+        if x.device not in members:
+            members[x.device] = member.to(x.device)
+        return (truth_on(x.device).posterior(x.double().reshape(len(x), -1), t.double()) @ members[x.device]).to(
+            x.dtype)
 
     return {"experts": [expert(s) for s in subs], "router": router, "prior": (truth.weights @ member).float(),
             "data_shape": tuple(manifest["data_shape"]), "nearest": nearest_cluster_fn(manifest, ptensors),

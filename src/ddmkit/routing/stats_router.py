@@ -35,7 +35,7 @@ import torch
 
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, save_tensors
-from ddmkit.truth import GaussianMixture
+from ddmkit.truth import GaussianMixture, follows_device
 
 MAX_FULL_DIM = 256
 DEFAULT_RANK = 32
@@ -87,7 +87,7 @@ def full_mixture(stats: list[dict]) -> GaussianMixture:
     covs = torch.stack([(s["cov"] + s["cov"].T) / 2 for s in stats])
     d = covs.shape[-1]
     scale = covs.diagonal(dim1=1, dim2=2).mean().clamp_min(1.0)
-    covs = covs + JITTER * scale * torch.eye(d, dtype=covs.dtype)
+    covs = covs + JITTER * scale * torch.eye(d, dtype=covs.dtype, device=covs.device)
     return GaussianMixture.from_covariances(torch.stack([s["count"] for s in stats]),
                                             torch.stack([s["mean"] for s in stats]), covs)
 
@@ -124,11 +124,11 @@ def stats_router(stats: list[dict]):
         raise DDMError("the statistics-only router needs the statistics of at least one island")
     _check_dimensions(stats)
     if all("cov" in s for s in stats):
-        gmm = full_mixture(stats)
+        gmm_on = follows_device(full_mixture(stats))
 
         def router(x, t):
             t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(len(x))
-            return gmm.to(device=x.device).posterior(x.reshape(len(x), -1).double(), t).to(torch.float32)
+            return gmm_on(x.device).posterior(x.reshape(len(x), -1).double(), t).to(torch.float32)
 
         return router
     if not all("factors" in s for s in stats):

@@ -39,12 +39,21 @@ from ddmkit.errors import DDMError
 Tensor = torch.Tensor
 
 
-def _check_x(x: Tensor, dim: int, dtype: torch.dtype) -> None:
+def _cpu_tensor(value, dtype: torch.dtype) -> Tensor:
+    """A number array (tensor on any device, numpy array, nested lists) as a CPU tensor of dtype."""
+    return value.detach().to("cpu", dtype) if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value), dtype=dtype)
+
+
+def _check_x(x: Tensor, dim: int, dtype: torch.dtype, device: torch.device) -> None:
     """A DDMError unless x is a (B, dim) batch of floats the mixture's dtype can take (a float64 x meets
-    a float32 mixture's tensors in products that need one dtype; an integer x would make t an integer)."""
+    a float32 mixture's tensors in products that need one dtype; an integer x would make t an integer),
+    on the mixture's device."""
     if not isinstance(x, Tensor):
         raise DDMError(f"x must be a torch tensor (B, {dim}); got {type(x).__name__}: torch.as_tensor(x, "
                        f"dtype={dtype}) makes one")
+    if x.device != device:
+        raise DDMError(f"x is on {x.device} and the mixture on {device}: give x.to({str(device)!r}), or the "
+                       f"mixture on x's device: mixture.to({str(x.device)!r})")
     if not x.is_floating_point():
         raise DDMError(f"x must be floating point; got {x.dtype}: give x.to({dtype})")
     if torch.finfo(x.dtype).bits > torch.finfo(dtype).bits:
@@ -71,6 +80,18 @@ def _as_t(t, x: Tensor) -> Tensor:
     if not capturing and bool(bad.any()):
         raise DDMError(f"t must be finite and <= 1 (t = 0 is data, t = 1 noise); got {t[bad][0].item()}")
     return t
+
+
+def follows_device(mixture: "GaussianMixture"):
+    """device -> the mixture on that device, moved once per device: for a field of the mixture that is
+    called wherever its input is (the exact experts and router of a DDM sampled on a GPU)."""
+    copies = {mixture.means.device: mixture}
+
+    def on(device: torch.device) -> GaussianMixture:
+        if device not in copies:
+            copies[device] = mixture.to(device)
+        return copies[device]
+    return on
 
 
 @dataclass(frozen=True)
@@ -120,9 +141,7 @@ class GaussianMixture:
     def from_covariances(weights, means, covs, dtype=torch.float64) -> "GaussianMixture":
         """Build from weights (K,), means (K, d) and covariances given as
         full (K, d, d), diagonal (K, d) or isotropic (K,) arrays."""
-        w = torch.as_tensor(np.asarray(weights), dtype=dtype)
-        mu = torch.as_tensor(np.asarray(means), dtype=dtype)
-        cov = torch.as_tensor(np.asarray(covs), dtype=dtype)
+        w, mu, cov = (_cpu_tensor(value, dtype) for value in (weights, means, covs))
         for name, value in (("weights", w), ("means", mu), ("covs", cov)):
             if not bool(torch.isfinite(value).all()):
                 raise DDMError(f"{name} must be finite; got nan or inf")
@@ -189,8 +208,8 @@ class GaussianMixture:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
             raise DDMError(f"n (the number of samples) must be an integer >= 0; got {n!r}")
         labels = torch.multinomial(self.weights, n, replacement=True, generator=generator) if n else \
-            torch.zeros(0, dtype=torch.long)
-        z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
+            torch.zeros(0, dtype=torch.long, device=self.means.device)
+        z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype, device=self.means.device)
         x = self.means[labels] + torch.einsum("nij,nj->ni", self.eigvecs[labels], z * self.eigvals[labels].sqrt())
         return (x, labels) if return_labels else x
 
@@ -198,7 +217,7 @@ class GaussianMixture:
     def _parts(self, x: Tensor, t) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Rotated residuals z = U_k^T (x - a mu_k) (B, K, d), the noised
         eigenvalues c = a^2 l + s^2 (B, K, d), and a, s as (B, 1, 1)."""
-        _check_x(x, self.dim, self.means.dtype)
+        _check_x(x, self.dim, self.means.dtype, self.means.device)
         t = _as_t(t, x)
         a, s = (1 - t)[:, None, None], t[:, None, None]
         r = x[:, None, :] - a * self.means[None]
@@ -274,7 +293,7 @@ class GaussianMixture:
         with sigma^2 replaced by each eigenvalue is used as an estimate
         (not a proven bound); compare with `velocity_jacobian` norms.
         """
-        t = torch.as_tensor(t, dtype=self.means.dtype)
+        t = torch.as_tensor(t, dtype=self.means.dtype, device=self.means.device)
         a, s = (1 - t)[..., None, None], t[..., None, None]
         c = a**2 * self.eigvals + s**2
         own = ((s - a * self.eigvals).abs() / c).amax(dim=(-1, -2))

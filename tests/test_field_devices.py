@@ -1,0 +1,69 @@
+"""The fields built from Gaussian mixtures (the exact DDM's experts and router, the statistics-only
+router) follow their input's device; a mixture given x on another device says so. The CUDA tests run
+where there is a GPU (they failed there: the exact DDM's sets could not be drawn by `ddmkit run`)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddmkit.errors import DDMError
+from ddmkit.routing.stats_router import island_statistics, stats_router
+from ddmkit.truth import GaussianMixture, follows_device
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TINY = Path(__file__).parent / "configs" / "tiny.toml"
+
+
+def mixture() -> GaussianMixture:
+    return GaussianMixture.from_covariances([0.3, 0.7], [[0.0, 0.0], [3.0, 0.0]], [[1.0, 0.5], [0.2, 1.0]])
+
+
+def test_a_mixture_names_the_device_x_should_be_on():
+    gm, x = mixture(), torch.zeros(4, 2, dtype=torch.float64, device="meta")
+    with pytest.raises(DDMError, match=r"x is on meta and the mixture on cpu: give x.to\('cpu'\), or the mixture on "
+                                       r"x's device: mixture.to\('meta'\)"):
+        gm.velocity(x, 0.5)
+    assert follows_device(gm)(torch.device("cpu")) is gm
+
+
+def test_a_mixture_is_built_from_tensors_on_any_device():
+    """from_covariances read its arguments through numpy, which refuses a CUDA tensor."""
+    gm = GaussianMixture.from_covariances(torch.tensor([1.0, 1.0]), torch.zeros(2, 3), torch.ones(2, 3))
+    assert gm.means.device.type == "cpu" and torch.equal(gm.weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+@CUDA
+def test_a_mixture_on_cuda_samples_and_bounds_there():
+    on = follows_device(mixture())
+    gm = on(torch.device("cuda", 0))
+    assert gm.means.device.type == "cuda" and on(torch.device("cuda", 0)) is gm  # moved once
+    assert gm.sample(10).device.type == "cuda" and gm.sample(0).device.type == "cuda"
+    bound = gm.velocity_lipschitz_bound(torch.tensor([0.2, 0.5]))
+    torch.testing.assert_close(bound.cpu(), mixture().velocity_lipschitz_bound(torch.tensor([0.2, 0.5])))
+
+
+@CUDA
+def test_the_full_covariance_statistics_router_takes_statistics_computed_on_cuda():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(100, 2, generator=g) + 3 * k for k in range(2)]
+    x, t = xs[0][:8], torch.full((8,), 0.4)
+    want = stats_router([island_statistics(s) for s in xs])(x, t)
+    got = stats_router([island_statistics(s.cuda()) for s in xs])(x.cuda(), t.cuda())
+    torch.testing.assert_close(got.cpu(), want)
+
+
+@CUDA
+def test_the_exact_ddm_samples_on_cuda_as_on_the_cpu(tmp_path):
+    from ddmkit.config import load_config
+    from ddmkit.ddm import exact_ddm
+    from ddmkit.ddm.sampling import sample_ddm
+    from ddmkit.pipeline.prepare import prepare_run_dir
+
+    run = prepare_run_dir(tmp_path / "run", load_config(TINY), log=lambda _: None)
+    ddm, x1 = exact_ddm(run), torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    for strategy in ("full", "top-2", "oracle"):
+        on_cpu, _ = sample_ddm(ddm, strategy, 64, steps=8, device="cpu", x1=x1)
+        on_gpu, _ = sample_ddm(ddm, strategy, 64, steps=8, device="cuda", x1=x1.cuda())
+        assert on_gpu.device.type == "cuda"
+        if strategy != "oracle":  # oracle draws its clusters from a generator of the sampling device
+            torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-5, rtol=1e-5)
