@@ -91,6 +91,18 @@ def test_an_edm_denoiser_converts_to_the_linear_velocity():
     assert torch.allclose(field.output.velocity(field.network, x, T), g.velocity(x, T), atol=1e-9, rtol=0)
 
 
+def test_an_edm_denoiser_near_the_data_gives_the_velocity_at_t_eps_as_an_x0_expert_does():
+    """A denoiser predicts x0 like an x0 network, but was evaluated down to t = 1e-4, where
+    v = (x - x0) / t multiplies its error by 1e4 (heun and rk4 evaluate at t = 0 on their last step)."""
+    g = mixture()
+    field = velocity_field(ExactEDM(g), {"kwargs": {}, "path": {"kind": "edm"}})
+    x = points(g, torch.full((4,), 0.5, dtype=torch.float64))
+    at = lambda t: torch.full((4,), t, dtype=torch.float64)  # noqa: E731
+    for t in (0.0, T_EPS / 2):
+        assert torch.allclose(field.output.velocity(field.network, x, at(t)), g.velocity(x, at(T_EPS)), atol=1e-9,
+                              rtol=0)
+
+
 def test_the_timestep_has_the_signal_to_noise_ratio_of_t():
     for kind in ("linear", "cosine"):
         schedule = VPSchedule(kind)

@@ -32,7 +32,7 @@ from functools import lru_cache
 
 import torch
 
-from ddmkit.flow.path import per_row
+from ddmkit.flow.path import conversion_time, per_row
 
 T_MIN = 1e-4
 
@@ -154,8 +154,10 @@ def path_entry(schedule: VPSchedule | None) -> dict:
 
 def edm_velocity(network, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
     """The linear-path velocity of an EDM-style denoiser D(x_sigma, sigma) = E[x | x_sigma], called as
-    network(x / (1 - t), t / (1 - t), **cond)."""
-    tt = t.clamp(T_MIN, 1 - T_MIN)
+    network(x / (1 - t), t / (1 - t), **cond). A denoiser predicts x0, so it is evaluated as an x0
+    network is (ddmkit.flow.path.conversion_time): at t >= T_EPS, where v = (x - x0) / t divides its
+    error by no less than T_EPS."""
+    tt = conversion_time("x0", t).clamp(max=1 - T_MIN)
     a = per_row(1 - tt, x)
     x0 = network(x / a, tt / (1 - tt), **cond).to(x.dtype)
     return (x - x0) / per_row(tt, x)
