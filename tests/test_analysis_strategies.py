@@ -37,6 +37,17 @@ def test_gated_top_k_falls_back_to_top1_when_experts_disagree():
         parse_strategy("gated-2@30").weights(P, RoutingState())
 
 
+def test_gated_top_k_compares_only_experts_of_nonzero_probability():
+    """gated-3@30 on probabilities [0.5, 0.5, 0] compared the third expert too (probability 0, weight 0 in
+    top-3): one that disagreed collapsed the row to top-1, unlike gated-2@30."""
+    x = torch.randn(1, 2)
+    experts = [lambda x, t: x + 1.0, lambda x, t: x + 1.0, lambda x, t: -(x + 1.0)]
+    state = RoutingState(probe=ExpertProbe(experts=experts, x=x, t=torch.zeros(1)))
+    probs = torch.tensor([[0.5, 0.5, 0.0]])
+    for name in ("gated-2@30", "gated-3@30"):
+        torch.testing.assert_close(parse_strategy(name).weights(probs, state), probs)
+
+
 def test_gated_top_1_keeps_the_probabilities_device(monkeypatch):
     """gated-1@A never compares two experts: its weights are top-1's, on the device of the probabilities
     (on a GPU: cuda; here the meta device stands in for it, with the expert probe faked)."""

@@ -259,3 +259,18 @@ def test_spellings_of_one_strategy_are_one_name_in_text_configs_distill_and_the_
     assert strategy_names(["top-02,full", "top-2", "threshold-.5"]) == ["top-2", "full", "threshold-0.5"]
     with pytest.raises(DDMError, match="--strategy: unknown routing strategy 'top2'"):
         strategy_names(["top2"])
+
+
+def test_tempered_strategies_never_draw_an_expert_of_probability_zero():
+    """log(0) was clamped to log(1e-30), which a temperature T raises to about 1e-30^(1/T) (1e-3 at T = 10):
+    sample-1@10 and nucleus-1@10 routed rows, with weight 1, to experts of probability 0 (missing ones
+    among them), and sample-K called such experts with weight 1e-30."""
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0]]).expand(20000, 4)
+    for name in ("sample-1@10", "nucleus-1@10", "sample-3@10", "sample-4"):
+        w = parse_strategy(name).weights(probs, RoutingState(generator=torch.Generator().manual_seed(0)))
+        assert (w[:, 2:] == 0).all(), name
+        torch.testing.assert_close(w.sum(1), torch.ones(20000))
+    w = parse_strategy("sample-3").weights(torch.tensor([[0.7, 0.3, 0.0]]), RoutingState())
+    torch.testing.assert_close(w, torch.tensor([[0.7, 0.3, 0.0]]))  # full routing over the experts it may use
+    zero = parse_strategy("sample-2@5").weights(torch.zeros(3, 4), RoutingState(generator=torch.Generator()))
+    torch.testing.assert_close(zero.sum(1), torch.ones(3))  # a row of zeros: two experts alike, as before

@@ -68,11 +68,11 @@ class GatedTopK(Strategy):
             raise DDMError(f"strategy {self.name!r} compares expert velocities and needs the analysis sampler; "
                            "use `ddmkit analyze --strategy` (or ddmkit.analysis.trace.trace_strategy)")
         k = min(self.k, probs.shape[1])
-        top = probs.topk(k, dim=1).indices
+        p, top = probs.topk(k, dim=1)
         vk = probe(state, top)  # (B, k, D)
         cos = (vk[:, 1:] * vk[:, :1]).sum(-1) / (vk[:, 1:].norm(dim=-1) * vk[:, :1].norm(dim=-1)).clamp_min(1e-30)
-        if k > 1:
-            split = (cos < math.cos(math.radians(self.angle))).any(1)
+        if k > 1:  # only experts top-K would weight (probability > 0) are compared
+            split = ((cos < math.cos(math.radians(self.angle))) & (p[:, 1:] > 0)).any(1)
         else:  # one expert: nothing to compare
             split = torch.zeros(len(probs), dtype=torch.bool, device=probs.device)
         m = torch.where(split, torch.ones_like(top[:, 0]), torch.full_like(top[:, 0], k))

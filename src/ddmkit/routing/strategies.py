@@ -98,7 +98,10 @@ class Selecting(Strategy):
 
 
 def _tempered_log(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    return probs.clamp_min(1e-30).log() / temperature
+    """log(p) / T: -inf where p = 0, so an expert of probability 0 (a missing one, say) is never drawn at
+    any temperature; a row of zeros gives zeros (every expert alike)."""
+    logp = probs.log() / temperature
+    return torch.where((probs > 0).any(1, keepdim=True), logp, torch.zeros_like(logp))
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,8 @@ class SampleK(Selecting):
         u = torch.rand(probs.shape, generator=state.generator, device=probs.device, dtype=probs.dtype)
         gumbel = -(-u.clamp_min(1e-30).log()).log()
         idx = (_tempered_log(probs, self.temperature) + gumbel).topk(min(self.k, probs.shape[1]), dim=1).indices
-        return idx, renormalise(probs.gather(1, idx).clamp_min(1e-30))
+        w = probs.gather(1, idx)  # experts of probability 0, drawn last when K exceeds the others, get weight 0
+        return idx, renormalise(torch.where((w > 0).any(1, keepdim=True), w, torch.ones_like(w)))
 
 
 @dataclass(frozen=True)
