@@ -57,6 +57,25 @@ def test_the_label_reaches_a_conditional_router_only():
     assert set((x1 - x0)[:, 0].round().long()[y == 0].tolist()) == {0}
 
 
+def test_labels_for_a_label_conditional_router_of_unconditional_experts_are_checked():
+    """With unconditional experts the labels reached the router unchecked: a list failed inside routing
+    (no index_select), labels 99 or -5 reached it as they were."""
+    k, n = 4, 3
+    router = lambda x, t, y=None: torch.nn.functional.one_hot(y, k).float()  # noqa: E731
+    x1 = torch.randn(n, 3)
+    learned = DDM(constant_experts(k), router, torch.full((k,), 0.25), (3,), router_conditional=True,
+                  meta={"router_config": {"kwargs": {"num_classes": 3}}})
+    x0, _ = sample_ddm(learned, "top-1", n, steps=2, x1=x1.clone(), cond={"y": [0, 1, 2]})  # a list, converted
+    assert torch.equal((x1 - x0)[:, 0].round().long(), torch.tensor([0, 1, 2]))
+    with pytest.raises(DDMError, match=r"labels \[-5, 99\] are not class labels .* accepted: 0 .. 2, or 3"):
+        sample_ddm(learned, "top-1", n, steps=2, x1=x1.clone(), cond={"y": torch.tensor([-5, 99, 1])})
+    own = DDM(constant_experts(k), router, torch.full((k,), 0.25), (3,), router_conditional=True)  # classes unknown
+    with pytest.raises(DDMError, match=r"labels \[-5\] are negative"):
+        sample_ddm(own, "top-1", n, steps=2, x1=x1.clone(), cond={"y": torch.tensor([-5, 1, 2])})
+    with pytest.raises(DDMError, match="not integer class labels"):
+        sample_ddm(own, "top-1", n, steps=2, x1=x1.clone(), cond={"y": torch.tensor([0.5, 1.0, 2.0])})
+
+
 def test_class_stats_router_known_answers():
     gen = torch.Generator().manual_seed(0)
     # island 0 holds classes 0 and 1, island 1 only class 1

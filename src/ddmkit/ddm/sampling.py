@@ -110,8 +110,9 @@ def checked_cond(ddm, cond, n: int, device, caller: str) -> dict[str, torch.Tens
     if not (ddm.num_classes or ddm.label_prior is not None or ddm.router_conditional):
         raise DDMError(f"{caller}: labels need class-conditional experts (num_classes > 0), p(cluster | label) "
                        "(label_prior) or a label-conditional router; this DDM has none: leave the labels out")
-    classes = len(ddm.label_prior) if ddm.label_prior is not None else ddm.num_classes
-    return {"y": checked_class_labels(cond["y"], n, classes, device, caller) if classes else cond["y"]}
+    router_classes = ddm.meta.get("router_config", {}).get("kwargs", {}).get("num_classes", 0)
+    classes = len(ddm.label_prior) if ddm.label_prior is not None else ddm.num_classes or router_classes
+    return {"y": checked_class_labels(cond["y"], n, classes or None, device, caller)}
 
 
 def start_rows(n: int, data_shape, seed: int, device="cpu", x1: torch.Tensor | None = None,
@@ -151,8 +152,9 @@ def _rows(cond: dict[str, torch.Tensor] | None, rows: slice) -> dict[str, torch.
     return None if cond is None else {name: c[rows] for name, c in cond.items()}
 
 
-def checked_class_labels(labels, n: int, classes: int, device, caller: str = "sample_ddm") -> torch.Tensor:
-    """`labels` as a long tensor (n,) on `device`: ints 0 .. classes - 1, or classes ("no label"); a list
+def checked_class_labels(labels, n: int, classes: int | None, device, caller: str = "sample_ddm") -> torch.Tensor:
+    """`labels` as a long tensor (n,) on `device`: ints 0 .. classes - 1, or classes ("no label"); any
+    ints >= 0 where classes is None (a router of the user's, whose classes the DDM does not know); a list
     or numpy array of ints is converted. Else a DDMError naming the caller and labels."""
     try:
         y = torch.as_tensor(labels)
@@ -165,6 +167,11 @@ def checked_class_labels(labels, n: int, classes: int, device, caller: str = "sa
     if tuple(y.shape) != (n,):
         raise DDMError(f"{caller}: labels: shape {tuple(y.shape)}, but n = {n}; pass one label per sample, "
                        f"shape ({n},)")
+    if classes is None:
+        bad = y[y < 0].unique().tolist()
+        if bad:
+            raise DDMError(f"{caller}: labels {bad[:10]} are negative; class labels are ints >= 0")
+        return y.long().to(device)
     bad = y[(y < 0) | (y > classes)].unique().tolist()
     if bad:
         raise DDMError(f"{caller}: labels {bad[:10]} are not class labels of these experts; accepted: 0 .. "
