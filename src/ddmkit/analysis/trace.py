@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ddmkit.ddm.model import DDM
-from ddmkit.ddm.sampling import sample_field
+from ddmkit.ddm.sampling import routing_generator, sample_field
 from ddmkit.flow.path import x0_from_velocity
 from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
 from ddmkit.routing.strategies import ExpertProbe
@@ -46,9 +46,8 @@ class Trace:
 
 
 def new_state(ddm: DDM, seed: int, device="cpu") -> RoutingState:
-    """The routing state sample_ddm starts from (generator seeded with seed + 1)."""
-    gen = torch.Generator(device=device).manual_seed(seed + 1)
-    return RoutingState(generator=gen, prior=ddm.prior, nearest=ddm.nearest)
+    """The routing state sample_ddm starts from (its routing generator)."""
+    return RoutingState(generator=routing_generator(seed, device), prior=ddm.prior, nearest=ddm.nearest)
 
 
 def hooked_field(ddm: DDM, strategy, state: RoutingState, counter: CallCounter | None = None,

@@ -98,6 +98,12 @@ def checked_shape(data_shape, caller: str) -> tuple[int, ...]:
     return tuple(int(d) for d in data_shape)
 
 
+def routing_generator(seed: int, device) -> torch.Generator:
+    """The generator of the strategies' draws when sampling with `seed` (the noise takes seed itself):
+    seeded with seed + 1, so the same seed gives the same routing."""
+    return torch.Generator(device=device).manual_seed(seed + 1)
+
+
 def checked_cond(ddm, cond, n: int, device, caller: str) -> dict[str, torch.Tensor] | None:
     """cond as the experts and router get it: None, or {"y": class labels (n,)} for a DDM that reads labels
     (class-conditional experts, p(cluster | label) or a label-conditional router), checked by
@@ -217,7 +223,7 @@ def sample_ddm(ddm, strategy: str | Strategy, n: int, steps: int = 50, solver: s
                        "or rk4")
     x1 = start_rows(checked.n, ddm.data_shape, checked.seed, device, x1, "sample_ddm")
     cond = checked_cond(ddm, cond, checked.n, x1.device, "sample_ddm")
-    gen = torch.Generator(device=x1.device).manual_seed(checked.seed + 1)
+    gen = routing_generator(checked.seed, x1.device)
     prior = ddm.prior
     if ddm.label_prior is not None and cond is not None:
         no_label = ddm.prior.reshape(1, -1).to(ddm.label_prior)  # label C, "no label": the clusters' sizes

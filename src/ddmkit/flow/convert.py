@@ -40,7 +40,7 @@ T_MIN = 1e-4
 @dataclass(frozen=True)
 class VPSchedule:
     """A DDPM noise schedule over timesteps n = 0 .. steps - 1: "linear" betas from beta_start to
-    beta_end (DDPM), or "cosine" (improved DDPM: alpha_bar(n) = f(n) / f(0), f(n) =
+    beta_end (DDPM), or "cosine" (improved DDPM: alpha_bar(n) = f(n + 1) / f(0), f(n) =
     cos^2(((n / steps) + s) / (1 + s) pi / 2), s = 0.008, betas clipped at 0.999)."""
 
     kind: str = "linear"

@@ -48,7 +48,7 @@ class RoutingState:
     prior: torch.Tensor | None = None  # (K,) cluster proportions, or (B, K) per sample, for the oracle
     nearest: Callable[[torch.Tensor], torch.Tensor] | None = None  # x0_hat -> (B,) cluster index
     oracle: torch.Tensor | None = None  # (B,) fixed cluster per sample
-    x0_hat: torch.Tensor | None = None  # from the previous step
+    x0_hat: torch.Tensor | None = None  # x_t - t v of the previous velocity evaluation
     last_weights: torch.Tensor | tuple | None = None  # the last routing: dense (B, K), or a selection (idx, w)
     probe: ExpertProbe | None = None  # the experts at (x, t), for the strategies that compare them
 
@@ -210,8 +210,9 @@ class Oracle(Selecting):
 
 @dataclass(frozen=True)
 class Nearest(Selecting):
-    """The cluster whose centroid is nearest to x0_hat of the previous step. With no x0_hat yet (the
-    first step) one expert drawn from the router, as sample-1: near t = 1 the posterior is about the
+    """The cluster whose centroid is nearest to x0_hat = x_t - t v of the previous velocity evaluation
+    (with heun, midpoint or rk4, possibly a stage of the step). With no x0_hat yet (the first step) one
+    expert drawn from the router, as sample-1: near t = 1 the posterior is about the
     prior for every x, and its argmax would send every row to one cluster, which then keeps it (the
     expert's x0_hat is its own cluster's mean)."""
     name: str = "nearest"

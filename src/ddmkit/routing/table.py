@@ -94,7 +94,7 @@ STRATEGIES: list[StrategyForm] = [
                  "labelled samples) and kept for the whole trajectory", "1"),
     StrategyForm("nearest", r"nearest", lambda: Nearest(),
                  "the cluster whose centroid is nearest to the features of x0_hat = x_t - t v (v from the "
-                 "previous step; on the first step one expert drawn from the router, as sample-1)", "1"),
+                 "previous velocity evaluation; on the first one an expert drawn from the router, as sample-1)", "1"),
     StrategyForm("adaptive-P", rf"adaptive-({NUMBER})", lambda p: AdaptiveMass(_probability(p)),
                  "the fewest experts (by r) whose mass reaches P, renormalised", "varies"),
     StrategyForm("adaptive-ent-H", rf"adaptive-ent-({NUMBER})", lambda h: AdaptiveEntropy(_float(h)),

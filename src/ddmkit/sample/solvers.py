@@ -6,8 +6,11 @@ Each solver is one short pure function in the k-diffusion style:
 
 `velocity(x, t)` takes x (B, *shape) and t (B,) and returns v of x's shape;
 `ts` is a decreasing 1-D grid from 1 to 0 (see `time_grid`). The callback gets
-a dict {i, t, t_next, x, v} after every step (v is the first velocity
-evaluation of the step), which is how diagnostics reuse a trajectory.
+a dict {i, t, t_next, x, v} for every step, with the state x at the step's
+start t and v its first velocity evaluation there (the end state is the
+return value), which is how diagnostics reuse a trajectory. The adaptive
+solver reports after its whole solve, with the states at the grid's times
+and v None.
 """
 from __future__ import annotations
 
