@@ -133,8 +133,9 @@ def test_a_run_with_the_users_networks_finishes_and_records_their_names(user_run
 def test_sampling_needs_the_config_that_names_the_classes(user_run, here):
     home, config, run = user_run
     assert here("sample", run, "--strategy", "top-1", "--n", "20", "--config", config, path=home)[0] == 0
-    code, message = here("sample", run, "--strategy", "top-1", "--n", "20", path=home)
+    code, message = here("sample", run, "--strategy", "top-1", "--n", "10", path=home)
     message = " ".join(message.split())  # both classes at once (it named the expert's, then, once given, the router's)
+    assert "replaces the set drawn before" not in message, message  # it was said, and the set kept
     assert code == 2 and "the network classes 'my_nets:Velocity' (expert.net.arch) and 'my_nets:Router' " \
         "(router.net.arch) are not registered" in message, message
     assert "--config CONFIG" in message and "ddmkit.nets.use_network(NAME) for each" in message

@@ -241,9 +241,9 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
         same = same_drawing(before, made_with, registry_hash)
         if path.exists() and same and not redraw:
             continue  # a set whose info a kill lost, or drawn by other settings or networks, is drawn again
-        if path.exists() and isinstance(before, dict) and not same:
-            log(f"sample {sample_set.name}: replaces the set drawn before ({replaced_text(before, made_with)})")
         x0, y, info = draw_set(cfg, run, sample_set, images, device, ddms)
+        if path.exists() and isinstance(before, dict) and not same:  # said once the new set is drawn
+            log(f"sample {sample_set.name}: replaces the set drawn before ({replaced_text(before, made_with)})")
         info["drawn_with"] = made_with
         tensors = {"x": x0} if y is None else {"x": x0, "y": y}
         save_tensors(path, tensors, {"strategy": sample_set.name, "missing_experts": info["missing_experts"]})
