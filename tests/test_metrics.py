@@ -75,6 +75,10 @@ def test_every_set_is_scored_on_chunks_of_one_size_and_a_short_set_is_refused(ge
         evaluate_all({"good": good, "poor": poor, "tiny": good[:10]}, {}, test, None, chunk=500)
     with pytest.raises(DDMError, match=r"delete their files from RUN/samples/ \(sample-2_1.safetensors\)"):
         evaluate_all({"good": good, "sample-2@1": good[:10]}, {}, test, None, chunk=500)  # the file's name
+    from ddmkit.pipeline.samplesets import sample_options  # the options that draw a set again (they named
+    stats = "oracle (statistics-only router)"               # --strategy 'oracle (statistics-only router)')
+    with pytest.raises(DDMError, match=r"`ddmkit sample RUN --strategy oracle --router statistics --n 500`"):
+        evaluate_all({"good": good, stats: good[:10]}, {}, test, None, chunk=500, redraw=sample_options)
     small = evaluate_all({"good": good[:300], "poor": poor[:300]}, {}, test, None, chunk=500)
     assert small["chunk"] == 300 and small["pairs"] == 1  # every set smaller than evaluate.chunk: their size
     assert small["rows"]["good"]["w2_sem"] is None  # one pair: no standard error (was 0.0)

@@ -12,6 +12,7 @@ coverage, off-manifold rate) use all samples and need a Gaussian mixture.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -50,19 +51,22 @@ def sample_metrics(x: torch.Tensor, refs: list[torch.Tensor], truth: GaussianMix
 
 
 def evaluate_all(samples: dict[str, torch.Tensor], infos: dict[str, dict], test: torch.Tensor,
-                 truth: GaussianMixture | None, chunk: int = 1000) -> dict:
+                 truth: GaussianMixture | None, chunk: int = 1000,
+                 redraw: Callable[[str], str] = lambda name: f"--strategy {name}") -> dict:
     """{"rows": {name: metrics}, "floor": metrics, "chunk": chunk, "pairs": R}. Every set is scored on the
     same R pairs of `chunk` points (W2 between n-point sets shrinks as n grows, so rows of other sizes
     would not compare): chunk is evaluate.chunk, or the largest set's size when that is smaller; a set
-    with fewer points is refused, naming it; R is what the smallest set holds, at most what the test split
-    holds (2 R chunks: R for the floor, R as references)."""
+    with fewer points is refused, naming it and the `ddmkit sample` options that draw it again
+    (redraw(name)); R is what the smallest set holds, at most what the test split holds (2 R chunks: R
+    for the floor, R as references)."""
     chunk = min(chunk, max(len(x) for x in samples.values()))
     short = {name: len(x) for name, x in samples.items() if len(x) < chunk}
     if short:
         listed = ", ".join(f"{name!r} ({size})" for name, size in short.items())
+        commands = "; ".join(f"`ddmkit sample RUN {redraw(name)} --n {chunk}`" for name in short)
         raise DDMError(f"sample sets {listed} hold fewer than the {chunk} points every set is scored on (W2 of "
-                       f"smaller sets is larger by itself); draw them again with `ddmkit sample RUN --strategy NAME` "
-                       f"and --n {chunk} or more (or leave --n out), or delete their files from RUN/samples/ "
+                       f"smaller sets is larger by itself); draw them again with {commands} (or more rows, or "
+                       f"leave --n out), or delete their files from RUN/samples/ "
                        f"({', '.join(safe_name(name) + '.safetensors' for name in short)})")
     r = min(min(len(x) for x in samples.values()) // chunk, len(test) // (2 * chunk))  # as many as both hold
     if r == 0:

@@ -21,7 +21,7 @@ from ddmkit.conventions import __version__
 from ddmkit.io import load_tensors, read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.models import models_section, partition_k
-from ddmkit.pipeline.samplesets import planned_sets
+from ddmkit.pipeline.samplesets import planned_sets, sample_options
 from ddmkit.pipeline.sampling import SAMPLES_FIX, networks_hash, read_info, read_registry, sampling_sentence
 from ddmkit.pipeline.stages import load_split
 from ddmkit.tables import fmt, markdown_table
@@ -55,7 +55,7 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
     samples = {n: load_tensors(folder.sample_set(n), fix=SAMPLES_FIX)["x"] for n in names}
     test = load_split(run, "test")
     truth = test.truth
-    result = evaluate_all(samples, infos, test.x, truth, cfg.evaluate.chunk)
+    result = evaluate_all(samples, infos, test.x, truth, cfg.evaluate.chunk, sample_options)
 
     manifest, ptensors = load_partition(folder.partition)
     n_eval = min(len(test.x), 4000)
