@@ -109,6 +109,16 @@ def test_nearest_never_imports_the_function_a_run_folder_names(user_run, monkeyp
         ddm.sample(strategy="nearest", n=16, steps=2)
 
 
+def test_the_nearest_refusal_names_the_set_that_sample_takes(user_run, monkeypatch, capsys, tmp_path):
+    """The message named `ddmkit run CONFIG` only; `ddmkit sample` takes --config or --set."""
+    run = Path(shutil.copytree(user_run, tmp_path / "run"))
+    monkeypatch.setattr(features, "_USER", {})
+    code, err = cli(monkeypatch, capsys, "sample", run, "--strategy", "nearest", "--n", "16")
+    fix = "--set partition.features=tests.test_hardening:flat_features"
+    assert code == 2 and fix in " ".join(err.split()), err
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "nearest", "--n", "16", *fix.split())[0] == 0
+
+
 def test_a_manifest_naming_any_module_imports_nothing(user_run, tmp_path, monkeypatch):
     """A run folder from elsewhere names a module with side effects: neither loading nor sampling
     with `nearest` imports it."""

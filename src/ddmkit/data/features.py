@@ -65,8 +65,9 @@ def user_features(name: str, what: str = "this") -> Callable:
     """The registered user function `name`, or a DDMError saying how to provide it."""
     if name not in _USER:
         raise DDMError(f"{what} needs the partition's feature function {name!r}, which the run folder names but "
-                       "ddmkit never imports from a run folder. Run with the config that names it "
-                       f"(`ddmkit run CONFIG`, partition.features = {name!r}), or from Python call "
+                       "ddmkit never imports from a run folder. Pass the config that names it (--config CONFIG, "
+                       f"or `ddmkit run CONFIG`), or, where the command takes --set (sample, evaluate, ...), "
+                       f"name it with --set partition.features={name}; from Python call "
                        f"ddmkit.data.features.use_features({name!r}) first; or choose another strategy")
     return _USER[name]
 
