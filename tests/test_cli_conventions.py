@@ -457,3 +457,16 @@ def test_of_a_launchers_processes_only_process_0_says_it_was_stopped(monkeypatch
         with pytest.raises(SystemExit) as code:
             stopped("interrupted: what is finished is kept", Terminated())
         assert code.value.code == 143 and ("stopped by SIGTERM" in capsys.readouterr().err) == said
+
+
+def test_warnings_are_one_line_and_a_librarys_syntax_warning_is_not_shown():
+    """Python 3.12 compiling a library's source (POT, on its first import) printed 'warning: invalid escape
+    sequence' in the middle of a run."""
+    import subprocess
+
+    code = ("import warnings; from ddmkit.cli import show_warnings_as_lines; show_warnings_as_lines(); "
+            "warnings.warn_explicit('invalid escape sequence', SyntaxWarning, 'lib.py', 3); "
+            "warnings.warn_explicit('a user warning', UserWarning, 'lib.py', 4)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert done.returncode == 0 and done.stderr == "warning: a user warning\n", done.stderr

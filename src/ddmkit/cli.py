@@ -1113,8 +1113,15 @@ def format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-def main() -> None:
+def show_warnings_as_lines() -> None:
+    """Warnings print as one 'warning: ...' line each; a SyntaxWarning (Python 3.12 compiling a library's
+    source with, say, an invalid escape in a docstring) says nothing about the user's run and is not shown."""
     warnings.formatwarning = format_warning
+    warnings.filterwarnings("ignore", category=SyntaxWarning)
+
+
+def main() -> None:
+    show_warnings_as_lines()
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # not where a caller (a pool worker) set its own
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
