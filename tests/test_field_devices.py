@@ -67,3 +67,22 @@ def test_the_exact_ddm_samples_on_cuda_as_on_the_cpu(tmp_path):
         assert on_gpu.device.type == "cuda"
         if strategy != "oracle":  # oracle draws its clusters from a generator of the sampling device
             torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-5, rtol=1e-5)
+
+
+@CUDA
+def test_the_statistics_router_on_cuda_takes_published_and_shard_statistics_together(tmp_path):
+    """An expert folder without statistics.safetensors (a replace-expert copy, an older ddmkit) had its
+    statistics computed on the GPU beside the published ones on the CPU: torch.stack refused the mix."""
+    from ddmkit.config import load_config
+    from ddmkit.ddm import load_ddm
+    from ddmkit.pipeline.prepare import prepare_run_dir
+    from ddmkit.pipeline.stages import stage_experts
+
+    cfg = load_config(TINY)
+    run = prepare_run_dir(tmp_path / "run", cfg, log=lambda _: None)
+    stage_experts(cfg, run, lambda _: None)
+    (run / "experts" / "expert_00" / "statistics.safetensors").unlink()
+    x1 = torch.randn(32, 2, generator=torch.Generator().manual_seed(2))
+    on_gpu = load_ddm(run, "cuda", router="statistics").sample("top-2", n=32, steps=4, x1=x1.cuda())[0]
+    on_cpu = load_ddm(run, "cpu", router="statistics").sample("top-2", n=32, steps=4, x1=x1)[0]
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)

@@ -172,6 +172,22 @@ def test_a_checkpoint_of_an_earlier_ddmkit_is_refused_saying_what_to_do(tmp_path
         train_expert(shard, _cfg(), tmp_path / "e", resume=True)
 
 
+def test_a_checkpoint_of_a_gpu_job_resumed_on_the_cpu_names_the_device(tmp_path, monkeypatch):
+    """The batch generator of a GPU job (a 16-byte Philox state) cannot continue on a CPU generator: the
+    resume failed as "incomplete or damaged; delete it", which it is not."""
+    from ddmkit.io import load_tensors
+
+    shard = _shard(tmp_path / "shard.safetensors")
+    _cut_short(monkeypatch, shard, _cfg(), tmp_path / "g")
+    path = checkpoint_path(tmp_path / "g")
+    meta, tensors = read_metadata(path), load_tensors(path)
+    tensors["rng.batches"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA generator's state is saved
+    save_tensors(path, tensors, meta)
+    with pytest.raises(DDMError, match=r"written by a job training on a GPU, and its batch draws cannot continue on "
+                                       r"cpu: .*--set expert\.train\.device=cuda"):
+        train_expert(shard, _cfg(), tmp_path / "g", resume=True)
+
+
 def test_checkpoint_is_safetensors_with_every_state(tmp_path, monkeypatch):
     """One safetensors file: model, EMA, optimizer moments, RNG states; the rest JSON."""
     from safetensors.torch import load_file

@@ -201,6 +201,10 @@ def island_sources(run) -> list[tuple[Path | None, Path]]:
     return [(p if p.is_file() else None, path) for p, path in published]
 
 
+def _on_cpu(stats: dict | None) -> dict | None:
+    return None if stats is None else {name: value.cpu() for name, value in stats.items()}
+
+
 def island_stats_router(run, classes: int = 0, rank: int | None = None, device="cpu") -> tuple[Callable, bool]:
     """(router, label-conditional) of the statistics-only router of a run's islands: each island's
     count, mean and covariance, per class label too when the experts are class-conditional
@@ -224,6 +228,8 @@ def island_stats_router(run, classes: int = 0, rank: int | None = None, device="
             except DDMError as e:  # e.g. a cluster of one row
                 raise DDMError(f"the statistics-only router: cluster {c} ({checked[c].name}): {e}") from None
             by_class = island_class_statistics(x, y, classes, rank) if classes else []
+            # on the CPU, as published statistics are (the router follows the device of x)
+            stats, by_class = _on_cpu(stats), [_on_cpu(s) for s in by_class]
         marginal.append(stats)
         per_class.append(by_class)
     if not classes:

@@ -111,6 +111,19 @@ def rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_batch_generator(path, tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    """A DDMError unless the checkpoint's batch generator state fits `generator`: the draws of a CPU
+    generator cannot continue on a GPU's (their states differ in kind and size), so a job resumes on the
+    kind of device it was checkpointed on."""
+    saved, now = tensors.get("rng.batches"), generator.get_state()
+    if saved is not None and saved.numel() != now.numel():
+        was = "the CPU" if saved.numel() == torch.Generator().get_state().numel() else "a GPU"
+        raise DDMError(f"{path} was written by a job training on {was}, and its batch draws cannot continue on "
+                       f"{generator.device.type}: resume on the device it was written on (train.device, e.g. "
+                       f"--set expert.train.device={'cpu' if was == 'the CPU' else 'cuda'}), or delete it to "
+                       "train this job from the start")
+
+
 def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
     torch.set_rng_state(tensors["rng.cpu"])
     generator.set_state(tensors["rng.batches"])
@@ -181,6 +194,7 @@ def load_checkpoint(path: str | Path, *, model, ema, opt, sched, generator: torc
         raise DDMError(f"{path} belongs to a different training run: {'; '.join(differences)}. Delete it to "
                        "train this job from the start, or train into another folder to keep it")
     tensors = load_tensors(path, fix=DAMAGED)
+    check_batch_generator(path, tensors, generator)
     try:
         distributed.load_full_state(model, {k: v.to(device) for k, v in _unflat("model", tensors).items()})
         distributed.load_full_state(ema, {k: v.to(device) for k, v in _unflat("ema", tensors).items()})
