@@ -86,3 +86,50 @@ def test_the_statistics_router_on_cuda_takes_published_and_shard_statistics_toge
     on_gpu = load_ddm(run, "cuda", router="statistics").sample("top-2", n=32, steps=4, x1=x1.cuda())[0]
     on_cpu = load_ddm(run, "cpu", router="statistics").sample("top-2", n=32, steps=4, x1=x1)[0]
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def cuda_run(tmp_path_factory):
+    """A tiny trained run (experts and router), trained where there is a GPU."""
+    from ddmkit.config import load_config
+    from ddmkit.pipeline.prepare import prepare_run_dir
+    from ddmkit.pipeline.stages import stage_experts, stage_router
+
+    cfg = load_config(TINY)
+    run = prepare_run_dir(tmp_path_factory.mktemp("cuda") / "run", cfg, log=lambda _: None)
+    for stage in (stage_experts, stage_router):
+        stage(cfg, run, lambda _: None)
+    return cfg, run
+
+
+@CUDA
+def test_the_missing_expert_study_router_report_and_cpu_start_rows_run_on_cuda(cuda_run):
+    """The studies scored CUDA samples against the CPU truth, router_report drew its times on the CPU, and
+    DDM.sample(x1=CPU rows) on a DDM moved to CUDA fed CPU rows to CUDA networks."""
+    import warnings
+
+    from ddmkit.accel import SpeedOptions
+    from ddmkit.ddm import load_ddm
+    from ddmkit.evaluation.routers import router_report
+    from ddmkit.evaluation.studies import missing_expert_study
+    from ddmkit.pipeline.stages import load_split
+
+    cfg, run = cuda_run
+    cfg = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"n": 200, "steps": 4}),
+                                 "evaluate": cfg.evaluate.model_copy(update={"chunk": 100})})
+    test = load_split(run, "test")
+    rows = missing_expert_study(cfg, run, test.x, test.truth, device="cuda")
+    assert [r["removed"] for r in rows] == list(range(len(rows))) and rows[0]["w2"] > 0
+    ddm = load_ddm(run, "cuda")
+    x, labels = test.x[:300], torch.randint(0, ddm.k, (300,))
+    on_gpu = router_report({"learned": ddm.router}, x.cuda(), labels.cuda())
+    on_cpu = router_report({"learned": load_ddm(run, "cpu").router}, x, labels)
+    assert on_gpu["t"] == on_cpu["t"]
+    torch.testing.assert_close(torch.tensor(on_gpu["learned"]["accuracy"]), torch.tensor(on_cpu["learned"]["accuracy"]),
+                               atol=0.02, rtol=0)
+    x1 = torch.randn(16, 2)
+    assert ddm.sample("top-2", n=16, steps=3, x1=x1)[0].device.type == "cuda"
+    with warnings.catch_warnings(record=True) as caught:  # a restricted DDM's masked router is captured
+        warnings.simplefilter("always")
+        ddm.restrict([0, 1]).sample("top-1", n=64, steps=3, speed=SpeedOptions(cuda_graphs=True))
+    assert not [w for w in caught if "capture" in str(w.message)], [str(w.message) for w in caught]

@@ -183,7 +183,7 @@ class DDM:
         returns decoded images (decode=False: the latents, of shape data_shape); images come as integrated
         (and decoded), not clamped: the pipeline clamps them to [-1, 1] before it saves and scores them
         (x0.clamp(-1, 1) does the same here). x1: the starting noise,
-        a float32 torch tensor (n, *data_shape); batch_size, router_every, speed and callback as in
+        a float32 torch tensor (n, *data_shape), moved to the DDM's device; batch_size, router_every, speed and callback as in
         ddmkit.ddm.sampling.sample_ddm. Bad arguments are DDMErrors naming them."""
         if unknown:
             raise DDMError(unknown_argument(next(iter(unknown)), self.device))
@@ -195,6 +195,8 @@ class DDM:
         ddm = self if guidance is None else self.with_guidance(checked_guidance(guidance, "DDM.sample",
                                                                                 self.num_classes))
         cond = checked_cond(self, None if labels is None else {"y": labels}, checked.n, self.device, "DDM.sample")
+        if isinstance(x1, torch.Tensor):  # the rows start where the networks are (checked by sample_ddm)
+            x1 = x1.to(self.device)
         x0, info = sample_ddm(ddm, strategy, checked.n, checked.steps, checked.solver, checked.seed, self.device,
                               x1=x1, callback=callback, router_every=checked.router_every, cond=cond,
                               batch_size=checked.batch_size, speed=speed)
@@ -243,9 +245,13 @@ def masked_router(router: Field, present: torch.Tensor) -> Field:
     """r_k 1[k present] / sum_j r_j 1[j present]; uniform over the present experts where the router
     gives them no mass at all."""
 
+    masks = {}  # (device, dtype) -> the mask there, copied once (no copy while a CUDA graph is captured)
+
     def f(x, t, **cond):
         p = router(x, t, **cond)
-        m = present.to(p.device, p.dtype)
+        if (p.device, p.dtype) not in masks:
+            masks[p.device, p.dtype] = present.to(p.device, p.dtype)
+        m = masks[p.device, p.dtype]
         p = p * m
         total = p.sum(1, keepdim=True)
         return torch.where(total > 0, p / total.clamp_min(1e-30), m / m.sum())

@@ -12,7 +12,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     conf, pred = probs.max(1)
     correct = (pred == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
+    ece = torch.zeros((), device=probs.device)
     for lo, hi in zip(edges[:-1], edges[1:]):
         m = (conf > lo) & (conf <= hi)
         if m.any():
@@ -31,9 +31,10 @@ def router_report(routers: dict, x: torch.Tensor, labels: torch.Tensor, bands: i
     out = {"t": [float((a + b) / 2) for a, b in zip(edges[:-1], edges[1:])]}
     for name in routers:
         out[name] = {"accuracy": [], "ece": []}
-    for a, b in zip(edges[:-1], edges[1:]):
-        t = a + (b - a) * torch.rand(len(x), generator=gen)
-        xt = noise(x, t, torch.randn(x.shape, generator=gen))
+    labels = labels.to(x.device)
+    for a, b in zip(edges[:-1], edges[1:]):  # t and the noise drawn on the CPU (the same on every device)
+        t = (a + (b - a) * torch.rand(len(x), generator=gen)).to(x.device)
+        xt = noise(x, t, torch.randn(x.shape, generator=gen).to(x.device))
         for name, router in routers.items():
             p = router(xt, t).float()
             out[name]["accuracy"].append(float((p.argmax(1) == labels).float().mean()))

@@ -50,8 +50,9 @@ def missing_expert_study(cfg: RunConfig, run, test: torch.Tensor, truth, strateg
             warnings.simplefilter("ignore")
             ddm = load_ddm(run, device, exclude=order[:m])
         name = f"{m} removed"
-        samples[name], infos[name] = sample_ddm(ddm, strategy, study_size(cfg), s.steps, s.solver, s.seed,
-                                                 device, **config_options(s))
+        x0, infos[name] = sample_ddm(ddm, strategy, study_size(cfg), s.steps, s.solver, s.seed, device,
+                                     **config_options(s))
+        samples[name] = x0.cpu()  # scored on the CPU, beside the test split and the truth
         removed[name] = sorted(order[:m])
     result = evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)
     return [{"removed": m, "experts_removed": removed[name], "already_missing": absent, "strategy": strategy,
@@ -67,6 +68,7 @@ def stats_router_study(cfg: RunConfig, run, test: torch.Tensor, truth, device="c
     for strategy in track(STATS_STRATEGIES, "statistics-only router"):
         for label, ddm in (("learned", learned), ("statistics-only", stats)):
             name = f"{strategy} ({label} router)"
-            samples[name], infos[name] = sample_ddm(ddm, strategy, study_size(cfg), s.steps, s.solver, s.seed,
-                                                     device, **config_options(s))
+            x0, infos[name] = sample_ddm(ddm, strategy, study_size(cfg), s.steps, s.solver, s.seed, device,
+                                         **config_options(s))
+            samples[name] = x0.cpu()  # scored on the CPU, beside the test split and the truth
     return evaluate_all(samples, infos, test, truth, cfg.evaluate.chunk)

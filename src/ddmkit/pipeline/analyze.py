@@ -373,7 +373,7 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
                 "device": str(device)}
     features = feature_map(manifest, ptensors)
     if ddm.codec is not None:  # a latent run: diagnostics on latents; the partition's features are of images
-        test = dataclasses.replace(test, x=ddm.codec.encode(test.x))
+        test = dataclasses.replace(test, x=ddm.codec.encode(test.x).to(device))  # encode gives CPU latents
         features = latent_features(features, ddm.codec)
     reference, reference_info = x0_reference(run, truth, device)
     ctx = {"scale": data_scale(test.x), "features": features, "truth": truth, "x0_reference": reference,

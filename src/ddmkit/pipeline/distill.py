@@ -459,7 +459,7 @@ def field_section(plan: Plan, students: dict) -> dict:
     n = FIELD_ROWS["images" if plan.images else "vectors"]
     x = test.x[:n].float().to(plan.device)
     if plan.ddm.codec is not None:
-        x = plan.ddm.codec.encode(x)
+        x = plan.ddm.codec.encode(x).to(plan.device)  # encode gives CPU latents
     y = test.labels[:n].long().to(plan.device) if plan.ddm.num_classes and test.labels is not None else None
     teacher = teacher_velocity(plan.ddm, plan.teacher)
     fields = {f"teacher {plan.teacher}": teacher, "dense student": as_target(students["dense"][0])}
