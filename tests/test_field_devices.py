@@ -114,6 +114,7 @@ def test_the_missing_expert_study_router_report_and_cpu_start_rows_run_on_cuda(c
     from ddmkit.evaluation.studies import missing_expert_study
     from ddmkit.pipeline.stages import load_split
 
+    pytest.importorskip("ot")  # the study's W2 (POT)
     cfg, run = cuda_run
     cfg = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"n": 200, "steps": 4}),
                                  "evaluate": cfg.evaluate.model_copy(update={"chunk": 100})})
