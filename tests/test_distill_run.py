@@ -3,6 +3,7 @@ the dense student's target is the routed velocity, a student of the exact DDM ap
 the few-step student's grid is the one --grid names (and the Lambda grid has known answers), the CLI
 writes the report, and bad options exit 2 with nothing written."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -234,6 +235,11 @@ def test_untrained_run_and_other_students_are_refused(trained, tmp_path):
     assert config_differences({"teacher": "top-2", "train": {"steps": 20, "lr": 1e-3}},
                        {"teacher": "top-2", "train": {"steps": 40, "lr": 1e-3}}) == ["train.steps (20, asked 40)"]
     assert hashes(run) == before
+    dense_config = RunFolder(run).dense_student / "config.json"  # the teacher as earlier ddmkit recorded it: typed
+    recorded = json.loads(dense_config.read_text())
+    recorded["distill"]["teacher"] = "top-02"
+    dense_config.write_text(json.dumps(recorded))
+    plan_distill(run, "top-2", **SMALL)  # the same teacher: not refused (it asked for --force)
     plan = plan_distill(run, "top-1", force=True, **SMALL)  # --force: the checks pass, RUN/students is replaced
     assert plan.dense_spec["teacher"] == "top-1"
 

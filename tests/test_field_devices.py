@@ -28,7 +28,8 @@ def test_a_mixture_names_the_device_x_should_be_on():
 
 def test_a_mixture_is_built_from_tensors_on_any_device():
     """from_covariances read its arguments through numpy, which refuses a CUDA tensor."""
-    gm = GaussianMixture.from_covariances(torch.tensor([1.0, 1.0]), torch.zeros(2, 3), torch.ones(2, 3))
+    means = torch.zeros(2, 3, requires_grad=True)  # numpy refuses it, as it refuses a CUDA tensor
+    gm = GaussianMixture.from_covariances(torch.tensor([1.0, 1.0]), means, torch.ones(2, 3))
     assert gm.means.device.type == "cpu" and torch.equal(gm.weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
 
 

@@ -69,6 +69,9 @@ def test_labels_for_a_label_conditional_router_of_unconditional_experts_are_chec
     assert torch.equal((x1 - x0)[:, 0].round().long(), torch.tensor([0, 1, 2]))
     with pytest.raises(DDMError, match=r"labels \[-5, 99\] are not class labels .* accepted: 0 .. 2, or 3"):
         sample_ddm(learned, "top-1", n, steps=2, x1=x1.clone(), cond={"y": torch.tensor([-5, 99, 1])})
+    ten_classes = lambda x, t, y=None: torch.full((len(x), k), 1.0 / k)  # noqa: E731 (a router of 10 classes)
+    swapped = learned.with_router(ten_classes, "mine", conditional=True)  # its classes: not the old router's 3
+    sample_ddm(swapped, "top-1", n, steps=2, x1=x1.clone(), cond={"y": [7, 2, 1]})
     own = DDM(constant_experts(k), router, torch.full((k,), 0.25), (3,), router_conditional=True)  # classes unknown
     with pytest.raises(DDMError, match=r"labels \[-5\] are negative"):
         sample_ddm(own, "top-1", n, steps=2, x1=x1.clone(), cond={"y": torch.tensor([-5, 1, 2])})

@@ -1117,7 +1117,7 @@ def show_warnings_as_lines() -> None:
     """Warnings print as one 'warning: ...' line each; a SyntaxWarning (Python 3.12 compiling a library's
     source with, say, an invalid escape in a docstring) says nothing about the user's run and is not shown."""
     warnings.formatwarning = format_warning
-    warnings.filterwarnings("ignore", category=SyntaxWarning)
+    warnings.filterwarnings("ignore", category=SyntaxWarning, append=True)  # after -W options: those still win
 
 
 def main() -> None:

@@ -129,7 +129,8 @@ class DDM:
 
     def with_router(self, router: Field, kind: str, conditional: bool = False, capturable: bool = True) -> "DDM":
         """The same experts routed by another router."""
-        return dataclasses.replace(self, router=router, meta={**self.meta, "router": kind},
+        meta = {name: value for name, value in self.meta.items() if name != "router_config"}  # the old router's
+        return dataclasses.replace(self, router=router, meta={**meta, "router": kind},
                                    router_conditional=conditional, router_capturable=capturable, accelerated={})
 
     def restrict(self, present: int | list[int], nearest: Callable | None = None) -> "DDM":

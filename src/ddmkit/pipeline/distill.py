@@ -197,11 +197,20 @@ def existing_students(folder: RunFolder) -> list[Path]:
     return [p for p in [folder.dense_student, *few] if (p / "config.json").exists()]
 
 
+def canonical_teacher(spec: dict) -> dict:
+    """A student's recorded spec with its teacher by its one name (earlier ddmkit recorded it as typed:
+    sample-2@1 is the teacher sample-2)."""
+    try:
+        return {**spec, "teacher": canonical_name(spec["teacher"])}
+    except (KeyError, TypeError, DDMError):  # not recorded, or not a strategy name: compared as it is
+        return spec
+
+
 def check_existing(plan: Plan) -> None:
     """Every student already in RUN/students must come from this teacher and training (else --force)."""
     for path in existing_students(plan.folder):
         made = read_json(path / "config.json").get("distill", {})
-        dense = made.get("dense", made)
+        dense = canonical_teacher(made.get("dense", made))
         teacher = "teacher_sha256"  # named as what it means: the teacher's weights changed
         diff = config_differences({k: v for k, v in dense.items() if k != teacher},
                                   {k: v for k, v in plan.dense_spec.items() if k != teacher})

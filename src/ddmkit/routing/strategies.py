@@ -101,7 +101,7 @@ def _tempered_log(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """log(p) / T: -inf where p = 0, so an expert of probability 0 (a missing one, say) is never drawn at
     any temperature; a row of zeros gives zeros (every expert alike)."""
     logp = probs.log() / temperature
-    return torch.where((probs > 0).any(1, keepdim=True), logp, torch.zeros_like(logp))
+    return torch.where((probs != 0).any(1, keepdim=True), logp, torch.zeros_like(logp))  # NaN rows stay NaN
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class SampleK(Selecting):
         gumbel = -(-u.clamp_min(1e-30).log()).log()
         idx = (_tempered_log(probs, self.temperature) + gumbel).topk(min(self.k, probs.shape[1]), dim=1).indices
         w = probs.gather(1, idx)  # experts of probability 0, drawn last when K exceeds the others, get weight 0
-        return idx, renormalise(torch.where((w > 0).any(1, keepdim=True), w, torch.ones_like(w)))
+        return idx, renormalise(torch.where((w != 0).any(1, keepdim=True), w, torch.ones_like(w)))
 
 
 @dataclass(frozen=True)
