@@ -295,3 +295,17 @@ def test_a_study_without_verdicts_says_so_before_any_work(tmp_path):
     assert lines[0] == ("note: --strategy full: each condition's verdict compares full with the best other strategy, "
                         "so this study gives the tables without verdicts; add --strategy full and another (e.g. top-1)")
     assert result["conditions"]["exact"]["verdict"] == "needs full and another strategy"
+
+
+def test_a_measurement_recorded_under_typed_strategy_names_is_kept_under_their_one_names(tmp_path):
+    """Earlier ddmkit keyed a cell's measurement on the --strategy names as typed (sample-2@1); writing them
+    by their one names (sample-2) changed the key, and every cell of such a study was measured again."""
+    from ddmkit.pipeline.misalignment import kept_measurement
+
+    path = tmp_path / "disjoint_s0.json"
+    cell = {"key": "typed", "condition": "disjoint", "strategies": {"full": {"v": 1}, "sample-2@1": {"v": 2}}}
+    path.write_text(json.dumps(cell))
+    kept = kept_measurement(path, "now", "typed")
+    assert kept["key"] == "now" and kept["strategies"] == {"full": {"v": 1}, "sample-2": {"v": 2}}
+    assert kept_measurement(path, "now", "other")["key"] == "typed"  # another key: measured again, as before
+    assert kept_measurement(tmp_path / "none.json", "now", "typed") == {}

@@ -407,6 +407,17 @@ def kept_parts(path: Path, key: str) -> dict:
 
 
 # ----- the study ----------------------------------------------------------------------------------------------------
+def kept_measurement(path: Path, key: str, typed_key: str) -> dict:
+    """The measurement kept at `path` ({} for none): as it is, or, when it was made under `typed_key` (the
+    --strategy names as typed, as earlier ddmkit recorded them), with its strategies renamed to their one
+    names and the current key, so that it is not measured again."""
+    measured = read_json(path) if path.exists() else {}
+    if typed_key != key and measured.get("key") == typed_key and isinstance(measured.get("strategies"), dict):
+        renamed = {canonical_name(name): value for name, value in measured["strategies"].items()}
+        measured = {**measured, "key": key, "strategies": renamed}
+    return measured
+
+
 def study_settings(cfg: RunConfig, images: bool, strategies: list[str], n: int, n_boot: int, w2_boot: int,
                    jvp_rows: int, max_steps: int, stability_rows: int) -> dict:
     """The settings a measurement depends on (part of its key; the device is not: it changes rounding only)."""
@@ -450,7 +461,8 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     if stages not in STUDY_STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STUDY_STAGES)}")
     names = split_names(conditions, IMAGE_CONDITIONS if images else DEFAULT_CONDITIONS)
-    strategies, seeds = strategy_names(strategies), list(seeds)
+    typed, strategies, seeds = split_names(strategies, DEFAULT_STRATEGIES, "--strategy"), strategy_names(strategies), \
+        list(seeds)
     parsed = check_study(cfg, names, strategies, seeds, n, n_boot, w2_boot, stability_rows)
     if "full" not in strategies or len(strategies) < 2:  # said before the training, not only in the report
         log(f"note: --strategy {' '.join(strategies)}: each condition's verdict compares full with the best other "
@@ -461,6 +473,8 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     missing: list[str] = []  # stages "report": the measurements not kept
     out = Path(out)
     settings = study_settings(cfg, images, strategies, n, n_boot, w2_boot, jvp_rows, max_steps, stability_rows)
+    # the settings as ddmkit recorded them before it wrote every strategy by its one name (top-02 is top-2)
+    typed_settings = study_settings(cfg, images, typed, n, n_boot, w2_boot, jvp_rows, max_steps, stability_rows)
     scoring: dict = {}  # images: the FID / KID scorer and the floor, made once from the first trained run
     start = time.perf_counter()
     measures: dict[str, list[dict]] = {}
@@ -471,7 +485,9 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
             folder = RunFolder(run_dir(out, cond, seed))
             path = measure_path(out, cond, seed)
             key = json_digest({"settings": settings, "run": cell_cfg.digest(), "condition": name, "seed": seed})
-            measured = read_json(path) if path.exists() else {}
+            typed_key = json_digest({"settings": typed_settings, "run": cell_cfg.digest(), "condition": name,
+                                     "seed": seed})
+            measured = kept_measurement(path, key, typed_key)
             if measured.get("key") == key:
                 measures[name].append(measured)
                 continue
