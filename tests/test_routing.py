@@ -274,5 +274,6 @@ def test_tempered_strategies_never_draw_an_expert_of_probability_zero():
     torch.testing.assert_close(w, torch.tensor([[0.7, 0.3, 0.0]]))  # full routing over the experts it may use
     zero = parse_strategy("sample-2@5").weights(torch.zeros(3, 4), RoutingState(generator=torch.Generator()))
     torch.testing.assert_close(zero.sum(1), torch.ones(3))  # a row of zeros: two experts alike, as before
-    nan = parse_strategy("sample-2").weights(torch.full((1, 4), float("nan")), RoutingState(generator=torch.Generator()))
+    nan = parse_strategy("sample-2").weights(torch.full((1, 4), float("nan")),
+                                             RoutingState(generator=torch.Generator()))
     assert nan.isnan().any()  # a broken router's NaN row stays NaN (not routed as if uniform)

@@ -346,7 +346,8 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
 @app.command()
 def sample(run: Path = typer.Argument(..., help="run folder with experts/ and router/ (any kind of data)"),
            strategy: List[str] = typer.Option(["top-2"], help=f"what to sample, repeatable: a routing strategy "
-                                              f"({SAMPLED_STRATEGY_FORMS}), 'monolith', or 'exact' (Gaussian mixtures)"),
+                                              f"({SAMPLED_STRATEGY_FORMS}), 'monolith', or 'exact' "
+                                              "(Gaussian mixtures)"),
            n: Optional[int] = typer.Option(None, min=1, help="number of samples (default: the config's sample.n)"),
            steps: Optional[int] = typer.Option(None, min=1, help="solver steps (default: the config's sample.steps; "
                                                "the adaptive solver chooses its own)"),
@@ -1006,7 +1007,8 @@ def study_misalignment_cmd(
                                                        "uniform-0.5, permuted-0.5, and on mixtures exact, "
                                                        "exact+tempered-3)"),
         strategy: Optional[List[str]] = typer.Option(None, "--strategy", help=f"routing strategies, repeatable "
-                                                     f"({SAMPLED_STRATEGY_FORMS}; default: full, top-1, top-2, sample-2)"),
+                                                     f"({SAMPLED_STRATEGY_FORMS}; default: full, top-1, top-2, "
+                                                     "sample-2)"),
         n: int = typer.Option(1000, "--n", help="trajectories per strategy (mixtures: and held-out rows for W2; "
                               "images: the samples scored by FID and KID)"),
         n_boot: int = typer.Option(200, "--n-boot", help="bootstrap resamples of the samples"),

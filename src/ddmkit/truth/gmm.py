@@ -41,7 +41,9 @@ Tensor = torch.Tensor
 
 def _cpu_tensor(value, dtype: torch.dtype) -> Tensor:
     """A number array (tensor on any device, numpy array, nested lists) as a CPU tensor of dtype."""
-    return value.detach().to("cpu", dtype) if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value), dtype=dtype)
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", dtype)
+    return torch.as_tensor(np.asarray(value), dtype=dtype)
 
 
 def _check_x(x: Tensor, dim: int, dtype: torch.dtype, device: torch.device) -> None:
