@@ -64,7 +64,7 @@ def test_labels_for_a_label_conditional_router_of_unconditional_experts_are_chec
     router = lambda x, t, y=None: torch.nn.functional.one_hot(y, k).float()  # noqa: E731
     x1 = torch.randn(n, 3)
     learned = DDM(constant_experts(k), router, torch.full((k,), 0.25), (3,), router_conditional=True,
-                  meta={"router_config": {"kwargs": {"num_classes": 3}}})
+                  router_classes=3)
     x0, _ = sample_ddm(learned, "top-1", n, steps=2, x1=x1.clone(), cond={"y": [0, 1, 2]})  # a list, converted
     assert torch.equal((x1 - x0)[:, 0].round().long(), torch.tensor([0, 1, 2]))
     with pytest.raises(DDMError, match=r"labels \[-5, 99\] are not class labels .* accepted: 0 .. 2, or 3"):

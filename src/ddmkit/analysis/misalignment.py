@@ -251,7 +251,7 @@ def apply_router(ddm: DDM, condition: Condition) -> DDM:
         router, kind = ROUTER_MODS[mod](router, value), f"{kind}+{mod}-{value:g}"
     if not condition.router:
         return ddm
-    return ddm.with_router(router, kind, ddm.router_conditional, ddm.router_capturable)
+    return ddm.with_router(router, kind, ddm.router_conditional, ddm.router_capturable, ddm.router_classes)
 
 
 # ----- measurement --------------------------------------------------------------------------------------------------

@@ -386,7 +386,9 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     else:
         model, rcfg = load_model(folder.router, device)
         check_router(folder, rcfg, k, shape)
-        parts.update(router=router_field(model, rcfg), router_conditional=bool(rcfg["kwargs"].get("num_classes", 0)))
+        classes_routed = int(rcfg["kwargs"].get("num_classes", 0))
+        parts.update(router=router_field(model, rcfg), router_conditional=bool(classes_routed),
+                     router_classes=classes_routed)
         parts["meta"]["router_config"] = rcfg
     parts["experts"] = experts
     missing = [c for c in gone if c not in exclude]  # left out on purpose: no warning

@@ -53,6 +53,7 @@ class DDM:
     meta: dict = field(default_factory=dict)
     label_prior: torch.Tensor | None = None  # (C, K) p(cluster | class label), for labelled data
     router_conditional: bool = False  # the router takes the class label: router(x, t, y=...)
+    router_classes: int = 0  # a label-conditional router's number of classes (0: not known)
     router_capturable: bool = True  # False: the router reads values on the host (no CUDA graphs)
     num_classes: int = 0  # class-conditional experts: labels 0 .. num_classes - 1
     device: torch.device = torch.device("cpu")
@@ -127,11 +128,12 @@ class DDM:
 
         return dataclasses.replace(self, experts=[guided(f) for f in self.experts], accelerated={})
 
-    def with_router(self, router: Field, kind: str, conditional: bool = False, capturable: bool = True) -> "DDM":
-        """The same experts routed by another router."""
-        meta = {name: value for name, value in self.meta.items() if name != "router_config"}  # the old router's
-        return dataclasses.replace(self, router=router, meta={**meta, "router": kind},
-                                   router_conditional=conditional, router_capturable=capturable, accelerated={})
+    def with_router(self, router: Field, kind: str, conditional: bool = False, capturable: bool = True,
+                    classes: int = 0) -> "DDM":
+        """The same experts routed by another router (classes: a label-conditional one's, 0 if not known)."""
+        return dataclasses.replace(self, router=router, meta={**self.meta, "router": kind},
+                                   router_conditional=conditional, router_capturable=capturable,
+                                   router_classes=classes, accelerated={})
 
     def restrict(self, present: int | list[int], nearest: Callable | None = None) -> "DDM":
         """The DDM with only the experts `present` (indices 0 .. K - 1): router and prior masked and

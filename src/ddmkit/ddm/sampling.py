@@ -116,8 +116,7 @@ def checked_cond(ddm, cond, n: int, device, caller: str) -> dict[str, torch.Tens
     if not (ddm.num_classes or ddm.label_prior is not None or ddm.router_conditional):
         raise DDMError(f"{caller}: labels need class-conditional experts (num_classes > 0), p(cluster | label) "
                        "(label_prior) or a label-conditional router; this DDM has none: leave the labels out")
-    router_classes = ddm.meta.get("router_config", {}).get("kwargs", {}).get("num_classes", 0)
-    classes = len(ddm.label_prior) if ddm.label_prior is not None else ddm.num_classes or router_classes
+    classes = len(ddm.label_prior) if ddm.label_prior is not None else ddm.num_classes or ddm.router_classes
     return {"y": checked_class_labels(cond["y"], n, classes or None, device, caller)}
 
 

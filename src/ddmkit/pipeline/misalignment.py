@@ -461,8 +461,8 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     if stages not in STUDY_STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STUDY_STAGES)}")
     names = split_names(conditions, IMAGE_CONDITIONS if images else DEFAULT_CONDITIONS)
-    typed, strategies, seeds = split_names(strategies, DEFAULT_STRATEGIES, "--strategy"), strategy_names(strategies), \
-        list(seeds)
+    typed = split_names(strategies, DEFAULT_STRATEGIES, "--strategy")  # as given, each once
+    strategies, seeds = strategy_names(typed), list(seeds)
     parsed = check_study(cfg, names, strategies, seeds, n, n_boot, w2_boot, stability_rows)
     if "full" not in strategies or len(strategies) < 2:  # said before the training, not only in the report
         log(f"note: --strategy {' '.join(strategies)}: each condition's verdict compares full with the best other "
