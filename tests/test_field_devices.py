@@ -135,3 +135,29 @@ def test_the_missing_expert_study_router_report_and_cpu_start_rows_run_on_cuda(c
         warnings.simplefilter("always")
         ddm.restrict([0, 1]).sample("top-1", n=64, steps=3, speed=SpeedOptions(cuda_graphs=True))
     assert not [w for w in caught if "capture" in str(w.message)], [str(w.message) for w in caught]
+
+
+@CUDA
+def test_a_latent_run_is_made_analyzed_and_distilled_on_cuda(tmp_path):
+    """A latent run on CUDA from the command line, then `analyze` and `distill` on CUDA: both fed the
+    autoencoder's CPU latents to CUDA networks (LatentCodec.encode returns CPU tensors)."""
+    import json
+    import sys
+
+    pytest.importorskip("diffusers")
+    pytest.importorskip("ot")  # analyze's W2 floor (POT)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_latent import latent_config, run_cli
+
+    run = tmp_path / "run"
+    done = run_cli("run", latent_config(tmp_path), "--out", run, "--device", "cuda")
+    assert done.exit_code == 0, done.output
+    assert json.loads((run / "config.json").read_text())["config"]["expert"]["train"]["device"] == "cuda"
+    done = run_cli("analyze", run, "--device", "cuda", "--n", 16, "--strategy", "top-1", "--strategy", "full",
+                   "--max-steps", 2, "--jvp-rows", 4)
+    assert done.exit_code == 0, done.output
+    assert (run / "analysis" / "analysis.md").exists()
+    done = run_cli("distill", run, "--device", "cuda", "--teacher", "top-1", "--steps", 4, "--few-step", 2,
+                   "--trajectories", 16, "--teacher-steps", 2)
+    assert done.exit_code == 0, done.output
+    assert (run / "students" / "report.md").exists()

@@ -43,7 +43,8 @@ def test_fit_learns_a_known_velocity():
         idx = torch.randint(0, len(data), (256,), generator=gen)
         return flow_matching_loss(m, data[idx], gen), {}
 
-    ema, hist = fit(model, batch_loss, TrainConfig(steps=600, batch_size=256, lr=3e-3, ema_decay=0.99))
+    ema, hist = fit(model, batch_loss, TrainConfig(steps=600, batch_size=256, lr=3e-3, ema_decay=0.99,
+                                                         device="cpu"))  # the data are CPU rows
     assert hist[-1]["loss"] < hist[0]["loss"]
     t = torch.rand(500) * 0.9 + 0.05  # evaluate where the path puts mass
     x = (1 - t[:, None]) * data[:500] + t[:, None] * torch.randn(500, 2)
