@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ddmkit.errors import DDMError
-from ddmkit.routing.strategies import Strategy, renormalise, top_mass
+from ddmkit.routing.strategies import Strategy, number, renormalise, top_mass
 
 
 def keep_top(probs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ class AdaptiveMass(Strategy):
 
     @property
     def name(self):
-        return f"adaptive-{self.p:g}"
+        return f"adaptive-{number(self.p)}"
 
     def weights(self, probs, state):
         return renormalise(probs * top_mass(probs, self.p))
@@ -46,10 +46,10 @@ class AdaptiveEntropy(Strategy):
 
     @property
     def name(self):
-        return f"adaptive-ent-{self.h:g}"
+        return f"adaptive-ent-{number(self.h)}"
 
     def weights(self, probs, state):
-        ent = -(probs * probs.clamp_min(1e-30).log()).sum(1)
+        ent = -torch.special.xlogy(probs, probs).sum(1)
         m = torch.where(ent <= self.h, torch.ones_like(ent), ent.exp().ceil())
         return keep_top(probs, m.long().clamp(1, probs.shape[1]))
 
@@ -61,7 +61,7 @@ class GatedTopK(Strategy):
 
     @property
     def name(self):
-        return f"gated-{self.k}@{self.angle:g}"
+        return f"gated-{self.k}@{number(self.angle)}"
 
     def weights(self, probs, state):
         if state.probe is None or state.probe.x is None:

@@ -53,6 +53,13 @@ class RoutingState:
     probe: ExpertProbe | None = None  # the experts at (x, t), for the strategies that compare them
 
 
+def number(v: float) -> str:
+    """A parameter as written in a name: the short form (%g) where it reads back as the same number, else
+    the shortest form that does (repr)."""
+    short = f"{v:g}"
+    return short if float(short) == v else repr(float(v))
+
+
 def top_mass(probs: torch.Tensor, p: float) -> torch.Tensor:
     """(B, K) mask of each row's largest entries whose mass first reaches p: those whose preceding mass,
     in descending order, is below p (at least the largest one, for p > 0)."""
@@ -63,7 +70,8 @@ def top_mass(probs: torch.Tensor, p: float) -> torch.Tensor:
 
 def renormalise(w: torch.Tensor) -> torch.Tensor:
     """Rows of non-negative weights (B, n) scaled to sum to 1 (a row of zeros stays zero)."""
-    return w / w.sum(1, keepdim=True).clamp_min(1e-30)
+    total = w.sum(1, keepdim=True)
+    return w / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def dense_weights(experts: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -98,9 +106,13 @@ class Selecting(Strategy):
 
 
 def _tempered_log(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log(p) / T: -inf where p = 0, so an expert of probability 0 (a missing one, say) is never drawn at
-    any temperature; a row of zeros gives zeros (every expert alike)."""
-    logp = probs.log() / temperature
+    """log(p) / T up to a constant per row: -inf where p = 0, so an expert of probability 0 (a missing one,
+    say) is never drawn at any temperature; a row of zeros gives zeros (every expert alike). For T < 1 the
+    row's largest log(p) is subtracted first, so that dividing by a tiny T cannot overflow to -inf."""
+    logp = probs.log()
+    if temperature < 1:
+        logp = logp - logp.amax(1, keepdim=True)
+    logp = logp / temperature
     return torch.where((probs != 0).any(1, keepdim=True), logp, torch.zeros_like(logp))  # NaN rows stay NaN
 
 
@@ -139,7 +151,7 @@ class Threshold(Strategy):
 
     @property
     def name(self):
-        return f"threshold-{self.p:g}"
+        return f"threshold-{number(self.p)}"
 
     def weights(self, probs, state):
         keep = (probs >= self.p) | (probs == probs.amax(1, keepdim=True))
@@ -153,16 +165,18 @@ class SampleK(Selecting):
 
     @property
     def name(self):
-        return f"sample-{self.k}" + (f"@{self.temperature:g}" if self.temperature != 1.0 else "")
+        return f"sample-{self.k}" + (f"@{number(self.temperature)}" if self.temperature != 1.0 else "")
 
     @property
     def one_expert(self):
         return self.k == 1
 
     def select(self, probs, state):
-        u = torch.rand(probs.shape, generator=state.generator, device=probs.device, dtype=probs.dtype)
-        gumbel = -(-u.clamp_min(1e-30).log()).log()
-        idx = (_tempered_log(probs, self.temperature) + gumbel).topk(min(self.k, probs.shape[1]), dim=1).indices
+        dt = torch.promote_types(probs.dtype, torch.float32)  # Gumbel noise in at least float32
+        u = torch.rand(probs.shape, generator=state.generator, device=probs.device, dtype=dt)
+        gumbel = -(-u.clamp_min(torch.finfo(dt).tiny).log()).log()
+        scores = _tempered_log(probs.to(dt), self.temperature) + gumbel
+        idx = scores.topk(min(self.k, probs.shape[1]), dim=1).indices
         w = probs.gather(1, idx)  # experts of probability 0, drawn last when K exceeds the others, get weight 0
         return idx, renormalise(torch.where((w != 0).any(1, keepdim=True), w, torch.ones_like(w)))
 
@@ -174,7 +188,7 @@ class Nucleus(Selecting):
 
     @property
     def name(self):
-        return f"nucleus-{self.p:g}" + (f"@{self.temperature:g}" if self.temperature != 1.0 else "")
+        return f"nucleus-{number(self.p)}" + (f"@{number(self.temperature)}" if self.temperature != 1.0 else "")
 
     one_expert = True
 
@@ -190,7 +204,9 @@ class Switch(Selecting):
     one_expert = True
 
     def select(self, probs, state):
-        return _single(torch.multinomial(probs.clamp_min(0), 1, generator=state.generator).squeeze(1), probs)
+        q = probs.clamp_min(0)
+        q = torch.where(q.sum(1, keepdim=True) > 0, q, torch.ones_like(q))  # a row of zeros: uniform, as sample-1
+        return _single(torch.multinomial(q, 1, generator=state.generator).squeeze(1), probs)
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ STRATEGIES: list[StrategyForm] = [
     StrategyForm("top-K", r"top-(\d+)", _top_k,
                  "the K largest r_k, renormalised (K at or above the number of experts: full routing)", "K"),
     StrategyForm("threshold-P", rf"threshold-({NUMBER})", lambda p: Threshold(_probability(p)),
-                 "every r_k >= P, renormalised (the argmax if none)", "varies"),
+                 "every r_k >= P, renormalised (the largest r_k if none: every expert tied for it)", "varies"),
     StrategyForm("sample-K[@T]", rf"sample-(\d+)(?:@({NUMBER}))?", _sample_k,
                  "K distinct experts drawn from r^(1/T) (Gumbel top-K), weights r renormalised over them (K at or "
                  "above the number of experts: full routing)", "K"),
