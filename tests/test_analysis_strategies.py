@@ -53,7 +53,7 @@ def test_gated_top_1_keeps_the_probabilities_device(monkeypatch):
     (on a GPU: cuda; here the meta device stands in for it, with the expert probe faked)."""
     import ddmkit.routing.adaptive as adaptive
 
-    monkeypatch.setattr(adaptive, "probe", lambda state, idx: torch.zeros(*idx.shape, 2, device=idx.device))
+    monkeypatch.setattr(adaptive, "probe", lambda state, idx, used: torch.zeros(*idx.shape, 2, device=idx.device))
     probs = Q.to("meta")
     state = RoutingState(probe=ExpertProbe(experts=[], x=torch.zeros(3, 2, device="meta"), t=torch.zeros(3, device="meta")))
     assert parse_strategy("gated-1@30").weights(probs, state).device == probs.device

@@ -121,6 +121,16 @@ def test_gated_top_k_splits_where_an_expert_turns_away():
     assert w.tolist() == [[1.0, 0.0, 0.0]]
 
 
+def test_gated_top_k_calls_no_expert_of_probability_zero():
+    """gated-3 on r = [0.6, 0.4, 0] probed expert 2 too (weight 0 whatever it says) and counted its calls."""
+    ex, counter = Experts([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]]), Counter()
+    probs = torch.tensor([[0.6, 0.4, 0.0], [0.5, 0.0, 0.5]], dtype=F64)
+    w = AD.GatedTopK(3, 50.0).weights(probs, gated_state(torch.zeros(2, 2, dtype=F64), torch.zeros(2, dtype=F64),
+                                                         ex.fns(), counter))
+    assert sorted(counter.added) == [(0, 2), (1, 1), (2, 1)] and sorted(ex.calls) == [(0, 2), (1, 1), (2, 1)]
+    assert w.tolist() == [[0.6, 0.4, 0.0], [1.0, 0.0, 0.0]]  # row 1: experts 0 and 2 oppose, top-1
+
+
 def test_gated_top_k_angle_zero_and_parallel_experts():
     probs = torch.tensor([[0.5, 0.5]], dtype=F64)
     ex = Experts([[1.0, 0.0], [2.0, 0.0]])  # parallel: cos exactly 1, not below cos(0)

@@ -69,7 +69,7 @@ class GatedTopK(Strategy):
                            "use `ddmkit analyze --strategy` (or ddmkit.analysis.trace.trace_strategy)")
         k = min(self.k, probs.shape[1])
         p, top = probs.topk(k, dim=1)
-        vk = probe(state, top)  # (B, k, D)
+        vk = probe(state, top, p > 0)  # (B, k, D): experts of probability 0 are not called (compared with none)
         cos = (vk[:, 1:] * vk[:, :1]).sum(-1) / (vk[:, 1:].norm(dim=-1) * vk[:, :1].norm(dim=-1)).clamp_min(1e-30)
         if k > 1:  # only experts top-K would weight (probability > 0) are compared
             split = ((cos < math.cos(math.radians(self.angle))) & (p[:, 1:] > 0)).any(1)
@@ -79,12 +79,15 @@ class GatedTopK(Strategy):
         return keep_top(probs, m)
 
 
-def probe(state, idx: torch.Tensor) -> torch.Tensor:
-    """Velocities (B, k, D) of experts idx[b, j] at the state's current (x, t), one call per expert used."""
+def probe(state, idx: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
+    """Velocities (B, k, D) of experts idx[b, j] at the state's current (x, t), one call per expert used;
+    with `used` (B, k) only where it is true (zeros elsewhere)."""
     x, t, experts, counter = state.probe.x, state.probe.t, state.probe.experts, state.probe.counter
     out = torch.zeros(*idx.shape, x[0].numel(), dtype=x.dtype, device=x.device)
     for e in idx.unique().tolist():
-        rows, slot = (idx == e).nonzero(as_tuple=True)
+        rows, slot = ((idx == e) if used is None else (idx == e) & used).nonzero(as_tuple=True)
+        if len(rows) == 0:
+            continue
         out[rows, slot] = experts[e](x[rows], t[rows]).reshape(len(rows), -1).to(x.dtype)
         if counter is not None:
             counter.add(e, len(rows))
