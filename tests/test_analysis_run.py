@@ -234,3 +234,15 @@ def test_max_steps_beyond_the_runs_steps_is_reported_as_the_runs(trained, tmp_pa
     steps = res["settings"]["steps"]
     assert steps < 1000 and res["settings"]["max_steps"] == steps
     assert f"at up to {steps} steps" in (tmp_path / "a" / "analysis.md").read_text()
+
+
+def test_a_run_sampled_with_the_adaptive_solver_is_traced_with_fixed_steps(trained, tmp_path):
+    """The analysis sampler records steps; the adaptive solver reported none (a TypeError from its last call)."""
+    run = copy_run(trained, tmp_path / "run")
+    recorded = json.loads((run / "config.json").read_text())
+    recorded["config"]["sample"].update(solver="adaptive", strategies=["top-1"])
+    (run / "config.json").write_text(json.dumps(recorded))
+    lines = []
+    res = analyze_run(run, strategies=["top-1"], log=lines.append, **SMALL)
+    assert res["settings"]["solver"] == "rk4"
+    assert any("samples with the adaptive solver" in line and "trace rk4" in line for line in lines), lines

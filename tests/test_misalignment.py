@@ -250,6 +250,8 @@ def test_a_tiny_study_from_the_command_line(tmp_path):
     (("--strategy", "top-0"), "--strategy"),
     (("--n", "5000"), "data.n_test"),
     (("--set", "data.name=moons"), "data.name"),
+    (("--set", "sample.solver=adaptive", "--set", 'sample.strategies=["top-1"]'),
+     "pass --set sample.solver=rk4"),  # a traceback from the analysis sampler after the training
 ])
 def test_bad_options_exit_2_before_anything_is_written(tmp_path, args, words):
     out = tmp_path / "study"

@@ -17,6 +17,7 @@ import torch
 
 from ddmkit.ddm.model import DDM
 from ddmkit.ddm.sampling import routing_generator, sample_field
+from ddmkit.errors import DDMError
 from ddmkit.flow.path import x0_from_velocity
 from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
 from ddmkit.routing.strategies import ExpertProbe
@@ -69,7 +70,11 @@ def hooked_field(ddm: DDM, strategy, state: RoutingState, counter: CallCounter |
 
 def trace_strategy(ddm: DDM, strategy: str, x1: torch.Tensor, steps: int, solver: str = "euler",
                    seed: int = 0, record: bool = True) -> Trace:
-    """Sample from x1 with one strategy, recording every step (record=False keeps only x0)."""
+    """Sample from x1 with one strategy, recording every step (record=False keeps only x0). The diagnostics
+    are per step: a fixed-step solver (the adaptive one reports no steps)."""
+    if solver == "adaptive":
+        raise DDMError("the analysis sampler records fixed steps; the adaptive solver has none: trace with "
+                       "euler, heun, midpoint or rk4")
     strat = parse_strategy(strategy)
     state = new_state(ddm, seed, x1.device)
     counter = CallCounter()

@@ -61,6 +61,7 @@ FIXED = ["full", "top-1", "top-2", "sample-2", "switch", "oracle", "nearest"]
 ALIGNED = ["adaptive-0.9", "adaptive-ent-0.5", "gated-2@30"]
 MAX_W2 = 1000  # exact W2 on at most this many points
 MIN_ROWS = 10  # the fewest test rows in each of the W2 reference, the W2 floor's partner and the held-out errors
+TRACE_SOLVER = "rk4"  # what the diagnostics trace for a run that samples with the adaptive solver (no fixed steps)
 
 
 def default_strategies(cfg) -> list[str]:
@@ -368,7 +369,11 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     s = cfg.sample
     seed = s.seed if seed is None else seed
     x1 = start_noise(max(s.n, n), ddm.data_shape, seed, device)[:n]
-    settings = {"n": n, "seed": seed, "steps": s.steps, "solver": s.solver, "max_steps": min(max_steps, s.steps),
+    solver = TRACE_SOLVER if s.solver == "adaptive" else s.solver  # the diagnostics are per step
+    if solver != s.solver:
+        log(f"note: the run samples with the adaptive solver, which has no fixed steps; the diagnostics trace "
+            f"{solver} at sample.steps = {s.steps}")
+    settings = {"n": n, "seed": seed, "steps": s.steps, "solver": solver, "max_steps": min(max_steps, s.steps),
                 "jvp_rows": min(jvp_rows, n), "n_boot": n_boot, "n_w2": rows["w2"].stop, "strategies": names,
                 "device": str(device)}
     features = feature_map(manifest, ptensors)
@@ -386,7 +391,7 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
         if per[name] is not None:
             log(f"analyze {name}: kept from an earlier call ({out / 'strategies'})")
             continue
-        per[name] = analyze_strategy(ddm, name, x1, s.steps, s.solver, seed, ctx, settings)
+        per[name] = analyze_strategy(ddm, name, x1, s.steps, solver, seed, ctx, settings)
         keep_strategy(out, name, key, per[name])
         log(f"analyze {name}: {per[name]['wall_time']:.1f}s, q {per[name]['summary']['q']:.4g}, "
             f"Delta_refine {per[name]['summary']['delta_refine']:.4g}")

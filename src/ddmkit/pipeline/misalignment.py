@@ -157,6 +157,9 @@ def check_study(cfg: RunConfig, conditions: list[str], strategies: list[str], se
     parsed = {name: (image_condition if images else parse_condition)(name) for name in conditions}
     if not strategies:
         raise DDMError("--strategy: give at least one routing strategy, e.g. full")
+    if cfg.sample.solver == "adaptive":
+        raise DDMError("sample.solver = 'adaptive': the study measures stability step by step, which needs a "
+                       "fixed-step solver; pass --set sample.solver=rk4 (or euler, heun, midpoint)")
     if n < 2 or n_boot < 10 or w2_boot < 2:
         raise DDMError(f"--n must be >= 2, --n-boot >= 10 and --w2-boot >= 2 (got {n}, {n_boot}, {w2_boot})")
     if images:
