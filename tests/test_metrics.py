@@ -1,6 +1,8 @@
 """Metrics against known answers."""
 import math
 
+import pytest
+
 import torch
 
 from ddmkit.evaluation import mmd_rbf, mode_coverage, nll, off_manifold_rate, w2_exact, w2_sliced
@@ -33,6 +35,15 @@ def test_sliced_w2_of_equal_sizes_is_pots(gen):
     theta = ot.sliced.get_random_projections(5, 64, 7)
     assert math.isclose(w2_sliced(x, x + shift, projections=64, seed=7),
                         math.sqrt(float(((shift.numpy() @ theta) ** 2).mean())), rel_tol=1e-12)
+
+
+def test_mmd_bandwidth_pools_both_sets_at_any_size(gen):
+    """Past 1000 points each, the pool (the first 2000 rows of [x, y]) held only x: MMD(x, y) != MMD(y, x)."""
+    x = torch.randn(3000, 2, generator=gen, dtype=torch.float64)
+    y = torch.randn(3000, 2, generator=gen, dtype=torch.float64) + 6
+    assert mmd_rbf(x, y) == pytest.approx(mmd_rbf(y, x), rel=1e-9)
+    pool = torch.cat([x[:1000], y[:1000]])
+    assert mmd_rbf(x, y) == pytest.approx(mmd_rbf(x, y, float(torch.cdist(pool, pool).median())), rel=1e-12)
 
 
 def test_mmd_separates(gen):

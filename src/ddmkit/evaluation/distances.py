@@ -43,12 +43,12 @@ def w2_sliced(x, y, projections: int = 256, seed: int = 0) -> float:
 def mmd_rbf(x, y, bandwidth: float | None = None) -> float:
     """Unbiased squared MMD with a Gaussian kernel exp(-|a-b|^2 / (2 h^2)).
 
-    h defaults to the median pairwise distance of the pooled samples
-    (computed on at most 2000 points).
+    h defaults to the median pairwise distance of the pooled samples (computed on at most the first 1000
+    points of each, the zero distances of a point to itself included), so MMD(x, y) = MMD(y, x).
     """
     x, y = torch.as_tensor(_np(x)), torch.as_tensor(_np(y))
     if bandwidth is None:
-        pool = torch.cat([x, y])[:2000]
+        pool = torch.cat([x[:1000], y[:1000]])
         bandwidth = float(torch.cdist(pool, pool).median().clamp_min(1e-12))
     g = -1.0 / (2 * bandwidth**2)
     kxx, kyy, kxy = ((torch.cdist(a, b) ** 2 * g).exp() for a, b in ((x, x), (y, y), (x, y)))
