@@ -398,6 +398,71 @@ def test_launch_settings_may_change_how_jobs_run_not_what_they_train(tmp_path, m
     assert code in (0, None) and (run / "launch" / "train_experts.slurm").exists(), said
 
 
+# ----- the process pool's GPUs ---------------------------------------------------------------------------------
+
+def test_a_pool_job_trains_on_one_of_the_gpus_this_process_was_given(monkeypatch):
+    """A process given GPUs 2 and 3 (CUDA_VISIBLE_DEVICES=2,3, as SLURM without device cgroups or a user sets it)
+    ran its pool's jobs on GPUs 0 and 1, someone else's: the job's GPU index was written as the GPU's name; UUID
+    and MIG lists were lost the same way."""
+    import queue
+
+    import ddmkit.launch.backends as backends
+
+    on_gpus = CFG.model_copy(update={"train": CFG.train.model_copy(update={"device": "auto"})})
+    monkeypatch.setattr(backends, "cuda_count", lambda: 2)
+    for visible, gpus in (("2,3", ["2", "3"]), ("GPU-5e1f,GPU-77a0", ["GPU-5e1f", "GPU-77a0"]),
+                          ("MIG-0c1d,MIG-9f2e", ["MIG-0c1d", "MIG-9f2e"]), ("4,6,7", ["4", "6"]), (None, ["0", "1"])):
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert backends.job_gpus(on_gpus) == gpus, visible
+        assert backends.job_gpus(CFG) == []  # jobs that train on the CPU take no GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    free = queue.Queue()
+    free.put("3")  # what the pool's queue holds once a job on GPU 2 has started
+    monkeypatch.setattr(backends, "_FREE_GPUS", free)
+    monkeypatch.setattr(backends, "train_expert", lambda *a, **k: os.environ["CUDA_VISIBLE_DEVICES"])
+    assert backends._process_job(ExpertJob(1, Path("s"), Path("o")), CFG.model_dump(), False) == "3"
+    assert free.get_nowait() == "3"  # given back when the job ended
+
+
+def _job_on_a_gpu(job: ExpertJob, config_dump: dict, resume: bool, networks: tuple = ()) -> str:
+    """A pool job's body (backends._process_job) that trains nothing: on the GPU job_gpu gives it, job 0 runs
+    until job 2 has started (60 s at most), the others end at once; returns 'GPU|start|end'."""
+    from ddmkit.launch.backends import job_gpu
+
+    with job_gpu() as gpu:
+        start = time.time()
+        (job.out_dir.parent / f"started_{job.cluster}").touch()
+        while job.cluster == 0 and not (job.out_dir.parent / "started_2").exists() and time.time() < start + 60:
+            time.sleep(0.05)
+        return f"{gpu}|{start}|{time.time()}"
+
+
+def test_no_two_running_pool_jobs_share_a_gpu(tmp_path, monkeypatch):
+    """Each job's GPU was fixed when it was queued (job index mod GPUs), but the pool starts a queued job on
+    whichever worker frees up: with 2 GPUs, job 2 (GPU 0) started when job 1 ended, beside job 0 on GPU 0,
+    while GPU 1 idled. Now a job takes a free GPU when it starts: job 2 runs on the GPU job 1 left; and
+    --workers 3 on 2 GPUs runs 2 jobs at a time, saying so."""
+    import ddmkit.launch.backends as backends
+
+    monkeypatch.setattr(backends, "cuda_count", lambda: 2)
+    monkeypatch.setattr(backends, "_process_job", _job_on_a_gpu)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5e1f,GPU-77a0")
+    on_gpus = CFG.model_copy(update={"train": CFG.train.model_copy(update={"device": "auto"})})
+    jobs = [ExpertJob(c, tmp_path / f"cluster_{c:02d}", tmp_path / f"expert_{c:02d}") for c in range(3)]
+    said = []
+    rows = [str(out).split("|") for out in backends.run_processes(jobs, on_gpus, workers=3, log=said.append)]
+    assert "--workers 3: 2 GPU(s) here, one job on each at a time, so 2 workers" in said
+    runs = [(gpu, float(start), float(end)) for gpu, start, end in rows]
+    assert {gpu for gpu, _, _ in runs} <= {"GPU-5e1f", "GPU-77a0"}, runs
+    assert runs[0][2] > runs[2][1], runs  # job 0 ran until job 2 had started
+    for i, (gpu, start, end) in enumerate(runs):
+        for other, other_start, other_end in runs[i + 1:]:
+            assert gpu != other or end <= other_start or other_end <= start, runs
+
+
 # ----- launch --emit slurm: the options it uses, and those it refuses ---------------------------------------
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str]:

@@ -8,10 +8,11 @@ it is called (`ddmkit.train.threads.job_threads`; torch's results change with
 the thread count):
 
     inline      one after another in this process (the default);
-    processes   a local pool, one fresh process per expert, one GPU per process
-                when there are GPUs (CUDA_VISIBLE_DEVICES = job index mod GPUs);
-                Ctrl-C or a failed job stops every job, and the workers die
-                with this process;
+    processes   a local pool; with GPUs, one fresh process per expert on a GPU of
+                its own: a job takes a free one of the GPUs this process sees
+                (named as its CUDA_VISIBLE_DEVICES names them) when it starts,
+                and gives it back when it ends; Ctrl-C or a failed job stops
+                every job, and the workers die with this process;
     ray         Ray tasks, on an existing cluster (address="ray://host:10001" or
                 "auto") or on a local Ray that ddmkit starts; a task receives its
                 shard's (and checkpoint's) bytes and sends back its checkpoints'
@@ -24,13 +25,14 @@ With resume=True a job continues from the checkpoint it left, on every backend.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -45,6 +47,7 @@ from ddmkit.train.jobs import checkpoint_path, train_expert
 
 BACKENDS = ("inline", "processes", "ray")
 _STATE = "idle"  # a pool worker's: "idle", "job" (running one) or "stopping" (_stop_job)
+_FREE_GPUS = None  # a pool worker's queue of the ids of the GPUs no job runs on (None on CPUs)
 Log = Callable[[str], None]
 
 
@@ -87,9 +90,20 @@ def cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def default_workers(n_jobs: int) -> int:
-    """One worker per job, at most one per GPU (or per CPU core without GPUs)."""
-    return max(1, min(n_jobs, cuda_count() or os.cpu_count() or 1))
+def job_gpus(config: ExpertConfig) -> list[str]:
+    """The GPUs a pool's jobs train on, one job per GPU: those this process sees, as its CUDA_VISIBLE_DEVICES
+    names them (indices, UUIDs or MIG ids; 0 .. N-1 when it is not set); none on CPUs or for jobs whose
+    train.device is the CPU."""
+    gpus = cuda_count() if config.train.device != "cpu" else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not gpus or visible is None:
+        return [str(i) for i in range(gpus)]
+    return [name.strip() for name in visible.split(",")][:gpus]  # CUDA counts up to the first id it cannot use
+
+
+def default_workers(n_jobs: int, gpus: int) -> int:
+    """One worker per job, at most one per GPU of the jobs (or per CPU core without GPUs)."""
+    return max(1, min(n_jobs, gpus or os.cpu_count() or 1))
 
 
 def run_inline(jobs: list[ExpertJob], config: ExpertConfig, resume: bool = False, log: Log = print) -> list[Path]:
@@ -112,28 +126,47 @@ def _stop_job(signum, frame) -> None:
         os._exit(128 + signum)
 
 
-def _start_worker(parent: int) -> None:
-    """A pool worker's initializer: stop on SIGINT / SIGTERM (_stop_job), and die with the parent (on
-    Linux the kernel sends SIGTERM when it dies, elsewhere a thread looks every second)."""
+def _start_worker(parent: int, free_gpus=None) -> None:
+    """A pool worker's initializer: stop on SIGINT / SIGTERM (_stop_job), die with the parent (on Linux
+    the kernel sends SIGTERM when it dies, elsewhere a thread looks every second), and keep the queue
+    of free GPUs (job_gpu)."""
+    global _FREE_GPUS
     signal.signal(signal.SIGINT, _stop_job)
     signal.signal(signal.SIGTERM, _stop_job)
     die_with_parent(parent)
+    _FREE_GPUS = free_gpus
 
 
-def _process_job(job: ExpertJob, config_dump: dict, resume: bool, gpu: int | None, networks: tuple = ()) -> str:
-    """Body of one pool job (on GPUs a fresh process per job: CUDA starts after the GPU is chosen)."""
-    global _STATE
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    use_networks(networks)  # the user's network classes this process's parent registered
-    config = ExpertConfig.model_validate(config_dump)
-    _STATE = "job"
+@contextlib.contextmanager
+def job_gpu() -> Iterator[str | None]:
+    """The GPU of the job this pool worker runs (None on CPUs): a free one, taken from the pool's queue
+    when the job starts and given back when it ends, so that no two running jobs share a GPU whatever
+    order the pool runs them in. This process sees that GPU alone (CUDA starts after it is chosen: on
+    GPUs a fresh process runs each job)."""
+    if _FREE_GPUS is None:
+        yield None
+        return
+    gpu = _FREE_GPUS.get()
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     try:
-        return str(train_expert(job.shard, config, job.out_dir, resume=resume))
-    except KeyboardInterrupt:  # stopped: leave the pool (not on to the next job)
-        os._exit(130)
+        yield gpu
     finally:
-        _STATE = "idle"
+        _FREE_GPUS.put(gpu)
+
+
+def _process_job(job: ExpertJob, config_dump: dict, resume: bool, networks: tuple = ()) -> str:
+    """Body of one pool job."""
+    global _STATE
+    with job_gpu():
+        use_networks(networks)  # the user's network classes this process's parent registered
+        config = ExpertConfig.model_validate(config_dump)
+        _STATE = "job"
+        try:
+            return str(train_expert(job.shard, config, job.out_dir, resume=resume))
+        except KeyboardInterrupt:  # stopped: leave the pool (not on to the next job)
+            os._exit(130)
+        finally:
+            _STATE = "idle"
 
 
 def stop_workers(pool: ProcessPoolExecutor) -> None:
@@ -156,22 +189,30 @@ def stopped_by_ctrl_c(processes: list) -> bool:
 def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | None = None, resume: bool = False,
                   log: Log = print) -> list[Path]:
     """A local pool of `workers` processes (each job on config.train.threads threads). On GPUs every job
-    gets a fresh process, which sees only its GPU; on CPUs a process runs job after job, so that torch
-    is imported once per worker, not once per expert (seconds per job for small experts). A failed job or
-    Ctrl-C stops the others (finished experts stay, a stopped one leaves only its checkpoint); the
-    workers die with this process."""
+    gets a fresh process, which sees only its GPU (job_gpu), and at most one job per GPU runs at a time
+    (more workers than GPUs would wait); on CPUs a process runs job after job, so that torch is imported
+    once per worker, not once per expert (seconds per job for small experts). A failed job or Ctrl-C
+    stops the others (finished experts stay, a stopped one leaves only its checkpoint); the workers die
+    with this process."""
     import multiprocessing
 
-    workers = workers or default_workers(len(jobs))
-    gpus = cuda_count()
+    gpus = job_gpus(config)
+    workers = workers or default_workers(len(jobs), len(gpus))
+    if gpus and workers > len(gpus):
+        log(f"--workers {workers}: {len(gpus)} GPU(s) here, one job on each at a time, so {len(gpus)} workers")
+        workers = len(gpus)
     ctx = multiprocessing.get_context("spawn")
+    free_gpus = None
+    if gpus:
+        free_gpus = ctx.SimpleQueue()
+        for gpu in gpus:
+            free_gpus.put(gpu)
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1 if gpus else None,
-                             initializer=_start_worker, initargs=(os.getpid(),)) as pool:
+                             initializer=_start_worker, initargs=(os.getpid(), free_gpus)) as pool:
         started = []
         try:
-            futures = {pool.submit(_process_job, job, config.model_dump(), resume, i % gpus if gpus else None,
-                                   user_networks()): job
-                       for i, job in enumerate(jobs)}
+            futures = {pool.submit(_process_job, job, config.model_dump(), resume, user_networks()): job
+                       for job in jobs}
             started = list((pool._processes or {}).values())  # noqa: SLF001 (to read how a dead worker ended)
             for fut in as_completed(futures):  # the first failure raises here, and stops the others at once
                 fut.result()
