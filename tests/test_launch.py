@@ -261,6 +261,28 @@ def test_a_ray_tasks_errors_name_the_runs_paths_not_its_temporary_copies(inline,
     assert str(checkpoint_path(job.out_dir)) in str(info.value) and "ddmkit-expert-" not in str(info.value)
 
 
+def test_a_ray_task_sends_back_the_whole_expert_folder_tensorboard_too(tmp_path):
+    """A Ray task sent back only the expert folder's top-level files: with train.tensorboard = true an expert
+    trained on Ray lacked the tensorboard/ folder the inline backend writes. Paths that would leave the folder
+    are refused."""
+    from ddmkit.launch.ray_backend import train_from_bytes, write_folder
+
+    logged = CFG.model_copy(update={"train": CFG.train.model_copy(update={"tensorboard": True})})
+    job = _jobs(tmp_path, "inline", k=1)[0]
+    run_jobs([job], logged, "inline", log=lambda m: None)
+    inline = sorted(p.relative_to(job.out_dir).parent / p.name[:20] for p in job.out_dir.rglob("*") if p.is_file())
+    assert Path("tensorboard") in [p.parent for p in inline]
+    *_, (kind, files) = train_from_bytes(str(job.shard), job.shard.read_bytes(), logged.model_dump(), "expert")
+    sent = sorted(Path(name).parent / Path(name).name[:20] for name in files)  # an event file's name holds its time
+    assert kind == "expert" and sent == inline
+    ray = write_folder(tmp_path / "ray" / "expert_00", files)
+    assert {p.relative_to(ray).as_posix(): p.read_bytes() for p in ray.rglob("*") if p.is_file()} == files
+    for name in ("../escaped", "/tmp/escaped", "tensorboard/../../escaped", "tensorboard//x", "./x", ""):
+        with pytest.raises(DDMError, match="not a relative path of plain names"):
+            write_folder(tmp_path / "bad", {name: b"x"})
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "bad").exists()
+
+
 def test_ray_resumes_the_checkpoint_a_killed_job_left_and_removes_it(inline, local_ray, monkeypatch):
     """A killed inline launch left expert 0's checkpoint: `ray` continues from it (one of other settings is
     refused, naming the run's checkpoint, without a remote traceback), writes inline's weights and leaves no

@@ -2,7 +2,8 @@
 
 A task gets the bytes of its shard (and of the checkpoint a killed job left,
 if any) and streams back the bytes of each checkpoint it writes, then those
-of the expert folder, so it runs on any node of a cluster without a shared
+of the expert folder (every file, tensorboard/'s too), so it runs on any
+node of a cluster without a shared
 file system; the driver writes each checkpoint beside the expert folder and
 the folder itself atomically, then removes the checkpoint. A job killed here
 (or a task lost with its node) so continues from its last checkpoint the next
@@ -71,8 +72,9 @@ def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict, out
                      poll: float = 1.0) -> Iterator[tuple[str, object]]:
     """What a Ray task runs: in a private temporary folder, train the expert on the shard's bytes
     (continuing from `checkpoint`, a checkpoint's bytes, when given); yield ("checkpoint", bytes) for
-    each checkpoint it writes, then ("expert", {file name: bytes}). Its errors name the driver's
-    paths `shard_name` and `out_name`, not the temporary copies."""
+    each checkpoint it writes, then ("expert", {path: bytes}) of every file of the expert folder, its
+    sub-folders' too (tensorboard/), by path inside the folder ("tensorboard/events..."). Its errors name
+    the driver's paths `shard_name` and `out_name`, not the temporary copies."""
     use_networks(networks)  # the user's network classes the driver registered (their package must be installed)
     config = ExpertConfig.model_validate(config_dump)
     with tempfile.TemporaryDirectory(prefix="ddmkit-expert-") as tmp:
@@ -88,18 +90,20 @@ def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict, out
                 job.result()
             except DDMError as e:
                 raise DDMError(str(e).replace(str(shard), shard_name).replace(str(out), out_name)) from None
-        yield "expert", {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+        yield "expert", {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def write_folder(out_dir: Path, files: dict[str, bytes]) -> Path:
     """Write a returned expert folder atomically (replacing an expert's folder, never one holding other
-    files: check_expert_folder), then remove its checkpoint; names must be plain file names."""
+    files: check_expert_folder), then remove its checkpoint; each file's path inside the folder must be
+    relative, of plain names ("tensorboard/events...", no "..")."""
     check_expert_folder(out_dir)  # again: files can have come while the task trained
     with staging_dir(out_dir) as tmp:
         for name, data in files.items():
-            if name != Path(name).name or name in ("", ".", ".."):
-                raise DDMError(f"ray task returned a file name {name!r} that is not a plain name")
-            write_bytes_atomic(tmp / name, data)
+            parts = name.split("/")
+            if any(part in ("", ".", "..") or part != Path(part).name for part in parts):
+                raise DDMError(f"ray task returned a file path {name!r} that is not a relative path of plain names")
+            write_bytes_atomic(tmp.joinpath(*parts), data)
     checkpoint_path(out_dir).unlink(missing_ok=True)
     return out_dir
 
