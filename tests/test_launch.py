@@ -125,6 +125,15 @@ def test_slurm_script_is_a_job_array_calling_train_expert(tmp_path):
         slurm_script(tmp_path, 0)
 
 
+def test_a_slurm_option_without_a_value_is_written_without_an_equals_sign(tmp_path):
+    """extra=["requeue"] wrote `#SBATCH --requeue=`, which sbatch refuses (the option takes no argument)."""
+    text = slurm_script(tmp_path, 2, extra=["requeue", "mail-type=END"])
+    assert "#SBATCH --requeue\n" in text and "#SBATCH --mail-type=END\n" in text, text
+    for bad in ("requeue\n#SBATCH --uid=0", "--requeue", "mail type=END"):
+        with pytest.raises(DDMError, match="give sbatch's long option name"):
+            slurm_script(tmp_path, 2, extra=[bad])
+
+
 @pytest.mark.parametrize("option, message", [({"time": "forever"}, "--time 'forever'"), ({"time": "24h"}, "--time"),
                                              ({"time": "5-99"}, "--time '5-99'"), ({"time": "1:75"}, "--time"),
                                              ({"time": "10:00:60"}, "--time"), ({"time": "2-23:60"}, "--time"),

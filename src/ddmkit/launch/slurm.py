@@ -29,6 +29,7 @@ from ddmkit.nets.user import is_user_network
 from ddmkit.registry import load_partition_checked
 
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=+/@%-]*")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")  # a long option's name, without its dashes
 # sbatch's forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]], or no limit
 _TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE")
 _MEM = re.compile(r"\d+[KMGT]?")  # megabytes, or with a unit
@@ -58,8 +59,14 @@ def check_resources(time: str, cpus: int, gpus: int, mem: str) -> None:
         raise DDMError(f"--gpus {gpus}: give 0 .. 64 GPUs per task (one task trains one expert)")
 
 
-def _directive(name: str, value: str) -> str:
-    """One #SBATCH line; values are restricted to a safe alphabet (a directive is not shell-quoted)."""
+def _directive(name: str, value: str | None = None) -> str:
+    """One #SBATCH line, --NAME=VALUE, or --NAME for an option without a value (e.g. requeue: sbatch
+    refuses --requeue=); names and values are restricted to a safe alphabet (a directive is not
+    shell-quoted)."""
+    if not _NAME.fullmatch(name):
+        raise DDMError(f"slurm option {name!r}: give sbatch's long option name, e.g. requeue or mail-type")
+    if value is None:
+        return f"#SBATCH --{name}"
     if not _SAFE_VALUE.fullmatch(value):
         raise DDMError(f"slurm option {name}={value!r}: only letters, digits and _.:,=+/@%- are accepted")
     return f"#SBATCH --{name}={value}"
@@ -82,7 +89,8 @@ def slurm_script(run: Path, k: int, ddmkit_cmd: str | None = None, time: str = "
     """The text of a job-array script training `experts` (default all, 0 .. k-1) of `run` (on the
     partition's shards, or in a latent run on their latents) with `ddmkit_cmd` (default: this
     Python's `python -m ddmkit`), each task's config the run's config.json with `overrides`
-    (`--set FIELD=VALUE` items, e.g. expert.train.checkpoint_every=100)."""
+    (`--set FIELD=VALUE` items, e.g. expert.train.checkpoint_every=100); `extra` holds more #SBATCH
+    options, NAME=VALUE or NAME alone (e.g. ["mail-type=END", "requeue"])."""
     shards = "latents" if RunFolder(run).is_latent else "partition/shards"
     if k < 1:
         raise DDMError(f"the run has k = {k} shards; run `ddmkit partition` first")
@@ -100,7 +108,7 @@ def slurm_script(run: Path, k: int, ddmkit_cmd: str | None = None, time: str = "
         lines.append(_directive("gres", f"gpu:{gpus}"))
     if partition:
         lines.append(_directive("partition", partition))
-    lines += [_directive(*e.split("=", 1)) if "=" in e else _directive(e, "") for e in extra]
+    lines += [_directive(*e.split("=", 1)) for e in extra]  # "requeue", "mail-type=END"
     lines += ["", "set -euo pipefail",
               f"RUN={q(str(run))}",
               'I=$(printf "%02d" "$SLURM_ARRAY_TASK_ID")',
