@@ -560,6 +560,32 @@ def test_emit_slurm_refuses_gpus_its_tasks_would_not_use_and_notes_a_job_without
     assert "note: each task holds 1 CPU cores (--cpus) for 2 x expert.train.threads = 2 threads" in said, err
 
 
+def test_emit_slurm_replaces_only_a_script_it_wrote_and_writes_in_the_run_only_in_launch(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """--script overwrote any file: RUN/config.json (every later command then failed), an expert's weights, the
+    shard a task would train on, a user's notes. Now a path in the run outside RUN/launch/ and an existing file
+    that is not a script ddmkit wrote are refused (exit 2), and nothing is written."""
+    from ddmkit.launch.slurm import HEAD
+
+    run = _tiny_run(tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    (tmp_path / "link.slurm").symlink_to(run / "config.json")
+    kept = {p: p.read_bytes() for p in (run / "config.json", run / "partition" / "shards" / "cluster_00.safetensors",
+                                        notes)}
+    for script, said in ((run / "config.json", "inside the run folder"),
+                         (run / "partition" / "shards" / "cluster_00.safetensors", "inside the run folder"),
+                         (run / "mine.slurm", "inside the run folder"), (tmp_path / "link.slurm", "inside the run"),
+                         (notes, "the file exists and is not a script ddmkit wrote")):
+        code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--script", script)
+        assert code == 2 and f"--script {script}: {said}" in err, err
+    assert {p: p.read_bytes() for p in kept} == kept and not (run / "mine.slurm").exists()
+    assert not (run / "launch").exists()
+    for script in (run / "launch" / "mine.slurm", tmp_path / "jobs.slurm", tmp_path / "jobs.slurm"):  # new, again
+        code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--script", script)
+        assert code in (0, None) and script.read_text().startswith(HEAD) and "#SBATCH --array=0-3" in script.read_text()
+
+
 def test_emit_slurm_for_some_experts_only(tmp_path, monkeypatch, capsys):
     """An organisation holding shards 0 and 1 of a run had no way to emit tasks for those alone: the array
     held every untrained expert (the tasks of the others would fail on shards it does not have)."""

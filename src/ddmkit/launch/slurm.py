@@ -15,6 +15,7 @@ task imports it: its module must be importable on the nodes (PYTHONPATH).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 import sys
@@ -34,6 +35,7 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")  # a long option's name, without it
 _TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE")
 _MEM = re.compile(r"\d+[KMGT]?")  # megabytes, or with a unit
 DEFAULT_CPUS = 4  # --cpus-per-task of a task when --cpus is left out
+HEAD = "#!/bin/bash\n#SBATCH --job-name=ddmkit-experts\n"  # how every script ddmkit writes begins
 
 
 def _time_in_range(time: str) -> bool:
@@ -101,7 +103,7 @@ def slurm_script(run: Path, k: int, ddmkit_cmd: str | None = None, time: str = "
     check_resources(time, cpus, gpus, mem)
     run = Path(run).resolve()
     q = shlex.quote
-    lines = ["#!/bin/bash", _directive("job-name", "ddmkit-experts"), _directive("array", array_ranges(experts)),
+    lines = [*HEAD.splitlines(), _directive("array", array_ranges(experts)),
              _directive("time", time), _directive("cpus-per-task", str(cpus)), _directive("mem", mem),
              _directive("output", "ddmkit-expert-%A_%a.out")]  # in the submit folder: paths here are not quoted
     if gpus:
@@ -201,12 +203,37 @@ def task_notes(cfg: RunConfig, cpus: int | None = None, gpus: int | None = None)
     return notes
 
 
+def check_script_path(run: Path, path: Path) -> None:
+    """Refuse a script path that would replace a file ddmkit did not write as a script: one inside the run
+    folder other than in RUN/launch/ (the run's config, weights or shards), and an existing file that does
+    not begin as ddmkit's scripts do (HEAD: a user's file, or anything else)."""
+    where, root = Path(path).resolve(), Path(run).resolve()  # through symbolic links
+    if where.is_relative_to(root) and not where.is_relative_to(root / "launch"):
+        raise DDMError(f"--script {path}: inside the run folder {run}, whose files it would replace; give a path in "
+                       f"{Path(run) / 'launch'} (e.g. the default, {Path(run) / 'launch' / 'train_experts.slurm'}) "
+                       "or outside the run")
+    if not where.exists() or where.is_dir():  # a new file, or a folder: refused where it is written
+        return
+    ours = False
+    if where.is_file():  # not a FIFO or a device, which a read would wait on
+        with contextlib.suppress(OSError), where.open("rb") as f:  # an unreadable file is not ours
+            ours = f.read(len(HEAD)) == HEAD.encode()
+    if not ours:
+        raise DDMError(f"--script {path}: the file exists and is not a script ddmkit wrote (those begin with the "
+                       f"lines {HEAD.splitlines()[0]} and {HEAD.splitlines()[1]}), so it would be lost; give a new "
+                       "path, or move that file elsewhere")
+
+
 def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str] = (),
                        experts: list[int] | None = None, **options) -> Path | None:
     """Write the script for the experts not trained yet (default RUN/launch/train_experts.slurm), of those in
     `experts` when given, its tasks trained with the run's config and `overrides` (expert.* --set items);
-    None, and nothing written, when every expert asked for is trained."""
+    None, and nothing written, when every expert asked for is trained. An existing file at `path` is
+    replaced only if it is a script ddmkit wrote, and inside the run only RUN/launch/ is written
+    (check_script_path)."""
     run = Path(run)
+    path = Path(path) if path else run / "launch" / "train_experts.slurm"
+    check_script_path(run, path)
     if is_text_run(run):
         options["gpus"] = text_run_gpus(run, options.get("gpus"))
     overrides = task_overrides(check_overrides(run, overrides), overrides, options.get("gpus", 1))
@@ -232,7 +259,6 @@ def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str]
                "copy the shards in first")
         raise DDMError(f"{shards} lacks the shards of clusters {', '.join(map(str, absent))}, whose tasks would fail; "
                        f"{fix}")
-    path = Path(path) if path else run / "launch" / "train_experts.slurm"
     write_bytes_atomic(path, slurm_script(run, manifest["k"], experts=missing, overrides=overrides, **options).encode())
     path.chmod(0o755)
     return path
