@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -337,12 +338,26 @@ def test_a_launcher_environment_without_its_other_processes_is_named_and_ctrl_c_
     env["MASTER_PORT"] = str(_free_port())
     waiting = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env}, stderr=subprocess.PIPE,
                                text=True)
+    lines, joining = [], threading.Event()  # its stderr, read in a thread; set once it says it waits
+
+    def read() -> None:
+        for line in waiting.stderr:
+            lines.append(line)
+            if "joining a job of 2 processes" in line:
+                joining.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        time.sleep(4)
+        # SIGINT only once the wait has begun: sent after a fixed 4 s, it reached a child on a busy machine
+        # while it was still importing torch (a KeyboardInterrupt there, not in the wait)
+        assert joining.wait(timeout=120), "".join(lines)
+        time.sleep(1)  # from the message into the wait itself
         start = time.monotonic()
         waiting.send_signal(signal.SIGINT)
-        _, err = waiting.communicate(timeout=60)
-        assert time.monotonic() - start < 10 and waiting.returncode != 0
-        assert "joining a job of 2 processes" in err and "KeyboardInterrupt" in err, err
+        waiting.wait(timeout=60)
+        reader.join(timeout=10)
+        err = "".join(lines)
+        assert time.monotonic() - start < 10 and waiting.returncode != 0, err
+        assert "KeyboardInterrupt" in err, err
     finally:
         waiting.kill()
