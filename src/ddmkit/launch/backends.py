@@ -190,10 +190,10 @@ def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | No
                   log: Log = print) -> list[Path]:
     """A local pool of `workers` processes (each job on config.train.threads threads). On GPUs every job
     gets a fresh process, which sees only its GPU (job_gpu), and at most one job per GPU runs at a time
-    (more workers than GPUs would wait); on CPUs a process runs job after job, so that torch is imported
-    once per worker, not once per expert (seconds per job for small experts). A failed job or Ctrl-C
-    stops the others (finished experts stay, a stopped one leaves only its checkpoint); the workers die
-    with this process."""
+    (more workers than GPUs are lowered to their number); on CPUs a process runs job after job, so that
+    torch is imported once per worker, not once per expert (seconds per job for small experts). A failed
+    job or Ctrl-C stops the others (finished experts stay, a stopped one leaves only its checkpoint); the
+    workers die with this process."""
     import multiprocessing
 
     gpus = job_gpus(config)
