@@ -22,7 +22,10 @@ from ddmkit.nets.mlp import timestep_embedding
 
 
 def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, c // 4) if c >= 4 else 1, c)
+    """GroupNorm over c channels in at most min(32, c / 4) groups: the most that divide c (a skip
+    concatenation such as 96 + 48 = 144 channels takes 24 groups, not 32)."""
+    most = min(32, c // 4) if c >= 4 else 1
+    return nn.GroupNorm(max(g for g in range(1, most + 1) if c % g == 0), c)
 
 
 class ResBlock(nn.Module):
