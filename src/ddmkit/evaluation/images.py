@@ -54,19 +54,25 @@ def floor_images(train: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def reference_features(run, extractor, kind: str, n: int, log=print) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Features of the test split (cached in RUN/eval/), features of as many
-    training images, and the seconds the test features took."""
+    """Features of the test split and of the floor row's training images, n of them (a sample set's count;
+    all of them if fewer), cached in RUN/eval/; and the seconds the test features took. A cache of another
+    count of training images (sample.n changed) keeps its test features."""
     folder = RunFolder(run)
     cache = folder.eval / f"reference_{kind}.safetensors"
-    if cache.exists():
-        t = load_tensors(cache)
+    t = load_tensors(cache) if cache.exists() else None
+    if t is not None and len(t["train"]) == n:
         return t["test"], t["train"], float(t["seconds"])
-    test = load_tensors(folder.split("test"))["x"]
     train = load_tensors(folder.split("train"))["x"]
-    start = time.perf_counter()
-    f_test = extractor(test)
-    seconds = time.perf_counter() - start
-    f_train = extractor(floor_images(train, min(n, len(test))))
+    count = min(n, len(train))  # as many as a sample set: at fewer images FID's bias would lift the floor
+    if t is not None and len(t["train"]) == count:
+        return t["test"], t["train"], float(t["seconds"])
+    if t is None:
+        start = time.perf_counter()
+        f_test = extractor(load_tensors(folder.split("test"))["x"])
+        seconds = time.perf_counter() - start
+    else:
+        f_test, seconds = t["test"], float(t["seconds"])
+    f_train = extractor(floor_images(train, count))
     save_tensors(cache, {"test": f_test, "train": f_train, "seconds": torch.tensor(seconds)})
     log(f"reference features: {len(f_test)} test images in {seconds:.1f}s")
     return f_test, f_train, seconds
@@ -95,7 +101,7 @@ class SetScorer:
         """A latent run's floor: the floor row's training images encoded and decoded by its autoencoder
         (no latent sampler can beat the autoencoder's own reconstructions)."""
         cache = self.run.eval / "reconstructions.json"
-        if cache.exists():
+        if cache.exists() and read_json(cache).get("n") == len(self.f_train):
             return read_json(cache)
         train = floor_images(load_tensors(self.run.split("train"))["x"], len(self.f_train))
         recon = codec.decode(codec.encode(train)).clamp(-1, 1).cpu()
