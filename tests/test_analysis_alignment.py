@@ -200,6 +200,17 @@ def test_experts_wrong_off_their_cluster_show_apart_from_their_own_cluster():
     assert held["routed_vs_exact"]["top-1"][0] < 1e-3  # the exact router routes each point to its own cluster
 
 
+def test_the_oracle_routes_held_out_points_to_their_own_cluster():
+    """The oracle's routed experts on held-out points were drawn from the prior, a random split: its err routed
+    (the own cluster's expert) and not routed now equal by_cluster's own and other errors."""
+    ddm = gmm_ddm(GMM)
+    x, labels = GMM.sample(3000, torch.Generator().manual_seed(4), return_labels=True)
+    held = heldout_errors(ddm, x.float(), [0.15], {"oracle": parse_strategy("oracle")}, seed=0, clusters=labels)
+    by = held["by_cluster"][0]
+    assert held["routed"]["oracle"][0] == pytest.approx(by["own"], rel=1e-5)
+    assert held["not_routed"]["oracle"][0] == pytest.approx(by["other"], rel=1e-5)
+
+
 def test_own_cluster_errors_split_by_the_points_cluster():
     """err (points x experts); points 0, 1 in cluster 0, points 2, 3 in cluster 1, none in cluster 2."""
     err = torch.arange(12, dtype=torch.float64).reshape(4, 3)

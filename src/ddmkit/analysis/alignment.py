@@ -167,7 +167,8 @@ def heldout_errors(ddm: DDM, x: torch.Tensor, t_grid: Sequence[float], strategie
     strategy;
     with an exact DDM also the error against the exact cluster velocity and the router's TV error;
     with the held-out points' clusters (B,) also every expert's error on its own cluster and on the
-    others (independent of any strategy; "by_cluster", and "by_cluster_vs_exact" with an exact DDM).
+    others (independent of any strategy; "by_cluster", and "by_cluster_vs_exact" with an exact DDM), and
+    the oracle routes each point to its own cluster (without them, to one drawn from the prior).
     The noise and times are drawn on x's device (a generator there, seeded with seed)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     present = present_experts(ddm)
@@ -200,7 +201,7 @@ def heldout_errors(ddm: DDM, x: torch.Tensor, t_grid: Sequence[float], strategie
             if exact is not None:
                 out["by_cluster_vs_exact"].append(own_cluster_errors(err_exact, clusters, present))
         for name, strat in strategies.items():
-            routed = (strategy_weights(ddm, strat, probs, xt, t, x0_hat, seed) > 0)[:, present]
+            routed = (strategy_weights(ddm, strat, probs, xt, t, x0_hat, seed, clusters) > 0)[:, present]
             out["routed"][name].append(masked_mean(err, routed))
             out["not_routed"][name].append(masked_mean(err, ~routed))
             if exact is not None:

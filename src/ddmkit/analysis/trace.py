@@ -112,10 +112,14 @@ def replay_state(ddm: DDM, tr: Trace, i: int, rows: torch.Tensor, seed: int) -> 
 
 
 def strategy_weights(ddm: DDM, strategy, probs: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-                     x0_hat: torch.Tensor | None, seed: int = 0) -> torch.Tensor:
+                     x0_hat: torch.Tensor | None, seed: int = 0,
+                     clusters: torch.Tensor | None = None) -> torch.Tensor:
     """The weights a strategy gives at states x (not on a trajectory): x0_hat stands in for the
-    previous step's estimate (nearest-cluster routing), randomness from a fixed seed."""
+    previous step's estimate (nearest-cluster routing), randomness from a fixed seed. With the clusters
+    (B,) of the data points the states were made from, the oracle routes each to its own cluster (the
+    cluster its trajectory would end in); without them it draws one from the prior."""
     state = new_state(ddm, seed, x.device)
     state.x0_hat = x0_hat
+    state.oracle = clusters
     state.probe = ExpertProbe(experts=ddm.experts, x=x, t=t)
     return strategy.weights(probs, state)
