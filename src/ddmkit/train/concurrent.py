@@ -32,15 +32,18 @@ from ddmkit.train.stacked import StackedExperts
 
 
 def stacked_sampler(parts: list[torch.Tensor], labels: list[torch.Tensor] | None, batch_size: int, device):
-    """draw(gen) -> (x (K, B, ...), y (K, B) or None); rows for expert k come from parts[k] only."""
+    """draw(gen) -> (x (K, B, ...), y (K, B) or None); rows for expert k come from parts[k] only, each row of
+    a shard of n rows with probability 1/n: row = r mod n for r uniform on the integers [0, 2^62), one draw
+    for all K experts (a bias of at most n / 2^62; a float u in [0, 1) has 24 bits, and floor(u n) would
+    favour some rows and never reach others once n > 2^24)."""
     sizes = torch.tensor([len(p) for p in parts], device=device)
     offsets = torch.cumsum(sizes, 0) - sizes
     x_all = torch.cat(parts).float().to(device)
     y_all = torch.cat(labels).long().to(device) if labels is not None else None
 
     def draw(gen: torch.Generator):
-        u = torch.rand(len(parts), batch_size, generator=gen, device=device)
-        idx = offsets[:, None] + (u * sizes[:, None]).long().clamp_max(sizes[:, None] - 1)
+        r = torch.randint(0, 2**62, (len(parts), batch_size), generator=gen, device=device)
+        idx = offsets[:, None] + r % sizes[:, None]
         return x_all[idx], (y_all[idx] if y_all is not None else None)
 
     return draw
