@@ -59,6 +59,40 @@ def test_stacked_forward_gradients_and_clipping_equal_separate_networks(arch):
 
 
 @pytest.mark.parametrize("arch", NETS)
+def test_unstacked_experts_hold_every_buffer_and_compute_what_the_stacked_ones_do(arch):
+    """unstack() copies the non-persistent buffers too (DiT's pos is in no state_dict): they were left as the
+    uninitialised memory of to_empty(), and the unstacked DiTs computed something else."""
+    separate = nets(arch)
+    stacked = StackedExperts(separate)
+    x, t, y = batch(arch)
+    with torch.no_grad():
+        together = stacked(x, t, y)
+        for k, (original, alone) in enumerate(zip(separate, stacked.unstack())):
+            for name, buffer in original.named_buffers():
+                assert torch.equal(alone.get_buffer(name), buffer), name
+            torch.testing.assert_close(alone(x[k], t[k], y[k]), together[k], rtol=1e-5, atol=1e-6)
+
+
+class WithOwnBuffer(torch.nn.Module):
+    """A network whose non-persistent buffer differs from one expert to the next."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.register_buffer("shift", torch.full((2,), 7.0 + k), persistent=False)
+
+    def forward(self, x, t):
+        return self.lin(x) + self.shift
+
+
+def test_unstack_copies_each_experts_own_non_persistent_buffer():
+    separate = [WithOwnBuffer(k) for k in range(3)]
+    for k, alone in enumerate(StackedExperts(separate).unstack()):
+        assert torch.equal(alone.shift, torch.full((2,), 7.0 + k))
+        assert torch.equal(alone.lin.weight, separate[k].lin.weight)
+
+
+@pytest.mark.parametrize("arch", NETS)
 def test_under_autocast_the_stacked_experts_run_in_bfloat16(arch):
     stacked = StackedExperts(nets(arch))
     x, t, y = batch(arch)

@@ -88,12 +88,17 @@ class StackedExperts(nn.Module):
         torch._foreach_mul_(grads, [coef.reshape(-1, *([1] * (g.dim() - 1))).to(g.dtype) for g in grads])
         return norms.max()
 
+    @torch.no_grad()
     def unstack(self) -> list[nn.Module]:
-        """K ordinary modules (on the CPU) with the stacked weights."""
+        """K ordinary modules (on the CPU) with the stacked weights and every buffer, copied one by one (a
+        state_dict would leave out the non-persistent ones, e.g. DiT's pos, uninitialised after to_empty)."""
         params, buffers = self._state()
         out = []
         for k in range(self.k):
             m = copy.deepcopy(self._template[0]).to_empty(device="cpu")
-            m.load_state_dict({n: v[k].detach().cpu() for n, v in {**params, **buffers}.items()}, strict=False)
+            for n, v in params.items():
+                m.get_parameter(n).copy_(v[k])
+            for n, v in buffers.items():
+                m.get_buffer(n).copy_(v[k])
             out.append(m)
         return out
