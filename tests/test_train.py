@@ -1,5 +1,6 @@
 """The training loop, expert folders and isolation."""
 import json
+import math
 import re
 import subprocess
 import sys
@@ -195,3 +196,13 @@ def test_a_conditional_expert_of_another_label_dropout_is_refused(shards, tmp_pa
     assert not train_expert_once(ring, QUICK.model_copy(update={"label_dropout": 0.5}), tmp_path / "u",
                                  log=said.append)
     assert "trained already" in said[0]
+
+
+def test_the_logged_learning_rate_is_the_one_its_step_used():
+    """Warm-up over 4 steps from lr 1: steps 1..4 use 0.25, 0.5, 0.75, 1 (the row was read after the scheduler
+    stepped, one step ahead), then the cosine decay from 1 at step 5."""
+    model = torch.nn.Linear(2, 2)
+    cfg = TrainConfig(steps=6, batch_size=1, lr=1.0, warmup=4, log_every=1, device="cpu")
+    _, history = fit(model, lambda m, step, g: (m(torch.ones(1, 2)).square().sum(), {}), cfg)
+    expected = [0.25, 0.5, 0.75, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 2))]
+    assert [row["lr"] for row in history] == pytest.approx(expected)

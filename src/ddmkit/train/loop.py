@@ -7,7 +7,9 @@ batch with the generator, so a run is fully determined by cfg.seed. The loop
 does AdamW, linear warm-up then cosine (or constant) learning rate, gradient
 clipping by global norm, and an exponential moving average of the weights
 (EMA, with the usual warm-up
-min(decay, (1 + n) / (10 + n)), no host sync per step); it logs JSON lines every cfg.log_every steps.
+min(decay, (1 + n) / (10 + n)), no host sync per step); it logs JSON lines every cfg.log_every steps:
+the step, the learning rate that step used, the seconds since the start, and the loss and grad_norm
+(and batch_loss's values) averaged over the steps since the previous row.
 
 With `checkpoint=PATH` and cfg.checkpoint_every = N > 0 it writes the whole
 state (weights, optimizer, EMA, RNG states, step) to PATH atomically every N
@@ -182,6 +184,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
                 loss.backward()
                 grad_norm = clip_gradients(model, cfg.grad_clip)
                 opt.step()
+                lr = sched.get_last_lr()[0]  # the rate this step used (sched.step() sets the next step's)
                 sched.step()
                 ema.update_parameters(model)
                 for name, value in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}.items():
@@ -190,7 +193,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
                 if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                     running = dist.mean(running)
                     n = step + 1 - (history[-1]["step"] if history else 0)
-                    row = {"step": step + 1, "lr": sched.get_last_lr()[0],
+                    row = {"step": step + 1, "lr": lr,
                            "seconds": round(time.perf_counter() - start, 3),
                            **{k: float(v) / n for k, v in running.items()}}
                     running = {}
