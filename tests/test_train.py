@@ -206,3 +206,21 @@ def test_the_logged_learning_rate_is_the_one_its_step_used():
     _, history = fit(model, lambda m, step, g: (m(torch.ones(1, 2)).square().sum(), {}), cfg)
     expected = [0.25, 0.5, 0.75, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 2))]
     assert [row["lr"] for row in history] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_an_expert_builds_one_batch_sampler_so_its_shard_is_on_the_device_once(tmp_path, monkeypatch, conditional):
+    """Each sampler moves the shard to the training device; a class-conditional expert built the unlabelled one
+    too, which it never used, and held its shard there twice."""
+    import ddmkit.train.jobs as jobs
+    from test_resume import DIT
+
+    built = []
+    for name in ("_batches", "_labelled_batches"):
+        monkeypatch.setattr(jobs, name, lambda *a, real=getattr(jobs, name), name=name: built.append(name) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(40, 2, 4, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+    net = DIT if conditional else DIT.model_copy(update={"kwargs": {**DIT.kwargs, "num_classes": 0}})
+    config = QUICK.model_copy(update={"net": net})
+    jobs.train_velocity_model(x, config, tmp_path / "e", "expert", labels=labels if conditional else None)
+    assert built == (["_labelled_batches"] if conditional else ["_batches"])

@@ -108,13 +108,14 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
     data_shape = list(x.shape[1:])
     kwargs = {"data_shape": data_shape, **config.net.kwargs}
     model = build_seeded(config.net.arch, config.train.seed, **kwargs)
-    draw = _batches(x.float(), config.train.batch_size, device)
     num_classes = config.net.kwargs.get("num_classes", 0)
     if num_classes and labels is None:
         raise DDMError(f"{description}: the network is class-conditional (num_classes = {num_classes}) "
                        "but the data have no labels")
-    if num_classes:
+    if num_classes:  # one sampler, so the shard is on the device once
         draw_labelled = _labelled_batches(x.float(), labels.long(), config.train.batch_size, device)
+    else:
+        draw = _batches(x.float(), config.train.batch_size, device)
     rows = dist.rows(config.train.batch_size)  # None: the whole batch
     schedule = config.path.vp_schedule()  # None: the linear path
 
