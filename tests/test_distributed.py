@@ -153,6 +153,21 @@ def test_a_batch_that_does_not_split_is_refused_before_starting(tmp_path):
         train_expert_ddp(tmp_path / "none.safetensors", _cfg(), tmp_path / "e", nproc=40)
 
 
+def test_more_processes_than_gpus_names_the_cpu_way_out(tmp_path, monkeypatch):
+    """On a machine with one GPU, device auto is CUDA: two processes need two GPUs. The message names the CPU
+    (gloo) too, and that setting is accepted on the same machine."""
+    from ddmkit.train.distributed import _device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    auto = _cfg().model_copy(update={"train": _cfg().train.model_copy(update={"device": "auto"})})
+    with pytest.raises(DDMError, match=r"process 1 of this machine needs GPU 1, but 1 are visible; start at most that "
+                                       r"many processes per machine, or train the processes on the CPU \(gloo\): "
+                                       r'train\.device = "cpu" \(--device cpu\)'):
+        train_expert_ddp(tmp_path / "none.safetensors", auto, tmp_path / "e", nproc=2)
+    assert _device("cpu", 1) == torch.device("cpu")
+
+
 def test_nproc_unlike_the_launchers_is_named_first_without_joining(tmp_path, monkeypatch):
     """--nproc 3 inside a 2-process launcher was told about the batch split first, and named only after
     joining the launcher's job."""

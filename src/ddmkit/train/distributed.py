@@ -233,7 +233,8 @@ def _device(name: str, local_rank: int) -> torch.device:
         raise DDMError(f"train.device = {name!r}: a job of several processes runs on 'cpu' or 'cuda'")
     if local_rank >= torch.cuda.device_count():
         raise DDMError(f"process {local_rank} of this machine needs GPU {local_rank}, but "
-                       f"{torch.cuda.device_count()} are visible; start at most that many processes per machine")
+                       f"{torch.cuda.device_count()} are visible; start at most that many processes per machine, "
+                       "or train the processes on the CPU (gloo): train.device = \"cpu\" (--device cpu)")
     return torch.device("cuda", local_rank)
 
 
