@@ -208,6 +208,84 @@ def test_checkpoint_is_safetensors_with_every_state(tmp_path, monkeypatch):
     assert any(k.startswith("optim.") for k in keys) and any(k.startswith("ema.") for k in keys)
 
 
+def _gpus_visible(monkeypatch, count: int) -> None:
+    """This machine as one with `count` GPUs for the checkpoints' RNG code (CUDA initialised; restoring more GPU
+    states than there are GPUs raises IndexError, as torch.cuda.set_rng_state_all does)."""
+    def set_all(states):
+        if len(states) > count:
+            raise IndexError("tuple index out of range")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)] * count)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+
+
+def test_a_cpu_jobs_checkpoint_holds_no_cuda_state_on_a_machine_with_gpus(tmp_path, monkeypatch):
+    """A CPU job saved every visible GPU's RNG state where CUDA was up (rng.cuda.0, ...): its checkpoint then
+    differed from the same job's on another machine (and from an FSDP job's on the CPU)."""
+    from safetensors.torch import load_file
+
+    shard = _shard(tmp_path / "shard.safetensors")
+    _gpus_visible(monkeypatch, 2)
+    _cut_short(monkeypatch, shard, _cfg(), tmp_path / "e")
+    assert not [k for k in load_file(str(checkpoint_path(tmp_path / "e"))) if k.startswith("rng.cuda")]
+
+
+def test_a_checkpoint_holding_more_gpus_rng_states_than_are_visible_resumes(tmp_path, monkeypatch):
+    """A checkpoint of earlier ddmkit holds every GPU's state its machine had (8 here); resumed where one GPU is
+    visible, restoring them all was an uncaught IndexError. States a job does not use are ignored."""
+    from ddmkit.io import load_tensors
+
+    shard = _shard(tmp_path / "shard.safetensors")
+    ref = train_expert(shard, _cfg(), tmp_path / "ref")
+    _cut_short(monkeypatch, shard, _cfg(), tmp_path / "b", n=25)
+    path = checkpoint_path(tmp_path / "b")
+    meta, tensors = read_metadata(path), load_tensors(path)
+    save_tensors(path, {**tensors, **{f"rng.cuda.{i}": torch.zeros(16, dtype=torch.uint8) for i in range(8)}}, meta)
+    _gpus_visible(monkeypatch, 1)
+    out = train_expert(shard, _cfg(), tmp_path / "b", resume=True)
+    assert _bytes(out) == _bytes(ref) and _log(out) == _log(ref)
+
+
+class _GpuGenerator:
+    """A batch generator on GPU `index` (only what the checkpoint's RNG code reads of one)."""
+
+    def __init__(self, index: int):
+        self.device, self.state = torch.device("cuda", index), torch.arange(16, dtype=torch.uint8)
+
+    def get_state(self):
+        return self.state
+
+    def set_state(self, state):
+        self.state = state
+
+
+def test_a_gpu_job_saves_and_restores_the_rng_of_its_own_gpu_only(monkeypatch):
+    from ddmkit.train.checkpoint import restore_rng, rng_tensors
+
+    states = {i: torch.full((16,), i, dtype=torch.uint8) for i in range(4)}
+    restored = []
+    _gpus_visible(monkeypatch, 4)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: states[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    saved = rng_tensors(_GpuGenerator(2))
+    assert sorted(saved) == ["rng.batches", "rng.cpu", "rng.cuda"] and torch.equal(saved["rng.cuda"], states[2])
+
+    restore_rng(saved, _GpuGenerator(0))  # resumed on another GPU (e.g. one process of fewer): its own GPU's RNG
+    assert [(torch.equal(s, states[2]), d) for s, d in restored] == [(True, torch.device("cuda", 0))]
+    restored.clear()
+    earlier = {"rng.cpu": saved["rng.cpu"], "rng.batches": saved["rng.batches"],  # earlier ddmkit: every GPU's
+               **{f"rng.cuda.{i}": state for i, state in states.items()}}
+    restore_rng(earlier, _GpuGenerator(1))
+    assert [(torch.equal(s, states[1]), d) for s, d in restored] == [(True, torch.device("cuda", 1))]
+    restored.clear()
+    restore_rng(earlier, _GpuGenerator(5))  # no state of that GPU: its RNG is left as seeded
+    restore_rng({**earlier, "rng.batches": torch.Generator().get_state()}, torch.Generator())  # a CPU job's
+    assert restored == []
+
+
 SCRIPT = """
 import sys, time, torch
 import ddmkit.train.jobs as jobs

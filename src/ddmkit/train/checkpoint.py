@@ -102,12 +102,19 @@ def _unflat(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
+def _training_gpu(generator: torch.Generator) -> torch.device:
+    """The GPU a job trains on: its batch generator's (a CUDA generator)."""
+    device = generator.device
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The torch CPU RNG, the batch generator and (if present) every CUDA RNG."""
+    """The RNG states the job uses: torch's CPU RNG, the batch generator and, for a job training on a GPU (its
+    batch generator's device), that GPU's default RNG as "rng.cuda"; a CPU job saves none of CUDA's, and no
+    job saves the other GPUs' (their number is the machine's, not the job's)."""
     out = {"rng.cpu": torch.get_rng_state(), "rng.batches": generator.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
+    if generator.device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(_training_gpu(generator))
     return out
 
 
@@ -125,11 +132,16 @@ def check_batch_generator(path, tensors: dict[str, torch.Tensor], generator: tor
 
 
 def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    """rng_tensors' states back: a GPU job's "rng.cuda" into the GPU it trains on (a checkpoint of earlier
+    ddmkit holds every visible GPU's state as rng.cuda.N: that GPU's index is taken); CUDA states a job does
+    not use (a CPU job's, other GPUs') are ignored, so a job resumes with fewer or no GPUs visible."""
     torch.set_rng_state(tensors["rng.cpu"])
     generator.set_state(tensors["rng.batches"])
-    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    if generator.device.type == "cuda":
+        gpu = _training_gpu(generator)
+        state = tensors.get("rng.cuda", tensors.get(f"rng.cuda.{gpu.index}"))
+        if state is not None:
+            torch.cuda.set_rng_state(state, gpu)
 
 
 def optimizer_parts(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
