@@ -292,3 +292,40 @@ def test_image_run_on_cpu_with_pixel_features(tmp_path):
     report = folder.students_report.read_text()
     assert "to_exact" not in result["field"] and "| few-step student, S = 2, uniform grid |" in report
     assert "guidance 2" in report
+
+
+def _under_bf16_autocast(monkeypatch):
+    """fit() as it runs with train.bf16 on CUDA: every batch_loss inside bfloat16 autocast (here the CPU's)."""
+    import ddmkit.train.distill as distill
+
+    real = distill.fit
+
+    def fit(model, batch_loss, *a, **k):
+        def autocast_loss(m, step, gen):
+            with torch.autocast("cpu", torch.bfloat16):
+                return batch_loss(m, step, gen)
+        return real(model, autocast_loss, *a, **k)
+
+    monkeypatch.setattr(distill, "fit", fit)
+
+
+def test_with_bf16_the_dense_students_target_is_float32_and_the_student_autocasts(tmp_path, monkeypatch):
+    """The teacher's routed field (and its router's top-k choice near ties) was computed inside fit's bf16
+    autocast: a bfloat16 approximation of the field the DDM samples with."""
+    _under_bf16_autocast(monkeypatch)
+    seen = {"teacher": [], "student": []}
+    layer = torch.nn.Linear(2, 2)
+
+    def teacher(xt, t, y, gen):
+        seen["teacher"].append((torch.is_autocast_enabled("cpu"), layer(xt).dtype))
+        return -xt
+
+    net = {"arch": "mlp", "kwargs": {"data_shape": [2], "width": 8, "depth": 1}}
+    cfg = TrainConfig(steps=3, batch_size=8, warmup=1, log_every=3, device="cpu")
+    import ddmkit.train.distill as distill
+    real_call = distill._call
+    monkeypatch.setattr(distill, "_call", lambda m, x, t, y: seen["student"].append(
+        torch.is_autocast_enabled("cpu")) or real_call(m, x, t, y))
+    train_dense_student(torch.randn(50, 2), None, teacher, net, cfg, tmp_path / "dense")
+    assert seen["teacher"] == [(False, torch.float32)] * 3
+    assert seen["student"] == [True] * 3

@@ -80,7 +80,8 @@ def train_dense_student(x: torch.Tensor, labels: torch.Tensor | None, target: Ta
                         description: str = "dense student") -> Path:
     """Regress a network of spec `net` ({"arch", "kwargs"}) on the teacher's velocity at x_t on the linear
     path from the rows x (see the module docstring); write a model folder. `labels` (class labels) only
-    for class-conditional networks (kwargs num_classes > 0). Checkpoints as for experts (resume)."""
+    for class-conditional networks (kwargs num_classes > 0). Checkpoints as for experts (resume). With
+    cfg.bf16 on CUDA the student trains under bfloat16 autocast and the teacher's target is still float32."""
     device = resolve_device(cfg.device)
     classes = int(net["kwargs"].get("num_classes", 0))
     model = build_seeded(net["arch"], cfg.seed, **net["kwargs"])
@@ -93,9 +94,9 @@ def train_dense_student(x: torch.Tensor, labels: torch.Tensor | None, target: Ta
         t = torch.rand(len(x0), generator=gen, device=device)
         xt = noise(x0, t, torch.randn(x0.shape, generator=gen, device=device))
         y = None if y_all is None else drop_labels(y_all[idx], label_dropout, classes, gen)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the target in float32, as sampled
             v = target(xt, t, y, gen).float()
-        return F.mse_loss(_call(m, xt, t, y).float(), v), {}
+        return F.mse_loss(_call(m, xt, t, y).float(), v), {}  # the student under fit's autocast (train.bf16)
 
     with staging_dir(out_dir) as tmp:
         ema, history = fit(model, batch_loss, cfg, tmp / "train_log.jsonl", description, device,
