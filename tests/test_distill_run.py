@@ -329,3 +329,80 @@ def test_with_bf16_the_dense_students_target_is_float32_and_the_student_autocast
     train_dense_student(torch.randn(50, 2), None, teacher, net, cfg, tmp_path / "dense")
     assert seen["teacher"] == [(False, torch.float32)] * 3
     assert seen["student"] == [True] * 3
+
+
+def _killed_after(monkeypatch, n: int, job) -> None:
+    """Run job() with its (n + 1)-th student loss raising, as a kill would (its checkpoints stay)."""
+    import ddmkit.train.distill as distill
+
+    real, calls = distill.F.mse_loss, {"n": 0}
+
+    def loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(distill.F, "mse_loss", loss)
+        with pytest.raises(KeyboardInterrupt):
+            job()
+
+
+def test_a_dense_students_checkpoint_is_continued_only_by_its_own_teacher(tmp_path, monkeypatch):
+    """The checkpoint recorded the network and training but not the teacher: a job killed with teacher A and run
+    again with teacher B continued A's checkpoint, and its student mixed both."""
+    from ddmkit.train.jobs import checkpoint_path
+
+    cfg = TrainConfig(steps=40, batch_size=16, warmup=2, log_every=10, checkpoint_every=10, device="cpu")
+    net = {"arch": "mlp", "kwargs": {"data_shape": [2], "width": 8, "depth": 1}}
+    x = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    teachers = {"A": lambda xt, t, y, gen: -xt, "B": lambda xt, t, y, gen: xt + 3.0}
+
+    def dense(out, name, teacher=True, data=("rows",)):
+        return train_dense_student(x, None, teachers[name], net, cfg, tmp_path / out, teacher={"id": name} if teacher
+                                   else None, data=list(data))
+
+    reference = dense("reference", "A")
+    _killed_after(monkeypatch, 25, lambda: dense("dense", "A"))
+    assert checkpoint_path(tmp_path / "dense").exists()
+    with pytest.raises(DDMError, match=r"belongs to a different training run: other settings: teacher\.id \('A', "
+                                       r"asked 'B'\)\. Delete it"):
+        dense("dense", "B")
+    with pytest.raises(DDMError, match=r"other training data"):
+        dense("dense", "A", data=("other rows",))
+    resumed = dense("dense", "A")  # its own teacher continues it, to the bytes of a job that never stopped
+    assert (resumed / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    assert not checkpoint_path(resumed).exists()
+
+    _killed_after(monkeypatch, 25, lambda: dense("anonymous", "A", teacher=False))  # nothing tells teachers apart
+    assert not checkpoint_path(tmp_path / "anonymous").exists()
+
+
+def test_distill_refuses_a_dense_checkpoint_of_a_teacher_changed_since(trained, tmp_path, monkeypatch):
+    """ddmkit distill killed mid-way, the router trained again (and registered), distill again: the checkpoint of
+    the old teacher is refused, naming its teacher_sha256; before, it was continued silently."""
+    import dataclasses
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ddmkit.registry import write_registry
+    from ddmkit.train.jobs import checkpoint_path
+
+    run = copy_of(trained, tmp_path)
+
+    def plan():
+        made = plan_distill(run, "top-2", **SMALL)
+        return dataclasses.replace(made, train=made.train.model_copy(update={"checkpoint_every": 10}))
+
+    _killed_after(monkeypatch, 25, lambda: make_dense(plan(), log=lambda m: None))
+    folder = RunFolder(run)
+    assert checkpoint_path(folder.dense_student).exists()
+    weights = folder.router / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}, str(weights), meta)
+    write_registry(run)
+    with pytest.raises(DDMError, match=r"different training run: other settings: teacher\.teacher_sha256"):
+        make_dense(plan(), log=lambda m: None)

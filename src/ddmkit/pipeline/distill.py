@@ -65,6 +65,7 @@ from ddmkit.sample import sample_euler, time_grid
 from ddmkit.tables import markdown_table
 from ddmkit.theory.stability import cumulative_lambda, lambda_uniform_grid
 from ddmkit.train.distill import teacher_states, teacher_velocity, train_dense_student, train_few_step_student
+from ddmkit.train.jobs import shard_hashes
 
 Log = Callable[[str], None]
 ARCHS = ("expert", "monolith")
@@ -315,7 +316,9 @@ def make_dense(plan: Plan, log: Log) -> None:
     with job_threads(plan.train.threads):
         train_dense_student(x, labels if classes else None, teacher_velocity(plan.ddm, plan.teacher), plan.net,
                             plan.train, path, {"distill": plan.dense_spec},
-                            plan.cfg.expert.label_dropout, f"dense student of {plan.teacher}")
+                            plan.cfg.expert.label_dropout, f"dense student of {plan.teacher}",
+                            teacher={k: plan.dense_spec[k] for k in ("teacher", "teacher_sha256")},
+                            data=shard_hashes(model_shards(plan.folder.root)))
     log(f"distill: dense student trained on {len(x)} rows in {time.perf_counter() - start:.1f}s")
 
 

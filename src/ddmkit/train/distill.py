@@ -77,11 +77,18 @@ def _save(out_dir, model, net: dict, history: list[dict], extra: dict) -> None:
 
 def train_dense_student(x: torch.Tensor, labels: torch.Tensor | None, target: Target, net: dict, cfg: TrainConfig,
                         out_dir: str | Path, extra: dict | None = None, label_dropout: float = 0.0,
-                        description: str = "dense student") -> Path:
+                        description: str = "dense student", teacher: dict | None = None,
+                        data: list[str] | None = None) -> Path:
     """Regress a network of spec `net` ({"arch", "kwargs"}) on the teacher's velocity at x_t on the linear
     path from the rows x (see the module docstring); write a model folder. `labels` (class labels) only
-    for class-conditional networks (kwargs num_classes > 0). Checkpoints as for experts (resume). With
-    cfg.bf16 on CUDA the student trains under bfloat16 autocast and the teacher's target is still float32."""
+    for class-conditional networks (kwargs num_classes > 0). With cfg.bf16 on CUDA the student trains under
+    bfloat16 autocast and the teacher's target is still float32.
+
+    Checkpoints as for experts, continued when the job runs again, and only with `teacher`, what identifies
+    the target function (ddmkit distill: the strategy and the SHA-256 of the experts' and router's weights),
+    which the checkpoint's fingerprint holds with `data` (the rows: e.g. each shard's SHA-256): a checkpoint
+    of another teacher or other rows is refused, never continued. Without `teacher` the job neither writes
+    nor continues one (it could not tell one teacher's from another's)."""
     device = resolve_device(cfg.device)
     classes = int(net["kwargs"].get("num_classes", 0))
     model = build_seeded(net["arch"], cfg.seed, **net["kwargs"])
@@ -98,12 +105,14 @@ def train_dense_student(x: torch.Tensor, labels: torch.Tensor | None, target: Ta
             v = target(xt, t, y, gen).float()
         return F.mse_loss(_call(m, xt, t, y).float(), v), {}  # the student under fit's autocast (train.bf16)
 
+    checkpoint = None if teacher is None else checkpoint_path(out_dir)
     with staging_dir(out_dir) as tmp:
-        ema, history = fit(model, batch_loss, cfg, tmp / "train_log.jsonl", description, device,
-                           checkpoint_path(out_dir), resume=True,
-                           settings={"net": net, "label_dropout": label_dropout if classes else None})
+        ema, history = fit(model, batch_loss, cfg, tmp / "train_log.jsonl", description, device, checkpoint,
+                           resume=True, data=data, settings={"net": net, "teacher": teacher,
+                                                             "label_dropout": label_dropout if classes else None})
         _save(tmp, ema, net, history, {"train": cfg.model_dump(), **(extra or {})})
-    checkpoint_path(out_dir).unlink(missing_ok=True)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return Path(out_dir)
 
 
