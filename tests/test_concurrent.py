@@ -1,8 +1,17 @@
 """Concurrent (stacked) expert training, ddmkit.train.concurrent: its batches, checkpoints and expert folders."""
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
+import pytest
 import torch
 
+from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
+from ddmkit.errors import DDMError
+from ddmkit.io import read_metadata, save_tensors
+import ddmkit.train.concurrent as conc
 from ddmkit.train.concurrent import stacked_sampler
 
 
@@ -25,3 +34,99 @@ def test_the_stacked_sampler_draws_each_experts_rows_from_its_own_shard_uniforml
         assert torch.equal(y[k], torch.full((70_000,), k))
         counts = torch.bincount((x[k] - 100 * k).long(), minlength=n)
         assert len(counts) == n and (counts - 70_000 / n).abs().max() < 5 * (70_000 / n) ** 0.5
+
+
+# ----- the concurrent job: checkpoints, resume and each expert's own folder ------------------------------------------
+
+
+def _shards(folder: Path, scale: float = 1.0) -> list[Path]:
+    """Two shards of 2-D points (the second's values times `scale`: another shard's contents)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c in range(2):
+        paths.append(folder / f"cluster_{c:02d}.safetensors")
+        x = torch.randn(50, 2, generator=torch.Generator().manual_seed(c)) + 3 * c
+        save_tensors(paths[-1], {"x": x * (scale if c else 1.0)}, {"cluster": c, "k": 2})
+    return paths
+
+
+def _config(**train) -> ExpertConfig:
+    return ExpertConfig(net=NetConfig(arch="mlp", kwargs={"width": 8, "depth": 1}),
+                        train=TrainConfig(**{"steps": 20, "batch_size": 8, "warmup": 1, "log_every": 5,
+                                             "checkpoint_every": 5, "device": "cpu", **train}))
+
+
+def _train(shards, config, root: Path, crash_after: int | None = None, monkeypatch=None) -> list[Path]:
+    """train_experts_concurrently into root/expert_0K; with crash_after, killed at its (crash_after + 1)-th step."""
+    outs = [root / f"expert_{c:02d}" for c in range(len(shards))]
+    if crash_after is None:
+        return conc.train_experts_concurrently(shards, config, outs, log=lambda m: None)
+    real, calls = conc.stacked_loss, {"n": 0}
+
+    def crash(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > crash_after:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(conc, "stacked_loss", crash)
+        with pytest.raises(KeyboardInterrupt):
+            conc.train_experts_concurrently(shards, config, outs, log=lambda m: None)
+    return outs
+
+
+def _log(folder: Path) -> str:
+    return re.sub(r'"seconds": [0-9.e+-]+', '"seconds": 0', (folder / "train_log.jsonl").read_text())
+
+
+def _config_json(folder: Path) -> dict:
+    return {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k != "train_seconds_all"}
+
+
+def test_a_killed_concurrent_job_resumes_from_its_checkpoint_to_the_same_bytes(tmp_path, monkeypatch):
+    """checkpoint_every was ignored with expert.concurrent: a killed stage trained all K experts from step 0."""
+    shards = _shards(tmp_path)
+    reference = _train(shards, _config(), tmp_path / "ref")
+    outs = _train(shards, _config(), tmp_path / "run", crash_after=12, monkeypatch=monkeypatch)
+    checkpoint = conc.stacked_checkpoint_path(outs)
+    assert checkpoint.name == "expert_00.stacked.checkpoint.safetensors"
+    assert read_metadata(checkpoint)["step"] == 10 and not any(out.exists() for out in outs)
+    said = []
+    conc.train_experts_concurrently(shards, _config(), outs, log=said.append)
+    assert said == [f"experts: continuing from {checkpoint}"]
+    for out, ref in zip(outs, reference):
+        assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+        assert _log(out) == _log(ref) and _config_json(out) == _config_json(ref)
+    assert not checkpoint.exists() and not conc.stacked_checkpoint_path(reference).exists()
+
+
+def test_a_concurrent_checkpoint_of_other_shards_is_refused(tmp_path, monkeypatch):
+    """The fingerprint holds every shard's SHA-256: the same job on another second shard does not continue it."""
+    outs = _train(_shards(tmp_path), _config(), tmp_path / "run", crash_after=12, monkeypatch=monkeypatch)
+    other = _shards(tmp_path / "other", scale=2.0)
+    with pytest.raises(DDMError, match=rf"{re.escape(str(conc.stacked_checkpoint_path(outs)))} belongs to a "
+                                       r"different training run: other training data"):
+        conc.train_experts_concurrently(other, _config(), outs, log=lambda m: None)
+
+
+def test_each_concurrent_expert_folder_logs_its_own_loss_and_keeps_its_tensorboard(tmp_path):
+    """Each folder held the joint log (the sum of the K losses), final_loss the mean over the experts, and no
+    tensorboard/ (written to a temporary folder and deleted). Now an expert's log, final_loss and TensorBoard
+    curve are its own: they do not change when another shard does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = _train(_shards(tmp_path), _config(tensorboard=True), tmp_path / "a")
+    second = _train(_shards(tmp_path / "shards_b", scale=5.0),
+                    _config(tensorboard=True), tmp_path / "b")
+    for out in first:
+        rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        assert [list(row) for row in rows] == [["step", "lr", "seconds", "loss"]] * 4
+        assert [row["step"] for row in rows] == [5, 10, 15, 20]
+        assert json.loads((out / "config.json").read_text())["final_loss"] == rows[-1]["loss"]
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        assert [(e.step, e.value) for e in events.Scalars("loss")] == \
+            [(row["step"], pytest.approx(row["loss"])) for row in rows]
+    assert _log(first[0]) == _log(second[0])  # expert 0's own curve: shard 1 changed, it did not
+    assert _log(first[1]) != _log(second[1]) and _log(first[0]) != _log(first[1])

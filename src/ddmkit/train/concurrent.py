@@ -7,13 +7,25 @@ training loop, fit(), as a single module, under the config's train.bf16 (the
 stacked experts then compute in bfloat16) and train.compile. Each step draws a
 batch for every expert from that expert's shard alone (the draw depends on the
 shard's size, never on its contents or on other shards), and the loss is the
-sum of the per-expert flow-matching losses. Each expert folder is the same as
-train_expert would write, plus "trained_concurrently_with"; like train_expert it
-replaces each output folder, which must be new, empty or an expert's.
+sum of the per-expert flow-matching losses.
+
+The job checkpoints as an expert's does (train.checkpoint_every), one checkpoint
+for all K experts (stacked_checkpoint_path: beside the first output folder; its
+fingerprint holds every shard's SHA-256, in order), and continues from one a
+killed job left, to the bytes of a job that never stopped. Like train_expert it
+replaces each output folder, which must be new, empty or an expert's, and writes
+there config.json, model.safetensors, the published statistics, train_log.jsonl
+and, with train.tensorboard, tensorboard/. What differs from train_expert's folder:
+the log rows hold the job's step, lr and seconds and the expert's own loss (the
+mean since the previous row; final_loss is the last one), but no grad_norm (each
+expert is clipped by its own norm, which the job does not log); config.json adds
+"trained_concurrently_with" (K) and "train_seconds_all" (the job's wall time); and
+the weights are not those train_expert would train (all K experts draw from one
+generator).
 """
 from __future__ import annotations
 
-import tempfile
+import contextlib
 import time
 from pathlib import Path
 
@@ -24,10 +36,10 @@ from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule, path_entry
 from ddmkit.flow.losses import training_pair
-from ddmkit.io import sha256_file, staging_dir
+from ddmkit.io import sibling, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained
-from ddmkit.train.jobs import check_expert_folder, drop_labels, publish_statistics
-from ddmkit.train.loop import fit
+from ddmkit.train.jobs import check_expert_folder, drop_labels, publish_statistics, shard_hashes, trained_settings
+from ddmkit.train.loop import fit, summary_writer, tensorboard_writer, write_row
 from ddmkit.train.stacked import StackedExperts
 
 
@@ -61,12 +73,40 @@ def stacked_loss(model: StackedExperts, x: torch.Tensor, y: torch.Tensor | None,
     return err.reshape(k, -1).mean(1)
 
 
+def stacked_checkpoint_path(out_dirs: list[str | Path]) -> Path:
+    """Where the concurrent job keeps its one checkpoint: beside the first expert folder, e.g.
+    RUN/experts/expert_00.stacked.checkpoint.safetensors."""
+    return sibling(Path(out_dirs[0]), "stacked.checkpoint.safetensors")
+
+
+def expert_rows(history: list[dict], k: int) -> list[dict]:
+    """Expert k's log rows from the job's: step, lr, seconds and its own loss (the job logs it as loss_k)."""
+    return [{"step": row["step"], "lr": row["lr"], "seconds": row["seconds"], "loss": row[f"loss_{k}"]}
+            for row in history]
+
+
+def write_log(folder: Path, rows: list[dict], tensorboard: bool) -> None:
+    """train_log.jsonl (and with tensorboard, tensorboard/) in a model folder, as fit writes them."""
+    board = tensorboard_writer(folder / "tensorboard") if tensorboard else None
+    try:
+        with open(folder / "train_log.jsonl", "w") as log:
+            for row in rows:
+                write_row(log, board, row)
+    finally:
+        if board is not None:
+            board.close()
+
+
 def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, out_dirs: list[str | Path],
-                               log=print) -> list[Path]:
+                               log=print, resume: bool = True) -> list[Path]:
+    """Train one expert per shard into out_dirs, stacked (the module docstring); resume: continue from the
+    checkpoint a killed job left (stacked_checkpoint_path), as a run's stages do."""
     if len(shards) != len(out_dirs) or not shards:
         raise DDMError("train_experts_concurrently: give one output folder per shard")
     for out in out_dirs:  # each replaced at the end: an expert's folder (finished or cut short) or a new one
         check_expert_folder(out)
+    if config.train.tensorboard:
+        summary_writer()  # the package is there, before any training
     device = resolve_device(config.train.device)
     read = [read_shard(s) for s in shards]
     xs, metas = [r[0] for r in read], [r[2] for r in read]
@@ -89,25 +129,29 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
         if y is not None:
             y = drop_labels(y, config.label_dropout, num_classes, gen)
         per_expert = stacked_loss(m, x, y, gen, config.prediction, schedule)
-        return per_expert.sum(), {"mean_expert_loss": per_expert.mean()}
+        return per_expert.sum(), {f"loss_{k}": loss for k, loss in enumerate(per_expert)}
 
     train_cfg = config.train.model_copy(update={"channels_last": False})  # 5-D stacked weights
+    checkpoint = stacked_checkpoint_path(out_dirs)
+    if resume and checkpoint.exists():
+        log(f"experts: continuing from {checkpoint}")
+    data = shard_hashes([Path(s) for s in shards])
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "train_log.jsonl"
-        ema, history = fit(model, batch_loss, train_cfg, log_path, f"{len(shards)} experts", device)
-        log_text = log_path.read_text()
+    ema, history = fit(model, batch_loss, train_cfg, None, f"{len(shards)} experts", device, checkpoint, resume,
+                       data=data, settings=trained_settings(config))
     seconds = time.perf_counter() - start
-    for k, (net, shard, meta, x, out) in enumerate(zip(ema.unstack(), shards, metas, xs, out_dirs)):
-        with staging_dir(out) as tmp:
+    with contextlib.ExitStack() as folders:  # every folder written, then each renamed into place
+        for k, (net, meta, x, out) in enumerate(zip(ema.unstack(), metas, xs, out_dirs)):
+            tmp = folders.enter_context(staging_dir(out))
             publish_statistics(tmp, x, labels[k] if labels else None, num_classes)
-            (tmp / "train_log.jsonl").write_text(log_text)
+            rows = expert_rows(history, k)
+            write_log(tmp, rows, config.train.tensorboard)
             save_pretrained(tmp, net, {
                 "role": "expert", "arch": config.net.arch, "kwargs": kwargs, "data_shape": data_shape,
                 "prediction": config.prediction, **path_entry(schedule), "label_dropout": config.label_dropout,
-                "train": config.train.model_dump(),
-                "final_loss": history[-1]["mean_expert_loss"], "cluster": int(meta.get("cluster", -1)),
-                "k": int(meta.get("k", 0)), "shard_sha256": sha256_file(shard), "shard_count": len(x),
-                "data_hash": meta.get("data_hash"), "trained_concurrently_with": len(shards),
-                "train_seconds_all": round(seconds, 2)})
+                "train": config.train.model_dump(), "final_loss": rows[-1]["loss"],
+                "cluster": int(meta.get("cluster", -1)), "k": int(meta.get("k", 0)),
+                "shard_sha256": data[k], "shard_count": len(x), "data_hash": meta.get("data_hash"),
+                "trained_concurrently_with": len(shards), "train_seconds_all": round(seconds, 2)})
+    checkpoint.unlink(missing_ok=True)
     return [Path(o) for o in out_dirs]

@@ -111,14 +111,19 @@ class EMA(nn.Module):
         return out
 
 
-def tensorboard_writer(folder: Path):
-    """A TensorBoard SummaryWriter writing to `folder` (train.tensorboard = true)."""
+def summary_writer():
+    """TensorBoard's SummaryWriter class (train.tensorboard = true), or a DDMError saying how to install it."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise DDMError("train.tensorboard = true needs the tensorboard package: pip install 'ddmkit[tensorboard]' "
                        "(or pip install tensorboard), or set tensorboard = false") from None
-    return SummaryWriter(log_dir=str(folder))
+    return SummaryWriter
+
+
+def tensorboard_writer(folder: Path):
+    """A TensorBoard SummaryWriter writing to `folder` (train.tensorboard = true)."""
+    return summary_writer()(log_dir=str(folder))
 
 
 def write_row(log, board, row: dict) -> None:
