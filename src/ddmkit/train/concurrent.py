@@ -46,7 +46,7 @@ from ddmkit.train.stacked import StackedExperts
 def stacked_sampler(parts: list[torch.Tensor], labels: list[torch.Tensor] | None, batch_size: int, device):
     """draw(gen) -> (x (K, B, ...), y (K, B) or None); rows for expert k come from parts[k] only, each row of
     a shard of n rows with probability 1/n: row = r mod n for r uniform on the integers [0, 2^62), one draw
-    for all K experts (a bias of at most n / 2^62; a float u in [0, 1) has 24 bits, and floor(u n) would
+    for all K experts (a bias of at most n / 2^62; a float32 u in [0, 1) has 24 bits, and floor(u n) would
     favour some rows and never reach others once n > 2^24)."""
     sizes = torch.tensor([len(p) for p in parts], device=device)
     offsets = torch.cumsum(sizes, 0) - sizes
