@@ -57,6 +57,41 @@ def test_idx_loader_scales_pads_and_keeps_splits_apart(tmp_path):
     assert not any(((x[0, 2:30, 2:30] + 1) * 127.5).round().numpy().astype(np.uint8).tobytes() in rows for x in train.x)
 
 
+def typed_idx_bytes(arr: np.ndarray, code: int) -> bytes:
+    """An IDX file of value type `code` (arr already in that type, big-endian)."""
+    return bytes([0, 0, code, arr.ndim]) + b"".join(struct.pack(">I", s) for s in arr.shape) + arr.tobytes()
+
+
+@pytest.mark.parametrize("code, values", [(0x0D, np.linspace(0, 1, 20 * 16).astype(">f4")),       # float in [0, 1]
+                                          (0x09, np.arange(-128, 192).astype(np.int8)),            # signed bytes
+                                          (0x0B, (np.arange(20 * 16) * 12).astype(">i2")),          # 12-bit values
+                                          (0x0C, np.arange(20 * 16).astype(">i4"))])
+def test_idx_images_of_other_value_types_than_bytes_are_refused(tmp_path, code, values):
+    """Only unsigned-byte images have a known range (0 .. 255 -> [-1, 1]); others were scaled as bytes."""
+    for split in ("train", "t10k"):
+        (tmp_path / f"{split}-images-idx3-ubyte").write_bytes(typed_idx_bytes(values.reshape(20, 4, 4), code))
+        (tmp_path / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(20)))
+    with pytest.raises(DDMError, match=r"train-images-idx3-ubyte: IDX images of value type .*unsigned bytes only "
+                                       r"\(type 0x08.*data.name = \"image_array\""):
+        load_dataset("idx", 0, 0, 0, dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("labels, code, message", [(np.arange(20).astype(">f4") + 0.5, 0x0D, "expected whole numbers"),
+                                                   (np.arange(20).astype(np.int8) - 3, 0x09, r"negative values \(first "
+                                                                                              r"rows: \[0, 1, 2\]\)")])
+def test_idx_labels_are_checked_as_the_other_loaders_check_them(tmp_path, labels, code, message):
+    images = np.zeros((20, 4, 4), np.uint8)
+    for split in ("train", "t10k"):
+        (tmp_path / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(images))
+        (tmp_path / f"{split}-labels-idx1-ubyte").write_bytes(typed_idx_bytes(labels, code))
+    with pytest.raises(DDMError, match=r"IDX labels file .*train-labels-idx1-ubyte: 'labels' holds .*" + message):
+        load_dataset("idx", 0, 0, 0, dir=str(tmp_path))
+    for split in ("train", "t10k"):  # whole numbers in a wider integer type are taken as they are
+        (tmp_path / f"{split}-labels-idx1-ubyte").write_bytes(typed_idx_bytes(np.arange(20).astype(">i4"), 0x0C))
+    train, _ = load_dataset("idx", 0, 0, 0, dir=str(tmp_path))
+    assert train.labels.dtype == torch.int64 and train.labels.tolist() == list(range(20))
+
+
 def test_missing_fashion_mnist_names_the_install_command(tmp_path):
     with pytest.raises(DDMError, match=r"data.params.dir: IDX folder .*nothing does not exist.*apt-get install -y dataset-fashion-mnist"):
         load_dataset("fashion_mnist", 10, 10, 0, dir=str(tmp_path / "nothing"))

@@ -18,6 +18,9 @@ viewer shows it). Each top-level sub-folder is a class (images at any depth belo
 it belong to it; one holding no image is refused, as it would shift the labels);
 hidden entries (names starting with ".") are skipped.
 
+IDX images must be unsigned bytes (IDX type 0x08, 0..255, as the MNIST family): files of the other
+IDX value types are refused, their range being unknown; IDX labels must be whole numbers 0 or more.
+
 Fashion-MNIST is read from the files of the Debian package
 `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist/) unless `dir` names
 another folder holding the four `*-ubyte[.gz]` files.
@@ -90,18 +93,28 @@ def find_idx(folder: Path, stem: str) -> Path:
                    f"`{INSTALL_HINT}`, or set data.params.dir to a folder holding them")
 
 
-def load_idx_split(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, H, W) uint8, labels (N,)) of split 'train' or 't10k'."""
+def load_idx_split(folder: str | Path, split: str) -> tuple[np.ndarray, torch.Tensor]:
+    """(images (N, H, W) uint8, labels (N,) int64) of split 'train' or 't10k'. Images must be IDX type 0x08
+    (unsigned bytes, 0..255, as the MNIST family), the one type whose range is known; labels must be whole
+    numbers 0 or more (checked_labels)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DDMError(f"data.params.dir: IDX folder {folder} does not exist; set data.params.dir to a folder "
                        f"holding the *-ubyte[.gz] files (Fashion-MNIST's: `{INSTALL_HINT}`)")
-    images = read_idx(find_idx(folder, f"{split}-images-idx3-ubyte"))
-    labels = read_idx(find_idx(folder, f"{split}-labels-idx1-ubyte"))
+    images_file = find_idx(folder, f"{split}-images-idx3-ubyte")
+    labels_file = find_idx(folder, f"{split}-labels-idx1-ubyte")
+    images, labels = read_idx(images_file), read_idx(labels_file)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DDMError(f"{folder}: {split} images have shape {images.shape} and labels {labels.shape}; "
                        "expected (N, H, W) and (N,)")
-    return images, labels
+    if images.dtype != np.uint8:
+        raise DDMError(f"{images_file}: IDX images of value type {images.dtype.name}; ddmkit reads IDX images as "
+                       "unsigned bytes only (type 0x08, values 0 .. 255, as the MNIST family), the one type whose "
+                       "range it knows. Write the images as uint8 IDX (e.g. np.round((x - lo) / (hi - lo) * 255) "
+                       "for values in lo .. hi), or save them as an image array (np.savez(\"images.npz\", x=x, "
+                       "labels=labels) with uint8 (N, H, W) or float (N, 1, H, W) in [-1, 1]) and set "
+                       "data.name = \"image_array\"")
+    return images, checked_labels(labels, len(labels), f"IDX labels file {labels_file}")
 
 
 # ---------------------------------------------------------------- scaling and padding
@@ -160,8 +173,8 @@ def load_idx_dataset(n_train: int, n_test: int, seed: int, dir: str = FASHION_MN
     if tr.shape[1:] != te.shape[1:]:
         raise DDMError(f"{dir}: train images are {tr.shape[1:]} but test images are {te.shape[1:]}")
     meta = {"source": str(dir), "pad_to": pad_to, "classes": FASHION_MNIST_CLASSES if name == "fashion_mnist" else None}
-    return _pair(name, pad_images(to_unit_range(tr), pad_to), torch.as_tensor(ytr.astype(np.int64)),
-                 pad_images(to_unit_range(te), pad_to), torch.as_tensor(yte.astype(np.int64)), n_train, n_test, seed, meta)
+    return _pair(name, pad_images(to_unit_range(tr), pad_to), ytr, pad_images(to_unit_range(te), pad_to), yte,
+                 n_train, n_test, seed, meta)
 
 
 def _is_16bit(im) -> bool:
