@@ -180,6 +180,57 @@ def test_an_encoder_folder_holding_other_weights_of_the_same_shape_is_named(fold
         nearest_cluster_fn(manifest, tensors)(x)
 
 
+def test_vit_cls_features_are_the_normed_class_token_not_the_pooler_head(tmp_path):
+    """ViT's pooler_output is tanh(Linear(CLS)), a head self-supervised backbones do not ship: a backbone saved
+    without it was refused as lacking weights, and a folder converted with a random head (AutoModel's
+    from_pretrained + save_pretrained) gave a random projection, different for each conversion."""
+    vit = dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64)
+    torch.manual_seed(0)
+    backbone = transformers.ViTModel(transformers.ViTConfig(**vit), add_pooling_layer=False).eval()
+    backbone.save_pretrained(tmp_path / "backbone")
+    for i in (1, 2):  # two conversions: the backbone's weights, each with another random pooler head
+        torch.manual_seed(i)
+        transformers.AutoModel.from_pretrained(tmp_path / "backbone").save_pretrained(tmp_path / f"converted{i}")
+    classifier = transformers.ViTForImageClassification(transformers.ViTConfig(**vit, num_labels=3))
+    classifier.vit.load_state_dict(backbone.state_dict())
+    classifier.save_pretrained(tmp_path / "classifier")  # a classification folder: its ViT has no pooler either
+    x = images(n=5, side=16)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet's: no preprocessor_config.json
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():  # the class token after ViT's final layernorm
+        want = backbone(pixel_values=((x + 1) / 2 - mean) / std).last_hidden_state[:, 0]
+    for name in ("backbone", "converted1", "converted2", "classifier"):
+        spec = encoder_spec(tmp_path / name, pool="cls", normalize=False)
+        assert spec["cls_output"] == "first_token" and spec["model_type"] == "vit"
+        assert torch.allclose(encode(spec, x), want, atol=1e-5), name
+    m = partition_data(ArrayData("im", x), 2, tmp_path / "p", features="encoder",
+                       encoder={"folder": str(tmp_path / "backbone")})
+    assert m["features"]["cls_output"] == "first_token"
+    manifest, tensors = load_partition(tmp_path / "p")
+    assert torch.equal(nearest_cluster_fn(manifest, tensors)(x), tensors["assignments"])
+    del manifest["features"]["cls_output"]  # an earlier ddmkit's partition: its cls features were the tanh head
+    with pytest.raises(DDMError, match=r"nearest-centroid routing: the partition was made by an earlier ddmkit, whose "
+                                       r"encoder_pool = \"cls\" features of this 'vit' model were its pooler head.*"
+                                       r"Partition again"):
+        nearest_cluster_fn(manifest, tensors)(x)
+
+
+def test_a_model_missing_weights_other_than_a_pooler_head_is_still_refused(folders, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folders / "dino", tmp_path / "dino")
+    weights = load_file(tmp_path / "dino" / "model.safetensors")
+    del weights[next(name for name in weights if name.startswith("layernorm."))]
+    save_file(weights, tmp_path / "dino" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DDMError, match=r"partition.encoder: .*dino lacks weights of its encoder \(\['layernorm"):
+        encoder_spec(tmp_path / "dino")
+    spec = encoder_spec(folders / "dino")  # DINOv2's pooler_output is its normed class token: taken as it is
+    assert spec["cls_output"] == "pooler_output"
+
+
 def blobs(n_per=50, seed=0):
     rng = np.random.default_rng(seed)
     centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])

@@ -16,8 +16,13 @@ Preprocessing of ddmkit images x (N, C, H, W) in [-1, 1], C = 1 or 3:
     u = resize(u, size x size)      bilinear, antialiased (no crop)
     p = (u - image_mean) / image_std   the folder's preprocessor_config.json, else ImageNet's
 
-Pooling: "cls" is the model's image embedding (`image_embeds` where the model has a projection,
-else `pooler_output`, else the first token); "mean" averages the last hidden state over the patch
+Pooling: "cls" is the model's image embedding: `image_embeds` where the model has a projection,
+else `pooler_output` (DINOv2's and CLIP's normed class token, SigLIP's attention head, a convolutional
+network's pooled map), else the first token of the last hidden state. A pooler that is a dense layer on
+the first token (ViT's and DeiT's tanh(Linear(CLS)), a head that self-supervised backbones neither train
+nor ship) is not an image embedding: "cls" then takes the first token itself (after ViT's final
+layernorm), and a folder saved without that head loads. The spec records which output "cls" took
+(`cls_output`). "mean" averages the last hidden state over the patch
 tokens (those after the class and register tokens; over space for convolutional encoders).
 With normalize, each row is divided by its L2 norm, so Euclidean k-means on the features is
 k-means in cosine geometry (spherical k-means, as in the DDM paper).
@@ -150,12 +155,21 @@ def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[
     except Exception as e:  # an unknown model type, a corrupt file, weights of another shape
         raise DDMError(f"{field}: cannot load {path} as a transformers vision model "
                        f"({type(e).__name__}: {str(e)[:300]})") from None
-    if info.get("missing_keys"):
-        raise DDMError(f"{field}: {path} lacks weights of its encoder ({sorted(info['missing_keys'])[:3]} ...); "
+    missing = sorted(info.get("missing_keys") or [])
+    if first_token_head(model):  # a head ddmkit never uses: a backbone saved without it is whole
+        missing = [name for name in missing if not name.startswith("pooler.")]
+    if missing:
+        raise DDMError(f"{field}: {path} lacks weights of its encoder ({missing[:3]} ...); "
                        "save the full model there")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _LOADED[key] = (model.float().eval().to(device), config.model_type)
     return _LOADED[key]
+
+
+def first_token_head(model: torch.nn.Module) -> bool:
+    """Whether the model's pooler is a dense layer on the first token (ViT's and DeiT's tanh(Linear(CLS)),
+    BERT's pooler): a head that is not the image embedding, which "cls" skips."""
+    return isinstance(getattr(getattr(model, "pooler", None), "dense", None), torch.nn.Linear)
 
 
 def _side(value) -> int | None:
@@ -209,7 +223,8 @@ def check_images(x: torch.Tensor, field: str = "partition.features") -> None:
 
 def encoder_spec(folder: str | Path, pool: str = "cls", size: int | None = None, normalize: bool = True) -> dict:
     """The feature map's closed description, after loading (and so checking) the encoder folder:
-    {"kind": "encoder", "folder": absolute path, "pool", "size", "normalize", "model_type", "weights_sha256"}."""
+    {"kind": "encoder", "folder": absolute path, "pool", "size", "normalize", "model_type", "weights_sha256"},
+    and with pool "cls" "cls_output", the output it takes (CLS_OUTPUTS)."""
     if pool not in POOLS:
         raise DDMError(f"partition.encoder_pool: {pool!r}; accepted: {', '.join(POOLS)}")
     path = Path(folder).expanduser().resolve()
@@ -221,7 +236,7 @@ def encoder_spec(folder: str | Path, pool: str = "cls", size: int | None = None,
     spec = {"kind": "encoder", "folder": str(path), "pool": pool, "size": int(size), "normalize": bool(normalize),
             "model_type": model_type, "weights_sha256": weights_sha256(path)}
     try:  # one image through it: a size the encoder cannot take is refused here, not after loading the data
-        encode(spec, torch.zeros(1, 3, int(size), int(size)))
+        taken, _ = run_encoder(model, path, pool, int(size), torch.zeros(1, 3, int(size), int(size)))
     except DDMError:
         raise
     except Exception as e:
@@ -233,6 +248,8 @@ def encoder_spec(folder: str | Path, pool: str = "cls", size: int | None = None,
         raise DDMError(f"partition.encoder_size = {size}: {path} cannot take images of this size{hint} "
                        f"({type(e).__name__}: {str(e)[:200]}); set partition.encoder_size to the size it was trained "
                        f"on, e.g. {example}{source}") from None
+    if pool == "cls":
+        spec["cls_output"] = taken
     return spec
 
 
@@ -246,25 +263,51 @@ def preprocess(x: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor
     return (u - mean.to(u.device)) / std.to(u.device)
 
 
-def pool_output(out, pool: str, patches: int | None = None) -> torch.Tensor:
-    """(B, F) features from a transformers model output (see the module docstring); `patches` is the
-    number of patch tokens, which come after the class and register tokens (None: all tokens)."""
+CLS_OUTPUTS = ("image_embeds", "pooler_output", "first_token")  # what pool = "cls" takes, in this order
+
+
+def pool_output(out, pool: str, patches: int | None = None, skip_pooler: bool = False) -> tuple[str, torch.Tensor]:
+    """(what was taken: one of CLS_OUTPUTS, or "mean"; (B, F) features) from a transformers model output (see
+    the module docstring); `patches` is the number of patch tokens, which come after the class and register
+    tokens (None: all tokens); `skip_pooler`: pooler_output is not the embedding (first_token_head)."""
     if pool == "cls":
-        for name in ("image_embeds", "pooler_output"):
+        for name in CLS_OUTPUTS[:1] if skip_pooler else CLS_OUTPUTS[:2]:
             v = getattr(out, name, None)
             if v is not None:
-                return v.flatten(1)
-        return out.last_hidden_state[:, 0]
+                return name, v.flatten(1)
+        return "first_token", out.last_hidden_state[:, 0]
     h = out.last_hidden_state
     if h.ndim == 4:  # convolutional: (B, C, H, W)
-        return h.mean((2, 3))
-    return h[:, -patches:].mean(1) if patches and h.shape[1] > patches else h.mean(1)
+        return "mean", h.mean((2, 3))
+    return "mean", h[:, -patches:].mean(1) if patches and h.shape[1] > patches else h.mean(1)
 
 
 def _patch_tokens(model: torch.nn.Module, size: int) -> int | None:
     """The number of patch tokens at this input size, for ViT-like configs (None when unknown)."""
     p = getattr(model.config, "patch_size", None)
     return (size // p) ** 2 if isinstance(p, int) and p >= 1 and size >= p else None
+
+
+@torch.no_grad()
+def run_encoder(model: torch.nn.Module, path: Path, pool: str, size: int, x: torch.Tensor,
+                batch: int = 256) -> tuple[str | None, torch.Tensor]:
+    """(what pool_output took, None for no rows; features (N, F) float32 on the CPU) of images x through a
+    loaded encoder: preprocessed with the folder's statistics, in batches of `batch`."""
+    mean, std = normalisation(path)
+    device = next(model.parameters()).device
+    patches, skip_pooler = _patch_tokens(model, size), first_token_head(model)
+    kwargs = {}  # ViT and CLIP interpolate their position embeddings only when asked
+    if (size != getattr(model.config, "image_size", size)
+            and "interpolate_pos_encoding" in signature(model.forward).parameters):
+        kwargs["interpolate_pos_encoding"] = True
+    taken, feats = None, []
+    with progress_bar("encoder features", len(x)) as advance:
+        for i in range(0, len(x), batch):
+            chunk = preprocess(x[i:i + batch].to(device), size, mean, std)
+            taken, f = pool_output(model(pixel_values=chunk, **kwargs), pool, patches, skip_pooler)
+            feats.append(f.float().cpu())
+            advance(len(chunk))
+    return taken, torch.cat(feats) if feats else torch.zeros(0, 1)
 
 
 @torch.no_grad()
@@ -286,20 +329,17 @@ def encode(spec: dict, x: torch.Tensor, batch: int = 256, what: str = "partition
         raise DDMError(f"{what}: the encoder folder {path} now holds other weights than the partition was made with "
                        f"(their SHA-256 differs from the manifest's features.weights_sha256); restore that model, or "
                        "partition again (`ddmkit partition --config CONFIG --out NEW_RUN`)")
-    mean, std = normalisation(path)
-    size, device = spec["size"], next(model.parameters()).device
-    patches = _patch_tokens(model, size)
-    kwargs = {}  # ViT and CLIP interpolate their position embeddings only when asked
-    if (size != getattr(model.config, "image_size", size)
-            and "interpolate_pos_encoding" in signature(model.forward).parameters):
-        kwargs["interpolate_pos_encoding"] = True
-    feats = []
-    with progress_bar("encoder features", len(x)) as advance:
-        for i in range(0, len(x), batch):
-            chunk = preprocess(x[i:i + batch].to(device), size, mean, std)
-            feats.append(pool_output(model(pixel_values=chunk, **kwargs), spec["pool"], patches).float().cpu())
-            advance(len(chunk))
-    f = torch.cat(feats) if feats else torch.zeros(0, 1)
+    pool, cls_output = spec["pool"], spec.get("cls_output")  # cls_output: absent from an older ddmkit's partition
+    if pool == "cls" and cls_output is None and first_token_head(model):
+        raise DDMError(f"{what}: the partition was made by an earlier ddmkit, whose encoder_pool = \"cls\" features "
+                       f"of this {model_type!r} model were its pooler head, tanh(Linear(first token)); ddmkit now "
+                       "takes the first token itself, so these centroids do not match its features. Partition again "
+                       "(`ddmkit partition --config CONFIG --out NEW_RUN`)")
+    taken, f = run_encoder(model, path, pool, spec["size"], x, batch)
+    if pool == "cls" and cls_output is not None and len(x) and taken != cls_output:
+        raise DDMError(f"{what}: the partition's encoder_pool = \"cls\" features were the model's {cls_output}, but "
+                       f"the encoder folder {path} now gives {taken}; restore the transformers version the partition "
+                       "was made with, or partition again (`ddmkit partition --config CONFIG --out NEW_RUN`)")
     if spec["normalize"]:
         f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
     if not bool(torch.isfinite(f).all()):

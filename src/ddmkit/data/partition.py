@@ -250,6 +250,7 @@ class EncoderFeatures(_Loose):
     size: int = Field(ge=1, le=16_384)
     normalize: bool
     model_type: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    cls_output: Literal["image_embeds", "pooler_output", "first_token"] | None = None  # pool "cls" only
 
     @field_validator("folder")
     @classmethod
