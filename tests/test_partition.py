@@ -54,6 +54,40 @@ def test_balanced_partition(tmp_path):
     assert max(m["counts"]) == 120
 
 
+def test_balanced_distances_in_row_chunks_are_the_whole_array_formula_and_give_the_same_assignment(monkeypatch):
+    """The balanced step's (N, K) distances, computed in chunks of rows, equal the (N, K, F) formula's bit for bit,
+    so the balanced assignment is the one the whole array gave."""
+    import ddmkit.data.partition as partition
+
+    x = torch.randn(1000, 50, generator=torch.Generator().manual_seed(0))
+    plain = partition.compute_partition(ArrayData("x", x), 7, seed=0)  # k-means: the centroids balancing starts from
+    f, c = x.double().numpy(), plain.centroids
+    whole = ((f[:, None, :] - c[None]) ** 2).sum(-1)
+    monkeypatch.setattr(partition, "DISTANCE_CHUNK_BYTES", 3 * 7 * 50 * 8 + 1)  # 3 rows a chunk, 1 left at the end
+    assert np.array_equal(partition.squared_distances(f, c), whole)
+    balanced = partition.compute_partition(ArrayData("x", x), 7, seed=0, balanced=True)
+    assert np.array_equal(balanced.labels.numpy(), balanced_assign(whole))
+
+
+def test_balanced_partition_never_holds_the_n_k_f_array_of_differences(monkeypatch):
+    """Balancing held an (N, K, F) float64 array (3.7 GiB for Fashion-MNIST at 32 x 32 and K = 8)."""
+    import tracemalloc
+
+    import ddmkit.data.partition as partition
+
+    monkeypatch.setattr(partition, "DISTANCE_CHUNK_BYTES", 2**20)
+    n, f, k = 4000, 128, 32
+    x = torch.randn(n, f, generator=torch.Generator().manual_seed(0))
+    partition.cluster(x[:100], 2, True, seed=0)  # scikit-learn imported before measuring
+    tracemalloc.start()
+    try:
+        partition.cluster(x, k, True, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < n * k * f * 8 / 4  # about 8 MiB here, against 125 MiB for the whole array
+
+
 def test_pca_features(tmp_path):
     train, _ = load_dataset("gmm32", 800, 10)
     m = partition_data(train, 8, tmp_path / "p", features="pca", pca_dim=5)
