@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddmkit.data import ArrayData, load_dataset
-from ddmkit.data.partition import balanced_assign, load_partition, partition_data, read_shard
+from ddmkit.data.partition import balanced_assign, compute_partition, load_partition, partition_data, read_shard
 from ddmkit.errors import DDMError
 
 
@@ -86,6 +86,26 @@ def test_balanced_partition_never_holds_the_n_k_f_array_of_differences(monkeypat
     finally:
         tracemalloc.stop()
     assert peak < n * k * f * 8 / 4  # about 8 MiB here, against 125 MiB for the whole array
+
+
+@pytest.mark.parametrize("fine_k", [0, 40])
+def test_clustering_runs_on_one_thread_whatever_the_machine(monkeypatch, fine_k):
+    """scikit-learn's k-means adds up per-thread partial sums: on its default thread count (the machine's cores)
+    the centroids' last bits, and at a near tie a label, depended on the machine."""
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen, fit = [], KMeans.fit
+
+    def recording_fit(self, *args, **kwargs):
+        out = fit(self, *args, **kwargs)
+        seen.append((self._n_threads, sorted({pool["num_threads"] for pool in threadpool_info()})))
+        return out
+
+    monkeypatch.setattr(KMeans, "fit", recording_fit)
+    with threadpool_limits(limits=2):  # as on a machine of two cores or more
+        compute_partition(small(), 4, seed=0, fine_k=fine_k, balanced=True)
+    assert seen and all(entry == (1, [1]) for entry in seen), seen
 
 
 def test_pca_features(tmp_path):

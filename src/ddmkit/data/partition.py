@@ -105,20 +105,27 @@ def two_stage_kmeans(f: np.ndarray, k: int, fine_k: int, seed: int) -> tuple[np.
     return labels, centroids
 
 
+CLUSTER_THREADS = 1  # OpenMP and BLAS threads while clustering (scikit-learn's default: the machine's cores)
+
+
 def cluster(features: torch.Tensor, k: int, balanced: bool, seed: int,
             fine_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (N,), centroids (K, F)) by k-means (two-stage when fine_k > 0), optionally balanced."""
+    """(labels (N,), centroids (K, F)) by k-means (two-stage when fine_k > 0), optionally balanced, on
+    CLUSTER_THREADS threads: scikit-learn's k-means adds up each thread's partial sums, so their float
+    rounding (and with it, at a near tie, a label) would otherwise depend on the machine's core count."""
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
     f = features.double().numpy()
-    if fine_k:
-        labels, centroids = two_stage_kmeans(f, k, fine_k, seed)
-    else:
-        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(f)
-        labels, centroids = km.labels_.astype(np.int64), km.cluster_centers_
-    if balanced:
-        labels = balanced_assign(squared_distances(f, centroids))
-        centroids = np.stack([f[labels == c].mean(0) for c in range(k)])
+    with threadpool_limits(limits=CLUSTER_THREADS):
+        if fine_k:
+            labels, centroids = two_stage_kmeans(f, k, fine_k, seed)
+        else:
+            km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(f)
+            labels, centroids = km.labels_.astype(np.int64), km.cluster_centers_
+        if balanced:
+            labels = balanced_assign(squared_distances(f, centroids))
+            centroids = np.stack([f[labels == c].mean(0) for c in range(k)])
     return labels, centroids
 
 
