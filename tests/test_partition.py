@@ -108,6 +108,18 @@ def test_clustering_runs_on_one_thread_whatever_the_machine(monkeypatch, fine_k)
     assert seen and all(entry == (1, [1]) for entry in seen), seen
 
 
+def test_two_stage_kmeans_routes_every_training_point_to_its_own_cluster(tmp_path):
+    """With fine_k, a point took the coarse cluster of its fine centroid, and up to 40% of the points lay nearer
+    another coarse centroid: `nearest` routing sent them to an expert that never saw them. A point now joins
+    its nearest coarse centroid."""
+    from ddmkit.ddm.load import nearest_cluster_fn
+
+    x = torch.randn(4000, 8, generator=torch.Generator().manual_seed(0))
+    partition_data(ArrayData("blob", x), 8, tmp_path / "p", seed=0, fine_k=64)
+    manifest, tensors = load_partition(tmp_path / "p")
+    assert torch.equal(nearest_cluster_fn(manifest, tensors)(x), tensors["assignments"])
+
+
 def test_pca_features(tmp_path):
     train, _ = load_dataset("gmm32", 800, 10)
     m = partition_data(train, 8, tmp_path / "p", features="pca", pca_dim=5)

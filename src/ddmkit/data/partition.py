@@ -8,10 +8,10 @@ a capacity of ceil(N / K) per cluster (points with the clearest preference
 first), a simple balanced k-means. With `fine_k = M` (> 0) the clustering has
 two stages, as in the Decentralized Diffusion Models paper: k-means with M
 centroids on the points, then k-means of the M fine centroids into K, each
-weighted by its number of points; every point takes the coarse cluster of its
-fine centroid, and a coarse centroid is the mean of its points (the count-weighted
-mean of its fine centroids' members), so nearest-centroid routing is unchanged.
-With both, the balanced step re-assigns the points to the K coarse centroids.
+weighted by its number of points; its K centroids are the partition's, and every
+point joins its nearest one, so nearest-centroid routing sends each training
+point to its own cluster, as with one k-means. With both, the balanced step
+re-assigns the points to the K coarse centroids.
 Everything that can fail is found by
 compute_partition, in memory, before write_partition writes anything. Output folder:
 
@@ -88,9 +88,10 @@ MINIBATCH_WORK = 50_000_000  # fine k-means runs mini-batch when N * M exceeds t
 
 
 def two_stage_kmeans(f: np.ndarray, k: int, fine_k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (N,), centroids (K, F)): k-means with fine_k centroids, then a count-weighted
-    k-means of those centroids into k; point i takes the coarse cluster of its fine centroid,
-    and a coarse centroid is the mean of its points."""
+    """(labels (N,), centroids (K, F)): k-means with fine_k centroids, then a count-weighted k-means of
+    those centroids into k, whose centroids are the coarse ones; point i joins its nearest coarse centroid,
+    so nearest-centroid routing sends every training point to its own cluster. (Taking the coarse cluster
+    of the point's fine centroid instead left up to 40% of the points nearer another coarse centroid.)"""
     from sklearn.cluster import KMeans, MiniBatchKMeans  # imported on first use: commands that never cluster start faster
 
     if len(f) * fine_k > MINIBATCH_WORK:
@@ -99,10 +100,8 @@ def two_stage_kmeans(f: np.ndarray, k: int, fine_k: int, seed: int) -> tuple[np.
         fine = KMeans(n_clusters=fine_k, n_init=1, random_state=seed).fit(f)
     counts = np.bincount(fine.labels_, minlength=fine_k).astype(np.float64)
     coarse = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(fine.cluster_centers_, sample_weight=counts)
-    labels = coarse.labels_[fine.labels_].astype(np.int64)
-    centroids = np.stack([f[labels == c].mean(0) if (labels == c).any() else coarse.cluster_centers_[c]
-                          for c in range(k)])
-    return labels, centroids
+    centroids = coarse.cluster_centers_
+    return squared_distances(f, centroids).argmin(1).astype(np.int64), centroids
 
 
 CLUSTER_THREADS = 1  # OpenMP and BLAS threads while clustering (scikit-learn's default: the machine's cores)
