@@ -120,6 +120,24 @@ def test_two_stage_kmeans_routes_every_training_point_to_its_own_cluster(tmp_pat
     assert torch.equal(nearest_cluster_fn(manifest, tensors)(x), tensors["assignments"])
 
 
+def test_balanced_partition_warns_when_it_splits_copies_of_one_point():
+    """The cap of ceil(N / K) cuts a group of identical points that all prefer one cluster: their copies then sit
+    in different shards, which was silent."""
+    import warnings
+
+    copies = torch.tensor([[0.0, 0.0]] * 6 + [[1.0, 1.0]] * 6 + [[5.0, 5.0]] * 6)  # 3 points, 6 copies each
+    with pytest.warns(UserWarning, match=r"partition.balanced: 3 group\(s\) of identical points \(18 points\) are "
+                                         r"split over several clusters, cut by the cap of ceil\(N / K\) = 5 .*Remove "
+                                         r"duplicate rows"):
+        plan = compute_partition(ArrayData("copies", copies), 4, balanced=True)
+    assert sorted(plan.counts.tolist()) == [3, 5, 5, 5]
+    x = torch.cat([torch.randn(300, 2), torch.randn(60, 2) + 8, torch.zeros(30, 2) + 8])  # 30 copies kept together
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        plan = compute_partition(ArrayData("skewed", x), 3, balanced=True, seed=0)
+    assert len(set(plan.labels[-30:].tolist())) == 1
+
+
 def test_pca_features(tmp_path):
     train, _ = load_dataset("gmm32", 800, 10)
     m = partition_data(train, 8, tmp_path / "p", features="pca", pca_dim=5)

@@ -5,7 +5,8 @@
 
 k-means (scikit-learn) on the features; `balanced=True` then re-assigns with
 a capacity of ceil(N / K) per cluster (points with the clearest preference
-first), a simple balanced k-means. With `fine_k = M` (> 0) the clustering has
+first), a simple balanced k-means; it warns when the cap splits copies of one
+point over several clusters. With `fine_k = M` (> 0) the clustering has
 two stages, as in the Decentralized Diffusion Models paper: k-means with M
 centroids on the points, then k-means of the M fine centroids into K, each
 weighted by its number of points; its K centroids are the partition's, and every
@@ -27,6 +28,7 @@ and every tensor is checked (shapes against the manifest, finite values).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -84,6 +86,26 @@ def squared_distances(f: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return dist
 
 
+def warn_split_copies(f: np.ndarray, dist: np.ndarray, labels: np.ndarray) -> None:
+    """Warn when the balanced step put copies of one point (identical feature rows) in several clusters: the
+    cap cuts a group of copies that all prefer the same cluster. Copies have identical rows of distances
+    (squared_distances computes each row alike), so rows are grouped by those K numbers, then compared."""
+    n, k = dist.shape
+    keys = np.ascontiguousarray(dist).view(np.dtype((np.void, k * dist.itemsize))).ravel()
+    _, group = np.unique(keys, return_inverse=True)
+    group = group.ravel()
+    pairs = np.unique(group * k + labels)  # each (group, cluster) once
+    split = np.flatnonzero(np.bincount(pairs // k) > 1)
+    copies = [rows for g in split for rows in [np.flatnonzero(group == g)] if (f[rows] == f[rows[0]]).all()]
+    if copies:
+        count = sum(len(rows) for rows in copies)
+        warnings.warn(f"partition.balanced: {len(copies)} group(s) of identical points ({count} points) are split "
+                      f"over several clusters, cut by the cap of ceil(N / K) = {math.ceil(n / k)} points per "
+                      "cluster: copies of one point sit in different shards, and `nearest` routing sends them all "
+                      "to one expert. Remove duplicate rows from the data, or set partition.balanced = false to "
+                      "keep copies together", UserWarning, stacklevel=2)
+
+
 MINIBATCH_WORK = 50_000_000  # fine k-means runs mini-batch when N * M exceeds this
 
 
@@ -123,7 +145,9 @@ def cluster(features: torch.Tensor, k: int, balanced: bool, seed: int,
             km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(f)
             labels, centroids = km.labels_.astype(np.int64), km.cluster_centers_
         if balanced:
-            labels = balanced_assign(squared_distances(f, centroids))
+            dist = squared_distances(f, centroids)
+            labels = balanced_assign(dist)
+            warn_split_copies(f, dist, labels)
             centroids = np.stack([f[labels == c].mean(0) for c in range(k)])
     return labels, centroids
 
