@@ -9,7 +9,7 @@ ddmkit applies itself:
     {"kind": "pca", "dim": D, ...}         + tensors pca_mean (F0,), pca_components (D, F0)
     {"kind": "function", "function": "package.module:function"}
     {"kind": "encoder", "folder": ABSOLUTE_PATH, "pool": "cls", "size": S, "normalize": true, "model_type": T,
-     "weights_sha256": H}
+     "weights_sha256": H, "cls_output": "pooler_output"}    (cls_output: with pool "cls" only)
 
 A "function" spec is a record, by name only: ddmkit never imports code named in a
 file. A user function ("package.module:function", mapping a (N, *data_shape)
