@@ -903,8 +903,8 @@ def test_render_distill_report_exactly():
         "batch 256, 1 seed(s) averaged; error = E|student - teacher|^2 / E|teacher|^2 on 2048 held-out noise draws.",
         "",
         "## L(t) and Lambda", "",
-        "| path | D/sigma | peak L bound | at t | peak L measured (mean) | peak L measured (max) | Lambda(T) bound | "
-        "Lambda(T) mean | Lambda(T) max |",
+        "| path | D/sigma | peak L bound | at t (tau on OU) | peak L measured (mean) | peak L measured (max) | "
+        "Lambda(T) bound | Lambda(T) mean | Lambda(T) max |",
         "|---|---|---|---|---|---|---|---|---|",
         "| linear | 4 | 4 | 0.25 | 2 | 3 | 3 | 1.5 | 2.25 |",
         "| linear | 8 | 4 | 0.25 | 2 | 3 | 3 | 1.5 | 2.25 |",

@@ -3,7 +3,7 @@
 Definitions (ddmkit's own; the paper's formulas are not public):
 
     L_top(x, t)  = sigma_max(J),  J = dv/dx         exact for small D, else power iteration u <- J^T J u
-    L_rand(x, t) = |J u|,  u a random unit vector    (E = |J|_F / sqrt(D))
+    L_rand(x, t) = |J u|,  u a random unit vector    (E |J u|^2 = |J|_F^2 / D)
     L_fd(x, t)   = |v(x + h u) - v(x)| / h           the routed field as sampled, routing switches included
     A(x_1)       = |Phi(x_1 + d) - Phi(x_1)| / |d|   Phi the whole sampler, |d| = delta
     Delta_refine = E |Phi_N(x_1) - Phi_2N(x_1)| / s  s = RMS distance of held-out data to its mean

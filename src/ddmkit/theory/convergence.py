@@ -527,8 +527,9 @@ def sample_size_lines(results: dict) -> list[str]:
             f"The outputs of the noise draws above, pooled ({sizes[-1]} pairs of N-step and exact-ODE samples) and "
             f"split into disjoint subsets of n pairs ({sizes[-1]} / n independent replicates): mean W2 [95% "
             "t-interval over the subsets; one subset has none]. A law error stays as n grows, a finite-sample "
-            "floor falls. W2^2 is jointly convex, so W2(law of X_N, mixture)^2 <= E W2_n^2 at every n: each "
-            "column estimates an upper bound on the law error.", "",
+            "floor falls. W2^2 is jointly convex, so W2(law of X_N, mixture)^2 <= E W2_n^2 at every n: the root "
+            "mean square of a column's W2 values bounds the law error from above (the mean shown is at most "
+            "that; with one subset they are one value).", "",
             markdown_table(["sampler", "N", "pathwise RMS"] + [f"n={n}" for n in sizes] + ["slope in n"],
                            [[name, steps, group[0]["pathwise_rms"]] + [value_text(r["w2"]) for r in group]
                             + [f"{size_slope(group):.2f}"] for (name, steps), group in groups.items()]), ""]

@@ -281,7 +281,7 @@ def render_report(results: dict) -> str:
              f"{s['batch_size']}, {s['seeds']} seed(s) averaged; error = E|student - teacher|^2 / E|teacher|^2 "
              f"on {s['n_test']} held-out noise draws.", "",
              "## L(t) and Lambda", "",
-             markdown_table(["path", "D/sigma", "peak L bound", "at t", "peak L measured (mean)",
+             markdown_table(["path", "D/sigma", "peak L bound", "at t (tau on OU)", "peak L measured (mean)",
                              "peak L measured (max)", "Lambda(T) bound", "Lambda(T) mean", "Lambda(T) max"],
                             [[r["path"], r["ratio"], r["L_bound_peak"], r["L_bound_peak_time"], r["L_mean_peak"],
                               r["L_max_peak"], r["Lambda_total"]["bound"], r["Lambda_total"]["mean"],
