@@ -246,3 +246,16 @@ def test_a_run_sampled_with_the_adaptive_solver_is_traced_with_fixed_steps(train
     res = analyze_run(run, strategies=["top-1"], log=lines.append, **SMALL)
     assert res["settings"]["solver"] == "rk4"
     assert any("samples with the adaptive solver" in line and "trace rk4" in line for line in lines), lines
+
+
+def test_a_run_whose_experts_never_trained_their_label_free_token_is_noted(trained, tmp_path):
+    """The analysis sampler runs class-conditional experts without labels; with expert.label_dropout = 0 that
+    is an untrained embedding (here the run's config says so; its networks are the unconditional ones)."""
+    run = copy_run(trained, tmp_path / "run")
+    recorded = json.loads((run / "config.json").read_text())
+    recorded["config"]["expert"]["net"]["kwargs"]["num_classes"] = 8
+    recorded["config"]["expert"]["label_dropout"] = 0.0
+    (run / "config.json").write_text(json.dumps(recorded))
+    lines = []
+    analyze_run(run, strategies=["top-1"], log=lines.append, **SMALL)
+    assert any("expert.label_dropout = 0 never trained their 'no label' token" in line for line in lines), lines

@@ -349,6 +349,24 @@ def test_checkpoint_at_another_resolution_is_refused(tmp_path):
         check_shape(tmp_path, {"data_shape": [1, 28, 28]}, (1, 32, 32))
 
 
+def test_guidance_on_experts_whose_label_free_velocity_never_trained_is_refused(tmp_path):
+    """expert.label_dropout = 0 (the default) never trains the 'no label' embedding that guidance mixes in."""
+    from ddmkit.config import load_config, validate, RunConfig
+    from ddmkit.pipeline.prepare import prepare_run_dir
+
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
+    raw["data"]["params"] = {"dir": str(write_idx_set(tmp_path / "fm", 160, 48))}
+    for field, value in (("guidance_sweep", [2.0]), ("guidance", 3.0)):
+        raw["sample"].update({"guidance_sweep": [], "guidance": 1.0, field: value})
+        raw["expert"]["label_dropout"] = 0.0
+        with pytest.raises(DDMError, match=f"sample.{field}: .*expert.label_dropout = 0 never trains .*set "
+                                           "expert.label_dropout = 0.1"):
+            prepare_run_dir(tmp_path / "run", validate(RunConfig, raw), log=lambda m: None)
+        assert not (tmp_path / "run").exists()
+    raw["expert"]["label_dropout"] = 0.1  # the fix it names
+    prepare_run_dir(tmp_path / "run", validate(RunConfig, raw), log=lambda m: None)
+
+
 def test_tiny_config_runs_the_image_path(tmp_path):
     """configs/fashion_mnist_tiny.toml end to end on a small IDX folder: train stage, then evaluate stage."""
     from ddmkit.config import load_config, validate, RunConfig

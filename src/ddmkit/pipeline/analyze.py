@@ -369,6 +369,9 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     s = cfg.sample
     seed = s.seed if seed is None else seed
     x1 = start_noise(max(s.n, n), ddm.data_shape, seed, device)[:n]
+    if cfg.expert.net.kwargs.get("num_classes") and cfg.expert.label_dropout == 0:
+        log("note: the diagnostics run the class-conditional experts without labels, and expert.label_dropout = 0 "
+            "never trained their 'no label' token: its velocities are those of an untrained embedding")
     solver = TRACE_SOLVER if s.solver == "adaptive" else s.solver  # the diagnostics are per step
     if solver != s.solver:
         log(f"note: the run samples with the adaptive solver, which has no fixed steps; the diagnostics trace "

@@ -69,6 +69,12 @@ def check_run_plan(cfg: RunConfig, n_train: int, n_test: int, data_shape: tuple,
         raise DDMError(f"{field}: classifier-free guidance needs class-conditional experts (expert.net.kwargs."
                        "num_classes); these are unconditional, so every scale would draw the same samples: set "
                        "sample.guidance_sweep = [] and sample.guidance = 1.0")
+    if (s.guidance_sweep or s.guidance != 1.0) and cfg.expert.label_dropout == 0:
+        field = "sample.guidance_sweep" if s.guidance_sweep else "sample.guidance"
+        raise DDMError(f"{field}: classifier-free guidance mixes in each expert's velocity without a label, which "
+                       "expert.label_dropout = 0 never trains (the 'no label' embedding keeps its random start): "
+                       "set expert.label_dropout = 0.1 (the usual share), or sample.guidance_sweep = [] and "
+                       "sample.guidance = 1.0")
     if is_image_shape(data_shape):
         _check_images(cfg, n_test, min(extra, default=s.n))
     else:
