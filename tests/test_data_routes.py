@@ -251,6 +251,26 @@ def test_an_array_with_a_test_fraction(tmp_path, monkeypatch, capsys):
         load_dataset(str(tmp_path / "v.npz"), 1000, 5)
 
 
+def shuffled(a: np.ndarray, b: np.ndarray) -> bool:
+    """a holds b's rows in another order (a test split's rows are taken in a seeded random order)."""
+    return not np.array_equal(a, b) and np.array_equal(a[np.lexsort(a.T[::-1])], b[np.lexsort(b.T[::-1])])
+
+
+def test_a_test_file_sorted_by_class_gives_a_test_split_in_random_order(tmp_path):
+    """The held-out sets (W2 reference, noise floor, analyze's rows) are consecutive blocks of the test split;
+    a test file sorted by class kept its order, so the floor compared one class with another (W2 0.52 -> 3.9)."""
+    labels = np.repeat(np.arange(4), 50)
+    x = (labels[:, None] * 3.0 + np.random.default_rng(0).normal(size=(200, 2))).astype(np.float32)
+    np.savez(tmp_path / "t.npz", x=x, labels=labels)
+    np.savez(tmp_path / "x.npz", x=x, labels=labels)
+    train, test = load_dataset(str(tmp_path / "x.npz"), 0, 0, params={"test_path": str(tmp_path / "t.npz")})
+    assert shuffled(test.x.numpy(), x) and sorted(test.labels.tolist()) == labels.tolist()
+    assert len(set(test.labels[:50].tolist())) == 4  # the first block holds every class
+    again = load_dataset(str(tmp_path / "x.npz"), 0, 0, params={"test_path": str(tmp_path / "t.npz")})[1]
+    assert torch.equal(again.x, test.x)  # seeded
+    assert np.array_equal(train.x.numpy(), x)  # the training rows keep the file's order
+
+
 def test_an_array_with_a_test_file(tmp_path, monkeypatch, capsys):
     np.save(tmp_path / "x.npy", blobs(300))
     np.save(tmp_path / "t.npy", blobs(200, seed=1))
@@ -258,7 +278,7 @@ def test_an_array_with_a_test_file(tmp_path, monkeypatch, capsys):
                      n_train=1000, n_test=0)
     runs(monkeypatch, capsys, config, tmp_path / "run")
     test = load_tensors(tmp_path / "run" / "data" / "test.safetensors")["x"].numpy()
-    assert np.array_equal(test, blobs(200, seed=1)) and data_info(tmp_path / "run")["n_train"] == 300
+    assert shuffled(test, blobs(200, seed=1)) and data_info(tmp_path / "run")["n_train"] == 300
 
     np.save(tmp_path / "t3.npy", blobs(150, seed=1, dim=3))
     config = vectors(tmp_path / "b.toml", tmp_path / "x.npy", f'{{ test_path = "{tmp_path / "t3.npy"}" }}')
@@ -433,7 +453,7 @@ def test_a_dataset_function_runs_end_to_end(tmp_path, monkeypatch, capsys, user_
     x = np.random.default_rng(0).normal(size=(700, 2)).astype("float32") * 2.0  # what the function returned
     train = load_tensors(tmp_path / "run" / "data" / "train.safetensors")["x"].numpy()
     test = load_tensors(tmp_path / "run" / "data" / "test.safetensors")["x"].numpy()
-    assert np.array_equal(train, x[:400]) and np.array_equal(test, x[400:])
+    assert np.array_equal(train, x[:400]) and shuffled(test, x[400:])
     # the run folder names the function only as a label: evaluating it again never imports it
     monkeypatch.delitem(sys.modules, user_module)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
@@ -444,7 +464,7 @@ def test_a_dataset_function_runs_end_to_end(tmp_path, monkeypatch, capsys, user_
 def test_every_form_a_dataset_function_returns(user_module):
     train, test = load_dataset(f"{user_module}:tables", 100, 0)
     assert train.x.shape == (20, 2) and train.labels.tolist() == [i % 2 for i in range(20)]
-    assert torch.equal(test.x, torch.arange(20, dtype=torch.float32).reshape(10, 2) + 0.5)
+    assert shuffled(test.x.numpy(), np.arange(20, dtype=np.float32).reshape(10, 2) + 0.5)
     train, test = load_dataset(f"{user_module}:datasets", 100, 0)
     assert torch.equal(train.x[:, 0], torch.arange(12.0)) and train.labels.tolist() == [i % 3 for i in range(12)]
     assert test.x.shape == (6, 3)

@@ -40,12 +40,16 @@ def content_hash(x: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def take_rows(x: torch.Tensor, labels: torch.Tensor | None, n: int, seed: int):
+def take_rows(x: torch.Tensor, labels: torch.Tensor | None, n: int, seed: int, shuffle: bool = False):
     """(x, labels) cut to n rows: a seeded subset in the original order (all rows when n is 0 or
-    not smaller than len(x))."""
-    if not n or n >= len(x):
+    not smaller than len(x)). shuffle: the rows in a seeded random order instead, as a test split needs
+    them (its held-out sets are cut in consecutive blocks, which a file sorted by class would bias)."""
+    if shuffle:
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n or len(x)]
+    elif not n or n >= len(x):
         return x, labels
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    else:
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return x[idx], (labels[idx] if labels is not None else None)
 
 

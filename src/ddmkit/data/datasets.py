@@ -170,7 +170,7 @@ def _array_file(path: str, n_train: int, n_test: int, seed: int, params: dict) -
             raise DDMError(f"data.params.test_path: only one of {path!r} and {test_path!r} holds 'labels'; give "
                            "both files labels or neither")
         xtr, ytr = take_rows(x, lab, n_train, seed)
-        xte, yte = take_rows(xt, lt, n_test, seed + 1)
+        xte, yte = take_rows(xt, lt, n_test, seed + 1, shuffle=True)  # the file's rows in a seeded order
     meta = {"test_path": test_path} if test_path else {}
     return (ArrayData(Path(path).stem, xtr, ytr, None, {"split": "train", **meta}),
             ArrayData(Path(path).stem, xte, yte, None, {"split": "test", **meta}))

@@ -192,7 +192,7 @@ def load_function_dataset(name: str, n_train: int, n_test: int, seed: int,
                                f"{(lab < 0).nonzero().flatten()[:5].tolist()}); labels are class indices 0, 1, 2, ...")
             labels = lab.long()
         shapes[split] = tuple(x.shape[1:])
-        x, labels = take_rows(x, labels, n_train if split == "train" else n_test, seed + i)
+        x, labels = take_rows(x, labels, n_train if split == "train" else n_test, seed + i, shuffle=split == "test")
         data.append(ArrayData(name.rpartition(":")[2], x, labels, None, {"split": split, "function": name}))
     if shapes["train"] != shapes["test"]:
         raise DDMError(f"data.name = {name!r}: train samples have shape {shapes['train']} but test samples "
