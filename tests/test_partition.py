@@ -108,6 +108,23 @@ def test_clustering_runs_on_one_thread_whatever_the_machine(monkeypatch, fine_k)
     assert seen and all(entry == (1, [1]) for entry in seen), seen
 
 
+def test_the_pca_features_are_fitted_on_one_thread_whatever_the_machine(monkeypatch):
+    """PCA's SVD ran on the BLAS threads of the machine, whose sums' order can change the map's last bits."""
+    from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen, fit = [], PCA.fit
+
+    def recording_fit(self, *args, **kwargs):
+        seen.append(sorted({pool["num_threads"] for pool in threadpool_info()}))
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(PCA, "fit", recording_fit)
+    with threadpool_limits(limits=2):  # as on a machine of two cores or more
+        compute_partition(small(), 4, features="pca", pca_dim=1, seed=0)
+    assert seen == [[1]], seen
+
+
 def test_two_stage_kmeans_routes_every_training_point_to_its_own_cluster(tmp_path):
     """With fine_k, a point took the coarse cluster of its fine centroid, and up to 40% of the points lay nearer
     another coarse centroid: `nearest` routing sent them to an expert that never saw them. A point now joins

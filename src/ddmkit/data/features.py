@@ -128,7 +128,10 @@ def fit_features(kind: str, x: torch.Tensor, pca_dim: int | None = None, seed: i
         dim = pca_components(pca_dim, *flat.shape)
         from sklearn.decomposition import PCA  # imported on first use: commands that never fit features start faster
 
-        pca = PCA(n_components=dim, random_state=seed).fit(flat)
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+        with threadpool_limits(limits=1):  # one thread, as the clustering: BLAS sums on the machine's cores
+            pca = PCA(n_components=dim, random_state=seed).fit(flat)
         return ({"kind": "pca", "dim": dim, "explained_variance": float(pca.explained_variance_ratio_.sum())},
                 {"pca_mean": torch.as_tensor(pca.mean_, dtype=torch.float32),
                  "pca_components": torch.as_tensor(pca.components_, dtype=torch.float32)})
