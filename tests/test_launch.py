@@ -459,6 +459,22 @@ def test_a_pool_job_trains_on_one_of_the_gpus_this_process_was_given(monkeypatch
     assert free.get_nowait() == "3"  # given back when the job ended
 
 
+def test_a_pool_job_on_cuda_n_trains_on_the_one_gpu_its_process_sees(monkeypatch):
+    """train.device = "cuda:1" failed in every pool job: a job's process sees its GPU alone, as cuda:0."""
+    import queue
+
+    import ddmkit.launch.backends as backends
+
+    on_gpu_1 = CFG.model_copy(update={"train": CFG.train.model_copy(update={"device": "cuda:1"})})
+    free = queue.Queue()
+    free.put("3")
+    monkeypatch.setattr(backends, "_FREE_GPUS", free)
+    monkeypatch.setattr(backends, "train_expert", lambda shard, config, *a, **k: config.train.device)
+    assert backends._process_job(ExpertJob(1, Path("s"), Path("o")), on_gpu_1.model_dump(), False) == "cuda"
+    monkeypatch.setattr(backends, "_FREE_GPUS", None)  # on CPUs nothing is changed
+    assert backends._process_job(ExpertJob(1, Path("s"), Path("o")), on_gpu_1.model_dump(), False) == "cuda:1"
+
+
 def _job_on_a_gpu(job: ExpertJob, config_dump: dict, resume: bool, networks: tuple = ()) -> str:
     """A pool job's body (backends._process_job) that trains nothing: on the GPU job_gpu gives it, job 0 runs
     until job 2 has started (60 s at most), the others end at once; returns 'GPU|start|end'."""

@@ -154,12 +154,20 @@ def job_gpu() -> Iterator[str | None]:
         _FREE_GPUS.put(gpu)
 
 
+def on_its_gpu(config: ExpertConfig, gpu: str | None) -> ExpertConfig:
+    """A pool job's config on the GPU it was given (gpu, None on CPUs): that process sees it alone, as
+    cuda:0, so a train.device of cuda:N (N > 0) would name a GPU it does not see; "cuda" it is."""
+    if gpu is None or not config.train.device.startswith("cuda:"):
+        return config
+    return config.model_copy(update={"train": config.train.model_copy(update={"device": "cuda"})})
+
+
 def _process_job(job: ExpertJob, config_dump: dict, resume: bool, networks: tuple = ()) -> str:
     """Body of one pool job."""
     global _STATE
-    with job_gpu():
+    with job_gpu() as gpu:
         use_networks(networks)  # the user's network classes this process's parent registered
-        config = ExpertConfig.model_validate(config_dump)
+        config = on_its_gpu(ExpertConfig.model_validate(config_dump), gpu)
         _STATE = "job"
         try:
             return str(train_expert(job.shard, config, job.out_dir, resume=resume))
