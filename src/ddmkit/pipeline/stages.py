@@ -216,12 +216,42 @@ def stage_registry(cfg: RunConfig, run, log: Log = print) -> None:
         log(f"registry: {len(reg['models'])} model folders hashed into {RunFolder(run).registry}")
 
 
+NETWORK_FILES = ("config.json", "model.safetensors", "train_log.jsonl", "tensorboard")  # a model folder's own
+
+
+def check_network_folder(folder: Path, role: str) -> None:
+    """RUN/router or RUN/monolith before its job trains it (the job writes the folder whole, replacing what is
+    there): it must be absent, empty, or a folder of that network cut short (its config.json, of this role,
+    beside its other own files, NETWORK_FILES, but no weights). Anything else, a user's files, a file or a
+    symbolic link where the folder goes, is a DDMError naming it, and is left as it is."""
+    if folder.is_symlink():
+        raise DDMError(f"{folder} is a symbolic link; ddmkit writes the {role} into a folder of its own there: remove "
+                       f"the link (rm {folder}), or copy the folder it points to in its place")
+    if folder.exists() and not folder.is_dir():
+        raise DDMError(f"{folder} is a file; ddmkit writes the {role} into a folder there: move that file elsewhere")
+    if not folder.is_dir():
+        return
+    config = folder / "config.json"
+    try:
+        saved = read_json(config) if config.is_file() else None
+    except DDMError:  # not JSON: not this network's
+        saved = None
+    own = isinstance(saved, dict) and saved.get("role") == role
+    foreign = sorted(p.name for p in folder.iterdir() if not own or p.name not in NETWORK_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise DDMError(f"{folder} holds files that are not the {role}'s ({shown}); ddmkit trains the {role} into "
+                       "that folder, which it replaces: move them elsewhere, then run the command again")
+
+
 def stage_monolith(cfg: RunConfig, run, log: Log = print) -> None:
-    """Train the monolith unless it is written; a job that left a checkpoint continues from it."""
+    """Train the monolith unless it is written; a job that left a checkpoint continues from it. A monolith
+    folder holding other files is refused (check_network_folder)."""
     with run_lock(run):
         folder = RunFolder(run)
         if not cfg.monolith.enabled or (folder.monolith / "model.safetensors").exists():
             return
+        check_network_folder(folder.monolith, "monolith")
         start = time.perf_counter()
         shards = checked_model_shards(run)
         _note_checkpoint("monolith", folder.monolith, log)
@@ -233,10 +263,13 @@ def stage_monolith(cfg: RunConfig, run, log: Log = print) -> None:
 
 
 def stage_router(cfg: RunConfig, run, log: Log = print) -> None:
+    """Train the router unless it is written; a job that left a checkpoint continues from it. A router folder
+    holding other files is refused (check_network_folder)."""
     with run_lock(run):
         folder = RunFolder(run)
         if (folder.router / "model.safetensors").exists():
             return
+        check_network_folder(folder.router, "router")
         start = time.perf_counter()
         _note_checkpoint("router", folder.router, log)
         with job_threads(cfg.router.train.threads):

@@ -1,0 +1,93 @@
+"""Damaged, foreign and odd run folders given to the command line: every case is exit 2 with one message
+naming the file (and field) and a fix that works, no traceback, and nothing deleted or half-written.
+docs/reliability.md lists these promises and points here."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ddmkit.config import load_config, validate, RunConfig
+from ddmkit.pipeline.prepare import prepare_run_dir
+from ddmkit.pipeline.stages import (stage_data, stage_experts, stage_monolith, stage_partition, stage_registry,
+                                    stage_router)
+
+TINY = Path(__file__).parent / "configs" / "tiny.toml"
+QUIET = lambda m: None  # noqa: E731
+
+
+def tiny_config() -> RunConfig:
+    """The tiny test config, smaller: k = 2, 20 steps per network, 100 samples per set."""
+    raw = load_config(TINY).model_dump()
+    raw["data"].update(n_train=400, n_test=400)
+    raw["partition"]["k"] = 2
+    raw["sample"].update(n=100, strategies=["monolith", "top-1"])
+    for net in ("expert", "router"):
+        raw[net]["train"].update(steps=20, warmup=2, log_every=10)
+    return validate(RunConfig, raw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A trained, registered run: data, partition, 2 experts, monolith, router, registry."""
+    cfg = tiny_config()
+    run = prepare_run_dir(tmp_path_factory.mktemp("damaged") / "run", cfg, log=QUIET)
+    for stage in (stage_data, stage_partition, stage_experts, stage_monolith, stage_router, stage_registry):
+        stage(cfg, run, QUIET)
+    return run
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    """A copy of the trained run, to damage."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+def files(root: Path) -> dict:
+    """Every file under root (links as links) with its bytes; the run's lock aside."""
+    return {p.relative_to(root): ("link" if p.is_symlink() else p.read_bytes())
+            for p in root.rglob("*") if (p.is_symlink() or p.is_file()) and p.name != ".lock"}
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    data = change(data) or data
+    path.write_text(json.dumps(data))
+
+
+# ----- router and monolith folders: the user's files are never deleted ------------------------------------
+@pytest.mark.parametrize("role", ["router", "monolith"])
+def test_training_the_router_or_monolith_refuses_a_folder_of_other_files(run, ddmkit, role):
+    """train-router / train-monolith deleted the files a user kept in RUN/router or RUN/monolith (the staged
+    folder replaced it whole); expert folders were refused in that case."""
+    folder = run / role
+    shutil.rmtree(folder)
+    (folder / "my_backup").mkdir(parents=True)
+    (folder / "my_backup" / "w.bin").write_text("x")
+    (folder / "NOTES.md").write_text("notes")
+    before = files(run)
+    code, _, err = ddmkit(f"train-{role}", run)
+    assert code == 2 and f"{folder} holds files that are not the {role}'s (NOTES.md, my_backup)" in err, err
+    assert "move them elsewhere" in err and files(run) == before
+    shutil.rmtree(folder)  # the fix the message gives
+    code, _, err = ddmkit(f"train-{role}", run)
+    assert code == 0 and (folder / "model.safetensors").is_file(), err
+
+
+@pytest.mark.parametrize("role", ["router", "monolith"])
+def test_a_router_or_monolith_folder_cut_short_is_trained_again(run, ddmkit, role):
+    """A copy cut short (the network's config.json and log, no weights) is the network's own: trained again."""
+    (run / role / "model.safetensors").unlink()
+    code, _, err = ddmkit(f"train-{role}", run)
+    assert code == 0 and (run / role / "model.safetensors").is_file(), err
+
+
+@pytest.mark.parametrize("role", ["router", "monolith"])
+def test_a_file_where_the_router_or_monolith_goes_is_named_without_an_out_option(run, ddmkit, role):
+    """A file there said 'move it away or choose another --out'; these commands have no --out."""
+    folder = run / role
+    shutil.rmtree(folder)
+    folder.write_text("a file")
+    code, _, err = ddmkit(f"train-{role}", run)
+    assert code == 2 and f"{folder} is a file" in err and "move that file elsewhere" in err, err
+    assert "--out" not in err and folder.read_text() == "a file"
