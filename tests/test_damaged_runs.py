@@ -91,3 +91,55 @@ def test_a_file_where_the_router_or_monolith_goes_is_named_without_an_out_option
     code, _, err = ddmkit(f"train-{role}", run)
     assert code == 2 and f"{folder} is a file" in err and "move that file elsewhere" in err, err
     assert "--out" not in err and folder.read_text() == "a file"
+
+
+# ----- symbolic links that lead nowhere --------------------------------------------------------------------
+@pytest.mark.parametrize("place", ["experts/expert_01", "router", "partition/shards/cluster_01.safetensors"])
+def test_a_link_loop_in_a_run_is_named_by_every_command(run, ddmkit, place):
+    """A link to itself made verify, sample and evaluate fail with 'RuntimeError: Symlink loop' (a traceback),
+    and register leave the folder out without a word."""
+    path = run / place
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.symlink_to(path)
+    before = files(run)
+    for command in (["verify"], ["register"], ["sample", "--strategy", "top-1"]):
+        code, _, err = ddmkit(*command, run)
+        assert code == 2 and f"{path} is a symbolic link that leads nowhere" in err, (command, err)
+        assert f"rm {path}" in err and files(run) == before, command
+
+
+def test_a_dangling_expert_link_is_named_not_a_temporary_folder(run, ddmkit):
+    """experts/expert_01 a link to nothing: register recorded it as missing, and launch then said 'Not a
+    directory: RUN/experts/.expert_01.PID-HOST.R.tmp; check that path (its permissions, the free space of its
+    disk)'. The fix it names now works: remove the link, and launch trains the expert again."""
+    path = run / "experts" / "expert_01"
+    shutil.rmtree(path)
+    path.symlink_to(run / "nowhere")
+    for command in ("register", "launch"):
+        code, _, err = ddmkit(command, run)
+        assert code == 2 and f"{path} is a symbolic link that leads nowhere" in err and ".tmp" not in err, err
+    path.unlink()
+    code, _, err = ddmkit("launch", run)
+    assert code == 0 and (path / "model.safetensors").is_file(), err
+
+
+@pytest.mark.parametrize("role", ["router", "monolith"])
+def test_a_link_where_the_router_or_monolith_is_trained_is_named(run, ddmkit, role):
+    """A link looping on itself said 'Not a directory: RUN/.router.PID-HOST.R.tmp; check that path (its
+    permissions, ...)'."""
+    folder = run / role
+    shutil.rmtree(folder)
+    folder.symlink_to(folder)
+    code, _, err = ddmkit(f"train-{role}", run)
+    assert code == 2 and f"{folder} is a symbolic link" in err and f"rm {folder}" in err, err
+    assert ".tmp" not in err and folder.is_symlink()
+
+
+def test_a_samples_link_loop_is_named_where_sets_are_written(run, ddmkit):
+    """RUN/samples a link to itself: 'File exists: RUN/samples; check that path (its permissions, the free space
+    of its disk)'."""
+    shutil.rmtree(run / "samples", ignore_errors=True)
+    (run / "samples").symlink_to(run / "samples")
+    code, _, err = ddmkit("sample", run, "--strategy", "top-1")
+    assert code == 2 and f"{run / 'samples'} is a symbolic link that leads nowhere" in err, err
+    assert f"rm {run / 'samples'}" in err

@@ -62,9 +62,13 @@ def ensure_folder(folder: str | Path) -> Path:
 
 
 def check_folder_target(folder: str | Path) -> Path:
-    """A DDMError when `folder` or one of its parents is a file (nothing is created): an output folder
-    checked before a long computation that writes it at the end."""
+    """A DDMError when `folder` or one of its parents is a file or a symbolic link that leads nowhere (nothing is
+    created): an output folder checked before a long computation that writes it at the end."""
     folder = Path(folder)
+    broken = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+    if broken is not None:
+        raise DDMError(f"{broken} is a symbolic link that leads nowhere (to itself, in a loop, or to a path that does "
+                       f"not exist), where ddmkit writes a folder; remove it (rm {broken}) and run the command again")
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise DDMError(f"{blocker} is a file, not a folder; move it away (or write to another folder)")
@@ -221,13 +225,17 @@ def removing_new_empty_folders(folder: str | Path):
 @contextlib.contextmanager
 def staging_dir(final: str | Path):
     """Yield a temporary folder next to `final`; on success it replaces
-    `final` (which must not exist or is removed), on error it is deleted (with the
-    parent folders it made, when left empty)."""
+    `final` (which must not exist or is removed; a file or a symbolic link there is a DDMError), on error it is
+    deleted (with the parent folders it made, when left empty)."""
     final = Path(final)
     with removing_new_empty_folders(final.parent):
         ensure_folder(final.parent)
+        if final.is_symlink():  # the folder would replace the link, not be written where it points
+            raise DDMError(f"{final} is a symbolic link, but a folder is written there; remove the link (rm {final}), "
+                           "or copy what it points to in its place, and run the command again")
         if final.exists() and not final.is_dir():
-            raise DDMError(f"{final} is a file, but a folder is written there; move it away or choose another --out")
+            raise DDMError(f"{final} is a file, but a folder is written there; move it away, and run the command "
+                           "again")
         _remove_dead_writers(final)
         tmp = _temp_name(final)
         try:

@@ -44,7 +44,7 @@ FORMAT = "ddmkit-registry-1"
 # ----- paths -------------------------------------------------------------
 def safe_join(root: str | Path, rel: Any, what: str = "path") -> Path:
     """root / rel, for a relative POSIX path that stays inside root (no '..',
-    no absolute path, no symbolic link leading out)."""
+    no absolute path, no symbolic link leading out, none that leads nowhere: a loop or a dangling link)."""
     if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
         raise DDMError(f"{what}: {rel!r} is not a relative path inside the run folder")
     p = PurePosixPath(rel)
@@ -53,10 +53,14 @@ def safe_join(root: str | Path, rel: Any, what: str = "path") -> Path:
                        "and inside it")
     root = Path(root)
     full = root.joinpath(*p.parts)
+    inside = [full, *full.parents][:len(p.parts)]  # full and its folders up to root, not above
+    broken = next((q for q in reversed(inside) if q.is_symlink() and not q.exists()), None)
+    if broken is not None:  # a loop (Path.resolve raises RuntimeError on one) or a link to nothing
+        raise DDMError(f"{what}: {broken} is a symbolic link that leads nowhere (to itself, in a loop, or to a path "
+                       f"that does not exist); remove it (rm {broken}) and put there the file or folder it stood for")
     try:
         full.resolve().relative_to(root.resolve())
     except ValueError:
-        inside = [full, *full.parents][:len(p.parts)]  # full and its folders up to root, not above
         link = next((q for q in inside if q.is_symlink()), None)
         how = f"{link} is a symbolic link to {link.resolve()}: copy that folder in instead" if link else \
             "a symbolic link?"
@@ -323,12 +327,20 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
 
 
 # ----- the registry --------------------------------------------------------------
+def model_places(run: Path, k: int) -> list[tuple[str, str, int | None]]:
+    """(path in the run, role, cluster) of every place a model folder of a run of k clusters can be:
+    experts/expert_XX, router, monolith. Each is checked by safe_join, so a symbolic link that leads nowhere
+    (or out of the run) in the place of one is a DDMError naming it, not taken for a folder that is absent."""
+    places = [(f"experts/expert_{c:02d}", "expert", c) for c in range(k)]
+    places += [(name, name, None) for name in ("router", "monolith")]
+    for rel, _, _ in places:
+        safe_join(run, rel)
+    return places
+
+
 def _model_folders(run: Path, k: int) -> list[tuple[str, str, int | None]]:
     """(name, role, cluster) of every model folder present in a run."""
-    out = [(f"experts/expert_{c:02d}", "expert", c) for c in range(k)
-           if (run / "experts" / f"expert_{c:02d}" / "model.safetensors").exists()]
-    out += [(name, name, None) for name in ("router", "monolith") if (run / name / "model.safetensors").exists()]
-    return out
+    return [place for place in model_places(run, k) if (run / place[0] / "model.safetensors").exists()]
 
 
 def registry_entry(run: Path, rel: str, role: str, cluster: int | None) -> dict:

@@ -31,8 +31,8 @@ from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
 from ddmkit.nets.user import is_user_network
 from ddmkit.latent.autoencoder import LatentCodec, load_codec
 from ddmkit.registry import (check_shard, check_slot, checked_model_shards, latent_info, load_model,
-                             load_partition_checked, model_data_shape, model_shards, partition_shard_hashes,
-                             verify_registry, warn_missing)
+                             load_partition_checked, model_data_shape, model_places, model_shards,
+                             partition_shard_hashes, safe_join, verify_registry, warn_missing)
 from ddmkit.routing.stats_router import (PUBLISHED_STATISTICS, class_stats_router, island_class_statistics,
                                         island_statistics, load_statistics, publication_parts, stats_router)
 from ddmkit.truth import GaussianMixture, follows_device
@@ -334,6 +334,7 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
         raise DDMError(f"{folder.root} is a text run: its models draw bytes, not a DDM of velocity fields; sample it "
                        f"with `ddmkit sample {folder.root}` (in Python: ddmkit.pipeline.text.sample_text)")
     k, shape = manifest["k"], model_data_shape(folder.root)
+    model_places(folder.root, k)  # a link that leads nowhere where a model folder goes is named, not taken as absent
     exclude = expert_indices(exclude, k, "exclude")
     gone = [c for c in range(k) if not (folder.expert(c) / "model.safetensors").exists()]
     absent = sorted(set(gone) | set(exclude))
@@ -400,6 +401,7 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
 def monolith_field(run, device="cpu", guidance: float = 1.0) -> NetworkField:
     """The monolith's velocity field (run `ddmkit train-monolith RUN` to make it)."""
     folder = RunFolder(run)
+    safe_join(folder.root, "monolith")  # a link that leads nowhere there is named, not taken for no monolith
     if not (folder.monolith / "model.safetensors").exists():
         raise DDMError(f"{folder.root}: no monolith (monolith/model.safetensors); run "
                        f"`ddmkit train-monolith {folder.root}` first")
