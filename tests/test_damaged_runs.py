@@ -50,9 +50,10 @@ def files(root: Path) -> dict:
 
 
 def edit_json(path: Path, change) -> None:
+    """The JSON file at path changed in place by change(data), or replaced by what it returns (not None)."""
     data = json.loads(path.read_text())
-    data = change(data) or data
-    path.write_text(json.dumps(data))
+    new = change(data)
+    path.write_text(json.dumps(data if new is None else new))
 
 
 # ----- router and monolith folders: the user's files are never deleted ------------------------------------
@@ -143,3 +144,95 @@ def test_a_samples_link_loop_is_named_where_sets_are_written(run, ddmkit):
     code, _, err = ddmkit("sample", run, "--strategy", "top-1")
     assert code == 2 and f"{run / 'samples'} is a symbolic link that leads nowhere" in err, err
     assert f"rm {run / 'samples'}" in err
+
+
+# ----- a model folder's config.json with fields missing or of the wrong type ---------------------------------
+def rehash(run: Path, model: str) -> None:
+    """registry.json given the SHA-256 of MODEL's config.json as it is now (a registry edited by hand, or
+    written past the checks), so that the commands after it read the file."""
+    from ddmkit.io import sha256_file
+
+    def change(reg):
+        for m in reg["models"]:
+            if m["path"] == model:
+                m["config_sha256"] = sha256_file(run / model / "config.json")
+    edit_json(run / "registry.json", change)
+
+
+def drop(key):
+    def change(config):
+        del config[key]
+    return change
+
+
+def put(key, value):
+    return lambda c: c.update({key: value})
+
+
+def put_kwarg(key, value):
+    return lambda c: c["kwargs"].update({key: value})
+
+
+BAD_MODEL_CONFIGS = [  # (model folder, change of its config.json, what the message says after the file's path)
+    ("experts/expert_01", drop("kwargs"), "invalid file kwargs: Field required"),
+    ("experts/expert_01", put("kwargs", None), "invalid file kwargs: Input should be a valid dictionary"),
+    ("experts/expert_01", put("kwargs", []), "invalid file kwargs: Input should be a valid dictionary"),
+    ("experts/expert_01", put("data_shape", 2), "invalid file data_shape: Input should be a valid list"),
+    ("experts/expert_01", put("data_shape", None), "has no data_shape"),
+    ("experts/expert_01", put_kwarg("num_classes", "x"), "invalid file kwargs.num_classes: Input should be a valid "
+                                                         "integer"),
+    ("experts/expert_01", lambda c: [], "invalid file: expected a table (JSON object), got list"),
+    ("experts/expert_01", put("cluster", "1"), "invalid file cluster: Input should be a valid integer"),
+    ("experts/expert_01", put("cluster", None), 'cluster is null, but an expert\'s config.json records the cluster '
+                                                'of the shard it was trained on; the folder is the slot of cluster 1: '
+                                                'write "cluster": 1'),
+    ("router", put("data_shape", None), "has no data_shape"),
+    ("router", lambda c: [], "invalid file: expected a table (JSON object), got list"),
+    ("router", put("k", "2"), "invalid file k: Input should be a valid integer"),
+    ("monolith", put("data_shape", None), "has no data_shape"),
+    ("monolith", put("prediction", 3), "invalid file prediction: Input should be a valid string"),
+]
+
+
+@pytest.mark.parametrize("model, change, said", BAD_MODEL_CONFIGS)
+def test_register_verify_and_sample_name_the_file_and_field_of_a_bad_model_config(run, ddmkit, model, change, said):
+    """config.json with a field missing or of the wrong type: register and verify gave tracebacks (KeyError,
+    TypeError, AttributeError in ddm/load.py and registry.py), sample did too for some; register's traceback was
+    the fix verify's 'SHA-256 differs ... run `ddmkit register`' led to."""
+    path = run / model / "config.json"
+    edit_json(path, change)
+    registry = (run / "registry.json").read_bytes()
+    code, _, err = ddmkit("register", run)
+    assert code == 2 and f"{path}" in err and said in err, err
+    assert (run / "registry.json").read_bytes() == registry  # nothing written
+    rehash(run, model)
+    strategy = "monolith" if model == "monolith" else "top-1"
+    for command in (["verify"], ["sample", "--strategy", strategy]):
+        code, _, err = ddmkit(*command, run)
+        assert code == 2 and f"{run / model}" in err and said in err, (command, err)
+
+
+def test_a_router_that_records_no_k_names_the_fix_that_works(run, ddmkit):
+    """A router config.json without k said 'routes over None clusters ... retrain it with `ddmkit train-router
+    RUN`', which answered 'is trained already'. The message names the folder to remove first, which works."""
+    edit_json(run / "router" / "config.json", drop("k"))
+    code, _, err = ddmkit("register", run)
+    assert code == 2 and "router/config.json: the router routes over no number of clusters but the partition " \
+        f"has 2; train it again: remove {run / 'router'}, then run `ddmkit train-router {run}`" in err, err
+    shutil.rmtree(run / "router")
+    code, _, err = ddmkit("train-router", run)
+    assert code == 0, err
+    code, _, err = ddmkit("verify", run)
+    assert code == 0, err
+
+
+def test_network_arguments_that_do_not_build_name_the_config_file(run, ddmkit):
+    """kwargs.width "128": 'arch 'mlp': bad arguments {...}: TypeError ...' named no file, so a user could not tell
+    which of the run's model folders it was."""
+    path = run / "experts" / "expert_01" / "config.json"
+    edit_json(path, put_kwarg("width", "128"))
+    code, _, err = ddmkit("register", run)
+    assert code == 2 and f"{path}: arch 'mlp': bad arguments" in err, err
+    rehash(run, "experts/expert_01")
+    code, _, err = ddmkit("sample", run, "--strategy", "top-1")
+    assert code == 2 and f"{path}: arch 'mlp': bad arguments" in err, err

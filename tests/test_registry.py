@@ -488,8 +488,9 @@ def test_a_lost_partition_file_says_how_to_make_the_partition_again(copy):
      r"expert_01/config.json: cluster 3, but the folder is the slot of cluster 1.*: move the folder to "
      r"experts/expert_03"),
     ("experts/expert_01", lambda c: c.pop("data_shape"), r"expert_01/config.json has no data_shape"),
-    ("router", lambda c: c.update(k=5), r"the router routes over 5 clusters but the partition has 4; retrain it with "
-                                        r"`ddmkit train-router"),  # a grown run given back its old router
+    ("router", lambda c: c.update(k=5), r"router/config.json: the router routes over 5 clusters but the partition has "
+                                        r"4; train it again: remove .*router, then run `ddmkit train-router"),
+    # (a grown run given back its old router)
 ])
 def test_register_and_verify_refuse_a_folder_the_ddm_cannot_load(copy, monkeypatch, capsys, model, change, message):
     """A model folder whose config.json no sampling could load was registered (exit 0) and verified

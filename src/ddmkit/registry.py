@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from torch.overrides import TorchFunctionMode
 
 from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_convention
@@ -73,12 +73,26 @@ class _Loose(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
+class ModelKwargs(_Loose):
+    """The network's arguments in a model folder's config.json; the one that loading reads itself is typed."""
+    num_classes: StrictInt = Field(0, ge=0, le=1_000_000)  # class-conditional networks: how many classes
+
+
 class ModelConfig(_Loose):
-    arch: str
-    kwargs: dict[str, Any]
-    data_shape: list[int] | None = None
+    """A model folder's config.json: the fields ddmkit reads are typed (strictly: "3" is no cluster), the others
+    kept as written. data_shape is None for text models; velocity networks and routers need it (check_shape)."""
+    arch: StrictStr
+    kwargs: ModelKwargs
+    data_shape: list[StrictInt] | None = None
     time_convention: str = TIME_CONVENTION
     ddmkit_version: str | None = None
+    role: StrictStr | None = None
+    cluster: StrictInt | None = Field(None, ge=0, le=100_000)  # an expert's
+    k: StrictInt | None = Field(None, ge=0, le=100_000)  # the clusters of its partition (a router routes over k)
+    shard_sha256: StrictStr | None = None  # an expert's shard
+    prediction: StrictStr | None = None
+    path: dict[str, Any] | None = None  # a network of another probability path (ddmkit.ddm.load.path_output)
+    train: dict[str, Any] | None = None  # the [train] table it was trained with
 
 
 class RegistryEntry(BaseModel):
@@ -286,6 +300,15 @@ class _Budget(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def model_config(folder: str | Path) -> dict:
+    """A model folder's config.json as every reader takes it: checked by ModelConfig (a DDMError naming the file
+    and the field), returned as written. Read it through here, never with read_json alone."""
+    path = Path(folder) / "config.json"
+    config = read_json(path, "copy the whole model folder again, or remove the folder and train it again")
+    _validated(ModelConfig, config, str(path))
+    return config
+
+
 def check_model_folder(folder: str | Path) -> dict:
     """Validate config.json and check the network it describes has exactly
     the tensors of model.safetensors, of the same shapes and dtypes (built on
@@ -293,18 +316,18 @@ def check_model_folder(folder: str | Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise DDMError(f"{folder} is not a model folder (config.json + model.safetensors); train or copy it again")
-    config = read_json(folder / "config.json")
-    cfg = _validated(ModelConfig, config, str(folder / "config.json"))
-    check_time_convention(cfg.time_convention, folder)
+    config = model_config(folder)
+    check_time_convention(config.get("time_convention", TIME_CONVENTION), folder)
     header = header_shapes(folder / "model.safetensors")
     check_identity(folder, config)
+    arch, kwargs = config["arch"], config["kwargs"]
     try:
         with torch.device("meta"), _Budget(20 * len(header) + 200, folder):
-            model = build_model(cfg.arch, **cfg.kwargs)
-    except DDMError:
-        raise
+            model = build_model(arch, **kwargs)
+    except DDMError as e:  # bad arguments, an unregistered class of the user's: named with the file
+        raise e if str(folder) in str(e) else DDMError(f"{folder / 'config.json'}: {e}") from None
     except Exception as e:  # a constructor rejecting odd values
-        raise DDMError(f"{folder / 'config.json'}: kwargs {cfg.kwargs} do not build a {cfg.arch!r} ({e})") from None
+        raise DDMError(f"{folder / 'config.json'}: kwargs {kwargs} do not build a {arch!r} ({e})") from None
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     shapes = {k: v[0] for k, v in header.items()}
     if expected != shapes:
@@ -387,6 +410,10 @@ def check_shard(path: str, cluster, trained_on, shard_hash: dict) -> None:
 def check_slot(path, cluster, slot: int) -> None:
     """An expert folder whose config.json names `cluster` must sit in the slot of that cluster
     (experts/expert_{slot}), else a DDMError saying where it goes."""
+    if cluster is None:
+        raise DDMError(f"{path}/config.json: cluster is null, but an expert's config.json records the cluster of the "
+                       f"shard it was trained on; the folder is the slot of cluster {slot}: write \"cluster\": {slot} "
+                       "if it holds that cluster's expert, or copy the expert's folder again")
     if cluster != slot:
         raise DDMError(f"{path}/config.json: cluster {cluster!r}, but the folder is the slot of cluster {slot}: move "
                        f"the folder to experts/expert_{cluster!s:0>2}, or copy the right expert here")
@@ -488,7 +515,7 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
                            f"registering. Re-copy the expert folder, or run `ddmkit register {run}`")
         if e.role == "expert":
             check_shard(e.path, e.cluster, e.shard_sha256, shard_hash)
-            check_slot(e.path, read_json(folder / "config.json").get("cluster"), e.cluster)
+            check_slot(folder, model_config(folder).get("cluster", e.cluster), e.cluster)
         verified.append(e.path)
     listed = {e.cluster for e in reg.models if e.role == "expert"}
     unlisted = sorted(set(range(manifest["k"])) - listed)

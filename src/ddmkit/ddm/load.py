@@ -31,7 +31,7 @@ from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
 from ddmkit.nets.user import is_user_network
 from ddmkit.latent.autoencoder import LatentCodec, load_codec
 from ddmkit.registry import (check_shard, check_slot, checked_model_shards, latent_info, load_model,
-                             load_partition_checked, model_data_shape, model_places, model_shards,
+                             load_partition_checked, model_config, model_data_shape, model_places, model_shards,
                              partition_shard_hashes, safe_join, verify_registry, warn_missing)
 from ddmkit.routing.stats_router import (PUBLISHED_STATISTICS, class_stats_router, island_class_statistics,
                                         island_statistics, load_statistics, publication_parts, stats_router)
@@ -112,11 +112,12 @@ def router_field(model: torch.nn.Module, config: dict) -> NetworkField:
 
 
 def check_shape(folder, config: dict, data_shape: tuple) -> None:
-    if "data_shape" not in config:
+    """A model folder's config (checked by ddmkit.registry.model_config) records the data shape of this run."""
+    if config.get("data_shape") is None:
         raise DDMError(f"{folder}/config.json has no data_shape (the shape of the data it was trained on, a "
                        "required field); train or copy the folder again")
-    if tuple(config.get("data_shape", ())) != tuple(data_shape):
-        raise DDMError(f"{folder} was trained on data of shape {tuple(config.get('data_shape', ()))} but this "
+    if tuple(config["data_shape"]) != tuple(data_shape):
+        raise DDMError(f"{folder} was trained on data of shape {tuple(config['data_shape'])} but this "
                        f"run's data are {tuple(data_shape)}; retrain it on this run's partition (images: at this "
                        "resolution)")
 
@@ -134,7 +135,7 @@ def check_loadable(run) -> None:
     for path, cluster in [*((folder.expert(c), c) for c in range(manifest["k"])), (folder.monolith, None)]:
         if not (path / "config.json").exists():
             continue
-        config = read_json(path / "config.json")
+        config = model_config(path)
         try:
             velocity_output(config)
         except DDMError as e:
@@ -143,15 +144,17 @@ def check_loadable(run) -> None:
         if cluster is not None:
             check_slot(path, config.get("cluster", cluster), cluster)
     if (folder.router / "config.json").exists():
-        check_router(folder, read_json(folder.router / "config.json"), manifest["k"], shape)
+        check_router(folder, model_config(folder.router), manifest["k"], shape)
 
 
 def check_router(folder: RunFolder, config: dict, k: int, shape) -> None:
-    """The router folder's config as loading reads it: its data shape, and k, the partition's clusters."""
+    """The router folder's config (checked by ddmkit.registry.model_config) as loading reads it: its data
+    shape, and k, the partition's clusters."""
     check_shape(folder.router, config, shape)
     if config.get("k") != k:
-        raise DDMError(f"{folder.root}: the router routes over {config.get('k')} clusters but the partition "
-                       f"has {k}; retrain it with `ddmkit train-router {folder.root}`")
+        routes = "no number of" if config.get("k") is None else config["k"]
+        raise DDMError(f"{folder.router / 'config.json'}: the router routes over {routes} clusters but the partition "
+                       f"has {k}; train it again: remove {folder.router}, then run `ddmkit train-router {folder.root}`")
 
 
 def expert_indices(indices, k: int, argument: str) -> list[int]:
@@ -307,7 +310,7 @@ def unregistered_networks(folders: list[Path]) -> None:
     is named by ddmkit.nets.user_network as the network is built)."""
     missing = {}
     for path in folders:
-        arch = read_json(path / "config.json").get("arch") if (path / "config.json").is_file() else None
+        arch = model_config(path)["arch"] if (path / "config.json").is_file() else None
         if isinstance(arch, str) and is_user_network(arch) and arch not in user_networks():
             missing.setdefault(arch, "router.net.arch" if path.name == "router" else "expert.net.arch")
     if len(missing) > 1:
@@ -361,7 +364,7 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
         shard_hash = partition_shard_hashes(folder.root, manifest)  # without hashes, still each slot's own expert
         for c in range(k):
             if c not in absent and (folder.expert(c) / "config.json").exists():
-                trained_on = read_json(folder.expert(c) / "config.json").get("shard_sha256")
+                trained_on = model_config(folder.expert(c)).get("shard_sha256")
                 check_shard(f"experts/expert_{c:02d}", c, trained_on, shard_hash)
     unregistered_networks([folder.expert(c) for c in range(k) if c not in absent]
                           + ([folder.router] if router_kind == "learned" else []))
@@ -370,9 +373,8 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
         if c in absent:
             experts.append(None)
             continue
-        model, cfg = load_model(folder.expert(c), device)
-        check_shape(folder.expert(c), cfg, shape)
-        experts.append(velocity_field(model, cfg, guidance))
+        field, cfg = load_velocity(folder.expert(c), shape, device, guidance)
+        experts.append(field)
         configs.append(cfg)
     classes = int(configs[0]["kwargs"].get("num_classes", 0))
     codec = latent_codec(folder.root, device)
@@ -407,9 +409,19 @@ def monolith_field(run, device="cpu", guidance: float = 1.0) -> NetworkField:
                        f"`ddmkit train-monolith {folder.root}` first")
     if folder.registry.exists():
         verify_registry(folder.root)  # as the DDM's folders are: listed, with the recorded hashes
-    model, cfg = load_model(folder.monolith, device)
-    check_shape(folder.monolith, cfg, model_data_shape(folder.root))
-    return velocity_field(model, cfg, guidance)
+    return load_velocity(folder.monolith, model_data_shape(folder.root), device, guidance)[0]
+
+
+def load_velocity(folder: Path, shape: tuple, device="cpu", guidance: float = 1.0) -> tuple[NetworkField, dict]:
+    """(field, config) of a velocity network's model folder (an expert, the monolith): config and weights
+    checked (load_model), its data shape against the run's, its path and prediction (a DDMError naming the
+    folder)."""
+    model, cfg = load_model(folder, device)
+    check_shape(folder, cfg, shape)
+    try:
+        return velocity_field(model, cfg, guidance), cfg
+    except DDMError as e:
+        raise DDMError(f"{folder}: {e}") from None
 
 
 def latent_codec(run, device="cpu") -> LatentCodec | None:

@@ -16,7 +16,7 @@ from ddmkit.ddm.load import recorded_router
 from ddmkit.flow.convert import path_entry
 from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
-from ddmkit.registry import model_data_shape
+from ddmkit.registry import model_config, model_data_shape
 from ddmkit.tables import markdown_table
 
 TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "ema_decay")
@@ -45,9 +45,9 @@ def _prediction(prediction: str, path: dict | None) -> str:
 
 
 def _summary(config: dict) -> dict:
-    train = config.get("train", {})
+    train = config.get("train") or {}
     return {"arch": config.get("arch"), "kwargs": config.get("kwargs", {}),
-            "prediction": _prediction(config.get("prediction", "-"), config.get("path")),
+            "prediction": _prediction(config.get("prediction") or "-", config.get("path")),
             **{key: train.get(key) for key in TRAIN_KEYS}}
 
 
@@ -74,7 +74,7 @@ def describe_models(run, cfg: RunConfig) -> tuple[list[list], list[str]]:
             rows.append([name, "statistics-only (no network: grow.json)" if routes_by_statistics else "missing",
                          "-", "-", "-", "-", "-", "-"])
             continue
-        got = _summary(read_json(path / "config.json"))
+        got = _summary(model_config(path))
         differs = ""
         if name.startswith("expert"):
             keys = [key for key in expected if got.get(key) != expected[key]]
@@ -94,7 +94,7 @@ def training_samples(model: Path) -> int | None:
     """steps x batch of a trained model folder (None when it has none)."""
     if not (model / "config.json").exists():
         return None
-    train = read_json(model / "config.json").get("train", {})
+    train = model_config(model).get("train") or {}
     steps, batch = train.get("steps"), train.get("batch_size")
     return steps * batch if isinstance(steps, int) and isinstance(batch, int) else None
 
