@@ -236,3 +236,154 @@ def test_network_arguments_that_do_not_build_name_the_config_file(run, ddmkit):
     rehash(run, "experts/expert_01")
     code, _, err = ddmkit("sample", run, "--strategy", "top-1")
     assert code == 2 and f"{path}: arch 'mlp': bad arguments" in err, err
+
+
+# ----- other files of the wrong shape ------------------------------------------------------------------------
+def test_a_registry_that_is_not_an_object_is_named_by_sample(run, ddmkit):
+    """registry.json `[]`: sample gave an AttributeError (it hashed the raw registry); verify named it."""
+    (run / "registry.json").write_text("[]")
+    code, _, err = ddmkit("sample", run, "--strategy", "top-1")
+    assert code == 2 and f"{run / 'registry.json'}: invalid file: expected a table (JSON object), got list" in err, err
+
+
+def test_a_manifest_k_that_is_a_string_is_named_with_a_fix_that_works(run, ddmkit):
+    """partition/manifest.json k "2": sample gave a TypeError; verify and register blamed partition.safetensors.
+    The message names the manifest and its field, and the fix it gives works."""
+    manifest = run / "partition" / "manifest.json"
+    edit_json(manifest, put("k", "2"))
+    for command in (["sample", "--strategy", "top-1"], ["verify"], ["register"], ["evaluate"]):
+        code, _, err = ddmkit(*command, run)
+        assert code == 2 and f"{manifest}: invalid partition manifest k: Input should be a valid integer" in err, err
+        assert "partition.safetensors" not in err
+    assert f"remove {run / 'partition'} and run `ddmkit partition --config {run / 'config.json'} --out {run}`" in err
+    shutil.rmtree(run / "partition")
+    code, _, err = ddmkit("partition", "--config", run / "config.json", "--out", run)
+    assert code == 0, err
+    code, _, err = ddmkit("verify", run)
+    assert code == 0, err
+
+
+def test_a_lost_shard_is_named_by_partition_and_made_again_as_the_message_says(run, ddmkit):
+    """A deleted shard: verify said 'copy it back or re-create it', and `ddmkit partition` on the run said 'holds
+    this partition already ... nothing to do'."""
+    shard = run / "partition" / "shards" / "cluster_01.safetensors"
+    shard.unlink()
+    for command in (["verify"], ["partition", "--config", run / "config.json", "--out"]):
+        code, _, err = ddmkit(*command, run)
+        assert code == 2 and f"{shard} is missing (the shard of cluster 1)" in err and "nothing to do" not in err, err
+        assert f"remove {run / 'partition'} and run `ddmkit partition --config {run / 'config.json'} --out {run}`" \
+            in err
+    shutil.rmtree(run / "partition")
+    code, _, err = ddmkit("partition", "--config", run / "config.json", "--out", run)
+    assert code == 0 and shard.is_file(), err
+    code, _, err = ddmkit("verify", run)
+    assert code == 0, err
+
+
+def test_a_sample_record_of_the_wrong_shape_is_named_with_its_fix(run, ddmkit):
+    """samples/info.json {"top-1": []}: evaluate gave an AttributeError."""
+    code, _, err = ddmkit("sample", run, "--strategy", "top-1")
+    assert code == 0, err
+    info = run / "samples" / "info.json"
+    edit_json(info, put("top-1", []))
+    code, _, err = ddmkit("evaluate", run)
+    assert code == 2 and f"{info}: invalid record of the sample sets top-1: Input should be a valid dictionary" \
+        in err and "to go on: delete it" in err, err
+    info.unlink()  # the fix it names: delete it, then draw the sets again
+    for command in (["sample", "--strategy", "top-1"], ["sample", "--strategy", "monolith"], ["evaluate"]):
+        code, _, err = ddmkit(*command, run)
+        assert code == 0, (command, err)
+
+
+def test_a_grow_log_entry_of_the_wrong_shape_is_named(run, ddmkit, tmp_path):
+    """grow.json events[0] "x": add-expert gave an AttributeError."""
+    import numpy as np
+
+    np.savez(tmp_path / "island.npz", x=np.random.default_rng(0).normal(size=(300, 2)).astype("float32") + 5)
+    (run / "grow.json").write_text(json.dumps({"format": "ddmkit-grow-1", "router": "learned", "events": ["x"]}))
+    before = files(run)
+    code, _, err = ddmkit("add-expert", run, "--data", tmp_path / "island.npz", "--router", "stats")
+    assert code == 2 and f"{run / 'grow.json'}: events[0] is 'x', not an entry of add-expert or replace-expert" in err
+    assert files(run) == before
+
+
+# ----- register writes nothing before its checks pass -------------------------------------------------------
+@pytest.mark.parametrize("damage, said", [
+    (lambda p: p.write_text("{"), "config.json is not valid JSON"),
+    (lambda p: p.unlink(), "has no config.json"),
+    (lambda p: edit_json(p, lambda c: c["config"]["partition"].update(k="2")), "k = '2' is text"),
+    (lambda p: edit_json(p, lambda c: c["config"].update(colour="blue")), "colour: unknown field"),
+])
+def test_register_writes_nothing_when_the_runs_config_is_broken(run, ddmkit, damage, said):
+    """register wrote registry.json, then exited 2 on RUN/config.json (a registry of 3 models instead of 4)."""
+    shutil.rmtree(run / "experts" / "expert_01")
+    damage(run / "config.json")
+    registry = (run / "registry.json").read_bytes()
+    code, _, err = ddmkit("register", run)
+    assert code == 2 and said in err, err
+    assert (run / "registry.json").read_bytes() == registry
+
+
+def test_sample_takes_the_settings_of_a_run_that_lost_its_config_from_config(run, ddmkit, tmp_path):
+    """'give the run's TOML with --config CONFIG': evaluate took it, sample repeated the same error. Every
+    command the message names now runs with --config."""
+    saved = Path(shutil.copy(run / "config.json", tmp_path / "saved.json"))
+    (run / "config.json").unlink()
+    code, _, err = ddmkit("sample", run, "--strategy", "top-1")
+    assert code == 2 and "has no config.json" in err, err
+    code, _, err = ddmkit("sample", run, "--strategy", "top-1", "--config", saved)
+    assert code == 0 and (run / "samples" / "top-1.safetensors").is_file(), err
+    shutil.rmtree(run / "router")  # the other commands the message names
+    for command in (["train-router", run], ["launch", run], ["evaluate", run]):
+        code, _, err = ddmkit(*command, "--config", saved)
+        assert code == 0, (command, err)
+    assert (run / "router" / "model.safetensors").is_file() and (run / "report.md").is_file()
+
+
+# ----- registry entries and expert folders the run does not have -------------------------------------------
+def test_an_expert_folder_beyond_k_is_refused(run, ddmkit):
+    """experts/expert_02 in a run of k = 2 was ignored without a word by verify, register and sample."""
+    shutil.copytree(run / "experts" / "expert_01", run / "experts" / "expert_02")
+    registry = (run / "registry.json").read_bytes()
+    for command in (["verify"], ["register"], ["sample", "--strategy", "top-1"]):
+        code, _, err = ddmkit(*command, run)
+        assert code == 2 and f"{run / 'experts' / 'expert_02'} is the folder of an expert of cluster 02, but the " \
+            "partition has 2 clusters (0 .. 1)" in err and f"move it out of {run / 'experts'}" in err, (command, err)
+    assert (run / "registry.json").read_bytes() == registry
+    shutil.rmtree(run / "experts" / "expert_02")
+    code, _, err = ddmkit("verify", run)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda r: r["models"].append(dict(r["models"][0])), "models: experts/expert_00 is listed twice (or more)"),
+    (lambda r: r.update(k=3), "registry.json: k = 3, but the partition it records has 2 clusters"),
+    (lambda r: r["models"][1].update(cluster="1"), "models.1.cluster: Input should be a valid integer"),
+    (lambda r: r["models"][1].update(cluster=0, path="experts/expert_00"), "experts/expert_00 is listed twice"),
+    (lambda r: r["models"][1].update(cluster=0), "the expert of cluster 0 is listed twice"),
+])
+def test_a_registry_listing_a_model_twice_or_another_k_is_refused(run, ddmkit, edit, said):
+    """A duplicate entry gave 'verified 5 model folders' of a run of 4; k 9 and cluster "3" were accepted."""
+    edit_json(run / "registry.json", edit)
+    code, _, err = ddmkit("verify", run)
+    assert code == 2 and said in err, err
+    code, _, err = ddmkit("register", run)  # the fix the messages name
+    assert code == 0, err
+    code, _, err = ddmkit("verify", run)
+    assert code == 0, err
+
+
+def test_a_damaged_data_split_names_the_command_that_makes_it_again(run, ddmkit):
+    """data/test.safetensors truncated: 're-train or re-copy it' (nothing to train)."""
+    for command in (["sample", "--strategy", "top-1"], ["sample", "--strategy", "monolith"]):
+        assert ddmkit(*command, run)[0] == 0
+    split = run / "data" / "test.safetensors"
+    split.write_bytes(split.read_bytes()[:100])
+    code, _, err = ddmkit("evaluate", run)
+    assert code == 2 and f"{split} is corrupt" in err and "re-train" not in err, err
+    assert f"remove it, and `ddmkit partition --out {run} --config {run / 'config.json'}` makes it again" in err
+    split.unlink()
+    code, _, err = ddmkit("partition", "--out", run, "--config", run / "config.json")
+    assert code == 0, err
+    code, _, err = ddmkit("evaluate", run)
+    assert code == 0, err

@@ -171,10 +171,10 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
               set_: Optional[List[str]] = ANY_SET):
     """Load the data, cluster it into K shards, write shards and a manifest (text configs: the corpus)."""
     from ddmkit.config import RunConfig, validate
-    from ddmkit.io import read_json
     from ddmkit.layout import RunFolder
     from ddmkit.pipeline.prepare import prepare_run_dir
     from ddmkit.pipeline.stages import stage_autoencoder, stage_data, stage_partition
+    from ddmkit.registry import checked_model_shards, read_manifest
 
     if config is not None and _text_kind(config):
         from ddmkit.pipeline.text import partition_text_run
@@ -195,7 +195,8 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
     stage_partition(cfg, run, log)
     stage_autoencoder(cfg, run, log)  # latent runs: the shared autoencoder, and every shard encoded
     if made and not force:
-        counts = read_json(RunFolder(run).manifest)["counts"]
+        checked_model_shards(run)  # a shard lost or changed since is named, with its fix, not "nothing to do"
+        counts = read_manifest(RunFolder(run).partition)["counts"]
         log(f"partition: {run} holds this partition already (k={len(counts)}, cluster sizes {counts}); nothing to do")
 
 
@@ -661,15 +662,15 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
         run_config(run_dir)  # a folder of other files, or one inside a run, is named as such
     if config is not None:
         _config(config)  # registers the config's own network classes
+    saved = None if _text_run(run_dir) else run_config(run_dir)  # read, and checked, before anything is written
     with run_lock(run_dir):
         check_loadable(run_dir)  # a folder the DDM could not load is refused here, not when it samples
         reg = write_registry(run_dir)
     log(f"registry: {len(reg['models'])} model folders recorded in {run_dir / 'registry.json'}")
-    if not _text_run(run_dir):  # experts trained otherwise than the run's [expert] section, as the report notes them
+    if saved is not None:  # experts trained otherwise than the run's [expert] section, as the report notes them
         from ddmkit.pipeline.models import describe_models
-        from ddmkit.pipeline.prepare import run_config
 
-        for note in describe_models(run_dir, run_config(run_dir))[1]:
+        for note in describe_models(run_dir, saved)[1]:
             if note.startswith("expert "):
                 log(f"note: {note}")
     listed = {m["cluster"] for m in reg["models"] if m["role"] == "expert"}

@@ -20,20 +20,21 @@ Weights are only ever read as safetensors and metadata only as JSON.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from torch.overrides import TorchFunctionMode
 
 from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_convention
 from ddmkit.config import validate
-from ddmkit.data.partition import load_partition
+from ddmkit.data.partition import PartitionManifest, ShardEntry, check_manifest, load_partition
 from ddmkit.errors import DDMError
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
-from ddmkit.layout import RunFolder, check_run_exists, enclosing_run
+from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder
 from ddmkit.nets import build_model, check_identity, from_pretrained
 from ddmkit.routing.stats_router import PUBLISHED_STATISTICS
 
@@ -100,7 +101,7 @@ class RegistryEntry(BaseModel):
     name: str
     role: Literal["expert", "router", "monolith"]
     path: str
-    cluster: int | None = Field(None, ge=0, le=100_000)
+    cluster: StrictInt | None = Field(None, ge=0, le=100_000)
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     config_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     shard_sha256: str | None = None
@@ -117,6 +118,18 @@ class Registry(BaseModel):
     partition_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     latents_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # latent runs: latents/latents.json
     models: list[RegistryEntry]
+
+    @model_validator(mode="after")
+    def _each_model_once(self):
+        """Each model folder, and each expert's cluster, listed once."""
+        places = [e.path for e in self.models]
+        clusters = [e.cluster for e in self.models if e.role == "expert"]
+        twice = next((p for p in places if places.count(p) > 1), None) or \
+            next((f"the expert of cluster {c}" for c in clusters if clusters.count(c) > 1), None)
+        if twice is not None:
+            raise ValueError(f"models: {twice} is listed twice (or more); run `ddmkit register RUN` to record the "
+                             "run's model folders again")
+        return self
 
 
 class LatentShard(BaseModel):
@@ -144,8 +157,35 @@ def _validated(schema: type[BaseModel], data: Any, source: str):
 
 
 # ----- partition -------------------------------------------------------------
+class _StrictShard(ShardEntry):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+
+
+class _StrictManifest(PartitionManifest):
+    """The partition manifest's schema in pydantic's strict mode: the manifest is used as read, so a k of "8"
+    must be refused, not taken for 8 by the schema and then compared as a string."""
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+    shards: list[_StrictShard]
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """RUN/partition/manifest.json (folder: RUN/partition) validated, strictly, and checked for consistency
+    (ddmkit.data.partition.check_manifest), as read; its tensors are not read (load_partition_checked)."""
+    source = Path(folder) / "manifest.json"
+    raw = read_json(source)
+    try:
+        validate(_StrictManifest, raw, str(source), "partition manifest")
+        return check_manifest(raw, source)
+    except DDMError as e:
+        run = Path(folder).parent
+        if not is_run_folder(run):
+            raise
+        raise DDMError(f"{e}\n  in the run {run}: copy manifest.json back from another copy of the run, or "
+                       f"{remake_partition(RunFolder(run))}") from None
+
+
 def load_partition_checked(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(manifest, tensors) of a partition folder, the manifest validated (load_partition) and
+    """(manifest, tensors) of a partition folder, the manifest validated (read_manifest, load_partition) and
     every shard path checked to stay inside the folder."""
     folder = Path(folder)
     source = folder / "manifest.json"
@@ -156,6 +196,7 @@ def load_partition_checked(folder: str | Path) -> tuple[dict, dict[str, torch.Te
         check_run_exists(folder.parent)
         raise DDMError(f"{folder.parent}: no partition yet (partition/manifest.json); run `ddmkit partition "
                        f"--config CONFIG --out {folder.parent}` first")
+    read_manifest(folder)  # strictly, before the partition's tensors are checked against it
     manifest, tensors = load_partition(folder)
     for s in manifest["shards"]:
         safe_join(folder, s["path"], f"{source}: shards[{s['cluster']}].path")
@@ -249,11 +290,23 @@ def checked_model_shards(run: str | Path, clusters: list[int] | None = None) -> 
     for cluster, path in enumerate(paths):
         if clusters is not None and cluster not in clusters:
             continue
+        if not path.exists():
+            raise DDMError(f"{path} is missing (the shard of cluster {cluster}); copy it back from another copy of "
+                           f"the run, or {remake_partition(folder)}")
         if sha256_file(path) != recorded.get(cluster):
             raise DDMError(f"{path}: SHA-256 differs from the one {source} records for cluster {cluster}; the shard "
                            "was changed or replaced after it was written. Copy the original back, or partition again "
                            "in a new run folder")
     return paths
+
+
+def remake_partition(folder: RunFolder) -> str:
+    """How a run's partition (its manifest and shards) is made again, to the same bytes, as a fix to name."""
+    if folder.grow.exists():  # grown: the config alone makes the partition the run had before add-expert
+        return f"copy the run's partition/ folder back whole ({folder.grow.name}: add-expert changed the partition)"
+    return (f"make the partition again: remove {folder.partition} and run `ddmkit partition --config "
+            f"{folder.config} --out {folder.root}` (the run's own config makes the same shards, byte for byte, so "
+            "its experts stay valid)")
 
 
 def model_data_shape(run: str | Path) -> tuple[int, ...]:
@@ -426,6 +479,7 @@ def write_registry(run: str | Path) -> dict:
     manifest, _ = load_partition_checked(run / "partition")
     folder = RunFolder(run)
     models = _model_folders(run, manifest["k"])
+    check_no_extra_experts(run, manifest["k"])
     if not any(role == "expert" for _, role, _ in models):  # before any file is hashed
         raise DDMError(f"{run} holds no trained expert (no experts/expert_XX/model.safetensors), so there is no DDM to "
                        f"register; train the experts first (e.g. `ddmkit launch {run}`, or `ddmkit train-expert` per "
@@ -443,6 +497,30 @@ def write_registry(run: str | Path) -> dict:
     _validated(Registry, reg, "registry")
     write_json(run / REGISTRY, reg)
     return reg
+
+
+def read_registry(run: str | Path) -> dict | None:
+    """RUN/registry.json checked by its schema (Registry), as read; None before the run is registered."""
+    source = Path(run) / REGISTRY
+    if not source.exists():
+        return None
+    reg = read_json(source)
+    _validated(Registry, reg, str(source))
+    return reg
+
+
+def check_no_extra_experts(run: Path, k: int) -> None:
+    """RUN/experts holds no expert folder beyond the partition's k clusters (experts/expert_08 in a run of
+    k = 8): no command would load or register it, so it is refused (a DDMError naming it), not left out."""
+    experts = Path(run) / "experts"
+    extra = sorted(p for p in experts.glob("expert_*") if re.fullmatch(r"expert_\d+", p.name)
+                   and int(p.name.removeprefix("expert_")) >= k and p.is_dir()) if experts.is_dir() else []
+    if extra:
+        raise DDMError(f"{extra[0]} is the folder of an expert of cluster {extra[0].name.removeprefix('expert_')}, but "
+                       f"the partition "
+                       f"has {k} clusters (0 .. {k - 1}), so no command of this run would use it; move it out of "
+                       f"{experts} (a new island's data gets an expert of its own with `ddmkit add-expert "
+                       f"{run} --data FILE`)")
 
 
 def _same_release(a: str, b: str) -> bool:
@@ -480,6 +558,10 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     if sha256_file(run / "partition" / "manifest.json") != reg.partition_sha256:
         raise DDMError(f"{source}: the partition manifest changed since the registry was written; "
                        "these experts were trained on another partition")
+    if reg.k != manifest["k"]:
+        raise DDMError(f"{source}: k = {reg.k}, but the partition it records has {manifest['k']} clusters; the "
+                       f"registry was edited: run `ddmkit register {run}` to record the run's model folders again")
+    check_no_extra_experts(run, manifest["k"])
     if reg.latents_sha256 is not None or RunFolder(run).is_latent:
         info = RunFolder(run).latent_info
         if not info.exists():

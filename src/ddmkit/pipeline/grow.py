@@ -393,6 +393,11 @@ def read_log(folder: RunFolder) -> dict:
     log = read_json(folder.grow)
     if not isinstance(log, dict) or not isinstance(log.get("events"), list):
         raise DDMError(f"{folder.grow}: not a grow log (expected 'events', a list); move it away")
+    bad = next((n for n, event in enumerate(log["events"]) if not isinstance(event, dict)), None)
+    if bad is not None:
+        raise DDMError(f"{folder.grow}: events[{bad}] is {log['events'][bad]!r}, not an entry of add-expert or "
+                       "replace-expert (a JSON object); the file was edited or damaged: copy it back from another "
+                       "copy of the run")
     return log
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 from ddmkit.config import RunConfig
 from ddmkit.ddm.load import recorded_router
 from ddmkit.flow.convert import path_entry
-from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
-from ddmkit.registry import model_config, model_data_shape
+from ddmkit.registry import model_config, model_data_shape, read_manifest
 from ddmkit.tables import markdown_table
 
 TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "ema_decay")
@@ -26,7 +25,7 @@ def partition_k(run, cfg: RunConfig) -> str:
     """The report's "k = ..." of the partition: the config's k, and the number of clusters now where
     add-expert grew the run (RUN/grow.json)."""
     folder = RunFolder(run)
-    now = read_json(folder.manifest)["k"] if folder.manifest.exists() else cfg.partition.k
+    now = read_manifest(folder.partition)["k"] if folder.manifest.exists() else cfg.partition.k
     return f"k = {cfg.partition.k}" if now == cfg.partition.k else \
         f"k = {cfg.partition.k} when made, {now} now (add-expert: grow.json)"
 
@@ -63,7 +62,7 @@ def describe_models(run, cfg: RunConfig) -> tuple[list[list], list[str]]:
     """(table rows: model, arch, prediction, steps, batch, lr, seed, differs; notes naming each expert
     whose folder differs from the run's [expert] section and in what)."""
     folder = RunFolder(run)
-    manifest = read_json(folder.manifest)
+    manifest = read_manifest(folder.partition)
     expected = _expected(cfg, list(model_data_shape(run)))
     rows, notes = [], []
     folders = [(f"expert {k}", folder.expert(k)) for k in range(manifest["k"])]

@@ -312,8 +312,9 @@ def run_config(run: str | Path) -> RunConfig:
             raise DDMError(f"{folder.root} is a folder inside the run {above}; give the run folder itself: {above}")
         if folder.partition.is_dir():  # a run that lost its config.json: its settings are not the defaults
             raise DDMError(f"{folder.root} has no config.json, the settings the run was made with (its partition is "
-                           "there); copy it back from another copy of the run, or give the run's TOML with --config "
-                           "CONFIG")
+                           "there); copy it back from another copy of the run. `ddmkit sample`, `evaluate`, "
+                           "`train-router`, `train-monolith` and `launch` also take those settings from --config "
+                           "CONFIG (the TOML the run was made with)")
         if entries(folder.root, but=folder.lock):  # a folder of other files (a corpus, a data folder)
             raise DDMError(f"{folder.root} is not a ddmkit run folder (no config.json); give the folder `ddmkit run` "
                            "or `ddmkit partition` wrote")

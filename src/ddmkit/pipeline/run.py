@@ -31,9 +31,9 @@ import ddmkit.pipeline.vectors as vectors
 from ddmkit.pipeline.prepare import listed, prepare_run_dir, remove_leftovers, run_config, run_lock, trained_differences
 from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_every_expert, named_set, planned_sets,
                                         sample_options, statistics_set)
-from ddmkit.pipeline.sampling import stage_sample, stale_sets
+from ddmkit.pipeline.sampling import read_info, stage_sample, stale_sets
 from ddmkit.pipeline.stages import TRAINING_STAGES, stage_experts, stage_monolith, stage_router
-from ddmkit.registry import check_registered
+from ddmkit.registry import check_registered, read_manifest
 
 Log = Callable[[str], None]
 STAGES = ("all", "train", "evaluate")
@@ -139,7 +139,7 @@ def untrained_parts(cfg: RunConfig, run) -> list[str]:
     folder = RunFolder(run)
     if not folder.manifest.exists():
         return ["partition", "experts", "router"] + (["monolith"] if cfg.monolith.enabled else [])
-    nets = [folder.expert(c) for c in range(read_json(folder.manifest)["k"])]
+    nets = [folder.expert(c) for c in range(read_manifest(folder.partition)["k"])]
     nets += [] if recorded_router(run) == "statistics" else [folder.router]  # grown with --router stats: none
     nets += [folder.monolith] if cfg.monolith.enabled else []
     return [str(n.relative_to(folder.root)) for n in nets if not (n / "model.safetensors").exists()]
@@ -191,7 +191,11 @@ def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = p
     if router not in ("learned", STATISTICS):
         raise DDMError(f"--router: unknown {router!r}; accepted: learned, statistics (or stats)")
     with run_lock(run):
-        saved = run_config(run)  # the folder must hold a run, whatever cfg says
+        folder = RunFolder(run)
+        if cfg is not None and not folder.config.exists() and folder.manifest.exists():
+            saved = cfg  # a run that lost its config.json, given its settings back by --config (as evaluate is)
+        else:
+            saved = run_config(run)  # the folder must hold a run, whatever cfg says
         differs = trained_differences(saved, cfg) if cfg is not None else []
         if differs:
             raise DDMError(f"{RunFolder(run).root} was made with other settings: its config.json differs in "
@@ -205,12 +209,12 @@ def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = p
         for name in names:  # a name given twice is drawn once
             one = one_set(name, cfg.sample.n, cfg.sample.guidance)
             sets += [one] if one.name not in {s.name for s in sets} else []
-        k = read_json(RunFolder(run).manifest)["k"] if RunFolder(run).manifest.exists() else None
+        k = read_manifest(folder.partition)["k"] if folder.manifest.exists() else None
         for s in sets:
             if k is not None and s.kind == SetKind.DDM and calls_every_expert(s.strategy, k):
                 log(f"note: {s.strategy} on a DDM of K = {k} experts calls every expert: the same routing as full")
         stage_sample(cfg, run, sets, is_image_run(run), log, device, redraw=True)
-        infos = read_json(RunFolder(run).sample_info)
+        infos = read_info(folder)
         if RunFolder(run).report.exists():
             log(f"note: {RunFolder(run).report} and metrics.json still score the sets as they were; "
                 f"`ddmkit evaluate {RunFolder(run).root}` scores these")

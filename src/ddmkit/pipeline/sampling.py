@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+from pydantic import BaseModel, ConfigDict, RootModel, StrictFloat, StrictInt
 
-from ddmkit.config import RunConfig
+from ddmkit.config import RunConfig, validate
 from ddmkit.ddm import DDM, exact_ddm, load_ddm, sample_ddm, sample_single, start_noise
 from ddmkit.ddm.load import latent_codec, monolith_field
-from ddmkit.registry import model_data_shape
+from ddmkit.registry import model_data_shape, read_registry
 from ddmkit.ddm.sampling import config_options
+from ddmkit.errors import DDMError
 from ddmkit.io import read_json, save_tensors, sha256_file, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.samplesets import STATISTICS, SampleSet, SetKind
@@ -91,9 +93,32 @@ def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device,
 SAMPLES_FIX = "delete it (the sets are drawn again by `ddmkit sample RUN --strategy NAME` or `ddmkit run`)"
 
 
+class SetInfo(BaseModel):
+    """One set's entry in RUN/samples/info.json: what the report reads of it is typed, the rest kept."""
+    model_config = ConfigDict(extra="allow")
+    expert_calls_per_sample: StrictFloat | None = None
+    wall_time: StrictFloat | None = None
+    router_calls: StrictFloat | None = None
+    velocity_evaluations: StrictFloat | None = None
+    missing_experts: list[StrictInt] = []
+    drawn_with: dict[str, Any] | None = None  # the settings and networks it was drawn with (drawn_with())
+
+
+class SampleInfo(RootModel[dict[str, SetInfo]]):
+    """RUN/samples/info.json: each set's name and its SetInfo."""
+
+
 def read_info(folder: RunFolder) -> dict:
-    """RUN/samples/info.json (what each set was drawn with), {} before the first set."""
-    return read_json(folder.sample_info, SAMPLES_FIX) if folder.sample_info.exists() else {}
+    """RUN/samples/info.json (what each set was drawn with), checked by its schema (SampleInfo: a damaged entry
+    is a DDMError naming it, and what to do), as read; {} before the first set."""
+    if not folder.sample_info.exists():
+        return {}
+    infos = read_json(folder.sample_info, SAMPLES_FIX)
+    try:
+        validate(SampleInfo, infos, str(folder.sample_info), "record of the sample sets")
+    except DDMError as e:
+        raise DDMError(f"{e}\n  to go on: {SAMPLES_FIX}") from None
+    return infos
 
 
 def chunked_differently(sample_set: SampleSet, solver: str) -> bool:
@@ -112,11 +137,6 @@ def network_roles(sample_set: SampleSet) -> list[str]:
     if sample_set.kind == SetKind.EXACT:
         return []
     return ["expert"] if sample_set.router == STATISTICS else ["expert", "router"]
-
-
-def read_registry(folder: RunFolder) -> dict | None:
-    """RUN/registry.json as read for networks_hash (None before the run is registered)."""
-    return read_json(folder.registry) if folder.registry.exists() else None
 
 
 def networks_hash(reg: dict | None, roles: list[str]) -> str | None:
@@ -204,7 +224,7 @@ def stale_sets(run) -> list[str]:
     folder = RunFolder(run)
     if not folder.registry.exists():
         return []
-    registry_hash, reg, stale = sha256_file(folder.registry), read_registry(folder), []
+    registry_hash, reg, stale = sha256_file(folder.registry), read_registry(folder.root), []
     for name, info in read_info(folder).items():
         made = info.get("drawn_with") if isinstance(info, dict) else None
         if not folder.sample_set(name).exists() or not isinstance(made, dict):
@@ -231,7 +251,7 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
     redraw=True); on_sample(name) is called after each set is written (e.g. to score it at once)."""
     folder = RunFolder(run)
     registry_hash = sha256_file(folder.registry) if folder.registry.exists() else None
-    reg = read_registry(folder)
+    reg = read_registry(folder.root)
     ddms: dict = {}
     for sample_set in track(sets, "sampling", lambda s: s.name):
         path = folder.sample_set(sample_set.name)

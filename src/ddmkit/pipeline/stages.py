@@ -97,7 +97,9 @@ def load_split(run, split: str) -> ArrayData:
     if not folder.split(split).exists():
         raise DDMError(f"{folder.root}: no data (data/{split}.safetensors); run `ddmkit partition --out "
                        f"{folder.root} --config CONFIG` or `ddmkit run CONFIG --out {folder.root}` first")
-    t = load_tensors(folder.split(split))
+    fix = (f"remove it, and `ddmkit partition --out {folder.root} --config {folder.config}` makes it again (the run's "
+           "own config makes the same data), or copy the run's data/ folder back")
+    t = load_tensors(folder.split(split), fix=fix)
     return ArrayData(read_json(folder.data_info)["name"], t["x"], t.get("labels"), load_truth(run))
 
 

@@ -9,7 +9,6 @@ import json
 from typing import Callable
 
 from ddmkit.config import RunConfig
-from ddmkit.data.partition import load_partition
 from ddmkit.ddm import exact_ddm, load_ddm
 from ddmkit.ddm.load import has_default_router, island_stats_router, load_truth, nearest_cluster_fn
 from ddmkit.errors import DDMError
@@ -22,8 +21,9 @@ from ddmkit.io import load_tensors, read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.models import models_section, partition_k
 from ddmkit.pipeline.samplesets import planned_sets, sample_options
-from ddmkit.pipeline.sampling import SAMPLES_FIX, networks_hash, read_info, read_registry, sampling_sentence
+from ddmkit.pipeline.sampling import SAMPLES_FIX, networks_hash, read_info, sampling_sentence
 from ddmkit.pipeline.stages import load_split
+from ddmkit.registry import load_partition_checked, read_manifest, read_registry
 from ddmkit.tables import fmt, markdown_table
 
 Log = Callable[[str], None]
@@ -39,7 +39,7 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
     folder = RunFolder(run)
     if not folder.sample_info.exists():
         trained = folder.manifest.exists() and any((folder.expert(c) / "model.safetensors").exists()
-                                                   for c in range(read_json(folder.manifest)["k"]))
+                                                   for c in range(read_manifest(folder.partition)["k"]))
         if not trained:
             raise DDMError(f"{folder.root}: no samples yet, and no expert is trained: train the networks first "
                            f"(`ddmkit run CONFIG --out {folder.root}`), then `ddmkit sample {folder.root}`")
@@ -57,7 +57,7 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
     truth = test.truth
     result = evaluate_all(samples, infos, test.x, truth, cfg.evaluate.chunk, sample_options)
 
-    manifest, ptensors = load_partition(folder.partition)
+    manifest, ptensors = load_partition_checked(folder.partition)
     n_eval = min(len(test.x), 4000)
     xs = test.x[:n_eval]
     labels = nearest_cluster_fn(manifest, ptensors)(xs)
@@ -103,7 +103,7 @@ def studies_key(cfg: RunConfig, run) -> dict | None:
         return None
     drawn_by = {"strategies", "stats_router_strategies", "guidance_sweep", "sweep_strategy", "sweep_n"}
     present = [path.parent.name for path in sorted(folder.experts.glob("expert_*/model.safetensors"))]
-    networks = networks_hash(read_registry(folder), ["expert", "router"])
+    networks = networks_hash(read_registry(folder.root), ["expert", "router"])
     return {"networks": networks, "experts_present": present, "data": read_json(folder.data_info),
             "sample": cfg.sample.model_dump(exclude=drawn_by), "evaluate": cfg.evaluate.model_dump(),
             "ddmkit_version": __version__}
