@@ -387,3 +387,57 @@ def test_a_damaged_data_split_names_the_command_that_makes_it_again(run, ddmkit)
     assert code == 0, err
     code, _, err = ddmkit("evaluate", run)
     assert code == 0, err
+
+
+# ----- messages whose fix did not work -------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["truncated weights", "no config.json"])
+def test_a_damaged_student_is_not_up_to_date_and_force_is_named(run, ddmkit, damage):
+    """distill said '.../students/dense is up to date' of a student whose weights were truncated or whose
+    config.json was gone (it looked for model.safetensors alone); the report then failed, and running distill again
+    did the same. --force, which works, was not named."""
+    code, _, err = ddmkit("distill", run, "--steps", 2, "--no-report")
+    assert code == 0, err
+    dense = run / "students" / "dense"
+    if damage == "truncated weights":
+        weights = dense / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:200])
+    else:
+        (dense / "config.json").unlink()
+    code, _, err = ddmkit("distill", run, "--steps", 2, "--no-report")
+    assert code == 2 and "up to date" not in err and str(dense) in err, err
+    assert f"{dense} is a damaged student: pass --force to remove {run / 'students'}" in err
+    code, _, err = ddmkit("distill", run, "--steps", 2, "--no-report", "--force")
+    assert code == 0 and (dense / "config.json").is_file(), err
+
+
+def test_damaged_analysis_records_are_measured_again(run, ddmkit):
+    """analysis/strategies/top-1.json not JSON: analyze, the command that writes it, repeated 'not valid JSON ...;
+    re-create it with the ddmkit command that wrote it', and has no --force."""
+    analyze = ("analyze", run, "--strategy", "top-1", "--n", 16, "--max-steps", 2, "--jvp-rows", 4)
+    code, _, err = ddmkit(*analyze)
+    assert code == 0, err
+    record = run / "analysis" / "strategies" / "top-1.json"
+    record.write_text('{"key": ')
+    (record.with_suffix(".safetensors")).write_bytes(b"damaged")
+    code, _, err = ddmkit(*analyze)
+    assert code == 0 and json.loads(record.read_text())["key"], err
+
+
+@pytest.mark.parametrize("damaged", ["config.json", "data/data.json"])
+def test_a_run_file_that_is_not_json_names_a_fix_that_works(run, ddmkit, tmp_path, damaged):
+    """RUN/config.json or data/data.json not JSON: 're-create it with the ddmkit command that wrote it' (`ddmkit
+    run` and `partition` refused the folder, or failed on the same file)."""
+    saved = Path(shutil.copy(run / "config.json", tmp_path / "saved.json"))
+    (run / damaged).write_text('{"data": ')
+    code, _, err = ddmkit("sample", run, "--strategy", "top-1")
+    assert code == 2 and f"{run / damaged} is not valid JSON" in err and "command that wrote it" not in err, err
+    if damaged == "config.json":
+        assert "copy it back from another copy of the run" in err and "once this one is removed" in err
+        (run / damaged).unlink()
+        code, _, err = ddmkit("sample", run, "--strategy", "top-1", "--config", saved)
+    else:
+        assert f"remove it, and `ddmkit partition --out {run} --config {run / 'config.json'}` makes it again" in err
+        (run / damaged).unlink()
+        assert ddmkit("partition", "--out", run, "--config", run / "config.json")[0] == 0
+        code, _, err = ddmkit("sample", run, "--strategy", "top-1")
+    assert code == 0, err

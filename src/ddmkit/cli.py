@@ -766,10 +766,14 @@ def _not_for_text(options: dict, why: str) -> None:
 
 
 def _text_run(run: Path) -> bool:
-    """Whether a run folder holds a text run."""
+    """Whether a run folder holds a text run (one whose config.json cannot be read is taken for a vector or image
+    run: the command then reads it through run_config, whose error names the fix)."""
     from ddmkit.pipeline.text import is_text_run
 
-    return is_text_run(run)
+    try:
+        return is_text_run(run)
+    except DDMError:
+        return False
 
 
 def _check_learned_router(run: Path) -> None:

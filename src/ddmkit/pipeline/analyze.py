@@ -50,7 +50,7 @@ from ddmkit.layout import RunFolder, check_run_exists, safe_name
 from ddmkit.pipeline.checks import checked_device
 from ddmkit.pipeline.prepare import remove_leftovers, run_config
 from ddmkit.pipeline.samplesets import calls_every_expert
-from ddmkit.pipeline.stages import load_split, run_lock
+from ddmkit.pipeline.stages import load_split, read_data_info, run_lock
 from ddmkit.routing import parse_strategy
 from ddmkit.routing.strategies import Threshold, TopK
 from ddmkit.train.threads import job_threads
@@ -256,9 +256,15 @@ def strategy_files(out: Path, name: str) -> tuple[Path, Path]:
 def kept_strategy(out: Path, name: str, key: str) -> dict | None:
     """The result analyze_strategy returned for this key, if OUT/strategies holds it."""
     meta, tensors = strategy_files(out, name)
-    if not meta.exists() or not tensors.exists() or read_json(meta).get("key") != key:
+    if not meta.exists() or not tensors.exists():
         return None
-    return {**read_json(meta)["result"], "per_sample": load_tensors(tensors)}
+    try:
+        kept = read_json(meta)
+        if not isinstance(kept, dict) or kept.get("key") != key or not isinstance(kept.get("result"), dict):
+            return None
+        return {**kept["result"], "per_sample": load_tensors(tensors)}
+    except DDMError:  # a damaged record (not JSON, a truncated tensor file): measured again, and written again
+        return None
 
 
 def keep_strategy(out: Path, name: str, key: str, result: dict) -> None:
@@ -360,7 +366,7 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     names = note_full_aliases(list(strats), ddm.k, log)
     strats = {name: strats[name] for name in names}
     test = load_split(run, "test")
-    rows = split_rows(len(test.x), n, n_heldout, more_test_rows(read_json(folder.data_info), cfg.data.n_test,
+    rows = split_rows(len(test.x), n, n_heldout, more_test_rows(read_data_info(folder), cfg.data.n_test,
                                                                  cfg.data.params))
     test = dataclasses.replace(test, x=test.x.to(device))
     truth = None if test.truth is None else test.truth.to(device=device)

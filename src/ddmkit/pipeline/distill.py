@@ -56,7 +56,7 @@ from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.sampling import sample_labels
 from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.pipeline.text import is_text_run
-from ddmkit.registry import load_model, model_shards
+from ddmkit.registry import check_model_folder, load_model, model_shards
 from ddmkit.routing import parse_strategy
 from ddmkit.routing.table import canonical_name
 from ddmkit.routing.adaptive import GatedTopK
@@ -189,13 +189,31 @@ def student_net(folder: RunFolder, source: str) -> dict:
     return net
 
 
-def existing_students(folder: RunFolder) -> list[Path]:
-    """The model folders in RUN/students: dense first, then the few-step students by S and grid."""
+def student_folders(folder: RunFolder) -> list[Path]:
+    """The students' folders in RUN/students, whole or not: dense first, then the few-step students by S and
+    grid."""
     if not folder.students.is_dir():
         return []
     named = [(re.fullmatch(r"few-step-(\d+)-(uniform|lambda)", p.name), p) for p in folder.students.iterdir()]
     few = [p for _, p in sorted((int(m.group(1)), p) for m, p in named if m)]
-    return [p for p in [folder.dense_student, *few] if (p / "config.json").exists()]
+    return [p for p in [folder.dense_student, *few] if p.is_dir()]
+
+
+def existing_students(folder: RunFolder) -> list[Path]:
+    """The model folders in RUN/students (those with a config.json), in student_folders' order."""
+    return [p for p in student_folders(folder) if (p / "config.json").exists()]
+
+
+def check_students_load(folder: RunFolder) -> None:
+    """Every student folder in RUN/students is a model folder that loads (its config.json and the header of its
+    model.safetensors checked, registry.check_model_folder): a damaged one is a DDMError naming --force, which
+    distills it again (without the check, a student whose weights are there counts as made, and is kept)."""
+    for path in student_folders(folder):
+        try:
+            check_model_folder(path)
+        except DDMError as e:
+            raise DDMError(f"{e}\n  {path} is a damaged student: pass --force to remove {folder.students} (every "
+                           "student in it) and distill again") from None
 
 
 def canonical_teacher(spec: dict) -> dict:
@@ -281,6 +299,7 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
     plan = Plan(folder, cfg, ddm, teacher, arch, net, train, few_step, grid, trajectories,
                 teacher_steps or cfg.sample.steps, where, is_image_run(folder.root), dense_spec)
     if not force:
+        check_students_load(folder)
         check_existing(plan)
     if report:
         check_evaluation(plan)

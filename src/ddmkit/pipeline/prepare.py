@@ -34,8 +34,9 @@ from ddmkit.layout import RunFolder, check_run_exists, enclosing_run
 from ddmkit.pipeline.checks import (check_clusters, check_devices, check_labels, check_run_plan,
                                     unused_partition_settings)
 from ddmkit.train.jobs import EXECUTION
-from ddmkit.pipeline.stages import (check_networks, load_data, load_split, plan_partition, register_user_features,
-                                    register_user_networks, run_lock, write_data, write_partition)
+from ddmkit.pipeline.stages import (check_networks, load_data, load_split, plan_partition, read_data_info,
+                                    register_user_features, register_user_networks, run_lock, write_data,
+                                    write_partition)
 
 Log = Callable[[str], None]
 TRAINED = ("data", "partition", "expert", "router", "monolith", "latent")  # the config sections the networks depend on
@@ -175,7 +176,7 @@ def _check_sizes(cfg: RunConfig, folder: RunFolder, data: tuple | None, kept_par
         check_labels(cfg, [train.labels, test.labels])
         shape = train.data_shape
     else:
-        info = read_json(folder.data_info)
+        info = read_data_info(folder)
         check_run_plan(cfg, info["n_train"], info["n_test"], tuple(info["data_shape"]), info["exact_truth"])
         shape = tuple(info["data_shape"])
     if kept_partition:
@@ -194,7 +195,7 @@ def lost_data(folder: RunFolder) -> list[Path]:
 def note_changed_source(cfg: RunConfig, folder: RunFolder, log: Log) -> None:
     """A note when the files a resumed run's data were loaded from have changed since (data.json's
     source_fingerprint): the run keeps the data it loaded, which the user may not expect."""
-    recorded = read_json(folder.data_info).get("source_fingerprint")
+    recorded = read_data_info(folder).get("source_fingerprint")
     now = source_fingerprint(cfg.data.name, cfg.data.params)
     if recorded is not None and now is not None and now != recorded:
         named = ", ".join(str(p) for p in source_files(cfg.data.name, cfg.data.params))
@@ -302,6 +303,11 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
     return run
 
 
+CONFIG_FIX = ("copy it back from another copy of the run. `ddmkit sample`, `evaluate`, `train-router`, "
+              "`train-monolith` and `launch` also take those settings from --config CONFIG (the TOML the run was "
+              "made with)")
+
+
 def run_config(run: str | Path) -> RunConfig:
     """The configuration a run folder was made with."""
     folder = RunFolder(run)
@@ -312,15 +318,13 @@ def run_config(run: str | Path) -> RunConfig:
             raise DDMError(f"{folder.root} is a folder inside the run {above}; give the run folder itself: {above}")
         if folder.partition.is_dir():  # a run that lost its config.json: its settings are not the defaults
             raise DDMError(f"{folder.root} has no config.json, the settings the run was made with (its partition is "
-                           "there); copy it back from another copy of the run. `ddmkit sample`, `evaluate`, "
-                           "`train-router`, `train-monolith` and `launch` also take those settings from --config "
-                           "CONFIG (the TOML the run was made with)")
+                           f"there); {CONFIG_FIX}")
         if entries(folder.root, but=folder.lock):  # a folder of other files (a corpus, a data folder)
             raise DDMError(f"{folder.root} is not a ddmkit run folder (no config.json); give the folder `ddmkit run` "
                            "or `ddmkit partition` wrote")
         raise DDMError(f"{folder.root} is not a ddmkit run folder (no config.json); make one with "
                        f"`ddmkit run CONFIG --out {folder.root}` or `ddmkit partition --out {folder.root}`")
-    raw = read_json(folder.config)
+    raw = read_json(folder.config, f"{CONFIG_FIX}, once this one is removed")
     if not (isinstance(raw, dict) and isinstance(raw.get("config"), dict)):  # e.g. a model folder's config.json
         above = enclosing_run(folder.root)
         raise DDMError(f"{folder.root} is not a ddmkit run folder (its config.json is not a run's: no \"config\" "

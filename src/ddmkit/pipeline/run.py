@@ -23,7 +23,6 @@ from ddmkit.config import RunConfig, checked_config, resolve_device
 from ddmkit.data.images import is_image_shape
 from ddmkit.ddm.load import load_truth, recorded_router
 from ddmkit.errors import DDMError
-from ddmkit.io import read_json
 from ddmkit.launch.backends import check_launch, cuda_count
 from ddmkit.layout import RunFolder
 import ddmkit.pipeline.images as images
@@ -32,7 +31,7 @@ from ddmkit.pipeline.prepare import listed, prepare_run_dir, remove_leftovers, r
 from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_every_expert, named_set, planned_sets,
                                         sample_options, statistics_set)
 from ddmkit.pipeline.sampling import read_info, stage_sample, stale_sets
-from ddmkit.pipeline.stages import TRAINING_STAGES, stage_experts, stage_monolith, stage_router
+from ddmkit.pipeline.stages import TRAINING_STAGES, read_data_info, stage_experts, stage_monolith, stage_router
 from ddmkit.registry import check_registered, read_manifest
 
 Log = Callable[[str], None]
@@ -44,7 +43,7 @@ def is_image_run(run) -> bool:
     if not folder.data_info.exists():
         raise DDMError(f"{folder.root}: no data yet (data/data.json); run `ddmkit partition --out {folder.root} "
                        "--config CONFIG` or `ddmkit run CONFIG --out RUN` first")
-    return is_image_shape(read_json(folder.data_info)["data_shape"])
+    return is_image_shape(read_data_info(folder)["data_shape"])
 
 
 def evaluate_stage(cfg: RunConfig, run, log: Log = print, device="cpu", scorer=None) -> dict:

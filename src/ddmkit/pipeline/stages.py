@@ -91,16 +91,25 @@ def stage_data(cfg: RunConfig, run, log: Log = print) -> None:
         write_data(cfg, run, *load_data(cfg), log)
 
 
+def data_fix(folder: RunFolder) -> str:
+    """How a lost or damaged file of RUN/data/ is made again: the fix its error names."""
+    return (f"remove it, and `ddmkit partition --out {folder.root} --config {folder.config}` makes it again (the "
+            "run's own config makes the same data), or copy the run's data/ folder back")
+
+
+def read_data_info(folder: RunFolder) -> dict:
+    """RUN/data/data.json as written (a damaged one is a DDMError naming data_fix)."""
+    return read_json(folder.data_info, data_fix(folder))
+
+
 def load_split(run, split: str) -> ArrayData:
     """A run's train or test split (with the exact truth when the data have one)."""
     folder = RunFolder(run)
     if not folder.split(split).exists():
         raise DDMError(f"{folder.root}: no data (data/{split}.safetensors); run `ddmkit partition --out "
                        f"{folder.root} --config CONFIG` or `ddmkit run CONFIG --out {folder.root}` first")
-    fix = (f"remove it, and `ddmkit partition --out {folder.root} --config {folder.config}` makes it again (the run's "
-           "own config makes the same data), or copy the run's data/ folder back")
-    t = load_tensors(folder.split(split), fix=fix)
-    return ArrayData(read_json(folder.data_info)["name"], t["x"], t.get("labels"), load_truth(run))
+    t = load_tensors(folder.split(split), fix=data_fix(folder))
+    return ArrayData(read_data_info(folder)["name"], t["x"], t.get("labels"), load_truth(run))
 
 
 def plan_partition(cfg: RunConfig, train: ArrayData) -> PartitionPlan:
@@ -340,7 +349,7 @@ def encode_shards(cfg: RunConfig, run, log: Log = print) -> None:
     latents.json: the latent shape, the autoencoder's SHA-256, each latent shard's SHA-256."""
     folder = RunFolder(run)
     shards = shard_files(run)
-    channels = read_json(folder.data_info)["data_shape"][0]
+    channels = read_data_info(folder)["data_shape"][0]
     device = resolve_device(cfg.latent.train.device)
     codec = load_codec(folder.autoencoder, channels, cfg.latent.encode_batch, device)
     start = time.perf_counter()

@@ -22,7 +22,7 @@ from ddmkit.layout import RunFolder
 from ddmkit.pipeline.models import models_section, partition_k
 from ddmkit.pipeline.samplesets import planned_sets, sample_options
 from ddmkit.pipeline.sampling import SAMPLES_FIX, networks_hash, read_info, sampling_sentence
-from ddmkit.pipeline.stages import load_split
+from ddmkit.pipeline.stages import load_split, read_data_info
 from ddmkit.registry import load_partition_checked, read_manifest, read_registry
 from ddmkit.tables import fmt, markdown_table
 
@@ -104,7 +104,7 @@ def studies_key(cfg: RunConfig, run) -> dict | None:
     drawn_by = {"strategies", "stats_router_strategies", "guidance_sweep", "sweep_strategy", "sweep_n"}
     present = [path.parent.name for path in sorted(folder.experts.glob("expert_*/model.safetensors"))]
     networks = networks_hash(read_registry(folder.root), ["expert", "router"])
-    return {"networks": networks, "experts_present": present, "data": read_json(folder.data_info),
+    return {"networks": networks, "experts_present": present, "data": read_data_info(folder),
             "sample": cfg.sample.model_dump(exclude=drawn_by), "evaluate": cfg.evaluate.model_dump(),
             "ddmkit_version": __version__}
 
