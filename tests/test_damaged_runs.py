@@ -441,3 +441,22 @@ def test_a_run_file_that_is_not_json_names_a_fix_that_works(run, ddmkit, tmp_pat
         assert ddmkit("partition", "--out", run, "--config", run / "config.json")[0] == 0
         code, _, err = ddmkit("sample", run, "--strategy", "top-1")
     assert code == 0, err
+
+
+# ----- a set file swapped for another ------------------------------------------------------------------------
+def test_a_sample_set_copied_over_another_is_refused_by_evaluate(run, ddmkit):
+    """samples/monolith.safetensors copied over top-1.safetensors: evaluate scored it as top-1 (the report's top-1
+    row became the monolith's). info.json records each set's SHA-256 now; a record without one (an earlier
+    ddmkit's) is scored as before."""
+    for strategy in ("top-1", "monolith"):
+        assert ddmkit("sample", run, "--strategy", strategy)[0] == 0
+    top1 = run / "samples" / "top-1.safetensors"
+    original = top1.read_bytes()
+    shutil.copyfile(run / "samples" / "monolith.safetensors", top1)
+    code, _, err = ddmkit("evaluate", run)
+    assert code == 2 and f"{top1}: SHA-256 differs from the one {run / 'samples' / 'info.json'} records" in err, err
+    assert f"draw it again with `ddmkit sample {run} --strategy top-1`" in err and not (run / "report.md").exists()
+    top1.write_bytes(original)
+    edit_json(run / "samples" / "info.json", lambda infos: [info.pop("sha256") for info in infos.values()] and None)
+    code, _, err = ddmkit("evaluate", run)
+    assert code == 0, err

@@ -15,7 +15,7 @@ import json
 from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, RootModel, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictFloat, StrictInt
 
 from ddmkit.config import RunConfig, validate
 from ddmkit.ddm import DDM, exact_ddm, load_ddm, sample_ddm, sample_single, start_noise
@@ -102,6 +102,7 @@ class SetInfo(BaseModel):
     velocity_evaluations: StrictFloat | None = None
     missing_experts: list[StrictInt] = []
     drawn_with: dict[str, Any] | None = None  # the settings and networks it was drawn with (drawn_with())
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # of the set's file (sets drawn before: none)
 
 
 class SampleInfo(RootModel[dict[str, SetInfo]]):
@@ -237,6 +238,15 @@ def stale_sets(run) -> list[str]:
     return stale
 
 
+def changed_sets(run) -> list[str]:
+    """The drawn sets whose file is not the one drawn: its SHA-256 differs from the one samples/info.json
+    records (a set copied over another, or edited). A set recorded without one (drawn by earlier ddmkit) is not
+    told apart."""
+    folder = RunFolder(run)
+    return [name for name, info in read_info(folder).items() if info.get("sha256") is not None
+            and folder.sample_set(name).exists() and sha256_file(folder.sample_set(name)) != info["sha256"]]
+
+
 def replaced_text(before: dict, now: dict) -> str:
     """What differs between the settings a set was drawn with and those it is drawn with now, e.g.
     'n 500 -> 10, steps 50 -> 8' ('other networks' for the networks)."""
@@ -267,6 +277,7 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
         info["drawn_with"] = made_with
         tensors = {"x": x0} if y is None else {"x": x0, "y": y}
         save_tensors(path, tensors, {"strategy": sample_set.name, "missing_experts": info["missing_experts"]})
+        info["sha256"] = sha256_file(path)  # evaluate scores this file only (changed_sets)
         infos[sample_set.name] = info
         write_json(folder.sample_info, infos)
         log(f"sample {sample_set.name}: {info['expert_calls_per_sample']:.1f} expert calls/sample, "
