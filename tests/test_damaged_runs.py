@@ -460,3 +460,21 @@ def test_a_sample_set_copied_over_another_is_refused_by_evaluate(run, ddmkit):
     edit_json(run / "samples" / "info.json", lambda infos: [info.pop("sha256") for info in infos.values()] and None)
     code, _, err = ddmkit("evaluate", run)
     assert code == 0, err
+
+
+def test_the_command_add_expert_suggests_pastes_as_one_argument_per_path(run, ddmkit, tmp_path):
+    """In a run folder named with a space, add-expert printed `ddmkit run RUN/config.json --out RUN ...` unquoted;
+    pasted, it gave 'Got unexpected extra argument(s)'."""
+    import re
+    import shlex
+
+    import numpy as np
+
+    spaced = Path(shutil.move(run, tmp_path / "my run ü"))
+    np.savez(tmp_path / "island.npz", x=np.random.default_rng(0).normal(size=(300, 2)).astype("float32") + 5,
+             labels=np.zeros(300, dtype="int64"))
+    code, _, err = ddmkit("add-expert", spaced, "--data", tmp_path / "island.npz", "--router", "stats")
+    assert code == 0, err
+    command = re.search(r"sample and score with `([^`]+)`", err).group(1)
+    assert shlex.split(command) == ["ddmkit", "run", str(spaced / "config.json"), "--out", str(spaced), "--stages",
+                                    "evaluate"], command

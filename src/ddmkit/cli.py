@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import warnings
@@ -591,8 +592,6 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
 
     slurm = {"time": time, "cpus": cpus, "gpus": gpus, "mem": mem, "partition": partition_name}
     if emit is not None:
-        import shlex
-
         from ddmkit.launch import check_emit, write_slurm_script
         from ddmkit.launch.slurm import DEFAULT_CPUS, check_resources, task_notes
 
@@ -830,9 +829,10 @@ def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trai
         raise DDMError(_as_data_options(str(e))) from None
     from ddmkit.layout import RunFolder
 
-    score = (f"`ddmkit run {run_dir}/config.json --out {run_dir} --stages evaluate`"
+    run = shlex.quote(str(run_dir))  # a command to paste: a path with spaces stays one argument
+    score = (f"`ddmkit run {shlex.quote(str(run_dir / 'config.json'))} --out {run} --stages evaluate`"
              if (RunFolder(run_dir).monolith / "model.safetensors").exists()
-             else f"`ddmkit sample {run_dir}`, then `ddmkit evaluate {run_dir}`")  # no monolith to compare with
+             else f"`ddmkit sample {run}`, then `ddmkit evaluate {run}`")  # no monolith to compare with
     log(f"add-expert: {event['rows']} rows added to {run_dir} (grow.json entry {event['n']}); sample and score with "
         f"{score}")
 
@@ -860,7 +860,8 @@ def replace_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="
         _config(config)  # registers the config's own network classes
     event = replace_expert(run_dir, k, folder, log)
     if event is not None:
-        log(f"replace-expert: grow.json entry {event['n']}; `ddmkit verify {run_dir}` checks the registry")
+        log(f"replace-expert: grow.json entry {event['n']}; `ddmkit verify {shlex.quote(str(run_dir))}` checks the "
+            "registry")
 
 
 theory_app = typer.Typer(help="Theory studies on exact Gaussian-mixture truth: convergence and distillation.",

@@ -10,6 +10,7 @@ and write_data / write_partition. Training jobs run on train.threads CPU threads
 from __future__ import annotations
 
 import contextlib
+import shlex
 import time
 from pathlib import Path
 from typing import Callable
@@ -237,7 +238,7 @@ def check_network_folder(folder: Path, role: str) -> None:
     symbolic link where the folder goes, is a DDMError naming it, and is left as it is."""
     if folder.is_symlink():
         raise DDMError(f"{folder} is a symbolic link; ddmkit writes the {role} into a folder of its own there: remove "
-                       f"the link (rm {folder}), or copy the folder it points to in its place")
+                       f"the link (rm {shlex.quote(str(folder))}), or copy the folder it points to in its place")
     if folder.exists() and not folder.is_dir():
         raise DDMError(f"{folder} is a file; ddmkit writes the {role} into a folder there: move that file elsewhere")
     if not folder.is_dir():
