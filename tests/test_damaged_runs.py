@@ -263,14 +263,16 @@ def test_a_manifest_k_that_is_a_string_is_named_with_a_fix_that_works(run, ddmki
     assert code == 0, err
 
 
-def test_a_lost_shard_is_named_by_partition_and_made_again_as_the_message_says(run, ddmkit):
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_lost_shard_is_named_by_partition_and_made_again_as_the_message_says(run, ddmkit, damage):
     """A deleted shard: verify said 'copy it back or re-create it', and `ddmkit partition` on the run said 'holds
-    this partition already ... nothing to do'."""
+    this partition already ... nothing to do'; a truncated one said to partition again in a new run folder."""
     shard = run / "partition" / "shards" / "cluster_01.safetensors"
-    shard.unlink()
+    shard.unlink() if damage == "deleted" else shard.write_bytes(shard.read_bytes()[:100])
+    said = f"{shard} is missing (the shard of cluster 1)" if damage == "deleted" else f"{shard}: SHA-256 differs"
     for command in (["verify"], ["partition", "--config", run / "config.json", "--out"]):
         code, _, err = ddmkit(*command, run)
-        assert code == 2 and f"{shard} is missing (the shard of cluster 1)" in err and "nothing to do" not in err, err
+        assert code == 2 and said in err and "nothing to do" not in err, err
         assert f"remove {run / 'partition'} and run `ddmkit partition --config {run / 'config.json'} --out {run}`" \
             in err
     shutil.rmtree(run / "partition")

@@ -295,9 +295,9 @@ def checked_model_shards(run: str | Path, clusters: list[int] | None = None) -> 
             raise DDMError(f"{path} is missing (the shard of cluster {cluster}); copy it back from another copy of "
                            f"the run, or {remake_partition(folder)}")
         if sha256_file(path) != recorded.get(cluster):
+            again = "encode the shards again in a new run folder" if folder.is_latent else remake_partition(folder)
             raise DDMError(f"{path}: SHA-256 differs from the one {source} records for cluster {cluster}; the shard "
-                           "was changed or replaced after it was written. Copy the original back, or partition again "
-                           "in a new run folder")
+                           f"was changed or replaced after it was written. Copy the original back, or {again}")
     return paths
 
 
