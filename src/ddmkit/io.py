@@ -69,7 +69,8 @@ def check_folder_target(folder: str | Path) -> Path:
     broken = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
     if broken is not None:
         raise DDMError(f"{broken} is a symbolic link that leads nowhere (to itself, in a loop, or to a path that does "
-                       f"not exist), where ddmkit writes a folder; remove it (rm {shlex.quote(str(broken))}) and run the command again")
+                       f"not exist), where ddmkit writes a folder; remove it (rm {shlex.quote(str(broken))}) and run "
+                       "the command again")
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise DDMError(f"{blocker} is a file, not a folder; move it away (or write to another folder)")
@@ -232,8 +233,9 @@ def staging_dir(final: str | Path):
     with removing_new_empty_folders(final.parent):
         ensure_folder(final.parent)
         if final.is_symlink():  # the folder would replace the link, not be written where it points
-            raise DDMError(f"{final} is a symbolic link, but a folder is written there; remove the link (rm {shlex.quote(str(final))}), "
-                           "or copy what it points to in its place, and run the command again")
+            raise DDMError(f"{final} is a symbolic link, but a folder is written there; remove the link (rm "
+                           f"{shlex.quote(str(final))}), or copy what it points to in its place, and run the command "
+                           "again")
         if final.exists() and not final.is_dir():
             raise DDMError(f"{final} is a file, but a folder is written there; move it away, and run the command "
                            "again")

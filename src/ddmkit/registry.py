@@ -59,7 +59,8 @@ def safe_join(root: str | Path, rel: Any, what: str = "path") -> Path:
     broken = next((q for q in reversed(inside) if q.is_symlink() and not q.exists()), None)
     if broken is not None:  # a loop (Path.resolve raises RuntimeError on one) or a link to nothing
         raise DDMError(f"{what}: {broken} is a symbolic link that leads nowhere (to itself, in a loop, or to a path "
-                       f"that does not exist); remove it (rm {shlex.quote(str(broken))}) and put there the file or folder it stood for")
+                       f"that does not exist); remove it (rm {shlex.quote(str(broken))}) and put there the file or "
+                       "folder it stood for")
     try:
         full.resolve().relative_to(root.resolve())
     except ValueError:
