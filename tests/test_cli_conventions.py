@@ -130,12 +130,13 @@ def test_train_expert_never_deletes_a_folder_that_is_not_an_expert(ddmkit, shard
         code, _, err = ddmkit("train-expert", shard, "--out", mine, *args, *force)
         assert code == 2 and "holds files that are not an expert (sub, thesis.txt)" in err, err
         assert (mine / "thesis.txt").read_text() == "important" and (mine / "sub").is_dir()
-    for folder in (shard.parents[2], shard.parent):  # the run folder, the shards' folder
+    run = shard.parents[2]
+    for folder in (run, shard.parents[1], shard.parent):  # the run folder, RUN/partition, the shards' folder
         before = sorted(p.name for p in folder.iterdir())
         code, _, err = ddmkit("train-expert", shard, "--out", folder, *args)
         assert code == 2 and sorted(p.name for p in folder.iterdir()) == before
-        if folder == shard.parents[2]:  # the run folder: its experts/ named (it said RUN/expert_00, never found)
-            assert f"e.g. {folder / 'experts' / 'expert_XX'} (XX: the shard's cluster" in " ".join(err.split()), err
+        if folder != shard.parent:  # the run's experts/ named (it said RUN/expert_00 or RUN/partition/expert_00)
+            assert f"e.g. {run / 'experts' / 'expert_XX'} (XX: the shard's cluster" in " ".join(err.split()), err
     (tmp_path / "file").write_text("x")
     code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "file", *args)
     assert code == 2 and "is a file" in err and (tmp_path / "file").read_text() == "x"

@@ -196,8 +196,8 @@ def check_expert_folder(out_dir: str | Path, option: str | None = None) -> None:
     foreign = _foreign_files(out_dir)
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        example = (out_dir / "experts" / "expert_XX" if (out_dir / "partition").is_dir()  # a run folder
-                   else out_dir / "expert_00")
+        run = next((f for f in (out_dir, out_dir.parent) if (f / "partition").is_dir()), None)  # a run or in one
+        example = run / "experts" / "expert_XX" if run is not None else out_dir / "expert_00"
         fix = (f"give a new or empty folder, e.g. {example}" + (" (XX: the shard's cluster, where the run's other "
                "commands find it)" if example.name == "expert_XX" else " or RUN/experts/expert_03") if option
                else "move them elsewhere")
