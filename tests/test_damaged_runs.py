@@ -75,6 +75,42 @@ def test_training_the_router_or_monolith_refuses_a_folder_of_other_files(run, dd
     assert code == 0 and (folder / "model.safetensors").is_file(), err
 
 
+@pytest.fixture(scope="module")
+def other_run(tmp_path_factory):
+    """A run of the same settings on other data (another data seed): another partition's shards."""
+    cfg = tiny_config()
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seed": cfg.data.seed + 1})})
+    run = prepare_run_dir(tmp_path_factory.mktemp("other") / "run", cfg, log=QUIET)
+    for stage in (stage_data, stage_partition, stage_monolith, stage_router):
+        stage(cfg, run, QUIET)
+    return run
+
+
+@pytest.mark.parametrize("role", ["router", "monolith"])
+def test_a_router_or_monolith_of_another_run_is_refused(run, other_run, ddmkit, role):
+    """A router copied from another run was registered and used: it routed to the wrong experts (learned-router
+    accuracy 0.36 -> 0.02) without a word. The router and monolith record the shards they trained on."""
+    shutil.rmtree(run / role)
+    shutil.copytree(other_run / role, run / role)
+    code, _, err = ddmkit("register", run)
+    assert code == 2 and f"{run / role}: trained on the shards of another partition" in err, err
+    assert f"rm -r {run / role} && ddmkit train-{role} {run}" in err
+    if role == "router":  # a run without a registry loads it unchecked, but not another run's router
+        (run / "registry.json").unlink()
+        code, _, err = ddmkit("sample", run, "--strategy", "top-1", "--n", 10)
+        assert code == 2 and "trained on the shards of another partition" in err, err
+    shutil.rmtree(run / role)  # the fix the message gives
+    assert ddmkit(f"train-{role}", run)[0] == 0 and ddmkit("register", run)[0] == 0
+
+
+def test_the_monolith_of_a_grown_run_is_the_one_trained_before_the_growth(run, other_run, ddmkit):
+    """add-expert keeps the monolith trained on the shards before the growth (a reference): not refused."""
+    shutil.rmtree(run / "monolith")
+    shutil.copytree(other_run / "monolith", run / "monolith")
+    (run / "grow.json").write_text(json.dumps({"format": "ddmkit-grow-1", "router": "learned", "events": []}))
+    assert ddmkit("register", run)[0] == 0
+
+
 @pytest.mark.parametrize("role", ["router", "monolith"])
 def test_a_router_or_monolith_folder_cut_short_is_trained_again(run, ddmkit, role):
     """A copy cut short (the network's config.json and log, no weights) is the network's own: trained again."""

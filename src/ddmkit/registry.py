@@ -93,6 +93,7 @@ class ModelConfig(_Loose):
     cluster: StrictInt | None = Field(None, ge=0, le=100_000)  # an expert's
     k: StrictInt | None = Field(None, ge=0, le=100_000)  # the clusters of its partition (a router routes over k)
     shard_sha256: StrictStr | None = None  # an expert's shard
+    shards_sha256: list[StrictStr] | None = None  # the router's and the monolith's shards, in cluster order
     prediction: StrictStr | None = None
     path: dict[str, Any] | None = None  # a network of another probability path (ddmkit.ddm.load.path_output)
     train: dict[str, Any] | None = None  # the [train] table it was trained with
@@ -462,6 +463,22 @@ def check_shard(path: str, cluster, trained_on, shard_hash: dict) -> None:
                    "copy the expert trained on this partition's shard, or train it again")
 
 
+def check_trained_on_partition(run: Path, path: str, role: str, shard_hash: dict) -> None:
+    """A router or monolith trained on this partition's shards (its config.json's shards_sha256, in cluster
+    order), else a DDMError: it is another run's, and a router of another run routes to the wrong experts.
+    Folders of earlier ddmkit record none (not checked), nor is a monolith of a run grown since (add-expert
+    keeps it as the reference trained before the growth)."""
+    trained_on = model_config(safe_join(run, path)).get("shards_sha256")
+    if trained_on is None or (role == "monolith" and RunFolder(run).grow.is_file()):
+        return
+    if trained_on != [shard_hash.get(c) for c in range(len(shard_hash))]:
+        command = f"ddmkit train-{role} {shlex.quote(str(run))}"
+        raise DDMError(f"{run / path}: trained on the shards of another partition (its config.json's shards_sha256 "
+                       f"are not this run's partition/shards): it is another run's {role}. Train this run's: "
+                       f"`rm -r {shlex.quote(str(run / path))} && {command}`, or copy back the {role} trained on "
+                       "this run")
+
+
 def check_slot(path, cluster, slot: int) -> None:
     """An expert folder whose config.json names `cluster` must sit in the slot of that cluster
     (experts/expert_{slot}), else a DDMError saying where it goes."""
@@ -496,6 +513,8 @@ def write_registry(run: str | Path) -> dict:
     for m in reg["models"]:
         if m["role"] == "expert":
             check_shard(m["path"], m["cluster"], m["shard_sha256"], shard_hash)
+        else:
+            check_trained_on_partition(run, m["path"], m["role"], shard_hash)
     _validated(Registry, reg, "registry")
     write_json(run / REGISTRY, reg)
     return reg

@@ -30,8 +30,8 @@ from ddmkit.nets import user_networks
 from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
 from ddmkit.nets.user import is_user_network
 from ddmkit.latent.autoencoder import LatentCodec, load_codec
-from ddmkit.registry import (check_shard, check_slot, checked_model_shards, latent_info, load_model,
-                             load_partition_checked, model_config, model_data_shape, model_places, model_shards,
+from ddmkit.registry import (check_shard, check_slot, check_trained_on_partition, checked_model_shards, latent_info,
+                             load_model, load_partition_checked, model_config, model_data_shape, model_places, model_shards,
                              partition_shard_hashes, safe_join, verify_registry, warn_missing)
 from ddmkit.routing.stats_router import (PUBLISHED_STATISTICS, class_stats_router, island_class_statistics,
                                         island_statistics, load_statistics, publication_parts, stats_router)
@@ -366,6 +366,8 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
             if c not in absent and (folder.expert(c) / "config.json").exists():
                 trained_on = model_config(folder.expert(c)).get("shard_sha256")
                 check_shard(f"experts/expert_{c:02d}", c, trained_on, shard_hash)
+        if router_kind == "learned":
+            check_trained_on_partition(folder.root, "router", "router", shard_hash)
     unregistered_networks([folder.expert(c) for c in range(k) if c not in absent]
                           + ([folder.router] if router_kind == "learned" else []))
     experts, configs = [], []

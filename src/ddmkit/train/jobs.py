@@ -335,8 +335,10 @@ def train_monolith(shards: list[Path], config: ExpertConfig, out_dir: str | Path
     x = torch.cat([p[0] for p in parts])
     labels = torch.cat([p[1] for p in parts]) if all(p[1] is not None for p in parts) else None
     cfg = monolith_config(config, len(shards), match)
-    return train_velocity_model(x, cfg, out_dir, "monolith", {"k_matched": len(shards), "flop_match": match},
-                                "monolith", resume, labels, data=shard_hashes(shards))
+    hashes = shard_hashes(shards)  # recorded: a monolith copied from another run is told apart (registry)
+    return train_velocity_model(x, cfg, out_dir, "monolith", {"k_matched": len(shards), "flop_match": match,
+                                                              "shards_sha256": hashes},
+                                "monolith", resume, labels, data=hashes)
 
 
 def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path, resume: bool = True) -> Path:
@@ -368,12 +370,12 @@ def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path, 
             loss, acc = router_loss(lambda xt, t: m(xt, t, yb), x[idx], y[idx], gen)
         return loss, {"accuracy": acc}
 
+    hashes = shard_hashes(shards)  # recorded: a router copied from another run is told apart (registry)
     with staging_dir(out_dir) as tmp:
         ema, history = fit(model, batch_loss, config.train, tmp / "train_log.jsonl", "router", device,
-                           checkpoint_path(out_dir), resume, data=shard_hashes(shards),
-                           settings=trained_settings(config))
+                           checkpoint_path(out_dir), resume, data=hashes, settings=trained_settings(config))
         save_pretrained(tmp, ema, {"role": "router", "arch": config.net.arch, "kwargs": kwargs,
-                                   "data_shape": data_shape, "k": len(shards),
+                                   "data_shape": data_shape, "k": len(shards), "shards_sha256": hashes,
                                    "train": config.train.model_dump(), "final_loss": history[-1]["loss"]})
     checkpoint_path(out_dir).unlink(missing_ok=True)
     return Path(out_dir)
