@@ -123,6 +123,11 @@ def test_config_errors(tmp_path):
     assert (seeded.seed, seeded.corpus.seed, seeded.expert.train.seed, seeded.router.train.seed) == (7, 7, 7, 8)
     with pytest.raises(DDMError, match="'bayes' needs exact"):
         load_text_config(write_config(tmp_path, "text_dfm"))
+    # without router.kinds a text_dfm config took text_ar's default (bayes too): trained, then crashed
+    no_kinds = write_config(tmp_path, "text_dfm")
+    no_kinds.write_text("\n".join(line for line in no_kinds.read_text().splitlines() if not line.startswith("kinds")))
+    assert load_text_config(no_kinds).router.kinds == ["learned"]
+    assert load_text_config(write_config(tmp_path, "text_ar", '["learned"]')).router.kinds == ["learned"]
     bad.write_text(config.read_text().replace('"switch"]', '"oracle"]'))
     with pytest.raises(DDMError, match="evaluate.strategies"):
         load_text_config(bad)

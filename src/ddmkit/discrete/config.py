@@ -127,7 +127,8 @@ class TextExpertConfig(Section):
 class TextRouterConfig(Section):
     kinds: list[Literal["bayes", "learned"]] = Field(default_factory=lambda: ["bayes", "learned"],
                                                      description="bayes: exact posterior from the experts' "
-                                                     "likelihoods (autoregressive only); learned: a small model")
+                                                     "likelihoods (autoregressive only); learned: a small model "
+                                                     "(default: both for text_ar, learned for text_dfm)")
     width: int = Field(64, ge=8)
     depth: int = Field(1, ge=1)
     heads: int = Field(4, ge=1)
@@ -191,6 +192,18 @@ class TextRunConfig(Section):
     centralized: CentralizedConfig = Field(default_factory=CentralizedConfig)
     sample: TextSampleConfig = Field(default_factory=TextSampleConfig)
     evaluate: TextEvalConfig = Field(default_factory=TextEvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dfm_routers_by_default(cls, raw):
+        """A text_dfm run without router.kinds routes with the learned router alone (bayes needs sequence
+        likelihoods): the default of both is text_ar's."""
+        if isinstance(raw, dict) and raw.get("kind") == "text_dfm":
+            router = raw.get("router")
+            router = router.model_dump() if isinstance(router, TextRouterConfig) else dict(router or {})
+            if "kinds" not in router:
+                raw = {**raw, "router": {**router, "kinds": ["learned"]}}
+        return raw
 
     @field_validator("router")
     @classmethod
