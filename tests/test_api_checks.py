@@ -489,6 +489,12 @@ def test_the_adaptive_solver_refuses_strategies_that_redraw_at_every_evaluation(
         validate(SampleConfig, {"solver": "adaptive", "strategies": ["full", strategy]})
     validate(SampleConfig, {"solver": "adaptive", "strategies": ["full", "top-2", "oracle", "monolith"]})
     validate(SampleConfig, {"solver": "euler", "strategies": [strategy]})
+    # the other sets the section draws: they were drawn (after the first sets) and then refused
+    for extra, field in (({"stats_router_strategies": [strategy]}, "sample.stats_router_strategies"),
+                         ({"sweep_strategy": strategy, "guidance_sweep": [2.0]}, "sample.sweep_strategy")):
+        with pytest.raises(DDMError, match=f"solver = 'adaptive' with {re.escape(strategy)}.*out of {field}"):
+            validate(SampleConfig, {"solver": "adaptive", "strategies": ["full"], **extra})
+    validate(SampleConfig, {"solver": "adaptive", "strategies": ["full"], "sweep_strategy": strategy})  # no sweep
     with pytest.raises(DDMError, match="solver 'adaptive' with strategy"):
         sample_ddm(tiny(0), strategy, 4, solver="adaptive")
     assert sample_ddm(tiny(0), "oracle", 4, solver="adaptive")[0].shape == (4, D)

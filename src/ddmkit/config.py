@@ -375,11 +375,15 @@ class SampleConfig(Section):
 
     @model_validator(mode="after")
     def _adaptive_needs_fixed_routing(self):
-        random = [s for s in self.strategies if s != MONOLITH and redraws_each_evaluation(parse_strategy(s))]
-        if self.solver == "adaptive" and random:
-            raise ValueError(f"solver = 'adaptive' with {', '.join(random)}: these strategies draw their experts anew "
-                             "at every evaluation, which the adaptive step-size control cannot settle (it hangs); "
-                             "use euler, heun, midpoint or rk4, or leave them out of sample.strategies")
+        """Every set the section draws (its strategies, the statistics-only router's, the guidance sweep's)."""
+        drawn = {"sample.strategies": self.strategies, "sample.stats_router_strategies": self.stats_router_strategies,
+                 "sample.sweep_strategy": [self.sweep_strategy] if self.guidance_sweep else []}
+        for field, names in drawn.items():
+            random = [s for s in names if s != MONOLITH and redraws_each_evaluation(parse_strategy(s))]
+            if self.solver == "adaptive" and random:
+                raise ValueError(f"solver = 'adaptive' with {', '.join(random)}: these strategies draw their experts "
+                                 "anew at every evaluation, which the adaptive step-size control cannot settle (it "
+                                 f"hangs); use euler, heun, midpoint or rk4, or leave them out of {field}")
         return self
 
     @field_validator("sweep_strategy")
