@@ -89,3 +89,14 @@ def test_a_name_reads_back_as_its_strategy(name):
 def test_analyze_keeps_strategies_that_differ_past_six_digits():
     kept = check_strategies(["threshold-0.1234567", "threshold-0.1234568", "threshold-0.5"])
     assert list(kept) == ["threshold-0.1234567", "threshold-0.1234568", "threshold-0.5"]
+
+
+def test_guidance_scales_that_differ_past_six_digits_draw_sets_of_their_own():
+    """Set names kept six digits (1.5 and 1.5000001 both 'top-2 @ cfg 1.5'): two scales wrote one file."""
+    from ddmkit.config import RunConfig, validate
+    from ddmkit.pipeline.samplesets import planned_sets, sample_options
+
+    cfg = validate(RunConfig, {"sample": {"guidance_sweep": [1.5, 1.5000001], "sweep_strategy": "top-2"}})
+    swept = [s.name for s in planned_sets(cfg, has_truth=False) if " @ cfg " in s.name]
+    assert len(set(swept)) == len(swept) == 4 and "top-2 @ cfg 1.5000001" in swept
+    assert sample_options("top-2 @ cfg 1.5000001") == "--strategy top-2 --guidance 1.5000001"

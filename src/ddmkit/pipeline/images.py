@@ -19,6 +19,7 @@ from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.models import models_section, partition_k
 from ddmkit.pipeline.samplesets import STATISTICS, planned_sets
 from ddmkit.pipeline.sampling import read_info, sampling_sentence
+from ddmkit.routing.strategies import number
 from ddmkit.progress import track
 from ddmkit.tables import markdown_table
 
@@ -92,8 +93,8 @@ def table_rows(result: dict, guidance: float) -> list[list]:
     for name, r in result["rows"].items():
         rel = r["fid"] / mono if mono and r.get("n") == mono_n else None
         own = r.get("guidance", guidance)
-        if own != guidance and not name.endswith(f" @ cfg {own:g}"):
-            name = f"{name} @ cfg {own:g}"
+        if own != guidance and not name.endswith(f" @ cfg {number(own)}"):
+            name = f"{name} @ cfg {number(own)}"
         rows.append([name, r.get("n", "-"), r["fid"], rel, r["kid"] * 1e3, r.get("expert_calls_per_sample", "-"),
                      r.get("wall_time", "-"), r.get("fid_seconds", "-")])
     return rows

@@ -17,7 +17,7 @@ from ddmkit.config import MONOLITH, RunConfig
 from ddmkit.errors import DDMError
 from ddmkit.routing import parse_strategy
 from ddmkit.routing.table import canonical_name
-from ddmkit.routing.strategies import SampleK, TopK
+from ddmkit.routing.strategies import SampleK, TopK, number
 
 
 class SetKind(Enum):
@@ -84,7 +84,7 @@ def sample_options(name: str) -> str:
 
 
 def _guided_name(name: str, guidance: float, default: float) -> str:
-    return name if guidance == default else f"{name} @ cfg {guidance:g}"
+    return name if guidance == default else f"{name} @ cfg {number(guidance)}"  # reads back as the scale
 
 
 def planned_sets(cfg: RunConfig, has_truth: bool) -> list[SampleSet]:
