@@ -255,6 +255,27 @@ def test_shared_graphs_keep_plain_functions_and_lone_architectures_apart():
         assert torch.allclose(calls[2](x, t), wide(x, t), atol=1e-6) and torch.equal(calls[3](x, t), 2 * x)
 
 
+def test_experts_of_one_weight_shape_but_other_settings_get_graphs_of_their_own():
+    """DiTs of 4 and 2 attention heads have the same weight shapes: expert 1 (a replace-expert folder of other
+    heads) ran through expert 0's template, another function (max difference 0.8)."""
+    from ddmkit.accel.graphs import shared_graphs
+    from ddmkit.nets.dit import DiT
+    from ddmkit.nets.field import NetworkField, VelocityOutput
+
+    torch.manual_seed(0)
+    nets = [DiT([1, 8, 8], patch=4, width=16, depth=1, heads=h).eval() for h in (4, 2, 4)]
+    for net in nets:  # DiT zero-inits its output layers: weights as a trained network has
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    fields = [NetworkField(n, VelocityOutput()) for n in nets]
+    calls = shared_graphs(fields, capture=False)
+    assert calls[0].graphs is calls[2].graphs and isinstance(calls[1], GraphedCall)
+    x, t = torch.randn(5, 1, 8, 8), torch.full((5,), 0.5)
+    with torch.no_grad():
+        for call, field in zip(calls, fields):
+            torch.testing.assert_close(call(x, t), field(x, t))
+
+
 def test_routed_sampling_with_shared_graphs_equals_sampling_without():
     """sample_ddm with cuda_graphs on the CPU runs the networks as they are; the dispatch with shared
     graphs (run eagerly here) gives the same routed field."""

@@ -220,12 +220,22 @@ def _tensors(network: torch.nn.Module) -> list[torch.Tensor]:
     return [*network.parameters(), *network.buffers()]
 
 
+def _settings(network: torch.nn.Module) -> tuple:
+    """Every submodule's class and the plain settings it holds (numbers, strings, flags: a DiT's attention
+    heads, say), which change what a network computes without changing any weight's shape."""
+    plain = (bool, int, float, str, type(None))
+    return tuple((name, type(m).__name__, tuple(sorted((k, repr(v)) for k, v in vars(m).items()
+                                                       if not k.startswith("_") and k != "training"
+                                                       and isinstance(v, plain))))
+                 for name, m in network.named_modules())
+
+
 def _architecture(field: Callable):
-    """What must match for two fields to share graphs: the output, the network's class and its weight
-    shapes (None: not a NetworkField, which gets graphs of its own)."""
+    """What must match for two fields to share graphs: the output, the network's class, its submodules'
+    settings and its weight shapes (None: not a NetworkField, which gets graphs of its own)."""
     if not isinstance(field, NetworkField):
         return None
-    return (field.output, type(field.network),
+    return (field.output, type(field.network), _settings(field.network),
             tuple((tuple(v.shape), v.dtype, v.device) for v in _tensors(field.network)))
 
 
