@@ -35,6 +35,21 @@ def test_adaptive_is_accurate():
     assert torch.allclose(x0, exact(x1), atol=1e-4)
 
 
+def test_adaptive_never_evaluates_the_field_past_the_end_of_the_grid():
+    """dopri5 stepped past t = 0 (to t = -0.37 on one run) and interpolated back: networks trained on
+    [0, 1] were called outside it. Its last step ends at t = 0 exactly, and the answer is as accurate."""
+    seen = []
+
+    def recorded(x, t):
+        seen.append(float(t.min()))
+        return field(x, t) * 3.0  # a faster field: larger steps, one of which overshot
+
+    x1 = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    x0 = get_solver("adaptive")(recorded, x1, time_grid(1, dtype=torch.float64))
+    assert min(seen) >= 0.0, min(seen)
+    assert torch.allclose(x0, x1 @ torch.linalg.matrix_exp(-3 * A).T, atol=1e-4)
+
+
 def test_grid_and_callback():
     ts = time_grid(10, "cosine")
     assert float(ts[0]) == 1.0 and float(ts[-1]) == 0.0 and bool((ts[1:] < ts[:-1]).all())

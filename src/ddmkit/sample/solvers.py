@@ -112,18 +112,23 @@ def sample_rk4(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=N
     return _integrate(_rk4_step, velocity, x, ts, callback)
 
 
+ADAPTIVE_RK = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's, which take step_t
+
+
 @torch.no_grad()
 def sample_adaptive(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback=None,
                     method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5) -> torch.Tensor:
     """Adaptive solve through torchdiffeq from ts[0] to ts[-1]; the grid only
-    gives the end points (and the callback's report times)."""
+    gives the end points (and the callback's report times). The last step ends at ts[-1] exactly, so the
+    velocity is never evaluated past it (the solver would step beyond t = 0 and interpolate back)."""
     from torchdiffeq import odeint
 
     def f(t, y):
         return velocity(y, t.to(y.dtype).expand(y.shape[0]))
 
     times = ts.to(x.dtype)
-    path = odeint(f, x, times, method=method, rtol=rtol, atol=atol)
+    options = {"step_t": times[-1:]} if method in ADAPTIVE_RK else None
+    path = odeint(f, x, times, method=method, rtol=rtol, atol=atol, options=options)
     if callback is not None:
         for i in range(len(ts) - 1):
             callback({"i": i, "t": ts[i], "t_next": ts[i + 1], "x": path[i], "v": None})
