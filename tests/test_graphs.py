@@ -163,6 +163,19 @@ def test_captured_graphs_equal_eager_calls_on_a_gpu():
     assert call.captures == 2 * 5  # buckets 3, 18 (17 twice), 20, 64, 208 (300 > max_rows: eager); twice
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graphs_of_a_network_on_the_second_gpu_are_captured_and_replayed_there():
+    """Streams, pools and captures were made on the current GPU (cuda:0) for a network on cuda:1."""
+    torch.manual_seed(0)
+    net = VelocityMLP([5], width=32, depth=2).to("cuda:1").eval()
+    call = GraphedCall(lambda x, t: net(x, t), max_rows=64)
+    with torch.no_grad():
+        for n in (3, 17, 3, 40):
+            x, t = torch.randn(n, 5, device="cuda:1"), torch.rand(n, device="cuda:1")
+            torch.testing.assert_close(call(x, t), net(x, t), atol=1e-5, rtol=0)
+    assert call.captures == 3 and torch.cuda.current_device() == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_shared_pool_outlives_the_graphs_that_used_it():
     import gc

@@ -84,9 +84,10 @@ def _new_pool(device: torch.device) -> tuple:
     """A graph memory pool, held by a one-kernel graph captured into it: (pool, anchor, scratch). A pool
     is released when no graph uses it any more (a later capture into it would fail), so whoever keeps
     this tuple keeps the pool."""
-    pool, anchor, scratch = torch.cuda.graph_pool_handle(), torch.cuda.CUDAGraph(), torch.zeros(1, device=device)
-    with torch.cuda.graph(anchor, pool=pool):
-        scratch.add_(1)
+    with torch.cuda.device(device):  # captured on that GPU, whichever GPU is current
+        pool, anchor, scratch = torch.cuda.graph_pool_handle(), torch.cuda.CUDAGraph(), torch.zeros(1, device=device)
+        with torch.cuda.graph(anchor, pool=pool):
+            scratch.add_(1)
     return pool, anchor, scratch
 
 
@@ -177,7 +178,8 @@ class GraphedCall:
         if entry.graph is None:
             entry.out = self.fn(entry.x, entry.t, **entry.cond)
         else:
-            entry.graph.replay()
+            with torch.cuda.device(entry.x.device):  # replayed on that GPU's stream, whichever GPU is current
+                entry.graph.replay()
         return entry.out[:n].clone()
 
     def _capture(self, rows: int, x: torch.Tensor, t: torch.Tensor, cond: dict) -> _Entry:
@@ -192,6 +194,11 @@ class GraphedCall:
         sx, st, sc = buffer(x), buffer(t), {name: buffer(c) for name, c in cond.items()}
         if not self.capture:
             return _Entry(None, sx, st, sc, x)
+        with torch.cuda.device(x.device):  # streams and the capture on x's GPU, whichever GPU is current
+            return self._captured(sx, st, sc)
+
+    def _captured(self, sx: torch.Tensor, st: torch.Tensor, sc: dict) -> _Entry:
+        """_capture's warm-up and capture on the current GPU (x's)."""
         enabled, dtype = _autocast_key("cuda")
 
         def no_cache():  # autocast as the caller has it, without the weight cache
@@ -204,10 +211,10 @@ class GraphedCall:
                 self.fn(sx, st, **sc)
         torch.cuda.current_stream().wait_stream(side)
         if self.own_pool and self._pool is None:
-            self._pool = _new_pool(x.device)
+            self._pool = _new_pool(sx.device)
         graph = torch.cuda.CUDAGraph()
-        pool = self._pool[0] if self.own_pool else _shared_pool(x.device)
-        stream = side_stream(x.device, self.stream_key) if self.own_pool else None
+        pool = self._pool[0] if self.own_pool else _shared_pool(sx.device)
+        stream = side_stream(sx.device, self.stream_key) if self.own_pool else None
         with torch.cuda.graph(graph, pool=pool, stream=stream), torch.no_grad(), no_cache():
             out = self.fn(sx, st, **sc)
         self.captures += 1
