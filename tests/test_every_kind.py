@@ -232,5 +232,8 @@ def test_the_ddm_at_the_top(image_run):
     assert torch.equal(x, same)
     plain, _ = ddm.sample(strategy="top-1", n=4, steps=2, seed=3, labels=y)
     assert not torch.allclose(plain, x)  # guidance 1 (as loaded) against 2
+    guided = ddm.at_guidance(2.0)  # kept: its prepared networks (CUDA graphs) serve the next call at 2
+    again, _ = ddm.sample(strategy="top-1", n=4, steps=2, seed=3, labels=y, guidance=2.0)
+    assert torch.equal(again, x) and ddm.at_guidance(2.0) is guided and len(guided.accelerated) == 1
     stats = DDM.from_pretrained(image_run, router="statistics")
     assert not stats.router_capturable and stats.router_conditional  # label-conditional statistics router

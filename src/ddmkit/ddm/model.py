@@ -59,6 +59,7 @@ class DDM:
     device: torch.device = torch.device("cpu")
     codec: LatentCodec | None = None  # latent runs: the autoencoder; experts and router act on its latents
     accelerated: dict = field(default_factory=dict, repr=False, compare=False)  # SpeedOptions -> networks
+    guided: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # scale -> with_guidance
 
     def __post_init__(self) -> None:
         """Checks of a DDM built by hand (a run's is built right): one prior entry per expert."""
@@ -128,6 +129,18 @@ class DDM:
 
         return dataclasses.replace(self, experts=[guided(f) for f in self.experts], accelerated={})
 
+    def at_guidance(self, guidance: float) -> "DDM":
+        """with_guidance(guidance), kept while the DDM holds the same experts and router: the networks it
+        prepares (CUDA graphs) serve every later sample(guidance=...) at that scale, as networks() keeps
+        the DDM's own."""
+        members = (tuple(map(id, self.experts)), id(self.router))
+        for stale in [key for key in self.guided if key[1] != members]:
+            del self.guided[stale]
+        key = (guidance, members)
+        if key not in self.guided:
+            self.guided[key] = self.with_guidance(guidance)
+        return self.guided[key]
+
     def with_router(self, router: Field, kind: str, conditional: bool = False, capturable: bool = True,
                     classes: int = 0) -> "DDM":
         """The same experts routed by another router (classes: a label-conditional one's, 0 if not known)."""
@@ -195,8 +208,8 @@ class DDM:
                 raise DDMError(f"DDM.sample: {name}: None; give a value, or leave it out for its default"
                                + (" (0): other noise needs another seed, e.g. seed=1" if name == "seed" else ""))
         checked = checked_arguments("DDM.sample", n, seed, steps, solver, batch_size, router_every, callback)
-        ddm = self if guidance is None else self.with_guidance(checked_guidance(guidance, "DDM.sample",
-                                                                                self.num_classes))
+        ddm = self if guidance is None else self.at_guidance(checked_guidance(guidance, "DDM.sample",
+                                                                              self.num_classes))
         cond = checked_cond(self, None if labels is None else {"y": labels}, checked.n, self.device, "DDM.sample")
         if isinstance(x1, torch.Tensor):  # the rows start where the networks are (checked by sample_ddm)
             x1 = x1.to(self.device)
