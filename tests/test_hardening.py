@@ -305,6 +305,19 @@ def test_a_set_is_stale_only_when_the_networks_it_was_drawn_by_change(monkeypatc
     assert f"`ddmkit sample {run} --strategy top-2`" in said  # the statistics-router set only uses the experts
 
 
+def test_sets_whose_draws_depend_on_the_chunk_size_record_it():
+    """oracle and nearest draw clusters on their first evaluation: on a GPU the draws of a generator depend on how
+    many are drawn at once, so their sets in other chunks are other sets (they were kept, said the same)."""
+    from ddmkit.pipeline.sampling import chunked_differently
+    from ddmkit.pipeline.samplesets import named_set
+
+    chunked = {name: chunked_differently(named_set(name, 10), "euler")
+               for name in ("oracle", "nearest", "sample-2", "switch", "top-2", "full", "monolith")}
+    assert chunked == {"oracle": True, "nearest": True, "sample-2": True, "switch": True, "top-2": False,
+                       "full": False, "monolith": False}
+    assert chunked_differently(named_set("monolith", 10), "adaptive")
+
+
 def test_a_set_drawn_with_the_same_settings_is_the_same_drawing_whatever_ddmkit_recorded():
     """Sets recorded before batch_size, adaptive steps or per-set network hashes were drawn again for nothing."""
     from ddmkit.pipeline.sampling import same_drawing

@@ -27,6 +27,7 @@ from ddmkit.io import read_json, save_tensors, sha256_file, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.samplesets import STATISTICS, SampleSet, SetKind
 from ddmkit.routing import parse_strategy, redraws_each_evaluation
+from ddmkit.routing.strategies import Nearest, Oracle
 from ddmkit.progress import track
 
 Log = Callable[[str], None]
@@ -124,10 +125,13 @@ def read_info(folder: RunFolder) -> dict:
 
 def chunked_differently(sample_set: SampleSet, solver: str) -> bool:
     """Whether a set's samples depend on sample.batch_size: the adaptive solver (its step control measures the
-    error of a whole chunk) and strategies that draw experts at every evaluation (sample-K, nucleus, switch:
-    their draws come from one generator, chunk after chunk). Other sets are the same to rounding."""
-    random = sample_set.kind != SetKind.MONOLITH and redraws_each_evaluation(parse_strategy(sample_set.strategy))
-    return solver == "adaptive" or random
+    error of a whole chunk) and strategies that draw experts (sample-K, nucleus, switch at every evaluation;
+    oracle and nearest on their first: on a GPU a generator's draws depend on how many are drawn at once).
+    Other sets are the same to rounding."""
+    if sample_set.kind == SetKind.MONOLITH:
+        return solver == "adaptive"
+    strategy = parse_strategy(sample_set.strategy)
+    return solver == "adaptive" or redraws_each_evaluation(strategy) or isinstance(strategy, (Oracle, Nearest))
 
 
 def network_roles(sample_set: SampleSet) -> list[str]:
