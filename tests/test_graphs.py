@@ -268,6 +268,17 @@ def test_shared_graphs_keep_plain_functions_and_lone_architectures_apart():
         assert torch.allclose(calls[2](x, t), wide(x, t), atol=1e-6) and torch.equal(calls[3](x, t), 2 * x)
 
 
+def test_graphs_first_called_under_inference_mode_serve_later_calls_outside_it():
+    """The buckets' input buffers were made under torch.inference_mode: a later call under no_grad raised
+    'Inplace update to inference tensor outside InferenceMode'."""
+    call = GraphedCall(lambda x, t: 2 * x, capture=False)
+    with torch.inference_mode():
+        assert call(torch.ones(3, 2), torch.zeros(3)).sum() == 12
+    with torch.no_grad():
+        assert call(torch.ones(3, 2), torch.zeros(3)).sum() == 12
+        assert call(torch.full((3, 2), 3.0), torch.zeros(3)).sum() == 36  # the same bucket: its buffers reused
+
+
 def test_experts_of_one_weight_shape_but_other_settings_get_graphs_of_their_own():
     """DiTs of 4 and 2 attention heads have the same weight shapes: expert 1 (a replace-expert folder of other
     heads) ran through expert 0's template, another function (max difference 0.8)."""

@@ -191,7 +191,8 @@ class GraphedCall:
             b[:len(v)].copy_(v)
             return b
 
-        sx, st, sc = buffer(x), buffer(t), {name: buffer(c) for name, c in cond.items()}
+        with torch.inference_mode(False):  # plain tensors: a later call outside inference_mode copies into them
+            sx, st, sc = buffer(x), buffer(t), {name: buffer(c) for name, c in cond.items()}
         if not self.capture:
             return _Entry(None, sx, st, sc, x)
         with torch.cuda.device(x.device):  # streams and the capture on x's GPU, whichever GPU is current
