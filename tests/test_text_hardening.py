@@ -693,3 +693,24 @@ def test_a_text_run_takes_device_cpu_and_is_named_where_a_vector_run_is_expected
     with pytest.raises(DDMError, match=r"is a text run: its models draw bytes.*ddmkit sample"):
         DDM.from_pretrained(run)
 
+
+
+def test_a_model_of_the_other_kind_under_this_runs_digest_is_not_loaded(tmp_path):
+    """A masked (text_dfm) expert trained with `train-expert` into an autoregressive run's slot matched the run's
+    digest (it leaves the kind out) and was loaded and scored as autoregressive: it sees the byte it predicts."""
+    import torch
+
+    from ddmkit.discrete.config import TextTrainConfig
+    from ddmkit.errors import DDMError
+    from ddmkit.pipeline.text import train_or_load
+
+    kwargs = {"seq_len": 8, "out_dim": 258, "width": 16, "depth": 1, "heads": 2}
+    train = TextTrainConfig(steps=1, batch_size=2, warmup=0, log_every=1, device="cpu")
+    loss = lambda model, g: model(torch.zeros(2, 8, dtype=torch.long)).float().mean()  # noqa: E731
+    folder = tmp_path / "expert_00"
+    train_or_load(folder, "digest", "bidirectional_transformer", kwargs, loss, train, {}, "masked")
+    with pytest.raises(DDMError, match="is a bidirectional_transformer, but this run's are causal_transformers"):
+        train_or_load(folder, "digest", "causal_transformer", kwargs, loss, train, {}, "causal", train=False)
+    model = train_or_load(folder, "digest", "causal_transformer", kwargs, loss, train, {}, "causal")
+    assert json.loads((folder / "config.json").read_text())["arch"] == "causal_transformer"
+    assert type(model).__name__ == "CausalTransformer"

@@ -103,13 +103,17 @@ TASKS = {
 
 def train_or_load(folder: Path, digest: str, arch: str, kwargs: dict, loss: Callable, train_cfg,
                   meta: dict, description: str, train: bool = True) -> torch.nn.Module:
-    """Load the model folder if it was written with the same settings, else train and write it
-    (train=False: refuse instead)."""
-    if (folder / "config.json").exists() and read_json(folder / "config.json").get("run_digest") == digest:
+    """Load the model folder if it was written with the same settings and is the same network (arch: a
+    masked model of a text_dfm config is no autoregressive one), else train and write it (train=False:
+    refuse instead)."""
+    recorded = read_json(folder / "config.json") if (folder / "config.json").exists() else None
+    if recorded is not None and recorded.get("run_digest") == digest and recorded.get("arch") == arch:
         return from_pretrained(folder)[0]
     if not train:
-        why = ("was trained with other settings or on another shard than its cluster's (its config.json's "
-               "run_digest is not this run's)") if (folder / "config.json").exists() else "is missing"
+        why = "is missing" if recorded is None else (
+            f"is a {recorded.get('arch')}, but this run's are {arch}s (trained with a config of the other kind)"
+            if recorded.get("run_digest") == digest else "was trained with other settings or on another shard "
+            "than its cluster's (its config.json's run_digest is not this run's)")
         raise DDMError(f"{folder} {why}; train it with `ddmkit run CONFIG --out RUN` (or the matching `ddmkit "
                        "train-*` command)")
     with staging_dir(folder) as tmp:
