@@ -31,8 +31,8 @@ from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
 from ddmkit.nets.user import is_user_network
 from ddmkit.latent.autoencoder import LatentCodec, load_codec
 from ddmkit.registry import (check_shard, check_slot, check_trained_on_partition, checked_model_shards, latent_info,
-                             load_model, load_partition_checked, model_config, model_data_shape, model_places, model_shards,
-                             partition_shard_hashes, safe_join, verify_registry, warn_missing)
+                             load_model, load_partition_checked, model_config, model_data_shape, model_places,
+                             model_shards, partition_shard_hashes, safe_join, verify_registry, warn_missing)
 from ddmkit.routing.stats_router import (PUBLISHED_STATISTICS, class_stats_router, island_class_statistics,
                                         island_statistics, load_statistics, publication_parts, stats_router)
 from ddmkit.truth import GaussianMixture, follows_device
