@@ -57,7 +57,7 @@ def score_hessian(gmm: GaussianMixture, x: Tensor, t) -> Tensor:
 # ----- the Ornstein-Uhlenbeck path -------------------------------------------
 def ou_alpha_sigma(tau: Tensor) -> tuple[Tensor, Tensor]:
     """alpha = e^(-tau), sigma = sqrt(1 - e^(-2 tau)); tau is clamped at 0
-    (adaptive solvers step a little past the data end and interpolate back)."""
+    (an adaptive solver may step a little past the data end and interpolate back)."""
     tau = tau.clamp_min(0.0)
     alpha = torch.exp(-tau)
     return alpha, torch.sqrt(-torch.expm1(-2 * tau))

@@ -23,7 +23,7 @@ t = 1), and v and the score obey v = -(x + t score) / (1 - t) for t < 1.
 Shapes: x is (B, d), t is (B,) or a float; results are (B, K) for per-cluster
 scalars, (B, K, d) for per-cluster vectors. Everything is float64 by default.
 t must be finite and <= 1; t < 0 is accepted (the formulas hold there and
-adaptive solvers step a little past the data end, then interpolate back).
+an adaptive solver may step a little past the data end, then interpolate back).
 """
 from __future__ import annotations
 
