@@ -318,6 +318,18 @@ def test_sets_whose_draws_depend_on_the_chunk_size_record_it():
     assert chunked_differently(named_set("monolith", 10), "adaptive")
 
 
+def test_router_every_is_recorded_only_for_sets_it_changes():
+    """A new sample.router_every redrew the monolith and oracle sets, which it does not change."""
+    from ddmkit.config import RunConfig, validate
+    from ddmkit.pipeline.sampling import drawn_with
+    from ddmkit.pipeline.samplesets import named_set
+
+    cfg = validate(RunConfig, {"sample": {"router_every": 3}})
+    every = {name: drawn_with(cfg, named_set(name, 10), None)["router_every"]
+             for name in ("monolith", "oracle", "top-2")}
+    assert every == {"monolith": 1, "oracle": 1, "top-2": 3}
+
+
 def test_a_set_drawn_with_the_same_settings_is_the_same_drawing_whatever_ddmkit_recorded():
     """Sets recorded before batch_size, adaptive steps or per-set network hashes were drawn again for nothing."""
     from ddmkit.pipeline.sampling import same_drawing

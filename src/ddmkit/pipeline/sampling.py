@@ -162,9 +162,10 @@ def drawn_with(cfg: RunConfig, sample_set: SampleSet, reg: dict | None) -> dict:
     later does not). steps is None for the adaptive solver (it chooses its own); batch_size is there where
     it changes the samples (chunked_differently)."""
     s, roles = cfg.sample, network_roles(sample_set)
+    routed = sample_set.kind != SetKind.MONOLITH and not isinstance(parse_strategy(sample_set.strategy), Oracle)
     made = {"n": sample_set.n, "steps": None if s.solver == "adaptive" else s.steps, "solver": s.solver,
-            "seed": s.seed, "guidance": sample_set.guidance, "router_every": s.router_every, "roles": roles,
-            "networks": networks_hash(reg, roles)}
+            "seed": s.seed, "guidance": sample_set.guidance, "roles": roles, "networks": networks_hash(reg, roles),
+            "router_every": s.router_every if routed else 1}  # the monolith and the oracle (routed once) ignore it
     return {**made, "batch_size": s.batch_size} if chunked_differently(sample_set, s.solver) else made
 
 
