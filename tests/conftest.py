@@ -13,6 +13,19 @@ os.environ.setdefault("DDMKIT_QUIET", "1")
 torch.set_num_threads(1)
 
 
+def raising_after(real, n: int, error: BaseException):
+    """`real`, wrapped to raise `error` from its (n + 1)-th call on: a job killed or crashing mid-way."""
+    calls = 0
+
+    def wrapped(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls > n:
+            raise error
+        return real(*args, **kwargs)
+    return wrapped
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)

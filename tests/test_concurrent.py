@@ -13,6 +13,7 @@ from ddmkit.errors import DDMError
 from ddmkit.io import read_metadata, save_tensors
 import ddmkit.train.concurrent as conc
 from ddmkit.train.concurrent import stacked_sampler
+from conftest import raising_after
 
 
 def test_the_stacked_sampler_draws_every_row_of_a_shard_beyond_2_to_the_24_rows():
@@ -61,16 +62,8 @@ def _train(shards, config, root: Path, crash_after: int | None = None, monkeypat
     outs = [root / f"expert_{c:02d}" for c in range(len(shards))]
     if crash_after is None:
         return conc.train_experts_concurrently(shards, config, outs, log=lambda m: None)
-    real, calls = conc.stacked_loss, {"n": 0}
-
-    def crash(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > crash_after:
-            raise KeyboardInterrupt("killed")
-        return real(*a, **k)
-
     with monkeypatch.context() as m:
-        m.setattr(conc, "stacked_loss", crash)
+        m.setattr(conc, "stacked_loss", raising_after(conc.stacked_loss, crash_after, KeyboardInterrupt("killed")))
         with pytest.raises(KeyboardInterrupt):
             conc.train_experts_concurrently(shards, config, outs, log=lambda m: None)
     return outs

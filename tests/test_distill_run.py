@@ -24,6 +24,7 @@ from ddmkit.pipeline.run import run_pipeline
 from ddmkit.sample import time_grid
 from ddmkit.pipeline.stages import load_split
 from ddmkit.train.distill import teacher_velocity, train_dense_student
+from conftest import raising_after
 
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
 SRC = str(Path(__file__).parents[1] / "src")
@@ -335,16 +336,8 @@ def _killed_after(monkeypatch, n: int, job) -> None:
     """Run job() with its (n + 1)-th student loss raising, as a kill would (its checkpoints stay)."""
     import ddmkit.train.distill as distill
 
-    real, calls = distill.F.mse_loss, {"n": 0}
-
-    def loss(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > n:
-            raise KeyboardInterrupt("killed")
-        return real(*a, **k)
-
     with monkeypatch.context() as m:
-        m.setattr(distill.F, "mse_loss", loss)
+        m.setattr(distill.F, "mse_loss", raising_after(distill.F.mse_loss, n, KeyboardInterrupt("killed")))
         with pytest.raises(KeyboardInterrupt):
             job()
 

@@ -538,9 +538,8 @@ def check_no_extra_experts(run: Path, k: int) -> None:
                    and int(p.name.removeprefix("expert_")) >= k and p.is_dir()) if experts.is_dir() else []
     if extra:
         raise DDMError(f"{extra[0]} is the folder of an expert of cluster {extra[0].name.removeprefix('expert_')}, but "
-                       f"the partition "
-                       f"has {k} clusters (0 .. {k - 1}), so no command of this run would use it; move it out of "
-                       f"{experts} (a new island's data gets an expert of its own with `ddmkit add-expert "
+                       f"the partition has {k} clusters (0 .. {k - 1}), so no command of this run would use it; move "
+                       f"it out of {experts} (a new island's data gets an expert of its own with `ddmkit add-expert "
                        f"{run} --data FILE`)")
 
 

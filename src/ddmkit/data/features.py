@@ -32,6 +32,7 @@ from ddmkit.data.encoder import check_images, encode, encoder_spec
 from ddmkit.errors import DDMError
 from ddmkit.user_code import import_named
 
+CLUSTER_THREADS = 1  # OpenMP and BLAS threads of the partition's fits (k-means, PCA; scikit-learn's default: cores)
 KINDS = ("identity", "pca", "function", "encoder")  # the feature specs a manifest may hold
 _USER: dict[str, Callable] = {}  # user feature functions registered in this process, by name
 
@@ -130,7 +131,7 @@ def fit_features(kind: str, x: torch.Tensor, pca_dim: int | None = None, seed: i
 
         from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
-        with threadpool_limits(limits=1):  # one thread, as the clustering: BLAS sums on the machine's cores
+        with threadpool_limits(limits=CLUSTER_THREADS):  # BLAS sums on the machine's cores would change the bits
             pca = PCA(n_components=dim, random_state=seed).fit(flat)
         return ({"kind": "pca", "dim": dim, "explained_variance": float(pca.explained_variance_ratio_.sum())},
                 {"pca_mean": torch.as_tensor(pca.mean_, dtype=torch.float32),

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ddmkit.config import FEATURES, validate
 from ddmkit.conventions import TIME_CONVENTION, __version__
 from ddmkit.data.arrays import ArrayData, check_finite, content_hash
-from ddmkit.data.features import apply_features, fit_features
+from ddmkit.data.features import CLUSTER_THREADS, apply_features, fit_features
 from ddmkit.errors import DDMError
 from ddmkit.io import (check_finite_tensors, load_tensors, read_json, read_metadata, save_tensors, sha256_file,
                        staging_dir, write_json)
@@ -124,9 +124,6 @@ def two_stage_kmeans(f: np.ndarray, k: int, fine_k: int, seed: int) -> tuple[np.
     coarse = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(fine.cluster_centers_, sample_weight=counts)
     centroids = coarse.cluster_centers_
     return squared_distances(f, centroids).argmin(1).astype(np.int64), centroids
-
-
-CLUSTER_THREADS = 1  # OpenMP and BLAS threads while clustering (scikit-learn's default: the machine's cores)
 
 
 def cluster(features: torch.Tensor, k: int, balanced: bool, seed: int,

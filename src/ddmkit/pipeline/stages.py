@@ -35,7 +35,8 @@ from ddmkit.nets.user import check_output, is_user_network
 from ddmkit.registry import AUTOENCODER_WEIGHTS, checked_model_shards, model_shards, shard_files, write_registry
 from ddmkit.train.autoencoder import train_autoencoder
 from ddmkit.train.concurrent import train_experts_concurrently
-from ddmkit.train.jobs import checkpoint_path, expert_folder_lock, train_monolith, train_router
+from ddmkit.train.jobs import (NETWORK_FILES, checkpoint_path, expert_folder_lock, foreign_files, train_monolith,
+                              train_router)
 from ddmkit.train.threads import job_threads
 
 Log = Callable[[str], None]
@@ -228,9 +229,6 @@ def stage_registry(cfg: RunConfig, run, log: Log = print) -> None:
         log(f"registry: {len(reg['models'])} model folders hashed into {RunFolder(run).registry}")
 
 
-NETWORK_FILES = ("config.json", "model.safetensors", "train_log.jsonl", "tensorboard")  # a model folder's own
-
-
 def check_network_folder(folder: Path, role: str) -> None:
     """RUN/router or RUN/monolith before its job trains it (the job writes the folder whole, replacing what is
     there): it must be absent, empty, or a folder of that network cut short (its config.json, of this role,
@@ -243,13 +241,7 @@ def check_network_folder(folder: Path, role: str) -> None:
         raise DDMError(f"{folder} is a file; ddmkit writes the {role} into a folder there: move that file elsewhere")
     if not folder.is_dir():
         return
-    config = folder / "config.json"
-    try:
-        saved = read_json(config) if config.is_file() else None
-    except DDMError:  # not JSON: not this network's
-        saved = None
-    own = isinstance(saved, dict) and saved.get("role") == role
-    foreign = sorted(p.name for p in folder.iterdir() if not own or p.name not in NETWORK_FILES)
+    foreign = foreign_files(folder, role, NETWORK_FILES)
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise DDMError(f"{folder} holds files that are not the {role}'s ({shown}); ddmkit trains the {role} into "

@@ -175,8 +175,8 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
                                     data)
 
 
-EXPERT_FILES = ("config.json", "model.safetensors", "train_log.jsonl", "tensorboard",  # an expert folder's own
-                PUBLISHED_STATISTICS)
+NETWORK_FILES = ("config.json", "model.safetensors", "train_log.jsonl", "tensorboard")  # a model folder's own
+EXPERT_FILES = (*NETWORK_FILES, PUBLISHED_STATISTICS)  # an expert folder's own
 
 
 def check_expert_folder(out_dir: str | Path, option: str | None = None) -> None:
@@ -193,7 +193,7 @@ def check_expert_folder(out_dir: str | Path, option: str | None = None) -> None:
         raise DDMError(f"{named} is a file; an expert is written into a folder of its own: {fix}")
     if not out_dir.is_dir() or ((out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file()):
         return
-    foreign = _foreign_files(out_dir)
+    foreign = foreign_files(out_dir)
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         run = next((f for f in (out_dir, out_dir.parent) if (f / "partition").is_dir()), None)  # a run or in one
@@ -205,18 +205,18 @@ def check_expert_folder(out_dir: str | Path, option: str | None = None) -> None:
                        f"of its own, which it replaces: {fix}")
 
 
-def _foreign_files(folder: Path) -> list[str]:
-    """What `folder` holds that is not an expert's own: nothing but EXPERT_FILES (or a copy of one cut short,
-    rsync's .model.safetensors.Ab12Cd) beside a config.json an expert's training wrote; all it holds otherwise."""
+def foreign_files(folder: Path, role: str = "expert", own: tuple[str, ...] = EXPERT_FILES) -> list[str]:
+    """What `folder` holds that is not a `role` model folder's own: nothing but `own` (or a copy of one cut
+    short, rsync's .model.safetensors.Ab12Cd) beside a config.json that training of that role wrote; all it
+    holds otherwise."""
     held = sorted(p.name for p in folder.iterdir())
     try:
         saved = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
-    except DDMError:  # not JSON: not an expert's
+    except DDMError:  # not JSON: not that network's
         saved = None
-    if not isinstance(saved, dict) or saved.get("role") != "expert":
+    if not isinstance(saved, dict) or saved.get("role") != role:
         return held
-    return [name for name in held
-            if name not in EXPERT_FILES and not any(name.startswith(f".{own}.") for own in EXPERT_FILES)]
+    return [name for name in held if name not in own and not any(name.startswith(f".{mine}.") for mine in own)]
 
 
 def trained_expert_differences(out_dir: str | Path, shard: str | Path, config: ExpertConfig) -> list[str] | None:
