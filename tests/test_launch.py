@@ -327,7 +327,8 @@ def launched(tmp_path):
     """`ddmkit launch RUN --backend processes --workers 2` in its own session (two experts of 10^6 steps),
     once a job wrote a checkpoint: (driver, its workers' ids, run); any process left is killed after."""
     run = _tiny_run(tmp_path, "partition.k=2", "expert.train.steps=1000000", "expert.train.checkpoint_every=20")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    # the jobs on the CPU: on a machine with one GPU the pool would run one job at a time (one per GPU)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "CUDA_VISIBLE_DEVICES": ""}
     argv = [sys.executable, "-m", "ddmkit", "launch", str(run), "--backend", "processes", "--workers", "2"]
     ready = lambda: bool(list((run / "experts").glob("*.checkpoint.safetensors")))
     with started_with_children(argv, env, tmp_path / "launch.log", ready) as (driver, workers):
