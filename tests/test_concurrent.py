@@ -10,9 +10,12 @@ import torch
 
 from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
 from ddmkit.errors import DDMError
-from ddmkit.io import read_metadata, save_tensors
+from ddmkit.data.partition import read_shard
+from ddmkit.io import load_tensors, read_metadata, save_tensors
+from ddmkit.nets import build_seeded
 import ddmkit.train.concurrent as conc
 from ddmkit.train.concurrent import stacked_sampler
+from ddmkit.train.stacked import StackedExperts
 from conftest import raising_after
 
 
@@ -40,14 +43,14 @@ def test_the_stacked_sampler_draws_each_experts_rows_from_its_own_shard_uniforml
 # ----- the concurrent job: checkpoints, resume and each expert's own folder ------------------------------------------
 
 
-def _shards(folder: Path, scale: float = 1.0) -> list[Path]:
-    """Two shards of 2-D points (the second's values times `scale`: another shard's contents)."""
+def _shards(folder: Path, scale: float = 1.0, count: int = 2) -> list[Path]:
+    """`count` shards of 2-D points (all but the first's values times `scale`: other shards' contents)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for c in range(2):
+    for c in range(count):
         paths.append(folder / f"cluster_{c:02d}.safetensors")
         x = torch.randn(50, 2, generator=torch.Generator().manual_seed(c)) + 3 * c
-        save_tensors(paths[-1], {"x": x * (scale if c else 1.0)}, {"cluster": c, "k": 2})
+        save_tensors(paths[-1], {"x": x * (scale if c else 1.0)}, {"cluster": c, "k": count})
     return paths
 
 
@@ -67,6 +70,10 @@ def _train(shards, config, root: Path, crash_after: int | None = None, monkeypat
         with pytest.raises(KeyboardInterrupt):
             conc.train_experts_concurrently(shards, config, outs, log=lambda m: None)
     return outs
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
 
 
 def _log(folder: Path) -> str:
@@ -106,20 +113,71 @@ def test_a_concurrent_checkpoint_of_other_shards_is_refused(tmp_path, monkeypatc
 def test_each_concurrent_expert_folder_logs_its_own_loss_and_keeps_its_tensorboard(tmp_path):
     """Each folder held the joint log (the sum of the K losses), final_loss the mean over the experts, and no
     tensorboard/ (written to a temporary folder and deleted). Now an expert's log, final_loss and TensorBoard
-    curve are its own: they do not change when another shard does."""
+    curve are its own (its loss and grad_norm): they do not change when another shard does."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     first = _train(_shards(tmp_path), _config(tensorboard=True), tmp_path / "a")
     second = _train(_shards(tmp_path / "shards_b", scale=5.0),
                     _config(tensorboard=True), tmp_path / "b")
     for out in first:
-        rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-        assert [list(row) for row in rows] == [["step", "lr", "seconds", "loss"]] * 4
+        rows = _rows(out)
+        assert [list(row) for row in rows] == [["step", "lr", "seconds", "loss", "grad_norm"]] * 4
         assert [row["step"] for row in rows] == [5, 10, 15, 20]
         assert json.loads((out / "config.json").read_text())["final_loss"] == rows[-1]["loss"]
         events = EventAccumulator(str(out / "tensorboard"))
         events.Reload()
-        assert [(e.step, e.value) for e in events.Scalars("loss")] == \
-            [(row["step"], pytest.approx(row["loss"])) for row in rows]
+        for name in ("loss", "grad_norm"):
+            assert [(e.step, e.value) for e in events.Scalars(name)] == \
+                [(row["step"], pytest.approx(row[name])) for row in rows]
     assert _log(first[0]) == _log(second[0])  # expert 0's own curve: shard 1 changed, it did not
     assert _log(first[1]) != _log(second[1]) and _log(first[0]) != _log(first[1])
+
+
+# ----- each expert's gradient norm -----------------------------------------------------------------------------------
+
+
+def test_each_concurrent_expert_logs_the_norm_of_its_own_gradient_before_clipping(tmp_path):
+    """The expert folders' rows had no grad_norm. Known answer: at the first step, the norm of the gradient of
+    expert k's own loss, by autograd here from the job's networks and draws; grad_clip far below it, so the norm
+    logged is the one before clipping."""
+    shards = _shards(tmp_path)
+    outs = _train(shards, _config(steps=1, log_every=1, grad_clip=1e-3), tmp_path / "run")
+    model = StackedExperts([build_seeded("mlp", 0, data_shape=[2], width=8, depth=1) for _ in shards])
+    gen = torch.Generator().manual_seed(0)  # fit's batch generator: train.seed
+    x, _ = stacked_sampler([read_shard(s)[0] for s in shards], None, 8, "cpu")(gen)
+    losses = conc.stacked_loss(model, x, None, gen, "velocity")
+    for k, out in enumerate(outs):
+        grads = torch.autograd.grad(losses[k], list(model.parameters()), retain_graph=True)
+        norm = torch.sqrt(sum(g[k].double().square().sum() for g in grads)).item()
+        [row] = _rows(out)
+        assert row["loss"] == pytest.approx(losses[k].item(), rel=1e-6)  # the same draws
+        assert row["grad_norm"] == pytest.approx(norm, rel=1e-5) and norm > 100 * 1e-3
+    assert _rows(outs[0])[0]["grad_norm"] != pytest.approx(_rows(outs[1])[0]["grad_norm"], rel=1e-3)
+
+
+def _without_gradient_norms(checkpoint: Path) -> None:
+    """Rewrite a concurrent job's checkpoint as ddmkit wrote it before each expert's norm was logged: no
+    grad_norm_K in its log rows or its running sums (the job's grad_norm, the largest, stays)."""
+    meta, tensors = read_metadata(checkpoint), load_tensors(checkpoint)
+    ours = re.compile(r"grad_norm_\d+$")
+    meta["history"] = [[pair for pair in row if not ours.match(pair[0])] for row in meta["history"]]
+    meta["running_is_tensor"] = [pair for pair in meta["running_is_tensor"] if not ours.match(pair[0])]
+    save_tensors(checkpoint, {k: v for k, v in tensors.items() if not ours.match(k.removeprefix("running."))}, meta)
+
+
+def test_a_concurrent_checkpoint_of_earlier_ddmkit_resumes_without_the_norms_it_did_not_sum(tmp_path, monkeypatch):
+    """A checkpoint written between two rows holds the sums since the last row; one of earlier ddmkit has none for
+    grad_norm_K, and that row's mean would have held only the steps after it (or the job failed on the missing
+    key). Its rows and that row have no grad_norm; the later rows have the uninterrupted job's."""
+    shards, config = _shards(tmp_path), _config(checkpoint_every=7)  # rows at 5, 10, 15, 20; checkpoint at 7
+    reference = _train(shards, config, tmp_path / "ref")
+    outs = _train(shards, config, tmp_path / "run", crash_after=12, monkeypatch=monkeypatch)
+    _without_gradient_norms(conc.stacked_checkpoint_path(outs))
+    conc.train_experts_concurrently(shards, config, outs, log=lambda m: None)
+    for out, ref in zip(outs, reference):
+        rows, expected = _rows(out), _rows(ref)
+        assert ["grad_norm" in row for row in rows] == [False, False, True, True]
+        assert [row["grad_norm"] for row in rows[2:]] == [row["grad_norm"] for row in expected[2:]]
+        assert [row["loss"] for row in rows] == [row["loss"] for row in expected]
+        assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+

@@ -16,12 +16,12 @@ killed job left, to the bytes of a job that never stopped. Like train_expert it
 replaces each output folder, which must be new, empty or an expert's, and writes
 there config.json, model.safetensors, the published statistics, train_log.jsonl
 and, with train.tensorboard, tensorboard/. What differs from train_expert's folder:
-the log rows hold the job's step, lr and seconds and the expert's own loss (the
-mean since the previous row; final_loss is the last one), but no grad_norm (each
-expert is clipped by its own norm, which the job does not log); config.json adds
-"trained_concurrently_with" (K) and "train_seconds_all" (the job's wall time); and
-the weights are not those train_expert would train (all K experts draw from one
-generator).
+the log rows hold the job's step, lr and seconds and the expert's own loss and
+grad_norm (means since the previous row; final_loss is the last loss; grad_norm
+is the norm of the expert's own gradient before it is clipped, by its own norm);
+config.json adds "trained_concurrently_with" (K) and "train_seconds_all" (the
+job's wall time); and the weights are not those train_expert would train (all K
+experts draw from one generator).
 """
 from __future__ import annotations
 
@@ -80,8 +80,10 @@ def stacked_checkpoint_path(out_dirs: list[str | Path]) -> Path:
 
 
 def expert_rows(history: list[dict], k: int) -> list[dict]:
-    """Expert k's log rows from the job's: step, lr, seconds and its own loss (the job logs it as loss_k)."""
-    return [{"step": row["step"], "lr": row["lr"], "seconds": row["seconds"], "loss": row[f"loss_{k}"]}
+    """Expert k's log rows from the job's: step, lr, seconds and its own loss and grad_norm (the job logs them
+    as loss_k and grad_norm_k; rows of a checkpoint of earlier ddmkit have no grad_norm_k: none there)."""
+    return [{"step": row["step"], "lr": row["lr"], "seconds": row["seconds"], "loss": row[f"loss_{k}"],
+             **({"grad_norm": row[f"grad_norm_{k}"]} if f"grad_norm_{k}" in row else {})}
             for row in history]
 
 

@@ -9,7 +9,8 @@ clipping by global norm, and an exponential moving average of the weights
 (EMA, with the usual warm-up
 min(decay, (1 + n) / (10 + n)), no host sync per step); it logs JSON lines every cfg.log_every steps:
 the step, the learning rate that step used, the seconds since the start, and the loss and grad_norm
-(and batch_loss's values) averaged over the steps since the previous row.
+(and batch_loss's values; stacked experts' each expert's norm as grad_norm_K, clip_gradients) averaged
+over the steps since the previous row.
 
 With `checkpoint=PATH` and cfg.checkpoint_every = N > 0 it writes the whole
 state (weights, optimizer, EMA, RNG states, step) to PATH atomically every N
@@ -18,7 +19,9 @@ a killed job ends with the same weights as one that never stopped. A checkpoint
 of other settings (`settings`: cfg, and for an expert its network, path,
 prediction and label dropout), network, job or training data (`data`) is
 refused (DDMError); how the job runs (device, threads, logging, checkpoint
-cadence, DDP or FSDP) may change.
+cadence, DDP or FSDP) may change. A value that a checkpoint of earlier ddmkit did
+not sum (e.g. stacked experts' grad_norm_K) is left out of the row that checkpoint
+falls in: its mean would hold only the steps after it.
 
 With cfg.tensorboard the same log rows also go to TensorBoard event files in
 tensorboard/ beside log_path (in the model folder): one scalar per logged value
@@ -136,13 +139,17 @@ def write_row(log, board, row: dict) -> None:
                 board.add_scalar(name, value, row["step"])
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip by global norm, or by the model's own rule when it has one (stacked
-    experts clip each expert by its own norm, so none depends on another). The norm
-    returned is a plain tensor (under FSDP the shards' norm is a DTensor: gathered)."""
+def clip_gradients(model: nn.Module, max_norm: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clip by global norm, or by the model's own rule when it has one (stacked experts clip each expert by
+    its own norm, so none depends on another). Returns the norm before clipping, a plain tensor (under FSDP
+    the shards' norm is a DTensor: gathered; stacked experts: the largest), and the norms to log beside it:
+    stacked experts' each, {"grad_norm_0": ..., "grad_norm_1": ...}; none otherwise."""
+    if hasattr(model, "clip_grad_norms_"):  # stacked experts (ddmkit.train.stacked)
+        norms = model.clip_grad_norms_(max_norm)
+        return norms.max(), {f"grad_norm_{k}": norm for k, norm in enumerate(norms)}
     if hasattr(model, "clip_grad_norm_"):
-        return model.clip_grad_norm_(max_norm)
-    return full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        return model.clip_grad_norm_(max_norm), {}
+    return full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)), {}
 
 
 def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str | Path | None = None,
@@ -171,9 +178,11 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
     running: dict[str, float] = {}
     first = 0
     fp = ckpt.fingerprint({**(settings or {}), "train": cfg.model_dump()}, model, description, data)
+    summed: set[str] = set()  # the values whose sums a checkpoint written between two rows holds
     if resume and checkpoint is not None and Path(checkpoint).exists():
         first, history, running = ckpt.load_checkpoint(checkpoint, model=model, ema=ema, opt=opt, sched=sched,
                                                        generator=generator, fp=fp, device=device)
+        summed = set(running)
     board = tensorboard_writer(Path(log_path).parent / "tensorboard") if log_path and cfg.tensorboard else None
     log = open(log_path, "w") if log_path else None
     for row in history if log else ():
@@ -187,12 +196,12 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
                     loss, metrics = batch_loss(net, step, generator)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = clip_gradients(model, cfg.grad_clip)
+                grad_norm, part_norms = clip_gradients(model, cfg.grad_clip)
                 opt.step()
                 lr = sched.get_last_lr()[0]  # the rate this step used (sched.step() sets the next step's)
                 sched.step()
                 ema.update_parameters(model)
-                for name, value in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}.items():
+                for name, value in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics, **part_norms}.items():
                     value = value.detach().float() if torch.is_tensor(value) else value  # no host sync per step
                     running[name] = running.get(name, 0.0) + value
                 if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -200,8 +209,8 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
                     n = step + 1 - (history[-1]["step"] if history else 0)
                     row = {"step": step + 1, "lr": lr,
                            "seconds": round(time.perf_counter() - start, 3),
-                           **{k: float(v) / n for k, v in running.items()}}
-                    running = {}
+                           **{k: float(v) / n for k, v in running.items() if not summed or k in summed}}
+                    running, summed = {}, set()
                     if not math.isfinite(row["loss"]):  # every process sees the same mean: all stop
                         raise DDMError(f"{description}: the loss is {row['loss']} at step {step + 1}: training "
                                        "diverged (no model folder was written). Lower train.lr, keep train.grad_clip, or check "

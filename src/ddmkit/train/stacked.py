@@ -7,9 +7,10 @@ same kernels.
     experts = stacked.unstack()     # K ordinary modules
 
 Isolation: expert k's output depends only on its own weights, the loss is a
-sum of per-expert losses, and `clip_grad_norm_` clips each expert by its own
-gradient norm; AdamW, weight decay and the EMA act element by element. So
-expert k's gradients and updates depend only on the batches drawn for it.
+sum of per-expert losses, and `clip_grad_norms_` clips each expert by its own
+gradient norm (returning the K norms); AdamW, weight decay and the EMA act
+element by element. So expert k's gradients and updates depend only on the
+batches drawn for it.
 
 Precision: under autocast (train.bf16 on CUDA) the forward casts the weights and x to
 the autocast dtype first and runs the K experts in it; t stays float32, so the
@@ -79,14 +80,18 @@ class StackedExperts(nn.Module):
         return torch.linalg.vector_norm(torch.cat([g.float().reshape(self.k, -1) for g in self._grads()], 1), dim=1)
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norms_(self, max_norm: float) -> torch.Tensor:
         """Clip each expert's gradient by its own norm: g_k <- g_k min(1, max_norm / (|g_k| + 1e-6));
-        returns the largest norm."""
+        returns the (K,) norms before clipping (what the training loop logs as each expert's grad_norm)."""
         norms = self.grad_norms()
         coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         grads = self._grads()
         torch._foreach_mul_(grads, [coef.reshape(-1, *([1] * (g.dim() - 1))).to(g.dtype) for g in grads])
-        return norms.max()
+        return norms
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """clip_grad_norms_, returning the largest of the norms before clipping."""
+        return self.clip_grad_norms_(max_norm).max()
 
     @torch.no_grad()
     def unstack(self) -> list[nn.Module]:
