@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import torch
 from ddmkit.config import ExpertConfig, NetConfig, TrainConfig
 from ddmkit.errors import DDMError
 from ddmkit.data.partition import read_shard
-from ddmkit.io import load_tensors, read_metadata, save_tensors
+from ddmkit.io import load_tensors, read_metadata, save_tensors, sha256_file
+from ddmkit.layout import RunFolder
 from ddmkit.nets import build_seeded
 import ddmkit.train.concurrent as conc
+from ddmkit.train.checkpoint import FORMAT
 from ddmkit.train.concurrent import stacked_sampler
 from ddmkit.train.stacked import StackedExperts
 from conftest import raising_after
@@ -181,3 +184,146 @@ def test_a_concurrent_checkpoint_of_earlier_ddmkit_resumes_without_the_norms_it_
         assert [row["loss"] for row in rows] == [row["loss"] for row in expected]
         assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
 
+
+# ----- a job stopped while moving its folders into place -------------------------------------------------------------
+
+
+def _moves_killed_after(monkeypatch, n: int) -> None:
+    """The job killed (KeyboardInterrupt) at its (n + 1)-th move of a staged expert folder into place."""
+    real = os.replace
+    move = raising_after(real, n, KeyboardInterrupt("killed"))
+
+    def replace(src, dst, *args, **kwargs):
+        moving = Path(dst).name.startswith("expert_") and Path(src).is_dir()
+        return (move if moving else real)(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def _folder(out: Path) -> dict[str, bytes]:
+    """An expert folder's files, the wall-clock values masked (the only ones that differ between runs)."""
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    files["train_log.jsonl"] = _log(out).encode()
+    files["config.json"] = json.dumps(_config_json(out)).encode()
+    return files
+
+
+@pytest.mark.parametrize("moved, every", [(1, 10), (2, 7)])
+def test_a_concurrent_job_stopped_between_its_moves_keeps_the_folders_moved_when_run_again(tmp_path, monkeypatch,
+                                                                                           moved, every):
+    """The same job again continues from its checkpoint (of its last step, or of step 14: it trains to its end
+    again), keeps the folders it moved, whole and untouched, and writes the others: the bytes of a job never
+    stopped."""
+    shards, config = _shards(tmp_path, count=3), _config(checkpoint_every=every)
+    reference = _train(shards, config, tmp_path / "ref")
+    outs = [tmp_path / "run" / f"expert_{c:02d}" for c in range(3)]
+    with monkeypatch.context() as m:
+        _moves_killed_after(m, moved)
+        with pytest.raises(KeyboardInterrupt):
+            conc.train_experts_concurrently(shards, config, outs, log=lambda m: None)
+    placed = {out: (out / "config.json").stat().st_ino for out in outs if out.exists()}
+    assert len(placed) == moved and all((out / "model.safetensors").is_file() for out in placed)
+    checkpoint = conc.stacked_checkpoint_path(outs)
+    assert read_metadata(checkpoint)["step"] == 20 // every * every
+    said = []
+    conc.train_experts_concurrently(shards, config, outs, log=said.append)
+    assert said == [f"experts: continuing from {checkpoint}",
+                    *[f"{out}: moved into place before the job was stopped; kept" for out in outs if out in placed]]
+    assert {out: (out / "config.json").stat().st_ino for out in placed} == placed  # not written again
+    assert [_folder(out) for out in outs] == [_folder(ref) for ref in reference]
+    assert not checkpoint.exists() and sorted(p.name for p in outs[0].parent.iterdir()) == [o.name for o in outs]
+
+
+def test_a_folder_in_place_with_other_weights_is_written_again_when_the_stopped_job_runs_again(tmp_path, monkeypatch):
+    """Only a folder of the very weights the job ends with is kept: one whose model.safetensors was changed since
+    the job moved it (here another expert's weights under its config.json) is written again."""
+    shards, config = _shards(tmp_path, count=3), _config(checkpoint_every=10)
+    reference = _train(shards, config, tmp_path / "ref")
+    outs = [tmp_path / "run" / f"expert_{c:02d}" for c in range(3)]
+    with monkeypatch.context() as m:
+        _moves_killed_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            conc.train_experts_concurrently(shards, config, outs, log=lambda m: None)
+    [placed] = [out for out in outs if out.exists()]
+    other = next(ref for ref in reference if ref.name != placed.name)
+    (placed / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    said = []
+    conc.train_experts_concurrently(shards, config, outs, log=said.append)
+    assert not any("kept" in line for line in said)
+    assert [_folder(out) for out in outs] == [_folder(ref) for ref in reference]
+
+
+def _run_args(run: Path) -> list:
+    return ["run", Path(__file__).parent / "configs" / "tiny.toml", "--out", run, "--stages", "train",
+            "--set", "expert.concurrent=true", "--set", "expert.train.steps=20", "--set",
+            "expert.train.checkpoint_every=10", "--set", "monolith.enabled=false", "--set", "router.train.steps=4"]
+
+
+@pytest.mark.parametrize("moved", [1, 3])
+def test_a_run_stopped_between_moving_its_concurrent_experts_finishes_them_to_the_bytes_of_one_never_stopped(
+        tmp_path, monkeypatch, ddmkit, moved):
+    """ddmkit run trained the experts not in place: the stopped job's others alone, a job of K - moved experts,
+    refused by its checkpoint of K ('delete it'), which would then have trained them anew, not as the job did."""
+    code, _, err = ddmkit(*_run_args(tmp_path / "ref"))
+    assert code == 0, err
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _moves_killed_after(m, moved)
+        code, _, err = ddmkit(*_run_args(run))
+    assert code == 130 and "run the same command to continue" in err, err
+    folder = RunFolder(run)
+    assert sum((folder.expert(c) / "model.safetensors").exists() for c in range(4)) == moved
+    code, _, err = ddmkit(*_run_args(run))  # ddmkit run logs to stderr
+    assert code == 0, err
+    assert f"experts: continuing from {folder.experts / 'expert_00.stacked.checkpoint.safetensors'}" in err
+    assert err.count("moved into place before the job was stopped; kept") == moved
+    assert [_folder(folder.expert(c)) for c in range(4)] == [_folder(RunFolder(tmp_path / "ref").expert(c))
+                                                             for c in range(4)]
+    assert sorted(p.name for p in folder.experts.iterdir()) == [f"expert_{c:02d}" for c in range(4)]
+
+
+def test_a_run_stopped_before_removing_its_concurrent_checkpoint_removes_it(tmp_path, monkeypatch, ddmkit):
+    """Every expert moved into place, then killed before the checkpoint was removed: the run trains nothing and
+    removes that checkpoint (a later job of those experts would have continued from it)."""
+    run = tmp_path / "run"
+    real = Path.unlink
+
+    def unlink(path, *args, **kwargs):
+        if path.name.endswith(".stacked.checkpoint.safetensors"):
+            raise KeyboardInterrupt("killed")
+        return real(path, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", unlink)
+        assert ddmkit(*_run_args(run))[0] == 130
+    folder = RunFolder(run)
+    checkpoint = folder.experts / "expert_00.stacked.checkpoint.safetensors"
+    before = [_folder(folder.expert(c)) for c in range(4)]
+    assert checkpoint.is_file() and all((folder.expert(c) / "model.safetensors").is_file() for c in range(4))
+    code, _, err = ddmkit(*_run_args(run))
+    assert code == 0, err
+    assert f"experts: removed {checkpoint}: the job that wrote it had moved all its experts into place" in err
+    assert not checkpoint.exists() and [_folder(folder.expert(c)) for c in range(4)] == before
+
+
+def test_the_concurrent_jobs_of_a_run_take_a_stopped_job_whole_and_first(tmp_path):
+    """Experts 0 and 2 missing, 1 and 3 in place; a checkpoint beside expert 2 of the job of shards 2 and 3: that
+    job whole, then expert 0 alone. A checkpoint of other shards, or named after another expert, is no such job."""
+    shards = _shards(tmp_path / "shards", count=4)
+    outs = [tmp_path / "experts" / f"expert_{c:02d}" for c in range(4)]
+    for c in (1, 3):
+        outs[c].mkdir(parents=True)
+        (outs[c] / "model.safetensors").write_bytes(b"")
+
+    def checkpoint(beside: int, shards_of_job: list[Path]) -> Path:
+        path = conc.stacked_checkpoint_path([outs[beside]])
+        fingerprint = {"data": [sha256_file(s) for s in shards_of_job]}
+        save_tensors(path, {"step": torch.zeros(1)}, {"format": FORMAT, "fingerprint": fingerprint})
+        return path
+
+    path = checkpoint(2, shards[2:])
+    assert conc.concurrent_jobs(shards, outs) == [[2, 3], [0]]
+    assert conc.stopped_job(shards, outs) == (path, [2, 3])
+    path.unlink()
+    checkpoint(2, _shards(tmp_path / "other", scale=2.0, count=4)[2:])  # other shards
+    assert conc.concurrent_jobs(shards, outs) == [[0, 2]]
+    checkpoint(0, shards[2:])  # not named after the job's first expert
+    assert conc.concurrent_jobs(shards, outs) == [[0, 2]]

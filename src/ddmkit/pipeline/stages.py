@@ -34,7 +34,7 @@ from ddmkit.nets import build_model, build_seeded, check_builds, use_network
 from ddmkit.nets.user import check_output, is_user_network
 from ddmkit.registry import AUTOENCODER_WEIGHTS, checked_model_shards, model_shards, shard_files, write_registry
 from ddmkit.train.autoencoder import train_autoencoder
-from ddmkit.train.concurrent import train_experts_concurrently
+from ddmkit.train.concurrent import concurrent_jobs, train_experts_concurrently
 from ddmkit.train.jobs import (NETWORK_FILES, checkpoint_path, expert_folder_lock, foreign_files, train_monolith,
                               train_router)
 from ddmkit.train.threads import job_threads
@@ -192,7 +192,8 @@ def stage_partition(cfg: RunConfig, run, log: Log = print) -> None:
 def stage_experts(cfg: RunConfig, run, log: Log = print, backend: str = "inline", workers: int | None = None,
                   address: str | None = None) -> None:
     """Train the experts not yet written, with a launch backend (ddmkit.launch), or all at once in
-    one stacked network when expert.concurrent is set; a job that left a checkpoint continues from it.
+    one stacked network when expert.concurrent is set; a job that left a checkpoint continues from it (a
+    concurrent job stopped while moving its folders into place: whole, keeping the folders it moved).
     Holds every expert folder's lock too (a train-expert job into one of them is refused meanwhile)."""
     with run_lock(run), contextlib.ExitStack() as held:
         folder = RunFolder(run)
@@ -204,9 +205,11 @@ def stage_experts(cfg: RunConfig, run, log: Log = print, backend: str = "inline"
         if jobs:
             checked_model_shards(run)  # no expert trains on a shard changed since it was written
         start = time.perf_counter()
-        if jobs and cfg.expert.concurrent:  # all in one stacked network on this device, each on its own shard
+        if cfg.expert.concurrent:  # all in one stacked network on this device, each on its own shard
+            outs = [folder.expert(k) for k in range(len(shards))]
             with job_threads(cfg.expert.train.threads):
-                train_experts_concurrently([j.shard for j in jobs], cfg.expert, [j.out_dir for j in jobs], log)
+                for job in concurrent_jobs(shards, outs, log):  # a job stopped while moving folders: whole again
+                    train_experts_concurrently([shards[k] for k in job], cfg.expert, [outs[k] for k in job], log)
             backend = "concurrent"
         else:
             for job in jobs:

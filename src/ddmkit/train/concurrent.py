@@ -1,6 +1,7 @@
 """Train K experts at once on one GPU, each on its own shard only.
 
     train_experts_concurrently(shards, config, out_dirs)
+    for job in concurrent_jobs(run_shards, run_expert_folders): ...   # a run's experts still to train
 
 The K networks are stacked (ddmkit.train.stacked) and trained by the one
 training loop, fit(), as a single module, under the config's train.bf16 (the
@@ -22,6 +23,13 @@ is the norm of the expert's own gradient before it is clipped, by its own norm);
 config.json adds "trained_concurrently_with" (K) and "train_seconds_all" (the
 job's wall time); and the weights are not those train_expert would train (all K
 experts draw from one generator).
+
+The job ends by writing the K folders, each in a staging folder, then moving them
+into place one by one, then removing its checkpoint. A job stopped between two of
+those moves leaves its checkpoint: the same job again continues from it and keeps
+the folders already in place (each whole, with the weights the job ends with),
+writing the others; a run's stage finds that job by its checkpoint
+(concurrent_jobs), so it trains it whole again rather than the missing experts alone.
 """
 from __future__ import annotations
 
@@ -36,8 +44,9 @@ from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule, path_entry
 from ddmkit.flow.losses import training_pair
-from ddmkit.io import sibling, staging_dir
+from ddmkit.io import load_tensors, read_json, sibling, staging_dir
 from ddmkit.nets import build_seeded, save_pretrained
+from ddmkit.train.checkpoint import check_checkpoint_file
 from ddmkit.train.jobs import check_expert_folder, drop_labels, publish_statistics, shard_hashes, trained_settings
 from ddmkit.train.loop import fit, summary_writer, tensorboard_writer, write_row
 from ddmkit.train.stacked import StackedExperts
@@ -102,7 +111,8 @@ def write_log(folder: Path, rows: list[dict], tensorboard: bool) -> None:
 def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, out_dirs: list[str | Path],
                                log=print, resume: bool = True) -> list[Path]:
     """Train one expert per shard into out_dirs, stacked (the module docstring); resume: continue from the
-    checkpoint a killed job left (stacked_checkpoint_path), as a run's stages do."""
+    checkpoint a killed job left (stacked_checkpoint_path), as a run's stages do, keeping the folders it had
+    moved into place (in_place)."""
     if len(shards) != len(out_dirs) or not shards:
         raise DDMError("train_experts_concurrently: give one output folder per shard")
     for out in out_dirs:  # each replaced at the end: an expert's folder (finished or cut short) or a new one
@@ -135,25 +145,88 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
 
     train_cfg = config.train.model_copy(update={"channels_last": False})  # 5-D stacked weights
     checkpoint = stacked_checkpoint_path(out_dirs)
-    if resume and checkpoint.exists():
+    resumed = resume and checkpoint.exists()
+    if resumed:
         log(f"experts: continuing from {checkpoint}")
     data = shard_hashes([Path(s) for s in shards])
     start = time.perf_counter()
     ema, history = fit(model, batch_loss, train_cfg, None, f"{len(shards)} experts", device, checkpoint, resume,
                        data=data, settings=trained_settings(config))
     seconds = time.perf_counter() - start
-    with contextlib.ExitStack() as folders:  # every folder written, then each renamed into place
+    with contextlib.ExitStack() as folders:  # every folder written, then each moved into place
         for k, (net, meta, x, out) in enumerate(zip(ema.unstack(), metas, xs, out_dirs)):
+            rows = expert_rows(history, k)
+            entry = {"role": "expert", "arch": config.net.arch, "kwargs": kwargs, "data_shape": data_shape,
+                     "prediction": config.prediction, **path_entry(schedule), "label_dropout": config.label_dropout,
+                     "train": config.train.model_dump(), "final_loss": rows[-1]["loss"],
+                     "cluster": int(meta.get("cluster", -1)), "k": int(meta.get("k", 0)),
+                     "shard_sha256": data[k], "shard_count": len(x), "data_hash": meta.get("data_hash"),
+                     "trained_concurrently_with": len(shards), "train_seconds_all": round(seconds, 2)}
+            if resumed and in_place(Path(out), net, entry):
+                log(f"{out}: moved into place before the job was stopped; kept")
+                continue
             tmp = folders.enter_context(staging_dir(out))
             publish_statistics(tmp, x, labels[k] if labels else None, num_classes)
-            rows = expert_rows(history, k)
             write_log(tmp, rows, config.train.tensorboard)
-            save_pretrained(tmp, net, {
-                "role": "expert", "arch": config.net.arch, "kwargs": kwargs, "data_shape": data_shape,
-                "prediction": config.prediction, **path_entry(schedule), "label_dropout": config.label_dropout,
-                "train": config.train.model_dump(), "final_loss": rows[-1]["loss"],
-                "cluster": int(meta.get("cluster", -1)), "k": int(meta.get("k", 0)),
-                "shard_sha256": data[k], "shard_count": len(x), "data_hash": meta.get("data_hash"),
-                "trained_concurrently_with": len(shards), "train_seconds_all": round(seconds, 2)})
-    checkpoint.unlink(missing_ok=True)
+            save_pretrained(tmp, net, entry)
+    checkpoint.unlink(missing_ok=True)  # last: a job stopped before this line is continued from it
     return [Path(o) for o in out_dirs]
+
+
+def in_place(out: Path, net: torch.nn.Module, entry: dict) -> bool:
+    """Whether `out` holds the expert the job writes there already, whole (a job stopped while moving its folders
+    into place moved it there): config.json and model.safetensors, of the same shard, job size and train table,
+    and of these very weights."""
+    if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
+        return False
+    try:
+        saved, weights = read_json(out / "config.json"), load_tensors(out / "model.safetensors")
+    except DDMError:  # damaged: written again
+        return False
+    same = ("shard_sha256", "trained_concurrently_with", "train")
+    if not isinstance(saved, dict) or any(saved.get(key) != entry[key] for key in same):
+        return False
+    state = net.state_dict()
+    return weights.keys() == state.keys() and all(
+        weights[name].dtype == value.dtype and torch.equal(weights[name], value) for name, value in state.items())
+
+
+def stopped_job(shards: list[str | Path], out_dirs: list[str | Path]) -> tuple[Path, list[int]] | None:
+    """The concurrent job that was stopped while moving its folders into place, among experts `out_dirs` of
+    `shards` (a run's, in order): (its checkpoint, the indices of its experts), or None. Such a job left its
+    checkpoint (stacked_checkpoint_path: named after its first expert; its fingerprint holds the job's shards'
+    SHA-256, in order) and some of its experts in place (model.safetensors)."""
+    if not any((Path(out) / "model.safetensors").exists() for out in out_dirs):
+        return None  # a job stopped before its moves (its checkpoint continued as usual), or none
+    hashes = None
+    for first, out in enumerate(out_dirs):
+        checkpoint = stacked_checkpoint_path([out])
+        if not checkpoint.is_file():
+            continue
+        try:
+            data = check_checkpoint_file(checkpoint)["fingerprint"]["data"]
+        except (DDMError, KeyError, TypeError):  # damaged: the job that continues from it says so
+            continue
+        hashes = hashes or shard_hashes([Path(s) for s in shards])
+        experts = [hashes.index(h) for h in data if h in hashes] if isinstance(data, list) else []
+        if (experts and len(experts) == len(data) and experts[0] == first and experts == sorted(set(experts))
+                and any((Path(out_dirs[k]) / "model.safetensors").exists() for k in experts)):
+            return checkpoint, experts
+    return None
+
+
+def concurrent_jobs(shards: list[str | Path], out_dirs: list[str | Path], log=print) -> list[list[int]]:
+    """The concurrent jobs that train the experts not in place yet (no model.safetensors in their folder), each
+    as the indices of its experts: one job of them all; but a job stopped while moving its folders into place
+    (stopped_job) first, whole (it continues from its checkpoint and writes only the folders not in place),
+    then one of the other experts missing, if any. A stopped job whose experts are all in place was stopped
+    before it removed its checkpoint: removed here."""
+    missing = [k for k, out in enumerate(out_dirs) if not (Path(out) / "model.safetensors").exists()]
+    stopped = stopped_job(shards, out_dirs)
+    if stopped and not any(k in missing for k in stopped[1]):
+        log(f"experts: removed {stopped[0]}: the job that wrote it had moved all its experts into place")
+        stopped[0].unlink()
+        stopped = None
+    first = stopped[1] if stopped else []
+    rest = [k for k in missing if k not in first]
+    return [job for job in (first, rest) if job]
