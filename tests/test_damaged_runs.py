@@ -500,6 +500,35 @@ def test_a_sample_set_copied_over_another_is_refused_by_evaluate(run, ddmkit):
     assert code == 0, err
 
 
+def reads_of(folder: Path, monkeypatch) -> dict:
+    """How many times ddmkit.io opens each file under folder from now on (every read of a file, hashed or
+    loaded, goes through ddmkit.io._existing_file first)."""
+    import collections
+
+    import ddmkit.io
+
+    reads, real = collections.Counter(), ddmkit.io._existing_file
+
+    def counted(path, fix):
+        if Path(path).parent == folder:
+            reads[Path(path).name] += 1
+        return real(path, fix)
+    monkeypatch.setattr(ddmkit.io, "_existing_file", counted)
+    return reads
+
+
+def test_evaluate_reads_each_sample_set_once(run, ddmkit, monkeypatch):
+    """evaluate hashed every set file to check its recorded SHA-256, then loaded it again: two reads of each set.
+    It now hashes the bytes it loads (the check of the test above still refuses a changed set)."""
+    for strategy in ("top-1", "monolith"):
+        assert ddmkit("sample", run, "--strategy", strategy)[0] == 0
+    reads = reads_of(run / "samples", monkeypatch)
+    code, _, err = ddmkit("evaluate", run)
+    assert code == 0, err
+    assert {name: count for name, count in reads.items() if name.endswith(".safetensors")} == \
+        {"top-1.safetensors": 1, "monolith.safetensors": 1}
+
+
 def test_the_command_add_expert_suggests_pastes_as_one_argument_per_path(run, ddmkit, tmp_path):
     """In a run folder named with a space, add-expert printed `ddmkit run RUN/config.json --out RUN ...` unquoted;
     pasted, it gave 'Got unexpected extra argument(s)'."""

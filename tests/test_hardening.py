@@ -345,6 +345,120 @@ def test_a_set_drawn_with_the_same_settings_is_the_same_drawing_whatever_ddmkit_
     assert not same_drawing(None, now, None)
 
 
+def test_a_set_records_the_device_and_autocast_it_was_drawn_with_and_the_report_and_metrics_say_them(
+        monkeypatch, capsys, tmp_path, user_run):
+    """samples/info.json said nothing of where a set was drawn, nor of the bfloat16 autocast image sets are drawn
+    under on a GPU (their samples differ from float32 by its rounding). A set of an earlier ddmkit records
+    neither, and is reported without them."""
+    from ddmkit.pipeline.samplesets import named_set
+    from ddmkit.pipeline.sampling import drawn_with, sampling_autocast
+
+    run = Path(shutil.copytree(user_run, tmp_path / "run"))
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--strategy", "full")[0] == 0
+    made = json.loads((run / "samples" / "info.json").read_text())["top-2"]["drawn_with"]
+    assert (made["device"], made["autocast"], made["noise_n"], made["n"]) == ("cpu", None, 100, 100)
+    assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
+    said = " ".join((run / "report.md").read_text().split())
+    assert "100 samples, euler, 8 steps, the same noise (seed 0) for every set, on cpu without autocast." in said
+    rows = json.loads((run / "metrics.json").read_text())["rows"]
+    assert {name: (rows[name]["device"], rows[name]["autocast"]) for name in ("top-2", "full")} == \
+        {"top-2": ("cpu", None), "full": ("cpu", None)}
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "full", "--steps", 3)[0] == 0
+    assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
+    said = " ".join((run / "report.md").read_text().split())
+    assert "full: 100 samples, euler, 3 steps, seed 0" in said and "), all on cpu without autocast." in said, said
+
+    infos = json.loads((run / "samples" / "info.json").read_text())  # as an earlier ddmkit recorded them
+    for info in infos.values():
+        for key in ("device", "autocast", "noise_n"):
+            del info["drawn_with"][key]
+    (run / "samples" / "info.json").write_text(json.dumps(infos))
+    assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
+    said = " ".join((run / "report.md").read_text().split())
+    assert "full: 100 samples, euler, 3 steps, seed 0" in said and "autocast" not in said, said
+    assert "device" not in json.loads((run / "metrics.json").read_text())["rows"]["top-2"]
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    on_gpu = {images: drawn_with(tiny(), named_set("top-2", 10), None, "cuda", images) for images in (True, False)}
+    assert {images: (m["device"], m["autocast"]) for images, m in on_gpu.items()} == \
+        {True: ("NVIDIA H100 80GB HBM3", "bfloat16"), False: ("NVIDIA H100 80GB HBM3", None)}
+    assert sampling_autocast(True, "cpu") is None  # image sets on the CPU: float32
+
+
+def test_a_set_drawn_under_another_autocast_is_drawn_again_and_one_drawn_on_another_device_is_kept(tmp_path,
+                                                                                                  user_run):
+    """The autocast dtype changes the samples (bfloat16 rounding): a set drawn under another is another set, drawn
+    again by `ddmkit run`. The device alone does not change their law: a set drawn on a GPU in float32 is kept.
+    An earlier ddmkit's record, which names neither, is kept."""
+    from ddmkit.pipeline.samplesets import named_set
+    from ddmkit.pipeline.sampling import stage_sample
+
+    run = Path(shutil.copytree(user_run, tmp_path / "run"))
+    cfg, info_path, path = tiny(), run / "samples" / "info.json", run / "samples" / "top-2.safetensors"
+    said: list[str] = []
+
+    def sample() -> None:
+        stage_sample(cfg, run, [named_set("top-2", 100)], False, said.append, "cpu")
+
+    def recorded(**changes) -> None:  # the record of top-2 changed as another machine or ddmkit wrote it
+        infos = json.loads(info_path.read_text())
+        infos["top-2"]["drawn_with"].update(changes)
+        infos["top-2"]["drawn_with"] = {k: v for k, v in infos["top-2"]["drawn_with"].items() if v != "absent"}
+        info_path.write_text(json.dumps(infos))
+
+    sample()
+    drawn = path.read_bytes()
+    recorded(device="NVIDIA H100 80GB HBM3")
+    sample()
+    assert path.read_bytes() == drawn and not [line for line in said if "replaces" in line], said
+    recorded(autocast="bfloat16")
+    sample()
+    assert "sample top-2: replaces the set drawn before (autocast bfloat16 -> None, device NVIDIA H100 80GB HBM3 " \
+           "-> cpu)" in said, said
+    assert path.read_bytes() == drawn  # drawn again on the CPU: the same bytes
+    said.clear()
+    recorded(device="absent", autocast="absent", noise_n="absent")
+    sample()
+    assert path.read_bytes() == drawn and said == [], said  # kept: nothing drawn
+
+
+def test_a_record_of_an_earlier_ddmkit_is_compared_and_described_on_what_it_records():
+    """A set recorded before noise_n, autocast and device were is the same drawing where the rest agrees, and the
+    message of its replacement names only what it recorded (not 'noise_n None -> 100, device None -> cpu')."""
+    from ddmkit.pipeline.sampling import replaced_text, same_drawing
+
+    now = {"n": 100, "noise_n": 100, "steps": 8, "solver": "euler", "seed": 0, "guidance": 1.0, "router_every": 1,
+           "roles": ["expert", "router"], "networks": "a" * 64, "autocast": None, "device": "cpu"}
+    old = {k: v for k, v in now.items() if k not in ("noise_n", "autocast", "device")}
+    assert same_drawing(old, now, None) and not same_drawing({**old, "steps": 2}, now, None)
+    assert replaced_text({**old, "steps": 2}, now) == "steps 2 -> 8"
+    assert not same_drawing({**now, "autocast": "bfloat16"}, now, None) and not same_drawing({**now, "noise_n": 90},
+                                                                                            now, None)
+    assert same_drawing({**now, "device": "NVIDIA H100 80GB HBM3"}, now, None)
+
+
+def test_a_set_of_the_first_rows_of_the_noise_draw_is_the_set_its_record_names(tmp_path, user_run):
+    """A set of sample.sweep_n rows takes the first rows of a noise draw of sample.n rows, and torch.randn's rows
+    near the end of a draw depend on its size: after sample.n changed, such a set was kept (its n had not), though
+    the noise now drawn for it differs. info.json records the draw's size (noise_n); a set of another is drawn
+    again, and is then the set a run with the new sample.n draws."""
+    from ddmkit.ddm import start_noise
+    from ddmkit.io import load_tensors
+    from ddmkit.pipeline.samplesets import named_set
+    from ddmkit.pipeline.sampling import stage_sample
+
+    assert not torch.equal(start_noise(37, (2,), 0)[:30], start_noise(40, (2,), 0)[:30])  # the last rows differ
+    said: list[str] = []
+    kept, fresh = Path(shutil.copytree(user_run, tmp_path / "kept")), Path(shutil.copytree(user_run, tmp_path / "new"))
+    stage_sample(tiny(sample={"n": 37}), kept, [named_set("top-2", 30)], False, said.append, "cpu")
+    stage_sample(tiny(sample={"n": 40}), kept, [named_set("top-2", 30)], False, said.append, "cpu")
+    stage_sample(tiny(sample={"n": 40}), fresh, [named_set("top-2", 30)], False, QUIET, "cpu")
+    assert torch.equal(load_tensors(kept / "samples" / "top-2.safetensors")["x"],
+                       load_tensors(fresh / "samples" / "top-2.safetensors")["x"])
+    assert "sample top-2: replaces the set drawn before (noise_n 37 -> 40)" in said, said
+    assert json.loads((kept / "samples" / "info.json").read_text())["top-2"]["drawn_with"]["noise_n"] == 40
+
+
 def test_evaluate_keeps_the_studies_measured_with_the_same_networks_data_and_settings(monkeypatch, capsys, tmp_path,
                                                                                        user_run):
     """The missing-expert and statistics-router studies were drawn again at every evaluate (most of its time)."""

@@ -393,6 +393,58 @@ def test_tiny_config_runs_the_image_path(tmp_path):
     assert result["rows"]["top-1"]["expert_calls_per_sample"] == 2.0
 
 
+def test_image_sets_record_where_they_were_drawn_and_evaluate_reads_each_once_and_refuses_a_changed_one(
+        tmp_path, monkeypatch):
+    """An image set records the device and autocast dtype it was drawn with (bfloat16 on a GPU, none on the CPU).
+    evaluate hashed every set, then loaded the sets it had not scored yet again (two reads); it now hashes the
+    bytes it loads, or the file alone where the score is cached, and still refuses a set copied over another."""
+    import collections
+    import json
+    import re
+    import shutil
+
+    import ddmkit.io
+    from ddmkit.config import RunConfig, load_config, validate
+    from ddmkit.pipeline.run import evaluate_run, run_pipeline
+
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
+    raw["data"]["params"] = {"dir": str(write_idx_set(tmp_path / "fm", 160, 48))}
+    raw["sample"].update(n=16, steps=2, strategies=["monolith", "top-1"], guidance_sweep=[],
+                         stats_router_strategies=[])
+    run, quiet = tmp_path / "run", lambda m: None
+    result = run_pipeline(validate(RunConfig, raw), run, log=quiet)
+    made = json.loads((run / "samples" / "info.json").read_text())["top-1"]["drawn_with"]
+    assert (made["device"], made["autocast"], made["noise_n"]) == ("cpu", None, 16)
+    assert (result["rows"]["top-1"]["device"], result["rows"]["top-1"]["autocast"]) == ("cpu", None)
+    assert "on cpu without autocast" in " ".join((run / "report.md").read_text().split())
+
+    reads, real = collections.Counter(), ddmkit.io._existing_file
+
+    def counted(path, fix):  # every read of a file in ddmkit.io (hashed or loaded) passes here first
+        if Path(path).parent == run / "samples":
+            reads[Path(path).name] += 1
+        return real(path, fix)
+    monkeypatch.setattr(ddmkit.io, "_existing_file", counted)
+    for cached in (True, False):  # scores cached (the file hashed alone) or not (hashed as it is loaded)
+        if not cached:
+            for path in (run / "eval").glob("set_*.json"):
+                path.unlink()
+        reads.clear()
+        evaluate_run(run, log=quiet)
+        assert {name: n for name, n in reads.items() if name.endswith(".safetensors")} == \
+            {"top-1.safetensors": 1, "monolith.safetensors": 1}, (cached, reads)
+
+    metrics = (run / "metrics.json").read_bytes()
+    top1 = run / "samples" / "top-1.safetensors"
+    for copy in (shutil.copy2, shutil.copyfile):  # the top-1 score cached (older file time kept) or not
+        original = top1.read_bytes()
+        copy(run / "samples" / "monolith.safetensors", top1)
+        with pytest.raises(DDMError, match=re.escape(f"{top1}: SHA-256 differs from the one {run / 'samples'}")):
+            evaluate_run(run, log=quiet)
+        assert (run / "metrics.json").read_bytes() == metrics
+        top1.write_bytes(original)
+
+
 def test_a_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
     """A JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view) loads as a viewer
     shows it, turned before the mode conversion and the resize (the shorter side is the upright one's)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load, load_file, save
 
 from ddmkit.errors import DDMError
 
@@ -189,6 +189,18 @@ def load_tensors(path: str | Path, keys: list[str] | None = None,
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in keys if k in f.keys()}
     except (SafetensorError, OSError, ValueError, Exception) as e:
+        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); {fix}") from None
+
+
+def load_tensors_hashed(path: str | Path, fix: str = "re-train or re-copy it") -> tuple[dict[str, torch.Tensor], str]:
+    """(the tensors of a safetensors file, the SHA-256 of its bytes), from one read of the file: the bytes
+    hashed are the bytes loaded (held beside the tensors while they are made). A missing or corrupt file is
+    a DDMError that ends with `fix`."""
+    path = _existing_file(Path(path), fix)
+    try:
+        data = path.read_bytes()
+        return load(data), hashlib.sha256(data).hexdigest()
+    except Exception as e:  # an unreadable file too (OSError)
         raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); {fix}") from None
 
 

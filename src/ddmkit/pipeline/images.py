@@ -18,7 +18,7 @@ from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.models import models_section, partition_k
 from ddmkit.pipeline.samplesets import STATISTICS, planned_sets
-from ddmkit.pipeline.sampling import read_info, sampling_sentence
+from ddmkit.pipeline.sampling import check_set, drawn_on, read_info, sampling_sentence
 from ddmkit.routing.strategies import number
 from ddmkit.progress import track
 from ddmkit.tables import markdown_table
@@ -30,14 +30,16 @@ RECONSTRUCTIONS = "autoencoder reconstructions (latent floor)"
 
 def scorer_for(cfg: RunConfig, run, log: Log = print, device="cpu") -> SetScorer:
     """The FID/KID scorer of a run's [evaluate] section (test features computed once, cached)."""
-    return SetScorer(run, cfg.evaluate.fid_features, cfg.evaluate.kid_subset, cfg.sample.n, log, device)
+    return SetScorer(run, cfg.evaluate.fid_features, cfg.evaluate.kid_subset, cfg.sample.n, log, device,
+                     check=lambda name, digest: check_set(run, name, digest))
 
 
 def stage_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu", scorer: SetScorer | None = None) -> dict:
     """Scores of every drawn set, the report and its plots."""
     folder = RunFolder(run)
     scorer = scorer or scorer_for(cfg, run, log, device)
-    infos = {name: {k: v for k, v in info.items() if k != "drawn_with"} for name, info in read_info(folder).items()}
+    infos = {name: {**{k: v for k, v in info.items() if k != "drawn_with"}, **drawn_on(info)}
+             for name, info in read_info(folder).items()}
     rows = {FLOOR: scorer.floor()}
     if folder.is_latent:
         rows[RECONSTRUCTIONS] = scorer.reconstruction_floor(latent_codec(run, device))

@@ -30,7 +30,7 @@ import ddmkit.pipeline.vectors as vectors
 from ddmkit.pipeline.prepare import listed, prepare_run_dir, remove_leftovers, run_config, run_lock, trained_differences
 from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_every_expert, named_set, planned_sets,
                                         sample_options, statistics_set)
-from ddmkit.pipeline.sampling import changed_sets, read_info, stage_sample, stale_sets
+from ddmkit.pipeline.sampling import read_info, stage_sample, stale_sets
 from ddmkit.pipeline.stages import TRAINING_STAGES, read_data_info, stage_experts, stage_monolith, stage_router
 from ddmkit.registry import check_registered, read_manifest
 
@@ -67,16 +67,7 @@ def evaluate_stage(cfg: RunConfig, run, log: Log = print, device="cpu", scorer=N
                            f"replaced or added: {RunFolder(run).registry.name} records others now), so their scores "
                            f"would not be this DDM's; draw them again with {again}, or delete their files from "
                            f"{RunFolder(run).samples}")
-        changed = changed_sets(run)
-        if changed:
-            folder = RunFolder(run)
-            again = "; ".join(f"`ddmkit sample {shlex.quote(str(folder.root))} {sample_options(name)}`"
-                              for name in changed)
-            files = ", ".join(str(folder.sample_set(name)) for name in changed)
-            raise DDMError(f"{files}: SHA-256 differs from the one {folder.sample_info} records, so the file is not "
-                           "the set drawn under that name (copied from another set, or edited) and its scores would "
-                           f"be reported under the wrong name; draw it again with {again}, or copy the set back")
-        if is_image_run(run):
+        if is_image_run(run):  # each stage hashes each set's file as it reads it, refusing one that changed
             return images.stage_evaluate(cfg, run, log, device, scorer)
         return vectors.stage_evaluate(cfg, run, log)
 

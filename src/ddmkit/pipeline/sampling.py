@@ -2,16 +2,18 @@
 expert calls, router calls and wall time in RUN/samples/info.json.
 
 The same for every kind of continuous data: all sets start from the same noise x_1 (the first n
-rows of one draw fixed by sample.seed) and, for class-conditional experts, the same class labels
+rows of one draw of sample.n rows, fixed by sample.seed, drawn at once on the CPU's generator: the
+same whatever the device or chunk size) and, for class-conditional experts, the same class labels
 (uniform over the classes, fixed by sample.seed; stored as "y" beside the samples "x" in each set's
 file, so a set drawn with another n or seed keeps its own). Image sets
 are sampled under bfloat16 autocast on a GPU and stored clamped to [-1, 1]. A latent run samples
-latents and stores them decoded (images).
+latents and stores them decoded (images). info.json records what each set was drawn with (drawn_with).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from typing import Any, Callable
 
 import torch
@@ -23,9 +25,9 @@ from ddmkit.ddm.load import latent_codec, monolith_field
 from ddmkit.registry import model_data_shape, read_registry
 from ddmkit.ddm.sampling import config_options
 from ddmkit.errors import DDMError
-from ddmkit.io import read_json, save_tensors, sha256_file, write_json
+from ddmkit.io import load_tensors_hashed, read_json, save_tensors, sha256_file, write_json
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.samplesets import STATISTICS, SampleSet, SetKind
+from ddmkit.pipeline.samplesets import STATISTICS, SampleSet, SetKind, sample_options
 from ddmkit.routing import parse_strategy, redraws_each_evaluation
 from ddmkit.routing.strategies import Nearest, Oracle
 from ddmkit.progress import track
@@ -38,6 +40,17 @@ def sample_labels(num_classes: int, n: int, seed: int, device) -> torch.Tensor |
     if not num_classes:
         return None
     return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed + 7)).to(device)
+
+
+def sampling_autocast(images: bool, device) -> str | None:
+    """The autocast dtype a set's networks run under: bfloat16 for images on a GPU, else None (no autocast)."""
+    return "bfloat16" if images and torch.device(device).type == "cuda" else None
+
+
+def device_name(device) -> str:
+    """The device a set records it was drawn on: the GPU's name on CUDA, else the device's type ("cpu")."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _ddm(run, sample_set: SampleSet, device, ddms: dict) -> DDM:
@@ -63,7 +76,7 @@ def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device,
              ddms: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """(samples, their class labels or None, info) of one set; `ddms` keeps the DDMs loaded for earlier sets."""
     s = cfg.sample
-    autocast = "bfloat16" if images and torch.device(device).type == "cuda" else None
+    autocast = sampling_autocast(images, device)
     if sample_set.kind == SetKind.MONOLITH:
         field = monolith_field(run, device, sample_set.guidance)
         shape, classes, meta = model_data_shape(run), field.output.num_classes, {}
@@ -156,24 +169,34 @@ def networks_hash(reg: dict | None, roles: list[str]) -> str | None:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def drawn_with(cfg: RunConfig, sample_set: SampleSet, reg: dict | None) -> dict:
+def drawn_with(cfg: RunConfig, sample_set: SampleSet, reg: dict | None, device="cpu", images: bool = False) -> dict:
     """What a set's samples depend on besides its name: the sampling settings and the networks it is drawn
     by (networks_hash of its network_roles: a retrained expert changes the DDM's sets, a monolith trained
     later does not). steps is None for the adaptive solver (it chooses its own); batch_size is there where
-    it changes the samples (chunked_differently)."""
+    it changes the samples (chunked_differently). noise_n: the rows of the noise and label draw whose first
+    n start the set (sample.n; a set of sample.sweep_n takes the first rows of it, and torch.randn's rows
+    near the end of a draw depend on its size). autocast: the dtype the networks ran under (None: no
+    autocast, float32); device: where it was drawn (device_name; not compared by same_drawing)."""
     s, roles = cfg.sample, network_roles(sample_set)
     routed = sample_set.kind != SetKind.MONOLITH and not isinstance(parse_strategy(sample_set.strategy), Oracle)
-    made = {"n": sample_set.n, "steps": None if s.solver == "adaptive" else s.steps, "solver": s.solver,
-            "seed": s.seed, "guidance": sample_set.guidance, "roles": roles, "networks": networks_hash(reg, roles),
-            "router_every": s.router_every if routed else 1}  # the monolith and the oracle (routed once) ignore it
+    made = {"n": sample_set.n, "noise_n": s.n, "steps": None if s.solver == "adaptive" else s.steps,
+            "solver": s.solver, "seed": s.seed, "guidance": sample_set.guidance, "roles": roles,
+            "networks": networks_hash(reg, roles),
+            "router_every": s.router_every if routed else 1,  # the monolith and the oracle (routed once) ignore it
+            "autocast": sampling_autocast(images, device), "device": device_name(device)}
     return {**made, "batch_size": s.batch_size} if chunked_differently(sample_set, s.solver) else made
+
+
+ADDED_LATER = ("noise_n", "autocast")  # compared only where a set records them (earlier ddmkit recorded neither)
 
 
 def same_drawing(before, now: dict, registry_hash: str | None) -> bool:
     """Whether a set recorded as drawn with `before` is the set `now` asks for. A setting one side does not
     record is None there (batch_size, recorded only where it matters); the adaptive solver's steps are not
-    compared (it chooses its own); a record of ddmkit before it hashed each set's own networks names the
-    registry file's hash, compared with the registry's now."""
+    compared (it chooses its own), nor the device (the same law; autocast, which changes the samples, is);
+    noise_n and autocast only where `before` records them (a set of an earlier ddmkit is kept); a record of
+    ddmkit before it hashed each set's own networks names the registry file's hash, compared with the
+    registry's now."""
     if not isinstance(before, dict):
         return False
     before = dict(before)
@@ -181,12 +204,16 @@ def same_drawing(before, now: dict, registry_hash: str | None) -> bool:
         if before.pop("registry") != registry_hash:
             return False
         before.update(roles=now.get("roles"), networks=now.get("networks"))
-    ignored = {"steps"} if now.get("solver") == "adaptive" == before.get("solver") else set()
+    ignored = {"device"} | {key for key in ADDED_LATER if key not in before}
+    if now.get("solver") == "adaptive" == before.get("solver"):
+        ignored.add("steps")
     return all(before.get(key) == now.get(key) for key in set(before) | set(now) if key not in ignored)
 
 
-SHOWN = ("n", "solver", "steps", "seed", "router_every", "guidance", "batch_size")  # what a report states of a set
-DEFAULT_SHOWN = {"router_every": 1, "guidance": 1.0, "batch_size": None}  # said only where a set differs
+SHOWN = ("n", "solver", "steps", "seed", "router_every", "guidance", "batch_size", "noise_n", "device",
+         "autocast")  # what a report states of a set
+DEFAULT_SHOWN = {"router_every": 1, "guidance": 1.0, "batch_size": None,  # said only where a set differs
+                 "noise_n": None, "device": None, "autocast": None}  # None: not recorded (earlier ddmkit)
 
 
 def drawn_groups(cfg: RunConfig, run, names: list[str]) -> list[tuple[dict, list[str]]]:
@@ -203,23 +230,41 @@ def drawn_groups(cfg: RunConfig, run, names: list[str]) -> list[tuple[dict, list
 
 def settings_text(g: dict, unit: str, seed: str = "seed {}") -> str:
     """One group's settings as the report says them: '2000 samples, euler, 50 steps, seed 0', then those
-    of DEFAULT_SHOWN that differ ('router every 5 evaluations', 'guidance 2', 'in chunks of 64')."""
+    of DEFAULT_SHOWN that differ ('router every 5 evaluations', 'guidance 2', 'in chunks of 64', 'the first
+    500 rows of a noise draw of 2000') and where it was drawn ('on cpu without autocast', 'on NVIDIA H100
+    80GB HBM3 under bfloat16 autocast'; nothing for a set that records no device)."""
     steps = "" if g["solver"] == "adaptive" or g["steps"] is None else f", {g['steps']} steps"
     extra = [f"router every {g['router_every']} evaluations" if g.get("router_every") not in (None, 1) else "",
              f"guidance {g['guidance']:g}" if g.get("guidance") not in (None, 1.0) else "",
-             f"in chunks of {g['batch_size']}" if g.get("batch_size") is not None else ""]
+             f"in chunks of {g['batch_size']}" if g.get("batch_size") is not None else "",
+             f"the first {g['n']} rows of a noise draw of {g['noise_n']}" if g.get("noise_n") not in (None, g["n"])
+             else "",
+             drawn_where(g)]
     return f"{g['n']} {unit}, {g['solver']}{steps}, {seed.format(g['seed'])}" + "".join(f", {e}" for e in extra if e)
+
+
+def drawn_where(g: dict) -> str:
+    """Where a group of sets was drawn: 'on cpu without autocast', 'on NVIDIA H100 80GB HBM3 under bfloat16
+    autocast'; '' for sets that record no device (earlier ddmkit)."""
+    if g.get("device") is None:
+        return ""
+    return f"on {g['device']} " + (f"under {g['autocast']} autocast" if g.get("autocast") else "without autocast")
 
 
 def sampling_sentence(cfg: RunConfig, run, names: list[str], unit: str = "samples") -> str:
     """What a report says of how its sets were drawn, from what each set records (not from cfg, which can
-    have changed since)."""
+    have changed since); where sets differ in other settings but were all drawn alike, that is said once."""
     groups = drawn_groups(cfg, run, names)
     if len(groups) <= 1:
         g = groups[0][0] if groups else {**cfg.sample.model_dump(), "n": cfg.sample.n, "batch_size": None}
         return settings_text(g, unit, "the same noise (seed {}) for every set")
+    places = {drawn_where(g) for g, _ in groups}
+    shared = places.pop() if len(places) == 1 else ""
+    if shared:
+        groups = [({**g, "device": None}, members) for g, members in groups]
     parts = [f"{', '.join(members)}: {settings_text(g, unit)}" for g, members in groups]
-    return "the sets were drawn with different settings (" + "; ".join(parts) + ")"
+    said = "the sets were drawn with different settings (" + "; ".join(parts) + ")"
+    return f"{said}, all {shared}" if shared else said
 
 
 def stale_sets(run) -> list[str]:
@@ -243,6 +288,13 @@ def stale_sets(run) -> list[str]:
     return stale
 
 
+def drawn_on(info: dict) -> dict:
+    """The device and autocast dtype a set's entry of samples/info.json records (for its row of metrics.json);
+    {} for a set of an earlier ddmkit, which recorded neither."""
+    made = info.get("drawn_with") if isinstance(info, dict) else None
+    return {key: made[key] for key in ("device", "autocast") if isinstance(made, dict) and key in made}
+
+
 def changed_sets(run) -> list[str]:
     """The drawn sets whose file is not the one drawn: its SHA-256 differs from the one samples/info.json
     records (a set copied over another, or edited). A set recorded without one (drawn by earlier ddmkit) is not
@@ -252,11 +304,47 @@ def changed_sets(run) -> list[str]:
             and folder.sample_set(name).exists() and sha256_file(folder.sample_set(name)) != info["sha256"]]
 
 
+def changed_error(run, names: list[str]) -> DDMError:
+    """The error for sets whose file is not the one drawn (changed_sets): each file, and the command that
+    draws it again."""
+    folder = RunFolder(run)
+    again = "; ".join(f"`ddmkit sample {shlex.quote(str(folder.root))} {sample_options(name)}`" for name in names)
+    files = ", ".join(str(folder.sample_set(name)) for name in names)
+    return DDMError(f"{files}: SHA-256 differs from the one {folder.sample_info} records, so the file is not the set "
+                    "drawn under that name (copied from another set, or edited) and its scores would be reported "
+                    f"under the wrong name; draw it again with {again}, or copy the set back")
+
+
+def check_set(run, name: str, digest: str) -> None:
+    """Refuse the set `name` when `digest`, the SHA-256 of its file's bytes as they were read to be scored,
+    differs from the one samples/info.json records: changed_error, naming every set whose file differs. A set
+    recorded without one (drawn by earlier ddmkit) passes."""
+    recorded = read_info(RunFolder(run)).get(name, {}).get("sha256")
+    if recorded is not None and recorded != digest:
+        raise changed_error(run, changed_sets(run) or [name])
+
+
+def load_sets(run, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of the sets `names`, each file read once: hashed as it is loaded, and refused as check_set
+    refuses it (changed_error naming every such set, once all are read)."""
+    folder, loaded, digests = RunFolder(run), {}, {}
+    for name in names:
+        loaded[name], digests[name] = load_tensors_hashed(folder.sample_set(name), SAMPLES_FIX)
+    infos = read_info(folder)
+    changed = [name for name in names if infos.get(name, {}).get("sha256") not in (None, digests[name])]
+    if changed:
+        raise changed_error(run, changed)
+    return loaded
+
+
 def replaced_text(before: dict, now: dict) -> str:
     """What differs between the settings a set was drawn with and those it is drawn with now, e.g.
-    'n 500 -> 10, steps 50 -> 8' ('other networks' for the networks)."""
+    'n 500 -> 10, steps 50 -> 8' ('other networks' for the networks; the fields an earlier ddmkit did not
+    record are left out)."""
+    unrecorded = {key for key in (*ADDED_LATER, "device") if key not in before}
     parts = ["other networks" if key in ("networks", "registry") else f"{key} {before.get(key)} -> {now.get(key)}"
-             for key in dict.fromkeys([*now, *before]) if key != "roles" and before.get(key) != now.get(key)]
+             for key in dict.fromkeys([*now, *before])
+             if key != "roles" and key not in unrecorded and before.get(key) != now.get(key)]
     return ", ".join(dict.fromkeys(parts)) or "drawn again"
 
 
@@ -271,7 +359,7 @@ def stage_sample(cfg: RunConfig, run, sets: list[SampleSet], images: bool, log: 
     for sample_set in track(sets, "sampling", lambda s: s.name):
         path = folder.sample_set(sample_set.name)
         infos = read_info(folder)
-        made_with = drawn_with(cfg, sample_set, reg)
+        made_with = drawn_with(cfg, sample_set, reg, device, images)
         before = infos.get(sample_set.name, {}).get("drawn_with")
         same = same_drawing(before, made_with, registry_hash)
         if path.exists() and same and not redraw:

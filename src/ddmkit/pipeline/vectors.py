@@ -17,11 +17,11 @@ from ddmkit.evaluation.routers import router_report
 from ddmkit.evaluation.sets import FLOOR, evaluate_all
 from ddmkit.evaluation.studies import STATS_STRATEGIES, missing_expert_study, stats_router_study, study_size
 from ddmkit.conventions import __version__
-from ddmkit.io import load_tensors, read_json, write_bytes_atomic, write_json
+from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.models import models_section, partition_k
 from ddmkit.pipeline.samplesets import planned_sets, sample_options
-from ddmkit.pipeline.sampling import SAMPLES_FIX, networks_hash, read_info, sampling_sentence
+from ddmkit.pipeline.sampling import drawn_on, load_sets, networks_hash, read_info, sampling_sentence
 from ddmkit.pipeline.stages import load_split, read_data_info
 from ddmkit.registry import load_partition_checked, read_manifest, read_registry
 from ddmkit.tables import fmt, markdown_table
@@ -52,10 +52,12 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
     infos = read_info(folder)
     names = [s.name for s in planned_sets(cfg, load_truth(run) is not None) if folder.sample_set(s.name).exists()]
     names += [n for n in infos if n not in names and folder.sample_set(n).exists()]  # sets drawn by `ddmkit sample`
-    samples = {n: load_tensors(folder.sample_set(n), fix=SAMPLES_FIX)["x"] for n in names}
+    samples = {n: tensors["x"] for n, tensors in load_sets(run, names).items()}  # each file read once, checked
     test = load_split(run, "test")
     truth = test.truth
     result = evaluate_all(samples, infos, test.x, truth, cfg.evaluate.chunk, sample_options)
+    for name, row in result["rows"].items():
+        row.update(drawn_on(infos.get(name, {})))  # the device and autocast dtype it was drawn with
 
     manifest, ptensors = load_partition_checked(folder.partition)
     n_eval = min(len(test.x), 4000)
