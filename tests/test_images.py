@@ -393,11 +393,10 @@ def test_tiny_config_runs_the_image_path(tmp_path):
     assert result["rows"]["top-1"]["expert_calls_per_sample"] == 2.0
 
 
-def test_image_sets_record_where_they_were_drawn_and_evaluate_reads_each_once_and_refuses_a_changed_one(
-        tmp_path, monkeypatch):
+def test_image_sets_record_where_they_were_drawn_and_evaluate_checks_them_all_before_scoring(tmp_path, monkeypatch):
     """An image set records the device and autocast dtype it was drawn with (bfloat16 on a GPU, none on the CPU).
-    evaluate hashed every set, then loaded the sets it had not scored yet again (two reads); it now hashes the
-    bytes it loads, or the file alone where the score is cached, and still refuses a set copied over another."""
+    evaluate hashes every set before it scores any (a set copied over another is refused before the long work),
+    then loads only the sets whose score is not cached."""
     import collections
     import json
     import re
@@ -425,14 +424,14 @@ def test_image_sets_record_where_they_were_drawn_and_evaluate_reads_each_once_an
             reads[Path(path).name] += 1
         return real(path, fix)
     monkeypatch.setattr(ddmkit.io, "_existing_file", counted)
-    for cached in (True, False):  # scores cached (the file hashed alone) or not (hashed as it is loaded)
+    for cached in (True, False):  # scores cached (the file hashed alone) or not (hashed, then loaded)
         if not cached:
             for path in (run / "eval").glob("set_*.json"):
                 path.unlink()
         reads.clear()
         evaluate_run(run, log=quiet)
         assert {name: n for name, n in reads.items() if name.endswith(".safetensors")} == \
-            {"top-1.safetensors": 1, "monolith.safetensors": 1}, (cached, reads)
+            {"top-1.safetensors": 1 + (not cached), "monolith.safetensors": 1 + (not cached)}, (cached, reads)
 
     metrics = (run / "metrics.json").read_bytes()
     top1 = run / "samples" / "top-1.safetensors"

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ddmkit.data.partition import read_shard
 from ddmkit.evaluation.fid import feature_extractor, fid_kid, gaussian_stats
-from ddmkit.io import load_tensors, load_tensors_hashed, read_json, save_tensors, sha256_file, write_json
+from ddmkit.io import load_tensors, read_json, save_tensors, write_json
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.registry import shard_files
 
@@ -82,14 +81,10 @@ def reference_features(run, extractor, kind: str, n: int, log=print) -> tuple[to
 class SetScorer:
     """FID/KID of one sample set against the test split, cached in RUN/eval/set_<name>.json
     (so sets can be scored as soon as they are sampled, and a re-run skips them); the test
-    features are computed once. n_train: training images scored as the floor row. check(name, digest), when
-    given, is called with the SHA-256 of a set's file (hashed as it is loaded, or alone when its score is
-    cached: each call reads the file once) before its score is returned, and may raise to refuse it."""
+    features are computed once. n_train: training images scored as the floor row."""
 
-    def __init__(self, run, fid_features: str, kid_subset: int, n_train: int, log=print, device="cpu",
-                 check: Callable[[str, str], object] | None = None):
+    def __init__(self, run, fid_features: str, kid_subset: int, n_train: int, log=print, device="cpu"):
         self.run, self.log, self.kind, self.kid_subset = RunFolder(run), log, fid_features, kid_subset
-        self.check = check
         self.extractor = feature_extractor(fid_features, device)
         self.f_test, self.f_train, self.ref_seconds = reference_features(run, self.extractor, fid_features, n_train,
                                                                          log)
@@ -124,14 +119,8 @@ class SetScorer:
         if cache.exists() and cache.stat().st_mtime >= path.stat().st_mtime:
             cached = read_json(cache)
             if "n" in cached:  # (scores cached before the count was kept are made again)
-                if self.check is not None:
-                    self.check(name, sha256_file(path))
                 return cached
-        fix = "delete it (`ddmkit sample RUN --strategy NAME` draws the set again)"
-        tensors, digest = load_tensors_hashed(path, fix)
-        if self.check is not None:
-            self.check(name, digest)
-        x = tensors["x"][:first]
+        x = load_tensors(path, fix="delete it (`ddmkit sample RUN --strategy NAME` draws the set again)")["x"][:first]
         start = time.perf_counter()
         feats = self.extractor(x)
         metrics = fid_kid(self.f_test, feats, self.kid_subset, self.real_stats)

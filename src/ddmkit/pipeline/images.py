@@ -18,7 +18,7 @@ from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.models import models_section, partition_k
 from ddmkit.pipeline.samplesets import STATISTICS, planned_sets
-from ddmkit.pipeline.sampling import check_set, drawn_on, read_info, sampling_sentence
+from ddmkit.pipeline.sampling import drawn_on, read_info, sampling_sentence
 from ddmkit.routing.strategies import number
 from ddmkit.progress import track
 from ddmkit.tables import markdown_table
@@ -30,8 +30,7 @@ RECONSTRUCTIONS = "autoencoder reconstructions (latent floor)"
 
 def scorer_for(cfg: RunConfig, run, log: Log = print, device="cpu") -> SetScorer:
     """The FID/KID scorer of a run's [evaluate] section (test features computed once, cached)."""
-    return SetScorer(run, cfg.evaluate.fid_features, cfg.evaluate.kid_subset, cfg.sample.n, log, device,
-                     check=lambda name, digest: check_set(run, name, digest))
+    return SetScorer(run, cfg.evaluate.fid_features, cfg.evaluate.kid_subset, cfg.sample.n, log, device)
 
 
 def stage_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu", scorer: SetScorer | None = None) -> dict:

@@ -30,7 +30,7 @@ import ddmkit.pipeline.vectors as vectors
 from ddmkit.pipeline.prepare import listed, prepare_run_dir, remove_leftovers, run_config, run_lock, trained_differences
 from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_every_expert, named_set, planned_sets,
                                         sample_options, statistics_set)
-from ddmkit.pipeline.sampling import read_info, stage_sample, stale_sets
+from ddmkit.pipeline.sampling import changed_error, changed_sets, read_info, stage_sample, stale_sets
 from ddmkit.pipeline.stages import TRAINING_STAGES, read_data_info, stage_experts, stage_monolith, stage_router
 from ddmkit.registry import check_registered, read_manifest
 
@@ -67,7 +67,10 @@ def evaluate_stage(cfg: RunConfig, run, log: Log = print, device="cpu", scorer=N
                            f"replaced or added: {RunFolder(run).registry.name} records others now), so their scores "
                            f"would not be this DDM's; draw them again with {again}, or delete their files from "
                            f"{RunFolder(run).samples}")
-        if is_image_run(run):  # each stage hashes each set's file as it reads it, refusing one that changed
+        if is_image_run(run):  # every set checked before any is scored (vector sets: as they are loaded, at once)
+            changed = changed_sets(run)
+            if changed:
+                raise changed_error(run, changed)
             return images.stage_evaluate(cfg, run, log, device, scorer)
         return vectors.stage_evaluate(cfg, run, log)
 

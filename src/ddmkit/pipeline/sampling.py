@@ -315,18 +315,10 @@ def changed_error(run, names: list[str]) -> DDMError:
                     f"under the wrong name; draw it again with {again}, or copy the set back")
 
 
-def check_set(run, name: str, digest: str) -> None:
-    """Refuse the set `name` when `digest`, the SHA-256 of its file's bytes as they were read to be scored,
-    differs from the one samples/info.json records: changed_error, naming every set whose file differs. A set
-    recorded without one (drawn by earlier ddmkit) passes."""
-    recorded = read_info(RunFolder(run)).get(name, {}).get("sha256")
-    if recorded is not None and recorded != digest:
-        raise changed_error(run, changed_sets(run) or [name])
-
-
 def load_sets(run, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """The tensors of the sets `names`, each file read once: hashed as it is loaded, and refused as check_set
-    refuses it (changed_error naming every such set, once all are read)."""
+    """The tensors of the sets `names`, each file read once: hashed as it is loaded, and refused when its
+    SHA-256 differs from the one samples/info.json records (changed_error naming every such set, once all are
+    read; a set recorded without one, drawn by earlier ddmkit, passes)."""
     folder, loaded, digests = RunFolder(run), {}, {}
     for name in names:
         loaded[name], digests[name] = load_tensors_hashed(folder.sample_set(name), SAMPLES_FIX)
