@@ -385,11 +385,12 @@ def test_a_set_records_the_device_and_autocast_it_was_drawn_with_and_the_report_
     assert sampling_autocast(True, "cpu") is None  # image sets on the CPU: float32
 
 
-def test_a_set_drawn_under_another_autocast_is_drawn_again_and_one_drawn_on_another_device_is_kept(tmp_path,
-                                                                                                  user_run):
-    """The autocast dtype changes the samples (bfloat16 rounding): a set drawn under another is another set, drawn
-    again by `ddmkit run`. The device alone does not change their law: a set drawn on a GPU in float32 is kept.
-    An earlier ddmkit's record, which names neither, is kept."""
+def test_a_set_drawn_on_another_device_or_autocast_is_kept_and_one_of_another_noise_draw_is_drawn_again(tmp_path,
+                                                                                                        user_run):
+    """Where a set was drawn (the device, and the autocast dtype that follows from it) does not change its law: a
+    set drawn on a GPU, in float32 or under bfloat16, is kept where the CPU would draw it in float32 (a run
+    copied to a machine without a GPU is not sampled again). An earlier ddmkit's record, which names neither,
+    is kept; a record of another noise draw size is drawn again."""
     from ddmkit.pipeline.samplesets import named_set
     from ddmkit.pipeline.sampling import stage_sample
 
@@ -413,8 +414,11 @@ def test_a_set_drawn_under_another_autocast_is_drawn_again_and_one_drawn_on_anot
     assert path.read_bytes() == drawn and not [line for line in said if "replaces" in line], said
     recorded(autocast="bfloat16")
     sample()
-    assert "sample top-2: replaces the set drawn before (autocast bfloat16 -> None, device NVIDIA H100 80GB HBM3 " \
-           "-> cpu)" in said, said
+    assert path.read_bytes() == drawn and not [line for line in said if "replaces" in line], said
+    recorded(noise_n=1000)
+    sample()
+    assert "sample top-2: replaces the set drawn before (noise_n 1000 -> 100, autocast bfloat16 -> None, device " \
+           "NVIDIA H100 80GB HBM3 -> cpu)" in said, said
     assert path.read_bytes() == drawn  # drawn again on the CPU: the same bytes
     said.clear()
     recorded(device="absent", autocast="absent", noise_n="absent")
@@ -432,9 +436,8 @@ def test_a_record_of_an_earlier_ddmkit_is_compared_and_described_on_what_it_reco
     old = {k: v for k, v in now.items() if k not in ("noise_n", "autocast", "device")}
     assert same_drawing(old, now, None) and not same_drawing({**old, "steps": 2}, now, None)
     assert replaced_text({**old, "steps": 2}, now) == "steps 2 -> 8"
-    assert not same_drawing({**now, "autocast": "bfloat16"}, now, None) and not same_drawing({**now, "noise_n": 90},
-                                                                                            now, None)
-    assert same_drawing({**now, "device": "NVIDIA H100 80GB HBM3"}, now, None)
+    assert not same_drawing({**now, "noise_n": 90}, now, None)
+    assert same_drawing({**now, "device": "NVIDIA H100 80GB HBM3", "autocast": "bfloat16"}, now, None)
 
 
 def test_a_set_of_the_first_rows_of_the_noise_draw_is_the_set_its_record_names(tmp_path, user_run):

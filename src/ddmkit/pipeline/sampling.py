@@ -187,14 +187,17 @@ def drawn_with(cfg: RunConfig, sample_set: SampleSet, reg: dict | None, device="
     return {**made, "batch_size": s.batch_size} if chunked_differently(sample_set, s.solver) else made
 
 
-ADDED_LATER = ("noise_n", "autocast")  # compared only where a set records them (earlier ddmkit recorded neither)
+ADDED_LATER = ("noise_n",)  # compared only where a set records it (earlier ddmkit did not)
+WHERE_DRAWN = ("device", "autocast")  # recorded, never compared: the machine's, not a setting (the same law)
 
 
 def same_drawing(before, now: dict, registry_hash: str | None) -> bool:
     """Whether a set recorded as drawn with `before` is the set `now` asks for. A setting one side does not
     record is None there (batch_size, recorded only where it matters); the adaptive solver's steps are not
-    compared (it chooses its own), nor the device (the same law; autocast, which changes the samples, is);
-    noise_n and autocast only where `before` records them (a set of an earlier ddmkit is kept); a record of
+    compared (it chooses its own), nor where the set was drawn (WHERE_DRAWN: the device, and the autocast
+    dtype that follows from it: a GPU's bfloat16 set is kept on a CPU machine, whose float32 set would be
+    the same law up to rounding); noise_n only where `before` records it (a set of an earlier ddmkit is
+    kept); a record of
     ddmkit before it hashed each set's own networks names the registry file's hash, compared with the
     registry's now."""
     if not isinstance(before, dict):
@@ -204,7 +207,7 @@ def same_drawing(before, now: dict, registry_hash: str | None) -> bool:
         if before.pop("registry") != registry_hash:
             return False
         before.update(roles=now.get("roles"), networks=now.get("networks"))
-    ignored = {"device"} | {key for key in ADDED_LATER if key not in before}
+    ignored = {*WHERE_DRAWN} | {key for key in ADDED_LATER if key not in before}
     if now.get("solver") == "adaptive" == before.get("solver"):
         ignored.add("steps")
     return all(before.get(key) == now.get(key) for key in set(before) | set(now) if key not in ignored)
@@ -333,7 +336,7 @@ def replaced_text(before: dict, now: dict) -> str:
     """What differs between the settings a set was drawn with and those it is drawn with now, e.g.
     'n 500 -> 10, steps 50 -> 8' ('other networks' for the networks; the fields an earlier ddmkit did not
     record are left out)."""
-    unrecorded = {key for key in (*ADDED_LATER, "device") if key not in before}
+    unrecorded = {key for key in (*ADDED_LATER, *WHERE_DRAWN) if key not in before}
     parts = ["other networks" if key in ("networks", "registry") else f"{key} {before.get(key)} -> {now.get(key)}"
              for key in dict.fromkeys([*now, *before])
              if key != "roles" and key not in unrecorded and before.get(key) != now.get(key)]
