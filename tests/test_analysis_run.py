@@ -163,17 +163,26 @@ def test_the_fix_for_a_small_test_split_gives_rows_that_are_enough():
     assert "--set data.n_test=4000" in more_test_rows({"name": "ring", "n_train": 90, "n_test": 10}, 10, {})
 
 
+def write_split(split: Path, tensors: dict) -> None:
+    """A run's data split replaced, its SHA-256 recorded in data.json as a run made with it records it."""
+    from ddmkit.registry import data_sha256
+
+    save_tensors(split, tensors)
+    info = json.loads((split.parent / "data.json").read_text())
+    (split.parent / "data.json").write_text(json.dumps({**info, "sha256": data_sha256(split.parent)}))
+
+
 def test_a_small_test_split_gives_a_w2_floor_on_disjoint_rows(trained, tmp_path):
     from ddmkit.evaluation.distances import w2_exact
 
     run = copy_run(trained, tmp_path / "run")
     split = run / "data" / "test.safetensors"
     rows = {k: v[:90].contiguous() for k, v in load_tensors(split).items()}
-    save_tensors(split, rows)
+    write_split(split, rows)
     res = analyze_run(run, strategies=["top-1"], log=lambda m: None, **SMALL)  # n = 80: W2 on 30 points
     assert res["settings"]["n_w2"] == 30 and res["w2_floor"] == w2_exact(rows["x"][:30], rows["x"][30:60]) > 0
     assert "exact W2 of 30 samples against 30 held-out points" in (run / "analysis" / "analysis.md").read_text()
-    save_tensors(split, {k: v[:29].contiguous() for k, v in rows.items()})
+    write_split(split, {k: v[:29].contiguous() for k, v in rows.items()})
     with pytest.raises(DDMError, match="data.n_test"):
         analyze_run(run, out=tmp_path / "small", strategies=["top-1"], log=lambda m: None, **SMALL)
     assert not (tmp_path / "small").exists()

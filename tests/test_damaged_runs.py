@@ -1,6 +1,7 @@
 """Damaged, foreign and odd run folders given to the command line: every case is exit 2 with one message
 naming the file (and field) and a fix that works, no traceback, and nothing deleted or half-written.
 docs/reliability.md lists these promises and points here."""
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -545,3 +546,42 @@ def test_the_command_add_expert_suggests_pastes_as_one_argument_per_path(run, dd
     command = re.search(r"sample and score with `([^`]+)`", err).group(1)
     assert shlex.split(command) == ["ddmkit", "run", str(spaced / "config.json"), "--out", str(spaced), "--stages",
                                     "evaluate"], command
+
+
+# ----- a data split swapped for another ----------------------------------------------------------------------
+def test_a_data_split_swapped_for_another_file_is_refused_with_a_fix_that_works(run, ddmkit):
+    """data/train.safetensors copied over data/test.safetensors (400 rows each: the same shapes): evaluate scored
+    every set, and the floor, against the training rows. data.json records each data file's SHA-256 now; one
+    without them (an earlier ddmkit's) is read as before."""
+    from ddmkit.ddm.load import load_truth
+    from ddmkit.errors import DDMError
+    from ddmkit.io import load_tensors, save_tensors
+
+    data, config = run / "data", run / "config.json"
+    recorded = json.loads((data / "data.json").read_text())["sha256"]
+    assert recorded == {name: hashlib.sha256((data / name).read_bytes()).hexdigest()
+                        for name in ("train.safetensors", "test.safetensors", "truth.safetensors")}
+    assert ddmkit("sample", run, "--strategy", "top-1")[0] == 0
+    test = data / "test.safetensors"
+    original = test.read_bytes()
+    shutil.copyfile(data / "train.safetensors", test)
+    for command in (["evaluate", run], ["verify", run], ["partition", "--out", run, "--config", config],
+                    ["analyze", run, "--strategy", "top-1", "--n", 16, "--max-steps", 2, "--jvp-rows", 4],
+                    ["distill", run, "--steps", 2]):
+        code, _, err = ddmkit(*command)
+        assert code == 2 and f"{test}: SHA-256 differs from the one {data / 'data.json'} records" in err, (command, err)
+        assert f"Remove it, and `ddmkit partition --out {run} --config {config}` makes it again" in err
+    assert not (run / "report.md").exists()
+    test.unlink()  # the fix the message names: the same bytes made again
+    code, _, err = ddmkit("partition", "--out", run, "--config", config)
+    assert code == 0 and test.read_bytes() == original, err
+    assert ddmkit("evaluate", run)[0] == 0
+    truth = load_tensors(data / "truth.safetensors")  # the exact truth (its W2 and likelihood scores) too
+    save_tensors(data / "truth.safetensors", {**truth, "means": truth["means"] + 1})
+    with pytest.raises(DDMError, match="truth.safetensors: SHA-256 differs from the one .*data.json records"):
+        load_truth(run)
+    save_tensors(data / "truth.safetensors", truth)
+    shutil.copyfile(data / "train.safetensors", test)
+    edit_json(data / "data.json", lambda info: info.pop("sha256") and None)  # as an earlier ddmkit wrote it
+    code, _, err = ddmkit("evaluate", run)
+    assert code == 0, err

@@ -175,7 +175,7 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
     from ddmkit.layout import RunFolder
     from ddmkit.pipeline.prepare import prepare_run_dir
     from ddmkit.pipeline.stages import stage_autoencoder, stage_data, stage_partition
-    from ddmkit.registry import checked_model_shards, read_manifest
+    from ddmkit.registry import checked_data_files, checked_model_shards, read_manifest
 
     if config is not None and _text_kind(config):
         from ddmkit.pipeline.text import partition_text_run
@@ -197,6 +197,7 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
     stage_autoencoder(cfg, run, log)  # latent runs: the shared autoencoder, and every shard encoded
     if made and not force:
         checked_model_shards(run)  # a shard lost or changed since is named, with its fix, not "nothing to do"
+        checked_data_files(run)  # as is a data split changed since
         counts = read_manifest(RunFolder(run).partition)["counts"]
         log(f"partition: {run} holds this partition already (k={len(counts)}, cluster sizes {counts}); nothing to do")
 
@@ -686,7 +687,8 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
 def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with registry.json"),
            allow_missing: bool = typer.Option(False, help="accept experts that are missing (a DDM sampled without "
                                               "them: docs/distributed.md)")):
-    """Check every model folder against RUN/registry.json and every shard against the partition.
+    """Check every model folder against RUN/registry.json, every shard against the partition and every data file
+    against data/data.json.
 
     Exit status 2 on a mismatch or a missing expert."""
     from ddmkit.ddm.load import check_loadable

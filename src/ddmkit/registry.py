@@ -11,6 +11,8 @@ module is where it is checked, before and after loading:
     safe_join(run, rel)        a manifest path, refused if it leaves the run folder
     load_partition_checked     the partition manifest validated by schema (ddmkit.data.partition),
                                its tensors checked, shard paths safe
+    load_data_file(run, path)  a split (or the exact truth) of RUN/data/, its SHA-256 checked
+                               against the one data.json recorded when the data were written
     load_model(folder)         config.json validated by schema, the network built on the
                                meta device and compared with the safetensors header (names,
                                shapes, dtypes) before any real allocation, then loaded and
@@ -321,6 +323,53 @@ def model_data_shape(run: str | Path) -> tuple[int, ...]:
     return tuple(manifest["data_shape"])
 
 
+# ----- the run's data ------------------------------------------------------------
+def data_fix(folder: RunFolder) -> str:
+    """How a lost, damaged or changed file of RUN/data/ is made again: the fix its error names."""
+    if folder.grow.exists():  # grown: the config alone makes the data the run had before add-expert
+        return f"copy the run's data/ folder back whole ({folder.grow.name}: add-expert changed the data)"
+    return (f"remove it, and `ddmkit partition --out {folder.root} --config {folder.config}` makes it again (the "
+            "run's own config makes the same data), or copy the run's data/ folder back")
+
+
+def data_sha256(folder: str | Path) -> dict[str, str]:
+    """The SHA-256 of every tensor file of a data folder (the splits and, for a mixture, the exact truth), by file
+    name: what RUN/data/data.json records when the data are written (check_data_file checks them)."""
+    return {path.name: sha256_file(path) for path in sorted(Path(folder).glob("*.safetensors"))}
+
+
+def check_data_file(run: str | Path, path: str | Path) -> None:
+    """A file of RUN/data/ (a split, the exact truth) has the SHA-256 that data.json recorded when the data were
+    written, else a DDMError naming it and data_fix: a test split swapped for another file of the same shape
+    would be scored against silently. data.json of an earlier ddmkit records none, and a data folder without
+    data.json (made by hand; the commands that need data.json name it) nothing: nothing to check."""
+    folder, path = RunFolder(run), Path(path)
+    info = read_json(folder.data_info, data_fix(folder)) if folder.data_info.exists() else {}
+    recorded = info.get("sha256") if isinstance(info, dict) else None
+    if recorded is None:
+        return
+    want = recorded.get(path.name) if isinstance(recorded, dict) else None
+    if sha256_file(path) != want:
+        none = " (which records none for it)" if want is None else ""
+        raise DDMError(f"{path}: SHA-256 differs from the one {folder.data_info} records{none}; the file was changed "
+                       "or replaced after the run's data were written (another split copied over it?), so what is "
+                       f"measured on it would not be this run's data. {data_fix(folder).capitalize()}")
+
+
+def load_data_file(run: str | Path, path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a file of RUN/data/ (only `keys`, when given), read, then checked by check_data_file (a
+    damaged file is named as corrupt, a swapped one as changed; both with data_fix)."""
+    tensors = load_tensors(path, keys, fix=data_fix(RunFolder(run)))
+    check_data_file(run, path)
+    return tensors
+
+
+def checked_data_files(run: str | Path) -> None:
+    """Every file of RUN/data/ that is there checked by check_data_file (a text run has none)."""
+    for path in sorted(RunFolder(run).data.glob("*.safetensors")):
+        check_data_file(run, path)
+
+
 # ----- model folders -----------------------------------------------------------
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -557,7 +606,8 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     config names a different shard than the partition, an expert, router or monolith
     folder present but not listed (added after the registry was written: `ddmkit register`
     checks and records it), and with shards=True a shard file whose SHA-256 is not the
-    partition's (checked_model_shards; it reads all the data). A listed expert whose
+    partition's (checked_model_shards; it reads all the data) or a file of RUN/data/ whose
+    SHA-256 is not the one data.json records (checked_data_files). A listed expert whose
     folder is gone is reported in "missing" (or refused if not allow_missing); with retraining, any
     listed folder may be gone (it is about to be trained again) and unlisted ones are left to the
     registry written after training. router_needed=False (routing by the statistics-only router) lets a
@@ -633,6 +683,7 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     missing += unlisted
     if shards:
         checked_model_shards(run)
+        checked_data_files(run)
     if missing and not allow_missing:
         raise DDMError(f"{source}: experts {sorted(missing)} are missing")
     return {"missing": sorted(missing), "verified": verified}

@@ -31,8 +31,9 @@ from ddmkit.nets.field import NetworkField, RouterOutput, VelocityOutput
 from ddmkit.nets.user import is_user_network
 from ddmkit.latent.autoencoder import LatentCodec, load_codec
 from ddmkit.registry import (check_shard, check_slot, check_trained_on_partition, checked_model_shards, latent_info,
-                             load_model, load_partition_checked, model_config, model_data_shape, model_places,
-                             model_shards, partition_shard_hashes, safe_join, verify_registry, warn_missing)
+                             load_data_file, load_model, load_partition_checked, model_config, model_data_shape,
+                             model_places, model_shards, partition_shard_hashes, safe_join, verify_registry,
+                             warn_missing)
 from ddmkit.routing.stats_router import (PUBLISHED_STATISTICS, class_stats_router, island_class_statistics,
                                         island_statistics, load_statistics, publication_parts, stats_router)
 from ddmkit.truth import GaussianMixture, follows_device
@@ -453,7 +454,7 @@ def load_truth(run) -> GaussianMixture | None:
                            f"`ddmkit partition --out {folder.root} --config {folder.config}` (the run's own "
                            "config: the same data are made again), or copy the run's data/ folder back")
         return None
-    t = load_tensors(path)
+    t = load_data_file(folder.root, path)  # checked against data.json's SHA-256
     return GaussianMixture(t["weights"], t["means"], t["eigvals"], t["eigvecs"])
 
 
@@ -476,7 +477,7 @@ def exact_parts(run) -> dict:
     truth = load_truth(folder.root)
     if truth is None:
         raise DDMError(f"{folder.root}: the data set has no closed-form truth; exact experts need a Gaussian mixture")
-    train = load_tensors(folder.split("train"))
+    train = load_data_file(folder.root, folder.split("train"), ["labels"])
     groups = component_groups(train["labels"], ptensors["assignments"], truth.k, manifest["k"])
     if any(len(g) == 0 for g in groups):
         empty = [c for c, g in enumerate(groups) if not g]

@@ -18,7 +18,7 @@ from ddmkit.data.partition import read_shard
 from ddmkit.evaluation.fid import feature_extractor, fid_kid, gaussian_stats
 from ddmkit.io import load_tensors, read_json, save_tensors, write_json
 from ddmkit.layout import RunFolder, safe_name
-from ddmkit.registry import shard_files
+from ddmkit.registry import load_data_file, shard_files
 
 
 def image_grid(x: torch.Tensor, rows: int, cols: int, pad: int = 1) -> np.ndarray:
@@ -62,13 +62,13 @@ def reference_features(run, extractor, kind: str, n: int, log=print) -> tuple[to
     t = load_tensors(cache) if cache.exists() else None
     if t is not None and len(t["train"]) == n:
         return t["test"], t["train"], float(t["seconds"])
-    train = load_tensors(folder.split("train"))["x"]
+    train = load_data_file(run, folder.split("train"))["x"]  # checked against data.json
     count = min(n, len(train))  # as many as a sample set: at fewer images FID's bias would lift the floor
     if t is not None and len(t["train"]) == count:
         return t["test"], t["train"], float(t["seconds"])
     if t is None:
         start = time.perf_counter()
-        f_test = extractor(load_tensors(folder.split("test"))["x"])
+        f_test = extractor(load_data_file(run, folder.split("test"))["x"])
         seconds = time.perf_counter() - start
     else:
         f_test, seconds = t["test"], float(t["seconds"])
@@ -103,7 +103,7 @@ class SetScorer:
         cache = self.run.eval / "reconstructions.json"
         if cache.exists() and read_json(cache).get("n") == len(self.f_train):
             return read_json(cache)
-        train = floor_images(load_tensors(self.run.split("train"))["x"], len(self.f_train))
+        train = floor_images(load_data_file(self.run.root, self.run.split("train"))["x"], len(self.f_train))
         recon = codec.decode(codec.encode(train)).clamp(-1, 1).cpu()
         metrics = {k: float(v) for k, v in fid_kid(self.f_test, self.extractor(recon), self.kid_subset,
                                                    self.real_stats).items()}

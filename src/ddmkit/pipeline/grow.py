@@ -63,7 +63,7 @@ from ddmkit.nets.folders import identity
 from ddmkit.pipeline.checks import check_devices, checked_device
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.stages import load_split, run_lock
-from ddmkit.registry import load_model, load_partition_checked, verify_registry, write_registry
+from ddmkit.registry import data_sha256, load_model, load_partition_checked, verify_registry, write_registry
 from ddmkit.train.jobs import checkpoint_path, train_router
 from ddmkit.truth import GaussianMixture
 
@@ -370,7 +370,7 @@ def _write_data(tmp: Path, folder: RunFolder, plan: Growth) -> None:
         t = plan.truth
         save_tensors(tmp / folder.truth.name, {"weights": t.weights, "means": t.means, "eigvals": t.eigvals,
                                                "eigvecs": t.eigvecs})
-    write_json(tmp / folder.data_info.name, plan.data_info)
+    write_json(tmp / folder.data_info.name, {**plan.data_info, "sha256": data_sha256(tmp)})  # the new files'
 
 
 def clear_derived(folder: RunFolder, log: Log) -> None:

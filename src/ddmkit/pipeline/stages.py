@@ -25,14 +25,15 @@ from ddmkit.data.partition import PartitionPlan, compute_partition, read_shard, 
 from ddmkit.data.source import source_fingerprint
 from ddmkit.ddm.load import load_truth
 from ddmkit.errors import DDMError
-from ddmkit.io import (folder_lock, load_tensors, read_json, save_tensors, sha256_file,
+from ddmkit.io import (folder_lock, read_json, save_tensors, sha256_file,
                        staging_dir, write_json)
 from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.latent.autoencoder import load_autoencoder, load_codec
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, build_seeded, check_builds, use_network
 from ddmkit.nets.user import check_output, is_user_network
-from ddmkit.registry import AUTOENCODER_WEIGHTS, checked_model_shards, model_shards, shard_files, write_registry
+from ddmkit.registry import (AUTOENCODER_WEIGHTS, checked_model_shards, data_fix, data_sha256, load_data_file,
+                             model_shards, shard_files, write_registry)
 from ddmkit.train.autoencoder import train_autoencoder
 from ddmkit.train.concurrent import concurrent_jobs, train_experts_concurrently
 from ddmkit.train.jobs import (NETWORK_FILES, checkpoint_path, expert_folder_lock, foreign_files, train_monolith,
@@ -65,7 +66,8 @@ def load_data(cfg: RunConfig) -> tuple[ArrayData, ArrayData]:
 
 
 def write_data(cfg: RunConfig, run, train: ArrayData, test: ArrayData, log: Log = print) -> None:
-    """Write RUN/data/ (one staged folder: it appears whole or not at all)."""
+    """Write RUN/data/ (one staged folder: it appears whole or not at all); data.json records the SHA-256 of
+    each file (ddmkit.registry.check_data_file)."""
     folder = RunFolder(run)
     with staging_dir(folder.data) as tmp:
         for split, data in (("train", train), ("test", test)):
@@ -82,7 +84,8 @@ def write_data(cfg: RunConfig, run, train: ArrayData, test: ArrayData, log: Log 
                                                  "exact_truth": train.truth is not None,
                                                  "classes": train.meta.get("classes"),  # label i's name
                                                  "source_fingerprint": source_fingerprint(cfg.data.name,
-                                                                                          cfg.data.params)})
+                                                                                          cfg.data.params),
+                                                 "sha256": data_sha256(tmp)})  # each file's, checked on reading
     log(f"data: {cfg.data.name}, {len(train)} train / {len(test)} test samples of shape {train.data_shape}")
 
 
@@ -93,24 +96,19 @@ def stage_data(cfg: RunConfig, run, log: Log = print) -> None:
         write_data(cfg, run, *load_data(cfg), log)
 
 
-def data_fix(folder: RunFolder) -> str:
-    """How a lost or damaged file of RUN/data/ is made again: the fix its error names."""
-    return (f"remove it, and `ddmkit partition --out {folder.root} --config {folder.config}` makes it again (the "
-            "run's own config makes the same data), or copy the run's data/ folder back")
-
-
 def read_data_info(folder: RunFolder) -> dict:
     """RUN/data/data.json as written (a damaged one is a DDMError naming data_fix)."""
     return read_json(folder.data_info, data_fix(folder))
 
 
 def load_split(run, split: str) -> ArrayData:
-    """A run's train or test split (with the exact truth when the data have one)."""
+    """A run's train or test split (with the exact truth when the data have one), checked against the SHA-256
+    data.json records (ddmkit.registry.load_data_file)."""
     folder = RunFolder(run)
     if not folder.split(split).exists():
         raise DDMError(f"{folder.root}: no data (data/{split}.safetensors); run `ddmkit partition --out "
                        f"{folder.root} --config CONFIG` or `ddmkit run CONFIG --out {folder.root}` first")
-    t = load_tensors(folder.split(split), fix=data_fix(folder))
+    t = load_data_file(folder.root, folder.split(split))
     return ArrayData(read_data_info(folder)["name"], t["x"], t.get("labels"), load_truth(run))
 
 
