@@ -16,7 +16,7 @@ from ddmkit.pipeline.analyze import analyze_run
 from ddmkit.config import load_config
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, save_tensors
-from ddmkit.pipeline.prepare import prepare_run_dir
+from ddmkit.pipeline.prepare import prepare_run_dir, trained_sha256
 from ddmkit.pipeline.stages import stage_data, stage_experts, stage_partition, stage_router
 
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
@@ -264,6 +264,7 @@ def test_a_run_whose_experts_never_trained_their_label_free_token_is_noted(train
     recorded = json.loads((run / "config.json").read_text())
     recorded["config"]["expert"]["net"]["kwargs"]["num_classes"] = 8
     recorded["config"]["expert"]["label_dropout"] = 0.0
+    recorded["trained_sha256"] = trained_sha256(recorded["config"])  # as a run made with it records them
     (run / "config.json").write_text(json.dumps(recorded))
     lines = []
     analyze_run(run, strategies=["top-1"], log=lines.append, **SMALL)

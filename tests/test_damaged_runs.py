@@ -585,3 +585,47 @@ def test_a_data_split_swapped_for_another_file_is_refused_with_a_fix_that_works(
     edit_json(data / "data.json", lambda info: info.pop("sha256") and None)  # as an earlier ddmkit wrote it
     code, _, err = ddmkit("evaluate", run)
     assert code == 0, err
+
+
+# ----- a config.json edited by hand ----------------------------------------------------------------------------
+def test_a_config_json_whose_trained_settings_were_edited_is_refused(run, ddmkit, tmp_path):
+    """RUN/config.json's expert.train.steps edited by hand after training: register, verify, sample, evaluate and
+    the others went on under settings the networks were not made with. config.json records the SHA-256 of each
+    section that made the data and networks; the error names the section, and each fix it names works."""
+    config = run / "config.json"
+    saved = json.loads(config.read_text())
+    data = json.dumps(saved["config"]["data"], sort_keys=True)  # a section with no setting of how jobs run
+    assert saved["trained_sha256"]["data"] == hashlib.sha256(data.encode()).hexdigest()
+    original = config.read_bytes()
+    edit_json(config, lambda c: c["config"]["expert"]["train"].update(steps=21))
+    edited, before = config.read_bytes(), files(run)
+    commands = [["register", run], ["verify", run], ["sample", run, "--strategy", "top-1"], ["evaluate", run],
+                ["analyze", run, "--strategy", "top-1", "--n", 16], ["launch", run], ["train-router", run],
+                ["train-monolith", run], ["run", config, "--out", run], ["partition", "--out", run, "--config", config]]
+    for command in commands:
+        code, _, err = ddmkit(*command)
+        assert code == 2 and f"{config}: its [expert] settings were changed after the run was made" in err, err
+        assert f"make a run of them in another folder: `ddmkit run {config} --out NEW_RUN`" in err
+    assert files(run) == before
+    code, _, err = ddmkit("run", config, "--out", tmp_path / "new", "--stages", "train")
+    assert code == 0 and json.loads((tmp_path / "new" / "config.json").read_text())["config"]["expert"]["train"][
+        "steps"] == 21, err
+    config.write_bytes(original)  # the settings put back
+    assert ddmkit("sample", run, "--strategy", "top-1")[0] == 0
+    config.write_bytes(edited)
+    code, _, err = ddmkit("run", config, "--out", run, "--stages", "train", "--force")  # the run made again
+    assert code == 0 and ddmkit("verify", run)[0] == 0, err
+
+
+def test_sample_and_evaluate_settings_may_be_edited_and_an_earlier_config_json_is_read_as_before(run, ddmkit):
+    """What a resumed run may change ([sample], [evaluate], how the jobs run) may be edited in config.json; a
+    config.json of an earlier ddmkit, which records no SHA-256 of its sections, is read unchecked."""
+    config = run / "config.json"
+    edit_json(config, lambda c: c["config"]["sample"].update(n=50) or c["config"]["evaluate"].update(chunk=25)
+              or c["config"]["expert"]["train"].update(threads=2, device="cpu"))
+    for command in (["verify", run], ["sample", run, "--strategy", "top-1"], ["evaluate", run]):
+        code, _, err = ddmkit(*command)
+        assert code == 0, (command, err)
+    edit_json(config, lambda c: c.pop("trained_sha256") and c["config"]["expert"]["train"].update(steps=21))
+    code, _, err = ddmkit("sample", run, "--strategy", "top-1")
+    assert code == 0, err

@@ -687,14 +687,17 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
 def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with registry.json"),
            allow_missing: bool = typer.Option(False, help="accept experts that are missing (a DDM sampled without "
                                               "them: docs/distributed.md)")):
-    """Check every model folder against RUN/registry.json, every shard against the partition and every data file
-    against data/data.json.
+    """Check every model folder against RUN/registry.json, every shard against the partition, every data file
+    against data/data.json and RUN/config.json's trained settings against the SHA-256 it records.
 
     Exit status 2 on a mismatch or a missing expert."""
     from ddmkit.ddm.load import check_loadable
+    from ddmkit.pipeline.prepare import run_config
     from ddmkit.registry import verify_registry
 
     res = verify_registry(run_dir, shards=True)
+    if (run_dir / "config.json").exists() and not _text_run(run_dir):
+        run_config(run_dir)  # its trained settings are those the run was made with (not edited since)
     check_loadable(run_dir)  # verified files, read as the DDM will read them
     if res["missing"] and not allow_missing:
         raise DDMError(f"{run_dir}: experts {res['missing']} are missing (no experts/expert_XX/model.safetensors); "

@@ -83,7 +83,8 @@ from ddmkit.io import (
 )
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.pipeline.checks import check_run_plan, checked_device
-from ddmkit.pipeline.prepare import check_replaceable, listed, prepare_run_dir, run_config, trained_differences
+from ddmkit.pipeline.prepare import (check_replaceable, config_record, listed, prepare_run_dir, run_config,
+                                     trained_differences)
 from ddmkit.pipeline.run import run_pipeline
 from ddmkit.pipeline.sampling import sample_labels
 from ddmkit.pipeline.stages import (
@@ -256,7 +257,7 @@ def prepare_cell(cfg: RunConfig, cond: Condition, folder: RunFolder, force: bool
             if not folder.manifest.exists():
                 m = write_condition_partition(cond, cfg, train, folder.partition)
                 log(f"partition ({cond.run_name}): shard sizes {m['counts']}")
-            write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
+            write_json(folder.config, config_record(cfg))
     prepare_run_dir(folder.root, cfg, False, log)
 
 

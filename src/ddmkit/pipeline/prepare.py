@@ -1,9 +1,11 @@
 """The run folder's configuration: create RUN/ for a config, or reuse it for the same run.
 
-RUN/config.json holds the resolved configuration and its digest. A folder that holds a
-different run (other data, partition or training) is refused unless force=True; when only
-[sample] or [evaluate] changed, the trained networks are kept and what sampling and scoring
-wrote is removed, to be drawn again.
+RUN/config.json holds the resolved configuration, its digest and the SHA-256 of each section
+that made the data and networks (config_record). A folder that holds a different run (other
+data, partition or training) is refused unless force=True; when only [sample] or [evaluate]
+changed, the trained networks are kept and what sampling and scoring wrote is removed, to be
+drawn again. A config.json whose trained sections were edited by hand since it was written is
+refused by every command that reads it (check_trained_unchanged).
 
 Nothing is written before the run is checked: for a new run, prepare_run_dir loads the data
 and computes the partition in memory (every check of the data and partition settings: unknown
@@ -20,6 +22,9 @@ and folders left by a killed writer are removed here.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import shlex
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +66,62 @@ def trained_differences(made: RunConfig, asked: RunConfig) -> list[str]:
     old, new = made.model_dump(mode="json"), asked.model_dump(mode="json")
     return [d for name in TRAINED for d in config_differences({name: old.get(name)}, {name: new.get(name)})
             if d.split(" ", 1)[0].rsplit(".", 1)[-1] not in RUN_EXECUTION]
+
+
+def trained_sha256(config: dict) -> dict[str, str]:
+    """The SHA-256 of each section of a run's config, as config.json holds it, that made its data and networks
+    (TRAINED), less how the jobs run (RUN_EXECUTION, at any depth): config.json records them (config_record),
+    so that a section edited by hand since is found (check_trained_unchanged)."""
+    return {name: hashlib.sha256(json.dumps(_without(config.get(name), RUN_EXECUTION), sort_keys=True).encode())
+            .hexdigest() for name in TRAINED}
+
+
+def _without(obj, names: tuple[str, ...]):
+    """obj (JSON) without the keys `names`, at any depth."""
+    if isinstance(obj, dict):
+        return {key: _without(value, names) for key, value in obj.items() if key not in names}
+    if isinstance(obj, list):
+        return [_without(value, names) for value in obj]
+    return obj
+
+
+def config_record(cfg: RunConfig) -> dict:
+    """What RUN/config.json holds: the resolved configuration, its digest and the SHA-256 of its trained
+    sections (trained_sha256, of the configuration as the file holds it once read back)."""
+    config = cfg.model_dump()
+    as_read = json.loads(json.dumps(config, default=str))
+    return {"digest": cfg.digest(), "trained_sha256": trained_sha256(as_read), "config": config}
+
+
+def edited_sections(saved: dict) -> list[str]:
+    """The trained sections of a run's config.json (`saved`, as read) that no longer have the SHA-256 it records
+    (edited by hand since it was written); none for a config.json of an earlier ddmkit, which records none."""
+    recorded = saved.get("trained_sha256")
+    if recorded is None:
+        return []
+    recorded = recorded if isinstance(recorded, dict) else {}
+    return [name for name, sha in trained_sha256(saved["config"]).items() if recorded.get(name) != sha]
+
+
+def check_trained_unchanged(path: Path, saved: dict, fix: str) -> None:
+    """A run's config.json (`saved`, as read from `path`) whose trained sections still have the SHA-256 it
+    records, else a DDMError naming the sections and ending with `fix`: the run's data and networks were made
+    with those settings as they were. [sample] and [evaluate], and how the jobs run, may change. A config.json
+    of an earlier ddmkit records none: nothing to check."""
+    changed = edited_sections(saved)
+    if changed:
+        sections = ", ".join(f"[{name}]" for name in changed)
+        raise DDMError(f"{path}: its {sections} settings were changed after the run was made (they no longer have "
+                       "the SHA-256 it records in trained_sha256), but the run's data and networks were made with "
+                       "them as they were, so they would be described, sampled and scored under settings they were "
+                       f"not made with. Put the settings back (copy config.json back from another copy of the run); "
+                       f"{fix}")
+
+
+def edited_config_fix(folder: RunFolder) -> str:
+    """How to run an edited config.json's settings: in a run of their own."""
+    return (f"to train with the new settings, make a run of them in another folder: `ddmkit run "
+            f"{shlex.quote(str(folder.config))} --out NEW_RUN`")
 
 
 def check_same_training(run: str | Path, cfg: RunConfig) -> None:
@@ -123,11 +184,12 @@ def remove_run_leftovers(folder: RunFolder, log: Log = print) -> None:
 
 def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
     """What to do with the folder: "new", "same" (resume; how the jobs run may differ: train.jobs.EXECUTION),
-    "derived" (only [sample]/[evaluate] changed too) or "replace" (force, another run); refusals are
-    DDMErrors."""
+    "derived" (only [sample]/[evaluate] changed too) or "replace" (force, another run or a config.json edited
+    by hand); refusals are DDMErrors."""
     if folder.config.exists():
         try:
-            old = validate(RunConfig, read_json(folder.config).get("config"), str(folder.config))
+            saved = read_json(folder.config)
+            old = validate(RunConfig, saved.get("config"), str(folder.config))
         except (DDMError, AttributeError) as e:
             check_replaceable(folder)  # a config.json of another program's: no run at all
             if force:
@@ -138,6 +200,10 @@ def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
                                "--out folder or pass --force to replace it") from None
             raise DDMError(f"{folder.root} holds a config.json that ddmkit cannot read ({str(e)[:300]}); choose "
                            "another --out folder or pass --force to replace the run") from None
+        if force and edited_sections(saved):
+            return "replace"  # edited by hand: its data and networks are not those of its settings
+        check_trained_unchanged(folder.config, saved, f"{edited_config_fix(folder)}, or pass --force to replace "
+                                "this one")
         if old.digest() == cfg.digest():
             return "same"
         if not trained_differences(old, cfg):  # how jobs run (device, threads, logging, ...) may change
@@ -294,7 +360,7 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
             for path in folder.derived:
                 if path != folder.samples or changed != ["evaluate"]:
                     remove(path)
-        write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
+        write_json(folder.config, config_record(cfg))
         if data is not None:
             write_data(cfg, run, *data, log)
         if plan is not None:
@@ -330,4 +396,6 @@ def run_config(run: str | Path) -> RunConfig:
         raise DDMError(f"{folder.root} is not a ddmkit run folder (its config.json is not a run's: no \"config\" "
                        "section)" + (f"; it is a folder inside the run {above}: give the run folder itself: {above}"
                                      if above is not None else "; give the folder `ddmkit run` wrote"))
-    return validate(RunConfig, raw["config"], f"{folder.config}")
+    cfg = validate(RunConfig, raw["config"], f"{folder.config}")
+    check_trained_unchanged(folder.config, raw, edited_config_fix(folder))
+    return cfg

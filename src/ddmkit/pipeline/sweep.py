@@ -43,7 +43,8 @@ from ddmkit.launch import check_launch
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.checks import check_devices
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
-from ddmkit.pipeline.prepare import TRAINED, check_partition, check_replaceable, run_config, trained_differences
+from ddmkit.pipeline.prepare import (TRAINED, check_partition, check_replaceable, config_record, run_config,
+                                     trained_differences)
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
 from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import load_data, plan_partition, register_user_networks
@@ -156,7 +157,7 @@ def seed_cell(folder: RunFolder, cfg: RunConfig, first: RunFolder, same_k: RunFo
         _link_tree(same_k.data, folder.data)  # when the first cell has no data (an autoencoder brought alone)
         _link_tree(same_k.partition, folder.partition)
         _link_tree(same_k.latents, folder.latents)
-    write_json(folder.config, {"digest": cfg.digest(), "config": cfg.model_dump()})
+    write_json(folder.config, config_record(cfg))
 
 
 SHARED = ("data", "latent", "evaluate")  # the config sections whose outputs every cell of a grid shares
