@@ -714,3 +714,36 @@ def test_a_model_of_the_other_kind_under_this_runs_digest_is_not_loaded(tmp_path
     model = train_or_load(folder, "digest", "causal_transformer", kwargs, loss, train, {}, "causal")
     assert json.loads((folder / "config.json").read_text())["arch"] == "causal_transformer"
     assert type(model).__name__ == "CausalTransformer"
+
+
+DAMAGES = {"not JSON": lambda path: path.write_text('{"digest": '), "no run config": lambda path: path.write_text("[]"),
+           "missing": lambda path: path.unlink()}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_text_runs_damaged_config_json_is_named_as_a_text_runs(text_runs, tmp_path, monkeypatch, capsys, damage):
+    """A text run's config.json that was not JSON (or not a run's config, or gone) was read as a vector run's: the
+    error said `ddmkit sample` and the others take the settings from --config CONFIG, which a text run does not
+    take. Every command names the file as a text run's, with fixes that work for one: copy it back, or make the
+    run again from its TOML (`--force` into this folder when the damaged file is there)."""
+    import shutil
+
+    run, toml = tmp_path / "run", text_runs["text_ar"].parent / "text_ar.toml"
+    shutil.copytree(text_runs["text_ar"], run)
+    config = run / "config.json"
+    original = config.read_bytes()
+    DAMAGES[damage](config)
+    commands = [["sample", run, "--strategy", "top-1"], ["evaluate", run], ["analyze", run], ["train-router", run],
+                ["register", run], ["launch", run], ["distill", run]]
+    for args in commands + ([] if damage == "missing" else [["verify", run], ["run", toml, "--out", run]]):
+        code, err = cli(monkeypatch, capsys, *args)
+        said = " ".join(err.split())
+        assert code == 2 and str(config) in said and "--config CONFIG" not in said, (args, said)
+        assert "copy it back from another copy of the run (a text run reads its settings from that file alone), " \
+            "or make the run again from the text config (TOML) it was made with: `ddmkit run TEXT_CONFIG --out " \
+            "NEW_RUN`" in said, (args, said)
+    if damage == "not JSON":  # the fix that keeps the folder
+        code, err = cli(monkeypatch, capsys, "run", toml, "--out", run, "--force")
+        assert code in (0, None) and sample_text(run, ["top-1"], n=1, log=QUIET)["learned / top-1"], err
+    config.write_bytes(original)
+    assert sample_text(run, ["top-1"], n=1, log=QUIET)["learned / top-1"]

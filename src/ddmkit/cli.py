@@ -770,13 +770,18 @@ def _not_for_text(options: dict, why: str) -> None:
 
 
 def _text_run(run: Path) -> bool:
-    """Whether a run folder holds a text run (one whose config.json cannot be read is taken for a vector or image
-    run: the command then reads it through run_config, whose error names the fix)."""
+    """Whether a run folder holds a text run. One whose config.json cannot be read is taken for a vector or image
+    run (the command then reads it through run_config, whose error names the fix), unless its partition is of
+    text: then that error is a text run's (ddmkit.discrete.config.is_text_run)."""
+    from ddmkit.discrete.config import text_partition
+    from ddmkit.layout import RunFolder
     from ddmkit.pipeline.text import is_text_run
 
     try:
         return is_text_run(run)
     except DDMError:
+        if text_partition(RunFolder(run)):
+            raise
         return False
 
 

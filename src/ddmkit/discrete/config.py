@@ -280,12 +280,39 @@ def load_text_config(path: str | Path, overrides: list[str] = ()) -> TextRunConf
 
 
 def is_text_run(run) -> bool:
-    """Whether a run folder holds a text run (its config.json has kind text_ar or text_dfm)."""
-    path = RunFolder(run).config
-    if not path.exists():
+    """Whether a run folder holds a text run: its config.json has kind text_ar or text_dfm. A folder whose
+    partition is of text (text_partition) but whose config.json is missing, not JSON or not a text config is a
+    DDMError naming the file and text_config_fix: it is never taken for a vector run's (whose fixes, --config
+    CONFIG, a text run does not take)."""
+    folder = RunFolder(run)
+    text = text_partition(folder)
+    if not text and not folder.config.exists():
         return False
-    saved = read_json(path)
-    return isinstance(saved, dict) and isinstance(saved.get("config"), dict) and saved["config"].get("kind") in KINDS
+    saved = read_json(folder.config, *([text_config_fix(folder)] if text else []))
+    config = saved.get("config") if isinstance(saved, dict) else None
+    if isinstance(config, dict) and (config.get("kind") in KINDS or (text and "kind" in config)):
+        return True  # (a kind misspelt in a text run's config is named when the config is validated)
+    if text:
+        raise DDMError(f"{folder.config} is not a text run's config.json (no \"config\" table with a kind), but "
+                       f"{folder.root} is a text run (its partition is of text); {text_config_fix(folder)}")
+    return False
+
+
+def text_partition(folder: RunFolder) -> bool:
+    """Whether a run folder's partition is of text (its manifest.json's data_name): how a text run is told when
+    its config.json cannot tell."""
+    try:
+        manifest = read_json(folder.manifest) if folder.manifest.is_file() else None
+    except DDMError:
+        return False
+    return isinstance(manifest, dict) and manifest.get("data_name") == "text"
+
+
+def text_config_fix(folder: RunFolder) -> str:
+    """How a text run gets back a config.json that is lost or damaged (it reads its settings from that file alone)."""
+    here = f" (or `--out {folder.root} --force`, to replace this run)" if folder.config.exists() else ""
+    return ("copy it back from another copy of the run (a text run reads its settings from that file alone), or make "
+            f"the run again from the text config (TOML) it was made with: `ddmkit run TEXT_CONFIG --out NEW_RUN`{here}")
 
 
 def is_text_config(path: str | Path) -> bool:
