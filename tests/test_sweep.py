@@ -315,6 +315,27 @@ def test_the_report_from_cells_scored_elsewhere(tiny_grid, tmp_path):
     assert scale.returncode == 2 and "Cells of the other --scale are there" in " ".join(scale.stderr.split())
 
 
+def test_cells_brought_back_as_metrics_alone_are_named_with_what_works(tiny_grid, tmp_path):
+    """A cell that holds only its metrics.json (scored elsewhere) and is to be run again, by --force or with another
+    config, said "not a ddmkit run folder ... choose another --out", which no --out mends: it is named, before any
+    cell writes, with what works (keep its scores, or remove its folder to train and score it here)."""
+    out, elsewhere = tiny_grid, tmp_path / "brought_back"
+    names = ["k2_b0.5_s0", "k2_b1_s0", "k4_b0.5_s0", "k4_b1_s0"]
+    copy_metrics(out, elsewhere, names)
+    forced = cli("sweep", TINY, "--out", elsewhere, *GRID, "--force")
+    said = " ".join(forced.stderr.split())
+    assert forced.returncode == 2 and f"--force: cells {', '.join(names)} in {elsewhere} hold only their " \
+        "metrics.json" in said and "leave --force out to keep their scores, or remove those cell folders" in said, said
+    other = cli("sweep", TINY, "--out", elsewhere, *GRID, "--set", "sample.steps=7")
+    said = " ".join(other.stderr.split())
+    assert other.returncode == 2 and "hold only a metrics.json made with another config" in said \
+        and "differs in sample.steps (8, asked 7)" in said and "choose another --out" not in said, said
+    for name in names:
+        assert sorted(p.name for p in (elsewhere / name).iterdir()) == ["metrics.json"]  # nothing written
+    kept = cli("sweep", TINY, "--out", elsewhere, *GRID)  # without --force their scores are kept
+    assert kept.returncode == 0 and kept.stderr.count("scored before") == 4, kept.stderr
+
+
 def test_cells_made_with_other_devices_or_threads_are_the_same_cells(tiny_grid, tmp_path):
     """How the jobs ran (devices, threads, logging) makes no other cell: a grid scored with --device cuda is
     reported on a CPU machine, and a cell scored before is kept with other threads; a setting of what is

@@ -38,7 +38,7 @@ from ddmkit.config import MONOLITH, ROWS, RunConfig, config_differences, validat
 from ddmkit.data.synthetic import MIXTURES
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
-from ddmkit.io import check_folder_target, read_json, write_bytes_atomic, write_json
+from ddmkit.io import STAGING, check_folder_target, entries, read_json, write_bytes_atomic, write_json
 from ddmkit.launch import check_launch
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.checks import check_devices
@@ -286,6 +286,32 @@ def scored_rows(folder: RunFolder, cell_cfg: RunConfig) -> dict | None:
     return None if result_differences(metrics["config"], cell_cfg) else metrics["rows"]
 
 
+def holds_only_metrics(folder: RunFolder) -> bool:
+    """A cell folder that holds its metrics.json and nothing else (its lock and temporary files aside): a cell
+    scored on another machine, its metrics.json brought back for the report."""
+    held = [p.name for p in entries(folder.root, but=folder.lock) if not STAGING.match(p.name)]
+    return held == [folder.metrics.name]
+
+
+def check_brought_back(out: Path, grid: list[tuple], kept: list[dict | None], force: bool) -> None:
+    """Before any cell writes: a cell to train or score (kept: None) that holds only a metrics.json has no
+    networks to score again (--force) or was scored with another config, and is no run folder to replace;
+    named, with what works: its scores kept, or its folder removed so that it is trained and scored here."""
+    only = [(c, folder) for (_, c, folder), rows in zip(grid, kept) if rows is None and holds_only_metrics(folder)]
+    if not only:
+        return
+    names = ", ".join(folder.root.name for _, folder in only)
+    remove = f"remove those cell folders (`rm -r {only[0][1].root}`, ...) to train and score them here"
+    if force:
+        raise DDMError(f"--force: cells {names} in {out} hold only their metrics.json (scored elsewhere), with no "
+                       f"trained networks to score again; leave --force out to keep their scores, or {remove}")
+    cell_cfg, folder = only[0]
+    differs = result_differences(read_metrics(folder)["config"], cell_cfg)
+    raise DDMError(f"cells {names} in {out} hold only a metrics.json made with another config; {folder.root.name} "
+                   f"differs in {'; '.join(differs[:6]) or 'its config'}: give the config, the --set options, "
+                   f"--monolith-k and the --scale they were made with, or {remove} with this config")
+
+
 def new_partitions(out: Path, grid: list[tuple], kept: list[dict | None]) -> dict[int, RunConfig]:
     """K -> the config of its first cell to run, for every K of the cells to run (kept: None) whose
     partition no cell in OUT holds yet: the partitions this command makes."""
@@ -485,6 +511,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         if untrained:
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
+    check_brought_back(out, grid, kept, force)
     for (_, _, folder), rows in zip(grid, kept):  # before any cell trains: a cell folder of other files is refused
         if rows is None:
             check_replaceable(folder)
