@@ -120,6 +120,15 @@ def test_a_run_without_a_trained_router_samples_and_scores_by_the_statistics(tmp
     code, err = ddmkit("sample", islands, "--strategy", "top-2", "--router", "statistics")
     assert code == 0, err
     assert torch.equal(load_tensors(RunFolder(islands).sample_set(name))["x"], drawn_in_the_run)
+    site = tmp_path / "site"  # no shard, no data rows: the experts, the partition's two files and config.json
+    shutil.copytree(islands, site, ignore=shutil.ignore_patterns("shards", "data", "samples"))
+    code, err = ddmkit("sample", site, "--strategy", "top-2", "--router", "statistics")  # said "run ddmkit partition"
+    assert code == 2 and "no data/data.json (the data's shape and kind, no rows)" in err and "copy it from" in err, err
+    (site / "data").mkdir()
+    shutil.copy(islands / "data" / "data.json", site / "data")  # what the message asks for, and all it needs
+    code, err = ddmkit("sample", site, "--strategy", "top-2", "--router", "statistics")
+    assert code == 0, err
+    assert torch.equal(load_tensors(RunFolder(site).sample_set(name))["x"], drawn_in_the_run)
     code, err = ddmkit("evaluate", islands)
     assert code == 0, err
     metrics = json.loads((islands / "metrics.json").read_text())

@@ -41,6 +41,10 @@ STAGES = ("all", "train", "evaluate")
 def is_image_run(run) -> bool:
     folder = RunFolder(run)
     if not folder.data_info.exists():
+        if folder.manifest.exists():  # e.g. a site sent the experts and the partition, without the data's rows
+            raise DDMError(f"{folder.root}: no data/data.json (the data's shape and kind, no rows), which sampling "
+                           "needs beside the partition; copy it from the run that made the partition "
+                           "(RUN/data/data.json)")
         raise DDMError(f"{folder.root}: no data yet (data/data.json); run `ddmkit partition --out {folder.root} "
                        "--config CONFIG` or `ddmkit run CONFIG --out RUN` first")
     return is_image_shape(read_data_info(folder)["data_shape"])
