@@ -161,7 +161,9 @@ def test_rows_of_the_run_are_refused_in_any_split_or_form(run, tmp_path):
 
 def test_stats_router_trains_nothing_and_routes_the_new_island(run):
     before = hashes(run)
-    add_expert(run, component(3, 200, seed=1), router="stats", log=lambda m: None)
+    said = []
+    add_expert(run, component(3, 200, seed=1), router="stats", log=said.append)
+    assert f"router removed; the run routes by the islands' statistics ({run / 'grow.json'})" in " ".join(said)
     weights = sorted(p.parent.relative_to(run).as_posix() for p in run.rglob("model.safetensors"))
     assert weights == ["experts/expert_00", "experts/expert_01", "experts/expert_02", "experts/expert_03", "monolith"]
     assert read_json(RunFolder(run).grow)["router"] == "statistics"

@@ -478,7 +478,7 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
             event = log_event(folder, plan.event, "learned" if router == "retrain" else "statistics")
             if router == "stats" and folder.router.exists():
                 shutil.rmtree(folder.router)
-                log("add-expert: router removed; the run routes by the islands' statistics (RUN/grow.json)")
+                log(f"add-expert: router removed; the run routes by the islands' statistics ({folder.grow})")
         write_registry(folder.root)
     log(f"add-expert: k = {plan.manifest['k']}, cluster sizes {plan.manifest['counts']}")
     return event
