@@ -14,6 +14,7 @@ import torch
 from ddmkit.cli import main
 from ddmkit.errors import DDMError
 from ddmkit.nets import build_seeded, from_pretrained, save_pretrained, use_network
+from ddmkit.pipeline.prepare import trained_sha256
 import ddmkit.nets.user as user
 
 
@@ -178,6 +179,8 @@ def test_a_run_folder_naming_a_class_never_imports_it(user_run, here, tmp_path):
 
     run_config = copy / "config.json"
     run_config.write_text(run_config.read_text().replace("my_nets:Router", "probe_nets:Router"))
+    recorded = json.loads(run_config.read_text())  # as a run made with that router records it (not an edit)
+    run_config.write_text(json.dumps({**recorded, "trained_sha256": trained_sha256(recorded["config"])}))
     shutil.rmtree(copy / "router")
     code, message = here("train-router", copy, path=tmp_path)
     assert code == 2 and "'probe_nets:Router' is not registered" in message
