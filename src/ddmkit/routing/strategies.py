@@ -65,6 +65,8 @@ def top_mass(probs: torch.Tensor, p: float) -> torch.Tensor:
     in descending order, is below p (at least the largest one, for p > 0)."""
     ordered, order = probs.sort(dim=1, descending=True)
     keep_ordered = (ordered.cumsum(1) - ordered) < p
+    if p > 0:  # the largest (preceding mass 0) always: p is compared in probs' dtype, where 1e-8 is 0 in float16
+        keep_ordered[:, 0] = True
     return torch.zeros_like(keep_ordered).scatter(1, order, keep_ordered)
 
 

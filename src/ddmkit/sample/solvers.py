@@ -120,13 +120,19 @@ def sample_adaptive(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callb
                     method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5) -> torch.Tensor:
     """Adaptive solve through torchdiffeq from ts[0] to ts[-1]; the grid only
     gives the end points (and the callback's report times). The last step ends at ts[-1] exactly, so the
-    velocity is never evaluated past it (the solver would step beyond t = 0 and interpolate back)."""
+    velocity is never evaluated past it (the solver would step beyond t = 0 and interpolate back), nor is the
+    first step's size probed past it."""
     from torchdiffeq import odeint
 
-    def f(t, y):
-        return velocity(y, t.to(y.dtype).expand(y.shape[0]))
-
     times = ts.to(x.dtype)
+    lo, hi = torch.aminmax(times[[0, -1]])
+    clamp = method in ADAPTIVE_RK  # its steps stay inside (step_t); only the first-step probe at t0 + 0.01 |y| / |v|
+    #                                (Hairer's heuristic) may fall past the end, for a slow field: moved onto the end
+
+    def f(t, y):
+        t = t.to(y.dtype)
+        return velocity(y, (t.clamp(lo, hi) if clamp else t).expand(y.shape[0]))
+
     options = {"step_t": times[-1:]} if method in ADAPTIVE_RK else None
     path = odeint(f, x, times, method=method, rtol=rtol, atol=atol, options=options)
     if callback is not None:
