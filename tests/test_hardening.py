@@ -354,7 +354,8 @@ def test_a_set_records_the_device_and_autocast_it_was_drawn_with_and_the_report_
     from ddmkit.pipeline.sampling import drawn_with, sampling_autocast
 
     run = Path(shutil.copytree(user_run, tmp_path / "run"))
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--strategy", "full")[0] == 0
+    on_cpu = ("--device", "cpu")  # (the config's device is auto: a GPU where there is one)
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--strategy", "full", *on_cpu)[0] == 0
     made = json.loads((run / "samples" / "info.json").read_text())["top-2"]["drawn_with"]
     assert (made["device"], made["autocast"], made["noise_n"], made["n"]) == ("cpu", None, 100, 100)
     assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
@@ -363,7 +364,7 @@ def test_a_set_records_the_device_and_autocast_it_was_drawn_with_and_the_report_
     rows = json.loads((run / "metrics.json").read_text())["rows"]
     assert {name: (rows[name]["device"], rows[name]["autocast"]) for name in ("top-2", "full")} == \
         {"top-2": ("cpu", None), "full": ("cpu", None)}
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "full", "--steps", 3)[0] == 0
+    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "full", "--steps", 3, *on_cpu)[0] == 0
     assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
     said = " ".join((run / "report.md").read_text().split())
     assert "full: 100 samples, euler, 3 steps, seed 0" in said and "), all on cpu without autocast." in said, said

@@ -393,6 +393,32 @@ def test_tiny_config_runs_the_image_path(tmp_path):
     assert result["rows"]["top-1"]["expert_calls_per_sample"] == 2.0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_image_sets_drawn_on_a_gpu_record_it_and_are_kept_where_the_cpu_would_draw_them(tmp_path):
+    """On a GPU an image set is drawn under bfloat16 autocast and records the GPU's name and bfloat16; sampling the
+    same run on the CPU (float32 there, the same law) keeps the set rather than drawing it again."""
+    import json
+
+    from ddmkit.config import RunConfig, load_config, validate
+    from ddmkit.pipeline.prepare import run_config
+    from ddmkit.pipeline.run import run_pipeline
+    from ddmkit.pipeline.samplesets import named_set
+    from ddmkit.pipeline.sampling import stage_sample
+
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
+    raw["data"]["params"] = {"dir": str(write_idx_set(tmp_path / "fm", 160, 48))}
+    raw["sample"].update(n=16, steps=2, strategies=["top-1"], guidance_sweep=[], stats_router_strategies=[])
+    raw["expert"]["train"]["device"] = raw["router"]["train"]["device"] = "cuda"  # (the config's: cpu)
+    run, said = tmp_path / "run", []
+    run_pipeline(validate(RunConfig, raw), run, log=lambda m: None)  # trained and sampled on the GPU
+    made = json.loads((run / "samples" / "info.json").read_text())["top-1"]["drawn_with"]
+    assert (made["device"], made["autocast"]) == (torch.cuda.get_device_name(), "bfloat16")
+    drawn = (run / "samples" / "top-1.safetensors").read_bytes()
+    stage_sample(run_config(run), run, [named_set("top-1", 16)], True, said.append, "cpu")
+    assert (run / "samples" / "top-1.safetensors").read_bytes() == drawn, said
+    assert not [line for line in said if "replaces" in line], said
+
+
 def test_image_sets_record_where_they_were_drawn_and_evaluate_checks_them_all_before_scoring(tmp_path, monkeypatch):
     """An image set records the device and autocast dtype it was drawn with (bfloat16 on a GPU, none on the CPU).
     evaluate hashes every set before it scores any (a set copied over another is refused before the long work),
