@@ -28,6 +28,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 STAMP = VENV / ".ddmkit-setup"
+TARGETS = ("setup", "demo", "test", "test-slow")
 
 
 def run(cmd: list[str], **kw) -> int:
@@ -74,6 +75,10 @@ def main(argv: list[str]) -> int:
     if target in ("help", "-h", "--help"):
         print(__doc__)
         return 0
+    if target not in TARGETS:  # before the setup: a mistyped target installs nothing
+        print(__doc__)
+        print(f"dev.py: unknown target {target!r}; choose one of {', '.join(TARGETS)}", file=sys.stderr)
+        return 2
     setup("" if target == "demo" else "dev")
     env = dict(os.environ)
     if target == "setup":
@@ -84,8 +89,7 @@ def main(argv: list[str]) -> int:
         marker = "not slow" if target == "test" else "slow"
         code = run([PY, "-m", "pytest", "-m", marker, "-n", "2", "-q", *extra], env=env)
         return 0 if code == 5 and target == "test-slow" else code
-    print(__doc__)
-    return 2
+    return 2  # not reached: every target of TARGETS is handled above
 
 
 if __name__ == "__main__":
