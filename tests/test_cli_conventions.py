@@ -153,6 +153,18 @@ def test_a_config_device_this_machine_lacks_is_refused_before_anything_is_writte
     assert not (tmp_path / "run").exists()
 
 
+
+@pytest.mark.parametrize("command, field", [("train-expert", "expert"), ("train-router", "router"),
+                                            ("train-monolith", "expert")])
+def test_a_set_device_this_machine_lacks_is_refused_naming_the_field(ddmkit, shard, tmp_path, command, field):
+    """--set expert.train.device=cuda:99 was refused as "device 'cuda:99', ...", naming no field."""
+    run = shard.parents[2]
+    where = [shard, "--out", tmp_path / "e", "--config", TINY] if command == "train-expert" else [run]
+    code, _, err = ddmkit(command, *where, "--set", f"{field}.train.device=cuda:99")
+    assert code == 2 and f"error: {field}.train.device = 'cuda:99', but this machine has" in err, err
+    assert "--device cpu" in err and not (tmp_path / "e").exists() and not (run / field).exists()
+    assert not (run / "monolith").exists()
+
 def test_override_values_are_toml_then_json_then_text():
     assert parse_value("300") == 300 and parse_value("1e-3") == 1e-3 and parse_value("true") is True
     assert parse_value('["top-1", "full"]') == ["top-1", "full"] and parse_value("{width = 8}") == {"width": 8}

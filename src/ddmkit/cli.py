@@ -434,10 +434,10 @@ def evaluate(run: Path = typer.Argument(..., help="run folder with samples/ (any
         evaluate_text(run, log=log)
         return
     from ddmkit.pipeline.run import evaluate_stage
-    from ddmkit.config import resolve_device
+    from ddmkit.config import run_device
 
     cfg = _config(config, run, set_, device)
-    evaluate_stage(cfg, run, log, resolve_device(cfg.expert.train.device))
+    evaluate_stage(cfg, run, log, run_device(cfg))
 
 
 @app.command()

@@ -61,6 +61,12 @@ def resolve_device(name: str | torch.device, what: str | None = None, fix: str =
     return device
 
 
+def run_device(cfg) -> torch.device:
+    """Where a run's networks sample and are scored: its expert.train.device, resolved by resolve_device,
+    whose error names that field (as the user set it, e.g. with --set)."""
+    return resolve_device(cfg.expert.train.device, f"expert.train.device = {cfg.expert.train.device!r}")
+
+
 def Seed(default: int = 0, description: str | None = None):
     return Field(default, ge=0, le=MAX_SEED, description=description)
 

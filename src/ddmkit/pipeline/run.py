@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ddmkit.config import RunConfig, checked_config, resolve_device
+from ddmkit.config import RunConfig, checked_config, run_device
 from ddmkit.data.images import is_image_shape
 from ddmkit.ddm.load import load_truth, recorded_router
 from ddmkit.errors import DDMError
@@ -173,7 +173,7 @@ def run_pipeline(cfg: RunConfig | str | Path, out: str | Path, force: bool = Fal
                        f"`ddmkit run CONFIG --out {out} --stages train` (or --stages all)")
     with run_lock(out):  # one writer per run folder: a second run on it is refused
         run = prepare_run_dir(out, cfg, force, log)
-        device = resolve_device(cfg.expert.train.device)
+        device = run_device(cfg)
         start = time.perf_counter()
         result = None
         if stages in ("train", "all"):
@@ -209,7 +209,7 @@ def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = p
                            "settings (or run the other config in another --out folder)")
         remove_leftovers(run, log)
         cfg = cfg or saved
-        device = device or resolve_device(cfg.expert.train.device)
+        device = device or run_device(cfg)
         one_set = statistics_set if router == STATISTICS else named_set
         sets: list[SampleSet] = []
         for name in names:  # a name given twice is drawn once
@@ -230,4 +230,4 @@ def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = p
 def evaluate_run(run, log: Log = print, device=None) -> dict:
     """Score every set drawn so far and write the report."""
     cfg = run_config(run)
-    return evaluate_stage(cfg, run, log, device or resolve_device(cfg.expert.train.device))
+    return evaluate_stage(cfg, run, log, device or run_device(cfg))
