@@ -61,10 +61,15 @@ def resolve_device(name: str | torch.device, what: str | None = None, fix: str =
     return device
 
 
+def field_device(field: str, name: str) -> torch.device:
+    """resolve_device of a config field's device, its error naming the field as the user set it (e.g. with
+    --set): field_device("router.train.device", "cuda:1") -> "router.train.device = 'cuda:1', but ..."."""
+    return resolve_device(name, f"{field} = {name!r}")
+
+
 def run_device(cfg) -> torch.device:
-    """Where a run's networks sample and are scored: its expert.train.device, resolved by resolve_device,
-    whose error names that field (as the user set it, e.g. with --set)."""
-    return resolve_device(cfg.expert.train.device, f"expert.train.device = {cfg.expert.train.device!r}")
+    """Where a run's networks sample and are scored: its expert.train.device (field_device)."""
+    return field_device("expert.train.device", cfg.expert.train.device)
 
 
 def Seed(default: int = 0, description: str | None = None):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ddmkit.config import RunConfig, resolve_device
+from ddmkit.config import RunConfig, field_device, resolve_device
 from ddmkit.data.images import is_image_shape
 from ddmkit.errors import DDMError
 from ddmkit.pipeline.samplesets import planned_sets
@@ -189,7 +189,7 @@ def check_devices(cfg: RunConfig) -> None:
     if cfg.latent.enabled and cfg.latent.pretrained is None:
         sections.append(("latent", cfg.latent.train))
     for name, train in sections:
-        resolve_device(train.device, f"{name}.train.device = {train.device!r}")
+        field_device(f"{name}.train.device", train.device)
 
 
 def checked_device(name, from_run: bool = False) -> torch.device:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ddmkit.config import RunConfig, resolve_device
+from ddmkit.config import RunConfig, field_device
 from ddmkit.data import load_dataset
 from ddmkit.data.arrays import ArrayData
 from ddmkit.data.features import is_user_function, use_features
@@ -344,7 +344,7 @@ def encode_shards(cfg: RunConfig, run, log: Log = print) -> None:
     folder = RunFolder(run)
     shards = shard_files(run)
     channels = read_data_info(folder)["data_shape"][0]
-    device = resolve_device(cfg.latent.train.device, f"latent.train.device = {cfg.latent.train.device!r}")
+    device = field_device("latent.train.device", cfg.latent.train.device)
     codec = load_codec(folder.autoencoder, channels, cfg.latent.encode_batch, device)
     start = time.perf_counter()
     moments = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares of every latent number

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ddmkit.config import LatentConfig, resolve_device
+from ddmkit.config import LatentConfig, field_device
 from ddmkit.io import staging_dir
 from ddmkit.latent.autoencoder import LatentCodec, build_autoencoder
 from ddmkit.train.jobs import checkpoint_path
@@ -42,7 +42,7 @@ def train_autoencoder(x: torch.Tensor, cfg: LatentConfig, out_dir: str | Path, r
     plus train_log.jsonl). Deterministic for cfg.train.seed. Checkpoints (cfg.train.checkpoint_every)
     go to checkpoint_path(out_dir), continued from with resume (refused when written with other
     settings or images) and removed once the folder is written."""
-    device = resolve_device(cfg.train.device, f"latent.train.device = {cfg.train.device!r}")
+    device = field_device("latent.train.device", cfg.train.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         model = build_autoencoder(cfg, x.shape[1], x.shape[-1])

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ddmkit.config import ExpertConfig, resolve_device
+from ddmkit.config import ExpertConfig, field_device
 from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule, path_entry
@@ -119,7 +119,7 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
         check_expert_folder(out)
     if config.train.tensorboard:
         summary_writer()  # the package is there, before any training
-    device = resolve_device(config.train.device, f"expert.train.device = {config.train.device!r}")
+    device = field_device("expert.train.device", config.train.device)
     read = [read_shard(s) for s in shards]
     xs, metas = [r[0] for r in read], [r[2] for r in read]
     if any(len(x) == 0 for x in xs):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ddmkit.config import ExpertConfig, PathConfig, RouterConfig, TrainConfig, resolve_device
+from ddmkit.config import ExpertConfig, PathConfig, RouterConfig, TrainConfig, field_device
 from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import path_entry
@@ -104,7 +104,7 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
     folder is written.
     With `dist` of several processes each computes the loss on its rows of the
     global batch and rank 0 alone writes (folder and checkpoints)."""
-    device = dist.device or resolve_device(config.train.device, f"expert.train.device = {config.train.device!r}")
+    device = dist.device or field_device("expert.train.device", config.train.device)
     data_shape = list(x.shape[1:])
     kwargs = {"data_shape": data_shape, **config.net.kwargs}
     model = build_seeded(config.net.arch, config.train.seed, **kwargs)
@@ -348,7 +348,7 @@ def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path, 
     A label-conditional router (net kwargs num_classes > 0) learns p(cluster | x_t, t, y)
     from the shards' class labels, with a share config.label_dropout of them replaced
     by 'no label' so that p(cluster | x_t, t) is learned as well."""
-    device = resolve_device(config.train.device, f"router.train.device = {config.train.device!r}")
+    device = field_device("router.train.device", config.train.device)
     shard_data = [read_shard(s) for s in shards]
     x = torch.cat([d[0] for d in shard_data]).float().to(device)
     y = torch.cat([torch.full((len(d[0]),), k, dtype=torch.long) for k, d in enumerate(shard_data)]).to(device)
