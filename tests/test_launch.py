@@ -722,3 +722,29 @@ def test_task_notes_say_when_a_tasks_threads_outnumber_its_cores():
     assert any(f"for 2 x expert.train.threads = {2 * cfg.expert.train.threads} threads, which then share cores" in n
                for n in notes), notes
     assert not any("share cores" in n for n in task_notes(cfg, cpus=2 * cfg.expert.train.threads, gpus=2))
+
+
+def _deaf_to_sigterm(ready) -> None:
+    """A pool worker whose stop was lost: it ignores SIGTERM and works on."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
+    time.sleep(600)
+
+
+def test_a_pool_worker_that_does_not_stop_is_killed_after_the_grace_time():
+    """stop_workers waited for ever on a worker whose stop (the KeyboardInterrupt raised by its SIGTERM handler)
+    was lost: it now kills a worker still alive after the grace time."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from ddmkit.launch.backends import stop_workers
+
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_deaf_to_sigterm, args=(ready,), daemon=True)
+    worker.start()
+    assert ready.wait(60)
+    pool = SimpleNamespace(_processes={worker.pid: worker}, shutdown=lambda **kwargs: None)
+    start = time.monotonic()
+    stop_workers(pool, grace=1.0)
+    assert not worker.is_alive() and worker.exitcode == -signal.SIGKILL and time.monotonic() - start < 30

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -177,14 +178,25 @@ def _process_job(job: ExpertJob, config_dump: dict, resume: bool, networks: tupl
             _STATE = "idle"
 
 
-def stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Cancel the queued jobs, stop the running ones (SIGTERM: _stop_job) and wait for the workers to exit."""
+STOP_GRACE = 60.0  # seconds a stopped pool worker has to end its job (remove its staging folder) before it is killed
+
+
+def stop_workers(pool: ProcessPoolExecutor, grace: float = STOP_GRACE) -> None:
+    """Cancel the queued jobs, stop the running ones (SIGTERM: _stop_job) and wait for the workers to exit; one
+    still alive after `grace` seconds is killed (SIGKILL): the KeyboardInterrupt _stop_job raises can be lost
+    (Python drops an exception raised in a __del__ or a weakref callback), and the job then trained on to its
+    end, or a worker killed while it held the result queue's lock left another waiting for it, and this waited
+    for ever."""
     processes = list((pool._processes or {}).values())  # noqa: SLF001 (no public API before Python 3.14)
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
+    deadline = time.monotonic() + grace
     for process in processes:
-        process.join()
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def stopped_by_ctrl_c(processes: list) -> bool:
