@@ -92,6 +92,69 @@ def test_plan_of_a_selection_equals_the_plan_of_its_dense_form():
         assert torch.equal(sparse.rows, ref.rows) and torch.equal(sparse.weights, ref.weights)
 
 
+def test_plan_ranks_each_rows_pairs_by_expert_only_where_a_row_has_three():
+    w = torch.tensor([[0.2, 0.3, 0.5, 0], [1.0, 0, 0, 0], [0, 0.4, 0, 0.6], [0.1, 0.2, 0.3, 0.4]])
+    plan = make_plan(w)
+    assert plan.width == 4
+    assert plan.rows.tolist() == [0, 1, 3, 0, 2, 3, 0, 3, 2, 3]
+    assert plan.ranks.tolist() == [0, 0, 0, 1, 0, 1, 2, 2, 1, 3]  # each row's pairs, in ascending expert
+    two = make_plan(w[1:3])
+    assert two.ranks is None and two.width == 0  # at most two pairs a row: index_add_ is exact
+
+
+def test_the_scatter_adds_a_rows_pairs_in_expert_order_whatever_order_the_pairs_come_in():
+    """A GPU's index_add_ adds the pairs of a row in whatever order its threads land, and (a + b) + c is not
+    (a + c) + b: with three or more experts a row, two runs of the same seed gave other bytes. The scatter
+    adds in expert order, so the pairs in any order (as a GPU's threads may take them) give the bytes of a
+    CPU's index_add_ of the plan, to the bit."""
+    from ddmkit.routing.combine import scatter_rows
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.stack([torch.randperm(K, generator=gen)[:4] for _ in range(B)])
+    w = torch.rand(B, 4, generator=gen)
+    w[torch.rand(B, 4, generator=gen) < 0.2] = 0
+    plan = plan_selection(idx, w, K)
+    assert plan.width >= 3
+    v = torch.randn(len(plan.rows), D, generator=gen) * torch.rand(len(plan.rows), 1, generator=gen) * 100
+    like = torch.zeros(B, D)
+    in_plan_order = torch.zeros(B, D).index_add_(0, plan.rows, v)
+    assert torch.equal(scatter_rows(v, plan.rows, like, plan.ranks, plan.width), in_plan_order)
+    shuffles, differ = 0, 0
+    for seed in range(5):
+        p = torch.randperm(len(v), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(scatter_rows(v[p], plan.rows[p], like, plan.ranks[p], plan.width), in_plan_order)
+        differ += not torch.equal(torch.zeros(B, D).index_add_(0, plan.rows[p], v[p]), in_plan_order)
+        shuffles += 1
+    assert differ == shuffles  # (what the ranks guard against: index_add_ in another order, other bytes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_top_3_gives_the_cpu_scatters_bytes_and_the_same_samples_twice():
+    """On a GPU the plan's scatter gives, to the bit, a CPU's index_add_ in plan order (the GPU's own
+    index_add_ adds three pairs of a row in the order its threads land), and top-3 sampling of one seed
+    gives the same bytes twice."""
+    from ddmkit.routing.combine import scatter_rows
+    gen = torch.Generator().manual_seed(4)
+    idx = torch.stack([torch.randperm(K, generator=gen)[:4] for _ in range(4096)])
+    plan = plan_selection(idx.cuda(), torch.rand(4096, 4, generator=gen).cuda(), K)
+    v = torch.randn(len(plan.rows), 64, generator=gen) * 100
+    cpu = torch.zeros(4096, 64).index_add_(0, plan.rows.cpu(), v)
+    gpu = scatter_rows(v.cuda(), plan.rows, torch.zeros(4096, 64, device="cuda"), plan.ranks, plan.width)
+    assert torch.equal(gpu.cpu(), cpu)
+    mats = [torch.randn(D, D, generator=gen).cuda() for _ in range(K)]
+    experts = [lambda x, t, m=m: torch.tanh(x @ m) + t[:, None] for m in mats]
+    x1 = torch.randn(20000, D, generator=gen).cuda()
+
+    scale = torch.arange(1, K + 1, device="cuda", dtype=torch.float32)
+
+    def gpu_router(x, t):
+        return torch.softmax(torch.sin(x[:, :1] * scale) * 3 + t[:, None], dim=1)
+
+    def draw():
+        field = routed_velocity(experts, gpu_router, parse_strategy("top-3"), routing_state(0))
+        return sample_euler(field, x1, time_grid(8).cuda())
+    assert torch.equal(draw(), draw())
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_routed_field_equals_the_dense_masked_sum_and_calls_no_zero_rows(name):
     """routed_velocity (sparse selection, or the dense plan) against every expert on every row,

@@ -12,8 +12,10 @@ that give it non-zero weight, grouped by expert:
                 the dense weights (B, K);
     2. gather:  one index_select of x, t and the conditioning in that order;
     3. experts: one call per active expert on its contiguous slice;
-    4. scatter: one weighted index_add_ of all outputs back to their rows
-                (unweighted for one-expert strategies, whose weights are all 1).
+    4. scatter: the weighted outputs added back to their rows (unweighted for
+                one-expert strategies, whose weights are all 1), each row's in
+                ascending expert order: the same bytes on every run and device
+                (scatter_rows).
 
 The router is called once per velocity evaluation, or once every
 `router_every` evaluations (the routing is then reused in between, with no
@@ -76,6 +78,8 @@ class DispatchPlan:
     experts: list[int]  # the active experts
     counts: list[int]  # rows per active expert, > 0
     unit: bool = False  # every row has at most one pair, of weight 1: scatter without weighting
+    ranks: torch.Tensor | None = None  # (P,) each pair's place among its row's pairs; None: no row has 3 or more
+    width: int = 0  # the most pairs of one row (the widest row), where ranks are given
 
 
 def make_plan(weights: torch.Tensor) -> DispatchPlan:
@@ -97,15 +101,48 @@ def plan_selection(experts: torch.Tensor, weights: torch.Tensor, num_experts: in
     outside = (flat_e < 0) | (flat_e >= num_experts)
     key = torch.where(flat_w != 0, torch.where(outside, num_experts + 1, flat_e), num_experts)
     order = key.argsort(stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1).tolist()  # the host sync
+    pairs_per_row = (key < num_experts).reshape(experts.shape).sum(1)
+    widest = pairs_per_row.max().reshape(1) if len(pairs_per_row) else pairs_per_row.new_zeros(1)
+    *counts, width = torch.cat([torch.bincount(key, minlength=num_experts + 1), widest]).tolist()  # the host sync
     if len(counts) > num_experts + 1:  # a key above K: an expert index out of range, with weight
         raise DDMError(f"select(probs, state) chose an expert outside 0 to {num_experts - 1} with non-zero weight; "
                        f"it must return indices of the DDM's {num_experts} experts")
     per_expert = counts[:num_experts]
     order = order[:sum(per_expert)]
-    return DispatchPlan(rows=order // n if n > 1 else order, weights=flat_w[order],
-                        experts=[k for k, c in enumerate(per_expert) if c],
-                        counts=[c for c in per_expert if c], unit=unit)
+    rows = order // n if n > 1 else order
+    ranks = row_ranks(rows, len(pairs_per_row)) if width > 2 else None
+    return DispatchPlan(rows=rows, weights=flat_w[order], experts=[k for k, c in enumerate(per_expert) if c],
+                        counts=[c for c in per_expert if c], unit=unit, ranks=ranks, width=width if width > 2 else 0)
+
+
+def row_ranks(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Each pair's place (0, 1, ...) among the pairs of its row, in the order the pairs come: for a plan,
+    whose pairs are sorted by expert, that is ascending expert."""
+    by_row = rows.argsort(stable=True)
+    per_row = torch.bincount(rows, minlength=num_rows)
+    first = per_row.cumsum(0) - per_row  # where each row's pairs start in by_row
+    ranks = torch.empty_like(rows)
+    ranks[by_row] = torch.arange(len(rows), device=rows.device) - first[rows[by_row]]
+    return ranks
+
+
+def scatter_rows(v: torch.Tensor, rows: torch.Tensor, like: torch.Tensor, ranks: torch.Tensor | None = None,
+                 width: int = 0) -> torch.Tensor:
+    """out[r] = sum of v[p] over the pairs p with rows[p] = r, added in the order of their ranks.
+
+    Without ranks, one index_add_: exact only where no row has more than two pairs (0 + a + b is the same
+    float in either order, but (a + b) + c is not (a + c) + b, and a GPU's index_add_ adds in whatever order
+    its threads land). With ranks (each pair's place in its row, below width), the pairs are put in a
+    (rows, width) grid and added one column after another, starting from zero: the sum a CPU's index_add_
+    makes of pairs in rank order, to the bit, on every run and device."""
+    if ranks is None:
+        return torch.zeros_like(like).index_add_(0, rows, v)
+    grid = v.new_zeros((len(like) * width,) + tuple(like.shape[1:]))
+    grid = grid.index_copy_(0, rows * width + ranks, v).unflatten(0, (len(like), width))
+    out = torch.zeros_like(like)
+    for place in range(width):
+        out = out + grid[:, place]
+    return out
 
 
 def _split_cond(cond: Cond | None, rows: torch.Tensor, counts: list[int]) -> list[Cond]:
@@ -117,7 +154,7 @@ def _split_cond(cond: Cond | None, rows: torch.Tensor, counts: list[int]) -> lis
 def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t: torch.Tensor,
                counter: CallCounter | None = None, cond: Cond | None = None,
                call_experts: CallExperts | None = None) -> torch.Tensor:
-    """One gather, one call per active expert, one weighted scatter-add. The calls run through
+    """One gather, one call per active expert, one weighted scatter-add (scatter_rows). The calls run through
     call_experts when given (e.g. on concurrent CUDA streams: the same results), else one after
     another."""
     if not plan.experts:
@@ -140,9 +177,9 @@ def apply_plan(experts: Sequence[Field], plan: DispatchPlan, x: torch.Tensor, t:
         for k, n in zip(plan.experts, plan.counts):
             counter.add(k, n)
     v = torch.cat(outs).to(x.dtype)
-    if not plan.unit:  # (one-expert strategies: every weight is 1, and index_add_ is faster than index_copy_)
+    if not plan.unit:  # (one-expert strategies: every weight is 1)
         v = v * per_row(plan.weights, x)
-    return torch.zeros_like(x).index_add_(0, plan.rows, v)
+    return scatter_rows(v, plan.rows, x, plan.ranks, plan.width)
 
 
 def check_expert_output(k: int, out, x: torch.Tensor) -> None:
