@@ -26,6 +26,26 @@ def test_weights_are_a_distribution(name, gen):
     assert torch.allclose(w.sum(1), torch.ones(len(p)), atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ALL)
+def test_no_strategy_reads_the_gpu_on_the_host(name):
+    """The plan's group sizes are a step's one host sync: every strategy's weights and select run without
+    one (torch.cuda.set_sync_debug_mode("error") raises on a sync it detects)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    p = torch.softmax(torch.randn(512, 6, device="cuda", generator=gen) * 2, 1)
+    st = RoutingState(generator=gen, prior=torch.full((6,), 1 / 6, device="cuda"),
+                      nearest=lambda x: (x[:, 0].abs() * 10).long() % 6, x0_hat=torch.randn(512, 3, device="cuda"))
+    strategy = parse_strategy(name)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        strategy.weights(p, st)
+        if strategy.selects:
+            strategy.select(p, st)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_top_k_keeps_the_largest_and_renormalises(gen):
     p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     assert torch.allclose(parse_strategy("top-2").weights(p, None), torch.tensor([[0.625, 0.375, 0, 0]]))
