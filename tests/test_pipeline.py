@@ -387,6 +387,42 @@ def test_sampling_in_batches_bounds_memory_not_results():
         sample_ddm(ddm, "top-2", n, steps=2, batch_size=0)
 
 
+def test_samples_are_written_over_the_noise_only_where_no_one_else_holds_it():
+    """The samples of noise drawn inside take its place chunk by chunk (n rows on the device, not three
+    times n); a caller's x1 and the states a callback kept are left as they were."""
+    from ddmkit.ddm import DDM
+    from ddmkit.ddm.sampling import sample_ddm, sample_single, start_noise
+
+    k, d, n = 2, 3, 12
+    ddm = DDM(experts=[lambda x, t, j=j: x * 0 + j + 1 for j in range(k)],
+              router=lambda x, t: torch.full((len(x), k), 0.5), prior=torch.full((k,), 1 / k), data_shape=(d,))
+    x1 = start_noise(n, (d,), 0, "cpu")
+    given = x1.clone()
+    whole, _ = sample_ddm(ddm, "top-1", n, steps=3, x1=x1, batch_size=5)
+    assert torch.equal(x1, given)
+    assert torch.equal(sample_ddm(ddm, "top-1", n, steps=3, batch_size=5)[0], whole)  # drawn inside: the same
+    seen = []
+    sample_ddm(ddm, "full", n, steps=3, callback=lambda step: seen.append(step["x"]))
+    assert torch.equal(seen[0], given)  # the first state a callback saw is the noise still
+    mono, _ = sample_single(lambda x, t: x, (d,), n, steps=2, x1=x1, batch_size=5)
+    assert torch.equal(x1, given) and not torch.equal(mono, given)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_sampling_in_chunks_holds_n_rows_of_data_at_once():
+    """batch_size bounds the memory a set needs: about n rows of data (the noise, then the samples in its
+    place) and one chunk's work, not the noise, the chunks' samples and their concatenation."""
+    from ddmkit.ddm.sampling import sample_single
+
+    n, d = 4096, 16384  # 256 MiB of float32 rows
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    samples, _ = sample_single(lambda x, t: -x, (d,), n, steps=2, device="cuda", batch_size=256)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert samples.is_cuda and peak < 1.25 * n * d * 4, peak / (n * d * 4)
+
+
 def test_cli_messages_print_brackets_as_they_are(capsys, monkeypatch):
     """rich reads '[word]' as markup: log lines and errors must not lose '[sample]' or 'ddmkit[ray]'."""
     import ddmkit.cli as cli_module

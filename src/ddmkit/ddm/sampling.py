@@ -153,6 +153,13 @@ def _chunks(n: int, batch_size: int | None) -> list[slice]:
     return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
+def samples_in_place_of(x1: torch.Tensor, ours: bool) -> torch.Tensor:
+    """Where the chunks' samples are written: over the noise when no one else holds it (drawn here, no
+    callback: a chunk's rows are integrated, then replaced by their samples, so the device holds n rows
+    of data however many chunks there are), else a new tensor."""
+    return x1 if ours else torch.empty_like(x1)
+
+
 def _rows(cond: dict[str, torch.Tensor] | None, rows: slice) -> dict[str, torch.Tensor] | None:
     return None if cond is None else {name: c[rows] for name, c in cond.items()}
 
@@ -220,7 +227,9 @@ def sample_ddm(ddm, strategy: str | Strategy, n: int, steps: int = 50, solver: s
         raise DDMError(f"sample_ddm: solver 'adaptive' with strategy {strategy!r}: it draws its experts anew at every "
                        "evaluation, which the adaptive step-size control cannot settle; use euler, heun, midpoint "
                        "or rk4")
+    drawn = x1 is None
     x1 = start_rows(checked.n, ddm.data_shape, checked.seed, device, x1, "sample_ddm")
+    samples = samples_in_place_of(x1, drawn and callback is None)  # (a callback may keep the states it saw)
     cond = checked_cond(ddm, cond, checked.n, x1.device, "sample_ddm")
     gen = routing_generator(checked.seed, x1.device)
     prior = ddm.prior
@@ -230,7 +239,7 @@ def sample_ddm(ddm, strategy: str | Strategy, n: int, steps: int = 50, solver: s
     per_row_prior = prior is not None and prior.dim() == 2
     counter = CallCounter(ddm.k)
     nets = ddm.networks(speed, x1.device)
-    parts, nfe = [], []
+    nfe = []
     _sync(x1.device)
     start = time.perf_counter()
     with autocast(speed, x1.device):
@@ -241,12 +250,12 @@ def sample_ddm(ddm, strategy: str | Strategy, n: int, steps: int = 50, solver: s
                                     router_every=checked.router_every,
                                     router_cond=part_cond if ddm.router_conditional else None,
                                     call_experts=nets.call_experts)
-            parts.append(_integrate_counted(field, x1[rows], checked.steps, checked.solver, callback, nfe))
+            samples[rows] = _integrate_counted(field, x1[rows], checked.steps, checked.solver, callback, nfe)
     _sync(x1.device)
     wall = time.perf_counter() - start
     missing = set(ddm.meta.get("missing_experts", []))  # the dense path calls their zero stand-in: not counted
     rows = [0 if k in missing else r for k, r in enumerate(counter.expert_rows)]
-    return torch.cat(parts), {"strategy": strategy, "expert_calls_per_sample": sum(rows) / len(x1),
+    return samples, {"strategy": strategy, "expert_calls_per_sample": sum(rows) / len(x1),
                               "router_calls": counter.router_calls, "velocity_evaluations": _per_trajectory(nfe),
                               "wall_time": wall, "expert_rows": rows}
 
@@ -289,19 +298,21 @@ def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "eul
         what = {k: type(c).__name__ for k, c in cond.items()} if isinstance(cond, dict) else type(cond).__name__
         raise DDMError(f"sample_single: cond: {what}; give None or a dict of tensors of n = {checked.n} rows each, "
                        "passed to the field as field(x, t, **cond) (e.g. {'y': labels})")
+    drawn = x1 is None
     x1 = start_rows(checked.n, data_shape, checked.seed, device, x1, "sample_single")
+    samples = samples_in_place_of(x1, drawn)
     field = accelerate_field(field, speed)
-    parts, nfe = [], []
+    nfe = []
     _sync(x1.device)
     start = time.perf_counter()
     with autocast(speed, x1.device):
         for rows in _chunks(len(x1), checked.batch_size):
             part_cond = _rows(cond, rows) or {}
-            parts.append(_integrate_counted(lambda x, t, c=part_cond: field(x, t, **c), x1[rows], checked.steps,
-                                            checked.solver, None, nfe))
+            samples[rows] = _integrate_counted(lambda x, t, c=part_cond: field(x, t, **c), x1[rows],
+                                               checked.steps, checked.solver, None, nfe)
     _sync(x1.device)
     evaluations = _per_trajectory(nfe)
-    return torch.cat(parts), {"strategy": name, "expert_calls_per_sample": float(evaluations), "router_calls": 0,
+    return samples, {"strategy": name, "expert_calls_per_sample": float(evaluations), "router_calls": 0,
                               "velocity_evaluations": evaluations, "wall_time": time.perf_counter() - start}
 
 
