@@ -201,6 +201,35 @@ def test_an_error_in_the_body_stops_the_side_thread_before_it_is_raised():
     assert ended.is_set()
 
 
+def test_a_side_thread_whose_keyboardinterrupt_is_lost_stops_at_its_next_step(monkeypatch):
+    """The KeyboardInterrupt in_thread raises in its thread can be lost (Python drops one raised in a __del__),
+    and the thread trained on: here it is never raised, and the thread's stop flag ends its training loop within
+    a step or two. The loop's own guard ends it after 200 more steps, so this fails rather than hangs."""
+    import torch
+
+    import ddmkit.pipeline.run as run
+    from ddmkit.config import TrainConfig
+    from ddmkit.train import fit
+
+    monkeypatch.setattr(run, "interrupt", lambda thread: None)
+    steps, stopped_at = [], []
+
+    def batch_loss(m, step, g):
+        steps.append(step)
+        if stopped_at and len(steps) > stopped_at[0] + 200:
+            raise RuntimeError("trained on")
+        return m(torch.ones(1, 2)).square().sum(), {}
+
+    cfg = TrainConfig(steps=10 ** 6, batch_size=1, log_every=10 ** 6, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        with run.in_thread(lambda: fit(torch.nn.Linear(2, 2), batch_loss, cfg)):
+            while len(steps) < 3:
+                time.sleep(0.01)
+            stopped_at.append(len(steps))
+            raise KeyboardInterrupt
+    assert len(steps) <= stopped_at[0] + 2, (stopped_at, len(steps))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a process group's Ctrl-C")
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_while_the_monolith_trains_beside_the_pool_says_so(tmp_path, stop):

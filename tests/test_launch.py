@@ -748,3 +748,70 @@ def test_a_pool_worker_that_does_not_stop_is_killed_after_the_grace_time():
     start = time.monotonic()
     stop_workers(pool, grace=1.0)
     assert not worker.is_alive() and worker.exitcode == -signal.SIGKILL and time.monotonic() - start < 30
+
+
+class _DroppedStop:
+    """Calls a pool worker's stop handler (_stop_job) from its __del__: Python drops the KeyboardInterrupt it
+    raises there ("Exception ignored in ..."), as it did when SIGTERM came while a __del__ ran."""
+
+    def __del__(self):
+        from ddmkit.launch.backends import _stop_job
+        _stop_job(signal.SIGTERM, None)
+
+
+def _job_whose_stop_is_lost(job: ExpertJob, config_dump: dict, resume: bool) -> str:
+    """A pool job (backends._process_job) whose SIGTERM runs its handler inside a __del__."""
+    from ddmkit.launch.backends import _process_job
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: _DroppedStop())  # dies at once: its __del__ runs
+    return _process_job(job, config_dump, resume)
+
+
+def test_a_pool_job_whose_keyboardinterrupt_is_lost_stops_at_its_next_step(tmp_path):
+    """A stopped job whose KeyboardInterrupt was lost trained all its steps, and stop_workers waited for it; now
+    the handler's flag stops it at its next step: the worker exits 130 well within the grace time (not killed),
+    leaving the job's last checkpoint and no staging folder."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ddmkit.launch.backends import _start_worker, stop_workers
+
+    job = _jobs(tmp_path, "experts", k=1)[0]
+    config = CFG.model_copy(update={"train": CFG.train.model_copy(update={"steps": 10 ** 6, "checkpoint_every": 5})})
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                             initargs=(os.getpid(),)) as pool:
+        pool.submit(_job_whose_stop_is_lost, job, config.model_dump(), False)
+        worker = next(iter(pool._processes.values()))
+        deadline = time.monotonic() + 120
+        while not checkpoint_path(job.out_dir).exists():
+            assert worker.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        start = time.monotonic()
+        stop_workers(pool, grace=30.0)
+    assert worker.exitcode == 130 and time.monotonic() - start < 30, worker.exitcode
+    assert [p.name for p in job.out_dir.parent.iterdir()] == [checkpoint_path(job.out_dir).name]
+
+
+def test_a_pool_job_stopped_after_its_last_step_leaves_the_pool(tmp_path, monkeypatch):
+    """A stop whose KeyboardInterrupt was lost after the job's last step (while it wrote its folder): the worker
+    leaves the pool as a stopped one does (exit 130, sending no result, taking no other job); a job after a
+    stopped one in the same process (were there one) starts unstopped."""
+    import ddmkit.launch.backends as backends
+
+    def stopped_while_writing(shard, config, out_dir, resume=False):
+        try:
+            backends._stop_job(signal.SIGTERM, None)
+        except KeyboardInterrupt:  # lost
+            pass
+        return out_dir
+
+    def exit_(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(backends.os, "_exit", exit_)
+    monkeypatch.setattr(backends, "train_expert", stopped_while_writing)
+    job = ExpertJob(0, tmp_path / "shard", tmp_path / "expert_00")
+    with pytest.raises(SystemExit) as info:
+        backends._process_job(job, CFG.model_dump(), False)
+    assert info.value.code == 130 and backends._STATE == "idle"
+    monkeypatch.setattr(backends, "train_expert", lambda shard, config, out_dir, resume=False: out_dir)
+    assert backends._process_job(job, CFG.model_dump(), False) == str(job.out_dir)

@@ -208,6 +208,68 @@ def test_the_logged_learning_rate_is_the_one_its_step_used():
     assert [row["lr"] for row in history] == pytest.approx(expected)
 
 
+def test_fit_stops_at_the_step_after_its_stop_flag_is_set_when_the_keyboardinterrupt_is_lost(tmp_path):
+    """A stopped job whose KeyboardInterrupt was lost (Python drops one raised in a __del__) trained on to its
+    end: the flag its stopper sets (here alone, as if the exception was lost) ends it before the next step, with
+    the checkpoint of its last one kept. Outside a stop scope nothing is stopped, and the next job's scope
+    starts unstopped."""
+    from ddmkit.io import read_metadata
+    from ddmkit.train.stop import request_stop, stop_scope
+
+    steps = []
+
+    def batch_loss(m, step, g):
+        steps.append(step)
+        if step == 3:
+            request_stop()
+        return m(torch.ones(1, 2)).square().sum(), {}
+
+    cfg = TrainConfig(steps=1000, batch_size=1, log_every=1, checkpoint_every=1, device="cpu")
+    with stop_scope():
+        with pytest.raises(KeyboardInterrupt):
+            fit(torch.nn.Linear(2, 2), batch_loss, cfg, checkpoint=tmp_path / "c.safetensors")
+    assert steps == [0, 1, 2, 3] and read_metadata(tmp_path / "c.safetensors")["step"] == 4
+    request_stop()  # outside any stop scope: nothing to stop
+    try:
+        with stop_scope():
+            _, history = fit(torch.nn.Linear(2, 2), lambda m, step, g: (m(torch.ones(1, 2)).sum(), {}),
+                             cfg.model_copy(update={"steps": 5}))
+    except KeyboardInterrupt:  # as a failure of this test, not pytest's Ctrl-C
+        pytest.fail("a job in a fresh stop scope was stopped")
+    assert len(history) == 5
+
+
+def test_a_stop_flag_stops_only_the_thread_of_its_scope():
+    """in_thread stops the thread training beside the process pool while this thread raises the error that
+    stopped it: one thread's stop flag is not another's, and an inner scope's is not the outer one's."""
+    import threading
+
+    from ddmkit.train.stop import stop_requested, stop_scope
+
+    inside, leave, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        with stop_scope() as theirs:
+            theirs.set()
+            inside.set()
+            leave.wait(60)
+            seen.append(stop_requested())
+    with stop_scope() as mine:
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert inside.wait(60)
+        try:
+            assert not stop_requested()  # while the other thread's scope is stopped
+        finally:
+            leave.set()
+            thread.join()
+        assert seen == [True] and not mine.is_set()
+        with stop_scope() as inner:
+            inner.set()
+            assert stop_requested()
+        assert not stop_requested()  # the scope around it is restored
+
+
 @pytest.mark.parametrize("conditional", [False, True])
 def test_an_expert_builds_one_batch_sampler_so_its_shard_is_on_the_device_once(tmp_path, monkeypatch, conditional):
     """Each sampler moves the shard to the training device; a class-conditional expert built the unlabelled one

@@ -45,6 +45,7 @@ from ddmkit.nets.user import names_only_here
 from ddmkit.train.checkpoint import check_checkpoint_file
 from ddmkit.train.distributed import die_with_parent
 from ddmkit.train.jobs import checkpoint_path, train_expert
+from ddmkit.train.stop import request_stop, stop_scope
 
 BACKENDS = ("inline", "processes", "ray")
 _STATE = "idle"  # a pool worker's: "idle", "job" (running one) or "stopping" (_stop_job)
@@ -118,10 +119,15 @@ def run_inline(jobs: list[ExpertJob], config: ExpertConfig, resume: bool = False
 def _stop_job(signum, frame) -> None:
     """A pool worker's SIGINT / SIGTERM handler: a running job ends as interrupted (its staging folder
     removed, its last checkpoint kept; signals during that cleanup are ignored), then the process exits
-    (_process_job); an idle worker exits at once."""
+    (_process_job); an idle worker exits at once. The KeyboardInterrupt raised here can be lost (Python
+    drops one raised in a __del__ or a weakref callback), so the job's stop flag is set first
+    (ddmkit.train.stop; the handler runs in the main thread, the job's): the training loop raises it
+    again at its next step. The KeyboardInterrupt stops a job that is not in the loop (loading its shard,
+    writing its folder) as well."""
     global _STATE
     if _STATE == "job":
         _STATE = "stopping"
+        request_stop()
         raise KeyboardInterrupt
     if _STATE == "idle":
         os._exit(128 + signum)
@@ -164,18 +170,24 @@ def on_its_gpu(config: ExpertConfig, gpu: str | None) -> ExpertConfig:
 
 
 def _process_job(job: ExpertJob, config_dump: dict, resume: bool, networks: tuple = ()) -> str:
-    """Body of one pool job."""
+    """Body of one pool job, in a stop scope of its own (ddmkit.train.stop: the flag _stop_job sets). A
+    stopped job leaves the pool (exit status 130), not on to the next job: also one whose KeyboardInterrupt
+    was lost after its last step, its folder written (it sends no result: the pool is stopping)."""
     global _STATE
     with job_gpu() as gpu:
         use_networks(networks)  # the user's network classes this process's parent registered
         config = on_its_gpu(ExpertConfig.model_validate(config_dump), gpu)
-        _STATE = "job"
-        try:
-            return str(train_expert(job.shard, config, job.out_dir, resume=resume))
-        except KeyboardInterrupt:  # stopped: leave the pool (not on to the next job)
-            os._exit(130)
-        finally:
-            _STATE = "idle"
+        with stop_scope() as stop:
+            _STATE = "job"
+            try:
+                folder = train_expert(job.shard, config, job.out_dir, resume=resume)
+            except KeyboardInterrupt:
+                os._exit(130)
+            finally:
+                _STATE = "idle"
+            if stop.is_set():
+                os._exit(130)
+        return str(folder)
 
 
 STOP_GRACE = 60.0  # seconds a stopped pool worker has to end its job (remove its staging folder) before it is killed
@@ -183,10 +195,9 @@ STOP_GRACE = 60.0  # seconds a stopped pool worker has to end its job (remove it
 
 def stop_workers(pool: ProcessPoolExecutor, grace: float = STOP_GRACE) -> None:
     """Cancel the queued jobs, stop the running ones (SIGTERM: _stop_job) and wait for the workers to exit; one
-    still alive after `grace` seconds is killed (SIGKILL): the KeyboardInterrupt _stop_job raises can be lost
-    (Python drops an exception raised in a __del__ or a weakref callback), and the job then trained on to its
-    end, or a worker killed while it held the result queue's lock left another waiting for it, and this waited
-    for ever."""
+    still alive after `grace` seconds is killed (SIGKILL). A job whose KeyboardInterrupt was lost stops at its
+    next step (its stop flag), but one can be stuck outside the training loop: e.g. a worker killed while it
+    held the result queue's lock left another waiting for it, and this waited for ever."""
     processes = list((pool._processes or {}).values())  # noqa: SLF001 (no public API before Python 3.14)
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:

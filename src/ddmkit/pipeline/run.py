@@ -33,6 +33,7 @@ from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_ev
 from ddmkit.pipeline.sampling import changed_error, changed_sets, read_info, stage_sample, stale_sets
 from ddmkit.pipeline.stages import TRAINING_STAGES, read_data_info, stage_experts, stage_monolith, stage_router
 from ddmkit.registry import check_registered, read_manifest
+from ddmkit.train.stop import stop_scope
 
 Log = Callable[[str], None]
 STAGES = ("all", "train", "evaluate")
@@ -99,17 +100,22 @@ def train_stages(cfg: RunConfig, run, log: Log = print, backend: str = "inline",
 def in_thread(work: Callable[[], object], enabled: bool = True):
     """Run work() in a thread while the body runs (or nothing when not enabled); on leaving, wait for it
     and raise its error, if any. An error in the body (Ctrl-C, a failed job) stops work() first: a
-    KeyboardInterrupt is raised in the thread, which ends as an interrupted job does (its staging folder
-    removed, its last checkpoint kept), and is waited for, so that no thread is left inside torch when
-    the process exits (that aborts it)."""
+    KeyboardInterrupt is raised in the thread (interrupt) and the thread's stop flag is set (work() runs in
+    a stop scope of its own, ddmkit.train.stop: the flag stops that thread alone, not this one, which is
+    raising the error), so that the training loop raises it again at its next step should the first be
+    lost (in a __del__, say). The thread ends as an interrupted job does (its staging folder removed, its
+    last checkpoint kept), and is waited for, so that no thread is left inside torch when the process
+    exits (that aborts it)."""
     if not enabled:
         yield
         return
     errors: list[BaseException] = []
+    stop = threading.Event()
 
     def body():
         try:
-            work()
+            with stop_scope(stop):
+                work()
         except BaseException as error:  # re-raised in the caller's thread
             errors.append(error)
     thread = threading.Thread(target=body, name="ddmkit-beside-pool", daemon=True)
@@ -117,7 +123,8 @@ def in_thread(work: Callable[[], object], enabled: bool = True):
     try:
         yield
     except BaseException:
-        interrupt(thread)
+        interrupt(thread)  # before the flag: raised after it, it could land in the cleanup the loop's raise started
+        stop.set()
         thread.join()
         raise
     thread.join()
@@ -126,7 +133,9 @@ def in_thread(work: Callable[[], object], enabled: bool = True):
 
 
 def interrupt(thread: threading.Thread) -> None:
-    """Raise KeyboardInterrupt in `thread` at its next Python instruction (nothing once it has ended)."""
+    """Raise KeyboardInterrupt in `thread` at its next Python instruction (nothing once it has ended). It can be
+    lost (Python drops an exception raised in a __del__ or a weakref callback): in_thread sets the thread's
+    stop flag too."""
     if thread.is_alive():
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
 

@@ -34,6 +34,10 @@ averaged over the processes at each log row and checkpoint, and only rank 0
 writes checkpoints. Under FSDP the EMA is sharded as the model is, every process
 gathers the whole state for a checkpoint (rank 0 writes it), and the returned
 EMA model is whole. The default, LOCAL, changes nothing.
+
+Before each step the loop looks at this thread's stop flag (ddmkit.train.stop) and
+raises KeyboardInterrupt when it is set: a job stopped by a signal or by another
+thread ends there even when the KeyboardInterrupt raised into it was lost.
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ from ddmkit.errors import DDMError
 from ddmkit.progress import progress_bar
 import ddmkit.train.checkpoint as ckpt
 from ddmkit.train.distributed import LOCAL, Distributed, full_tensor, is_shard, shard_like, unshard
+from ddmkit.train.stop import check_stop
 
 BatchLoss = Callable[[nn.Module, int, torch.Generator], tuple[torch.Tensor, dict]]
 
@@ -160,7 +165,8 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
     """Train `model` in place; return its EMA copy (eval mode) and the log rows. The checkpoint's fingerprint
     holds cfg, `settings`, the rest of what decides what is trained as a config section's table (e.g. an
     expert's net, path, prediction and label_dropout), and `data`, the training data (e.g. each shard's
-    SHA-256): resuming with other settings or on other data is refused."""
+    SHA-256): resuming with other settings or on other data is refused. A stop asked of this thread's stop
+    scope (ddmkit.train.stop) raises KeyboardInterrupt before the next step."""
     device = device or resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
@@ -192,6 +198,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
         with progress_bar(description, cfg.steps) as advance:
             advance(first)
             for step in range(first, cfg.steps):
+                check_stop()  # a stop whose KeyboardInterrupt was lost (in a __del__, say) ends the job here
                 with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
                     loss, metrics = batch_loss(net, step, generator)
                 opt.zero_grad(set_to_none=True)
