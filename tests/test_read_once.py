@@ -1,16 +1,20 @@
 """Provenance checks read each file once: a file is hashed as it is loaded (io.load_tensors_hashed), with no copy
-of its bytes held beside its tensors."""
+of its bytes held beside its tensors; data.json is read once per check."""
+import collections
 import hashlib
 import json
 import re
 import tracemalloc
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load, save
 
+import ddmkit.io
 from ddmkit.errors import DDMError
-from ddmkit.io import load_tensors_hashed, save_tensors
+from ddmkit.io import load_tensors_hashed, save_tensors, write_json
+from ddmkit.registry import checked_data_files, data_sha256, load_data_file
 
 TENSORS = {"b": torch.randn(3, 2), "a": torch.arange(5), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
            "bool": torch.tensor([True, False, True]), "bf16": torch.randn(7).bfloat16(),
@@ -83,3 +87,47 @@ def test_a_hashed_load_holds_no_copy_of_the_file(tmp_path, keys):
     finally:
         tracemalloc.stop()
     assert list(tensors) == (keys or ["labels", "x"]) and peak < path.stat().st_size / 2, peak
+
+
+def reads_of(monkeypatch) -> collections.Counter:
+    """How many times ddmkit.io opens each file, by name, from now on (every read of a file, hashed or loaded,
+    goes through ddmkit.io._existing_file first)."""
+    reads, real = collections.Counter(), ddmkit.io._existing_file
+
+    def counted(path, fix):
+        reads[Path(path).name] += 1
+        return real(path, fix)
+    monkeypatch.setattr(ddmkit.io, "_existing_file", counted)
+    return reads
+
+
+def data_folder(tmp_path) -> Path:
+    """A run's data folder: three splits and a data.json recording their SHA-256."""
+    data = tmp_path / "data"
+    for name in ("train", "test", "truth"):
+        save_tensors(data / f"{name}.safetensors", {"x": torch.randn(20, 2), "labels": torch.zeros(20).long()})
+    write_json(data / "data.json", {"sha256": data_sha256(data)})
+    return data
+
+
+def test_a_data_split_is_read_once_to_load_and_check_it(tmp_path, monkeypatch):
+    """load_data_file loaded the split, then read it again to hash it (a split may be many GB)."""
+    data = data_folder(tmp_path)
+    reads = reads_of(monkeypatch)
+    assert load_data_file(tmp_path, data / "train.safetensors")["x"].shape == (20, 2)
+    assert load_data_file(tmp_path, data / "test.safetensors", ["labels"]).keys() == {"labels"}
+    assert reads == {"train.safetensors": 1, "test.safetensors": 1, "data.json": 2}
+    (data / "train.safetensors").write_bytes((data / "test.safetensors").read_bytes())  # still refused
+    with pytest.raises(DDMError, match="train.safetensors: SHA-256 differs from the one .*data.json records"):
+        load_data_file(tmp_path, data / "train.safetensors", ["labels"])
+
+
+def test_the_data_files_are_checked_reading_data_json_once(tmp_path, monkeypatch):
+    """checked_data_files read data.json again for each file it checked."""
+    data = data_folder(tmp_path)
+    reads = reads_of(monkeypatch)
+    checked_data_files(tmp_path)
+    assert reads == {"data.json": 1, "train.safetensors": 1, "test.safetensors": 1, "truth.safetensors": 1}
+    (data / "truth.safetensors").write_bytes((data / "test.safetensors").read_bytes())
+    with pytest.raises(DDMError, match="truth.safetensors: SHA-256 differs from the one .*data.json records"):
+        checked_data_files(tmp_path)

@@ -36,7 +36,8 @@ from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_conventi
 from ddmkit.config import validate
 from ddmkit.data.partition import PartitionManifest, ShardEntry, check_manifest, load_partition
 from ddmkit.errors import DDMError
-from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
+from ddmkit.io import (check_finite_tensors, load_tensors, load_tensors_hashed, read_json, read_metadata,
+                       sha256_file, write_json)
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder
 from ddmkit.nets import build_model, check_identity, from_pretrained
 from ddmkit.routing.stats_router import PUBLISHED_STATISTICS
@@ -338,36 +339,57 @@ def data_sha256(folder: str | Path) -> dict[str, str]:
     return {path.name: sha256_file(path) for path in sorted(Path(folder).glob("*.safetensors"))}
 
 
-def check_data_file(run: str | Path, path: str | Path) -> None:
-    """A file of RUN/data/ (a split, the exact truth) has the SHA-256 that data.json recorded when the data were
-    written, else a DDMError naming it and data_fix: a test split swapped for another file of the same shape
-    would be scored against silently. data.json of an earlier ddmkit records none, and a data folder without
-    data.json (made by hand; the commands that need data.json name it) nothing: nothing to check."""
-    folder, path = RunFolder(run), Path(path)
+def recorded_data_sha256(folder: RunFolder):
+    """What RUN/data/data.json records under "sha256" (by file name): None where it records none (an earlier
+    ddmkit's) or there is no data.json (a data folder made by hand; the commands that need it name it)."""
     info = read_json(folder.data_info, data_fix(folder)) if folder.data_info.exists() else {}
-    recorded = info.get("sha256") if isinstance(info, dict) else None
-    if recorded is None:
-        return
+    return info.get("sha256") if isinstance(info, dict) else None
+
+
+def check_data_sha256(folder: RunFolder, path: Path, digest: str, recorded) -> None:
+    """A file of RUN/data/ whose SHA-256 is `digest` has the one data.json records (`recorded`, not None), else a
+    DDMError naming it and data_fix."""
     want = recorded.get(path.name) if isinstance(recorded, dict) else None
-    if sha256_file(path) != want:
+    if digest != want:
         none = " (which records none for it)" if want is None else ""
         raise DDMError(f"{path}: SHA-256 differs from the one {folder.data_info} records{none}; the file was changed "
                        "or replaced after the run's data were written (another split copied over it?), so what is "
                        f"measured on it would not be this run's data. {data_fix(folder).capitalize()}")
 
 
+def check_data_file(run: str | Path, path: str | Path) -> None:
+    """A file of RUN/data/ (a split, the exact truth) has the SHA-256 that data.json recorded when the data were
+    written, else a DDMError naming it and data_fix: a test split swapped for another file of the same shape
+    would be scored against silently. Where data.json records none (recorded_data_sha256) there is nothing to
+    check."""
+    folder, path = RunFolder(run), Path(path)
+    recorded = recorded_data_sha256(folder)
+    if recorded is not None:
+        check_data_sha256(folder, path, sha256_file(path), recorded)
+
+
 def load_data_file(run: str | Path, path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a file of RUN/data/ (only `keys`, when given), read, then checked by check_data_file (a
-    damaged file is named as corrupt, a swapped one as changed; both with data_fix)."""
-    tensors = load_tensors(path, keys, fix=data_fix(RunFolder(run)))
-    check_data_file(run, path)
+    """The tensors of a file of RUN/data/ (only `keys`, when given) from one read of the file, hashed as it is read
+    (load_tensors_hashed), then checked as check_data_file checks it (a damaged file is named as corrupt, a
+    swapped one as changed; both with data_fix)."""
+    folder, path = RunFolder(run), Path(path)
+    tensors, digest = load_tensors_hashed(path, data_fix(folder), keys)
+    recorded = recorded_data_sha256(folder)
+    if recorded is not None:
+        check_data_sha256(folder, path, digest, recorded)
     return tensors
 
 
 def checked_data_files(run: str | Path) -> None:
-    """Every file of RUN/data/ that is there checked by check_data_file (a text run has none)."""
-    for path in sorted(RunFolder(run).data.glob("*.safetensors")):
-        check_data_file(run, path)
+    """Every file of RUN/data/ that is there checked as check_data_file checks it, data.json read once (a text run
+    has none)."""
+    folder = RunFolder(run)
+    paths = sorted(folder.data.glob("*.safetensors"))
+    recorded = recorded_data_sha256(folder) if paths else None
+    if recorded is None:
+        return
+    for path in paths:
+        check_data_sha256(folder, path, sha256_file(path), recorded)
 
 
 # ----- model folders -----------------------------------------------------------
