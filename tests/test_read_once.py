@@ -1,5 +1,5 @@
 """Provenance checks read each file once: a file is hashed as it is loaded (io.load_tensors_hashed), with no copy
-of its bytes held beside its tensors; data.json is read once per check."""
+of its bytes held beside its tensors; data.json and the partition manifest are read once per check."""
 import collections
 import hashlib
 import json
@@ -12,9 +12,11 @@ import torch
 from safetensors.torch import load, save
 
 import ddmkit.io
+from ddmkit.data.arrays import ArrayData
+from ddmkit.data.partition import partition_data
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors_hashed, save_tensors, write_json
-from ddmkit.registry import checked_data_files, data_sha256, load_data_file
+from ddmkit.registry import checked_data_files, data_sha256, load_data_file, load_partition_checked
 
 TENSORS = {"b": torch.randn(3, 2), "a": torch.arange(5), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
            "bool": torch.tensor([True, False, True]), "bf16": torch.randn(7).bfloat16(),
@@ -131,3 +133,12 @@ def test_the_data_files_are_checked_reading_data_json_once(tmp_path, monkeypatch
     (data / "truth.safetensors").write_bytes((data / "test.safetensors").read_bytes())
     with pytest.raises(DDMError, match="truth.safetensors: SHA-256 differs from the one .*data.json records"):
         checked_data_files(tmp_path)
+
+
+def test_a_checked_partition_reads_its_manifest_once(tmp_path, monkeypatch):
+    """load_partition_checked read manifest.json to validate it strictly, then load_partition read it again."""
+    partition_data(ArrayData("x", torch.cat([torch.randn(40, 2), torch.randn(40, 2) + 6])), 2, tmp_path / "p")
+    reads = reads_of(monkeypatch)
+    manifest, tensors = load_partition_checked(tmp_path / "p")
+    assert manifest["k"] == 2 and "centroids" in tensors
+    assert reads["manifest.json"] == 1, reads

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_convention
 from ddmkit.config import validate
-from ddmkit.data.partition import PartitionManifest, ShardEntry, check_manifest, load_partition
+from ddmkit.data.partition import PartitionManifest, ShardEntry, check_manifest, partition_tensors
 from ddmkit.errors import DDMError
 from ddmkit.io import (check_finite_tensors, load_tensors, load_tensors_hashed, read_json, read_metadata,
                        sha256_file, write_json)
@@ -191,8 +191,8 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 def load_partition_checked(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(manifest, tensors) of a partition folder, the manifest validated (read_manifest, load_partition) and
-    every shard path checked to stay inside the folder."""
+    """(manifest, tensors) of a partition folder, the manifest read once and validated (read_manifest), its tensors
+    checked (partition_tensors), and every shard path checked to stay inside the folder."""
     folder = Path(folder)
     source = folder / "manifest.json"
     if not source.exists():
@@ -202,8 +202,8 @@ def load_partition_checked(folder: str | Path) -> tuple[dict, dict[str, torch.Te
         check_run_exists(folder.parent)
         raise DDMError(f"{folder.parent}: no partition yet (partition/manifest.json); run `ddmkit partition "
                        f"--config CONFIG --out {folder.parent}` first")
-    read_manifest(folder)  # strictly, before the partition's tensors are checked against it
-    manifest, tensors = load_partition(folder)
+    manifest = read_manifest(folder)  # strictly, before the partition's tensors are checked against it
+    tensors = partition_tensors(folder, manifest)
     for s in manifest["shards"]:
         safe_join(folder, s["path"], f"{source}: shards[{s['cluster']}].path")
     return manifest, tensors

@@ -362,9 +362,16 @@ def check_partition_tensors(manifest: dict, tensors: dict[str, torch.Tensor], so
 
 
 def load_partition(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(manifest, tensors) of a partition folder, both checked (check_manifest, check_partition_tensors)."""
+    """(manifest, tensors) of a partition folder, both checked (check_manifest, partition_tensors)."""
     folder = Path(folder)
     manifest = check_manifest(read_json(folder / "manifest.json"), folder / "manifest.json")
+    return manifest, partition_tensors(folder, manifest)
+
+
+def partition_tensors(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a partition folder whose manifest (checked) is `manifest`: partition.safetensors, its
+    SHA-256 checked against the one the manifest records and its tensors against the manifest
+    (check_partition_tensors)."""
     recorded = manifest.get(TENSORS_HASH)  # manifests of ddmkit before it recorded one: unchecked
     if recorded is not None and (folder / "partition.safetensors").is_file() and \
             sha256_file(folder / "partition.safetensors") != recorded:
@@ -375,7 +382,7 @@ def load_partition(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                            f"delete {folder} and run `ddmkit run CONFIG --out {folder.parent}` (it partitions the "
                            "same data again, to the same bytes; experts trained on other shards are then refused)")
     check_partition_tensors(manifest, tensors, folder / "partition.safetensors")
-    return manifest, tensors
+    return tensors
 
 
 def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
