@@ -1,5 +1,6 @@
-"""Provenance checks read each file once: a file is hashed as it is loaded (io.load_tensors_hashed), with no copy
-of its bytes held beside its tensors; data.json and the partition manifest are read once per check."""
+"""Provenance checks read each file once: a data split is hashed as it is loaded (io.load_tensors_hashed), with
+no copy of its bytes held beside its tensors; data.json and the partition manifest are read once per check; an
+image evaluation of a latent run reads its train split once for both floors."""
 import collections
 import hashlib
 import json
@@ -15,6 +16,7 @@ import ddmkit.io
 from ddmkit.data.arrays import ArrayData
 from ddmkit.data.partition import partition_data
 from ddmkit.errors import DDMError
+from ddmkit.evaluation.images import SetScorer
 from ddmkit.io import load_tensors_hashed, save_tensors, write_json
 from ddmkit.registry import checked_data_files, data_sha256, load_data_file, load_partition_checked
 
@@ -142,3 +144,30 @@ def test_a_checked_partition_reads_its_manifest_once(tmp_path, monkeypatch):
     manifest, tensors = load_partition_checked(tmp_path / "p")
     assert manifest["k"] == 2 and "centroids" in tensors
     assert reads["manifest.json"] == 1, reads
+
+
+class Identity:
+    """A stand-in autoencoder whose reconstructions are the images themselves."""
+    encode = decode = staticmethod(lambda x: x)
+
+
+def test_a_latent_runs_floors_read_the_train_split_once(tmp_path, monkeypatch):
+    """SetScorer read the train split for the floor row's features, and reconstruction_floor read it again to
+    encode the same images. The images are kept for it now (a run that is not latent keeps none)."""
+    data = tmp_path / "data"
+    save_tensors(data / "train.safetensors", {"x": torch.rand(50, 1, 4, 4) * 2 - 1})
+    save_tensors(data / "test.safetensors", {"x": torch.rand(20, 1, 4, 4) * 2 - 1})
+    write_json(data / "data.json", {"sha256": data_sha256(data)})
+    assert SetScorer(tmp_path, "pixels", 10, 30, log=lambda _: None).floor_train is None  # not latent
+    (tmp_path / "eval" / "reference_pixels.safetensors").unlink()
+    write_json(tmp_path / "latents" / "latents.json", {})  # what makes a run folder latent (RunFolder.is_latent)
+    reads = reads_of(monkeypatch)
+    scorer = SetScorer(tmp_path, "pixels", 10, 30, log=lambda _: None)
+    kept = scorer.reconstruction_floor(Identity())
+    assert reads["train.safetensors"] == 1 and scorer.floor_train is None, reads  # read once; then let go
+    (tmp_path / "eval" / "reference_pixels.safetensors").unlink()
+    assert SetScorer(tmp_path, "pixels", 10, 30, log=lambda _: None).floor_train is None  # reconstructions cached
+    (tmp_path / "eval" / "reconstructions.json").unlink()
+    assert SetScorer(tmp_path, "pixels", 10, 30, log=lambda _: None).reconstruction_floor(Identity()) == kept
+    assert reads["train.safetensors"] == 3  # features cached: read by the floor alone, the same images
+    assert kept == {**scorer.floor(), "n": 30}  # identity reconstructions: the floor row's own scores
