@@ -110,12 +110,17 @@ def check_trained_unchanged(path: Path, saved: dict, fix: str) -> None:
     of an earlier ddmkit records none: nothing to check."""
     changed = edited_sections(saved)
     if changed:
-        sections = ", ".join(f"[{name}]" for name in changed)
-        raise DDMError(f"{path}: its {sections} settings were changed after the run was made (they no longer have "
-                       "the SHA-256 it records in trained_sha256), but the run's data and networks were made with "
-                       "them as they were, so they would be described, sampled and scored under settings they were "
-                       f"not made with. Put the settings back (copy config.json back from another copy of the run); "
-                       f"{fix}")
+        raise edited_error(path, changed, fix)
+
+
+def edited_error(path: Path, changed: list[str], fix: str) -> DDMError:
+    """The error of check_trained_unchanged: the config.json at `path` has its `changed` sections edited."""
+    sections = ", ".join(f"[{name}]" for name in changed)
+    return DDMError(f"{path}: its {sections} settings were changed after the run was made (they no longer have "
+                    "the SHA-256 it records in trained_sha256), but the run's data and networks were made with "
+                    "them as they were, so they would be described, sampled and scored under settings they were "
+                    f"not made with. Put the settings back (copy config.json back from another copy of the run); "
+                    f"{fix}")
 
 
 def edited_config_fix(folder: RunFolder) -> str:
@@ -200,10 +205,12 @@ def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
                                "--out folder or pass --force to replace it") from None
             raise DDMError(f"{folder.root} holds a config.json that ddmkit cannot read ({str(e)[:300]}); choose "
                            "another --out folder or pass --force to replace the run") from None
-        if force and edited_sections(saved):
+        edited = edited_sections(saved)
+        if edited and force:
             return "replace"  # edited by hand: its data and networks are not those of its settings
-        check_trained_unchanged(folder.config, saved, f"{edited_config_fix(folder)}, or pass --force to replace "
-                                "this one")
+        if edited:
+            raise edited_error(folder.config, edited, f"{edited_config_fix(folder)}, or pass --force to replace this "
+                               "one")
         if old.digest() == cfg.digest():
             return "same"
         if not trained_differences(old, cfg):  # how jobs run (device, threads, logging, ...) may change
