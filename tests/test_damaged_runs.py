@@ -501,33 +501,30 @@ def test_a_sample_set_copied_over_another_is_refused_by_evaluate(run, ddmkit):
     assert code == 0, err
 
 
-def reads_of(folder: Path, monkeypatch) -> dict:
-    """How many times ddmkit.io opens each file under folder from now on (every read of a file, hashed or
-    loaded, goes through ddmkit.io._existing_file first)."""
+def test_evaluate_hashes_and_loads_each_sample_set_once(run, ddmkit, monkeypatch):
+    """evaluate hashed every set file to check its recorded SHA-256, then hashed and loaded it again. Each set is
+    now hashed once, as it is streamed (no copy of its bytes beside its tensors), then loaded once (the check of
+    the test above still refuses a changed set)."""
     import collections
 
-    import ddmkit.io
+    from ddmkit import io as ddmkit_io
 
-    reads, real = collections.Counter(), ddmkit.io._existing_file
-
-    def counted(path, fix):
-        if Path(path).parent == folder:
-            reads[Path(path).name] += 1
-        return real(path, fix)
-    monkeypatch.setattr(ddmkit.io, "_existing_file", counted)
-    return reads
-
-
-def test_evaluate_reads_each_sample_set_once(run, ddmkit, monkeypatch):
-    """evaluate hashed every set file to check its recorded SHA-256, then loaded it again: two reads of each set.
-    It now hashes the bytes it loads (the check of the test above still refuses a changed set)."""
     for strategy in ("top-1", "monolith"):
         assert ddmkit("sample", run, "--strategy", strategy)[0] == 0
-    reads = reads_of(run / "samples", monkeypatch)
+    calls = collections.Counter()
+
+    def counted(name, real):
+        def call(path, *args, **kwargs):
+            if Path(path).parent == run / "samples":
+                calls[name, Path(path).name] += 1
+            return real(path, *args, **kwargs)
+        return call
+    for name in ("sha256_file", "load_tensors"):
+        monkeypatch.setattr(ddmkit_io, name, counted(name, getattr(ddmkit_io, name)))
     code, _, err = ddmkit("evaluate", run)
     assert code == 0, err
-    assert {name: count for name, count in reads.items() if name.endswith(".safetensors")} == \
-        {"top-1.safetensors": 1, "monolith.safetensors": 1}
+    assert calls == {(what, f"{s}.safetensors"): 1 for what in ("sha256_file", "load_tensors")
+                     for s in ("top-1", "monolith")}
 
 
 def test_the_command_add_expert_suggests_pastes_as_one_argument_per_path(run, ddmkit, tmp_path):

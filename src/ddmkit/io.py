@@ -192,103 +192,15 @@ def load_tensors(path: str | Path, keys: list[str] | None = None,
         raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); {fix}") from None
 
 
-# safetensors' names of the dtypes it stores, those this torch has (as safetensors.torch reads them)
-SAFETENSORS_DTYPES = {name: getattr(torch, attr) for name, attr in (
-    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
-    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"), ("U64", "uint64"),
-    ("U32", "uint32"), ("U16", "uint16"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-    ("F8_E5M2", "float8_e5m2"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("C64", "complex64")) if hasattr(torch, attr)}
-HEADER_LIMIT = 100_000_000  # the largest header safetensors reads, in bytes
-CHUNK = 1 << 22  # bytes read (and hashed) at a time
-
-
-def _counts(value) -> bool:
-    """Whether value is a list of integers >= 0 (a JSON shape or pair of offsets)."""
-    return isinstance(value, list) and all(type(n) is int and n >= 0 for n in value)
-
-
-def safetensors_layout(header: bytes, data_size: int) -> list[tuple[str, torch.dtype, list[int], int, int]]:
-    """(name, dtype, shape, start, end) of each tensor a safetensors header describes, in the order of their
-    bytes (start, end: offsets into the data_size bytes that follow the header). A ValueError says what is
-    wrong where the header is not JSON of the format, or its tensors do not cover those bytes exactly."""
-    if not header.startswith(b"{"):
-        raise ValueError("the header is not a JSON object")
-    entries = json.loads(header.decode())  # a JSONDecodeError, a UnicodeDecodeError: ValueErrors too
-    layout = []
-    for name, entry in entries.items():
-        if name == "__metadata__":
-            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
-                raise ValueError("its __metadata__ is not a map of strings")
-            continue
-        entry = entry if isinstance(entry, dict) else {}
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry.get("dtype"), str) else None
-        shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if dtype is None or not _counts(shape) or not (_counts(offsets) and len(offsets) == 2):
-            raise ValueError(f"tensor {name!r}: no dtype, shape and data_offsets of the format")
-        start, end = offsets
-        if end - start != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"tensor {name!r}: its data_offsets {offsets} do not hold {shape} values of {dtype}")
-        layout.append((name, dtype, shape, start, end))
-    layout.sort(key=lambda tensor: tensor[3:])
-    covered = 0
-    for name, _, _, start, end in layout:
-        if start != covered:
-            raise ValueError(f"tensor {name!r} starts at byte {start} of the data, not at {covered}")
-        covered = end
-    if covered != data_size:
-        raise ValueError(f"its tensors hold {covered} bytes, but {data_size} follow the header")
-    return layout
-
-
-def _read_into(f, buffer: memoryview, digest) -> None:
-    """Fill `buffer` from the file f, CHUNK bytes at a time, each hashed into `digest` as it is read."""
-    done = 0
-    while done < len(buffer):
-        got = f.readinto(buffer[done:done + CHUNK])
-        if not got:
-            raise ValueError("the file ends before the bytes its header describes")
-        digest.update(buffer[done:done + got])
-        done += got
-
-
-def read_hashed(f, size: int, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """(the tensors, by name, and the SHA-256) of the safetensors file f of `size` bytes, read from its start
-    once: each chunk is hashed as it is read into the tensor it belongs to, and a tensor not in `keys` (when
-    given) is read through one small buffer, so the tensors asked for are all that is held."""
-    digest = hashlib.sha256()
-    if size < 8:
-        raise ValueError(f"{size} bytes: too few for a safetensors header")
-    prefix = bytearray(8)
-    _read_into(f, memoryview(prefix), digest)
-    length = int.from_bytes(prefix, "little")
-    if length > min(HEADER_LIMIT, size - 8):
-        raise ValueError(f"its header length, {length} bytes, exceeds the file's {size} bytes or the format's limit")
-    header = bytearray(length)
-    _read_into(f, memoryview(header), digest)
-    tensors, scratch = {}, memoryview(bytearray(min(CHUNK, size)))
-    for name, dtype, shape, start, end in safetensors_layout(bytes(header), size - 8 - length):
-        if keys is None or name in keys:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-            _read_into(f, memoryview(tensors[name].reshape(-1).view(torch.uint8).numpy()), digest)
-            continue
-        for at in range(start, end, len(scratch)):
-            _read_into(f, scratch[:min(len(scratch), end - at)], digest)
-    if f.read(1):
-        raise ValueError(f"the file is longer than its {size} bytes when it was opened (written to while read?)")
-    return dict(sorted(tensors.items())), digest.hexdigest()
-
-
 def load_tensors_hashed(path: str | Path, fix: str = "re-train or re-copy it",
                         keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """(the tensors of a safetensors file (only `keys` that it holds, when given), the SHA-256 of all its bytes),
-    from one read of the file (read_hashed): the bytes hashed are the bytes loaded, and no copy of the file is
-    held beside the tensors. A missing or corrupt file is a DDMError that ends with `fix`."""
+    """(the tensors of a safetensors file (only `keys` that it holds, when given), the SHA-256 of all its
+    bytes): the file is hashed as it is streamed (sha256_file: a small buffer), then loaded by safetensors,
+    so no copy of its bytes is held beside the tensors (the second read comes from the page cache when the
+    file fits in it). A missing or corrupt file is a DDMError that ends with `fix`."""
     path = _existing_file(Path(path), fix)
-    try:
-        with open(path, "rb", buffering=0) as f:
-            return read_hashed(f, os.fstat(f.fileno()).st_size, keys)
-    except Exception as e:  # an unreadable file too (OSError)
-        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); {fix}") from None
+    digest = sha256_file(path)
+    return load_tensors(path, keys, fix), digest
 
 
 def check_finite_tensors(tensors: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -369,9 +369,9 @@ def check_data_file(run: str | Path, path: str | Path) -> None:
 
 
 def load_data_file(run: str | Path, path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a file of RUN/data/ (only `keys`, when given) from one read of the file, hashed as it is read
-    (load_tensors_hashed), then checked as check_data_file checks it (a damaged file is named as corrupt, a
-    swapped one as changed; both with data_fix)."""
+    """The tensors of a file of RUN/data/ (only `keys`, when given) and the SHA-256 of its bytes
+    (load_tensors_hashed), checked as check_data_file checks it (a damaged file is named as corrupt, a swapped
+    one as changed; both with data_fix)."""
     folder, path = RunFolder(run), Path(path)
     tensors, digest = load_tensors_hashed(path, data_fix(folder), keys)
     recorded = recorded_data_sha256(folder)

@@ -53,32 +53,29 @@ def floor_images(train: torch.Tensor, n: int) -> torch.Tensor:
     return train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]]
 
 
-def reference_features(run, extractor, kind: str, n: int,
-                       log=print) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+def reference_features(run, extractor, kind: str, n: int, log=print) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Features of the test split and of the floor row's training images, n of them (a sample set's count;
-    all of them if fewer), cached in RUN/eval/; the seconds the test features took; and those training images
-    when the train split was read for them (None when the cache held their features). A cache of another
+    all of them if fewer), cached in RUN/eval/; and the seconds the test features took. A cache of another
     count of training images (sample.n changed) keeps its test features."""
     folder = RunFolder(run)
     cache = folder.eval / f"reference_{kind}.safetensors"
     t = load_tensors(cache) if cache.exists() else None
     if t is not None and len(t["train"]) == n:
-        return t["test"], t["train"], float(t["seconds"]), None
+        return t["test"], t["train"], float(t["seconds"])
     train = load_data_file(run, folder.split("train"))["x"]  # checked against data.json
     count = min(n, len(train))  # as many as a sample set: at fewer images FID's bias would lift the floor
     if t is not None and len(t["train"]) == count:
-        return t["test"], t["train"], float(t["seconds"]), None
+        return t["test"], t["train"], float(t["seconds"])
     if t is None:
         start = time.perf_counter()
         f_test = extractor(load_data_file(run, folder.split("test"))["x"])
         seconds = time.perf_counter() - start
     else:
         f_test, seconds = t["test"], float(t["seconds"])
-    images = floor_images(train, count)
-    f_train = extractor(images)
+    f_train = extractor(floor_images(train, count))
     save_tensors(cache, {"test": f_test, "train": f_train, "seconds": torch.tensor(seconds)})
     log(f"reference features: {len(f_test)} test images in {seconds:.1f}s")
-    return f_test, f_train, seconds, images
+    return f_test, f_train, seconds
 
 
 class SetScorer:
@@ -89,11 +86,9 @@ class SetScorer:
     def __init__(self, run, fid_features: str, kid_subset: int, n_train: int, log=print, device="cpu"):
         self.run, self.log, self.kind, self.kid_subset = RunFolder(run), log, fid_features, kid_subset
         self.extractor = feature_extractor(fid_features, device)
-        self.f_test, self.f_train, self.ref_seconds, images = reference_features(run, self.extractor, fid_features,
-                                                                                 n_train, log)
+        self.f_test, self.f_train, self.ref_seconds = reference_features(run, self.extractor, fid_features, n_train,
+                                                                         log)
         self.real_stats = gaussian_stats(self.f_test)
-        # the floor row's training images, kept (not read again) where reconstruction_floor will encode them
-        self.floor_train = images if self.run.is_latent and self.cached_reconstructions() is None else None
 
     def cache(self, name: str) -> Path:
         return self.run.eval / f"set_{safe_name(name)}.json"
@@ -102,27 +97,19 @@ class SetScorer:
         """Training images against the test set: the floor no sampler can beat."""
         return {**fid_kid(self.f_test, self.f_train, self.kid_subset, self.real_stats), "n": len(self.f_train)}
 
-    def cached_reconstructions(self) -> dict | None:
-        """The reconstruction floor's metrics cached in RUN/eval/ for the floor row's count, if any."""
-        cache = self.run.eval / "reconstructions.json"
-        cached = read_json(cache) if cache.exists() else {}
-        return cached if cached.get("n") == len(self.f_train) else None
-
     def reconstruction_floor(self, codec) -> dict:
         """A latent run's floor: the floor row's training images encoded and decoded by its autoencoder
         (no latent sampler can beat the autoencoder's own reconstructions)."""
-        cached = self.cached_reconstructions()
-        if cached is not None:
-            return cached
-        train, self.floor_train = self.floor_train, None  # read once: by reference_features or here
-        if train is None:
-            train = floor_images(load_data_file(self.run.root, self.run.split("train"))["x"], len(self.f_train))
+        cache = self.run.eval / "reconstructions.json"
+        if cache.exists() and read_json(cache).get("n") == len(self.f_train):
+            return read_json(cache)
+        train = floor_images(load_data_file(self.run.root, self.run.split("train"))["x"], len(self.f_train))
         recon = codec.decode(codec.encode(train)).clamp(-1, 1).cpu()
         metrics = {k: float(v) for k, v in fid_kid(self.f_test, self.extractor(recon), self.kid_subset,
                                                    self.real_stats).items()}
         metrics["n"] = len(recon)
         save_png(image_grid(recon, 8, 8), self.run.plots / "reconstructions.png")
-        write_json(self.run.eval / "reconstructions.json", metrics)
+        write_json(cache, metrics)
         return metrics
 
     def __call__(self, name: str, first: int | None = None) -> dict:
