@@ -260,6 +260,33 @@ def test_bad_options_exit_2_before_anything_is_written(tmp_path, args, words):
     assert not out.exists()
 
 
+def test_each_stage_checks_only_the_devices_it_uses(tmp_path):
+    """A study measured on a GPU is reported on a machine without one by the same command line: --stages
+    report uses no device (it was refused: "--device: 'cuda:99', but this machine has 0 CUDA device(s)").
+    Measuring there is still refused before any work, naming --device; and a run to train on a device this
+    machine lacks names the field and a fix that works (--device, which it named, moves no training)."""
+    out = tmp_path / "study"
+    base = ("study", "misalignment", TINY, "--out", out, "--seeds", "1", "--strategy", "full", "--strategy", "top-2",
+            "--n", "100", "--n-boot", "20", "--w2-boot", "3", "--conditions", "exact")
+    assert cli(*base).returncode == 0
+    (out / "report.md").unlink()
+    measured = (out / "measure" / "exact_s0.json").read_bytes()
+    reported = cli(*base, "--stages", "report", "--device", "cuda:99")
+    assert reported.returncode == 0, reported.stderr
+    assert (out / "report.md").exists() and (out / "measure" / "exact_s0.json").read_bytes() == measured
+    measure = cli(*base, "--device", "cuda:99", "--conditions", "exact+tempered-3")
+    assert measure.returncode == 2 and "--device: 'cuda:99', but this machine has" in measure.stderr, measure.stderr
+    assert "pass --device cpu" in measure.stderr and not (out / "measure" / "exact_tempered-3_s0.json").exists()
+    typo = cli(*base, "--stages", "report", "--device", "gpu")
+    assert typo.returncode == 2 and "--device: 'gpu' is not a device" in typo.stderr, typo.stderr
+    other = tmp_path / "other"
+    train = cli(*base[:3], "--out", other, *base[5:-1], "disjoint", "--stages", "train", "--device", "cpu",
+                "--set", "router.train.device=cuda:99")
+    said = " ".join(train.stderr.split())
+    assert train.returncode == 2 and "router.train.device = 'cuda:99'" in said, said
+    assert "pass --set router.train.device=cpu" in said and not other.exists()
+
+
 def test_an_interrupted_measurement_resumes_at_the_next_strategy_with_the_same_numbers(tmp_path, monkeypatch):
     import ddmkit.pipeline.misalignment as study
     from ddmkit.config import load_config

@@ -338,8 +338,8 @@ def test_cells_brought_back_as_metrics_alone_are_named_with_what_works(tiny_grid
 
 def test_cells_made_with_other_devices_or_threads_are_the_same_cells(tiny_grid, tmp_path):
     """How the jobs ran (devices, threads, logging) makes no other cell: a grid scored with --device cuda is
-    reported on a CPU machine, and a cell scored before is kept with other threads; a setting of what is
-    trained or sampled still counts, and only it is named."""
+    reported on a CPU machine (by the same command line), and a cell scored before is kept with other threads;
+    a setting of what is trained or sampled still counts, and only it is named."""
     out, names = tmp_path / "from_gpu", ["k2_b0.5_s0", "k2_b1_s0", "k4_b0.5_s0", "k4_b1_s0"]
     copy_metrics(tiny_grid, out, names)
     for name in names:
@@ -351,6 +351,14 @@ def test_cells_made_with_other_devices_or_threads_are_the_same_cells(tiny_grid, 
     report = cli("sweep", TINY, "--out", out, *GRID, "--stages", "report")
     assert report.returncode == 0, report.stderr
     assert (out / "sweep.md").read_text() == (tiny_grid / "sweep.md").read_text()
+    # the same command line as on the GPU: the report uses no device (--device cuda:99 was refused here)
+    (out / "sweep.md").unlink()
+    same = cli("sweep", TINY, "--out", out, *GRID, "--stages", "report", "--device", "cuda:99")
+    assert same.returncode == 0, same.stderr
+    assert (out / "sweep.md").read_text() == (tiny_grid / "sweep.md").read_text()
+    scoring = cli("sweep", TINY, "--out", out, *GRID, "--stages", "evaluate", "--device", "cuda:99", "--force")
+    said = " ".join(scoring.stderr.split())
+    assert scoring.returncode == 2 and "--device: 'cuda:99', but this machine has" in said, said
     kept = cli("sweep", TINY, "--out", out, *GRID, "--stages", "evaluate", "--set", "expert.train.threads=2")
     assert kept.returncode == 0 and kept.stderr.count("scored before") == 4, kept.stderr
     other = cli("sweep", TINY, "--out", out, *GRID, "--stages", "report", "--set", "sample.steps=7")

@@ -123,9 +123,10 @@ def _refuse_text(path: Path, command: str) -> None:
 
 
 def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optional[List[str]] = None,
-            device: Optional[str] = None):
+            device: Optional[str] = None, check_device: bool = True):
     """A command's run configuration: the file `config` (a TOML, a built-in name or a run's config.json),
     else RUN/config.json, else the defaults; then every --set and --device applied, and validated.
+    check_device=False: a --device this machine lacks is not refused (a stage that uses no device).
     The user's network classes it names are imported when the TOML or a --set names them, never
     because a config.json names them (ddmkit.nets.use_network)."""
     from ddmkit.config import RunConfig, apply_overrides, builtin_config, device_overrides, load_config, validate
@@ -146,7 +147,8 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
     items, dump = list(overrides or []), base.model_dump()
     if device is not None:
         items += device_overrides(dump, device)
-        checked_device(device)  # before any work: a device this machine lacks is refused here
+        if check_device:
+            checked_device(device)  # before any work: a device this machine lacks is refused here
     given = " / ".join(name for name, value in (("--set", overrides), ("--device", device)) if value)
     source = given if path is None else f"{config} with {given}"  # as the user named them
     cfg = validate(RunConfig, apply_overrides(dump, items), source) if items else base
@@ -537,7 +539,8 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
                                      "replace cell folders that hold different runs"),
           stages: str = typer.Option("all", help="train (every cell, no report), evaluate (score cells trained "
                                      "before, write the report), all, or report (only the report, from every "
-                                     "cell's metrics.json: cells scored on other machines)"),
+                                     "cell's metrics.json: cells scored on other machines; it uses no device: "
+                                     "it takes a --device this machine lacks)"),
           partial: bool = typer.Option(False, help="with --stages report: report the cells scored so far, "
                                        "naming the others (a grid still being measured)"),
           scale: str = typer.Option("batch", help="how each K's experts take a budget: batch (budget x steps "
@@ -556,7 +559,8 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
     from ddmkit.pipeline.sweep import ratio_text, sweep as run_sweep
 
     check_backend(backend)
-    report = run_sweep(_config(config, None, set_, device), out, list(k), list(budget), list(seed), all_seeds, force,
+    cfg = _config(config, None, set_, device, check_device=stages != "report")  # the report uses no device
+    report = run_sweep(cfg, out, list(k), list(budget), list(seed), all_seeds, force,
                        log, backend, workers, stages, monolith_k, partial, scale)
     if report is None:
         return
@@ -1033,7 +1037,8 @@ def study_misalignment_cmd(
                                            "amplification and Delta_refine are measured"),
         device: Optional[str] = typer.Option(None, "--device", help="where the measurements run: cpu, cuda, cuda:N, "
                                              "mps or auto (default: the config's expert.train.device; training "
-                                             "runs where the config says)"),
+                                             "runs where the config says; --stages train and report measure "
+                                             "nothing: they take a device this machine lacks)"),
         force: bool = typer.Option(False, help="train again run folders that hold another config"),
         stages: str = typer.Option("all", help="all (train what is missing, measure, report), train (train "
                                    "every run the conditions need; measure nothing, e.g. without the FID weights) "

@@ -61,10 +61,10 @@ def resolve_device(name: str | torch.device, what: str | None = None, fix: str =
     return device
 
 
-def field_device(field: str, name: str) -> torch.device:
+def field_device(field: str, name: str, fix: str = DEVICE_FIX) -> torch.device:
     """resolve_device of a config field's device, its error naming the field as the user set it (e.g. with
     --set): field_device("router.train.device", "cuda:1") -> "router.train.device = 'cuda:1', but ..."."""
-    return resolve_device(name, f"{field} = {name!r}")
+    return resolve_device(name, f"{field} = {name!r}", fix)
 
 
 def run_device(cfg) -> torch.device:

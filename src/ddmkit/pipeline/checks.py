@@ -6,6 +6,7 @@ fails at the data and partition stage, with a fix that works, not after its netw
     check_clusters(cfg, counts, data_shape, orphans)  -> warnings  the partition's clusters
     check_devices(cfg)                            every train.device of the config, present here
     checked_device(name)                          -> torch.device  a --device value, present here
+    named_device(name)                            -> str  a --device value for a stage that uses none
 
 What the later stages need (each need is where that stage would fail or would not honour a setting):
 
@@ -23,9 +24,11 @@ What the later stages need (each need is where that stage would fail or would no
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
-from ddmkit.config import RunConfig, field_device, resolve_device
+from ddmkit.config import DEVICE, RunConfig, field_device, resolve_device
 from ddmkit.data.images import is_image_shape
 from ddmkit.errors import DDMError
 from ddmkit.pipeline.samplesets import planned_sets
@@ -183,13 +186,18 @@ def unused_partition_settings(cfg: RunConfig) -> list[str]:
     return warnings
 
 
-def check_devices(cfg: RunConfig) -> None:
-    """Every train.device of the networks a run trains is on this machine (a DDMError naming the field)."""
+def check_devices(cfg: RunConfig, fix: str | None = None) -> None:
+    """Every train.device of the networks a run trains is on this machine: a DDMError naming the field,
+    ending with `fix` ('{}' the field; default: pass --device cpu)."""
     sections = [("expert", cfg.expert.train), ("router", cfg.router.train)]
     if cfg.latent.enabled and cfg.latent.pretrained is None:
         sections.append(("latent", cfg.latent.train))
     for name, train in sections:
-        field_device(f"{name}.train.device", train.device)
+        field = f"{name}.train.device"
+        if fix is None:
+            field_device(field, train.device)
+        else:
+            field_device(field, train.device, fix.format(field))
 
 
 def checked_device(name, from_run: bool = False) -> torch.device:
@@ -197,3 +205,11 @@ def checked_device(name, from_run: bool = False) -> torch.device:
     or mps, resolved as training resolves it (auto: cuda when there is one) and present on this machine."""
     whose = " (the run's expert.train.device)" if from_run else ""
     return resolve_device(str(name), f"--device: {str(name)!r}{whose}")
+
+
+def named_device(name) -> str:
+    """The device named by --device for a stage that computes nothing (a report from kept measurements):
+    a device name (auto, cpu, cuda, cuda:N or mps), not necessarily one this machine has."""
+    if not re.fullmatch(DEVICE, str(name)):
+        raise DDMError(f"--device: {str(name)!r} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
+    return str(name)

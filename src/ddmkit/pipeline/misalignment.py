@@ -82,7 +82,7 @@ from ddmkit.io import (
     write_json,
 )
 from ddmkit.layout import RunFolder, safe_name
-from ddmkit.pipeline.checks import check_run_plan, checked_device
+from ddmkit.pipeline.checks import check_devices, check_run_plan, checked_device, named_device
 from ddmkit.pipeline.prepare import (check_replaceable, config_record, listed, prepare_run_dir, run_config,
                                      trained_differences)
 from ddmkit.pipeline.run import run_pipeline
@@ -108,6 +108,7 @@ DEFAULT_STRATEGIES = ("full", "top-1", "top-2", "sample-2")
 IMAGE_CONDITIONS = tuple(c for c in DEFAULT_CONDITIONS if "exact" not in c)
 T_GRID = [0.05 + 0.1 * i for i in range(10)]
 STUDY_STAGES = ("all", "train", "report")
+TRAIN_DEVICE_FIX = "pass --set {}=cpu (the study's --device is where it measures; its runs train where the config says)"
 
 
 # ----- the plan -----------------------------------------------------------------------------------------------------
@@ -456,7 +457,7 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
                        stages: str = "all") -> dict | None:
     """Train what is missing, measure what is missing, write DIR/report.md, study.json and the plot.
     device: where the measurements run (auto, cpu, cuda, cuda:N, mps; default: the config's
-    expert.train.device); stability_rows: images only, the trajectories amplification and Delta_refine use;
+    expert.train.device; present on this machine only where stages measure); stability_rows: images only, the trajectories amplification and Delta_refine use;
     stages = "train": train every run the conditions need, measure nothing and write no report (None), e.g.
     on a machine without the FID weights; the same call with "all" later measures and reports. stages =
     "report": train and measure nothing, report the kept measurements (e.g. brought back from several
@@ -471,7 +472,12 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
     if "full" not in strategies or len(strategies) < 2:  # said before the training, not only in the report
         log(f"note: --strategy {' '.join(strategies)}: each condition's verdict compares full with the best other "
             "strategy, so this study gives the tables without verdicts; add --strategy full and another (e.g. top-1)")
-    device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
+    # --device is where the measurements run: checked before any work where they run (stages all); the
+    # report reads kept measurements (a folder measured on a GPU is reported on a laptop with the same command)
+    if stages == "report":
+        device = named_device(device) if device is not None else cfg.expert.train.device
+    elif stages == "all":
+        device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     # images: the scorer's features, made (so checked) before anything is trained
     extractor = feature_extractor(cfg.evaluate.fid_features, device) if images and stages == "all" else None
     missing: list[str] = []  # stages "report": the measurements not kept
@@ -500,6 +506,8 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
                 continue
             log(f"misalignment: {name}, seed {seed} (run {folder.root})")
             if not ready(cell_cfg, cond, folder):
+                if cond.trained:  # before the cell's folder is made; --device does not move the training
+                    check_devices(cell_cfg, TRAIN_DEVICE_FIX)
                 prepare_cell(cell_cfg, cond, folder, force, log)
                 if cond.trained:
                     run_pipeline(cell_cfg, folder.root, False, log, stages="train")
