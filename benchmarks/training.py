@@ -331,9 +331,11 @@ def run_profile(args, device) -> None:
             print(f"| {op[:70]} | {m:.2f} | {e:.2f} | {e - m:+.2f} | {share} |", flush=True)
 
 
-QUICK = {  # --quick: a check in a few seconds; it sets only the options the user left out
-    "single": {"device": "cpu", "experts": "mlp", "batches": [256], "steps": 5, "warmup": 2},
-    "stacked": {"device": "cpu", "steps": 3, "warmup": 1, "k": 2, "expert_batch": 4},
+QUICK = {  # --quick: a check in a few seconds; it sets only the options the user left out. One thread: on a
+    # CPU shared with other jobs spare OpenMP threads spin against them (the tiny stacked UNets took 20-40 s on
+    # two threads of a busy 2-core machine, 5 s on one)
+    "single": {"device": "cpu", "experts": "mlp", "batches": [256], "steps": 5, "warmup": 2, "threads": 1},
+    "stacked": {"device": "cpu", "steps": 3, "warmup": 1, "k": 2, "expert_batch": 4, "threads": 1},
 }
 
 
@@ -343,8 +345,9 @@ def parse_args(argv=None):
                    help="single: one expert's samples/s and share of the matmul peak; stacked: K experts "
                         "trained stacked against the monolith on the same samples")
     p.add_argument("--quick", action="store_true",
-                   help="CPU, MLP expert, batch 256, 5 steps after 2: a check in a few seconds (--mode stacked: tiny "
-                        "networks, K = 2, batch 4, 3 steps after 1); options given explicitly are kept")
+                   help="CPU, one thread, MLP expert, batch 256, 5 steps after 2: a check in a few seconds (--mode "
+                        "stacked: tiny networks, K = 2, batch 4, 3 steps after 1); options given explicitly are "
+                        "kept")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if there is one)")
     p.add_argument("--experts", choices=["mlp", "unet"], default=None, help="the expert network (default unet)")
     p.add_argument("--width", type=positive, default=None,
@@ -356,7 +359,7 @@ def parse_args(argv=None):
                    help="untimed steps first, torch.compile's compilation among them (default 5; --mode stacked: 20)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (as train.bf16)")
     p.add_argument("--compile", action="store_true", help="also time the variants under torch.compile")
-    p.add_argument("--threads", type=positive, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--threads", type=positive, default=None, help="CPU threads (default: PyTorch's; --quick: 1)")
     p.add_argument("--nets", nargs="+", choices=list(STACKED), default=list(STACKED),
                    help="--mode stacked: the experts of fashion_mnist.toml (unet), fashion_mnist_latent.toml (dit)")
     p.add_argument("--k", type=positive, default=None,

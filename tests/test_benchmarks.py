@@ -61,3 +61,14 @@ def test_text_seeds_refuses_a_folder_of_another_config_in_a_setting_the_toml_lea
     (seed / "config.json").write_text(json.dumps({"digest": "x", "config": other}))
     refused = run_script()
     assert refused.returncode == 2 and "sample.steps differ" in refused.stderr, refused.stderr
+
+
+def test_training_quick_runs_on_one_thread(monkeypatch):
+    """training.py --quick is a check on a 2-core CPU: on PyTorch's threads, spinning against other jobs, the
+    tiny stacked networks took 20-40 s there instead of 5. A --threads given is kept."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS[0].parent))
+    training = importlib.import_module("training")
+    for mode in ("single", "stacked"):
+        assert training.parse_args(["--quick", "--mode", mode]).threads == 1
+    assert training.parse_args(["--quick", "--threads", "2"]).threads == 2
+    assert training.parse_args(["--device", "cpu"]).threads is None  # a measurement: PyTorch's, as before
