@@ -465,17 +465,24 @@ def test_a_set_of_the_first_rows_of_the_noise_draw_is_the_set_its_record_names(t
 
 def test_evaluate_keeps_the_studies_measured_with_the_same_networks_data_and_settings(monkeypatch, capsys, tmp_path,
                                                                                        user_run):
-    """The missing-expert and statistics-router studies were drawn again at every evaluate (most of its time)."""
+    """The missing-expert and statistics-router studies were drawn again at every evaluate (most of its time).
+    Kept, the statistics-only router's rows are reported in the order they are drawn: read back from
+    metrics.json (keys sorted) they were reported full first, so a run resumed after a kill while writing
+    report.md ended with another report than one never stopped."""
     run = Path(shutil.copytree(user_run, tmp_path / "run"))
     assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2")[0] == 0
     code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")
     assert code == 0 and "kept from" not in err, err
     first = json.loads((run / "metrics.json").read_text())
     assert first["missing_experts"] and first["stats_router"]["rows"]
+    section = lambda: (run / "report.md").read_text().split("## Statistics-only router")[1]  # noqa: E731
+    drawn = section()
+    assert drawn.index("| top-1 (learned router) |") < drawn.index("| full (learned router) |")
     code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")
     assert code == 0 and "studies: missing_experts, stats_router kept from" in " ".join(err.split()), err
     again = json.loads((run / "metrics.json").read_text())
     assert again["missing_experts"] == first["missing_experts"] and again["stats_router"] == first["stats_router"]
+    assert section() == drawn
     code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=40")  # another setting
     assert code == 0 and "kept from" not in err, err
 

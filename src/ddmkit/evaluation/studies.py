@@ -59,6 +59,18 @@ def missing_expert_study(cfg: RunConfig, run, test: torch.Tensor, truth, strateg
              **result["rows"][name]} for m, name in enumerate(samples)]
 
 
+def stats_row_name(strategy: str, label: str) -> str:
+    """A row of the statistics-only router study: "top-1 (learned router)", "top-1 (statistics-only router)"."""
+    return f"{strategy} ({label} router)"
+
+
+def stats_row_order(rows: dict) -> list[str]:
+    """The study's row names in the order it draws them (STATS_STRATEGIES, each learned then statistics-only),
+    any other after: a metrics.json keeps them with its keys sorted (full first)."""
+    order = [stats_row_name(s, label) for s in STATS_STRATEGIES for label in ("learned", "statistics-only")]
+    return [name for name in order if name in rows] + [name for name in rows if name not in order]
+
+
 def stats_router_study(cfg: RunConfig, run, test: torch.Tensor, truth, device="cpu") -> dict:
     """Sample metrics of learned vs statistics-only routing for STATS_STRATEGIES."""
     s = cfg.sample
@@ -67,7 +79,7 @@ def stats_router_study(cfg: RunConfig, run, test: torch.Tensor, truth, device="c
     samples, infos = {}, {}
     for strategy in track(STATS_STRATEGIES, "statistics-only router"):
         for label, ddm in (("learned", learned), ("statistics-only", stats)):
-            name = f"{strategy} ({label} router)"
+            name = stats_row_name(strategy, label)
             x0, infos[name] = sample_ddm(ddm, strategy, study_size(cfg), s.steps, s.solver, s.seed, device,
                                          **config_options(s))
             samples[name] = x0.cpu()  # scored on the CPU, beside the test split and the truth

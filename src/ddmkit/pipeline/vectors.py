@@ -15,7 +15,8 @@ from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_router_accuracy, plot_samples
 from ddmkit.evaluation.routers import router_report
 from ddmkit.evaluation.sets import FLOOR, evaluate_all
-from ddmkit.evaluation.studies import STATS_STRATEGIES, missing_expert_study, stats_router_study, study_size
+from ddmkit.evaluation.studies import (STATS_STRATEGIES, missing_expert_study, stats_router_study, stats_row_order,
+                                      study_size)
 from ddmkit.conventions import __version__
 from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
@@ -190,7 +191,8 @@ renormalised over the experts still present (what `load_ddm` does when expert fo
 {markdown_table(["removed", "experts removed"] + [c for c, _ in cols], rows)}
 """
     if "stats_router" in result:
-        rows = [[name] + [r.get(key) for _, key in cols] for name, r in result["stats_router"]["rows"].items()]
+        study = result["stats_router"]["rows"]  # kept from a metrics.json: its keys sorted, drawn in another order
+        rows = [[name] + [study[name].get(key) for _, key in cols] for name in stats_row_order(study)]
         out += f"""
 ## Statistics-only router
 
