@@ -457,7 +457,8 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
                        stages: str = "all") -> dict | None:
     """Train what is missing, measure what is missing, write DIR/report.md, study.json and the plot.
     device: where the measurements run (auto, cpu, cuda, cuda:N, mps; default: the config's
-    expert.train.device; present on this machine only where stages measure); stability_rows: images only, the trajectories amplification and Delta_refine use;
+    expert.train.device; present on this machine only where stages measure); stability_rows: images only, the
+    trajectories amplification and Delta_refine use;
     stages = "train": train every run the conditions need, measure nothing and write no report (None), e.g.
     on a machine without the FID weights; the same call with "all" later measures and reports. stages =
     "report": train and measure nothing, report the kept measurements (e.g. brought back from several
