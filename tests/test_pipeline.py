@@ -414,13 +414,13 @@ def test_on_a_gpu_sampling_in_chunks_holds_n_rows_of_data_at_once():
     place) and one chunk's work, not the noise, the chunks' samples and their concatenation."""
     from ddmkit.ddm.sampling import sample_single
 
-    n, d = 4096, 16384  # 256 MiB of float32 rows
+    n, d, chunk = 4096, 16384, 256  # 256 MiB of float32 rows, 16 MiB a chunk
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    samples, _ = sample_single(lambda x, t: -x, (d,), n, steps=2, device="cuda", batch_size=256)
-    peak = torch.cuda.max_memory_allocated() - base
-    assert samples.is_cuda and peak < 1.25 * n * d * 4, peak / (n * d * 4)
+    samples, _ = sample_single(lambda x, t: -x, (d,), n, steps=2, device="cuda", batch_size=chunk)
+    peak = torch.cuda.max_memory_allocated() - base  # (an H100: the rows and 4 chunks; 3x the rows before)
+    assert samples.is_cuda and peak < (n + 8 * chunk) * d * 4, peak / (n * d * 4)
 
 
 def test_cli_messages_print_brackets_as_they_are(capsys, monkeypatch):
