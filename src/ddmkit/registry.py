@@ -36,8 +36,7 @@ from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_conventi
 from ddmkit.config import validate
 from ddmkit.data.partition import PartitionManifest, ShardEntry, check_manifest, partition_tensors
 from ddmkit.errors import DDMError
-from ddmkit.io import (check_finite_tensors, load_tensors, load_tensors_hashed, read_json, read_metadata,
-                       sha256_file, write_json)
+from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder
 from ddmkit.nets import build_model, check_identity, from_pretrained
 from ddmkit.routing.stats_router import PUBLISHED_STATISTICS
@@ -369,14 +368,10 @@ def check_data_file(run: str | Path, path: str | Path) -> None:
 
 
 def load_data_file(run: str | Path, path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a file of RUN/data/ (only `keys`, when given) and the SHA-256 of its bytes
-    (load_tensors_hashed), checked as check_data_file checks it (a damaged file is named as corrupt, a swapped
-    one as changed; both with data_fix)."""
-    folder, path = RunFolder(run), Path(path)
-    tensors, digest = load_tensors_hashed(path, data_fix(folder), keys)
-    recorded = recorded_data_sha256(folder)
-    if recorded is not None:
-        check_data_sha256(folder, path, digest, recorded)
+    """The tensors of a file of RUN/data/ (only `keys`, when given), read, then checked by check_data_file (a
+    damaged file is named as corrupt, a swapped one as changed; both with data_fix)."""
+    tensors = load_tensors(path, keys, fix=data_fix(RunFolder(run)))
+    check_data_file(run, path)
     return tensors
 
 

@@ -28,7 +28,7 @@ import re
 
 import torch
 
-from ddmkit.config import DEVICE, RunConfig, field_device, resolve_device
+from ddmkit.config import DEVICE, DEVICE_FIX, RunConfig, field_device, resolve_device
 from ddmkit.data.images import is_image_shape
 from ddmkit.errors import DDMError
 from ddmkit.pipeline.samplesets import planned_sets
@@ -186,18 +186,15 @@ def unused_partition_settings(cfg: RunConfig) -> list[str]:
     return warnings
 
 
-def check_devices(cfg: RunConfig, fix: str | None = None) -> None:
+def check_devices(cfg: RunConfig, fix: str = DEVICE_FIX) -> None:
     """Every train.device of the networks a run trains is on this machine: a DDMError naming the field,
-    ending with `fix` ('{}' the field; default: pass --device cpu)."""
+    ending with `fix` ('{}' in it: the field)."""
     sections = [("expert", cfg.expert.train), ("router", cfg.router.train)]
     if cfg.latent.enabled and cfg.latent.pretrained is None:
         sections.append(("latent", cfg.latent.train))
     for name, train in sections:
         field = f"{name}.train.device"
-        if fix is None:
-            field_device(field, train.device)
-        else:
-            field_device(field, train.device, fix.format(field))
+        field_device(field, train.device, fix.format(field))
 
 
 def checked_device(name, from_run: bool = False) -> torch.device:
