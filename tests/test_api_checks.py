@@ -189,6 +189,25 @@ def test_a_good_x1_is_where_sampling_starts():
     assert torch.allclose(x1 - x0, torch.full((5, D), 2.0))  # the prior's one cluster: expert 2, velocity 2
 
 
+def test_out_receives_the_samples_and_may_be_the_noise_itself():
+    """out=x1 writes each chunk's samples over its own noise (the device holds n rows, not 2n): the same
+    samples as into a new tensor, returned in x1's storage; an out of another shape, dtype or device is refused."""
+    ddm = DDM(experts=[lambda x, t, j=j: x * (j - 1.0) + t[:, None] for j in range(K)],
+              router=lambda x, t: torch.softmax(torch.stack([x[:, 0], x[:, 1], -x[:, 0]], 1), 1),
+              prior=torch.full((K,), 1 / K), data_shape=(D,))
+    x1 = start_noise(7, (D,), 3)
+    for sample, args in ((sample_ddm, (ddm, "top-2")), (sample_single, (lambda x, t: x * t[:, None], (D,)))):
+        want, _ = sample(*args, 7, steps=3, x1=x1.clone(), batch_size=3)
+        given = x1.clone()
+        got, _ = sample(*args, 7, steps=3, x1=given, batch_size=3, out=given)
+        assert got.data_ptr() == given.data_ptr() and torch.equal(got, want)
+        with pytest.raises(DDMError, match=r"out: torch.float32 \(6, 2\) on cpu, but the samples are torch.float32 "
+                                           r"\(7, 2\) on cpu; pass out=x1"):
+            sample(*args, 7, steps=3, x1=x1, out=torch.empty(6, D))
+        with pytest.raises(DDMError, match="out: list"):
+            sample(*args, 7, steps=3, out=[0.0] * 7)
+
+
 # 6. expert indices
 
 @pytest.mark.parametrize("present, message", [([5], r"\[5\] are not expert indices of these 3 experts"),

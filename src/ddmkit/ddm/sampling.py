@@ -153,11 +153,20 @@ def _chunks(n: int, batch_size: int | None) -> list[slice]:
     return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def samples_in_place_of(x1: torch.Tensor, ours: bool) -> torch.Tensor:
-    """Where the chunks' samples are written: over the noise when no one else holds it (drawn here, no
-    callback: a chunk's rows are integrated, then replaced by their samples, so the device holds n rows
-    of data however many chunks there are), else a new tensor."""
-    return x1 if ours else torch.empty_like(x1)
+def samples_in_place_of(x1: torch.Tensor, ours: bool, out: torch.Tensor | None, caller: str) -> torch.Tensor:
+    """Where the chunks' samples are written: into `out` when the caller gives it (checked: a float32 tensor
+    of x1's shape on its device; x1 itself is allowed), over the noise when no one else holds it (drawn
+    here, no callback), else a new tensor. A chunk's rows are integrated, then replaced by their samples,
+    so writing over the noise holds n rows of data on the device however many chunks there are, not 2n."""
+    if out is None:
+        return x1 if ours else torch.empty_like(x1)
+    if not isinstance(out, torch.Tensor) or out.dtype != x1.dtype or out.shape != x1.shape \
+            or out.device != x1.device:
+        got = f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor) else \
+            type(out).__name__
+        raise DDMError(f"{caller}: out: {got}, but the samples are {x1.dtype} {tuple(x1.shape)} on {x1.device}; "
+                       "pass out=x1 (the samples replace the noise) or torch.empty_like(x1)")
+    return out
 
 
 def _rows(cond: dict[str, torch.Tensor] | None, rows: slice) -> dict[str, torch.Tensor] | None:
@@ -194,7 +203,7 @@ def checked_class_labels(labels, n: int, classes: int | None, device, caller: st
 def sample_ddm(ddm, strategy: str | Strategy, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
                device="cpu", x1: torch.Tensor | None = None, callback=None, router_every: int = 1,
                cond: dict[str, torch.Tensor] | None = None, batch_size: int | None = None,
-               speed: SpeedOptions = SpeedOptions()) -> tuple[torch.Tensor, dict]:
+               speed: SpeedOptions = SpeedOptions(), out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Sample a DDM (ddmkit.ddm.DDM) with one routing strategy from x1 ~ N(0, I) (fixed by seed), or
     from the rows x1 given (a float32 tensor (n, *data_shape); see start_rows). device: where the noise
     is drawn and sampling runs (cpu, cuda, cuda:N, mps or auto); with x1, where x1's rows are.
@@ -208,7 +217,10 @@ def sample_ddm(ddm, strategy: str | Strategy, n: int, steps: int = 50, solver: s
     memory: the same noise, the same samples to rounding for the deterministic strategies, and
     for the random ones the same law with other draws (one generator, used chunk after chunk);
     speed = how the networks run on a GPU (ddmkit.accel.SpeedOptions: CUDA graphs, streams,
-    autocast); the networks are prepared once per DDM and options (DDM.networks).
+    autocast); the networks are prepared once per DDM and options (DDM.networks);
+    out = the tensor the samples are written into (x1 itself may be given: each chunk's noise is read
+    before its samples take its place, so the device holds n rows, not 2n; noise drawn here is written
+    over without it), returned as the samples.
     A callback sees whole trajectories only, so it needs batch_size None or >= n. Bad arguments are
     DDMErrors naming them (checked_arguments, checked_cond; the device where it is used: start_rows),
     as in DDM.sample."""
@@ -229,7 +241,7 @@ def sample_ddm(ddm, strategy: str | Strategy, n: int, steps: int = 50, solver: s
                        "or rk4")
     drawn = x1 is None
     x1 = start_rows(checked.n, ddm.data_shape, checked.seed, device, x1, "sample_ddm")
-    samples = samples_in_place_of(x1, drawn and callback is None)  # (a callback may keep the states it saw)
+    samples = samples_in_place_of(x1, drawn and callback is None, out, "sample_ddm")  # (a callback may keep states)
     cond = checked_cond(ddm, cond, checked.n, x1.device, "sample_ddm")
     gen = routing_generator(checked.seed, x1.device)
     prior = ddm.prior
@@ -281,9 +293,10 @@ def _per_trajectory(nfe: list[int]) -> int:
 def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
                   device="cpu", name: str = "monolith", x1: torch.Tensor | None = None,
                   cond: dict[str, torch.Tensor] | None = None, batch_size: int | None = None,
-                  speed: SpeedOptions = SpeedOptions()) -> tuple[torch.Tensor, dict]:
+                  speed: SpeedOptions = SpeedOptions(),
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Sampling with one velocity field (the monolith): one network call per evaluation, called
-    as field(x, t, **cond) with the rows' conditioning (batch_size and speed as in sample_ddm).
+    as field(x, t, **cond) with the rows' conditioning (batch_size, speed and out as in sample_ddm).
     With speed.cuda_graphs the field's graphs are captured for this call; to keep them from one call
     to the next, pass accel.accelerate_field(field, speed) once and sample it with the default speed.
     Bad arguments are DDMErrors naming them, as in sample_ddm."""
@@ -300,7 +313,7 @@ def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "eul
                        "passed to the field as field(x, t, **cond) (e.g. {'y': labels})")
     drawn = x1 is None
     x1 = start_rows(checked.n, data_shape, checked.seed, device, x1, "sample_single")
-    samples = samples_in_place_of(x1, drawn)
+    samples = samples_in_place_of(x1, drawn, out, "sample_single")
     field = accelerate_field(field, speed)
     nfe = []
     _sync(x1.device)

@@ -84,16 +84,17 @@ def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device,
     else:
         ddm = _ddm(run, sample_set, device, ddms)
         shape, classes, meta, codec = ddm.data_shape, ddm.num_classes, ddm.meta, ddm.codec
-    x1 = start_noise(s.n, shape, s.seed, device)[:sample_set.n]
+    x1 = start_noise(s.n, shape, s.seed)[:sample_set.n].to(device)  # the set's rows of the run's noise
     y = sample_labels(classes, s.n, s.seed, device)
     y = None if y is None else y[:sample_set.n]
     cond = None if y is None else {"y": y}
     if sample_set.kind == SetKind.MONOLITH:
         x0, info = sample_single(field, shape, sample_set.n, s.steps, s.solver, s.seed, device, sample_set.name,
-                                 x1=x1, cond=cond, **config_options(s, False, autocast))
+                                 x1=x1, cond=cond, out=x1, **config_options(s, False, autocast))
     else:
         x0, info = sample_ddm(ddm, sample_set.strategy, sample_set.n, s.steps, s.solver, s.seed, device, x1=x1,
-                              cond=cond, **config_options(s, True, autocast))
+                              cond=cond, out=x1, **config_options(s, True, autocast))  # samples over the noise
+    x0 = x0.cpu()  # (a latent run's images are decoded chunk by chunk into the host's memory)
     if codec is not None:  # a latent run: samples are decoded into images
         x0 = codec.decode(x0)
     info.pop("expert_rows", None)
@@ -101,7 +102,7 @@ def draw_set(cfg: RunConfig, run, sample_set: SampleSet, images: bool, device,
                 missing_experts=meta.get("missing_experts", []))
     if images:
         x0 = x0.float().clamp(-1, 1)
-    return x0.cpu(), None if y is None else y.cpu(), info
+    return x0, None if y is None else y.cpu(), info
 
 
 SAMPLES_FIX = "delete it (the sets are drawn again by `ddmkit sample RUN --strategy NAME` or `ddmkit run`)"
