@@ -208,6 +208,19 @@ def test_out_receives_the_samples_and_may_be_the_noise_itself():
             sample(*args, 7, steps=3, out=[0.0] * 7)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_samples_written_over_the_callers_noise_need_only_the_chunks_work():
+    """With out=x1, a caller's noise (the pipeline's sets) costs no second n rows on the device."""
+    n, d, chunk = 4096, 16384, 256  # 256 MiB of float32 rows, 16 MiB a chunk
+    x1 = torch.randn(n, d, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    samples, _ = sample_single(lambda x, t: -x, (d,), n, steps=2, x1=x1, batch_size=chunk, out=x1)
+    peak = torch.cuda.max_memory_allocated() - base  # (without out: the n rows of samples besides)
+    assert samples.data_ptr() == x1.data_ptr() and peak < 8 * chunk * d * 4, peak / (chunk * d * 4)
+
+
 # 6. expert indices
 
 @pytest.mark.parametrize("present, message", [([5], r"\[5\] are not expert indices of these 3 experts"),
