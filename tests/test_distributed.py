@@ -332,6 +332,41 @@ def test_sigterm_stops_every_process_and_keeps_only_the_checkpoint(training, to)
     assert _rendezvous(out.parent / "tmpdir") == []  # nor the rendezvous folder
 
 
+def test_a_rank_asked_to_stop_ends_stopped_also_where_its_keyboardinterrupt_was_lost(monkeypatch):
+    """A rank whose KeyboardInterrupt Python dropped (raised in a __del__) trained on; now _stop_rank sets the
+    stop flag as well, and the rank ends STOPPED at fit's next check or at the collective its stopped peers
+    left, where an error without a stop is still raised and a DDMError is still a failure with its message."""
+    import queue
+
+    from ddmkit.train import distributed
+    from ddmkit.train.stop import check_stop
+
+    monkeypatch.setattr(distributed.signal, "signal", lambda *args: None)  # this process keeps its handlers
+    errors = queue.SimpleQueue()
+
+    def lost_then(then):
+        def job():
+            try:
+                distributed._stop_rank(signal.SIGTERM, None)
+            except KeyboardInterrupt:
+                pass  # dropped, as in a __del__
+            then()
+        return job
+
+    def collective_left_by_peers():
+        raise RuntimeError("Connection closed by peer")
+
+    assert distributed._rank_status(lost_then(check_stop), errors) == distributed.STOPPED  # fit's next step
+    assert distributed._rank_status(lost_then(collective_left_by_peers), errors) == distributed.STOPPED
+    with pytest.raises(RuntimeError, match="Connection closed"):  # no stop asked: a real error; no flag kept
+        distributed._rank_status(collective_left_by_peers, errors)
+
+    def refused():
+        check_stop()  # the flag of the stop above is not this job's
+        raise DDMError("train.lr: bad")
+    assert distributed._rank_status(refused, errors) == distributed.FAILED and errors.get() == "train.lr: bad"
+
+
 def _free_port() -> int:
     import socket
     with contextlib.closing(socket.socket()) as s:

@@ -50,6 +50,7 @@ from torch import nn
 
 from ddmkit.errors import DDMError
 from ddmkit.io import scratch_dir
+from ddmkit.train.stop import request_stop, stop_requested, stop_scope
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 JOIN_TIMEOUT = 600.0  # seconds a process started by a launcher waits for the job's other processes
@@ -317,9 +318,11 @@ def die_with_parent(parent: int) -> None:
 
 def _stop_rank(signum, frame) -> None:
     """A spawned process's SIGINT / SIGTERM handler: stop as on Ctrl-C (KeyboardInterrupt: rank 0 removes its
-    staging folder, the last checkpoint stays); signals during that cleanup are ignored."""
+    staging folder, the last checkpoint stays; the stop flag too, for a KeyboardInterrupt Python drops:
+    ddmkit.train.stop); signals during that cleanup are ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    request_stop()
     raise KeyboardInterrupt
 
 
@@ -342,19 +345,32 @@ def _worker(local_rank: int, nproc: int, device_name: str, init_method: str, thr
     signal.signal(signal.SIGTERM, _stop_rank)
     die_with_parent(parent)
     torch.set_num_threads(threads)
-    status = 0
-    try:
-        fn(*args, dist=_join(local_rank, nproc, local_rank, device_name, init_method))
-        tdist.barrier()  # every process done before any tears the group down (gloo aborts otherwise)
-    except DDMError as e:
-        errors.put(str(e))
-        status = FAILED
-    except KeyboardInterrupt:
-        status = STOPPED  # not 0, as torch's wrapper would exit: the parent learns the job did not finish
-    finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-    _exit_now(status)
+    _exit_now(_rank_status(lambda: fn(*args, dist=_join(local_rank, nproc, local_rank, device_name, init_method)),
+                           errors))
+
+
+def _rank_status(job: Callable[[], None], errors) -> int:
+    """Run one process's part of the job in a stop scope (fit stops at its next step once _stop_rank set the
+    flag, also where the KeyboardInterrupt was lost) and leave the group; its exit status: 0, FAILED (a
+    DDMError, its message put in `errors`) or STOPPED. Another exception is raised, unless a stop was asked:
+    then it is the collective that the stopped processes left (gloo: the connection closed), a stop too."""
+    with stop_scope():
+        try:
+            job()
+            tdist.barrier()  # every process done before any tears the group down (gloo aborts otherwise)
+        except DDMError as e:
+            errors.put(str(e))
+            return FAILED
+        except KeyboardInterrupt:
+            return STOPPED  # not 0, as torch's wrapper would exit: the parent learns the job did not finish
+        except Exception:
+            if not stop_requested():
+                raise
+            return STOPPED
+        finally:
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+    return 0
 
 
 def _stop(processes: list) -> None:

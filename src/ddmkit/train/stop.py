@@ -1,11 +1,12 @@
 """Stopping a running training job at its next step.
 
 A job is stopped by raising KeyboardInterrupt into it: from a signal handler (a process pool's worker,
-ddmkit.launch.backends) or from another thread (PyThreadState_SetAsyncExc, ddmkit.pipeline.run). Such an
-exception can be lost: Python drops one raised while it runs a __del__ or a weakref callback, and the job
-then trains on to its end. So whoever stops a job also sets its stop flag, and the training loop
-(ddmkit.train.loop.fit) looks at the flag once per step and raises KeyboardInterrupt there: the job ends
-as an interrupted one does (its staging folder removed, its last checkpoint kept).
+ddmkit.launch.backends; a spawned process of a job on several, ddmkit.train.distributed) or from another
+thread (PyThreadState_SetAsyncExc, ddmkit.pipeline.run). Such an exception can be lost: Python drops one
+raised while it runs a __del__ or a weakref callback, and the job then trains on to its end. So whoever
+stops a job also sets its stop flag, and the training loop (ddmkit.train.loop.fit) looks at the flag
+once per step and raises KeyboardInterrupt there: the job ends as an interrupted one does (its staging
+folder removed, its last checkpoint kept).
 
 A flag belongs to one thread's stop scope, so stopping one thread's job stops no other thread:
 
