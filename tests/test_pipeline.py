@@ -1,9 +1,7 @@
 """The pipeline end to end on a tiny config, step by step through the CLI, and bad input."""
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,13 +16,17 @@ from ddmkit.pipeline.samplesets import EXACT
 from ddmkit.truth import GaussianMixture
 
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
-SRC = str(Path(__file__).parents[1] / "src")
 
 
-def cli(*args, cwd=None):
-    env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1"}
-    return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=cwd)
+@pytest.fixture
+def cli(ddmkit):
+    """`ddmkit ARGS` run in this process by conftest's ddmkit, answered as a subprocess.CompletedProcess (exit
+    code, stdout, and stderr with its whitespace joined into single spaces). Not in a process of its own: each
+    paid seconds of importing torch and the CLI (test_cli_conventions.py runs the command as a process)."""
+    def run(*args):
+        code, out, err = ddmkit(*args)
+        return subprocess.CompletedProcess(args, code, out, err)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +147,7 @@ def test_in_thread_runs_its_work_during_the_body_and_raises_its_error():
         pass
 
 
-def test_sample_section_speed_options_reach_the_sampler(tiny_run, tmp_path):
+def test_sample_section_speed_options_reach_the_sampler(tiny_run, tmp_path, cli):
     """sample.router_every = m calls the router ceil(steps / m) times per trajectory and is refused
     below 1, naming the field; sample.cuda_graphs and cuda_streams on the CPU give the same samples as
     without (the CLI flags too)."""
@@ -160,10 +162,11 @@ def test_sample_section_speed_options_reach_the_sampler(tiny_run, tmp_path):
     assert info["router_calls"] == 3 and info["velocity_evaluations"] == 8  # evaluations 0, 3, 6 of 8
     assert info["expert_calls_per_sample"] == pytest.approx(2 * 8)
     reused = load_tensors(RunFolder(run).sample_set("top-2"))["x"]
-    assert not torch.equal(reused, load_tensors(RunFolder(out).sample_set("top-2"))["x"])  # stale routing: other samples
+    drawn_by_the_run = load_tensors(RunFolder(out).sample_set("top-2"))["x"]
+    assert not torch.equal(reused, drawn_by_the_run)  # stale routing: other samples
     cfg.sample.router_every, cfg.sample.cuda_graphs = 1, True
     assert sample_run(run, ["top-2"], cfg)[0]["router_calls"] == 8
-    assert torch.equal(load_tensors(RunFolder(run).sample_set("top-2"))["x"], load_tensors(RunFolder(out).sample_set("top-2"))["x"])
+    assert torch.equal(load_tensors(RunFolder(run).sample_set("top-2"))["x"], drawn_by_the_run)
     bad = tmp_path / "bad.toml"
     bad.write_text(TINY.read_text().replace("[sample]\n", "[sample]\nrouter_every = 0\n"))
     with pytest.raises(DDMError, match="router_every"):
@@ -182,7 +185,7 @@ def test_sample_section_speed_options_reach_the_sampler(tiny_run, tmp_path):
     assert all(torch.equal(first, x) for x in drawn.values())
 
 
-def test_cli_step_by_step(tmp_path):
+def test_cli_step_by_step(tmp_path, cli):
     run = tmp_path / "r"
     assert cli("partition", "--config", TINY, "--out", run).returncode == 0
     manifest = json.loads((run / "partition" / "manifest.json").read_text())
@@ -199,7 +202,7 @@ def test_cli_step_by_step(tmp_path):
     assert {"top-2", "nearest"} <= set(metrics["rows"])
 
 
-def test_train_monolith_adds_the_monolith_to_a_run_made_without_one(tiny_run, tmp_path):
+def test_train_monolith_adds_the_monolith_to_a_run_made_without_one(tiny_run, tmp_path, cli):
     """monolith.enabled = false is for `ddmkit run`; the explicit command trains it (e.g. as the reference
     of `ddmkit analyze`), the same network as a run with the monolith, and never trains it twice."""
     with_monolith = tiny_run[0]
@@ -214,7 +217,7 @@ def test_train_monolith_adds_the_monolith_to_a_run_made_without_one(tiny_run, tm
     assert again.returncode == 0 and "trained already" in again.stdout + again.stderr
 
 
-def test_bad_inputs_exit_2_with_a_clear_message(tmp_path):
+def test_bad_inputs_exit_2_with_a_clear_message(tmp_path, cli):
     bad = tmp_path / "bad.toml"
     bad.write_text(TINY.read_text().replace("[partition]\nk = 4", "[partition]\nk = 4\nclusters = 3"))
     r = cli("run", bad, "--out", tmp_path / "o1")
@@ -236,7 +239,7 @@ def test_bad_inputs_exit_2_with_a_clear_message(tmp_path):
     assert r.returncode == 2 and "top-K" in r.stderr
 
 
-def test_nan_data_is_refused(tmp_path):
+def test_nan_data_is_refused(tmp_path, cli):
     import numpy as np
     x = np.random.default_rng(0).normal(size=(400, 2)).astype("float32")
     x[7, 1] = np.inf
@@ -247,7 +250,7 @@ def test_nan_data_is_refused(tmp_path):
     assert r.returncode == 2 and "NaN or infinite" in r.stderr
 
 
-def test_other_run_in_output_folder_is_refused(tiny_run, tmp_path):
+def test_other_run_in_output_folder_is_refused(tiny_run, tmp_path, cli):
     out, _ = tiny_run
     other = tmp_path / "other.toml"
     other.write_text(TINY.read_text().replace("[partition]\nk = 4", "[partition]\nk = 3"))
@@ -257,7 +260,7 @@ def test_other_run_in_output_folder_is_refused(tiny_run, tmp_path):
 
 
 
-def test_a_run_continues_with_other_settings_of_how_its_jobs_run(tiny_run, tmp_path):
+def test_a_run_continues_with_other_settings_of_how_its_jobs_run(tiny_run, tmp_path, cli):
     """`ddmkit run` refused another --device or checkpoint_every on its own folder ('already holds a different
     run ... pass --force', which deletes the trained networks), though launch allows them and reliability.md
     says they may change: nothing trained or drawn is changed."""
@@ -313,7 +316,7 @@ def test_a_new_evaluate_section_keeps_the_samples_and_scores_them_again(tiny_run
     assert result["chunk"] == 100
 
 
-def test_router_expert_mismatch_and_corrupt_weights(tiny_run, tmp_path):
+def test_router_expert_mismatch_and_corrupt_weights(tiny_run, tmp_path, cli):
     """The checks on the model folders themselves (a run without registry.json; with one, any change
     is refused before by the hashes: test_registry.py)."""
     out, _ = tiny_run
@@ -438,7 +441,7 @@ def test_cli_messages_print_brackets_as_they_are(capsys, monkeypatch):
     assert exit_info.value.code == 2 and "pip install 'ddmkit[ray]'" in capsys.readouterr().err
 
 
-def test_a_set_drawn_with_other_settings_or_networks_is_drawn_again(tiny_run, tmp_path):
+def test_a_set_drawn_with_other_settings_or_networks_is_drawn_again(tiny_run, tmp_path, cli):
     """`ddmkit run` keeps a set drawn with the run's settings and networks, and draws again one drawn by
     `ddmkit sample` with other settings (the report would mix them) or before an expert was trained again."""
     from ddmkit.io import load_tensors, read_metadata, save_tensors
@@ -459,7 +462,7 @@ def test_a_set_drawn_with_other_settings_or_networks_is_drawn_again(tiny_run, tm
     assert (out / "samples" / "full.safetensors").stat().st_mtime_ns != full
 
 
-def test_sample_draws_the_exact_set_its_help_offers(tiny_run, tmp_path):
+def test_sample_draws_the_exact_set_its_help_offers(tiny_run, tmp_path, cli):
     """`ddmkit sample --strategy exact` (offered by its --help) was refused: the names went into
     sample.strategies, which holds routing strategies only."""
     out, _ = tiny_run
@@ -477,7 +480,7 @@ def test_sample_draws_the_exact_set_its_help_offers(tiny_run, tmp_path):
     ("run", ["--address", "auto"], "--address is for the ray backend only"),
     ("run", ["--workers", "2"], "--workers is for the processes and ray backends"),  # was ignored
     ("demo", ["--workers", "0", "--backend", "processes"], "--workers must be >= 1")])
-def test_launch_options_are_refused_before_the_run_folder_is_made(tmp_path, command, args, message):
+def test_launch_options_are_refused_before_the_run_folder_is_made(tmp_path, command, args, message, cli):
     """--workers 0 and --address without ray were refused only after data and partition were written."""
     target = [TINY, "--out", tmp_path / "r"] if command == "run" else ["--out", tmp_path / "r"]
     done = cli(command, *target, *args)
@@ -485,7 +488,7 @@ def test_launch_options_are_refused_before_the_run_folder_is_made(tmp_path, comm
     assert not (tmp_path / "r").exists()
 
 
-def test_sample_refuses_settings_of_another_run(tiny_run, tmp_path):
+def test_sample_refuses_settings_of_another_run(tiny_run, tmp_path, cli):
     """`ddmkit sample RUN --set partition.k=5` was accepted and ignored; like evaluate, sample changes only
     how sets are drawn."""
     out, _ = tiny_run
