@@ -2,11 +2,9 @@
 image run (the tiny Fashion-MNIST config on a small IDX folder) and a text run (two obvious
 clusters, letters and digits, so the alignment answer is known)."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,10 +17,15 @@ from ddmkit.pipeline.run import run_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DDMKIT_QUIET": "1"}
-    return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, env=env)
+@pytest.fixture
+def cli(ddmkit):
+    """`ddmkit ARGS` run by the command line's main() in this process (conftest's ddmkit), not in a new
+    interpreter: a call no longer starts Python and imports torch and the rest (seconds each). It returns
+    what subprocess.run did: returncode (the exit status) and stdout and stderr (stderr on one line)."""
+    def run(*args):
+        code, out, err = ddmkit(*args)
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +40,13 @@ def image_run(tmp_path_factory):
     return root / "run"
 
 
-def test_sample_evaluate_and_analyze_an_image_run(image_run):
+def test_sample_evaluate_and_analyze_an_image_run(image_run, cli):
     done = cli("sample", image_run, "--strategy", "top-2", "--strategy", "monolith", "--n", "12", "--guidance", "2")
     assert done.returncode == 0, done.stderr
     folder = RunFolder(image_run)
     infos = json.loads(folder.sample_info.read_text())
-    assert infos["top-2"]["guidance"] == 2.0 and infos["top-2"]["expert_calls_per_sample"] == 2 * 2  # K = 2 experts x 2 steps
+    assert infos["top-2"]["guidance"] == 2.0
+    assert infos["top-2"]["expert_calls_per_sample"] == 2 * 2  # K = 2 experts x 2 steps
     x = load_tensors(folder.sample_set("top-2"))["x"]
     assert x.shape == (12, 1, 28, 28) and x.abs().max() <= 1  # images, clamped to [-1, 1]
     labels = load_tensors(folder.sample_set("top-2"))["y"]
@@ -81,7 +85,7 @@ def test_the_report_flags_an_expert_trained_with_other_settings(image_run, tmp_p
     assert rows[0][3] == 4 and rows[1][3] == 99  # steps as each folder recorded them
 
 
-def test_an_image_report_states_each_set_s_own_count_guidance_and_labels(image_run, tmp_path):
+def test_an_image_report_states_each_set_s_own_count_guidance_and_labels(image_run, tmp_path, cli):
     """Sets drawn again by `ddmkit sample` with another --guidance or --n were reported with the config's:
     the row of a set drawn at guidance 3 was 'top-2' under 'guidance 1.0 unless a row names another', a
     set of 8 images had n = 16, and samples/labels.safetensors held only the last call's labels."""
@@ -117,7 +121,7 @@ def text_config(folder: Path) -> Path:
     return path
 
 
-def test_sample_evaluate_and_analyze_a_text_run(tmp_path):
+def test_sample_evaluate_and_analyze_a_text_run(tmp_path, cli):
     config = text_config(tmp_path)
     run = tmp_path / "run"
     done = cli("run", config, "--out", run)
@@ -148,7 +152,7 @@ def test_sample_evaluate_and_analyze_a_text_run(tmp_path):
     assert done.returncode == 2 and "--strategy" in done.stderr and "needs continuous-data state" in done.stderr
 
 
-def test_a_text_run_step_by_step_equals_the_whole_run(tmp_path):
+def test_a_text_run_step_by_step_equals_the_whole_run(tmp_path, cli):
     """partition, one isolated job per expert shard, router, registry: the same bytes as `ddmkit run`."""
     config = text_config(tmp_path)
     whole, steps = tmp_path / "whole", tmp_path / "steps"
@@ -170,12 +174,13 @@ def test_a_text_run_step_by_step_equals_the_whole_run(tmp_path):
     assert done.returncode == 2 and "experts [1] are missing" in done.stderr and "--allow-missing" in done.stderr
     assert cli("verify", steps, "--allow-missing").returncode == 0
     shutil.move(tmp_path / "away", steps / "experts" / "expert_01")
-    (steps / "experts" / "expert_01" / "model.safetensors").write_bytes((whole / "router" / "model.safetensors").read_bytes())
+    router = (whole / "router" / "model.safetensors").read_bytes()
+    (steps / "experts" / "expert_01" / "model.safetensors").write_bytes(router)
     done = cli("verify", steps)
     assert done.returncode == 2 and "SHA-256" in done.stderr
 
 
-def test_a_missing_stage_names_the_command_that_makes_it(tmp_path):
+def test_a_missing_stage_names_the_command_that_makes_it(tmp_path, cli):
     run = tmp_path / "run"
     assert cli("partition", "--config", ROOT / "tests" / "configs" / "tiny.toml", "--out", run).returncode == 0
     for args, command in ((("sample", run), "ddmkit launch"), (("evaluate", run), "ddmkit sample"),

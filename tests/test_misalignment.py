@@ -2,10 +2,8 @@
 field under full routing, router modifiers, overlapping shares), and a tiny study from the command line."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,10 +36,15 @@ RING = GaussianMixture.from_covariances(torch.arange(1.0, 9.0), ring_mixture(8).
 # 8 components on a circle (component j is next to j - 1 and j + 1) with unequal weights 1 : 2 : ... : 8
 
 
-def cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DDMKIT_QUIET": "1"}
-    return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, env=env)
+@pytest.fixture
+def cli(ddmkit):
+    """`ddmkit ARGS` run by the command line's main() in this process (conftest's ddmkit), not in a new
+    interpreter: a call no longer starts Python and imports torch and the rest (seconds each). It returns
+    what subprocess.run did: returncode (the exit status) and stdout and stderr (stderr on one line)."""
+    def run(*args):
+        code, out, err = ddmkit(*args)
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return run
 
 
 def states(n=400, seed=0):
@@ -207,10 +210,11 @@ def tree(folder: Path) -> dict:
             if p.is_file() and p.name != ".lock"}
 
 
-def test_a_tiny_study_from_the_command_line(tmp_path):
+def test_a_tiny_study_from_the_command_line(tmp_path, cli):
     out = tmp_path / "study"
+    short = ("--set", "expert.train.steps=15")  # a quarter of tiny.toml's 60: what is trained is not measured here
     base = ("study", "misalignment", TINY, "--out", out, "--seeds", "2", "--strategy", "full", "--strategy", "top-2",
-            "--n", "100", "--n-boot", "20", "--w2-boot", "3")
+            "--n", "100", "--n-boot", "20", "--w2-boot", "3", *short)
     done = cli(*base, "--conditions", "disjoint,overlap-0.5,exact")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "study.json").read_text())
@@ -233,7 +237,7 @@ def test_a_tiny_study_from_the_command_line(tmp_path):
     assert json.loads((out / "study.json").read_text())["condition_names"] == ["disjoint", "tempered-3+permuted-0.5"]
     weights = {p: p.stat().st_mtime_ns for p in (out / "runs" / "disjoint_s0").rglob("model.safetensors")}
     other = cli("study", "misalignment", TINY, "--out", out, "--seeds", "1", "--strategy", "top-2", "--strategy",
-                "full", "--n", "80", "--n-boot", "20", "--w2-boot", "3", "--conditions", "disjoint", "--set",
+                "full", "--n", "80", "--n-boot", "20", "--w2-boot", "3", "--conditions", "disjoint", *short, "--set",
                 "expert.train.threads=1")  # was refused ("holds a run of another config"; --force retrained)
     assert other.returncode == 0, other.stderr
     assert {p: p.stat().st_mtime_ns for p in weights} == weights and len(weights) == 5  # measured, not trained
@@ -253,14 +257,14 @@ def test_a_tiny_study_from_the_command_line(tmp_path):
     (("--set", "sample.solver=adaptive", "--set", 'sample.strategies=["top-1"]'),
      "pass --set sample.solver=rk4"),  # a traceback from the analysis sampler after the training
 ])
-def test_bad_options_exit_2_before_anything_is_written(tmp_path, args, words):
+def test_bad_options_exit_2_before_anything_is_written(tmp_path, args, words, cli):
     out = tmp_path / "study"
     done = cli("study", "misalignment", TINY, "--out", out, *args)
     assert done.returncode == 2 and words in done.stderr, done.stderr
     assert not out.exists()
 
 
-def test_each_stage_checks_only_the_devices_it_uses(tmp_path):
+def test_each_stage_checks_only_the_devices_it_uses(tmp_path, cli):
     """A study measured on a GPU is reported on a machine without one by the same command line: --stages
     report uses no device (it was refused: "--device: 'cuda:99', but this machine has 0 CUDA device(s)").
     Measuring there is still refused before any work, naming --device; and a run to train on a device this

@@ -5,11 +5,9 @@ samples are the ones `ddmkit run` draws; router modifiers share their base run a
 is refused before anything is written)."""
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,10 +28,15 @@ ALPHA, BETA = (0.5, 2.0), 0.3  # expert k: v = ALPHA[k] x + BETA y; the router s
 T975 = {2: 12.706204736174698, 3: 4.302652729911275}  # t quantiles (0.975, n - 1 degrees of freedom)
 
 
-def cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DDMKIT_QUIET": "1"}
-    return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, env=env)
+@pytest.fixture
+def cli(ddmkit):
+    """`ddmkit ARGS` run by the command line's main() in this process (conftest's ddmkit), not in a new
+    interpreter: a call no longer starts Python and imports torch and the rest (seconds each). It returns
+    what subprocess.run did: returncode (the exit status) and stdout and stderr (stderr on one line)."""
+    def run(*args):
+        code, out, err = ddmkit(*args)
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return run
 
 
 def linear_ddm() -> DDM:
@@ -136,13 +139,16 @@ def test_the_paired_fid_difference_and_the_image_verdict_on_given_numbers():
 
 def image_config(tmp_path: Path) -> Path:
     """configs/fashion_mnist_tiny.toml on a small IDX folder (class-conditional UNet experts, a label-conditional
-    router, pixel features)."""
+    router, pixel features), sampled in 2 steps (not 3)."""
     from test_images import write_idx_set
 
     data = write_idx_set(tmp_path / "fm", 160, 48)
     text = (ROOT / "configs" / "fashion_mnist_tiny.toml").read_text()
-    text = text.replace("params = {}", f"params = {{ dir = {json.dumps(str(data))} }}")
-    text = text.replace("n_train = 256", "n_train = 160").replace("n_test = 64", "n_test = 48")
+    for old, new in (("params = {}", f"params = {{ dir = {json.dumps(str(data))} }}"),
+                     ("n_train = 256", "n_train = 160"), ("n_test = 64", "n_test = 48"),
+                     ("\nsteps = 3\n", "\nsteps = 2\n")):
+        assert old in text, old
+        text = text.replace(old, new)
     path = tmp_path / "fm.toml"
     path.write_text(text)
     return path
@@ -153,10 +159,10 @@ def tree(folder: Path) -> dict:
             if p.is_file() and p.name != ".lock"}
 
 
-def test_a_tiny_image_study_from_the_command_line(tmp_path):
+def test_a_tiny_image_study_from_the_command_line(tmp_path, cli):
     out = tmp_path / "study"
     base = ("study", "misalignment", image_config(tmp_path), "--out", out, "--seeds", "2", "--strategy", "full",
-            "--strategy", "top-1", "--n", "16", "--n-boot", "10", "--stability-rows", "8", "--device", "cpu",
+            "--strategy", "top-1", "--n", "16", "--n-boot", "10", "--stability-rows", "4", "--device", "cpu",
             "--set", "sample.guidance=2")
     done = cli(*base, "--conditions", "disjoint,random")
     assert done.returncode == 0, done.stderr
@@ -176,11 +182,11 @@ def test_a_tiny_image_study_from_the_command_line(tmp_path):
     cell = json.loads((out / "measure" / "disjoint_s0.json").read_text())
     assert cell["device"] == "cpu" and cell["mechanism"]["heldout_rows"] == 16
     full = cell["strategies"]["full"]
-    assert full["value"]["stability_rows"] == 8 and sorted(full["boot"]) == ["amp", "delta_refine"]
+    assert full["value"]["stability_rows"] == 4 and sorted(full["boot"]) == ["amp", "delta_refine"]
     assert len(full["boot"]["amp"]) == 10
     text = (out / "report.md").read_text()
     assert "| condition | strategy | seeds | FID | KID x 1e3 | amplification | Delta_refine |" in text
-    assert "no interval over samples" in text and "first 8 trajectories" in text and "| NLL" not in text
+    assert "no interval over samples" in text and "first 4 trajectories" in text and "| NLL" not in text
     assert "| condition | seeds | expert error, own cluster | expert error, other clusters | other / own |" in text
 
     # the samples are the ones `ddmkit run` draws: the same noise, labels and guidance (2), so the same FID
@@ -221,17 +227,17 @@ def test_a_tiny_image_study_from_the_command_line(tmp_path):
     (("--device", "cuda:99"), ["--device"]),
     (("--n", "4", "--set", "evaluate.kid_subset=8"), ["--n 4", "evaluate.kid_subset"]),
 ])
-def test_exact_and_bad_options_on_images_exit_2_before_anything_is_written(tmp_path, args, words):
+def test_exact_and_bad_options_on_images_exit_2_before_anything_is_written(tmp_path, args, words, cli):
     out = tmp_path / "study"
     done = cli("study", "misalignment", image_config(tmp_path), "--out", out, *args)
     assert done.returncode == 2 and all(w in done.stderr for w in words), done.stderr
     assert not out.exists()
 
 
-def test_train_now_measure_later_and_a_missing_scorer_is_found_before_training(tmp_path, monkeypatch):
+def test_train_now_measure_later_and_a_missing_scorer_is_found_before_training(tmp_path, monkeypatch, cli):
     out = tmp_path / "study"
     base = ("study", "misalignment", image_config(tmp_path), "--out", out, "--seeds", "1", "--strategy", "top-1",
-            "--n", "16", "--n-boot", "10", "--stability-rows", "8", "--device", "cpu",
+            "--n", "16", "--n-boot", "10", "--stability-rows", "4", "--device", "cpu",
             "--conditions", "disjoint,tempered-3")
     monkeypatch.setenv("DDMKIT_FID_WEIGHTS", str(tmp_path / "absent.pt"))
     no_scorer = cli(*base, "--set", 'evaluate.fid_features="inception"')
