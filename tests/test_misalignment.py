@@ -330,6 +330,22 @@ def test_a_study_without_verdicts_says_so_before_any_work(tmp_path):
     assert result["conditions"]["exact"]["verdict"] == "needs full and another strategy"
 
 
+def test_a_cells_run_config_is_valid_for_any_n_the_study_accepts():
+    """--n below evaluate.chunk's minimum (10) or below sample.sweep_n made the cells' configs invalid, naming
+    settings the user never touched; settings not bounded by n stay as they were (the cells' keys with them)."""
+    from ddmkit.config import RunConfig, load_config
+    from ddmkit.pipeline.checks import check_run_plan
+    from ddmkit.pipeline.misalignment import cell_config
+
+    raw = load_config(TINY).model_dump()
+    raw["sample"].update(sweep_n=50, stats_router_strategies=["top-1"])
+    cfg = RunConfig(**raw)
+    for n, chunk, sweep_n in ((4, 10, 4), (30, 30, 30), (400, 200, 50)):
+        cell = cell_config(cfg, parse_condition("exact"), 0, n, ["full"])
+        assert (cell.sample.n, cell.evaluate.chunk, cell.sample.sweep_n) == (n, chunk, sweep_n)
+        check_run_plan(cell, 1000, 2 * n + 2 * chunk, (2,), True)
+
+
 def test_a_measurement_recorded_under_typed_strategy_names_is_kept_under_their_one_names(tmp_path):
     """Earlier ddmkit keyed a cell's measurement on the --strategy names as typed (sample-2@1); writing them
     by their one names (sample-2) changed the key, and every cell of such a study was measured again."""

@@ -181,7 +181,9 @@ def check_study(cfg: RunConfig, conditions: list[str], strategies: list[str], se
 
 def cell_config(cfg: RunConfig, cond: Condition, seed: int, n: int, strategies: list[str]) -> RunConfig:
     """The config of one training run: the seed's expert (seed) and router (seed + 1) training seeds, the
-    condition's expert steps and warmup, no monolith; sample.n = n (no sets are drawn by the study)."""
+    condition's expert steps and warmup, no monolith; sample.n = n (no sets are drawn by the study), and the
+    settings bounded by sample.n within it (sample.sweep_n, evaluate.chunk: at least its minimum, 10), so
+    any --n the study accepts makes a valid run."""
     raw = cfg.model_dump()
     train = raw["expert"]["train"]
     train["seed"], raw["router"]["train"]["seed"] = seed, seed + 1
@@ -189,7 +191,9 @@ def cell_config(cfg: RunConfig, cond: Condition, seed: int, n: int, strategies: 
     train["warmup"] = round(cond.steps_factor * train["warmup"])
     raw["monolith"]["enabled"] = False
     raw["sample"].update(n=n, strategies=list(strategies), batch_size=None)
-    raw["evaluate"].update(missing_experts=False, stats_router=False, chunk=min(raw["evaluate"]["chunk"], n))
+    if raw["sample"]["sweep_n"] is not None:
+        raw["sample"]["sweep_n"] = min(raw["sample"]["sweep_n"], n)
+    raw["evaluate"].update(missing_experts=False, stats_router=False, chunk=max(10, min(raw["evaluate"]["chunk"], n)))
     return validate(RunConfig, raw, f"misalignment run {cond.run_name} seed {seed}")
 
 
