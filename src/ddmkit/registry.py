@@ -39,6 +39,7 @@ from ddmkit.errors import DDMError
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder
 from ddmkit.nets import build_model, check_identity, from_pretrained
+from ddmkit.nets.folders import on_meta
 from ddmkit.routing.stats_router import PUBLISHED_STATISTICS
 
 REGISTRY = "registry.json"
@@ -444,7 +445,7 @@ def check_model_folder(folder: str | Path) -> dict:
     check_identity(folder, config)
     arch, kwargs = config["arch"], config["kwargs"]
     try:
-        with torch.device("meta"), _Budget(20 * len(header) + 200, folder):
+        with on_meta(), _Budget(20 * len(header) + 200, folder):
             model = build_model(arch, **kwargs)
     except DDMError as e:  # bad arguments, an unregistered class of the user's: named with the file
         raise e if str(folder) in str(e) else DDMError(f"{folder / 'config.json'}: {e}") from None

@@ -19,10 +19,12 @@ from ddmkit.nets.mlp import timestep_embedding
 
 
 def positions_2d(h: int, w: int, dim: int) -> torch.Tensor:
-    """Fixed sinusoidal positions (h * w, dim): half the features for rows, half for columns."""
+    """Fixed sinusoidal positions (h * w, dim): half the features for rows, half for columns; computed on the
+    CPU whatever the default device (on the meta device, torch's kernels would import torch._dynamo)."""
     quarter = dim // 4
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(quarter) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(quarter, device="cpu") / quarter)
+    rows, cols = torch.meshgrid(torch.arange(h, device="cpu").float(), torch.arange(w, device="cpu").float(),
+                                indexing="ij")
     parts = [f(a.reshape(-1, 1) * freqs) for a in (rows, cols) for f in (torch.sin, torch.cos)]
     pos = torch.cat(parts, dim=1)
     return nn.functional.pad(pos, (0, dim - pos.shape[1]))
@@ -68,7 +70,8 @@ class DiT(nn.Module):
                            "of heads")
         self.data_shape, self.patch, self.num_classes, self.width = tuple(data_shape), patch, num_classes, width
         self.embed_patches = nn.Conv2d(c, width, patch, stride=patch)
-        self.register_buffer("pos", positions_2d(h // patch, w // patch, width), persistent=False)
+        self.register_buffer("pos", positions_2d(h // patch, w // patch, width).to(torch.get_default_device()),
+                             persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.label_emb = nn.Embedding(num_classes + 1, width) if num_classes else None
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))

@@ -11,12 +11,14 @@ An architecture is a built-in name (ARCHITECTURES) or the user's own class as
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_convention
 from ddmkit.errors import DDMError
@@ -79,11 +81,33 @@ def build_model(arch: str, **kwargs) -> nn.Module:
         raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {type(e).__name__}: {str(e)[:300]}") from None
 
 
+class _NoFillsOnMeta(TorchFunctionMode):
+    """Initialisers (torch.nn.init's functions, Tensor.normal_) called on a meta tensor are skipped: they write
+    nothing there, and torch runs normal_'s meta kernel through a Python reference that imports torch._dynamo
+    (seconds, once a process), so that building a network with an nn.Embedding (class labels) on the meta
+    device cost a command seconds at its start."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.normal_ or getattr(func, "__module__", None) == "torch.nn.init":
+            tensor = args[0] if args else kwargs.get("tensor")  # (torch passes an initialiser's arguments by name)
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Networks built in the body are on the meta device: their tensors' shapes and dtypes, no memory."""
+    with torch.device("meta"), _NoFillsOnMeta():
+        yield
+
+
 def check_builds(arch: str, kwargs: dict, where: str) -> nn.Module:
     """arch(**kwargs) built on the meta device (no memory), as a check before any work: a network that
     cannot be built is a DDMError that opens with `where` (the setting that names it)."""
     try:
-        with torch.device("meta"):
+        with on_meta():
             return build_model(arch, **kwargs)
     except DDMError as e:
         raise DDMError(f"{where}: {e}") from None

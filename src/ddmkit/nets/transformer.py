@@ -45,7 +45,7 @@ class TokenTransformer(nn.Module):
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.seq_len, self.pool = seq_len, pool
         self.tok = nn.Embedding(vocab_size, width)
-        self.pos = nn.Parameter(torch.randn(seq_len, width) * 0.02)
+        self.pos = nn.Parameter(nn.init.normal_(torch.empty(seq_len, width), std=0.02))  # randn * 0.02, skipped on meta
         self.blocks = nn.ModuleList(Block(width, heads, causal) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, out_dim)
