@@ -206,6 +206,9 @@ def test_out_receives_the_samples_and_may_be_the_noise_itself():
             sample(*args, 7, steps=3, x1=x1, out=torch.empty(6, D))
         with pytest.raises(DDMError, match="out: list"):
             sample(*args, 7, steps=3, out=[0.0] * 7)
+    given = x1.clone()
+    got, _ = ddm.sample("top-2", 7, steps=3, x1=given, batch_size=3, out=given)  # DDM.sample passes it on
+    assert got.data_ptr() == given.data_ptr() and torch.equal(got, sample_ddm(ddm, "top-2", 7, steps=3, x1=x1)[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

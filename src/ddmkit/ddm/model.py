@@ -186,7 +186,7 @@ class DDM:
     def sample(self, strategy: str | Strategy = "top-2", n: int = 1000, steps: int = 50, solver: str = "euler", seed: int = 0,
                labels=None, guidance: float | None = None, decode: bool = True, x1: torch.Tensor | None = None,
                batch_size: int | None = None, router_every: int = 1, speed: SpeedOptions = SpeedOptions(),
-               callback=None, **unknown):
+               callback=None, out: torch.Tensor | None = None, **unknown):
         """(samples (n, *data_shape), info): routed sampling from x_1 ~ N(0, I) fixed by `seed`, on the
         DDM's device (move it with .to(device)). strategy: a routing strategy's name ('top-2'; the forms
         of ddmkit.routing.STRATEGIES) or a ddmkit.routing.Strategy object (one of your own, unnamed).
@@ -199,8 +199,9 @@ class DDM:
         returns decoded images (decode=False: the latents, of shape data_shape); images come as integrated
         (and decoded), not clamped: the pipeline clamps them to [-1, 1] before it saves and scores them
         (x0.clamp(-1, 1) does the same here). x1: the starting noise, a float32 torch tensor
-        (n, *data_shape), moved to the DDM's device; batch_size, router_every, speed and callback as in
-        ddmkit.ddm.sampling.sample_ddm. Bad arguments are DDMErrors naming them."""
+        (n, *data_shape), moved to the DDM's device; batch_size, router_every, speed, callback and out (x1
+        on the DDM's device: the samples written over it) as in ddmkit.ddm.sampling.sample_ddm. Bad arguments
+        are DDMErrors naming them."""
         if unknown:
             raise DDMError(unknown_argument(next(iter(unknown)), self.device))
         for name, value in (("n", n), ("steps", steps), ("solver", solver), ("seed", seed)):
@@ -215,7 +216,7 @@ class DDM:
             x1 = x1.to(self.device)
         x0, info = sample_ddm(ddm, strategy, checked.n, checked.steps, checked.solver, checked.seed, self.device,
                               x1=x1, callback=callback, router_every=checked.router_every, cond=cond,
-                              batch_size=checked.batch_size, speed=speed)
+                              batch_size=checked.batch_size, speed=speed, out=out)
         if decode and self.codec is not None:
             x0 = self.codec.decode(x0)
         return x0, info
