@@ -1,12 +1,15 @@
 """`ddmkit sweep`: a tiny grid end to end from the command line (equal compute for every K, data and
 partitions made once, resume), and the report's arithmetic on known answers."""
+import contextlib
+import io
 import json
 import math
-import os
 import shutil
-import subprocess
+import signal
 import sys
+import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from filelock import FileLock
@@ -19,12 +22,32 @@ from ddmkit.pipeline.sweep import (SHARED, cell_config, cell_dir, cell_in_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.toml"
+SWEEP = ROOT / "tests" / "configs" / "sweep_tiny.toml"  # tiny.toml's training, fewer samples scored, no studies
 
 
-def cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DDMKIT_QUIET": "1"}
-    return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, env=env)
+class Done(NamedTuple):
+    """What a command left, named as subprocess.run names it: its exit status and its stderr."""
+    returncode: int
+    stderr: str
+
+
+def cli(*args) -> Done:
+    """`ddmkit ARGS` in this process, as a user would run it (exit status, stderr): no interpreter to start
+    and no torch to import per call, and torch's CPU threads as conftest sets them (one: the test workers
+    share the cores). An exception other than the CLI's own exit would be a traceback for a user, and fails
+    the test. What main() sets for the process (argv, the SIGTERM handler, warnings) is put back after."""
+    from ddmkit.cli import main
+
+    argv, sigterm, formatwarning = sys.argv, signal.getsignal(signal.SIGTERM), warnings.formatwarning
+    sys.argv, err = ["ddmkit", *map(str, args)], io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            with pytest.raises(SystemExit) as raised:
+                main()
+    finally:
+        sys.argv, warnings.formatwarning = argv, formatwarning
+        signal.signal(signal.SIGTERM, sigterm)
+    return Done(raised.value.code or 0, err.getvalue())
 
 
 GRID = ("--k", "2", "--k", "4", "--budget", "0.5", "--budget", "1")  # the tiny grid the CLI tests share
@@ -32,15 +55,15 @@ GRID = ("--k", "2", "--k", "4", "--budget", "0.5", "--budget", "1")  # the tiny 
 
 @pytest.fixture(scope="session")
 def tiny_grid(tmp_path_factory, worker_id):
-    """The tiny grid trained and scored once per test session (one seed), under a lock in the folder
-    every xdist worker shares: the CLI tests below read it, and a rerun on it (resume) rewrites only its
-    report, atomically and with the same bytes."""
+    """The folder of the tiny grid (GRID of sweep_tiny.toml, one seed) trained and scored once per test
+    session, under a lock in the folder every xdist worker shares: the CLI tests below read it, and a rerun
+    on it (resume) rewrites only its report, atomically and with the same bytes."""
     root = tmp_path_factory.getbasetemp()
     root = root if worker_id == "master" else root.parent  # the run's folder, above each worker's own
     out = root / "tiny_grid" / "sweep"
     with FileLock(str(root / "tiny_grid.lock")):
         if not (out / "sweep.json").exists():
-            done = cli("sweep", TINY, "--out", out, *GRID)
+            done = cli("sweep", SWEEP, "--out", out, *GRID)
             assert done.returncode == 0, done.stderr
     return out
 
@@ -169,13 +192,14 @@ def test_a_partial_report_without_monolith_cells_says_not_yet():
 
 def test_a_tiny_sweep_from_the_command_line(tiny_grid):
     out = tiny_grid
-    args = ("sweep", TINY, "--out", out, *GRID)
+    args = ("sweep", SWEEP, "--out", out, *GRID)
     # one seed: where seeds go is tested on cells() and cell_config() above, their intervals on summarize()
     report = json.loads((out / "sweep.json").read_text())
     assert report["metric"] == "W2 / noise floor" and report["ks"] == [2, 4]
     assert report["table"]["monolith"]["1"]["n"] == 1  # one monolith, trained in the K_ref = 4 cells
     assert (out / "k4_b1_s0" / "monolith").exists() and not (out / "k2_b1_s0" / "monolith").exists()
-    assert "monolith" not in json.loads((out / "k2_b1_s0" / "config.json").read_text())["config"]["sample"]["strategies"]
+    recorded = json.loads((out / "k2_b1_s0" / "config.json").read_text())["config"]
+    assert "monolith" not in recorded["sample"]["strategies"]
     assert report["table"]["K=4 top-2"]["0.5"]["n"] == 1 and set(report["best"]) == {"2", "4"}
     assert "K=2 top-2" not in report["table"] and "K=2 top-2: the same as full" in (out / "sweep.md").read_text()
     assert (out / "sweep.md").exists() and (out / "plots" / "sweep.png").exists()
@@ -195,7 +219,7 @@ def test_a_tiny_sweep_from_the_command_line(tiny_grid):
     assert again.returncode == 0 and "scored before" in again.stderr
     assert (weights.stat().st_mtime_ns, metrics.stat().st_mtime_ns) == before  # resumed: nothing retrained or rescored
     assert (out / "sweep.json").read_bytes() == report_bytes
-    refused = cli("sweep", TINY, "--out", out, "--k", "0", "--budget", "1")
+    refused = cli("sweep", SWEEP, "--out", out, "--k", "0", "--budget", "1")
     assert refused.returncode == 2 and "--k" in refused.stderr
 
 
@@ -259,7 +283,7 @@ def test_a_latent_sweep_trains_one_autoencoder_for_the_grid(tmp_path):
 
 def test_a_sweep_trained_now_and_scored_later(tmp_path):
     out = tmp_path / "sweep"
-    grid = ("sweep", TINY, "--out", out, "--k", "2", "--budget", "0.5", "--scale", "steps")
+    grid = ("sweep", SWEEP, "--out", out, "--k", "2", "--budget", "0.5", "--scale", "steps")
     early = cli(*grid, "--stages", "evaluate")
     assert early.returncode == 2 and "not trained" in early.stderr and not out.exists()  # refused, nothing written
     trained = cli(*grid, "--stages", "train")
@@ -287,31 +311,32 @@ def test_the_report_from_cells_scored_elsewhere(tiny_grid, tmp_path):
     """--stages report: only the cells' metrics.json, brought back from the machines that scored them."""
     out, elsewhere = tiny_grid, tmp_path / "brought_back"
     names = ["k2_b0.5_s0", "k2_b1_s0", "k4_b0.5_s0", "k4_b1_s0"]
-    early = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report")
+    early = cli("sweep", SWEEP, "--out", elsewhere, *GRID, "--stages", "report")
     assert early.returncode == 2 and ", ".join(names) in early.stderr and not elsewhere.exists()
-    copy_metrics(out, elsewhere, names[:3])  # three of four cells brought back: --partial reports them, naming the other
-    half = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report", "--partial")
+    # three of four cells brought back: --partial reports them, naming the other
+    copy_metrics(out, elsewhere, names[:3])
+    half = cli("sweep", SWEEP, "--out", elsewhere, *GRID, "--stages", "report", "--partial")
     assert half.returncode == 0, half.stderr
     partial = json.loads((elsewhere / "sweep.json").read_text())
     assert partial["missing"] == ["k4_b1_s0"] and list(partial["table"]["monolith"]) == ["0.5"]
     assert "left out (k4_b1_s0)" in (elsewhere / "sweep.md").read_text()
     copy_metrics(out, elsewhere, names[3:])
-    done = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report")
+    done = cli("sweep", SWEEP, "--out", elsewhere, *GRID, "--stages", "report")
     assert done.returncode == 0, done.stderr
     want, got = (json.loads((d / "sweep.json").read_text()) for d in (out, elsewhere))
     assert got["table"] == want["table"] and got["compute_ratio"] == want["compute_ratio"]
     assert (elsewhere / "sweep.md").read_text() == (out / "sweep.md").read_text()
     assert sorted(p.name for p in (elsewhere / "k4_b1_s0").iterdir()) == ["metrics.json"]  # nothing trained
     for stage in ("evaluate", "train"):  # scored cells need no weights and no training
-        kept = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", stage)
+        kept = cli("sweep", SWEEP, "--out", elsewhere, *GRID, "--stages", stage)
         assert kept.returncode == 0 and kept.stderr.count("scored before") == 4, (stage, kept.stderr)
         assert sorted(p.name for p in (elsewhere / "k4_b1_s0").iterdir()) == ["metrics.json"]
-    other = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report", "--set", "sample.steps=7")
+    other = cli("sweep", SWEEP, "--out", elsewhere, *GRID, "--stages", "report", "--set", "sample.steps=7")
     assert other.returncode == 2 and "another config" in other.stderr and "k2_b0.5_s0" in other.stderr
     assert "differs in sample.steps (8, asked 7)" in " ".join(other.stderr.split())  # the field, named
-    parts = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report", "--monolith-k", "2")
+    parts = cli("sweep", SWEEP, "--out", elsewhere, *GRID, "--stages", "report", "--monolith-k", "2")
     assert parts.returncode == 2 and "monolith.enabled differs: give --monolith-k" in " ".join(parts.stderr.split())
-    scale = cli("sweep", TINY, "--out", elsewhere, *GRID, "--stages", "report", "--scale", "steps")
+    scale = cli("sweep", SWEEP, "--out", elsewhere, *GRID, "--stages", "report", "--scale", "steps")
     assert scale.returncode == 2 and "Cells of the other --scale are there" in " ".join(scale.stderr.split())
 
 
@@ -322,17 +347,17 @@ def test_cells_brought_back_as_metrics_alone_are_named_with_what_works(tiny_grid
     out, elsewhere = tiny_grid, tmp_path / "brought_back"
     names = ["k2_b0.5_s0", "k2_b1_s0", "k4_b0.5_s0", "k4_b1_s0"]
     copy_metrics(out, elsewhere, names)
-    forced = cli("sweep", TINY, "--out", elsewhere, *GRID, "--force")
+    forced = cli("sweep", SWEEP, "--out", elsewhere, *GRID, "--force")
     said = " ".join(forced.stderr.split())
     assert forced.returncode == 2 and f"--force: cells {', '.join(names)} in {elsewhere} hold only their " \
         "metrics.json" in said and "leave --force out to keep their scores, or remove those cell folders" in said, said
-    other = cli("sweep", TINY, "--out", elsewhere, *GRID, "--set", "sample.steps=7")
+    other = cli("sweep", SWEEP, "--out", elsewhere, *GRID, "--set", "sample.steps=7")
     said = " ".join(other.stderr.split())
     assert other.returncode == 2 and "hold only a metrics.json made with another config" in said \
         and "differs in sample.steps (8, asked 7)" in said and "choose another --out" not in said, said
     for name in names:
         assert sorted(p.name for p in (elsewhere / name).iterdir()) == ["metrics.json"]  # nothing written
-    kept = cli("sweep", TINY, "--out", elsewhere, *GRID)  # without --force their scores are kept
+    kept = cli("sweep", SWEEP, "--out", elsewhere, *GRID)  # without --force their scores are kept
     assert kept.returncode == 0 and kept.stderr.count("scored before") == 4, kept.stderr
 
 
@@ -348,22 +373,22 @@ def test_cells_made_with_other_devices_or_threads_are_the_same_cells(tiny_grid, 
         for section in ("expert", "router", "latent"):
             metrics["config"][section]["train"].update(device="cuda", threads=8, log_every=7)
         path.write_text(json.dumps(metrics))
-    report = cli("sweep", TINY, "--out", out, *GRID, "--stages", "report")
+    report = cli("sweep", SWEEP, "--out", out, *GRID, "--stages", "report")
     assert report.returncode == 0, report.stderr
     assert (out / "sweep.md").read_text() == (tiny_grid / "sweep.md").read_text()
     # the same command line as on the GPU: the report uses no device (--device cuda:99 was refused here)
     (out / "sweep.md").unlink()
-    same = cli("sweep", TINY, "--out", out, *GRID, "--stages", "report", "--device", "cuda:99")
+    same = cli("sweep", SWEEP, "--out", out, *GRID, "--stages", "report", "--device", "cuda:99")
     assert same.returncode == 0, same.stderr
     assert (out / "sweep.md").read_text() == (tiny_grid / "sweep.md").read_text()
-    scoring = cli("sweep", TINY, "--out", out, *GRID, "--stages", "evaluate", "--device", "cuda:99", "--force")
+    scoring = cli("sweep", SWEEP, "--out", out, *GRID, "--stages", "evaluate", "--device", "cuda:99", "--force")
     said = " ".join(scoring.stderr.split())
     assert scoring.returncode == 2 and "--device: 'cuda:99', but this machine has" in said, said
-    kept = cli("sweep", TINY, "--out", out, *GRID, "--stages", "evaluate", "--set", "expert.train.threads=2")
+    kept = cli("sweep", SWEEP, "--out", out, *GRID, "--stages", "evaluate", "--set", "expert.train.threads=2")
     assert kept.returncode == 0 and kept.stderr.count("scored before") == 4, kept.stderr
-    other = cli("sweep", TINY, "--out", out, *GRID, "--stages", "report", "--set", "sample.steps=7")
+    other = cli("sweep", SWEEP, "--out", out, *GRID, "--stages", "report", "--set", "sample.steps=7")
     assert other.returncode == 2 and "differs in sample.steps (8, asked 7); give" in " ".join(other.stderr.split())
-    raw = apply_overrides(load_config(TINY).model_dump(), ["latent.train.threads=4", "latent.train.device=cpu"])
+    raw = apply_overrides(load_config(SWEEP).model_dump(), ["latent.train.threads=4", "latent.train.device=cpu"])
     cell = cell_config(RunConfig.model_validate(raw), 2, 1.0, 0, monolith=False)
     assert cell_in_folder(tiny_grid, cell, SHARED, "data") is not None  # its data shared with a grid part
 
@@ -395,7 +420,7 @@ def test_scored_cells_outside_the_grid_are_named(tiny_grid, tmp_path):
     (out / "k2_b0.75_s1" / "metrics.json").write_text("{}")
     grid = ("--k", "2", "--budget", "0.5", "--budget", "0.75", "--budget", "1", "--seed", "0", "--seed", "1",
             "--monolith-k", "4")
-    done = cli("sweep", TINY, "--out", out, *grid, "--stages", "report", "--partial")
+    done = cli("sweep", SWEEP, "--out", out, *grid, "--stages", "report", "--partial")
     assert done.returncode == 0, done.stderr
     assert "k2_b0.75_s1 are scored but left out" in " ".join(done.stderr.split()) and "--all-seeds" in done.stderr
 
@@ -405,19 +430,20 @@ def test_a_grid_run_in_parts_is_the_whole_grid(tiny_grid, tmp_path):
     own), and the report over every part's cells is the whole grid's (its budget-1 cells, reported apart)."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     copy_metrics(tiny_grid, whole, ["k2_b1_s0", "k4_b1_s0"])
-    assert cli("sweep", TINY, "--out", whole, "--k", "2", "--k", "4", "--budget", "1", "--stages", "report").returncode == 0
-    alone = cli("sweep", TINY, "--out", parts, "--k", "2", "--budget", "1", "--monolith-k", "4")
+    reported = cli("sweep", SWEEP, "--out", whole, "--k", "2", "--k", "4", "--budget", "1", "--stages", "report")
+    assert reported.returncode == 0, reported.stderr
+    alone = cli("sweep", SWEEP, "--out", parts, "--k", "2", "--budget", "1", "--monolith-k", "4")
     assert alone.returncode == 0, alone.stderr
     assert not (parts / "k2_b1_s0" / "monolith").exists()  # the K = 4 cells train it
     assert "no monolith cells" in (parts / "sweep.md").read_text()
-    again = cli("sweep", TINY, "--out", parts, "--k", "2", "--budget", "1")  # the part again, --monolith-k forgotten
+    again = cli("sweep", SWEEP, "--out", parts, "--k", "2", "--budget", "1")  # the part again, --monolith-k forgotten
     assert again.returncode == 2 and "give --monolith-k the K whose cells train" in " ".join(again.stderr.split())
-    assert cli("sweep", TINY, "--out", parts, "--k", "4", "--budget", "1").returncode == 0
-    done = cli("sweep", TINY, "--out", parts, "--k", "2", "--k", "4", "--budget", "1", "--stages", "report")
+    assert cli("sweep", SWEEP, "--out", parts, "--k", "4", "--budget", "1").returncode == 0
+    done = cli("sweep", SWEEP, "--out", parts, "--k", "2", "--k", "4", "--budget", "1", "--stages", "report")
     assert done.returncode == 0, done.stderr
     want, got = (json.loads((d / "sweep.json").read_text()) for d in (whole, parts))
     assert got["table"] == want["table"] and got["compute_ratio"] == want["compute_ratio"]
-    bad = cli("sweep", TINY, "--out", tmp_path / "bad", "--k", "2", "--budget", "1", "--monolith-k", "0")
+    bad = cli("sweep", SWEEP, "--out", tmp_path / "bad", "--k", "2", "--budget", "1", "--monolith-k", "0")
     assert bad.returncode == 2 and "--monolith-k" in bad.stderr and not (tmp_path / "bad").exists()
 
 
@@ -497,16 +523,16 @@ def test_cells_scored_before_a_setting_was_added_still_count_and_damaged_ones_ar
         for section in ("expert", "router", "latent"):
             metrics["config"][section]["train"].pop("parallel")
         path.write_text(json.dumps(metrics))
-    done = cli("sweep", TINY, "--out", older, *GRID, "--stages", "report")
+    done = cli("sweep", SWEEP, "--out", older, *GRID, "--stages", "report")
     assert done.returncode == 0, done.stderr
     assert (older / "sweep.md").read_text() == (out / "sweep.md").read_text()
     cut = (older / "k4_b1_s0" / "metrics.json").read_text()[:50]
     (older / "k4_b1_s0" / "metrics.json").write_text(cut)
-    refused = cli("sweep", TINY, "--out", older, *GRID, "--stages", "report")
+    refused = cli("sweep", SWEEP, "--out", older, *GRID, "--stages", "report")
     assert refused.returncode == 2 and "is not valid JSON (cut short?); delete it" in " ".join(refused.stderr.split())
     for bad in ("[]", '{"config": 1, "rows": {}}', '{"config": {}, "rows": {"full": {"n": 1}}}'):
         (older / "k4_b1_s0" / "metrics.json").write_text(bad)
-        refused = cli("sweep", TINY, "--out", older, *GRID, "--stages", "report")
+        refused = cli("sweep", SWEEP, "--out", older, *GRID, "--stages", "report")
         assert refused.returncode == 2 and "k4_b1_s0/metrics.json is not the metrics.json of a scored ddmkit run" \
             in " ".join(refused.stderr.split()) and "Traceback" not in refused.stderr, refused.stderr
 
