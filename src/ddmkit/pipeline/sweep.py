@@ -81,7 +81,9 @@ def cell_config(cfg: RunConfig, k: int, budget: float, seed: int, monolith: bool
     """The config of one cell: K clusters, each expert's steps and batch (scale="batch": budget x the
     config's steps at K_ref / K x its batch) or steps (scale="steps") set so that the total compute
     is budget x the config's, every training seed (experts, router) from `seed`; the FLOP-matched
-    monolith trained and sampled only when `monolith` (one K's cells train it for the whole grid)."""
+    monolith trained and sampled only when `monolith` (one K's cells train it for the whole grid). A cell
+    draws and scores only what the sweep's report reads: its strategies (no guidance sweep, no sets of the
+    statistics-only router, no missing-expert or statistics-only router studies)."""
     raw = cfg.model_dump()
     train, k_ref = cfg.expert.train, cfg.partition.k
     raw["partition"]["k"] = k
@@ -94,7 +96,9 @@ def cell_config(cfg: RunConfig, k: int, budget: float, seed: int, monolith: bool
     raw["router"]["train"]["seed"] = seed + 1
     raw["monolith"]["enabled"] = monolith
     strategies = cell_strategies(cfg.sample.strategies, k)
-    raw["sample"]["strategies"] = [MONOLITH, *strategies] if monolith else strategies
+    raw["sample"].update(strategies=[MONOLITH, *strategies] if monolith else strategies, guidance_sweep=[],
+                         stats_router_strategies=[])
+    raw["evaluate"].update(missing_experts=False, stats_router=False)
     return validate(RunConfig, raw, f"sweep cell k={k} budget={budget:g} seed={seed}")
 
 
