@@ -1,9 +1,11 @@
 import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -31,18 +33,39 @@ def gen():
     return torch.Generator().manual_seed(0)
 
 
-@pytest.fixture
-def ddmkit(monkeypatch, capsys):
-    """`ddmkit ARGS` in this process: (exit code, stdout, stderr on one line)."""
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`ddmkit ARGS` in this process, answered as subprocess.run answers (returncode, stdout, stderr as printed):
+    no interpreter to start and no torch to import per command (seconds each), on the CPU threads set above.
+    An exception other than the CLI's own exit (a traceback for a user) fails the test. What main() sets for
+    the process (argv, the SIGTERM handler, how warnings print) is put back after. Tests about the command as
+    a process of its own (signals, exit by the interpreter, start-up) start one instead."""
     from ddmkit.cli import main
 
+    argv, sigterm, formatwarning = sys.argv, signal.getsignal(signal.SIGTERM), warnings.formatwarning
+    sys.argv, out, err = ["ddmkit", *map(str, args)], io.StringIO(), io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with pytest.raises(SystemExit) as raised:
+                main()
+    finally:
+        sys.argv, warnings.formatwarning = argv, formatwarning
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(["ddmkit", *map(str, args)], raised.value.code or 0, out.getvalue(),
+                                       err.getvalue())
+
+
+@pytest.fixture
+def cli():
+    """run_cli: `ddmkit ARGS` in this process, as subprocess.run would answer."""
+    return run_cli
+
+
+@pytest.fixture
+def ddmkit():
+    """`ddmkit ARGS` in this process (run_cli): (exit code, stdout, stderr on one line)."""
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit:
-            main()
-        out, err = capsys.readouterr()
-        return exit.value.code, out, " ".join(err.split())
+        done = run_cli(*args)
+        return done.returncode, done.stdout, " ".join(done.stderr.split())
     return run
 
 

@@ -4,7 +4,6 @@ clusters, letters and digits, so the alignment answer is known)."""
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,17 +14,6 @@ from ddmkit.layout import RunFolder
 from ddmkit.pipeline.run import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def cli(ddmkit):
-    """`ddmkit ARGS` run by the command line's main() in this process (conftest's ddmkit), not in a new
-    interpreter: a call no longer starts Python and imports torch and the rest (seconds each). It returns
-    what subprocess.run did: returncode (the exit status) and stdout and stderr (stderr on one line)."""
-    def run(*args):
-        code, out, err = ddmkit(*args)
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-    return run
 
 
 @pytest.fixture(scope="module")

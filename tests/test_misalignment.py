@@ -3,7 +3,6 @@ field under full routing, router modifiers, overlapping shares), and a tiny stud
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,17 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.toml"
 RING = GaussianMixture.from_covariances(torch.arange(1.0, 9.0), ring_mixture(8).means, torch.full((8,), 0.04))
 # 8 components on a circle (component j is next to j - 1 and j + 1) with unequal weights 1 : 2 : ... : 8
-
-
-@pytest.fixture
-def cli(ddmkit):
-    """`ddmkit ARGS` run by the command line's main() in this process (conftest's ddmkit), not in a new
-    interpreter: a call no longer starts Python and imports torch and the rest (seconds each). It returns
-    what subprocess.run did: returncode (the exit status) and stdout and stderr (stderr on one line)."""
-    def run(*args):
-        code, out, err = ddmkit(*args)
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-    return run
 
 
 def states(n=400, seed=0):

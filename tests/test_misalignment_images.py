@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,17 +25,6 @@ from ddmkit.pipeline.stages import load_split
 ROOT = Path(__file__).resolve().parents[1]
 ALPHA, BETA = (0.5, 2.0), 0.3  # expert k: v = ALPHA[k] x + BETA y; the router sends label y to expert y % 2
 T975 = {2: 12.706204736174698, 3: 4.302652729911275}  # t quantiles (0.975, n - 1 degrees of freedom)
-
-
-@pytest.fixture
-def cli(ddmkit):
-    """`ddmkit ARGS` run by the command line's main() in this process (conftest's ddmkit), not in a new
-    interpreter: a call no longer starts Python and imports torch and the rest (seconds each). It returns
-    what subprocess.run did: returncode (the exit status) and stdout and stderr (stderr on one line)."""
-    def run(*args):
-        code, out, err = ddmkit(*args)
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-    return run
 
 
 def linear_ddm() -> DDM:

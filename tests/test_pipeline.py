@@ -1,7 +1,6 @@
 """The pipeline end to end on a tiny config, step by step through the CLI, and bad input."""
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,6 @@ from ddmkit.pipeline.samplesets import EXACT
 from ddmkit.truth import GaussianMixture
 
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
-
-
-@pytest.fixture
-def cli(ddmkit):
-    """`ddmkit ARGS` run in this process by conftest's ddmkit, answered as a subprocess.CompletedProcess (exit
-    code, stdout, and stderr with its whitespace joined into single spaces). Not in a process of its own: each
-    paid seconds of importing torch and the CLI (test_cli_conventions.py runs the command as a process)."""
-    def run(*args):
-        code, out, err = ddmkit(*args)
-        return subprocess.CompletedProcess(args, code, out, err)
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,14 @@
 """`ddmkit sweep`: a tiny grid end to end from the command line (equal compute for every K, data and
 partitions made once, resume), and the report's arithmetic on known answers."""
-import contextlib
-import io
 import json
 import math
 import shutil
-import signal
-import sys
-import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 from filelock import FileLock
+
+from conftest import run_cli
 
 from ddmkit.config import RunConfig, apply_overrides, load_config
 from ddmkit.errors import DDMError
@@ -26,29 +22,7 @@ TINY = ROOT / "tests" / "configs" / "tiny.toml"
 SWEEP = ROOT / "tests" / "configs" / "sweep_tiny.toml"  # tiny.toml's training, fewer samples scored, no studies
 
 
-class Done(NamedTuple):
-    """What a command left, named as subprocess.run names it: its exit status and its stderr."""
-    returncode: int
-    stderr: str
-
-
-def cli(*args) -> Done:
-    """`ddmkit ARGS` in this process, as a user would run it (exit status, stderr): no interpreter to start
-    and no torch to import per call, and torch's CPU threads as conftest sets them (one: the test workers
-    share the cores). An exception other than the CLI's own exit would be a traceback for a user, and fails
-    the test. What main() sets for the process (argv, the SIGTERM handler, warnings) is put back after."""
-    from ddmkit.cli import main
-
-    argv, sigterm, formatwarning = sys.argv, signal.getsignal(signal.SIGTERM), warnings.formatwarning
-    sys.argv, err = ["ddmkit", *map(str, args)], io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            with pytest.raises(SystemExit) as raised:
-                main()
-    finally:
-        sys.argv, warnings.formatwarning = argv, formatwarning
-        signal.signal(signal.SIGTERM, sigterm)
-    return Done(raised.value.code or 0, err.getvalue())
+cli = run_cli  # `ddmkit ARGS` in this process (conftest); tiny_grid, session-scoped, calls it too
 
 
 GRID = ("--k", "2", "--k", "4", "--budget", "0.5", "--budget", "1")  # the tiny grid the CLI tests share
