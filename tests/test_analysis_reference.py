@@ -1,10 +1,10 @@
 """The reference x0* of hit*, rank* and same (exact posterior mean, or the monolith's x_t - t v_monolith(x_t)),
 and `ddmkit analyze --device`, against known answers."""
 import json
-import os
 import shutil
+import signal
 import subprocess
-import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,6 @@ from ddmkit.pipeline.stages import stage_data, stage_experts, stage_monolith, st
 from ddmkit.truth import GaussianMixture
 
 TINY_IMAGES = Path(__file__).parent / "configs" / "tiny_images.toml"
-SRC = str(Path(__file__).parents[1] / "src")
 # the third mean at (0, 4), not (0, 3): at t = 1 every x0 estimate is the mixture mean, equally far from
 # (-3, 0) and (0, 3) (a tie that rounding would break)
 GMM = GaussianMixture.from_covariances([0.5, 0.3, 0.2], [[-3.0, 0.0], [3.0, 0.0], [0.0, 4.0]], [0.3, 0.2, 0.4])
@@ -112,13 +111,22 @@ def image_run(tmp_path_factory):
     return run
 
 
-def cli(*args):
-    env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1"}
-    return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+@pytest.fixture
+def cli(ddmkit, monkeypatch):
+    """`ddmkit ARGS` run in this process by conftest's ddmkit, answered as a subprocess.CompletedProcess (exit
+    code, stdout, and stderr with its whitespace joined into single spaces): a process of its own paid seconds of
+    importing torch and the CLI per command. The warning format and SIGTERM handler main() sets are put back."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    sigterm = signal.getsignal(signal.SIGTERM)
+
+    def run(*args):
+        code, out, err = ddmkit(*args)
+        return subprocess.CompletedProcess(args, code, out, err)
+    yield run
+    signal.signal(signal.SIGTERM, sigterm)
 
 
-def test_analyze_an_image_run_with_the_monolith_as_reference(image_run, tmp_path):
+def test_analyze_an_image_run_with_the_monolith_as_reference(image_run, tmp_path, cli):
     """`ddmkit analyze` on an image run with a monolith writes hit*, rank*, same of the monolith's estimate,
     and says so; the numbers are those of the monolith's x_t - t v_monolith(x_t) on the recorded trajectories."""
     r = cli("analyze", image_run, "--strategy", "top-1", "--n", 12, "--max-steps", 2, "--jvp-rows", 4,
@@ -158,7 +166,7 @@ def test_without_a_monolith_there_is_no_reference(image_run, tmp_path):
 
 @pytest.mark.parametrize("value, words", [("tpu", "--device: 'tpu' is not a device"),
                                           ("cuda:99", "--device: 'cuda:99', but this machine has")])
-def test_a_bad_device_exits_2_naming_the_option(image_run, tmp_path, value, words):
+def test_a_bad_device_exits_2_naming_the_option(image_run, tmp_path, value, words, cli):
     r = cli("analyze", image_run, "--strategy", "top-1", "--n", 4, "--device", value, "--out", tmp_path / "a")
     assert r.returncode == 2 and words in " ".join(r.stderr.split()), r.stderr
     assert not (tmp_path / "a").exists()

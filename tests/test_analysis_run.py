@@ -1,11 +1,10 @@
 """`analyze_run` and `ddmkit analyze` on a tiny trained run (no sampling stage needed)."""
 import json
 import math
-import os
 import re
 import shutil
+import signal
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from ddmkit.pipeline.prepare import prepare_run_dir, trained_sha256
 from ddmkit.pipeline.stages import stage_data, stage_experts, stage_partition, stage_router
 
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
-SRC = str(Path(__file__).parents[1] / "src")
 SMALL = dict(n=80, max_steps=3, jvp_rows=16, n_boot=50, n_heldout=200)
 
 
@@ -77,10 +75,23 @@ def test_bad_input_names_the_option(trained, tmp_path):
         analyze_run(trained, out=trained / "experts" / "expert_00" / "analysis")
 
 
-def test_cli_exits_2_with_a_message(trained, tmp_path):
-    env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1"}
-    r = subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", "analyze", str(trained),
-                        "--strategy", "bogus", "--out", str(tmp_path)], capture_output=True, text=True, env=env)
+@pytest.fixture
+def cli(ddmkit, monkeypatch):
+    """`ddmkit ARGS` run in this process by conftest's ddmkit, answered as a subprocess.CompletedProcess (exit
+    code, stdout, and stderr with its whitespace joined into single spaces): a process of its own paid seconds of
+    importing torch and the CLI. The warning format and SIGTERM handler main() sets are put back after the test."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    sigterm = signal.getsignal(signal.SIGTERM)
+
+    def run(*args):
+        code, out, err = ddmkit(*args)
+        return subprocess.CompletedProcess(args, code, out, err)
+    yield run
+    signal.signal(signal.SIGTERM, sigterm)
+
+
+def test_cli_exits_2_with_a_message(trained, tmp_path, cli):
+    r = cli("analyze", trained, "--strategy", "bogus", "--out", tmp_path)
     assert r.returncode == 2 and "accepted forms" in r.stderr
 
 
@@ -195,10 +206,8 @@ def test_a_seed_out_of_range_is_refused_before_any_work(trained, tmp_path, seed)
     assert not (tmp_path / "a").exists()
 
 
-def test_cli_refuses_a_negative_seed_with_exit_2(trained, tmp_path):
-    env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1"}
-    r = subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", "analyze", str(trained),
-                        "--seed", "-1", "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env)
+def test_cli_refuses_a_negative_seed_with_exit_2(trained, tmp_path, cli):
+    r = cli("analyze", trained, "--seed", "-1", "--out", tmp_path / "a")
     assert r.returncode == 2 and "--seed = -1" in r.stderr and not (tmp_path / "a").exists()
 
 

@@ -3,6 +3,9 @@
 reports are written, stages are reused, bad configs fail clearly."""
 import json
 import random
+import signal
+import subprocess
+import warnings
 
 import pytest
 from typer.testing import CliRunner
@@ -133,21 +136,29 @@ def test_config_errors(tmp_path):
         load_text_config(bad)
 
 
-def test_cli(tmp_path):
+@pytest.fixture
+def cli(ddmkit, monkeypatch):
+    """`ddmkit ARGS` run in this process by conftest's ddmkit, answered as a subprocess.CompletedProcess (exit
+    code, stdout, and stderr with its whitespace joined into single spaces): a process of its own paid seconds of
+    importing torch and the CLI. The warning format and SIGTERM handler main() sets are put back after the test."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    sigterm = signal.getsignal(signal.SIGTERM)
+
+    def run(*args):
+        code, out, err = ddmkit(*args)
+        return subprocess.CompletedProcess(args, code, out, err)
+    yield run
+    signal.signal(signal.SIGTERM, sigterm)
+
+
+def test_cli(tmp_path, cli):
     runner = CliRunner()
     result = runner.invoke(app, ["exactness", "--k", "2", "--vocab", "3", "--length", "5",
                                  "--out", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
     assert rows[0]["kl_max"] < 1e-6
-    import os
-    import subprocess
-    import sys
-
-    src = str(__import__("pathlib").Path(__file__).parents[1] / "src")
-    done = subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", "text", "run",
-                           str(tmp_path / "missing.toml")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": src})
+    done = cli("text", "run", tmp_path / "missing.toml")
     assert done.returncode == 2 and "does not exist" in " ".join(done.stderr.split())
 
 

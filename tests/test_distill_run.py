@@ -4,10 +4,9 @@ the few-step student's grid is the one --grid names (and the Lambda grid has kno
 writes the report, and bad options exit 2 with nothing written."""
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
+import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,16 +26,22 @@ from ddmkit.train.distill import teacher_velocity, train_dense_student
 from conftest import raising_after
 
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
-SRC = str(Path(__file__).parents[1] / "src")
 SMALL = {"steps": 40, "trajectories": 128}  # students trained in a second
 
 
-def clis(calls: list[tuple]) -> list[tuple[int, str]]:
-    """(exit code, stderr) of `ddmkit ARGS` for each ARGS, one after another (each takes the run's lock)."""
-    env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    done = [subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
-                           capture_output=True, text=True, env=env) for args in calls]
-    return [(d.returncode, d.stderr) for d in done]
+@pytest.fixture
+def clis(ddmkit, monkeypatch):
+    """(exit code, stderr with its whitespace joined into single spaces) of `ddmkit ARGS` for each ARGS, one after
+    another (each takes the run's lock), run in this process by conftest's ddmkit (which runs torch on one thread,
+    as OMP_NUM_THREADS=1 did): a process of its own paid seconds of importing torch and the CLI per command. The
+    warning format and SIGTERM handler main() sets are put back after the test."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    sigterm = signal.getsignal(signal.SIGTERM)
+
+    def run(calls: list[tuple]) -> list[tuple[int, str]]:
+        return [(code, err) for code, _, err in (ddmkit(*args) for args in calls)]
+    yield run
+    signal.signal(signal.SIGTERM, sigterm)
 
 
 def hashes(root: Path) -> dict[str, str]:
@@ -133,7 +138,7 @@ def test_few_step_grid_is_what_grid_says(trained, tmp_path):
     assert (grids["lambda"] - time_grid(3)).abs().max() > 0.02
 
 
-def test_cli_writes_students_and_report(trained, tmp_path):
+def test_cli_writes_students_and_report(trained, tmp_path, clis):
     """`ddmkit distill` exits 0 and writes the students and a report with every row; `ddmkit theory
     distill` is still there."""
     run = copy_of(trained, tmp_path)
@@ -161,7 +166,7 @@ def test_cli_writes_students_and_report(trained, tmp_path):
     assert result["field"]["to_teacher"]["dense student"]["mean"] < result["field"]["to_teacher"]["monolith"]["mean"]
 
 
-def test_students_trained_now_and_scored_later(trained, tmp_path, monkeypatch):
+def test_students_trained_now_and_scored_later(trained, tmp_path, monkeypatch, clis):
     """--no-report trains the students without sampling or scoring, and without needing the scorer (on a
     GPU machine that has no FID weights yet); the same command later writes the report and retrains
     nothing."""
@@ -191,7 +196,7 @@ def test_students_trained_now_and_scored_later(trained, tmp_path, monkeypatch):
         plan_distill(run, "top-2", steps=40)
 
 
-def test_bad_options_exit_2_and_write_nothing(trained, tmp_path):
+def test_bad_options_exit_2_and_write_nothing(trained, tmp_path, clis):
     run = copy_of(trained, tmp_path)
     before = hashes(run)
     calls = [("--teacher", "oracle"), ("--teacher", "top-0"), ("--few-step", 0), ("--few-step", 33),

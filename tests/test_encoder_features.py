@@ -1,9 +1,9 @@
 """Partition on a pretrained image encoder (tiny DINOv2 and CLIP folders) and two-stage k-means."""
 import hashlib
 import json
-import os
+import signal
 import subprocess
-import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -267,12 +267,23 @@ def test_fine_k_out_of_range_is_refused_with_a_working_value():
     compute_partition(ArrayData("blobs", x), 4, fine_k=20)
 
 
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "DDMKIT_QUIET": "1"})
+@pytest.fixture
+def cli(ddmkit, monkeypatch):
+    """`ddmkit ARGS` run in this process by conftest's ddmkit (main(), which turns a DDMError into exit 2: CliRunner
+    runs the app without it), answered as a subprocess.CompletedProcess (exit code, stdout, and stderr with its
+    whitespace joined into single spaces): a process of its own paid seconds of importing torch and the CLI. The
+    warning format and SIGTERM handler main() sets are put back after the test."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    sigterm = signal.getsignal(signal.SIGTERM)
+
+    def run(*args):
+        code, out, err = ddmkit(*args)
+        return subprocess.CompletedProcess(args, code, out, err)
+    yield run
+    signal.signal(signal.SIGTERM, sigterm)
 
 
-def test_ddmkit_run_on_encoder_features_and_a_missing_encoder(folders, tmp_path, monkeypatch):
+def test_ddmkit_run_on_encoder_features_and_a_missing_encoder(folders, tmp_path, monkeypatch, cli):
     """`ddmkit run` partitions tiny images on the DINOv2 folder's features in two stages, trains,
     samples (nearest routing applies the encoder to x0_hat) and evaluates; a missing folder is
     exit 2 before anything is written."""
@@ -332,7 +343,7 @@ stats_router = false
     assert manifest["features"]["kind"] == "encoder" and manifest["fine_k"] == 6 and manifest["features"]["size"] == 16
     assert (tmp_path / "run" / "report.md").exists()
     (tmp_path / "bad.toml").write_text(config.replace(str(folders / "dino"), str(tmp_path / "no_such_model")))
-    r = cli("run", "bad.toml", "--out", "bad_run", cwd=tmp_path)  # a process: DDMError -> exit 2 is main()'s
+    r = cli("run", "bad.toml", "--out", "bad_run")  # in tmp_path (monkeypatch.chdir above); exit 2 is main()'s
     assert r.returncode == 2 and "partition.encoder" in r.stderr and not (tmp_path / "bad_run").exists()
 
 

@@ -6,8 +6,8 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
+import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,23 +28,25 @@ from ddmkit.registry import load_partition_checked, verify_registry, write_regis
 from ddmkit.train.jobs import train_expert
 from ddmkit.truth import GaussianMixture
 
-SRC = str(Path(__file__).parents[1] / "src")
 MEANS = np.array([[-3.0, -3.0], [3.0, -3.0], [-3.0, 3.0], [3.0, 3.0]])
 TRUTH = GaussianMixture.from_covariances(np.ones(4), MEANS, np.full(4, 0.25))
 SMALL = {"net": {"arch": "mlp", "kwargs": {"width": 32, "depth": 1}},
          "train": {"steps": 60, "batch_size": 64, "log_every": 20}}
 
 
-def cli(*args):
-    return clis([args])[0]
+@pytest.fixture
+def cli(ddmkit, monkeypatch):
+    """(exit code, stderr with its whitespace joined into single spaces) of `ddmkit ARGS`, run in this process by
+    conftest's ddmkit: a process of its own paid seconds of importing torch and the CLI per command. The warning
+    format and SIGTERM handler main() sets are put back after the test."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    sigterm = signal.getsignal(signal.SIGTERM)
 
-
-def clis(calls: list[tuple]) -> list[tuple[int, str]]:
-    """(exit code, stderr) of `ddmkit ARGS` for each ARGS, one after another (each takes the run's lock)."""
-    env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1"}
-    done = [subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", *map(str, args)],
-                           capture_output=True, text=True, env=env) for args in calls]
-    return [(d.returncode, d.stderr) for d in done]
+    def run(*args):
+        code, _, err = ddmkit(*args)
+        return code, err
+    yield run
+    signal.signal(signal.SIGTERM, sigterm)
 
 
 def sha(path: Path) -> str:
@@ -88,7 +90,7 @@ def run(base, tmp_path):
     return out
 
 
-def test_new_cluster_adds_one_expert_and_a_router_over_k_plus_1(base, run):
+def test_new_cluster_adds_one_expert_and_a_router_over_k_plus_1(base, run, cli):
     folder = RunFolder(run)
     sample_run(run, ["top-2"], log=lambda m: None)  # a sample set of the old DDM, to be cleared
     before = hashes(run)
@@ -142,7 +144,7 @@ def _own_rows(run) -> tuple:
     return torch.cat([train["x"][:30], test["x"][:10]]), torch.cat([train["labels"][:30], test["labels"][:10]])
 
 
-def test_rows_of_the_run_are_refused_in_any_split_or_form(run, tmp_path):
+def test_rows_of_the_run_are_refused_in_any_split_or_form(run, tmp_path, cli):
     """grow.json's hash of the island's training split was the only check: the run's own data set, or an added
     file split otherwise (--params test_fraction), was accepted as a new island (duplicated training rows, test
     rows trained on)."""
@@ -154,12 +156,12 @@ def test_rows_of_the_run_are_refused_in_any_split_or_form(run, tmp_path):
     before = hashes(run)
     rows, labels = _own_rows(run)
     np.savez(tmp_path / "mine.npz", x=rows.numpy(), labels=labels.numpy())
-    code, err = clis([("add-expert", run, "--data", tmp_path / "mine.npz", "--params", '{"test_fraction": 0.5}')])[0]
+    code, err = cli("add-expert", run, "--data", tmp_path / "mine.npz", "--params", '{"test_fraction": 0.5}')
     assert code == 2 and "40 of the new rows are in the run already" in err, err
     assert hashes(run) == before
 
 
-def test_stats_router_trains_nothing_and_routes_the_new_island(run):
+def test_stats_router_trains_nothing_and_routes_the_new_island(run, cli):
     before = hashes(run)
     said = []
     add_expert(run, component(3, 200, seed=1), router="stats", log=said.append)
@@ -229,7 +231,7 @@ def test_nearest_mode_grows_the_nearest_shard_and_retrains_its_expert(run):
     verify_registry(run)
 
 
-def test_replace_expert_copies_a_foreign_folder_that_verifies_and_is_flagged(run, tmp_path):
+def test_replace_expert_copies_a_foreign_folder_that_verifies_and_is_flagged(run, tmp_path, cli):
     foreign = tmp_path / "foreign"
     other = validate(ExpertConfig, {"net": {"arch": "mlp", "kwargs": {"width": 16, "depth": 1}},
                                     "train": {"steps": 20, "batch_size": 32, "seed": 5}})
@@ -290,7 +292,7 @@ def test_an_interrupted_add_expert_leaves_nothing_in_the_run(base, run, stage, m
     assert not [p for p in run.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
 
 
-def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):
+def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path, cli):
     before = hashes(run)
     np.save(tmp_path / "cube.npy", np.zeros((20, 3), dtype=np.float32))
     np.savez(tmp_path / "two.npz", x=np.float32(MEANS[[3, 3]] + [[0, 0], [0.1, 0]]),
@@ -302,7 +304,7 @@ def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path):
              (("add-expert", run, "--data", "ring8", "--params", '{"nope": 1}'), ("--params key 'nope'",)),
              (("replace-expert", run, 3, run / "experts" / "expert_00"), ("K", "0 .. 2")),
              (("replace-expert", run, -1, run / "experts" / "expert_00"), ("K", "0 .. 2"))]
-    for (code, stderr), (_, words) in zip(clis([args for args, _ in calls]), calls):
+    for (code, stderr), (_, words) in zip([cli(*args) for args, _ in calls], calls):
         assert code == 2 and all(w in stderr for w in words), stderr
     nan = component(3, 20, seed=3)
     nan.x[4, 1] = float("nan")
@@ -355,7 +357,7 @@ def test_replace_expert_into_a_missing_slot_says_an_expert_is_copied_in(run, tmp
     assert replace_expert(run, 1, tmp_path / "island") is None  # a copy of those weights already: nothing to do
 
 
-def test_add_expert_trains_on_the_device_given(base, run):
+def test_add_expert_trains_on_the_device_given(base, run, cli):
     """A run trained on a GPU (its config names cuda:7) grown on a machine without it: the error said to pass
     --device cpu, an option add-expert did not have."""
     path = RunFolder(run).config
@@ -375,7 +377,7 @@ def test_add_expert_trains_on_the_device_given(base, run):
     assert f"sample and score with `ddmkit run {run}/config.json --out {run} --stages evaluate`" in " ".join(err.split())
 
 
-def test_add_expert_on_a_run_without_a_monolith_says_how_to_sample_and_score_it(base, run):
+def test_add_expert_on_a_run_without_a_monolith_says_how_to_sample_and_score_it(base, run, cli):
     """The next step printed was `ddmkit run ... --stages evaluate`, which refuses a run without a monolith (the
     experts of islands, brought together, have none)."""
     shutil.rmtree(RunFolder(run).monolith)

@@ -3,9 +3,9 @@ is DDPM's, the folder records the path, and the loader converts the network back
 velocity (ddmkit.flow.convert), so a VP expert mixes with flow-matching experts."""
 import json
 import math
-import os
+import signal
 import subprocess
-import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,6 @@ from ddmkit.train.stacked import StackedExperts
 from ddmkit.nets import build_seeded
 from ddmkit.truth import GaussianMixture
 
-SRC = str(Path(__file__).parents[1] / "src")
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
 
 
@@ -150,14 +149,27 @@ def test_a_trained_vp_expert_learns_the_linear_velocity(tmp_path):
     assert errors["vp"] < 0.02 and errors["linear"] < 0.02, errors
 
 
-def test_a_vp_run_from_the_command_line(tmp_path):
+@pytest.fixture
+def cli(ddmkit, monkeypatch):
+    """`ddmkit ARGS` run in this process by conftest's ddmkit, answered as a subprocess.CompletedProcess (exit
+    code, stdout, and stderr with its whitespace joined into single spaces): a process of its own paid seconds of
+    importing torch and the CLI per command. The warning format and SIGTERM handler main() sets are put back."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    sigterm = signal.getsignal(signal.SIGTERM)
+
+    def run(*args):
+        code, out, err = ddmkit(*args)
+        return subprocess.CompletedProcess(args, code, out, err)
+    yield run
+    signal.signal(signal.SIGTERM, sigterm)
+
+
+def test_a_vp_run_from_the_command_line(tmp_path, cli):
     """`ddmkit run` with [expert.path] kind = "vp": experts and monolith train on the VP path, the report's
     networks table names it, the DDM samples."""
-    env = {**os.environ, "PYTHONPATH": SRC, "DDMKIT_QUIET": "1"}
     run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", "run", str(TINY), "--out",
-                           str(run), "--set", "expert.path.kind=vp", "--set", "expert.prediction=v",
-                           "--set", "expert.path.schedule=cosine"], capture_output=True, text=True, env=env)
+    done = cli("run", TINY, "--out", run, "--set", "expert.path.kind=vp", "--set", "expert.prediction=v",
+               "--set", "expert.path.schedule=cosine")
     assert done.returncode == 0, done.stderr[-2000:]
     for folder in (run / "experts" / "expert_00", run / "monolith"):
         assert read_json(folder / "config.json")["path"]["kind"] == "vp"
@@ -171,9 +183,7 @@ def test_a_vp_run_from_the_command_line(tmp_path):
     (run / "experts" / "expert_01" / "config.json").write_text(json.dumps(config))
     notes = describe_models(run, run_config(run))[1]
     assert len(notes) == 1 and "expert 1" in notes[0] and "prediction" in notes[0], notes
-    bad = subprocess.run([sys.executable, "-c", "from ddmkit.cli import main; main()", "run", str(TINY), "--out",
-                          str(tmp_path / "bad"), "--set", "expert.path.kind=vp"], capture_output=True, text=True,
-                         env=env)
+    bad = cli("run", TINY, "--out", tmp_path / "bad", "--set", "expert.path.kind=vp")
     assert bad.returncode == 2 and "prediction" in bad.stderr and not (tmp_path / "bad").exists()
 
 
