@@ -2,9 +2,6 @@
 and `ddmkit analyze --device`, against known answers."""
 import json
 import shutil
-import signal
-import subprocess
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,21 +106,6 @@ def image_run(tmp_path_factory):
     for stage in (stage_data, stage_partition, stage_experts, stage_monolith, stage_router):
         stage(cfg, run, lambda m: None)
     return run
-
-
-@pytest.fixture
-def cli(ddmkit, monkeypatch):
-    """`ddmkit ARGS` run in this process by conftest's ddmkit, answered as a subprocess.CompletedProcess (exit
-    code, stdout, and stderr with its whitespace joined into single spaces): a process of its own paid seconds of
-    importing torch and the CLI per command. The warning format and SIGTERM handler main() sets are put back."""
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
-    sigterm = signal.getsignal(signal.SIGTERM)
-
-    def run(*args):
-        code, out, err = ddmkit(*args)
-        return subprocess.CompletedProcess(args, code, out, err)
-    yield run
-    signal.signal(signal.SIGTERM, sigterm)
 
 
 def test_analyze_an_image_run_with_the_monolith_as_reference(image_run, tmp_path, cli):

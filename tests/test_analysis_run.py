@@ -3,8 +3,6 @@ import json
 import math
 import re
 import shutil
-import signal
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -73,21 +71,6 @@ def test_bad_input_names_the_option(trained, tmp_path):
         analyze_run(trained, n=10**12, out=tmp_path / "a")
     with pytest.raises(DDMError, match="is inside the model folder .*expert_00; give another folder"):  # written into
         analyze_run(trained, out=trained / "experts" / "expert_00" / "analysis")
-
-
-@pytest.fixture
-def cli(ddmkit, monkeypatch):
-    """`ddmkit ARGS` run in this process by conftest's ddmkit, answered as a subprocess.CompletedProcess (exit
-    code, stdout, and stderr with its whitespace joined into single spaces): a process of its own paid seconds of
-    importing torch and the CLI. The warning format and SIGTERM handler main() sets are put back after the test."""
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
-    sigterm = signal.getsignal(signal.SIGTERM)
-
-    def run(*args):
-        code, out, err = ddmkit(*args)
-        return subprocess.CompletedProcess(args, code, out, err)
-    yield run
-    signal.signal(signal.SIGTERM, sigterm)
 
 
 def test_cli_exits_2_with_a_message(trained, tmp_path, cli):

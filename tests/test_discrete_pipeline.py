@@ -3,9 +3,6 @@
 reports are written, stages are reused, bad configs fail clearly."""
 import json
 import random
-import signal
-import subprocess
-import warnings
 
 import pytest
 from typer.testing import CliRunner
@@ -134,21 +131,6 @@ def test_config_errors(tmp_path):
     bad.write_text(config.read_text().replace('"switch"]', '"oracle"]'))
     with pytest.raises(DDMError, match="evaluate.strategies"):
         load_text_config(bad)
-
-
-@pytest.fixture
-def cli(ddmkit, monkeypatch):
-    """`ddmkit ARGS` run in this process by conftest's ddmkit, answered as a subprocess.CompletedProcess (exit
-    code, stdout, and stderr with its whitespace joined into single spaces): a process of its own paid seconds of
-    importing torch and the CLI. The warning format and SIGTERM handler main() sets are put back after the test."""
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
-    sigterm = signal.getsignal(signal.SIGTERM)
-
-    def run(*args):
-        code, out, err = ddmkit(*args)
-        return subprocess.CompletedProcess(args, code, out, err)
-    yield run
-    signal.signal(signal.SIGTERM, sigterm)
 
 
 def test_cli(tmp_path, cli):

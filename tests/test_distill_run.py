@@ -5,8 +5,6 @@ writes the report, and bad options exit 2 with nothing written."""
 import hashlib
 import json
 import shutil
-import signal
-import warnings
 from pathlib import Path
 
 import pytest
@@ -30,18 +28,10 @@ SMALL = {"steps": 40, "trajectories": 128}  # students trained in a second
 
 
 @pytest.fixture
-def clis(ddmkit, monkeypatch):
-    """(exit code, stderr with its whitespace joined into single spaces) of `ddmkit ARGS` for each ARGS, one after
-    another (each takes the run's lock), run in this process by conftest's ddmkit (which runs torch on one thread,
-    as OMP_NUM_THREADS=1 did): a process of its own paid seconds of importing torch and the CLI per command. The
-    warning format and SIGTERM handler main() sets are put back after the test."""
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
-    sigterm = signal.getsignal(signal.SIGTERM)
-
-    def run(calls: list[tuple]) -> list[tuple[int, str]]:
-        return [(code, err) for code, _, err in (ddmkit(*args) for args in calls)]
-    yield run
-    signal.signal(signal.SIGTERM, sigterm)
+def clis(cli):
+    """(exit code, stderr on one line) of `ddmkit ARGS` for each ARGS, one after another (each takes the run's
+    lock), run in this process (conftest's run_cli, torch on one thread as OMP_NUM_THREADS=1 did)."""
+    return lambda calls: [(done.returncode, " ".join(done.stderr.split())) for done in (cli(*args) for args in calls)]
 
 
 def hashes(root: Path) -> dict[str, str]:

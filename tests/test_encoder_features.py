@@ -1,9 +1,6 @@
 """Partition on a pretrained image encoder (tiny DINOv2 and CLIP folders) and two-stage k-means."""
 import hashlib
 import json
-import signal
-import subprocess
-import warnings
 
 import numpy as np
 import pytest
@@ -265,22 +262,6 @@ def test_fine_k_out_of_range_is_refused_with_a_working_value():
     with pytest.raises(DDMError, match=r"partition.fine_k = 21 "):
         compute_partition(ArrayData("blobs", x), 4, fine_k=21)
     compute_partition(ArrayData("blobs", x), 4, fine_k=20)
-
-
-@pytest.fixture
-def cli(ddmkit, monkeypatch):
-    """`ddmkit ARGS` run in this process by conftest's ddmkit (main(), which turns a DDMError into exit 2: CliRunner
-    runs the app without it), answered as a subprocess.CompletedProcess (exit code, stdout, and stderr with its
-    whitespace joined into single spaces): a process of its own paid seconds of importing torch and the CLI. The
-    warning format and SIGTERM handler main() sets are put back after the test."""
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
-    sigterm = signal.getsignal(signal.SIGTERM)
-
-    def run(*args):
-        code, out, err = ddmkit(*args)
-        return subprocess.CompletedProcess(args, code, out, err)
-    yield run
-    signal.signal(signal.SIGTERM, sigterm)
 
 
 def test_ddmkit_run_on_encoder_features_and_a_missing_encoder(folders, tmp_path, monkeypatch, cli):

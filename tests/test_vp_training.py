@@ -3,9 +3,6 @@ is DDPM's, the folder records the path, and the loader converts the network back
 velocity (ddmkit.flow.convert), so a VP expert mixes with flow-matching experts."""
 import json
 import math
-import signal
-import subprocess
-import warnings
 from pathlib import Path
 
 import pytest
@@ -147,21 +144,6 @@ def test_a_trained_vp_expert_learns_the_linear_velocity(tmp_path):
     assert read_json(tmp_path / "vp" / "config.json")["path"]["time_scale"] == pytest.approx(1e-3)
     assert "path" not in read_json(tmp_path / "linear" / "config.json")
     assert errors["vp"] < 0.02 and errors["linear"] < 0.02, errors
-
-
-@pytest.fixture
-def cli(ddmkit, monkeypatch):
-    """`ddmkit ARGS` run in this process by conftest's ddmkit, answered as a subprocess.CompletedProcess (exit
-    code, stdout, and stderr with its whitespace joined into single spaces): a process of its own paid seconds of
-    importing torch and the CLI per command. The warning format and SIGTERM handler main() sets are put back."""
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
-    sigterm = signal.getsignal(signal.SIGTERM)
-
-    def run(*args):
-        code, out, err = ddmkit(*args)
-        return subprocess.CompletedProcess(args, code, out, err)
-    yield run
-    signal.signal(signal.SIGTERM, sigterm)
 
 
 def test_a_vp_run_from_the_command_line(tmp_path, cli):
