@@ -18,6 +18,8 @@ from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors
 from ddmkit.pipeline.checks import check_clusters, check_run_plan, held_out_rows, largest_n
 
+from conftest import run_cli
+
 VECTORS = """
 [data]
 name = "{name}"
@@ -114,20 +116,15 @@ def vectors(path, name, params="{}", n_train=400, n_test=200, k=2, n=100, stats_
     return path
 
 
-def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    """`ddmkit ARGS` in this process: (exit code, stderr)."""
-    import ddmkit.cli as cli_module
-
-    monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        cli_module.main()
-    return info.value.code, capsys.readouterr().err
+def cli(*args) -> tuple[int, str]:
+    """`ddmkit ARGS` in this process (conftest's run_cli): (exit code, stderr)."""
+    done = run_cli(*args)
+    return done.returncode, done.stderr
 
 
-def refused(monkeypatch, capsys, config, out, *fields) -> str:
+def refused(config, out, *fields) -> str:
     """Run CONFIG: exit 2, every field named in the message, no run folder left. Returns the message."""
-    code, err = cli(monkeypatch, capsys, "run", config, "--out", out)
+    code, err = cli("run", config, "--out", out)
     message = " ".join(err.split())
     assert code == 2, err
     assert all(field in message for field in fields), message
@@ -137,7 +134,7 @@ def refused(monkeypatch, capsys, config, out, *fields) -> str:
 
 def runs(monkeypatch, capsys, config, out) -> dict:
     """Run CONFIG: exit 0 and a report; returns metrics.json."""
-    code, err = cli(monkeypatch, capsys, "run", config, "--out", out)
+    code, err = cli("run", config, "--out", out)
     assert code == 0, err
     assert (out / "report.md").exists()
     return json.loads((out / "metrics.json").read_text())
@@ -171,7 +168,7 @@ def test_a_mixture_in_the_toml_gives_the_exact_rows(tmp_path, monkeypatch, capsy
     # a new [sample] section on the trained run is checked too, before its samples are removed
     config = tmp_path / "m.toml"
     config.write_text(config.read_text().replace("\nn = 100\n", "\nn = 1000\n"))
-    code, err = cli(monkeypatch, capsys, "run", config, "--out", tmp_path / "run")
+    code, err = cli("run", config, "--out", tmp_path / "run")
     assert code == 2 and "set sample.n = 149 or lower" in " ".join(err.split())  # 2 x 2 chunks of 50 <= 200
     assert (tmp_path / "run" / "samples" / "top-1.safetensors").exists() and (tmp_path / "run" / "report.md").exists()
 
@@ -190,7 +187,7 @@ def test_a_mixture_in_the_toml_gives_the_exact_rows(tmp_path, monkeypatch, capsy
     ("{ std = 0.1 }", "data.params.means: required"),
 ])
 def test_a_bad_mixture_exits_2_naming_the_field(tmp_path, monkeypatch, capsys, params, field):
-    refused(monkeypatch, capsys, vectors(tmp_path / "m.toml", "mixture", params), tmp_path / "run", field)
+    refused(vectors(tmp_path / "m.toml", "mixture", params), tmp_path / "run", field)
 
 
 def test_lists_are_accepted_only_for_the_keys_that_take_them():
@@ -282,10 +279,10 @@ def test_an_array_with_a_test_file(tmp_path, monkeypatch, capsys):
 
     np.save(tmp_path / "t3.npy", blobs(150, seed=1, dim=3))
     config = vectors(tmp_path / "b.toml", tmp_path / "x.npy", f'{{ test_path = "{tmp_path / "t3.npy"}" }}')
-    refused(monkeypatch, capsys, config, tmp_path / "bad", "data.params.test_path", "(3,)", "(2,)")
+    refused(config, tmp_path / "bad", "data.params.test_path", "(3,)", "(2,)")
     config = vectors(tmp_path / "c.toml", tmp_path / "x.npy",
                      f'{{ test_path = "{tmp_path / "t.npy"}", test_fraction = 0.1 }}')
-    refused(monkeypatch, capsys, config, tmp_path / "bad", "data.params.test_fraction", "test_path")
+    refused(config, tmp_path / "bad", "data.params.test_fraction", "test_path")
 
 
 def test_a_resumed_run_notes_that_its_data_files_changed_since_it_loaded_them(tmp_path):
@@ -347,7 +344,7 @@ def test_too_few_test_rows_fail_before_training_and_the_suggested_fix_runs(tmp_p
     evaluation needs. Now it fails at once; the sample.n the message suggests then runs."""
     np.save(tmp_path / "x.npy", blobs(400))
     config = vectors(tmp_path / "a.toml", tmp_path / "x.npy", "{ test_fraction = 0.2 }", n_test=0, n=200)
-    message = refused(monkeypatch, capsys, config, tmp_path / "run", "sample.n", "test split holds 80",
+    message = refused(config, tmp_path / "run", "sample.n", "test split holds 80",
                       "data.params.test_fraction")
     fix = int(re.search(r"set sample\.n = (\d+)", message).group(1))
     config.write_text(config.read_text().replace("\nn = 200\n", f"\nn = {fix}\n"))
@@ -457,7 +454,7 @@ def test_a_dataset_function_runs_end_to_end(tmp_path, monkeypatch, capsys, user_
     # the run folder names the function only as a label: evaluating it again never imports it
     monkeypatch.delitem(sys.modules, user_module)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
-    code, err = cli(monkeypatch, capsys, "evaluate", tmp_path / "run")
+    code, err = cli("evaluate", tmp_path / "run")
     assert code == 0 and user_module not in sys.modules, err
 
 
@@ -507,7 +504,7 @@ def test_images_from_a_function_outside_minus_1_1_are_refused_and_vectors_are_no
     train, _ = load_dataset(f"{user_module}:images_0_255", 0, 0, params={"vectors": True})
     assert train.x.shape == (12, 16) and train.x.max() == 255
     config = vectors(tmp_path / "f.toml", f"{user_module}:images_0_255")
-    refused(monkeypatch, capsys, config, tmp_path / "run", "images_0_255", "[-1, 1]", "x / 127.5 - 1")
+    refused(config, tmp_path / "run", "images_0_255", "[-1, 1]", "x / 127.5 - 1")
 
 
 def test_an_image_array_file_outside_minus_1_1_is_refused(tmp_path, monkeypatch, capsys):
@@ -525,7 +522,7 @@ def test_an_image_array_file_outside_minus_1_1_is_refused(tmp_path, monkeypatch,
     assert load_dataset(str(tmp_path / "scaled.npy"), 0, 0)[0].x.shape[1:] == (3, 4, 4)
     assert load_dataset(str(tmp_path / "vectors.npy"), 0, 0)[0].x.max() == 255
     config = vectors(tmp_path / "a.toml", tmp_path / "images.npy")
-    refused(monkeypatch, capsys, config, tmp_path / "run", "images.npy", "[-1, 1]", "x / 127.5 - 1")
+    refused(config, tmp_path / "run", "images.npy", "[-1, 1]", "x / 127.5 - 1")
 
 
 def test_images_in_0_1_are_warned_of_on_every_route_and_uint8_pixels_are_not(tmp_path, user_module):
@@ -575,7 +572,7 @@ def test_finite_values_beyond_float32_are_named_as_such(tmp_path, user_module):
 
 def test_an_unimportable_function_exits_2_with_the_fix(tmp_path, monkeypatch, capsys):
     config = vectors(tmp_path / "f.toml", "no_such_package.data:load")
-    refused(monkeypatch, capsys, config, tmp_path / "run", "data.name = 'no_such_package.data:load'",
+    refused(config, tmp_path / "run", "data.name = 'no_such_package.data:load'",
             "there is no module 'no_such_package.data'", "PYTHONPATH")
 
 
@@ -599,12 +596,12 @@ def test_an_image_folder_of_mixed_sizes_runs_after_the_suggested_fixes(tmp_path,
     config = tmp_path / "i.toml"
     config.write_text(IMAGES.replace("{params}", f'{{ path = "{tmp_path / "imgs"}" }}')
                       .replace("{kid_subset}", "100"))
-    message = refused(monkeypatch, capsys, config, tmp_path / "run", "different sizes", "a/000.png: 20x16", "a/002.png: 18x18",
+    message = refused(config, tmp_path / "run", "different sizes", "a/000.png: 20x16", "a/002.png: 18x18",
                       "data.params.resize", "data.params.crop")
     resize, crop = re.search(r"set data\.params\.resize = (\d+) and data\.params\.crop = (\d+)", message).groups()
     config.write_text(config.read_text().replace(f'"{tmp_path / "imgs"}"',
                                                  f'"{tmp_path / "imgs"}", resize = {resize}, crop = {crop}'))
-    message = refused(monkeypatch, capsys, config, tmp_path / "run", "evaluate.kid_subset = 100", "sample.n = 8")
+    message = refused(config, tmp_path / "run", "evaluate.kid_subset = 100", "sample.n = 8")
     kid = re.search(r"set evaluate\.kid_subset = (\d+)", message).group(1)
     config.write_text(config.read_text().replace("kid_subset = 100", f"kid_subset = {kid}"))
     metrics = runs(monkeypatch, capsys, config, tmp_path / "run")
@@ -621,13 +618,13 @@ def test_class_conditional_networks_are_checked_against_the_labels_before_anythi
     base = IMAGES.replace("{params}", f'{{ path = "{tmp_path / "imgs"}" }}').replace("{kid_subset}", "4")
     conditional = base.replace("attention_res = [] }", "attention_res = [], num_classes = {c} }")
     config.write_text(conditional.replace("{c}", "1"))
-    refused(monkeypatch, capsys, config, tmp_path / "run", "expert.net.kwargs.num_classes = 1",
+    refused(config, tmp_path / "run", "expert.net.kwargs.num_classes = 1",
             "labels run 0 .. 1", "set num_classes = 2")
     (tmp_path / "flat").mkdir()
     for png in (tmp_path / "imgs").rglob("*.png"):
         png.rename(tmp_path / "flat" / png.name)
     config.write_text(conditional.replace("{c}", "2").replace(str(tmp_path / "imgs"), str(tmp_path / "flat")))
-    refused(monkeypatch, capsys, config, tmp_path / "run", "num_classes = 2 makes the network class-conditional",
+    refused(config, tmp_path / "run", "num_classes = 2 makes the network class-conditional",
             "no labels", "remove num_classes from expert.net.kwargs")
 
 
@@ -750,7 +747,7 @@ def test_a_lone_outlier_fails_at_once_and_the_suggested_setting_runs(tmp_path, m
     np.save(tmp_path / "t.npy", blobs(200, seed=1))
     cfg = vectors(tmp_path / "o.toml", tmp_path / "x.npy", f'{{ test_path = "{tmp_path / "t.npy"}" }}', n_test=0,
                   n_train=1000, stats_router="true")
-    message = refused(monkeypatch, capsys, cfg, tmp_path / "run", "fewer than 2 rows", "evaluate.stats_router")
+    message = refused(cfg, tmp_path / "run", "fewer than 2 rows", "evaluate.stats_router")
     setting = re.search(r"set evaluate\.stats_router = (\w+)", message).group(1)
     cfg.write_text(cfg.read_text().replace("stats_router = true", f"stats_router = {setting}"))
     runs(monkeypatch, capsys, cfg, tmp_path / "run")
@@ -759,7 +756,7 @@ def test_a_lone_outlier_fails_at_once_and_the_suggested_setting_runs(tmp_path, m
 def test_clusters_without_a_mixture_component_fail_at_once(tmp_path, monkeypatch, capsys):
     """Three clusters of a two-component mixture: the exact rows could not be drawn after training."""
     cfg = vectors(tmp_path / "m.toml", "mixture", "{ means = [[-3.0, 0.0], [3.0, 0.0]], std = 0.3 }", k=3)
-    message = refused(monkeypatch, capsys, cfg, tmp_path / "run", "own no component", "partition.k")
+    message = refused(cfg, tmp_path / "run", "own no component", "partition.k")
     k = re.search(r"set partition\.k = (\d+)", message).group(1)
     cfg.write_text(cfg.read_text().replace("k = 3", f"k = {k}"))
     assert "exact (full, exact experts + router)" in runs(monkeypatch, capsys, cfg, tmp_path / "run")["rows"]

@@ -71,16 +71,13 @@ def tiny(**sections) -> RunConfig:
     return validate(RunConfig, raw)
 
 
-def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    """`ddmkit ARGS` in this process: (exit code, stderr). An exception other than the CLI's own
-    exit would be a traceback for a user, and fails the test."""
-    import ddmkit.cli as cli_module
+def cli(*args) -> tuple[int, str]:
+    """`ddmkit ARGS` in this process (conftest's run_cli): (exit code, stderr). An exception other than
+    the CLI's own exit would be a traceback for a user, and fails the test."""
+    from conftest import run_cli  # here: the module is also imported as user code (tests.test_hardening:...)
 
-    monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        cli_module.main()
-    return info.value.code, capsys.readouterr().err
+    done = run_cli(*args)
+    return done.returncode, done.stderr
 
 
 # ----- 1. nothing in a run folder names code ---------------------------------------------------
@@ -113,10 +110,10 @@ def test_the_nearest_refusal_names_the_set_that_sample_takes(user_run, monkeypat
     """The message named `ddmkit run CONFIG` only; `ddmkit sample` takes --config or --set."""
     run = Path(shutil.copytree(user_run, tmp_path / "run"))
     monkeypatch.setattr(features, "_USER", {})
-    code, err = cli(monkeypatch, capsys, "sample", run, "--strategy", "nearest", "--n", "16")
+    code, err = cli("sample", run, "--strategy", "nearest", "--n", "16")
     fix = "--set partition.features=tests.test_hardening:flat_features"
     assert code == 2 and fix in " ".join(err.split()), err
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "nearest", "--n", "16", *fix.split())[0] == 0
+    assert cli("sample", run, "--strategy", "nearest", "--n", "16", *fix.split())[0] == 0
 
 
 def test_a_manifest_naming_any_module_imports_nothing(user_run, tmp_path, monkeypatch):
@@ -198,27 +195,27 @@ def test_a_seed_too_large_for_64_bits_is_a_clear_error(monkeypatch, capsys, tmp_
     with pytest.raises(DDMError, match="seed"):
         RunConfig().with_seed(2**64)
     assert RunConfig().with_seed(2**63 - 1).router.train.seed == 0  # seed + 1 wraps within the range
-    code, err = cli(monkeypatch, capsys, "run", TINY, "--seed", 2**64, "--out", tmp_path / "r")
+    code, err = cli("run", TINY, "--seed", 2**64, "--out", tmp_path / "r")
     assert code == 2 and "seed" in err and not (tmp_path / "r").exists()
 
 
 def test_evaluating_a_run_that_is_not_trained_writes_nothing(monkeypatch, capsys, tmp_path, user_run):
     """`ddmkit run --stages evaluate` on a fresh folder, or on a run without its monolith, exits 2 naming
     what is missing and the command that trains it, before any data or sample is written."""
-    code, err = cli(monkeypatch, capsys, "run", TINY, "--stages", "evaluate", "--out", tmp_path / "fresh")
+    code, err = cli("run", TINY, "--stages", "evaluate", "--out", tmp_path / "fresh")
     assert code == 2 and "not trained" in err and "--stages train" in err and not (tmp_path / "fresh").exists()
     run = tmp_path / "partial"
     shutil.copytree(user_run, run)  # experts and router, no monolith
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
-    code, err = cli(monkeypatch, capsys, "run", run / "config.json", "--stages", "evaluate", "--out", run)
+    code, err = cli("run", run / "config.json", "--stages", "evaluate", "--out", run)
     assert code == 2 and "monolith" in err and sorted(p.relative_to(run) for p in run.rglob("*")) == before
     # the fix it names works: it named only `--stages train`, which trains a monolith (on a grown run's new data too)
     said = " ".join(err.split())
     assert f"train it with `ddmkit train-monolith {run}`, or sample and score the DDM alone with `ddmkit sample " \
            f"{run}`, then `ddmkit evaluate {run}`" in said, said
-    assert cli(monkeypatch, capsys, "sample", run)[0] == 0 and cli(monkeypatch, capsys, "evaluate", run)[0] == 0
+    assert cli("sample", run)[0] == 0 and cli("evaluate", run)[0] == 0
     (run / "grow.json").write_text('{"entries": []}')  # grown: its monolith would not be the original's baseline
-    code, err = cli(monkeypatch, capsys, "run", run / "config.json", "--stages", "evaluate", "--out", run)
+    code, err = cli("run", run / "config.json", "--stages", "evaluate", "--out", run)
     assert code == 2 and "train-monolith" not in err and "`ddmkit sample" in err, err
 
 
@@ -227,13 +224,13 @@ def test_evaluate_refuses_another_runs_settings_and_reports_how_each_set_was_dra
     """`ddmkit evaluate --set data.name=...` described another run than it scored; the report's sampling
     line comes from what each set records, so a set drawn with other steps and seed is named."""
     run = Path(shutil.copytree(user_run, tmp_path / "run"))
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2")[0] == 0
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "full", "--steps", 3, "--seed", 7)[0] == 0
+    assert cli("sample", run, "--strategy", "top-2")[0] == 0
+    assert cli("sample", run, "--strategy", "full", "--steps", 3, "--seed", 7)[0] == 0
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-    code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "data.name=grid25", "--set", "partition.k=3")
+    code, err = cli("evaluate", run, "--set", "data.name=grid25", "--set", "partition.k=3")
     assert code == 2 and "data.name ('ring8', asked 'grid25')" in err and "partition.k (2, asked 3)" in err, err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
-    code, err = cli(monkeypatch, capsys, "evaluate", run, "--device", "cpu", "--set", "evaluate.chunk=50")
+    code, err = cli("evaluate", run, "--device", "cpu", "--set", "evaluate.chunk=50")
     assert code == 0, err
     report = (run / "report.md").read_text()
     assert "the sets were drawn with different settings (full: 100 samples, euler, 3 steps, seed 7; top-2: 100 " \
@@ -242,14 +239,14 @@ def test_evaluate_refuses_another_runs_settings_and_reports_how_each_set_was_dra
     assert "One pair only" not in report
     for row in ("full", "noise floor \\(true vs true\\)"):  # W2 ± its error, the floor's too
         assert __import__("re").search(rf"\| {row} \| [0-9.e-]+ ± [0-9.e-]+ \| [0-9.]+ \|", report), report
-    code, err = cli(monkeypatch, capsys, "sample", run, "--strategy", "switch", "--batch-size", 30, "--n", 60)
+    code, err = cli("sample", run, "--strategy", "switch", "--batch-size", 30, "--n", 60)
     assert code == 0 and f"still score the sets as they were; `ddmkit evaluate {run}` scores these" in err, err
-    code, err = cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--router-every", 3)
+    code, err = cli("sample", run, "--strategy", "top-2", "--router-every", 3)
     assert code == 0 and "sample top-2: replaces the set drawn before (router_every 1 -> 3)" in err, err
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-1", "--solver", "adaptive")[0] == 0
-    code, err = cli(monkeypatch, capsys, "sample", run, "--strategy", "switch", "--solver", "adaptive")
+    assert cli("sample", run, "--strategy", "top-1", "--solver", "adaptive")[0] == 0
+    code, err = cli("sample", run, "--strategy", "switch", "--solver", "adaptive")
     assert code == 2 and "or leave them out of --strategy" in " ".join(err.split()), err  # the option, not the field
-    assert cli(monkeypatch, capsys, "evaluate", run, "--device", "cpu", "--set", "evaluate.chunk=50")[0] == 0
+    assert cli("evaluate", run, "--device", "cpu", "--set", "evaluate.chunk=50")[0] == 0
     said = " ".join((run / "report.md").read_text().split())
     assert "top-2: 100 samples, euler, 8 steps, seed 0, router every 3 evaluations" in said, said[:900]
     assert "switch: 60 samples, euler, 8 steps, seed 0, in chunks of 30" in said, said[:900]
@@ -262,27 +259,27 @@ def test_evaluate_refuses_sets_drawn_by_networks_changed_since_and_a_run_without
     """evaluate scored sets drawn before an expert was retrained or a router trained (their registry hash
     differs from the run's now) as the DDM's; and a run that lost its config.json trained the defaults."""
     run = Path(shutil.copytree(user_run, tmp_path / "run"))
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--strategy", "full")[0] == 0
-    code, err = cli(monkeypatch, capsys, "sample", run, "--guidance", 2)  # was "load_ddm: guidance: 2 ..."
+    assert cli("sample", run, "--strategy", "top-2", "--strategy", "full")[0] == 0
+    code, err = cli("sample", run, "--guidance", 2)  # was "load_ddm: guidance: 2 ..."
     assert code == 2 and "--guidance 2: classifier-free guidance needs class-conditional experts" in err, err
     info_path = run / "samples" / "info.json"
     infos = json.loads(info_path.read_text())
     infos["top-2"]["drawn_with"]["networks"] = "0" * 64  # drawn by other networks than the registered ones
     info_path.write_text(json.dumps(infos))
-    code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")
+    code, err = cli("evaluate", run, "--set", "evaluate.chunk=50")
     said = " ".join(err.split())
     assert code == 2 and "sample sets 'top-2' were drawn by networks that have changed since" in said, said
     assert f"draw them again with `ddmkit sample {run} --strategy top-2`" in said and not (run / "report.md").exists()
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2")[0] == 0
-    assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
+    assert cli("sample", run, "--strategy", "top-2")[0] == 0
+    assert cli("evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
     info_path.unlink()  # was "no samples yet" beside the sample files
-    code, err = cli(monkeypatch, capsys, "evaluate", run)
+    code, err = cli("evaluate", run)
     assert code == 2 and "info.json is missing, the record of how the sets in" in " ".join(err.split()), err
 
     (run / "config.json").unlink()
     shutil.rmtree(run / "monolith", ignore_errors=True)
     for command in (["train-monolith", run], ["train-router", run], ["launch", run], ["evaluate", run]):
-        code, err = cli(monkeypatch, capsys, *command)
+        code, err = cli(*command)
         said = " ".join(err.split())
         assert code == 2 and f"{run} has no config.json, the settings the run was made with" in said, (command, said)
     assert not (run / "monolith").exists()
@@ -292,14 +289,14 @@ def test_a_set_is_stale_only_when_the_networks_it_was_drawn_by_change(monkeypatc
     """Any change of registry.json made every set stale: a monolith trained after sampling refused the DDM's
     sets, and the suggested command did not draw a statistics-router set."""
     run = Path(shutil.copytree(user_run, tmp_path / "run"))
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2")[0] == 0
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--router", "statistics")[0] == 0
-    assert cli(monkeypatch, capsys, "train-monolith", run)[0] == 0
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "monolith")[0] == 0
-    assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0  # the DDM's are not stale
+    assert cli("sample", run, "--strategy", "top-2")[0] == 0
+    assert cli("sample", run, "--strategy", "top-2", "--router", "statistics")[0] == 0
+    assert cli("train-monolith", run)[0] == 0
+    assert cli("sample", run, "--strategy", "monolith")[0] == 0
+    assert cli("evaluate", run, "--set", "evaluate.chunk=50")[0] == 0  # the DDM's are not stale
     shutil.rmtree(run / "router")
-    assert cli(monkeypatch, capsys, "train-router", run, "--seed", 5)[0] == 0  # another router: top-2 is stale
-    code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")
+    assert cli("train-router", run, "--seed", 5)[0] == 0  # another router: top-2 is stale
+    code, err = cli("evaluate", run, "--set", "evaluate.chunk=50")
     said = " ".join(err.split())
     assert code == 2 and "sample sets 'top-2' were drawn by networks that have changed since" in said, said
     assert f"`ddmkit sample {run} --strategy top-2`" in said  # the statistics-router set only uses the experts
@@ -355,17 +352,17 @@ def test_a_set_records_the_device_and_autocast_it_was_drawn_with_and_the_report_
 
     run = Path(shutil.copytree(user_run, tmp_path / "run"))
     on_cpu = ("--device", "cpu")  # (the config's device is auto: a GPU where there is one)
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2", "--strategy", "full", *on_cpu)[0] == 0
+    assert cli("sample", run, "--strategy", "top-2", "--strategy", "full", *on_cpu)[0] == 0
     made = json.loads((run / "samples" / "info.json").read_text())["top-2"]["drawn_with"]
     assert (made["device"], made["autocast"], made["noise_n"], made["n"]) == ("cpu", None, 100, 100)
-    assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
+    assert cli("evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
     said = " ".join((run / "report.md").read_text().split())
     assert "100 samples, euler, 8 steps, the same noise (seed 0) for every set, on cpu without autocast." in said
     rows = json.loads((run / "metrics.json").read_text())["rows"]
     assert {name: (rows[name]["device"], rows[name]["autocast"]) for name in ("top-2", "full")} == \
         {"top-2": ("cpu", None), "full": ("cpu", None)}
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "full", "--steps", 3, *on_cpu)[0] == 0
-    assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
+    assert cli("sample", run, "--strategy", "full", "--steps", 3, *on_cpu)[0] == 0
+    assert cli("evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
     said = " ".join((run / "report.md").read_text().split())
     assert "full: 100 samples, euler, 3 steps, seed 0" in said and "), all on cpu without autocast." in said, said
 
@@ -374,7 +371,7 @@ def test_a_set_records_the_device_and_autocast_it_was_drawn_with_and_the_report_
         for key in ("device", "autocast", "noise_n"):
             del info["drawn_with"][key]
     (run / "samples" / "info.json").write_text(json.dumps(infos))
-    assert cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
+    assert cli("evaluate", run, "--set", "evaluate.chunk=50")[0] == 0
     said = " ".join((run / "report.md").read_text().split())
     assert "full: 100 samples, euler, 3 steps, seed 0" in said and "autocast" not in said, said
     assert "device" not in json.loads((run / "metrics.json").read_text())["rows"]["top-2"]
@@ -470,20 +467,20 @@ def test_evaluate_keeps_the_studies_measured_with_the_same_networks_data_and_set
     metrics.json (keys sorted) they were reported full first, so a run resumed after a kill while writing
     report.md ended with another report than one never stopped."""
     run = Path(shutil.copytree(user_run, tmp_path / "run"))
-    assert cli(monkeypatch, capsys, "sample", run, "--strategy", "top-2")[0] == 0
-    code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")
+    assert cli("sample", run, "--strategy", "top-2")[0] == 0
+    code, err = cli("evaluate", run, "--set", "evaluate.chunk=50")
     assert code == 0 and "kept from" not in err, err
     first = json.loads((run / "metrics.json").read_text())
     assert first["missing_experts"] and first["stats_router"]["rows"]
     section = lambda: (run / "report.md").read_text().split("## Statistics-only router")[1]  # noqa: E731
     drawn = section()
     assert drawn.index("| top-1 (learned router) |") < drawn.index("| full (learned router) |")
-    code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=50")
+    code, err = cli("evaluate", run, "--set", "evaluate.chunk=50")
     assert code == 0 and "studies: missing_experts, stats_router kept from" in " ".join(err.split()), err
     again = json.loads((run / "metrics.json").read_text())
     assert again["missing_experts"] == first["missing_experts"] and again["stats_router"] == first["stats_router"]
     assert section() == drawn
-    code, err = cli(monkeypatch, capsys, "evaluate", run, "--set", "evaluate.chunk=40")  # another setting
+    code, err = cli("evaluate", run, "--set", "evaluate.chunk=40")  # another setting
     assert code == 0 and "kept from" not in err, err
 
 
@@ -627,7 +624,7 @@ def test_wrong_kind_paths_are_clear_errors(user_run, tmp_path, monkeypatch, caps
     shard = user_run / "partition" / "shards" / "cluster_00.safetensors"
     with pytest.raises(DDMError, match="is a file"):
         train_expert(shard, tiny().expert, file)
-    code, err = cli(monkeypatch, capsys, "run", TINY, "--out", file)
+    code, err = cli("run", TINY, "--out", file)
     assert code == 2 and "is a file" in err
     run = tmp_path / "run"
     shutil.copytree(user_run, run)
@@ -709,7 +706,7 @@ def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pa
         assert holder.stdout.readline().strip() == b"held"
         with pytest.raises(DDMError, match=rf"in use by process {holder.pid}\b"):
             run_pipeline(tiny(), run, log=QUIET)
-        code, err = cli(monkeypatch, capsys, "run", TINY, "--out", run)
+        code, err = cli("run", TINY, "--out", run)
         assert code == 2 and f"in use by process {holder.pid}" in err
         with pytest.raises(DDMError, match=f"in use by process {holder.pid}"):  # `ddmkit launch`, train-router...
             stage_router(tiny(), run, QUIET)
@@ -801,7 +798,7 @@ def test_force_never_removes_a_folder_that_is_not_a_run(tmp_path, monkeypatch, c
                                            r"wrote, never other files: choose another --out$"):
             prepare_run_dir(mine, tiny(), force=force, log=QUIET)
     for command in (["run", TINY], ["partition", "--config", TINY]):
-        code, err = cli(monkeypatch, capsys, *command, "--out", mine, "--force")
+        code, err = cli(*command, "--out", mine, "--force")
         assert code == 2 and "is not a ddmkit run folder and is not empty" in err, err
     assert files_but_the_lock(mine) == before and (mine / "figures").is_dir()
     prepare_run_dir(tmp_path / "run", tiny(), log=QUIET)  # a run ddmkit wrote is replaced with --force
@@ -815,10 +812,10 @@ def test_a_command_on_a_folder_that_is_not_a_run_says_so(tmp_path, monkeypatch, 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text("text")
-    code, err = cli(monkeypatch, capsys, command, corpus)
+    code, err = cli(command, corpus)
     assert code == 2 and f"{corpus} is not a ddmkit run folder (no config.json); give the folder `ddmkit run` or " \
         "`ddmkit partition` wrote" in " ".join(err.split()), err
-    code, err = cli(monkeypatch, capsys, command, tmp_path / "nosuch")
+    code, err = cli(command, tmp_path / "nosuch")
     assert code == 2 and f"{tmp_path / 'nosuch'} is not a run folder (no such folder)" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"] and [p.name for p in corpus.iterdir()] == ["a.txt"]
 
@@ -906,7 +903,7 @@ def test_train_expert_writes_the_inline_pipelines_bytes_on_any_thread_count(user
     """`ddmkit train-expert` (a job by hand, a SLURM task) runs on train.threads (1) threads like every
     backend: from a process on 2 threads it writes the pipeline's expert byte for byte."""
     shard = user_run / "partition" / "shards" / "cluster_01.safetensors"
-    code, err = cli(monkeypatch, capsys, "train-expert", shard, "--config", user_run / "config.json",
+    code, err = cli("train-expert", shard, "--config", user_run / "config.json",
                     "--out", tmp_path / "expert")
     assert code == 0, err
     for name in ("model.safetensors", "config.json", "train_log.jsonl"):
@@ -1035,7 +1032,7 @@ def locked_run(user_run, tmp_path_factory):
 def test_every_writer_is_refused_while_another_process_holds_the_lock(locked_run, writer, monkeypatch, capsys):
     run, pid, before = locked_run
     if writer.startswith("ddmkit "):
-        code, err = cli(monkeypatch, capsys, *WRITERS[writer](run))
+        code, err = cli(*WRITERS[writer](run))
         assert code == 2 and f"in use by process {pid}" in err, err
     else:
         with pytest.raises(DDMError, match=rf"in use by process {pid}\b"):

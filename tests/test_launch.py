@@ -19,7 +19,7 @@ from ddmkit.io import save_tensors
 from ddmkit.launch import ExpertJob, run_jobs, slurm_script
 from ddmkit.train.jobs import checkpoint_path
 
-from conftest import alive, started_with_children
+from conftest import alive, run_cli, started_with_children
 
 
 def _jobs(root: Path, name: str, k: int = 2) -> list[ExpertJob]:
@@ -154,9 +154,9 @@ def test_slurm_resources_are_checked_when_every_expert_is_trained_too(tmp_path, 
     for c in range(4):  # every expert's weights there: nothing left to train
         RunFolder(run).expert(c).mkdir(parents=True)
         (RunFolder(run).expert(c) / "model.safetensors").write_bytes(b"")
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm")
+    code, err = cli("launch", run, "--emit", "slurm")
     assert code in (0, None) and "are all trained; no script written" in err, err
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--mem", "16Q")
+    code, err = cli("launch", run, "--emit", "slurm", "--mem", "16Q")
     assert code == 2 and "--mem '16Q'" in err, err
 
 
@@ -414,17 +414,17 @@ def test_launch_settings_may_change_how_jobs_run_not_what_they_train(tmp_path, m
     check_same_training(run, asked("expert.train.checkpoint_every=7", "expert.train.log_every=5",
                                    "expert.train.device=cpu", "router.train.tensorboard=true"))
     check_same_training(tmp_path / "no run here", asked("expert.train.steps=30"))  # nothing to compare with
-    code, said = cli(monkeypatch, capsys, "launch", run, "--set", "expert.train.steps=30")
+    code, said = cli("launch", run, "--set", "expert.train.steps=30")
     assert code == 2 and "expert.train.steps (60, asked 30)" in said
     assert not (run / "experts").exists()  # the command trained nothing
     for args, named in ((["launch", run, "--emit", "slurm", "--gpus", "0", "--set", "expert.train.steps=30"],
                          "expert.train.steps (60, asked 30)"),
                         (["train-router", run, "--set", "router.train.steps=5"], "router.train.steps"),
                         (["train-monolith", run, "--set", "expert.train.steps=5"], "expert.train.steps (60, asked 5)")):
-        code, said = cli(monkeypatch, capsys, *args)
+        code, said = cli(*args)
         assert code == 2 and named in said and "change only how the jobs run" in said, said
     assert not (run / "launch").exists() and not (run / "router").exists() and not (run / "monolith").exists()
-    code, said = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "0", "--set",
+    code, said = cli("launch", run, "--emit", "slurm", "--gpus", "0", "--set",
                      "expert.train.checkpoint_every=7")
     assert code in (0, None) and (run / "launch" / "train_experts.slurm").exists(), said
 
@@ -512,15 +512,10 @@ def test_no_two_running_pool_jobs_share_a_gpu(tmp_path, monkeypatch):
 
 # ----- launch --emit slurm: the options it uses, and those it refuses ---------------------------------------
 
-def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    """`ddmkit ARGS` in this process: (exit code, stderr)."""
-    import ddmkit.cli as cli_module
-
-    monkeypatch.setattr(sys, "argv", ["ddmkit", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        cli_module.main()
-    return info.value.code, " ".join(capsys.readouterr().err.split())
+def cli(*args) -> tuple[int, str]:
+    """`ddmkit ARGS` in this process (conftest's run_cli): (exit code, stderr on one line)."""
+    done = run_cli(*args)
+    return done.returncode, " ".join(done.stderr.split())
 
 
 def test_emit_slurm_writes_the_set_fields_into_its_tasks_and_refuses_what_it_does_not_use(tmp_path, monkeypatch,
@@ -531,13 +526,13 @@ def test_emit_slurm_writes_the_set_fields_into_its_tasks_and_refuses_what_it_doe
                         (["--set", "router.train.steps=5"], "router.train.steps=5"),
                         (["--workers", "2", "--device", "cpu"], "--workers, --device"),
                         (["--backend", "ray"], "--backend"), (["--config", "demo"], "--config")):
-        code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", *args)
+        code, err = cli("launch", run, "--emit", "slurm", *args)
         assert code == 2 and named in err and not script.exists(), err
-    code, err = cli(monkeypatch, capsys, "launch", run, "--time", "1:00:00")
+    code, err = cli("launch", run, "--time", "1:00:00")
     assert code == 2 and "--time" in err and "--emit slurm" in err, err
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--mem", "16Q")  # checked first
+    code, err = cli("launch", run, "--emit", "slurm", "--mem", "16Q")  # checked first
     assert code == 2 and "--mem '16Q'" in err and not script.exists(), err
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--set", "expert.train.checkpoint_every=7",
+    code, err = cli("launch", run, "--emit", "slurm", "--set", "expert.train.checkpoint_every=7",
                     "--set", "expert.train.log_every=3", "--time", "01:00:00")
     assert code in (0, None), err
     assert f"sbatch {shlex.quote(str(script))}" in err
@@ -557,19 +552,19 @@ def test_emit_slurm_refuses_gpus_its_tasks_would_not_use_and_notes_a_job_without
     checkpoint promised --resume in silence."""
     run = _tiny_run(tmp_path, "expert.train.device=cpu", "expert.train.batch_size=64")
     script = run / "launch" / "train_experts.slurm"
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm")  # --gpus 1 by default
+    code, err = cli("launch", run, "--emit", "slurm")  # --gpus 1 by default
     assert code == 2 and "--gpus 1: the run's expert.train.device is 'cpu'" in err and "--gpus 0" in err, err
     assert not script.exists()
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "3", "--set",
+    code, err = cli("launch", run, "--emit", "slurm", "--gpus", "3", "--set",
                     "expert.train.device=auto")
     assert code == 2 and "give --gpus dividing it, e.g. --gpus 2" in err and "--set" not in err, err
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "0", "--set",
+    code, err = cli("launch", run, "--emit", "slurm", "--gpus", "0", "--set",
                     "expert.train.device=cuda")
     assert code == 2 and "--gpus 0: the run's expert.train.device is 'cuda'" in err, err
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "0")
+    code, err = cli("launch", run, "--emit", "slurm", "--gpus", "0")
     assert code in (0, None) and script.exists() and "note: expert.train.checkpoint_every is 0" in err, err
     assert "note: each task holds 4 CPU cores (--cpus) and trains on 1 x expert.train.threads = 1; give --cpus 1" in err
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "2", "--cpus", "1", "--set",
+    code, err = cli("launch", run, "--emit", "slurm", "--gpus", "2", "--cpus", "1", "--set",
                     "expert.train.device=auto", "--set", "expert.train.checkpoint_every=50")
     said = " ".join(err.split())
     assert code in (0, None) and "--nproc 2" in script.read_text() and "checkpoint_every" not in said, err
@@ -593,12 +588,12 @@ def test_emit_slurm_replaces_only_a_script_it_wrote_and_writes_in_the_run_only_i
                          (run / "partition" / "shards" / "cluster_00.safetensors", "inside the run folder"),
                          (run / "mine.slurm", "inside the run folder"), (tmp_path / "link.slurm", "inside the run"),
                          (notes, "the file exists and is not a script ddmkit wrote")):
-        code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--script", script)
+        code, err = cli("launch", run, "--emit", "slurm", "--script", script)
         assert code == 2 and f"--script {script}: {said}" in err, err
     assert {p: p.read_bytes() for p in kept} == kept and not (run / "mine.slurm").exists()
     assert not (run / "launch").exists()
     for script in (run / "launch" / "mine.slurm", tmp_path / "jobs.slurm", tmp_path / "jobs.slurm"):  # new, again
-        code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--script", script)
+        code, err = cli("launch", run, "--emit", "slurm", "--script", script)
         assert code in (0, None) and script.read_text().startswith(HEAD) and "#SBATCH --array=0-3" in script.read_text()
 
 
@@ -607,17 +602,17 @@ def test_emit_slurm_for_some_experts_only(tmp_path, monkeypatch, capsys):
     held every untrained expert (the tasks of the others would fail on shards it does not have)."""
     run = _tiny_run(tmp_path)
     script = run / "launch" / "train_experts.slurm"
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--expert", "1", "--expert", "0")
+    code, err = cli("launch", run, "--emit", "slurm", "--expert", "1", "--expert", "0")
     assert code in (0, None) and "#SBATCH --array=0-1\n" in script.read_text(), err
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--expert", "4")
+    code, err = cli("launch", run, "--emit", "slurm", "--expert", "4")
     assert code == 2 and "--expert 4: the run has experts 0 .. 3" in err, err
-    code, err = cli(monkeypatch, capsys, "launch", run, "--expert", "0")
+    code, err = cli("launch", run, "--expert", "0")
     assert code == 2 and "--expert: options of the SLURM script; add --emit slurm" in err, err
     for c in (0, 1):  # trained: nothing to do for those
         (run / "experts" / f"expert_{c:02d}").mkdir(parents=True)
         (run / "experts" / f"expert_{c:02d}" / "model.safetensors").write_bytes(b"")
     script.unlink()
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--expert", "0", "--expert", "1")
+    code, err = cli("launch", run, "--emit", "slurm", "--expert", "0", "--expert", "1")
     assert code in (0, None) and "the experts asked (0, 1) of" in err and not script.exists(), err
 
 
@@ -627,12 +622,12 @@ def test_emit_slurm_at_a_site_without_some_shards_names_them(tmp_path, monkeypat
     for c in (2, 3):
         (run / "partition" / "shards" / f"cluster_{c:02d}.safetensors").unlink()
     script = run / "launch" / "train_experts.slurm"
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm")
+    code, err = cli("launch", run, "--emit", "slurm")
     assert code == 2 and "lacks the shards of clusters 2, 3, whose tasks would fail; give --expert for the shards " \
         "here (--expert 0 --expert 1)" in " ".join(err.split()) and not script.exists(), err
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--expert", "0", "--expert", "1")
+    code, err = cli("launch", run, "--emit", "slurm", "--expert", "0", "--expert", "1")
     assert code in (0, None) and "#SBATCH --array=0-1\n" in script.read_text(), err
-    code, err = cli(monkeypatch, capsys, "launch", run)  # refused: it left an empty experts/ folder
+    code, err = cli("launch", run)  # refused: it left an empty experts/ folder
     assert code == 2 and "cluster_02.safetensors is missing" in err and not (run / "experts").exists(), err
 
 
@@ -693,7 +688,7 @@ def test_a_connection_error_is_not_reported_as_a_file_system_error(tmp_path, mon
         raise ConnectionRefusedError("Traceback (most recent call last):\n  ...\nthe server said no")
 
     monkeypatch.setattr(stages, "run_jobs", refused)
-    code, err = cli(monkeypatch, capsys, "launch", run)
+    code, err = cli("launch", run)
     assert code == 2 and "a connection failed: the server said no; check the server's address" in err, err
     assert "check that path" not in err and "Traceback" not in err
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from conftest import run_cli
-
 from ddmkit.config import RunConfig, apply_overrides, load_config
 from ddmkit.errors import DDMError
 from ddmkit.pipeline.checks import check_clusters
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
 from ddmkit.pipeline.sweep import (SHARED, cell_config, cell_dir, cell_in_folder, cells, curves, interval, monolith_k,
                                    ratio_text, reach, render, short_trainings, summarize, sweep)
+
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.toml"
