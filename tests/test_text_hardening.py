@@ -59,7 +59,7 @@ def test_a_bad_text_config_with_force_leaves_the_old_run_as_it_was(tmp_path, mon
     for old, new, message in BAD:
         with pytest.raises(DDMError, match=message):
             run_text(bad_config(tmp_path, old, new), run, force=True, log=QUIET)
-    code, err = cli(monkeypatch, capsys, "run", bad_config(tmp_path, *BAD[0][:2]), "--out", run, "--force")
+    code, err = cli("run", bad_config(tmp_path, *BAD[0][:2]), "--out", run, "--force")
     assert code == 2 and "larger than the number of training documents" in err
     assert files(run) == before
 
@@ -71,7 +71,7 @@ def test_force_never_removes_a_folder_that_is_not_a_run(tmp_path, monkeypatch, c
     corpus = next(p.parent for p in tmp_path.rglob("*.txt"))
     before = files(corpus)
     for command in (["run", config], ["text", "run", config], ["partition", "--config", config]):
-        code, err = cli(monkeypatch, capsys, *command, "--out", corpus, "--force")
+        code, err = cli(*command, "--out", corpus, "--force")
         assert code == 2 and f"{corpus} is not a ddmkit run folder and is not empty" in err, err
     with pytest.raises(DDMError, match="--force replaces only a run it wrote, never other files"):
         run_text(config, corpus, force=True, log=QUIET)
@@ -92,7 +92,7 @@ def test_a_stopped_text_expert_job_says_it_starts_again_and_resume_says_so(tmp_p
         raise KeyboardInterrupt
 
     monkeypatch.setattr(text, "train_text_expert", stopped)
-    code, err = cli(monkeypatch, capsys, "train-expert", shard, "--config", RunFolder(run).config, "--out",
+    code, err = cli("train-expert", shard, "--config", RunFolder(run).config, "--out",
                     RunFolder(run).expert(0), "--resume")
     said = " ".join(err.split())
     assert code == 130 and "note: text experts write no checkpoints, so --resume has nothing to continue" in said
@@ -107,9 +107,9 @@ def test_a_text_expert_trained_already_is_not_said_to_be_written(tmp_path, monke
     run = tmp_path / "run"
     partition_text_run(config, run, log=QUIET)
     shard, out = RunFolder(run).partition / "shards" / "cluster_00.safetensors", tmp_path / "e"
-    code, err = cli(monkeypatch, capsys, "train-expert", shard, "--config", RunFolder(run).config, "--out", out)
+    code, err = cli("train-expert", shard, "--config", RunFolder(run).config, "--out", out)
     assert code in (0, None) and f"expert written to {out}" in err, err
-    code, err = cli(monkeypatch, capsys, "train-expert", shard, "--config", RunFolder(run).config, "--out", out)
+    code, err = cli("train-expert", shard, "--config", RunFolder(run).config, "--out", out)
     said = " ".join(err.split())
     assert code in (0, None) and "this expert is trained already" in said and "written" not in said, said
 
@@ -133,9 +133,9 @@ def test_a_text_runs_slurm_script_trains_its_experts_on_the_cpu(tmp_path, monkey
     config = write_config(tmp_path, "text_ar")
     run = tmp_path / "run"
     partition_text_run(config, run, log=QUIET)
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm", "--gpus", "1")
+    code, err = cli("launch", run, "--emit", "slurm", "--gpus", "1")
     assert code == 2 and "--gpus 1: " in err and "is a text run, whose experts train on the CPU" in err, err
-    code, err = cli(monkeypatch, capsys, "launch", run, "--emit", "slurm")
+    code, err = cli("launch", run, "--emit", "slurm")
     script = run / "launch" / "train_experts.slurm"
     assert code == 0 and script.exists(), err
     assert "--gres" not in script.read_text() and "--array=0-1" in script.read_text()
@@ -149,12 +149,12 @@ def test_set_reaches_a_text_config_and_a_bad_one_writes_nothing(tmp_path, monkey
     """`ddmkit partition --config TEXT --set` (as `ddmkit run TEXT --set`) applies each field to the text
     config; an unknown field or a value that fails the checks exits 2 before the folder is made."""
     config = write_config(tmp_path, "text_ar")
-    code, err = cli(monkeypatch, capsys, "partition", "--config", config, "--out", tmp_path / "bad",
+    code, err = cli("partition", "--config", config, "--out", tmp_path / "bad",
                     "--set", "partition.kk=2")
     assert code == 2 and "partition.kk: unknown field" in err and not (tmp_path / "bad").exists()
-    code, err = cli(monkeypatch, capsys, "run", config, "--out", tmp_path / "bad", "--set", "partition.k=50")
+    code, err = cli("run", config, "--out", tmp_path / "bad", "--set", "partition.k=50")
     assert code == 2 and "partition.k = 50 is larger" in err and not (tmp_path / "bad").exists()
-    code, err = cli(monkeypatch, capsys, "partition", "--config", config, "--out", tmp_path / "run",
+    code, err = cli("partition", "--config", config, "--out", tmp_path / "run",
                     "--set", "partition.k=3")
     assert code == 0, err
     assert json.loads(RunFolder(tmp_path / "run").manifest.read_text())["k"] == 3
@@ -204,7 +204,7 @@ def test_every_text_writer_is_refused_while_another_process_holds_the_lock(locke
                                                                           capsys):
     run, config, pid, before = locked_text_run
     if writer.startswith("ddmkit "):
-        code, err = cli(monkeypatch, capsys, *WRITERS[writer](run, config))
+        code, err = cli(*WRITERS[writer](run, config))
         assert code == 2 and f"in use by process {pid}" in err, err
     else:
         with pytest.raises(DDMError, match=rf"in use by process {pid}\b"):
@@ -278,7 +278,7 @@ CONFIG_ERRORS = [  # (--set items, words of the message)
 def test_a_bad_text_setting_is_refused_when_the_config_loads(tmp_path, monkeypatch, capsys, items, message):
     config = write_config(tmp_path, "text_ar")
     args = [arg for item in items for arg in ("--set", item)]
-    code, err = cli(monkeypatch, capsys, "run", config, "--out", tmp_path / "run", *args)
+    code, err = cli("run", config, "--out", tmp_path / "run", *args)
     assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
 
@@ -298,9 +298,9 @@ def test_a_flow_matching_config_refuses_a_prompt_and_a_shorter_length(tmp_path, 
 def test_a_seed_out_of_range_is_one_clear_line(tmp_path, monkeypatch, capsys, command):
     config = write_config(tmp_path, "text_ar")
     for seed in ("-1", str(2**63)):
-        code, err = cli(monkeypatch, capsys, *command, config, "--out", tmp_path / "run", "--seed", seed)
+        code, err = cli(*command, config, "--out", tmp_path / "run", "--seed", seed)
         assert code == 2 and f"--seed {seed}: seeds are 0 .. 2**63 - 1" in err, err
-    code, err = cli(monkeypatch, capsys, *command, config, "--out", tmp_path / "run", "--device", "cuda")
+    code, err = cli(*command, config, "--out", tmp_path / "run", "--device", "cuda")
     assert code == 2 and "--device cuda: text runs train and sample on the CPU" in err, err  # text run: no such option
     assert not (tmp_path / "run").exists()
 
@@ -387,7 +387,7 @@ def test_a_misspelt_kind_or_a_text_config_for_a_vector_command_is_one_line(tmp_p
     config = write_config(tmp_path, "text_ar")
     typo = tmp_path / "typo.toml"
     typo.write_text(config.read_text().replace('kind = "text_ar"', 'kind = "text_ra"'))
-    code, err = cli(monkeypatch, capsys, "run", typo, "--out", tmp_path / "run")
+    code, err = cli("run", typo, "--out", tmp_path / "run")
     assert code == 2 and err.strip() == f"error: {typo}: kind: 'text_ra' unknown; accepted: text_ar, text_dfm"
     with pytest.raises(DDMError, match=r"is a text config; `ddmkit sweep` works on vector and image runs"):
         refuse_text(config, "sweep")
@@ -398,7 +398,7 @@ def test_a_misspelt_kind_or_a_text_config_for_a_vector_command_is_one_line(tmp_p
                           (["study", "misalignment", config], "study misalignment"),
                           (["add-expert", tmp_path / "run", "--data", "ring8"], "add-expert"),
                           (["replace-expert", tmp_path / "run", 0, tmp_path], "replace-expert")):
-        code, err = cli(monkeypatch, capsys, *args)  # the vector commands say so in one line
+        code, err = cli(*args)  # the vector commands say so in one line
         assert code == 2 and f"`ddmkit {command}` works on vector and image runs" in err and \
             len(err.strip().splitlines()) == 1, err
 
@@ -415,13 +415,13 @@ def test_a_misspelt_kind_or_a_text_config_for_a_vector_command_is_one_line(tmp_p
     (["--k", "256", "--vocab", "4", "--length", "10"], "keep k * vocab**length <= 2e7"),
 ])
 def test_exactness_options_are_checked_first(monkeypatch, capsys, args, message):
-    code, err = cli(monkeypatch, capsys, "text", "exactness", *args)
+    code, err = cli("text", "exactness", *args)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert "router eps" not in capsys.readouterr().out  # refused before the table is computed
 
 
 def test_text_run_takes_set(tmp_path, monkeypatch, capsys):
-    code, err = cli(monkeypatch, capsys, "text", "run", write_config(tmp_path, "text_ar"), "--out", tmp_path / "run",
+    code, err = cli("text", "run", write_config(tmp_path, "text_ar"), "--out", tmp_path / "run",
                     "--set", "partition.k=50")
     assert code == 2 and "partition.k = 50 is larger" in err and not (tmp_path / "run").exists()
 
@@ -473,17 +473,17 @@ def test_sample_honours_steps_for_flow_matching_and_refuses_vector_options(text_
     for name in drawn:
         assert {key: info[name]["drawn_with"][key] for key in ("n", "seed")} == {"n": 2, "seed": 7}
         assert "steps" not in info[name]["drawn_with"]  # one byte per step: no steps setting
-    code, err = cli(monkeypatch, capsys, "sample", dfm, "--strategy", "top-1", "--solver", "rk4", "--guidance", "3",
+    code, err = cli("sample", dfm, "--strategy", "top-1", "--solver", "rk4", "--guidance", "3",
                     "--batch-size", "1")
     assert code == 2 and "--solver, --guidance, --batch-size: not used by a text run" in err, err
-    code, err = cli(monkeypatch, capsys, "sample", dfm, "--strategy", "top-1", "--no-cuda-streams")
+    code, err = cli("sample", dfm, "--strategy", "top-1", "--no-cuda-streams")
     assert code == 2 and "--cuda-streams: not used by a text run" in err, err
-    code, err = cli(monkeypatch, capsys, "sample", dfm, "--strategy", "top-1", "--device", "cuda")
+    code, err = cli("sample", dfm, "--strategy", "top-1", "--device", "cuda")
     assert code == 2 and "error: --device cuda: text runs train and sample on the CPU" in " ".join(err.split()), err
     for command in ("evaluate", "analyze"):  # --device cpu asks for what a text run does: it was refused, naming --set
-        code, err = cli(monkeypatch, capsys, command, ar, "--device", "cpu", *(["--n", "2"] if command == "analyze" else []))
+        code, err = cli(command, ar, "--device", "cpu", *(["--n", "2"] if command == "analyze" else []))
         assert code == 0, err
-    code, err = cli(monkeypatch, capsys, "sample", ar, "--strategy", "top-1", "--steps", "3")
+    code, err = cli("sample", ar, "--strategy", "top-1", "--steps", "3")
     assert code == 2 and "--steps: autoregressive sampling draws one byte per step" in err, err
 
 
@@ -495,9 +495,9 @@ def test_analyze_honours_strategy_n_and_seed(text_runs, monkeypatch, capsys):
                                                  "learned / top-2"}
     assert lines[0] == "note: top-2 on a DDM of K = 2 experts calls every expert: the same routing as full"
     assert analyze_text(run, run / "a2", QUIET, ["top-1", "top-2"], n=2)["bits_per_byte"] != result["bits_per_byte"]
-    code, err = cli(monkeypatch, capsys, "analyze", run, "--out", run / "a3", "--max-steps", "3")
+    code, err = cli("analyze", run, "--out", run / "a3", "--max-steps", "3")
     assert code == 2 and "--max-steps: not used by a text run" in err, err
-    code, err = cli(monkeypatch, capsys, "analyze", run, "--out", run / "a3", "--n", "0")  # named only the field
+    code, err = cli("analyze", run, "--out", run / "a3", "--n", "0")  # named only the field
     assert code == 2 and "error: --n (a text run): invalid configuration\n  --n (evaluate.windows_per_cluster): " \
         "Input should be greater than or equal to 1" in err, err
 
@@ -526,7 +526,7 @@ def test_a_text_shard_without_its_text_config_is_refused(text_runs, monkeypatch,
     """train-expert on a text shard without --config trained the default vector MLP on its bytes, as
     scalars (exit 0, final loss in the thousands)."""
     shard = RunFolder(text_runs["text_ar"]).partition / "shards" / "cluster_00.safetensors"
-    code, err = cli(monkeypatch, capsys, "train-expert", shard, "--out", tmp_path / "e")
+    code, err = cli("train-expert", shard, "--out", tmp_path / "e")
     assert code == 2 and "is a text shard (a stream of bytes)" in err and "--config RUN/config.json" in err, err
     assert not (tmp_path / "e").exists()
 
@@ -569,7 +569,7 @@ def test_ddmkit_run_of_a_text_config_refuses_the_vector_runs_options(tmp_path, m
     (exit 2) before anything is written, not left unread."""
     config = write_config(tmp_path, "text_ar")
     monkeypatch.chdir(tmp_path)
-    code, err = cli(monkeypatch, capsys, "run", config, *option)
+    code, err = cli("run", config, *option)
     assert code == 2 and option[0] in err and "a text run trains on the CPU" in err, err
     assert not (tmp_path / "runs").exists()
 
@@ -608,7 +608,7 @@ def test_a_cluster_without_held_out_text_has_no_other_experts_mean():
 
 def test_text_run_of_a_builtin_name_says_what_a_text_config_is(monkeypatch, capsys):
     """`ddmkit text run demo` said 'config file demo does not exist' (`ddmkit run demo` takes the name)."""
-    code, err = cli(monkeypatch, capsys, "text", "run", "demo")
+    code, err = cli("text", "run", "demo")
     assert code == 2 and "a text config is a TOML file" in err and "`ddmkit run demo`" in err, err
 
 
@@ -621,16 +621,16 @@ def test_a_text_run_refuses_other_training_settings_without_force(text_runs, tmp
     run, config = tmp_path / "run", text_runs["text_ar"].parent / "text_ar.toml"
     shutil.copytree(text_runs["text_ar"], run)
     before = files(run)
-    code, err = cli(monkeypatch, capsys, "run", config, "--out", run, "--set", "expert.train.steps=25",
+    code, err = cli("run", config, "--out", run, "--set", "expert.train.steps=25",
                     "--set", "router.train.lr=0.01")
     assert code == 2 and f"{run} already holds a different run: its config.json differs in expert.train.steps " \
         "(60, asked 25); router.train.lr (0.002, asked 0.01); choose another --out folder or pass --force to " \
         "replace it" in " ".join(err.split()), err
     for item in ("model.width=16", "centralized.steps=7", "router.kinds=['learned']", "corpus.max_docs=30"):
-        code, err = cli(monkeypatch, capsys, "run", config, "--out", run, "--set", item)
+        code, err = cli("run", config, "--out", run, "--set", item)
         assert code == 2 and f"differs in {item.split('=')[0]} (" in err, err
     assert files(run) == before
-    code, err = cli(monkeypatch, capsys, "run", config, "--out", run, "--set", "sample.n=1", "--set", "seed=4",
+    code, err = cli("run", config, "--out", run, "--set", "sample.n=1", "--set", "seed=4",
                     "--set", "evaluate.windows_per_cluster=3", "--set", "threads=2")
     assert code == 0, err
     after = files(run)
@@ -682,12 +682,12 @@ def test_a_text_run_takes_device_cpu_and_is_named_where_a_vector_run_is_expected
     for args in (["run", text_runs["text_ar"].parent / "text_ar.toml", "--out", run, "--device", "cpu"],
                  ["train-expert", run / "partition" / "shards" / "cluster_00.safetensors", "--config", config,
                   "--out", tmp_path / "e", "--device", "auto"]):
-        code, err = cli(monkeypatch, capsys, *args)
+        code, err = cli(*args)
         assert code in (0, None), err
-    code, err = cli(monkeypatch, capsys, "train-expert", run / "partition" / "shards" / "cluster_00.safetensors",
+    code, err = cli("train-expert", run / "partition" / "shards" / "cluster_00.safetensors",
                     "--config", config, "--out", tmp_path / "e2", "--device", "cuda")
     assert code == 2 and "--device cuda: text runs train and sample on the CPU" in " ".join(err.split()), err
-    code, err = cli(monkeypatch, capsys, "run", "demo", "--out", run)
+    code, err = cli("run", "demo", "--out", run)
     said = " ".join(err.split())
     assert code == 2 and "holds a run of another kind ('text_ar': a text run)" in said and "--force" in said, said
     with pytest.raises(DDMError, match=r"is a text run: its models draw bytes.*ddmkit sample"):
@@ -736,14 +736,14 @@ def test_a_text_runs_damaged_config_json_is_named_as_a_text_runs(text_runs, tmp_
     commands = [["sample", run, "--strategy", "top-1"], ["evaluate", run], ["analyze", run], ["train-router", run],
                 ["register", run], ["launch", run], ["distill", run]]
     for args in commands + ([] if damage == "missing" else [["verify", run], ["run", toml, "--out", run]]):
-        code, err = cli(monkeypatch, capsys, *args)
+        code, err = cli(*args)
         said = " ".join(err.split())
         assert code == 2 and str(config) in said and "--config CONFIG" not in said, (args, said)
         assert "copy it back from another copy of the run (a text run reads its settings from that file alone), " \
             "or make the run again from the text config (TOML) it was made with: `ddmkit run TEXT_CONFIG --out " \
             "NEW_RUN`" in said, (args, said)
     if damage == "not JSON":  # the fix that keeps the folder
-        code, err = cli(monkeypatch, capsys, "run", toml, "--out", run, "--force")
+        code, err = cli("run", toml, "--out", run, "--force")
         assert code in (0, None) and sample_text(run, ["top-1"], n=1, log=QUIET)["learned / top-1"], err
     config.write_bytes(original)
     assert sample_text(run, ["top-1"], n=1, log=QUIET)["learned / top-1"]
