@@ -41,15 +41,22 @@ DEVICE = r"^(auto|cpu|mps|cuda(:\d{1,3})?)$"
 DEVICE_FIX = 'pass --device cpu (or set the config\'s train.device = "auto")'
 
 
+def device_name(name, what: str) -> str:
+    """`name` (a string or torch.device) as a device name: auto, cpu, cuda, cuda:N or mps, present on this
+    machine or not; else a DDMError opening with `what` (the setting or argument that named it)."""
+    text = str(name) if isinstance(name, (str, torch.device)) else None
+    if text is None or not re.fullmatch(DEVICE, text):
+        raise DDMError(f"{what} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
 def resolve_device(name: str | torch.device, what: str | None = None, fix: str = DEVICE_FIX) -> torch.device:
     """A device (auto, cpu, cuda, cuda:N or mps; a string or torch.device) as a torch.device of this machine
     ("auto": cuda when there is one, else cpu). A name that is no device, or a CUDA or MPS device this
     machine lacks, is a DDMError before any tensor is made; it opens with `what` (the setting or argument
     that named it; default "device 'NAME'") and ends with `fix`."""
-    text = str(name) if isinstance(name, (str, torch.device)) else None
     what = what or f"device {name!r}"
-    if text is None or not re.fullmatch(DEVICE, text):
-        raise DDMError(f"{what} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
+    text = device_name(name, what)
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(text)

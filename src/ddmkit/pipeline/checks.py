@@ -24,11 +24,9 @@ What the later stages need (each need is where that stage would fail or would no
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
-from ddmkit.config import DEVICE, DEVICE_FIX, RunConfig, field_device, resolve_device
+from ddmkit.config import DEVICE_FIX, RunConfig, device_name, field_device, resolve_device
 from ddmkit.data.images import is_image_shape
 from ddmkit.errors import DDMError
 from ddmkit.pipeline.samplesets import planned_sets
@@ -207,6 +205,4 @@ def checked_device(name, from_run: bool = False) -> torch.device:
 def named_device(name) -> str:
     """The device named by --device for a stage that computes nothing (a report from kept measurements):
     a device name (auto, cpu, cuda, cuda:N or mps), not necessarily one this machine has."""
-    if not re.fullmatch(DEVICE, str(name)):
-        raise DDMError(f"--device: {str(name)!r} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
-    return str(name)
+    return device_name(name, f"--device: {str(name)!r}")
