@@ -26,6 +26,7 @@ With resume=True a job continues from the checkpoint it left, on every backend.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing.connection
 import os
 import signal
 import time
@@ -193,27 +194,49 @@ def _process_job(job: ExpertJob, config_dump: dict, resume: bool, networks: tupl
 STOP_GRACE = 60.0  # seconds a stopped pool worker has to end its job (remove its staging folder) before it is killed
 
 
+def _exited(process, timeout: float | None = 0.0) -> bool:
+    """Whether the process has exited, waiting for at most `timeout` seconds (None: until it has): its sentinel
+    tells, whichever thread reaps it."""
+    return bool(multiprocessing.connection.wait([process.sentinel], timeout))
+
+
+def exit_code(process, timeout: float = 5.0) -> int | None:
+    """A process's exit status (Process.exitcode), None while it runs. The thread that reaps a process (waitpid)
+    records its status, and another thread that reaps it at the same time reads None, as for a running process:
+    the pool's own thread reaps its workers too. So the status of a process that has exited (_exited) is awaited
+    until the thread that reaped it has recorded it (at once; at most `timeout` seconds)."""
+    code = process.exitcode
+    deadline = time.monotonic() + timeout
+    while code is None and _exited(process) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        code = process.exitcode
+    return code
+
+
 def stop_workers(pool: ProcessPoolExecutor, grace: float = STOP_GRACE) -> None:
     """Cancel the queued jobs, stop the running ones (SIGTERM: _stop_job) and wait for the workers to exit; one
     still alive after `grace` seconds is killed (SIGKILL). A job whose KeyboardInterrupt was lost stops at its
     next step (its stop flag), but one can be stuck outside the training loop: e.g. a worker killed while it
-    held the result queue's lock left another waiting for it, and this waited for ever."""
+    held the result queue's lock left another waiting for it, and this waited for ever. Returns once every
+    worker has exited and its exit status is recorded (exit_code): a worker that the pool's own thread reaped
+    is not taken for a running one (signalled again, its status read as None)."""
     processes = list((pool._processes or {}).values())  # noqa: SLF001 (no public API before Python 3.14)
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
-        process.terminate()
+        if not _exited(process):
+            process.terminate()
     deadline = time.monotonic() + grace
     for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-        if process.is_alive():
+        if not _exited(process, max(0.0, deadline - time.monotonic())):
             process.kill()
-            process.join()
+            _exited(process, None)
+        exit_code(process)
 
 
 def stopped_by_ctrl_c(processes: list) -> bool:
     """Whether the workers that ended before their jobs did all ended by Ctrl-C (exit status 130, see
     _process_job, or killed by SIGINT)."""
-    ended = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+    ended = [code for code in map(exit_code, processes) if code not in (None, 0)]
     return bool(ended) and all(code in (130, -signal.SIGINT) for code in ended)
 
 
