@@ -205,6 +205,13 @@ def test_bad_options_exit_2_and_write_nothing(trained, tmp_path, clis):
     assert hashes(run) == before and not RunFolder(run).students.exists()
 
 
+def test_a_word_that_is_no_device_is_refused_in_the_words_of_every_other_command(tmp_path):
+    """distill checked --device with a copy of the rule of its own words ("--device: 'gpu'; accepted: cpu, ..."),
+    before the run is read."""
+    with pytest.raises(DDMError, match=r"^--device: 'gpu' is not a device; accepted: auto, cpu, cuda, cuda:N or mps$"):
+        plan_distill(tmp_path / "no-run", device="gpu")
+
+
 def test_untrained_run_and_other_students_are_refused(trained, tmp_path):
     """A run without an expert is refused with the command that trains it; a second distillation of
     another teacher is refused (before any training) until --force."""

@@ -221,9 +221,10 @@ class TrainConfig(Section):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not re.fullmatch(DEVICE, v):
-            raise ValueError(f"{v!r} is not a device; accepted: auto, cpu, cuda, cuda:N or mps")
-        return v
+        try:
+            return device_name(v, repr(v))
+        except DDMError as e:  # as pydantic's error, so that validate names the field (train.device: 'gpu' is ...)
+            raise ValueError(str(e)) from None
 
 
 class PathConfig(Section):

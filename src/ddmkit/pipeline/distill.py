@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from ddmkit.analysis.stability import jacobian_norms
-from ddmkit.config import (DEVICE, MAX_SEED, ROWS, RunConfig, TrainConfig, config_differences,
+from ddmkit.config import (MAX_SEED, ROWS, RunConfig, TrainConfig, config_differences, device_name,
                            resolve_device)
 from ddmkit.conventions import __version__
 from ddmkit.data.partition import read_shard
@@ -272,8 +272,8 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
     _count("trajectories", trajectories, 2, MAX_TRAJECTORIES)
     if seed is not None:
         _count("seed", seed, 0, MAX_SEED)
-    if device is not None and not re.fullmatch(DEVICE, device):
-        raise DDMError(f"--device: {device!r}; accepted: cpu, cuda, cuda:N, mps or auto")
+    if device is not None:
+        device_name(device, f"--device: {device!r}")
     folder = RunFolder(run)
     if is_text_run(folder.root):
         raise DDMError(f"{folder.root} is a text run; `ddmkit distill` distills vector and image runs")
