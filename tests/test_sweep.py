@@ -300,6 +300,23 @@ def test_a_sweep_trained_now_and_scored_later(tmp_path):
     assert unknown.returncode == 2 and "--scale: unknown value 'batches'" in unknown.stderr
 
 
+def test_evaluate_is_refused_before_any_cell_is_scored_when_some_are_not_trained(tiny_grid, tmp_path):
+    """--stages evaluate on a grid whose K=2 cells are trained and K=4 cells are not: refused before any cell is
+    scored, naming every untrained cell and the sweep's own fix. Each cell's run_pipeline refuses an untrained
+    cell too, but only when its turn comes (the trained cells before it scored first, the grid left half done),
+    naming that cell alone and offering `ddmkit run` for it."""
+    out = tmp_path / "sweep"
+    trained = ["k2_b0.5_s0", "k2_b1_s0"]
+    for name in trained:  # trained, not scored: the cell's folder without its metrics.json
+        shutil.copytree(tiny_grid / name, out / name, ignore=shutil.ignore_patterns("metrics.json"))
+    refused = cli("sweep", SWEEP, "--out", out, *GRID, "--stages", "evaluate")
+    assert refused.returncode == 2, refused.stderr
+    assert (f"--stages evaluate: cells k4_b0.5_s0, k4_b1_s0 in {out} are not trained; train them first with the "
+            "same command and --stages train") in " ".join(refused.stderr.split()), refused.stderr
+    assert not any((out / name / "metrics.json").exists() for name in trained)
+    assert sorted(p.name for p in out.iterdir()) == trained
+
+
 def test_the_report_from_cells_scored_elsewhere(tiny_grid, tmp_path):
     """--stages report: only the cells' metrics.json, brought back from the machines that scored them."""
     out, elsewhere = tiny_grid, tmp_path / "brought_back"

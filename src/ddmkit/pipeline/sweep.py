@@ -509,7 +509,8 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
             f"for a fair curve lower the warm-up (--set expert.train.warmup=N) or raise the budget{batch}")
     # a cell whose metrics.json was made with its config is finished: kept, neither retrained nor rescored
     kept = [None if force else scored_rows(folder, c) for _, c, folder in grid]
-    if stages == "evaluate":
+    if stages == "evaluate":  # every untrained cell named before any is scored (a cell's run_pipeline refuses only
+        #                        its own, when its turn comes, and offers `ddmkit run` for that one folder)
         untrained = [folder.root.name for (_, c, folder), rows in zip(grid, kept)
                      if rows is None and untrained_parts(c, folder.root)]
         if untrained:
