@@ -470,6 +470,36 @@ def test_image_sets_record_where_they_were_drawn_and_evaluate_checks_them_all_be
         top1.write_bytes(original)
 
 
+def test_evaluate_with_other_evaluate_settings_scores_every_set_again(tmp_path, cli):
+    """`ddmkit evaluate RUN --set evaluate.fid_features=...` (or kid_subset) scored the floor row with the new
+    settings but kept each set's score cached under the old ones: a report said "Features: inception" over
+    pixel FIDs. A cached score is kept only under the settings it was made with."""
+    import json
+
+    from ddmkit.config import RunConfig, load_config, validate
+    from ddmkit.pipeline.run import run_pipeline
+
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
+    raw["data"]["params"] = {"dir": str(write_idx_set(tmp_path / "fm", 160, 48))}
+    raw["sample"].update(n=16, steps=2, strategies=["monolith", "top-1"], guidance_sweep=[],
+                         stats_router_strategies=[])
+    run = tmp_path / "run"
+    run_pipeline(validate(RunConfig, raw), run, log=lambda m: None)
+
+    def kids(*options):
+        assert cli("evaluate", run, *options).returncode == 0
+        rows = json.loads((run / "metrics.json").read_text())["rows"]
+        return {name: rows[name]["kid"] for name in ("train images (floor)", "monolith", "top-1")}
+
+    first = kids()
+    fewer = kids("--set", "evaluate.kid_subset=4")
+    assert all(fewer[name] != first[name] for name in first), (first, fewer)
+    for path in (run / "eval").glob("set_*.json"):
+        path.unlink()
+    assert kids("--set", "evaluate.kid_subset=4") == fewer  # as scored from scratch
+    assert kids() == first
+
+
 def test_a_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
     """A JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view) loads as a viewer
     shows it, turned before the mode conversion and the resize (the shorter side is the upright one's)."""

@@ -81,7 +81,9 @@ def reference_features(run, extractor, kind: str, n: int, log=print) -> tuple[to
 class SetScorer:
     """FID/KID of one sample set against the test split, cached in RUN/eval/set_<name>.json
     (so sets can be scored as soon as they are sampled, and a re-run skips them); the test
-    features are computed once. n_train: training images scored as the floor row."""
+    features are computed once. n_train: training images scored as the floor row. A cached score
+    records the features and KID subset it was made with, and is made again under others
+    (`ddmkit evaluate RUN --set evaluate.fid_features=...`)."""
 
     def __init__(self, run, fid_features: str, kid_subset: int, n_train: int, log=print, device="cpu"):
         self.run, self.log, self.kind, self.kid_subset = RunFolder(run), log, fid_features, kid_subset
@@ -93,6 +95,17 @@ class SetScorer:
     def cache(self, name: str) -> Path:
         return self.run.eval / f"set_{safe_name(name)}.json"
 
+    def cached(self, cache: Path) -> dict | None:
+        """The metrics in `cache` if they were scored as this scorer scores (features, KID subset), else None."""
+        if not cache.exists():
+            return None
+        cached = read_json(cache)
+        scored_with = cached.pop("scored_with", None)
+        return cached if scored_with == {"features": self.kind, "kid_subset": self.kid_subset} else None
+
+    def write_cache(self, cache: Path, metrics: dict) -> None:
+        write_json(cache, {**metrics, "scored_with": {"features": self.kind, "kid_subset": self.kid_subset}})
+
     def floor(self) -> dict:
         """Training images against the test set: the floor no sampler can beat."""
         return {**fid_kid(self.f_test, self.f_train, self.kid_subset, self.real_stats), "n": len(self.f_train)}
@@ -101,15 +114,16 @@ class SetScorer:
         """A latent run's floor: the floor row's training images encoded and decoded by its autoencoder
         (no latent sampler can beat the autoencoder's own reconstructions)."""
         cache = self.run.eval / "reconstructions.json"
-        if cache.exists() and read_json(cache).get("n") == len(self.f_train):
-            return read_json(cache)
+        cached = self.cached(cache)
+        if cached is not None and cached.get("n") == len(self.f_train):
+            return cached
         train = floor_images(load_data_file(self.run.root, self.run.split("train"))["x"], len(self.f_train))
         recon = codec.decode(codec.encode(train)).clamp(-1, 1).cpu()
         metrics = {k: float(v) for k, v in fid_kid(self.f_test, self.extractor(recon), self.kid_subset,
                                                    self.real_stats).items()}
         metrics["n"] = len(recon)
         save_png(image_grid(recon, 8, 8), self.run.plots / "reconstructions.png")
-        write_json(cache, metrics)
+        self.write_cache(cache, metrics)
         return metrics
 
     def __call__(self, name: str, first: int | None = None) -> dict:
@@ -117,8 +131,8 @@ class SetScorer:
         path = self.run.sample_set(name)
         cache = self.cache(name if first is None else f"{name}_first{first}")
         if cache.exists() and cache.stat().st_mtime >= path.stat().st_mtime:
-            cached = read_json(cache)
-            if "n" in cached:  # (scores cached before the count was kept are made again)
+            cached = self.cached(cache)
+            if cached is not None and "n" in cached:  # (scores cached before the count was kept are made again)
                 return cached
         x = load_tensors(path, fix="delete it (`ddmkit sample RUN --strategy NAME` draws the set again)")["x"][:first]
         start = time.perf_counter()
@@ -129,7 +143,7 @@ class SetScorer:
         metrics["n"] = len(x)
         if first is None:
             save_png(image_grid(x, 8, 8), self.run.plots / f"samples_{path.stem}.png")
-        write_json(cache, metrics)
+        self.write_cache(cache, metrics)
         self.log(f"{name}: FID {metrics['fid']:.2f}, KID {metrics['kid'] * 1e3:.2f}e-3 (n = {len(x)}, "
                  f"{metrics['fid_seconds']:.1f}s)")
         return metrics
