@@ -609,6 +609,50 @@ def test_an_image_folder_of_mixed_sizes_runs_after_the_suggested_fixes(tmp_path,
     assert data_info(tmp_path / "run")["classes"] == ["a", "b"]  # label i is folder classes[i]
 
 
+def damaged_images() -> dict[str, bytes]:
+    """Files that Pillow raises other errors than OSError for: a PNG whose image data breaks off into a
+    chunk of no valid type (SyntaxError), a BMP header claiming 10^10 pixels (DecompressionBombError); and a
+    truncated PNG (OSError)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def encoded(pixels, kind):
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, kind)
+        return out.getvalue()
+
+    png = encoded(np.arange(256, dtype=np.uint8).reshape(16, 16), "PNG")
+    at = png.index(b"IDAT") - 4
+    half = png[at + 8:at + 8 + struct.unpack(">I", png[at:at + 4])[0] // 2]
+    broken = (png[:at] + struct.pack(">I", len(half)) + b"IDAT" + half + struct.pack(">I", zlib.crc32(b"IDAT" + half))
+              + b"\x00\x00\x00\x10\xd0\xfa\x1a\xb5")
+    bmp = bytearray(encoded(np.zeros((4, 4, 3), np.uint8), "BMP"))
+    bmp[18:26] = struct.pack("<ii", 100000, 100000)  # width, height
+    return {"broken.png": broken, "bomb.bmp": bytes(bmp), "truncated.png": png[:40]}
+
+
+def test_damaged_image_files_are_named_together_and_the_folder_runs_without_them(tmp_path, monkeypatch, capsys):
+    """A PNG broken inside its image data or a BMP header of billions of pixels stopped the run with a Pillow
+    traceback (only OSError was caught); several damaged files were named one per run."""
+    write_folder(tmp_path / "imgs", sizes=((16, 16),))
+    config = tmp_path / "i.toml"
+    config.write_text(IMAGES.replace("{params}", f'{{ path = "{tmp_path / "imgs"}" }}').replace("{kid_subset}", "4"))
+    for name, data in damaged_images().items():
+        (tmp_path / "imgs" / "a" / name).write_bytes(data)
+        if name == "broken.png":
+            refused(config, tmp_path / "run", "a/broken.png: not a readable image (broken PNG file",
+                    "remove or replace the file")
+    message = refused(config, tmp_path / "run", "3 of its 63 image files are not readable images",
+                      "a/bomb.bmp: Image size (10000000000 pixels) exceeds", "a/broken.png: broken PNG file",
+                      "a/truncated.png: ", "remove or replace them")
+    for name in re.findall(r"(/[^\s(;]+/a/[^\s;]+\.(?:png|bmp)): ", message):
+        os.remove(name)
+    assert np.isfinite(runs(monkeypatch, capsys, config, tmp_path / "run")["rows"]["top-1"]["fid"])
+
+
 def test_class_conditional_networks_are_checked_against_the_labels_before_anything_is_written(
         tmp_path, monkeypatch, capsys):
     """Two class folders (labels 0, 1): num_classes = 1 leaves label 1 outside the network's table (and 2

@@ -28,6 +28,7 @@ another folder holding the four `*-ubyte[.gz]` files.
 from __future__ import annotations
 
 import gzip
+import struct
 import warnings
 from pathlib import Path
 
@@ -245,17 +246,47 @@ def image_values(im, mode: str = "auto", resize: int | None = None, crop: int | 
     return np.asarray(_resize_crop(_convert(im, target), resize, crop, path))
 
 
+class UnreadableImage(DDMError):
+    """An image file that Pillow cannot read (read_image): its path, and why (Pillow's message)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: not a readable image ({reason}); remove or replace the file")
+        self.path, self.reason = path, reason
+
+
 def read_image(path: Path, mode: str = "auto", resize: int | None = None, crop: int | None = None) -> np.ndarray:
     """One image file's values (image_values), turned upright by its EXIF orientation first (a phone photo
-    as a viewer shows it), or a DDMError naming a file that is not a readable image."""
+    as a viewer shows it), or an UnreadableImage naming a file that is not a readable image."""
     from PIL import Image, ImageOps
 
+    # what Pillow raises on a damaged file: OSError most often, SyntaxError for a broken PNG chunk, ValueError,
+    # EOFError or struct.error for damaged headers, DecompressionBombError for a header claiming billions of pixels
+    damaged = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
     try:
         with Image.open(path) as im:
             ImageOps.exif_transpose(im, in_place=True)  # in place: keeps the file's format and mode
             return image_values(im, mode, resize, crop, path)
-    except OSError as e:
-        raise DDMError(f"{path}: not a readable image ({e}); remove or replace the file") from e
+    except damaged as e:
+        raise UnreadableImage(path, str(e)) from e
+
+
+def read_images(files: list[Path], root: Path, mode: str, resize: int | None, crop: int | None) -> list[np.ndarray]:
+    """read_image of every file; the files that are not readable images are named together (the first few, and
+    how many), so that a folder with several damaged files is fixed in one go."""
+    arrays, unreadable = [], []
+    for p in files:
+        try:
+            arrays.append(read_image(p, mode, resize, crop))
+        except UnreadableImage as e:
+            unreadable.append(e)
+    if len(unreadable) == 1:
+        raise unreadable[0]
+    if unreadable:
+        shown = "; ".join(f"{e.path}: {e.reason}" for e in unreadable[:3])
+        more = f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        raise DDMError(f"image folder {root}: {len(unreadable)} of its {len(files)} image files are not readable "
+                       f"images ({shown}{more}); remove or replace them")
+    return arrays
 
 
 def pad_array(image: np.ndarray, size: int) -> np.ndarray:
@@ -316,7 +347,7 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
                        "folders, whose names start with \".\", are skipped)")
     classes = sorted({class_of(root, p) for p in files} - {None})
     check_no_empty_class(root, classes)
-    arrays = [read_image(p, mode, resize, crop) for p in files]
+    arrays = read_images(files, root, mode, resize, crop)
     if pad_to:
         largest = max(max(a.shape[:2]) for a in arrays)
         if largest > pad_to:
