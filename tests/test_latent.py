@@ -77,8 +77,10 @@ def test_latent_shape_and_its_checks():
               "block_out_channels": [128, 256, 512, 512]}
     assert latent_shape(config, (3, 256, 256)) == (4, 32, 32)
     assert latent_shape(config, (1, 64, 64)) == (4, 8, 8)  # grey data through an RGB autoencoder
-    with pytest.raises(DDMError, match="pad_to"):
-        latent_shape(config, (3, 28, 28))
+    for image, side in (((3, 28, 28), 32), ((3, 20, 36), 40)):  # the pad_to named is one that works
+        with pytest.raises(DDMError, match=f"set data.params.pad_to = {side} "):
+            latent_shape(config, image)
+        assert latent_shape(config, (3, side, side)) == (4, side // 8, side // 8)
     with pytest.raises(DDMError, match="latent.enabled"):
         latent_shape(config, (8,))
 
@@ -280,7 +282,7 @@ def test_bad_latent_settings_exit_2_before_anything_is_written(tmp_path, monkeyp
     odd = tmp_path / "odd.toml"
     odd.write_text(text.replace('pad_to = 32', 'pad_to = 30'))  # 30 is not a multiple of 4
     code, out = exit_code(monkeypatch, capsys, "run", odd, "--out", tmp_path / "run")
-    assert code == 2 and "pad_to" in out, out
+    assert code == 2 and "set data.params.pad_to = 32 " in out, out
     assert not (tmp_path / "run").exists()
 
 

@@ -102,8 +102,10 @@ def latent_shape(config: dict, image_shape: tuple[int, ...]) -> tuple[int, int, 
     channels, h, w = image_shape
     f = downsampling(config)
     if h % f or w % f:
+        side = -(-max(h, w) // f) * f  # the smallest multiple of f that holds both sides
         raise DDMError(f"latent: the autoencoder makes images {f}x smaller per side, but they are {h}x{w}; pad or "
-                       f"crop them to a multiple of {f} (data.params.pad_to)")
+                       f"crop them to a multiple of {f}, e.g. set data.params.pad_to = {side} (each image padded "
+                       f"with black to {side}x{side})")
     takes = int(config.get("in_channels", 3))
     if takes not in (channels, 3):
         grey = ' set data.params.mode = "grey" (an image folder: every image made grayscale), or' if takes == 1 else ""
