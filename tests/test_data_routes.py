@@ -609,6 +609,33 @@ def test_an_image_folder_of_mixed_sizes_runs_after_the_suggested_fixes(tmp_path,
     assert data_info(tmp_path / "run")["classes"] == ["a", "b"]  # label i is folder classes[i]
 
 
+PIXELS = np.random.default_rng(0).integers(0, 256, (20, 6, 6, 3))
+
+
+@pytest.mark.parametrize("x, fix, message", [
+    (PIXELS, lambda x: x.astype(np.uint8), "got int64 (20, 6, 6, 3) with values 0 .. 255: save them as uint8, "
+                                           "x.astype(np.uint8)"),
+    (PIXELS.astype(np.uint16) * 257, lambda x: (x / 257).round().astype(np.uint8),
+     "16-bit pixels: (x / 257).round().astype(np.uint8)"),
+    (np.concatenate([PIXELS, PIXELS[..., :1]], 3).astype(np.uint8), lambda x: x[..., :3],
+     r"got (20, 6, 6, 4) (RGBA? drop the alpha channel: x[..., :3])"),
+    (PIXELS[..., 0] / 127.5 - 1, lambda x: x[:, None], "(float grey images (N, H, W)? give x[:, None], (N, 1, H, W))"),
+])
+def test_an_image_array_of_another_layout_is_refused_with_a_fix_that_works(tmp_path, x, fix, message):
+    """int64 pixels (np.array of Python ints), 16-bit pixels, RGBA pixels and float grey images without their
+    channel axis were refused as not uint8 (N, H, W[, C]) or float (N, C, H, W), with no fix and no field."""
+    config = tmp_path / "a.toml"
+    config.write_text(f'[data]\nname = "image_array"\nparams = {{ path = "{tmp_path / "a.npy"}" }}\n'
+                      "[partition]\nk = 2\n[sample]\nn = 8\n[evaluate]\nkid_subset = 4\n")
+    np.save(tmp_path / "a.npy", x)
+    code, err = cli("partition", "--config", config, "--out", tmp_path / "run")
+    assert code == 2 and f"data.params.path: image array file '{tmp_path / 'a.npy'}'" in err and message in err, err
+    assert not (tmp_path / "run").exists()
+    np.save(tmp_path / "a.npy", fix(x))
+    code, err = cli("partition", "--config", config, "--out", tmp_path / "run")
+    assert code == 0, err
+
+
 def damaged_images() -> dict[str, bytes]:
     """Files that Pillow raises other errors than OSError for: a PNG whose image data breaks off into a
     chunk of no valid type (SyntaxError), a BMP header claiming 10^10 pixels (DecompressionBombError); and a

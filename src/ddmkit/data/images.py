@@ -398,6 +398,37 @@ def load_image_folder(n_train: int, n_test: int, seed: int, path: str = "", pad_
                  {"source": str(path), "classes": classes, "resize": resize, "crop": crop, "mode": mode})
 
 
+def check_image_layout(arr: np.ndarray, where: str, path: str) -> None:
+    """An image array's dtype and shape are uint8 (N, H, W[, C]) or float (N, C, H, W), C = 1 or 3; else a
+    DDMError opening with `where` that says what would make them so (a transpose, a cast, a channel axis)."""
+    if arr.dtype == np.uint8:
+        if arr.ndim not in (3, 4):
+            raise DDMError(f"{where}: uint8 images must be (N, H, W) or (N, H, W, C); got {arr.shape}"
+                           + (f" (vectors? give data.name = {str(path)!r}, which reads (N, D) rows as they are)"
+                              if arr.ndim == 2 else ""))
+        if arr.ndim == 4 and arr.shape[3] not in (1, 3):
+            fix = (" (channels first? give x.transpose(0, 2, 3, 1))" if arr.shape[1] in (1, 3) else
+                   " (RGBA? drop the alpha channel: x[..., :3])" if arr.shape[3] == 4 else "")
+            raise DDMError(f"{where}: uint8 images (N, H, W, C) need C = 1 or 3 channels; got {arr.shape}{fix}")
+        return
+    if arr.dtype.kind in "iu" and arr.ndim in (3, 4):  # pixels of another integer type (np.array of ints: int64)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        fix = ("save them as uint8, x.astype(np.uint8)" if 0 <= lo and hi <= 255 else
+               "scale them to 0 .. 255 and save them as uint8 (16-bit pixels: (x / 257).round().astype(np.uint8)), "
+               "or save float (N, C, H, W) images in [-1, 1]")
+        raise DDMError(f"{where}: images must be uint8 (N, H, W[, C]) or float (N, C, H, W) in [-1, 1]; got "
+                       f"{arr.dtype} {arr.shape} with values {lo} .. {hi}: {fix}")
+    if arr.ndim != 4 or arr.dtype.kind != "f":
+        fix = (" (float grey images (N, H, W)? give x[:, None], (N, 1, H, W))" if arr.dtype.kind == "f" and
+               arr.ndim == 3 else f" (vectors? give data.name = {str(path)!r}, which reads (N, D) rows as they are)"
+               if arr.ndim == 2 else "")
+        raise DDMError(f"{where}: images must be uint8 (N, H, W[, C]) or float (N, C, H, W) in [-1, 1]; got "
+                       f"{arr.dtype} {arr.shape}{fix}")
+    if arr.shape[1] not in (1, 3):
+        raise DDMError(f"{where}: float images (N, C, H, W) need C = 1 or 3 channels; got {arr.shape}"
+                       + (" (channels last? give x.transpose(0, 3, 1, 2))" if arr.shape[3] in (1, 3) else ""))
+
+
 def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_to: int | None = None,
                      test_fraction: float = 0.2, resize: int | None = None,
                      crop: int | None = None) -> tuple[ArrayData, ArrayData]:
@@ -413,26 +444,17 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
                        f"{relative_hint(path)}")
     arr = load_array_file(p, f"data.params.path: image array file {path!r}")
     labels = None
+    where = f"data.params.path: image array file {path!r}"
     if isinstance(arr, np.lib.npyio.NpzFile):
         if not arr.files:
-            raise DDMError(f"{path}: the .npz file holds no arrays")
+            raise DDMError(f"{where}: the .npz file holds no arrays")
         key = data_array_name(arr.files, ("x", "images"))
         labels = arr["labels"] if "labels" in arr.files else None
         arr = arr[key]
+    check_image_layout(arr, where, path)
     if arr.dtype == np.uint8:
-        if arr.ndim not in (3, 4):
-            raise DDMError(f"{path}: uint8 images must be (N, H, W) or (N, H, W, C); got {arr.shape}")
-        if arr.ndim == 4 and arr.shape[3] not in (1, 3):
-            raise DDMError(f"{path}: uint8 images (N, H, W, C) need C = 1 or 3 channels; got {arr.shape}"
-                           + (" (channels first? give x.transpose(0, 2, 3, 1))" if arr.shape[1] in (1, 3) else ""))
         x = to_unit_range(arr)
     else:
-        if arr.ndim != 4 or arr.dtype.kind != "f":
-            raise DDMError(f"{path}: images must be uint8 (N, H, W[, C]) or float (N, C, H, W) in [-1, 1]; got "
-                           f"{arr.dtype} {arr.shape}")
-        if arr.shape[1] not in (1, 3):
-            raise DDMError(f"{path}: float images (N, C, H, W) need C = 1 or 3 channels; got {arr.shape}"
-                           + (" (channels last? give x.transpose(0, 3, 1, 2))" if arr.shape[3] in (1, 3) else ""))
         check_float32_range(arr, f"image array file {path!r}")
         x = torch.as_tensor(arr.astype(np.float32))
         check_finite(x, f"image array file {path!r}")
