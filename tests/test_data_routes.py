@@ -339,6 +339,35 @@ def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path, mon
     assert "relative path" not in str(info.value)
 
 
+def test_data_paths_starting_with_a_tilde_are_read_as_a_shell_reads_them(tmp_path, monkeypatch):
+    """`name = "~/data/x.npy"` (and an image folder's, image array's, test file's or IDX folder's "~/...")
+    was said not to exist, while latent.pretrained, partition.encoder and the data's fingerprint expanded
+    "~"; every data path now does."""
+    from PIL import Image
+
+    from test_images import write_idx_set
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    home.mkdir()
+    np.save(home / "x.npy", blobs(400))
+    np.save(home / "t.npy", blobs(100, seed=1))
+    config = vectors(tmp_path / "a.toml", "~/x.npy", '{ test_path = "~/t.npy" }', n_test=0, n=40)
+    code, err = cli("partition", "--config", config, "--out", tmp_path / "run")
+    assert code == 0 and "400 train / 100 test samples" in err and "changed" not in err, err
+    code, err = cli("partition", "--config", config, "--out", tmp_path / "run")
+    assert code == 0 and "changed" not in err, err  # the same files: resumed, not called changed
+    (home / "photos").mkdir()
+    for i in range(4):
+        Image.new("RGB", (4, 4), (60 * i, 0, 0)).save(home / "photos" / f"{i}.png")
+    np.savez(home / "x.npz", x=np.zeros((4, 4, 4), np.uint8))
+    write_idx_set(home / "fm", 8, 4)
+    for name, params in (("image_folder", {"path": "~/photos"}), ("image_array", {"path": "~/x.npz"}),
+                         ("idx", {"dir": "~/fm"})):
+        train, test = load_dataset(name, 0, 0, params=params)
+        assert len(train) + len(test) in (4, 12), name
+
+
 def test_too_few_test_rows_fail_before_training_and_the_suggested_fix_runs(tmp_path, monkeypatch, capsys):
     """The case that used to fail at evaluation after training: a file's test split smaller than the
     evaluation needs. Now it fails at once; the sample.n the message suggests then runs."""

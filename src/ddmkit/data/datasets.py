@@ -106,8 +106,9 @@ def _synthetic(name: str, n_train: int, n_test: int, seed: int, params: dict) ->
 
 def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x (N, ...) float32, labels (N,) or None) of a .npy/.npz file, read without pickle and checked;
-    an .npz gives the array `key` (default "x", else its first) and `labels` when it holds one."""
-    p = Path(path)
+    an .npz gives the array `key` (default "x", else its first) and `labels` when it holds one. A path
+    starting with "~" is read as a shell reads it."""
+    p = Path(path).expanduser()
     if not p.is_file():
         raise DDMError(f"{field}: data file {path!r} does not exist (or is not a file){relative_hint(path)}")
     arr = load_array_file(p, f"{field}: data file {path!r}")

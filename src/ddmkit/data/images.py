@@ -98,7 +98,7 @@ def load_idx_split(folder: str | Path, split: str) -> tuple[np.ndarray, torch.Te
     """(images (N, H, W) uint8, labels (N,) int64) of split 'train' or 't10k'. Images must be IDX type 0x08
     (unsigned bytes, 0..255, as the MNIST family), the one type whose range is known; labels must be whole
     numbers 0 or more (checked_labels)."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()  # "~" as a shell reads it
     if not folder.is_dir():
         raise DDMError(f"data.params.dir: IDX folder {folder} does not exist; set data.params.dir to a folder "
                        f"holding the *-ubyte[.gz] files (Fashion-MNIST's: `{INSTALL_HINT}`)")
@@ -335,7 +335,7 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
     if not str(path):  # Path("") is the working folder: every image below it would be read
         raise DDMError("data.params.path: no image folder given; name it in the config ([data] params = { path = "
                        "\"FOLDER\" }) or on the command line (--set data.params.path=FOLDER)")
-    root = Path(path)
+    root = Path(path).expanduser()  # "~" as a shell reads it
     if mode not in MODES:
         raise DDMError(f"data.params.mode: unknown {mode!r}; accepted: {', '.join(MODES)}")
     if not root.is_dir():
@@ -438,7 +438,7 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
     if not str(path):
         raise DDMError("data.params.path: no image array file given; name it in the config ([data] params = { path = "
                        "\"FILE.npy\" }) or on the command line (--set data.params.path=FILE.npy)")
-    p = Path(path)
+    p = Path(path).expanduser()  # "~" as a shell reads it
     if not p.is_file():
         raise DDMError(f"data.params.path: image array file {path!r} does not exist (or is not a file)"
                        f"{relative_hint(path)}")
