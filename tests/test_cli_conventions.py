@@ -106,6 +106,28 @@ def test_a_bad_override_is_exit_2_naming_the_field(ddmkit, shard, tmp_path, args
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize("command, args, message", [
+    (["run", TINY], ["--set", "expert.net.kwargs={widht = 8}"],
+     "expert.net.kwargs.widht: 'mlp' takes no argument 'widht'; did you mean 'width'? (accepted: width, depth"),
+    (["partition", "--config", TINY], ["--set", "router.net.kwargs.dpeth=2"],
+     "router.net.kwargs.dpeth: 'router_mlp' takes no argument 'dpeth'; did you mean 'depth'?"),
+    (["run", TINY], ["--set", 'expert.net={arch = "unet", kwargs = {chanels = [8]}}'],
+     "expert.net.kwargs.chanels: 'unet' takes no argument 'chanels'; did you mean 'channels'?"),
+])
+def test_a_misspelt_net_kwarg_is_refused_before_the_data_are_read(cli, monkeypatch, tmp_path, command, args, message):
+    """A typo in a network's kwargs was reported only once the data were loaded and their sizes checked, with
+    no suggestion; it is refused from the config alone, naming the field and the nearest name, and nothing is
+    written."""
+    import ddmkit.pipeline.prepare as prepare
+
+    def no_data(*_):
+        raise AssertionError("the data were read before the network's kwargs were checked")
+    monkeypatch.setattr(prepare, "load_data", no_data)
+    done = cli(*command, "--out", tmp_path / "run", *args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_expert_keeps_a_finished_expert_and_refuses_to_overwrite_another(ddmkit, shard, tmp_path):
     args = ["train-expert", shard, "--out", tmp_path / "e", "--config", TINY, "--set", "expert.train.steps=5"]
     assert ddmkit(*args)[0] == 0

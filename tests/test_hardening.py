@@ -676,7 +676,7 @@ def test_a_config_by_path_or_built_in_name(tmp_path):
 def test_a_network_that_cannot_be_built_is_found_before_anything_is_written(tmp_path):
     with pytest.raises(DDMError, match=r"expert\.net: arch: unknown architecture 'mlpp'"):
         run_pipeline(tiny(expert__net={"arch": "mlpp"}), tmp_path / "a", log=QUIET)
-    with pytest.raises(DDMError, match=r"router\.net: .*widht"):
+    with pytest.raises(DDMError, match=r"router\.net\.kwargs\.widht: .*; did you mean 'width'\?"):
         run_pipeline(tiny(router__net={"kwargs": {"widht": 8}}), tmp_path / "b", log=QUIET)
     assert list(tmp_path.iterdir()) == []
 

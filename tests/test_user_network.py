@@ -404,6 +404,31 @@ class TensorSizes(torch.nn.Module):
         self.lin = torch.nn.Linear(int(torch.tensor(data_shape).prod()), 2)
 
 
+class AnyArguments(torch.nn.Module):
+    """A class taking **kwargs: any name is its own to check."""
+
+    def __init__(self, data_shape, **kwargs):
+        super().__init__()
+        self.lin = torch.nn.Linear(data_shape[0], data_shape[0])
+
+
+def test_a_misspelt_argument_of_a_user_network_is_named_from_the_config_alone(monkeypatch):
+    """Checked against its __init__ before any data are read, with the nearest name; a class taking **kwargs
+    is left to check its own."""
+    from ddmkit.config import RunConfig
+    from ddmkit.pipeline.stages import check_network_arguments
+
+    monkeypatch.setattr(user, "_USER", {})
+    use_network("custom:Doubler", Doubler)
+    use_network("custom:AnyArguments", AnyArguments)
+    cfg = RunConfig.model_validate({"expert": {"net": {"arch": "custom:Doubler", "kwargs": {"widht": 8}}}})
+    with pytest.raises(DDMError, match=re.escape("expert.net.kwargs.widht: 'custom:Doubler' takes no argument "
+                                                 "'widht'; did you mean 'width'? (accepted: width)")):
+        check_network_arguments(cfg)
+    check_network_arguments(cfg.model_copy(update={"expert": cfg.expert.model_copy(update={
+        "net": cfg.expert.net.model_copy(update={"arch": "custom:AnyArguments"})})}))
+
+
 @pytest.mark.parametrize("cls, kwargs, said, hinted", [
     (Doubler, {"widht": 4}, "accepted: width", False),
     (NoShape, {}, "its __init__ takes no data_shape", False),

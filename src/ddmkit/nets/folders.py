@@ -12,6 +12,7 @@ An architecture is a built-in name (ARCHITECTURES) or the user's own class as
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 from pathlib import Path
 from typing import Callable, Iterator
@@ -46,6 +47,42 @@ def network_class(arch: str, field: str = "expert.net.arch") -> Callable[..., nn
     return ARCHITECTURES[arch]
 
 
+def keyword_names(cls: type) -> list[str] | None:
+    """The names cls(...) takes as keywords; None when it takes any name (**kwargs) or its signature cannot
+    be read."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def did_you_mean(name: str, names: list[str]) -> str:
+    """"; did you mean 'width'?" for the name of `names` nearest to a misspelt one; "" when none is near."""
+    near = difflib.get_close_matches(name, names, n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def check_argument_names(arch: str, kwargs: dict, where: str, given: tuple[str, ...] = ("data_shape",)) -> None:
+    """Every name of a network's kwargs (the config's `where`.kwargs) one that arch's class takes, checked
+    from the config alone, before any data are read: a DDMError naming the field (expert.net.kwargs.widht)
+    and the nearest accepted name. `given`: the arguments ddmkit passes itself. A class that takes **kwargs,
+    or whose signature cannot be read, is checked when it is built (check_builds)."""
+    try:
+        names = keyword_names(network_class(arch, f"{where}.arch"))
+    except DDMError as e:
+        raise DDMError(f"{where}: {e}") from None
+    if names is None:
+        return
+    accepted = [name for name in names if name not in given]
+    for key in kwargs:
+        if key not in names:
+            raise DDMError(f"{where}.kwargs.{key}: {arch!r} takes no argument {key!r}{did_you_mean(key, accepted)} "
+                           f"(accepted: {', '.join(accepted) or 'none besides ' + ' and '.join(given)})")
+
+
 def check_arguments(arch: str, cls: type, kwargs: dict) -> None:
     """A DDMError naming the accepted arguments when kwargs do not fit cls's signature (a misspelt,
     unknown or missing name); nothing when they fit or the signature cannot be read."""
@@ -64,8 +101,10 @@ def check_arguments(arch: str, cls: type, kwargs: dict) -> None:
                            "argument") from None
         names = [p.name for p in params.values()
                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "data_shape"]
+        unknown = [key for key in kwargs if key not in params]
+        hint = did_you_mean(unknown[0], names) if unknown else ""
         raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {e}; accepted: "
-                       f"{', '.join(names) or 'none besides data_shape'}") from None
+                       f"{', '.join(names) or 'none besides data_shape'}{hint}") from None
 
 
 def build_model(arch: str, **kwargs) -> nn.Module:

@@ -39,9 +39,9 @@ from ddmkit.layout import RunFolder, check_run_exists, enclosing_run
 from ddmkit.pipeline.checks import (check_clusters, check_devices, check_labels, check_run_plan,
                                     unused_partition_settings)
 from ddmkit.train.jobs import EXECUTION
-from ddmkit.pipeline.stages import (check_networks, load_data, load_split, plan_partition, read_data_info,
-                                    register_user_features, register_user_networks, run_lock, write_data,
-                                    write_partition)
+from ddmkit.pipeline.stages import (check_network_arguments, check_networks, load_data, load_split, plan_partition,
+                                    read_data_info, register_user_features, register_user_networks, run_lock,
+                                    write_data, write_partition)
 
 Log = Callable[[str], None]
 TRAINED = ("data", "partition", "expert", "router", "monolith", "latent")  # the config sections the networks depend on
@@ -319,6 +319,7 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
         raise DDMError(f"--out {folder.root} is inside the run folder {holder}; give a folder outside any run for a "
                        f"new run (or {holder} itself, to continue that run)")
     check_devices(cfg)
+    check_network_arguments(cfg)  # a misspelt net kwarg, before the data are read
     with run_lock(folder.root):
         run = folder.root
         remove_run_leftovers(folder, log)

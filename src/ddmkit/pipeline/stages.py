@@ -31,6 +31,7 @@ from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.latent.autoencoder import load_autoencoder, load_codec
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, build_seeded, check_builds, use_network
+from ddmkit.nets.folders import check_argument_names
 from ddmkit.nets.user import check_output, is_user_network
 from ddmkit.registry import (AUTOENCODER_WEIGHTS, checked_model_shards, data_fix, data_sha256, load_data_file,
                              model_shards, shard_files, write_registry)
@@ -135,6 +136,16 @@ def register_user_networks(cfg: RunConfig) -> None:
     for name, net in (("expert", cfg.expert.net), ("router", cfg.router.net)):
         if is_user_network(net.arch):
             use_network(net.arch, field=f"{name}.net.arch")
+
+
+def check_network_arguments(cfg: RunConfig) -> None:
+    """The names in expert.net.kwargs and router.net.kwargs against the arguments their classes take (the
+    user's own classes registered here, from cfg), from the config alone: a misspelt name is a DDMError
+    naming the field and the nearest accepted name, before any data are read (check_networks builds the
+    networks once the data's shape is known)."""
+    register_user_networks(cfg)
+    check_argument_names(cfg.expert.net.arch, cfg.expert.net.kwargs, "expert.net")
+    check_argument_names(cfg.router.net.arch, cfg.router.net.kwargs, "router.net", ("data_shape", "num_experts"))
 
 
 def builds_on_the_cpu(arch: str, kwargs: dict) -> bool:

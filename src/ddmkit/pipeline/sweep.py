@@ -47,7 +47,7 @@ from ddmkit.pipeline.prepare import (TRAINED, check_partition, check_replaceable
                                      trained_differences)
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
 from ddmkit.pipeline.samplesets import calls_every_expert
-from ddmkit.pipeline.stages import load_data, plan_partition, register_user_networks
+from ddmkit.pipeline.stages import check_network_arguments, load_data, plan_partition, register_user_networks
 from ddmkit.tables import markdown_table
 from ddmkit.theory.report import t_interval
 from ddmkit.train.flops import per_sample_flops, training_flops
@@ -521,6 +521,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         if rows is None:
             check_replaceable(folder)
     check_devices(cfg)
+    check_network_arguments(cfg)
     check_grid_data(cfg, new_partitions(out, grid, kept), backend, workers, mono_k)
     created = not out.exists()
     try:
