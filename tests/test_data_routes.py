@@ -220,6 +220,21 @@ def test_channels_last_uint8_images_given_as_an_array_file_point_to_image_array(
     assert load_dataset(str(tmp_path / "f.npy"), 10, 5)[0].data_shape == (8, 8, 3)
 
 
+@pytest.mark.parametrize("name", ["x.NPY", "x.Npz"])
+def test_array_file_suffixes_are_read_in_any_case(tmp_path, name):
+    """data.name = "x.NPY" was refused as an unknown data set, while image files' suffixes are read in any
+    case; it is read as x.npy is, split by test_fraction, and its changes are noted as a .npy file's."""
+    from ddmkit.data.source import source_files
+
+    with open(tmp_path / name, "wb") as f:  # np.save and np.savez would append their own suffix
+        (np.savez if name.lower().endswith(".npz") else np.save)(f, blobs(400))
+    config = vectors(tmp_path / "a.toml", tmp_path / name, "{ test_fraction = 0.5 }", n_train=1000, n_test=0)
+    code, err = cli("partition", "--config", config, "--out", tmp_path / "run")
+    assert code == 0, err
+    assert data_info(tmp_path / "run")["n_test"] == 200 and data_info(tmp_path / "run")["n_train"] == 200
+    assert source_files(str(tmp_path / name), {}) == [tmp_path / name]
+
+
 def test_an_array_file_that_is_not_an_array_says_what_to_save(tmp_path):
     (tmp_path / "x.npy").write_bytes(b"not an array at all")
     with pytest.raises(DDMError, match="never pickle: save a numeric array with np.save") as error:

@@ -94,6 +94,14 @@ def check_float32_range(a: np.ndarray, where: str) -> None:
                        "data, e.g. x / np.abs(x).max(), and save it again")
 
 
+ARRAY_SUFFIXES = (".npy", ".npz")
+
+
+def is_array_file(name: str) -> bool:
+    """Whether data.name is the path of a .npy or .npz file (the suffix in any case: x.NPY too), read as vectors."""
+    return name.lower().endswith(ARRAY_SUFFIXES)
+
+
 def data_array_name(files: list[str], preferred: tuple[str, ...] = ("x",)) -> str:
     """The array of an .npz file that holds the data: the first of `preferred` it holds, else its first
     array other than "labels" (an .npz saved as labels=..., points=... holds its data second)."""

@@ -31,7 +31,7 @@ import torch
 
 import ddmkit.data.synthetic as synthetic
 from ddmkit.data.arrays import (ArrayData, check_finite, check_float32_range, checked_labels, data_array_name,
-                                load_array_file, relative_hint, split_indices, take_rows)
+                                is_array_file, load_array_file, relative_hint, split_indices, take_rows)
 from ddmkit.data.function import is_function_name, load_function_dataset
 from ddmkit.data.images import IMAGE_LOADERS, check_image_range, load_idx_dataset
 from ddmkit.errors import DDMError
@@ -200,7 +200,7 @@ LOADERS.update({k: _image_loader(k) for k in IMAGE_LOADERS})
 def takes_test_fraction(name: str) -> bool:
     """Whether data set `name` splits its rows by data.params.test_fraction (array files, image folders
     and arrays) rather than by data.n_test alone."""
-    if name.endswith((".npy", ".npz")):
+    if is_array_file(name):
         return True
     return name in IMAGE_LOADERS and "test_fraction" in accepted_params(IMAGE_LOADERS[name], ("seed",))
 
@@ -219,7 +219,7 @@ def load_dataset(name: str, n_train: int = 20000, n_test: int = 5000, seed: int 
         raise DDMError("data.params: keys must be names")
     if name in LOADERS:
         out = LOADERS[name](n_train, n_test, seed, params)
-    elif name.endswith((".npy", ".npz")):
+    elif is_array_file(name):
         out = _array_file(name, n_train, n_test, seed, params)
     elif is_function_name(name):
         out = load_function_dataset(name, n_train, n_test, seed, params)

@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ddmkit.data.arrays import is_array_file
 from ddmkit.data.images import image_files
 
 
 def source_files(name: str, params: dict) -> list[Path]:
     """The files or folders the config names as its data (those that exist), in a fixed order."""
-    named = [name] if name.endswith((".npy", ".npz")) else []
+    named = [name] if is_array_file(name) else []
     named += [params[key] for key in ("path", "test_path") if isinstance(params.get(key), str)]
     return [Path(p).expanduser() for p in named if Path(p).expanduser().exists()]
 
