@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -233,6 +234,29 @@ def test_array_file_suffixes_are_read_in_any_case(tmp_path, name):
     assert code == 0, err
     assert data_info(tmp_path / "run")["n_test"] == 200 and data_info(tmp_path / "run")["n_train"] == 200
     assert source_files(str(tmp_path / name), {}) == [tmp_path / name]
+
+
+@pytest.mark.parametrize("shape, fix", [((400, 8, 8, 3), "np.save(path, x.transpose(0, 3, 1, 2))"),
+                                        ((400, 8, 8, 4), "np.save(path, x[..., :3].transpose(0, 3, 1, 2))")])
+def test_float_channels_last_images_given_as_an_array_file_train_as_vectors_with_a_warning(tmp_path, shape, fix):
+    """A uint8 array of them is refused with the image_array lines; as floats (the way to train on the values as
+    they are) they trained as flattened vectors without a word. They still do, with a warning of how to save
+    them as images; images channels first and other vectors say nothing."""
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    config = vectors(tmp_path / "a.toml", tmp_path / "x.npy", "{ test_fraction = 0.5 }", n_train=1000, n_test=0)
+    said = f"data.name: data file '{tmp_path / 'x.npy'}' holds samples of shape {shape[1:]}, channels-last images by " \
+           f"the look of them, which train as vectors of {np.prod(shape[1:])} values"
+    with pytest.warns(UserWarning, match=re.escape(said)) as warned:
+        code, err = cli("partition", "--config", config, "--out", tmp_path / "run")
+    assert code == 0, err
+    assert any(fix in str(w.message) for w in warned), [str(w.message) for w in warned]
+    assert data_info(tmp_path / "run")["data_shape"] == list(shape[1:])
+    for other in ((400, 3, 8, 8), (400, 8, 8, 2), (400, 6)):  # images the image stages read; vectors
+        np.save(tmp_path / "o.npy", np.full(other, -0.5, np.float32))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_dataset(str(tmp_path / "o.npy"), 100, 0, params={"test_fraction": 0.5})
 
 
 def test_an_array_file_that_is_not_an_array_says_what_to_save(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +34,7 @@ import ddmkit.data.synthetic as synthetic
 from ddmkit.data.arrays import (ArrayData, check_finite, check_float32_range, checked_labels, data_array_name,
                                 is_array_file, load_array_file, relative_hint, split_indices, take_rows)
 from ddmkit.data.function import is_function_name, load_function_dataset
-from ddmkit.data.images import IMAGE_LOADERS, check_image_range, load_idx_dataset
+from ddmkit.data.images import IMAGE_LOADERS, check_image_range, is_image_shape, load_idx_dataset
 from ddmkit.errors import DDMError
 
 # the bounds of every numeric keyword a loader takes (data.params); others are strings
@@ -148,11 +149,25 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
     return x, checked_labels(labels, len(x), f"{field}: data file {path!r}")
 
 
+def _warn_channels_last(shape: tuple, path: str) -> None:
+    """Warn that samples of shape (H, W, C), C = 1, 3 or 4, look like channels-last images, which train as
+    vectors (a uint8 array of them is refused by _read_array, pointing to image_array): how to save them so
+    that the image stages read them. Samples the image stages take, (C, H, W) with C = 1 or 3, say nothing."""
+    if len(shape) != 3 or shape[-1] not in (1, 3, 4) or is_image_shape(shape):
+        return
+    fix = "x[..., :3].transpose(0, 3, 1, 2)" if shape[-1] == 4 else "x.transpose(0, 3, 1, 2)"
+    warnings.warn(f"data.name: data file {path!r} holds samples of shape {shape}, channels-last images by the look of "
+                  f"them, which train as vectors of {math.prod(shape)} values (the MLP networks), not as images: for "
+                  f"images, save them channels first with values in [-1, 1], np.save(path, {fix}) (x / 127.5 - 1 "
+                  "first for 0 .. 255 pixels), and use the image networks (docs/own-data.md#images)", UserWarning)
+
+
 def _array_file(path: str, n_train: int, n_test: int, seed: int, params: dict) -> tuple[ArrayData, ArrayData]:
     """Train and test splits of an array file: a test_fraction of its rows (seeded), of which n_test
     are kept (0: all), or the whole file test_path names; then at most n_train training rows."""
     check_params(f"the array file {path!r}", params, ["key", "test_fraction", "test_path"])
     x, lab = _read_array(path, params.get("key"), "data.name")
+    _warn_channels_last(tuple(x.shape[1:]), path)
     test_path = params.get("test_path")
     if test_path is None:
         test_idx, train_idx = split_indices(len(x), params.get("test_fraction", 0.2), seed)
