@@ -66,6 +66,16 @@ def test_named_code_exists(page):
     assert not missing, f"{page.name} names code that does not exist: {missing}"
 
 
+def test_the_sections_messages_point_to_exist():
+    """An error message's docs/PAGE.md#section (e.g. docs/own-data.md#your-network) is a section of that page."""
+    named = {(page, section) for source in (ROOT / "src" / "ddmkit").rglob("*.py")
+             for page, section in re.findall(r"docs/([\w-]+\.md)#([\w-]+)", source.read_text())}
+    assert ("own-data.md", "your-network") in named
+    missing = sorted(f"docs/{page}#{section}" for page, section in named
+                     if section not in anchors(ROOT / "docs" / page))
+    assert not missing, f"messages point to sections that do not exist: {missing}"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_times_of_day_or_commit_hashes(page):
     text = prose(page)

@@ -225,6 +225,55 @@ def test_a_registered_class_round_trips_through_a_model_folder(tmp_path, monkeyp
         from_pretrained(tmp_path / "m")
 
 
+class NoTime(torch.nn.Module):
+    """A forward that takes no t."""
+
+    def __init__(self, data_shape):
+        super().__init__()
+        self.lin = torch.nn.Linear(data_shape[0], data_shape[0])
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class Weightless(torch.nn.Module):
+    """No trainable parameter."""
+
+    def __init__(self, data_shape):
+        super().__init__()
+
+    def forward(self, x, t, y=None):
+        return x
+
+
+@pytest.mark.parametrize("cls, said", [
+    (NoTime, "forward(x, t) raised TypeError"), (Weightless, "builds a network with no trainable parameters")])
+def test_a_user_network_that_fails_its_checks_is_pointed_to_the_page_on_own_networks(monkeypatch, cls, said):
+    """The messages pointed to ddmkit.nets.user (a module's docstring) or docs/config.md (the built-in networks'
+    widths and depths) rather than the section on your own network."""
+    from ddmkit.config import RunConfig
+    from ddmkit.pipeline.stages import check_networks
+
+    monkeypatch.setattr(user, "_USER", {})
+    use_network(f"custom:{cls.__name__}", cls)
+    cfg = RunConfig.model_validate({"expert": {"net": {"arch": f"custom:{cls.__name__}", "kwargs": {}}}})
+    with pytest.raises(DDMError, match=re.escape(said)) as error:
+        check_networks(cfg, (2,))
+    message = str(error.value)
+    assert "docs/own-data.md#your-network" in message and "ddmkit.nets.user" not in message \
+        and "docs/config.md" not in message, message
+
+
+@pytest.mark.parametrize("value, said", [(3, "is an int,"), ("x", "is a str,"), (dict, "is a class,"),
+                                         (len, "is a builtin_function_or_method,")])
+def test_what_is_not_a_module_class_is_named_in_plain_words(monkeypatch, value, said):
+    """'mynets:WIDTH' is a int, not a torch.nn.Module subclass'."""
+    monkeypatch.setattr(user, "_USER", {})
+    with pytest.raises(DDMError, match=re.escape(f"'custom:X' {said} not a torch.nn.Module subclass; name your "
+                                                 "network's class (docs/own-data.md#your-network)")):
+        use_network("custom:X", value)
+
+
 def test_use_network_refuses_what_is_not_a_module_class(monkeypatch):
     monkeypatch.setattr(user, "_USER", {})
     with pytest.raises(DDMError, match="not a torch.nn.Module subclass"):

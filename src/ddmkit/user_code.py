@@ -35,6 +35,12 @@ def _where_it_failed(error: BaseException) -> str:
     return f" at {user[-1].filename}:{user[-1].lineno}" if user else ""
 
 
+def what_it_is(obj: object) -> str:
+    """What an imported name turned out to be, with its article, for a message: 'an int', 'a str', 'a class'."""
+    kind = "class" if isinstance(obj, type) else type(obj).__name__
+    return f"{'an' if kind[0].lower() in 'aeiou' else 'a'} {kind}"
+
+
 def import_named(name: str, field: str) -> object:
     """The object `name` ("package.module:attr", attr may be dotted) names, importing its module; a DDMError
     opening with `field` (the setting that names it) when it cannot be had."""

@@ -30,7 +30,7 @@ import torch
 
 from ddmkit.data.encoder import check_images, encode, encoder_spec
 from ddmkit.errors import DDMError
-from ddmkit.user_code import import_named
+from ddmkit.user_code import import_named, what_it_is
 
 CLUSTER_THREADS = 1  # OpenMP and BLAS threads of the partition's fits (k-means, PCA; scikit-learn's default: cores)
 KINDS = ("identity", "pca", "function", "encoder")  # the feature specs a manifest may hold
@@ -56,7 +56,7 @@ def use_features(name: str, fn: Callable | None = None) -> Callable:
                            "'package.module:function'")
         fn = import_named(name, "partition.features")
     if not callable(fn):
-        raise DDMError(f"partition.features: {name!r} is a {type(fn).__name__}, not a function; name a function "
+        raise DDMError(f"partition.features: {name!r} is {what_it_is(fn)}, not a function; name a function "
                        "mapping a (N, ...) tensor to (N, F) features")
     _USER[name] = fn
     return fn

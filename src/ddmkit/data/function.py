@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from ddmkit.data.arrays import ArrayData, check_float32_range, take_rows
 from ddmkit.data.images import check_image_range
 from ddmkit.errors import DDMError
-from ddmkit.user_code import import_named
+from ddmkit.user_code import import_named, what_it_is
 
 FUNCTION_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # package.module:function
 PASSED = ("n_train", "n_test", "seed")  # what ddmkit passes besides data.params
@@ -50,7 +50,7 @@ def import_function(name: str) -> Callable:
     fn = import_named(name, where)
     attr = name.partition(":")[2]
     if not callable(fn):
-        raise DDMError(f"{where}: {attr!r} is a {type(fn).__name__}, not a function")
+        raise DDMError(f"{where}: {attr!r} is {what_it_is(fn)}, not a function")
     return fn
 
 

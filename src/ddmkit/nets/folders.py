@@ -98,7 +98,7 @@ def check_arguments(arch: str, cls: type, kwargs: dict) -> None:
                 and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             raise DDMError(f"arch {arch!r}: its __init__ takes no data_shape; ddmkit builds every network as "
                            "Class(data_shape=[...], **net.kwargs) (a router with num_experts=K too): add the "
-                           "argument") from None
+                           "argument (docs/own-data.md#your-network)") from None
         names = [p.name for p in params.values()
                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "data_shape"]
         unknown = [key for key in kwargs if key not in params]

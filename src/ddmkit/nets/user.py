@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ddmkit.errors import DDMError
-from ddmkit.user_code import import_named
+from ddmkit.user_code import import_named, what_it_is
 
 _USER: dict[str, type[nn.Module]] = {}  # user network classes registered in this process, by name
 
@@ -82,7 +82,8 @@ def use_network(name: str | type[nn.Module], cls: type[nn.Module] | None = None,
             raise DDMError(f"{field}: {name!r} is not a built-in architecture or 'package.module:Class'")
         cls = import_named(name, field)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise DDMError(f"{field}: {name!r} is a {type(cls).__name__}, not a torch.nn.Module subclass")
+        raise DDMError(f"{field}: {name!r} is {what_it_is(cls)}, not a torch.nn.Module subclass; name your network's "
+                       "class (docs/own-data.md#your-network)")
     _USER[name] = cls
     return cls
 
@@ -152,7 +153,8 @@ def check_output(model: nn.Module, where: str, data_shape: list[int], num_expert
         out = _forward(model, 2, data_shape, num_experts, num_classes, grad=False)
     except Exception as e:
         raise DDMError(f"{where}: {call} raised {type(e).__name__} ({str(e)[:300]}) with x of shape "
-                       f"{(2, *data_shape)} and t of shape (2,); see ddmkit.nets.user for the signature") from None
+                       f"{(2, *data_shape)} and t of shape (2,); docs/own-data.md#your-network shows how ddmkit "
+                       "builds and calls your class") from None
     if got(out) != shape(2):
         what = f"logits (B, K = {num_experts})" if router else "a tensor shaped like x, (B, *data_shape)"
         raise DDMError(f"{where}: {call} returned {got(out)} for x of shape {(2, *data_shape)}; expected {shape(2)}: "

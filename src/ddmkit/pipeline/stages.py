@@ -181,8 +181,10 @@ def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
         empty = [name for name, p in model.named_parameters() if p.numel() == 0]
         if empty or next(model.parameters(), None) is None:
             what = f"layers with no weights ({', '.join(empty[:3])})" if empty else "no trainable parameters"
-            raise DDMError(f"{where}: {net.arch!r} with kwargs {net.kwargs} builds a network with {what}; "
-                           "give it widths and depths of at least 1 (see docs/config.md)")
+            fix = ("a network needs weights to train: check its __init__ and net.kwargs (see "
+                   "docs/own-data.md#your-network)" if is_user_network(net.arch)
+                   else "give it widths and depths of at least 1 (see docs/config.md)")
+            raise DDMError(f"{where}: {net.arch!r} with kwargs {net.kwargs} builds a network with {what}; {fix}")
         if is_user_network(net.arch):
             check_output(build_seeded(net.arch, 0, **kwargs), f"{where}.arch = {net.arch!r}", shape,
                          given.get("num_experts"), int(net.kwargs.get("num_classes", 0)))
