@@ -597,3 +597,30 @@ def test_fid_over_the_monolith_only_between_sets_of_one_sample_count():
     assert "top-2 (8) hold another count than the monolith's 1000" in other_counts(result)
     result["rows"]["top-2"]["n"] = 1000
     assert other_counts(result) == ""
+
+
+def test_the_documented_way_to_save_samples_from_python_clamps_them_as_the_report_does(tmp_path, monkeypatch):
+    """DDM.sample returns images unclamped (a latent run's decoded samples reached -1.8 .. 1.3) and no page said
+    to clamp them before saving: docs/images.md's snippet, run on such samples, writes the pixels the report's
+    grids show (pixels of -1.8 mapped to uint8 without the clamp wrap around to light grey)."""
+    import re
+
+    from PIL import Image
+
+    import ddmkit
+    from ddmkit.evaluation.images import image_grid
+
+    section = (ROOT / "docs" / "images.md").read_text().split("## From Python", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    x = torch.linspace(-1.8, 1.3, 16 * 3 * 4 * 4).reshape(16, 3, 4, 4)
+
+    class Sampled:
+        def sample(self, **kwargs):
+            return x.clone(), {}
+    monkeypatch.setattr(ddmkit.DDM, "from_pretrained", staticmethod(lambda run: Sampled()))
+    monkeypatch.chdir(tmp_path)
+    exec(code, {})
+    for i in (0, 15):
+        saved = np.asarray(Image.open(tmp_path / f"sample_{i}.png"))
+        assert np.array_equal(saved, image_grid(x[i:i + 1], 1, 1, pad=0)), i
+

@@ -198,10 +198,10 @@ class DDM:
         ints); guidance: classifier-free guidance scale inside each expert (None: as loaded); a latent DDM
         returns decoded images (decode=False: the latents, of shape data_shape); images come as integrated
         (and decoded), not clamped: the pipeline clamps them to [-1, 1] before it saves and scores them
-        (x0.clamp(-1, 1) does the same here). x1: the starting noise, a float32 torch tensor
-        (n, *data_shape), moved to the DDM's device; batch_size, router_every, speed, callback and out (x1
-        on the DDM's device: the samples written over it) as in ddmkit.ddm.sampling.sample_ddm. Bad arguments
-        are DDMErrors naming them."""
+        (x0.clamp(-1, 1) does the same here; docs/images.md#from-python saves them as PNGs). x1: the
+        starting noise, a float32 torch tensor (n, *data_shape), moved to the DDM's device; batch_size,
+        router_every, speed, callback and out (x1 on the DDM's device: the samples written over it) as in
+        ddmkit.ddm.sampling.sample_ddm. Bad arguments are DDMErrors naming them."""
         if unknown:
             raise DDMError(unknown_argument(next(iter(unknown)), self.device))
         for name, value in (("n", n), ("steps", steps), ("solver", solver), ("seed", seed)):
