@@ -3,13 +3,13 @@
 # mixes VP-trained and flow-matching experts (docs/distributed.md) and of distilling an image DDM
 # (docs/distill.md), on a bare GPU machine (the `run` device tool), one stage per call, each within one
 # call's 10 minutes; runs/ is kept on a warm machine between calls:
-#   bash benchmarks/gpu_grow_convert_distill.sh train      # carry .inc_whl .data .inc_a
+#   bash benchmarks/gpu_grow_convert_distill.sh train [fm|vp ...]   # carry .inc_whl .data .inc_a (default: both)
 #        fm: configs/fashion_mnist.toml (strategies monolith, full, top-1, top-2)
 #        vp: the same with [expert.path] kind = "vp" (cosine, v prediction), no monolith
 #   bash benchmarks/gpu_grow_convert_distill.sh without    # carry .inc_b
 #        without: the same config on the nine classes but ankle boot (benchmarks/fashion_mnist_holdout.py),
 #        scored against the whole test set, then `ddmkit add-expert --data ...:only_class` -> grown
-#   bash benchmarks/gpu_grow_convert_distill.sh evaluate
+#   bash benchmarks/gpu_grow_convert_distill.sh evaluate [grown|fm|vp|mixed ...]   (default: all four)
 #        mixed: a copy of fm whose experts 0-3 are replaced by vp's (`ddmkit replace-expert`); top-1 and top-2
 #        scores of grown, fm (and its monolith), vp and mixed
 #   bash benchmarks/gpu_grow_convert_distill.sh distill
@@ -42,11 +42,14 @@ for name in sys.argv[1:]:
 PY
 }
 
+NAMES=("${@:2}")  # train and evaluate: the runs to make or score (default: all of the stage's)
 if [ "$1" = train ]; then
-  run run $CONFIG --out $R/fm --stages train "${FM[@]}" 2>&1 | tail -n 25 | tee "$OUT/train_fm.log"
-  step_status
-  run run $CONFIG --out $R/vp --stages train "${VP[@]}" 2>&1 | tail -n 25 | tee "$OUT/train_vp.log"
-  step_status
+  [ ${#NAMES[@]} -eq 0 ] && NAMES=(fm vp)
+  for name in "${NAMES[@]}"; do
+    [ $name = fm ] && SETTINGS=("${FM[@]}") || SETTINGS=("${VP[@]}")
+    run run $CONFIG --out $R/$name --stages train "${SETTINGS[@]}" 2>&1 | tail -n 25 | tee "$OUT/train_$name.log"
+    step_status
+  done
   seconds fm/experts/expert_00 fm/monolith fm/router vp/experts/expert_00 | tee -a "$OUT/train_fm.log"
 elif [ "$1" = without ]; then
   join_fid_weights
@@ -58,10 +61,13 @@ elif [ "$1" = without ]; then
   step_status
   seconds without/experts/expert_00 grown/experts/expert_08 grown/router | tee -a "$OUT/without.log"
 elif [ "$1" = evaluate ]; then
-  rm -rf $R/mixed && cp -r $R/fm $R/mixed
-  for k in 0 1 2 3; do run replace-expert $R/mixed $k $R/vp/experts/expert_0$k 2>&1 | tail -n 2; done | tee "$OUT/evaluate.log"
+  [ ${#NAMES[@]} -eq 0 ] && NAMES=(grown fm vp mixed)
+  if [[ " ${NAMES[*]} " == *" mixed "* ]]; then
+    rm -rf $R/mixed && cp -r $R/fm $R/mixed
+    for k in 0 1 2 3; do run replace-expert $R/mixed $k $R/vp/experts/expert_0$k 2>&1 | tail -n 2; done | tee "$OUT/evaluate.log"
+  fi
   SPARSE=(--set 'sample.strategies=["top-1","top-2"]' --set 'sample.stats_router_strategies=[]')
-  for name in grown fm vp mixed; do
+  for name in "${NAMES[@]}"; do
     [ $name = fm ] && S=(--set 'sample.strategies=["monolith","top-1","top-2"]') || S=("${SPARSE[@]}")
     run run $R/$name/config.json --out $R/$name --stages evaluate "${S[@]}" 2>&1 | tail -n 25 | tee -a "$OUT/evaluate.log"
     step_status
