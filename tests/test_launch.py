@@ -693,6 +693,84 @@ def test_a_connection_error_is_not_reported_as_a_file_system_error(tmp_path, mon
     assert "check that path" not in err and "Traceback" not in err
 
 
+def test_starting_ray_keeps_the_commands_sigterm_handler():
+    """ray.init sets a SIGTERM handler of its own (sys.exit): `ddmkit launch --backend ray` stopped by SIGTERM
+    printed Ray's crash dump and exited 1, not 'stopped by SIGTERM' and 143 with its checkpoints kept."""
+    from types import SimpleNamespace
+
+    from ddmkit.launch.ray_backend import start_ray
+
+    def init(**kwargs):  # what ray.init does to the driver's SIGTERM
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+    ours = lambda signum, frame: None
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        assert start_ray(SimpleNamespace(is_initialized=lambda: False, init=init), None, 1)
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_sigterm_that_a_library_turns_into_a_keyboardinterrupt_still_reads_as_sigterm(tmp_path, monkeypatch):
+    """Ray's ray.wait turns the exception a signal handler raises into a plain KeyboardInterrupt: `ddmkit launch
+    --backend ray` stopped by SIGTERM said 'interrupted' and exited 130, not 'stopped by SIGTERM' and 143."""
+    import ddmkit.pipeline.stages as stages
+
+    run = _tiny_run(tmp_path, "partition.k=2")
+
+    def stopped_in_ray_wait(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the command's handler raises its Terminated here
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        raise KeyboardInterrupt  # what Ray's check_status raises instead, with no cause or context
+
+    monkeypatch.setattr(stages, "run_jobs", stopped_in_ray_wait)
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a command of its own (a Ray started in this
+    try:  # process by another test set its own)
+        code, err = cli("launch", run)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 143 and err.startswith("stopped by SIGTERM") and "the finished experts are kept" in err, err
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "run_jobs", ctrl_c)  # the next command starts afresh: a Ctrl-C is Ctrl-C again
+    code, err = cli("launch", run)
+    assert code == 130 and err.startswith("interrupted:"), err
+
+
+@pytest.mark.slow  # a local Ray starts in about 10 s on 2 busy cores
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_stops_a_ray_launch_keeping_its_checkpoints(tmp_path):
+    """SIGTERM (a scheduler's time limit) to `ddmkit launch --backend ray` once a checkpoint came back: exit 143
+    saying so, no traceback, each job's checkpoint kept and no expert folder written."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'ddmkit[ray]' to run the Ray tests")
+    run = _tiny_run(tmp_path, "partition.k=2", "expert.train.steps=1000000", "expert.train.checkpoint_every=20")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "CUDA_VISIBLE_DEVICES": "",
+           "DDMKIT_QUIET": "1"}
+    argv = [sys.executable, "-m", "ddmkit", "launch", str(run), "--backend", "ray", "--workers", "2"]
+    with open(tmp_path / "launch.log", "w") as log:
+        driver = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((run / "experts").glob("*.checkpoint.safetensors")) and time.monotonic() < deadline:
+            assert driver.poll() is None, (tmp_path / "launch.log").read_text()
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGTERM)
+        code = driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    out = (tmp_path / "launch.log").read_text()
+    assert code == 143 and "stopped by SIGTERM" in out and "Traceback" not in out, out
+    names = sorted(p.name for p in (run / "experts").iterdir())
+    assert names and all(n.endswith(".checkpoint.safetensors") for n in names), names
+
+
 def test_a_pool_broken_by_ctrl_c_reads_as_ctrl_c():
     """Ctrl-C to the process group can end a worker (exit 130) before the driver's own KeyboardInterrupt: the
     broken pool then read as 'a worker process died' (exit 2; seen once in a full suite) instead of Ctrl-C."""

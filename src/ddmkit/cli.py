@@ -38,12 +38,21 @@ class Terminated(KeyboardInterrupt):
     kept, staging folders removed, the run's lock released); main says so and exits 143."""
 
 
+_sigterm_received = False  # set by _raise_terminated: a library that turns the Terminated it raised into a plain
+# KeyboardInterrupt (Ray's ray.wait does) leaves no Terminated to find, but the stop was still SIGTERM's
+
+
 def _raise_terminated(signum, frame) -> None:
+    global _sigterm_received
+    _sigterm_received = True
     raise Terminated
 
 
 def by_sigterm(exc: BaseException) -> bool:
-    """Whether `exc` was raised on the way out of a SIGTERM (a Terminated among its causes and contexts)."""
+    """Whether `exc` was raised on the way out of a SIGTERM (a Terminated among its causes and contexts, or
+    any stop after this command's SIGTERM handler ran)."""
+    if _sigterm_received:
+        return True
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, Terminated):
@@ -1144,6 +1153,8 @@ def show_warnings_as_lines() -> None:
 
 
 def main() -> None:
+    global _sigterm_received
+    _sigterm_received = False
     show_warnings_as_lines()
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # not where a caller (a pool worker) set its own
         signal.signal(signal.SIGTERM, _raise_terminated)

@@ -21,8 +21,10 @@ Each task asks for one GPU when the cluster has GPUs, none otherwise.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import tempfile
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Iterator
@@ -130,9 +132,22 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
 
 
 def start_ray(ray, address: str | None, workers: int | None):
-    """Connect to `address`, or start a local Ray; returns whether we started it."""
+    """Connect to `address`, or start a local Ray; returns whether we started it. ray.init sets a SIGTERM
+    handler of its own (sys.exit): a handler the caller had set (the ddmkit command's, which stops it as
+    Ctrl-C does) is put back, so a SIGTERM still keeps the checkpoints and exits as the caller says."""
     if ray.is_initialized():
         return False
+    caller = signal.getsignal(signal.SIGTERM)
+    try:
+        _init_ray(ray, address, workers)
+    finally:
+        if callable(caller) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, caller)
+    return True
+
+
+def _init_ray(ray, address: str | None, workers: int | None) -> None:
+    """ray.init: the cluster at `address` (checked reachable first), or a local Ray of `workers` CPUs."""
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address:
         check_reachable(address)
@@ -146,7 +161,6 @@ def start_ray(ray, address: str | None, workers: int | None):
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         ray.init(num_cpus=workers or os.cpu_count() or 1, num_gpus=gpus, **kwargs)
-    return True
 
 
 def task_error(ray, error: Exception, job) -> Exception:
