@@ -531,6 +531,21 @@ def test_a_text_shard_without_its_text_config_is_refused(text_runs, monkeypatch,
     assert not (tmp_path / "e").exists()
 
 
+def test_a_vector_runs_shard_with_a_text_config_is_refused(text_runs, tmp_path):
+    """train-expert on a vector run's shard with a text run's config.json ended in a traceback (a RuntimeError of
+    the transformer's shapes), after starting to train."""
+    from pathlib import Path
+
+    code, err = cli("partition", "--config", Path(__file__).parent / "configs" / "tiny.toml", "--out", tmp_path / "v")
+    assert code == 0, err
+    shard = tmp_path / "v" / "partition" / "shards" / "cluster_00.safetensors"
+    code, err = cli("train-expert", shard, "--config", RunFolder(text_runs["text_ar"]).config, "--out", tmp_path / "e")
+    assert code == 2 and "is not a text shard" in err and "--config RUN/config.json" in err, err
+    assert not (tmp_path / "e").exists()
+    code, err = cli("train-expert", shard, "--config", tmp_path / "v" / "config.json", "--out", tmp_path / "e")
+    assert code == 0, err  # the fix it names works
+
+
 def test_a_text_expert_goes_to_its_own_cluster_s_folder(text_runs, tmp_path):
     """train-expert cluster_01's shard --out RUN/experts/expert_00 replaced expert 0 with cluster 1's expert;
     evaluate then called it 'missing or trained with other settings'."""

@@ -371,6 +371,10 @@ def train_text_expert(shard: str | Path, cfg: TextRunConfig, out_dir: str | Path
     with job_threads(cfg.threads):
         task, tr, m = TASKS[cfg.kind], cfg.expert.train, cfg.model
         stream, _, meta = read_shard(shard)
+        if stream.dim() != 1 or stream.dtype != torch.uint8:  # a vector, image or latent run's (N, ...) rows
+            raise DDMError(f"{shard} is not a text shard (its x is {tuple(stream.shape)} {str(stream.dtype)[6:]}, "
+                           "rows of a vector or image run, not a stream of bytes), but the config trains text "
+                           "experts: give the shard's own run's config, --config RUN/config.json")
         c = int(meta.get("cluster", -1))
         if c < 0:
             raise DDMError(f"{shard}: not a text shard (no cluster in its metadata); run `ddmkit partition` first")
