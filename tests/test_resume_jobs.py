@@ -166,6 +166,30 @@ def test_an_expert_folder_cut_short_is_trained_again_and_one_with_other_files_is
     assert (job / "config.json").read_bytes() == (run / "config.json").read_bytes()
 
 
+def test_an_expert_whose_weights_were_cut_short_mid_file_is_trained_again(tmp_path, ddmkit):
+    """An expert folder copied with model.safetensors cut short mid-file: `register` said to "re-train or re-copy
+    it", and `train-expert` into the folder said "this expert is trained already ... nothing to do" (exit 0),
+    leaving the damaged file. train-expert trains it again; register's message names fixes that work."""
+    run, _ = _tiny_run(tmp_path / "run", "expert.train.steps=20")
+    assert ddmkit("launch", run)[0] == 0
+    expert = RunFolder(run).expert(2)
+    weights = _bytes(expert)
+    (run / "registry.json").unlink()  # copied in anew: not registered yet
+    whole = (expert / "model.safetensors").read_bytes()
+    (expert / "model.safetensors").write_bytes(whole[: len(whole) // 2])
+    code, _, err = ddmkit("register", run)
+    assert code == 2 and "model.safetensors is corrupt" in err and "remove the folder and train it again" in err, err
+    task = ["train-expert", run / "partition" / "shards" / "cluster_02.safetensors", "--out", expert,
+            "--config", run / "config.json", "--resume"]  # as a SLURM task of `launch --emit slurm` runs
+    code, _, err = ddmkit(*task)
+    assert code == 0 and "does not read (a copy cut short?)" in err and "trained already" not in err, err
+    assert _bytes(expert) == weights
+    assert ddmkit("register", run)[0] == 0
+    shutil.rmtree(expert)  # the other fix register names: remove the folder, and launch trains it again
+    code, _, err = ddmkit("launch", run)
+    assert code == 0 and _bytes(expert) == weights, err
+
+
 def test_concurrent_experts_replace_a_folder_cut_short_but_not_one_with_other_files(tiny_partition, tmp_path):
     from ddmkit.train.concurrent import train_experts_concurrently
 

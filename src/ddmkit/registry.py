@@ -394,8 +394,9 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
           torch.bool: "BOOL"}
 
 
-def header_shapes(path: Path) -> dict[str, tuple[list[int], str]]:
-    """Tensor names, shapes and dtypes ("F32", ...) from a safetensors header (no tensor is read)."""
+def header_shapes(path: Path, fix: str = "re-train or re-copy it") -> dict[str, tuple[list[int], str]]:
+    """Tensor names, shapes and dtypes ("F32", ...) from a safetensors header (no tensor is read); a corrupt
+    file is a DDMError that ends with `fix`."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -404,7 +405,7 @@ def header_shapes(path: Path) -> dict[str, tuple[list[int], str]]:
         with safe_open(str(path), "pt") as f:
             return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except Exception as e:
-        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); re-train or re-copy it") from e
+        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); {fix}") from e
 
 
 class _Budget(TorchFunctionMode):
@@ -441,7 +442,8 @@ def check_model_folder(folder: str | Path) -> dict:
         raise DDMError(f"{folder} is not a model folder (config.json + model.safetensors); train or copy it again")
     config = model_config(folder)
     check_time_convention(config.get("time_convention", TIME_CONVENTION), folder)
-    header = header_shapes(folder / "model.safetensors")
+    header = header_shapes(folder / "model.safetensors", "copy the whole model folder again, or remove the folder "
+                           "and train it again")  # re-training into the folder as it is keeps those weights
     check_identity(folder, config)
     arch, kwargs = config["arch"], config["kwargs"]
     try:

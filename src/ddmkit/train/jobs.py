@@ -226,11 +226,22 @@ def trained_expert_differences(out_dir: str | Path, shard: str | Path, config: E
     out_dir = Path(out_dir)
     if not (out_dir / "model.safetensors").exists() or not (out_dir / "config.json").exists():
         return None
+    if not weights_readable(out_dir / "model.safetensors"):
+        return None  # weights cut short (a copy interrupted mid-file): an unfinished expert, trained again
     saved = read_json(out_dir / "config.json")
     saved = saved if isinstance(saved, dict) else {}
     made = _what_trains(_expert_table(saved))
     differences = [d.split(" ", 1)[0] for d in settings_differences(made, trained_settings(config))]
     return differences + (["the shard"] if saved.get("shard_sha256") != sha256_file(shard) else [])
+
+
+def weights_readable(path: Path) -> bool:
+    """Whether a safetensors file's header reads and covers the file (a copy cut short mid-file does not)."""
+    try:
+        read_metadata(path)
+    except DDMError:
+        return False
+    return True
 
 
 def _expert_table(saved: dict) -> dict:
@@ -289,6 +300,9 @@ def _train_expert_once(shard, config: ExpertConfig, out_dir, nproc: int, resume:
         _refuse_other_cluster(out_dir, shard)
         raise DDMError(f"{out_dir} holds an expert trained with other settings ({', '.join(differences)}); choose "
                        "another --out, or pass --force to replace it")
+    weights = Path(out_dir) / "model.safetensors"
+    if differences is None and weights.is_file() and not weights_readable(weights) and main:
+        log(f"note: {weights} does not read (a copy cut short?): this job trains the expert again and replaces it")
     if not resume and checkpoint_path(out_dir).exists() and main:
         log(f"note: {checkpoint_path(out_dir)} is not continued (no --resume): this job trains from the start and "
             "replaces it")
