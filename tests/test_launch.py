@@ -631,6 +631,24 @@ def test_emit_slurm_at_a_site_without_some_shards_names_them(tmp_path, monkeypat
     assert code == 2 and "cluster_02.safetensors is missing" in err and not (run / "experts").exists(), err
 
 
+def test_emit_slurm_refuses_a_shard_cut_short_naming_the_fix(tmp_path, monkeypatch, capsys):
+    """A shard cut short in copying (or changed since partitioning) was emitted as a task, which failed on the
+    cluster saying to "re-train or re-copy it"; `ddmkit launch` refused the same run at once."""
+    run = _tiny_run(tmp_path)
+    shard = run / "partition" / "shards" / "cluster_02.safetensors"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    script = run / "launch" / "train_experts.slurm"
+    code, err = cli("launch", run, "--emit", "slurm")
+    assert code == 2 and "cluster_02.safetensors: SHA-256 differs" in err and "Copy the original back" in err, err
+    assert not script.exists()
+    code, err = cli("launch", run, "--emit", "slurm", "--expert", "0", "--expert", "1")  # the tasks of good shards
+    assert code in (0, None) and "#SBATCH --array=0-1\n" in script.read_text(), err
+    shard.write_bytes(whole)  # the fix it names
+    code, err = cli("launch", run, "--emit", "slurm")
+    assert code in (0, None) and "#SBATCH --array=0-3\n" in script.read_text(), err
+
+
 # ----- a Ray cluster that cannot be reached -------------------------------------------------------------------
 
 def test_a_ray_address_that_cannot_be_reached_is_named_with_the_servers_last_line():

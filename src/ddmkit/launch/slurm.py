@@ -27,7 +27,7 @@ from ddmkit.errors import DDMError
 from ddmkit.io import read_json, write_bytes_atomic
 from ddmkit.layout import RunFolder
 from ddmkit.nets.user import is_user_network
-from ddmkit.registry import load_partition_checked
+from ddmkit.registry import checked_model_shards, load_partition_checked
 
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=+/@%-]*")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")  # a long option's name, without its dashes
@@ -259,6 +259,7 @@ def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str]
                "copy the shards in first")
         raise DDMError(f"{shards} lacks the shards of clusters {', '.join(map(str, absent))}, whose tasks would fail; "
                        f"{fix}")
+    checked_model_shards(run, missing)  # a shard changed or cut short since it was written: its task would fail
     write_bytes_atomic(path, slurm_script(run, manifest["k"], experts=missing, overrides=overrides, **options).encode())
     path.chmod(0o755)
     return path
