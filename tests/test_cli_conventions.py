@@ -448,6 +448,24 @@ def test_a_missing_shard_is_named_as_a_wrong_path(ddmkit, shard, tmp_path):
     assert "the config goes to --config" in err and not (tmp_path / "e").exists()
 
 
+def test_a_shard_cut_short_in_copying_says_to_copy_it_again(ddmkit, shard, tmp_path):
+    """A shard copied to an island cut short mid-file: train-expert said to "re-train or re-copy it" (nothing
+    trains a shard)."""
+    import shutil
+
+    whole = shard.read_bytes()
+    cut = tmp_path / shard.name
+    cut.write_bytes(whole[: len(whole) // 2])
+    code, _, err = ddmkit("train-expert", cut, "--out", tmp_path / "e", "--config", TINY)
+    assert code == 2 and f"{cut} is corrupt" in err and "copy the shard again, whole, from its run's " \
+        "partition/shards/" in err and "re-train" not in err, err
+    assert not (tmp_path / "e").exists()
+    shutil.copy(shard, cut)  # the fix it names
+    code, _, err = ddmkit("train-expert", cut, "--out", tmp_path / "e", "--config", TINY, "--set",
+                          "expert.train.steps=5")
+    assert code == 0, err
+
+
 def test_ctrl_c_in_add_expert_says_nothing_was_added():
     """add-expert said 'what is finished is kept; run the same command to continue' although it restores the
     run whole (its changes land together at the end)."""

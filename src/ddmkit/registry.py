@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_convention
 from ddmkit.config import validate
-from ddmkit.data.partition import PartitionManifest, ShardEntry, check_manifest, partition_tensors
+from ddmkit.data.partition import SHARD_FIX, PartitionManifest, ShardEntry, check_manifest, partition_tensors
 from ddmkit.errors import DDMError
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder
@@ -271,7 +271,7 @@ def check_shard_space(shard: str | Path, latent: bool) -> None:
     if path.suffix != ".safetensors":
         raise DDMError(f"shard {path} is not a shard file (a shard is a .safetensors file of RUN/partition/shards/, "
                        "e.g. RUN/partition/shards/cluster_00.safetensors); the config goes to --config")
-    x = header_shapes(path).get("x")
+    x = header_shapes(path, SHARD_FIX).get("x")
     if x is not None and len(x[0]) == 1 and x[1] == "U8":  # ddmkit.discrete's shards: one byte stream
         raise DDMError(f"{path} is a text shard (a stream of bytes), but the config trains continuous experts: give "
                        "the run's text config, --config RUN/config.json")

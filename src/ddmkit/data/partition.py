@@ -385,9 +385,12 @@ def partition_tensors(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
+SHARD_FIX = "copy the shard again, whole, from its run's partition/shards/ (a latent run's: latents/)"
+
+
 def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """(x, labels or None, metadata) of one shard file."""
-    tensors = load_tensors(path)
+    tensors = load_tensors(path, fix=SHARD_FIX)
     meta = read_metadata(path)
     if "x" not in tensors:
         raise DDMError(f"{path}: not a ddmkit shard (no 'x' tensor)")
