@@ -546,6 +546,34 @@ def test_a_vector_runs_shard_with_a_text_config_is_refused(text_runs, tmp_path):
     assert code == 0, err  # the fix it names works
 
 
+def test_the_partition_of_a_text_run_is_made_again_by_the_fix_its_errors_name(text_runs, tmp_path):
+    """A text run's shard changed (or its manifest lost) since partitioning: the error said to remove the partition
+    and run `ddmkit partition --config RUN/config.json --out RUN`, which read the text run's config.json as a
+    vector config ("kind: unknown field", exit 2)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(text_runs["text_ar"], run)
+    folder = RunFolder(run)
+    shard = folder.partition / "shards" / "cluster_01.safetensors"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    code, err = cli("verify", run)
+    fix = f"remove {folder.partition} and run `ddmkit partition --config {folder.config} --out {run}`"
+    assert code == 2 and "cluster_01.safetensors" in err and fix in " ".join(err.split()), err
+    shutil.rmtree(folder.partition)
+    code, err = cli("partition", "--config", folder.config, "--out", run)
+    assert code == 0, err
+    assert shard.read_bytes() == whole
+    code, err = cli("verify", run)
+    assert code == 0, err
+    (folder.partition / "manifest.json").unlink()  # a copy cut short: the same fix is named, and works
+    code, err = cli("register", run)
+    assert code == 2 and "manifest.json is missing" in err and fix in " ".join(err.split()), err
+    shutil.rmtree(folder.partition)
+    assert cli("partition", "--config", folder.config, "--out", run)[0] == 0 and cli("verify", run)[0] == 0
+
+
 def test_a_text_expert_goes_to_its_own_cluster_s_folder(text_runs, tmp_path):
     """train-expert cluster_01's shard --out RUN/experts/expert_00 replaced expert 0 with cluster 1's expert;
     evaluate then called it 'missing or trained with other settings'."""

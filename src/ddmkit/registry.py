@@ -200,6 +200,10 @@ def load_partition_checked(folder: str | Path) -> tuple[dict, dict[str, torch.Te
         if above is not None:
             raise DDMError(f"{folder.parent} is a folder inside the run {above}; give the run folder itself: {above}")
         check_run_exists(folder.parent)
+        run = RunFolder(folder.parent)
+        if folder.is_dir() and any(folder.iterdir()) and run.config.is_file():  # a copy of the run cut short
+            raise DDMError(f"{source} is missing, though {folder} holds other files of the partition (a copy cut "
+                           f"short?); copy the run's partition/ folder back whole, or {remake_partition(run)}")
         raise DDMError(f"{folder.parent}: no partition yet (partition/manifest.json); run `ddmkit partition "
                        f"--config CONFIG --out {folder.parent}` first")
     manifest = read_manifest(folder)  # strictly, before the partition's tensors are checked against it

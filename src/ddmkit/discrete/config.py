@@ -262,13 +262,14 @@ def check_dfm_sample(s: TextSampleConfig, seq_len: int) -> None:
 
 
 def load_text_config(path: str | Path, overrides: list[str] = ()) -> TextRunConfig:
-    """Read and validate a text TOML config (kind = 'text_ar' or 'text_dfm'), with each --set
-    "section.field=value" of `overrides` applied."""
+    """Read and validate a text TOML config (kind = 'text_ar' or 'text_dfm'), or a text run's config.json, with
+    each --set "section.field=value" of `overrides` applied."""
     path = Path(path)
     if not path.exists() and not path.suffix and path.name == str(path):  # a name, as `ddmkit run demo` takes
         raise DDMError(f"config {path}: no such file; a text config is a TOML file (kind = 'text_ar' or 'text_dfm'), "
                        "e.g. configs/text_ar.toml (the built-in demo is a vector run: `ddmkit run demo`)")
-    raw = read_toml(path)
+    raw = _saved_config(path) if path.suffix == ".json" else None  # a text run's config.json, as for vectors
+    raw = read_toml(path) if raw is None else raw
     if "kind" not in raw:
         raise DDMError(f"{path}: kind: missing; a text config starts with kind = \"text_ar\" (autoregressive) or "
                        "kind = \"text_dfm\" (discrete flow matching)")
@@ -315,10 +316,25 @@ def text_config_fix(folder: RunFolder) -> str:
             f"the run again from the text config (TOML) it was made with: `ddmkit run TEXT_CONFIG --out NEW_RUN`{here}")
 
 
+def _saved_config(path: Path) -> dict | None:
+    """The "config" table of a run's config.json (what a run records of the config it was made with), or None
+    when `path` is not JSON of that form (read_toml, which reads it next, says what is wrong)."""
+    try:
+        saved = read_json(path)
+    except DDMError:
+        return None
+    config = saved.get("config") if isinstance(saved, dict) else None
+    return config if isinstance(config, dict) else None
+
+
 def is_text_config(path: str | Path) -> bool:
     """True when the TOML file has a top-level `kind` (only text configs have one: load_text_config then
-    names a kind other than 'text_ar' or 'text_dfm')."""
+    names a kind other than 'text_ar' or 'text_dfm'), or the file is a text run's config.json."""
+    path = Path(path)
+    if path.suffix == ".json":
+        saved = _saved_config(path) if path.is_file() else None
+        return saved is not None and "kind" in saved
     try:
-        return "kind" in tomllib.loads(Path(path).read_text())
+        return "kind" in tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False  # not a text config: read_toml, which reads it next, says what is wrong
