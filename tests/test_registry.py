@@ -148,6 +148,35 @@ def test_expert_from_another_partition_is_refused(copy):
         verify_registry(copy)
 
 
+def test_a_registered_expert_replaced_by_one_register_refuses_names_the_fix_that_works(copy, ddmkit, tmp_path):
+    """An expert folder replaced by another cluster's expert or another partition's: `verify`, `sample` and
+    `launch` said to run `ddmkit register` "if the change is intended", which then refused the folder."""
+    experts = copy / "experts"
+    other = tmp_path / "other"  # an expert of another partition: its config and weights record another shard
+    shutil.copytree(experts / "expert_01", other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "shard_sha256": "0" * 64}))
+    weights = other / "model.safetensors"
+    save_tensors(weights, load_tensors(weights), {**read_metadata(weights), "shard_sha256": "0" * 64})
+    fixes = {experts / "expert_02": "move the folder to experts/expert_02, or copy the right expert here",
+             other: "another partition: copy the expert trained on this partition's shard, or train it again"}
+    for replacement, fix in fixes.items():
+        shutil.rmtree(experts / "expert_01")
+        shutil.copytree(replacement, experts / "expert_01")
+        for command in ("verify", "sample", "launch"):
+            code, _, err = ddmkit(command, copy)
+            assert code == 2 and "SHA-256 differs" in err and fix in err, (command, err)
+            assert "`ddmkit register` refuses what it holds now" in err and "if the change is intended" not in err
+        code, _, err = ddmkit("register", copy)
+        assert code == 2 and fix in err, err
+    shutil.rmtree(experts / "expert_01")
+    w = experts / "expert_02" / "model.safetensors"  # its own expert, trained again: registering is the fix
+    save_tensors(w, {name: t + 0.01 for name, t in load_tensors(w).items()}, read_metadata(w))
+    code, _, err = ddmkit("verify", "--allow-missing", copy)
+    assert code == 2 and "run `ddmkit register` if the change is intended" in err, err
+    assert ddmkit("register", copy)[0] == 0 and ddmkit("verify", "--allow-missing", copy)[0] == 0
+
+
 def test_other_version_or_time_convention_is_refused(copy):
     path = copy / "registry.json"
     reg = json.loads(path.read_text())

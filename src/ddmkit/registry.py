@@ -564,6 +564,20 @@ def check_slot(path, cluster, slot: int) -> None:
                        f"the folder to experts/expert_{cluster!s:0>2}, or copy the right expert here")
 
 
+def check_replaced_expert(folder: Path, path: str, cluster: int, shard_hash: dict, changed: str) -> None:
+    """An expert folder whose files differ from the registry's: a DDMError (`changed`, then what it holds and
+    the fix) where `ddmkit register` would refuse it too, so that registering is suggested only where it works:
+    weights and config.json of two folders, the expert of another cluster, or one of another partition."""
+    try:
+        config = model_config(folder)
+        check_identity(folder, config)
+        check_slot(folder, config.get("cluster", cluster), cluster)
+        check_shard(path, cluster, config.get("shard_sha256"), shard_hash)
+    except DDMError as e:
+        raise DDMError(f"{changed}; its folder was changed, and `ddmkit register` refuses what it holds now: {e}") \
+            from None
+
+
 def write_registry(run: str | Path) -> dict:
     """Write RUN/registry.json for the model folders present; returns it. Refused (DDMError): no expert at
     all, weights holding NaN, an expert trained on another partition's shard (nothing could load it)."""
@@ -679,6 +693,9 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
             raise DDMError(f"{source}: {e.path} is listed but missing; copy it back or re-run `ddmkit register`")
         for fname, want in (("model.safetensors", e.weights_sha256), ("config.json", e.config_sha256)):
             if sha256_file(folder / fname) != want:
+                if e.role == "expert":
+                    check_replaced_expert(folder, e.path, e.cluster, shard_hash,
+                                          f"{folder / fname}: SHA-256 differs from {source}")
                 raise DDMError(f"{folder / fname}: SHA-256 differs from {source}; the file was changed or "
                                "replaced. Re-copy it, or run `ddmkit register` if the change is intended")
         statistics = folder / PUBLISHED_STATISTICS
