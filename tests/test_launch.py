@@ -162,7 +162,18 @@ def test_slurm_resources_are_checked_when_every_expert_is_trained_too(tmp_path, 
 
 @pytest.mark.parametrize("time", ["90", "90:30", "24:00:00", "2-12", "2-12:30", "2-12:30:00", "UNLIMITED"])
 def test_every_form_of_slurm_time_is_accepted(tmp_path, time):
-    assert f"#SBATCH --time={time}" in slurm_script(tmp_path, 2, time=time, mem="512")
+    assert f"#SBATCH --time={time}" in slurm_script(tmp_path, 2, time=time, mem="512M")
+
+
+def test_slurm_mem_without_a_unit_is_refused_naming_the_unit_to_add(tmp_path):
+    """--mem 16 was written into the script as it was: sbatch reads it as 16 MB, a task killed at once for memory."""
+    run = _tiny_run(tmp_path)
+    code, err = cli("launch", run, "--emit", "slurm", "--mem", "16")
+    assert code == 2 and "--mem '16': sbatch reads a number without a unit as megabytes (16 MB)" in err, err
+    assert "--mem 16G for gigabytes, or --mem 16M if megabytes are meant" in err
+    assert not (run / "launch" / "train_experts.slurm").exists()
+    for mem in ("16G", "16000M", "0"):  # 0: all of a node's memory, to sbatch
+        assert f"#SBATCH --mem={mem}\n" in slurm_script(tmp_path, 2, mem=mem)
 
 
 def test_the_slurm_array_holds_the_experts_not_trained_yet(tmp_path):

@@ -589,7 +589,7 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
            time: Optional[str] = typer.Option(None, help="slurm --time per expert (default 24:00:00)"),
            cpus: Optional[int] = typer.Option(None, help="slurm --cpus-per-task (default 4)"),
            gpus: Optional[int] = typer.Option(None, help="slurm GPUs per expert (0: none; default 1)"),
-           mem: Optional[str] = typer.Option(None, help="slurm --mem (default 16G)"),
+           mem: Optional[str] = typer.Option(None, help="slurm --mem, with its unit (default 16G)"),
            partition_name: Optional[str] = typer.Option(None, "--partition", help="slurm partition (default: the cluster's)"),
            expert: Optional[List[int]] = typer.Option(None, "--expert", help="slurm: a task for this expert only "
                                                       "(repeat for several: --expert 0 --expert 1, e.g. the shards one "

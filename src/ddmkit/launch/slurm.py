@@ -33,7 +33,7 @@ _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=+/@%-]*")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")  # a long option's name, without its dashes
 # sbatch's forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]], or no limit
 _TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE")
-_MEM = re.compile(r"\d+[KMGT]?")  # megabytes, or with a unit
+_MEM = re.compile(r"\d+[KMGT]?")  # with a unit; a bare number (megabytes to sbatch) only as 0, a node's memory
 DEFAULT_CPUS = 4  # --cpus-per-task of a task when --cpus is left out
 HEAD = "#!/bin/bash\n#SBATCH --job-name=ddmkit-experts\n"  # how every script ddmkit writes begins
 
@@ -54,7 +54,10 @@ def check_resources(time: str, cpus: int, gpus: int, mem: str) -> None:
     if not _TIME.fullmatch(time) or not _time_in_range(time):
         raise DDMError(f"--time {time!r}: give sbatch's forms: minutes, HH:MM:SS, D-HH or D-HH:MM:SS (e.g. 24:00:00)")
     if not _MEM.fullmatch(mem):
-        raise DDMError(f"--mem {mem!r}: give megabytes or a number with K, M, G or T (e.g. 16G)")
+        raise DDMError(f"--mem {mem!r}: give a number with its unit, K, M, G or T (e.g. 16G)")
+    if mem.isdigit() and int(mem) > 0:  # sbatch's default unit: --mem 16 would give each task 16 MB
+        raise DDMError(f"--mem {mem!r}: sbatch reads a number without a unit as megabytes ({mem} MB); give the unit: "
+                       f"--mem {mem}G for gigabytes, or --mem {mem}M if megabytes are meant")
     if not 1 <= cpus <= 4096:
         raise DDMError(f"--cpus {cpus}: give 1 .. 4096 CPUs per task")
     if not 0 <= gpus <= 64:
