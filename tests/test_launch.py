@@ -512,7 +512,7 @@ def test_no_two_running_pool_jobs_share_a_gpu(tmp_path, monkeypatch):
     jobs = [ExpertJob(c, tmp_path / f"cluster_{c:02d}", tmp_path / f"expert_{c:02d}") for c in range(3)]
     said = []
     rows = [str(out).split("|") for out in backends.run_processes(jobs, on_gpus, workers=3, log=said.append)]
-    assert "--workers 3: 2 GPU(s) here, one job on each at a time, so 2 workers" in said
+    assert "--workers 3: 2 GPUs here, one job on each at a time, so 2 workers" in said
     runs = [(gpu, float(start), float(end)) for gpu, start, end in rows]
     assert {gpu for gpu, _, _ in runs} <= {"GPU-5e1f", "GPU-77a0"}, runs
     assert runs[0][2] > runs[2][1], runs  # job 0 ran until job 2 had started
@@ -579,7 +579,7 @@ def test_emit_slurm_refuses_gpus_its_tasks_would_not_use_and_notes_a_job_without
                     "expert.train.device=auto", "--set", "expert.train.checkpoint_every=50")
     said = " ".join(err.split())
     assert code in (0, None) and "--nproc 2" in script.read_text() and "checkpoint_every" not in said, err
-    assert "note: each task holds 1 CPU cores (--cpus) for 2 x expert.train.threads = 2 threads" in said, err
+    assert "note: each task holds 1 CPU core (--cpus) for 2 x expert.train.threads = 2 threads" in said, err
 
 
 def test_emit_slurm_replaces_only_a_script_it_wrote_and_writes_in_the_run_only_in_launch(tmp_path, monkeypatch,
@@ -882,6 +882,25 @@ def test_task_notes_say_when_a_tasks_threads_outnumber_its_cores():
     assert any(f"for 2 x expert.train.threads = {2 * cfg.expert.train.threads} threads, which then share cores" in n
                for n in notes), notes
     assert not any("share cores" in n for n in task_notes(cfg, cpus=2 * cfg.expert.train.threads, gpus=2))
+
+
+def test_counts_of_one_are_said_in_the_singular(tmp_path, monkeypatch):
+    """'each task holds 1 CPU cores', and on a machine of one GPU '1 GPU(s) here, ... so 1 workers' and
+    '(process pool, 1 workers)'."""
+    import ddmkit.launch.backends as backends
+    from ddmkit.config import RunConfig
+    from ddmkit.launch.slurm import task_notes
+
+    assert [n for n in task_notes(RunConfig(), cpus=1, gpus=2) if n.startswith("each task holds 1 CPU core (--cpus)")]
+    monkeypatch.setattr(backends, "cuda_count", lambda: 1)
+    monkeypatch.setattr(backends, "_process_job", _job_on_a_gpu)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    on_gpu = CFG.model_copy(update={"train": CFG.train.model_copy(update={"device": "auto"})})
+    said = []
+    backends.run_processes([ExpertJob(1, tmp_path / "cluster_01", tmp_path / "expert_01")], on_gpu, workers=2,
+                           log=said.append)
+    assert said == ["--workers 2: 1 GPU here, one job on it at a time, so 1 worker",
+                    f"expert 1: written to {tmp_path / 'expert_01'} (process pool, 1 worker)"], said
 
 
 def _deaf_to_sigterm(ready) -> None:

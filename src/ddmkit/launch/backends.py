@@ -253,7 +253,8 @@ def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | No
     gpus = job_gpus(config)
     workers = workers or default_workers(len(jobs), len(gpus))
     if gpus and workers > len(gpus):
-        log(f"--workers {workers}: {len(gpus)} GPU(s) here, one job on each at a time, so {len(gpus)} workers")
+        here = "1 GPU here, one job on it" if len(gpus) == 1 else f"{len(gpus)} GPUs here, one job on each"
+        log(f"--workers {workers}: {here} at a time, so {len(gpus)} " + ("worker" if len(gpus) == 1 else "workers"))
         workers = len(gpus)
     ctx = multiprocessing.get_context("spawn")
     free_gpus = None
@@ -271,7 +272,8 @@ def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | No
             for fut in as_completed(futures):  # the first failure raises here, and stops the others at once
                 fut.result()
                 job = futures[fut]
-                log(f"expert {job.cluster}: written to {job.out_dir} (process pool, {workers} workers)")
+                log(f"expert {job.cluster}: written to {job.out_dir} (process pool, {workers} "
+                    + ("worker)" if workers == 1 else "workers)"))
             return [Path(fut.result()) for fut in futures]
         except BrokenProcessPool:
             ctrl_c = stopped_by_ctrl_c(started)  # read before stop_workers ends the others (SIGTERM)

@@ -196,12 +196,13 @@ def task_notes(cfg: RunConfig, cpus: int | None = None, gpus: int | None = None)
                      "expert.train.checkpoint_every=N")
     cores, processes = DEFAULT_CPUS if cpus is None else cpus, max(1 if gpus is None else gpus, 1)
     used = cfg.expert.train.threads * processes
+    held = f"each task holds {cores} CPU {'core' if cores == 1 else 'cores'} (--cpus)"
     if used < cores:
-        notes.append(f"each task holds {cores} CPU cores (--cpus) and trains on {processes} x expert.train.threads "
+        notes.append(f"{held} and trains on {processes} x expert.train.threads "
                      f"= {used}; give --cpus {used}, or emit with --set expert.train.threads={cores // processes} "
                      "(other thread counts can change the weights' last bits)")
     elif used > cores:
-        notes.append(f"each task holds {cores} CPU cores (--cpus) for {processes} x expert.train.threads = {used} "
+        notes.append(f"{held} for {processes} x expert.train.threads = {used} "
                      f"threads, which then share cores and slow each other; give --cpus {used}")
     return notes
 
