@@ -1,5 +1,6 @@
 """The expert registry, missing experts at sampling time."""
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -483,6 +484,25 @@ def test_register_says_which_experts_are_missing(copy, monkeypatch, capsys):
     said = " ".join(capsys.readouterr().err.split())
     assert exit.value.code in (0, None) and "experts [2, 3] of 4 are missing" in said, said
     assert f"note: {copy / 'experts'} holds a model.safetensors itself: an expert's files go in its own folder" in said
+
+
+def test_a_misnamed_expert_folder_is_named_where_its_expert_is_said_to_be_missing(copy, ddmkit):
+    """experts/expert_1 (for expert_01) was reported only as "experts [1] are missing", the folder unnamed."""
+    experts = copy / "experts"
+    (experts / "expert_01").rename(experts / "expert_1")
+    (experts / "notes").mkdir()
+    said = f"{experts / 'expert_1'} looks like expert 1's folder, misnamed: rename it to {experts / 'expert_01'}"
+    for command in ("verify", "register"):
+        code, _, err = ddmkit(command, copy)
+        assert code == (2 if command == "verify" else 0) and said in err and "notes" not in err, (command, err)
+    with pytest.warns(UserWarning, match=re.escape(f"renormalised over them; {said}")):
+        load_ddm(copy)  # as `ddmkit sample` warns
+    with pytest.raises(DDMError, match=re.escape(f"experts [1] are missing (no experts/expert_XX/model.safetensors; "
+                                                 f"{said})")):
+        load_ddm(copy, allow_missing=False)
+    (experts / "expert_1").rename(experts / "Expert-01")
+    code, _, err = ddmkit("verify", copy)
+    assert code == 2 and f"{experts / 'Expert-01'} looks like expert 1's folder" in err, err
 
 
 def test_register_on_a_run_without_experts_is_refused_and_writes_nothing(copy, monkeypatch, capsys):

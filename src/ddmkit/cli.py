@@ -666,6 +666,7 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
              config: Optional[Path] = OWN_NETWORKS):
     """Write RUN/registry.json: SHA-256 of every model folder, shard hashes, version, time convention."""
     from ddmkit.ddm.load import check_loadable, run_folder
+    from ddmkit.layout import RunFolder
     from ddmkit.pipeline.prepare import run_config
     from ddmkit.pipeline.stages import run_lock
     from ddmkit.registry import write_registry
@@ -689,8 +690,9 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
     listed = {m["cluster"] for m in reg["models"] if m["role"] == "expert"}
     missing = [c for c in range(reg["k"]) if c not in listed]
     if missing:
-        log(f"registry: experts {missing} of {reg['k']} are missing (no experts/expert_XX/model.safetensors): the DDM "
-            "samples without them; train or copy them, then `ddmkit register` again")
+        log(f"registry: experts {missing} of {reg['k']} are missing (no experts/expert_XX/model.safetensors"
+            f"{RunFolder(run_dir).misnamed_experts(missing)}): the DDM samples without them; train or copy them, "
+            "then `ddmkit register` again")
         if (run_dir / "experts" / "model.safetensors").exists():  # `cp -r FOLDER/ RUN/experts` copied the files
             log(f"note: {run_dir / 'experts'} holds a model.safetensors itself: an expert's files go in its own "
                 f"folder, {run_dir / 'experts' / 'expert_XX'} (e.g. cp -r FOLDER {run_dir / 'experts' / 'expert_02'})")
@@ -705,6 +707,7 @@ def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
 
     Exit status 2 on a mismatch or a missing expert."""
     from ddmkit.ddm.load import check_loadable
+    from ddmkit.layout import RunFolder
     from ddmkit.pipeline.prepare import run_config
     from ddmkit.registry import verify_registry
 
@@ -713,8 +716,9 @@ def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
         run_config(run_dir)  # its trained settings are those the run was made with (not edited since)
     check_loadable(run_dir)  # verified files, read as the DDM will read them
     if res["missing"] and not allow_missing:
-        raise DDMError(f"{run_dir}: experts {res['missing']} are missing (no experts/expert_XX/model.safetensors); "
-                       "copy them back, or pass --allow-missing to accept the DDM without them")
+        raise DDMError(f"{run_dir}: experts {res['missing']} are missing (no experts/expert_XX/model.safetensors"
+                       f"{RunFolder(run_dir).misnamed_experts(res['missing'])}); copy them back, or pass "
+                       "--allow-missing to accept the DDM without them")
     log(f"verified {len(res['verified'])} model folders" + (f"; missing experts {res['missing']}" if res["missing"] else ""))
 
 

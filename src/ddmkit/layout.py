@@ -23,6 +23,7 @@ the experts' total compute), byte streams in the shards, no data/, and report.js
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +128,22 @@ class RunFolder:
     @property
     def experts(self) -> Path:
         return self.root / "experts"
+
+    def misnamed_experts(self, missing: list[int]) -> str:
+        """For the experts `missing`: "; FOLDER looks like expert C's folder, misnamed: ..." for each folder of
+        RUN/experts named like one of theirs but not as ddmkit names it (expert_1, expert-01, Expert_01 for
+        experts/expert_01), saying where it goes; "" when there is none. Messages about missing experts add it."""
+        if not self.experts.is_dir():
+            return ""
+        hints = ""
+        for path in sorted(self.experts.iterdir()):
+            like = re.fullmatch(r"expert[_-]?(\d+)", path.name, flags=re.IGNORECASE)
+            cluster = int(like[1]) if like else None
+            if cluster in missing and path != self.expert(cluster) and path.is_dir():
+                target = self.expert(cluster)
+                hints += f"; {path} looks like expert {cluster}'s folder, misnamed: " + (
+                    f"put its files in {target}" if target.exists() else f"rename it to {target}")
+        return hints
 
     @property
     def router(self) -> Path:

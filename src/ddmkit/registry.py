@@ -739,7 +739,8 @@ def check_registered(run: str | Path) -> None:
         verify_registry(run, allow_missing=True, retraining=True)
 
 
-def warn_missing(missing: list[int], k: int) -> None:
+def warn_missing(missing: list[int], k: int, misnamed: str = "") -> None:
+    """Warn of the experts `missing`; `misnamed` (RunFolder.misnamed_experts) names folders that look like theirs."""
     if missing:
         warnings.warn(f"experts {missing} of {k} are missing: sampling with the other {k - len(missing)}, "
-                      "router weights renormalised over them", stacklevel=3)
+                      f"router weights renormalised over them{misnamed}", stacklevel=3)

@@ -343,7 +343,8 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     gone = [c for c in range(k) if not (folder.expert(c) / "model.safetensors").exists()]
     absent = sorted(set(gone) | set(exclude))
     if gone and not allow_missing:
-        raise DDMError(f"{folder.root}: experts {gone} are missing (no experts/expert_XX/model.safetensors)")
+        raise DDMError(f"{folder.root}: experts {gone} are missing (no experts/expert_XX/model.safetensors"
+                       f"{folder.misnamed_experts(gone)})")
     if len(gone) == k:
         raise DDMError(f"{folder.root}: no expert is present (experts/expert_XX/model.safetensors); train them "
                        f"with `ddmkit run CONFIG --out {folder.root}` or `ddmkit launch {folder.root}`, or copy them")
@@ -399,7 +400,7 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     parts["experts"] = experts
     missing = [c for c in gone if c not in exclude]  # left out on purpose: no warning
     if missing:
-        warn_missing(missing, k)
+        warn_missing(missing, k, folder.misnamed_experts(missing))
     return parts, absent
 
 
