@@ -127,6 +127,47 @@ def test_a_killed_monolith_or_router_stage_resumes_to_the_same_bytes(tiny_partit
     assert not checkpoint_path(folder).exists() and not checkpoint_path(reference).exists()
 
 
+def test_continuing_from_a_checkpoint_is_said_only_once_it_is_accepted(tiny_partition, tmp_path, monkeypatch):
+    """'expert 1: continuing from ...' (and the same of train-expert --resume, the monolith and the router)
+    was printed just before the checkpoint was refused as one of another shard or of other settings."""
+    from ddmkit.pipeline.stages import stage_experts
+    from ddmkit.train.jobs import train_expert_once
+
+    cfg, base = tiny_partition
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    folder = RunFolder(run)
+    shards = [folder.partition / "shards" / f"cluster_{c:02d}.safetensors" for c in range(4)]
+    for c in (0, 2, 3):
+        train_expert(shards[c], cfg.expert, folder.expert(c))
+    with monkeypatch.context() as m:  # expert 1's slot holds a checkpoint of cluster 2's shard
+        _crash_after(m, 15)
+        with pytest.raises(KeyboardInterrupt):
+            train_expert(shards[2], cfg.expert, folder.expert(1))
+    said = []
+    for train in (lambda: stage_experts(cfg, run, log=said.append),
+                  lambda: train_expert_once(shards[1], cfg.expert, folder.expert(1), resume=True, log=said.append)):
+        with pytest.raises(DDMError, match="belongs to a different training run: other training data"):
+            train()
+        assert not any("continuing from" in line for line in said), said
+    checkpoint_path(folder.expert(1)).unlink()
+    with monkeypatch.context() as m:  # its own shard's: accepted, and said
+        _crash_after(m, 15)
+        with pytest.raises(KeyboardInterrupt):
+            train_expert(shards[1], cfg.expert, folder.expert(1))
+    stage_experts(cfg, run, log=said.append)
+    assert f"expert 1: continuing from {checkpoint_path(folder.expert(1))}" in said, said
+    other = cfg.router.model_copy(update={"train": _train(60)})  # the router's checkpoint, of other settings
+    with monkeypatch.context() as m:
+        _crash_after(m, 15)
+        with pytest.raises(KeyboardInterrupt):
+            stage_router(cfg, run, log=lambda m: None)
+    said.clear()
+    with pytest.raises(DDMError, match="belongs to a different training run: other settings"):
+        stage_router(cfg.model_copy(update={"router": other}), run, log=said.append)
+    assert said == [], said
+
+
 def test_an_expert_folder_cut_short_is_trained_again_and_one_with_other_files_is_refused(tmp_path, ddmkit):
     """experts/expert_03 holding config.json and train_log.jsonl but no weights (an rsync cut short) made `ddmkit
     launch` and a SLURM task (train-expert --out ... --resume) fail: "--out ... holds files that are not an expert

@@ -37,8 +37,8 @@ from ddmkit.registry import (AUTOENCODER_WEIGHTS, checked_model_shards, data_fix
                              model_shards, shard_files, write_registry)
 from ddmkit.train.autoencoder import train_autoencoder
 from ddmkit.train.concurrent import concurrent_jobs, train_experts_concurrently
-from ddmkit.train.jobs import (NETWORK_FILES, checkpoint_path, expert_folder_lock, foreign_files, train_monolith,
-                              train_router)
+from ddmkit.train.jobs import (NETWORK_FILES, checkpoint_path, expert_folder_lock, expert_resumes, foreign_files,
+                              train_monolith, train_router)
 from ddmkit.train.threads import job_threads
 
 Log = Callable[[str], None]
@@ -223,17 +223,17 @@ def stage_experts(cfg: RunConfig, run, log: Log = print, backend: str = "inline"
                     train_experts_concurrently([shards[k] for k in job], cfg.expert, [outs[k] for k in job], log)
             backend = "concurrent"
         else:
-            for job in jobs:
-                _note_checkpoint(f"expert {job.cluster}", job.out_dir, log)
+            for job in jobs:  # a checkpoint a job would refuse is named here, before any job starts
+                if expert_resumes(job.shard, cfg.expert, job.out_dir):
+                    log(f"expert {job.cluster}: continuing from {checkpoint_path(job.out_dir)}")
             run_jobs(jobs, cfg.expert, backend, workers, address, resume=True, log=log)
         if jobs:
             log(f"experts: {len(jobs)} trained in {time.perf_counter() - start:.1f}s ({backend} backend)")
 
 
-def _note_checkpoint(job: str, out_dir: Path, log: Log) -> None:
-    """Say that a job continues from the checkpoint a stopped run left (its jobs continue from one)."""
-    if checkpoint_path(out_dir).exists():
-        log(f"{job}: continuing from {checkpoint_path(out_dir)}")
+def _say_resumed(job: str, out_dir: Path, log: Log):
+    """fit's resumed(): say that a job continues from the checkpoint a stopped run left, once it is accepted."""
+    return lambda: log(f"{job}: continuing from {checkpoint_path(out_dir)}")
 
 
 def stage_registry(cfg: RunConfig, run, log: Log = print) -> None:
@@ -272,9 +272,9 @@ def stage_monolith(cfg: RunConfig, run, log: Log = print) -> None:
         check_network_folder(folder.monolith, "monolith")
         start = time.perf_counter()
         shards = checked_model_shards(run)
-        _note_checkpoint("monolith", folder.monolith, log)
         with job_threads(cfg.expert.train.threads):
-            train_monolith(shards, cfg.expert, folder.monolith, cfg.monolith.match, resume=True)
+            train_monolith(shards, cfg.expert, folder.monolith, cfg.monolith.match, resume=True,
+                           resumed=_say_resumed("monolith", folder.monolith, log))
         t = cfg.expert.train
         log(f"monolith: trained in {time.perf_counter() - start:.1f}s (the compute of {len(shards)} experts of "
             f"{t.steps} steps x batch {t.batch_size}, expert.train)")
@@ -289,9 +289,9 @@ def stage_router(cfg: RunConfig, run, log: Log = print) -> None:
             return
         check_network_folder(folder.router, "router")
         start = time.perf_counter()
-        _note_checkpoint("router", folder.router, log)
         with job_threads(cfg.router.train.threads):
-            train_router(checked_model_shards(run), cfg.router, folder.router)
+            train_router(checked_model_shards(run), cfg.router, folder.router,
+                         resumed=_say_resumed("router", folder.router, log))
         log(f"router: trained in {time.perf_counter() - start:.1f}s")
 
 
@@ -314,9 +314,9 @@ def stage_autoencoder(cfg: RunConfig, run, log: Log = print) -> None:
                     write_json(tmp / PRETRAINED_SOURCE, pretrained_files(cfg.latent.pretrained))
                 log(f"autoencoder: {cfg.latent.pretrained} copied into {folder.autoencoder}")
             else:
-                _note_checkpoint("autoencoder", folder.autoencoder, log)
                 with job_threads(cfg.latent.train.threads):
-                    train_autoencoder(load_split(run, "train").x, cfg.latent, folder.autoencoder)
+                    train_autoencoder(load_split(run, "train").x, cfg.latent, folder.autoencoder,
+                                      resumed=_say_resumed("autoencoder", folder.autoencoder, log))
                 log(f"autoencoder: trained in {time.perf_counter() - start:.1f}s")
         encode_shards(cfg, run, log)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -37,11 +38,12 @@ def _images_hash(x: torch.Tensor) -> str:
     return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def train_autoencoder(x: torch.Tensor, cfg: LatentConfig, out_dir: str | Path, resume: bool = True) -> Path:
+def train_autoencoder(x: torch.Tensor, cfg: LatentConfig, out_dir: str | Path, resume: bool = True,
+                      resumed: Callable[[], None] | None = None) -> Path:
     """Train an AutoencoderKL on images x (N, C, H, W) in [-1, 1]; write it to out_dir (diffusers format,
     plus train_log.jsonl). Deterministic for cfg.train.seed. Checkpoints (cfg.train.checkpoint_every)
     go to checkpoint_path(out_dir), continued from with resume (refused when written with other
-    settings or images) and removed once the folder is written."""
+    settings or images) and removed once the folder is written; resumed: see fit."""
     device = field_device("latent.train.device", cfg.train.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -61,7 +63,7 @@ def train_autoencoder(x: torch.Tensor, cfg: LatentConfig, out_dir: str | Path, r
                 "train": cfg.train.model_dump()}
     with staging_dir(out_dir) as tmp:
         ema, _ = fit(model, batch_loss, cfg.train, tmp / "train_log.jsonl", "autoencoder", device,
-                     checkpoint_path(out_dir), resume, data=[_images_hash(x)], settings=settings)
+                     checkpoint_path(out_dir), resume, data=[_images_hash(x)], settings=settings, resumed=resumed)
         ema.register_to_config(scaling_factor=1.0, shift_factor=0.0)
         latents = LatentCodec(ema, x.shape[1], cfg.encode_batch).encode(x[:STATS_ROWS])
         ema.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1.0 / latents.std()))

@@ -196,15 +196,23 @@ def check_checkpoint_file(path: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | Path, *, model, ema, opt, sched, generator: torch.Generator,
-                    fp: dict, device: torch.device) -> tuple[int, list[dict], dict]:
-    """Restore everything in place (a sharded model, EMA and optimizer take their part of each tensor);
-    returns (step, history, running sums)."""
+def check_resumable(path: str | Path, fp: dict) -> dict:
+    """A checkpoint's metadata, the file checked to be a readable ddmkit checkpoint of the training run whose
+    fingerprint is `fp` (a DDMError naming what differs otherwise): what resuming checks before it restores
+    anything, so that a job says it continues from a checkpoint only once it is accepted."""
     meta = check_checkpoint_file(path)
     differences = fingerprint_differences(meta.get("fingerprint"), fp)
     if differences:
         raise DDMError(f"{path} belongs to a different training run: {'; '.join(differences)}. Delete it to "
                        "train this job from the start, or train into another folder to keep it")
+    return meta
+
+
+def load_checkpoint(path: str | Path, *, model, ema, opt, sched, generator: torch.Generator,
+                    fp: dict, device: torch.device) -> tuple[int, list[dict], dict]:
+    """Restore everything in place (a sharded model, EMA and optimizer take their part of each tensor);
+    returns (step, history, running sums)."""
+    meta = check_resumable(path, fp)
     tensors = load_tensors(path, fix=DAMAGED)
     check_batch_generator(path, tensors, generator)
     try:

@@ -146,12 +146,11 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
     train_cfg = config.train.model_copy(update={"channels_last": False})  # 5-D stacked weights
     checkpoint = stacked_checkpoint_path(out_dirs)
     resumed = resume and checkpoint.exists()
-    if resumed:
-        log(f"experts: continuing from {checkpoint}")
     data = shard_hashes([Path(s) for s in shards])
     start = time.perf_counter()
     ema, history = fit(model, batch_loss, train_cfg, None, f"{len(shards)} experts", device, checkpoint, resume,
-                       data=data, settings=trained_settings(config))
+                       data=data, settings=trained_settings(config),
+                       resumed=lambda: log(f"experts: continuing from {checkpoint}"))
     seconds = time.perf_counter() - start
     with contextlib.ExitStack() as folders:  # every folder written, then each moved into place
         for k, (net, meta, x, out) in enumerate(zip(ema.unstack(), metas, xs, out_dirs)):

@@ -16,6 +16,7 @@ import contextlib
 import os
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,12 +26,13 @@ from ddmkit.errors import DDMError
 from ddmkit.flow.convert import path_entry
 from ddmkit.flow.losses import flow_matching_loss, router_loss
 from ddmkit.io import folder_lock, read_json, read_metadata, sha256_file, sibling, staging_dir
-from ddmkit.nets import build_seeded, save_pretrained, use_networks, user_networks
+from ddmkit.nets import build_seeded, check_builds, save_pretrained, use_networks, user_networks
+from ddmkit.registry import header_shapes
 from ddmkit.routing.stats_router import PUBLISHED_STATISTICS, island_publication, save_statistics
-from ddmkit.train.checkpoint import EXECUTION, settings_differences
+from ddmkit.train.checkpoint import EXECUTION, check_resumable, settings_differences
 import ddmkit.train.distributed as distributed
 from ddmkit.train.distributed import LOCAL, Distributed
-from ddmkit.train.loop import fit
+from ddmkit.train.loop import fit, job_fingerprint
 from ddmkit.train.threads import job_threads
 
 
@@ -96,8 +98,8 @@ def shard_hashes(shards: list[Path]) -> list[str]:
 def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | Path, role: str,
                          extra: dict | None = None, description: str = "expert", resume: bool = False,
                          labels: torch.Tensor | None = None, dist: Distributed = LOCAL,
-                         data: list[str] | None = None) -> Path:
-    """Train a velocity network on x with flow matching; write a model folder.
+                         data: list[str] | None = None, resumed: Callable[[], None] | None = None) -> Path:
+    """Train a velocity network on x with flow matching; write a model folder (resumed: see fit).
     Checkpoints (config.train.checkpoint_every) go to checkpoint_path(out_dir);
     resume=True continues from one (refused when it was written with other settings,
     trained_settings, or other data: `data` identifies x, see shard_hashes); it is removed once the
@@ -133,7 +135,7 @@ def train_velocity_model(x: torch.Tensor, config: ExpertConfig, out_dir: str | P
         return Path(out_dir)
     with staging_dir(out_dir) as tmp:
         ema, history = fit(model, batch_loss, config.train, tmp / "train_log.jsonl", description, device,
-                           checkpoint_path(out_dir), resume, dist, data, trained_settings(config))
+                           checkpoint_path(out_dir), resume, dist, data, trained_settings(config), resumed)
         save_pretrained(tmp, ema, {"role": role, "arch": config.net.arch, "kwargs": kwargs,
                                    "data_shape": data_shape, "prediction": config.prediction,
                                    **path_entry(schedule), "label_dropout": config.label_dropout,
@@ -173,6 +175,22 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
     with job_threads(config.train.threads):
         return train_velocity_model(x, config, out_dir, "expert", extra, f"expert {cluster}", resume, labels, dist,
                                     data)
+
+
+def expert_resumes(shard: str | Path, config: ExpertConfig, out_dir: str | Path) -> bool:
+    """Whether train_expert(shard, config, out_dir, resume=True) continues from a checkpoint: one is there and
+    it is this job's. One it would refuse (other settings, another shard or job, a damaged file) is its
+    DDMError, raised here: a job says it continues only from a checkpoint that is accepted. A shard that
+    names no cluster is left to train_expert, which refuses it."""
+    checkpoint, shard = checkpoint_path(out_dir), Path(shard)
+    cluster = read_metadata(shard).get("cluster") if checkpoint.exists() else None
+    if cluster is None:
+        return False
+    shape = header_shapes(shard)["x"][0]
+    model = check_builds(config.net.arch, {"data_shape": shape[1:], **config.net.kwargs}, "expert.net")
+    check_resumable(checkpoint, job_fingerprint(model, config.train, f"expert {int(cluster)}", shard_hashes([shard]),
+                                                trained_settings(config)))
+    return True
 
 
 NETWORK_FILES = ("config.json", "model.safetensors", "train_log.jsonl", "tensorboard")  # a model folder's own
@@ -306,7 +324,7 @@ def _train_expert_once(shard, config: ExpertConfig, out_dir, nproc: int, resume:
     if not resume and checkpoint_path(out_dir).exists() and main:
         log(f"note: {checkpoint_path(out_dir)} is not continued (no --resume): this job trains from the start and "
             "replaces it")
-    if resume and checkpoint_path(out_dir).exists() and main:
+    if resume and main and expert_resumes(shard, config, out_dir):
         log(f"{out_dir}: continuing from {checkpoint_path(out_dir)}")  # as run and launch say it
     train_expert_ddp(shard, config, out_dir, nproc, resume=resume)
     return main
@@ -342,9 +360,10 @@ def monolith_config(expert: ExpertConfig, k: int, match: str = "steps") -> Exper
 
 
 def train_monolith(shards: list[Path], config: ExpertConfig, out_dir: str | Path, match: str = "steps",
-                   resume: bool = True) -> Path:
+                   resume: bool = True, resumed: Callable[[], None] | None = None) -> Path:
     """Train the FLOP-matched monolith (monolith_config) on all shards together; like an expert it
-    checkpoints to checkpoint_path(out_dir) and continues from a checkpoint there (resume=False: starts over)."""
+    checkpoints to checkpoint_path(out_dir) and continues from a checkpoint there (resume=False: starts over;
+    resumed: see fit)."""
     parts = [read_shard(s) for s in shards]
     x = torch.cat([p[0] for p in parts])
     labels = torch.cat([p[1] for p in parts]) if all(p[1] is not None for p in parts) else None
@@ -352,10 +371,11 @@ def train_monolith(shards: list[Path], config: ExpertConfig, out_dir: str | Path
     hashes = shard_hashes(shards)  # recorded: a monolith copied from another run is told apart (registry)
     return train_velocity_model(x, cfg, out_dir, "monolith", {"k_matched": len(shards), "flop_match": match,
                                                               "shards_sha256": hashes},
-                                "monolith", resume, labels, data=hashes)
+                                "monolith", resume, labels, data=hashes, resumed=resumed)
 
 
-def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path, resume: bool = True) -> Path:
+def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path, resume: bool = True,
+                 resumed: Callable[[], None] | None = None) -> Path:
     """Train the router p(cluster | x_t, t) with cross-entropy on noised shard data. Like an expert it
     checkpoints to checkpoint_path(out_dir) and continues from a checkpoint there (resume=False: starts over).
 
@@ -387,7 +407,8 @@ def train_router(shards: list[Path], config: RouterConfig, out_dir: str | Path, 
     hashes = shard_hashes(shards)  # recorded: a router copied from another run is told apart (registry)
     with staging_dir(out_dir) as tmp:
         ema, history = fit(model, batch_loss, config.train, tmp / "train_log.jsonl", "router", device,
-                           checkpoint_path(out_dir), resume, data=hashes, settings=trained_settings(config))
+                           checkpoint_path(out_dir), resume, data=hashes, settings=trained_settings(config),
+                           resumed=resumed)
         save_pretrained(tmp, ema, {"role": "router", "arch": config.net.arch, "kwargs": kwargs,
                                    "data_shape": data_shape, "k": len(shards), "shards_sha256": hashes,
                                    "train": config.train.model_dump(), "final_loss": history[-1]["loss"]})

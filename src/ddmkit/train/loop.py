@@ -157,16 +157,24 @@ def clip_gradients(model: nn.Module, max_norm: float) -> tuple[torch.Tensor, dic
     return full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)), {}
 
 
+def job_fingerprint(model: nn.Module, cfg: TrainConfig, description: str = "training", data: list[str] | None = None,
+                    settings: dict | None = None) -> dict:
+    """The fingerprint fit records in the checkpoints of a job (its arguments of the same names) and compares on
+    resuming; a job's model built on the meta device gives the same."""
+    return ckpt.fingerprint({**(settings or {}), "train": cfg.model_dump()}, model, description, data)
+
+
 def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str | Path | None = None,
         description: str = "training", device: torch.device | None = None,
         checkpoint: str | Path | None = None, resume: bool = False,
         dist: Distributed = LOCAL, data: list[str] | None = None,
-        settings: dict | None = None) -> tuple[nn.Module, list[dict]]:
+        settings: dict | None = None, resumed: Callable[[], None] | None = None) -> tuple[nn.Module, list[dict]]:
     """Train `model` in place; return its EMA copy (eval mode) and the log rows. The checkpoint's fingerprint
     holds cfg, `settings`, the rest of what decides what is trained as a config section's table (e.g. an
     expert's net, path, prediction and label_dropout), and `data`, the training data (e.g. each shard's
     SHA-256): resuming with other settings or on other data is refused. A stop asked of this thread's stop
-    scope (ddmkit.train.stop) raises KeyboardInterrupt before the next step."""
+    scope (ddmkit.train.stop) raises KeyboardInterrupt before the next step. resumed() is called once a
+    checkpoint was accepted and restored (e.g. to say that the job continues from it)."""
     device = device or resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
@@ -183,12 +191,14 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
     history: list[dict] = []
     running: dict[str, float] = {}
     first = 0
-    fp = ckpt.fingerprint({**(settings or {}), "train": cfg.model_dump()}, model, description, data)
+    fp = job_fingerprint(model, cfg, description, data, settings)
     summed: set[str] = set()  # the values whose sums a checkpoint written between two rows holds
     if resume and checkpoint is not None and Path(checkpoint).exists():
         first, history, running = ckpt.load_checkpoint(checkpoint, model=model, ema=ema, opt=opt, sched=sched,
                                                        generator=generator, fp=fp, device=device)
         summed = set(running)
+        if resumed is not None:
+            resumed()
     board = tensorboard_writer(Path(log_path).parent / "tensorboard") if log_path and cfg.tensorboard else None
     log = open(log_path, "w") if log_path else None
     for row in history if log else ():
