@@ -261,3 +261,28 @@ def test_a_run_whose_experts_never_trained_their_label_free_token_is_noted(train
     lines = []
     analyze_run(run, strategies=["top-1"], log=lines.append, **SMALL)
     assert any("expert.label_dropout = 0 never trained their 'no label' token" in line for line in lines), lines
+
+
+def test_a_long_analysis_shows_progress_and_says_how_to_make_it_quicker(trained, tmp_path, monkeypatch):
+    """The strategies' passes and the held-out errors advance one bar (minutes on images at the default --n),
+    and a line before them says what the time grows with and how to make it quicker."""
+    import ddmkit.progress as progress
+
+    seen = []
+
+    class Recording(progress.Progress):
+        def stop(self):
+            seen.extend((task.description, task.completed, task.total) for task in self.tasks)
+            super().stop()
+
+    monkeypatch.setattr(progress, "enabled", lambda: True)
+    monkeypatch.setattr(progress, "Progress", Recording)
+    lines = []
+    analyze_run(trained, tmp_path / "a", ["full", "top-1"], log=lines.append, **{**SMALL, "n": 300})
+    assert seen == [("analyze", 11, 11)]  # 5 parts per strategy, then the held-out errors
+    hint = [line for line in lines if line.startswith("analyze: 2 strategies")]
+    assert len(hint) == 1 and "300 trajectories" in hint[0] and "a smaller --n (e.g. --n 200)" in hint[0], lines
+    seen.clear()
+    lines.clear()
+    analyze_run(trained, tmp_path / "a", ["full", "top-1"], log=lines.append, **{**SMALL, "n": 300})
+    assert seen == [("analyze", 1, 1)] and not any(line.startswith("analyze: ") for line in lines)  # kept: no hint

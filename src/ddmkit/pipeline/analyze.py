@@ -51,6 +51,7 @@ from ddmkit.pipeline.checks import checked_device
 from ddmkit.pipeline.prepare import remove_leftovers, run_config
 from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import load_split, read_data_info, run_lock
+from ddmkit.progress import progress_bar
 from ddmkit.routing import parse_strategy
 from ddmkit.routing.strategies import Threshold, TopK
 from ddmkit.train.threads import job_threads
@@ -62,6 +63,7 @@ ALIGNED = ["adaptive-0.9", "adaptive-ent-0.5", "gated-2@30"]
 MAX_W2 = 1000  # exact W2 on at most this many points
 MIN_ROWS = 10  # the fewest test rows in each of the W2 reference, the W2 floor's partner and the held-out errors
 TRACE_SOLVER = "rk4"  # what the diagnostics trace for a run that samples with the adaptive solver (no fixed steps)
+PARTS = 5  # the progress bar's steps per strategy: the recorded pass, Jacobians, amplification, 2N pass, alignment
 
 
 def default_strategies(cfg) -> list[str]:
@@ -200,16 +202,24 @@ def band_means(t: torch.Tensor, values: torch.Tensor) -> list[float]:
     return out
 
 
-def analyze_strategy(ddm, name: str, x1, steps: int, solver: str, seed: int, ctx: dict, settings: dict) -> dict:
-    """Every per-strategy diagnostic from one recorded pass (+ the 2N and perturbed passes)."""
+def analyze_strategy(ddm, name: str, x1, steps: int, solver: str, seed: int, ctx: dict, settings: dict,
+                     advance: Callable[..., None] = lambda n=1, **fields: None) -> dict:
+    """Every per-strategy diagnostic from one recorded pass (+ the 2N and perturbed passes).
+    advance(1, now=...) is called after each of its PARTS parts (a progress bar's)."""
     start = time.perf_counter()
+    advance(0, now=f"{name}: recorded pass")
     tr = trace_strategy(ddm, name, x1, steps, solver, seed)
+    advance(1, now=f"{name}: Jacobians")
     rows = torch.arange(min(settings["jvp_rows"], len(x1)), device=x1.device)
     lip = local_lipschitz(ddm, tr, rows, settings["max_steps"], seed=seed)
+    advance(1, now=f"{name}: amplification")
     amp = amplification(ddm, tr, steps, solver, seed).cpu()
+    advance(1, now=f"{name}: {2 * steps}-step pass")
     x0_2n = trace_strategy(ddm, name, x1, 2 * steps, solver, seed, record=False).x0
     dref = refinement_gap(tr.x0, x0_2n, ctx["scale"]).cpu()
+    advance(1, now=f"{name}: alignment")
     al = trajectory_alignment(ddm, tr, ctx["features"], ctx["centroids"], reference=ctx["x0_reference"])
+    advance(1)
     exact_keys = [k for k in EXACT_KEYS if k in al]
     q = per_sample_quality(tr.x0, ctx["truth"], ctx["reference"], ctx["features"])[0].cpu()
     per_sample = {"q": q, "pair": al["pair"].mean(0), "rank": al["rank"].mean(0), "delta_refine": dref, "amp": amp}
@@ -393,26 +403,34 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     ctx = {"scale": data_scale(test.x), "features": features, "truth": truth, "x0_reference": reference,
            "centroids": ptensors["centroids"], "reference": test.x[:max(n, 2000)], "w2_reference": test.x[rows["w2"]]}
     networks = network_hashes(run, ddm.k, reference_info)
-    per = {}
+    keys = {name: strategy_key(networks, name, settings, reference_info) for name in names}
+    per = {name: kept_strategy(out, name, keys[name]) for name in names}
     for name in names:
-        key = strategy_key(networks, name, settings, reference_info)
-        per[name] = kept_strategy(out, name, key)
         if per[name] is not None:
             log(f"analyze {name}: kept from an earlier call ({out / 'strategies'})")
-            continue
-        per[name] = analyze_strategy(ddm, name, x1, s.steps, solver, seed, ctx, settings)
-        keep_strategy(out, name, key, per[name])
-        log(f"analyze {name}: {per[name]['wall_time']:.1f}s, q {per[name]['summary']['q']:.4g}, "
-            f"Delta_refine {per[name]['summary']['delta_refine']:.4g}")
-    exact = None
-    if test.truth is not None:
-        try:
-            exact = exact_on_cpu(exact_ddm(run))
-        except DDMError:
-            exact = None
-    held_x = test.x[rows["heldout"]]
-    clusters, rule = heldout_clusters(held_x, None if test.labels is None else test.labels[rows["heldout"]], exact, ctx)
-    held = heldout_errors(ddm, held_x, [0.05 + 0.1 * i for i in range(10)], strats, seed, exact, clusters)
+    todo = [name for name in names if per[name] is None]
+    if todo:
+        log(f"analyze: {len(todo)} {'strategy' if len(todo) == 1 else 'strategies'} to measure on {n} trajectories "
+            f"of {s.steps} steps each; the time grows with --n (and --jvp-rows x --max-steps): a smaller --n"
+            f"{' (e.g. --n 200)' if n > 200 else ''} or fewer --strategy is quicker")
+    with progress_bar("analyze", total=PARTS * len(todo) + 1) as advance:
+        for name in todo:
+            per[name] = analyze_strategy(ddm, name, x1, s.steps, solver, seed, ctx, settings, advance)
+            keep_strategy(out, name, keys[name], per[name])
+            log(f"analyze {name}: {per[name]['wall_time']:.1f}s, q {per[name]['summary']['q']:.4g}, "
+                f"Delta_refine {per[name]['summary']['delta_refine']:.4g}")
+        advance(0, now="held-out errors")
+        exact = None
+        if test.truth is not None:
+            try:
+                exact = exact_on_cpu(exact_ddm(run))
+            except DDMError:
+                exact = None
+        held_x = test.x[rows["heldout"]]
+        clusters, rule = heldout_clusters(held_x, None if test.labels is None else test.labels[rows["heldout"]],
+                                          exact, ctx)
+        held = heldout_errors(ddm, held_x, [0.05 + 0.1 * i for i in range(10)], strats, seed, exact, clusters)
+        advance(1)
     held["cluster_rule"] = rule
     for name, r in per.items():
         r["summary"]["err_routed"] = float(np.nanmean(held["routed"][name]))
