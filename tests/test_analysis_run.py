@@ -286,3 +286,24 @@ def test_a_long_analysis_shows_progress_and_says_how_to_make_it_quicker(trained,
     lines.clear()
     analyze_run(trained, tmp_path / "a", ["full", "top-1"], log=lines.append, **{**SMALL, "n": 300})
     assert seen == [("analyze", 1, 1)] and not any(line.startswith("analyze: ") for line in lines)  # kept: no hint
+
+
+def test_out_in_a_run_folder_other_than_the_runs_own_analysis_is_refused(trained, tmp_path, cli):
+    """--out a run folder (another's, or the analyzed run's own root) or a folder inside another run would mix
+    analysis.md and plots/ with that run's report: exit 2 naming --out and the default, nothing written; a
+    folder inside the analyzed run (its default RUN/analysis, or another) is its own."""
+    other = tmp_path / "other"
+    shutil.copytree(trained, other, ignore=shutil.ignore_patterns("analysis*", ".*"))
+    before = sorted(p.relative_to(other) for p in other.rglob("*"))
+    for out, says in ((other, "another run's folder"), (other / "sub", f"inside the other run folder {other}"),
+                      (trained, "the analyzed run's folder itself")):
+        r = cli("analyze", trained, "--strategy", "full", "--n", 20, "--max-steps", 1, "--jvp-rows", 4, "--out", out)
+        assert r.returncode == 2, r.stderr
+        assert f"--out {out} is {says}" in r.stderr and f"(default {trained / 'analysis'})" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    assert sorted(p.relative_to(other) for p in other.rglob("*")) == before
+    assert not (trained / "analysis.md").exists() and not (trained / "plots").exists()
+    r = cli("analyze", trained, "--strategy", "full", "--n", 20, "--max-steps", 1, "--jvp-rows", 4, "--out",
+            trained / "analysis-2")
+    assert r.returncode == 0, r.stderr
+    assert (trained / "analysis-2" / "analysis.md").is_file()

@@ -46,7 +46,7 @@ from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
 from ddmkit.io import (check_folder_target, load_tensors, nan_as_null, read_json, save_tensors, sha256_file,
                        write_bytes_atomic, write_json)
-from ddmkit.layout import RunFolder, check_run_exists, safe_name
+from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder, safe_name
 from ddmkit.pipeline.checks import checked_device
 from ddmkit.pipeline.prepare import remove_leftovers, run_config
 from ddmkit.pipeline.samplesets import calls_every_expert
@@ -372,6 +372,12 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     model = next((p for p in (out, *out.resolve().parents) if (p / "model.safetensors").is_file()), None)
     if model is not None:  # the folders copied between machines hold a network alone
         raise DDMError(f"--out {out} is inside the model folder {model}; give another folder (default RUN/analysis)")
+    above = enclosing_run(out)  # a folder inside this run (the default RUN/analysis) is the run's own
+    if is_run_folder(out) or above not in (None, run.resolve()):
+        which = (f"inside the other run folder {above}" if not is_run_folder(out) else
+                 "the analyzed run's folder itself" if out.resolve() == run.resolve() else "another run's folder")
+        raise DDMError(f"--out {out} is {which}, where the analysis's plots/ and files would mix with that run's "
+                       f"own; give a folder of its own (default {folder.analysis})")
     ddm = loaded_ddm(run, device, log)
     names = note_full_aliases(list(strats), ddm.k, log)
     strats = {name: strats[name] for name in names}
