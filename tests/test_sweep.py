@@ -565,3 +565,24 @@ def test_a_k_above_the_mixtures_components_and_bad_workers_are_refused_before_an
     (tmp_path / "file").write_text("x")  # --out naming a file
     done = cli("sweep", TINY, "--out", tmp_path / "file", "--k", "2", "--budget", "1")
     assert done.returncode == 2 and "file is a file, not a folder" in done.stderr, done.stderr
+
+
+def test_an_out_in_a_run_folder_and_a_negative_seed_are_refused_naming_the_option(tiny_grid, tmp_path):
+    """--out a run folder (a cell of another grid) or a folder inside one: the first cell was refused by the
+    run's own check, with a fix that named the run itself (the folder given); a negative --seed was refused
+    by a cell's config, naming expert.train.seed but not --seed. Now each exits 2 before any cell, naming the
+    option, and writes nothing."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_grid / "k2_b1_s0", run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for out, words in ((run, f"--out {run} is a ddmkit run folder"),
+                       (run / "sub", f"--out {run / 'sub'} is inside the run folder {run}")):
+        done = cli("sweep", SWEEP, "--out", out, "--k", "2", "--budget", "1")
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 2 and words in said and "give a folder of its own outside any run" in said, said
+        assert "sweep cell" not in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    done = cli("sweep", SWEEP, "--out", tmp_path / "out", "--k", "2", "--budget", "1", "--seed", "-3")
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "--seed -3: a seed is a whole number from 0 to 2**63 - 1" in said, said
+    assert not (tmp_path / "out").exists()

@@ -34,13 +34,13 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ddmkit.config import MONOLITH, ROWS, RunConfig, config_differences, validate
+from ddmkit.config import MAX_SEED, MONOLITH, ROWS, RunConfig, config_differences, validate
 from ddmkit.data.synthetic import MIXTURES
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
 from ddmkit.io import STAGING, check_folder_target, entries, read_json, write_bytes_atomic, write_json
 from ddmkit.launch import check_launch
-from ddmkit.layout import RunFolder
+from ddmkit.layout import RunFolder, enclosing_run, is_run_folder
 from ddmkit.pipeline.checks import check_devices
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
 from ddmkit.pipeline.prepare import (TRAINED, check_partition, check_replaceable, config_record, run_config,
@@ -206,6 +206,10 @@ def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[
     if any(k < 1 for k in ks) or any(not (b > 0 and math.isfinite(b)) for b in budgets):
         raise DDMError(f"sweep: every --k must be >= 1 and every --budget a positive number (got k {ks}, "
                        f"budgets {budgets})")
+    bad_seeds = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
+    if bad_seeds:
+        raise DDMError(f"--seed {bad_seeds[0]}: a seed is a whole number from 0 to 2**63 - 1 (as "
+                       "expert.train.seed); give seeds in that range, e.g. --seed 0")
     for option, values in (("--k", ks), ("--budget", budgets), ("--seed", seeds)):
         if len(set(values)) < len(values):
             raise DDMError(f"{option}: {sorted(v for v in set(values) if values.count(v) > 1)} given twice; give "
@@ -488,6 +492,10 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         raise DDMError(f"--partial: only with --stages report (got --stages {stages}); score the missing cells, "
                        "then report with --stages report --partial")
     out = check_folder_target(Path(out))  # --out FILE: named before any work
+    if is_run_folder(out) or enclosing_run(out) is not None:  # OUT holds a run folder per cell, not a run's files
+        where = "a ddmkit run folder" if is_run_folder(out) else f"inside the run folder {enclosing_run(out)}"
+        raise DDMError(f"--out {out} is {where}; a sweep writes one run folder per cell into --out, so give a folder "
+                       "of its own outside any run, e.g. --out runs/sweep")
     todo = cells(ks, budgets, seeds, all_seeds)
     mono_k = monolith_k(cfg, ks, monolith)
     grid = grid_cells(cfg, out, todo, mono_k, scale)
