@@ -307,3 +307,19 @@ def test_out_in_a_run_folder_other_than_the_runs_own_analysis_is_refused(trained
             trained / "analysis-2")
     assert r.returncode == 0, r.stderr
     assert (trained / "analysis-2" / "analysis.md").is_file()
+
+
+def test_a_run_without_a_router_names_train_router_and_that_fix_works(trained, tmp_path, cli):
+    """A run whose router/ is missing was told to run `ddmkit run CONFIG --out RUN_DIR` (which CONFIG?);
+    now the message names `ddmkit train-router RUN`, and after it the same analyze works."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("analysis*", "router", ".*"))
+    args = ("analyze", run, "--strategy", "full", "--n", 20, "--max-steps", 1, "--jvp-rows", 4)
+    r = cli(*args)
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "no router (router/model.safetensors)" in said, said
+    fix = re.search(r"`(ddmkit train-router [^`]+)`", said)
+    assert fix is not None and not (run / "analysis").exists(), said
+    assert cli(*fix.group(1).split()[1:]).returncode == 0
+    r = cli(*args)
+    assert r.returncode == 0 and (run / "analysis" / "analysis.md").is_file(), r.stderr

@@ -355,9 +355,13 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     folder = RunFolder(run)
     if folder.config.exists():
         remove_leftovers(run, log)  # what killed writers left (this command holds the run's lock)
-    if not folder.config.exists() or not has_default_router(run):
+    trained_experts = any(folder.experts.glob("expert_*/model.safetensors"))
+    if not folder.config.exists() or not (trained_experts or has_default_router(run)):
         raise DDMError(f"RUN_DIR {run}: not a trained ddmkit run (needs config.json, experts/ and router/, or a "
                        "grown run's statistics router); run `ddmkit run CONFIG --out RUN_DIR` first")
+    if not has_default_router(run):  # experts without a router: the one network missing is the router
+        raise DDMError(f"RUN_DIR {run}: no router (router/model.safetensors); analyze measures the DDM as it "
+                       f"routes: train its router first with `ddmkit train-router {run}`")
     for option, value, least in (("--n", n, 2), ("--jvp-rows", jvp_rows, 1), ("--max-steps", max_steps, 1)):
         if value < least:
             raise DDMError(f"{option} = {value}: must be {least} or more")
