@@ -346,3 +346,21 @@ def test_a_measurement_recorded_under_typed_strategy_names_is_kept_under_their_o
     assert kept["key"] == "now" and kept["strategies"] == {"full": {"v": 1}, "sample-2": {"v": 2}}
     assert kept_measurement(path, "now", "other")["key"] == "typed"  # another key: measured again, as before
     assert kept_measurement(tmp_path / "none.json", "now", "typed") == {}
+
+
+def test_an_out_in_a_run_folder_is_refused_naming_out_before_anything_is_written(tmp_path, cli):
+    """--out a run folder, or a folder inside one: the first condition's run was refused by the run's own check,
+    naming OUT/runs/disjoint_s0 and, as the fix, the run folder itself (the folder given). Now the study exits 2
+    before any work, naming --out and a folder of its own."""
+    run = tmp_path / "run"
+    (run / "partition").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    for out, words in ((run, f"--out {run} is a ddmkit run folder"),
+                       (run / "study", f"--out {run / 'study'} is inside the run folder {run}")):
+        done = cli("study", "misalignment", TINY, "--out", out, "--seeds", "1", "--conditions", "disjoint",
+                   "--strategy", "full", "--strategy", "top-1", "--n", "20")
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 2 and words in said and "give a folder of its own outside any run" in said, said
+        assert "misalignment: disjoint" not in said
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "partition"]
+    assert not any((run / "partition").iterdir())
