@@ -458,9 +458,9 @@ def analyze(run: Path = typer.Argument(..., help="trained run folder (experts/, 
                                                          "top-1, top-2, sample-2, the run's threshold-P (else "
                                                          "threshold-0.05), switch, oracle, nearest, adaptive-0.9, "
                                                          "adaptive-ent-0.5, gated-2@30)"),
-            n: Optional[int] = typer.Option(None, help="trajectories per strategy (default 1000; the time grows with it, "
-                                            "so a smaller --n is quicker; text runs: held-out windows per "
-                                            "cluster, default the run's)"),
+            n: Optional[int] = typer.Option(None, help="trajectories per strategy (default 1000; the time grows "
+                                            "with it, so a smaller --n is quicker; text runs: held-out windows "
+                                            "per cluster, default the run's)"),
             seed: Optional[int] = typer.Option(None, help="noise seed (default: the run's)"),
             max_steps: Optional[int] = typer.Option(None, help="steps at which Jacobians are measured (default 20)"),
             jvp_rows: Optional[int] = typer.Option(None, help="trajectories on which Jacobians are measured "
