@@ -496,6 +496,21 @@ def test_a_wrong_folder_is_named_as_such(run, tmp_path):
     assert exact_ddm(run).k == 4  # the tiny run is a Gaussian mixture
 
 
+@pytest.mark.parametrize("bad", [None, 3])
+def test_a_run_that_is_no_path_is_refused_naming_run(bad):
+    """None (an unset variable) or a number was a TypeError from deep in the loading."""
+    for load_run in (DDM.from_pretrained, load_ddm, exact_ddm):
+        with pytest.raises(DDMError, match=f"run: {bad} \\({type(bad).__name__}\\) is not a folder; pass the path"):
+            load_run(bad)
+
+
+def test_allow_missing_takes_a_bool_only(run):
+    """allow_missing="no" was true: missing experts were left out where the caller meant them refused."""
+    with pytest.raises(DDMError, match="allow_missing: 'no'; pass True or False"):
+        DDM.from_pretrained(run, allow_missing="no")
+    assert DDM.from_pretrained(run, allow_missing=False).k == 4
+
+
 def test_a_run_without_a_router_names_the_statistics_router(run, tmp_path):
     islands = tmp_path / "islands"
     shutil.copytree(run, islands, ignore=shutil.ignore_patterns("router", "registry.json"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -289,6 +290,9 @@ def load_ddm(run: str | Path, device: str | torch.device = "cpu", exclude=(), al
     exclude: one expert index or a list of them, 0 .. K - 1."""
     device = checked_device(device, "load_ddm")
     guidance = checked_guidance(guidance, "load_ddm")  # a number in bounds before the folder is read
+    checked_run(run, "load_ddm")
+    if not isinstance(allow_missing, bool):  # "no" would be true: missing experts left out, not refused
+        raise DDMError(f"load_ddm: allow_missing: {allow_missing!r}; pass True or False")
     run = Path(run).expanduser() if isinstance(run, (str, Path)) else run  # "~/runs/fm", as a shell would read it
     parts, absent = load.learned_parts(run, device, exclude, allow_missing, guidance, router)
     parts["experts"] = [absent_expert if e is None else e for e in parts["experts"]]
@@ -302,4 +306,13 @@ def load_ddm(run: str | Path, device: str | torch.device = "cpu", exclude=(), al
 def exact_ddm(run: str | Path) -> DDM:
     """The exact DDM of a run on a Gaussian mixture: exact cluster velocities and the exact posterior
     (ddmkit.ddm.load.exact_parts)."""
-    return DDM(**load.exact_parts(run))
+    return DDM(**load.exact_parts(checked_run(run, "exact_ddm")))
+
+
+def checked_run(run, where: str):
+    """`run` if it is a path (a str or os.PathLike); None (an unset variable) or a number is a DDMError naming
+    `run`, not a TypeError from deep in the loading."""
+    if not isinstance(run, (str, os.PathLike)):
+        raise DDMError(f"{where}: run: {run!r} ({type(run).__name__}) is not a folder; pass the path of a run "
+                       "folder, e.g. 'runs/ring'")
+    return run
