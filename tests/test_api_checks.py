@@ -461,6 +461,21 @@ def test_dir_lists_the_lazy_public_names():
         dir(ddmkit))
 
 
+def test_help_of_every_public_name_reads_its_own_docstring():
+    """help(ddmkit.RunConfig) showed pydantic's BaseModel docstring, help(ddmkit.SpeedOptions) sent the reader to a
+    module docstring help does not show, and the package's docstring left some public names out."""
+    import ddmkit
+
+    for name in ddmkit.__all__:
+        obj = getattr(ddmkit, name)
+        if isinstance(obj, type) or callable(obj):
+            own = vars(obj).get("__doc__") if isinstance(obj, type) else obj.__doc__
+            assert own and len(own.split()) >= 8, f"ddmkit.{name} has no docstring of its own"
+        assert re.search(rf"(?<![\w.]){re.escape(name)}\b", ddmkit.__doc__), f"ddmkit's docstring omits {name}"
+    for field in dataclasses.fields(SpeedOptions):
+        assert field.name in SpeedOptions.__doc__
+
+
 def test_a_subpackage_is_reachable_from_import_ddmkit_alone():
     """The README's ddmkit.ddm.sample_single(...) was an AttributeError in a fresh interpreter."""
     import subprocess

@@ -6,10 +6,12 @@
 
 Time convention: the one of ddmkit.conventions (t = 0 data, t = 1 noise).
 
-The public API: DDM (from_pretrained, to, sample), sample_ddm and sample_single (routed and
-single-field sampling), SpeedOptions (GPU speed options), load_config and RunConfig (the TOML
-run configuration), run_pipeline (every stage of a run), GaussianMixture (exact truth),
-STRATEGIES and parse_strategy (routing strategies), DDMError (bad input).
+The public API: DDM (from_pretrained, to, sample), load_ddm (DDM.from_pretrained's loader) and
+exact_ddm (the exact DDM of a Gaussian-mixture run), sample_ddm and sample_single (routed and
+single-field sampling), start_noise (the starting noise of a seed), SpeedOptions (GPU speed options),
+load_config and RunConfig (the TOML run configuration), run_pipeline (every stage of a run),
+GaussianMixture (exact truth), STRATEGIES and parse_strategy (routing strategies), DDMError (bad input),
+TIME_CONVENTION and __version__.
 """
 from ddmkit.conventions import TIME_CONVENTION, __version__
 from ddmkit.errors import DDMError

@@ -433,6 +433,11 @@ class EvalConfig(Section):
 
 
 class RunConfig(Section):
+    """A run configuration: the TOML's sections as attributes (data, partition, expert, router, monolith,
+    sample, evaluate, latent; docs/config.md lists every field, RunConfig() holds the defaults). Read one
+    with load_config(path, or "demo"): an unknown field or a bad value is a DDMError naming it. Fields set
+    in place (cfg.expert.train.steps = 300) are checked when run_pipeline(cfg, out) runs it."""
+
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     expert: ExpertConfig = Field(default_factory=ExpertConfig)

@@ -38,8 +38,16 @@ AUTOCAST = (None, "bfloat16", "float16")  # SpeedOptions.autocast: no autocast, 
 
 @dataclass(frozen=True)
 class SpeedOptions:
-    """How sampling runs its networks on a GPU (see the module docstring); the defaults are plain calls
-    with streams on for sparse steps, which give the same samples as plain calls."""
+    """How sampling runs its networks on a GPU, passed as speed=SpeedOptions(...) to DDM.sample, sample_ddm
+    and sample_single (docs/performance.md says when each pays):
+
+    cuda_graphs   replay expert calls of up to 256 rows, and the router, from CUDA graphs (the same samples)
+    cuda_streams  run the experts of a sparse step on concurrent CUDA streams (the same samples; on by default)
+    autocast      None (float32), "bfloat16" or "float16": the networks compute in that dtype, on the CPU
+                  too; the state and the weighted sum stay float32 (the samples change by that rounding)
+
+    The defaults are plain calls with streams on for sparse steps, which give the same samples as plain
+    calls; off a GPU, graphs and streams change nothing."""
 
     cuda_graphs: bool = False
     cuda_streams: bool = True
