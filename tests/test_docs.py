@@ -1,10 +1,12 @@
-"""The user docs stay true: every relative link resolves (its #section too), every `ddmkit.x.y` they name exists, and
-they hold no time of day or commit hash (history lives in git)."""
+"""The user docs stay true: every relative link resolves (its #section too), every `ddmkit.x.y` they name exists,
+they hold no time of day or commit hash (history lives in git), and the Python snippets of README.md and
+docs/images.md run as written on tiny runs (docs/latent.md's: tests/test_latent.py)."""
 import importlib
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "benchmarks" / "README.md"])
@@ -89,3 +91,68 @@ def test_the_checks_catch_a_stale_name_and_a_hash():
     assert heading_anchor("Measured: Fashion-MNIST, K = 8 at four budgets") == "measured-fashion-mnist-k--8-at-four-budgets"
     assert resolves("ddmkit.routing.table.parse_strategy") and not resolves("ddmkit.pipeline.images.guided_field")
     assert re.findall(r"\b[0-9a-f]{7,40}\b", "fixed in cf6a9f0") == ["cf6a9f0"]
+
+
+# The Python snippets a researcher copies: run as the pages write them, on tiny runs, with what the pages say they give.
+
+def python_block(page: Path, after: str) -> str:
+    """The first ```python block of `page` after the text `after`."""
+    text = prose(page)
+    block = re.search(r"```python\n(.*?)```", text[text.index(after):], flags=re.S)
+    assert block, f"{page.name}: no python block after {after!r}"
+    return block.group(1)
+
+
+def test_the_readmes_python_snippet_runs_as_written(tmp_path, capsys):
+    """README's "Using it from Python": a run folder loads, top-2 with heun gives (n, 2) float32 samples at 2 experts x
+    2 evaluations x 50 steps per sample, and the commented monolith line runs as written."""
+    from ddmkit.pipeline.prepare import prepare_run_dir
+    from ddmkit.pipeline.stages import (stage_data, stage_experts, stage_monolith, stage_partition, stage_registry,
+                                        stage_router)
+    from test_registry import small_config
+
+    cfg = small_config()
+    run = prepare_run_dir(tmp_path / "run", cfg, log=lambda m: None)
+    for stage in (stage_data, stage_partition, stage_experts, stage_monolith, stage_router, stage_registry):
+        stage(cfg, run, lambda m: None)
+    code = python_block(ROOT / "README.md", "## Using it from Python")
+    assert '"demo_out"' in code
+    namespace = {}
+    exec(code.replace('"demo_out"', repr(str(run))), namespace)
+    x0, info = namespace["x0"], namespace["info"]
+    assert x0.shape == (1000, 2) and x0.dtype == torch.float32 and bool(torch.isfinite(x0).all())
+    assert capsys.readouterr().out == "200.0\n" and info["strategy"] == "top-2"
+    monolith = re.search(r"# the run's FLOP-matched monolith: (ddmkit\.ddm\.sample_single\(.*\))\n", code).group(1)
+    x, single = eval(monolith.replace('"demo_out"', repr(str(run))), {"ddmkit": importlib.import_module("ddmkit"),
+                                                                        "ddm": namespace["ddm"]})
+    assert x.shape == (1000, 2) and single["expert_calls_per_sample"] == 50
+
+
+def test_the_image_pages_python_snippet_saves_pngs(tmp_path, monkeypatch):
+    """docs/images.md "From Python": a class-conditional image run samples (16, C, H, W), not clamped, and the
+    snippet writes 16 PNGs of the images' size."""
+    import numpy as np
+    from PIL import Image
+
+    from ddmkit.config import RunConfig, load_config, validate
+    from ddmkit.pipeline.prepare import prepare_run_dir
+    from ddmkit.pipeline.stages import stage_data, stage_experts, stage_partition, stage_registry, stage_router
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 60, (150, 8, 8), dtype=np.uint8)
+    x[rng.integers(0, 2, 150).astype(bool), :4] += 180
+    np.savez(tmp_path / "images.npz", x=x, labels=rng.integers(0, 3, 150))
+    raw = load_config(ROOT / "tests" / "configs" / "tiny_images.toml").model_dump()
+    raw["data"]["params"]["path"] = str(tmp_path / "images.npz")
+    cfg = validate(RunConfig, raw)
+    run = prepare_run_dir(tmp_path / "fm", cfg, log=lambda m: None)
+    for stage in (stage_data, stage_partition, stage_experts, stage_router, stage_registry):
+        stage(cfg, run, lambda m: None)
+    code = python_block(ROOT / "docs" / "images.md", "## From Python")
+    assert '"runs/fm"' in code and "steps=50" in code
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(code.replace('"runs/fm"', repr(str(run))).replace("steps=50", "steps=4"), namespace)
+    assert namespace["x0"].shape == (16, 1, 8, 8) and namespace["pixels"].dtype == torch.uint8
+    saved = sorted(tmp_path.glob("sample_*.png"))
+    assert len(saved) == 16 and Image.open(saved[0]).size == (8, 8) and Image.open(saved[0]).mode == "L"
