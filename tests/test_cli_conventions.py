@@ -523,3 +523,15 @@ def test_warnings_are_one_line_and_a_librarys_syntax_warning_is_not_shown():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     assert done.returncode == 0 and done.stderr == "warning: a user warning\n", done.stderr
+
+
+def test_cli_md_gives_the_device_defaults_of_the_commands_that_take_device_alone():
+    """docs/cli.md gave `expert.train.device` as add-expert's --device default, where its new expert and its router
+    each train on their own section's train.device, as its --help says."""
+    doc = " ".join((Path(__file__).parents[1] / "docs" / "cli.md").read_text().split())
+    sentence = re.search(r"`analyze`, `distill` and `add-expert` take `--device` alone \(.*?\)", doc).group(0)
+    root = typer.main.get_command(app)
+    for command in ("analyze", "distill", "add-expert"):
+        device = next(p for p in root.commands[command].params if p.name == "device")
+        default = re.search(r"default: the run's ([\w.]+)\)", device.help).group(1)
+        assert re.search(rf"`{re.escape(default)}` for [^;]*`{command}`", sentence), (command, default, sentence)
