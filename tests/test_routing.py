@@ -227,7 +227,9 @@ def test_one_table_parses_documents_and_validates_every_strategy():
 
 
 @pytest.mark.parametrize("typo, meant", [("top2", "top-2"), ("Top-2", "top-2"), ("TOP1", "top-1"),
-                                         ("sample2", "sample-2"), ("threshold0.1", "threshold-0.1")])
+                                         ("sample2", "sample-2"), ("threshold0.1", "threshold-0.1"),
+                                         ("topp-2", "top-2"), ("nucleous-0.9", "nucleus-0.9"), ("swich", "switch"),
+                                         ("Sampel2@0.5", "sample-2@0.5"), ("ful", "full")])
 def test_a_strategy_name_without_its_dash_or_in_capitals_is_answered_with_the_name_meant(typo, meant):
     with pytest.raises(DDMError, match=rf"unknown routing strategy '{typo}'; did you mean '{meant}'\? Accepted forms"):
         parse_strategy(typo)

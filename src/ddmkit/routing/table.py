@@ -9,6 +9,7 @@ added here is accepted, listed and documented everywhere.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass
@@ -131,6 +132,19 @@ def strategy_form(name: str) -> str | None:
     return matched[0].form if matched else None
 
 
+def _name_meant(name: str) -> str | None:
+    """The strategy name a mistyped one most likely meant, or None: the dash put back and capitals lowered
+    (top2, Top-2 -> top-2), and a misspelt word replaced by the nearest word of a form (topp-2 -> top-2,
+    nucleous-0.9 -> nucleus-0.9)."""
+    guess = re.sub(r"([a-z])(\d)", r"\1-\2", name.lower())
+    word, rest = re.match(r"([a-z]*)(.*)", guess).groups()
+    words = sorted({re.match(r"[a-z]*", entry.form).group() for entry in STRATEGIES} - {""})
+    for near in [word, *difflib.get_close_matches(word, words, n=3)]:
+        if near + rest != name and strategy_form(near + rest) is not None:
+            return near + rest
+    return None
+
+
 def parse_strategy(spec: str, sampled: bool = False) -> Strategy:
     """A strategy object from its name, e.g. 'top-2', 'nucleus-0.9@0.5', 'threshold-1e-3'
     (spaces around the name are dropped). sampled: refuse the forms only the analysis sampler runs
@@ -142,8 +156,8 @@ def parse_strategy(spec: str, sampled: bool = False) -> Strategy:
     name = spec.strip()
     matched = _matched(name)
     if matched is None:
-        guess = re.sub(r"([a-z])(\d)", r"\1-\2", name.lower())  # top2, Top-2 -> top-2
-        if guess != name and strategy_form(guess) is not None:
+        guess = _name_meant(name)
+        if guess is not None:
             raise DDMError(f"unknown routing strategy {name!r}; did you mean {guess!r}? Accepted forms: {forms}")
         raise DDMError(f"unknown routing strategy {name!r}; accepted forms: {forms}")
     entry, m = matched
