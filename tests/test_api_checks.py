@@ -189,6 +189,14 @@ def test_a_good_x1_is_where_sampling_starts():
     assert torch.allclose(x1 - x0, torch.full((5, D), 2.0))  # the prior's one cluster: expert 2, velocity 2
 
 
+def test_n_defaults_to_the_rows_of_x1_and_else_to_1000():
+    x1 = torch.randn(7, D)
+    assert torch.equal(tiny(0).sample("oracle", steps=2, x1=x1.clone())[0], x1 - 2.0)
+    assert tiny(0).sample("oracle", steps=1)[0].shape == (1000, D)
+    with pytest.raises(DDMError, match=r"x1: the starting noise must be a float32 torch tensor of shape \(6, "):
+        tiny(0).sample("oracle", n=6, steps=2, x1=x1)  # a given n is still checked against x1
+
+
 def test_out_receives_the_samples_and_may_be_the_noise_itself():
     """out=x1 writes each chunk's samples over its own noise (the device holds n rows, not 2n): the same
     samples as into a new tensor, returned in x1's storage; an out of another shape, dtype or device is refused."""
@@ -607,8 +615,9 @@ def test_to_moves_a_plain_module_expert_and_router():
 
 
 def test_none_for_a_sampling_argument_is_refused_not_read_as_the_default():
-    """seed=None gave the seed-0 samples exactly, where a user meant new noise."""
-    for name in ("seed", "n", "steps", "solver"):
+    """seed=None gave the seed-0 samples exactly, where a user meant new noise (n=None is n's default: len(x1),
+    else 1000)."""
+    for name in ("seed", "steps", "solver"):
         with pytest.raises(DDMError, match=f"DDM.sample: {name}: None; give a value"):
             tiny(0).sample("full", **{"n": 4, "steps": 2, name: None})
 

@@ -184,15 +184,16 @@ class DDM:
             self.accelerated[key] = accelerate(self.experts, self.router, speed, device, self.router_capturable)
         return self.accelerated[key]
 
-    def sample(self, strategy: str | Strategy = "top-2", n: int = 1000, steps: int = 50, solver: str = "euler", seed: int = 0,
-               labels=None, guidance: float | None = None, decode: bool = True, x1: torch.Tensor | None = None,
+    def sample(self, strategy: str | Strategy = "top-2", n: int | None = None, steps: int = 50, solver: str = "euler",
+               seed: int = 0, labels=None, guidance: float | None = None, decode: bool = True, x1: torch.Tensor | None = None,
                batch_size: int | None = None, router_every: int = 1, speed: SpeedOptions = SpeedOptions(),
                callback=None, out: torch.Tensor | None = None, **unknown):
         """(samples (n, *data_shape), info): routed sampling from x_1 ~ N(0, I) fixed by `seed`, on the
         DDM's device (move it with .to(device)). strategy: a routing strategy's name ('top-2'; the forms
         of ddmkit.routing.STRATEGIES) or a ddmkit.routing.Strategy object (one of your own, unnamed).
 
-        The same seed and n give the same noise; n rows are not always the first rows of a larger draw
+        n: the number of samples (default len(x1) when x1 is given, else 1000). The same seed and n give
+        the same noise; n rows are not always the first rows of a larger draw
         (start_noise): take the first rows of a larger draw to reproduce a subset, as the pipeline does.
         labels (n,): class labels for class-conditional experts, p(cluster | label) or a label-conditional
         router, ints 0 .. num_classes - 1, or num_classes for "no label" (a tensor, list or numpy array of
@@ -205,7 +206,9 @@ class DDM:
         ddmkit.ddm.sampling.sample_ddm. Bad arguments are DDMErrors naming them."""
         if unknown:
             raise DDMError(unknown_argument(next(iter(unknown)), self.device))
-        for name, value in (("n", n), ("steps", steps), ("solver", solver), ("seed", seed)):
+        if n is None:
+            n = len(x1) if isinstance(x1, torch.Tensor) and x1.dim() > 0 else 1000
+        for name, value in (("steps", steps), ("solver", solver), ("seed", seed)):
             if value is None:  # None would mean "not given", i.e. the default: seed=None is seed 0, not a new draw
                 raise DDMError(f"DDM.sample: {name}: None; give a value, or leave it out for its default"
                                + (" (0): other noise needs another seed, e.g. seed=1" if name == "seed" else ""))
