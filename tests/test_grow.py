@@ -336,6 +336,12 @@ def test_replace_expert_names_the_folder_of_a_bad_path(run, tmp_path):
         replace_expert(run, 1, bad)
 
 
+def test_replace_expert_from_a_folder_that_does_not_exist_says_so(run, tmp_path):
+    """A mistyped path was called 'not a model folder ...; train or copy it again'."""
+    with pytest.raises(DDMError, match=rf"^FOLDER {re.escape(str(tmp_path / 'typo'))} does not exist; give the model"):
+        replace_expert(run, 1, tmp_path / "typo")
+
+
 def test_replace_expert_into_a_missing_slot_says_an_expert_is_copied_in(run, tmp_path):
     """It offered training alone, where an island's expert goes in by copying its folder."""
     shutil.move(run / "experts" / "expert_01", tmp_path / "island")

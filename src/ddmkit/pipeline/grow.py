@@ -525,6 +525,10 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict | None:
         kk = state.manifest["k"]
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < kk:
             raise DDMError(f"K: there is no expert {k!r}; this run has experts 0 .. {kk - 1}")
+        if not source.exists():
+            raise DDMError(f"FOLDER {source} does not exist; give the model folder that is to replace expert {k} "
+                           "(a folder holding config.json and model.safetensors, e.g. RUN/experts/expert_03 of "
+                           "another run, or a `ddmkit train-expert --out` folder)")
         if source.resolve() == run_folder.expert(k).resolve():
             raise DDMError(f"FOLDER {source} is expert {k} of this run already; give the model folder that is to "
                            "replace it")
