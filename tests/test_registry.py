@@ -412,6 +412,29 @@ def test_the_missing_expert_study_removes_only_experts_the_run_has(copy):
     assert [r["experts_removed"] for r in rows] == [sorted(order[:m]) for m in range(3)]
 
 
+def test_the_studies_draw_the_learned_routers_whole_row_once(copy, monkeypatch):
+    """The missing-expert study's row 0 (top-2, every expert, the learned router) is the statistics-only router
+    study's 'top-2 (learned router)' row: it was drawn twice per evaluation. Drawn once, its scores are those a
+    second draw gives."""
+    import ddmkit.evaluation.studies as studies
+    from ddmkit.pipeline.prepare import run_config
+
+    cfg = run_config(copy)
+    cfg = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"n": 200, "steps": 2}),
+                                 "evaluate": cfg.evaluate.model_copy(update={"chunk": 100, "study_n": 200})})
+    test = torch.randn(800, 2, generator=torch.Generator().manual_seed(0))
+    calls, real = [], studies.sample_ddm
+    monkeypatch.setattr(studies, "sample_ddm", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    drawn: dict = {}
+    rows = studies.missing_expert_study(cfg, copy, test, None, drawn=drawn)
+    shared = studies.stats_router_study(cfg, copy, test, None, drawn=drawn)
+    assert len(calls) == len(rows) + 5 and calls.count("top-2") == len(rows) + 1  # not drawn again
+    again = studies.stats_router_study(cfg, copy, test, None)
+    for name, row in again["rows"].items():
+        assert {**shared["rows"][name], "wall_time": None} == {**row, "wall_time": None}, name
+    assert shared["rows"]["top-2 (learned router)"]["w2"] == rows[0]["w2"]
+
+
 def test_an_experts_published_statistics_are_registered_and_verified(copy):
     """registry.json hashed only the weights and config.json: an edited or deleted statistics.safetensors (what
     the statistics-only router routes by) passed verify."""

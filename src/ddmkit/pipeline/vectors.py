@@ -78,10 +78,13 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
 
     key = studies_key(cfg, run)
     before = earlier_studies(folder, key)
+    drawn: dict = {}  # the learned router's study rows with every expert, drawn once for both studies
     if cfg.evaluate.missing_experts and learned:  # the studies compare with the learned router's sets
-        result["missing_experts"] = before.get("missing_experts") or missing_expert_study(cfg, run, test.x, truth)
+        result["missing_experts"] = before.get("missing_experts") or missing_expert_study(cfg, run, test.x, truth,
+                                                                                          drawn=drawn)
     if cfg.evaluate.stats_router and learned:
-        result["stats_router"] = before.get("stats_router") or stats_router_study(cfg, run, test.x, truth)
+        result["stats_router"] = before.get("stats_router") or stats_router_study(cfg, run, test.x, truth,
+                                                                                  drawn=drawn)
     if before and set(before) & set(result):
         log(f"studies: {', '.join(sorted(set(before) & set(result)))} kept from {folder.metrics} (the same networks, "
             "data and settings)")
