@@ -185,9 +185,9 @@ class DDM:
         return self.accelerated[key]
 
     def sample(self, strategy: str | Strategy = "top-2", n: int | None = None, steps: int = 50, solver: str = "euler",
-               seed: int = 0, labels=None, guidance: float | None = None, decode: bool = True, x1: torch.Tensor | None = None,
-               batch_size: int | None = None, router_every: int = 1, speed: SpeedOptions = SpeedOptions(),
-               callback=None, out: torch.Tensor | None = None, **unknown):
+               seed: int = 0, labels=None, guidance: float | None = None, decode: bool = True,
+               x1: torch.Tensor | None = None, batch_size: int | None = None, router_every: int = 1,
+               speed: SpeedOptions = SpeedOptions(), callback=None, out: torch.Tensor | None = None, **unknown):
         """(samples (n, *data_shape), info): routed sampling from x_1 ~ N(0, I) fixed by `seed`, on the
         DDM's device (move it with .to(device)). strategy: a routing strategy's name ('top-2'; the forms
         of ddmkit.routing.STRATEGIES) or a ddmkit.routing.Strategy object (one of your own, unnamed).
