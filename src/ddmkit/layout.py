@@ -56,6 +56,16 @@ def enclosing_run(path: str | Path) -> Path | None:
     return next((above for above in Path(path).resolve().parents if is_run_folder(above)), None)
 
 
+def check_outside_runs(out: str | Path, writes: str, example: str) -> None:
+    """A DDMError when `out`, a folder that holds run folders of its own (a sweep's cells, a study's runs), is a
+    run folder or lies inside one: `writes` says what goes into it, `example` a folder to give instead."""
+    above = enclosing_run(out)
+    if is_run_folder(out) or above is not None:
+        where = "a ddmkit run folder" if is_run_folder(out) else f"inside the run folder {above}"
+        raise DDMError(f"--out {out} is {where}; {writes}, so give a folder of its own outside any run, e.g. "
+                       f"--out {example}")
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """The paths of one run folder (nothing is created or read here)."""

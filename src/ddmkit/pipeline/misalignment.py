@@ -81,7 +81,7 @@ from ddmkit.io import (
     write_bytes_atomic,
     write_json,
 )
-from ddmkit.layout import RunFolder, enclosing_run, is_run_folder, safe_name
+from ddmkit.layout import RunFolder, check_outside_runs, safe_name
 from ddmkit.pipeline.checks import check_devices, check_run_plan, checked_device, named_device
 from ddmkit.pipeline.prepare import (check_replaceable, config_record, listed, prepare_run_dir, run_config,
                                      trained_differences)
@@ -483,10 +483,8 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
         device = named_device(device) if device is not None else cfg.expert.train.device
     elif stages == "all":
         device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
-    if is_run_folder(out) or enclosing_run(out) is not None:  # OUT holds a run folder per condition and seed
-        where = "a ddmkit run folder" if is_run_folder(out) else f"inside the run folder {enclosing_run(out)}"
-        raise DDMError(f"--out {out} is {where}; the study writes a run folder per condition and seed into "
-                       "--out/runs, so give a folder of its own outside any run, e.g. --out runs/misalignment")
+    check_outside_runs(out, "the study writes a run folder per condition and seed into --out/runs",
+                       "runs/misalignment")
     # images: the scorer's features, made (so checked) before anything is trained
     extractor = feature_extractor(cfg.evaluate.fid_features, device) if images and stages == "all" else None
     missing: list[str] = []  # stages "report": the measurements not kept

@@ -40,7 +40,7 @@ from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
 from ddmkit.io import STAGING, check_folder_target, entries, read_json, write_bytes_atomic, write_json
 from ddmkit.launch import check_launch
-from ddmkit.layout import RunFolder, enclosing_run, is_run_folder
+from ddmkit.layout import RunFolder, check_outside_runs
 from ddmkit.pipeline.checks import check_devices
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
 from ddmkit.pipeline.prepare import (TRAINED, check_partition, check_replaceable, config_record, run_config,
@@ -492,10 +492,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
         raise DDMError(f"--partial: only with --stages report (got --stages {stages}); score the missing cells, "
                        "then report with --stages report --partial")
     out = check_folder_target(Path(out))  # --out FILE: named before any work
-    if is_run_folder(out) or enclosing_run(out) is not None:  # OUT holds a run folder per cell, not a run's files
-        where = "a ddmkit run folder" if is_run_folder(out) else f"inside the run folder {enclosing_run(out)}"
-        raise DDMError(f"--out {out} is {where}; a sweep writes one run folder per cell into --out, so give a folder "
-                       "of its own outside any run, e.g. --out runs/sweep")
+    check_outside_runs(out, "a sweep writes one run folder per cell into --out", "runs/sweep")
     todo = cells(ks, budgets, seeds, all_seeds)
     mono_k = monolith_k(cfg, ks, monolith)
     grid = grid_cells(cfg, out, todo, mono_k, scale)
