@@ -61,6 +61,7 @@ elif [ "$1" = without ]; then
   step_status
   seconds without/experts/expert_00 grown/experts/expert_08 grown/router | tee -a "$OUT/without.log"
 elif [ "$1" = evaluate ]; then
+  join_fid_weights
   [ ${#NAMES[@]} -eq 0 ] && NAMES=(grown fm vp mixed)
   if [[ " ${NAMES[*]} " == *" mixed "* ]]; then
     rm -rf $R/mixed && cp -r $R/fm $R/mixed
