@@ -71,3 +71,12 @@ def test_an_undefined_cell_reads_a_dash_not_nan():
     from ddmkit.analysis.report import band_table
     per = {"full": {"bands": {"t": ["[0, 0.25)", "[0.25, 0.5)"], "L_top": [1.5, float("nan")]}}}
     assert band_table(per, "L_top").splitlines()[-1] == "| full | 1.5 | - |"
+
+
+def test_the_heldout_error_table_writes_an_undefined_error_as_the_summary_does():
+    """full routes every expert, so it has no 'not routed' error: the per-t table printed 'nan' where the
+    strategy table prints '-'."""
+    nan = math.nan
+    held = {"t": [0.05], "routed": {"full": [0.5], "top-1": [0.25]}, "not_routed": {"full": [nan], "top-1": [0.125]}}
+    assert A.heldout_table(held).splitlines()[-1] == "| 0.05 | 0.5 / - | 0.25 / 0.125 |"
+    assert A.table(["err not routed"], [[nan]]).splitlines()[-1] == "| - |"

@@ -55,6 +55,9 @@ def test_analyze_run_writes_every_section(trained):
     assert saved["heldout"]["cluster_rule"].startswith("the cluster owning")
     # near the data an expert predicts its own cluster better than the others
     assert by[0]["own"] < by[0]["other"]
+    # full leaves no expert unrouted: its 'not routed' error reads '-' per t, as in the strategy table
+    errors = md.split("Per-expert error on held-out data (routed / not routed):\n\n")[1].split("\n\n")[0]
+    assert "nan" not in errors and len(re.findall(r"\| [0-9.e+-]+ / - \|", errors)) == 10, errors
 
 
 def test_bad_input_names_the_option(trained, tmp_path):

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from ddmkit.evaluation.plots import pyplot, save_figure
-from ddmkit.tables import markdown_table as _markdown_table
+from ddmkit.tables import fmt, markdown_table as _markdown_table
 
 # One colour per strategy, distinct for up to 18 strategies (the default list has 11): matplotlib's ten
 # "tab" colours, then eight others unlike them.
@@ -76,10 +76,15 @@ def plot_quality_scatter(points: dict, qname: str, path: Path) -> None:
 
 
 
+def defined(c):
+    """c, or None where it is an undefined number (NaN: no measured step in a t band, no row of that kind), which
+    the tables' fmt writes '-'."""
+    return None if isinstance(c, float) and math.isnan(c) else c
+
+
 def table(headers: list[str], rows: list[list]) -> str:
-    """A Markdown table whose undefined cells (NaN: no measured step in a t band, no row of that kind) read '-'."""
-    return _markdown_table(headers, [[None if isinstance(c, float) and math.isnan(c) else c for c in row]
-                                     for row in rows])
+    """A Markdown table whose undefined cells read '-'."""
+    return _markdown_table(headers, [[defined(c) for c in row] for row in rows])
 
 TABLE = [("expert calls/sample", "calls"), ("quality q", "q"), ("W2", "w2"), ("L_top", "L_top"),
          ("L_rand", "L_rand"), ("L_fd", "L_fd"), ("amplification (median)", "amp_median"),
@@ -154,6 +159,14 @@ def own_cluster_section(held: dict) -> str:
             + "\n")
 
 
+def heldout_table(held: dict) -> str:
+    """Per t, every strategy's per-expert held-out error on routed / not routed experts ('-' where a strategy
+    leaves no expert unrouted, as full does, or routes none)."""
+    rows = [[f"{t:.2f}"] + [f"{fmt(defined(held['routed'][n][i]), 3)} / {fmt(defined(held['not_routed'][n][i]), 3)}"
+                            for n in held["routed"]] for i, t in enumerate(held["t"])]
+    return table(["t"] + list(held["routed"]), rows)
+
+
 def band_table(per: dict, key: str) -> str:
     bands = next(iter(per.values()))["bands"]["t"]
     return table(["strategy"] + bands, [[n] + r["bands"][key] for n, r in per.items()])
@@ -191,13 +204,12 @@ def render(res: dict) -> str:
     qname = res["quality_name"]
     ltop, refine_w2 = (_point(link[k], len(per)) for k in ("ltop_vs_q", "refine_vs_w2"))
     corr_rows = [[n, _ci(r["link"]["disagreement"]), _ci(r["link"]["rank"])] for n, r in per.items()]
-    err_rows = [[f"{t:.2f}"] + [f"{held['routed'][n][i]:.3g} / {held['not_routed'][n][i]:.3g}" for n in held["routed"]]
-                for i, t in enumerate(held["t"])]
     exact = ""
     if "router_tv" in held:
         ex_rows = [[f"{t:.2f}", held["router_tv"][i], min(held["expert_vs_exact"][i]), max(held["expert_vs_exact"][i])]
                    for i, t in enumerate(held["t"])]
-        exact = ("Against the exact mixture (cluster k's exact velocity v*_k, error weighted by the exact posterior r*_k; router TV against r*):\n\n"
+        exact = ("Against the exact mixture (cluster k's exact velocity v*_k, error weighted by the exact posterior "
+                 "r*_k; router TV against r*):\n\n"
                  + table(["t", "router TV", "min_k e*_k", "max_k e*_k"], ex_rows) + "\n")
     bases = sorted({b for c in res["compare"].values() for b in c["vs"]})
     cmp_rows = [[n, c["calls"]] + [f"{c['vs'][b]['mean']:+.3g} [{c['vs'][b]['lo']:+.3g}, {c['vs'][b]['hi']:+.3g}] "
@@ -257,7 +269,7 @@ Mean rank of the routed experts (1 = nearest), per t band:
 
 Per-expert error on held-out data (routed / not routed):
 
-{table(['t'] + list(held['routed']), err_rows)}
+{heldout_table(held)}
 
 {own_cluster_section(held)}
 {exact}
