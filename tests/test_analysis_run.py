@@ -81,6 +81,50 @@ def test_cli_exits_2_with_a_message(trained, tmp_path, cli):
     assert r.returncode == 2 and "accepted forms" in r.stderr
 
 
+def test_an_n_too_large_for_the_memory_is_refused_before_any_work(trained, tmp_path, cli, monkeypatch):
+    """--n 99999999 was accepted, and the process was killed for memory once it had started. Now a --n whose
+    arrays alone (analysis_bytes, a lower bound) need more than the memory available is refused before the
+    starting noise is drawn: exit 2 naming --n, the bound, the memory and a --n whose bound is at most half of
+    it; nothing written. That --n is accepted."""
+    import ddmkit.pipeline.analyze as analyze
+
+    def no_noise(*args, **kwargs):
+        raise AssertionError("the starting noise of a --n that cannot fit was drawn")
+
+    one = analyze.analysis_bytes(1, 8, 2, 4, reference=True)  # tiny.toml: 8 steps, 2 numbers a row, K = 4; truth
+    monkeypatch.setattr(analyze, "available_memory", lambda device: 2**30)  # the same on any machine
+    monkeypatch.setattr(analyze, "start_noise", no_noise)
+    r = cli("analyze", trained, "--n", 99999999, "--out", tmp_path / "a")
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "Traceback" not in said, said
+    assert (f"--n = 99999999: the analysis would hold at least {99999999 * one / 2**30:.1f} GiB at once on cpu"
+            in said and "more than the 1.0 GiB available there" in said), said
+    fit = int(re.search(r"give --n (\d+) or less", said).group(1))
+    assert fit * one <= 2**29 < (fit + 1) * one
+    assert not (tmp_path / "a").exists()
+    monkeypatch.setattr(analyze, "available_memory", lambda device: 160 * one)
+    with pytest.raises(DDMError, match="give --n 80 or less"):
+        analyze_run(trained, tmp_path / "b", ["top-1"], log=lambda m: None, **{**SMALL, "n": 10**6})
+    assert not (tmp_path / "b").exists()
+    monkeypatch.undo()  # the noise again
+    monkeypatch.setattr(analyze, "available_memory", lambda device: 160 * one)
+    analyze_run(trained, tmp_path / "b", ["top-1"], log=lambda m: None, **{**SMALL, "n": 80})
+    assert (tmp_path / "b" / "analysis.md").is_file()
+    monkeypatch.setattr(analyze, "available_memory", lambda device: 3 * one)  # --n 2 takes more than half
+    with pytest.raises(DDMError, match=r"--n 2 would already take more than half of it: free memory, or analyze on "
+                                       r"a device with more \(--device\)"):
+        analyze_run(trained, tmp_path / "c", ["top-1"], log=lambda m: None, **{**SMALL, "n": 4})
+
+
+def test_available_memory_is_a_positive_count_of_bytes():
+    import torch
+
+    from ddmkit.pipeline.checks import available_memory
+
+    free = available_memory(torch.device("cpu"))
+    assert isinstance(free, int) and free > 0
+
+
 def test_each_strategy_is_kept_and_a_later_call_measures_only_the_new_ones(trained, tmp_path, monkeypatch):
     import torch
 

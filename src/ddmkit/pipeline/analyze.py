@@ -47,7 +47,7 @@ from ddmkit.evaluation.distances import w2_exact
 from ddmkit.io import (check_folder_target, load_tensors, nan_as_null, read_json, save_tensors, sha256_file,
                        write_bytes_atomic, write_json)
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder, safe_name
-from ddmkit.pipeline.checks import checked_device
+from ddmkit.pipeline.checks import available_memory, checked_device
 from ddmkit.pipeline.prepare import remove_leftovers, run_config
 from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import load_split, read_data_info, run_lock
@@ -122,6 +122,41 @@ def split_rows(count: int, n: int, n_heldout: int,
                        f"for the W2 reference, the W2 floor and the held-out errors, all disjoint): {fix}")
     m = min(n, MAX_W2, count // 3)
     return {"w2": slice(0, m), "floor": slice(m, 2 * m), "heldout": slice(count - min(n_heldout, count - 2 * m), count)}
+
+
+def analysis_bytes(n: int, steps: int, dim: int, k: int, reference: bool, itemsize: int = 4) -> int:
+    """A lower bound of the bytes analyze holds at once for n trajectories of `steps` steps, data of dim numbers
+    and K experts: while one strategy's alignment is measured, its recorded pass ((steps, n, dim) states,
+    velocities and previous x0_hat, and the x0_hat the alignment derives from them; (steps, n, K) router
+    probabilities and weights; `itemsize` bytes a number, float32), the alignment's (steps, n) float64 measures
+    (6, and 5 more with an x0 reference; twice: the per-step rows and the tensors stacked from them) and one step's
+    (n, K, K, dim) float64 products for the angles between experts. The networks, their activations, the test
+    split, the held-out errors and the other temporaries come on top: on a tiny mixture run (D = 2, K = 4, 8 steps,
+    n = 300 000, CPU) the analysis's resident memory grew by about 1.4 times this bound."""
+    per_step = (4 * dim + 2 * k) * itemsize + 2 * (11 if reference else 6) * 8
+    return n * (steps * per_step + k * k * dim * 8)
+
+
+def size_text(nbytes: float) -> str:
+    """nbytes in GiB (MiB below 1 GiB), e.g. '12.3 GiB'."""
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def check_memory(n: int, steps: int, dim: int, k: int, reference: bool, device: torch.device) -> None:
+    """A DDMError naming --n when even analysis_bytes (a lower bound) is more than the memory available on
+    `device` (nothing checked when that cannot be told), with the largest --n whose bound is at most half of
+    it (the other half for what the bound leaves out)."""
+    free = available_memory(device)
+    need = analysis_bytes(n, steps, dim, k, reference)
+    if free is None or need <= free:
+        return
+    fit = free // 2 // analysis_bytes(1, steps, dim, k, reference)
+    fix = (f"give --n {fit} or less (by the same count at most half of it, the rest for the networks and "
+           "temporaries)" if fit >= 2 else
+           "--n 2 would already take more than half of it: free memory, or analyze on a device with more (--device)")
+    raise DDMError(f"--n = {n}: the analysis would hold at least {size_text(need)} at once on {device} (the "
+                   f"recorded trajectories and their alignment: {steps} steps x {n} trajectories x {dim} numbers, "
+                   f"{k} experts), more than the {size_text(free)} available there; {fix}")
 
 
 def more_test_rows(data: dict, n_test: int, params: dict) -> str:
@@ -388,6 +423,8 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     test = load_split(run, "test")
     rows = split_rows(len(test.x), n, n_heldout, more_test_rows(read_data_info(folder), cfg.data.n_test,
                                                                  cfg.data.params))
+    has_reference = test.truth is not None or (folder.monolith / "model.safetensors").exists()  # x0_reference's
+    check_memory(n, cfg.sample.steps, math.prod(ddm.data_shape), ddm.k, has_reference, device)  # before the noise
     test = dataclasses.replace(test, x=test.x.to(device))
     truth = None if test.truth is None else test.truth.to(device=device)
     manifest, ptensors = load_partition(folder.partition)

@@ -7,6 +7,7 @@ fails at the data and partition stage, with a fix that works, not after its netw
     check_devices(cfg)                            every train.device of the config, present here
     checked_device(name)                          -> torch.device  a --device value, present here
     named_device(name)                            -> str  a --device value for a stage that uses none
+    available_memory(device)                      -> int | None  bytes free for new tensors there
 
 What the later stages need (each need is where that stage would fail or would not honour a setting):
 
@@ -23,6 +24,8 @@ What the later stages need (each need is where that stage would fail or would no
   expert.train.batch_size trains on repeated rows (a warning: the run finishes).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -206,3 +209,28 @@ def named_device(name) -> str:
     """The device named by --device for a stage that computes nothing (a report from kept measurements):
     a device name (auto, cpu, cuda, cuda:N or mps), not necessarily one this machine has."""
     return device_name(name, f"--device: {str(name)!r}")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device`: a CUDA device's free memory (torch.cuda.mem_get_info); else this
+    machine's available memory (psutil when installed, else /proc/meminfo's MemAvailable, which counts the page
+    cache the kernel gives back, else os.sysconf's free pages); None when none of them can tell."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
