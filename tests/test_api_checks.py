@@ -441,6 +441,17 @@ def test_ddm_sample_names_a_keyword_it_does_not_take(extra, message):
         tiny(0).sample(**{"strategy": "top-1", "n": 3, "steps": 2, **extra})
 
 
+@pytest.mark.parametrize("bad", ["no", 0, None, "latents"])
+def test_ddm_sample_takes_a_bool_decode_only(bad):
+    """decode="no" (or 0, None) on a DDM of vectors was taken without a word (and "no" is true: a latent DDM would
+    decode where the caller asked for its latents); decode=True or False is as before."""
+    with pytest.raises(DDMError, match=r"DDM.sample: decode: .*; pass True \(a latent DDM's samples decoded to "
+                                       r"images\) or False \(its latents\)"):
+        tiny(0).sample("top-1", n=3, steps=2, decode=bad)
+    for decode in (True, False):
+        assert tiny(0).sample("top-1", n=3, steps=2, decode=decode)[0].shape == (3, D)
+
+
 def test_sample_single_names_what_is_not_a_velocity_field():
     with pytest.raises(DDMError, match=r"sample_single: field: DDM is not a velocity field field\(x, t\); sample a "
                                        r"DDM with DDM.sample"):

@@ -198,9 +198,9 @@ class DDM:
         labels (n,): class labels for class-conditional experts, p(cluster | label) or a label-conditional
         router, ints 0 .. num_classes - 1, or num_classes for "no label" (a tensor, list or numpy array of
         ints); guidance: classifier-free guidance scale inside each expert (None: as loaded); a latent DDM
-        returns decoded images (decode=False: the latents, of shape data_shape); images come as integrated
-        (and decoded), not clamped: the pipeline clamps them to [-1, 1] before it saves and scores them
-        (x0.clamp(-1, 1) does the same here; docs/images.md#from-python saves them as PNGs). x1: the
+        returns decoded images (decode=False: the latents, of shape data_shape; decode is True or False); images
+        come as integrated (and decoded), not clamped: the pipeline clamps them to [-1, 1] before it saves and
+        scores them (x0.clamp(-1, 1) does the same here; docs/images.md#from-python saves them as PNGs). x1: the
         starting noise, a float32 torch tensor (n, *data_shape), moved to the DDM's device; batch_size,
         router_every, speed, callback and out (x1 on the DDM's device: the samples written over it) as in
         ddmkit.ddm.sampling.sample_ddm. Bad arguments are DDMErrors naming them."""
@@ -212,6 +212,9 @@ class DDM:
             if value is None:  # None would mean "not given", i.e. the default: seed=None is seed 0, not a new draw
                 raise DDMError(f"DDM.sample: {name}: None; give a value, or leave it out for its default"
                                + (" (0): other noise needs another seed, e.g. seed=1" if name == "seed" else ""))
+        if not isinstance(decode, bool):  # "no" would be true: a latent DDM's images, not its latents
+            raise DDMError(f"DDM.sample: decode: {decode!r}; pass True (a latent DDM's samples decoded to images) or "
+                           "False (its latents); a DDM of vectors or images has nothing to decode and takes either")
         checked = checked_arguments("DDM.sample", n, seed, steps, solver, batch_size, router_every, callback)
         ddm = self if guidance is None else self.at_guidance(checked_guidance(guidance, "DDM.sample",
                                                                               self.num_classes))
