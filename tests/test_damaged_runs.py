@@ -614,6 +614,35 @@ def test_a_config_json_whose_trained_settings_were_edited_is_refused(run, ddmkit
     assert code == 0 and ddmkit("verify", run)[0] == 0, err
 
 
+def test_train_expert_refuses_a_run_config_json_edited_since(run, ddmkit, tmp_path):
+    """`ddmkit train-expert SHARD --config RUN/config.json` (a SLURM task's command) trained under a config.json whose
+    trained sections were edited by hand, and only the next command (sample, verify, ...) refused the run. It is
+    refused before training now, naming the section, with nothing written; each fix it names works, and what may
+    change (how the job runs, --set expert.*) still trains."""
+    config, shard = run / "config.json", run / "partition" / "shards" / "cluster_00.safetensors"
+    original, before = config.read_bytes(), files(run)
+    for out in (run / "experts" / "expert_00", tmp_path / "island"):
+        for section, edit in (("expert", lambda c: c["config"]["expert"]["train"].update(steps=21)),
+                              ("partition", lambda c: c["config"]["partition"].update(k=3))):
+            config.write_bytes(original)
+            edit_json(config, edit)
+            edited = config.read_bytes()
+            code, _, err = ddmkit("train-expert", shard, "--out", out, "--config", config, "--resume", "--force")
+            assert code == 2 and f"{config}: its [{section}] settings were changed after the run was made" in err, err
+            assert f"make a run of them in another folder: `ddmkit run {config} --out NEW_RUN`" in err
+            assert ("give them as --set (e.g. --set expert.train.steps=N)" in err) == (section == "expert"), err
+            assert files(run) == {**before, Path("config.json"): edited} and not (tmp_path / "island").exists()
+    config.write_bytes(original)  # the fixes: the settings put back, and the new ones given as --set
+    code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "island", "--config", config,
+                          "--set", "expert.train.steps=21")
+    assert code == 0 and json.loads((tmp_path / "island" / "config.json").read_text())["train"]["steps"] == 21, err
+    edit_json(config, lambda c: c["config"]["expert"]["train"].update(threads=2, checkpoint_every=5)
+              or c["config"]["sample"].update(n=50))  # how the job runs, and [sample]: may be edited
+    code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "job", "--config", config, "--resume",
+                          "--set", "expert.train.log_every=5")
+    assert code == 0 and (tmp_path / "job" / "model.safetensors").is_file(), err
+
+
 def test_sample_and_evaluate_settings_may_be_edited_and_an_earlier_config_json_is_read_as_before(run, ddmkit):
     """What a resumed run may change ([sample], [evaluate], how the jobs run) may be edited in config.json; a
     config.json of an earlier ddmkit, which records no SHA-256 of its sections, is read unchecked."""

@@ -270,9 +270,12 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
         else:
             log(f"expert written to {out}")
         return
+    from ddmkit.pipeline.prepare import check_config_file
     from ddmkit.registry import check_shard_space
 
     run_cfg = _config(config, None, set_, device)
+    if config is not None:
+        check_config_file(config)  # a run's config.json edited since the run was made: refused before training
     check_shard_space(shard, run_cfg.latent.enabled)
     cfg = run_cfg.expert
     upd = {k: v for k, v in (("seed", seed), ("checkpoint_every", checkpoint_every)) if v is not None}

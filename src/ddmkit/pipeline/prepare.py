@@ -129,6 +129,25 @@ def edited_config_fix(folder: RunFolder) -> str:
             f"{shlex.quote(str(folder.config))} --out NEW_RUN`")
 
 
+def check_config_file(path: Path) -> None:
+    """A run's config.json given as a command's config file (`ddmkit train-expert --config RUN/config.json`, as
+    SLURM tasks run it) is checked as run_config checks it (check_trained_unchanged), before any work: an expert
+    trained under edited settings would be refused by every later command of the run. A TOML, or a JSON file that
+    records no SHA-256 of its sections (no run's, or an earlier ddmkit's), is not checked here."""
+    if path.suffix != ".json" or not path.is_file():
+        return
+    raw = read_json(path)
+    if not (isinstance(raw, dict) and isinstance(raw.get("config"), dict)):
+        return
+    changed = edited_sections(raw)
+    if not changed:
+        return
+    expert = ("to train this expert with other [expert] settings, keep config.json as the run made it and give "
+              "them as --set (e.g. --set expert.train.steps=N); " if "expert" in changed else "")
+    raise edited_error(path, changed, f"{expert}to train with the new settings, make a run of them in another "
+                                      f"folder: `ddmkit run {shlex.quote(str(path))} --out NEW_RUN`")
+
+
 def check_same_training(run: str | Path, cfg: RunConfig) -> None:
     """A command that trains the networks a run lacks (`ddmkit launch`) trains them as RUN/config.json says:
     cfg (its --set, --config and --device applied) may change how the jobs run (train.jobs.EXECUTION: device,
