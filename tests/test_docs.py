@@ -1,7 +1,9 @@
 """The user docs stay true: every relative link resolves (its #section too), every `ddmkit.x.y` they name exists,
 they hold no time of day or commit hash (history lives in git), and the Python snippets of README.md and
-docs/images.md run as written on tiny runs (docs/latent.md's: tests/test_latent.py)."""
+docs/images.md run as written on tiny runs (docs/latent.md's: tests/test_latent.py), and so do docs/own-data.md's
+Python snippets and shell lines, on tiny data, with what the page says they give."""
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -88,19 +90,23 @@ def test_no_times_of_day_or_commit_hashes(page):
 
 
 def test_the_checks_catch_a_stale_name_and_a_hash():
-    assert heading_anchor("Measured: Fashion-MNIST, K = 8 at four budgets") == "measured-fashion-mnist-k--8-at-four-budgets"
+    assert heading_anchor("Measured: Fashion-MNIST, K = 8 at four budgets") \
+        == "measured-fashion-mnist-k--8-at-four-budgets"
     assert resolves("ddmkit.routing.table.parse_strategy") and not resolves("ddmkit.pipeline.images.guided_field")
     assert re.findall(r"\b[0-9a-f]{7,40}\b", "fixed in cf6a9f0") == ["cf6a9f0"]
 
 
 # The Python snippets a researcher copies: run as the pages write them, on tiny runs, with what the pages say they give.
 
-def python_block(page: Path, after: str) -> str:
-    """The first ```python block of `page` after the text `after`."""
+def code_block(page: Path, after: str, lang: str = "python") -> str:
+    """The first ```python block of `page` after the text `after` (```LANG for another `lang`; "": a block of no
+    language, as the pages write shell lines and messages)."""
     text = prose(page)
-    block = re.search(r"```python\n(.*?)```", text[text.index(after):], flags=re.S)
-    assert block, f"{page.name}: no python block after {after!r}"
-    return block.group(1)
+    start = text.index(after)
+    for block in re.finditer(r"^```(\w*)\n(.*?)^```$", text, flags=re.S | re.M):
+        if block.start() >= start and block.group(1) == lang:
+            return block.group(2)
+    raise AssertionError(f"{page.name}: no {lang or 'plain'} block after {after!r}")
 
 
 def test_the_readmes_python_snippet_runs_as_written(tmp_path, capsys):
@@ -115,7 +121,7 @@ def test_the_readmes_python_snippet_runs_as_written(tmp_path, capsys):
     run = prepare_run_dir(tmp_path / "run", cfg, log=lambda m: None)
     for stage in (stage_data, stage_partition, stage_experts, stage_monolith, stage_router, stage_registry):
         stage(cfg, run, lambda m: None)
-    code = python_block(ROOT / "README.md", "## Using it from Python")
+    code = code_block(ROOT / "README.md", "## Using it from Python")
     assert '"demo_out"' in code
     namespace = {}
     exec(code.replace('"demo_out"', repr(str(run))), namespace)
@@ -148,7 +154,7 @@ def test_the_image_pages_python_snippet_saves_pngs(tmp_path, monkeypatch):
     run = prepare_run_dir(tmp_path / "fm", cfg, log=lambda m: None)
     for stage in (stage_data, stage_partition, stage_experts, stage_router, stage_registry):
         stage(cfg, run, lambda m: None)
-    code = python_block(ROOT / "docs" / "images.md", "## From Python")
+    code = code_block(ROOT / "docs" / "images.md", "## From Python")
     assert '"runs/fm"' in code and "steps=50" in code
     monkeypatch.chdir(tmp_path)
     namespace = {}
@@ -156,3 +162,235 @@ def test_the_image_pages_python_snippet_saves_pngs(tmp_path, monkeypatch):
     assert namespace["x0"].shape == (16, 1, 8, 8) and namespace["pixels"].dtype == torch.uint8
     saved = sorted(tmp_path.glob("sample_*.png"))
     assert len(saved) == 16 and Image.open(saved[0]).size == (8, 8) and Image.open(saved[0]).mode == "L"
+
+
+# docs/own-data.md: a researcher's folder (the test's own) where the page's files are written and its lines run.
+
+OWN = ROOT / "docs" / "own-data.md"
+
+
+def shrunk(text: str, *edits: tuple[str, str]) -> str:
+    """`text` with each (old, new) replaced: the page's sizes made tiny (each old must be in the text)."""
+    for old, new in edits:
+        assert old in text, f"{old!r} is no longer in the snippet"
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.fixture
+def shell(tmp_path, monkeypatch):
+    """Runs one line of a page's shell block in the folder tmp_path, in this process as in a new one started
+    there: `[PYTHONPATH=.] ddmkit ARGS` (run_cli; no network class registered yet, the folder's modules not yet
+    imported, the folder on the path only with PYTHONPATH=.), `python FILE` and `python -c CODE` (the folder on the
+    path, as python puts it). Answers as subprocess.run does; for python, `.globals` holds the code's variables."""
+    import contextlib
+    import io
+    import runpy
+    import shlex
+    import subprocess
+    import sys
+
+    import ddmkit.nets.user as user
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+
+    def forget_the_folders_modules():
+        for name, module in list(sys.modules.items()):
+            if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+                del sys.modules[name]
+
+    def run(line: str) -> subprocess.CompletedProcess:
+        words = shlex.split(line)
+        here = words[0] == "PYTHONPATH=."
+        words = words[here:]
+        forget_the_folders_modules()
+        monkeypatch.setattr(user, "_USER", {})
+        with monkeypatch.context() as m:
+            if here or words[0] == "python":
+                m.syspath_prepend(str(tmp_path))
+            if words[0] == "ddmkit":
+                return run_cli(*words[1:])
+            assert words[0] == "python", line
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                if words[1] == "-c":
+                    exec(words[2], namespace := {"__name__": "__main__"})
+                else:
+                    namespace = runpy.run_path(words[1], run_name="__main__")
+            done = subprocess.CompletedProcess(words, 0, out.getvalue(), "")
+            done.globals = namespace
+            return done
+    yield run
+    forget_the_folders_modules()
+
+
+def said(message: str) -> str:
+    """A message as the page prints it, on one line: the text before a closing `(...)`."""
+    return " ".join(message.split()).removesuffix("(...)").strip()
+
+
+def test_own_data_a_vector_file_splits_as_the_page_says_and_without_sample_n_is_refused_as_printed(tmp_path, shell):
+    """"## Vectors": the page's config on a file of 5000 rows gives 4000 train and 1000 test rows; without its
+    [sample] section the partition stops with the message of "## Checked before training"."""
+    import numpy as np
+
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "embeddings.npz", x=np.random.default_rng(0).normal(size=(5000, 4)))
+    config = code_block(OWN, "## Vectors", "toml")
+    assert "[sample]\nn = 500" in config
+    (tmp_path / "vectors.toml").write_text(config)
+    done = shell("ddmkit partition --config vectors.toml --out runs/vectors --set partition.k=2")
+    assert done.returncode == 0, done.stderr
+    assert "4000 train / 1000 test samples of shape (4,)" in done.stderr
+    (tmp_path / "bare.toml").write_text(config.split("[sample]")[0])
+    done = shell("ddmkit partition --config bare.toml --out runs/bare --set partition.k=2")
+    printed = said(code_block(OWN, "## Checked before training", ""))
+    assert done.returncode == 2 and " ".join(done.stderr.split()).startswith(printed), done.stderr
+    assert not (tmp_path / "runs" / "bare").exists()
+
+
+def test_own_data_an_image_folder_reads_as_configured(tmp_path, shell):
+    """"### An image folder": 1000 photos of mixed sizes in two class folders become 800 train and 200 test
+    images of (3, 48, 48) with two classes; without the page's kid_subset they are refused, naming it."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(1000):
+        folder = tmp_path / "photos" / ("cats", "dogs")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = rng.integers(48, 64, 2)
+        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L").save(folder / f"{i}.png")
+    config = code_block(OWN, "### An image folder", "toml")
+    (tmp_path / "folder.toml").write_text(config)
+    done = shell("ddmkit partition --config folder.toml --out runs/folder --set partition.k=2")
+    assert done.returncode == 0, done.stderr
+    assert "800 train / 200 test samples of shape (3, 48, 48)" in done.stderr
+    assert json.loads((tmp_path / "runs/folder/data/data.json").read_text())["classes"] == ["cats", "dogs"]
+    (tmp_path / "bare.toml").write_text(config.split("[evaluate]")[0])
+    done = shell("ddmkit partition --config bare.toml --out runs/bare --set partition.k=2")
+    assert done.returncode == 2 and "evaluate.kid_subset = 1000 is larger than the 200 test images" in done.stderr
+
+
+def test_own_data_an_image_array_and_idx_files_read_as_configured(tmp_path, shell):
+    """"### An image array" pads 16 x 16 pixels to 32 x 32 and cuts a fifth for the test split; "### IDX files"
+    reads the four files of `dir` (here gzipped) with their own split."""
+    import numpy as np
+    from test_images import write_idx_set
+
+    np.savez(tmp_path / "images.npz", x=np.random.default_rng(0).integers(0, 256, (100, 16, 16), dtype=np.uint8))
+    (tmp_path / "array.toml").write_text(code_block(OWN, "### An image array", "toml"))
+    done = shell("ddmkit partition --config array.toml --out runs/array --set partition.k=2"
+                 " --set evaluate.kid_subset=20")
+    assert done.returncode == 0, done.stderr
+    assert "80 train / 20 test samples of shape (1, 32, 32)" in done.stderr
+    config = code_block(OWN, "### IDX files", "toml")
+    assert 'dir = "/data/kmnist"' in config
+    write_idx_set(tmp_path / "kmnist", n_train=60, n_test=30, size=28)
+    (tmp_path / "idx.toml").write_text(config.replace("/data/kmnist", "kmnist"))
+    done = shell("ddmkit partition --config idx.toml --out runs/idx --set partition.k=2 --set evaluate.kid_subset=20")
+    assert done.returncode == 0, done.stderr
+    assert "60 train / 30 test samples of shape (1, 32, 32)" in done.stderr
+
+
+def test_own_data_a_dataset_function_partitions_as_written(tmp_path, shell):
+    """"## A dataset function": mydata.py and spirals.toml as written; the shell line partitions them, labels and
+    `turns` reaching the data."""
+    from ddmkit.io import load_tensors
+
+    (tmp_path / "mydata.py").write_text(code_block(OWN, "`mydata.py`:"))
+    (tmp_path / "spirals.toml").write_text(code_block(OWN, "`spirals.toml`:", "toml"))
+    line, = code_block(OWN, "`spirals.toml`:", "").splitlines()
+    done = shell(line + " --set partition.k=2")
+    assert done.returncode == 0, done.stderr
+    assert "20000 train / 16000 test samples of shape (2,)" in done.stderr
+    shard = load_tensors(tmp_path / "runs/spirals/partition/shards/cluster_00.safetensors")
+    assert set(shard) >= {"x", "labels"}, set(shard)
+    done = shell("ddmkit partition --config spirals.toml --out runs/no-path")  # the folder not on the path
+    assert done.returncode == 2 and "no module 'mydata'" in done.stderr and "PYTHONPATH=. ddmkit" in done.stderr
+
+
+def test_own_data_every_config_of_the_page_is_a_valid_config(tmp_path):
+    """Each ```toml block of docs/own-data.md, the [partition] lines for an encoder too, loads as a run config."""
+    from ddmkit.config import load_config
+
+    blocks = re.findall(r"^```toml\n(.*?)^```$", prose(OWN), flags=re.S | re.M)
+    assert len(blocks) == 9
+    for i, block in enumerate(blocks):
+        (tmp_path / f"{i}.toml").write_text(block)
+        load_config(tmp_path / f"{i}.toml")
+
+
+TINY_MIXTURE = ("expert.train.steps=10", "router.train.steps=10", "sample.n=200", "sample.steps=4",
+                "evaluate.chunk=100", "evaluate.study_n=100", "evaluate.missing_experts=false",
+                "evaluate.stats_router=false")
+
+
+@pytest.mark.parametrize("settings", [TINY_MIXTURE, pytest.param((), marks=pytest.mark.slow)],
+                         ids=["a-few-steps", "as-written"])
+def test_own_data_a_mixture_in_the_config_reports_its_exact_rows_first(tmp_path, shell, settings):
+    """"## A Gaussian mixture written in the config": `ddmkit run mixture.toml --out runs/mixture` (a few steps, or
+    as written: slow) writes a report whose table starts with the noise floor and the exact DDM's row."""
+    (tmp_path / "mixture.toml").write_text(code_block(OWN, "`mixture.toml`:", "toml"))
+    line = re.search(r"`(ddmkit run mixture\.toml --out runs/mixture)`", prose(OWN)).group(1)
+    done = shell(line + "".join(f" --set {field}" for field in settings))
+    assert done.returncode == 0, done.stderr
+    table = [row for row in (tmp_path / "runs/mixture/report.md").read_text().splitlines() if row.startswith("| ")]
+    rows = [row.split("|")[1].strip() for row in table]
+    first = rows.index("strategy") + 1
+    exact = re.search(r"starts with the noise floor and `([^`]+)` rows", prose(OWN)).group(1)
+    assert rows[first:first + 2] == ["noise floor (true vs true)", exact], rows
+
+
+def test_own_data_the_tiny_encoder_partitions_the_two_kinds_of_image_apart(tmp_path, shell):
+    """"## Partition on a pretrained encoder", "Try it": make_tiny.py and encoder.toml as written, the three shell
+    lines, the cluster sizes the page prints, each cluster one kind of image, and the manifest's features."""
+    from ddmkit.io import load_tensors
+
+    (tmp_path / "make_tiny.py").write_text(code_block(OWN, "`make_tiny.py`:"))
+    (tmp_path / "encoder.toml").write_text(code_block(OWN, "`encoder.toml`:", "toml"))
+    lines = code_block(OWN, "`encoder.toml`:", "").splitlines()
+    made, partitioned, printed = (shell(line) for line in lines)
+    assert made.returncode == 0 and partitioned.returncode == 0, partitioned.stderr
+    sizes = re.search(r"prints `(cluster sizes \[[\d, ]+\])`", prose(OWN)).group(1)
+    assert sizes in partitioned.stderr, partitioned.stderr
+    bright = [float((load_tensors(tmp_path / f"runs/encoder/partition/shards/cluster_0{i}.safetensors")["x"]
+                     [:, 0, :, 8:] > 0).float().mean()) for i in (0, 1)]
+    assert sorted(bright) == [0.0, 1.0], bright
+    features = eval(printed.stdout)
+    assert features["kind"] == "encoder" and features["model_type"] == "dinov2" and features["pool"] == "cls"
+
+
+def test_own_data_your_network_runs_samples_and_is_refused_as_printed(tmp_path, shell):
+    """"## Your network": mynets.py and mynets.toml as written (a few steps) run; `ddmkit sample` with the config
+    samples and without it prints the page's message; the Python snippet gives (1000, 2) samples; and the velocity
+    the page describes, one column too many, stops the run with the page's message and exit 2."""
+    nets = code_block(OWN, "`mynets.py`:")
+    (tmp_path / "mynets.py").write_text(nets)
+    (tmp_path / "mynets.toml").write_text(shrunk(
+        code_block(OWN, "`mynets.toml`:", "toml"), ("steps = 500", "steps = 20"), ("n = 2000", "n = 200"),
+        ("chunk = 500", "chunk = 100\nstudy_n = 100\nmissing_experts = false\nstats_router = false")))
+    line, = code_block(OWN, "`mynets.toml`:", "").splitlines()
+    (tmp_path / "as_written.toml").write_text(code_block(OWN, "`mynets.toml`:", "toml"))
+    done = shell("PYTHONPATH=. ddmkit partition --config as_written.toml --out runs/checked")
+    assert done.returncode == 0, done.stderr  # the page's sizes pass the checks made before training
+    done = shell(line)
+    assert done.returncode == 0, done.stderr
+    with_config, without = code_block(OWN, "refuse without it:", "").splitlines()
+    assert shell(with_config + " --n 50").returncode == 0
+    done = shell(without)
+    printed = said(code_block(OWN, without + "\n```", ""))
+    assert done.returncode == 2 and " ".join(done.stderr.split()) == printed, done.stderr
+
+    (tmp_path / "from_python.py").write_text(code_block(OWN, "register\nthe classes before loading"))
+    namespace = shell("python from_python.py").globals
+    x0, info = namespace["x0"], namespace["info"]
+    assert x0.shape == (1000, 2) and bool(torch.isfinite(x0).all()) and info["strategy"] == "top-2"
+
+    (tmp_path / "mynets.py").write_text(shrunk(nets, ("nn.Linear(width, dim))", "nn.Linear(width, dim + 1))"),
+                                               ("return self.net(h).view_as(x)", "return self.net(h)")))
+    done = shell(line.replace("runs/mine", "runs/wrong"))
+    printed = said(code_block(OWN, "last layer of `dim + 1` outputs):", ""))
+    assert done.returncode == 2 and " ".join(done.stderr.split()) == printed, done.stderr
+    assert not (tmp_path / "runs" / "wrong").exists()
