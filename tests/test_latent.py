@@ -434,3 +434,26 @@ def test_the_latents_scale_is_reported_and_a_far_one_gets_the_scaling_factor_tha
                    tmp_path / "run2")
     said = " ".join(done.output.split())
     assert done.exit_code == 0 and ", std 1 " in f"{said} " and "far from 1" not in said, said
+
+
+def test_a_copy_no_latents_were_encoded_with_follows_its_changed_source(tmp_path, monkeypatch):
+    """A run stopped while it encoded kept its copy of the pretrained folder; a scaling_factor set there before
+    the command was run again (what the latents' note asks for) was ignored without a word, and the note then
+    named the folder's config.json as if it held the old value."""
+    tiny_autoencoder(seed=3).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    config = latent_config(tmp_path, pretrained=tmp_path / "vae")
+
+    def stop(self, x):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(LatentCodec, "encode", stop)
+        assert run_cli("partition", "--config", config, "--out", tmp_path / "run").exit_code != 0
+    assert (tmp_path / "run" / "autoencoder").is_dir() and not (tmp_path / "run" / "latents").exists()
+    settings = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**settings, "scaling_factor": 2.5}))
+    again = run_cli("partition", "--config", config, "--out", tmp_path / "run")
+    said = " ".join(again.output.split())
+    assert again.exit_code == 0 and "copied into" in said and "again (config.json changed" in said, said
+    assert json.loads((tmp_path / "run" / "latents" / "latents.json").read_text())["scaling_factor"] == 2.5
+    assert load_autoencoder(tmp_path / "run" / "autoencoder").config.scaling_factor == 2.5

@@ -306,13 +306,18 @@ def stage_autoencoder(cfg: RunConfig, run, log: Log = print) -> None:
         if folder.is_latent:
             note_changed_pretrained(cfg, folder, log)
             return
-        if not (folder.autoencoder / AUTOENCODER_WEIGHTS).exists():
+        copied = (folder.autoencoder / AUTOENCODER_WEIGHTS).exists()
+        # a copy that no latents were encoded with yet (a run stopped before) follows its source's changes
+        stale = copied and cfg.latent.pretrained and changed_pretrained(cfg, folder)
+        if not copied or stale:
             start = time.perf_counter()
             if cfg.latent.pretrained:
                 with staging_dir(folder.autoencoder) as tmp:
                     load_autoencoder(cfg.latent.pretrained).save_pretrained(str(tmp), safe_serialization=True)
                     write_json(tmp / PRETRAINED_SOURCE, pretrained_files(cfg.latent.pretrained))
-                log(f"autoencoder: {cfg.latent.pretrained} copied into {folder.autoencoder}")
+                again = f" again ({' and '.join(stale)} changed since an earlier command copied it, " \
+                    "before any latents were encoded)" if stale else ""
+                log(f"autoencoder: {cfg.latent.pretrained} copied into {folder.autoencoder}{again}")
             else:
                 with job_threads(cfg.latent.train.threads):
                     train_autoencoder(load_split(run, "train").x, cfg.latent, folder.autoencoder,
@@ -330,12 +335,12 @@ def pretrained_files(pretrained: str | Path) -> dict:
     return {name: sha256_file(path) for name, path in files.items() if path.is_file()}
 
 
-def note_changed_pretrained(cfg: RunConfig, folder: RunFolder, log: Log) -> None:
-    """A note when latent.pretrained's weights or config.json are no longer those the run's copy was made from
-    (RUN/autoencoder, whose latents its networks learnt): the run keeps its copy. The copy is saved anew
-    (other bytes than a half-precision or metadata-less source), so the source's own hashes are compared."""
+def changed_pretrained(cfg: RunConfig, folder: RunFolder) -> list[str]:
+    """The files of latent.pretrained (weights, config.json) that are no longer those the run's copy
+    (RUN/autoencoder) was made from. The copy is saved anew (other bytes than a half-precision or metadata-less
+    source), so the source's own hashes are compared."""
     if not cfg.latent.pretrained:
-        return
+        return []
     record = folder.autoencoder / PRETRAINED_SOURCE
     if record.is_file():
         made, now = read_json(record), pretrained_files(cfg.latent.pretrained)
@@ -344,6 +349,13 @@ def note_changed_pretrained(cfg: RunConfig, folder: RunFolder, log: Log) -> None
         source, copy = Path(cfg.latent.pretrained) / AUTOENCODER_WEIGHTS, folder.autoencoder / AUTOENCODER_WEIGHTS
         changed = [AUTOENCODER_WEIGHTS] if source.is_file() and copy.is_file() and \
             sha256_file(source) != sha256_file(copy) else []
+    return changed
+
+
+def note_changed_pretrained(cfg: RunConfig, folder: RunFolder, log: Log) -> None:
+    """A note when latent.pretrained's weights or config.json are no longer those the run's copy was made from
+    (RUN/autoencoder, whose latents its networks learnt): the run keeps its copy."""
+    changed = changed_pretrained(cfg, folder)
     if changed:
         names = " and ".join(str(Path(cfg.latent.pretrained) / name) for name in changed)
         log(f"note: {names} changed since the run copied the autoencoder into {folder.autoencoder}, which encoded "
