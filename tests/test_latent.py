@@ -16,6 +16,7 @@ from ddmkit.config import LatentConfig, RunConfig, load_config, validate  # noqa
 from ddmkit.errors import DDMError  # noqa: E402
 from ddmkit.io import load_tensors, sha256_file  # noqa: E402
 from ddmkit.latent import LatentCodec, build_autoencoder, latent_shape, load_autoencoder  # noqa: E402
+from ddmkit.latent.autoencoder import planned_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -457,3 +458,25 @@ def test_a_copy_no_latents_were_encoded_with_follows_its_changed_source(tmp_path
     assert again.exit_code == 0 and "copied into" in said and "again (config.json changed" in said, said
     assert json.loads((tmp_path / "run" / "latents" / "latents.json").read_text())["scaling_factor"] == 2.5
     assert load_autoencoder(tmp_path / "run" / "autoencoder").config.scaling_factor == 2.5
+
+
+def test_a_side_the_autoencoder_cannot_take_gets_the_padding_its_data_kind_takes(tmp_path, monkeypatch, capsys):
+    """An array file of (N, C, H, W) images was told to set data.params.pad_to, which array files refuse (unknown
+    keyword); the image_array loader reads the same file and pads it."""
+    import numpy as np
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(-1, 1, (120, 1, 30, 30)).astype(np.float32))
+    cfg = LatentConfig(enabled=True, channels=2, widths=[8, 8, 8])
+    with pytest.raises(DDMError, match=r"e.g. set data.params.pad_to = 32 \(each image padded"):
+        latent_shape(planned_config(cfg, (1, 30, 30)), (1, 30, 30), "image_folder")
+    text = latent_config(tmp_path).read_text().replace('name = "fashion_mnist"', f'name = "{tmp_path / "x.npy"}"')
+    text = text.replace(f'params = {{ dir = "{tmp_path / "fm"}", pad_to = 32 }}', "params = {}")
+    text = text.replace(", num_classes = 10", "")
+    (tmp_path / "array.toml").write_text(text)
+    code, out = exit_code(monkeypatch, capsys, "partition", "--config", tmp_path / "array.toml", "--out",
+                          tmp_path / "run")
+    fix = f'set data.name = "image_array", data.params.path = "{tmp_path / "x.npy"}" and data.params.pad_to = 32'
+    assert code == 2 and fix in out and not (tmp_path / "run").exists(), out
+    code, out = exit_code(monkeypatch, capsys, "partition", "--config", tmp_path / "array.toml", "--out",
+                          tmp_path / "run", "--set", "data.name=image_array", "--set",
+                          f"data.params.path={tmp_path / 'x.npy'}", "--set", "data.params.pad_to=32")
+    assert code == 0 and "latents: 2 shards encoded to shape (2, 8, 8)" in out, out

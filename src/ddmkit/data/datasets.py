@@ -220,6 +220,17 @@ def takes_test_fraction(name: str) -> bool:
     return name in IMAGE_LOADERS and "test_fraction" in accepted_params(IMAGE_LOADERS[name], ("seed",))
 
 
+def pad_fix(name: str | None, side: int) -> str:
+    """The data setting that pads data set `name`'s images with black to side x side (None: a loader's
+    data.params.pad_to)."""
+    if name is None or name in IMAGE_LOADERS:
+        return f"set data.params.pad_to = {side} (each image padded with black to {side}x{side})"
+    if is_array_file(name):  # read as vectors, which take no pad_to; image_array reads its (N, C, H, W) floats
+        return (f'read the file as images, which pad_to pads with black: set data.name = "image_array", '
+                f'data.params.path = "{name}" and data.params.pad_to = {side}')
+    return f"make your data set function return images of {side}x{side} (e.g. padded with -1, black)"
+
+
 def dataset_names() -> list[str]:
     return sorted(LOADERS)
 
