@@ -357,3 +357,18 @@ def test_a_pca_dim_above_the_data_is_lowered_with_a_warning():
         assert fit_features("pca", x)[0]["dim"] == 42
         assert fit_features("pca", x, pca_dim=42)[0]["dim"] == 42
         assert fit_features("pca", x[:, :10], pca_dim=None)[0]["dim"] == 10
+
+
+def test_a_damaged_encoder_folder_is_named_with_the_fix(folders, tmp_path):
+    """A file cut short (an interrupted copy) was named without a fix, or, for a JSON file, to be 're-created with
+    the ddmkit command that wrote it', which no ddmkit command did."""
+    import shutil
+    for name, cut in [("model.safetensors", "cannot load .* as a transformers vision model .*"),
+                      ("config.json", "config.json is not valid JSON .*partition.encoder names this folder: "),
+                      ("preprocessor_config.json", "preprocessor_config.json is not valid JSON .*partition.encoder "
+                                                   "names this folder: ")]:
+        damaged = tmp_path / name
+        shutil.copytree(folders / "dino", damaged)
+        (damaged / name).write_bytes((damaged / name).read_bytes()[:20])
+        with pytest.raises(DDMError, match=f"{cut}copy the folder again, whole"):
+            encoder_spec(damaged)

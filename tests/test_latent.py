@@ -480,3 +480,17 @@ def test_a_side_the_autoencoder_cannot_take_gets_the_padding_its_data_kind_takes
                           tmp_path / "run", "--set", "data.name=image_array", "--set",
                           f"data.params.path={tmp_path / 'x.npy'}", "--set", "data.params.pad_to=32")
     assert code == 0 and "latents: 2 shards encoded to shape (2, 8, 8)" in out, out
+
+
+def test_a_damaged_pretrained_folder_is_named_with_the_fix(tmp_path):
+    """A config.json cut short (an interrupted copy) was to be 're-created with the ddmkit command that wrote it',
+    which no ddmkit command did; cut weights were named without a fix."""
+    tiny_autoencoder().save_pretrained(tmp_path / "vae", safe_serialization=True)
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(DDMError, match=r"could not be loaded as an AutoencoderKL .*; copy the folder again, whole"):
+        load_autoencoder(tmp_path / "vae")
+    (tmp_path / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL",')
+    with pytest.raises(DDMError, match=r"config.json is not valid JSON .*; latent.pretrained names this folder: copy "
+                                       r"the folder again, whole .* AutoencoderKL.save_pretrained$"):
+        load_autoencoder(tmp_path / "vae")

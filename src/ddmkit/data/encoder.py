@@ -118,6 +118,10 @@ def weights_sha256(folder: Path) -> str:
     return _DIGESTS[key]
 
 
+RECOPY = ("copy the folder again, whole (an interrupted copy leaves damaged or incomplete files), or save the "
+          "model there again with save_pretrained")
+
+
 def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[torch.nn.Module, str]:
     """(model in eval mode on CUDA when available, else CPU; its model type), loaded once per process."""
     path = Path(folder).expanduser().resolve()
@@ -131,7 +135,7 @@ def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[
     if not (path / "config.json").is_file():
         raise DDMError(f"{field}: {path} has no config.json, so it is not a saved transformers model; save one "
                        "there with model.save_pretrained(folder)")
-    raw = read_json(path / "config.json")
+    raw = read_json(path / "config.json", f"{field} names this folder: {RECOPY}")
     if not isinstance(raw, dict):
         raise DDMError(f"{field}: {path}/config.json is not a JSON object; save the model there again")
     if "auto_map" in raw:
@@ -154,7 +158,7 @@ def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[
         raise
     except Exception as e:  # an unknown model type, a corrupt file, weights of another shape
         raise DDMError(f"{field}: cannot load {path} as a transformers vision model "
-                       f"({type(e).__name__}: {str(e)[:300]})") from None
+                       f"({type(e).__name__}: {str(e)[:300]}); {RECOPY}") from None
     missing = sorted(info.get("missing_keys") or [])
     if first_token_head(model):  # a head ddmkit never uses: a backbone saved without it is whole
         missing = [name for name in missing if not name.startswith("pooler.")]
@@ -186,7 +190,7 @@ def _side(value) -> int | None:
 
 def _preprocessor(path: Path) -> dict:
     file = path / "preprocessor_config.json"
-    raw = read_json(file) if file.is_file() else {}
+    raw = read_json(file, f"partition.encoder names this folder: {RECOPY}") if file.is_file() else {}
     return raw if isinstance(raw, dict) else {}
 
 

@@ -34,6 +34,8 @@ from ddmkit.errors import DDMError
 from ddmkit.io import read_json
 
 CLASS_NAME = "AutoencoderKL"
+RECOPY = ("copy the folder again, whole (an interrupted copy leaves damaged or incomplete files), or save the "
+          "autoencoder there again with AutoencoderKL.save_pretrained")
 
 
 def require_diffusers():
@@ -71,7 +73,7 @@ def folder_config(folder: str | Path) -> dict:
         raise DDMError(f"latent.pretrained: {folder} holds no config.json{inside}; give the folder of a diffusers "
                        "AutoencoderKL (config.json + diffusion_pytorch_model.safetensors), as written by "
                        "AutoencoderKL.save_pretrained")
-    config = read_json(folder / "config.json")
+    config = read_json(folder / "config.json", f"latent.pretrained names this folder: {RECOPY}")
     if not isinstance(config, dict) or config.get("_class_name") != CLASS_NAME:
         found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
         what = f"describes {found!r}" if found else "names no diffusers class (_class_name; a transformers model?)"
@@ -161,7 +163,7 @@ def load_autoencoder(folder: str | Path) -> nn.Module:
                            f"{built} as config.json builds it); the config.json (latent_channels, block_out_channels, "
                            "...) must be the one saved with these weights (save_pretrained writes both)") from None
         raise DDMError(f"latent: {folder} could not be loaded as an {CLASS_NAME} ({type(e).__name__}: "
-                       f"{str(e)[:300]})") from None
+                       f"{str(e)[:300]}); {RECOPY}") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # diffusers leaves them as uninitialised memory, with a console warning only
         raise DDMError(f"latent: {folder} lacks weights of its {CLASS_NAME} ({', '.join(missing[:3])}"
