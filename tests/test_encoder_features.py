@@ -372,3 +372,11 @@ def test_a_damaged_encoder_folder_is_named_with_the_fix(folders, tmp_path):
         (damaged / name).write_bytes((damaged / name).read_bytes()[:20])
         with pytest.raises(DDMError, match=f"{cut}copy the folder again, whole"):
             encoder_spec(damaged)
+
+
+def test_a_model_hub_id_is_told_that_nothing_is_downloaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hub = r"if 'facebook/dinov2-small' is a model hub id: ddmkit reads local folders only and downloads nothing; "
+    with pytest.raises(DDMError, match=r"partition.encoder: encoder folder .* does not exist.*; " + hub +
+                       r".*AutoModel.from_pretrained\('facebook/dinov2-small'\)"):
+        encoder_spec("facebook/dinov2-small")

@@ -494,3 +494,18 @@ def test_a_damaged_pretrained_folder_is_named_with_the_fix(tmp_path):
     with pytest.raises(DDMError, match=r"config.json is not valid JSON .*; latent.pretrained names this folder: copy "
                                        r"the folder again, whole .* AutoencoderKL.save_pretrained$"):
         load_autoencoder(tmp_path / "vae")
+
+
+def test_a_model_hub_id_is_told_that_nothing_is_downloaded_and_how_to_save_the_folder(tmp_path, monkeypatch):
+    """'stabilityai/sd-vae-ft-mse' was only 'not a folder', and a relative path was not told where it was looked for."""
+    from ddmkit.latent.autoencoder import folder_config
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DDMError, match=r"a relative path is read from the folder ddmkit runs in .*; if "
+                                       r"'stabilityai/sd-vae-ft-mse' is a model hub id: ddmkit reads local folders "
+                                       r"only and downloads nothing; .*AutoencoderKL.from_pretrained\("
+                                       r"'stabilityai/sd-vae-ft-mse'\).save_pretrained\('FOLDER'\)"):
+        folder_config("stabilityai/sd-vae-ft-mse")
+    (tmp_path / "models").mkdir()
+    with pytest.raises(DDMError, match=r"a relative path is read from the folder ddmkit runs in") as info:
+        folder_config("models/vae")  # its parent is here: not a hub id
+    assert "hub id" not in str(info.value)

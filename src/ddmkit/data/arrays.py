@@ -61,6 +61,16 @@ def relative_hint(path: str | Path) -> str:
             "from the folder it is relative to, or give an absolute path")
 
 
+def hub_id_hint(path: str | Path, saving: str) -> str:
+    """What a message about a missing model folder adds when `path` reads as a model hub id ("owner/name"):
+    ddmkit downloads nothing; `saving` is the Python that saves the model as a folder, with ID and FOLDER."""
+    text = str(path)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith("/") or Path(text).parent.exists():
+        return ""
+    return (f"; if {text!r} is a model hub id: ddmkit reads local folders only and downloads nothing; on a machine "
+            f"with network access, {saving.replace('ID', repr(text))}, then copy FOLDER here and name it")
+
+
 def split_indices(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(test rows, train rows) of n: round(n x test_fraction) rows of a seeded permutation for the
     test split (at least one, and at least one row left for training when n > 1), the rest for training."""

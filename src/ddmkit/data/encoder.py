@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ddmkit.errors import DDMError
+from ddmkit.data.arrays import hub_id_hint
 from ddmkit.io import read_json, sha256_file
 from ddmkit.progress import progress_bar
 
@@ -118,6 +119,8 @@ def weights_sha256(folder: Path) -> str:
     return _DIGESTS[key]
 
 
+HUB_SAVING = ("AutoModel.from_pretrained(ID).save_pretrained('FOLDER') and "
+              "AutoImageProcessor.from_pretrained(ID).save_pretrained('FOLDER') (transformers)")
 RECOPY = ("copy the folder again, whole (an interrupted copy leaves damaged or incomplete files), or save the "
           "model there again with save_pretrained")
 
@@ -131,7 +134,8 @@ def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[
     if not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise DDMError(f"{field}: encoder folder {str(path)!r} {what}; give a folder saved with a "
-                       "transformers model's save_pretrained (config.json + model.safetensors)")
+                       "transformers model's save_pretrained (config.json + model.safetensors)"
+                       f"{hub_id_hint(folder, HUB_SAVING) if not path.exists() else ''}")
     if not (path / "config.json").is_file():
         raise DDMError(f"{field}: {path} has no config.json, so it is not a saved transformers model; save one "
                        "there with model.save_pretrained(folder)")
@@ -232,7 +236,7 @@ def encoder_spec(folder: str | Path, pool: str = "cls", size: int | None = None,
     if pool not in POOLS:
         raise DDMError(f"partition.encoder_pool: {pool!r}; accepted: {', '.join(POOLS)}")
     path = Path(folder).expanduser().resolve()
-    model, model_type = load_encoder(path)
+    model, model_type = load_encoder(folder)  # as given: a missing one is named as the user wrote it
     size = size or default_size(path, model)
     if size is None:
         raise DDMError(f"partition.encoder_size: {path} gives no input size (no preprocessor_config.json size, no "

@@ -29,11 +29,14 @@ import torch
 from torch import nn
 
 from ddmkit.config import LatentConfig
+from ddmkit.data.arrays import hub_id_hint, relative_hint
 from ddmkit.data.datasets import pad_fix
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
 
 CLASS_NAME = "AutoencoderKL"
+HUB_SAVING = ("AutoencoderKL.from_pretrained(ID).save_pretrained('FOLDER') (for a pipeline, "
+              "from_pretrained(ID, subfolder='vae'))")
 RECOPY = ("copy the folder again, whole (an interrupted copy leaves damaged or incomplete files), or save the "
           "autoencoder there again with AutoencoderKL.save_pretrained")
 
@@ -66,7 +69,8 @@ def folder_config(folder: str | Path) -> dict:
     if not folder.is_dir():
         raise DDMError(f"latent.pretrained: {folder} is not a folder; give a local diffusers AutoencoderKL folder "
                        "(config.json + diffusion_pytorch_model.safetensors), e.g. one written by "
-                       "AutoencoderKL.save_pretrained, or leave it out to let ddmkit train one")
+                       "AutoencoderKL.save_pretrained, or leave it out to let ddmkit train one"
+                       f"{'' if folder.exists() else relative_hint(folder) + hub_id_hint(folder, HUB_SAVING)}")
     if not (folder / "config.json").is_file():
         inside = " (it holds vae/config.json: a pipeline folder; set latent.pretrained to its vae/ sub-folder)" \
             if (folder / "vae" / "config.json").is_file() else ""
