@@ -790,3 +790,36 @@ def test_a_text_runs_damaged_config_json_is_named_as_a_text_runs(text_runs, tmp_
         assert code in (0, None) and sample_text(run, ["top-1"], n=1, log=QUIET)["learned / top-1"], err
     config.write_bytes(original)
     assert sample_text(run, ["top-1"], n=1, log=QUIET)["learned / top-1"]
+
+
+PARTITION_DAMAGES = {
+    "training shard": lambda p: p.joinpath("shards", "cluster_01.safetensors").write_bytes(b"x" * 50),
+    "held-out shard": lambda p: p.joinpath("test", "cluster_01.safetensors").write_bytes(b"x" * 50),
+    "manifest not JSON": lambda p: p.joinpath("manifest.json").write_text("{bad"),
+}
+
+
+@pytest.mark.parametrize("damage", list(PARTITION_DAMAGES))
+def test_partition_on_a_damaged_text_partition_names_it_and_its_fix_works(text_runs, tmp_path, damage):
+    """`ddmkit partition --config RUN/config.json --out RUN` on a text run whose shard was changed said
+    'partition: k=...', exit 0, and left the damage; a manifest that was not JSON was a dead end ('re-create it
+    with the ddmkit command that wrote it': that command refused it, --force too); a changed held-out shard said
+    to partition again in a new run folder."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(text_runs["text_ar"], run)
+    folder = RunFolder(run)
+    PARTITION_DAMAGES[damage](folder.partition)
+    before = files(run)
+    fix = f"remove {folder.partition} and run `ddmkit partition --config {folder.config} --out {run}`"
+    for args in (["partition", "--config", folder.config, "--out", run], ["run", folder.config, "--out", run],
+                 ["evaluate", run]):
+        code, err = cli(*args)
+        said = " ".join(err.split())
+        assert code == 2 and fix in said, (args, said)
+    assert files(run) == before
+    shutil.rmtree(folder.partition)  # the fix named
+    code, err = cli("partition", "--config", folder.config, "--out", run)
+    assert code in (0, None) and cli("verify", run)[0] in (0, None), err
+    assert evaluate_text(run, log=QUIET)

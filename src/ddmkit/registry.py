@@ -178,8 +178,8 @@ def read_manifest(folder: str | Path) -> dict:
     """RUN/partition/manifest.json (folder: RUN/partition) validated, strictly, and checked for consistency
     (ddmkit.data.partition.check_manifest), as read; its tensors are not read (load_partition_checked)."""
     source = Path(folder) / "manifest.json"
-    raw = read_json(source)
     try:
+        raw = read_json(source)
         validate(_StrictManifest, raw, str(source), "partition manifest")
         return check_manifest(raw, source)
     except DDMError as e:

@@ -80,9 +80,11 @@ def partition_text(train: list[Document], test: list[Document], cfg, out_dir: st
     return manifest
 
 
-def load_streams(folder: str | Path, split: str = "train") -> tuple[dict, list[torch.Tensor]]:
+def load_streams(folder: str | Path, split: str = "train",
+                 fix: str = "partition again in a new run folder") -> tuple[dict, list[torch.Tensor]]:
     """(manifest, one uint8 stream per cluster) of a text partition folder, each shard checked against the
-    SHA-256 the manifest records (a shard changed since it was written is a DDMError naming it)."""
+    SHA-256 the manifest records (a shard changed since it was written is a DDMError naming it and, after
+    copying the original back, `fix`)."""
     folder = Path(folder)
     manifest = read_json(folder / "manifest.json")
     key = "shards" if split == "train" else "test_shards"
@@ -91,8 +93,7 @@ def load_streams(folder: str | Path, split: str = "train") -> tuple[dict, list[t
     for s in manifest[key]:
         if s.get("sha256") is not None and sha256_file(folder / s["path"]) != s["sha256"]:
             raise DDMError(f"{folder / s['path']}: SHA-256 differs from the one {folder / 'manifest.json'} records; "
-                           "the shard was changed or replaced after it was written. Copy the original back, or "
-                           "partition again in a new run folder")
+                           f"the shard was changed or replaced after it was written. Copy the original back, or {fix}")
     return manifest, [read_shard(folder / s["path"])[0] for s in manifest[key]]
 
 

@@ -52,7 +52,8 @@ from ddmkit.nets import build_model, check_builds, from_pretrained, save_pretrai
 from ddmkit.pipeline.prepare import check_replaceable, listed, remove_leftovers, remove_run_leftovers
 from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import run_lock
-from ddmkit.registry import check_registered, write_registry
+from ddmkit.registry import (check_registered, checked_model_shards, load_partition_checked, read_manifest,
+                             remake_partition, write_registry)
 from ddmkit.tables import markdown_table
 from ddmkit.train.loop import fit
 from ddmkit.train.threads import job_threads
@@ -136,8 +137,9 @@ def without_time_convention(path: Path) -> None:
 
 def has_partition(cfg: TextRunConfig, out: Path) -> bool:
     """Whether RUN/partition was made with cfg's corpus and partition settings."""
-    manifest = RunFolder(out).manifest
-    return manifest.exists() and read_json(manifest).get("run_digest") == cfg.digest("corpus", "partition")
+    folder = RunFolder(out)
+    return folder.manifest.exists() and read_manifest(folder.partition).get("run_digest") == cfg.digest("corpus",
+                                                                                                       "partition")
 
 
 def run_partition(cfg: TextRunConfig, out: Path) -> dict:
@@ -145,7 +147,7 @@ def run_partition(cfg: TextRunConfig, out: Path) -> dict:
     if not has_partition(cfg, out):
         raise DDMError(f"{out}: no partition for this config yet; run `ddmkit run CONFIG --out {out}` (or "
                        f"`ddmkit partition --config CONFIG --out {out}`) first")
-    return read_json(RunFolder(out).manifest)
+    return read_manifest(RunFolder(out).partition)
 
 
 def plan_partition(cfg: TextRunConfig, scratch: Path, log: Log = print) -> dict:
@@ -265,8 +267,11 @@ def prepare_text_run(cfg: TextRunConfig, out: Path, force: bool = False, log: Lo
         remove_run_leftovers(folder, log)
         replace = _replace(folder, cfg, force)
         check_networks(cfg)
-        new = None if has_partition(cfg, out) and not replace else Path(scratch) / "partition"
-        if new is not None and folder.manifest.exists() and not replace:  # its models belong to the old partition
+        keep = not replace and folder.manifest.exists()
+        if keep:  # damaged since it was written: named with the fix, never kept as it is
+            check_kept_partition(folder)
+        new = None if keep and has_partition(cfg, out) else Path(scratch) / "partition"
+        if new is not None and keep:  # its models belong to the old partition
             raise DDMError(f"{folder.root} holds a text run partitioned with other corpus or partition settings; "
                            "choose another --out, or pass --force to replace it")
         manifest = read_json(folder.manifest) if new is None else plan_partition(cfg, new, log)
@@ -306,7 +311,21 @@ def _train_streams(run) -> list:
     folder = RunFolder(run)
     if not folder.manifest.exists():
         raise DDMError(f"{folder.root}: no partition yet; run `ddmkit partition --config CONFIG --out {folder.root}` first")
-    return load_streams(folder.partition, "train")[1]
+    return run_streams(folder, "train")
+
+
+def run_streams(folder: RunFolder, split: str) -> list[torch.Tensor]:
+    """The run's byte stream of each cluster (split "train" or "test"), each shard checked against its
+    SHA-256 (a changed one is a DDMError naming the fix that makes the partition again)."""
+    return load_streams(folder.partition, split, remake_partition(folder))[1]
+
+
+def check_kept_partition(folder: RunFolder) -> None:
+    """The partition a run keeps is whole: its manifest, partition.safetensors and every training and
+    held-out shard as written; else a DDMError naming the damaged file and the fix that makes it again."""
+    load_partition_checked(folder.partition)
+    checked_model_shards(folder.root)
+    run_streams(folder, "test")
 
 
 def train_text_router(run, log: Log = print) -> None:
@@ -435,8 +454,7 @@ def text_models(cfg: TextRunConfig, out: Path, train: bool = True) -> TextModels
         start = time.perf_counter()
         folder = RunFolder(out)
         manifest = run_partition(cfg, out)
-        _, streams = load_streams(folder.partition, "train")
-        _, test_streams = load_streams(folder.partition, "test")
+        streams, test_streams = run_streams(folder, "train"), run_streams(folder, "test")
         shards = sorted(manifest["shards"], key=lambda s: s["cluster"])
         experts = [train_text_expert(folder.partition / s["path"], cfg, folder.expert(s["cluster"]), train)
                    for s in shards]
