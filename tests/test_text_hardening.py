@@ -823,3 +823,17 @@ def test_partition_on_a_damaged_text_partition_names_it_and_its_fix_works(text_r
     code, err = cli("partition", "--config", folder.config, "--out", run)
     assert code in (0, None) and cli("verify", run)[0] in (0, None), err
     assert evaluate_text(run, log=QUIET)
+
+
+def test_sample_and_analyze_of_a_text_run_need_no_centralized_model_unless_it_is_asked_for(text_runs, tmp_path):
+    """Step by step without `ddmkit train-monolith` (the centralized baseline): `ddmkit sample RUN --strategy top-1`
+    and `ddmkit analyze RUN`, which use no centralized model, said 'RUN/monolith is missing'."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(text_runs["text_ar"], run, ignore=shutil.ignore_patterns("monolith", "samples"))
+    texts = sample_text(run, ["top-1"], n=1, log=QUIET)
+    assert set(texts) == {"bayes / top-1", "learned / top-1"}
+    assert analyze_text(run, tmp_path / "analysis", log=QUIET, n=1)["own_expert"]
+    with pytest.raises(DDMError, match="monolith is missing"):
+        sample_text(run, ["monolith"], n=1, log=QUIET)

@@ -447,9 +447,10 @@ def text_routers(cfg: TextRunConfig, out: Path, streams: list, train: bool = Tru
         return routers
 
 
-def text_models(cfg: TextRunConfig, out: Path, train: bool = True) -> TextModels:
+def text_models(cfg: TextRunConfig, out: Path, train: bool = True, central: bool = True) -> TextModels:
     """Partition, experts, centralized model and routers: loaded where written with the same settings,
-    trained otherwise (train=False: a missing one is an error)."""
+    trained otherwise (train=False: a missing one is an error). central=False: the centralized model is
+    neither loaded nor needed (TextModels.central None)."""
     with job_threads(cfg.threads):
         start = time.perf_counter()
         folder = RunFolder(out)
@@ -460,9 +461,9 @@ def text_models(cfg: TextRunConfig, out: Path, train: bool = True) -> TextModels
                    for s in shards]
         for s in shards:
             check_trained_on(folder, s)
-        central = text_monolith(cfg, out, streams, train)
+        monolith = text_monolith(cfg, out, streams, train) if central else None
         routers = text_routers(cfg, out, streams, train)
-        return TextModels(experts, central, routers, cluster_prior(streams), manifest, test_streams,
+        return TextModels(experts, monolith, routers, cluster_prior(streams), manifest, test_streams,
                           time.perf_counter() - start)
 
 
@@ -563,8 +564,8 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
         cfg = with_options(cfg, {"evaluate.strategies": ("--strategy", strategies), "sample.n": ("--n", n),
                                  "sample.seed": ("--seed", seed), "sample.steps": ("--steps", steps)})
         note_full_routing(cfg, strategies, log)
-        models = text_models(cfg, Path(run), train=False)
-        texts = TASKS[cfg.kind].samples(models.experts, models.central if central else None, models.routers,
+        models = text_models(cfg, Path(run), train=False, central=bool(central))  # drawn only when asked
+        texts = TASKS[cfg.kind].samples(models.experts, models.central, models.routers,
                                         models.prior, cfg)
         path, info_path = RunFolder(run).samples / "text.json", RunFolder(run).samples / "info.json"
         saved = read_json(path) if path.exists() else {}
@@ -603,7 +604,7 @@ def analyze_text(run, out=None, log: Log = print, strategies: list[str] | None =
 def _analyze_text(cfg: TextRunConfig, run, out, log: Log) -> dict:
     folder = RunFolder(run)
     out = Path(out) if out is not None else folder.analysis
-    models = text_models(cfg, folder.root, train=False)
+    models = text_models(cfg, folder.root, train=False, central=False)  # the experts and routers alone
     length, per = cfg.model.seq_len, cfg.evaluate.windows_per_cluster
     bits = expert_cluster_bits(models.experts, models.test_streams, length, per, cfg.kind, cfg.evaluate.t_points,
                                cfg.seed)
