@@ -837,3 +837,16 @@ def test_sample_and_analyze_of_a_text_run_need_no_centralized_model_unless_it_is
     assert analyze_text(run, tmp_path / "analysis", log=QUIET, n=1)["own_expert"]
     with pytest.raises(DDMError, match="monolith is missing"):
         sample_text(run, ["monolith"], n=1, log=QUIET)
+
+
+def test_a_corpus_of_utf16_text_says_its_files_were_skipped_as_binary_and_how_to_convert_them(tmp_path):
+    """UTF-16 text holds NUL bytes, so every file was skipped as binary, and the error said only 'lower
+    corpus.min_doc_bytes or use more text', which cannot help."""
+    from ddmkit.discrete.config import CorpusConfig
+    from ddmkit.discrete.corpus import all_documents
+
+    for i in range(3):
+        (tmp_path / f"doc{i}.txt").write_bytes(("plain text, saved as UTF-16 " * 10).encode("utf-16"))
+    with pytest.raises(DDMError, match=r"skipped as binary \(3 of 3 files matched\): doc0.txt, doc1.txt, doc2.txt; "
+                                       r".*UTF-16 .*convert it to UTF-8"):
+        all_documents(CorpusConfig(source=str(tmp_path), pattern="*.txt", min_doc_bytes=16), QUIET)

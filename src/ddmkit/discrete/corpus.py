@@ -100,6 +100,10 @@ def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
     if len(docs) < 2:
         fix = ('use unit = "block" (one document per blank-line-separated block), lower corpus.min_doc_bytes, '
                "or add files" if cfg.unit == "file" else "lower corpus.min_doc_bytes or use more text")
+        if binary:  # UTF-16 and UTF-32 text hold NUL bytes: no setting reads them
+            fix = (f"skipped as binary ({len(binary)} of {len(files)} files matched): {_named(binary)}; a NUL byte "
+                   "means not text, or text in UTF-16 or UTF-32: convert it to UTF-8 (e.g. `iconv -f UTF-16 -t "
+                   f"UTF-8 IN > OUT`); else {fix}")
         raise DDMError(f"corpus: only {len(docs)} documents of at least {cfg.min_doc_bytes} bytes under {root}, "
                        f"2 at least are needed; {fix}")
     return docs
