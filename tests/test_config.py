@@ -97,3 +97,22 @@ def test_a_table_given_in_part_keeps_the_defaults_the_section_documents():
     assert RouterConfig(train={"steps": 3}).train == TrainConfig(steps=3)  # a plain default: unchanged
     text = TextRouterConfig(train={"steps": 5}).train
     assert text == TextRouterConfig().train.model_copy(update={"steps": 5}) and text.weight_decay == 0.01
+
+
+def test_one_value_for_a_list_or_a_table_says_what_to_give():
+    """`--set router.kinds=bayes` said only 'Input should be a valid list' (and `--set evaluate=3` 'Input should be
+    a valid dictionary or instance of EvalConfig'), not how to give a list on the command line."""
+    import pytest
+
+    from ddmkit.config import RunConfig, apply_overrides, validate
+    from ddmkit.discrete.config import TextRunConfig
+    from ddmkit.errors import DDMError
+
+    text = {"kind": "text_ar"}
+    with pytest.raises(DDMError, match=r"router\.kinds: 'bayes' is one value, and this field is a list: give "
+                                       r"\[\"bayes\"\] \(on the command line: --set 'router\.kinds=\[\"bayes\"\]'\)"):
+        validate(TextRunConfig, apply_overrides(text, ["router.kinds=bayes"]), "text.toml with --set")
+    assert validate(TextRunConfig, apply_overrides(text, ['router.kinds=["bayes"]']), "--set").router.kinds == ["bayes"]
+    with pytest.raises(DDMError, match=r"evaluate: 3 is one value, and this is a table of fields: set one of them "
+                                       r"\(evaluate\.FIELD = VALUE\)"):
+        validate(RunConfig, apply_overrides({}, ["evaluate=3"]), "demo with --set")

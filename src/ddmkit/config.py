@@ -528,6 +528,11 @@ def _explain(err: ValidationError, source: str, what: str = "configuration", mod
             msg = (f"unknown field; did you mean {close[0]!r}?" if close else
                    "unknown field (check the spelling; see docs/config.md for the accepted fields, docs/discrete.md "
                    "for a text config's)")
+        elif what == "configuration" and e["type"] == "list_type" and isinstance(e.get("input"), (str, int, float)):
+            msg = (f"{e['input']!r} is one value, and this field is a list: give [{json.dumps(e['input'])}] (on the "
+                   f"command line: --set '{where}=[{json.dumps(e['input'])}]')")
+        elif what == "configuration" and e["type"] == "model_type" and not isinstance(e.get("input"), dict):
+            msg = f"{e['input']!r} is one value, and this is a table of fields: set one of them ({where}.FIELD = VALUE)"
         lines.append(f"  {where}: {msg}" if where else f"  {msg}")  # a check of the whole section names its fields
     return "\n".join(lines)
 
