@@ -850,3 +850,15 @@ def test_a_corpus_of_utf16_text_says_its_files_were_skipped_as_binary_and_how_to
     with pytest.raises(DDMError, match=r"skipped as binary \(3 of 3 files matched\): doc0.txt, doc1.txt, doc2.txt; "
                                        r".*UTF-16 .*convert it to UTF-8"):
         all_documents(CorpusConfig(source=str(tmp_path), pattern="*.txt", min_doc_bytes=16), QUIET)
+
+
+def test_train_expert_given_the_shards_folder_says_to_give_one_shard_in_it(text_runs, tmp_path):
+    """`ddmkit train-expert RUN/partition/shards --config RUN/config.json` said to 'move it away': the run's own
+    shards folder."""
+    folder = RunFolder(text_runs["text_ar"])
+    shards = folder.partition / "shards"
+    code, err = cli("train-expert", shards, "--config", folder.config, "--out", tmp_path / "expert")
+    said = " ".join(err.split())
+    assert code == 2 and f"shard {shards} is a folder; give one shard file in it, e.g. " \
+        f"{shards / 'cluster_00.safetensors'}" in said and "move it away" not in said, said
+    assert not (tmp_path / "expert").exists()
