@@ -211,11 +211,19 @@ def test_a_latent_run_end_to_end(tmp_path):
     assert isinstance(done.exception, DDMError) and "holds latents, but the config has no [latent]" in \
         str(done.exception)
     assert not (tmp_path / "e").exists()
+    # sampling needs latents.json, not the latent shards; without it, it names that one file (it said to copy
+    # the whole latents/ folder back), and the other fix it gives (encode again) restores the shards too
+    for c in (0, 1):
+        (run / "latents" / f"cluster_{c:02d}.safetensors").unlink()
+    assert DDM.from_pretrained(run).sample("top-1", n=2, steps=2)[0].shape == (2, 1, 32, 32)
     info = run / "latents" / "latents.json"  # lost: named as missing, not as changed
-    shutil.move(info, run / "latents.json.kept")
-    with pytest.raises(DDMError, match=r"latents\.json is missing; copy the run's latents/ folder back"):
+    kept = info.read_bytes()
+    info.unlink()
+    with pytest.raises(DDMError, match=r"latents\.json is missing; copy that one file back \(loading and sampling "
+                                       r"need only it; .*`ddmkit partition --config .*config.json --out "):
         DDM.from_pretrained(run)
-    shutil.move(run / "latents.json.kept", info)
+    assert run_cli("partition", "--config", run / "config.json", "--out", run).exit_code == 0
+    assert info.read_bytes() == kept and run_cli("verify", run).exit_code == 0
     # an autoencoder config whose latent scale or shift was edited after encoding (verify passed, samples were
     # decoded at the wrong scale)
     settings = run / "autoencoder" / "config.json"

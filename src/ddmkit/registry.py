@@ -671,10 +671,14 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
                        f"registry was edited: run `ddmkit register {run}` to record the run's model folders again")
     check_no_extra_experts(run, manifest["k"])
     if reg.latents_sha256 is not None or RunFolder(run).is_latent:
-        info = RunFolder(run).latent_info
+        layout = RunFolder(run)
+        info = layout.latent_info
         if not info.exists():
-            raise DDMError(f"{source}: the run is a latent run, but {info} is missing; copy the run's latents/ "
-                           "folder back")
+            raise DDMError(f"{source}: the run is a latent run, but {info} is missing; copy that one file back "
+                           "(loading and sampling need only it; training and `ddmkit verify` also read the latent "
+                           f"shards beside it, {layout.latents.name}/cluster_XX.safetensors), or encode the shards "
+                           f"again with the run's autoencoder: `ddmkit partition --config {layout.config} --out "
+                           f"{run}` (then `ddmkit verify {run}` checks them against the registry)")
         if sha256_file(info) != reg.latents_sha256:
             raise DDMError(f"{source}: the latent shards ({info}) changed since the registry was written; these "
                            "networks were trained on other latents")
