@@ -224,6 +224,28 @@ def test_a_latent_run_end_to_end(tmp_path):
         DDM.from_pretrained(run)
     assert run_cli("partition", "--config", run / "config.json", "--out", run).exit_code == 0
     assert info.read_bytes() == kept and run_cli("verify", run).exit_code == 0
+    # replace-expert and add-expert refuse a latent run with what does work (they said to train a new run with the
+    # new data, which replaces no expert): an expert trained on the slot's latents, put in place and registered
+    done = run_cli("replace-expert", run, 1, run / "experts" / "expert_00")
+    assert isinstance(done.exception, DDMError), done.output
+    message = " ".join(str(done.exception).split())
+    train = f"`ddmkit train-expert {run / 'latents' / 'cluster_01.safetensors'} --config {run / 'config.json'} " \
+        "--out NEW`"
+    assert train in message and f"in place of {run / 'experts' / 'expert_01'} and run `ddmkit register {run}`" in \
+        message, message
+    assert run_cli("train-expert", run / "latents" / "cluster_01.safetensors", "--config", run / "config.json",
+                   "--out", tmp_path / "e7", "--seed", 7).exit_code == 0
+    shutil.rmtree(run / "experts" / "expert_01")
+    shutil.copytree(tmp_path / "e7", run / "experts" / "expert_01")
+    assert run_cli("register", run).exit_code == 0 and run_cli("verify", run).exit_code == 0
+    assert DDM.from_pretrained(run).sample("top-1", n=2, steps=2)[0].shape == (2, 1, 32, 32)
+    done = run_cli("add-expert", run, "--data", tmp_path / "island.npy")
+    assert isinstance(done.exception, DDMError) and f'latent.pretrained = "{run / "autoencoder"}" in its config to ' \
+        "keep this run's autoencoder" in " ".join(str(done.exception).split()), done.output
+    done = run_cli("partition", "--config", run / "config.json", "--out", tmp_path / "again", "--set",
+                   f"latent.pretrained={run / 'autoencoder'}")  # the new run that it says to make: the same latents
+    assert done.exit_code == 0 and (tmp_path / "again" / "latents" / "cluster_00.safetensors").read_bytes() == \
+        (run / "latents" / "cluster_00.safetensors").read_bytes(), done.output
     # an autoencoder config whose latent scale or shift was edited after encoding (verify passed, samples were
     # decoded at the wrong scale)
     settings = run / "autoencoder" / "config.json"

@@ -88,14 +88,31 @@ class TrainedRun:
     expert_config: dict  # expert 0's config.json (class labels, ...)
 
 
+def refuse_latent(folder: RunFolder, k=None) -> None:
+    """A latent run is refused by add-expert (k None) and replace-expert (k: the expert to replace), each
+    with what does work: a new run that keeps the run's autoencoder, or an expert trained on the slot's
+    latent shard put in place and registered."""
+    if not folder.is_latent:
+        return
+    run = folder.root
+    if k is None:
+        raise DDMError(f"{run} is a latent run (RUN/latents): `ddmkit add-expert` does not grow one. Make a new "
+                       "run with every island's data, the old and the new, and latent.pretrained = "
+                       f'"{folder.autoencoder}" in its config to keep this run\'s autoencoder (its latent space): '
+                       "`ddmkit run CONFIG --out NEW_RUN`")
+    xx = f"{k:02d}" if isinstance(k, int) and not isinstance(k, bool) and k >= 0 else "XX"
+    raise DDMError(f"{run} is a latent run (RUN/latents): `ddmkit replace-expert` does not copy experts into one. "
+                   f"An expert of it must be trained on its latents: train one with `ddmkit train-expert "
+                   f"{folder.latents / f'cluster_{xx}.safetensors'} --config {folder.config} --out NEW` (other "
+                   f"[expert] settings may be set with --set), put NEW in place of {folder.experts / f'expert_{xx}'} "
+                   f"and run `ddmkit register {run}`, which checks it; then sample and evaluate again")
+
+
 def trained_run(run) -> TrainedRun:
     """The run's config, partition, data and first expert, after checking that it is trained: every
     expert present and, when there is a registry, every file matching it."""
     folder = RunFolder(run)
     cfg = run_config(folder.root)
-    if folder.is_latent:
-        raise DDMError(f"{folder.root} is a latent run (RUN/latents); adding or replacing experts of latent runs is "
-                       "not supported: train a new run with the new data instead")
     manifest, tensors = load_partition_checked(folder.partition)
     if not manifest["data_shape"]:
         raise DDMError(f"{folder.root} is a text run; `ddmkit add-expert` and `replace-expert` work on vector and "
@@ -449,6 +466,7 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
         checked_device(device)
     folder = RunFolder(run)
     with run_lock(folder.root):
+        refuse_latent(folder)
         state = trained_run(folder.root)
         if device is not None:
             raw = state.cfg.model_dump()
@@ -521,6 +539,7 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict | None:
     weights already)."""
     run_folder, source = RunFolder(run), Path(folder)
     with run_lock(run_folder.root):
+        refuse_latent(run_folder, k)
         state = trained_run(run_folder.root)
         kk = state.manifest["k"]
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < kk:
