@@ -526,6 +526,26 @@ def test_a_damaged_pretrained_folder_is_named_with_the_fix(tmp_path):
         load_autoencoder(tmp_path / "vae")
 
 
+def test_a_bad_autoencoder_is_named_as_the_folder_given_the_config_field_or_the_runs_copy(tmp_path):
+    """load_autoencoder's messages began 'latent:' whichever folder it read: the config's latent.pretrained
+    folder (its check before a run, its copy into the run) or the run's own copy, RUN/autoencoder (encoding,
+    sampling)."""
+    from ddmkit.latent import load_codec
+    from ddmkit.latent.autoencoder import check_pretrained
+
+    ae = tiny_autoencoder()
+    with torch.no_grad():
+        ae.decoder.conv_out.bias.fill_(float("nan"))
+    ae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    nan = r" holds NaN or infinite weights \(first: decoder.conv_out.bias\)"
+    with pytest.raises(DDMError, match=rf"^latent.pretrained: {tmp_path / 'vae'}{nan}"):
+        check_pretrained(LatentConfig(enabled=True, pretrained=str(tmp_path / "vae")))
+    with pytest.raises(DDMError, match=rf"^latent.pretrained: {tmp_path / 'vae'}{nan}"):
+        load_autoencoder(tmp_path / "vae")
+    with pytest.raises(DDMError, match=rf"^RUN/autoencoder: {tmp_path / 'vae'}{nan}"):
+        load_codec(tmp_path / "vae", 1)  # what encoding and sampling load: the run's copy
+
+
 def test_a_model_hub_id_is_told_that_nothing_is_downloaded_and_how_to_save_the_folder(tmp_path, monkeypatch):
     """'stabilityai/sd-vae-ft-mse' was only 'not a folder', and a relative path was not told where it was looked for."""
     from ddmkit.latent.autoencoder import folder_config

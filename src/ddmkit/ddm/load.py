@@ -434,7 +434,7 @@ def latent_codec(run, device="cpu") -> LatentCodec | None:
     if not folder.is_latent:
         return None
     info = latent_info(run)  # checks the autoencoder's SHA-256
-    return load_codec(folder.autoencoder, info["data_shape"][0], device=device)
+    return load_codec(folder.autoencoder, info["data_shape"][0], device=device, run_copy=True)
 
 
 def records_truth(folder: RunFolder) -> bool:

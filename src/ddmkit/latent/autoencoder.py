@@ -136,7 +136,7 @@ def check_pretrained(cfg: LatentConfig, log=print) -> None:
     note a latent.channels of the user's that the folder overrides (channels, widths and [latent.train] are for
     an autoencoder ddmkit trains). The user's is one other than the default: which fields were set does not
     survive the config's copies (model_dump, validated again)."""
-    channels = int(load_autoencoder(cfg.pretrained).config.latent_channels)
+    channels = int(load_autoencoder(cfg.pretrained, run_copy=False).config.latent_channels)
     if cfg.channels not in (channels, LatentConfig.model_fields["channels"].default):
         log(f"note: latent.channels = {cfg.channels} is not used: the pretrained autoencoder {cfg.pretrained} has "
             f"{channels} latent channels (latent.channels, widths and [latent.train] are for an autoencoder ddmkit "
@@ -151,8 +151,11 @@ def network_data_shape(cfg: LatentConfig, data_shape: tuple[int, ...], data_name
     return latent_shape(planned_config(cfg, data_shape), data_shape, data_name)
 
 
-def load_autoencoder(folder: str | Path) -> nn.Module:
-    """An AutoencoderKL from a local folder (safetensors only, no hub, no code from the folder), eval mode."""
+def load_autoencoder(folder: str | Path, run_copy: bool = False) -> nn.Module:
+    """An AutoencoderKL from a local folder (safetensors only, no hub, no code from the folder), eval mode.
+    run_copy: the folder is a run's own copy, RUN/autoencoder, not the config's latent.pretrained folder
+    (what the messages name)."""
+    given = "RUN/autoencoder" if run_copy else "latent.pretrained"
     folder_config(folder)
     diffusers = require_diffusers()
     try:
@@ -163,18 +166,19 @@ def load_autoencoder(folder: str | Path) -> nn.Module:
                              r" from checkpoint, the shape in current model is (torch.Size\(\[[\d, ]*\]\))", str(e))
         if mismatch:
             name, saved, built = mismatch.groups()
-            raise DDMError(f"latent: {folder}: its weights do not fit its config.json ({name}: {saved} in the weights, "
-                           f"{built} as config.json builds it); the config.json (latent_channels, block_out_channels, "
-                           "...) must be the one saved with these weights (save_pretrained writes both)") from None
-        raise DDMError(f"latent: {folder} could not be loaded as an {CLASS_NAME} ({type(e).__name__}: "
+            raise DDMError(f"{given}: {folder}: its weights do not fit its config.json ({name}: {saved} in the "
+                           f"weights, {built} as config.json builds it); the config.json (latent_channels, "
+                           "block_out_channels, ...) must be the one saved with these weights (save_pretrained writes "
+                           "both)") from None
+        raise DDMError(f"{given}: {folder} could not be loaded as an {CLASS_NAME} ({type(e).__name__}: "
                        f"{str(e)[:300]}); {RECOPY}") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # diffusers leaves them as uninitialised memory, with a console warning only
-        raise DDMError(f"latent: {folder} lacks weights of its {CLASS_NAME} ({', '.join(missing[:3])}"
+        raise DDMError(f"{given}: {folder} lacks weights of its {CLASS_NAME} ({', '.join(missing[:3])}"
                        f"{' ...' if len(missing) > 3 else ''}); save the whole model there with save_pretrained")
     bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
-        raise DDMError(f"latent: {folder} holds NaN or infinite weights (first: {bad[0]}); re-export the autoencoder")
+        raise DDMError(f"{given}: {folder} holds NaN or infinite weights (first: {bad[0]}); re-export the autoencoder")
     return model.eval()
 
 
@@ -251,7 +255,9 @@ class LatentCodec:
         return torch.cat(out)
 
 
-def load_codec(folder: str | Path, data_channels: int, batch: int = 256, device="cpu") -> LatentCodec:
+def load_codec(folder: str | Path, data_channels: int, batch: int = 256, device="cpu",
+               run_copy: bool = True) -> LatentCodec:
     """The codec of an autoencoder folder for images of data_channels channels (1 or 3; grey images go
-    through an RGB autoencoder as their channel repeated), coding `batch` images at once on `device`."""
-    return LatentCodec(load_autoencoder(folder).to(device), data_channels, batch)
+    through an RGB autoencoder as their channel repeated), coding `batch` images at once on `device`.
+    run_copy: the folder is a run's RUN/autoencoder (else a latent.pretrained folder; load_autoencoder)."""
+    return LatentCodec(load_autoencoder(folder, run_copy).to(device), data_channels, batch)

@@ -313,7 +313,8 @@ def stage_autoencoder(cfg: RunConfig, run, log: Log = print) -> None:
             start = time.perf_counter()
             if cfg.latent.pretrained:
                 with staging_dir(folder.autoencoder) as tmp:
-                    load_autoencoder(cfg.latent.pretrained).save_pretrained(str(tmp), safe_serialization=True)
+                    model = load_autoencoder(cfg.latent.pretrained, run_copy=False)
+                    model.save_pretrained(str(tmp), safe_serialization=True)
                     write_json(tmp / PRETRAINED_SOURCE, pretrained_files(cfg.latent.pretrained))
                 again = f" again ({' and '.join(stale)} changed since an earlier command copied it, " \
                     "before any latents were encoded)" if stale else ""
@@ -370,7 +371,7 @@ def encode_shards(cfg: RunConfig, run, log: Log = print) -> None:
     shards = shard_files(run)
     channels = read_data_info(folder)["data_shape"][0]
     device = field_device("latent.train.device", cfg.latent.train.device)
-    codec = load_codec(folder.autoencoder, channels, cfg.latent.encode_batch, device)
+    codec = load_codec(folder.autoencoder, channels, cfg.latent.encode_batch, device, run_copy=True)
     start = time.perf_counter()
     moments = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares of every latent number
     with staging_dir(folder.latents) as tmp:
