@@ -512,6 +512,49 @@ def test_a_side_the_autoencoder_cannot_take_gets_the_padding_its_data_kind_takes
     assert code == 0 and "latents: 2 shards encoded to shape (2, 8, 8)" in out, out
 
 
+def test_an_array_file_with_key_or_test_path_gets_a_padding_that_keeps_them(tmp_path, monkeypatch, capsys):
+    """The image_array fix dropped data.params.key and test_path, which image_array does not take (nor an array
+    of another name, nor a test file): such a file is told to pad itself with a line of numpy, which works; a
+    key that image_array picks itself, and test_fraction, keep the image_array fix."""
+    import re
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 120), ("test", 40)):
+        np.savez(tmp_path / f"{name}.npz", labels=np.zeros(n, dtype=np.int64),
+                 pixels=rng.uniform(-1, 1, (n, 1, 30, 30)).astype(np.float32))
+    text = latent_config(tmp_path).read_text().replace('name = "fashion_mnist"', f'name = "{tmp_path / "train.npz"}"')
+    text = text.replace(f'params = {{ dir = "{tmp_path / "fm"}", pad_to = 32 }}',
+                        f'params = {{ key = "pixels", test_path = "{tmp_path / "test.npz"}" }}')
+    (tmp_path / "array.toml").write_text(text.replace(", num_classes = 10", ""))
+    code, out = exit_code(monkeypatch, capsys, "partition", "--config", tmp_path / "array.toml", "--out",
+                          tmp_path / "run")
+    assert code == 2 and "image_array" in out and "data.params.pad_to" not in out, out
+    assert "takes no data.params.key or data.params.test_path" in out and not (tmp_path / "run").exists(), out
+    snippet = re.search(r"in Python: (.*?); then set", out).group(1)
+    exec(snippet)  # the files padded as pad_to pads: black borders, the labels kept
+    padded = np.load(tmp_path / "train_32.npz")
+    assert padded["pixels"].shape == (120, 1, 32, 32) and (padded["pixels"][:, :, 0] == -1).all()
+    assert (padded["labels"] == 0).all() and np.array_equal(padded["pixels"][:, :, 1:-1, 1:-1],
+                                                             np.load(tmp_path / "train.npz")["pixels"])
+    fix = f'then set data.name = "{tmp_path / "train_32.npz"}" and data.params.test_path = "{tmp_path / "test_32.npz"}"'
+    assert fix in out, out
+    code, out = exit_code(monkeypatch, capsys, "partition", "--config", tmp_path / "array.toml", "--out",
+                          tmp_path / "run", "--set", f"data.name={tmp_path / 'train_32.npz'}", "--set",
+                          f"data.params.test_path={tmp_path / 'test_32.npz'}")
+    assert code == 0 and "120 train / 40 test" in out and "latents: 2 shards encoded to shape (2, 8, 8)" in out, out
+    # no test_path, and a key image_array reads anyway: the image_array fix, test_fraction kept
+    cfg = planned_config(LatentConfig(enabled=True, channels=2, widths=[8, 8, 8]), (1, 30, 30))
+    with pytest.raises(DDMError, match=rf'data.name = "image_array", data.params.path = "{tmp_path / "train.npz"}", '
+                                       r"data.params.test_fraction = 0.25 and data.params.pad_to = 32 \(it reads "
+                                       r"the array 'pixels' without data.params.key"):
+        latent_shape(cfg, (1, 30, 30), str(tmp_path / "train.npz"), {"key": "pixels", "test_fraction": 0.25})
+    np.savez(tmp_path / "two.npz", x=np.zeros((4, 1, 30, 30), np.float32), pixels=np.zeros((4, 1, 30, 30), np.float32))
+    with pytest.raises(DDMError, match=r"takes no data.params.key:") as info:  # image_array would read 'x'
+        latent_shape(cfg, (1, 30, 30), str(tmp_path / "two.npz"), {"key": "pixels"})
+    assert "f['pixels'] = np.pad(f['pixels'], w, constant_values=-1)" in str(info.value)
+
+
 def test_a_damaged_pretrained_folder_is_named_with_the_fix(tmp_path):
     """A config.json cut short (an interrupted copy) was to be 're-created with the ddmkit command that wrote it',
     which no ddmkit command did; cut weights were named without a fix."""

@@ -220,15 +220,53 @@ def takes_test_fraction(name: str) -> bool:
     return name in IMAGE_LOADERS and "test_fraction" in accepted_params(IMAGE_LOADERS[name], ("seed",))
 
 
-def pad_fix(name: str | None, side: int) -> str:
+def _npz_pick(path: str, preferred: tuple[str, ...]) -> str | None:
+    """The array of .npz file `path` that a loader preferring `preferred` reads (None: not an .npz, or unreadable)."""
+    try:
+        with np.load(Path(path).expanduser(), allow_pickle=False) as f:
+            return data_array_name(f.files, preferred) if f.files else None
+    except Exception:  # a .npy file (no .files), or one the loader refuses itself
+        return None
+
+
+def pad_fix(name: str | None, side: int, params: dict | None = None, size: tuple[int, int] | None = None) -> str:
     """The data setting that pads data set `name`'s images with black to side x side (None: a loader's
-    data.params.pad_to)."""
+    data.params.pad_to). An array file with data.params `params` is pointed to image_array, which takes
+    pad_to, when image_array reads the same rows (no test_path, a key it picks itself); else it gets a line of
+    numpy that pads the file (and test_path's) itself, images of size (H, W) centred as pad_to centres them."""
     if name is None or name in IMAGE_LOADERS:
         return f"set data.params.pad_to = {side} (each image padded with black to {side}x{side})"
-    if is_array_file(name):  # read as vectors, which take no pad_to; image_array reads its (N, C, H, W) floats
+    if not is_array_file(name):
+        return f"make your data set function return images of {side}x{side} (e.g. padded with -1, black)"
+    params = params or {}
+    key, test_path = params.get("key"), params.get("test_path")
+    if test_path is None and (key is None or key == _npz_pick(name, ("x", "images"))):
+        # read as vectors, which take no pad_to; image_array reads its (N, C, H, W) floats
+        fraction = f", data.params.test_fraction = {params['test_fraction']}" if "test_fraction" in params else ""
+        keyed = f" (it reads the array {key!r} without data.params.key, which it does not take)" if key else ""
         return (f'read the file as images, which pad_to pads with black: set data.name = "image_array", '
-                f'data.params.path = "{name}" and data.params.pad_to = {side}')
-    return f"make your data set function return images of {side}x{side} (e.g. padded with -1, black)"
+                f'data.params.path = "{name}"{fraction} and data.params.pad_to = {side}{keyed}')
+    h, w = size or (side, side)
+    top, left = (side - h) // 2, (side - w) // 2
+    files = [name] + ([test_path] if test_path else [])
+    out = {p: str(Path(p).expanduser().with_name(f"{Path(p).stem}_{side}{Path(p).suffix.lower()}")) for p in files}
+    lines = []
+    for p in files:
+        source = str(Path(p).expanduser())
+        if p.lower().endswith(".npz"):
+            k = key or _npz_pick(p, ("x",)) or "x"
+            lines.append(f"f = dict(np.load({source!r})); f[{k!r}] = np.pad(f[{k!r}], w, constant_values=-1); "
+                         f"np.savez({out[p]!r}, **f)")
+        else:
+            lines.append(f"np.save({out[p]!r}, np.pad(np.load({source!r}), w, constant_values=-1))")
+    code = (f"import numpy as np; w = ((0, 0), (0, 0), ({top}, {side - h - top}), ({left}, {side - w - left})); "
+            + "; ".join(lines))
+    given = " or ".join(f"data.params.{n}" for n, v in (("key", key), ("test_path", test_path)) if v is not None)
+    return (f"pad the file{'s' if test_path else ''} with black (-1) to {side}x{side} with numpy, in Python: {code}; "
+            f'then set data.name = "{out[name]}"'
+            + (f' and data.params.test_path = "{out[test_path]}"' if test_path else "")
+            + f" (image_array, the image loader that takes pad_to, takes no {given}: it reads the array 'x' or "
+            "'images' of one file and holds out test_fraction of its rows)")
 
 
 def dataset_names() -> list[str]:

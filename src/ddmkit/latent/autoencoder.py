@@ -100,9 +100,11 @@ def downsampling(config: dict) -> int:
     return 2 ** (len(config.get("block_out_channels", [64])) - 1)
 
 
-def latent_shape(config: dict, image_shape: tuple[int, ...], data_name: str | None = None) -> tuple[int, int, int]:
+def latent_shape(config: dict, image_shape: tuple[int, ...], data_name: str | None = None,
+                 data_params: dict | None = None) -> tuple[int, int, int]:
     """(latent channels, H / f, W / f) of images (C, H, W) under an AutoencoderKL config; a size that f
-    does not divide is a DDMError, with the setting of data set `data_name` that pads it."""
+    does not divide is a DDMError, with the setting of data set `data_name` (data.params `data_params`)
+    that pads it."""
     if len(image_shape) != 3:
         raise DDMError(f"latent: latent DDMs need images (C, H, W); this data set's samples have shape "
                        f"{tuple(image_shape)}; set latent.enabled = false")
@@ -111,7 +113,7 @@ def latent_shape(config: dict, image_shape: tuple[int, ...], data_name: str | No
     if h % f or w % f:
         side = -(-max(h, w) // f) * f  # the smallest multiple of f that holds both sides
         raise DDMError(f"latent: the autoencoder makes images {f}x smaller per side, but they are {h}x{w}; pad or "
-                       f"crop them to a multiple of {f}, e.g. {pad_fix(data_name, side)}")
+                       f"crop them to a multiple of {f}, e.g. {pad_fix(data_name, side, data_params, (h, w))}")
     takes = int(config.get("in_channels", 3))
     if takes not in (channels, 3):
         grey = ' set data.params.mode = "grey" (an image folder: every image made grayscale), or' if takes == 1 else ""
@@ -143,12 +145,13 @@ def check_pretrained(cfg: LatentConfig, log=print) -> None:
             "trains)")
 
 
-def network_data_shape(cfg: LatentConfig, data_shape: tuple[int, ...], data_name: str | None = None) -> tuple[int, ...]:
+def network_data_shape(cfg: LatentConfig, data_shape: tuple[int, ...], data_name: str | None = None,
+                       data_params: dict | None = None) -> tuple[int, ...]:
     """The shape of one sample as the networks will see it: the data's, or its latents' when
     cfg.enabled (checked before anything is trained: size, channels, a readable pretrained folder)."""
     if not cfg.enabled:
         return tuple(data_shape)
-    return latent_shape(planned_config(cfg, data_shape), data_shape, data_name)
+    return latent_shape(planned_config(cfg, data_shape), data_shape, data_name, data_params)
 
 
 def load_autoencoder(folder: str | Path, run_copy: bool = False) -> nn.Module:

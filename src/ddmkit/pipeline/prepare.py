@@ -359,7 +359,7 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
                 data = load_data(cfg)
             train = data[0] if data is not None else load_split(run, "train")
             _check_sizes(cfg, folder, data, kept_partition)
-            check_networks(cfg, network_data_shape(cfg.latent, train.data_shape, cfg.data.name))
+            check_networks(cfg, network_data_shape(cfg.latent, train.data_shape, cfg.data.name, cfg.data.params))
             new_autoencoder = action == "replace" or not folder.autoencoder.exists()  # not the one kept
             if cfg.latent.enabled and cfg.latent.pretrained and new_autoencoder:
                 check_pretrained(cfg.latent, log)  # its weights, loaded once before anything is written

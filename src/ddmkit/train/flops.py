@@ -43,7 +43,7 @@ def per_sample_flops(cfg: RunConfig, data_shape: tuple[int, ...]) -> dict[str, f
     """{"expert", "router"}: F of one expert (and of the monolith: the same network) and of the router, for
     data of `data_shape` (one sample; the networks see its latents in a latent run). It depends on the config's
     networks and partition.k only, not on steps or batch."""
-    shape = list(network_data_shape(cfg.latent, tuple(data_shape), cfg.data.name))
+    shape = list(network_data_shape(cfg.latent, tuple(data_shape), cfg.data.name, cfg.data.params))
     expert, router = cfg.expert.net, cfg.router.net
     return {"expert": sample_flops(expert.arch, {"data_shape": shape, **expert.kwargs},
                                    expert.kwargs.get("num_classes", 0), by_keyword=True),
