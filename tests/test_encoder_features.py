@@ -65,7 +65,8 @@ def test_full_clip_folder_uses_its_image_embedding_with_imagenet_defaults(folder
     """No preprocessor_config.json: ImageNet mean/std, the vision config's image_size (16)."""
     x = images(side=16)
     model = transformers.CLIPModel.from_pretrained(folders / "clip").eval()
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
         ref = model.get_image_features(pixel_values=((x + 1) / 2 - mean) / std)
     ref = ref if torch.is_tensor(ref) else ref.pooler_output

@@ -288,7 +288,8 @@ def test_a_pretrained_autoencoder_is_copied_and_used(tmp_path):
     before = sha256_file(run / "autoencoder" / "diffusion_pytorch_model.safetensors")
     tiny_autoencoder(seed=4).save_pretrained(tmp_path / "vae", safe_serialization=True)
     result = run_cli("partition", "--config", config, "--out", run)
-    assert result.exit_code == 0 and "changed since the run copied the autoencoder" in " ".join(result.output.split()), result.output
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "changed since the run copied the autoencoder" in said, result.output
     assert sha256_file(run / "autoencoder" / "diffusion_pytorch_model.safetensors") == before
 
 
@@ -326,7 +327,8 @@ def test_a_pretrained_autoencoder_with_missing_weights_is_refused_before_the_run
     save_file({k: v for k, v in load_file(weights).items() if not k.startswith("decoder.conv_out")}, weights)
     with pytest.raises(DDMError, match=r"lacks weights of its AutoencoderKL \(decoder.conv_out.bias, decoder.conv_out"):
         load_autoencoder(tmp_path / "vae")
-    code, out = exit_code(monkeypatch, capsys, "run", latent_config(tmp_path, tmp_path / "vae"), "--out", tmp_path / "run")
+    code, out = exit_code(monkeypatch, capsys, "run", latent_config(tmp_path, tmp_path / "vae"), "--out",
+                          tmp_path / "run")
     assert code == 2 and "lacks weights" in out and not (tmp_path / "run").exists()
 
 
