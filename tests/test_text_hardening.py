@@ -839,6 +839,22 @@ def test_sample_and_analyze_of_a_text_run_need_no_centralized_model_unless_it_is
         sample_text(run, ["monolith"], n=1, log=QUIET)
 
 
+def test_a_missing_text_monolith_or_router_names_the_command_that_trains_it(text_runs, tmp_path):
+    """'RUN/monolith is missing; train it with `ddmkit run CONFIG --out RUN` (or the matching `ddmkit train-*`
+    command)': which one? The message names `ddmkit train-monolith RUN` (the router: `train-router RUN`)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(text_runs["text_ar"], run, ignore=shutil.ignore_patterns("monolith", "router", "samples"))
+    for strategies, part, command in ((["monolith"], "monolith", "train-monolith"), (["top-1"], "router",
+                                                                                        "train-router")):
+        with pytest.raises(DDMError) as raised:
+            sample_text(run, strategies, n=1, log=QUIET)
+        said = " ".join(str(raised.value).split())
+        assert f"{run / part} is missing; train it with `ddmkit {command} {run}` (or `ddmkit run CONFIG --out " \
+               f"{run}`" in said and "train-*" not in said, said
+
+
 def test_a_corpus_of_utf16_text_says_its_files_were_skipped_as_binary_and_how_to_convert_them(tmp_path):
     """UTF-16 text holds NUL bytes, so every file was skipped as binary, and the error said only 'lower
     corpus.min_doc_bytes or use more text', which cannot help."""

@@ -102,11 +102,18 @@ TASKS = {
 }
 
 
+def trained_by(command: str, run: str | Path) -> str:
+    """The fix for a model folder of a text run that is missing or stale: the command that trains it alone,
+    or `ddmkit run`, which trains every one of them."""
+    return f"`{command}` (or `ddmkit run CONFIG --out {run}`, which trains every part that is missing)"
+
+
 def train_or_load(folder: Path, digest: str, arch: str, kwargs: dict, loss: Callable, train_cfg,
-                  meta: dict, description: str, train: bool = True) -> torch.nn.Module:
+                  meta: dict, description: str, train: bool = True,
+                  fix: str = "`ddmkit run CONFIG --out RUN`") -> torch.nn.Module:
     """Load the model folder if it was written with the same settings and is the same network (arch: a
     masked model of a text_dfm config is no autoregressive one), else train and write it (train=False:
-    refuse instead)."""
+    refuse instead, naming `fix`, the command that trains it: see trained_by)."""
     recorded = read_json(folder / "config.json") if (folder / "config.json").exists() else None
     if recorded is not None and recorded.get("run_digest") == digest and recorded.get("arch") == arch:
         return from_pretrained(folder)[0]
@@ -115,8 +122,7 @@ def train_or_load(folder: Path, digest: str, arch: str, kwargs: dict, loss: Call
             f"is a {recorded.get('arch')}, but this run's are {arch}s (trained with a config of the other kind)"
             if recorded.get("run_digest") == digest else "was trained with other settings or on another shard "
             "than its cluster's (its config.json's run_digest is not this run's)")
-        raise DDMError(f"{folder} {why}; train it with `ddmkit run CONFIG --out RUN` (or the matching `ddmkit "
-                       "train-*` command)")
+        raise DDMError(f"{folder} {why}; train it with {fix}")
     with staging_dir(folder) as tmp:
         torch.manual_seed(train_cfg.seed)  # the initial weights too: same seed, same bytes
         model = build_model(arch, **kwargs)
@@ -412,8 +418,11 @@ def train_text_expert(shard: str | Path, cfg: TextRunConfig, out_dir: str | Path
         loss = lambda model, g: task.expert_loss(model, sample_windows(stream, m.seq_len, tr.batch_size, g), g)
         meta = {"role": f"{task.role} expert", "cluster": c, "k": int(meta.get("k", 0)),
                 "shard_sha256": sha256_file(shard), "data_hash": meta.get("data_hash"), **task.meta}
+        run = Path(out_dir).parent.parent  # train=False: the expert of a run, RUN/experts/expert_XX
+        fix = trained_by(f"ddmkit train-expert {shard} --config {run / 'config.json'} --out {out_dir}", run)
         return train_or_load(Path(out_dir), f"{base}-{c}", task.expert_arch, _network(cfg), loss,
-                             tr.model_copy(update={"seed": tr.seed + c}), meta, f"expert {c + 1}/{meta['k']}", train)
+                             tr.model_copy(update={"seed": tr.seed + c}), meta, f"expert {c + 1}/{meta['k']}", train,
+                             fix)
 
 
 def text_monolith(cfg: TextRunConfig, out: Path, streams: list, train: bool = True) -> torch.nn.Module | None:
@@ -427,7 +436,8 @@ def text_monolith(cfg: TextRunConfig, out: Path, streams: list, train: bool = Tr
         loss = lambda model, g: task.expert_loss(model, mixed_windows(streams, m.seq_len, tr.batch_size, g)[0], g)
         return train_or_load(RunFolder(out).monolith, f"{base}-{cfg.digest('centralized')}", task.expert_arch,
                              _network(cfg), loss, tr.model_copy(update={"steps": steps}),
-                             {"role": f"{task.role} centralized", **task.meta}, "centralized", train)
+                             {"role": f"{task.role} centralized", **task.meta}, "centralized", train,
+                             trained_by(f"ddmkit train-monolith {out}", out))
 
 
 def text_routers(cfg: TextRunConfig, out: Path, streams: list, train: bool = True) -> dict:
@@ -446,7 +456,8 @@ def text_routers(cfg: TextRunConfig, out: Path, streams: list, train: bool = Tru
             meta = {"role": f"{task.role} router", "num_experts": len(streams), "k": len(streams), **task.meta}
             routers["learned"] = train_or_load(RunFolder(out).router,
                                                cfg.digest("corpus", "partition", "model", "router"),
-                                               task.router_arch, kwargs, loss, rt, meta, "router", train)
+                                               task.router_arch, kwargs, loss, rt, meta, "router", train,
+                                               trained_by(f"ddmkit train-router {out}", out))
         return routers
 
 
