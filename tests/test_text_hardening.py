@@ -336,7 +336,13 @@ def test_binary_files_are_skipped_and_other_encodings_named(tmp_path):
     docs = all_documents(CorpusConfig(source=str(tmp_path), pattern="*.txt", min_doc_bytes=16), lines.append)
     assert sorted(d.name for d in docs) == ["latin1.txt", "ok0.txt", "ok1.txt"]
     assert lines == ["corpus: skipped 1 binary file (holding a NUL byte): bin.txt",
-                     "corpus: 1 files are not UTF-8 (another encoding?), used as bytes: latin1.txt"]
+                     "corpus: 1 file is not UTF-8 (another encoding?), used as bytes: latin1.txt"]  # not '1 files are'
+    (tmp_path / "bin2.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "latin2.txt").write_bytes("déjà vu ".encode("latin-1") * 10)
+    lines.clear()
+    all_documents(CorpusConfig(source=str(tmp_path), pattern="*.txt", min_doc_bytes=16), lines.append)
+    assert lines == ["corpus: skipped 2 binary files (holding a NUL byte): bin.txt, bin2.txt",
+                     "corpus: 2 files are not UTF-8 (another encoding?), used as bytes: latin1.txt, latin2.txt"]
 
 
 def test_corpus_hints_name_the_setting_that_helps(tmp_path):
@@ -346,7 +352,7 @@ def test_corpus_hints_name_the_setting_that_helps(tmp_path):
     (tmp_path / "single").mkdir()
     one = tmp_path / "single" / "one.txt"
     one.write_text(("a paragraph of text " * 5 + "\n\n") * 4)
-    with pytest.raises(DDMError, match='only 1 documents .* use unit = "block"'):
+    with pytest.raises(DDMError, match='only 1 document of .* use unit = "block"'):
         all_documents(CorpusConfig(source=str(one), min_doc_bytes=16))
     assert len(all_documents(CorpusConfig(source=str(one), unit="block", min_doc_bytes=16))) == 4
     config = write_config(tmp_path, "text_ar")  # 40 documents

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ddmkit.errors import DDMError
+from ddmkit.errors import DDMError, counted
 
 SKIP_PARTS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -93,10 +93,11 @@ def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
             other.append(name)
         docs += units(name, text, cfg)
     if binary:
-        log(f"corpus: skipped {len(binary)} binary file{'s' * (len(binary) != 1)} (holding a NUL byte): "
+        log(f"corpus: skipped {counted(len(binary), 'binary file')} (holding a NUL byte): "
             f"{_named(binary)}")
     if other:
-        log(f"corpus: {len(other)} files are not UTF-8 (another encoding?), used as bytes: {_named(other)}")
+        log(f"corpus: {counted(len(other), 'file is', 'files are')} not UTF-8 (another encoding?), used as bytes: "
+            f"{_named(other)}")
     if len(docs) < 2:
         fix = ('use unit = "block" (one document per blank-line-separated block), lower corpus.min_doc_bytes, '
                "or add files" if cfg.unit == "file" else "lower corpus.min_doc_bytes or use more text")
@@ -104,8 +105,8 @@ def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
             fix = (f"skipped as binary ({len(binary)} of {len(files)} files matched): {_named(binary)}; a NUL byte "
                    "means not text, or text in UTF-16 or UTF-32: convert it to UTF-8 (e.g. `iconv -f UTF-16 -t "
                    f"UTF-8 IN > OUT`); else {fix}")
-        raise DDMError(f"corpus: only {len(docs)} documents of at least {cfg.min_doc_bytes} bytes under {root}, "
-                       f"2 at least are needed; {fix}")
+        raise DDMError(f"corpus: only {counted(len(docs), 'document')} of at least {cfg.min_doc_bytes} bytes under "
+                       f"{root}, 2 at least are needed; {fix}")
     return docs
 
 
