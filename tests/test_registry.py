@@ -547,7 +547,8 @@ def test_a_lost_partition_file_says_how_to_make_the_partition_again(copy):
     partition` on the folder did nothing (its manifest is there)."""
     (copy / "partition" / "partition.safetensors").unlink()
     with pytest.raises(DDMError, match=r"partition.safetensors is missing; copy the run's partition/ folder back "
-                                       r"whole, or delete .*partition and run `ddmkit run CONFIG --out"):
+                                       r"whole, or make the partition again: remove .*partition and run `ddmkit "
+                                       r"partition --config .*config.json --out "):
         verify_registry(copy)
 
 

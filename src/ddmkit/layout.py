@@ -230,3 +230,13 @@ class RunFolder:
     @property
     def derived(self) -> list[Path]:
         return [self.samples, self.eval, self.analysis, self.plots, self.report, self.metrics]
+
+
+def remake_partition(folder: RunFolder) -> str:
+    """How a run's partition (its manifest, partition.safetensors and shards) is made again, to the same bytes, as
+    a fix to name: one text for a file of it that is missing or damaged."""
+    if folder.grow.exists():  # grown: the config alone makes the partition the run had before add-expert
+        return f"copy the run's partition/ folder back whole ({folder.grow.name}: add-expert changed the partition)"
+    return (f"make the partition again: remove {folder.partition} and run `ddmkit partition --config "
+            f"{folder.config} --out {folder.root}` (the run's own config makes the same shards, byte for byte, so "
+            "its experts stay valid)")

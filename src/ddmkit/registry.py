@@ -37,7 +37,7 @@ from ddmkit.config import validate
 from ddmkit.data.partition import SHARD_FIX, PartitionManifest, ShardEntry, check_manifest, partition_tensors
 from ddmkit.errors import DDMError
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
-from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder
+from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder, remake_partition
 from ddmkit.nets import build_model, check_identity, from_pretrained
 from ddmkit.nets.folders import on_meta
 from ddmkit.routing.stats_router import PUBLISHED_STATISTICS
@@ -308,15 +308,6 @@ def checked_model_shards(run: str | Path, clusters: list[int] | None = None) -> 
             raise DDMError(f"{path}: SHA-256 differs from the one {source} records for cluster {cluster}; the shard "
                            f"was changed or replaced after it was written. Copy the original back, or {again}")
     return paths
-
-
-def remake_partition(folder: RunFolder) -> str:
-    """How a run's partition (its manifest and shards) is made again, to the same bytes, as a fix to name."""
-    if folder.grow.exists():  # grown: the config alone makes the partition the run had before add-expert
-        return f"copy the run's partition/ folder back whole ({folder.grow.name}: add-expert changed the partition)"
-    return (f"make the partition again: remove {folder.partition} and run `ddmkit partition --config "
-            f"{folder.config} --out {folder.root}` (the run's own config makes the same shards, byte for byte, so "
-            "its experts stay valid)")
 
 
 def model_data_shape(run: str | Path) -> tuple[int, ...]:

@@ -44,6 +44,7 @@ from ddmkit.data.features import CLUSTER_THREADS, apply_features, fit_features
 from ddmkit.errors import DDMError
 from ddmkit.io import (check_finite_tensors, load_tensors, read_json, read_metadata, save_tensors, sha256_file,
                        staging_dir, write_json)
+from ddmkit.layout import RunFolder, is_run_folder, remake_partition
 
 MAX_FULL_COV_DIM = 256
 
@@ -373,14 +374,19 @@ def partition_tensors(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
     SHA-256 checked against the one the manifest records and its tensors against the manifest
     (check_partition_tensors)."""
     recorded = manifest.get(TENSORS_HASH)  # manifests of ddmkit before it recorded one: unchecked
+    run = RunFolder(folder.parent)  # missing, damaged or changed: one fix, a damaged shard's (remake_partition)
+    fix = f"delete {folder} and run `ddmkit run CONFIG --out {run.root}` (it partitions the same data again, to the " \
+          "same bytes; experts trained on other shards are then refused)"
+    if folder.name == "partition" and is_run_folder(run.root):
+        fix = remake_partition(run)
+    if not run.grow.exists():  # a grown run's fix is this one
+        fix = f"copy the run's partition/ folder back whole, or {fix}"
     if recorded is not None and (folder / "partition.safetensors").is_file() and \
             sha256_file(folder / "partition.safetensors") != recorded:
         raise DDMError(f"{folder / 'partition.safetensors'}: SHA-256 differs from the one manifest.json records; "
-                       f"the file was changed after partitioning (its centroids route `nearest`). Copy the run's "
-                       f"partition/ folder back whole, or partition again in a new run folder")
-    tensors = load_tensors(folder / "partition.safetensors", fix=f"copy the run's partition/ folder back whole, or "
-                           f"delete {folder} and run `ddmkit run CONFIG --out {folder.parent}` (it partitions the "
-                           "same data again, to the same bytes; experts trained on other shards are then refused)")
+                       f"the file was changed after partitioning (its centroids route `nearest`). {fix[0].upper()}"
+                       f"{fix[1:]}")
+    tensors = load_tensors(folder / "partition.safetensors", fix=fix)
     check_partition_tensors(manifest, tensors, folder / "partition.safetensors")
     return tensors
 
