@@ -444,8 +444,31 @@ def test_a_missing_shard_is_named_as_a_wrong_path(ddmkit, shard, tmp_path):
     config = tmp_path / "config.json"  # the config given as the shard: it was called corrupt, to be re-copied
     config.write_text("{}")
     code, _, err = ddmkit("train-expert", config, "--out", tmp_path / "e", "--config", TINY)
-    assert code == 2 and "config.json is not a shard file (a shard is a .safetensors file" in err, err
-    assert "the config goes to --config" in err and not (tmp_path / "e").exists()
+    assert code == 2 and "config.json is a run's config (JSON text), given where a shard goes" in err, err
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_config_or_manifest_given_as_the_shard_shows_the_right_form(ddmkit, shard, tmp_path):
+    """train-expert RUN/config.json (a TOML, a manifest, JSON under a .safetensors name) said the file was 'corrupt
+    or not a safetensors file ...; copy the shard again'. It says what was given where the shard goes, and the
+    command's right form, with the run's own paths where the file lies in a run."""
+    run = shard.parent.parent.parent  # RUN/partition/shards/cluster_XX.safetensors
+    renamed = tmp_path / "config.safetensors"
+    renamed.write_text((run / "config.json").read_text())
+    for given, what in ((run / "config.json", "a run's config (JSON text)"),
+                        (run / "partition" / "manifest.json", "a partition's manifest (JSON text)"),
+                        (TINY, "a config (TOML text)"), (renamed, "a config or a manifest (JSON text)")):
+        code, _, err = ddmkit("train-expert", given, "--out", tmp_path / "e", "--config", TINY)
+        where = run if given.is_relative_to(run) else "RUN"
+        form = (f"the shard goes first, the config to --config: `ddmkit train-expert {where}/partition/shards/"
+                f"cluster_00.safetensors --config {where}/config.json --out {where}/experts/expert_00`")
+        assert code == 2 and f"shard {given} is {what}, given where a shard goes; {form}" in err, (given, err)
+        assert "corrupt" not in err and not (tmp_path / "e").exists()
+    binary = tmp_path / "x.npy"
+    binary.write_bytes(bytes(range(1, 256)))
+    code, _, err = ddmkit("train-expert", binary, "--out", tmp_path / "e", "--config", TINY)
+    assert code == 2 and f"shard {binary} is not a shard file (a shard is a .safetensors file, this is a .npy " \
+        "file); the shard goes first" in err, err
 
 
 def test_a_shard_cut_short_in_copying_says_to_copy_it_again(ddmkit, shard, tmp_path):

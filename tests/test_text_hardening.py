@@ -889,3 +889,21 @@ def test_train_expert_given_the_shards_folder_says_to_give_one_shard_in_it(text_
     assert code == 2 and f"shard {shards} is a folder; give one shard file in it, e.g. " \
         f"{shards / 'cluster_00.safetensors'}" in said and "move it away" not in said, said
     assert not (tmp_path / "expert").exists()
+
+
+def test_train_expert_given_the_config_or_manifest_as_the_shard_shows_the_right_form(text_runs, tmp_path):
+    """`ddmkit train-expert RUN/config.json --config RUN/config.json` (or the manifest, or the TOML) said the file
+    was 'corrupt or not a safetensors file ...; copy the shard again'."""
+    folder = RunFolder(text_runs["text_ar"])
+    form = (f"the shard goes first, the config to --config: `ddmkit train-expert {folder.partition}/shards/"
+            f"cluster_00.safetensors --config {folder.config} --out {folder.expert(0)}`")
+    for given, what in ((folder.config, "a run's config (JSON text)"),
+                        (folder.manifest, "a partition's manifest (JSON text)")):
+        code, err = cli("train-expert", given, "--config", folder.config, "--out", tmp_path / "expert")
+        said = " ".join(err.split())
+        assert code == 2 and f"shard {given} is {what}, given where a shard goes; {form}" in said, said
+        assert "corrupt" not in said and not (tmp_path / "expert").exists()
+    toml = tmp_path / "text.toml"
+    toml.write_text('kind = "text_ar"\n')
+    code, err = cli("train-expert", toml, "--config", folder.config, "--out", tmp_path / "expert")
+    assert code == 2 and f"shard {toml} is a config (TOML text), given where a shard goes" in " ".join(err.split())

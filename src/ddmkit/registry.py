@@ -34,7 +34,8 @@ from torch.overrides import TorchFunctionMode
 
 from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_convention
 from ddmkit.config import validate
-from ddmkit.data.partition import SHARD_FIX, PartitionManifest, ShardEntry, check_manifest, partition_tensors
+from ddmkit.data.partition import (SHARD_FIX, PartitionManifest, ShardEntry, check_given_shard, check_manifest,
+                                   partition_tensors)
 from ddmkit.errors import DDMError
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder, remake_partition
@@ -272,9 +273,7 @@ def check_shard_space(shard: str | Path, latent: bool) -> None:
                        "latent run), e.g. RUN/partition/shards/cluster_00.safetensors")
     if path.is_dir():
         raise DDMError(f"shard {path} is a folder; give one shard file in it, e.g. {path / 'cluster_00.safetensors'}")
-    if path.suffix != ".safetensors":
-        raise DDMError(f"shard {path} is not a shard file (a shard is a .safetensors file of RUN/partition/shards/, "
-                       "e.g. RUN/partition/shards/cluster_00.safetensors); the config goes to --config")
+    check_given_shard(path)  # a config, a manifest, no .safetensors: shown the command's right form
     x = header_shapes(path, SHARD_FIX).get("x")
     if x is not None and len(x[0]) == 1 and x[1] == "U8":  # ddmkit.discrete's shards: one byte stream
         raise DDMError(f"{path} is a text shard (a stream of bytes), but the config trains continuous experts: give "

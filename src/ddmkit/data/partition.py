@@ -394,6 +394,46 @@ def partition_tensors(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
 SHARD_FIX = "copy the shard again, whole, from its run's partition/shards/ (a latent run's: latents/)"
 
 
+def _what_file(path: Path) -> str | None:
+    """What a file given as a shard is when it is plainly not one: JSON or TOML text (a config, a manifest), or a
+    file without the .safetensors suffix; None for a .safetensors file that may be a (damaged) shard."""
+    import json
+    import tomllib
+
+    data = path.read_bytes() if path.stat().st_size <= 1 << 20 else b"\0"  # a config is small; a shard is binary
+    names = {"config.json": "a run's config", "manifest.json": "a partition's manifest",
+             "latents.json": "a latent run's manifest"}
+    try:
+        text = "" if b"\0" in data else data.decode()
+    except UnicodeDecodeError:  # binary
+        text = ""
+    if text.strip():
+        for parse, kind, other in ((json.loads, "JSON", "a config or a manifest"), (tomllib.loads, "TOML", "a config")):
+            try:
+                parse(text)
+            except ValueError:
+                continue
+            return f"{names.get(path.name, other)} ({kind} text), given where a shard goes"
+    if path.suffix != ".safetensors":
+        return f"not a shard file (a shard is a .safetensors file, this is a {path.suffix or 'suffix-less'} file)"
+    return None
+
+
+def check_given_shard(shard: str | Path) -> None:
+    """A file given as SHARD to `ddmkit train-expert` that is plainly no shard (a run's config.json, a TOML, a
+    manifest, a file without the .safetensors suffix) is a DDMError showing the command's right form, not a
+    shard called corrupt, to be copied again."""
+    path = Path(shard)
+    what = _what_file(path) if path.is_file() else None
+    if what is None:
+        return
+    run = next((p for p in (path.parent, path.parent.parent) if is_run_folder(p)), None)  # RUN/config.json, ...
+    r = RunFolder(run if run is not None else Path("RUN"))
+    first = r.latent_shard(0) if r.is_latent else r.partition / "shards" / "cluster_00.safetensors"
+    raise DDMError(f"shard {path} is {what}; the shard goes first, the config to --config: `ddmkit train-expert "
+                   f"{first} --config {r.config} --out {r.expert(0)}`")
+
+
 def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """(x, labels or None, metadata) of one shard file."""
     tensors = load_tensors(path, fix=SHARD_FIX)

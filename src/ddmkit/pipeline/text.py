@@ -41,7 +41,7 @@ from ddmkit.discrete.corpus import all_documents, sample_documents, split_docume
 from ddmkit.discrete.dfm import dfm_loss, mask_path
 from ddmkit.discrete.evaluate import evaluate_ar, evaluate_dfm, samples_ar, samples_dfm
 from ddmkit.discrete.report import write_report
-from ddmkit.data.partition import read_shard
+from ddmkit.data.partition import check_given_shard, read_shard
 from ddmkit.discrete.shards import cluster_prior, load_streams, mixed_windows, partition_text, sample_windows
 from ddmkit.discrete.tokens import NUM_BYTES
 from ddmkit.errors import DDMError
@@ -398,6 +398,7 @@ def train_text_expert(shard: str | Path, cfg: TextRunConfig, out_dir: str | Path
         if Path(shard).is_dir():  # not "move it away": it is likely the run's own shards/ folder
             raise DDMError(f"shard {shard} is a folder; give one shard file in it, e.g. "
                            f"{Path(shard) / 'cluster_00.safetensors'}")
+        check_given_shard(shard)  # a config, a manifest, no .safetensors: shown the command's right form
         stream, _, meta = read_shard(shard)
         if stream.dim() != 1 or stream.dtype != torch.uint8:  # a vector, image or latent run's (N, ...) rows
             raise DDMError(f"{shard} is not a text shard (its x is {tuple(stream.shape)} {str(stream.dtype)[6:]}, "
