@@ -375,12 +375,29 @@ def test_ctrl_c_or_sigterm_in_train_expert_says_how_to_continue(shard, tmp_path,
                                                     ("sample", "--batch-size", "0"), ("sample", "--router-every", "0"),
                                                     ("sample", "--seed", "-1"), ("partition", "--k", "0"),
                                                     ("train-expert", "--checkpoint-every", "-5")])
-def test_a_count_out_of_range_is_named_by_its_option(ddmkit, shard, tmp_path, command, option, value):
-    """These were refused as config fields ('options: invalid configuration / sample.n: ...')."""
+def test_a_count_out_of_range_is_named_by_its_option(cli, shard, tmp_path, command, option, value):
+    """These were refused as config fields ('options: invalid configuration / sample.n: ...'), then by Typer's
+    framed usage error ('Invalid value for '--steps': Input should be greater than or equal to 1'), unlike every
+    other option: one line, naming the option and a value that works."""
     target = {"sample": [shard.parents[2]], "partition": ["--out", tmp_path / "p"],
               "train-expert": [shard, "--out", tmp_path / "e"]}[command]
-    code, _, err = ddmkit(command, *target, option, value)
-    assert code == 2 and f"Invalid value for '{option}'" in err, err
+    done = cli(command, *target, option, value)
+    low = 0 if option in ("--seed", "--checkpoint-every") else 1
+    span = f"from 0 to {2**63 - 1}" if option == "--seed" else f"at least {low}"
+    assert done.returncode == 2 and done.stderr == f"error: {option} {value}: give a whole number, {span} " \
+        f"(e.g. {option} {low})\n", done.stderr
+
+
+@pytest.mark.parametrize("args", [["sample", "RUN", "--n", "many"], ["sample", "RUN", "--steps", "2.5"],
+                                  ["train-expert", "SHARD", "--out", "E", "--nproc", "0"],
+                                  ["text", "exactness", "--k", "257"], ["theory", "distill", "--seeds", "0"]])
+def test_every_whole_number_option_refuses_in_one_line(cli, shard, tmp_path, args):
+    """Not a whole number, or one out of an option's range, in any command: one line, exit 2."""
+    paths = {"RUN": shard.parents[2], "SHARD": shard, "E": tmp_path / "e"}
+    done = cli(*[paths.get(a, a) for a in args])
+    option, value = args[-2:]
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {option} {value}: give a whole number, ") \
+        and len(done.stderr.splitlines()) == 1 and "Usage" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("option, value, words", [("--strategy", "threshold-1.5", "P must be in (0, 1]"),

@@ -410,14 +410,14 @@ def test_a_misspelt_kind_or_a_text_config_for_a_vector_command_is_one_line(tmp_p
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--length", "0"], "Invalid value for '--length'"),
-    (["--length", "-2"], "Invalid value for '--length'"),
-    (["--k", "0"], "Invalid value for '--k'"),
-    (["--vocab", "1"], "Invalid value for '--vocab'"),
-    (["--seed", "-1"], "Invalid value for '--seed'"),
+    (["--length", "0"], "--length 0: give a whole number, at least 1 (e.g. --length 6)"),
+    (["--length", "-2"], "--length -2: give a whole number, at least 1"),
+    (["--k", "0"], "--k 0: give a whole number, from 1 to 256 (e.g. --k 3)"),
+    (["--vocab", "1"], "--vocab 1: give a whole number, at least 2 (e.g. --vocab 4)"),
+    (["--seed", "-1"], "--seed -1: give a whole number, from 0 to"),
     (["--out", "."], "--out . is a folder; give the path of a JSON file"),
     (["--out", f"{__file__}/x.json"], "test_text_hardening.py is a file, not a folder"),
-    (["--k", "1000000000000"], "Invalid value for '--k'"),  # a memory error (exit 1) before
+    (["--k", "1000000000000"], "--k 1000000000000: give a whole number, from 1 to 256"),  # a memory error before
     (["--k", "256", "--vocab", "4", "--length", "10"], "keep k * vocab**length <= 2e7"),
 ])
 def test_exactness_options_are_checked_first(monkeypatch, capsys, args, message):

@@ -1133,6 +1133,38 @@ def plain_help(command) -> None:
         plain_help(sub)
 
 
+def one_line_ranges(command) -> None:
+    """A whole-number option with a range (min= or max= on typer.Option) of a click command and its sub-commands
+    refuses a value out of it, or not a whole number, as ddmkit refuses any option: one line naming the option
+    and a value that works (`error: --steps 0: give a whole number, at least 1 (e.g. --steps 1)`, exit 2),
+    not Typer's framed usage error."""
+    for param in command.params:
+        ranged = getattr(param, "min", None) is not None or getattr(param, "max", None) is not None
+        if ranged and getattr(getattr(param, "type_descriptor", None), "annotation", None) is int:
+            param.process_value = _in_range(param, param.process_value)
+    for sub in getattr(command, "commands", {}).values():
+        one_line_ranges(sub)
+
+
+def _in_range(param, process):
+    """param.process_value, the given value checked against the option's range first (one_line_ranges)."""
+    low, high, option = param.min, param.max, max(param.opts, key=len)
+
+    def checked(ctx, value):
+        if value is not None and not isinstance(value, bool):
+            try:
+                number = int(str(value).strip())
+            except ValueError:
+                number = None
+            if number is None or (low is not None and number < low) or (high is not None and number > high):
+                works = param.default if isinstance(param.default, int) else low if low is not None else high
+                span = (f"from {low} to {high}" if low is not None and high is not None else
+                        f"at least {low}" if low is not None else f"at most {high}")
+                raise DDMError(f"{option} {value}: give a whole number, {span} (e.g. {option} {works})")
+        return process(ctx, value)
+    return checked
+
+
 HELP_WIDTH = 120  # --help into a pipe or file (rich would take 80 columns and cut the option names short)
 
 
@@ -1144,6 +1176,7 @@ def run_app() -> None:
         rich_utils.MAX_WIDTH = rich_utils.MAX_WIDTH or HELP_WIDTH
     command = typer.main.get_command(app)
     plain_help(command)
+    one_line_ranges(command)
     command()
 
 
