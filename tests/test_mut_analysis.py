@@ -145,7 +145,7 @@ Per-expert error on held-out data (routed / not routed):
 
 | t | e0 | e1 |
 |---|---|---|
-| 0.10 | 0.01 / 1 | 0.123 / nan |
+| 0.10 | 0.01 / 1 | 0.123 / - |
 | 0.55 | 0.02 / 2 | 0.5 / 3 |
 
 Every expert's error on held-out points of its own cluster and of the other clusters (cluster of a point: nearest mean; no strategy involved):
