@@ -236,7 +236,8 @@ def sample_ddm(ddm, strategy: str | Strategy, n: int, steps: int = 50, solver: s
     if isinstance(strategy, Strategy):  # an object of the user's, used once without a name in STRATEGIES
         strat, strategy = strategy, str(getattr(strategy, "name", type(strategy).__name__))
     else:
-        strat, strategy = parse_strategy(strategy), strategy.strip()  # the name as given, less spaces around it
+        # the name as given, less spaces around it; gated-K@A (the analysis sampler's) refused and not listed
+        strat, strategy = parse_strategy(strategy, sampled=True), strategy.strip()
     if checked.solver == "adaptive" and redraws_each_evaluation(strat):
         raise DDMError(f"sample_ddm: solver 'adaptive' with strategy {strategy!r}: it draws its experts anew at every "
                        "evaluation, which the adaptive step-size control cannot settle; use euler, heun, midpoint "
