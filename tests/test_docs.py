@@ -1,7 +1,7 @@
 """The user docs stay true: every relative link resolves (its #section too), every `ddmkit.x.y` they name exists,
-they hold no time of day or commit hash (history lives in git), and the Python snippets of README.md and
-docs/images.md run as written on tiny runs (docs/latent.md's: tests/test_latent.py), and so do docs/own-data.md's
-Python snippets and shell lines, on tiny data, with what the page says they give."""
+they hold no time of day or commit hash (history lives in git), and the Python snippets of README.md,
+docs/images.md and docs/routing.md run as written on tiny runs (docs/latent.md's: tests/test_latent.py), and so
+do docs/own-data.md's Python snippets and shell lines, on tiny data, with what the page says they give."""
 import importlib
 import json
 import re
@@ -162,6 +162,26 @@ def test_the_image_pages_python_snippet_saves_pngs(tmp_path, monkeypatch):
     assert namespace["x0"].shape == (16, 1, 8, 8) and namespace["pixels"].dtype == torch.uint8
     saved = sorted(tmp_path.glob("sample_*.png"))
     assert len(saved) == 16 and Image.open(saved[0]).size == (8, 8) and Image.open(saved[0]).mode == "L"
+
+
+def test_the_routing_pages_strategy_snippet_samples_by_name_and_as_an_object():
+    """docs/routing.md "Writing a strategy": the snippet as written adds 'greedy' to the table; the DDM then samples
+    it by name and as the object, the same as top-1 (the argmax, weight 1), and strategy_forms() lists it."""
+    from ddmkit.ddm import DDM
+    from ddmkit.routing import STRATEGIES, strategy_forms
+
+    experts = [lambda x, t, y=None, j=j: torch.full_like(x, float(j)) for j in range(3)]
+    ddm = DDM(experts=experts, router=lambda x, t: torch.softmax(x @ torch.ones(2, 3) * torch.arange(3.0), 1),
+              prior=torch.ones(3) / 3, data_shape=(2,))
+    namespace = {}
+    exec(code_block(ROOT / "docs" / "routing.md", "## Writing a strategy"), namespace)
+    try:
+        x, info = ddm.sample("greedy", n=8, steps=3)
+        assert info["strategy"] == "greedy" and info["expert_calls_per_sample"] == 3
+        assert torch.equal(ddm.sample(namespace["Greedy"](), n=8, steps=3)[0], x)
+        assert torch.equal(ddm.sample("top-1", n=8, steps=3)[0], x) and "greedy" in strategy_forms().split(", ")
+    finally:
+        STRATEGIES.pop()
 
 
 # docs/own-data.md: a researcher's folder (the test's own) where the page's files are written and its lines run.
