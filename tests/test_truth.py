@@ -256,6 +256,16 @@ def test_from_covariances_refuses_non_finite_numbers(field, weights, means, covs
         GaussianMixture.from_covariances(weights, means, covs)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex128, "float32"])
+def test_from_covariances_refuses_a_dtype_that_is_not_a_float_naming_dtype(dtype):
+    """dtype=torch.int64 truncated variances of 0.1 to 0 and was answered 'covs must be positive definite; the
+    smallest eigenvalue is 0', a fault of the covariances they do not have."""
+    with pytest.raises(DDMError, match=r"^dtype must be a floating-point torch dtype \(torch.float64"):
+        GaussianMixture.from_covariances([1.0, 1.0], [[0.0, 0.0], [2.0, 0.0]], [0.1, 0.2], dtype=dtype)
+    single = GaussianMixture.from_covariances([1.0], [[0.0, 0.0]], [0.1], dtype=torch.float32)
+    assert single.means.dtype == torch.float32
+
+
 def test_wrong_shapes_are_named():
     g = standard_pair()
     with pytest.raises(DDMError, match=r"x must have shape \(B, 2\).*got \(3, 3\)"):

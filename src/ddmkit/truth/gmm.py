@@ -142,7 +142,10 @@ class GaussianMixture:
     @staticmethod
     def from_covariances(weights, means, covs, dtype=torch.float64) -> "GaussianMixture":
         """Build from weights (K,), means (K, d) and covariances given as
-        full (K, d, d), diagonal (K, d) or isotropic (K,) arrays."""
+        full (K, d, d), diagonal (K, d) or isotropic (K,) arrays; dtype: a floating-point torch dtype."""
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and not dtype.is_complex):
+            raise DDMError("dtype must be a floating-point torch dtype (torch.float64, the default, or "
+                           f"torch.float32); got {dtype!r}")
         w, mu, cov = (_cpu_tensor(value, dtype) for value in (weights, means, covs))
         for name, value in (("weights", w), ("means", mu), ("covs", cov)):
             if not bool(torch.isfinite(value).all()):
