@@ -1,4 +1,6 @@
 """Experts, routers and perturbations of the convergence study."""
+import re
+
 import pytest
 import torch
 
@@ -75,6 +77,22 @@ def test_sampler_names_are_checked():
         parse_sampler("rk4:full")
     with pytest.raises(DDMError, match="routing strategy"):
         parse_sampler("euler:bogus")
+
+
+@pytest.mark.parametrize("strategy", ["oracle", "nearest", "gated-2@30"])
+def test_a_sampler_whose_strategy_needs_more_than_the_router_is_refused_before_the_study(strategy, tmp_path):
+    """ConvergenceSettings(samplers=("euler:oracle",)) started the study, made --out, and stopped at the first
+    routing with 'needs the cluster proportions (a partition manifest)' (or a map, or the analysis sampler), which
+    the study cannot be given."""
+    import dataclasses
+
+    from ddmkit.theory.convergence import ConvergenceSettings, run_convergence
+
+    settings = dataclasses.replace(ConvergenceSettings.quick(), samplers=(f"euler:{strategy}",))
+    with pytest.raises(DDMError, match=rf"^sampler 'euler:{re.escape(strategy)}': the study routes by the exact "
+                                       r"cluster posterior alone.*e.g. 'euler:switch'$"):
+        run_convergence(settings, tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_expert_error_eps_must_be_finite_and_non_negative(ring):

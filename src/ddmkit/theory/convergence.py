@@ -32,6 +32,8 @@ from ddmkit.data.synthetic import ring_mixture
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
 from ddmkit.routing import RoutingState, parse_strategy, routed_velocity
+from ddmkit.routing.adaptive import GatedTopK
+from ddmkit.routing.strategies import Nearest, Oracle
 from ddmkit.sample import get_solver, time_grid
 from ddmkit.theory.experts import (cluster_groups, cluster_posterior, expert_disagreement, make_experts,
                                    make_router)
@@ -81,11 +83,20 @@ class ConvergenceSettings:
 
 
 def parse_sampler(spec: str) -> tuple[str, str]:
-    """'euler:switch' -> ('euler', 'switch'), checking both halves."""
+    """'euler:switch' -> ('euler', 'switch'), checking both halves: a strategy that routes by the router's
+    probabilities alone (oracle and nearest need a run's partition, gated-K@A the analysis sampler)."""
     solver, _, strategy = spec.partition(":")
     if solver not in SOLVER_NAMES or not strategy:
         raise DDMError(f"sampler must be SOLVER:STRATEGY with SOLVER one of {', '.join(SOLVER_NAMES)}; got {spec!r}")
-    parse_strategy(strategy)
+    try:
+        strat = parse_strategy(strategy)
+    except DDMError as e:
+        raise DDMError(f"sampler {spec!r}: {e}") from None
+    if isinstance(strat, (Oracle, Nearest, GatedTopK)):
+        raise DDMError(f"sampler {spec!r}: the study routes by the exact cluster posterior alone, and "
+                       f"{strategy.strip()!r} needs more (oracle and nearest a run's partition, gated-K@A the "
+                       "analysis sampler); use full, top-K, threshold-P, sample-K[@T], nucleus-P[@T], switch, "
+                       "adaptive-P or adaptive-ent-H, e.g. 'euler:switch'")
     return solver, strategy
 
 
