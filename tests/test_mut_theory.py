@@ -358,7 +358,7 @@ def test_run_convergence_rejects_bad_settings(tmp_path):
         with pytest.raises(DDMError):
             C.run_convergence(tiny_convergence(**bad), tmp_path / "x", log=quiet)
         assert not (tmp_path / "x").exists()
-    with pytest.raises(DDMError, match="^steps must be >= 1 and samples >= 2$"):
+    with pytest.raises(DDMError, match=r"^ConvergenceSettings.samples: 1; give an integer >= 2$"):
         C.run_convergence(tiny_convergence(samples=1), tmp_path, log=quiet)
 
 

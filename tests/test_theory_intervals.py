@@ -139,6 +139,36 @@ def test_run_distill_rejects_bad_seeds(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("field, value, what", [
+    ("steps", (), "a non-empty tuple"), ("radii", (), "a non-empty tuple"), ("bootstrap", 0, "an integer >= 1"),
+    ("seed", -1, "an integer >= 0"), ("steps", (4, 8.5), "integers >= 1"), ("eps_values", (-0.1,),
+    "non-negative finite numbers"), ("temperatures", (0.0,), "positive finite numbers"), ("width", 0.0,
+    "a positive finite number"), ("components", 0, "an integer >= 1"), ("samples", 1, "an integer >= 2")])
+def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what, tmp_path):
+    """steps=(), radii=(), bootstrap=0 and seed=-1 were answered by tracebacks (min() of an empty sequence,
+    an IndexError, numpy's 'expected non-negative integer'), radii=() after 20 s of work; eps_values, temperatures,
+    width and components failed only once the study had made its folder."""
+    with pytest.raises(DDMError, match=rf"^ConvergenceSettings\.{field}: .*; give {what}$"):
+        C.run_convergence(replace(C.ConvergenceSettings.quick(), **{field: value}), tmp_path / "x", log=quiet)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("field, value, what", [
+    ("n_train", 0, "an integer >= 1"), ("train_steps", 0, "an integer >= 1"),
+    ("widths", (0.0,), "positive finite numbers"), ("separation", math.inf, "a positive finite number"),
+    ("paths", (), "a non-empty tuple"), ("ou_end_time", 0.0, "a positive finite number"),
+    ("seed", -1, "an integer >= 0")])
+def test_run_distill_names_a_bad_setting_before_it_starts(field, value, what, tmp_path):
+    """n_train=0 and train_steps=0 were answered by tracebacks (dopri5's 'underflow in dt', a pydantic
+    ValidationError of TrainConfig); widths, separation and the paths failed only once the study had made its folder."""
+    with pytest.raises(DDMError, match=rf"^DistillSettings\.{field}: .*; give {what}$"):
+        D.run_distill(replace(D.DistillSettings.quick(), **{field: value}), tmp_path / "x", log=quiet)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(DDMError, match=r"^path must be one of \['linear', 'ou'\]; got 'vp'$"):
+        D.run_distill(replace(D.DistillSettings.quick(), paths=("vp",)), tmp_path / "x", log=quiet)
+    assert not (tmp_path / "x").exists()
+
+
 def test_distill_cli_passes_seeds_and_rejects_bad_values(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(D, "run_distill", lambda settings, out, log: seen.append((settings, out)))

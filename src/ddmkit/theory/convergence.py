@@ -38,8 +38,8 @@ from ddmkit.sample import get_solver, time_grid
 from ddmkit.theory.experts import (cluster_groups, cluster_posterior, expert_disagreement, make_experts,
                                    make_router)
 from ddmkit.theory.paths import get_path
-from ddmkit.theory.report import (bootstrap_slope, loglog_slope, markdown_table, new_figure, save_figure,
-                                  slope_text, t_interval, write_outputs)
+from ddmkit.theory.report import (bootstrap_slope, check_settings, loglog_slope, markdown_table, new_figure,
+                                  save_figure, slope_text, t_interval, write_outputs)
 from ddmkit.theory.stability import teacher_solve
 from ddmkit.truth import GaussianMixture
 from ddmkit.train.threads import job_threads
@@ -352,10 +352,17 @@ def floor_at(floor: list[dict], rms: float) -> float:
 @job_threads(1)  # many small tensors: one thread is faster and leaves the other cores alone
 def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
     """Run the study and write report.md, results.json and the plots into out."""
+    check_settings(s, counts={"components": 1, "clusters": 1, "steps": 1, "fit_min_steps": 1, "samples": 2,
+                              "sweep_samples": 2, "sweep_steps": 1, "disagreement_steps": 1, "bootstrap": 1,
+                              "common_noise_draws": 0, "seed": 0},
+                   numbers={"radius": "finite", "width": "positive", "eps_values": "non-negative",
+                            "temperatures": "positive", "radii": "finite", "size_factors": "positive",
+                            "floor_angles": "finite"},
+                   lists=("steps", "samplers", "sweep_steps", "eps_values", "temperatures", "radii",
+                          "disagreement_steps"), may_be_empty=("size_factors", "floor_angles"))
+    cluster_groups(s.components, s.clusters)
     for spec in s.samplers + s.sweep_samplers + s.floor_samplers:
         parse_sampler(spec)
-    if min(s.steps) < 1 or s.samples < 2:
-        raise DDMError("steps must be >= 1 and samples >= 2")
     if s.common_noise_draws < 0 or (s.floor_samplers and (not floor_steps(s) or min(floor_steps(s)) < 1)):
         raise DDMError(f"common_noise_draws must be >= 0 and floor_steps >= 1; got {s.common_noise_draws}, "
                        f"{floor_steps(s)}")

@@ -28,7 +28,7 @@ import torch
 from ddmkit.config import TrainConfig
 from ddmkit.errors import DDMError
 from ddmkit.theory.paths import FlowPath, get_path
-from ddmkit.theory.report import (excludes_zero, loglog_slope, markdown_table, new_figure, save_figure,
+from ddmkit.theory.report import (check_settings, excludes_zero, loglog_slope, markdown_table, new_figure, save_figure,
                                   t_interval, write_outputs)
 from ddmkit.theory.stability import (cumulative_lambda, lambda_uniform_grid, measured_lipschitz, report_times,
                                      teacher_solve, uniform_grid)
@@ -221,6 +221,13 @@ def run_distill(s: DistillSettings, out: Path, log=print) -> dict:
         raise DDMError(f"segments must be positive integers; got {s.segments}")
     if not isinstance(s.seeds, int) or s.seeds < 1:
         raise DDMError(f"seeds must be a positive integer (students per grid); got {s.seeds!r}")
+    check_settings(s, counts={"segments": 1, "lipschitz_trajectories": 1, "lipschitz_times": 1, "n_train": 1,
+                              "n_test": 1, "train_steps": 1, "batch_size": 1, "width": 1, "depth": 0, "seed": 0},
+                   numbers={"ou_end_time": "positive", "separation": "positive", "widths": "positive",
+                            "lr": "positive", "scaling_separations": "positive", "scaling_widths": "positive"},
+                   lists=("paths", "widths", "segments", "scaling_separations", "scaling_widths"))
+    for name in s.paths:
+        get_path(name, s.ou_end_time)
     torch.manual_seed(s.seed)
     out.mkdir(parents=True, exist_ok=True)
     paths = [get_path(name, s.ou_end_time) for name in s.paths]
