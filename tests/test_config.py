@@ -116,3 +116,16 @@ def test_one_value_for_a_list_or_a_table_says_what_to_give():
     with pytest.raises(DDMError, match=r"evaluate: 3 is one value, and this is a table of fields: set one of them "
                                        r"\(evaluate\.FIELD = VALUE\)"):
         validate(RunConfig, apply_overrides({}, ["evaluate=3"]), "demo with --set")
+
+
+def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Some Windows editors start a UTF-8 file with a byte-order mark: tomllib refused it with 'Invalid statement
+    (at line 1, column 1)', which names nothing the user wrote; a text config's kind was not seen."""
+    from ddmkit.config import load_config
+    from ddmkit.discrete.config import is_text_config
+
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[sample]\nn = 5\n")
+    assert load_config(path).sample.n == 5
+    path.write_bytes(b'\xef\xbb\xbfkind = "text_ar"\n')
+    assert is_text_config(path)

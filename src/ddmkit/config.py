@@ -549,6 +549,12 @@ def validate(model: type[BaseModel], data: dict, source: str = "config", what: s
         raise DDMError(f"{source}: invalid {what} ({type(e).__name__})") from None
 
 
+def toml_text(path: Path) -> str:
+    """A TOML file's text: UTF-8, whatever the machine's locale, a byte-order mark at its start (some Windows
+    editors save one) dropped; tomllib refuses one with 'Invalid statement (at line 1, column 1)'."""
+    return path.read_bytes().decode("utf-8-sig")
+
+
 def read_toml(path: str | Path) -> dict:
     """The table of a TOML file, with a clear error when missing or malformed."""
     path = Path(path)
@@ -557,7 +563,7 @@ def read_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise DDMError(f"config file {path} is a folder, not a TOML file; give the .toml file's path")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(toml_text(path))
     except UnicodeDecodeError as e:
         raise DDMError(f"{path}: not UTF-8 text ({e}); save the config as UTF-8") from None
     except tomllib.TOMLDecodeError as e:

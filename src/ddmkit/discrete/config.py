@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ddmkit.config import MAX_SEED, Section, Seed, TrainConfig, apply_overrides, json_digest, read_toml, tomllib, validate
+from ddmkit.config import (MAX_SEED, Section, Seed, TrainConfig, apply_overrides, json_digest, read_toml, toml_text,
+                           tomllib, validate)
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
@@ -335,6 +336,6 @@ def is_text_config(path: str | Path) -> bool:
         saved = _saved_config(path) if path.is_file() else None
         return saved is not None and "kind" in saved
     try:
-        return "kind" in tomllib.loads(path.read_text())
+        return "kind" in tomllib.loads(toml_text(path))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False  # not a text config: read_toml, which reads it next, says what is wrong
