@@ -129,3 +129,19 @@ def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path):
     assert load_config(path).sample.n == 5
     path.write_bytes(b'\xef\xbb\xbfkind = "text_ar"\n')
     assert is_text_config(path)
+
+
+def test_a_section_written_as_a_list_of_tables_says_to_write_one_table(tmp_path):
+    """`[[sample]]` (TOML's list of tables) was refused as "[{'n': 3}] is one value, and this is a table of fields"."""
+    import pytest
+
+    from ddmkit.config import load_config
+    from ddmkit.errors import DDMError
+
+    path = tmp_path / "run.toml"
+    path.write_text("[[sample]]\nn = 3\n\n[[expert.train]]\nsteps = 3\n")
+    with pytest.raises(DDMError) as err:
+        load_config(path)
+    assert "sample: written as a list of tables ([[sample]]); a section is one table: write [sample]" in str(err.value)
+    assert "expert.train: written as a list of tables ([[expert.train]]); a section is one table: write " \
+           "[expert.train]" in str(err.value)

@@ -531,6 +531,9 @@ def _explain(err: ValidationError, source: str, what: str = "configuration", mod
         elif what == "configuration" and e["type"] == "list_type" and isinstance(e.get("input"), (str, int, float)):
             msg = (f"{e['input']!r} is one value, and this field is a list: give [{json.dumps(e['input'])}] (on the "
                    f"command line: --set '{where}=[{json.dumps(e['input'])}]')")
+        elif what == "configuration" and e["type"] == "model_type" and isinstance(e.get("input"), list) and \
+                e["input"] and all(isinstance(item, dict) for item in e["input"]):  # [[sample]] in the TOML
+            msg = f"written as a list of tables ([[{where}]]); a section is one table: write [{where}]"
         elif what == "configuration" and e["type"] == "model_type" and not isinstance(e.get("input"), dict):
             msg = f"{e['input']!r} is one value, and this is a table of fields: set one of them ({where}.FIELD = VALUE)"
         lines.append(f"  {where}: {msg}" if where else f"  {msg}")  # a check of the whole section names its fields
