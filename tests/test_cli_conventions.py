@@ -197,6 +197,16 @@ def test_override_values_are_toml_then_json_then_text():
     assert raw == {"expert": {"train": {"steps": 5}}}  # the input is left as it was
 
 
+@pytest.mark.parametrize("item", ["sample.strategies=[top-1,full]", "expert.net.kwargs={width: 64}", "sample.n=[3"])
+def test_a_list_or_table_toml_cannot_read_says_how_to_write_one(item):
+    """`--set sample.strategies=["top-1","full"]` without single quotes reaches ddmkit as [top-1,full], which was kept
+    as text: 'is one value, and this field is a list: give ["[top-1,full]"]'."""
+    with pytest.raises(DDMError, match=r"is not a list or table TOML can read: quote each text in it .*"
+                                       r"\(single quotes around it in the shell\)") as err:
+        apply_overrides({}, [item])
+    assert str(err.value).startswith(f"--set {item!r}: ")
+
+
 def commands(group, path=()):
     """(words, command) of every command of a Typer app, sub-apps included."""
     for name, command in group.commands.items():

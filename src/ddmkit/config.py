@@ -649,5 +649,10 @@ def apply_overrides(raw: dict, items: list[str]) -> dict:
             table = table.setdefault(key, {})
             if not isinstance(table, dict):
                 raise DDMError(f"--set {item!r}: {'.'.join(keys[:i + 1])} is a value, not a table of fields")
-        table[keys[-1]] = parse_value(text.strip())
+        value = parse_value(text.strip())
+        if isinstance(value, str) and value.startswith(("[", "{")):  # a list or table TOML and JSON cannot read
+            raise DDMError(f"--set {item!r}: {value} is not a list or table TOML can read: quote each text in it and "
+                           "write a table's fields with '=', e.g. --set 'sample.strategies=[\"top-1\", \"full\"]' or "
+                           "--set 'expert.net.kwargs={ width = 64 }' (single quotes around it in the shell)")
+        table[keys[-1]] = value
     return out
