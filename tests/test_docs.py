@@ -414,3 +414,58 @@ def test_own_data_your_network_runs_samples_and_is_refused_as_printed(tmp_path, 
     printed = said(code_block(OWN, "last layer of `dim + 1` outputs):", ""))
     assert done.returncode == 2 and " ".join(done.stderr.split()) == printed, done.stderr
     assert not (tmp_path / "runs" / "wrong").exists()
+
+
+# docs/cli.md "Every command and its options": one section per command, one bullet per argument or option.
+
+def cli_md_sections() -> dict[tuple[str, ...], list[str]]:
+    """{command words: the bullets of its section} of docs/cli.md's command reference (a section may be of two
+    commands); a bullet is its lines joined."""
+    text = prose(ROOT / "docs" / "cli.md").split("## Every command and its options", 1)[1]
+    out = {}
+    for section in re.split(r"^### ", text, flags=re.M)[1:]:
+        heading, body = section.split("\n", 1)
+        bullets = [" ".join(b.split()) for b in re.findall(r"^- (.*?)(?=^- |^$|\Z)", body, flags=re.M | re.S)]
+        for words in re.findall(r"`ddmkit ([a-z -]+)`", heading):
+            out[tuple(words.split())] = bullets
+    return out
+
+
+def documented_names(bullet: str) -> list[str]:
+    """The arguments and options a bullet is about: those in backquotes before its first ': '."""
+    return re.findall(r"`(--[a-z][a-z0-9-]*|[A-Z]+)`", bullet.split(": ", 1)[0])
+
+
+def cli_parameters(command) -> dict[str, object]:
+    """{`--option` or ARGUMENT: its click parameter} of a command, --help left out."""
+    return {(p.opts[0] if p.param_type_name == "option" else (p.metavar or p.name.upper())): p
+            for p in command.params if p.name != "help"}
+
+
+def test_cli_md_documents_every_command_and_option_of_the_help():
+    """Each command of `ddmkit --help` (sub-commands too) has its section in docs/cli.md, which names each of its
+    arguments and options and no other, and the default --help shows for each option that has one."""
+    import typer
+
+    from ddmkit.cli import app
+    from test_cli_conventions import commands
+
+    sections = cli_md_sections()
+    real = dict(commands(typer.main.get_command(app)))
+    assert set(sections) == set(real), f"sections of no command or commands without one: {set(sections) ^ set(real)}"
+    for words, command in real.items():
+        params = cli_parameters(command)
+        bullets = sections[words]
+        named = {name: bullet for bullet in bullets for name in documented_names(bullet)}
+        documented_elsewhere = {name for other in real if sections[other] is bullets  # a section of two commands
+                                for key, p in cli_parameters(real[other]).items()
+                                for name in (key, *getattr(p, "opts", ()))}  # with an option's other names
+        assert not set(params) - set(named), f"ddmkit {' '.join(words)}: not in docs/cli.md: {set(params) - set(named)}"
+        assert not set(named) - documented_elsewhere, \
+            f"ddmkit {' '.join(words)}: docs/cli.md names options it lacks: {set(named) - documented_elsewhere}"
+        for name, p in params.items():
+            if p.param_type_name != "option" or p.default is None or p.required or p.is_flag:
+                continue
+            default = p.default if not isinstance(p.default, list) else ", ".join(map(str, p.default))
+            assert f"`{default}`" in named[name], f"ddmkit {' '.join(words)} {name}: docs/cli.md lacks its default " \
+                                                  f"`{default}`: {named[name]}"
