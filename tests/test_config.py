@@ -145,3 +145,39 @@ def test_a_section_written_as_a_list_of_tables_says_to_write_one_table(tmp_path)
     assert "sample: written as a list of tables ([[sample]]); a section is one table: write [sample]" in str(err.value)
     assert "expert.train: written as a list of tables ([[expert.train]]); a section is one table: write " \
            "[expert.train]" in str(err.value)
+
+
+def test_every_default_in_config_md_is_the_configs():
+    """Each row `| `field` | default | ...` of docs/config.md's tables whose default is a TOML value (`"ring8"`, 8,
+    2e-3, null, [32, 64, 64]) gives that field's default in RunConfig(); a row `[expert.path] kind` names its table."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from ddmkit.config import RunConfig
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    tables, checked, wrong = [], 0, []
+    for line in doc.splitlines():
+        if heading := re.match(r"^## `\[(\w+)\]`", line):
+            tables = [heading.group(1)]
+        elif re.match(r"^`\[\w+\.\w+\]`( / `\[\w+\.\w+\]`)*:$", line):  # `[expert.train]` / `[router.train]`:
+            tables = re.findall(r"\[([\w.]+)\]", line)
+        row = re.match(r"^\| `(?:\[([\w.]+)\] )?(\w+)` \| (.*?) \|", line)
+        if not row:
+            continue
+        table, name, default = row.groups()
+        text = default.replace("`", "")
+        try:
+            value = None if text == "null" else tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            continue  # a default in words (sample.strategies, latent.train)
+        for where in [table] if table else tables:
+            field = RunConfig()
+            for key in [*where.split("."), name]:
+                field = getattr(field, key)
+            checked += 1
+            if field != value or type(field) is not type(value) and value is not None:
+                wrong.append(f"{where}.{name}: docs {text}, config {field!r}")
+    assert not wrong, f"docs/config.md gives other defaults than the config: {wrong}"
+    assert checked >= 80, checked
