@@ -225,8 +225,10 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
                                                  "(a latent run's: RUN/latents/cluster_03.safetensors)"),
                      out: Path = typer.Option(..., "--out", help="expert folder to write (new, empty or an expert's: "
                                               "it is replaced; a folder holding anything else is refused)"),
-                     config: Optional[Path] = typer.Option(None, help="TOML config (or a run's config.json) whose "
-                                                           "[expert] section is used (default: the built-in defaults)"),
+                     config: Optional[Path] = typer.Option(None, help="TOML config (or a built-in name, e.g. demo, or "
+                                                           "a run's config.json) whose [expert] section is used; it "
+                                                           "also names your own network classes (default: the "
+                                                           "built-in defaults)"),
                      seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed (overrides config)"),
                      checkpoint_every: Optional[int] = typer.Option(None, min=0, help="write a checkpoint every N steps (0: none; overrides config)"),
                      resume: bool = typer.Option(False, help="continue from OUT.checkpoint.safetensors if a killed run left one"),
