@@ -113,6 +113,10 @@ def test_a_bad_override_is_exit_2_naming_the_field(ddmkit, shard, tmp_path, args
      "router.net.kwargs.dpeth: 'router_mlp' takes no argument 'dpeth'; did you mean 'depth'?"),
     (["run", TINY], ["--set", 'expert.net={arch = "unet", kwargs = {chanels = [8]}}'],
      "expert.net.kwargs.chanels: 'unet' takes no argument 'chanels'; did you mean 'channels'?"),
+    (["run", TINY], ["--set", 'expert.net.kwargs={width = "64"}'],  # was torch.empty's TypeError, data read
+     "expert.net.kwargs.width = '64': give a whole number (unquoted in TOML and --set)"),
+    (["partition", "--config", TINY], ["--set", "router.net.kwargs.depth=2.5"],
+     "router.net.kwargs.depth = 2.5: give a whole number"),
 ])
 def test_a_misspelt_net_kwarg_is_refused_before_the_data_are_read(cli, monkeypatch, tmp_path, command, args, message):
     """A typo in a network's kwargs was reported only once the data were loaded and their sizes checked, with

@@ -81,6 +81,30 @@ def check_argument_names(arch: str, kwargs: dict, where: str, given: tuple[str, 
         if key not in names:
             raise DDMError(f"{where}.kwargs.{key}: {arch!r} takes no argument {key!r}{did_you_mean(key, accepted)} "
                            f"(accepted: {', '.join(accepted) or 'none besides ' + ' and '.join(given)})")
+    check_argument_types(network_class(arch, f"{where}.arch"), kwargs, where)
+
+
+SCALARS = {int: "a whole number", float: "a number", bool: "true or false"}
+
+
+def check_argument_types(cls: type, kwargs: dict, where: str) -> None:
+    """Each of kwargs whose argument cls annotates as int, float or bool of that type (an int for a float too): a
+    DDMError naming the field otherwise (`width = "64"` was a TypeError of torch.empty). Nothing is checked
+    where an annotation cannot be read or is of another type."""
+    try:
+        params = inspect.signature(cls, eval_str=True).parameters
+    except Exception:  # noqa: BLE001 - a user's annotation that does not evaluate: its constructor will say
+        return
+    for key, value in kwargs.items():
+        kind = params[key].annotation if key in params else None
+        if kind not in SCALARS:
+            continue
+        fits = isinstance(value, bool) if kind is bool else \
+            isinstance(value, int) and not isinstance(value, bool) if kind is int else \
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not fits:
+            text = " (unquoted in TOML and --set)" if isinstance(value, str) else ""
+            raise DDMError(f"{where}.kwargs.{key} = {value!r}: give {SCALARS[kind]}{text}")
 
 
 def check_arguments(arch: str, cls: type, kwargs: dict) -> None:
