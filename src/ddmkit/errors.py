@@ -1,4 +1,5 @@
-"""The one exception ddmkit raises for bad input; the CLI prints its message and exits 2."""
+"""The one exception ddmkit raises for bad input (the CLI prints its message and exits 2), and counted(), the
+count and noun its messages write."""
 
 
 class DDMError(Exception):
