@@ -394,3 +394,19 @@ def test_images_of_an_array_file_of_another_shape_are_pointed_to_image_array():
     with pytest.raises(DDMError, match=r"shape \(3,\)") as error:
         check_island(run, ArrayData("f.npz", torch.zeros(4, 3)), "training")
     assert "image_array" not in str(error.value)
+
+
+@pytest.mark.parametrize("command", [("add-expert", "{run}", "--data", "{run}"),
+                                     ("replace-expert", "{run}", "0", "{tmp}"), ("distill", "{run}")])
+def test_a_file_given_as_run_is_said_to_be_a_file_not_a_run_folder(tmp_path, cli, command):
+    """`ddmkit add-expert island.npz ...` (the data file where RUN goes) said 'island.npz is a file, not a folder;
+    move it away', as if the file were in the way of a folder to write."""
+    data = tmp_path / "island.npz"
+    np.savez(data, x=np.zeros((4, 2), dtype=np.float32))
+    before = hashes(tmp_path)
+    code, err = cli(*[part.format(run=data, tmp=tmp_path) for part in command])
+    assert code == 2 and f"{data} is a file, not a run folder; give the folder a `ddmkit run` wrote" in err, err
+    assert "move it away" not in err and hashes(tmp_path) == before
+    code, err = cli(*[part.format(run=tmp_path / "nosuch", tmp=tmp_path) for part in command])
+    assert code == 2 and f"{tmp_path / 'nosuch'} is not a run folder (no such folder)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["island.npz"]

@@ -47,7 +47,7 @@ from ddmkit.evaluation.sets import FLOOR, evaluate_all, reference_sets
 from ddmkit.flow.path import noise
 from ddmkit.io import read_json, remove_stale_staging, sha256_file, write_bytes_atomic, write_json
 from ddmkit.train.threads import job_threads
-from ddmkit.layout import RunFolder
+from ddmkit.layout import RunFolder, check_run_exists
 from ddmkit.nets import check_builds
 from ddmkit.pipeline.images import scorer_for
 from ddmkit.pipeline.prepare import run_config
@@ -610,6 +610,7 @@ def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | 
     the run's sample.steps) with the run's sample.solver; seed: the students' training seed (default the
     expert's); force: remove RUN/students first."""
     folder = RunFolder(run)
+    check_run_exists(folder.root)  # a file or no folder: said as such, before its lock would make the folder
     with run_lock(folder.root):
         plan = plan_distill(folder.root, teacher, arch, steps, few_step, grid, trajectories, teacher_steps, seed,
                             device, force, report)

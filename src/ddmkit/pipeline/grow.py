@@ -57,7 +57,7 @@ from ddmkit.io import (load_tensors, read_json, read_metadata, remove_stale_stag
                        staging_dir, write_json)
 from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.train.threads import job_threads
-from ddmkit.layout import RunFolder
+from ddmkit.layout import RunFolder, check_run_exists
 from ddmkit.nets import check_builds
 from ddmkit.nets.folders import identity
 from ddmkit.pipeline.checks import check_devices, checked_device
@@ -465,6 +465,7 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
     if device is not None:
         checked_device(device)
     folder = RunFolder(run)
+    check_run_exists(folder.root)  # a file or no folder: said as such, before its lock would make the folder
     with run_lock(folder.root):
         refuse_latent(folder)
         state = trained_run(folder.root)
@@ -538,6 +539,7 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict | None:
     docstring); returns the grow.json entry (None, and nothing written, when it is a copy of those
     weights already)."""
     run_folder, source = RunFolder(run), Path(folder)
+    check_run_exists(run_folder.root)  # a file or no folder: said as such, before its lock would make the folder
     with run_lock(run_folder.root):
         refuse_latent(run_folder, k)
         state = trained_run(run_folder.root)
