@@ -410,3 +410,17 @@ def test_a_file_given_as_run_is_said_to_be_a_file_not_a_run_folder(tmp_path, cli
     code, err = cli(*[part.format(run=tmp_path / "nosuch", tmp=tmp_path) for part in command])
     assert code == 2 and f"{tmp_path / 'nosuch'} is not a run folder (no such folder)" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["island.npz"]
+
+
+def test_labels_of_an_array_data_that_do_not_fit_its_rows_are_refused(run):
+    """An ArrayData island with 19 labels for 20 rows was added (RUN/data/train.safetensors then held fewer labels
+    than rows); float labels were cut to whole numbers; labels (N, 1) failed with a RuntimeError."""
+    before = hashes(run)
+    island = component(3, 20, seed=3)
+    for labels, words in [(island.labels[:19], "'labels' has shape (19,), expected (20,): one label per row"),
+                          (island.labels.float() + 0.5, "expected whole numbers"),
+                          (island.labels[:, None], "'labels' has shape (20, 1)")]:
+        with pytest.raises(DDMError) as err:
+            add_expert(run, ArrayData("island", island.x, labels, island.truth), router="stats", log=lambda m: None)
+        assert str(err.value).startswith("data (training): ") and words in str(err.value), err.value
+    assert hashes(run) == before

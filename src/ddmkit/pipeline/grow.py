@@ -50,6 +50,7 @@ import torch
 from ddmkit.config import DataConfig, RunConfig, apply_overrides, device_overrides, validate
 from ddmkit.conventions import __version__
 from ddmkit.data import ArrayData, check_finite, content_hash, load_dataset, takes_test_fraction
+from ddmkit.data.arrays import checked_labels
 from ddmkit.data.partition import cluster_statistics, feature_map, read_shard, shard_name, write_manifest
 from ddmkit.ddm.load import check_shape, velocity_field
 from ddmkit.errors import DDMError
@@ -184,6 +185,9 @@ def check_island(run: TrainedRun, x: ArrayData, what: str) -> None:
         raise DDMError(f"data: the new data are of shape {tuple(x.data_shape)} but the run's are {shape}; give data "
                        f"of the run's shape (images: at its resolution and channels){hint}")
     check_finite(x.x, f"data ({what})")
+    if x.labels is not None:  # an ArrayData's: one whole number per row (a file's were checked on loading)
+        labels = x.labels.detach().cpu() if isinstance(x.labels, torch.Tensor) else x.labels
+        checked_labels(labels, len(x), f"data ({what})")
     if run.train.labels is not None and x.labels is None:
         raise DDMError("data: the run's rows carry labels (a class, or for a mixture such as ring8 the component "
                        "each row was drawn from) but the new data have none; give each new row a label (an .npz "
