@@ -424,3 +424,13 @@ def test_labels_of_an_array_data_that_do_not_fit_its_rows_are_refused(run):
             add_expert(run, ArrayData("island", island.x, labels, island.truth), router="stats", log=lambda m: None)
         assert str(err.value).startswith("data (training): ") and words in str(err.value), err.value
     assert hashes(run) == before
+
+
+def test_replace_expert_takes_a_numpy_integer_as_k(run):
+    """K from NumPy (np.argsort of per-expert scores) was refused: 'there is no expert np.int64(2)'."""
+    event = replace_expert(run, np.int64(2), run / "experts" / "expert_00", log=lambda m: None)
+    assert event["expert"] == 2 and type(event["expert"]) is int
+    assert read_json(RunFolder(run).expert(2) / "config.json")["cluster"] == 2
+    verify_registry(run)
+    with pytest.raises(DDMError, match=r"K: there is no expert 3; this run has experts 0 \.\. 2"):
+        replace_expert(run, np.int64(3), run / "experts" / "expert_00")

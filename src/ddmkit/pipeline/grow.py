@@ -39,6 +39,7 @@ of the original data (remove RUN/monolith and run `ddmkit train-monolith RUN` to
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -548,8 +549,10 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict | None:
         refuse_latent(run_folder, k)
         state = trained_run(run_folder.root)
         kk = state.manifest["k"]
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < kk:
-            raise DDMError(f"K: there is no expert {k!r}; this run has experts 0 .. {kk - 1}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < kk:
+            shown = int(k) if isinstance(k, numbers.Integral) and not isinstance(k, bool) else repr(k)
+            raise DDMError(f"K: there is no expert {shown}; this run has experts 0 .. {kk - 1}")
+        k = int(k)  # a NumPy integer (np.argsort's) as the index it is, written to JSON
         if not source.exists():
             raise DDMError(f"FOLDER {source} does not exist; give the model folder that is to replace expert {k} "
                            "(a folder holding config.json and model.safetensors, e.g. RUN/experts/expert_03 of "
