@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -401,3 +402,16 @@ def test_distill_refuses_a_dense_checkpoint_of_a_teacher_changed_since(trained, 
     write_registry(run)
     with pytest.raises(DDMError, match=r"different training run: other settings: teacher\.teacher_sha256"):
         make_dense(plan(), log=lambda m: None)
+
+
+def test_counts_may_be_numpy_integers(trained):
+    """distill_run(run, few_step=np.int64(4)) said '--few-step: np.int64(4) is out of range; give an integer in
+    1 .. 32'; the counts are kept as ints, so the students' config.json can record them."""
+    plan = plan_distill(trained, "top-2", few_step=np.int64(3), steps=np.int64(40), trajectories=np.int64(128),
+                        teacher_steps=np.int64(6), seed=np.int64(1), report=False)
+    counts = (plan.few_step, plan.train.steps, plan.trajectories, plan.teacher_steps, plan.train.seed)
+    assert counts == (3, 40, 128, 6, 1)
+    assert all(type(v) is int for v in (plan.few_step, plan.train.steps, plan.trajectories, plan.teacher_steps))
+    json.dumps(plan.few_step_spec())
+    with pytest.raises(DDMError, match=r"^--few-step: 33 is out of range; give an integer in 1 \.\. 32$"):
+        plan_distill(trained, "top-2", few_step=np.int64(33), report=False)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import re
 import shutil
 import time
@@ -98,9 +99,12 @@ def _choice(option: str, value: str, accepted: tuple[str, ...]) -> None:
         raise DDMError(f"--{option}: unknown value {value!r}; accepted: {', '.join(accepted)}")
 
 
-def _count(option: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise DDMError(f"--{option}: {value!r} is out of range; give an integer in {lo} .. {hi}")
+def _count(option: str, value, lo: int, hi: int) -> int:
+    """The count as an int (a NumPy integer too), else a DDMError naming the option and its range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+        shown = int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else repr(value)
+        raise DDMError(f"--{option}: {shown} is out of range; give an integer in {lo} .. {hi}")
+    return int(value)
 
 
 def lambda_grid(field: Callable, x1: torch.Tensor, segments: int, points: int = 41, iters: int = 4) -> torch.Tensor:
@@ -265,13 +269,14 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
     _choice("arch", arch, ARCHS)
     _choice("grid", grid, GRIDS)
     if few_step is not None:
-        _count("few-step", few_step, *FEW_STEPS)
-    for option, value, hi in (("steps", steps, ROWS), ("teacher-steps", teacher_steps, 10**6)):
-        if value is not None:
-            _count(option, value, 1, hi)
-    _count("trajectories", trajectories, 2, MAX_TRAJECTORIES)
+        few_step = _count("few-step", few_step, *FEW_STEPS)
+    if steps is not None:
+        steps = _count("steps", steps, 1, ROWS)
+    if teacher_steps is not None:
+        teacher_steps = _count("teacher-steps", teacher_steps, 1, 10**6)
+    trajectories = _count("trajectories", trajectories, 2, MAX_TRAJECTORIES)
     if seed is not None:
-        _count("seed", seed, 0, MAX_SEED)
+        seed = _count("seed", seed, 0, MAX_SEED)
     if device is not None:
         device_name(device, f"--device: {device!r}")
     folder = RunFolder(run)
