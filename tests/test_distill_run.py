@@ -415,3 +415,24 @@ def test_counts_may_be_numpy_integers(trained):
     json.dumps(plan.few_step_spec())
     with pytest.raises(DDMError, match=r"^--few-step: 33 is out of range; give an integer in 1 \.\. 32$"):
         plan_distill(trained, "top-2", few_step=np.int64(33), report=False)
+
+
+def test_the_report_of_a_run_without_exact_truth_does_not_claim_one():
+    """A run on a data file (no exact mixture) got a report saying 'NLL, mode coverage and off-manifold rate under
+    the true mixture' above columns of '-'."""
+    from ddmkit.pipeline.distill import render_report
+
+    row = "teacher top-2, 8 euler steps"
+    settings = {"run": "run", "ddmkit_version": "0", "k": 2, "teacher": "top-2", "arch": "expert",
+                "net": {"arch": "mlp"}, "guidance": 1.0, "n": 10, "seed": 0, "teacher_row": row}
+    said = {}
+    for truth, floor in (("exact", {"w2": 0.5, "nll": 1.7, "modes_hit": 1.0, "off_manifold": 0.0}),
+                         ("none", {"w2": 0.5})):
+        scores = {"floor": floor, "rows": {row: {**floor, "expert_calls_per_sample": 16, "router_calls_per_sample": 8,
+                                                 "to_teacher_samples": 0.0}}}
+        result = {"settings": settings, "scores": scores, "field": {"to_teacher": {}, "times": []}, "students": []}
+        said[truth] = " ".join(render_report(result).split())
+    assert "NLL, mode coverage and off-manifold rate under the true mixture" in said["exact"]
+    assert "true mixture" not in said["none"]
+    assert "NLL, mode coverage and off-manifold rate need the exact mixture the data were drawn from; this run's " \
+        "data have none (-)" in said["none"]

@@ -538,6 +538,15 @@ def remove_outdated_report(folder: RunFolder, log: Log) -> None:
         log(f"distill: removed {folder.students_report} (it lacks {', '.join(lacking)})")
 
 
+def vector_scores(scores: dict) -> str:
+    """What the report's columns of a vector run score: NLL, modes and off-manifold rate only with an exact truth."""
+    if scores["floor"].get("nll") is not None:
+        return ("W2 against held-out data beside the noise floor; NLL, mode coverage and off-manifold rate under the "
+                "true mixture.")
+    return ("W2 against held-out data beside the noise floor. NLL, mode coverage and off-manifold rate need the "
+            "exact mixture the data were drawn from; this run's data have none (-).")
+
+
 def render_report(result: dict) -> str:
     p, scores = result["settings"], result["scores"]
     vectors = "features" not in scores
@@ -568,8 +577,8 @@ def render_report(result: dict) -> str:
            f"{p['n']} samples per row from the run's sampling noise (seed {p['seed']}). Network calls count "
            "expert-sized network evaluations per sample over the whole trajectory (a student or the monolith: one "
            "per evaluation; the teacher: the experts its strategy calls); router calls are per sample. "
-           + ("W2 against held-out data beside the noise floor; NLL, mode coverage and off-manifold rate under the "
-              "true mixture." if vectors else f"FID and KID (x 1e3) against the test split ({scores['features']} features).")
+           + (vector_scores(scores) if vectors else
+              f"FID and KID (x 1e3) against the test split ({scores['features']} features).")
            + f" The last column is E |x0 - x0_teacher|^2 / E |x0_teacher|^2 against the row `{p['teacher_row']}` "
            "from the same noise: how far each sampler's samples lie from the teacher's own.",
            "", markdown_table(["samples", "network calls/sample", "router calls/sample"] + [c for c, _ in cols]
