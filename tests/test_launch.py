@@ -440,6 +440,33 @@ def test_launch_settings_may_change_how_jobs_run_not_what_they_train(tmp_path, m
     assert code in (0, None) and (run / "launch" / "train_experts.slurm").exists(), said
 
 
+def test_train_router_and_monolith_refuse_another_seed_as_another_training_setting(tmp_path):
+    """`train-router RUN --seed N` / `train-monolith RUN --seed N` applied the seed after the check that refuses
+    other training settings: a seed other than RUN/config.json's trained a router (monolith) that no record of
+    the run knew of. The seed is a trained setting like any --set: another one is refused, naming the field, and
+    the run's own trains as before."""
+    import json
+
+    run = tmp_path / "run"
+    code, said = cli("partition", "--config", Path(__file__).parent / "configs" / "tiny.toml", "--out", run,
+                     "--set", "expert.train.steps=3", "--set", "router.train.steps=3")
+    assert code == 0, said
+    made = json.loads((run / "config.json").read_text())["config"]
+    seeds = {"router": made["router"]["train"]["seed"], "monolith": made["expert"]["train"]["seed"]}
+    for command, folder, field in (("train-router", "router", "router"), ("train-monolith", "monolith", "expert")):
+        seed = seeds[folder]
+        code, said = cli(command, run, "--seed", seed + 5)
+        assert code == 2 and said.startswith(f"error: --seed / --set / --config: {run} was made with other "), said
+        assert f"{field}.train.seed ({seed}, asked {seed + 5})" in said and "change only how the jobs run" in said
+        assert not (run / folder).exists()
+    record = (run / "config.json").read_bytes()
+    for command, folder in (("train-router", "router"), ("train-monolith", "monolith")):
+        code, said = cli(command, run, "--seed", seeds[folder])  # the run's own seed: trained as config.json says
+        assert code == 0 and (run / folder / "model.safetensors").exists(), said
+        assert json.loads((run / folder / "config.json").read_text())["train"]["seed"] == seeds[folder]
+    assert (run / "config.json").read_bytes() == record
+
+
 # ----- the process pool's GPUs ---------------------------------------------------------------------------------
 
 def test_a_pool_job_trains_on_one_of_the_gpus_this_process_was_given(monkeypatch):

@@ -247,7 +247,8 @@ def test_symlink_out_of_the_run_is_refused(tmp_path):
 
 def test_training_the_router_or_monolith_again_keeps_a_registered_run_registered(copy, monkeypatch, capsys):
     """train-router / train-monolith on a run with a registry check it first, then record what they trained
-    (a router trained again with another seed was refused on the next load until `ddmkit register`)."""
+    (a router trained again was refused on the next load until `ddmkit register`). The registered router here is
+    one of another seed, so the one train-router trains (the run's seed; another is refused) differs from it."""
     from ddmkit.cli import main
 
     def ddmkit(*args):
@@ -256,9 +257,15 @@ def test_training_the_router_or_monolith_again_keeps_a_registered_run_registered
             main()
         return exit.value.code
 
+    cfg = load_config(copy / "config.json")
+    shutil.rmtree(copy / "router")
+    stage_router(cfg.model_copy(update={"router": cfg.router.model_copy(update={
+        "train": cfg.router.train.model_copy(update={"seed": 5})})}), copy, lambda m: None)
+    stage_registry(cfg, copy, lambda m: None)
     before = json.loads((copy / "registry.json").read_text())
     shutil.rmtree(copy / "router")
-    assert ddmkit("train-router", copy, "--seed", "5") == 0
+    assert ddmkit("train-router", copy, "--seed", "5") == 2 and "router.train.seed" in capsys.readouterr().err
+    assert ddmkit("train-router", copy) == 0
     after = json.loads((copy / "registry.json").read_text())
     router = [m["weights_sha256"] for reg in (before, after) for m in reg["models"] if m["role"] == "router"]
     assert router[0] != router[1] and verify_registry(copy)["missing"] == []

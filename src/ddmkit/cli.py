@@ -289,7 +289,9 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
 @app.command("train-router")
 def train_router_cmd(run: Path = typer.Argument(..., help="run folder with partition/"),
                      config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
-                     seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed (overrides config)"),
+                     seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed: the run's "
+                                                        "router.train.seed; another is refused, as any other "
+                                                        "training setting"),
                      device: Optional[str] = DEVICE,
                      set_: Optional[List[str]] = SET):
     """Train the router p(cluster | x_t, t) on noised shard data (text runs: on windows of the shards)."""
@@ -306,13 +308,19 @@ def train_router_cmd(run: Path = typer.Argument(..., help="run folder with parti
         return
     run_folder(run)  # a run folder that exists (its lock would make it)
     cfg = _config(config, run, set_, device)
-    check_same_training(run, cfg)  # --set / --config may change how the job runs, not what it trains
+    cfg = cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)})
+    # --seed / --set / --config may change how the job runs, not what it trains (the seed is a trained setting)
+    check_same_training(run, cfg, _training_options(seed))
     with run_lock(run):  # a writer holding the run refuses this command first
         if (RunFolder(run).router / "model.safetensors").exists():
             log(f"router: {run / 'router'} is trained already; remove that folder to train it again")
             return
-        asked = cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)})
-        _keeping_registered(cfg, run, lambda: stage_router(asked, run, log))
+        _keeping_registered(cfg, run, lambda: stage_router(cfg, run, log))
+
+
+def _training_options(seed: Optional[int]) -> str:
+    """The options of train-router / train-monolith that could have changed a trained setting, for its error."""
+    return "--set / --config" if seed is None else "--seed / --set / --config"
 
 
 def _keeping_registered(cfg, run: Path, train) -> None:
@@ -333,7 +341,9 @@ def _keeping_registered(cfg, run: Path, train) -> None:
 @app.command("train-monolith")
 def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with partition/"),
                        config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
-                       seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed (overrides config)"),
+                       seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed: the run's "
+                                                          "expert.train.seed; another is refused, as any other "
+                                                          "training setting"),
                        device: Optional[str] = DEVICE,
                        set_: Optional[List[str]] = SET):
     """Train the FLOP-matched monolith baseline on all shards (text runs: the centralized model), also in a
@@ -351,13 +361,14 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
         return
     run_folder(run)  # a run folder that exists (its lock would make it)
     cfg = _config(config, run, set_, device)
-    check_same_training(run, cfg)  # --set / --config may change how the job runs, not what it trains
+    cfg = cfg.model_copy(update={"expert": _with_train_seed(cfg.expert, seed)})  # the monolith's seed
+    # --seed / --set / --config may change how the job runs, not what it trains (the seed is a trained setting)
+    check_same_training(run, cfg, _training_options(seed))
     monolith = RunFolder(run).monolith
     if (monolith / "model.safetensors").exists():
         log(f"monolith: {monolith} is trained already; remove that folder to train it again")
         return
-    asked = {"expert": _with_train_seed(cfg.expert, seed),
-             "monolith": cfg.monolith.model_copy(update={"enabled": True})}
+    asked = {"monolith": cfg.monolith.model_copy(update={"enabled": True})}
     with run_lock(run):
         _keeping_registered(cfg, run, lambda: stage_monolith(cfg.model_copy(update=asked), run, log))
 

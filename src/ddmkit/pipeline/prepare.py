@@ -148,17 +148,18 @@ def check_config_file(path: Path) -> None:
                                       f"folder: `ddmkit run {shlex.quote(str(path))} --out NEW_RUN`")
 
 
-def check_same_training(run: str | Path, cfg: RunConfig) -> None:
+def check_same_training(run: str | Path, cfg: RunConfig, options: str = "--set / --config") -> None:
     """A command that trains the networks a run lacks (`ddmkit launch`) trains them as RUN/config.json says:
     cfg (its --set, --config and --device applied) may change how the jobs run (train.jobs.EXECUTION: device,
     threads, checkpoint_every, log_every, tensorboard, parallel), nothing else of the trained sections, or
-    the run's networks would differ from its config.json (a DDMError naming the fields)."""
+    the run's networks would differ from its config.json (a DDMError naming the fields, after `options`, the
+    command's options that could have changed them)."""
     folder = RunFolder(run)
     if not folder.config.exists():
         return
     differs = trained_differences(run_config(run), cfg)
     if differs:
-        raise DDMError(f"--set / --config: {folder.root} was made with other training settings: its config.json "
+        raise DDMError(f"{options}: {folder.root} was made with other training settings: its config.json "
                        f"differs in {listed(differs)}. Its networks train as config.json says: change only how the "
                        f"jobs run ({', '.join(RUN_EXECUTION)}), or make a run with these settings in another folder "
                        "(`ddmkit run CONFIG --out OTHER --set ...`)")
