@@ -118,6 +118,41 @@ def test_one_value_for_a_list_or_a_table_says_what_to_give():
         validate(RunConfig, apply_overrides({}, ["evaluate=3"]), "demo with --set")
 
 
+def test_a_number_where_a_list_of_texts_goes_is_told_a_form_that_works():
+    """`sample.strategies = 3` was told to give [3], which then failed as 'Input should be a valid string'. The
+    number quoted is suggested where the field takes it, else an item of the field's default, and the form
+    suggested on the command line validates."""
+    import re
+
+    import pytest
+    from pydantic import BaseModel
+
+    from ddmkit.config import RunConfig, apply_overrides, validate
+    from ddmkit.discrete.config import TextRunConfig
+    from ddmkit.errors import DDMError
+
+    for model, raw, item, field in ((RunConfig, {}, "sample.strategies=3", "sample.strategies"),
+                                    (RunConfig, {}, "sample.strategies=2.5", "sample.strategies"),
+                                    (TextRunConfig, {"kind": "text_ar"}, "router.kinds=3", "router.kinds")):
+        with pytest.raises(DDMError) as err:
+            validate(model, apply_overrides(raw, [item]), "--set")
+        said = str(err.value)
+        assert f"{field}: {item.split('=')[1]} is one value, and this field is a list of texts, each in quotes" in said
+        assert "[3]" not in said and "[2.5]" not in said, said
+        suggested = re.search(r"--set '([^']+)'", said).group(1)
+        validate(model, apply_overrides(raw, [suggested]), "--set")  # the form it suggests works
+
+    class Names(BaseModel):
+        names: list[str] = []
+
+    with pytest.raises(DDMError, match=r"names: 3 is one value, and this field is a list of texts, each in quotes: "
+                                       r"give \[\"3\"\] \(on the command line: --set 'names=\[\"3\"\]'\)"):
+        validate(Names, {"names": 3}, "--set")
+    assert validate(Names, {"names": ["3"]}, "--set").names == ["3"]
+    with pytest.raises(DDMError, match=r"sample\.strategies: 3 is .* \"3\" would not do: unknown routing strategy"):
+        validate(RunConfig, {"sample": {"strategies": 3}}, "run.toml")
+
+
 def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path):
     """Some Windows editors start a UTF-8 file with a byte-order mark: tomllib refused it with 'Invalid statement
     (at line 1, column 1)', which names nothing the user wrote; a text config's kind was not seen."""

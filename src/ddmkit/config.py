@@ -511,6 +511,47 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _annotation_at(model: type[BaseModel] | None, loc: tuple):
+    """The annotation of the field of `model` at `loc` (a path of field names), or None when there is none."""
+    annotation = model
+    for name in loc:
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(name, str)):
+            return None
+        field = annotation.model_fields.get(name)
+        if field is None:
+            return None
+        annotation = field.annotation
+    return annotation
+
+
+def _of_texts(annotation) -> bool:
+    """Whether a field's annotation is a list of texts (list[str], or a list of some of them: Literal["a", "b"])."""
+    if typing.get_origin(annotation) is not list or len(typing.get_args(annotation)) != 1:
+        return False
+    item = typing.get_args(annotation)[0]
+    literal = typing.get_origin(item) is Literal and all(isinstance(a, str) for a in typing.get_args(item))
+    return item is str or literal
+
+
+def _texts_for(given, section: type[BaseModel], name: str, where: str) -> str:
+    """What to write for a number (or boolean) `given` as field `name` of `section`, a list of texts: the number
+    quoted, as a list, when the section takes it, else an item of the field's default (and why the quoted one
+    would not do)."""
+    quoted = json.dumps(json.dumps(given))  # 3 -> "3", True -> "true": as TOML and --set write them
+    head = f"{json.dumps(given)} is one value, and this field is a list of texts, each in quotes"
+    try:
+        section.model_validate({name: [json.loads(quoted)]})
+        refused = []
+    except ValidationError as bad:  # the field's own errors (not a required field of the section left out here)
+        refused = [b["msg"].removeprefix("Value error, ") for b in bad.errors() if b["loc"][:1] == (name,)]
+    if not refused:
+        return f"{head}: give [{quoted}] (on the command line: --set '{where}=[{quoted}]')"
+    why = refused[0]
+    default = section.model_fields[name].get_default(call_default_factory=True)
+    example = json.dumps(default[:1]) if default else '["NAME"]'
+    return f"{head}, e.g. {example} (on the command line: --set '{where}={example}'); {quoted} would not do: {why}"
+
+
 def _explain(err: ValidationError, source: str, what: str = "configuration", model: type[BaseModel] | None = None,
              data: dict | None = None) -> str:
     lines = [f"{source}: invalid {what}"]
@@ -529,8 +570,12 @@ def _explain(err: ValidationError, source: str, what: str = "configuration", mod
                    "unknown field (check the spelling; see docs/config.md for the accepted fields, docs/discrete.md "
                    "for a text config's)")
         elif what == "configuration" and e["type"] == "list_type" and isinstance(e.get("input"), (str, int, float)):
-            msg = (f"{e['input']!r} is one value, and this field is a list: give [{json.dumps(e['input'])}] (on the "
-                   f"command line: --set '{where}=[{json.dumps(e['input'])}]')")
+            given = e["input"]
+            if _of_texts(_annotation_at(model, e["loc"])) and not isinstance(given, str):  # 3 where ["top-3"] goes
+                msg = _texts_for(given, _annotation_at(model, e["loc"][:-1]), e["loc"][-1], where)
+            else:
+                msg = (f"{given!r} is one value, and this field is a list: give [{json.dumps(given)}] (on the command "
+                       f"line: --set '{where}=[{json.dumps(given)}]')")
         elif what == "configuration" and e["type"] == "model_type" and isinstance(e.get("input"), list) and \
                 e["input"] and all(isinstance(item, dict) for item in e["input"]):  # [[sample]] in the TOML
             msg = f"written as a list of tables ([[{where}]]); a section is one table: write [{where}]"
