@@ -153,6 +153,30 @@ def test_a_number_where_a_list_of_texts_goes_is_told_a_form_that_works():
         validate(RunConfig, {"sample": {"strategies": 3}}, "run.toml")
 
 
+def test_one_value_for_data_params_says_it_is_a_table_of_the_data_sets_parameters(tmp_path):
+    """`data.params = 3` said only 'Input should be a valid dictionary'. It says what the table holds and how to
+    write one, in the TOML and with --set, and both forms it names are read."""
+    import pytest
+
+    from ddmkit.config import RunConfig, apply_overrides, load_config, validate
+    from ddmkit.errors import DDMError
+
+    path = tmp_path / "run.toml"
+    path.write_text("[data]\nname = \"ring8\"\nparams = 3\n")
+    with pytest.raises(DDMError) as err:
+        load_config(path)
+    said = str(err.value)
+    assert "data.params: 3 is one value, and this is a table of the data set's parameters (the keywords of its " \
+           "preset or loader, e.g. radius for ring8): write each as NAME = VALUE under [data.params] in the TOML, " \
+           "or --set data.params.NAME=VALUE on the command line" in said and "valid dictionary" not in said, said
+    with pytest.raises(DDMError, match=r"expert\.net\.kwargs: \[1\] is a list, and this is a table of the network's "
+                                       r"keyword arguments .*--set expert\.net\.kwargs\.NAME=VALUE"):
+        validate(RunConfig, apply_overrides({}, ["expert.net.kwargs=[1]"]), "--set")
+    path.write_text("[data]\nname = \"ring8\"\n\n[data.params]\nradius = 3.0\n")
+    assert load_config(path).data.params == {"radius": 3.0}
+    assert validate(RunConfig, apply_overrides({}, ["data.params.radius=3.0"]), "--set").data.params == {"radius": 3.0}
+
+
 def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path):
     """Some Windows editors start a UTF-8 file with a byte-order mark: tomllib refused it with 'Invalid statement
     (at line 1, column 1)', which names nothing the user wrote; a text config's kind was not seen."""

@@ -552,6 +552,10 @@ def _texts_for(given, section: type[BaseModel], name: str, where: str) -> str:
     return f"{head}, e.g. {example} (on the command line: --set '{where}={example}'); {quoted} would not do: {why}"
 
 
+TABLES = {"params": "the data set's parameters (the keywords of its preset or loader, e.g. radius for ring8)",
+          "kwargs": "the network's keyword arguments (e.g. width, depth)"}  # free-form tables, by field name
+
+
 def _explain(err: ValidationError, source: str, what: str = "configuration", model: type[BaseModel] | None = None,
              data: dict | None = None) -> str:
     lines = [f"{source}: invalid {what}"]
@@ -581,6 +585,10 @@ def _explain(err: ValidationError, source: str, what: str = "configuration", mod
             msg = f"written as a list of tables ([[{where}]]); a section is one table: write [{where}]"
         elif what == "configuration" and e["type"] == "model_type" and not isinstance(e.get("input"), dict):
             msg = f"{e['input']!r} is one value, and this is a table of fields: set one of them ({where}.FIELD = VALUE)"
+        elif what == "configuration" and e["type"] == "dict_type" and e["loc"] and e["loc"][-1] in TABLES:
+            given = "is a list" if isinstance(e.get("input"), list) else "is one value"  # [[data.params]] too
+            msg = (f"{e['input']!r} {given}, and this is a table of {TABLES[e['loc'][-1]]}: write each as "
+                   f"NAME = VALUE under [{where}] in the TOML, or --set {where}.NAME=VALUE on the command line")
         lines.append(f"  {where}: {msg}" if where else f"  {msg}")  # a check of the whole section names its fields
     return "\n".join(lines)
 
