@@ -442,6 +442,29 @@ def cli_parameters(command) -> dict[str, object]:
             for p in command.params if p.name != "help"}
 
 
+def test_every_flag_has_its_no_flag_as_cli_md_says():
+    """docs/cli.md says a flag `--X` has its `--no-X` (naming the lone flags, off unless given): `ddmkit text run
+    --force` had no --no-force, while every other command's --force has one."""
+    import typer
+
+    from ddmkit.cli import app
+    from test_cli_conventions import commands
+
+    page = " ".join(prose(ROOT / "docs" / "cli.md").split())
+    rule = re.search(r"A flag `--X` has its `--no-X`(?: \(([^)]*)\))?", page)
+    assert rule, "docs/cli.md no longer says that a flag --X has its --no-X"
+    lone = set(re.findall(r"`(--[a-z][a-z0-9-]*)`", rule.group(1) or ""))
+    flags = [(words, p) for words, command in commands(typer.main.get_command(app)) for p in command.params
+             if getattr(p, "is_flag", False) and p.name != "help"]
+    assert len(flags) > 10
+    for words, p in flags:
+        name = f"ddmkit {' '.join(words)} {p.opts[0]}"
+        if p.opts[0] in lone:
+            assert not p.secondary_opts, f"{name}: docs/cli.md calls it a lone flag, but it has {p.secondary_opts}"
+        else:
+            assert p.secondary_opts == [f"--no-{p.opts[0][2:]}"], f"{name}: a flag without its --no- form"
+
+
 def test_cli_md_documents_every_command_and_option_of_the_help():
     """Each command of `ddmkit --help` (sub-commands too) has its section in docs/cli.md, which names each of its
     arguments and options and no other, and the default --help shows for each option that has one."""

@@ -982,8 +982,8 @@ def distill(quick: bool = QUICK,
 @text_app.command("run")
 def text_run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar' or 'text_dfm'"),
              out: Optional[Path] = typer.Option(None, "--out", help="output folder (default runs/<config name>)"),
-             force: bool = typer.Option(False, "--force", help="replace what the output folder holds (once the config's "
-                                        "checks pass)"),
+             force: bool = typer.Option(False, "--force/--no-force", help="replace what the output folder holds (once "
+                                        "the config's checks pass)"),
              seed: Optional[int] = typer.Option(None, "--seed", help="override every seed of the config"),
              device: Optional[str] = typer.Option(None, "--device", help="cpu or auto (text runs train and sample "
                                                   "on the CPU)"),
