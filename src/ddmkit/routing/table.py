@@ -88,8 +88,8 @@ STRATEGIES: list[StrategyForm] = [
                  lambda p, t=None: Nucleus(_probability(p), _temperature(t)),
                  "one expert drawn from the smallest set holding mass P of r^(1/T)", "1"),
     StrategyForm("switch", r"switch", lambda: Switch(),
-                 "one expert per sample per step drawn from r, weight 1 (stochastic switching; the same law as "
-                 "sample-1)", "1"),
+                 "one expert per sample drawn from r at every velocity evaluation (not once per step: twice a "
+                 "step with heun), weight 1 (stochastic switching; the same law as sample-1)", "1"),
     StrategyForm("oracle", r"oracle", lambda: Oracle(),
                  "one cluster per sample drawn once from the cluster proportions (from p(cluster | label) for "
                  "labelled samples) and kept for the whole trajectory", "1"),
