@@ -9,7 +9,7 @@ from ddmkit.routing import ExpertProbe, RoutingState, parse_strategy, routed_vel
 from ddmkit.routing import adaptive as AD
 from ddmkit.routing import stats_router as SR
 from ddmkit.routing.strategies import Oracle, SampleK, Threshold, TopK
-from ddmkit.routing.table import STRATEGIES, strategy_forms
+from ddmkit.routing.table import STRATEGIES, strategy_form, strategy_forms
 
 F64 = torch.float64
 
@@ -24,11 +24,49 @@ def state(seed=0, **kw):
     ("threshold-0", "P must be in (0, 1]"), ("threshold-1.5", "P must be in (0, 1]"),
     ("nucleus-0.5@0", "temperature T must be > 0"), ("adaptive-0", "P must be in (0, 1]"),
     ("gated-0@30", "K must be >= 1 and the angle A in [0, 180] degrees"),
-    ("gated-2@180.5", "K must be >= 1 and the angle A in [0, 180] degrees")])
+    ("gated-2@180.5", "K must be >= 1 and the angle A in [0, 180] degrees"),
+    # negative values: the names of a known form, refused for the value (they were 'unknown routing strategy')
+    ("sample-2@-1", "temperature T must be > 0"), ("adaptive-ent--1", "the entropy H must be >= 0 nats"),
+    ("top--1", "K must be >= 1"), ("sample--2", "K must be >= 1"), ("threshold--0.1", "P must be in (0, 1]"),
+    ("nucleus--0.9", "P must be in (0, 1]"), ("nucleus-0.9@-0.5", "temperature T must be > 0"),
+    ("adaptive--0.5", "P must be in (0, 1]"), ("gated-2@-30", "K must be >= 1 and the angle A in [0, 180] degrees"),
+    ("sample-2@1.2.3", "1.2.3 is not a number")])
 def test_bad_values_are_named(spec, message):
+    """The value's range, then what the form takes, with an example name that parses as that form."""
     with pytest.raises(DDMError) as e:
         parse_strategy(spec)
-    assert str(e.value) == f"strategy {spec!r}: {message}"
+    form = strategy_form(spec)
+    assert str(e.value).startswith(f"strategy {spec!r}: {message}; {form} takes "), str(e.value)
+    example = str(e.value).rsplit("e.g. ", 1)[1]
+    assert strategy_form(example) == form and parse_strategy(example)
+
+
+@pytest.mark.parametrize("spec, form", [("top-2.5", "top-K"), ("top-x", "top-K"), ("top", "top-K"),
+                                        ("sample-2@x", "sample-K[@T]"), ("adaptive-ent-x", "adaptive-ent-H"),
+                                        ("adaptive-x", "adaptive-P"), ("nucleus-0.9@", "nucleus-P[@T]")])
+def test_a_name_of_a_forms_words_with_a_parameter_no_pattern_reads_says_what_the_form_takes(spec, form):
+    with pytest.raises(DDMError) as e:
+        parse_strategy(spec)
+    entry = next(s for s in STRATEGIES if s.form == form)
+    assert str(e.value) == (f"strategy {spec!r} is not a name of the form {form}; {form} takes {entry.params}, "
+                            f"e.g. {entry.example}")
+
+
+@pytest.mark.parametrize("spec, form", [("nucleous-1.5", "nucleus-P[@T]"), ("Top-0", "top-K"),
+                                        ("topp-2.5", "top-K"), ("sampel", "sample-K[@T]")])
+def test_a_misspelt_name_with_a_bad_parameter_is_pointed_to_its_form_not_to_another_bad_name(spec, form):
+    """nucleous-1.5 was answered 'did you mean nucleus-1.5?', a name refused in turn."""
+    with pytest.raises(DDMError) as e:
+        parse_strategy(spec)
+    entry = next(s for s in STRATEGIES if s.form == form)
+    assert str(e.value).startswith(f"unknown routing strategy {spec!r}; did you mean a name of the form {form}? "
+                                   f"It takes {entry.params}, e.g. {entry.example}. Accepted forms: ")
+
+
+def test_every_form_with_parameters_gives_an_example_that_parses_as_itself():
+    for entry in STRATEGIES:
+        if "-" in entry.form:
+            assert entry.params and strategy_form(entry.example) == entry.form and parse_strategy(entry.example)
 
 
 def test_limits_are_accepted_and_values_passed():

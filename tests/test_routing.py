@@ -247,10 +247,11 @@ def test_strategy_names_are_strings_and_numbers_may_use_scientific_notation():
     assert parse_strategy("threshold-1e-9") == Threshold(1e-9)
     assert parse_strategy("nucleus-5E-1@2e0") == Nucleus(0.5, 2.0)
     assert parse_strategy("threshold-0.25") == Threshold(0.25)  # the decimal form is unchanged
-    with pytest.raises(DDMError, match=r"^strategy 'adaptive-ent-1e999': 1e999 is not a finite number$"):
+    with pytest.raises(DDMError, match=r"^strategy 'adaptive-ent-1e999': 1e999 is not a finite number; adaptive-ent-H "
+                                       r"takes H an entropy >= 0 nats, e.g. adaptive-ent-0.5$"):
         parse_strategy("adaptive-ent-1e999")
     assert parse_strategy(" top-2") == TopK(2)
-    with pytest.raises(DDMError, match=r"^strategy 'top-0': K must be >= 1$"):  # the name as stripped
+    with pytest.raises(DDMError, match=r"^strategy 'top-0': K must be >= 1; top-K takes"):  # the name as stripped
         parse_strategy(" top-0 ")
 
 
