@@ -2,6 +2,7 @@
 they hold no time of day or commit hash (history lives in git), and the Python snippets of README.md,
 docs/images.md and docs/routing.md run as written on tiny runs (docs/latent.md's: tests/test_latent.py), and so
 do docs/own-data.md's Python snippets and shell lines, on tiny data, with what the page says they give."""
+import argparse
 import importlib
 import json
 import re
@@ -492,3 +493,74 @@ def test_cli_md_documents_every_command_and_option_of_the_help():
             default = p.default if not isinstance(p.default, list) else ", ".join(map(str, p.default))
             assert f"`{default}`" in named[name], f"ddmkit {' '.join(words)} {name}: docs/cli.md lacks its default " \
                                                   f"`{default}`: {named[name]}"
+
+
+# The benchmark commands a researcher copies to reproduce the speed numbers: each names a script that exists and
+# only options its parser accepts (checked without running the benchmark).
+
+BENCHMARKS = ROOT / "benchmarks"
+FORWARDS = {"gpu_images.sh training": "training"}  # a driver stage that hands its further options to a script
+
+
+class Caught(Exception):
+    pass
+
+
+def benchmark_options(script: str, monkeypatch) -> set[str]:
+    """The option strings (--x) of benchmarks/SCRIPT.py's argparse parser: the script is imported, and its parser
+    is caught where it would parse the command line."""
+    def catch(parser, *args, **kwargs):
+        raise Caught(parser)
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module(script)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+    with pytest.raises(Caught) as caught:
+        (getattr(module, "parse_args", None) or module.main)()
+    parser = caught.value.args[0]
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def benchmark_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(script, its --options) of every `python benchmarks/SCRIPT.py ...` command in `text` (and of every driver
+    stage in FORWARDS); a line ending in a backslash goes on, a backquoted span may go on to the next line, and a
+    command ends at a backquote, a '#', a '|' or the end of its line."""
+    text = re.sub(r"\\\\?\n\s*", " ", text)  # a docstring writes the backslash doubled
+    text = re.sub(r"`[^`\n]*\n[^`\n]*`", lambda m: " ".join(m.group(0).split()), text)
+    stages = "|".join(re.escape(stage) for stage in FORWARDS)
+    found = []
+    for m in re.finditer(rf"(?:python3? benchmarks/(\w+)\.py|bash benchmarks/({stages}))\b([^`#|\n]*)", text):
+        script = m.group(1) or FORWARDS[m.group(2)]
+        found.append((script, re.findall(r"(?<![\w-])--[a-z][\w-]*", m.group(3))))
+    return found
+
+
+COMMAND_SOURCES = sorted([*PAGES, *BENCHMARKS.glob("*.py"), *BENCHMARKS.glob("*.sh")])
+
+
+def test_the_benchmark_commands_name_scripts_and_options_that_exist(monkeypatch):
+    """Every benchmark command of the pages (docs/performance.md's measured tables, benchmarks/README.md), of the
+    scripts' docstrings and of the GPU drivers runs a script that exists with options its parser accepts."""
+    commands = [(source, script, flags) for source in COMMAND_SOURCES
+                for script, flags in benchmark_commands(source.read_text())]
+    assert len(commands) > 25 and {"sampling", "training", "text_seeds"} <= {script for _, script, _ in commands}
+    options, wrong = {}, []
+    for source, script, flags in commands:
+        where = f"{source.relative_to(ROOT)}: benchmarks/{script}.py"
+        if not (BENCHMARKS / f"{script}.py").exists():
+            wrong.append(f"{where}: no such script")
+            continue
+        if script not in options:
+            options[script] = benchmark_options(script, monkeypatch)
+        wrong += [f"{where}: no option {flag}" for flag in flags if flag not in options[script]]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_benchmark_command_check_finds_a_stale_script_and_option(monkeypatch):
+    text = ("    python benchmarks/sampling.py --ks 8 \\\n        --speed graphs   # --not-this\n"
+            "`python benchmarks/gone.py --x` and `bash benchmarks/gpu_images.sh training --mode stacked\n"
+            "  --only \"experts, bf16\"` (`--y`)")
+    assert benchmark_commands(text) == [("sampling", ["--ks", "--speed"]), ("gone", ["--x"]),
+                                        ("training", ["--mode", "--only"])]
+    assert {"--quick", "--mode", "--nets", "--compile-mode"} <= benchmark_options("training", monkeypatch)
+    assert "--ks" not in benchmark_options("training", monkeypatch)
