@@ -38,7 +38,7 @@ monolith and the bf16 experts (stacked, one at a time) again under train.compile
 reduce-overhead replays each step as a CUDA graph, which is what one small expert's step needs). Data:
 class means plus noise, drawn on the device (the speed of a step does not depend on it; the loss
 column shows that every variant learns the same). Prints a Markdown table: network, variant,
-compile, ms per step, samples/s, experts / monolith (against the monolith with the same compile
+compile, batch, ms per step, samples/s, experts / monolith (against the monolith with the same compile
 setting), mean loss per sample over the timed steps, peak GPU memory. Eager rows come first, so a
 run cut short keeps them; progress on stderr.
 """
@@ -349,15 +349,18 @@ def parse_args(argv=None):
                         "stacked: tiny networks, K = 2, batch 4, 3 steps after 1); options given explicitly are "
                         "kept")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if there is one)")
-    p.add_argument("--experts", choices=["mlp", "unet"], default=None, help="the expert network (default unet)")
+    p.add_argument("--experts", choices=["mlp", "unet"], default=None,
+                   help="--mode single: the expert network (default unet)")
     p.add_argument("--width", type=positive, default=None,
-                   help="UNet channels WIDTH/2W/2W (default 64); MLP width (256)")
-    p.add_argument("--dim", type=positive, default=64, help="MLP data dimension")
-    p.add_argument("--batches", type=positive, nargs="+", default=None, help="batch sizes (default 256 1024)")
+                   help="--mode single: UNet channels WIDTH/2W/2W (default 64); MLP width (256)")
+    p.add_argument("--dim", type=positive, default=64, help="--mode single: MLP data dimension")
+    p.add_argument("--batches", type=positive, nargs="+", default=None,
+                   help="--mode single: batch sizes (default 256 1024; --mode stacked: see --expert-batch)")
     p.add_argument("--steps", type=positive, default=None, help="timed steps (default 20; --mode stacked: 200)")
     p.add_argument("--warmup", type=nonnegative, default=None,
                    help="untimed steps first, torch.compile's compilation among them (default 5; --mode stacked: 20)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (as train.bf16)")
+    p.add_argument("--bf16", action="store_true",
+                   help="--mode single: bf16 autocast (as train.bf16; --mode stacked sets it per variant)")
     p.add_argument("--compile", action="store_true", help="also time the variants under torch.compile")
     p.add_argument("--threads", type=positive, default=None, help="CPU threads (default: PyTorch's; --quick: 1)")
     p.add_argument("--nets", nargs="+", choices=list(STACKED), default=list(STACKED),
