@@ -1,4 +1,5 @@
-# Sourced by the GPU drivers (gpu_images.sh, gpu_grow_convert_distill.sh, gpu_sweep.sh): installs the carried
+# Sourced by the GPU drivers (gpu_images.sh, gpu_grow_convert_distill.sh, gpu_sweep.sh, gpu_sweep_parts.sh,
+# gpu_analysis.sh; and alone, as gpu_sweep.sh's setup call): installs the carried
 # wheels (.inc_whl, .inc_diff, .inc_pot) once per warm machine, the Fashion-MNIST IDX files (.data) and the FID Inception weights'
 # parts (.inc_a/.inc_b, joined by join_fid_weights), and sets DDMKIT (the ddmkit command) and left N
 # (seconds left of an N-second call). benchmarks/gpu_carry.sh makes the carried folders.
