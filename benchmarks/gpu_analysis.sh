@@ -14,7 +14,9 @@
 #        (STAGES=train: train the runs only, the call without FID weights)
 # Measurements kept from earlier calls or sessions (docs/results/misalignment_fashion_mnist/measure/*.json,
 # copied to $R/measure) are not measured again, so the seeds can be spread over sessions; all of them come
-# back in $OUT/misalignment/measure.tar.gz. EXTRA="--set ..." is added (a dry run on a CPU).
+# back in $OUT/misalignment/measure.tar.gz. EXTRA="--set ..." is added to reference and misalignment (a dry run
+# on a CPU; `ddmkit analyze` takes no --set). N, DEVICE (default cuda), LIMIT (seconds, default 585) and R (the
+# misalignment folder, default runs/misalignment) are read too.
 source benchmarks/gpu_setup.sh
 read -r -a EXTRA <<< "${EXTRA:-}"
 DEVICE=${DEVICE:-cuda}
