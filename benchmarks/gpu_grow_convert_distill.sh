@@ -43,8 +43,12 @@ PY
 }
 
 NAMES=("${@:2}")  # train and evaluate: the runs to make or score (default: all of the stage's)
+known() {  # known "NAME ..." STAGE: refuse, before anything runs, a run name the stage does not make or score
+  local name; for name in "${NAMES[@]}"; do [[ " $1 " == *" $name "* ]] && continue
+    echo "gpu_grow_convert_distill.sh $2: no run '$name'; give some of: $1"; exit 2; done; }
 if [ "$1" = train ]; then
   [ ${#NAMES[@]} -eq 0 ] && NAMES=(fm vp)
+  known "fm vp" train
   for name in "${NAMES[@]}"; do
     [ $name = fm ] && SETTINGS=("${FM[@]}") || SETTINGS=("${VP[@]}")
     run run $CONFIG --out $R/$name --stages train "${SETTINGS[@]}" 2>&1 | tail -n 25 | tee "$OUT/train_$name.log"
@@ -61,8 +65,9 @@ elif [ "$1" = without ]; then
   step_status
   seconds without/experts/expert_00 grown/experts/expert_08 grown/router | tee -a "$OUT/without.log"
 elif [ "$1" = evaluate ]; then
-  join_fid_weights
   [ ${#NAMES[@]} -eq 0 ] && NAMES=(grown fm vp mixed)
+  known "grown fm vp mixed" evaluate
+  join_fid_weights
   if [[ " ${NAMES[*]} " == *" mixed "* ]]; then
     rm -rf $R/mixed && cp -r $R/fm $R/mixed
     for k in 0 1 2 3; do run replace-expert $R/mixed $k $R/vp/experts/expert_0$k 2>&1 | tail -n 2; done | tee "$OUT/evaluate.log"

@@ -72,3 +72,33 @@ def test_training_quick_runs_on_one_thread(monkeypatch):
         assert training.parse_args(["--quick", "--mode", mode]).threads == 1
     assert training.parse_args(["--quick", "--threads", "2"]).threads == 2
     assert training.parse_args(["--device", "cpu"]).threads is None  # a measurement: PyTorch's, as before
+
+
+def test_the_grow_convert_distill_driver_refuses_a_run_name_it_does_not_know(tmp_path):
+    """gpu_grow_convert_distill.sh train took any name but fm for vp (`train fm mixed` trained a VP run into
+    runs/gcd/mixed); a name its stage does not know is refused before anything runs. A stand-in python3 records
+    what would run (the driver, run in a folder of its own, copies no carried files)."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "benchmarks").mkdir()
+    for name in ("gpu_setup.sh", "gpu_grow_convert_distill.sh"):
+        shutil.copy(root / "benchmarks" / name, tmp_path / "benchmarks" / name)
+    (tmp_path / "bin").mkdir()
+    python3 = tmp_path / "bin" / "python3"
+    python3.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "ran.txt"}\n')
+    python3.chmod(0o755)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "R": str(tmp_path / "runs"),
+           "HOME": str(tmp_path)}
+
+    def driver(*args):
+        return subprocess.run(["bash", "benchmarks/gpu_grow_convert_distill.sh", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    for args in (("train", "fm", "mixed"), ("evaluate", "vp", "everything")):
+        done = driver(*args)
+        assert done.returncode == 2 and f"no run '{args[2]}'" in done.stdout, (done.stdout, done.stderr)
+        assert not (tmp_path / "ran.txt").exists()
+    done = driver("train", "vp")  # a known name runs (here the stand-in)
+    assert done.returncode == 0 and "expert.path.kind=vp" in (tmp_path / "ran.txt").read_text()
