@@ -252,6 +252,22 @@ def test_bad_options_exit_2_before_anything_is_written(tmp_path, args, words, cl
     assert not out.exists()
 
 
+@pytest.mark.parametrize("theirs", [{"report.md": "# theory convergence", "results.json": '{"grid": []}'},
+                                    {"report.md": "# my notes"}])
+def test_an_out_holding_another_report_is_refused_before_any_work(tmp_path, theirs, cli):
+    """A report.md the study did not write (a theory study's, a user's) was replaced by the study's own."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    for name, text in theirs.items():
+        (out / name).write_text(text)
+    done = cli("study", "misalignment", TINY, "--out", out, "--seeds", "1", "--strategy", "full", "--strategy",
+               "top-2", "--n", "100", "--conditions", "exact")
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2 and f"--out {out} holds a report.md that no misalignment study wrote" in said, said
+    assert sorted(p.name for p in out.iterdir()) == sorted(theirs)
+    assert (out / "report.md").read_text() == theirs["report.md"]
+
+
 def test_each_stage_checks_only_the_devices_it_uses(tmp_path, cli):
     """A study measured on a GPU is reported on a machine without one by the same command line: --stages
     report uses no device (it was refused: "--device: 'cuda:99', but this machine has 0 CUDA device(s)").
