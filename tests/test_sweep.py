@@ -412,6 +412,24 @@ def test_a_config_error_found_in_the_first_cell_leaves_no_out_folder(tmp_path):
         assert not out.exists(), setting
 
 
+def test_a_cell_of_another_training_is_refused_before_any_cell_trains(tmp_path):
+    """A grid run again with a changed training setting on the same --out: the cell that holds a run trained
+    otherwise, last in the grid, was found only when its turn came, after the cells before it had trained."""
+    from ddmkit.pipeline.prepare import config_record
+    from ddmkit.io import write_json
+
+    out = tmp_path / "sweep"
+    made = apply_overrides(load_config(SWEEP).model_dump(), ["expert.train.lr=0.001"])
+    old = out / "k4_b1_s0"
+    old.mkdir(parents=True)
+    write_json(old / "config.json", config_record(cell_config(RunConfig.model_validate(made), 4, 1.0, 0)))
+    done = cli("sweep", SWEEP, "--out", out, "--k", "2", "--k", "4", "--budget", "1")
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2 and f"{old} already holds a different run" in said, said
+    assert "expert.train.lr (0.001, asked 0.002)" in said and "--force" in said, said
+    assert sorted(p.name for p in out.iterdir()) == ["k4_b1_s0"]  # the K = 2 cell was not made
+
+
 def test_scored_cells_outside_the_grid_are_named(tiny_grid, tmp_path):
     """A middle budget's other seeds count only with --all-seeds: a report that leaves such a scored
     cell out says so."""

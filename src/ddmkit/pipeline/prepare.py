@@ -207,6 +207,13 @@ def remove_run_leftovers(folder: RunFolder, log: Log = print) -> None:
         remove_leftovers(folder.root, log)
 
 
+def check_run_target(folder: RunFolder, cfg: RunConfig, force: bool) -> None:
+    """The refusals of a run of `cfg` written into `folder` (a folder of other files, another run without
+    `force`, a config.json edited by hand), before anything is written: for a command that writes several
+    run folders and checks them all before the first."""
+    _action(folder, cfg, force)
+
+
 def _action(folder: RunFolder, cfg: RunConfig, force: bool) -> str:
     """What to do with the folder: "new", "same" (resume; how the jobs run may differ: train.jobs.EXECUTION),
     "derived" (only [sample]/[evaluate] changed too) or "replace" (force, another run or a config.json edited

@@ -43,7 +43,7 @@ from ddmkit.launch import check_launch
 from ddmkit.layout import RunFolder, check_outside_runs
 from ddmkit.pipeline.checks import check_devices
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
-from ddmkit.pipeline.prepare import (TRAINED, check_partition, check_replaceable, config_record, run_config,
+from ddmkit.pipeline.prepare import (TRAINED, check_partition, check_run_target, config_record, run_config,
                                      trained_differences)
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
 from ddmkit.pipeline.samplesets import calls_every_expert
@@ -522,9 +522,10 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
             raise DDMError(f"--stages evaluate: cells {', '.join(untrained)} in {out} are not trained; train them "
                            "first with the same command and --stages train (or --stages all)")
     check_brought_back(out, grid, kept, force)
-    for (_, _, folder), rows in zip(grid, kept):  # before any cell trains: a cell folder of other files is refused
-        if rows is None:
-            check_replaceable(folder)
+    for (_, c, folder), rows in zip(grid, kept):  # before any cell trains: a cell folder of other files, or of a
+        if rows is None:                           # run trained otherwise (without --force), is refused
+            check_same_monolith(folder, c)
+            check_run_target(folder, c, force)
     check_devices(cfg)
     check_network_arguments(cfg)
     check_grid_data(cfg, new_partitions(out, grid, kept), backend, workers, mono_k)
