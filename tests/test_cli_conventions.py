@@ -520,6 +520,27 @@ def test_a_shard_cut_short_in_copying_says_to_copy_it_again(ddmkit, shard, tmp_p
     assert code == 0, err
 
 
+def test_ctrl_c_in_train_expert_offers_resume_only_where_a_checkpoint_is(cli, shard, tmp_path, monkeypatch):
+    """Ctrl-C in train-expert always said "its last checkpoint is kept; run the same command with --resume",
+    also where no checkpoint was written (checkpoint_every is 0 by default, as in the demo config)."""
+    import ddmkit.train.jobs as jobs
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "train_expert_once", stopped)
+    out = tmp_path / "e"
+    done = cli("train-expert", shard, "--config", TINY, "--out", out)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 130, said
+    assert "interrupted: nothing was written (no checkpoint yet" in said and "--resume" not in said, said
+    jobs.checkpoint_path(out).write_bytes(b"")  # a killed run with checkpoints left one
+    done = cli("train-expert", shard, "--config", TINY, "--out", out)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 130, said
+    assert "interrupted: its last checkpoint is kept; run the same command with --resume" in said, said
+
+
 def test_ctrl_c_in_add_expert_says_nothing_was_added():
     """add-expert said 'what is finished is kept; run the same command to continue' although it restores the
     run whole (its changes land together at the end)."""
@@ -528,7 +549,7 @@ def test_ctrl_c_in_add_expert_says_nothing_was_added():
     assert "nothing added" in interrupted_text(["ddmkit", "add-expert", "RUN"])
     # the theory studies run in memory and write at the end: there is nothing to continue from
     assert "nothing was written" in interrupted_text(["ddmkit", "theory", "distill", "--quick"])
-    assert "--resume" in interrupted_text(["ddmkit", "train-expert", "S"])
+    assert "nothing was trained" in interrupted_text(["ddmkit", "train-expert", "S"])
     assert interrupted_text(["ddmkit", "run", "C"]).startswith("interrupted: what is finished is kept")
 
 

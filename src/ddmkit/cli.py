@@ -82,8 +82,8 @@ def interrupted_text(argv: list[str]) -> str:
         return "interrupted: the run is as it was before add-expert (nothing added); run the same command to add the data"
     if argv[1:2] == ["theory"]:  # a study in memory, written at its end (ddmkit.theory.report)
         return "interrupted: nothing was written; run the same command to start the study again"
-    if argv[1:2] == ["train-expert"]:
-        return "interrupted: its last checkpoint is kept; run the same command with --resume to continue from it"
+    if argv[1:2] == ["train-expert"]:  # before training began (train_expert_cmd says what training kept)
+        return "interrupted: nothing was trained; run the same command to train the expert"
     return "interrupted: what is finished is kept; run the same command to continue"
 
 
@@ -282,8 +282,22 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
     cfg = run_cfg.expert
     upd = {k: v for k, v in (("seed", seed), ("checkpoint_every", checkpoint_every)) if v is not None}
     cfg = validate(ExpertConfig, {**cfg.model_dump(), "train": {**cfg.train.model_dump(), **upd}}, "options")
-    if train_expert_once(shard, cfg, out, nproc, resume=resume, force=force, log=log):
+    try:
+        trained = train_expert_once(shard, cfg, out, nproc, resume=resume, force=force, log=log)
+    except KeyboardInterrupt:
+        raise Interrupted(expert_interrupted_text(out)) from None
+    if trained:
         log(f"expert written to {out}")
+
+
+def expert_interrupted_text(out: Path) -> str:
+    """What train-expert stopped while training says: --resume only where a checkpoint is there to continue."""
+    from ddmkit.train.jobs import checkpoint_path
+
+    if checkpoint_path(out).is_file():
+        return "interrupted: its last checkpoint is kept; run the same command with --resume to continue from it"
+    return ("interrupted: nothing was written (no checkpoint yet: --checkpoint-every N writes one every N steps); "
+            "run the same command to train the expert from the start")
 
 
 @app.command("train-router")
