@@ -434,3 +434,15 @@ def test_replace_expert_takes_a_numpy_integer_as_k(run):
     verify_registry(run)
     with pytest.raises(DDMError, match=r"K: there is no expert 3; this run has experts 0 \.\. 2"):
         replace_expert(run, np.int64(3), run / "experts" / "expert_00")
+
+
+def test_a_warning_while_add_expert_loads_the_data_names_its_option(run, tmp_path, cli):
+    """A warning raised while `add-expert --data FILE` loads the island's data named data.name, a field of a
+    config this command's user never wrote (its errors said --data already)."""
+    np.save(tmp_path / "hwc.npy", np.zeros((20, 4, 4, 3), dtype=np.float32))  # channels-last images: warned of
+    with pytest.warns(UserWarning, match="channels-last") as said:  # as the command line shows them, one a line
+        code, stderr = cli("add-expert", run, "--data", tmp_path / "hwc.npy")
+    assert code == 2 and "shape (4, 4, 3)" in stderr, stderr
+    messages = [str(w.message) for w in said]
+    assert len(messages) == 1 and messages[0].startswith("--data: data file") and "data.name" not in messages[0], \
+        messages

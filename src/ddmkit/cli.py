@@ -5,6 +5,7 @@ Every command exits 0 on success, 2 with one clear message on bad input
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -882,7 +883,8 @@ def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trai
     if not isinstance(table, dict):
         raise DDMError(f"--params: expected a JSON object, got {type(table).__name__}; e.g. --params '{{\"key\": \"x\"}}'")
     try:
-        event = add_expert(run_dir, {"name": data, "params": table}, mode, router, log, device)
+        with _warnings_as_data_options():
+            event = add_expert(run_dir, {"name": data, "params": table}, mode, router, log, device)
     except DDMError as e:  # the library names the [data] table's fields; this command's user gave options
         raise DDMError(_as_data_options(str(e))) from None
     from ddmkit.layout import RunFolder
@@ -902,6 +904,24 @@ def _as_data_options(message: str) -> str:
 
     message = re.sub(r"\bdata\.params\.(\w+)", r"--params key '\1'", message)
     return message.replace("data.name", "--data").replace("data.params", "--params")
+
+
+@contextlib.contextmanager
+def _warnings_as_data_options():
+    """Warnings shown while add-expert runs say --data and --params where the library names data.name and
+    data.params (_as_data_options), as its errors do; each is shown when raised, as any warning."""
+    with warnings.catch_warnings():  # puts the showwarning in use before back on leaving
+        shown = warnings.showwarning
+
+        def reworded(message, category, filename, lineno, file=None, line=None):
+            text = _as_data_options(str(message))
+            try:
+                message = category(text)  # a warning still, of its own category (a record keeps both)
+            except Exception:  # a category that takes other arguments
+                message = text
+            shown(message, category, filename, lineno, file, line)
+        warnings.showwarning = reworded
+        yield
 
 
 @app.command("replace-expert", context_settings={"ignore_unknown_options": True})  # K = -1 reaches the check
