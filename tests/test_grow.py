@@ -446,3 +446,15 @@ def test_a_warning_while_add_expert_loads_the_data_names_its_option(run, tmp_pat
     messages = [str(w.message) for w in said]
     assert len(messages) == 1 and messages[0].startswith("--data: data file") and "data.name" not in messages[0], \
         messages
+
+
+def test_a_misspelt_mode_or_router_gets_a_did_you_mean(run):
+    """`--mode nerest` listed the accepted values but not the one meant."""
+    for kwargs, words in (({"mode": "nerest"}, "accepted: new-cluster, nearest; did you mean 'nearest'?"),
+                          ({"router": "stat"}, "accepted: retrain, stats; did you mean 'stats'?")):
+        with pytest.raises(DDMError) as error:
+            add_expert(run, component(3, 20, 3), **kwargs)
+        assert words in str(error.value), str(error.value)
+    with pytest.raises(DDMError) as error:  # nothing near: no guess
+        add_expert(run, component(3, 20, 3), mode="join")
+    assert "did you mean" not in str(error.value)

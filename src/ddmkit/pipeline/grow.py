@@ -61,7 +61,7 @@ from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.train.threads import job_threads
 from ddmkit.layout import RunFolder, check_run_exists
 from ddmkit.nets import check_builds
-from ddmkit.nets.folders import identity
+from ddmkit.nets.folders import did_you_mean, identity
 from ddmkit.pipeline.checks import check_devices, checked_device
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.stages import load_split, run_lock
@@ -446,7 +446,8 @@ def log_event(folder: RunFolder, event: dict, router: str | None = None) -> dict
 
 def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
-        raise DDMError(f"--{name}: unknown value {value!r}; accepted: {', '.join(accepted)}")
+        hint = did_you_mean(value, list(accepted)) if isinstance(value, str) else ""
+        raise DDMError(f"--{name}: unknown value {value!r}; accepted: {', '.join(accepted)}{hint}")
 
 
 def _remove_checkpoint_on_exit(stack: contextlib.ExitStack, staged: Path) -> None:
