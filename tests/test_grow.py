@@ -458,3 +458,15 @@ def test_a_misspelt_mode_or_router_gets_a_did_you_mean(run):
     with pytest.raises(DDMError) as error:  # nothing near: no guess
         add_expert(run, component(3, 20, 3), mode="join")
     assert "did you mean" not in str(error.value)
+
+
+def test_a_k_that_is_not_a_whole_number_is_refused_in_one_line_with_the_runs_experts(run, tmp_path, cli):
+    """`replace-expert RUN two FOLDER` got Typer's framed "Invalid value for 'K'", without the experts there are."""
+    before, source = hashes(run), run / "experts" / "expert_00"
+    for k in ("two", "1.5"):
+        code, stderr = cli("replace-expert", run, k, source)
+        assert code == 2 and stderr.startswith(f"error: K {k}: give a whole number, one of this run's experts 0 .. 2 "
+                                               f"(e.g. `ddmkit replace-expert {run} 0 {source}`)"), stderr
+    code, stderr = cli("replace-expert", tmp_path / "nothing", "two", source)  # no run to read: the rule alone
+    assert code == 2 and "error: K two: give a whole number" in stderr and "Invalid value" not in stderr, stderr
+    assert hashes(run) == before

@@ -926,7 +926,8 @@ def _warnings_as_data_options():
 
 @app.command("replace-expert", context_settings={"ignore_unknown_options": True})  # K = -1 reaches the check
 def replace_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trained run folder (vectors or images)"),
-                       k: int = typer.Argument(..., metavar="K", help="the expert to replace, 0 .. K-1"),
+                       k: str = typer.Argument(..., metavar="K", help="the expert to replace, 0 .. K-1 (a whole "
+                                               "number)"),
                        folder: Path = typer.Argument(..., metavar="FOLDER", help="a model folder (config.json + "
                                                      "model.safetensors) of an expert trained elsewhere"),
                        config: Optional[Path] = OWN_NETWORKS):
@@ -936,10 +937,28 @@ def replace_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="
     _refuse_text(run_dir, "replace-expert")
     if config is not None:
         _config(config)  # registers the config's own network classes
-    event = replace_expert(run_dir, k, folder, log)
+    event = replace_expert(run_dir, _expert_number(k, run_dir, folder), folder, log)
     if event is not None:
         log(f"replace-expert: grow.json entry {event['n']}; `ddmkit verify {shlex.quote(str(run_dir))}` checks the "
             "registry")
+
+
+def _expert_number(k: str, run_dir: Path, folder: Path) -> int:
+    """replace-expert's K as the whole number it must be (one out of the run's range is refused by replace_expert,
+    which reads the run); anything else is refused in one line, as a whole-number option is (one_line_ranges),
+    naming the run's experts where its partition manifest can be read, and a command that works."""
+    from ddmkit.io import read_json
+    from ddmkit.layout import RunFolder
+
+    number = _whole_number(k)
+    if number is not None:
+        return number
+    try:
+        experts = f"one of this run's experts 0 .. {int(read_json(RunFolder(run_dir).manifest)['k']) - 1}"
+    except (DDMError, KeyError, TypeError, ValueError):  # no run, or not one with a readable partition
+        experts = "the index of an expert of RUN, from 0"
+    example = " ".join(shlex.quote(str(a)) for a in ("ddmkit", "replace-expert", run_dir, 0, folder))
+    raise DDMError(f"K {k}: give a whole number, {experts} (e.g. `{example}`)")
 
 
 theory_app = typer.Typer(help="Theory studies on exact Gaussian-mixture truth: convergence and distillation.",
@@ -1199,10 +1218,7 @@ def _in_range(param, process):
 
     def checked(ctx, value):
         if value is not None and not isinstance(value, bool):
-            try:
-                number = int(str(value).strip())
-            except ValueError:
-                number = None
+            number = _whole_number(value)
             if number is None or (low is not None and number < low) or (high is not None and number > high):
                 works = param.default if isinstance(param.default, int) else low if low is not None else high
                 span = (f"from {low} to {high}" if low is not None and high is not None else
@@ -1210,6 +1226,14 @@ def _in_range(param, process):
                 raise DDMError(f"{option} {value}: give a whole number, {span} (e.g. {option} {works})")
         return process(ctx, value)
     return checked
+
+
+def _whole_number(value) -> int | None:
+    """The whole number a command-line value spells ('3', ' -1 '), else None ('two', '1.5')."""
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
 
 
 HELP_WIDTH = 120  # --help into a pipe or file (rich would take 80 columns and cut the option names short)
