@@ -394,6 +394,14 @@ def test_images_of_an_array_file_of_another_shape_are_pointed_to_image_array():
     with pytest.raises(DDMError, match=r"shape \(3,\)") as error:
         check_island(run, ArrayData("f.npz", torch.zeros(4, 3)), "training")
     assert "image_array" not in str(error.value)
+    # at another resolution the shape error did not say that the image loaders scale and cut (resize, crop)
+    for other in ((1, 16, 16), (16, 12)):
+        with pytest.raises(DDMError, match=r"images at another resolution.*--params '\{\"path\": \"FILE\", "
+                                           r"\"resize\": 8, \"crop\": 8\}'"):
+            check_island(run, ArrayData("f.npz", torch.zeros(4, *other)), "training")
+    with pytest.raises(DDMError) as error:  # other channels: resize and crop would not help
+        check_island(run, ArrayData("f.npz", torch.zeros(4, 3, 16, 16)), "training")
+    assert "resize" not in str(error.value)
 
 
 @pytest.mark.parametrize("command", [("add-expert", "{run}", "--data", "{run}"),

@@ -180,9 +180,17 @@ def check_island(run: TrainedRun, x: ArrayData, what: str) -> None:
         raise DDMError(f"data: the new {what} split is empty; give the new island at least one row")
     shape = tuple(run.manifest["data_shape"])
     if tuple(x.data_shape) != shape:
-        images = len(shape) == 3 and len(x.data_shape) in (2, 3) and x.data_shape[-2:] == shape[-2:]
-        hint = (" (images in an .npy/.npz file: give --data image_array --params '{\"path\": \"FILE\"}', which "
-                "reads (N, H, W) or (N, H, W, C) images)" if images else "")
+        new, hint = tuple(x.data_shape), ""
+        if len(shape) == 3 and len(new) in (2, 3) and new[-2:] == shape[-2:]:
+            hint = (" (images in an .npy/.npz file: give --data image_array --params '{\"path\": \"FILE\"}', which "
+                    "reads (N, H, W) or (N, H, W, C) images)")
+        elif len(shape) == 3 and len(new) in (2, 3) and (new[0] if len(new) == 3 else 1) == shape[0] \
+                and shape[1] == shape[2]:  # the run's channels at another resolution: scaled and cut to a square
+            side = shape[2]
+            hint = (f" (images at another resolution: image_array and image_folder scale each image's shorter side "
+                    f"to resize and cut the centre crop x crop, so add \"resize\": {side}, \"crop\": {side} to "
+                    f"--params, e.g. --data image_array --params '{{\"path\": \"FILE\", \"resize\": {side}, "
+                    f"\"crop\": {side}}}')")
         raise DDMError(f"data: the new data are of shape {tuple(x.data_shape)} but the run's are {shape}; give data "
                        f"of the run's shape (images: at its resolution and channels){hint}")
     check_finite(x.x, f"data ({what})")
