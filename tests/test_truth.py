@@ -324,3 +324,13 @@ def test_a_mixture_moves_like_a_tensor():
     assert g.to("cpu").means.dtype == g.means.dtype
     assert g.to("cpu", torch.float32).means.dtype == torch.float32 == g.to(torch.float32).means.dtype
     assert g.to(device="cpu", dtype=torch.float16).means.dtype == torch.float16
+
+
+def test_a_dtype_given_as_a_string_is_refused_naming_the_torch_dtype():
+    """mixture.to("float32") raised torch's "Invalid device string": a string is a device, as for a tensor."""
+    g = GaussianMixture.from_covariances([0.5, 0.5], [[0, 0], [3, 0]], [0.2, 0.2])
+    with pytest.raises(DDMError, match=r"to\('float32'\): a string names a device .* "
+                                       r"e\.g\. mixture\.to\(torch\.float32\)"):
+        g.to("float32")
+    with pytest.raises(DDMError, match=r"dtype must be a torch dtype, e\.g\. dtype=torch\.float64; got 'float64'"):
+        g.to(dtype="float64")

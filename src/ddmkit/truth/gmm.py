@@ -188,12 +188,24 @@ class GaussianMixture:
 
     def to(self, *args, dtype=None, device=None) -> "GaussianMixture":
         """The mixture in another dtype and/or on another device, given in any order, as for a tensor:
-        mixture.to(torch.float32), mixture.to("cuda"), mixture.to("cuda", torch.float64)."""
+        mixture.to(torch.float32), mixture.to("cuda"), mixture.to("cuda", torch.float64). A dtype is a torch
+        dtype: a string is a device, and one naming a dtype ("float32") is refused, saying so."""
         for arg in args:
             if isinstance(arg, torch.dtype):
                 dtype = arg
             else:
                 device = arg
+
+        def torch_name(value) -> str | None:  # "float32" -> "torch.float32"
+            named = isinstance(value, str) and isinstance(getattr(torch, value.strip(), None), torch.dtype)
+            return f"torch.{value.strip()}" if named else None
+
+        if torch_name(device):  # "float32" would reach torch as a device string ("Invalid device string")
+            raise DDMError(f"GaussianMixture.to({device!r}): a string names a device (cpu, cuda, cuda:N); give a "
+                           f"dtype as a torch dtype, e.g. mixture.to({torch_name(device)})")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise DDMError(f"GaussianMixture.to: dtype must be a torch dtype, e.g. "
+                           f"dtype={torch_name(dtype) or 'torch.float32'}; got {dtype!r}")
         return GaussianMixture(*(p.to(dtype=dtype, device=device) for p in
                                  (self.weights, self.means, self.eigvals, self.eigvecs)))
 
