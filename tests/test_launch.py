@@ -768,6 +768,36 @@ def test_starting_ray_keeps_the_commands_sigterm_handler():
         signal.signal(signal.SIGTERM, before)
 
 
+def test_stopping_ray_puts_the_commands_sigterm_handler_back_in_c():
+    """ray.shutdown() resets SIGTERM's action in C to the default while signal.getsignal still names the command's
+    handler: a SIGTERM after a Ray launch (while the registry was written) killed `ddmkit launch` outright, with no
+    'stopped by SIGTERM', and its locks left in the run."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from ddmkit.launch.ray_backend import stop_ray
+
+    libc = ctypes.CDLL(None)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+    def action_in_c():  # the address of the C-level handler (None: SIG_DFL), read by setting it and back
+        current = libc.signal(signal.SIGTERM, None)
+        libc.signal(signal.SIGTERM, current)
+        return current
+
+    ours = lambda signum, frame: None
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        handled = action_in_c()
+        assert handled
+        stop_ray(SimpleNamespace(shutdown=lambda: libc.signal(signal.SIGTERM, None)))  # what Ray's shutdown does
+        assert signal.getsignal(signal.SIGTERM) is ours
+        assert action_in_c() == handled
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_sigterm_that_a_library_turns_into_a_keyboardinterrupt_still_reads_as_sigterm(tmp_path, monkeypatch):
     """Ray's ray.wait turns the exception a signal handler raises into a plain KeyboardInterrupt: `ddmkit launch
     --backend ray` stopped by SIGTERM said 'interrupted' and exited 130, not 'stopped by SIGTERM' and 143."""

@@ -146,6 +146,18 @@ def start_ray(ray, address: str | None, workers: int | None):
     return True
 
 
+def stop_ray(ray) -> None:
+    """ray.shutdown(), then the caller's SIGTERM handler again: Ray's shutdown resets the signal's action in C to
+    the default while Python still reports the handler, so a SIGTERM after it (the registry written next, the rest
+    of `ddmkit run`) killed the command outright: no 'stopped by SIGTERM', its locks and staging folders left."""
+    caller = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.shutdown()
+    finally:
+        if callable(caller) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, caller)
+
+
 def _init_ray(ray, address: str | None, workers: int | None) -> None:
     """ray.init: the cluster at `address` (checked reachable first), or a local Ray of `workers` CPUs."""
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
@@ -224,4 +236,4 @@ def run_ray(jobs, config: ExpertConfig, address: str | None = None, workers: int
         for generator in running:  # an error or Ctrl-C: stop the other tasks
             ray.cancel(generator, force=True)
         if started:
-            ray.shutdown()
+            stop_ray(ray)
