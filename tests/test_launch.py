@@ -94,6 +94,8 @@ def test_ray_backend_matches_inline_bytes(inline, local_ray):
 def test_backend_errors_name_the_accepted_values(tmp_path):
     with pytest.raises(DDMError, match="inline, processes, ray"):
         run_jobs(_jobs(tmp_path, "x"), CFG, "kubernetes")
+    with pytest.raises(DDMError, match=r"accepted: inline, processes, ray \(.*ddmkit launch RUN --emit slurm"):
+        run_jobs(_jobs(tmp_path, "x"), CFG, "slurm")  # a scheduler ddmkit writes a script for, not a backend
     with pytest.raises(DDMError, match="--address"):
         run_jobs(_jobs(tmp_path, "x"), CFG, "inline", address="auto")
 

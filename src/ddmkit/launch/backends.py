@@ -65,7 +65,8 @@ class ExpertJob:
 
 def check_backend(name: str) -> str:
     if name not in BACKENDS:
-        raise DDMError(f"backend: unknown launch backend {name!r}; accepted: {', '.join(BACKENDS)}")
+        hint = " (a SLURM job array is written, not run: `ddmkit launch RUN --emit slurm`)" if name == "slurm" else ""
+        raise DDMError(f"backend: unknown launch backend {name!r}; accepted: {', '.join(BACKENDS)}{hint}")
     return name
 
 
