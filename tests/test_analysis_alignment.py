@@ -53,6 +53,15 @@ def test_cluster_alignment_at_the_centroids():
     assert float(half["dist_routed"]) == 2.5 and float(half["rank"]) == 1.5
 
 
+def test_cluster_rank_counts_the_strictly_nearer_clusters_so_ties_share_a_rank():
+    """rank_k = 1 + #{j : d_j < d_k} (docs/analysis.md): x0_hat halfway between two centroids has them both at
+    rank 1 (an order-based rank gave the second 2), the far one at rank 3."""
+    c = torch.tensor([[0.0, 0.0], [2.0, 0.0], [9.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0]])
+    ranks = [float(cluster_alignment(x, torch.eye(3)[[k]], lambda v: v, c)["rank"]) for k in range(3)]
+    assert ranks == [1.0, 1.0, 3.0]
+
+
 def test_angle_of_opposite_and_equal_vectors():
     """Rounding can push the cosine of opposite vectors below -1: the angle is still 180, never nan."""
     a = torch.randn(200, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)

@@ -76,7 +76,7 @@ def disagreement(vk: torch.Tensor, probs: torch.Tensor, v: torch.Tensor) -> dict
 def cluster_alignment(x0_hat: torch.Tensor, w: torch.Tensor, features, centroids: torch.Tensor) -> dict:
     """hit, rank, distance to the nearest centroid and weighted distance to the routed centroids, per row."""
     d = torch.cdist(features(x0_hat).double(), centroids.double())
-    rank = d.argsort(1).argsort(1).double() + 1
+    rank = 1 + (d[:, None, :] < d[:, :, None]).sum(-1).double()  # rank_k = 1 + #{j : d_j < d_k}: ties share it
     w = w.double()
     return {"hit": (w.argmax(1) == d.argmin(1)).double(), "rank": (w * rank).sum(1),
             "dist_nearest": d.min(1).values, "dist_routed": (w * d).sum(1)}
