@@ -414,6 +414,22 @@ def test_every_whole_number_option_refuses_in_one_line(cli, shard, tmp_path, arg
         and len(done.stderr.splitlines()) == 1 and "Usage" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("args", [["sweep", "demo", "--out", "OUT", "--k", "2,4", "--budget", "1"],
+                                  ["sweep", "demo", "--out", "OUT", "--k", "2", "--budget", "0.5, 1"],
+                                  ["launch", "RUN", "--emit", "slurm", "--expert", "0,1"]])
+def test_a_comma_list_given_to_a_repeatable_number_option_says_to_repeat_it(cli, shard, tmp_path, args):
+    """--k 2,4 was Typer's framed 'Input should be a valid integer': one line naming the option and the repeated
+    form that works, exit 2, nothing written."""
+    paths = {"RUN": shard.parents[2], "OUT": tmp_path / "sweep"}
+    done = cli(*[paths.get(a, a) for a in args])
+    option, value = next((a, b) for a, b in zip(args, args[1:]) if "," in b)
+    parts = [p.strip() for p in value.split(",")]
+    assert done.returncode == 2 and done.stderr == (f"error: {option} {value}: one value per {option}; repeat the "
+                                                    f"option for more: {option} {parts[0]} {option} {parts[1]}\n"), \
+        done.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
 @pytest.mark.parametrize("option, value, words", [("--strategy", "threshold-1.5", "P must be in (0, 1]"),
                                                   ("--guidance", "-3", "greater than or equal to 0")])
 def test_a_bad_sampling_option_is_named_by_its_option(ddmkit, shard, option, value, words):

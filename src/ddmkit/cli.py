@@ -13,7 +13,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, get_args, get_origin
 
 import typer
 from rich.console import Console
@@ -1203,13 +1203,39 @@ def one_line_ranges(command) -> None:
     """A whole-number option with a range (min= or max= on typer.Option) of a click command and its sub-commands
     refuses a value out of it, or not a whole number, as ddmkit refuses any option: one line naming the option
     and a value that works (`error: --steps 0: give a whole number, at least 1 (e.g. --steps 1)`, exit 2),
-    not Typer's framed usage error."""
+    not Typer's framed usage error; a repeatable number option given '2,4' says to repeat it (_one_per_option)."""
     for param in command.params:
         ranged = getattr(param, "min", None) is not None or getattr(param, "max", None) is not None
         if ranged and getattr(getattr(param, "type_descriptor", None), "annotation", None) is int:
             param.process_value = _in_range(param, param.process_value)
+        if getattr(param, "multiple", False) and _holds_numbers(getattr(getattr(param, "type_descriptor", None),
+                                                                        "annotation", None)):
+            param.process_value = _one_per_option(param, param.process_value)
     for sub in getattr(command, "commands", {}).values():
         one_line_ranges(sub)
+
+
+def _holds_numbers(annotation) -> bool:
+    """Whether an (Optional) List annotation holds ints or floats (a --set value, List[str], may hold commas)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is list:
+        return bool(args) and args[0] in (int, float)
+    return len(args) == 1 and _holds_numbers(args[0])
+
+
+def _one_per_option(param, process):
+    """param.process_value of a repeatable number option, a comma-separated value ('--k 2,4') refused first in one
+    line that says to repeat the option (one_line_ranges); it was a framed 'Invalid value' without the fix."""
+    option = max(param.opts, key=len)
+
+    def checked(ctx, value):
+        for item in value or ():
+            parts = [part.strip() for part in str(item).split(",")]
+            if len(parts) > 1 and all(parts):
+                raise DDMError(f"{option} {item}: one value per {option}; repeat the option for more: "
+                               + " ".join(f"{option} {part}" for part in parts))
+        return process(ctx, value)
+    return checked
 
 
 def _in_range(param, process):
