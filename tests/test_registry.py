@@ -210,8 +210,13 @@ def test_all_experts_missing_is_a_clear_error(copy):
     shutil.rmtree(copy / "experts")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(DDMError, match="no expert is present"):
+        with pytest.raises(DDMError, match="no expert is present") as info:
             load_ddm(copy)
+    # the fix names train-expert per shard with the run's own paths: the shards it names are there
+    shard = f"{copy / 'partition' / 'shards'}/cluster_XX.safetensors"
+    assert f"`ddmkit train-expert {shard} --config {copy / 'config.json'} --out {copy / 'experts'}/expert_XX`" \
+        in str(info.value)
+    assert Path(shard.replace("XX", "00")).is_file()
 
 
 def test_sample_metadata_records_missing_experts(copy):

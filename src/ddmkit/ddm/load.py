@@ -346,8 +346,11 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
         raise DDMError(f"{folder.root}: experts {gone} are missing (no experts/expert_XX/model.safetensors"
                        f"{folder.misnamed_experts(gone)})")
     if len(gone) == k:
+        shards = folder.latents if folder.is_latent else folder.partition / "shards"  # what the networks train on
         raise DDMError(f"{folder.root}: no expert is present (experts/expert_XX/model.safetensors); train them "
-                       f"with `ddmkit run CONFIG --out {folder.root}` or `ddmkit launch {folder.root}`, or copy them")
+                       f"with `ddmkit launch {folder.root}` (or `ddmkit run CONFIG --out {folder.root}`), one per "
+                       f"shard with `ddmkit train-expert {shards}/cluster_XX.safetensors --config "
+                       f"{folder.config} --out {folder.experts}/expert_XX`, or copy them")
     if len(absent) == k:
         raise DDMError(f"exclude: {sorted(exclude)} leaves none of the run's experts "
                        f"{[c for c in range(k) if c not in gone]}; exclude fewer")
