@@ -58,10 +58,8 @@ from ddmkit.pipeline.sampling import sample_labels
 from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.pipeline.text import is_text_run
 from ddmkit.registry import check_model_folder, load_model, model_shards
-from ddmkit.routing import parse_strategy
+from ddmkit.routing import depends_on_the_state_alone, parse_strategy
 from ddmkit.routing.table import canonical_name
-from ddmkit.routing.adaptive import GatedTopK
-from ddmkit.routing.strategies import Nearest, Oracle
 from ddmkit.sample import sample_euler, time_grid
 from ddmkit.tables import markdown_table
 from ddmkit.theory.stability import cumulative_lambda, lambda_uniform_grid
@@ -87,7 +85,7 @@ def check_teacher(strategy: str) -> str:
         strat = parse_strategy(strategy)
     except DDMError as e:
         raise DDMError(f"--teacher: {e}") from None
-    if isinstance(strat, (Oracle, Nearest, GatedTopK)):
+    if not depends_on_the_state_alone(strat):
         raise DDMError(f"--teacher {strategy}: this strategy depends on the whole trajectory (or on the analysis "
                        "sampler), not only on (x_t, t), so there is no field to regress; use full, top-K, "
                        "threshold-P, sample-K, nucleus-P, switch, adaptive-P or adaptive-ent-H (e.g. --teacher top-2)")

@@ -201,6 +201,13 @@ def _meant_form(name: str, entry: StrategyForm, forms: str) -> str:
             + _takes(entry, " It takes ") + f"{'.' if _takes(entry, '') else ''} Accepted forms: {forms}")
 
 
+def depends_on_the_state_alone(strategy: Strategy) -> bool:
+    """Whether a strategy's weights are a function of (x_t, t) and the router's probabilities alone, i.e. define a
+    field: not oracle and nearest (they remember the trajectory, and need a run's partition) nor gated-K@A (the
+    analysis sampler's)."""
+    return not isinstance(strategy, (Oracle, Nearest, GatedTopK))
+
+
 def parse_strategy(spec: str, sampled: bool = False) -> Strategy:
     """A strategy object from its name, e.g. 'top-2', 'nucleus-0.9@0.5', 'threshold-1e-3'
     (spaces around the name are dropped). sampled: refuse the forms only the analysis sampler runs

@@ -31,9 +31,7 @@ import torch
 from ddmkit.data.synthetic import ring_mixture
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
-from ddmkit.routing import RoutingState, parse_strategy, routed_velocity
-from ddmkit.routing.adaptive import GatedTopK
-from ddmkit.routing.strategies import Nearest, Oracle
+from ddmkit.routing import RoutingState, depends_on_the_state_alone, parse_strategy, routed_velocity
 from ddmkit.sample import get_solver, time_grid
 from ddmkit.theory.experts import (cluster_groups, cluster_posterior, expert_disagreement, make_experts,
                                    make_router)
@@ -92,7 +90,7 @@ def parse_sampler(spec: str) -> tuple[str, str]:
         strat = parse_strategy(strategy)
     except DDMError as e:
         raise DDMError(f"sampler {spec!r}: {e}") from None
-    if isinstance(strat, (Oracle, Nearest, GatedTopK)):
+    if not depends_on_the_state_alone(strat):
         raise DDMError(f"sampler {spec!r}: the study routes by the exact cluster posterior alone, and "
                        f"{strategy.strip()!r} needs more (oracle and nearest a run's partition, gated-K@A the "
                        "analysis sampler); use full, top-K, threshold-P, sample-K[@T], nucleus-P[@T], switch, "
