@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 import torch
 
 from ddmkit.config import ExpertConfig
-from ddmkit.errors import DDMError
+from ddmkit.errors import DDMError, counted
 from ddmkit.launch.ray_backend import run_ray
 from ddmkit.nets import use_networks, user_networks
 from ddmkit.nets.user import names_only_here
@@ -255,7 +255,7 @@ def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | No
     workers = workers or default_workers(len(jobs), len(gpus))
     if gpus and workers > len(gpus):
         here = "1 GPU here, one job on it" if len(gpus) == 1 else f"{len(gpus)} GPUs here, one job on each"
-        log(f"--workers {workers}: {here} at a time, so {len(gpus)} " + ("worker" if len(gpus) == 1 else "workers"))
+        log(f"--workers {workers}: {here} at a time, so {counted(len(gpus), 'worker')}")
         workers = len(gpus)
     ctx = multiprocessing.get_context("spawn")
     free_gpus = None
@@ -273,8 +273,7 @@ def run_processes(jobs: list[ExpertJob], config: ExpertConfig, workers: int | No
             for fut in as_completed(futures):  # the first failure raises here, and stops the others at once
                 fut.result()
                 job = futures[fut]
-                log(f"expert {job.cluster}: written to {job.out_dir} (process pool, {workers} "
-                    + ("worker)" if workers == 1 else "workers)"))
+                log(f"expert {job.cluster}: written to {job.out_dir} (process pool, {counted(workers, 'worker')})")
             return [Path(fut.result()) for fut in futures]
         except BrokenProcessPool:
             ctrl_c = stopped_by_ctrl_c(started)  # read before stop_workers ends the others (SIGTERM)

@@ -20,6 +20,7 @@ Each task asks for one GPU when the cluster has GPUs, none otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -137,12 +138,8 @@ def start_ray(ray, address: str | None, workers: int | None):
     Ctrl-C does) is put back, so a SIGTERM still keeps the checkpoints and exits as the caller says."""
     if ray.is_initialized():
         return False
-    caller = signal.getsignal(signal.SIGTERM)
-    try:
+    with keeping_sigterm_handler():
         _init_ray(ray, address, workers)
-    finally:
-        if callable(caller) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, caller)
     return True
 
 
@@ -150,9 +147,17 @@ def stop_ray(ray) -> None:
     """ray.shutdown(), then the caller's SIGTERM handler again: Ray's shutdown resets the signal's action in C to
     the default while Python still reports the handler, so a SIGTERM after it (the registry written next, the rest
     of `ddmkit run`) killed the command outright: no 'stopped by SIGTERM', its locks and staging folders left."""
+    with keeping_sigterm_handler():
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def keeping_sigterm_handler():
+    """The SIGTERM handler the caller had set (a callable: the ddmkit command's) set again after the block, in the
+    main thread, whatever Ray's init or shutdown did to it."""
     caller = signal.getsignal(signal.SIGTERM)
     try:
-        ray.shutdown()
+        yield
     finally:
         if callable(caller) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, caller)

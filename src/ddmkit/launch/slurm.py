@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ddmkit.config import RunConfig, apply_overrides, validate
 from ddmkit.discrete.config import is_text_run
-from ddmkit.errors import DDMError
+from ddmkit.errors import DDMError, counted
 from ddmkit.io import read_json, write_bytes_atomic
 from ddmkit.layout import RunFolder
 from ddmkit.nets.user import is_user_network
@@ -196,7 +196,7 @@ def task_notes(cfg: RunConfig, cpus: int | None = None, gpus: int | None = None)
                      "expert.train.checkpoint_every=N")
     cores, processes = DEFAULT_CPUS if cpus is None else cpus, max(1 if gpus is None else gpus, 1)
     used = cfg.expert.train.threads * processes
-    held = f"each task holds {cores} CPU {'core' if cores == 1 else 'cores'} (--cpus)"
+    held = f"each task holds {counted(cores, 'CPU core')} (--cpus)"
     if used < cores:
         notes.append(f"{held} and trains on {processes} x expert.train.threads "
                      f"= {used}; give --cpus {used}, or emit with --set expert.train.threads={cores // processes} "
