@@ -153,6 +153,38 @@ def test_a_number_where_a_list_of_texts_goes_is_told_a_form_that_works():
         validate(RunConfig, {"sample": {"strategies": 3}}, "run.toml")
 
 
+def test_every_list_of_texts_field_given_a_number_is_told_a_set_that_parses():
+    """A number given to any list-of-texts field of a run's config (vector or text) is told a --set that parses:
+    sample.stats_router_strategies, empty by default, was told the placeholder ["NAME"]."""
+    import re
+
+    import pytest
+    from pydantic import BaseModel
+
+    from ddmkit.config import RunConfig, _of_texts, apply_overrides, validate
+    from ddmkit.discrete.config import TextRunConfig
+    from ddmkit.errors import DDMError
+
+    def texts_fields(model, prefix=""):
+        for name, f in model.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                yield from texts_fields(f.annotation, f"{prefix}{name}.")
+            elif _of_texts(f.annotation):
+                yield f"{prefix}{name}"
+
+    checked = []
+    for model, raw in ((RunConfig, {}), (TextRunConfig, {"kind": "text_ar"})):
+        for field in texts_fields(model):
+            with pytest.raises(DDMError) as err:
+                validate(model, apply_overrides(raw, [f"{field}=3"]), "--set")
+            said = str(err.value)
+            suggested = re.search(rf"--set '({re.escape(field)}=[^']+)'", said).group(1)
+            assert "NAME" not in suggested, said
+            validate(model, apply_overrides(raw, [suggested]), "--set")  # the form it suggests works
+            checked.append(field)
+    assert "sample.stats_router_strategies" in checked and "router.kinds" in checked, checked
+
+
 def test_one_value_for_data_params_says_it_is_a_table_of_the_data_sets_parameters(tmp_path):
     """`data.params = 3` said only 'Input should be a valid dictionary'. It says what the table holds and how to
     write one, in the TOML and with --set, and both forms it names are read."""

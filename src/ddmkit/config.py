@@ -379,8 +379,9 @@ class SampleConfig(Section):
                                 description="samples per guidance-sweep set and per statistics-only "
                                 "router set (None: n); compare these rows by KID, which does not depend on n, "
                                 "or with each other")
-    stats_router_strategies: list[str] = Field(default_factory=list, description="images: strategies also sampled "
-                                               "with the statistics-only router (e.g. ['top-2', 'full'])")
+    stats_router_strategies: list[str] = Field(default_factory=list, examples=[["top-2", "full"]],
+                                               description="images: strategies also sampled with the "
+                                               "statistics-only router (e.g. ['top-2', 'full'])")
 
     @field_validator("strategies", "stats_router_strategies")
     @classmethod
@@ -533,10 +534,18 @@ def _of_texts(annotation) -> bool:
     return item is str or literal
 
 
+def _example_texts(field) -> list:
+    """One item of a list-of-texts field, as a list: from its default, else from its examples (Field(examples=...))."""
+    for value in (field.get_default(call_default_factory=True), *(field.examples or [])):
+        if value:
+            return list(value[:1])
+    return ["NAME"]  # a field with neither; tests/test_config.py checks that every config field has one
+
+
 def _texts_for(given, section: type[BaseModel], name: str, where: str) -> str:
     """What to write for a number (or boolean) `given` as field `name` of `section`, a list of texts: the number
-    quoted, as a list, when the section takes it, else an item of the field's default (and why the quoted one
-    would not do)."""
+    quoted, as a list, when the section takes it, else an item of the field's default or examples (and why the
+    quoted one would not do)."""
     quoted = json.dumps(json.dumps(given))  # 3 -> "3", True -> "true": as TOML and --set write them
     head = f"{json.dumps(given)} is one value, and this field is a list of texts, each in quotes"
     try:
@@ -547,8 +556,7 @@ def _texts_for(given, section: type[BaseModel], name: str, where: str) -> str:
     if not refused:
         return f"{head}: give [{quoted}] (on the command line: --set '{where}=[{quoted}]')"
     why = refused[0]
-    default = section.model_fields[name].get_default(call_default_factory=True)
-    example = json.dumps(default[:1]) if default else '["NAME"]'
+    example = json.dumps(_example_texts(section.model_fields[name]))
     return f"{head}, e.g. {example} (on the command line: --set '{where}={example}'); {quoted} would not do: {why}"
 
 
