@@ -232,6 +232,25 @@ def test_every_help_shows_every_default(ddmkit, monkeypatch):
     assert "run folder (default runs/run; a text config: runs/<config name>" in ddmkit("run", "--help")[1]
 
 
+def test_every_command_option_and_argument_has_help():
+    """Every command and command group (study, theory, text included), and every option and argument of each,
+    has a help text in --help (Typer shows none for one left out)."""
+    def groups(group, path=()):
+        yield path, group
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from groups(command, (*path, name))
+
+    root = typer.main.get_command(app)
+    bare = [" ".join(path) for path, group in groups(root) if path and not (group.help or "").strip()]
+    for path, command in commands(root):
+        bare += [" ".join(path)] if not (command.help or "").strip() else []
+        bare += [f"{' '.join(path)} {p.opts[0] if p.param_type_name == 'option' else p.metavar or p.name}"
+                 for p in command.params if p.name != "help" and not (getattr(p, "help", None) or "").strip()]
+    assert not bare, f"no help text: {bare}"
+    assert len(list(commands(root))) >= 20 and {"study", "theory", "text"} <= set(root.commands)
+
+
 def test_help_prints_square_brackets_as_written(ddmkit, monkeypatch):
     """Help texts are plain text, not rich markup: '[expert]' or 'sample-K[@T]' stay in --help instead of
     being read as style tags and dropped."""

@@ -856,7 +856,8 @@ def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trai
                    data: str = typer.Option(..., "--data", help="the new island's data: a data set name or a "
                                             ".npy/.npz path, of the run's data shape"),
                    params: Optional[str] = typer.Option(None, "--params", help="the data set's params as a JSON "
-                                                        "object, as data.params in a config, e.g. '{\"key\": \"x\"}'"),
+                                                        "object, as data.params in a config, e.g. '{\"key\": \"x\"}' "
+                                                        "(default: none, the data set's own defaults, not the run's)"),
                    mode: str = typer.Option("new-cluster", help="new-cluster: the data become cluster K with an "
                                             "expert of its own; nearest: each row joins its nearest cluster, and "
                                             "those experts are retrained"),
