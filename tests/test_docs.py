@@ -1,15 +1,22 @@
 """The user docs stay true: every relative link resolves (its #section too), every `ddmkit.x.y` they name exists,
 they hold no time of day or commit hash (history lives in git), and the Python snippets of README.md,
 docs/images.md and docs/routing.md run as written on tiny runs (docs/latent.md's: tests/test_latent.py), and so
-do docs/own-data.md's Python snippets and shell lines, on tiny data, with what the page says they give."""
+do docs/own-data.md's Python snippets and shell lines, on tiny data, with what the page says they give. Every
+`ddmkit ...` and `python benchmarks/X.py ...` command they write names a command and options that exist, and every
+`--set FIELD=VALUE` a field of the config."""
 import argparse
+import functools
 import importlib
+import itertools
 import json
 import re
+import shlex
+import typing
 from pathlib import Path
 
 import pytest
 import torch
+from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "benchmarks" / "README.md"])
@@ -564,3 +571,212 @@ def test_the_benchmark_command_check_finds_a_stale_script_and_option(monkeypatch
                                         ("training", ["--mode", "--only"])]
     assert {"--quick", "--mode", "--nets", "--compile-mode"} <= benchmark_options("training", monkeypatch)
     assert "--ks" not in benchmark_options("training", monkeypatch)
+
+
+# The ddmkit commands a researcher copies (code blocks, `inline code`, the config files' comments): each names a
+# command of the CLI and options it takes, with values of their kind, and each --set a field of the config; read by
+# the CLI's own parser, nothing run.
+
+COMMAND_PAGES = sorted([*PAGES, *(ROOT / "configs").glob("*.toml")])
+SHOWN_REFUSED = {"docs/cli.md": {"expert.train.stepz"}}  # --set fields written to show the error they give
+
+
+def code_blocks(lines: list[str]) -> list[tuple[str | None, int, int]]:
+    """(language, first, end) of each code block of a page's lines, its code being lines[first:end]: fenced
+    (```LANG; language "" when none) or indented by four spaces after a blank line (language None)."""
+    blocks, i = [], 0
+    while i < len(lines):
+        fence = re.match(r"```(\w*)$", lines[i])
+        if fence:
+            end = lines.index("```", i + 1)
+            blocks.append((fence.group(1), i + 1, end))
+            i = end + 1
+        elif lines[i].startswith("    ") and (i == 0 or not lines[i - 1].strip()):
+            end = i
+            while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
+                end += 1
+            blocks.append((None, i, end))
+            i = end
+        else:
+            i += 1
+    return blocks
+
+
+def code_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, code) of a page: each line of its code blocks but Python ones and printed errors (a line
+    ending in a backslash goes on), then each `inline span` (on one line; a table's `\\|` read as `|`); of a
+    config file, its comments."""
+    lines = path.read_text().split("\n")
+    if path.suffix == ".toml":
+        return [(n, line.split("#", 1)[1]) for n, line in enumerate(lines, 1) if "#" in line]
+    found, prose_only = [], list(lines)
+    for lang, first, end in code_blocks(lines):
+        start, stop = (first, end) if lang is None else (first - 1, end + 1)  # a fenced block with its fences
+        prose_only[start:stop] = [""] * (stop - start)
+        i = first
+        while i < end:
+            n, line = i + 1, lines[i]
+            while line.endswith("\\") and i + 1 < end:
+                i += 1
+                line = line[:-1] + " " + lines[i]
+            if lang != "python" and not line.strip().startswith(("error:", "warning:")):
+                found.append((n, line))
+            i += 1
+    prose = "\n".join(prose_only)
+    for span in re.finditer(r"`([^`]+)`", prose):
+        found.append((prose.count("\n", 0, span.start()) + 1, " ".join(span.group(1).replace("\\|", "|").split())))
+    return found
+
+
+def is_placeholder(word: str) -> bool:
+    """Whether a word stands for a value of the reader's: RUN, N, RUN/config.json, FIELD=VALUE, $K, cluster_$i."""
+    return "$" in word or bool(re.search(r"(?<![\w-])[A-Z][A-Z0-9_]*(?![\w-])", word))
+
+
+def ddmkit_commands(code: str) -> list[list[str]]:
+    """The words after `ddmkit` of each command in a line of code. A command ends at a '#', '&&', ';', ' | ', a
+    parenthesis, a backquote or the line's end; `[--optional parts]` count as written, '...' is left out, and a
+    word `a|b` gives one command per alternative. Prose (`ddmkit 0.1.0`, `(ddmkit distill, distill.md)`) is none."""
+    found = []
+    for m in re.finditer(r"(?<![\w./'\"-])(?<!from |port )ddmkit ([^#;()`]*?)(?=#|&&|;| \| |[()`]|$)", code):
+        text = re.sub(r"\[(-[^\[\]]*)\]", r"\1", m.group(1))
+        try:
+            words = [w for w in shlex.split(text) if w != "..."]
+        except ValueError:  # an unclosed quote
+            words = [w for w in text.split() if w != "..."]
+        if not words or not re.fullmatch(r"-.*|[a-zA-Z][\w-]*", words[0]):
+            continue
+        found += [list(c) for c in itertools.product(*(word.split("|") for word in words))]
+    return found
+
+
+@functools.cache
+def ddmkit_group():
+    """The CLI as a click group (built once: each build reads every command's signature)."""
+    import typer
+
+    from ddmkit.cli import app
+    return typer.main.get_command(app)
+
+
+def command_errors(words: list[str]) -> list[str]:
+    """What is wrong with `ddmkit WORDS`: a command or option the CLI lacks, a value not of its option's kind, an
+    extra argument. RUN, N, $K ... stand for any value; a command may leave out its arguments, and the value of
+    its last option (`ddmkit sample --n`)."""
+    import typer
+
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    command, words, name = ddmkit_group(), list(words), "ddmkit"
+    while hasattr(command, "commands") and words and not words[0].startswith("-"):
+        if is_placeholder(words[0]):  # ddmkit COMMAND --help
+            return []
+        if words[0] not in command.commands:
+            return [f"no command `{name} {words[0]}`"]
+        name += " " + words[0]
+        command = command.commands[words.pop(0)]
+    ctx = command.make_context(name, [], resilient_parsing=True)
+    ctx.resilient_parsing = False  # from here on, a wrong word is an error
+    params = [p for p in command.get_params(ctx) if not p.is_eager]  # --help, --version: they print, and exit
+    takes_a_value = {opt for p in params if p.param_type_name == "option" and not p.is_flag for opt in p.opts}
+    if words and words[-1] in takes_a_value:
+        words.pop()
+    try:
+        given, extra, _ = command.make_parser(ctx).parse_args(args=words)
+    except usage_error as err:
+        return [f"`{name}`: {err.format_message()}"]
+    errors = [f"`{name}`: an extra argument {word}" for word in extra if not is_placeholder(word)]
+    for p in params:
+        values = given.get(p.name)
+        for value in values if isinstance(values, list) else [] if values is None else [values]:
+            if isinstance(value, str) and is_placeholder(value):
+                continue
+            try:
+                p.process_value(ctx, [value] if p.multiple else value)
+            except usage_error as err:
+                errors.append(f"`{name}`: {err.format_message()}")
+    return errors
+
+
+def stale_commands(path: Path, root: Path = ROOT) -> list[str]:
+    """'PAGE:LINE: what is wrong' for each ddmkit command of a page that the CLI would not take."""
+    return [f"{path.relative_to(root)}:{n}: {error}" for n, code in code_lines(path)
+            for words in ddmkit_commands(code) for error in command_errors(words)]
+
+
+def test_the_ddmkit_commands_name_commands_and_options_that_exist():
+    """Every `ddmkit ...` of the pages and of the config files' comments is a command of `ddmkit --help` with
+    options it takes, each with a value of its kind (a whole number where one goes) and no extra argument."""
+    commands = [words for path in COMMAND_PAGES for _, code in code_lines(path) for words in ddmkit_commands(code)]
+    assert len(commands) > 300 and {"sweep", "launch", "study", "text", "theory"} <= {words[0] for words in commands}
+    wrong = [line for path in COMMAND_PAGES for line in stale_commands(path)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_ddmkit_command_check_finds_a_stale_command_option_and_value(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("Run `ddmkit sample RUN --speed fast` (`ddmkit sample --n`, `ddmkit 0.1.0`).\n\n"
+                    "```bash\n"
+                    "ddmkit sweep CONFIG --k 2 \\\n"
+                    "  --k 2,4 && ddmkit train-experts SHARD  # ddmkit demo\n"
+                    "```\n\n"
+                    "    ddmkit run CONFIG [--stages train|evaluate] --seed $S --budget 1\n\n"
+                    "```python\nfrom ddmkit import DDM\n```\n"
+                    "| `ddmkit sample R --n N extra` |\n")
+    assert [words for _, code in code_lines(page) for words in ddmkit_commands(code)] == [
+        ["sweep", "CONFIG", "--k", "2", "--k", "2,4"], ["train-experts", "SHARD"], ["demo"],
+        ["run", "CONFIG", "--stages", "train", "--seed", "$S", "--budget", "1"],
+        ["run", "CONFIG", "--stages", "evaluate", "--seed", "$S", "--budget", "1"],
+        ["sample", "RUN", "--speed", "fast"], ["sample", "--n"], ["sample", "R", "--n", "N", "extra"]]
+    found = stale_commands(page, tmp_path)
+    expected = ["page.md:4: `ddmkit sweep`: Invalid value for '--k'",
+                "page.md:4: no command `ddmkit train-experts`",
+                *["page.md:8: `ddmkit run`: No such option: --budget"] * 2,
+                "page.md:1: `ddmkit sample`: No such option: --speed",
+                "page.md:13: `ddmkit sample`: an extra argument extra"]
+    assert len(found) == len(expected) and all(map(str.startswith, found, expected)), found
+
+
+def set_fields(code: str) -> list[str]:
+    """The field of each `--set FIELD=VALUE` in a line of code (none for a placeholder: FIELD, expert.FIELD)."""
+    return [field for field in re.findall(r"--set[ =]+['\"]?([\w.]+)=", code) if not is_placeholder(field)]
+
+
+def config_field(field: str) -> bool:
+    """Whether a dotted --set field (expert.train.steps) is one of a run config or of a text config; below a
+    field that is a table of any names (expert.net.kwargs, data.params), any name is."""
+    from ddmkit.config import RunConfig
+    from ddmkit.discrete.config import TextRunConfig
+
+    def at(model, keys: list[str]) -> bool:
+        field = model.model_fields.get(keys[0])
+        if field is None:
+            return False
+        kind = field.annotation
+        models = [a for a in (kind, *typing.get_args(kind)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if models and len(keys) > 1:
+            return at(models[0], keys[1:])
+        return len(keys) == 1 or typing.get_origin(kind) is dict or kind is dict
+
+    return any(at(model, field.split(".")) for model in (RunConfig, TextRunConfig))
+
+
+def test_every_set_of_the_pages_names_a_config_field():
+    """Every `--set FIELD=VALUE` of the pages (in a ddmkit command or alone) names a field of a run config or of a
+    text config, but those written to show the error (SHOWN_REFUSED), which the check refuses."""
+    sets = [(str(path.relative_to(ROOT)), n, field) for path in COMMAND_PAGES for n, code in code_lines(path)
+            for field in set_fields(code)]
+    assert len(sets) > 30 and {"corpus.max_docs", "expert.train.parallel", "sample.strategies"} <= {f for *_, f in sets}
+    for where, shown in SHOWN_REFUSED.items():
+        assert shown <= {field for page, _, field in sets if page == where}, f"{where} no longer shows {shown}"
+        assert not any(config_field(field) for field in shown)
+    wrong = [f"{where}:{n}: --set {field}: no such field of a run config or a text config"
+             for where, n, field in sets if not config_field(field) and field not in SHOWN_REFUSED.get(where, ())]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_set_check_finds_a_field_no_config_has():
+    assert set_fields("ddmkit run C --set expert.train.steps=3 --set 'sample.strategies=[\"full\"]' --set A=B "
+                      "--set expert.FIELD=VALUE") == ["expert.train.steps", "sample.strategies"]
+    assert all(map(config_field, ["expert.train.steps", "corpus.max_docs", "expert.net.kwargs.width",
+                                  "data.params.path", "latent.encode_batch", "expert.net"]))
+    assert not any(map(config_field, ["expert.train.stepz", "expert.train.steps.x", "corpus.nope", "nope.k"]))
