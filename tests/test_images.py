@@ -624,3 +624,25 @@ def test_the_documented_way_to_save_samples_from_python_clamps_them_as_the_repor
         saved = np.asarray(Image.open(tmp_path / f"sample_{i}.png"))
         assert np.array_equal(saved, image_grid(x[i:i + 1], 1, 1, pad=0)), i
 
+
+
+def test_a_png_grid_is_written_through_the_atomic_write(tmp_path, monkeypatch):
+    """save_png writes the grid, each pixel scale x scale, through io.write_bytes_atomic (temporary name, then
+    rename, as every file of a run): a write that fails leaves no file at the path."""
+    from PIL import Image
+
+    import ddmkit.evaluation.images as images
+
+    arr = (np.arange(12, dtype=np.uint8) * 20).reshape(3, 4)
+    images.save_png(arr, tmp_path / "plots" / "grid.png", scale=2)
+    back = np.asarray(Image.open(tmp_path / "plots" / "grid.png"))
+    assert back.shape == (6, 8) and (back[::2, ::2] == arr).all() and (back[1::2, 1::2] == arr).all()
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["grid.png"]
+
+    def disk_full(path, data):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(images, "write_bytes_atomic", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        images.save_png(arr, tmp_path / "plots" / "torn.png")
+    assert not (tmp_path / "plots" / "torn.png").exists()

@@ -8,6 +8,7 @@ Features: "inception" (the standard FID Inception network, ddmkit.evaluation.fid
 """
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from ddmkit.data.partition import read_shard
 from ddmkit.evaluation.fid import feature_extractor, fid_kid, gaussian_stats
-from ddmkit.io import load_tensors, read_json, save_tensors, write_json
+from ddmkit.io import load_tensors, read_json, save_tensors, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder, safe_name
 from ddmkit.registry import load_data_file, shard_files
 
@@ -34,11 +35,13 @@ def image_grid(x: torch.Tensor, rows: int, cols: int, pad: int = 1) -> np.ndarra
 
 
 def save_png(arr: np.ndarray, path: Path, scale: int = 2) -> None:
+    """Write an image grid as PNG, each pixel scale x scale, atomically (io.write_bytes_atomic)."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(arr)
-    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
+    buffer = io.BytesIO()
+    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def cluster_grid(run, per_cluster: int = 12) -> np.ndarray:
