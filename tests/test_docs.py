@@ -104,6 +104,44 @@ def test_the_checks_catch_a_stale_name_and_a_hash():
     assert re.findall(r"\b[0-9a-f]{7,40}\b", "fixed in cf6a9f0") == ["cf6a9f0"]
 
 
+def layout_paths(page: str) -> set[str]:
+    """The paths the "## Layout" block of a page names, from the repository root: each entry (a line indented 4
+    spaces: the repository's; 6: src/ddmkit/'s) and each NAME.py of its text, in the entry's folder (a folder
+    entry's own, else src/ddmkit/; a name with a slash, e.g. train/loop.py: in src/ddmkit/)."""
+    block = page.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    paths, folder = set(), ""
+    for line in block.splitlines():
+        indent, words = len(line) - len(line.lstrip()), line.split()
+        if indent < 4:  # prose around the block
+            continue
+        if indent in (4, 6) and words:
+            entry = ("src/ddmkit/" if indent == 6 else "") + words[0]
+            paths.add(entry.rstrip("/"))
+            folder, words = (entry if entry.endswith("/") else "src/ddmkit/"), words[1:]
+        for name in re.findall(r"[\w/]+\.py\b", " ".join(words)):
+            paths.add(("src/ddmkit/" if "/" in name else folder) + name)
+    return paths
+
+
+def test_the_architecture_layout_lists_every_module_and_only_what_exists():
+    """docs/architecture.md's layout names every module of src/ddmkit (a package's __init__.py by its folder),
+    and every file and folder it names exists."""
+    named = layout_paths(prose(ROOT / "docs" / "architecture.md"))
+    modules = {str((p.parent if p.name == "__init__.py" else p).relative_to(ROOT))
+               for p in (ROOT / "src" / "ddmkit").rglob("*.py")}
+    assert "src/ddmkit/routing/table.py" in named and "src/ddmkit/train/loop.py" in modules
+    assert not sorted(modules - named), f"modules missing from the layout: {sorted(modules - named)}"
+    gone = sorted(n for n in named if not (ROOT / n).exists())
+    assert not gone, f"the layout names what does not exist: {gone}"
+
+
+def test_the_layout_reader_reads_entries_their_modules_and_a_path_named_in_another():
+    page = ("## Layout\n\nEvery module (tests/x.py):\n\n    src/ddmkit/\n      io.py   atomic writes\n      nets/   mlp.py, unet.py (see\n"
+            "              train/loop.py's fit)\n    docs/   one page per task\n\n## Layers\n      cli.py\n")
+    assert layout_paths(page) == {"src/ddmkit", "src/ddmkit/io.py", "src/ddmkit/nets", "src/ddmkit/nets/mlp.py",
+                                  "src/ddmkit/nets/unet.py", "src/ddmkit/train/loop.py", "docs"}
+
+
 # The Python snippets a researcher copies: run as the pages write them, on tiny runs, with what the pages say they give.
 
 def code_block(page: Path, after: str, lang: str = "python") -> str:
