@@ -663,3 +663,101 @@ def test_a_strategy_object_samples_as_its_name_does():
     with pytest.raises(DDMError, match=r"routed_velocity takes a Strategy object; make one from its name with "
                                        r"ddmkit.routing.parse_strategy\('full'\)"):
         routed_velocity([], flat_router, "full", None)
+
+
+# 16. a broken router is refused before sampling, by one probe of its probabilities
+
+SAMPLED = ["full", "top-1", "top-2", "threshold-0.3", "sample-1", "sample-2", "nucleus-0.9", "switch", "oracle",
+           "nearest", "adaptive-0.9", "adaptive-ent-0.5"]
+
+
+def rows_of(row):
+    """A router whose every row is `row` (K values)."""
+    return lambda x, t, **cond: torch.tensor([row]).expand(len(x), K).clone()
+
+
+@pytest.mark.parametrize("row, said", [
+    ([float("nan")] * K, "NaN"),
+    ([float("inf"), 0.0, 0.0], "infinite values"),
+    ([-0.5, 0.2, 1.3], r"negative values \(as low as -0.5\)"),
+    ([2.0, -1.0, 0.5], r"negative values \(as low as -1\)"),  # logits where probabilities belong
+    ([0.5, 1.0, 0.5], r"a row summing to 2 \(not 1\)"),
+    ([0.0, 0.0, 0.0], r"a row summing to 0 \(not 1\)"),
+])
+def test_a_router_of_nan_inf_negative_or_unnormalised_rows_is_refused_under_every_strategy(row, said):
+    """switch and sample-1 drew from a NaN row as from a uniform one (plausible, wrong samples), top-1 gave a
+    velocity of zero, full and top-2 NaN samples, nucleus a RuntimeError from torch.multinomial."""
+    ddm = dataclasses.replace(tiny(0), router=rows_of(row), nearest=lambda x: torch.zeros(len(x), dtype=torch.long))
+    for strategy in SAMPLED:
+        with pytest.raises(DDMError, match=rf"^the router \('custom'\) returned, on the starting noise at t = 1, "
+                                           rf"{said}; a router returns probabilities \(B, K\): finite, >= 0, rows "
+                                           r"summing to 1. Check its last layer \(a softmax over the experts\), or "
+                                           r"retrain a run's router with `ddmkit train-router RUN`$"):
+            ddm.sample(strategy, n=6, steps=2)
+
+
+def test_a_router_broken_below_t_1_or_on_one_row_is_refused_naming_the_time():
+    def late(x, t, **cond):
+        p = flat_router(x, t)
+        p[t < 0.75] = float("nan")
+        return p
+
+    def one_row(x, t, **cond):
+        p = flat_router(x, t)
+        p[0] = float("nan")
+        return p
+
+    with pytest.raises(DDMError, match="returned, on the starting noise at t = 0.5, NaN"):
+        dataclasses.replace(tiny(0), router=late).sample("switch", n=6, steps=2)
+    with pytest.raises(DDMError, match="returned, on the starting noise at t = 1, NaN"):
+        dataclasses.replace(tiny(0), router=one_row).sample("switch", n=6, steps=2)
+
+
+def test_a_router_of_the_wrong_shape_is_refused_before_sampling():
+    wide = lambda x, t, **cond: torch.full((len(x), K + 1), 1 / (K + 1))  # noqa: E731
+    with pytest.raises(DDMError, match=r"^the router returned torch.float32 \(4, 4\); expected float probabilities "
+                                       r"\(B, K\) = \(4, 3\)"):
+        sample_ddm(dataclasses.replace(tiny(0), router=wide), "oracle", n=6, steps=2)
+
+
+def test_a_learned_router_whose_weights_went_nan_is_refused_naming_it_and_a_restricted_one_too(run):
+    """The router of a run with a missing expert (restrict) answered a NaN row with the uniform one."""
+    ddm = DDM.from_pretrained(run)
+    with torch.no_grad():
+        for p in ddm.router.network.parameters():
+            p.fill_(float("nan"))
+    for broken in (ddm, ddm.restrict([0, 2])):
+        with pytest.raises(DDMError, match=r"^the router \('learned'\) returned, on the starting noise at t = 1, NaN; "
+                                           r".*retrain a run's router with `ddmkit train-router RUN`$"):
+            broken.sample("switch", n=6, steps=2)
+
+
+def test_rows_rounded_in_half_precision_pass_and_a_float32_row_off_by_1e_2_does_not():
+    def soft(dtype):
+        return lambda x, t, **cond: torch.softmax(torch.stack([x[:, 0], x[:, 1], -x[:, 0]], 1), 1).to(dtype)
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        dataclasses.replace(tiny(0), router=soft(dtype)).sample("top-2", n=64, steps=2)
+    with pytest.raises(DDMError, match=r"a row summing to 1.01 \(not 1\)"):
+        dataclasses.replace(tiny(0), router=rows_of([0.34, 0.34, 0.33])).sample("top-2", n=6, steps=2)
+
+
+def test_the_probe_reads_a_few_rows_with_their_labels_and_leaves_the_samples_and_the_global_rng_alone():
+    """A label-conditional router gets the probed rows' labels; the probe's calls are not counted, and a router
+    that draws from the global RNG draws at the sampler's first routing what it drew without the probe."""
+    from ddmkit.ddm.sampling import PROBE_ROWS, PROBE_TIMES
+    torch.manual_seed(0)
+    first = torch.rand(()).item()
+    seen = []
+
+    def drawing(x, t, y):
+        seen.append((len(x), y[:2].tolist(), torch.rand(()).item()))
+        return flat_router(x, t)
+
+    ddm = dataclasses.replace(tiny(), router=drawing, router_conditional=True)
+    torch.manual_seed(0)
+    x0, info = ddm.sample("top-1", n=6, steps=3, labels=[1, 2, 0, 0, 1, 2])
+    assert [rows for rows, _, _ in seen] == [PROBE_ROWS] * len(PROBE_TIMES) + [6] * 3
+    assert all(y == [1, 2] for _, y, _ in seen) and seen[len(PROBE_TIMES)][2] == first
+    assert info["router_calls"] == 3
+    assert torch.equal(x0, start_noise(6, (D,), 0))  # top-1 of a flat row: expert 0, of velocity 0

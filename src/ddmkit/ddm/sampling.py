@@ -19,9 +19,12 @@ from ddmkit.config import SampleConfig, resolve_device, validate
 from ddmkit.errors import DDMError
 from ddmkit.routing import (CallCounter, RoutingState, Strategy, parse_strategy, redraws_each_evaluation,
                             routed_velocity)
+from ddmkit.routing.combine import check_router_output
 from ddmkit.sample import get_solver, time_grid
 
 COUNTS = ("n", "steps", "seed", "batch_size", "router_every")
+PROBE_ROWS = 4  # rows of the starting noise the router is probed on, once per sample call
+PROBE_TIMES = (1.0, 0.5, 0.1)
 
 
 def start_noise(n: int, data_shape, seed: int, device="cpu") -> torch.Tensor:
@@ -139,6 +142,43 @@ def start_rows(n: int, data_shape, seed: int, device="cpu", x1: torch.Tensor | N
     return x1
 
 
+def router_values_problem(probs: torch.Tensor) -> str | None:
+    """What is wrong with a router's probabilities (B, K) as values, or None: finite, >= 0, each row summing to
+    1 within its dtype's rounding (1e-3 for float32; float16 and bfloat16 rows are rounded coarser)."""
+    p = probs.detach().double()
+    if p.isnan().any():
+        return "NaN"
+    if p.isinf().any():
+        return "infinite values"
+    if (p < 0).any():
+        return f"negative values (as low as {p.min().item():.3g})"
+    off = (p.sum(1) - 1).abs()
+    if off.max() > max(1e-3, 4 * torch.finfo(probs.dtype).eps):
+        return f"a row summing to {p.sum(1)[off.argmax()].item():.4g} (not 1)"
+    return None
+
+
+def probe_router(ddm, x1: torch.Tensor, cond: dict[str, torch.Tensor] | None, speed: SpeedOptions) -> None:
+    """The router once on the first rows of the starting noise at a few times (PROBE_TIMES), before any step:
+    probabilities (B, K) (routing.combine.check_router_output) with values router_values_problem accepts; else
+    a DDMError naming the router. The sampler's own routings are not read (a host sync at every step); this
+    reads a few rows once, with the global RNG kept (a router that draws does not change the samples)."""
+    x = x1[:PROBE_ROWS]
+    router_cond = {name: c[:PROBE_ROWS] for name, c in cond.items()} if cond and ddm.router_conditional else {}
+    kind = ddm.meta.get("router") or ddm.meta.get("kind", "custom")
+    gpu = [x.device] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=gpu), autocast(speed, x.device):
+        for t in PROBE_TIMES:
+            probs = ddm.router(x, torch.full((len(x),), t, device=x.device), **router_cond)
+            check_router_output(probs, x, ddm.k)
+            problem = router_values_problem(probs)
+            if problem is not None:
+                raise DDMError(f"the router ({kind!r}) returned, on the starting noise at t = {t:g}, {problem}; "
+                               "a router returns probabilities (B, K): finite, >= 0, rows summing to 1. Check its "
+                               "last layer (a softmax over the experts), or retrain a run's router with `ddmkit "
+                               "train-router RUN`")
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -252,6 +292,7 @@ def sample_ddm(ddm, strategy: str | Strategy, n: int, steps: int = 50, solver: s
         no_label = ddm.prior.reshape(1, -1).to(ddm.label_prior)  # label C, "no label": the clusters' sizes
         prior = torch.cat([ddm.label_prior, no_label]).to(x1.device)[cond["y"]]  # (n, K) p(cluster | y) per sample
     per_row_prior = prior is not None and prior.dim() == 2
+    probe_router(ddm, x1, cond, speed)
     counter = CallCounter(ddm.k)
     nets = ddm.networks(speed, x1.device)
     nfe = []
