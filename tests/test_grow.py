@@ -246,7 +246,7 @@ def test_replace_expert_copies_a_foreign_folder_that_verifies_and_is_flagged(run
     assert "the 3 experts on" in notes[1] and "not their FLOP-matched baseline" in notes[1]  # 20 x 32 steps now
     assert load_ddm(run).k == 3
     code, err = cli("register", run)  # says what the report's table would: only `evaluate` said it before
-    assert code == 0 and "note: expert 1 differs from the run's [expert] section in kwargs" in " ".join(err.split())
+    assert code == 0 and "note: expert 1 differs from the run's [expert] section in net.kwargs.width" in " ".join(err.split())
     before = hashes(run)  # the same command again wrote a second grow.json entry
     code, err = cli("replace-expert", run, 1, foreign)
     assert code == 0 and f"expert 1 is a copy of these weights already ({foreign}); nothing to do" in err, err

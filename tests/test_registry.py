@@ -521,6 +521,24 @@ def test_register_says_which_experts_are_missing(copy, monkeypatch, capsys):
     assert f"note: {copy / 'experts'} holds a model.safetensors itself: an expert's files go in its own folder" in said
 
 
+def test_register_names_every_setting_an_expert_trained_elsewhere_differs_in(copy, ddmkit):
+    """An expert trained elsewhere with another warm-up and weight decay was registered without a word: register
+    compared only the network, prediction, steps, batch, lr, seed and EMA. How its job ran (threads, logging) is
+    not a difference."""
+    from ddmkit.train.jobs import train_expert
+
+    expert = small_config().expert
+    train = expert.train.model_copy(update={"warmup": 5, "weight_decay": 0.1, "threads": 2, "log_every": 5})
+    shutil.rmtree(copy / "experts" / "expert_03")
+    train_expert(copy / "partition" / "shards" / "cluster_03.safetensors", expert.model_copy(update={"train": train}),
+                 copy / "experts" / "expert_03")
+    code, _, said = ddmkit("register", copy)
+    assert code == 0 and ("note: expert 3 differs from the run's [expert] section in train.warmup (5, config 2); "
+                          "train.weight_decay (0.1, config 0.0)") in said, said
+    assert "threads" not in said and "log_every" not in said and "expert 0" not in said, said
+    load_ddm(copy)  # a warning, not a refusal: the DDM samples with it
+
+
 def test_a_misnamed_expert_folder_is_named_where_its_expert_is_said_to_be_missing(copy, ddmkit):
     """experts/expert_1 (for expert_01) was reported only as "experts [1] are missing", the folder unnamed."""
     experts = copy / "experts"

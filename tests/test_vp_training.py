@@ -164,7 +164,7 @@ def test_a_vp_run_from_the_command_line(tmp_path, cli):
     config["path"] = {**config["path"], "steps": 200, "time_scale": 1.0}
     (run / "experts" / "expert_01" / "config.json").write_text(json.dumps(config))
     notes = describe_models(run, run_config(run))[1]
-    assert len(notes) == 1 and "expert 1" in notes[0] and "prediction" in notes[0], notes
+    assert len(notes) == 1 and "expert 1" in notes[0] and "path.steps (200, config 1000)" in notes[0], notes
     bad = cli("run", TINY, "--out", tmp_path / "bad", "--set", "expert.path.kind=vp")
     assert bad.returncode == 2 and "prediction" in bad.stderr and not (tmp_path / "bad").exists()
 

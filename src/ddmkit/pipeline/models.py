@@ -13,10 +13,11 @@ from pathlib import Path
 
 from ddmkit.config import RunConfig
 from ddmkit.ddm.load import recorded_router
-from ddmkit.flow.convert import path_entry
 from ddmkit.layout import RunFolder
-from ddmkit.registry import model_config, model_data_shape, read_manifest
+from ddmkit.pipeline.prepare import listed
+from ddmkit.registry import model_config, read_manifest
 from ddmkit.tables import markdown_table
+from ddmkit.train.jobs import expert_differences
 
 TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "ema_decay")
 
@@ -50,20 +51,12 @@ def _summary(config: dict) -> dict:
             **{key: train.get(key) for key in TRAIN_KEYS}}
 
 
-def _expected(cfg: RunConfig, data_shape: list) -> dict:
-    e = cfg.expert
-    kwargs = {"data_shape": list(data_shape), **e.net.kwargs}
-    path = path_entry(e.path.vp_schedule()).get("path")  # what a folder trained with this section records
-    return {"arch": e.net.arch, "kwargs": kwargs, "prediction": _prediction(e.prediction, path),
-            **{key: getattr(e.train, key) for key in TRAIN_KEYS}}
-
-
 def describe_models(run, cfg: RunConfig) -> tuple[list[list], list[str]]:
     """(table rows: model, arch, prediction, steps, batch, lr, seed, differs; notes naming each expert
-    whose folder differs from the run's [expert] section and in what)."""
+    whose folder differs from the run's [expert] section and in what: every setting that decides what is
+    trained, compared as train-expert compares an expert folder with its config, expert_differences)."""
     folder = RunFolder(run)
     manifest = read_manifest(folder.partition)
-    expected = _expected(cfg, list(model_data_shape(run)))
     rows, notes = [], []
     folders = [(f"expert {k}", folder.expert(k)) for k in range(manifest["k"])]
     folders += [("monolith", folder.monolith), ("router", folder.router)]
@@ -73,14 +66,14 @@ def describe_models(run, cfg: RunConfig) -> tuple[list[list], list[str]]:
             rows.append([name, "statistics-only (no network: grow.json)" if routes_by_statistics else "missing",
                          "-", "-", "-", "-", "-", "-"])
             continue
-        got = _summary(model_config(path))
+        saved = model_config(path)
+        got = _summary(saved)
         differs = ""
         if name.startswith("expert"):
-            keys = [key for key in expected if got.get(key) != expected[key]]
-            if keys:
-                differs = ", ".join(keys)
-                notes.append(f"{name} differs from the run's [expert] section in "
-                             + ", ".join(f"{key} ({got.get(key)!r}, config {expected[key]!r})" for key in keys))
+            fields = expert_differences(saved, cfg.expert, by="config")
+            if fields:
+                differs = ", ".join(field.split(" ", 1)[0] for field in fields)
+                notes.append(f"{name} differs from the run's [expert] section in {listed(fields)}")
         rows.append([name, f"{got['arch']} {got['kwargs']}", got["prediction"], got["steps"], got["batch_size"],
                      got["lr"], got["seed"], differs or "-"])
     mismatch = compute_mismatch(folder, manifest["k"])

@@ -50,15 +50,15 @@ def _by_field(table: dict, prefix: str = "") -> dict:
     return out
 
 
-def settings_differences(made: dict, asked: dict) -> list[str]:
-    """The fields in which the settings `made` differ from `asked` (nested tables, fields of either one):
-    ["net.kwargs.num_classes (10, asked absent)", "prediction ('velocity', asked 'x0')"]."""
+def settings_differences(made: dict, asked: dict, by: str = "asked") -> list[str]:
+    """The fields in which the settings `made` differ from `asked` (nested tables, fields of either one), the
+    asked value after `by`: ["net.kwargs.num_classes (10, asked absent)", "prediction ('velocity', asked 'x0')"]."""
     old, new = _by_field(made), _by_field(asked)
 
     def shown(values: dict, name: str) -> str:
         return repr(values[name]) if name in values else "absent"
 
-    return [f"{name} ({shown(old, name)}, asked {shown(new, name)})" for name in sorted(set(old) | set(new))
+    return [f"{name} ({shown(old, name)}, {by} {shown(new, name)})" for name in sorted(set(old) | set(new))
             if name not in old or name not in new or old[name] != new[name]]
 
 

@@ -248,9 +248,15 @@ def trained_expert_differences(out_dir: str | Path, shard: str | Path, config: E
         return None  # weights cut short (a copy interrupted mid-file): an unfinished expert, trained again
     saved = read_json(out_dir / "config.json")
     saved = saved if isinstance(saved, dict) else {}
-    made = _what_trains(_expert_table(saved))
-    differences = [d.split(" ", 1)[0] for d in settings_differences(made, trained_settings(config))]
+    differences = [d.split(" ", 1)[0] for d in expert_differences(saved, config)]
     return differences + (["the shard"] if saved.get("shard_sha256") != sha256_file(shard) else [])
+
+
+def expert_differences(saved: dict, config: ExpertConfig, by: str = "asked") -> list[str]:
+    """The fields in which the expert whose config.json is `saved` differs from one trained with `config`
+    (trained_settings: what is trained, not how the job ran), each with both values, the config's after `by`:
+    ["train.steps (500, asked 2000)"]."""
+    return settings_differences(_what_trains(_expert_table(saved)), trained_settings(config), by)
 
 
 def weights_readable(path: Path) -> bool:
