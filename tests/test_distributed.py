@@ -168,6 +168,34 @@ def test_more_processes_than_gpus_names_the_cpu_way_out(tmp_path, monkeypatch):
     assert _device("cpu", 1) == torch.device("cpu")
 
 
+def test_more_cpu_processes_than_cores_are_warned_of_but_start(tmp_path, monkeypatch):
+    """train-expert --nproc 8 on a 2-core CPU machine started its 8 gloo processes without a word, all of them
+    slow. One warning line now names the cores and a --nproc that fits them; the job still starts (legal for
+    trying DDP). Jobs on CUDA, and those that fit, say nothing."""
+    import ddmkit.train.distributed as distributed
+    import ddmkit.train.jobs as jobs
+    from conftest import run_cli
+
+    shard, started = _shard(tmp_path), []
+    monkeypatch.setattr(jobs, "train_expert_ddp", lambda shard, cfg, out, nproc, resume: started.append(nproc))
+    monkeypatch.setattr(distributed, "cpu_cores", lambda: 2)
+
+    def said(nproc: int, *more: str) -> str:
+        done = run_cli("train-expert", shard, "--config", tmp_path / "c.toml", "--out", tmp_path / "e", "--nproc",
+                       nproc, *more)
+        assert done.returncode == 0, done.stderr
+        return " ".join(done.stderr.split())
+
+    assert ("warning: --nproc 4: the 4 processes share this machine's 2 CPU cores and will be slow; use --nproc 2 "
+            "or fewer, unless the point is to try DDP with gloo") in said(4)
+    assert ("the 2 processes, 2 threads each (expert.train.threads), share this machine's 2 CPU cores and will be "
+            "slow; use --nproc 1, or --set expert.train.threads=1") in said(2, "--set", "expert.train.threads=2")
+    assert "warning" not in said(2) and started == [4, 2, 2]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [distributed.crowded_cpu(4, 1, device) for device in ("cuda", "cuda:0", "auto")] == [None] * 3
+    assert "use --nproc 2 or fewer" in distributed.crowded_cpu(4, 1, "cpu")
+
+
 def test_nproc_unlike_the_launchers_is_named_first_without_joining(tmp_path, monkeypatch):
     """--nproc 3 inside a 2-process launcher was told about the batch split first, and named only after
     joining the launcher's job."""

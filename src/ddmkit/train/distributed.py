@@ -48,7 +48,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from torch import nn
 
-from ddmkit.errors import DDMError
+from ddmkit.errors import DDMError, counted
 from ddmkit.io import scratch_dir
 from ddmkit.train.stop import request_stop, stop_requested, stop_scope
 
@@ -421,6 +421,29 @@ def check_nproc(nproc: int) -> None:
                        "(WORLD_SIZE); leave --nproc out (the launcher sets the number, e.g. torchrun --nproc-per-node)")
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its CPU affinity where the system has one, else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def crowded_cpu(nproc: int, threads: int, device_name: str) -> str | None:
+    """A warning, in words, when the nproc processes this machine would spawn for one job on the CPU (gloo), each
+    on `threads` threads, ask for more threads than it has cores: legal (DDP tried on a laptop), but slow. None
+    for one process, a job on CUDA, or the processes of a launcher (torchrun: its own count per node)."""
+    kind = device_name.split(":", 1)[0]
+    on_cpu = kind == "cpu" or (kind == "auto" and not torch.cuda.is_available())
+    cores = cpu_cores()
+    if nproc < 2 or not on_cpu or all(k in os.environ for k in ENV) or nproc * threads <= cores:
+        return None
+    each = f", {counted(threads, 'thread')} each (expert.train.threads)," if threads > 1 else ""
+    fits = max(1, cores // threads)
+    fix = f"--nproc {fits}" + (" or fewer" if fits > 1 else "")
+    if threads > 1 and nproc <= cores:
+        fix += f", or --set expert.train.threads={cores // nproc}"
+    return (f"--nproc {nproc}: the {nproc} processes{each} share this machine's {counted(cores, 'CPU core')} and "
+            f"will be slow; use {fix}, unless the point is to try DDP with gloo")
+
+
 def run(fn: Callable, nproc: int, device_name: str, *args) -> None:
     """fn(*args, dist=...) as one job: in the processes torchrun started (nproc 1 or their number), else in
     nproc processes spawned on this machine, else (nproc = 1) here, with LOCAL."""
@@ -437,6 +460,6 @@ def run(fn: Callable, nproc: int, device_name: str, *args) -> None:
         fn(*args, dist=LOCAL)
 
 
-__all__ = ["Distributed", "LOCAL", "blocks", "check_batch", "check_nproc", "die_with_parent", "from_env", "full_optimizer_state",
-           "full_state", "full_tensor", "is_shard", "load_full_optimizer_state", "load_full_state", "run", "shard_like",
-           "spawn", "unshard"]
+__all__ = ["Distributed", "LOCAL", "blocks", "check_batch", "check_nproc", "cpu_cores", "crowded_cpu",
+           "die_with_parent", "from_env", "full_optimizer_state", "full_state", "full_tensor", "is_shard",
+           "load_full_optimizer_state", "load_full_state", "run", "shard_like", "spawn", "unshard"]

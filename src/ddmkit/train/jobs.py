@@ -332,6 +332,9 @@ def _train_expert_once(shard, config: ExpertConfig, out_dir, nproc: int, resume:
             "replaces it")
     if resume and main and expert_resumes(shard, config, out_dir):
         log(f"{out_dir}: continuing from {checkpoint_path(out_dir)}")  # as run and launch say it
+    crowded = distributed.crowded_cpu(nproc, config.train.threads, config.train.device)
+    if crowded and main:
+        log(f"warning: {crowded}")
     train_expert_ddp(shard, config, out_dir, nproc, resume=resume)
     return main
 
