@@ -252,20 +252,27 @@ def test_bad_options_exit_2_before_anything_is_written(tmp_path, args, words, cl
     assert not out.exists()
 
 
-@pytest.mark.parametrize("theirs", [{"report.md": "# theory convergence", "results.json": '{"grid": []}'},
-                                    {"report.md": "# my notes"}])
-def test_an_out_holding_another_report_is_refused_before_any_work(tmp_path, theirs, cli):
-    """A report.md the study did not write (a theory study's, a user's) was replaced by the study's own."""
+OTHER_REPORT = "holds a report.md that no misalignment study wrote"
+
+
+@pytest.mark.parametrize("theirs, words", [
+    ({"report.md": "# theory convergence", "results.json": '{"grid": []}'}, OTHER_REPORT),
+    ({"report.md": "# my notes"}, OTHER_REPORT),
+    ({"sweep.json": '{"cells": []}', "sweep.md": "# ddmkit sweep"}, "holds a sweep's results (sweep.json, cell"),
+    ({"k2_b1_s0/metrics.json": "{}"}, "holds a sweep's results (sweep.json, cell")])
+def test_an_out_holding_another_report_is_refused_before_any_work(tmp_path, theirs, words, cli):
+    """A report.md the study did not write (a theory study's, a user's) was replaced by the study's own; a sweep's
+    folder (reported, or its cells alone) took the study's runs beside its cells."""
     out = tmp_path / "theirs"
-    out.mkdir()
     for name, text in theirs.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
     done = cli("study", "misalignment", TINY, "--out", out, "--seeds", "1", "--strategy", "full", "--strategy",
                "top-2", "--n", "100", "--conditions", "exact")
     said = " ".join(done.stderr.split())
-    assert done.returncode == 2 and f"--out {out} holds a report.md that no misalignment study wrote" in said, said
-    assert sorted(p.name for p in out.iterdir()) == sorted(theirs)
-    assert (out / "report.md").read_text() == theirs["report.md"]
+    assert done.returncode == 2 and f"--out {out} {words}" in said, said
+    assert "give the misalignment study a folder of its own, e.g. --out" in said, said
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(theirs)
 
 
 def test_each_stage_checks_only_the_devices_it_uses(tmp_path, cli):

@@ -265,9 +265,13 @@ def test_a_latent_sweep_trains_one_autoencoder_for_the_grid(tmp_path):
     third_out = tmp_path / "third"
     (third_out / names[0]).mkdir(parents=True)
     shutil.copy(out / names[0] / "metrics.json", third_out / names[0])
-    brought = third_out / "k2_b0.25_s0"  # a cell of the grid's other part
+    brought = third_out / "k2_b0.25_s0"  # a cell of the grid's other part, its own config.json (as seed_cell writes)
     brought.mkdir()
-    shutil.copy(out / names[0] / "config.json", brought)
+    from ddmkit.io import write_json
+    from ddmkit.pipeline.prepare import config_record, run_config
+
+    part = cell_config(load_config(config), 2, 0.25, 0, run_config(out / names[0]).monolith.enabled)
+    write_json(brought / "config.json", config_record(part))
     shutil.copytree(out / names[0] / "autoencoder", brought / "autoencoder")
     fourth = cli("sweep", config, "--out", third_out, "--k", "2", "--budget", "0.5", "--budget", "1", "--seed", "0")
     assert fourth.returncode == 0 and "scored before" in fourth.stderr, fourth.stderr
@@ -604,3 +608,51 @@ def test_an_out_in_a_run_folder_and_a_negative_seed_are_refused_naming_the_optio
     said = " ".join(done.stderr.split())
     assert done.returncode == 2 and "--seed -3: a seed is a whole number from 0 to 2**63 - 1" in said, said
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("theirs, words", [
+    ({"study.json": '{"condition_names": ["disjoint"]}', "report.md": "# misalignment"},
+     "holds a misalignment study's results (study.json, runs/)"),
+    ({"runs/disjoint_s0/config.json": "{}", "runs/disjoint_s0/partition/manifest.json": "{}"},  # one still training
+     "holds a misalignment study's results (study.json, runs/)"),
+    ({"report.md": "# theory convergence", "results.json": '{"grid": []}'},
+     "holds a report.md that no sweep wrote (another study's or your own)")])
+def test_an_out_holding_another_studys_results_is_refused_before_any_cell(tmp_path, theirs, words):
+    """--out a misalignment study's folder (finished or still training its runs) or a theory study's: the sweep
+    put its cells and sweep.md beside that study's results."""
+    out = tmp_path / "theirs"
+    for name, text in theirs.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    done = cli("sweep", SWEEP, "--out", out, "--k", "2", "--budget", "1")
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2 and f"--out {out} {words}; give the sweep a folder of its own, e.g. --out " \
+        f"{tmp_path / 'sweep'}" in said, said
+    assert "sweep cell" not in said and sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_an_out_holding_another_sweeps_cells_is_refused_and_its_own_resumes(tiny_grid, tmp_path):
+    """A sweep of another training into the folder of a finished one, with other K (no cell of the same name to
+    refuse), mixed its cells with the other sweep's and replaced that sweep's report. The same sweep's other parts
+    (other K, budgets, seeds) are its own: reported over, as before."""
+    out = tmp_path / "sweep"
+    names = ["k2_b0.5_s0", "k2_b1_s0", "k4_b0.5_s0", "k4_b1_s0"]
+    copy_metrics(tiny_grid, out, names)
+    for name in names:
+        shutil.copy(tiny_grid / name / "config.json", out / name / "config.json")
+    shutil.copy(tiny_grid / "sweep.json", out / "sweep.json")
+    report = (out / "sweep.json").read_bytes()
+    for force in ((), ("--force",)):  # --force replaces this grid's cells only
+        other = cli("sweep", SWEEP, "--out", out, "--k", "8", "--budget", "1", "--monolith-k", "4",
+                    "--set", "expert.train.lr=0.001", *force)
+        said = " ".join(other.stderr.split())
+        assert other.returncode == 2 and f"--out {out} holds the cells of another sweep: k2_b0.5_s0 was made with " \
+            "other settings than this config makes it with (expert.train.lr (0.002, asked 0.001))" in said, said
+        assert "give this one another --out" in said and "sweep cell" not in said, said
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "sweep.json"])
+    assert (out / "sweep.json").read_bytes() == report
+    own = cli("sweep", SWEEP, "--out", out, "--k", "2", "--budget", "0.5", "--budget", "1", "--monolith-k", "4",
+              "--stages", "report", "--set", "expert.train.threads=2")  # how jobs run may differ
+    assert own.returncode == 0, own.stderr
+    assert json.loads((out / "sweep.json").read_text())["ks"] == [2]  # its part of the grid, reported

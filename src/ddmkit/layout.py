@@ -23,6 +23,7 @@ the experts' total compute), byte streams in the shards, no data/, and report.js
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,52 @@ def check_outside_runs(out: str | Path, writes: str, example: str) -> None:
         where = "a ddmkit run folder" if is_run_folder(out) else f"inside the run folder {above}"
         raise DDMError(f"--out {out} is {where}; {writes}, so give a folder of its own outside any run, e.g. "
                        f"--out {example}")
+
+
+STUDIES = {"misalignment": "misalignment study", "sweep": "sweep"}  # the studies that write into --out, as named
+RECORDS = {"misalignment": "study.json, runs/", "sweep": "sweep.json, cell folders k{K}_b{budget}_s{seed}/"}
+
+
+def study_in(out: str | Path) -> str | None:
+    """Whose results the folder `out` holds, by what each study writes there: "misalignment" (a study.json naming
+    its conditions, or run folders in runs/), "sweep" (a sweep.json, or cell folders k{K}_b{budget}_s{seed} that
+    hold a config.json or metrics.json), "report" (a report.md neither wrote: a theory study's, a user's);
+    None for a folder of none of them (new, empty, or other files)."""
+    out = Path(out)
+    if "condition_names" in _json_object(out / "study.json"):
+        return "misalignment"
+    if "cells" in _json_object(out / "sweep.json"):
+        return "sweep"
+    if (out / "report.md").exists():
+        return "report"
+    if any(is_run_folder(p) for p in (out / "runs").glob("*")):
+        return "misalignment"
+    if any((p / "config.json").is_file() or (p / "metrics.json").is_file() for p in out.glob("k*_b*_s*")):
+        return "sweep"
+    return None
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON file's object; {} where the file is missing, does not read or holds no object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def check_own_study(out: str | Path, study: str) -> None:
+    """--out of a study (STUDIES), before any work: new, or holding that study's own results (which it continues
+    or replaces), not another study's (study_in) nor a report.md that none of them wrote: a DDMError naming what
+    the folder holds, and a folder to give instead."""
+    out, name = Path(out), STUDIES[study]
+    found = study_in(out)
+    if found in (None, study):
+        return
+    what = (f"a report.md that no {name} wrote (another study's or your own)" if found == "report" else
+            f"a {STUDIES[found]}'s results ({RECORDS[found]})")
+    example = out.parent / (study if out.name != study else f"{study}_2")
+    raise DDMError(f"--out {out} holds {what}; give the {name} a folder of its own, e.g. --out {example}")
 
 
 @dataclass(frozen=True)

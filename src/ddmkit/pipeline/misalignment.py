@@ -81,7 +81,7 @@ from ddmkit.io import (
     write_bytes_atomic,
     write_json,
 )
-from ddmkit.layout import RunFolder, check_outside_runs, safe_name
+from ddmkit.layout import RunFolder, check_outside_runs, check_own_study, safe_name
 from ddmkit.pipeline.checks import check_devices, check_run_plan, checked_device, named_device
 from ddmkit.pipeline.prepare import (check_replaceable, config_record, listed, prepare_run_dir, run_config,
                                      trained_differences)
@@ -453,21 +453,6 @@ def report_only(measures: dict[str, list[dict]], parsed: dict[str, Condition], m
     return kept, {name: parsed[name] for name in kept}
 
 
-def check_own_report(out: Path) -> None:
-    """--out of a study, before any work: a report.md there is replaced only if this study wrote it (its
-    study.json, with the conditions), not another study's (a theory study's, an analysis') or a user's own."""
-    if not (out / "report.md").exists():
-        return
-    try:
-        made = read_json(out / "study.json") if (out / "study.json").exists() else None
-    except DDMError:
-        made = None
-    if not (isinstance(made, dict) and "condition_names" in made):
-        raise DDMError(f"--out {out} holds a report.md that no misalignment study wrote (another study's or your "
-                       f"own), which the study would replace; give a folder of its own, e.g. --out "
-                       f"{out.parent / 'misalignment'}")
-
-
 def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (0, 1, 2),
                        conditions: Sequence[str] | None = None, strategies: Sequence[str] | None = None,
                        n: int = 1000, n_boot: int = 200, w2_boot: int = 50, jvp_rows: int = 64, max_steps: int = 10,
@@ -500,7 +485,7 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
         device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     check_outside_runs(out, "the study writes a run folder per condition and seed into --out/runs",
                        "runs/misalignment")
-    check_own_report(Path(out))
+    check_own_study(out, "misalignment")  # not a sweep's folder, nor a report.md the study did not write
     # images: the scorer's features, made (so checked) before anything is trained
     extractor = feature_extractor(cfg.evaluate.fid_features, device) if images and stages == "all" else None
     missing: list[str] = []  # stages "report": the measurements not kept

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -40,10 +41,10 @@ from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
 from ddmkit.io import STAGING, check_folder_target, entries, read_json, write_bytes_atomic, write_json
 from ddmkit.launch import check_launch
-from ddmkit.layout import RunFolder, check_outside_runs
+from ddmkit.layout import RunFolder, check_outside_runs, check_own_study
 from ddmkit.pipeline.checks import check_devices
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
-from ddmkit.pipeline.prepare import (TRAINED, check_partition, check_run_target, config_record, run_config,
+from ddmkit.pipeline.prepare import (TRAINED, check_partition, check_run_target, config_record, listed, run_config,
                                      trained_differences)
 from ddmkit.pipeline.run import STAGES, run_pipeline, untrained_parts
 from ddmkit.pipeline.samplesets import calls_every_expert
@@ -353,6 +354,33 @@ def check_grid_data(cfg: RunConfig, partitions: dict[int, RunConfig], backend: s
             raise DDMError(f"--k {k} (the partition.k of its cells): {e}") from None
 
 
+CELL_NAME = re.compile(r"k(\d+)_b([0-9.e+-]+)_s(\d+)(_steps)?")  # cell_dir's names: K, budget, seed, scale
+
+
+def check_other_cells(out: Path, cfg: RunConfig, grid: list[tuple]) -> None:
+    """Before any work: every cell in OUT outside this grid (the same sweep's other K, budgets, seeds or --scale)
+    is the cell this config makes under that name, in what it trains (its [sample] and [evaluate] may differ:
+    such a cell is scored again when a grid holds it). A cell trained otherwise (other data, networks or
+    training) belongs to another sweep, which this one cannot continue: a DDMError naming it and what differs.
+    The grid's own cells are checked by check_run_target (--force replaces them)."""
+    ours = {folder.root.name for _, _, folder in grid}
+    for config in sorted(out.glob("k*_b*_s*/config.json")):
+        name, match = config.parent.name, CELL_NAME.fullmatch(config.parent.name)
+        if name in ours or match is None:
+            continue
+        try:
+            made = run_config(config.parent)
+            k, budget, seed, scale = int(match[1]), float(match[2]), int(match[3]), "steps" if match[4] else "batch"
+            differs = trained_differences(made, cell_config(cfg, k, budget, seed, made.monolith.enabled, scale))
+        except (DDMError, ValueError):  # a cell ddmkit cannot read, or no cell of this config: left as it is
+            continue
+        if differs:
+            raise DDMError(f"--out {out} holds the cells of another sweep: {name} was made with other settings than "
+                           f"this config makes it with ({listed(differs)}); to continue that sweep give the config "
+                           "and --set options it was made with, or give this one another --out (--force replaces "
+                           "only the cells of this grid)")
+
+
 def check_same_monolith(folder: RunFolder, cell_cfg: RunConfig) -> None:
     """A cell made by a grid whose monolith trains at another K differs in monolith.enabled alone: name
     --monolith-k, not --force (which would train the cell again)."""
@@ -493,9 +521,11 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
                        "then report with --stages report --partial")
     out = check_folder_target(Path(out))  # --out FILE: named before any work
     check_outside_runs(out, "a sweep writes one run folder per cell into --out", "runs/sweep")
+    check_own_study(out, "sweep")  # not a misalignment study's folder, nor a report.md no sweep wrote
     todo = cells(ks, budgets, seeds, all_seeds)
     mono_k = monolith_k(cfg, ks, monolith)
     grid = grid_cells(cfg, out, todo, mono_k, scale)
+    check_other_cells(out, cfg, grid)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
     others = [] if all_seeds else [c for c in cells(ks, budgets, seeds, all_seeds=True) if c not in todo]
     beyond = [folder.name for folder in (cell_dir(out, *c, scale, cfg.partition.k) for c in others)
