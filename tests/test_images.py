@@ -646,3 +646,37 @@ def test_a_png_grid_is_written_through_the_atomic_write(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         images.save_png(arr, tmp_path / "plots" / "torn.png")
     assert not (tmp_path / "plots" / "torn.png").exists()
+
+
+def test_a_folder_of_fewer_classes_than_num_classes_is_warned_of_before_training(tmp_path):
+    """configs/fashion_mnist.toml's num_classes = 10 on a folder of 3 classes trained silently, and 7 samples in 10
+    were then drawn with labels 3 .. 9, which no network trained on."""
+    from PIL import Image
+
+    from ddmkit.config import RunConfig, load_config, validate
+    from ddmkit.pipeline.checks import untrained_classes
+    from ddmkit.pipeline.prepare import prepare_run_dir
+
+    for c in ("circles", "squares", "stripes"):
+        (tmp_path / "shapes" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "shapes" / c / f"{i}.png")
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()  # num_classes = 10
+    raw["data"].update(name="image_folder", params={"path": str(tmp_path / "shapes"), "test_fraction": 0.3})
+    raw["evaluate"]["kid_subset"] = 4
+    said = []
+    prepare_run_dir(tmp_path / "run", validate(RunConfig, raw), log=said.append)
+    warned = [line for line in said if "num_classes = 10" in line]
+    assert warned == ["warning: expert.net.kwargs.num_classes = 10, but no training row has label 3 .. 9 (the data's "
+                      "labels run 0 .. 2): the samples' labels are drawn uniformly from 0 .. 9, so 7 samples in 10 "
+                      "are of classes no network trained on; set num_classes = 3 in expert.net.kwargs and "
+                      "router.net.kwargs (or keep it if data added later, with `ddmkit add-expert`, bring those "
+                      "classes)"], said
+    for net in ("expert", "router"):  # the fix it names
+        raw[net]["net"]["kwargs"]["num_classes"] = 3
+    cfg = validate(RunConfig, raw)
+    assert untrained_classes(cfg, torch.tensor([0, 1, 2, 2])) == []
+    assert "label 1 (the data's labels run 0 .. 2)" in untrained_classes(cfg, torch.tensor([0, 2]))[0]
+    assert "give each class training rows" in untrained_classes(cfg, torch.tensor([0, 2]))[0]
+    assert untrained_classes(cfg, None) == []
+

@@ -3,6 +3,7 @@ fails at the data and partition stage, with a fix that works, not after its netw
 
     check_run_plan(cfg, n_train, n_test, data_shape, has_truth)   sizes, splits and sample counts
     check_labels(cfg, labels)                     class-conditional networks against the data's labels
+    untrained_classes(cfg, labels)                -> warnings  classes the samples draw that no training row holds
     check_clusters(cfg, counts, data_shape, orphans)  -> warnings  the partition's clusters
     check_devices(cfg)                            every train.device of the config, present here
     checked_device(name)                          -> torch.device  a --device value, present here
@@ -104,6 +105,31 @@ def check_labels(cfg: RunConfig, labels: list[torch.Tensor | None]) -> None:
             raise DDMError(f"{where}.kwargs.num_classes = {classes}, but the data's labels run {lo} .. {hi}; labels "
                            f"are class indices 0 .. num_classes - 1: set num_classes = {max(hi + 1, 1)}"
                            + (" and make every label 0 or more" if lo < 0 else ""))
+
+
+def untrained_classes(cfg: RunConfig, labels: torch.Tensor | None) -> list[str]:
+    """A warning when class-conditional experts (expert.net.kwargs num_classes = C) have classes that no
+    training row (labels) holds: the samples draw their labels uniformly from 0 .. C - 1
+    (pipeline.sampling.sample_labels), so those samples are of classes no network trained on (a folder of
+    3 classes with configs/fashion_mnist.toml's num_classes = 10: 7 samples in 10)."""
+    classes = int(cfg.expert.net.kwargs.get("num_classes") or 0)
+    if not classes or labels is None or not len(labels):
+        return []
+    missing = sorted(set(range(classes)) - set(labels.unique().tolist()))
+    if not missing:
+        return []
+    top = int(labels.max()) + 1
+    if missing == list(range(top, classes)):
+        named = f"{top} .. {classes - 1}" if len(missing) > 1 else f"{top}"
+        nets = " and router.net.kwargs" if cfg.router.net.kwargs.get("num_classes") else ""
+        fix = f"set num_classes = {top} in expert.net.kwargs{nets}"
+    else:
+        named = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        fix = "give each class training rows"
+    return [f"expert.net.kwargs.num_classes = {classes}, but no training row has label {named} (the data's labels "
+            f"run 0 .. {top - 1}): the samples' labels are drawn uniformly from 0 .. {classes - 1}, so "
+            f"{len(missing)} samples in {classes} are of classes no network trained on; {fix} (or keep it if data "
+            "added later, with `ddmkit add-expert`, bring those classes)"]
 
 
 def _check_images(cfg: RunConfig, n_test: int, smallest: int) -> None:

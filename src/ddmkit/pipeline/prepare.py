@@ -37,7 +37,7 @@ from ddmkit.latent.autoencoder import check_pretrained, network_data_shape
 from ddmkit.ddm.load import component_groups, records_truth
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run
 from ddmkit.pipeline.checks import (check_clusters, check_devices, check_labels, check_run_plan,
-                                    unused_partition_settings)
+                                    unused_partition_settings, untrained_classes)
 from ddmkit.train.jobs import EXECUTION
 from ddmkit.pipeline.stages import (check_network_arguments, check_networks, load_data, load_split, plan_partition,
                                     read_data_info, register_user_features, register_user_networks, run_lock,
@@ -319,13 +319,14 @@ def _remade_data(cfg: RunConfig, folder: RunFolder, lost: list[Path], log: Log) 
 
 def check_partition(cfg: RunConfig, train, plan, log: Log) -> None:
     """pipeline.checks.check_clusters on a new partition (for a Gaussian mixture, with the clusters
-    that own no component); its warnings, and those of settings the features ignore, are logged."""
+    that own no component); its warnings, those of settings the features ignore and of classes the samples
+    draw that no training row holds, are logged."""
     orphans = []
     if train.truth is not None and train.labels is not None:
         groups = component_groups(train.labels, plan.labels, train.truth.k, plan.k)
         orphans = [c for c, g in enumerate(groups) if not g]
     for warning in check_clusters(cfg, plan.counts.tolist(), train.data_shape, orphans) + \
-            unused_partition_settings(cfg):
+            unused_partition_settings(cfg) + untrained_classes(cfg, train.labels):
         log(f"warning: {warning}")
 
 
