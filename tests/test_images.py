@@ -680,3 +680,26 @@ def test_a_folder_of_fewer_classes_than_num_classes_is_warned_of_before_training
     assert "give each class training rows" in untrained_classes(cfg, torch.tensor([0, 2]))[0]
     assert untrained_classes(cfg, None) == []
 
+
+def test_a_folder_of_other_sizes_is_refused_from_the_file_headers_before_any_image_is_decoded(tmp_path, monkeypatch):
+    """Without resize, crop and pad_to, every image of a folder was decoded and held (a folder of large photos: all
+    of them in memory) before the sizes were compared. Sizes that differ only by an EXIF turn are still read."""
+    from PIL import Image
+
+    import ddmkit.data.images as images
+
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / "a.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40 high x 30 wide, shown 30 x 40 as a.png
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(tmp_path / "b.jpg", exif=exif)
+    Image.fromarray(np.zeros((50, 20), np.uint8)).save(tmp_path / "c.png")
+
+    def decoded(*args):
+        raise AssertionError("an image was decoded")
+    monkeypatch.setattr(images, "read_images", decoded)
+    with pytest.raises(DDMError, match=r"different sizes \(.*a.png: 30x40, .*c.png: 50x20\); set data.params.resize "
+                                       r"= 20 and data.params.crop = 20 .* or data.params.pad_to = 50"):
+        read_image_folder(tmp_path)
+    monkeypatch.undo()
+    (tmp_path / "c.png").unlink()
+    assert read_image_folder(tmp_path)[0].shape == (2, 30, 40)  # b.jpg turned upright: one size

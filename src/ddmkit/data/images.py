@@ -326,6 +326,46 @@ def check_no_empty_class(root: Path, classes: list[str]) -> None:
                        "\".\", which skips it)")
 
 
+def different_sizes(root: Path, named: list[tuple[tuple[int, int], Path]], sizes: list[tuple[int, int]],
+                    resize: int | None) -> DDMError:
+    """The error for a folder of images of several sizes ((H, W) each): two files named with their sizes, and
+    the settings that make them one size."""
+    (s1, p1), (s2, p2) = named
+    side = resize or min(min(size) for size in sizes)
+    return DDMError(f"image folder {root} holds images of different sizes ({p1}: {s1[0]}x{s1[1]}, "
+                    f"{p2}: {s2[0]}x{s2[1]}); set data.params.resize = {side} and data.params.crop = {side} "
+                    f"(each image's shorter side scaled to {side}, then its centre {side}x{side} kept), or "
+                    f"data.params.pad_to = {max(max(size) for size in sizes)} (each padded with black)")
+
+
+def stored_size(path: Path, upright: bool = False) -> tuple[int, int] | None:
+    """(H, W) of an image file from its header, nothing decoded (upright: turned by its EXIF orientation, which
+    may decode a PNG); None for a file Pillow cannot open (read_images names it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            turned = upright and im.getexif().get(0x0112) in (5, 6, 7, 8)  # the orientations turned by 90 degrees
+    except Exception:  # a damaged file: read_images names it
+        return None
+    return (w, h) if turned else (h, w)
+
+
+def check_stored_sizes(root: Path, files: list[Path]) -> None:
+    """Without resize, crop and pad_to, a folder whose files' headers already give sizes of other sides (which no
+    EXIF turn makes equal) is refused before any image is decoded: a folder of large photos was read whole into
+    memory only to be refused."""
+    first: dict[tuple[int, int], Path] = {}
+    for p in files:
+        size = stored_size(p)
+        if size is not None:
+            first.setdefault(tuple(sorted(size)), p)
+    if len(first) > 1:
+        named = [(stored_size(p, upright=True), p) for p in list(first.values())[:2]]
+        raise different_sizes(root, named, list(first), None)
+
+
 def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None = None, crop: int | None = None,
                       pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """(images (N, H, W[, C]) in 0..255 (uint8, float32 with 16-bit images), labels or None, class names).
@@ -347,6 +387,8 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
                        "folders, whose names start with \".\", are skipped)")
     classes = sorted({class_of(root, p) for p in files} - {None})
     check_no_empty_class(root, classes)
+    if not (resize or crop or pad_to):
+        check_stored_sizes(root, files)
     arrays = read_images(files, root, mode, resize, crop)
     if pad_to:
         largest = max(max(a.shape[:2]) for a in arrays)
@@ -365,12 +407,7 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
         raise DDMError(f"image folder {root} mixes grayscale and colour images ({p1}: {c1} channel(s), {p2}: {c2} "
                        "channel(s)); set data.params.mode = \"rgb\" (or \"grey\") to convert every image")
     if len(sizes) > 1:
-        (s1, p1), (s2, p2) = list(sizes.items())[:2]
-        side = resize or min(min(a.shape[:2]) for a in arrays)
-        raise DDMError(f"image folder {root} holds images of different sizes ({p1}: {s1[0]}x{s1[1]}, "
-                       f"{p2}: {s2[0]}x{s2[1]}); set data.params.resize = {side} and data.params.crop = {side} "
-                       f"(each image's shorter side scaled to {side}, then its centre {side}x{side} kept), or "
-                       f"data.params.pad_to = {max(max(a.shape[:2]) for a in arrays)} (each padded with black)")
+        raise different_sizes(root, list(sizes.items())[:2], list(sizes), resize)
     labels = None
     if classes:
         if any(p.parent == root for p in files):
