@@ -703,3 +703,18 @@ def test_a_folder_of_other_sizes_is_refused_from_the_file_headers_before_any_ima
     monkeypatch.undo()
     (tmp_path / "c.png").unlink()
     assert read_image_folder(tmp_path)[0].shape == (2, 30, 40)  # b.jpg turned upright: one size
+
+
+@pytest.mark.parametrize("n_test, names_it", [(0, False), (16000, False), (12, True)])
+def test_a_test_split_too_small_for_kid_names_data_n_test_only_where_it_caps_the_split(n_test, names_it):
+    """A folder's 12 test images with data.n_test = 0 (all of them) or 16000 (the default, above them): raising
+    data.n_test gives no more images, yet the message named it first."""
+    from ddmkit.config import RunConfig, validate
+    from ddmkit.pipeline.checks import check_run_plan
+
+    cfg = validate(RunConfig, {"data": {"name": "image_folder", "n_test": n_test}, "partition": {"k": 2},
+                               "sample": {"n": 16}, "evaluate": {"kid_subset": 40}})
+    with pytest.raises(DDMError, match="set evaluate.kid_subset = 12 or lower") as info:
+        check_run_plan(cfg, 48, 12, (3, 8, 8), False)
+    assert ("data.n_test" in str(info.value)) == names_it, str(info.value)
+    assert "data.params.test_fraction for a file, image folder or image array" in str(info.value)

@@ -35,8 +35,14 @@ from ddmkit.data.images import is_image_shape
 from ddmkit.errors import DDMError
 from ddmkit.pipeline.samplesets import planned_sets
 
-MORE_TEST_ROWS = ("data.n_test; data.params.test_fraction for a file, image folder or image array; "
-                  "data.params.test_path for a .npy/.npz file")
+FILE_TEST_ROWS = ("data.params.test_fraction for a file, image folder or image array; data.params.test_path for a "
+                  ".npy/.npz file")
+
+
+def more_test_rows(cfg: RunConfig, n_test: int) -> str:
+    """The settings that give the test split more rows: data.n_test only where it is what caps the split (not
+    with n_test = 0, all of a file's test split, nor above the split's size)."""
+    return f"data.n_test; {FILE_TEST_ROWS}" if cfg.data.n_test == n_test else FILE_TEST_ROWS
 
 
 def held_out_rows(n: int, chunk: int) -> int:
@@ -136,7 +142,7 @@ def _check_images(cfg: RunConfig, n_test: int, smallest: int) -> None:
     s, e = cfg.sample, cfg.evaluate
     if n_test < 2:
         raise DDMError(f"FID and KID compare samples with the test split, which holds {n_test} images; give it at "
-                       f"least 2 ({MORE_TEST_ROWS})")
+                       f"least 2 ({more_test_rows(cfg, n_test)})")
     if s.n < 2:
         raise DDMError(f"sample.n = {s.n}: FID and KID need at least 2 images per set; set sample.n = 2 or more")
     if smallest < 2:
@@ -147,7 +153,7 @@ def _check_images(cfg: RunConfig, n_test: int, smallest: int) -> None:
         what = f"sample.n = {s.n}" if s.n <= n_test else f"the {n_test} test images"
         raise DDMError(f"evaluate.kid_subset = {e.kid_subset} is larger than {what}: KID draws kid_subset images "
                        f"of each set and of the test split; set evaluate.kid_subset = {limit} or lower"
-                       + ("" if s.n <= n_test else f" (or give the test split more images: {MORE_TEST_ROWS})"))
+                       + ("" if s.n <= n_test else f" (or give the test split more images: {more_test_rows(cfg, n_test)})"))
 
 
 def _check_vectors(cfg: RunConfig, n_test: int, sizes: list[int]) -> None:
@@ -167,7 +173,7 @@ def _check_vectors(cfg: RunConfig, n_test: int, sizes: list[int]) -> None:
     first = f"set sample.n = {fix} or lower, or " if fix >= 1 else ""
     raise DDMError(f"evaluation scores {what} ({n} samples each) against {need} held-out rows (2 x {n // c} sets of "
                    f"{c}, evaluate.chunk = {e.chunk}), but the test split holds {n_test}; {first}give the test "
-                   f"split at least {need} rows ({MORE_TEST_ROWS})")
+                   f"split at least {need} rows ({more_test_rows(cfg, n_test)})")
 
 
 def check_clusters(cfg: RunConfig, counts: list[int], data_shape: tuple, orphans: list[int] = ()) -> list[str]:
