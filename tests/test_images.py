@@ -718,3 +718,45 @@ def test_a_test_split_too_small_for_kid_names_data_n_test_only_where_it_caps_the
         check_run_plan(cfg, 48, 12, (3, 8, 8), False)
     assert ("data.n_test" in str(info.value)) == names_it, str(info.value)
     assert "data.params.test_fraction for a file, image folder or image array" in str(info.value)
+
+
+def test_unet_attention_at_a_side_no_level_has_is_warned_of_before_training(tmp_path):
+    """configs/fashion_mnist.toml's attention_res = [8] on the 48x48 images of docs/own-data.md's folder example
+    (levels 48, 24, 12) built a UNet without any level attention, silently."""
+    from PIL import Image
+
+    from ddmkit.config import RunConfig, load_config, validate
+    from ddmkit.pipeline.checks import unused_attention
+    from ddmkit.pipeline.prepare import prepare_run_dir
+
+    def config(**kwargs):
+        return validate(RunConfig, {"expert": {"net": {"arch": "unet", "kwargs": kwargs}}})
+
+    assert unused_attention(config(channels=[32, 64, 64], attention_res=[8]), (3, 48, 48)) == [
+        "expert.net.kwargs.attention_res = [8]: no level of the UNet has side 8 (its levels for 48x48 inputs with "
+        "channels [32, 64, 64]: 48, 24, 12), so it adds no self-attention; set attention_res to sides of its levels, "
+        "e.g. [12], or [] for none"]
+    assert "attention_res = [8] (the default): no level of the UNet has side 8 (its levels for 64x64 inputs with " \
+           "channels [64, 128, 128]: 64, 32, 16)" in unused_attention(config(), (3, 64, 64))[0]
+    assert "sides 4, 2 (" in unused_attention(config(channels=[8, 8], attention_res=[4, 6, 2]), (1, 12, 12))[0]
+    for kwargs, shape in (({"channels": [32, 64, 64], "attention_res": [8]}, (3, 32, 32)),
+                          ({"channels": [8, 8], "attention_res": []}, (3, 48, 48)), ({}, (1, 32, 32))):
+        assert unused_attention(config(**kwargs), shape) == [], (kwargs, shape)
+    dit = validate(RunConfig, {"expert": {"net": {"arch": "dit", "kwargs": {"patch": 4}}}})
+    assert unused_attention(dit, (3, 48, 48)) == []
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((12, 12), 40 * i, np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()  # channels [8, 16]
+    raw["data"].update(name="image_folder", params={"path": str(tmp_path / "imgs"), "test_fraction": 0.4})
+    raw["evaluate"]["kid_subset"], raw["partition"]["pca_dim"] = 4, 4
+    raw["expert"]["net"]["kwargs"].update(num_classes=2, attention_res=[8])
+    raw["router"]["net"]["kwargs"]["num_classes"] = 2
+    said = []
+    prepare_run_dir(tmp_path / "run", validate(RunConfig, raw), log=said.append)
+    assert [line for line in said if "attention_res" in line] == [
+        "warning: expert.net.kwargs.attention_res = [8]: no level of the UNet has side 8 (its levels for 12x12 inputs "
+        "with channels [8, 16]: 12, 6), so it adds no self-attention; set attention_res to sides of its levels, "
+        "e.g. [6], or [] for none"], said

@@ -4,6 +4,7 @@ fails at the data and partition stage, with a fix that works, not after its netw
     check_run_plan(cfg, n_train, n_test, data_shape, has_truth)   sizes, splits and sample counts
     check_labels(cfg, labels)                     class-conditional networks against the data's labels
     untrained_classes(cfg, labels)                -> warnings  classes the samples draw that no training row holds
+    unused_attention(cfg, data_shape)             -> warnings  UNet attention_res sides that no level of it has
     check_clusters(cfg, counts, data_shape, orphans)  -> warnings  the partition's clusters
     check_devices(cfg)                            every train.device of the config, present here
     checked_device(name)                          -> torch.device  a --device value, present here
@@ -26,6 +27,7 @@ What the later stages need (each need is where that stage would fail or would no
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -33,6 +35,7 @@ import torch
 from ddmkit.config import DEVICE_FIX, RunConfig, device_name, field_device, resolve_device
 from ddmkit.data.images import is_image_shape
 from ddmkit.errors import DDMError
+from ddmkit.nets.unet import UNet
 from ddmkit.pipeline.samplesets import planned_sets
 
 FILE_TEST_ROWS = ("data.params.test_fraction for a file, image folder or image array; data.params.test_path for a "
@@ -138,6 +141,28 @@ def untrained_classes(cfg: RunConfig, labels: torch.Tensor | None) -> list[str]:
             "added later, with `ddmkit add-expert`, bring those classes)"]
 
 
+def unused_attention(cfg: RunConfig, data_shape: tuple) -> list[str]:
+    """A warning for the sides in a UNet expert's attention_res that none of its levels has (the image height,
+    halved at each level of channels after the first): they add no self-attention, e.g. configs/fashion_mnist.toml's
+    [8] on 48x48 images (levels 48, 24, 12)."""
+    net = cfg.expert.net
+    if net.arch != "unet" or len(data_shape) != 3:
+        return []
+    defaults = inspect.signature(UNet).parameters
+    channels = list(net.kwargs.get("channels", defaults["channels"].default))
+    attention = list(net.kwargs.get("attention_res", defaults["attention_res"].default))
+    sides = [data_shape[1] // 2 ** i for i in range(len(channels))]
+    unused = [side for side in attention if side not in sides]
+    if not unused:
+        return []
+    given = "" if "attention_res" in net.kwargs else " (the default)"
+    one = len(unused) == 1
+    return [f"expert.net.kwargs.attention_res = {attention}{given}: no level of the UNet has side"
+            f"{'' if one else 's'} {', '.join(map(str, unused))} (its levels for {data_shape[1]}x{data_shape[2]} "
+            f"inputs with channels {channels}: {', '.join(map(str, sides))}), so {'it adds' if one else 'they add'} "
+            f"no self-attention; set attention_res to sides of its levels, e.g. [{sides[-1]}], or [] for none"]
+
+
 def _check_images(cfg: RunConfig, n_test: int, smallest: int) -> None:
     s, e = cfg.sample, cfg.evaluate
     if n_test < 2:
@@ -153,7 +178,8 @@ def _check_images(cfg: RunConfig, n_test: int, smallest: int) -> None:
         what = f"sample.n = {s.n}" if s.n <= n_test else f"the {n_test} test images"
         raise DDMError(f"evaluate.kid_subset = {e.kid_subset} is larger than {what}: KID draws kid_subset images "
                        f"of each set and of the test split; set evaluate.kid_subset = {limit} or lower"
-                       + ("" if s.n <= n_test else f" (or give the test split more images: {more_test_rows(cfg, n_test)})"))
+                       + ("" if s.n <= n_test else
+                          f" (or give the test split more images: {more_test_rows(cfg, n_test)})"))
 
 
 def _check_vectors(cfg: RunConfig, n_test: int, sizes: list[int]) -> None:

@@ -37,7 +37,7 @@ from ddmkit.latent.autoencoder import check_pretrained, network_data_shape
 from ddmkit.ddm.load import component_groups, records_truth
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run
 from ddmkit.pipeline.checks import (check_clusters, check_devices, check_labels, check_run_plan,
-                                    unused_partition_settings, untrained_classes)
+                                    unused_attention, unused_partition_settings, untrained_classes)
 from ddmkit.train.jobs import EXECUTION
 from ddmkit.pipeline.stages import (check_network_arguments, check_networks, load_data, load_split, plan_partition,
                                     read_data_info, register_user_features, register_user_networks, run_lock,
@@ -368,7 +368,10 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
                 data = load_data(cfg)
             train = data[0] if data is not None else load_split(run, "train")
             _check_sizes(cfg, folder, data, kept_partition)
-            check_networks(cfg, network_data_shape(cfg.latent, train.data_shape, cfg.data.name, cfg.data.params))
+            net_shape = network_data_shape(cfg.latent, train.data_shape, cfg.data.name, cfg.data.params)
+            check_networks(cfg, net_shape)
+            for warning in unused_attention(cfg, net_shape):
+                log(f"warning: {warning}")
             new_autoencoder = action == "replace" or not folder.autoencoder.exists()  # not the one kept
             if cfg.latent.enabled and cfg.latent.pretrained and new_autoencoder:
                 check_pretrained(cfg.latent, log)  # its weights, loaded once before anything is written
