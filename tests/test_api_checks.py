@@ -761,3 +761,22 @@ def test_the_probe_reads_a_few_rows_with_their_labels_and_leaves_the_samples_and
     assert all(y == [1, 2] for _, y, _ in seen) and seen[len(PROBE_TIMES)][2] == first
     assert info["router_calls"] == 3
     assert torch.equal(x0, start_noise(6, (D,), 0))  # top-1 of a flat row: expert 0, of velocity 0
+
+
+def test_the_analysis_sampler_distillations_teacher_and_the_convergence_study_probe_the_router(monkeypatch):
+    """They route without sample_ddm (their own loops over the steps): each refuses a NaN router before its
+    first step, with sampling's message."""
+    from ddmkit.analysis.trace import trace_strategy
+    from ddmkit.theory import convergence
+    from ddmkit.train.distill import teacher_velocity
+    said = r"^the router \('custom'\) returned, on the starting noise at t = 1, NaN; a router returns probabilities"
+    ddm = dataclasses.replace(tiny(0), router=rows_of([float("nan")] * K))
+    with pytest.raises(DDMError, match=said):
+        trace_strategy(ddm, "top-2", start_noise(6, (D,), 0), steps=2)
+    with pytest.raises(DDMError, match=said):
+        teacher_velocity(ddm, "top-2")
+    settings = convergence.ConvergenceSettings.quick()
+    nan = lambda x, t: torch.full((len(x), settings.clusters), float("nan"))  # noqa: E731
+    monkeypatch.setattr(convergence, "make_router", lambda gmm, groups, temperature: nan)
+    with pytest.raises(DDMError, match=said):
+        convergence.routed_sample(convergence.make_problem(settings), "euler:switch", torch.randn(6, 2, dtype=torch.float64), 4, 0)

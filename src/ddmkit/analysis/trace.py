@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ddmkit.ddm.model import DDM
-from ddmkit.ddm.sampling import routing_generator, sample_field
+from ddmkit.ddm.sampling import probe_router, routing_generator, sample_field
 from ddmkit.errors import DDMError
 from ddmkit.flow.path import x0_from_velocity
 from ddmkit.routing import CallCounter, RoutingState, parse_strategy, routed_velocity
@@ -71,11 +71,13 @@ def hooked_field(ddm: DDM, strategy, state: RoutingState, counter: CallCounter |
 def trace_strategy(ddm: DDM, strategy: str, x1: torch.Tensor, steps: int, solver: str = "euler",
                    seed: int = 0, record: bool = True) -> Trace:
     """Sample from x1 with one strategy, recording every step (record=False keeps only x0). The diagnostics
-    are per step: a fixed-step solver (the adaptive one reports no steps)."""
+    are per step: a fixed-step solver (the adaptive one reports no steps). The router is probed first, as
+    sample_ddm probes it (ddmkit.ddm.sampling.probe_router)."""
     if solver == "adaptive":
         raise DDMError("the analysis sampler records fixed steps; the adaptive solver has none: trace with "
                        "euler, heun, midpoint or rk4")
     strat = parse_strategy(strategy)
+    probe_router(ddm, x1)
     state = new_state(ddm, seed, x1.device)
     counter = CallCounter()
     seen: dict = {}

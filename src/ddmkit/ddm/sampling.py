@@ -158,14 +158,18 @@ def router_values_problem(probs: torch.Tensor) -> str | None:
     return None
 
 
-def probe_router(ddm, x1: torch.Tensor, cond: dict[str, torch.Tensor] | None, speed: SpeedOptions) -> None:
+def probe_router(ddm, x1: torch.Tensor, cond: dict[str, torch.Tensor] | None = None,
+                 speed: SpeedOptions = SpeedOptions()) -> None:
     """The router once on the first rows of the starting noise at a few times (PROBE_TIMES), before any step:
     probabilities (B, K) (routing.combine.check_router_output) with values router_values_problem accepts; else
     a DDMError naming the router. The sampler's own routings are not read (a host sync at every step); this
-    reads a few rows once, with the global RNG kept (a router that draws does not change the samples)."""
+    reads a few rows once, with the global RNG kept (a router that draws does not change the samples).
+    ddm: a DDM, or any object with its router and k (and meta, router_conditional where it has them)."""
     x = x1[:PROBE_ROWS]
-    router_cond = {name: c[:PROBE_ROWS] for name, c in cond.items()} if cond and ddm.router_conditional else {}
-    kind = ddm.meta.get("router") or ddm.meta.get("kind", "custom")
+    conditional = cond and getattr(ddm, "router_conditional", False)
+    router_cond = {name: c[:PROBE_ROWS] for name, c in cond.items()} if conditional else {}
+    meta = getattr(ddm, "meta", {})
+    kind = meta.get("router") or meta.get("kind", "custom")
     gpu = [x.device] if x.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=gpu), autocast(speed, x.device):
         for t in PROBE_TIMES:

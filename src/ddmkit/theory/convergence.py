@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ddmkit.data.synthetic import ring_mixture
+from ddmkit.ddm.sampling import probe_router
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
 from ddmkit.routing import RoutingState, depends_on_the_state_alone, parse_strategy, routed_velocity
@@ -116,6 +117,10 @@ class Problem:
     def router(self):
         return make_router(self.gmm, self.groups, self.temperature)
 
+    @property
+    def k(self) -> int:
+        return len(self.groups)
+
 
 def make_problem(s: ConvergenceSettings, radius: float | None = None, eps: float = 0.0,
                  temperature: float = 1.0) -> Problem:
@@ -130,8 +135,10 @@ def exact_solution(gmm: GaussianMixture, noise: torch.Tensor) -> torch.Tensor:
 
 
 def routed_sample(problem: Problem, sampler: str, noise: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
-    """X_N: the routed sampler's output from `noise` in `steps` steps."""
+    """X_N: the routed sampler's output from `noise` in `steps` steps (the router probed first, as sample_ddm
+    probes it: ddmkit.ddm.sampling.probe_router)."""
     solver, strategy = parse_sampler(sampler)
+    probe_router(problem, noise)
     state = RoutingState(generator=torch.Generator().manual_seed(seed))
     velocity = routed_velocity(problem.experts, problem.router, parse_strategy(strategy), state)
     return get_solver(solver)(velocity, noise, time_grid(steps, dtype=torch.float64))

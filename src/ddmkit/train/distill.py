@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ddmkit.config import TrainConfig, resolve_device
+from ddmkit.ddm.sampling import PROBE_ROWS, probe_router, start_noise
 from ddmkit.flow.path import noise
 from ddmkit.io import staging_dir
 from ddmkit.nets import build_seeded, save_pretrained
@@ -47,10 +48,11 @@ Target = Callable[..., torch.Tensor]
 
 
 def teacher_velocity(ddm, strategy: str) -> Target:
-    """The routed velocity of a DDM (ddmkit.ddm.DDM, or any object with its experts, router, prior,
-    nearest and router_conditional) under one strategy: route, combine, as sample_ddm does at every
-    step. Random strategies draw from `generator` (on x's device)."""
+    """The routed velocity of a DDM (ddmkit.ddm.DDM) under one strategy: route, combine, as sample_ddm does at
+    every step. Random strategies draw from `generator` (on x's device). The router is probed first on noise
+    of its own, as sample_ddm probes it (ddmkit.ddm.sampling.probe_router)."""
     strat = parse_strategy(strategy)
+    probe_router(ddm, start_noise(PROBE_ROWS, ddm.data_shape, 0, ddm.device))
 
     def target(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
