@@ -256,7 +256,8 @@ OTHER_REPORT = "holds a report.md that no misalignment study wrote"
 
 
 @pytest.mark.parametrize("theirs, words", [
-    ({"report.md": "# theory convergence", "results.json": '{"grid": []}'}, OTHER_REPORT),
+    ({"report.md": "# theory distill", "results.json": '{"runs": []}'},
+     "holds a theory distill study's results (report.md, results.json)"),
     ({"report.md": "# my notes"}, OTHER_REPORT),
     ({"sweep.json": '{"cells": []}', "sweep.md": "# ddmkit sweep"}, "holds a sweep's results (sweep.json, cell"),
     ({"k2_b1_s0/metrics.json": "{}"}, "holds a sweep's results (sweep.json, cell")])

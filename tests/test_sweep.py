@@ -616,7 +616,8 @@ def test_an_out_in_a_run_folder_and_a_negative_seed_are_refused_naming_the_optio
     ({"runs/disjoint_s0/config.json": "{}", "runs/disjoint_s0/partition/manifest.json": "{}"},  # one still training
      "holds a misalignment study's results (study.json, runs/)"),
     ({"report.md": "# theory convergence", "results.json": '{"grid": []}'},
-     "holds a report.md that no sweep wrote (another study's or your own)")])
+     "holds a theory convergence study's results (report.md, results.json)"),
+    ({"report.md": "# my notes"}, "holds a report.md that no sweep wrote (another study's or your own)")])
 def test_an_out_holding_another_studys_results_is_refused_before_any_cell(tmp_path, theirs, words):
     """--out a misalignment study's folder (finished or still training its runs) or a theory study's: the sweep
     put its cells and sweep.md beside that study's results."""

@@ -1,5 +1,7 @@
 """The two commands end to end in --quick mode."""
 import json
+import re
+import shutil
 
 import numpy as np
 from typer.testing import CliRunner
@@ -78,12 +80,17 @@ def test_an_out_holding_a_run_or_another_report_is_refused_before_the_study(tmp_
             _check_theory_out(out, "distill")
     (tmp_path / "conv").mkdir()
     (tmp_path / "conv" / "results.json").write_text(json.dumps({"grid": {}}))
-    with pytest.raises(DDMError, match="holds the theory convergence study's report"):
+    with pytest.raises(DDMError, match=r"holds a theory convergence study's results \(report.md, results.json\); "
+                                       r"give the theory distill study a folder of its own, e.g. --out "):
         _check_theory_out(tmp_path / "conv", "distill")
     _check_theory_out(tmp_path / "conv", "convergence")  # its own: replaced
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "report.md").write_text("my notes")
-    with pytest.raises(DDMError, match="holds a report.md or results.json it did not write"):
+    with pytest.raises(DDMError, match="holds a report.md that no theory convergence study wrote"):
+        _check_theory_out(tmp_path / "mine", "convergence")
+    (tmp_path / "mine" / "report.md").unlink()
+    (tmp_path / "mine" / "results.json").write_text("[1, 2]")
+    with pytest.raises(DDMError, match="holds a results.json that no theory convergence study wrote"):
         _check_theory_out(tmp_path / "mine", "convergence")
     _check_theory_out(tmp_path / "new", "convergence")
     import ddmkit.theory.convergence as convergence
@@ -123,3 +130,26 @@ def test_the_convergence_plots_say_what_their_lines_and_points_are(monkeypatch, 
     legend = lambda ax: [t.get_text() for t in ax.get_legend().get_texts()]
     assert "lines: log-log fits on N >= 16" in legend(figures[0].axes[0])
     assert legend(figures[1].axes[2])[:2] == ["radius 1 (N = 16, 64)", "radius 2 (N = 16, 64)"]
+
+
+def test_an_out_holding_a_sweeps_or_a_misalignment_studys_results_is_refused(tmp_path):
+    """A theory study wrote its report.md, results.json and plots beside a sweep's cells (a sweep writes no
+    report.md), and into a misalignment study's folder refused only for its report.md, said as someone else's."""
+    import pytest
+
+    from ddmkit.cli import _check_theory_out
+    from ddmkit.errors import DDMError
+    for theirs, words in (({"sweep.json": '{"cells": []}', "sweep.md": "# ddmkit sweep"}, "a sweep's results"),
+                          ({"k2_b1_s0/metrics.json": "{}"}, "a sweep's results"),
+                          ({"study.json": '{"condition_names": ["exact"]}', "report.md": "# misalignment"},
+                           "a misalignment study's results (study.json, runs/)")):
+        out = tmp_path / "theirs"
+        for name, text in theirs.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text(text)
+        for study in ("convergence", "distill"):
+            example = re.escape(str(tmp_path / f"theory-{study}"))
+            with pytest.raises(DDMError, match=rf"^--out {re.escape(str(out))} holds {re.escape(words)}.*; give the "
+                                               rf"theory {study} study a folder of its own, e.g. --out {example}$"):
+                _check_theory_out(out, study)
+        shutil.rmtree(out)

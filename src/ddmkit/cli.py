@@ -6,7 +6,6 @@ Every command exits 0 on success, 2 with one clear message on bad input
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -971,29 +970,18 @@ app.add_typer(text_app, name="text")
 QUICK = typer.Option(False, "--quick", help="A small version that runs in under a minute (what the tests run).")
 
 
-THEORY_RESULTS = {"convergence": "grid", "distill": "runs"}  # a key of each study's results.json
-
-
 def _check_theory_out(out: Path, study: str) -> None:
     """--out of a theory study, before it runs: a folder of its own, where it replaces only its own report
-    (not a run folder or one inside a run, not the other study's, not a report.md of someone else's)."""
+    (not a run folder or one inside a run, not another study's, not a report.md of someone else's:
+    layout.check_own_study)."""
     from ddmkit.io import check_folder_target
-    from ddmkit.layout import enclosing_run, is_run_folder
+    from ddmkit.layout import check_own_study, enclosing_run, is_run_folder
 
     check_folder_target(out)
-    fix = f"give a folder of its own, e.g. --out theory-{study}"
     if is_run_folder(out) or enclosing_run(out) is not None:
         raise DDMError(f"--out {out}: a ddmkit run folder or a folder inside one, whose report.md the study would "
-                       f"replace; {fix}")
-    if (out / "report.md").exists() or (out / "results.json").exists():
-        try:
-            made = json.loads((out / "results.json").read_text())
-        except (OSError, ValueError):
-            made = None
-        if not (isinstance(made, dict) and THEORY_RESULTS[study] in made):
-            other = next((name for name, key in THEORY_RESULTS.items() if isinstance(made, dict) and key in made), None)
-            what = f"the theory {other} study's report" if other else "a report.md or results.json it did not write"
-            raise DDMError(f"--out {out} holds {what}, which the study would replace; {fix}")
+                       f"replace; give a folder of its own, e.g. --out theory-{study}")
+    check_own_study(out, f"theory-{study}")
 
 
 @theory_app.command()

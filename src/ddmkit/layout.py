@@ -67,21 +67,29 @@ def check_outside_runs(out: str | Path, writes: str, example: str) -> None:
                        f"--out {example}")
 
 
-STUDIES = {"misalignment": "misalignment study", "sweep": "sweep"}  # the studies that write into --out, as named
-RECORDS = {"misalignment": "study.json, runs/", "sweep": "sweep.json, cell folders k{K}_b{budget}_s{seed}/"}
+STUDIES = {"misalignment": "misalignment study", "sweep": "sweep", "theory-convergence": "theory convergence study",
+           "theory-distill": "theory distill study"}  # the studies that write into --out, as named
+RECORDS = {"misalignment": "study.json, runs/", "sweep": "sweep.json, cell folders k{K}_b{budget}_s{seed}/",
+           "theory-convergence": "report.md, results.json", "theory-distill": "report.md, results.json"}
+THEORY_RESULTS = {"theory-convergence": "grid", "theory-distill": "runs"}  # a key of each one's results.json
 
 
 def study_in(out: str | Path) -> str | None:
     """Whose results the folder `out` holds, by what each study writes there: "misalignment" (a study.json naming
     its conditions, or run folders in runs/), "sweep" (a sweep.json, or cell folders k{K}_b{budget}_s{seed} that
-    hold a config.json or metrics.json), "report" (a report.md neither wrote: a theory study's, a user's);
-    None for a folder of none of them (new, empty, or other files)."""
+    hold a config.json or metrics.json), a theory study (a results.json with its key, THEORY_RESULTS), "report"
+    (a report.md or results.json none of them wrote: a user's); None for a folder of none of them (new, empty,
+    or other files)."""
     out = Path(out)
     if "condition_names" in _json_object(out / "study.json"):
         return "misalignment"
     if "cells" in _json_object(out / "sweep.json"):
         return "sweep"
-    if (out / "report.md").exists():
+    results = _json_object(out / "results.json")
+    theory = next((study for study, key in THEORY_RESULTS.items() if key in results), None)
+    if theory is not None:
+        return theory
+    if (out / "report.md").exists() or (out / "results.json").exists():
         return "report"
     if any(is_run_folder(p) for p in (out / "runs").glob("*")):
         return "misalignment"
@@ -101,13 +109,14 @@ def _json_object(path: Path) -> dict:
 
 def check_own_study(out: str | Path, study: str) -> None:
     """--out of a study (STUDIES), before any work: new, or holding that study's own results (which it continues
-    or replaces), not another study's (study_in) nor a report.md that none of them wrote: a DDMError naming what
-    the folder holds, and a folder to give instead."""
+    or replaces), not another study's (study_in) nor a report.md (or results.json) that none of them wrote: a
+    DDMError naming what the folder holds, and a folder to give instead."""
     out, name = Path(out), STUDIES[study]
     found = study_in(out)
     if found in (None, study):
         return
-    what = (f"a report.md that no {name} wrote (another study's or your own)" if found == "report" else
+    file = "report.md" if (out / "report.md").exists() else "results.json"
+    what = (f"a {file} that no {name} wrote (another study's or your own)" if found == "report" else
             f"a {STUDIES[found]}'s results ({RECORDS[found]})")
     example = out.parent / (study if out.name != study else f"{study}_2")
     raise DDMError(f"--out {out} holds {what}; give the {name} a folder of its own, e.g. --out {example}")
