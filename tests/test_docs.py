@@ -18,6 +18,8 @@ import pytest
 import torch
 from pydantic import BaseModel
 
+from ddmkit.errors import DDMError
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "benchmarks" / "README.md"])
 
@@ -612,8 +614,8 @@ def test_the_benchmark_command_check_finds_a_stale_script_and_option(monkeypatch
 
 
 # The ddmkit commands a researcher copies (code blocks, `inline code`, the config files' comments): each names a
-# command of the CLI and options it takes, with values of their kind, and each --set a field of the config; read by
-# the CLI's own parser, nothing run.
+# command of the CLI and options it takes, with values of their kind (strategies and stages as the command checks
+# them), and each --set a field of the config; read by the CLI's own parser and checks, nothing run.
 
 COMMAND_PAGES = sorted([*PAGES, *(ROOT / "configs").glob("*.toml")])
 SHOWN_REFUSED = {"docs/cli.md": {"expert.train.stepz"}}  # --set fields written to show the error they give
@@ -697,10 +699,63 @@ def ddmkit_group():
     return typer.main.get_command(app)
 
 
+def one_of(accepted: tuple[str, ...]):
+    """A check of a value among `accepted` (a DDMError naming them)."""
+    def check(value: str) -> None:
+        if value not in accepted:
+            raise DDMError(f"unknown value {value!r}; accepted: {', '.join(accepted)}")
+    return check
+
+
+@functools.cache
+def checked_later() -> dict[tuple[str, str], typing.Callable[[str], object]]:
+    """{(command, parameter): check} of the values the CLI takes as text and checks when the command runs, each
+    check the command's own: routing strategies (sample: its config's sample.strategies, but exact; analyze,
+    study misalignment, distill's --teacher: their own checks) and stages (the command's accepted ones)."""
+    from ddmkit.config import SampleConfig, validate
+    from ddmkit.pipeline.analyze import check_strategies
+    from ddmkit.pipeline.distill import check_teacher
+    from ddmkit.pipeline.misalignment import STUDY_STAGES, strategy_names
+    from ddmkit.pipeline.run import STAGES
+    from ddmkit.pipeline.sweep import SWEEP_STAGES
+
+    def sampled(name: str) -> None:
+        if name.strip() != "exact":
+            validate(SampleConfig, {"strategies": [name]}, "--strategy")
+
+    return {("ddmkit sample", "strategy"): sampled, ("ddmkit analyze", "strategy"): lambda n: check_strategies([n]),
+            ("ddmkit study misalignment", "strategy"): lambda names: strategy_names([names]),
+            ("ddmkit distill", "teacher"): check_teacher, ("ddmkit run", "stages"): one_of(STAGES),
+            ("ddmkit sweep", "stages"): one_of(SWEEP_STAGES),
+            ("ddmkit study misalignment", "stages"): one_of(STUDY_STAGES)}
+
+
+def set_strategies(item: str) -> None:
+    """A --set FIELD=VALUE of a strategies field (sample.strategies, sample.stats_router_strategies,
+    sample.sweep_strategy; a text config's evaluate.strategies) as its config section validates it."""
+    from ddmkit.config import SampleConfig, apply_overrides, validate
+    from ddmkit.discrete.config import TextEvalConfig
+
+    field = item.partition("=")[0].strip()
+    section, _, key = field.partition(".")
+    model = {"sample": SampleConfig, "evaluate": TextEvalConfig}.get(section)
+    if model is not None and "strateg" in key:
+        validate(model, {key: apply_overrides({}, [item])[section][key]}, f"--set {field}")
+
+
+def check_later(command: str, param: str, value: str) -> None:
+    """A DDMError where the command, when it runs, would refuse this value of a parameter its parser took."""
+    if param == "set_":
+        set_strategies(value)
+    elif (command, param) in checked_later():
+        checked_later()[command, param](value)
+
+
 def command_errors(words: list[str]) -> list[str]:
-    """What is wrong with `ddmkit WORDS`: a command or option the CLI lacks, a value not of its option's kind, an
-    extra argument. RUN, N, $K ... stand for any value; a command may leave out its arguments, and the value of
-    its last option (`ddmkit sample --n`)."""
+    """What is wrong with `ddmkit WORDS`: a command or option the CLI lacks, a value not of its option's kind
+    (checked_later: as the command checks it when it runs; the strategies of a --set), an extra argument. RUN,
+    N, $K ... stand for any value; a command may leave out its arguments, and the value of its last option
+    (`ddmkit sample --n`)."""
     import typer
 
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -730,8 +785,11 @@ def command_errors(words: list[str]) -> list[str]:
                 continue
             try:
                 p.process_value(ctx, [value] if p.multiple else value)
+                check_later(name, p.name, value)
             except usage_error as err:
                 errors.append(f"`{name}`: {err.format_message()}")
+            except DDMError as err:
+                errors.append(f"`{name}`: {p.opts[0]} {value}: {' '.join(str(err).split())}")
     return errors
 
 
@@ -743,7 +801,8 @@ def stale_commands(path: Path, root: Path = ROOT) -> list[str]:
 
 def test_the_ddmkit_commands_name_commands_and_options_that_exist():
     """Every `ddmkit ...` of the pages and of the config files' comments is a command of `ddmkit --help` with
-    options it takes, each with a value of its kind (a whole number where one goes) and no extra argument."""
+    options it takes, each with a value of its kind (a whole number where one goes; a routing strategy or a stage
+    the command takes, and strategies a --set sample.strategies=[...] gives) and no extra argument."""
     commands = [words for path in COMMAND_PAGES for _, code in code_lines(path) for words in ddmkit_commands(code)]
     assert len(commands) > 300 and {"sweep", "launch", "study", "text", "theory"} <= {words[0] for words in commands}
     wrong = [line for path in COMMAND_PAGES for line in stale_commands(path)]
@@ -772,6 +831,43 @@ def test_the_ddmkit_command_check_finds_a_stale_command_option_and_value(tmp_pat
                 "page.md:1: `ddmkit sample`: No such option: --speed",
                 "page.md:13: `ddmkit sample`: an extra argument extra"]
     assert len(found) == len(expected) and all(map(str.startswith, found, expected)), found
+
+
+def test_the_ddmkit_command_check_finds_a_stale_strategy_and_stage(tmp_path):
+    """Values the CLI takes as text and checks when the command runs (checked_later), each as its command reads
+    them; every command with a --strategy, --teacher or --stages has its check."""
+    page = tmp_path / "page.md"
+    page.write_text("    ddmkit sample RUN --strategy exact --strategy monolith --strategy top-3x \\\n"
+                    "      --strategy gated-2@30\n"
+                    "    ddmkit analyze RUN --strategy gated-2@30 --strategy STRATEGY --strategy nucleus-2\n"
+                    "    ddmkit study misalignment C --strategy full,top-1 --strategy full,swich --stages evaluate\n"
+                    "    ddmkit distill RUN --teacher oracle\n"
+                    "    ddmkit run C --stages evaluation --set 'sample.strategies=[\"monolith\", \"tpo-1\"]'\n"
+                    "    ddmkit sweep C --stages report --set 'sample.stats_router_strategies=[]' "
+                    "--set 'sample.sweep_strategy=top-1' --set sample.n=10\n"
+                    "    ddmkit text run C --set 'evaluate.strategies=[\"oracle\"]'\n")
+    found = stale_commands(page, tmp_path)
+    expected = ["page.md:1: `ddmkit sample`: --strategy top-3x: --strategy: invalid configuration strategies: "
+                "strategy 'top-3x' is not a name of the form top-K",
+                "page.md:1: `ddmkit sample`: --strategy gated-2@30: --strategy: invalid configuration strategies: "
+                "strategy 'gated-2@30' compares the experts' velocities, which only the analysis sampler gives",
+                "page.md:3: `ddmkit analyze`: --strategy nucleus-2: --strategy: strategy 'nucleus-2': P must be in",
+                "page.md:4: `ddmkit study misalignment`: --strategy full,swich: --strategy: unknown routing strategy "
+                "'swich'; did you mean 'switch'?",
+                "page.md:4: `ddmkit study misalignment`: --stages evaluate: unknown value 'evaluate'; accepted: all, "
+                "train, report",
+                "page.md:5: `ddmkit distill`: --teacher oracle: --teacher oracle: this strategy depends on the whole",
+                "page.md:6: `ddmkit run`: --stages evaluation: unknown value 'evaluation'; accepted: all, train, "
+                "evaluate",
+                "page.md:6: `ddmkit run`: --set sample.strategies=[\"monolith\", \"tpo-1\"]: --set sample.strategies: "
+                "invalid configuration strategies: unknown routing strategy 'tpo-1'; did you mean 'top-1'?",
+                "page.md:8: `ddmkit text run`: --set evaluate.strategies=[\"oracle\"]: --set evaluate.strategies: "
+                "invalid configuration strategies: strategy 'oracle' needs continuous-data state"]
+    assert len(found) == len(expected) and all(map(str.startswith, found, expected)), "\n".join(found)
+    from test_cli_conventions import commands
+    options = {(" ".join(("ddmkit", *words)), p.name) for words, command in commands(ddmkit_group())
+               for p in command.params if p.name in ("strategy", "teacher", "stages")}
+    assert options == set(checked_later()), options ^ set(checked_later())
 
 
 def set_fields(code: str) -> list[str]:
