@@ -8,7 +8,7 @@ overall and per class label, and scores both on held-out test images labelled by
 partition centroid: p(k | x_t, t) (no label) and p(k | x_t, t, y) (with it).
 
     python benchmarks/stats_router_images.py                       # about 4 minutes on 2 CPU cores
-    python benchmarks/stats_router_images.py --quick               # a check in under a minute
+    python benchmarks/stats_router_images.py --quick               # a check in about a minute (45 s of CPU time)
 
 Prints a Markdown table (t, then accuracy / ECE of each router) and the mean accuracy over t. Measured
 numbers: docs/distributed.md.
