@@ -551,6 +551,64 @@ def test_a_corrupt_image_file_is_named_with_the_fix(tmp_path):
         read_image_folder(tmp_path)
 
 
+def test_skipped_photos_of_types_ddmkit_does_not_read_are_warned_of_once_and_junk_is_not(tmp_path):
+    """.heic and .avif phone photos were skipped silently: a researcher trained on part of their photos unaware."""
+    import warnings
+
+    from PIL import Image
+
+    for c in ("cats", "dogs"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / c / "1.png")
+    for name in ("cats/IMG_1.HEIC", "cats/IMG_2.heic", "dogs/3.avif", "dogs/Thumbs.db", "desktop.ini", "README.txt",
+                 ".DS_Store"):
+        (tmp_path / name).write_bytes(b"not read")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_image_folder(tmp_path)
+    assert [str(w.message) for w in caught] == [
+        f"image folder {tmp_path}: 3 image file(s) of types ddmkit does not read (2 .heic, 1 .avif) are skipped; to "
+        "include them, convert them to PNG or JPEG (ddmkit reads .png, .jpg, .jpeg, .bmp, .gif, .tif, .tiff, .webp)"]
+    for name in ("cats/IMG_1.HEIC", "cats/IMG_2.heic", "dogs/3.avif"):
+        (tmp_path / name).unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # junk only: nothing said
+        assert read_image_folder(tmp_path)[0].shape == (2, 4, 4)
+    (tmp_path / "only_heic").mkdir()
+    (tmp_path / "only_heic" / "IMG_1.heic").write_bytes(b"not read")
+    with pytest.raises(DDMError, match=r"holds no images .*: 1 image file\(s\) of types ddmkit does not read \(1 "
+                                       r"\.heic\) are skipped; to include them, convert them to PNG or JPEG"):
+        read_image_folder(tmp_path / "only_heic")
+
+
+def test_images_over_pillows_pixel_limits_are_read_quietly_or_refused_as_too_large(tmp_path, monkeypatch):
+    """Over Image.MAX_IMAGE_PIXELS Pillow warned '... could be decompression bomb DOS attack' (printed raw); over
+    twice as many the file was 'not a readable image ... remove or replace the file'. Pillow's limit stays on."""
+    import warnings
+
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(np.full((20, 10), 9 * i, np.uint8)).save(tmp_path / f"{i}.png")  # 200 pixels each
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)  # 200 > 150: Pillow warns
+    for sizes in ({}, {"resize": 10, "crop": 10}):  # (without: the file headers are read first)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert read_image_folder(tmp_path, **sizes)[0].shape[0] == 2
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 90)  # 200 > 2 x 90: Pillow refuses
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "2.png")
+    (tmp_path / "1.png").unlink()
+    with pytest.raises(DDMError, match=r"0.png: too large to read safely: 200 pixels, more than Pillow's limit of 180 "
+                                       r"pixels \(2 x PIL.Image.MAX_IMAGE_PIXELS, .*\); downscale it first") as info:
+        read_image_folder(tmp_path, resize=10, crop=10)
+    assert "remove or replace" not in str(info.value)
+    Image.fromarray(np.zeros((20, 10), np.uint8)).save(tmp_path / "1.png")
+    with pytest.raises(DDMError, match=r"2 of its 3 image files are not readable images \(.*0.png: too large to read "
+                                       r"safely: 200 pixels, .*\); remove or replace them; downscale the ones too "
+                                       r"large to read first"):
+        read_image_folder(tmp_path, resize=10, crop=10)
+
+
 @pytest.mark.parametrize("takes, data, fix", [
     (1, 3, r"set data.params.mode = \"grey\" \(an image folder: every image made grayscale\), or give an "
            r"autoencoder of 3-channel images, or leave latent.pretrained out"),

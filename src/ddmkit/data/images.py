@@ -16,7 +16,9 @@ in 0..255); 32-bit integer and float images ("I", "F") are refused, their range
 being unknown. Each image is first turned upright by its EXIF orientation (as a
 viewer shows it). Each top-level sub-folder is a class (images at any depth below
 it belong to it; one holding no image is refused, as it would shift the labels);
-hidden entries (names starting with ".") are skipped.
+hidden entries (names starting with ".") are skipped, and so are files of other types, with a warning
+for image types ddmkit does not read (UNREAD_IMAGE_SUFFIXES: .heic photos, ...). Images of more pixels
+than Pillow reads (2 x PIL.Image.MAX_IMAGE_PIXELS, kept) are refused as too large (TooLargeImage).
 
 IDX images must be unsigned bytes (IDX type 0x08, 0..255, as the MNIST family): files of the other
 IDX value types are refused, their range being unknown; IDX labels must be whole numbers 0 or more.
@@ -28,6 +30,7 @@ another folder holding the four `*-ubyte[.gz]` files.
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -46,6 +49,11 @@ MODES = {"auto": None, "rgb": "RGB", "grey": "L"}  # data.params.mode -> the PIL
 AUTO_GREY = ("1", "L", "LA")  # PIL modes that mode = "auto" makes "L" (the alpha dropped, as RGBA's is)
 AUTO_COLOUR = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")  # ... and "RGB"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# image files a folder may hold that ddmkit does not read (phone photos, raw camera files, other formats): skipped,
+# with a warning naming how many of each, as the researcher likely meant them to be read (other files: silent)
+UNREAD_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".jfif", ".jpe", ".ppm", ".pgm", ".pbm",
+                         ".pnm", ".tga", ".ico", ".psd", ".svg", ".exr", ".hdr", ".qoi", ".dng", ".cr2", ".cr3",
+                         ".nef", ".arw", ".orf", ".rw2", ".raf")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -254,18 +262,47 @@ class UnreadableImage(DDMError):
         self.path, self.reason = path, reason
 
 
+class TooLargeImage(UnreadableImage):
+    """An image file of more pixels than Pillow reads (2 x PIL.Image.MAX_IMAGE_PIXELS, its guard against
+    decompression bombs, kept on): its path and pixel count (None when Pillow's message does not give it)."""
+
+    def __init__(self, path: Path, pixels: int | None, limit: int):
+        more = f"{pixels:,} pixels, more than" if pixels else "more than"
+        self.path, self.reason = path, f"too large to read safely: {more} Pillow's limit of {limit:,} pixels"
+        DDMError.__init__(self, f"{path}: {self.reason} (2 x PIL.Image.MAX_IMAGE_PIXELS, its guard against "
+                          f"decompression bombs); {downscale('it')}")
+
+
+def downscale(what: str) -> str:
+    """How to make `what` (image files too large for Pillow, TooLargeImage) readable."""
+    return (f"downscale {what} first, e.g. to at most 4096 pixels a side (ImageMagick: magick FILE -resize "
+            "4096x4096 SMALLER.png): data.params.resize acts only once an image is read")
+
+
+def too_large(path: Path, error: Exception) -> TooLargeImage:
+    """The TooLargeImage of Pillow's DecompressionBombError `error` ("Image size (N pixels) exceeds limit of
+    M pixels, ...") on `path`."""
+    from PIL import Image
+
+    counted = re.search(r"\((\d+) pixels\)", str(error))
+    return TooLargeImage(path, int(counted.group(1)) if counted else None, 2 * Image.MAX_IMAGE_PIXELS)
+
+
 def read_image(path: Path, mode: str = "auto", resize: int | None = None, crop: int | None = None) -> np.ndarray:
     """One image file's values (image_values), turned upright by its EXIF orientation first (a phone photo
     as a viewer shows it), or an UnreadableImage naming a file that is not a readable image."""
     from PIL import Image, ImageOps
 
     # what Pillow raises on a damaged file: OSError most often, SyntaxError for a broken PNG chunk, ValueError,
-    # EOFError or struct.error for damaged headers, DecompressionBombError for a header claiming billions of pixels
-    damaged = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+    # EOFError or struct.error for damaged headers; DecompressionBombError for a header claiming more pixels than
+    # 2 x Image.MAX_IMAGE_PIXELS (a huge photo, or a damaged header)
+    damaged = (OSError, SyntaxError, ValueError, EOFError, struct.error)
     try:
         with Image.open(path) as im:
             ImageOps.exif_transpose(im, in_place=True)  # in place: keeps the file's format and mode
             return image_values(im, mode, resize, crop, path)
+    except Image.DecompressionBombError as e:
+        raise too_large(path, e) from e
     except damaged as e:
         raise UnreadableImage(path, str(e)) from e
 
@@ -284,8 +321,10 @@ def read_images(files: list[Path], root: Path, mode: str, resize: int | None, cr
     if unreadable:
         shown = "; ".join(f"{e.path}: {e.reason}" for e in unreadable[:3])
         more = f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        large = any(isinstance(e, TooLargeImage) for e in unreadable)
+        large = f"; {downscale('the ones too large to read')}" if large else ""
         raise DDMError(f"image folder {root}: {len(unreadable)} of its {len(files)} image files are not readable "
-                       f"images ({shown}{more}); remove or replace them")
+                       f"images ({shown}{more}); remove or replace them{large}")
     return arrays
 
 
@@ -297,11 +336,25 @@ def pad_array(image: np.ndarray, size: int) -> np.ndarray:
     return np.pad(image, [(top, size - h - top), (left, size - w - left)] + [(0, 0)] * (image.ndim - 2))
 
 
-def image_files(root: Path) -> list[Path]:
-    """The image files (IMAGE_SUFFIXES) at any depth below root, sorted; hidden entries (a name starting
+def image_files(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """The image files (suffixes, in any case) at any depth below root, sorted; hidden entries (a name starting
     with ".", e.g. .ipynb_checkpoints/ or macOS's ._x.png) and everything below them are skipped."""
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def unread_images(root: Path) -> str:
+    """The files below root of image types ddmkit does not read (UNREAD_IMAGE_SUFFIXES: .heic phone photos,
+    .avif, raw camera files, ...), which image_files skips, as a message says it ("" when none): how many, of
+    which types, and how to include them."""
+    counts: dict[str, int] = {}
+    for p in image_files(root, UNREAD_IMAGE_SUFFIXES):
+        counts[p.suffix.lower()] = counts.get(p.suffix.lower(), 0) + 1
+    if not counts:
+        return ""
+    kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(counts.items(), key=lambda item: -item[1]))
+    return (f"{sum(counts.values())} image file(s) of types ddmkit does not read ({kinds}) are skipped; to include "
+            f"them, convert them to PNG or JPEG (ddmkit reads {', '.join(IMAGE_SUFFIXES)})")
 
 
 def class_of(root: Path, file: Path) -> str | None:
@@ -372,6 +425,8 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
     Each top-level sub-folder is a class (labels by sorted name), with the images at any depth below it;
     images directly in `path` are unlabelled; hidden entries are skipped (image_files). Every image is
     read by read_image (mode, resize, crop) and padded to pad_to; they must then have one size and mode."""
+    from PIL import Image
+
     if not str(path):  # Path("") is the working folder: every image below it would be read
         raise DDMError("data.params.path: no image folder given; name it in the config ([data] params = { path = "
                        "\"FOLDER\" }) or on the command line (--set data.params.path=FOLDER)")
@@ -381,15 +436,22 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
     if not root.is_dir():
         raise DDMError(f"data.params.path: image folder {root} does not exist (or is not a folder)"
                        f"{relative_hint(root)}")
-    files = image_files(root)
+    files, unread = image_files(root), unread_images(root)
     if not files:
         raise DDMError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
-                       "folders, whose names start with \".\", are skipped)")
+                       "folders, whose names start with \".\", are skipped)" + (f": {unread}" if unread else ""))
+    if unread:
+        warnings.warn(f"image folder {root}: {unread}", UserWarning)
     classes = sorted({class_of(root, p) for p in files} - {None})
     check_no_empty_class(root, classes)
-    if not (resize or crop or pad_to):
-        check_stored_sizes(root, files)
-    arrays = read_images(files, root, mode, resize, crop)
+    # Pillow warns of images of more than Image.MAX_IMAGE_PIXELS ("... could be decompression bomb DOS attack"):
+    # the user's own photos, read as any other, so not shown; those of more than twice as many are refused
+    # (TooLargeImage: downscale them first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if not (resize or crop or pad_to):
+            check_stored_sizes(root, files)
+        arrays = read_images(files, root, mode, resize, crop)
     if pad_to:
         largest = max(max(a.shape[:2]) for a in arrays)
         if largest > pad_to:
