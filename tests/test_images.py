@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 from pathlib import Path
 
@@ -290,6 +291,21 @@ def test_velocity_nets_shapes_zero_init_and_labels(arch, kwargs):
     assert net(x, t).abs().max() == 0  # output layer starts at zero
     with pytest.raises(DDMError, match="built for images"):
         net(torch.randn(2, 1, 16, 16), torch.rand(2))
+
+
+@pytest.mark.parametrize("shape, fix", [
+    ((3, 30, 40), "pad the images to 40x40 (data.params.pad_to = 40, the smallest that works), or scale and cut them "
+                  "to 28x28 (an image folder or array: data.params.resize = 28 and data.params.crop = 28), or use "
+                  "fewer levels"),
+    ((1, 50, 50), "(data.params.pad_to = 52, the smallest that works), or scale and cut them to 48x48"),
+    ((1, 3, 3), "pad the images to 4x4 (data.params.pad_to = 4, the smallest that works), or use fewer levels"),
+])
+def test_a_unet_that_does_not_fit_the_images_gives_the_pad_to_and_crop_that_do(shape, fix):
+    """'pad the images (data.params.pad_to)' gave no value."""
+    with pytest.raises(DDMError, match=rf"is not divisible by 2\^2 \(channels \[8, 16, 16\]\); .*{re.escape(fix)}"):
+        build_model("unet", data_shape=list(shape), channels=[8, 16, 16])
+    side = int(re.search(r"pad_to = (\d+)", fix).group(1))
+    build_model("unet", data_shape=[shape[0], side, side], channels=[8, 16, 16])  # the pad_to it names fits
 
 
 def test_router_cnn_logits():

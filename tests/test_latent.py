@@ -446,6 +446,19 @@ def test_a_dit_that_does_not_fit_the_latents_says_they_are_latents():
         check_networks(cfg, (4, 15, 15))
 
 
+def test_a_unet_that_does_not_fit_the_latents_gives_the_image_sizes_that_do():
+    """28x28 images make 7x7 latents (f = 4), which a 3-level UNet cannot halve twice: the fix is in the images'
+    sizes (pad_to = 32, a multiple of 4 x 4), not the latents' (8)."""
+    from ddmkit.pipeline.stages import check_networks
+    cfg = validate(RunConfig, {"latent": {"enabled": True}, "expert": {"net": {"arch": "unet", "kwargs": {
+        "channels": [8, 16, 16]}}}, "router": {"net": {"arch": "router_cnn"}}})
+    with pytest.raises(DDMError, match=r"expert.net: UNet: latent size 7x7 \(of 28x28 images, 4x smaller per side\) is "
+                                       r"not divisible by 2\^2 .*; pad the images to 32x32 \(data.params.pad_to = 32, "
+                                       r"the smallest that works\), or scale and cut them to 16x16"):
+        check_networks(cfg, (4, 7, 7))
+    check_networks(cfg, (4, 8, 8))
+
+
 def test_the_latents_scale_is_reported_and_a_far_one_gets_the_scaling_factor_that_fixes_it(tmp_path):
     """A pretrained autoencoder of scaling_factor 20 gave latents of std 5.75, and nothing said so; its
     latents_mean and latents_std were ignored without a word."""

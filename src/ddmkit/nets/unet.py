@@ -59,6 +59,33 @@ class Attention(nn.Module):
         return x + self.proj(out)
 
 
+def check_size(height: int, width: int, channels: list[int], scale: int = 1) -> None:
+    """A DDMError when a UNet of `channels` cannot take height x width inputs (each level after the first halves
+    them), with the data settings that fix it: for images `scale` times larger per side than the inputs (a
+    latent run's images, of which an autoencoder makes the inputs)."""
+    levels = len(channels) - 1
+    if not (height % 2 ** levels or width % 2 ** levels):
+        return
+    what = f"image size {height}x{width}" if scale == 1 else \
+        f"latent size {height}x{width} (of {height * scale}x{width * scale} images, {scale}x smaller per side)"
+    raise DDMError(f"UNet: {what} is not divisible by 2^{levels} (channels {list(channels)}); "
+                   f"{size_fix(height * scale, width * scale, 2 ** levels * scale)}, or use fewer levels (fewer "
+                   "entries in channels)")
+
+
+def size_fix(height: int, width: int, multiple: int) -> str:
+    """The data settings that make height x width images square of a side divisible by `multiple`: the smallest
+    pad_to, and the largest resize and crop (when the images are at least that large; the loaders of image folders and
+    arrays take them)."""
+    pad = -(-max(height, width) // multiple) * multiple
+    fix = f"pad the images to {pad}x{pad} (data.params.pad_to = {pad}, the smallest that works)"
+    cut = min(height, width) // multiple * multiple
+    if cut:
+        fix += (f", or scale and cut them to {cut}x{cut} (an image folder or array: data.params.resize = {cut} and "
+                f"data.params.crop = {cut})")
+    return fix
+
+
 class UNet(nn.Module):
     """(x (B, C, H, W), t (B,), y (B,) or None) -> (B, C, H, W)."""
 
@@ -66,9 +93,7 @@ class UNet(nn.Module):
                  attention_res: list[int] = (8,), num_classes: int = 0, time_dim: int | None = None):
         super().__init__()
         c_in, height, width = data_shape
-        if height % 2 ** (len(channels) - 1) or width % 2 ** (len(channels) - 1):
-            raise DDMError(f"UNet: image size {height}x{width} is not divisible by 2^{len(channels) - 1} "
-                           f"(channels {list(channels)}); pad the images (data.params.pad_to) or use fewer levels")
+        check_size(height, width, channels)
         self.data_shape, self.num_classes = tuple(data_shape), num_classes
         base = channels[0]
         self.time_dim = time_dim or base

@@ -10,6 +10,7 @@ and write_data / write_partition. Training jobs run on train.threads CPU threads
 from __future__ import annotations
 
 import contextlib
+import inspect
 import shlex
 import time
 from pathlib import Path
@@ -28,10 +29,11 @@ from ddmkit.errors import DDMError
 from ddmkit.io import (folder_lock, read_json, save_tensors, sha256_file,
                        staging_dir, write_json)
 from ddmkit.launch import ExpertJob, run_jobs
-from ddmkit.latent.autoencoder import load_autoencoder, load_codec
+from ddmkit.latent.autoencoder import downsampling, load_autoencoder, load_codec, planned_config
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, build_seeded, check_builds, use_network
 from ddmkit.nets.folders import check_argument_names
+from ddmkit.nets.unet import UNet, check_size
 from ddmkit.nets.user import check_output, is_user_network
 from ddmkit.registry import (AUTOENCODER_WEIGHTS, checked_model_shards, data_fix, data_sha256, load_data_file,
                              model_shards, shard_files, write_registry)
@@ -158,6 +160,19 @@ def builds_on_the_cpu(arch: str, kwargs: dict) -> bool:
     return True
 
 
+def check_latent_unet(cfg: RunConfig, latent_shape: list[int]) -> None:
+    """A latent run's UNet experts take latents of sides their levels halve evenly (nets.unet.check_size): a
+    DDMError that gives the fix in the images' sizes (the autoencoder's latents are f times smaller per side)."""
+    net = cfg.expert.net
+    channels = net.kwargs.get("channels", inspect.signature(UNet).parameters["channels"].default)
+    if net.arch != "unet" or len(latent_shape) != 3 or not isinstance(channels, (list, tuple)):
+        return  # (a channels of another type: check_builds names it)
+    try:
+        check_size(*latent_shape[1:], channels, downsampling(planned_config(cfg.latent, tuple(latent_shape))))
+    except DDMError as e:
+        raise DDMError(f"expert.net: {e}") from None
+
+
 def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
     """Build the run's expert, monolith and router networks on the meta device (no memory): an
     unknown arch or bad net kwargs is a DDMError before anything is written. The user's own
@@ -165,6 +180,8 @@ def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
     ddmkit calls them: an error or an output of the wrong shape is a DDMError too."""
     register_user_networks(cfg)
     shape = list(data_shape)
+    if cfg.latent.enabled:
+        check_latent_unet(cfg, shape)
     nets = {"expert.net": (cfg.expert.net, {"data_shape": shape}),
             "router.net": (cfg.router.net, {"data_shape": shape, "num_experts": cfg.partition.k})}
     for where, (net, given) in nets.items():
