@@ -794,6 +794,44 @@ def test_a_test_split_too_small_for_kid_names_data_n_test_only_where_it_caps_the
     assert "data.params.test_fraction for a file, image folder or image array" in str(info.value)
 
 
+def test_a_test_split_of_few_images_is_warned_of_before_training(tmp_path):
+    """A folder's 12 test images scored every strategy's FID and KID silently, though on so few images (FID's
+    statistics are of 2048 features) the scores are mostly noise."""
+    from PIL import Image
+
+    from ddmkit.config import RunConfig, load_config, validate
+    from ddmkit.pipeline.checks import few_test_images
+    from ddmkit.pipeline.prepare import prepare_run_dir
+
+    cfg = validate(RunConfig, {"data": {"name": "image_folder", "n_test": 0}})
+    assert few_test_images(cfg, 12, (3, 8, 8)) == [
+        "the test split holds 12 images: FID and KID compare each sample set with them, and on fewer than 100 images "
+        "they are mostly noise (FID estimates a covariance of their features from them, 2048 x 2048 with "
+        "Inception's), so differences between strategies mean little; give the test split more images "
+        "(data.params.test_fraction for a file, image folder or image array; data.params.test_path for a .npy/.npz "
+        "file)"]
+    assert few_test_images(cfg, 100, (3, 8, 8)) == few_test_images(cfg, 12, (16,)) == []
+    capped = validate(RunConfig, {"data": {"name": "image_folder", "n_test": 99}})
+    assert "more images (data.n_test; data.params.test_fraction" in few_test_images(capped, 99, (1, 8, 8))[0]
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
+    raw["data"].update(name="image_folder", n_test=0, params={"path": str(tmp_path / "imgs"), "test_fraction": 0.4})
+    raw["evaluate"]["kid_subset"], raw["partition"]["pca_dim"], raw["sample"]["guidance_sweep"] = 4, 4, []
+    for net in ("expert", "router"):
+        raw[net]["net"]["kwargs"].pop("num_classes")
+    said = []
+    prepare_run_dir(tmp_path / "run", validate(RunConfig, raw), log=said.append)
+    assert [line for line in said if "test split" in line] == [
+        "warning: the test split holds 4 images: FID and KID compare each sample set with them, and on fewer than 100 "
+        "images they are mostly noise (FID estimates a covariance of their features from them, 2048 x 2048 with "
+        "Inception's), so differences between strategies mean little; give the test split more images "
+        "(data.params.test_fraction for a file, image folder or image array; data.params.test_path for a .npy/.npz "
+        "file)"], said
+
+
 def test_unet_attention_at_a_side_no_level_has_is_warned_of_before_training(tmp_path):
     """configs/fashion_mnist.toml's attention_res = [8] on the 48x48 images of docs/own-data.md's folder example
     (levels 48, 24, 12) built a UNet without any level attention, silently."""

@@ -5,6 +5,7 @@ fails at the data and partition stage, with a fix that works, not after its netw
     check_labels(cfg, labels)                     class-conditional networks against the data's labels
     untrained_classes(cfg, labels)                -> warnings  classes the samples draw that no training row holds
     unused_attention(cfg, data_shape)             -> warnings  UNet attention_res sides that no level of it has
+    few_test_images(cfg, n_test, data_shape)      -> warnings  an image test split too small for FID/KID to mean much
     check_clusters(cfg, counts, data_shape, orphans)  -> warnings  the partition's clusters
     check_devices(cfg)                            every train.device of the config, present here
     checked_device(name)                          -> torch.device  a --device value, present here
@@ -161,6 +162,24 @@ def unused_attention(cfg: RunConfig, data_shape: tuple) -> list[str]:
             f"{'' if one else 's'} {', '.join(map(str, unused))} (its levels for {data_shape[1]}x{data_shape[2]} "
             f"inputs with channels {channels}: {', '.join(map(str, sides))}), so {'it adds' if one else 'they add'} "
             f"no self-attention; set attention_res to sides of its levels, e.g. [{sides[-1]}], or [] for none"]
+
+
+# Below this many test images FID and KID mostly measure their own noise: FID estimates a covariance of 2048
+# features (Inception's), which N images give with rank at most N - 1 (under 5% of it below 100), and its bias
+# grows as 1/N; KID draws at most N test images per subset (configs/fashion_mnist.toml draws 1000). A floor for
+# "mostly noise", not a size above which the scores are sharp.
+FEW_TEST_IMAGES = 100
+
+
+def few_test_images(cfg: RunConfig, n_test: int, data_shape: tuple) -> list[str]:
+    """A warning when an image run's test split, which every sample set's FID and KID are computed against,
+    holds fewer than FEW_TEST_IMAGES images: the scores would be mostly noise."""
+    if not is_image_shape(data_shape) or n_test >= FEW_TEST_IMAGES:
+        return []
+    return [f"the test split holds {n_test} images: FID and KID compare each sample set with them, and on fewer "
+            f"than {FEW_TEST_IMAGES} images they are mostly noise (FID estimates a covariance of their features "
+            "from them, 2048 x 2048 with Inception's), so differences between strategies mean little; give the test "
+            f"split more images ({more_test_rows(cfg, n_test)})"]
 
 
 def _check_images(cfg: RunConfig, n_test: int, smallest: int) -> None:

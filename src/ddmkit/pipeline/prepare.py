@@ -36,7 +36,7 @@ from ddmkit.io import STAGING, entries, read_json, remove, remove_stale_staging,
 from ddmkit.latent.autoencoder import check_pretrained, network_data_shape
 from ddmkit.ddm.load import component_groups, records_truth
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run
-from ddmkit.pipeline.checks import (check_clusters, check_devices, check_labels, check_run_plan,
+from ddmkit.pipeline.checks import (check_clusters, check_devices, check_labels, check_run_plan, few_test_images,
                                     unused_attention, unused_partition_settings, untrained_classes)
 from ddmkit.train.jobs import EXECUTION
 from ddmkit.pipeline.stages import (check_network_arguments, check_networks, load_data, load_split, plan_partition,
@@ -370,7 +370,8 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
             _check_sizes(cfg, folder, data, kept_partition)
             net_shape = network_data_shape(cfg.latent, train.data_shape, cfg.data.name, cfg.data.params)
             check_networks(cfg, net_shape)
-            for warning in unused_attention(cfg, net_shape):
+            n_test = len(data[1]) if data is not None else read_data_info(folder)["n_test"]
+            for warning in unused_attention(cfg, net_shape) + few_test_images(cfg, n_test, train.data_shape):
                 log(f"warning: {warning}")
             new_autoencoder = action == "replace" or not folder.autoencoder.exists()  # not the one kept
             if cfg.latent.enabled and cfg.latent.pretrained and new_autoencoder:
