@@ -341,6 +341,34 @@ def test_own_data_an_image_folder_reads_as_configured(tmp_path, shell):
     assert done.returncode == 2 and "evaluate.kid_subset = 1000 is larger than the 200 test images" in done.stderr
 
 
+@pytest.mark.slow
+def test_images_the_cpu_recipe_runs_as_written_on_a_folder_of_60_images(tmp_path, shell):
+    """docs/images.md "Trying it on a CPU": the tiny config on a folder of 60 RGB images of discs, squares and
+    stripes in three class folders trains, samples and scores every set (about a minute on 2 CPU cores)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        shape = ("circles", "squares", "stripes")[i % 3]
+        (tmp_path / "photos" / shape).mkdir(parents=True, exist_ok=True)
+        w, h = (int(v) for v in rng.integers(60, 90, 2))
+        image = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(0, 120, 3)))
+        colour, draw = tuple(int(v) for v in rng.integers(120, 256, 3)), ImageDraw.Draw(image)
+        if shape == "stripes":
+            for x in range(0, w, 10):
+                draw.rectangle([x, 0, x + 4, h], fill=colour)
+        else:
+            (draw.ellipse if shape == "circles" else draw.rectangle)([10, 10, 50, 50], fill=colour)
+        image.save(tmp_path / "photos" / shape / f"{i}.jpg")
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    line = code_block(ROOT / "docs" / "images.md", "## Trying it on a CPU", "bash").replace("\\\n", " ")
+    done = shell(line)
+    assert done.returncode == 0, done.stderr
+    assert "48 train / 12 test samples of shape (3, 32, 32)" in done.stderr
+    assert (tmp_path / "runs" / "try" / "report.md").exists()
+
+
 def test_own_data_an_image_array_and_idx_files_read_as_configured(tmp_path, shell):
     """"### An image array" pads 16 x 16 pixels to 32 x 32 and cuts a fifth for the test split; "### IDX files"
     reads the four files of `dir` (here gzipped) with their own split."""
