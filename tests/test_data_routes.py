@@ -750,21 +750,24 @@ def test_damaged_image_files_are_named_together_and_the_folder_runs_without_them
 
 def test_class_conditional_networks_are_checked_against_the_labels_before_anything_is_written(
         tmp_path, monkeypatch, capsys):
-    """Two class folders (labels 0, 1): num_classes = 1 leaves label 1 outside the network's table (and 2
-    rows of the other class would be its "no label" token); a folder without classes has no labels."""
+    """Two class folders (labels 0, 1): num_classes = 1 leaves label 1 outside the networks' table (and 2
+    rows of the other class would be its "no label" token); a folder without classes has no labels. Each
+    message names both networks (it named the expert's alone, and then the router's)."""
     write_folder(tmp_path / "imgs", sizes=((16, 16),))
     config = tmp_path / "c.toml"
     base = IMAGES.replace("{params}", f'{{ path = "{tmp_path / "imgs"}" }}').replace("{kid_subset}", "4")
-    conditional = base.replace("attention_res = [] }", "attention_res = [], num_classes = {c} }")
+    conditional = base.replace("attention_res = [] }", "attention_res = [], num_classes = {c} }").replace(
+        "kwargs = { channels = [8, 16] }", "kwargs = { channels = [8, 16], num_classes = {c} }")
     config.write_text(conditional.replace("{c}", "1"))
-    refused(config, tmp_path / "run", "expert.net.kwargs.num_classes = 1",
-            "labels run 0 .. 1", "set num_classes = 2")
+    refused(config, tmp_path / "run", "expert.net.kwargs.num_classes = 1 and router.net.kwargs.num_classes = 1",
+            "labels run 0 .. 1", "set num_classes = 2 (--set expert.net.kwargs.num_classes=2 --set "
+            "router.net.kwargs.num_classes=2)")
     (tmp_path / "flat").mkdir()
     for png in (tmp_path / "imgs").rglob("*.png"):
         png.rename(tmp_path / "flat" / png.name)
     config.write_text(conditional.replace("{c}", "2").replace(str(tmp_path / "imgs"), str(tmp_path / "flat")))
-    refused(config, tmp_path / "run", "num_classes = 2 makes the network class-conditional",
-            "no labels", "remove num_classes from expert.net.kwargs")
+    refused(config, tmp_path / "run", "no class labels, but these settings need them: expert.net.kwargs.num_classes "
+            "= 2 (remove it), router.net.kwargs.num_classes = 2 (remove it);")
 
 
 def test_resize_and_crop_are_the_centre_and_bicubic_of_pil(tmp_path):

@@ -722,6 +722,37 @@ def test_a_png_grid_is_written_through_the_atomic_write(tmp_path, monkeypatch):
     assert not (tmp_path / "plots" / "torn.png").exists()
 
 
+def test_a_folder_without_classes_names_every_setting_that_needs_labels_at_once(tmp_path, cli):
+    """configs/fashion_mnist.toml on a flat folder (no class sub-folders) was refused three times, one setting each
+    (expert num_classes, then guidance_sweep, then router num_classes); one message now names all three, and its
+    --set list runs the data and partition stages."""
+    import shlex
+
+    from PIL import Image
+
+    (tmp_path / "flat").mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((28, 28), 10 * i, np.uint8)).save(tmp_path / "flat" / f"{i:02d}.png")
+    command = ["partition", "--config", ROOT / "configs" / "fashion_mnist.toml", "--out", tmp_path / "run",
+               "--set", "data.name=image_folder", "--set", f'data.params={{ path = "{tmp_path / "flat"}" }}',
+               "--set", "partition.k=2", "--set", "partition.pca_dim=4", "--set", "sample.n=4",
+               "--set", "evaluate.kid_subset=2"]
+    done = cli(*command)
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 2 and not (tmp_path / "run").exists(), done.stderr
+    assert ("the data have no class labels, but these settings need them: expert.net.kwargs.num_classes = 10 "
+            "(remove it), router.net.kwargs.num_classes = 10 (remove it), sample.guidance_sweep = [1.5, 2.0, 3.0] "
+            "(set [])") in message, message
+    fix = shlex.split(re.search(r"on the command line: (.*?)\)", message).group(1))
+    assert fix == ["--set", "expert.net.kwargs.num_classes=0", "--set", "router.net.kwargs.num_classes=0",
+                   "--set", "sample.guidance_sweep=[]"]
+    done = cli(*command, *fix[:2])  # a part of the fix: the message names the rest (before the other checks)
+    assert done.returncode == 2 and "but these settings need them: router.net.kwargs.num_classes = 10" in done.stderr
+    done = cli(*command, *fix)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run" / "data" / "data.json").exists() and (tmp_path / "run" / "partition").is_dir()
+
+
 def test_a_folder_of_fewer_classes_than_num_classes_is_warned_of_before_training(tmp_path):
     """configs/fashion_mnist.toml's num_classes = 10 on a folder of 3 classes trained silently, and 7 samples in 10
     were then drawn with labels 3 .. 9, which no network trained on."""

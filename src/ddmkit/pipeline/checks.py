@@ -2,7 +2,7 @@
 fails at the data and partition stage, with a fix that works, not after its networks are trained.
 
     check_run_plan(cfg, n_train, n_test, data_shape, has_truth)   sizes, splits and sample counts
-    check_labels(cfg, labels)                     class-conditional networks against the data's labels
+    check_labels(cfg, labels)                     class-conditional networks and guidance against the data's labels
     untrained_classes(cfg, labels)                -> warnings  classes the samples draw that no training row holds
     unused_attention(cfg, data_shape)             -> warnings  UNet attention_res sides that no level of it has
     few_test_images(cfg, n_test, data_shape)      -> warnings  an image test split too small for FID/KID to mean much
@@ -96,25 +96,49 @@ def check_run_plan(cfg: RunConfig, n_train: int, n_test: int, data_shape: tuple,
         _check_vectors(cfg, n_test, [p.n for p in sets])
 
 
+def label_settings(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """The settings that need class labels, each as (field = value, the edit that drops it, its --set):
+    class-conditional networks (net kwargs num_classes) and classifier-free guidance."""
+    found = []
+    for where, net in (("expert.net.kwargs", cfg.expert.net), ("router.net.kwargs", cfg.router.net)):
+        if net.kwargs.get("num_classes"):
+            found.append((f"{where}.num_classes = {net.kwargs['num_classes']}", "remove it",
+                          f"{where}.num_classes=0"))
+    s = cfg.sample
+    if s.guidance_sweep:
+        found.append((f"sample.guidance_sweep = {s.guidance_sweep}", "set []", "'sample.guidance_sweep=[]'"))
+    if s.guidance != 1.0:
+        found.append((f"sample.guidance = {s.guidance}", "set 1.0", "sample.guidance=1.0"))
+    return found
+
+
 def check_labels(cfg: RunConfig, labels: list[torch.Tensor | None]) -> None:
     """Class-conditional networks (net kwargs num_classes = C > 0) need every row of every split (labels:
     one tensor or None per split) labelled with a class index in 0 .. C - 1: index C is the networks'
-    "no label" token (classifier-free guidance), and a larger one is out of their table."""
-    for where, net in (("expert.net", cfg.expert.net), ("router.net", cfg.router.net)):
-        classes = int(net.kwargs.get("num_classes") or 0)
-        if not classes:
-            continue
-        if any(lab is None for lab in labels):
-            raise DDMError(f"{where}.kwargs.num_classes = {classes} makes the network class-conditional, but the data "
-                           f"have no labels; remove num_classes from {where}.kwargs, or give the data labels (an "
-                           "image folder: one sub-folder per class; an .npz: a 'labels' array)")
-        present = [lab for lab in labels if len(lab)]
-        lo = min(int(lab.min()) for lab in present) if present else 0
-        hi = max(int(lab.max()) for lab in present) if present else 0
-        if lo < 0 or hi >= classes:
-            raise DDMError(f"{where}.kwargs.num_classes = {classes}, but the data's labels run {lo} .. {hi}; labels "
-                           f"are class indices 0 .. num_classes - 1: set num_classes = {max(hi + 1, 1)}"
-                           + (" and make every label 0 or more" if lo < 0 else ""))
+    "no label" token (classifier-free guidance), and a larger one is out of their table. One error names
+    every setting that must change, so that one edit fixes the run."""
+    if any(lab is None for lab in labels):
+        needs = label_settings(cfg)
+        if needs:
+            named = ", ".join(f"{field} ({edit})" for field, edit, _ in needs)
+            sets = " ".join(f"--set {fix}" for _, _, fix in needs)
+            raise DDMError(f"the data have no class labels, but these settings need them: {named}; change them "
+                           f"all (on the command line: {sets}), or give the data labels (an image folder: one "
+                           "sub-folder per class; an .npz: a 'labels' array)")
+        return
+    present = [lab for lab in labels if len(lab)]
+    lo = min(int(lab.min()) for lab in present) if present else 0
+    hi = max(int(lab.max()) for lab in present) if present else 0
+    nets = (("expert.net.kwargs", cfg.expert.net), ("router.net.kwargs", cfg.router.net))
+    short = [(where, int(net.kwargs["num_classes"])) for where, net in nets
+             if net.kwargs.get("num_classes") and (lo < 0 or hi >= int(net.kwargs["num_classes"]))]
+    if short:
+        top = max(hi + 1, 1)
+        named = " and ".join(f"{where}.num_classes = {classes}" for where, classes in short)
+        sets = " ".join(f"--set {where}.num_classes={top}" for where, _ in short)
+        raise DDMError(f"{named}, but the data's labels run {lo} .. {hi}; labels are class indices 0 .. "
+                       f"num_classes - 1: set num_classes = {top} ({sets})"
+                       + (" and make every label 0 or more" if lo < 0 else ""))
 
 
 def untrained_classes(cfg: RunConfig, labels: torch.Tensor | None) -> list[str]:

@@ -272,8 +272,8 @@ def _check_sizes(cfg: RunConfig, folder: RunFolder, data: tuple | None, kept_par
     settings), then, when the run keeps its partition, on the clusters RUN/partition/manifest.json records."""
     if data is not None:
         train, test = data
+        check_labels(cfg, [train.labels, test.labels])  # first: it names every setting that needs labels at once
         check_run_plan(cfg, len(train), len(test), train.data_shape, train.truth is not None)
-        check_labels(cfg, [train.labels, test.labels])
         shape = train.data_shape
     else:
         info = read_data_info(folder)
