@@ -416,9 +416,23 @@ def test_a_count_out_of_range_is_named_by_its_option(cli, shard, tmp_path, comma
               "train-expert": [shard, "--out", tmp_path / "e"]}[command]
     done = cli(command, *target, option, value)
     low = 0 if option in ("--seed", "--checkpoint-every") else 1
-    span = f"from 0 to {2**63 - 1}" if option == "--seed" else f"at least {low}"
+    high = {"--seed": 2**63 - 1, "--k": 100_000, "--checkpoint-every": 10**9}.get(option)
+    span = f"from {low} to {high}" if high is not None else f"at least {low}"
     assert done.returncode == 2 and done.stderr == f"error: {option} {value}: give a whole number, {span} " \
         f"(e.g. {option} {low})\n", done.stderr
+
+
+@pytest.mark.parametrize("command, option, value, span", [
+    ("partition", "--k", "100001", "from 1 to 100000 (e.g. --k 1)"),
+    ("train-expert", "--checkpoint-every", "99999999999999999999", "from 0 to 1000000000 (e.g. --checkpoint-every 0)")])
+def test_a_count_above_the_configs_bound_is_named_by_its_option(cli, shard, tmp_path, command, option, value, span):
+    """These were the config's error, naming its field, not the option given ('options: invalid configuration
+    partition.k: Input should be less than or equal to 100000')."""
+    target = {"partition": ["--out", tmp_path / "p"], "train-expert": [shard, "--out", tmp_path / "e"]}[command]
+    done = cli(command, *target, option, value)
+    assert done.returncode == 2 and done.stderr == f"error: {option} {value}: give a whole number, {span}\n", \
+        done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args", [["sample", "RUN", "--n", "many"], ["sample", "RUN", "--steps", "2.5"],
@@ -431,6 +445,26 @@ def test_every_whole_number_option_refuses_in_one_line(cli, shard, tmp_path, arg
     option, value = args[-2:]
     assert done.returncode == 2 and done.stderr.startswith(f"error: {option} {value}: give a whole number, ") \
         and len(done.stderr.splitlines()) == 1 and "Usage" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("args, said", [
+    (["analyze", "RUN", "--n", "two"], "--n two: give a whole number"),
+    (["analyze", "RUN", "--jvp-rows", "2.5"], "--jvp-rows 2.5: give a whole number"),
+    (["run", TINY, "--out", "OUT", "--seed", ""], "--seed '': give a whole number"),
+    (["study", "misalignment", TINY, "--out", "OUT", "--n-boot", "1e999"], "--n-boot 1e999: give a whole number (e.g. "
+     "--n-boot 200)"),
+    (["launch", "RUN", "--emit", "slurm", "--expert", "nan"], "--expert nan: give a whole number"),
+    (["sweep", TINY, "--out", "OUT", "--k", "2", "--budget", "half"], "--budget half: give a number"),
+    (["sample", "RUN", "--guidance", "x"], "--guidance x: give a number"),
+])
+def test_a_number_option_without_a_range_refuses_a_word_in_one_line(cli, shard, tmp_path, args, said):
+    """Number options without a min or max (analyze --n, run --seed, sweep --budget, ...) answered a value that is
+    not a number with Typer's framed usage box ('Invalid value for '--n': Input should be a valid integer'), no
+    'error:' line; they say it in one line naming the option, as the ranged ones do, and write nothing."""
+    paths = {"RUN": shard.parents[2], "OUT": tmp_path / "out"}
+    done = cli(*[paths.get(a, a) for a in args])
+    assert done.returncode == 2 and done.stderr == f"error: {said}\n", done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args", [["sweep", "demo", "--out", "OUT", "--k", "2,4", "--budget", "1"],

@@ -239,6 +239,8 @@ def test_a_tiny_study_from_the_command_line(tmp_path, cli):
     (("--conditions", "wobble"), "--conditions"),
     (("--conditions", ",,"), "--conditions ',,': names nothing"),  # it ran the whole default study
     (("--seeds", "0"), "--seeds"),
+    (("--seeds", "99999999999999999999"), "--seeds 99999999999999999999: give a whole number, from 1 to 1000"),  # was
+    # an OverflowError's traceback (range(N) made into a list)
     (("--strategy", "top-0"), "--strategy"),
     (("--n", "5000"), "data.n_test"),
     (("--set", "data.name=moons"), "data.name"),

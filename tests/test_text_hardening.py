@@ -410,8 +410,10 @@ def test_a_misspelt_kind_or_a_text_config_for_a_vector_command_is_one_line(tmp_p
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--length", "0"], "--length 0: give a whole number, at least 1 (e.g. --length 6)"),
-    (["--length", "-2"], "--length -2: give a whole number, at least 1"),
+    (["--length", "0"], "--length 0: give a whole number, from 1 to 20 (e.g. --length 6)"),
+    (["--length", "-2"], "--length -2: give a whole number, from 1 to 20"),
+    (["--length", "99999999999999999999"], "--length 99999999999999999999: give a whole number, from 1 to 20"),  # it
+    # computed vocab**length first, for hours (a vocab of 2 or more makes over 2e6 sequences at length 21)
     (["--k", "0"], "--k 0: give a whole number, from 1 to 256 (e.g. --k 3)"),
     (["--vocab", "1"], "--vocab 1: give a whole number, at least 2 (e.g. --vocab 4)"),
     (["--seed", "-1"], "--seed -1: give a whole number, from 0 to"),

@@ -12,7 +12,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional, get_args, get_origin
+from typing import List, Optional, get_args
 
 import typer
 from rich.console import Console
@@ -107,7 +107,10 @@ def _main(version: bool = typer.Option(False, "--version", is_eager=True, callba
 
 
 SEED_MAX = 2**63 - 1  # ddmkit.config.MAX_SEED (that module is not imported to show --help)
+COUNT_MAX = 10**9  # ddmkit.config.ROWS: the most steps a count of the config may ask for
+K_MAX = 100_000  # the most clusters partition.k takes
 THEORY_SEED_MAX = 2**32 - 1 - 64  # numpy's seeds are 32 bits; the studies add small offsets (seed + 1, ...)
+STUDY_SEEDS_MAX = 1000  # study misalignment trains every condition once per seed: more is no study that ends
 DEVICE = typer.Option(None, "--device", help="where networks train and sample: cpu, cuda, cuda:N, mps or auto; "
                       "sets every train.device of the config (default: the config's)")
 SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one config field, repeatable: --set "
@@ -176,7 +179,7 @@ def partition(out: Path = typer.Option(..., "--out", help="run folder to create 
                                        "runs also RUN/autoencoder, RUN/latents)"),
               config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the built-in defaults)"),
               data: Optional[str] = typer.Option(None, help="data set name or .npy/.npz path (overrides config)"),
-              k: Optional[int] = typer.Option(None, min=1, help="number of clusters (overrides config)"),
+              k: Optional[int] = typer.Option(None, min=1, max=K_MAX, help="number of clusters (overrides config)"),
               seed: Optional[int] = typer.Option(None, help="one seed for every stage, as `ddmkit run --seed` "
                                                  "(overrides config; RUN/config.json records it for the jobs)"),
               force: bool = typer.Option(False, help="replace a folder that holds a different run"),
@@ -230,7 +233,9 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
                                                            "also names your own network classes (default: the "
                                                            "built-in defaults)"),
                      seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed (overrides config)"),
-                     checkpoint_every: Optional[int] = typer.Option(None, min=0, help="write a checkpoint every N steps (0: none; overrides config)"),
+                     checkpoint_every: Optional[int] = typer.Option(None, min=0, max=COUNT_MAX, help="write a "
+                                                                    "checkpoint every N steps (0: none; overrides "
+                                                                    "config)"),
                      resume: bool = typer.Option(False, help="continue from OUT.checkpoint.safetensors if a killed run left one"),
                      force: bool = typer.Option(False, help="replace an expert in OUT trained with other settings "
                                                 "(or train the same one again)"),
@@ -1047,7 +1052,8 @@ def text_run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar'
 @text_app.command()
 def exactness(k: int = typer.Option(3, min=1, max=256, help="number of Markov chains (clusters)"),
               vocab: int = typer.Option(4, min=2, help="symbols per chain"),
-              length: int = typer.Option(6, min=1, help="sequence length enumerated (vocab**length sequences)"),
+              length: int = typer.Option(6, min=1, max=20, help="sequence length enumerated (vocab**length "
+                                         "sequences: at most 2e6, so at most 20 symbols)"),
               seed: int = typer.Option(0, min=0, max=THEORY_SEED_MAX, help="seed of the random chains"),
               out: Optional[Path] = typer.Option(None, "--out", help="also write the rows as JSON to this file")):
     """Exact experts + exact posterior reproduce the global next-token law; KL against router error."""
@@ -1090,7 +1096,8 @@ def study_misalignment_cmd(
                                       "gmm32, mixture) or images (fashion_mnist, idx, image_folder, image_array)"),
         out: Path = typer.Option(Path("runs/misalignment"), "--out", help="folder of the study's run folders, "
                                  "measurements and report.md"),
-        seeds: int = typer.Option(3, "--seeds", help="training seeds 0 .. N-1 (experts seed, router seed + 1)"),
+        seeds: int = typer.Option(3, "--seeds", min=1, max=STUDY_SEEDS_MAX, help="training seeds 0 .. N-1 (experts "
+                                  "seed, router seed + 1)"),
         conditions: Optional[List[str]] = typer.Option(None, "--conditions", "--condition", help="conditions, "
                                                        "repeatable or comma-separated: disjoint, overlap-S, "
                                                        "undertrained-F, random, with +exact (mixtures only), "
@@ -1123,9 +1130,6 @@ def study_misalignment_cmd(
     from ddmkit.pipeline.misalignment import study_misalignment
 
     _refuse_text(config, "study misalignment")
-
-    if seeds < 1:
-        raise DDMError(f"--seeds {seeds}: give the number of training seeds, at least 1 (e.g. --seeds 3)")
     report = study_misalignment(_config(config, None, set_), out, list(range(seeds)), conditions, strategy, n=n,
                                 n_boot=n_boot, w2_boot=w2_boot, force=force, log=log, device=device,
                                 stability_rows=stability_rows, stages=stages)
@@ -1192,24 +1196,63 @@ def one_line_ranges(command) -> None:
     """A whole-number option with a range (min= or max= on typer.Option) of a click command and its sub-commands
     refuses a value out of it, or not a whole number, as ddmkit refuses any option: one line naming the option
     and a value that works (`error: --steps 0: give a whole number, at least 1 (e.g. --steps 1)`, exit 2),
-    not Typer's framed usage error; a repeatable number option given '2,4' says to repeat it (_one_per_option)."""
+    not Typer's framed usage error; any other number option refuses a value that is not a number in one line
+    too (_a_number); a repeatable number option given '2,4' says to repeat it (_one_per_option)."""
     for param in command.params:
+        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
         ranged = getattr(param, "min", None) is not None or getattr(param, "max", None) is not None
-        if ranged and getattr(getattr(param, "type_descriptor", None), "annotation", None) is int:
+        if ranged and annotation is int:
             param.process_value = _in_range(param, param.process_value)
-        if getattr(param, "multiple", False) and _holds_numbers(getattr(getattr(param, "type_descriptor", None),
-                                                                        "annotation", None)):
+        elif _number_type(annotation) is not None:
+            param.process_value = _a_number(param, param.process_value, _number_type(annotation))
+        if getattr(param, "multiple", False) and _number_type(annotation) is not None:
             param.process_value = _one_per_option(param, param.process_value)
     for sub in getattr(command, "commands", {}).values():
         one_line_ranges(sub)
 
 
-def _holds_numbers(annotation) -> bool:
-    """Whether an (Optional) List annotation holds ints or floats (a --set value, List[str], may hold commas)."""
+def _number_type(annotation):
+    """int or float for an option of whole numbers or numbers (int, Optional[int], List[float], ...), else None
+    (a --set value, List[str], is text)."""
+    if annotation in (int, float):
+        return annotation
     args = [a for a in get_args(annotation) if a is not type(None)]
-    if get_origin(annotation) is list:
-        return bool(args) and args[0] in (int, float)
-    return len(args) == 1 and _holds_numbers(args[0])
+    return _number_type(args[0]) if len(args) == 1 else None
+
+
+def _a_number(param, process, kind):
+    """param.process_value of a number option without a range, a value that is not a number of its kind ('two',
+    '2.5' for a whole number, '') refused first in one line naming the option (one_line_ranges); it was Typer's
+    framed 'Invalid value' box."""
+    option = max(param.opts, key=len)
+    default = param.default[0] if isinstance(param.default, (list, tuple)) and param.default else param.default
+    example = f" (e.g. {option} {default})" if isinstance(default, (int, float)) and not isinstance(default, bool) \
+        else ""
+
+    def checked(ctx, value):
+        items = value if getattr(param, "multiple", False) else [value]
+        for item in items or ():
+            if item is not None and not isinstance(item, bool) and _number(item, kind) is None:
+                said = "a whole number" if kind is int else "a number"
+                raise DDMError(f"{option} {_shown(item)}: give {said}{example}")
+        return process(ctx, value)
+    return checked
+
+
+def _number(value, kind) -> int | float | None:
+    """The whole number (kind int, _whole_number) or number (float: '0.25', '1e-3', 'inf') a command-line value
+    spells, else None."""
+    if kind is int:
+        return _whole_number(value)
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        return None
+
+
+def _shown(value) -> str:
+    """A command-line value as it would be typed: '' for an empty one, quotes around one with spaces."""
+    return shlex.quote(str(value))
 
 
 def _one_per_option(param, process):
@@ -1238,7 +1281,7 @@ def _in_range(param, process):
                 works = param.default if isinstance(param.default, int) else low if low is not None else high
                 span = (f"from {low} to {high}" if low is not None and high is not None else
                         f"at least {low}" if low is not None else f"at most {high}")
-                raise DDMError(f"{option} {value}: give a whole number, {span} (e.g. {option} {works})")
+                raise DDMError(f"{option} {_shown(value)}: give a whole number, {span} (e.g. {option} {works})")
         return process(ctx, value)
     return checked
 
