@@ -408,12 +408,13 @@ def test_cells_made_with_other_devices_or_threads_are_the_same_cells(tiny_grid, 
 
 
 def test_a_config_error_found_in_the_first_cell_leaves_no_out_folder(tmp_path):
-    out = tmp_path / "sweep"
-    for setting, field in (("router.train.device=cuda:99", "router.train.device"),
-                           ("expert.net.kwargs.width=0", "expert.net")):
-        done = cli("sweep", TINY, "--out", out, "--k", "2", "--budget", "1", "--set", setting)
-        assert done.returncode == 2 and field in done.stderr and "Traceback" not in done.stderr, done.stderr
-        assert not out.exists(), setting
+    """Nor the folders above --out it made (--out runs/a/sweep): they were left behind, empty."""
+    for out in (tmp_path / "sweep", tmp_path / "runs" / "a" / "sweep"):
+        for setting, field in (("router.train.device=cuda:99", "router.train.device"),
+                               ("expert.net.kwargs.width=0", "expert.net"), ("data.n_test=400", "data.n_test")):
+            done = cli("sweep", TINY, "--out", out, "--k", "2", "--budget", "1", "--set", setting)
+            assert done.returncode == 2 and field in done.stderr and "Traceback" not in done.stderr, done.stderr
+            assert sorted(tmp_path.iterdir()) == [], setting
 
 
 def test_a_cell_of_another_training_is_refused_before_any_cell_trains(tmp_path):

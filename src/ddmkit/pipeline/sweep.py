@@ -27,7 +27,6 @@ at every budget), the monolith's its own.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -39,7 +38,8 @@ from ddmkit.config import MAX_SEED, MONOLITH, ROWS, RunConfig, config_difference
 from ddmkit.data.synthetic import MIXTURES
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.plots import plot_sweep
-from ddmkit.io import STAGING, check_folder_target, entries, read_json, write_bytes_atomic, write_json
+from ddmkit.io import (STAGING, check_folder_target, entries, read_json, removing_new_empty_folders,
+                       write_bytes_atomic, write_json)
 from ddmkit.launch import check_launch
 from ddmkit.layout import RunFolder, check_outside_runs, check_own_study
 from ddmkit.pipeline.checks import check_devices
@@ -559,13 +559,8 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     check_devices(cfg)
     check_network_arguments(cfg)
     check_grid_data(cfg, new_partitions(out, grid, kept), backend, workers, mono_k)
-    created = not out.exists()
-    try:
+    with removing_new_empty_folders(out):  # a first cell that failed its checks leaves no folder, nor a parent
         results = run_cells(cfg, out, grid, kept, force, log, backend, workers, stages)
-    finally:
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only when left empty: a first cell that failed its checks leaves nothing
     if stages == "train":
         trained = sum(rows is None for rows in kept)
         log(f"sweep: {trained} cells trained, {len(grid) - trained} already scored; the same command with "
