@@ -191,6 +191,19 @@ def test_a_set_device_this_machine_lacks_is_refused_naming_the_field(ddmkit, sha
     assert "--device cpu" in err and not (tmp_path / "e").exists() and not (run / field).exists()
     assert not (run / "monolith").exists()
 
+@pytest.mark.parametrize("command, setting", [("train-router", "data.params.std=inf"),
+                                              ("train-monolith", "data.params={std = nan}"),
+                                              ("sample", "expert.net.kwargs.time_dim=1e999")])
+def test_an_inf_or_nan_set_on_a_made_run_is_a_change_of_its_settings(ddmkit, shard, command, setting):
+    """The run's settings were compared as JSON, which has no inf or nan (both read null, as a key left out):
+    `train-router RUN --set data.params.std=inf` trained the router, where any finite change is refused."""
+    run = shard.parents[2]
+    field, value = setting.replace("={std = ", ".std=").rstrip("}").split("=")
+    code, _, err = ddmkit(command, run, "--set", setting)
+    assert code == 2 and f"differs in {field} (None, asked {float(value)})" in err, err
+    assert not any((run / name).exists() for name in ("router", "monolith", "samples"))
+
+
 def test_override_values_are_toml_then_json_then_text():
     assert parse_value("300") == 300 and parse_value("1e-3") == 1e-3 and parse_value("true") is True
     assert parse_value('["top-1", "full"]') == ["top-1", "full"] and parse_value("{width = 8}") == {"width": 8}

@@ -62,8 +62,9 @@ def differences_text(made: RunConfig, asked: RunConfig) -> str:
 
 def trained_differences(made: RunConfig, asked: RunConfig) -> list[str]:
     """The fields of the sections that made the run's data and networks (TRAINED) in which `asked` differs
-    from `made`, less how jobs run (device, threads, logging: train.jobs.EXECUTION)."""
-    old, new = made.model_dump(mode="json"), asked.model_dump(mode="json")
+    from `made`, less how jobs run (device, threads, logging: train.jobs.EXECUTION). Compared as Python values:
+    JSON has no inf or nan (a data.params value of inf read as null, the same as a key left out)."""
+    old, new = made.model_dump(), asked.model_dump()
     return [d for name in TRAINED for d in config_differences({name: old.get(name)}, {name: new.get(name)})
             if d.split(" ", 1)[0].rsplit(".", 1)[-1] not in RUN_EXECUTION]
 
