@@ -171,6 +171,16 @@ def test_train_expert_never_deletes_a_folder_that_is_not_an_expert(ddmkit, shard
     assert (tmp_path / "empty" / "model.safetensors").exists()
 
 
+def test_an_out_naming_the_current_folder_is_refused_not_a_traceback(ddmkit, shard, tmp_path, monkeypatch):
+    """`train-expert SHARD --out .` (or --out '') in an empty folder was a ValueError's traceback: the expert's
+    lock and staging folder are named after --out's last part, which '.' lacks."""
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "", ".."):
+        code, _, err = ddmkit("train-expert", shard, "--config", TINY, "--out", out)
+        assert code == 2 and f"--out {out or '.'} is the current, a parent or the root folder" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_config_device_this_machine_lacks_is_refused_before_anything_is_written(ddmkit, tmp_path):
     config = tmp_path / "c.toml"
     config.write_text(TINY.read_text().replace("[router.train]", '[router.train]\ndevice = "cuda:99"'))

@@ -442,6 +442,26 @@ def test_a_bayes_only_router_trains_nothing_and_says_so(tmp_path):
     assert not RunFolder(run).router.exists() and "nothing written" in lines[0]
 
 
+def test_text_train_expert_never_deletes_a_folder_that_is_not_an_expert(tmp_path, monkeypatch):
+    """A text expert replaced its --out folder whole, with the user's files in it (a vector expert refused such a
+    folder); `--out .` (or an empty --out) in an empty folder was a ValueError's traceback."""
+    config, run = write_config(tmp_path, "text_ar"), tmp_path / "run"
+    partition_text_run(config, run, log=QUIET)
+    shard = run / "partition" / "shards" / "cluster_00.safetensors"
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "thesis.txt").write_text("important")
+    code, err = cli("train-expert", shard, "--config", config, "--out", mine)
+    assert code == 2 and f"--out {mine} holds files that are not an expert (sub, thesis.txt)" in err, err
+    assert (mine / "thesis.txt").read_text() == "important" and (mine / "sub").is_dir()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    for out in (".", ""):
+        code, err = cli("train-expert", shard, "--config", config, "--out", out)
+        assert code == 2 and "--out . is the current, a parent or the root folder" in err, err
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
 # ----- a trained tiny run: sample, analyze, evaluate and its files -----
 @pytest.fixture(scope="module")
 def text_runs(tmp_path_factory):

@@ -264,7 +264,9 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
             log("note: text experts write no checkpoints, so --resume has nothing to continue: this job trains from "
                 "the start")
         from ddmkit.io import sha256_file
+        from ddmkit.train.jobs import check_expert_folder
 
+        check_expert_folder(out, "--out")  # the folder is replaced: one of the user's files is refused, as below
         weights = out / "model.safetensors"
         before = sha256_file(weights) if weights.is_file() else None
         try:

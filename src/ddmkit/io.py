@@ -235,12 +235,21 @@ def removing_new_empty_folders(folder: str | Path):
                 break
 
 
+def check_named(folder: Path) -> Path:
+    """folder, a folder that a new one replaces: refused when it has no name of its own in its parent ('.', '..',
+    '/', an empty --out), whose replacement is written beside it under that name."""
+    if folder.name in ("", ".."):
+        raise DDMError(f"{folder} is the current, a parent or the root folder, which the folder written there would "
+                       f"replace; give a new folder by its name, e.g. {folder / 'out'}")
+    return folder
+
+
 @contextlib.contextmanager
 def staging_dir(final: str | Path):
     """Yield a temporary folder next to `final`; on success it replaces
     `final` (which must not exist or is removed; a file or a symbolic link there is a DDMError), on error it is
     deleted (with the parent folders it made, when left empty)."""
-    final = Path(final)
+    final = check_named(Path(final))
     with removing_new_empty_folders(final.parent):
         ensure_folder(final.parent)
         if final.is_symlink():  # the folder would replace the link, not be written where it points

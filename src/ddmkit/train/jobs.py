@@ -25,7 +25,7 @@ from ddmkit.data.partition import read_shard
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import path_entry
 from ddmkit.flow.losses import flow_matching_loss, router_loss
-from ddmkit.io import folder_lock, read_json, read_metadata, sha256_file, sibling, staging_dir
+from ddmkit.io import check_named, folder_lock, read_json, read_metadata, sha256_file, sibling, staging_dir
 from ddmkit.nets import build_seeded, check_builds, save_pretrained, use_networks, user_networks
 from ddmkit.registry import header_shapes
 from ddmkit.routing.stats_router import PUBLISHED_STATISTICS, island_publication, save_statistics
@@ -206,6 +206,10 @@ def check_expert_folder(out_dir: str | Path, option: str | None = None) -> None:
     own folder, e.g. one of ddmkit launch)."""
     out_dir = Path(out_dir)
     named = f"{option} {out_dir}" if option else str(out_dir)
+    try:
+        check_named(out_dir)  # its lock and staging folder are named after it
+    except DDMError as e:
+        raise DDMError(f"{option} {e}" if option else str(e)) from None
     if out_dir.exists() and not out_dir.is_dir():
         fix = "give a new folder, e.g. RUN/experts/expert_03" if option else "move that file elsewhere"
         raise DDMError(f"{named} is a file; an expert is written into a folder of its own: {fix}")
