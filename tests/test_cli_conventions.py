@@ -117,6 +117,10 @@ def test_a_bad_override_is_exit_2_naming_the_field(ddmkit, shard, tmp_path, args
      "expert.net.kwargs.width = '64': give a whole number (unquoted in TOML and --set)"),
     (["partition", "--config", TINY], ["--set", "router.net.kwargs.depth=2.5"],
      "router.net.kwargs.depth = 2.5: give a whole number"),
+    (["partition", "--config", TINY], ["--set", "expert.net.kwargs.depth=99999999999999999999"],  # built for ever
+     "expert.net.kwargs.depth = 99999999999999999999: give a whole number of at most 65536"),
+    (["run", TINY], ["--set", 'expert.net={arch = "unet", kwargs = {channels = [8, 99999999999]}}'],
+     "expert.net.kwargs.channels = [8, 99999999999]: give whole numbers of at most 65536"),
 ])
 def test_a_misspelt_net_kwarg_is_refused_before_the_data_are_read(cli, monkeypatch, tmp_path, command, args, message):
     """A typo in a network's kwargs was reported only once the data were loaded and their sizes checked, with
@@ -130,6 +134,23 @@ def test_a_misspelt_net_kwarg_is_refused_before_the_data_are_read(cli, monkeypat
     done = cli(*command, "--out", tmp_path / "run", *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting, said", [
+    ("depth=99999999999999999999", "expert.net.kwargs.depth = 99999999999999999999: give a whole number of at most "
+     "65536"),  # its layers were built one by one, for ever
+    ("width=99999999999999999999", "expert.net.kwargs.width = 99999999999999999999: give a whole number of at most "
+     "65536"),  # "TypeError: empty(): argument 'size' failed to unpack ... frame #0: c10::Error::Error(...)"
+    ("width=-1", "arch 'mlp': bad arguments {'data_shape': [2], 'width': -1, 'depth': 1}: Trying to create tensor "
+     "with negative dimension -1: [-1, 64]"),  # "RuntimeError: Trying to ..."
+])
+def test_a_network_too_large_or_negative_is_one_line_in_ddmkits_words(ddmkit, shard, tmp_path, setting, said):
+    """train-expert: a network argument out of reach is refused at once, without torch's exception type name or
+    its C++ stack."""
+    code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "e", "--config", TINY,
+                          "--set", f"expert.net.kwargs.{setting}")
+    assert code == 2 and f"error: {said}" in err and not re.search(r"\w+Error\b|frame #", err), err
+    assert not (tmp_path / "e").exists()
 
 
 def test_train_expert_keeps_a_finished_expert_and_refuses_to_overwrite_another(ddmkit, shard, tmp_path):

@@ -279,6 +279,8 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
         else:
             log(f"expert written to {out}")
         return
+    from ddmkit.nets.folders import check_argument_sizes
+    from ddmkit.nets.user import is_user_network
     from ddmkit.pipeline.prepare import check_config_file
     from ddmkit.registry import check_shard_space
 
@@ -287,6 +289,8 @@ def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g
         check_config_file(config)  # a run's config.json edited since the run was made: refused before training
     check_shard_space(shard, run_cfg.latent.enabled)
     cfg = run_cfg.expert
+    if not is_user_network(cfg.net.arch):  # a depth of 10**20 was built, layer by layer, for ever
+        check_argument_sizes(cfg.net.kwargs, "expert.net")
     upd = {k: v for k, v in (("seed", seed), ("checkpoint_every", checkpoint_every)) if v is not None}
     cfg = validate(ExpertConfig, {**cfg.model_dump(), "train": {**cfg.train.model_dump(), **upd}}, "options")
     try:

@@ -82,6 +82,22 @@ def check_argument_names(arch: str, kwargs: dict, where: str, given: tuple[str, 
             raise DDMError(f"{where}.kwargs.{key}: {arch!r} takes no argument {key!r}{did_you_mean(key, accepted)} "
                            f"(accepted: {', '.join(accepted) or 'none besides ' + ' and '.join(given)})")
     check_argument_types(network_class(arch, f"{where}.arch"), kwargs, where)
+    if not is_user_network(arch):
+        check_argument_sizes(kwargs, where)
+
+
+NET_SIZE = 2**16  # the largest whole number an argument of a built-in network takes (a width, depth, channel count)
+
+
+def check_argument_sizes(kwargs: dict, where: str) -> None:
+    """Every whole number of a built-in network's kwargs (in a list too: unet's channels) at most NET_SIZE: a
+    wider or deeper network is no run, and building it to check it (check_builds) would take hours or fail in
+    torch."""
+    for key, value in kwargs.items():
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and v > NET_SIZE for v in numbers):
+            what = "whole numbers" if numbers is value else "a whole number"
+            raise DDMError(f"{where}.kwargs.{key} = {value}: give {what} of at most {NET_SIZE}")
 
 
 SCALARS = {int: "a whole number", float: "a number", bool: "true or false"}
@@ -134,14 +150,17 @@ def check_arguments(arch: str, cls: type, kwargs: dict) -> None:
 def build_model(arch: str, **kwargs) -> nn.Module:
     cls = network_class(arch, "router.net.arch" if "num_experts" in kwargs else "expert.net.arch")
     check_arguments(arch, cls, kwargs)
-    errors = Exception if is_user_network(arch) else (TypeError, ValueError, OverflowError, RuntimeError,
-                                                      ZeroDivisionError, AssertionError)
+    own = is_user_network(arch)
+    errors = Exception if own else (TypeError, ValueError, OverflowError, RuntimeError, ZeroDivisionError,
+                                    AssertionError)
     try:
         return cls(**kwargs)
     except DDMError:
         raise
-    except errors as e:
-        raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {type(e).__name__}: {str(e)[:300]}") from None
+    except errors as e:  # torch's own messages run on with its C++ stack: their first line is the reason
+        said = (str(e).strip().splitlines() or [""])[0][:300]
+        kind = f"{type(e).__name__}: " if own else ""  # the user's own class: which exception its code raised
+        raise DDMError(f"arch {arch!r}: bad arguments {kwargs}: {kind}{said}") from None
 
 
 class _NoFillsOnMeta(TorchFunctionMode):
