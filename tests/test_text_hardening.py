@@ -462,6 +462,18 @@ def test_text_train_expert_never_deletes_a_folder_that_is_not_an_expert(tmp_path
     assert list((tmp_path / "empty").iterdir()) == []
 
 
+@pytest.mark.parametrize("field", ["threads", "model.seq_len", "model.depth", "router.depth", "partition.k",
+                                   "router.width", "evaluate.windows_per_cluster"])
+def test_a_huge_count_in_a_text_config_is_refused_naming_the_field(tmp_path, field):
+    """The text config's counts had no upper bound: threads = 10**20 was an OverflowError's traceback, a seq_len,
+    k or width a torch TypeError quoted by name, a depth built layer by layer for ever."""
+    code, err = cli("text", "run", write_config(tmp_path, "text_ar"), "--out", tmp_path / "run",
+                    "--set", f"{field}=99999999999999999999")
+    said = " ".join(err.split())
+    assert code == 2 and f"{field}: Input should be less than or equal to" in said, said
+    assert not re.search(r"\w+Error\b", said) and not (tmp_path / "run").exists()
+
+
 # ----- a trained tiny run: sample, analyze, evaluate and its files -----
 @pytest.fixture(scope="module")
 def text_runs(tmp_path_factory):
@@ -485,6 +497,12 @@ def test_text_models_record_no_gaussian_time_convention(text_runs):
         if folder.registry.exists():
             assert json.loads(folder.registry.read_text())["time_convention"] is None
             verify_registry(run)
+
+
+def test_a_huge_sample_n_of_a_text_run_is_refused_not_a_traceback(text_runs):
+    """`ddmkit sample TEXT_RUN --n 10**20` was a TypeError's traceback from torch.full."""
+    code, err = cli("sample", text_runs["text_ar"], "--n", "99999999999999999999")
+    assert code == 2 and "--n (sample.n): Input should be less than or equal to 1000000000" in err, err
 
 
 def test_sample_honours_steps_for_flow_matching_and_refuses_vector_options(text_runs, monkeypatch, capsys):

@@ -12,14 +12,16 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ddmkit.config import (MAX_SEED, Section, Seed, TrainConfig, apply_overrides, json_digest, read_toml, toml_text,
-                           tomllib, validate)
+from ddmkit.config import (MAX_SEED, ROWS, Section, Seed, TrainConfig, apply_overrides, json_digest, read_toml,
+                           toml_text, tomllib, validate)
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
 from ddmkit.routing.table import STRATEGIES, canonical_name, parse_strategy, strategy_form
 
 KINDS = ("text_ar", "text_dfm")
+SIZE = 2**16  # the most bytes of a window, n-gram or sample, and the widest transformer or the most heads
+DEPTH = 1024  # the deepest transformer (each layer is built, on the meta device, when a config is checked)
 
 # The strategy forms that need what only the vector and image sampler keeps; the text sampler routes on the
 # router's probabilities alone (and a random generator).
@@ -66,11 +68,11 @@ class CorpusConfig(Section):
 
 
 class TextPartitionConfig(Section):
-    k: int = Field(3, ge=1)
-    ngram_min: int = Field(2, ge=1)
-    ngram_max: int = Field(4, ge=1)
-    max_features: int = Field(20000, ge=1)
-    svd_dim: int = Field(64, ge=1)
+    k: int = Field(3, ge=1, le=100_000)
+    ngram_min: int = Field(2, ge=1, le=SIZE)
+    ngram_max: int = Field(4, ge=1, le=SIZE)
+    max_features: int = Field(20000, ge=1, le=ROWS)
+    svd_dim: int = Field(64, ge=1, le=100_000)
     balanced: bool = False
     seed: int = Seed(description="scikit-learn's SVD and k-means take it modulo 2**32")
 
@@ -82,10 +84,10 @@ class TextPartitionConfig(Section):
 
 
 class ModelConfig(Section):
-    seq_len: int = Field(128, ge=2, description="window length in bytes")
-    width: int = Field(128, ge=8)
-    depth: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
+    seq_len: int = Field(128, ge=2, le=SIZE, description="window length in bytes")
+    width: int = Field(128, ge=8, le=SIZE)
+    depth: int = Field(2, ge=1, le=DEPTH)
+    heads: int = Field(4, ge=1, le=SIZE)
 
     @model_validator(mode="after")
     def _heads(self):
@@ -130,9 +132,9 @@ class TextRouterConfig(Section):
                                                      description="bayes: exact posterior from the experts' "
                                                      "likelihoods (autoregressive only); learned: a small model "
                                                      "(default: both for text_ar, learned for text_dfm)")
-    width: int = Field(64, ge=8)
-    depth: int = Field(1, ge=1)
-    heads: int = Field(4, ge=1)
+    width: int = Field(64, ge=8, le=SIZE)
+    depth: int = Field(1, ge=1, le=DEPTH)
+    heads: int = Field(4, ge=1, le=SIZE)
     train: TextTrainConfig = Field(default_factory=lambda: _train(200))
 
     @field_validator("kinds")
@@ -146,21 +148,21 @@ class TextRouterConfig(Section):
 
 class CentralizedConfig(Section):
     enabled: bool = True
-    steps: int | None = Field(None, ge=1, description="default: K x expert steps (same total compute)")
+    steps: int | None = Field(None, ge=1, le=ROWS, description="default: K x expert steps (same total compute)")
 
 
 class TextSampleConfig(Section):
-    n: int = Field(3, ge=1)
-    length: int | None = Field(None, ge=1, description="default: model.seq_len")
-    steps: int = Field(32, ge=1, description="discrete flow matching: unmasking steps")
+    n: int = Field(3, ge=1, le=ROWS)
+    length: int | None = Field(None, ge=1, le=SIZE, description="default: model.seq_len")
+    steps: int = Field(32, ge=1, le=10**6, description="discrete flow matching: unmasking steps")
     temperature: float = Field(1.0, gt=0)
     prompt: str = Field("", description="autoregressive only: the bytes every sample starts with")
     seed: int = Seed()
 
 
 class TextEvalConfig(Section):
-    windows_per_cluster: int = Field(48, ge=1)
-    t_points: int = Field(8, ge=1, description="discrete flow matching: time points of the ELBO")
+    windows_per_cluster: int = Field(48, ge=1, le=ROWS)
+    t_points: int = Field(8, ge=1, le=10**6, description="discrete flow matching: time points of the ELBO")
     strategies: list[str] = Field(default_factory=lambda: ["full", "top-1", "top-2", "switch"])
 
     @field_validator("strategies")
@@ -184,7 +186,7 @@ class TextEvalConfig(Section):
 class TextRunConfig(Section):
     kind: Literal["text_ar", "text_dfm"]
     seed: int = Seed()
-    threads: int = Field(2, ge=1, description="torch CPU threads")
+    threads: int = Field(2, ge=1, le=1024, description="torch CPU threads")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     partition: TextPartitionConfig = Field(default_factory=TextPartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
