@@ -83,6 +83,8 @@ def test_ar_pipeline_end_to_end(tmp_path):
     assert report["router_accuracy"]["bayes"][23] == 1.0  # a whole window tells letters from digits
     assert report["compute"]["decentralized_train_tokens"] == report["compute"]["centralized_train_tokens"]
     assert (tmp_path / "out" / "report.md").read_text().startswith("# Decentralized text model")
+    assert "![training loss](plots/training.png)" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "plots" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for folder in ("experts/expert_00", "experts/expert_01", "monolith", "router"):
         assert {p.name for p in (tmp_path / "out" / folder).iterdir()} == {
             "config.json", "model.safetensors", "train_log.jsonl"}

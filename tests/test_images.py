@@ -405,6 +405,7 @@ def test_tiny_config_runs_the_image_path(tmp_path):
     assert all((tmp_path / "run" / p).exists() for p in re.findall(r"\]\((plots/[^)]+)\)", report))
     assert all(np.isfinite(r["fid"]) for r in result["rows"].values())
     assert (tmp_path / "run" / "plots" / "clusters.png").exists()
+    assert "![training loss](plots/training.png)" in report  # linked, so written (the check above)
     assert "FID / monolith" in (tmp_path / "run" / "report.md").read_text()
     assert result["rows"]["top-1"]["expert_calls_per_sample"] == 2.0
 

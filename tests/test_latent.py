@@ -166,6 +166,7 @@ def test_a_latent_run_end_to_end(tmp_path):
     """`ddmkit run` with an autoencoder trained by ddmkit: experts on latents, samples decoded, the
     reconstructions row in the report, the registry covering the latents."""
     from ddmkit import DDM
+    from ddmkit.pipeline.models import PANELS, training_curves
     from ddmkit.pipeline.stages import load_split
 
     config = latent_config(tmp_path)
@@ -191,6 +192,9 @@ def test_a_latent_run_end_to_end(tmp_path):
     assert samples.shape == (16, 1, 32, 32) and samples.abs().max() <= 1
     report = (run / "report.md").read_text()
     assert "autoencoder reconstructions (latent floor)" in report and (run / "plots" / "reconstructions.png").exists()
+    # the autoencoder's training loss on a panel of its own
+    assert list(training_curves(run)[0]) == [PANELS["experts"], PANELS["router"], PANELS["autoencoder"]]
+    assert "the autoencoder's (reconstruction) each have a panel" in report and (run / "plots/training.png").exists()
     # the library call decodes too, or gives the latents
     ddm = DDM.from_pretrained(run)
     images, _ = ddm.sample("top-1", n=4, steps=2, labels=torch.zeros(4, dtype=torch.long))

@@ -29,7 +29,7 @@ def test_run_writes_every_artifact(tiny_run):
     for rel in ("config.json", "data/train.safetensors", "data/truth.safetensors", "partition/manifest.json",
                 "experts/expert_03/model.safetensors", "experts/expert_00/train_log.jsonl", "monolith/config.json",
                 "router/model.safetensors", "samples/info.json", "report.md", "metrics.json",
-                "plots/samples.png", "plots/router_accuracy.png"):
+                "plots/samples.png", "plots/router_accuracy.png", "plots/training.png"):
         assert (out / rel).exists(), rel
     rows = result["rows"]
     assert set(rows) == {EXACT, "monolith", "full", "top-2", "switch", "oracle", "nearest"}
@@ -263,6 +263,50 @@ def test_a_run_continues_with_other_settings_of_how_its_jobs_run(tiny_run, tmp_p
     assert {p: p.read_bytes() for p in run.rglob("*.safetensors")} == kept
     r = cli("run", TINY, "--out", run, "--set", "expert.train.steps=7")  # what it trains: still refused
     assert r.returncode == 2 and "differs in expert.train.steps" in " ".join(r.stderr.split()), r.stderr
+
+
+def test_the_report_links_a_plot_of_every_networks_training_loss(tiny_run):
+    """plots/training.png, a PNG, linked in the report's Networks section; its curves are the logs' rows."""
+    from PIL import Image
+
+    from ddmkit.pipeline.models import PANELS, training_curves
+
+    out, _ = tiny_run
+    with Image.open(out / "plots" / "training.png") as image:
+        assert image.format == "PNG"
+        image.verify()
+    report = (out / "report.md").read_text()
+    networks = report[report.index("## Networks"):report.index("## Samples per strategy")]
+    assert "![training loss](plots/training.png)" in networks and "Not drawn" not in networks
+    panels, absent = training_curves(out)
+    assert list(panels) == [PANELS["experts"], PANELS["router"]] and absent == []
+    assert list(panels[PANELS["experts"]]) == ["expert 0", "expert 1", "expert 2", "expert 3", "monolith"]
+    logged = [json.loads(line) for line in (out / "experts/expert_02/train_log.jsonl").read_text().splitlines()]
+    assert panels[PANELS["experts"]]["expert 2"] == [(r["step"], r["loss"]) for r in logged]
+    assert [step for step, _ in panels[PANELS["experts"]]["monolith"]] == list(range(20, 241, 20))  # 4 x 60 steps
+
+
+def test_a_run_whose_expert_has_no_log_still_reports_and_says_so(tiny_run, tmp_path):
+    """An expert brought from elsewhere without its train_log.jsonl: the evaluation writes the plot without it and
+    the report names it; a router built from the islands' statistics is named as no network."""
+    from ddmkit.pipeline.models import PANELS, training_curves
+    from ddmkit.pipeline.vectors import stage_evaluate
+
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    (run / "experts/expert_02/train_log.jsonl").unlink()
+    (run / "plots" / "training.png").unlink()
+    stage_evaluate(load_config(TINY), run, log=lambda m: None)
+    assert (run / "plots" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (run / "report.md").read_text()
+    assert "![training loss](plots/training.png)" in report
+    assert "Not drawn: expert 2 (no train_log.jsonl)." in report
+    shutil.rmtree(run / "router")
+    (run / "grow.json").write_text(json.dumps({"router": "statistics"}))
+    panels, absent = training_curves(run)
+    assert absent == ["expert 2 (no train_log.jsonl)", "router (statistics-only: no network)"]
+    assert list(panels) == [PANELS["experts"]] and "expert 2" not in panels[PANELS["experts"]]
 
 
 def test_a_new_sample_section_keeps_the_networks_and_redraws_the_samples(tiny_run, tmp_path):

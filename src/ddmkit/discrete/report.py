@@ -36,7 +36,8 @@ def accuracy_table(acc: dict, axis: str) -> list[str]:
     return lines
 
 
-def markdown(r: dict) -> str:
+def markdown(r: dict, training: str = "") -> str:
+    """report.md of the report `r`; `training`: its lines on the training plot, under the compute."""
     what = "autoregressive experts" if r["kind"] == "text_ar" else "masked discrete flow matching"
     c = r["compute"]
     lines = [f"# Decentralized text model: {what}", "",
@@ -50,7 +51,7 @@ def markdown(r: dict) -> str:
     lines += ["", f"Training compute: {c['expert_steps_each']} steps per expert, "
               f"{c['decentralized_train_tokens']} tokens for all experts together, "
               f"{c['centralized_train_tokens']} for the centralized model; "
-              f"{c['parameters_per_model']} parameters per model.", "",
+              f"{c['parameters_per_model']} parameters per model.", "", *([training, ""] if training else []),
               "## Held-out bits per byte" + (" (ELBO, an upper bound)" if r["kind"] == "text_dfm" else ""), "",
               *bpb_table(r["bits_per_byte"], r["k"]), "",
               f"## Router accuracy against {r['router_axis']}", "",
@@ -63,7 +64,7 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: str | Path, report: dict) -> None:
+def write_report(out: str | Path, report: dict, training: str = "") -> None:
     out = Path(out)
     write_json(out / "report.json", report)
-    write_bytes_atomic(out / "report.md", markdown(report).encode())
+    write_bytes_atomic(out / "report.md", markdown(report, training).encode())

@@ -1,4 +1,4 @@
-"""Plots of a run: samples over the truth or the data, router accuracy per noise level."""
+"""Plots of a run: samples over the truth or the data, router accuracy per noise level, training loss."""
 from __future__ import annotations
 
 import io
@@ -121,4 +121,56 @@ def plot_sweep(panels: dict[str, dict[str, list[tuple[float, float, float, float
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel(f"{metric} (lower is better)")
+    save_figure(fig, path)
+
+
+MONOLITH = "monolith"  # plot_training's curve drawn black, thick and dashed over the experts'
+MANY_EXPERTS = 10  # beyond this, the experts' colours are read off a colour bar, not a legend
+
+
+def spans_a_decade(values: list[float]) -> bool:
+    """Whether positive values span a factor of 10 or more: a log-scale axis reads them better."""
+    return min(values) > 0 and max(values) >= 10 * min(values)
+
+
+def plot_training(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Path, note: str = "") -> None:
+    """Training loss against step, one panel per entry (title -> curves: name -> [(step, loss)]): curves named
+    "expert C" coloured by C (a legend up to MANY_EXPERTS experts, a colour bar beyond), MONOLITH black, thick
+    and dashed, any other in the default colours; y logarithmic on a panel whose losses span a decade. `note`
+    (what is not drawn) goes under the panels."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, layout="constrained")
+    plain = plt.FuncFormatter(lambda v, _: f"{v:g}")  # 0.3, not 3 x 10^-1, on a log axis
+    sparse = plt.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else "")  # minor ticks: 0.2, 0.5
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        experts = {name: int(name.split()[1]) for name in curves if name.startswith("expert ")}
+        many = bool(experts) and max(experts.values()) >= MANY_EXPERTS
+        colours = plt.get_cmap("viridis" if many else "tab10")
+        for name, curve in curves.items():
+            steps, losses = zip(*curve)
+            if name in experts:
+                shade = experts[name] / max(experts.values()) if many else experts[name]
+                style = {"color": colours(shade), "linewidth": 1.2, "label": None if many else name}
+            elif name == MONOLITH:
+                style = {"color": "black", "linewidth": 2.4, "linestyle": "--", "label": name}
+            else:
+                style = {"linewidth": 1.5, "label": name}
+            ax.plot(steps, losses, marker="o" if len(curve) == 1 else None, **style)  # one row: a dot
+        if spans_a_decade([loss for curve in curves.values() for _, loss in curve]):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(sparse)
+        if many:
+            scale = plt.cm.ScalarMappable(cmap=colours, norm=plt.Normalize(0, max(experts.values())))
+            fig.colorbar(scale, ax=ax, label="expert")
+        ax.set_title(title, fontsize=10)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_xlabel("training step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, ncol=2 if len(curves) > 6 else 1)
+    fig.suptitle("training loss per logged step (the mean over the steps since the previous row)", fontsize=10)
+    if note:
+        fig.text(0.5, -0.02, note, ha="center", va="top", fontsize=8, wrap=True)
     save_figure(fig, path)

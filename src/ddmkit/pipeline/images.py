@@ -16,7 +16,7 @@ from ddmkit.ddm.load import latent_codec
 from ddmkit.evaluation.images import SetScorer, cluster_grid, save_png
 from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder, safe_name
-from ddmkit.pipeline.models import models_section, partition_k
+from ddmkit.pipeline.models import models_section, partition_k, write_training_plot
 from ddmkit.pipeline.samplesets import STATISTICS, planned_sets
 from ddmkit.pipeline.sampling import drawn_on, read_info, sampling_sentence
 from ddmkit.routing.strategies import number
@@ -65,8 +65,9 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu", scorer: 
               "n_test": len(scorer.f_test), "cluster_counts": manifest["counts"], "config": cfg.model_dump(),
               "device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu",
               "train_seconds": training_seconds(run)}
+    training = write_training_plot(run)  # plots/training.png; the report's lines on it
     write_json(folder.metrics, result)
-    write_bytes_atomic(folder.report, render_report(cfg, run, result).encode())
+    write_bytes_atomic(folder.report, render_report(cfg, run, result, training).encode())
     log(f"report: {folder.report}")
     return result
 
@@ -112,7 +113,8 @@ def other_counts(result: dict) -> str:
             "one n.\n")
 
 
-def render_report(cfg: RunConfig, run, result: dict) -> str:
+def render_report(cfg: RunConfig, run, result: dict, training: str = "") -> str:
+    """report.md; `training`: its lines on the training plot (write_training_plot)."""
     d, p, s = cfg.data, cfg.partition, cfg.sample
     table = markdown_table(["samples", "n", "FID", "FID / monolith", "KID x 1e3", "expert calls/sample", "sampling (s)",
                             "FID time (s)"], table_rows(result, s.guidance))
@@ -134,7 +136,7 @@ seed), guidance {s.guidance} unless a row names another ('@ cfg G').
 Features: {result['features']} on {result['device']}; test features took {result['reference_seconds']:.1f}s.
 Training wall time (s): {result['train_seconds']}.
 
-{models_section(run, cfg)}
+{models_section(run, cfg, training)}
 ## Samples
 
 The first row is {result['rows'][FLOOR]['n']} training images against the test set: the floor.

@@ -3,16 +3,21 @@
 A run can be assembled from experts trained elsewhere, with other settings than the run's
 config. Reports describe the networks from their folders, one row per model, and flag every
 expert whose architecture or training differs from the run's [expert] section, and a monolith that
-did not train on as many samples as the experts together (not their FLOP-matched baseline).
+did not train on as many samples as the experts together (not their FLOP-matched baseline). The
+training loss of every network, from each folder's train_log.jsonl, is plotted beside the table.
 
     rows, notes = describe_models(run, cfg)
+    training = write_training_plot(run)  # RUN/plots/training.png; the report's lines on it
 """
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 from ddmkit.config import RunConfig
 from ddmkit.ddm.load import recorded_router
+from ddmkit.evaluation.plots import MONOLITH, plot_training
 from ddmkit.layout import RunFolder
 from ddmkit.pipeline.prepare import listed
 from ddmkit.registry import model_config, read_manifest
@@ -103,10 +108,102 @@ def compute_mismatch(folder: RunFolder, k: int) -> str | None:
             f"together: it is not their FLOP-matched baseline ({monolith / sum(experts):.2f}x their compute)")
 
 
-def models_section(run, cfg: RunConfig) -> str:
-    """The report's section on the networks, from their folders."""
+def models_section(run, cfg: RunConfig, training: str = "") -> str:
+    """The report's section on the networks, from their folders; `training`: the lines on the training
+    plot (write_training_plot)."""
     rows, notes = describe_models(run, cfg)
     table = markdown_table(["model", "network", "prediction", "steps", "batch", "lr", "seed",
                             "differs from the config"], rows)
     warning = "".join(f"\n**Warning:** {note}.\n" for note in notes)
-    return f"## Networks\n\nAs recorded in each model folder's config.json.\n\n{table}\n{warning}"
+    training = f"\n{training}\n" if training else ""
+    return f"## Networks\n\nAs recorded in each model folder's config.json.\n\n{table}\n{warning}{training}"
+
+
+LOG = "train_log.jsonl"
+PANELS = {"experts": "experts and monolith (one loss, the same units)", "router": "router (cross-entropy)",
+          "autoencoder": "autoencoder (reconstruction MSE + weighted KL)"}  # plots/training.png's panels, in order
+
+
+def loss_curve(log: Path) -> list[tuple[int, float]]:
+    """(step, loss) of each row of a train_log.jsonl, in step order. A resumed job's log (fit rewrites the
+    checkpoint's rows, then goes on: its steps continue, its seconds restart) is read as it is; in a log that
+    starts over (a step at or below an earlier one: a job run again that appended to its old log) the later
+    rows replace the earlier ones from that step on. Lines without a step and a finite loss are skipped."""
+    curve: list[tuple[int, float]] = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            step, loss = int(row["step"]), float(row["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if not math.isfinite(loss):
+            continue
+        while curve and curve[-1][0] >= step:
+            curve.pop()
+        curve.append((step, loss))
+    return curve
+
+
+def _networks(folder: RunFolder) -> list[tuple[str, str, Path]]:
+    """(panel, name, model folder) of every network a run trains: experts, monolith, router, autoencoder."""
+    k = read_manifest(folder.partition)["k"] if folder.manifest.exists() else 0
+    experts = [("experts", f"expert {c}", folder.expert(c)) for c in range(k)]
+    latent = [("autoencoder", "autoencoder", folder.autoencoder)] if folder.autoencoder.is_dir() else []
+    return experts + [("experts", MONOLITH, folder.monolith), ("router", "router", folder.router)] + latent
+
+
+def _absent(name: str, path: Path, folder: RunFolder) -> str:
+    """Why the network `name` at `path` has no curve."""
+    if name == "router" and not path.is_dir() and recorded_router(folder.root) == "statistics":
+        return "statistics-only: no network"
+    if not path.is_dir():
+        return "no model folder"
+    return f"no {LOG}" if not (path / LOG).is_file() else f"no loss rows in its {LOG}"
+
+
+def training_curves(run) -> tuple[dict[str, dict[str, list[tuple[int, float]]]], list[str]]:
+    """The loss curves of a run's networks by panel title (PANELS; a panel without a curve left out), and
+    "NAME (why)" for each network that has none (an expert trained elsewhere may have no log, a router
+    built from the islands' statistics is no network)."""
+    folder = RunFolder(run)
+    panels: dict[str, dict] = {}
+    absent = []
+    for panel, name, path in _networks(folder):
+        try:
+            curve = loss_curve(path / LOG) if (path / LOG).is_file() else []
+        except OSError:  # unreadable: said, not raised (the report is still written)
+            curve = []
+        if curve:
+            panels.setdefault(PANELS[panel], {})[name] = curve
+        else:
+            absent.append(f"{name} ({_absent(name, path, folder)})")
+    return panels, absent
+
+
+def write_training_plot(run) -> str:
+    """Plot every network's training loss (training_curves) to RUN/plots/training.png and return the report's
+    lines on it: the link, what it draws and what it does not (when no network has a log: a line saying so, and
+    no plot, an earlier one removed)."""
+    panels, absent = training_curves(run)
+    path = RunFolder(run).plots / "training.png"
+    if not panels:
+        path.unlink(missing_ok=True)
+        return f"No training curves: no network of this run has a {LOG} (trained elsewhere, or not yet)."
+    not_drawn = f"Not drawn: {', '.join(absent)}." if absent else ""
+    plot_training(panels, path, not_drawn)
+    return (f"![training loss](plots/training.png)\n\nTraining loss against step, from each model folder's {LOG} "
+            f"(each point the mean over the steps since the row before, train.log_every). {_panels_said(panels)} "
+            f"{not_drawn}").strip()
+
+
+def _panels_said(panels: dict) -> str:
+    """What the panels of plots/training.png draw, as the report says it."""
+    said = ("The experts (coloured by index) and the monolith (black, dashed) train on one loss and share a panel "
+            "(a lower curve is not a better network: an expert's data, one cluster, leaves it a lower floor than the "
+            "monolith's, all of them)" if PANELS["experts"] in panels else "")
+    own = [text for name, text in (("router", "the router's loss (a cross-entropy)"),
+                                   ("autoencoder", "the autoencoder's (reconstruction)")) if PANELS[name] in panels]
+    if own:
+        text = " and ".join(own) + (" each have a panel of their own" if len(own) > 1 else " has a panel of its own")
+        said = f"{said}; {text}" if said else text[0].upper() + text[1:]
+    return f"{said}." if said else ""

@@ -49,6 +49,7 @@ from ddmkit.io import (entries, nan_as_null, read_json, remove, sha256_file, sta
                        write_bytes_atomic, write_json)
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, check_builds, from_pretrained, save_pretrained
+from ddmkit.pipeline.models import write_training_plot
 from ddmkit.pipeline.prepare import check_replaceable, listed, remove_leftovers, remove_run_leftovers
 from ddmkit.pipeline.samplesets import calls_every_expert
 from ddmkit.pipeline.stages import run_lock
@@ -536,7 +537,7 @@ def write_text_report(cfg: TextRunConfig, out: Path, models: TextModels, train_s
                                                    "total": round(train_seconds + time.perf_counter() - start, 1)},
         "config": cfg.model_dump(),
     }
-    write_report(out, report)
+    write_report(out, report, write_training_plot(out))
     log(f"report: {out / 'report.md'}")
     return report
 

@@ -20,7 +20,7 @@ from ddmkit.evaluation.studies import (STATS_STRATEGIES, missing_expert_study, s
 from ddmkit.conventions import __version__
 from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.models import models_section, partition_k
+from ddmkit.pipeline.models import models_section, partition_k, write_training_plot
 from ddmkit.pipeline.samplesets import planned_sets, sample_options
 from ddmkit.pipeline.sampling import drawn_on, load_sets, networks_hash, read_info, sampling_sentence
 from ddmkit.pipeline.stages import load_split, read_data_info
@@ -94,8 +94,9 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print) -> dict:
     plot_samples(samples, test.x, truth, folder.plots / "samples.png",
                  {n: f"W2/floor {result['rows'][n]['w2_over_floor']:.2f}" for n in names})
     plot_router_accuracy(rep, folder.plots / "router_accuracy.png")
+    training = write_training_plot(run)  # plots/training.png; the report's lines on it
     write_json(folder.metrics, result)
-    write_bytes_atomic(folder.report, render_report(cfg, run, result).encode())
+    write_bytes_atomic(folder.report, render_report(cfg, run, result, training).encode())
     log(f"report: {folder.report}")
     return result
 
@@ -129,7 +130,8 @@ def earlier_studies(folder: RunFolder, key: dict | None) -> dict:
     return {name: earlier[name] for name in ("missing_experts", "stats_router") if name in earlier}
 
 
-def render_report(cfg: RunConfig, run, result: dict) -> str:
+def render_report(cfg: RunConfig, run, result: dict, training: str = "") -> str:
+    """report.md; `training`: its lines on the training plot (write_training_plot)."""
     floor = result["floor"]
     rows = [[FLOOR, w2_text(floor), 1.0] + [floor.get(key) for _, key in COLUMNS[2:8]]
             + ["-", "-"]]
@@ -138,7 +140,7 @@ def render_report(cfg: RunConfig, run, result: dict) -> str:
     rep = result["router"]
     router_rows = [[f"{t:.2f}"] + [f"{rep[n]['accuracy'][i]:.3f} / {rep[n]['ece'][i]:.3f}" for n in rep if n != "t"]
                    for i, t in enumerate(rep["t"])]
-    return _main_report(cfg, run, result, rows, rep, router_rows) + _fault_sections(cfg, result)
+    return _main_report(cfg, run, result, rows, rep, router_rows, training) + _fault_sections(cfg, result)
 
 
 def w2_text(row: dict) -> str | float | None:
@@ -208,7 +210,8 @@ cluster Gaussians, `ddmkit.routing.stats_router`) against the learned router, sa
     return out
 
 
-def _main_report(cfg: RunConfig, run, result: dict, rows: list, rep: dict, router_rows: list) -> str:
+def _main_report(cfg: RunConfig, run, result: dict, rows: list, rep: dict, router_rows: list,
+                 training: str = "") -> str:
     d, p = cfg.data, cfg.partition
     made = read_json(RunFolder(run).data_info)  # the rows the run has (the config's counts can be "all" or at most)
     return f"""# ddmkit run report
@@ -217,7 +220,7 @@ Data: `{d.name}` ({made['n_train']} train, {made['n_test']} test). Partition: {p
 balanced = {p.balanced}. Sampling: {sampling_sentence(cfg, run, list(result["rows"]))}.
 {pairs_sentence(result)}
 
-{models_section(run, cfg)}
+{models_section(run, cfg, training)}
 
 ## Samples per strategy
 
