@@ -111,6 +111,8 @@ COUNT_MAX = 10**9  # ddmkit.config.ROWS: the most steps a count of the config ma
 K_MAX = 100_000  # the most clusters partition.k takes
 THEORY_SEED_MAX = 2**32 - 1 - 64  # numpy's seeds are 32 bits; the studies add small offsets (seed + 1, ...)
 STUDY_SEEDS_MAX = 1000  # study misalignment trains every condition once per seed: more is no study that ends
+BESIDE_POOL_WORKERS = ("parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or "
+                       "per CPU core without GPUs: but one, which trains the monolith and router, with processes)")
 DEVICE = typer.Option(None, "--device", help="where networks train and sample: cpu, cuda, cuda:N, mps or auto; "
                       "sets every train.device of the config (default: the config's)")
 SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one config field, repeatable: --set "
@@ -540,7 +542,7 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
         seed: Optional[int] = typer.Option(None, help="one seed for every stage (overrides config)"),
         force: bool = typer.Option(False, help="replace a folder that holds a different run"),
         backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
-        workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU core without GPUs)"),
+        workers: Optional[int] = typer.Option(None, help=BESIDE_POOL_WORKERS),
         address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto; default: a local Ray that ddmkit starts)"),
         stages: str = typer.Option("all", help="train (data, partition, experts, monolith, router, registry), "
                                    "evaluate (sampling, scores, report: needs the trained networks) or all"),
@@ -599,7 +601,7 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
                                     "split over the experts, as in the DDM paper) or steps (round(budget x "
                                     "steps x K_ref / K) steps at the config's batch)"),
           backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
-          workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU core without GPUs)"),
+          workers: Optional[int] = typer.Option(None, help=BESIDE_POOL_WORKERS),
           device: Optional[str] = DEVICE,
           set_: Optional[List[str]] = SET):
     """Quality against training compute: a DDM per K and its FLOP-matched monolith at several budgets and
@@ -768,7 +770,8 @@ def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="output folder"),
          seed: Optional[int] = typer.Option(None, help="one seed for every stage (default: the config's)"),
          backend: str = typer.Option("processes", help="where experts train: inline, processes or ray"),
-         workers: Optional[int] = typer.Option(None, help="parallel expert jobs (default: one per CPU core)"),
+         workers: Optional[int] = typer.Option(None, help="parallel expert jobs (default: one per CPU core but "
+                                               "one, which trains the monolith and router)"),
          force: bool = typer.Option(False, help="replace a folder that holds a different run"),
          device: Optional[str] = DEVICE,
          set_: Optional[List[str]] = SET):
