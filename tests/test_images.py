@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ddmkit.data import load_dataset
-from ddmkit.data.images import pad_images, parse_idx, read_image, read_image_folder, read_idx, to_unit_range
+from ddmkit.data.images import (image_suffixes, pad_images, parse_idx, read_image, read_image_folder, read_idx,
+                                to_unit_range)
 from ddmkit.errors import DDMError
 from ddmkit.nets import build_model, build_seeded
 
@@ -569,7 +570,7 @@ def test_a_corrupt_image_file_is_named_with_the_fix(tmp_path):
 
 
 def test_skipped_photos_of_types_ddmkit_does_not_read_are_warned_of_once_and_junk_is_not(tmp_path):
-    """.heic and .avif phone photos were skipped silently: a researcher trained on part of their photos unaware."""
+    """.heic and .jxl photos were skipped silently: a researcher trained on part of their photos unaware."""
     import warnings
 
     from PIL import Image
@@ -577,16 +578,18 @@ def test_skipped_photos_of_types_ddmkit_does_not_read_are_warned_of_once_and_jun
     for c in ("cats", "dogs"):
         (tmp_path / c).mkdir()
         Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / c / "1.png")
-    for name in ("cats/IMG_1.HEIC", "cats/IMG_2.heic", "dogs/3.avif", "dogs/Thumbs.db", "desktop.ini", "README.txt",
+    for name in ("cats/IMG_1.HEIC", "cats/IMG_2.heic", "dogs/3.jxl", "dogs/Thumbs.db", "desktop.ini", "README.txt",
                  ".DS_Store"):
         (tmp_path / name).write_bytes(b"not read")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         read_image_folder(tmp_path)
+    others = len(image_suffixes()) - 8
     assert [str(w.message) for w in caught] == [
-        f"image folder {tmp_path}: 3 image file(s) of types ddmkit does not read (2 .heic, 1 .avif) are skipped; to "
-        "include them, convert them to PNG or JPEG (ddmkit reads .png, .jpg, .jpeg, .bmp, .gif, .tif, .tiff, .webp)"]
-    for name in ("cats/IMG_1.HEIC", "cats/IMG_2.heic", "dogs/3.avif"):
+        f"image folder {tmp_path}: 3 image file(s) of types ddmkit does not read (2 .heic, 1 .jxl) are skipped; to "
+        "include them, convert them to PNG or JPEG (ddmkit reads .png, .jpg, .jpeg, .bmp, .gif, .tif, .tiff, .webp "
+        f"and the {others} other types this Pillow reads)"]
+    for name in ("cats/IMG_1.HEIC", "cats/IMG_2.heic", "dogs/3.jxl"):
         (tmp_path / name).unlink()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # junk only: nothing said
@@ -596,6 +599,71 @@ def test_skipped_photos_of_types_ddmkit_does_not_read_are_warned_of_once_and_jun
     with pytest.raises(DDMError, match=r"holds no images .*: 1 image file\(s\) of types ddmkit does not read \(1 "
                                        r"\.heic\) are skipped; to include them, convert them to PNG or JPEG"):
         read_image_folder(tmp_path / "only_heic")
+
+
+def pillow_writes(fmt: str) -> bool:
+    """Whether this Pillow writes and reads back image format `fmt` (its codec in this build)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        buffer = io.BytesIO()
+        Image.new("L", (4, 4)).save(buffer, fmt)
+        Image.open(buffer).load()
+    except (KeyError, OSError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("suffix, fmt", [(".jfif", "JPEG"), (".jpe", "JPEG"), (".JFIF", "JPEG"),
+                                         (".jp2", "JPEG2000"), (".j2k", "JPEG2000"), (".jpx", "JPEG2000"),
+                                         (".avif", "AVIF")])
+def test_every_type_this_pillow_reads_is_read(tmp_path, suffix, fmt):
+    """.jfif and .jpe (JPEG), .jp2/.j2k/.jpx (JPEG 2000) and .avif were skipped with 'types ddmkit does not read',
+    though Pillow reads them. Each file is read as Pillow decodes it, pixel for pixel."""
+    import warnings
+
+    from PIL import Image
+
+    if not pillow_writes(fmt):
+        pytest.skip(f"this Pillow does not write {fmt} (its codec is not in this build)")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cats", "dogs")):
+        (tmp_path / name).mkdir()
+        pixels = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / name / f"{c}{suffix}", fmt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped, nothing said
+        images, labels, classes = read_image_folder(tmp_path)
+    assert suffix.lower() in image_suffixes() and classes == ["cats", "dogs"] and labels.tolist() == [0, 1]
+    for c, name in enumerate(("cats", "dogs")):
+        with Image.open(tmp_path / name / f"{c}{suffix}") as im:
+            assert np.array_equal(images[c], np.asarray(im.convert("RGB")))
+
+
+def test_types_whose_pixels_this_pillow_does_not_read_are_warned_of_not_read(tmp_path, monkeypatch):
+    """A JPEG 2000 file where Pillow's build lacks OpenJPEG is skipped with the warning, as a .heic photo is; stubs
+    (HDF5 data, GRIB and BUFR weather files) and MPEG video, whose pixels Pillow never reads, are not image types."""
+    import warnings
+
+    from PIL import Image, features
+
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "1.png")
+    (tmp_path / "2.jp2").write_bytes(b"not read")
+    assert not {".h5", ".hdf", ".grib", ".bufr", ".mpg", ".mpeg", ".pdf"} & set(image_suffixes())
+    checked = features.check_codec
+    monkeypatch.setattr(features, "check_codec", lambda codec: codec != "jpg_2000" and checked(codec))
+    image_suffixes.cache_clear()
+    try:
+        assert ".jp2" not in image_suffixes() and ".jpg" in image_suffixes()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert read_image_folder(tmp_path)[0].shape == (1, 4, 4)
+    finally:
+        image_suffixes.cache_clear()
+    assert [str(w.message).split(" are skipped")[0] for w in caught] == [
+        f"image folder {tmp_path}: 1 image file(s) of types ddmkit does not read (1 .jp2)"]
 
 
 def test_images_over_pillows_pixel_limits_are_read_quietly_or_refused_as_too_large(tmp_path, monkeypatch):

@@ -16,9 +16,11 @@ in 0..255); 32-bit integer and float images ("I", "F") are refused, their range
 being unknown. Each image is first turned upright by its EXIF orientation (as a
 viewer shows it). Each top-level sub-folder is a class (images at any depth below
 it belong to it; one holding no image is refused, as it would shift the labels);
-hidden entries (names starting with ".") are skipped, and so are files of other types, with a warning
-for image types ddmkit does not read (UNREAD_IMAGE_SUFFIXES: .heic photos, ...). Images of more pixels
-than Pillow reads (2 x PIL.Image.MAX_IMAGE_PIXELS, kept) are refused as too large (TooLargeImage).
+hidden entries (names starting with ".") are skipped. Every file type the installed Pillow reads is read
+(image_suffixes: .png, .jpg, .jfif, .webp, .jp2, .avif where its build decodes them, ...); files of other
+types are skipped, with a warning for image types it does not read (MEANT_AS_IMAGES: .heic photos, ...).
+Images of more pixels than Pillow reads (2 x PIL.Image.MAX_IMAGE_PIXELS, kept) are refused as too large
+(TooLargeImage).
 
 IDX images must be unsigned bytes (IDX type 0x08, 0..255, as the MNIST family): files of the other
 IDX value types are refused, their range being unknown; IDX labels must be whole numbers 0 or more.
@@ -29,6 +31,7 @@ another folder holding the four `*-ubyte[.gz]` files.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import re
 import struct
@@ -48,12 +51,16 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 MODES = {"auto": None, "rgb": "RGB", "grey": "L"}  # data.params.mode -> the PIL mode every image is converted to
 AUTO_GREY = ("1", "L", "LA")  # PIL modes that mode = "auto" makes "L" (the alpha dropped, as RGBA's is)
 AUTO_COLOUR = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")  # ... and "RGB"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# image files a folder may hold that ddmkit does not read (phone photos, raw camera files, other formats): skipped,
-# with a warning naming how many of each, as the researcher likely meant them to be read (other files: silent)
-UNREAD_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".jfif", ".jpe", ".ppm", ".pgm", ".pbm",
-                         ".pnm", ".tga", ".ico", ".psd", ".svg", ".exr", ".hdr", ".qoi", ".dng", ".cr2", ".cr3",
-                         ".nef", ".arw", ".orf", ".rw2", ".raf")
+COMMON_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # named first in messages
+# image files a folder may hold that the researcher likely meant to be read (phone photos, raw camera files, other
+# formats): those the installed Pillow does not read (unread_suffixes) are skipped with a warning naming how many of
+# each; other files are skipped silently
+MEANT_AS_IMAGES = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".webp", ".heic", ".heif", ".avif", ".avifs", ".jxl",
+                   ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".eps", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
+                   ".ico", ".psd", ".svg", ".exr", ".hdr", ".qoi", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
+                   ".rw2", ".raf")
+NEEDS_CODEC = {"JPEG": "jpg", "JPEG2000": "jpg_2000"}  # formats Pillow opens whose pixels need a codec (PIL.features)
+NOT_DECODED = ("MPEG",)  # Pillow reads an MPEG video's size, never its frames
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -336,25 +343,59 @@ def pad_array(image: np.ndarray, size: int) -> np.ndarray:
     return np.pad(image, [(top, size - h - top), (left, size - w - left)] + [(0, 0)] * (image.ndim - 2))
 
 
-def image_files(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
-    """The image files (suffixes, in any case) at any depth below root, sorted; hidden entries (a name starting
-    with ".", e.g. .ipynb_checkpoints/ or macOS's ._x.png) and everything below them are skipped."""
+def decodes(fmt: str, factory) -> bool:
+    """Whether the installed Pillow reads the pixels of image format `fmt` (factory: its Image.OPEN entry): not a stub
+    that needs a handler of the user's (HDF5, GRIB, BUFR; WMF outside Windows), not MPEG video, and with the codec
+    (JPEG 2000: OpenJPEG) or the program (EPS: Ghostscript) it needs."""
+    from PIL import EpsImagePlugin, ImageFile, features
+
+    if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile) or fmt in NOT_DECODED:
+        return False
+    if fmt == "EPS":
+        return EpsImagePlugin.has_ghostscript()
+    return features.check_codec(NEEDS_CODEC[fmt]) if fmt in NEEDS_CODEC else True
+
+
+@functools.cache
+def image_suffixes() -> tuple[str, ...]:
+    """The file suffixes ddmkit reads as images (lower case, sorted): every extension the installed Pillow registers
+    for a format whose pixels it reads (Image.registered_extensions, Image.OPEN, decodes)."""
+    from PIL import Image
+
+    extensions = Image.registered_extensions()  # loads every plugin first
+    readable = {fmt for fmt, (factory, _) in Image.OPEN.items() if decodes(fmt, factory)}
+    return tuple(sorted(ext for ext, fmt in extensions.items() if fmt in readable))
+
+
+def readable_text() -> str:
+    """The image types ddmkit reads, as messages name them: the common ones, and how many others."""
+    suffixes = image_suffixes()
+    common = [s for s in COMMON_SUFFIXES if s in suffixes]
+    return f"{', '.join(common)} and the {len(suffixes) - len(common)} other types this Pillow reads"
+
+
+def image_files(root: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """The image files (suffixes, in any case; default: image_suffixes()) at any depth below root, sorted; hidden
+    entries (a name starting with ".", e.g. .ipynb_checkpoints/ or macOS's ._x.png) and everything below them are
+    skipped."""
+    suffixes = image_suffixes() if suffixes is None else suffixes
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def unread_images(root: Path) -> str:
-    """The files below root of image types ddmkit does not read (UNREAD_IMAGE_SUFFIXES: .heic phone photos,
-    .avif, raw camera files, ...), which image_files skips, as a message says it ("" when none): how many, of
-    which types, and how to include them."""
+    """The files below root of image types the installed Pillow does not read (MEANT_AS_IMAGES not in
+    image_suffixes: .heic phone photos, raw camera files, ...), which image_files skips, as a message says it
+    ("" when none): how many, of which types, and how to include them."""
+    unread = tuple(s for s in MEANT_AS_IMAGES if s not in image_suffixes())
     counts: dict[str, int] = {}
-    for p in image_files(root, UNREAD_IMAGE_SUFFIXES):
+    for p in image_files(root, unread):
         counts[p.suffix.lower()] = counts.get(p.suffix.lower(), 0) + 1
     if not counts:
         return ""
     kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(counts.items(), key=lambda item: -item[1]))
     return (f"{sum(counts.values())} image file(s) of types ddmkit does not read ({kinds}) are skipped; to include "
-            f"them, convert them to PNG or JPEG (ddmkit reads {', '.join(IMAGE_SUFFIXES)})")
+            f"them, convert them to PNG or JPEG (ddmkit reads {readable_text()})")
 
 
 def class_of(root: Path, file: Path) -> str | None:
@@ -374,7 +415,7 @@ def check_no_empty_class(root: Path, classes: list[str]) -> None:
     if empty:
         named = ", ".join(map(str, empty[:3])) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
         raise DDMError(f"{named}: class sub-folder(s) of image folder {root} holding no images "
-                       f"({', '.join(IMAGE_SUFFIXES)}); label i is the i-th sub-folder in sorted order, so the classes "
+                       f"({readable_text()}); label i is the i-th sub-folder in sorted order, so the classes "
                        "after it would get other labels. Add images to it, or remove it (or rename it to start with "
                        "\".\", which skips it)")
 
@@ -438,7 +479,7 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
                        f"{relative_hint(root)}")
     files, unread = image_files(root), unread_images(root)
     if not files:
-        raise DDMError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
+        raise DDMError(f"image folder {root} holds no images ({readable_text()}; hidden files and "
                        "folders, whose names start with \".\", are skipped)" + (f": {unread}" if unread else ""))
     if unread:
         warnings.warn(f"image folder {root}: {unread}", UserWarning)
