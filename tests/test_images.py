@@ -409,6 +409,16 @@ def test_tiny_config_runs_the_image_path(tmp_path):
     assert "![training loss](plots/training.png)" in report  # linked, so written (the check above)
     assert "FID / monolith" in (tmp_path / "run" / "report.md").read_text()
     assert result["rows"]["top-1"]["expert_calls_per_sample"] == 2.0
+    import json
+
+    last = {name: json.loads((tmp_path / "run" / name / "train_log.jsonl").read_text().splitlines()[-1])["seconds"]
+            for name in ("experts/expert_00", "experts/expert_01", "monolith", "router")}
+    seconds = json.loads((tmp_path / "run" / "metrics.json").read_text())["train_seconds"]
+    # the config's experts train together (expert.concurrent): their one job counts once, not once per expert
+    assert seconds["experts"] == last["experts/expert_00"] == last["experts/expert_01"] and seconds["expert_jobs"] == 1
+    assert seconds["monolith"] == last["monolith"] and seconds["router"] == last["router"]
+    assert (f"Training wall time: experts {seconds['experts']:.1f} s in all (the longest {seconds['experts']:.1f} s; 2 "
+            "experts trained in 1 job(s), expert.concurrent), monolith ") in " ".join(report.split())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from ddmkit.evaluation.plots import plot_training, spans_a_decade
-from ddmkit.pipeline.models import loss_curve
+from ddmkit.pipeline.models import expert_seconds, log_seconds, loss_curve, seconds_sentence
 
 
 def write_log(path, rows, extra_lines=()):
@@ -50,3 +50,39 @@ def test_the_plot_of_many_experts_is_a_png(tmp_path):
     with Image.open(tmp_path / "plots" / "training.png") as image:
         assert image.format == "PNG" and image.width > 1000
         image.verify()
+
+
+def expert_folder(path, seconds, config=None):
+    """A model folder whose train_log.jsonl has rows of those seconds (and config.json, when given)."""
+    path.mkdir(parents=True)
+    write_log(path / "train_log.jsonl", [row(20 * (i + 1), 1.0, t) for i, t in enumerate(seconds)])
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_the_experts_training_time_is_every_experts_not_the_first_ones(tmp_path):
+    """The image report gave expert_00's last row as the experts' training time: their sum and the longest, now; a
+    resumed log's seconds restart, and its parts add up; an expert without a log is said."""
+    folders = [expert_folder(tmp_path / "e0", [1.0, 2.0]), expert_folder(tmp_path / "e1", [3.0, 7.5]),
+               expert_folder(tmp_path / "e2", [2.0, 4.0, 0.5, 1.5]), tmp_path / "e3"]  # e2 resumed; e3: no log
+    assert log_seconds(folders[2] / "train_log.jsonl") == 5.5 and log_seconds(folders[3] / "train_log.jsonl") is None
+    seconds = expert_seconds(folders)
+    assert seconds == {"experts": 15.0, "longest_expert": 7.5, "each_expert": [2.0, 7.5, 5.5, None], "expert_jobs": 3}
+    assert seconds_sentence({**seconds, "monolith": 20.04, "router": 1.0}) == (
+        "Training wall time: experts 15.0 s in all (the longest 7.5 s; 1 of 4 experts have no train_log.jsonl), "
+        "monolith 20.0 s, router 1.0 s.")
+    assert expert_seconds([folders[3]]) == {} and seconds_sentence({}) == (
+        "Training wall time: no network has a train_log.jsonl.")
+
+
+def test_experts_trained_together_count_their_one_job_once(tmp_path):
+    """expert.concurrent: each of the K folders logs the stacked job's seconds; the sum is that job's, not K x it.
+    An expert trained on its own beside them (add-expert) adds its own."""
+    job = {"trained_concurrently_with": 3, "train_seconds_all": 9.1}
+    folders = [expert_folder(tmp_path / f"e{c}", [4.0, 9.0], job) for c in range(3)]
+    folders.append(expert_folder(tmp_path / "added", [2.0], {"role": "expert"}))
+    seconds = expert_seconds(folders)
+    assert (seconds["experts"], seconds["longest_expert"], seconds["expert_jobs"]) == (11.0, 9.0, 2)
+    assert seconds_sentence(seconds) == ("Training wall time: experts 11.0 s in all (the longest 9.0 s; 4 experts "
+                                         "trained in 2 job(s), expert.concurrent).")

@@ -6,7 +6,6 @@ so a long evaluation keeps every finished score when interrupted.
 """
 from __future__ import annotations
 
-import json
 from typing import Callable
 
 import torch
@@ -16,7 +15,8 @@ from ddmkit.ddm.load import latent_codec
 from ddmkit.evaluation.images import SetScorer, cluster_grid, save_png
 from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder, safe_name
-from ddmkit.pipeline.models import models_section, partition_k, write_training_plot
+from ddmkit.pipeline.models import (models_section, partition_k, seconds_sentence, training_seconds,
+                                   write_training_plot)
 from ddmkit.pipeline.samplesets import STATISTICS, planned_sets
 from ddmkit.pipeline.sampling import drawn_on, read_info, sampling_sentence
 from ddmkit.routing.strategies import number
@@ -72,19 +72,6 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu", scorer: 
     return result
 
 
-def training_seconds(run) -> dict:
-    """Training wall time per job, from the last row of each train_log.jsonl."""
-    folder = RunFolder(run)
-    out = {}
-    for name, path in [("experts", folder.expert(0)), ("monolith", folder.monolith), ("router", folder.router)]:
-        log = path / "train_log.jsonl"
-        if log.exists():
-            lines = log.read_text().strip().splitlines()
-            if lines:
-                out[name] = json.loads(lines[-1]).get("seconds")
-    return out
-
-
 def table_rows(result: dict, guidance: float) -> list[list]:
     """The samples table's rows; a set drawn at a guidance other than `guidance` (the report's) is named
     with its own ('top-2 @ cfg 3', as the guidance sweep names its sets). FID / monolith only for a set of
@@ -134,7 +121,7 @@ features = {p.features}, cluster sizes {result['cluster_counts']}. Monolith: the
 {sampling_sentence(cfg, run, drawn, "images")}; class labels fixed by each set's seed (the same for sets of one
 seed), guidance {s.guidance} unless a row names another ('@ cfg G').
 Features: {result['features']} on {result['device']}; test features took {result['reference_seconds']:.1f}s.
-Training wall time (s): {result['train_seconds']}.
+{seconds_sentence(result['train_seconds'])}
 
 {models_section(run, cfg, training)}
 ## Samples

@@ -4,10 +4,12 @@ A run can be assembled from experts trained elsewhere, with other settings than 
 config. Reports describe the networks from their folders, one row per model, and flag every
 expert whose architecture or training differs from the run's [expert] section, and a monolith that
 did not train on as many samples as the experts together (not their FLOP-matched baseline). The
-training loss of every network, from each folder's train_log.jsonl, is plotted beside the table.
+training loss of every network, from each folder's train_log.jsonl, is plotted beside the table, and the
+logs' seconds give each network's training wall time (the experts': their sum and the longest).
 
     rows, notes = describe_models(run, cfg)
     training = write_training_plot(run)  # RUN/plots/training.png; the report's lines on it
+    seconds_sentence(training_seconds(run))  # "Training wall time: experts 12.3 s in all (the longest 3.4 s), ..."
 """
 from __future__ import annotations
 
@@ -194,6 +196,80 @@ def write_training_plot(run) -> str:
     return (f"![training loss](plots/training.png)\n\nTraining loss against step, from each model folder's {LOG} "
             f"(each point the mean over the steps since the row before, train.log_every). {_panels_said(panels)} "
             f"{not_drawn}").strip()
+
+
+def log_seconds(log: Path) -> float | None:
+    """The training wall time (s) a train_log.jsonl records: its last row's seconds, plus, where they restart (a
+    job resumed from a checkpoint rewrites the checkpoint's rows, then counts its seconds anew), the seconds each
+    earlier part reached. None: no readable log, or no row with seconds."""
+    total, last = 0.0, None
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            seconds = float(json.loads(line)["seconds"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if last is not None and seconds < last:
+            total += last
+        last = seconds
+    return None if last is None else round(total + last, 3)
+
+
+def _job(folder: Path) -> tuple | None:
+    """The stacked job an expert folder was trained in with others (expert.concurrent: each of its experts logs the
+    job's seconds), or None for a job of its own."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    together = config.get("trained_concurrently_with") if isinstance(config, dict) else None
+    return (together, config.get("train_seconds_all")) if together else None
+
+
+def expert_seconds(folders: list[Path]) -> dict:
+    """The experts' training wall time (s) from the train_log.jsonl of each folder (log_seconds): "each_expert"
+    (None without a log), "experts" (the sum over their training jobs: experts trained together in one stacked job,
+    expert.concurrent, count once, as that job), "longest_expert" (the longest job: what training them side by side
+    would take) and "expert_jobs"; {} when no expert has a log."""
+    each = [log_seconds(folder / LOG) for folder in folders]
+    jobs: dict = {}
+    for c, (folder, seconds) in enumerate(zip(folders, each)):
+        if seconds is not None:
+            jobs[_job(folder) or c] = seconds
+    if not jobs:
+        return {}
+    return {"experts": round(sum(jobs.values()), 3), "longest_expert": max(jobs.values()), "each_expert": each,
+            "expert_jobs": len(jobs)}
+
+
+def training_seconds(run) -> dict:
+    """The training wall time (s) of a run's networks, from their train_log.jsonl: the experts' (expert_seconds)
+    and "monolith", "router" and "autoencoder" where they have a log."""
+    folder = RunFolder(run)
+    networks = _networks(folder)
+    out = expert_seconds([path for panel, name, path in networks if name.startswith("expert ")])
+    for _, name, path in networks:
+        seconds = None if name.startswith("expert ") else log_seconds(path / LOG)
+        if seconds is not None:
+            out[name] = seconds
+    return out
+
+
+def seconds_sentence(seconds: dict) -> str:
+    """The report's line on training_seconds: the experts' sum and longest, then each other network's."""
+    parts = []
+    if "experts" in seconds:
+        each, jobs = seconds["each_expert"], seconds["expert_jobs"]
+        logged = sum(s is not None for s in each)
+        together = "" if jobs == logged else f"; {logged} experts trained in {jobs} job(s), expert.concurrent"
+        missing = "" if logged == len(each) else f"; {len(each) - logged} of {len(each)} experts have no {LOG}"
+        parts.append(f"experts {seconds['experts']:.1f} s in all (the longest {seconds['longest_expert']:.1f} s"
+                     f"{together}{missing})")
+    parts += [f"{name} {seconds[name]:.1f} s" for name in (MONOLITH, "router", "autoencoder") if name in seconds]
+    return f"Training wall time: {', '.join(parts)}." if parts else f"Training wall time: no network has a {LOG}."
 
 
 def _panels_said(panels: dict) -> str:
