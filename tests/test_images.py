@@ -309,6 +309,33 @@ def test_a_unet_that_does_not_fit_the_images_gives_the_pad_to_and_crop_that_do(s
     build_model("unet", data_shape=[shape[0], side, side], channels=[8, 16, 16])  # the pad_to it names fits
 
 
+@pytest.mark.parametrize("data, fix", [
+    ({"name": "image_folder", "params": {"path": "photos"}},
+     "pad the images to 32x32 (data.params.pad_to = 32, the smallest that works), or scale and cut them to 28x28 (an "
+     "image folder or array: data.params.resize = 28 and data.params.crop = 28), or use fewer levels"),
+    ({"name": "mydata:make_images"},
+     "make your data set function mydata:make_images return images of 32x32 (e.g. padded with -1, black; ddmkit "
+     "pads no function's images), or of 28x28 (resized or cropped in it), or use fewer levels"),
+    ({"name": "images.npy"},
+     'read the file as images, which pad_to pads with black: set data.name = "image_array", data.params.path = '
+     '"images.npy" and data.params.pad_to = 32, or use fewer levels'),
+])
+def test_a_unet_that_does_not_fit_the_data_names_the_settings_of_its_data_set(data, fix):
+    """A data set function (or an array file) takes no data.params.pad_to, resize or crop, which the UNet's error
+    advised for every data set: such a run was refused again, for an unknown data.params key."""
+    from ddmkit.config import RunConfig, validate
+    from ddmkit.pipeline.stages import check_networks
+
+    cfg = validate(RunConfig, {"data": data, "expert": {"net": {"arch": "unet", "kwargs": {"channels": [8, 16, 16]}}},
+                               "router": {"net": {"arch": "router_cnn"}}})
+    with pytest.raises(DDMError) as caught:
+        check_networks(cfg, (1, 30, 30))
+    assert str(caught.value) == ("expert.net: UNet: image size 30x30 is not divisible by 2^2 (channels [8, 16, 16]); "
+                                 f"{fix} (fewer entries in channels)")
+    check_networks(cfg, (1, 32, 32))  # the side it names fits
+    check_networks(cfg, (1, 28, 28))
+
+
 def test_router_cnn_logits():
     r = build_model("router_cnn", data_shape=[3, 8, 8], num_experts=5, channels=[8, 8])
     assert r(torch.randn(2, 3, 8, 8), torch.rand(2)).shape == (2, 5)

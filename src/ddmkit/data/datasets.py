@@ -237,7 +237,8 @@ def pad_fix(name: str | None, side: int, params: dict | None = None, size: tuple
     if name is None or name in IMAGE_LOADERS:
         return f"set data.params.pad_to = {side} (each image padded with black to {side}x{side})"
     if not is_array_file(name):
-        return f"make your data set function return images of {side}x{side} (e.g. padded with -1, black)"
+        return (f"make your data set function {name} return images of {side}x{side} (e.g. padded with -1, black; "
+                "ddmkit pads no function's images)")
     params = params or {}
     key, test_path = params.get("key"), params.get("test_path")
     if test_path is None and (key is None or key == _npz_pick(name, ("x", "images"))):

@@ -13,6 +13,8 @@ classifier-free guidance.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,27 +61,34 @@ class Attention(nn.Module):
         return x + self.proj(out)
 
 
-def check_size(height: int, width: int, channels: list[int], scale: int = 1) -> None:
+def check_size(height: int, width: int, channels: list[int], scale: int = 1,
+               fix: Callable[[int, int, int], str] | None = None) -> None:
     """A DDMError when a UNet of `channels` cannot take height x width inputs (each level after the first halves
     them), with the data settings that fix it: for images `scale` times larger per side than the inputs (a
-    latent run's images, of which an autoencoder makes the inputs)."""
+    latent run's images, of which an autoencoder makes the inputs). fix(height, width, multiple) says how to make
+    the images square of a side `multiple` divides (default size_fix: the image loaders' settings)."""
     levels = len(channels) - 1
     if not (height % 2 ** levels or width % 2 ** levels):
         return
     what = f"image size {height}x{width}" if scale == 1 else \
         f"latent size {height}x{width} (of {height * scale}x{width * scale} images, {scale}x smaller per side)"
     raise DDMError(f"UNet: {what} is not divisible by 2^{levels} (channels {list(channels)}); "
-                   f"{size_fix(height * scale, width * scale, 2 ** levels * scale)}, or use fewer levels (fewer "
-                   "entries in channels)")
+                   f"{(fix or size_fix)(height * scale, width * scale, 2 ** levels * scale)}, or use fewer levels "
+                   "(fewer entries in channels)")
+
+
+def fitting_sides(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """(the smallest side divisible by `multiple` that holds height x width: to pad to, the largest one that both
+    sides hold, 0 if none: to cut to)."""
+    return -(-max(height, width) // multiple) * multiple, min(height, width) // multiple * multiple
 
 
 def size_fix(height: int, width: int, multiple: int) -> str:
     """The data settings that make height x width images square of a side divisible by `multiple`: the smallest
     pad_to, and the largest resize and crop (when the images are at least that large; the loaders of image folders and
     arrays take them)."""
-    pad = -(-max(height, width) // multiple) * multiple
+    pad, cut = fitting_sides(height, width, multiple)
     fix = f"pad the images to {pad}x{pad} (data.params.pad_to = {pad}, the smallest that works)"
-    cut = min(height, width) // multiple * multiple
     if cut:
         fix += (f", or scale and cut them to {cut}x{cut} (an image folder or array: data.params.resize = {cut} and "
                 f"data.params.crop = {cut})")

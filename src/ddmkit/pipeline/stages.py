@@ -20,8 +20,10 @@ import torch
 
 from ddmkit.config import RunConfig, field_device
 from ddmkit.data import load_dataset
-from ddmkit.data.arrays import ArrayData
+from ddmkit.data.arrays import ArrayData, is_array_file
+from ddmkit.data.datasets import pad_fix
 from ddmkit.data.features import is_user_function, use_features
+from ddmkit.data.function import is_function_name
 from ddmkit.data.partition import PartitionPlan, compute_partition, read_shard, write_partition
 from ddmkit.data.source import source_fingerprint
 from ddmkit.ddm.load import load_truth
@@ -33,7 +35,7 @@ from ddmkit.latent.autoencoder import downsampling, load_autoencoder, load_codec
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, build_seeded, check_builds, use_network
 from ddmkit.nets.folders import check_argument_names
-from ddmkit.nets.unet import UNet, check_size
+from ddmkit.nets.unet import UNet, check_size, fitting_sides, size_fix
 from ddmkit.nets.user import check_output, is_user_network
 from ddmkit.registry import (AUTOENCODER_WEIGHTS, checked_model_shards, data_fix, data_sha256, load_data_file,
                              model_shards, shard_files, write_registry)
@@ -160,15 +162,32 @@ def builds_on_the_cpu(arch: str, kwargs: dict) -> bool:
     return True
 
 
-def check_latent_unet(cfg: RunConfig, latent_shape: list[int]) -> None:
-    """A latent run's UNet experts take latents of sides their levels halve evenly (nets.unet.check_size): a
-    DDMError that gives the fix in the images' sizes (the autoencoder's latents are f times smaller per side)."""
+def image_size_fix(cfg: RunConfig) -> Callable[[int, int, int], str]:
+    """How the run's data set makes its images square of a side a multiple divides, for check_size: the image
+    loaders' data.params (size_fix); a data set function or an array file, which take no pad_to, resize or crop:
+    pad_fix's advice for that data set (a function: its own images, padded or resized in it)."""
+    name, params = cfg.data.name, cfg.data.params
+    if not (is_function_name(name) or is_array_file(name)):
+        return size_fix
+
+    def fix(height: int, width: int, multiple: int) -> str:
+        pad, cut = fitting_sides(height, width, multiple)
+        resized = f", or of {cut}x{cut} (resized or cropped in it)" if is_function_name(name) and cut else ""
+        return pad_fix(name, pad, params, (height, width)) + resized
+    return fix
+
+
+def check_unet(cfg: RunConfig, data_shape: list[int]) -> None:
+    """UNet experts take images (a latent run: latents) of sides their levels halve evenly (nets.unet.check_size):
+    a DDMError that gives the fix in the images' sizes (the autoencoder's latents are f times smaller per side), in
+    the settings of the run's data set (image_size_fix)."""
     net = cfg.expert.net
     channels = net.kwargs.get("channels", inspect.signature(UNet).parameters["channels"].default)
-    if net.arch != "unet" or len(latent_shape) != 3 or not isinstance(channels, (list, tuple)):
+    if net.arch != "unet" or len(data_shape) != 3 or not isinstance(channels, (list, tuple)):
         return  # (a channels of another type: check_builds names it)
+    scale = downsampling(planned_config(cfg.latent, tuple(data_shape))) if cfg.latent.enabled else 1
     try:
-        check_size(*latent_shape[1:], channels, downsampling(planned_config(cfg.latent, tuple(latent_shape))))
+        check_size(*data_shape[1:], channels, scale, image_size_fix(cfg))
     except DDMError as e:
         raise DDMError(f"expert.net: {e}") from None
 
@@ -180,8 +199,7 @@ def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
     ddmkit calls them: an error or an output of the wrong shape is a DDMError too."""
     register_user_networks(cfg)
     shape = list(data_shape)
-    if cfg.latent.enabled:
-        check_latent_unet(cfg, shape)
+    check_unet(cfg, shape)
     nets = {"expert.net": (cfg.expert.net, {"data_shape": shape}),
             "router.net": (cfg.router.net, {"data_shape": shape, "num_experts": cfg.partition.k})}
     for where, (net, given) in nets.items():
