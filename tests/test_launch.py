@@ -325,6 +325,37 @@ def test_ray_resumes_the_checkpoint_a_killed_job_left_and_removes_it(inline, loc
     assert not list((root / "ray_resume").glob("*.checkpoint.safetensors"))
 
 
+@pytest.mark.slow  # its tasks start workers of their own (TMPDIR set), importing torch: 10 to 15 s on 2 busy cores
+def test_a_stopped_ray_launch_leaves_no_temporary_folder_on_its_workers(local_ray, tmp_path, monkeypatch):
+    """Ctrl-C once both tasks train: the tasks were killed with their workers (ray.cancel with force), each
+    leaving its temporary folder (a copy of its shard) in the worker's temporary directory. Now each stops its
+    training and removes its folder before the launch ends; the checkpoints that came back are kept."""
+    import ddmkit.launch.ray_backend as ray_backend
+
+    workers_tmp = tmp_path / "workers"
+    workers_tmp.mkdir()
+    remote = local_ray.remote  # the tasks' workers get TMPDIR=workers_tmp
+    env = {"env_vars": {"TMPDIR": str(workers_tmp)}}
+    monkeypatch.setattr(local_ray, "remote", lambda function: remote(runtime_env=env)(function))
+    jobs, came, training = _jobs(tmp_path, "stopped"), set(), []
+    real_write = ray_backend.write_bytes_atomic
+
+    def write(path, data):  # the driver writes a checkpoint that came back: Ctrl-C once each task sent one
+        real_write(path, data)
+        came.add(path)
+        if len(came) == len(jobs):
+            training.extend(workers_tmp.glob("ddmkit-expert-*"))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_backend, "write_bytes_atomic", write)
+    endless = CKPT.model_copy(update={"train": CKPT.train.model_copy(update={"steps": 10**6})})
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(jobs, endless, "ray", log=lambda m: None)
+    assert len(training) == len(jobs)  # each task's folder while it trained
+    assert not list(workers_tmp.glob("ddmkit-expert-*"))
+    assert all(checkpoint_path(job.out_dir).exists() and not job.out_dir.exists() for job in jobs)
+
+
 # ----- the process pool stops on Ctrl-C, and its workers die with it ------------------------------------------
 
 def _tiny_run(root: Path, *overrides: str) -> Path:
@@ -835,11 +866,17 @@ def test_a_sigterm_that_a_library_turns_into_a_keyboardinterrupt_still_reads_as_
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_stops_a_ray_launch_keeping_its_checkpoints(tmp_path):
     """SIGTERM (a scheduler's time limit) to `ddmkit launch --backend ray` once a checkpoint came back: exit 143
-    saying so, no traceback, each job's checkpoint kept and no expert folder written."""
+    saying so, no traceback, each job's checkpoint kept and no expert folder written; the tasks' temporary
+    folders are removed."""
+    import tempfile
+
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'ddmkit[ray]' to run the Ray tests")
     run = _tiny_run(tmp_path, "partition.k=2", "expert.train.steps=1000000", "expert.train.checkpoint_every=20")
+    workers_tmp = tmp_path / "workers"  # the tasks' TMPDIR (Ray's own folder stays where it was: a socket's path
+    workers_tmp.mkdir()  # has at most 107 characters)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "CUDA_VISIBLE_DEVICES": "",
-           "DDMKIT_QUIET": "1"}
+           "DDMKIT_QUIET": "1", "TMPDIR": str(workers_tmp),
+           "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", tempfile.gettempdir())}
     argv = [sys.executable, "-m", "ddmkit", "launch", str(run), "--backend", "ray", "--workers", "2"]
     with open(tmp_path / "launch.log", "w") as log:
         driver = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -848,6 +885,7 @@ def test_sigterm_stops_a_ray_launch_keeping_its_checkpoints(tmp_path):
         while not list((run / "experts").glob("*.checkpoint.safetensors")) and time.monotonic() < deadline:
             assert driver.poll() is None, (tmp_path / "launch.log").read_text()
             time.sleep(0.2)
+        training = list(workers_tmp.glob("ddmkit-expert-*"))
         driver.send_signal(signal.SIGTERM)
         code = driver.wait(timeout=60)
     finally:
@@ -855,6 +893,7 @@ def test_sigterm_stops_a_ray_launch_keeping_its_checkpoints(tmp_path):
             driver.kill()
     out = (tmp_path / "launch.log").read_text()
     assert code == 143 and "stopped by SIGTERM" in out and "Traceback" not in out, out
+    assert training and not list(workers_tmp.glob("ddmkit-expert-*"))
     names = sorted(p.name for p in (run / "experts").iterdir())
     assert names and all(n.endswith(".checkpoint.safetensors") for n in names), names
 

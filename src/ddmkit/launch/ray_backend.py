@@ -17,6 +17,9 @@ inline backend for the same seeds.
     run_ray(jobs, cfg.expert, address="ray://head:10001")
 
 Each task asks for one GPU when the cluster has GPUs, none otherwise.
+
+A job stopped here (Ctrl-C, SIGTERM, a failed expert) stops its tasks so that each removes its temporary
+folder (a copy of its shard) on its node: stop_tasks.
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ from ddmkit.errors import DDMError
 from ddmkit.io import staging_dir, write_bytes_atomic
 from ddmkit.nets import use_networks, user_networks
 from ddmkit.train.jobs import check_expert_folder, checkpoint_path, train_expert
+from ddmkit.train.stop import stop_scope
+
+STOP_GRACE = 10.0  # seconds a stopped task has to end (stop its training, remove its folder) before it is killed
 
 
 def import_ray():
@@ -77,7 +83,9 @@ def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict, out
     (continuing from `checkpoint`, a checkpoint's bytes, when given); yield ("checkpoint", bytes) for
     each checkpoint it writes, then ("expert", {path: bytes}) of every file of the expert folder, its
     sub-folders' too (tensorboard/), by path inside the folder ("tensorboard/events..."). Its errors name
-    the driver's paths `shard_name` and `out_name`, not the temporary copies."""
+    the driver's paths `shard_name` and `out_name`, not the temporary copies. The training runs in a thread
+    of its own, in a stop scope (ddmkit.train.stop) whose flag is set when the task ends early (ray.cancel
+    raises KeyboardInterrupt here): the thread stops at its next step, and the folder is removed."""
     use_networks(networks)  # the user's network classes the driver registered (their package must be installed)
     config = ExpertConfig.model_validate(config_dump)
     with tempfile.TemporaryDirectory(prefix="ddmkit-expert-") as tmp:
@@ -85,15 +93,24 @@ def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict, out
         shard.write_bytes(shard_bytes)
         if checkpoint is not None:
             checkpoint_path(out).write_bytes(checkpoint)
+        stop = threading.Event()
         with ThreadPoolExecutor(1) as thread:
-            job = thread.submit(train_expert, shard, config, out, resume=checkpoint is not None)
-            for data in new_checkpoints(job, checkpoint_path(out), poll):
-                yield "checkpoint", data
+            job = thread.submit(_train_in_scope, stop, shard, config, out, resume=checkpoint is not None)
             try:
+                for data in new_checkpoints(job, checkpoint_path(out), poll):
+                    yield "checkpoint", data
                 job.result()
             except DDMError as e:
                 raise DDMError(str(e).replace(str(shard), shard_name).replace(str(out), out_name)) from None
+            finally:  # cancelled (KeyboardInterrupt) or closed: the thread must end before the folder goes
+                stop.set()
         yield "expert", {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _train_in_scope(stop: threading.Event, *args, **kwargs) -> Path:
+    """train_expert(*args, **kwargs) in this thread, stopped at its next step once `stop` is set."""
+    with stop_scope(stop):
+        return train_expert(*args, **kwargs)
 
 
 def write_folder(out_dir: Path, files: dict[str, bytes]) -> Path:
@@ -213,6 +230,26 @@ def _receive(ray, ref, job, gpus: int, log) -> None:
     log(f"expert {job.cluster}: written to {job.out_dir} (ray task, {gpus} GPU)")
 
 
+def stop_tasks(ray, generators, grace: float = STOP_GRACE) -> None:
+    """Stop running tasks and wait until they have ended. Each is cancelled (a KeyboardInterrupt in the task:
+    its training stops at the next step and its temporary folder is removed), and one still running after
+    `grace` seconds (stuck outside the training loop), or when this wait is interrupted, is killed with its
+    worker process (force), which leaves its folder behind. Cancelling first, rather than cleaning the
+    folders of dead workers later from another task, removes each folder on its own node at once, whether
+    or not a task runs there again."""
+    if not generators:
+        return
+    ends = {generator.completed(): generator for generator in generators}
+    for generator in generators:
+        ray.cancel(generator)
+    left = list(ends)
+    try:
+        _, left = ray.wait(left, num_returns=len(left), timeout=grace)
+    finally:
+        for end in left:
+            ray.cancel(ends[end], force=True)
+
+
 def run_ray(jobs, config: ExpertConfig, address: str | None = None, workers: int | None = None,
             resume: bool = False, log=print) -> list[Path]:
     """Train every job as a Ray task (config.train.threads CPUs each) and write the folders and their
@@ -238,7 +275,6 @@ def run_ray(jobs, config: ExpertConfig, address: str | None = None, workers: int
             _receive(ray, ref, running[ready[0]], gpus, log)
         return [job.out_dir for job in jobs]
     finally:
-        for generator in running:  # an error or Ctrl-C: stop the other tasks
-            ray.cancel(generator, force=True)
+        stop_tasks(ray, list(running))  # an error or Ctrl-C: stop the other tasks, before the local Ray goes
         if started:
             stop_ray(ray)
