@@ -20,7 +20,8 @@ from ddmkit.evaluation.studies import (STATS_STRATEGIES, missing_expert_study, s
 from ddmkit.conventions import __version__
 from ddmkit.io import read_json, write_bytes_atomic, write_json
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.models import models_section, partition_k, write_training_plot
+from ddmkit.pipeline.models import (models_section, partition_k, seconds_sentence, training_seconds,
+                                   write_training_plot)
 from ddmkit.pipeline.samplesets import planned_sets, sample_options
 from ddmkit.pipeline.sampling import drawn_on, load_sets, networks_hash, read_info, sampling_sentence
 from ddmkit.pipeline.stages import load_split, read_data_info
@@ -219,6 +220,7 @@ def _main_report(cfg: RunConfig, run, result: dict, rows: list, rep: dict, route
 Data: `{d.name}` ({made['n_train']} train, {made['n_test']} test). Partition: {partition_k(run, cfg)}, features = {p.features},
 balanced = {p.balanced}. Sampling: {sampling_sentence(cfg, run, list(result["rows"]))}.
 {pairs_sentence(result)}
+{seconds_sentence(training_seconds(run))}
 
 {models_section(run, cfg, training)}
 
