@@ -44,7 +44,8 @@ def test_run_writes_every_artifact(tiny_run):
     # the training wall time of every network, from their logs (the experts': their sum and the longest)
     seconds = [round(json.loads((out / f"experts/expert_{c:02d}/train_log.jsonl").read_text().splitlines()[-1])[
         "seconds"], 3) for c in range(4)]
-    assert f"Training wall time: experts {round(sum(seconds), 3):.1f} s in all (the longest {max(seconds):.1f} s), monolith " in report
+    assert (f"Training wall time: experts {round(sum(seconds), 3):.1f} s in all (the longest {max(seconds):.1f} s), "
+            "monolith ") in report
     routers = {name: info["router"] for name, info in json.loads((out / "samples/info.json").read_text()).items()}
     assert routers == {EXACT: "exact posterior", "monolith": "none", "full": "learned", "top-2": "learned",
                        "switch": "learned", "oracle": "learned", "nearest": "learned"}
