@@ -111,3 +111,23 @@ def test_the_samples_plot_counts_the_samples_outside_its_panels_and_says_what_it
     assert titles == ["good", "wild\n7 of 50 outside the panel"]
     assert fig._suptitle.get_text() == ("samples (red) over held-out data (grey); axes: the held-out data's first "
                                         "two principal directions")
+
+
+def test_w2_pairs_are_each_pairs_exact_w2_in_order_computed_side_by_side(gen, monkeypatch):
+    """w2_pairs gives w2_exact of each pair in the pairs' order (a translation by i: W2 = i), and with two
+    threads two pairs are solved at once: each call below waits for another to start (serial calls time out)."""
+    import threading
+
+    import ddmkit.evaluation.sets as sets
+
+    x = torch.randn(200, 2, generator=gen, dtype=torch.float64)
+    pairs = [(x, x + torch.tensor([float(i), 0.0], dtype=torch.float64)) for i in range(5)]
+    assert sets.w2_pairs(pairs) == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0], abs=1e-6)
+    both = threading.Barrier(2, timeout=10)
+
+    def waiting_w2(a, b):
+        both.wait()
+        return w2_exact(a, b)
+    monkeypatch.setattr(sets, "w2_exact", waiting_w2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert sets.w2_pairs(pairs[:4]) == pytest.approx([0.0, 1.0, 2.0, 3.0], abs=1e-6)
