@@ -445,8 +445,8 @@ def test_a_dit_that_does_not_fit_the_latents_says_they_are_latents():
         "patch": 2, "width": 32, "depth": 1, "heads": 2}}}, "router": {"net": {"arch": "router_cnn"}}})
     with pytest.raises(DDMError, match=r"DiT: an input of 15x15 does not split into patches of 2x2; give a patch that "
                                        r"divides both sides \(e.g. patch = 1\), or pad the data to a multiple of 2 "
-                                       r"\(latents \(the autoencoder's, of the images: pad the images with "
-                                       r"data.params.pad_to to change their size\) of shape \(4, 15, 15\)\)"):
+                                       r"\(latents \(the autoencoder's, of the images: the images' size sets "
+                                       r"theirs\) of shape \(4, 15, 15\)\)"):
         check_networks(cfg, (4, 15, 15))
 
 

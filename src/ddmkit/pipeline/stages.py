@@ -210,8 +210,8 @@ def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
             hint = ("; ddmkit builds networks on the meta device to check model folders without allocating, so "
                     "compute sizes in __init__ with Python (math.prod), not tensors"
                     if is_user_network(net.arch) and builds_on_the_cpu(net.arch, kwargs) else "")
-            what = "data" if not cfg.latent.enabled else "latents (the autoencoder's, of the images: pad the images " \
-                "with data.params.pad_to to change their size)"
+            what = "data" if not cfg.latent.enabled else "latents (the autoencoder's, of the images: the images' " \
+                "size sets theirs)"
             raise DDMError(f"{e} ({what} of shape {tuple(shape)}){hint}") from None
         empty = [name for name, p in model.named_parameters() if p.numel() == 0]
         if empty or next(model.parameters(), None) is None:
