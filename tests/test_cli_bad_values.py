@@ -295,3 +295,12 @@ def test_the_whole_table_of_bad_values_of_every_option(path, made, tmp_path, mon
     if " ".join(path) in TEXT:
         found += sweep(path, FULL, made, tmp_path, monkeypatch, text=True)
     assert not found, "\n".join(found)
+
+
+# ----- values the sweep counts as legal (exit 0) or refused without naming them: each refused as it should be -----
+def test_an_empty_router_is_refused_not_taken_for_the_default(tmp_path):
+    """`sample --router ''` sampled with the learned router, as if --router were left out; it is refused, naming
+    --router and the accepted values, before the run is read."""
+    done = run_cli("sample", tmp_path / "run", "--router", "")
+    assert done.returncode == 2 and "error: --router: unknown ''; accepted: learned, statistics" in done.stderr, \
+        done.stderr

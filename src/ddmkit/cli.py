@@ -437,6 +437,10 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
     """Sample with routing strategies; writes RUN/samples/NAME.safetensors (text runs: RUN/samples/text.json)."""
     from ddmkit.config import RunConfig, validate
 
+    if router is not None:
+        from ddmkit.pipeline.run import sampling_router
+
+        sampling_router(router)  # before the run is read; '' too (it was taken for the default)
     if _text_run(run):
         from ddmkit.pipeline.text import sample_text
 
@@ -471,7 +475,8 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
         raise DDMError(f"--guidance {guidance:g}: classifier-free guidance needs class-conditional experts "
                        "(expert.net.kwargs.num_classes); this run's are unconditional, so every scale draws the same "
                        "samples: leave --guidance out (or give 1)")
-    sample_run(run, list(strategy), cfg, log, router=router or "learned")  # logs each set's calls and seconds
+    router = "learned" if router is None else router
+    sample_run(run, list(strategy), cfg, log, router=router)  # logs each set's calls and seconds
 
 
 @app.command()

@@ -206,15 +206,23 @@ def run_pipeline(cfg: RunConfig | str | Path, out: str | Path, force: bool = Fal
     return result
 
 
+def sampling_router(router: str) -> str:
+    """The router a sampling command names: learned or statistics (stats, add-expert's spelling of it, too);
+    anything else, '' included, a DDMError naming --router and the accepted values."""
+    name = STATISTICS if router == "stats" else router
+    if name not in ("learned", STATISTICS):
+        raise DDMError(f"--router: unknown {router!r}; accepted: learned, statistics (or stats), or leave --router "
+                       "out for the run's router")
+    return name
+
+
 def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = print, device=None,
                router: str = "learned") -> list[dict]:
     """Draw the named sets (routing strategies, 'monolith', 'exact') with the run's [sample] settings
     (or cfg's), again when they were drawn before; returns their infos. router = "statistics" routes
     the strategies by the islands' statistics (sets "NAME (statistics-only router)"; no learned router
     needed). Holds the run's lock."""
-    router = "statistics" if router == "stats" else router  # add-expert's spelling of it
-    if router not in ("learned", STATISTICS):
-        raise DDMError(f"--router: unknown {router!r}; accepted: learned, statistics (or stats)")
+    router = sampling_router(router)
     with run_lock(run):
         folder = RunFolder(run)
         if cfg is not None and not folder.config.exists() and folder.manifest.exists():
