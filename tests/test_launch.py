@@ -141,9 +141,19 @@ def test_a_slurm_option_without_a_value_is_written_without_an_equals_sign(tmp_pa
                                              ({"time": "10:00:60"}, "--time"), ({"time": "2-23:60"}, "--time"),
                                              ({"mem": "lots"}, "--mem 'lots'"), ({"mem": "16GB"}, "--mem"),
                                              ({"cpus": 10**20}, "--cpus"), ({"cpus": 0}, "--cpus"),
-                                             ({"gpus": -1}, "--gpus"), ({"gpus": 1000}, "--gpus")])
+                                             ({"gpus": -1}, "--gpus"), ({"gpus": 1000}, "--gpus"),
+                                             ({"time": "abc"}, "--time 'abc'"), ({"time": "-5"}, "--time '-5'"),
+                                             ({"mem": "10XB"}, "--mem '10XB'"), ({"mem": "1e30"}, "--mem '1e30'"),
+                                             ({"time": "35791395"}, "--time '35791395': longer than sbatch counts"),
+                                             ({"time": "24855-3:14:08"}, "--time '24855-3:14:08': longer"),
+                                             ({"time": "596523:14:08"}, "--time '596523:14:08': longer"),
+                                             ({"time": "9" * 20}, "longer than sbatch counts"),
+                                             ({"mem": "9007199254740992G"}, "--mem '9007199254740992G': more than"),
+                                             ({"mem": "9223372036854775808K"}, "more than sbatch counts"),
+                                             ({"mem": "9" * 20 + "G"}, "more than sbatch counts")])
 def test_slurm_resources_sbatch_would_refuse_are_refused(tmp_path, option, message):
-    """--mem lots, --time forever and --cpus 10**20 went into the script as they were."""
+    """--mem lots, --time forever and --cpus 10**20 went into the script as they were; a time past sbatch's 2**31
+    seconds, or memory past its 2**63 megabytes, wrapped round in sbatch's integers."""
     with pytest.raises(DDMError, match=re.escape(message)):
         slurm_script(tmp_path, 2, **option)
 
@@ -162,9 +172,17 @@ def test_slurm_resources_are_checked_when_every_expert_is_trained_too(tmp_path, 
     assert code == 2 and "--mem '16Q'" in err, err
 
 
-@pytest.mark.parametrize("time", ["90", "90:30", "24:00:00", "2-12", "2-12:30", "2-12:30:00", "UNLIMITED"])
+@pytest.mark.parametrize("time", ["90", "90:30", "24:00:00", "2-12", "2-12:30", "2-12:30:00", "UNLIMITED", "0",
+                                  "35791394", "24855-3:14:07", "596523:14:07"])
 def test_every_form_of_slurm_time_is_accepted(tmp_path, time):
+    """sbatch's forms, 0 (no limit to sbatch) and the longest limits its 2**31 - 1 seconds hold."""
     assert f"#SBATCH --time={time}" in slurm_script(tmp_path, 2, time=time, mem="512M")
+
+
+@pytest.mark.parametrize("mem", ["0", "0G", "512K", "16G", "2T", "9223372036854775807M", "9007199254740991G"])
+def test_slurm_mem_up_to_what_sbatch_counts_is_accepted(tmp_path, mem):
+    """A number with its unit (0: all of a node's memory, to sbatch) up to sbatch's 2**63 - 1 megabytes."""
+    assert f"#SBATCH --mem={mem}" in slurm_script(tmp_path, 2, mem=mem)
 
 
 def test_slurm_mem_without_a_unit_is_refused_naming_the_unit_to_add(tmp_path):

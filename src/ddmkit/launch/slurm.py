@@ -34,6 +34,9 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")  # a long option's name, without it
 # sbatch's forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]], or no limit
 _TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE")
 _MEM = re.compile(r"\d+[KMGT]?")  # with a unit; a bare number (megabytes to sbatch) only as 0, a node's memory
+SBATCH_SECONDS = 2**31 - 1  # sbatch counts a time limit in seconds in a 32-bit int: a longer one wraps round
+SBATCH_MEGABYTES = 2**63 - 1  # and --mem, its number and its megabytes, in a 64-bit one
+_MB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}  # megabytes per unit
 DEFAULT_CPUS = 4  # --cpus-per-task of a task when --cpus is left out
 HEAD = "#!/bin/bash\n#SBATCH --job-name=ddmkit-experts\n"  # how every script ddmkit writes begins
 
@@ -49,12 +52,34 @@ def _time_in_range(time: str) -> bool:
     return all(p < 60 for p in parts[1:])  # M, M:S, H:M:S: the first field may be any size
 
 
+def _seconds(time: str) -> int:
+    """The seconds of a time limit in one of sbatch's forms (not UNLIMITED): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, _, clock = time.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days or len(parts) == 3:
+        hours, minutes, seconds = parts + [0] * (3 - len(parts))
+        return int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+    return parts[0] * 60 + (parts[1] if len(parts) > 1 else 0)
+
+
+def _megabytes(mem: str) -> float:
+    """The megabytes of a --mem value of _MEM's form (16G: 16384)."""
+    unit = mem[-1] if mem[-1] in _MB else "M"
+    return int(mem.rstrip("KMGT")) * _MB[unit]
+
+
 def check_resources(time: str, cpus: int, gpus: int, mem: str) -> None:
     """Refuse values sbatch would refuse (a DDMError naming the option and its accepted forms)."""
     if not _TIME.fullmatch(time) or not _time_in_range(time):
         raise DDMError(f"--time {time!r}: give sbatch's forms: minutes, HH:MM:SS, D-HH or D-HH:MM:SS (e.g. 24:00:00)")
+    if time not in ("UNLIMITED", "INFINITE") and _seconds(time) > SBATCH_SECONDS:
+        raise DDMError(f"--time {time!r}: longer than sbatch counts (68 years); give a time limit such as 24:00:00 "
+                       "or 7-0, or UNLIMITED for none")
     if not _MEM.fullmatch(mem):
         raise DDMError(f"--mem {mem!r}: give a number with its unit, K, M, G or T (e.g. 16G)")
+    if int(mem.rstrip("KMGT")) > SBATCH_MEGABYTES or _megabytes(mem) > SBATCH_MEGABYTES:
+        raise DDMError(f"--mem {mem!r}: more than sbatch counts (2**63 megabytes); give a node's memory or less, "
+                       "e.g. 16G")
     if mem.isdigit() and int(mem) > 0:  # sbatch's default unit: --mem 16 would give each task 16 MB
         raise DDMError(f"--mem {mem!r}: sbatch reads a number without a unit as megabytes ({mem} MB); give the unit: "
                        f"--mem {mem}G for gigabytes, or --mem {mem}M if megabytes are meant")
