@@ -19,6 +19,7 @@ import typer
 
 from conftest import run_cli
 from ddmkit.cli import app
+from ddmkit.errors import shortened
 from test_damaged_runs import tiny_config
 from test_discrete_pipeline import write_config
 
@@ -236,7 +237,7 @@ def names(param, value: str, paths: dict) -> list[str]:
     if param.name == "set_" and "=" in value:
         field = value.split("=", 1)[0].strip()
         out += [field, field.rsplit(".", 1)[-1], ".".join(field.split(".")[:2])]
-    return [n for n in out if n]
+    return [shortened(n) for n in out if n]  # a very long one as an error shows it
 
 
 def problem(param, value, paths, code, said, before, after) -> str | None:
@@ -304,3 +305,17 @@ def test_an_empty_router_is_refused_not_taken_for_the_default(tmp_path):
     done = run_cli("sample", tmp_path / "run", "--router", "")
     assert done.returncode == 2 and "error: --router: unknown ''; accepted: learned, statistics" in done.stderr, \
         done.stderr
+
+
+def test_a_very_long_value_is_shown_shortened_in_its_error(tmp_path, monkeypatch):
+    """A 3000-character value was echoed whole in its error line. Every message the CLI prints (a DDMError's, a
+    file system's) shows a value of more than 200 characters as its first 60, '...' and its length."""
+    long = "x" * 3000
+    assert shortened(f"--k {long!r}: give a number") == f"--k '{'x' * 60}... (3000 characters)': give a number"
+    assert shortened("y" * 200 + " " + long[:201]) == "y" * 200 + " " + "x" * 60 + "... (201 characters)"
+    for args in (["sample", tmp_path / "run", "--router", long],  # a DDMError
+                 ["train-router", tmp_path / long]):  # the file system's: File name too long
+        done = run_cli(*args)
+        said = done.stderr
+        assert done.returncode == 2 and said.startswith("error: ") and "x" * 61 not in said, said[:300]
+        assert re.search(r"\.\.\. \(3\d{3} characters\)", said) and len(said) < 400, said[:300]

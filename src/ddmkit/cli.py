@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ddmkit.errors import DDMError
+from ddmkit.errors import DDMError, shortened
 from ddmkit.routing.table import SAMPLED_STRATEGY_FORMS, STRATEGY_FORMS
 
 FIELD_STRATEGY_FORMS = ", ".join(form for form in STRATEGY_FORMS.split(", ")
@@ -1336,6 +1336,12 @@ def show_warnings_as_lines() -> None:
     warnings.filterwarnings("ignore", category=SyntaxWarning, append=True)  # after -W options: those still win
 
 
+def say_error(text: str) -> None:
+    """One `error: TEXT` line on stderr, a very long value in it shortened (a 3000-character option value is not
+    echoed whole: ddmkit.errors.shortened)."""
+    console.print(f"[bold red]error:[/] {escape(shortened(text))}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     global _sigterm_received
     _sigterm_received = False
@@ -1345,7 +1351,7 @@ def main() -> None:
     try:
         run_app()
     except DDMError as e:
-        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        say_error(str(e))
         sys.exit(2)
     except Interrupted as e:
         stopped(str(e), e)
@@ -1355,14 +1361,13 @@ def main() -> None:
         raise
     except ConnectionError as e:  # a network peer (e.g. a Ray cluster) refused or failed, not the file system
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # a Ray client's holds a whole traceback
-        console.print(f"[bold red]error:[/] a connection failed: {escape(last)}; check the server's address (e.g. "
-                      "--address) and that it runs, then run the command again", highlight=False, soft_wrap=True)
+        say_error(f"a connection failed: {last}; check the server's address (e.g. --address) and that it runs, then "
+                  "run the command again")
         sys.exit(2)
     except OSError as e:  # the file system refused: permissions, a full disk, a folder where a file belongs
         where = f": {e.filename}" if e.filename else ""
-        console.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(where)}; check that path (its "
-                      "permissions, the free space of its disk) and run the command again", highlight=False,
-                      soft_wrap=True)
+        say_error(f"{e.strerror or e}{where}; check that path (its permissions, the free space of its disk) and run "
+                  "the command again")
         sys.exit(2)
 
 

@@ -1,5 +1,10 @@
-"""The one exception ddmkit raises for bad input (the CLI prints its message and exits 2), and counted(), the
-count and noun its messages write."""
+"""The one exception ddmkit raises for bad input (the CLI prints its message and exits 2), counted(), the
+count and noun its messages write, and shortened(), how the CLI shows a message that quotes a very long value."""
+import re
+
+LONG = 200  # characters: a longer run without a space or a quote is shown shortened (shortened)
+HEAD = 60  # the characters of such a run that are shown
+_RUN = re.compile(rf"[^\s'\"`:=,;()\[\]{{}}]{{{LONG + 1},}}")  # a value, a path or a field name, not its quotes
 
 
 class DDMError(Exception):
@@ -10,3 +15,10 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     """A count and its noun, singular or plural as the count asks: counted(1, "file") is '1 file',
     counted(3, "file") '3 files'; plural for the other forms, e.g. counted(n, "file is", "files are")."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def shortened(message: str) -> str:
+    """`message` with every value in it of more than LONG characters (a run without a space, a quote or a
+    separator such as = or :) cut to its first HEAD characters, '...' and its length, e.g. 'xxx... (3000
+    characters)': a 3000-character value given to an option is not echoed whole in its error."""
+    return _RUN.sub(lambda m: f"{m.group()[:HEAD]}... ({len(m.group())} characters)", message)
