@@ -19,7 +19,7 @@ import typer
 
 from conftest import run_cli
 from ddmkit.cli import app
-from ddmkit.errors import shortened
+from ddmkit.errors import DDMError, shortened
 from test_damaged_runs import tiny_config
 from test_discrete_pipeline import write_config
 
@@ -319,3 +319,21 @@ def test_a_very_long_value_is_shown_shortened_in_its_error(tmp_path, monkeypatch
         said = done.stderr
         assert done.returncode == 2 and said.startswith("error: ") and "x" * 61 not in said, said[:300]
         assert re.search(r"\.\.\. \(3\d{3} characters\)", said) and len(said) < 400, said[:300]
+
+
+@pytest.mark.parametrize("option", ["--n", "--n-boot", "--w2-boot", "--stability-rows"])
+def test_study_counts_past_their_range_are_refused_before_training(option, tmp_path, monkeypatch):
+    """`study misalignment --n-boot 10**20` trained every run, then drew bootstrap resamples for ever: each count
+    of the study is bounded, refused in one line before anything is trained or written (CLI and library)."""
+    from ddmkit.config import load_config
+    from ddmkit.pipeline.misalignment import study_misalignment
+
+    stop_long_work(monkeypatch)  # training, were it reached, raises Accepted
+    done = run_cli("study", "misalignment", TINY, "--out", tmp_path / "out", "--seeds", "1", "--n", "100",
+                   option, HUGE)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {option} {HUGE}: give a whole number, from "), \
+        done.stderr
+    keyword = option.removeprefix("--").replace("-", "_")
+    with pytest.raises(DDMError, match=re.escape(option)):
+        study_misalignment(load_config(TINY), tmp_path / "out", [0], **{"n": 100, keyword: int(HUGE)}, log=QUIET)
+    assert not (tmp_path / "out").exists()

@@ -113,6 +113,7 @@ THEORY_SEED_MAX = 2**32 - 1 - 64  # numpy's seeds are 32 bits; the studies add s
 STUDY_SEEDS_MAX = 1000  # study misalignment trains every condition once per seed: more is no study that ends
 BESIDE_POOL_WORKERS = ("parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or "
                        "per CPU core without GPUs: but one, which trains the monolith and router, with processes)")
+BOOT_MAX = 100_000  # ddmkit.pipeline.misalignment.BOOT_MAX: bootstrap resamples of the study's intervals
 DEVICE = typer.Option(None, "--device", help="where networks train and sample: cpu, cuda, cuda:N, mps or auto; "
                       "sets every train.device of the config (default: the config's)")
 SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one config field, repeatable: --set "
@@ -1122,12 +1123,13 @@ def study_misalignment_cmd(
         strategy: Optional[List[str]] = typer.Option(None, "--strategy", help=f"routing strategies, repeatable "
                                                      f"({SAMPLED_STRATEGY_FORMS}; default: full, top-1, top-2, "
                                                      "sample-2)"),
-        n: int = typer.Option(1000, "--n", help="trajectories per strategy (mixtures: and held-out rows for W2; "
-                              "images: the samples scored by FID and KID)"),
-        n_boot: int = typer.Option(200, "--n-boot", help="bootstrap resamples of the samples"),
-        w2_boot: int = typer.Option(50, "--w2-boot", help="bootstrap resamples for W2 (each an exact W2)"),
-        stability_rows: int = typer.Option(256, "--stability-rows", help="images: the first trajectories on which "
-                                           "amplification and Delta_refine are measured"),
+        n: int = typer.Option(1000, "--n", min=2, max=COUNT_MAX, help="trajectories per strategy (mixtures: and "
+                              "held-out rows for W2; images: the samples scored by FID and KID)"),
+        n_boot: int = typer.Option(200, "--n-boot", min=10, max=BOOT_MAX, help="bootstrap resamples of the samples"),
+        w2_boot: int = typer.Option(50, "--w2-boot", min=2, max=BOOT_MAX, help="bootstrap resamples for W2 (each an "
+                                    "exact W2)"),
+        stability_rows: int = typer.Option(256, "--stability-rows", min=1, max=COUNT_MAX, help="images: the first "
+                                           "trajectories on which amplification and Delta_refine are measured"),
         device: Optional[str] = typer.Option(None, "--device", help="where the measurements run: cpu, cuda, cuda:N, "
                                              "mps or auto (default: the config's expert.train.device; training "
                                              "runs where the config says; --stages train and report measure "

@@ -54,7 +54,7 @@ from ddmkit.analysis.misalignment import (
     share_matrix,
 )
 from ddmkit.analysis.stability import data_scale
-from ddmkit.config import RunConfig, json_digest, validate
+from ddmkit.config import ROWS, RunConfig, json_digest, validate
 from ddmkit.conventions import __version__
 from ddmkit.data.arrays import ArrayData, content_hash
 from ddmkit.data.features import apply_features
@@ -108,6 +108,7 @@ DEFAULT_STRATEGIES = ("full", "top-1", "top-2", "sample-2")
 IMAGE_CONDITIONS = tuple(c for c in DEFAULT_CONDITIONS if "exact" not in c)
 T_GRID = [0.05 + 0.1 * i for i in range(10)]
 STUDY_STAGES = ("all", "train", "report")
+BOOT_MAX = 100_000  # bootstrap resamples (--n-boot, --w2-boot): more is no interval that ends
 TRAIN_DEVICE_FIX = "pass --set {}=cpu (the study's --device is where it measures; its runs train where the config says)"
 
 
@@ -162,11 +163,12 @@ def check_study(cfg: RunConfig, conditions: list[str], strategies: list[str], se
     if cfg.sample.solver == "adaptive":
         raise DDMError("sample.solver = 'adaptive': the study measures stability step by step, which needs a "
                        "fixed-step solver; pass --set sample.solver=rk4 (or euler, heun, midpoint)")
-    if n < 2 or n_boot < 10 or w2_boot < 2:
-        raise DDMError(f"--n must be >= 2, --n-boot >= 10 and --w2-boot >= 2 (got {n}, {n_boot}, {w2_boot})")
+    if not (2 <= n <= ROWS and 10 <= n_boot <= BOOT_MAX and 2 <= w2_boot <= BOOT_MAX):
+        raise DDMError(f"--n must be 2 .. {ROWS}, --n-boot 10 .. {BOOT_MAX} and --w2-boot 2 .. {BOOT_MAX} (got {n}, "
+                       f"{n_boot}, {w2_boot}); e.g. --n 1000 --n-boot 200 --w2-boot 50")
+    if not 1 <= stability_rows <= ROWS:
+        raise DDMError(f"--stability-rows must be 1 .. {ROWS} (got {stability_rows}); e.g. --stability-rows 256")
     if images:
-        if stability_rows < 1:
-            raise DDMError(f"--stability-rows must be >= 1 (got {stability_rows})")
         if cfg.evaluate.kid_subset > n:
             raise DDMError(f"--n {n}: KID draws evaluate.kid_subset = {cfg.evaluate.kid_subset} images of each "
                            f"set; raise --n to {cfg.evaluate.kid_subset} or lower it with "
