@@ -173,8 +173,8 @@ def test_every_list_of_texts_field_given_a_number_is_told_a_set_that_parses():
                 yield f"{prefix}{name}"
 
     checked = []
-    for model, raw in ((RunConfig, {}), (TextRunConfig, {"kind": "text_ar"})):
-        for field in texts_fields(model):
+    for model, raw in ((RunConfig, {}), (TextRunConfig, {"kind": "text_ar"}), (TextRunConfig, {"kind": "text_dfm"})):
+        for field in texts_fields(model):  # text_dfm: router.kinds was told ["bayes"], which it refuses
             with pytest.raises(DDMError) as err:
                 validate(model, apply_overrides(raw, [f"{field}=3"]), "--set")
             said = str(err.value)
@@ -183,6 +183,24 @@ def test_every_list_of_texts_field_given_a_number_is_told_a_set_that_parses():
             validate(model, apply_overrides(raw, [suggested]), "--set")  # the form it suggests works
             checked.append(field)
     assert "sample.stats_router_strategies" in checked and "router.kinds" in checked, checked
+
+
+def test_text_dfm_router_kinds_given_a_number_is_told_a_kind_that_config_takes():
+    """`--set router.kinds=3` on a text_dfm config was told ["bayes"] (the field's default's first item), which
+    that config then refused; it is told ["learned"], also while another router field is bad (which skips the
+    section's own check)."""
+    import pytest
+
+    from ddmkit.config import apply_overrides, validate
+    from ddmkit.discrete.config import TextRunConfig
+    from ddmkit.errors import DDMError
+
+    for extra in ([], ["router.width=2"]):
+        with pytest.raises(DDMError) as err:
+            validate(TextRunConfig, apply_overrides({"kind": "text_dfm"}, ["router.kinds=3", *extra]), "--set")
+        assert """e.g. ["learned"] (on the command line: --set 'router.kinds=["learned"]')""" in str(err.value)
+    with pytest.raises(DDMError, match=r"e\.g\. \[\"bayes\"\]"):  # text_ar takes both: its default's first
+        validate(TextRunConfig, apply_overrides({"kind": "text_ar"}, ["router.kinds=3"]), "--set")
 
 
 def test_one_value_for_data_params_says_it_is_a_table_of_the_data_sets_parameters(tmp_path):

@@ -534,29 +534,50 @@ def _of_texts(annotation) -> bool:
     return item is str or literal
 
 
-def _example_texts(field) -> list:
-    """One item of a list-of-texts field, as a list: from its default, else from its examples (Field(examples=...))."""
-    for value in (field.get_default(call_default_factory=True), *(field.examples or [])):
-        if value:
-            return list(value[:1])
-    return ["NAME"]  # a field with neither; tests/test_config.py checks that every config field has one
+def _example_texts(field) -> list[list]:
+    """One-item lists for a list-of-texts field, best first: each item of its default, of its examples
+    (Field(examples=...)) and of its choices (Literal), else the placeholder ["NAME"]."""
+    default = field.get_default(call_default_factory=True) or []
+    examples = [item for value in field.examples or [] for item in value]
+    choices = typing.get_args(typing.get_args(field.annotation)[0])  # Literal["a", "b"]'s; list[str]: none
+    items = list(dict.fromkeys([*default, *examples, *choices]))
+    return [[item] for item in items] or [["NAME"]]  # tests/test_config.py checks that every field has one
 
 
-def _texts_for(given, section: type[BaseModel], name: str, where: str) -> str:
-    """What to write for a number (or boolean) `given` as field `name` of `section`, a list of texts: the number
-    quoted, as a list, when the section takes it, else an item of the field's default or examples (and why the
-    quoted one would not do)."""
+def _with(table, loc: tuple, value) -> dict:
+    """A copy of the nested table `table` with `value` at `loc` (a path of field names)."""
+    table = dict(table) if isinstance(table, dict) else {}
+    table[loc[0]] = _with(table.get(loc[0]), loc[1:], value) if loc[1:] else value
+    return table
+
+
+def _refusal(model: type[BaseModel], data: dict, loc: tuple, value) -> str | None:
+    """Why `model` refuses `value` as the field at `loc` of `data`: the first error inside that field or of a
+    section holding it (e.g. text_dfm's check of router.kinds), with the other fields as given and, as a section's
+    check is skipped while another of its fields is bad, with the config's top-level values alone (its kind);
+    None if it takes it."""
+    for table in (data, {k: v for k, v in data.items() if not isinstance(v, (dict, list))}):
+        try:
+            model.model_validate(_with(table, loc, value))
+        except ValidationError as bad:
+            near = [b["msg"] for b in bad.errors() if b["loc"] and (b["loc"][:len(loc)] == loc or
+                                                                     loc[:len(b["loc"])] == b["loc"])]
+            if near:
+                return near[0].removeprefix("Value error, ")
+    return None
+
+
+def _texts_for(given, model: type[BaseModel], data: dict, loc: tuple, where: str) -> str:
+    """What to write for a number (or boolean) `given` as the list-of-texts field at `loc` of `data`: the number
+    quoted, as a list, when the config takes it, else the first item of the field's default, examples or choices
+    that the config takes (and why the quoted one would not do)."""
     quoted = json.dumps(json.dumps(given))  # 3 -> "3", True -> "true": as TOML and --set write them
     head = f"{json.dumps(given)} is one value, and this field is a list of texts, each in quotes"
-    try:
-        section.model_validate({name: [json.loads(quoted)]})
-        refused = []
-    except ValidationError as bad:  # the field's own errors (not a required field of the section left out here)
-        refused = [b["msg"].removeprefix("Value error, ") for b in bad.errors() if b["loc"][:1] == (name,)]
-    if not refused:
+    why = _refusal(model, data, loc, [json.loads(quoted)])
+    if why is None:
         return f"{head}: give [{quoted}] (on the command line: --set '{where}=[{quoted}]')"
-    why = refused[0]
-    example = json.dumps(_example_texts(section.model_fields[name]))
+    examples = _example_texts(_annotation_at(model, loc[:-1]).model_fields[loc[-1]])
+    example = json.dumps(next((e for e in examples if _refusal(model, data, loc, e) is None), examples[0]))
     return f"{head}, e.g. {example} (on the command line: --set '{where}={example}'); {quoted} would not do: {why}"
 
 
@@ -584,7 +605,7 @@ def _explain(err: ValidationError, source: str, what: str = "configuration", mod
         elif what == "configuration" and e["type"] == "list_type" and isinstance(e.get("input"), (str, int, float)):
             given = e["input"]
             if _of_texts(_annotation_at(model, e["loc"])) and not isinstance(given, str):  # 3 where ["top-3"] goes
-                msg = _texts_for(given, _annotation_at(model, e["loc"][:-1]), e["loc"][-1], where)
+                msg = _texts_for(given, model, data or {}, e["loc"], where)
             else:
                 msg = (f"{given!r} is one value, and this field is a list: give [{json.dumps(given)}] (on the command "
                        f"line: --set '{where}=[{json.dumps(given)}]')")
