@@ -309,16 +309,19 @@ def test_an_empty_router_is_refused_not_taken_for_the_default(tmp_path):
 
 def test_a_very_long_value_is_shown_shortened_in_its_error(tmp_path, monkeypatch):
     """A 3000-character value was echoed whole in its error line. Every message the CLI prints (a DDMError's, a
-    file system's) shows a value of more than 200 characters as its first 60, '...' and its length."""
+    file system's) shows a value of more than 500 characters as its first 60, '...', its last 40 and its length; a
+    path of 500 characters is shown whole."""
     long = "x" * 3000
-    assert shortened(f"--k {long!r}: give a number") == f"--k '{'x' * 60}... (3000 characters)': give a number"
-    assert shortened("y" * 200 + " " + long[:201]) == "y" * 200 + " " + "x" * 60 + "... (201 characters)"
+    assert shortened(f"--k {long!r}: give a number") == (
+        f"--k '{'x' * 60}...{'x' * 40} (3000 characters)': give a number")
+    assert shortened("y" * 500 + " " + "a" * 61 + "b" * 400 + "c" * 40) == (
+        "y" * 500 + " " + "a" * 60 + "..." + "c" * 40 + " (501 characters)")
     for args in (["sample", tmp_path / "run", "--router", long],  # a DDMError
                  ["train-router", tmp_path / long]):  # the file system's: File name too long
         done = run_cli(*args)
         said = done.stderr
-        assert done.returncode == 2 and said.startswith("error: ") and "x" * 61 not in said, said[:300]
-        assert re.search(r"\.\.\. \(3\d{3} characters\)", said) and len(said) < 400, said[:300]
+        assert done.returncode == 2 and said.startswith("error: ") and "x" * 101 not in said, said[:300]
+        assert re.search(r"\.\.\.\S{40} \(3\d{3} characters\)", said) and len(said) < 400, said[:300]
 
 
 @pytest.mark.parametrize("option", ["--n", "--n-boot", "--w2-boot", "--stability-rows"])

@@ -2,8 +2,8 @@
 count and noun its messages write, and shortened(), how the CLI shows a message that quotes a very long value."""
 import re
 
-LONG = 200  # characters: a longer run without a space or a quote is shown shortened (shortened)
-HEAD = 60  # the characters of such a run that are shown
+LONG = 500  # characters: a longer run without a space or a quote is shown shortened (shortened); no path is as long
+HEAD, TAIL = 60, 40  # the characters of such a run that are shown: its start and its end (a path's file name)
 _RUN = re.compile(rf"[^\s'\"`:=,;()\[\]{{}}]{{{LONG + 1},}}")  # a value, a path or a field name, not its quotes
 
 
@@ -19,6 +19,6 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
 
 def shortened(message: str) -> str:
     """`message` with every value in it of more than LONG characters (a run without a space, a quote or a
-    separator such as = or :) cut to its first HEAD characters, '...' and its length, e.g. 'xxx... (3000
-    characters)': a 3000-character value given to an option is not echoed whole in its error."""
-    return _RUN.sub(lambda m: f"{m.group()[:HEAD]}... ({len(m.group())} characters)", message)
+    separator such as = or :) cut to its first HEAD and last TAIL characters and its length, e.g. 'xxx...xxx
+    (3000 characters)': a 3000-character value given to an option is not echoed whole in its error."""
+    return _RUN.sub(lambda m: f"{m.group()[:HEAD]}...{m.group()[-TAIL:]} ({len(m.group())} characters)", message)
