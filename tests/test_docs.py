@@ -739,8 +739,10 @@ def one_of(accepted: tuple[str, ...]):
 def checked_later() -> dict[tuple[str, str], typing.Callable[[str], object]]:
     """{(command, parameter): check} of the values the CLI takes as text and checks when the command runs, each
     check the command's own: routing strategies (sample: its config's sample.strategies, but exact; analyze,
-    study misalignment, distill's --teacher: their own checks) and stages (the command's accepted ones)."""
+    study misalignment, distill's --teacher: their own checks), stages (the command's accepted ones) and Ray
+    addresses (no ray://)."""
     from ddmkit.config import SampleConfig, validate
+    from ddmkit.launch.ray_backend import check_address
     from ddmkit.pipeline.analyze import check_strategies
     from ddmkit.pipeline.distill import check_teacher
     from ddmkit.pipeline.misalignment import STUDY_STAGES, strategy_names
@@ -755,7 +757,8 @@ def checked_later() -> dict[tuple[str, str], typing.Callable[[str], object]]:
             ("ddmkit study misalignment", "strategy"): lambda names: strategy_names([names]),
             ("ddmkit distill", "teacher"): check_teacher, ("ddmkit run", "stages"): one_of(STAGES),
             ("ddmkit sweep", "stages"): one_of(SWEEP_STAGES),
-            ("ddmkit study misalignment", "stages"): one_of(STUDY_STAGES)}
+            ("ddmkit study misalignment", "stages"): one_of(STUDY_STAGES),
+            ("ddmkit run", "address"): check_address, ("ddmkit launch", "address"): check_address}
 
 
 def set_strategies(item: str) -> None:
@@ -861,9 +864,9 @@ def test_the_ddmkit_command_check_finds_a_stale_command_option_and_value(tmp_pat
     assert len(found) == len(expected) and all(map(str.startswith, found, expected)), found
 
 
-def test_the_ddmkit_command_check_finds_a_stale_strategy_and_stage(tmp_path):
+def test_the_ddmkit_command_check_finds_a_stale_strategy_stage_and_address(tmp_path):
     """Values the CLI takes as text and checks when the command runs (checked_later), each as its command reads
-    them; every command with a --strategy, --teacher or --stages has its check."""
+    them; every command with a --strategy, --teacher, --stages or --address has its check."""
     page = tmp_path / "page.md"
     page.write_text("    ddmkit sample RUN --strategy exact --strategy monolith --strategy top-3x \\\n"
                     "      --strategy gated-2@30\n"
@@ -873,7 +876,9 @@ def test_the_ddmkit_command_check_finds_a_stale_strategy_and_stage(tmp_path):
                     "    ddmkit run C --stages evaluation --set 'sample.strategies=[\"monolith\", \"tpo-1\"]'\n"
                     "    ddmkit sweep C --stages report --set 'sample.stats_router_strategies=[]' "
                     "--set 'sample.sweep_strategy=top-1' --set sample.n=10\n"
-                    "    ddmkit text run C --set 'evaluate.strategies=[\"oracle\"]'\n")
+                    "    ddmkit text run C --set 'evaluate.strategies=[\"oracle\"]'\n"
+                    "    ddmkit launch RUN --backend ray --address ray://head:10001\n"
+                    "    ddmkit run C --backend ray --address head:6379 && ddmkit launch RUN --address auto\n")
     found = stale_commands(page, tmp_path)
     expected = ["page.md:1: `ddmkit sample`: --strategy top-3x: --strategy: invalid configuration strategies: "
                 "strategy 'top-3x' is not a name of the form top-K",
@@ -890,11 +895,12 @@ def test_the_ddmkit_command_check_finds_a_stale_strategy_and_stage(tmp_path):
                 "page.md:6: `ddmkit run`: --set sample.strategies=[\"monolith\", \"tpo-1\"]: --set sample.strategies: "
                 "invalid configuration strategies: unknown routing strategy 'tpo-1'; did you mean 'top-1'?",
                 "page.md:8: `ddmkit text run`: --set evaluate.strategies=[\"oracle\"]: --set evaluate.strategies: "
-                "invalid configuration strategies: strategy 'oracle' needs continuous-data state"]
+                "invalid configuration strategies: strategy 'oracle' needs continuous-data state",
+                "page.md:9: `ddmkit launch`: --address ray://head:10001: --address ray://head:10001: Ray Client"]
     assert len(found) == len(expected) and all(map(str.startswith, found, expected)), "\n".join(found)
     from test_cli_conventions import commands
     options = {(" ".join(("ddmkit", *words)), p.name) for words, command in commands(ddmkit_group())
-               for p in command.params if p.name in ("strategy", "teacher", "stages")}
+               for p in command.params if p.name in ("strategy", "teacher", "stages", "address")}
     assert options == set(checked_later()), options ^ set(checked_later())
 
 

@@ -740,22 +740,55 @@ def test_emit_slurm_refuses_a_shard_cut_short_naming_the_fix(tmp_path, monkeypat
 
 # ----- a Ray cluster that cannot be reached -------------------------------------------------------------------
 
-def test_a_ray_address_that_cannot_be_reached_is_named_with_the_servers_last_line():
-    """A ray:// client's failure holds the server's whole traceback: only its last line is shown."""
+def test_a_ray_address_that_cannot_be_reached_is_named_with_rays_last_line():
+    """A failure of ray.init can hold a whole traceback: only its last line is shown."""
+    import socket
     from types import SimpleNamespace
 
     from ddmkit.launch.ray_backend import start_ray
 
     def init(**kwargs):
-        raise ConnectionError("Initialization failure from server:\nTraceback (most recent call last):\n  File "
-                              "\"proxier.py\", line 772\nRuntimeError: Starting Ray client server failed.")
+        raise ConnectionError("Initialization failure:\nTraceback (most recent call last):\n  File "
+                              "\"node.py\", line 772\nRuntimeError: Failed to connect to Ray cluster.")
 
     fake = SimpleNamespace(is_initialized=lambda: False, init=init)
-    with pytest.raises(DDMError) as info:
-        start_ray(fake, "ray://head:10001", None)
-    assert str(info.value).startswith("--address: cannot connect to Ray at ray://head:10001: RuntimeError: Starting "
-                                      "Ray client server failed;")
+    with socket.socket() as server, pytest.raises(DDMError) as info:  # an address that answers: ray.init is called
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        start_ray(fake, address, None)
+    assert str(info.value).startswith(f"--address: cannot connect to Ray at {address}: RuntimeError: Failed to "
+                                      "connect to Ray cluster;")
     assert "Traceback" not in str(info.value)
+
+
+def test_a_ray_client_address_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    """Ray Client (ray://HOST:10001) cannot run the streaming tasks that bring the checkpoints back: `launch
+    --address ray://...` failed after Ray started, with a traceback ending in Ray's 'Streaming ... are not
+    currently supported when using Ray Client'."""
+    from types import SimpleNamespace
+
+    import ddmkit.launch.ray_backend as ray_backend
+
+    run = _tiny_run(tmp_path, "partition.k=2")
+    before = sorted(run.rglob("*"))
+    monkeypatch.setattr(ray_backend, "import_ray", lambda: pytest.fail("Ray was imported"))
+    code, err = cli("launch", run, "--backend", "ray", "--address", "ray://127.0.0.1:10001")
+    assert code == 2 and err.startswith("error: --address ray://127.0.0.1:10001: Ray Client (a ray:// address) "
+                                        "cannot run the streaming tasks"), err
+    assert "--address auto or HOST:6379" in err and "ray job submit --address http://HOST:8265 -- ddmkit " \
+        "launch RUN --backend ray --address auto" in err, err
+    assert sorted(run.rglob("*")) == before  # nothing written: no experts/ folder, no lock
+    fake = SimpleNamespace(is_initialized=lambda: False, init=lambda **kwargs: pytest.fail("ray.init was called"))
+    with pytest.raises(DDMError, match="^--address ray://head:10001: Ray Client"):  # run_ray called from Python
+        ray_backend.start_ray(fake, "ray://head:10001", None)
+
+
+@pytest.mark.parametrize("address", ["auto", "head:6379", "10.0.0.5:6379", None])
+def test_the_addresses_ray_runs_streaming_tasks_on_pass_the_launch_check(address):
+    from ddmkit.launch import check_launch
+
+    check_launch("ray", None, address)
 
 
 def test_a_host_port_address_where_nothing_answers_is_refused_before_ray_retries_it_for_ever():

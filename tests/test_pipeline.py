@@ -540,6 +540,7 @@ def test_sample_draws_the_exact_set_its_help_offers(tiny_run, tmp_path, cli):
 @pytest.mark.parametrize("command, args, message", [
     ("run", ["--workers", "0", "--backend", "processes"], "--workers must be >= 1"),
     ("run", ["--address", "auto"], "--address is for the ray backend only"),
+    ("run", ["--backend", "ray", "--address", "ray://head:10001"], "Ray Client (a ray:// address) cannot run"),
     ("run", ["--workers", "2"], "--workers is for the processes and ray backends"),  # was ignored
     ("demo", ["--workers", "0", "--backend", "processes"], "--workers must be >= 1")])
 def test_launch_options_are_refused_before_the_run_folder_is_made(tmp_path, command, args, message, cli):

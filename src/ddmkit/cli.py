@@ -114,6 +114,9 @@ STUDY_SEEDS_MAX = 1000  # study misalignment trains every condition once per see
 BESIDE_POOL_WORKERS = ("parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or "
                        "per CPU core without GPUs: but one, which trains the monolith and router, with processes)")
 BOOT_MAX = 100_000  # ddmkit.pipeline.misalignment.BOOT_MAX: bootstrap resamples of the study's intervals
+RAY_ADDRESS_HELP = ("ray cluster address: auto (the cluster of this node) or HOST:6379 (its GCS address); not "
+                    "a ray:// address, as Ray Client cannot stream the checkpoints back (default: a local Ray "
+                    "that ddmkit starts)")
 DEVICE = typer.Option(None, "--device", help="where networks train and sample: cpu, cuda, cuda:N, mps or auto; "
                       "sets every train.device of the config (default: the config's)")
 SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one config field, repeatable: --set "
@@ -549,7 +552,7 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
         force: bool = typer.Option(False, help="replace a folder that holds a different run"),
         backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
         workers: Optional[int] = typer.Option(None, help=BESIDE_POOL_WORKERS),
-        address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto; default: a local Ray that ddmkit starts)"),
+        address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
         stages: str = typer.Option("all", help="train (data, partition, experts, monolith, router, registry), "
                                    "evaluate (sampling, scores, report: needs the trained networks) or all"),
         device: Optional[str] = DEVICE,
@@ -633,7 +636,7 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
 def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/"),
            backend: str = typer.Option("inline", help="inline, processes or ray"),
            workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU core without GPUs)"),
-           address: Optional[str] = typer.Option(None, help="ray cluster address (ray://host:10001 or auto; default: a local Ray that ddmkit starts)"),
+           address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
            emit: Optional[str] = typer.Option(None, help="write a scheduler script instead of training: slurm (default: train here)"),
            script: Optional[Path] = typer.Option(None, help="where --emit writes (default RUN/launch/train_experts.slurm)"),
            time: Optional[str] = typer.Option(None, help="slurm --time per expert (default 24:00:00)"),

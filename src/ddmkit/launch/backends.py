@@ -13,11 +13,11 @@ the thread count):
                 (named as its CUDA_VISIBLE_DEVICES names them) when it starts,
                 and gives it back when it ends; Ctrl-C or a failed job stops
                 every job, and the workers die with this process;
-    ray         Ray tasks, on an existing cluster (address="ray://host:10001" or
-                "auto") or on a local Ray that ddmkit starts; a task receives its
-                shard's (and checkpoint's) bytes and sends back its checkpoints'
-                and the expert folder's bytes, so workers need no shared file
-                system (see ddmkit.launch.ray_backend).
+    ray         Ray tasks, on an existing cluster (address="auto" or "host:6379";
+                not a Ray Client address, ray://) or on a local Ray that ddmkit
+                starts; a task receives its shard's (and checkpoint's) bytes and
+                sends back its checkpoints' and the expert folder's bytes, so
+                workers need no shared file system (see ddmkit.launch.ray_backend).
 
 With resume=True a job continues from the checkpoint it left, on every backend.
 
@@ -40,7 +40,7 @@ import torch
 
 from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError, counted
-from ddmkit.launch.ray_backend import run_ray
+from ddmkit.launch.ray_backend import check_address, run_ray
 from ddmkit.nets import use_networks, user_networks
 from ddmkit.nets.user import names_only_here
 from ddmkit.train.checkpoint import check_checkpoint_file
@@ -71,8 +71,8 @@ def check_backend(name: str) -> str:
 
 
 def check_launch(backend: str, workers: int | None = None, address: str | None = None) -> None:
-    """Refuse an unknown backend, workers < 1, workers for the inline backend (it has none), and an
-    address for another backend than ray."""
+    """Refuse an unknown backend, workers < 1, workers for the inline backend (it has none), an address for
+    another backend than ray, and a Ray Client address (ray://)."""
     check_backend(backend)
     if workers is not None and workers < 1:
         raise DDMError(f"--workers must be >= 1, got {workers}")
@@ -81,6 +81,7 @@ def check_launch(backend: str, workers: int | None = None, address: str | None =
                        "this process); add --backend processes, or leave --workers out")
     if address is not None and backend != "ray":
         raise DDMError(f"--address is for the ray backend only (backend is {backend!r}); add --backend ray")
+    check_address(address)
     here = names_only_here() if backend != "inline" else []
     if here:
         raise DDMError(f"backend {backend!r}: the network class registered as {here[0]!r} can be used in this process "

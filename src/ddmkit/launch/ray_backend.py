@@ -14,7 +14,9 @@ inline backend for the same seeds.
 
     run_ray(jobs, cfg.expert)                          # a local Ray on this machine
     run_ray(jobs, cfg.expert, address="auto")          # the cluster this node belongs to
-    run_ray(jobs, cfg.expert, address="ray://head:10001")
+    run_ray(jobs, cfg.expert, address="head:6379")     # a cluster's GCS address
+
+Ray Client (an address ray://HOST:10001) is refused (check_address): it cannot run streaming tasks.
 
 Each task asks for one GPU when the cluster has GPUs, none otherwise.
 
@@ -134,19 +136,28 @@ def _last_line(error: BaseException) -> str:
     return lines[-1].rstrip(".") if lines else type(error).__name__
 
 
+def check_address(address: str | None) -> None:
+    """Refuse a Ray Client address (ray://HOST:PORT; Ray takes any SCHEME://... for one): the client cannot run the
+    streaming tasks that bring each checkpoint back to the driver."""
+    if address is not None and "://" in address:
+        raise DDMError(f"--address {address}: Ray Client (a ray:// address) cannot run the streaming tasks that "
+                       "bring each checkpoint back to ddmkit; run ddmkit on a node of the cluster with --address "
+                       "auto or HOST:6379 (the cluster's GCS address), or submit the command as a Ray job: ray job "
+                       "submit --address http://HOST:8265 -- ddmkit launch RUN --backend ray --address auto")
+
+
 def check_reachable(address: str, timeout: float = 10.0) -> None:
     """A cluster address HOST:PORT where nothing answers is a DDMError within `timeout` seconds: ray.init
-    retries such an address for ever. ray://HOST:PORT (the client times out by itself) and auto are left
-    to Ray."""
+    retries such an address for ever. auto is left to Ray."""
     host, sep, port = address.rpartition(":")
-    if address == "auto" or "://" in address or not sep or not port.isdigit():
+    if address == "auto" or not sep or not port.isdigit():
         return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as e:
         reason = "no answer within {:g} s".format(timeout) if isinstance(e, TimeoutError) else (e.strerror or str(e))
         raise DDMError(f"--address: cannot connect to Ray at {address}: {reason}; start the cluster (`ray start "
-                       "--head`) or fix --address (ray://HOST:10001, HOST:6379 or auto)") from None
+                       "--head`) or fix --address (HOST:6379 or auto)") from None
 
 
 def start_ray(ray, address: str | None, workers: int | None):
@@ -184,12 +195,13 @@ def _init_ray(ray, address: str | None, workers: int | None) -> None:
     """ray.init: the cluster at `address` (checked reachable first), or a local Ray of `workers` CPUs."""
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address:
+        check_address(address)
         check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
-        except Exception as e:  # ConnectionError, or the client server's own failure
+        except Exception as e:  # ConnectionError, or Ray's own failure (its last line is shown)
             raise DDMError(f"--address: cannot connect to Ray at {address}: {_last_line(e)}; start the cluster "
-                           "(`ray start --head`) or fix --address (ray://HOST:10001, HOST:6379 or auto)") from None
+                           "(`ray start --head`) or fix --address (HOST:6379 or auto)") from None
     else:
         import torch
 
