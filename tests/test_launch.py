@@ -791,6 +791,32 @@ def test_the_addresses_ray_runs_streaming_tasks_on_pass_the_launch_check(address
     check_launch("ray", None, address)
 
 
+def test_ray_address_in_the_environment_is_the_cluster_ray_connects_to_and_a_client_one_is_refused(monkeypatch):
+    """Ray reads RAY_ADDRESS (set inside a Ray job) when no address or auto is given: a ray:// one reached Ray
+    Client's streaming refusal (a traceback), and a cluster's one made ddmkit's local Ray ask an existing cluster
+    for num_cpus (Ray refuses that). It is checked as --address is, named as RAY_ADDRESS, and connected to."""
+    from types import SimpleNamespace
+
+    import ddmkit.launch.ray_backend as ray_backend
+    from ddmkit.launch import check_launch
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    for address in (None, "auto"):
+        with pytest.raises(DDMError, match=r"^RAY_ADDRESS=ray://head:10001: Ray Client .* unset RAY_ADDRESS and run "):
+            check_launch("ray", None, address)
+    check_launch("ray", None, "head:6379")  # given, --address wins
+    check_launch("processes", None, None)  # no Ray: the variable is not read
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    inits, reached = [], []
+    monkeypatch.setattr(ray_backend, "check_reachable", lambda address, given: reached.append((address, given)))
+    fake = SimpleNamespace(is_initialized=lambda: False, init=lambda **kwargs: inits.append(kwargs))
+    assert ray_backend.start_ray(fake, None, 2)
+    assert reached == [("head:6379", "RAY_ADDRESS=head:6379")] and inits[0]["address"] == "head:6379" \
+        and "num_cpus" not in inits[0]
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert ray_backend.start_ray(fake, None, 2) and inits[1]["num_cpus"] == 2 and "address" not in inits[1]
+
+
 def test_a_host_port_address_where_nothing_answers_is_refused_before_ray_retries_it_for_ever():
     """ray.init(address="HOST:6379") with no cluster there retried for ever (12 minutes and more, Ctrl-C slow)."""
     import socket

@@ -81,7 +81,8 @@ def check_launch(backend: str, workers: int | None = None, address: str | None =
                        "this process); add --backend processes, or leave --workers out")
     if address is not None and backend != "ray":
         raise DDMError(f"--address is for the ray backend only (backend is {backend!r}); add --backend ray")
-    check_address(address)
+    if backend == "ray":
+        check_address(address)  # --address, or RAY_ADDRESS
     here = names_only_here() if backend != "inline" else []
     if here:
         raise DDMError(f"backend {backend!r}: the network class registered as {here[0]!r} can be used in this process "

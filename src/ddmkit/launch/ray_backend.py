@@ -136,19 +136,30 @@ def _last_line(error: BaseException) -> str:
     return lines[-1].rstrip(".") if lines else type(error).__name__
 
 
+def cluster_address(address: str | None) -> tuple[str | None, str]:
+    """(the cluster ray.init connects to, how the user gave it): --address, else the RAY_ADDRESS variable, which
+    Ray reads for no address and for auto (inside a Ray job it is set); None: a local Ray that ddmkit starts."""
+    variable = os.environ.get("RAY_ADDRESS", "").strip()
+    if variable and address in (None, "auto"):
+        return variable, f"RAY_ADDRESS={variable}"
+    return address, f"--address {address}"
+
+
 def check_address(address: str | None) -> None:
-    """Refuse a Ray Client address (ray://HOST:PORT; Ray takes any SCHEME://... for one): the client cannot run the
-    streaming tasks that bring each checkpoint back to the driver."""
-    if address is not None and "://" in address:
-        raise DDMError(f"--address {address}: Ray Client (a ray:// address) cannot run the streaming tasks that "
-                       "bring each checkpoint back to ddmkit; run ddmkit on a node of the cluster with --address "
-                       "auto or HOST:6379 (the cluster's GCS address), or submit the command as a Ray job: ray job "
+    """Refuse a Ray Client address (ray://HOST:PORT; Ray takes any SCHEME://... for one), given as --address or
+    in RAY_ADDRESS: the client cannot run the streaming tasks that bring each checkpoint back to the driver."""
+    cluster, given = cluster_address(address)
+    if cluster is not None and "://" in cluster:
+        unset = "" if given.startswith("--address") else "unset RAY_ADDRESS and "
+        raise DDMError(f"{given}: Ray Client (a ray:// address) cannot run the streaming tasks that bring each "
+                       f"checkpoint back to ddmkit; {unset}run ddmkit on a node of the cluster with --address auto "
+                       "or HOST:6379 (the cluster's GCS address), or submit the command as a Ray job: ray job "
                        "submit --address http://HOST:8265 -- ddmkit launch RUN --backend ray --address auto")
 
 
-def check_reachable(address: str, timeout: float = 10.0) -> None:
+def check_reachable(address: str, timeout: float = 10.0, given: str = "--address") -> None:
     """A cluster address HOST:PORT where nothing answers is a DDMError within `timeout` seconds: ray.init
-    retries such an address for ever. auto is left to Ray."""
+    retries such an address for ever. auto is left to Ray. `given`: how the user gave it, as errors name it."""
     host, sep, port = address.rpartition(":")
     if address == "auto" or not sep or not port.isdigit():
         return
@@ -156,8 +167,8 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as e:
         reason = "no answer within {:g} s".format(timeout) if isinstance(e, TimeoutError) else (e.strerror or str(e))
-        raise DDMError(f"--address: cannot connect to Ray at {address}: {reason}; start the cluster (`ray start "
-                       "--head`) or fix --address (HOST:6379 or auto)") from None
+        raise DDMError(f"{given}: cannot connect to Ray at {address}: {reason}; start the cluster (`ray start "
+                       f"--head`) or fix {given.partition('=')[0]} (HOST:6379 or auto)") from None
 
 
 def start_ray(ray, address: str | None, workers: int | None):
@@ -192,16 +203,19 @@ def keeping_sigterm_handler():
 
 
 def _init_ray(ray, address: str | None, workers: int | None) -> None:
-    """ray.init: the cluster at `address` (checked reachable first), or a local Ray of `workers` CPUs."""
+    """ray.init: the cluster at `address` or RAY_ADDRESS (cluster_address; checked reachable first), or a local
+    Ray of `workers` CPUs."""
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    check_address(address)
+    address, given = cluster_address(address)
+    given = "--address" if given.startswith("--address") else given
     if address:
-        check_address(address)
-        check_reachable(address)
+        check_reachable(address, given=given)
         try:
             ray.init(address=address, **kwargs)
         except Exception as e:  # ConnectionError, or Ray's own failure (its last line is shown)
-            raise DDMError(f"--address: cannot connect to Ray at {address}: {_last_line(e)}; start the cluster "
-                           "(`ray start --head`) or fix --address (HOST:6379 or auto)") from None
+            raise DDMError(f"{given}: cannot connect to Ray at {address}: {_last_line(e)}; start the cluster "
+                           f"(`ray start --head`) or fix {given.partition('=')[0]} (HOST:6379 or auto)") from None
     else:
         import torch
 
