@@ -731,19 +731,23 @@ def test_images_over_pillows_pixel_limits_are_read_quietly_or_refused_as_too_lar
         read_image_folder(tmp_path, resize=10, crop=10)
 
 
-@pytest.mark.parametrize("takes, data, fix", [
-    (1, 3, r"set data.params.mode = \"grey\" \(an image folder: every image made grayscale\), or give an "
-           r"autoencoder of 3-channel images, or leave latent.pretrained out"),
-    (4, 1, r"give an autoencoder of 1- or 3-channel images \(grey images go through an RGB one, repeated\), or leave"),
+@pytest.mark.parametrize("takes, data, name, fix", [
+    (1, 3, "image_folder", r"set data.params.mode = \"grey\" \(every image made grayscale\), or give an "
+                           r"autoencoder of 3-channel images, or leave latent.pretrained out"),
+    (1, 3, "image_array", r"give grey images \(one channel\), or give an autoencoder of 3-channel images"),
+    (4, 1, None, r"give an autoencoder of 1- or 3-channel images \(grey images go through an RGB one, repeated\), or "
+                 r"leave"),
 ])
-def test_an_autoencoder_of_other_channels_is_refused_with_the_fix(takes, data, fix):
-    """A 1-channel autoencoder on RGB data said only that the channels differ."""
+def test_an_autoencoder_of_other_channels_is_refused_with_the_fix(takes, data, name, fix):
+    """A 1-channel autoencoder on RGB data said only that the channels differ; on an image array it said to set
+    data.params.mode, which only an image folder takes."""
     from ddmkit.latent import latent_shape
 
     config = {"_class_name": "AutoencoderKL", "in_channels": takes, "block_out_channels": [8, 8]}
     with pytest.raises(DDMError, match=rf"latent.pretrained: the autoencoder takes {takes}-channel images, "
-                                       rf"the data have {data};.* {fix}"):
-        latent_shape(config, (data, 16, 16))
+                                       rf"the data have {data};.* {fix}") as info:
+        latent_shape(config, (data, 16, 16), name)
+    assert ("data.params.mode" in str(info.value)) == (name == "image_folder")
     assert latent_shape({**config, "in_channels": 3}, (1, 16, 16))[1:] == (8, 8)  # grey through RGB: no error
 
 

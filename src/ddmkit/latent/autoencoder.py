@@ -116,7 +116,10 @@ def latent_shape(config: dict, image_shape: tuple[int, ...], data_name: str | No
                        f"crop them to a multiple of {f}, e.g. {pad_fix(data_name, side, data_params, (h, w))}")
     takes = int(config.get("in_channels", 3))
     if takes not in (channels, 3):
-        grey = ' set data.params.mode = "grey" (an image folder: every image made grayscale), or' if takes == 1 else ""
+        grey = ""
+        if takes == 1:  # only an image folder takes a mode
+            grey = (' set data.params.mode = "grey" (every image made grayscale), or' if data_name == "image_folder"
+                    else " give grey images (one channel), or")
         fits = "3-channel images" if channels == 3 else \
             f"{channels}- or 3-channel images (grey images go through an RGB one, repeated)"
         raise DDMError(f"latent.pretrained: the autoencoder takes {takes}-channel images, the data have {channels};"
