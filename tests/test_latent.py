@@ -297,6 +297,26 @@ def test_a_pretrained_autoencoder_is_copied_and_used(tmp_path):
     assert sha256_file(run / "autoencoder" / "diffusion_pytorch_model.safetensors") == before
 
 
+def test_a_lost_autoencoder_is_named_with_the_fix_that_works(tmp_path, monkeypatch, capsys):
+    """A run copied without RUN/autoencoder/ (or its config.json): every command said 'copy it back or re-create
+    it' (or 're-create it with the ddmkit command that wrote it'), and `ddmkit partition` on the run refused again."""
+    tiny_autoencoder().save_pretrained(tmp_path / "vae", safe_serialization=True)
+    config = latent_config(tmp_path, pretrained=tmp_path / "vae")
+    run = tmp_path / "run"
+    assert exit_code(monkeypatch, capsys, "partition", "--config", config, "--out", run)[0] == 0
+    shutil.move(run / "autoencoder", tmp_path / "kept")
+    code, out = exit_code(monkeypatch, capsys, "partition", "--config", config, "--out", run)
+    assert code == 2 and f"{run / 'autoencoder' / 'diffusion_pytorch_model.safetensors'} and " \
+        f"{run / 'autoencoder' / 'config.json'} are missing: the run's autoencoder" in out, out
+    assert "copy the run's autoencoder/ folder back whole" in out and "re-create" not in out
+    shutil.move(tmp_path / "kept", run / "autoencoder")
+    (run / "autoencoder" / "config.json").rename(tmp_path / "config.json")
+    code, out = exit_code(monkeypatch, capsys, "partition", "--config", config, "--out", run)
+    assert code == 2 and f"{run / 'autoencoder' / 'config.json'} is missing: the run's autoencoder" in out, out
+    (tmp_path / "config.json").rename(run / "autoencoder" / "config.json")
+    assert exit_code(monkeypatch, capsys, "partition", "--config", config, "--out", run)[0] == 0
+
+
 def exit_code(monkeypatch, capsys, *args) -> tuple[int, str]:
     """`ddmkit ARGS` through its entry point, in this process: (exit code, what it printed)."""
     import ddmkit.cli as cli_module

@@ -225,6 +225,18 @@ def shard_files(run: str | Path) -> list[Path]:
 AUTOENCODER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
+def check_autoencoder_files(folder: RunFolder) -> None:
+    """RUN/autoencoder's weights and config.json are there, else a DDMError with the fix that works: only that
+    autoencoder decodes the latents the run's networks learnt (no command makes it again in place)."""
+    missing = [str(path) for path in (folder.autoencoder / AUTOENCODER_WEIGHTS, folder.autoencoder / "config.json")
+               if not path.is_file()]
+    if missing:
+        raise DDMError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing: the run's "
+                       f"autoencoder, whose latents its networks learnt ({folder.latent_info} records its SHA-256); "
+                       f"copy the run's autoencoder/ folder back whole from another copy of the run, or make the run "
+                       "again in a new folder (`ddmkit run CONFIG --out NEW_RUN`)")
+
+
 def latent_info(run: str | Path) -> dict:
     """latents/latents.json of a latent run, checked by schema, one shard per cluster of the partition,
     and against the autoencoder's weights (SHA-256) and its config's latent scale and shift."""
@@ -237,6 +249,7 @@ def latent_info(run: str | Path) -> dict:
                        f"remove {folder.latents} and encode the shards again with `ddmkit partition --config CONFIG "
                        f"--out {folder.root}`")
     weights = folder.autoencoder / AUTOENCODER_WEIGHTS
+    check_autoencoder_files(folder)
     if sha256_file(weights) != info["autoencoder_sha256"]:
         raise DDMError(f"{weights}: SHA-256 differs from {source}; the autoencoder was changed after the shards were "
                        f"encoded, and the run's networks learnt the latents of the one recorded there. Put that "
