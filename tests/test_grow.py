@@ -18,7 +18,7 @@ from ddmkit.ddm import load_ddm
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, read_json, read_metadata, write_json
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.grow import add_expert, joined_truth, replace_expert
+from ddmkit.pipeline.grow import add_expert, check_island, joined_truth, replace_expert, trained_run
 from ddmkit.pipeline.models import describe_models
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.run import run_pipeline, sample_run
@@ -185,6 +185,26 @@ def test_stats_router_trains_nothing_and_routes_the_new_island(run, cli):
     assert code == 2 and "--router learned" in err and "train-router" in err, err
     assert hashes(run) == before
     assert cli("sample", run, "--strategy", "top-1")[0] == 0  # left out: the run's own (statistics) router
+
+
+def test_unlabelled_rows_join_a_labelled_run_whose_networks_take_no_labels(base, run, tmp_path, cli):
+    """The run's rows carry labels that nothing reads (unconditional networks, no exact truth to keep): an
+    island of plain rows was refused, asking for 'the component each row was drawn from', which it has not."""
+    plain = np.load(base / "new.npz")["x"]
+    np.savez(tmp_path / "plain.npz", x=plain)
+    conditional = trained_run(run)  # class-conditional networks read the labels: still refused
+    conditional.expert_config = {**conditional.expert_config, "kwargs": {"num_classes": 4}}
+    with pytest.raises(DDMError, match="carry labels"):
+        check_island(conditional, ArrayData("plain", torch.as_tensor(plain)), "training")
+    code, err = cli("add-expert", run, "--data", tmp_path / "plain.npz", "--router", "stats")
+    assert code == 0, err
+    folder = RunFolder(run)
+    m = read_json(folder.manifest)
+    assert m["k"] == 4 and "labels" not in load_tensors(run / "partition" / m["shards"][3]["path"])
+    assert all("labels" not in load_tensors(folder.split(s)) for s in ("train", "test"))  # dropped, not half-kept
+    assert cli("verify", run)[0] == 0
+    info, = sample_run(run, ["top-2"], log=lambda m: None)
+    assert info["missing_experts"] == []
 
 
 def test_exact_mixtures_are_joined_by_training_counts():

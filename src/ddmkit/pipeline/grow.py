@@ -197,16 +197,21 @@ def check_island(run: TrainedRun, x: ArrayData, what: str) -> None:
     if x.labels is not None:  # an ArrayData's: one whole number per row (a file's were checked on loading)
         labels = x.labels.detach().cpu() if isinstance(x.labels, torch.Tensor) else x.labels
         checked_labels(labels, len(x), f"data ({what})")
-    if run.train.labels is not None and x.labels is None:
+    classes = _classes(run)
+    if run.train.labels is not None and x.labels is None and (classes or x.truth is not None):
         raise DDMError("data: the run's rows carry labels (a class, or for a mixture such as ring8 the component "
                        "each row was drawn from) but the new data have none; give each new row a label (an .npz "
                        "'labels' array, or ArrayData.labels)")
-    classes = max(int(run.expert_config["kwargs"].get("num_classes", 0)),
-                  int(run.cfg.router.net.kwargs.get("num_classes", 0)))
     if classes and x.labels is not None and not bool(((x.labels >= 0) & (x.labels < classes)).all()):
         raise DDMError(f"data: labels must lie in 0 .. {classes - 1} (the networks' classes); the new data hold "
                        f"{int(x.labels.min())} .. {int(x.labels.max())}: the networks cannot take another class, so "
                        "map the new rows' labels onto the run's classes (or train a run with more num_classes)")
+
+
+def _classes(run: TrainedRun) -> int:
+    """The class count of the run's class-conditional networks (0: none)."""
+    return max(int(run.expert_config["kwargs"].get("num_classes", 0)),
+               int(run.cfg.router.net.kwargs.get("num_classes", 0)))
 
 
 def check_grown_networks(run: TrainedRun, k: int) -> None:
@@ -235,8 +240,10 @@ class Growth:
 
 def _labels(old: torch.Tensor | None, x: ArrayData, offset: int) -> torch.Tensor | None:
     """The new rows' labels as the run stores them beside `old` (its labels, or None): none when the
-    run's rows have none; mixture components shifted past the run's own when the mixtures are joined."""
-    if old is None:
+    run's rows or the new ones have none (the run's labels are then dropped: check_island let unlabelled
+    rows in only where nothing reads labels); mixture components shifted past the run's own when the mixtures
+    are joined."""
+    if old is None or x.labels is None:
         return None
     return x.labels.long() + offset
 
@@ -320,11 +327,11 @@ def plan_growth(run: TrainedRun, train: ArrayData, test: ArrayData | None, mode:
     new_test = test if test is not None and len(test) else None
     train_t = {"x": union_x, **({} if y_new is None else {"labels": torch.cat([run.train.labels.long(), y_new])})}
     test_t = {"x": run.test.x}
-    if run.test.labels is not None:
+    if run.test.labels is not None and y_new is not None:
         test_t["labels"] = run.test.labels
     if new_test is not None:  # old and new rows interleaved: the prefix the evaluation takes holds both
         test_t["x"] = torch.cat([run.test.x, new_test.x.to(run.test.x.dtype)])
-        if run.test.labels is not None:
+        if "labels" in test_t:
             test_t["labels"] = torch.cat([run.test.labels.long(), _labels(run.test.labels, new_test, offset)])
         order = interleaved(len(run.test.x), len(new_test.x))
         test_t = {key: value[order] for key, value in test_t.items()}
