@@ -389,7 +389,11 @@ def test_add_expert_trains_on_the_device_given(base, run, cli):
     code, err = cli("add-expert", run, "--data", base / "new.npz", "--device", "cpu")
     assert code == 0, err
     assert load_partition_checked(RunFolder(run).partition)[0]["k"] == 4
-    assert f"sample and score with `ddmkit run {run}/config.json --out {run} --stages evaluate`" in " ".join(err.split())
+    said = " ".join(err.split())
+    assert f"sample and score with `ddmkit run {run}/config.json --out {run} --stages evaluate`" in said
+    e = read_json(RunFolder(run).grow)["events"][0]  # where the file's rows went: "N rows added" hid the test rows
+    assert e["test_rows"] > 0 and e["rows"] + e["test_rows"] == len(np.load(base / "new.npz")["x"])
+    assert f"{e['rows']} training rows and {e['test_rows']} test rows (the run's share held out) added" in said
 
 
 def test_add_expert_on_a_run_without_a_monolith_says_how_to_sample_and_score_it(base, run, cli):

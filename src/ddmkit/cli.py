@@ -916,8 +916,9 @@ def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trai
     score = (f"`ddmkit run {shlex.quote(str(run_dir / 'config.json'))} --out {run} --stages evaluate`"
              if (RunFolder(run_dir).monolith / "model.safetensors").exists()
              else f"`ddmkit sample {run}`, then `ddmkit evaluate {run}`")  # no monolith to compare with
-    log(f"add-expert: {event['rows']} rows added to {run_dir} (grow.json entry {event['n']}); sample and score with "
-        f"{score}")
+    held = event["test_rows"]  # a file gave rows to both splits: "200 rows added" of 400 puzzled
+    rows = f"{event['rows']} training rows" + (f" and {held} test rows (the run's share held out)" if held else "")
+    log(f"add-expert: {rows} added to {run_dir} (grow.json entry {event['n']}); sample and score with {score}")
 
 
 def _as_data_options(message: str) -> str:
