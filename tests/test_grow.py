@@ -194,7 +194,7 @@ def test_unlabelled_rows_join_a_labelled_run_whose_networks_take_no_labels(base,
     np.savez(tmp_path / "plain.npz", x=plain)
     conditional = trained_run(run)  # class-conditional networks read the labels: still refused
     conditional.expert_config = {**conditional.expert_config, "kwargs": {"num_classes": 4}}
-    with pytest.raises(DDMError, match="carry labels"):
+    with pytest.raises(DDMError, match=r"class-conditional \(4 classes\) .* its class, 0 \.\. 3"):
         check_island(conditional, ArrayData("plain", torch.as_tensor(plain)), "training")
     code, err = cli("add-expert", run, "--data", tmp_path / "plain.npz", "--router", "stats")
     assert code == 0, err
@@ -323,7 +323,7 @@ def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path, cli):
                         (lambda: add_expert(run, component(3, 20, 3), mode="join"), "--mode"),
                         (lambda: add_expert(run, component(3, 20, 3), router="none"), "--router"),
                         (lambda: add_expert(run, nan, log=print), "NaN"),
-                        (lambda: add_expert(run, unlabelled), "labels"),
+                        (lambda: add_expert(run, unlabelled), "the component it was drawn from"),
                         (lambda: add_expert(run, component(3, 1, 3), router="stats"), "at least 2"),
                         (lambda: add_expert(run, component(3, 1, 3)), "at least 2"),  # retrain: was accepted
                         (lambda: add_expert(run, str(tmp_path / "two.npz")), "data: 1 new training row(s) (1 more "

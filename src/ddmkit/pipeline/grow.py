@@ -198,10 +198,14 @@ def check_island(run: TrainedRun, x: ArrayData, what: str) -> None:
         labels = x.labels.detach().cpu() if isinstance(x.labels, torch.Tensor) else x.labels
         checked_labels(labels, len(x), f"data ({what})")
     classes = _classes(run)
-    if run.train.labels is not None and x.labels is None and (classes or x.truth is not None):
-        raise DDMError("data: the run's rows carry labels (a class, or for a mixture such as ring8 the component "
-                       "each row was drawn from) but the new data have none; give each new row a label (an .npz "
-                       "'labels' array, or ArrayData.labels)")
+    if run.train.labels is not None and x.labels is None and classes:
+        raise DDMError(f"data: the run's networks are class-conditional ({classes} classes) but the new rows have no "
+                       f"labels; give each new row its class, 0 .. {classes - 1} (an .npz 'labels' array, or "
+                       "ArrayData.labels)")
+    if run.train.labels is not None and x.labels is None and x.truth is not None:
+        raise DDMError("data: the new rows come with an exact mixture, which joins the run's, but have no labels; "
+                       "give each new row the component it was drawn from (ArrayData.labels), or leave out "
+                       "ArrayData.truth")
     if classes and x.labels is not None and not bool(((x.labels >= 0) & (x.labels < classes)).all()):
         raise DDMError(f"data: labels must lie in 0 .. {classes - 1} (the networks' classes); the new data hold "
                        f"{int(x.labels.min())} .. {int(x.labels.max())}: the networks cannot take another class, so "
