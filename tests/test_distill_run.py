@@ -129,6 +129,21 @@ def test_few_step_grid_is_what_grid_says(trained, tmp_path):
     assert (grids["lambda"] - time_grid(3)).abs().max() > 0.02
 
 
+def test_a_path_that_is_no_student_names_the_students_there(trained, tmp_path):
+    """RUN/students itself, or a student's name cut short, was told "config.json is missing; copy the whole
+    model folder again": there was nothing to copy."""
+    students = RunFolder(copy_of(trained, tmp_path)).students
+    for name in ("dense", "few-step-4-lambda"):  # model folders as students: only their place is read here
+        shutil.copytree(trained / "experts" / "expert_00", students / name)
+    field, _ = student_field(students / "dense")
+    assert field(torch.zeros(3, 2), torch.full((3,), 0.5)).shape == (3, 2)
+    for given in (students, students / "few-step-4"):
+        with pytest.raises(DDMError) as err:
+            student_field(given)
+        assert str(err.value) == (f"{given} is not a student's model folder; give one of the students in {students}: "
+                                  "dense, few-step-4-lambda")
+
+
 def test_cli_writes_students_and_report(trained, tmp_path, clis):
     """`ddmkit distill` exits 0 and writes the students and a report with every row; `ddmkit theory
     distill` is still there."""

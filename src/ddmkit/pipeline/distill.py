@@ -320,8 +320,21 @@ def shard_rows(run) -> tuple[torch.Tensor, torch.Tensor | None]:
 def student_field(path: Path, device="cpu", guidance: float = 1.0):
     """(velocity field, config.json) of a student's model folder (guidance: classifier-free guidance of a
     class-conditional dense student; a few-step student's trajectories already hold theirs)."""
+    check_student_path(Path(path))
     model, config = load_model(path, device)
     return velocity_field(model, config, guidance), config
+
+
+def check_student_path(path: Path) -> None:
+    """A path that is no model folder but RUN/students or a misnamed folder in it is refused with the students
+    there (load_model said "config.json is missing; copy the whole model folder again")."""
+    if (path / "config.json").exists():
+        return
+    students = path if path.name == "students" else path.parent
+    names = sorted(q.parent.name for q in students.glob("*/config.json")) if students.name == "students" else []
+    if names:
+        raise DDMError(f"{path} is not a student's model folder; give one of the students in {students}: "
+                       f"{', '.join(names)}")
 
 
 def make_dense(plan: Plan, log: Log) -> None:
