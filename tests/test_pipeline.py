@@ -114,30 +114,6 @@ def test_on_the_processes_backend_the_monolith_and_router_train_beside_the_pool(
         assert (out / rel).read_bytes() == (inline / rel).read_bytes(), rel
 
 
-def test_the_pool_leaves_a_core_to_the_monolith_and_router_beside_it(tmp_path, monkeypatch):
-    """On the CPU with the processes backend the pool's default workers are one per core but the one the
-    monolith and router's thread takes (at least one); a given --workers is kept, and the inline backend
-    and a machine with GPUs (where nothing trains beside the pool) leave the backend's own default."""
-    import ddmkit.pipeline.run as run_module
-
-    workers_given = []
-
-    def experts(cfg, run, log, backend, workers, address):
-        workers_given.append(workers)
-    monkeypatch.setattr(run_module, "stage_experts", experts)
-    monkeypatch.setattr(run_module, "TRAINING_STAGES", (experts,))
-    for name in ("stage_monolith", "stage_router", "check_registered"):
-        monkeypatch.setattr(run_module, name, lambda *args: None)
-    cfg = load_config(TINY)
-    for cores, gpus, backend, workers in ((4, 0, "processes", None), (2, 0, "processes", None),
-                                          (1, 0, "processes", None), (None, 0, "processes", None),
-                                          (4, 0, "processes", 4), (4, 0, "inline", None), (4, 2, "processes", None)):
-        monkeypatch.setattr(run_module.os, "cpu_count", lambda: cores)
-        monkeypatch.setattr(run_module, "cuda_count", lambda: gpus)
-        run_module.train_stages(cfg, tmp_path, lambda m: None, backend, workers)
-    assert workers_given == [3, 1, 1, 1, 4, None, None]
-
-
 def test_in_thread_runs_its_work_during_the_body_and_raises_its_error():
     """The work and the body wait for each other: run before the body or after it, one of the waits
     would time out."""

@@ -111,8 +111,8 @@ COUNT_MAX = 10**9  # ddmkit.config.ROWS: the most steps a count of the config ma
 K_MAX = 100_000  # the most clusters partition.k takes
 THEORY_SEED_MAX = 2**32 - 1 - 64  # numpy's seeds are 32 bits; the studies add small offsets (seed + 1, ...)
 STUDY_SEEDS_MAX = 1000  # study misalignment trains every condition once per seed: more is no study that ends
-BESIDE_POOL_WORKERS = ("parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or "
-                       "per CPU core without GPUs: but one, which trains the monolith and router, with processes)")
+WORKERS_HELP = ("parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU "
+                "core without GPUs)")
 BOOT_MAX = 100_000  # ddmkit.pipeline.misalignment.BOOT_MAX: bootstrap resamples of the study's intervals
 RAY_ADDRESS_HELP = ("ray cluster address: auto (the cluster of this node) or HOST:6379 (its GCS address); not "
                     "a ray:// address, as Ray Client cannot stream the checkpoints back (default: a local Ray "
@@ -551,7 +551,7 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
         seed: Optional[int] = typer.Option(None, help="one seed for every stage (overrides config)"),
         force: bool = typer.Option(False, help="replace a folder that holds a different run"),
         backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
-        workers: Optional[int] = typer.Option(None, help=BESIDE_POOL_WORKERS),
+        workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
         address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
         stages: str = typer.Option("all", help="train (data, partition, experts, monolith, router, registry), "
                                    "evaluate (sampling, scores, report: needs the trained networks) or all"),
@@ -610,7 +610,7 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
                                     "split over the experts, as in the DDM paper) or steps (round(budget x "
                                     "steps x K_ref / K) steps at the config's batch)"),
           backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
-          workers: Optional[int] = typer.Option(None, help=BESIDE_POOL_WORKERS),
+          workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
           device: Optional[str] = DEVICE,
           set_: Optional[List[str]] = SET):
     """Quality against training compute: a DDM per K and its FLOP-matched monolith at several budgets and
@@ -635,7 +635,7 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
 @app.command()
 def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/"),
            backend: str = typer.Option("inline", help="inline, processes or ray"),
-           workers: Optional[int] = typer.Option(None, help="parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU core without GPUs)"),
+           workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
            address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
            emit: Optional[str] = typer.Option(None, help="write a scheduler script instead of training: slurm (default: train here)"),
            script: Optional[Path] = typer.Option(None, help="where --emit writes (default RUN/launch/train_experts.slurm)"),
@@ -779,8 +779,7 @@ def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="output folder"),
          seed: Optional[int] = typer.Option(None, help="one seed for every stage (default: the config's)"),
          backend: str = typer.Option("processes", help="where experts train: inline, processes or ray"),
-         workers: Optional[int] = typer.Option(None, help="parallel expert jobs (default: one per CPU core but "
-                                               "one, which trains the monolith and router)"),
+         workers: Optional[int] = typer.Option(None, help="parallel expert jobs (default: one per CPU core)"),
          force: bool = typer.Option(False, help="replace a folder that holds a different run"),
          device: Optional[str] = DEVICE,
          set_: Optional[List[str]] = SET):

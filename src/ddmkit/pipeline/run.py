@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import shlex
 import threading
 import time
@@ -85,11 +84,9 @@ def train_stages(cfg: RunConfig, run, log: Log = print, backend: str = "inline",
                  address: str | None = None) -> None:
     """The training stages in order (run holds the run's lock). With the processes backend on CPU the
     monolith and the router, which need neither the experts nor each other, train in a thread of this
-    process while the pool trains the experts, on a core of their own (the pool's default workers are
-    one per core but that one: beside_pool_workers): the cores are busy throughout, and every network's
+    process while the pool trains the experts: the cores are busy throughout, and every network's
     bytes are the same as in order (each job keeps its own seed and thread count)."""
     beside_pool = backend == "processes" and not cfg.expert.concurrent and cuda_count() == 0
-    workers = workers or (beside_pool_workers() if beside_pool else None)
     check_registered(run)  # a registered file changed since is refused, not registered again
     for stage in TRAINING_STAGES:
         if stage is stage_experts:
@@ -97,13 +94,6 @@ def train_stages(cfg: RunConfig, run, log: Log = print, backend: str = "inline",
                 stage(cfg, run, log, backend, workers, address)
         else:
             stage(cfg, run, log)  # the monolith and the router skip themselves once written
-
-
-def beside_pool_workers() -> int:
-    """The pool's default workers while the monolith and the router train beside it: one per CPU core but
-    the one their thread takes, at least one. With one per core, three jobs share two cores, and the
-    monolith (the compute of all experts together) ends last, alone on one core."""
-    return max(1, (os.cpu_count() or 1) - 1)
 
 
 @contextlib.contextmanager
