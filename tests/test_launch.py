@@ -139,7 +139,9 @@ def test_a_slurm_option_without_a_value_is_written_without_an_equals_sign(tmp_pa
 @pytest.mark.parametrize("option, message", [({"time": "forever"}, "--time 'forever'"), ({"time": "24h"}, "--time"),
                                              ({"time": "5-99"}, "--time '5-99'"), ({"time": "1:75"}, "--time"),
                                              ({"time": "10:00:60"}, "--time"), ({"time": "2-23:60"}, "--time"),
-                                             ({"mem": "lots"}, "--mem 'lots'"), ({"mem": "16GB"}, "--mem"),
+                                             ({"mem": "lots"}, "--mem 'lots'"), ({"mem": "16B"}, "--mem '16B'"),
+                                             ({"mem": "16GBB"}, "--mem"), ({"mem": "16BG"}, "--mem"),
+                                             ({"mem": "16 GB"}, "--mem"), ({"mem": "0B"}, "--mem '0B'"),
                                              ({"cpus": 10**20}, "--cpus"), ({"cpus": 0}, "--cpus"),
                                              ({"gpus": -1}, "--gpus"), ({"gpus": 1000}, "--gpus"),
                                              ({"time": "abc"}, "--time 'abc'"), ({"time": "-5"}, "--time '-5'"),
@@ -150,6 +152,7 @@ def test_a_slurm_option_without_a_value_is_written_without_an_equals_sign(tmp_pa
                                              ({"time": "9" * 20}, "longer than sbatch counts"),
                                              ({"mem": "9007199254740992G"}, "--mem '9007199254740992G': more than"),
                                              ({"mem": "9223372036854775808K"}, "more than sbatch counts"),
+                                             ({"mem": "9007199254740992gb"}, "more than sbatch counts"),
                                              ({"mem": "9" * 20 + "G"}, "more than sbatch counts")])
 def test_slurm_resources_sbatch_would_refuse_are_refused(tmp_path, option, message):
     """--mem lots, --time forever and --cpus 10**20 went into the script as they were; a time past sbatch's 2**31
@@ -179,10 +182,20 @@ def test_every_form_of_slurm_time_is_accepted(tmp_path, time):
     assert f"#SBATCH --time={time}" in slurm_script(tmp_path, 2, time=time, mem="512M")
 
 
-@pytest.mark.parametrize("mem", ["0", "0G", "512K", "16G", "2T", "9223372036854775807M", "9007199254740991G"])
+@pytest.mark.parametrize("mem", ["0", "0G", "512K", "16G", "2T", "9223372036854775807M", "9007199254740991G",
+                                 "16GB", "16gb", "16g", "16Gb", "512m", "512MB", "1t", "1TB", "64kB"])
 def test_slurm_mem_up_to_what_sbatch_counts_is_accepted(tmp_path, mem):
-    """A number with its unit (0: all of a node's memory, to sbatch) up to sbatch's 2**63 - 1 megabytes."""
-    assert f"#SBATCH --mem={mem}" in slurm_script(tmp_path, 2, mem=mem)
+    """A number with its unit, in either case and optionally followed by B as sbatch reads them (0: all of a node's
+    memory, to sbatch), up to sbatch's 2**63 - 1 megabytes; written as given."""
+    assert f"#SBATCH --mem={mem}\n" in slurm_script(tmp_path, 2, mem=mem)
+
+
+def test_slurm_mem_with_a_byte_suffix_is_written_by_the_cli(tmp_path):
+    """--mem 16GB, which sbatch accepts, was refused: the script is written with it as given."""
+    run = _tiny_run(tmp_path)
+    code, err = cli("launch", run, "--emit", "slurm", "--mem", "16GB")
+    assert code in (0, None), err
+    assert "#SBATCH --mem=16GB\n" in (run / "launch" / "train_experts.slurm").read_text()
 
 
 def test_slurm_mem_without_a_unit_is_refused_naming_the_unit_to_add(tmp_path):

@@ -33,7 +33,9 @@ _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=+/@%-]*")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")  # a long option's name, without its dashes
 # sbatch's forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]], or no limit
 _TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE")
-_MEM = re.compile(r"\d+[KMGT]?")  # with a unit; a bare number (megabytes to sbatch) only as 0, a node's memory
+# a number and its unit, in either case and optionally followed by B (16G, 16gb); a bare number (megabytes to
+# sbatch) only as 0, a node's memory
+_MEM = re.compile(r"([0-9]+)(?:([KMGTkmgt])[Bb]?)?")
 SBATCH_SECONDS = 2**31 - 1  # sbatch counts a time limit in seconds in a 32-bit int: a longer one wraps round
 SBATCH_MEGABYTES = 2**63 - 1  # and --mem, its number and its megabytes, in a 64-bit one
 _MB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}  # megabytes per unit
@@ -63,9 +65,9 @@ def _seconds(time: str) -> int:
 
 
 def _megabytes(mem: str) -> float:
-    """The megabytes of a --mem value of _MEM's form (16G: 16384)."""
-    unit = mem[-1] if mem[-1] in _MB else "M"
-    return int(mem.rstrip("KMGT")) * _MB[unit]
+    """The megabytes of a --mem value of _MEM's form (16G and 16gb: 16384)."""
+    number, unit = _MEM.fullmatch(mem).groups()
+    return int(number) * _MB[(unit or "M").upper()]
 
 
 def check_resources(time: str, cpus: int, gpus: int, mem: str) -> None:
@@ -76,8 +78,8 @@ def check_resources(time: str, cpus: int, gpus: int, mem: str) -> None:
         raise DDMError(f"--time {time!r}: longer than sbatch counts (68 years); give a time limit such as 24:00:00 "
                        "or 7-0, or UNLIMITED for none")
     if not _MEM.fullmatch(mem):
-        raise DDMError(f"--mem {mem!r}: give a number with its unit, K, M, G or T (e.g. 16G)")
-    if int(mem.rstrip("KMGT")) > SBATCH_MEGABYTES or _megabytes(mem) > SBATCH_MEGABYTES:
+        raise DDMError(f"--mem {mem!r}: give a number with its unit, K, M, G or T (e.g. 16G or 16GB)")
+    if int(_MEM.fullmatch(mem).group(1)) > SBATCH_MEGABYTES or _megabytes(mem) > SBATCH_MEGABYTES:
         raise DDMError(f"--mem {mem!r}: more than sbatch counts (2**63 megabytes); give a node's memory or less, "
                        "e.g. 16G")
     if mem.isdigit() and int(mem) > 0:  # sbatch's default unit: --mem 16 would give each task 16 MB
