@@ -307,6 +307,17 @@ def test_an_empty_router_is_refused_not_taken_for_the_default(tmp_path):
         done.stderr
 
 
+@pytest.mark.parametrize("args", [["sample", ""], ["verify", ""], ["evaluate", ""], ["launch", ""],
+                                  ["distill", ""], ["replace-expert", "", "0", "FOLDER"]])
+def test_an_empty_run_argument_is_refused_naming_run(args, tmp_path, monkeypatch):
+    """`ddmkit sample ''` said '. is not a ddmkit run folder': Path('') is '.', the current folder. An empty RUN is
+    refused as such, by the raw argument, before any folder is read (the current one, a run or not, is left)."""
+    monkeypatch.chdir(tmp_path)
+    done = run_cli(*args)
+    assert done.returncode == 2 and done.stderr.startswith("error: RUN is empty: give the run folder"), done.stderr
+    assert "or . for the current folder" in done.stderr and not list(tmp_path.iterdir())
+
+
 def test_a_very_long_value_is_shown_shortened_in_its_error(tmp_path, monkeypatch):
     """A 3000-character value was echoed whole in its error line. Every message the CLI prints (a DDMError's, a
     file system's) shows a value of more than 500 characters as its first 60, '...', its last 40 and its length; a

@@ -117,6 +117,21 @@ BOOT_MAX = 100_000  # ddmkit.pipeline.misalignment.BOOT_MAX: bootstrap resamples
 RAY_ADDRESS_HELP = ("ray cluster address: auto (the cluster of this node) or HOST:6379 (its GCS address); not "
                     "a ray:// address, as Ray Client cannot stream the checkpoints back (default: a local Ray "
                     "that ddmkit starts)")
+
+
+def _run_folder(text: str) -> Path:
+    """RUN as typed: an empty one is refused here, as Path('') is '.', the current folder."""
+    if str(text) == "":
+        raise DDMError("RUN is empty: give the run folder (the --out of `ddmkit run` or `ddmkit partition`, e.g. "
+                       "runs/demo), or . for the current folder")
+    return Path(text)
+
+
+def run_argument(help: str):
+    """The RUN argument of a command that reads a run folder (an empty one refused by _run_folder)."""
+    return typer.Argument(..., metavar="RUN", help=help, parser=_run_folder)
+
+
 DEVICE = typer.Option(None, "--device", help="where networks train and sample: cpu, cuda, cuda:N, mps or auto; "
                       "sets every train.device of the config (default: the config's)")
 SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one config field, repeatable: --set "
@@ -318,7 +333,7 @@ def expert_interrupted_text(out: Path) -> str:
 
 
 @app.command("train-router")
-def train_router_cmd(run: Path = typer.Argument(..., help="run folder with partition/"),
+def train_router_cmd(run: Path = run_argument("run folder with partition/"),
                      config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
                      seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed: the run's "
                                                         "router.train.seed; another is refused, as any other "
@@ -370,7 +385,7 @@ def _keeping_registered(cfg, run: Path, train) -> None:
 
 
 @app.command("train-monolith")
-def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with partition/"),
+def train_monolith_cmd(run: Path = run_argument("run folder with partition/"),
                        config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
                        seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed: the run's "
                                                           "expert.train.seed; another is refused, as any other "
@@ -405,7 +420,7 @@ def train_monolith_cmd(run: Path = typer.Argument(..., help="run folder with par
 
 
 @app.command()
-def sample(run: Path = typer.Argument(..., help="run folder with experts/ and router/ (any kind of data)"),
+def sample(run: Path = run_argument("run folder with experts/ and router/ (any kind of data)"),
            strategy: List[str] = typer.Option(["top-2"], help=f"what to sample, repeatable: a routing strategy "
                                               f"({SAMPLED_STRATEGY_FORMS}), 'monolith', or 'exact' "
                                               "(Gaussian mixtures)"),
@@ -484,7 +499,7 @@ def sample(run: Path = typer.Argument(..., help="run folder with experts/ and ro
 
 
 @app.command()
-def evaluate(run: Path = typer.Argument(..., help="run folder with samples/ (any kind of data)"),
+def evaluate(run: Path = run_argument("run folder with samples/ (any kind of data)"),
              config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
              device: Optional[str] = DEVICE,
              set_: Optional[List[str]] = SET):
@@ -504,7 +519,7 @@ def evaluate(run: Path = typer.Argument(..., help="run folder with samples/ (any
 
 
 @app.command()
-def analyze(run: Path = typer.Argument(..., help="trained run folder (experts/, router/, partition/)"),
+def analyze(run: Path = run_argument("trained run folder (experts/, router/, partition/)"),
             out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/analysis)"),
             strategy: Optional[List[str]] = typer.Option(None, help="routing strategy, repeatable (default: full, "
                                                          "top-1, top-2, sample-2, the run's threshold-P (else "
@@ -633,7 +648,7 @@ def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in na
 
 
 @app.command()
-def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/"),
+def launch(run_dir: Path = run_argument("run folder with partition/"),
            backend: str = typer.Option("inline", help="inline, processes or ray"),
            workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
            address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
@@ -715,7 +730,7 @@ def launch(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder w
 
 
 @app.command()
-def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with partition/, experts/, router/"),
+def register(run_dir: Path = run_argument("run folder with partition/, experts/, router/"),
              config: Optional[Path] = OWN_NETWORKS):
     """Write RUN/registry.json: SHA-256 of every model folder, shard hashes, version, time convention."""
     from ddmkit.ddm.load import check_loadable, run_folder
@@ -752,7 +767,7 @@ def register(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder
 
 
 @app.command()
-def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder with registry.json"),
+def verify(run_dir: Path = run_argument("run folder with registry.json"),
            allow_missing: bool = typer.Option(False, help="accept experts that are missing (a DDM sampled without "
                                               "them: docs/distributed.md)")):
     """Check every model folder against RUN/registry.json, every shard against the partition, every data file
@@ -873,7 +888,7 @@ def _check_learned_router(run: Path) -> None:
 
 
 @app.command("add-expert")
-def add_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trained run folder (vectors or images)"),
+def add_expert_cmd(run_dir: Path = run_argument("trained run folder (vectors or images)"),
                    data: str = typer.Option(..., "--data", help="the new island's data: a data set name or a "
                                             ".npy/.npz path, of the run's data shape"),
                    params: Optional[str] = typer.Option(None, "--params", help="the data set's params as a JSON "
@@ -948,7 +963,7 @@ def _warnings_as_data_options():
 
 
 @app.command("replace-expert", context_settings={"ignore_unknown_options": True})  # K = -1 reaches the check
-def replace_expert_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="trained run folder (vectors or images)"),
+def replace_expert_cmd(run_dir: Path = run_argument("trained run folder (vectors or images)"),
                        k: str = typer.Argument(..., metavar="K", help="the expert to replace, 0 .. K-1 (a whole "
                                                "number)"),
                        folder: Path = typer.Argument(..., metavar="FOLDER", help="a model folder (config.json + "
@@ -1161,7 +1176,7 @@ def study_misalignment_cmd(
 # ----- distilling a trained DDM into one network and a few-step student (ddmkit.pipeline.distill) -----
 @app.command("distill")
 def distill_run_cmd(
-        run_dir: Path = typer.Argument(..., metavar="RUN", help="trained run folder (vectors or images)"),
+        run_dir: Path = run_argument("trained run folder (vectors or images)"),
         teacher: str = typer.Option("top-2", "--teacher", help=f"the routing strategy whose field is distilled "
                                     f"({FIELD_STRATEGY_FORMS}; oracle, nearest and gated-K@A need a "
                                     "trajectory or the analysis sampler: no field of (x_t, t))"),
