@@ -775,6 +775,55 @@ def test_a_ray_address_that_cannot_be_reached_is_named_with_rays_last_line():
     assert "Traceback" not in str(info.value)
 
 
+class AuthenticationError(Exception):
+    """As ray.exceptions.AuthenticationError: its str adds Ray's own help to its message."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self):
+        return self.message + ". Ensure that the token for the cluster is available in a local file ..."
+
+
+def _wrapped_auth_error():
+    """As ray.init raises a refused token: ConnectionError('Failed to connect ...') from the GCS client's error."""
+    try:
+        raise RuntimeError("GCS call failed:\nInvalidAuthToken: Authentication token is missing or incorrect")
+    except RuntimeError as e:
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379") from e
+
+
+def _no_token_error():
+    """As ray.init raises with RAY_AUTH_MODE=token and no token to read."""
+    raise AuthenticationError("Token authentication is enabled but no authentication token was found")
+
+
+@pytest.mark.parametrize("init, said", [
+    (_wrapped_auth_error, "(InvalidAuthToken: Authentication token is missing or incorrect)"),
+    (_no_token_error, "(Token authentication is enabled but no authentication token was found);")])
+def test_a_ray_cluster_refusing_the_token_says_how_to_give_it(init, said):
+    """A cluster with Ray's token authentication refused ray.init, and the error said to start the cluster or fix
+    --address: it says the cluster requires its token and where Ray reads one (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."""
+    import socket
+    from types import SimpleNamespace
+
+    from ddmkit.launch.ray_backend import start_ray
+
+    fake = SimpleNamespace(is_initialized=lambda: False, init=lambda **kwargs: init())
+    with socket.socket() as server, pytest.raises(DDMError) as info:  # an address that answers: ray.init is called
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        start_ray(fake, address, None)
+    message = str(info.value)
+    assert message.startswith(f"--address: the Ray cluster at {address} requires its authentication token {said}")
+    assert "set RAY_AUTH_MODE=token and give the cluster's token in RAY_AUTH_TOKEN, or in a file named by " \
+        "RAY_AUTH_TOKEN_PATH or at ~/.ray/auth_token" in message and "ray start --head" not in message, message
+    assert "Ensure that" not in message and "\n" not in message, message
+
+
 def test_a_ray_client_address_is_refused_before_anything_starts(tmp_path, monkeypatch):
     """Ray Client (ray://HOST:10001) cannot run the streaming tasks that bring the checkpoints back: `launch
     --address ray://...` failed after Ray started, with a traceback ending in Ray's 'Streaming ... are not

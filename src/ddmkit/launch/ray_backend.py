@@ -136,6 +136,24 @@ def _last_line(error: BaseException) -> str:
     return lines[-1].rstrip(".") if lines else type(error).__name__
 
 
+TOKEN_FIX = ("set RAY_AUTH_MODE=token and give the cluster's token in RAY_AUTH_TOKEN, or in a file named by "
+             "RAY_AUTH_TOKEN_PATH or at ~/.ray/auth_token (`ray get-auth-token` on the head node prints it), then "
+             "run the command again")
+
+
+def auth_failure(error: BaseException) -> str | None:
+    """What Ray said when the cluster's token authentication refused ray.init (its AuthenticationError, or a
+    last line naming auth or a token, e.g. 'InvalidAuthToken: ...', in the error or its causes), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        said = _last_line(getattr(error, "message", None) or error)  # an AuthenticationError's str adds Ray's help
+        if type(error).__name__ == "AuthenticationError" or "auth" in said.lower() or "token" in said.lower():
+            return said
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def cluster_address(address: str | None) -> tuple[str | None, str]:
     """(the cluster ray.init connects to, how the user gave it): --address, else the RAY_ADDRESS variable, which
     Ray reads for no address and for auto (inside a Ray job it is set); None: a local Ray that ddmkit starts."""
@@ -214,6 +232,10 @@ def _init_ray(ray, address: str | None, workers: int | None) -> None:
         try:
             ray.init(address=address, **kwargs)
         except Exception as e:  # ConnectionError, or Ray's own failure (its last line is shown)
+            refused = auth_failure(e)
+            if refused is not None:
+                raise DDMError(f"{given}: the Ray cluster at {address} requires its authentication token "
+                               f"({refused}); {TOKEN_FIX}") from None
             raise DDMError(f"{given}: cannot connect to Ray at {address}: {_last_line(e)}; start the cluster "
                            f"(`ray start --head`) or fix {given.partition('=')[0]} (HOST:6379 or auto)") from None
     else:
