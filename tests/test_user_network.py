@@ -351,6 +351,30 @@ def test_a_class_registered_under_a_name_of_no_module_is_refused_for_worker_proc
     check_launch("processes")
 
 
+def test_a_class_of_a_notebook_is_refused_for_worker_processes(monkeypatch, tmp_path):
+    """use_network(Vel) in a notebook (or `python -c`) names '__main__:Vel', which spawned workers cannot import:
+    the run wrote its data, partition, monolith and router before every worker failed on '__main__' has no 'Vel'."""
+    import types
+
+    from ddmkit.config import RunConfig
+    from ddmkit.launch import check_launch
+    from ddmkit.pipeline.run import run_pipeline
+
+    monkeypatch.setattr(user, "_USER", {})
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # no file, no spec: a notebook's
+    use_network("__main__:Net", Doubler)
+    cfg = RunConfig.model_validate({"expert": {"net": {"arch": "__main__:Net"}}})
+    said = (r"backend 'processes': the network class registered as '__main__:Net' can be used in this process only "
+            r"\(defined in a notebook, .*e.g. mynets.py beside the notebook")
+    with pytest.raises(DDMError, match=said):
+        run_pipeline(cfg, tmp_path / "run", backend="processes", log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+    script = types.ModuleType("__main__")
+    script.__file__ = __file__  # a script file: spawned workers run it again as their __main__
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    check_launch("processes")
+
+
 class NaNOut(torch.nn.Module):
     """A network of the right shape whose output is NaN: it would train to NaN weights."""
 

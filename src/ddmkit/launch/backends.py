@@ -85,11 +85,14 @@ def check_launch(backend: str, workers: int | None = None, address: str | None =
         check_address(address)  # --address, or RAY_ADDRESS
     here = names_only_here() if backend != "inline" else []
     if here:
+        module = here[0].partition(":")[0]
+        why = f"no module {module!r} to import"
+        if module in ("__main__", "__mp_main__"):
+            why = "defined in a notebook, an interactive session, `python -c` or stdin, which the workers cannot run"
         raise DDMError(f"backend {backend!r}: the network class registered as {here[0]!r} can be used in this process "
-                       f"only (no module {here[0].partition(':')[0]!r} to import), and the {backend} backend's worker "
-                       "processes import the classes by name; register it under its own name, "
-                       "ddmkit.nets.use_network(TheClass), from a module or script the workers can import, or use "
-                       "the inline backend")
+                       f"only ({why}), and the {backend} backend's worker processes import the classes by name; "
+                       "register it under its own name, ddmkit.nets.use_network(TheClass), from a module or script "
+                       "file the workers can import (e.g. mynets.py beside the notebook), or use the inline backend")
 
 
 def cuda_count() -> int:

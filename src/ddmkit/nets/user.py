@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
 from typing import Protocol
 
 import torch
@@ -93,12 +95,23 @@ def user_networks() -> tuple[str, ...]:
     return tuple(_USER)
 
 
+def main_is_a_file() -> bool:
+    """Whether spawned worker processes run this process's main module again: a script file or a
+    `python -m` module, not a notebook, an interactive session, `python -c` or a script read from stdin."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return getattr(main, "__spec__", None) is not None or (path is not None and os.path.isfile(path))
+
+
 def names_only_here() -> list[str]:
     """The registered names a worker process could not import by name: their module part is neither a
-    module importlib finds nor the main script (use_network("custom:Name", cls) names no module)."""
+    module importlib finds nor a main script the workers run again (use_network("custom:Name", cls)
+    names no module; a class of a notebook is "__main__:Name" with no file behind it)."""
     def importable(module: str) -> bool:
+        if module in ("__main__", "__mp_main__"):
+            return main_is_a_file()
         try:
-            return module in ("__main__", "__mp_main__") or importlib.util.find_spec(module) is not None
+            return importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):  # a parent package that does not exist
             return False
 
