@@ -83,16 +83,27 @@ def check_launch(backend: str, workers: int | None = None, address: str | None =
         raise DDMError(f"--address is for the ray backend only (backend is {backend!r}); add --backend ray")
     if backend == "ray":
         check_address(address)  # --address, or RAY_ADDRESS
-    here = names_only_here() if backend != "inline" else []
+    here = names_only_here(spawned=backend == "processes") if backend != "inline" else []
     if here:
-        module = here[0].partition(":")[0]
-        why = f"no module {module!r} to import"
-        if module in ("__main__", "__mp_main__"):
-            why = "defined in a notebook, an interactive session, `python -c` or stdin, which the workers cannot run"
         raise DDMError(f"backend {backend!r}: the network class registered as {here[0]!r} can be used in this process "
-                       f"only ({why}), and the {backend} backend's worker processes import the classes by name; "
-                       "register it under its own name, ddmkit.nets.use_network(TheClass), from a module or script "
-                       "file the workers can import (e.g. mynets.py beside the notebook), or use the inline backend")
+                       f"only ({_why_only_here(here[0], backend)}), and the {backend} backend's worker processes "
+                       "import the classes by name; register it under its own name, ddmkit.nets.use_network(TheClass), "
+                       f"from {_importable_where(backend)}, or use the inline backend")
+
+
+def _why_only_here(name: str, backend: str) -> str:
+    module = name.partition(":")[0]
+    if module not in ("__main__", "__mp_main__"):
+        return f"no module {module!r} to import"
+    if backend == "ray":
+        return "a class of the main script, which Ray's workers do not run"
+    return "defined in a notebook, an interactive session, `python -c` or stdin, which the workers cannot run"
+
+
+def _importable_where(backend: str) -> str:
+    if backend == "ray":
+        return "a module installed where Ray's workers run (or on their PYTHONPATH)"
+    return "a module or script file the workers can import (e.g. mynets.py beside the notebook)"
 
 
 def cuda_count() -> int:

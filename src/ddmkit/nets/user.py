@@ -103,13 +103,14 @@ def main_is_a_file() -> bool:
     return getattr(main, "__spec__", None) is not None or (path is not None and os.path.isfile(path))
 
 
-def names_only_here() -> list[str]:
+def names_only_here(spawned: bool = True) -> list[str]:
     """The registered names a worker process could not import by name: their module part is neither a
     module importlib finds nor a main script the workers run again (use_network("custom:Name", cls)
-    names no module; a class of a notebook is "__main__:Name" with no file behind it)."""
+    names no module; a class of a notebook is "__main__:Name" with no file behind it). spawned: the
+    workers are processes spawned from this one, which run its main script again (Ray's do not)."""
     def importable(module: str) -> bool:
         if module in ("__main__", "__mp_main__"):
-            return main_is_a_file()
+            return spawned and main_is_a_file()
         try:
             return importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):  # a parent package that does not exist
