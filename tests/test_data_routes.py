@@ -500,6 +500,11 @@ def huge_float64():
 def images_0_1():
     x = np.random.default_rng(0).random((12, 3, 4, 4)).astype("float32")  # torchvision's ToTensor range
     return x, x[:4]
+
+
+def float_labels():
+    return {"train": torch.zeros(8, 2), "test": torch.zeros(4, 2), "train_labels": torch.zeros(8),
+            "test_labels": torch.zeros(4)}
 '''
 
 
@@ -546,7 +551,9 @@ def test_boolean_labels_from_a_function_are_classes_0_and_1_as_from_a_file(user_
 @pytest.mark.parametrize("function, params, message", [
     ("nan_values", {}, "test split holds NaN"),
     ("other_shapes", {}, "train samples have shape (2,) but test samples (3,)"),
-    ("bad_labels", {}, "train_labels has shape (7,)"),
+    ("bad_labels", {}, "train_labels has shape (7,); expected (8,), one label per train row"),
+    ("float_labels", {}, "train_labels holds torch.float32 values; expected whole numbers 0, 1, 2, ... of an integer "
+                         "type: return labels.astype(np.int64) (an array) or labels.long() (a tensor)"),  # said (8,)
     ("negative_labels", {}, "train_labels holds negative values (first rows: [0])"),  # accepted, failing later
     ("needs_path", {}, "its argument 'path' has no default"),
     ("arrays", {"scael": 2.0}, "data.params.scael: "),

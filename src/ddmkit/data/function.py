@@ -184,9 +184,13 @@ def load_function_dataset(name: str, n_train: int, n_test: int, seed: int,
             if getattr(labels, "dtype", None) in (torch.bool, np.bool_):  # two classes 0, 1, as a file's labels
                 labels = labels.long() if torch.is_tensor(labels) else labels.astype(np.int64)
             lab = _tensor(name, f"{split}_labels", labels, 1)
-            if lab.is_floating_point() or lab.shape != (len(x),):
-                raise DDMError(f"data.name = {name!r}: {split}_labels has shape {tuple(lab.shape)} and type "
-                               f"{lab.dtype}; expected ({len(x)},) whole numbers, one label per {split} row")
+            if lab.shape != (len(x),):
+                raise DDMError(f"data.name = {name!r}: {split}_labels has shape {tuple(lab.shape)}; expected "
+                               f"({len(x)},), one label per {split} row")
+            if lab.is_floating_point():
+                raise DDMError(f"data.name = {name!r}: {split}_labels holds {lab.dtype} values; expected whole "
+                               "numbers 0, 1, 2, ... of an integer type: return labels.astype(np.int64) (an array) "
+                               "or labels.long() (a tensor)")
             if len(lab) and int(lab.min()) < 0:
                 raise DDMError(f"data.name = {name!r}: {split}_labels holds negative values (first rows: "
                                f"{(lab < 0).nonzero().flatten()[:5].tolist()}); labels are class indices 0, 1, 2, ...")
