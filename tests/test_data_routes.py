@@ -926,3 +926,23 @@ def test_an_npz_saved_labels_first_gives_its_data_array():
         np.savez(Path(tmp) / "i.npz", labels=np.arange(12) % 3, pictures=images)
         train, test = load_dataset("image_array", 0, 0, 0, path=str(Path(tmp) / "i.npz"))
         assert train.data_shape == (3, 8, 8) and train.labels is not None
+
+
+def test_an_npz_of_labels_only_says_it_holds_no_samples(tmp_path):
+    """An .npz of 'labels' alone was read as the samples, then "save it as (N, 1)"; the missing-key message listed
+    'labels' among the arrays to read as data."""
+    np.savez(tmp_path / "l.npz", labels=np.arange(10) % 2)
+    np.savez(tmp_path / "t.npz", y=np.arange(10) % 2, targets=np.arange(10) % 2)
+    np.savez(tmp_path / "v.npz", x=np.ones((10, 2), np.float32), labels=np.arange(10) % 2)
+    for name, only, fix in (("l", "'labels'", "labels=labels"), ("t", "'y', 'targets'", "labels=y")):
+        said = (rf"data file '.*{name}.npz' holds no sample array, only labels \({only}\): save the samples under "
+                rf"'x', np.savez\(path, x=x, {fix}\)")
+        with pytest.raises(DDMError, match=said):
+            load_dataset(str(tmp_path / f"{name}.npz"), 0, 0)
+        with pytest.raises(DDMError, match=said.replace("data file", "image array file")):
+            load_dataset("image_array", 0, 0, 0, path=str(tmp_path / f"{name}.npz"))
+    for key, said in (("z", "holds no array 'z'"), ("labels", "the array 'labels' of .* holds the labels, not samples")):
+        with pytest.raises(DDMError, match=rf"data.params.key: .*{said}; accepted: x$"):
+            load_dataset(str(tmp_path / "v.npz"), 0, 0, params={"key": key})
+    np.savez(tmp_path / "y.npz", y=np.ones((10, 2), np.float32))  # a 'y' of vectors is still read as the samples
+    assert load_dataset(str(tmp_path / "y.npz"), 0, 0)[0].data_shape == (2,)

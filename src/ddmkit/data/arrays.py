@@ -112,11 +112,24 @@ def is_array_file(name: str) -> bool:
     return name.lower().endswith(ARRAY_SUFFIXES)
 
 
-def data_array_name(files: list[str], preferred: tuple[str, ...] = ("x",)) -> str:
+LABEL_NAMES = ("labels", "label", "y", "targets", "target", "classes")
+
+
+def data_array_name(files: list[str], preferred: tuple[str, ...] = ("x",)) -> str | None:
     """The array of an .npz file that holds the data: the first of `preferred` it holds, else its first
-    array other than "labels" (an .npz saved as labels=..., points=... holds its data second)."""
+    array without a label's name (an .npz saved as labels=..., points=... holds its data second), else its
+    first other than "labels"; None when "labels" is all it holds."""
     return next((name for name in preferred if name in files),
-                next((name for name in files if name != "labels"), files[0]))
+                next((name for name in files if name not in LABEL_NAMES),
+                     next((name for name in files if name != "labels"), None)))
+
+
+def no_sample_array(where: str, files: list[str]) -> str:
+    """The message for an .npz file (`where`) whose arrays, `files`, are all labels: the key to add."""
+    named = ", ".join(repr(name) for name in files)
+    labels = "labels" if "labels" in files else files[0]
+    return (f"{where} holds no sample array, only labels ({named}): save the samples under 'x', "
+            f"np.savez(path, x=x, labels={labels}), x of shape (N, D) or (N, C, H, W)")
 
 
 def load_array_file(path, where: str):

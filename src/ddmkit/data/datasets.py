@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 import ddmkit.data.synthetic as synthetic
-from ddmkit.data.arrays import (ArrayData, check_finite, check_float32_range, checked_labels, data_array_name,
-                                is_array_file, load_array_file, relative_hint, split_indices, take_rows)
+from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, check_finite, check_float32_range, checked_labels,
+                                data_array_name, is_array_file, load_array_file, no_sample_array, relative_hint,
+                                split_indices, take_rows)
 from ddmkit.data.function import is_function_name, load_function_dataset
 from ddmkit.data.images import IMAGE_LOADERS, check_image_range, is_image_shape, load_idx_dataset
 from ddmkit.errors import DDMError
@@ -120,9 +121,15 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
     if isinstance(arr, np.lib.npyio.NpzFile):
         if not arr.files:
             raise DDMError(f"{field}: data file {path!r} holds no arrays")
-        key = key or data_array_name(arr.files)
-        if key not in arr.files:
-            raise DDMError(f"data.params.key: {path!r} holds no array {key!r}; accepted: {', '.join(arr.files)}")
+        samples = [name for name in arr.files if name != "labels"]
+        chosen = key or data_array_name(arr.files)
+        if not samples or key is None and chosen in LABEL_NAMES and arr[chosen].ndim < 2:
+            raise DDMError(no_sample_array(f"{field}: data file {path!r}", arr.files))
+        if chosen not in samples:
+            said = (f"the array 'labels' of {path!r} holds the labels, not samples" if chosen in arr.files
+                    else f"{path!r} holds no array {chosen!r}")
+            raise DDMError(f"data.params.key: {said}; accepted: {', '.join(samples)}")
+        key = chosen
         labels = arr["labels"] if "labels" in arr.files else None
         arr = arr[key]
     if arr.dtype.kind not in "fiu":  # bool, complex, strings, dates: no silent cast to float32

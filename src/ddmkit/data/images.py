@@ -41,8 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmkit.data.arrays import (ArrayData, check_finite, check_float32_range, checked_labels, data_array_name,
-                                load_array_file, relative_hint, split_indices, take_rows)
+from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, check_finite, check_float32_range, checked_labels,
+                                data_array_name, load_array_file, no_sample_array, relative_hint, split_indices,
+                                take_rows)
 from ddmkit.errors import DDMError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -589,6 +590,8 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
         if not arr.files:
             raise DDMError(f"{where}: the .npz file holds no arrays")
         key = data_array_name(arr.files, ("x", "images"))
+        if key is None or key in LABEL_NAMES and arr[key].ndim < 2:
+            raise DDMError(no_sample_array(where, arr.files))
         labels = arr["labels"] if "labels" in arr.files else None
         arr = arr[key]
     check_image_layout(arr, where, path)
