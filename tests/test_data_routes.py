@@ -946,3 +946,18 @@ def test_an_npz_of_labels_only_says_it_holds_no_samples(tmp_path):
             load_dataset(str(tmp_path / "v.npz"), 0, 0, params={"key": key})
     np.savez(tmp_path / "y.npz", y=np.ones((10, 2), np.float32))  # a 'y' of vectors is still read as the samples
     assert load_dataset(str(tmp_path / "y.npz"), 0, 0)[0].data_shape == (2,)
+
+
+def test_a_file_of_one_row_is_refused_before_the_split(tmp_path):
+    """A one-row file gave a test split of 0 rows and a training split of 1, then a partition.k error; with
+    test_path every row trains, so one row is the partition's to judge."""
+    np.save(tmp_path / "one.npy", np.ones((1, 2), np.float32))
+    with pytest.raises(DDMError, match=r"data file '.*one.npy' holds 1 row; splitting it .* needs 2 rows or more: "
+                                       r"add rows, or give the test rows a file of their own"):
+        load_dataset(str(tmp_path / "one.npy"), 0, 0)
+    np.save(tmp_path / "two.npy", np.ones((2, 2), np.float32))
+    assert [len(s) for s in load_dataset(str(tmp_path / "two.npy"), 0, 0)] == [1, 1]
+    assert len(load_dataset(str(tmp_path / "one.npy"), 0, 0, params={"test_path": str(tmp_path / "two.npy")})[0]) == 1
+    np.save(tmp_path / "image.npy", np.zeros((1, 8, 8), np.uint8))
+    with pytest.raises(DDMError, match=r"image array file '.*image.npy' holds 1 row; .*: add images$"):
+        load_dataset("image_array", 0, 0, 0, path=str(tmp_path / "image.npy"))

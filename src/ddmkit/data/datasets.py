@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 import ddmkit.data.synthetic as synthetic
-from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, check_finite, check_float32_range, checked_labels,
-                                data_array_name, is_array_file, load_array_file, no_sample_array, relative_hint,
-                                split_indices, take_rows)
+from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, check_finite, check_float32_range, check_rows_to_split,
+                                checked_labels, data_array_name, is_array_file, load_array_file, no_sample_array,
+                                relative_hint, split_indices, take_rows)
 from ddmkit.data.function import is_function_name, load_function_dataset
 from ddmkit.data.images import IMAGE_LOADERS, check_image_range, is_image_shape, load_idx_dataset
 from ddmkit.errors import DDMError
@@ -177,6 +177,8 @@ def _array_file(path: str, n_train: int, n_test: int, seed: int, params: dict) -
     _warn_channels_last(tuple(x.shape[1:]), path)
     test_path = params.get("test_path")
     if test_path is None:
+        check_rows_to_split(len(x), f"data.name: data file {path!r}", "add rows, or give the test rows a file of "
+                            "their own (data.params.test_path; then every row of this file trains)")
         test_idx, train_idx = split_indices(len(x), params.get("test_fraction", 0.2), seed)
         test_idx = test_idx[:n_test] if n_test else test_idx
         train_idx = train_idx[:n_train] if n_train else train_idx

@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, check_finite, check_float32_range, checked_labels,
-                                data_array_name, load_array_file, no_sample_array, relative_hint, split_indices,
-                                take_rows)
+from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, check_finite, check_float32_range, check_rows_to_split,
+                                checked_labels, data_array_name, load_array_file, no_sample_array, relative_hint,
+                                split_indices, take_rows)
 from ddmkit.errors import DDMError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -521,7 +521,8 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
     return np.stack(arrays), labels, classes
 
 
-def _split(x: torch.Tensor, labels: torch.Tensor | None, test_fraction: float, seed: int):
+def _split(x: torch.Tensor, labels: torch.Tensor | None, test_fraction: float, seed: int, where: str):
+    check_rows_to_split(len(x), where, "add images")
     te, tr = split_indices(len(x), test_fraction, seed)
     lab = (lambda idx: labels[idx]) if labels is not None else (lambda idx: None)
     return x[tr], lab(tr), x[te], lab(te)
@@ -534,7 +535,7 @@ def load_image_folder(n_train: int, n_test: int, seed: int, path: str = "", pad_
     images, labels, classes = read_image_folder(path, mode, resize, crop, pad_to)
     x = to_unit_range(images)
     y = torch.as_tensor(labels) if labels is not None else None
-    xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
+    xtr, ytr, xte, yte = _split(x, y, test_fraction, seed, f"data.params.path: image folder {str(path)!r}")
     return _pair(Path(path).name, xtr, ytr, xte, yte, n_train, n_test, seed,
                  {"source": str(path), "classes": classes, "resize": resize, "crop": crop, "mode": mode})
 
@@ -605,7 +606,7 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
                           "values in 0 .. 255 (or save uint8 (N, H, W[, C]) images, which ddmkit scales)")
     labels = checked_labels(labels, len(x), f"image array file {path!r}")
     x = pad_images(resize_crop(x, resize, crop, str(path)), pad_to)
-    xtr, ytr, xte, yte = _split(x, labels, test_fraction, seed)
+    xtr, ytr, xte, yte = _split(x, labels, test_fraction, seed, where)
     return _pair(p.stem, xtr, ytr, xte, yte, n_train, n_test, seed, {"source": str(path)})
 
 
