@@ -6,6 +6,7 @@ import re
 import shutil
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -392,6 +393,33 @@ def test_a_network_whose_output_is_not_finite_is_refused_before_training():
     with pytest.raises(DDMError, match=r"expert.net.arch = 'x': forward\(x, t\) returned NaN or infinite values"):
         user.check_output(NaNOut([2]), "expert.net.arch = 'x'", [2])
     user.check_output(Doubler([2]), "expert.net.arch = 'x'", [2])
+
+
+class SoftmaxRouter(torch.nn.Module):
+    """A router that returns probabilities, which ddmkit would put through softmax again."""
+
+    def __init__(self, data_shape, num_experts):
+        super().__init__()
+        self.lin = torch.nn.Linear(data_shape[0], num_experts)
+
+    def forward(self, x, t):
+        return self.lin(x).softmax(-1)
+
+
+def test_a_router_returning_probabilities_is_warned_of_and_one_returning_logits_is_not():
+    """A router ending in softmax was accepted, and ddmkit applied softmax again to its probabilities."""
+    where = "router.net.arch = 'x'"
+    with pytest.warns(UserWarning, match=r"^router.net.arch = 'x': forward\(x, t\) returns what look like "
+                                         r"probabilities .*; ddmkit applies softmax to the router's output: return "
+                                         r"logits"):
+        user.check_output(SoftmaxRouter([2], 3), where, [2], num_experts=3)
+    torch.manual_seed(0)
+    logits = SoftmaxRouter([2], 3)
+    logits.forward = lambda x, t: logits.lin(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        user.check_output(logits, where, [2], num_experts=3)
+        user.check_output(SoftmaxRouter([2], 1), where, [2], num_experts=1)  # one expert: softmax changes nothing
 
 
 class NoGrad(NaNOut):

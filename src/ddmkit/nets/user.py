@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from typing import Protocol
 
 import torch
@@ -148,6 +149,14 @@ def _forward(model: nn.Module, rows: int, data_shape: list[int], num_experts: in
         return model(x, t) if y is None else model(x, t, y) if num_experts is not None else model(x, t, y=y)
 
 
+def looks_like_probabilities(out: torch.Tensor) -> bool:
+    """Whether a router's output (B, K), K >= 2, holds rows in [0, 1] that each sum to 1 (within 1e-4)."""
+    if out.shape[-1] < 2 or not out.is_floating_point():
+        return False
+    out = out.detach().float()
+    return bool(((out >= 0) & (out <= 1)).all() and ((out.sum(-1) - 1).abs() <= 1e-4).all())
+
+
 def check_output(model: nn.Module, where: str, data_shape: list[int], num_experts: int | None = None,
                  num_classes: int = 0) -> None:
     """A forward of two rows on the CPU, called as ddmkit calls the network (num_experts given: a router),
@@ -176,6 +185,10 @@ def check_output(model: nn.Module, where: str, data_shape: list[int], num_expert
     if out.is_floating_point() and not bool(torch.isfinite(out).all()):
         raise DDMError(f"{where}: {call} returned NaN or infinite values for finite x (randn) and t in (0, 1); "
                        "training it would give NaN weights: check its forward")
+    if router and looks_like_probabilities(out):
+        warnings.warn(f"{where}: {call} returns what look like probabilities (each row in [0, 1], summing to 1); "
+                      "ddmkit applies softmax to the router's output: return logits (drop the final softmax)",
+                      UserWarning)
     try:  # a network that works for two rows only, or under no gradient, stopped training with a traceback
         out = _forward(model, 3, data_shape, num_experts, num_classes, grad=True)
     except Exception as e:
