@@ -548,3 +548,28 @@ def test_a_user_network_that_does_not_build_says_why(monkeypatch, cls, kwargs, s
     with pytest.raises(DDMError, match=said) as error:
         check_networks(cfg, (2,))
     assert ("meta device" in str(error.value)) == hinted, str(error.value)
+
+
+def test_a_class_of_a_notebook_is_refused_for_a_job_of_several_processes(monkeypatch, tmp_path):
+    """train_expert_once(nproc=2) spawns the job's processes, which import the network classes by name: a class of
+    a notebook ('__main__:Net', no file) is refused before the lock or any process, naming --nproc; one process,
+    or a launcher's processes (torchrun runs the script in each), take it."""
+    import types
+
+    import ddmkit.train.jobs as jobs
+    from ddmkit.config import ExpertConfig
+
+    monkeypatch.setattr(user, "_USER", {})
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # no file, no spec: a notebook's
+    use_network("__main__:Net", Doubler)
+    monkeypatch.setattr(jobs, "_train_expert_once", lambda *args: pytest.fail("the job started"))
+    config = ExpertConfig.model_validate({"net": {"arch": "__main__:Net"}})
+    out = tmp_path / "expert"
+    with pytest.raises(DDMError, match=r"^--nproc 2: the network class registered as '__main__:Net' can be used in "
+                                       r"this process only \(defined in a notebook, .* or train on one process"):
+        jobs.train_expert_once(tmp_path / "shard.safetensors", config, out, nproc=2)
+    assert not out.exists()
+    monkeypatch.setattr(jobs, "_train_expert_once", lambda *args: True)
+    assert jobs.train_expert_once(tmp_path / "shard.safetensors", config, out, nproc=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert jobs.train_expert_once(tmp_path / "shard.safetensors", config, tmp_path / "other", nproc=2)

@@ -42,7 +42,7 @@ from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError, counted
 from ddmkit.launch.ray_backend import check_address, run_ray
 from ddmkit.nets import use_networks, user_networks
-from ddmkit.nets.user import names_only_here
+from ddmkit.nets.user import check_workers_import
 from ddmkit.train.checkpoint import check_checkpoint_file
 from ddmkit.train.distributed import die_with_parent
 from ddmkit.train.jobs import checkpoint_path, train_expert
@@ -83,27 +83,9 @@ def check_launch(backend: str, workers: int | None = None, address: str | None =
         raise DDMError(f"--address is for the ray backend only (backend is {backend!r}); add --backend ray")
     if backend == "ray":
         check_address(address)  # --address, or RAY_ADDRESS
-    here = names_only_here(spawned=backend == "processes") if backend != "inline" else []
-    if here:
-        raise DDMError(f"backend {backend!r}: the network class registered as {here[0]!r} can be used in this process "
-                       f"only ({_why_only_here(here[0], backend)}), and the {backend} backend's worker processes "
-                       "import the classes by name; register it under its own name, ddmkit.nets.use_network(TheClass), "
-                       f"from {_importable_where(backend)}, or use the inline backend")
-
-
-def _why_only_here(name: str, backend: str) -> str:
-    module = name.partition(":")[0]
-    if module not in ("__main__", "__mp_main__"):
-        return f"no module {module!r} to import"
-    if backend == "ray":
-        return "a class of the main script, which Ray's workers do not run"
-    return "defined in a notebook, an interactive session, `python -c` or stdin, which the workers cannot run"
-
-
-def _importable_where(backend: str) -> str:
-    if backend == "ray":
-        return "a module installed where Ray's workers run (or on their PYTHONPATH)"
-    return "a module or script file the workers can import (e.g. mynets.py beside the notebook)"
+    if backend != "inline":
+        check_workers_import(f"backend {backend!r}", f"the {backend} backend's worker processes",
+                             spawned=backend == "processes", fallback="use the inline backend")
 
 
 def cuda_count() -> int:

@@ -120,6 +120,27 @@ def names_only_here(spawned: bool = True) -> list[str]:
     return [name for name in _USER if not importable(name.partition(":")[0])]
 
 
+def check_workers_import(what: str, workers: str, spawned: bool, fallback: str) -> None:
+    """A DDMError, before anything starts, when `workers` (processes of `what`, spawned from this one or
+    Ray's) could not import a registered network class by name (names_only_here); `fallback`: the way to run
+    without them."""
+    here = names_only_here(spawned=spawned)
+    if not here:
+        return
+    module = here[0].partition(":")[0]
+    if module not in ("__main__", "__mp_main__"):
+        why = f"no module {module!r} to import"
+    elif spawned:
+        why = "defined in a notebook, an interactive session, `python -c` or stdin, which the workers cannot run"
+    else:
+        why = "a class of the main script, which Ray's workers do not run"
+    where = ("a module or script file the workers can import (e.g. mynets.py beside the notebook)" if spawned
+             else "a module installed where Ray's workers run (or on their PYTHONPATH)")
+    raise DDMError(f"{what}: the network class registered as {here[0]!r} can be used in this process only ({why}), "
+                   f"and {workers} import the classes by name; register it under its own name, "
+                   f"ddmkit.nets.use_network(TheClass), from {where}, or {fallback}")
+
+
 def use_networks(names: tuple[str, ...] | list[str]) -> None:
     """use_network for each name: in a worker process, the names its parent process had registered."""
     for name in names:

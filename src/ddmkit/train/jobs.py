@@ -27,6 +27,7 @@ from ddmkit.flow.convert import path_entry
 from ddmkit.flow.losses import flow_matching_loss, router_loss
 from ddmkit.io import check_named, folder_lock, read_json, read_metadata, sha256_file, sibling, staging_dir
 from ddmkit.nets import build_seeded, check_builds, save_pretrained, use_networks, user_networks
+from ddmkit.nets.user import check_workers_import
 from ddmkit.registry import header_shapes
 from ddmkit.routing.stats_router import PUBLISHED_STATISTICS, island_publication, save_statistics
 from ddmkit.train.checkpoint import EXECUTION, check_resumable, settings_differences
@@ -296,6 +297,9 @@ def train_expert_once(shard: str | Path, config: ExpertConfig, out_dir: str | Pa
     launcher of several processes (torchrun) only rank 0 logs, and only rank 0 returns True."""
     main = int(os.environ.get("RANK", "0")) == 0
     check_expert_folder(out_dir, "--out")  # before anything: --force replaces an expert, never other files
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # processes spawned here (not torchrun's, which run the script)
+        check_workers_import(f"--nproc {nproc}", "the job's processes", spawned=True,
+                             fallback="train on one process (leave --nproc out)")
     # rank 0 holds the lock for the job's processes: torchrun starts every rank with this command
     with expert_folder_lock(out_dir) if main else contextlib.nullcontext():
         return _train_expert_once(shard, config, out_dir, nproc, resume, force, log, main)
