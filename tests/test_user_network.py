@@ -6,6 +6,7 @@ import re
 import shutil
 import sys
 import textwrap
+import types
 import warnings
 from pathlib import Path
 
@@ -349,14 +350,15 @@ def test_a_class_registered_under_a_name_of_no_module_is_refused_for_worker_proc
     monkeypatch.setattr(user, "_USER", {})
     use_network(Doubler)  # its own name, a module the workers import
     use_network("__main__:Net", Doubler)  # a class of the script run (spawned workers run it as their __main__)
+    script = types.ModuleType("__main__")
+    script.__file__ = __file__  # a script file, whatever runs the tests (pytest-xdist's workers have none)
+    monkeypatch.setitem(sys.modules, "__main__", script)
     check_launch("processes")
 
 
 def test_a_class_of_a_notebook_is_refused_for_worker_processes(monkeypatch, tmp_path):
     """use_network(Vel) in a notebook (or `python -c`) names '__main__:Vel', which spawned workers cannot import:
     the run wrote its data, partition, monolith and router before every worker failed on '__main__' has no 'Vel'."""
-    import types
-
     from ddmkit.config import RunConfig
     from ddmkit.launch import check_launch
     from ddmkit.pipeline.run import run_pipeline
@@ -554,8 +556,6 @@ def test_a_class_of_a_notebook_is_refused_for_a_job_of_several_processes(monkeyp
     """train_expert_once(nproc=2) spawns the job's processes, which import the network classes by name: a class of
     a notebook ('__main__:Net', no file) is refused before the lock or any process, naming --nproc; one process,
     or a launcher's processes (torchrun runs the script in each), take it."""
-    import types
-
     import ddmkit.train.jobs as jobs
     from ddmkit.config import ExpertConfig
 
