@@ -541,8 +541,8 @@ def check_expert_folder(source: Path, run: TrainedRun) -> dict:
     if not (source / "config.json").is_file():
         what = "is a file" if source.is_file() else "holds no config.json, so it is not a model folder"
         raise DDMError(f"FOLDER {shown} {what}; give the folder of the expert that is to replace it (config.json and "
-                       "model.safetensors), e.g. RUN/experts/expert_03 of another run, or a `ddmkit train-expert --out` "
-                       "folder")
+                       "model.safetensors), e.g. RUN/experts/expert_03 of another run, or a `ddmkit train-expert "
+                       "--out` folder")
     try:
         model, config = load_model(source)
     except DDMError as e:  # its files, named by their paths (inside '.': by their names alone)
