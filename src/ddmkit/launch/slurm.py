@@ -64,10 +64,11 @@ def _seconds(time: str) -> int:
     return parts[0] * 60 + (parts[1] if len(parts) > 1 else 0)
 
 
-def _megabytes(mem: str) -> float:
-    """The megabytes of a --mem value of _MEM's form (16G and 16gb: 16384)."""
+def _too_large(mem: str) -> bool:
+    """Whether a --mem value of _MEM's form (16G and 16gb: 16384 megabytes) holds a number, or megabytes, past what
+    sbatch counts."""
     number, unit = _MEM.fullmatch(mem).groups()
-    return int(number) * _MB[(unit or "M").upper()]
+    return int(number) > SBATCH_MEGABYTES or int(number) * _MB[(unit or "M").upper()] > SBATCH_MEGABYTES
 
 
 def check_resources(time: str, cpus: int, gpus: int, mem: str) -> None:
@@ -79,7 +80,7 @@ def check_resources(time: str, cpus: int, gpus: int, mem: str) -> None:
                        "or 7-0, or UNLIMITED for none")
     if not _MEM.fullmatch(mem):
         raise DDMError(f"--mem {mem!r}: give a number with its unit, K, M, G or T (e.g. 16G or 16GB)")
-    if int(_MEM.fullmatch(mem).group(1)) > SBATCH_MEGABYTES or _megabytes(mem) > SBATCH_MEGABYTES:
+    if _too_large(mem):
         raise DDMError(f"--mem {mem!r}: more than sbatch counts (2**63 megabytes); give a node's memory or less, "
                        "e.g. 16G")
     if mem.isdigit() and int(mem) > 0:  # sbatch's default unit: --mem 16 would give each task 16 MB

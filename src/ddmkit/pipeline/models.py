@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Iterator
 
 from ddmkit.config import RunConfig
 from ddmkit.ddm.load import recorded_router
@@ -126,15 +127,23 @@ PANELS = {"experts": "experts and monolith (one loss, the same units)", "router"
           "autoencoder": "autoencoder (reconstruction MSE + weighted KL)"}  # plots/training.png's panels, in order
 
 
+def _log_rows(log: Path) -> Iterator:
+    """The rows of a train_log.jsonl as JSON reads them, lines that do not parse skipped."""
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+
+
 def loss_curve(log: Path) -> list[tuple[int, float]]:
     """(step, loss) of each row of a train_log.jsonl, in step order. A resumed job's log (fit rewrites the
     checkpoint's rows, then goes on: its steps continue, its seconds restart) is read as it is; in a log that
     starts over (a step at or below an earlier one: a job run again that appended to its old log) the later
     rows replace the earlier ones from that step on. Lines without a step and a finite loss are skipped."""
     curve: list[tuple[int, float]] = []
-    for line in log.read_text(errors="replace").splitlines():
+    for row in _log_rows(log):
         try:
-            row = json.loads(line)
             step, loss = int(row["step"]), float(row["loss"])
         except (ValueError, KeyError, TypeError):
             continue
@@ -204,12 +213,12 @@ def log_seconds(log: Path) -> float | None:
     earlier part reached. None: no readable log, or no row with seconds."""
     total, last = 0.0, None
     try:
-        lines = log.read_text(errors="replace").splitlines()
+        rows = list(_log_rows(log))
     except OSError:
         return None
-    for line in lines:
+    for row in rows:
         try:
-            seconds = float(json.loads(line)["seconds"])
+            seconds = float(row["seconds"])
         except (ValueError, KeyError, TypeError):
             continue
         if last is not None and seconds < last:
@@ -248,14 +257,10 @@ def expert_seconds(folders: list[Path]) -> dict:
 def training_seconds(run) -> dict:
     """The training wall time (s) of a run's networks, from their train_log.jsonl: the experts' (expert_seconds)
     and "monolith", "router" and "autoencoder" where they have a log."""
-    folder = RunFolder(run)
-    networks = _networks(folder)
-    out = expert_seconds([path for panel, name, path in networks if name.startswith("expert ")])
-    for _, name, path in networks:
-        seconds = None if name.startswith("expert ") else log_seconds(path / LOG)
-        if seconds is not None:
-            out[name] = seconds
-    return out
+    networks = _networks(RunFolder(run))
+    out = expert_seconds([path for _, name, path in networks if name.startswith("expert ")])
+    others = {name: log_seconds(path / LOG) for _, name, path in networks if not name.startswith("expert ")}
+    return {**out, **{name: seconds for name, seconds in others.items() if seconds is not None}}
 
 
 def seconds_sentence(seconds: dict) -> str:
