@@ -483,6 +483,27 @@ def test_a_unet_that_does_not_fit_the_latents_gives_the_image_sizes_that_do():
     check_networks(cfg, (4, 8, 8))
 
 
+def test_a_shard_without_metadata_is_not_called_a_shard_of_images(tmp_path):
+    """A latent shard re-saved without its metadata was called 'a shard of images' by train-expert on a latent
+    config. It does not say which space it holds: the message says so and how to fix it; a shard whose metadata is
+    an image shard's is still refused as one, and nothing is written."""
+    from ddmkit.io import save_tensors
+
+    config = ROOT / "configs" / "fashion_mnist_latent.toml"
+    bare, pixels = tmp_path / "bare.safetensors", tmp_path / "pixels.safetensors"
+    save_tensors(bare, {"x": torch.zeros(4, 4, 8, 8)})
+    save_tensors(pixels, {"x": torch.zeros(4, 1, 32, 32)}, metadata={"cluster": 0, "k": 2, "data_hash": "0" * 64})
+    done = run_cli("train-expert", bare, "--config", config, "--out", tmp_path / "e")
+    said = " ".join(str(done.exception).split())
+    assert done.exit_code == 1 and isinstance(done.exception, DDMError) and "shard of images" not in said, said
+    assert f"{bare} has no ddmkit metadata, so it does not say whether it holds images or latents" in said, said
+    assert "re-save it with the original file's metadata (its 'ddmkit' key)" in said and "remove RUN/latents, then " \
+        "`ddmkit partition --config RUN/config.json --out RUN`" in said, said
+    done = run_cli("train-expert", pixels, "--config", config, "--out", tmp_path / "e")
+    assert f"{pixels} is a shard of images, but the config trains in latent space" in str(done.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.safetensors", "pixels.safetensors"]
+
+
 def test_the_latents_scale_is_reported_and_a_far_one_gets_the_scaling_factor_that_fixes_it(tmp_path):
     """A pretrained autoencoder of scaling_factor 20 gave latents of std 5.75, and nothing said so; its
     latents_mean and latents_std were ignored without a word."""

@@ -279,7 +279,8 @@ def model_shards(run: str | Path) -> list[Path]:
 
 def check_shard_space(shard: str | Path, latent: bool) -> None:
     """A shard of the space the config trains in: a latent shard (its metadata names the pixel shard it
-    encodes) for a config with [latent] enabled, a partition shard otherwise; else a DDMError saying which."""
+    encodes) for a config with [latent] enabled, a partition shard otherwise; else a DDMError saying which
+    (or, for a latent config, that a shard without metadata does not say which it holds)."""
     path = Path(shard)
     if not path.exists():
         raise DDMError(f"shard {path} does not exist; give a file of RUN/partition/shards/ (or RUN/latents/ for a "
@@ -291,7 +292,14 @@ def check_shard_space(shard: str | Path, latent: bool) -> None:
     if x is not None and len(x[0]) == 1 and x[1] == "U8":  # ddmkit.discrete's shards: one byte stream
         raise DDMError(f"{path} is a text shard (a stream of bytes), but the config trains continuous experts: give "
                        "the run's text config, --config RUN/config.json")
-    is_latent = path.is_file() and "pixel_shard_sha256" in read_metadata(path)
+    meta = read_metadata(path) if path.is_file() else {}
+    is_latent = "pixel_shard_sha256" in meta
+    if latent and path.is_file() and not meta:  # re-saved without it: images or latents, it does not say
+        raise DDMError(f"{path} has no ddmkit metadata, so it does not say whether it holds images or latents (a "
+                       "latent shard's names the image shard it encodes, pixel_shard_sha256), and the config trains "
+                       "in latent space: re-save it with the original file's metadata (its 'ddmkit' key), or write "
+                       "the run's latent shards again (remove RUN/latents, then `ddmkit partition --config "
+                       "RUN/config.json --out RUN`) and give RUN/latents/cluster_XX.safetensors")
     if latent and path.is_file() and not is_latent:
         raise DDMError(f"{path} is a shard of images, but the config trains in latent space ([latent] enabled): give "
                        "the run's latent shard, RUN/latents/cluster_XX.safetensors")
