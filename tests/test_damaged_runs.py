@@ -363,6 +363,32 @@ def test_register_writes_nothing_when_the_runs_config_is_broken(run, ddmkit, dam
     assert (run / "registry.json").read_bytes() == registry
 
 
+def test_register_names_a_shard_changed_after_training_as_verify_does(run, trained, ddmkit, tmp_path):
+    """A shard changed after the experts were trained: register wrote a registry that verify then refused, and once
+    that cluster's expert was trained again on the changed shard, said it came from 'another partition'. It names
+    the changed shard, as verify does, and writes nothing. A run without its shards (the data kept on the islands)
+    is still registered."""
+    from ddmkit.io import load_tensors, read_metadata, save_tensors
+
+    shard = run / "partition" / "shards" / "cluster_01.safetensors"
+    tensors, meta = load_tensors(shard), read_metadata(shard)
+    save_tensors(shard, {**tensors, "x": tensors["x"] * 1.01}, metadata=meta)
+    said = f"{shard}: SHA-256 differs from the one {run / 'partition' / 'manifest.json'} records for cluster 1"
+    registry = (run / "registry.json").read_bytes()
+    for command in ("verify", "register"):
+        code, _, err = ddmkit(command, run)
+        assert code == 2 and said in err and "another partition" not in err, err
+    expert = run / "experts" / "expert_01"
+    assert ddmkit("train-expert", shard, "--config", run / "config.json", "--out", expert, "--force")[0] == 0
+    code, _, err = ddmkit("register", run)
+    assert code == 2 and said in err and "another partition" not in err, err
+    assert (run / "registry.json").read_bytes() == registry
+    gathered = Path(shutil.copytree(trained, tmp_path / "gathered"))
+    for path in (gathered / "partition" / "shards").iterdir():
+        path.unlink()
+    assert ddmkit("register", gathered)[0] == 0
+
+
 def test_sample_takes_the_settings_of_a_run_that_lost_its_config_from_config(run, ddmkit, tmp_path):
     """'give the run's TOML with --config CONFIG': evaluate took it, sample repeated the same error. Every
     command the message names now runs with --config."""

@@ -737,7 +737,7 @@ def register(run_dir: Path = run_argument("run folder with partition/, experts/,
     from ddmkit.layout import RunFolder
     from ddmkit.pipeline.prepare import run_config
     from ddmkit.pipeline.stages import run_lock
-    from ddmkit.registry import write_registry
+    from ddmkit.registry import checked_model_shards, model_shards, write_registry
 
     run_folder(run_dir)  # a run folder that exists (its lock would make it)
     if not (run_dir / "partition").is_dir():
@@ -747,6 +747,9 @@ def register(run_dir: Path = run_argument("run folder with partition/, experts/,
     saved = None if _text_run(run_dir) else run_config(run_dir)  # read, and checked, before anything is written
     with run_lock(run_dir):
         check_loadable(run_dir)  # a folder the DDM could not load is refused here, not when it samples
+        # a shard changed since it was written is named as verify names it (not "experts of another partition");
+        # a run without its shards (the experts gathered, the data kept on the islands) is registered
+        checked_model_shards(run_dir, [c for c, path in enumerate(model_shards(run_dir)) if path.exists()])
         reg = write_registry(run_dir)
     log(f"registry: {len(reg['models'])} model folders recorded in {run_dir / 'registry.json'}")
     if saved is not None:  # experts trained otherwise than the run's [expert] section, as the report notes them
