@@ -318,6 +318,17 @@ def test_an_empty_run_argument_is_refused_naming_run(args, tmp_path, monkeypatch
     assert "or . for the current folder" in done.stderr and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("config", [[], ["--config", TINY]])
+def test_an_empty_shard_argument_is_refused_naming_shard(config, tmp_path, monkeypatch):
+    """`ddmkit train-expert ''` took the current folder for the shard ('shard . is a folder'), as an empty RUN was
+    taken before: an empty SHARD is refused as such, by the raw argument, before any config or file is read."""
+    monkeypatch.chdir(tmp_path)
+    done = run_cli("train-expert", "", "--out", "e", *config)
+    assert done.returncode == 2 and done.stderr.startswith(
+        "error: SHARD is empty: give one shard file, e.g. RUN/partition/shards/cluster_00.safetensors"), done.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_very_long_value_is_shown_shortened_in_its_error(tmp_path, monkeypatch):
     """A 3000-character value was echoed whole in its error line. Every message the CLI prints (a DDMError's, a
     file system's) shows a value of more than 500 characters as its first 60, '...', its last 40 and its length; a

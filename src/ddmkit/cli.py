@@ -119,17 +119,30 @@ RAY_ADDRESS_HELP = ("ray cluster address: auto (the cluster of this node) or HOS
                     "that ddmkit starts)")
 
 
-def _run_folder(text: str) -> Path:
-    """RUN as typed: an empty one is refused here, as Path('') is '.', the current folder."""
+PATH_ARGUMENTS = {  # a path argument: what to give in its place
+    "RUN": "give the run folder (the --out of `ddmkit run` or `ddmkit partition`, e.g. runs/demo), or . for the "
+           "current folder",
+    "SHARD": "give one shard file, e.g. RUN/partition/shards/cluster_00.safetensors (a latent run's: "
+             "RUN/latents/cluster_00.safetensors)",
+}
+
+
+def _given_path(name: str, text: str) -> Path:
+    """The path argument `name` (RUN, SHARD) as typed: an empty one is refused here, as Path('') is '.', the
+    current folder."""
     if str(text) == "":
-        raise DDMError("RUN is empty: give the run folder (the --out of `ddmkit run` or `ddmkit partition`, e.g. "
-                       "runs/demo), or . for the current folder")
+        raise DDMError(f"{name} is empty: {PATH_ARGUMENTS[name]}")
     return Path(text)
 
 
+def path_argument(name: str, help: str):
+    """The path argument `name` of PATH_ARGUMENTS (an empty one refused by _given_path)."""
+    return typer.Argument(..., metavar=name, help=help, parser=lambda text: _given_path(name, text))
+
+
 def run_argument(help: str):
-    """The RUN argument of a command that reads a run folder (an empty one refused by _run_folder)."""
-    return typer.Argument(..., metavar="RUN", help=help, parser=_run_folder)
+    """The RUN argument of a command that reads a run folder."""
+    return path_argument("RUN", help)
 
 
 DEVICE = typer.Option(None, "--device", help="where networks train and sample: cpu, cuda, cuda:N, mps or auto; "
@@ -245,8 +258,9 @@ def _with_train_seed(section, seed: Optional[int]):
 
 
 @app.command("train-expert")
-def train_expert_cmd(shard: Path = typer.Argument(..., help="one shard file, e.g. RUN/partition/shards/cluster_03.safetensors "
-                                                 "(a latent run's: RUN/latents/cluster_03.safetensors)"),
+def train_expert_cmd(shard: Path = path_argument("SHARD", "one shard file, e.g. "
+                                                 "RUN/partition/shards/cluster_03.safetensors (a latent run's: "
+                                                 "RUN/latents/cluster_03.safetensors)"),
                      out: Path = typer.Option(..., "--out", help="expert folder to write (new, empty or an expert's: "
                                               "it is replaced; a folder holding anything else is refused)"),
                      config: Optional[Path] = typer.Option(None, help="TOML config (or a built-in name, e.g. demo, or "
