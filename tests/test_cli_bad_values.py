@@ -329,6 +329,20 @@ def test_an_empty_shard_argument_is_refused_naming_shard(config, tmp_path, monke
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args", [["sample", "   "], ["register", "\t"], ["replace-expert", " ", "0", "FOLDER"],
+                                  ["train-expert", "  ", "--out", "e"]])
+def test_a_run_or_shard_of_whitespace_only_is_refused_naming_it(args, tmp_path, monkeypatch):
+    """A RUN of spaces ('   ', a legal folder name, never the one meant) was looked for as a folder of that name,
+    and named as a blank ("    is not a run folder"); a SHARD of spaces as a file ("shard    does not exist"). Each
+    is refused by its raw text, where an empty one is, naming the argument and what to give; nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    done = run_cli(*args)
+    name, blank = ("SHARD" if args[0] == "train-expert" else "RUN"), args[1]
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {name} is only whitespace ({blank!r}): give "), \
+        done.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_very_long_value_is_shown_shortened_in_its_error(tmp_path, monkeypatch):
     """A 3000-character value was echoed whole in its error line. Every message the CLI prints (a DDMError's, a
     file system's) shows a value of more than 500 characters as its first 60, '...', its last 40 and its length; a

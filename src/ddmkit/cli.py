@@ -129,14 +129,15 @@ PATH_ARGUMENTS = {  # a path argument: what to give in its place
 
 def _given_path(name: str, text: str) -> Path:
     """The path argument `name` (RUN, SHARD) as typed: an empty one is refused here, as Path('') is '.', the
-    current folder."""
-    if str(text) == "":
-        raise DDMError(f"{name} is empty: {PATH_ARGUMENTS[name]}")
+    current folder, and so is one of whitespace only (a legal name, but never the one meant)."""
+    if not str(text).strip():
+        what = "empty" if str(text) == "" else f"only whitespace ({str(text)!r})"
+        raise DDMError(f"{name} is {what}: {PATH_ARGUMENTS[name]}")
     return Path(text)
 
 
 def path_argument(name: str, help: str):
-    """The path argument `name` of PATH_ARGUMENTS (an empty one refused by _given_path)."""
+    """The path argument `name` of PATH_ARGUMENTS (an empty or blank one refused by _given_path)."""
     return typer.Argument(..., metavar=name, help=help, parser=lambda text: _given_path(name, text))
 
 
