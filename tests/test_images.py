@@ -809,6 +809,18 @@ def test_the_documented_way_to_save_samples_from_python_clamps_them_as_the_repor
         assert np.array_equal(saved, image_grid(x[i:i + 1], 1, 1, pad=0)), i
 
 
+def test_a_sample_grid_has_only_the_rows_its_images_fill():
+    """A CPU run's 32 samples on the report's 8 x 8 grid: 4 rows of images, not 4 more of blank white below
+    them; 64 or more fill all 8 rows, and a last row left part empty stays white."""
+    from ddmkit.evaluation.images import image_grid
+
+    x = torch.linspace(-1, 1, 100).reshape(100, 1, 1, 1).expand(100, 1, 2, 2)
+    for n, rows in ((32, 4), (16, 2), (10, 2), (64, 8), (100, 8)):
+        assert image_grid(x[:n], 8, 8).shape == (rows * 3 + 1, 8 * 3 + 1), n
+    grid = image_grid(x[:10], 8, 8)
+    assert grid[4, 4] == round((float(x[9, 0, 0, 0]) + 1) * 127.5)  # image 9: row 1, column 1
+    assert (grid[4:6, 7:] == 255).all()  # the rest of row 1 is blank
+
 
 def test_a_png_grid_is_written_through_the_atomic_write(tmp_path, monkeypatch):
     """save_png writes the grid, each pixel scale x scale, through io.write_bytes_atomic (temporary name, then

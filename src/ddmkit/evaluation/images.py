@@ -23,7 +23,9 @@ from ddmkit.registry import load_data_file, shard_files
 
 
 def image_grid(x: torch.Tensor, rows: int, cols: int, pad: int = 1) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> uint8 (rows*(H+pad)+pad, cols*(W+pad)+pad[, 3]) grid."""
+    """(N, C, H, W) in [-1, 1] -> uint8 (rows*(H+pad)+pad, cols*(W+pad)+pad[, 3]) grid; fewer rows when the
+    images do not fill them (32 images on an 8 x 8 grid: 4 rows, no blank half)."""
+    rows = min(rows, -(-len(x) // cols))
     x = x[: rows * cols].float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
     n, c, h, w = x.shape
     grid = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
