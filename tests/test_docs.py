@@ -203,10 +203,10 @@ def test_the_image_pages_python_snippet_saves_pngs(tmp_path, monkeypatch):
     for stage in (stage_data, stage_partition, stage_experts, stage_router, stage_registry):
         stage(cfg, run, lambda m: None)
     code = code_block(ROOT / "docs" / "images.md", "## From Python")
-    assert '"runs/fm"' in code and "steps=50" in code
+    assert '"runs/try"' in code and "steps=50" in code
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(code.replace('"runs/fm"', repr(str(run))).replace("steps=50", "steps=4"), namespace)
+    exec(code.replace('"runs/try"', repr(str(run))).replace("steps=50", "steps=4"), namespace)
     assert namespace["x0"].shape == (16, 1, 8, 8) and namespace["pixels"].dtype == torch.uint8
     saved = sorted(tmp_path.glob("sample_*.png"))
     assert len(saved) == 16 and Image.open(saved[0]).size == (8, 8) and Image.open(saved[0]).mode == "L"
