@@ -924,8 +924,9 @@ def test_a_folder_of_other_sizes_is_refused_from_the_file_headers_before_any_ima
     def decoded(*args):
         raise AssertionError("an image was decoded")
     monkeypatch.setattr(images, "read_images", decoded)
-    with pytest.raises(DDMError, match=r"different sizes \(.*a.png: 30x40, .*c.png: 50x20\); set data.params.resize "
-                                       r"= 20 and data.params.crop = 20 .* or data.params.pad_to = 50"):
+    with pytest.raises(DDMError, match=r"different sizes \(height x width: .*a.png: 30x40, .*c.png: 50x20\); "
+                                       r"set data.params.resize = 20 and data.params.crop = 20 .* or "
+                                       r"data.params.pad_to = 50"):
         read_image_folder(tmp_path)
     monkeypatch.undo()
     (tmp_path / "c.png").unlink()

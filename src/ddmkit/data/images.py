@@ -427,7 +427,7 @@ def different_sizes(root: Path, named: list[tuple[tuple[int, int], Path]], sizes
     the settings that make them one size."""
     (s1, p1), (s2, p2) = named
     side = resize or min(min(size) for size in sizes)
-    return DDMError(f"image folder {root} holds images of different sizes ({p1}: {s1[0]}x{s1[1]}, "
+    return DDMError(f"image folder {root} holds images of different sizes (height x width: {p1}: {s1[0]}x{s1[1]}, "
                     f"{p2}: {s2[0]}x{s2[1]}); set data.params.resize = {side} and data.params.crop = {side} "
                     f"(each image's shorter side scaled to {side}, then its centre {side}x{side} kept), or "
                     f"data.params.pad_to = {max(max(size) for size in sizes)} (each padded with black)")
