@@ -869,6 +869,20 @@ def test_small_clusters_warn_and_a_lone_row_needs_no_statistics_router():
     check_clusters(config(evaluate={"stats_router": False}), [100, 1], (2,))
 
 
+def test_a_lone_row_is_refused_when_a_vector_run_samples_sets_with_the_statistics_only_router():
+    """sample.stats_router_strategies draws sets with the statistics-only router on vectors too: a cluster of one row
+    was let through with evaluate.stats_router = false and failed after training, at sampling."""
+    sets = {"stats_router_strategies": ["top-2"]}
+    with pytest.raises(DDMError, match=r"or set sample.stats_router_strategies = \[\]$"):
+        check_clusters(config(sample=sets, evaluate={"stats_router": False}), [100, 1], (2,))
+    with pytest.raises(DDMError, match=r"set sample.stats_router_strategies = \[\] and evaluate.stats_router = false"):
+        check_clusters(config(sample=sets), [100, 1], (2,))
+    with pytest.raises(DDMError, match=r"or set sample.stats_router_strategies = \[\]$"):
+        check_clusters(config(sample=sets), [100, 1], (1, 8, 8))  # images: evaluate.stats_router is not theirs
+    check_clusters(config(evaluate={"stats_router": False}), [100, 1], (2,))
+    check_clusters(config(), [100, 1], (1, 8, 8))
+
+
 def test_partition_settings_the_features_ignore_are_warned_of_before_anything_is_written(tmp_path):
     """partition.pca_dim with features = 'identity' (or encoder_* without the encoder) changed nothing and
     said nothing."""

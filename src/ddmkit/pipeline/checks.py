@@ -250,13 +250,12 @@ def check_clusters(cfg: RunConfig, counts: list[int], data_shape: tuple, orphans
     component) against what training and evaluation need: a DDMError for a run that cannot finish,
     warnings (returned) for one that finishes with a likely surprise."""
     k = len(counts)
-    stats_router = bool(cfg.sample.stats_router_strategies) if is_image_shape(data_shape) \
-        else cfg.evaluate.stats_router
     tiny = [c for c, n in enumerate(counts) if n < 2]
-    if tiny and stats_router:
-        field = "sample.stats_router_strategies = []" if is_image_shape(data_shape) else "evaluate.stats_router = false"
+    fields = _statistics_router_fields(cfg, data_shape)
+    if tiny and fields:
         raise DDMError(f"partition: clusters {tiny} hold fewer than 2 rows, but the statistics-only router needs each "
-                       f"cluster's covariance (2 rows or more); lower partition.k (now {k}) or set {field}")
+                       f"cluster's covariance (2 rows or more); lower partition.k (now {k}) or set "
+                       f"{' and '.join(fields)}")
     if orphans:
         raise DDMError(f"partition: clusters {list(orphans)} own no component of the Gaussian mixture, so the exact "
                        f"DDM's samples (the report's exact rows) cannot be drawn; set partition.k = "
@@ -268,6 +267,15 @@ def check_clusters(cfg: RunConfig, counts: list[int], data_shape: tuple, orphans
                 f"{min(counts)}): their experts draw every batch with repeated rows; lower expert.train.batch_size or "
                 "partition.k if that is not what you want"]
     return []
+
+
+def _statistics_router_fields(cfg: RunConfig, data_shape: tuple) -> list[str]:
+    """The settings that use the statistics-only router, each as the value that turns it off: the sets of
+    sample.stats_router_strategies (any data) and, for vectors, the evaluate.stats_router study."""
+    fields = ["sample.stats_router_strategies = []"] if cfg.sample.stats_router_strategies else []
+    if cfg.evaluate.stats_router and not is_image_shape(data_shape):
+        fields.append("evaluate.stats_router = false")
+    return fields
 
 
 def unused_partition_settings(cfg: RunConfig) -> list[str]:
