@@ -380,7 +380,7 @@ class SampleConfig(Section):
                                 "router set (None: n); compare these rows by KID, which does not depend on n, "
                                 "or with each other")
     stats_router_strategies: list[str] = Field(default_factory=list, examples=[["top-2", "full"]],
-                                               description="images: strategies also sampled with the "
+                                               description="strategies also sampled with the "
                                                "statistics-only router (e.g. ['top-2', 'full'])")
 
     @field_validator("strategies", "stats_router_strategies")
