@@ -23,13 +23,13 @@ def state(seed=0, **kw):
     ("top-0", "K must be >= 1"), ("sample-0", "K must be >= 1"), ("sample-2@0", "temperature T must be > 0"),
     ("threshold-0", "P must be in (0, 1]"), ("threshold-1.5", "P must be in (0, 1]"),
     ("nucleus-0.5@0", "temperature T must be > 0"), ("adaptive-0", "P must be in (0, 1]"),
-    ("gated-0@30", "K must be >= 1 and the angle A in [0, 180] degrees"),
-    ("gated-2@180.5", "K must be >= 1 and the angle A in [0, 180] degrees"),
+    ("gated-0@30", "K must be >= 1"),
+    ("gated-2@180.5", "the angle A must be in [0, 180] degrees"),
     # negative values: the names of a known form, refused for the value (they were 'unknown routing strategy')
     ("sample-2@-1", "temperature T must be > 0"), ("adaptive-ent--1", "the entropy H must be >= 0 nats"),
     ("top--1", "K must be >= 1"), ("sample--2", "K must be >= 1"), ("threshold--0.1", "P must be in (0, 1]"),
     ("nucleus--0.9", "P must be in (0, 1]"), ("nucleus-0.9@-0.5", "temperature T must be > 0"),
-    ("adaptive--0.5", "P must be in (0, 1]"), ("gated-2@-30", "K must be >= 1 and the angle A in [0, 180] degrees"),
+    ("adaptive--0.5", "P must be in (0, 1]"), ("gated-2@-30", "the angle A must be in [0, 180] degrees"),
     ("sample-2@1.2.3", "1.2.3 is not a number")])
 def test_bad_values_are_named(spec, message):
     """The value's range, then what the form takes, with an example name that parses as that form."""

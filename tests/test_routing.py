@@ -167,6 +167,20 @@ def test_gated_routing_is_refused_as_a_sampled_strategy_when_the_config_loads():
         validate(RunConfig, {"sample": {"sweep_strategy": "gated-1@10"}})
 
 
+def test_a_gated_name_out_of_range_names_a_command_that_runs_and_the_parameter_that_is_wrong():
+    """gated-0@30 given to the sampler was sent to `ddmkit analyze RUN --strategy gated-0@30`, which refuses it;
+    gated-2@200 was told that K must be >= 1 'and' the angle in [0, 180], not which of the two was wrong."""
+    with pytest.raises(DDMError, match=r"`ddmkit analyze RUN --strategy gated-2@30`"):
+        parse_strategy("gated-0@30", sampled=True)
+    with pytest.raises(DDMError, match=r"`ddmkit analyze RUN --strategy gated-3@45`"):
+        parse_strategy("gated-3@45", sampled=True)
+    parse_strategy("gated-2@30")  # the command named parses
+    with pytest.raises(DDMError, match=r"^strategy 'gated-2@200': the angle A must be in \[0, 180\] degrees; "):
+        parse_strategy("gated-2@200")
+    with pytest.raises(DDMError, match=r"^strategy 'gated-0@30': K must be >= 1; gated-K@A takes "):
+        parse_strategy("gated-0@30")
+
+
 def test_the_forms_named_for_sampling_leave_out_the_analysis_only_ones():
     """An unknown sampled strategy was answered with a list of forms that included gated-K@A, which the
     sampler then refused; study misalignment --strategy gated-2@30 was refused as sample.strategies (a field

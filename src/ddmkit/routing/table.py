@@ -84,8 +84,10 @@ def _sample_k(k: str, t: str | None = None) -> SampleK:
 
 
 def _gated(k: str, a: str) -> GatedTopK:
-    if int(k) < 1 or not 0 <= _float(a) <= 180:
-        raise ValueError("K must be >= 1 and the angle A in [0, 180] degrees")
+    if int(k) < 1:
+        raise ValueError("K must be >= 1")
+    if not 0 <= _float(a) <= 180:
+        raise ValueError("the angle A must be in [0, 180] degrees")
     return GatedTopK(int(k), _float(a))
 
 
@@ -235,14 +237,17 @@ def parse_strategy(spec: str, sampled: bool = False) -> Strategy:
                            + _takes(entry, f"; {entry.form} takes "))
         raise DDMError(f"unknown routing strategy {name!r}; accepted forms: {forms}")
     entry, m = matched
-    if sampled and not entry.sampled:
-        raise DDMError(f"strategy {name!r} compares the experts' velocities, which only the analysis sampler "
-                       f"gives: measure it with `ddmkit analyze RUN --strategy {name}`; the sampler runs "
-                       f"{forms}")
     try:
         strategy = entry.build(*[g for g in m.groups() if g is not None])
     except ValueError as e:  # a parameter out of its range, e.g. sample-2@-1: what the form takes, an example
-        raise DDMError(f"strategy {name!r}: {e}" + _takes(entry, f"; {entry.form} takes ")) from None
+        if entry.sampled or not sampled:
+            raise DDMError(f"strategy {name!r}: {e}" + _takes(entry, f"; {entry.form} takes ")) from None
+        strategy = None  # the analysis sampler's (gated-0@30 to the sampler): refused below, naming one that parses
+    if sampled and not entry.sampled:
+        measured = name if strategy is not None else entry.example or entry.form
+        raise DDMError(f"strategy {name!r} compares the experts' velocities, which only the analysis sampler "
+                       f"gives: measure it with `ddmkit analyze RUN --strategy {measured}`; the sampler runs "
+                       f"{forms}")
     if not isinstance(strategy, Strategy):
         raise DDMError(f"strategy {name!r}: the build of its form {entry.form!r} returned {type(strategy).__name__}, "
                        "not a ddmkit.routing.Strategy (subclass Strategy, or Selecting for a strategy with select)")
