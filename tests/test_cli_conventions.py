@@ -530,10 +530,11 @@ def test_a_comma_list_given_to_a_repeatable_number_option_says_to_repeat_it(cli,
                                                   ("--guidance", "-3", "greater than or equal to 0")])
 def test_a_bad_sampling_option_is_named_by_its_option(ddmkit, shard, option, value, words):
     """A value the config refuses was named as a config field ('options: invalid configuration /
-    sample.strategies: ...')."""
+    sample.strategies: ...'), then on a line below 'error: invalid option'; it is one line naming the option."""
     code, _, err = ddmkit("sample", shard.parents[2], option, value)
-    said = " ".join(err.split())
-    assert code == 2 and f"invalid option {option}: " in said and words in said and "sample." not in said, said
+    said = err.strip().splitlines()
+    assert code == 2 and len(said) == 1 and said[0].startswith(f"error: {option}: "), said
+    assert words in said[0] and "sample." not in said[0], said
 
 
 def test_a_folder_inside_a_run_names_the_run(ddmkit, shard):

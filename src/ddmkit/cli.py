@@ -504,7 +504,8 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
         said = str(e).replace("options: invalid configuration", "invalid option")
         for key in upd:  # the fields given as options, named as the options (use euler ... or leave them out of --strategy)
             said = said.replace(f"sample.{key}", f"--{'strategy' if key == 'strategies' else key.replace('_', '-')}")
-        raise DDMError(said) from None
+        lines = said.splitlines()
+        raise DDMError(lines[1].strip() if len(lines) == 2 else said) from None  # one bad value: one line
     if guidance is not None and guidance != 1.0 and not cfg.expert.net.kwargs.get("num_classes"):
         raise DDMError(f"--guidance {guidance:g}: classifier-free guidance needs class-conditional experts "
                        "(expert.net.kwargs.num_classes); this run's are unconditional, so every scale draws the same "
