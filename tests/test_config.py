@@ -290,3 +290,27 @@ def test_every_default_in_config_md_is_the_configs():
                 wrong.append(f"{where}.{name}: docs {text}, config {field!r}")
     assert not wrong, f"docs/config.md gives other defaults than the config: {wrong}"
     assert checked >= 80, checked
+
+
+def test_a_field_written_in_another_section_is_told_where_it_goes():
+    """expert.steps, sample.chunk, partition.K were 'unknown field (check the spelling ...)', naming no field; the
+    field of that name below the section, or in another section, is named, and the first one named works."""
+    import pytest
+
+    from ddmkit.config import RunConfig, apply_overrides, validate
+    from ddmkit.errors import DDMError
+
+    for given, meant in [("expert.steps", "'expert.train.steps' or 'expert.path.steps'"),
+                         ("expert.lr", "'expert.train.lr'"), ("sample.chunk", "'evaluate.chunk'"),
+                         ("partition.K", "'partition.k'")]:
+        with pytest.raises(DDMError) as refused:
+            validate(RunConfig, apply_overrides({}, [f"{given}=10"]))
+        assert f"  {given}: unknown field here; did you mean {meant}?" in str(refused.value).splitlines()
+        validate(RunConfig, apply_overrides({}, [f"{meant.split(chr(39))[1]}=10"]))
+    with pytest.raises(DDMError, match=r"  train: unknown field here; did you mean 'expert.train', 'router.train' or "
+                                       r"'latent.train'\?"):
+        validate(RunConfig, {"train": {"steps": 10}})
+    with pytest.raises(DDMError, match=r"sample.n_samples: unknown field \(check the spelling"):
+        validate(RunConfig, {"sample": {"n_samples": 5}})  # no field of that name anywhere
+    with pytest.raises(DDMError, match=r"expert.train.stepz: unknown field; did you mean 'steps'\?"):
+        validate(RunConfig, {"expert": {"train": {"stepz": 5}}})  # a misspelt name of the section, as before

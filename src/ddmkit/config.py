@@ -512,6 +512,38 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _paths_named(model: type[BaseModel], name: str, prefix: tuple = ()) -> list[str]:
+    """The dotted paths of the fields of `model`, at any depth, called `name` (whatever its case):
+    'expert.train.steps' and 'expert.path.steps' for 'steps' under the run config's expert section."""
+    out = []
+    for field, info in model.model_fields.items():
+        path = (*prefix, field)
+        if field.lower() == name.lower():
+            out.append(".".join(path))
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            out += _paths_named(info.annotation, name, path)
+    return out
+
+
+def _unknown_field(model: type[BaseModel] | None, loc: tuple) -> str:
+    """The message for an unknown field at `loc`: the closest accepted name of its section, else the fields of
+    that name in a table below it (expert.steps -> expert.train.steps) or elsewhere (sample.chunk ->
+    evaluate.chunk), else where the accepted fields are listed."""
+    section = loc[:-1]
+    close = difflib.get_close_matches(str(loc[-1]), _fields_at(model, section) if model else [], 1)
+    if close:
+        return f"unknown field; did you mean {close[0]!r}?"
+    if model is not None and isinstance(loc[-1], str):
+        inner = _annotation_at(model, section)
+        below = _paths_named(inner, loc[-1], section) if isinstance(inner, type) else []
+        paths = below or _paths_named(model, loc[-1])
+        if paths:
+            others = ", ".join(repr(path) for path in paths[:-1])
+            return f"unknown field here; did you mean {f'{others} or ' if others else ''}{paths[-1]!r}?"
+    return ("unknown field (check the spelling; see docs/config.md for the accepted fields, docs/discrete.md "
+            "for a text config's)")
+
+
 def _annotation_at(model: type[BaseModel] | None, loc: tuple):
     """The annotation of the field of `model` at `loc` (a path of field names), or None when there is none."""
     annotation = model
@@ -598,10 +630,7 @@ def _explain(err: ValidationError, source: str, what: str = "configuration", mod
         where = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")  # our validators' own messages, as written
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(model, e["loc"][:-1]) if model else [], 1)
-            msg = (f"unknown field; did you mean {close[0]!r}?" if close else
-                   "unknown field (check the spelling; see docs/config.md for the accepted fields, docs/discrete.md "
-                   "for a text config's)")
+            msg = _unknown_field(model, e["loc"])
         elif what == "configuration" and e["type"] == "list_type" and isinstance(e.get("input"), (str, int, float)):
             given = e["input"]
             if _of_texts(_annotation_at(model, e["loc"])) and not isinstance(given, str):  # 3 where ["top-3"] goes
