@@ -66,7 +66,8 @@ def test_bad_input_names_the_option(trained, tmp_path):
     with pytest.raises(DDMError, match="RUN_DIR"):
         analyze_run(tmp_path)
     (tmp_path / "afile").write_text("")
-    with pytest.raises(DDMError, match="afile is a file, not a folder"):  # before the measurements, not at the end
+    with pytest.raises(DDMError, match="--out .*analysis: .*afile is a file, not a folder; move it away "
+                       r"\(or give --out another folder\)"):  # before the measurements, not at the end
         analyze_run(trained, out=tmp_path / "afile" / "analysis")
     with pytest.raises(DDMError, match="afile is a file, not a run folder"):  # 'move it away (or write to another'
         analyze_run(tmp_path / "afile")

@@ -254,6 +254,18 @@ def test_bad_options_exit_2_before_anything_is_written(tmp_path, args, words, cl
     assert not out.exists()
 
 
+def test_an_out_inside_a_file_is_refused_naming_out_before_any_work(tmp_path, cli):
+    """--out under a file was found only when the first run folder was made, after the study had begun, by a
+    message that named no option."""
+    (tmp_path / "afile").write_text("mine")
+    out = tmp_path / "afile" / "study"
+    done = cli("study", "misalignment", TINY, "--out", out, "--seeds", "1", "--strategy", "full", "--strategy",
+               "top-2", "--n", "100", "--conditions", "exact")
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2 and f"--out {out}: {tmp_path / 'afile'} is a file, not a folder" in said, said
+    assert "misalignment: exact" not in said and (tmp_path / "afile").read_text() == "mine", said
+
+
 OTHER_REPORT = "holds a report.md that no misalignment study wrote"
 
 

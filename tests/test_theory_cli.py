@@ -60,8 +60,10 @@ def test_a_bad_seed_or_out_is_refused_before_anything_is_written(tmp_path):
             result = CliRunner().invoke(app, [command, "--quick", "--out", str(tmp_path / "x"), "--seed", seed])
             assert result.exit_code == 2 and "--seed" in result.output, result.output
         (tmp_path / "afile").write_text("")
-        result = CliRunner().invoke(app, [command, "--quick", "--out", str(tmp_path / "afile")])
-        assert isinstance(result.exception, DDMError) and "afile is a file" in str(result.exception)
+        result = CliRunner().invoke(app, [command, "--quick", "--out", str(tmp_path / "afile" / "study")])
+        assert isinstance(result.exception, DDMError), result.output
+        assert f"--out {tmp_path / 'afile' / 'study'}: {tmp_path / 'afile'} is a file, not a folder; move it away " \
+            "(or give --out another folder)" in str(result.exception)  # named no option
     assert not (tmp_path / "x").exists()
 
 

@@ -1034,7 +1034,7 @@ def _check_theory_out(out: Path, study: str) -> None:
     from ddmkit.io import check_folder_target
     from ddmkit.layout import check_own_study, enclosing_run, is_run_folder
 
-    check_folder_target(out)
+    check_folder_target(out, "--out")
     if is_run_folder(out) or enclosing_run(out) is not None:
         raise DDMError(f"--out {out}: a ddmkit run folder or a folder inside one, whose report.md the study would "
                        f"replace; give a folder of its own, e.g. --out theory-{study}")

@@ -62,18 +62,21 @@ def ensure_folder(folder: str | Path) -> Path:
     return folder
 
 
-def check_folder_target(folder: str | Path) -> Path:
+def check_folder_target(folder: str | Path, option: str | None = None) -> Path:
     """A DDMError when `folder` or one of its parents is a file or a symbolic link that leads nowhere (nothing is
-    created): an output folder checked before a long computation that writes it at the end."""
+    created): an output folder checked before a long computation that writes it at the end. `option` (e.g.
+    "--out"), when the folder came from one, is named at the start of the message."""
     folder = Path(folder)
+    named = f"{option} {folder}: " if option else ""
     broken = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
     if broken is not None:
-        raise DDMError(f"{broken} is a symbolic link that leads nowhere (to itself, in a loop, or to a path that does "
-                       f"not exist), where ddmkit writes a folder; remove it (rm {shlex.quote(str(broken))}) and run "
-                       "the command again")
+        raise DDMError(f"{named}{broken} is a symbolic link that leads nowhere (to itself, in a loop, or to a path "
+                       f"that does not exist), where ddmkit writes a folder; remove it "
+                       f"(rm {shlex.quote(str(broken))}) and run the command again")
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise DDMError(f"{blocker} is a file, not a folder; move it away (or write to another folder)")
+        instead = f"give {option} another folder" if option else "write to another folder"
+        raise DDMError(f"{named}{blocker} is a file, not a folder; move it away (or {instead})")
     return folder
 
 

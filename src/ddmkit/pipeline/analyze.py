@@ -407,7 +407,8 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
     names = [strategies] if isinstance(strategies, str) else list(strategies or default_strategies(cfg))
     strats = check_strategies(names)
-    out = check_folder_target(out if out is not None else folder.analysis)  # before the long work
+    option = None if out is None else "--out"  # the default RUN/analysis was given by no option
+    out = check_folder_target(folder.analysis if out is None else out, option)  # before the long work
     model = next((p for p in (out, *out.resolve().parents) if (p / "model.safetensors").is_file()), None)
     if model is not None:  # the folders copied between machines hold a network alone
         raise DDMError(f"--out {out} is inside the model folder {model}; give another folder (default RUN/analysis)")

@@ -74,6 +74,7 @@ from ddmkit.evaluation.distances import w2_exact
 from ddmkit.evaluation.fid import feature_extractor, fid_kid, gaussian_stats
 from ddmkit.evaluation.images import floor_images
 from ddmkit.io import (
+    check_folder_target,
     read_json,
     save_tensors,
     sha256_file,
@@ -485,6 +486,7 @@ def study_misalignment(cfg: RunConfig, out: str | Path, seeds: Sequence[int] = (
         device = named_device(device) if device is not None else cfg.expert.train.device
     elif stages == "all":
         device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
+    check_folder_target(out, "--out")  # --out FILE (or inside one): named before any work
     check_outside_runs(out, "the study writes a run folder per condition and seed into --out/runs",
                        "runs/misalignment")
     check_own_study(out, "misalignment")  # not a sweep's folder, nor a report.md the study did not write

@@ -519,7 +519,7 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     if partial and stages != "report":
         raise DDMError(f"--partial: only with --stages report (got --stages {stages}); score the missing cells, "
                        "then report with --stages report --partial")
-    out = check_folder_target(Path(out))  # --out FILE: named before any work
+    out = check_folder_target(Path(out), "--out")  # --out FILE: named before any work
     check_outside_runs(out, "a sweep writes one run folder per cell into --out", "runs/sweep")
     check_own_study(out, "sweep")  # not a misalignment study's folder, nor a report.md no sweep wrote
     todo = cells(ks, budgets, seeds, all_seeds)
