@@ -143,11 +143,13 @@ def test_run_distill_rejects_bad_seeds(tmp_path):
     ("steps", (), "a non-empty tuple"), ("radii", (), "a non-empty tuple"), ("bootstrap", 0, "an integer >= 1"),
     ("seed", -1, "an integer >= 0"), ("steps", (4, 8.5), "integers >= 1"), ("eps_values", (-0.1,),
     "non-negative finite numbers"), ("temperatures", (0.0,), "positive finite numbers"), ("width", 0.0,
-    "a positive finite number"), ("components", 0, "an integer >= 1"), ("samples", 1, "an integer >= 2")])
+    "a positive finite number"), ("components", 0, "an integer >= 1"), ("samples", 1, "an integer >= 2"),
+    ("radii", (2.0, 0.0), "positive finite numbers"), ("radius", 0.0, "a positive finite number")])
 def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what, tmp_path):
     """steps=(), radii=(), bootstrap=0 and seed=-1 were answered by tracebacks (min() of an empty sequence,
     an IndexError, numpy's 'expected non-negative integer'), radii=() after 20 s of work; eps_values, temperatures,
-    width and components failed only once the study had made its folder."""
+    width and components failed only once the study had made its folder; a ring of radius 0 (its components at
+    one point, Q = 0) by a ZeroDivisionError in the report after the whole study."""
     with pytest.raises(DDMError, match=rf"^ConvergenceSettings\.{field}: .*; give {what}$"):
         C.run_convergence(replace(C.ConvergenceSettings.quick(), **{field: value}), tmp_path / "x", log=quiet)
     assert not (tmp_path / "x").exists()

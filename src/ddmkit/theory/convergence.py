@@ -360,8 +360,8 @@ def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
     check_settings(s, counts={"components": 1, "clusters": 1, "steps": 1, "fit_min_steps": 1, "samples": 2,
                               "sweep_samples": 2, "sweep_steps": 1, "disagreement_steps": 1, "bootstrap": 1,
                               "common_noise_draws": 0, "seed": 0},
-                   numbers={"radius": "finite", "width": "positive", "eps_values": "non-negative",
-                            "temperatures": "positive", "radii": "finite", "size_factors": "positive",
+                   numbers={"radius": "positive", "width": "positive", "eps_values": "non-negative",
+                            "temperatures": "positive", "radii": "positive", "size_factors": "positive",
                             "floor_angles": "finite"},
                    lists=("steps", "samplers", "sweep_steps", "eps_values", "temperatures", "radii",
                           "disagreement_steps"), may_be_empty=("size_factors", "floor_angles"))
