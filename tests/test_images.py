@@ -420,6 +420,7 @@ def test_tiny_config_runs_the_image_path(tmp_path):
     raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
     raw["data"]["params"] = {"dir": str(folder)}
     raw["sample"].update(n=16, steps=2, strategies=["monolith", "top-1", "top-2", "oracle"], sweep_n=8)
+    raw["evaluate"]["kid_subset"] = 8  # at most sample.sweep_n
     cfg = validate(RunConfig, raw)
     assert run_pipeline(cfg, tmp_path / "run", stages="train", log=lambda m: None) is None
     result = run_pipeline(cfg, tmp_path / "run", stages="evaluate", log=lambda m: None)
@@ -946,6 +947,33 @@ def test_a_test_split_too_small_for_kid_names_data_n_test_only_where_it_caps_the
         check_run_plan(cfg, 48, 12, (3, 8, 8), False)
     assert ("data.n_test" in str(info.value)) == names_it, str(info.value)
     assert "data.params.test_fraction for a file, image folder or image array" in str(info.value)
+
+
+@pytest.mark.parametrize("sets", [{"guidance_sweep": [2.0]}, {"stats_router_strategies": ["top-1"]}])
+def test_a_kid_subset_above_the_sweep_sets_is_refused_with_a_value_that_works(sets):
+    """evaluate.kid_subset above sample.n is refused before training, but above sample.sweep_n the guidance-sweep
+    and statistics-only router sets were scored quietly on subsets of fewer images; it is refused the same way,
+    and each fix it names passes."""
+    from ddmkit.config import RunConfig, validate
+    from ddmkit.pipeline.checks import check_run_plan
+
+    def plan(sample: dict, kid: int) -> None:
+        cfg = validate(RunConfig, {"data": {"name": "image_folder"}, "partition": {"k": 2}, "expert": {
+            "label_dropout": 0.1, "net": {"kwargs": {"num_classes": 2}}}, "router": {"net": {"kwargs": {
+                "num_classes": 2}}}, "sample": {"n": 16, "sweep_n": 8, **sets, **sample},
+            "evaluate": {"kid_subset": kid}})
+        check_run_plan(cfg, 48, 100, (3, 8, 8), False)
+
+    with pytest.raises(DDMError) as info:
+        plan({}, 12)
+    assert str(info.value) == ("evaluate.kid_subset = 12 is larger than sample.sweep_n = 8 (the guidance-sweep and "
+                               "statistics-only router sets): KID draws kid_subset images of each set; set "
+                               "evaluate.kid_subset = 8 or lower, or sample.sweep_n = 12 or more")
+    with pytest.raises(DDMError, match="larger than sample.n = 16: .*set evaluate.kid_subset = 8 or lower"):
+        plan({}, 40)  # above both: the value named fits the sweep sets too
+    plan({}, 8)
+    plan({"sweep_n": 12}, 12)
+    plan({"guidance_sweep": [], "stats_router_strategies": []}, 12)  # no sweep sets drawn: sample.n bounds it
 
 
 def test_a_test_split_of_few_images_is_warned_of_before_training(tmp_path):

@@ -20,7 +20,8 @@ What the later stages need (each need is where that stage would fail or would no
   smallest set's size; the missing-expert and statistics-only router studies at
   min(evaluate.study_n, sample.n). held_out_rows grows with n, so sample.n = largest_n(...) always fits.
 - images: FID and KID compare every set with the test split's features; KID draws evaluate.kid_subset
-  images of each, so kid_subset must be at most sample.n and the test images; FID needs 2 images a set.
+  images of each, so kid_subset must be at most sample.n, sample.sweep_n (when those sets are drawn) and the
+  test images; FID needs 2 images a set.
 - sample.sweep_n: the extra sets take the first sweep_n of the sample.n noises, so at most sample.n.
 - clusters: the statistics-only router needs 2 rows in every cluster (a covariance); the exact DDM of
   a Gaussian mixture needs every cluster to own a mixture component; a cluster with fewer rows than
@@ -216,13 +217,17 @@ def _check_images(cfg: RunConfig, n_test: int, smallest: int) -> None:
     if smallest < 2:
         raise DDMError(f"sample.sweep_n = {smallest}: FID and KID need at least 2 images per set; set "
                        "sample.sweep_n = 2 or more")
-    limit = min(s.n, n_test)
-    if e.kid_subset > limit:
+    works = min(smallest, n_test)  # smallest <= sample.n
+    if e.kid_subset > min(s.n, n_test):
         what = f"sample.n = {s.n}" if s.n <= n_test else f"the {n_test} test images"
         raise DDMError(f"evaluate.kid_subset = {e.kid_subset} is larger than {what}: KID draws kid_subset images "
-                       f"of each set and of the test split; set evaluate.kid_subset = {limit} or lower"
+                       f"of each set and of the test split; set evaluate.kid_subset = {works} or lower"
                        + ("" if s.n <= n_test else
                           f" (or give the test split more images: {more_test_rows(cfg, n_test)})"))
+    if e.kid_subset > smallest:
+        raise DDMError(f"evaluate.kid_subset = {e.kid_subset} is larger than sample.sweep_n = {smallest} (the "
+                       "guidance-sweep and statistics-only router sets): KID draws kid_subset images of each set; "
+                       f"set evaluate.kid_subset = {works} or lower, or sample.sweep_n = {e.kid_subset} or more")
 
 
 def _check_vectors(cfg: RunConfig, n_test: int, sizes: list[int]) -> None:
