@@ -138,8 +138,12 @@ def test_pad_to_makes_a_folder_of_small_images_one_size(tmp_path):
     for got, image in zip(images, (a, b)):
         padded = pad_images(to_unit_range(image[None]), 8)[0, 0]
         assert torch.equal(to_unit_range(got[None])[0, 0], padded)  # the same bytes as a batch padded at once
-    with pytest.raises(DDMError, match=r"a.png: 4x6 is larger than data.params.pad_to = 4; set pad_to = 6 or more"):
+    with pytest.raises(DDMError, match=r"a.png \(height x width: 4x6\) is larger than data.params.pad_to = 4; set "
+                                       r"pad_to = 6 or more"):
         read_image_folder(tmp_path / "sizes", pad_to=4)
+    with pytest.raises(DDMError, match=r"data.params.pad_to = 5 is smaller than the images \(height x width: 4x6\); "
+                                       r"set pad_to = 6 or more"):
+        pad_images(to_unit_range(a[None]), 5)
 
 
 @pytest.mark.parametrize("raw_mode", ["I;16", "I;16B", "I;16L"])

@@ -149,8 +149,8 @@ def pad_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
         return x
     h, w = x.shape[-2:]
     if h > size or w > size:
-        raise DDMError(f"data.params.pad_to = {size} is smaller than the images ({h}x{w}); set pad_to = {max(h, w)} "
-                       f"or more, or data.params.resize and crop (scale and cut the images first)")
+        raise DDMError(f"data.params.pad_to = {size} is smaller than the images (height x width: {h}x{w}); set "
+                       f"pad_to = {max(h, w)} or more, or data.params.resize and crop (scale and cut the images first)")
     top, left = (size - h) // 2, (size - w) // 2
     return torch.nn.functional.pad(x, (left, size - w - left, top, size - h - top), value=-1.0)
 
@@ -166,8 +166,8 @@ def resize_crop(x: torch.Tensor, resize: int | None, crop: int | None, source: s
     if crop:
         h, w = x.shape[-2:]
         if h < crop or w < crop:
-            raise DDMError(f"{source}: the images are {h}x{w}, smaller than data.params.crop = {crop}; set "
-                           f"data.params.resize = {crop} as well (the shorter side scaled to {crop} first)")
+            raise DDMError(f"{source}: the images (height x width: {h}x{w}) are smaller than data.params.crop = "
+                           f"{crop}; set data.params.resize = {crop} as well (the shorter side scaled to {crop} first)")
         top, left = (h - crop) // 2, (w - crop) // 2
         x = x[..., top:top + crop, left:left + crop].contiguous()
     return x
@@ -237,7 +237,7 @@ def _resize_crop(im, resize: int | None, crop: int | None, path: Path):
     if crop:
         w, h = im.size
         if w < crop or h < crop:
-            raise DDMError(f"{path}: {h}x{w} is smaller than data.params.crop = {crop}; set "
+            raise DDMError(f"{path} (height x width: {h}x{w}) is smaller than data.params.crop = {crop}; set "
                            f"data.params.resize = {crop} as well (each shorter side scaled to {crop} first)")
         left, top = (w - crop) // 2, (h - crop) // 2
         im = im.crop((left, top, left + crop, top + crop))
@@ -498,9 +498,9 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
         largest = max(max(a.shape[:2]) for a in arrays)
         if largest > pad_to:
             p, a = next((p, a) for p, a in zip(files, arrays) if max(a.shape[:2]) > pad_to)
-            raise DDMError(f"{p}: {a.shape[0]}x{a.shape[1]} is larger than data.params.pad_to = {pad_to}; set pad_to = "
-                           f"{largest} or more (the folder's largest side), or data.params.resize and crop (each "
-                           "image scaled and cut before padding)")
+            raise DDMError(f"{p} (height x width: {a.shape[0]}x{a.shape[1]}) is larger than data.params.pad_to = "
+                           f"{pad_to}; set pad_to = {largest} or more (the folder's largest side), or "
+                           "data.params.resize and crop (each image scaled and cut before padding)")
         arrays = [pad_array(a, pad_to) for a in arrays]
     channels, sizes = {}, {}
     for p, a in zip(files, arrays):
