@@ -376,3 +376,25 @@ def test_study_counts_past_their_range_are_refused_before_training(option, tmp_p
     with pytest.raises(DDMError, match=re.escape(option)):
         study_misalignment(load_config(TINY), tmp_path / "out", [0], **{"n": 100, keyword: int(HUGE)}, log=QUIET)
     assert not (tmp_path / "out").exists()
+
+
+def test_number_options_are_read_as_typer_before_0_28_holds_them():
+    """Typer before 0.28 keeps an option's number type and range on its click type (IntRange(min=1),
+    FloatParamType; from click or from Typer's copy of click, hence matched by class name), not on the option:
+    those options get the one-line refusals too (they were Typer's framed box there)."""
+    from ddmkit.cli import _number_option
+
+    class IntParamType: ...
+    class IntRange(IntParamType):
+        min, max = 1, None
+    class FloatParamType: ...
+    class StringParamType: ...
+
+    class Option:  # an option as that Typer builds it: no type_descriptor, a click type
+        def __init__(self, kind):
+            self.type = kind
+
+    assert _number_option(Option(IntRange())) == (int, 1, None)
+    assert _number_option(Option(IntParamType())) == (int, None, None)
+    assert _number_option(Option(FloatParamType())) == (float, None, None)
+    assert _number_option(Option(StringParamType())) == (None, None, None)

@@ -1252,16 +1252,31 @@ def one_line_ranges(command) -> None:
     not Typer's framed usage error; any other number option refuses a value that is not a number in one line
     too (_a_number); a repeatable number option given '2,4' says to repeat it (_one_per_option)."""
     for param in command.params:
-        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
-        ranged = getattr(param, "min", None) is not None or getattr(param, "max", None) is not None
-        if ranged and annotation is int:
-            param.process_value = _in_range(param, param.process_value)
-        elif _number_type(annotation) is not None:
-            param.process_value = _a_number(param, param.process_value, _number_type(annotation))
-        if getattr(param, "multiple", False) and _number_type(annotation) is not None:
+        kind, low, high = _number_option(param)
+        if kind is int and (low is not None or high is not None):
+            param.process_value = _in_range(param, param.process_value, low, high)
+        elif kind is not None:
+            param.process_value = _a_number(param, param.process_value, kind)
+        if getattr(param, "multiple", False) and kind is not None:
             param.process_value = _one_per_option(param, param.process_value)
     for sub in getattr(command, "commands", {}).values():
         one_line_ranges(sub)
+
+
+def _number_option(param) -> tuple[type | None, int | float | None, int | float | None]:
+    """(int or float, low, high) of a number option of the command line, its range where it has one (None: open),
+    or (None, None, None) for any other parameter. Typer from 0.28 keeps these on the parameter itself (its
+    annotation and min / max); earlier versions on click's type of it (IntRange, FloatParamType, ...), from click
+    or from the copy of click that Typer carries, hence the classes matched by name."""
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is not None:
+        return _number_type(descriptor.annotation), getattr(param, "min", None), getattr(param, "max", None)
+    kind = getattr(param, "type", None)
+    classes = {c.__name__ for c in type(kind).__mro__}
+    number = int if "IntParamType" in classes else float if "FloatParamType" in classes else None
+    if number is None:
+        return None, None, None
+    return number, getattr(kind, "min", None), getattr(kind, "max", None)
 
 
 def _number_type(annotation):
@@ -1323,9 +1338,10 @@ def _one_per_option(param, process):
     return checked
 
 
-def _in_range(param, process):
-    """param.process_value, the given value checked against the option's range first (one_line_ranges)."""
-    low, high, option = param.min, param.max, max(param.opts, key=len)
+def _in_range(param, process, low: int | None, high: int | None):
+    """param.process_value, the given value checked against the option's range [low, high] first
+    (one_line_ranges)."""
+    option = max(param.opts, key=len)
 
     def checked(ctx, value):
         if value is not None and not isinstance(value, bool):
