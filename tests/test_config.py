@@ -314,3 +314,29 @@ def test_a_field_written_in_another_section_is_told_where_it_goes():
         validate(RunConfig, {"sample": {"n_samples": 5}})  # no field of that name anywhere
     with pytest.raises(DDMError, match=r"expert.train.stepz: unknown field; did you mean 'steps'\?"):
         validate(RunConfig, {"expert": {"train": {"stepz": 5}}})  # a misspelt name of the section, as before
+
+
+def test_a_network_argument_written_outside_kwargs_is_told_its_kwargs_path():
+    """`--set expert.net.width=64` (or `width = 64` under [expert.net]) was 'unknown field (check the spelling
+    ...)', naming no field; the key of that name in the section's free-form table is named, and works. Close
+    names of the section (kwarg, arc) are suggested as before."""
+    import pytest
+
+    from ddmkit.config import RunConfig, apply_overrides, validate
+    from ddmkit.errors import DDMError
+
+    width = "expert.net.kwargs.width"
+    for given, raw, meant in [("expert.net.width", apply_overrides({}, ["expert.net.width=64"]), width),
+                              ("expert.net.width", {"expert": {"net": {"arch": "mlp", "width": 64}}}, width),  # TOML
+                              ("router.net.depth", {"router": {"net": {"depth": 3}}}, "router.net.kwargs.depth"),
+                              ("data.radius", {"data": {"radius": 2.0}}, "data.params.radius")]:
+        with pytest.raises(DDMError) as refused:
+            validate(RunConfig, raw)
+        assert f"  {given}: unknown field here; did you mean {meant!r}?" in str(refused.value).splitlines(), refused
+        validate(RunConfig, apply_overrides({}, [f"{meant}=3"]))
+    with pytest.raises(DDMError, match=r"  expert.net.steps: unknown field here; did you mean 'expert.train.steps', "
+                                       r".* or 'expert.net.kwargs.steps'\?"):  # the fields of that name first
+        validate(RunConfig, apply_overrides({}, ["expert.net.steps=3"]))
+    for close, meant in (("kwarg", "kwargs"), ("arc", "arch")):
+        with pytest.raises(DDMError, match=rf"expert.net.{close}: unknown field; did you mean '{meant}'\?"):
+            validate(RunConfig, apply_overrides({}, [f"expert.net.{close}=3"]))

@@ -525,10 +525,17 @@ def _paths_named(model: type[BaseModel], name: str, prefix: tuple = ()) -> list[
     return out
 
 
+def _free_table(model: type[BaseModel], section: tuple) -> str | None:
+    """The free-form table (TABLES) of the section at `section`: 'kwargs' of expert.net, 'params' of data."""
+    return next((name for name in _fields_at(model, section) if name in TABLES and
+                 typing.get_origin(_annotation_at(model, (*section, name))) is dict), None)
+
+
 def _unknown_field(model: type[BaseModel] | None, loc: tuple) -> str:
     """The message for an unknown field at `loc`: the closest accepted name of its section, else the fields of
     that name in a table below it (expert.steps -> expert.train.steps) or elsewhere (sample.chunk ->
-    evaluate.chunk), else where the accepted fields are listed."""
+    evaluate.chunk), and the key of that name in the section's free-form table (expert.net.width ->
+    expert.net.kwargs.width), else where the accepted fields are listed."""
     section = loc[:-1]
     close = difflib.get_close_matches(str(loc[-1]), _fields_at(model, section) if model else [], 1)
     if close:
@@ -536,7 +543,8 @@ def _unknown_field(model: type[BaseModel] | None, loc: tuple) -> str:
     if model is not None and isinstance(loc[-1], str):
         inner = _annotation_at(model, section)
         below = _paths_named(inner, loc[-1], section) if isinstance(inner, type) else []
-        paths = below or _paths_named(model, loc[-1])
+        table = _free_table(model, section)
+        paths = (below or _paths_named(model, loc[-1])) + ([".".join((*section, table, loc[-1]))] if table else [])
         if paths:
             others = ", ".join(repr(path) for path in paths[:-1])
             return f"unknown field here; did you mean {f'{others} or ' if others else ''}{paths[-1]!r}?"
