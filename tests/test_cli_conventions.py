@@ -91,7 +91,7 @@ def test_set_and_device_override_the_config(ddmkit, shard, tmp_path):
     (["--set", "expert.train.stepz=3"], "expert.train.stepz: unknown field; did you mean 'steps'?"),
     (["--set", "expert.trian.steps=3"], "expert.trian: unknown field; did you mean 'train'?"),
     (["--set", "expert.train.zzz=3"], "expert.train.zzz: unknown field (check the spelling; see docs/config.md"),
-    (["--set", "expert.train.steps=many"], "expert.train: steps = 'many' is text; give a number"),
+    (["--set", "expert.train.steps=many"], "expert.train.steps: 'many' is text; give a number"),
     (["--set", "expert.train.steps=0"], "expert.train.steps: Input should be greater than or equal to 1"),
     (["--set", "expert.train.steps"], "expected FIELD=VALUE"),
     (["--set", "expert.train.steps.every=1"], "expert.train.steps is a value, not a table"),

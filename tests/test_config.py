@@ -64,15 +64,16 @@ def test_a_bad_train_device_names_the_accepted_devices_not_a_pattern():
 
 
 def test_text_is_not_read_as_a_number_or_a_boolean():
-    """`balanced = "yes"` was read as true and `k = "4"` as 4 (pydantic's lax mode); a value is what was written."""
+    """`balanced = "yes"` was read as true and `k = "4"` as 4 (pydantic's lax mode); a value is what was written,
+    and the message names the field (it named its section: 'partition: k = '4' is text')."""
     import pytest
 
     from ddmkit.config import RunConfig, validate
     from ddmkit.errors import DDMError
 
-    for section, words in (({"balanced": "yes"}, "balanced = 'yes' is text; give true or false"),
-                                  ({"k": "4"}, "k = '4' is text; give a number"),
-                                  ({"pca_dim": "8"}, "pca_dim = '8' is text; give a number")):
+    for section, words in (({"balanced": "yes"}, "  partition.balanced: 'yes' is text; give true or false"),
+                           ({"k": "4"}, "  partition.k: '4' is text; give a number"),
+                           ({"pca_dim": "8"}, "  partition.pca_dim: '8' is text; give a number")):
         with pytest.raises(DDMError, match=words.replace("(", r"\(")):
             validate(RunConfig, {"partition": section})
     assert validate(RunConfig, {"partition": {"k": 4, "balanced": True, "features": "pca"}}).partition.k == 4

@@ -182,8 +182,8 @@ def test_every_number_in_the_config_is_finite_and_bounded(tmp_path, toml, field)
         load_config(path)
 
 
-@pytest.mark.parametrize("toml, words", [("[partition]\nk = true", "partition: k = true is a boolean"),
-                                         ("[expert.train]\nlr = false", "expert.train: lr = false is a boolean")])
+@pytest.mark.parametrize("toml, words", [("[partition]\nk = true", "partition.k: true is a boolean"),
+                                         ("[expert.train]\nlr = false", "expert.train.lr: false is a boolean")])
 def test_a_boolean_is_not_read_as_a_number(tmp_path, toml, words):
     path = tmp_path / "c.toml"
     path.write_text(toml + "\n")  # pydantic alone reads true as 1: one cluster

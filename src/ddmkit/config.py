@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import VPSchedule
@@ -86,22 +86,20 @@ def Seed(default: int = 0, description: str | None = None):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _numbers_are_not_booleans(cls, data):
+    def _numbers_are_not_booleans(cls, value, info: ValidationInfo):
         """pydantic reads true as 1 for a number field (`k = true` would be one cluster), and text as a number
-        or a boolean (`k = "4"`, `balanced = "yes"`): refused, so a value is what the TOML wrote."""
-        if isinstance(data, dict):
-            for name, info in cls.model_fields.items():
-                kinds = typing.get_args(info.annotation) or (info.annotation,)
-                value = data.get(name)
-                if isinstance(value, bool) and bool not in kinds and (int in kinds or float in kinds):
-                    raise ValueError(f"{name} = {str(value).lower()} is a boolean; give a number")
-                if isinstance(value, str) and set(kinds) <= {int, float, bool, type(None)} and \
-                        set(kinds) & {int, float, bool}:
-                    wanted = "true or false" if bool in kinds else "a number"
-                    raise ValueError(f"{name} = {value!r} is text; give {wanted} (unquoted in TOML and --set)")
-        return data
+        or a boolean (`k = "4"`, `balanced = "yes"`): refused, so a value is what the TOML wrote. A check of
+        each field, so that its error names the field (partition.k), not its section."""
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = typing.get_args(annotation) or (annotation,)
+        if isinstance(value, bool) and bool not in kinds and (int in kinds or float in kinds):
+            raise ValueError(f"{str(value).lower()} is a boolean; give a number")
+        if isinstance(value, str) and set(kinds) <= {int, float, bool, type(None)} and set(kinds) & {int, float, bool}:
+            wanted = "true or false" if bool in kinds else "a number"
+            raise ValueError(f"{value!r} is text; give {wanted} (unquoted in TOML and --set)")
+        return value
 
     @model_validator(mode="before")
     @classmethod
