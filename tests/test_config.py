@@ -154,6 +154,38 @@ def test_a_number_where_a_list_of_texts_goes_is_told_a_form_that_works():
         validate(RunConfig, {"sample": {"strategies": 3}}, "run.toml")
 
 
+def test_a_number_inside_a_list_of_texts_names_the_field_and_a_form_that_works():
+    """`--set 'sample.strategies=[3]'` was pydantic's bare 'sample.strategies.0: Input should be a valid string'; it
+    names the field once, whatever the numbers in the list, with an example that the config takes."""
+    import re
+
+    import pytest
+    from pydantic import BaseModel
+
+    from ddmkit.config import RunConfig, apply_overrides, validate
+    from ddmkit.errors import DDMError
+
+    for item, field, head in (("sample.strategies=[3]", "sample.strategies", "3 in [3] is not text"),
+                              ('sample.strategies=["top-2", 3, 4]', "sample.strategies",
+                               '3 and 4 in ["top-2", 3, 4] are not text'),
+                              ("sample.stats_router_strategies=[2.5]", "sample.stats_router_strategies",
+                               "2.5 in [2.5] is not text")):
+        with pytest.raises(DDMError) as err:
+            validate(RunConfig, apply_overrides({}, [item]), "--set")
+        lines = str(err.value).splitlines()[1:]
+        assert len(lines) == 1 and lines[0].startswith(f"  {field}: {head}, and this field is a list of texts, each "
+                                                       f"in quotes, e.g. [\"top-2\", \"full\"]"), lines
+        validate(RunConfig, apply_overrides({}, [re.search(r"--set '([^']+)'", lines[0]).group(1)]), "--set")
+
+    class Names(BaseModel):
+        names: list[str] = []
+
+    with pytest.raises(DDMError, match=re.escape("names: 3 in [\"a\", 3] is not text, and this field is a list of "
+                                                 "texts, each in quotes: give [\"a\", \"3\"] (on the command line: "
+                                                 "--set 'names=[\"a\", \"3\"]')")):
+        validate(Names, {"names": ["a", 3]}, "--set")
+
+
 def test_every_list_of_texts_field_given_a_number_is_told_a_set_that_parses():
     """A number given to any list-of-texts field of a run's config (vector or text) is told a --set that parses:
     sample.stats_router_strategies, empty by default, was told the placeholder ["NAME"]."""

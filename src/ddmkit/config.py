@@ -366,7 +366,7 @@ class SampleConfig(Section):
                                "streams (the same samples; with cuda_graphs, a set of graphs per expert)")
     strategies: list[str] = Field(default_factory=lambda: [
         "monolith", "full", "top-1", "top-2", "sample-1", "sample-2", "threshold-0.05",
-        "nucleus-0.9", "switch", "oracle"])
+        "nucleus-0.9", "switch", "oracle"], examples=[["top-2", "full"]])
     seed: int = Seed()
     guidance: float = Field(1.0, ge=0, le=1000, description="classifier-free guidance scale inside each "
                             "class-conditional expert")
@@ -573,13 +573,13 @@ def _of_texts(annotation) -> bool:
 
 
 def _example_texts(field) -> list[list]:
-    """One-item lists for a list-of-texts field, best first: each item of its default, of its examples
-    (Field(examples=...)) and of its choices (Literal), else the placeholder ["NAME"]."""
+    """Lists for a list-of-texts field, best first: its examples (Field(examples=...)), then one-item lists of each
+    item of its default and of its choices (Literal), else the placeholder ["NAME"]."""
     default = field.get_default(call_default_factory=True) or []
-    examples = [item for value in field.examples or [] for item in value]
     choices = typing.get_args(typing.get_args(field.annotation)[0])  # Literal["a", "b"]'s; list[str]: none
-    items = list(dict.fromkeys([*default, *examples, *choices]))
-    return [[item] for item in items] or [["NAME"]]  # tests/test_config.py checks that every field has one
+    items = list(dict.fromkeys([*default, *choices]))
+    lists = [list(value) for value in field.examples or []] + [[item] for item in items]
+    return lists or [["NAME"]]  # tests/test_config.py checks that every field has one
 
 
 def _with(table, loc: tuple, value) -> dict:
@@ -606,17 +606,29 @@ def _refusal(model: type[BaseModel], data: dict, loc: tuple, value) -> str | Non
 
 
 def _texts_for(given, model: type[BaseModel], data: dict, loc: tuple, where: str) -> str:
-    """What to write for a number (or boolean) `given` as the list-of-texts field at `loc` of `data`: the number
-    quoted, as a list, when the config takes it, else the first item of the field's default, examples or choices
-    that the config takes (and why the quoted one would not do)."""
-    quoted = json.dumps(json.dumps(given))  # 3 -> "3", True -> "true": as TOML and --set write them
-    head = f"{json.dumps(given)} is one value, and this field is a list of texts, each in quotes"
-    why = _refusal(model, data, loc, [json.loads(quoted)])
+    """What to write for a number (or boolean) `given`, or a list holding some, as the list-of-texts field at `loc`
+    of `data`: the list with each number quoted when the config takes it, else the first of the field's examples
+    or items of its default or choices that the config takes (and why the quoted one would not do)."""
+    items = given if isinstance(given, list) else [given]
+    numbers = [json.dumps(item) for item in items if isinstance(item, (int, float))]  # 3 -> "3", as TOML writes it
+    texts = [json.dumps(item) if isinstance(item, (int, float)) else item for item in items]
+    quoted = ", ".join(json.dumps(number) for number in numbers)
+    head = (f"{' and '.join(numbers)} in {json.dumps(given)} {'is' if len(numbers) == 1 else 'are'} not text"
+            if isinstance(given, list) else f"{json.dumps(given)} is one value")
+    head += ", and this field is a list of texts, each in quotes"
+    why = _refusal(model, data, loc, texts)
     if why is None:
-        return f"{head}: give [{quoted}] (on the command line: --set '{where}=[{quoted}]')"
+        return f"{head}: give {json.dumps(texts)} (on the command line: --set '{where}={json.dumps(texts)}')"
     examples = _example_texts(_annotation_at(model, loc[:-1]).model_fields[loc[-1]])
     example = json.dumps(next((e for e in examples if _refusal(model, data, loc, e) is None), examples[0]))
     return f"{head}, e.g. {example} (on the command line: --set '{where}={example}'); {quoted} would not do: {why}"
+
+
+def _given_at(data, loc: tuple):
+    """The value at `loc` (a path of field names) of the nested table `data`, or None."""
+    for name in loc:
+        data = data.get(name) if isinstance(data, dict) else None
+    return data
 
 
 TABLES = {"params": "the data set's parameters (the keywords of its preset or loader, e.g. radius for ring8)",
@@ -632,11 +644,21 @@ def _explain(err: ValidationError, source: str, what: str = "configuration", mod
         return "\n".join([*lines, f"  kind: missing; a text config (it has [{sections}]) starts with kind = "
                           "\"text_ar\" (autoregressive) or kind = \"text_dfm\" (discrete flow matching): "
                           "docs/discrete.md"])  # the other errors are of reading it as a vector run's
+    told = set()  # the lists of texts told already: one line for all the numbers in one
     for e in err.errors()[:20]:
         where = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")  # our validators' own messages, as written
+        field, item = e["loc"][:-1], e["loc"][-1] if e["loc"] else None
         if e["type"] == "extra_forbidden":
             msg = _unknown_field(model, e["loc"])
+        elif what == "configuration" and e["type"] in ("string_type", "literal_error") and isinstance(item, int) \
+                and isinstance(e.get("input"), (int, float)) and _of_texts(_annotation_at(model, field)):  # [3]
+            where = ".".join(str(p) for p in field)
+            if where in told:
+                continue
+            told.add(where)
+            given = _given_at(data, field)
+            msg = _texts_for(given if isinstance(given, list) else [e["input"]], model, data or {}, field, where)
         elif what == "configuration" and e["type"] == "list_type" and isinstance(e.get("input"), (str, int, float)):
             given = e["input"]
             if _of_texts(_annotation_at(model, e["loc"])) and not isinstance(given, str):  # 3 where ["top-3"] goes
