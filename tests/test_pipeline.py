@@ -513,6 +513,22 @@ def test_sample_draws_the_exact_set_its_help_offers(tiny_run, tmp_path, cli):
     assert info[EXACT]["drawn_with"]["n"] == 40 and info["top-1"]["drawn_with"]["n"] == 40
 
 
+def test_run_notes_once_a_strategy_that_calls_every_expert_as_sample_does(tiny_run, tmp_path, cli):
+    """`ddmkit sample --strategy top-99` notes that top-K with K >= the experts is full routing; `ddmkit run` with
+    top-99 in sample.strategies (and in stats_router_strategies) said nothing. It says it once, in the same words."""
+    out, _ = tiny_run
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    note = "note: top-99 on a DDM of K = 4 experts calls every expert: the same routing as full"
+    sampled = cli("sample", run, "--strategy", "top-99", "--n", "40")
+    assert sampled.returncode == 0 and sampled.stderr.count(note) == 1, sampled.stderr
+    done = cli("run", TINY, "--out", run, "--set", 'sample.strategies=["top-99", "full", "top-2"]', "--set",
+               'sample.stats_router_strategies=["top-99"]', "--set", "sample.n=40", "--set", "evaluate.chunk=20",
+               "--set", "evaluate.missing_experts=false", "--set", "evaluate.stats_router=false")
+    assert done.returncode == 0 and done.stderr.count(note) == 1, done.stderr
+    assert "note: top-2 " not in done.stderr and "note: full " not in done.stderr
+
+
 @pytest.mark.parametrize("command, args, message", [
     ("run", ["--workers", "0", "--backend", "processes"], "--workers must be >= 1"),
     ("run", ["--address", "auto"], "--address is for the ray backend only"),

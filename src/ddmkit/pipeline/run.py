@@ -144,6 +144,7 @@ def sample_and_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu") -> 
     """Draw every planned set, then score them (image sets are scored as soon as each is drawn)."""
     image_run = is_image_run(run)
     sets = planned_sets(cfg, load_truth(run) is not None)
+    note_full_routing(sets, read_manifest(RunFolder(run).partition)["k"], log)
     scorer = images.scorer_for(cfg, run, log, device) if image_run else None
     stage_sample(cfg, run, sets, image_run, log, device, on_sample=scorer)
     return evaluate_stage(cfg, run, log, device, scorer)
@@ -206,6 +207,13 @@ def sampling_router(router: str) -> str:
     return name
 
 
+def note_full_routing(sets: list[SampleSet], k: int, log: Log) -> None:
+    """A note, once per strategy, for each set whose top-n or sample-n calls every expert of a DDM of k experts."""
+    for name in dict.fromkeys(s.strategy for s in sets if s.kind == SetKind.DDM):
+        if calls_every_expert(name, k):
+            log(f"note: {name} on a DDM of K = {k} experts calls every expert: the same routing as full")
+
+
 def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = print, device=None,
                router: str = "learned") -> list[dict]:
     """Draw the named sets (routing strategies, 'monolith', 'exact') with the run's [sample] settings
@@ -232,10 +240,8 @@ def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = p
         for name in names:  # a name given twice is drawn once
             one = one_set(name, cfg.sample.n, cfg.sample.guidance)
             sets += [one] if one.name not in {s.name for s in sets} else []
-        k = read_manifest(folder.partition)["k"] if folder.manifest.exists() else None
-        for s in sets:
-            if k is not None and s.kind == SetKind.DDM and calls_every_expert(s.strategy, k):
-                log(f"note: {s.strategy} on a DDM of K = {k} experts calls every expert: the same routing as full")
+        if folder.manifest.exists():
+            note_full_routing(sets, read_manifest(folder.partition)["k"], log)
         stage_sample(cfg, run, sets, is_image_run(run), log, device, redraw=True)
         infos = read_info(folder)
         if RunFolder(run).report.exists():
