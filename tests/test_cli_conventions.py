@@ -537,6 +537,17 @@ def test_a_bad_sampling_option_is_named_by_its_option(ddmkit, shard, option, val
     assert words in said[0] and "sample." not in said[0], said
 
 
+def test_a_check_of_the_sample_section_names_the_options_it_came_from(ddmkit, shard):
+    """`--solver adaptive --strategy switch` was 'error: sample: solver = 'adaptive' with switch: ...', naming the
+    config's section, not the option typed; from the run's config (--set) it names the fields as before."""
+    code, _, err = ddmkit("sample", shard.parents[2], "--solver", "adaptive", "--strategy", "switch")
+    assert code == 2 and err == ("error: --solver adaptive with switch: these strategies draw their experts anew at "
+                                 "every evaluation, which the adaptive step-size control cannot settle (it hangs); use "
+                                 "euler, heun, midpoint or rk4, or leave them out of --strategy"), err
+    code, _, err = ddmkit("sample", shard.parents[2], "--set", "sample.solver=adaptive", "--strategy", "switch")
+    assert code == 2 and "sample: solver = 'adaptive' with " in err and "out of sample.strategies" in err, err
+
+
 def test_a_folder_inside_a_run_names_the_run(ddmkit, shard):
     """`train-router RUN/partition` said to run `ddmkit partition --out RUN/partition`."""
     run = shard.parents[2]

@@ -534,6 +534,7 @@ def test_run_notes_once_a_strategy_that_calls_every_expert_as_sample_does(tiny_r
     ("run", ["--address", "auto"], "--address is for the ray backend only"),
     ("run", ["--backend", "ray", "--address", "ray://head:10001"], "Ray Client (a ray:// address) cannot run"),
     ("run", ["--workers", "2"], "--workers is for the processes and ray backends"),  # was ignored
+    ("run", ["--backend", "foo"], "error: --backend: unknown launch backend 'foo'; accepted: inline, processes, ray"),
     ("demo", ["--workers", "0", "--backend", "processes"], "--workers must be >= 1")])
 def test_launch_options_are_refused_before_the_run_folder_is_made(tmp_path, command, args, message, cli):
     """--workers 0 and --address without ray were refused only after data and partition were written."""

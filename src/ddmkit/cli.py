@@ -502,8 +502,10 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
         cfg = validate(RunConfig, {**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), **upd}}, "options")
     except DDMError as e:  # the config's sample.* fields, in the words of this command's options
         said = str(e).replace("options: invalid configuration", "invalid option")
-        for key in upd:  # the fields given as options, named as the options (use euler ... or leave them out of --strategy)
-            said = said.replace(f"sample.{key}", f"--{'strategy' if key == 'strategies' else key.replace('_', '-')}")
+        for key, value in upd.items():  # the fields given as options, named as the options
+            option = f"--{'strategy' if key == 'strategies' else key.replace('_', '-')}"
+            said = said.replace(f"sample: {key} = {value!r}", f"{option} {value}")  # the section's: --solver adaptive
+            said = said.replace(f"sample.{key}", option)  # (use euler ... or leave them out of --strategy)
         lines = said.splitlines()
         raise DDMError(lines[1].strip() if len(lines) == 2 else said) from None  # one bad value: one line
     if guidance is not None and guidance != 1.0 and not cfg.expert.net.kwargs.get("num_classes"):

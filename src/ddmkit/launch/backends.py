@@ -66,7 +66,7 @@ class ExpertJob:
 def check_backend(name: str) -> str:
     if name not in BACKENDS:
         hint = " (a SLURM job array is written, not run: `ddmkit launch RUN --emit slurm`)" if name == "slurm" else ""
-        raise DDMError(f"backend: unknown launch backend {name!r}; accepted: {', '.join(BACKENDS)}{hint}")
+        raise DDMError(f"--backend: unknown launch backend {name!r}; accepted: {', '.join(BACKENDS)}{hint}")
     return name
 
 
