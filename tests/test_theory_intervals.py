@@ -1,6 +1,7 @@
 """Intervals over seeds and draws in the theory studies: t-intervals against scipy, per-seed distillation gains,
 the --seeds option, common-noise W2 slopes over noise draws, the sample-count study and the exact-law floor."""
 import math
+import re
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -155,20 +156,41 @@ def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what
     assert not (tmp_path / "x").exists()
 
 
+def the_study_started(*_args, **_kw):
+    raise AssertionError("the study started")
+
+
 @pytest.mark.parametrize("field, value, what", [
     ("n_train", 0, "an integer >= 1"), ("train_steps", 0, "an integer >= 1"),
     ("widths", (0.0,), "positive finite numbers"), ("separation", math.inf, "a positive finite number"),
     ("paths", (), "a non-empty tuple"), ("ou_end_time", 0.0, "a positive finite number"),
-    ("seed", -1, "an integer >= 0")])
-def test_run_distill_names_a_bad_setting_before_it_starts(field, value, what, tmp_path):
+    ("seed", -1, "an integer >= 0"), ("lipschitz_times", 1, "an integer >= 3"),
+    ("lipschitz_times", 2, "an integer >= 3"), ("widths", (0.25, 0.25), "different values, none repeated"),
+    ("scaling_widths", (0.4,), "at least 2 different values, none repeated"),
+    ("scaling_separations", (2.0, 2.0), "at least 2 different values, none repeated"),
+    ("segments", (1,), "at least one S >= 2, e.g. (1, 2, 4) (with S = 1 both grids are [T, 0], so there is no "
+                       "gain to measure)")])
+def test_run_distill_names_a_bad_setting_before_it_starts(field, value, what, tmp_path, monkeypatch):
     """n_train=0 and train_steps=0 were answered by tracebacks (dopri5's 'underflow in dt', a pydantic
-    ValidationError of TrainConfig); widths, separation and the paths failed only once the study had made its folder."""
-    with pytest.raises(DDMError, match=rf"^DistillSettings\.{field}: .*; give {what}$"):
+    ValidationError of TrainConfig); widths, separation and the paths failed only once the study had made its folder.
+    Settings that leave nothing to compare ran to the end with a RankWarning at most: one or two report times
+    (the Lambda grid [T, T, ..., T], or the uniform grid itself), a repeated width (the slope in D/sigma fitted
+    to one ratio), one scaling width or separation (an exponent fitted to one point), segments=(1,) (no gain)."""
+    monkeypatch.setattr(D, "distill_setting", the_study_started)
+    with pytest.raises(DDMError, match=rf"^DistillSettings\.{field}: .*; give {re.escape(what)}$"):
         D.run_distill(replace(D.DistillSettings.quick(), **{field: value}), tmp_path / "x", log=quiet)
     assert not (tmp_path / "x").exists()
     with pytest.raises(DDMError, match=r"^path must be one of \['linear', 'ou'\]; got 'vp'$"):
         D.run_distill(replace(D.DistillSettings.quick(), paths=("vp",)), tmp_path / "x", log=quiet)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("settings", [D.DistillSettings(), D.DistillSettings.quick()], ids=["default", "quick"])
+def test_the_default_and_quick_settings_pass_the_checks(settings, tmp_path, monkeypatch):
+    """--quick runs one width on purpose (the slope in D/sigma is left out), so one width must stay valid."""
+    monkeypatch.setattr(D, "distill_setting", the_study_started)
+    with pytest.raises(AssertionError, match="^the study started$"):
+        D.run_distill(settings, tmp_path / "x", log=quiet)
 
 
 def test_distill_cli_passes_seeds_and_rejects_bad_values(monkeypatch, tmp_path):

@@ -14,11 +14,12 @@ from ddmkit.io import write_bytes_atomic, write_json
 
 
 def check_settings(s, counts: dict[str, int], numbers: dict[str, str], lists: tuple[str, ...],
-                   may_be_empty: tuple[str, ...] = ()) -> None:
+                   may_be_empty: tuple[str, ...] = (), distinct: dict[str, int] | None = None) -> None:
     """A study's settings `s` (a dataclass) checked before it starts, a DDMError naming the first bad field:
     counts {field: least value} are integers (a list: each of its items); numbers {field: 'positive',
     'non-negative' or 'finite'} likewise for finite numbers; a field in `lists` is a non-empty tuple or list,
-    one in `may_be_empty` a tuple or list."""
+    one in `may_be_empty` a tuple or list; distinct {field: least length}: a list of at least that many values,
+    none repeated (what a fit over the list needs)."""
     def bad(field: str, value, what: str) -> DDMError:
         return DDMError(f"{type(s).__name__}.{field}: {value!r}; give {what}")
 
@@ -40,6 +41,10 @@ def check_settings(s, counts: dict[str, int], numbers: dict[str, str], lists: tu
                     or not np.isfinite(v) or not tests[kind](v)):
                 what = f"{'' if kind == 'finite' else kind + ' '}finite number"
                 raise bad(field, value, what + "s" if field in lists else "a " + what)
+    for field, least in (distinct or {}).items():
+        value = getattr(s, field)
+        if len(set(value)) < max(least, len(value)):
+            raise bad(field, value, f"{f'at least {least} ' if least > 1 else ''}different values, none repeated")
 
 
 def loglog_slope(x, y) -> tuple[float, float]:
