@@ -894,6 +894,23 @@ def test_distill_findings():
     assert D.findings(res)[2] == "linear: Lambda-grid gain at S=2: 25.0% at D/sigma=4, -10.0% at D/sigma=8."
 
 
+def test_distill_findings_without_one_segment():
+    """segments without S = 1 and two widths or more: the one-segment error's slope looked up S = 1 and raised a
+    KeyError after the whole study; it is left out, as it is with one width."""
+    res = distill_results()
+    res["settings"]["segments"] = [2]
+    for r in res["runs"]:
+        for by_segments in r["errors"].values():
+            del by_segments[1]
+    assert D.findings(res) == [
+        "linear: peak L bound ~ D^2.00 sigma^-3.00, Lambda(T) bound ~ D^1.00 sigma^-1.50.",
+        "ou: peak L bound ~ D^2.10 sigma^-2.90, Lambda(T) bound ~ D^0.90 sigma^-1.25.",
+        "linear: Lambda-grid gain at S=2: 25.0% at D/sigma=4, -10.0% at D/sigma=8.",
+        "ou: Lambda-grid gain at S=2: 50.0% at D/sigma=4.",
+        "largest measured gain: 50.0% (ou, D/sigma=4, S=2); the paper reports up to 51.9% at S=8."]
+    assert "| linear | 8 | 0.08 | 0.088 |" in D.render_report(res)
+
+
 def test_render_distill_report_exactly():
     text = D.render_report(distill_results())
     assert text == "\n".join([

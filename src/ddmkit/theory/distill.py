@@ -356,7 +356,7 @@ def findings(results: dict) -> list[str]:
         notes.append(f"{name}: Lambda-grid gain at S={last}{over}: {gains}.")
         if seeds > 1:
             notes.append(f"{name}: {zero_verdicts(mine, segments)}.")
-        if len(mine) > 1:
+        if len(mine) > 1 and 1 in segments:  # the one-segment error's slope in D/sigma
             one = [r["errors"]["uniform"][1]["end_to_end"] for r in mine]
             slope = loglog_slope([r["ratio"] for r in mine], one)[0]
             notes.append(f"{name}: one-segment error grows as (D/sigma)^{slope:.2f} "
