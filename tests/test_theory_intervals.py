@@ -140,24 +140,38 @@ def test_run_distill_rejects_bad_seeds(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def the_study_started(*_args, **_kw):
+    raise AssertionError("the study started")
+
+
 @pytest.mark.parametrize("field, value, what", [
-    ("steps", (), "a non-empty tuple"), ("radii", (), "a non-empty tuple"), ("bootstrap", 0, "an integer >= 1"),
+    ("steps", (), "a non-empty tuple"), ("radii", (), "a non-empty tuple"), ("bootstrap", 0, "an integer >= 2"),
     ("seed", -1, "an integer >= 0"), ("steps", (4, 8.5), "integers >= 1"), ("eps_values", (-0.1,),
     "non-negative finite numbers"), ("temperatures", (0.0,), "positive finite numbers"), ("width", 0.0,
     "a positive finite number"), ("components", 0, "an integer >= 1"), ("samples", 1, "an integer >= 2"),
-    ("radii", (2.0, 0.0), "positive finite numbers"), ("radius", 0.0, "a positive finite number")])
-def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what, tmp_path):
+    ("radii", (2.0, 0.0), "positive finite numbers"), ("radius", 0.0, "a positive finite number"),
+    ("bootstrap", 1, "an integer >= 2"), ("steps", (16,), "at least 2 different values, none repeated"),
+    ("steps", (4, 64, 64, 64), "at least 2 different values, none repeated"),
+    ("disagreement_steps", (16,), "at least 2 different values, none repeated"),
+    ("eps_values", (0.0, 0.1, 0.1), "different values, none repeated"), ("sweep_samplers", (), "a non-empty tuple"),
+    ("size_factors", (1.0,), "at least 2 factors f whose sample counts round(samples * f) differ (the slope in n is "
+                             "fitted over them)"),
+    ("size_factors", (1.0, 1.001), "at least 2 factors f whose sample counts round(samples * f) differ (the slope "
+                                   "in n is fitted over them)"),
+    ("floor_angles", (0.2,), "at least 2 different angles (the floor is interpolated between them), or () for none")])
+def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what, tmp_path, monkeypatch):
     """steps=(), radii=(), bootstrap=0 and seed=-1 were answered by tracebacks (min() of an empty sequence,
     an IndexError, numpy's 'expected non-negative integer'), radii=() after 20 s of work; eps_values, temperatures,
     width and components failed only once the study had made its folder; a ring of radius 0 (its components at
-    one point, Q = 0) by a ZeroDivisionError in the report after the whole study."""
-    with pytest.raises(DDMError, match=rf"^ConvergenceSettings\.{field}: .*; give {what}$"):
+    one point, Q = 0) by a ZeroDivisionError in the report after the whole study; sweep_samplers=() by an IndexError
+    in the report after the whole study. Settings with too little to fit ran to the end with a RankWarning at most:
+    one N (or one repeated), one disagreement N, a repeated eps (slopes fitted to one point), one bootstrap resample
+    (an interval of width 0), one sample count (the slope in n), one floor angle (the same floor at every
+    pathwise RMS)."""
+    monkeypatch.setattr(C, "convergence_grid", the_study_started)
+    with pytest.raises(DDMError, match=rf"^ConvergenceSettings\.{field}: .*; give {re.escape(what)}$"):
         C.run_convergence(replace(C.ConvergenceSettings.quick(), **{field: value}), tmp_path / "x", log=quiet)
     assert not (tmp_path / "x").exists()
-
-
-def the_study_started(*_args, **_kw):
-    raise AssertionError("the study started")
 
 
 @pytest.mark.parametrize("field, value, what", [
@@ -185,12 +199,16 @@ def test_run_distill_names_a_bad_setting_before_it_starts(field, value, what, tm
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("settings", [D.DistillSettings(), D.DistillSettings.quick()], ids=["default", "quick"])
+@pytest.mark.parametrize("settings", [D.DistillSettings(), D.DistillSettings.quick(), C.ConvergenceSettings(),
+                                      C.ConvergenceSettings.quick()],
+                         ids=["distill", "distill-quick", "convergence", "convergence-quick"])
 def test_the_default_and_quick_settings_pass_the_checks(settings, tmp_path, monkeypatch):
     """--quick runs one width on purpose (the slope in D/sigma is left out), so one width must stay valid."""
     monkeypatch.setattr(D, "distill_setting", the_study_started)
+    monkeypatch.setattr(C, "convergence_grid", the_study_started)
+    run = D.run_distill if isinstance(settings, D.DistillSettings) else C.run_convergence
     with pytest.raises(AssertionError, match="^the study started$"):
-        D.run_distill(settings, tmp_path / "x", log=quiet)
+        run(settings, tmp_path / "x", log=quiet)
 
 
 def test_distill_cli_passes_seeds_and_rejects_bad_values(monkeypatch, tmp_path):

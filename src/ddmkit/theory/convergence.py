@@ -357,14 +357,17 @@ def floor_at(floor: list[dict], rms: float) -> float:
 @job_threads(1)  # many small tensors: one thread is faster and leaves the other cores alone
 def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
     """Run the study and write report.md, results.json and the plots into out."""
+    # slopes in N are fitted over steps and disagreement_steps, the eps slope over the eps values > 0 (left out
+    # with fewer than two); one bootstrap resample gives an interval of width 0
     check_settings(s, counts={"components": 1, "clusters": 1, "steps": 1, "fit_min_steps": 1, "samples": 2,
-                              "sweep_samples": 2, "sweep_steps": 1, "disagreement_steps": 1, "bootstrap": 1,
+                              "sweep_samples": 2, "sweep_steps": 1, "disagreement_steps": 1, "bootstrap": 2,
                               "common_noise_draws": 0, "seed": 0},
                    numbers={"radius": "positive", "width": "positive", "eps_values": "non-negative",
                             "temperatures": "positive", "radii": "positive", "size_factors": "positive",
                             "floor_angles": "finite"},
                    lists=("steps", "samplers", "sweep_steps", "eps_values", "temperatures", "radii",
-                          "disagreement_steps"), may_be_empty=("size_factors", "floor_angles"))
+                          "disagreement_steps", "sweep_samplers"), may_be_empty=("size_factors", "floor_angles"),
+                   distinct={"steps": 2, "disagreement_steps": 2, "eps_values": 1})
     cluster_groups(s.components, s.clusters)
     for spec in s.samplers + s.sweep_samplers + s.floor_samplers:
         parse_sampler(spec)
@@ -372,7 +375,12 @@ def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
         raise DDMError(f"common_noise_draws must be >= 0 and floor_steps >= 1; got {s.common_noise_draws}, "
                        f"{floor_steps(s)}")
     if s.floor_samplers:
-        sample_sizes(s)
+        if len(sample_sizes(s)) < 2:
+            raise DDMError(f"ConvergenceSettings.size_factors: {s.size_factors!r}; give at least 2 factors f whose "
+                           "sample counts round(samples * f) differ (the slope in n is fitted over them)")
+        if len(set(s.floor_angles)) == 1:
+            raise DDMError(f"ConvergenceSettings.floor_angles: {s.floor_angles!r}; give at least 2 different angles "
+                           "(the floor is interpolated between them), or () for none")
         if not set(floor_steps(s)) <= set(s.steps):
             raise DDMError(f"floor_steps must be among steps {s.steps}; got {floor_steps(s)}")
     torch.manual_seed(s.seed)
