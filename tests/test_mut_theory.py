@@ -827,13 +827,6 @@ def test_analytic_scaling_against_the_bound():
     assert out["exponents"]["L_peak"]["sigma"] == pytest.approx(-3.0, abs=0.3)
 
 
-def test_run_distill_rejects_bad_segments(tmp_path):
-    for bad in ((), (0, 2), (-1,)):
-        with pytest.raises(DDMError, match=r"^segments must be positive integers; got"):
-            D.run_distill(tiny_distill(segments=bad), tmp_path / "x", log=quiet)
-    assert not (tmp_path / "x").exists()
-
-
 def test_run_distill_assembles_its_parts(monkeypatch, tmp_path):
     drawn = []
     monkeypatch.setattr(D, "distill_setting", lambda path, width, s: (drawn.append(torch.rand(1).item()),

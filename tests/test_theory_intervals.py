@@ -133,13 +133,6 @@ def test_distill_findings_say_which_gains_are_distinguishable_from_zero():
     assert not any("interval" in n for n in one)
 
 
-def test_run_distill_rejects_bad_seeds(tmp_path):
-    for bad in (0, -2, 1.5):
-        with pytest.raises(DDMError, match=r"^seeds must be a positive integer \(students per grid\); got"):
-            D.run_distill(D.DistillSettings(seeds=bad), tmp_path / "x", log=quiet)
-    assert not (tmp_path / "x").exists()
-
-
 def the_study_started(*_args, **_kw):
     raise AssertionError("the study started")
 
@@ -158,7 +151,9 @@ def the_study_started(*_args, **_kw):
                              "fitted over them)"),
     ("size_factors", (1.0, 1.001), "at least 2 factors f whose sample counts round(samples * f) differ (the slope "
                                    "in n is fitted over them)"),
-    ("floor_angles", (0.2,), "at least 2 different angles (the floor is interpolated between them), or () for none")])
+    ("floor_angles", (0.2,), "at least 2 different angles (the floor is interpolated between them), or () for none"),
+    ("floor_angles", (0.0, 0.3), "positive finite numbers"), ("floor_angles", (-0.1, 0.3), "positive finite numbers"),
+    ("temperatures", (1.0, 2.0, 1.0), "different values, none repeated")])
 def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what, tmp_path, monkeypatch):
     """steps=(), radii=(), bootstrap=0 and seed=-1 were answered by tracebacks (min() of an empty sequence,
     an IndexError, numpy's 'expected non-negative integer'), radii=() after 20 s of work; eps_values, temperatures,
@@ -167,7 +162,8 @@ def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what
     in the report after the whole study. Settings with too little to fit ran to the end with a RankWarning at most:
     one N (or one repeated), one disagreement N, a repeated eps (slopes fitted to one point), one bootstrap resample
     (an interval of width 0), one sample count (the slope in n), one floor angle (the same floor at every
-    pathwise RMS)."""
+    pathwise RMS). A floor angle 0 gave a floor of nan below the smallest other angle's pathwise RMS (log 0 in
+    floor_at); a repeated temperature repeated its sweep rows and shared one router_error entry."""
     monkeypatch.setattr(C, "convergence_grid", the_study_started)
     with pytest.raises(DDMError, match=rf"^ConvergenceSettings\.{field}: .*; give {re.escape(what)}$"):
         C.run_convergence(replace(C.ConvergenceSettings.quick(), **{field: value}), tmp_path / "x", log=quiet)
@@ -183,13 +179,18 @@ def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what
     ("scaling_widths", (0.4,), "at least 2 different values, none repeated"),
     ("scaling_separations", (2.0, 2.0), "at least 2 different values, none repeated"),
     ("segments", (1,), "at least one S >= 2, e.g. (1, 2, 4) (with S = 1 both grids are [T, 0], so there is no "
-                       "gain to measure)")])
+                       "gain to measure)"),
+    ("segments", (), "a non-empty tuple"), ("segments", (0, 2), "integers >= 1"), ("segments", (-1,), "integers >= 1"),
+    ("segments", (1, 2, 2), "different values, none repeated"), ("seeds", 0, "an integer >= 1"),
+    ("seeds", -2, "an integer >= 1"), ("seeds", 1.5, "an integer >= 1")])
 def test_run_distill_names_a_bad_setting_before_it_starts(field, value, what, tmp_path, monkeypatch):
     """n_train=0 and train_steps=0 were answered by tracebacks (dopri5's 'underflow in dt', a pydantic
     ValidationError of TrainConfig); widths, separation and the paths failed only once the study had made its folder.
     Settings that leave nothing to compare ran to the end with a RankWarning at most: one or two report times
     (the Lambda grid [T, T, ..., T], or the uniform grid itself), a repeated width (the slope in D/sigma fitted
-    to one ratio), one scaling width or separation (an exponent fitted to one point), segments=(1,) (no gain)."""
+    to one ratio), one scaling width or separation (an exponent fitted to one point), segments=(1,) (no gain), a
+    repeated S (the report's columns repeated). Bad segments and seeds were refused in other words before these
+    checks ('segments must be positive integers; got ...')."""
     monkeypatch.setattr(D, "distill_setting", the_study_started)
     with pytest.raises(DDMError, match=rf"^DistillSettings\.{field}: .*; give {re.escape(what)}$"):
         D.run_distill(replace(D.DistillSettings.quick(), **{field: value}), tmp_path / "x", log=quiet)
@@ -243,7 +244,7 @@ def test_draw_slopes_recover_known_rates_on_the_fitted_range():
 def tiny(**kw):
     base = dict(components=4, radius=1.5, width=0.3, clusters=2, steps=(2, 4, 8), fit_min_steps=2,
                 samplers=("euler:full", "euler:switch"), samples=6, common_noise_draws=2,
-                floor_samplers=("euler:switch",), size_factors=(0.5, 1.0, 2.0), floor_angles=(0.0, 0.3, 1.0), seed=3)
+                floor_samplers=("euler:switch",), size_factors=(0.5, 1.0, 2.0), floor_angles=(0.1, 0.3, 1.0), seed=3)
     base.update(kw)
     return C.ConvergenceSettings(**base)
 
@@ -306,7 +307,7 @@ def test_sample_size_study_on_a_known_pool(monkeypatch):
 
 
 def test_exact_law_floor_starts_at_zero_and_grows_with_the_angle():
-    rows = C.exact_law_floor(tiny(samples=40), log=quiet)
+    rows = C.exact_law_floor(tiny(samples=40, floor_angles=(0.0, 0.3, 1.0)), log=quiet)  # 0: refused by the study
     assert [r["angle"] for r in rows] == [0.0, 0.3, 1.0]
     assert rows[0]["pathwise_rms"] == 0.0 and rows[0]["w2"] < 1e-6  # angle 0: the same noise, the same samples
     assert 0 < rows[1]["pathwise_rms"] < rows[2]["pathwise_rms"]
@@ -359,3 +360,19 @@ def test_common_noise_report_lines_and_findings():
     for key in ("common_noise", "sample_size"):
         res[key] = {} if key == "common_noise" else []
     assert C.common_noise_lines(res) == [] and C.sample_size_lines(res) == [] and C.common_noise_findings(res) == []
+
+
+def test_one_noise_draw_is_reported_without_an_interval():
+    """common_noise_draws=1 was captioned '95% t-interval over the 1 draws, t with 0 degrees of freedom'."""
+    res = convergence_results()
+    res["settings"]["common_noise_draws"] = 1
+    res["common_noise"]["euler:switch"]["fit"] = {**R.t_interval([-0.3]), "slopes": [-0.3]}
+    lines = C.common_noise_lines(res)
+    assert lines[0] == ("The same over 1 independent noise draw of 2000 samples (fresh noise and routing draws): W2 at "
+                        "each N; slope fitted on N >= 16. One draw: no interval; give common_noise_draws 2 or more "
+                        "for one.")
+    text = "\n".join(lines)
+    assert "| sampler | slope | N=4 | N=16 | N=64 | N=256 |" in text and "t-CI" not in text
+    assert "| euler:switch | -0.30 | 0.2 | 0.1 | 0.06 | 0.05 |" in text  # the numbers stay
+    assert C.common_noise_findings(res)[0] == ("euler:switch: common-noise W2 slope -0.30 over 1 noise draw "
+                                               "(pathwise slope -0.40).")

@@ -333,7 +333,8 @@ def sample_size_study(s: ConvergenceSettings, pooled: dict, log=print) -> list[d
 def exact_law_floor(s: ConvergenceSettings, log=print) -> list[dict]:
     """The common-noise W2 that exact mixture samples score from finite samples alone, against their pathwise
     distance: X(0) from the rotated noise cos(a) z + sin(a) z' (exactly N(0, I), so an exact mixture sample)
-    against X(0) from z, for each angle a in floor_angles; rows (angle, pathwise RMS, W2), s.samples each."""
+    against X(0) from z, for each angle a in floor_angles (radians; a = 0 gives the same samples, pathwise RMS 0);
+    rows (angle, pathwise RMS, W2), s.samples each."""
     if not s.floor_samplers:
         return []
     log("convergence exact-law floor")
@@ -358,16 +359,18 @@ def floor_at(floor: list[dict], rms: float) -> float:
 def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
     """Run the study and write report.md, results.json and the plots into out."""
     # slopes in N are fitted over steps and disagreement_steps, the eps slope over the eps values > 0 (left out
-    # with fewer than two); one bootstrap resample gives an interval of width 0
+    # with fewer than two); one bootstrap resample gives an interval of width 0; a repeated temperature would
+    # repeat its sweep rows and share one router_error entry; a floor angle 0 rotates nothing (pathwise RMS 0,
+    # which the log-log interpolation of floor_at cannot take), and -a pairs the samples as a does in law
     check_settings(s, counts={"components": 1, "clusters": 1, "steps": 1, "fit_min_steps": 1, "samples": 2,
                               "sweep_samples": 2, "sweep_steps": 1, "disagreement_steps": 1, "bootstrap": 2,
                               "common_noise_draws": 0, "seed": 0},
                    numbers={"radius": "positive", "width": "positive", "eps_values": "non-negative",
                             "temperatures": "positive", "radii": "positive", "size_factors": "positive",
-                            "floor_angles": "finite"},
+                            "floor_angles": "positive"},
                    lists=("steps", "samplers", "sweep_steps", "eps_values", "temperatures", "radii",
                           "disagreement_steps", "sweep_samplers"), may_be_empty=("size_factors", "floor_angles"),
-                   distinct={"steps": 2, "disagreement_steps": 2, "eps_values": 1})
+                   distinct={"steps": 2, "disagreement_steps": 2, "eps_values": 1, "temperatures": 1})
     cluster_groups(s.components, s.clusters)
     for spec in s.samplers + s.sweep_samplers + s.floor_samplers:
         parse_sampler(spec)
@@ -517,21 +520,31 @@ def common_noise_lines(results: dict) -> list[str]:
         rows.append([name, interval_text(r["fit"])] + r["w2_mean"])
         if floor and name in s["floor_samplers"]:
             rows.append([f"{name}: exact-law floor", "-"] + [floor_at(floor, e) for e in r["pathwise_rms_mean"]])
-    n = s["common_noise_draws"]
-    lines = [f"The same over {n} independent noise draws of {s['samples']} samples (fresh noise and routing draws "
-             f"each): mean W2 at each N; slope fitted per draw on N >= {s['fit_min_steps']}, mean [95% t-interval "
-             f"over the {n} draws, t with {n - 1} degrees of freedom].", ""]
+    lines = [draws_caption(s), ""]
     if floor:
         lines += ["Exact-law floor: the common-noise W2 that exact mixture samples score at the sampler's mean "
                   "pathwise RMS, from finite samples alone (exact ODE from the rotated noise cos(a) z + sin(a) z', "
                   f"itself N(0, I), against the exact ODE from z; {s['samples']} samples, interpolated log-log in "
                   "pathwise RMS between the angles below). A sampler at its floor has a law error too small to "
                   "see at this sample count.", ""]
-    lines += [markdown_table(["sampler", "slope [95% t-CI]"] + [f"N={n}" for n in s["steps"]], rows), ""]
+    slope = "slope [95% t-CI]" if s["common_noise_draws"] > 1 else "slope"
+    lines += [markdown_table(["sampler", slope] + [f"N={n}" for n in s["steps"]], rows), ""]
     if floor:
         lines += [markdown_table(["angle a", "pathwise RMS", "W2 (common noise)"],
                                  [[r["angle"], r["pathwise_rms"], r["w2"]] for r in floor]), ""]
     return lines
+
+
+def draws_caption(s: dict) -> str:
+    """What the common-noise table over draws holds, for settings s (asdict) with common_noise_draws >= 1."""
+    n, fit_from = s["common_noise_draws"], s["fit_min_steps"]
+    if n == 1:
+        return (f"The same over 1 independent noise draw of {s['samples']} samples (fresh noise and routing draws): "
+                f"W2 at each N; slope fitted on N >= {fit_from}. One draw: no interval; give common_noise_draws "
+                "2 or more for one.")
+    return (f"The same over {n} independent noise draws of {s['samples']} samples (fresh noise and routing draws "
+            f"each): mean W2 at each N; slope fitted per draw on N >= {fit_from}, mean [95% t-interval over the "
+            f"{n} draws, t with {n - 1} degrees of freedom].")
 
 
 def size_slope(rows: list[dict]) -> float:
@@ -615,7 +628,8 @@ def common_noise_findings(results: dict) -> list[str]:
     s, draws = results["settings"], results.get("common_noise") or {}
     floor = results.get("exact_law_floor") or []
     for name, r in draws.items():
-        notes.append(f"{name}: common-noise W2 slope {interval_text(r['fit'])} over {r['fit']['n']} noise draws "
+        count = f"{r['fit']['n']} noise draw{'s' if r['fit']['n'] > 1 else ''}"
+        notes.append(f"{name}: common-noise W2 slope {interval_text(r['fit'])} over {count} "
                      f"(pathwise slope {results['grid']['samplers'][name]['pathwise_fit']['slope']:.2f}).")
         if floor and name in s["floor_samplers"]:
             fitted = fit_range(r["steps"], s["fit_min_steps"])

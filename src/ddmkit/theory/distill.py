@@ -217,18 +217,16 @@ def analytic_scaling(path: FlowPath, s: DistillSettings) -> dict:
 @job_threads(1)  # many small tensors: one thread is faster and leaves the other cores alone
 def run_distill(s: DistillSettings, out: Path, log=print) -> dict:
     """Run the study and write report.md, results.json and the plots into out."""
-    if not s.segments or min(s.segments) < 1:
-        raise DDMError(f"segments must be positive integers; got {s.segments}")
-    if not isinstance(s.seeds, int) or s.seeds < 1:
-        raise DDMError(f"seeds must be a positive integer (students per grid); got {s.seeds!r}")
     # lipschitz_times >= 3: on two report times Lambda is linear in t, so the Lambda grid is the uniform grid;
-    # the scaling exponents are log-log slopes over the scaling lists; one width leaves out the slope in D/sigma
+    # the scaling exponents are log-log slopes over the scaling lists; one width leaves out the slope in D/sigma;
+    # a repeated S would repeat the report's columns
     check_settings(s, counts={"segments": 1, "lipschitz_trajectories": 1, "lipschitz_times": 3, "n_train": 1,
-                              "n_test": 1, "train_steps": 1, "batch_size": 1, "width": 1, "depth": 0, "seed": 0},
+                              "n_test": 1, "train_steps": 1, "batch_size": 1, "width": 1, "depth": 0, "seeds": 1,
+                              "seed": 0},
                    numbers={"ou_end_time": "positive", "separation": "positive", "widths": "positive",
                             "lr": "positive", "scaling_separations": "positive", "scaling_widths": "positive"},
                    lists=("paths", "widths", "segments", "scaling_separations", "scaling_widths"),
-                   distinct={"widths": 1, "scaling_separations": 2, "scaling_widths": 2})
+                   distinct={"widths": 1, "segments": 1, "scaling_separations": 2, "scaling_widths": 2})
     if max(s.segments) < 2:
         raise DDMError(f"DistillSettings.segments: {s.segments!r}; give at least one S >= 2, e.g. (1, 2, 4) "
                        "(with S = 1 both grids are [T, 0], so there is no gain to measure)")
