@@ -18,13 +18,11 @@ rows, which hold stale finite values, change nothing.
     expert = GraphedCall(ddm.experts[0])   # the same callable
     v = expert(x, t)                       # eager on the CPU or with autograd on
 
-Calls of more than `max_rows` rows (256 by default) are not graphed (they run
-eagerly, padded to their bucket on a GPU: below): they are bound by
-arithmetic, not launches, so a graph does not pay,
-and the graphs' buffers stay small (on an H100 with the benchmark's UNet,
-graphs made calls of about 128 rows 7% faster and calls of about 512 rows 3%
-slower: docs/performance.md). A router is small and always called on the
-whole batch: sample_ddm graphs it at any batch (max_rows=None).
+Calls of more than `max_rows` rows (256 by default) are not graphed (they run eagerly,
+padded to their bucket on a GPU: below): they are bound by arithmetic, not launches, so a
+graph does not pay, and the graphs' buffers stay small (docs/performance.md). A router is
+small and always called on the whole batch: sample_ddm graphs it at any batch
+(max_rows=None).
 
 All graphs of a device share one memory pool, so intermediate activations are
 held once, not once per graph. That is safe because the calls run one after
@@ -37,22 +35,18 @@ capture); the cast kernels become part of the graph.
 Padding without graphs (ddmkit.accel.padding): calls above `max_rows` on a GPU, and every
 expert call there when sampling runs without graphs. Calls above 256
 rows are bound by arithmetic, so finer buckets there (`large_per_octave` =
-16: at most 1/16) save padding, 2-3% of a long run's time (top-1 at batch
-4096 on an H100, 1.16 -> 1.14x the monolith), but need twice as many plans,
-about 55 ms each the first time: in one 10k-image sampling job that costs
-more than it saves, so the default stays 8 (docs/performance.md).
+16: at most 1/16) save padding but need twice as many cuDNN plans, each
+costly the first time: in the image pipeline's evaluate stage on an H100 they
+made sampling no faster as a whole, so the default stays 8.
 
-Experts of one architecture share one set of graphs (`shared_graphs`): a call copies its expert's weights into a template network
-and replays the template's graph for the bucket, so a bucket costs one
-capture, not one per expert (K = 8, batch 1024, new sizes at every step on an
-H100: 24 captures instead of 91, top-1 1.20x the monolith instead of 1.30x).
+Experts of one architecture share one set of graphs (`shared_graphs`): a call copies its expert's
+weights into a template network and replays the template's graph for the bucket, so a bucket costs
+one capture, not one per expert.
 
 With the experts of a step on concurrent CUDA streams (SpeedOptions.cuda_streams, the default),
 each expert gets a set of graphs of its own instead, in a memory pool of its own (`graphs_per_expert`),
-so that replays of different experts may overlap: K captures per bucket again. On an H100 (K = 8 UNet
-experts, new sizes at every step) that made graphed top-1 1.48-1.50x the monolith instead of
-1.75-1.81x at batch 256 and 1.10-1.11x instead of 1.17x at 4096; at 1024 both give 1.18-1.21x
-(docs/performance.md).
+so that replays of different experts may overlap: K captures per bucket again. Which of the two is
+faster depends on the strategy and the batch (docs/performance.md times both).
 
 A network that cannot be captured (its forward reads a value on the host, for
 instance) makes the first capture fail: a warning says why, and from then on

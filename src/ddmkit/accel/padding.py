@@ -3,11 +3,11 @@ see only a few sizes.
 
     bucket(n) = the smallest multiple of 2^(floor(log2(n - 1)) - log2(g)) that is >= n
 
-(g buckets per octave: at most 1/g of the rows are padding, about 1/(2g) on average). cuDNN
-chooses a convolution plan for each new batch size (about 55 ms for the image UNet on an H100),
-and a sparse combiner's group sizes are new at almost every step; padded to buckets, the sizes
-repeat and a call costs its arithmetic plus the padding rows. Rows must not interact (true of
-every velocity network and router here: no batch statistics in eval mode).
+(g buckets per octave: at most 1/g of the rows are padding, about 1/(2g) on average). cuDNN chooses
+a convolution plan for each new batch size (several times the call itself for the image UNet:
+docs/performance.md), and a sparse combiner's group sizes are new at almost every step; padded to
+buckets, the sizes repeat and a call costs its arithmetic plus the padding rows. Rows must not
+interact (true of every velocity network and router here: no batch statistics in eval mode).
 """
 from __future__ import annotations
 

@@ -3,15 +3,13 @@
 A sparse step calls K experts on about B/K rows each. One after another on
 one stream, each small call leaves much of the GPU idle, so top-1 costs more
 than the monolith's one call on B rows, with the same arithmetic. Each
-expert on its own stream lets the GPU overlap their kernels. On an H100,
-K = 8 UNet experts on the groups of a batch of 4096 rows: top-1 in sampling
-1.17x the monolith one after another, 1.10x on 8 streams. It pays only
-where the calls are bound by the GPU, not by the host's kernel launches,
-and leave it room: the sparse combiner uses streams when its calls average
-256 to 2048 rows (CONCURRENT_MIN_ROWS, CONCURRENT_MAX_ROWS;
-graph replays from 1 row). Below, they cost more than they save (top-1 at
-batch 1024: 1.53 -> 1.70x); above, one call fills the GPU (the image DDM's
-guided top-2, 2500 rows a call: 9% slower on streams; docs/performance.md).
+expert on its own stream lets the GPU overlap their kernels (measured in
+docs/performance.md). It pays only where the calls are bound by the GPU, not
+by the host's kernel launches, and leave it room: the sparse combiner uses
+streams when its calls average 256 to 2048 rows (CONCURRENT_MIN_ROWS,
+CONCURRENT_MAX_ROWS; graph replays from 1 row). Below, they cost more than
+they save; above, one call fills the GPU (the image DDM's guided top-2, 2500
+rows a call, was slower on streams: docs/performance.md).
 
     outs = call_concurrently([lambda: experts[k](x_k, t_k) for k ...], keys=[k ...], device=x.device)
     call_experts = concurrent_caller()     # what the sparse combiner takes (call_experts=...)
