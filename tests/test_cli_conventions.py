@@ -539,13 +539,13 @@ def test_a_bad_sampling_option_is_named_by_its_option(ddmkit, shard, option, val
 
 def test_a_check_of_the_sample_section_names_the_options_it_came_from(ddmkit, shard):
     """`--solver adaptive --strategy switch` was 'error: sample: solver = 'adaptive' with switch: ...', naming the
-    config's section, not the option typed; from the run's config (--set) it names the fields as before."""
+    config's section, not the option typed; a field from --set is named as the config's, the sets as --strategy."""
     code, _, err = ddmkit("sample", shard.parents[2], "--solver", "adaptive", "--strategy", "switch")
     assert code == 2 and err == ("error: --solver adaptive with switch: these strategies draw their experts anew at "
                                  "every evaluation, which the adaptive step-size control cannot settle (it hangs); use "
                                  "euler, heun, midpoint or rk4, or leave them out of --strategy"), err
     code, _, err = ddmkit("sample", shard.parents[2], "--set", "sample.solver=adaptive", "--strategy", "switch")
-    assert code == 2 and "sample: solver = 'adaptive' with " in err and "out of sample.strategies" in err, err
+    assert code == 2 and "sample: solver = 'adaptive' with " in err and "out of --strategy" in err, err
 
 
 def test_a_folder_inside_a_run_names_the_run(ddmkit, shard):

@@ -513,6 +513,31 @@ def test_sample_draws_the_exact_set_its_help_offers(tiny_run, tmp_path, cli):
     assert info[EXACT]["drawn_with"]["n"] == 40 and info["top-1"]["drawn_with"]["n"] == 40
 
 
+def test_sample_checks_the_solver_against_the_sets_it_draws(tiny_run, tmp_path, cli):
+    """`ddmkit sample --solver adaptive --strategy exact` was refused because the run's sample.strategies hold
+    switch, which this command does not draw; so was `--set sample.solver=adaptive` with any --strategy, and
+    a config whose stats_router_strategies hold one. Adaptive with switch given as --strategy is still refused."""
+    out, _ = tiny_run
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    stats = tmp_path / "stats.toml"  # the run's settings, with a statistics-only router set sample does not draw
+    stats.write_text(TINY.read_text().replace("[sample]\n", '[sample]\nstats_router_strategies = ["sample-2"]\n'))
+    for options, name in ((["--solver", "adaptive", "--strategy", "exact"], EXACT),
+                          (["--set", "sample.solver=adaptive", "--strategy", "oracle"], "oracle"),
+                          (["--config", stats, "--solver", "adaptive", "--strategy", "monolith"], "monolith")):
+        done = cli("sample", run, *options, "--n", "8")
+        assert done.returncode == 0, (options, done.stderr)
+        drawn = json.loads((run / "samples/info.json").read_text())[name]["drawn_with"]
+        assert (drawn["solver"], drawn["steps"], drawn["n"]) == ("adaptive", None, 8)
+    before = (run / "samples/info.json").read_bytes()
+    refused = cli("sample", run, "--set", "sample.solver=adaptive", "--strategy", "switch")
+    assert refused.returncode == 2 and refused.stderr == (
+        "error: sample: solver = 'adaptive' with switch: these strategies draw their experts anew at every "
+        "evaluation, which the adaptive step-size control cannot settle (it hangs); use euler, heun, midpoint or "
+        "rk4, or leave them out of --strategy\n"), refused.stderr
+    assert (run / "samples/info.json").read_bytes() == before
+
+
 def test_run_notes_once_a_strategy_that_calls_every_expert_as_sample_does(tiny_run, tmp_path, cli):
     """`ddmkit sample --strategy top-99` notes that top-K with K >= the experts is full routing; `ddmkit run` with
     top-99 in sample.strategies (and in stats_router_strategies) said nothing. It says it once, in the same words."""

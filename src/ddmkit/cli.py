@@ -170,10 +170,11 @@ def _refuse_text(path: Path, command: str) -> None:
 
 
 def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optional[List[str]] = None,
-            device: Optional[str] = None, check_device: bool = True):
+            device: Optional[str] = None, check_device: bool = True, sample: Optional[dict] = None):
     """A command's run configuration: the file `config` (a TOML, a built-in name or a run's config.json),
     else RUN/config.json, else the defaults; then every --set and --device applied, and validated.
     check_device=False: a --device this machine lacks is not refused (a stage that uses no device).
+    sample: [sample] fields the command sets itself, in place of the config's before --set is validated.
     The user's network classes it names are imported when the TOML or a --set names them, never
     because a config.json names them (ddmkit.nets.use_network)."""
     from ddmkit.config import RunConfig, apply_overrides, builtin_config, device_overrides, load_config, validate
@@ -192,6 +193,7 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
     else:
         base = RunConfig()
     items, dump = list(overrides or []), base.model_dump()
+    dump["sample"].update(sample or {})
     if device is not None:
         items += device_overrides(dump, device)
         if check_device:
@@ -491,15 +493,15 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
 
     if router == "learned":
         _check_learned_router(run)
-    cfg = _config(config, run, set_, device)
+    not_drawn = {"stats_router_strategies": [], "guidance_sweep": []}  # sets `ddmkit run` draws, this command not
+    cfg = _config(config, run, set_, device, sample={"strategies": [], **not_drawn})  # the sets: checked below
     upd = {k: v for k, v in (("n", n), ("steps", steps), ("solver", solver), ("seed", seed), ("guidance", guidance),
                              ("router_every", router_every), ("batch_size", batch_size),
                              ("cuda_graphs", cuda_graphs), ("cuda_streams", cuda_streams)) if v is not None}
-    routed = [name for name in strategy if name.strip() not in ("exact", EXACT)]  # the names a config checks
-    if routed:
-        upd["strategies"] = routed
-    try:
-        cfg = validate(RunConfig, {**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), **upd}}, "options")
+    upd["strategies"] = [name for name in strategy if name.strip() not in ("exact", EXACT)]  # the names a config checks
+    try:  # with the sets this command draws, not the config's
+        cfg = validate(RunConfig, {**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), **not_drawn, **upd}},
+                       "options")
     except DDMError as e:  # the config's sample.* fields, in the words of this command's options
         said = str(e).replace("options: invalid configuration", "invalid option")
         for key, value in upd.items():  # the fields given as options, named as the options
