@@ -49,7 +49,7 @@ from ddmkit.io import (check_folder_target, load_tensors, nan_as_null, read_json
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder, safe_name
 from ddmkit.pipeline.checks import available_memory, checked_device
 from ddmkit.pipeline.prepare import remove_leftovers, run_config
-from ddmkit.pipeline.samplesets import calls_every_expert
+from ddmkit.pipeline.samplesets import calls_every_expert, full_routing_note
 from ddmkit.pipeline.stages import load_split, read_data_info, run_lock
 from ddmkit.progress import progress_bar
 from ddmkit.routing import parse_strategy
@@ -104,7 +104,7 @@ def note_full_aliases(names: Sequence[str], k: int, log: Callable[[str], None]) 
     for name in names:
         alias = calls_every_expert(name, k)
         if alias:
-            log(f"note: {name} on a DDM of K = {k} experts calls every expert: the same routing as full"
+            log(f"note: {full_routing_note(name, k)}"
                 + ("; measured once, as full" if "full" in names else ""))
         if not (alias and "full" in names):
             kept.append(name)

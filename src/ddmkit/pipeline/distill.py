@@ -53,7 +53,7 @@ from ddmkit.nets import check_builds
 from ddmkit.pipeline.images import scorer_for
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.run import is_image_run
-from ddmkit.pipeline.samplesets import calls_every_expert
+from ddmkit.pipeline.samplesets import calls_every_expert, full_routing_note
 from ddmkit.pipeline.sampling import sample_labels
 from ddmkit.pipeline.stages import load_split, run_lock
 from ddmkit.pipeline.text import is_text_run
@@ -640,8 +640,7 @@ def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | 
         plan = plan_distill(folder.root, teacher, arch, steps, few_step, grid, trajectories, teacher_steps, seed,
                             device, force, report)
         if calls_every_expert(teacher, plan.ddm.k):
-            log(f"note: teacher {teacher} on a DDM of K = {plan.ddm.k} experts calls every expert: the same routing "
-                "as full")
+            log(f"note: teacher {full_routing_note(teacher, plan.ddm.k)}")
         if force and folder.students.exists():
             shutil.rmtree(folder.students)
             log(f"distill: removed {folder.students}")

@@ -28,8 +28,8 @@ from ddmkit.layout import RunFolder
 import ddmkit.pipeline.images as images
 import ddmkit.pipeline.vectors as vectors
 from ddmkit.pipeline.prepare import listed, prepare_run_dir, remove_leftovers, run_config, run_lock, trained_differences
-from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_every_expert, named_set, planned_sets,
-                                        sample_options, statistics_set)
+from ddmkit.pipeline.samplesets import (STATISTICS, SampleSet, SetKind, calls_every_expert, full_routing_note,
+                                        named_set, planned_sets, sample_options, statistics_set)
 from ddmkit.pipeline.sampling import changed_error, changed_sets, read_info, stage_sample, stale_sets
 from ddmkit.pipeline.stages import TRAINING_STAGES, read_data_info, stage_experts, stage_monolith, stage_router
 from ddmkit.registry import check_registered, read_manifest
@@ -211,7 +211,7 @@ def note_full_routing(sets: list[SampleSet], k: int, log: Log) -> None:
     """A note, once per strategy, for each set whose top-n or sample-n calls every expert of a DDM of k experts."""
     for name in dict.fromkeys(s.strategy for s in sets if s.kind == SetKind.DDM):
         if calls_every_expert(name, k):
-            log(f"note: {name} on a DDM of K = {k} experts calls every expert: the same routing as full")
+            log(f"note: {full_routing_note(name, k)}")
 
 
 def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = print, device=None,

@@ -71,6 +71,11 @@ def calls_every_expert(name: str, k: int) -> bool:
     return isinstance(strategy, (TopK, SampleK)) and strategy.k >= k
 
 
+def full_routing_note(name: str, k: int) -> str:
+    """The words of the note (after 'note: ') on a strategy that calls every expert (calls_every_expert)."""
+    return f"{name} on a DDM of K = {k} experts calls every expert: the same routing as full"
+
+
 def sample_options(name: str) -> str:
     """The `ddmkit sample` options that draw the set `name` again, e.g. "--strategy top-2 --router statistics"
     for "top-2 (statistics-only router)", "--strategy top-2 --guidance 2" for "top-2 @ cfg 2"."""

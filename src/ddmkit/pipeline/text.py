@@ -51,7 +51,7 @@ from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, check_builds, from_pretrained, save_pretrained
 from ddmkit.pipeline.models import write_training_plot
 from ddmkit.pipeline.prepare import check_replaceable, listed, remove_leftovers, remove_run_leftovers
-from ddmkit.pipeline.samplesets import calls_every_expert
+from ddmkit.pipeline.samplesets import calls_every_expert, full_routing_note
 from ddmkit.pipeline.stages import run_lock
 from ddmkit.registry import (check_registered, checked_model_shards, load_partition_checked, read_manifest,
                              remake_partition, write_registry)
@@ -500,7 +500,7 @@ def note_full_routing(cfg: TextRunConfig, strategies: list[str], log: Log) -> No
     k = cfg.partition.k
     for name in strategies:
         if calls_every_expert(name, k):
-            log(f"note: {name} on a DDM of K = {k} experts calls every expert: the same routing as full")
+            log(f"note: {full_routing_note(name, k)}")
 
 
 def run_text_config(cfg: TextRunConfig, out: Path, log: Log = print) -> dict:
