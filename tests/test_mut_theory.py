@@ -86,14 +86,15 @@ def test_quick_convergence_settings():
 def test_parse_sampler():
     assert C.parse_sampler("euler:switch") == ("euler", "switch")
     assert C.parse_sampler("heun:top-2") == ("heun", "top-2")
-    with pytest.raises(DDMError, match=r"^sampler must be SOLVER:STRATEGY with SOLVER one of euler, heun; "
-                                       r"got 'rk4:full'$"):
+    with pytest.raises(DDMError, match=r"^sampler: 'rk4:full'; give SOLVER:STRATEGY with SOLVER one of euler, heun, "
+                                       r"e\.g\. 'euler:switch' \(not 'rk4:full'\)$"):
         C.parse_sampler("rk4:full")
     for bad in ("euler:", "euler", ":full"):
-        with pytest.raises(DDMError, match="sampler must be"):
+        with pytest.raises(DDMError, match="; give SOLVER:STRATEGY with SOLVER one of"):
             C.parse_sampler(bad)
-    with pytest.raises(DDMError):
+    with pytest.raises(DDMError, match=r"; give SOLVER:STRATEGY with a STRATEGY .*\('euler:bogus': unknown routing"):
         C.parse_sampler("euler:bogus")
+    assert C.sampler_fix("euler:switch") is None
 
 
 def test_make_problem_builds_the_ring_clusters_and_errors():

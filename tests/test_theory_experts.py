@@ -89,8 +89,10 @@ def test_a_sampler_whose_strategy_needs_more_than_the_router_is_refused_before_t
     from ddmkit.theory.convergence import ConvergenceSettings, run_convergence
 
     settings = dataclasses.replace(ConvergenceSettings.quick(), samplers=(f"euler:{strategy}",))
-    with pytest.raises(DDMError, match=rf"^sampler 'euler:{re.escape(strategy)}': the study routes by the exact "
-                                       r"cluster posterior alone.*e.g. 'euler:switch'$"):
+    with pytest.raises(DDMError, match=rf"^ConvergenceSettings\.samplers: \('euler:{re.escape(strategy)}',\); give "
+                                       r"SOLVER:STRATEGY with a STRATEGY that routes by the router's probabilities "
+                                       rf"alone: .*e\.g\. 'euler:switch' \('euler:{re.escape(strategy)}': oracle and "
+                                       r"nearest need a run's partition, gated-K@A the analysis sampler\)$"):
         run_convergence(settings, tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists()
 

@@ -137,6 +137,14 @@ def the_study_started(*_args, **_kw):
     raise AssertionError("the study started")
 
 
+SIZES_DIFFER = ("at least 2 factors f whose sample counts round(samples * f) all differ (the slope in n is fitted "
+                "over them)")
+FLOOR_STEPS = ("a non-empty tuple of values among steps (4, 8, 16, 32, 64, 128), or None (every other N of the "
+               "fitted range)")
+ROUTED_ALONE = ("SOLVER:STRATEGY with a STRATEGY that routes by the router's probabilities alone: full, top-K, "
+                "threshold-P, sample-K[@T], nucleus-P[@T], switch, adaptive-P or adaptive-ent-H, e.g. 'euler:switch' ")
+
+
 @pytest.mark.parametrize("field, value, what", [
     ("steps", (), "a non-empty tuple"), ("radii", (), "a non-empty tuple"), ("bootstrap", 0, "an integer >= 2"),
     ("seed", -1, "an integer >= 0"), ("steps", (4, 8.5), "integers >= 1"), ("eps_values", (-0.1,),
@@ -147,13 +155,32 @@ def the_study_started(*_args, **_kw):
     ("steps", (4, 64, 64, 64), "at least 2 different values, none repeated"),
     ("disagreement_steps", (16,), "at least 2 different values, none repeated"),
     ("eps_values", (0.0, 0.1, 0.1), "different values, none repeated"), ("sweep_samplers", (), "a non-empty tuple"),
-    ("size_factors", (1.0,), "at least 2 factors f whose sample counts round(samples * f) differ (the slope in n is "
-                             "fitted over them)"),
-    ("size_factors", (1.0, 1.001), "at least 2 factors f whose sample counts round(samples * f) differ (the slope "
-                                   "in n is fitted over them)"),
+    ("size_factors", (1.0,), SIZES_DIFFER), ("size_factors", (1.0, 1.001), SIZES_DIFFER),
+    ("size_factors", (0.5, 1.0, 1.0), SIZES_DIFFER), ("size_factors", (), SIZES_DIFFER),
+    ("size_factors", (0.001, 1.0), "factors f with round(samples * f) >= 1 (samples = 200)"),
+    ("size_factors", (0.5, 0.75), "factors f whose sample counts round(samples * f) divide the largest (they give "
+                                  "[100, 150])"),
+    ("size_factors", (1.0, 4.0), "factors f <= common_noise_draws = 3 (the largest sample count is a subset of the "
+                                 "600 pooled outputs of the noise draws)"),
+    ("common_noise_draws", 0, "an integer >= 1 (the sample-count study of floor_samplers pools the draws' outputs), "
+                              "or floor_samplers=() for none"),
+    ("floor_steps", (16, 1000), FLOOR_STEPS), ("floor_steps", (), FLOOR_STEPS), ("floor_steps", (0,), FLOOR_STEPS),
     ("floor_angles", (0.2,), "at least 2 different angles (the floor is interpolated between them), or () for none"),
     ("floor_angles", (0.0, 0.3), "positive finite numbers"), ("floor_angles", (-0.1, 0.3), "positive finite numbers"),
-    ("temperatures", (1.0, 2.0, 1.0), "different values, none repeated")])
+    ("temperatures", (1.0, 2.0, 1.0), "different values, none repeated"),
+    ("clusters", 9, "an integer between 1 and components (8)"),
+    ("samplers", ("euler:full", "rk4:full"), "SOLVER:STRATEGY with SOLVER one of euler, heun, e.g. 'euler:switch' "
+                                             "(not 'rk4:full')"),
+    ("sweep_samplers", ("euler:bogus",), ROUTED_ALONE + "('euler:bogus': unknown routing strategy 'bogus'; "
+                                         "accepted forms: full, top-K, threshold-P, sample-K[@T], nucleus-P[@T], "
+                                         "switch, oracle, nearest, adaptive-P, adaptive-ent-H, gated-K@A)"),
+    ("floor_samplers", ("euler:oracle",), ROUTED_ALONE + "('euler:oracle': oracle and nearest need a run's partition, "
+                                          "gated-K@A the analysis sampler)"),
+    ("floor_samplers", None, "a tuple"),
+    *[(field, value, "different values, none repeated") for field, value in [
+        ("radii", (1.0, 2.0, 1.0)), ("sweep_steps", (16, 16)), ("samplers", ("euler:full", "heun:full", "euler:full")),
+        ("sweep_samplers", ("euler:switch", "euler:switch")), ("floor_samplers", ("euler:switch", "euler:switch")),
+        ("floor_angles", (0.05, 0.2, 0.2))]]])
 def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what, tmp_path, monkeypatch):
     """steps=(), radii=(), bootstrap=0 and seed=-1 were answered by tracebacks (min() of an empty sequence,
     an IndexError, numpy's 'expected non-negative integer'), radii=() after 20 s of work; eps_values, temperatures,
@@ -163,7 +190,12 @@ def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what
     one N (or one repeated), one disagreement N, a repeated eps (slopes fitted to one point), one bootstrap resample
     (an interval of width 0), one sample count (the slope in n), one floor angle (the same floor at every
     pathwise RMS). A floor angle 0 gave a floor of nan below the smallest other angle's pathwise RMS (log 0 in
-    floor_at); a repeated temperature repeated its sweep rows and shared one router_error entry."""
+    floor_at); a repeated temperature repeated its sweep rows and shared one router_error entry. Repeated radii,
+    sweep steps, sweep samplers or floor angles repeated report rows or columns; a repeated sampler or floor
+    sampler was run once (its entries keyed by name). Clusters, samplers, floor_steps, common_noise_draws
+    without draws for the floor samplers, and size_factors were refused in other words ('clusters must be
+    between ...', 'sampler must be SOLVER:STRATEGY ...', 'floor_steps must be among steps ...', 'size_factors
+    must give sample counts ...'); floor_samplers=None by a TypeError."""
     monkeypatch.setattr(C, "convergence_grid", the_study_started)
     with pytest.raises(DDMError, match=rf"^ConvergenceSettings\.{field}: .*; give {re.escape(what)}$"):
         C.run_convergence(replace(C.ConvergenceSettings.quick(), **{field: value}), tmp_path / "x", log=quiet)
@@ -182,21 +214,21 @@ def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what
                        "gain to measure)"),
     ("segments", (), "a non-empty tuple"), ("segments", (0, 2), "integers >= 1"), ("segments", (-1,), "integers >= 1"),
     ("segments", (1, 2, 2), "different values, none repeated"), ("seeds", 0, "an integer >= 1"),
-    ("seeds", -2, "an integer >= 1"), ("seeds", 1.5, "an integer >= 1")])
+    ("seeds", -2, "an integer >= 1"), ("seeds", 1.5, "an integer >= 1"),
+    ("paths", ("vp",), "path names among 'linear', 'ou'"), ("paths", ("linear", "ou", "linear"),
+                                                             "different values, none repeated")])
 def test_run_distill_names_a_bad_setting_before_it_starts(field, value, what, tmp_path, monkeypatch):
     """n_train=0 and train_steps=0 were answered by tracebacks (dopri5's 'underflow in dt', a pydantic
     ValidationError of TrainConfig); widths, separation and the paths failed only once the study had made its folder.
     Settings that leave nothing to compare ran to the end with a RankWarning at most: one or two report times
     (the Lambda grid [T, T, ..., T], or the uniform grid itself), a repeated width (the slope in D/sigma fitted
     to one ratio), one scaling width or separation (an exponent fitted to one point), segments=(1,) (no gain), a
-    repeated S (the report's columns repeated). Bad segments and seeds were refused in other words before these
-    checks ('segments must be positive integers; got ...')."""
+    repeated S (the report's columns repeated), a repeated path (its rows repeated). Bad segments and seeds were
+    refused in other words before these checks ('segments must be positive integers; got ...'), an unknown path
+    still later ('path must be one of ...')."""
     monkeypatch.setattr(D, "distill_setting", the_study_started)
     with pytest.raises(DDMError, match=rf"^DistillSettings\.{field}: .*; give {re.escape(what)}$"):
         D.run_distill(replace(D.DistillSettings.quick(), **{field: value}), tmp_path / "x", log=quiet)
-    assert not (tmp_path / "x").exists()
-    with pytest.raises(DDMError, match=r"^path must be one of \['linear', 'ou'\]; got 'vp'$"):
-        D.run_distill(replace(D.DistillSettings.quick(), paths=("vp",)), tmp_path / "x", log=quiet)
     assert not (tmp_path / "x").exists()
 
 
@@ -256,10 +288,11 @@ def test_floor_steps_and_sample_sizes():
     assert C.floor_steps(tiny()) == [2, 8] and C.floor_steps(tiny(floor_steps=(4,))) == [4]
     assert C.sample_sizes(tiny()) == [3, 6, 12]
     for bad in (dict(size_factors=(0.5, 0.75)), dict(size_factors=(1.0, 3.0)), dict(size_factors=()),
-                dict(size_factors=(0.01,))):
-        with pytest.raises(DDMError, match="size_factors must give sample counts"):
+                dict(size_factors=(0.01, 1.0))):
+        with pytest.raises(DDMError, match=r"^ConvergenceSettings\.size_factors: .*; give "):
             C.sample_sizes(tiny(**bad))
-    with pytest.raises(DDMError, match=r"floor_steps must be among steps"):
+    with pytest.raises(DDMError, match=r"^ConvergenceSettings\.floor_steps: \(16,\); give a non-empty tuple of values "
+                                       r"among steps \(2, 4, 8\), or None"):
         C.run_convergence(tiny(floor_steps=(16,)), None, log=quiet)
 
 

@@ -38,7 +38,7 @@ from ddmkit.theory.experts import (cluster_groups, cluster_posterior, expert_dis
                                    make_router)
 from ddmkit.theory.paths import get_path
 from ddmkit.theory.report import (bootstrap_slope, check_settings, loglog_slope, markdown_table, new_figure,
-                                  save_figure, slope_text, t_interval, write_outputs)
+                                  save_figure, setting_error, slope_text, t_interval, write_outputs)
 from ddmkit.theory.stability import teacher_solve
 from ddmkit.truth import GaussianMixture
 from ddmkit.train.threads import job_threads
@@ -81,21 +81,31 @@ class ConvergenceSettings:
                                    size_factors=(0.5, 1.0, 2.0), floor_angles=(0.05, 0.2, 0.8), seed=seed)
 
 
-def parse_sampler(spec: str) -> tuple[str, str]:
-    """'euler:switch' -> ('euler', 'switch'), checking both halves: a strategy that routes by the router's
-    probabilities alone (oracle and nearest need a run's partition, gated-K@A the analysis sampler)."""
-    solver, _, strategy = spec.partition(":")
+def sampler_fix(spec: str) -> str | None:
+    """What to give instead of the sampler `spec`, None when it is one the study runs: SOLVER:STRATEGY with a
+    strategy that routes by the router's probabilities alone (oracle and nearest need a run's partition,
+    gated-K@A the analysis sampler)."""
+    solver, _, strategy = spec.partition(":") if isinstance(spec, str) else (None, None, None)
     if solver not in SOLVER_NAMES or not strategy:
-        raise DDMError(f"sampler must be SOLVER:STRATEGY with SOLVER one of {', '.join(SOLVER_NAMES)}; got {spec!r}")
+        return f"SOLVER:STRATEGY with SOLVER one of {', '.join(SOLVER_NAMES)}, e.g. 'euler:switch' (not {spec!r})"
     try:
-        strat = parse_strategy(strategy)
+        why = None if depends_on_the_state_alone(parse_strategy(strategy)) else (
+            "oracle and nearest need a run's partition, gated-K@A the analysis sampler")
     except DDMError as e:
-        raise DDMError(f"sampler {spec!r}: {e}") from None
-    if not depends_on_the_state_alone(strat):
-        raise DDMError(f"sampler {spec!r}: the study routes by the exact cluster posterior alone, and "
-                       f"{strategy.strip()!r} needs more (oracle and nearest a run's partition, gated-K@A the "
-                       "analysis sampler); use full, top-K, threshold-P, sample-K[@T], nucleus-P[@T], switch, "
-                       "adaptive-P or adaptive-ent-H, e.g. 'euler:switch'")
+        why = str(e)
+    if why is None:
+        return None
+    return ("SOLVER:STRATEGY with a STRATEGY that routes by the router's probabilities alone: full, top-K, "
+            "threshold-P, sample-K[@T], nucleus-P[@T], switch, adaptive-P or adaptive-ent-H, e.g. 'euler:switch' "
+            f"({spec!r}: {why})")
+
+
+def parse_sampler(spec: str) -> tuple[str, str]:
+    """'euler:switch' -> ('euler', 'switch'), checking both halves (sampler_fix)."""
+    fix = sampler_fix(spec)
+    if fix is not None:
+        raise DDMError(f"sampler: {spec!r}; give {fix}")
+    solver, _, strategy = spec.partition(":")
     return solver, strategy
 
 
@@ -298,14 +308,22 @@ def floor_steps(s: ConvergenceSettings) -> list[int]:
 
 
 def sample_sizes(s: ConvergenceSettings) -> list[int]:
-    """The sample counts of the sample-count study, round(samples * f), increasing: each divides the largest,
-    and the largest fits in the pooled draws (common_noise_draws * samples)."""
-    sizes = sorted({round(s.samples * f) for f in s.size_factors})
-    if not sizes or sizes[0] < 1 or any(sizes[-1] % n for n in sizes) or sizes[-1] > s.common_noise_draws * s.samples:
-        raise DDMError(f"size_factors must give sample counts samples * f >= 1 that divide the largest, at most "
-                       f"common_noise_draws * samples = {s.common_noise_draws * s.samples}; got {sizes} from "
-                       f"samples={s.samples}, size_factors={s.size_factors}")
-    return sizes
+    """The sample counts of the sample-count study, round(samples * f), increasing: at least two, all different,
+    each dividing the largest, and the largest fitting in the pooled draws (common_noise_draws * samples)."""
+    sizes, pooled = sorted(round(s.samples * f) for f in s.size_factors), s.common_noise_draws * s.samples
+    if len(set(sizes)) < max(2, len(sizes)):
+        what = ("at least 2 factors f whose sample counts round(samples * f) all differ (the slope in n is fitted "
+                "over them)")
+    elif sizes[0] < 1:
+        what = f"factors f with round(samples * f) >= 1 (samples = {s.samples})"
+    elif any(sizes[-1] % n for n in sizes):
+        what = f"factors f whose sample counts round(samples * f) divide the largest (they give {sizes})"
+    elif sizes[-1] > pooled:
+        what = (f"factors f <= common_noise_draws = {s.common_noise_draws} (the largest sample count is a subset of "
+                f"the {pooled} pooled outputs of the noise draws)")
+    else:
+        return sizes
+    raise setting_error(s, "size_factors", what)
 
 
 def subset_w2(x: torch.Tensor, exact: torch.Tensor, size: int) -> list[float]:
@@ -355,13 +373,14 @@ def floor_at(floor: list[dict], rms: float) -> float:
 
 
 # ----- the study -------------------------------------------------------------
-@job_threads(1)  # many small tensors: one thread is faster and leaves the other cores alone
-def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
-    """Run the study and write report.md, results.json and the plots into out."""
+def check_convergence(s: ConvergenceSettings) -> None:
+    """The settings checked before the study starts, a DDMError naming the first bad field."""
     # slopes in N are fitted over steps and disagreement_steps, the eps slope over the eps values > 0 (left out
-    # with fewer than two); one bootstrap resample gives an interval of width 0; a repeated temperature would
-    # repeat its sweep rows and share one router_error entry; a floor angle 0 rotates nothing (pathwise RMS 0,
-    # which the log-log interpolation of floor_at cannot take), and -a pairs the samples as a does in law
+    # with fewer than two); one bootstrap resample gives an interval of width 0; a repeated value of a list the
+    # study runs over would repeat report rows or columns (eps_values, temperatures, radii, sweep_steps,
+    # sweep_samplers, floor_angles) or collapse entries keyed by it (samplers, floor_samplers); a floor angle 0
+    # rotates nothing (pathwise RMS 0, which the log-log interpolation of floor_at cannot take), and -a pairs the
+    # samples as a does in law
     check_settings(s, counts={"components": 1, "clusters": 1, "steps": 1, "fit_min_steps": 1, "samples": 2,
                               "sweep_samples": 2, "sweep_steps": 1, "disagreement_steps": 1, "bootstrap": 2,
                               "common_noise_draws": 0, "seed": 0},
@@ -369,23 +388,35 @@ def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
                             "temperatures": "positive", "radii": "positive", "size_factors": "positive",
                             "floor_angles": "positive"},
                    lists=("steps", "samplers", "sweep_steps", "eps_values", "temperatures", "radii",
-                          "disagreement_steps", "sweep_samplers"), may_be_empty=("size_factors", "floor_angles"),
-                   distinct={"steps": 2, "disagreement_steps": 2, "eps_values": 1, "temperatures": 1})
-    cluster_groups(s.components, s.clusters)
-    for spec in s.samplers + s.sweep_samplers + s.floor_samplers:
-        parse_sampler(spec)
-    if s.common_noise_draws < 0 or (s.floor_samplers and (not floor_steps(s) or min(floor_steps(s)) < 1)):
-        raise DDMError(f"common_noise_draws must be >= 0 and floor_steps >= 1; got {s.common_noise_draws}, "
-                       f"{floor_steps(s)}")
-    if s.floor_samplers:
-        if len(sample_sizes(s)) < 2:
-            raise DDMError(f"ConvergenceSettings.size_factors: {s.size_factors!r}; give at least 2 factors f whose "
-                           "sample counts round(samples * f) differ (the slope in n is fitted over them)")
-        if len(set(s.floor_angles)) == 1:
-            raise DDMError(f"ConvergenceSettings.floor_angles: {s.floor_angles!r}; give at least 2 different angles "
-                           "(the floor is interpolated between them), or () for none")
-        if not set(floor_steps(s)) <= set(s.steps):
-            raise DDMError(f"floor_steps must be among steps {s.steps}; got {floor_steps(s)}")
+                          "disagreement_steps", "sweep_samplers"),
+                   may_be_empty=("floor_samplers", "size_factors", "floor_angles"),
+                   distinct={"steps": 2, "disagreement_steps": 2, "eps_values": 1, "temperatures": 1, "radii": 1,
+                             "sweep_steps": 1, "samplers": 1, "sweep_samplers": 1, "floor_samplers": 0,
+                             "floor_angles": 0})
+    if s.clusters > s.components:
+        raise setting_error(s, "clusters", f"an integer between 1 and components ({s.components})")
+    for field in ("samplers", "sweep_samplers", "floor_samplers"):
+        for spec in getattr(s, field):
+            if (fix := sampler_fix(spec)) is not None:
+                raise setting_error(s, field, fix)
+    if s.floor_steps is not None and (not isinstance(s.floor_steps, (tuple, list)) or not s.floor_steps
+                                      or not set(s.floor_steps) <= set(s.steps)):
+        raise setting_error(s, "floor_steps", f"a non-empty tuple of values among steps {s.steps}, or None (every "
+                                              "other N of the fitted range)")
+    if s.floor_samplers:  # the sample-count study pools the draws' outputs; the exact-law floor interpolates
+        if s.common_noise_draws < 1:
+            raise setting_error(s, "common_noise_draws", "an integer >= 1 (the sample-count study of floor_samplers "
+                                                         "pools the draws' outputs), or floor_samplers=() for none")
+        sample_sizes(s)
+        if len(s.floor_angles) == 1:
+            raise setting_error(s, "floor_angles", "at least 2 different angles (the floor is interpolated between "
+                                                   "them), or () for none")
+
+
+@job_threads(1)  # many small tensors: one thread is faster and leaves the other cores alone
+def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
+    """Run the study and write report.md, results.json and the plots into out."""
+    check_convergence(s)
     torch.manual_seed(s.seed)
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": asdict(s), "grid": convergence_grid(s, log)}

@@ -27,9 +27,9 @@ import torch
 
 from ddmkit.config import TrainConfig
 from ddmkit.errors import DDMError
-from ddmkit.theory.paths import FlowPath, get_path
+from ddmkit.theory.paths import PATHS, FlowPath, get_path
 from ddmkit.theory.report import (check_settings, excludes_zero, loglog_slope, markdown_table, new_figure, save_figure,
-                                  t_interval, write_outputs)
+                                  setting_error, t_interval, write_outputs)
 from ddmkit.theory.stability import (cumulative_lambda, lambda_uniform_grid, measured_lipschitz, report_times,
                                      teacher_solve, uniform_grid)
 from ddmkit.theory.students import compose, relative_mse, train_segment
@@ -219,19 +219,19 @@ def run_distill(s: DistillSettings, out: Path, log=print) -> dict:
     """Run the study and write report.md, results.json and the plots into out."""
     # lipschitz_times >= 3: on two report times Lambda is linear in t, so the Lambda grid is the uniform grid;
     # the scaling exponents are log-log slopes over the scaling lists; one width leaves out the slope in D/sigma;
-    # a repeated S would repeat the report's columns
+    # a repeated S would repeat the report's columns, a repeated path its rows
     check_settings(s, counts={"segments": 1, "lipschitz_trajectories": 1, "lipschitz_times": 3, "n_train": 1,
                               "n_test": 1, "train_steps": 1, "batch_size": 1, "width": 1, "depth": 0, "seeds": 1,
                               "seed": 0},
                    numbers={"ou_end_time": "positive", "separation": "positive", "widths": "positive",
                             "lr": "positive", "scaling_separations": "positive", "scaling_widths": "positive"},
                    lists=("paths", "widths", "segments", "scaling_separations", "scaling_widths"),
-                   distinct={"widths": 1, "segments": 1, "scaling_separations": 2, "scaling_widths": 2})
+                   distinct={"paths": 1, "widths": 1, "segments": 1, "scaling_separations": 2, "scaling_widths": 2})
     if max(s.segments) < 2:
-        raise DDMError(f"DistillSettings.segments: {s.segments!r}; give at least one S >= 2, e.g. (1, 2, 4) "
-                       "(with S = 1 both grids are [T, 0], so there is no gain to measure)")
-    for name in s.paths:
-        get_path(name, s.ou_end_time)
+        raise setting_error(s, "segments", "at least one S >= 2, e.g. (1, 2, 4) (with S = 1 both grids are [T, 0], "
+                                           "so there is no gain to measure)")
+    if not set(s.paths) <= set(PATHS):
+        raise setting_error(s, "paths", f"path names among {', '.join(map(repr, PATHS))}")
     torch.manual_seed(s.seed)
     out.mkdir(parents=True, exist_ok=True)
     paths = [get_path(name, s.ou_end_time) for name in s.paths]

@@ -13,6 +13,11 @@ from ddmkit.tables import markdown_table as _markdown_table
 from ddmkit.io import write_bytes_atomic, write_json
 
 
+def setting_error(s, field: str, what: str) -> DDMError:
+    """The one way a study refuses a setting: 'DistillSettings.seeds: 0; give an integer >= 1'."""
+    return DDMError(f"{type(s).__name__}.{field}: {getattr(s, field)!r}; give {what}")
+
+
 def check_settings(s, counts: dict[str, int], numbers: dict[str, str], lists: tuple[str, ...],
                    may_be_empty: tuple[str, ...] = (), distinct: dict[str, int] | None = None) -> None:
     """A study's settings `s` (a dataclass) checked before it starts, a DDMError naming the first bad field:
@@ -20,19 +25,16 @@ def check_settings(s, counts: dict[str, int], numbers: dict[str, str], lists: tu
     'non-negative' or 'finite'} likewise for finite numbers; a field in `lists` is a non-empty tuple or list,
     one in `may_be_empty` a tuple or list; distinct {field: least length}: a list of at least that many values,
     none repeated (what a fit over the list needs)."""
-    def bad(field: str, value, what: str) -> DDMError:
-        return DDMError(f"{type(s).__name__}.{field}: {value!r}; give {what}")
-
     for field in lists + may_be_empty:
         value = getattr(s, field)
         if not isinstance(value, (tuple, list)) or (field in lists and not value):
-            raise bad(field, value, "a non-empty tuple" if field in lists else "a tuple")
+            raise setting_error(s, field, "a non-empty tuple" if field in lists else "a tuple")
     lists += may_be_empty
     for field, least in counts.items():
         value = getattr(s, field)
         for v in value if field in lists else [value]:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
-                raise bad(field, value, f"{'integers' if field in lists else 'an integer'} >= {least}")
+                raise setting_error(s, field, f"{'integers' if field in lists else 'an integer'} >= {least}")
     tests = {"positive": lambda v: v > 0, "non-negative": lambda v: v >= 0, "finite": lambda v: True}
     for field, kind in numbers.items():
         value = getattr(s, field)
@@ -40,11 +42,11 @@ def check_settings(s, counts: dict[str, int], numbers: dict[str, str], lists: tu
             if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
                     or not np.isfinite(v) or not tests[kind](v)):
                 what = f"{'' if kind == 'finite' else kind + ' '}finite number"
-                raise bad(field, value, what + "s" if field in lists else "a " + what)
+                raise setting_error(s, field, what + "s" if field in lists else "a " + what)
     for field, least in (distinct or {}).items():
         value = getattr(s, field)
         if len(set(value)) < max(least, len(value)):
-            raise bad(field, value, f"{f'at least {least} ' if least > 1 else ''}different values, none repeated")
+            raise setting_error(s, field, f"{f'at least {least} ' if least > 1 else ''}different values, none repeated")
 
 
 def loglog_slope(x, y) -> tuple[float, float]:
