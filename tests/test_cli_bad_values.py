@@ -343,6 +343,29 @@ def test_a_run_or_shard_of_whitespace_only_is_refused_naming_it(args, tmp_path, 
     assert not list(tmp_path.iterdir())
 
 
+OUTS = [path for path, command in COMMANDS.items() if any("--out" in param.opts for param in command.params)]
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+@pytest.mark.parametrize("path", OUTS, ids=" ".join)
+def test_an_empty_or_blank_out_is_refused_naming_out(path, value, made, tmp_path, monkeypatch):
+    """`--out '   '` made a folder named three spaces and `--out ''` was taken for the current folder (Path('') is
+    '.'), written to by some commands. Every command's --out refuses such a value by its raw text, as RUN does: one
+    line naming --out and a value that works (here: accepted by the same command), before anything is read or
+    written."""
+    stop_long_work(monkeypatch)
+    paths = case_folder(made, tmp_path / "case", text=False)
+    monkeypatch.chdir(tmp_path / "case")
+    out = next(param for param in COMMANDS[path].params if "--out" in param.opts)
+    before = snapshot(tmp_path / "case")
+    code, said = attempt([str(paths.get(a, a)) for a in argv(path, out, value)])
+    what = "empty" if value == "" else f"only whitespace ({value!r})"
+    assert code == 2 and said.startswith(f"error: --out is {what}: give the "), said
+    assert snapshot(tmp_path / "case") == before
+    works = re.search(r"e\.g\. --out (\S+)", said).group(1)
+    assert attempt([str(paths.get(a, a)) for a in argv(path, out, works)])[0] in (0, "accepted"), works
+
+
 def test_a_very_long_value_is_shown_shortened_in_its_error(tmp_path, monkeypatch):
     """A 3000-character value was echoed whole in its error line. Every message the CLI prints (a DDMError's, a
     file system's) shows a value of more than 500 characters as its first 60, '...', its last 40 and its length; a

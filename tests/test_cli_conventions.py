@@ -194,11 +194,14 @@ def test_train_expert_never_deletes_a_folder_that_is_not_an_expert(ddmkit, shard
 
 def test_an_out_naming_the_current_folder_is_refused_not_a_traceback(ddmkit, shard, tmp_path, monkeypatch):
     """`train-expert SHARD --out .` (or --out '') in an empty folder was a ValueError's traceback: the expert's
-    lock and staging folder are named after --out's last part, which '.' lacks."""
+    lock and staging folder are named after --out's last part, which '.' lacks. An empty --out is refused as such
+    (not read as '.')."""
     monkeypatch.chdir(tmp_path)
-    for out in (".", "", ".."):
+    for out in (".", ".."):
         code, _, err = ddmkit("train-expert", shard, "--config", TINY, "--out", out)
-        assert code == 2 and f"--out {out or '.'} is the current, a parent or the root folder" in err, err
+        assert code == 2 and f"--out {out} is the current, a parent or the root folder" in err, err
+    code, _, err = ddmkit("train-expert", shard, "--config", TINY, "--out", "")
+    assert code == 2 and "--out is empty: give the expert folder to write" in err, err
     assert list(tmp_path.iterdir()) == []
 
 

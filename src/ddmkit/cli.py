@@ -124,21 +124,32 @@ PATH_ARGUMENTS = {  # a path argument: what to give in its place
            "current folder",
     "SHARD": "give one shard file, e.g. RUN/partition/shards/cluster_00.safetensors (a latent run's: "
              "RUN/latents/cluster_00.safetensors)",
+    "--out": "give the {what} to write, e.g. --out {example}",  # each command's, by out_option
 }
 
 
-def _given_path(name: str, text: str) -> Path:
-    """The path argument `name` (RUN, SHARD) as typed: an empty one is refused here, as Path('') is '.', the
-    current folder, and so is one of whitespace only (a legal name, but never the one meant)."""
+def _given_path(name: str, text: str, **said) -> Path:
+    """The path argument or option `name` (RUN, SHARD, --out) as typed: an empty one is refused here, as Path('')
+    is '.', the current folder, and so is one of whitespace only (a legal name, but never the one meant); `said`
+    fills in PATH_ARGUMENTS[name]."""
     if not str(text).strip():
         what = "empty" if str(text) == "" else f"only whitespace ({str(text)!r})"
-        raise DDMError(f"{name} is {what}: {PATH_ARGUMENTS[name]}")
+        raise DDMError(f"{name} is {what}: {PATH_ARGUMENTS[name].format(**said)}")
     return Path(text)
 
 
 def path_argument(name: str, help: str):
     """The path argument `name` of PATH_ARGUMENTS (an empty or blank one refused by _given_path)."""
     return typer.Argument(..., metavar=name, help=help, parser=lambda text: _given_path(name, text))
+
+
+def out_option(default, help: str, what: str = "folder", example: Optional[str] = None):
+    """The --out option of a command, its default (a Path, None, or ... when required) and help as given; an empty
+    or blank value is refused by _given_path, naming the `what` to give and `example` (else the default) as a value
+    that works."""
+    example = example or f"{default} (the default)"
+    return typer.Option(default, "--out", help=help, metavar="<path>",  # as --help shows a path option
+                        parser=lambda text: _given_path("--out", text, what=what, example=example))
 
 
 def run_argument(help: str):
@@ -212,8 +223,8 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
 
 
 @app.command()
-def partition(out: Path = typer.Option(..., "--out", help="run folder to create (RUN/data, RUN/partition; latent "
-                                       "runs also RUN/autoencoder, RUN/latents)"),
+def partition(out: Path = out_option(..., "run folder to create (RUN/data, RUN/partition; latent runs also "
+                                     "RUN/autoencoder, RUN/latents)", "run folder", "runs/demo"),
               config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the built-in defaults)"),
               data: Optional[str] = typer.Option(None, help="data set name or .npy/.npz path (overrides config)"),
               k: Optional[int] = typer.Option(None, min=1, max=K_MAX, help="number of clusters (overrides config)"),
@@ -264,8 +275,9 @@ def _with_train_seed(section, seed: Optional[int]):
 def train_expert_cmd(shard: Path = path_argument("SHARD", "one shard file, e.g. "
                                                  "RUN/partition/shards/cluster_03.safetensors (a latent run's: "
                                                  "RUN/latents/cluster_03.safetensors)"),
-                     out: Path = typer.Option(..., "--out", help="expert folder to write (new, empty or an expert's: "
-                                              "it is replaced; a folder holding anything else is refused)"),
+                     out: Path = out_option(..., "expert folder to write (new, empty or an expert's: it is "
+                                            "replaced; a folder holding anything else is refused)", "expert folder",
+                                            "runs/demo/experts/expert_03"),
                      config: Optional[Path] = typer.Option(None, help="TOML config (or a built-in name, e.g. demo, or "
                                                            "a run's config.json) whose [expert] section is used; it "
                                                            "also names your own network classes (default: the "
@@ -540,7 +552,8 @@ def evaluate(run: Path = run_argument("run folder with samples/ (any kind of dat
 
 @app.command()
 def analyze(run: Path = run_argument("trained run folder (experts/, router/, partition/)"),
-            out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/analysis)"),
+            out: Optional[Path] = out_option(None, "output folder (default RUN/analysis)", "folder",
+                                             "runs/demo/analysis"),
             strategy: Optional[List[str]] = typer.Option(None, help="routing strategy, repeatable (default: full, "
                                                          "top-1, top-2, sample-2, the run's threshold-P (else "
                                                          "threshold-0.05), switch, oracle, nearest, adaptive-0.9, "
@@ -581,8 +594,8 @@ def analyze(run: Path = run_argument("trained run folder (experts/, router/, par
 
 @app.command()
 def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name (demo)"),
-        out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/run; a text config: "
-                                           "runs/<config name>, as `ddmkit text run`)"),
+        out: Optional[Path] = out_option(None, "run folder (default runs/run; a text config: runs/<config "
+                                         "name>, as `ddmkit text run`)", "run folder", "runs/demo"),
         seed: Optional[int] = typer.Option(None, help="one seed for every stage (overrides config)"),
         force: bool = typer.Option(False, help="replace a folder that holds a different run"),
         backend: str = typer.Option("inline", help="where experts train: inline, processes or ray"),
@@ -621,7 +634,7 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
 
 @app.command()
 def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in name (demo)"),
-          out: Path = typer.Option(Path("runs/sweep"), "--out", help="folder of the sweep's run folders and report"),
+          out: Path = out_option(Path("runs/sweep"), "folder of the sweep's run folders and report"),
           k: List[int] = typer.Option(..., "--k", help="number of clusters, repeatable (e.g. --k 2 --k 4 --k 8)"),
           budget: List[float] = typer.Option(..., "--budget", help="training compute in units of the config's "
                                              "(K_ref x steps x batch), repeatable (e.g. --budget 0.25 --budget 1)"),
@@ -814,7 +827,7 @@ def verify(run_dir: Path = run_argument("run folder with registry.json"),
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="output folder"),
+def demo(out: Path = out_option(Path("demo_out"), "output folder"),
          seed: Optional[int] = typer.Option(None, help="one seed for every stage (default: the config's)"),
          backend: str = typer.Option("processes", help="where experts train: inline, processes or ray"),
          workers: Optional[int] = typer.Option(None, help="parallel expert jobs (default: one per CPU core)"),
@@ -1047,7 +1060,7 @@ def _check_theory_out(out: Path, study: str) -> None:
 
 @theory_app.command()
 def convergence(quick: bool = QUICK,
-                out: Path = typer.Option(Path("theory-convergence"), "--out", help="Folder for the report."),
+                out: Path = out_option(Path("theory-convergence"), "Folder for the report."),
                 seed: int = typer.Option(0, "--seed", min=0, max=THEORY_SEED_MAX,
                                          help="Random seed; the same seed gives the same numbers.")):
     """W2 and pathwise convergence of routed Euler/Heun samplers with full, top-k and switching routing."""
@@ -1063,7 +1076,7 @@ def convergence(quick: bool = QUICK,
 
 @theory_app.command()
 def distill(quick: bool = QUICK,
-            out: Path = typer.Option(Path("theory-distill"), "--out", help="Folder for the report."),
+            out: Path = out_option(Path("theory-distill"), "Folder for the report."),
             seed: int = typer.Option(0, "--seed", min=0, max=THEORY_SEED_MAX,
                                          help="Random seed; the same seed gives the same numbers."),
             seeds: int = typer.Option(1, "--seeds", min=1, help="Student seeds (SEED, SEED+1, ...): each trains one "
@@ -1084,7 +1097,8 @@ def distill(quick: bool = QUICK,
 
 @text_app.command("run")
 def text_run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar' or 'text_dfm'"),
-             out: Optional[Path] = typer.Option(None, "--out", help="output folder (default runs/<config name>)"),
+             out: Optional[Path] = out_option(None, "output folder (default runs/<config name>)", "run folder",
+                                              "runs/text"),
              force: bool = typer.Option(False, "--force/--no-force", help="replace what the output folder holds (once "
                                         "the config's checks pass)"),
              seed: Optional[int] = typer.Option(None, "--seed", help="override every seed of the config"),
@@ -1111,7 +1125,8 @@ def exactness(k: int = typer.Option(3, min=1, max=256, help="number of Markov ch
               length: int = typer.Option(6, min=1, max=20, help="sequence length enumerated (vocab**length "
                                          "sequences: at most 2e6, so at most 20 symbols)"),
               seed: int = typer.Option(0, min=0, max=THEORY_SEED_MAX, help="seed of the random chains"),
-              out: Optional[Path] = typer.Option(None, "--out", help="also write the rows as JSON to this file")):
+              out: Optional[Path] = out_option(None, "also write the rows as JSON to this file", "JSON file",
+                                               "exactness.json")):
     """Exact experts + exact posterior reproduce the global next-token law; KL against router error."""
     from rich.table import Table
 
@@ -1150,8 +1165,8 @@ app.add_typer(study_app, name="study")
 def study_misalignment_cmd(
         config: Path = typer.Argument(..., help=f"{CONFIG}; its data must be a Gaussian mixture (ring8, grid25, "
                                       "gmm32, mixture) or images (fashion_mnist, idx, image_folder, image_array)"),
-        out: Path = typer.Option(Path("runs/misalignment"), "--out", help="folder of the study's run folders, "
-                                 "measurements and report.md"),
+        out: Path = out_option(Path("runs/misalignment"), "folder of the study's run folders, measurements and "
+                               "report.md"),
         seeds: int = typer.Option(3, "--seeds", min=1, max=STUDY_SEEDS_MAX, help="training seeds 0 .. N-1 (experts "
                                   "seed, router seed + 1)"),
         conditions: Optional[List[str]] = typer.Option(None, "--conditions", "--condition", help="conditions, "
