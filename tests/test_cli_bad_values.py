@@ -366,6 +366,34 @@ def test_an_empty_or_blank_out_is_refused_naming_out(path, value, made, tmp_path
     assert attempt([str(paths.get(a, a)) for a in argv(path, out, works)])[0] in (0, "accepted"), works
 
 
+def shown_name(param) -> str:
+    """A parameter as its errors name it: an argument by its metavar (RUN, SHARD, FOLDER) or name (CONFIG), an
+    option by its longest flag."""
+    return param.metavar if param.param_type_name == "argument" and param.metavar else label(param)
+
+
+PATHS = [(path, param) for path, command in COMMANDS.items() for param in command.params  # --out: tested above
+         if (kind(param) == "path" or label(param) == "--data") and "--out" not in param.opts]
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+@pytest.mark.parametrize("path, param", PATHS, ids=[f"{' '.join(path)} {shown_name(p)}" for path, p in PATHS])
+def test_every_empty_or_blank_path_is_refused_naming_it(path, param, value, made, tmp_path, monkeypatch):
+    """`ddmkit run ''` and `--config ''` said 'config file . is a folder, not a TOML file' (Path('') is '.'),
+    replace-expert's FOLDER '' read the current folder, add-expert's `--data ''` gave two lines of the config's
+    validation, and `--script '   '` wrote a file named three spaces. Every path argument or option (CONFIG,
+    FOLDER, --config, --data, --script, RUN, SHARD) of every command refuses such a value by its raw text, as
+    --out does: one line naming it and what to give, exit 2, before anything is read or written."""
+    stop_long_work(monkeypatch)
+    paths = case_folder(made, tmp_path / "case", text=False)
+    monkeypatch.chdir(tmp_path / "case")
+    before = snapshot(tmp_path / "case")
+    code, said = attempt([str(paths.get(a, a)) for a in argv(path, param, value)])
+    what = "empty" if value == "" else f"only whitespace ({value!r})"
+    assert code == 2 and said.startswith(f"error: {shown_name(param)} is {what}: give "), said
+    assert len(said.strip().splitlines()) == 1 and snapshot(tmp_path / "case") == before, said
+
+
 def test_a_very_long_value_is_shown_shortened_in_its_error(tmp_path, monkeypatch):
     """A 3000-character value was echoed whole in its error line. Every message the CLI prints (a DDMError's, a
     file system's) shows a value of more than 500 characters as its first 60, '...', its last 40 and its length; a

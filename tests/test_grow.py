@@ -505,17 +505,19 @@ def test_a_k_that_is_not_a_whole_number_is_refused_in_one_line_with_the_runs_exp
 
 
 def test_replace_expert_names_folder_when_it_is_no_model_folder(run, tmp_path, cli, monkeypatch):
-    """`replace-expert RUN 0 ''` said only 'config.json is missing; copy the whole model folder again' (an empty
-    FOLDER is the current folder): FOLDER is named, and the folder to give."""
+    """`replace-expert RUN 0 .` said only 'config.json is missing; copy the whole model folder again': FOLDER is
+    named, and the folder to give. An empty FOLDER is refused as such (not read as '.')."""
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
     before = hashes(run)
-    code, err = cli("replace-expert", run, 0, "")
-    assert code == 2 and "FOLDER . (the current folder; an empty FOLDER is taken for it) holds no config.json" in err
+    code, err = cli("replace-expert", run, 0, ".")
+    assert code == 2 and "FOLDER . holds no config.json" in err, err
     assert "give the folder of the expert that is to replace it" in err, err
-    shutil.copy(run / "experts" / "expert_01" / "config.json", tmp_path / "here")  # its weights not copied
     code, err = cli("replace-expert", run, 0, "")
-    assert code == 2 and "FOLDER . (the current folder; an empty FOLDER is taken for it): model.safetensors" in err, err
+    assert code == 2 and "FOLDER is empty: give the model folder (config.json and model.safetensors)" in err, err
+    shutil.copy(run / "experts" / "expert_01" / "config.json", tmp_path / "here")  # its weights not copied
+    code, err = cli("replace-expert", run, 0, ".")
+    assert code == 2 and "FOLDER .: model.safetensors" in err, err
     code, err = cli("replace-expert", run, 0, tmp_path / "here" / "config.json")
     assert code == 2 and f"FOLDER {tmp_path / 'here' / 'config.json'} is a file; give the folder" in err, err
     assert hashes(run) == before

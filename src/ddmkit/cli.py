@@ -119,23 +119,30 @@ RAY_ADDRESS_HELP = ("ray cluster address: auto (the cluster of this node) or HOS
                     "that ddmkit starts)")
 
 
-PATH_ARGUMENTS = {  # a path argument: what to give in its place
+PATH_ARGUMENTS = {  # a path argument or option: what to give in its place
     "RUN": "give the run folder (the --out of `ddmkit run` or `ddmkit partition`, e.g. runs/demo), or . for the "
            "current folder",
     "SHARD": "give one shard file, e.g. RUN/partition/shards/cluster_00.safetensors (a latent run's: "
              "RUN/latents/cluster_00.safetensors)",
+    "FOLDER": "give the model folder (config.json and model.safetensors) of the expert that is to replace expert "
+              "K, e.g. RUN/experts/expert_03 of another run, or a `ddmkit train-expert --out` folder",
+    "CONFIG": "give {what}, e.g. {example}",  # each command's, by config_argument
     "--out": "give the {what} to write, e.g. --out {example}",  # each command's, by out_option
+    "--config": "give a TOML file or a built-in name, e.g. --config demo, or leave --config out",
+    "--data": "give a data set name or a .npy/.npz file, e.g. --data ring8",
+    "--script": "give the file for --emit to write, e.g. --script train_experts.slurm, or leave --script out "
+                "(RUN/launch/train_experts.slurm)",
 }
 
 
-def _given_path(name: str, text: str, **said) -> Path:
-    """The path argument or option `name` (RUN, SHARD, --out) as typed: an empty one is refused here, as Path('')
-    is '.', the current folder, and so is one of whitespace only (a legal name, but never the one meant); `said`
-    fills in PATH_ARGUMENTS[name]."""
+def _given_path(name: str, text: str, read=Path, **said):
+    """The path argument or option `name` of PATH_ARGUMENTS as typed, read by `read` (Path; str for --data, a name
+    or a path): an empty one is refused here, as Path('') is '.', the current folder, and so is one of whitespace
+    only (a legal name, but never the one meant); `said` fills in PATH_ARGUMENTS[name]."""
     if not str(text).strip():
         what = "empty" if str(text) == "" else f"only whitespace ({str(text)!r})"
         raise DDMError(f"{name} is {what}: {PATH_ARGUMENTS[name].format(**said)}")
-    return Path(text)
+    return read(text)
 
 
 def path_argument(name: str, help: str):
@@ -143,13 +150,31 @@ def path_argument(name: str, help: str):
     return typer.Argument(..., metavar=name, help=help, parser=lambda text: _given_path(name, text))
 
 
+def config_argument(help: str, what: str = "a TOML config or a built-in name", example: str = "demo"):
+    """The CONFIG argument of a command (run, sweep, text run, study misalignment), --help naming it config as
+    before; an empty or blank one is refused by _given_path, naming the `what` to give and `example`."""
+    return typer.Argument(..., help=help, parser=lambda text: _given_path("CONFIG", text, what=what,
+                                                                          example=example))
+
+
+def path_option(option: str, default, help: str, read=Path, **said):
+    """A path option of a command (--out, --config, --script, --data), its default and help as given; an empty or
+    blank value is refused by _given_path, `said` filling in PATH_ARGUMENTS[option]. --help shows a Path as
+    <path>, as it shows a path option that typer reads itself."""
+    return typer.Option(default, option, help=help, metavar="<path>" if read is Path else None,
+                        parser=lambda text: _given_path(option, text, read, **said))
+
+
 def out_option(default, help: str, what: str = "folder", example: Optional[str] = None):
     """The --out option of a command, its default (a Path, None, or ... when required) and help as given; an empty
     or blank value is refused by _given_path, naming the `what` to give and `example` (else the default) as a value
     that works."""
-    example = example or f"{default} (the default)"
-    return typer.Option(default, "--out", help=help, metavar="<path>",  # as --help shows a path option
-                        parser=lambda text: _given_path("--out", text, what=what, example=example))
+    return path_option("--out", default, help, what=what, example=example or f"{default} (the default)")
+
+
+def config_option(help: str):
+    """The --config option of a command (a TOML file, a built-in name or a run's config.json; default None)."""
+    return path_option("--config", None, help)
 
 
 def run_argument(help: str):
@@ -169,8 +194,8 @@ TEXT_SET = typer.Option(None, "--set", metavar="FIELD=VALUE", help="set one fiel
                         "--set expert.train.steps=300 --set 'evaluate.strategies=[\"top-1\",\"full\"]' (VALUE: a "
                         "TOML value, else text)")
 CONFIG = "TOML config (or a built-in name, e.g. demo); it also names your own network classes"
-OWN_NETWORKS = typer.Option(None, "--config", help="the TOML the run was made with, to import the network classes "
-                            "of your own it names (nothing else of it is used)")
+OWN_NETWORKS = config_option("the TOML the run was made with, to import the network classes "
+                             "of your own it names (nothing else of it is used)")
 
 
 def _refuse_text(path: Path, command: str) -> None:
@@ -225,8 +250,9 @@ def _config(config: Optional[Path], run: Optional[Path] = None, overrides: Optio
 @app.command()
 def partition(out: Path = out_option(..., "run folder to create (RUN/data, RUN/partition; latent runs also "
                                      "RUN/autoencoder, RUN/latents)", "run folder", "runs/demo"),
-              config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the built-in defaults)"),
-              data: Optional[str] = typer.Option(None, help="data set name or .npy/.npz path (overrides config)"),
+              config: Optional[Path] = config_option(f"{CONFIG} (default: the built-in defaults)"),
+              data: Optional[str] = path_option("--data", None, "data set name or .npy/.npz path (overrides "
+                                                "config)", read=str),
               k: Optional[int] = typer.Option(None, min=1, max=K_MAX, help="number of clusters (overrides config)"),
               seed: Optional[int] = typer.Option(None, help="one seed for every stage, as `ddmkit run --seed` "
                                                  "(overrides config; RUN/config.json records it for the jobs)"),
@@ -278,10 +304,10 @@ def train_expert_cmd(shard: Path = path_argument("SHARD", "one shard file, e.g. 
                      out: Path = out_option(..., "expert folder to write (new, empty or an expert's: it is "
                                             "replaced; a folder holding anything else is refused)", "expert folder",
                                             "runs/demo/experts/expert_03"),
-                     config: Optional[Path] = typer.Option(None, help="TOML config (or a built-in name, e.g. demo, or "
-                                                           "a run's config.json) whose [expert] section is used; it "
-                                                           "also names your own network classes (default: the "
-                                                           "built-in defaults)"),
+                     config: Optional[Path] = config_option("TOML config (or a built-in name, e.g. demo, or "
+                                                            "a run's config.json) whose [expert] section is used; it "
+                                                            "also names your own network classes (default: the "
+                                                            "built-in defaults)"),
                      seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed (overrides config)"),
                      checkpoint_every: Optional[int] = typer.Option(None, min=0, max=COUNT_MAX, help="write a "
                                                                     "checkpoint every N steps (0: none; overrides "
@@ -363,7 +389,7 @@ def expert_interrupted_text(out: Path) -> str:
 
 @app.command("train-router")
 def train_router_cmd(run: Path = run_argument("run folder with partition/"),
-                     config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
+                     config: Optional[Path] = config_option(f"{CONFIG} (default: the run's)"),
                      seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed: the run's "
                                                         "router.train.seed; another is refused, as any other "
                                                         "training setting"),
@@ -415,7 +441,7 @@ def _keeping_registered(cfg, run: Path, train) -> None:
 
 @app.command("train-monolith")
 def train_monolith_cmd(run: Path = run_argument("run folder with partition/"),
-                       config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
+                       config: Optional[Path] = config_option(f"{CONFIG} (default: the run's)"),
                        seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="training seed: the run's "
                                                           "expert.train.seed; another is refused, as any other "
                                                           "training setting"),
@@ -479,7 +505,7 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
            cuda_streams: Optional[bool] = typer.Option(None, "--cuda-streams/--no-cuda-streams",
                                                        help="on a GPU, run a step's experts on concurrent CUDA "
                                                        "streams (default on; with --cuda-graphs, a set of graphs per expert)"),
-           config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
+           config: Optional[Path] = config_option(f"{CONFIG} (default: the run's)"),
            device: Optional[str] = DEVICE,
            set_: Optional[List[str]] = SET):
     """Sample with routing strategies; writes RUN/samples/NAME.safetensors (text runs: RUN/samples/text.json)."""
@@ -532,7 +558,7 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
 
 @app.command()
 def evaluate(run: Path = run_argument("run folder with samples/ (any kind of data)"),
-             config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's)"),
+             config: Optional[Path] = config_option(f"{CONFIG} (default: the run's)"),
              device: Optional[str] = DEVICE,
              set_: Optional[List[str]] = SET):
     """Scores of every sampled set (W2 and the truth's scores, or FID/KID for images, or bits per byte
@@ -568,9 +594,9 @@ def analyze(run: Path = run_argument("trained run folder (experts/, router/, par
             device: Optional[str] = typer.Option(None, "--device", help="where the networks and every tensor of "
                                                  "the analysis live: cpu, cuda, cuda:N, mps or auto (default: "
                                                  "the run's expert.train.device)"),
-            config: Optional[Path] = typer.Option(None, help="the TOML the run was made with, to import the "
-                                                  "network classes of your own it names (the settings are the "
-                                                  "run's; --device picks where it runs)")):
+            config: Optional[Path] = config_option("the TOML the run was made with, to import the "
+                                                   "network classes of your own it names (the settings are the "
+                                                   "run's; --device picks where it runs)")):
     """Stability vs expert-data alignment diagnostics; writes analysis.md, analysis.json, plots/
     (text runs: each expert's bits per byte on every cluster, and the router's weight on the true one)."""
     if _text_run(run):
@@ -593,7 +619,7 @@ def analyze(run: Path = run_argument("trained run folder (experts/, router/, par
 
 
 @app.command()
-def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name (demo)"),
+def run(config: Path = config_argument("TOML config, or a built-in name (demo)"),
         out: Optional[Path] = out_option(None, "run folder (default runs/run; a text config: runs/<config "
                                          "name>, as `ddmkit text run`)", "run folder", "runs/demo"),
         seed: Optional[int] = typer.Option(None, help="one seed for every stage (overrides config)"),
@@ -633,7 +659,7 @@ def run(config: Path = typer.Argument(..., help="TOML config, or a built-in name
 
 
 @app.command()
-def sweep(config: Path = typer.Argument(..., help="TOML config, or a built-in name (demo)"),
+def sweep(config: Path = config_argument("TOML config, or a built-in name (demo)"),
           out: Path = out_option(Path("runs/sweep"), "folder of the sweep's run folders and report"),
           k: List[int] = typer.Option(..., "--k", help="number of clusters, repeatable (e.g. --k 2 --k 4 --k 8)"),
           budget: List[float] = typer.Option(..., "--budget", help="training compute in units of the config's "
@@ -686,7 +712,8 @@ def launch(run_dir: Path = run_argument("run folder with partition/"),
            workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
            address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
            emit: Optional[str] = typer.Option(None, help="write a scheduler script instead of training: slurm (default: train here)"),
-           script: Optional[Path] = typer.Option(None, help="where --emit writes (default RUN/launch/train_experts.slurm)"),
+           script: Optional[Path] = path_option("--script", None, "where --emit writes (default "
+                                                "RUN/launch/train_experts.slurm)"),
            time: Optional[str] = typer.Option(None, help="slurm --time per expert (default 24:00:00)"),
            cpus: Optional[int] = typer.Option(None, help="slurm --cpus-per-task (default 4)"),
            gpus: Optional[int] = typer.Option(None, help="slurm GPUs per expert (0: none; default 1)"),
@@ -695,7 +722,7 @@ def launch(run_dir: Path = run_argument("run folder with partition/"),
            expert: Optional[List[int]] = typer.Option(None, "--expert", help="slurm: a task for this expert only "
                                                       "(repeat for several: --expert 0 --expert 1, e.g. the shards one "
                                                       "organisation trains; default: every expert not trained yet)"),
-           config: Optional[Path] = typer.Option(None, help=f"{CONFIG} (default: the run's; not with --emit)"),
+           config: Optional[Path] = config_option(f"{CONFIG} (default: the run's; not with --emit)"),
            device: Optional[str] = DEVICE,
            set_: Optional[List[str]] = SET):
     """Train the run's missing experts on a backend, or emit a SLURM job array (one task per expert; the
@@ -925,8 +952,8 @@ def _check_learned_router(run: Path) -> None:
 
 @app.command("add-expert")
 def add_expert_cmd(run_dir: Path = run_argument("trained run folder (vectors or images)"),
-                   data: str = typer.Option(..., "--data", help="the new island's data: a data set name or a "
-                                            ".npy/.npz path, of the run's data shape"),
+                   data: str = path_option("--data", ..., "the new island's data: a data set name or a .npy/.npz "
+                                           "path, of the run's data shape", read=str),
                    params: Optional[str] = typer.Option(None, "--params", help="the data set's params as a JSON "
                                                         "object, as data.params in a config, e.g. '{\"key\": \"x\"}' "
                                                         "(default: none, the data set's own defaults, not the run's)"),
@@ -1002,8 +1029,8 @@ def _warnings_as_data_options():
 def replace_expert_cmd(run_dir: Path = run_argument("trained run folder (vectors or images)"),
                        k: str = typer.Argument(..., metavar="K", help="the expert to replace, 0 .. K-1 (a whole "
                                                "number)"),
-                       folder: Path = typer.Argument(..., metavar="FOLDER", help="a model folder (config.json + "
-                                                     "model.safetensors) of an expert trained elsewhere"),
+                       folder: Path = path_argument("FOLDER", "a model folder (config.json + model.safetensors) of "
+                                                    "an expert trained elsewhere"),
                        config: Optional[Path] = OWN_NETWORKS):
     """Replace expert K of a trained run by a copy of another expert's model folder; the registry is rewritten."""
     from ddmkit.pipeline.grow import replace_expert
@@ -1096,7 +1123,9 @@ def distill(quick: bool = QUICK,
 
 
 @text_app.command("run")
-def text_run(config: Path = typer.Argument(..., help="TOML with kind = 'text_ar' or 'text_dfm'"),
+def text_run(config: Path = config_argument("TOML with kind = 'text_ar' or 'text_dfm'",
+                                            what="a text config (a TOML with kind = 'text_ar' or 'text_dfm')",
+                                            example="configs/text_ar.toml"),
              out: Optional[Path] = out_option(None, "output folder (default runs/<config name>)", "run folder",
                                               "runs/text"),
              force: bool = typer.Option(False, "--force/--no-force", help="replace what the output folder holds (once "
@@ -1163,8 +1192,8 @@ app.add_typer(study_app, name="study")
 
 @study_app.command("misalignment")
 def study_misalignment_cmd(
-        config: Path = typer.Argument(..., help=f"{CONFIG}; its data must be a Gaussian mixture (ring8, grid25, "
-                                      "gmm32, mixture) or images (fashion_mnist, idx, image_folder, image_array)"),
+        config: Path = config_argument(f"{CONFIG}; its data must be a Gaussian mixture (ring8, grid25, gmm32, "
+                                       "mixture) or images (fashion_mnist, idx, image_folder, image_array)"),
         out: Path = out_option(Path("runs/misalignment"), "folder of the study's run folders, measurements and "
                                "report.md"),
         seeds: int = typer.Option(3, "--seeds", min=1, max=STUDY_SEEDS_MAX, help="training seeds 0 .. N-1 (experts "

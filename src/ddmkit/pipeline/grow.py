@@ -537,16 +537,15 @@ def check_expert_folder(source: Path, run: TrainedRun) -> dict:
     if RunFolder(source).experts.is_dir():
         raise DDMError(f"FOLDER {source} is a run folder; give one of its model folders, e.g. "
                        f"{RunFolder(source).expert(0)}")
-    shown = f"{source} (the current folder; an empty FOLDER is taken for it)" if str(source) == "." else str(source)
     if not (source / "config.json").is_file():
         what = "is a file" if source.is_file() else "holds no config.json, so it is not a model folder"
-        raise DDMError(f"FOLDER {shown} {what}; give the folder of the expert that is to replace it (config.json and "
+        raise DDMError(f"FOLDER {source} {what}; give the folder of the expert that is to replace it (config.json and "
                        "model.safetensors), e.g. RUN/experts/expert_03 of another run, or a `ddmkit train-expert "
                        "--out` folder")
     try:
         model, config = load_model(source)
     except DDMError as e:  # its files, named by their paths (inside '.': by their names alone)
-        raise DDMError(f"FOLDER {shown}: {e}") from None
+        raise DDMError(f"FOLDER {source}: {e}") from None
     if config.get("role") == "router" or "num_experts" in config.get("kwargs", {}):
         raise DDMError(f"FOLDER {source} holds a router; give an expert's (or a monolith's) model folder")
     shape = tuple(run.manifest["data_shape"])
