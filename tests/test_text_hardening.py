@@ -444,7 +444,8 @@ def test_a_bayes_only_router_trains_nothing_and_says_so(tmp_path):
 
 def test_text_train_expert_never_deletes_a_folder_that_is_not_an_expert(tmp_path, monkeypatch):
     """A text expert replaced its --out folder whole, with the user's files in it (a vector expert refused such a
-    folder); `--out .` (or an empty --out) in an empty folder was a ValueError's traceback."""
+    folder); `--out .` (or an empty --out) in an empty folder was a ValueError's traceback. An empty --out is
+    refused as such (not read as '.')."""
     config, run = write_config(tmp_path, "text_ar"), tmp_path / "run"
     partition_text_run(config, run, log=QUIET)
     shard = run / "partition" / "shards" / "cluster_00.safetensors"
@@ -456,9 +457,10 @@ def test_text_train_expert_never_deletes_a_folder_that_is_not_an_expert(tmp_path
     assert (mine / "thesis.txt").read_text() == "important" and (mine / "sub").is_dir()
     (tmp_path / "empty").mkdir()
     monkeypatch.chdir(tmp_path / "empty")
-    for out in (".", ""):
-        code, err = cli("train-expert", shard, "--config", config, "--out", out)
-        assert code == 2 and "--out . is the current, a parent or the root folder" in err, err
+    code, err = cli("train-expert", shard, "--config", config, "--out", ".")
+    assert code == 2 and "--out . is the current, a parent or the root folder" in err, err
+    code, err = cli("train-expert", shard, "--config", config, "--out", "")
+    assert code == 2 and "--out is empty: give the expert folder to write" in err, err
     assert list((tmp_path / "empty").iterdir()) == []
 
 
