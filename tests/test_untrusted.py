@@ -445,3 +445,17 @@ def test_a_folder_where_the_lock_goes_is_named(tmp_path):
     with pytest.raises(DDMError, match=r"\.lock is a folder, not a lock file; remove it"):
         with run_lock(tmp_path / "run"):
             pass
+
+
+def test_kwargs_data_shape_other_than_the_folders_is_refused(tmp_path):
+    """An MLP's kwargs.data_shape [1, 2] where the folder's data_shape is [2] fits the same weights (the inputs are
+    flattened) but builds a network of other inputs: refused naming both (a fuzz draw found it loading)."""
+    folder = tmp_path / "model"
+    save_pretrained(folder, build_model("mlp", data_shape=[2], width=8, depth=1),
+                    {"role": "expert", "arch": "mlp", "data_shape": [2],
+                     "kwargs": {"data_shape": [2], "width": 8, "depth": 1}})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["kwargs"]["data_shape"] = [1, 2]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DDMError, match=r"kwargs.data_shape \[1, 2\] differs from its data_shape \[2\]"):
+        load_model(folder)

@@ -461,6 +461,10 @@ def check_model_folder(folder: str | Path) -> dict:
                            "and train it again")  # re-training into the folder as it is keeps those weights
     check_identity(folder, config)
     arch, kwargs = config["arch"], config["kwargs"]
+    if config.get("data_shape") is not None and "data_shape" in kwargs and kwargs["data_shape"] != config["data_shape"]:
+        # e.g. an MLP's [1, 2] where the folder says [2]: the same weights, but another network's inputs
+        raise DDMError(f"{folder / 'config.json'}: kwargs.data_shape {kwargs['data_shape']!r} differs from its "
+                       f"data_shape {config['data_shape']!r}; copy the whole model folder again, or train it again")
     try:
         with on_meta(), _Budget(20 * len(header) + 200, folder):
             model = build_model(arch, **kwargs)
