@@ -374,7 +374,8 @@ def test_run_convergence_assembles_its_parts(monkeypatch, tmp_path):
     monkeypatch.setattr(C, "plot_grid", lambda results, out: "convergence.png")
     monkeypatch.setattr(C, "plot_sweeps", lambda results, out: "sweeps.png")
     monkeypatch.setattr(C, "render_report", lambda results: "REPORT " + ",".join(results))
-    s = tiny_convergence(steps=(1, 2), samples=2, eps_values=(0.0, 0.5), temperatures=(1.0, 1.5), seed=9)
+    temperatures = (1.0, 1.5, 1.0000001)  # the last two differ only beyond 6 significant digits (f"{tau:g}")
+    s = tiny_convergence(steps=(1, 2), samples=2, eps_values=(0.0, 0.5), temperatures=temperatures, seed=9)
     threads = torch.get_num_threads()
     res = C.run_convergence(s, tmp_path / "out", log=quiet)
     assert torch.get_num_threads() == threads
@@ -382,14 +383,15 @@ def test_run_convergence_assembles_its_parts(monkeypatch, tmp_path):
     assert res["eps_sweep"] == [{"value": e, "eps": e, "T": 1.0, "samplers": s.sweep_samplers, "steps": (2, 4)}
                                 for e in (0.0, 0.5)]
     assert res["temperature_sweep"] == [{"value": t, "eps": 0.0, "T": t, "samplers": s.sweep_samplers,
-                                         "steps": (2, 4)} for t in (1.0, 1.5)]
-    assert res["router_error"] == {"1": 10.0, "1.5": 15.0}
+                                         "steps": (2, 4)} for t in temperatures]
+    router_error = {"1": 10.0, "1.5": 15.0, "1.0000001": 1.0000001 * 10}  # one entry per temperature
+    assert res["router_error"] == router_error
     assert torch.equal(calls["noise"], torch.randn(2, 2, generator=torch.Generator().manual_seed(12), dtype=F64))
     assert res["disagreement"] == ["study"] and res["plots"] == ["convergence.png", "sweeps.png"]
     assert (tmp_path / "out" / "report.md").read_text() == (
         "REPORT settings,grid,eps_sweep,router_error,temperature_sweep,disagreement,common_noise,sample_size,"
         "exact_law_floor,plots")
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["router_error"] == {"1": 10.0, "1.5": 15.0}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["router_error"] == router_error
     big = tiny_convergence(samples=600)
     C.run_convergence(big, tmp_path / "big", log=quiet)
     assert calls["noise"].shape == (2, 2)  # setdefault keeps the first; check the cap on a fresh record

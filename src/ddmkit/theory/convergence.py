@@ -373,6 +373,12 @@ def floor_at(floor: list[dict], rms: float) -> float:
 
 
 # ----- the study -------------------------------------------------------------
+def temperature_key(tau: float) -> str:
+    """A temperature as a results key: the shortest text that reads back as the same float, without a trailing
+    '.0' ('1', '1.25', '1.0000001'), so that temperatures that differ anywhere get different keys."""
+    return str(float(tau)).removesuffix(".0")
+
+
 def check_convergence(s: ConvergenceSettings) -> None:
     """The settings checked before the study starts, a DDMError naming the first bad field."""
     # slopes in N are fitted over steps and disagreement_steps, the eps slope over the eps values > 0 (left out
@@ -424,7 +430,7 @@ def run_convergence(s: ConvergenceSettings, out: Path, log=print) -> dict:
                                        s.sweep_samplers, s.sweep_steps, log, "eps")
     temps = [(tau, make_problem(s, temperature=tau)) for tau in s.temperatures]
     noise = torch.randn(min(s.samples, 500), 2, generator=torch.Generator().manual_seed(s.seed + 3), dtype=torch.float64)
-    results["router_error"] = {f"{tau:g}": mean_router_error(p, noise) for tau, p in temps}
+    results["router_error"] = {temperature_key(tau): mean_router_error(p, noise) for tau, p in temps}
     results["temperature_sweep"] = error_sweep(s, temps, s.sweep_samplers, s.sweep_steps, log, "T")
     results["disagreement"] = disagreement_study(s, log)
     results["common_noise"], pooled = common_noise_draws(s, log)
