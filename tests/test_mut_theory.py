@@ -662,9 +662,9 @@ def test_two_modes():
     assert gmm.means.tolist() == [[-1.5, 0.0], [1.5, 0.0]]
     assert gmm.weights.tolist() == [0.5, 0.5] and gmm.eigvals.tolist() == [[0.25, 0.25], [0.25, 0.25]]
     assert D.two_modes(2.0, 0.1, dim=3).means.tolist() == [[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
-    with pytest.raises(DDMError, match=r"^separation and width must be positive; got D=0.0, sigma=0.5$"):
+    with pytest.raises(DDMError, match=r"^two_modes: separation: 0.0; give a positive number$"):
         D.two_modes(0.0, 0.5)
-    with pytest.raises(DDMError, match=r"got D=1.0, sigma=0.0$"):
+    with pytest.raises(DDMError, match=r"^two_modes: width: 0.0; give a positive number$"):
         D.two_modes(1.0, 0.0)
     with pytest.raises(DDMError):
         D.two_modes(float("nan"), 0.5)
@@ -1123,9 +1123,10 @@ def test_get_path_limits():
     assert get_path("ou", 0.5).t_noise == 0.5 and get_path("ou").t_noise == 4.0
     assert get_path("linear", 3.0).t_noise == 1.0
     for bad in (0.0, -1.0, float("inf"), float("nan")):
-        with pytest.raises(DDMError, match=r"^OU end time must be a positive number; got"):
+        with pytest.raises(DDMError, match=rf"^get_path: t_noise: {bad!r}; give a positive finite number \(the OU "
+                           r"path's end time\), or None for 4$"):
             get_path("ou", bad)
-    with pytest.raises(DDMError, match=r"^path must be one of \['linear', 'ou'\]; got 'vp'$"):
+    with pytest.raises(DDMError, match=r"^get_path: name: 'vp'; give one of 'linear', 'ou'$"):
         get_path("vp")
 
 
@@ -1174,7 +1175,8 @@ def test_waves_and_perturbed_experts_follow_their_formulas():
         assert torch.allclose(e(x, t), gmm.subset(g_).velocity(x, t) + 0.25 * wave(x))
     assert cluster_groups(3, 3) == [[0], [1], [2]] and cluster_groups(3, 1) == [[0, 1, 2]]
     for bad in (0, 4):
-        with pytest.raises(DDMError, match=r"^clusters must be between 1 and the number of components \(3\); got"):
+        with pytest.raises(DDMError, match=rf"^cluster_groups: clusters: {bad}; give an integer between 1 and "
+                                           r"components \(3\)$"):
             cluster_groups(3, bad)
 
 

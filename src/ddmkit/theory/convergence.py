@@ -34,8 +34,8 @@ from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
 from ddmkit.routing import RoutingState, depends_on_the_state_alone, parse_strategy, routed_velocity
 from ddmkit.sample import get_solver, time_grid
-from ddmkit.theory.experts import (cluster_groups, cluster_posterior, expert_disagreement, make_experts,
-                                   make_router)
+from ddmkit.theory.experts import (cluster_groups, cluster_posterior, clusters_fix, expert_disagreement,
+                                   make_experts, make_router)
 from ddmkit.theory.paths import get_path
 from ddmkit.theory.report import (bootstrap_slope, check_settings, loglog_slope, markdown_table, new_figure,
                                   save_figure, setting_error, slope_text, t_interval, write_outputs)
@@ -399,8 +399,8 @@ def check_convergence(s: ConvergenceSettings) -> None:
                    distinct={"steps": 2, "disagreement_steps": 2, "eps_values": 1, "temperatures": 1, "radii": 1,
                              "sweep_steps": 1, "samplers": 1, "sweep_samplers": 1, "floor_samplers": 0,
                              "floor_angles": 0})
-    if s.clusters > s.components:
-        raise setting_error(s, "clusters", f"an integer between 1 and components ({s.components})")
+    if (fix := clusters_fix(s.components, s.clusters)) is not None:
+        raise setting_error(s, "clusters", fix)
     for field in ("samplers", "sweep_samplers", "floor_samplers"):
         for spec in getattr(s, field):
             if (fix := sampler_fix(spec)) is not None:

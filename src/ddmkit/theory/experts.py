@@ -22,15 +22,21 @@ from dataclasses import dataclass
 import torch
 
 from ddmkit.errors import DDMError
+from ddmkit.theory.report import value_error
 from ddmkit.truth import GaussianMixture
 
 Tensor = torch.Tensor
 
 
+def clusters_fix(components: int, clusters: int) -> str | None:
+    """What to give instead of `clusters` for a mixture of `components` components; None when it splits them."""
+    return None if 1 <= clusters <= components else f"an integer between 1 and components ({components})"
+
+
 def cluster_groups(components: int, clusters: int) -> list[list[int]]:
     """Component i goes to cluster floor(i K / n): K contiguous groups of near-equal size."""
-    if not 1 <= clusters <= components:
-        raise DDMError(f"clusters must be between 1 and the number of components ({components}); got {clusters}")
+    if (fix := clusters_fix(components, clusters)) is not None:
+        raise value_error("cluster_groups: clusters", clusters, fix)
     return [[i for i in range(components) if i * clusters // components == k] for k in range(clusters)]
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ddmkit.errors import DDMError
+from ddmkit.theory.report import value_error
 from ddmkit.truth import GaussianMixture
 
 Tensor = torch.Tensor
@@ -143,11 +144,12 @@ PATHS = {"linear": FlowPath("linear", 1.0), "ou": FlowPath("ou", 4.0)}
 def get_path(name: str, t_noise: float | None = None) -> FlowPath:
     """The path named `name` ('linear' or 'ou'); the OU end time defaults to 4."""
     if name not in PATHS:
-        raise DDMError(f"path must be one of {sorted(PATHS)}; got {name!r}")
+        raise value_error("get_path: name", name, f"one of {', '.join(map(repr, PATHS))}")
     if name == "linear" or t_noise is None:
         return PATHS[name]
     if not t_noise > 0 or not math.isfinite(t_noise):
-        raise DDMError(f"OU end time must be a positive number; got {t_noise!r}")
+        raise value_error("get_path: t_noise", t_noise, "a positive finite number (the OU path's end time), or None "
+                                                         f"for {PATHS['ou'].t_noise:g}")
     return FlowPath("ou", float(t_noise))
 
 

@@ -13,9 +13,15 @@ from ddmkit.tables import markdown_table as _markdown_table
 from ddmkit.io import write_bytes_atomic, write_json
 
 
+def value_error(name: str, value, what: str) -> DDMError:
+    """The one way a study or a theory function refuses a value: its name, the value and what to give instead,
+    'DistillSettings.seeds: 0; give an integer >= 1' or "get_path: name: 'vp'; give one of 'linear', 'ou'"."""
+    return DDMError(f"{name}: {value!r}; give {what}")
+
+
 def setting_error(s, field: str, what: str) -> DDMError:
-    """The one way a study refuses a setting: 'DistillSettings.seeds: 0; give an integer >= 1'."""
-    return DDMError(f"{type(s).__name__}.{field}: {getattr(s, field)!r}; give {what}")
+    """A study's refusal of its setting `field` (value_error): 'DistillSettings.seeds: 0; give an integer >= 1'."""
+    return value_error(f"{type(s).__name__}.{field}", getattr(s, field), what)
 
 
 def check_settings(s, counts: dict[str, int], numbers: dict[str, str], lists: tuple[str, ...],
