@@ -222,6 +222,26 @@ def test_exact_and_bad_options_on_images_exit_2_before_anything_is_written(tmp_p
     assert not out.exists()
 
 
+def test_a_kid_subset_above_sample_sweep_n_refuses_run_but_not_the_study_which_draws_no_sweep_sets():
+    """The study's runs draw no guidance-sweep or statistics-only router sets, yet their configs kept a sweep_n
+    below evaluate.kid_subset, which refused the study for sets it never draws; `ddmkit run` still refuses it.
+    Where sweep_n is no smaller than kid_subset the cells' configs (and so their measurement keys) are unchanged."""
+    from ddmkit.config import RunConfig, load_config
+    from ddmkit.pipeline.checks import check_run_plan
+    from ddmkit.pipeline.misalignment import cell_config
+
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()  # guidance_sweep [2.0], top-2
+    raw["sample"]["sweep_n"], raw["evaluate"]["kid_subset"] = 8, 12
+    cfg = RunConfig(**raw)
+    with pytest.raises(DDMError, match="evaluate.kid_subset = 12 is larger than sample.sweep_n = 8"):
+        check_run_plan(cfg, 160, 48, (1, 28, 28), False)  # `ddmkit run` draws those sets: refused
+    cell = cell_config(cfg, image_condition("disjoint"), 0, 16, ["full"])
+    assert (cell.sample.n, cell.sample.sweep_n) == (16, 12)
+    check_run_plan(cell, 160, 48, (1, 28, 28), False)
+    raw["evaluate"]["kid_subset"] = 8  # sweep_n no smaller: kept as it was
+    assert cell_config(RunConfig(**raw), image_condition("disjoint"), 0, 16, ["full"]).sample.sweep_n == 8
+
+
 def test_train_now_measure_later_and_a_missing_scorer_is_found_before_training(tmp_path, monkeypatch, cli):
     out = tmp_path / "study"
     base = ("study", "misalignment", image_config(tmp_path), "--out", out, "--seeds", "1", "--strategy", "top-1",

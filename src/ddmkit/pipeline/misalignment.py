@@ -186,7 +186,8 @@ def cell_config(cfg: RunConfig, cond: Condition, seed: int, n: int, strategies: 
     """The config of one training run: the seed's expert (seed) and router (seed + 1) training seeds, the
     condition's expert steps and warmup, no monolith; sample.n = n (no sets are drawn by the study), and the
     settings bounded by sample.n within it (sample.sweep_n, evaluate.chunk: at least its minimum, 10), so
-    any --n the study accepts makes a valid run."""
+    any --n the study accepts makes a valid run. On images sample.sweep_n is also at least evaluate.kid_subset
+    (at most n: check_study): the study draws no sweep sets, so their size must not refuse its runs."""
     raw = cfg.model_dump()
     train = raw["expert"]["train"]
     train["seed"], raw["router"]["train"]["seed"] = seed, seed + 1
@@ -196,6 +197,8 @@ def cell_config(cfg: RunConfig, cond: Condition, seed: int, n: int, strategies: 
     raw["sample"].update(n=n, strategies=list(strategies), batch_size=None)
     if raw["sample"]["sweep_n"] is not None:
         raw["sample"]["sweep_n"] = min(raw["sample"]["sweep_n"], n)
+        if is_image_study(cfg):  # changed only where it was refused: other cells keep their keys
+            raw["sample"]["sweep_n"] = max(raw["sample"]["sweep_n"], raw["evaluate"]["kid_subset"])
     raw["evaluate"].update(missing_experts=False, stats_router=False, chunk=max(10, min(raw["evaluate"]["chunk"], n)))
     return validate(RunConfig, raw, f"misalignment run {cond.run_name} seed {seed}")
 
