@@ -216,7 +216,12 @@ def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what
     ("segments", (1, 2, 2), "different values, none repeated"), ("seeds", 0, "an integer >= 1"),
     ("seeds", -2, "an integer >= 1"), ("seeds", 1.5, "an integer >= 1"),
     ("paths", ("vp",), "path names among 'linear', 'ou'"), ("paths", ("linear", "ou", "linear"),
-                                                             "different values, none repeated")])
+                                                             "different values, none repeated"),
+    ("lr", 100.0, "a value TrainConfig.lr accepts (input should be less than or equal to 10)"),
+    ("batch_size", 10**9, "a value TrainConfig.batch_size accepts (input should be less than or equal to 100000000)"),
+    ("train_steps", 10**10, "a value TrainConfig.steps accepts (input should be less than or equal to 1000000000)"),
+    ("seed", 2**63, "a value TrainConfig.seed accepts for every student seed, seed .. seed + seeds - 1 (input should "
+                    "be less than or equal to 9223372036854775807)")])
 def test_run_distill_names_a_bad_setting_before_it_starts(field, value, what, tmp_path, monkeypatch):
     """n_train=0 and train_steps=0 were answered by tracebacks (dopri5's 'underflow in dt', a pydantic
     ValidationError of TrainConfig); widths, separation and the paths failed only once the study had made its folder.
@@ -225,10 +230,20 @@ def test_run_distill_names_a_bad_setting_before_it_starts(field, value, what, tm
     to one ratio), one scaling width or separation (an exponent fitted to one point), segments=(1,) (no gain), a
     repeated S (the report's columns repeated), a repeated path (its rows repeated). Bad segments and seeds were
     refused in other words before these checks ('segments must be positive integers; got ...'), an unknown path
-    still later ('path must be one of ...')."""
+    still later ('path must be one of ...'). lr, batch_size, train_steps and seed beyond the students' TrainConfig
+    limits were a pydantic ValidationError once the first stability profile and teacher solves were done."""
     monkeypatch.setattr(D, "distill_setting", the_study_started)
     with pytest.raises(DDMError, match=rf"^DistillSettings\.{field}: .*; give {re.escape(what)}$"):
         D.run_distill(replace(D.DistillSettings.quick(), **{field: value}), tmp_path / "x", log=quiet)
+    assert not (tmp_path / "x").exists()
+
+
+def test_run_distill_checks_the_last_student_seed_before_it_starts(tmp_path, monkeypatch):
+    """Seed r trains with seed + r: a seed valid alone, with seeds = 2, gives a last student seed TrainConfig refuses."""
+    monkeypatch.setattr(D, "distill_setting", the_study_started)
+    with pytest.raises(DDMError, match=r"^DistillSettings\.seed: 9223372036854775807; give a value TrainConfig\.seed "
+                                       r"accepts for every student seed"):
+        D.run_distill(replace(D.DistillSettings.quick(), seed=2**63 - 1, seeds=2), tmp_path / "x", log=quiet)
     assert not (tmp_path / "x").exists()
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from ddmkit.config import TrainConfig
 from ddmkit.theory.paths import PATHS, FlowPath, get_path
@@ -116,11 +117,32 @@ def states_at(grid: torch.Tensor, times: torch.Tensor, states: torch.Tensor) -> 
     return [states[int((times - t).abs().argmin())] for t in grid]
 
 
+def student_train(s: DistillSettings, seed: int) -> TrainConfig:
+    """The training settings of the students of one seed (TrainConfig holds their limits)."""
+    return TrainConfig(steps=s.train_steps, batch_size=s.batch_size, lr=s.lr, warmup=min(50, s.train_steps // 5),
+                       ema_decay=0.95, seed=seed, device="cpu", log_every=10**9)
+
+
+STUDENT_FIELDS = {"steps": "train_steps", "batch_size": "batch_size", "lr": "lr", "seed": "seed"}  # TrainConfig's
+
+
+def check_student_train(s: DistillSettings) -> None:
+    """student_train of the last student seed (seed + seeds - 1), before the study starts: a value TrainConfig
+    refuses is a DDMError naming the DistillSettings field and TrainConfig's limit."""
+    try:
+        student_train(s, s.seed + s.seeds - 1)
+    except ValidationError as e:
+        error = e.errors()[0]
+        name = error["loc"][0]
+        seeds = " for every student seed, seed .. seed + seeds - 1" if name == "seed" else ""
+        raise setting_error(s, STUDENT_FIELDS[name], f"a value TrainConfig.{name} accepts{seeds} "
+                                                     f"({error['msg'].lower()})") from None
+
+
 def student_errors(grid: torch.Tensor, times, train_states, test_states, s: DistillSettings, seed: int) -> dict:
     """Train one map per segment of grid; end-to-end and per-segment errors on held-out noise."""
     train, test = states_at(grid, times, train_states), states_at(grid, times, test_states)
-    cfg = TrainConfig(steps=s.train_steps, batch_size=s.batch_size, lr=s.lr, warmup=min(50, s.train_steps // 5),
-                      ema_decay=0.95, seed=seed, device="cpu", log_every=10**9)
+    cfg = student_train(s, seed)
     maps = [train_segment(train[i], train[i + 1], cfg, s.width, s.depth) for i in range(len(grid) - 1)]
     local = [relative_mse(compose([f], test[i]), test[i + 1]) for i, f in enumerate(maps)]
     return {"end_to_end": relative_mse(compose(maps, test[0]), test[-1]), "local": local}
@@ -232,6 +254,7 @@ def run_distill(s: DistillSettings, out: Path, log=print) -> dict:
                                            "so there is no gain to measure)")
     if not set(s.paths) <= set(PATHS):
         raise setting_error(s, "paths", f"path names among {', '.join(map(repr, PATHS))}")
+    check_student_train(s)  # lr, batch_size, train_steps and seed within TrainConfig's limits
     torch.manual_seed(s.seed)
     out.mkdir(parents=True, exist_ok=True)
     paths = [get_path(name, s.ou_end_time) for name in s.paths]
