@@ -551,6 +551,14 @@ def test_a_check_of_the_sample_section_names_the_options_it_came_from(ddmkit, sh
     assert code == 2 and "sample: solver = 'adaptive' with " in err and "out of --strategy" in err, err
 
 
+def test_an_option_named_in_a_message_leaves_the_values_typed_as_they_are(ddmkit, shard):
+    """The fields named as options (sample.n -> --n) were renamed inside the user's own value too: --strategy
+    sample.nope with --n 5 was 'unknown routing strategy '--nope''."""
+    for strategy in ("sample.nope", "sample.n"):
+        code, _, err = ddmkit("sample", shard.parents[2], "--n", "5", "--strategy", strategy)
+        assert code == 2 and f"error: --strategy: unknown routing strategy '{strategy}';" in err, err
+
+
 def test_a_folder_inside_a_run_names_the_run(ddmkit, shard):
     """`train-router RUN/partition` said to run `ddmkit partition --out RUN/partition`."""
     run = shard.parents[2]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import sys
@@ -545,7 +546,8 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
         for key, value in upd.items():  # the fields given as options, named as the options
             option = f"--{'strategy' if key == 'strategies' else key.replace('_', '-')}"
             said = said.replace(f"sample: {key} = {value!r}", f"{option} {value}")  # the section's: --solver adaptive
-            said = said.replace(f"sample.{key}", option)  # (use euler ... or leave them out of --strategy)
+            # the field's name alone (use euler ... or leave them out of --strategy), not a value typed ('sample.nope')
+            said = re.sub(rf"(?<![\w.'\"])sample\.{key}(?![\w.])", option, said)
         lines = said.splitlines()
         raise DDMError(lines[1].strip() if len(lines) == 2 else said) from None  # one bad value: one line
     if guidance is not None and guidance != 1.0 and not cfg.expert.net.kwargs.get("num_classes"):
