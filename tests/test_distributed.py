@@ -196,6 +196,25 @@ def test_more_cpu_processes_than_cores_are_warned_of_but_start(tmp_path, monkeyp
     assert "use --nproc 2 or fewer" in distributed.crowded_cpu(4, 1, "cpu")
 
 
+def test_a_shard_that_names_no_cluster_is_refused_before_the_processes_start(tmp_path, monkeypatch):
+    """A partition shard re-saved without its metadata was refused only in the spawned processes of --nproc 2
+    (seconds later, with a torch warning line); now before any starts, in the words of one process."""
+    import ddmkit.train.distributed as distributed
+    from safetensors.torch import save_file
+
+    from conftest import run_cli
+
+    shard = _shard(tmp_path)
+    save_file(load_file(str(shard)), str(tmp_path / "bare.safetensors"))  # its tensors, no metadata
+    monkeypatch.setattr(distributed, "run", lambda *args: pytest.fail("the job's processes started"))
+    done = run_cli("train-expert", tmp_path / "bare.safetensors", "--config", tmp_path / "c.toml", "--out",
+                   tmp_path / "e", "--nproc", 2)
+    assert done.returncode == 2 and done.stderr == (f"error: {tmp_path / 'bare.safetensors'} is not a cluster's shard "
+                                                    "(its metadata names no cluster); give a file of "
+                                                    "RUN/partition/shards/ (`ddmkit partition` writes them)\n")
+    assert not (tmp_path / "e").exists()
+
+
 def test_nproc_unlike_the_launchers_is_named_first_without_joining(tmp_path, monkeypatch):
     """--nproc 3 inside a 2-process launcher was told about the batch split first, and named only after
     joining the launcher's job."""

@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_convention
 from ddmkit.config import validate
 from ddmkit.data.partition import (SHARD_FIX, PartitionManifest, ShardEntry, check_given_shard, check_manifest,
-                                   partition_tensors)
+                                   partition_tensors, shard_cluster)
 from ddmkit.errors import DDMError
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder, remake_partition
@@ -279,8 +279,8 @@ def model_shards(run: str | Path) -> list[Path]:
 
 def check_shard_space(shard: str | Path, latent: bool) -> None:
     """A shard of the space the config trains in: a latent shard (its metadata names the pixel shard it
-    encodes) for a config with [latent] enabled, a partition shard otherwise; else a DDMError saying which
-    (or, for a latent config, that a shard without metadata does not say which it holds)."""
+    encodes) for a config with [latent] enabled, a partition shard otherwise, naming its cluster; else a DDMError
+    saying which (or, for a latent config, that a shard without metadata does not say which it holds)."""
     path = Path(shard)
     if not path.exists():
         raise DDMError(f"shard {path} does not exist; give a file of RUN/partition/shards/ (or RUN/latents/ for a "
@@ -306,6 +306,8 @@ def check_shard_space(shard: str | Path, latent: bool) -> None:
     if is_latent and not latent:
         raise DDMError(f"{path} holds latents, but the config has no [latent] enabled: give the run's config "
                        "(--config RUN/config.json)")
+    if path.is_file():
+        shard_cluster(path, meta)  # refused here too, before a job of several processes starts
 
 
 def checked_model_shards(run: str | Path, clusters: list[int] | None = None) -> list[Path]:

@@ -448,6 +448,15 @@ def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dic
     return x, tensors.get("labels"), meta
 
 
+def shard_cluster(path: str | Path, meta: dict) -> int:
+    """The cluster a shard's metadata `meta` names; a DDMError for a file whose metadata names none (not a
+    partition shard, or one re-saved without its metadata)."""
+    if "cluster" not in meta:
+        raise DDMError(f"{path} is not a cluster's shard (its metadata names no cluster); give a file of "
+                       "RUN/partition/shards/ (`ddmkit partition` writes them)")
+    return int(meta["cluster"])
+
+
 def feature_map(manifest: dict, tensors: dict, what: str = "nearest-centroid routing"):
     """The partition's feature map as a function x -> (N, F). A user function's map works only where
     the user's config registered it in this process (ddmkit.data.features.use_features); otherwise

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ddmkit.config import ExpertConfig, PathConfig, RouterConfig, TrainConfig, field_device
-from ddmkit.data.partition import read_shard
+from ddmkit.data.partition import read_shard, shard_cluster
 from ddmkit.errors import DDMError
 from ddmkit.flow.convert import path_entry
 from ddmkit.flow.losses import flow_matching_loss, router_loss
@@ -164,12 +164,9 @@ def train_expert(shard: str | Path, config: ExpertConfig, out_dir: str | Path, r
     shard = Path(shard)
     check_expert_folder(out_dir)
     x, labels, meta = read_shard(shard)
-    if "cluster" not in meta:
-        raise DDMError(f"{shard} is not a cluster's shard (its metadata names no cluster); give a file of "
-                       "RUN/partition/shards/ (`ddmkit partition` writes them)")
+    cluster = shard_cluster(shard, meta)
     if len(x) == 0:
         raise DDMError(f"{shard}: the shard is empty; re-partition with a smaller k")
-    cluster = int(meta["cluster"])
     data = shard_hashes([shard])
     extra = {"cluster": cluster, "k": int(meta.get("k", 0)), "shard_sha256": data[0],
              "shard_count": len(x), "data_hash": meta.get("data_hash")}
