@@ -676,11 +676,14 @@ def _explain(err: ValidationError, source: str, what: str = "configuration", mod
             msg = (f"{e['input']!r} {given}, and this is a table of {TABLES[e['loc'][-1]]}: write each as "
                    f"NAME = VALUE under [{where}] in the TOML, or --set {where}.NAME=VALUE on the command line")
         lines.append(f"  {where}: {msg}" if where else f"  {msg}")  # a check of the whole section names its fields
+    if what == "arguments" and len(lines) == 2:  # one bad argument of a Python call: one line naming it
+        return f"{source}: {lines[1].strip()}"
     return "\n".join(lines)
 
 
 def validate(model: type[BaseModel], data: dict, source: str = "config", what: str = "configuration"):
-    """data validated by a pydantic model, or a DDMError naming every bad field."""
+    """data validated by a pydantic model, or a DDMError naming every bad field (what = "arguments", those of a
+    Python call: one bad one on one line, "SOURCE: NAME: ...")."""
     if not isinstance(data, dict):
         raise DDMError(f"{source}: invalid {what}: expected a table (JSON object), got {type(data).__name__}")
     try:
