@@ -3,6 +3,7 @@ settings, against closed forms, hand-computed cases and independent loops: the e
 (test_theory_cli.py) are too slow to run for every mutant."""
 import json
 import math
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -662,10 +663,11 @@ def test_two_modes():
     assert gmm.means.tolist() == [[-1.5, 0.0], [1.5, 0.0]]
     assert gmm.weights.tolist() == [0.5, 0.5] and gmm.eigvals.tolist() == [[0.25, 0.25], [0.25, 0.25]]
     assert D.two_modes(2.0, 0.1, dim=3).means.tolist() == [[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
-    with pytest.raises(DDMError, match=r"^two_modes: separation: 0.0; give a positive number$"):
-        D.two_modes(0.0, 0.5)
-    with pytest.raises(DDMError, match=r"^two_modes: width: 0.0; give a positive number$"):
-        D.two_modes(1.0, 0.0)
+    for bad in (0.0, float("inf")):  # an infinite one was accepted (the studies need finite numbers)
+        with pytest.raises(DDMError, match=rf"^two_modes: separation: {bad!r}; give a positive finite number$"):
+            D.two_modes(bad, 0.5)
+        with pytest.raises(DDMError, match=rf"^two_modes: width: {bad!r}; give a positive finite number$"):
+            D.two_modes(1.0, bad)
     with pytest.raises(DDMError):
         D.two_modes(float("nan"), 0.5)
     with pytest.raises(DDMError):
@@ -1122,12 +1124,13 @@ def test_sample_noise_end_draws_the_exact_marginal_from_the_generator():
 def test_get_path_limits():
     assert get_path("ou", 0.5).t_noise == 0.5 and get_path("ou").t_noise == 4.0
     assert get_path("linear", 3.0).t_noise == 1.0
-    for bad in (0.0, -1.0, float("inf"), float("nan")):
+    for bad in (0.0, -1.0, float("inf"), float("nan"), 10**400, "x", True):  # "x" was a TypeError
         with pytest.raises(DDMError, match=rf"^get_path: t_noise: {bad!r}; give a positive finite number \(the OU "
                            r"path's end time\), or None for 4$"):
             get_path("ou", bad)
-    with pytest.raises(DDMError, match=r"^get_path: name: 'vp'; give one of 'linear', 'ou'$"):
-        get_path("vp")
+    for bad in ("vp", ["ou"]):  # a list was a TypeError (unhashable)
+        with pytest.raises(DDMError, match=rf"^get_path: name: {re.escape(repr(bad))}; give one of 'linear', 'ou'$"):
+            get_path(bad)
 
 
 def test_the_lipschitz_bound_needs_one_shared_isotropic_variance_to_1e9():
@@ -1178,6 +1181,9 @@ def test_waves_and_perturbed_experts_follow_their_formulas():
         with pytest.raises(DDMError, match=rf"^cluster_groups: clusters: {bad}; give an integer between 1 and "
                                            r"components \(3\)$"):
             cluster_groups(3, bad)
+    for bad in (0, -1, 2.5):  # 0 was told to give clusters "between 1 and components (0)"
+        with pytest.raises(DDMError, match=rf"^cluster_groups: components: {bad}; give an integer >= 1$"):
+            cluster_groups(bad, 1)
 
 
 def test_cumulative_lambda_starts_at_zero_at_the_data_end():

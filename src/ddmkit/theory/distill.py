@@ -28,8 +28,8 @@ from pydantic import ValidationError
 
 from ddmkit.config import TrainConfig
 from ddmkit.theory.paths import PATHS, FlowPath, get_path
-from ddmkit.theory.report import (check_settings, excludes_zero, loglog_slope, markdown_table, new_figure, save_figure,
-                                  setting_error, t_interval, value_error, write_outputs)
+from ddmkit.theory.report import (check_settings, excludes_zero, is_number, loglog_slope, markdown_table, new_figure,
+                                  save_figure, setting_error, t_interval, value_error, write_outputs)
 from ddmkit.theory.stability import (cumulative_lambda, lambda_uniform_grid, measured_lipschitz, report_times,
                                      teacher_solve, uniform_grid)
 from ddmkit.theory.students import compose, relative_mse, train_segment
@@ -69,8 +69,8 @@ class DistillSettings:
 def two_modes(separation: float, width: float, dim: int = 2) -> GaussianMixture:
     """N(+-D/2 e_1, sigma^2 I) with equal weights."""
     for name, value in (("separation", separation), ("width", width)):
-        if not value > 0:
-            raise value_error(f"two_modes: {name}", value, "a positive number")
+        if not is_number(value, "positive"):
+            raise value_error(f"two_modes: {name}", value, "a positive finite number")
     means = np.zeros((2, dim))
     means[:, 0] = [-separation / 2, separation / 2]
     return GaussianMixture.from_covariances([1.0, 1.0], means, [width**2, width**2])

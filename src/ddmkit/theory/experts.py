@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ddmkit.errors import DDMError
-from ddmkit.theory.report import value_error
+from ddmkit.theory.report import is_count, value_error
 from ddmkit.truth import GaussianMixture
 
 Tensor = torch.Tensor
@@ -30,11 +30,14 @@ Tensor = torch.Tensor
 
 def clusters_fix(components: int, clusters: int) -> str | None:
     """What to give instead of `clusters` for a mixture of `components` components; None when it splits them."""
-    return None if 1 <= clusters <= components else f"an integer between 1 and components ({components})"
+    splits = is_count(clusters, 1) and clusters <= components
+    return None if splits else f"an integer between 1 and components ({components})"
 
 
 def cluster_groups(components: int, clusters: int) -> list[list[int]]:
     """Component i goes to cluster floor(i K / n): K contiguous groups of near-equal size."""
+    if not is_count(components, 1):  # no clusters value would split it
+        raise value_error("cluster_groups: components", components, "an integer >= 1")
     if (fix := clusters_fix(components, clusters)) is not None:
         raise value_error("cluster_groups: clusters", clusters, fix)
     return [[i for i in range(components) if i * clusters // components == k] for k in range(clusters)]

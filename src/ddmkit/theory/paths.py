@@ -25,13 +25,12 @@ The Hessian of log p_t of a mixture is closed form:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ddmkit.errors import DDMError
-from ddmkit.theory.report import value_error
+from ddmkit.theory.report import is_number, value_error
 from ddmkit.truth import GaussianMixture
 
 Tensor = torch.Tensor
@@ -143,11 +142,11 @@ PATHS = {"linear": FlowPath("linear", 1.0), "ou": FlowPath("ou", 4.0)}
 
 def get_path(name: str, t_noise: float | None = None) -> FlowPath:
     """The path named `name` ('linear' or 'ou'); the OU end time defaults to 4."""
-    if name not in PATHS:
+    if not isinstance(name, str) or name not in PATHS:
         raise value_error("get_path: name", name, f"one of {', '.join(map(repr, PATHS))}")
     if name == "linear" or t_noise is None:
         return PATHS[name]
-    if not t_noise > 0 or not math.isfinite(t_noise):
+    if not is_number(t_noise, "positive"):
         raise value_error("get_path: t_noise", t_noise, "a positive finite number (the OU path's end time), or None "
                                                          f"for {PATHS['ou'].t_noise:g}")
     return FlowPath("ou", float(t_noise))

@@ -2,6 +2,7 @@
 t-intervals over seeds, Markdown tables, and writing report.md / results.json / PNG plots."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,25 @@ def value_error(name: str, value, what: str) -> DDMError:
     """The one way a study or a theory function refuses a value: its name, the value and what to give instead,
     'DistillSettings.seeds: 0; give an integer >= 1' or "get_path: name: 'vp'; give one of 'linear', 'ou'"."""
     return DDMError(f"{name}: {value!r}; give {what}")
+
+
+def is_count(value, least: int) -> bool:
+    """Whether `value` is an integer (not a bool) >= least."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= least
+
+
+NUMBER_TESTS = {"positive": lambda v: v > 0, "non-negative": lambda v: v >= 0, "finite": lambda v: True}
+
+
+def is_number(value, kind: str) -> bool:
+    """Whether `value` is a finite number (not a bool, not an integer past the floats) that is `kind`, a key of
+    NUMBER_TESTS."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return math.isfinite(value) and NUMBER_TESTS[kind](value)
+    except OverflowError:  # 10**400
+        return False
 
 
 def setting_error(s, field: str, what: str) -> DDMError:
@@ -39,14 +59,12 @@ def check_settings(s, counts: dict[str, int], numbers: dict[str, str], lists: tu
     for field, least in counts.items():
         value = getattr(s, field)
         for v in value if field in lists else [value]:
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+            if not is_count(v, least):
                 raise setting_error(s, field, f"{'integers' if field in lists else 'an integer'} >= {least}")
-    tests = {"positive": lambda v: v > 0, "non-negative": lambda v: v >= 0, "finite": lambda v: True}
     for field, kind in numbers.items():
         value = getattr(s, field)
         for v in value if field in lists else [value]:
-            if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
-                    or not np.isfinite(v) or not tests[kind](v)):
+            if not is_number(v, kind):
                 what = f"{'' if kind == 'finite' else kind + ' '}finite number"
                 raise setting_error(s, field, what + "s" if field in lists else "a " + what)
     for field, least in (distinct or {}).items():
