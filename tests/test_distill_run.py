@@ -202,6 +202,22 @@ def test_students_trained_now_and_scored_later(trained, tmp_path, monkeypatch, c
         plan_distill(run, "top-2", steps=40)
 
 
+def test_a_call_stopped_while_sampling_leaves_no_report_lacking_its_student(trained, tmp_path, monkeypatch):
+    """Ctrl-C after a few-step student was trained, while the report's samples are drawn: the report of the
+    students before (dense alone) is removed, not left behind silently lacking the new student."""
+    import ddmkit.pipeline.distill as distill
+
+    run = copy_of(trained, tmp_path)
+    distill_run(run, "top-2", steps=40, log=lambda m: None)
+    folder = RunFolder(run)
+    assert folder.students_report.exists()
+    monkeypatch.setattr(distill, "draw_sets", raising_after(distill.draw_sets, 0, KeyboardInterrupt("Ctrl-C")))
+    with pytest.raises(KeyboardInterrupt):
+        distill_run(run, "top-2", steps=40, few_step=2, trajectories=16, log=lambda m: None)
+    assert (folder.few_step_student(2, "lambda") / "model.safetensors").exists()
+    assert not folder.students_report.exists() and not folder.students_metrics.exists()
+
+
 def test_bad_options_exit_2_and_write_nothing(trained, tmp_path, clis):
     run = copy_of(trained, tmp_path)
     before = hashes(run)

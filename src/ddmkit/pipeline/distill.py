@@ -538,7 +538,8 @@ def students_section(students: dict) -> list[list]:
 
 def remove_outdated_report(folder: RunFolder, log: Log) -> None:
     """Remove RUN/students/report.md and its JSON when they lack a student now in RUN/students (trained with
-    --no-report after the report was written): a report that silently leaves a student out."""
+    --no-report after the report was written, or by a call stopped while it drew the report's samples): a report
+    that silently leaves a student out."""
     if not folder.students_metrics.exists():
         return
     reported = {row[0] for row in read_json(folder.students_metrics).get("students", [])}
@@ -649,8 +650,9 @@ def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | 
         make_dense(plan, log)
         if few_step is not None:
             make_few_step(plan, log)
+        # before sampling: a call stopped there (Ctrl-C) left the report of the students before, silently
+        remove_outdated_report(folder, log if not report else lambda msg: None)
         if not report:
-            remove_outdated_report(folder, log)
             log(f"distill: students in {folder.students}; the same command without --no-report reuses them and "
                 "writes the report")
             return None
