@@ -396,6 +396,16 @@ def test_add_expert_trains_on_the_device_given(base, run, cli):
     assert f"{e['rows']} training rows and {e['test_rows']} test rows (the run's share held out) added" in said
 
 
+def test_a_device_given_that_this_machine_lacks_is_refused_with_a_device_to_give(base, run, cli):
+    """--device cuda:63 said 'pass --device cpu (or set the config's train.device = "auto")': add-expert has
+    no config to set, and a config's device would not apply where --device names one."""
+    before = hashes(run)
+    code, err = cli("add-expert", run, "--data", base / "new.npz", "--device", "cuda:63")
+    assert code == 2 and re.fullmatch(r"error: --device: 'cuda:63', but this machine has \d+ CUDA device\(s\); "
+                                      r"give --device cpu \(or auto: a GPU when there is one\)", err), err
+    assert hashes(run) == before
+
+
 def test_add_expert_on_a_run_without_a_monolith_says_how_to_sample_and_score_it(base, run, cli):
     """The next step printed was `ddmkit run ... --stages evaluate`, which refuses a run without a monolith (the
     experts of islands, brought together, have none)."""

@@ -306,7 +306,7 @@ def test_each_stage_checks_only_the_devices_it_uses(tmp_path, cli):
     assert (out / "report.md").exists() and (out / "measure" / "exact_s0.json").read_bytes() == measured
     measure = cli(*base, "--device", "cuda:99", "--conditions", "exact+tempered-3")
     assert measure.returncode == 2 and "--device: 'cuda:99', but this machine has" in measure.stderr, measure.stderr
-    assert "pass --device cpu" in measure.stderr and not (out / "measure" / "exact_tempered-3_s0.json").exists()
+    assert "give --device cpu" in measure.stderr and not (out / "measure" / "exact_tempered-3_s0.json").exists()
     typo = cli(*base, "--stages", "report", "--device", "gpu")
     assert typo.returncode == 2 and "--device: 'gpu' is not a device" in typo.stderr, typo.stderr
     other = tmp_path / "other"

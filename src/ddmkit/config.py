@@ -39,6 +39,7 @@ DEVICE = r"^(auto|cpu|mps|cuda(:\d{1,3})?)$"
 
 
 DEVICE_FIX = 'pass --device cpu (or set the config\'s train.device = "auto")'
+GIVEN_DEVICE_FIX = "give --device cpu (or auto: a GPU when there is one)"  # where --device named the device
 
 
 def device_name(name, what: str) -> str:

@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from ddmkit.config import DEVICE_FIX, RunConfig, device_name, field_device, resolve_device
+from ddmkit.config import DEVICE_FIX, GIVEN_DEVICE_FIX, RunConfig, device_name, field_device, resolve_device
 from ddmkit.data.images import is_image_shape
 from ddmkit.errors import DDMError
 from ddmkit.nets.unet import UNet
@@ -315,8 +315,9 @@ def check_devices(cfg: RunConfig, fix: str = DEVICE_FIX) -> None:
 def checked_device(name, from_run: bool = False) -> torch.device:
     """The device named by --device (from_run: by the run's expert.train.device): auto, cpu, cuda, cuda:N
     or mps, resolved as training resolves it (auto: cuda when there is one) and present on this machine."""
-    whose = " (the run's expert.train.device)" if from_run else ""
-    return resolve_device(str(name), f"--device: {str(name)!r}{whose}")
+    if from_run:
+        return resolve_device(str(name), f"--device: {str(name)!r} (the run's expert.train.device)")
+    return resolve_device(str(name), f"--device: {str(name)!r}", GIVEN_DEVICE_FIX)  # no config's device applies
 
 
 def named_device(name) -> str:

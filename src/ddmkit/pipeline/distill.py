@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from ddmkit.analysis.stability import jacobian_norms
-from ddmkit.config import (MAX_SEED, ROWS, RunConfig, TrainConfig, config_differences, device_name,
+from ddmkit.config import (GIVEN_DEVICE_FIX, MAX_SEED, ROWS, RunConfig, TrainConfig, config_differences, device_name,
                            resolve_device)
 from ddmkit.conventions import __version__
 from ddmkit.data.partition import read_shard
@@ -290,8 +290,7 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
     train = cfg.expert.train.model_copy(update={k: v for k, v in (("steps", steps), ("seed", seed),
                                                                    ("device", device)) if v is not None})
     where = resolve_device(train.device, f"--device {device}" if device is not None else
-                           f"the run's expert.train.device {train.device!r}",
-                           "give --device cpu (or auto: a GPU when there is one)")
+                           f"the run's expert.train.device {train.device!r}", GIVEN_DEVICE_FIX)
     if not has_default_router(folder.root):  # load_ddm's message offers a --router that distill lacks
         raise DDMError(f"{folder.root}: no router (router/model.safetensors); distill distills the DDM as it "
                        f"routes: train its router first with `ddmkit train-router {folder.root}`")
