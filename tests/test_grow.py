@@ -406,6 +406,15 @@ def test_a_device_given_that_this_machine_lacks_is_refused_with_a_device_to_give
     assert hashes(run) == before
 
 
+def test_test_rows_held_out_by_the_islands_own_test_fraction_are_not_called_the_runs_share(base, run, cli):
+    """--params '{"test_fraction": 0.5}' held out half of the file, and the command said '(the run's share held
+    out)'."""
+    code, err = cli("add-expert", run, "--data", base / "new.npz", "--params", '{"test_fraction": 0.5}')
+    e = read_json(RunFolder(run).grow)["events"][0]
+    assert code == 0 and e["test_rows"] == e["rows"] > 0, err
+    assert f"{e['rows']} training rows and {e['test_rows']} test rows added to" in " ".join(err.split()), err
+
+
 def test_add_expert_on_a_run_without_a_monolith_says_how_to_sample_and_score_it(base, run, cli):
     """The next step printed was `ddmkit run ... --stages evaluate`, which refuses a run without a monolith (the
     experts of islands, brought together, have none)."""

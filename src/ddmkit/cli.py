@@ -972,7 +972,7 @@ def add_expert_cmd(run_dir: Path = run_argument("trained run folder (vectors or 
     retrained (or the statistics-only router is used). Samples and scores are drawn again later."""
     import json
 
-    from ddmkit.pipeline.grow import add_expert
+    from ddmkit.pipeline.grow import add_expert, holds_out_the_runs_share
 
     _refuse_text(run_dir, "add-expert")
     if config is not None:
@@ -996,7 +996,8 @@ def add_expert_cmd(run_dir: Path = run_argument("trained run folder (vectors or 
              if (RunFolder(run_dir).monolith / "model.safetensors").exists()
              else f"`ddmkit sample {run}`, then `ddmkit evaluate {run}`")  # no monolith to compare with
     held = event["test_rows"]  # a file gave rows to both splits: "200 rows added" of 400 puzzled
-    rows = f"{event['rows']} training rows" + (f" and {held} test rows (the run's share held out)" if held else "")
+    share = " (the run's share held out)" if holds_out_the_runs_share(data, table) else ""
+    rows = f"{event['rows']} training rows" + (f" and {held} test rows{share}" if held else "")
     log(f"add-expert: {rows} added to {run_dir} (grow.json entry {event['n']}); sample and score with {score}")
 
 

@@ -151,9 +151,15 @@ def island_data(cfg: RunConfig, data, held_out: float = 0.2) -> tuple[ArrayData,
                        f"({{'name': ..., 'params': {{...}}}}), got {type(data).__name__}")
     spec = validate(DataConfig, {**cfg.data.model_dump(), "params": {}, **data}, "data", "data spec")
     params = dict(spec.params)
-    if takes_test_fraction(spec.name) and not {"test_fraction", "test_path"} & set(params):
+    if holds_out_the_runs_share(spec.name, params):
         params["test_fraction"] = min(max(held_out, 1e-3), 0.999)
     return load_dataset(spec.name, spec.n_train, spec.n_test, spec.seed, params)
+
+
+def holds_out_the_runs_share(name: str, params: dict) -> bool:
+    """Whether island_data holds out the run's share of the island's rows as its test rows: a file or image island
+    whose params set neither test_fraction nor test_path (a data set's test rows are the run's data.n_test)."""
+    return takes_test_fraction(name) and not {"test_fraction", "test_path"} & set(params)
 
 
 def held_out_share(run: TrainedRun) -> float:
