@@ -249,9 +249,8 @@ def test_untrained_run_and_other_students_are_refused(trained, tmp_path):
     another teacher is refused (before any training) until --force."""
     run = copy_of(trained, tmp_path)
     for inside in (RunFolder(run).expert(1), RunFolder(run).router):  # it said "no partition" and a failing command
-        with pytest.raises(DDMError, match=rf"{inside} is not a ddmkit run folder \(its config.json is not a run's: "
-                                           rf"no \"config\" section\); it is a folder inside the run {run}: give the "
-                                           rf"run folder itself: {run}$"):
+        with pytest.raises(DDMError, match=rf"{inside} is a model folder \(config.json \+ model.safetensors\), not a "
+                                           rf"run folder; pass the run folder that holds it: {run}$"):
             distill_run(inside, log=lambda m: None)
     shutil.rmtree(RunFolder(run).expert(1))
     with pytest.raises(DDMError, match=r"not trained yet.*--stages train"):

@@ -3,6 +3,7 @@ an autoencoder trained by ddmkit, and a latent run end to end from the command l
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -107,6 +108,20 @@ def test_a_pretrained_folder_loads_safetensors_only(tmp_path):
     ae.save_pretrained(tmp_path / "pipeline" / "vae", safe_serialization=True)  # a Stable Diffusion-style folder
     with pytest.raises(DDMError, match="set latent.pretrained to its vae/ sub-folder"):
         load_autoencoder(tmp_path / "pipeline")
+
+
+def test_an_autoencoder_folder_given_as_a_run_is_named_a_model_folder(tmp_path):
+    """DDM.from_pretrained and `ddmkit verify` on a saved autoencoder said to write a partition or a registry
+    into it."""
+    from ddmkit import DDM
+
+    tiny_autoencoder().save_pretrained(tmp_path / "vae", safe_serialization=True)
+    said = f"{tmp_path / 'vae'} is a model folder (config.json + diffusion_pytorch_model.safetensors), not a run folder"
+    with pytest.raises(DDMError, match=re.escape(said)):
+        DDM.from_pretrained(tmp_path / "vae")
+    done = run_cli("verify", tmp_path / "vae")
+    assert isinstance(done.exception, DDMError) and str(done.exception).startswith(said), done.output
+    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def test_latent_settings_that_cannot_work_are_refused_with_the_config():

@@ -36,14 +36,23 @@ def safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in name)
 
 
+MODEL_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors")  # ddmkit's or transformers', diffusers'
+
+
 def check_run_exists(root: str | Path) -> None:
-    """A DDMError when the run folder `root` is not a folder (no such folder, or a file)."""
+    """A DDMError when the run folder `root` is not a folder (no such folder, or a file), or is one model
+    folder (config.json + weights, no partition/: an expert, a diffusers autoencoder) rather than a run."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise DDMError(f"{root} is a file, not a run folder; give the folder a `ddmkit run` wrote")
     if not root.is_dir():
         raise DDMError(f"{root} is not a run folder (no such folder); give the folder a `ddmkit run` wrote (or make "
                        f"one with `ddmkit partition --config CONFIG --out {root}`)")
+    weights = next((name for name in MODEL_WEIGHTS if (root / name).is_file()), None)
+    if weights is not None and (root / "config.json").is_file() and not (root / "partition").exists():
+        above = enclosing_run(root)
+        give = f"pass the run folder that holds it: {above}" if above else "give the folder a `ddmkit run` wrote"
+        raise DDMError(f"{root} is a model folder (config.json + {weights}), not a run folder; {give}")
 
 
 def is_run_folder(path: str | Path) -> bool:

@@ -294,14 +294,9 @@ def nearest_cluster_fn(manifest: dict, tensors: dict, codec: LatentCodec | None 
 
 def run_folder(run) -> RunFolder:
     """The RunFolder of `run`, or a DDMError when there is no such folder, or when it is one model folder
-    (config.json + model.safetensors, no partition/) rather than the run folder that holds it."""
+    rather than a run folder (check_run_exists)."""
     folder = RunFolder(run)
-    root = folder.root
-    check_run_exists(root)
-    if (root / "config.json").exists() and (root / "model.safetensors").exists() and not folder.partition.exists():
-        holder = root.parent.parent if root.parent.name == "experts" else root.parent  # RUN/experts/expert_XX
-        raise DDMError(f"{root} is a model folder (config.json + model.safetensors), not a run folder; pass the "
-                       f"run folder that holds it: {holder}")
+    check_run_exists(folder.root)
     return folder
 
 
