@@ -108,6 +108,18 @@ def test_a_pretrained_folder_loads_safetensors_only(tmp_path):
     ae.save_pretrained(tmp_path / "pipeline" / "vae", safe_serialization=True)  # a Stable Diffusion-style folder
     with pytest.raises(DDMError, match="set latent.pretrained to its vae/ sub-folder"):
         load_autoencoder(tmp_path / "pipeline")
+    run = tmp_path / "run"  # a latent run given for its autoencoder: it said "names no diffusers class (a
+    ae.save_pretrained(run / "autoencoder", safe_serialization=True)  # transformers model?)"
+    (run / "config.json").write_text(json.dumps({"config": {}, "digest": "0"}))
+    with pytest.raises(DDMError, match=r"run/config.json is a ddmkit run's config, not an AutoencoderKL \(it holds "
+                                       r"autoencoder/config.json: a latent run's folder; set latent.pretrained to its "
+                                       r"autoencoder/ sub-folder\)"):
+        load_autoencoder(run)
+    assert load_autoencoder(run / "autoencoder") is not None
+    (run / "expert").mkdir()
+    (run / "expert" / "config.json").write_text(json.dumps({"arch": "dit"}))
+    with pytest.raises(DDMError, match=r"config.json is a ddmkit model's config \(arch 'dit'\), not an AutoencoderKL"):
+        load_autoencoder(run / "expert")
 
 
 def test_an_autoencoder_folder_given_as_a_run_is_named_a_model_folder(tmp_path):

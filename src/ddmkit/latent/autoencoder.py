@@ -72,17 +72,18 @@ def folder_config(folder: str | Path) -> dict:
                        "AutoencoderKL.save_pretrained, or leave it out to let ddmkit train one"
                        f"{'' if folder.exists() else relative_hint(folder) + hub_id_hint(folder, HUB_SAVING)}")
     if not (folder / "config.json").is_file():
-        inside = " (it holds vae/config.json: a pipeline folder; set latent.pretrained to its vae/ sub-folder)" \
-            if (folder / "vae" / "config.json").is_file() else ""
-        raise DDMError(f"latent.pretrained: {folder} holds no config.json{inside}; give the folder of a diffusers "
-                       "AutoencoderKL (config.json + diffusion_pytorch_model.safetensors), as written by "
+        raise DDMError(f"latent.pretrained: {folder} holds no config.json{sub_folder_hint(folder)}; give the folder "
+                       "of a diffusers AutoencoderKL (config.json + diffusion_pytorch_model.safetensors), as written by "
                        "AutoencoderKL.save_pretrained")
     config = read_json(folder / "config.json", f"latent.pretrained names this folder: {RECOPY}")
     if not isinstance(config, dict) or config.get("_class_name") != CLASS_NAME:
         found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
-        what = f"describes {found!r}" if found else "names no diffusers class (_class_name; a transformers model?)"
-        raise DDMError(f"latent.pretrained: {folder / 'config.json'} {what}, not an {CLASS_NAME}; give the folder "
-                       "of a diffusers VAE itself (for a pipeline, its vae/ sub-folder)")
+        what = (f"describes {found!r}" if found else "is a ddmkit run's config" if "config" in config else
+                f"is a ddmkit model's config (arch {config['arch']!r})" if "arch" in config else
+                "names no diffusers class (_class_name; a transformers model?)")
+        raise DDMError(f"latent.pretrained: {folder / 'config.json'} {what}, not an {CLASS_NAME}"
+                       f"{sub_folder_hint(folder)}; give the folder of a diffusers VAE itself (for a pipeline, its "
+                       "vae/ sub-folder)")
     if not any(folder.glob("*.safetensors")):
         raise DDMError(f"latent.pretrained: {folder} holds no .safetensors weights; ddmkit loads safetensors only "
                        "(never pickled .bin files): convert the weights with AutoencoderKL.save_pretrained")
@@ -94,6 +95,14 @@ def folder_config(folder: str | Path) -> dict:
                        f"diffusion_pytorch_model.safetensors; save it as a plain folder: AutoencoderKL.from_pretrained("
                        f"'{folder}', variant='{variant}').save_pretrained(NEW_FOLDER), and give NEW_FOLDER")
     return config
+
+
+def sub_folder_hint(folder: Path) -> str:
+    """Where an AutoencoderKL lies below `folder`: a pipeline's vae/, a latent run's autoencoder/ (or "")."""
+    for sub, what in (("vae", "a pipeline folder"), ("autoencoder", "a latent run's folder")):
+        if (folder / sub / "config.json").is_file():
+            return f" (it holds {sub}/config.json: {what}; set latent.pretrained to its {sub}/ sub-folder)"
+    return ""
 
 
 def downsampling(config: dict) -> int:
