@@ -133,7 +133,8 @@ def test_an_autoencoder_folder_given_as_a_run_is_named_a_model_folder(tmp_path):
         DDM.from_pretrained(tmp_path / "vae")
     done = run_cli("verify", tmp_path / "vae")
     assert isinstance(done.exception, DDMError) and str(done.exception).startswith(said), done.output
-    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    written = ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == written
 
 
 def test_latent_settings_that_cannot_work_are_refused_with_the_config():

@@ -73,8 +73,8 @@ def folder_config(folder: str | Path) -> dict:
                        f"{'' if folder.exists() else relative_hint(folder) + hub_id_hint(folder, HUB_SAVING)}")
     if not (folder / "config.json").is_file():
         raise DDMError(f"latent.pretrained: {folder} holds no config.json{sub_folder_hint(folder)}; give the folder "
-                       "of a diffusers AutoencoderKL (config.json + diffusion_pytorch_model.safetensors), as written by "
-                       "AutoencoderKL.save_pretrained")
+                       "of a diffusers AutoencoderKL (config.json + diffusion_pytorch_model.safetensors), as written "
+                       "by AutoencoderKL.save_pretrained")
     config = read_json(folder / "config.json", f"latent.pretrained names this folder: {RECOPY}")
     if not isinstance(config, dict) or config.get("_class_name") != CLASS_NAME:
         found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
