@@ -545,9 +545,11 @@ def test_analyze_honours_strategy_n_and_seed(text_runs, monkeypatch, capsys):
     assert analyze_text(run, run / "a2", QUIET, ["top-1", "top-2"], n=2)["bits_per_byte"] != result["bits_per_byte"]
     code, err = cli("analyze", run, "--out", run / "a3", "--max-steps", "3")
     assert code == 2 and "--max-steps: not used by a text run" in err, err
-    code, err = cli("analyze", run, "--out", run / "a3", "--n", "0")  # named only the field
-    assert code == 2 and "error: --n (a text run): invalid configuration\n  --n (evaluate.windows_per_cluster): " \
-        "Input should be greater than or equal to 1" in err, err
+    code, err = cli("analyze", run, "--out", run / "a3", "--n", "0")  # named only the field, then on two lines
+    assert code == 2 and err.strip() == "error: --n (evaluate.windows_per_cluster): Input should be greater than " \
+        "or equal to 1", err
+    code, err = cli("analyze", run, "--out", run / "a3", "--seed", "-1")
+    assert code == 2 and err.strip() == "error: --seed (seed): Input should be greater than or equal to 0", err
 
 
 def test_a_test_shard_is_refused_and_a_leaked_expert_is_not_evaluated(text_runs, tmp_path):

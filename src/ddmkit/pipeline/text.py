@@ -557,7 +557,8 @@ def with_options(cfg: TextRunConfig, options: dict[str, tuple[str, object]]) -> 
         text = str(e)
         for option, key in given:
             text = text.replace(f"\n  {key}:", f"\n  {option} ({key}):")
-        raise DDMError(text) from None
+        lines = text.splitlines()
+        raise DDMError(lines[1].strip() if len(lines) == 2 else text) from None  # one bad value: one line
 
 
 def sample_text(run, strategies: list[str], n: int | None = None, seed: int | None = None,
