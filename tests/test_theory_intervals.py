@@ -239,7 +239,8 @@ def test_run_distill_names_a_bad_setting_before_it_starts(field, value, what, tm
 
 
 def test_run_distill_checks_the_last_student_seed_before_it_starts(tmp_path, monkeypatch):
-    """Seed r trains with seed + r: a seed valid alone, with seeds = 2, gives a last student seed TrainConfig refuses."""
+    """Seed r trains with seed + r: a seed valid alone, with seeds = 2, gives a last student seed TrainConfig
+    refuses."""
     monkeypatch.setattr(D, "distill_setting", the_study_started)
     with pytest.raises(DDMError, match=r"^DistillSettings\.seed: 9223372036854775807; give a value TrainConfig\.seed "
                                        r"accepts for every student seed"):
