@@ -531,6 +531,9 @@ def test_sample_honours_steps_for_flow_matching_and_refuses_vector_options(text_
     for command in ("evaluate", "analyze"):  # --device cpu asks for what a text run does: it was refused, naming --set
         code, err = cli(command, ar, "--device", "cpu", *(["--n", "2"] if command == "analyze" else []))
         assert code == 0, err
+    code, err = cli("sample", ar, "--strategy", "top-1", "--router", "statistics")  # said "its learned router only"
+    assert code == 2 and "--router statistics: a text run samples with each router of its config's router.kinds " \
+        "(sets named 'bayes / ...', 'learned / ...')" in " ".join(err.split()), err
     code, err = cli("sample", ar, "--strategy", "top-1", "--steps", "3")
     assert code == 2 and "--steps: autoregressive sampling draws one byte per step" in err, err
 

@@ -521,7 +521,8 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
 
         _no_text_overrides(config, None, device, set_)
         if router not in (None, "learned"):
-            raise DDMError("--router: a text run routes with its learned router only; leave --router out")
+            raise DDMError(f"--router {router}: a text run samples with each router of its config's router.kinds "
+                           "(sets named 'bayes / ...', 'learned / ...'); leave --router out")
         _not_for_text({"--solver": solver, "--guidance": guidance, "--router-every": router_every,
                        "--batch-size": batch_size, "--cuda-graphs": cuda_graphs, "--cuda-streams": cuda_streams},
                       "byte-level models sample on the CPU without an ODE solver, guidance or batching")
