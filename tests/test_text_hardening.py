@@ -575,6 +575,24 @@ def test_a_test_shard_is_refused_and_a_leaked_expert_is_not_evaluated(text_runs,
         evaluate_text(run, log=QUIET)
 
 
+def test_verify_checks_the_held_out_text(text_runs, tmp_path):
+    """A changed or lost partition/test/ shard of a text run passed `ddmkit verify`, which evaluate then refused."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(text_runs["text_ar"], run)
+    held_out = RunFolder(run).partition / "test" / "cluster_01.safetensors"
+    kept = held_out.read_bytes()
+    held_out.write_bytes(kept[:-1] + bytes([kept[-1] ^ 1]))
+    code, err = cli("verify", run)
+    assert code == 2 and f"{held_out}: SHA-256 differs from the one" in err and "remove" in err, err
+    held_out.unlink()
+    code, err = cli("verify", run)
+    assert code == 2 and f"{held_out} is missing (the held-out text of cluster 1)" in " ".join(err.split()), err
+    held_out.write_bytes(kept)
+    assert cli("verify", run)[0] == 0
+
+
 def test_a_text_shard_without_its_text_config_is_refused(text_runs, monkeypatch, capsys, tmp_path):
     """train-expert on a text shard without --config trained the default vector MLP on its bytes, as
     scalars (exit 0, final loss in the thousands)."""

@@ -341,6 +341,19 @@ def model_data_shape(run: str | Path) -> tuple[int, ...]:
     return tuple(manifest["data_shape"])
 
 
+def checked_heldout_text(folder: RunFolder, manifest: dict) -> None:
+    """A text run's held-out shards (its manifest's test_shards, partition/test/), each checked against the
+    SHA-256 the manifest records, as its evaluation checks them; other runs hold their test data in RUN/data/."""
+    for s in manifest.get("test_shards") or []:
+        path = safe_join(folder.partition, s["path"], f"{folder.manifest}: test_shards[{s['cluster']}].path")
+        if not path.is_file():
+            raise DDMError(f"{path} is missing (the held-out text of cluster {s['cluster']}); copy it back from "
+                           f"another copy of the run, or {remake_partition(folder)}")
+        if sha256_file(path) != s["sha256"]:
+            raise DDMError(f"{path}: SHA-256 differs from the one {folder.manifest} records; the shard was changed "
+                           f"or replaced after it was written. Copy the original back, or {remake_partition(folder)}")
+
+
 # ----- the run's data ------------------------------------------------------------
 def data_fix(folder: RunFolder) -> str:
     """How a lost, damaged or changed file of RUN/data/ is made again: the fix its error names."""
@@ -745,6 +758,7 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     missing += unlisted
     if shards:
         checked_model_shards(run)
+        checked_heldout_text(RunFolder(run), manifest)
         checked_data_files(run)
     if missing and not allow_missing:
         raise DDMError(f"{source}: experts {sorted(missing)} are missing")
