@@ -498,7 +498,7 @@ def test_every_whole_number_option_refuses_in_one_line(cli, shard, tmp_path, arg
     (["analyze", "RUN", "--n", "two"], "--n two: give a whole number"),
     (["analyze", "RUN", "--jvp-rows", "2.5"], "--jvp-rows 2.5: give a whole number"),
     (["run", TINY, "--out", "OUT", "--seed", ""], "--seed '': give a whole number"),
-    (["distill", "RUN", "--steps", "1e999"], "--steps 1e999: give a whole number"),  # study --n-boot has a range now
+    (["analyze", "RUN", "--max-steps", "1e999"], "--max-steps 1e999: give a whole number"),  # distill --steps: ranged
     (["launch", "RUN", "--emit", "slurm", "--expert", "nan"], "--expert nan: give a whole number"),
     (["sweep", TINY, "--out", "OUT", "--k", "2", "--budget", "half"], "--budget half: give a number"),
     (["sample", "RUN", "--guidance", "x"], "--guidance x: give a number"),

@@ -237,6 +237,23 @@ def test_bad_options_exit_2_and_write_nothing(trained, tmp_path, clis):
     assert hashes(run) == before and not RunFolder(run).students.exists()
 
 
+def test_the_counts_of_distill_state_their_range_on_the_command_line(tmp_path, clis):
+    """`--few-step x` said only 'give a whole number': every count of `ddmkit distill` states its range when
+    refused, in one line (exit 2), before any run folder is read; the ranges are the library's."""
+    from ddmkit import cli
+    from ddmkit.config import MAX_SEED, ROWS
+    from ddmkit.pipeline import distill
+
+    assert (cli.FEW_STEPS_MAX, cli.TRAJECTORIES_MAX, cli.TEACHER_STEPS_MAX, cli.COUNT_MAX, cli.SEED_MAX) == (
+        distill.FEW_STEPS[1], distill.MAX_TRAJECTORIES, distill.MAX_TEACHER_STEPS, ROWS, MAX_SEED)
+    calls = [("--few-step", "x", "from 1 to 32"), ("--few-step", "33", "from 1 to 32"),
+             ("--trajectories", "1", "from 2 to 10000000"), ("--teacher-steps", "0", "from 1 to 1000000"),
+             ("--steps", "0", "from 1 to 1000000000"), ("--seed", "-1", "from 0 to")]
+    results = clis([("distill", tmp_path / "no-run", option, value) for option, value, _ in calls])
+    for (option, value, span), (code, err) in zip(calls, results):
+        assert code == 2 and err.startswith(f"error: {option} {value}: give a whole number, {span}"), (option, err)
+
+
 def test_a_word_that_is_no_device_is_refused_in_the_words_of_every_other_command(tmp_path):
     """distill checked --device with a copy of the rule of its own words ("--device: 'gpu'; accepted: cpu, ..."),
     before the run is read."""

@@ -110,6 +110,9 @@ def _main(version: bool = typer.Option(False, "--version", is_eager=True, callba
 SEED_MAX = 2**63 - 1  # ddmkit.config.MAX_SEED (that module is not imported to show --help)
 COUNT_MAX = 10**9  # ddmkit.config.ROWS: the most steps a count of the config may ask for
 K_MAX = 100_000  # the most clusters partition.k takes
+FEW_STEPS_MAX = 32  # ddmkit.pipeline.distill.FEW_STEPS: the most segments a few-step student may have
+TRAJECTORIES_MAX = 10**7  # ddmkit.pipeline.distill.MAX_TRAJECTORIES
+TEACHER_STEPS_MAX = 10**6  # ddmkit.pipeline.distill.MAX_TEACHER_STEPS
 THEORY_SEED_MAX = 2**32 - 1 - 64  # numpy's seeds are 32 bits; the studies add small offsets (seed + 1, ...)
 STUDY_SEEDS_MAX = 1000  # study misalignment trains every condition once per seed: more is no study that ends
 WORKERS_HELP = ("parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU "
@@ -1253,19 +1256,21 @@ def distill_run_cmd(
                                     "trajectory or the analysis sampler: no field of (x_t, t))"),
         arch: str = typer.Option("expert", "--arch", help="the students' network: expert (an expert's "
                                  "architecture) or monolith (the monolith's)"),
-        steps: Optional[int] = typer.Option(None, "--steps", help="training steps of each student (default: the "
-                                            "run's expert.train.steps)"),
-        few_step: Optional[int] = typer.Option(None, "--few-step", metavar="S", help="also distill a student that "
-                                               "samples in S steps (1 .. 32)"),
+        steps: Optional[int] = typer.Option(None, "--steps", min=1, max=COUNT_MAX, help="training steps of each "
+                                            "student (default: the run's expert.train.steps)"),
+        few_step: Optional[int] = typer.Option(None, "--few-step", metavar="S", min=1, max=FEW_STEPS_MAX,
+                                               help="also distill a student that samples in S steps"),
         grid: Optional[str] = typer.Option(None, "--grid", help="the few-step student's time grid: uniform (t_i = "
                                            "1 - i/S) or lambda (equal steps of the integrated Lipschitz constant: "
                                            "short steps where the flow is stiff; the default)"),
-        trajectories: Optional[int] = typer.Option(None, "--trajectories", help="teacher trajectories the few-step "
-                                                   "student trains on (default 4096)"),
-        teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="solver steps of each teacher "
-                                                    "trajectory (default: the run's sample.steps)"),
-        seed: Optional[int] = typer.Option(None, "--seed", help="the students' training seed (default: the "
-                                           "expert's)"),
+        trajectories: Optional[int] = typer.Option(None, "--trajectories", min=2, max=TRAJECTORIES_MAX,
+                                                   help="teacher trajectories the few-step student trains on "
+                                                   "(default 4096)"),
+        teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", min=1, max=TEACHER_STEPS_MAX,
+                                                    help="solver steps of each teacher trajectory (default: the "
+                                                    "run's sample.steps)"),
+        seed: Optional[int] = typer.Option(None, "--seed", min=0, max=SEED_MAX, help="the students' training seed "
+                                           "(default: the expert's)"),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps or auto (default: "
                                              "the run's expert.train.device)"),
         force: bool = typer.Option(False, "--force/--no-force", help="remove RUN/students first (students of another "

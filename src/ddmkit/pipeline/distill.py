@@ -71,6 +71,7 @@ ARCHS = ("expert", "monolith")
 GRIDS = ("uniform", "lambda")
 FEW_STEPS = (1, 32)  # the segments S a few-step student may have
 MAX_TRAJECTORIES = 10**7
+MAX_TEACHER_STEPS = 10**6  # solver steps of one teacher trajectory
 TRAJECTORY_SEED = 1_000_003  # added to the training seed: the trajectories' noise is never the report's
 FIELD_TIMES = tuple((j + 0.5) / 10 for j in range(10))  # midpoints of ten equal bins of t ~ U(0, 1)
 FIELD_ROWS = {"vectors": 2000, "images": 256}  # held-out rows of the field distances
@@ -271,7 +272,7 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
     if steps is not None:
         steps = _count("steps", steps, 1, ROWS)
     if teacher_steps is not None:
-        teacher_steps = _count("teacher-steps", teacher_steps, 1, 10**6)
+        teacher_steps = _count("teacher-steps", teacher_steps, 1, MAX_TEACHER_STEPS)
     trajectories = _count("trajectories", trajectories, 2, MAX_TRAJECTORIES)
     if seed is not None:
         seed = _count("seed", seed, 0, MAX_SEED)
