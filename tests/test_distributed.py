@@ -198,7 +198,8 @@ def test_more_cpu_processes_than_cores_are_warned_of_but_start(tmp_path, monkeyp
 
 def test_a_shard_that_names_no_cluster_is_refused_before_the_processes_start(tmp_path, monkeypatch):
     """A partition shard re-saved without its metadata was refused only in the spawned processes of --nproc 2
-    (seconds later, with a torch warning line); now before any starts, in the words of one process."""
+    (seconds later, with a torch warning line); now before any starts, in the words of one process (the command
+    and train_expert_ddp)."""
     import ddmkit.train.distributed as distributed
     from safetensors.torch import save_file
 
@@ -213,6 +214,8 @@ def test_a_shard_that_names_no_cluster_is_refused_before_the_processes_start(tmp
                                                     "(its metadata names no cluster); give a file of "
                                                     "RUN/partition/shards/ (`ddmkit partition` writes them)\n")
     assert not (tmp_path / "e").exists()
+    with pytest.raises(DDMError, match="is not a cluster's shard"):  # from Python too
+        train_expert_ddp(tmp_path / "bare.safetensors", _cfg(), tmp_path / "e", nproc=2)
 
 
 def test_nproc_unlike_the_launchers_is_named_first_without_joining(tmp_path, monkeypatch):

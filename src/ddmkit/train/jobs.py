@@ -353,6 +353,8 @@ def train_expert_ddp(shard: str | Path, config: ExpertConfig, out_dir: str | Pat
     train_expert itself."""
     distributed.check_nproc(nproc)
     distributed.check_batch(config.train.batch_size, nproc, "expert.train.batch_size")
+    if nproc > 1 and Path(shard).is_file():  # refused once here, not by every process after it started
+        shard_cluster(shard, read_metadata(shard))
     distributed.run(_train_expert_with, nproc, config.train.device, user_networks(), shard, config, out_dir, resume)
     return Path(out_dir)
 
