@@ -1128,6 +1128,8 @@ def test_get_path_limits():
         with pytest.raises(DDMError, match=rf"^get_path: t_noise: {bad!r}; give a positive finite number \(the OU "
                            r"path's end time\), or None for 4$"):
             get_path("ou", bad)
+        with pytest.raises(DDMError, match=r"^get_path: t_noise: "):  # the linear path took any value unchecked
+            get_path("linear", bad)
     for bad in ("vp", ["ou"]):  # a list was a TypeError (unhashable)
         with pytest.raises(DDMError, match=rf"^get_path: name: {re.escape(repr(bad))}; give one of 'linear', 'ou'$"):
             get_path(bad)

@@ -141,14 +141,15 @@ PATHS = {"linear": FlowPath("linear", 1.0), "ou": FlowPath("ou", 4.0)}
 
 
 def get_path(name: str, t_noise: float | None = None) -> FlowPath:
-    """The path named `name` ('linear' or 'ou'); the OU end time defaults to 4."""
+    """The path named `name` ('linear' or 'ou'); t_noise is the OU path's end time (default 4), checked for
+    either path and unused by the linear one (a study passes one end time for all its paths)."""
     if not isinstance(name, str) or name not in PATHS:
         raise value_error("get_path: name", name, f"one of {', '.join(map(repr, PATHS))}")
-    if name == "linear" or t_noise is None:
-        return PATHS[name]
-    if not is_number(t_noise, "positive"):
+    if t_noise is not None and not is_number(t_noise, "positive"):
         raise value_error("get_path: t_noise", t_noise, "a positive finite number (the OU path's end time), or None "
                                                          f"for {PATHS['ou'].t_noise:g}")
+    if name == "linear" or t_noise is None:
+        return PATHS[name]
     return FlowPath("ou", float(t_noise))
 
 
