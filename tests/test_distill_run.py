@@ -297,7 +297,9 @@ def test_untrained_run_and_other_students_are_refused(trained, tmp_path):
 
 def test_the_image_report_table_is_the_one_in_the_docs():
     """The table of docs/distill.md is what render_report writes from the stored scores (KID x 1e3 as in the
-    run's report: it wrote raw KID under "KID", 1000 times smaller than the docs' column)."""
+    run's report: it wrote raw KID under "KID", 1000 times smaller than the docs' column). A number of the page
+    is the stored score at the page's rounding (tests/test_doc_results.py), so it may differ from the report's
+    rounded cell by half a unit of each: 0.0347499 is 0.03475 in the report and 0.0347 on the page."""
     from ddmkit.pipeline.distill import render_report
 
     root = Path(__file__).parents[1]
@@ -311,8 +313,8 @@ def test_the_image_report_table_is_the_one_in_the_docs():
         cells = line.strip("|").split(" | ")
         for doc_cell, cell in zip(cells, written[cells[0]], strict=True):
             if doc_cell.strip().lstrip("-").replace(".", "", 1).isdigit():
-                places = len(doc_cell.strip().partition(".")[2])
-                assert round(float(cell), places) == float(doc_cell), (line, cell)
+                half_units = [0.5 * 10.0 ** -len(text.strip().partition(".")[2]) for text in (doc_cell, cell)]
+                assert abs(float(cell) - float(doc_cell)) <= sum(half_units) + 1e-12, (line, cell)
             else:
                 assert cell.strip() == doc_cell.strip(), line
 
