@@ -313,6 +313,30 @@ def test_help_prints_square_brackets_as_written(ddmkit, monkeypatch):
     assert checked >= 3  # train-expert's [expert], sample's sample-K[@T], every --set's example
 
 
+@pytest.mark.parametrize("columns", ["120", "90"])
+def test_each_command_of_a_list_is_described_in_lines_filled_to_the_panel(ddmkit, monkeypatch, columns):
+    """`ddmkit --help` listed verify as '... every data' / 'file' / 'against data/data.json ...': Typer kept the
+    docstring's line break, and that docstring line was longer than the panel. A command's description in its
+    group's list fills each line but its last, and reads as its help's first paragraph."""
+    from typer import rich_utils
+
+    monkeypatch.setenv("COLUMNS", columns)
+    monkeypatch.setattr(rich_utils, "MAX_WIDTH", None)  # as a terminal's help has it (an earlier call into a pipe set it)
+    groups = [(name,) for name, command in typer.main.get_command(app).commands.items() if hasattr(command, "commands")]
+    for group in [(), *groups]:
+        out = ddmkit(*group, "--help")[1].splitlines()
+        panel = out[next(i for i, line in enumerate(out) if "Commands" in line) + 1:]
+        panel = panel[:next(i for i, line in enumerate(panel) if "╰" in line)]
+        start = len(panel[0]) - len(panel[0].lstrip("│ ").split("  ", 1)[1].lstrip())  # the description column
+        width = len(panel[0]) - start - 2  # up to the frame's right edge and its one space
+        texts = [line[start:].rstrip(" │") for line in panel]
+        for text, following, line in zip(texts, texts[1:], panel[1:]):
+            if line[:start].strip("│ "):  # the next command's first line: this one was its last
+                continue
+            assert len(text) + 1 + len(following.split()[0]) > width - 3, (group, text, following)  # rich's padding
+    assert groups  # study, theory, text
+
+
 def test_tensorboard_event_files_hold_the_logged_losses(ddmkit, shard, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -6,6 +6,7 @@ Every command exits 0 on success, 2 with one clear message on bad input
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import shlex
@@ -1293,13 +1294,17 @@ def distill_run_cmd(
 
 def plain_help(command) -> None:
     """Escape the help texts of a click command and its sub-commands for rich, which renders them as markup:
-    '[expert]' or 'sample-K[@T]' would be read as style tags and vanish from --help."""
+    '[expert]' or 'sample-K[@T]' would be read as style tags and vanish from --help. A sub-command's line in
+    its group's list is its help's first paragraph on one line, wrapped to the panel (Typer keeps the
+    docstring's line breaks there, so a docstring line longer than the panel left one word on a line)."""
     command.help = escape(command.help) if command.help else command.help
     for param in command.params:
         if getattr(param, "help", None):
             param.help = escape(param.help)
     for sub in getattr(command, "commands", {}).values():
         plain_help(sub)
+        if sub.help and not sub.short_help:
+            sub.short_help = " ".join(inspect.cleandoc(sub.help).split("\n\n")[0].split())
 
 
 def one_line_ranges(command) -> None:
