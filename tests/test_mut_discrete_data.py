@@ -23,7 +23,7 @@ from ddmkit.discrete.dfm import dfm_loss, elbo_bits, mixture_denoiser, model_den
 from ddmkit.discrete.evaluate import Tally, evaluate_ar, prefix_lengths
 from ddmkit.discrete.features import sklearn_seed
 from ddmkit.discrete.shards import (cluster_prior, load_streams, mixed_windows, nearest_centroid, partition_text,
-                                   sample_windows, stream)
+                                   sample_windows)
 from ddmkit.discrete.tokens import MASK, decode
 from ddmkit.errors import DDMError
 from ddmkit.io import save_tensors, sha256_file
