@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ddmkit.pipeline.analyze import analyze_run
 from ddmkit.config import load_config
@@ -98,7 +99,8 @@ def test_an_n_too_large_for_the_memory_is_refused_before_any_work(trained, tmp_p
     r = cli("analyze", trained, "--n", 99999999, "--out", tmp_path / "a")
     said = " ".join(r.stderr.split())
     assert r.returncode == 2 and "Traceback" not in said, said
-    assert (f"--n = 99999999: the analysis would hold at least {99999999 * one / 2**30:.1f} GiB at once on cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the run's device, auto
+    assert (f"--n = 99999999: the analysis would hold at least {99999999 * one / 2**30:.1f} GiB at once on {device}"
             in said and "more than the 1.0 GiB available there" in said), said
     fit = int(re.search(r"give --n (\d+) or less", said).group(1))
     assert fit * one <= 2**29 < (fit + 1) * one

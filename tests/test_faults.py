@@ -243,7 +243,8 @@ def test_ctrl_c_or_sigterm_while_the_monolith_trains_beside_the_pool_says_so(tmp
     log = open(tmp_path / "run.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "ddmkit", "run", str(config(tmp_path)), "--out", str(run),
                              "--backend", "processes", "--workers", "2", "--set", "expert.train.steps=1000000"],
-                            env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            env={**ENV, "CUDA_VISIBLE_DEVICES": ""},  # with a GPU the monolith trains after the pool
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not ((run / "monolith.checkpoint.safetensors").exists()  # the workers train too: their Ctrl-C
