@@ -353,6 +353,8 @@ def test_results_md_the_image_sentences_quote_fashion_mnist_metrics_json():
     ratio = {name: fid[name] / fid["monolith"] for name in strategies}
     assert_none(quote_problems("RESULTS.md", [
         ("cluster sizes #, #, #, #, #, #, #, #;", metrics["cluster_counts"]),
+        ("the training loops' own: experts # s, monolith # s, router # s.)",
+         [metrics["train_seconds"][name] for name in ("experts", "monolith", "router")]),
         ("Top-1 reaches #x the monolith's FID (# against #), and every strategy lands between #x and #x",
          [ratio["top-1"], fid["top-1"], fid["monolith"], *spread(ratio.values())]),
         ("KID agrees: top-1 has #e-3 against the monolith's #e-3", [kid["top-1"] * 1e3, kid["monolith"] * 1e3]),
