@@ -787,3 +787,28 @@ def test_the_analysis_sampler_distillations_teacher_and_the_convergence_study_pr
     monkeypatch.setattr(convergence, "make_router", lambda gmm, groups, temperature: nan)
     with pytest.raises(DDMError, match=said):
         convergence.routed_sample(convergence.make_problem(settings), "euler:switch", torch.randn(6, 2, dtype=torch.float64), 4, 0)
+
+
+@pytest.mark.parametrize("given", ["", "  "])
+def test_a_run_folder_given_as_empty_text_is_refused_by_the_library_too(given, tmp_path, monkeypatch):
+    """The command line refused RUN '' (Path('') is '.', the current folder), but load_ddm(''), run_pipeline(cfg, '')
+    and the other library entry points acted on the current folder ("no partition yet ... --out ."), and
+    run_pipeline would have made a run there. Each refuses it in one line; nothing is written."""
+    from ddmkit.config import load_config
+    from ddmkit.pipeline.analyze import analyze_run
+    from ddmkit.pipeline.distill import distill_run
+    from ddmkit.pipeline.run import run_pipeline
+    from ddmkit.registry import verify_registry, write_registry
+
+    monkeypatch.chdir(tmp_path)
+    said = "empty" if given == "" else f"only whitespace ({given!r})"
+    calls = {"the run folder": [lambda: run_pipeline(load_config("demo"), given, log=lambda m: None),
+                                lambda: distill_run(given, log=lambda m: None), lambda: analyze_run(given),
+                                lambda: write_registry(given), lambda: verify_registry(given)],
+             "load_ddm: run": [lambda: load_ddm(given)], "exact_ddm: run": [lambda: exact_ddm(given)]}
+    for what, entries in calls.items():
+        for call in entries:
+            with pytest.raises(DDMError, match=rf"^{what} is {re.escape(said)}: give its path \('\.' for the current "
+                                               r"folder\)$"):
+                call()
+    assert list(tmp_path.iterdir()) == []

@@ -39,9 +39,18 @@ def safe_name(name: str) -> str:
 MODEL_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors")  # ddmkit's or transformers', diffusers'
 
 
+def check_given(root, what: str = "the run folder") -> None:
+    """A DDMError when the folder `root` is given as empty or blank text: Path('') is '.', the current folder,
+    never the one meant (an unset variable, a missing argument)."""
+    if isinstance(root, str) and not root.strip():
+        said = "empty" if root == "" else f"only whitespace ({root!r})"
+        raise DDMError(f"{what} is {said}: give its path ('.' for the current folder)")
+
+
 def check_run_exists(root: str | Path) -> None:
     """A DDMError when the run folder `root` is not a folder (no such folder, or a file), or is one model
     folder (config.json + weights, no partition/: an expert, a diffusers autoencoder) rather than a run."""
+    check_given(root)
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise DDMError(f"{root} is a file, not a run folder; give the folder a `ddmkit run` wrote")
@@ -138,6 +147,7 @@ class RunFolder:
     root: Path
 
     def __init__(self, root: str | Path):
+        check_given(root)
         object.__setattr__(self, "root", Path(root))
 
     # the run

@@ -34,6 +34,7 @@ from ddmkit.accel import Accelerated, SpeedOptions, accelerate
 import ddmkit.ddm.load as load
 from ddmkit.ddm.sampling import checked_arguments, checked_cond, checked_device, checked_guidance, sample_ddm
 from ddmkit.errors import DDMError
+from ddmkit.layout import check_given
 from ddmkit.latent.autoencoder import LatentCodec
 from ddmkit.nets.field import NetworkField, VelocityOutput
 from ddmkit.routing import Strategy
@@ -322,4 +323,5 @@ def checked_run(run, where: str):
     if not isinstance(run, (str, os.PathLike)):
         raise DDMError(f"{where}: run: {run!r} ({type(run).__name__}) is not a folder; pass the path of a run "
                        "folder, e.g. 'runs/ring'")
+    check_given(run, f"{where}: run")
     return run
