@@ -21,7 +21,7 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
-# ----- time features and residual blocks -----------------------------------------------------------------------------
+# ----- time features and residual blocks ----------------------------------------------------------------------------
 
 
 def test_the_time_features_are_cos_then_sin_of_1000_t_times_geometric_frequencies():
@@ -45,7 +45,18 @@ def test_an_mlp_residual_block_with_a_zero_last_layer_adds_its_bias_to_its_input
     torch.testing.assert_close(out, h + torch.tensor([1.0, -2.0, 0.5, 0.0]))
 
 
-# ----- UNet and the CNN router -----------------------------------------------------------------------------------------
+def test_an_mlp_residual_block_adds_silu_of_its_embedding_when_its_layers_pass_it_through():
+    """fc1 = 0, emb = I, fc2 = I (biases 0): h + silu(emb), whatever h."""
+    block = ResidualBlock(3, 3)
+    with torch.no_grad():
+        for layer in (block.fc1, block.emb, block.fc2):
+            layer.weight.copy_(torch.eye(3) if layer is not block.fc1 else torch.zeros(3, 3))
+            layer.bias.zero_()
+    h, emb = torch.randn(4, 3), torch.tensor([[1.0, -1.0, 0.0]] * 4)
+    torch.testing.assert_close(block(h, emb), h + F.silu(emb))
+
+
+# ----- UNet and the CNN router --------------------------------------------------------------------------------------
 
 
 def test_a_unet_resblock_with_a_zero_second_conv_is_its_skip_and_its_embedding_reaches_it():
@@ -90,7 +101,18 @@ def test_the_label_router_takes_num_classes_as_no_label_and_uses_the_label():
     assert not torch.allclose(router(x, t, torch.tensor([0, 0])), router(x, t, torch.tensor([1, 1])))
 
 
-# ----- DiT ---------------------------------------------------------------------------------------------------------------
+def test_the_router_pools_the_output_of_its_last_strided_convolution():
+    """With the last down-sampling convolution's weight zero, its output is its bias: logits do not depend on x."""
+    router = RouterCNN([1, 8, 8], num_experts=3, channels=[8, 8], time_dim=8)
+    _randomise(router)
+    with torch.no_grad():
+        router.downs[-1].weight.zero_()
+    t = torch.tensor([0.2, 0.9])
+    first, second = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(router(first, t), router(second, t), rtol=1e-5, atol=1e-6)
+
+
+# ----- DiT ----------------------------------------------------------------------------------------------------------
 
 
 def test_an_untrained_dit_predicts_zero_and_each_of_its_blocks_is_the_identity():
@@ -103,7 +125,8 @@ def test_an_untrained_dit_predicts_zero_and_each_of_its_blocks_is_the_identity()
 
 
 def test_dit_unpatchifies_token_features_row_column_channel_within_each_patch():
-    """depth 0, a zero output weight and bias b: pixel (c, I p + a, J p + j) of every patch (I, J) is b[(a p + j) C + c]."""
+    """depth 0, a zero output weight and bias b: pixel (c, I p + a, J p + j) of every patch (I, J) is
+    b[(a p + j) C + c]."""
     net = DiT([2, 4, 6], patch=2, width=8, depth=0, heads=2)
     with torch.no_grad():
         net.out.bias.copy_(torch.arange(8.0))
@@ -134,7 +157,7 @@ def test_dit_takes_num_classes_as_no_label():
     assert not torch.allclose(net(x, t, torch.tensor([2, 2])), net(x, t))
 
 
-# ----- byte transformers ---------------------------------------------------------------------------------------------
+# ----- byte transformers --------------------------------------------------------------------------------------------
 
 
 def test_the_causal_transformer_sees_no_later_token_and_the_bidirectional_one_does():
@@ -219,14 +242,14 @@ def test_the_stacked_loss_is_each_experts_own_flow_matching_loss_on_its_own_draw
 
 
 def _label_shards(folder, count: int = 2):
-    """`count` shards of 1x4x4 images with labels 0, 1, 2."""
+    """`count` shards of 1x4x4 images, shard c's labels all c."""
     from ddmkit.io import save_tensors
     folder.mkdir(parents=True)
     paths = []
     for c in range(count):
         paths.append(folder / f"cluster_{c:02d}.safetensors")
         x = torch.randn(12, 1, 4, 4, generator=torch.Generator().manual_seed(c)) + 3 * c
-        save_tensors(paths[-1], {"x": x, "labels": torch.arange(12) % 3}, {"cluster": c, "k": count})
+        save_tensors(paths[-1], {"x": x, "labels": torch.full((12,), c)}, {"cluster": c, "k": count})
     return paths
 
 
@@ -238,13 +261,21 @@ def _expert_config(arch: str = "mlp", net: dict | None = None, **kwargs):
 
 def test_a_concurrent_job_drops_labels_to_the_no_label_class(tmp_path, monkeypatch):
     import ddmkit.train.concurrent as conc
+    from ddmkit.data.partition import read_shard
+    from ddmkit.train.jobs import PUBLISHED_STATISTICS, publish_statistics
     seen = []
     real = conc.stacked_loss
     monkeypatch.setattr(conc, "stacked_loss", lambda m, x, y, *a: seen.append(y) or real(m, x, y, *a))
     cfg = _expert_config("unet", {"channels": [4], "attention_res": [], "num_classes": 3}, label_dropout=1.0)
     outs = [tmp_path / f"expert_{k}" for k in range(2)]
-    conc.train_experts_concurrently(_label_shards(tmp_path / "shards"), cfg, outs, log=lambda m: None)
+    shards = _label_shards(tmp_path / "shards")
+    conc.train_experts_concurrently(shards, cfg, outs, log=lambda m: None)
     assert len(seen) == 6 and all(torch.equal(y, torch.full((2, 4), 3)) for y in seen)
+    for k, (shard, out) in enumerate(zip(shards, outs)):  # each folder publishes its own shard's statistics
+        x, labels, _ = read_shard(shard)
+        publish_statistics(tmp_path / f"alone_{k}", x, labels, 3)
+        name = PUBLISHED_STATISTICS
+        assert (out / name).read_bytes() == (tmp_path / f"alone_{k}" / name).read_bytes()
 
 
 def test_a_concurrent_experts_weights_do_not_change_when_another_shard_does(tmp_path):
