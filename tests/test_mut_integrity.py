@@ -144,7 +144,7 @@ def test_a_lock_is_released_and_its_file_removed_after_an_error(tmp_path):
     lock = tmp_path / "run" / ".lock"
     (tmp_path / "run").mkdir()
     with pytest.raises(ValueError), folder_lock(lock):
-        assert lock.read_text() .split()[0] == str(os.getpid())
+        assert lock.read_text().split()[0] == str(os.getpid())
         raise ValueError("failed inside")
     assert not lock.exists() and str(lock) not in io._HELD and os.path.abspath(lock) not in io._HELD
     assert free_to_lock(lock)
