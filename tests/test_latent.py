@@ -256,6 +256,12 @@ def test_a_latent_run_end_to_end(tmp_path):
         DDM.from_pretrained(run)
     assert run_cli("partition", "--config", run / "config.json", "--out", run).exit_code == 0
     assert info.read_bytes() == kept and run_cli("verify", run).exit_code == 0
+    from ddmkit.registry import verify_registry
+    info.write_text(json.dumps(json.loads(kept), indent=1))  # the same records in other bytes: its SHA-256 differs
+    with pytest.raises(DDMError, match=r"the latent shards \(.*latents\.json\) changed since the registry was "
+                                       "written; these networks were trained on other latents"):
+        verify_registry(run)
+    info.write_bytes(kept)
     # replace-expert and add-expert refuse a latent run with what does work (they said to train a new run with the
     # new data, which replaces no expert): an expert trained on the slot's latents, put in place and registered
     done = run_cli("replace-expert", run, 1, run / "experts" / "expert_00")
