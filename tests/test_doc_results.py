@@ -541,7 +541,7 @@ def test_analysis_md_the_misalignment_sentences_quote_study_json():
     kid = conditions["disjoint"]["full_vs_best"]["kid"]["seeds"]
     assert_none(quote_problems("analysis.md", [
         ("FID floor (2000 training images against the test split) #, KID x 1e3 #", [floor["fid"], floor["kid"] * 1e3]),
-        ("averaged over t (other / own): disjoint # / # (#), random # / # (#), undertrained-0.1 # / # (#)", own_other),
+        ("averaged over t (own / other, then their ratio): disjoint # / # (#), random # / # (#), undertrained-0.1 # / # (#)", own_other),
         ("KID +# x 1e-3 [#, #]", [kid["mean"] * 1e3, kid["lo"] * 1e3, kid["hi"] * 1e3]),
         ("costs full routing # FID", [conditions["tempered-3"]["full_vs_best"]["fid"]["mean"]]),
         ("hurts top-1 least (# against # for full)", [table["permuted-0.5"]["top-1"], table["permuted-0.5"]["full"]]),
