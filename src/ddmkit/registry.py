@@ -38,8 +38,7 @@ from ddmkit.data.partition import (SHARD_FIX, PartitionManifest, ShardEntry, che
                                    partition_tensors, shard_cluster)
 from ddmkit.errors import DDMError
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
-from ddmkit.layout import (RunFolder, check_given, check_run_exists, enclosing_run, is_run_folder,
-                           remake_partition)
+from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder, remake_partition
 from ddmkit.nets import build_model, check_identity, from_pretrained
 from ddmkit.nets.folders import on_meta
 from ddmkit.routing.stats_router import PUBLISHED_STATISTICS
@@ -612,8 +611,7 @@ def check_replaced_expert(folder: Path, path: str, cluster: int, shard_hash: dic
 def write_registry(run: str | Path) -> dict:
     """Write RUN/registry.json for the model folders present; returns it. Refused (DDMError): no expert at
     all, weights holding NaN, an expert trained on another partition's shard (nothing could load it)."""
-    check_given(run)
-    run = Path(run)
+    run = RunFolder(run).root  # an empty or blank text refused there
     manifest, _ = load_partition_checked(run / "partition")
     folder = RunFolder(run)
     models = _model_folders(run, manifest["k"])
@@ -683,8 +681,7 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     registry written after training. router_needed=False (routing by the statistics-only router) lets a
     listed router be gone.
     """
-    check_given(run)
-    run = Path(run)
+    run = RunFolder(run).root  # an empty or blank text refused there
     source = run / REGISTRY
     check_run_exists(run)
     if not source.exists():
