@@ -81,7 +81,7 @@ def table_problems(page: str, after: str, expected: dict, keys: int = 1) -> list
 def quote_problems(page: str, quotes: list[tuple[str, list[float]]]) -> list[str]:
     """What disagrees between a page's sentences and the files: each quote is the page's text with '#' for each
     number (line breaks and runs of spaces read as one space) and the file's values of those numbers (None: a
-    number no file holds, not checked)."""
+    number no file holds, not checked; a list: a number several values share, each of which it must agree with)."""
     text, problems = re.sub(r"\s+", " ", page_text(page)), []
     for quote, values in quotes:
         assert quote.count("#") == len(values), f"{quote}: {quote.count('#')} numbers, {len(values)} values"
@@ -90,8 +90,10 @@ def quote_problems(page: str, quotes: list[tuple[str, list[float]]]) -> list[str
         if not found:
             problems.append(f"{page}: no sentence '{quote}' ('#' a number)")
             continue
+        shared = [(i, s, v) for i, (s, vs) in enumerate(zip(found.groups(), values))
+                  for v in (vs if isinstance(vs, (list, tuple)) else [vs])]
         problems += [f"{page}, '{quote}', number {i + 1}: the page says {s}, the file holds {v:.6g}"
-                     for i, (s, v) in enumerate(zip(found.groups(), values)) if v is not None and not agrees(s, v)]
+                     for i, s, v in shared if v is not None and not agrees(s, v)]
     return problems
 
 
@@ -444,9 +446,6 @@ def test_sweep_md_the_sentences_quote_the_cells():
                     for b in BUDGETS] for series in ("monolith", "full", "top-1", "top-2")}
     lead = [mean_fid(PIXELS, 8, b, "monolith") - mean_fid(PIXELS, 8, b, "top-1") for b in BUDGETS]
     ratio = {k: [mean_fid(PIXELS, k, b, "top-1") / mean_fid(PIXELS, 8, b, "monolith") for b in BUDGETS] for k in SERIES}
-    seconds = {(b, s): results(f"{PIXELS}/k8_b{b:g}_s{s}.json")["train_seconds"]
-               for b, s in ((0.125, 0), (0.125, 1), (0.125, 2), (0.25, 0), (0.5, 0), (1, 0), (1, 1), (1, 2))}
-    budget_1 = [seconds[1, s] for s in (0, 1, 2)]
     seeds_1 = {k: [cell(PIXELS, k, 1, s)["top-1"]["fid"] for s in (0, 1, 2)] for k in SERIES}
     monolith_1 = [cell(PIXELS, 8, 1, s)["monolith"]["fid"] for s in (0, 1, 2)]
     latent_ratio = {k: [mean_fid(LATENT, k, b, "top-1") / mean_fid(LATENT, 8, b, "monolith") for b in BUDGETS]
@@ -456,19 +455,12 @@ def test_sweep_md_the_sentences_quote_the_cells():
              for k in (8, 16)}
     latent_top1 = [cell(LATENT, k, 0.125, s)["top-1"]["fid"] for k in SERIES for s in (0, 1, 2)]
     assert_none(quote_problems("sweep.md", [
-        ("trained its networks in #-# s at budget 0.125 and #-# s at budget 1",
-         [*spread(sum(seconds[0.125, s].values()) for s in (0, 1, 2)), *spread(sum(t.values()) for t in budget_1)]),
         ("KID x 1e3 of the same samples: monolith #, #, # and #; full #, #, # and #; top-1 #, #, # and #; top-2 #, "
          "#, # and #", [value for series in kid.values() for value in series]),
         ("The DDM's lead in FID units shrinks as the budget grows (#, #, # and #)", lead),
         ("(top-1 / monolith #, #, # and #)", ratio[8]),
         ("reaches the monolith's final FID, #, interpolated in log compute between # at 7.96e14 FLOPs and # at 1.56e15",
          [mean_fid(PIXELS, 8, 1, "monolith"), mean_fid(PIXELS, 8, 0.25, "top-1"), mean_fid(PIXELS, 8, 0.5, "top-1")]),
-        ("budget 0.125 #-# s (three seeds) and 124 s, budget 0.25 # s and about 120 s, budget 0.5 # s (experts # s, "
-         "monolith # s, router # s) and 126 s, budget 1 #-# s (experts #-# s, monolith #-# s, router #-# s)",
-         [*spread(sum(seconds[0.125, s].values()) for s in (0, 1, 2)), sum(seconds[0.25, 0].values()),
-          sum(seconds[0.5, 0].values()), *seconds[0.5, 0].values(), *spread(sum(t.values()) for t in budget_1),
-          *(value for key in ("experts", "monolith", "router") for value in spread(t[key] for t in budget_1))]),
         ("leads by # to # of the monolith's FID", spread(r8 - r16 for r8, r16 in zip(ratio[8][1:], ratio[16][1:]))),
         ("(K = 2 # to #, K = 4 # to #, K = 8 # to #, K = 16 # to #)",
          [value for k in SERIES for value in (min(ratio[k]), ratio[k][-1])]),
@@ -492,6 +484,106 @@ def test_sweep_md_the_sentences_quote_the_cells():
          sorted(cell(LATENT, 8, 0.125, s)["monolith"]["fid"] for s in (0, 1, 2))),
         ("every seed of every K's top-1 (# to #)", spread(latent_top1)),
         ("(top-1 # both times)", [cell(LATENT, 16, 0.125, 1)["top-1"]["fid"]]),
+    ]))
+
+
+def train_seconds(grid: str, where: tuple, key: str = "total", steps: bool = False) -> float:
+    """A cell's training loops' seconds as its metrics.json holds them: "experts", "monolith", "router" or their
+    "total", the time the sweep pages quote for a cell's training (its stage, loading and saving, takes longer).
+    `where` is the cell's (K, budget, seed)."""
+    k, budget, seed = where
+    seconds = results(f"{grid}/k{k}_b{budget:g}_s{seed}{'_steps' if steps else ''}.json")["train_seconds"]
+    return sum(seconds.values()) if key == "total" else seconds[key]
+
+
+def sampling_seconds(grid: str, where: tuple, steps: bool = False, series: str = "") -> float:
+    """The seconds a cell (K, budget, seed) took to sample its sets (one series' set if named), FID and KID not
+    included."""
+    rows = cell(grid, *where, steps)
+    return sum(row.get("wall_time", 0) for name, row in rows.items() if not series or name == series)
+
+
+def trained(grid: str, cells: list, key: str = "total", steps: bool = False) -> list[float]:
+    """The shortest and the longest training time of some cells, as a page's "A-B s" quotes them."""
+    return spread(train_seconds(grid, where, key, steps) for where in cells)
+
+
+def sampled(grid: str, cells: list, steps: bool = False, series: str = "") -> list[float]:
+    """The shortest and the longest sampling time of some cells."""
+    return spread(sampling_seconds(grid, where, steps, series) for where in cells)
+
+
+def seeds(k: int, budget: float, chosen=(0, 1, 2)) -> list[tuple]:
+    """The cells (K, budget, seed) of some seeds."""
+    return [(k, budget, seed) for seed in chosen]
+
+
+def test_sweep_md_the_k8_times_quote_the_cells():
+    k8 = {b: seeds(8, b, (0, 1, 2) if b in (0.125, 1) else (0,)) for b in BUDGETS}
+    fid_seconds = [row["fid_seconds"] for k in SERIES for s in (0, 1, 2) for row in cell(PIXELS, k, 1, s).values()
+                   if "fid_seconds" in row]
+    assert_none(quote_problems("sweep.md", [
+        ("trained its networks in #-# s at budget 0.125 and #-# s at budget 1",
+         [*trained(PIXELS, k8[0.125]), *trained(PIXELS, k8[1])]),
+        ("at budget 1 sampled its sets in #-#, #, #-# and #-# s at K = 2, 4, 8 and 16",
+         [*sampled(PIXELS, seeds(2, 1)), sampled(PIXELS, seeds(4, 1)), *sampled(PIXELS, seeds(8, 1)),
+          *sampled(PIXELS, seeds(16, 1))]),
+        ("FID and KID adding #-# s a set", spread(fid_seconds)),
+        ("budget 0.125 #-# s (three seeds), budget 0.25 # s, budget 0.5 # s (experts # s, monolith # s, router # s), "
+         "budget 1 #-# s (experts #-# s, monolith #-# s, router #-# s)",
+         [*trained(PIXELS, k8[0.125]), train_seconds(PIXELS, (8, 0.25, 0)), train_seconds(PIXELS, (8, 0.5, 0)),
+          *(train_seconds(PIXELS, (8, 0.5, 0), key) for key in ("experts", "monolith", "router")),
+          *trained(PIXELS, k8[1]),
+          *(value for key in ("experts", "monolith", "router") for value in trained(PIXELS, k8[1], key))]),
+        ("took #-# s at budget 0.125 (three seeds), # s at 0.25, # s at 0.5 and #-# s at budget 1",
+         [*sampled(PIXELS, k8[0.125]), sampled(PIXELS, k8[0.25]), sampled(PIXELS, k8[0.5]), *sampled(PIXELS, k8[1])]),
+    ]))
+
+
+def test_sweep_md_the_times_over_k_quote_the_cells():
+    default = {k: [(k, b, s) for b in BUDGETS for s in ((0, 1, 2) if b in (0.125, 1) else (0,))] for k in SERIES}
+    small = seeds(2, 0.125) + seeds(4, 0.125)
+    steps = {k: seeds(k, 0.125, (0,) if k == 16 else (0, 1, 2)) for k in (2, 4, 16)}
+    assert_none(quote_problems("sweep.md", [
+        ("at budget 0.125 #-# s at K = 2 and 4 (experts #-# s, router #-# s) and #-# s at K = 16 (experts #-# s)",
+         [*trained(PIXELS, small), *trained(PIXELS, small, "experts"), *trained(PIXELS, small, "router"),
+          *trained(PIXELS, seeds(16, 0.125)), *trained(PIXELS, seeds(16, 0.125), "experts")]),
+        ("at budget 0.25 # s (K = 2), # s (K = 4) and # s (K = 16); at budget 0.5 # s (K = 2), # s (K = 4) and # s",
+         [train_seconds(PIXELS, (k, b, 0)) for b in (0.25, 0.5) for k in (2, 4, 16)]),
+        ("at budget 1 #-# s (K = 2, experts #-# s), #-# s (K = 4, experts #-# s) and #-# s (K = 16, experts #-# s)",
+         [value for k in (2, 4, 16) for key in ("total", "experts") for value in trained(PIXELS, seeds(k, 1), key)]),
+        ("Sampling costs the same at every budget: #-# s at K = 2, #-# s at K = 4 and #-# s at K = 16 (full routing "
+         "calls every expert at every step: #-# s of it",
+         [*sampled(PIXELS, default[2]), *sampled(PIXELS, default[4]), *sampled(PIXELS, default[16]),
+          *sampled(PIXELS, default[16], series="full")]),
+        ("K = 2 #-# s (experts #-# s, router #-# s), K = 4 #-# s (experts #-# s, router #-# s) and K = 16 # s "
+         "(experts # s, router # s)",  # equal batch: the '_steps' cells
+         [*(value for k in (2, 4) for key in ("total", "experts", "router")
+            for value in trained(PIXELS, steps[k], key, steps=True)),
+          *(train_seconds(PIXELS, (16, 0.125, 0), key, steps=True) for key in ("total", "experts", "router"))]),
+        ("sampling took # s at K = 2, #-# s at K = 4 and # s at K = 16 (full routing calls all 16 experts at every "
+         "step: # s of it)",  # K = 2's three cells all round to the one number the page gives
+         [sampled(PIXELS, steps[2], steps=True), *sampled(PIXELS, steps[4], steps=True),
+          sampling_seconds(PIXELS, (16, 0.125, 0), steps=True),
+          sampling_seconds(PIXELS, (16, 0.125, 0), steps=True, series="full")]),
+    ]))
+
+
+def test_sweep_md_the_latent_times_quote_the_cells():
+    budget_0125, budget_1 = [(k, 0.125, 0) for k in SERIES], [(k, 1, 0) for k in (2, 4, 8)]  # seed 0, on the H200
+    h100 = seeds(16, 1, (1, 2))
+    assert_none(quote_problems("sweep.md", [
+        ("at budget 0.125 #-# s (experts #-# s, router #-# s; the monolith # s), and sampling #, #, # and # s",
+         [*trained(LATENT, budget_0125), *trained(LATENT, budget_0125, "experts"),
+          *trained(LATENT, budget_0125, "router"), train_seconds(LATENT, (8, 0.125, 0), "monolith"),
+          *(sampling_seconds(LATENT, where) for where in budget_0125)]),
+        ("at budget 1 # s at K = 2 (experts # s), # s at K = 4 (experts # s) and # s at K = 8 (experts # s, monolith "
+         "# s), and sampling #, # and # s",
+         [*(train_seconds(LATENT, where, key) for where in budget_1 for key in ("total", "experts")),
+          train_seconds(LATENT, (8, 1, 0), "monolith"), *(sampling_seconds(LATENT, where) for where in budget_1)]),
+        ("K = 16 at budget 1 took #-# s to train (experts #-# s, router #-# s) and # s to sample (full routing # s",
+         [*(value for key in ("total", "experts", "router") for value in trained(LATENT, h100, key)),
+          sampled(LATENT, h100), sampled(LATENT, h100, series="full")]),  # both cells round to the page's number
     ]))
 
 
