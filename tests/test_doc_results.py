@@ -1,7 +1,7 @@
 """The docs' measured numbers agree with the results files they come from (docs/results/): every table cell and
 quoted sentence checked here equals the file's value rounded as the page rounds it (half a unit of the page's
 last digit; a value the file holds on a tie may read either way). Numbers that no results file holds (stage
-times, earlier trainings, CPU benchmarks) are not checked."""
+times, earlier trainings, CPU benchmarks) are not checked; grow.md and distill.md give no time that is not."""
 import functools
 import json
 import re
@@ -303,8 +303,8 @@ def test_grow_md_the_adding_an_island_table_is_the_grow_convert_metrics():
         "training images (floor)": {"top-1 FID": floor["fid"], "top-1 KID x 1e3": floor["kid"] * 1e3},
         "without (no ankle boots)": scores("without", full=True) | {
             "training (s)": [seconds["without"]["experts"], seconds["without"]["router"]]},
-        "grown (`add-expert`)": scores("grown") | {  # the new expert's seconds are not in the file
-            "training (s)": [None, seconds["grown"]["router"]]},
+        "grown (`add-expert`)": scores("grown") | {  # the new expert's seconds are not in the file: the page gives none
+            "training (s)": [seconds["grown"]["router"]]},
         "everything, trained again": scores("fm") | {
             "training (s)": [seconds["fm"]["experts"], seconds["fm"]["router"]]},
         "everything: its FLOP-matched monolith (one network, no routing)": {
@@ -669,7 +669,40 @@ def test_distill_md_the_sentences_quote_the_distill_report_and_the_run():
           fid["monolith, 4 euler steps"], fid["teacher top-1, 4 euler steps"]]),
         ("The few-step fine-tuning is worth # FID over the dense student",
          [fid["dense student, 4 euler steps"] - fid["few-step student, S = 4, lambda grid"]]),
-    ]))
+    ] + distill_md_time_quotes()))
+
+
+def grow_md_time_quotes() -> list[tuple[str, list]]:
+    """grow.md's sentences that quote training seconds (the training loops' own, as the runs' metrics hold them)."""
+    seconds = {run: values["train_seconds"] for run, values in
+               results("fashion_mnist_grow_convert_metrics.json")["runs"].items()}
+    return [("and the router (# s, where training everything again took # s for the experts and the router)",
+             [seconds["grown"]["router"], seconds["fm"]["experts"] + seconds["fm"]["router"]])]
+
+
+def distill_md_time_quotes() -> list[tuple[str, list]]:
+    """distill.md's sentences that quote seconds: the Fashion-MNIST report's sampling wall times of its sets."""
+    rows = results("fashion_mnist_distill_report.json")["scores"]["rows"]
+    wall = {name: row["wall_time"] for name, row in rows.items()}
+    four_calls = [seconds for name, seconds in wall.items() if name.endswith(("4 euler steps", "S = 4, lambda grid"))]
+    return [("sampling a set took # s for the teacher at 50 steps, # s for the dense student and the monolith at 50 "
+             "steps, and #-# s for each 4-call row",
+             [wall["teacher top-1, 50 euler steps"],
+              [wall["dense student, 50 euler steps"], wall["monolith, 50 euler steps"]],
+              *spread(four_calls)])]
+
+
+# A time as the pages write it: "17 s", "0.21-0.83 s", "3 min", "2 hours".
+TIME = r"(?<![\w.,])\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)? ?(?:s|ms|min|minutes?|seconds?|h|hours?)\b"
+
+
+def test_grow_and_distill_md_quote_no_time_that_is_not_checked():
+    """Every time grow.md and distill.md quote in their sentences is one the quotes above check against its file
+    (their tables' time columns are checked by the table tests): a time no results file holds is not given."""
+    for page, quotes in (("grow.md", grow_md_time_quotes()), ("distill.md", distill_md_time_quotes())):
+        said = re.findall(TIME, re.sub(r"\s+", " ", page_text(page)))
+        checked = sum(len(re.findall(r"# ?(?:s|ms|min|minutes?|seconds?|h|hours?)\b", quote)) for quote, _ in quotes)
+        assert len(said) == checked, f"{page} quotes the times {said}; the tests check {checked} of them"
 
 
 def test_grow_and_distributed_md_the_sentences_quote_the_grow_convert_metrics():
@@ -682,8 +715,7 @@ def test_grow_and_distributed_md_the_sentences_quote_the_grow_convert_metrics():
         ("The statistics-only router on *without*, `full`: #",
          [runs["without"]["rows"]["full (statistics-only router)"]["fid"]]),
         ("top-1 FID # -> #, as good as training everything again (#)", [top1["without"], top1["grown"], top1["fm"]]),
-        ("(# s against # s)", [None, runs["fm"]["train_seconds"]["experts"] + runs["fm"]["train_seconds"]["router"]]),
-    ]) + quote_problems("distributed.md", [
+    ]) + quote_problems("grow.md", grow_md_time_quotes()) + quote_problems("distributed.md", [
         ("(# against # for all eight)", [top1["vp"], top1["fm"]]),
         ("monolith (#; #-# with guidance 1.5-3)", [pixels["monolith"]["fid"], *spread(
             pixels[f"monolith @ cfg {g}"]["fid"] for g in ("1.5", "2", "3"))]),
