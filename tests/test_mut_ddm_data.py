@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,19 @@ def test_images_both_at_the_top_and_in_class_folders_are_refused(tmp_path):
     save_png(tmp_path / "b" / "0.png", np.zeros((2, 2), np.uint8))
     save_png(tmp_path / "top.png", np.zeros((2, 2), np.uint8))
     with pytest.raises(DDMError, match="both at the top and in class sub-folders; use one layout"):
+        read_image_folder(tmp_path)
+
+
+def test_images_both_at_the_top_and_in_class_folders_are_named_before_any_other_check(tmp_path):
+    """The layout is said first, naming a top image and the class sub-folders, before an empty sub-folder or a
+    damaged image (which the user may not need to fix once the layout is one)."""
+    save_png(tmp_path / "holiday" / "deeper" / "0.png", np.zeros((2, 2), np.uint8))
+    save_png(tmp_path / "top.png", np.zeros((2, 2), np.uint8))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "holiday" / "damaged.png").write_bytes(b"\x89PNG\r\n")
+    said = (f"use one layout: 1 image(s) directly in it (e.g. {tmp_path / 'top.png'}) are unlabelled, and those in "
+            "its sub-folders (holiday) are classes")
+    with pytest.raises(DDMError, match=re.escape(said)):
         read_image_folder(tmp_path)
 
 

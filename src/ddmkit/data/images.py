@@ -406,6 +406,18 @@ def class_of(root: Path, file: Path) -> str | None:
     return parts[0] if len(parts) > 1 else None
 
 
+def check_one_layout(root: Path, files: list[Path], classes: list[str]) -> None:
+    """A folder with images directly in root and in class sub-folders is a DDMError, said before any image is
+    decoded: one image of each kind named, and the two ways to make it one layout."""
+    top = [p for p in files if p.parent == root]
+    if classes and top:
+        shown = ", ".join(classes[:3]) + (f" and {len(classes) - 3} more" if len(classes) > 3 else "")
+        raise DDMError(f"image folder {root} has images both at the top and in class sub-folders; use one layout: "
+                       f"{len(top)} image(s) directly in it (e.g. {top[0]}) are unlabelled, and those in its "
+                       f"sub-folders ({shown}) are classes. Move the top images into a class sub-folder, or the "
+                       "sub-folders' images to the top (images without classes)")
+
+
 def check_no_empty_class(root: Path, classes: list[str]) -> None:
     """With class sub-folders, a (non-hidden) top-level sub-folder holding no image is a DDMError: dropping
     it would shift the label of every class after it (labels are the sorted folder names)."""
@@ -485,6 +497,7 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
     if unread:
         warnings.warn(f"image folder {root}: {unread}", UserWarning)
     classes = sorted({class_of(root, p) for p in files} - {None})
+    check_one_layout(root, files, classes)
     check_no_empty_class(root, classes)
     # Pillow warns of images of more than Image.MAX_IMAGE_PIXELS ("... could be decompression bomb DOS attack"):
     # the user's own photos, read as any other, so not shown; those of more than twice as many are refused
@@ -514,8 +527,6 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
         raise different_sizes(root, list(sizes.items())[:2], list(sizes), resize)
     labels = None
     if classes:
-        if any(p.parent == root for p in files):
-            raise DDMError(f"image folder {root} has images both at the top and in class sub-folders; use one layout")
         index = {c: i for i, c in enumerate(classes)}
         labels = np.array([index[class_of(root, p)] for p in files], dtype=np.int64)
     return np.stack(arrays), labels, classes
