@@ -236,6 +236,30 @@ def test_array_file_suffixes_are_read_in_any_case(tmp_path, name):
     assert source_files(str(tmp_path / name), {}) == [tmp_path / name]
 
 
+def test_a_data_name_that_is_a_folder_a_file_of_another_type_or_a_typo_is_refused_with_the_settings_that_read_it(
+        tmp_path, monkeypatch):
+    """data.name = "photos" (a folder of images), "x.csv" or "image_foldr" was refused as an unknown data set with
+    the list of names only; the message now says what the name is and what reads it, and the folder's fix runs."""
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((8, 8), 25 * i, np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+    (tmp_path / "x.csv").write_text("1,2\n3,4\n")
+    monkeypatch.chdir(tmp_path)  # a name relative to the folder ddmkit runs in, as a user writes it
+    said = {"photos": 'it is a folder: for a folder of images set data.name = "image_folder" and data.params.path = '
+                      '"photos"',
+            "x.csv": 'it is a .csv file; ddmkit reads arrays from .npy/.npz files: save yours with np.save("data.npy", '
+                     'x)',
+            "image_foldr": "(did you mean 'image_folder'?)"}
+    for name, hint in said.items():
+        message = refused(vectors(tmp_path / "a.toml", name), tmp_path / "run", "data.name: unknown data set", hint)
+        assert "accepted: checkerboard" in message
+    code, err = cli("partition", "--config", vectors(tmp_path / "a.toml", "image_folder", '{ path = "photos" }'),
+                    "--out", tmp_path / "run", "--set", "evaluate.kid_subset=2")
+    assert code == 0 and "8 train / 2 test samples of shape (1, 8, 8)" in err, err
+
+
 @pytest.mark.parametrize("shape, fix", [((400, 8, 8, 3), "np.save(path, x.transpose(0, 3, 1, 2))"),
                                         ((400, 8, 8, 4), "np.save(path, x[..., :3].transpose(0, 3, 1, 2))")])
 def test_float_channels_last_images_given_as_an_array_file_train_as_vectors_with_a_warning(tmp_path, shape, fix):

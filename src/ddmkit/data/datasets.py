@@ -21,6 +21,7 @@ data.params.test_path names.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import warnings
@@ -302,5 +303,20 @@ def load_dataset(name: str, n_train: int = 20000, n_test: int = 5000, seed: int 
     if out is not None:
         _check_loaded(name, *out)
         return out
-    raise DDMError(f"data.name: unknown data set {name!r}; accepted: {', '.join(dataset_names())}, "
-                   "a path to a .npy/.npz file, or a function of your code as 'package.module:function'")
+    raise DDMError(f"data.name: unknown data set {name!r}{unknown_name_hint(name)}; accepted: "
+                   f"{', '.join(dataset_names())}, a path to a .npy/.npz file, or a function of your code as "
+                   "'package.module:function'")
+
+
+def unknown_name_hint(name: str) -> str:
+    """What the error for an unknown data.name adds: the data set it is a typo of, or, for the path of a folder or
+    of a file of another type, the settings that read it."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return (f" (it is a folder: for a folder of images set data.name = \"image_folder\" and data.params.path = "
+                f"\"{name}\"; for IDX files data.name = \"idx\" and data.params.dir = \"{name}\")")
+    if path.is_file():
+        return (f" (it is a {path.suffix or 'suffix-less'} file; ddmkit reads arrays from .npy/.npz files: save yours "
+                "with np.save(\"data.npy\", x), x of shape (N, D), and set data.name = \"data.npy\")")
+    close = difflib.get_close_matches(name, dataset_names(), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
