@@ -402,6 +402,31 @@ def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path, mon
     assert "relative path" not in str(info.value)
 
 
+def test_an_image_path_of_the_other_kind_names_the_loader_that_reads_it(tmp_path, monkeypatch):
+    """image_folder given an image or an array file, and image_array given a folder, were said "not to exist (or
+    not a folder / file)" with the relative-path hint, though the path is there; the message names what reads it,
+    and that fix loads."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((4, 4), 50 * i, np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+    np.save(tmp_path / "x.npy", np.zeros((5, 4, 4), np.uint8))
+    cases = {("image_folder", "photos/0.png"): ('photos/0.png is a file, not a folder: image_folder reads every image '
+                                                'in a folder; name the folder (data.params.path = "photos")'),
+             ("image_folder", "x.npy"): 'for an array of images set data.name = "image_array" (data.params.path = '
+                                        '"x.npy")',
+             ("image_array", "photos"): "'photos' is a folder, not an array file: for a folder of images set "
+                                        'data.name = "image_folder" (data.params.path = "photos")'}
+    for (name, path), said in cases.items():
+        with pytest.raises(DDMError, match=re.escape(said)) as info:
+            load_dataset(name, 0, 0, params={"path": path})
+        assert "relative path" not in str(info.value)
+    assert load_dataset("image_folder", 0, 0, params={"path": "photos"})[0].data_shape == (1, 4, 4)
+    assert load_dataset("image_array", 0, 0, params={"path": "x.npy"})[0].data_shape == (1, 4, 4)
+
+
 def test_data_paths_starting_with_a_tilde_are_read_as_a_shell_reads_them(tmp_path, monkeypatch):
     """`name = "~/data/x.npy"` (and an image folder's, image array's, test file's or IDX folder's "~/...")
     was said not to exist, while latent.pretrained, partition.encoder and the data's fingerprint expanded

@@ -487,6 +487,11 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
     root = Path(path).expanduser()  # "~" as a shell reads it
     if mode not in MODES:
         raise DDMError(f"data.params.mode: unknown {mode!r}; accepted: {', '.join(MODES)}")
+    if root.is_file():
+        fix = (f'for an array of images set data.name = "image_array" (data.params.path = "{path}")'
+               if root.suffix.lower() in (".npy", ".npz") else f'name the folder (data.params.path = "{root.parent}")')
+        raise DDMError(f"data.params.path: {root} is a file, not a folder: image_folder reads every image in a folder; "
+                       f"{fix}")
     if not root.is_dir():
         raise DDMError(f"data.params.path: image folder {root} does not exist (or is not a folder)"
                        f"{relative_hint(root)}")
@@ -592,6 +597,9 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
         raise DDMError("data.params.path: no image array file given; name it in the config ([data] params = { path = "
                        "\"FILE.npy\" }) or on the command line (--set data.params.path=FILE.npy)")
     p = Path(path).expanduser()  # "~" as a shell reads it
+    if p.is_dir():
+        raise DDMError(f"data.params.path: {path!r} is a folder, not an array file: for a folder of images set "
+                       f'data.name = "image_folder" (data.params.path = "{path}")')
     if not p.is_file():
         raise DDMError(f"data.params.path: image array file {path!r} does not exist (or is not a file)"
                        f"{relative_hint(path)}")
