@@ -1015,6 +1015,32 @@ def test_an_npz_of_labels_only_says_it_holds_no_samples(tmp_path):
     assert load_dataset(str(tmp_path / "y.npz"), 0, 0)[0].data_shape == (2,)
 
 
+def test_an_npz_whose_arrays_are_not_all_read_says_which_are_left_out(tmp_path):
+    """np.savez(path, train=..., test=...) trained on 'train' alone and np.savez(path, x=..., y=...) without labels,
+    without a word; a warning names the arrays left out and the setting that reads them. A file read whole (x and
+    labels), or one whose array is chosen by data.params.key, says nothing."""
+    x = np.random.default_rng(0).normal(size=(20, 2)).astype(np.float32)
+    np.savez(tmp_path / "tt.npz", train=x, test=x[:5])
+    np.savez(tmp_path / "xy.npz", x=x, y=np.arange(20) % 2)
+    np.savez(tmp_path / "xl.npz", x=x, labels=np.arange(20) % 2)
+    np.savez(tmp_path / "im.npz", train=np.zeros((10, 4, 4), np.uint8), test=np.zeros((5, 4, 4), np.uint8))
+    cases = {("tt.npz", None): "holds 2 arrays: 'train' is read as the samples, and 'test' not read; to read another "
+                               "as the samples, set data.params.key",
+             ("xy.npz", None): "'y' not read; labels are read only from an array named 'labels': np.savez(path, x=x, "
+                               "labels=y)",
+             ("im.npz", "image_array"): "'test' not read; image_array reads the images of 'x'"}
+    for (name, loader), said in cases.items():
+        with pytest.warns(UserWarning, match=re.escape(said)):
+            if loader:
+                load_dataset(loader, 0, 0, params={"path": str(tmp_path / name)})
+            else:
+                load_dataset(str(tmp_path / name), 0, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_dataset(str(tmp_path / "xl.npz"), 0, 0)[0].labels is not None
+        assert load_dataset(str(tmp_path / "tt.npz"), 0, 0, params={"key": "test"})[0].data_shape == (2,)
+
+
 def test_a_file_of_one_row_is_refused_before_the_split(tmp_path):
     """A one-row file gave a test split of 0 rows and a training split of 1, then a partition.k error; with
     test_path every row trains, so one row is the partition's to judge."""

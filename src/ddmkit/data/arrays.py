@@ -3,6 +3,7 @@ checks of a file's values (finite, within float32's range) and labels (one whole
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,21 @@ def data_array_name(files: list[str], preferred: tuple[str, ...] = ("x",)) -> st
     return next((name for name in preferred if name in files),
                 next((name for name in files if name not in LABEL_NAMES),
                      next((name for name in files if name != "labels"), None)))
+
+
+def warn_unread_arrays(where: str, files: list[str], chosen: str, samples_fix: str) -> None:
+    """Warn of the arrays of an .npz file (`where`, arrays `files`) read neither as the samples (`chosen`) nor as
+    the labels ('labels'): a file saved as train=..., test=... or x=..., y=... trained on part of what it holds
+    without a word. `samples_fix` says how to read another array as the samples."""
+    unread = [name for name in files if name not in (chosen, "labels")]
+    if not unread:
+        return
+    fixes = [samples_fix] if any(name not in LABEL_NAMES for name in unread) else []
+    if any(name in LABEL_NAMES for name in unread):
+        fixes.append("labels are read only from an array named 'labels': np.savez(path, x=x, labels=y)")
+    labels = " and 'labels' as the labels" if "labels" in files else ""
+    warnings.warn(f"{where} holds {len(files)} arrays: {chosen!r} is read as the samples{labels}, and "
+                  f"{', '.join(map(repr, unread))} not read; {'; '.join(fixes)}", UserWarning)
 
 
 def no_sample_array(where: str, files: list[str]) -> str:

@@ -34,7 +34,7 @@ import torch
 import ddmkit.data.synthetic as synthetic
 from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, check_finite, check_float32_range, check_rows_to_split,
                                 checked_labels, data_array_name, is_array_file, load_array_file, no_sample_array,
-                                relative_hint, split_indices, take_rows)
+                                relative_hint, split_indices, take_rows, warn_unread_arrays)
 from ddmkit.data.function import is_function_name, load_function_dataset
 from ddmkit.data.images import IMAGE_LOADERS, check_image_range, is_image_shape, load_idx_dataset
 from ddmkit.errors import DDMError
@@ -130,6 +130,10 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
             said = (f"the array 'labels' of {path!r} holds the labels, not samples" if chosen in arr.files
                     else f"{path!r} holds no array {chosen!r}")
             raise DDMError(f"data.params.key: {said}; accepted: {', '.join(samples)}")
+        if key is None:
+            warn_unread_arrays(f"{field}: data file {path!r}", arr.files, chosen, "to read another as the "
+                               "samples, set data.params.key (a test split of your own: a file of its own, "
+                               "data.params.test_path)")
         key = chosen
         labels = arr["labels"] if "labels" in arr.files else None
         arr = arr[key]

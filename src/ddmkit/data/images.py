@@ -43,7 +43,7 @@ import torch
 
 from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, check_finite, check_float32_range, check_rows_to_split,
                                 checked_labels, data_array_name, load_array_file, no_sample_array, relative_hint,
-                                split_indices, take_rows)
+                                split_indices, take_rows, warn_unread_arrays)
 from ddmkit.errors import DDMError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -612,6 +612,8 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
         key = data_array_name(arr.files, ("x", "images"))
         if key is None or key in LABEL_NAMES and arr[key].ndim < 2:
             raise DDMError(no_sample_array(where, arr.files))
+        warn_unread_arrays(where, arr.files, key, "image_array reads the images of 'x' (else 'images'): save the "
+                           "ones to train on under 'x'")
         labels = arr["labels"] if "labels" in arr.files else None
         arr = arr[key]
     check_image_layout(arr, where, path)
