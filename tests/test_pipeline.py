@@ -221,7 +221,8 @@ def test_bad_inputs_exit_2_with_a_clear_message(tmp_path, cli):
     big_k = tmp_path / "k.toml"
     big_k.write_text(TINY.read_text().replace("n_train = 1600", "n_train = 3").replace("n_test = 1600", "n_test = 3"))
     r = cli("run", big_k, "--out", tmp_path / "o2")
-    assert r.returncode == 2 and "larger than the number of samples" in r.stderr
+    assert r.returncode == 2 and "larger than the number of samples (3)" in r.stderr
+    assert "raise data.n_train (it is 3)" in r.stderr  # n_train is what caps the samples: raising it is the fix
     assert not (tmp_path / "o2" / "partition").exists()
 
     r = cli("run", TINY.parent / "nope.toml", "--out", tmp_path / "o3")
@@ -231,6 +232,20 @@ def test_bad_inputs_exit_2_with_a_clear_message(tmp_path, cli):
     strat.write_text(TINY.read_text().replace('"switch"', '"top-zero"'))
     r = cli("run", strat, "--out", tmp_path / "o4")
     assert r.returncode == 2 and "top-K" in r.stderr
+
+
+def test_k_above_a_small_files_rows_asks_for_fewer_clusters_not_a_larger_n_train(tmp_path, cli):
+    import numpy as np
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).normal(size=(8, 2)).astype("float32"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(TINY.read_text().replace('name = "ring8"', f'name = "{tmp_path / "d.npy"}"')
+                   .replace("[partition]\nk = 4", "[partition]\nk = 16"))
+    r = cli("run", cfg, "--out", tmp_path / "o")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "larger than the number of samples (6)" in r.stderr  # 8 rows less the test split's 2
+    assert "holds 6 training rows, fewer than data.n_train = 1600" in r.stderr
+    assert "set partition.k = 6 or lower, or give the data set more rows" in r.stderr
+    assert "raise data.n_train" not in r.stderr and "use more data" not in r.stderr
 
 
 def test_nan_data_is_refused(tmp_path, cli):

@@ -2,6 +2,7 @@
 fails at the data and partition stage, with a fix that works, not after its networks are trained.
 
     check_run_plan(cfg, n_train, n_test, data_shape, has_truth)   sizes, splits and sample counts
+    too_few_samples(cfg, n_train)                 -> str  partition.k above the training samples: the fix that works
     check_labels(cfg, labels)                     class-conditional networks and guidance against the data's labels
     untrained_classes(cfg, labels)                -> warnings  classes the samples draw that no training row holds
     unused_attention(cfg, data_shape)             -> warnings  UNet attention_res sides that no level of it has
@@ -67,13 +68,23 @@ def largest_n(n_test: int, chunk: int, upper: int) -> int:
     return lo
 
 
+def too_few_samples(cfg: RunConfig, n_train: int) -> str:
+    """The message for partition.k above the n_train training samples the data gave: raising data.n_train is
+    the fix only where it is what caps them; where the data set holds fewer rows (a small file), it adds none."""
+    k, asked = cfg.partition.k, cfg.data.n_train
+    said = f"partition.k = {k} is larger than the number of samples ({n_train}); "
+    if n_train < asked:
+        return (said + f"data set {cfg.data.name!r} holds {n_train} training rows, fewer than data.n_train = "
+                f"{asked} asks for (raising it adds none): set partition.k = {n_train} or lower, or give the data "
+                "set more rows")
+    return said + f"set partition.k = {n_train} or lower, or raise data.n_train (it is {asked}) for more samples"
+
+
 def check_run_plan(cfg: RunConfig, n_train: int, n_test: int, data_shape: tuple, has_truth: bool) -> None:
     """Every size, split and sample count of the config against the data's (n_train, n_test,
     data_shape, whether it has an exact truth); a DDMError naming the field and a fix that works."""
-    k = cfg.partition.k
-    if n_train < k:
-        raise DDMError(f"partition.k = {k} is larger than the number of samples ({n_train}); set partition.k = "
-                       f"{n_train} or lower, or use more data (data.n_train)")
+    if n_train < cfg.partition.k:
+        raise DDMError(too_few_samples(cfg, n_train))
     s = cfg.sample
     sets = planned_sets(cfg, has_truth)
     extra = [p.n for p in sets if p.n != s.n]

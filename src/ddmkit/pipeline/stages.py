@@ -37,6 +37,7 @@ from ddmkit.nets import build_model, build_seeded, check_builds, use_network
 from ddmkit.nets.folders import check_argument_names
 from ddmkit.nets.unet import UNet, check_size, fitting_sides, size_fix
 from ddmkit.nets.user import check_output, is_user_network
+from ddmkit.pipeline.checks import too_few_samples
 from ddmkit.registry import (AUTOENCODER_WEIGHTS, checked_model_shards, data_fix, data_sha256, load_data_file,
                              model_shards, shard_files, write_registry)
 from ddmkit.train.autoencoder import train_autoencoder
@@ -65,8 +66,7 @@ def load_data(cfg: RunConfig) -> tuple[ArrayData, ArrayData]:
     d = cfg.data
     train, test = load_dataset(d.name, d.n_train, d.n_test, d.seed, d.params)
     if len(train) < cfg.partition.k:
-        raise DDMError(f"partition.k = {cfg.partition.k} is larger than the number of samples ({len(train)}); "
-                       "lower partition.k or use more data (data.n_train)")
+        raise DDMError(too_few_samples(cfg, len(train)))
     return train, test
 
 
