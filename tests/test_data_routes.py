@@ -192,7 +192,8 @@ def test_a_bad_mixture_exits_2_naming_the_field(tmp_path, monkeypatch, capsys, p
 
 
 def test_lists_are_accepted_only_for_the_keys_that_take_them():
-    with pytest.raises(DDMError, match="data.params.radius: expected a number"):
+    with pytest.raises(DDMError, match=r"data.params.radius: give a number from 0 to 1e\+06 "
+                                       r"\(it is \[1.0, 2.0\], a list\)"):
         load_dataset("ring8", 10, 10, params={"radius": [1.0, 2.0]})
     with pytest.raises(DDMError, match="data.params.means: unknown keyword for the 'ring8' preset"):
         load_dataset("ring8", 10, 10, params={"means": [[0.0, 0.0]]})

@@ -5,6 +5,7 @@ these promises and points here."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import torch
 
 import ddmkit.data.features as features
 from ddmkit.config import RunConfig, load_config, validate
+from ddmkit.data import load_dataset
 from ddmkit.data.arrays import ArrayData
 from ddmkit.data.partition import partition_data
 from ddmkit.ddm import load_ddm
@@ -498,11 +500,24 @@ def test_guidance_on_unconditional_experts_is_refused_before_anything_is_written
 def test_unknown_or_non_finite_data_params_name_the_field_and_the_accepted_keywords(tmp_path):
     with pytest.raises(DDMError, match=r"data\.params\.radiuss: unknown keyword .*accepted: k, radius, std"):
         prepare_run_dir(tmp_path / "a", tiny(data={"params": {"radiuss": 3.0}}), log=QUIET)
-    with pytest.raises(DDMError, match=r"data\.params\.radius: nan is out of range"):
+    with pytest.raises(DDMError, match=r"data\.params\.radius: give a number from 0 to 1e\+06 \(it is nan\)"):
         prepare_run_dir(tmp_path / "b", tiny(data={"params": {"radius": float("nan")}}), log=QUIET)
     with pytest.raises(DDMError, match=r"data\.params\.noise"):
         prepare_run_dir(tmp_path / "c", tiny(data={"name": "moons", "params": {"noise": "lots"}}), log=QUIET)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("key", ["resize", "crop", "pad_to"])
+@pytest.mark.parametrize("value, shown", [
+    (0, "0"), (5000, "5000"), (2.5, "2.5"), (True, "true"),
+    ("32", "'32', text: write the number unquoted in TOML and --set"), ("big", "'big', text")])
+def test_an_image_loaders_whole_number_param_is_refused_in_one_wording(tmp_path, key, value, shown):
+    """resize = 0 said 'a finite number in 1 .. 4096' and resize = "32" 'expected a whole number': one wording
+    now, out of range or of another type, for every whole-number keyword of the image loaders."""
+    for name in ("image_folder", "image_array"):
+        with pytest.raises(DDMError, match=rf"^data\.params\.{key}: give a whole number from 1 to 4096 "
+                                           rf"\(it is {re.escape(shown)}\)$"):
+            load_dataset(name, 10, 10, params={"path": str(tmp_path), key: value})
 
 
 def test_a_presets_own_seed_is_a_data_param(tmp_path):

@@ -76,12 +76,33 @@ def check_params(source: str, params: dict[str, Any], accepted: list[str]) -> No
         if key in OPTIONAL and v is None:
             continue
         is_int = isinstance(v, int) and not isinstance(v, bool)
-        if kind is int and not is_int:
-            raise DDMError(f"{where}: expected a whole number in {low} .. {high}, got {v!r}")
-        if kind is float and not (is_int or isinstance(v, float)):
-            raise DDMError(f"{where}: expected a number in {low:g} .. {high:g}, got {v!r}")
-        if not (math.isfinite(v) and low <= v <= high):
-            raise DDMError(f"{where}: {v!r} is out of range; accepted: a finite number in {low:g} .. {high:g}")
+        fits = is_int or (kind is float and isinstance(v, float))
+        if not (fits and (is_int or math.isfinite(v)) and low <= v <= high):
+            raise DDMError(f"{where}: {wanted_number(kind, low, high)} (it is {shown_value(v)})")
+
+
+def wanted_number(kind: type, low: float, high: float) -> str:
+    """What a numeric data.params keyword takes: 'give a whole number from 1 to 4096', 'give a number from 0 to
+    1e+06'; one wording whether the value is out of range or of another type."""
+    if kind is int:
+        return f"give a whole number from {low} to {high}"
+    return f"give a number from {low:g} to {high:g}"
+
+
+def shown_value(v: Any) -> str:
+    """A data.params value as a message shows it: 0, 2.5, nan; '32', text (with the fix where the text is a number);
+    true; [1.0], a list."""
+    if isinstance(v, str):
+        try:
+            float(v)
+        except ValueError:
+            return f"{v!r}, text"
+        return f"{v!r}, text: write the number unquoted in TOML and --set"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, dict)):
+        return f"{v!r}, a {'list' if isinstance(v, list) else 'table'}"
+    return repr(v)
 
 
 def _check_loaded(name: str, *splits: ArrayData) -> None:
