@@ -696,3 +696,27 @@ def test_a_model_hub_id_is_told_that_nothing_is_downloaded_and_how_to_save_the_f
     with pytest.raises(DDMError, match=r"a relative path is read from the folder ddmkit runs in") as info:
         folder_config("models/vae")  # its parent is here: not a hub id
     assert "hub id" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, value, said", [
+    ("scaling_factor", 0, "scaling_factor = 0 is not a number > 0"),
+    ("scaling_factor", None, "scaling_factor = null is not a number > 0"),
+    ("scaling_factor", "0.18", 'scaling_factor = "0.18" is not a number > 0'),
+    ("scaling_factor", -1.0, "scaling_factor = -1.0 is not a number > 0"),
+    ("shift_factor", float("nan"), "shift_factor = NaN is not a finite number"),
+])
+def test_a_scaling_factor_that_cannot_scale_is_refused_before_the_run_writes(tmp_path, monkeypatch, capsys, name,
+                                                                             value, said):
+    """scaling_factor 0 or null in a pretrained folder's config.json crashed with a traceback after the data and
+    partition were written (ZeroDivisionError, TypeError); "0.18" or a NaN shift encoded the latents, then every
+    later stage refused the run's own copy as 'changed'."""
+    tiny_autoencoder().save_pretrained(tmp_path / "vae", safe_serialization=True)
+    settings = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**settings, name: value}))
+    code, out = exit_code(monkeypatch, capsys, "run", latent_config(tmp_path, pretrained=tmp_path / "vae"), "--out",
+                          tmp_path / "run")
+    assert code == 2 and f"latent.pretrained: {tmp_path / 'vae' / 'config.json'}: {said}" in out, out
+    assert "set it there to a" in out and "Traceback" not in out and not (tmp_path / "run").exists(), out
+    settings.pop("scaling_factor")  # left out: diffusers' default, which the message offers
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(settings))
+    assert load_autoencoder(tmp_path / "vae").config.scaling_factor == 0.18215

@@ -20,6 +20,8 @@ diffusers is an optional extra (`pip install "ddmkit[latent]"`), imported where 
 """
 from __future__ import annotations
 
+import json
+import math
 import re
 
 from dataclasses import dataclass
@@ -97,6 +99,22 @@ def folder_config(folder: str | Path) -> dict:
     return config
 
 
+def check_scale(config: dict, file: Path, given: str) -> None:
+    """A DDMError unless config's scaling_factor is a number > 0 and its shift_factor a finite number (each may
+    be absent; shift_factor also null): latents are (mean - shift_factor) x scaling_factor."""
+    for name, positive in (("scaling_factor", True), ("shift_factor", False)):
+        value = config.get(name)
+        if value is None and (name not in config or not positive):
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or (positive and value <= 0):
+            fix = ("0.18215 (diffusers' default; the run's note on the latents' std then gives the one that fits "
+                   "these images)" if positive else "0 (no shift)")
+            raise DDMError(f"{given}: {file}: {name} = {json.dumps(value)} is not a "
+                           f"{'number > 0' if positive else 'finite number'} (latents are (mean - shift_factor) x "
+                           f"scaling_factor); set it there to a {'positive ' if positive else ''}number, e.g. {fix}")
+
+
 def sub_folder_hint(folder: Path) -> str:
     """Where an AutoencoderKL lies below `folder`: a pipeline's vae/, a latent run's autoencoder/ (or "")."""
     for sub, what in (("vae", "a pipeline folder"), ("autoencoder", "a latent run's folder")):
@@ -171,7 +189,7 @@ def load_autoencoder(folder: str | Path, run_copy: bool = False) -> nn.Module:
     run_copy: the folder is a run's own copy, RUN/autoencoder, not the config's latent.pretrained folder
     (what the messages name)."""
     given = "RUN/autoencoder" if run_copy else "latent.pretrained"
-    folder_config(folder)
+    check_scale(folder_config(folder), Path(folder) / "config.json", given)
     diffusers = require_diffusers()
     try:
         model, info = diffusers.AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
