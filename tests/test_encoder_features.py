@@ -381,3 +381,14 @@ def test_a_model_hub_id_is_told_that_nothing_is_downloaded(tmp_path, monkeypatch
     with pytest.raises(DDMError, match=r"partition.encoder: encoder folder .* does not exist.*; " + hub +
                        r".*AutoModel.from_pretrained\('facebook/dinov2-small'\)"):
         encoder_spec("facebook/dinov2-small")
+
+
+def test_an_encoder_of_one_channel_images_is_refused_naming_its_channels(tmp_path):
+    """A DINOv2 saved with num_channels = 1 (for grey images) was refused as 'partition.encoder_size = 32 ...
+    cannot take images of this size (its patch size is 8)', with encoder_size = 224 as the fix, which fails the
+    same way: ddmkit gives every encoder three channels."""
+    transformers.Dinov2Model(transformers.Dinov2Config(**TINY, num_channels=1)).save_pretrained(tmp_path / "grey")
+    with pytest.raises(DDMError, match=r"^partition.encoder: .*grey takes 1-channel images \(num_channels in its "
+                                       r"config.json\); .*give an encoder of 3-channel images") as info:
+        encoder_spec(tmp_path / "grey")
+    assert "encoder_size" not in str(info.value)

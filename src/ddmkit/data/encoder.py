@@ -237,6 +237,12 @@ def encoder_spec(folder: str | Path, pool: str = "cls", size: int | None = None,
         raise DDMError(f"partition.encoder_pool: {pool!r}; accepted: {', '.join(POOLS)}")
     path = Path(folder).expanduser().resolve()
     model, model_type = load_encoder(folder)  # as given: a missing one is named as the user wrote it
+    channels = getattr(model.config, "num_channels", 3)
+    if channels != 3:  # its first layer would refuse the three channels of every image (grey ones repeated)
+        raise DDMError(f"partition.encoder: {path} takes {channels}-channel images (num_channels in its config.json); "
+                       "ddmkit gives an encoder RGB images, grey ones repeated to three channels: give an encoder of "
+                       "3-channel images (DINOv2, CLIP, ...), or set partition.features = 'pca' and remove "
+                       "partition.encoder")
     size = size or default_size(path, model)
     if size is None:
         raise DDMError(f"partition.encoder_size: {path} gives no input size (no preprocessor_config.json size, no "
