@@ -720,3 +720,19 @@ def test_a_scaling_factor_that_cannot_scale_is_refused_before_the_run_writes(tmp
     settings.pop("scaling_factor")  # left out: diffusers' default, which the message offers
     (tmp_path / "vae" / "config.json").write_text(json.dumps(settings))
     assert load_autoencoder(tmp_path / "vae").config.scaling_factor == 0.18215
+
+
+def test_a_file_given_for_the_folder_is_named_a_file_with_its_folder(tmp_path, monkeypatch, capsys):
+    """latent.pretrained = ".../config.json" (or the weights file) was 'not a folder; give a local ... folder',
+    without saying that the folder holding it is the one to give."""
+    tiny_autoencoder().save_pretrained(tmp_path / "vae", safe_serialization=True)
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        config = latent_config(tmp_path, pretrained=tmp_path / "vae" / name)
+        code, out = exit_code(monkeypatch, capsys, "run", config, "--out", tmp_path / "run")
+        assert code == 2 and f"{tmp_path / 'vae' / name} is a file, not a diffusers AutoencoderKL folder" in out, out
+        assert f'set latent.pretrained = "{tmp_path / "vae"}", the folder that holds it' in out, out
+        assert not (tmp_path / "run").exists()
+    (tmp_path / "x.npz").write_bytes(b"")
+    with pytest.raises(DDMError, match=r"x.npz is a file, not a diffusers AutoencoderKL folder .*; give the folder "
+                                       r"of one$"):
+        load_autoencoder(tmp_path / "x.npz")

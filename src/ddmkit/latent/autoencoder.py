@@ -68,6 +68,11 @@ def build_autoencoder(cfg: LatentConfig, channels: int, size: int) -> nn.Module:
 def folder_config(folder: str | Path) -> dict:
     """The config.json of an AutoencoderKL folder, checked to be one (nothing else is read)."""
     folder = Path(folder)
+    if folder.is_file():  # config.json or the weights, named for the folder that holds them
+        holder = (f"set latent.pretrained = \"{folder.parent}\", the folder that holds it"
+                  if (folder.parent / "config.json").is_file() else "give the folder of one")
+        raise DDMError(f"latent.pretrained: {folder} is a file, not a diffusers AutoencoderKL folder (config.json + "
+                       f"diffusion_pytorch_model.safetensors); {holder}")
     if not folder.is_dir():
         raise DDMError(f"latent.pretrained: {folder} is not a folder; give a local diffusers AutoencoderKL folder "
                        "(config.json + diffusion_pytorch_model.safetensors), e.g. one written by "
