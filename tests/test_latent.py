@@ -736,3 +736,18 @@ def test_a_file_given_for_the_folder_is_named_a_file_with_its_folder(tmp_path, m
     with pytest.raises(DDMError, match=r"x.npz is a file, not a diffusers AutoencoderKL folder .*; give the folder "
                                        r"of one$"):
         load_autoencoder(tmp_path / "x.npz")
+
+
+def test_a_folder_without_weights_is_told_to_copy_them_not_to_convert_them(tmp_path):
+    """A folder holding config.json alone (the weights not copied) was told to 'convert the weights with
+    AutoencoderKL.save_pretrained': there are none to convert. A folder of pickled weights is still told to."""
+    ae = tiny_autoencoder()
+    ae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(DDMError, match=r"vae holds a config.json but no weights \(diffusion_pytorch_model.safetensors\)"
+                                       r"; copy the folder again, whole") as info:
+        load_autoencoder(tmp_path / "vae")
+    assert "convert" not in str(info.value)
+    ae.save_pretrained(tmp_path / "vae", safe_serialization=False)
+    with pytest.raises(DDMError, match=r"never pickled .bin files\): convert the weights"):
+        load_autoencoder(tmp_path / "vae")

@@ -91,9 +91,12 @@ def folder_config(folder: str | Path) -> dict:
         raise DDMError(f"latent.pretrained: {folder / 'config.json'} {what}, not an {CLASS_NAME}"
                        f"{sub_folder_hint(folder)}; give the folder of a diffusers VAE itself (for a pipeline, its "
                        "vae/ sub-folder)")
-    if not any(folder.glob("*.safetensors")):
+    if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
         raise DDMError(f"latent.pretrained: {folder} holds no .safetensors weights; ddmkit loads safetensors only "
                        "(never pickled .bin files): convert the weights with AutoencoderKL.save_pretrained")
+    if not any(folder.glob("*.safetensors")):
+        raise DDMError(f"latent.pretrained: {folder} holds a config.json but no weights "
+                       f"(diffusion_pytorch_model.safetensors); {RECOPY}")
     variants = sorted(p.name for p in folder.glob("diffusion_pytorch_model.*.safetensors")
                       if p.name.count(".") == 2)  # diffusion_pytorch_model.fp16.safetensors (not a shard's index)
     if not (folder / "diffusion_pytorch_model.safetensors").exists() and variants:
