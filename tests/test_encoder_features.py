@@ -392,3 +392,18 @@ def test_an_encoder_of_one_channel_images_is_refused_naming_its_channels(tmp_pat
                                        r"config.json\); .*give an encoder of 3-channel images") as info:
         encoder_spec(tmp_path / "grey")
     assert "encoder_size" not in str(info.value)
+
+
+def test_a_relative_encoder_folder_says_where_it_was_looked_for(folders, tmp_path, monkeypatch):
+    """Run from another folder, partition.encoder = "models/enc" was only 'does not exist'; latent.pretrained's
+    message says that a relative path is read from the folder ddmkit runs in, and what to do."""
+    import shutil
+    shutil.copytree(folders / "dino", tmp_path / "project" / "models" / "enc")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(DDMError, match=r"does not exist; .*a relative path is read from the folder ddmkit runs in "
+                                       r"\(.*elsewhere\), not the config's: run ddmkit from the folder it is relative "
+                                       r"to, or give an absolute path"):
+        encoder_spec("models/enc")
+    monkeypatch.chdir(tmp_path / "project")
+    assert encoder_spec("models/enc")["model_type"] == "dinov2"
