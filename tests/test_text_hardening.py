@@ -972,3 +972,12 @@ def test_train_expert_given_the_config_or_manifest_as_the_shard_shows_the_right_
     toml.write_text('kind = "text_ar"\n')
     code, err = cli("train-expert", toml, "--config", folder.config, "--out", tmp_path / "expert")
     assert code == 2 and f"shard {toml} is a config (TOML text), given where a shard goes" in " ".join(err.split())
+
+
+def test_blocks_of_crlf_text_keep_no_carriage_return_at_their_ends():
+    """CRLF text split into blocks gave documents beginning with '\\r\\n' and ending with '\\r'."""
+    from ddmkit.discrete.corpus import split_blocks
+
+    text = b"first line\r\nsecond\r\n\r\n\r\nnext block\r\n\r\nlast\r\n"
+    assert split_blocks(text) == [b"first line\r\nsecond", b"next block", b"last"]
+    assert split_blocks(text.replace(b"\r\n", b"\n")) == [b"first line\nsecond", b"next block", b"last"]

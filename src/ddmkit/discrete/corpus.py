@@ -51,8 +51,9 @@ def list_files(root: Path, pattern: str) -> list[Path]:
 
 
 def split_blocks(text: bytes) -> list[bytes]:
-    """Blocks separated by one or more blank lines, stripped, empty ones dropped."""
-    return [b.strip(b"\n") for b in re.split(rb"\n[ \t\r]*\n", text) if b.strip()]
+    """Blocks separated by one or more blank lines (LF or CRLF line ends), without the line breaks at their
+    ends, empty ones dropped."""
+    return [b.strip(b"\r\n") for b in re.split(rb"\n[ \t\r]*\n", text) if b.strip()]
 
 
 def is_utf8(text: bytes) -> bool:
