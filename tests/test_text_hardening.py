@@ -981,3 +981,21 @@ def test_blocks_of_crlf_text_keep_no_carriage_return_at_their_ends():
     text = b"first line\r\nsecond\r\n\r\n\r\nnext block\r\n\r\nlast\r\n"
     assert split_blocks(text) == [b"first line\r\nsecond", b"next block", b"last"]
     assert split_blocks(text.replace(b"\r\n", b"\n")) == [b"first line\nsecond", b"next block", b"last"]
+
+
+def test_utf16_and_utf32_files_beside_utf8_ones_are_named_as_such_with_the_command_that_converts_them(tmp_path):
+    """A UTF-16 file among UTF-8 ones was logged as 'skipped 1 binary file', with no word of its encoding."""
+    from ddmkit.discrete.config import CorpusConfig
+    from ddmkit.discrete.corpus import all_documents
+
+    for i in range(2):
+        (tmp_path / f"ok{i}.txt").write_text("plain text " * 10)
+    (tmp_path / "wide16.txt").write_bytes("text saved as UTF-16 ".encode("utf-16") * 5)
+    (tmp_path / "wide32.txt").write_bytes("text saved as UTF-32 ".encode("utf-32") * 5)
+    lines = []
+    docs = all_documents(CorpusConfig(source=str(tmp_path), pattern="*.txt", min_doc_bytes=16), lines.append)
+    assert sorted(d.name for d in docs) == ["ok0.txt", "ok1.txt"]
+    assert lines == ["corpus: skipped 1 UTF-16 text file (a byte-order mark): wide16.txt; convert to UTF-8 to use it "
+                     "(e.g. `iconv -f UTF-16 -t UTF-8 IN > OUT`)",
+                     "corpus: skipped 1 UTF-32 text file (a byte-order mark): wide32.txt; convert to UTF-8 to use it "
+                     "(e.g. `iconv -f UTF-32 -t UTF-8 IN > OUT`)"]

@@ -13,6 +13,7 @@ both named in a log line.
 """
 from __future__ import annotations
 
+import codecs
 import random
 import re
 import sysconfig
@@ -23,6 +24,8 @@ from typing import Callable
 from ddmkit.errors import DDMError, counted
 
 SKIP_PARTS = {"site-packages", "dist-packages", "__pycache__"}
+BOMS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32",  # before UTF-16's: FF FE begins both
+        codecs.BOM_UTF16_LE: "UTF-16", codecs.BOM_UTF16_BE: "UTF-16"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,11 @@ def is_utf8(text: bytes) -> bool:
         return False
 
 
+def wide_encoding(text: bytes) -> str | None:
+    """'UTF-16' or 'UTF-32' for text that begins with that encoding's byte-order mark, else None."""
+    return next((name for bom, name in BOMS.items() if text.startswith(bom)), None)
+
+
 def _named(paths: list[str]) -> str:
     return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
 
@@ -84,11 +92,15 @@ def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
     files = list_files(root, cfg.pattern)
     if not files:
         raise DDMError(f"corpus: no files match pattern {cfg.pattern!r} (corpus.pattern) under {root}")
-    docs, binary, other = [], [], []
+    docs, binary, wide, other = [], [], {}, []
     for path in files:
         text, name = path.read_bytes(), str(path.relative_to(root)) if root.is_dir() else path.name
         if b"\0" in text:
-            binary.append(name)
+            encoding = wide_encoding(text)
+            if encoding is None:
+                binary.append(name)
+            else:
+                wide.setdefault(encoding, []).append(name)
             continue
         if not is_utf8(text):
             other.append(name)
@@ -96,14 +108,18 @@ def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
     if binary:
         log(f"corpus: skipped {counted(len(binary), 'binary file')} (holding a NUL byte): "
             f"{_named(binary)}")
+    for encoding, names in wide.items():
+        log(f"corpus: skipped {counted(len(names), f'{encoding} text file')} (a byte-order mark): {_named(names)}; "
+            f"convert to UTF-8 to use it (e.g. `iconv -f {encoding} -t UTF-8 IN > OUT`)")
     if other:
         log(f"corpus: {counted(len(other), 'file is', 'files are')} not UTF-8 (another encoding?), used as bytes: "
             f"{_named(other)}")
     if len(docs) < 2:
         fix = ('use unit = "block" (one document per blank-line-separated block), lower corpus.min_doc_bytes, '
                "or add files" if cfg.unit == "file" else "lower corpus.min_doc_bytes or use more text")
-        if binary:  # UTF-16 and UTF-32 text hold NUL bytes: no setting reads them
-            fix = (f"skipped as binary ({len(binary)} of {len(files)} files matched): {_named(binary)}; a NUL byte "
+        skipped = binary + sum(wide.values(), [])
+        if skipped:  # UTF-16 and UTF-32 text hold NUL bytes: no setting reads them
+            fix = (f"skipped as binary ({len(skipped)} of {len(files)} files matched): {_named(skipped)}; a NUL byte "
                    "means not text, or text in UTF-16 or UTF-32: convert it to UTF-8 (e.g. `iconv -f UTF-16 -t "
                    f"UTF-8 IN > OUT`); else {fix}")
         raise DDMError(f"corpus: only {counted(len(docs), 'document')} of at least {cfg.min_doc_bytes} bytes under "
