@@ -999,3 +999,20 @@ def test_utf16_and_utf32_files_beside_utf8_ones_are_named_as_such_with_the_comma
                      "(e.g. `iconv -f UTF-16 -t UTF-8 IN > OUT`)",
                      "corpus: skipped 1 UTF-32 text file (a byte-order mark): wide32.txt; convert to UTF-8 to use it "
                      "(e.g. `iconv -f UTF-32 -t UTF-8 IN > OUT`)"]
+
+
+@pytest.mark.parametrize("unit, text, fix", [
+    ("file", b"", r"the 1 file read holds no text \(empty or blank\); add text$"),
+    ("block", b"one long line " * 1000, r'the text is one block .*separate documents by a blank line, or put one '
+                                         r'document per file and use unit = "file"$'),
+    ("block", b"many lines\n" * 1000, "the text is one block"),
+], ids=["empty", "one-line", "no-blank-line"])
+def test_too_few_documents_names_the_fix_that_helps(tmp_path, unit, text, fix):
+    """An empty file, or one long line with unit = "block", was told to lower corpus.min_doc_bytes, which cannot help."""
+    from ddmkit.discrete.config import CorpusConfig
+    from ddmkit.discrete.corpus import all_documents
+
+    (tmp_path / "one.txt").write_bytes(text)
+    with pytest.raises(DDMError, match=fix) as caught:
+        all_documents(CorpusConfig(source=str(tmp_path), pattern="*.txt", unit=unit, min_doc_bytes=16), QUIET)
+    assert "min_doc_bytes or" not in str(caught.value)

@@ -115,16 +115,31 @@ def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
         log(f"corpus: {counted(len(other), 'file is', 'files are')} not UTF-8 (another encoding?), used as bytes: "
             f"{_named(other)}")
     if len(docs) < 2:
-        fix = ('use unit = "block" (one document per blank-line-separated block), lower corpus.min_doc_bytes, '
-               "or add files" if cfg.unit == "file" else "lower corpus.min_doc_bytes or use more text")
-        skipped = binary + sum(wide.values(), [])
-        if skipped:  # UTF-16 and UTF-32 text hold NUL bytes: no setting reads them
-            fix = (f"skipped as binary ({len(skipped)} of {len(files)} files matched): {_named(skipped)}; a NUL byte "
-                   "means not text, or text in UTF-16 or UTF-32: convert it to UTF-8 (e.g. `iconv -f UTF-16 -t "
-                   f"UTF-8 IN > OUT`); else {fix}")
-        raise DDMError(f"corpus: only {counted(len(docs), 'document')} of at least {cfg.min_doc_bytes} bytes under "
-                       f"{root}, 2 at least are needed; {fix}")
+        raise too_few_documents(cfg, root, files, len(docs), binary + sum(wide.values(), []))
     return docs
+
+
+def too_few_documents(cfg, root: Path, files: list[Path], n_docs: int, skipped: list[str]) -> DDMError:
+    """The error for a corpus of fewer than 2 documents, with the fix that helps: the files skipped for a
+    NUL byte, files holding no text, a single block of text, or documents shorter than cfg.min_doc_bytes."""
+    texts = [t for t in map(Path.read_bytes, files) if b"\0" not in t]
+    pieces = sum(len(split_blocks(t)) if cfg.unit == "block" else bool(t.strip()) for t in texts)
+    if pieces == 0:
+        fix = f"the {counted(len(texts), 'file read holds', 'files read hold')} no text (empty or blank); add text"
+    elif pieces == 1 and cfg.unit == "block":
+        fix = ('the text is one block (unit = "block" splits at blank lines): separate documents by a blank line, '
+               'or put one document per file and use unit = "file"')
+    elif pieces == 1:
+        fix = 'use unit = "block" (one document per blank-line-separated block), or add files'
+    else:
+        fix = "lower corpus.min_doc_bytes or use more text"
+    if skipped:  # UTF-16 and UTF-32 text hold NUL bytes: no setting reads them
+        convert = (f"skipped as binary ({len(skipped)} of {len(files)} files matched): {_named(skipped)}; a NUL "
+                   "byte means not text, or text in UTF-16 or UTF-32: convert it to UTF-8 (e.g. `iconv -f UTF-16 "
+                   "-t UTF-8 IN > OUT`)")
+        fix = f"{convert}; else {fix}" if texts else convert
+    return DDMError(f"corpus: only {counted(n_docs, 'document')} of at least {cfg.min_doc_bytes} bytes under {root}, "
+                    f"2 at least are needed; {fix}")
 
 
 def sample_documents(docs: list[Document], cfg) -> list[Document]:
