@@ -1016,3 +1016,19 @@ def test_too_few_documents_names_the_fix_that_helps(tmp_path, unit, text, fix):
     with pytest.raises(DDMError, match=fix) as caught:
         all_documents(CorpusConfig(source=str(tmp_path), pattern="*.txt", unit=unit, min_doc_bytes=16), QUIET)
     assert "min_doc_bytes or" not in str(caught.value)
+
+
+def test_a_pattern_that_misses_files_in_subfolders_says_which_pattern_finds_them(tmp_path):
+    """`pattern = "*.txt"` over a folder of subfolders said only 'no files match', with no fix."""
+    from ddmkit.discrete.config import CorpusConfig
+    from ddmkit.discrete.corpus import all_documents
+
+    (tmp_path / "a").mkdir()
+    for i in range(2):
+        (tmp_path / "a" / f"doc{i}.txt").write_text("plain text " * 10)
+    with pytest.raises(DDMError, match=r"no files match pattern '\*\.txt' \(corpus.pattern\) under .*; files in its "
+                                       r"subfolders match '\*\*/\*\.txt': set corpus.pattern = '\*\*/\*\.txt'$"):
+        all_documents(CorpusConfig(source=str(tmp_path), pattern="*.txt", min_doc_bytes=16), QUIET)
+    assert len(all_documents(CorpusConfig(source=str(tmp_path), pattern="**/*.txt", min_doc_bytes=16), QUIET)) == 2
+    with pytest.raises(DDMError, match=r"no files match pattern '\*\.md' \(corpus.pattern\) under \S+$"):
+        all_documents(CorpusConfig(source=str(tmp_path), pattern="*.md", min_doc_bytes=16), QUIET)

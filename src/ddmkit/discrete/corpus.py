@@ -91,7 +91,10 @@ def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
     root = resolve_source(cfg.source)
     files = list_files(root, cfg.pattern)
     if not files:
-        raise DDMError(f"corpus: no files match pattern {cfg.pattern!r} (corpus.pattern) under {root}")
+        deeper = f"**/{cfg.pattern}"  # '*.txt' finds no file in a subfolder
+        hint = (f"; files in its subfolders match {deeper!r}: set corpus.pattern = {deeper!r}"
+                if not cfg.pattern.startswith("**") and list_files(root, deeper) else "")
+        raise DDMError(f"corpus: no files match pattern {cfg.pattern!r} (corpus.pattern) under {root}{hint}")
     docs, binary, wide, other = [], [], {}, []
     for path in files:
         text, name = path.read_bytes(), str(path.relative_to(root)) if root.is_dir() else path.name
