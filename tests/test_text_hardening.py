@@ -1032,3 +1032,17 @@ def test_a_pattern_that_misses_files_in_subfolders_says_which_pattern_finds_them
     assert len(all_documents(CorpusConfig(source=str(tmp_path), pattern="**/*.txt", min_doc_bytes=16), QUIET)) == 2
     with pytest.raises(DDMError, match=r"no files match pattern '\*\.md' \(corpus.pattern\) under \S+$"):
         all_documents(CorpusConfig(source=str(tmp_path), pattern="*.md", min_doc_bytes=16), QUIET)
+
+
+def test_verify_of_a_folder_inside_a_run_or_of_no_run_names_the_run_folder_not_register(text_runs, tmp_path):
+    """`ddmkit verify RUN/partition` (or a folder of runs, or a corpus folder) said to run `ddmkit register` on
+    that folder, which then refused it too."""
+    run = text_runs["text_ar"]
+    for inside in (run / "partition", run / "plots"):
+        code, err = cli("verify", inside)
+        said = " ".join(err.split())
+        assert code == 2 and f"{inside} is a folder inside the run {run.resolve()}; give the run folder itself" \
+            in said and "register" not in said, said
+    code, err = cli("verify", tmp_path)
+    said = " ".join(err.split())
+    assert code == 2 and f"{tmp_path} is not a ddmkit run folder (no config.json)" in said and "register" not in said

@@ -665,6 +665,17 @@ def _same_release(a: str, b: str) -> bool:
     return a.split(".")[:2] == b.split(".")[:2]
 
 
+def no_registry(run: Path) -> DDMError:
+    """The error for a folder without registry.json: register it if it is a run, else give the run folder (a
+    folder inside a run, RUN/partition, names the run)."""
+    if (run / "config.json").is_file():
+        return DDMError(f"{run}: no registry yet ({REGISTRY}); run `ddmkit register {run}` first")
+    above = enclosing_run(run)
+    if above is not None:
+        return DDMError(f"{run} is a folder inside the run {above}; give the run folder itself: {above}")
+    return DDMError(f"{run} is not a ddmkit run folder (no config.json); give the folder `ddmkit run` wrote")
+
+
 def verify_registry(run: str | Path, allow_missing: bool = True, retraining: bool = False,
                     shards: bool = False, router_needed: bool = True) -> dict:
     """Check every model folder listed in RUN/registry.json against it.
@@ -685,7 +696,7 @@ def verify_registry(run: str | Path, allow_missing: bool = True, retraining: boo
     source = run / REGISTRY
     check_run_exists(run)
     if not source.exists():
-        raise DDMError(f"{run}: no registry yet ({REGISTRY}); run `ddmkit register {run}` first")
+        raise no_registry(run)
     reg = _validated(Registry, read_json(source), str(source))
     manifest, _ = load_partition_checked(run / "partition")
     if reg.time_convention is not None or manifest.get("data_name") != "text":
