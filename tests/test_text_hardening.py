@@ -1046,3 +1046,12 @@ def test_verify_of_a_folder_inside_a_run_or_of_no_run_names_the_run_folder_not_r
     code, err = cli("verify", tmp_path)
     said = " ".join(err.split())
     assert code == 2 and f"{tmp_path} is not a ddmkit run folder (no config.json)" in said and "register" not in said
+
+
+def test_a_run_of_one_cluster_and_one_router_says_expert_and_router_in_the_singular(tmp_path):
+    """partition.k = 1 said 'text models: 1 experts, routers learned'."""
+    lines = []
+    run_text(write_config(tmp_path, "text_dfm", kinds='["learned"]'), tmp_path / "run", log=lines.append,
+             overrides=["partition.k=1", "expert.train.steps=2", "router.train.steps=2", "centralized.enabled=false"])
+    said = next(line for line in lines if line.startswith("text models:"))
+    assert said.startswith("text models: 1 expert, router learned ready in"), said

@@ -44,7 +44,7 @@ from ddmkit.discrete.report import write_report
 from ddmkit.data.partition import check_given_shard, read_shard
 from ddmkit.discrete.shards import cluster_prior, load_streams, mixed_windows, partition_text, sample_windows
 from ddmkit.discrete.tokens import NUM_BYTES
-from ddmkit.errors import DDMError
+from ddmkit.errors import DDMError, counted
 from ddmkit.io import (entries, nan_as_null, read_json, remove, sha256_file, staging_dir,
                        write_bytes_atomic, write_json)
 from ddmkit.layout import RunFolder
@@ -508,8 +508,8 @@ def run_text_config(cfg: TextRunConfig, out: Path, log: Log = print) -> dict:
     note_full_routing(cfg, cfg.evaluate.strategies, log)
     models = text_models(cfg, out)
     write_registry(out)
-    made = [f"{len(models.experts)} experts", *(["the centralized model"] if models.central is not None else []),
-            f"routers {', '.join(models.routers)}"]
+    made = [counted(len(models.experts), "expert"), *(["the centralized model"] if models.central is not None else []),
+            f"{'router' if len(models.routers) == 1 else 'routers'} {', '.join(models.routers)}"]
     log(f"text models: {', '.join(made)} ready in {models.seconds:.1f}s")
     return write_text_report(cfg, out, models, models.seconds, log)
 
