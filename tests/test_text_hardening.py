@@ -1008,7 +1008,8 @@ def test_utf16_and_utf32_files_beside_utf8_ones_are_named_as_such_with_the_comma
     ("block", b"many lines\n" * 1000, "the text is one block"),
 ], ids=["empty", "one-line", "no-blank-line"])
 def test_too_few_documents_names_the_fix_that_helps(tmp_path, unit, text, fix):
-    """An empty file, or one long line with unit = "block", was told to lower corpus.min_doc_bytes, which cannot help."""
+    """An empty file, or one long line with unit = "block", was told to lower corpus.min_doc_bytes, which cannot
+    help."""
     from ddmkit.discrete.config import CorpusConfig
     from ddmkit.discrete.corpus import all_documents
 
