@@ -249,6 +249,22 @@ def test_register_verify_and_sample_name_the_file_and_field_of_a_bad_model_confi
         assert code == 2 and f"{run / model}" in err and said in err, (command, err)
 
 
+def test_a_width_edited_in_an_experts_config_json_names_the_shapes_and_a_fix_that_works(run, trained, ddmkit):
+    """An expert's kwargs.width edited by hand: verify says to run `ddmkit register`, which refused with "does not
+    match its config.json (tensors [...] differ)" and no way out; now it names a tensor's two shapes and the fix."""
+    path = run / "experts" / "expert_01" / "config.json"
+    edit_json(path, put_kwarg("width", 48))
+    registry = (run / "registry.json").read_bytes()
+    code, _, err = ddmkit("register", run)
+    assert code == 2 and f"{path.parent / 'model.safetensors'} does not match its config.json" in err, err
+    assert "[32] in the weights, [48] as config.json builds it" in err and "copy the whole model folder again" in err
+    assert (run / "registry.json").read_bytes() == registry
+    shutil.rmtree(path.parent)
+    shutil.copytree(trained / "experts" / "expert_01", path.parent)  # the fix the message gives
+    code, _, err = ddmkit("verify", run)
+    assert code == 0, err
+
+
 def test_a_router_that_records_no_k_names_the_fix_that_works(run, ddmkit):
     """A router config.json without k said 'routes over None clusters ... retrain it with `ddmkit train-router
     RUN`', which answered 'is trained already'. The message names the folder to remove first, which works."""

@@ -491,7 +491,12 @@ def check_model_folder(folder: str | Path) -> dict:
     shapes = {k: v[0] for k, v in header.items()}
     if expected != shapes:
         diff = sorted((set(expected) ^ set(shapes)) | {k for k in expected if shapes.get(k) != expected[k]})
-        raise DDMError(f"{folder / 'model.safetensors'} does not match its config.json (tensors {diff[:5]} differ)")
+        both = [k for k in diff if k in expected and k in shapes]
+        first = f"; {both[0]}: {shapes[both[0]]} in the weights, {expected[both[0]]} as config.json builds it" \
+            if both else ""
+        raise DDMError(f"{folder / 'model.safetensors'} does not match its config.json (tensors {diff[:5]} differ"
+                       f"{first}): config.json was edited (e.g. its kwargs) or the weights are another network's; "
+                       "copy the whole model folder again, or remove the folder and train it again")
     dtypes = {k: DTYPES.get(v.dtype, str(v.dtype)) for k, v in model.state_dict().items()}
     other = sorted(k for k in dtypes if header[k][1] != dtypes[k])
     if other:
