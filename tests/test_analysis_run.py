@@ -373,3 +373,20 @@ def test_a_run_without_a_router_names_train_router_and_that_fix_works(trained, t
     assert cli(*fix.group(1).split()[1:]).returncode == 0
     r = cli(*args)
     assert r.returncode == 0 and (run / "analysis" / "analysis.md").is_file(), r.stderr
+
+
+def test_a_run_stopped_before_its_experts_were_trained_names_the_command_that_trains_it(trained, tmp_path, cli):
+    """A run stopped (Ctrl-C) while its first expert trained has config.json, data/ and partition/ only: analyze
+    told it to `ddmkit run CONFIG --out RUN_DIR` (placeholders); now the run's own command, which trains it."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("analysis*", "experts", "router", ".*"))
+    args = ("analyze", run, "--strategy", "full", "--n", 20, "--max-steps", 1, "--jvp-rows", 4)
+    r = cli(*args)
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and f"{run} is not trained yet" in said and "RUN_DIR" not in said, said
+    fix = re.search(r"`(ddmkit run [^`]+)`", said)
+    assert fix is not None and not (run / "analysis").exists(), said
+    done = cli(*fix.group(1).split()[1:])
+    assert done.returncode == 0, done.stderr
+    r = cli(*args)
+    assert r.returncode == 0 and (run / "analysis" / "analysis.md").is_file(), r.stderr

@@ -391,6 +391,9 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
     if folder.config.exists():
         remove_leftovers(run, log)  # what killed writers left (this command holds the run's lock)
     trained_experts = any(folder.experts.glob("expert_*/model.safetensors"))
+    if folder.config.exists() and folder.partition.exists() and not trained_experts:  # e.g. stopped mid-training
+        raise DDMError(f"{run} is not trained yet (no experts/expert_XX/model.safetensors); train it first with "
+                       f"`ddmkit run {folder.config} --out {run} --stages train`")
     if not folder.config.exists() or not (trained_experts or has_default_router(run)):
         raise DDMError(f"RUN_DIR {run}: not a trained ddmkit run (needs config.json, experts/ and router/, or a "
                        "grown run's statistics router); run `ddmkit run CONFIG --out RUN_DIR` first")
