@@ -876,6 +876,26 @@ def test_a_job_inside_a_staging_folder_checkpoints_under_a_staging_name_of_its_w
     assert stale_staging(tmp_path) == [dead] and remove_stale_staging(tmp_path) and not dead.exists()
 
 
+def test_a_file_that_cannot_be_removed_is_named_by_its_whole_path(tmp_path, monkeypatch):
+    """add-expert removes the old DDM's samples: a read-only RUN/samples was said as `Permission denied:
+    top-1.safetensors` (shutil.rmtree names a file relative to the folder it empties); now by its whole path."""
+    from ddmkit.pipeline.grow import clear_derived
+
+    folder = RunFolder(tmp_path / "run")
+    folder.samples.mkdir(parents=True)
+    (folder.samples / "top-1.safetensors").write_bytes(b"x")
+    unlink = os.unlink
+
+    def read_only(path, *args, **kwargs):
+        if Path(path).name == "top-1.safetensors":
+            raise PermissionError(13, "Permission denied", path)
+        return unlink(path, *args, **kwargs)
+    monkeypatch.setattr(os, "unlink", read_only)
+    with pytest.raises(PermissionError) as refused:
+        clear_derived(folder, lambda m: None)
+    assert refused.value.filename == str(folder.samples / "top-1.safetensors")
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 def test_a_killed_writer_not_yet_reaped_counts_as_gone(tmp_path):
     """A writer killed with SIGKILL stays a zombie until its parent reaps it: its staging is stale."""

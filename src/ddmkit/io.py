@@ -21,6 +21,7 @@ import secrets
 import shlex
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -348,9 +349,21 @@ def remove(path: Path, ignore_errors: bool = False) -> None:
     """Remove a file, a link or a folder tree (nothing when it is gone; ignore_errors: also what cannot be
     removed, e.g. a folder another process empties at the same time)."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=ignore_errors)
+        shutil.rmtree(path, ignore_errors=ignore_errors, **{RMTREE_HANDLER: _named_in_full})
     else:
         path.unlink(missing_ok=True)
+
+
+RMTREE_HANDLER = "onexc" if sys.version_info >= (3, 12) else "onerror"  # onerror is deprecated from 3.12
+
+
+def _named_in_full(function, path, error) -> None:
+    """shutil.rmtree's error handler: the error again, naming the file by its whole path (rmtree's own names it
+    relative to the folder it was emptying, e.g. `Permission denied: top-1.safetensors`)."""
+    error = error[1] if isinstance(error, tuple) else error  # onerror's exc_info, or onexc's exception
+    if isinstance(error, OSError) and error.errno is not None and error.filename != path:
+        raise type(error)(error.errno, error.strerror, path) from error
+    raise error
 
 
 def entries(folder: Path, but: Path | None = None) -> list[Path]:

@@ -55,8 +55,8 @@ from ddmkit.data.arrays import checked_labels
 from ddmkit.data.partition import cluster_statistics, feature_map, read_shard, shard_name, write_manifest
 from ddmkit.ddm.load import check_shape, velocity_field
 from ddmkit.errors import DDMError
-from ddmkit.io import (load_tensors, read_json, read_metadata, remove_stale_staging, save_tensors, sha256_file,
-                       staging_dir, write_json)
+from ddmkit.io import (load_tensors, read_json, read_metadata, remove, remove_stale_staging, save_tensors,
+                       sha256_file, staging_dir, write_json)
 from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.train.threads import job_threads
 from ddmkit.layout import RunFolder, check_run_exists
@@ -425,12 +425,9 @@ def clear_derived(folder: RunFolder, log: Log) -> None:
     """Remove what sampling and scoring wrote (RunFolder.derived: the old DDM's samples and scores) and the
     students distilled from the old DDM (RUN/students: `ddmkit distill` would reuse them as up to date)."""
     for path in folder.derived:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        remove(path)
     if folder.students.exists():
-        shutil.rmtree(folder.students)
+        remove(folder.students)
         log(f"removed {folder.students}: students distilled from the old DDM (`ddmkit distill` makes them again)")
 
 
