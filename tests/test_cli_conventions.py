@@ -396,6 +396,22 @@ def test_the_file_system_refusing_is_an_error_message_not_a_traceback(ddmkit, mo
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 8000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError()])
+def test_running_out_of_memory_is_an_error_message_not_a_traceback(ddmkit, monkeypatch, tmp_path, error):
+    """`ddmkit sample RUN --n 1000000000` on a machine without 8 GB free for its noise: a traceback, exit 1."""
+    import ddmkit.cli as cli
+
+    def too_much():
+        raise error
+    monkeypatch.setattr(cli, "run_app", too_much)
+    code, _, err = ddmkit("sample", tmp_path / "run", "--n", "1000000000")
+    assert code == 2 and "error: out of memory" in err and "a smaller --n" in err and "Traceback" not in err, err
+    assert ("(tried to allocate 8000000000 bytes)" in err) == isinstance(error, RuntimeError)
+
+
 def test_a_config_that_is_a_folder_or_not_utf8_is_named(ddmkit, tmp_path):
     (tmp_path / "folder.toml").mkdir()
     code, _, err = ddmkit("partition", "--config", tmp_path / "folder.toml", "--out", tmp_path / "run")

@@ -1459,6 +1459,13 @@ def say_error(text: str) -> None:
     console.print(f"[bold red]error:[/] {escape(shortened(text))}", highlight=False, soft_wrap=True)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e says memory ran out: a MemoryError, torch's OutOfMemoryError (CUDA), or the RuntimeError of
+    torch's CPU allocator (not imported here: the command line starts without torch)."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(e))
+
+
 def main() -> None:
     global _sigterm_received
     _sigterm_received = False
@@ -1485,6 +1492,13 @@ def main() -> None:
         where = f": {e.filename}" if e.filename else ""
         say_error(f"{e.strerror or e}{where}; check that path (its permissions, the free space of its disk) and run "
                   "the command again")
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        tried = re.search(r"tried to allocate [\d.]+ ?\w+", str(e), re.IGNORECASE)
+        say_error(f"out of memory{f' ({tried.group(0)})' if tried else ''}; ask for less at once (a smaller --n or "
+                  "--batch-size, or a smaller batch_size in the config), or run it where there is more memory")
         sys.exit(2)
 
 
