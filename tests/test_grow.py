@@ -540,3 +540,22 @@ def test_replace_expert_names_folder_when_it_is_no_model_folder(run, tmp_path, c
     code, err = cli("replace-expert", run, 0, tmp_path / "here" / "config.json")
     assert code == 2 and f"FOLDER {tmp_path / 'here' / 'config.json'} is a file; give the folder" in err, err
     assert hashes(run) == before
+
+
+def test_a_run_without_a_registry_and_a_damaged_expert_is_refused_before_it_grows(base, run, cli):
+    """A run never registered, one expert's kwargs.width edited: add-expert trained the new expert and router,
+    moved them in, cleared the samples, and only then refused (registering at the end): exit 2 on a grown run.
+    Now it is refused first, the run as it was, and grows once the folder is copied back."""
+    (run / "registry.json").unlink()
+    config = run / "experts" / "expert_01" / "config.json"
+    edited = json.loads(config.read_text())
+    edited["kwargs"]["width"] = 48
+    config.write_text(json.dumps(edited))
+    before = hashes(run)
+    code, err = cli("add-expert", run, "--data", base / "new.npz")
+    assert code == 2 and f"{config.parent / 'model.safetensors'} does not match its config.json" in err, err
+    assert hashes(run) == before and not (run / "experts" / "expert_03").exists()
+    shutil.rmtree(config.parent)
+    shutil.copytree(base / "base" / "experts" / "expert_01", config.parent)  # the fix the message gives
+    code, err = cli("add-expert", run, "--data", base / "new.npz")
+    assert code == 0 and (run / "experts" / "expert_03" / "model.safetensors").is_file(), err

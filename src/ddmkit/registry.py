@@ -616,6 +616,14 @@ def check_replaced_expert(folder: Path, path: str, cluster: int, shard_hash: dic
 def write_registry(run: str | Path) -> dict:
     """Write RUN/registry.json for the model folders present; returns it. Refused (DDMError): no expert at
     all, weights holding NaN, an expert trained on another partition's shard (nothing could load it)."""
+    reg = checked_registry(run)
+    write_json(RunFolder(run).root / REGISTRY, reg)
+    return reg
+
+
+def checked_registry(run: str | Path) -> dict:
+    """The registry write_registry would write, every model folder checked as it checks them; nothing written
+    (e.g. a run without a registry checked before a command changes it)."""
     run = RunFolder(run).root  # an empty or blank text refused there
     manifest, _ = load_partition_checked(run / "partition")
     folder = RunFolder(run)
@@ -638,7 +646,6 @@ def write_registry(run: str | Path) -> dict:
         else:
             check_trained_on_partition(run, m["path"], m["role"], shard_hash)
     _validated(Registry, reg, "registry")
-    write_json(run / REGISTRY, reg)
     return reg
 
 

@@ -65,7 +65,8 @@ from ddmkit.nets.folders import did_you_mean, identity
 from ddmkit.pipeline.checks import check_devices, checked_device
 from ddmkit.pipeline.prepare import run_config
 from ddmkit.pipeline.stages import load_split, run_lock
-from ddmkit.registry import data_sha256, load_model, load_partition_checked, verify_registry, write_registry
+from ddmkit.registry import (checked_registry, data_sha256, load_model, load_partition_checked, verify_registry,
+                             write_registry)
 from ddmkit.train.jobs import checkpoint_path, train_router
 from ddmkit.truth import GaussianMixture
 
@@ -128,6 +129,8 @@ def trained_run(run) -> TrainedRun:
                        f"{folder.experts}/expert_XX (then `ddmkit register {folder.root}`)")
     if folder.registry.exists():
         verify_registry(folder.root, allow_missing=False)
+    else:  # its model folders checked now, as write_registry checks them at the end, after the training
+        checked_registry(folder.root)
     train, test = load_split(folder.root, "train"), load_split(folder.root, "test")
     if len(train) != len(tensors["assignments"]):
         raise DDMError(f"{folder.data}: {len(train)} training rows but the partition assigns "
