@@ -417,6 +417,35 @@ def test_a_rank_asked_to_stop_ends_stopped_also_where_its_keyboardinterrupt_was_
     assert distributed._rank_status(refused, errors) == distributed.FAILED and errors.get() == "train.lr: bad"
 
 
+def test_ctrl_c_and_sigterm_arriving_together_stop_a_rank_without_a_traceback(tmp_path):
+    """Ctrl-C reaches the process group and the command's SIGTERM follows at once: a rank in a long C call
+    (backward) had both pending; _stop_rank, run for SIGINT, set SIGTERM to SIG_IGN, and Python then printed
+    "OSError: Signal 15 ignored due to race condition" with a traceback."""
+    script = tmp_path / "both.py"
+    script.write_text(
+        "import os, signal\n"
+        "from ddmkit.train import distributed\n"
+        "signal.signal(signal.SIGINT, distributed._stop_rank)\n"
+        "signal.signal(signal.SIGTERM, distributed._stop_rank)\n"
+        "both = {signal.SIGINT, signal.SIGTERM}\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, both)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "try:\n"
+        "    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)\n"
+        "    for _ in range(100):\n"
+        "        pass\n"
+        "except KeyboardInterrupt:\n"
+        "    pass\n"
+        "for _ in range(100):\n"
+        "    pass\n"
+        "print('stopped')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "stopped", done.stderr
+    assert done.stderr == ""
+
+
 def _free_port() -> int:
     import socket
     with contextlib.closing(socket.socket()) as s:

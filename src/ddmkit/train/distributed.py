@@ -319,11 +319,17 @@ def die_with_parent(parent: int) -> None:
 def _stop_rank(signum, frame) -> None:
     """A spawned process's SIGINT / SIGTERM handler: stop as on Ctrl-C (KeyboardInterrupt: rank 0 removes its
     staging folder, the last checkpoint stays; the stop flag too, for a KeyboardInterrupt Python drops:
-    ddmkit.train.stop); signals during that cleanup are ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ddmkit.train.stop); signals during that cleanup are ignored, by a handler that does nothing rather than
+    SIG_IGN: Ctrl-C to the process group and the command's SIGTERM arrive together, and Python prints a traceback
+    ("Signal 15 ignored due to race condition") for a pending signal whose handler became SIG_IGN."""
+    signal.signal(signal.SIGINT, _ignore)
+    signal.signal(signal.SIGTERM, _ignore)
     request_stop()
     raise KeyboardInterrupt
+
+
+def _ignore(signum, frame) -> None:
+    """A spawned process's SIGINT / SIGTERM handler once it is stopping: nothing more to do."""
 
 
 def _exit_now(status: int) -> None:
