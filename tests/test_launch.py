@@ -112,6 +112,14 @@ def test_ray_missing_gives_a_clear_error(monkeypatch):
         import_ray()
 
 
+def test_ray_missing_is_refused_before_a_run_is_made(tmp_path, monkeypatch):
+    """`ddmkit run CONFIG --backend ray` without Ray made the run's data and partition, then refused."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray: ImportError
+    done = run_cli("run", Path(__file__).parent / "configs" / "tiny.toml", "--out", tmp_path / "run", "--backend", "ray")
+    assert done.returncode == 2 and "backend 'ray' needs Ray: pip install 'ddmkit[ray]'" in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_slurm_script_is_a_job_array_calling_train_expert(tmp_path):
     text = slurm_script(tmp_path / "my run", 8, partition="gpu", gpus=1)
     assert "#SBATCH --array=0-7" in text and "#SBATCH --gres=gpu:1" in text and "#SBATCH --partition=gpu" in text

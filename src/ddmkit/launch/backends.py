@@ -40,7 +40,7 @@ import torch
 
 from ddmkit.config import ExpertConfig
 from ddmkit.errors import DDMError, counted
-from ddmkit.launch.ray_backend import check_address, run_ray
+from ddmkit.launch.ray_backend import check_address, import_ray, run_ray
 from ddmkit.nets import use_networks, user_networks
 from ddmkit.nets.user import check_workers_import
 from ddmkit.train.checkpoint import check_checkpoint_file
@@ -72,7 +72,7 @@ def check_backend(name: str) -> str:
 
 def check_launch(backend: str, workers: int | None = None, address: str | None = None) -> None:
     """Refuse an unknown backend, workers < 1, workers for the inline backend (it has none), an address for
-    another backend than ray, and a Ray Client address (ray://)."""
+    another backend than ray, Ray not installed and a Ray Client address (ray://)."""
     check_backend(backend)
     if workers is not None and workers < 1:
         raise DDMError(f"--workers must be >= 1, got {workers}")
@@ -83,6 +83,7 @@ def check_launch(backend: str, workers: int | None = None, address: str | None =
         raise DDMError(f"--address is for the ray backend only (backend is {backend!r}); add --backend ray")
     if backend == "ray":
         check_address(address)  # --address, or RAY_ADDRESS
+        import_ray()  # before `ddmkit run` makes the run's data and partition
     if backend != "inline":
         check_workers_import(f"backend {backend!r}", f"the {backend} backend's worker processes",
                              spawned=backend == "processes", fallback="use the inline backend")
