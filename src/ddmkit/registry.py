@@ -568,7 +568,8 @@ def check_shard(path: str, cluster, trained_on, shard_hash: dict) -> None:
                        f"there, and give cluster {cluster} its own expert")
     raise DDMError(f"{path}: trained on shard {str(trained_on)[:12]}... but cluster {cluster} of this "
                    f"partition is shard {str(shard_hash.get(cluster))[:12]}...; it belongs to another partition: "
-                   "copy the expert trained on this partition's shard, or train it again")
+                   "copy the expert trained on this partition's shard, or remove the folder and `ddmkit launch RUN` "
+                   "trains it again")
 
 
 def check_trained_on_partition(run: Path, path: str, role: str, shard_hash: dict) -> None:
