@@ -628,6 +628,22 @@ def cli(*args) -> tuple[int, str]:
     return done.returncode, " ".join(done.stderr.split())
 
 
+def test_emit_slurm_where_sbatch_is_not_on_the_path_says_where_to_submit(tmp_path, monkeypatch):
+    """Without sbatch the command said only "submit it with: sbatch ...", a command this machine has not; the
+    script names this machine's run folder and Python, so it must be submitted where both are the same."""
+    run = _tiny_run(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    code, err = cli("launch", run, "--emit", "slurm")
+    assert code in (0, None) and "note: sbatch is not on this machine's PATH" in err, err
+    assert str(run.resolve()) in err and sys.executable in err
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    code, err = cli("launch", run, "--emit", "slurm")
+    assert code in (0, None) and "sbatch is not" not in err, err
+
+
 def test_emit_slurm_writes_the_set_fields_into_its_tasks_and_refuses_what_it_does_not_use(tmp_path, monkeypatch,
                                                                                           capsys):
     run = _tiny_run(tmp_path / "it's here")

@@ -10,6 +10,7 @@ import inspect
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import warnings
@@ -763,6 +764,9 @@ def launch(run_dir: Path = run_argument("run folder with partition/"),
                 "again)")
         else:
             log(f"wrote {path} (the experts not trained yet); submit it with: sbatch {shlex.quote(str(path))}")
+            if shutil.which("sbatch") is None:
+                log("note: sbatch is not on this machine's PATH; submit the script on a node of the cluster that "
+                    f"sees {run_dir.resolve()} and {sys.executable} at these paths (the script names them)")
             for note in [] if _text_run(run_dir) else task_notes(task_cfg, cpus, gpus):
                 log(f"note: {note}")
         return
