@@ -559,3 +559,35 @@ def test_a_run_without_a_registry_and_a_damaged_expert_is_refused_before_it_grow
     shutil.copytree(base / "base" / "experts" / "expert_01", config.parent)  # the fix the message gives
     code, err = cli("add-expert", run, "--data", base / "new.npz")
     assert code == 0 and (run / "experts" / "expert_03" / "model.safetensors").is_file(), err
+
+
+@pytest.mark.parametrize("blocked", ["samples", "plots/sub", "."])
+def test_a_derived_folder_that_cannot_be_removed_is_refused_before_any_training(base, run, cli, monkeypatch,
+                                                                               blocked):
+    """A read-only RUN/samples was found after the new expert and router had trained (the removal of the old
+    samples failed, the growth rolled back: the training wasted), and the derived folders went one at a time (a
+    read-only later one left the earlier ones gone). Now every path is checked first: exit 2, the path and the
+    chmod named, no training, no byte changed."""
+    import ddmkit.pipeline.grow as grow
+
+    sample_run(run, ["top-2"], log=lambda m: None)
+    (run / "plots" / "sub").mkdir(parents=True)
+    (run / "plots" / "sub" / "a.png").write_bytes(b"png")
+    before = hashes(run)
+    target, access = (run / blocked).resolve(), os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p).resolve() == target and mode & os.W_OK
+                        else access(p, mode, **kw))  # as for a user other than root
+
+    def trained(*args, **kwargs):
+        raise AssertionError("trained before the run was found read-only")
+    monkeypatch.setattr(grow, "run_jobs", trained)
+    monkeypatch.setattr(grow, "train_router", trained)
+    code, err = cli("add-expert", run, "--data", base / "new.npz")
+    err = " ".join(err.split())
+    top = run if blocked == "." else run / blocked.split("/")[0]
+    fix = f"chmod u+w {run}" if blocked == "." else f"chmod -R u+w {top}"
+    assert code == 2 and f"`{fix}`" in err and "nothing was changed" in err, err
+    assert f"{top} cannot be removed ({target} is not writable)" in err or blocked == ".", err
+    assert hashes(run) == before
+    code, err = cli("replace-expert", run, 1, base / "base" / "experts" / "expert_02")
+    assert code == 2 and f"`{fix}`" in " ".join(err.split()) and hashes(run) == before, err

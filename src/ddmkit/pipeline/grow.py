@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -424,6 +425,44 @@ def _write_data(tmp: Path, folder: RunFolder, plan: Growth) -> None:
     write_json(tmp / folder.data_info.name, {**plan.data_info, "sha256": data_sha256(tmp)})  # the new files'
 
 
+def derived_paths(folder: RunFolder) -> list[Path]:
+    """What clear_derived removes: the derived files and folders, and the students, that exist."""
+    return [p for p in (*folder.derived, folder.students) if p.exists() or p.is_symlink()]
+
+
+def check_clearable(folder: RunFolder, command: str) -> None:
+    """Refuse, before anything is trained or written, a run whose folder cannot be written or whose derived
+    files clear_derived could not remove (a read-only RUN/samples was found after the training, each folder
+    removed in turn: the earlier ones gone, the training lost). A path to remove needs a writable parent; a
+    folder, every folder in it writable and readable (rmtree lists and empties each)."""
+    said = (f"`ddmkit {command}` writes the run and removes the old DDM's samples, scores and students; nothing was "
+            "changed")
+    if not os.access(folder.root, os.W_OK | os.X_OK):
+        raise DDMError(f"{folder.root} is not writable: {said}; make it writable with "
+                       f"`chmod u+w {shlex.quote(str(folder.root))}` (or run as its owner) and run the command again")
+    for path in derived_paths(folder):
+        where = _unwritable(path)
+        if where is not None:
+            inside = where != path.parent  # the folder itself or one of its folders
+            fix = f"chmod -R u+w {shlex.quote(str(path))}" if inside else f"chmod u+w {shlex.quote(str(where))}"
+            raise DDMError(f"{path} cannot be removed ({where} is not writable): {said}; make it writable with "
+                           f"`{fix}` (or run as its owner) and run the command again")
+
+
+def _unwritable(path: Path) -> Path | None:
+    """The first folder that keeps `path` from being removed: its parent, or (a folder) itself or a folder in it
+    that cannot be listed and emptied; None when it can be removed."""
+    needs = os.W_OK | os.X_OK
+    if not os.access(path.parent, needs):
+        return path.parent
+    if not path.is_dir() or path.is_symlink():
+        return None
+    if not os.access(path, needs | os.R_OK):
+        return path
+    folders = (Path(d) / sub for d, subs, _ in os.walk(path) for sub in subs)  # links to folders are unlinked alone
+    return next((f for f in folders if not f.is_symlink() and not os.access(f, needs | os.R_OK)), None)
+
+
 def clear_derived(folder: RunFolder, log: Log) -> None:
     """Remove what sampling and scoring wrote (RunFolder.derived: the old DDM's samples and scores) and the
     students distilled from the old DDM (RUN/students: `ddmkit distill` would reuse them as up to date)."""
@@ -500,6 +539,7 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
     with run_lock(folder.root):
         refuse_latent(folder)
         state = trained_run(folder.root)
+        check_clearable(folder, "add-expert")  # before the training, which a refusal at the end would waste
         if device is not None:
             raw = state.cfg.model_dump()
             state.cfg = validate(RunConfig, apply_overrides(raw, device_overrides(raw, device)), "--device")
@@ -609,6 +649,7 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict | None:
                   "data_hash": config.get("data_hash"), "weights_sha256": weights}
         slot_config = {**config, "role": "expert", "cluster": k, "k": kk, "shard_sha256": shard["sha256"],
                        "shard_count": shard["count"], "data_hash": slot_meta.get("data_hash"), "replaced_from": origin}
+        check_clearable(run_folder, "replace-expert")
         with staging_dir(run_folder.expert(k)) as tmp:  # the same tensors, written as the slot's own (identity)
             save_tensors(tmp / "model.safetensors", load_tensors(source / "model.safetensors"), identity(slot_config))
             if (source / "train_log.jsonl").is_file():
