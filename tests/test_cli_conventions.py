@@ -522,6 +522,18 @@ def test_a_count_above_the_configs_bound_is_named_by_its_option(cli, shard, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("option, value, most", [("--n", "10000000000000", "1,000,000,000"),
+                                                  ("--steps", "1000001", "1,000,000"),
+                                                  ("--batch-size", "10000000000", "1,000,000,000"),
+                                                  ("--router-every", "10000000", "1,000,000")])
+def test_a_sample_count_above_its_fields_bound_is_said_as_analyze_says_it(cli, shard, option, value, most):
+    """`ddmkit sample --n 10000000000000` said pydantic's words ('--n: Input should be less than or equal to
+    1000000000'), `ddmkit analyze --n` its own ('must be at most 1,000,000,000'): now both the latter."""
+    run = shard.parents[2]
+    done = cli("sample", run, option, value)
+    assert done.returncode == 2 and done.stderr == f"error: {option} = {value}: must be at most {most}\n", done.stderr
+
+
 @pytest.mark.parametrize("args", [["sample", "RUN", "--n", "many"], ["sample", "RUN", "--steps", "2.5"],
                                   ["train-expert", "SHARD", "--out", "E", "--nproc", "0"],
                                   ["text", "exactness", "--k", "257"], ["theory", "distill", "--seeds", "0"]])

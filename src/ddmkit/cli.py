@@ -515,7 +515,7 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
            device: Optional[str] = DEVICE,
            set_: Optional[List[str]] = SET):
     """Sample with routing strategies; writes RUN/samples/NAME.safetensors (text runs: RUN/samples/text.json)."""
-    from ddmkit.config import RunConfig, validate
+    from ddmkit.config import RunConfig, SampleConfig, validate
 
     if router is not None:
         from ddmkit.pipeline.run import sampling_router
@@ -531,11 +531,16 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
         _not_for_text({"--solver": solver, "--guidance": guidance, "--router-every": router_every,
                        "--batch-size": batch_size, "--cuda-graphs": cuda_graphs, "--cuda-streams": cuda_streams},
                       "byte-level models sample on the CPU without an ODE solver, guidance or batching")
+        from ddmkit.discrete.config import TextSampleConfig
+
+        _check_sample_counts(TextSampleConfig, {"n": n, "steps": steps})
         sample_text(run, strategy, n=n, seed=seed, log=log, steps=steps)
         return
     from ddmkit.pipeline.run import sample_run
     from ddmkit.pipeline.samplesets import EXACT
 
+    _check_sample_counts(SampleConfig, {"n": n, "steps": steps, "batch_size": batch_size,
+                                        "router_every": router_every})
     if router == "learned":
         _check_learned_router(run)
     not_drawn = {"stats_router_strategies": [], "guidance_sweep": []}  # sets `ddmkit run` draws, this command not
@@ -562,6 +567,16 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
                        "samples: leave --guidance out (or give 1)")
     router = "learned" if router is None else router
     sample_run(run, list(strategy), cfg, log, router=router)  # logs each set's calls and seconds
+
+
+def _check_sample_counts(section, counts: dict) -> None:
+    """Each count given to `ddmkit sample` within its config field's bound, refused in the words of `ddmkit analyze`
+    ("--n = N: must be at most 1,000,000,000"), not pydantic's ("Input should be less than or equal to ...")."""
+    from ddmkit.config import check_count, upper_bound
+
+    for key, value in counts.items():  # section: the config section (pydantic model) of the fields
+        if value is not None:
+            check_count(f"--{key.replace('_', '-')}", value, 1, upper_bound(section, key))
 
 
 @app.command()

@@ -682,6 +682,20 @@ def _explain(err: ValidationError, source: str, what: str = "configuration", mod
     return "\n".join(lines)
 
 
+def upper_bound(model: type[BaseModel], name: str) -> int | float | None:
+    """The le= bound of a field of a pydantic model (None: it has none)."""
+    return next((m.le for m in model.model_fields[name].metadata if getattr(m, "le", None) is not None), None)
+
+
+def check_count(option: str, value: int, least: int = 1, most: int | None = ROWS) -> None:
+    """A count given as a command-line option within least .. most, else a DDMError in one line naming it, e.g.
+    "--n = 10000000000000: must be at most 1,000,000,000" (most None: no upper bound)."""
+    if value < least:
+        raise DDMError(f"{option} = {value}: must be {least} or more")
+    if most is not None and value > most:
+        raise DDMError(f"{option} = {value}: must be at most {most:,}")
+
+
 def validate(model: type[BaseModel], data: dict, source: str = "config", what: str = "configuration"):
     """data validated by a pydantic model, or a DDMError naming every bad field (what = "arguments", those of a
     Python call: one bad one on one line, "SOURCE: NAME: ...")."""

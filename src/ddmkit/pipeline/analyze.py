@@ -36,7 +36,7 @@ from ddmkit.analysis.quality import (across_strategies, paired_difference, per_s
 from ddmkit.analysis.report import plot_disagreement, plot_expert_error, plot_lipschitz, plot_quality_scatter, render
 from ddmkit.analysis.stability import amplification, data_scale, local_lipschitz, refinement_gap
 from ddmkit.analysis.trace import trace_strategy
-from ddmkit.config import MAX_SEED, MONOLITH, ROWS, json_digest
+from ddmkit.config import MAX_SEED, MONOLITH, ROWS, check_count, json_digest
 from ddmkit.conventions import __version__
 from ddmkit.data import takes_test_fraction
 from ddmkit.data.partition import feature_map, load_partition
@@ -401,10 +401,7 @@ def _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_h
         raise DDMError(f"RUN_DIR {run}: no router (router/model.safetensors); analyze measures the DDM as it "
                        f"routes: train its router first with `ddmkit train-router {run}`")
     for option, value, least in (("--n", n, 2), ("--jvp-rows", jvp_rows, 1), ("--max-steps", max_steps, 1)):
-        if value < least:
-            raise DDMError(f"{option} = {value}: must be {least} or more")
-        if value > ROWS:
-            raise DDMError(f"{option} = {value}: must be at most {ROWS:,}")
+        check_count(option, value, least, ROWS)
     check_seed(seed)
     cfg = run_config(run)
     device = checked_device(device) if device is not None else checked_device(cfg.expert.train.device, True)
