@@ -534,6 +534,15 @@ def test_a_sample_count_above_its_fields_bound_is_said_as_analyze_says_it(cli, s
     assert done.returncode == 2 and done.stderr == f"error: {option} = {value}: must be at most {most}\n", done.stderr
 
 
+def test_sampling_a_run_of_its_partition_alone_is_refused_without_a_note_first(cli, shard):
+    """`ddmkit sample RUN` on a run that holds only its partition (K = 2) printed 'note: top-2 on a DDM of K = 2
+    experts calls every expert ...', then refused: no DDM to sample. Now the refusal alone."""
+    run = shard.parents[2]
+    done = cli("sample", run)
+    assert done.returncode == 2 and "no expert is present" in done.stderr, done.stderr
+    assert "note:" not in done.stderr + done.stdout, done.stderr
+
+
 @pytest.mark.parametrize("args", [["sample", "RUN", "--n", "many"], ["sample", "RUN", "--steps", "2.5"],
                                   ["train-expert", "SHARD", "--out", "E", "--nproc", "0"],
                                   ["text", "exactness", "--k", "257"], ["theory", "distill", "--seeds", "0"]])

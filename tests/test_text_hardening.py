@@ -100,6 +100,17 @@ def test_a_stopped_text_expert_job_says_it_starts_again_and_resume_says_so(tmp_p
     assert "checkpoint is kept" not in said and not RunFolder(run).expert(0).exists()
 
 
+@pytest.mark.parametrize("command", ["sample", "analyze"])
+def test_a_text_run_of_its_partition_alone_is_refused_without_a_note_first(tmp_path, command):
+    """`ddmkit sample RUN` on a text run that holds only its partition (K = 2, top-2 asked) printed 'note: top-2 on a
+    DDM of K = 2 experts calls every expert ...', then refused ('expert_00 is missing'). Now the refusal alone."""
+    run = tmp_path / "run"
+    partition_text_run(write_config(tmp_path, "text_ar"), run, log=QUIET)
+    code, err = cli(command, run, "--strategy", "top-2")
+    assert code == 2 and f"{RunFolder(run).expert(0)} is missing; train it with" in " ".join(err.split()), err
+    assert "note:" not in err, err
+
+
 def test_a_text_expert_trained_already_is_not_said_to_be_written(tmp_path, monkeypatch, capsys):
     """train-expert on an expert folder of the same settings and shard reused the model and said 'expert written
     to' anyway."""

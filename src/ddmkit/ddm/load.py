@@ -318,6 +318,18 @@ def unregistered_networks(folders: list[Path]) -> None:
                        f"...), name them with {sets}; from Python call ddmkit.nets.use_network(NAME) for each first")
 
 
+def check_some_expert(folder: RunFolder, k: int) -> None:
+    """A DDMError, naming how to train them, when none of the run's k experts is present (a run that holds only
+    its partition): no DDM to sample."""
+    if any((folder.expert(c) / "model.safetensors").exists() for c in range(k)):
+        return
+    shards = folder.latents if folder.is_latent else folder.partition / "shards"  # what the networks train on
+    raise DDMError(f"{folder.root}: no expert is present (experts/expert_XX/model.safetensors); train them "
+                   f"with `ddmkit launch {folder.root}` (or `ddmkit run CONFIG --out {folder.root}`), one per "
+                   f"shard with `ddmkit train-expert {shards}/cluster_XX.safetensors --config "
+                   f"{folder.config} --out {folder.experts}/expert_XX`, or copy them")
+
+
 def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, guidance: float = 1.0,
                   router_kind: str = "learned") -> tuple[dict, list[int]]:
     """(the DDM's fields by name, the experts that are absent). Experts whose folder is missing, and
@@ -340,12 +352,7 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     if gone and not allow_missing:
         raise DDMError(f"{folder.root}: experts {gone} are missing (no experts/expert_XX/model.safetensors"
                        f"{folder.misnamed_experts(gone)})")
-    if len(gone) == k:
-        shards = folder.latents if folder.is_latent else folder.partition / "shards"  # what the networks train on
-        raise DDMError(f"{folder.root}: no expert is present (experts/expert_XX/model.safetensors); train them "
-                       f"with `ddmkit launch {folder.root}` (or `ddmkit run CONFIG --out {folder.root}`), one per "
-                       f"shard with `ddmkit train-expert {shards}/cluster_XX.safetensors --config "
-                       f"{folder.config} --out {folder.experts}/expert_XX`, or copy them")
+    check_some_expert(folder, k)
     if len(absent) == k:
         raise DDMError(f"exclude: {sorted(exclude)} leaves none of the run's experts "
                        f"{[c for c in range(k) if c not in gone]}; exclude fewer")

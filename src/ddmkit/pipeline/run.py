@@ -21,7 +21,7 @@ from typing import Callable
 
 from ddmkit.config import RunConfig, checked_config, run_device
 from ddmkit.data.images import is_image_shape
-from ddmkit.ddm.load import load_truth, recorded_router
+from ddmkit.ddm.load import check_some_expert, load_truth, recorded_router
 from ddmkit.errors import DDMError
 from ddmkit.launch.backends import check_launch, cuda_count
 from ddmkit.layout import RunFolder
@@ -241,7 +241,10 @@ def sample_run(run, names: list[str], cfg: RunConfig | None = None, log: Log = p
             one = one_set(name, cfg.sample.n, cfg.sample.guidance)
             sets += [one] if one.name not in {s.name for s in sets} else []
         if folder.manifest.exists():
-            note_full_routing(sets, read_manifest(folder.partition)["k"], log)
+            k = read_manifest(folder.partition)["k"]
+            if any(s.kind == SetKind.DDM for s in sets):
+                check_some_expert(folder, k)  # a run of its partition alone is refused before the notes
+            note_full_routing(sets, k, log)
         stage_sample(cfg, run, sets, is_image_run(run), log, device, redraw=True)
         infos = read_info(folder)
         if RunFolder(run).report.exists():

@@ -580,8 +580,8 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
                            "--steps sets the unmasking steps of kind = 'text_dfm' runs; leave it out")
         cfg = with_options(cfg, {"evaluate.strategies": ("--strategy", strategies), "sample.n": ("--n", n),
                                  "sample.seed": ("--seed", seed), "sample.steps": ("--steps", steps)})
-        note_full_routing(cfg, strategies, log)
         models = text_models(cfg, Path(run), train=False, central=bool(central))  # drawn only when asked
+        note_full_routing(cfg, strategies, log)  # once the models are there (a missing one is refused first)
         texts = TASKS[cfg.kind].samples(models.experts, models.central, models.routers,
                                         models.prior, cfg)
         path, info_path = RunFolder(run).samples / "text.json", RunFolder(run).samples / "info.json"
@@ -614,7 +614,6 @@ def analyze_text(run, out=None, log: Log = print, strategies: list[str] | None =
     with run_lock(run):
         cfg = with_options(text_config(run), {"evaluate.strategies": ("--strategy", strategies),
                                               "evaluate.windows_per_cluster": ("--n", n), "seed": ("--seed", seed)})
-        note_full_routing(cfg, cfg.evaluate.strategies, log)
         return _analyze_text(cfg, run, out, log)
 
 
@@ -622,6 +621,7 @@ def _analyze_text(cfg: TextRunConfig, run, out, log: Log) -> dict:
     folder = RunFolder(run)
     out = Path(out) if out is not None else folder.analysis
     models = text_models(cfg, folder.root, train=False, central=False)  # the experts and routers alone
+    note_full_routing(cfg, cfg.evaluate.strategies, log)  # once they are there (a missing one is refused first)
     length, per = cfg.model.seq_len, cfg.evaluate.windows_per_cluster
     bits = expert_cluster_bits(models.experts, models.test_streams, length, per, cfg.kind, cfg.evaluate.t_points,
                                cfg.seed)
