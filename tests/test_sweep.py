@@ -519,6 +519,12 @@ def test_a_grid_whose_points_are_not_what_they_are_called_is_refused():
             ([8], [0.008], "steps", r"--budget 0.008: each expert of K=8 would train 0.008 x 30 steps"),
             ([2], [0.5, 0.505], "batch", r"--budget 0.5 and 0.505: each expert of K=2 trains 30 steps at each"),
             ([2, 2], [1.0], "batch", r"--k: \[2\] given twice"),
+            ([0], [1.0], "batch", r"^--k 0: give a whole number of clusters, at least 1 \(e.g. --k 2\)$"),
+            ([2], [1.0, 0.0], "batch", r"^--budget 0: give a positive number, the share of the config's training "
+                                       r"compute \(e.g. --budget 1\)$"),  # was 'sweep: every --k ... (got k [2], ...)'
+            ([2], [-1.0], "batch", r"^--budget -1: give a positive number"),
+            ([2], [math.nan], "batch", r"^--budget nan: give a positive number"),
+            ([2], [math.inf], "batch", r"^--budget inf: give a positive number"),
             ([512], [1.0], "batch", r"--k 512: the batch split .* leaves no row"),
             ([2], [1e308], "steps", r"--budget 1e\+308: each expert of K=2 would train 1e\+308 x 120 steps, more "
                                     r"than expert.train.steps takes")):  # an OverflowError's traceback

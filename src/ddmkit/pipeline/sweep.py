@@ -204,9 +204,13 @@ def check_grid(cfg: RunConfig, ks: list[int], budgets: list[float], seeds: list[
     a K at which the batch split would leave no row."""
     if not ks or not budgets or not seeds:
         raise DDMError("sweep: give at least one --k, one --budget and one --seed")
-    if any(k < 1 for k in ks) or any(not (b > 0 and math.isfinite(b)) for b in budgets):
-        raise DDMError(f"sweep: every --k must be >= 1 and every --budget a positive number (got k {ks}, "
-                       f"budgets {budgets})")
+    bad_k = [k for k in ks if k < 1]
+    if bad_k:
+        raise DDMError(f"--k {bad_k[0]}: give a whole number of clusters, at least 1 (e.g. --k 2)")
+    bad_budget = [b for b in budgets if not (b > 0 and math.isfinite(b))]
+    if bad_budget:
+        raise DDMError(f"--budget {bad_budget[0]:g}: give a positive number, the share of the config's training "
+                       "compute (e.g. --budget 1)")
     bad_seeds = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
     if bad_seeds:
         raise DDMError(f"--seed {bad_seeds[0]}: a seed is a whole number from 0 to 2**63 - 1 (as "
