@@ -173,6 +173,21 @@ def test_condition_names():
             parse_condition(bad)
 
 
+@pytest.mark.parametrize("name, words", [
+    ("tempered-3+disjoint", "--conditions 'tempered-3+disjoint': 'disjoint' is a base; write it first, once "
+                            "(BASE[+MOD...]), e.g. disjoint+tempered-3"),
+    ("overlap-0.25+random", "--conditions 'overlap-0.25+random': 'random' is a base; write it first, once "
+                            "(BASE[+MOD...]), e.g. random+tempered-3"),
+    ("disjoint tempered-3", "--conditions 'disjoint tempered-3': separate conditions with commas, e.g. "
+                            "--conditions disjoint,tempered-3")])
+def test_a_misplaced_base_or_a_list_with_spaces_is_named_with_its_fix(name, words):
+    """Both were 'unknown part' followed by the accepted forms, which list the very part called unknown."""
+    with pytest.raises(DDMError) as refused:
+        parse_condition(name)
+    assert str(refused.value) == words
+    assert parse_condition("disjoint + tempered-3").router == (("tempered", 3.0),)  # spaces around a + are fine
+
+
 def test_intervals_and_verdicts():
     c = cell_summary([1.0, 2.0, 3.0], [[0.0, 1.0, 2.0], [2.0, 3.0, 4.0], [4.0, 5.0, 6.0]])
     assert c["mean"] == 2.0 and c["seeds"]["hi"] - 2.0 == pytest.approx(4.302652729911275 / math.sqrt(3))

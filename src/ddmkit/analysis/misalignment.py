@@ -115,6 +115,10 @@ def _number(text: str, name: str, ok: Callable[[float], bool], rule: str) -> flo
 def parse_condition(name: str) -> Condition:
     """A Condition from its name (see the module docstring), or a DDMError listing the forms."""
     parts = [p.strip() for p in str(name).split("+")]
+    spaced = next((p for p in parts if len(p.split()) > 1), None)  # 'disjoint tempered-3': a list with spaces
+    if spaced:
+        raise DDMError(f"--conditions {name!r}: separate conditions with commas, e.g. --conditions "
+                       f"{','.join(spaced.split())}")
     if not all(parts):
         raise DDMError(f"--conditions {name!r}: an empty part; accepted: {CONDITION_FORMS}")
     fields: dict = {"name": str(name)}
@@ -137,6 +141,9 @@ def parse_condition(name: str) -> Condition:
             router.append(("tempered", _number(m.group(1), name, lambda t: t > 0, "T > 0")))
         elif m := re.fullmatch(r"(uniform|permuted)-(.+)", mod):
             router.append((m.group(1), _number(m.group(2), name, lambda a: 0 <= a <= 1, "0 <= A <= 1")))
+        elif re.fullmatch(r"disjoint|random|(overlap|undertrained)-.+", mod):
+            raise DDMError(f"--conditions {name!r}: {mod!r} is a base; write it first, once (BASE[+MOD...]), e.g. "
+                           f"{mod}+tempered-3")
         else:
             raise DDMError(f"--conditions {name!r}: unknown part {mod!r}; accepted: {CONDITION_FORMS}")
     return Condition(**fields, router=tuple(router))
