@@ -155,3 +155,12 @@ def test_an_out_holding_a_sweeps_or_a_misalignment_studys_results_is_refused(tmp
                                                rf"theory {study} study a folder of its own, e.g. --out {example}$"):
                 _check_theory_out(out, study)
         shutil.rmtree(out)
+
+
+def test_a_student_seed_count_out_of_range_is_refused_naming_seeds(tmp_path, ddmkit):
+    """--seeds 99999999999999999999 was refused as 'DistillSettings.seed: 0', the one setting the user had not
+    given; a count that would train for years was taken."""
+    for seeds in ("99999999999999999999", "1001"):
+        code, _, said = ddmkit("theory", "distill", "--quick", "--out", tmp_path / "d", "--seeds", seeds)
+        assert code == 2 and f"--seeds {seeds}: give a whole number, from 1 to 1000" in said, said
+    assert not (tmp_path / "d").exists()

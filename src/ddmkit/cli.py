@@ -117,6 +117,7 @@ TRAJECTORIES_MAX = 10**7  # ddmkit.pipeline.distill.MAX_TRAJECTORIES
 TEACHER_STEPS_MAX = 10**6  # ddmkit.pipeline.distill.MAX_TEACHER_STEPS
 THEORY_SEED_MAX = 2**32 - 1 - 64  # numpy's seeds are 32 bits; the studies add small offsets (seed + 1, ...)
 STUDY_SEEDS_MAX = 1000  # study misalignment trains every condition once per seed: more is no study that ends
+STUDENT_SEEDS_MAX = 1000  # theory distill trains every student once per seed: more is no study that ends
 WORKERS_HELP = ("parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU "
                 "core without GPUs)")
 BOOT_MAX = 100_000  # ddmkit.pipeline.misalignment.BOOT_MAX: bootstrap resamples of the study's intervals
@@ -1133,7 +1134,7 @@ def distill(quick: bool = QUICK,
             out: Path = out_option(Path("theory-distill"), "Folder for the report."),
             seed: int = typer.Option(0, "--seed", min=0, max=THEORY_SEED_MAX,
                                          help="Random seed; the same seed gives the same numbers."),
-            seeds: int = typer.Option(1, "--seeds", min=1, help="Student seeds (SEED, SEED+1, ...): each trains one "
+            seeds: int = typer.Option(1, "--seeds", min=1, max=STUDENT_SEEDS_MAX, help="Student seeds (SEED, SEED+1, ...): each trains one "
                                       "student per grid on the same teacher data; with 2 or more the Lambda-grid "
                                       "gains get a 95% t-interval over them. Time grows in proportion.")):
     """L(t), Lambda(t) and student flow maps on uniform and Lambda-uniform grids (linear and OU paths)."""
