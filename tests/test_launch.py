@@ -115,7 +115,8 @@ def test_ray_missing_gives_a_clear_error(monkeypatch):
 def test_ray_missing_is_refused_before_a_run_is_made(tmp_path, monkeypatch):
     """`ddmkit run CONFIG --backend ray` without Ray made the run's data and partition, then refused."""
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray: ImportError
-    done = run_cli("run", Path(__file__).parent / "configs" / "tiny.toml", "--out", tmp_path / "run", "--backend", "ray")
+    done = run_cli("run", Path(__file__).parent / "configs" / "tiny.toml", "--out", tmp_path / "run",
+                   "--backend", "ray")
     assert done.returncode == 2 and "backend 'ray' needs Ray: pip install 'ddmkit[ray]'" in done.stderr, done.stderr
     assert not (tmp_path / "run").exists()
 

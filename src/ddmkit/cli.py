@@ -1134,7 +1134,8 @@ def distill(quick: bool = QUICK,
             out: Path = out_option(Path("theory-distill"), "Folder for the report."),
             seed: int = typer.Option(0, "--seed", min=0, max=THEORY_SEED_MAX,
                                          help="Random seed; the same seed gives the same numbers."),
-            seeds: int = typer.Option(1, "--seeds", min=1, max=STUDENT_SEEDS_MAX, help="Student seeds (SEED, SEED+1, ...): each trains one "
+            seeds: int = typer.Option(1, "--seeds", min=1, max=STUDENT_SEEDS_MAX,
+                                      help="Student seeds (SEED, SEED+1, ...): each trains one "
                                       "student per grid on the same teacher data; with 2 or more the Lambda-grid "
                                       "gains get a 95% t-interval over them. Time grows in proportion.")):
     """L(t), Lambda(t) and student flow maps on uniform and Lambda-uniform grids (linear and OU paths)."""
