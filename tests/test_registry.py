@@ -160,7 +160,8 @@ def test_a_registered_expert_replaced_by_one_register_refuses_names_the_fix_that
     weights = other / "model.safetensors"
     save_tensors(weights, load_tensors(weights), {**read_metadata(weights), "shard_sha256": "0" * 64})
     fixes = {experts / "expert_02": "move the folder to experts/expert_02, or copy the right expert here",
-             other: "another partition: copy the expert trained on this partition's shard, or train it again"}
+             other: "another partition: copy the expert trained on this partition's shard, or remove the folder "
+                    "and `ddmkit launch RUN` trains it again"}
     for replacement, fix in fixes.items():
         shutil.rmtree(experts / "expert_01")
         shutil.copytree(replacement, experts / "expert_01")

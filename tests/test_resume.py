@@ -452,7 +452,7 @@ def test_sample_evaluate_and_analyze_remove_what_killed_writers_left(tmp_path, c
 
     calls = {"sample": (lambda: sample_run(run, ["top-1"], log=said.append), "no expert is present"),
              "evaluate": (lambda: evaluate_run(run, log=said.append), "no samples yet, and no expert is trained"),
-             "analyze": (lambda: analyze_run(run, log=said.append), "not a trained ddmkit run")}
+             "analyze": (lambda: analyze_run(run, log=said.append), "is not trained yet")}
     call, refusal = calls[command]
     with pytest.raises(DDMError, match=refusal):
         call()
