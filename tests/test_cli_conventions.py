@@ -737,6 +737,23 @@ def test_ctrl_c_in_train_expert_offers_resume_only_where_a_checkpoint_is(cli, sh
     assert "interrupted: its last checkpoint is kept; run the same command with --resume" in said, said
 
 
+def test_ctrl_c_before_the_first_checkpoint_names_checkpoint_every_only_where_it_is_off(cli, shard, tmp_path,
+                                                                                      monkeypatch):
+    """Ctrl-C before the first checkpoint said "--checkpoint-every N writes one every N steps" also to a command
+    that passed --checkpoint-every 50: the hint is for checkpointing that is off."""
+    import ddmkit.train.jobs as jobs
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "train_expert_once", stopped)
+    for more, hinted in (((), True), (("--checkpoint-every", "50"), False), (("--checkpoint-every", "0"), True)):
+        done = cli("train-expert", shard, "--config", TINY, "--out", tmp_path / "e", *more)
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 130 and "interrupted: nothing was written (no checkpoint yet" in said, said
+        assert ("--checkpoint-every N writes one every N steps" in said) == hinted, (more, said)
+
+
 def test_ctrl_c_in_add_expert_says_nothing_was_added():
     """add-expert said 'what is finished is kept; run the same command to continue' although it restores the
     run whole (its changes land together at the end)."""

@@ -379,19 +379,21 @@ def train_expert_cmd(shard: Path = path_argument("SHARD", "one shard file, e.g. 
     try:
         trained = train_expert_once(shard, cfg, out, nproc, resume=resume, force=force, log=log)
     except KeyboardInterrupt:
-        raise Interrupted(expert_interrupted_text(out)) from None
+        raise Interrupted(expert_interrupted_text(out, cfg.train.checkpoint_every)) from None
     if trained:
         log(f"expert written to {out}")
 
 
-def expert_interrupted_text(out: Path) -> str:
-    """What train-expert stopped while training says: --resume only where a checkpoint is there to continue."""
+def expert_interrupted_text(out: Path, checkpoint_every: int) -> str:
+    """What train-expert stopped while training says: --resume only where a checkpoint is there to continue,
+    and how to write checkpoints only where checkpoint_every (the steps between two) is 0, none."""
     from ddmkit.train.jobs import checkpoint_path
 
     if checkpoint_path(out).is_file():
         return "interrupted: its last checkpoint is kept; run the same command with --resume to continue from it"
-    return ("interrupted: nothing was written (no checkpoint yet: --checkpoint-every N writes one every N steps); "
-            "run the same command to train the expert from the start")
+    hint = ": --checkpoint-every N writes one every N steps" if checkpoint_every == 0 else ""
+    return (f"interrupted: nothing was written (no checkpoint yet{hint}); run the same command to train the expert "
+            "from the start")
 
 
 @app.command("train-router")
