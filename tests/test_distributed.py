@@ -196,6 +196,21 @@ def test_more_cpu_processes_than_cores_are_warned_of_but_start(tmp_path, monkeyp
     assert "use --nproc 2 or fewer" in distributed.crowded_cpu(4, 1, "cpu")
 
 
+def test_a_batch_that_does_not_split_is_refused_without_the_crowded_cpu_warning(tmp_path, monkeypatch):
+    """train-expert --nproc 3 with a batch of 32 on a 2-core machine warned that 3 processes crowd the cores, then
+    refused the batch: the warning was about a job that never starts. The refusal now comes first, alone."""
+    import ddmkit.train.distributed as distributed
+    from conftest import run_cli
+
+    shard = _shard(tmp_path)
+    monkeypatch.setattr(distributed, "cpu_cores", lambda: 2)
+    done = run_cli("train-expert", shard, "--config", tmp_path / "c.toml", "--out", tmp_path / "e", "--nproc", 3)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "expert.train.batch_size = 32 does not split into 3 equal slices" in said, said
+    assert "warning" not in said and "CPU core" not in said, said
+    assert not (tmp_path / "e" / "model.safetensors").exists()
+
+
 def test_a_shard_that_names_no_cluster_is_refused_before_the_processes_start(tmp_path, monkeypatch):
     """A partition shard re-saved without its metadata was refused only in the spawned processes of --nproc 2
     (seconds later, with a torch warning line); now before any starts, in the words of one process (the command

@@ -329,6 +329,7 @@ def _train_expert_once(shard, config: ExpertConfig, out_dir, nproc: int, resume:
         _refuse_other_cluster(out_dir, shard)
         raise DDMError(f"{out_dir} holds an expert trained with other settings ({', '.join(differences)}); choose "
                        "another --out, or pass --force to replace it")
+    distributed.check_batch(config.train.batch_size, nproc, "expert.train.batch_size")  # before any note or warning
     weights = Path(out_dir) / "model.safetensors"
     if differences is None and weights.is_file() and not weights_readable(weights) and main:
         log(f"note: {weights} does not read (a copy cut short?): this job trains the expert again and replaces it")
