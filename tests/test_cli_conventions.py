@@ -737,6 +737,35 @@ def test_ctrl_c_in_train_expert_offers_resume_only_where_a_checkpoint_is(cli, sh
     assert "interrupted: its last checkpoint is kept; run the same command with --resume" in said, said
 
 
+def test_train_expert_into_a_runs_slot_refuses_a_shard_that_is_not_that_clusters(cli, shard, tmp_path, monkeypatch):
+    """train-expert OTHER_RUN/.../cluster_00.safetensors --out RUN/experts/expert_00 trained fully, and only
+    register, launch and sample refused the expert after. The shard is now checked against the run's partition
+    before training: the same SHA-256 as the run's shard of cluster XX, and cluster XX."""
+    import ddmkit.train.jobs as jobs
+
+    trained = []
+    monkeypatch.setattr(jobs, "train_expert_once", lambda shard, *a, **k: trained.append(shard))
+    run = tmp_path / "run"
+    assert cli("partition", "--config", TINY, "--out", run, "--set", "partition.k=2", "--set",
+               "data.n_train=200").returncode == 0
+    own = run / "partition" / "shards"
+    for given, slot, names in ((shard, 0, ["another partition", "SHA-256"]),
+                               (own / "cluster_01.safetensors", 0, ["the shard of cluster 1 of this run",
+                                                                    "experts/expert_01"])):
+        done = cli("train-expert", given, "--config", TINY, "--out", run / "experts" / f"expert_{slot:02d}")
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 2 and f"is the expert of cluster {slot} of the run {run}, but {given} is " in said
+        assert all(name in said for name in names) and f"give {own / 'cluster_00.safetensors'}, or another --out" \
+            in said, said
+    assert trained == []
+    for given, out in ((own / "cluster_00.safetensors", run / "experts" / "expert_00"),
+                       (own / "cluster_01.safetensors", run / "experts" / "expert_01"),
+                       (shard, tmp_path / "elsewhere" / "expert_00"), (shard, run / "mine")):  # not a run's slot
+        done = cli("train-expert", given, "--config", TINY, "--out", out)
+        assert done.returncode == 0, done.stderr
+    assert len(trained) == 4
+
+
 def test_ctrl_c_before_the_first_checkpoint_names_checkpoint_every_only_where_it_is_off(cli, shard, tmp_path,
                                                                                       monkeypatch):
     """Ctrl-C before the first checkpoint said "--checkpoint-every N writes one every N steps" also to a command

@@ -572,6 +572,29 @@ def check_shard(path: str, cluster, trained_on, shard_hash: dict) -> None:
                    "trains it again")
 
 
+def check_shard_for_slot(shard: str | Path, out: str | Path) -> None:
+    """Where `out` is an expert slot of a run (RUN/experts/expert_XX), `shard` must be that run's shard of
+    cluster XX (its SHA-256 the one partition_shard_hashes records, its metadata's cluster XX), else a DDMError
+    naming both and the shard to give: register, launch and sample refuse such an expert only after its training.
+    Any other `out` is not checked."""
+    run, slot = enclosing_run(out), re.fullmatch(r"expert_(\d+)", Path(out).name)
+    if run is None or slot is None or Path(out).resolve().parent != run / "experts":
+        return
+    cluster, shard_hash = int(slot.group(1)), partition_shard_hashes(run, read_manifest(run / "partition"))
+    if cluster not in shard_hash:
+        raise DDMError(f"--out {out} is the slot of cluster {cluster}, but the run {run} has clusters 0 .. "
+                       f"{len(shard_hash) - 1}; give the folder of one of them, or another --out outside the run")
+    digest, given = sha256_file(shard), read_metadata(shard).get("cluster")
+    if digest == shard_hash[cluster] and str(given) == str(cluster):
+        return
+    owner = [c for c, sha in shard_hash.items() if sha == digest]
+    what = (f"the shard of cluster {owner[0]} of this run (its expert goes to experts/expert_{owner[0]:02d})"
+            if owner else f"cluster {given}'s shard of another partition (SHA-256 {digest[:12]}..., not "
+            f"{shard_hash[cluster][:12]}...)")
+    raise DDMError(f"--out {out} is the expert of cluster {cluster} of the run {run}, but {shard} is {what}: the "
+                   f"run would refuse the expert trained on it; give {model_shards(run)[cluster]}, or another --out")
+
+
 def check_trained_on_partition(run: Path, path: str, role: str, shard_hash: dict) -> None:
     """A router or monolith trained on this partition's shards (its config.json's shards_sha256, in cluster
     order), else a DDMError: it is another run's, and a router of another run routes to the wrong experts.
