@@ -395,7 +395,9 @@ def test_register_names_a_shard_changed_after_training_as_verify_does(run, train
         code, _, err = ddmkit(command, run)
         assert code == 2 and said in err and "another partition" not in err, err
     expert = run / "experts" / "expert_01"
-    assert ddmkit("train-expert", shard, "--config", run / "config.json", "--out", expert, "--force")[0] == 0
+    code, _, err = ddmkit("train-expert", shard, "--config", run / "config.json", "--out", expert, "--force")
+    assert code == 2 and f"{shard}: SHA-256 differs from the one the run {run} records for cluster 1" in err \
+        and "another partition" not in err, err  # refused before training, as register refuses the expert after
     code, _, err = ddmkit("register", run)
     assert code == 2 and said in err and "another partition" not in err, err
     assert (run / "registry.json").read_bytes() == registry

@@ -587,6 +587,11 @@ def check_shard_for_slot(shard: str | Path, out: str | Path) -> None:
     digest, given = sha256_file(shard), read_metadata(shard).get("cluster")
     if digest == shard_hash[cluster] and str(given) == str(cluster):
         return
+    expected = model_shards(run)[cluster]
+    if Path(shard).resolve() == expected.resolve():  # the run's own shard, changed since the partition was made
+        raise DDMError(f"{shard}: SHA-256 differs from the one the run {run} records for cluster {cluster} (changed "
+                       "since the partition was made?); copy the shard back from another copy of the run, or make "
+                       "the partition again")
     owner = [c for c, sha in shard_hash.items() if sha == digest]
     what = (f"the shard of cluster {owner[0]} of this run (its expert goes to experts/expert_{owner[0]:02d})"
             if owner else f"cluster {given}'s shard of another partition (SHA-256 {digest[:12]}..., not "
