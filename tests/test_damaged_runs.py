@@ -380,10 +380,10 @@ def test_register_writes_nothing_when_the_runs_config_is_broken(run, ddmkit, dam
 
 
 def test_register_names_a_shard_changed_after_training_as_verify_does(run, trained, ddmkit, tmp_path):
-    """A shard changed after the experts were trained: register wrote a registry that verify then refused, and once
-    that cluster's expert was trained again on the changed shard, said it came from 'another partition'. It names
-    the changed shard, as verify does, and writes nothing. A run without its shards (the data kept on the islands)
-    is still registered."""
+    """A shard changed after the experts were trained: register wrote a registry that verify then refused. It names
+    the changed shard, as verify does, and writes nothing; training that cluster's expert again on the changed
+    shard is refused before it trains, naming the shard as changed (not as 'another partition's). A run without
+    its shards (the data kept on the islands) is still registered."""
     from ddmkit.io import load_tensors, read_metadata, save_tensors
 
     shard = run / "partition" / "shards" / "cluster_01.safetensors"
