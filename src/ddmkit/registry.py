@@ -597,7 +597,7 @@ def check_shard_for_slot(shard: str | Path, out: str | Path) -> None:
             if owner else f"cluster {given}'s shard of another partition (SHA-256 {digest[:12]}..., not "
             f"{shard_hash[cluster][:12]}...)")
     raise DDMError(f"--out {out} is the expert of cluster {cluster} of the run {run}, but {shard} is {what}: the "
-                   f"run would refuse the expert trained on it; give {model_shards(run)[cluster]}, or another --out")
+                   f"run would refuse the expert trained on it; give {expected}, or another --out")
 
 
 def check_trained_on_partition(run: Path, path: str, role: str, shard_hash: dict) -> None:

@@ -352,7 +352,8 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     if gone and not allow_missing:
         raise DDMError(f"{folder.root}: experts {gone} are missing (no experts/expert_XX/model.safetensors"
                        f"{folder.misnamed_experts(gone)})")
-    check_some_expert(folder, k)
+    if len(gone) == k:  # no expert present: named with how to train them
+        check_some_expert(folder, k)
     if len(absent) == k:
         raise DDMError(f"exclude: {sorted(exclude)} leaves none of the run's experts "
                        f"{[c for c in range(k) if c not in gone]}; exclude fewer")
