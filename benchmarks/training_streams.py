@@ -6,17 +6,18 @@ fit() trains K experts stacked, docs/performance.md.)
     python benchmarks/training_streams.py --nets unet --compiled yes --check   # and whether they race
 
 The experts of configs/fashion_mnist.toml (K = 8 UNets, batch 128 each, 1 x 32 x 32) or of
-configs/fashion_mnist_latent.toml (K = 8 DiTs on 4 x 8 x 8), random class data. A job's step: draw a batch,
-the flow-matching loss under bf16 autocast, backward, clipping by global norm, fused capturable AdamW (lr a
-tensor), EMA lerp; `--warmup` eager steps on a side stream, then the step captured as one graph in a pool of
-its own (with `--compiled yes`, the network under torch.compile's default mode inside the graph). Timed, the
-median of 3 runs of `--steps` replays: the monolith (one network, batch K x B, captured the same way); the K
-experts' graphs one after another on one stream; the K graphs on K concurrent streams; and (unless
-`--no-callables`) the K experts' forward and backward graphed by torch.cuda.make_graphed_callables with each
-expert on its own stream inside the graphs, the draw, loss, per-expert clipping, AdamW and EMA eager. Prints a
-Markdown table: ms per step, each against the monolith, and each variant's mean loss (a NaN says the variant's
-training broke). `--check` trains two identical sets of jobs 20 steps, one set's graphs one after another,
-the other's on concurrent streams, and says whether every weight ends the same to the bit and finite.
+configs/fashion_mnist_latent.toml (K = 8 DiTs on 4 x 8 x 8), random class data. A job's step: draw a batch, the
+flow-matching loss under bf16 autocast, backward, clipping by global norm, fused capturable AdamW (lr a tensor),
+EMA lerp; `--warmup` eager steps on a side stream, then the step captured as one graph in a pool of its own, on a
+capture stream of the job's own unless `--capture-streams shared` (with `--compiled yes`, the network under
+torch.compile's default mode inside the graph). Timed, the median of 3 runs of `--steps` replays: the monolith (one
+network, batch K x B, captured the same way); the K experts' graphs one after another on one stream; the K graphs
+on K concurrent streams; and (unless `--no-callables`) the K experts' forward and backward graphed by
+torch.cuda.make_graphed_callables with each expert on its own stream inside the graphs, the draw, loss, per-expert
+clipping, AdamW and EMA eager. Prints a Markdown table: ms per step, each against the monolith, and each variant's
+mean loss (a NaN says the variant's training broke). `--check` trains two identical sets of jobs 20 steps, one
+set's graphs one after another, the other's on concurrent streams, and prints the largest weight difference (0: the
+same to the bit) and whether every weight is finite.
 """
 from __future__ import annotations
 
@@ -81,9 +82,10 @@ class Job:
             torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 0.001)
             self.loss_sum.add_(loss.detach())
 
-    def capture(self, warmup: int) -> None:
+    def capture(self, warmup: int, own_stream: bool) -> None:
         """`warmup` eager steps on a side stream (compilation among them), then the step captured as one graph,
-        in a memory pool of its own."""
+        in a memory pool of its own; with `own_stream`, captured on a stream of this job's own (so its cuBLAS
+        workspace is its own), else on the capture stream all jobs share."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -94,7 +96,8 @@ class Job:
         torch.cuda.synchronize()
         self.opt.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=torch.cuda.graph_pool_handle()):
+        with torch.cuda.graph(self.graph, pool=torch.cuda.graph_pool_handle(),
+                              stream=torch.cuda.Stream() if own_stream else None):
             self.step()
         torch.cuda.synchronize()
         self.loss_sum.zero_()
@@ -111,15 +114,16 @@ def replay_concurrently(jobs: list[Job], streams: list[torch.cuda.Stream]) -> No
         main.wait_stream(s)
 
 
-def same_weights_check(net, k, b, compiled, device, warmup, steps=20):
-    """Two identical sets of K jobs: `steps` replays one after another against on concurrent streams; whether
-    every expert's weights end the same to the bit (no race between the concurrent graphs)."""
+def same_weights_check(net, k, b, compiled, device, warmup, own_stream, steps=20):
+    """Two identical sets of K jobs: `steps` replays one after another against on concurrent streams; the
+    largest difference between their weights (0: the same to the bit, no race between the concurrent graphs)
+    and whether all are finite."""
     sets = []
     for _ in range(2):
         torch.cuda.manual_seed(0)
         jobs = build_jobs(net, k, b, compiled, device)
         for j in jobs:
-            j.capture(warmup)
+            j.capture(warmup, own_stream)
         sets.append(jobs)
     torch.cuda.manual_seed(1)
     for _ in range(steps):
@@ -130,9 +134,9 @@ def same_weights_check(net, k, b, compiled, device, warmup, steps=20):
     for _ in range(steps):
         replay_concurrently(sets[1], streams)
     torch.cuda.synchronize()
-    same = all(torch.equal(p, q) for a, c in zip(*sets) for p, q in zip(a.params, c.params))
+    gap = max(float((p - q).abs().max()) for a, c in zip(*sets) for p, q in zip(a.params, c.params))
     finite = all(bool(torch.isfinite(p).all()) for jobs in sets for j in jobs for p in j.params)
-    return same, finite
+    return gap, finite
 
 
 class StreamedExperts(torch.nn.Module):
@@ -240,25 +244,26 @@ def mean_losses(jobs: list[Job], replays: int) -> str:
     return f"{min(losses):.3f}-{max(losses):.3f}"
 
 
-def measure(net: str, b: int, compiled: bool, args, device) -> str:
+def measure(net: str, b: int, compiled: bool, own_stream: bool, args, device) -> str:
     """One row of the table: the monolith, the K experts one after another and on streams, the graphed
     callables variant, (--check) the race check."""
     replays = 3 * args.steps
     mono = build_jobs(net, 1, args.k * b, compiled, device)[0]
-    mono.capture(args.warmup)
+    mono.capture(args.warmup, own_stream)
     mono_ms = timed(mono.graph.replay, args.steps)
     mono_loss = mean_losses([mono], replays)
     mono = None
     jobs = build_jobs(net, args.k, b, compiled, device)
     for j in jobs:
-        j.capture(args.warmup)
+        j.capture(args.warmup, own_stream)
     serial_ms = timed(lambda: [j.graph.replay() for j in jobs], args.steps)
     serial_loss = mean_losses(jobs, replays)
     streams = [torch.cuda.Stream() for _ in jobs]
     streams_ms = timed(lambda: replay_concurrently(jobs, streams), args.steps)
     streams_loss = mean_losses(jobs, replays)
     jobs = None
-    row = (f"| {net} | {'yes' if compiled else 'no'} | {args.k} x {b} | {mono_ms:.2f} | {serial_ms:.2f} | "
+    row = (f"| {net} | {'yes' if compiled else 'no'} | {'own' if own_stream else 'shared'} | {args.k} x {b} | "
+           f"{mono_ms:.2f} | {serial_ms:.2f} | "
            f"{serial_ms / mono_ms:.3f} | {streams_ms:.2f} | **{streams_ms / mono_ms:.3f}** |")
     if args.no_callables:
         row += " - | - |"
@@ -273,8 +278,8 @@ def measure(net: str, b: int, compiled: bool, args, device) -> str:
             callables_loss = "-"
     row += f" {mono_loss} / {serial_loss} / {streams_loss} / {callables_loss} |"
     if args.check:
-        same, finite = same_weights_check(net, args.k, b, compiled, device, args.warmup)
-        row += f" same weights: {same}, finite: {finite} |"
+        gap, finite = same_weights_check(net, args.k, b, compiled, device, args.warmup, own_stream)
+        row += f" largest weight difference: {gap:.3g}, finite: {finite} |"
     return row
 
 
@@ -287,6 +292,8 @@ def main():
     p.add_argument("--expert-batch", type=positive, nargs="+", default=[128], help="batch of each expert")
     p.add_argument("--compiled", nargs="+", choices=["no", "yes"], default=["no", "yes"],
                    help="networks eager, under torch.compile (default mode) inside the graphs, or both")
+    p.add_argument("--capture-streams", nargs="+", choices=["own", "shared"], default=["own"],
+                   help="capture each job's graph on a stream of its own (default) or all on one shared stream")
     p.add_argument("--check", action="store_true", help="also: do serial and concurrent replays give the same "
                    "weights to the bit?")
     p.add_argument("--no-callables", action="store_true", help="leave out the make_graphed_callables variant")
@@ -297,22 +304,23 @@ def main():
     torch._dynamo.config.cache_size_limit = 64  # 2K + 2 networks compiled: none may fall back to eager
     print(f"# {torch.cuda.get_device_name(device)}; torch {torch.__version__}; ddmkit {__version__}; median of 3 "
           f"runs of {args.steps} replays; every step a CUDA graph\n")
-    print("| net | compile | batch | monolith ms | experts one after another ms | / monolith | experts on streams ms "
-          "| / monolith | graphed callables ms | / monolith | mean losses: monolith / one after another / streams / "
-          "callables |" + (" check |" if args.check else ""))
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if args.check else ""), flush=True)
+    print("| net | compile | capture streams | batch | monolith ms | experts one after another ms | / monolith "
+          "| experts on streams ms | / monolith | graphed callables ms | / monolith "
+          "| mean losses: monolith / one after another / streams / callables |" + (" check |" if args.check else ""))
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if args.check else ""), flush=True)
     start = time.perf_counter()
     for net in args.nets:
         for b in args.expert_batch:
             for compiled in args.compiled:
-                print(f"[{time.perf_counter() - start:.0f} s] {net}, {args.k} x {b}, compiled {compiled} ...",
-                      file=sys.stderr, flush=True)
-                try:
-                    print(measure(net, b, compiled == "yes", args, device), flush=True)
-                except Exception as e:  # noqa: BLE001 - a row that fails is shown, the next rows still run
-                    print(f"| {net} | {compiled} | {args.k} x {b} | failed: {type(e).__name__}: {str(e)[:300]} |",
-                          flush=True)
-                torch.cuda.empty_cache()
+                for capture in args.capture_streams:
+                    print(f"[{time.perf_counter() - start:.0f} s] {net}, {args.k} x {b}, compiled {compiled}, "
+                          f"capture streams {capture} ...", file=sys.stderr, flush=True)
+                    try:
+                        print(measure(net, b, compiled == "yes", capture == "own", args, device), flush=True)
+                    except Exception as e:  # noqa: BLE001 - a row that fails is shown, the next rows still run
+                        print(f"| {net} | {compiled} | {capture} | {args.k} x {b} | failed: {type(e).__name__}: "
+                              f"{str(e)[:300]} |", flush=True)
+                    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
