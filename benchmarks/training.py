@@ -7,6 +7,8 @@ stacked on one GPU take against the monolith trained on the same samples?
     python benchmarks/training.py --device cpu --experts mlp --batches 256 1024 --steps 20
     python benchmarks/training.py --mode stacked --quick                 # CPU, tiny networks: a check
     python benchmarks/training.py --mode stacked --device cuda --compile # GPU: K = 8 experts, a few minutes
+    python benchmarks/training.py --mode stacked --device cuda --compile --cuda-graph --only \
+        "experts on streams, bf16, CUDA graph"          # the whole step one CUDA graph, experts on K streams
     python benchmarks/training.py --mode stacked --device cuda --nets unet --profile --steps 20
                                                      # where the experts' time goes, kernel by kernel
 
@@ -35,7 +37,9 @@ ratio of the times per step is the ratio of the training times. Variants: the mo
 the stacked forward ran in bf16) and in bf16 (CUDA only: fit() autocasts on CUDA only); the experts
 one at a time (one expert's step at batch B times K: expert.concurrent = false); with --compile, the
 monolith and the bf16 experts (stacked, one at a time) again under train.compile (--compile-mode;
-reduce-overhead replays each step as a CUDA graph, which is what one small expert's step needs). Data:
+reduce-overhead replays each step as a CUDA graph, which is what one small expert's step needs); with
+--cuda-graph, the monolith and the experts (stacked, on K CUDA streams: ddmkit.train.StreamedExperts, one
+at a time) with train.cuda_graph, fit()'s whole step one CUDA graph. Data:
 class means plus noise, drawn on the device (the speed of a step does not depend on it; the loss
 column shows that every variant learns the same). Prints a Markdown table: network, variant,
 compile, batch, ms per step, samples/s, experts / monolith (against the monolith with the same compile
@@ -58,7 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddmkit import __version__, load_config
 from ddmkit.flow import flow_matching_loss
 from ddmkit.nets import UNet, VelocityMLP, build_seeded
-from ddmkit.train import StackedExperts, fit, monolith_config
+from ddmkit.train import StackedExperts, StreamedExperts, fit, monolith_config
 
 from arguments import check_device, fill, nonnegative, positive
 
@@ -154,11 +158,12 @@ def class_data(shape, n: int, classes: int, device) -> tuple[torch.Tensor, torch
 
 def timed_fit(model, cfg, k: int, stacked: bool, shape, args, device, profiler=None) -> dict:
     """fit() `model` (stacked: k experts of batch cfg.train.batch_size each; else one network) for
-    warmup + steps steps; the time of the last `steps` (GPU synchronised), the mean loss per sample
-    over them and the peak GPU memory. A torch.profiler `profiler` is entered with the first timed step."""
+    warmup + steps steps; the time of the last `steps` and the mean loss per sample over them, both from
+    fit()'s log rows (one at the end of the warm-up, its seconds taken once the GPU has done those steps:
+    a step captured as a CUDA graph runs no Python of this script), and the peak GPU memory. A
+    torch.profiler `profiler` is entered with the first timed step."""
     x_all, y_all = class_data(shape, 4096, cfg.net.kwargs.get("num_classes", 0), device)
     num_classes, b = cfg.net.kwargs.get("num_classes", 0), cfg.train.batch_size
-    clock = {"loss": 0.0}
 
     def draw(gen, size):
         idx = torch.randint(0, len(x_all), size, generator=gen, device=device)
@@ -167,11 +172,9 @@ def timed_fit(model, cfg, k: int, stacked: bool, shape, args, device, profiler=N
         return x_all[idx], (torch.where(drop, torch.full_like(y, num_classes), y) if num_classes else None)
 
     def batch_loss(m, step, gen):
-        if step == args.warmup:
+        if profiler is not None and step == args.warmup:
             sync(device)
-            clock["start"] = time.perf_counter()
-            if profiler is not None:
-                profiler.__enter__()
+            profiler.__enter__()
         if stacked:  # sum over experts of each expert's mean loss, as ddmkit's concurrent path
             x, y = draw(gen, (k, b))
             per_row = lambda xt, t: m(xt.unflatten(0, (k, b)), t.unflatten(0, (k, b)), y).flatten(0, 1)
@@ -179,53 +182,62 @@ def timed_fit(model, cfg, k: int, stacked: bool, shape, args, device, profiler=N
         else:
             x, y = draw(gen, (b,))
             loss = flow_matching_loss(lambda xt, t: m(xt, t, y), x, gen, cfg.prediction)
-        if step >= args.warmup:
-            clock["loss"] = clock["loss"] + loss.detach() / (k if stacked else 1)  # no host sync
         return loss, {}
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    fit(model, batch_loss, cfg.train, device=device)
+    _, rows = fit(model, batch_loss, cfg.train, device=device)
     sync(device)
     if profiler is not None:
         profiler.__exit__(None, None, None)
-    seconds = (time.perf_counter() - clock["start"]) / args.steps
+    warm = [row for row in rows if row["step"] <= args.warmup]
+    begin, timed = (warm[-1]["step"], warm[-1]["seconds"]) if warm else (0, 0.0), rows[len(warm):]
+    seconds = (timed[-1]["seconds"] - begin[1]) / args.steps
+    loss = sum(row["loss"] * (row["step"] - last) for row, last in zip(timed, [begin[0]] + [r["step"] for r in timed]))
     return {"ms_per_step": 1e3 * seconds, "samples_per_s": (k if stacked else 1) * b / seconds,
-            "loss": float(clock["loss"]) / args.steps,
+            "loss": loss / args.steps / (k if stacked else 1),
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
 
 
-def stacked_variants(args, device) -> list[tuple[str, str, bool, bool]]:
-    """(label, kind, bf16, compile), kind one of "monolith", "stacked" (the K experts through one vmapped
-    step) and "one at a time" (one expert's step at batch B, timed and multiplied by K: the experts
-    trained one after another, as with expert.concurrent = false); eager first; bf16 and compile only
-    where fit() applies them (CUDA)."""
+def stacked_variants(args, device) -> list[tuple[str, str, bool, bool, bool]]:
+    """(label, kind, bf16, compile, cuda_graph), kind one of "monolith", "stacked" (the K experts through one
+    vmapped step), "streams" (the K experts side by side, each on its own CUDA stream) and "one at a time"
+    (one expert's step at batch B, timed and multiplied by K: the experts trained one after another, as with
+    expert.concurrent = false); eager first; bf16, compile and CUDA graphs only where fit() applies them
+    (CUDA)."""
     cuda = device.type == "cuda"
-    eager = [("monolith", "monolith", True, False), ("experts, float32 (before)", "stacked", False, False)]
-    eager += [("experts, bf16", "stacked", True, False)] if cuda else []
-    eager += [("experts one at a time" + (", bf16" if cuda else ""), "one at a time", True, False)]
-    compiled = [("monolith", "monolith", True, True), ("experts, bf16", "stacked", True, True)]
-    compiled += [("experts one at a time, bf16", "one at a time", True, True)]
+    eager = [("monolith", "monolith", True, False, False),
+             ("experts, float32 (before)", "stacked", False, False, False)]
+    eager += [("experts, bf16", "stacked", True, False, False)] if cuda else []
+    eager += [("experts one at a time" + (", bf16" if cuda else ""), "one at a time", True, False, False)]
+    compiled = [("monolith", "monolith", True, True, False), ("experts, bf16", "stacked", True, True, False)]
+    compiled += [("experts one at a time, bf16", "one at a time", True, True, False)]
     compiled = compiled if cuda and args.compile else []
-    unknown = sorted(set(args.only or []) - {v[0] for v in eager + compiled})
+    graphed = [("monolith, CUDA graph", "monolith", True, args.compile, True),
+               ("experts on streams, bf16, CUDA graph", "streams", True, args.compile, True),
+               ("experts, bf16, CUDA graph", "stacked", True, args.compile, True),
+               ("experts one at a time, bf16, CUDA graph", "one at a time", True, args.compile, True)]
+    graphed = graphed if cuda and args.cuda_graph else []
+    variants = eager + compiled + graphed
+    unknown = sorted(set(args.only or []) - {v[0] for v in variants})
     if unknown:
-        sys.exit(f"--only: no variant {unknown[0]!r} here; the variants: {', '.join(v[0] for v in eager + compiled)}")
+        sys.exit(f"--only: no variant {unknown[0]!r} here; the variants: {', '.join(v[0] for v in variants)}")
     keep = lambda v: args.only is None or v[1] == "monolith" or v[0] in args.only
-    return [v for v in eager + compiled if keep(v)]
+    return [v for v in variants if keep(v)]
 
 
-def stacked_job(net: str, kind: str, bf16: bool, compiled: bool, args, device):
-    """(model, ExpertConfig, K, data shape) of one variant: the config's experts stacked (batch B each), one
-    expert (batch B), or their monolith (batch K * B), trained steps = warmup + steps with one log row at the
-    end."""
+def stacked_job(net: str, kind: str, bf16: bool, compiled: bool, args, device, graphed: bool = False):
+    """(model, ExpertConfig, K, data shape) of one variant: the config's experts stacked or on streams (batch B
+    each), one expert (batch B), or their monolith (batch K * B), trained steps = warmup + steps with log rows
+    every `warmup` steps (timed_fit times the steps after the first)."""
     run = load_config(CONFIGS / STACKED[net][0])
     expert = run.expert
     k = run.partition.k if args.k is None else args.k
     kwargs = {**expert.net.kwargs, **(TINY[net] if args.quick else {})}
     train = expert.train.model_copy(update={
-        "steps": args.warmup + args.steps, "log_every": args.warmup + args.steps, "device": str(device),
-        "bf16": bf16, "compile": compiled, "compile_mode": args.compile_mode, "checkpoint_every": 0,
-        "tensorboard": False,
+        "steps": args.warmup + args.steps, "log_every": args.warmup or args.steps, "device": str(device),
+        "bf16": bf16, "compile": compiled, "compile_mode": "default" if graphed else args.compile_mode,
+        "cuda_graph": graphed, "checkpoint_every": 0, "tensorboard": False,
         "batch_size": expert.train.batch_size if args.expert_batch is None else args.expert_batch})
     expert = expert.model_copy(update={"net": expert.net.model_copy(update={"kwargs": kwargs}), "train": train})
     shape = STACKED[net][1]
@@ -234,6 +246,8 @@ def stacked_job(net: str, kind: str, bf16: bool, compiled: bool, args, device):
         return build(), monolith_config(expert, k, "batch"), k, shape
     if kind == "one at a time":
         return build(), expert, k, shape
+    if kind == "streams":
+        return StreamedExperts([build() for _ in range(k)]), expert, k, shape
     train = train.model_copy(update={"channels_last": False})  # as ddmkit's concurrent path
     return (StackedExperts([build() for _ in range(k)]), expert.model_copy(update={"train": train}),
             k, shape)
@@ -248,15 +262,15 @@ def run_stacked(args, device) -> None:
     print("\n| network | variant | compile | batch | ms/step | samples/s | experts/monolith | mean loss | peak GiB |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|", flush=True)
     start, monolith_ms = time.perf_counter(), {}
-    for label, kind, bf16, compiled in stacked_variants(args, device):
+    for label, kind, bf16, compiled, graphed in stacked_variants(args, device):
         for net in args.nets:
-            model, cfg, k, shape = stacked_job(net, kind, bf16, compiled, args, device)
+            model, cfg, k, shape = stacked_job(net, kind, bf16, compiled, args, device, graphed)
             batch = str(cfg.train.batch_size) if kind == "monolith" else f"{k} x {cfg.train.batch_size}"
-            mode = args.compile_mode if compiled else "no"
+            mode = cfg.train.compile_mode if compiled else "no"
             print(f"[{time.perf_counter() - start:.0f} s] {net}: {label}, compile {mode}, batch {batch} ...",
                   file=sys.stderr, flush=True)
             try:
-                r = timed_fit(model, cfg, k, kind == "stacked", shape, args, device)
+                r = timed_fit(model, cfg, k, kind in ("stacked", "streams"), shape, args, device)
                 if kind == "one at a time":  # K such experts, one after another: K times one's time per step
                     r["ms_per_step"] *= k  # (samples/s: K B samples in K times the time, as one expert)
             except Exception as e:  # one failing variant (say, compile) must not lose the others
@@ -269,8 +283,8 @@ def run_stacked(args, device) -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             if kind == "monolith":
-                monolith_ms[net, compiled] = r["ms_per_step"]
-            base = monolith_ms.get((net, compiled)) if kind != "monolith" else None
+                monolith_ms[net, compiled, graphed] = r["ms_per_step"]
+            base = monolith_ms.get((net, compiled, graphed)) if kind != "monolith" else None
             ratio = "-" if base is None else f"{r['ms_per_step'] / base:.2f}"
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
             print(f"| {net} | {label} | {mode} | {batch} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.0f} | "
@@ -372,6 +386,10 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
                    help="torch.compile mode of the compile rows (train.compile_mode); reduce-overhead replays "
                         "each step as a CUDA graph")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="--mode stacked, CUDA: also time the monolith and the experts (stacked, on streams, one at "
+                        "a time) with train.cuda_graph, the whole step one CUDA graph (compiled inside it, in the "
+                        "default mode, with --compile), each against the monolith graphed the same way")
     p.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
                    help='time only these variants (--mode stacked: and the monolith), e.g. "experts, bf16" or '
                         '"compile reduce-overhead"')

@@ -210,6 +210,10 @@ class TrainConfig(Section):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode; 'reduce-overhead' replays the step's kernels as CUDA graphs "
         "(small networks whose step is bound by kernel launches)")
+    cuda_graph: bool = Field(False, description="after 3 eager steps, capture the whole training step (batch, "
+                             "loss, backward, clipping, AdamW, EMA) as one CUDA graph and replay it: for small "
+                             "networks whose step is bound by kernel launches (CUDA, one process; ignored on the "
+                             "CPU)")
     tensorboard: bool = Field(False, description="also write the logged losses as TensorBoard event files to "
                               "the model folder's tensorboard/ (needs the tensorboard package)")
     parallel: Literal["ddp", "fsdp"] = Field(
@@ -224,6 +228,14 @@ class TrainConfig(Section):
             return device_name(v, repr(v))
         except DDMError as e:  # as pydantic's error, so that validate names the field (train.device: 'gpu' is ...)
             raise ValueError(str(e)) from None
+
+    @model_validator(mode="after")
+    def _one_graph(self):
+        if self.cuda_graph and self.compile and self.compile_mode == "reduce-overhead":
+            raise ValueError("cuda_graph = true captures the whole step, and compile_mode = 'reduce-overhead' "
+                             "captures graphs of its own inside it: set compile_mode = 'default' (the step is "
+                             "still one graph), or cuda_graph = false")
+        return self
 
 
 class PathConfig(Section):
@@ -272,8 +284,11 @@ class ExpertConfig(Section):
         "epsilon or v on the vp path")
     label_dropout: float = Field(0.0, ge=0, le=1, description="share of training labels replaced by 'no label' "
                                  "(class-conditional nets, for classifier-free guidance)")
-    concurrent: bool = Field(False, description="train all K experts in one stacked network (torch.func), "
-                             "each on its own shard only")
+    concurrent: bool = Field(False, description="train all K experts in one job, each on its own shard only")
+    concurrent_networks: Literal["stacked", "streams"] = Field(
+        "stacked", description="concurrent = true: 'stacked', one network of stacked weights (torch.func.vmap; "
+        "the experts share kernels); 'streams', K ordinary networks, expert k's kernels on CUDA stream k (one "
+        "after another on the CPU; fastest with train.cuda_graph)")
 
     @model_validator(mode="after")
     def _prediction(self):

@@ -28,7 +28,8 @@ step holds about k monolith calls' worth on the batch, where one after
 another it held one expert call's (sample_ddm's batch_size bounds it).
 
 Off the GPU, for one call, or while the current stream is being captured
-into a CUDA graph, the calls run one after another as usual.
+into a CUDA graph (unless the caller captures the fork and join with it:
+in_capture), the calls run one after another as usual.
 """
 from __future__ import annotations
 
@@ -50,9 +51,11 @@ def side_stream(device: torch.device, key: int) -> torch.cuda.Stream:
 
 
 def call_concurrently(calls: Sequence[Callable[[], torch.Tensor]], keys: Sequence[int],
-                      device: torch.device) -> list[torch.Tensor]:
-    """[call() for call in calls], call i on the side stream of keys[i] when on a GPU."""
-    if device.type != "cuda" or len(calls) < 2 or torch.cuda.is_current_stream_capturing():
+                      device: torch.device, in_capture: bool = False) -> list[torch.Tensor]:
+    """[call() for call in calls], call i on the side stream of keys[i] when on a GPU; with in_capture, also
+    while the current stream is being captured (the fork and join become parallel branches of the graph: a
+    training step captured whole, ddmkit.accel.step_graph)."""
+    if device.type != "cuda" or len(calls) < 2 or (torch.cuda.is_current_stream_capturing() and not in_capture):
         return [call() for call in calls]
     main = torch.cuda.current_stream(device)
     streams = [side_stream(device, key) for key in keys]

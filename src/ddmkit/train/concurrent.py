@@ -3,9 +3,10 @@
     train_experts_concurrently(shards, config, out_dirs)
     for job in concurrent_jobs(run_shards, run_expert_folders): ...   # a run's experts still to train
 
-The K networks are stacked (ddmkit.train.stacked) and trained by the one
-training loop, fit(), as a single module, under the config's train.bf16 (the
-stacked experts then compute in bfloat16) and train.compile. Each step draws a
+The K networks are stacked (ddmkit.train.stacked; expert.concurrent_networks =
+"streams": side by side on K CUDA streams, ddmkit.train.streamed) and trained by
+the one training loop, fit(), as a single module, under the config's train.bf16
+(stacked experts then compute in bfloat16), train.compile and train.cuda_graph. Each step draws a
 batch for every expert from that expert's shard alone (the draw depends on the
 shard's size, never on its contents or on other shards), and the loss is the
 sum of the per-expert flow-matching losses.
@@ -50,6 +51,7 @@ from ddmkit.train.checkpoint import check_checkpoint_file
 from ddmkit.train.jobs import check_expert_folder, drop_labels, publish_statistics, shard_hashes, trained_settings
 from ddmkit.train.loop import fit, summary_writer, tensorboard_writer, write_row
 from ddmkit.train.stacked import StackedExperts
+from ddmkit.train.streamed import StreamedExperts
 
 
 def stacked_sampler(parts: list[torch.Tensor], labels: list[torch.Tensor] | None, batch_size: int, device):
@@ -132,7 +134,8 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
     if num_classes and any(y is None for y in labels):
         raise DDMError(f"experts are class-conditional (num_classes = {num_classes}) but a shard has no labels")
     kwargs = {"data_shape": data_shape, **config.net.kwargs}
-    model = StackedExperts([build_seeded(config.net.arch, config.train.seed, **kwargs) for _ in shards])
+    experts = StreamedExperts if config.concurrent_networks == "streams" else StackedExperts
+    model = experts([build_seeded(config.net.arch, config.train.seed, **kwargs) for _ in shards])
     draw = stacked_sampler(xs, labels, config.train.batch_size, device)
     schedule = config.path.vp_schedule()  # None: the linear path
 
@@ -143,7 +146,8 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
         per_expert = stacked_loss(m, x, y, gen, config.prediction, schedule)
         return per_expert.sum(), {f"loss_{k}": loss for k, loss in enumerate(per_expert)}
 
-    train_cfg = config.train.model_copy(update={"channels_last": False})  # 5-D stacked weights
+    stacked = config.concurrent_networks == "stacked"
+    train_cfg = config.train.model_copy(update={"channels_last": False}) if stacked else config.train  # 5-D weights
     checkpoint = stacked_checkpoint_path(out_dirs)
     resumed = resume and checkpoint.exists()
     data = shard_hashes([Path(s) for s in shards])

@@ -44,12 +44,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ddmkit.accel.step_graph import GRAPH_WARMUP, capture_step
 from ddmkit.config import TrainConfig, resolve_device
 from ddmkit.errors import DDMError
 from ddmkit.progress import progress_bar
@@ -78,16 +80,19 @@ class EMA(nn.Module):
     lets the average forget the initial weights; with a fixed 0.999 a 2000-step run keeps
     0.999^2000 = 13.5% of the random initial weights in the EMA, which shows as speckle noise
     in samples. The update is one foreach lerp with a Python scalar weight: no host sync (under FSDP
-    two: the plain tensors, then the shards).
+    two: the plain tensors, then the shards). With weight_on_device (a step that a CUDA graph replays, where a
+    Python number would stay the one captured) the weight 1 - decay_n is computed on the device from
+    n_averaged, and the update is ema += w (model - ema) in three foreach calls.
     The state_dict matches torch's AveragedModel ("module.*", "n_averaged"), so checkpoints
     keep their format."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, weight_on_device: bool = False):
         super().__init__()
         import copy
 
         self.module = copy.deepcopy(model)
         self.decay = decay
+        self.weight_on_device = weight_on_device
         device = next(model.parameters()).device
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
         self._n = 0  # host copy of n_averaged
@@ -107,7 +112,13 @@ class EMA(nn.Module):
             self._lists = (model, [([a for a, _ in kind], [b for _, b in kind]) for kind in kinds if kind], others)
         _, groups, others = self._lists
         for ema_t, model_t in groups:  # plain tensors, then DTensors (one foreach call takes one kind)
-            torch._foreach_lerp_(ema_t, model_t, 1.0 - self.decay_at(self._n))
+            if self.weight_on_device:
+                n = self.n_averaged.double()
+                step = torch._foreach_sub(model_t, ema_t)
+                torch._foreach_mul_(step, (1.0 - torch.clamp((1 + n) / (10 + n), max=self.decay)).float())
+                torch._foreach_add_(ema_t, step)
+            else:
+                torch._foreach_lerp_(ema_t, model_t, 1.0 - self.decay_at(self._n))
         for a, b in others:
             a.copy_(b)
         self.n_averaged.add_(1)
@@ -176,17 +187,23 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
     scope (ddmkit.train.stop) raises KeyboardInterrupt before the next step. resumed() is called once a
     checkpoint was accepted and restored (e.g. to say that the job continues from it)."""
     device = device or resolve_device(cfg.device)
+    graphed = cfg.cuda_graph and device.type == "cuda"  # the step as one CUDA graph (ignored on the CPU)
+    if graphed and dist.world > 1:
+        raise DDMError("train.cuda_graph captures one process's whole step, and a job of several processes "
+                       "exchanges gradients inside it: set cuda_graph = false, or train with one process")
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    ema = EMA(model, cfg.ema_decay)  # copied before wrap: a model sharded by FSDP cannot be copied
+    ema = EMA(model, cfg.ema_decay, weight_on_device=graphed)  # copied before wrap: FSDP's cannot be copied
     net = dist.wrap(model, cfg.parallel)  # DDP or FSDP over the job's processes; the model itself for one
     shard_like(ema.module, model)  # FSDP: the EMA sharded as the model (nothing otherwise)
     net = torch.compile(net, mode=cfg.compile_mode) if cfg.compile and device.type == "cuda" else net  # same parameters
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device) if graphed else cfg.lr,
+                            weight_decay=cfg.weight_decay, fused=device.type == "cuda", capturable=graphed)
+    if graphed:
+        opt.param_groups[0]["initial_lr"] = cfg.lr  # the schedule's base a number: filling the rate needs no sync
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     history: list[dict] = []
     running: dict[str, float] = {}
@@ -197,36 +214,54 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
         first, history, running = ckpt.load_checkpoint(checkpoint, model=model, ema=ema, opt=opt, sched=sched,
                                                        generator=generator, fp=fp, device=device)
         summed = set(running)
+        if graphed:  # a checkpoint holds the rate as a number: the graph's optimizer reads it from a tensor
+            opt.param_groups[0]["lr"] = torch.tensor(float(opt.param_groups[0]["lr"]), device=device)
         if resumed is not None:
             resumed()
     board = tensorboard_writer(Path(log_path).parent / "tensorboard") if log_path and cfg.tensorboard else None
     log = open(log_path, "w") if log_path else None
     for row in history if log else ():
         write_row(log, board, row)
+
+    def train_step(step: int) -> dict:
+        """One step on gradients that are None; the values to log, as tensors (no host sync)."""
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda",
+                            cache_enabled=not graphed):  # a graph cannot keep autocast's cache past its capture
+            loss, metrics = batch_loss(net, step, generator)
+        loss.backward()
+        grad_norm, part_norms = clip_gradients(model, cfg.grad_clip)
+        opt.step()
+        ema.update_parameters(model)
+        return {"loss": loss.detach(), "grad_norm": grad_norm, **metrics, **part_norms}
+
+    replay = None  # train.cuda_graph: the step captured after GRAPH_WARMUP eager ones (ddmkit.accel.step_graph)
+    stream = torch.cuda.Stream(device) if graphed else None  # eager steps, capture and replays: one stream
+    on_stream = torch.cuda.stream(stream) if graphed else nullcontext()
+    if graphed:
+        stream.wait_stream(torch.cuda.current_stream(device))
     start = time.perf_counter()
     try:
-        with progress_bar(description, cfg.steps) as advance:
+        with progress_bar(description, cfg.steps) as advance, on_stream:
             advance(first)
             for step in range(first, cfg.steps):
                 check_stop()  # a stop whose KeyboardInterrupt was lost (in a __del__, say) ends the job here
-                with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-                    loss, metrics = batch_loss(net, step, generator)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm, part_norms = clip_gradients(model, cfg.grad_clip)
-                opt.step()
-                lr = sched.get_last_lr()[0]  # the rate this step used (sched.step() sets the next step's)
+                if graphed and replay is None and step == first + GRAPH_WARMUP:
+                    opt.zero_grad(set_to_none=True)
+                    replay = capture_step(lambda: train_step(step), generator, stream)
+                if replay is None:
+                    opt.zero_grad(set_to_none=True)
+                values = replay() if replay is not None else train_step(step)
+                lr = cfg.lr * lr_lambda(cfg)(step)  # the rate this step used (sched.step() sets the next step's)
                 sched.step()
-                ema.update_parameters(model)
-                for name, value in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics, **part_norms}.items():
+                for name, value in values.items():
                     value = value.detach().float() if torch.is_tensor(value) else value  # no host sync per step
                     running[name] = running.get(name, 0.0) + value
                 if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                     running = dist.mean(running)
                     n = step + 1 - (history[-1]["step"] if history else 0)
-                    row = {"step": step + 1, "lr": lr,
-                           "seconds": round(time.perf_counter() - start, 3),
-                           **{k: float(v) / n for k, v in running.items() if not summed or k in summed}}
+                    means = {k: float(v) / n for k, v in running.items() if not summed or k in summed}
+                    row = {"step": step + 1, "lr": lr,  # the seconds after the means: the GPU's work counted
+                           "seconds": round(time.perf_counter() - start, 3), **means}
                     running, summed = {}, set()
                     if not math.isfinite(row["loss"]):  # every process sees the same mean: all stop
                         raise DDMError(f"{description}: the loss is {row['loss']} at step {step + 1}: training "
@@ -243,6 +278,8 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
                         ckpt.save_checkpoint(checkpoint, step=step + 1, **state, sched=sched, generator=generator,
                                              history=history, running=running, fp=fp)
     finally:
+        if graphed:
+            torch.cuda.current_stream(device).wait_stream(stream)
         if log:
             log.close()
         if board is not None:
