@@ -239,3 +239,19 @@ def test_a_job_shorter_than_the_warm_up_is_never_captured(tmp_path, monkeypatch)
     _train(_shards(tmp_path / "shards"), _config(device="cuda", cuda_graph=True, steps=3, log_every=1,
                                                  checkpoint_every=0), tmp_path / "run")
     assert captured == []
+
+
+@gpu
+def test_streamed_experts_compile_inside_the_graph(tmp_path):
+    """train.compile with streams: each expert's forward is compiled (the fork between streams is not: inductor
+    cannot take record_stream), inside the captured step; the experts are those of the uncompiled job to float
+    tolerance."""
+    from ddmkit.io import load_tensors
+
+    shards = _shards(tmp_path / "shards")
+    compiled = _train(shards, _config(device="cuda", cuda_graph=True, compile=True), tmp_path / "compiled")
+    plain = _train(shards, _config(device="cuda", cuda_graph=True), tmp_path / "plain")
+    for a, b in zip(compiled, plain):
+        mine, theirs = load_tensors(a / "model.safetensors"), load_tensors(b / "model.safetensors")
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-3, atol=1e-4)
