@@ -33,8 +33,8 @@ class StreamedExperts(nn.Module):
         self.k = len(models)
         self.experts = nn.ModuleList(models)
 
-    @torch.compiler.disable(recursive=False)  # torch.compile (train.compile) compiles each expert's forward, not
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # the fork
+    @torch.compiler.disable(recursive=False)  # train.compile: each expert's forward compiled, not the fork
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None:
             calls = [lambda net=net, k=k: net(x[k], t[k]) for k, net in enumerate(self.experts)]
         else:
