@@ -1067,3 +1067,31 @@ def test_a_run_of_one_cluster_and_one_router_says_expert_and_router_in_the_singu
              overrides=["partition.k=1", "expert.train.steps=2", "router.train.steps=2", "centralized.enabled=false"])
     said = next(line for line in lines if line.startswith("text models:"))
     assert said.startswith("text models: 1 expert, router learned ready in"), said
+
+
+def test_train_expert_refuses_another_runs_or_a_changed_text_shard_for_a_runs_slot(text_runs, tmp_path):
+    """A text expert trained into RUN/experts/expert_00 on another run's shard of cluster 0 (or on this run's
+    shard changed since the partition was made) replaced the run's expert; only evaluate or register refused it,
+    after its training. Image experts were refused before training (check_shard_for_slot): so are text ones."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(text_runs["text_ar"], run)
+    folder = RunFolder(run)
+    other = tmp_path / "other"
+    other.mkdir()
+    config = write_config(other, "text_ar")
+    config.write_text(config.read_text().replace("test_fraction = 0.2", "test_fraction = 0.4"))
+    partition_text_run(config, other / "run", log=QUIET)
+    own = folder.partition / "shards" / "cluster_00.safetensors"
+    before = files(folder.expert(0))
+    code, err = cli("train-expert", other / "run" / "partition" / "shards" / "cluster_00.safetensors", "--config",
+                    folder.config, "--out", folder.expert(0))
+    said = " ".join(err.split())
+    assert code == 2 and "cluster 0's shard of another partition" in said and f"give {own}, or another --out" in said
+    x, _, meta = read_shard(own)
+    save_tensors(own, {"x": x.flip(0)}, meta)  # the run's own shard, its bytes changed
+    code, err = cli("train-expert", own, "--config", folder.config, "--out", folder.expert(0))
+    said = " ".join(err.split())
+    assert code == 2 and f"{own}: SHA-256 differs from the one the run {run} records for cluster 0" in said, said
+    assert "copy the shard back" in said and files(folder.expert(0)) == before

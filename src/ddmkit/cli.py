@@ -353,7 +353,7 @@ def train_expert_cmd(shard: Path = path_argument("SHARD", "one shard file, e.g. 
         weights = out / "model.safetensors"
         before = sha256_file(weights) if weights.is_file() else None
         try:
-            train_text_expert(shard, read_text_config(config), out)
+            train_text_expert(shard, read_text_config(config), out, given=True)
         except KeyboardInterrupt:
             raise Interrupted("interrupted: nothing was written (text experts write no checkpoints); run the same "
                               "command to train it from the start") from None

@@ -53,8 +53,8 @@ from ddmkit.pipeline.models import write_training_plot
 from ddmkit.pipeline.prepare import check_replaceable, listed, remove_leftovers, remove_run_leftovers
 from ddmkit.pipeline.samplesets import calls_every_expert, full_routing_note
 from ddmkit.pipeline.stages import run_lock
-from ddmkit.registry import (check_registered, checked_model_shards, load_partition_checked, read_manifest,
-                             remake_partition, write_registry)
+from ddmkit.registry import (check_registered, check_shard_for_slot, checked_model_shards, load_partition_checked,
+                             read_manifest, remake_partition, write_registry)
 from ddmkit.tables import markdown_table
 from ddmkit.train.loop import fit
 from ddmkit.train.threads import job_threads
@@ -390,10 +390,13 @@ def _router_network(cfg: TextRunConfig, k: int) -> dict:
             **TASKS[cfg.kind].router_kwargs}
 
 
-def train_text_expert(shard: str | Path, cfg: TextRunConfig, out_dir: str | Path, train: bool = True) -> torch.nn.Module:
+def train_text_expert(shard: str | Path, cfg: TextRunConfig, out_dir: str | Path, train: bool = True,
+                      given: bool = False) -> torch.nn.Module:
     """One expert on one shard file, in isolation: it reads that file and nothing else (the island's
     job; `ddmkit train-expert SHARD --config TEXT.toml --out FOLDER`). Every text job runs on
-    cfg.threads CPU threads, so its bytes do not depend on where it runs."""
+    cfg.threads CPU threads, so its bytes do not depend on where it runs. given: the shard is the user's
+    (train-expert), so where out_dir is an expert slot of a run it must be that run's shard of the slot's
+    cluster (check_shard_for_slot), refused before training."""
     with job_threads(cfg.threads):
         task, tr, m = TASKS[cfg.kind], cfg.expert.train, cfg.model
         if Path(shard).is_dir():  # not "move it away": it is likely the run's own shards/ folder
@@ -416,6 +419,8 @@ def train_text_expert(shard: str | Path, cfg: TextRunConfig, out_dir: str | Path
             raise DDMError(f"{out_dir} is the folder of expert {int(slot.group(1))}, but {shard} is cluster {c}'s "
                            f"shard; give --out {Path(out_dir).parent / f'expert_{c:02d}'}, or the shard "
                            f"cluster_{int(slot.group(1)):02d}.safetensors")
+        if given:  # another run's shard, or this run's changed since its partition was made
+            check_shard_for_slot(shard, out_dir)
         base = cfg.digest("corpus", "partition", "model", "expert")
         loss = lambda model, g: task.expert_loss(model, sample_windows(stream, m.seq_len, tr.batch_size, g), g)
         meta = {"role": f"{task.role} expert", "cluster": c, "k": int(meta.get("k", 0)),
