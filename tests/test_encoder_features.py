@@ -377,10 +377,16 @@ def test_a_damaged_encoder_folder_is_named_with_the_fix(folders, tmp_path):
 
 def test_a_model_hub_id_is_told_that_nothing_is_downloaded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    hub = r"if 'facebook/dinov2-small' is a model hub id: ddmkit reads local folders only and downloads nothing; "
-    with pytest.raises(DDMError, match=r"partition.encoder: encoder folder .* does not exist.*; " + hub +
-                       r".*AutoModel.from_pretrained\('facebook/dinov2-small'\)"):
+    hub = r"cannot download from a model hub; if 'facebook/dinov2-small' is a model hub id: "
+    with pytest.raises(DDMError, match=r"partition.encoder: folder 'facebook/dinov2-small' \(resolved to .*\) does "
+                       r"not exist.*" + hub + r".*AutoModel.from_pretrained\('facebook/dinov2-small'\)"):
         encoder_spec("facebook/dinov2-small")
+    with pytest.raises(DDMError) as info:  # a path written as one: no hub id's hint
+        encoder_spec("./models/dino")
+    said = str(info.value)
+    assert said.startswith(f"partition.encoder: folder './models/dino' (resolved to {tmp_path / 'models' / 'dino'}) "
+                           "does not exist; give the folder a transformers model's save_pretrained wrote"), said
+    assert "hub id" not in said and "cannot download from a model hub" in said
 
 
 def test_an_encoder_of_one_channel_images_is_refused_naming_its_channels(tmp_path):
@@ -401,9 +407,8 @@ def test_a_relative_encoder_folder_says_where_it_was_looked_for(folders, tmp_pat
     shutil.copytree(folders / "dino", tmp_path / "project" / "models" / "enc")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    with pytest.raises(DDMError, match=r"does not exist; .*a relative path is read from the folder ddmkit runs in "
-                                       r"\(.*elsewhere\), not the config's: run ddmkit from the folder it is relative "
-                                       r"to, or give an absolute path"):
+    with pytest.raises(DDMError, match=r"folder 'models/enc' \(resolved to .*elsewhere/models/enc\) does not exist; "
+                                       r".* by its absolute path or one relative to the folder ddmkit runs in"):
         encoder_spec("models/enc")
     monkeypatch.chdir(tmp_path / "project")
     assert encoder_spec("models/enc")["model_type"] == "dinov2"

@@ -99,7 +99,7 @@ def test_a_pretrained_folder_loads_safetensors_only(tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     with pytest.raises(DDMError, match="not an AutoencoderKL"):
         load_autoencoder(tmp_path / "other")
-    with pytest.raises(DDMError, match="not a folder"):
+    with pytest.raises(DDMError, match="does not exist"):
         load_autoencoder(tmp_path / "missing")
     ae.save_pretrained(tmp_path / "variant", safe_serialization=True, variant="fp16")  # diffusers' raw OSError
     with pytest.raises(DDMError, match=r"holds diffusion_pytorch_model.fp16.safetensors, a 'fp16' variant.*"
@@ -687,15 +687,32 @@ def test_a_model_hub_id_is_told_that_nothing_is_downloaded_and_how_to_save_the_f
     """'stabilityai/sd-vae-ft-mse' was only 'not a folder', and a relative path was not told where it was looked for."""
     from ddmkit.latent.autoencoder import folder_config
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DDMError, match=r"a relative path is read from the folder ddmkit runs in .*; if "
-                                       r"'stabilityai/sd-vae-ft-mse' is a model hub id: ddmkit reads local folders "
-                                       r"only and downloads nothing; .*AutoencoderKL.from_pretrained\("
-                                       r"'stabilityai/sd-vae-ft-mse'\).save_pretrained\('FOLDER'\)"):
+    with pytest.raises(DDMError, match=r"^latent.pretrained: folder 'stabilityai/sd-vae-ft-mse' \(resolved to "
+                                       rf"{re.escape(str(tmp_path))}/stabilityai/sd-vae-ft-mse\) does not exist; .*"
+                                       r"cannot download from a model hub; if 'stabilityai/sd-vae-ft-mse' is a model "
+                                       r"hub id: .*AutoencoderKL.from_pretrained\('stabilityai/sd-vae-ft-mse'\)"
+                                       r".save_pretrained\('FOLDER'\)"):
         folder_config("stabilityai/sd-vae-ft-mse")
     (tmp_path / "models").mkdir()
-    with pytest.raises(DDMError, match=r"a relative path is read from the folder ddmkit runs in") as info:
+    with pytest.raises(DDMError, match=r"relative to the folder ddmkit runs in") as info:
         folder_config("models/vae")  # its parent is here: not a hub id
     assert "hub id" not in str(info.value)
+
+
+@pytest.mark.parametrize("given", ["./models/vae", "models/vae", "models/vae/", "../elsewhere/vae", "my vae/v1"])
+def test_a_missing_relative_pretrained_folder_is_one_line_naming_it_as_given_and_resolved(tmp_path, monkeypatch,
+                                                                                       given):
+    """latent.pretrained = "./models/vae" (no such folder) was a long message naming 'models/vae', which added "if
+    'models/vae' is a model hub id: ...": a path written as one. It is one line: the path as given, where it was
+    looked for, the fix; a hub id's hint only for what reads as 'owner/name'."""
+    from ddmkit.latent.autoencoder import folder_config
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DDMError) as info:
+        folder_config(given)
+    said = str(info.value)
+    assert said.startswith(f"latent.pretrained: folder {given!r} (resolved to {(tmp_path / given).resolve()}) does "
+                           "not exist; give the folder AutoencoderKL.save_pretrained wrote"), said
+    assert "cannot download from a model hub" in said and "\n" not in said and "hub id" not in said, said
 
 
 @pytest.mark.parametrize("name, value, said", [

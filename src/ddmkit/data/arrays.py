@@ -3,6 +3,7 @@ checks of a file's values (finite, within float32's range) and labels (one whole
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,14 +63,32 @@ def relative_hint(path: str | Path) -> str:
             "from the folder it is relative to, or give an absolute path")
 
 
-def hub_id_hint(path: str | Path, saving: str) -> str:
-    """What a message about a missing model folder adds when `path` reads as a model hub id ("owner/name"):
-    ddmkit downloads nothing; `saving` is the Python that saves the model as a folder, with ID and FOLDER."""
-    text = str(path)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith("/") or Path(text).parent.exists():
-        return ""
-    return (f"; if {text!r} is a model hub id: ddmkit reads local folders only and downloads nothing; on a machine "
-            f"with network access, {saving.replace('ID', repr(text))}, then copy FOLDER here and name it")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as a model hub spells it
+FOLDER_NAMES = frozenset({"models", "model", "runs", "run", "checkpoints", "checkpoint", "weights", "pretrained",
+                          "data", "vae", "autoencoder", "encoder", "encoders", "outputs", "output", "out", "saved"})
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """Whether a missing folder given as `text` reads as a model hub id, 'owner/name': one slash between two names
+    of a hub's characters (letters, digits, '-', '_', '.'; no '..', no './'), neither a usual folder name
+    (models/vae is a path), and no folder named like its owner here."""
+    owner, _, name = text.partition("/")
+    return (HUB_ID.fullmatch(text) is not None and ".." not in text and not name.endswith(".")
+            and not {owner.lower(), name.lower()} & FOLDER_NAMES and not Path(owner).exists())
+
+
+def missing_folder_text(field: str, given: str | Path, resolved: Path, wanted: str, saving: str,
+                        other: str = "") -> str:
+    """The one line of a model folder `given` (as the user wrote it) that does not exist: the path as given, the
+    absolute path it resolved to (`resolved`: where it was looked for), the fix (`wanted`: the folder
+    save_pretrained writes; `other`: another, as ", or ...") and that ddmkit downloads nothing; where `given`
+    looks_like_hub_id, how to save that model as a folder too (`saving`: the Python, with ID and FOLDER)."""
+    text = str(given)
+    where = f"{text!r}" if str(resolved) == text else f"{text!r} (resolved to {resolved})"
+    hub = (f"; if {text!r} is a model hub id: on a machine with network access, {saving.replace('ID', repr(text))}, "
+           "then copy FOLDER here and give its path" if looks_like_hub_id(text) else "")
+    return (f"{field}: folder {where} does not exist; give {wanted} by its absolute path or one relative to the "
+            f"folder ddmkit runs in{other}; ddmkit reads local folders only and cannot download from a model hub{hub}")
 
 
 def split_indices(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

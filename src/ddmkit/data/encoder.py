@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ddmkit.errors import DDMError
-from ddmkit.data.arrays import hub_id_hint, relative_hint
+from ddmkit.data.arrays import missing_folder_text
 from ddmkit.io import read_json, sha256_file
 from ddmkit.progress import progress_bar
 
@@ -131,11 +131,12 @@ def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[
     key = _cache_key(path)
     if key in _LOADED:
         return _LOADED[key]
+    if not path.exists():  # named as given, and where it was looked for
+        wanted = "the folder a transformers model's save_pretrained wrote (config.json + model.safetensors)"
+        raise DDMError(missing_folder_text(field, folder, path, wanted, HUB_SAVING))
     if not path.is_dir():
-        what = "is a file, not a folder" if path.exists() else "does not exist"
-        raise DDMError(f"{field}: encoder folder {str(path)!r} {what}; give a folder saved with a "
-                       "transformers model's save_pretrained (config.json + model.safetensors)"
-                       f"{relative_hint(folder) + hub_id_hint(folder, HUB_SAVING) if not path.exists() else ''}")
+        raise DDMError(f"{field}: encoder folder {str(path)!r} is a file, not a folder; give a folder saved with a "
+                       "transformers model's save_pretrained (config.json + model.safetensors)")
     if not (path / "config.json").is_file():
         raise DDMError(f"{field}: {path} has no config.json, so it is not a saved transformers model; save one "
                        "there with model.save_pretrained(folder)")

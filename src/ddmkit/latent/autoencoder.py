@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ddmkit.config import LatentConfig
-from ddmkit.data.arrays import hub_id_hint, relative_hint
+from ddmkit.data.arrays import missing_folder_text
 from ddmkit.data.datasets import pad_fix
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
@@ -67,17 +67,20 @@ def build_autoencoder(cfg: LatentConfig, channels: int, size: int) -> nn.Module:
 
 def folder_config(folder: str | Path) -> dict:
     """The config.json of an AutoencoderKL folder, checked to be one (nothing else is read)."""
-    folder = Path(folder)
+    given, folder = folder, Path(folder)
     if folder.is_file():  # config.json or the weights, named for the folder that holds them
         holder = (f"set latent.pretrained = \"{folder.parent}\", the folder that holds it"
                   if (folder.parent / "config.json").is_file() else "give the folder of one")
         raise DDMError(f"latent.pretrained: {folder} is a file, not a diffusers AutoencoderKL folder (config.json + "
                        f"diffusion_pytorch_model.safetensors); {holder}")
+    if not folder.exists():  # named as given ("./vae", not "vae"), and where it was looked for
+        wanted = "the folder AutoencoderKL.save_pretrained wrote (config.json + diffusion_pytorch_model.safetensors)"
+        raise DDMError(missing_folder_text("latent.pretrained", given, folder.resolve(), wanted, HUB_SAVING,
+                                           ", or leave latent.pretrained out to let ddmkit train one"))
     if not folder.is_dir():
         raise DDMError(f"latent.pretrained: {folder} is not a folder; give a local diffusers AutoencoderKL folder "
                        "(config.json + diffusion_pytorch_model.safetensors), e.g. one written by "
-                       "AutoencoderKL.save_pretrained, or leave it out to let ddmkit train one"
-                       f"{'' if folder.exists() else relative_hint(folder) + hub_id_hint(folder, HUB_SAVING)}")
+                       "AutoencoderKL.save_pretrained, or leave it out to let ddmkit train one")
     if not (folder / "config.json").is_file():
         raise DDMError(f"latent.pretrained: {folder} holds no config.json{sub_folder_hint(folder)}; give the folder "
                        "of a diffusers AutoencoderKL (config.json + diffusion_pytorch_model.safetensors), as written "
