@@ -768,3 +768,26 @@ def test_a_folder_without_weights_is_told_to_copy_them_not_to_convert_them(tmp_p
     ae.save_pretrained(tmp_path / "vae", safe_serialization=False)
     with pytest.raises(DDMError, match=r"never pickled .bin files\): convert the weights"):
         load_autoencoder(tmp_path / "vae")
+
+
+@pytest.mark.parametrize("value", [0.0, 0.37, -12.5])
+@pytest.mark.parametrize("pretrained", [None, "models/vae"])
+def test_constant_latents_are_said_to_be_constant_not_given_an_infinite_scaling_factor(value, pretrained):
+    """Latents of one value (an autoencoder that encodes every image alike) have std 0, or rounding's few digits:
+    latent_scale_notes divided the scaling_factor by it (ZeroDivisionError, or a scaling_factor of 1e8)."""
+    from types import SimpleNamespace
+
+    from ddmkit.config import RunConfig
+    from ddmkit.pipeline.stages import latent_moments, latent_scale_notes, mean_std
+
+    mean, std = mean_std(latent_moments(torch.full((6, 4, 8, 8), value)) + latent_moments(torch.full((3, 4, 8, 8),
+                                                                                                      value)))
+    cfg = RunConfig.model_validate({"latent": {"enabled": True, "pretrained": pretrained}})
+    codec = SimpleNamespace(scale=0.18215, model=SimpleNamespace(config={}))
+    notes = latent_scale_notes(cfg, codec, mean, std)
+    assert len(notes) == 1 and notes[0].startswith("the latents are constant (mean "), notes
+    assert "scaling_factor of" not in notes[0] and not re.search(r"\binf\b|\bnan\b|e\+0[5-9]|e\+[1-9]\d", notes[0])
+    assert ("leave latent.pretrained out" in notes[0]) == (pretrained is not None)
+    varied = torch.randn(6, 4, 8, 8) * 10 + value
+    mean, std = mean_std(latent_moments(varied))
+    assert "scaling_factor of" in latent_scale_notes(cfg, codec, mean, std)[0]  # std about 10: the usual note

@@ -414,8 +414,7 @@ def encode_shards(cfg: RunConfig, run, log: Log = print) -> None:
         for c, path in enumerate(shards):
             x, labels, meta = read_shard(path)
             tensors = {"x": codec.encode(x)}
-            z = tensors["x"].double()
-            moments += torch.stack([torch.tensor(z.numel(), dtype=torch.float64), z.sum(), z.square().sum()])
+            moments += latent_moments(tensors["x"])
             if labels is not None:
                 tensors["labels"] = labels
             name = folder.latent_shard(c).name
@@ -426,20 +425,41 @@ def encode_shards(cfg: RunConfig, run, log: Log = print) -> None:
             "source": cfg.latent.pretrained or "trained", "shards": entries,
             "autoencoder_sha256": sha256_file(folder.autoencoder / AUTOENCODER_WEIGHTS),
             "scaling_factor": codec.scale, "shift_factor": codec.shift})
-    mean = float(moments[1] / moments[0])
-    std = float((moments[2] / moments[0] - mean ** 2).clamp(min=0).sqrt())
+    mean, std = mean_std(moments)
     log(f"latents: {len(shards)} shards encoded to shape {tuple(tensors['x'].shape[1:])} in "
         f"{time.perf_counter() - start:.1f}s; their mean {mean:.3g}, std {std:.3g}")
     for note in latent_scale_notes(cfg, codec, mean, std):
         log(f"note: {note}")
 
 
+def latent_moments(z: torch.Tensor) -> torch.Tensor:
+    """(count, sum, sum of squares) of every number of the latents z, in float64: summed over shards,
+    mean_std gives their mean and std."""
+    z = z.double()
+    return torch.stack([torch.tensor(z.numel(), dtype=torch.float64), z.sum(), z.square().sum()])
+
+
+def mean_std(moments: torch.Tensor) -> tuple[float, float]:
+    """(mean, std) of the numbers whose latent_moments were summed."""
+    mean = float(moments[1] / moments[0])
+    return mean, float((moments[2] / moments[0] - mean ** 2).clamp(min=0).sqrt())
+
+
 def latent_scale_notes(cfg: RunConfig, codec, mean: float, std: float) -> list[str]:
     """What to say about the latents' scale: the networks learn best on data of unit variance (the flow's
     noise has it), which a pretrained autoencoder's scaling_factor is meant to give; and the normalisation
-    fields of a config.json that ddmkit does not apply (it applies shift_factor and scaling_factor)."""
+    fields of a config.json that ddmkit does not apply (it applies shift_factor and scaling_factor). Constant
+    latents (std 0, or rounding's few digits of |mean|) get no scaling_factor, which would be infinite: they
+    say that every image was encoded to the same numbers."""
     notes = []
-    if not 1 / 3 <= std <= 3:
+    if std <= 1e-6 * max(1.0, abs(mean)):
+        fix = (f"check the autoencoder {cfg.latent.pretrained} (damaged or untrained weights?), or leave "
+               "latent.pretrained out to let ddmkit train one" if cfg.latent.pretrained else
+               "the autoencoder ddmkit trained collapsed: try other [latent.train] settings (more steps, a lower lr)")
+        notes.append(f"the latents are constant (mean {mean:.4g}, std {std:.3g}): every image was encoded to the same "
+                     "numbers, so the experts can learn nothing of the images, and no scaling_factor gives them std "
+                     f"1; {fix}, then make the run again in a new folder")
+    elif not 1 / 3 <= std <= 3:
         where = f" in {Path(cfg.latent.pretrained) / 'config.json'}" if cfg.latent.pretrained else ""
         notes.append(f"the latents' std is {std:.3g}, far from 1 (the noise's): the networks learn best on latents "
                      f"of unit variance. A scaling_factor of {codec.scale / std:.4g}{where} (now {codec.scale:.4g}) "
