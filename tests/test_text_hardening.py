@@ -1095,3 +1095,26 @@ def test_train_expert_refuses_another_runs_or_a_changed_text_shard_for_a_runs_sl
     said = " ".join(err.split())
     assert code == 2 and f"{own}: SHA-256 differs from the one the run {run} records for cluster 0" in said, said
     assert "copy the shard back" in said and files(folder.expert(0)) == before
+
+
+@pytest.mark.parametrize("unit", ["file", "block"])
+def test_documents_cut_to_max_doc_bytes_are_counted_in_one_log_line(tmp_path, unit):
+    """A document of one very long line was cut to corpus.max_doc_bytes without a word: most of its text was
+    left out of the run, and nothing said so or named the setting."""
+    from ddmkit.discrete.config import CorpusConfig
+    from ddmkit.discrete.corpus import all_documents
+
+    (tmp_path / "long.txt").write_text("word " * 2000)  # 10000 bytes, no line break
+    (tmp_path / "longer.txt").write_text("x" * 12000)
+    for i in range(3):
+        (tmp_path / f"short{i}.txt").write_text("plain text " * 10)
+    lines = []
+    cfg = CorpusConfig(source=str(tmp_path), pattern="*.txt", unit=unit, min_doc_bytes=16, max_doc_bytes=4096)
+    docs = all_documents(cfg, lines.append)
+    assert sorted(len(d.text) for d in docs) == [110, 110, 110, 4096, 4096]
+    name = "longer.txt" if unit == "file" else "longer.txt#0"
+    assert lines == [f"corpus: 2 of 5 documents are longer than corpus.max_doc_bytes = 4096 and cut to that many "
+                     f"bytes (the longest: {name}, 12000 bytes in one line); raise corpus.max_doc_bytes to keep more "
+                     "of them"], lines
+    lines.clear()
+    assert len(all_documents(cfg.model_copy(update={"max_doc_bytes": 12000}), lines.append)) == 5 and lines == []

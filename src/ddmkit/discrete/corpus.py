@@ -78,16 +78,30 @@ def _named(paths: list[str]) -> str:
 
 def units(name: str, text: bytes, cfg) -> list[Document]:
     """The documents of one file: the file or its blocks (cfg.unit), those shorter than
-    cfg.min_doc_bytes dropped, longer ones cut to cfg.max_doc_bytes."""
+    cfg.min_doc_bytes dropped; not cut (cut_documents cuts them to cfg.max_doc_bytes)."""
     if cfg.unit == "file":
-        return [Document(name, text[:cfg.max_doc_bytes])] if len(text) >= cfg.min_doc_bytes else []
-    return [Document(f"{name}#{i}", unit[:cfg.max_doc_bytes]) for i, unit in enumerate(split_blocks(text))
+        return [Document(name, text)] if len(text) >= cfg.min_doc_bytes else []
+    return [Document(f"{name}#{i}", unit) for i, unit in enumerate(split_blocks(text))
             if len(unit) >= cfg.min_doc_bytes]
+
+
+def cut_documents(docs: list[Document], cfg, log: Callable[[str], None]) -> list[Document]:
+    """The documents cut to cfg.max_doc_bytes; one log line says how many were cut (naming the longest, and
+    the setting that keeps more of them), none where no document is longer."""
+    longer = [d for d in docs if len(d.text) > cfg.max_doc_bytes]
+    if longer:
+        top = max(longer, key=lambda d: len(d.text))
+        line = " in one line" if b"\n" not in top.text.strip() else ""
+        log(f"corpus: {len(longer)} of {len(docs)} documents {'is' if len(longer) == 1 else 'are'} longer than "
+            f"corpus.max_doc_bytes = {cfg.max_doc_bytes} and cut to that many bytes (the longest: {top.name}, "
+            f"{len(top.text)} bytes{line}); raise corpus.max_doc_bytes to keep more of them")
+    return [Document(d.name, d.text[:cfg.max_doc_bytes]) if len(d.text) > cfg.max_doc_bytes else d for d in docs]
 
 
 def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
     """Every document of a corpus (cfg: a CorpusConfig), in file order. Binary files (a NUL byte)
-    are skipped, files that are not UTF-8 kept (bytes are the tokens), both named in a log line."""
+    are skipped, files that are not UTF-8 kept (bytes are the tokens), both named in a log line; documents
+    longer than cfg.max_doc_bytes are cut to it, counted in one (cut_documents)."""
     root = resolve_source(cfg.source)
     files = list_files(root, cfg.pattern)
     if not files:
@@ -119,7 +133,7 @@ def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
             f"{_named(other)}")
     if len(docs) < 2:
         raise too_few_documents(cfg, root, files, len(docs), binary + sum(wide.values(), []))
-    return docs
+    return cut_documents(docs, cfg, log)
 
 
 def too_few_documents(cfg, root: Path, files: list[Path], n_docs: int, skipped: list[str]) -> DDMError:
