@@ -438,6 +438,37 @@ def test_an_expert_folder_beyond_k_is_refused(run, ddmkit):
     assert code == 0, err
 
 
+def test_an_expert_folder_without_weights_is_named_alike_by_verify_and_sample_with_a_fix_that_works(run, ddmkit):
+    """experts/expert_01 holding config.json but no model.safetensors (training stopped before writing them):
+    verify said 'experts [1] are missing; copy them back', sample warned 'experts [1] of 2 are missing', neither
+    naming the folder nor that training it again is the fix. Both now name it in the same words."""
+    import re
+    import shlex
+
+    folder = run / "experts" / "expert_01"
+    (folder / "model.safetensors").unlink()
+    said = f"{folder} holds config.json but no model.safetensors: an unfinished or damaged expert"
+    code, _, err = ddmkit("verify", run)
+    assert code == 2 and said in err and "--allow-missing" in err, err
+    commands = re.findall(r"train it again with `([^`]+)` \(it trains the run's missing experts\) or `([^`]+)`", err)
+    assert len(commands) == 1, err
+    with pytest.warns(UserWarning, match="of 2 are missing: sampling with the other 1") as warned:
+        code, _, err = ddmkit("sample", run, "--strategy", "top-1", "--n", 8)  # goes on without it, as documented
+    assert code == 0, err
+    code, _, err = ddmkit("verify", run, "--allow-missing")
+    assert code == 0, err
+    for other in (" ".join(str(w.message) for w in warned), err):
+        assert said in other and commands == re.findall(r"`([^`]+)` \(it trains the run's missing experts\) or "
+                                                        r"`([^`]+)`", other), other
+    launch, train_expert = (shlex.split(command) for command in commands[0])
+    assert launch == ["ddmkit", "launch", str(run)], launch
+    code, _, err = ddmkit(*train_expert[1:])  # the fix for this one expert
+    assert code == 0 and (folder / "model.safetensors").is_file(), err
+    for command in ("register", "verify"):
+        code, _, err = ddmkit(command, run)
+        assert code == 0 and said not in err, (command, err)
+
+
 @pytest.mark.parametrize("edit, said", [
     (lambda r: r["models"].append(dict(r["models"][0])), "models: experts/expert_00 is listed twice (or more)"),
     (lambda r: r.update(k=3), "registry.json: k = 3, but the partition it records has 2 clusters"),

@@ -852,7 +852,7 @@ def register(run_dir: Path = run_argument("run folder with partition/, experts/,
     missing = [c for c in range(reg["k"]) if c not in listed]
     if missing:
         log(f"registry: experts {missing} of {reg['k']} are missing (no experts/expert_XX/model.safetensors"
-            f"{RunFolder(run_dir).misnamed_experts(missing)}): the DDM samples without them; train or copy them, "
+            f"{RunFolder(run_dir).missing_expert_hints(missing)}): the DDM samples without them; train or copy them, "
             "then `ddmkit register` again")
         if (run_dir / "experts" / "model.safetensors").exists():  # `cp -r FOLDER/ RUN/experts` copied the files
             log(f"note: {run_dir / 'experts'} holds a model.safetensors itself: an expert's files go in its own "
@@ -878,9 +878,11 @@ def verify(run_dir: Path = run_argument("run folder with registry.json"),
     check_loadable(run_dir)  # verified files, read as the DDM will read them
     if res["missing"] and not allow_missing:
         raise DDMError(f"{run_dir}: experts {res['missing']} are missing (no experts/expert_XX/model.safetensors"
-                       f"{RunFolder(run_dir).misnamed_experts(res['missing'])}); copy them back, or pass "
+                       f"{RunFolder(run_dir).missing_expert_hints(res['missing'])}); train or copy them again, or pass "
                        "--allow-missing to accept the DDM without them")
-    log(f"verified {len(res['verified'])} model folders" + (f"; missing experts {res['missing']}" if res["missing"] else ""))
+    log(f"verified {len(res['verified'])} model folders" + (f"; missing experts {res['missing']}"
+                                                             f"{RunFolder(run_dir).missing_expert_hints(res['missing'])}"
+                                                             if res["missing"] else ""))
 
 
 @app.command()

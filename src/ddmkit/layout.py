@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,7 +218,8 @@ class RunFolder:
     def misnamed_experts(self, missing: list[int]) -> str:
         """For the experts `missing`: "; FOLDER looks like expert C's folder, misnamed: ..." for each folder of
         RUN/experts named like one of theirs but not as ddmkit names it (expert_1, expert-01, Expert_01 for
-        experts/expert_01), saying where it goes; "" when there is none. Messages about missing experts add it."""
+        experts/expert_01), saying where it goes; "" when there is none. Messages about missing experts add it
+        (missing_expert_hints)."""
         if not self.experts.is_dir():
             return ""
         hints = ""
@@ -229,6 +231,28 @@ class RunFolder:
                 hints += f"; {path} looks like expert {cluster}'s folder, misnamed: " + (
                     f"put its files in {target}" if target.exists() else f"rename it to {target}")
         return hints
+
+    def unfinished_experts(self, missing: list[int]) -> str:
+        """For the experts `missing`: "; FOLDER holds config.json but no model.safetensors: ..." for each whose
+        folder is there with its config.json but without weights (training stopped before it wrote them, or they
+        were removed), naming the commands that train it again; "" when there is none."""
+        hints = ""
+        for cluster in missing:
+            folder = self.expert(cluster)
+            if (folder / "config.json").is_file() and not (folder / "model.safetensors").exists():
+                shard = self.latent_shard(cluster) if self.is_latent else \
+                    self.partition / "shards" / f"cluster_{cluster:02d}.safetensors"
+                q = shlex.quote
+                hints += (f"; {folder} holds config.json but no model.safetensors: an unfinished or damaged expert "
+                          f"(its training stopped before writing its weights, or they were removed); train it again "
+                          f"with `ddmkit launch {q(str(self.root))}` (it trains the run's missing experts) or `ddmkit "
+                          f"train-expert {q(str(shard))} --config {q(str(self.config))} --out {q(str(folder))}`")
+        return hints
+
+    def missing_expert_hints(self, missing: list[int]) -> str:
+        """What every message about the missing experts `missing` adds: their folders that are misnamed
+        (misnamed_experts), then those unfinished (unfinished_experts); "" when there is neither."""
+        return self.misnamed_experts(missing) + self.unfinished_experts(missing)
 
     @property
     def router(self) -> Path:

@@ -827,7 +827,8 @@ def check_registered(run: str | Path) -> None:
 
 
 def warn_missing(missing: list[int], k: int, misnamed: str = "") -> None:
-    """Warn of the experts `missing`; `misnamed` (RunFolder.misnamed_experts) names folders that look like theirs."""
+    """Warn of the experts `missing`; `misnamed` (RunFolder.missing_expert_hints) names folders that look like theirs
+    and those unfinished."""
     if missing:
         warnings.warn(f"experts {missing} of {k} are missing: sampling with the other {k - len(missing)}, "
                       f"router weights renormalised over them{misnamed}", stacklevel=3)

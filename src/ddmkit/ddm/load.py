@@ -351,7 +351,7 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     absent = sorted(set(gone) | set(exclude))
     if gone and not allow_missing:
         raise DDMError(f"{folder.root}: experts {gone} are missing (no experts/expert_XX/model.safetensors"
-                       f"{folder.misnamed_experts(gone)})")
+                       f"{folder.missing_expert_hints(gone)})")
     if len(gone) == k:  # no expert present: named with how to train them
         check_some_expert(folder, k)
     if len(absent) == k:
@@ -406,7 +406,7 @@ def learned_parts(run, device="cpu", exclude=(), allow_missing: bool = True, gui
     parts["experts"] = experts
     missing = [c for c in gone if c not in exclude]  # left out on purpose: no warning
     if missing:
-        warn_missing(missing, k, folder.misnamed_experts(missing))
+        warn_missing(missing, k, folder.missing_expert_hints(missing))
     return parts, absent
 
 

@@ -124,7 +124,7 @@ def trained_run(run) -> TrainedRun:
     missing = [c for c in range(manifest["k"]) if not (folder.expert(c) / "model.safetensors").exists()]
     if missing:
         raise DDMError(f"{folder.root} is not trained yet: experts {missing} are missing"
-                       f"{folder.misnamed_experts(missing)}; train them first with "
+                       f"{folder.missing_expert_hints(missing)}; train them first with "
                        f"`ddmkit run CONFIG --out {folder.root} --stages train` or `ddmkit launch {folder.root}`, or "
                        f"copy the folders of experts trained elsewhere on those shards into "
                        f"{folder.experts}/expert_XX (then `ddmkit register {folder.root}`)")
