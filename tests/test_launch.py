@@ -130,7 +130,7 @@ def test_slurm_script_is_a_job_array_calling_train_expert(tmp_path):
     path = tmp_path / "s.slurm"
     path.write_text(text)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-    with pytest.raises(DDMError, match="only letters"):
+    with pytest.raises(DDMError, match="--partition 'gpu.*: give the name of one of the cluster's partitions"):
         slurm_script(tmp_path, 2, partition="gpu\n#SBATCH --uid=0")
     with pytest.raises(DDMError, match="k = 0"):
         slurm_script(tmp_path, 0)
@@ -627,6 +627,31 @@ def cli(*args) -> tuple[int, str]:
     """`ddmkit ARGS` in this process (conftest's run_cli): (exit code, stderr on one line)."""
     done = run_cli(*args)
     return done.returncode, " ".join(done.stderr.split())
+
+
+@pytest.mark.parametrize("option, default", [("--partition", "the cluster's default partition"),
+                                             ("--time", "24:00:00"), ("--mem", "16G")])
+@pytest.mark.parametrize("value", ["", " ", "\t"])
+def test_an_empty_slurm_option_is_refused_before_anything_is_written(tmp_path, option, default, value):
+    """--partition '' wrote a script without a partition (exit 0), and --partition ' ' said 'slurm option
+    partition=' ': only letters ...', naming neither the option nor leaving it out; --time '' and --mem '' were
+    checked as their defaults first."""
+    from ddmkit.layout import RunFolder
+
+    run = _tiny_run(tmp_path)
+    before = sorted(run.rglob("*"))
+    code, err = cli("launch", run, "--emit", "slurm", option, value)
+    said = f"{option} {value!r} is empty: leave {option} out to use {default}, or give a value"
+    assert code == 2 and said in err, err
+    assert sorted(run.rglob("*")) == before and not (run / "launch").exists()
+    for c in range(4):  # every expert's weights there: nothing to write, the option refused all the same
+        RunFolder(run).expert(c).mkdir(parents=True)
+        (RunFolder(run).expert(c) / "model.safetensors").write_bytes(b"")
+    code, err = cli("launch", run, "--emit", "slurm", option, value)
+    assert code == 2 and said in err, err
+    if option == "--partition":
+        code, err = cli("launch", run, "--emit", "slurm", option, "a b")
+        assert code == 2 and "leave --partition out to use the cluster's default partition" in err, err
 
 
 def test_emit_slurm_where_sbatch_is_not_on_the_path_says_where_to_submit(tmp_path, monkeypatch):

@@ -766,8 +766,9 @@ def launch(run_dir: Path = run_argument("run folder with partition/"),
 
         check_emit(emit, {"--backend": None if backend == "inline" else backend, "--workers": workers,
                           "--address": address, "--config": config, "--device": device})
-        check_resources(time or "24:00:00", DEFAULT_CPUS if cpus is None else cpus, 1 if gpus is None else gpus,
-                        mem or "16G")  # before anything, also when every expert is trained
+        check_resources("24:00:00" if time is None else time, DEFAULT_CPUS if cpus is None else cpus,
+                        1 if gpus is None else gpus, "16G" if mem is None else mem,
+                        partition_name)  # before anything, also when every expert is trained
         if _text_run(run_dir):
             _no_text_overrides(None, None, None, set_)
         else:

@@ -71,8 +71,17 @@ def _too_large(mem: str) -> bool:
     return int(number) > SBATCH_MEGABYTES or int(number) * _MB[(unit or "M").upper()] > SBATCH_MEGABYTES
 
 
-def check_resources(time: str, cpus: int, gpus: int, mem: str) -> None:
-    """Refuse values sbatch would refuse (a DDMError naming the option and its accepted forms)."""
+def check_resources(time: str, cpus: int, gpus: int, mem: str, partition: str | None = None) -> None:
+    """Refuse values sbatch would refuse (a DDMError naming the option and its accepted forms); an empty or blank
+    --time, --mem or --partition is named with its default (None: the option left out)."""
+    for option, value, default in (("--time", time, "24:00:00"), ("--mem", mem, "16G"),
+                                   ("--partition", partition, "the cluster's default partition")):
+        if value is not None and not value.strip():
+            raise DDMError(f"{option} {value!r} is empty: leave {option} out to use {default}, or give a value "
+                           f"(e.g. {option} {'gpu' if option == '--partition' else default})")
+    if partition is not None and not _SAFE_VALUE.fullmatch(partition):
+        raise DDMError(f"--partition {partition!r}: give the name of one of the cluster's partitions (letters, digits "
+                       "and _.:,=+/@%-), or leave --partition out to use the cluster's default partition")
     if not _TIME.fullmatch(time) or not _time_in_range(time):
         raise DDMError(f"--time {time!r}: give sbatch's forms: minutes, HH:MM:SS, D-HH or D-HH:MM:SS (e.g. 24:00:00)")
     if time not in ("UNLIMITED", "INFINITE") and _seconds(time) > SBATCH_SECONDS:
@@ -131,7 +140,7 @@ def slurm_script(run: Path, k: int, ddmkit_cmd: str | None = None, time: str = "
     if not experts or not all(0 <= e < k for e in experts):
         raise DDMError(f"slurm: experts {experts} are not a non-empty list of 0 .. {k - 1}")
     ddmkit_cmd = ddmkit_cmd or f"{shlex.quote(sys.executable)} -m ddmkit"
-    check_resources(time, cpus, gpus, mem)
+    check_resources(time, cpus, gpus, mem, partition)
     run = Path(run).resolve()
     q = shlex.quote
     lines = [*HEAD.splitlines(), _directive("array", array_ranges(experts)),
