@@ -449,6 +449,22 @@ def test_scored_cells_outside_the_grid_are_named(tiny_grid, tmp_path):
     assert "k2_b0.75_s1 are scored but left out" in " ".join(done.stderr.split()) and "--all-seeds" in done.stderr
 
 
+def test_a_grid_without_the_monolith_k_says_so_naming_its_k(tiny_grid, tmp_path):
+    """--monolith-k 4 over a grid of K = 2 alone wrote a report without monolith lines, the log saying nothing
+    of why (a part of a larger grid, or a --monolith-k mistyped)."""
+    out = tmp_path / "part"
+    copy_metrics(tiny_grid, out, ["k2_b0.5_s0", "k2_b1_s0"])
+    done = cli("sweep", SWEEP, "--out", out, "--k", "2", "--budget", "0.5", "--budget", "1", "--monolith-k", "4",
+               "--stages", "report")
+    err = " ".join(done.stderr.split())
+    assert done.returncode == 0 and "sweep: note: --monolith-k 4: no cell of this grid has K = 4 (its K: 2), so " \
+        "none trains the FLOP-matched monolith and the report has no monolith lines" in err, err
+    assert "leave --monolith-k out, give one of 2, or add --k 4" in err, err
+    report = json.loads((out / "sweep.json").read_text())
+    assert "monolith" not in report["table"] and not report["compute_ratio"], report
+    assert "K = 4 (--monolith-k), and this grid's K are 2." in " ".join((out / "sweep.md").read_text().split())
+
+
 def test_a_grid_run_in_parts_is_the_whole_grid(tiny_grid, tmp_path):
     """--monolith-k: a part without the monolith's K trains the whole grid's cells (no monolith of its
     own), and the report over every part's cells is the whole grid's (its budget-1 cells, reported apart)."""

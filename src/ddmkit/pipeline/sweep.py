@@ -77,6 +77,17 @@ def monolith_k(cfg: RunConfig, ks: list[int], chosen: int | None = None) -> int:
     return cfg.partition.k if cfg.partition.k in ks else ks[0]
 
 
+def no_monolith_note(ks: list[int], mono_k: int) -> str:
+    """The note of a grid none of whose cells has K = mono_k (--monolith-k): no cell trains the monolith, and
+    the report has no monolith lines."""
+    present = ", ".join(map(str, sorted(set(ks))))
+    return (f"sweep: note: --monolith-k {mono_k}: no cell of this grid has K = {mono_k} (its K: {present}), so "
+            "none trains the FLOP-matched monolith and the report has no monolith lines nor compute ratio. That is "
+            f"right for a part of a larger grid whose K = {mono_k} cells run elsewhere (report the whole grid with "
+            f"--stages report over every part's cells); otherwise leave --monolith-k out, give one of {present}, "
+            f"or add --k {mono_k}")
+
+
 def cell_config(cfg: RunConfig, k: int, budget: float, seed: int, monolith: bool = True,
                 scale: str = "batch") -> RunConfig:
     """The config of one cell: K clusters, each expert's steps and batch (scale="batch": budget x the
@@ -528,6 +539,8 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     check_own_study(out, "sweep")  # not a misalignment study's folder, nor a report.md no sweep wrote
     todo = cells(ks, budgets, seeds, all_seeds)
     mono_k = monolith_k(cfg, ks, monolith)
+    if mono_k not in ks:
+        log(no_monolith_note(ks, mono_k))
     grid = grid_cells(cfg, out, todo, mono_k, scale)
     check_other_cells(out, cfg, grid)
     strategies = [s for s in cfg.sample.strategies if s != MONOLITH]
@@ -838,7 +851,8 @@ def reach_text(report: dict, ratios: list[list[str]]) -> str:
                 "comes with them.")
     if not report["compute_ratio"]:
         return (f"This grid has no monolith cells: the monolith is trained in the cells of K = "
-                f"{report['monolith_k']}. Report a grid that includes them (`--stages report` over "
+                f"{report['monolith_k']} (--monolith-k), and this grid's K are "
+                f"{', '.join(map(str, report['ks']))}. Report a grid that includes them (`--stages report` over "
                 "every part's cells) for the compute ratio.")
     final, budget = report["monolith_final"], report["monolith_budget"]
     return f"""The monolith's {report['metric']} at its largest budget ({budget:g}) is {final:.4g}; the training FLOPs
