@@ -504,22 +504,35 @@ def test_a_damaged_data_split_names_the_command_that_makes_it_again(run, ddmkit)
 
 
 # ----- messages whose fix did not work -------------------------------------------------------------------------
-@pytest.mark.parametrize("damage", ["truncated weights", "no config.json"])
-def test_a_damaged_student_is_not_up_to_date_and_force_is_named(run, ddmkit, damage):
+@pytest.mark.parametrize("damage, said", [
+    ("truncated weights", "model.safetensors is corrupt or not a safetensors file"),
+    ("no config.json", "config.json is missing"), ("no weights", "model.safetensors is missing (or not a file)"),
+    ("edited config.json", "model.safetensors does not match its config.json"),
+])
+def test_a_damaged_student_is_not_up_to_date_and_force_is_named(run, ddmkit, cli, damage, said):
     """distill said '.../students/dense is up to date' of a student whose weights were truncated or whose
     config.json was gone (it looked for model.safetensors alone); the report then failed, and running distill again
-    did the same. --force, which works, was not named."""
+    did the same. --force, which works, was not named; then it was, on a second line after the model folder's
+    own fix ('copy the whole model folder again, or remove the folder and train it again'). One message now:
+    the folder, what is wrong, --force."""
     code, _, err = ddmkit("distill", run, "--steps", 2, "--no-report")
     assert code == 0, err
     dense = run / "students" / "dense"
     if damage == "truncated weights":
         weights = dense / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:200])
-    else:
+    elif damage == "no config.json":
         (dense / "config.json").unlink()
-    code, _, err = ddmkit("distill", run, "--steps", 2, "--no-report")
-    assert code == 2 and "up to date" not in err and str(dense) in err, err
-    assert f"{dense} is a damaged student: pass --force to remove {run / 'students'}" in err
+    elif damage == "no weights":
+        (dense / "model.safetensors").unlink()
+    else:
+        edit_json(dense / "config.json", lambda c: c["kwargs"].update(width=c["kwargs"]["width"] * 2))
+    done = cli("distill", run, "--steps", 2, "--no-report")
+    err = done.stderr.strip()
+    assert done.returncode == 2 and "up to date" not in err and "\n" not in err, err  # one message, one line
+    assert err.startswith(f"error: {dense} is a damaged student: {dense}/{said}"), err
+    assert err.endswith(f". Pass --force to remove {run / 'students'} (every student in it) and distill again"), err
+    assert "copy" not in err and "train it again" not in err, err  # the model folder's own fix, not a student's
     code, _, err = ddmkit("distill", run, "--steps", 2, "--no-report", "--force")
     assert code == 0 and (dense / "config.json").is_file(), err
 

@@ -207,15 +207,22 @@ def existing_students(folder: RunFolder) -> list[Path]:
     return [p for p in student_folders(folder) if (p / "config.json").exists()]
 
 
+# the fix that ends a model folder's message (registry.check_model_folder: copy or train the folder again), which
+# for a student is --force
+_FOLDER_FIX = re.compile(r"[;:.] (?:re-)?(?:copy|train|remove|convert)\b[^;]*$", re.IGNORECASE)
+
+
 def check_students_load(folder: RunFolder) -> None:
     """Every student folder in RUN/students is a model folder that loads (its config.json and the header of its
-    model.safetensors checked, registry.check_model_folder): a damaged one is a DDMError naming --force, which
-    distills it again (without the check, a student whose weights are there counts as made, and is kept)."""
+    model.safetensors checked, registry.check_model_folder): a damaged one is one DDMError naming the folder, what
+    is wrong (check_model_folder's message, without its fix) and --force, which distills it again (without the
+    check, a student whose weights are there counts as made, and is kept)."""
     for path in student_folders(folder):
         try:
             check_model_folder(path)
         except DDMError as e:
-            raise DDMError(f"{e}\n  {path} is a damaged student: pass --force to remove {folder.students} (every "
+            wrong = _FOLDER_FIX.sub("", str(e))
+            raise DDMError(f"{path} is a damaged student: {wrong}. Pass --force to remove {folder.students} (every "
                            "student in it) and distill again") from None
 
 
