@@ -79,9 +79,10 @@ def trained_settings(config: ExpertConfig | RouterConfig) -> dict:
     """What decides what a job of this config section trains, as its table (the fields a refused checkpoint
     or expert folder names): the network, an expert's path and prediction, label_dropout (for a
     class-conditional network; there are no labels to drop otherwise) and the train table less how the
-    job runs (EXECUTION: device, threads, logging, checkpoint cadence, DDP or FSDP). concurrent is how
-    experts run too."""
-    return _what_trains(config.model_dump(exclude={"concurrent"}))
+    job runs (EXECUTION: device, threads, logging, checkpoint cadence, DDP or FSDP). concurrent and
+    concurrent_networks are how experts run too (a concurrent job's checkpoint also holds its network's
+    tensor names: stacked and streamed experts' differ)."""
+    return _what_trains(config.model_dump(exclude={"concurrent", "concurrent_networks"}))
 
 
 def _what_trains(settings: dict) -> dict:
