@@ -128,6 +128,10 @@ def test_a_killed_streamed_job_resumes_to_the_same_bytes(tmp_path, monkeypatch):
         m.setattr(loop, "check_stop", raising_after(loop.check_stop, 13, KeyboardInterrupt("killed")))
         with pytest.raises(KeyboardInterrupt):
             _train(shards, _config(), tmp_path / "run")
+    names = read_metadata(conc.stacked_checkpoint_path([tmp_path / "run" / "expert_00"]))
+    from ddmkit.io import load_tensors
+    checkpoint = load_tensors(conc.stacked_checkpoint_path([tmp_path / "run" / "expert_00"]))
+    assert names["step"] == 10 and any(name.startswith("model.experts.2.") for name in checkpoint)
     outs = _train(shards, _config(), tmp_path / "run")
     for out, ref in zip(outs, reference):
         assert _weights(out) == _weights(ref) and _log(out) == _log(ref)
@@ -255,3 +259,21 @@ def test_streamed_experts_compile_inside_the_graph(tmp_path):
         mine, theirs = load_tensors(a / "model.safetensors"), load_tensors(b / "model.safetensors")
         for name in mine:
             torch.testing.assert_close(mine[name], theirs[name], rtol=1e-3, atol=1e-4)
+
+
+def test_the_ema_weight_computed_on_the_device_averages_as_the_lerp_does():
+    """weight_on_device (a graphed step's EMA): ema += w (model - ema) with w = 1 - min(decay, (1 + n) / (10 + n))
+    computed from n_averaged, against the lerp with the weight computed on the host: the same averages to float
+    rounding over 300 updates."""
+    net = _nets(1)[0]
+    host, device = EMA(net, 0.99), EMA(net, 0.99, weight_on_device=True)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(300):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        host.update_parameters(net)
+        device.update_parameters(net)
+    assert int(device.n_averaged) == 300
+    for a, b in zip(host.module.parameters(), device.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
