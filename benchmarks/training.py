@@ -16,7 +16,8 @@ stacked on one GPU take against the monolith trained on the same samples?
 flow-matching loss (ddmkit.flow.flow_matching_loss) of the expert network (ddmkit.nets.VelocityMLP,
 or ddmkit.nets.UNet with channels WIDTH/2W/2W and attention at 8x8, as the image config's experts),
 backward, AdamW (fused on a GPU, as fit()). Variants: eager, channels-last (UNet), and each under
-torch.compile with --compile (in --compile-mode).
+torch.compile with --compile (in --compile-mode); with --cuda-graph (CUDA), the step trained by fit()
+with train.cuda_graph, compiled inside the graph (that step also clips and updates the EMA).
 FLOPs per step are counted by PyTorch's FlopCounterMode over forward and backward (the optimiser's
 few FLOPs per parameter are left out). The peak is a large square matrix product (bf16 8192^3 on a
 GPU, float32 2048^3 on a CPU), the median of 10 after warm-up: the ceiling the network's matrix
@@ -122,7 +123,34 @@ def step_flops(model, x, gen, precision) -> float:
     return fc.get_total_flops()
 
 
+def measure_graphed(variant: str, batch: int, args, device, precision) -> dict:
+    """The step trained by fit() with train.cuda_graph (the network compiled in the default mode inside the
+    graph): loss, backward, clipping, AdamW and the EMA replayed as one CUDA graph, so more work per step than
+    measure()'s (no clipping or EMA there); timed from fit()'s log rows."""
+    model, shape = build(args, device, False)
+    gen = torch.Generator(device=device).manual_seed(0)
+    data = torch.randn(4 * batch, *shape, device=device)
+    flops = step_flops(model, data[:batch], gen, precision)
+    cfg = load_config(CONFIGS / "fashion_mnist.toml").expert.train.model_copy(update={  # a config's train table
+        "steps": args.warmup + args.steps, "log_every": args.warmup or args.steps, "batch_size": batch, "lr": 1e-4,
+        "warmup": 0, "bf16": args.bf16, "compile": True, "compile_mode": "default", "cuda_graph": True,
+        "channels_last": False, "checkpoint_every": 0, "tensorboard": False, "device": str(device)})
+
+    def batch_loss(m, step, gen):
+        idx = torch.randint(0, len(data), (batch,), generator=gen, device=device)
+        return flow_matching_loss(m, data[idx], gen), {}
+
+    start = time.perf_counter()
+    _, rows = fit(model, batch_loss, cfg, device=device)
+    seconds, _ = timed_rows(rows, args)
+    return {"variant": variant, "batch": batch, "samples_per_s": batch / seconds, "flop_per_s": flops / seconds,
+            "gflop_per_sample": flops / batch / 1e9, "ms_per_step": seconds * 1e3,
+            "warmup_s": time.perf_counter() - start - seconds * args.steps}
+
+
 def measure(variant: str, batch: int, args, device, precision) -> dict:
+    if "CUDA graph" in variant:
+        return measure_graphed(variant, batch, args, device, precision)
     channels_last = "channels_last" in variant
     model, shape = build(args, device, channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")  # as fit()
@@ -154,6 +182,16 @@ def class_data(shape, n: int, classes: int, device) -> tuple[torch.Tensor, torch
     labels = torch.randint(0, max(classes, 1), (n,), generator=gen)
     means = torch.randn(max(classes, 1), *shape, generator=gen)
     return (means[labels] + 0.5 * torch.randn(n, *shape, generator=gen)).to(device), labels.to(device)
+
+
+def timed_rows(rows: list[dict], args) -> tuple[float, float]:
+    """(seconds per step, mean loss) over the `args.steps` steps after the warm-up, from fit()'s log rows
+    (logged every args.warmup steps: their seconds are taken once the GPU has done the row's steps)."""
+    warm = [row for row in rows if row["step"] <= args.warmup]
+    (first, start), timed = (warm[-1]["step"], warm[-1]["seconds"]) if warm else (0, 0.0), rows[len(warm):]
+    spans = [row["step"] - last for row, last in zip(timed, [first] + [r["step"] for r in timed])]
+    loss = sum(row["loss"] * span for row, span in zip(timed, spans)) / args.steps
+    return (timed[-1]["seconds"] - start) / args.steps, loss
 
 
 def timed_fit(model, cfg, k: int, stacked: bool, shape, args, device, profiler=None) -> dict:
@@ -190,12 +228,9 @@ def timed_fit(model, cfg, k: int, stacked: bool, shape, args, device, profiler=N
     sync(device)
     if profiler is not None:
         profiler.__exit__(None, None, None)
-    warm = [row for row in rows if row["step"] <= args.warmup]
-    begin, timed = (warm[-1]["step"], warm[-1]["seconds"]) if warm else (0, 0.0), rows[len(warm):]
-    seconds = (timed[-1]["seconds"] - begin[1]) / args.steps
-    loss = sum(row["loss"] * (row["step"] - last) for row, last in zip(timed, [begin[0]] + [r["step"] for r in timed]))
+    seconds, loss = timed_rows(rows, args)
     return {"ms_per_step": 1e3 * seconds, "samples_per_s": (k if stacked else 1) * b / seconds,
-            "loss": loss / args.steps / (k if stacked else 1),
+            "loss": loss / (k if stacked else 1),
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
 
 
@@ -387,9 +422,10 @@ def parse_args(argv=None):
                    help="torch.compile mode of the compile rows (train.compile_mode); reduce-overhead replays "
                         "each step as a CUDA graph")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="--mode stacked, CUDA: also time the monolith and the experts (stacked, on streams, one at "
-                        "a time) with train.cuda_graph, the whole step one CUDA graph (compiled inside it, in the "
-                        "default mode, with --compile), each against the monolith graphed the same way")
+                   help="CUDA: also time training through fit() with train.cuda_graph, the whole step one CUDA "
+                        "graph: --mode single, the expert compiled inside it (default mode); --mode stacked, the "
+                        "monolith and the experts (stacked, on streams, one at a time), compiled inside it with "
+                        "--compile, each against the monolith graphed the same way")
     p.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
                    help='time only these variants (--mode stacked: and the monolith), e.g. "experts, bf16" or '
                         '"compile reduce-overhead"')
@@ -436,6 +472,7 @@ def main(argv=None) -> None:
     variants = ["eager"] + (["eager channels_last"] if args.experts == "unet" else [])
     compiled = "compile" if args.compile_mode == "default" else f"compile {args.compile_mode}"
     variants += [v.replace("eager", compiled) for v in variants] if args.compile else []
+    variants += ["compile, CUDA graph (fit)"] if args.cuda_graph and device.type == "cuda" else []
     unknown = sorted(set(args.only or []) - set(variants))
     if unknown:
         raise SystemExit(f"--only {', '.join(unknown)}: not a variant of this run ({', '.join(variants)})")
