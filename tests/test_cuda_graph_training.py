@@ -277,3 +277,16 @@ def test_the_ema_weight_computed_on_the_device_averages_as_the_lerp_does():
     assert int(device.n_averaged) == 300
     for a, b in zip(host.module.parameters(), device.module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_cli_and_the_training_package_do_not_import_torch_dynamo():
+    """torch.compiler.disable (StreamedExperts' fork outside torch.compile) imports torch._dynamo, a second's
+    work: once at import, every ddmkit process paid it, and a spawned worker's Ctrl-C could land in it. It is
+    imported only with the streamed experts."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ddmkit.cli, ddmkit.train, ddmkit.train.concurrent, ddmkit.accel.streams; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

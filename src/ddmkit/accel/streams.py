@@ -28,8 +28,7 @@ step holds about k monolith calls' worth on the batch, where one after
 another it held one expert call's (sample_ddm's batch_size bounds it).
 
 Off the GPU, for one call, or while the current stream is being captured
-into a CUDA graph (unless the caller captures the fork and join with it:
-in_capture), the calls run one after another as usual.
+into a CUDA graph, the calls run one after another as usual.
 """
 from __future__ import annotations
 
@@ -42,7 +41,6 @@ CONCURRENT_MIN_ROWS = 256  # smaller eager calls are bound by their launches, wh
 CONCURRENT_MAX_ROWS = 2048  # larger calls fill the GPU alone: overlapping them only adds contention and memory
 
 
-@torch.compiler.disable  # a dictionary that grows: traced, it would recompile for every new stream
 def side_stream(device: torch.device, key: int) -> torch.cuda.Stream:
     """The stream that calls with this key run on (one per device and key, made once)."""
     stream = _STREAMS.get((device, key))
@@ -51,14 +49,10 @@ def side_stream(device: torch.device, key: int) -> torch.cuda.Stream:
     return stream
 
 
-@torch.compiler.disable(recursive=False)  # under torch.compile the calls are compiled, the fork is not
 def call_concurrently(calls: Sequence[Callable[[], torch.Tensor]], keys: Sequence[int],
-                      device: torch.device, in_capture: bool = False) -> list[torch.Tensor]:
-    """[call() for call in calls], call i on the side stream of keys[i] when on a GPU; with in_capture, also
-    while the current stream is being captured (the fork and join become parallel branches of the graph: a
-    training step captured whole, ddmkit.accel.step_graph). Under torch.compile each call is compiled, the
-    fork and join (streams, record_stream) run as they are."""
-    if device.type != "cuda" or len(calls) < 2 or (torch.cuda.is_current_stream_capturing() and not in_capture):
+                      device: torch.device) -> list[torch.Tensor]:
+    """[call() for call in calls], call i on the side stream of keys[i] when on a GPU."""
+    if device.type != "cuda" or len(calls) < 2 or torch.cuda.is_current_stream_capturing():
         return [call() for call in calls]
     main = torch.cuda.current_stream(device)
     streams = [side_stream(device, key) for key in keys]

@@ -51,7 +51,6 @@ from ddmkit.train.checkpoint import check_checkpoint_file
 from ddmkit.train.jobs import check_expert_folder, drop_labels, publish_statistics, shard_hashes, trained_settings
 from ddmkit.train.loop import fit, summary_writer, tensorboard_writer, write_row
 from ddmkit.train.stacked import StackedExperts
-from ddmkit.train.streamed import StreamedExperts
 
 
 def stacked_sampler(parts: list[torch.Tensor], labels: list[torch.Tensor] | None, batch_size: int, device):
@@ -134,7 +133,10 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
     if num_classes and any(y is None for y in labels):
         raise DDMError(f"experts are class-conditional (num_classes = {num_classes}) but a shard has no labels")
     kwargs = {"data_shape": data_shape, **config.net.kwargs}
-    experts = StreamedExperts if config.concurrent_networks == "streams" else StackedExperts
+    if config.concurrent_networks == "streams":
+        from ddmkit.train.streamed import StreamedExperts as experts  # imports torch._dynamo: only when used
+    else:
+        experts = StackedExperts
     model = experts([build_seeded(config.net.arch, config.train.seed, **kwargs) for _ in shards])
     draw = stacked_sampler(xs, labels, config.train.batch_size, device)
     schedule = config.path.vp_schedule()  # None: the linear path

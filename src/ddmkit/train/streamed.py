@@ -7,8 +7,9 @@
 
 Each expert stays an ordinary network: its own weights, its own kernels, the precision a single network
 has under autocast. On a GPU expert k's forward runs on the side stream of key k
-(ddmkit.accel.streams), so the K experts' kernels overlap; autograd runs each backward kernel on the
-stream of its forward, so the backward overlaps too. One small expert leaves most of the GPU idle, so K of
+(ddmkit.accel.streams), forked from and joined to the step's stream, also while the step is captured as a
+CUDA graph (the K streams become parallel branches of the graph), so the K experts' kernels overlap;
+autograd runs each backward kernel on the stream of its forward, so the backward overlaps too. One small expert leaves most of the GPU idle, so K of
 them side by side cost about what one does, as long as the host keeps up with launching their kernels:
 with train.cuda_graph the whole step, all K streams in it, is one graph (docs/performance.md measures
 it). On the CPU the experts run one after another.
@@ -24,7 +25,15 @@ import copy
 import torch
 from torch import nn
 
-from ddmkit.accel.streams import call_concurrently
+from ddmkit.accel.streams import side_stream
+
+__all__ = ["StreamedExperts"]
+
+# Under torch.compile (train.compile) each expert's forward is compiled and the fork between streams is not:
+# inductor cannot take record_stream, and tracing side_stream's growing table would recompile for every new
+# stream. (torch.compiler.disable imports torch._dynamo, a second's work: ddmkit imports this module only when a
+# job trains its experts on streams.)
+_stream_of_key = torch.compiler.disable(side_stream)
 
 
 class StreamedExperts(nn.Module):
@@ -33,14 +42,22 @@ class StreamedExperts(nn.Module):
         self.k = len(models)
         self.experts = nn.ModuleList(models)
 
-    @torch.compiler.disable(recursive=False)  # train.compile: each expert's forward compiled, not the fork
+    @torch.compiler.disable(recursive=False)  # the experts' calls below are compiled, the fork is not
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if y is None:
-            calls = [lambda net=net, k=k: net(x[k], t[k]) for k, net in enumerate(self.experts)]
-        else:
-            calls = [lambda net=net, k=k: net(x[k], t[k], y[k]) for k, net in enumerate(self.experts)]
-        return torch.stack(call_concurrently(calls, range(self.k), x.device, in_capture=True))
-
+        args = [(x[k], t[k]) if y is None else (x[k], t[k], y[k]) for k in range(self.k)]
+        if x.device.type != "cuda":
+            return torch.stack([net(*a) for net, a in zip(self.experts, args)])
+        main = torch.cuda.current_stream(x.device)
+        streams = [_stream_of_key(x.device, k) for k in range(self.k)]
+        outs = []
+        for net, a, stream in zip(self.experts, args, streams):
+            stream.wait_stream(main)  # expert k's kernels on stream k, after what the step did before
+            with torch.cuda.stream(stream):
+                outs.append(net(*a))
+        for out, stream in zip(outs, streams):
+            main.wait_stream(stream)
+            out.record_stream(main)  # read by the step's stream: not handed back to stream k before that
+        return torch.stack(outs)
     def grad_norms(self) -> torch.Tensor:
         """(K,) the gradient norm of each expert, |g_k| = sqrt(sum over its tensors of |g|^2) (as
         torch.nn.utils.clip_grad_norm_ computes one network's)."""
