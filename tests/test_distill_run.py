@@ -384,6 +384,39 @@ def test_with_bf16_the_dense_students_target_is_float32_and_the_student_autocast
     assert seen["student"] == [True] * 3
 
 
+def test_the_dense_student_refuses_cuda_graph_before_it_writes(tmp_path):
+    """Its teacher's routing waits for the host at every step, which a captured step cannot; on a GPU the job
+    failed at its capture, after its first steps. On the CPU (where nothing is captured) it is refused too."""
+    cfg = TrainConfig(steps=3, batch_size=8, warmup=1, log_every=3, checkpoint_every=1, device="cpu",
+                      cuda_graph=True)
+    net = {"arch": "mlp", "kwargs": {"data_shape": [2], "width": 8, "depth": 1}}
+    with pytest.raises(DDMError, match=r"^train_dense_student: cfg\.cuda_graph = true: the dense student does not "
+                                       r"support it \(its teacher's routing waits for the host.*\); set it to false$"):
+        train_dense_student(torch.randn(50, 2), None, lambda xt, t, y, gen: -xt, net, cfg, tmp_path / "dense",
+                            teacher={"id": "A"})
+    assert list(tmp_path.iterdir()) == []  # no folder, no checkpoint
+
+
+def test_distill_trains_the_students_of_a_run_whose_experts_took_cuda_graph_eagerly(trained, tmp_path, monkeypatch):
+    """The students' training is the run's [expert.train]: with cuda_graph = true there, distill trains them
+    without it (the dense student refuses it) and leaves it out of the recipe students are compared by."""
+    import ddmkit.pipeline.distill as distill
+
+    run = copy_of(trained, tmp_path)
+    real = distill.run_config
+
+    def graphed(root):  # the run as if its experts had trained with cuda_graph = true (ignored on the CPU)
+        cfg = real(root)
+        return cfg.model_copy(update={"expert": cfg.expert.model_copy(update={
+            "train": cfg.expert.train.model_copy(update={"cuda_graph": True})})})
+
+    monkeypatch.setattr(distill, "run_config", graphed)
+    plan = plan_distill(run, "top-2", **SMALL)
+    assert plan.train.cuda_graph is False and "cuda_graph" not in plan.dense_spec["train"]
+    make_dense(plan, log=lambda m: None)
+    assert (RunFolder(run).dense_student / "model.safetensors").is_file()
+
+
 def _killed_after(monkeypatch, n: int, job) -> None:
     """Run job() with its (n + 1)-th student loss raising, as a kill would (its checkpoints stay)."""
     import ddmkit.train.distill as distill

@@ -281,6 +281,9 @@ CONFIG_ERRORS = [  # (--set items, words of the message)
     (["router.train.device='mps'"], "router.train.device: 'mps': text runs train on the CPU"),
     (["expert.train.checkpoint_every=10"], "expert.train.checkpoint_every: 10: text models train "
      "without checkpoints"),  # it was accepted and did nothing
+    (["expert.train.cuda_graph=true"], "expert.train.cuda_graph: true: a text model does not support it (text "
+     "models train on the CPU, where no step is captured;"),  # accepted and did nothing too
+    (["router.train.cuda_graph=true"], "router.train.cuda_graph: true: a text model does not support it"),
 ]
 
 

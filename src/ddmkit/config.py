@@ -238,6 +238,19 @@ class TrainConfig(Section):
         return self
 
 
+def cuda_graph_unsupported(job: str, why: str) -> str:
+    """Why `job` refuses train.cuda_graph = true: its step cannot be captured as one CUDA graph
+    (ddmkit.accel.step_graph); `why` says what in it waits for the host."""
+    return f"{job} does not support it ({why}); set it to false"
+
+
+def refuse_cuda_graph(train: TrainConfig, field: str, job: str, why: str) -> None:
+    """A DDMError, raised before the job writes anything, when `train` asks for cuda_graph and the job's step
+    cannot be captured: "{field} = true: {job} does not support it (...); set it to false"."""
+    if train.cuda_graph:
+        raise DDMError(f"{field} = true: {cuda_graph_unsupported(job, why)}")
+
+
 class PathConfig(Section):
     """The probability path an expert trains on. "linear" (ddmkit's flow matching, x_t = (1 - t) x + t eps);
     "vp": DDPM's variance-preserving path z = alpha_n x + sigma_n eps over timesteps n = 0 .. steps - 1 of a

@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ddmkit.config import (MAX_SEED, ROWS, Section, Seed, TrainConfig, apply_overrides, json_digest, read_toml,
-                           toml_text, tomllib, validate)
+from ddmkit.config import (MAX_SEED, ROWS, Section, Seed, TrainConfig, apply_overrides, cuda_graph_unsupported,
+                           json_digest, read_toml, toml_text, tomllib, validate)
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
@@ -115,6 +115,15 @@ class TextTrainConfig(TrainConfig):
         if v:
             raise ValueError(f"{v}: text models train without checkpoints (a stopped job trains again from the "
                              "start: they train in minutes on the CPU); leave it out")
+        return v
+
+    @field_validator("cuda_graph")
+    @classmethod
+    def _no_cuda_graph(cls, v):
+        if v:  # it was accepted and did nothing
+            raise ValueError("true: " + cuda_graph_unsupported(
+                "a text model", "text models train on the CPU, where no step is captured; and a masked model's "
+                "loss takes its masked positions by value, a host sync"))
         return v
 
 

@@ -75,7 +75,8 @@ MAX_TEACHER_STEPS = 10**6  # solver steps of one teacher trajectory
 TRAJECTORY_SEED = 1_000_003  # added to the training seed: the trajectories' noise is never the report's
 FIELD_TIMES = tuple((j + 0.5) / 10 for j in range(10))  # midpoints of ten equal bins of t ~ U(0, 1)
 FIELD_ROWS = {"vectors": 2000, "images": 256}  # held-out rows of the field distances
-UNSPECIFIED = ("device", "threads", "log_every", "checkpoint_every", "tensorboard", "parallel")  # not a recipe
+# not a recipe: where and how verbosely a student trained; and cuda_graph, off for every student (plan_distill)
+UNSPECIFIED = ("device", "threads", "log_every", "checkpoint_every", "tensorboard", "parallel", "cuda_graph")
 
 
 # ----- the options, checked before anything is trained ----------------------------------------
@@ -295,8 +296,10 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
         what = f"experts {missing} are missing" if clusters else "it has no partition"
         raise DDMError(f"{folder.root} is not trained yet ({what}); train it first with "
                        f"`ddmkit run {folder.config} --out {folder.root} --stages train`")
-    train = cfg.expert.train.model_copy(update={k: v for k, v in (("steps", steps), ("seed", seed),
-                                                                   ("device", device)) if v is not None})
+    asked = {k: v for k, v in (("steps", steps), ("seed", seed), ("device", device)) if v is not None}
+    # the students train eagerly whatever the experts did: a dense student's step cannot be one CUDA graph
+    # (ddmkit.train.distill.DENSE_STUDENT_SYNC), and the few-step student trains as it does
+    train = cfg.expert.train.model_copy(update={**asked, "cuda_graph": False})
     where = resolve_device(train.device, f"--device {device}" if device is not None else
                            f"the run's expert.train.device {train.device!r}", GIVEN_DEVICE_FIX)
     if not has_default_router(folder.root):  # load_ddm's message offers a --router that distill lacks

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ddmkit.config import TrainConfig, resolve_device
+from ddmkit.config import TrainConfig, refuse_cuda_graph, resolve_device
 from ddmkit.ddm.sampling import PROBE_ROWS, probe_router, start_noise
 from ddmkit.flow.path import noise
 from ddmkit.io import staging_dir
@@ -45,6 +45,10 @@ from ddmkit.train.loop import fit
 
 # target(x_t (B, *shape), t (B,), y (B,) or None, generator) -> the teacher's velocity (B, *shape)
 Target = Callable[..., torch.Tensor]
+# why a dense student's step cannot be one CUDA graph (train.cuda_graph): its teacher target syncs with the host
+DENSE_STUDENT_SYNC = ("its teacher's routing waits for the host at every step: a sparse strategy plans the experts' "
+                      "calls from the routed weights, and the statistics-only routers copy their statistics to "
+                      "the GPU or group rows by label")
 
 
 def teacher_velocity(ddm, strategy: str) -> Target:
@@ -90,7 +94,9 @@ def train_dense_student(x: torch.Tensor, labels: torch.Tensor | None, target: Ta
     the target function (ddmkit distill: the strategy and the SHA-256 of the experts' and router's weights),
     which the checkpoint's fingerprint holds with `data` (the rows: e.g. each shard's SHA-256): a checkpoint
     of another teacher or other rows is refused, never continued. Without `teacher` the job neither writes
-    nor continues one (it could not tell one teacher's from another's)."""
+    nor continues one (it could not tell one teacher's from another's). cfg.cuda_graph is refused: the
+    teacher's routing waits for the host (DENSE_STUDENT_SYNC)."""
+    refuse_cuda_graph(cfg, "train_dense_student: cfg.cuda_graph", "the dense student", DENSE_STUDENT_SYNC)
     device = resolve_device(cfg.device)
     classes = int(net["kwargs"].get("num_classes", 0))
     model = build_seeded(net["arch"], cfg.seed, **net["kwargs"])
