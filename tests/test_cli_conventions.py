@@ -2,6 +2,7 @@
 logs of the training losses, and progress bars (nested ones share one display)."""
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 import typer
 
 import ddmkit.progress as progress
-from ddmkit.cli import app, main
+from ddmkit.cli import REQUIRED_EXAMPLES, app, main, one_line_missing
 from ddmkit.config import TrainConfig, apply_overrides, parse_value
 from ddmkit.conventions import __version__
 from ddmkit.errors import DDMError
@@ -30,6 +31,56 @@ def shard(tmp_path_factory):
             main()
     assert exit.value.code == 0
     return run / "partition" / "shards" / "cluster_00.safetensors"
+
+
+def required_params() -> list[tuple[tuple[str, ...], object]]:
+    """(command path, parameter) of every required argument or option of the CLI, read from its command tree."""
+    def walk(command, path):
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, (*path, name))
+        for param in command.params:
+            if param.required:
+                yield path, param
+    return list(walk(typer.main.get_command(app), ()))
+
+
+REQUIRED = required_params()
+WITH_ARGUMENT = sorted({path for path, param in REQUIRED if param.param_type_name == "argument"})
+REQUIRED_OPTIONS = [(path, param) for path, param in REQUIRED if param.param_type_name == "option"]
+
+
+@pytest.mark.parametrize("path", WITH_ARGUMENT, ids=" ".join)
+def test_a_missing_required_argument_is_one_line_with_an_example(cli, path):
+    """`ddmkit sample` without RUN printed Typer's framed usage panel ('Missing argument'): it is one error line
+    naming the argument, what it is and a whole command that works, exit 2."""
+    first = next(param for p, param in REQUIRED if p == path)
+    said = " ".join(("ddmkit", *path))
+    done = cli(*path)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.count("\n") == 1 and "Usage" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"error: {said}: missing {first.name.upper()} ("), done.stderr
+    assert done.stderr.rstrip().endswith(f"; e.g. {said} {REQUIRED_EXAMPLES[' '.join(path)]}"), done.stderr
+
+
+@pytest.mark.parametrize("path, param", REQUIRED_OPTIONS, ids=[f"{' '.join(p)} {q.name}" for p, q in REQUIRED_OPTIONS])
+def test_a_missing_required_option_is_one_line_naming_it(ddmkit, path, param):
+    """The command's example without one of its required options: one line naming that option, exit 2."""
+    option = max(param.opts, key=len)
+    args = shlex.split(REQUIRED_EXAMPLES[" ".join(path)])
+    while option in args:
+        del args[args.index(option):args.index(option) + 2]
+    code, out, err = ddmkit(*path, *args)
+    assert (code, out) == (2, "") and err.startswith(f"error: ddmkit {' '.join(path)}: missing {option} ("), err
+
+
+@pytest.mark.parametrize("path", sorted({path for path, _ in REQUIRED}), ids=" ".join)
+def test_the_example_of_a_missing_parameter_is_a_whole_command(path):
+    """The example a missing-parameter error gives parses: it names every required parameter of its command."""
+    command = typer.main.get_command(app)
+    one_line_missing(command)
+    for name in path:
+        command = command.commands[name]
+    command.make_context(path[-1], shlex.split(REQUIRED_EXAMPLES[" ".join(path)]))
 
 
 def test_version_prints_ddmkits_version(ddmkit):

@@ -1452,6 +1452,59 @@ def _whole_number(value) -> int | None:
         return None
 
 
+REQUIRED_EXAMPLES = {  # a whole command line per command with required parameters (one_line_missing)
+    "partition": "--config demo --out runs/demo",
+    "train-expert": "runs/demo/partition/shards/cluster_00.safetensors --config runs/demo/config.json "
+                    "--out runs/demo/experts/expert_00",
+    "train-router": "runs/demo",
+    "train-monolith": "runs/demo",
+    "sample": "runs/demo",
+    "evaluate": "runs/demo",
+    "analyze": "runs/demo",
+    "run": "demo --out runs/demo",
+    "sweep": "demo --out runs/sweep --k 2 --k 4 --budget 1",
+    "launch": "runs/demo",
+    "register": "runs/demo",
+    "verify": "runs/demo",
+    "add-expert": "runs/demo --data new_island.npy",
+    "replace-expert": "runs/demo 0 elsewhere/expert",
+    "distill": "runs/demo",
+    "text run": "configs/text_ar.toml",
+    "study misalignment": "demo --out runs/misalignment",
+}
+
+
+def one_line_missing(command, path: tuple[str, ...] = ()) -> None:
+    """A required argument or option of a click command and its sub-commands that was not given is refused in one
+    line naming it, what it is (its help) and a whole command that works (`error: ddmkit sample: missing RUN (run
+    folder ...); e.g. ddmkit sample runs/demo`, exit 2), not Typer's framed usage error. Run before plain_help:
+    the help is read as written, not escaped for rich."""
+    for param in command.params:
+        if param.required:
+            param.process_value = _given(param, param.process_value, path)
+    for name, sub in getattr(command, "commands", {}).items():
+        one_line_missing(sub, (*path, name))
+
+
+def _given(param, process, path: tuple[str, ...]):
+    """param.process_value, click's MissingParameter for param turned into a DDMError (one_line_missing)."""
+    name = max(param.opts, key=len) if param.param_type_name == "option" else param.name.upper()
+    what = " ".join(str(getattr(param, "help", None) or "").split())
+    said = " ".join(("ddmkit", *path))
+    example = REQUIRED_EXAMPLES.get(" ".join(path))
+
+    def checked(ctx, value):
+        try:
+            return process(ctx, value)
+        except Exception as e:
+            if "MissingParameter" not in {c.__name__ for c in type(e).__mro__} or getattr(e, "param", param) \
+                    is not param:
+                raise
+            raise DDMError(f"{said}: missing {name}{f' ({what})' if what else ''}"
+                           f"{f'; e.g. {said} {example}' if example else f'; see {said} --help'}") from None
+    return checked
+
+
 HELP_WIDTH = 120  # --help into a pipe or file (rich would take 80 columns and cut the option names short)
 
 
@@ -1462,6 +1515,7 @@ def run_app() -> None:
 
         rich_utils.MAX_WIDTH = rich_utils.MAX_WIDTH or HELP_WIDTH
     command = typer.main.get_command(app)
+    one_line_missing(command)
     plain_help(command)
     one_line_ranges(command)
     command()
