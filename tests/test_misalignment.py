@@ -417,3 +417,22 @@ def test_an_out_in_a_run_folder_is_refused_naming_out_before_anything_is_written
         assert "misalignment: disjoint" not in said
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "partition"]
     assert not any((run / "partition").iterdir())
+
+
+def test_a_conditions_run_draws_no_sample_sets_not_even_the_configs_extra_ones(tmp_path, monkeypatch):
+    """The study trains each condition's run (run_pipeline's train stages) and measures its --strategy sets
+    itself: the config's sample.stats_router_strategies are never drawn into the run (so they cost no time, and
+    the cells' configs, whose digests key the kept measurements, keep them as they are)."""
+    import ddmkit.pipeline.misalignment as study
+    import ddmkit.pipeline.run as pipeline
+    from ddmkit.config import RunConfig, load_config
+
+    raw = load_config(TINY).model_dump()
+    raw["sample"]["stats_router_strategies"] = ["top-1"]
+    drawn = []
+    monkeypatch.setattr(pipeline, "sample_and_evaluate", lambda *args, **kw: drawn.append(args))
+    result = study.study_misalignment(RunConfig(**raw), tmp_path / "s", seeds=[0], conditions=["disjoint"],
+                                      strategies=["full", "top-1"], n=100, n_boot=20, w2_boot=3, log=lambda line: None)
+    run = tmp_path / "s" / "runs" / "disjoint_s0"
+    assert drawn == [] and (run / "registry.json").exists() and not (run / "samples").exists()
+    assert list(result["conditions"]["disjoint"]["table"]) == ["full", "top-1"]
