@@ -412,3 +412,18 @@ def test_a_relative_encoder_folder_says_where_it_was_looked_for(folders, tmp_pat
         encoder_spec("models/enc")
     monkeypatch.chdir(tmp_path / "project")
     assert encoder_spec("models/enc")["model_type"] == "dinov2"
+
+
+def test_an_encoder_path_that_is_a_file_is_named_as_given_and_where_it_resolved(tmp_path, monkeypatch):
+    """partition.encoder = "models/enc" naming a file said only the resolved path; like a missing folder, it names
+    the path as written and where it was looked for (an absolute path that resolves to itself: once)."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "enc").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DDMError) as info:
+        encoder_spec("models/enc")
+    assert str(info.value).startswith(f"partition.encoder: encoder folder 'models/enc' (resolved to "
+                                      f"{tmp_path / 'models' / 'enc'}) is a file, not a folder; give a folder"), info
+    with pytest.raises(DDMError) as info:
+        encoder_spec(tmp_path / "models" / "enc")
+    assert f"encoder folder '{tmp_path / 'models' / 'enc'}' is a file" in str(info.value)

@@ -77,14 +77,20 @@ def looks_like_hub_id(text: str) -> bool:
             and not {owner.lower(), name.lower()} & FOLDER_NAMES and not Path(owner).exists())
 
 
+def named_as_given(given: str | Path, resolved: Path) -> str:
+    """A path as the user wrote it, quoted, and the absolute path it resolved to where that differs:
+    "'enc' (resolved to /home/me/enc)"."""
+    text = str(given)
+    return f"{text!r}" if str(resolved) == text else f"{text!r} (resolved to {resolved})"
+
+
 def missing_folder_text(field: str, given: str | Path, resolved: Path, wanted: str, saving: str,
                         other: str = "") -> str:
     """The one line of a model folder `given` (as the user wrote it) that does not exist: the path as given, the
     absolute path it resolved to (`resolved`: where it was looked for), the fix (`wanted`: the folder
     save_pretrained writes; `other`: another, as ", or ...") and that ddmkit downloads nothing; where `given`
     looks_like_hub_id, how to save that model as a folder too (`saving`: the Python, with ID and FOLDER)."""
-    text = str(given)
-    where = f"{text!r}" if str(resolved) == text else f"{text!r} (resolved to {resolved})"
+    text, where = str(given), named_as_given(given, resolved)
     hub = (f"; if {text!r} is a model hub id: on a machine with network access, {saving.replace('ID', repr(text))}, "
            "then copy FOLDER here and give its path" if looks_like_hub_id(text) else "")
     return (f"{field}: folder {where} does not exist; give {wanted} by its absolute path or one relative to the "

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ddmkit.errors import DDMError
-from ddmkit.data.arrays import missing_folder_text
+from ddmkit.data.arrays import missing_folder_text, named_as_given
 from ddmkit.io import read_json, sha256_file
 from ddmkit.progress import progress_bar
 
@@ -135,8 +135,8 @@ def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[
         wanted = "the folder a transformers model's save_pretrained wrote (config.json + model.safetensors)"
         raise DDMError(missing_folder_text(field, folder, path, wanted, HUB_SAVING))
     if not path.is_dir():
-        raise DDMError(f"{field}: encoder folder {str(path)!r} is a file, not a folder; give a folder saved with a "
-                       "transformers model's save_pretrained (config.json + model.safetensors)")
+        raise DDMError(f"{field}: encoder folder {named_as_given(folder, path)} is a file, not a folder; give a folder "
+                       "saved with a transformers model's save_pretrained (config.json + model.safetensors)")
     if not (path / "config.json").is_file():
         raise DDMError(f"{field}: {path} has no config.json, so it is not a saved transformers model; save one "
                        "there with model.save_pretrained(folder)")
