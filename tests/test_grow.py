@@ -591,3 +591,24 @@ def test_a_derived_folder_that_cannot_be_removed_is_refused_before_any_training(
     assert hashes(run) == before
     code, err = cli("replace-expert", run, 1, base / "base" / "experts" / "expert_02")
     assert code == 2 and f"`{fix}`" in " ".join(err.split()) and hashes(run) == before, err
+
+
+def test_an_unfinished_added_expert_is_trained_again_by_the_printed_command(base, run, ddmkit):
+    """The added expert of a grown run left without weights: the train-expert command that verify prints for it
+    names the added shard, and run as printed it trains the expert that shard's slot needs (verify passes)."""
+    import shlex
+
+    add_expert(run, str(base / "new.npz"), log=lambda m: None)
+    folder = RunFolder(run)
+    (folder.expert(3) / "model.safetensors").unlink()
+    code, _, err = ddmkit("verify", run)
+    commands = re.findall(r"train it again with `[^`]+` \(it trains the run's missing experts\) or `([^`]+)`", err)
+    assert code == 2 and len(commands) == 1, err
+    shard = run / "partition" / read_json(folder.manifest)["shards"][3]["path"]
+    args = shlex.split(commands[0])
+    assert args[:3] == ["ddmkit", "train-expert", str(shard)], args
+    code, _, err = ddmkit(*args[1:])
+    assert code == 0, err
+    assert read_json(folder.expert(3) / "config.json")["shard_sha256"] == sha(shard)
+    code, _, err = ddmkit("verify", run)
+    assert code == 0, err
