@@ -743,3 +743,27 @@ def test_sample_and_evaluate_settings_may_be_edited_and_an_earlier_config_json_i
     edit_json(config, lambda c: c.pop("trained_sha256") and c["config"]["expert"]["train"].update(steps=21))
     code, _, err = ddmkit("sample", run, "--strategy", "top-1")
     assert code == 0, err
+
+
+def test_an_unfinished_experts_train_expert_command_names_the_shard_it_trains_on(tmp_path):
+    """The train-expert command named for an expert folder without weights gives the shard that expert trains on:
+    partition/shards/cluster_XX of a run on data, latents/cluster_XX of a latent run (its experts learn latents;
+    the pixel shard is refused by train-expert with a latent config)."""
+    import shlex
+
+    from ddmkit.layout import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    folder.expert(1).mkdir(parents=True)
+    (folder.expert(1) / "config.json").write_text("{}")
+
+    def shard_named() -> str:
+        command = folder.unfinished_experts([1]).split("or `")[-1].rstrip("`")
+        args = shlex.split(command)
+        assert args[:2] == ["ddmkit", "train-expert"] and args[-2:] == ["--out", str(folder.expert(1))], args
+        return args[2]
+
+    assert shard_named() == str(folder.root / "partition" / "shards" / "cluster_01.safetensors")
+    folder.latents.mkdir()
+    folder.latent_info.write_text("{}")
+    assert shard_named() == str(folder.root / "latents" / "cluster_01.safetensors")
