@@ -35,6 +35,13 @@ writes checkpoints. Under FSDP the EMA is sharded as the model is, every process
 gathers the whole state for a checkpoint (rank 0 writes it), and the returned
 EMA model is whole. The default, LOCAL, changes nothing.
 
+With cfg.cuda_graph on CUDA (one process) the step, from batch_loss through the EMA, runs eagerly
+GRAPH_WARMUP times and is then captured as one CUDA graph that every later step replays
+(ddmkit.accel.step_graph says what batch_loss may then do). AdamW is then fused and capturable, reading its
+rate from a tensor that the scheduler fills between replays, and the EMA computes its weight on the
+device; a resumed job captures again after its own eager steps, and eager steps and replays give the same
+bits, so it still ends as one that never stopped.
+
 Before each step the loop looks at this thread's stop flag (ddmkit.train.stop) and
 raises KeyboardInterrupt when it is set: a job stopped by a signal or by another
 thread ends there even when the KeyboardInterrupt raised into it was lost.
@@ -234,6 +241,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
         ema.update_parameters(model)
         return {"loss": loss.detach(), "grad_norm": grad_norm, **metrics, **part_norms}
 
+    rate = lr_lambda(cfg)  # the schedule's factor at a step (LambdaLR's own)
     replay = None  # train.cuda_graph: the step captured after GRAPH_WARMUP eager ones (ddmkit.accel.step_graph)
     stream = torch.cuda.Stream(device) if graphed else None  # eager steps, capture and replays: one stream
     on_stream = torch.cuda.stream(stream) if graphed else nullcontext()
@@ -251,7 +259,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
                 if replay is None:
                     opt.zero_grad(set_to_none=True)
                 values = replay() if replay is not None else train_step(step)
-                lr = cfg.lr * lr_lambda(cfg)(step)  # the rate this step used (sched.step() sets the next step's)
+                lr = cfg.lr * rate(step)  # the rate this step used (sched.step() sets the next step's)
                 sched.step()
                 for name, value in values.items():
                     value = value.detach().float() if torch.is_tensor(value) else value  # no host sync per step
