@@ -290,3 +290,13 @@ def test_the_cli_and_the_training_package_do_not_import_torch_dynamo():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_streams_without_a_concurrent_job_are_refused_naming_both_fields(tmp_path, ddmkit):
+    """expert.concurrent_networks = "streams" with concurrent = false did nothing, silently."""
+    with pytest.raises(ValueError, match=r"concurrent_networks = 'streams' says how the experts of one concurrent "
+                                         r"job run.*set concurrent = true"):
+        ExpertConfig(concurrent_networks="streams")
+    ExpertConfig(concurrent=True, concurrent_networks="streams")
+    code, _, err = ddmkit("run", "demo", "--out", str(tmp_path / "run"), "--set", "expert.concurrent_networks=streams")
+    assert code == 2 and "set concurrent = true" in err and not (tmp_path / "run").exists()

@@ -312,6 +312,14 @@ class ExpertConfig(Section):
                              + (" (or set [expert.path] kind = 'vp')" if self.prediction == "v" else ""))
         return self
 
+    @model_validator(mode="after")
+    def _networks_of_a_concurrent_job(self):
+        if self.concurrent_networks != "stacked" and not self.concurrent:
+            raise ValueError(f"concurrent_networks = {self.concurrent_networks!r} says how the experts of one "
+                             "concurrent job run, and concurrent = false trains each expert alone: set "
+                             "concurrent = true, or leave concurrent_networks out")
+        return self
+
 
 class RouterConfig(Section):
     net: NetConfig = Field(default_factory=lambda: NetConfig(arch="router_mlp", kwargs={"width": 128, "depth": 2}))
