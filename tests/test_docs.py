@@ -232,6 +232,156 @@ def test_the_routing_pages_strategy_snippet_samples_by_name_and_as_an_object():
         STRATEGIES.pop()
 
 
+@pytest.fixture(scope="module")
+def mixture_run(tmp_path_factory) -> Path:
+    """The tiny config's run (ring8, 4 experts, monolith and router, 20 steps each); tests copy it before
+    writing into it."""
+    from ddmkit.pipeline.prepare import prepare_run_dir
+    from ddmkit.pipeline.stages import (stage_data, stage_experts, stage_monolith, stage_partition, stage_registry,
+                                        stage_router)
+    from test_registry import small_config
+
+    cfg = small_config()
+    run = prepare_run_dir(tmp_path_factory.mktemp("mixture") / "run", cfg, log=lambda m: None)
+    for stage in (stage_data, stage_partition, stage_experts, stage_monolith, stage_router, stage_registry):
+        stage(cfg, run, lambda m: None)
+    return run
+
+
+def copied_run(run: Path, folder: Path, name: str) -> Path:
+    """A copy of `run` at folder/name, where a snippet may write (the folder made)."""
+    import shutil
+
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copytree(run, folder / name))
+
+
+def indented_block(page: Path, first: str) -> str:
+    """The block of lines indented 4 spaces (as the pages write a command and its Python call) that holds the
+    line starting with `first`, dedented."""
+    for block in re.findall(r"(?:^    .*\n)+", prose(page), flags=re.M):
+        if any(line.strip().startswith(first) for line in block.splitlines()):
+            return "\n".join(line[4:] for line in block.splitlines())
+    raise AssertionError(f"{page.name}: no indented block with {first!r}")
+
+
+def test_the_architecture_pages_public_api_snippet_runs_and_samples_with_labels(tmp_path, monkeypatch):
+    """docs/architecture.md "The public API": on the tiny image config (3 classes) in place of Fashion-MNIST, the
+    CPU in place of CUDA and 64 samples of 4 steps, run_pipeline trains and scores a run and the DDM samples
+    top-2 with the snippet's own labels."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 60, (150, 8, 8), dtype=np.uint8)
+    x[rng.integers(0, 2, 150).astype(bool), :4] += 180
+    np.savez(tmp_path / "images.npz", x=x, labels=rng.integers(0, 3, 150))
+    monkeypatch.chdir(tmp_path)
+    config = ROOT / "tests" / "configs" / "tiny_images.toml"
+    code = shrunk(code_block(ROOT / "docs" / "architecture.md", "## The public API"),
+                  ("configs/fashion_mnist.toml", str(config)), ('.to("cuda")', '.to("cpu")'),
+                  ("torch.arange(1000) % 10", "torch.arange(64) % 3"), ("n=1000, steps=50", "n=64, steps=4"))
+    namespace = {}
+    exec(code, namespace)
+    assert (tmp_path / "runs" / "fm" / "report.md").is_file()
+    assert namespace["x0"].shape == (64, 1, 8, 8) and namespace["info"]["strategy"] == "top-2"
+
+
+def test_the_distill_pages_python_snippet_trains_and_samples_both_students(mixture_run, tmp_path, monkeypatch):
+    """docs/distill.md "Commands": distill_run on a trained run (20 steps a student, 64 trajectories) writes the
+    report, the dense student samples in the 50 calls of the comment, the few-step one in 4."""
+    copied_run(mixture_run, tmp_path / "runs", "demo")
+    monkeypatch.chdir(tmp_path)
+    code = shrunk(code_block(ROOT / "docs" / "distill.md", "From Python (`ddmkit.pipeline.distill`)"),
+                  ('grid="lambda")', 'grid="lambda", steps=20, trajectories=64, log=lambda m: None)'))
+    assert "steps=50)" in code and "# like the monolith: 50 calls" in code and "# 4 calls" in code
+    namespace = {}
+    exec(code.replace("x0, info = sample_single", "dense_x0, dense_info = sample_single"), namespace)
+    assert (tmp_path / "runs" / "demo" / "students" / "report.md").is_file() and namespace["report"]
+    assert namespace["dense_x0"].shape == (1000, 2) and namespace["dense_info"]["expert_calls_per_sample"] == 50
+    assert namespace["x0"].shape == (1000, 2) and namespace["info"]["expert_calls_per_sample"] == 4
+
+
+def test_the_grow_pages_python_snippet_adds_an_island_routed_by_statistics(mixture_run, tmp_path, monkeypatch):
+    """docs/grow.md "Add an island": an island of 300 rows (with labels) in new_island.npz joins a trained run
+    as cluster 4, its expert trained alone and the router removed; the entry is grow.json's."""
+    import numpy as np
+
+    run = copied_run(mixture_run, tmp_path / "runs", "islands")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "new_island.npz", x=(rng.normal(size=(300, 2)) * 0.2 + 6).astype("float32"),
+             labels=np.full(300, 8))
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(code_block(ROOT / "docs" / "grow.md", "## Add an island"), namespace)
+    entry = namespace["entry"]
+    assert entry["k_after"] == 5 and entry["experts_trained"] == [4] and entry["rows"] == 300
+    assert not (run / "router").exists() and json.loads((run / "grow.json").read_text())["events"][-1] == entry
+
+
+def test_the_latent_pages_python_snippet_decodes_and_gives_latents(tmp_path, monkeypatch):
+    """docs/latent.md "From Python": a tiny latent run (2 latent channels) samples 64 labelled images decoded to
+    (64, 1, 32, 32) and their latents (64, 2, 8, 8); the snippet's last line decodes the latents."""
+    from test_latent import latent_config, run_cli
+
+    monkeypatch.chdir(tmp_path)
+    done = run_cli("run", latent_config(tmp_path), "--out", "runs/fmnist-latent", "--stages", "train")
+    assert done.exit_code == 0, done.output
+    code = shrunk(code_block(ROOT / "docs" / "latent.md", "## From Python"), ('.to("cuda")', '.to("cpu")'),
+                  ("steps=50", "steps=2"), ("decode=False)", "decode=False, steps=2)"))
+    namespace = {}
+    exec(code.replace("images = ddm.codec", "decoded = ddm.codec"), namespace)
+    assert namespace["images"].shape == (64, 1, 32, 32) and namespace["latents"].shape == (64, 2, 8, 8)
+    assert namespace["decoded"].shape == (64, 1, 32, 32)
+
+
+def test_the_analysis_pages_python_call_writes_the_analysis(mixture_run, tmp_path, monkeypatch):
+    """docs/analysis.md, first lines: analyze_run as written (200 samples) measures the three strategies and
+    writes RUN/analysis/analysis.md."""
+    run = copied_run(mixture_run, tmp_path / "runs", "demo")
+    monkeypatch.chdir(tmp_path)
+    code = shrunk(indented_block(ROOT / "docs" / "analysis.md", "from ddmkit.pipeline.analyze import"),
+                  ('device="cpu")', 'device="cpu", n=200, n_boot=20, n_heldout=200, log=lambda m: None)'))
+    namespace = {}
+    exec(code, namespace)
+    assert namespace["result"]["settings"]["strategies"] == ["full", "top-2", "nearest"]
+    assert (run / "analysis" / "analysis.md").is_file()
+
+
+MISALIGNMENT = (("seeds=[0, 1, 2]", "seeds=[0]"), ('"tempered-3"]', '"tempered-3"], log=lambda m: None'))
+
+
+def test_the_analysis_pages_misalignment_call_runs_on_a_mixture(tmp_path, monkeypatch):
+    """docs/analysis.md "Controlled misalignment": the Python call, on the tiny config in place of the demo's
+    (one seed, 200 samples), trains both conditions and writes the report."""
+    monkeypatch.chdir(tmp_path)
+    code = shrunk(indented_block(ROOT / "docs" / "analysis.md", "from ddmkit.pipeline.misalignment import"),
+                  ('load_config("demo")', f'load_config({str(ROOT / "tests" / "configs" / "tiny.toml")!r})'),
+                  *MISALIGNMENT, ("log=lambda m: None", "log=lambda m: None, n=200, n_boot=20, w2_boot=5"))
+    namespace = {}
+    exec(code, namespace)
+    assert set(namespace["report"]["conditions"]) == {"disjoint", "tempered-3"}
+    assert (tmp_path / "runs" / "misalignment" / "report.md").is_file()
+
+
+def test_the_analysis_pages_misalignment_call_runs_on_images(tmp_path, monkeypatch):
+    """docs/analysis.md "On image runs": the Python call with the config it loads, on the tiny image config (the
+    CPU, one seed, 16 samples, 8 stability rows) in place of Fashion-MNIST, writes the report."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 60, (150, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", x=x, labels=rng.integers(0, 3, 150))
+    monkeypatch.chdir(tmp_path)
+    text = prose(ROOT / "docs" / "analysis.md").split("### On image runs", 1)[1].split("\n## ", 1)[0]
+    assert 'cfg = load_config("configs/fashion_mnist.toml")' in text
+    code = shrunk(indented_block(ROOT / "docs" / "analysis.md", 'cfg = load_config("configs/fashion_mnist.toml")'),
+                  ("configs/fashion_mnist.toml", str(ROOT / "tests" / "configs" / "tiny_images.toml")),
+                  *MISALIGNMENT, ('device="cuda", stability_rows=256', 'device="cpu", stability_rows=8, n=16'))
+    namespace = {"load_config": importlib.import_module("ddmkit").load_config}
+    exec("from ddmkit.pipeline.misalignment import study_misalignment\n" + code, namespace)
+    assert (tmp_path / "runs" / "mis-fmnist" / "report.md").is_file()
+
+
 # docs/own-data.md: a researcher's folder (the test's own) where the page's files are written and its lines run.
 
 OWN = ROOT / "docs" / "own-data.md"
