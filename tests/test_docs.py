@@ -1,7 +1,7 @@
 """The user docs stay true: every relative link resolves (its #section too), every `ddmkit.x.y` they name exists,
-they hold no time of day or commit hash (history lives in git), and the Python snippets of README.md,
-docs/images.md and docs/routing.md run as written on tiny runs (docs/latent.md's: tests/test_latent.py), and so
-do docs/own-data.md's Python snippets and shell lines, on tiny data, with what the page says they give. Every
+they hold no time of day or commit hash (history lives in git), and the Python snippets of README.md and
+docs/{images,routing,architecture,distill,grow,latent,analysis}.md run as written on tiny runs, and so do
+docs/own-data.md's Python snippets and shell lines, on tiny data, with what the page says they give. Every
 `ddmkit ...` and `python benchmarks/X.py ...` command they write names a command and options that exist, and every
 `--set FIELD=VALUE` a field of the config."""
 import argparse
