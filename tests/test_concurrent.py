@@ -327,3 +327,28 @@ def test_the_concurrent_jobs_of_a_run_take_a_stopped_job_whole_and_first(tmp_pat
     assert conc.concurrent_jobs(shards, outs) == [[0, 2]]
     checkpoint(0, shards[2:])  # not named after the job's first expert
     assert conc.concurrent_jobs(shards, outs) == [[0, 2]]
+
+
+def test_a_backend_for_experts_trained_together_is_refused_naming_its_options_and_the_fix_works(tmp_path, ddmkit):
+    """expert.concurrent = true trains the K experts as one job in this process: --backend processes or ray (with
+    --workers, --address) was silently not used by `ddmkit run`, `launch` and `sweep`. Refused before any folder
+    is made, naming the options given; leaving them out trains the experts."""
+    from ddmkit.launch import check_launch
+
+    run = tmp_path / "run"
+    code, _, err = ddmkit(*_run_args(run), "--backend", "processes", "--workers", "2")
+    assert code == 2 and not run.exists(), err
+    assert ("--backend processes: expert.concurrent = true trains the K experts as one job, in this process, so no "
+            "backend runs them; leave --backend and --workers out") in err
+    code, _, err = ddmkit("partition", "--config", Path(__file__).parent / "configs" / "tiny.toml", "--out", run,
+                          "--set", "expert.concurrent=true", "--set", "expert.train.steps=20")
+    assert code == 0, err
+    code, _, err = ddmkit("launch", run, "--backend", "processes")
+    assert code == 2 and "leave --backend out, or train them as jobs of their own" in err
+    assert not list((run / "experts").glob("*/model.safetensors"))
+    code, _, err = ddmkit("launch", run)
+    assert code == 0 and len(list((run / "experts").glob("*/model.safetensors"))) == 4, err
+    with pytest.raises(DDMError, match="leave --backend out"):  # sweep's check of its grid
+        check_launch("processes", concurrent=True)
+    check_launch("processes")
+    check_launch("inline", concurrent=True)

@@ -754,7 +754,7 @@ def launch(run_dir: Path = run_argument("run folder with partition/"),
            set_: Optional[List[str]] = SET):
     """Train the run's missing experts on a backend, or emit a SLURM job array (one task per expert; the
     --set expert.* fields given, of how the jobs run, are written into its tasks' command lines)."""
-    from ddmkit.launch import check_launch
+    from ddmkit.launch import check_concurrent_backend, check_launch
     from ddmkit.pipeline.prepare import check_same_training
     from ddmkit.pipeline.stages import run_lock, stage_autoencoder, stage_experts, stage_registry
     from ddmkit.registry import check_registered
@@ -810,6 +810,7 @@ def launch(run_dir: Path = run_argument("run folder with partition/"),
         return
     cfg = _config(config, run_dir, set_, device)
     check_same_training(run_dir, cfg)  # --set / --config may change how the jobs run, not what they train
+    check_concurrent_backend(cfg.expert.concurrent, backend, workers, address)
     check_registered(run_dir)  # a registered file changed since is refused, not registered again
     try:
         stage_autoencoder(cfg, run_dir, log)  # latent runs: encode the shards first (once)

@@ -70,10 +70,13 @@ def check_backend(name: str) -> str:
     return name
 
 
-def check_launch(backend: str, workers: int | None = None, address: str | None = None) -> None:
+def check_launch(backend: str, workers: int | None = None, address: str | None = None,
+                 concurrent: bool = False) -> None:
     """Refuse an unknown backend, workers < 1, workers for the inline backend (it has none), an address for
-    another backend than ray, Ray not installed and a Ray Client address (ray://)."""
+    another backend than ray, Ray not installed, a Ray Client address (ray://) and, for experts trained
+    together (expert.concurrent), any backend but inline (check_concurrent_backend)."""
     check_backend(backend)
+    check_concurrent_backend(concurrent, backend, workers, address)
     if workers is not None and workers < 1:
         raise DDMError(f"--workers must be >= 1, got {workers}")
     if workers is not None and backend == "inline":
@@ -87,6 +90,20 @@ def check_launch(backend: str, workers: int | None = None, address: str | None =
     if backend != "inline":
         check_workers_import(f"backend {backend!r}", f"the {backend} backend's worker processes",
                              spawned=backend == "processes", fallback="use the inline backend")
+
+
+def check_concurrent_backend(concurrent: bool, backend: str, workers: int | None = None,
+                             address: str | None = None) -> None:
+    """A DDMError when the experts train together (expert.concurrent = true: one job, in this process, which
+    takes no backend) and a backend other than inline was asked for: it would not be used."""
+    if not concurrent or backend == "inline":
+        return
+    given = [name for name, value in (("--backend", backend), ("--workers", workers), ("--address", address))
+             if value is not None]
+    named = " and ".join([", ".join(given[:-1]), given[-1]] if len(given) > 1 else given)
+    raise DDMError(f"--backend {backend}: expert.concurrent = true trains the K experts as one job, in this "
+                   f"process, so no backend runs them; leave {named} out, or train them as jobs of their own "
+                   "on the backend: expert.concurrent = false (in a new run folder)")
 
 
 def cuda_count() -> int:

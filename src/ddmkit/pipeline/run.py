@@ -171,7 +171,7 @@ def run_pipeline(cfg: RunConfig | str | Path, out: str | Path, force: bool = Fal
     cfg = checked_config(cfg)
     if stages not in STAGES:
         raise DDMError(f"--stages: unknown value {stages!r}; accepted: {', '.join(STAGES)}")
-    check_launch(backend, workers, address)  # before the run folder is made
+    check_launch(backend, workers, address, cfg.expert.concurrent)  # before the run folder is made
     missing = untrained_parts(cfg, out) if stages == "evaluate" else []
     if missing == ["monolith"]:  # e.g. experts trained on islands, a router, no baseline
         grown = RunFolder(out).grow.exists()  # its monolith would train on the grown data, not the original

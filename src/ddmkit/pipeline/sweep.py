@@ -353,7 +353,7 @@ def check_grid_data(cfg: RunConfig, partitions: dict[int, RunConfig], backend: s
     it (on data of a Gaussian mixture of M components, no K above M; clusters that training and scoring can
     use), so that a K that cannot be partitioned fails the grid before the cells of the other K train. The
     cells make their partitions again, a small cost next to their training."""
-    check_launch(backend, workers)
+    check_launch(backend, workers, concurrent=cfg.expert.concurrent)
     if not partitions and cfg.data.name not in MIXTURES:
         return
     train = load_data(next(iter(partitions.values()), cfg))[0]
