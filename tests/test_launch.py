@@ -1285,3 +1285,15 @@ def test_a_pool_job_stopped_after_its_last_step_leaves_the_pool(tmp_path, monkey
     assert info.value.code == 130 and backends._STATE == "idle"
     monkeypatch.setattr(backends, "train_expert", lambda shard, config, out_dir, resume=False: out_dir)
     assert backends._process_job(job, CFG.model_dump(), False) == str(job.out_dir)
+
+
+def test_task_notes_say_that_experts_trained_together_train_alone_in_the_tasks():
+    """A run of expert.concurrent = true got a SLURM array whose tasks each trained one expert alone
+    (train-expert), weights other than the run's one job trains, without a word."""
+    from ddmkit.config import ExpertConfig, RunConfig
+    from ddmkit.launch.slurm import task_notes
+
+    together = RunConfig(expert=ExpertConfig(concurrent=True))
+    assert any(n.startswith("expert.concurrent is true, but each task trains its expert alone (`ddmkit train-expert`)")
+               and "run `ddmkit launch RUN` on one GPU node" in n for n in task_notes(together)), task_notes(together)
+    assert not any("expert.concurrent" in n for n in task_notes(RunConfig()))

@@ -225,8 +225,13 @@ def task_overrides(cfg: RunConfig | None, overrides: list[str], gpus: int) -> li
 
 def task_notes(cfg: RunConfig, cpus: int | None = None, gpus: int | None = None) -> list[str]:
     """What a written script's tasks will do that its writer may not expect: no checkpoint to resume from, or
-    more CPU cores held (--cpus) than their processes' threads use (--nproc N with --gpus N > 1)."""
+    more CPU cores held (--cpus) than their processes' threads use (--nproc N with --gpus N > 1), or each expert
+    trained alone where the run's config trains them together (expert.concurrent)."""
     notes = []
+    if cfg.expert.concurrent:
+        notes.append("expert.concurrent is true, but each task trains its expert alone (`ddmkit train-expert`), "
+                     "not the K experts in one job as `ddmkit run` and `ddmkit launch RUN` do: the experts' weights "
+                     "differ from that job's; to train them together, run `ddmkit launch RUN` on one GPU node")
     if cfg.expert.train.checkpoint_every == 0:
         notes.append("expert.train.checkpoint_every is 0, so a task stopped by SLURM (preempted, or past --time) "
                      "trains again from step 0; to continue from its last checkpoint, emit with --set "
