@@ -300,3 +300,24 @@ def test_streams_without_a_concurrent_job_are_refused_naming_both_fields(tmp_pat
     ExpertConfig(concurrent=True, concurrent_networks="streams")
     code, _, err = ddmkit("run", "demo", "--out", str(tmp_path / "run"), "--set", "expert.concurrent_networks=streams")
     assert code == 2 and "set concurrent = true" in err and not (tmp_path / "run").exists()
+
+
+def test_cuda_graph_in_a_job_of_several_processes_is_refused_before_they_start(tmp_path, monkeypatch):
+    """train-expert --nproc 2 with expert.train.cuda_graph = true on CUDA spawned its processes, which each loaded
+    the shard and then refused 'train.cuda_graph' in fit, naming neither the option nor the section. Now refused
+    before any process starts, naming --nproc (or torchrun) and the field; on the CPU cuda_graph is ignored."""
+    import ddmkit.train.jobs as jobs
+
+    graphed = ExpertConfig(train=TrainConfig(cuda_graph=True, steps=2))
+    jobs.check_graph_processes(graphed, 2)  # the CPU: nothing is captured
+    monkeypatch.setattr(jobs, "field_device", lambda field, name: torch.device("cuda"))
+    jobs.check_graph_processes(graphed, 1)
+    jobs.check_graph_processes(ExpertConfig(), 2)
+    monkeypatch.setattr(jobs.distributed, "run", lambda *a, **k: pytest.fail("processes started"))
+    with pytest.raises(DDMError, match=r"^--nproc 2: expert.train.cuda_graph = true captures one process's whole "
+                                       r"training step.*\(leave --nproc out\), or add --set "
+                                       r"expert.train.cuda_graph=false$"):
+        jobs.train_expert_once(tmp_path / "cluster_00.safetensors", graphed, tmp_path / "expert", nproc=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DDMError, match=r"^torchrun's 2 processes: .*\(run it without torchrun\)"):
+        jobs.check_graph_processes(graphed, 1)

@@ -295,12 +295,30 @@ def train_expert_once(shard: str | Path, config: ExpertConfig, out_dir: str | Pa
     launcher of several processes (torchrun) only rank 0 logs, and only rank 0 returns True."""
     main = int(os.environ.get("RANK", "0")) == 0
     check_expert_folder(out_dir, "--out")  # before anything: --force replaces an expert, never other files
+    check_graph_processes(config, nproc)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # processes spawned here (not torchrun's, which run the script)
         check_workers_import(f"--nproc {nproc}", "the job's processes", spawned=True,
                              fallback="train on one process (leave --nproc out)")
     # rank 0 holds the lock for the job's processes: torchrun starts every rank with this command
     with expert_folder_lock(out_dir) if main else contextlib.nullcontext():
         return _train_expert_once(shard, config, out_dir, nproc, resume, force, log, main)
+
+
+def check_graph_processes(config: ExpertConfig, nproc: int) -> None:
+    """A DDMError, before any process starts, for expert.train.cuda_graph = true on CUDA in a job of several
+    processes (--nproc N, or torchrun's WORLD_SIZE): their gradients are exchanged inside the step, which one
+    graph cannot hold (fit refuses it in every process, later; on the CPU cuda_graph is ignored)."""
+    torchrun = "WORLD_SIZE" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if torchrun else nproc
+    if world < 2 or not config.train.cuda_graph:
+        return
+    if field_device("expert.train.device", config.train.device).type != "cuda":
+        return
+    given, fix = (f"torchrun's {world} processes", "run it without torchrun") if torchrun else \
+        (f"--nproc {nproc}", "leave --nproc out")
+    raise DDMError(f"{given}: expert.train.cuda_graph = true captures one process's whole training step, and the "
+                   "processes of one job exchange their gradients inside it; train with one process "
+                   f"({fix}), or add --set expert.train.cuda_graph=false")
 
 
 def _refuse_other_cluster(out_dir: str | Path, shard: str | Path) -> None:
