@@ -329,7 +329,7 @@ def test_the_concurrent_jobs_of_a_run_take_a_stopped_job_whole_and_first(tmp_pat
     assert conc.concurrent_jobs(shards, outs) == [[0, 2]]
 
 
-def test_a_backend_for_experts_trained_together_is_refused_naming_its_options_and_the_fix_works(tmp_path, ddmkit):
+def test_a_backend_for_experts_trained_together_is_refused_and_leaving_it_out_trains_them_as_logged(tmp_path, ddmkit):
     """expert.concurrent = true trains the K experts as one job in this process: --backend processes or ray (with
     --workers, --address) was silently not used by `ddmkit run`, `launch` and `sweep`. Refused before any folder
     is made, naming the options given; leaving them out trains the experts."""
@@ -341,13 +341,16 @@ def test_a_backend_for_experts_trained_together_is_refused_naming_its_options_an
     assert ("--backend processes: expert.concurrent = true trains the K experts as one job, in this process, so no "
             "backend runs them; leave --backend and --workers out") in err
     code, _, err = ddmkit("partition", "--config", Path(__file__).parent / "configs" / "tiny.toml", "--out", run,
-                          "--set", "expert.concurrent=true", "--set", "expert.train.steps=20")
+                          "--set", "expert.concurrent=true", "--set", "expert.concurrent_networks=streams",
+                          "--set", "expert.train.steps=20")
     assert code == 0, err
     code, _, err = ddmkit("launch", run, "--backend", "processes")
     assert code == 2 and "leave --backend out, or train them as jobs of their own" in err
     assert not list((run / "experts").glob("*/model.safetensors"))
     code, _, err = ddmkit("launch", run)
     assert code == 0 and len(list((run / "experts").glob("*/model.safetensors"))) == 4, err
+    # the log names how they trained ('concurrent backend' named no backend, and not the networks)
+    assert re.search(r"experts: 4 trained in [\d.]+s \(in one job, expert.concurrent_networks = 'streams'\)", err), err
     with pytest.raises(DDMError, match="leave --backend out"):  # sweep's check of its grid
         check_launch("processes", concurrent=True)
     check_launch("processes")

@@ -256,14 +256,15 @@ def stage_experts(cfg: RunConfig, run, log: Log = print, backend: str = "inline"
             with job_threads(cfg.expert.train.threads):
                 for job in concurrent_jobs(shards, outs, log):  # a job stopped while moving folders: whole again
                     train_experts_concurrently([shards[k] for k in job], cfg.expert, [outs[k] for k in job], log)
-            backend = "concurrent"
+            how = f"in one job, expert.concurrent_networks = {cfg.expert.concurrent_networks!r}"
         else:
             for job in jobs:  # a checkpoint a job would refuse is named here, before any job starts
                 if expert_resumes(job.shard, cfg.expert, job.out_dir):
                     log(f"expert {job.cluster}: continuing from {checkpoint_path(job.out_dir)}")
             run_jobs(jobs, cfg.expert, backend, workers, address, resume=True, log=log)
+            how = f"{backend} backend"
         if jobs:
-            log(f"experts: {len(jobs)} trained in {time.perf_counter() - start:.1f}s ({backend} backend)")
+            log(f"experts: {len(jobs)} trained in {time.perf_counter() - start:.1f}s ({how})")
 
 
 def _say_resumed(job: str, out_dir: Path, log: Log):
