@@ -79,6 +79,22 @@ def test_text_is_not_read_as_a_number_or_a_boolean():
     assert validate(RunConfig, {"partition": {"k": 4, "balanced": True, "features": "pca"}}).partition.k == 4
 
 
+def test_a_number_is_not_read_as_a_boolean():
+    """`cuda_graph = 1` was read as true and `concurrent = 0.0` as false (pydantic's lax mode), and
+    `cuda_graph = 2` refused as 'unable to interpret input', without saying what to give."""
+    import pytest
+
+    from ddmkit.config import RunConfig, validate
+    from ddmkit.errors import DDMError
+
+    for value in (1, 0.0, 2):
+        with pytest.raises(DDMError, match=f"  expert.train.cuda_graph: {value} is a number; give true or false"):
+            validate(RunConfig, {"expert": {"train": {"cuda_graph": value}}})
+    with pytest.raises(DDMError, match="  expert.concurrent: 0 is a number; give true or false"):
+        validate(RunConfig, {"expert": {"concurrent": 0}})
+    assert validate(RunConfig, {"expert": {"train": {"cuda_graph": True, "steps": 3}}}).expert.train.cuda_graph
+
+
 def test_a_table_given_in_part_keeps_the_defaults_the_section_documents():
     """`[router.net]` with kwargs only was an mlp (NetConfig's own arch), and `[latent.train]` with steps only
     lost the autoencoder's batch 64 and lr 1e-3, while --set of the same keys kept them."""

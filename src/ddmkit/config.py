@@ -91,12 +91,16 @@ class Section(BaseModel):
     @classmethod
     def _numbers_are_not_booleans(cls, value, info: ValidationInfo):
         """pydantic reads true as 1 for a number field (`k = true` would be one cluster), and text as a number
-        or a boolean (`k = "4"`, `balanced = "yes"`): refused, so a value is what the TOML wrote. A check of
-        each field, so that its error names the field (partition.k), not its section."""
+        or a boolean (`k = "4"`, `balanced = "yes"`), and 0 and 1 as booleans (`cuda_graph = 1`; other numbers
+        it refused without saying what to give): refused, so a value is what the TOML wrote. A check of each
+        field, so that its error names the field (partition.k), not its section."""
         annotation = cls.model_fields[info.field_name].annotation
         kinds = typing.get_args(annotation) or (annotation,)
         if isinstance(value, bool) and bool not in kinds and (int in kinds or float in kinds):
             raise ValueError(f"{str(value).lower()} is a boolean; give a number")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and bool in kinds and not \
+                {int, float} & set(kinds):
+            raise ValueError(f"{value} is a number; give true or false")
         if isinstance(value, str) and set(kinds) <= {int, float, bool, type(None)} and set(kinds) & {int, float, bool}:
             wanted = "true or false" if bool in kinds else "a number"
             raise ValueError(f"{value!r} is text; give {wanted} (unquoted in TOML and --set)")
