@@ -137,6 +137,21 @@ def test_a_killed_streamed_job_resumes_to_the_same_bytes(tmp_path, monkeypatch):
         assert _weights(out) == _weights(ref) and _log(out) == _log(ref)
 
 
+@pytest.mark.parametrize("before, after", [("stacked", "streams"), ("streams", "stacked")])
+def test_a_checkpoint_of_experts_trained_as_other_networks_is_refused_naming_concurrent_networks(
+        tmp_path, monkeypatch, before, after):
+    """A stacked job's checkpoint continued as streams was refused as 'parameter shapes differ (... absent ...):
+    other net kwargs', the same kwargs: its networks are other ones, by concurrent_networks."""
+    shards = _shards(tmp_path / "shards")
+    with monkeypatch.context() as m:
+        m.setattr(loop, "check_stop", raising_after(loop.check_stop, 13, KeyboardInterrupt("killed")))
+        with pytest.raises(KeyboardInterrupt):
+            _train(shards, _config(before), tmp_path / "run")
+    with pytest.raises(DDMError, match=rf"belongs to a different training run: another network: other "
+                                       rf"expert.concurrent_networks \('{before}', asked '{after}'\)\. Delete it"):
+        _train(shards, _config(after), tmp_path / "run")
+
+
 def test_train_cuda_graph_changes_nothing_on_the_cpu(tmp_path):
     shards = _shards(tmp_path / "shards")
     plain = _train(shards, _config(), tmp_path / "plain")

@@ -62,10 +62,24 @@ def settings_differences(made: dict, asked: dict, by: str = "asked") -> list[str
             if name not in old or name not in new or old[name] != new[name]]
 
 
+CONCURRENT_NETWORKS = {"stacked": "stacked", "experts": "streams"}  # a concurrent job's tensor names' first part
+
+
+def _concurrent_networks(shapes: dict) -> str | None:
+    """expert.concurrent_networks of a concurrent job's network from its parameter names (stacked experts' all
+    begin with stacked., streamed ones' with experts.), or None for another network."""
+    heads = {name.split(".", 1)[0] for name in shapes}
+    return CONCURRENT_NETWORKS.get(heads.pop()) if len(heads) == 1 else None
+
+
 def _shape_differences(old: dict, new: dict) -> str:
-    """The parameters whose shapes differ (the first three), or those only one network has."""
+    """The parameters whose shapes differ (the first three), or those only one network has; experts trained
+    together as other networks (stacked against streamed: no name in common) are said to be that."""
     if not isinstance(old, dict):
         return "other parameters"
+    kinds = _concurrent_networks(old), _concurrent_networks(new)
+    if None not in kinds and kinds[0] != kinds[1]:
+        return f"other expert.concurrent_networks ({kinds[0]!r}, asked {kinds[1]!r})"
     names = [n for n in sorted(set(old) | set(new)) if old.get(n) != new.get(n)]
     shown = "; ".join(f"{n} {old.get(n, 'absent')}, asked {new.get(n, 'absent')}" for n in names[:3])
     return f"parameter shapes differ ({shown}{' ...' if len(names) > 3 else ''}): other net kwargs"
