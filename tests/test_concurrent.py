@@ -351,7 +351,11 @@ def test_a_backend_for_experts_trained_together_is_refused_and_leaving_it_out_tr
     assert code == 0 and len(list((run / "experts").glob("*/model.safetensors"))) == 4, err
     # the log names how they trained ('concurrent backend' named no backend, and not the networks)
     assert re.search(r"experts: 4 trained in [\d.]+s \(in one job, expert.concurrent_networks = 'streams'\)", err), err
-    with pytest.raises(DDMError, match="leave --backend out"):  # sweep's check of its grid
+    code, _, err = ddmkit("sweep", Path(__file__).parent / "configs" / "tiny.toml", "--out", tmp_path / "sweep",
+                          "--k", "2", "--budget", "1", "--backend", "processes", "--set", "expert.concurrent=true")
+    assert code == 2 and "--backend processes: expert.concurrent = true trains the K experts as one job" in err, err
+    assert "sweep cell" not in err and not (tmp_path / "sweep").exists()  # before any cell starts
+    with pytest.raises(DDMError, match="leave --backend out"):
         check_launch("processes", concurrent=True)
     check_launch("processes")
     check_launch("inline", concurrent=True)
