@@ -336,3 +336,29 @@ def test_cuda_graph_in_a_job_of_several_processes_is_refused_before_they_start(t
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(DDMError, match=r"^torchrun's 2 processes: .*\(run it without torchrun\)"):
         jobs.check_graph_processes(graphed, 1)
+
+
+def test_a_step_that_cannot_be_captured_is_one_error_naming_cuda_graph(monkeypatch):
+    """A network that waits for the host (say, .item()) failed at the capture with CUDA's RuntimeError; it is
+    a DDMError saying what to look for and to set cuda_graph = false. (CUDA's capture simulated here.)"""
+    import contextlib
+
+    from ddmkit.accel import step_graph
+
+    class Graph:
+        def register_generator_state(self, generator):
+            pass
+
+    @contextlib.contextmanager
+    def capturing(graph, stream=None):
+        yield
+
+    def step():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    with pytest.raises(DDMError, match=r"train.cuda_graph: the training step could not be captured as one CUDA "
+                                       r"graph \(CUDA error: operation not permitted when stream is capturing\); "
+                                       r"something in it waits for the host .* set cuda_graph = false"):
+        step_graph.capture_step(step, torch.Generator(), None)

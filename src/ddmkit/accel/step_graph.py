@@ -25,17 +25,26 @@ from typing import Callable
 
 import torch
 
+from ddmkit.errors import DDMError
+
 GRAPH_WARMUP = 3  # eager steps before the capture: torch.compile compiles, the optimizer makes its state
 
 
 def capture_step(step: Callable[[], dict], generator: torch.Generator,
                  stream: torch.cuda.Stream) -> Callable[[], dict]:
     """replay() -> step()'s outputs: `step` captured once on `stream` (the module docstring says what it may
-    do), its random numbers from `generator` (registered with the graph) and torch's default CUDA one."""
+    do), its random numbers from `generator` (registered with the graph) and torch's default CUDA one. A step
+    that cannot be captured is a DDMError saying why and to set train.cuda_graph = false."""
     graph = torch.cuda.CUDAGraph()
     graph.register_generator_state(generator)
-    with torch.cuda.graph(graph, stream=stream):
-        outputs = step()
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            outputs = step()
+    except RuntimeError as e:  # e.g. "operation not permitted when stream is capturing": a sync in the step
+        raise DDMError(f"train.cuda_graph: the training step could not be captured as one CUDA graph "
+                       f"({' '.join(str(e).split())[:300]}); something in it waits for the host (a value read "
+                       "with .item() or float(), a branch on the data, a copy from the CPU), or draws from "
+                       "another random generator: set cuda_graph = false for this job") from e
 
     def replay() -> dict:
         graph.replay()
