@@ -9,10 +9,10 @@ Each expert stays an ordinary network: its own weights, its own kernels, the pre
 has under autocast. On a GPU expert k's forward runs on the side stream of key k
 (ddmkit.accel.streams), forked from and joined to the step's stream, also while the step is captured as a
 CUDA graph (the K streams become parallel branches of the graph), so the K experts' kernels overlap;
-autograd runs each backward kernel on the stream of its forward, so the backward overlaps too. One small expert leaves most of the GPU idle, so K of
-them side by side cost about what one does, as long as the host keeps up with launching their kernels:
-with train.cuda_graph the whole step, all K streams in it, is one graph (docs/performance.md measures
-it). On the CPU the experts run one after another.
+autograd runs each backward kernel on the stream of its forward, so the backward overlaps too. One small
+expert leaves most of the GPU idle, so K of them side by side cost about what one does, as long as the host
+keeps up with launching their kernels: with train.cuda_graph the whole step, all K streams in it, is one
+graph (docs/performance.md measures it). On the CPU the experts run one after another.
 
 Isolation as for stacked experts: expert k's output depends only on its own weights and rows, the loss is
 a sum of per-expert losses, `clip_grad_norms_` clips each expert by its own gradient norm, and AdamW, weight
@@ -47,6 +47,8 @@ class StreamedExperts(nn.Module):
         args = [(x[k], t[k]) if y is None else (x[k], t[k], y[k]) for k in range(self.k)]
         if x.device.type != "cuda":
             return torch.stack([net(*a) for net, a in zip(self.experts, args)])
+        # accel.streams.call_concurrently's fork and join, without its fallback while capturing: here the K streams
+        # are to become branches of the step's graph
         main = torch.cuda.current_stream(x.device)
         streams = [_stream_of_key(x.device, k) for k in range(self.k)]
         outs = []
@@ -58,6 +60,7 @@ class StreamedExperts(nn.Module):
             main.wait_stream(stream)
             out.record_stream(main)  # read by the step's stream: not handed back to stream k before that
         return torch.stack(outs)
+
     def grad_norms(self) -> torch.Tensor:
         """(K,) the gradient norm of each expert, |g_k| = sqrt(sum over its tensors of |g|^2) (as
         torch.nn.utils.clip_grad_norm_ computes one network's)."""
