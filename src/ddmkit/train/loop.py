@@ -48,6 +48,7 @@ thread ends there even when the KeyboardInterrupt raised into it was lost.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -95,8 +96,6 @@ class EMA(nn.Module):
 
     def __init__(self, model: nn.Module, decay: float, weight_on_device: bool = False):
         super().__init__()
-        import copy
-
         self.module = copy.deepcopy(model)
         self.decay = decay
         self.weight_on_device = weight_on_device
@@ -119,11 +118,11 @@ class EMA(nn.Module):
             self._lists = (model, [([a for a, _ in kind], [b for _, b in kind]) for kind in kinds if kind], others)
         _, groups, others = self._lists
         for ema_t, model_t in groups:  # plain tensors, then DTensors (one foreach call takes one kind)
-            if self.weight_on_device:
+            if self.weight_on_device:  # decay_at(n) computed on the device: a replay reads n, not a captured number
                 n = self.n_averaged.double()
-                step = torch._foreach_sub(model_t, ema_t)
-                torch._foreach_mul_(step, (1.0 - torch.clamp((1 + n) / (10 + n), max=self.decay)).float())
-                torch._foreach_add_(ema_t, step)
+                diffs = torch._foreach_sub(model_t, ema_t)
+                torch._foreach_mul_(diffs, (1.0 - torch.clamp((1 + n) / (10 + n), max=self.decay)).float())
+                torch._foreach_add_(ema_t, diffs)
             else:
                 torch._foreach_lerp_(ema_t, model_t, 1.0 - self.decay_at(self._n))
         for a, b in others:
