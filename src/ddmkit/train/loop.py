@@ -9,7 +9,7 @@ clipping by global norm, and an exponential moving average of the weights
 (EMA, with the usual warm-up
 min(decay, (1 + n) / (10 + n)), no host sync per step); it logs JSON lines every cfg.log_every steps:
 the step, the learning rate that step used, the seconds since the start, and the loss and grad_norm
-(and batch_loss's values; stacked experts' each expert's norm as grad_norm_K, clip_gradients) averaged
+(and batch_loss's values; concurrent experts' each expert's norm as grad_norm_K, clip_gradients) averaged
 over the steps since the previous row.
 
 With `checkpoint=PATH` and cfg.checkpoint_every = N > 0 it writes the whole
@@ -162,11 +162,11 @@ def write_row(log, board, row: dict) -> None:
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clip by global norm, or by the model's own rule when it has one (stacked experts clip each expert by
-    its own norm, so none depends on another). Returns the norm before clipping, a plain tensor (under FSDP
-    the shards' norm is a DTensor: gathered; stacked experts: the largest), and the norms to log beside it:
-    stacked experts' each, {"grad_norm_0": ..., "grad_norm_1": ...}; none otherwise."""
-    if hasattr(model, "clip_grad_norms_"):  # stacked experts (ddmkit.train.stacked)
+    """Clip by global norm, or by the model's own rule when it has one (stacked and streamed experts clip each
+    expert by its own norm, so none depends on another). Returns the norm before clipping, a plain tensor (under
+    FSDP the shards' norm is a DTensor: gathered; concurrent experts: the largest), and the norms to log beside
+    it: concurrent experts' each, {"grad_norm_0": ..., "grad_norm_1": ...}; none otherwise."""
+    if hasattr(model, "clip_grad_norms_"):  # ddmkit.train.stacked and ddmkit.train.streamed
         norms = model.clip_grad_norms_(max_norm)
         return norms.max(), {f"grad_norm_{k}": norm for k, norm in enumerate(norms)}
     if hasattr(model, "clip_grad_norm_"):
