@@ -230,7 +230,8 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
         write_row(log, board, row)
 
     def train_step(step: int) -> dict:
-        """One step on gradients that are None; the values to log, as tensors (no host sync)."""
+        """One step on gradients that are None; the values to log, as tensors (no host sync). Captured
+        (train.cuda_graph), every replay repeats the capture's `step`: batch_loss must not depend on it."""
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda",
                             cache_enabled=not graphed):  # a graph cannot keep autocast's cache past its capture
             loss, metrics = batch_loss(net, step, generator)
@@ -240,7 +241,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
         ema.update_parameters(model)
         return {"loss": loss.detach(), "grad_norm": grad_norm, **metrics, **part_norms}
 
-    rate = lr_lambda(cfg)  # the schedule's factor at a step (LambdaLR's own)
+    rate = lr_lambda(cfg)  # the schedule's factor at a step (LambdaLR's own; its get_last_lr() may be a tensor)
     replay = None  # train.cuda_graph: the step captured after GRAPH_WARMUP eager ones (ddmkit.accel.step_graph)
     stream = torch.cuda.Stream(device) if graphed else None  # eager steps, capture and replays: one stream
     on_stream = torch.cuda.stream(stream) if graphed else nullcontext()
@@ -252,11 +253,10 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
             advance(first)
             for step in range(first, cfg.steps):
                 check_stop()  # a stop whose KeyboardInterrupt was lost (in a __del__, say) ends the job here
-                if graphed and replay is None and step == first + GRAPH_WARMUP:
+                if replay is None:  # an eager step, or the capture: gradients None (a replay writes them anew)
                     opt.zero_grad(set_to_none=True)
-                    replay = capture_step(lambda: train_step(step), generator, stream)
-                if replay is None:
-                    opt.zero_grad(set_to_none=True)
+                    if graphed and step == first + GRAPH_WARMUP:  # captured, not run: the replay below runs it
+                        replay = capture_step(lambda: train_step(step), generator, stream)
                 values = replay() if replay is not None else train_step(step)
                 lr = cfg.lr * rate(step)  # the rate this step used (sched.step() sets the next step's)
                 sched.step()
@@ -267,7 +267,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
                     running = dist.mean(running)
                     n = step + 1 - (history[-1]["step"] if history else 0)
                     means = {k: float(v) / n for k, v in running.items() if not summed or k in summed}
-                    row = {"step": step + 1, "lr": lr,  # the seconds after the means: the GPU's work counted
+                    row = {"step": step + 1, "lr": lr,  # seconds after the means: float() waited for the GPU
                            "seconds": round(time.perf_counter() - start, 3), **means}
                     running, summed = {}, set()
                     if not math.isfinite(row["loss"]):  # every process sees the same mean: all stop
