@@ -3,13 +3,13 @@
     train_experts_concurrently(shards, config, out_dirs)
     for job in concurrent_jobs(run_shards, run_expert_folders): ...   # a run's experts still to train
 
-The K networks are stacked (ddmkit.train.stacked; expert.concurrent_networks =
-"streams": side by side on K CUDA streams, ddmkit.train.streamed) and trained by
-the one training loop, fit(), as a single module, under the config's train.bf16
-(stacked experts then compute in bfloat16), train.compile and train.cuda_graph. Each step draws a
-batch for every expert from that expert's shard alone (the draw depends on the
-shard's size, never on its contents or on other shards), and the loss is the
-sum of the per-expert flow-matching losses.
+The K networks are stacked (ddmkit.train.stacked), or with expert.concurrent_networks
+= "streams" kept side by side on K CUDA streams (ddmkit.train.streamed), and trained
+by the one training loop, fit(), as a single module, under the config's train.bf16
+(stacked experts then compute in bfloat16), train.compile and train.cuda_graph.
+Each step draws a batch for every expert from that expert's shard alone (the
+draw depends on the shard's size, never on its contents or on other shards), and
+the loss is the sum of the per-expert flow-matching losses.
 
 The job checkpoints as an expert's does (train.checkpoint_every), one checkpoint
 for all K experts (stacked_checkpoint_path: beside the first output folder; its
@@ -73,7 +73,8 @@ def stacked_sampler(parts: list[torch.Tensor], labels: list[torch.Tensor] | None
 
 def stacked_loss(model: StackedExperts, x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator,
                  prediction: str, schedule: VPSchedule | None = None) -> torch.Tensor:
-    """(K,) flow-matching loss (DDPM's with a VP schedule) of each expert on its own batch."""
+    """(K,) flow-matching loss (DDPM's with a VP schedule) of each expert on its own batch; `model` is stacked
+    or streamed experts (ddmkit.train.streamed), x (K, B, ...) -> (K, B, ...)."""
     k, b = x.shape[:2]
     t = torch.rand(k, b, generator=gen, device=x.device)
     eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
@@ -134,10 +135,10 @@ def train_experts_concurrently(shards: list[str | Path], config: ExpertConfig, o
         raise DDMError(f"experts are class-conditional (num_classes = {num_classes}) but a shard has no labels")
     kwargs = {"data_shape": data_shape, **config.net.kwargs}
     if config.concurrent_networks == "streams":
-        from ddmkit.train.streamed import StreamedExperts as experts  # imports torch._dynamo: only when used
+        from ddmkit.train.streamed import StreamedExperts as experts_class  # imports torch._dynamo: only when used
     else:
-        experts = StackedExperts
-    model = experts([build_seeded(config.net.arch, config.train.seed, **kwargs) for _ in shards])
+        experts_class = StackedExperts
+    model = experts_class([build_seeded(config.net.arch, config.train.seed, **kwargs) for _ in shards])
     draw = stacked_sampler(xs, labels, config.train.batch_size, device)
     schedule = config.path.vp_schedule()  # None: the linear path
 
