@@ -62,7 +62,7 @@ def settings_differences(made: dict, asked: dict, by: str = "asked") -> list[str
             if name not in old or name not in new or old[name] != new[name]]
 
 
-CONCURRENT_NETWORKS = {"stacked": "stacked", "experts": "streams"}  # a concurrent job's tensor names' first part
+CONCURRENT_NETWORKS = {"stacked": "stacked", "experts": "streams"}  # first part of a parameter name -> the kind
 
 
 def _concurrent_networks(shapes: dict) -> str | None:
@@ -73,8 +73,8 @@ def _concurrent_networks(shapes: dict) -> str | None:
 
 
 def _shape_differences(old: dict, new: dict) -> str:
-    """The parameters whose shapes differ (the first three), or those only one network has; experts trained
-    together as other networks (stacked against streamed: no name in common) are said to be that."""
+    """The parameters whose shapes differ (the first three), or those only one network has; for a concurrent
+    job's experts stacked in one and streamed in the other (no name in common), that difference instead."""
     if not isinstance(old, dict):
         return "other parameters"
     kinds = _concurrent_networks(old), _concurrent_networks(new)
