@@ -2,8 +2,10 @@
 
     ema_model, history = fit(model, batch_loss, cfg)
 
-`batch_loss(model, step, generator) -> (loss, {name: float})` draws its own
-batch with the generator, so a run is fully determined by cfg.seed. The loop
+`batch_loss(model, step, generator) -> (loss, {name: value})` draws its own
+batch with the generator, so a run is fully determined by cfg.seed (its values,
+averaged and logged, are numbers or tensors; tensors are read only at a log row,
+and under cfg.cuda_graph a number would stay the captured step's). The loop
 does AdamW, linear warm-up then cosine (or constant) learning rate, gradient
 clipping by global norm, and an exponential moving average of the weights
 (EMA, with the usual warm-up
