@@ -878,13 +878,12 @@ def verify(run_dir: Path = run_argument("run folder with registry.json"),
     if (run_dir / "config.json").exists() and not _text_run(run_dir):
         run_config(run_dir)  # its trained settings are those the run was made with (not edited since)
     check_loadable(run_dir)  # verified files, read as the DDM will read them
+    hints = RunFolder(run_dir).missing_expert_hints(res["missing"])
     if res["missing"] and not allow_missing:
         raise DDMError(f"{run_dir}: experts {res['missing']} are missing (no experts/expert_XX/model.safetensors"
-                       f"{RunFolder(run_dir).missing_expert_hints(res['missing'])}); train or copy them again, or pass "
-                       "--allow-missing to accept the DDM without them")
-    log(f"verified {len(res['verified'])} model folders" + (f"; missing experts {res['missing']}"
-                                                             f"{RunFolder(run_dir).missing_expert_hints(res['missing'])}"
-                                                             if res["missing"] else ""))
+                       f"{hints}); train or copy them again, or pass --allow-missing to accept the DDM without them")
+    log(f"verified {len(res['verified'])} model folders"
+        + (f"; missing experts {res['missing']}{hints}" if res["missing"] else ""))
 
 
 @app.command()
