@@ -16,7 +16,7 @@ from ddmkit.io import read_metadata, save_tensors
 from ddmkit.nets import build_seeded
 import ddmkit.train.concurrent as conc
 import ddmkit.train.loop as loop
-from ddmkit.train.checkpoint import load_checkpoint, numbers, save_checkpoint
+from ddmkit.train.checkpoint import as_numbers, load_checkpoint, save_checkpoint
 from ddmkit.train.distributed import Distributed
 from ddmkit.train.loop import EMA, fit, job_fingerprint, lr_lambda
 from ddmkit.train.streamed import StreamedExperts
@@ -172,7 +172,7 @@ def test_cuda_graph_is_refused_with_reduce_overhead_and_with_several_processes()
 def test_a_checkpoint_holds_a_rate_kept_in_a_tensor_as_a_number(tmp_path):
     """A graphed job's AdamW reads its rate from a tensor, and its scheduler's state holds it too: the
     checkpoint's JSON takes them as numbers, and they load back as such."""
-    assert numbers({"lr": torch.tensor(0.25), "betas": (0.9, torch.tensor([0.5])), "params": [0, 1]}) == \
+    assert as_numbers({"lr": torch.tensor(0.25), "betas": (0.9, torch.tensor([0.5])), "params": [0, 1]}) == \
         {"lr": 0.25, "betas": [0.9, 0.5], "params": [0, 1]}
     cfg = TrainConfig(steps=10, warmup=4, lr=0.01)
     net = _nets(1)[0]

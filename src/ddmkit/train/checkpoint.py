@@ -158,15 +158,15 @@ def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) ->
             torch.cuda.set_rng_state(state, gpu)
 
 
-def numbers(value):
+def as_numbers(value):
     """`value` with every one-number tensor in it a Python number, in lists and tables too (as JSON holds it):
     a CUDA-graphed job's learning rate is a tensor in its optimizer's param groups and scheduler state."""
     if torch.is_tensor(value) and value.numel() == 1:
         return value.item()
     if isinstance(value, (list, tuple)):
-        return [numbers(v) for v in value]
+        return [as_numbers(v) for v in value]
     if isinstance(value, dict):
-        return {k: numbers(v) for k, v in value.items()}
+        return {k: as_numbers(v) for k, v in value.items()}
     return value
 
 
@@ -179,7 +179,7 @@ def optimizer_parts(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
             if not torch.is_tensor(value):
                 raise DDMError(f"checkpoint: optimizer state {name!r} is not a tensor; unsupported optimizer")
             tensors[f"optim.{idx}.{name}"] = value
-    return tensors, {"param_groups": numbers(sd["param_groups"])}
+    return tensors, {"param_groups": as_numbers(sd["param_groups"])}
 
 
 def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -204,7 +204,7 @@ def save_checkpoint(path: str | Path, *, step: int, model: dict, ema: dict, opti
     opt_tensors, opt_meta = optimizer_parts(optimizer)
     run_tensors = {f"running.{k}": (v.detach().reshape(()) if torch.is_tensor(v) else torch.tensor(float(v),
                    dtype=torch.float64)) for k, v in running.items()}
-    sched_state = {k: numbers(v) for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    sched_state = {k: as_numbers(v) for k, v in sched.state_dict().items() if k != "lr_lambdas"}
     tensors = {**_flat("model", model), **_flat("ema", ema), **opt_tensors,
                **rng_tensors(generator), **run_tensors}
     rows = [[[k, v] for k, v in row.items()] for row in history]  # pairs keep each row's key order

@@ -71,7 +71,7 @@ def stacked_sampler(parts: list[torch.Tensor], labels: list[torch.Tensor] | None
     return draw
 
 
-def stacked_loss(model: StackedExperts, x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator,
+def stacked_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator,
                  prediction: str, schedule: VPSchedule | None = None) -> torch.Tensor:
     """(K,) flow-matching loss (DDPM's with a VP schedule) of each expert on its own batch; `model` is stacked
     or streamed experts (ddmkit.train.streamed), x (K, B, ...) -> (K, B, ...)."""

@@ -37,6 +37,8 @@ _stream_of_key = torch.compiler.disable(side_stream)
 
 
 class StreamedExperts(nn.Module):
+    """K networks of one job, called on (K, B, ...) as StackedExperts is; expert k on CUDA stream k."""
+
     def __init__(self, models: list[nn.Module]):
         super().__init__()
         self.k = len(models)
