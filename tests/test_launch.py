@@ -1020,6 +1020,97 @@ def test_stopping_ray_puts_the_commands_sigterm_handler_back_in_c():
         signal.signal(signal.SIGTERM, before)
 
 
+def test_a_sigterm_while_ray_shuts_down_is_raised_once_ray_is_down():
+    """A SIGTERM during ray.shutdown() (after the jobs, or after a Ctrl-C) raised the command's Terminated inside it:
+    Ray was left half stopped. It now waits for the shutdown's end, and the command's handler is set again."""
+    from types import SimpleNamespace
+
+    from ddmkit.launch.ray_backend import stop_ray
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def ours(signum, frame):
+        raise Stop
+
+    steps = []
+
+    def shutdown():
+        steps.append("began")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # a handler that raises does so here
+        steps.append("ended")
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with pytest.raises(Stop):
+            stop_ray(SimpleNamespace(shutdown=shutdown))
+        assert steps == ["began", "ended"] and signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_ray_is_shut_down_when_a_stop_interrupts_the_wait_for_its_tasks(monkeypatch):
+    """A SIGTERM (Ray turns it into a KeyboardInterrupt) while stop_tasks waited for the tasks of a launch stopped
+    by Ctrl-C skipped ray.shutdown(): the local Ray went only at the interpreter's exit."""
+    from types import SimpleNamespace
+
+    import ddmkit.launch.ray_backend as ray_backend
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    fake = SimpleNamespace(cluster_resources=ctrl_c)
+    stopped = []
+    monkeypatch.setattr(ray_backend, "import_ray", lambda: fake)
+    monkeypatch.setattr(ray_backend, "start_ray", lambda ray, address, workers: True)
+    monkeypatch.setattr(ray_backend, "stop_tasks", lambda ray, generators: ctrl_c())
+    monkeypatch.setattr(ray_backend, "stop_ray", stopped.append)
+    with pytest.raises(KeyboardInterrupt):
+        ray_backend.run_ray([], CFG)
+    assert stopped == [fake]
+
+
+SIGTERM_CAUGHT = """
+import signal, sys, threading
+from ddmkit.launch.ray_backend import import_ray, start_ray, stop_ray
+
+def caught():  # whether SIGTERM has a handler in C (else the default action: the process dies), read from /proc
+    with open("/proc/self/status") as f:
+        mask = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+signal.signal(signal.SIGTERM, lambda signum, frame: None)
+ray = import_ray()
+assert start_ray(ray, None, 1)
+lost, done = [], threading.Event()
+
+def watch():
+    while not done.is_set():
+        if not caught():
+            lost.append(1)
+        done.wait(0.001)
+
+watcher = threading.Thread(target=watch)
+watcher.start()
+stop_ray(ray)
+done.set()
+watcher.join()
+sys.exit(3 if lost or not caught() else 0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_keeps_its_handler_while_a_local_ray_shuts_down():
+    """ray.shutdown() set SIGTERM's action in C back to the default for about a second (Ray's crash handler
+    removed): a SIGTERM then killed `ddmkit launch --backend ray` outright, with no 'stopped by SIGTERM'."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'ddmkit[ray]' to run the Ray tests")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", SIGTERM_CAUGHT], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_a_sigterm_that_a_library_turns_into_a_keyboardinterrupt_still_reads_as_sigterm(tmp_path, monkeypatch):
     """Ray's ray.wait turns the exception a signal handler raises into a plain KeyboardInterrupt: `ddmkit launch
     --backend ray` stopped by SIGTERM said 'interrupted' and exited 130, not 'stopped by SIGTERM' and 143."""

@@ -195,17 +195,49 @@ def start_ray(ray, address: str | None, workers: int | None):
     Ctrl-C does) is put back, so a SIGTERM still keeps the checkpoints and exits as the caller says."""
     if ray.is_initialized():
         return False
+    without_crash_handler_in_c(ray)
     with keeping_sigterm_handler():
         _init_ray(ray, address, workers)
     return True
 
 
+def without_crash_handler_in_c(ray) -> None:
+    """Keep Ray from installing its C++ crash handler in this process (the driver; Ray's workers keep theirs):
+    it takes SIGTERM among other signals, and ray.shutdown() puts the default action back for them all, so a
+    SIGTERM in the second or so that shutdown then takes killed the command outright, with no 'stopped by
+    SIGTERM' and its locks and staging folders left. A Ray without the setting is left as it is."""
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if constants is not None and hasattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):
+        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+
+
 def stop_ray(ray) -> None:
     """ray.shutdown(), then the caller's SIGTERM handler again: Ray's shutdown resets the signal's action in C to
     the default while Python still reports the handler, so a SIGTERM after it (the registry written next, the rest
-    of `ddmkit run`) killed the command outright: no 'stopped by SIGTERM', its locks and staging folders left."""
-    with keeping_sigterm_handler():
+    of `ddmkit run`) killed the command outright: no 'stopped by SIGTERM', its locks and staging folders left.
+    A SIGTERM during the shutdown waits for its end (sigterm_held): raised inside it, it left Ray half stopped."""
+    with sigterm_held(), keeping_sigterm_handler():
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def sigterm_held():
+    """A SIGTERM that comes during the block (in the main thread) is only noted; once the block has ended, and
+    the SIGTERM handler it had is set again, that handler is called (the ddmkit command's raises its Terminated),
+    or the signal is sent again when the action was Python's default or ignore."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    caller = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if caller is None else caller)
+        if received and callable(caller):
+            caller(signal.SIGTERM, None)
+        elif received:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -323,6 +355,8 @@ def run_ray(jobs, config: ExpertConfig, address: str | None = None, workers: int
             _receive(ray, ref, running[ready[0]], gpus, log)
         return [job.out_dir for job in jobs]
     finally:
-        stop_tasks(ray, list(running))  # an error or Ctrl-C: stop the other tasks, before the local Ray goes
-        if started:
-            stop_ray(ray)
+        try:
+            stop_tasks(ray, list(running))  # an error or Ctrl-C: stop the other tasks, before the local Ray goes
+        finally:  # even when a SIGTERM stops that wait
+            if started:
+                stop_ray(ray)
