@@ -346,6 +346,20 @@ def training(tmp_path):
         yield command, ranks, out
 
 
+def _resource_trackers(parent: int) -> list[int]:
+    """The ids of the multiprocessing resource trackers that process `parent` started, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"resource_tracker" in cmd:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _left(out: Path) -> list[str]:
     """What the folder of the expert folder `out` holds, less the test's own files."""
     ours = ("shard.safetensors", "c.toml", "log", "tmpdir")
@@ -362,11 +376,15 @@ def test_the_processes_die_with_a_killed_command(training):
     """kill -9 of the command left its two processes training (torch's parent-death signal is SIGINT, which a
     background job ignores): they wrote the checkpoint on and finished the expert with no command running."""
     command, ranks, out = training
+    trackers = _resource_trackers(command.pid)
     command.kill()
     deadline = time.monotonic() + 60  # a hang guard: a loaded machine takes seconds to end torch processes
-    while any(alive(pid) for pid in ranks):
+    while any(alive(pid) for pid in ranks + trackers):
         assert time.monotonic() < deadline, "the processes outlived the command"
         time.sleep(0.05)
+    # Python's resource tracker, once the command and its processes are gone, warned of 'leaked semaphore
+    # objects' (the locks of a multiprocessing queue)
+    assert trackers and "leaked" not in (out.parent / "log").read_text()
     written = checkpoint_path(out).stat().st_mtime_ns
     time.sleep(1)
     assert checkpoint_path(out).stat().st_mtime_ns == written
@@ -395,6 +413,22 @@ def test_sigterm_stops_every_process_and_keeps_only_the_checkpoint(training, to)
     assert not any(alive(pid) for pid in ranks)
     assert _left(out) == [checkpoint_path(out).name]
     assert _rendezvous(out.parent / "tmpdir") == []  # nor the rendezvous folder
+
+
+def _refuse(dist):
+    """A job's part that refuses, as a bad config does."""
+    raise DDMError(f"rank {dist.rank} refused")
+
+
+def test_a_ranks_ddmerror_is_raised_in_the_command_with_its_message(tmp_path, monkeypatch):
+    """The message of a spawned process's DDMError reaches the command (through a file in the rendezvous folder,
+    not a multiprocessing queue), and the folder is removed."""
+    from ddmkit.train import distributed
+
+    monkeypatch.setattr(distributed.tempfile, "gettempdir", lambda: str(tmp_path))
+    with pytest.raises(DDMError, match=r"^rank [01] refused$"):
+        distributed.spawn(_refuse, 2, "cpu")
+    assert _rendezvous(tmp_path) == []
 
 
 def test_a_rank_asked_to_stop_ends_stopped_also_where_its_keyboardinterrupt_was_lost(monkeypatch):

@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -49,14 +50,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ddmkit.errors import DDMError, counted
-from ddmkit.io import scratch_dir
+from ddmkit.io import scratch_dir, write_bytes_atomic
 from ddmkit.train.stop import request_stop, stop_requested, stop_scope
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 JOIN_TIMEOUT = 600.0  # seconds a process started by a launcher waits for the job's other processes
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOPPED = 130  # the exit status of a spawned process stopped by SIGINT or SIGTERM
-FAILED = 1  # the exit status of a spawned process whose fn raised a DDMError (its message: the errors queue)
+FAILED = 1  # the exit status of a spawned process whose fn raised a DDMError (its message: ErrorFiles)
 
 
 @dataclass(frozen=True)
@@ -391,6 +392,23 @@ def _stop(processes: list) -> None:
             process.join()
 
 
+class ErrorFiles:
+    """Where a spawned process leaves the message of its DDMError for the parent: a file in the job's rendezvous
+    folder. Not a multiprocessing queue: its locks are named semaphores that a killed command leaves, and
+    Python's resource tracker, which outlives it, said 'There appear to be 2 leaked semaphore objects'."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def put(self, message: str) -> None:
+        write_bytes_atomic(self.folder / f"error-{os.getpid()}", message.encode())
+
+    def first(self) -> str | None:
+        """The message written first, None: none."""
+        files = sorted(self.folder.glob("error-*"), key=lambda p: p.stat().st_mtime_ns)
+        return files[0].read_text() if files else None
+
+
 def spawn(fn: Callable, nproc: int, device_name: str, *args) -> None:
     """Call fn(*args, dist=...) in nproc new processes of this machine, one job (process i on GPU i with
     CUDA; the CPU threads split between them, until fn sets its own: train_expert trains on
@@ -398,8 +416,8 @@ def spawn(fn: Callable, nproc: int, device_name: str, *args) -> None:
     them and waits for them to clean up; one of them stopped by a signal is a KeyboardInterrupt here."""
     _device(device_name, nproc - 1)  # enough GPUs (with CUDA), checked before starting anything
     threads = max(1, torch.get_num_threads() // nproc)
-    errors = mp.get_context("spawn").SimpleQueue()
     with scratch_dir(tempfile.gettempdir(), "ddmkit-ddp") as tmp:
+        errors = ErrorFiles(tmp)
         init = (tmp / "store").as_uri()  # a file rendezvous: no port to choose on one machine
         context = mp.start_processes(_worker, (nproc, device_name, init, threads, errors, os.getpid(), fn, args),
                                      nprocs=nproc, join=False, start_method="spawn")
@@ -407,8 +425,9 @@ def spawn(fn: Callable, nproc: int, device_name: str, *args) -> None:
             while not context.join():
                 pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-            if not errors.empty():
-                raise DDMError(errors.get()) from None
+            message = errors.first()
+            if message is not None:
+                raise DDMError(message) from None
             if getattr(e, "exit_code", None) == STOPPED:  # a signal reached the processes but not this one
                 raise KeyboardInterrupt from None
             raise
