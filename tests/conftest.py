@@ -69,8 +69,8 @@ def ddmkit():
     return run
 
 
-def spawned_children(parent: int) -> list[int]:
-    """The processes multiprocessing spawned (spawn_main) whose parent is `parent`, from /proc."""
+def children_running(parent: int, marker: bytes) -> list[int]:
+    """The ids of the processes whose parent is `parent` and whose command line holds `marker`, from /proc."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -78,9 +78,14 @@ def spawned_children(parent: int) -> list[int]:
             cmd = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == parent and b"spawn_main" in cmd:
+        if ppid == parent and marker in cmd:
             out.append(int(stat.parent.name))
     return out
+
+
+def spawned_children(parent: int) -> list[int]:
+    """The processes multiprocessing spawned (spawn_main) whose parent is `parent`."""
+    return children_running(parent, b"spawn_main")
 
 
 def alive(pid: int) -> bool:

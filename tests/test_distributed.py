@@ -25,7 +25,7 @@ from ddmkit.io import read_metadata, save_tensors, scratch_dir
 from ddmkit.train.distributed import spawn
 from ddmkit.train.jobs import checkpoint_path, train_expert, train_expert_ddp
 
-from conftest import alive, started_with_children
+from conftest import alive, children_running, started_with_children
 
 TOML = """
 [expert.net]
@@ -347,17 +347,8 @@ def training(tmp_path):
 
 
 def _resource_trackers(parent: int) -> list[int]:
-    """The ids of the multiprocessing resource trackers that process `parent` started, from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (stat.parent / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and b"resource_tracker" in cmd:
-            found.append(int(stat.parent.name))
-    return found
+    """The ids of the multiprocessing resource trackers that process `parent` started."""
+    return children_running(parent, b"resource_tracker")
 
 
 def _left(out: Path) -> list[str]:
