@@ -199,6 +199,15 @@ class RunFolder:
         return self.latents / f"cluster_{k:02d}.safetensors"
 
     @property
+    def training_shards(self) -> Path:
+        """The folder of the shards the experts train on: latents/ in a latent run, else partition/shards/."""
+        return self.latents if self.is_latent else self.partition / "shards"
+
+    def training_shard(self, k: int) -> Path:
+        """The shard expert k trains on (in training_shards)."""
+        return self.training_shards / f"cluster_{k:02d}.safetensors"
+
+    @property
     def latent_info(self) -> Path:
         return self.latents / "latents.json"
 
@@ -240,9 +249,7 @@ class RunFolder:
         for cluster in missing:
             folder = self.expert(cluster)
             if (folder / "config.json").is_file() and not (folder / "model.safetensors").exists():
-                shard = self.latent_shard(cluster) if self.is_latent else \
-                    self.partition / "shards" / f"cluster_{cluster:02d}.safetensors"
-                q = shlex.quote
+                shard, q = self.training_shard(cluster), shlex.quote
                 hints += (f"; {folder} holds config.json but no model.safetensors: an unfinished or damaged expert "
                           f"(its training stopped before writing its weights, or they were removed); train it again "
                           f"with `ddmkit launch {q(str(self.root))}` (it trains the run's missing experts) or `ddmkit "

@@ -429,9 +429,8 @@ def check_given_shard(shard: str | Path) -> None:
         return
     run = next((p for p in (path.parent, path.parent.parent) if is_run_folder(p)), None)  # RUN/config.json, ...
     r = RunFolder(run if run is not None else Path("RUN"))
-    first = r.latent_shard(0) if r.is_latent else r.partition / "shards" / "cluster_00.safetensors"
     raise DDMError(f"shard {path} is {what}; the shard goes first, the config to --config: `ddmkit train-expert "
-                   f"{first} --config {r.config} --out {r.expert(0)}`")
+                   f"{r.training_shard(0)} --config {r.config} --out {r.expert(0)}`")
 
 
 def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:

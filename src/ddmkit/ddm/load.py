@@ -323,10 +323,9 @@ def check_some_expert(folder: RunFolder, k: int) -> None:
     its partition): no DDM to sample."""
     if any((folder.expert(c) / "model.safetensors").exists() for c in range(k)):
         return
-    shards = folder.latents if folder.is_latent else folder.partition / "shards"  # what the networks train on
     raise DDMError(f"{folder.root}: no expert is present (experts/expert_XX/model.safetensors); train them "
                    f"with `ddmkit launch {folder.root}` (or `ddmkit run CONFIG --out {folder.root}`), one per "
-                   f"shard with `ddmkit train-expert {shards}/cluster_XX.safetensors --config "
+                   f"shard with `ddmkit train-expert {folder.training_shards}/cluster_XX.safetensors --config "
                    f"{folder.config} --out {folder.experts}/expert_XX`, or copy them")
 
 

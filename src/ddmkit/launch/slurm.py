@@ -297,8 +297,8 @@ def write_slurm_script(run: Path, path: Path | None = None, overrides: list[str]
                and (experts is None or c in experts)]
     if not missing:
         return None
-    shards = run / ("latents" if folder.is_latent else "partition/shards")
-    absent = [c for c in missing if not (shards / f"cluster_{c:02d}.safetensors").is_file()]
+    shards = folder.training_shards
+    absent = [c for c in missing if not folder.training_shard(c).is_file()]
     if absent:
         here = [c for c in missing if c not in absent]
         fix = (f"give --expert for the shards here ({' '.join(f'--expert {c}' for c in here)})" if here else
