@@ -109,7 +109,7 @@ def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
         hint = (f"; files in its subfolders match {deeper!r}: set corpus.pattern = {deeper!r}"
                 if not cfg.pattern.startswith("**") and list_files(root, deeper) else "")
         raise DDMError(f"corpus: no files match pattern {cfg.pattern!r} (corpus.pattern) under {root}{hint}")
-    docs, binary, wide, other = [], [], {}, []
+    docs, binary, wide, other, texts = [], [], {}, [], []
     for path in files:
         text, name = path.read_bytes(), str(path.relative_to(root)) if root.is_dir() else path.name
         if b"\0" in text:
@@ -121,6 +121,7 @@ def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
             continue
         if not is_utf8(text):
             other.append(name)
+        texts.append(text)
         docs += units(name, text, cfg)
     if binary:
         log(f"corpus: skipped {counted(len(binary), 'binary file')} (holding a NUL byte): "
@@ -132,14 +133,15 @@ def all_documents(cfg, log: Callable[[str], None] = print) -> list[Document]:
         log(f"corpus: {counted(len(other), 'file is', 'files are')} not UTF-8 (another encoding?), used as bytes: "
             f"{_named(other)}")
     if len(docs) < 2:
-        raise too_few_documents(cfg, root, files, len(docs), binary + sum(wide.values(), []))
+        raise too_few_documents(cfg, root, len(files), texts, len(docs), binary + sum(wide.values(), []))
     return cut_documents(docs, cfg, log)
 
 
-def too_few_documents(cfg, root: Path, files: list[Path], n_docs: int, skipped: list[str]) -> DDMError:
+def too_few_documents(cfg, root: Path, n_files: int, texts: list[bytes], n_docs: int,
+                      skipped: list[str]) -> DDMError:
     """The error for a corpus of fewer than 2 documents, with the fix that helps: the files skipped for a
-    NUL byte, files holding no text, a single block of text, or documents shorter than cfg.min_doc_bytes."""
-    texts = [t for t in map(Path.read_bytes, files) if b"\0" not in t]
+    NUL byte, files holding no text, a single block of text, or documents shorter than cfg.min_doc_bytes;
+    texts: the contents of the n_files files matched that were read (those without a NUL byte)."""
     pieces = sum(len(split_blocks(t)) if cfg.unit == "block" else bool(t.strip()) for t in texts)
     if pieces == 0:
         fix = f"the {counted(len(texts), 'file read holds', 'files read hold')} no text (empty or blank); add text"
@@ -151,7 +153,7 @@ def too_few_documents(cfg, root: Path, files: list[Path], n_docs: int, skipped: 
     else:
         fix = "lower corpus.min_doc_bytes or use more text"
     if skipped:  # UTF-16 and UTF-32 text hold NUL bytes: no setting reads them
-        convert = (f"skipped as binary ({len(skipped)} of {len(files)} files matched): {_named(skipped)}; a NUL "
+        convert = (f"skipped as binary ({len(skipped)} of {n_files} files matched): {_named(skipped)}; a NUL "
                    "byte means not text, or text in UTF-16 or UTF-32: convert it to UTF-8 (e.g. `iconv -f UTF-16 "
                    "-t UTF-8 IN > OUT`)")
         fix = f"{convert}; else {fix}" if texts else convert
