@@ -7,7 +7,7 @@ stacked on one GPU take against the monolith trained on the same samples?
     python benchmarks/training.py --device cpu --experts mlp --batches 256 1024 --steps 20
     python benchmarks/training.py --mode stacked --quick                 # CPU, tiny networks: a check
     python benchmarks/training.py --mode stacked --device cuda --compile # GPU: K = 8 experts, a few minutes
-    python benchmarks/training.py --mode stacked --device cuda --compile --cuda-graph --only \
+    python benchmarks/training.py --mode stacked --device cuda --compile --cuda-graph --only \\
         "experts on streams, bf16, CUDA graph"          # the whole step one CUDA graph, experts on K streams
     python benchmarks/training.py --mode stacked --device cuda --nets unet --profile --steps 20
                                                      # where the experts' time goes, kernel by kernel
@@ -123,6 +123,12 @@ def step_flops(model, x, gen, precision) -> float:
     return fc.get_total_flops()
 
 
+def graph_compile_mode(args) -> str:
+    """The compile mode of the --cuda-graph rows: --compile-mode, but default for reduce-overhead (whose graphs
+    cannot be captured inside fit's; max-autotune runs there without its own, ddmkit.train.loop.compile_mode)."""
+    return "default" if args.compile_mode == "reduce-overhead" else args.compile_mode
+
+
 def measure_graphed(variant: str, batch: int, args, device, precision) -> dict:
     """The step trained by fit() with train.cuda_graph (the network compiled in the default mode inside the
     graph): loss, backward, clipping, AdamW and the EMA replayed as one CUDA graph, so more work per step than
@@ -133,7 +139,7 @@ def measure_graphed(variant: str, batch: int, args, device, precision) -> dict:
     flops = step_flops(model, data[:batch], gen, precision)
     cfg = load_config(CONFIGS / "fashion_mnist.toml").expert.train.model_copy(update={  # a config's train table
         "steps": args.warmup + args.steps, "log_every": args.warmup or args.steps, "batch_size": batch, "lr": 1e-4,
-        "warmup": 0, "bf16": args.bf16, "compile": True, "compile_mode": "default", "cuda_graph": True,
+        "warmup": 0, "bf16": args.bf16, "compile": True, "compile_mode": graph_compile_mode(args), "cuda_graph": True,
         "channels_last": False, "checkpoint_every": 0, "tensorboard": False, "device": str(device)})
 
     def batch_loss(m, step, gen):
@@ -271,7 +277,7 @@ def stacked_job(net: str, kind: str, bf16: bool, compiled: bool, args, device, g
     kwargs = {**expert.net.kwargs, **(TINY[net] if args.quick else {})}
     train = expert.train.model_copy(update={
         "steps": args.warmup + args.steps, "log_every": args.warmup or args.steps, "device": str(device),
-        "bf16": bf16, "compile": compiled, "compile_mode": "default" if graphed else args.compile_mode,
+        "bf16": bf16, "compile": compiled, "compile_mode": graph_compile_mode(args) if graphed else args.compile_mode,
         "cuda_graph": graphed, "checkpoint_every": 0, "tensorboard": False,
         "batch_size": expert.train.batch_size if args.expert_batch is None else args.expert_batch})
     expert = expert.model_copy(update={"net": expert.net.model_copy(update={"kwargs": kwargs}), "train": train})
@@ -423,7 +429,8 @@ def parse_args(argv=None):
                         "each step as a CUDA graph")
     p.add_argument("--cuda-graph", action="store_true",
                    help="CUDA: also time training through fit() with train.cuda_graph, the whole step one CUDA "
-                        "graph: --mode single, the expert compiled inside it (default mode); --mode stacked, the "
+                        "graph: --mode single, the expert compiled inside it (in --compile-mode, default for "
+                        "reduce-overhead); --mode stacked, the "
                         "monolith and the experts (stacked, on streams, one at a time), compiled inside it with "
                         "--compile, each against the monolith graphed the same way")
     p.add_argument("--only", nargs="+", default=None, metavar="VARIANT",

@@ -169,6 +169,17 @@ def test_cuda_graph_is_refused_with_reduce_overhead_and_with_several_processes()
             TrainConfig(cuda_graph=True, steps=2), device=torch.device("cuda"), dist=Distributed(rank=0, world=2))
 
 
+def test_max_autotune_inside_the_step_graph_tunes_kernels_without_capturing_graphs_of_its_own():
+    """compile_mode = 'max-autotune' makes torch.compile capture CUDA graphs, which cannot be captured inside
+    train.cuda_graph's graph of the whole step: there it runs as max-autotune without them (the same tuning)."""
+    from torch._inductor import list_mode_options
+    graphed = TrainConfig(compile=True, compile_mode="max-autotune", cuda_graph=True)
+    options = list_mode_options(loop.compile_mode(graphed, graphed=True))
+    assert options == {k: v for k, v in list_mode_options("max-autotune").items() if k != "triton.cudagraphs"}
+    assert list_mode_options(loop.compile_mode(graphed, graphed=False))["triton.cudagraphs"]  # not graphed: as asked
+    assert loop.compile_mode(TrainConfig(compile=True, cuda_graph=True), graphed=True) == "default"
+
+
 def test_a_checkpoint_holds_a_rate_kept_in_a_tensor_as_a_number(tmp_path):
     """A graphed job's AdamW reads its rate from a tensor, and its scheduler's state holds it too: the
     checkpoint's JSON takes them as numbers, and they load back as such."""

@@ -213,11 +213,12 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the network's forward (CUDA)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode; 'reduce-overhead' replays the step's kernels as CUDA graphs "
-        "(small networks whose step is bound by kernel launches)")
+        "(small networks whose step is bound by kernel launches); with cuda_graph, 'max-autotune' tunes kernels "
+        "without graphs of its own (the step is one graph already)")
     cuda_graph: bool = Field(False, description="after 3 eager steps, capture the whole training step (batch, "
                              "loss, backward, clipping, AdamW, EMA) as one CUDA graph and replay it: for small "
-                             "networks whose step is bound by kernel launches (CUDA, one process; ignored on the "
-                             "CPU)")
+                             "networks whose step is bound by kernel launches (CUDA, one process; ignored on "
+                             "other devices)")
     tensorboard: bool = Field(False, description="also write the logged losses as TensorBoard event files to "
                               "the model folder's tensorboard/ (needs the tensorboard package)")
     parallel: Literal["ddp", "fsdp"] = Field(

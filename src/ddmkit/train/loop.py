@@ -183,6 +183,12 @@ def job_fingerprint(model: nn.Module, cfg: TrainConfig, description: str = "trai
     return ckpt.fingerprint({**(settings or {}), "train": cfg.model_dump()}, model, description, data)
 
 
+
+def compile_mode(cfg: TrainConfig, graphed: bool) -> str:
+    """torch.compile's mode for cfg.compile_mode: under train.cuda_graph the whole step is already one graph, so
+    'max-autotune' keeps its kernel tuning and leaves out the CUDA graphs it would capture inside ours."""
+    return "max-autotune-no-cudagraphs" if graphed and cfg.compile_mode == "max-autotune" else cfg.compile_mode
+
 def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str | Path | None = None,
         description: str = "training", device: torch.device | None = None,
         checkpoint: str | Path | None = None, resume: bool = False,
@@ -195,7 +201,7 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
     scope (ddmkit.train.stop) raises KeyboardInterrupt before the next step. resumed() is called once a
     checkpoint was accepted and restored (e.g. to say that the job continues from it)."""
     device = device or resolve_device(cfg.device)
-    graphed = cfg.cuda_graph and device.type == "cuda"  # the step as one CUDA graph (ignored on the CPU)
+    graphed = cfg.cuda_graph and device.type == "cuda"  # the step as one CUDA graph (ignored off CUDA: CPU, MPS)
     if graphed and dist.world > 1:
         raise DDMError("train.cuda_graph captures one process's whole step, and a job of several processes "
                        "exchanges gradients inside it: set cuda_graph = false, or train with one process")
@@ -206,7 +212,8 @@ def fit(model: nn.Module, batch_loss: BatchLoss, cfg: TrainConfig, log_path: str
     ema = EMA(model, cfg.ema_decay, weight_on_device=graphed)  # copied before wrap: FSDP's cannot be copied
     net = dist.wrap(model, cfg.parallel)  # DDP or FSDP over the job's processes; the model itself for one
     shard_like(ema.module, model)  # FSDP: the EMA sharded as the model (nothing otherwise)
-    net = torch.compile(net, mode=cfg.compile_mode) if cfg.compile and device.type == "cuda" else net  # same parameters
+    if cfg.compile and device.type == "cuda":  # the same parameters, compiled
+        net = torch.compile(net, mode=compile_mode(cfg, graphed))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device) if graphed else cfg.lr,
                             weight_decay=cfg.weight_decay, fused=device.type == "cuda", capturable=graphed)
