@@ -555,6 +555,10 @@ def images_0_1():
 def float_labels():
     return {"train": torch.zeros(8, 2), "test": torch.zeros(4, 2), "train_labels": torch.zeros(8),
             "test_labels": torch.zeros(4)}
+
+
+def empty_images():
+    return np.zeros((8, 3, 0, 4), "float32"), np.zeros((4, 3, 0, 4), "float32")
 '''
 
 
@@ -630,6 +634,23 @@ def test_images_from_a_function_outside_minus_1_1_are_refused_and_vectors_are_no
     assert train.x.shape == (12, 16) and train.x.max() == 255
     config = vectors(tmp_path / "f.toml", f"{user_module}:images_0_255")
     refused(config, tmp_path / "run", "images_0_255", "[-1, 1]", "x / 127.5 - 1")
+
+
+def test_samples_of_no_values_are_refused_on_every_route(tmp_path, monkeypatch, capsys, user_module):
+    """Samples with an axis of length 0 (a slice past the end) crashed in the image range check (a traceback,
+    exit 1) or got a message about the MLP's weights: an array file, an image array and a function are
+    refused naming the source and the samples' shape, exit 2, nothing written."""
+    np.save(tmp_path / "images.npy", np.zeros((8, 3, 0, 4), "float32"))
+    np.save(tmp_path / "vectors.npy", np.zeros((8, 0), "float32"))
+    said = "hold no values (an axis of length 0"
+    with pytest.raises(DDMError, match=r"data.name: data file .*images.npy'?: its samples, of shape \(3, 0, 4\), "):
+        load_dataset(str(tmp_path / "images.npy"), 0, 0)
+    with pytest.raises(DDMError, match=r"data.params.path: image array file .*images.npy'?: its samples, of shape"):
+        load_dataset("image_array", 0, 0, params={"path": str(tmp_path / "images.npy")})
+    with pytest.raises(DDMError, match=rf"data.name = '{user_module}:empty_images': the train split: its samples"):
+        load_dataset(f"{user_module}:empty_images", 0, 0)
+    refused(vectors(tmp_path / "v.toml", tmp_path / "vectors.npy"), tmp_path / "run", "vectors.npy", said, "(0,)")
+    refused(vectors(tmp_path / "i.toml", tmp_path / "images.npy"), tmp_path / "run", "images.npy", said)
 
 
 def test_an_image_array_file_outside_minus_1_1_is_refused(tmp_path, monkeypatch, capsys):

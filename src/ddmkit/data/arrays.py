@@ -112,6 +112,14 @@ def check_rows_to_split(n: int, where: str, fix: str = "add rows") -> None:
                        f"split (at least one) needs 2 rows or more: {fix}")
 
 
+def check_sample_size(shape: tuple, where: str) -> None:
+    """Samples whose shape (shape[1:] of (N, ...)) has an axis of length 0 hold no values: a DDMError opening
+    with `where` (a slice past the end, x[:, :, 16:32] of 16-pixel images, makes them)."""
+    if len(shape) > 1 and 0 in shape[1:]:
+        raise DDMError(f"{where}: its samples, of shape {tuple(shape[1:])}, hold no values (an axis of length 0: "
+                       "a slice past the end?); give samples of at least one value, (N, D) or (N, C, H, W)")
+
+
 def check_finite(x: torch.Tensor, where: str) -> None:
     bad = ~torch.isfinite(x)
     if bad.any():

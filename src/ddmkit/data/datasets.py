@@ -33,8 +33,8 @@ import torch
 
 import ddmkit.data.synthetic as synthetic
 from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, check_finite, check_float32_range, check_rows_to_split,
-                                checked_labels, data_array_name, is_array_file, load_array_file, no_sample_array,
-                                relative_hint, split_indices, take_rows, warn_unread_arrays)
+                                check_sample_size, checked_labels, data_array_name, is_array_file, load_array_file,
+                                no_sample_array, relative_hint, split_indices, take_rows, warn_unread_arrays)
 from ddmkit.data.function import is_function_name, load_function_dataset
 from ddmkit.data.images import IMAGE_LOADERS, check_image_range, is_image_shape, load_idx_dataset
 from ddmkit.errors import DDMError
@@ -176,6 +176,7 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
         raise DDMError(f"{field}: data file {path!r}: expected a non-empty array of samples with at least 2 "
                        f"dimensions, (N, D) or (N, C, H, W), got shape {tuple(x.shape)} (one value per sample: "
                        "save it as (N, 1))")
+    check_sample_size(tuple(x.shape), f"{field}: data file {path!r}")
     check_finite(x, f"data file {path!r}")
     check_image_range(x, f"{field}: data file {path!r}", "scale them before saving, e.g. np.save(path, x / 127.5 - 1) "
                       "for values in 0 .. 255")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ddmkit.data.arrays import ArrayData, check_float32_range, take_rows
+from ddmkit.data.arrays import ArrayData, check_float32_range, check_sample_size, take_rows
 from ddmkit.data.images import check_image_range
 from ddmkit.errors import DDMError
 from ddmkit.user_code import import_named, what_it_is
@@ -136,6 +136,7 @@ def _checked_values(name: str, split: str, t: torch.Tensor) -> torch.Tensor:
     """A split as float32, its values checked: within float32's range, finite, and image-shaped data
     (N, C, H, W) with C = 1 or 3 in [-1, 1] (as the image pipeline takes them)."""
     where = f"data.name = {name!r}: the {split} split"
+    check_sample_size(tuple(t.shape), where)
     if t.dtype == torch.float64:
         check_float32_range(t.numpy(), where)
     x = t.float()

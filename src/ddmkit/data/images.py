@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, check_finite, check_float32_range, check_rows_to_split,
-                                checked_labels, data_array_name, load_array_file, no_sample_array, relative_hint,
-                                split_indices, take_rows, warn_unread_arrays)
+                                check_sample_size, checked_labels, data_array_name, load_array_file, no_sample_array,
+                                relative_hint, split_indices, take_rows, warn_unread_arrays)
 from ddmkit.errors import DDMError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -617,6 +617,7 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
         labels = arr["labels"] if "labels" in arr.files else None
         arr = arr[key]
     check_image_layout(arr, where, path)
+    check_sample_size(arr.shape, where)
     if arr.dtype == np.uint8:
         x = to_unit_range(arr)
     else:
