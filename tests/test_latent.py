@@ -791,3 +791,25 @@ def test_constant_latents_are_said_to_be_constant_not_given_an_infinite_scaling_
     varied = torch.randn(6, 4, 8, 8) * 10 + value
     mean, std = mean_std(latent_moments(varied))
     assert "scaling_factor of" in latent_scale_notes(cfg, codec, mean, std)[0]  # std about 10: the usual note
+
+
+def test_a_far_scale_of_another_runs_autoencoder_is_to_be_set_in_a_copy(tmp_path):
+    """The note's fix for a far latent std, "set the scaling_factor in PRETRAINED/config.json", broke the run
+    whose autoencoder PRETRAINED was (RUN/autoencoder, as the add-expert message suggests): that run refuses its
+    autoencoder rescaled. For a folder inside a run the note says to set it in a copy; for others, as before."""
+    from types import SimpleNamespace
+
+    from ddmkit.config import RunConfig
+    from ddmkit.pipeline.stages import latent_scale_notes
+
+    run = tmp_path / "run"
+    (run / "partition").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "autoencoder").mkdir()
+    codec = SimpleNamespace(scale=0.18215, model=SimpleNamespace(config={}))
+    for pretrained, copy in ((run / "autoencoder", True), (tmp_path / "vae", False)):
+        cfg = RunConfig.model_validate({"latent": {"enabled": True, "pretrained": str(pretrained)}})
+        note = " ".join(latent_scale_notes(cfg, codec, 0.0, 0.07)[0].split())
+        assert "A scaling_factor of 2.602 in" in note, note
+        assert (f"set it in a copy of {pretrained} (not in place: the run {run} encoded" in note) == copy, note
+        assert note.endswith("make the run again in a new folder"), note

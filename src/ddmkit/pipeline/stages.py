@@ -32,7 +32,7 @@ from ddmkit.io import (folder_lock, read_json, save_tensors, sha256_file,
                        staging_dir, write_json)
 from ddmkit.launch import ExpertJob, run_jobs
 from ddmkit.latent.autoencoder import downsampling, load_autoencoder, load_codec, planned_config
-from ddmkit.layout import RunFolder
+from ddmkit.layout import RunFolder, enclosing_run
 from ddmkit.nets import build_model, build_seeded, check_builds, use_network
 from ddmkit.nets.folders import check_argument_names
 from ddmkit.nets.unet import UNet, check_size, fitting_sides, size_fix
@@ -446,6 +446,16 @@ def mean_std(moments: torch.Tensor) -> tuple[float, float]:
     return mean, float((moments[2] / moments[0] - mean ** 2).clamp(min=0).sqrt())
 
 
+def scale_fix(pretrained: str | None) -> str:
+    """How to set the scaling_factor latent_scale_notes gives: in the folder, or, for the autoencoder of another
+    run (RUN/autoencoder), in a copy of it, since that run refuses its autoencoder rescaled after its latents."""
+    run = enclosing_run(Path(pretrained).expanduser()) if pretrained else None
+    if run is None:
+        return "set it and make the run again in a new folder"
+    return (f"set it in a copy of {pretrained} (not in place: the run {run} encoded its latents at the scale it has "
+            "now, and refuses it rescaled), give the copy as latent.pretrained and make the run again in a new folder")
+
+
 def latent_scale_notes(cfg: RunConfig, codec, mean: float, std: float) -> list[str]:
     """What to say about the latents' scale: the networks learn best on data of unit variance (the flow's
     noise has it), which a pretrained autoencoder's scaling_factor is meant to give; and the normalisation
@@ -464,7 +474,7 @@ def latent_scale_notes(cfg: RunConfig, codec, mean: float, std: float) -> list[s
         where = f" in {Path(cfg.latent.pretrained) / 'config.json'}" if cfg.latent.pretrained else ""
         notes.append(f"the latents' std is {std:.3g}, far from 1 (the noise's): the networks learn best on latents "
                      f"of unit variance. A scaling_factor of {codec.scale / std:.4g}{where} (now {codec.scale:.4g}) "
-                     "would give them std 1; set it and make the run again in a new folder")
+                     f"would give them std 1; {scale_fix(cfg.latent.pretrained)}")
     unused = [name for name in ("latents_mean", "latents_std") if codec.model.config.get(name) is not None]
     if unused:
         notes.append(f"the autoencoder's config.json sets {' and '.join(unused)}, which ddmkit does not apply: it "
