@@ -812,3 +812,12 @@ def test_a_run_folder_given_as_empty_text_is_refused_by_the_library_too(given, t
                                                r"folder\)$"):
                 call()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_restricted_router_renormalises_a_mass_below_float32s_normal_numbers():
+    """A statistics-only router far from the present islands gives them ~1e-35 (grown with add-expert --router
+    stats, the report's missing-expert study removed the island it routes to): the row still sums to 1."""
+    ddm = dataclasses.replace(tiny(0), router=rows_of([1.0, 1e-35, 3e-35])).restrict([1, 2])
+    probs = ddm.router(torch.zeros(4, D), torch.full((4,), 0.5))
+    assert torch.allclose(probs, torch.tensor([[0.0, 0.25, 0.75]]).expand(4, K), atol=1e-6)
+    ddm.sample("top-2", n=6, steps=2)  # the probe of the router accepts it

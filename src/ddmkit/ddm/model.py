@@ -269,7 +269,8 @@ def absent_expert(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
 def masked_router(router: Field, present: torch.Tensor) -> Field:
     """r_k 1[k present] / sum_j r_j 1[j present]; uniform over the present experts where the router
     gives them no mass at all (a row of NaN stays NaN, and one of negative mass negative, for sampling's
-    probe of the router to see)."""
+    probe of the router to see). A mass too small for float32's normal numbers (a statistics-only router far
+    from the present islands) is divided as it is: its row still sums to 1."""
 
     masks = {}  # (device, dtype) -> the mask there, copied once (no copy while a CUDA graph is captured)
 
@@ -280,7 +281,7 @@ def masked_router(router: Field, present: torch.Tensor) -> Field:
         m = masks[p.device, p.dtype]
         p = p * m
         total = p.sum(1, keepdim=True)
-        return torch.where(total == 0, m / m.sum(), p / total.clamp_min(1e-30))
+        return torch.where(total == 0, m / m.sum(), p / torch.where(total > 0, total, torch.ones_like(total)))
 
     return f
 
