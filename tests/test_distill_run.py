@@ -237,6 +237,17 @@ def test_bad_options_exit_2_and_write_nothing(trained, tmp_path, clis):
     assert hashes(run) == before and not RunFolder(run).students.exists()
 
 
+def test_a_file_where_the_students_go_is_named_with_and_without_force(trained, tmp_path, clis):
+    """--force removed RUN/students as a folder: a file there ended in 'Not a directory' without a fix."""
+    run = copy_of(trained, tmp_path)
+    RunFolder(run).students.write_text("notes")
+    before = hashes(run)
+    for code, err in clis([("distill", run, "--no-report"), ("distill", run, "--no-report", "--force")]):
+        assert (code, err) == (2, f"error: {run}/students is a file, not a folder; move it away (or write to "
+                                  "another folder)")
+    assert hashes(run) == before
+
+
 def test_the_counts_of_distill_state_their_range_on_the_command_line(tmp_path, clis):
     """`--few-step x` said only 'give a whole number': every count of `ddmkit distill` states its range when
     refused, in one line (exit 2), before any run folder is read; the ranges are the library's."""

@@ -46,7 +46,7 @@ from ddmkit.errors import DDMError
 from ddmkit.evaluation.fid import feature_extractor, fid_kid
 from ddmkit.evaluation.sets import FLOOR, evaluate_all, reference_sets
 from ddmkit.flow.path import noise
-from ddmkit.io import read_json, remove_stale_staging, sha256_file, write_bytes_atomic, write_json
+from ddmkit.io import check_folder_target, read_json, remove_stale_staging, sha256_file, write_bytes_atomic, write_json
 from ddmkit.train.threads import job_threads
 from ddmkit.layout import RunFolder, check_run_exists
 from ddmkit.nets import check_builds
@@ -311,6 +311,7 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
                   "teacher_sha256": teacher_sha256(folder, ddm)}
     plan = Plan(folder, cfg, ddm, teacher, arch, net, train, few_step, grid, trajectories,
                 teacher_steps or cfg.sample.steps, where, is_image_run(folder.root), dense_spec)
+    check_folder_target(folder.students)  # a file there: named before --force would try to remove it as a folder
     if not force:
         check_students_load(folder)
         check_existing(plan)
