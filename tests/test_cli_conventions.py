@@ -111,6 +111,32 @@ def test_ctrl_c_while_ddmkit_starts_is_one_line_not_a_traceback():
     assert 'ddmkit = "ddmkit.__main__:main"' in entry  # the installed script goes through it
 
 
+STOPPED_WHILE_THE_COMMAND_LOADS = """
+import sys
+class Stop:  # Ctrl-C after ddmkit.cli loaded, while the command line imports the rest (typer's help, rich)
+    def find_spec(self, name, path=None, target=None):
+        if name == "typer.rich_utils":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Stop())
+sys.argv = ["ddmkit", "add-expert", "RUN", "--data", "new.npz"]
+from ddmkit.__main__ import main
+main()
+"""
+
+
+def test_ctrl_c_while_the_command_line_loads_is_the_commands_one_line():
+    """A Ctrl-C while run_app imported typer's help module (after ddmkit.cli had loaded) printed the imports'
+    traceback."""
+    import os
+    import subprocess
+
+    env = {name: value for name, value in os.environ.items() if name != "COLUMNS"}  # (COLUMNS: no such import)
+    done = subprocess.run([sys.executable, "-c", STOPPED_WHILE_THE_COMMAND_LOADS], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 130 and done.stderr.startswith("interrupted: the run is as it was before add-expert") \
+        and done.stderr.count("\n") == 1, done.stderr
+
+
 def test_ctrl_c_after_a_finished_command_does_not_fail_it():
     """A Ctrl-C in the half second of interpreter shutdown after a command had finished (its lines printed, its
     files written) exited 130: a scheduler counted the finished job as failed. After a failed command it still

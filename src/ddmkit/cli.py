@@ -1560,6 +1560,8 @@ def main() -> None:
         sys.exit(2)
     except Interrupted as e:
         stopped(str(e), e)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM before typer runs the command (while it imports)
+        stopped(interrupted_text(sys.argv), e)
     except SystemExit as e:
         if e.code == 130:  # Ctrl-C or SIGTERM in any other command (typer's exit status for KeyboardInterrupt)
             stopped(interrupted_text(sys.argv), e)
