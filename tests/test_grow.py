@@ -447,6 +447,23 @@ def test_images_of_an_array_file_of_another_shape_are_pointed_to_image_array():
     assert "resize" not in str(error.value)
 
 
+def test_images_of_other_channels_are_told_to_convert_them_not_to_use_image_array():
+    """(N, 3, 8, 8) images given to a run of (1, 8, 8) ones were pointed to --data image_array, which reads
+    float (N, C, H, W) images as they are: the same shape error again."""
+    from types import SimpleNamespace
+
+    from ddmkit.pipeline.grow import check_island
+
+    for run_shape, new, fix in (([1, 8, 8], (3, 8, 8), ": convert them, e.g. x.mean(axis=1, keepdims=True))"),
+                                ([3, 8, 8], (1, 8, 8), ": convert them, e.g. x.repeat(3, axis=1))"),
+                                ([3, 8, 8], (4, 8, 8), ": convert them)")):
+        run = SimpleNamespace(manifest={"data_shape": run_shape})
+        with pytest.raises(DDMError) as error:
+            check_island(run, ArrayData("f.npz", torch.zeros(2, *new)), "training")
+        assert "image_array" not in str(error.value)
+        assert str(error.value).endswith(f"(the run's images have {run_shape[0]} channel(s), these {new[0]}{fix}")
+
+
 @pytest.mark.parametrize("command", [("add-expert", "{run}", "--data", "{run}"),
                                      ("replace-expert", "{run}", "0", "{tmp}"), ("distill", "{run}")])
 def test_a_file_given_as_run_is_said_to_be_a_file_not_a_run_folder(tmp_path, cli, command):

@@ -191,9 +191,13 @@ def check_island(run: TrainedRun, x: ArrayData, what: str) -> None:
     shape = tuple(run.manifest["data_shape"])
     if tuple(x.data_shape) != shape:
         new, hint = tuple(x.data_shape), ""
-        if len(shape) == 3 and len(new) in (2, 3) and new[-2:] == shape[-2:]:
+        if len(shape) == 3 and len(new) == 2 and new == shape[-2:]:
             hint = (" (images in an .npy/.npz file: give --data image_array --params '{\"path\": \"FILE\"}', which "
                     "reads (N, H, W) or (N, H, W, C) images)")
+        elif len(shape) == 3 and len(new) == 3 and new[-2:] == shape[-2:]:  # other channels: image_array keeps them
+            fix = ", e.g. x.mean(axis=1, keepdims=True)" if shape[0] == 1 else ", e.g. x.repeat(3, axis=1)" \
+                if new[0] == 1 else ""
+            hint = f" (the run's images have {shape[0]} channel(s), these {new[0]}: convert them{fix})"
         elif len(shape) == 3 and len(new) in (2, 3) and (new[0] if len(new) == 3 else 1) == shape[0] \
                 and shape[1] == shape[2]:  # the run's channels at another resolution: scaled and cut to a square
             side = shape[2]
