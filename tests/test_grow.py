@@ -346,6 +346,23 @@ def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path, cli):
     assert hashes(run) == untrained
 
 
+def test_too_few_training_rows_name_the_mode_and_a_test_fraction_that_keeps_more(run, tmp_path):
+    """With --mode nearest the refusal spoke of 'a new cluster', which nearest makes none of; and 'give more rows'
+    was the only fix offered where the run's share of 3 rows held out 2 of them."""
+    x = np.float32(MEANS[[3, 3, 3]] + [[0, 0], [0.1, 0], [0, 0.1]])
+    np.save(tmp_path / "two.npy", x[:2])
+    np.save(tmp_path / "three.npy", x)
+    with pytest.raises(DDMError, match=r"; an island needs at least 2: give more rows$"):  # 1 test row, 1 training
+        add_expert(run, str(tmp_path / "two.npy"), mode="nearest", log=lambda m: None)
+    with pytest.raises(DDMError, match=r"; a new cluster needs at least 2 \(its statistics hold a covariance\): give "
+                                       r"more rows, or hold fewer out as test rows \(--params '\{\"test_fraction\": "
+                                       r"0.1\}' for a file\)$"):
+        add_expert(run, {"name": str(tmp_path / "three.npy"), "params": {"test_fraction": 0.7}}, log=lambda m: None)
+    entry = add_expert(run, {"name": str(tmp_path / "three.npy"), "params": {"test_fraction": 0.1}}, router="stats",
+                       log=lambda m: None)  # the fix offered works
+    assert (entry["rows"], entry["test_rows"]) == (2, 1)
+
+
 def test_replace_expert_names_the_folder_of_a_bad_path(run, tmp_path):
     """'config.json path.steps: -3 ...' named no folder."""
     bad = tmp_path / "bad"

@@ -309,8 +309,11 @@ def plan_growth(run: TrainedRun, train: ArrayData, test: ArrayData | None, mode:
         check_island(run, test, "test")
     if len(train) < 2:  # the statistics-only router (--router stats, and the report's) needs a covariance
         held = f" ({len(test)} more held out as test rows, the run's share)" if test is not None and len(test) else ""
-        raise DDMError(f"data: {len(train)} new training row(s){held}; a new cluster needs at least 2 (its statistics "
-                       "hold a covariance): give more rows")
+        need = ("a new cluster needs at least 2 (its statistics hold a covariance)" if mode == "new-cluster" else
+                "an island needs at least 2")
+        fewer = (", or hold fewer out as test rows (--params '{\"test_fraction\": 0.1}' for a file)"
+                 if held and len(train) + len(test) >= 3 else "")  # a split keeps one test row: 2 rows train 1
+        raise DDMError(f"data: {len(train)} new training row(s){held}; {need}: give more rows{fewer}")
     repeated = rows_in(torch.cat([train.x, test.x]) if test is not None and len(test) else train.x,
                        torch.cat([run.train.x, run.test.x]))
     if repeated:
