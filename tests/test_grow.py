@@ -301,6 +301,33 @@ def test_an_interrupted_add_expert_leaves_nothing_in_the_run(base, run, stage, m
     assert not [p for p in run.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
 
 
+def test_a_stop_while_the_grown_run_is_written_waits_until_it_is_whole(base, run, monkeypatch):
+    """SIGTERM (or Ctrl-C) between the final renames left the old router removed, the new one not in place and
+    grow.json's entry written: the run failed verify, and the same command again was refused as added before."""
+    import signal
+
+    import ddmkit.io as io
+
+    def terminated(signum, frame):  # as the command's handler (a KeyboardInterrupt would stop pytest itself)
+        raise RuntimeError("stopped by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    real, said = os.replace, []
+
+    def sigterm_before_the_router_lands(src, dst):
+        if Path(dst) == run / "router":
+            signal.raise_signal(signal.SIGTERM)
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", sigterm_before_the_router_lands)
+    try:
+        entry = add_expert(run, str(base / "new.npz"), log=said.append)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert entry["k_after"] == 4 and verify_registry(run)
+    assert "add-expert: Ctrl-C or SIGTERM came while the grown run was being written: it was finished first" in said
+
+
 def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path, cli):
     before = hashes(run)
     np.save(tmp_path / "cube.npy", np.zeros((20, 3), dtype=np.float32))

@@ -43,6 +43,8 @@ import numbers
 import os
 import shlex
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -521,6 +523,27 @@ def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
         raise DDMError(f"--{name}: unknown value {value!r}; accepted: {', '.join(accepted)}{hint}")
 
 
+@contextlib.contextmanager
+def interrupts_held(log: Log):
+    """Ctrl-C and SIGTERM wait until the block ends: the run's staged folders, grow.json and registry land
+    together (a stop between two renames left the old router removed and the entry written). A stop that came
+    meanwhile is said; the block, finished, is not undone. Held in the main thread only, where Python runs
+    signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught, before = [], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in before:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if caught:
+        log("add-expert: Ctrl-C or SIGTERM came while the grown run was being written: it was finished first")
+
+
 def _remove_checkpoint_on_exit(stack: contextlib.ExitStack, staged: Path) -> None:
     """Remove, when `stack` closes, the checkpoint that the job writing the staging folder `staged` keeps beside
     it: a finished job removed it already; an interrupted one's goes with the staging folder (its name is this
@@ -557,7 +580,8 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
         plan = plan_growth(state, train, test, mode, router)
         remove_stale_staging(folder.root)
         cfg = state.cfg
-        with contextlib.ExitStack() as stack:  # staged folders, renamed into place in reverse order on success
+        with contextlib.ExitStack() as held, contextlib.ExitStack() as stack:  # staged folders, renamed into
+            # place in reverse order on success; from the removal of the old samples on, interrupts wait (held)
             shards = _write_partition(folder.partition, stack.enter_context(staging_dir(folder.partition)), plan)
             _write_data(stack.enter_context(staging_dir(folder.data)), folder, plan)
             jobs = [ExpertJob(c, shards[c], stack.enter_context(staging_dir(folder.expert(c)))) for c in plan.retrain]
@@ -572,12 +596,14 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
                 with job_threads(cfg.router.train.threads):
                     train_router(shards, cfg.router, router_dir)
                 log(f"add-expert: router retrained over {len(shards)} clusters")
+            held.enter_context(interrupts_held(log))
             clear_derived(folder, log)
             event = log_event(folder, plan.event, "learned" if router == "retrain" else "statistics")
             if router == "stats" and folder.router.exists():
                 shutil.rmtree(folder.router)
                 log(f"add-expert: router removed; the run routes by the islands' statistics ({folder.grow})")
-        write_registry(folder.root)
+            stack.close()  # the renames, then the registry, with interrupts held
+            write_registry(folder.root)
     log(f"add-expert: k = {plan.manifest['k']}, cluster sizes {plan.manifest['counts']}")
     return event
 
