@@ -307,6 +307,9 @@ def test_a_stop_while_the_grown_run_is_written_waits_until_it_is_whole(base, run
     import signal
 
     import ddmkit.io as io
+    import ddmkit.pipeline.grow as grow
+
+    real_registry = grow.write_registry
 
     def terminated(signum, frame):  # as the command's handler (a KeyboardInterrupt would stop pytest itself)
         raise RuntimeError("stopped by SIGTERM")
@@ -325,7 +328,17 @@ def test_a_stop_while_the_grown_run_is_written_waits_until_it_is_whole(base, run
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert entry["k_after"] == 4 and verify_registry(run)
-    assert "add-expert: Ctrl-C or SIGTERM came while the grown run was being written: it was finished first" in said
+    assert "add-expert: Ctrl-C or SIGTERM came while the run was being written: it was finished first" in said
+    said.clear()  # replace-expert: a stop before the registry was rewritten left one that failed verify, and the
+    # same command again did nothing (the slot held the copy already)
+    monkeypatch.setattr(grow, "write_registry", lambda root: (signal.raise_signal(signal.SIGTERM), real_registry(root)))
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        assert replace_expert(run, 1, base / "base" / "experts" / "expert_02", log=said.append)["expert"] == 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert verify_registry(run) and "replace-expert: Ctrl-C or SIGTERM came while the run was being written: it " \
+        "was finished first" in said
 
 
 def test_bad_input_exits_2_and_changes_no_byte(base, run, tmp_path, cli):

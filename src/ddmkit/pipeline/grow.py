@@ -524,9 +524,10 @@ def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
 
 
 @contextlib.contextmanager
-def interrupts_held(log: Log):
+def interrupts_held(log: Log, command: str):
     """Ctrl-C and SIGTERM wait until the block ends: the run's staged folders, grow.json and registry land
-    together (a stop between two renames left the old router removed and the entry written). A stop that came
+    together (a stop between two renames left the old router removed and the entry written; one before the
+    registry, a registry that failed verify). A stop that came
     meanwhile is said; the block, finished, is not undone. Held in the main thread only, where Python runs
     signal handlers."""
     if threading.current_thread() is not threading.main_thread():
@@ -541,7 +542,7 @@ def interrupts_held(log: Log):
         for s, handler in before.items():
             signal.signal(s, handler)
     if caught:
-        log("add-expert: Ctrl-C or SIGTERM came while the grown run was being written: it was finished first")
+        log(f"{command}: Ctrl-C or SIGTERM came while the run was being written: it was finished first")
 
 
 def _remove_checkpoint_on_exit(stack: contextlib.ExitStack, staged: Path) -> None:
@@ -596,7 +597,7 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
                 with job_threads(cfg.router.train.threads):
                     train_router(shards, cfg.router, router_dir)
                 log(f"add-expert: router retrained over {len(shards)} clusters")
-            held.enter_context(interrupts_held(log))
+            held.enter_context(interrupts_held(log, "add-expert"))
             clear_derived(folder, log)
             event = log_event(folder, plan.event, "learned" if router == "retrain" else "statistics")
             if router == "stats" and folder.router.exists():
@@ -683,14 +684,17 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict | None:
         slot_config = {**config, "role": "expert", "cluster": k, "k": kk, "shard_sha256": shard["sha256"],
                        "shard_count": shard["count"], "data_hash": slot_meta.get("data_hash"), "replaced_from": origin}
         check_clearable(run_folder, "replace-expert")
-        with staging_dir(run_folder.expert(k)) as tmp:  # the same tensors, written as the slot's own (identity)
-            save_tensors(tmp / "model.safetensors", load_tensors(source / "model.safetensors"), identity(slot_config))
-            if (source / "train_log.jsonl").is_file():
-                shutil.copyfile(source / "train_log.jsonl", tmp / "train_log.jsonl")
-            write_json(tmp / "config.json", slot_config)
-            clear_derived(run_folder, log)
-            event = log_event(run_folder, {"action": "replace-expert", "expert": k, **origin})
-        write_registry(run_folder.root)
+        with contextlib.ExitStack() as held:  # the same tensors, written as the slot's own (identity)
+            with staging_dir(run_folder.expert(k)) as tmp:
+                save_tensors(tmp / "model.safetensors", load_tensors(source / "model.safetensors"),
+                             identity(slot_config))
+                if (source / "train_log.jsonl").is_file():
+                    shutil.copyfile(source / "train_log.jsonl", tmp / "train_log.jsonl")
+                write_json(tmp / "config.json", slot_config)
+                held.enter_context(interrupts_held(log, "replace-expert"))
+                clear_derived(run_folder, log)
+                event = log_event(run_folder, {"action": "replace-expert", "expert": k, **origin})
+            write_registry(run_folder.root)
     log(f"replace-expert: expert {k} is now a copy of {source}; the old DDM's samples and scores were removed "
         "(sample and evaluate again)")
     return event
