@@ -40,7 +40,7 @@ from ddmkit.errors import DDMError
 from ddmkit.io import staging_dir, write_bytes_atomic
 from ddmkit.nets import use_networks, user_networks
 from ddmkit.train.jobs import check_expert_folder, checkpoint_path, train_expert
-from ddmkit.train.stop import stop_scope
+from ddmkit.train.stop import signals_held, stop_scope
 
 STOP_GRACE = 10.0  # seconds a stopped task has to end (stop its training, remove its folder) before it is killed
 
@@ -225,18 +225,14 @@ def sigterm_held():
     """A SIGTERM that comes during the block (in the main thread) is only noted; once the block has ended, and
     the SIGTERM handler it had is set again, that handler is called (the ddmkit command's raises its Terminated),
     or the signal is sent again when the action was Python's default or ignore."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    caller = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    caller, caught = signal.getsignal(signal.SIGTERM), []
     try:
-        yield
+        with signals_held(signal.SIGTERM) as caught:
+            yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if caller is None else caller)
-        if received and callable(caller):
+        if caught and callable(caller):
             caller(signal.SIGTERM, None)
-        elif received:
+        elif caught:
             os.kill(os.getpid(), signal.SIGTERM)
 
 

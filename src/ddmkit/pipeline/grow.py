@@ -44,7 +44,6 @@ import os
 import shlex
 import shutil
 import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -61,6 +60,7 @@ from ddmkit.errors import DDMError
 from ddmkit.io import (load_tensors, read_json, read_metadata, remove, remove_stale_staging, save_tensors,
                        sha256_file, staging_dir, write_json)
 from ddmkit.launch import ExpertJob, run_jobs
+from ddmkit.train.stop import signals_held
 from ddmkit.train.threads import job_threads
 from ddmkit.layout import RunFolder, check_run_exists
 from ddmkit.nets import check_builds
@@ -527,20 +527,10 @@ def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
 def interrupts_held(log: Log, command: str):
     """Ctrl-C and SIGTERM wait until the block ends: the run's staged folders, grow.json and registry land
     together (a stop between two renames left the old router removed and the entry written; one before the
-    registry, a registry that failed verify). A stop that came
-    meanwhile is said; the block, finished, is not undone. Held in the main thread only, where Python runs
-    signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
+    registry, a registry that failed verify). A stop that came meanwhile is said; the block, finished, is not
+    undone."""
+    with signals_held(signal.SIGINT, signal.SIGTERM) as caught:
         yield
-        return
-    caught, before = [], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in before:
-        signal.signal(s, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
     if caught:
         log(f"{command}: Ctrl-C or SIGTERM came while the run was being written: it was finished first")
 

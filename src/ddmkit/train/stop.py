@@ -15,10 +15,17 @@ A flag belongs to one thread's stop scope, so stopping one thread's job stops no
 
     stop.set()                   # from another thread: stop that thread's job
     request_stop()               # in the thread itself (a signal handler runs in the main thread)
+
+A few steps must not be cut in two (renaming a run's folders into place, shutting Ray down): there the
+signals wait for the end of the block,
+
+    with signals_held(signal.SIGINT, signal.SIGTERM) as caught:
+        ...                      # caught: the signals that came meanwhile; the caller says or sends them on
 """
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 from typing import Iterator
 
@@ -55,3 +62,20 @@ def check_stop() -> None:
     """Raise KeyboardInterrupt when this thread's stop scope was asked to stop: the training loop's safe point."""
     if stop_requested():
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def signals_held(*signums: int) -> Iterator[list[int]]:
+    """The signals `signums` only noted during the block, in the list it yields; the handlers they had are set
+    again at its end. In the main thread only, where Python runs signal handlers (elsewhere the list stays
+    empty). What a held signal means afterwards is the caller's: sent on, or said."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    before = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in signums}
+    try:
+        yield caught
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
