@@ -211,6 +211,27 @@ def test_a_batch_that_does_not_split_is_refused_without_the_crowded_cpu_warning(
     assert not (tmp_path / "e" / "model.safetensors").exists()
 
 
+def test_a_batch_that_does_not_split_names_fixes_that_work(tmp_path, monkeypatch):
+    """--nproc 3 on a batch of 32 offered only --set expert.train.batch_size=30, which a --resume then refused (the
+    checkpoint holds the batch of 32); under torchrun a process found it only after joining the job, and offered
+    --set train.batch_size=30, no field of the config. Both now name the fixes that work, before anything starts."""
+    from ddmkit.train.jobs import train_expert_once
+
+    shard, out = _shard(tmp_path), tmp_path / "e"
+    checkpoint_path(out).write_bytes(b"")  # only whether it is there counts: the batch is checked before reading it
+    with pytest.raises(DDMError) as resumed:
+        train_expert_once(shard, _cfg(), out, nproc=3, resume=True)
+    assert "use --nproc 2 (2 divides 32; " in str(resumed.value) and "--set" not in str(resumed.value)
+    with pytest.raises(DDMError, match=r"--nproc 3: .* use --nproc 2 \(2 divides 32\), or a multiple of 3, e\.g\. "
+                                       r"--set expert\.train\.batch_size=30"):
+        train_expert_once(shard, _cfg(), out, nproc=3)  # no --resume: the checkpoint is not continued
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(DDMError, match=r"torchrun's 3 processes: expert\.train\.batch_size = 32 does not split into "
+                                       r"3 equal slices, one per process; use a job of 2 processes"):
+        train_expert_once(shard, _cfg(), tmp_path / "e2")
+
+
 def test_a_shard_that_names_no_cluster_is_refused_before_the_processes_start(tmp_path, monkeypatch):
     """A partition shard re-saved without its metadata was refused only in the spawned processes of --nproc 2
     (seconds later, with a torch warning line); now before any starts, in the words of one process (the command

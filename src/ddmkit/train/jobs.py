@@ -321,6 +321,27 @@ def check_graph_processes(config: ExpertConfig, nproc: int) -> None:
                    f"({fix}), or add --set expert.train.cuda_graph=false")
 
 
+def check_job_batch(config: ExpertConfig, nproc: int, out_dir: str | Path, resume: bool) -> None:
+    """distributed.check_batch for the job's processes (--nproc N, or a launcher's WORLD_SIZE), naming the fixes
+    that work: as many processes as divide the batch, or (where no checkpoint to continue holds this batch) another
+    batch. Under torchrun a process found it only after joining the job, naming a --set field that does not exist."""
+    torchrun = "WORLD_SIZE" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if torchrun else nproc
+    batch, field = config.train.batch_size, "expert.train.batch_size"
+    if 1 < world <= batch and batch % world:
+        fits = max(n for n in range(1, world) if batch % n == 0)
+        given, fix = (f"torchrun's {world} processes", f"a job of {fits} processes") if torchrun else \
+            (f"--nproc {world}", f"--nproc {fits}")
+        kept, whole = checkpoint_path(out_dir), "the batch is the global one, over all processes"
+        how = (f"{fix} ({fits} divides {batch}; {whole}, and {kept}, which --resume continues, was written with it)"
+               if resume and kept.is_file() else
+               f"{fix} ({fits} divides {batch}), or a multiple of {world}, e.g. --set "
+               f"{field}={world * (batch // world)} ({whole})")
+        raise DDMError(f"{given}: {field} = {batch} does not split into {world} equal slices, one per process; use "
+                       f"{how}")
+    distributed.check_batch(batch, world, field)
+
+
 def _refuse_other_cluster(out_dir: str | Path, shard: str | Path) -> None:
     """A DDMError when out_dir holds the expert of another cluster than the shard's: the shard was given to the
     wrong folder, and --force would replace a good expert with a copy of another cluster's."""
@@ -348,7 +369,7 @@ def _train_expert_once(shard, config: ExpertConfig, out_dir, nproc: int, resume:
         _refuse_other_cluster(out_dir, shard)
         raise DDMError(f"{out_dir} holds an expert trained with other settings ({', '.join(differences)}); choose "
                        "another --out, or pass --force to replace it")
-    distributed.check_batch(config.train.batch_size, nproc, "expert.train.batch_size")  # before any note or warning
+    check_job_batch(config, nproc, out_dir, resume)  # before any note or warning
     weights = Path(out_dir) / "model.safetensors"
     if differences is None and weights.is_file() and not weights_readable(weights) and main:
         log(f"note: {weights} does not read (a copy cut short?): this job trains the expert again and replaces it")
