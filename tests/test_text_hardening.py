@@ -100,6 +100,17 @@ def test_a_stopped_text_expert_job_says_it_starts_again_and_resume_says_so(tmp_p
     assert "checkpoint is kept" not in said and not RunFolder(run).expert(0).exists()
 
 
+def test_nproc_for_a_text_expert_names_the_text_configs_threads(tmp_path):
+    """--nproc 2 with a text config said "(on cfg.threads threads)", a name of the code, and no way out."""
+    code, err = cli("train-expert", tmp_path / "cluster_00.safetensors", "--config", write_config(tmp_path, "text_ar"),
+                    "--out", tmp_path / "e", "--nproc", 2)
+    said = " ".join(err.split())
+    assert code == 2 and said == ("error: --nproc 2: text experts train in one process, on the text config's "
+                                  "`threads` CPU threads; leave --nproc out (and raise `threads` in the text config "
+                                  "for more)"), said
+    assert not (tmp_path / "e").exists()
+
+
 @pytest.mark.parametrize("command", ["sample", "analyze"])
 def test_a_text_run_of_its_partition_alone_is_refused_without_a_note_first(tmp_path, command):
     """`ddmkit sample RUN` on a text run that holds only its partition (K = 2, top-2 asked) printed 'note: top-2 on a

@@ -335,7 +335,8 @@ def train_expert_cmd(shard: Path = path_argument("SHARD", "one shard file, e.g. 
         from ddmkit.pipeline.text import read_text_config, train_text_expert
 
         if nproc != 1:
-            raise DDMError("--nproc: text experts train in one process (on cfg.threads threads)")
+            raise DDMError(f"--nproc {nproc}: text experts train in one process, on the text config's `threads` CPU "
+                           "threads; leave --nproc out (and raise `threads` in the text config for more)")
         _text_device(device)
         given = [name for name, value in (("--seed", seed), ("--checkpoint-every", checkpoint_every),
                                           ("--set", set_ or None)) if value is not None]
