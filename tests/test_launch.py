@@ -723,6 +723,20 @@ def test_emit_slurm_refuses_gpus_its_tasks_would_not_use_and_notes_a_job_without
     assert "note: each task holds 1 CPU core (--cpus) for 2 x expert.train.threads = 2 threads" in said, err
 
 
+def test_emit_slurm_refuses_several_gpus_per_task_for_a_run_of_cuda_graphs(tmp_path, monkeypatch, capsys):
+    """A run made with expert.train.cuda_graph = true and emitted with --gpus 2 wrote a script whose every task
+    was refused on its node (a graph of one process's step cannot hold the exchange of gradients of --nproc 2).
+    The script is refused before it is written; --gpus 1 writes it."""
+    run = _tiny_run(tmp_path, "expert.train.cuda_graph=true")
+    script = run / "launch" / "train_experts.slurm"
+    code, err = cli("launch", run, "--emit", "slurm", "--gpus", "2")
+    said = " ".join(err.split())
+    assert code == 2 and "--gpus 2: the run's expert.train.cuda_graph is true" in said and "give --gpus 1" in said, err
+    assert not script.exists()
+    code, err = cli("launch", run, "--emit", "slurm", "--gpus", "1")
+    assert code in (0, None) and script.exists() and "--nproc" not in script.read_text(), err
+
+
 def test_emit_slurm_replaces_only_a_script_it_wrote_and_writes_in_the_run_only_in_launch(tmp_path, monkeypatch,
                                                                                            capsys):
     """--script overwrote any file: RUN/config.json (every later command then failed), an expert's weights, the

@@ -202,7 +202,8 @@ def task_overrides(cfg: RunConfig | None, overrides: list[str], gpus: int) -> li
     """The --set items of every task: `overrides`, and the expert's own network class named again
     (expert.net.arch) so that a task imports it, as `ddmkit train-expert` imports user code only from
     what its command line or TOML names (the nodes must find its module: PYTHONPATH). A batch that
-    does not split over the task's `gpus` processes is refused here, before any task queues."""
+    does not split over the task's `gpus` processes, or a CUDA graph of one process's step where a task has
+    several, is refused here, before any task queues."""
     if cfg is None:
         return list(overrides)
     batch, device = cfg.expert.train.batch_size, cfg.expert.train.device
@@ -217,6 +218,11 @@ def task_overrides(cfg: RunConfig | None, overrides: list[str], gpus: int) -> li
     if not gpus and device.startswith("cuda"):
         raise DDMError(f"--gpus 0: the run's expert.train.device is {device!r}, which a task without a GPU cannot "
                        "use; add --set expert.train.device=cpu (or auto), or give --gpus 1")
+    if gpus > 1 and cfg.expert.train.cuda_graph:  # every task would be refused on its node (check_graph_processes)
+        raise DDMError(f"--gpus {gpus}: the run's expert.train.cuda_graph is true, which captures one process's "
+                       f"whole training step, and a task of {gpus} GPUs trains its expert on {gpus} processes, which "
+                       "exchange their gradients inside it; give --gpus 1 (cuda_graph is a setting of what the "
+                       "experts train, kept as the run has it)")
     named = any(item.partition("=")[0].strip() in ("expert.net", "expert.net.arch") for item in overrides)
     if is_user_network(cfg.expert.net.arch) and not named:
         return [*overrides, f"expert.net.arch={cfg.expert.net.arch}"]
