@@ -215,6 +215,7 @@ def test_a_batch_that_does_not_split_names_fixes_that_work(tmp_path, monkeypatch
     """--nproc 3 on a batch of 32 offered only --set expert.train.batch_size=30, which a --resume then refused (the
     checkpoint holds the batch of 32); under torchrun a process found it only after joining the job, and offered
     --set train.batch_size=30, no field of the config. Both now name the fixes that work, before anything starts."""
+    import ddmkit.train.distributed as distributed
     from ddmkit.train.jobs import train_expert_once
 
     shard, out = _shard(tmp_path), tmp_path / "e"
@@ -225,8 +226,9 @@ def test_a_batch_that_does_not_split_names_fixes_that_work(tmp_path, monkeypatch
     with pytest.raises(DDMError, match=r"--nproc 3: .* use --nproc 2 \(2 divides 32\), or a multiple of 3, e\.g\. "
                                        r"--set expert\.train\.batch_size=30"):
         train_expert_once(shard, _cfg(), out, nproc=3)  # no --resume: the checkpoint is not continued
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    monkeypatch.setenv("RANK", "0")
+    for name, value in (("WORLD_SIZE", "3"), ("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "from_env", lambda *a, **k: pytest.fail("joined the job before the refusal"))
     with pytest.raises(DDMError, match=r"torchrun's 3 processes: expert\.train\.batch_size = 32 does not split into "
                                        r"3 equal slices, one per process; use a job of 2 processes"):
         train_expert_once(shard, _cfg(), tmp_path / "e2")

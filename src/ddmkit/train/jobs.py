@@ -325,7 +325,7 @@ def check_job_batch(config: ExpertConfig, nproc: int, out_dir: str | Path, resum
     """distributed.check_batch for the job's processes (--nproc N, or a launcher's WORLD_SIZE), naming the fixes
     that work: as many processes as divide the batch, or (where no checkpoint to continue holds this batch) another
     batch. Under torchrun a process found it only after joining the job, naming a --set field that does not exist."""
-    torchrun = "WORLD_SIZE" in os.environ
+    torchrun = all(k in os.environ for k in distributed.ENV)  # as distributed.from_env joins a launcher's job
     world = int(os.environ["WORLD_SIZE"]) if torchrun else nproc
     batch, field = config.train.batch_size, "expert.train.batch_size"
     if 1 < world <= batch and batch % world:
