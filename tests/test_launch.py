@@ -737,6 +737,19 @@ def test_emit_slurm_refuses_several_gpus_per_task_for_a_run_of_cuda_graphs(tmp_p
     assert code in (0, None) and script.exists() and "--nproc" not in script.read_text(), err
 
 
+def test_distributed_md_says_what_emit_slurm_writes_for_several_gpus(tmp_path, monkeypatch, capsys):
+    """The page said --emit slurm writes single-process tasks and that a task of N GPUs "would run" --nproc N,
+    while --gpus N writes exactly that: the page now says so, as the script shows."""
+    run = _tiny_run(tmp_path)
+    code, err = cli("launch", run, "--emit", "slurm", "--gpus", "2")
+    script = (run / "launch" / "train_experts.slurm").read_text()
+    assert code in (0, None) and "#SBATCH --gres=gpu:2" in script and "--resume --nproc 2" in script, err
+    page = " ".join((Path(__file__).parents[1] / "docs" / "distributed.md").read_text().split())
+    assert ("`ddmkit launch --emit slurm` writes one task per expert, on one node: with `--gpus N` (N > 1) each task "
+            "runs its line with `--nproc N` (and `#SBATCH --gres=gpu:N`)") in page
+    assert "single-process task" not in page
+
+
 def test_emit_slurm_replaces_only_a_script_it_wrote_and_writes_in_the_run_only_in_launch(tmp_path, monkeypatch,
                                                                                            capsys):
     """--script overwrote any file: RUN/config.json (every later command then failed), an expert's weights, the
