@@ -344,7 +344,10 @@ def test_cuda_graph_in_a_job_of_several_processes_is_refused_before_they_start(t
                                        r"training step.*\(leave --nproc out\), or add --set "
                                        r"expert.train.cuda_graph=false$"):
         jobs.train_expert_once(tmp_path / "cluster_00.safetensors", graphed, tmp_path / "expert", nproc=2)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # alone, not a launcher's job (ddmkit would not join one)
+    jobs.check_graph_processes(graphed, 1)
+    for name, value in {"RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(DDMError, match=r"^torchrun's 2 processes: .*\(run it without torchrun\)"):
         jobs.check_graph_processes(graphed, 1)
 

@@ -304,12 +304,18 @@ def train_expert_once(shard: str | Path, config: ExpertConfig, out_dir: str | Pa
         return _train_expert_once(shard, config, out_dir, nproc, resume, force, log, main)
 
 
+def job_world(nproc: int) -> tuple[int, bool]:
+    """(processes of the job, whether a launcher such as torchrun started them): its WORLD_SIZE where RANK,
+    WORLD_SIZE, MASTER_ADDR and MASTER_PORT are all set (as distributed.from_env joins its job), else --nproc."""
+    torchrun = all(k in os.environ for k in distributed.ENV)
+    return (int(os.environ["WORLD_SIZE"]) if torchrun else nproc), torchrun
+
+
 def check_graph_processes(config: ExpertConfig, nproc: int) -> None:
     """A DDMError, before any process starts, for expert.train.cuda_graph = true on CUDA in a job of several
     processes (--nproc N, or torchrun's WORLD_SIZE): their gradients are exchanged inside the step, which one
     graph cannot hold (fit refuses it in every process, later; on the CPU cuda_graph is ignored)."""
-    torchrun = "WORLD_SIZE" in os.environ
-    world = int(os.environ["WORLD_SIZE"]) if torchrun else nproc
+    world, torchrun = job_world(nproc)
     if world < 2 or not config.train.cuda_graph:
         return
     if field_device("expert.train.device", config.train.device).type != "cuda":
@@ -325,8 +331,7 @@ def check_job_batch(config: ExpertConfig, nproc: int, out_dir: str | Path, resum
     """distributed.check_batch for the job's processes (--nproc N, or a launcher's WORLD_SIZE), naming the fixes
     that work: as many processes as divide the batch, or (where no checkpoint to continue holds this batch) another
     batch. Under torchrun a process found it only after joining the job, naming a --set field that does not exist."""
-    torchrun = all(k in os.environ for k in distributed.ENV)  # as distributed.from_env joins a launcher's job
-    world = int(os.environ["WORLD_SIZE"]) if torchrun else nproc
+    world, torchrun = job_world(nproc)
     batch, field = config.train.batch_size, "expert.train.batch_size"
     if 1 < world <= batch and batch % world:
         fits = max(n for n in range(1, world) if batch % n == 0)
