@@ -453,6 +453,33 @@ def test_tiny_config_runs_the_image_path(tmp_path):
             "experts trained in 1 job(s), expert.concurrent), monolith ") in " ".join(report.split())
 
 
+def test_the_learned_routers_first_rows_are_left_out_when_ddmkit_sample_drew_it_again(tmp_path, cli):
+    """The report's 'top-2 (learned router, first 8)' row compares the statistics-only router's set with the first 8
+    rows of the learned router's, on the same noise. After `ddmkit sample --strategy top-2 --n 4` the learned set is
+    4 samples of another draw: `ddmkit evaluate` leaves the row out (it reported n = 8 for 4 samples of other
+    noise), and keeps the sets' own rows."""
+    import json
+
+    from ddmkit.config import load_config, validate, RunConfig
+    from ddmkit.pipeline.run import run_pipeline
+
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
+    raw["data"]["params"] = {"dir": str(write_idx_set(tmp_path / "fm", 160, 48))}
+    raw["sample"].update(n=16, steps=2, strategies=["top-2"], guidance_sweep=[], stats_router_strategies=["top-2"],
+                         sweep_n=8)
+    raw["evaluate"]["kid_subset"] = 4
+    run = tmp_path / "run"
+    rows = run_pipeline(validate(RunConfig, raw), run, log=lambda m: None)["rows"]
+    assert rows["top-2 (learned router, first 8)"]["n"] == 8
+    done = cli("sample", run, "--strategy", "top-2", "--n", 4)
+    assert done.returncode == 0, done.stderr
+    assert cli("evaluate", run).returncode == 0
+    rows = json.loads((run / "metrics.json").read_text())["rows"]
+    assert "top-2 (learned router, first 8)" not in rows
+    assert rows["top-2"]["n"] == 4 and rows["top-2 (statistics-only router)"]["n"] == 8
+    assert "learned router, first" not in (run / "report.md").read_text()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_image_sets_drawn_on_a_gpu_record_it_and_are_kept_where_the_cpu_would_draw_them(tmp_path):
     """On a GPU an image set is drawn under bfloat16 autocast and records the GPU's name and bfloat16; sampling the

@@ -37,8 +37,9 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu", scorer: 
     """Scores of every drawn set, the report and its plots."""
     folder = RunFolder(run)
     scorer = scorer or scorer_for(cfg, run, log, device)
+    recorded = read_info(folder)
     infos = {name: {**{k: v for k, v in info.items() if k != "drawn_with"}, **drawn_on(info)}
-             for name, info in read_info(folder).items()}
+             for name, info in recorded.items()}
     rows = {FLOOR: scorer.floor()}
     if folder.is_latent:
         rows[RECONSTRUCTIONS] = scorer.reconstruction_floor(latent_codec(run, device))
@@ -47,7 +48,8 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu", scorer: 
     for s in track(sets, "scoring", lambda s: s.name):
         if not folder.sample_set(s.name).exists():
             continue
-        if s.router == STATISTICS and s.n < cfg.sample.n and folder.sample_set(s.strategy).exists():
+        if (s.router == STATISTICS and s.n < cfg.sample.n and folder.sample_set(s.strategy).exists()
+                and first_rows_alike(recorded, s.strategy, s.name, s.n)):
             # the learned router's set on the same first n noises and labels, for a like-for-like FID
             calls = infos.get(s.strategy, {}).get("expert_calls_per_sample", "-")
             rows[f"{s.strategy} (learned router, first {s.n})"] = {**scorer(s.strategy, s.n), "n": s.n,
@@ -70,6 +72,18 @@ def stage_evaluate(cfg: RunConfig, run, log: Log = print, device="cpu", scorer: 
     write_bytes_atomic(folder.report, render_report(cfg, run, result, training).encode())
     log(f"report: {folder.report}")
     return result
+
+
+def first_rows_alike(recorded: dict, learned: str, stats: str, n: int) -> bool:
+    """Whether the learned router's set `learned` holds the first n rows of the same noise and labels, drawn the
+    same way, as the statistics-only router's set `stats` (samples/info.json's drawn_with): else (`ddmkit sample
+    --n 4` drew it again) its first n rows are no like-for-like comparison. Sets of an earlier ddmkit, which
+    record no drawn_with, are taken as alike."""
+    mine, theirs = (recorded.get(name, {}).get("drawn_with") for name in (learned, stats))
+    if not mine or not theirs:
+        return True
+    same = ("noise_n", "seed", "solver", "steps", "guidance", "router_every", "batch_size")
+    return mine.get("n", 0) >= n and all(mine.get(key) == theirs.get(key) for key in same)
 
 
 def table_rows(result: dict, guidance: float) -> list[list]:
