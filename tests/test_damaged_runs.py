@@ -767,3 +767,19 @@ def test_an_unfinished_experts_train_expert_command_names_the_shard_it_trains_on
     folder.latents.mkdir()
     folder.latent_info.write_text("{}")
     assert shard_named() == str(folder.root / "latents" / "cluster_01.safetensors")
+
+
+def test_sample_refuses_an_n_whose_noise_and_samples_outgrow_the_memory(run, monkeypatch, cli):
+    """`ddmkit sample --n N` whose noise and samples alone (2 x N x the data's numbers, float32) are more than the
+    available memory is one error line naming --n and an --n that fits, before anything is drawn (the kernel
+    killed the command without a word); the --n it names samples."""
+    import ddmkit.pipeline.checks
+
+    dim = json.loads((run / "data" / "data.json").read_text())["data_shape"]
+    monkeypatch.setattr(ddmkit.pipeline.checks, "available_memory", lambda device: 1000 * 2 * 4 * dim[0])
+    before = files(run)
+    done = cli("sample", run, "--strategy", "top-1", "--n", 1001, "--steps", 2)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "--n = 1001: its noise and samples alone would take" in done.stderr and "give --n 500 or less" in done.stderr
+    assert files(run) == before
+    assert cli("sample", run, "--strategy", "top-1", "--n", 500, "--steps", 2).returncode == 0

@@ -570,6 +570,7 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
         raise DDMError(f"--guidance {guidance:g}: classifier-free guidance needs class-conditional experts "
                        "(expert.net.kwargs.num_classes); this run's are unconditional, so every scale draws the same "
                        "samples: leave --guidance out (or give 1)")
+    _check_sample_memory(run, cfg.sample.n)
     router = "learned" if router is None else router
     sample_run(run, list(strategy), cfg, log, router=router)  # logs each set's calls and seconds
 
@@ -965,6 +966,33 @@ def _text_run(run: Path) -> bool:
         if text_partition(RunFolder(run)):
             raise
         return False
+
+
+def _check_sample_memory(run: Path, n: int) -> None:
+    """A DDMError naming --n when a set's noise and samples alone (2 x n x the data's numbers, float32, held on
+    the host) are more than this machine's available memory: the kernel would kill the command without a word.
+    The largest --n that takes at most half of it is named; nothing is checked where the memory cannot be told."""
+    import math
+
+    import torch
+
+    from ddmkit.io import read_json
+    from ddmkit.layout import RunFolder
+    from ddmkit.pipeline.analyze import size_text
+    from ddmkit.pipeline.checks import available_memory
+
+    folder = RunFolder(run)
+    shape = read_json(folder.data_info).get("data_shape") if folder.data_info.exists() else None
+    free = available_memory(torch.device("cpu"))
+    if not isinstance(shape, list) or free is None:
+        return
+    per_row = 2 * 4 * math.prod(shape)
+    if n * per_row <= free:
+        return
+    raise DDMError(f"--n = {n}: its noise and samples alone would take {size_text(n * per_row)} of memory (2 x {n} x "
+                   f"{'x'.join(map(str, shape))} float32 numbers), more than the {size_text(free)} available here; "
+                   f"give --n {max(1, free // 2 // per_row)} or less (half of it, the rest for the networks), or sample "
+                   "where there is more memory")
 
 
 def _check_learned_router(run: Path) -> None:
