@@ -457,7 +457,7 @@ def test_the_learned_routers_first_rows_are_left_out_when_ddmkit_sample_drew_it_
     """The report's 'top-2 (learned router, first 8)' row compares the statistics-only router's set with the first 8
     rows of the learned router's, on the same noise. After `ddmkit sample --strategy top-2 --n 4` the learned set is
     4 samples of another draw: `ddmkit evaluate` leaves the row out (it reported n = 8 for 4 samples of other
-    noise), and keeps the sets' own rows."""
+    noise), and keeps the sets' own rows. The cut's log line says it is one."""
     import json
 
     from ddmkit.config import load_config, validate, RunConfig
@@ -469,8 +469,12 @@ def test_the_learned_routers_first_rows_are_left_out_when_ddmkit_sample_drew_it_
                          sweep_n=8)
     raw["evaluate"]["kid_subset"] = 4
     run = tmp_path / "run"
-    rows = run_pipeline(validate(RunConfig, raw), run, log=lambda m: None)["rows"]
+    said: list[str] = []
+    rows = run_pipeline(validate(RunConfig, raw), run, log=said.append)["rows"]
     assert rows["top-2 (learned router, first 8)"]["n"] == 8
+    # its log line names the cut, not only the set (two 'top-2: FID' lines of other values)
+    assert sorted(line.split(":")[0] for line in said if ": FID " in line and line.startswith("top-2")) == \
+        ["top-2", "top-2 (first 8)", "top-2 (statistics-only router)"]
     done = cli("sample", run, "--strategy", "top-2", "--n", 4)
     assert done.returncode == 0, done.stderr
     assert cli("evaluate", run).returncode == 0

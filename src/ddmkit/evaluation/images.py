@@ -149,6 +149,7 @@ class SetScorer:
         if first is None:
             save_png(image_grid(x, 8, 8), self.run.plots / f"samples_{path.stem}.png")
         self.write_cache(cache, metrics)
-        self.log(f"{name}: FID {metrics['fid']:.2f}, KID {metrics['kid'] * 1e3:.2f}e-3 (n = {len(x)}, "
+        label = name if first is None else f"{name} (first {first})"
+        self.log(f"{label}: FID {metrics['fid']:.2f}, KID {metrics['kid'] * 1e3:.2f}e-3 (n = {len(x)}, "
                  f"{metrics['fid_seconds']:.1f}s)")
         return metrics
