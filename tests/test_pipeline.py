@@ -361,9 +361,15 @@ def test_a_new_evaluate_section_keeps_the_samples_and_scores_them_again(tiny_run
     stamps = {p.name: p.stat().st_mtime_ns for p in (run / "samples").iterdir()}
     other = tmp_path / "other.toml"
     other.write_text(TINY.read_text().replace("chunk = 200", "chunk = 100"))
+    (run / "analysis").mkdir()
+    (run / "analysis" / "analysis.md").write_text("# a long `ddmkit analyze`")
     messages = []
     result = run_pipeline(load_config(other), run, log=messages.append)
     assert any("the evaluate settings changed; the trained networks and the samples are kept" in m for m in messages)
+    # the analysis goes with the scores (made with the settings before): said, with the command that makes it again
+    assert not (run / "analysis").exists()
+    assert f"{run}: removed {run / 'analysis'} (of `ddmkit analyze`, made with the settings before); `ddmkit " \
+           f"analyze {run}` makes it again" in messages
     assert {p.name: p.read_bytes() for p in (run / "samples").iterdir()} == drawn
     assert {p.name: p.stat().st_mtime_ns for p in (run / "samples").iterdir()} == stamps  # not drawn again
     assert result["chunk"] == 100

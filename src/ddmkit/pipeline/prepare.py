@@ -398,6 +398,9 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
             else:
                 log(f"{run}: the {' and '.join(changed) or 'sample'} settings changed; the trained networks are kept, "
                     "samples and scores are drawn again")
+            if folder.analysis.exists():  # not redrawn by this run: say it goes, and what makes it again
+                log(f"{run}: removed {folder.analysis} (of `ddmkit analyze`, made with the settings before); "
+                    f"`ddmkit analyze {shlex.quote(str(run))}` makes it again")
             for path in folder.derived:
                 if path != folder.samples or changed != ["evaluate"]:
                     remove(path)
