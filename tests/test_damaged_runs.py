@@ -783,3 +783,14 @@ def test_sample_refuses_an_n_whose_noise_and_samples_outgrow_the_memory(run, mon
     assert "--n = 1001: its noise and samples alone would take" in done.stderr and "give --n 500 or less" in done.stderr
     assert files(run) == before
     assert cli("sample", run, "--strategy", "top-1", "--n", 500, "--steps", 2).returncode == 0
+
+
+@pytest.mark.parametrize("scale", ["-1", "nan", "1001"])
+def test_sample_refuses_a_guidance_out_of_its_range_with_the_range_and_a_scale_that_works(run, cli, scale):
+    """`ddmkit sample --guidance -1` is one line with the range of scales and one that works (pydantic's 'Input
+    should be greater than or equal to 0' gave neither), before anything is drawn."""
+    before = files(run)
+    done = cli("sample", run, "--strategy", "top-1", "--n", 4, "--steps", 2, "--guidance", scale)
+    assert done.returncode == 2 and done.stderr == (f"error: --guidance {scale}: give a scale from 0 to 1000 (1: no "
+                                                    "guidance, the default; e.g. --guidance 2)\n"), done.stderr
+    assert files(run) == before

@@ -546,6 +546,7 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
 
     _check_sample_counts(SampleConfig, {"n": n, "steps": steps, "batch_size": batch_size,
                                         "router_every": router_every})
+    _check_guidance(SampleConfig, guidance)
     if router == "learned":
         _check_learned_router(run)
     not_drawn = {"stats_router_strategies": [], "guidance_sweep": []}  # sets `ddmkit run` draws, this command not
@@ -573,6 +574,16 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
     _check_sample_memory(run, cfg.sample.n)
     router = "learned" if router is None else router
     sample_run(run, list(strategy), cfg, log, router=router)  # logs each set's calls and seconds
+
+
+def _check_guidance(section, guidance: float | None) -> None:
+    """--guidance within the range of the section's guidance field, refused in one line with the range and a value
+    that works (pydantic's "Input should be greater than or equal to 0" gave neither)."""
+    bounds = {key: getattr(m, key) for m in section.model_fields["guidance"].metadata for key in ("ge", "le")
+              if hasattr(m, key)}
+    if guidance is not None and not bounds["ge"] <= guidance <= bounds["le"]:  # nan and inf too
+        raise DDMError(f"--guidance {guidance:g}: give a scale from {bounds['ge']:g} to {bounds['le']:g} (1: no "
+                       "guidance, the default; e.g. --guidance 2)")
 
 
 def _check_sample_counts(section, counts: dict) -> None:
