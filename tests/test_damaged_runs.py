@@ -794,3 +794,20 @@ def test_sample_refuses_a_guidance_out_of_its_range_with_the_range_and_a_scale_t
     assert done.returncode == 2 and done.stderr == (f"error: --guidance {scale}: give a scale from 0 to 1000 (1: no "
                                                     "guidance, the default; e.g. --guidance 2)\n"), done.stderr
     assert files(run) == before
+
+
+def test_analyze_refuses_an_out_it_cannot_write_before_measuring(run, tmp_path, monkeypatch, cli):
+    """`ddmkit analyze RUN --out FOLDER` where FOLDER's nearest existing folder cannot be written (a read-only disk:
+    faked here, as root writes through permissions) is one error line naming --out, before any strategy is
+    measured (it measured the first, then failed to write it); nothing is made there."""
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real(path, mode, **kw))
+    done = cli("analyze", run, "--strategy", "top-1", "--n", 30, "--max-steps", 1, "--out", locked / "an")
+    assert done.returncode == 2 and done.stderr == (f"error: --out {locked / 'an'}: {locked} cannot be written to (a "
+                                                    "read-only file system, or not your folder); give --out a folder "
+                                                    "you can write to\n"), done.stderr
+    assert list(locked.iterdir()) == [] and "analyze top-1" not in done.stdout + done.stderr

@@ -64,8 +64,9 @@ def ensure_folder(folder: str | Path) -> Path:
 
 
 def check_folder_target(folder: str | Path, option: str | None = None) -> Path:
-    """A DDMError when `folder` or one of its parents is a file or a symbolic link that leads nowhere (nothing is
-    created): an output folder checked before a long computation that writes it at the end. `option` (e.g.
+    """A DDMError when `folder` or one of its parents is a file or a symbolic link that leads nowhere, or when the
+    folder (or the nearest of its parents that exists) cannot be written to (nothing is created): an output folder
+    checked before a long computation that writes it at the end. `option` (e.g.
     "--out"), when the folder came from one, is named at the start of the message."""
     folder = Path(folder)
     named = f"{option} {folder}: " if option else ""
@@ -78,6 +79,11 @@ def check_folder_target(folder: str | Path, option: str | None = None) -> Path:
     if blocker is not None:
         instead = f"give {option} another folder" if option else "write to another folder"
         raise DDMError(f"{named}{blocker} is a file, not a folder; move it away (or {instead})")
+    nearest = next(p for p in (folder, *folder.parents) if p.exists())  # the folder, or where it would be made
+    if not os.access(nearest, os.W_OK | os.X_OK):  # a read-only disk or another user's folder: said before the work
+        instead = f"give {option} a folder you can write to" if option else "write to another folder"
+        raise DDMError(f"{named}{nearest} cannot be written to (a read-only file system, or not your folder); "
+                       f"{instead}")
     return folder
 
 
