@@ -13,6 +13,10 @@ import torch
 
 os.environ.setdefault("DDMKIT_QUIET", "1")
 torch.set_num_threads(1)
+# a suite started in the background of a shell (`cmd &`) inherits SIGINT ignored, and so would every command the
+# tests start, whose Ctrl-C handling they check: such commands get SIGINT's default action back
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def raising_after(real, n: int, error: BaseException):
