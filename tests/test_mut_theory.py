@@ -426,7 +426,7 @@ def grid_results():
         "temperature_sweep": [{"value": 2.0, "sampler": "euler:full", "steps": [2, 4], "pathwise_rms": [3.0, 1.0]}],
         "disagreement": [{"radius": 1.0, "steps": 16, "predicted": 0.5, "pathwise_rms": 0.6},
                          {"radius": 1.0, "steps": 4, "predicted": 2.0, "pathwise_rms": 1.0}],
-        "settings": {"fit_min_steps": 2}}
+        "settings": {"steps": [2, 4], "fit_min_steps": 2}}
 
 
 def test_plot_grid(monkeypatch, tmp_path):
@@ -1205,3 +1205,13 @@ def test_convergence_findings_list_the_eps_samplers_in_one_order():
                                            for r in rows]
     said = [n.split(":")[0] + ":" + n.split(":")[1].split(" ")[0] for n in C.findings(res) if "against eps" in n]
     assert said == sorted(said) and len(said) == 4
+
+
+def test_the_report_names_the_n_the_slopes_are_fitted_on_where_fit_range_fits_every_n():
+    """steps (4, 8) with fit_min_steps 8: one N reaches it, so the slopes are fitted on every N (fit_range); the
+    report said "N >= 8" in its header and under the common-noise table."""
+    results = report_results()
+    results["settings"]["fit_min_steps"] = 8
+    text = C.render_report(results)
+    assert "least squares on log-log over N >= 4," in text and "N >= 8" not in text
+    assert C.fit_start({"steps": [4, 8, 16, 32, 64], "fit_min_steps": 10}) == 16

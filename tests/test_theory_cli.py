@@ -125,7 +125,7 @@ def test_the_convergence_plots_say_what_their_lines_and_points_are(monkeypatch, 
     fit = {"slope": -1.0, "intercept": 0.0}
     grid = {"samplers": {"euler:full": {"steps": [16, 32], "pathwise_rms": [0.1, 0.05], "pathwise_fit": fit,
                                         "w2": [0.5, 0.4]}}, "w2_floor": 0.3}
-    convergence.plot_grid({"grid": grid, "settings": {"fit_min_steps": 16}}, tmp_path)
+    convergence.plot_grid({"grid": grid, "settings": {"steps": [16, 32], "fit_min_steps": 16}}, tmp_path)
     sweep = [{"sampler": "euler:full", "value": 0.0, "steps": [16, 32], "pathwise_rms": [0.1, 0.05]}]
     rows = [{"radius": r, "steps": n, "predicted": r / n, "pathwise_rms": r / n} for r in (1.0, 2.0) for n in (16, 64)]
     convergence.plot_sweeps({"eps_sweep": sweep, "temperature_sweep": sweep, "disagreement": rows}, tmp_path)

@@ -171,6 +171,12 @@ def fit_range(steps, min_steps: int) -> np.ndarray:
     return mask if mask.sum() >= 3 else np.ones_like(mask, dtype=bool)
 
 
+def fit_start(s: dict) -> int:
+    """The smallest N the slopes are fitted on, for settings s (asdict): fit_min_steps, or the smallest N where
+    fewer than three N reach it and fit_range fits every N."""
+    return int(np.asarray(s["steps"])[fit_range(s["steps"], s["fit_min_steps"])].min())
+
+
 # ----- the main grid: error against N ----------------------------------------
 def convergence_grid(s: ConvergenceSettings, log=print) -> dict:
     problem = make_problem(s)
@@ -450,7 +456,7 @@ def plot_grid(results: dict, out: Path) -> str:
         line = axes[0][0].loglog(n, r["pathwise_rms"], "o", label=f"{name} (fitted slope {fit['slope']:.2f})")[0]
         axes[0][0].loglog(n, np.exp(fit["intercept"]) * n ** fit["slope"], "-", color=line.get_color(), lw=0.8)
         axes[0][1].loglog(n, r["w2"], "o-", color=line.get_color(), label=name)
-    axes[0][0].plot([], [], "k-", lw=0.8, label=f"lines: log-log fits on N >= {results['settings']['fit_min_steps']}")
+    axes[0][0].plot([], [], "k-", lw=0.8, label=f"lines: log-log fits on N >= {fit_start(results['settings'])}")
     axes[0][1].axhline(grid["w2_floor"], color="k", ls=":", label="W2 noise floor")
     axes[0][0].set(title="pathwise error vs exact ODE", xlabel="steps N", ylabel="RMS |X_N - X(0)|")
     axes[0][1].set(title="W2 to the mixture", xlabel="steps N", ylabel="W2")
@@ -489,7 +495,7 @@ def sweep_table(rows: list[dict], label: str) -> str:
 
 def render_report(results: dict) -> str:
     s, grid = results["settings"], results["grid"]
-    fit_from = s["fit_min_steps"]
+    fit_from = fit_start(s)
     lines = ["# W2 convergence with stochastic expert switching", "",
              f"Ring of {s['components']} Gaussians (radius {s['radius']}, std {s['width']}) in 2-D, "
              f"{s['clusters']} clusters; experts = exact cluster velocities, router = exact cluster posterior. "
@@ -574,7 +580,7 @@ def common_noise_lines(results: dict) -> list[str]:
 
 def draws_caption(s: dict) -> str:
     """What the common-noise table over draws holds, for settings s (asdict) with common_noise_draws >= 1."""
-    n, fit_from = s["common_noise_draws"], s["fit_min_steps"]
+    n, fit_from = s["common_noise_draws"], fit_start(s)
     if n == 1:
         return (f"The same over 1 independent noise draw of {s['samples']} samples (fresh noise and routing draws): "
                 f"W2 at each N; slope fitted on N >= {fit_from}. One draw: no interval; give common_noise_draws "
@@ -673,7 +679,7 @@ def common_noise_findings(results: dict) -> list[str]:
             ratios = [w / floor_at(floor, e)
                       for w, e, keep in zip(r["w2_mean"], r["pathwise_rms_mean"], fitted) if keep]
             notes.append(f"{name}: common-noise W2 / exact-law floor at the same pathwise RMS = {min(ratios):.2f} to "
-                         f"{max(ratios):.2f} over N >= {s['fit_min_steps']}: "
+                         f"{max(ratios):.2f} over N >= {fit_start(s)}: "
                          + ("the W2 is what exact mixture samples score at that pathwise distance, so its slope is "
                             "the floor's, not the law's." if max(ratios) < 1.5 else
                             "above the floor, so part of the W2 is law error."))
