@@ -10,10 +10,11 @@ from filelock import FileLock
 
 from ddmkit.config import RunConfig, apply_overrides, load_config
 from ddmkit.errors import DDMError
+from ddmkit.layout import RunFolder
 from ddmkit.pipeline.checks import check_clusters
 from ddmkit.pipeline.images import FLOOR, RECONSTRUCTIONS
 from ddmkit.pipeline.sweep import (SHARED, cell_config, cell_dir, cell_in_folder, cells, curves, interval, monolith_k,
-                                   ratio_text, reach, render, short_trainings, summarize, sweep)
+                                   ratio_text, reach, render, scored_rows, short_trainings, summarize, sweep)
 
 from conftest import run_cli
 
@@ -680,3 +681,18 @@ def test_an_out_holding_another_sweeps_cells_is_refused_and_its_own_resumes(tiny
               "--stages", "report", "--set", "expert.train.threads=2")  # how jobs run may differ
     assert own.returncode == 0, own.stderr
     assert json.loads((out / "sweep.json").read_text())["ks"] == [2]  # its part of the grid, reported
+
+
+def test_the_kept_fashion_mnist_cells_are_scored_cells_of_the_grid_sweep_md_reports(tmp_path):
+    """sweep.md reports docs/results/sweep_fashion_mnist/ with --stages report; those cells were scored with the
+    missing-expert and statistics-only router studies, which cells now leave out, and every cell was refused as
+    made with another config (evaluate.missing_experts (True, asked False)). A change that counts still does."""
+    sets = ['sample.strategies=["full","top-1","top-2"]', "sample.guidance_sweep=[]", "sample.stats_router_strategies=[]"]
+    cfg = RunConfig(**apply_overrides(load_config(ROOT / "configs" / "fashion_mnist.toml").model_dump(), sets))
+    cell = RunFolder(tmp_path / "k8_b1_s0")
+    cell.root.mkdir()
+    kept = json.loads((ROOT / "docs" / "results" / "sweep_fashion_mnist" / "k8_b1_s0.json").read_text())
+    assert kept["config"]["evaluate"]["missing_experts"] is True  # as scored by the earlier sweep
+    cell.metrics.write_text(json.dumps(kept))
+    assert scored_rows(cell, cell_config(cfg, 8, 1.0, 0)) == kept["rows"]
+    assert scored_rows(cell, cell_config(cfg, 8, 1.0, 1)) is None  # another seed: not this cell's scores

@@ -108,10 +108,17 @@ def cell_config(cfg: RunConfig, k: int, budget: float, seed: int, monolith: bool
     raw["router"]["train"]["seed"] = seed + 1
     raw["monolith"]["enabled"] = monolith
     strategies = cell_strategies(cfg.sample.strategies, k)
-    raw["sample"].update(strategies=[MONOLITH, *strategies] if monolith else strategies, guidance_sweep=[],
-                         stats_router_strategies=[])
-    raw["evaluate"].update(missing_experts=False, stats_router=False)
+    raw["sample"]["strategies"] = [MONOLITH, *strategies] if monolith else strategies
+    leave_out_extras(raw)
     return validate(RunConfig, raw, f"sweep cell k={k} budget={budget:g} seed={seed}")
+
+
+def leave_out_extras(raw: dict) -> dict:
+    """A config (model_dump) without the sets and studies the sweep's report does not read: no guidance sweep,
+    no sets of the statistics-only router, no missing-expert or statistics-only router studies."""
+    raw["sample"].update(guidance_sweep=[], stats_router_strategies=[])
+    raw["evaluate"].update(missing_experts=False, stats_router=False)
+    return raw
 
 
 def routes_like_full(name: str, k: int, strategies: list[str]) -> bool:
@@ -202,8 +209,9 @@ def cell_in_folder(out: Path, cell_cfg: RunConfig, sections: tuple[str, ...], ha
 def result_differences(made: RunConfig, asked: RunConfig) -> list[str]:
     """The fields in which `asked` differs from `made` in what a cell trains, samples or scores, as `ddmkit
     run` compares a run folder's config: every section, less how jobs run (device, threads, logging:
-    train.jobs.EXECUTION, as prepare.trained_differences leaves them out)."""
-    old, new = made.model_dump(mode="json"), asked.model_dump(mode="json")
+    train.jobs.EXECUTION, as prepare.trained_differences leaves them out). A cell scored with the sets and
+    studies its report does not read (leave_out_extras; a sweep before cells left them out) holds its rows too."""
+    old, new = leave_out_extras(made.model_dump(mode="json")), asked.model_dump(mode="json")
     scored = [name for name in new if name not in TRAINED]  # [sample] and [evaluate]
     return trained_differences(made, asked) + config_differences({name: old[name] for name in scored},
                                                                  {name: new[name] for name in scored})
