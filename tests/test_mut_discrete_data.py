@@ -221,6 +221,13 @@ def docs(kind: str, n: int, start: int = 0) -> list[Document]:
     return [Document(f"{kind}{i}", (texts[kind].format(i) * 12).encode()) for i in range(start, start + n)]
 
 
+def test_two_training_documents_go_to_two_clusters(tmp_path):
+    """Features of at least 2 dimensions: one SVD dimension (all a corpus of 2 documents had) scales every
+    document to the same unit vector, and k-means left a cluster empty."""
+    m = partition_text(docs("prose", 1) + docs("code", 1), [], TextPartitionConfig(k=2), tmp_path / "p")
+    assert sorted(s["count"] for s in m["shards"]) == [1, 1] and m["features"]["svd_dim"] == 2
+
+
 def test_text_partition_of_two_kinds_of_text_writes_known_shards_and_hashes(tmp_path):
     train = [d for pair in zip(docs("prose", 4), docs("code", 4)) for d in pair]
     test = docs("code", 1, 10) + docs("prose", 2, 10)

@@ -295,6 +295,9 @@ CONFIG_ERRORS = [  # (--set items, words of the message)
     (["expert.train.cuda_graph=true"], "expert.train.cuda_graph: true: a text model does not support it (text "
      "models train on the CPU, where no step is captured;"),  # accepted and did nothing too
     (["router.train.cuda_graph=true"], "router.train.cuda_graph: true: a text model does not support it"),
+    # one n-gram (a traceback from scikit-learn) or one SVD dimension (every document the same unit vector)
+    (["partition.max_features=1"], "partition.max_features: Input should be greater than or equal to 2"),
+    (["partition.svd_dim=1"], "partition.svd_dim: Input should be greater than or equal to 2"),
 ]
 
 

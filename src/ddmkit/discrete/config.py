@@ -71,8 +71,8 @@ class TextPartitionConfig(Section):
     k: int = Field(3, ge=1, le=100_000)
     ngram_min: int = Field(2, ge=1, le=SIZE)
     ngram_max: int = Field(4, ge=1, le=SIZE)
-    max_features: int = Field(20000, ge=1, le=ROWS)
-    svd_dim: int = Field(64, ge=1, le=100_000)
+    max_features: int = Field(20000, ge=2, le=ROWS, description="TF-IDF vocabulary (character n-grams)")
+    svd_dim: int = Field(64, ge=2, le=100_000, description="at least 2: unit vectors of 1 dimension are only +-1")
     balanced: bool = False
     seed: int = Seed(description="scikit-learn's SVD and k-means take it modulo 2**32")
 

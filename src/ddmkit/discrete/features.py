@@ -32,7 +32,8 @@ def tfidf_features(train: list[Document], other: list[Document], cfg) -> tuple[t
     vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(cfg.ngram_min, cfg.ngram_max),
                           max_features=cfg.max_features, sublinear_tf=True, dtype=np.float64)
     a = vec.fit_transform(_texts(train))
-    dim = max(1, min(cfg.svd_dim, a.shape[1] - 1, a.shape[0] - 1))
+    # at least 2 dimensions: scaled to unit length, 1-dimensional features are all +1 (TF-IDF is >= 0)
+    dim = min(max(2, min(cfg.svd_dim, a.shape[1] - 1, a.shape[0] - 1)), a.shape[1])
     svd = TruncatedSVD(n_components=dim, random_state=sklearn_seed(cfg.seed)).fit(a)
     f_train = normalize(svd.transform(a))
     f_other = normalize(svd.transform(vec.transform(_texts(other)))) if other else np.zeros((0, dim))
