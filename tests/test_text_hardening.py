@@ -386,9 +386,17 @@ def test_corpus_hints_name_the_setting_that_helps(tmp_path):
     config = write_config(tmp_path, "text_ar")  # 40 documents
     with pytest.raises(DDMError, match=r"raise corpus.max_docs \(it keeps 2 of the 40 documents found\)"):
         partition_text_run(config, tmp_path / "a", log=QUIET, overrides=["corpus.max_docs=2"])
-    with pytest.raises(DDMError, match=r"larger than the number of training documents \(32\); lower partition.k "
+    with pytest.raises(DDMError, match=r"larger than the number of training documents \(32: corpus.test_fraction = "
+                                       r"0.2 holds out 8 of the 40\); lower partition.k or corpus.test_fraction, "
                                        r"or use more text"):
         partition_text_run(config, tmp_path / "b", log=QUIET, overrides=["partition.k=33"])
+    with pytest.raises(DDMError, match=r"larger than the number of training documents \(32\); lower partition.k "
+                                       r"or use more text"):  # 40 documents: held-out ones leave 39 at most
+        partition_text_run(config, tmp_path / "c", log=QUIET, overrides=["partition.k=40"])
+    # most documents held out: the fix is to hold out fewer, which the message names
+    with pytest.raises(DDMError, match=r"documents \(0: corpus.test_fraction = 0.99 holds out 40 of the 40\); "
+                                       r"lower partition.k or corpus.test_fraction,"):
+        partition_text_run(config, tmp_path / "d", log=QUIET, overrides=["corpus.test_fraction=0.99"])
 
 
 def test_relative_source_is_read_from_the_current_folder(tmp_path, monkeypatch):

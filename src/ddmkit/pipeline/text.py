@@ -164,8 +164,12 @@ def plan_partition(cfg: TextRunConfig, scratch: Path, log: Log = print) -> dict:
     docs = sample_documents(found, cfg.corpus)
     train, test = split_documents(docs, cfg.corpus.test_fraction, cfg.corpus.seed)
     if cfg.partition.k > len(train):
+        held, fix = "", "lower partition.k"
+        if cfg.partition.k < len(docs):  # one held-out document leaves enough
+            held = f": corpus.test_fraction = {cfg.corpus.test_fraction} holds out {len(test)} of the {len(docs)}"
+            fix = "lower partition.k or corpus.test_fraction,"
         raise DDMError(f"partition.k = {cfg.partition.k} is larger than the number of training documents "
-                       f"({len(train)}); lower partition.k or {more_text(cfg, len(found))}")
+                       f"({len(train)}{held}); {fix} or {more_text(cfg, len(found))}")
     return partition_text(train, test, cfg.partition, scratch,
                           extra={"run_digest": cfg.digest("corpus", "partition"), "documents_found": len(found)})
 
