@@ -228,6 +228,16 @@ def test_two_training_documents_go_to_two_clusters(tmp_path):
     assert sorted(s["count"] for s in m["shards"]) == [1, 1] and m["features"]["svd_dim"] == 2
 
 
+def test_copies_of_one_document_are_not_partitioned_into_empty_clusters(tmp_path):
+    """A folder of copies of one file: the fix named is more, different text, not a scikit-learn warning and an
+    empty cluster."""
+    train = docs("prose", 1) * 3 + docs("code", 1)
+    with pytest.raises(DDMError, match=r"partition.k = 3 is larger than the number of distinct training documents "
+                                       r"\(2 of 4; the others are copies\); lower partition.k or use more, different"):
+        partition_text(train, [], TextPartitionConfig(k=3), tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
 def test_text_partition_of_two_kinds_of_text_writes_known_shards_and_hashes(tmp_path):
     train = [d for pair in zip(docs("prose", 4), docs("code", 4)) for d in pair]
     test = docs("code", 1, 10) + docs("prose", 2, 10)

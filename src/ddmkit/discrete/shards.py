@@ -51,6 +51,10 @@ def partition_text(train: list[Document], test: list[Document], cfg, out_dir: st
     if cfg.k > len(train):
         raise DDMError(f"partition.k = {cfg.k} is larger than the number of training documents ({len(train)}); "
                        "lower partition.k or use more documents")
+    distinct = len({d.text for d in train})
+    if cfg.k > distinct:  # copies share their features: k-means would leave clusters empty
+        raise DDMError(f"partition.k = {cfg.k} is larger than the number of distinct training documents ({distinct} "
+                       f"of {len(train)}; the others are copies); lower partition.k or use more, different text")
     f_train, f_test, spec = tfidf_features(train, test, cfg)
     labels_np, centroids_np = cluster(f_train, cfg.k, cfg.balanced, sklearn_seed(cfg.seed))
     labels, centroids = torch.as_tensor(labels_np), torch.as_tensor(centroids_np)
