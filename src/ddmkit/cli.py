@@ -993,7 +993,10 @@ def _check_sample_memory(run: Path, n: int) -> None:
     from ddmkit.pipeline.checks import available_memory
 
     folder = RunFolder(run)
-    shape = read_json(folder.data_info).get("data_shape") if folder.data_info.exists() else None
+    try:
+        shape = read_json(folder.data_info).get("data_shape") if folder.data_info.exists() else None
+    except DDMError:  # a damaged data.json: named, with its fix, where the run is loaded
+        return
     free = available_memory(torch.device("cpu"))
     if not isinstance(shape, list) or free is None:
         return
