@@ -687,7 +687,8 @@ def test_the_kept_fashion_mnist_cells_are_scored_cells_of_the_grid_sweep_md_repo
     """sweep.md reports docs/results/sweep_fashion_mnist/ with --stages report; those cells were scored with the
     missing-expert and statistics-only router studies, which cells now leave out, and every cell was refused as
     made with another config (evaluate.missing_experts (True, asked False)). A change that counts still does."""
-    sets = ['sample.strategies=["full","top-1","top-2"]', "sample.guidance_sweep=[]", "sample.stats_router_strategies=[]"]
+    sets = ['sample.strategies=["full","top-1","top-2"]', "sample.guidance_sweep=[]",
+            "sample.stats_router_strategies=[]"]
     cfg = RunConfig(**apply_overrides(load_config(ROOT / "configs" / "fashion_mnist.toml").model_dump(), sets))
     cell = RunFolder(tmp_path / "k8_b1_s0")
     cell.root.mkdir()

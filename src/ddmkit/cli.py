@@ -1005,8 +1005,8 @@ def _check_sample_memory(run: Path, n: int) -> None:
         return
     raise DDMError(f"--n = {n}: its noise and samples alone would take {size_text(n * per_row)} of memory (2 x {n} x "
                    f"{'x'.join(map(str, shape))} float32 numbers), more than the {size_text(free)} available here; "
-                   f"give --n {max(1, free // 2 // per_row)} or less (half of it, the rest for the networks), or sample "
-                   "where there is more memory")
+                   f"give --n {max(1, free // 2 // per_row)} or less (half of it, the rest for the networks), or "
+                   "sample where there is more memory")
 
 
 def _check_learned_router(run: Path) -> None:
