@@ -1076,3 +1076,6 @@ def test_a_file_of_one_row_is_refused_before_the_split(tmp_path):
     np.save(tmp_path / "image.npy", np.zeros((1, 8, 8), np.uint8))
     with pytest.raises(DDMError, match=r"image array file '.*image.npy' holds 1 row; .*: add images$"):
         load_dataset("image_array", 0, 0, 0, path=str(tmp_path / "image.npy"))
+    from ddmkit.data.arrays import check_rows_to_split
+    with pytest.raises(DDMError, match=r"^rows given holds 0 rows; "):
+        check_rows_to_split(0, "rows given")

@@ -447,7 +447,7 @@ def test_scored_cells_outside_the_grid_are_named(tiny_grid, tmp_path):
             "--monolith-k", "4")
     done = cli("sweep", SWEEP, "--out", out, *grid, "--stages", "report", "--partial")
     assert done.returncode == 0, done.stderr
-    assert "k2_b0.75_s1 are scored but left out" in " ".join(done.stderr.split()) and "--all-seeds" in done.stderr
+    assert "cell k2_b0.75_s1 is scored but left out" in " ".join(done.stderr.split()) and "--all-seeds" in done.stderr
 
 
 def test_a_grid_without_the_monolith_k_says_so_naming_its_k(tiny_grid, tmp_path):

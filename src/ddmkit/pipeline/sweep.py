@@ -556,7 +556,8 @@ def sweep(cfg: RunConfig, out: str | Path, ks: list[int], budgets: list[float], 
     beyond = [folder.name for folder in (cell_dir(out, *c, scale, cfg.partition.k) for c in others)
               if (folder / "metrics.json").exists()]
     if beyond and stages != "train":
-        log(f"sweep: cells {', '.join(beyond)} are scored but left out: a seed other than the first counts "
+        log(f"sweep: {'cells' if len(beyond) > 1 else 'cell'} {', '.join(beyond)} "
+            f"{'are' if len(beyond) > 1 else 'is'} scored but left out: a seed other than the first counts "
             "only at the smallest and largest budget; add --all-seeds to report every seed at every budget")
     if stages == "report":
         results, missing = scored_cells(grid, out, partial)
