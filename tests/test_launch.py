@@ -930,6 +930,17 @@ def test_the_addresses_ray_runs_streaming_tasks_on_pass_the_launch_check(address
     check_launch("ray", None, address)
 
 
+@pytest.mark.parametrize("backend", ["processes", "ray"])
+def test_workers_below_one_are_refused_with_what_works(backend):
+    """--workers 0 was told "must be >= 1, got 0" and no more: the one line names what works, 1 or more, or the
+    option left out for its default."""
+    from ddmkit.launch import check_launch
+
+    with pytest.raises(DDMError, match=r"^--workers must be >= 1, got 0; give 1 or more, or leave --workers out for "
+                                       r"the default \(one per job, .*\)$"):
+        check_launch(backend, 0)
+
+
 def test_ray_address_in_the_environment_is_the_cluster_ray_connects_to_and_a_client_one_is_refused(monkeypatch):
     """Ray reads RAY_ADDRESS (set inside a Ray job) when no address or auto is given: a ray:// one reached Ray
     Client's streaming refusal (a traceback), and a cluster's one made ddmkit's local Ray ask an existing cluster

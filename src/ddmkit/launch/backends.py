@@ -78,7 +78,8 @@ def check_launch(backend: str, workers: int | None = None, address: str | None =
     check_backend(backend)
     check_concurrent_backend(concurrent, backend, workers, address)
     if workers is not None and workers < 1:
-        raise DDMError(f"--workers must be >= 1, got {workers}")
+        raise DDMError(f"--workers must be >= 1, got {workers}; give 1 or more, or leave --workers out for the "
+                       "default (one per job, at most one per GPU, or per CPU core without GPUs)")
     if workers is not None and backend == "inline":
         raise DDMError("--workers is for the processes and ray backends (inline trains one job after another in "
                        "this process); add --backend processes, or leave --workers out")
