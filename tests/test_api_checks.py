@@ -479,6 +479,19 @@ def test_sample_single_names_what_is_not_a_velocity_field():
         sample_single(lambda x, t: -x, (D,), 3, steps=2, speed="fast")
 
 
+def test_sample_single_names_a_data_shape_other_than_the_networks():
+    """A loaded monolith or student (an MLP built for (2,)) sampled with data_shape (3,) was torch's
+    "mat1 and mat2 shapes cannot be multiplied": one DDMError names the shape given and the network's."""
+    from ddmkit.nets.field import NetworkField, VelocityOutput
+    from ddmkit.nets.mlp import VelocityMLP
+
+    field = NetworkField(VelocityMLP([D], width=8, depth=1), VelocityOutput())
+    with pytest.raises(DDMError, match=r"^sample_single: data_shape \(3,\) is not the shape the field's network "
+                                       r"was built for, \(2,\); pass data_shape=\(2,\)"):
+        sample_single(field, (D + 1,), 3, steps=2)
+    assert sample_single(field, (D,), 3, steps=2)[0].shape == (3, D)
+
+
 # 13. info["expert_rows"] has one entry per expert
 
 def test_expert_rows_has_one_entry_per_expert():

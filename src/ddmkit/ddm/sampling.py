@@ -338,6 +338,16 @@ def _per_trajectory(nfe: list[int]) -> int:
     return round(sum(nfe) / len(nfe))
 
 
+def check_field_shape(field, data_shape: tuple[int, ...]) -> None:
+    """A network's field (a NetworkField: a loaded monolith or student) is sampled with the data shape its
+    network was built for: another one is a DDMError naming both (it was torch's shape error from inside the
+    network). A field of no known shape (a function) is not checked."""
+    built = getattr(getattr(field, "network", None), "data_shape", None)
+    if built is not None and tuple(built) != data_shape:
+        raise DDMError(f"sample_single: data_shape {data_shape} is not the shape the field's network was built for, "
+                       f"{tuple(built)}; pass data_shape={tuple(built)} (the run's data shape)")
+
+
 def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
                   device="cpu", name: str = "monolith", x1: torch.Tensor | None = None,
                   cond: dict[str, torch.Tensor] | None = None, batch_size: int | None = None,
@@ -354,6 +364,7 @@ def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "eul
         raise DDMError(f"sample_single: field: {type(field).__name__} is not a velocity field field(x, t); sample a DDM "
                        "with DDM.sample, and a run's monolith with ddmkit.ddm.load.monolith_field(RUN) as the field")
     data_shape = checked_shape(data_shape, "sample_single")
+    check_field_shape(field, data_shape)
     if cond is not None and (not isinstance(cond, dict) or not all(
             isinstance(c, torch.Tensor) and len(c) == checked.n for c in cond.values())):
         what = {k: type(c).__name__ for k, c in cond.items()} if isinstance(cond, dict) else type(cond).__name__
