@@ -497,6 +497,45 @@ def test_distill_refuses_a_dense_checkpoint_of_a_teacher_changed_since(trained, 
         make_dense(plan(), log=lambda m: None)
 
 
+def test_students_of_another_teacher_are_refused_naming_which_case(trained, tmp_path):
+    """Students of another teacher were told "its experts or router changed since", also when they were copied from
+    another run: the message says which case it is, by the recorded SHA-256 of each expert and of the router
+    (teacher_parts), and --force is still the fix."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ddmkit.registry import write_registry
+
+    run = copy_of(trained, tmp_path)
+    folder = RunFolder(run)
+    make_dense(plan_distill(run, "top-2", **SMALL), log=lambda m: None)
+
+    def retrain(weights: Path) -> None:  # other weights, registered: as a job trained again
+        with safe_open(str(weights), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}, str(weights), meta)
+        write_registry(run)
+
+    retrain(folder.router / "model.safetensors")
+    with pytest.raises(DDMError, match=r"distilled differently: the teacher: this run's experts or router changed "
+                                       r"since the students were distilled \(add-expert, .*\)\. Pass --force"):
+        plan_distill(run, "top-2", **SMALL)
+    for c in range(4):  # none of the students' teacher's networks is this run's: another run's students
+        retrain(folder.expert(c) / "model.safetensors")
+    with pytest.raises(DDMError, match=r"distilled differently: the teacher: the students were distilled from "
+                                       r"another run's teacher \(.*copied from another run\?\)\. Pass --force"):
+        plan_distill(run, "top-2", **SMALL)
+    config = folder.dense_student / "config.json"  # earlier ddmkit recorded no teacher_parts: either case
+    recorded = json.loads(config.read_text())
+    del recorded["distill"]["teacher_parts"]
+    config.write_text(json.dumps(recorded))
+    with pytest.raises(DDMError, match=r"the teacher: its experts and router are not those the students were "
+                                       r"distilled from \(this run's changed since, .* or the students are another "
+                                       r"run's\)\. Pass --force"):
+        plan_distill(run, "top-2", **SMALL)
+    plan_distill(run, "top-2", force=True, **SMALL)
+
+
 def test_counts_may_be_numpy_integers(trained):
     """distill_run(run, few_step=np.int64(4)) said '--few-step: np.int64(4) is out of range; give an integer in
     1 .. 32'; the counts are kept as ints, so the students' config.json can record them."""

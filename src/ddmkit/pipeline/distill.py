@@ -171,14 +171,35 @@ def recipe(train: TrainConfig) -> dict:
     return {k: v for k, v in train.model_dump().items() if k not in UNSPECIFIED}
 
 
-def teacher_sha256(folder: RunFolder, ddm: DDM) -> str:
-    """One SHA-256 over the weights of every expert and of the router (or the router's kind)."""
-    h = hashlib.sha256()
-    for c in range(ddm.k):
-        h.update(sha256_file(folder.expert(c) / "model.safetensors").encode())
+def teacher_parts(folder: RunFolder, ddm: DDM) -> list[str]:
+    """The SHA-256 of every expert's weights, then the router's (or the router's kind)."""
     router = folder.router / "model.safetensors"
-    h.update(sha256_file(router).encode() if router.exists() else str(ddm.meta.get("router")).encode())
+    return [*(sha256_file(folder.expert(c) / "model.safetensors") for c in range(ddm.k)),
+            sha256_file(router) if router.exists() else str(ddm.meta.get("router"))]
+
+
+def teacher_sha256(folder: RunFolder, ddm: DDM) -> str:
+    """One SHA-256 over the weights of every expert and of the router (or the router's kind): teacher_parts."""
+    h = hashlib.sha256()
+    for part in teacher_parts(folder, ddm):
+        h.update(part.encode())
     return h.hexdigest()
+
+
+def other_teacher(made: dict, plan: "Plan") -> str:
+    """Why a student's recorded teacher (teacher_sha256) is not this run's: made by another run's teacher (none of
+    its experts and router is one of this run's), or this run's teacher changed since (some are); a student of
+    earlier ddmkit recorded no teacher_parts: either."""
+    recorded = made.get("teacher_parts")
+    if not isinstance(recorded, list):
+        return ("the teacher: its experts and router are not those the students were distilled from (this run's "
+                "changed since, by add-expert, replace-expert or a job trained again, or the students are another "
+                "run's)")
+    if not set(recorded) & set(plan.dense_spec["teacher_parts"]):
+        return ("the teacher: the students were distilled from another run's teacher (none of its experts and "
+                "router is one of this run's: copied from another run?)")
+    return ("the teacher: this run's experts or router changed since the students were distilled (add-expert, "
+            "replace-expert or a job trained again)")
 
 
 def student_net(folder: RunFolder, source: str) -> dict:
@@ -241,12 +262,11 @@ def check_existing(plan: Plan) -> None:
     for path in existing_students(plan.folder):
         made = read_json(path / "config.json").get("distill", {})
         dense = canonical_teacher(made.get("dense", made))
-        teacher = "teacher_sha256"  # named as what it means: the teacher's weights changed
-        diff = config_differences({k: v for k, v in dense.items() if k != teacher},
-                                  {k: v for k, v in plan.dense_spec.items() if k != teacher})
-        if dense.get(teacher) != plan.dense_spec[teacher]:
-            diff.append("the teacher: its experts or router changed since (add-expert, replace-expert or a job "
-                        "trained again)")
+        teacher = ("teacher_sha256", "teacher_parts")  # named as what they mean: the teacher's weights differ
+        diff = config_differences({k: v for k, v in dense.items() if k not in teacher},
+                                  {k: v for k, v in plan.dense_spec.items() if k not in teacher})
+        if dense.get("teacher_sha256") != plan.dense_spec["teacher_sha256"]:
+            diff.append(other_teacher(dense, plan))
         if path.name != "dense" and not diff and plan.few_step is not None \
                 and path == plan.folder.few_step_student(plan.few_step, plan.grid):
             diff = config_differences(made, {key: v for key, v in plan.few_step_spec().items()
@@ -308,7 +328,7 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
     ddm = load_ddm(folder.root, where, allow_missing=False)  # the trained experts and router, checked
     net = student_net(folder, arch)
     dense_spec = {"teacher": teacher, "arch": arch, "net": net, "train": recipe(train),
-                  "teacher_sha256": teacher_sha256(folder, ddm)}
+                  "teacher_sha256": teacher_sha256(folder, ddm), "teacher_parts": teacher_parts(folder, ddm)}
     plan = Plan(folder, cfg, ddm, teacher, arch, net, train, few_step, grid, trajectories,
                 teacher_steps or cfg.sample.steps, where, is_image_run(folder.root), dense_spec)
     check_folder_target(folder.students)  # a file there: named before --force would try to remove it as a folder
