@@ -178,10 +178,11 @@ def teacher_parts(folder: RunFolder, ddm: DDM) -> list[str]:
             sha256_file(router) if router.exists() else str(ddm.meta.get("router"))]
 
 
-def teacher_sha256(folder: RunFolder, ddm: DDM) -> str:
-    """One SHA-256 over the weights of every expert and of the router (or the router's kind): teacher_parts."""
+def teacher_sha256(parts: list[str]) -> str:
+    """One SHA-256 over the weights of every expert and of the router (or the router's kind): over their
+    teacher_parts."""
     h = hashlib.sha256()
-    for part in teacher_parts(folder, ddm):
+    for part in parts:
         h.update(part.encode())
     return h.hexdigest()
 
@@ -327,8 +328,9 @@ def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int |
                        f"routes: train its router first with `ddmkit train-router {folder.root}`")
     ddm = load_ddm(folder.root, where, allow_missing=False)  # the trained experts and router, checked
     net = student_net(folder, arch)
+    parts = teacher_parts(folder, ddm)  # each network's weights read once
     dense_spec = {"teacher": teacher, "arch": arch, "net": net, "train": recipe(train),
-                  "teacher_sha256": teacher_sha256(folder, ddm), "teacher_parts": teacher_parts(folder, ddm)}
+                  "teacher_sha256": teacher_sha256(parts), "teacher_parts": parts}
     plan = Plan(folder, cfg, ddm, teacher, arch, net, train, few_step, grid, trajectories,
                 teacher_steps or cfg.sample.steps, where, is_image_run(folder.root), dense_spec)
     check_folder_target(folder.students)  # a file there: named before --force would try to remove it as a folder
