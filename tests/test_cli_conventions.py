@@ -668,7 +668,7 @@ def test_a_comma_list_given_to_a_repeatable_number_option_says_to_repeat_it(cli,
 
 
 @pytest.mark.parametrize("option, value, words", [("--strategy", "threshold-1.5", "P must be in (0, 1]"),
-                                                  ("--guidance", "-3", "greater than or equal to 0")])
+                                                  ("--guidance", "-3", "-3 is outside 0 to 1000; give a scale")])
 def test_a_bad_sampling_option_is_named_by_its_option(ddmkit, shard, option, value, words):
     """A value the config refuses was named as a config field ('options: invalid configuration /
     sample.strategies: ...'), then on a line below 'error: invalid option'; it is one line naming the option."""

@@ -791,8 +791,9 @@ def test_sample_refuses_a_guidance_out_of_its_range_with_the_range_and_a_scale_t
     should be greater than or equal to 0' gave neither), before anything is drawn."""
     before = files(run)
     done = cli("sample", run, "--strategy", "top-1", "--n", 4, "--steps", 2, "--guidance", scale)
-    assert done.returncode == 2 and done.stderr == (f"error: --guidance {scale}: give a scale from 0 to 1000 (1: no "
-                                                    "guidance, the default; e.g. --guidance 2)\n"), done.stderr
+    assert done.returncode == 2 and done.stderr == (f"error: --guidance: {scale} is outside 0 to 1000; give a scale "
+                                                    "from 0 to 1000 (1: no guidance, the default; e.g. --guidance 2)\n"
+                                                    ), done.stderr
     assert files(run) == before
 
 

@@ -582,8 +582,8 @@ def _check_guidance(section, guidance: float | None) -> None:
     bounds = {key: getattr(m, key) for m in section.model_fields["guidance"].metadata for key in ("ge", "le")
               if hasattr(m, key)}
     if guidance is not None and not bounds["ge"] <= guidance <= bounds["le"]:  # nan and inf too
-        raise DDMError(f"--guidance {guidance:g}: give a scale from {bounds['ge']:g} to {bounds['le']:g} (1: no "
-                       "guidance, the default; e.g. --guidance 2)")
+        raise DDMError(f"--guidance: {guidance:g} is outside {bounds['ge']:g} to {bounds['le']:g}; give a scale from "
+                       f"{bounds['ge']:g} to {bounds['le']:g} (1: no guidance, the default; e.g. --guidance 2)")
 
 
 def _check_sample_counts(section, counts: dict) -> None:
