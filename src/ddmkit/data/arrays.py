@@ -108,8 +108,8 @@ def split_indices(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor
 def check_rows_to_split(n: int, where: str, fix: str = "add rows") -> None:
     """A data set of one row cannot give split_indices both a test row and a training row: a DDMError."""
     if n < 2:
-        raise DDMError(f"{where} holds {n} row{'' if n == 1 else 's'}; splitting it into a test split (at least one row) and a training "
-                       f"split (at least one) needs 2 rows or more: {fix}")
+        raise DDMError(f"{where} holds {n} row{'' if n == 1 else 's'}; splitting it into a test split (at least one "
+                       f"row) and a training split (at least one) needs 2 rows or more: {fix}")
 
 
 def check_sample_size(shape: tuple, where: str) -> None:
