@@ -550,6 +550,13 @@ def test_damaged_analysis_records_are_measured_again(run, ddmkit):
     assert code == 0 and json.loads(record.read_text())["key"], err
 
 
+def test_a_data_json_of_another_type_is_refused_in_one_line(run, ddmkit):
+    """data/data.json holding JSON of another type (a list) gave a traceback from sample's memory check."""
+    (run / "data" / "data.json").write_text("[]")
+    code, _, err = ddmkit("sample", run, "--strategy", "top-1")
+    assert code == 2 and err.startswith("error: ") and "holds no data_shape" in err and "\n" not in err.strip(), err
+
+
 @pytest.mark.parametrize("damaged", ["config.json", "data/data.json"])
 def test_a_run_file_that_is_not_json_names_a_fix_that_works(run, ddmkit, tmp_path, damaged):
     """RUN/config.json or data/data.json not JSON: 're-create it with the ddmkit command that wrote it' (`ddmkit

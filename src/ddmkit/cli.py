@@ -994,9 +994,10 @@ def _check_sample_memory(run: Path, n: int) -> None:
 
     folder = RunFolder(run)
     try:
-        shape = read_json(folder.data_info).get("data_shape") if folder.data_info.exists() else None
+        info = read_json(folder.data_info) if folder.data_info.exists() else None
     except DDMError:  # a damaged data.json: named, with its fix, where the run is loaded
         return
+    shape = info.get("data_shape") if isinstance(info, dict) else None  # another type: named there too
     free = available_memory(torch.device("cpu"))
     if not isinstance(shape, list) or free is None:
         return

@@ -102,8 +102,12 @@ def stage_data(cfg: RunConfig, run, log: Log = print) -> None:
 
 
 def read_data_info(folder: RunFolder) -> dict:
-    """RUN/data/data.json as written (a damaged one is a DDMError naming data_fix)."""
-    return read_json(folder.data_info, data_fix(folder))
+    """RUN/data/data.json as written (a damaged one, or one of other JSON than an object, is a DDMError naming
+    data_fix)."""
+    info = read_json(folder.data_info, data_fix(folder))
+    if not isinstance(info, dict) or not isinstance(info.get("data_shape"), list):
+        raise DDMError(f"{folder.data_info} holds no data_shape (not what ddmkit writes there); {data_fix(folder)}")
+    return info
 
 
 def load_split(run, split: str) -> ArrayData:
