@@ -987,19 +987,18 @@ def _check_sample_memory(run: Path, n: int) -> None:
 
     import torch
 
-    from ddmkit.io import read_json
     from ddmkit.layout import RunFolder
     from ddmkit.pipeline.analyze import size_text
     from ddmkit.pipeline.checks import available_memory
+    from ddmkit.pipeline.stages import read_data_info
 
     folder = RunFolder(run)
     try:
-        info = read_json(folder.data_info) if folder.data_info.exists() else None
+        shape = read_data_info(folder)["data_shape"] if folder.data_info.exists() else None
     except DDMError:  # a damaged data.json: named, with its fix, where the run is loaded
         return
-    shape = info.get("data_shape") if isinstance(info, dict) else None  # another type: named there too
     free = available_memory(torch.device("cpu"))
-    if not isinstance(shape, list) or free is None:
+    if shape is None or free is None:
         return
     per_row = 2 * 4 * math.prod(shape)
     if n * per_row <= free:
