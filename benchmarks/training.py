@@ -133,14 +133,15 @@ def measure_graphed(variant: str, batch: int, args, device, precision) -> dict:
     """The step trained by fit() with train.cuda_graph (the network compiled in the default mode inside the
     graph): loss, backward, clipping, AdamW and the EMA replayed as one CUDA graph, so more work per step than
     measure()'s (no clipping or EMA there); timed from fit()'s log rows."""
-    model, shape = build(args, device, False)
+    channels_last = "channels_last" in variant
+    model, shape = build(args, device, channels_last)
     gen = torch.Generator(device=device).manual_seed(0)
     data = torch.randn(4 * batch, *shape, device=device)
     flops = step_flops(model, data[:batch], gen, precision)
     cfg = load_config(CONFIGS / "fashion_mnist.toml").expert.train.model_copy(update={  # a config's train table
         "steps": args.warmup + args.steps, "log_every": args.warmup or args.steps, "batch_size": batch, "lr": 1e-4,
         "warmup": 0, "bf16": args.bf16, "compile": True, "compile_mode": graph_compile_mode(args), "cuda_graph": True,
-        "channels_last": False, "checkpoint_every": 0, "tensorboard": False, "device": str(device)})
+        "channels_last": channels_last, "checkpoint_every": 0, "tensorboard": False, "device": str(device)})
 
     def batch_loss(m, step, gen):
         idx = torch.randint(0, len(data), (batch,), generator=gen, device=device)
@@ -479,7 +480,8 @@ def main(argv=None) -> None:
     variants = ["eager"] + (["eager channels_last"] if args.experts == "unet" else [])
     compiled = "compile" if args.compile_mode == "default" else f"compile {args.compile_mode}"
     variants += [v.replace("eager", compiled) for v in variants] if args.compile else []
-    variants += ["compile, CUDA graph (fit)"] if args.cuda_graph and device.type == "cuda" else []
+    graphed = ["compile, CUDA graph (fit)"] + (["compile channels_last, CUDA graph (fit)"] if args.experts == "unet" else [])
+    variants += graphed if args.cuda_graph and device.type == "cuda" else []
     unknown = sorted(set(args.only or []) - set(variants))
     if unknown:
         raise SystemExit(f"--only {', '.join(unknown)}: not a variant of this run ({', '.join(variants)})")

@@ -335,7 +335,8 @@ def test_cuda_graph_in_a_job_of_several_processes_is_refused_before_they_start(t
     import ddmkit.train.jobs as jobs
 
     graphed = ExpertConfig(train=TrainConfig(cuda_graph=True, steps=2))
-    jobs.check_graph_processes(graphed, 2)  # the CPU: nothing is captured
+    monkeypatch.setattr(jobs, "field_device", lambda field, name: torch.device("cpu"))
+    jobs.check_graph_processes(graphed, 2)  # the CPU: nothing is captured (a GPU machine's CPU field alike)
     monkeypatch.setattr(jobs, "field_device", lambda field, name: torch.device("cuda"))
     jobs.check_graph_processes(graphed, 1)
     jobs.check_graph_processes(ExpertConfig(), 2)
