@@ -168,7 +168,7 @@ def test_set_and_device_override_the_config(ddmkit, shard, tmp_path):
     (["--set", "expert.train.stepz=3"], "expert.train.stepz: unknown field; did you mean 'steps'?"),
     (["--set", "expert.trian.steps=3"], "expert.trian: unknown field; did you mean 'train'?"),
     (["--set", "expert.train.zzz=3"], "expert.train.zzz: unknown field (check the spelling; see docs/config.md"),
-    (["--set", "expert.train.steps=many"], "expert.train.steps: 'many' is text; give a number"),
+    (["--set", "expert.train.steps=many"], 'expert.train.steps: "many" is text, and this field takes a whole number'),
     (["--set", "expert.train.steps=0"], "expert.train.steps: Input should be greater than or equal to 1"),
     (["--set", "expert.train.steps"], "expected FIELD=VALUE"),
     (["--set", "expert.train.steps.every=1"], "expert.train.steps is a value, not a table"),
@@ -181,6 +181,28 @@ def test_a_bad_override_is_exit_2_naming_the_field(ddmkit, shard, tmp_path, args
     code, _, err = ddmkit("train-expert", shard, "--out", tmp_path / "e", "--config", TINY, *args)
     assert code == 2 and message in err, err
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("value, given", [
+    ("[1,2]", "[1, 2] is a list"), ("{a = 1}", '{"a": 1} is a table'), ("abc", '"abc" is text'),
+    ("1.5", "1.5 is a number with a fractional part"), ('"5"', '"5" is text'),
+])
+def test_a_value_of_the_wrong_kind_names_the_field_and_a_set_that_works(cli, tmp_path, value, given):
+    """`--set expert.train.steps=[1,2]` (a list, a table, text or a fraction for a whole number) was pydantic's bare
+    'Input should be a valid integer': one line naming the field, what was given, what it takes and a --set that
+    the config takes; exit 2, nothing written. A TOML file's value is told the same."""
+    toml = tmp_path / "bad.toml"
+    written = '"abc"' if value == "abc" else value  # TOML quotes text; --set need not
+    toml.write_text(TINY.read_text().replace("steps = 60\nbatch_size = 64", f"steps = {written}\nbatch_size = 64", 1))
+    for args in (["run", TINY, "--set", f"expert.train.steps={value}"], ["run", toml]):
+        done = cli(*args, "--out", tmp_path / "run")
+        assert done.returncode == 2 and not (tmp_path / "run").exists(), done
+        line = next(line for line in done.stderr.splitlines() if "expert.train.steps" in line)
+        assert line.startswith(f"  expert.train.steps: {given}, and this field takes a whole number: give "), line
+        fix = re.search(r"\(on the command line: (--set .+)\)$", line).group(1)
+        checked = cli("run", TINY, "--out", tmp_path / "run", *shlex.split(fix), "--set", "sample.n=0")
+        assert "expert.train.steps" not in checked.stderr and "sample.n" in checked.stderr, checked  # steps taken
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("command, args, message", [

@@ -66,15 +66,21 @@ def test_a_bad_train_device_names_the_accepted_devices_not_a_pattern():
 def test_text_is_not_read_as_a_number_or_a_boolean():
     """`balanced = "yes"` was read as true and `k = "4"` as 4 (pydantic's lax mode); a value is what was written,
     and the message names the field (it named its section: 'partition: k = '4' is text')."""
+    import re
+
     import pytest
 
     from ddmkit.config import RunConfig, validate
     from ddmkit.errors import DDMError
 
-    for section, words in (({"balanced": "yes"}, "  partition.balanced: 'yes' is text; give true or false"),
-                           ({"k": "4"}, "  partition.k: '4' is text; give a number"),
-                           ({"pca_dim": "8"}, "  partition.pca_dim: '8' is text; give a number")):
-        with pytest.raises(DDMError, match=words.replace("(", r"\(")):
+    for section, words in (({"balanced": "yes"}, '  partition.balanced: "yes" is text, and this field takes true or '
+                                                 "false: give false (on the command line: "
+                                                 "--set partition.balanced=false)"),
+                           ({"k": "4"}, '  partition.k: "4" is text, and this field takes a whole number: give 4, '
+                                        "without quotes (on the command line: --set partition.k=4)"),
+                           ({"pca_dim": "8"}, '  partition.pca_dim: "8" is text, and this field takes a whole number: '
+                                              "give 8, without quotes")):
+        with pytest.raises(DDMError, match=re.escape(words)):
             validate(RunConfig, {"partition": section})
     assert validate(RunConfig, {"partition": {"k": 4, "balanced": True, "features": "pca"}}).partition.k == 4
 
@@ -88,9 +94,10 @@ def test_a_number_is_not_read_as_a_boolean():
     from ddmkit.errors import DDMError
 
     for value in (1, 0.0, 2):
-        with pytest.raises(DDMError, match=f"  expert.train.cuda_graph: {value} is a number; give true or false"):
+        with pytest.raises(DDMError, match=f"  expert.train.cuda_graph: {value} is a number, and this field takes "
+                                           "true or false: give false"):
             validate(RunConfig, {"expert": {"train": {"cuda_graph": value}}})
-    with pytest.raises(DDMError, match="  expert.concurrent: 0 is a number; give true or false"):
+    with pytest.raises(DDMError, match="  expert.concurrent: 0 is a number, and this field takes true or false"):
         validate(RunConfig, {"expert": {"concurrent": 0}})
     assert validate(RunConfig, {"expert": {"train": {"cuda_graph": True, "steps": 3}}}).expert.train.cuda_graph
 

@@ -10,7 +10,9 @@ import difflib
 import hashlib
 import json
 import re
+import shlex
 import sys
+import types
 import typing
 import warnings
 from pathlib import Path
@@ -666,6 +668,133 @@ def _texts_for(given, model: type[BaseModel], data: dict, loc: tuple, where: str
     return f"{head}, e.g. {example} (on the command line: --set '{where}={example}'); {quoted} would not do: {why}"
 
 
+def _field_at(model: type[BaseModel] | None, loc: tuple):
+    """The pydantic field of `model` at `loc` (a path of field names), or None when there is none."""
+    section = _annotation_at(model, loc[:-1]) if loc else None
+    if not (isinstance(section, type) and issubclass(section, BaseModel) and isinstance(loc[-1], str)):
+        return None
+    return section.model_fields.get(loc[-1])
+
+
+def _scalar_kinds(annotation) -> tuple:
+    """The kinds of one value a field's annotation takes (int, float, bool, str, or a Literal's choices), None left
+    out: (int,) for int | None; () for a list, a table or a section."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = tuple(k for k in (typing.get_args(annotation) if union else (annotation,)) if k is not type(None))
+    if len(kinds) == 1 and typing.get_origin(kinds[0]) is Literal:
+        return tuple(typing.get_args(kinds[0]))
+    return kinds if kinds and all(k in (int, float, bool, str) for k in kinds) else ()
+
+
+def _takes(kinds: tuple) -> str:
+    """What a field of these kinds takes, in words: 'a whole number', "one of 'euler', 'heun'"."""
+    if not all(isinstance(k, type) for k in kinds):
+        return "one of " + ", ".join(repr(k) for k in kinds)
+    number = "a number" if float in kinds else "a whole number" if int in kinds else None
+    words = [number, "true or false" if bool in kinds else None, "text" if str in kinds else None]
+    return " or ".join(w for w in words if w)
+
+
+def _kind_of(value, kinds: tuple) -> str | None:
+    """What `value` is, in words, when it is not of `kinds` (_scalar_kinds), e.g. 'a list'; None when it is (a
+    number out of range or a choice misspelt is no type error)."""
+    texts = str in kinds or any(isinstance(k, str) for k in kinds)
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, bool):
+        return None if bool in kinds else "a boolean"
+    if isinstance(value, str):
+        return None if texts else "text"
+    if isinstance(value, (int, float)) and (texts or kinds == (bool,)):
+        return "a number"
+    if isinstance(value, float) and kinds == (int,) and value == value and abs(value) != float("inf") \
+            and not value.is_integer():
+        return "a number with a fractional part"
+    return None
+
+
+def _candidates(given, field, kinds: tuple) -> list:
+    """Values to offer for a field of `kinds` given `given`, best first: `given` read as one ('5' -> 5, 1.5 -> 2),
+    the field's default, its lower bound, its choices, a plain one of its kind."""
+    out = []
+    number = float in kinds or int in kinds
+    if number and isinstance(given, str):
+        try:
+            out.append(float(given))
+        except ValueError:
+            pass
+    if number and isinstance(given, (int, float)) and not isinstance(given, bool):
+        out.append(given)
+    out = [round(v) if float not in kinds and v == v and abs(v) != float("inf") else v for v in out]
+    out.append(field.get_default(call_default_factory=True))
+    out += [m.ge for m in field.metadata if getattr(m, "ge", None) is not None]
+    out += [k for k in kinds if not isinstance(k, type)] + [{int: 1, float: 1.0, bool: True, str: "NAME"}.get(k)
+                                                           for k in kinds]
+    return [v for v in out if v is not None and _kind_of(v, kinds) is None]
+
+
+def _reads_as_number(text: str) -> bool:
+    """Whether `text` is a number written in quotes ("5")."""
+    try:
+        return float(text) == float(text)
+    except ValueError:
+        return False
+
+
+def _on_command_line(where: str, value) -> str:
+    """`--set where=value` as a shell reads it and --set reads it back: --set expert.train.steps=2000,
+    --set data.name=ring8, --set 'latent.widths=[8, 16]', --set 'data.name="3"' (text --set would read as a number)."""
+    plain = value if isinstance(value, str) else json.dumps(value)
+    return f"--set {shlex.quote(f'{where}={plain if parse_value(plain) == value else json.dumps(value)}')}"
+
+
+def _wrong_kind(model: type[BaseModel] | None, data: dict, loc: tuple, given) -> str | None:
+    """The message for `given`, a value of the wrong kind (a list, a table, text, a fraction) for the field of one
+    value at `loc` or for an item of a list of them: what it is, what the field takes and a value the config takes,
+    as TOML and as --set ("[1, 2] is a list, and this field takes a whole number: give 2000 (on the command line:
+    --set expert.train.steps=2000)"); None when `given` is of its kind (or the field is no such one)."""
+    if loc and isinstance(loc[-1], int):
+        return _wrong_item(model, data, loc, given)
+    field = _field_at(model, loc)
+    kinds = _scalar_kinds(field.annotation) if field is not None else ()
+    kind = _kind_of(given, kinds) if kinds else None
+    if kind is None:
+        return None
+    head = f"{json.dumps(given)} is {kind}, and this field takes {_takes(kinds)}"
+    fix = next((v for v in _candidates(given, field, kinds) if _refusal(model, data, loc, v) is None), None)
+    return _with_fix(head, ".".join(loc), fix, numeric_text=isinstance(given, str) and _reads_as_number(given))
+
+
+def _wrong_item(model: type[BaseModel] | None, data: dict, loc: tuple, given) -> str | None:
+    """_wrong_kind's message for an item of a list (latent.widths = [8, "a"], strategies = [["full"]]; a number in a
+    list of texts is _texts_for's): the list with each such item replaced by one of its kind, else the field's
+    default."""
+    field = _field_at(model, loc[:-1])
+    items = _given_at(data, loc[:-1])
+    if field is None or typing.get_origin(field.annotation) is not list or not isinstance(items, list):
+        return None
+    kinds = _scalar_kinds(typing.get_args(field.annotation)[0])
+    kind = _kind_of(given, kinds) if kinds else None
+    if kind is None:
+        return None
+    head = f"{json.dumps(given)} in {json.dumps(items)} is {kind}, and each item of this field is {_takes(kinds)}"
+    mended = [item if _kind_of(item, kinds) is None else next(iter(_candidates(item, field, kinds)), None)
+              for item in items]
+    fixes = [mended, field.get_default(call_default_factory=True)]
+    fix = next((v for v in fixes if None not in v and _refusal(model, data, loc[:-1], v) is None), None)
+    return _with_fix(head, ".".join(str(p) for p in loc[:-1]), fix)
+
+
+def _with_fix(head: str, where: str, fix, numeric_text: bool = False) -> str:
+    """`head` and the value to give instead, as TOML and as --set (fix None: the form to write, VALUE)."""
+    if fix is None:
+        return f"{head} (set {where} = VALUE in the TOML, or --set {where}=VALUE)"
+    unquoted = ", without quotes" if numeric_text else ""
+    return f"{head}: give {json.dumps(fix)}{unquoted} (on the command line: {_on_command_line(where, fix)})"
+
+
 def _given_at(data, loc: tuple):
     """The value at `loc` (a path of field names) of the nested table `data`, or None."""
     for name in loc:
@@ -701,6 +830,13 @@ def _explain(err: ValidationError, source: str, what: str = "configuration", mod
             told.add(where)
             given = _given_at(data, field)
             msg = _texts_for(given if isinstance(given, list) else [e["input"]], model, data or {}, field, where)
+        elif what == "configuration" and (wrong := _wrong_kind(model, data or {}, e["loc"], e.get("input"))):
+            msg = wrong  # [1, 2], {a = 1}, "abc" or 1.5 for a whole number: what it takes and a value that works
+            if isinstance(item, int):  # an item of a list: one line for the list
+                where = ".".join(str(p) for p in field)
+                if where in told:
+                    continue
+                told.add(where)
         elif what == "configuration" and e["type"] == "list_type" and isinstance(e.get("input"), (str, int, float)):
             given = e["input"]
             if _of_texts(_annotation_at(model, e["loc"])) and not isinstance(given, str):  # 3 where ["top-3"] goes
