@@ -951,3 +951,19 @@ def test_cli_md_gives_the_device_defaults_of_the_commands_that_take_device_alone
         device = next(p for p in root.commands[command].params if p.name == "device")
         default = re.search(r"default: the run's ([\w.]+)\)", device.help).group(1)
         assert re.search(rf"`{re.escape(default)}` for [^;]*`{command}`", sentence), (command, default, sentence)
+
+
+def test_run_refuses_a_sample_n_whose_noise_and_samples_outgrow_the_memory(cli, monkeypatch, tmp_path):
+    """`ddmkit run CONFIG` whose sample.n is so large that a set's noise and samples alone (2 x n x the data's
+    numbers, float32) are more than the available memory trained every network and was then killed by the kernel
+    at sampling: one error line naming sample.n and an n that fits, before anything is written or trained; the
+    n it names passes."""
+    import ddmkit.pipeline.checks
+
+    monkeypatch.setattr(ddmkit.pipeline.checks, "available_memory", lambda device: 100 * 2 * 4 * 2)  # ring8: 2-D
+    done = cli("run", TINY, "--out", tmp_path / "run")  # TINY's sample.n = 400
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: sample.n = 400: its noise and samples alone would take"), done.stderr
+    assert "set sample.n = 50 or less (--set sample.n=50)" in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()
+    assert cli("partition", "--config", TINY, "--out", tmp_path / "run", "--set", "sample.n=50").returncode == 0

@@ -980,16 +980,10 @@ def _text_run(run: Path) -> bool:
 
 
 def _check_sample_memory(run: Path, n: int) -> None:
-    """A DDMError naming --n when a set's noise and samples alone (2 x n x the data's numbers, float32, held on
-    the host) are more than this machine's available memory: the kernel would kill the command without a word.
-    The largest --n that takes at most half of it is named; nothing is checked where the memory cannot be told."""
-    import math
-
-    import torch
-
+    """pipeline.checks.check_sample_memory of --n on the run's data (RUN/data/data.json): a DDMError naming --n
+    and an --n that fits, when a set's noise and samples alone outgrow this machine's available memory."""
     from ddmkit.layout import RunFolder
-    from ddmkit.pipeline.analyze import size_text
-    from ddmkit.pipeline.checks import available_memory
+    from ddmkit.pipeline.checks import check_sample_memory
     from ddmkit.pipeline.stages import read_data_info
 
     folder = RunFolder(run)
@@ -997,16 +991,8 @@ def _check_sample_memory(run: Path, n: int) -> None:
         shape = read_data_info(folder)["data_shape"] if folder.data_info.exists() else None
     except DDMError:  # a damaged data.json: named, with its fix, where the run is loaded
         return
-    free = available_memory(torch.device("cpu"))
-    if shape is None or free is None:
-        return
-    per_row = 2 * 4 * math.prod(shape)
-    if n * per_row <= free:
-        return
-    raise DDMError(f"--n = {n}: its noise and samples alone would take {size_text(n * per_row)} of memory (2 x {n} x "
-                   f"{'x'.join(map(str, shape))} float32 numbers), more than the {size_text(free)} available here; "
-                   f"give --n {max(1, free // 2 // per_row)} or less (half of it, the rest for the networks), or "
-                   "sample where there is more memory")
+    if shape is not None:
+        check_sample_memory(n, shape, "--n", "give --n {n} or less")
 
 
 def _check_learned_router(run: Path) -> None:

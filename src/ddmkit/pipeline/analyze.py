@@ -47,7 +47,7 @@ from ddmkit.evaluation.distances import w2_exact
 from ddmkit.io import (check_folder_target, load_tensors, nan_as_null, read_json, save_tensors, sha256_file,
                        write_bytes_atomic, write_json)
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder, safe_name
-from ddmkit.pipeline.checks import available_memory, checked_device
+from ddmkit.pipeline.checks import available_memory, checked_device, size_text
 from ddmkit.pipeline.prepare import remove_leftovers, run_config
 from ddmkit.pipeline.samplesets import calls_every_expert, full_routing_note
 from ddmkit.pipeline.stages import load_split, read_data_info, run_lock
@@ -135,11 +135,6 @@ def analysis_bytes(n: int, steps: int, dim: int, k: int, reference: bool, itemsi
     n = 300 000, CPU) the analysis's resident memory grew by about 1.4 times this bound."""
     per_step = (4 * dim + 2 * k) * itemsize + 2 * (11 if reference else 6) * 8
     return n * (steps * per_step + k * k * dim * 8)
-
-
-def size_text(nbytes: float) -> str:
-    """nbytes in GiB (MiB below 1 GiB), e.g. '12.3 GiB'."""
-    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def check_memory(n: int, steps: int, dim: int, k: int, reference: bool, device: torch.device) -> None:

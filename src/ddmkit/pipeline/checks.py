@@ -12,6 +12,7 @@ fails at the data and partition stage, with a fix that works, not after its netw
     checked_device(name)                          -> torch.device  a --device value, present here
     named_device(name)                            -> str  a --device value for a stage that uses none
     available_memory(device)                      -> int | None  bytes free for new tensors there
+    check_sample_memory(n, data_shape, what, fix) a set of n samples' noise and samples, held on the host, fit
 
 What the later stages need (each need is where that stage would fail or would not honour a setting):
 
@@ -31,6 +32,7 @@ What the later stages need (each need is where that stage would fail or would no
 from __future__ import annotations
 
 import inspect
+import math
 import os
 
 import torch
@@ -360,3 +362,25 @@ def available_memory(device: torch.device) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def size_text(nbytes: float) -> str:
+    """nbytes in GiB (MiB below 1 GiB), e.g. '12.3 GiB'."""
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def check_sample_memory(n: int, data_shape, what: str = "sample.n",
+                        fix: str = "set sample.n = {n} or less (--set sample.n={n})") -> None:
+    """A DDMError opening with `what` (the setting or option that gave n) when a set's noise and samples alone
+    (2 x n x the data's numbers, float32, held on the host) are more than this machine's available memory: the
+    kernel would kill the command without a word. `fix` names the largest n that takes at most half of it
+    ({n} in it); nothing is checked where the memory cannot be told."""
+    free = available_memory(torch.device("cpu"))
+    per_row = 2 * 4 * math.prod(data_shape)
+    if free is None or n * per_row <= free:
+        return
+    fits = max(1, free // 2 // per_row)
+    raise DDMError(f"{what} = {n}: its noise and samples alone would take {size_text(n * per_row)} of memory (2 x {n} "
+                   f"x {'x'.join(map(str, data_shape))} float32 numbers), more than the {size_text(free)} available "
+                   f"here; {fix.format(n=fits)} (half of it, the rest for the networks), or sample where there is "
+                   "more memory")

@@ -36,8 +36,8 @@ from ddmkit.io import STAGING, entries, read_json, remove, remove_stale_staging,
 from ddmkit.latent.autoencoder import check_pretrained, network_data_shape
 from ddmkit.ddm.load import component_groups, records_truth
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run
-from ddmkit.pipeline.checks import (check_clusters, check_devices, check_labels, check_run_plan, few_test_images,
-                                    unused_attention, unused_partition_settings, untrained_classes)
+from ddmkit.pipeline.checks import (check_clusters, check_devices, check_labels, check_run_plan, check_sample_memory,
+                                    few_test_images, unused_attention, unused_partition_settings, untrained_classes)
 from ddmkit.train.jobs import EXECUTION
 from ddmkit.pipeline.stages import (check_network_arguments, check_networks, load_data, load_split, plan_partition,
                                     read_data_info, register_user_features, register_user_networks, run_lock,
@@ -270,7 +270,8 @@ def check_kinds(folder: RunFolder, skip: list[Path] = ()) -> None:
 def _check_sizes(cfg: RunConfig, folder: RunFolder, data: tuple | None, kept_partition: bool) -> None:
     """pipeline.checks.check_run_plan on the data in memory (a new run, or a resumed run's data made
     again), or as RUN/data/data.json records them (a resumed run, maybe with new [sample] or [evaluate]
-    settings), then, when the run keeps its partition, on the clusters RUN/partition/manifest.json records."""
+    settings), and pipeline.checks.check_sample_memory of sample.n on its shape, then, when the run keeps its
+    partition, on the clusters RUN/partition/manifest.json records."""
     if data is not None:
         train, test = data
         check_labels(cfg, [train.labels, test.labels])  # first: it names every setting that needs labels at once
@@ -280,6 +281,7 @@ def _check_sizes(cfg: RunConfig, folder: RunFolder, data: tuple | None, kept_par
         info = read_data_info(folder)
         check_run_plan(cfg, info["n_train"], info["n_test"], tuple(info["data_shape"]), info["exact_truth"])
         shape = tuple(info["data_shape"])
+    check_sample_memory(cfg.sample.n, shape)  # the sample stage's noise and samples, before anything trains
     if kept_partition:
         check_clusters(cfg, read_json(folder.manifest)["counts"], shape)
 
