@@ -1089,3 +1089,17 @@ def test_unet_attention_at_a_side_no_level_has_is_warned_of_before_training(tmp_
         "warning: expert.net.kwargs.attention_res = [8]: no level of the UNet has side 8 (its levels for 12x12 inputs "
         "with channels [8, 16]: 12, 6), so it adds no self-attention; set attention_res to sides of its levels, "
         "e.g. [6], or [] for none"], said
+
+
+def test_an_empty_image_folder_names_the_config_field_and_its_fix(tmp_path, cli):
+    """An image folder of no images was refused naming the folder, not the setting that names it."""
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    (tmp_path / "empty" / ".hidden" / "a.png").write_bytes(b"skipped")
+    done = cli("run", ROOT / "configs" / "fashion_mnist_tiny.toml", "--out", tmp_path / "run",
+               "--set", "data.name=image_folder", "--set", f'data.params={{ path = "{tmp_path / "empty"}" }}')
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 2 and not (tmp_path / "run").exists(), done.stderr
+    assert f"data.params.path: image folder {tmp_path / 'empty'} holds no images" in message, message
+    assert "point data.params.path at a folder of image files" in message, message
+    assert re.search(r"of the types ddmkit reads: \.png, \.jpg, \.jpeg, .* other types", message), message

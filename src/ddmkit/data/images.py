@@ -497,8 +497,10 @@ def read_image_folder(path: str | Path, mode: str = "auto", resize: int | None =
                        f"{relative_hint(root)}")
     files, unread = image_files(root), unread_images(root)
     if not files:
-        raise DDMError(f"image folder {root} holds no images ({readable_text()}; hidden files and "
-                       "folders, whose names start with \".\", are skipped)" + (f": {unread}" if unread else ""))
+        fix = unread or ("point data.params.path at a folder of image files (directly in it, or in one sub-folder "
+                         f"per class) of the types ddmkit reads: {readable_text()}")
+        raise DDMError(f"data.params.path: image folder {root} holds no images (hidden files and folders, whose "
+                       f"names start with \".\", are skipped): {fix}")
     if unread:
         warnings.warn(f"image folder {root}: {unread}", UserWarning)
     classes = sorted({class_of(root, p) for p in files} - {None})
