@@ -492,6 +492,36 @@ def test_sample_single_names_a_data_shape_other_than_the_networks():
     assert sample_single(field, (D,), 3, steps=2)[0].shape == (3, D)
 
 
+class UserNet(torch.nn.Module):
+    """A user's velocity network of no data_shape attribute: (x (B, D), t (B,)) -> (B, out); it draws noise."""
+
+    def __init__(self, out: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(D, out)
+
+    def forward(self, x, t):
+        return self.linear(x) + 0.01 * torch.randn(len(x), 1)
+
+
+@pytest.mark.parametrize("out, shape", [(D + 1, r"\(1, 3\)"), (1, r"\(1, 1\)")])
+def test_sample_single_names_a_user_network_whose_output_is_not_its_inputs_shape(out, shape):
+    """A user's nn.Module of no data_shape was not checked: an output (B, 3) for data_shape (2,) was torch's
+    "size of tensor a must match" from inside the solver, and (B, 1) broadcast into wrong samples silently."""
+    from ddmkit.nets.field import NetworkField, VelocityOutput
+
+    for field in (UserNet(out), NetworkField(UserNet(out), VelocityOutput())):
+        with pytest.raises(DDMError, match=rf"^sample_single: data_shape \(2,\): the field's network returns shape "
+                                           rf"{shape} for one row of shape \(1, 2\), but a velocity has its input's "
+                                           r"shape; pass the data_shape the network was built for"):
+            sample_single(field, (D,), 3, steps=2)
+    net = UserNet(D)  # of the right shape: sampled, and the probe (its draw too) leaves the samples as they were
+    torch.manual_seed(0)
+    samples, info = sample_single(net, (D,), 3, steps=2)
+    assert info["velocity_evaluations"] == 2
+    torch.manual_seed(0)
+    assert torch.equal(samples, sample_single(lambda x, t: net(x, t), (D,), 3, steps=2)[0])
+
+
 # 13. info["expert_rows"] has one entry per expert
 
 def test_expert_rows_has_one_entry_per_expert():

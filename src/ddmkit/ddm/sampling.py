@@ -339,13 +339,38 @@ def _per_trajectory(nfe: list[int]) -> int:
 
 
 def check_field_shape(field, data_shape: tuple[int, ...]) -> None:
-    """A network's field (a NetworkField: a loaded monolith or student) is sampled with the data shape its
-    network was built for: another one is a DDMError naming both (it was torch's shape error from inside the
+    """A network's field (a NetworkField: a loaded monolith or student; or an nn.Module) is sampled with the data
+    shape its network was built for: another one is a DDMError naming both (it was torch's shape error from inside the
     network). A field of no known shape (a function) is not checked."""
-    built = getattr(getattr(field, "network", None), "data_shape", None)
+    built = getattr(network_of(field), "data_shape", None)
     if built is not None and tuple(built) != data_shape:
         raise DDMError(f"sample_single: data_shape {data_shape} is not the shape the field's network was built for, "
                        f"{tuple(built)}; pass data_shape={tuple(built)} (the run's data shape)")
+
+
+def network_of(field) -> torch.nn.Module | None:
+    """The network of a field: the field itself when it is an nn.Module, a NetworkField's network, else None."""
+    return field if isinstance(field, torch.nn.Module) else getattr(field, "network", None)
+
+
+def probe_field_shape(field, x1: torch.Tensor, cond: dict[str, torch.Tensor] | None = None,
+                      speed: SpeedOptions = SpeedOptions()) -> None:
+    """A network of no data_shape attribute (a user's nn.Module, which check_field_shape cannot check) is called
+    once on the first row of the starting noise at t = 1 (the first step), with the global RNG kept: an output
+    of another shape than its input is a DDMError naming data_shape and the output's shape (it was torch's error
+    from inside the solver, or a silent broadcast). Fields that are no network (functions) are not called."""
+    network = network_of(field)
+    if not isinstance(network, torch.nn.Module) or getattr(network, "data_shape", None) is not None:
+        return
+    x = x1[:1].clone()
+    gpu = [x.device] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=gpu), autocast(speed, x.device):
+        v = field(x, torch.ones(1, dtype=x.dtype, device=x.device), **(_rows(cond, slice(0, 1)) or {}))
+    if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+        got = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+        raise DDMError(f"sample_single: data_shape {tuple(x.shape[1:])}: the field's network returns {got} for one "
+                       f"row of shape {tuple(x.shape)}, but a velocity has its input's shape; pass the data_shape "
+                       "the network was built for (or make it return v of x's shape)")
 
 
 def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
@@ -373,6 +398,7 @@ def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "eul
     drawn = x1 is None
     x1 = start_rows(checked.n, data_shape, checked.seed, device, x1, "sample_single")
     samples = samples_in_place_of(x1, drawn, out, "sample_single")
+    probe_field_shape(field, x1, cond, speed)
     field = accelerate_field(field, speed)
     nfe = []
     _sync(x1.device)
