@@ -543,6 +543,35 @@ def test_a_huge_sample_n_of_a_text_run_is_refused_not_a_traceback(text_runs):
     assert code == 2 and "--n = 99999999999999999999: must be at most 1,000,000,000" in err, err  # as analyze says it
 
 
+def test_sampled_bytes_that_are_not_utf8_are_kept_byte_identical(text_runs, tmp_path, monkeypatch):
+    """text.json shows bytes that are not valid UTF-8 as U+FFFD: the drawn bytes were lost. text_bytes.json
+    keeps each sample's bytes (base64) as the model drew them."""
+    import base64
+    import shutil
+
+    import torch
+
+    import ddmkit.discrete.evaluate as evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(text_runs["text_ar"], run)
+    stored = json.loads((run / "config.json").read_text())
+    stored["config"]["sample"]["prompt"] = "dé "  # sampled rows start with its bytes
+    (run / "config.json").write_text(json.dumps(stored))
+    drawn = [b"ok \xff\xfe", b"\xc3( \xe2\x82", "naïve".encode()]  # invalid byte, bad continuation, cut off
+    rows = torch.tensor([list(row.ljust(7, b" ")) for row in drawn])
+    monkeypatch.setattr(evaluate, "sample_ar", lambda *args: (rows, None))
+    texts = sample_text(run, ["top-1"], n=3, log=QUIET)
+    prompt = "dé ".encode()
+    kept = json.loads((run / "samples" / "text_bytes.json").read_text())
+    assert set(kept) == set(texts) and len(texts) >= 2
+    for name, rows_of_set in kept.items():
+        got = [base64.b64decode(row) for row in rows_of_set]
+        assert got == [prompt + row.ljust(7, b" ") for row in drawn]
+        assert texts[name] == [row.decode("utf-8", errors="replace") for row in got]
+    assert "\ufffd" in texts[name][0] and texts[name][2].endswith("naïve ")
+
+
 def test_sample_honours_steps_for_flow_matching_and_refuses_vector_options(text_runs, monkeypatch, capsys):
     dfm, ar = text_runs["text_dfm"], text_runs["text_ar"]
     both = ["top-1", "monolith"]

@@ -4,7 +4,7 @@ sampling, evaluation and analysis stages on a finished run.
 
     run_text("configs/text_ar.toml", "runs/text_ar")      # kind = "text_ar": autoregressive experts
     run_text("configs/text_dfm.toml", "runs/text_dfm")    # kind = "text_dfm": masked discrete flow matching
-    sample_text("runs/text_ar", ["top-1"])                # RUN/samples/text.json
+    sample_text("runs/text_ar", ["top-1"])                # RUN/samples/text.json, text_bytes.json
     evaluate_text("runs/text_ar")                         # RUN/report.md, report.json
     analyze_text("runs/text_ar")                          # RUN/analysis/analysis.md, analysis.json
 
@@ -23,6 +23,7 @@ device), so a bad config leaves the folder as it was; every stage that writes ho
 """
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import tempfile
@@ -39,7 +40,7 @@ from ddmkit.discrete.ar import ar_inputs, ar_loss
 from ddmkit.discrete.config import TextRunConfig, is_text_config, is_text_run, load_text_config
 from ddmkit.discrete.corpus import all_documents, sample_documents, split_documents
 from ddmkit.discrete.dfm import dfm_loss, mask_path
-from ddmkit.discrete.evaluate import evaluate_ar, evaluate_dfm, samples_ar, samples_dfm
+from ddmkit.discrete.evaluate import evaluate_ar, evaluate_dfm, sample_texts, samples_ar, samples_dfm
 from ddmkit.discrete.report import write_report
 from ddmkit.data.partition import check_given_shard, read_shard
 from ddmkit.discrete.shards import cluster_prior, load_streams, mixed_windows, partition_text, sample_windows
@@ -531,7 +532,7 @@ def write_text_report(cfg: TextRunConfig, out: Path, models: TextModels, train_s
     experts, central, routers, prior = models.experts, models.central, models.routers, models.prior
     k, m, tr, manifest = len(experts), cfg.model, cfg.expert.train, models.manifest
     results = task.evaluate(experts, central, routers, prior, models.test_streams, cfg)
-    samples = task.samples(experts, central, routers, prior, cfg)
+    samples = sample_texts(task.samples(experts, central, routers, prior, cfg))
     tokens_per_step = tr.batch_size * m.seq_len
     report = {
         "kind": cfg.kind, "k": k, "prior": prior.tolist(), "manifest": {key: manifest[key] for key in
@@ -570,11 +571,17 @@ def with_options(cfg: TextRunConfig, options: dict[str, tuple[str, object]]) -> 
         raise DDMError(lines[1].strip() if len(lines) == 2 else text) from None  # one bad value: one line
 
 
+def base64_rows(samples: dict[str, list[bytes]]) -> dict[str, list[str]]:
+    """Sampled bytes as JSON holds them losslessly: each row base64 (base64.b64decode gives the bytes back)."""
+    return {name: [base64.b64encode(row).decode("ascii") for row in rows] for name, rows in samples.items()}
+
+
 def sample_text(run, strategies: list[str], n: int | None = None, seed: int | None = None,
                 log: Log = print, steps: int | None = None) -> dict[str, list[str]]:
     """Generated text of a finished run for each routing strategy (with every router of the run) and,
     where "monolith" is among the strategies, the centralized model ("monolith" alone: it alone), in
-    RUN/samples/text.json. n, seed and steps (unmasking steps, text_dfm only) replace the run's
+    RUN/samples/text.json (and their bytes, base64, in text_bytes.json: bytes that are not valid UTF-8 show
+    as U+FFFD in the texts). n, seed and steps (unmasking steps, text_dfm only) replace the run's
     sample.n, sample.seed and sample.steps where given."""
     central = [name for name in strategies if name.strip() == "monolith"]
     strategies = [name for name in strategies if name.strip() != "monolith"]
@@ -591,14 +598,17 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
                                  "sample.seed": ("--seed", seed), "sample.steps": ("--steps", steps)})
         models = text_models(cfg, Path(run), train=False, central=bool(central))  # drawn only when asked
         note_full_routing(cfg, strategies, log)  # once the models are there (a missing one is refused first)
-        texts = TASKS[cfg.kind].samples(models.experts, models.central, models.routers,
-                                        models.prior, cfg)
-        path, info_path = RunFolder(run).samples / "text.json", RunFolder(run).samples / "info.json"
+        raw = TASKS[cfg.kind].samples(models.experts, models.central, models.routers, models.prior, cfg)
+        texts = sample_texts(raw)
+        folder = RunFolder(run).samples
+        path, bytes_path, info_path = folder / "text.json", folder / "text_bytes.json", folder / "info.json"
         saved = read_json(path) if path.exists() else {}
+        saved_bytes = read_json(bytes_path) if bytes_path.exists() else {}
         drawn_with = {key: value for key, value in cfg.sample.model_dump().items()
                       if cfg.kind == "text_dfm" or key != "steps"}  # n, seed, length, ...: what made these texts
         info = read_json(info_path) if info_path.exists() else {}
         write_json(path, {**saved, **texts})
+        write_json(bytes_path, {**saved_bytes, **base64_rows(raw)})
         write_json(info_path, {**info, **{name: {"drawn_with": drawn_with} for name in texts}})
     for name, rows in texts.items():
         log(f"{name}: {rows[0][:60]!r}")
