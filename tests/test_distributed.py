@@ -280,6 +280,55 @@ def test_torchrun_starts_the_same_job(tmp_path):
     assert_same_training(one, tmp_path / "two")
 
 
+def test_an_error_of_every_torchrun_process_is_said_once(tmp_path):
+    """A DDMError that every process of torchrun's job raised after joining it (a shard that names no cluster,
+    read by each) was printed once per process; now process 0 says it and the others exit with its status."""
+    save_tensors(tmp_path / "bare.safetensors", {"x": torch.randn(64, 2)}, {})
+    (tmp_path / "c.toml").write_text(TOML)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ddmkit.cli", "train-expert", str(tmp_path / "bare.safetensors"), "--config", str(tmp_path / "c.toml"),
+           "--out", str(tmp_path / "e")]
+    env = {**os.environ, "DDMKIT_QUIET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    said = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode != 0 and said == [f"error: {tmp_path / 'bare.safetensors'} is not a cluster's shard (its "
+                                            "metadata names no cluster); give a file of RUN/partition/shards/ "
+                                            "(`ddmkit partition` writes them)"], res.stderr
+
+
+class _Said(list):
+    def __call__(self, text: str) -> None:
+        self.append(text)
+
+
+def test_a_processs_own_error_is_said_with_its_rank(monkeypatch):
+    """say_error_once against a store of torchrun's agent (here one of this process): process 0 says its error and
+    leaves it there; another process says nothing of the same error, and says its own (or any, where process 0
+    left none in time) with its rank."""
+    from ddmkit.train import distributed
+
+    port = _free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "job", "TORCHELASTIC_RESTART_COUNT": "0"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    said = _Said()
+    distributed.say_error_once("x: bad", said, wait=0.5)  # no process 0 yet: its rank's own
+    assert said == ["x: bad"] and store.get("ddmkit-error/job/0") == b"x: bad"
+    monkeypatch.setenv("RANK", "1")
+    distributed.say_error_once("x: bad", said, wait=5)
+    assert said == ["x: bad"]
+    distributed.say_error_once("no GPU 1", said, wait=5)
+    assert said == ["x: bad", "process 1 of 2: no GPU 1"]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restarted job: process 0 has said nothing (yet)
+    distributed.say_error_once("x: bad", said, wait=0.5)
+    assert said[-1] == "process 1 of 2: x: bad"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    distributed.say_error_once("alone", said)
+    assert said[-1] == "alone"
+
+
 def _dit_cfg(parallel: str = "fsdp") -> ExpertConfig:
     return _cfg(net=DIT, parallel=parallel)
 

@@ -1569,6 +1569,18 @@ def say_error(text: str) -> None:
     console.print(f"[bold red]error:[/] {escape(shortened(text))}", highlight=False, soft_wrap=True)
 
 
+def say_job_error(text: str) -> None:
+    """say_error for the error that ends this command, once for a job of several processes that a launcher
+    started (torchrun: each process runs this command, and one error all of them raise is said by process 0
+    alone; one of another process is said with its rank: ddmkit.train.distributed.say_error_once)."""
+    if "RANK" not in os.environ or os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        say_error(text)
+        return
+    from ddmkit.train.distributed import say_error_once  # torch: imported only by a launcher's processes
+
+    say_error_once(text, say_error)
+
+
 def out_of_memory(e: BaseException) -> bool:
     """Whether e says memory ran out: a MemoryError, torch's OutOfMemoryError (CUDA), or the RuntimeError of
     torch's CPU allocator (not imported here: the command line starts without torch)."""
@@ -1585,7 +1597,7 @@ def main() -> None:
     try:
         run_app()
     except DDMError as e:
-        say_error(str(e))
+        say_job_error(str(e))
         sys.exit(2)
     except Interrupted as e:
         stopped(str(e), e)
@@ -1597,20 +1609,20 @@ def main() -> None:
         raise
     except ConnectionError as e:  # a network peer (e.g. a Ray cluster) refused or failed, not the file system
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # a Ray client's holds a whole traceback
-        say_error(f"a connection failed: {last}; check the server's address (e.g. --address) and that it runs, then "
-                  "run the command again")
+        say_job_error(f"a connection failed: {last}; check the server's address (e.g. --address) and that it runs, "
+                      "then run the command again")
         sys.exit(2)
     except OSError as e:  # the file system refused: permissions, a full disk, a folder where a file belongs
         where = f": {e.filename}" if e.filename else ""
-        say_error(f"{e.strerror or e}{where}; check that path (its permissions, the free space of its disk) and run "
-                  "the command again")
+        say_job_error(f"{e.strerror or e}{where}; check that path (its permissions, the free space of its disk) and "
+                      "run the command again")
         sys.exit(2)
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
         tried = re.search(r"tried to allocate [\d.]+ ?\w+", str(e), re.IGNORECASE)
-        say_error(f"out of memory{f' ({tried.group(0)})' if tried else ''}; ask for less at once (a smaller --n or "
-                  "--batch-size, or a smaller batch_size in the config), or run it where there is more memory")
+        say_job_error(f"out of memory{f' ({tried.group(0)})' if tried else ''}; ask for less at once (a smaller --n or "
+                      "--batch-size, or a smaller batch_size in the config), or run it where there is more memory")
         sys.exit(2)
 
 

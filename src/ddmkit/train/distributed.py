@@ -32,6 +32,7 @@ one-process path runs exactly the code it ran without this module.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
@@ -299,6 +300,65 @@ def from_env(device_name: str = "auto", timeout: float = JOIN_TIMEOUT) -> Distri
                        "env -u RANK -u WORLD_SIZE -u MASTER_ADDR -u MASTER_PORT ddmkit ...") from None
 
 
+ERROR_WAIT = 5.0  # seconds a process of a launcher's job waits to learn whether process 0 failed as it did
+
+
+def say_error_once(message: str, say: Callable[[str], None], wait: float = ERROR_WAIT) -> None:
+    """say(message) for the error that ends this process of a launcher's job (torchrun: RANK, WORLD_SIZE > 1,
+    MASTER_ADDR and MASTER_PORT set), once for the job where all its processes raised the same one (a config
+    check): process 0 says its own and leaves it in torchrun's store (its agent's, at MASTER_ADDR:MASTER_PORT);
+    another process says nothing where process 0's was the same, and its own prefixed with its rank otherwise
+    ("process 1 of 2: ..."), also where no word of process 0 comes within `wait` seconds (or no agent's store
+    is there to ask: a launcher other than torchrun). A stop (SIGTERM: the launcher ends the job because a
+    process ended) meanwhile ends the wait without a word. Outside a launcher's job: say(message)."""
+    if not all(k in os.environ for k in ENV) or int(os.environ["WORLD_SIZE"]) == 1:
+        say(message)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # a store that outlives the processes
+    key = f"ddmkit-error/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+    if rank == 0:
+        say(message)  # first: the launcher stops the others (SIGTERM) once one has ended
+        if agent:
+            with _quiet_failure():
+                _launcher_store(wait).set(key, message)
+        return
+    try:
+        same = agent and _same_as_process_0(key, message, wait)
+    except KeyboardInterrupt:  # the launcher stops this process: another said why
+        return
+    if not same:
+        say(f"process {rank} of {world}: {message}")
+
+
+def _launcher_store(timeout: float):
+    """A client of the launcher's store at MASTER_ADDR:MASTER_PORT, connected within `timeout` seconds."""
+    return tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+
+
+def _same_as_process_0(key: str, message: str, wait: float) -> bool:
+    """Whether process 0 left `message` under `key` in the launcher's store within `wait` seconds (looked at
+    every 0.1 s, not in one blocking wait: a signal reaches Python between two looks)."""
+    deadline = time.monotonic() + wait
+    with _quiet_failure():
+        store = _launcher_store(wait)
+        while time.monotonic() < deadline:
+            if store.check([key]):
+                return store.get(key).decode() == message
+            time.sleep(0.1)
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_failure():
+    """A store that does not answer (gone, refused, timed out) is no answer: nothing raised."""
+    try:
+        yield
+    except (RuntimeError, OSError, ValueError):  # torch's DistStoreError is a RuntimeError
+        pass
+
+
 def _watch_parent(parent: int) -> None:
     """Send this process SIGTERM once the parent process is gone (reparented: another parent id)."""
     while os.getppid() == parent:
@@ -487,4 +547,4 @@ def run(fn: Callable, nproc: int, device_name: str, *args) -> None:
 
 __all__ = ["Distributed", "LOCAL", "blocks", "check_batch", "check_nproc", "cpu_cores", "crowded_cpu",
            "die_with_parent", "from_env", "full_optimizer_state", "full_state", "full_tensor", "is_shard",
-           "load_full_optimizer_state", "load_full_state", "run", "shard_like", "spawn", "unshard"]
+           "load_full_optimizer_state", "load_full_state", "run", "say_error_once", "shard_like", "spawn", "unshard"]
