@@ -1180,6 +1180,59 @@ def test_a_sigterm_that_a_library_turns_into_a_keyboardinterrupt_still_reads_as_
     assert code == 130 and err.startswith("interrupted:"), err
 
 
+class _RayStoppedBySigterm:
+    """A stand-in for the ray module whose start (ray.init, before or after it sets its own SIGTERM handler, as
+    Ray's sets sys.exit) or first look at the cluster (the jobs' start) gets a SIGTERM, sent to the main thread."""
+
+    def __init__(self, at: str):
+        self.at, self.up, self.shut_down = at, False, 0
+
+    def is_initialized(self) -> bool:
+        return self.up
+
+    def init(self, **kwargs) -> None:
+        if self.at == "init, after ray's handler":
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        if self.at.startswith("init"):
+            self.sigterm()
+        self.up = True
+
+    def cluster_resources(self) -> dict:
+        self.sigterm()
+        return {"CPU": 2}
+
+    def shutdown(self) -> None:
+        self.up, self.shut_down = False, self.shut_down + 1
+
+    @staticmethod
+    def sigterm() -> None:
+        import threading
+
+        main = threading.main_thread().ident
+        threading.Thread(target=signal.pthread_kill, args=(main, signal.SIGTERM)).start()
+        time.sleep(30)  # the handler's exception ends it
+
+
+@pytest.mark.parametrize("at", ["init, before ray's handler", "init, after ray's handler"])
+def test_a_sigterm_while_ray_starts_stops_the_launch_as_one_while_its_jobs_run(tmp_path, monkeypatch, at):
+    """A SIGTERM during ray.init (once Ray set its handler: sys.exit) ended `ddmkit launch --backend ray` with
+    status 15 and no word; now it says what a SIGTERM while the jobs run says, exits 143, and Ray is shut down."""
+    run = _tiny_run(tmp_path, "partition.k=2")
+    said = {}
+    for when in (at, "jobs"):
+        ray = _RayStoppedBySigterm(when)
+        monkeypatch.setitem(sys.modules, "ray", ray)
+        before = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a command of its own
+        try:
+            said[when] = cli("launch", run, "--backend", "ray")
+        finally:
+            signal.signal(signal.SIGTERM, before)
+        assert ray.shut_down == 1 and not ray.up, when
+    code, err = said["jobs"]
+    assert code == 143 and err.startswith("stopped by SIGTERM") and "Traceback" not in err, err
+    assert said[at] == said["jobs"]
+
+
 @pytest.mark.slow  # a local Ray starts in about 10 s on 2 busy cores
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_stops_a_ray_launch_keeping_its_checkpoints(tmp_path):

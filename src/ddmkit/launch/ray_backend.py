@@ -191,14 +191,33 @@ def check_reachable(address: str, timeout: float = 10.0, given: str = "--address
 
 def start_ray(ray, address: str | None, workers: int | None):
     """Connect to `address`, or start a local Ray; returns whether we started it. ray.init sets a SIGTERM
-    handler of its own (sys.exit): a handler the caller had set (the ddmkit command's, which stops it as
-    Ctrl-C does) is put back, so a SIGTERM still keeps the checkpoints and exits as the caller says."""
+    handler of its own (sys.exit) at its start: a handler the caller had set (the ddmkit command's, which stops
+    it as Ctrl-C does) is put back, so a SIGTERM later still keeps the checkpoints and exits as the caller says,
+    and a SIGTERM during ray.init (Ray's SystemExit(15)) is the caller's handler's too (stopped_init)."""
     if ray.is_initialized():
         return False
     without_crash_handler_in_c(ray)
-    with keeping_sigterm_handler():
-        _init_ray(ray, address, workers)
+    caller = signal.getsignal(signal.SIGTERM)
+    try:
+        with keeping_sigterm_handler():
+            _init_ray(ray, address, workers)
+    except (KeyboardInterrupt, SystemExit) as e:
+        stopped_init(ray, caller, e)
+        raise
     return True
+
+
+def stopped_init(ray, caller, stop: BaseException) -> None:
+    """After Ctrl-C or SIGTERM stopped ray.init: shut down what it had started (stop_ray), then, for Ray's
+    SystemExit(15) (a SIGTERM after ray.init set its own handler), call the caller's SIGTERM handler (the ddmkit
+    command's raises its Terminated), as a SIGTERM at any other point of the launch does; nothing for another
+    SystemExit, or where the caller had no handler of its own (the caller's SystemExit(15) stands)."""
+    if isinstance(stop, SystemExit) and stop.code != signal.SIGTERM:
+        return
+    with contextlib.suppress(Exception):  # a Ray stopped half started: what its shutdown can stop
+        stop_ray(ray)
+    if isinstance(stop, SystemExit) and callable(caller):
+        caller(signal.SIGTERM, None)
 
 
 def without_crash_handler_in_c(ray) -> None:
