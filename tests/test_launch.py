@@ -323,6 +323,39 @@ def test_a_ray_tasks_errors_name_the_runs_paths_not_its_temporary_copies(inline,
     assert str(checkpoint_path(job.out_dir)) in str(info.value) and "ddmkit-expert-" not in str(info.value)
 
 
+def test_a_ray_tasks_cancel_between_two_items_still_removes_its_folder(tmp_path, monkeypatch):
+    """Ray sends a task's items on between two steps of its generator (`for item in gen: report(item)`), and
+    ray.cancel is a KeyboardInterrupt in the main thread (_thread.interrupt_main): one raised there, outside
+    the generator, left it suspended at its yield with its temporary folder, which the driver's Ray shutdown
+    then left behind (seen once: a SIGTERM-stopped Ray launch under load). The generator now raises it when Ray
+    resumes it, its training stopped and its folder removed, and puts the SIGINT handler back."""
+    import _thread
+    import tempfile
+
+    from ddmkit.launch.ray_backend import train_from_bytes
+
+    job = _jobs(tmp_path, "cancelled", k=1)[0]
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(worker))
+    endless = CKPT.model_copy(update={"train": CKPT.train.model_copy(update={"steps": 10**6})})
+    task = train_from_bytes(str(job.shard), job.shard.read_bytes(), endless.model_dump(), str(job.out_dir),
+                            poll=0.01)
+    handler, sent = signal.getsignal(signal.SIGINT), []
+
+    def report(item):  # Ray's report of an item, where the cancel comes
+        sent.append(item[0])
+        assert list(worker.glob("ddmkit-expert-*"))
+        _thread.interrupt_main()
+        time.sleep(0.5)
+
+    with pytest.raises(KeyboardInterrupt):
+        for item in task:
+            report(item)
+    assert sent == ["checkpoint"] and not list(worker.glob("ddmkit-expert-*"))
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
 def test_a_ray_task_sends_back_the_whole_expert_folder_tensorboard_too(tmp_path):
     """A Ray task sent back only the expert folder's top-level files: with train.tensorboard = true an expert
     trained on Ray lacked the tensorboard/ folder the inline backend writes. Paths that would leave the folder

@@ -87,26 +87,74 @@ def train_from_bytes(shard_name: str, shard_bytes: bytes, config_dump: dict, out
     sub-folders' too (tensorboard/), by path inside the folder ("tensorboard/events..."). Its errors name
     the driver's paths `shard_name` and `out_name`, not the temporary copies. The training runs in a thread
     of its own, in a stop scope (ddmkit.train.stop) whose flag is set when the task ends early (ray.cancel
-    raises KeyboardInterrupt here): the thread stops at its next step, and the folder is removed."""
+    raises KeyboardInterrupt here, or only sets the flag while Ray sends an item on: _Cancel): the thread stops
+    at its next step, and the folder is removed before the task ends."""
     use_networks(networks)  # the user's network classes the driver registered (their package must be installed)
     config = ExpertConfig.model_validate(config_dump)
-    with tempfile.TemporaryDirectory(prefix="ddmkit-expert-") as tmp:
+    stop = threading.Event()
+    with cancelled_inside(stop) as cancel, tempfile.TemporaryDirectory(prefix="ddmkit-expert-") as tmp:
         shard, out = Path(tmp) / Path(shard_name).name, Path(tmp) / "expert"
         shard.write_bytes(shard_bytes)
         if checkpoint is not None:
             checkpoint_path(out).write_bytes(checkpoint)
-        stop = threading.Event()
         with ThreadPoolExecutor(1) as thread:
             job = thread.submit(_train_in_scope, stop, shard, config, out, resume=checkpoint is not None)
             try:
                 for data in new_checkpoints(job, checkpoint_path(out), poll):
-                    yield "checkpoint", data
+                    with cancel.outside():
+                        yield "checkpoint", data
                 job.result()
             except DDMError as e:
                 raise DDMError(str(e).replace(str(shard), shard_name).replace(str(out), out_name)) from None
             finally:  # cancelled (KeyboardInterrupt) or closed: the thread must end before the folder goes
                 stop.set()
-        yield "expert", {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        with cancel.outside():
+            yield "expert", {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+                             if p.is_file()}
+
+
+class _Cancel:
+    """Where a Ray task's cancel (ray.cancel: Ray's _thread.interrupt_main(), a KeyboardInterrupt in the task's
+    main thread) is raised: in the task's generator. Ray sends each item on between two steps of the generator,
+    and a KeyboardInterrupt raised there, outside it, left the generator suspended at its yield with its
+    temporary folder, removed only once the generator was collected (the driver, done waiting for the task,
+    shut its worker down first). Outside the generator the cancel only sets the stop flag: the training stops
+    at its next step, and the generator, resumed, raises its KeyboardInterrupt (job.result()) and removes the
+    folder. One that comes once the task stops (the flag set: its folder is being removed) is not raised: it
+    would cut the removal short."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop, self.inside = stop, True
+
+    def handler(self, signum, frame) -> None:
+        stopping = self.stop.is_set()
+        self.stop.set()
+        if self.inside and not stopping:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[None]:
+        """The block (a yield: Ray's code runs meanwhile) outside the generator."""
+        self.inside = False
+        try:
+            yield
+        finally:
+            self.inside = True
+
+
+@contextlib.contextmanager
+def cancelled_inside(stop: threading.Event) -> Iterator[_Cancel]:
+    """A _Cancel as the SIGINT handler (what _thread.interrupt_main calls) during the block, in the main thread
+    (a Ray worker runs its tasks there; elsewhere no handler can be set: Ray's cancel stays as Ray raises it)."""
+    cancel = _Cancel(stop)
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel
+        return
+    before = signal.signal(signal.SIGINT, cancel.handler)
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if before is None else before)
 
 
 def _train_in_scope(stop: threading.Event, *args, **kwargs) -> Path:
