@@ -11,6 +11,12 @@ class DDMError(Exception):
     """A problem the user can fix: the message names it and says how."""
 
 
+def with_fix(wrong: str, fix: str) -> str:
+    """A message: what is wrong, then its fix: a clause after '; ' ('train it again'), or a sentence of its own
+    after '. ' (a fix that starts with a capital: 'Pass --force to ...')."""
+    return f"{wrong}{'. ' if fix[:1].isupper() else '; '}{fix}"
+
+
 def counted(n: int, noun: str, plural: str | None = None) -> str:
     """A count and its noun, singular or plural as the count asks: counted(1, "file") is '1 file',
     counted(3, "file") '3 files'; plural for the other forms, e.g. counted(n, "file is", "files are")."""

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from ddmkit.errors import DDMError
+from ddmkit.errors import DDMError, with_fix
 
 HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # this machine, in temporary names
 STAGING = re.compile(r"^\..+\.tmp$")
@@ -146,7 +146,7 @@ def _json_default(o):
 
 def _existing_file(path: Path, fix: str) -> Path:
     if not path.exists():
-        raise DDMError(f"{path} is missing; {fix}")
+        raise DDMError(with_fix(f"{path} is missing", fix))
     if not path.is_file():  # the fix for a missing file (train it, copy it) would not remove this one
         raise DDMError(f"{path} is a folder (or another non-file) where ddmkit reads a file; move it away (then, "
                        f"if the file is needed, {fix})")
@@ -159,7 +159,7 @@ def read_json(path: str | Path, fix: str = "re-create it with the ddmkit command
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise DDMError(f"{path} is not valid JSON ({str(e)[:200]}); {fix}") from None
+        raise DDMError(with_fix(f"{path} is not valid JSON ({str(e)[:200]})", fix)) from None
     except OSError as e:
         raise DDMError(f"{path} cannot be read ({e}); check its permissions") from None
 
@@ -182,9 +182,9 @@ def read_metadata(path: str | Path, fix: str = "re-create it") -> dict:
             meta = f.metadata() or {}
         out = json.loads(meta.get("ddmkit", "{}"))
     except Exception as e:
-        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); {fix}") from None
+        raise DDMError(with_fix(f"{path} is corrupt or not a safetensors file ({str(e)[:200]})", fix)) from None
     if not isinstance(out, dict):
-        raise DDMError(f"{path}: its ddmkit metadata is not a JSON object; {fix}")
+        raise DDMError(with_fix(f"{path}: its ddmkit metadata is not a JSON object", fix))
     return out
 
 

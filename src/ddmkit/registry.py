@@ -36,7 +36,7 @@ from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_conventi
 from ddmkit.config import validate
 from ddmkit.data.partition import (SHARD_FIX, PartitionManifest, ShardEntry, check_given_shard, check_manifest,
                                    partition_tensors, shard_cluster)
-from ddmkit.errors import DDMError
+from ddmkit.errors import DDMError, with_fix
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, sha256_file, write_json
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder, remake_partition
 from ddmkit.nets import build_model, check_identity, from_pretrained
@@ -424,69 +424,87 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
           torch.bool: "BOOL"}
 
 
-def header_shapes(path: Path, fix: str = "re-train or re-copy it") -> dict[str, tuple[list[int], str]]:
+def header_shapes(path: Path, fix: str = "re-train or re-copy it",
+                  missing: str = "train or copy it again") -> dict[str, tuple[list[int], str]]:
     """Tensor names, shapes and dtypes ("F32", ...) from a safetensors header (no tensor is read); a corrupt
-    file is a DDMError that ends with `fix`."""
+    file is a DDMError that ends with `fix`, a missing one with `missing`."""
     from safetensors import safe_open
 
     if not path.is_file():
-        raise DDMError(f"{path} is missing (or not a file); train or copy it again")
+        raise DDMError(with_fix(f"{path} is missing (or not a file)", missing))
     try:
         with safe_open(str(path), "pt") as f:
             return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except Exception as e:
-        raise DDMError(f"{path} is corrupt or not a safetensors file ({str(e)[:200]}); {fix}") from e
+        raise DDMError(with_fix(f"{path} is corrupt or not a safetensors file ({str(e)[:200]})", fix)) from e
 
 
 class _Budget(TorchFunctionMode):
     """Stops building a network that makes far more tensors than the weights file holds (a config.json
     asking for a depth of a billion would otherwise build for ever, even on the meta device)."""
 
-    def __init__(self, limit: int, folder: Path):
+    def __init__(self, limit: int, folder: Path, fix: str | None = None):
         super().__init__()
-        self.left, self.folder = limit, folder
+        self.left, self.folder, self.fix = limit, folder, fix or "re-copy the folder"
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.left -= 1
         if self.left < 0:
-            raise DDMError(f"{self.folder / 'config.json'}: its network is far larger than model.safetensors "
-                           "(the config asks for more layers or tensors than the weights hold); re-copy the folder")
+            raise DDMError(with_fix(f"{self.folder / 'config.json'}: its network is far larger than model.safetensors "
+                                    "(the config asks for more layers or tensors than the weights hold)", self.fix))
         return func(*args, **(kwargs or {}))
 
 
-def model_config(folder: str | Path) -> dict:
+# a damaged model folder's fix (re-training into the folder as it is keeps its weights)
+REMAKE_FOLDER = "copy the whole model folder again, or remove the folder and train it again"
+
+
+def model_config(folder: str | Path, fix: str | None = None) -> dict:
     """A model folder's config.json as every reader takes it: checked by ModelConfig (a DDMError naming the file
-    and the field), returned as written. Read it through here, never with read_json alone."""
+    and the field, and `fix` where given), returned as written. Read it through here, never with read_json alone."""
     path = Path(folder) / "config.json"
-    config = read_json(path, "copy the whole model folder again, or remove the folder and train it again")
-    _validated(ModelConfig, config, str(path))
+    config = read_json(path, fix or REMAKE_FOLDER)
+    try:
+        _validated(ModelConfig, config, str(path))
+    except DDMError as e:
+        if fix is None:
+            raise
+        raise DDMError(with_fix(str(e), fix)) from None
     return config
 
 
-def check_model_folder(folder: str | Path) -> dict:
+def check_model_folder(folder: str | Path, fix: str | None = None) -> dict:
     """Validate config.json and check the network it describes has exactly
     the tensors of model.safetensors, of the same shapes and dtypes (built on
-    the meta device: no memory)."""
+    the meta device: no memory). Each DDMError ends with `fix` where given (a student's --force, in distill),
+    else with the folder's own fix (copy or train it again)."""
     folder = Path(folder)
+
+    def fixed(wrong: str, own: str | None = None) -> DDMError:
+        """`wrong` with `fix`, or else its own fix (none: `wrong` alone)."""
+        return DDMError(with_fix(wrong, fix or own) if fix or own else wrong)
+
     if not folder.is_dir():
-        raise DDMError(f"{folder} is not a model folder (config.json + model.safetensors); train or copy it again")
-    config = model_config(folder)
-    check_time_convention(config.get("time_convention", TIME_CONVENTION), folder)
-    header = header_shapes(folder / "model.safetensors", "copy the whole model folder again, or remove the folder "
-                           "and train it again")  # re-training into the folder as it is keeps those weights
-    check_identity(folder, config)
+        raise fixed(f"{folder} is not a model folder (config.json + model.safetensors)", "train or copy it again")
+    config = model_config(folder, fix)
+    check_time_convention(config.get("time_convention", TIME_CONVENTION), folder, fix)
+    header = header_shapes(folder / "model.safetensors", fix or REMAKE_FOLDER, fix or "train or copy it again")
+    check_identity(folder, config, fix)
     arch, kwargs = config["arch"], config["kwargs"]
     if config.get("data_shape") is not None and "data_shape" in kwargs and kwargs["data_shape"] != config["data_shape"]:
         # e.g. an MLP's [1, 2] where the folder says [2]: the same weights, but another network's inputs
-        raise DDMError(f"{folder / 'config.json'}: kwargs.data_shape {kwargs['data_shape']!r} differs from its "
-                       f"data_shape {config['data_shape']!r}; copy the whole model folder again, or train it again")
+        raise fixed(f"{folder / 'config.json'}: kwargs.data_shape {kwargs['data_shape']!r} differs from its "
+                    f"data_shape {config['data_shape']!r}", "copy the whole model folder again, or train it again")
+    budget = _Budget(20 * len(header) + 200, folder, fix)
     try:
-        with on_meta(), _Budget(20 * len(header) + 200, folder):
+        with on_meta(), budget:
             model = build_model(arch, **kwargs)
     except DDMError as e:  # bad arguments, an unregistered class of the user's: named with the file
-        raise e if str(folder) in str(e) else DDMError(f"{folder / 'config.json'}: {e}") from None
+        if budget.left < 0:  # the budget's own message, with its fix
+            raise
+        raise fixed(str(e) if str(folder) in str(e) else f"{folder / 'config.json'}: {e}") from None
     except Exception as e:  # a constructor rejecting odd values
-        raise DDMError(f"{folder / 'config.json'}: kwargs {kwargs} do not build a {arch!r} ({e})") from None
+        raise fixed(f"{folder / 'config.json'}: kwargs {kwargs} do not build a {arch!r} ({e})") from None
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     shapes = {k: v[0] for k, v in header.items()}
     if expected != shapes:
@@ -494,16 +512,16 @@ def check_model_folder(folder: str | Path) -> dict:
         both = [k for k in diff if k in expected and k in shapes]
         first = f"; {both[0]}: {shapes[both[0]]} in the weights, {expected[both[0]]} as config.json builds it" \
             if both else ""
-        raise DDMError(f"{folder / 'model.safetensors'} does not match its config.json (tensors {diff[:5]} differ"
-                       f"{first}): config.json was edited (e.g. its kwargs) or the weights are another network's; "
-                       "copy the whole model folder again, or remove the folder and train it again")
+        raise fixed(f"{folder / 'model.safetensors'} does not match its config.json (tensors {diff[:5]} differ"
+                    f"{first}): config.json was edited (e.g. its kwargs) or the weights are another network's",
+                    REMAKE_FOLDER)
     dtypes = {k: DTYPES.get(v.dtype, str(v.dtype)) for k, v in model.state_dict().items()}
     other = sorted(k for k in dtypes if header[k][1] != dtypes[k])
     if other:
         k = other[0]
-        raise DDMError(f"{folder / 'model.safetensors'}: tensor {k!r} is {header[k][1]} but the network's is "
-                       f"{dtypes[k]} ({len(other)} tensors differ); ddmkit loads weights of the network's own "
-                       "dtype only: re-train or re-export them")
+        wrong = (f"{folder / 'model.safetensors'}: tensor {k!r} is {header[k][1]} but the network's is "
+                 f"{dtypes[k]} ({len(other)} tensors differ); ddmkit loads weights of the network's own dtype only")
+        raise fixed(wrong) if fix else DDMError(f"{wrong}: re-train or re-export them")
     return config
 
 

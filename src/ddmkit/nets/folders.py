@@ -22,7 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ddmkit.conventions import TIME_CONVENTION, __version__, check_time_convention
-from ddmkit.errors import DDMError
+from ddmkit.errors import DDMError, with_fix
 from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metadata, save_tensors, write_json
 from ddmkit.nets.dit import DiT
 from ddmkit.nets.mlp import RouterMLP, VelocityMLP
@@ -223,17 +223,18 @@ def identity(config: dict) -> dict:
     return {key: config[key] for key in IDENTITY if key in config}
 
 
-def check_identity(folder: str | Path, config: dict) -> None:
+def check_identity(folder: str | Path, config: dict, fix: str | None = None) -> None:
     """The IDENTITY fields model.safetensors records (weights written by save_pretrained; older files
-    record none) must be those of its config.json: else the weights of another model folder were copied in."""
+    record none) must be those of its config.json: else the weights of another model folder were copied in.
+    A DDMError ends with `fix` where given (else: copy the folder again)."""
     weights = Path(folder) / "model.safetensors"
-    recorded = read_metadata(weights, "train or copy the model folder again")
+    recorded = read_metadata(weights, fix or "train or copy the model folder again")
     differ = [f"{key} {recorded[key]!r} (config.json: {config[key]!r})" for key in IDENTITY
               if key in recorded and key in config and recorded[key] != config[key]]
     if differ:
-        raise DDMError(f"{weights} is not the weights of its config.json: they were written for {', '.join(differ)}; "
-                       "one of the two was copied from another model folder, or edited. Copy whole model folders "
-                       "(config.json with its model.safetensors)")
+        raise DDMError(with_fix(f"{weights} is not the weights of its config.json: they were written for "
+                                f"{', '.join(differ)}; one of the two was copied from another model folder, or edited",
+                                fix or "Copy whole model folders (config.json with its model.safetensors)"))
 
 
 def from_pretrained(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -230,23 +230,17 @@ def existing_students(folder: RunFolder) -> list[Path]:
     return [p for p in student_folders(folder) if (p / "config.json").exists()]
 
 
-# the fix that ends a model folder's message (registry.check_model_folder: copy or train the folder again), which
-# for a student is --force
-_FOLDER_FIX = re.compile(r"[;:.] (?:re-)?(?:copy|train|remove|convert)\b[^;]*$", re.IGNORECASE)
-
-
 def check_students_load(folder: RunFolder) -> None:
     """Every student folder in RUN/students is a model folder that loads (its config.json and the header of its
     model.safetensors checked, registry.check_model_folder): a damaged one is one DDMError naming the folder, what
-    is wrong (check_model_folder's message, without its fix) and --force, which distills it again (without the
-    check, a student whose weights are there counts as made, and is kept)."""
+    is wrong (check_model_folder's message) and --force, which distills it again, as its fix in place of the model
+    folder's own (without the check, a student whose weights are there counts as made, and is kept)."""
+    fix = f"Pass --force to remove {folder.students} (every student in it) and distill again"
     for path in student_folders(folder):
         try:
-            check_model_folder(path)
+            check_model_folder(path, fix)
         except DDMError as e:
-            wrong = _FOLDER_FIX.sub("", str(e))
-            raise DDMError(f"{path} is a damaged student: {wrong}. Pass --force to remove {folder.students} (every "
-                           "student in it) and distill again") from None
+            raise DDMError(f"{path} is a damaged student: {e}") from None
 
 
 def canonical_teacher(spec: dict) -> dict:
