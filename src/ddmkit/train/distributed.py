@@ -213,17 +213,21 @@ def load_full_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
         for i, s in state["state"].items()}})
 
 
-def check_batch(batch_size: int, world: int, field: str = "train.batch_size") -> None:
-    """A global batch of `batch_size` rows (the config's `field`) splits into `world` equal slices."""
+def check_batch(batch_size: int, world: int, field: str = "train.batch_size", fix: str | None = None,
+                given: str | None = None) -> None:
+    """A global batch of `batch_size` rows (the config's `field`) splits into `world` equal slices. A batch that
+    does not is a DDMError that starts with `given` where given (the processes as the user asked for them: '--nproc
+    3') and says to use `fix` (by default, a multiple of world as the batch)."""
     if world < 1:
         raise DDMError(f"nproc: must be at least 1 (got {world})")
     if batch_size < world:
         raise DDMError(f"{field} = {batch_size} is fewer rows than the {world} processes, one slice each; use at "
                        f"most {batch_size} processes (the batch is the global one, over all processes)")
     if batch_size % world:
-        raise DDMError(f"{field} = {batch_size} does not split into {world} equal slices, one per process; "
-                       f"use a multiple of {world}, e.g. --set {field}={world * max(1, batch_size // world)} (the "
-                       "batch is the global one, over all processes)")
+        fix = fix or (f"a multiple of {world}, e.g. --set {field}={world * max(1, batch_size // world)} (the batch "
+                      "is the global one, over all processes)")
+        raise DDMError(f"{given + ': ' if given else ''}{field} = {batch_size} does not split into {world} equal "
+                       f"slices, one per process; use {fix}")
 
 
 def _device(name: str, local_rank: int) -> torch.device:

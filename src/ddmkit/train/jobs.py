@@ -333,18 +333,15 @@ def check_job_batch(config: ExpertConfig, nproc: int, out_dir: str | Path, resum
     batch. Under torchrun a process found it only after joining the job, naming a --set field that does not exist."""
     world, torchrun = job_world(nproc)
     batch, field = config.train.batch_size, "expert.train.batch_size"
-    if 1 < world <= batch and batch % world:
-        fits = max(n for n in range(1, world) if batch % n == 0)
-        given, fix = (f"torchrun's {world} processes", f"a job of {fits} processes") if torchrun else \
-            (f"--nproc {world}", f"--nproc {fits}")
-        kept, whole = checkpoint_path(out_dir), "the batch is the global one, over all processes"
-        how = (f"{fix} ({fits} divides {batch}; {whole}, and {kept}, which --resume continues, was written with it)"
-               if resume and kept.is_file() else
-               f"{fix} ({fits} divides {batch}), or a multiple of {world}, e.g. --set "
-               f"{field}={world * (batch // world)} ({whole})")
-        raise DDMError(f"{given}: {field} = {batch} does not split into {world} equal slices, one per process; use "
-                       f"{how}")
-    distributed.check_batch(batch, world, field)
+    fits = max((n for n in range(1, min(world, batch + 1)) if batch % n == 0), default=1)  # used where it divides
+    given, fix = (f"torchrun's {world} processes", f"a job of {fits} processes") if torchrun else \
+        (f"--nproc {world}", f"--nproc {fits}")
+    kept, whole = checkpoint_path(out_dir), "the batch is the global one, over all processes"
+    how = (f"{fix} ({fits} divides {batch}; {whole}, and {kept}, which --resume continues, was written with it)"
+           if resume and kept.is_file() else
+           f"{fix} ({fits} divides {batch}), or a multiple of {world}, e.g. --set "
+           f"{field}={world * max(1, batch // world)} ({whole})")
+    distributed.check_batch(batch, world, field, fix=how, given=given)
 
 
 def _refuse_other_cluster(out_dir: str | Path, shard: str | Path) -> None:
