@@ -354,6 +354,34 @@ def test_check_model_folder_refuses_a_file_and_weights_of_another_dtype(copy):
         check_model_folder(w.parent)
 
 
+
+@pytest.mark.parametrize("damage, own", [
+    ("time convention", "; convert the model before mixing it"),
+    ("dtype", ": re-train or re-export them"),
+    ("identity", ". Copy whole model folders (config.json with its model.safetensors)"),
+    ("not JSON", "; copy the whole model folder again, or remove the folder and train it again"),
+])
+def test_check_model_folder_ends_with_the_fix_it_is_given(copy, damage, own):
+    """A caller's fix (distill's --force for a student) ends every message of check_model_folder in place of the
+    folder's own, which is kept where none is given (distill cut it off with a regex before)."""
+    folder = copy / "experts" / "expert_00"
+    w = folder / "model.safetensors"
+    if damage == "time convention":
+        edit = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**edit, "time_convention": "cosine"}))
+    elif damage == "dtype":
+        save_tensors(w, {k: v.double() for k, v in io.load_tensors(w).items()}, read_metadata(w))
+    elif damage == "identity":
+        save_tensors(w, io.load_tensors(w), {**read_metadata(w), "cluster": 7})
+    else:
+        (folder / "config.json").write_text("{")
+    with pytest.raises(DDMError) as own_fix:
+        check_model_folder(folder)
+    assert str(own_fix.value).endswith(own), own_fix.value
+    with pytest.raises(DDMError) as given:
+        check_model_folder(folder, "Pass --force")
+    assert str(given.value) == str(own_fix.value).removesuffix(own) + ". Pass --force", given.value
+
 def test_published_statistics_the_registry_does_not_record_or_that_are_gone_are_refused(copy):
     reg = json.loads((copy / "registry.json").read_text())
     reg["models"][0]["statistics_sha256"] = None  # added after registering
