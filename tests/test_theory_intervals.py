@@ -180,7 +180,13 @@ ROUTED_ALONE = ("SOLVER:STRATEGY with a STRATEGY that routes by the router's pro
     *[(field, value, "different values, none repeated") for field, value in [
         ("radii", (1.0, 2.0, 1.0)), ("sweep_steps", (16, 16)), ("samplers", ("euler:full", "heun:full", "euler:full")),
         ("sweep_samplers", ("euler:switch", "euler:switch")), ("floor_samplers", ("euler:switch", "euler:switch")),
-        ("floor_angles", (0.05, 0.2, 0.2))]]])
+        ("floor_angles", (0.05, 0.2, 0.2))]],
+    ("samplers", ("euler:top-2", "euler:full", "euler:top-02"),
+     "different samplers, none repeated ('euler:top-02' is 'euler:top-2')"),
+    ("sweep_samplers", ("euler:sample-2", "euler:sample-2@1"),
+     "different samplers, none repeated ('euler:sample-2@1' is 'euler:sample-2')"),
+    ("floor_samplers", ("heun:switch", "heun: switch"), "different samplers, none repeated ('heun: switch' is "
+                                                        "'heun:switch')")])
 def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what, tmp_path, monkeypatch):
     """steps=(), radii=(), bootstrap=0 and seed=-1 were answered by tracebacks (min() of an empty sequence,
     an IndexError, numpy's 'expected non-negative integer'), radii=() after 20 s of work; eps_values, temperatures,
@@ -192,7 +198,8 @@ def test_run_convergence_names_a_bad_setting_before_it_starts(field, value, what
     pathwise RMS). A floor angle 0 gave a floor of nan below the smallest other angle's pathwise RMS (log 0 in
     floor_at); a repeated temperature repeated its sweep rows and shared one router_error entry. Repeated radii,
     sweep steps, sweep samplers or floor angles repeated report rows or columns; a repeated sampler or floor
-    sampler was run once (its entries keyed by name). Clusters, samplers, floor_steps, common_noise_draws
+    sampler was run once (its entries keyed by name), and one written two ways ('euler:top-2', 'euler:top-02')
+    was run twice, as two rows of one sampler. Clusters, samplers, floor_steps, common_noise_draws
     without draws for the floor samplers, and size_factors were refused in other words ('clusters must be
     between ...', 'sampler must be SOLVER:STRATEGY ...', 'floor_steps must be among steps ...', 'size_factors
     must give sample counts ...'); floor_samplers=None by a TypeError."""

@@ -109,6 +109,23 @@ def parse_sampler(spec: str) -> tuple[str, str]:
     return solver, strategy
 
 
+def sampler_name(spec: str) -> str:
+    """The one name of the sampler `spec` however its strategy is written: 'euler:top-02' -> 'euler:top-2'."""
+    solver, strategy = parse_sampler(spec)
+    return f"{solver}:{parse_strategy(strategy).name}"
+
+
+def repeated_sampler(specs) -> str | None:
+    """'X is Y' for the first sampler of `specs` that is one listed before it under another spelling, else None."""
+    seen: dict[str, str] = {}
+    for spec in specs:
+        name = sampler_name(spec)
+        if name in seen:
+            return f"{spec!r} is {seen[name]!r}"
+        seen[name] = spec
+    return None
+
+
 @dataclass(frozen=True)
 class Problem:
     """One mixture, its clusters, and the experts' and router's errors."""
@@ -411,6 +428,8 @@ def check_convergence(s: ConvergenceSettings) -> None:
         for spec in getattr(s, field):
             if (fix := sampler_fix(spec)) is not None:
                 raise setting_error(s, field, fix)
+        if (same := repeated_sampler(getattr(s, field))) is not None:  # top-02 is top-2: one sampler, run twice
+            raise setting_error(s, field, f"different samplers, none repeated ({same})")
     if s.floor_steps is not None and (not isinstance(s.floor_steps, (tuple, list)) or not s.floor_steps
                                       or not set(s.floor_steps) <= set(s.steps)):
         raise setting_error(s, "floor_steps", f"a non-empty tuple of values among steps {s.steps}, or None (every "
