@@ -33,6 +33,7 @@ from ddmkit.ddm.sampling import probe_router
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.distances import w2_exact
 from ddmkit.routing import RoutingState, depends_on_the_state_alone, parse_strategy, routed_velocity
+from ddmkit.routing.table import canonical_name
 from ddmkit.sample import get_solver, time_grid
 from ddmkit.theory.experts import (cluster_groups, cluster_posterior, clusters_fix, expert_disagreement,
                                    make_experts, make_router)
@@ -112,7 +113,7 @@ def parse_sampler(spec: str) -> tuple[str, str]:
 def sampler_name(spec: str) -> str:
     """The one name of the sampler `spec` however its strategy is written: 'euler:top-02' -> 'euler:top-2'."""
     solver, strategy = parse_sampler(spec)
-    return f"{solver}:{parse_strategy(strategy).name}"
+    return f"{solver}:{canonical_name(strategy)}"
 
 
 def repeated_sampler(specs) -> str | None:
