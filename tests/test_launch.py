@@ -742,7 +742,8 @@ def test_emit_slurm_refuses_gpus_its_tasks_would_not_use_and_notes_a_job_without
     assert not script.exists()
     code, err = cli("launch", run, "--emit", "slurm", "--gpus", "3", "--set",
                     "expert.train.device=auto")
-    assert code == 2 and "give --gpus dividing it, e.g. --gpus 2" in err and "--set" not in err, err
+    assert code == 2 and "use --gpus dividing it (one process per GPU of a task), e.g. --gpus 2" in err, err
+    assert "--set" not in err, err
     code, err = cli("launch", run, "--emit", "slurm", "--gpus", "0", "--set",
                     "expert.train.device=cuda")
     assert code == 2 and "--gpus 0: the run's expert.train.device is 'cuda'" in err, err
@@ -754,6 +755,21 @@ def test_emit_slurm_refuses_gpus_its_tasks_would_not_use_and_notes_a_job_without
     said = " ".join(err.split())
     assert code in (0, None) and "--nproc 2" in script.read_text() and "checkpoint_every" not in said, err
     assert "note: each task holds 1 CPU core (--cpus) for 2 x expert.train.threads = 2 threads" in said, err
+
+
+def test_emit_slurm_names_gpus_for_a_batch_of_fewer_rows_than_a_tasks_gpus():
+    """A task's --gpus N processes split the batch as --nproc N does (distributed.check_batch), named by its flag."""
+    from ddmkit.config import RunConfig
+    from ddmkit.launch.slurm import task_overrides
+
+    cfg = RunConfig.model_validate({"expert": {"train": {"batch_size": 8, "device": "auto"}}})
+    with pytest.raises(DDMError, match=r"^--gpus 16: expert\.train\.batch_size = 8 is fewer rows than the 16 "
+                                       r"processes, one slice each; use at most 8 processes"):
+        task_overrides(cfg, [], 16)
+    with pytest.raises(DDMError, match=r"^--gpus 3: expert\.train\.batch_size = 8 does not split into 3 equal "
+                                       r"slices, one per process; use --gpus dividing it .*, e\.g\. --gpus 2 "):
+        task_overrides(cfg, [], 3)
+    assert task_overrides(cfg, [], 4) == []
 
 
 def test_emit_slurm_refuses_several_gpus_per_task_for_a_run_of_cuda_graphs(tmp_path, monkeypatch, capsys):

@@ -28,6 +28,7 @@ from ddmkit.io import read_json, write_bytes_atomic
 from ddmkit.layout import RunFolder
 from ddmkit.nets.user import is_user_network
 from ddmkit.registry import checked_model_shards, load_partition_checked
+from ddmkit.train.distributed import check_batch
 
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=+/@%-]*")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")  # a long option's name, without its dashes
@@ -207,11 +208,11 @@ def task_overrides(cfg: RunConfig | None, overrides: list[str], gpus: int) -> li
     if cfg is None:
         return list(overrides)
     batch, device = cfg.expert.train.batch_size, cfg.expert.train.device
-    if gpus > 1 and batch % gpus:
-        fits = max(d for d in range(1, gpus) if batch % d == 0)
-        raise DDMError(f"--gpus {gpus}: expert.train.batch_size = {batch} does not split into {gpus} equal slices "
-                       f"(one per GPU of a task); give --gpus dividing it, e.g. --gpus {fits} (the batch is a "
-                       "setting of what the experts train, kept as the run has it)")
+    if gpus > 1:  # a task trains on one process per GPU
+        fits = max(d for d in range(1, gpus + 1) if batch % d == 0)
+        check_batch(batch, gpus, "expert.train.batch_size", given=f"--gpus {gpus}",
+                    fix=f"--gpus dividing it (one process per GPU of a task), e.g. --gpus {fits} (the batch is a "
+                        "setting of what the experts train, kept as the run has it)")
     if gpus and device == "cpu":
         raise DDMError(f"--gpus {gpus}: the run's expert.train.device is 'cpu', so every task would hold {gpus} GPU(s) "
                        "and train on the CPU; add --set expert.train.device=auto (or cuda), or give --gpus 0")

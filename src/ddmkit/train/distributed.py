@@ -217,12 +217,14 @@ def check_batch(batch_size: int, world: int, field: str = "train.batch_size", fi
                 given: str | None = None) -> None:
     """A global batch of `batch_size` rows (the config's `field`) splits into `world` equal slices. A batch that
     does not is a DDMError that starts with `given` where given (the processes as the user asked for them: '--nproc
-    3') and says to use `fix` (by default, a multiple of world as the batch)."""
+    3') and says to use `fix` (by default, a multiple of world as the batch); one of fewer rows than `world`
+    processes (also after `given`) says to use at most `batch_size` processes."""
     if world < 1:
         raise DDMError(f"nproc: must be at least 1 (got {world})")
-    if batch_size < world:
-        raise DDMError(f"{field} = {batch_size} is fewer rows than the {world} processes, one slice each; use at "
-                       f"most {batch_size} processes (the batch is the global one, over all processes)")
+    if batch_size < world:  # fewer processes, never a batch of `world` rows (it may be a huge one)
+        raise DDMError(f"{given + ': ' if given else ''}{field} = {batch_size} is fewer rows than the {world} "
+                       f"processes, one slice each; use at most {batch_size} processes (the batch is the global one, "
+                       "over all processes)")
     if batch_size % world:
         fix = fix or (f"a multiple of {world}, e.g. --set {field}={world * max(1, batch_size // world)} (the batch "
                       "is the global one, over all processes)")
