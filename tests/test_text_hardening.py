@@ -543,6 +543,33 @@ def test_a_huge_sample_n_of_a_text_run_is_refused_not_a_traceback(text_runs):
     assert code == 2 and "--n = 99999999999999999999: must be at most 1,000,000,000" in err, err  # as analyze says it
 
 
+def test_a_text_sample_n_whose_byte_probabilities_outgrow_the_memory_is_refused(text_runs, tmp_path, monkeypatch):
+    """A text run samples its n sequences in one batch: every step holds n x positions x 256 byte probabilities
+    (8 bytes each, at least), which a large sample.n (or --n) took past the memory, and the kernel killed the
+    command without a word. Refused before anything is written, naming a count that fits."""
+    import ddmkit.pipeline.checks as checks
+    from ddmkit.discrete.config import load_text_config
+    from ddmkit.pipeline.text import sample_positions
+
+    per_row = 8 * 256 * 24  # model.seq_len = 24 positions
+    monkeypatch.setattr(checks, "available_memory", lambda device: 1000 * per_row)
+    config = write_config(tmp_path, "text_dfm", '["learned"]')
+    code, err = cli("text", "run", config, "--out", tmp_path / "run", "--set", "sample.n=1001")
+    said = " ".join(err.split())
+    assert code == 2 and "sample.n = 1001: one sampling step's byte probabilities alone would take" in said, said
+    assert "set sample.n = 500 or less (--set sample.n=500)" in said and not (tmp_path / "run").exists(), said
+    ar = text_runs["text_ar"]
+    before = files(ar)
+    code, err = cli("sample", ar, "--strategy", "top-1", "--n", "1001")
+    said = " ".join(err.split())
+    assert code == 2 and "--n = 1001: one sampling step's byte probabilities" in said, said
+    assert "(1001 x 24 positions x 256 byte values, 8 bytes each)" in said and "give --n 500 or less" in said, said
+    assert files(ar) == before
+    assert cli("sample", ar, "--strategy", "top-1", "--n", "500")[0] in (0, None)
+    prompted = load_text_config(write_config(tmp_path, "text_ar"), ['sample.prompt="dé"', "sample.length=5"])
+    assert sample_positions(prompted) == 3 + 5  # the prompt's UTF-8 bytes and the drawn ones
+
+
 def test_sampled_bytes_that_are_not_utf8_are_kept_byte_identical(text_runs, tmp_path, monkeypatch):
     """text.json shows bytes that are not valid UTF-8 as U+FFFD: the drawn bytes were lost. text_bytes.json
     keeps each sample's bytes (base64) as the model drew them."""

@@ -13,6 +13,7 @@ fails at the data and partition stage, with a fix that works, not after its netw
     named_device(name)                            -> str  a --device value for a stage that uses none
     available_memory(device)                      -> int | None  bytes free for new tensors there
     check_sample_memory(n, data_shape, what, fix) a set of n samples' noise and samples, held on the host, fit
+    check_text_sample_memory(n, positions, what, fix)  a text run's n samples' byte probabilities, one step's, fit
 
 What the later stages need (each need is where that stage would fail or would not honour a setting):
 
@@ -375,12 +376,28 @@ def check_sample_memory(n: int, data_shape, what: str = "sample.n",
     (2 x n x the data's numbers, float32, held on the host) are more than this machine's available memory: the
     kernel would kill the command without a word. `fix` names the largest n that takes at most half of it
     ({n} in it); nothing is checked where the memory cannot be told."""
+    _check_memory(n, 2 * 4 * math.prod(data_shape), f"{what} = {n}: its noise and samples alone",
+                  f"2 x {n} x {'x'.join(map(str, data_shape))} float32 numbers", fix)
+
+
+def check_text_sample_memory(n: int, positions: int, what: str = "sample.n",
+                             fix: str = "set sample.n = {n} or less (--set sample.n={n})") -> None:
+    """check_sample_memory for a text run, which samples its n sequences in one batch: a DDMError when the
+    probabilities of a byte's 256 values at every one of the `positions` its networks read, for every sequence
+    (8 bytes each: the experts' float32 log-probabilities stacked, or a routed mixture's float64, at least), are
+    more than the available memory; one sampling step holds these and more (the networks' activations)."""
+    _check_memory(n, 8 * 256 * positions, f"{what} = {n}: one sampling step's byte probabilities alone",
+                  f"{n} x {positions} positions x 256 byte values, 8 bytes each", fix)
+
+
+def _check_memory(n: int, per_row: int, held: str, numbers: str, fix: str) -> None:
+    """A DDMError when n rows of per_row bytes each are more than the available memory: `held` (what the command
+    would hold, opening with the option) takes that much; `numbers` says how it is counted, `fix` ({n} in it) the
+    largest n that takes at most half of it."""
     free = available_memory(torch.device("cpu"))
-    per_row = 2 * 4 * math.prod(data_shape)
     if free is None or n * per_row <= free:
         return
     fits = max(1, free // 2 // per_row)
-    raise DDMError(f"{what} = {n}: its noise and samples alone would take {size_text(n * per_row)} of memory (2 x {n} "
-                   f"x {'x'.join(map(str, data_shape))} float32 numbers), more than the {size_text(free)} available "
-                   f"here; {fix.format(n=fits)} (half of it, the rest for the networks), or sample where there is "
-                   "more memory")
+    raise DDMError(f"{held} would take {size_text(n * per_row)} of memory ({numbers}), more than the "
+                   f"{size_text(free)} available here; {fix.format(n=fits)} (half of it, the rest for the networks), "
+                   "or sample where there is more memory")

@@ -50,6 +50,7 @@ from ddmkit.io import (entries, nan_as_null, read_json, remove, sha256_file, sta
                        write_bytes_atomic, write_json)
 from ddmkit.layout import RunFolder
 from ddmkit.nets import build_model, check_builds, from_pretrained, save_pretrained
+from ddmkit.pipeline.checks import check_text_sample_memory
 from ddmkit.pipeline.models import write_training_plot
 from ddmkit.pipeline.prepare import check_replaceable, listed, remove_leftovers, remove_run_leftovers
 from ddmkit.pipeline.samplesets import calls_every_expert, full_routing_note
@@ -207,6 +208,14 @@ def check_networks(cfg: TextRunConfig) -> None:
         check_builds(arch, kwargs, where)
 
 
+def sample_positions(cfg: TextRunConfig) -> int:
+    """The positions a network reads at a text sample's last step: a whole window (text_dfm, or text_ar without
+    sample.length), else the prompt's bytes and sample.length."""
+    if cfg.kind == "text_dfm" or cfg.sample.length is None:
+        return cfg.model.seq_len
+    return len(cfg.sample.prompt.encode("utf-8")) + cfg.sample.length
+
+
 def text_config(run) -> TextRunConfig:
     """The text config a run folder was made with."""
     folder = RunFolder(run)
@@ -279,6 +288,7 @@ def prepare_text_run(cfg: TextRunConfig, out: Path, force: bool = False, log: Lo
         remove_run_leftovers(folder, log)
         replace = _replace(folder, cfg, force)
         check_networks(cfg)
+        check_text_sample_memory(cfg.sample.n, sample_positions(cfg))  # the report's samples, drawn after training
         keep = not replace and folder.manifest.exists()
         if keep:  # damaged since it was written: named with the fix, never kept as it is
             check_kept_partition(folder)
@@ -596,6 +606,8 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
                            "--steps sets the unmasking steps of kind = 'text_dfm' runs; leave it out")
         cfg = with_options(cfg, {"evaluate.strategies": ("--strategy", strategies), "sample.n": ("--n", n),
                                  "sample.seed": ("--seed", seed), "sample.steps": ("--steps", steps)})
+        check_text_sample_memory(cfg.sample.n, sample_positions(cfg), "sample.n" if n is None else "--n",
+                                 "give --n {n} or less")
         models = text_models(cfg, Path(run), train=False, central=bool(central))  # drawn only when asked
         note_full_routing(cfg, strategies, log)  # once the models are there (a missing one is refused first)
         raw = TASKS[cfg.kind].samples(models.experts, models.central, models.routers, models.prior, cfg)
