@@ -519,7 +519,8 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
            config: Optional[Path] = config_option(f"{CONFIG} (default: the run's)"),
            device: Optional[str] = DEVICE,
            set_: Optional[List[str]] = SET):
-    """Sample with routing strategies; writes RUN/samples/NAME.safetensors (text runs: RUN/samples/text.json)."""
+    """Sample with routing strategies; writes RUN/samples/NAME.safetensors (text runs: RUN/samples/text.json, and
+    their raw bytes, base64, in RUN/samples/text_bytes.json)."""
     from ddmkit.config import RunConfig, SampleConfig, validate
 
     if router is not None:
