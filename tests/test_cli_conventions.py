@@ -719,6 +719,17 @@ def test_an_option_named_in_a_message_leaves_the_values_typed_as_they_are(ddmkit
         assert code == 2 and f"error: --strategy: unknown routing strategy '{strategy}';" in err, err
 
 
+def test_sample_names_the_form_of_a_malformed_gated_name_and_the_command_that_runs_it(ddmkit, shard):
+    """`sample --strategy gated-2@nan` was 'unknown routing strategy' with forms that leave gated out (the sampler
+    runs none), where parse_strategy alone named the form: now both, and `ddmkit analyze`, which runs it."""
+    code, _, err = ddmkit("sample", shard.parents[2], "--n", "5", "--strategy", "gated-2@nan")
+    said = " ".join(err.split())
+    assert code == 2 and "error: --strategy: strategy 'gated-2@nan' is not a name of the form gated-K@A; gated-K@A " \
+        "takes K an integer >= 1, A an angle in [0, 180] degrees, e.g. gated-2@30; gated-K@A compares the " \
+        "experts' velocities" in said, said
+    assert "`ddmkit analyze RUN --strategy gated-2@30`; the sampler runs full, top-K," in said, said
+
+
 def test_a_folder_inside_a_run_names_the_run(ddmkit, shard):
     """`train-router RUN/partition` said to run `ddmkit partition --out RUN/partition`."""
     run = shard.parents[2]

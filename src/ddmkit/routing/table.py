@@ -203,6 +203,13 @@ def _meant_form(name: str, entry: StrategyForm, forms: str) -> str:
             + _takes(entry, " It takes ") + f"{'.' if _takes(entry, '') else ''} Accepted forms: {forms}")
 
 
+def _analysis_only(measured: str, forms: str) -> str:
+    """Why the sampler refuses a form only the analysis sampler runs (gated-K@A), and the command that measures
+    `measured`, for messages that open with the strategy's name or form."""
+    return (f"compares the experts' velocities, which only the analysis sampler gives: measure it with `ddmkit "
+            f"analyze RUN --strategy {measured}`; the sampler runs {forms}")
+
+
 def depends_on_the_state_alone(strategy: Strategy) -> bool:
     """Whether a strategy's weights are a function of (x_t, t) and the router's probabilities alone, i.e. define a
     field: not oracle and nearest (they remember the trajectory, and need a run's partition) nor gated-K@A (the
@@ -235,6 +242,11 @@ def parse_strategy(spec: str, sampled: bool = False) -> Strategy:
                 raise DDMError(_meant_form(name, entry, forms))
             raise DDMError(f"strategy {name!r} is not a name of the form {entry.form}"
                            + _takes(entry, f"; {entry.form} takes "))
+        if meant is not None and meant[1] == name:  # gated-2@nan to the sampler: its form, and where it runs
+            entry = meant[0]
+            raise DDMError(f"strategy {name!r} is not a name of the form {entry.form}"
+                           + _takes(entry, f"; {entry.form} takes ") + f"; {entry.form} "
+                           + _analysis_only(entry.example or entry.form, forms))
         raise DDMError(f"unknown routing strategy {name!r}; accepted forms: {forms}")
     entry, m = matched
     try:
@@ -245,9 +257,7 @@ def parse_strategy(spec: str, sampled: bool = False) -> Strategy:
         strategy = None  # the analysis sampler's (gated-0@30 to the sampler): refused below, naming one that parses
     if sampled and not entry.sampled:
         measured = name if strategy is not None else entry.example or entry.form
-        raise DDMError(f"strategy {name!r} compares the experts' velocities, which only the analysis sampler "
-                       f"gives: measure it with `ddmkit analyze RUN --strategy {measured}`; the sampler runs "
-                       f"{forms}")
+        raise DDMError(f"strategy {name!r} " + _analysis_only(measured, forms))
     if not isinstance(strategy, Strategy):
         raise DDMError(f"strategy {name!r}: the build of its form {entry.form!r} returned {type(strategy).__name__}, "
                        "not a ddmkit.routing.Strategy (subclass Strategy, or Selecting for a strategy with select)")
