@@ -115,7 +115,12 @@ K_MAX = 100_000  # the most clusters partition.k takes
 FEW_STEPS_MAX = 32  # ddmkit.pipeline.distill.FEW_STEPS: the most segments a few-step student may have
 TRAJECTORIES_MAX = 10**7  # ddmkit.pipeline.distill.MAX_TRAJECTORIES
 TEACHER_STEPS_MAX = 10**6  # ddmkit.pipeline.distill.MAX_TEACHER_STEPS
-THEORY_SEED_MAX = 2**32 - 1 - 64  # numpy's seeds are 32 bits; the studies add small offsets (seed + 1, ...)
+# The seed of theory convergence / distill and text exactness, with the studies' offsets added (seed + 1, ...,
+# seed + 100_003 * (d + 1) + 1000 * j + 7919 * i in convergence, seed + r for distill's students), goes to
+# torch's manual_seed, which takes any value below 2**64 (10**20 was a traceback), and to
+# np.random.default_rng, which takes any size: this bound is a conservative one well inside torch's, no
+# library's own limit.
+THEORY_SEED_MAX = 2**32 - 1 - 64
 STUDY_SEEDS_MAX = 1000  # study misalignment trains every condition once per seed: more is no study that ends
 STUDENT_SEEDS_MAX = 1000  # theory distill trains every student once per seed: more is no study that ends
 WORKERS_HELP = ("parallel expert jobs (processes, local ray; default: one per job, at most one per GPU, or per CPU "
