@@ -520,7 +520,8 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
                                                       "default: the config's, off)"),
            cuda_streams: Optional[bool] = typer.Option(None, "--cuda-streams/--no-cuda-streams",
                                                        help="on a GPU, run a step's experts on concurrent CUDA "
-                                                       "streams (default on; with --cuda-graphs, a set of graphs per expert)"),
+                                                       "streams (with --cuda-graphs, a set of graphs per expert; "
+                                                       "ignored on the CPU; default: the config's, on)"),
            config: Optional[Path] = config_option(f"{CONFIG} (default: the run's)"),
            device: Optional[str] = DEVICE,
            set_: Optional[List[str]] = SET):
