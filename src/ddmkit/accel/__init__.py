@@ -1,6 +1,7 @@
-"""The only GPU-speed code in ddmkit, applied at one point: sampling (ddmkit.ddm.sampling) hands
-its networks to `accelerate` and calls what comes back. Solvers, strategies and the combiner are
-plain PyTorch and know nothing of CUDA.
+"""The GPU-speed code of ddmkit. Sampling (ddmkit.ddm) hands its networks to `accelerate` and calls
+what comes back; solvers, strategies and the combiner are plain PyTorch and know nothing of CUDA.
+Training uses two of its modules: fit() captures its step with step_graph (train.cuda_graph), and
+experts on streams (ddmkit.train.streamed) run on the side streams of `streams`.
 
     speed = SpeedOptions(cuda_graphs=True, cuda_streams=True, autocast="bfloat16")
     nets = accelerate(experts, router, speed, device)
