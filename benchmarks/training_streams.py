@@ -1,6 +1,7 @@
 """Can K small experts train on one GPU at the monolith's cost when each expert's whole training step is
 one CUDA graph and the K graphs run at once on K streams? (A technique ddmkit's training loop does not use:
-fit() trains K experts stacked, docs/performance.md.)
+fit() trains K experts stacked, or on K streams inside one graph of the whole job's step with
+train.cuda_graph, docs/performance.md.)
 
     python benchmarks/training_streams.py --nets unet dit --steps 100          # CUDA only, a few minutes
     python benchmarks/training_streams.py --nets unet --compiled yes --check   # and whether they race
