@@ -785,6 +785,18 @@ def test_a_missing_shard_is_named_as_a_wrong_path(ddmkit, shard, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize("given", ["", "partition", "data"])
+def test_a_run_folder_given_as_the_shard_is_shown_a_shard_that_exists(ddmkit, shard, tmp_path, given):
+    """train-expert RUN (or RUN/partition, RUN/data) as SHARD was told to give RUN/cluster_00.safetensors, a file
+    no run has: the fix names the run's own first shard."""
+    folder = shard.parent.parent.parent / given
+    code, _, err = ddmkit("train-expert", folder, "--out", tmp_path / "e", "--config", TINY)
+    fix = re.search(r"e\.g\. (\S+\.safetensors)", err)
+    assert code == 2 and "is a folder; give one shard file" in err and fix, err
+    assert Path(fix.group(1)).resolve() == shard.resolve(), err
+    assert not (tmp_path / "e").exists()
+
+
 def test_a_config_or_manifest_given_as_the_shard_shows_the_right_form(ddmkit, shard, tmp_path):
     """train-expert RUN/config.json (a TOML, a manifest, JSON under a .safetensors name) said the file was 'corrupt
     or not a safetensors file ...; copy the shard again'. It says what was given where the shard goes, and the

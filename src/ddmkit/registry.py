@@ -285,9 +285,7 @@ def check_shard_space(shard: str | Path, latent: bool) -> None:
     if not path.exists():
         raise DDMError(f"shard {path} does not exist; give a file of RUN/partition/shards/ (or RUN/latents/ for a "
                        "latent run), e.g. RUN/partition/shards/cluster_00.safetensors")
-    if path.is_dir():
-        raise DDMError(f"shard {path} is a folder; give one shard file in it, e.g. {path / 'cluster_00.safetensors'}")
-    check_given_shard(path)  # a config, a manifest, no .safetensors: shown the command's right form
+    check_given_shard(path)  # a folder, a config, a manifest, no .safetensors: shown the command's right form
     x = header_shapes(path, SHARD_FIX).get("x")
     if x is not None and len(x[0]) == 1 and x[1] == "U8":  # ddmkit.discrete's shards: one byte stream
         raise DDMError(f"{path} is a text shard (a stream of bytes), but the config trains continuous experts: give "

@@ -44,7 +44,7 @@ from ddmkit.data.features import CLUSTER_THREADS, apply_features, fit_features
 from ddmkit.errors import DDMError
 from ddmkit.io import (check_finite_tensors, load_tensors, read_json, read_metadata, save_tensors, sha256_file,
                        staging_dir, write_json)
-from ddmkit.layout import RunFolder, is_run_folder, remake_partition
+from ddmkit.layout import RunFolder, enclosing_run, is_run_folder, remake_partition
 
 MAX_FULL_COV_DIM = 256
 
@@ -419,11 +419,28 @@ def _what_file(path: Path) -> str | None:
     return None
 
 
+def _shard_example(folder: Path) -> Path:
+    """A shard to name to one who gave `folder` as SHARD: the first shard of the run the folder is (or lies in),
+    spelt from `folder` where it lies inside it; else folder/cluster_00.safetensors (a shards folder)."""
+    run = folder if is_run_folder(folder) else enclosing_run(folder)
+    if run is None:
+        return folder / "cluster_00.safetensors"
+    shard = RunFolder(run).training_shard(0)
+    try:
+        return folder / shard.resolve().relative_to(folder.resolve())
+    except ValueError:  # the run's shards are not inside the folder (RUN/data, an expert folder)
+        return shard
+
+
 def check_given_shard(shard: str | Path) -> None:
     """A file given as SHARD to `ddmkit train-expert` that is plainly no shard (a run's config.json, a TOML, a
     manifest, a file without the .safetensors suffix) is a DDMError showing the command's right form, not a
-    shard called corrupt, to be copied again."""
+    shard called corrupt, to be copied again; so is a folder, naming a shard of it (or of the run it is in)."""
     path = Path(shard)
+    if path.is_dir():
+        example = _shard_example(path)
+        where = " in it" if example.is_relative_to(path) else ""
+        raise DDMError(f"shard {path} is a folder; give one shard file{where}, e.g. {example}")
     what = _what_file(path) if path.is_file() else None
     if what is None:
         return

@@ -414,10 +414,7 @@ def train_text_expert(shard: str | Path, cfg: TextRunConfig, out_dir: str | Path
     cluster (check_shard_for_slot), refused before training."""
     with job_threads(cfg.threads):
         task, tr, m = TASKS[cfg.kind], cfg.expert.train, cfg.model
-        if Path(shard).is_dir():  # not "move it away": it is likely the run's own shards/ folder
-            raise DDMError(f"shard {shard} is a folder; give one shard file in it, e.g. "
-                           f"{Path(shard) / 'cluster_00.safetensors'}")
-        check_given_shard(shard)  # a config, a manifest, no .safetensors: shown the command's right form
+        check_given_shard(shard)  # a folder, a config, a manifest, no .safetensors: shown the command's right form
         stream, _, meta = read_shard(shard)
         if stream.dim() != 1 or stream.dtype != torch.uint8:  # a vector, image or latent run's (N, ...) rows
             raise DDMError(f"{shard} is not a text shard (its x is {tuple(stream.shape)} {str(stream.dtype)[6:]}, "
