@@ -396,3 +396,20 @@ def test_a_network_argument_written_outside_kwargs_is_told_its_kwargs_path():
     for close, meant in (("kwarg", "kwargs"), ("arc", "arch")):
         with pytest.raises(DDMError, match=rf"expert.net.{close}: unknown field; did you mean '{meant}'\?"):
             validate(RunConfig, apply_overrides({}, [f"expert.net.{close}=3"]))
+
+
+def test_a_config_file_that_does_not_exist_is_named_with_a_fix(tmp_path, monkeypatch):
+    """`ddmkit run nosuch.toml` said only 'config file nosuch.toml does not exist': it names where a relative path
+    is read from and the built-in names (a text config's reader, the TOML path alone)."""
+    import pytest
+
+    from ddmkit.config import load_config, read_toml
+    from ddmkit.errors import DDMError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DDMError, match=rf"config file nosuch.toml does not exist; give a TOML file's path \(a "
+                                       rf"relative one is read from {tmp_path}, .*\), or a built-in name: demo$"):
+        load_config("nosuch.toml")
+    with pytest.raises(DDMError, match=rf"config file nosuch.toml does not exist; give a TOML file's path \(a "
+                                       rf"relative one is read from {tmp_path}, [^)]*\)$"):
+        read_toml("nosuch.toml")

@@ -892,11 +892,19 @@ def toml_text(path: Path) -> str:
     return path.read_bytes().decode("utf-8-sig")
 
 
+def missing_config(path: Path, builtin: bool = False) -> DDMError:
+    """The error of a config file that does not exist, saying where a relative path is read from (and, where a
+    built-in name is taken, `builtin`, naming them)."""
+    names = ", ".join(sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.toml")))
+    return DDMError(f"config file {path} does not exist; give a TOML file's path (a relative one is read from "
+                    f"{Path.cwd()}, the folder ddmkit runs in)" + (f", or a built-in name: {names}" if builtin else ""))
+
+
 def read_toml(path: str | Path) -> dict:
     """The table of a TOML file, with a clear error when missing or malformed."""
     path = Path(path)
     if not path.exists():
-        raise DDMError(f"config file {path} does not exist")
+        raise missing_config(path)
     if not path.is_file():
         raise DDMError(f"config file {path} is a folder, not a TOML file; give the .toml file's path")
     try:
@@ -914,7 +922,7 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.exists() and not path.suffix and path.name == str(path):
         path = builtin_config(str(path))
     if not path.exists():
-        raise DDMError(f"config file {path} does not exist")
+        raise missing_config(path, builtin=True)
     if path.suffix == ".json":
         raw = read_json(path)
         raw = raw.get("config", raw) if isinstance(raw, dict) else raw
