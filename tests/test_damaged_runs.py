@@ -366,7 +366,7 @@ def test_a_grow_log_entry_of_the_wrong_shape_is_named(run, ddmkit, tmp_path):
 @pytest.mark.parametrize("damage, said", [
     (lambda p: p.write_text("{"), "config.json is not valid JSON"),
     (lambda p: p.unlink(), "has no config.json"),
-    (lambda p: edit_json(p, lambda c: c["config"]["partition"].update(k="2")), "partition.k: '2' is text"),
+    (lambda p: edit_json(p, lambda c: c["config"]["partition"].update(k="2")), 'partition.k: "2" is text'),
     (lambda p: edit_json(p, lambda c: c["config"].update(colour="blue")), "colour: unknown field"),
 ])
 def test_register_writes_nothing_when_the_runs_config_is_broken(run, ddmkit, damage, said):
