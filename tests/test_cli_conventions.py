@@ -711,6 +711,14 @@ def test_a_check_of_the_sample_section_names_the_options_it_came_from(ddmkit, sh
     assert code == 2 and "sample: solver = 'adaptive' with " in err and "out of --strategy" in err, err
 
 
+def test_a_choice_no_option_takes_is_told_one_as_that_option(ddmkit, shard):
+    """`ddmkit sample RUN --solver bogus` said only pydantic's 'Input should be 'euler', ...': it lists the choices
+    and gives one as the option typed, not as the config's --set."""
+    code, _, err = ddmkit("sample", shard.parents[2], "--solver", "bogus")
+    assert code == 2 and err == ("error: --solver: Input should be 'euler', 'heun', 'midpoint', 'rk4' or 'adaptive': "
+                                 "give --solver euler"), err
+
+
 def test_an_option_named_in_a_message_leaves_the_values_typed_as_they_are(ddmkit, shard):
     """The fields named as options (sample.n -> --n) were renamed inside the user's own value too: --strategy
     sample.nope with --n 5 was 'unknown routing strategy '--nope''."""

@@ -413,3 +413,37 @@ def test_a_config_file_that_does_not_exist_is_named_with_a_fix(tmp_path, monkeyp
     with pytest.raises(DDMError, match=rf"config file nosuch.toml does not exist; give a TOML file's path \(a "
                                        rf"relative one is read from {tmp_path}, [^)]*\)$"):
         read_toml("nosuch.toml")
+
+
+def test_a_value_of_its_kind_that_a_field_refuses_is_told_a_value_that_works():
+    """`--set expert.train.lr=nan` said only 'Input should be a finite number', `--set sample.solver=bogus` only
+    the choices: each pydantic check of a value of the field's kind (finite, bounds, choices, lengths) names a
+    value the config takes, as --set, found from the field (its default, else a bound or a choice)."""
+    import re
+
+    import pytest
+
+    from ddmkit.config import RunConfig, TrainConfig, apply_overrides, validate
+    from ddmkit.discrete.config import TextRunConfig
+    from ddmkit.errors import DDMError
+
+    lr = TrainConfig.model_fields["lr"].default
+    cases = [("expert.train.lr=nan", f"expert.train.lr: Input should be a finite number: give {lr} (on the command "
+                                     f"line: --set expert.train.lr={lr})"),
+             ("sample.solver=bogus", "sample.solver: Input should be 'euler', 'heun', 'midpoint', 'rk4' or "
+                                     "'adaptive': give \"euler\" (on the command line: --set sample.solver=euler)"),
+             ("data.seed=-1", "data.seed: Input should be greater than or equal to 0: give 0 (on the command line: "
+                              "--set data.seed=0)"),
+             ("latent.widths=[]", "latent.widths: List should have at least 1 item after validation, not 0: give "
+                                  "[32, 64, 64] (on the command line: --set 'latent.widths=[32, 64, 64]')")]
+    for item, said in cases:
+        with pytest.raises(DDMError) as refused:
+            validate(RunConfig, apply_overrides({}, [item]), "--set")
+        assert str(refused.value) == f"--set: invalid configuration\n  {said}", str(refused.value)
+        fix = re.search(r"--set '?([^')]+)'?\)$", said).group(1)
+        validate(RunConfig, apply_overrides({}, [fix]), "--set")  # the value told is taken
+    with pytest.raises(DDMError, match=r"^--set: invalid configuration\n  router\.kinds: \"x\" in \[\"bayes\", \"x\", "
+                                       r"\"y\"\]: each item should be 'bayes' or 'learned': give \[\"bayes\", "
+                                       r"\"learned\"\] \(on the command line: --set 'router\.kinds=\[\"bayes\", "
+                                       r"\"learned\"\]'\)$"):  # one line for the list, not one per item
+        validate(TextRunConfig, apply_overrides({"kind": "text_ar"}, ['router.kinds=["bayes", "x", "y"]']), "--set")

@@ -570,6 +570,9 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
         for key, value in upd.items():  # the fields given as options, named as the options
             option = f"--{'strategy' if key == 'strategies' else key.replace('_', '-')}"
             said = said.replace(f"sample: {key} = {value!r}", f"{option} {value}")  # the section's: --solver adaptive
+            # a value that works, given as this option (give --solver euler), not as --set sample.solver=euler
+            said = re.sub(rf"give \S+ \(on the command line: --set sample\.{key}=([^\s'\[]+)\)", rf"give {option} \1",
+                          said)
             # the field's name alone (use euler ... or leave them out of --strategy), not a value typed ('sample.nope')
             said = re.sub(rf"(?<![\w.'\"])sample\.{key}(?![\w.])", option, said)
         lines = said.splitlines()

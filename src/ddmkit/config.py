@@ -767,6 +767,26 @@ def _wrong_kind(model: type[BaseModel] | None, data: dict, loc: tuple, given) ->
     return _with_fix(head, ".".join(loc), fix, numeric_text=isinstance(given, str) and _reads_as_number(given))
 
 
+OUT_OF_RANGE = ("finite_number", "literal_error", "greater_than", "greater_than_equal", "less_than",
+                "less_than_equal", "string_too_short", "string_too_long", "too_short", "too_long")  # pydantic's
+# errors of a value of its kind that its field does not take: nan, 0 where more than 0 goes, a choice misspelt, ""
+
+
+def _value_that_works(model: type[BaseModel] | None, data: dict, loc: tuple) -> tuple | None:
+    """Where and what to give for the field at `loc`, in place of a value of its kind that it does not take: (loc,
+    the field's default, else its lower bound, its first choice or 1); for a list, or an item of one (the list's
+    loc), the list's default; None when none of them is taken."""
+    at = loc[:-1] if loc and isinstance(loc[-1], int) else loc
+    field = _field_at(model, at)
+    if field is None:
+        return None
+    if typing.get_origin(field.annotation) is list:
+        fixes = [field.get_default(call_default_factory=True)]
+    else:  # no placeholder: "NAME" is no value that works
+        fixes = [v for v in _candidates(None, field, _scalar_kinds(field.annotation)) if v != "NAME"]
+    return next(((at, v) for v in fixes if v is not None and _refusal(model, data, at, v) is None), None)
+
+
 def _wrong_item(model: type[BaseModel] | None, data: dict, loc: tuple, given) -> str | None:
     """_wrong_kind's message for an item of a list (latent.widths = [8, "a"], strategies = [["full"]]; a number in a
     list of texts is _texts_for's): the list with each such item replaced by one of its kind, else the field's
@@ -837,6 +857,17 @@ def _explain(err: ValidationError, source: str, what: str = "configuration", mod
                 if where in told:
                     continue
                 told.add(where)
+        elif what == "configuration" and e["type"] in OUT_OF_RANGE and \
+                (fixed := _value_that_works(model, data or {}, e["loc"])):
+            at, fix = fixed  # nan, 0 where more than 0 goes, a choice misspelt: a value that works
+            if at != e["loc"]:  # an item of a list: one line for the list
+                where = ".".join(str(p) for p in at)
+                if where in told:
+                    continue
+                told.add(where)
+                msg = f"{json.dumps(e.get('input'))} in {json.dumps(_given_at(data, at))}: " + \
+                    msg.replace("Input should", "each item should", 1)
+            msg = _with_fix(msg, where, fix)
         elif what == "configuration" and e["type"] == "list_type" and isinstance(e.get("input"), (str, int, float)):
             given = e["input"]
             if _of_texts(_annotation_at(model, e["loc"])) and not isinstance(given, str):  # 3 where ["top-3"] goes
