@@ -532,7 +532,8 @@ def test_launch_settings_may_change_how_jobs_run_not_what_they_train(tmp_path, m
                                    "expert.train.device=cpu", "router.train.tensorboard=true"))
     check_same_training(tmp_path / "no run here", asked("expert.train.steps=30"))  # nothing to compare with
     code, said = cli("launch", run, "--set", "expert.train.steps=30")
-    assert code == 2 and "expert.train.steps (60, asked 30)" in said
+    assert code == 2 and said.startswith(f"error: --set: {run} was made") and "expert.train.steps (60, asked 30)" \
+        in said, said  # the option given, not --config too
     assert not (run / "experts").exists()  # the command trained nothing
     for args, named in ((["launch", run, "--emit", "slurm", "--gpus", "0", "--set", "expert.train.steps=30"],
                          "expert.train.steps (60, asked 30)"),
@@ -561,9 +562,11 @@ def test_train_router_and_monolith_refuse_another_seed_as_another_training_setti
     seeds = {"router": made["router"]["train"]["seed"], "monolith": made["expert"]["train"]["seed"]}
     for command, folder, field in (("train-router", "router", "router"), ("train-monolith", "monolith", "expert")):
         seed = seeds[folder]
-        code, said = cli(command, run, "--seed", seed + 5)
-        assert code == 2 and said.startswith(f"error: --seed / --set / --config: {run} was made with other "), said
+        code, said = cli(command, run, "--seed", seed + 5)  # named: the option given, not --set / --config too
+        assert code == 2 and said.startswith(f"error: --seed: {run} was made with other "), said
         assert f"{field}.train.seed ({seed}, asked {seed + 5})" in said and "change only how the jobs run" in said
+        code, said = cli(command, run, "--seed", seed + 5, "--set", f"{field}.train.log_every=7")
+        assert code == 2 and said.startswith(f"error: --seed / --set: {run} was made with other "), said
         assert not (run / folder).exists()
     record = (run / "config.json").read_bytes()
     for command, folder in (("train-router", "router"), ("train-monolith", "monolith")):

@@ -427,7 +427,7 @@ def train_router_cmd(run: Path = run_argument("run folder with partition/"),
     cfg = _config(config, run, set_, device)
     cfg = cfg.model_copy(update={"router": _with_train_seed(cfg.router, seed)})
     # --seed / --set / --config may change how the job runs, not what it trains (the seed is a trained setting)
-    check_same_training(run, cfg, _training_options(seed))
+    check_same_training(run, cfg, _training_options(seed, config, set_))
     with run_lock(run):  # a writer holding the run refuses this command first
         if (RunFolder(run).router / "model.safetensors").exists():
             log(f"router: {run / 'router'} is trained already; remove that folder to train it again")
@@ -435,9 +435,12 @@ def train_router_cmd(run: Path = run_argument("run folder with partition/"),
         _keeping_registered(cfg, run, lambda: stage_router(cfg, run, log))
 
 
-def _training_options(seed: Optional[int]) -> str:
-    """The options of train-router / train-monolith that could have changed a trained setting, for its error."""
-    return "--set / --config" if seed is None else "--seed / --set / --config"
+def _training_options(seed: Optional[int] = None, config: Optional[Path] = None, set_: Optional[list] = None) -> str:
+    """The options given to train-router / train-monolith / launch that could have changed a trained setting, for
+    its error: those given alone ("--seed", "--seed / --set"); "--set / --config" where none was (the run's own
+    config.json then, which differs from itself in nothing)."""
+    given = [name for name, value in (("--seed", seed), ("--set", set_), ("--config", config)) if value]
+    return " / ".join(given or ["--set", "--config"])
 
 
 def _keeping_registered(cfg, run: Path, train) -> None:
@@ -480,7 +483,7 @@ def train_monolith_cmd(run: Path = run_argument("run folder with partition/"),
     cfg = _config(config, run, set_, device)
     cfg = cfg.model_copy(update={"expert": _with_train_seed(cfg.expert, seed)})  # the monolith's seed
     # --seed / --set / --config may change how the job runs, not what it trains (the seed is a trained setting)
-    check_same_training(run, cfg, _training_options(seed))
+    check_same_training(run, cfg, _training_options(seed, config, set_))
     monolith = RunFolder(run).monolith
     if (monolith / "model.safetensors").exists():
         log(f"monolith: {monolith} is trained already; remove that folder to train it again")
@@ -797,7 +800,7 @@ def launch(run_dir: Path = run_argument("run folder with partition/"),
         else:
             experts = [item for item in set_ or [] if item.strip().startswith("expert.")]  # the others: below
             task_cfg = _config(None, run_dir, experts)
-            check_same_training(run_dir, task_cfg)  # as launch: how tasks run, not what
+            check_same_training(run_dir, task_cfg, _training_options(set_=experts))  # as launch: how tasks run
         with run_lock(run_dir):
             path = write_slurm_script(run_dir, script, set_ or [], expert or None,
                                       **{k: v for k, v in slurm.items() if v is not None})
@@ -832,7 +835,8 @@ def launch(run_dir: Path = run_argument("run folder with partition/"),
             write_registry(run_dir)
         return
     cfg = _config(config, run_dir, set_, device)
-    check_same_training(run_dir, cfg)  # --set / --config may change how the jobs run, not what they train
+    # --set / --config may change how the jobs run, not what they train
+    check_same_training(run_dir, cfg, _training_options(None, config, set_))
     check_concurrent_backend(cfg.expert.concurrent, backend, workers, address)
     check_registered(run_dir)  # a registered file changed since is refused, not registered again
     try:
