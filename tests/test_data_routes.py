@@ -237,6 +237,18 @@ def test_array_file_suffixes_are_read_in_any_case(tmp_path, name):
     assert source_files(str(tmp_path / name), {}) == [tmp_path / name]
 
 
+@pytest.mark.parametrize("name", ["a" * 600, "a" * 300 + "/b.npy"])
+def test_a_data_name_too_long_for_the_file_system_is_refused_in_one_line_with_what_to_give(tmp_path, name):
+    """`--set data.name=<600 x a>` was read as a path and failed as the file system's 'File name too long ...
+    check that path (its permissions, the free space of its disk)': one line naming data.name and what to give,
+    exit 2, nothing written."""
+    code, err = cli("partition", "--out", tmp_path / "run", "--set", f"data.name={name}")
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: data.name: "), err
+    assert "is too long for a path" in err and "give a built-in data set (checkerboard, " in err and \
+        "or the path of a .npy/.npz file" in err and "permissions" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_data_name_that_is_a_folder_a_file_of_another_type_or_a_typo_is_refused_with_the_settings_that_read_it(
         tmp_path, monkeypatch):
     """data.name = "photos" (a folder of images), "x.csv" or "image_foldr" was refused as an unknown data set with

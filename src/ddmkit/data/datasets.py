@@ -22,6 +22,7 @@ data.params.test_path names.
 from __future__ import annotations
 
 import difflib
+import errno
 import inspect
 import math
 import warnings
@@ -318,6 +319,8 @@ def load_dataset(name: str, n_train: int = 20000, n_test: int = 5000, seed: int 
     params = {**(params or {}), **more}
     if not all(isinstance(k, str) for k in params):
         raise DDMError("data.params: keys must be names")
+    if name not in LOADERS and not is_function_name(name):
+        check_path_length(name)
     if name in LOADERS:
         out = LOADERS[name](n_train, n_test, seed, params)
     elif is_array_file(name):
@@ -332,6 +335,19 @@ def load_dataset(name: str, n_train: int = 20000, n_test: int = 5000, seed: int 
     raise DDMError(f"data.name: unknown data set {name!r}{unknown_name_hint(name)}; accepted: "
                    f"{', '.join(dataset_names())}, a path to a .npy/.npz file, or a function of your code as "
                    "'package.module:function'")
+
+
+def check_path_length(name: str) -> None:
+    """data.name, read as a path, short enough for the file system, else a DDMError naming data.name and what to
+    give (the file system's own 'File name too long' said to check the path's permissions and its disk)."""
+    try:
+        Path(name).expanduser().exists()
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        names = ", ".join(dataset_names())
+        raise DDMError(f"data.name: {name!r} is too long for a path of this file system; give a built-in data set "
+                       f"({names}) or the path of a .npy/.npz file") from None
 
 
 def unknown_name_hint(name: str) -> str:
