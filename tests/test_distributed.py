@@ -5,6 +5,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -149,8 +150,24 @@ def test_a_batch_that_does_not_split_is_refused_before_starting(tmp_path):
                                        r"process; use a multiple of 3, e\.g\. --set expert\.train\.batch_size=30"):
         train_expert_ddp(tmp_path / "none.safetensors", _cfg(), tmp_path / "e", nproc=3)
     with pytest.raises(DDMError, match=r"expert\.train\.batch_size = 32 is fewer rows than the 40 processes, one "
-                                       r"slice each; use at most 32 processes"):  # it offered a batch of 40
+                                       r"slice each; use 32 processes, or another count that divides 32 \(the "
+                                       r"batch is the global one, over all processes\)$"):  # it offered a batch of 40
         train_expert_ddp(tmp_path / "none.safetensors", _cfg(), tmp_path / "e", nproc=40)
+
+
+def test_a_batch_of_fewer_rows_than_processes_names_a_count_that_splits_it():
+    """A batch of 6 over 8 processes said 'use at most 6 processes', yet 5 and 4 were refused next: the count named
+    divides the batch, and is taken."""
+    from ddmkit.train.distributed import check_batch
+
+    for batch, world in ((6, 8), (1, 3), (7, 100)):
+        with pytest.raises(DDMError) as refused:
+            check_batch(batch, world)
+        count = int(re.search(r"; use (\d+) process", str(refused.value)).group(1))
+        assert batch % count == 0 and count <= world and f"another count that divides {batch} " in str(refused.value)
+        check_batch(batch, count)  # taken
+    with pytest.raises(DDMError, match=r"use 1 process, or another"):
+        check_batch(1, 2)
 
 
 def test_more_processes_than_gpus_names_the_cpu_way_out(tmp_path, monkeypatch):

@@ -767,7 +767,7 @@ def test_emit_slurm_names_gpus_for_a_batch_of_fewer_rows_than_a_tasks_gpus():
 
     cfg = RunConfig.model_validate({"expert": {"train": {"batch_size": 8, "device": "auto"}}})
     with pytest.raises(DDMError, match=r"^--gpus 16: expert\.train\.batch_size = 8 is fewer rows than the 16 "
-                                       r"processes, one slice each; use at most 8 processes"):
+                                       r"processes, one slice each; use 8 processes, or another count that divides 8 "):
         task_overrides(cfg, [], 16)
     with pytest.raises(DDMError, match=r"^--gpus 3: expert\.train\.batch_size = 8 does not split into 3 equal "
                                        r"slices, one per process; use --gpus dividing it .*, e\.g\. --gpus 2 "):

@@ -218,13 +218,14 @@ def check_batch(batch_size: int, world: int, field: str = "train.batch_size", fi
     """A global batch of `batch_size` rows (the config's `field`) splits into `world` equal slices. A batch that
     does not is a DDMError that starts with `given` where given (the processes as the user asked for them: '--nproc
     3') and says to use `fix` (by default, a multiple of world as the batch); one of fewer rows than `world`
-    processes (also after `given`) says to use at most `batch_size` processes."""
+    processes (also after `given`) names a count of processes that divides it, its largest divisor at most `world`:
+    batch_size itself (not "at most batch_size": a batch of 6 does not split over 5 or 4 either)."""
     if world < 1:
         raise DDMError(f"nproc: must be at least 1 (got {world})")
     if batch_size < world:  # fewer processes, never a batch of `world` rows (it may be a huge one)
+        use = f"{batch_size} process{'es' if batch_size > 1 else ''}, or another count that divides {batch_size}"
         raise DDMError(f"{given + ': ' if given else ''}{field} = {batch_size} is fewer rows than the {world} "
-                       f"processes, one slice each; use at most {batch_size} processes (the batch is the global one, "
-                       "over all processes)")
+                       f"processes, one slice each; use {use} (the batch is the global one, over all processes)")
     if batch_size % world:
         fix = fix or (f"a multiple of {world}, e.g. --set {field}={world * max(1, batch_size // world)} (the batch "
                       "is the global one, over all processes)")
