@@ -217,7 +217,8 @@ def test_every_list_of_texts_field_given_a_number_is_told_a_set_that_parses():
     import pytest
     from pydantic import BaseModel
 
-    from ddmkit.config import RunConfig, _of_texts, apply_overrides, validate
+    from ddmkit.config import RunConfig, apply_overrides, validate
+    from ddmkit.config_messages import _of_texts
     from ddmkit.discrete.config import TextRunConfig
     from ddmkit.errors import DDMError
 
