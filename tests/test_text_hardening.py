@@ -642,9 +642,10 @@ def test_analyze_honours_strategy_n_and_seed(text_runs, monkeypatch, capsys):
     assert code == 2 and "--max-steps: not used by a text run" in err, err
     code, err = cli("analyze", run, "--out", run / "a3", "--n", "0")  # named only the field, then on two lines
     assert code == 2 and err.strip() == "error: --n (evaluate.windows_per_cluster): Input should be greater than " \
-        "or equal to 1", err
+        "or equal to 1: give --n 48", err  # a value that works, as the option given (not as --set)
     code, err = cli("analyze", run, "--out", run / "a3", "--seed", "-1")
-    assert code == 2 and err.strip() == "error: --seed (seed): Input should be greater than or equal to 0", err
+    assert code == 2 and err.strip() == "error: --seed (seed): Input should be greater than or equal to 0: give " \
+        "--seed 0", err
 
 
 def test_a_test_shard_is_refused_and_a_leaked_expert_is_not_evaluated(text_runs, tmp_path):

@@ -531,6 +531,7 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
     """Sample with routing strategies; writes RUN/samples/NAME.safetensors (text runs: RUN/samples/text.json, and
     their raw bytes, base64, in RUN/samples/text_bytes.json)."""
     from ddmkit.config import RunConfig, SampleConfig, validate
+    from ddmkit.config_messages import fix_as_option
 
     if router is not None:
         from ddmkit.pipeline.run import sampling_router
@@ -574,8 +575,7 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
             option = f"--{'strategy' if key == 'strategies' else key.replace('_', '-')}"
             said = said.replace(f"sample: {key} = {value!r}", f"{option} {value}")  # the section's: --solver adaptive
             # a value that works, given as this option (give --solver euler), not as --set sample.solver=euler
-            said = re.sub(rf"give \S+ \(on the command line: --set sample\.{key}=([^\s'\[]+)\)", rf"give {option} \1",
-                          said)
+            said = fix_as_option(said, f"sample.{key}", option)
             # the field's name alone (use euler ... or leave them out of --strategy), not a value typed ('sample.nope')
             said = re.sub(rf"(?<![\w.'\"])sample\.{key}(?![\w.])", option, said)
         lines = said.splitlines()

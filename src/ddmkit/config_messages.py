@@ -13,6 +13,7 @@ import shlex
 import sys
 import types
 import typing
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
@@ -384,3 +385,10 @@ def explain(err: ValidationError, source: str, what: str = "configuration", mode
     if what == "arguments" and len(lines) == 2:  # one bad argument of a Python call: one line naming it
         return f"{source}: {lines[1].strip()}"
     return "\n".join(lines)
+
+
+def fix_as_option(message: str, field: str, option: str) -> str:
+    """`message` with the value offered for `field` as --set (give 48 (on the command line: --set F=48)) given as
+    the command's own option instead (give --n 48): for a field the user set through that option."""
+    return re.sub(rf"give \S+ \(on the command line: --set '?{re.escape(field)}=([^\s'\[]+)'?\)", rf"give {option} \1",
+                  message)

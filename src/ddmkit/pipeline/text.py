@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from ddmkit.config import config_differences, validate
+from ddmkit.config_messages import fix_as_option
 from ddmkit.discrete.alignment import expert_cluster_bits, own_cluster_weight
 from ddmkit.discrete.ar import ar_inputs, ar_loss
 from ddmkit.discrete.config import TextRunConfig, is_text_config, is_text_run, load_text_config
@@ -573,7 +574,7 @@ def with_options(cfg: TextRunConfig, options: dict[str, tuple[str, object]]) -> 
     except DDMError as e:
         text = str(e)
         for option, key in given:
-            text = text.replace(f"\n  {key}:", f"\n  {option} ({key}):")
+            text = fix_as_option(text.replace(f"\n  {key}:", f"\n  {option} ({key}):"), key, option)
         lines = text.splitlines()
         raise DDMError(lines[1].strip() if len(lines) == 2 else text) from None  # one bad value: one line
 
