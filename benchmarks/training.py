@@ -17,7 +17,8 @@ flow-matching loss (ddmkit.flow.flow_matching_loss) of the expert network (ddmki
 or ddmkit.nets.UNet with channels WIDTH/2W/2W and attention at 8x8, as the image config's experts),
 backward, AdamW (fused on a GPU, as fit()). Variants: eager, channels-last (UNet), and each under
 torch.compile with --compile (in --compile-mode); with --cuda-graph (CUDA), the step trained by fit()
-with train.cuda_graph, compiled inside the graph (that step also clips and updates the EMA).
+with train.cuda_graph, compiled inside the graph (that step also clips and updates the EMA),
+also with channels-last (UNet).
 FLOPs per step are counted by PyTorch's FlopCounterMode over forward and backward (the optimiser's
 few FLOPs per parameter are left out). The peak is a large square matrix product (bf16 8192^3 on a
 GPU, float32 2048^3 on a CPU), the median of 10 after warm-up: the ceiling the network's matrix
