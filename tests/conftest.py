@@ -1,4 +1,5 @@
 import contextlib
+import importlib.util
 import io
 import os
 import signal
@@ -10,6 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# Ray is an optional dependency (`pip install 'ddmkit[ray]'`, which dev.py's setup installs): the tests that start
+# or check the Ray backend skip where it is not installed (a GPU machine with torch alone)
+HAS_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install 'ddmkit[ray]')")
 
 os.environ.setdefault("DDMKIT_QUIET", "1")
 torch.set_num_threads(1)

@@ -19,7 +19,7 @@ from ddmkit.io import save_tensors
 from ddmkit.launch import ExpertJob, run_jobs, slurm_script
 from ddmkit.train.jobs import checkpoint_path
 
-from conftest import alive, run_cli, started_with_children
+from conftest import alive, needs_ray, run_cli, started_with_children
 
 
 def _jobs(root: Path, name: str, k: int = 2) -> list[ExpertJob]:
@@ -975,6 +975,7 @@ def test_a_ray_client_address_is_refused_before_anything_starts(tmp_path, monkey
         ray_backend.start_ray(fake, "ray://head:10001", None)
 
 
+@needs_ray
 @pytest.mark.parametrize("address", ["auto", "head:6379", "10.0.0.5:6379", None])
 def test_the_addresses_ray_runs_streaming_tasks_on_pass_the_launch_check(address):
     from ddmkit.launch import check_launch
@@ -993,6 +994,7 @@ def test_workers_below_one_are_refused_with_what_works(backend):
         check_launch(backend, 0)
 
 
+@needs_ray
 def test_ray_address_in_the_environment_is_the_cluster_ray_connects_to_and_a_client_one_is_refused(monkeypatch):
     """Ray reads RAY_ADDRESS (set inside a Ray job) when no address or auto is given: a ray:// one reached Ray
     Client's streaming refusal (a traceback), and a cluster's one made ddmkit's local Ray ask an existing cluster

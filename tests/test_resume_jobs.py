@@ -13,6 +13,7 @@ from ddmkit.layout import RunFolder
 from ddmkit.pipeline.stages import stage_data, stage_monolith, stage_partition, stage_router
 from ddmkit.train.jobs import checkpoint_path, train_expert, train_monolith, train_router
 
+from conftest import HAS_RAY
 from test_resume import _bytes, _log, _tiny_run
 
 TINY = Path(__file__).parent / "configs" / "tiny.toml"
@@ -193,8 +194,9 @@ def test_an_expert_folder_cut_short_is_trained_again_and_one_with_other_files_is
     assert code == 2 and f"error: {expert} holds files that are not an expert (notes.txt); an expert is written " \
                          "into a folder of its own, which it replaces: move them elsewhere" in err, err
     assert "--out" not in err
-    code, _, err = ddmkit("launch", run, "--backend", "ray")  # refused before Ray starts (it replaced the folder)
-    assert code == 2 and f"error: {expert} holds files that are not an expert (notes.txt)" in err, err
+    if HAS_RAY:  # without Ray, the launch is refused naming Ray first
+        code, _, err = ddmkit("launch", run, "--backend", "ray")  # refused before Ray starts (it replaced the folder)
+        assert code == 2 and f"error: {expert} holds files that are not an expert (notes.txt)" in err, err
     code, _, err = ddmkit(*task)
     assert code == 2 and f"--out {expert} holds files that are not an expert (notes.txt)" in err, err
     assert sorted(p.name for p in expert.iterdir()) == ["config.json", "notes.txt", "statistics.safetensors", "train_log.jsonl"]
