@@ -481,7 +481,8 @@ def main(argv=None) -> None:
     variants = ["eager"] + (["eager channels_last"] if args.experts == "unet" else [])
     compiled = "compile" if args.compile_mode == "default" else f"compile {args.compile_mode}"
     variants += [v.replace("eager", compiled) for v in variants] if args.compile else []
-    graphed = ["compile, CUDA graph (fit)"] + (["compile channels_last, CUDA graph (fit)"] if args.experts == "unet" else [])
+    graphed = ["compile, CUDA graph (fit)"]
+    graphed += ["compile channels_last, CUDA graph (fit)"] if args.experts == "unet" else []
     variants += graphed if args.cuda_graph and device.type == "cuda" else []
     unknown = sorted(set(args.only or []) - set(variants))
     if unknown:
