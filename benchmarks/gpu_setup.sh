@@ -1,19 +1,26 @@
 # Sourced by the GPU drivers (gpu_images.sh, gpu_grow_convert_distill.sh, gpu_sweep.sh, gpu_sweep_parts.sh,
-# gpu_analysis.sh; and alone, as gpu_sweep.sh's setup call): installs the carried
-# wheels (.inc_whl, .inc_diff, .inc_pot) once per warm machine, the Fashion-MNIST IDX files (.data) and the FID Inception weights'
-# parts (.inc_a/.inc_b, joined by join_fid_weights), and sets DDMKIT (the ddmkit command) and left N
-# (seconds left of an N-second call). benchmarks/gpu_carry.sh makes the carried folders.
+# gpu_analysis.sh; and alone, as gpu_sweep.sh's setup call): installs the carried wheels (.inc_whl, .inc_diff,
+# .inc_pot, .inc_test) into the python once per warm machine, the Fashion-MNIST IDX files (.data) and the FID
+# Inception weights' parts (.inc_a/.inc_b, joined by join_fid_weights), and sets DDMKIT (the ddmkit command) and
+# left N (seconds left of an N-second call). benchmarks/gpu_carry.sh makes the carried folders.
 set -o pipefail
 T0=$(date +%s)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-# wheels: installed once per warm machine (a later call may leave .inc_whl out to carry more of the rest)
-[ -d .inc_whl ] && [ ! -d /tmp/site/pydantic ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_whl/*.whl || exit 1; }
+# wheels: installed into the machine's python once per warm machine (a later call may leave .inc_whl out to carry
+# more of the rest), so the commands' own subprocesses (workers, the tests' commands) import them too; pip refuses
+# a system python without --break-system-packages, which a lent machine may be
+have() { python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
+wheels() { local pip=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir)
+  "${pip[@]}" "$@" 2>/dev/null || "${pip[@]}" --break-system-packages "$@"; }
+[ -d .inc_whl ] && ! have pydantic && { wheels .inc_whl/*.whl || exit 1; }
 # diffusers (the latent configs' autoencoder) travels apart, in .inc_diff: pixel-space calls leave it out
-[ -d .inc_diff ] && [ ! -d /tmp/site/diffusers ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_diff/*.whl || exit 1; }
+[ -d .inc_diff ] && ! have diffusers && { wheels .inc_diff/*.whl || exit 1; }
 # POT (exact optimal transport): `ddmkit analyze` needs it (its W2 floor); ddmkit imports it only there. Its
 # wheel (pot==0.9.5, 0.9 MB) travels in .inc_pot, with .inc_b (the first call has no room left)
-[ -d .inc_pot ] && [ ! -d /tmp/site/POT.libs ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .inc_pot/*.whl || exit 1; }
-export PYTHONPATH=/tmp/site:src:. PYTHONUNBUFFERED=1 DDMKIT_QUIET=1 DDMKIT_FID_WEIGHTS=${DDMKIT_FID_WEIGHTS:-/root/inc/default_1.pt}
+[ -d .inc_pot ] && ! have ot && { wheels .inc_pot/*.whl || exit 1; }
+# the test suite's own (pytest-xdist, hypothesis): .inc_test, for a call that runs tests on the GPU
+[ -d .inc_test ] && ! have xdist && { wheels .inc_test/*.whl || exit 1; }
+export PYTHONPATH=src:. PYTHONUNBUFFERED=1 DDMKIT_QUIET=1 DDMKIT_FID_WEIGHTS=${DDMKIT_FID_WEIGHTS:-/root/inc/default_1.pt}
 mkdir -p /usr/share/datasets/fashion-mnist /root/inc 2>/dev/null
 [ -d .data ] && cp .data/* /usr/share/datasets/fashion-mnist/
 for d in .inc_a .inc_b; do [ -d $d ] && cp $d/* /root/inc/; done
