@@ -448,3 +448,19 @@ def test_a_value_of_its_kind_that_a_field_refuses_is_told_a_value_that_works():
                                        r"\"learned\"\] \(on the command line: --set 'router\.kinds=\[\"bayes\", "
                                        r"\"learned\"\]'\)$"):  # one line for the list, not one per item
         validate(TextRunConfig, apply_overrides({"kind": "text_ar"}, ['router.kinds=["bayes", "x", "y"]']), "--set")
+
+
+def test_an_empty_value_for_a_field_whose_default_is_none_is_told_to_leave_it_out():
+    """`--set 'latent.pretrained=""'` said only 'String should have at least 1 character': no value written in a
+    TOML or --set gives the field's default (none, no folder) back, so the fix is to leave the field out."""
+    import pytest
+
+    from ddmkit.config import RunConfig, apply_overrides, validate
+    from ddmkit.errors import DDMError
+
+    with pytest.raises(DDMError) as refused:
+        validate(RunConfig, apply_overrides({}, ['latent.pretrained=""']), "--set")
+    assert str(refused.value) == ("--set: invalid configuration\n  latent.pretrained: String should have at least 1 "
+                                  "character: leave latent.pretrained out of the TOML and of --set (its default is "
+                                  "none)"), str(refused.value)
+    assert validate(RunConfig, {}, "--set").latent.pretrained is None  # left out: the default

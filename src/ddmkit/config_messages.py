@@ -284,6 +284,14 @@ def _value_that_works(model: type[BaseModel] | None, data: dict, loc: tuple) -> 
     return next(((at, v) for v in fixes if v is not None and _refusal(model, data, at, v) is None), None)
 
 
+def _none_by_default(model: type[BaseModel] | None, loc: tuple) -> bool:
+    """Whether the field at `loc` is one whose default is None (latent.pretrained: no folder), which no value
+    written in a TOML or --set gives back: leaving it out does."""
+    field = _field_at(model, loc)
+    return field is not None and field.get_default(call_default_factory=True) is None and \
+        type(None) in typing.get_args(field.annotation)
+
+
 def _wrong_item(model: type[BaseModel] | None, data: dict, loc: tuple, given) -> str | None:
     """_wrong_kind's message for an item of a list (latent.widths = [8, "a"], strategies = [["full"]]; a number in a
     list of texts is _texts_for's): the list with each such item replaced by one of its kind, else the field's
@@ -365,6 +373,8 @@ def explain(err: ValidationError, source: str, what: str = "configuration", mode
                 msg = f"{json.dumps(e.get('input'))} in {json.dumps(_given_at(data, at))}: " + \
                     msg.replace("Input should", "each item should", 1)
             msg = _with_fix(msg, where, fix)
+        elif what == "configuration" and e["type"] in OUT_OF_RANGE and _none_by_default(model, e["loc"]):
+            msg = f"{msg}: leave {where} out of the TOML and of --set (its default is none)"  # pretrained = ""
         elif what == "configuration" and e["type"] == "list_type" and isinstance(e.get("input"), (str, int, float)):
             given = e["input"]
             if _of_texts(_annotation_at(model, e["loc"])) and not isinstance(given, str):  # 3 where ["top-3"] goes
