@@ -20,7 +20,8 @@ wheels() { local pip=(python3 -m pip install -q --no-index --no-deps --no-compil
 [ -d .inc_pot ] && ! have ot && { wheels .inc_pot/*.whl || exit 1; }
 # the test suite's own (pytest-xdist, hypothesis): .inc_test, for a call that runs tests on the GPU
 [ -d .inc_test ] && ! have xdist && { wheels .inc_test/*.whl || exit 1; }
-export PYTHONPATH=src:. PYTHONUNBUFFERED=1 DDMKIT_QUIET=1 DDMKIT_FID_WEIGHTS=${DDMKIT_FID_WEIGHTS:-/root/inc/default_1.pt}
+export PYTHONPATH=src:. PYTHONUNBUFFERED=1 DDMKIT_QUIET=1
+export DDMKIT_FID_WEIGHTS=${DDMKIT_FID_WEIGHTS:-/root/inc/default_1.pt}
 mkdir -p /usr/share/datasets/fashion-mnist /root/inc 2>/dev/null
 [ -d .data ] && cp .data/* /usr/share/datasets/fashion-mnist/
 for d in .inc_a .inc_b; do [ -d $d ] && cp $d/* /root/inc/; done
