@@ -503,10 +503,22 @@ class UserNet(torch.nn.Module):
         return self.linear(x) + 0.01 * torch.randn(len(x), 1)
 
 
+class Normed(torch.nn.Module):
+    """A user's network of no data_shape with BatchNorm (which counts its calls in training mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(D)
+
+    def forward(self, x, t):
+        return self.norm(x)
+
+
 @pytest.mark.parametrize("out, shape", [(D + 1, r"\(1, 3\)"), (1, r"\(1, 1\)")])
 def test_sample_single_names_a_user_network_whose_output_is_not_its_inputs_shape(out, shape):
     """A user's nn.Module of no data_shape was not checked: an output (B, 3) for data_shape (2,) was torch's
-    "size of tensor a must match" from inside the solver, and (B, 1) broadcast into wrong samples silently."""
+    "size of tensor a must match" from inside the solver, and (B, 1) broadcast into wrong samples silently. The
+    probe of one row runs the network in eval mode: a BatchNorm left training refused one row (ValueError)."""
     from ddmkit.nets.field import NetworkField, VelocityOutput
 
     for field in (UserNet(out), NetworkField(UserNet(out), VelocityOutput())):
@@ -520,6 +532,9 @@ def test_sample_single_names_a_user_network_whose_output_is_not_its_inputs_shape
     assert info["velocity_evaluations"] == 2
     torch.manual_seed(0)
     assert torch.equal(samples, sample_single(lambda x, t: net(x, t), (D,), 3, steps=2)[0])
+    normed = Normed()  # left in training mode: the probe runs it in eval mode, so only the steps' calls count
+    sample_single(normed, (D,), 3, steps=2)
+    assert int(normed.norm.num_batches_tracked) == 2 and normed.training
 
 
 # 13. info["expert_rows"] has one entry per expert

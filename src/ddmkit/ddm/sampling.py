@@ -364,8 +364,13 @@ def probe_field_shape(field, x1: torch.Tensor, cond: dict[str, torch.Tensor] | N
         return
     x = x1[:1].clone()
     gpu = [x.device] if x.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=gpu), autocast(speed, x.device):
-        v = field(x, torch.ones(1, dtype=x.dtype, device=x.device), **(_rows(cond, slice(0, 1)) or {}))
+    training = network.training  # in eval mode: a network left training (BatchNorm) keeps its statistics
+    network.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=gpu), autocast(speed, x.device):
+            v = field(x, torch.ones(1, dtype=x.dtype, device=x.device), **(_rows(cond, slice(0, 1)) or {}))
+    finally:
+        network.train(training)
     if not isinstance(v, torch.Tensor) or v.shape != x.shape:
         got = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
         raise DDMError(f"sample_single: data_shape {tuple(x.shape[1:])}: the field's network returns {got} for one "
