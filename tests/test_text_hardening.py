@@ -570,6 +570,34 @@ def test_a_text_sample_n_whose_byte_probabilities_outgrow_the_memory_is_refused(
     assert sample_positions(prompted) == 3 + 5  # the prompt's UTF-8 bytes and the drawn ones
 
 
+def test_a_text_report_whose_sample_n_outgrows_the_memory_is_refused(text_runs, tmp_path, monkeypatch):
+    """`ddmkit evaluate TEXT_RUN` draws the report's sample.n samples in one batch, as `ddmkit sample` does, and was
+    not checked: the kernel killed it without a word. Refused before anything is written, with a fix it takes
+    (evaluate takes no --set: `ddmkit run` of the run's config.json, which keeps the trained networks)."""
+    import shutil
+
+    import ddmkit.pipeline.checks as checks
+
+    run = tmp_path / "run"
+    shutil.copytree(text_runs["text_ar"], run)
+    stored = json.loads((run / "config.json").read_text())
+    stored["config"]["sample"]["n"] = 1001
+    (run / "config.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(checks, "available_memory", lambda device: 1000 * 8 * 256 * 24)  # 24 positions
+    before = files(run)
+    code, err = cli("evaluate", run)
+    said = " ".join(err.split())
+    assert code == 2 and "sample.n = 1001: one sampling step's byte probabilities alone would take" in said, said
+    fix = f"ddmkit run {run / 'config.json'} --out {run} --set sample.n=500"
+    assert f"rerun `{fix}`, which keeps the trained networks" in said, said
+    assert files(run) == before
+    experts = {path: data for path, data in before.items() if path.parts[0] == "experts"}
+    assert experts
+    assert cli(*fix.split()[1:])[0] in (0, None)
+    assert json.loads((run / "report.json").read_text())["config"]["sample"]["n"] == 500
+    assert {path: data for path, data in files(run).items() if path.parts[0] == "experts"} == experts
+
+
 def test_sampled_bytes_that_are_not_utf8_are_kept_byte_identical(text_runs, tmp_path, monkeypatch):
     """text.json shows bytes that are not valid UTF-8 as U+FFFD: the drawn bytes were lost. text_bytes.json
     keeps each sample's bytes (base64) as the model drew them."""

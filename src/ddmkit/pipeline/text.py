@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shlex
 import shutil
 import tempfile
 import time
@@ -629,9 +630,19 @@ def evaluate_text(run, log: Log = print) -> dict:
     """The report of a finished text run (held-out bits per byte, router accuracy, samples)."""
     with run_lock(run):
         cfg = text_config(run)
+        check_text_sample_memory(cfg.sample.n, sample_positions(cfg), "sample.n", _smaller_sample_fix(run))
         remove_leftovers(run, log)  # what killed writers left
         models = text_models(cfg, Path(run), train=False)
         return write_text_report(cfg, Path(run), models, 0.0, log)
+
+
+def _smaller_sample_fix(run) -> str:
+    """The fix ({n} in it) for a report whose sample.n outgrows the memory: `ddmkit evaluate` takes no --set, and
+    `ddmkit run` of the run's own config.json with a smaller sample.n keeps its trained networks."""
+    folder = RunFolder(run)
+    command = f"ddmkit run {shlex.quote(str(folder.config))} --out {shlex.quote(str(folder.root))}"
+    command = command.replace("{", "{{").replace("}", "}}")  # the fix is formatted with n
+    return f"rerun `{command} --set sample.n={{n}}`, which keeps the trained networks"
 
 
 def analyze_text(run, out=None, log: Log = print, strategies: list[str] | None = None, n: int | None = None,
