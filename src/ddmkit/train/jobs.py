@@ -332,6 +332,8 @@ def check_job_batch(config: ExpertConfig, nproc: int, out_dir: str | Path, resum
     that work: as many processes as divide the batch, or (where no checkpoint to continue holds this batch) another
     batch. Under torchrun a process found it only after joining the job, naming a --set field that does not exist."""
     world, torchrun = job_world(nproc)
+    if world < 2:  # one process takes any batch: no fix to word, no checkpoint to look for
+        return
     batch, field = config.train.batch_size, "expert.train.batch_size"
     fits = max((n for n in range(1, min(world, batch + 1)) if batch % n == 0), default=1)  # used where it divides
     given, fix = (f"torchrun's {world} processes", f"a job of {fits} processes") if torchrun else \
