@@ -16,9 +16,9 @@ stacked on one GPU take against the monolith trained on the same samples?
 flow-matching loss (ddmkit.flow.flow_matching_loss) of the expert network (ddmkit.nets.VelocityMLP,
 or ddmkit.nets.UNet with channels WIDTH/2W/2W and attention at 8x8, as the image config's experts),
 backward, AdamW (fused on a GPU, as fit()). Variants: eager, channels-last (UNet), and each under
-torch.compile with --compile (in --compile-mode); with --cuda-graph (CUDA), the step trained by fit()
-with train.cuda_graph, compiled inside the graph (that step also clips and updates the EMA),
-also with channels-last (UNet).
+torch.compile with --compile (in --compile-mode); "eager (fit)", the step as fit() trains it by default (that
+step also draws the batch, clips and updates the EMA); with --cuda-graph (CUDA), fit()'s step with
+train.cuda_graph, compiled inside the graph, also with channels-last (UNet).
 FLOPs per step are counted by PyTorch's FlopCounterMode over forward and backward (the optimiser's
 few FLOPs per parameter are left out). The peak is a large square matrix product (bf16 8192^3 on a
 GPU, float32 2048^3 on a CPU), the median of 10 after warm-up: the ceiling the network's matrix
@@ -130,10 +130,12 @@ def graph_compile_mode(args) -> str:
     return "default" if args.compile_mode == "reduce-overhead" else args.compile_mode
 
 
-def measure_graphed(variant: str, batch: int, args, device, precision) -> dict:
-    """The step trained by fit() with train.cuda_graph (the network compiled in the default mode inside the
-    graph): loss, backward, clipping, AdamW and the EMA replayed as one CUDA graph, so more work per step than
-    measure()'s (no clipping or EMA there); timed from fit()'s log rows."""
+def measure_fit(variant: str, batch: int, args, device, precision) -> dict:
+    """The step trained by fit(): batch draw, loss, backward, clipping, AdamW and the EMA, so more work per step
+    than measure()'s (no clipping or EMA there); "eager (fit)" as fit() trains by default, the "CUDA graph" rows
+    with train.cuda_graph (the step replayed as one CUDA graph, the network compiled inside it in the default
+    mode). Timed from fit()'s log rows."""
+    graphed = "CUDA graph" in variant
     channels_last = "channels_last" in variant
     model, shape = build(args, device, channels_last)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -141,8 +143,9 @@ def measure_graphed(variant: str, batch: int, args, device, precision) -> dict:
     flops = step_flops(model, data[:batch], gen, precision)
     cfg = load_config(CONFIGS / "fashion_mnist.toml").expert.train.model_copy(update={  # a config's train table
         "steps": args.warmup + args.steps, "log_every": args.warmup or args.steps, "batch_size": batch, "lr": 1e-4,
-        "warmup": 0, "bf16": args.bf16, "compile": True, "compile_mode": graph_compile_mode(args), "cuda_graph": True,
-        "channels_last": channels_last, "checkpoint_every": 0, "tensorboard": False, "device": str(device)})
+        "warmup": 0, "bf16": args.bf16, "compile": graphed, "compile_mode": graph_compile_mode(args),
+        "cuda_graph": graphed, "channels_last": channels_last, "checkpoint_every": 0, "tensorboard": False,
+        "device": str(device)})
 
     def batch_loss(m, step, gen):
         idx = torch.randint(0, len(data), (batch,), generator=gen, device=device)
@@ -157,8 +160,8 @@ def measure_graphed(variant: str, batch: int, args, device, precision) -> dict:
 
 
 def measure(variant: str, batch: int, args, device, precision) -> dict:
-    if "CUDA graph" in variant:
-        return measure_graphed(variant, batch, args, device, precision)
+    if "(fit)" in variant:
+        return measure_fit(variant, batch, args, device, precision)
     channels_last = "channels_last" in variant
     model, shape = build(args, device, channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")  # as fit()
@@ -469,8 +472,8 @@ def main(argv=None) -> None:
     if args.coordinate_descent:
         import torch._inductor.config as inductor
         inductor.coordinate_descent_tuning = True
+    os.environ.setdefault("DDMKIT_QUIET", "1")  # fit()'s progress bars; this script reports its own
     if args.mode == "stacked":
-        os.environ.setdefault("DDMKIT_QUIET", "1")  # fit()'s progress bars; this script reports its own
         return run_profile(args, device) if args.profile else run_stacked(args, device)
     precision = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -481,6 +484,7 @@ def main(argv=None) -> None:
     variants = ["eager"] + (["eager channels_last"] if args.experts == "unet" else [])
     compiled = "compile" if args.compile_mode == "default" else f"compile {args.compile_mode}"
     variants += [v.replace("eager", compiled) for v in variants] if args.compile else []
+    variants += ["eager (fit)"]
     graphed = ["compile, CUDA graph (fit)"]
     graphed += ["compile channels_last, CUDA graph (fit)"] if args.experts == "unet" else []
     variants += graphed if args.cuda_graph and device.type == "cuda" else []
