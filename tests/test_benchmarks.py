@@ -102,3 +102,27 @@ def test_the_grow_convert_distill_driver_refuses_a_run_name_it_does_not_know(tmp
         assert not (tmp_path / "ran.txt").exists()
     done = driver("train", "vp")  # a known name runs (here the stand-in)
     assert done.returncode == 0 and "expert.path.kind=vp" in (tmp_path / "ran.txt").read_text()
+
+
+def test_training_fit_rows_train_as_fit_does_with_and_without_the_graph(monkeypatch):
+    """training.py's "(fit)" rows time fit()'s own step: "eager (fit)" as fit() trains by default (neither
+    compiled nor graphed), the "CUDA graph (fit)" rows with train.compile and train.cuda_graph on, so their
+    ratio is one of equal work per step (clipping and the EMA in both)."""
+    import contextlib
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS[0].parent))
+    training = importlib.import_module("training")
+    args = training.parse_args(["--quick"])
+    seen = []
+
+    def fake_fit(model, batch_loss, cfg, device):
+        seen.append((cfg.compile, cfg.cuda_graph, cfg.batch_size))
+        return model, [{"step": args.warmup, "seconds": 1.0, "loss": 1.0},
+                       {"step": args.warmup + args.steps, "seconds": 1.0 + 0.01 * args.steps, "loss": 1.0}]
+
+    monkeypatch.setattr(training, "fit", fake_fit)
+    cpu = training.torch.device("cpu")
+    eager = training.measure("eager (fit)", 8, args, cpu, contextlib.nullcontext)
+    training.measure("compile, CUDA graph (fit)", 8, args, cpu, contextlib.nullcontext)
+    assert seen == [(False, False, 8), (True, True, 8)]
+    assert eager["ms_per_step"] == pytest.approx(10.0) and eager["samples_per_s"] == pytest.approx(800.0)
