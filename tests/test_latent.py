@@ -491,17 +491,26 @@ def test_a_new_encode_batch_is_how_the_run_runs_not_another_run(tmp_path):
     assert "already holds a different run: its config.json differs in latent.channels" in str(other.exception)
 
 
-def test_a_dit_that_does_not_fit_the_latents_says_they_are_latents():
-    """'DiT: image 15x15 must be divisible by patch 2, and width 32 by heads 2' named an image the user never
-    made (the latents of 30x30 images) and a heads condition that held."""
+def test_a_dit_that_does_not_fit_the_latents_gives_the_image_sizes_that_do():
+    """'DiT: an input of 15x15 does not split into patches of 2x2; ... or pad the data to a multiple of 2' sent a
+    latent run to pad its images to 62, which the autoencoder (f = 4) cannot take: the fix is in the images' sizes
+    (pad_to = 64, a multiple of 2 x 4) and names the patch field."""
     from ddmkit.pipeline.stages import check_networks
     cfg = validate(RunConfig, {"latent": {"enabled": True}, "expert": {"net": {"arch": "dit", "kwargs": {
         "patch": 2, "width": 32, "depth": 1, "heads": 2}}}, "router": {"net": {"arch": "router_cnn"}}})
-    with pytest.raises(DDMError, match=r"DiT: an input of 15x15 does not split into patches of 2x2; give a patch that "
-                                       r"divides both sides \(e.g. patch = 1\), or pad the data to a multiple of 2 "
-                                       r"\(latents \(the autoencoder's, of the images: the images' size sets "
-                                       r"theirs\) of shape \(4, 15, 15\)\)"):
+    with pytest.raises(DDMError, match=r"^expert.net: DiT: latent size 15x15 \(of 60x60 images, 4x smaller per side\) "
+                                       r"does not split into patches of 2x2; set expert.net.kwargs.patch = 1 \(the "
+                                       r"largest that divides both sides\), or pad the images to 64x64 \(data.params."
+                                       r"pad_to = 64, the smallest that works\), or scale and cut them to 56x56"):
         check_networks(cfg, (4, 15, 15))
+    check_networks(cfg, (4, 64 // 4, 64 // 4))  # the pad_to it names fits
+    check_networks(cfg.model_copy(update={"expert": cfg.expert.model_copy(update={"net": cfg.expert.net.model_copy(
+        update={"kwargs": {**cfg.expert.net.kwargs, "patch": 1}})})}), (4, 15, 15))  # and so does the patch
+    pixels = validate(RunConfig, {"expert": cfg.expert.model_dump(), "router": {"net": {"arch": "router_cnn"}}})
+    with pytest.raises(DDMError, match=r"^expert.net: DiT: image size 29x29 does not split into patches of 2x2; set "
+                                       r"expert.net.kwargs.patch = 1 .*, or pad the images to 30x30 \(data.params."
+                                       r"pad_to = 30, "):
+        check_networks(pixels, (1, 29, 29))
 
 
 def test_a_unet_that_does_not_fit_the_latents_gives_the_image_sizes_that_do():

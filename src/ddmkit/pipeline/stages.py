@@ -35,6 +35,7 @@ from ddmkit.latent.autoencoder import downsampling, load_autoencoder, load_codec
 from ddmkit.layout import RunFolder, enclosing_run
 from ddmkit.nets import build_model, build_seeded, check_builds, use_network
 from ddmkit.nets.folders import check_argument_names
+from ddmkit.nets.dit import DiT
 from ddmkit.nets.unet import UNet, check_size, fitting_sides, size_fix
 from ddmkit.nets.user import check_output, is_user_network
 from ddmkit.pipeline.checks import too_few_samples
@@ -196,6 +197,27 @@ def check_unet(cfg: RunConfig, data_shape: list[int]) -> None:
         raise DDMError(f"expert.net: {e}") from None
 
 
+def check_dit(cfg: RunConfig, data_shape: list[int]) -> None:
+    """DiT experts take images (a latent run: latents) of sides their patch divides: a DDMError that names the
+    largest patch that fits and the image sizes that fit this patch (in a latent run, multiples of patch x the
+    autoencoder's downsampling: padding the images to a multiple of patch alone would not fit the autoencoder),
+    in the settings of the run's data set (image_size_fix)."""
+    net = cfg.expert.net
+    patch = net.kwargs.get("patch", inspect.signature(DiT).parameters["patch"].default)
+    if net.arch != "dit" or len(data_shape) != 3 or type(patch) is not int or patch < 1:
+        return  # (a patch of another type: check_builds names it)
+    height, width = data_shape[1:]
+    if not (height % patch or width % patch):
+        return
+    scale = downsampling(planned_config(cfg.latent, tuple(data_shape))) if cfg.latent.enabled else 1
+    fits = next(p for p in range(patch - 1, 0, -1) if not height % p and not width % p)
+    what = f"image size {height}x{width}" if scale == 1 else \
+        f"latent size {height}x{width} (of {height * scale}x{width * scale} images, {scale}x smaller per side)"
+    raise DDMError(f"expert.net: DiT: {what} does not split into patches of {patch}x{patch}; set "
+                   f"expert.net.kwargs.patch = {fits} (the largest that divides both sides), or "
+                   f"{image_size_fix(cfg)(height * scale, width * scale, patch * scale)}")
+
+
 def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
     """Build the run's expert, monolith and router networks on the meta device (no memory): an
     unknown arch or bad net kwargs is a DDMError before anything is written. The user's own
@@ -204,6 +226,7 @@ def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
     register_user_networks(cfg)
     shape = list(data_shape)
     check_unet(cfg, shape)
+    check_dit(cfg, shape)
     nets = {"expert.net": (cfg.expert.net, {"data_shape": shape}),
             "router.net": (cfg.router.net, {"data_shape": shape, "num_experts": cfg.partition.k})}
     for where, (net, given) in nets.items():
