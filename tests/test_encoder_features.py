@@ -1,6 +1,7 @@
 """Partition on a pretrained image encoder (tiny DINOv2 and CLIP folders) and two-stage k-means."""
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -427,3 +428,29 @@ def test_an_encoder_path_that_is_a_file_is_named_as_given_and_where_it_resolved(
     with pytest.raises(DDMError) as info:
         encoder_spec(tmp_path / "models" / "enc")
     assert f"encoder folder '{tmp_path / 'models' / 'enc'}' is a file" in str(info.value)
+
+
+def test_a_ddmkit_or_diffusers_folder_is_named_for_what_it_is_and_a_file_for_its_folder(tmp_path, folders,
+                                                                                      monkeypatch):
+    """A latent run's folder, an expert's folder or a diffusers VAE saved without weights, given as the encoder, was
+    'cannot load ... (ValueError: Unrecognized model ...); copy the folder again, whole' or told to convert it
+    with AutoModel.from_pretrained, which fails the same way; the encoder's config.json or weights file given for
+    its folder was not pointed at the folder that holds it."""
+    monkeypatch.chdir(tmp_path)
+    configs = {"run": {"config": {}, "digest": "0"}, "expert": {"arch": "dit", "data_shape": [4, 8, 8]},
+               "vae": {"_class_name": "AutoencoderKL", "latent_channels": 4}}
+    said = {"run": "is a ddmkit run's config", "expert": r"is a ddmkit model's config \(arch 'dit'\)",
+            "vae": "describes diffusers' 'AutoencoderKL'"}
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        (tmp_path / name / "model.safetensors").write_bytes(b"")  # an expert's folder holds one: not read
+        with pytest.raises(DDMError, match=f"^partition.encoder: {tmp_path / name / 'config.json'} {said[name]}, not a "
+                                           r"transformers model's; give the folder of a transformers vision encoder"):
+            encoder_spec(name)
+    shutil.copytree(folders / "dino", tmp_path / "models" / "dino")
+    for file in ("config.json", "model.safetensors"):
+        with pytest.raises(DDMError, match=r"is a file, not a folder; set partition.encoder = \"models/dino\", the "
+                                           "folder that holds it$"):
+            encoder_spec(f"models/dino/{file}")
+    assert encoder_spec("models/dino")["model_type"] == "dinov2"  # the folder it names loads

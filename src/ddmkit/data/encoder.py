@@ -134,9 +134,11 @@ def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[
     if not path.exists():  # named as given, and where it was looked for
         wanted = "the folder a transformers model's save_pretrained wrote (config.json + model.safetensors)"
         raise DDMError(missing_folder_text(field, folder, path, wanted, HUB_SAVING))
-    if not path.is_dir():
-        raise DDMError(f"{field}: encoder folder {named_as_given(folder, path)} is a file, not a folder; give a folder "
-                       "saved with a transformers model's save_pretrained (config.json + model.safetensors)")
+    if not path.is_dir():  # config.json or the weights, named for the folder that holds them
+        holder = (f'set {field} = "{Path(folder).expanduser().parent}", the folder that holds it'
+                  if (path.parent / "config.json").is_file() else
+                  "give a folder saved with a transformers model's save_pretrained (config.json + model.safetensors)")
+        raise DDMError(f"{field}: encoder folder {named_as_given(folder, path)} is a file, not a folder; {holder}")
     if not (path / "config.json").is_file():
         raise DDMError(f"{field}: {path} has no config.json, so it is not a saved transformers model; save one "
                        "there with model.save_pretrained(folder)")
@@ -149,6 +151,13 @@ def load_encoder(folder: str | Path, field: str = "partition.encoder") -> tuple[
     if (path / "diffusion_pytorch_model.safetensors").is_file():
         raise DDMError(f"{field}: {path} is a diffusers model folder (e.g. a VAE), not a transformers vision "
                        "encoder; give a folder saved by a transformers model (DINOv2, CLIP, ViT, ...)")
+    what = "" if "model_type" in raw else (  # (an old config without it may load by its folder's name)
+        f"describes diffusers' {raw['_class_name']!r}" if "_class_name" in raw else
+        "is a ddmkit run's config" if "config" in raw else
+        f"is a ddmkit model's config (arch {raw['arch']!r})" if "arch" in raw else "")
+    if what:  # transformers' AutoConfig said 'Unrecognized model', and the fix given was to copy the folder again
+        raise DDMError(f"{field}: {path}/config.json {what}, not a transformers model's; give the folder of a "
+                       "transformers vision encoder (DINOv2, CLIP, ViT, ...), as its save_pretrained wrote it")
     if not any(path.glob("model*.safetensors")):
         raise DDMError(f"{field}: {path} holds no model.safetensors (ddmkit reads no pickle weights); convert it "
                        "with AutoModel.from_pretrained(folder).save_pretrained(folder)")
