@@ -208,6 +208,7 @@ def test_the_image_pages_python_snippet_saves_pngs(tmp_path, monkeypatch):
     namespace = {}
     exec(code.replace('"runs/try"', repr(str(run))).replace("steps=50", "steps=4"), namespace)
     assert namespace["x0"].shape == (16, 1, 8, 8) and namespace["pixels"].dtype == torch.uint8
+    assert namespace["ddm"].codec is None  # docs/latent.md: a DDM of images has no codec
     saved = sorted(tmp_path.glob("sample_*.png"))
     assert len(saved) == 16 and Image.open(saved[0]).size == (8, 8) and Image.open(saved[0]).mode == "L"
 
