@@ -1129,3 +1129,17 @@ def test_missing_fid_weights_are_found_before_training(tmp_path, monkeypatch):
         monkeypatch.setenv("DDMKIT_FID_WEIGHTS", str(tmp_path))
         run_pipeline(cfg, tmp_path / "run", stages="evaluate", log=lambda m: None)
     assert not (tmp_path / "run" / "samples").exists()
+
+
+@pytest.mark.parametrize("name, value", [("patch", 0), ("heads", 0), ("patch", -2), ("width", -16)])
+def test_a_dit_of_zero_or_negative_patch_heads_or_width_names_the_setting(name, value):
+    """DiT with patch = 0 or heads = 0 said 'bad arguments {...}: integer modulo by zero', a negative patch or width
+    'Trying to create tensor with negative dimension'."""
+    from ddmkit.config import RunConfig, validate
+    from ddmkit.pipeline.stages import check_networks
+
+    kwargs = {"patch": 2, "width": 16, "depth": 1, "heads": 2, name: value}
+    cfg = validate(RunConfig, {"expert": {"net": {"arch": "dit", "kwargs": kwargs}},
+                               "router": {"net": {"arch": "router_cnn"}}})
+    with pytest.raises(DDMError, match=f"^expert.net: DiT: kwargs.{name} = {value}; give a whole number of 1 or more"):
+        check_networks(cfg, (1, 8, 8))

@@ -61,6 +61,9 @@ class DiT(nn.Module):
                  num_classes: int = 0):
         super().__init__()
         c, h, w = data_shape
+        for name, value in (("patch", patch), ("width", width), ("heads", heads)):
+            if value < 1:  # 0 divided by zero, a negative value made a tensor of negative size
+                raise DDMError(f"DiT: kwargs.{name} = {value}; give a whole number of 1 or more")
         if h % patch or w % patch:
             fits = [p for p in range(patch - 1, 0, -1) if not h % p and not w % p][0]
             raise DDMError(f"DiT: an input of {h}x{w} does not split into patches of {patch}x{patch}; give a patch that "
