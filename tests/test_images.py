@@ -1143,3 +1143,24 @@ def test_a_dit_of_zero_or_negative_patch_heads_or_width_names_the_setting(name, 
                                "router": {"net": {"arch": "router_cnn"}}})
     with pytest.raises(DDMError, match=f"^expert.net: DiT: kwargs.{name} = {value}; give a whole number of 1 or more"):
         check_networks(cfg, (1, 8, 8))
+
+
+@pytest.mark.parametrize("where, kwargs, said", [
+    ("expert.net", {"channels": []}, r"UNet: kwargs.channels = \[\]; give one width of 1 or more per level"),
+    ("expert.net", {"channels": [-8, 16]}, r"UNet: kwargs.channels = \[-8, 16\]; give one width"),
+    ("expert.net", {"channels": [8, 16], "blocks": -1}, r"UNet: kwargs.blocks = -1; give a whole number of 0 or more"),
+    ("router.net", {"channels": []}, r"RouterCNN: kwargs.channels = \[\]; give one width of 1 or more per level"),
+    ("router.net", {"channels": [8, 0]}, r"RouterCNN: kwargs.channels = \[8, 0\]; give one width"),
+])
+def test_unet_and_cnn_router_widths_that_cannot_build_name_the_setting(where, kwargs, said):
+    """channels = [] raised an IndexError (a traceback), a negative width torch's 'negative dimension', and
+    blocks = -1 built a UNet whose first training step failed, after the run had written its data."""
+    from ddmkit.config import RunConfig, validate
+    from ddmkit.pipeline.stages import check_networks
+
+    nets = {"expert.net": {"arch": "unet", "kwargs": {"channels": [8, 16], "attention_res": []}},
+            "router.net": {"arch": "router_cnn", "kwargs": {"channels": [8, 16]}}}
+    nets[where]["kwargs"].update(kwargs)
+    cfg = validate(RunConfig, {"expert": {"net": nets["expert.net"]}, "router": {"net": nets["router.net"]}})
+    with pytest.raises(DDMError, match=f"^{where}: {said}"):
+        check_networks(cfg, (1, 8, 8))

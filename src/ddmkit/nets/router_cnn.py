@@ -20,13 +20,14 @@ from torch import nn
 
 from ddmkit.errors import DDMError
 from ddmkit.nets.mlp import timestep_embedding
-from ddmkit.nets.unet import ResBlock, _norm
+from ddmkit.nets.unet import ResBlock, _norm, check_channels
 
 
 class RouterCNN(nn.Module):
     def __init__(self, data_shape: list[int], num_experts: int, channels: list[int] = (32, 64, 128), time_dim: int = 64,
                  num_classes: int = 0):
         super().__init__()
+        check_channels("RouterCNN", channels, "[32, 64, 128]")
         self.data_shape, self.time_dim, self.num_classes = tuple(data_shape), time_dim, num_classes
         emb_dim = 4 * channels[0]
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

@@ -61,6 +61,14 @@ class Attention(nn.Module):
         return x + self.proj(out)
 
 
+def check_channels(arch: str, channels, example: str = "[64, 128, 128]") -> None:
+    """A DDMError unless `channels` (a UNet's or a CNN router's kwargs.channels) is a non-empty list of widths of
+    1 or more: [] failed with an IndexError, a negative width with torch's 'negative dimension'."""
+    if not channels or any(type(c) is not int or c < 1 for c in channels):
+        raise DDMError(f"{arch}: kwargs.channels = {list(channels)}; give one width of 1 or more per level, e.g. "
+                       f"{example}")
+
+
 def check_size(height: int, width: int, channels: list[int], scale: int = 1,
                fix: Callable[[int, int, int], str] | None = None) -> None:
     """A DDMError when a UNet of `channels` cannot take height x width inputs (each level after the first halves
@@ -102,6 +110,9 @@ class UNet(nn.Module):
                  attention_res: list[int] = (8,), num_classes: int = 0, time_dim: int | None = None):
         super().__init__()
         c_in, height, width = data_shape
+        check_channels("UNet", channels)
+        if blocks < 0:  # fewer blocks up than down: the first training step failed on the skips' channels
+            raise DDMError(f"UNet: kwargs.blocks = {blocks}; give a whole number of 0 or more (default 1)")
         check_size(height, width, channels)
         self.data_shape, self.num_classes = tuple(data_shape), num_classes
         base = channels[0]
