@@ -513,6 +513,38 @@ def test_a_dit_that_does_not_fit_the_latents_gives_the_image_sizes_that_do():
         check_networks(pixels, (1, 29, 29))
 
 
+def test_train_expert_gives_a_latent_shards_fix_in_the_images_sizes(tmp_path):
+    """`ddmkit train-expert RUN/latents/cluster_01.safetensors --set ...` with a UNet of too many levels for 8x8
+    latents said 'UNet: image size 8x8 ... pad the images to 16x16 (data.params.pad_to = 16)', which would make
+    4x4 latents; a DiT's patch, 'pad the data to a multiple of 3'. It now names the images' sizes (f = 4), as a
+    run does; where the autoencoder folder is not on the machine, the network's own check is left to say it."""
+    from safetensors.torch import save_file
+
+    from ddmkit.pipeline.stages import check_expert_fits
+    shard = tmp_path / "cluster_01.safetensors"
+    save_file({"x": torch.zeros(3, 4, 8, 8), "labels": torch.zeros(3, dtype=torch.long)}, str(shard))
+    unet = {"arch": "unet", "kwargs": {"channels": [8, 16, 16, 16, 16]}}
+    dit = {"arch": "dit", "kwargs": {"patch": 3, "width": 16, "depth": 1, "heads": 2}}
+    for net, said in ((unet, r"UNet: latent size 8x8 \(of 32x32 images, 4x smaller per side\) is not divisible by "
+                             r"2\^4 .*data.params.pad_to = 64, "),
+                      (dit, r"DiT: latent size 8x8 \(of 32x32 images, 4x smaller per side\) does not split into "
+                            r"patches of 3x3; set expert.net.kwargs.patch = 2 .*data.params.pad_to = 36, ")):
+        cfg = validate(RunConfig, {"latent": {"enabled": True}, "expert": {"net": net}})
+        with pytest.raises(DDMError, match=f"^expert.net: {said}"):
+            check_expert_fits(cfg, shard)
+        away = validate(RunConfig, {"latent": {"enabled": True, "pretrained": str(tmp_path / "gone")},
+                                    "expert": {"net": net}})
+        check_expert_fits(away, shard)  # the autoencoder's downsampling unknown here: no fix named from it
+    check_expert_fits(validate(RunConfig, {"latent": {"enabled": True}, "expert": {"net": {**unet, "kwargs": {
+        "channels": [8, 16, 16, 16]}}}}), shard)  # 8x8 latents halve three times
+    meta = {"ddmkit": json.dumps({"cluster": 1, "k": 2, "pixel_shard_sha256": "0" * 64, "data_hash": "0" * 64})}
+    save_file({"x": torch.zeros(3, 2, 8, 8), "labels": torch.zeros(3, dtype=torch.long)}, str(shard), meta)
+    done = run_cli("train-expert", shard, "--config", latent_config(tmp_path), "--out", tmp_path / "e", "--set",
+                   "expert.net.kwargs.channels=[8, 16, 16, 16, 16]")  # the command checks it before training
+    assert isinstance(done.exception, DDMError) and "data.params.pad_to = 64, " in str(done.exception), done.output
+    assert not (tmp_path / "e").exists()
+
+
 def test_a_unet_that_does_not_fit_the_latents_gives_the_image_sizes_that_do():
     """28x28 images make 7x7 latents (f = 4), which a 3-level UNet cannot halve twice: the fix is in the images'
     sizes (pad_to = 32, a multiple of 4 x 4), not the latents' (8)."""

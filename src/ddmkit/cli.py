@@ -371,6 +371,7 @@ def train_expert_cmd(shard: Path = path_argument("SHARD", "one shard file, e.g. 
     from ddmkit.nets.folders import check_argument_sizes
     from ddmkit.nets.user import is_user_network
     from ddmkit.pipeline.prepare import check_config_file
+    from ddmkit.pipeline.stages import check_expert_fits
     from ddmkit.registry import check_shard_for_slot, check_shard_space
 
     run_cfg = _config(config, None, set_, device)
@@ -378,6 +379,7 @@ def train_expert_cmd(shard: Path = path_argument("SHARD", "one shard file, e.g. 
         check_config_file(config)  # a run's config.json edited since the run was made: refused before training
     check_shard_space(shard, run_cfg.latent.enabled)
     check_shard_for_slot(shard, out)  # another run's shard, or another cluster's, into a run's expert slot
+    check_expert_fits(run_cfg, shard)  # a UNet's levels or a DiT's patch against the shard's (latent) sides
     cfg = run_cfg.expert
     if not is_user_network(cfg.net.arch):  # a depth of 10**20 was built, layer by layer, for ever
         check_argument_sizes(cfg.net.kwargs, "expert.net")

@@ -24,7 +24,7 @@ from ddmkit.data.arrays import ArrayData, is_array_file
 from ddmkit.data.datasets import pad_fix
 from ddmkit.data.features import is_user_function, use_features
 from ddmkit.data.function import is_function_name
-from ddmkit.data.partition import PartitionPlan, compute_partition, read_shard, write_partition
+from ddmkit.data.partition import SHARD_FIX, PartitionPlan, compute_partition, read_shard, write_partition
 from ddmkit.data.source import source_fingerprint
 from ddmkit.ddm.load import load_truth
 from ddmkit.errors import DDMError
@@ -39,8 +39,8 @@ from ddmkit.nets.dit import DiT
 from ddmkit.nets.unet import UNet, check_size, fitting_sides, size_fix
 from ddmkit.nets.user import check_output, is_user_network
 from ddmkit.pipeline.checks import too_few_samples
-from ddmkit.registry import (AUTOENCODER_WEIGHTS, checked_model_shards, data_fix, data_sha256, load_data_file,
-                             model_shards, shard_files, write_registry)
+from ddmkit.registry import (AUTOENCODER_WEIGHTS, checked_model_shards, data_fix, data_sha256, header_shapes,
+                             load_data_file, model_shards, shard_files, write_registry)
 from ddmkit.train.autoencoder import train_autoencoder
 from ddmkit.train.concurrent import concurrent_jobs, train_experts_concurrently
 from ddmkit.train.jobs import (NETWORK_FILES, checkpoint_path, expert_folder_lock, expert_resumes, foreign_files,
@@ -216,6 +216,23 @@ def check_dit(cfg: RunConfig, data_shape: list[int]) -> None:
     raise DDMError(f"expert.net: DiT: {what} does not split into patches of {patch}x{patch}; set "
                    f"expert.net.kwargs.patch = {fits} (the largest that divides both sides), or "
                    f"{image_size_fix(cfg)(height * scale, width * scale, patch * scale)}")
+
+
+def check_expert_fits(cfg: RunConfig, shard: Path) -> None:
+    """`ddmkit train-expert`: the config's UNet or DiT expert against the samples of `shard` (check_unet, check_dit),
+    before any training: a latent shard's fix is in the images' sizes, as a run gives it (the network's own check
+    named the latents' side as an image size to pad to). Where the config's autoencoder is not on this machine
+    (an island with its shard only), its downsampling is unknown: the network's own check is left to say it."""
+    shape = (header_shapes(shard, SHARD_FIX).get("x") or [[]])[0][1:]
+    if len(shape) != 3:
+        return
+    try:
+        if cfg.latent.enabled:
+            planned_config(cfg.latent, tuple(shape))
+    except DDMError:
+        return
+    check_unet(cfg, list(shape))
+    check_dit(cfg, list(shape))
 
 
 def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
