@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -686,3 +687,34 @@ def test_an_unfinished_added_expert_is_trained_again_by_the_printed_command(base
     assert read_json(folder.expert(3) / "config.json")["shard_sha256"] == sha(shard)
     code, _, err = ddmkit("verify", run)
     assert code == 0, err
+
+
+def test_data_settings_in_add_experts_errors_are_given_as_its_options(run, tmp_path, cli):
+    """Errors of the data loaders, worded for a config, reached add-expert as `--data = "image_folder" and --params
+    key 'path' = "pngs"` or `(--set --params key 'path'=FILE.npy)`: no command to paste. They give --data and
+    --params as typed, and the command they give loads the data (here: to be refused for its shape)."""
+    from PIL import Image
+
+    from ddmkit.cli import _as_data_options
+
+    before = hashes(run)
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((4, 4), 40 * i, dtype=np.uint8)).save(pngs / f"{i}.png")
+    np.savez(tmp_path / "hwc.npz", x=np.zeros((6, 4, 4, 3), dtype=np.uint8))
+    for data, fix in ((pngs, f"--data image_folder --params '{{\"path\": \"{pngs}\"}}'"),
+                      (tmp_path / "hwc.npz", f"--data image_array --params '{{\"path\": \"{tmp_path / 'hwc.npz'}\"}}'")):
+        code, err = cli("add-expert", run, "--data", data)
+        assert code == 2 and fix in err and "= \"image" not in err and "--params key" not in err, err
+        code, err = cli("add-expert", run, *shlex.split(fix))  # the command it gives, pasted
+        assert code == 2 and "the new data are of shape" in err and "but the run's are (2,)" in err, err
+    code, err = cli("add-expert", run, "--data", "image_array")
+    assert code == 2 and "no image array file given; give it with --params '{\"path\": \"FILE.npy\"}'" in err, err
+    assert "--set" not in err and "config" not in err
+    assert _as_data_options('set data.name = "image_array" (data.params.path = "a b.npz"); or data.params.resize = 8 '
+                            'and data.params.crop = 8 (scaled)') == \
+        "set --data image_array --params '{\"path\": \"a b.npz\"}'; or --params '{\"resize\": 8, \"crop\": 8}' (scaled)"
+    assert _as_data_options('(a folder: data.name = "idx" and data.params.dir = "d") x') == \
+        "(a folder: --data idx --params '{\"dir\": \"d\"}') x"
+    assert hashes(run) == before

@@ -1077,13 +1077,40 @@ def add_expert_cmd(run_dir: Path = run_argument("trained run folder (vectors or 
     log(f"add-expert: {rows} added to {run_dir} (grow.json entry {event['n']}); sample and score with {score}")
 
 
-def _as_data_options(message: str) -> str:
-    """A message about the [data] table in add-expert's words: data.name is --data, data.params.KEY is
-    the key KEY of --params."""
-    import re
+_VALUE = r"(?:\"[^\"]*\"|'[^']*'|-?[\w.]+)"  # a setting's value in a message: a quoted text, a number, a word
+_SETTING = rf"data\.(?:name|params\.\w+) = {_VALUE}"
+_SETTINGS = re.compile(rf"{_SETTING}(?:(?:, | and | with ){_SETTING}| \({_SETTING}\))*")  # settings given together
+_CONFIG_OR_SET = re.compile(r"name it in the config \(\[data\] params = \{ (\w+) = \"([^\"]*)\" \}\) or on the command "
+                            r"line \(--set data\.params\.\w+=[^)]*\)")
 
+
+def _as_data_options(message: str) -> str:
+    """A message about the [data] table in add-expert's words: settings to give (data.name = "X" and
+    data.params.KEY = V) become the options that give them (--data X --params '{"KEY": V}'), a --set or a
+    config's [data] table --params; any other data.name is --data, data.params.KEY the key KEY of --params."""
+    message = _CONFIG_OR_SET.sub(lambda m: "give it with " + _data_options({f"data.params.{m[1]}": f'"{m[2]}"'}),
+                                 message)
+    message = _SETTINGS.sub(lambda m: _data_options(dict(re.findall(rf"(data\.\S+) = ({_VALUE})", m[0]))), message)
     message = re.sub(r"\bdata\.params\.(\w+)", r"--params key '\1'", message)
     return message.replace("data.name", "--data").replace("data.params", "--params")
+
+
+def _data_options(settings: dict) -> str:
+    """add-expert's options for the [data] settings {"data.name": '"X"', "data.params.KEY": "V"}, as a message
+    writes them: --data X --params '{"KEY": V}' (a quoted V a JSON text, a number a number)."""
+    import json
+
+    def value(text: str):
+        if text[:1] in "'\"":
+            return text[1:-1]
+        try:
+            return json.loads(text)  # a number, true/false
+        except ValueError:
+            return text
+    given = {name: value(text) for name, text in settings.items()}
+    table = {name.split(".", 2)[2]: v for name, v in given.items() if name.startswith("data.params.")}
+    options = [f"--data {shlex.quote(str(given['data.name']))}"] if "data.name" in given else []
+    return " ".join(options + ([f"--params {shlex.quote(json.dumps(table))}"] if table else []))
 
 
 @contextlib.contextmanager
