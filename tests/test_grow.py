@@ -505,21 +505,45 @@ def test_images_of_an_array_file_of_another_shape_are_pointed_to_image_array():
     assert "resize" not in str(error.value)
 
 
-def test_images_of_other_channels_are_told_to_convert_them_not_to_use_image_array():
+def test_images_of_other_channels_are_told_to_convert_them_not_to_use_image_array(tmp_path):
     """(N, 3, 8, 8) images given to a run of (1, 8, 8) ones were pointed to --data image_array, which reads
-    float (N, C, H, W) images as they are: the same shape error again."""
+    float (N, C, H, W) images as they are: the same shape error again. Then the fix said x.mean(axis=1,
+    keepdims=True), which on an array file's (N, H, W, 3) pixels gave (N, 1, W, 3) floats in 0 .. 255: refused
+    again. Each way of giving images gets the fix that works for it, applied here: an image folder's mode, an
+    array file's uint8 pixels, an ArrayData's tensor."""
     from types import SimpleNamespace
 
+    from PIL import Image
+
+    from ddmkit.data import load_dataset
     from ddmkit.pipeline.grow import check_island
 
-    for run_shape, new, fix in (([1, 8, 8], (3, 8, 8), ": convert them, e.g. x.mean(axis=1, keepdims=True))"),
-                                ([3, 8, 8], (1, 8, 8), ": convert them, e.g. x.repeat(3, axis=1))"),
-                                ([3, 8, 8], (4, 8, 8), ": convert them)")):
-        run = SimpleNamespace(manifest={"data_shape": run_shape})
+    rng = np.random.default_rng(0)
+    pixels = {1: rng.integers(0, 255, (6, 8, 8), dtype=np.uint8), 3: rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)}
+    for ours, theirs, mode, file_fix, tensor_fix in (
+            (1, 3, "grey", "x.mean(axis=-1).round().astype(np.uint8)", "x.mean(1, keepdim=True)"),
+            (3, 1, "rgb", "np.repeat(x[..., None], 3, axis=-1)", "x.repeat(1, 3, 1, 1)")):
+        run = SimpleNamespace(manifest={"data_shape": [ours, 8, 8]}, expert_config={"kwargs": {}},
+                              cfg=SimpleNamespace(router=SimpleNamespace(net=SimpleNamespace(kwargs={}))),
+                              train=SimpleNamespace(labels=None))  # what check_island reads of a run without labels
         with pytest.raises(DDMError) as error:
-            check_island(run, ArrayData("f.npz", torch.zeros(2, *new)), "training")
-        assert "image_array" not in str(error.value)
-        assert str(error.value).endswith(f"(the run's images have {run_shape[0]} channel(s), these {new[0]}{fix}")
+            check_island(run, ArrayData("f.npz", torch.zeros(2, theirs, 8, 8)), "training")
+        said = str(error.value)
+        assert "image_array" not in said and f"(the run's images have {ours} channel(s), these {theirs}: " in said
+        assert f'"mode": "{mode}" in --params' in said and f"e.g. {file_fix} of" in said and tensor_fix in said, said
+        folder = tmp_path / f"to_{ours}"
+        folder.mkdir()
+        for i, image in enumerate(pixels[theirs]):
+            Image.fromarray(image).save(folder / f"{i}.png")
+        np.save(tmp_path / f"to_{ours}.npy", eval(file_fix, {"np": np, "x": pixels[theirs]}))
+        for name, params in (("image_folder", {"path": str(folder), "mode": mode}),
+                             ("image_array", {"path": str(tmp_path / f"to_{ours}.npy")})):
+            train, _ = load_dataset(name, 6, 0, 0, params)
+            check_island(run, train, "training")
+        check_island(run, ArrayData("f", eval(tensor_fix, {"x": torch.zeros(2, theirs, 8, 8)})), "training")
+    run = SimpleNamespace(manifest={"data_shape": [3, 8, 8]})
+    with pytest.raises(DDMError, match=r"these 4: convert them\)$"):
+        check_island(run, ArrayData("f.npz", torch.zeros(2, 4, 8, 8)), "training")
 
 
 @pytest.mark.parametrize("command", [("add-expert", "{run}", "--data", "{run}"),

@@ -185,6 +185,16 @@ def joined_truth(old: GaussianMixture | None, new: GaussianMixture | None, n_old
                            torch.cat([old.eigvecs, new.eigvecs]))
 
 
+# (the run's channels, the new images') -> how to make the new images the run's: for each way of giving them
+CHANNEL_FIXES = {
+    (1, 3): "make them grey: an image folder's with \"mode\": \"grey\" in --params, an array file's saved as uint8 "
+            "(N, H, W), e.g. x.mean(axis=-1).round().astype(np.uint8) of (N, H, W, 3) pixels, an ArrayData's "
+            "x.mean(1, keepdim=True)",
+    (3, 1): "make them colour: an image folder's with \"mode\": \"rgb\" in --params, an array file's saved as uint8 "
+            "(N, H, W, 3), e.g. np.repeat(x[..., None], 3, axis=-1) of (N, H, W) pixels, an ArrayData's "
+            "x.repeat(1, 3, 1, 1)"}
+
+
 def check_island(run: TrainedRun, x: ArrayData, what: str) -> None:
     """The new rows against the run: non-empty, finite, of the run's data shape, labelled where the run's
     rows are (and within the class range of class-conditional networks)."""
@@ -197,9 +207,8 @@ def check_island(run: TrainedRun, x: ArrayData, what: str) -> None:
             hint = (" (images in an .npy/.npz file: give --data image_array --params '{\"path\": \"FILE\"}', which "
                     "reads (N, H, W) or (N, H, W, C) images)")
         elif len(shape) == 3 and len(new) == 3 and new[-2:] == shape[-2:]:  # other channels: image_array keeps them
-            fix = ", e.g. x.mean(axis=1, keepdims=True)" if shape[0] == 1 else ", e.g. x.repeat(3, axis=1)" \
-                if new[0] == 1 else ""
-            hint = f" (the run's images have {shape[0]} channel(s), these {new[0]}: convert them{fix})"
+            fix = CHANNEL_FIXES.get((shape[0], new[0]), "convert them")
+            hint = f" (the run's images have {shape[0]} channel(s), these {new[0]}: {fix})"
         elif len(shape) == 3 and len(new) in (2, 3) and (new[0] if len(new) == 3 else 1) == shape[0] \
                 and shape[1] == shape[2]:  # the run's channels at another resolution: scaled and cut to a square
             side = shape[2]
