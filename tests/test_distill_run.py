@@ -568,3 +568,35 @@ def test_the_report_of_a_run_without_exact_truth_does_not_claim_one():
     assert "true mixture" not in said["none"]
     assert "NLL, mode coverage and off-manifold rate need the exact mixture the data were drawn from; this run's " \
         "data have none (-)" in said["none"]
+
+
+def test_students_made_with_other_options_name_the_options_that_reuse_them(trained, tmp_path, clis):
+    """`ddmkit distill RUN --steps 40` and then `ddmkit distill RUN --few-step 2` was refused with "train.steps
+    (40, asked 60). Pass --force ...": a field no option is called, and --force alone, which trains the dense
+    student again. The message gives the options that ask for the students as they were made; the command with
+    them reuses the dense student. Where no option can (the teacher's weights changed), it offers none."""
+    run = copy_of(trained, tmp_path)
+    folder = RunFolder(run)
+    (code, err), = clis([("distill", run, "--steps", "40", "--no-report")])
+    assert code == 0, err
+    dense = hashes(folder.dense_student)
+    calls = [("distill", run, "--few-step", "2", "--trajectories", "16", "--no-report"),
+             ("distill", run, "--teacher", "full", "--seed", "3", "--no-report"),
+             ("distill", run, "--arch", "monolith", "--steps", "40", "--no-report")]  # its network differs too
+    for (code, err), fix in zip(clis(calls), ("--steps 40", "--teacher top-2 --steps 40 --seed 0", "--arch expert")):
+        assert code == 2 and "distilled differently" in err and err.endswith(
+            f"distill again, or give the options they were made with to reuse them: {fix}"), err
+    (code, err), = clis([(*calls[0], "--steps", "40")])  # the options it gave: the dense student reused
+    assert code == 0 and hashes(folder.dense_student) == dense, err
+    (code, err), = clis([("distill", run, "--steps", "40", "--few-step", "2", "--no-report")])
+    assert code == 2 and err.endswith("reuse them: --trajectories 16"), err
+    recorded = json.loads((folder.dense_student / "config.json").read_text())
+    recorded["distill"]["arch"] = "monolith"  # as made with --arch monolith of a wider monolith: --arch gives both
+    recorded["distill"]["net"]["kwargs"]["width"] += 8
+    (folder.dense_student / "config.json").write_text(json.dumps(recorded))
+    (code, err), = clis([("distill", run, "--steps", "40", "--no-report")])
+    assert code == 2 and "net.kwargs.width" in err and err.endswith("reuse them: --arch monolith"), err
+    recorded["distill"]["teacher_sha256"] = "0" * 64  # another teacher: no option asks for it
+    (folder.dense_student / "config.json").write_text(json.dumps(recorded))
+    (code, err), = clis([("distill", run, "--steps", "30", "--no-report")])
+    assert code == 2 and "the teacher:" in err and "reuse them" not in err and err.endswith("distill again"), err

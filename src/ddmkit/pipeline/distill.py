@@ -27,6 +27,7 @@ import hashlib
 import math
 import numbers
 import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -267,8 +268,40 @@ def check_existing(plan: Plan) -> None:
             diff = config_differences(made, {key: v for key, v in plan.few_step_spec().items()
                                               if key not in ("dense", "teacher_steps_used")})  # derived
         if diff:
+            reuse = made_with(made, plan, path.name != "dense" and path == plan.folder.few_step_student(
+                plan.few_step, plan.grid) if plan.few_step is not None else False)
             raise DDMError(f"{path} was distilled differently: {'; '.join(diff)}. Pass --force to remove "
-                           f"{plan.folder.students} (every student in it) and distill again")
+                           f"{plan.folder.students} (every student in it) and distill again{reuse}")
+
+
+# a student's recorded setting -> the option of `ddmkit distill` that asks for it
+OPTIONS = {"teacher": "--teacher", "arch": "--arch", "train.steps": "--steps", "train.seed": "--seed",
+           "trajectories": "--trajectories", "teacher_steps": "--teacher-steps"}
+
+
+def made_with(made: dict, plan: Plan, few_step: bool) -> str:
+    """', or give the options they were made with to reuse them: --steps 20' when every setting in which a
+    student `made` (its config.json's "distill") differs from this call's is one an option sets, the teacher's
+    weights the same (few_step: it is the few-step student asked for, whose own settings count too); else ''."""
+    had, asked = canonical_teacher(made.get("dense", made)), dict(plan.dense_spec)
+    if few_step:
+        had = {**had, **made}
+        asked.update({k: v for k, v in plan.few_step_spec().items() if k not in ("dense", "teacher_steps_used")})
+    had, asked = _flat(had), _flat(asked)
+    differ = [key for key, value in asked.items() if had.get(key) != value and key != "teacher_parts"
+              and not (key.startswith("net.") and had.get("arch") != asked["arch"])]  # --arch gives the net
+    if not differ or any(key not in OPTIONS or had.get(key) is None for key in differ):
+        return ""  # teacher_sha256 (other weights), the network, the run's lr or solver: no option asks for them
+    given = " ".join(f"{OPTIONS[key]} {shlex.quote(str(had[key]))}" for key in differ)
+    return f", or give the options they were made with to reuse them: {given}"
+
+
+def _flat(spec: dict, prefix: str = "") -> dict:
+    """A nested spec as {"train.steps": 20, ...}."""
+    out = {}
+    for key, value in spec.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def check_evaluation(plan: Plan) -> None:
