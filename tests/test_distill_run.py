@@ -600,3 +600,14 @@ def test_students_made_with_other_options_name_the_options_that_reuse_them(train
     (folder.dense_student / "config.json").write_text(json.dumps(recorded))
     (code, err), = clis([("distill", run, "--steps", "30", "--no-report")])
     assert code == 2 and "the teacher:" in err and "reuse them" not in err and err.endswith("distill again"), err
+
+
+def test_a_count_of_another_type_is_not_called_out_of_range(trained):
+    """distill_run(run, steps="5") said "--steps: '5' is out of range; give an integer in 1 .. 1000000000", and
+    few_step=2.5 and steps=True the same: the value is no count at all, which the message now says."""
+    for kwargs, said in (({"steps": "5"}, "--steps: '5' is not a whole number (str)"),
+                         ({"few_step": 2.5}, "--few-step: 2.5 is not a whole number (float)"),
+                         ({"trajectories": True}, "--trajectories: True is not a whole number (bool)")):
+        with pytest.raises(DDMError) as error:
+            plan_distill(trained, "top-2", report=False, **kwargs)
+        assert str(error.value).startswith(said) and "out of range" not in str(error.value), error.value

@@ -102,9 +102,11 @@ def _choice(option: str, value: str, accepted: tuple[str, ...]) -> None:
 
 def _count(option: str, value, lo: int, hi: int) -> int:
     """The count as an int (a NumPy integer too), else a DDMError naming the option and its range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
-        shown = int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else repr(value)
-        raise DDMError(f"--{option}: {shown} is out of range; give an integer in {lo} .. {hi}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # "5", 2.5, True: not a count at all
+        raise DDMError(f"--{option}: {value!r} is not a whole number ({type(value).__name__}); give an integer in "
+                       f"{lo} .. {hi}")
+    if not lo <= value <= hi:
+        raise DDMError(f"--{option}: {int(value)} is out of range; give an integer in {lo} .. {hi}")
     return int(value)
 
 
