@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ddmkit.config import ExpertConfig, RunConfig, validate
-from ddmkit.data import ArrayData
+from ddmkit.data import ArrayData, content_hash
 from ddmkit.ddm import load_ddm
 from ddmkit.errors import DDMError
 from ddmkit.io import load_tensors, read_json, read_metadata, write_json
@@ -742,3 +742,22 @@ def test_data_settings_in_add_experts_errors_are_given_as_its_options(run, tmp_p
     assert _as_data_options('(a folder: data.name = "idx" and data.params.dir = "d") x') == \
         "(a folder: --data idx --params '{\"dir\": \"d\"}') x"
     assert hashes(run) == before
+
+
+def test_an_array_data_of_numpy_arrays_is_added_and_one_of_lists_refused(run):
+    """ArrayData("island", np.load(FILE)["x"]) (the page's snippet without its torch.as_tensor) failed with
+    "AttributeError: 'numpy.ndarray' object has no attribute 'detach'"; its NumPy arrays are taken as tensors,
+    and x or labels of another type are refused in one line naming the field, before any write."""
+    island = component(3, 20, seed=3)
+    before = hashes(run)
+    for x, labels, field in ((island.x.tolist(), island.labels, "x is list"),
+                             (island.x.numpy().astype(object), island.labels, "x is a NumPy array of object"),
+                             (island.x.numpy(), island.labels.tolist(), "labels is list")):
+        with pytest.raises(DDMError) as error:
+            add_expert(run, ArrayData("island", x, labels), router="stats", log=lambda m: None)
+        assert str(error.value).startswith(f"data: ArrayData.{field}; give a tensor (or a NumPy array)"), error.value
+    assert hashes(run) == before
+    entry = add_expert(run, ArrayData("island", island.x.numpy(), island.labels.numpy()), router="stats",
+                       log=lambda m: None)
+    assert entry["rows"] == 20 and entry["data_sha256"] == content_hash(island.x) and entry["k_after"] == 4
+    verify_registry(run)

@@ -44,10 +44,11 @@ import os
 import shlex
 import shutil
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ddmkit.config import DataConfig, RunConfig, apply_overrides, device_overrides, validate
@@ -149,7 +150,7 @@ def island_data(cfg: RunConfig, data, held_out: float = 0.2) -> tuple[ArrayData,
     the share `held_out` of its rows (the run's own share, from add_expert) unless its params set
     test_fraction or test_path: then the new rows weigh as much among the test rows as among the training rows."""
     if isinstance(data, ArrayData):
-        return data, None
+        return with_tensors(data), None
     if isinstance(data, (str, Path)):
         data = {"name": str(data)}
     if not isinstance(data, dict):
@@ -160,6 +161,22 @@ def island_data(cfg: RunConfig, data, held_out: float = 0.2) -> tuple[ArrayData,
     if holds_out_the_runs_share(spec.name, params):
         params["test_fraction"] = min(max(held_out, 1e-3), 0.999)
     return load_dataset(spec.name, spec.n_train, spec.n_test, spec.seed, params)
+
+
+def with_tensors(data: ArrayData) -> ArrayData:
+    """An ArrayData whose x or labels are NumPy arrays (ArrayData("island", np.load(...)["x"])) as one of tensors;
+    x or labels of any other type than a tensor or an array: a DDMError naming it and what to give."""
+    parts = {}
+    for name in ("x", "labels"):
+        value = getattr(data, name)
+        if value is None and name == "labels" or isinstance(value, torch.Tensor):
+            continue
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+            kind = f"a NumPy array of {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__
+            raise DDMError(f"data: ArrayData.{name} is {kind}; give a tensor (or a NumPy array) of numbers, e.g. "
+                           f"ArrayData(name, torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(labels))")
+        parts[name] = torch.as_tensor(value)
+    return replace(data, **parts) if parts else data
 
 
 def holds_out_the_runs_share(name: str, params: dict) -> bool:
