@@ -584,6 +584,13 @@ def test_replace_expert_takes_a_numpy_integer_as_k(run):
     verify_registry(run)
     with pytest.raises(DDMError, match=r"K: there is no expert 3; this run has experts 0 \.\. 2"):
         replace_expert(run, np.int64(3), run / "experts" / "expert_00")
+    before = hashes(run)  # K "1" (as typed) or 1.0 was said to be no expert: "there is no expert '1'"
+    for k, kind in (("1", "str"), (1.0, "float"), (True, "bool")):
+        with pytest.raises(DDMError) as error:
+            replace_expert(run, k, run / "experts" / "expert_00")
+        assert str(error.value) == (f"K: {k!r} is not a whole number ({kind}); give one of this run's experts 0 .. 2, "
+                                    "an int"), error.value
+    assert hashes(run) == before
 
 
 def test_a_warning_while_add_expert_loads_the_data_names_its_option(run, tmp_path, cli):

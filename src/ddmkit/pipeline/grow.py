@@ -673,9 +673,11 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict | None:
         refuse_latent(run_folder, k)
         state = trained_run(run_folder.root)
         kk = state.manifest["k"]
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < kk:
-            shown = int(k) if isinstance(k, numbers.Integral) and not isinstance(k, bool) else repr(k)
-            raise DDMError(f"K: there is no expert {shown}; this run has experts 0 .. {kk - 1}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):  # "1", 1.0: said as what they are
+            raise DDMError(f"K: {k!r} is not a whole number ({type(k).__name__}); give one of this run's experts "
+                           f"0 .. {kk - 1}, an int")
+        if not 0 <= k < kk:
+            raise DDMError(f"K: there is no expert {int(k)}; this run has experts 0 .. {kk - 1}")
         k = int(k)  # a NumPy integer (np.argsort's) as the index it is, written to JSON
         if not source.exists():
             raise DDMError(f"FOLDER {source} does not exist; give the model folder that is to replace expert {k} "
