@@ -16,7 +16,7 @@ from ddmkit.ddm import exact_ddm, load_ddm, start_noise
 from ddmkit.errors import DDMError
 from ddmkit.io import read_json
 from ddmkit.layout import RunFolder
-from ddmkit.pipeline.distill import (TRAJECTORY_SEED, distill_run, field_distances, lambda_grid,
+from ddmkit.pipeline.distill import (TRAJECTORY_SEED, distill_run, field_distances, lambda_grid, sample_on_grid,
                                      make_dense, make_few_step, plan_distill, student_field)
 from ddmkit.pipeline.run import run_pipeline
 from ddmkit.sample import time_grid
@@ -611,3 +611,23 @@ def test_a_count_of_another_type_is_not_called_out_of_range(trained):
         with pytest.raises(DDMError) as error:
             plan_distill(trained, "top-2", report=False, **kwargs)
         assert str(error.value).startswith(said) and "out of range" not in str(error.value), error.value
+
+
+def test_sample_on_grid_takes_the_grid_as_recorded_and_names_noise_of_another_shape(trained, tmp_path):
+    """docs/distill.md's sample_on_grid(few, torch.randn(1000, 2), torch.tensor(config["grid"]), None): config["grid"]
+    as it is (a list) failed with "AttributeError: 'list' object has no attribute 'to'", noise of another shape
+    with torch's "mat1 and mat2 shapes cannot be multiplied", and cond had no default."""
+    run = copy_of(trained, tmp_path)
+    make_dense(plan_distill(run, "top-2", **SMALL), log=lambda m: None)
+    dense, config = student_field(RunFolder(run).dense_student)
+    grid = [1.0, 0.6, 0.25, 0.0]
+    x1 = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    x0, info = sample_on_grid(dense, x1, grid)
+    assert torch.equal(x0, sample_on_grid(dense, x1, torch.tensor(grid), None)[0]) and info["velocity_evaluations"] == 3
+    for noise, said in ((torch.randn(50, 3), "x1 is of shape (50, 3)"), (x1.numpy(), "x1 is ndarray")):
+        with pytest.raises(DDMError) as error:
+            sample_on_grid(dense, noise, grid)
+        assert str(error.value) == (f"sample_on_grid: {said}; give the starting noise, a tensor of shape (n, 2), e.g. "
+                                    "torch.randn(1000, 2)"), error.value
+    with pytest.raises(DDMError, match=r"^sample_on_grid: grid is str; give the student's times"):
+        sample_on_grid(dense, x1, "lambda")

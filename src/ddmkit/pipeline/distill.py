@@ -43,6 +43,7 @@ from ddmkit.conventions import __version__
 from ddmkit.data.partition import read_shard
 from ddmkit.ddm import DDM, exact_ddm, load_ddm, sample_ddm, sample_single, start_noise
 from ddmkit.ddm.load import has_default_router, load_truth, monolith_field, velocity_field
+from ddmkit.ddm.sampling import network_of
 from ddmkit.errors import DDMError
 from ddmkit.evaluation.fid import feature_extractor, fid_kid
 from ddmkit.evaluation.sets import FLOOR, evaluate_all, reference_sets
@@ -448,8 +449,21 @@ def make_few_step(plan: Plan, log: Log) -> None:
 
 
 # ----- evaluation -------------------------------------------------------------------------------
-def sample_on_grid(field, x1: torch.Tensor, grid: torch.Tensor, cond: dict | None) -> tuple[torch.Tensor, dict]:
-    """A few-step student's samples: Euler with its field on its own grid (S calls per sample)."""
+def sample_on_grid(field, x1: torch.Tensor, grid, cond: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """A few-step student's samples: Euler with its field on its own grid (S calls per sample): x1 noise of
+    shape (n, *data_shape), grid its config.json's "grid" (a list or a tensor), cond {"y": labels} or None."""
+    built = getattr(network_of(field), "data_shape", None)
+    if not isinstance(x1, torch.Tensor) or built is not None and tuple(x1.shape[1:]) != tuple(built):
+        dims = ", ".join(map(str, built)) if built is not None else "*data_shape"
+        got = f"of shape {tuple(x1.shape)}" if isinstance(x1, torch.Tensor) else type(x1).__name__
+        raise DDMError(f"sample_on_grid: x1 is {got}; give the starting noise, a tensor of shape (n, {dims}), e.g. "
+                       f"torch.randn(1000, {dims})")
+    if not isinstance(grid, torch.Tensor):
+        try:
+            grid = torch.as_tensor(grid, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise DDMError(f"sample_on_grid: grid is {type(grid).__name__}; give the student's times, its "
+                           "config.json's \"grid\" (a list of numbers from 1 down to 0)") from None
     start = time.perf_counter()
     x0 = sample_euler(lambda x, t: field(x, t, **(cond or {})), x1, grid.to(x1.device))
     s = len(grid) - 1
