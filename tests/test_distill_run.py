@@ -631,3 +631,21 @@ def test_sample_on_grid_takes_the_grid_as_recorded_and_names_noise_of_another_sh
                                     "torch.randn(1000, 2)"), error.value
     with pytest.raises(DDMError, match=r"^sample_on_grid: grid is str; give the student's times"):
         sample_on_grid(dense, x1, "lambda")
+
+
+def test_student_field_of_a_run_folder_or_a_missing_gpu_says_what_to_give(trained, tmp_path):
+    """student_field(RUN) said "RUN/config.json: invalid file, arch: Field required" (the run's config is no
+    network's), and device="cuda" on a machine without one failed with torch's AssertionError."""
+    run = copy_of(trained, tmp_path)
+    with pytest.raises(DDMError) as error:
+        student_field(run)
+    assert str(error.value) == (f"{run} is a run folder, not a student's model folder; it has no students yet: make "
+                                f"them with `ddmkit distill {run}`"), error.value
+    make_dense(plan_distill(run, "top-2", **SMALL), log=lambda m: None)
+    with pytest.raises(DDMError) as error:
+        student_field(run)
+    assert str(error.value).endswith(f"give one of its students: {run / 'students' / 'dense'}"), error.value
+    with pytest.raises(DDMError, match=r"^device 'cuda:7', but this machine has \d+ CUDA device\(s\); give "
+                                       r"device=\"cpu\""):
+        student_field(RunFolder(run).dense_student, device="cuda:7")
+    assert student_field(RunFolder(run).dense_student, device="cpu")[1]["distill"]["teacher"] == "top-2"

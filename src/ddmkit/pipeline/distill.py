@@ -50,7 +50,7 @@ from ddmkit.evaluation.sets import FLOOR, evaluate_all, reference_sets
 from ddmkit.flow.path import noise
 from ddmkit.io import check_folder_target, read_json, remove_stale_staging, sha256_file, write_bytes_atomic, write_json
 from ddmkit.train.threads import job_threads
-from ddmkit.layout import RunFolder, check_run_exists
+from ddmkit.layout import RunFolder, check_run_exists, is_run_folder
 from ddmkit.nets import check_builds
 from ddmkit.pipeline.images import scorer_for
 from ddmkit.pipeline.prepare import run_config
@@ -384,13 +384,21 @@ def student_field(path: Path, device="cpu", guidance: float = 1.0):
     """(velocity field, config.json) of a student's model folder (guidance: classifier-free guidance of a
     class-conditional dense student; a few-step student's trajectories already hold theirs)."""
     check_student_path(Path(path))
+    device = resolve_device(device, f"device {str(device)!r}", "give device=\"cpu\" (or \"auto\": a GPU when there "
+                            "is one)")  # a GPU this machine lacks was torch's AssertionError
     model, config = load_model(path, device)
     return velocity_field(model, config, guidance), config
 
 
 def check_student_path(path: Path) -> None:
-    """A path that is no model folder but RUN/students or a misnamed folder in it is refused with the students
-    there (load_model said "config.json is missing; copy the whole model folder again")."""
+    """A path that is no model folder but a run folder, RUN/students or a misnamed folder in it is refused with
+    the students there (load_model said "config.json is missing; copy the whole model folder again", and of a
+    run folder that its config.json lacked arch and kwargs)."""
+    if is_run_folder(path):
+        names = sorted(q.parent.name for q in (path / "students").glob("*/config.json"))
+        give = (f"give one of its students: {', '.join(str(path / 'students' / name) for name in names)}"
+                if names else f"it has no students yet: make them with `ddmkit distill {path}`")
+        raise DDMError(f"{path} is a run folder, not a student's model folder; {give}")
     if (path / "config.json").exists():
         return
     students = path if path.name == "students" else path.parent
