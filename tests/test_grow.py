@@ -768,3 +768,25 @@ def test_an_array_data_of_numpy_arrays_is_added_and_one_of_lists_refused(run):
                        log=lambda m: None)
     assert entry["rows"] == 20 and entry["data_sha256"] == content_hash(island.x) and entry["k_after"] == 4
     verify_registry(run)
+
+
+def test_an_expert_of_the_vp_path_replaces_one_and_is_converted_to_the_velocity(run, tmp_path):
+    """docs/grow.md said the replacing folder must be "a velocity network"; an expert trained on the vp path with
+    v prediction (another kind of run's) is taken, and the grown DDM mixes it as the velocity its config.json
+    converts it to, the velocity of load_model + velocity_field of the folder."""
+    from ddmkit.ddm.load import velocity_field
+    from ddmkit.registry import load_model
+
+    vp = tmp_path / "vp"
+    config = validate(ExpertConfig, {**SMALL, "path": {"kind": "vp", "schedule": "cosine"}, "prediction": "v",
+                                     "train": {**SMALL["train"], "steps": 10}})
+    train_expert(run / "partition" / "shards" / "cluster_02.safetensors", config, vp)
+    assert read_json(vp / "config.json")["path"]["kind"] == "vp"
+    replace_expert(run, 2, vp, log=lambda m: None)
+    verify_registry(run)
+    x, t = torch.randn(5, 2, generator=torch.Generator().manual_seed(1)), torch.full((5,), 0.4)
+    want = velocity_field(*load_model(vp))(x, t)
+    assert torch.allclose(load_ddm(run).experts[2](x, t), want, atol=1e-6)
+    text = (Path(__file__).parents[1] / "docs" / "grow.md").read_text()
+    assert "an expert trained on the `vp` path or\nwith another `prediction`" in text and "is converted\nto the " \
+        "velocity" in text
