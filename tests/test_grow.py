@@ -790,3 +790,37 @@ def test_an_expert_of_the_vp_path_replaces_one_and_is_converted_to_the_velocity(
     text = " ".join((Path(__file__).parents[1] / "docs" / "grow.md").read_text().split())
     assert "an expert trained on the `vp` path or with another `prediction`" in text
     assert "is converted to the velocity from what its `config.json` records" in text
+
+
+def test_the_image_fixes_of_add_expert_name_the_islands_file_and_loader(tmp_path, cli):
+    """The shape errors of images said --params '{"path": "FILE"}' of the file given, and `--data image_array`
+    also of an image folder at another resolution, which that loader refuses ("a folder, not an array file").
+    They name the file or folder given, with its own loader, and the command they give adds the island."""
+    from PIL import Image
+
+    from ddmkit.config import load_config
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "images.npz", x=rng.integers(0, 255, (60, 8, 8), dtype=np.uint8),
+             labels=rng.integers(0, 3, 60))
+    raw = load_config(Path(__file__).parent / "configs" / "tiny_images.toml").model_dump()
+    raw["data"]["params"]["path"] = str(tmp_path / "images.npz")
+    run = tmp_path / "run"
+    run_pipeline(validate(RunConfig, raw), run, log=lambda m: None, stages="train")
+    np.savez(tmp_path / "new.npz", x=rng.integers(0, 255, (20, 8, 8), dtype=np.uint8), labels=rng.integers(0, 3, 20))
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(big / f"{i}.png")
+    new = tmp_path / "new.npz"
+    for given, fix in (((new,), f"--data image_array --params '{{\"path\": \"{new}\"}}'"),
+                       (("image_folder", "--params", json.dumps({"path": str(big)})),
+                        f"--data image_folder --params '{{\"path\": \"{big}\", \"resize\": 8, \"crop\": 8}}'")):
+        before = hashes(run)
+        code, err = cli("add-expert", run, "--data", *given)
+        assert code == 2 and fix in err and "FILE" not in err, err
+        assert hashes(run) == before
+        code, err = cli("add-expert", run, *shlex.split(fix), "--router", "stats")  # the command it gives, pasted
+        assert "the new data are of shape" not in err, err
+    assert code == 2 and "have no labels" in err  # a folder without class sub-folders: past the shape, unlabelled
+    assert json.loads((run / "grow.json").read_text())["events"][0]["rows"] > 0  # the .npz was added

@@ -1064,7 +1064,7 @@ def add_expert_cmd(run_dir: Path = run_argument("trained run folder (vectors or 
         with _warnings_as_data_options():
             event = add_expert(run_dir, {"name": data, "params": table}, mode, router, log, device)
     except DDMError as e:  # the library names the [data] table's fields; this command's user gave options
-        raise DDMError(_as_data_options(str(e))) from None
+        raise DDMError(_with_file(_as_data_options(str(e)), data, table)) from None
     from ddmkit.layout import RunFolder
 
     run = shlex.quote(str(run_dir))  # a command to paste: a path with spaces stays one argument
@@ -1093,6 +1093,20 @@ def _as_data_options(message: str) -> str:
     message = _SETTINGS.sub(lambda m: _data_options(dict(re.findall(rf"(data\.\S+) = ({_VALUE})", m[0]))), message)
     message = re.sub(r"\bdata\.params\.(\w+)", r"--params key '\1'", message)
     return message.replace("data.name", "--data").replace("data.params", "--params")
+
+
+def _with_file(message: str, data: str, table: dict) -> str:
+    """The message with its placeholder "FILE" (in --params '{"path": "FILE"}') the island's file: --data's, or
+    the path in --params of an image loader, where it is one (and needs no other shell quoting)."""
+    path = table.get("path") if data in ("image_array", "image_folder") else data
+    if not isinstance(path, str) or "'" in path or not Path(path).expanduser().exists():
+        return message
+    import json
+
+    if data == "image_folder":  # the fix names the array loader; a folder is read by its own
+        message = message.replace("--data image_array --params '{\"path\": \"FILE\"", "--data image_folder --params "
+                                  "'{\"path\": \"FILE\"")
+    return message.replace('"FILE"', json.dumps(path))
 
 
 def _data_options(settings: dict) -> str:
