@@ -422,7 +422,7 @@ def train_router_cmd(run: Path = run_argument("run folder with partition/"),
     if _text_run(run):
         from ddmkit.pipeline.text import train_text_router
 
-        _no_text_overrides(config, seed, device, set_)
+        _no_text_overrides(run, config, seed, device, set_)
         train_text_router(run, log)
         return
     run_folder(run)  # a run folder that exists (its lock would make it)
@@ -478,7 +478,7 @@ def train_monolith_cmd(run: Path = run_argument("run folder with partition/"),
     if _text_run(run):
         from ddmkit.pipeline.text import train_text_monolith
 
-        _no_text_overrides(config, seed, device, set_)
+        _no_text_overrides(run, config, seed, device, set_)
         train_text_monolith(run, log)
         return
     run_folder(run)  # a run folder that exists (its lock would make it)
@@ -542,7 +542,7 @@ def sample(run: Path = run_argument("run folder with experts/ and router/ (any k
     if _text_run(run):
         from ddmkit.pipeline.text import sample_text
 
-        _no_text_overrides(config, None, device, set_)
+        _no_text_overrides(run, config, None, device, set_)
         if router not in (None, "learned"):
             raise DDMError(f"--router {router}: a text run samples with each router of its config's router.kinds "
                            "(sets named 'bayes / ...', 'learned / ...'); leave --router out")
@@ -621,7 +621,7 @@ def evaluate(run: Path = run_argument("run folder with samples/ (any kind of dat
     if _text_run(run):
         from ddmkit.pipeline.text import evaluate_text
 
-        _no_text_overrides(config, None, device, set_)
+        _no_text_overrides(run, config, None, device, set_)
         evaluate_text(run, log=log)
         return
     from ddmkit.pipeline.run import evaluate_stage
@@ -657,7 +657,7 @@ def analyze(run: Path = run_argument("trained run folder (experts/, router/, par
     if _text_run(run):
         from ddmkit.pipeline.text import analyze_text
 
-        _no_text_overrides(config, None, device)
+        _no_text_overrides(run, config, None, device)
         _not_for_text({"--max-steps": max_steps, "--jvp-rows": jvp_rows},
                       "it measures no Jacobians; it takes --strategy, --n (held-out windows per cluster) and --seed")
         analyze_text(run, out, log=log, strategies=strategy, n=n, seed=seed)
@@ -798,7 +798,7 @@ def launch(run_dir: Path = run_argument("run folder with partition/"),
                         1 if gpus is None else gpus, "16G" if mem is None else mem,
                         partition_name)  # before anything, also when every expert is trained
         if _text_run(run_dir):
-            _no_text_overrides(None, None, None, set_)
+            _no_text_overrides(run_dir, None, None, None, set_)
         else:
             experts = [item for item in set_ or [] if item.strip().startswith("expert.")]  # the others: below
             task_cfg = _config(None, run_dir, experts)
@@ -827,7 +827,7 @@ def launch(run_dir: Path = run_argument("run folder with partition/"),
         from ddmkit.pipeline.text import train_text_experts
         from ddmkit.registry import write_registry
 
-        _no_text_overrides(config, None, device, set_)
+        _no_text_overrides(run_dir, config, None, device, set_)
         if backend != "inline":
             raise DDMError(f"--backend {backend}: text experts train inline, or one per node with "
                            "`ddmkit launch RUN --emit slurm`; use --backend inline")
@@ -961,14 +961,20 @@ def _text_device(device: Optional[str]) -> None:
         raise DDMError(f"--device {device}: text runs train and sample on the CPU; leave --device out (or give cpu)")
 
 
-def _no_text_overrides(config: Optional[Path], seed: Optional[int], device: Optional[str] = None,
+def _no_text_overrides(run: Path, config: Optional[Path], seed: Optional[int], device: Optional[str] = None,
                        overrides: Optional[List[str]] = None) -> None:
+    """Refuse --config, --seed and --set on a text run (its settings are its config.json), naming the commands
+    that change them: `ddmkit run` of that config.json with --set, into the run (sample and evaluate settings:
+    the models are kept) or into a new folder (the settings of what it trains)."""
     _text_device(device)
     given = [name for name, value in (("--config", config), ("--seed", seed), ("--set", overrides or None))
              if value is not None]
     if given:
-        raise DDMError(f"{', '.join(given)}: a trained text run keeps the text config it was made with "
-                       "(RUN/config.json); give --set to `ddmkit run TEXT_CONFIG` when making the run")
+        saved = run / "config.json"
+        raise DDMError(f"{', '.join(given)}: a trained text run keeps the text config it was made with ({saved}); "
+                       f"to change its sample or evaluate settings, run `ddmkit run {saved} --out {run} --set "
+                       f"FIELD=VALUE` (the trained models are kept); for other settings make a new run: "
+                       f"`ddmkit run {saved} --out NEW_RUN --set FIELD=VALUE`")
 
 
 def _not_for_text(options: dict, why: str) -> None:

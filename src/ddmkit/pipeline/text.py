@@ -109,8 +109,14 @@ TASKS = {
 
 def trained_by(command: str, run: str | Path) -> str:
     """The fix for a model folder of a text run that is missing or stale: the command that trains it alone,
-    or `ddmkit run`, which trains every one of them."""
-    return f"`{command}` (or `ddmkit run CONFIG --out {run}`, which trains every part that is missing)"
+    or `ddmkit run` of the run's own config.json, which trains every one of them."""
+    return f"`{command}` (or `{run_again(run)}`, which trains every part that is missing)"
+
+
+def run_again(run: str | Path) -> str:
+    """`ddmkit run RUN/config.json --out RUN`: the run's own settings (--set ones included), so the command is
+    never refused as another run's, and it keeps every part already made."""
+    return f"ddmkit run {Path(run) / 'config.json'} --out {run}"
 
 
 def train_or_load(folder: Path, digest: str, arch: str, kwargs: dict, loss: Callable, train_cfg,
@@ -156,8 +162,8 @@ def has_partition(cfg: TextRunConfig, out: Path) -> bool:
 def run_partition(cfg: TextRunConfig, out: Path) -> dict:
     """The manifest of the run's partition (made by prepare_text_run with cfg's settings)."""
     if not has_partition(cfg, out):
-        raise DDMError(f"{out}: no partition for this config yet; run `ddmkit run CONFIG --out {out}` (or "
-                       f"`ddmkit partition --config CONFIG --out {out}`) first")
+        raise DDMError(f"{out}: no partition for this config yet; run `ddmkit partition --config "
+                       f"{Path(out) / 'config.json'} --out {out}` first (the run's own config.json makes it again)")
     return read_manifest(RunFolder(out).partition)
 
 
@@ -334,7 +340,8 @@ def partition_text_run(config_path: str | Path, out: str | Path, force: bool = F
 def _train_streams(run) -> list:
     folder = RunFolder(run)
     if not folder.manifest.exists():
-        raise DDMError(f"{folder.root}: no partition yet; run `ddmkit partition --config CONFIG --out {folder.root}` first")
+        raise DDMError(f"{folder.root}: no partition yet; run `ddmkit partition --config {folder.config} --out "
+                       f"{folder.root}` first (the run's own config.json makes it again)")
     return run_streams(folder, "train")
 
 
