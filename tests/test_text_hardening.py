@@ -34,9 +34,10 @@ def bad_config(tmp_path, old: str, new: str):
     return bad
 
 
-BAD = [  # (replace, by, message): each found only after the config itself loaded
+BAD = [  # (replace, by, message): each found before anything is written
     ("k = 2", "k = 50", r"partition\.k = 50 is larger than the number of training documents"),
-    ("width = 16", "width = 16\nheads = 3", r"router: .*not divisible by heads 3"),
+    ("width = 16", "width = 16\nheads = 3", r"router: width \(16\) must be divisible by heads \(3\); give "
+     r"router\.width = 18 \(--set router\.width=18\)"),
     ("seq_len = 24", "seq_len = 4000", r"fewer bytes of training text than model\.seq_len = 4000"),
     ('pattern = "*.txt"', 'pattern = "*.md"', "no files match pattern"),
 ]
@@ -1048,8 +1049,8 @@ def test_a_missing_text_monolith_or_router_names_the_command_that_trains_it(text
         with pytest.raises(DDMError) as raised:
             sample_text(run, strategies, n=1, log=QUIET)
         said = " ".join(str(raised.value).split())
-        assert f"{run / part} is missing; train it with `ddmkit {command} {run}` (or `ddmkit run CONFIG --out " \
-               f"{run}`" in said and "train-*" not in said, said
+        assert f"{run / part} is missing; train it with `ddmkit {command} {run}` (or `ddmkit run " \
+               f"{run / 'config.json'} --out {run}`" in said and "train-*" not in said, said
 
 
 def test_a_corpus_of_utf16_text_says_its_files_were_skipped_as_binary_and_how_to_convert_them(tmp_path):

@@ -83,6 +83,16 @@ class TextPartitionConfig(Section):
         return self
 
 
+def check_heads(width: int, heads: int, section: str) -> None:
+    """A transformer's width splits evenly over its heads: a ValueError naming `section`.width and .heads and a
+    width that works (the next multiple of heads)."""
+    if width % heads:
+        up = -(-width // heads) * heads  # the next multiple of heads, else the one below (widths stop at SIZE)
+        fit = up if up <= SIZE else up - heads
+        raise ValueError(f"width ({width}) must be divisible by heads ({heads}); give {section}.width = {fit} "
+                         f"(--set {section}.width={fit}) or a number of heads that divides {width}")
+
+
 class ModelConfig(Section):
     seq_len: int = Field(128, ge=2, le=SIZE, description="window length in bytes")
     width: int = Field(128, ge=8, le=SIZE)
@@ -91,8 +101,7 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _heads(self):
-        if self.width % self.heads:
-            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        check_heads(self.width, self.heads, "model")
         return self
 
 
@@ -145,6 +154,11 @@ class TextRouterConfig(Section):
     depth: int = Field(1, ge=1, le=DEPTH)
     heads: int = Field(4, ge=1, le=SIZE)
     train: TextTrainConfig = Field(default_factory=lambda: _train(200))
+
+    @model_validator(mode="after")
+    def _heads(self):
+        check_heads(self.width, self.heads, "router")
+        return self
 
     @field_validator("kinds")
     @classmethod
