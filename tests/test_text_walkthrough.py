@@ -2,6 +2,7 @@
 (the run's own config.json, never a CONFIG placeholder) and exits with code 2, writing nothing."""
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 
@@ -103,3 +104,19 @@ def test_a_width_that_heads_do_not_divide_names_the_section_and_a_width_that_loa
     code, err = cli("run", config, "--out", tmp_path / "run", "--set", f"{section}.heads=3", "--set",
                     f"{section}.width=16")
     assert code == 2 and f"{section}.width = 18" in err and not (tmp_path / "run").exists(), err
+
+
+def test_the_pages_tiny_run_is_a_valid_tiny_config_of_both_kinds():
+    """docs/discrete.md's quick try: its --set values load for text_ar, and with sample.steps for text_dfm."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "discrete.md").read_text()
+    block = page[page.index("--out runs/text_tiny"):]
+    block = block[:block.index("\n\n")].replace("\\\n", " ")
+    sets = re.findall(r"--set (\S+)", block)
+    assert "model.seq_len=32" in sets and "expert.train.steps=5" in sets, sets
+    for name, extra in (("text_ar", []), ("text_dfm", ["sample.steps=4"])):
+        cfg = load_text_config(root / "configs" / f"{name}.toml", sets + extra)
+        assert cfg.model.width <= 16 and cfg.expert.train.steps <= 5 and cfg.router.train.steps <= 5
+        assert cfg.corpus.max_docs <= 40 and cfg.sample.n == 1
