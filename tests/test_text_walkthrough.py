@@ -120,3 +120,16 @@ def test_the_pages_tiny_run_is_a_valid_tiny_config_of_both_kinds():
         cfg = load_text_config(root / "configs" / f"{name}.toml", sets + extra)
         assert cfg.model.width <= 16 and cfg.expert.train.steps <= 5 and cfg.router.train.steps <= 5
         assert cfg.corpus.max_docs <= 40 and cfg.sample.n == 1
+
+
+@pytest.mark.parametrize("given, text", [("123", "123"), ("true", "true")])
+def test_a_prompt_that_toml_reads_as_a_number_is_offered_back_as_text(tmp_path, given, text):
+    """`--set sample.prompt=123` was told to give "" (the default): a fix that loads, but drops the prompt
+    asked for. The value given, as text, is offered first, and the --set named loads with it."""
+    config = write_config(tmp_path, "text_ar")
+    with pytest.raises(DDMError) as raised:
+        load_text_config(config, [f"sample.prompt={given}"])
+    said = " ".join(str(raised.value).split())
+    fix = f"--set 'sample.prompt=\"{text}\"'"
+    assert f'give "{text}" (on the command line: {fix})' in said, said
+    assert load_text_config(config, [shlex.split(fix)[1]]).sample.prompt == text

@@ -214,7 +214,8 @@ def _kind_of(value, kinds: tuple) -> str | None:
 
 def _candidates(given, field, kinds: tuple) -> list:
     """Values to offer for a field of `kinds` given `given`, best first: `given` read as one ('5' -> 5, 1.5 -> 2),
-    the field's default, its lower bound, its choices, a plain one of its kind."""
+    the field's default, its lower bound, its choices, a plain one of its kind; for text, `given` as text first
+    (prompt = 123 -> "123")."""
     out = []
     number = float in kinds or int in kinds
     if number and isinstance(given, str):
@@ -225,6 +226,8 @@ def _candidates(given, field, kinds: tuple) -> list:
     if number and isinstance(given, (int, float)) and not isinstance(given, bool):
         out.append(given)
     out = [round(v) if float not in kinds and v == v and abs(v) != float("inf") else v for v in out]
+    if str in kinds and isinstance(given, (bool, int, float)):
+        out.insert(0, json.dumps(given))
     out.append(field.get_default(call_default_factory=True))
     out += [m.ge for m in field.metadata if getattr(m, "ge", None) is not None]
     out += [k for k in kinds if not isinstance(k, type)] + [{int: 1, float: 1.0, bool: True, str: "NAME"}.get(k)
