@@ -133,3 +133,19 @@ def test_a_prompt_that_toml_reads_as_a_number_is_offered_back_as_text(tmp_path, 
     fix = f"--set 'sample.prompt=\"{text}\"'"
     assert f'give "{text}" (on the command line: {fix})' in said, said
     assert load_text_config(config, [shlex.split(fix)[1]]).sample.prompt == text
+
+
+def test_a_run_without_a_centralized_model_names_the_new_run_that_has_one(tmp_path):
+    """`--strategy monolith` on a run made with centralized.enabled = false said only that it has none; and
+    `train-monolith` 'nothing to train'. Both now name the new run that has one, which samples it."""
+    run = tmp_path / "run"
+    run_text(write_config(tmp_path, "text_ar"), run, log=QUIET, overrides=["centralized.enabled=false",
+                                                                          "sample.n=1"])
+    for command in (["sample", run, "--strategy", "monolith"], ["train-monolith", run]):
+        code, err = cli(*command)
+        assert code == 2 and "centralized.enabled" in err, err
+        args = fix_in(err, "ddmkit run ")
+        assert args == ["run", str(run / "config.json"), "--out", "NEW_RUN", "--set", "centralized.enabled=true"]
+    new = tmp_path / "new"
+    assert cli(*[str(new) if a == "NEW_RUN" else a for a in args])[0] == 0
+    assert sample_text(new, ["monolith"], n=1, log=QUIET)

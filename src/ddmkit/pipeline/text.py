@@ -119,6 +119,12 @@ def run_again(run: str | Path) -> str:
     return f"ddmkit run {Path(run) / 'config.json'} --out {run}"
 
 
+def with_centralized(run: str | Path) -> str:
+    """How to get a centralized model for a run made without one: a new run (centralized is a trained setting)."""
+    return (f"for a centralized model make a new run: `ddmkit run {Path(run) / 'config.json'} --out NEW_RUN "
+            "--set centralized.enabled=true`")
+
+
 def train_or_load(folder: Path, digest: str, arch: str, kwargs: dict, loss: Callable, train_cfg,
                   meta: dict, description: str, train: bool = True,
                   fix: str = "`ddmkit run CONFIG --out RUN`") -> torch.nn.Module:
@@ -376,7 +382,8 @@ def train_text_monolith(run, log: Log = print) -> None:
     with run_lock(run):
         cfg = text_config(run)
         if text_monolith(cfg, Path(run), _train_streams(run)) is None:
-            raise DDMError(f"{run}: centralized.enabled is false in this run's config; nothing to train")
+            raise DDMError(f"{run}: centralized.enabled is false in this run's config; nothing to train ("
+                           f"{with_centralized(run)})")
     log(f"monolith: {RunFolder(run).monolith}")
 
 
@@ -606,7 +613,7 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
         remove_leftovers(run, log)  # what killed writers left
         if central and not cfg.centralized.enabled:
             raise DDMError("--strategy monolith: this text run has no centralized model (centralized.enabled = "
-                           "false in its config)")
+                           f"false in its config); leave --strategy monolith out, or {with_centralized(run)}")
         if steps is not None and cfg.kind == "text_ar":
             raise DDMError("--steps: autoregressive sampling draws one byte per step (sample.length bytes); "
                            "--steps sets the unmasking steps of kind = 'text_dfm' runs; leave it out")
