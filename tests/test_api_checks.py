@@ -537,6 +537,35 @@ def test_sample_single_names_a_user_network_whose_output_is_not_its_inputs_shape
     assert int(normed.norm.num_batches_tracked) == 2 and normed.training
 
 
+class Wide(torch.nn.Module):
+    """A user's network of no data_shape built for 3 columns (a Linear of another width than the data's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(D + 1, D + 1)
+
+    def forward(self, x, t, y=None):
+        return self.linear(x)
+
+
+def test_sample_single_names_data_shape_when_a_user_network_raises_on_it():
+    """A user's nn.Module that raises on the data shape it is given (a Linear built for 3 columns, given 2) was
+    torch's "mat1 and mat2 shapes cannot be multiplied" from inside the solver: one DDMError names data_shape and
+    what the network was given (the conditioning too), torch's message kept; the network's mode is put back."""
+    from ddmkit.nets.field import NetworkField, VelocityOutput
+
+    net = Wide()
+    for field in (net, NetworkField(net, VelocityOutput())):
+        with pytest.raises(DDMError, match=r"^sample_single: data_shape \(2,\): the field's network raised on x of "
+                                           r"shape \(1, 2\), t = 1: RuntimeError: mat1 and mat2 shapes cannot be "
+                                           r"multiplied.*; pass the data_shape the network was built for") as err:
+            sample_single(field, (D,), 3, steps=2)
+        assert isinstance(err.value.__cause__, RuntimeError) and net.training
+    with pytest.raises(DDMError, match=r"raised on x of shape \(1, 2\), t = 1, y of shape \(1,\): RuntimeError"):
+        sample_single(net, (D,), 3, steps=2, cond={"y": torch.zeros(3, dtype=torch.long)})
+    assert sample_single(net, (D + 1,), 3, steps=2)[0].shape == (3, D + 1)
+
+
 # 13. info["expert_rows"] has one entry per expert
 
 def test_expert_rows_has_one_entry_per_expert():

@@ -358,17 +358,26 @@ def probe_field_shape(field, x1: torch.Tensor, cond: dict[str, torch.Tensor] | N
     """A network of no data_shape attribute (a user's nn.Module, which check_field_shape cannot check) is called
     once on the first row of the starting noise at t = 1 (the first step), with the global RNG kept: an output
     of another shape than its input is a DDMError naming data_shape and the output's shape (it was torch's error
-    from inside the solver, or a silent broadcast). Fields that are no network (functions) are not called."""
+    from inside the solver, or a silent broadcast), and so is an error the network raises on that row (a Linear of
+    another width), naming what it was given, with torch's message kept. Fields that are no network (functions)
+    are not called."""
     network = network_of(field)
     if not isinstance(network, torch.nn.Module) or getattr(network, "data_shape", None) is not None:
         return
     x = x1[:1].clone()
+    row_cond = _rows(cond, slice(0, 1)) or {}
     gpu = [x.device] if x.device.type == "cuda" else []
     training = network.training  # in eval mode: a network left training (BatchNorm) keeps its statistics
     network.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=gpu), autocast(speed, x.device):
-            v = field(x, torch.ones(1, dtype=x.dtype, device=x.device), **(_rows(cond, slice(0, 1)) or {}))
+            v = field(x, torch.ones(1, dtype=x.dtype, device=x.device), **row_cond)
+    except DDMError:
+        raise
+    except Exception as err:  # torch's own error from inside the network (a Linear of another width)
+        raise DDMError(f"sample_single: data_shape {tuple(x.shape[1:])}: the field's network raised on "
+                       f"{_probe_inputs(x, row_cond)}: {type(err).__name__}: {err}; pass the data_shape the network "
+                       "was built for (or fix the network for this input)") from err
     finally:
         network.train(training)
     if not isinstance(v, torch.Tensor) or v.shape != x.shape:
@@ -376,6 +385,12 @@ def probe_field_shape(field, x1: torch.Tensor, cond: dict[str, torch.Tensor] | N
         raise DDMError(f"sample_single: data_shape {tuple(x.shape[1:])}: the field's network returns {got} for one "
                        f"row of shape {tuple(x.shape)}, but a velocity has its input's shape; pass the data_shape "
                        "the network was built for (or make it return v of x's shape)")
+
+
+def _probe_inputs(x: torch.Tensor, cond: dict[str, torch.Tensor]) -> str:
+    """What the probe gave the network, for its error: x's shape, t, and each conditioning's shape."""
+    given = [f"x of shape {tuple(x.shape)}", "t = 1"] + [f"{k} of shape {tuple(c.shape)}" for k, c in cond.items()]
+    return ", ".join(given)
 
 
 def sample_single(field, data_shape, n: int, steps: int = 50, solver: str = "euler", seed: int = 0,
