@@ -303,6 +303,22 @@ def test_an_array_file_that_is_not_an_array_says_what_to_save(tmp_path):
     assert "allow_pickle" not in str(error.value).split("(", 1)[0]  # no fix ddmkit cannot take
 
 
+@pytest.mark.parametrize("name", ["x", "labels"])
+def test_an_npz_holding_an_object_array_is_refused_naming_it(tmp_path, name):
+    """An .npz whose samples (rows of several lengths) or labels are an object array was numpy's ValueError
+    traceback (np.load reads an .npz's arrays only when asked, past load_array_file's check): exit 2 naming the
+    file and the array, with how to save it as numbers, and nothing written; as an image_array file too."""
+    rows = np.array([np.zeros(3), np.zeros(4)] * 50, dtype=object)
+    arrays = {"x": rows} if name == "x" else {"x": blobs(100), "labels": np.array([None] * 100, dtype=object)}
+    np.savez(tmp_path / "d.npz", **arrays)
+    fix = "np.stack(rows).astype(np.float32)" if name == "x" else "np.asarray(labels, dtype=np.int64)"
+    message = refused(vectors(tmp_path / "a.toml", tmp_path / "d.npz"), tmp_path / "run", "data.name",
+                      f"its array {name!r} holds Python objects", f"np.savez(path, {name}={fix})")
+    assert "allow_pickle" not in message
+    with pytest.raises(DDMError, match=rf"^data.params.path: image array file .*: its array {name!r} holds Python "):
+        load_dataset("image_array", 10, 5, params={"path": str(tmp_path / "d.npz")})
+
+
 def test_an_array_with_a_test_fraction(tmp_path, monkeypatch, capsys):
     x = blobs(500)
     np.save(tmp_path / "x.npy", x)

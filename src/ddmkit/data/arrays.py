@@ -188,15 +188,43 @@ def no_sample_array(where: str, files: list[str]) -> str:
             f"np.savez(path, x=x, labels={labels}), x of shape (N, D) or (N, C, H, W)")
 
 
+def _not_numbers(where: str, e: Exception) -> DDMError:
+    return DDMError(f"{where} is not a .npy/.npz array file, or holds Python objects (ddmkit reads arrays of "
+                    f"numbers only, never pickle: save a numeric array with np.save or np.savez) "
+                    f"({type(e).__name__})")  # numpy's own text suggests loading pickle
+
+
+def _numeric(name: str) -> str:
+    """How to save the array `name` as numbers: labels as whole numbers, samples as float32 rows."""
+    return f"np.asarray({name}, dtype=np.int64)" if name in LABEL_NAMES else "np.stack(rows).astype(np.float32)"
+
+
+class NpzArrays:
+    """The arrays of an .npz file (np.load's NpzFile reads each one only when asked): `files`, and
+    arrays[name], whose array of Python objects (or damaged member) is a DDMError opening with `where`
+    and naming the array, as load_array_file's for a .npy file."""
+
+    def __init__(self, npz, where: str):
+        self.npz, self.where, self.files = npz, where, npz.files
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            return self.npz[name]
+        except Exception as e:  # an object array (pickle refused) or a damaged member
+            raise DDMError(f"{self.where}: its array {name!r} holds Python objects (an object array, e.g. rows of "
+                           "several lengths) or is damaged; ddmkit reads arrays of numbers only, never pickle: save "
+                           f"one numeric array, e.g. np.savez(path, {name}={_numeric(name)}) "
+                           f"({type(e).__name__})") from None
+
+
 def load_array_file(path, where: str):
-    """np.load of a .npy/.npz file without pickle (an array, or an NpzFile of arrays); a file that is not
-    one, or holds Python objects, is a DDMError opening with `where` that says what to save instead."""
+    """np.load of a .npy/.npz file without pickle (an array, or NpzArrays); a file that is not one, or
+    holds Python objects, is a DDMError opening with `where` that says what to save instead."""
     try:
-        return np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False)
     except Exception as e:  # a corrupt or pickled file
-        raise DDMError(f"{where} is not a .npy/.npz array file, or holds Python objects (ddmkit reads arrays of "
-                       f"numbers only, never pickle: save a numeric array with np.save or np.savez) "
-                       f"({type(e).__name__})") from None  # numpy's own text suggests loading pickle
+        raise _not_numbers(where, e) from None
+    return NpzArrays(arr, where) if isinstance(arr, np.lib.npyio.NpzFile) else arr
 
 
 def checked_labels(labels, n: int, where: str) -> torch.Tensor | None:

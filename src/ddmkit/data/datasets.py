@@ -33,9 +33,10 @@ import numpy as np
 import torch
 
 import ddmkit.data.synthetic as synthetic
-from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, check_finite, check_float32_range, check_rows_to_split,
-                                check_sample_size, checked_labels, data_array_name, is_array_file, load_array_file,
-                                no_sample_array, relative_hint, split_indices, take_rows, warn_unread_arrays)
+from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, NpzArrays, check_finite, check_float32_range,
+                                check_rows_to_split, check_sample_size, checked_labels, data_array_name, is_array_file,
+                                load_array_file, no_sample_array, relative_hint, split_indices, take_rows,
+                                warn_unread_arrays)
 from ddmkit.data.function import is_function_name, load_function_dataset
 from ddmkit.data.images import IMAGE_LOADERS, check_image_range, is_image_shape, load_idx_dataset
 from ddmkit.errors import DDMError
@@ -138,10 +139,10 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
         raise DDMError(f"{field}: data file {path!r} does not exist (or is not a file){relative_hint(path)}")
     arr = load_array_file(p, f"{field}: data file {path!r}")
     labels = None
-    if key is not None and not isinstance(arr, np.lib.npyio.NpzFile):
+    if key is not None and not isinstance(arr, NpzArrays):
         raise DDMError(f"data.params.key: {path!r} is a .npy file, which holds one array; key names an array of "
                        "an .npz file: remove it")
-    if isinstance(arr, np.lib.npyio.NpzFile):
+    if isinstance(arr, NpzArrays):
         if not arr.files:
             raise DDMError(f"{field}: data file {path!r} holds no arrays")
         samples = [name for name in arr.files if name != "labels"]

@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, check_finite, check_float32_range, check_rows_to_split,
-                                check_sample_size, checked_labels, data_array_name, load_array_file, no_sample_array,
-                                relative_hint, split_indices, take_rows, warn_unread_arrays)
+from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, NpzArrays, check_finite, check_float32_range,
+                                check_rows_to_split, check_sample_size, checked_labels, data_array_name,
+                                load_array_file, no_sample_array, relative_hint, split_indices, take_rows,
+                                warn_unread_arrays)
 from ddmkit.errors import DDMError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -608,7 +609,7 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
     arr = load_array_file(p, f"data.params.path: image array file {path!r}")
     labels = None
     where = f"data.params.path: image array file {path!r}"
-    if isinstance(arr, np.lib.npyio.NpzFile):
+    if isinstance(arr, NpzArrays):
         if not arr.files:
             raise DDMError(f"{where}: the .npz file holds no arrays")
         key = data_array_name(arr.files, ("x", "images"))
