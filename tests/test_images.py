@@ -94,6 +94,17 @@ def test_idx_labels_are_checked_as_the_other_loaders_check_them(tmp_path, labels
     assert train.labels.dtype == torch.int64 and train.labels.tolist() == list(range(20))
 
 
+def test_idx_without_its_folder_or_a_file_of_it_is_refused_naming_data_params_dir(tmp_path):
+    """data.name = "idx" without data.params.dir read Fashion-MNIST (the reader's default folder) in place of the
+    user's files, with no word; a folder missing one of the four files was named without the field."""
+    with pytest.raises(DDMError, match=r"^data.params.dir: no IDX folder given; name the folder .*--set "
+                                       r"data.params.dir=FOLDER.*data.name = \"fashion_mnist\""):
+        load_dataset("idx", 10, 10, 0)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((20, 4, 4), np.uint8)))
+    with pytest.raises(DDMError, match=r"^data.params.dir: IDX folder .* holds no train-labels-idx1-ubyte\[.gz\]"):
+        load_dataset("idx", 10, 10, 0, dir=str(tmp_path))
+
+
 def test_missing_fashion_mnist_names_the_install_command(tmp_path):
     with pytest.raises(DDMError, match=r"data.params.dir: IDX folder .*nothing does not exist.*apt-get install -y dataset-fashion-mnist"):
         load_dataset("fashion_mnist", 10, 10, 0, dir=str(tmp_path / "nothing"))

@@ -38,7 +38,7 @@ from ddmkit.data.arrays import (LABEL_NAMES, ArrayData, NpzArrays, check_finite,
                                 load_array_file, no_sample_array, relative_hint, split_indices, take_rows,
                                 warn_unread_arrays)
 from ddmkit.data.function import is_function_name, load_function_dataset
-from ddmkit.data.images import IMAGE_LOADERS, check_image_range, is_image_shape, load_idx_dataset
+from ddmkit.data.images import IMAGE_LOADERS, check_image_range, is_image_shape
 from ddmkit.errors import DDMError
 
 # the bounds of every numeric keyword a loader takes (data.params); others are strings
@@ -239,7 +239,7 @@ LOADERS: dict[str, Callable[..., tuple[ArrayData, ArrayData]]] = {
 def _image_loader(kind: str) -> Callable[..., tuple[ArrayData, ArrayData]]:
     """A loader from ddmkit.data.images (params: see that module), with bad params a clear error."""
     fn = IMAGE_LOADERS[kind]
-    accepted = accepted_params(load_idx_dataset if kind == "idx" else fn, ("seed",))
+    accepted = accepted_params(fn, ("seed",))
 
     def load(n_train, n_test, seed, params):
         check_params(f"the {kind!r} loader", params, accepted)

@@ -107,8 +107,8 @@ def find_idx(folder: Path, stem: str) -> Path:
     for name in (f"{stem}.gz", stem):
         if (folder / name).exists():
             return folder / name
-    raise DDMError(f"{folder}: missing {stem}[.gz]; for Fashion-MNIST install the files with "
-                   f"`{INSTALL_HINT}`, or set data.params.dir to a folder holding them")
+    raise DDMError(f"data.params.dir: IDX folder {folder} holds no {stem}[.gz]; for Fashion-MNIST install the files "
+                   f"with `{INSTALL_HINT}`, or set data.params.dir to a folder holding them")
 
 
 def load_idx_split(folder: str | Path, split: str) -> tuple[np.ndarray, torch.Tensor]:
@@ -635,7 +635,18 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
     return _pair(p.stem, xtr, ytr, xte, yte, n_train, n_test, seed, {"source": str(path)})
 
 
-IMAGE_LOADERS = {"fashion_mnist": load_idx_dataset, "idx": lambda *a, **kw: load_idx_dataset(*a, **{"name": "idx", **kw}),
+def load_idx_folder(n_train: int, n_test: int, seed: int, dir: str | None = None,
+                    pad_to: int | None = None) -> tuple[ArrayData, ArrayData]:
+    """The "idx" data set: load_idx_dataset of the folder data.params.dir, which must be given (without it, the
+    reader's Fashion-MNIST default would train on Fashion-MNIST in place of the user's files)."""
+    if dir is None:
+        raise DDMError("data.params.dir: no IDX folder given; name the folder holding the train-* and t10k-* "
+                       "*-ubyte[.gz] files ([data] params = { dir = \"FOLDER\" }, or --set data.params.dir=FOLDER); "
+                       "for Fashion-MNIST from its Debian package set data.name = \"fashion_mnist\"")
+    return load_idx_dataset(n_train, n_test, seed, dir, pad_to, name="idx")
+
+
+IMAGE_LOADERS = {"fashion_mnist": load_idx_dataset, "idx": load_idx_folder,
                  "image_folder": load_image_folder, "image_array": load_image_array}
 
 
