@@ -587,6 +587,31 @@ def float_labels():
 
 def empty_images():
     return np.zeros((8, 3, 0, 4), "float32"), np.zeros((4, 3, 0, 4), "float32")
+
+
+class Endless(torch.utils.data.Dataset):
+    """Items computed from the index, with no IndexError past len (numpy, reading it as a sequence, read it for
+    ever); here it gives up after 100 reads past its end, so that the test ends."""
+
+    def __init__(self):
+        self.past = 0
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        self.past += i >= 4
+        if self.past > 100:
+            raise RuntimeError("read past its end")
+        return torch.full((2,), float(i))
+
+
+def datasets_in_a_dict():
+    return {"train": Endless(), "test": Endless()}
+
+
+def object_rows():
+    return np.array([np.zeros(2)] * 7 + [np.zeros(3)], dtype=object), np.zeros((4, 2))
 '''
 
 
@@ -644,6 +669,10 @@ def test_boolean_labels_from_a_function_are_classes_0_and_1_as_from_a_file(user_
     ("missing", {}, "has no 'missing'"),
     ("raises", {}, 'py:7 (raise ValueError("boom")) when called with n_train'),  # the user's line that raised
     ("raises_bare", {}, 'py:11 (raise ValueError("my loader failed")) when called with no arguments'),  # it ended
+    ("datasets_in_a_dict", {}, "the train split is a torch Dataset (Endless); return both splits as Datasets, "
+                               "(train_dataset, test_dataset)"),  # numpy read it as a sequence, for ever
+    ("object_rows", {}, "the train split is ndarray of object; expected a numeric array or tensor (floats or "
+                        "integers: e.g. np.stack(rows).astype(np.float32))"),  # "is ndarray": of what?
 ])
 def test_a_bad_dataset_function_is_named(user_module, function, params, message):
     with pytest.raises(DDMError) as info:

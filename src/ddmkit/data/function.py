@@ -118,14 +118,23 @@ def _from_dataset(name: str, split: str, ds) -> tuple[Any, Any]:
 
 
 def _tensor(name: str, what: str, value, ndim_min: int) -> torch.Tensor:
+    """value (an array, tensor or nested list of numbers) as a tensor of at least ndim_min dimensions, or a
+    DDMError naming data.name and `what`. A torch Dataset is refused before numpy reads it as a sequence (one
+    whose __getitem__ never raises IndexError would be read for ever)."""
+    if isinstance(value, Dataset):
+        raise DDMError(f"data.name = {name!r}: {what} is a torch Dataset ({type(value).__name__}); return both splits "
+                       "as Datasets, (train_dataset, test_dataset), or both as arrays or tensors (in a tuple or the "
+                       "dict {'train': ..., 'test': ...})")
     try:
         t = value.detach().cpu() if torch.is_tensor(value) else torch.as_tensor(np.asarray(value))
     except Exception:
         t = None
     if t is None or t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in (
             torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        dtype = t.dtype if t is not None else getattr(value, "dtype", None)
         raise DDMError(f"data.name = {name!r}: {what} is {type(value).__name__}"
-                       f"{f' of {t.dtype}' if t is not None else ''}; expected a numeric array or tensor")
+                       f"{f' of {dtype}' if dtype is not None else ''}; expected a numeric array or tensor "
+                       "(floats or integers: e.g. np.stack(rows).astype(np.float32))")
     if t.ndim < ndim_min:
         raise DDMError(f"data.name = {name!r}: {what} has shape {tuple(t.shape)}; expected "
                        f"{'(N, ...): one row per sample' if ndim_min == 2 else '(N,)'}")
