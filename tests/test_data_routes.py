@@ -416,6 +416,20 @@ def test_an_image_folder_fingerprint_changes_with_its_images_only(tmp_path):
     assert source_fingerprint("ring8", {}) is None and source_fingerprint("image_folder", {"path": "nowhere"}) is None
 
 
+def test_an_idx_folder_fingerprint_changes_with_its_idx_files_only(tmp_path):
+    """A run of IDX files had no fingerprint, so a resumed run whose files were written again said nothing."""
+    from ddmkit.data.source import source_fingerprint
+
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "train-images-idx3-ubyte").write_bytes(b"1234")
+    params = {"dir": str(tmp_path / "idx")}
+    first = source_fingerprint("idx", params)
+    (tmp_path / "idx" / "README.txt").write_text("not read")
+    assert first is not None and source_fingerprint("idx", params) == first
+    (tmp_path / "idx" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"12")
+    assert source_fingerprint("idx", params) != first
+
+
 def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
     """A config's relative path is read from the folder ddmkit runs in, not the config's: the message only
     said the file does not exist."""
