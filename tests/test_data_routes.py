@@ -681,6 +681,7 @@ def test_boolean_labels_from_a_function_are_classes_0_and_1_as_from_a_file(user_
     ("arrays", {"scael": 2.0}, "the arguments data.params may set: scale (n_train, n_test, seed come from"),
     ("arrays", {"seed": 3}, "data.params.seed: set by ddmkit"),
     ("missing", {}, "has no 'missing'"),
+    ("nope", {}, "has no 'nope'\n"),  # no "did you mean 'np'?", the numpy the module imports
     ("raises", {}, 'py:7 (raise ValueError("boom")) when called with n_train'),  # the user's line that raised
     ("raises_bare", {}, 'py:11 (raise ValueError("my loader failed")) when called with no arguments'),  # it ended
     ("datasets_in_a_dict", {}, "the train split is a torch Dataset (Endless); return both splits as Datasets, "
@@ -691,7 +692,7 @@ def test_boolean_labels_from_a_function_are_classes_0_and_1_as_from_a_file(user_
 def test_a_bad_dataset_function_is_named(user_module, function, params, message):
     with pytest.raises(DDMError) as info:
         load_dataset(f"{user_module}:{function}", 100, 0, params=params)
-    assert message in str(info.value) and f"{user_module}" in str(info.value)
+    assert message in str(info.value) + "\n" and f"{user_module}" in str(info.value)
 
 
 def test_images_from_a_function_outside_minus_1_1_are_refused_and_vectors_are_not(tmp_path, monkeypatch, capsys,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import traceback
 
 from ddmkit.errors import DDMError
@@ -56,7 +57,8 @@ def import_named(name: str, field: str) -> object:
                        f"({type(e).__name__}: {str(e)[:200]}{_where_it_failed(e)}); fix the module") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], 1)
+            names = [n for n in dir(obj) if not n.startswith("_") and not inspect.ismodule(getattr(obj, n, None))]
+            close = difflib.get_close_matches(part, names, 1)  # not a module it imports ('np' for 'nope')
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise DDMError(f"{field}: cannot import {name!r}: {getattr(obj, '__name__', module)!r} has no "
                            f"{part!r}{hint}") from None
