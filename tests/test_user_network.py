@@ -229,6 +229,52 @@ def test_a_registered_class_round_trips_through_a_model_folder(tmp_path, monkeyp
         from_pretrained(tmp_path / "m")
 
 
+class Widened(Doubler):
+    """Doubler's weights, but a forward that takes one more column than the data (its code changed since)."""
+
+    def forward(self, x, t, y=None):
+        return self.lin(torch.cat([x, t[:, None]], 1))
+
+
+class Narrowed(Doubler):
+    """Doubler's weights, but a forward that returns one column (its code changed since)."""
+
+    def forward(self, x, t, y=None):
+        return self.lin(x)[:, :1]
+
+
+class Deepened(Doubler):
+    """Doubler with one more layer: other tensors than the folder's."""
+
+    def __init__(self, data_shape, width=4):
+        super().__init__(data_shape, width)
+        self.extra = torch.nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize("changed, message", [
+    (Widened, r"the network class '.*:Doubler' raised RuntimeError \(mat1 and mat2 shapes cannot be multiplied.*\) on "
+              r"x of shape \(2, 2\) \(its data_shape \[2\]\) and t of shape \(2,\); the class is not as it was"),
+    (Narrowed, r"the network class '.*:Doubler' returned \(2, 1\) for x of shape \(2, 2\); expected \(2, 2\); the "
+               r"class is not as it was when .* was trained"),
+    (Deepened, r"config.json was edited .* or the class '.*:Doubler' has changed since they were trained")])
+def test_a_class_changed_since_its_folder_was_trained_is_named_as_it_loads(tmp_path, monkeypatch, changed, message):
+    """A run's user network whose code changed after training: a forward that raises on the data shape it is given
+    was torch's error from inside the sampler (a traceback), an output of another shape "expert 0 returned (B, 1)",
+    and other tensors "config.json was edited or the weights are another network's" alone. As it was, it loads."""
+    from ddmkit.registry import load_model
+
+    monkeypatch.setattr(user, "_USER", {})
+    name = user.class_name(Doubler)
+    use_network(Doubler)
+    save_pretrained(tmp_path / "m", build_seeded(name, 3, data_shape=[2]), {"arch": name, "kwargs": {"data_shape": [2]}})
+    use_network(name, changed)  # the same name, its code changed
+    with pytest.raises(DDMError, match=message):
+        load_model(tmp_path / "m")
+    use_network(name, Doubler)  # as it was: loads, in eval mode
+    model, _ = load_model(tmp_path / "m")
+    assert not model.training
+
+
 class NoTime(torch.nn.Module):
     """A forward that takes no t."""
 

@@ -41,6 +41,7 @@ from ddmkit.io import check_finite_tensors, load_tensors, read_json, read_metada
 from ddmkit.layout import RunFolder, check_run_exists, enclosing_run, is_run_folder, remake_partition
 from ddmkit.nets import build_model, check_identity, from_pretrained
 from ddmkit.nets.folders import on_meta
+from ddmkit.nets.user import is_user_network
 from ddmkit.routing.stats_router import PUBLISHED_STATISTICS
 
 REGISTRY = "registry.json"
@@ -510,9 +511,10 @@ def check_model_folder(folder: str | Path, fix: str | None = None) -> dict:
         both = [k for k in diff if k in expected and k in shapes]
         first = f"; {both[0]}: {shapes[both[0]]} in the weights, {expected[both[0]]} as config.json builds it" \
             if both else ""
+        changed = f", or the class {arch!r} has changed since they were trained" if is_user_network(arch) else ""
         raise fixed(f"{folder / 'model.safetensors'} does not match its config.json (tensors {diff[:5]} differ"
-                    f"{first}): config.json was edited (e.g. its kwargs) or the weights are another network's",
-                    REMAKE_FOLDER)
+                    f"{first}): config.json was edited (e.g. its kwargs) or the weights are another network's"
+                    f"{changed}", REMAKE_FOLDER)
     dtypes = {k: DTYPES.get(v.dtype, str(v.dtype)) for k, v in model.state_dict().items()}
     other = sorted(k for k in dtypes if header[k][1] != dtypes[k])
     if other:

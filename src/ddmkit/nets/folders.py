@@ -29,7 +29,7 @@ from ddmkit.nets.mlp import RouterMLP, VelocityMLP
 from ddmkit.nets.router_cnn import RouterCNN
 from ddmkit.nets.transformer import BidirectionalTransformer, CausalTransformer
 from ddmkit.nets.unet import UNet
-from ddmkit.nets.user import is_user_network, user_network
+from ddmkit.nets.user import check_loaded, is_user_network, user_network
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mlp": VelocityMLP, "router_mlp": RouterMLP, "unet": UNet, "dit": DiT, "router_cnn": RouterCNN,
@@ -261,4 +261,7 @@ def from_pretrained(folder: str | Path, map_location: str | torch.device = "cpu"
         model.load_state_dict(state)
     except RuntimeError as e:
         raise DDMError(f"{path} does not match its config.json ({str(e)[:300]})") from None
-    return model.to(map_location).eval(), config
+    model.eval()
+    if is_user_network(config["arch"]):
+        check_loaded(model, config["arch"], config["kwargs"], folder)
+    return model.to(map_location), config

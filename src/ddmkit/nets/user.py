@@ -221,3 +221,26 @@ def check_output(model: nn.Module, where: str, data_shape: list[int], num_expert
     if not out.requires_grad:
         raise DDMError(f"{where}: {call} returns a tensor that carries no gradient (a forward under torch.no_grad(), "
                        "or a detached output), so there is nothing to train: check its forward")
+
+
+def check_loaded(model: nn.Module, arch: str, kwargs: dict, folder) -> None:
+    """A user's network just loaded from model folder `folder` (built from its config.json `kwargs`), called once on
+    two rows on the CPU as sampling calls it (eval mode, no gradient, the global RNG kept): an error, or an output of
+    another shape than (B, *data_shape) for an expert, (B, K) for a router, is a DDMError naming the folder, the
+    class and what it was given. The class passed these checks when the folder was trained (check_output), so its
+    code has changed since; without this, torch's own error surfaced from inside the sampler."""
+    data_shape = list(kwargs.get("data_shape") or [])
+    num_experts, num_classes = kwargs.get("num_experts"), kwargs.get("num_classes") or 0
+    changed = (f"the class is not as it was when {folder} was trained (its code changed since?): restore it, or "
+               "train the run again in a new --out folder")
+    try:
+        with torch.random.fork_rng():
+            out = _forward(model, 2, data_shape, num_experts, num_classes, grad=False)
+    except Exception as e:
+        raise DDMError(f"{folder}: the network class {arch!r} raised {type(e).__name__} ({str(e)[:300]}) on x of "
+                       f"shape {(2, *data_shape)} (its data_shape {data_shape}) and t of shape (2,); {changed}") from e
+    want = (2, num_experts) if num_experts is not None else (2, *data_shape)
+    if not torch.is_tensor(out) or tuple(out.shape) != want:
+        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise DDMError(f"{folder}: the network class {arch!r} returned {got} for x of shape {(2, *data_shape)}; "
+                       f"expected {want}; {changed}")
