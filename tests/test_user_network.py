@@ -19,7 +19,7 @@ from ddmkit.nets import build_seeded, from_pretrained, save_pretrained, use_netw
 from ddmkit.pipeline.prepare import trained_sha256
 import ddmkit.nets.user as user
 
-from conftest import HAS_RAY
+from conftest import HAS_RAY, run_cli
 
 
 NETS = '''
@@ -582,6 +582,24 @@ def test_a_misspelt_argument_of_a_user_network_is_named_from_the_config_alone(mo
         check_network_arguments(cfg)
     check_network_arguments(cfg.model_copy(update={"expert": cfg.expert.model_copy(update={
         "net": cfg.expert.net.model_copy(update={"arch": "custom:AnyArguments"})})}))
+
+
+@pytest.mark.parametrize("section, arch, key, value, source", [
+    ("expert", "mlp", "data_shape", [3], "the shape of the data"),
+    ("expert", "custom:AnyArguments", "data_shape", [3], "the shape of the data"),
+    ("router", "router_mlp", "num_experts", 3, "partition.k"),
+    ("router", "router_mlp", "data_shape", [2], "the shape of the data")])
+def test_net_kwargs_that_ddmkit_sets_itself_are_refused(tmp_path, monkeypatch, section, arch, key, value, source):
+    """expert.net.kwargs.data_shape or router.net.kwargs.num_experts overrode what ddmkit passes: the network was
+    built for another shape or number of experts, and training failed with torch's traceback (mat1 and mat2 shapes
+    cannot be multiplied; Target 3 is out of bounds) after the run folder was written. Refused at once, exit 2."""
+    monkeypatch.setattr(user, "_USER", {})
+    use_network("custom:AnyArguments", AnyArguments)
+    done = run_cli("run", Path(__file__).parent / "configs" / "tiny.toml", "--out", tmp_path / "run", "--set",
+                   f"{section}.net.arch={arch}", "--set", f"{section}.net.kwargs={{{key}={value}}}")
+    assert done.returncode == 2 and done.stderr.strip() == f"error: {section}.net.kwargs.{key}: set by ddmkit from " \
+                                                           f"{source}, not by {section}.net.kwargs: remove it", done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("cls, kwargs, said, hinted", [
