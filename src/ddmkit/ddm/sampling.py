@@ -377,7 +377,8 @@ def probe_field_shape(field, x1: torch.Tensor, cond: dict[str, torch.Tensor] | N
     except Exception as err:  # torch's own error from inside the network (a Linear of another width)
         raise DDMError(f"sample_single: data_shape {tuple(x.shape[1:])}: the field's network raised on "
                        f"{_probe_inputs(x, row_cond)}: {type(err).__name__}: {err}; pass the data_shape the network "
-                       "was built for (or fix the network for this input)") from err
+                       "was built for, and cond={'y': labels} if it takes labels (or fix the network for this "
+                       "input)") from err
     finally:
         network.train(training)
     if not isinstance(v, torch.Tensor) or v.shape != x.shape:
