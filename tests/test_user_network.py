@@ -196,8 +196,8 @@ def test_a_run_folder_naming_a_class_never_imports_it(user_run, here, tmp_path):
 def test_a_wrong_output_shape_is_refused_before_training(tmp_path, here, extra, where):
     config = write_nets(tmp_path, f"bad_nets_{extra}", extra)
     if not extra:  # a router of 3 logits for 2 clusters
-        config.write_text(config.read_text().replace('arch = "bad_nets_0:Router"',
-                                                     'arch = "bad_nets_0:Router"\nkwargs = { num_experts = 3 }'))
+        nets = tmp_path / "bad_nets_0.py"
+        nets.write_text(nets.read_text().replace("nn.Linear(width, num_experts)", "nn.Linear(width, num_experts + 1)"))
     code, message = here("run", config, "--out", tmp_path / "run", path=tmp_path)
     assert code == 2 and re.search(where, message), message
     assert not (tmp_path / "run").exists()
@@ -266,7 +266,8 @@ def test_a_class_changed_since_its_folder_was_trained_is_named_as_it_loads(tmp_p
     monkeypatch.setattr(user, "_USER", {})
     name = user.class_name(Doubler)
     use_network(Doubler)
-    save_pretrained(tmp_path / "m", build_seeded(name, 3, data_shape=[2]), {"arch": name, "kwargs": {"data_shape": [2]}})
+    model = build_seeded(name, 3, data_shape=[2])
+    save_pretrained(tmp_path / "m", model, {"arch": name, "kwargs": {"data_shape": [2]}})
     use_network(name, changed)  # the same name, its code changed
     with pytest.raises(DDMError, match=message):
         load_model(tmp_path / "m")
@@ -584,22 +585,29 @@ def test_a_misspelt_argument_of_a_user_network_is_named_from_the_config_alone(mo
         "net": cfg.expert.net.model_copy(update={"arch": "custom:AnyArguments"})})}))
 
 
-@pytest.mark.parametrize("section, arch, key, value, source", [
-    ("expert", "mlp", "data_shape", [3], "the shape of the data"),
-    ("expert", "custom:AnyArguments", "data_shape", [3], "the shape of the data"),
-    ("router", "router_mlp", "num_experts", 3, "partition.k"),
-    ("router", "router_mlp", "data_shape", [2], "the shape of the data")])
-def test_net_kwargs_that_ddmkit_sets_itself_are_refused(tmp_path, monkeypatch, section, arch, key, value, source):
+@pytest.mark.parametrize("section, arch, key, value, passed, source", [
+    ("expert", "mlp", "data_shape", "[3]", "[2]", "the shape of the data"),
+    ("expert", "custom:Doubler", "data_shape", "[3]", "[2]", "the shape of the data"),
+    ("router", "router_mlp", "num_experts", "3", "4", "partition.k"),
+    ("router", "router_mlp", "data_shape", "[1, 2]", "[2]", "the shape of the data")])
+def test_net_kwargs_that_ddmkit_sets_itself_are_refused(tmp_path, monkeypatch, section, arch, key, value, passed,
+                                                        source):
     """expert.net.kwargs.data_shape or router.net.kwargs.num_experts overrode what ddmkit passes: the network was
     built for another shape or number of experts, and training failed with torch's traceback (mat1 and mat2 shapes
-    cannot be multiplied; Target 3 is out of bounds) after the run folder was written. Refused at once, exit 2."""
+    cannot be multiplied; Target 3 is out of bounds) after the run folder was written. Refused at once, exit 2;
+    the value ddmkit passes is taken as it is."""
     monkeypatch.setattr(user, "_USER", {})
-    use_network("custom:AnyArguments", AnyArguments)
-    done = run_cli("run", Path(__file__).parent / "configs" / "tiny.toml", "--out", tmp_path / "run", "--set",
-                   f"{section}.net.arch={arch}", "--set", f"{section}.net.kwargs={{{key}={value}}}")
-    assert done.returncode == 2 and done.stderr.strip() == f"error: {section}.net.kwargs.{key}: set by ddmkit from " \
-                                                           f"{source}, not by {section}.net.kwargs: remove it", done.stderr
+    use_network("custom:Doubler", Doubler)
+    tiny = Path(__file__).parent / "configs" / "tiny.toml"
+    setting = ["--set", f"{section}.net.arch={arch}", "--set", f"{section}.net.kwargs={{{key}={value}}}"]
+    done = run_cli("run", tiny, "--out", tmp_path / "run", *setting)
+    said = f"error: {section}.net.kwargs.{key} = {value}: ddmkit passes {key} = {passed} ({source}) itself; " \
+           f"remove it from {section}.net.kwargs"
+    assert done.returncode == 2 and done.stderr.strip() == said, done.stderr
     assert not (tmp_path / "run").exists()
+    setting[-1] = f"{section}.net.kwargs={{{key}={passed}}}"
+    done = run_cli("partition", "--config", tiny, "--out", tmp_path / "same", *setting)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("cls, kwargs, said, hinted", [

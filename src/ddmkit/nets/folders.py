@@ -68,13 +68,8 @@ def did_you_mean(name: str, names: list[str]) -> str:
 def check_argument_names(arch: str, kwargs: dict, where: str, given: tuple[str, ...] = ("data_shape",)) -> None:
     """Every name of a network's kwargs (the config's `where`.kwargs) one that arch's class takes, checked
     from the config alone, before any data are read: a DDMError naming the field (expert.net.kwargs.widht)
-    and the nearest accepted name. `given`: the arguments ddmkit passes itself, refused in kwargs (they overrode
-    ddmkit's: a network built for another shape or number of experts, which failed in training). A class that
-    takes **kwargs, or whose signature cannot be read, is checked when it is built (check_builds)."""
-    for key in kwargs:
-        if key in given:
-            source = {"data_shape": "the shape of the data", "num_experts": "partition.k"}.get(key, "ddmkit")
-            raise DDMError(f"{where}.kwargs.{key}: set by ddmkit from {source}, not by {where}.kwargs: remove it")
+    and the nearest accepted name. `given`: the arguments ddmkit passes itself. A class that takes **kwargs,
+    or whose signature cannot be read, is checked when it is built (check_builds)."""
     try:
         names = keyword_names(network_class(arch, f"{where}.arch"))
     except DDMError as e:

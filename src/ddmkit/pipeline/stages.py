@@ -235,6 +235,17 @@ def check_expert_fits(cfg: RunConfig, shard: Path) -> None:
     check_dit(cfg, list(shape))
 
 
+def check_given(where: str, kwargs: dict, given: dict) -> None:
+    """net.kwargs may not set what ddmkit passes a network (`given`: data_shape, a router's num_experts) to another
+    value: it overrode ddmkit's, and the network, built for another shape or number of experts, failed in training
+    with torch's error. The same value is taken (it changes nothing)."""
+    source = {"data_shape": "the shape of the data", "num_experts": "partition.k"}
+    for key, value in given.items():
+        if key in kwargs and kwargs[key] != value:
+            raise DDMError(f"{where}.kwargs.{key} = {kwargs[key]!r}: ddmkit passes {key} = {value!r} ({source[key]}) "
+                           f"itself; remove it from {where}.kwargs")
+
+
 def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
     """Build the run's expert, monolith and router networks on the meta device (no memory): an
     unknown arch or bad net kwargs is a DDMError before anything is written. The user's own
@@ -247,6 +258,7 @@ def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
     nets = {"expert.net": (cfg.expert.net, {"data_shape": shape}),
             "router.net": (cfg.router.net, {"data_shape": shape, "num_experts": cfg.partition.k})}
     for where, (net, given) in nets.items():
+        check_given(where, net.kwargs, given)
         kwargs = {**given, **net.kwargs}
         try:  # on the meta device, as a model folder is checked before loading (ddmkit.registry)
             model = check_builds(net.arch, kwargs, where)
