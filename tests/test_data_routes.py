@@ -222,6 +222,21 @@ def test_channels_last_uint8_images_given_as_an_array_file_point_to_image_array(
     assert load_dataset(str(tmp_path / "f.npy"), 10, 5)[0].data_shape == (8, 8, 3)
 
 
+def test_grey_uint8_images_given_as_an_array_file_point_to_image_array(tmp_path):
+    """uint8 (N, H, W), as MNIST is saved, trained as vectors of 0 .. 255 without a word (channels-last ones
+    were refused); the fixes offered both work, and uint8 rows (N, D) are vectors as they were."""
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 8, 8)).astype(np.uint8)
+    np.save(tmp_path / "x.npy", pixels)
+    with pytest.raises(DDMError, match=r"holds uint8 arrays of shape \(8, 8\), grey images \(N, H, W\) by the look "
+                                       r'of them, .* give data.name = "image_array" with data.params.path'):
+        load_dataset(str(tmp_path / "x.npy"), 10, 5)
+    assert load_dataset("image_array", 10, 5, params={"path": str(tmp_path / "x.npy")})[0].data_shape == (1, 8, 8)
+    np.save(tmp_path / "f.npy", pixels.astype(np.float32))
+    assert load_dataset(str(tmp_path / "f.npy"), 10, 5)[0].data_shape == (8, 8)
+    np.save(tmp_path / "rows.npy", pixels.reshape(20, 64))
+    assert load_dataset(str(tmp_path / "rows.npy"), 10, 5)[0].data_shape == (64,)
+
+
 @pytest.mark.parametrize("name", ["x.NPY", "x.Npz"])
 def test_array_file_suffixes_are_read_in_any_case(tmp_path, name):
     """data.name = "x.NPY" was refused as an unknown data set, while image files' suffixes are read in any

@@ -163,9 +163,10 @@ def _read_array(path: str, key: str | None, field: str) -> tuple[torch.Tensor, t
     if arr.dtype.kind not in "fiu":  # bool, complex, strings, dates: no silent cast to float32
         raise DDMError(f"{field}: data file {path!r} holds an array of {arr.dtype}; expected numbers (float or int, "
                        "not bool or complex): convert it, e.g. np.save(path, x.astype(np.float32))")
-    if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] in (1, 3, 4):
-        raise DDMError(f"{field}: data file {path!r} holds uint8 arrays of shape {arr.shape[1:]}, channels-last "
-                       f"images by the look of them, which would train as vectors of 0 .. 255: for images give "
+    if arr.dtype == np.uint8 and (arr.ndim == 3 or arr.ndim == 4 and arr.shape[-1] in (1, 3, 4)):
+        kind = "grey images (N, H, W)" if arr.ndim == 3 else "channels-last images"
+        raise DDMError(f"{field}: data file {path!r} holds uint8 arrays of shape {arr.shape[1:]}, {kind} "
+                       f"by the look of them, which would train as vectors of 0 .. 255: for images give "
                        f"data.name = \"image_array\" with data.params.path = {path!r} (it scales the pixels to [-1, 1] "
                        "and puts the channels first); to train on the values as they are, save them as floats, "
                        "np.save(path, x.astype(np.float32))")
