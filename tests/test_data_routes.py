@@ -618,6 +618,14 @@ def empty_images():
     return np.zeros((8, 3, 0, 4), "float32"), np.zeros((4, 3, 0, 4), "float32")
 
 
+def grey_pixels():
+    return np.zeros((8, 6, 6), np.uint8), np.zeros((4, 6, 6), np.uint8)
+
+
+def rgb_pixels():
+    return torch.zeros(8, 6, 6, 3, dtype=torch.uint8), torch.zeros(4, 6, 6, 3, dtype=torch.uint8)
+
+
 class Endless(torch.utils.data.Dataset):
     """Items computed from the index, with no IndexError past len (numpy, reading it as a sequence, read it for
     ever); here it gives up after 100 reads past its end, so that the test ends."""
@@ -701,6 +709,10 @@ def test_boolean_labels_from_a_function_are_classes_0_and_1_as_from_a_file(user_
     ("raises_bare", {}, 'py:11 (raise ValueError("my loader failed")) when called with no arguments'),  # it ended
     ("datasets_in_a_dict", {}, "the train split is a torch Dataset (Endless); return both splits as Datasets, "
                                "(train_dataset, test_dataset)"),  # numpy read it as a sequence, for ever
+    ("grey_pixels", {}, "the train split is uint8 of shape (8, 6, 6), images by the look of it, which would train "
+                        "as vectors of 0 .. 255: return float images (N, C, H, W) in [-1, 1], e.g. x[:, None] / "
+                        "127.5 - 1"),  # trained as vectors of 0 .. 255
+    ("rgb_pixels", {}, "e.g. x.permute(0, 3, 1, 2) / 127.5 - 1 (an array: x.transpose(0, 3, 1, 2))"),
     ("object_rows", {}, "the train split is ndarray of object; expected a numeric array or tensor (floats or "
                         "integers: e.g. np.stack(rows).astype(np.float32))"),  # "is ndarray": of what?
 ])

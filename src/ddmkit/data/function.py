@@ -146,6 +146,12 @@ def _checked_values(name: str, split: str, t: torch.Tensor) -> torch.Tensor:
     (N, C, H, W) with C = 1 or 3 in [-1, 1] (as the image pipeline takes them)."""
     where = f"data.name = {name!r}: the {split} split"
     check_sample_size(tuple(t.shape), where)
+    if t.dtype == torch.uint8 and (t.ndim == 3 or t.ndim == 4 and t.shape[-1] in (1, 3, 4) and t.shape[1] > 4):
+        fix = "x[:, None] / 127.5 - 1" if t.ndim == 3 else \
+            "x.permute(0, 3, 1, 2) / 127.5 - 1 (an array: x.transpose(0, 3, 1, 2))"
+        raise DDMError(f"{where} is uint8 of shape {tuple(t.shape)}, images by the look of it, which would train as "
+                       f"vectors of 0 .. 255: return float images (N, C, H, W) in [-1, 1], e.g. {fix}; to train on "
+                       "the values as they are, return them as floats")
     if t.dtype == torch.float64:
         check_float32_range(t.numpy(), where)
     x = t.float()
