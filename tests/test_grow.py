@@ -735,7 +735,8 @@ def test_data_settings_in_add_experts_errors_are_given_as_its_options(run, tmp_p
         Image.fromarray(np.full((4, 4), 40 * i, dtype=np.uint8)).save(pngs / f"{i}.png")
     np.savez(tmp_path / "hwc.npz", x=np.zeros((6, 4, 4, 3), dtype=np.uint8))
     for data, fix in ((pngs, f"--data image_folder --params '{{\"path\": \"{pngs}\"}}'"),
-                      (tmp_path / "hwc.npz", f"--data image_array --params '{{\"path\": \"{tmp_path / 'hwc.npz'}\"}}'")):
+                      (tmp_path / "hwc.npz",
+                       f"--data image_array --params '{{\"path\": \"{tmp_path / 'hwc.npz'}\"}}'")):
         code, err = cli("add-expert", run, "--data", data)
         assert code == 2 and fix in err and "= \"image" not in err and "--params key" not in err, err
         code, err = cli("add-expert", run, *shlex.split(fix))  # the command it gives, pasted

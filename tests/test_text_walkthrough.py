@@ -10,7 +10,7 @@ import pytest
 
 from ddmkit.discrete.config import load_text_config
 from ddmkit.errors import DDMError
-from ddmkit.pipeline.text import partition_text_run, run_text, sample_text
+from ddmkit.pipeline.text import run_text, sample_text
 from test_discrete_pipeline import write_config
 from test_hardening import cli
 
