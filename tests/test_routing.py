@@ -138,6 +138,14 @@ def test_top_n_or_sample_n_with_n_at_least_k_calls_every_expert():
     assert not calls_every_expert("nucleus-1", 4) and not calls_every_expert("threshold-0.01", 4)
 
 
+def test_the_full_routing_note_counts_one_expert_in_the_singular():
+    """It said "K = 1 experts"."""
+    from ddmkit.pipeline.samplesets import full_routing_note
+
+    assert full_routing_note("top-1", 1) == "top-1 on a DDM of K = 1 expert calls every expert: the same routing as full"
+    assert full_routing_note("top-3", 2).startswith("top-3 on a DDM of K = 2 experts calls every expert")
+
+
 def test_sample_n_with_n_at_least_k_gives_the_velocity_of_full():
     """What makes sample-n (n >= K) full routing under another name: the same combined velocity."""
     from ddmkit.routing import RoutingState, parse_strategy, routed_velocity

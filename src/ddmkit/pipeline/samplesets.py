@@ -73,7 +73,8 @@ def calls_every_expert(name: str, k: int) -> bool:
 
 def full_routing_note(name: str, k: int) -> str:
     """The words of the note (after 'note: ') on a strategy that calls every expert (calls_every_expert)."""
-    return f"{name} on a DDM of K = {k} experts calls every expert: the same routing as full"
+    experts = "1 expert" if k == 1 else f"{k} experts"
+    return f"{name} on a DDM of K = {experts} calls every expert: the same routing as full"
 
 
 def sample_options(name: str) -> str:
