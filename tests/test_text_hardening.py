@@ -283,6 +283,12 @@ CONFIG_ERRORS = [  # (--set items, words of the message)
     (["corpus.pattern=''"], "corpus.pattern: '' is not a glob"),
     (["corpus.source=''"], "corpus.source: empty"),
     (["router.kinds=[]"], "router.kinds: empty"),
+    (["router.kinds=['learned', 'learned']"], 'router.kinds: ["learned", "learned"] names \'learned\' more than once: '
+     'each kind is one router; give each once, e.g. kinds = ["learned"] under [router] (on the command line: --set '
+     '\'router.kinds=["learned"]\')'),  # it trained one router without a word
+    (["evaluate.strategies=[]"], 'evaluate.strategies: empty: the report scores the decentralized model with each of '
+     'these routing strategies; give at least one, e.g. strategies = ["full", "top-1"] under [evaluate] (on the '
+     'command line: --set \'evaluate.strategies=["full", "top-1"]\')'),  # the report had no routed rows
     (["corpus.min_doc_bytes=300", "corpus.max_doc_bytes=200"], "min_doc_bytes (300) is above max_doc_bytes (200)"),
     (["evaluate.strategies=['top-1', 'gated-2@30']"], "evaluate.strategies: strategy 'gated-2@30' needs continuous-data "
      "state (it compares the experts' velocities), which a text run does not have; accepted for text runs: full, "

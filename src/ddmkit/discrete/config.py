@@ -7,6 +7,7 @@ configs/text_dfm.toml); that key is how `ddmkit run` tells it from a vector run.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path, PureWindowsPath
 from typing import Literal
 
@@ -166,6 +167,12 @@ class TextRouterConfig(Section):
         if not v:
             raise ValueError("empty: the decentralized model needs a router; give ['learned'] (text_ar: also "
                              "'bayes', e.g. ['bayes', 'learned'])")
+        twice = [kind for kind in dict.fromkeys(v) if v.count(kind) > 1]
+        if twice:  # it trained one router and said nothing
+            once = json.dumps(list(dict.fromkeys(v)))
+            raise ValueError(f"{json.dumps(v)} names {' and '.join(map(repr, twice))} more than once: each kind is "
+                             f"one router; give each once, e.g. kinds = {once} under [router] (on the command line: "
+                             f"--set 'router.kinds={once}')")
         return v
 
 
@@ -191,6 +198,11 @@ class TextEvalConfig(Section):
     @field_validator("strategies")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
+        if not v:  # the report had no routed rows, without a word
+            works = json.dumps(["full", "top-1"])
+            raise ValueError(f"empty: the report scores the decentralized model with each of these routing "
+                             f"strategies; give at least one, e.g. strategies = {works} under [evaluate] (on the "
+                             f"command line: --set 'evaluate.strategies={works}')")
         for s in v:
             form = strategy_form(s)
             if form is None:

@@ -617,8 +617,10 @@ def sample_text(run, strategies: list[str], n: int | None = None, seed: int | No
         if steps is not None and cfg.kind == "text_ar":
             raise DDMError("--steps: autoregressive sampling draws one byte per step (sample.length bytes); "
                            "--steps sets the unmasking steps of kind = 'text_dfm' runs; leave it out")
-        cfg = with_options(cfg, {"evaluate.strategies": ("--strategy", strategies), "sample.n": ("--n", n),
+        cfg = with_options(cfg, {"evaluate.strategies": ("--strategy", strategies or None), "sample.n": ("--n", n),
                                  "sample.seed": ("--seed", seed), "sample.steps": ("--steps", steps)})
+        if not strategies:  # the centralized model alone: no routed set (a config's list is never empty)
+            cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"strategies": []})})
         check_text_sample_memory(cfg.sample.n, sample_positions(cfg), "sample.n" if n is None else "--n",
                                  "give --n {n} or less")
         models = text_models(cfg, Path(run), train=False, central=bool(central))  # drawn only when asked
