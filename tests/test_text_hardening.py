@@ -683,6 +683,16 @@ def test_analyze_honours_strategy_n_and_seed(text_runs, monkeypatch, capsys):
         "--seed 0", err
 
 
+def test_analyze_of_the_monolith_says_evaluate_scores_it(text_runs):
+    """It said "unknown routing strategy 'monolith'", as if it were misspelt."""
+    run = text_runs["text_ar"]
+    code, err = cli("analyze", run, "--out", run / "a4", "--strategy", "monolith")
+    assert code == 2 and err.strip() == "error: --strategy monolith: analyze scores routing strategies only (the " \
+        "centralized model is scored by `ddmkit evaluate`); give one or more of: full, top-K, threshold-P, " \
+        "sample-K[@T], nucleus-P[@T], switch, adaptive-P, adaptive-ent-H", err
+    assert not (run / "a4").exists()
+
+
 def test_a_test_shard_is_refused_and_a_leaked_expert_is_not_evaluated(text_runs, tmp_path):
     import shutil
 

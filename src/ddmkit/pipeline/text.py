@@ -39,7 +39,7 @@ from ddmkit.config import config_differences, validate
 from ddmkit.config_messages import fix_as_option
 from ddmkit.discrete.alignment import expert_cluster_bits, own_cluster_weight
 from ddmkit.discrete.ar import ar_inputs, ar_loss
-from ddmkit.discrete.config import TextRunConfig, is_text_config, is_text_run, load_text_config
+from ddmkit.discrete.config import TEXT_STRATEGY_FORMS, TextRunConfig, is_text_config, is_text_run, load_text_config
 from ddmkit.discrete.corpus import all_documents, sample_documents, split_documents
 from ddmkit.discrete.dfm import dfm_loss, mask_path
 from ddmkit.discrete.evaluate import evaluate_ar, evaluate_dfm, sample_texts, samples_ar, samples_dfm
@@ -667,6 +667,9 @@ def analyze_text(run, out=None, log: Log = print, strategies: list[str] | None =
     every cluster's held-out text, and the routing weight on each text's own-cluster expert. strategies,
     n (held-out windows per cluster) and seed replace the run's evaluate.strategies,
     evaluate.windows_per_cluster and seed where given."""
+    if strategies is not None and any(name.strip() == "monolith" for name in strategies):
+        raise DDMError("--strategy monolith: analyze scores routing strategies only (the centralized model is "
+                       f"scored by `ddmkit evaluate`); give one or more of: {TEXT_STRATEGY_FORMS}")
     with run_lock(run):
         cfg = with_options(text_config(run), {"evaluate.strategies": ("--strategy", strategies),
                                               "evaluate.windows_per_cluster": ("--n", n), "seed": ("--seed", seed)})
