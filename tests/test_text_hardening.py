@@ -286,6 +286,8 @@ CONFIG_ERRORS = [  # (--set items, words of the message)
     (["router.kinds=['learned', 'learned']"], 'router.kinds: ["learned", "learned"] names \'learned\' more than once: '
      'each kind is one router; give each once, e.g. kinds = ["learned"] under [router] (on the command line: --set '
      '\'router.kinds=["learned"]\')'),  # it trained one router without a word
+    (["router.kinds=['bayes', 'learned', 'bayes']"], 'e.g. kinds = ["bayes", "learned"] under [router] (on the '
+     'command line: --set \'router.kinds=["bayes", "learned"]\'); kind = \'text_dfm\' takes ["learned"] alone'),
     (["evaluate.strategies=[]"], 'evaluate.strategies: empty: the report scores the decentralized model with each of '
      'these routing strategies; give at least one, e.g. strategies = ["full", "top-1"] under [evaluate] (on the '
      'command line: --set \'evaluate.strategies=["full", "top-1"]\')'),  # the report had no routed rows

@@ -172,7 +172,8 @@ class TextRouterConfig(Section):
             once = json.dumps(list(dict.fromkeys(v)))
             raise ValueError(f"{json.dumps(v)} names {' and '.join(map(repr, twice))} more than once: each kind is "
                              f"one router; give each once, e.g. kinds = {once} under [router] (on the command line: "
-                             f"--set 'router.kinds={once}')")
+                             f"--set 'router.kinds={once}')" + ("; kind = 'text_dfm' takes [\"learned\"] alone" if
+                                                                 "bayes" in v else ""))
         return v
 
 
