@@ -491,6 +491,17 @@ def test_a_new_encode_batch_is_how_the_run_runs_not_another_run(tmp_path):
     assert "already holds a different run: its config.json differs in latent.channels" in str(other.exception)
 
 
+def test_a_network_that_does_not_build_names_the_latents_and_the_images_plainly(tmp_path, monkeypatch, capsys):
+    """A network error in a latent run ended '(latents (the autoencoder's, of the images: the images' size sets
+    theirs) of shape (2, 8, 8))'; it names the latents' shape and the images' size (32x32, f = 4) plainly."""
+    config = latent_config(tmp_path)
+    code, out = exit_code(monkeypatch, capsys, "run", config, "--out", tmp_path / "run",
+                          "--set", "router.net.kwargs.channels=[0]")
+    assert code == 2 and out.endswith("e.g. [32, 64, 128] (latents of shape (2, 8, 8): the autoencoder's, of 32x32 "
+                                      "images)"), out
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_dit_that_does_not_fit_the_latents_gives_the_image_sizes_that_do():
     """'DiT: an input of 15x15 does not split into patches of 2x2; ... or pad the data to a multiple of 2' sent a
     latent run to pad its images to 62, which the autoencoder (f = 4) cannot take: the fix is in the images' sizes

@@ -246,6 +246,21 @@ def check_given(where: str, kwargs: dict, given: dict) -> None:
                            f"itself; remove it from {where}.kwargs")
 
 
+def shape_words(cfg: RunConfig, shape: list[int]) -> str:
+    """What a run's networks take, for an error: "data of shape S", or in a latent run "latents of shape S: the
+    autoencoder's, of HxW images" (the images' size sets the latents')."""
+    if not cfg.latent.enabled:
+        return f"data of shape {tuple(shape)}"
+    words = f"latents of shape {tuple(shape)}: the autoencoder's"
+    if len(shape) != 3:
+        return words
+    try:
+        scale = downsampling(planned_config(cfg.latent, tuple(shape)))
+    except DDMError:  # a pretrained folder that cannot be read: its own check names it
+        return words
+    return f"{words}, of {shape[1] * scale}x{shape[2] * scale} images"
+
+
 def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
     """Build the run's expert, monolith and router networks on the meta device (no memory): an
     unknown arch or bad net kwargs is a DDMError before anything is written. The user's own
@@ -266,9 +281,7 @@ def check_networks(cfg: RunConfig, data_shape: tuple) -> None:
             hint = ("; ddmkit builds networks on the meta device to check model folders without allocating, so "
                     "compute sizes in __init__ with Python (math.prod), not tensors"
                     if is_user_network(net.arch) and builds_on_the_cpu(net.arch, kwargs) else "")
-            what = "data" if not cfg.latent.enabled else "latents (the autoencoder's, of the images: the images' " \
-                "size sets theirs)"
-            raise DDMError(f"{e} ({what} of shape {tuple(shape)}){hint}") from None
+            raise DDMError(f"{e} ({shape_words(cfg, shape)}){hint}") from None
         empty = [name for name, p in model.named_parameters() if p.numel() == 0]
         if empty or next(model.parameters(), None) is None:
             what = f"layers with no weights ({', '.join(empty[:3])})" if empty else "no trainable parameters"
