@@ -376,6 +376,30 @@ def test_a_damaged_encoder_folder_is_named_with_the_fix(folders, tmp_path):
             encoder_spec(damaged)
 
 
+def test_a_bad_preprocessor_statistic_is_refused_with_a_fix_that_works(folders, tmp_path, monkeypatch, ddmkit):
+    """An image_mean of length 1 (or a std of 0) in preprocessor_config.json was named with no fix: the message gives
+    the values that work and says that removing the field takes ImageNet's; `ddmkit run` exits 2, writing nothing."""
+    folder = tmp_path / "dino"
+    shutil.copytree(folders / "dino", folder)
+    file = folder / "preprocessor_config.json"
+    good = json.loads(file.read_text())
+    np.savez(tmp_path / "im.npz", x=separable_images(16).numpy().clip(-1, 1))
+    (tmp_path / "c.toml").write_text(f'[data]\nname = "image_array"\nparams = {{ path = "im.npz" }}\n[partition]\n'
+                                     f'k = 2\nfeatures = "encoder"\nencoder = "{folder}"\nencoder_size = 16\n'
+                                     '[evaluate]\nkid_subset = 2\n')
+    monkeypatch.chdir(tmp_path)
+    for key, bad, fix in [("image_mean", [0.5], "[0.485, 0.456, 0.406]"), ("image_std", [0.2, 0, 0.3],
+                                                                          "[0.229, 0.224, 0.225]")]:
+        file.write_text(json.dumps({**good, key: bad}))
+        code, _, err = ddmkit("run", "c.toml", "--out", "run")
+        assert code == 2 and f"preprocessor_config.json: {key} must be " in err and f"got {bad!r}; set it to " \
+            f"e.g. {fix}, or remove {key} from the file to take ImageNet's" in err, err
+        assert not (tmp_path / "run").exists()
+        for fixed in ({**good, key: json.loads(fix)}, {k: v for k, v in good.items() if k != key}):
+            file.write_text(json.dumps(fixed))
+            assert encoder_spec(folder, size=16)["size"] == 16  # each fix it names is taken
+
+
 def test_a_model_hub_id_is_told_that_nothing_is_downloaded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     hub = r"cannot download from a model hub; if 'facebook/dinov2-small' is a model hub id: "

@@ -226,10 +226,13 @@ def normalisation(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         v = pre.get(key, default)
         v = [v] * 3 if isinstance(v, (int, float)) else v
         if not (isinstance(v, list) and len(v) == 3 and all(isinstance(a, (int, float)) for a in v)):
-            raise DDMError(f"{path}/preprocessor_config.json: {key} must be 3 numbers, got {v!r}")
+            raise DDMError(f"{path}/preprocessor_config.json: {key} must be 3 numbers (one per RGB channel, an "
+                           f"encoder's input) or one for all three, got {pre[key]!r}; set it to e.g. {default}, or "
+                           f"remove {key} from the file to take ImageNet's")
         stats.append(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1))
     if not bool((stats[1] > 0).all()):
-        raise DDMError(f"{path}/preprocessor_config.json: image_std must be positive")
+        raise DDMError(f"{path}/preprocessor_config.json: image_std must be positive, got {pre['image_std']!r}; set "
+                       f"it to e.g. {IMAGENET_STD}, or remove image_std from the file to take ImageNet's")
     return stats[0], stats[1]
 
 
