@@ -491,6 +491,33 @@ def test_a_new_encode_batch_is_how_the_run_runs_not_another_run(tmp_path):
     assert "already holds a different run: its config.json differs in latent.channels" in str(other.exception)
 
 
+def test_register_names_the_latents_an_expert_must_take_and_the_command_that_trains_it(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """An expert trained on another autoencoder's latents was told to 'retrain it on this run's partition (images:
+    at this resolution)'; `ddmkit register` names the latents the run's networks take, of which images, and the
+    train-expert command on the run's latent shard, which it then registers."""
+    config = latent_config(tmp_path)
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert run_cli("partition", "--config", config, "--out", run).exit_code == 0
+    assert run_cli("partition", "--config", config, "--out", other, "--set", "latent.channels=3").exit_code == 0
+    assert run_cli("train-expert", other / "latents" / "cluster_00.safetensors", "--config", other / "config.json",
+                   "--out", tmp_path / "island").exit_code == 0
+    shutil.copytree(tmp_path / "island", run / "experts" / "expert_00")  # an island's expert of other latents
+    code, out = exit_code(monkeypatch, capsys, "register", run)
+    train = f"`ddmkit train-expert {run / 'latents' / 'cluster_00.safetensors'} --config {run / 'config.json'} " \
+        "--out NEW`"
+    assert code == 2 and "was trained on data of shape (3, 8, 8) but this run's networks take latents of shape " \
+        f"(2, 8, 8) (of 32x32 images, through the run's autoencoder, {run / 'autoencoder'}); train it again on " \
+        f"them: {train}, then put NEW in place of {run / 'experts' / 'expert_00'} and run `ddmkit register {run}`" \
+        in out, out
+    assert not (run / "registry.json").exists()
+    assert run_cli("train-expert", run / "latents" / "cluster_00.safetensors", "--config", run / "config.json",
+                   "--out", tmp_path / "new").exit_code == 0  # the fix it gives
+    shutil.rmtree(run / "experts" / "expert_00")
+    shutil.move(tmp_path / "new", run / "experts" / "expert_00")
+    assert run_cli("register", run).exit_code == 0
+
+
 def test_a_network_that_does_not_build_names_the_latents_and_the_images_plainly(tmp_path, monkeypatch, capsys):
     """A network error in a latent run ended '(latents (the autoencoder's, of the images: the images' size sets
     theirs) of shape (2, 8, 8))'; it names the latents' shape and the images' size (32x32, f = 4) plainly."""

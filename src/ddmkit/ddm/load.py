@@ -112,15 +112,32 @@ def router_field(model: torch.nn.Module, config: dict) -> NetworkField:
     return NetworkField(model, RouterOutput(bool(config["kwargs"].get("num_classes", 0))))
 
 
-def check_shape(folder, config: dict, data_shape: tuple) -> None:
-    """A model folder's config (checked by ddmkit.registry.model_config) records the data shape of this run."""
+def check_shape(folder, config: dict, data_shape: tuple, latent_fix: str | None = None) -> None:
+    """A model folder's config (checked by ddmkit.registry.model_config) records the data shape of this run;
+    `latent_fix`: in a latent run, what its networks take and how to train this one again (latent_fix)."""
     if config.get("data_shape") is None:
         raise DDMError(f"{folder}/config.json has no data_shape (the shape of the data it was trained on, a "
                        "required field); train or copy the folder again")
     if tuple(config["data_shape"]) != tuple(data_shape):
-        raise DDMError(f"{folder} was trained on data of shape {tuple(config['data_shape'])} but this "
-                       f"run's data are {tuple(data_shape)}; retrain it on this run's partition (images: at this "
-                       "resolution)")
+        fix = latent_fix or (f"this run's data are {tuple(data_shape)}; retrain it on this run's partition (images: "
+                             "at this resolution)")
+        raise DDMError(f"{folder} was trained on data of shape {tuple(config['data_shape'])} but {fix}")
+
+
+def latent_fix(folder: RunFolder, info: dict, cluster: int | None | str) -> str:
+    """The end of a latent run's shape error for its expert `cluster` (None: the monolith, "router"): the latents
+    its networks take, of which images, and the command that trains the folder again on them."""
+    root, shape = folder.root, tuple(info["latent_shape"])
+    if cluster == "router":
+        redo = f"remove {folder.router}, then run `ddmkit train-router {root}`"
+    elif cluster is None:
+        redo = f"remove {folder.monolith}, then run `ddmkit train-monolith {root}`"
+    else:
+        redo = (f"`ddmkit train-expert {folder.latent_shard(cluster)} --config {folder.config} --out NEW`, then put "
+                f"NEW in place of {folder.expert(cluster)} and run `ddmkit register {root}`")
+    height, width = info["data_shape"][1:]
+    return (f"this run's networks take latents of shape {shape} (of {height}x{width} images, through the run's "
+            f"autoencoder, {folder.autoencoder}); train it again on them: {redo}")
 
 
 def check_loadable(run) -> None:
@@ -132,7 +149,8 @@ def check_loadable(run) -> None:
     manifest, _ = load_partition_checked(folder.partition)
     if manifest.get("data_name") == "text":  # byte-level models: no Gaussian path (ddmkit.discrete loads them)
         return
-    shape = model_data_shape(folder.root)
+    info = latent_info(folder.root) if folder.is_latent else None
+    shape = tuple(info["latent_shape"]) if info else model_data_shape(folder.root)
     for path, cluster in [*((folder.expert(c), c) for c in range(manifest["k"])), (folder.monolith, None)]:
         if not (path / "config.json").exists():
             continue
@@ -141,17 +159,17 @@ def check_loadable(run) -> None:
             velocity_output(config)
         except DDMError as e:
             raise DDMError(f"{path}: {e}") from None
-        check_shape(path, config, shape)
+        check_shape(path, config, shape, info and latent_fix(folder, info, cluster))
         if cluster is not None:
             check_slot(path, config.get("cluster", cluster), cluster)
     if (folder.router / "config.json").exists():
-        check_router(folder, model_config(folder.router), manifest["k"], shape)
+        check_router(folder, model_config(folder.router), manifest["k"], shape, info)
 
 
-def check_router(folder: RunFolder, config: dict, k: int, shape) -> None:
+def check_router(folder: RunFolder, config: dict, k: int, shape, info: dict | None = None) -> None:
     """The router folder's config (checked by ddmkit.registry.model_config) as loading reads it: its data
-    shape, and k, the partition's clusters."""
-    check_shape(folder.router, config, shape)
+    shape, and k, the partition's clusters; `info`: a latent run's latents.json (latent_fix)."""
+    check_shape(folder.router, config, shape, info and latent_fix(folder, info, "router"))
     if config.get("k") != k:
         routes = "no number of" if config.get("k") is None else config["k"]
         raise DDMError(f"{folder.router / 'config.json'}: the router routes over {routes} clusters but the partition "
