@@ -518,6 +518,18 @@ def test_register_names_the_latents_an_expert_must_take_and_the_command_that_tra
     assert run_cli("register", run).exit_code == 0
 
 
+def test_a_latent_runs_monolith_or_router_of_other_latents_is_told_its_own_training_command(tmp_path):
+    """The monolith and the router of another shape get the command that trains them (not train-expert's)."""
+    from ddmkit.ddm.load import latent_fix
+    from ddmkit.layout import RunFolder
+    folder, info = RunFolder(tmp_path), {"latent_shape": [2, 8, 8], "data_shape": [1, 32, 32]}
+    for cluster, redo in [(None, f"remove {tmp_path / 'monolith'}, then run `ddmkit train-monolith {tmp_path}`"),
+                          ("router", f"remove {tmp_path / 'router'}, then run `ddmkit train-router {tmp_path}`")]:
+        assert latent_fix(folder, info, cluster).endswith(f"of 32x32 images, through the run's autoencoder, "
+                                                          f"{tmp_path / 'autoencoder'}); train it again on them: "
+                                                          f"{redo}")
+
+
 def test_a_network_that_does_not_build_names_the_latents_and_the_images_plainly(tmp_path, monkeypatch, capsys):
     """A network error in a latent run ended '(latents (the autoencoder's, of the images: the images' size sets
     theirs) of shape (2, 8, 8))'; it names the latents' shape and the images' size (32x32, f = 4) plainly."""
