@@ -329,6 +329,18 @@ def test_training_in_a_run_folder_that_does_not_exist_says_so(tmp_path, ddmkit, 
     assert not (tmp_path / "nope").exists()
 
 
+@pytest.mark.parametrize("args, make", [
+    (["add-expert", "--data", "x.pt"], "ddmkit run CONFIG --out"), (["distill"], "ddmkit run CONFIG --out"),
+    (["replace-expert", "0", "other"], "ddmkit run CONFIG --out"), (["analyze"], "ddmkit run CONFIG --out"),
+    (["train-router"], "ddmkit partition --config CONFIG --out")])
+def test_a_missing_run_folder_is_told_to_be_made_as_the_command_needs_it(tmp_path, ddmkit, args, make):
+    """Commands that need trained networks were told to partition the misspelt folder, which does not let them
+    run; those that need a partition only are still told to partition it."""
+    code, _, err = ddmkit(args[0], tmp_path / "nope", *args[1:])
+    assert code == 2 and f"(or make one with `{make} {tmp_path / 'nope'}`)" in err, err
+    assert not (tmp_path / "nope").exists()
+
+
 def test_verify_of_a_folder_that_does_not_exist_says_so(tmp_path):
     from ddmkit.registry import load_partition_checked
 

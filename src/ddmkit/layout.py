@@ -48,16 +48,21 @@ def check_given(root, what: str = "the run folder") -> None:
         raise DDMError(f"{what} is {said}: give its path ('.' for the current folder)")
 
 
-def check_run_exists(root: str | Path) -> None:
+MAKE_RUN = {"partition": "ddmkit partition --config CONFIG --out {root}", "trained": "ddmkit run CONFIG --out {root}"}
+
+
+def check_run_exists(root: str | Path, needs: str = "partition") -> None:
     """A DDMError when the run folder `root` is not a folder (no such folder, or a file), or is one model
-    folder (config.json + weights, no partition/: an expert, a diffusers autoencoder) rather than a run."""
+    folder (config.json + weights, no partition/: an expert, a diffusers autoencoder) rather than a run.
+    `needs` says what the command needs of the run, and so how a missing one is made (MAKE_RUN): "partition"
+    (training an expert or the router) or "trained" (its networks: growing, distilling, analyzing it)."""
     check_given(root)
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise DDMError(f"{root} is a file, not a run folder; give the folder a `ddmkit run` wrote")
     if not root.is_dir():
         raise DDMError(f"{root} is not a run folder (no such folder); give the folder a `ddmkit run` wrote (or make "
-                       f"one with `ddmkit partition --config CONFIG --out {root}`)")
+                       f"one with `{MAKE_RUN[needs].format(root=root)}`)")
     weights = next((name for name in MODEL_WEIGHTS if (root / name).is_file()), None)
     if weights is not None and (root / "config.json").is_file() and not (root / "partition").exists():
         above = enclosing_run(root)

@@ -374,7 +374,7 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, strategies: 
     threads: torch intra-op threads while it runs (1: small networks on a shared CPU only lose to spinning).
     device: where the networks and every tensor of the analysis live (auto, cpu, cuda, cuda:N, mps;
     default: the run's expert.train.device)."""
-    check_run_exists(run_dir)  # a file or no folder: said as such, before its lock would make the folder
+    check_run_exists(run_dir, needs="trained")  # said before its lock would make the folder
     with job_threads(threads), run_lock(run_dir):
         return _analyze(run_dir, out, strategies, n, seed, max_steps, jvp_rows, n_boot, n_heldout, device, log)
 

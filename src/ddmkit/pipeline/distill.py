@@ -720,7 +720,7 @@ def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | 
     the run's sample.steps) with the run's sample.solver; seed: the students' training seed (default the
     expert's); force: remove RUN/students first."""
     folder = RunFolder(run)
-    check_run_exists(folder.root)  # a file or no folder: said as such, before its lock would make the folder
+    check_run_exists(folder.root, needs="trained")  # said before its lock would make the folder
     with run_lock(folder.root):
         plan = plan_distill(folder.root, teacher, arch, steps, few_step, grid, trajectories, teacher_steps, seed,
                             device, force, report)

@@ -582,7 +582,7 @@ def add_expert(run, data, mode: str = "new-cluster", router: str = "retrain", lo
     if device is not None:
         checked_device(device)
     folder = RunFolder(run)
-    check_run_exists(folder.root)  # a file or no folder: said as such, before its lock would make the folder
+    check_run_exists(folder.root, needs="trained")  # said before its lock would make the folder
     with run_lock(folder.root):
         refuse_latent(folder)
         state = trained_run(folder.root)
@@ -668,7 +668,7 @@ def replace_expert(run, k: int, folder, log: Log = print) -> dict | None:
     docstring); returns the grow.json entry (None, and nothing written, when it is a copy of those
     weights already)."""
     run_folder, source = RunFolder(run), Path(folder)
-    check_run_exists(run_folder.root)  # a file or no folder: said as such, before its lock would make the folder
+    check_run_exists(run_folder.root, needs="trained")  # said before its lock would make the folder
     with run_lock(run_folder.root):
         refuse_latent(run_folder, k)
         state = trained_run(run_folder.root)
