@@ -265,6 +265,18 @@ def test_the_counts_of_distill_state_their_range_on_the_command_line(tmp_path, c
         assert code == 2 and err.startswith(f"error: {option} {value}: give a whole number, {span}"), (option, err)
 
 
+def test_few_step_settings_without_few_step_are_refused_by_the_library_too(tmp_path):
+    """distill_run(run, trajectories=5) without few_step trained no few-step student and said nothing, though
+    `ddmkit distill --trajectories 5` without --few-step is refused; it is now, before the run is read."""
+    no_run = tmp_path / "no-run"
+    for kwargs, said in (({"trajectories": 5}, "trajectories=5"), ({"teacher_steps": 8}, "teacher_steps=8")):
+        with pytest.raises(DDMError, match=rf"^{said}: settings of the few-step student; give few_step=S too"):
+            distill_run(no_run, **kwargs)
+    with pytest.raises(DDMError, match="is not a run folder"):  # with few_step: the options pass, the run is read
+        distill_run(no_run, few_step=2, trajectories=5, teacher_steps=8)
+    assert not no_run.exists()
+
+
 def test_a_word_that_is_no_device_is_refused_in_the_words_of_every_other_command(tmp_path):
     """distill checked --device with a copy of the rule of its own words ("--device: 'gpu'; accepted: cpu, ..."),
     before the run is read."""

@@ -1406,7 +1406,6 @@ def distill_run_cmd(
                                               ("--teacher-steps", teacher_steps)) if value is not None]
     if few_step is None and few_step_only:
         raise DDMError(f"{', '.join(few_step_only)}: settings of the few-step student; give --few-step S too")
-    trajectories = 4096 if trajectories is None else trajectories
     distill_run(run_dir, teacher, arch, steps, few_step, grid or "lambda", trajectories, teacher_steps, seed, device,
                 force, log, report)
 

@@ -74,6 +74,7 @@ GRIDS = ("uniform", "lambda")
 FEW_STEPS = (1, 32)  # the segments S a few-step student may have
 MAX_TRAJECTORIES = 10**7
 MAX_TEACHER_STEPS = 10**6  # solver steps of one teacher trajectory
+TRAJECTORIES = 4096  # teacher trajectories a few-step student learns from, unless told
 TRAJECTORY_SEED = 1_000_003  # added to the training seed: the trajectories' noise is never the report's
 FIELD_TIMES = tuple((j + 0.5) / 10 for j in range(10))  # midpoints of ten equal bins of t ~ U(0, 1)
 FIELD_ROWS = {"vectors": 2000, "images": 256}  # held-out rows of the field distances
@@ -318,7 +319,7 @@ def check_evaluation(plan: Plan) -> None:
 
 
 def plan_distill(run, teacher: str = "top-2", arch: str = "expert", steps: int | None = None,
-                 few_step: int | None = None, grid: str = "lambda", trajectories: int = 4096,
+                 few_step: int | None = None, grid: str = "lambda", trajectories: int = TRAJECTORIES,
                  teacher_steps: int | None = None, seed: int | None = None, device: str | None = None,
                  force: bool = False, report: bool = True) -> Plan:
     """Every check of distill_run (options first, then the run; the scorer only when report); nothing is
@@ -706,7 +707,7 @@ def render_report(result: dict) -> str:
 
 
 def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | None = None,
-                few_step: int | None = None, grid: str = "lambda", trajectories: int = 4096,
+                few_step: int | None = None, grid: str = "lambda", trajectories: int | None = None,
                 teacher_steps: int | None = None, seed: int | None = None, device: str | None = None,
                 force: bool = False, log: Log = print, report: bool = True) -> dict | None:
     """Distill a trained run's DDM (see the module docstring); returns the report's JSON (None with
@@ -716,9 +717,16 @@ def distill_run(run, teacher: str = "top-2", arch: str = "expert", steps: int | 
     teacher: the routing strategy whose field is distilled; arch: "expert" or "monolith" (the students'
     network); steps: training steps of each student (default: the run's expert.train.steps; batch and
     learning rate are the expert's too); few_step: S, also make a student sampling in S steps (1 .. 32) on
-    the "uniform" or "lambda" grid, from `trajectories` teacher trajectories of teacher_steps steps (default
-    the run's sample.steps) with the run's sample.solver; seed: the students' training seed (default the
-    expert's); force: remove RUN/students first."""
+    the "uniform" or "lambda" grid, from `trajectories` teacher trajectories (default TRAJECTORIES) of
+    teacher_steps steps (default the run's sample.steps) with the run's sample.solver (both refused without
+    few_step, as on the command line); seed: the students' training seed (default the expert's); force: remove
+    RUN/students first."""
+    given = [f"{name}={value!r}" for name, value in (("trajectories", trajectories), ("teacher_steps", teacher_steps))
+             if value is not None]
+    if few_step is None and given:
+        raise DDMError(f"{', '.join(given)}: settings of the few-step student; give few_step=S too (--few-step S), "
+                       "or leave them out")
+    trajectories = TRAJECTORIES if trajectories is None else trajectories
     folder = RunFolder(run)
     check_run_exists(folder.root, needs="trained")  # said before its lock would make the folder
     with run_lock(folder.root):
