@@ -464,3 +464,19 @@ def test_an_empty_value_for_a_field_whose_default_is_none_is_told_to_leave_it_ou
                                   "character: leave latent.pretrained out of the TOML and of --set (its default is "
                                   "none)"), str(refused.value)
     assert validate(RunConfig, {}, "--set").latent.pretrained is None  # left out: the default
+
+
+def test_an_encoder_size_out_of_range_names_the_encoders_own_size_not_1(tmp_path, ddmkit):
+    """--set partition.encoder_size=0 was told "give 1", which then failed the encoder's patch-size check: the
+    side that works depends on the encoder folder, so the message names it (and no value of its own)."""
+    from ddmkit.config import RunConfig, apply_overrides, validate
+
+    for given in ("0", "-3", "16385"):
+        code, _, err = ddmkit("partition", "--config", "demo", "--out", tmp_path / "r", "--set",
+                              f"partition.encoder_size={given}")
+        assert code == 2 and f"partition.encoder_size: {given} is out of 1 .. 16384; give the side the encoder " \
+            "folder was trained on" in err and "give 1" not in err, err
+        assert not (tmp_path / "r").exists()
+    for taken in (1, 224, 16_384):
+        assert validate(RunConfig, apply_overrides({}, [f"partition.encoder_size={taken}"]), "--set") \
+            .partition.encoder_size == taken

@@ -153,9 +153,20 @@ class PartitionConfig(Section):
     encoder: str | None = Field(None, min_length=1, max_length=4096, description="features = 'encoder': the "
                                 "folder of a saved transformers vision model (DINOv2, CLIP, ...)")
     encoder_pool: Literal["cls", "mean"] = "cls"
-    encoder_size: int | None = Field(None, ge=1, le=16_384, description="input side; default: the folder's")
+    encoder_size: int | None = Field(None, description="input side (1 .. 16384); default: the folder's")
     encoder_batch: int = Field(256, ge=1, le=100_000)
     encoder_normalize: bool = Field(True, description="L2-normalise the features (cosine geometry)")
+
+    @field_validator("encoder_size")
+    @classmethod
+    def _encoder_size(cls, v: int | None) -> int | None:
+        """A side in 1 .. 16384; the fix named is the encoder's own size (the bound offered, 1, passed here and then
+        failed the encoder's patch size, which needs its folder)."""
+        if v is not None and not 1 <= v <= 16_384:
+            raise ValueError(f"{v} is out of 1 .. 16384; give the side the encoder folder was trained on (its "
+                             "preprocessor_config.json's size, e.g. 224 for DINOv2; at least its patch size), or "
+                             "leave it out to take the folder's")
+        return v
 
     @field_validator("features")
     @classmethod
