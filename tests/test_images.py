@@ -298,6 +298,31 @@ def test_image_arrays_are_checked_before_the_split(tmp_path, x, labels, message)
         load_dataset("image_array", 0, 0, 0, path=str(tmp_path / "a.npz"))
 
 
+def test_crop_labels_and_mixed_sizes_are_refused_opening_with_their_field(tmp_path, ddmkit):
+    """An oversized data.params.crop, an image array's labels and a folder of mixed sizes were refused naming the
+    file first; they open with the field to change, as the other data messages do (exit 2, nothing written)."""
+    from PIL import Image
+
+    np.savez(tmp_path / "a.npz", x=np.zeros((20, 6, 6, 3), np.uint8), labels=np.arange(16))
+    np.save(tmp_path / "x.npy", np.zeros((20, 6, 6, 3), np.uint8))
+    (tmp_path / "sizes").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "sizes" / "a.png")
+    Image.fromarray(np.zeros((9, 8), np.uint8)).save(tmp_path / "sizes" / "b.png")
+    array, folder = ["data.name=image_array", f"data.params.path={tmp_path / 'a.npz'}"], \
+        ["data.name=image_folder", f"data.params.path={tmp_path / 'sizes'}"]
+    cases = [(array, r"data.params.path: image array file '.*a.npz': 'labels' has shape \(16,\), expected \(20,\)"),
+             ([array[0], f"data.params.path={tmp_path / 'x.npy'}", "data.params.crop=16"],
+              r"data.params.crop = 16: the images of image array file '.*x.npy' "
+                                               r"\(height x width: 6x6\)"),
+             (folder, r"data.params.path: image folder .*sizes holds images of different sizes"),
+             ([*folder, "data.params.crop=16"], r"data.params.crop = 16: .*a.png \(height x width: 8x8\) is smaller")]
+    for sets, opening in cases:
+        code, _, err = ddmkit("partition", "--config", "demo", "--out", tmp_path / "r",
+                              *[arg for item in sets for arg in ("--set", item)])
+        assert code == 2 and re.match(f"error: {opening}", err), err
+        assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("arch, kwargs", [("unet", {"channels": [8, 16], "attention_res": [4], "num_classes": 3}),
                                           ("dit", {"patch": 2, "width": 16, "depth": 1, "heads": 2, "num_classes": 3})])
 def test_velocity_nets_shapes_zero_init_and_labels(arch, kwargs):

@@ -167,8 +167,9 @@ def resize_crop(x: torch.Tensor, resize: int | None, crop: int | None, source: s
     if crop:
         h, w = x.shape[-2:]
         if h < crop or w < crop:
-            raise DDMError(f"{source}: the images (height x width: {h}x{w}) are smaller than data.params.crop = "
-                           f"{crop}; set data.params.resize = {crop} as well (the shorter side scaled to {crop} first)")
+            raise DDMError(f"data.params.crop = {crop}: the images of {source} (height x width: {h}x{w}) are smaller "
+                           f"than {crop}; set data.params.resize = {crop} as well (the shorter side scaled to {crop} "
+                           "first)")
         top, left = (h - crop) // 2, (w - crop) // 2
         x = x[..., top:top + crop, left:left + crop].contiguous()
     return x
@@ -238,7 +239,7 @@ def _resize_crop(im, resize: int | None, crop: int | None, path: Path):
     if crop:
         w, h = im.size
         if w < crop or h < crop:
-            raise DDMError(f"{path} (height x width: {h}x{w}) is smaller than data.params.crop = {crop}; set "
+            raise DDMError(f"data.params.crop = {crop}: {path} (height x width: {h}x{w}) is smaller than {crop}; set "
                            f"data.params.resize = {crop} as well (each shorter side scaled to {crop} first)")
         left, top = (w - crop) // 2, (h - crop) // 2
         im = im.crop((left, top, left + crop, top + crop))
@@ -440,10 +441,11 @@ def different_sizes(root: Path, named: list[tuple[tuple[int, int], Path]], sizes
     the settings that make them one size."""
     (s1, p1), (s2, p2) = named
     side = resize or min(min(size) for size in sizes)
-    return DDMError(f"image folder {root} holds images of different sizes (height x width: {p1}: {s1[0]}x{s1[1]}, "
-                    f"{p2}: {s2[0]}x{s2[1]}); set data.params.resize = {side} and data.params.crop = {side} "
-                    f"(each image's shorter side scaled to {side}, then its centre {side}x{side} kept), or "
-                    f"data.params.pad_to = {max(max(size) for size in sizes)} (each padded with black)")
+    return DDMError(f"data.params.path: image folder {root} holds images of different sizes (height x width: "
+                    f"{p1}: {s1[0]}x{s1[1]}, {p2}: {s2[0]}x{s2[1]}); set data.params.resize = {side} and "
+                    f"data.params.crop = {side} (each image's shorter side scaled to {side}, then its centre "
+                    f"{side}x{side} kept), or data.params.pad_to = {max(max(size) for size in sizes)} (each padded "
+                    "with black)")
 
 
 def stored_size(path: Path, upright: bool = False) -> tuple[int, int] | None:
@@ -629,8 +631,8 @@ def load_image_array(n_train: int, n_test: int, seed: int, path: str = "", pad_t
         check_finite(x, f"image array file {path!r}")
         check_image_range(x, f"image array file {path!r}", "scale them before saving, e.g. x / 127.5 - 1 for "
                           "values in 0 .. 255 (or save uint8 (N, H, W[, C]) images, which ddmkit scales)")
-    labels = checked_labels(labels, len(x), f"image array file {path!r}")
-    x = pad_images(resize_crop(x, resize, crop, str(path)), pad_to)
+    labels = checked_labels(labels, len(x), where)
+    x = pad_images(resize_crop(x, resize, crop, f"image array file {path!r}"), pad_to)
     xtr, ytr, xte, yte = _split(x, labels, test_fraction, seed, where)
     return _pair(p.stem, xtr, ytr, xte, yte, n_train, n_test, seed, {"source": str(path)})
 
