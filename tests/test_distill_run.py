@@ -305,7 +305,7 @@ def test_untrained_run_and_other_students_are_refused(trained, tmp_path):
     make_dense(plan, log=lambda m: None)
     before = hashes(run)
     with pytest.raises(DDMError, match=r"teacher \('top-2', asked 'top-1'\).*--force"):
-        distill_run(run, teacher="top-1", **SMALL, log=lambda m: None)
+        distill_run(run, teacher="top-1", steps=SMALL["steps"], log=lambda m: None)
     assert config_differences({"teacher": "top-2", "train": {"steps": 20, "lr": 1e-3}},
                        {"teacher": "top-2", "train": {"steps": 40, "lr": 1e-3}}) == ["train.steps (20, asked 40)"]
     assert hashes(run) == before
