@@ -142,7 +142,8 @@ def test_the_full_routing_note_counts_one_expert_in_the_singular():
     """It said "K = 1 experts"."""
     from ddmkit.pipeline.samplesets import full_routing_note
 
-    assert full_routing_note("top-1", 1) == "top-1 on a DDM of K = 1 expert calls every expert: the same routing as full"
+    assert full_routing_note("top-1", 1) == \
+        "top-1 on a DDM of K = 1 expert calls every expert: the same routing as full"
     assert full_routing_note("top-3", 2).startswith("top-3 on a DDM of K = 2 experts calls every expert")
 
 
