@@ -272,8 +272,9 @@ def check_existing(plan: Plan) -> None:
             diff = config_differences(made, {key: v for key, v in plan.few_step_spec().items()
                                               if key not in ("dense", "teacher_steps_used")})  # derived
         if diff:
-            reuse = made_with(made, plan, path.name != "dense" and path == plan.folder.few_step_student(
-                plan.few_step, plan.grid) if plan.few_step is not None else False)
+            asked_few_step = plan.few_step is not None and path == plan.folder.few_step_student(plan.few_step,
+                                                                                                 plan.grid)
+            reuse = made_with(made, plan, asked_few_step)
             raise DDMError(f"{path} was distilled differently: {'; '.join(diff)}. Pass --force to remove "
                            f"{plan.folder.students} (every student in it) and distill again{reuse}")
 
